@@ -1,0 +1,56 @@
+"""The attention backend protocol and the per-step metadata every backend reads.
+
+`AttentionMetadata` is built once per step by the runner and passed down explicitly (no globals).
+Sequences are laid out back to back: sequence i owns query rows
+query_start_loc[i] .. query_start_loc[i+1]-1, which are its *last* (query_len) tokens of seq_lens[i].
+A prefix-group layout (shared prefix KV + per-member suffix KV, DESIGN.md item 6) is added as an
+optional field next to these, so backends that ignore it keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_tokens: int
+    block_size: int
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: tokens in context after this step (cached + new)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int]  # host copies, for backends that loop per sequence
+    seq_lens_cpu: list[int]
+    block_tables_cpu: list[list[int]]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store key/value of the new tokens into the cache, then attend causally over each
+        sequence's cached + new tokens."""
+        ...
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write the new tokens' K and V into their slots of the paged cache."""
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)

@@ -1,0 +1,103 @@
+"""Frozen configuration objects, one docstring line per field.
+
+This module is the only place that reads environment variables. Values found at run time (the
+number of KV blocks, EOS ids, the model's context length) live in result objects elsewhere
+(`runner.KVCacheSpec`, `models.ModelSpec`), never written back into these configs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are kept: $BATCHLLM_CACHE_DIR, else $XDG_CACHE_HOME/batchllm, else ~/.cache."""
+    explicit = os.environ.get("BATCHLLM_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "batchllm"
+
+
+def default_log_level() -> str:
+    """Logging level for the `batchllm` loggers: $BATCHLLM_LOG_LEVEL, default WARNING."""
+    return os.environ.get("BATCHLLM_LOG_LEVEL", "WARNING").upper()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None
+    """Model directory (config.json + *.safetensors + tokenizer). None: the embedded SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None means the model directory."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (float32 on CPU; the checkpoint's dtype, else bfloat16, on GPU)."""
+    max_model_len: int | None = None
+    """Cap on prompt + output tokens per request; None: the model's max_position_embeddings."""
+    load_format: str = "auto"
+    """auto/safetensors: read weights from the directory; dummy: random weights from config.json alone."""
+    seed: int = 0
+    """Seed of the engine-wide generator used by requests without a seed of their own (and dummy weights)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
+    skip_tokenizer_init: bool = False
+    """Do not load a tokenizer: prompts must be token ids and outputs carry no text."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory_gib: float | None = None
+    """KV cache size in GiB. None: on CPU 2 GiB; on GPU gpu_memory_utilization of the card less what is used."""
+    gpu_memory_utilization: float = 0.90
+    """Fraction of the GPU's memory this process may use (weights + activations + KV), when the size is automatic."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks (overrides the memory settings; used by tests to force preemption)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    """Token budget of one forward step (decode tokens + prefill chunks)."""
+    max_num_seqs: int = 256
+    """Most requests running at once."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps; off: a prompt is prefilled in one step (needs a budget >= max_model_len)."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

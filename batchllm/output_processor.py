@@ -1,0 +1,85 @@
+"""Detokenisation and stop strings for one completion. Writer: `LLM` (the facade) only.
+
+Stop strings are matched on the decoded text after every new token; only the tail that could hold
+a new match is searched. When a stop string matches, the text is cut right before it (or after it
+with include_stop_str_in_output) and the facade finishes the request in the scheduler.
+"""
+
+from __future__ import annotations
+
+from batchllm.outputs import TokenLogprobs
+from batchllm.request_output import CompletionOutput, Logprob
+from batchllm.sampling_params import SamplingParams
+
+# Decoding can rewrite a few trailing characters (a multi-byte character completed by the next
+# token), so the search window reaches this far back beyond the longest stop string.
+_REDECODE_MARGIN = 8
+
+
+class CompletionState:
+    def __init__(self, index: int, params: SamplingParams, tokenizer) -> None:
+        self.index = index
+        self.params = params
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self._text_len_checked = 0
+        self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
+        self.stop_text: str | None = None
+        """Text cut at the matched stop string, once one matched."""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    def append(self, token_id: int, logprobs: TokenLogprobs | None) -> str | None:
+        """Add one generated token. Returns the stop string if it completed a match."""
+        self.token_ids.append(token_id)
+        if logprobs is not None and self.logprobs is not None:
+            entry = {tid: Logprob(lp, rank + 1, None) for rank, (tid, lp) in enumerate(
+                zip(logprobs.top_token_ids, logprobs.top_logprobs))}
+            entry[token_id] = Logprob(logprobs.sampled_logprob, logprobs.sampled_rank, None)
+            self.logprobs.append(entry)
+            self.cumulative_logprob += logprobs.sampled_logprob
+        if not self.params.stop_strings or self.tokenizer is None:
+            return None
+        text = self._decode()
+        search_from = max(0, self._text_len_checked - self._max_stop_len - _REDECODE_MARGIN)
+        best: tuple[int, str] | None = None
+        for stop in self.params.stop_strings:
+            at = text.find(stop, search_from)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        self._text_len_checked = len(text)
+        if best is None:
+            return None
+        at, stop = best
+        self.stop_text = text[: at + len(stop)] if self.params.include_stop_str_in_output else text[:at]
+        return stop
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def finish(self, reason: str, stop_reason: int | str | None) -> None:
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def to_output(self) -> CompletionOutput:
+        if self.stop_text is not None:
+            text = self.stop_text
+        elif self.tokenizer is not None:
+            text = self._decode()
+        else:
+            text = ""
+        if self.logprobs is not None and self.tokenizer is not None:
+            for entry in self.logprobs:
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
+        return CompletionOutput(
+            index=self.index,
+            text=text,
+            token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )

@@ -1,0 +1,69 @@
+"""The only things that cross the scheduler/runner seam: plain dataclasses of ints, floats and lists.
+
+The scheduler emits a `ScheduledBatch`; the runner answers with a `RunnerOutput`. No tensors and no
+references to scheduler state travel here, so either side can be replaced or run elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How the runner samples one request's next token this step."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int | None
+    num_logprobs: int | None
+    banned_token_ids: tuple[int, ...] = ()
+    """Token ids that must not be sampled this step (EOS/stop ids while below min_tokens)."""
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]
+    """Tokens whose KV this step computes, at positions start_position .. start_position+len-1."""
+    start_position: int
+    block_ids: list[int]
+    """The request's whole block table; covers at least start_position + len(token_ids) tokens."""
+    sampling: SamplingSpec | None
+    """Set iff this step reaches the request's last token, so a new token is sampled."""
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    requests: list[ScheduledRequest]
+    finished_request_ids: list[str] = field(default_factory=list)
+    """Requests finished or aborted since the previous batch: the runner drops their state."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.requests)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities (of the model's raw distribution) around one sampled token."""
+
+    sampled_logprob: float
+    sampled_rank: int
+    """1 + the number of tokens strictly more likely than the sampled one."""
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    sampled_token_ids: dict[str, int]
+    """One new token for every request whose ScheduledRequest.sampling was set."""
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    """For requests that asked for logprobs."""

@@ -1,0 +1,1 @@
+"""Owns every device tensor: weights, KV cache, per-step inputs, sampling state."""

@@ -1,0 +1,152 @@
+"""ModelRunner: turns a `ScheduledBatch` into one forward pass and a `RunnerOutput`.
+
+Writer of the KV cache tensors, the per-request seeded generators and nothing else; it never reads
+or writes scheduler state (house rule 1). Per-request state (seeded generators) is created the
+first time a request samples and dropped when the scheduler lists it as finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from batchllm.attention.backend import AttentionBackend, AttentionMetadata
+from batchllm.config import CacheConfig
+from batchllm.layers.sampler import sample
+from batchllm.models.decoder import DecoderForCausalLM
+from batchllm.models.spec import ModelSpec
+from batchllm.outputs import RunnerOutput, ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_GIB = 2.0
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What was found at start-up: the size of the paged KV cache."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> KVCacheSpec:
+    bytes_per_block = spec.kv_bytes_per_token * cache.block_size * torch.tensor([], dtype=dtype).element_size()
+    if cache.num_kv_blocks is not None:
+        num_blocks = cache.num_kv_blocks
+    elif cache.kv_cache_memory_gib is not None:
+        num_blocks = int(cache.kv_cache_memory_gib * 2**30) // bytes_per_block
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        # Keep room for activations of the largest step: a fixed 10% of the card beyond the budget.
+        budget = cache.gpu_memory_utilization * total - used - 0.10 * total
+        num_blocks = int(max(budget, 0)) // bytes_per_block
+    else:
+        num_blocks = int(_DEFAULT_CPU_KV_GIB * 2**30) // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory settings")
+    return KVCacheSpec(num_blocks=num_blocks, block_size=cache.block_size, bytes_per_block=bytes_per_block)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: DecoderForCausalLM,
+        kv_spec: KVCacheSpec,
+        backend: AttentionBackend,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.block_size = kv_spec.block_size
+        spec = model.spec
+        shape = (spec.num_layers, 2, kv_spec.num_blocks, kv_spec.block_size, spec.num_kv_heads, spec.head_dim)
+        # Never read before written: the attention only reads slots below each sequence's length.
+        self.kv_cache = torch.empty(shape, dtype=dtype, device=device)  # [layers, 2, blocks, bs, kvh, d]
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.default_generator = torch.Generator(device=device).manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> RunnerOutput:
+        for request_id in batch.finished_request_ids:
+            self._generators.pop(request_id, None)
+        input_ids, positions, metadata, sample_rows = self._prepare_inputs(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        if not sample_rows:
+            return RunnerOutput(sampled_token_ids={})
+        rows = torch.tensor([row for row, _ in sample_rows], device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        specs = [scheduled.sampling for _, scheduled in sample_rows]
+        generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
+        tokens, logprobs = sample(logits, specs, generators, self.default_generator)
+        ids = [s.request_id for _, s in sample_rows]
+        return RunnerOutput(
+            sampled_token_ids=dict(zip(ids, tokens)),
+            logprobs={rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
+        )
+
+    def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        generator = self._generators.get(request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request_id] = generator
+        return generator
+
+    def _prepare_inputs(self, batch: ScheduledBatch):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        sample_rows = []
+        bs = self.block_size
+        for scheduled in batch.requests:
+            start, n = scheduled.start_position, len(scheduled.token_ids)
+            input_ids.extend(scheduled.token_ids)
+            table = scheduled.block_ids
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(start + n)
+            block_tables.append(table)
+            if scheduled.sampling is not None:
+                sample_rows.append((query_start_loc[-1] - 1, scheduled))
+        max_blocks = max(len(t) for t in block_tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        dev = self.device
+        metadata = AttentionMetadata(
+            num_tokens=len(input_ids),
+            block_size=bs,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+            block_tables_cpu=block_tables,
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            metadata,
+            sample_rows,
+        )
