@@ -1,0 +1,168 @@
+"""`batchllm run INPUT.jsonl -o OUTPUT.jsonl`: a whole batch job from the command line.
+
+Exit status: 0 when every line succeeded, 1 when some lines failed (each has an error record in the
+output), 2 when the job could not start (unreadable input, bad model path, bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from batchllm.io.jsonl import BatchLine, LineError, read_batch_lines, result_record
+from batchllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_LINES_FAILED, EXIT_CANNOT_START = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchllm", description="Offline, throughput-first LLM batch inference with prefix sharing."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run a JSONL batch file",
+        description="Run every request of a JSONL file and write one result line per input line "
+        "(in completion order; match them by id). Input lines: "
+        '{"id": ..., "prompt": "..."} | {"id": ..., "messages": [...]} | {"id": ..., "prompt_token_ids": [...]}, '
+        "each optionally with sampling fields (max_tokens, temperature, top_p, top_k, min_p, stop, "
+        "stop_token_ids, seed, n, min_tokens, ignore_eos, logprobs, ...) that override the options below.",
+    )
+    run.add_argument("input", type=Path, help="input JSONL file")
+    run.add_argument("-o", "--output", type=Path, required=True, help="output JSONL file (overwritten)")
+    g = run.add_argument_group("model")
+    g.add_argument("--model", default=None, help="Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and KV dtype (auto: float32 on CPU, the checkpoint's 16-bit dtype on GPU)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights from config.json (benchmarking shapes)")
+    s = run.add_argument_group("sampling defaults (a line's own fields take precedence)")
+    s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per request (default 256)")
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="generate past EOS up to max tokens")
+    s.add_argument("--seed", type=int, default=None,
+                   help="seed: lines without their own seed get one derived from this and their id, "
+                   "so sampled outputs are reproducible line by line")
+    e = run.add_argument_group("engine")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per forward step")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    e.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                   help="KV cache size in GiB (default: 2 on CPU; on GPU what --gpu-memory-utilization leaves)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="fraction of GPU memory to use")
+    o = run.add_argument_group("output")
+    o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run_command(args)
+    return EXIT_CANNOT_START
+
+
+def _fail(message: str) -> int:
+    print(f"batchllm: error: {message}", file=sys.stderr)
+    return EXIT_CANNOT_START
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if not args.input.is_file():
+        return _fail(f"cannot read input file {str(args.input)!r}: no such file")
+    try:
+        args.input.open("rb").close()
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.open("ab").close()
+    except OSError as e:
+        return _fail(str(e))
+    defaults = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
+    )
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        return _fail(str(e))
+
+    from batchllm.llm import LLM  # heavy import after the cheap checks
+
+    try:
+        llm = LLM(
+            args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+            max_model_len=args.max_model_len, load_format=args.load_format, seed=args.seed or 0,
+            block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        )
+    except (ValueError, OSError) as e:
+        return _fail(str(e))
+
+    started = time.perf_counter()
+    num_failed = num_done = 0
+    valid: list[tuple[BatchLine, object, SamplingParams]] = []
+    with open(args.output, "w", encoding="utf-8") as out:
+        for item in read_batch_lines(args.input):
+            if isinstance(item, LineError):
+                _write(out, item.record())
+                num_failed += 1
+                continue
+            try:
+                valid.append((item, *_prepare(llm, item, defaults, args.seed)))
+            except ValueError as e:
+                _write(out, LineError(item.line_number, item.request_id, f"line {item.line_number}: {e}").record())
+                num_failed += 1
+        out.flush()
+        prompts = [p for _, p, _ in valid]
+        params = [sp for _, _, sp in valid]
+        for index, output in llm.iter_generate(prompts, params, use_tqdm=not args.no_progress, progress_desc="requests"):
+            line = valid[index][0]
+            _write(out, result_record(line.request_id, output, len(output.prompt_token_ids)))
+            num_done += 1
+            if num_done % 64 == 0:
+                out.flush()
+    wall = time.perf_counter() - started
+    stats = {**llm.last_stats, "num_lines_failed": num_failed, "num_lines_done": num_done, "wall_s": wall}
+    print(
+        f"batchllm: {num_done + num_failed} lines: {num_done} done, {num_failed} failed; "
+        f"{stats.get('output_tokens', 0)} output tokens in {wall:.1f} s -> {args.output}",
+        file=sys.stderr,
+    )
+    if args.stats is not None:
+        args.stats.write_text(json.dumps(stats, indent=2) + "\n")
+    return EXIT_LINES_FAILED if num_failed else EXIT_OK
+
+
+def _prepare(llm, line: BatchLine, defaults: dict, global_seed: int | None):
+    fields = {**defaults, **line.sampling_overrides}
+    if fields.get("seed") is None and global_seed is not None:
+        fields["seed"] = zlib.crc32(f"{global_seed}:{line.request_id}".encode())
+    params = SamplingParams(**fields)
+    prompt = llm.apply_chat_template(line.prompt) if line.is_chat else line.prompt
+    if isinstance(prompt, list):
+        prompt = {"prompt_token_ids": prompt}
+    return llm.tokenize_prompt(prompt, line.line_number), params
+
+
+def _write(out, record: dict) -> None:
+    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

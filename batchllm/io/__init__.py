@@ -1,0 +1,1 @@
+"""Batch files: reading request lines, writing results."""

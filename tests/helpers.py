@@ -1,0 +1,79 @@
+"""Test helpers: tiny random-weight models built by transformers, and HF greedy decoding as the oracle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+VOCAB = 49152  # SmolLM2's tokenizer, so that tiny models take text prompts too
+
+TINY_CONFIGS = {
+    "llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    ),
+    "mistral": dict(
+        model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024, sliding_window=None,
+    ),
+    "qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+    ),
+    "qwen2-untied": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False,
+    ),
+    "qwen3": dict(
+        model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def make_tiny_model(name: str, out_dir: Path, *, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(TINY_CONFIGS[name])
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init: peaked logits, few near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+                shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def hf_greedy(
+    model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, *, stop_at_eos: bool = True
+) -> list[list[int]]:
+    """HF transformers greedy continuation of each prompt, run one prompt at a time (no padding).
+    With stop_at_eos the output ends with the model's EOS token if it produced one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if not stop_at_eos:
+        model.generation_config.eos_token_id = None
+    outputs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+            )
+            outputs.append(out[0, len(ids):].tolist())
+    return outputs
+

@@ -1,0 +1,105 @@
+"""The sampler on distributions the test controls: supports of top-k / top-p / min-p, seeds, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from batchllm.layers.sampler import processed_probs, sample
+from batchllm.outputs import SamplingSpec
+
+# probabilities 0.4, 0.3, 0.15, 0.1, 0.05 on tokens 0..4 (and ~0 elsewhere)
+PROBS = [0.4, 0.3, 0.15, 0.1, 0.05]
+
+
+def logits_row(vocab=8):
+    row = torch.full((vocab,), -1e9)
+    row[: len(PROBS)] = torch.log(torch.tensor(PROBS))
+    return row
+
+
+def spec(**kw):
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, num_logprobs=None)
+    base.update(kw)
+    return SamplingSpec(**base)
+
+
+def support(**kw) -> set[int]:
+    p = processed_probs(logits_row()[None, :], [spec(**kw)])[0]
+    return set(torch.nonzero(p > 1e-6).flatten().tolist())
+
+
+def drawn(n=2000, **kw) -> set[int]:
+    logits = logits_row()[None, :].repeat(n, 1)
+    gen = torch.Generator().manual_seed(0)
+    tokens, _ = sample(logits, [spec(**kw)] * n, [None] * n, gen)
+    return set(tokens)
+
+
+def test_top_k_keeps_the_k_most_likely():
+    assert support(top_k=2) == {0, 1}
+    assert drawn(top_k=2) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    assert support(top_p=0.5) == {0, 1}  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
+    assert support(top_p=0.7) == {0, 1}  # 0.4 + 0.3 reaches 0.7 exactly: the third is not needed
+    assert support(top_p=0.71) == {0, 1, 2}
+    assert support(top_p=0.1) == {0}
+    assert drawn(top_p=0.5) == {0, 1}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top():
+    assert support(min_p=0.3) == {0, 1, 2}  # threshold 0.12
+    assert support(min_p=0.5) == {0, 1}  # threshold 0.2
+    assert drawn(min_p=0.5) == {0, 1}
+
+
+def test_filters_compose_and_renormalise():
+    p = processed_probs(logits_row()[None, :], [spec(top_k=3, top_p=0.6)])[0]
+    assert torch.allclose(p[:2], torch.tensor([0.4, 0.3]) / 0.7, atol=1e-6)
+    assert float(p[2:].sum()) < 1e-6
+
+
+def test_unfiltered_sampling_follows_the_distribution():
+    n = 20000
+    tokens = torch.tensor(list(drawn_tokens(n)))
+    freq = torch.bincount(tokens, minlength=5)[:5].float() / n
+    assert torch.allclose(freq, torch.tensor(PROBS), atol=0.02)
+
+
+def drawn_tokens(n):
+    logits = logits_row()[None, :].repeat(n, 1)
+    tokens, _ = sample(logits, [spec()] * n, [None] * n, torch.Generator().manual_seed(1))
+    return tokens
+
+
+def test_greedy_is_argmax_and_banned_tokens_are_never_chosen():
+    logits = logits_row()[None, :].repeat(2, 1)
+    specs = [spec(temperature=0.0), spec(temperature=0.0, banned_token_ids=(0,))]
+    tokens, _ = sample(logits, specs, [None, None], torch.Generator().manual_seed(0))
+    assert tokens == [0, 1]
+
+
+def test_a_seeded_row_does_not_depend_on_its_neighbours():
+    def run(batch_before: int):
+        n = batch_before + 1
+        logits = torch.randn(n, 50, generator=torch.Generator().manual_seed(batch_before))
+        logits[-1] = torch.linspace(0, 3, 50)
+        seeded = torch.Generator().manual_seed(1234)
+        gens = [None] * batch_before + [seeded]
+        return [sample(logits, [spec()] * n, gens, torch.Generator().manual_seed(batch_before))[0][-1]
+                for _ in range(5)]
+
+    assert run(0) == run(3) == run(7)
+
+
+def test_logprobs_are_of_the_raw_distribution_with_rank():
+    logits = logits_row()[None, :]
+    tokens, lps = sample(logits, [spec(temperature=0.0, num_logprobs=2)], [None], torch.Generator())
+    lp = lps[0]
+    assert tokens == [0] and lp.sampled_rank == 1
+    assert lp.top_token_ids == [0, 1]
+    assert math.isclose(lp.top_logprobs[1], math.log(0.3), rel_tol=1e-5)
+    assert math.isclose(lp.sampled_logprob, math.log(0.4), rel_tol=1e-5)

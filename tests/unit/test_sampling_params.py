@@ -1,0 +1,44 @@
+import pytest
+
+from batchllm import SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5, "max_tokens": 3}, "min_tokens"),
+        ({"stop": 3}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"seed": "x"}, "seed"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+    ],
+)
+def test_bad_values_raise_an_error_that_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b"):
+        SamplingParams(**kwargs)
+
+
+def test_defaults_and_normalisation():
+    sp = SamplingParams(stop="###", top_k=-1)
+    assert sp.stop_strings == ["###"] and sp.top_k == 0 and sp.stop_token_ids == []
+    assert SamplingParams(temperature=0).is_greedy and not SamplingParams().is_greedy
+    assert SamplingParams().max_tokens == 16  # vLLM's default
+
+
+def test_children_of_a_seeded_request_get_distinct_seeds():
+    sp = SamplingParams(n=3, seed=10, stop=["a"])
+    children = [sp.for_child(i) for i in range(3)]
+    assert [c.seed for c in children] == [10, 11, 12]
+    assert all(c.n == 1 and c.stop_strings == ["a"] for c in children)

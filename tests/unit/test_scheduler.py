@@ -1,0 +1,193 @@
+"""Scheduler behaviour with a fake executor: budgets, chunking, mixing, preemption and resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchllm.config import SchedulerConfig
+from batchllm.core.engine_core import EngineCore
+from batchllm.core.kv_cache_manager import KVCacheManager
+from batchllm.core.scheduler import Scheduler
+from batchllm.outputs import RunnerOutput, ScheduledBatch
+from batchllm.request import Request
+from batchllm.sampling_params import SamplingParams
+
+
+class EchoExecutor:
+    """Samples token = (position of the new token) % 1000; records every batch."""
+
+    def __init__(self):
+        self.batches: list[ScheduledBatch] = []
+
+    def execute(self, batch):
+        self.batches.append(batch)
+        return RunnerOutput({r.request_id: (r.start_position + len(r.token_ids)) % 1000
+                             for r in batch.requests if r.sampling is not None})
+
+
+def make(num_blocks=64, block_size=4, budget=16, max_seqs=256, chunked=True, max_model_len=128):
+    kv = KVCacheManager(num_blocks, block_size)
+    sched = Scheduler(SchedulerConfig(budget, max_seqs, chunked), kv, max_model_len)
+    executor = EchoExecutor()
+    return EngineCore(sched, executor), sched, executor
+
+
+def req(rid, n_prompt, max_tokens=4, **kw):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(temperature=0, max_tokens=max_tokens, **kw))
+
+
+def run_all(engine):
+    finished = {}
+    while engine.has_unfinished():
+        for u in engine.step():
+            if u.finish_reason:
+                finished[u.request_id] = u.finish_reason
+    return finished
+
+
+def test_long_prompt_is_chunked_to_the_budget_and_samples_only_at_its_end():
+    engine, sched, ex = make(budget=16)
+    engine.add_request(req("a", 40, max_tokens=2))
+    engine.step()
+    engine.step()
+    engine.step()
+    chunks = [(b.requests[0].start_position, len(b.requests[0].token_ids), b.requests[0].sampling is not None)
+              for b in ex.batches]
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 8, True)]
+    assert sched.requests["a"].output_token_ids == [40]
+
+
+def test_decode_tokens_come_first_and_prefill_fills_the_rest_of_the_step():
+    engine, sched, ex = make(budget=10)
+    engine.add_request(req("a", 3, max_tokens=10))
+    engine.step()  # a: whole prompt
+    engine.add_request(req("b", 30, max_tokens=2))
+    engine.step()
+    batch = ex.batches[-1]
+    assert [(r.request_id, len(r.token_ids)) for r in batch.requests] == [("a", 1), ("b", 9)]
+    assert batch.num_tokens == 10
+
+
+def test_token_budget_is_never_exceeded():
+    engine, sched, ex = make(budget=12, num_blocks=200)
+    for i in range(10):
+        engine.add_request(req(f"r{i}", 5 + 3 * i, max_tokens=6))
+    run_all(engine)
+    assert max(b.num_tokens for b in ex.batches) <= 12
+    assert sum(b.num_tokens for b in ex.batches) == sum(5 + 3 * i + 6 - 1 for i in range(10))
+
+
+def test_max_num_seqs_caps_running_requests():
+    engine, sched, ex = make(budget=100, max_seqs=2)
+    for i in range(4):
+        engine.add_request(req(f"r{i}", 3))
+    engine.step()
+    assert [r.request_id for r in ex.batches[0].requests] == ["r0", "r1"]
+
+
+def test_without_chunking_a_prompt_waits_for_a_step_with_room():
+    engine, sched, ex = make(budget=32, chunked=False)
+    engine.add_request(req("a", 20, max_tokens=3))
+    engine.add_request(req("b", 20, max_tokens=3))
+    engine.step()
+    assert [r.request_id for r in ex.batches[0].requests] == ["a"]
+    engine.step()  # a decodes (1) and b's whole prompt (20) fits now
+    assert [(r.request_id, len(r.token_ids)) for r in ex.batches[1].requests] == [("a", 1), ("b", 20)]
+
+
+def test_preemption_frees_blocks_recomputes_and_finishes_with_the_same_tokens():
+    # 6 blocks of 4 tokens = 24 slots; two requests of 8 prompt + 8 output tokens need 32.
+    engine, sched, ex = make(num_blocks=6, block_size=4, budget=64)
+    engine.add_request(req("a", 8, max_tokens=8))
+    engine.add_request(req("b", 8, max_tokens=8))
+    finished = run_all(engine)
+    assert finished == {"a": "length", "b": "length"}
+    assert sched.stats.num_preemptions >= 1
+    # the preempted request's recompute covered its prompt and the outputs it already had
+    recomputes = [r for b in ex.batches for r in b.requests if r.start_position == 0 and len(r.token_ids) > 8]
+    assert recomputes, "a preempted request resumes by recomputing prompt + outputs"
+    assert sched.kv.num_free_blocks == 6
+
+
+def test_preempted_outputs_equal_unpreempted_outputs():
+    outputs = {}
+    for num_blocks in (6, 100):
+        engine, sched, ex = make(num_blocks=num_blocks, block_size=4, budget=64)
+        tokens = {}
+        for rid in ("a", "b", "c"):
+            engine.add_request(req(rid, 8, max_tokens=8))
+        reqs = dict(sched.requests)
+        run_all(engine)
+        outputs[num_blocks] = {rid: r.output_token_ids for rid, r in reqs.items()}
+    assert outputs[6] == outputs[100]
+
+
+def test_kv_use_never_exceeds_the_pool_and_all_blocks_return():
+    engine, sched, ex = make(num_blocks=10, block_size=4, budget=20)
+    for i in range(8):
+        engine.add_request(req(f"r{i}", 6 + i, max_tokens=10))
+    run_all(engine)
+    assert sched.stats.peak_used_blocks <= 10
+    assert sched.kv.num_free_blocks == 10
+    assert not sched.requests
+
+
+def test_finished_requests_are_reported_to_the_runner_once():
+    engine, sched, ex = make()
+    engine.add_request(req("a", 3, max_tokens=1))
+    engine.add_request(req("b", 3, max_tokens=3))
+    run_all(engine)
+    reported = [rid for b in ex.batches for rid in b.finished_request_ids]
+    assert reported == ["a"]  # b finished in the last step; no later batch carries it
+
+
+def test_stop_token_and_eos_and_min_tokens():
+    engine, sched, ex = make()
+    # EchoExecutor samples the position: prompt of 3 -> tokens 3, 4, 5, ...
+    r = Request("eos", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10), eos_token_ids=frozenset({5}))
+    s = Request("stop", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[4]))
+    m = Request("min", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10, min_tokens=4),
+                eos_token_ids=frozenset({5}))
+    ign = Request("ign", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                  eos_token_ids=frozenset({5}))
+    for x in (r, s, m, ign):
+        engine.add_request(x)
+    assert run_all(engine) == {"eos": "stop", "stop": "stop", "min": "length", "ign": "length"}
+    assert r.output_token_ids == [3, 4, 5] and r.stop_reason is None
+    assert s.output_token_ids == [3, 4] and s.stop_reason == 4
+    assert m.output_token_ids == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # EOS at 5 came before min_tokens
+    assert ign.output_token_ids == [3, 4, 5, 6]
+    # while below min_tokens the runner is told to ban EOS
+    m_specs = [r.sampling for b in ex.batches for r in b.requests if r.request_id == "min" and r.sampling]
+    assert m_specs[0].banned_token_ids == (5,) and m_specs[4].banned_token_ids == ()
+
+
+def test_context_length_ends_generation():
+    engine, sched, ex = make(max_model_len=10)
+    engine.add_request(req("a", 7, max_tokens=None))
+    assert run_all(engine) == {"a": "length"}
+
+
+def test_bad_requests_are_refused_with_a_reason():
+    engine, sched, ex = make(num_blocks=2, block_size=4, max_model_len=100)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request(Request("e", [], SamplingParams()))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(req("long", 100))
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request(req("big", 5, max_tokens=50))
+    engine.add_request(req("ok", 3, max_tokens=2))
+    with pytest.raises(ValueError, match="duplicate"):
+        engine.add_request(req("ok", 3))
+
+
+def test_finish_from_outside_frees_blocks_and_is_reported():
+    engine, sched, ex = make()
+    engine.add_request(req("a", 5, max_tokens=50))
+    engine.step()
+    engine.finish_requests(["a"], "stop", "###")
+    assert not engine.has_unfinished()
+    assert sched.kv.num_free_blocks == 64
+    engine.add_request(req("b", 3, max_tokens=1))
+    engine.step()
+    assert ex.batches[-1].finished_request_ids == ["a"]
