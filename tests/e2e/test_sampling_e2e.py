@@ -1,0 +1,91 @@
+"""Sampling end to end on SmolLM2: seeds, n > 1, stop strings, logprobs, min_tokens, max_tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchllm import SamplingParams
+from tests.e2e.prompts import RAW_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+STORY = "Once upon a time, in a small village by the sea,"
+
+
+def texts(outputs):
+    return [o.outputs[0].text for o in outputs]
+
+
+def test_seeded_request_is_reproducible_whatever_else_is_in_the_batch(default_llm):
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_tokens=24)
+    alone = default_llm.generate(STORY, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.2, max_tokens=30)
+    batch = default_llm.generate(RAW_PROMPTS[:2] + [STORY] + RAW_PROMPTS[2:],
+                                 [others, others, seeded, others, others], use_tqdm=False)
+    assert batch[2].outputs[0].token_ids == alone
+    again = default_llm.generate(STORY, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == alone
+    other_seed = default_llm.generate(STORY, SamplingParams(temperature=1.0, top_p=0.95, seed=43, max_tokens=24),
+                                      use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_n_completions_per_prompt(default_llm):
+    out = default_llm.generate([STORY, "The sky is"], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12),
+                               use_tqdm=False)
+    assert [len(o.outputs) for o in out] == [3, 3]
+    assert [c.index for c in out[0].outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out[0].outputs}) > 1
+    # completion k of a seeded n>1 request is completion 0 of a request seeded with seed + k
+    single = default_llm.generate(STORY, SamplingParams(temperature=1.0, seed=8, max_tokens=12), use_tqdm=False)
+    assert single[0].outputs[0].token_ids == out[0].outputs[1].token_ids
+
+
+def test_stop_strings_cut_exactly(default_llm):
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    full = default_llm.generate(STORY, greedy, use_tqdm=False)[0].outputs[0].text
+    stop = full[18:24]
+    assert stop.strip() and full.find(stop) == 18, "pick a stop string that occurs once, mid-text"
+    cut = default_llm.generate(STORY, SamplingParams(temperature=0, max_tokens=40, stop=[stop, "zzzz"]),
+                               use_tqdm=False)[0].outputs[0]
+    assert cut.text == full[:18]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = default_llm.generate(
+        STORY, SamplingParams(temperature=0, max_tokens=40, stop=stop, include_stop_str_in_output=True),
+        use_tqdm=False)[0].outputs[0]
+    assert kept.text == full[:24]
+
+
+def test_logprobs_top_k_per_token(default_llm):
+    out = default_llm.generate(STORY, SamplingParams(temperature=0, max_tokens=6, logprobs=3),
+                               use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 6
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert token in entry and entry[token].rank == 1  # greedy picks the most likely token
+        assert len(entry) == 3
+        assert all(lp.logprob <= 0 for lp in entry.values())
+        assert entry[token].decoded_token is not None
+    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))
+
+
+def test_min_tokens_and_max_tokens(default_llm):
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    natural = default_llm.chat(conv, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
+    assert natural.finish_reason == "stop" and len(natural.token_ids) < 12
+    longer = default_llm.chat(conv, SamplingParams(temperature=0, max_tokens=40, min_tokens=15),
+                              use_tqdm=False)[0].outputs[0]
+    assert len(longer.token_ids) >= 15
+    short = default_llm.chat(conv, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].outputs[0]
+    assert len(short.token_ids) == 3 and short.finish_reason == "length"
+
+
+def test_generate_validates_every_prompt_before_running(default_llm):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        default_llm.generate(["fine", ""], use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        default_llm.generate({"prompt_token_ids": [1, 10**9]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        default_llm.generate({"prompt_token_ids": [5] * 5000}, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        default_llm.generate(["x"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    assert not default_llm.engine.has_unfinished()
