@@ -84,16 +84,20 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     """Token budget of one forward step (decode tokens + prefill chunks)."""
-    max_num_seqs: int = 256
-    """Most requests running at once."""
+    max_num_seqs: int | None = None
+    """Most requests running at once; None: no cap (admission is by projected KV memory)."""
+    kv_admission_threshold: float = 1.0
+    """Admit new work while the projected KV use (prefixes once + suffixes + expected outputs) fits this fraction of the pool."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps; off: a prompt is prefilled in one step (needs a budget >= max_model_len)."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}")
+        if not 0.0 < self.kv_admission_threshold <= 4.0:
+            raise ValueError(f"kv_admission_threshold must be in (0, 4], got {self.kv_admission_threshold}")
 
 
 @dataclass(frozen=True)

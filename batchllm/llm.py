@@ -10,7 +10,6 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,16 @@ from tqdm.auto import tqdm
 from batchllm.attention import TorchReferenceBackend
 from batchllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
+from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
+from batchllm.core.work_units import build_submission
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
+from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.loader import build_model
 from batchllm.models.spec import ModelLoadError, read_model_spec
 from batchllm.output_processor import CompletionState
+from batchllm.prefix import MULTI_LEVEL, PLAN_MODES, PrefixPlan, plan_prefix_sharing
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
 from batchllm.runner.model_runner import ModelRunner, plan_kv_cache
@@ -35,14 +38,6 @@ logger = logging.getLogger("batchllm")
 logging.basicConfig(level=default_log_level(), format="%(levelname)s %(name)s: %(message)s")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TokenizedPrompt:
-    """One prompt after tokenisation; `text` is None when it was given as token ids."""
-
-    token_ids: list[int]
-    text: str | None
 
 
 class LLM:
@@ -67,9 +62,20 @@ class LLM:
         gpu_memory_utilization: float = 0.90,
         num_kv_blocks: int | None = None,
         max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 256,
+        max_num_seqs: int | None = None,
         enable_chunked_prefill: bool = True,
+        kv_admission_threshold: float = 1.0,
+        prefix_sharing: bool = True,
+        plan_mode: str = MULTI_LEVEL,
+        group_order: str = "decode",
     ) -> None:
+        if plan_mode not in PLAN_MODES:
+            raise ValueError(f"plan_mode must be one of {PLAN_MODES}, got {plan_mode!r}")
+        if group_order not in GROUP_ORDERS:
+            raise ValueError(f"group_order must be one of {tuple(GROUP_ORDERS)}, got {group_order!r}")
+        self.prefix_sharing = prefix_sharing
+        self.plan_mode = plan_mode
+        self.group_order = GROUP_ORDERS[group_order]()
         self.config = EngineConfig(
             model=ModelConfig(
                 model=None if model is None else str(model),
@@ -91,6 +97,7 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_num_seqs=max_num_seqs,
                 enable_chunked_prefill=enable_chunked_prefill,
+                kv_admission_threshold=kv_admission_threshold,
             ),
         )
         mc = self.config.model
@@ -107,6 +114,7 @@ class LLM:
             )
         self.tokenizer = None if mc.skip_tokenizer_init else _load_tokenizer(Path(mc.tokenizer or self.model_dir))
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
+        self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
 
         self.model = build_model(
             self.model_spec,
@@ -174,60 +182,12 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     # ------------------------------------------------------------------ building blocks (CLI uses these)
-    def apply_chat_template(
-        self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None
-    ) -> str:
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"the tokenizer of {self.model_dir} has no chat template")
-        if not isinstance(conversation, list) or not conversation:
-            raise ValueError(f"conversation {index}: messages must be a non-empty list")
-        for j, message in enumerate(conversation):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
-        return self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(kwargs or {})
-        )
+    def apply_chat_template(self, conversation: Any, index: int = 0, add_generation_prompt: bool = True,
+                            kwargs: dict | None = None) -> str:
+        return self.prompts.apply_chat_template(conversation, index, add_generation_prompt, kwargs)
 
-    def tokenize_prompt(self, prompt: Any, index: int = 0, *, add_special_tokens: bool | None = None) -> TokenizedPrompt:
-        """Validate and tokenize one prompt; raises ValueError naming prompt `index` and the problem."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return self._validate_ids(prompt["prompt_token_ids"], index, prompt.get("prompt"))
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError(f"prompt {index} is empty")
-            if self.tokenizer is None:
-                raise ValueError(f"prompt {index}: text prompts need a tokenizer (skip_tokenizer_init is set)")
-            if add_special_tokens is None:
-                # A rendered chat template already carries its special tokens.
-                add_special_tokens = not _starts_with_bos(self.tokenizer, prompt)
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-            return self._validate_ids(ids, index, prompt)
-        if isinstance(prompt, (list, tuple)):
-            return self._validate_ids(list(prompt), index, None)
-        raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
-
-    def _validate_ids(self, ids: Any, index: int, text: str | None) -> TokenizedPrompt:
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        vocab = self.model_spec.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens; the context (max_model_len) is {self.max_model_len}, "
-                "which leaves no room to generate"
-            )
-        return TokenizedPrompt(list(ids), text)
+    def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
+        return self.prompts.tokenize_prompt(prompt, index)
 
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
         if sampling_params is None:
@@ -251,28 +211,42 @@ class LLM:
         call_id = next(self._request_counter)
         states: dict[str, tuple[int, CompletionState]] = {}
         pending: dict[int, list[CompletionState]] = {}
+        requests: list[Request] = []
         for index, (prompt, sp) in enumerate(zip(prompts, params)):
             children = []
             for k in range(sp.n):
                 child_params = sp if sp.n == 1 else sp.for_child(k)
-                request_id = f"{call_id}-{index}-{k}"
-                self.engine.add_request(
-                    Request(
-                        request_id=request_id,
-                        prompt_token_ids=prompt.token_ids,
-                        sampling_params=child_params,
-                        eos_token_ids=self.eos_token_ids,
-                        arrival_index=index,
-                    )
+                request = Request(
+                    request_id=f"{call_id}-{index}-{k}",
+                    prompt_token_ids=prompt.token_ids,
+                    sampling_params=child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    arrival_index=index,
                 )
+                requests.append(request)
                 state = CompletionState(k, child_params, self.tokenizer)
-                states[request_id] = (index, state)
+                states[request.request_id] = (index, state)
                 children.append(state)
             pending[index] = children
 
+        plan_started = time.perf_counter()
+        prompt_ids = [r.prompt_token_ids for r in requests]
+        if self.prefix_sharing:
+            plan = plan_prefix_sharing(prompt_ids, mode=self.plan_mode)
+        else:
+            plan = PrefixPlan(self.plan_mode, [], list(range(len(requests))), [len(p) for p in prompt_ids])
+        max_len = self.max_model_len
+        submission = build_submission(
+            plan, requests, self.group_order,
+            lambda r: expected_output_tokens(r, max_len, cap=512), id_prefix=f"{call_id}-",
+        )
+        plan_seconds = time.perf_counter() - plan_started
+        for request in submission:
+            self.engine.add_request(request)
+
         stats_before = _snapshot(self.engine)
         started = time.perf_counter()
-        prompt_tokens = sum(len(p.token_ids) * sp.n for p, sp in zip(prompts, params))
+        prompt_tokens = plan.prompt_tokens
         output_tokens = 0
         bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
         try:
@@ -310,7 +284,18 @@ class LLM:
                 self.engine.finish_requests(list(states), "abort")
             self.last_stats = _stats_since(
                 self.engine, stats_before, time.perf_counter() - started,
-                num_requests=len(prompts), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                num_requests=len(requests), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+            )
+            summary = plan.summary()
+            self.last_stats.update(
+                prefix_sharing=self.prefix_sharing,
+                plan_mode=self.plan_mode,
+                group_order=self.group_order.name,
+                num_groups=summary["num_groups"],
+                mean_sharing_degree=summary["mean_sharing_degree"],
+                max_sharing_degree=summary["max_sharing_degree"],
+                planned_prefill_tokens=summary["prefill_tokens"],
+                plan_seconds=plan_seconds,
             )
 
 
@@ -322,11 +307,6 @@ def _as_prompt_list(prompts: Any) -> list:
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
-
-
-def _starts_with_bos(tokenizer, text: str) -> bool:
-    bos = getattr(tokenizer, "bos_token", None)
-    return bool(bos) and text.startswith(bos)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -385,7 +365,8 @@ def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:
 
 def _snapshot(engine: EngineCore) -> tuple:
     s = engine.scheduler.stats
-    return (s.num_steps, s.prefill_tokens, s.decode_tokens, s.num_preemptions, len(engine.step_log))
+    return (s.num_steps, s.prefill_tokens, s.decode_tokens, s.num_preemptions, len(engine.step_log),
+            s.num_block_copies, s.num_prefix_releases)
 
 
 def _stats_since(engine: EngineCore, before: tuple, wall_s: float, **counts: int) -> dict[str, Any]:
@@ -393,11 +374,15 @@ def _stats_since(engine: EngineCore, before: tuple, wall_s: float, **counts: int
     steps = s.num_steps - before[0]
     step_records = engine.step_log[before[4]:]
     scheduled = sum(r.num_tokens for r in step_records)
+    prefill = s.prefill_tokens - before[1]
     return {
         **counts,
-        "prefill_tokens_computed": s.prefill_tokens - before[1],
+        "prefill_tokens_computed": prefill,
+        "saving_ratio": 1.0 - prefill / counts["prompt_tokens"] if counts["prompt_tokens"] else 0.0,
         "decode_tokens": s.decode_tokens - before[2],
         "num_preemptions": s.num_preemptions - before[3],
+        "num_block_copies": s.num_block_copies - before[5],
+        "num_prefix_releases": s.num_prefix_releases - before[6],
         "num_steps": steps,
         "mean_tokens_per_step": scheduled / steps if steps else 0.0,
         "wall_s": wall_s,

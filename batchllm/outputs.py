@@ -44,6 +44,8 @@ class ScheduledBatch:
     requests: list[ScheduledRequest]
     finished_request_ids: list[str] = field(default_factory=list)
     """Requests finished or aborted since the previous batch: the runner drops their state."""
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) KV blocks to copy, all layers, before this step's forward (copy-on-write)."""
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,11 @@ Invariant: `num_computed_tokens <= num_tokens`; the tokens in `[num_computed_tok
 the ones whose KV is still missing. A fresh request starts at 0 (prefill), a decoding request is one
 token behind (the token it just sampled), and preemption by recompute simply resets the counter to 0
 while keeping the output tokens: there are no prefill/decode modes.
+
+A shared prefix is a `Request` too (`is_prefix=True`): its prompt is the prefix, it is prefilled
+and never samples. Members (requests or nested prefixes) name it as `parent`; a member forks from
+it once it is READY, which sets the member's counter to the prefix length in one move. The prefix
+holds its KV blocks until its last member finishes (`num_live_members` reaches 0).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    READY = "ready"
+    """A shared prefix whose KV is complete and held for its members."""
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests live in queues and are removed by identity
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -38,6 +45,15 @@ class Request:
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if any."""
     num_preemptions: int = 0
+    parent: Request | None = field(default=None, repr=False)
+    """The shared prefix this request forks from (None: computes its prompt from position 0)."""
+    is_prefix: bool = False
+    num_live_members: int = 0
+    """Prefix only: members not yet finished."""
+    pending_members: list[Request] = field(default_factory=list, repr=False)
+    """Prefix only: members waiting for this prefix to become READY."""
+    projected_blocks: int = 0
+    """KV blocks the admission policy reserved for this request while it is admitted."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -59,6 +75,19 @@ class Request:
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+
+    @property
+    def fork_point(self) -> int:
+        """Tokens a member gets from its parent without computing them."""
+        return self.parent.num_prompt_tokens if self.parent is not None else 0
+
+    @property
+    def num_levels(self) -> int:
+        """Shared prefixes above this request."""
+        n, p = 0, self.parent
+        while p is not None:
+            n, p = n + 1, p.parent
+        return n
 
     @property
     def is_finished(self) -> bool:

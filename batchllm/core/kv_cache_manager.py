@@ -1,7 +1,12 @@
 """Block tables of running requests over a `BlockPool`. Writer: the scheduler.
 
 Invariant: a request's table holds exactly ceil(tokens_reserved / block_size) blocks, where
-tokens_reserved is the largest total passed to `allocate_slots` since its last `free`.
+tokens_reserved is the largest total passed to `allocate_slots` (or `fork`) since its last `free`.
+
+Sharing: `fork` gives a child the parent's full blocks (one more reference each) and, when the
+shared length ends inside a block, a fresh block plus a (src, dst) copy order for that partial
+block (copy-on-write), so the child's own tokens never land in a block others read. Nothing is
+recomputed for a prefix that is not a block multiple.
 """
 
 from __future__ import annotations
@@ -34,6 +39,29 @@ class KVCacheManager:
             return False
         table.extend(self.pool.allocate(missing))
         return True
+
+    def fork(self, child_id: str, parent_id: str, num_tokens: int) -> tuple[bool, tuple[int, int] | None]:
+        """Start the child's table with the parent's first `num_tokens` tokens.
+
+        Returns (ok, copy): ok is False (and nothing changes) if the copy-on-write block cannot be
+        had; copy is the (src, dst) block pair the runner must copy before the child writes KV."""
+        if child_id in self._tables:
+            raise ValueError(f"{child_id!r} already holds blocks")
+        parent = self._tables[parent_id]
+        full, partial = divmod(num_tokens, self.block_size)
+        if len(parent) < full + (1 if partial else 0):
+            raise ValueError(f"{parent_id!r} holds {len(parent)} blocks, fewer than {num_tokens} tokens need")
+        if partial and self.pool.num_free_blocks < 1:
+            return False, None
+        table = parent[:full]
+        self.pool.share(table)
+        copy = None
+        if partial:
+            [dst] = self.pool.allocate(1)
+            copy = (parent[full], dst)
+            table = table + [dst]
+        self._tables[child_id] = list(table)
+        return True, copy
 
     def free(self, request_id: str) -> None:
         """Release every block of the request (no-op if it holds none)."""

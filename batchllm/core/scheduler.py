@@ -1,11 +1,16 @@
 """Iteration-level scheduler: which tokens of which requests run in the next forward step.
 
-Writer of all `Request` state and of the `KVCacheManager`. Each step it fills a token budget:
-first the running requests (in admission order: decodes and unfinished prefill chunks), then new
-requests from the waiting queue, chunking prompts to fit the budget. When the KV pool cannot grow a
-running request, the most recently admitted running request is preempted by recompute: its blocks
-are freed, `num_computed_tokens` goes back to 0, its output tokens are kept, and it rejoins the
-front of the waiting queue. No request is ever dropped and no token is ever wrong.
+Writer of all `Request` state and of the `KVCacheManager`. Work arrives as top-level units in plan
+order (`waiting`): a shared prefix (with its members registered under it) or a plain request. Each
+step fills a token budget in this order:
+  1. running work: decode tokens first, then requests' prefill chunks, then prefix chunks;
+  2. members whose prefix is READY (`ready_members`): they fork from it and prefill their suffix;
+  3. new top-level units, while the admission policy's projected KV use fits.
+A prefix that completes becomes READY and releases its members; it is freed exactly when its last
+member finishes. When the KV pool cannot grow running work, the last-scheduled running entry is
+preempted by recompute (blocks freed, counter back to 0, outputs kept, back to the front of its
+queue). When nothing can run at all, the most recently READY prefix with no running member is
+released and recomputed later. No request is dropped and no token is ever wrong.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 from batchllm.config import SchedulerConfig
 from batchllm.core.kv_cache_manager import KVCacheManager
+from batchllm.core.policies import MemoryAdmission
 from batchllm.outputs import RunnerOutput, SamplingSpec, ScheduledBatch, ScheduledRequest, TokenLogprobs
 from batchllm.request import Request, RequestStatus
 
@@ -38,42 +44,74 @@ class SchedulerStats:
     num_steps: int = 0
     num_scheduled_tokens: int = 0
     prefill_tokens: int = 0
-    """Tokens whose KV was computed from a prompt (or recomputed after preemption): not decode."""
+    """Tokens whose KV was computed from a prompt or prefix (or recomputed after preemption)."""
     decode_tokens: int = 0
     num_preemptions: int = 0
+    num_prefix_releases: int = 0
+    """Shared prefixes released before their members finished, to unblock the batch."""
+    num_block_copies: int = 0
     peak_used_blocks: int = 0
 
 
+def _step_class(request: Request) -> int:
+    """Order of service among running work: decodes, then request prefill, then prefix prefill."""
+    if request.is_prefix:
+        return 2
+    decoding = request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
+    return 0 if decoding else 1
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+        admission: MemoryAdmission | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.admission = admission or MemoryAdmission(
+            kv.pool.num_blocks, kv.block_size, max_model_len, config.kv_admission_threshold
+        )
         self.waiting: deque[Request] = deque()
+        self.ready_members: deque[Request] = deque()
         self.running: list[Request] = []
+        self.ready_prefixes: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
         self._finished_since_last_step: list[str] = []
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
+        """Queue a request or a shared prefix. Members are added after their parent."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"duplicate request id {rid!r}")
         if request.num_prompt_tokens == 0:
-            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+            raise ValueError(f"request {rid!r} has an empty prompt")
         if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
-                f"request {request.request_id!r}: prompt has {request.num_prompt_tokens} tokens, "
+                f"request {rid!r}: prompt has {request.num_prompt_tokens} tokens, "
                 f"the model's context (max_model_len) is {self.max_model_len}; no room to generate"
             )
-        worst_case = self.kv.blocks_for(self._max_total_tokens(request))
-        if worst_case > self.kv.pool.num_blocks:
-            raise ValueError(
-                f"request {request.request_id!r} may need {worst_case} KV blocks but the cache has "
-                f"{self.kv.pool.num_blocks}; give the KV cache more memory or lower max_model_len"
-            )
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
+        parent = request.parent
+        if parent is not None:
+            if parent.request_id not in self.requests or not parent.is_prefix:
+                raise ValueError(f"request {rid!r}: its prefix must be added first")
+            if parent.num_prompt_tokens >= request.num_prompt_tokens:
+                raise ValueError(f"request {rid!r}: a member must extend its prefix by at least one token")
+        if not request.is_prefix:
+            worst_case = self.kv.blocks_for(self._max_total_tokens(request)) + request.num_levels
+            if worst_case > self.kv.pool.num_blocks:
+                raise ValueError(
+                    f"request {rid!r} may need {worst_case} KV blocks but the cache has "
+                    f"{self.kv.pool.num_blocks}; give the KV cache more memory or lower max_model_len"
+                )
+        self.requests[rid] = request
+        if parent is None:
+            self.waiting.append(request)
+        else:
+            parent.num_live_members += 1
+            parent.pending_members.append(request)
 
     def _max_total_tokens(self, request: Request) -> int:
         max_tokens = request.sampling_params.max_tokens
@@ -82,25 +120,33 @@ class Scheduler:
         return min(self.max_model_len, request.num_prompt_tokens + max_tokens)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.requests)
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch:
+        batch = self._schedule_once()
+        while not batch.requests and self.has_unfinished() and self._release_idle_prefixes():
+            batch = self._schedule_once()
+        return batch
+
+    def _schedule_once(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
         chosen: list[tuple[Request, int]] = []
-        preempted_this_step = False
+        copies: list[tuple[int, int]] = []
+        preempted = False
 
+        order = sorted(self.running, key=_step_class)
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        while i < len(order) and budget > 0:
+            request = order[i]
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
                 i += 1
                 continue
             while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
-                victim = self.running.pop()
+                victim = order.pop()
                 self._preempt(victim)
-                preempted_this_step = True
+                preempted = True
                 if victim is request:
                     break
             else:
@@ -109,22 +155,39 @@ class Scheduler:
                 i += 1
 
         # Admitting new work right after a preemption would only thrash: wait for blocks to free up.
-        while self.waiting and budget > 0 and not preempted_this_step:
-            if len(self.running) >= self.config.max_num_seqs:
+        if not preempted:
+            for queue in (self.ready_members, self.waiting):
+                budget = self._admit_from(queue, budget, chosen, copies)
+        return self._make_batch(chosen, copies)
+
+    def _admit_from(self, queue: deque[Request], budget: int, chosen: list, copies: list) -> int:
+        cap = self.config.max_num_seqs
+        while queue and budget > 0 and (cap is None or len(self.running) < cap):
+            request = queue[0]
+            if not self.admission.can_admit(request, nothing_running=not self.running):
                 break
-            request = self.waiting[0]
+            copy = None
+            if request.parent is not None:
+                ok, copy = self.kv.fork(request.request_id, request.parent.request_id, request.fork_point)
+                if not ok:
+                    break
+                request.num_computed_tokens = request.fork_point
             num_new = self._num_new_tokens(request, budget)
-            if num_new == 0:
+            if num_new == 0 or not self.kv.allocate_slots(
+                request.request_id, request.num_computed_tokens + num_new
+            ):
+                self.kv.free(request.request_id)
+                request.num_computed_tokens = 0
                 break
-            if not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
-                break
-            self.waiting.popleft()
+            queue.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            self.admission.on_admit(request)
             chosen.append((request, num_new))
+            if copy is not None:
+                copies.append(copy)
             budget -= num_new
-
-        return self._make_batch(chosen)
+        return budget
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
@@ -134,20 +197,66 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)
+        self.running.remove(request)
+        self.admission.on_release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._requeue_front(request)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
 
-    def _make_batch(self, chosen: list[tuple[Request, int]]) -> ScheduledBatch:
+    def _requeue_front(self, request: Request) -> None:
+        parent = request.parent
+        if parent is None:
+            self.waiting.appendleft(request)
+        elif parent.status is RequestStatus.READY:
+            self.ready_members.appendleft(request)
+        else:
+            parent.pending_members.insert(0, request)
+
+    def _release_idle_prefixes(self) -> bool:
+        """Nothing could run: free every READY prefix that has no running member and is not an
+        ancestor of the first waiting entry, and queue them behind it, so that entry runs next.
+        (Its own ancestors always fit beside it: add_request checked the worst case.)
+        False if there was nothing to release."""
+        head = self.ready_members[0] if self.ready_members else (self.waiting[0] if self.waiting else None)
+        keep = set()
+        ancestor = head.parent if head is not None else None
+        while ancestor is not None:
+            keep.add(ancestor.request_id)
+            ancestor = ancestor.parent
+        busy = {r.parent.request_id for r in self.running if r.parent is not None}
+        released = [p for p in self.ready_prefixes if p.request_id not in busy and p.request_id not in keep]
+        for prefix in released:
+            self.ready_prefixes.remove(prefix)
+            self.kv.free(prefix.request_id)
+            self.admission.on_release(prefix)
+            prefix.num_computed_tokens = 0
+            prefix.status = RequestStatus.WAITING
+            mine = [m for m in self.ready_members if m.parent is prefix]
+            self.ready_members = deque(m for m in self.ready_members if m.parent is not prefix)
+            prefix.pending_members = mine + prefix.pending_members
+            self._requeue_back(prefix)
+            self.stats.num_prefix_releases += 1
+            logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
+        return bool(released)
+
+    def _requeue_back(self, request: Request) -> None:
+        parent = request.parent
+        if parent is None:
+            self.waiting.append(request)
+        elif parent.status is RequestStatus.READY:
+            self.ready_members.append(request)
+        else:
+            parent.pending_members.append(request)
+
+    def _make_batch(self, chosen: list[tuple[Request, int]], copies: list[tuple[int, int]]) -> ScheduledBatch:
         scheduled = []
         for request, num_new in chosen:
             start = request.num_computed_tokens
             reaches_end = start + num_new == request.num_tokens
-            is_decode = num_new == 1 and reaches_end and request.num_output_tokens > 0
-            if is_decode:
+            if num_new == 1 and reaches_end and request.num_output_tokens > 0:
                 self.stats.decode_tokens += 1
             else:
                 self.stats.prefill_tokens += num_new
@@ -157,13 +266,14 @@ class Scheduler:
                     token_ids=request.token_ids(start, start + num_new),
                     start_position=start,
                     block_ids=list(self.kv.block_table(request.request_id)),
-                    sampling=self._sampling_spec(request) if reaches_end else None,
+                    sampling=self._sampling_spec(request) if reaches_end and not request.is_prefix else None,
                 )
             )
-        batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step)
+        batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
         self._finished_since_last_step = []
         self.stats.num_steps += 1
         self.stats.num_scheduled_tokens += batch.num_tokens
+        self.stats.num_block_copies += len(copies)
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.kv.pool.num_used_blocks)
         return batch
 
@@ -189,6 +299,10 @@ class Scheduler:
         for scheduled in batch.requests:
             request = self.requests[scheduled.request_id]
             request.num_computed_tokens += len(scheduled.token_ids)
+            if request.is_prefix:
+                if request.num_computed_tokens == request.num_tokens:
+                    self._prefix_ready(request)
+                continue
             if scheduled.sampling is None:
                 continue
             token = output.sampled_token_ids[request.request_id]
@@ -207,6 +321,16 @@ class Scheduler:
             )
         return updates
 
+    def _prefix_ready(self, prefix: Request) -> None:
+        if prefix.num_live_members == 0:  # every member ended (aborted) while it was computed
+            self._finish(prefix, None, None)
+            return
+        self.running.remove(prefix)
+        prefix.status = RequestStatus.READY
+        self.ready_prefixes.append(prefix)
+        self.ready_members.extend(prefix.pending_members)
+        prefix.pending_members = []
+
     def _check_finished(self, request: Request, token: int) -> tuple[str | None, int | None]:
         sp = request.sampling_params
         if request.num_output_tokens >= sp.min_tokens:
@@ -224,17 +348,36 @@ class Scheduler:
         """End requests from outside the step (a stop string matched, or an abort)."""
         for request_id in request_ids:
             request = self.requests.get(request_id)
-            if request is not None and not request.is_finished:
+            if request is not None and not request.is_prefix:
                 self._finish(request, reason, stop_reason)
 
-    def _finish(self, request: Request, reason: str, stop_reason: int | str | None) -> None:
+    def _finish(self, request: Request, reason: str | None, stop_reason: int | str | None) -> None:
+        """Finish a request, or drop a prefix whose members are all done; frees its blocks and
+        tells its parent, which is dropped in turn when this was its last live member."""
+        self._unlink(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
+        self.kv.free(request.request_id)
+        self.admission.on_release(request)
+        if not request.is_prefix:
+            self._finished_since_last_step.append(request.request_id)
+        del self.requests[request.request_id]
+        parent = request.parent
+        if parent is not None:
+            parent.num_live_members -= 1
+            if parent.num_live_members == 0:
+                self._finish(parent, None, None)
+
+    def _unlink(self, request: Request) -> None:
+        """Take the request out of whichever queue holds it."""
         if request in self.running:
             self.running.remove(request)
+        elif request.status is RequestStatus.READY:
+            self.ready_prefixes.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request.request_id)
-        self._finished_since_last_step.append(request.request_id)
-        del self.requests[request.request_id]
+        elif request in self.ready_members:
+            self.ready_members.remove(request)
+        elif request.parent is not None and request in request.parent.pending_members:
+            request.parent.pending_members.remove(request)

@@ -83,6 +83,10 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
+        if batch.block_copies:
+            src = torch.tensor([s for s, _ in batch.block_copies], device=self.device)
+            dst = torch.tensor([d for _, d in batch.block_copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # copy-on-write of partial prefix blocks
         input_ids, positions, metadata, sample_rows = self._prepare_inputs(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
         if not sample_rows:

@@ -25,9 +25,12 @@ class EchoExecutor:
                              for r in batch.requests if r.sampling is not None})
 
 
-def make(num_blocks=64, block_size=4, budget=16, max_seqs=256, chunked=True, max_model_len=128):
+def make(num_blocks=64, block_size=4, budget=16, max_seqs=None, chunked=True, max_model_len=128, threshold=4.0):
+    """threshold 4.0 overcommits the KV pool on purpose, so that preemption paths get exercised."""
     kv = KVCacheManager(num_blocks, block_size)
-    sched = Scheduler(SchedulerConfig(budget, max_seqs, chunked), kv, max_model_len)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, enable_chunked_prefill=chunked,
+                             kv_admission_threshold=threshold)
+    sched = Scheduler(config, kv, max_model_len)
     executor = EchoExecutor()
     return EngineCore(sched, executor), sched, executor
 

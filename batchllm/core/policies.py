@@ -1,0 +1,106 @@
+"""Scheduling policies: the order of top-level work units and memory-centric admission.
+
+Torch-free. A policy is an object passed in, not an `if` in the scheduler's loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from batchllm.request import Request
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A top-level group of the plan (or one ungrouped request), summarised for ordering."""
+
+    first_arrival: int
+    prefill_tokens: int
+    """Tokens this unit prefills: each shared segment once plus every member's own tokens."""
+    num_requests: int
+    expected_decode_tokens: int
+    """Sum over members of the expected output length."""
+
+
+class GroupOrder(Protocol):
+    name: str
+
+    def sort_key(self, unit: WorkUnit) -> tuple: ...
+
+
+class ArrivalOrder:
+    """First come, first served (by the earliest prompt of the unit)."""
+
+    name = "fifo"
+
+    def sort_key(self, unit: WorkUnit) -> tuple:
+        return (unit.first_arrival,)
+
+
+class PrefillLengthOrder:
+    """BatchLLM's order: priority 1 / (L_prefix + sum L_suffix), highest first, so units with
+    little prefill start early and long prefills arrive later to mix with their decodes."""
+
+    name = "prefill"
+
+    def sort_key(self, unit: WorkUnit) -> tuple:
+        return (unit.prefill_tokens, unit.first_arrival)
+
+
+class DecodeWeightedOrder:
+    """Priority = expected decode work (members x output length) / prefill tokens, highest first:
+    decode-heavy units start early, whatever their size; BatchLLM's key ignores group size."""
+
+    name = "decode"
+
+    def sort_key(self, unit: WorkUnit) -> tuple:
+        return (-unit.expected_decode_tokens / max(unit.prefill_tokens, 1), unit.first_arrival)
+
+
+GROUP_ORDERS: dict[str, type] = {o.name: o for o in (ArrivalOrder, PrefillLengthOrder, DecodeWeightedOrder)}
+
+
+def expected_output_tokens(request: Request, max_model_len: int, cap: int) -> int:
+    """The output length admission plans for: max_tokens, or at most `cap` when unbounded."""
+    room = max_model_len - request.num_tokens
+    max_tokens = request.sampling_params.max_tokens
+    wanted = cap if max_tokens is None else max_tokens - request.num_output_tokens
+    return max(0, min(room, wanted))
+
+
+class MemoryAdmission:
+    """Admit while the projected KV footprint of everything admitted fits `threshold` x the pool.
+
+    A request's projection: blocks for its own tokens (past the fork point) plus its expected
+    output, plus one block for a copy-on-write partial block; a shared prefix counts once, when
+    it is admitted. The projection is released when the request finishes or is preempted and
+    when a prefix is released. Work is always admitted when nothing is running, so the batch moves.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, threshold: float = 1.0,
+                 unbounded_output_estimate: int = 512) -> None:
+        self.capacity = threshold * num_blocks
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.unbounded_output_estimate = unbounded_output_estimate
+        self.projected_blocks = 0
+
+    def projection(self, request: Request) -> int:
+        own = request.num_tokens - request.fork_point
+        if not request.is_prefix:
+            own += expected_output_tokens(request, self.max_model_len, self.unbounded_output_estimate)
+        return -(-own // self.block_size) + (1 if request.parent is not None else 0)
+
+    def can_admit(self, request: Request, nothing_running: bool) -> bool:
+        if nothing_running:
+            return True
+        return self.projected_blocks + self.projection(request) <= self.capacity
+
+    def on_admit(self, request: Request) -> None:
+        request.projected_blocks = self.projection(request)
+        self.projected_blocks += request.projected_blocks
+
+    def on_release(self, request: Request) -> None:
+        self.projected_blocks -= request.projected_blocks
+        request.projected_blocks = 0

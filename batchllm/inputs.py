@@ -1,0 +1,81 @@
+"""Prompt processing: chat templates, tokenisation and validation, without model weights.
+
+Shared by `LLM` (which owns one) and `batchllm plan` (which needs tokens but no model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """One prompt after tokenisation; `text` is None when it was given as token ids."""
+
+    token_ids: list[int]
+    text: str | None
+
+
+class PromptProcessor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, source: str = "the model") -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.source = source
+
+    def apply_chat_template(
+        self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None
+    ) -> str:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.source} has no chat template")
+        if not isinstance(conversation, list) or not conversation:
+            raise ValueError(f"conversation {index}: messages must be a non-empty list")
+        for j, message in enumerate(conversation):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(kwargs or {})
+            )
+        except Exception as e:  # the template itself rejects the conversation (roles, content types)
+            raise ValueError(f"conversation {index}: the chat template failed: {e}") from e
+
+    def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
+        """Validate and tokenize one prompt; raises ValueError naming prompt `index` and the problem."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return self.validate_ids(prompt["prompt_token_ids"], index, prompt.get("prompt"))
+            if "prompt" not in prompt:
+                raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index}: text prompts need a tokenizer (skip_tokenizer_init is set)")
+            # A rendered chat template already carries its special tokens.
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add_special = not (bos and prompt.startswith(bos))
+            ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+            return self.validate_ids(ids, index, prompt)
+        if isinstance(prompt, (list, tuple)):
+            return self.validate_ids(list(prompt), index, None)
+        raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
+
+    def validate_ids(self, ids: Any, index: int, text: str | None) -> TokenizedPrompt:
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens; the context (max_model_len) is {self.max_model_len}, "
+                "which leaves no room to generate"
+            )
+        return TokenizedPrompt(list(ids), text)

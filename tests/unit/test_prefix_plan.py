@@ -1,0 +1,150 @@
+"""The prefix planner: the paper's example, brute force on small batches, the paper's bounds."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from batchllm.prefix import build_radix_tree, plan_prefix_sharing
+
+
+def test_radix_tree_nodes_are_lcp_intervals():
+    prompts = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9], [7, 8], [1, 2, 3, 4]]
+    t = build_radix_tree(prompts)
+    nodes = {(t.depth[v], tuple(sorted(t.order[t.lo[v]:t.hi[v]].tolist()))) for v in range(t.num_nodes)}
+    assert nodes == {(0, (0, 1, 2, 3, 4)), (2, (0, 1, 2, 4)), (3, (0, 1, 4)), (4, (0, 4))}
+    # distinct tokens: 1,2,3,4,5,9 on the [1,2,...] branch plus 7,8
+    assert t.num_distinct_tokens() == 8
+
+
+def paper_example():
+    rng = random.Random(0)
+    c = [1, 2, 3, 4]  # shared by all 5
+    g = [10, 11, 12, 13, 14, 15, 16, 17]  # shared by prompts 0 and 1 only
+    tail = lambda: [rng.randrange(100, 1000) for _ in range(6)]
+    return [c + g + tail(), c + g + tail(), c + [20] + tail(), c + [21] + tail(), c + [22] + tail()]
+
+
+def test_paper_example_two_sharing_eight_beat_five_sharing_four():
+    prompts = paper_example()
+    plan = plan_prefix_sharing(prompts, mode="single")
+    groups = sorted((g.prefix_len, sorted(plan.prompts_under(g.group_id))) for g in plan.groups)
+    # gain of forking g out of c: (2 - 1) * 8 - 4 = 4 > 0
+    assert groups == [(4, [2, 3, 4]), (12, [0, 1])]
+    total = sum(map(len, prompts))
+    assert plan.prefill_tokens == total - 2 * 4 - 1 * 12  # c saved for 2 of 3, c+g saved once
+    # If g were shared by only 2 tokens the fork would lose: (2 - 1) * 2 - 4 < 0
+    short = [p[:4] + p[4:6] + p[12:] if i < 2 else p for i, p in enumerate(prompts)]
+    plan = plan_prefix_sharing(short, mode="single")
+    assert [(g.prefix_len, sorted(plan.prompts_under(g.group_id))) for g in plan.groups] == [(4, [0, 1, 2, 3, 4])]
+
+
+def set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1:]
+        yield [[first]] + part
+
+
+def lcp(seqs):
+    n = 0
+    while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    return n
+
+
+def brute_force_single_level(prompts):
+    """Best prefill over every partition into groups; a group shares the LCP of its members
+    (without their last tokens), computed once."""
+    best = None
+    for part in set_partitions(list(range(len(prompts)))):
+        cost = 0
+        for group in part:
+            if len(group) == 1:
+                cost += len(prompts[group[0]])
+                continue
+            shared = lcp([prompts[i][:-1] for i in group])
+            cost += shared + sum(len(prompts[i]) - shared for i in group)
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+def random_batch(rng, n):
+    """Prompts built from a few shared pieces, so that they nest and overlap."""
+    pieces = [[rng.randrange(1, 5) for _ in range(rng.randrange(1, 6))] for _ in range(4)]
+    prompts = []
+    for _ in range(n):
+        p = []
+        for _ in range(rng.randrange(1, 4)):
+            p += rng.choice(pieces)
+        p += [rng.randrange(1, 5) for _ in range(rng.randrange(0, 3))]
+        prompts.append(p)
+    return prompts
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_single_level_dp_is_optimal_against_brute_force(seed):
+    rng = random.Random(seed)
+    prompts = random_batch(rng, rng.randrange(2, 8))
+    plan = plan_prefix_sharing(prompts, mode="single")
+    assert plan.prefill_tokens == brute_force_single_level(prompts)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_multi_level_computes_each_distinct_prefix_once_and_never_loses(seed):
+    rng = random.Random(seed)
+    prompts = random_batch(rng, rng.randrange(2, 12))
+    multi = plan_prefix_sharing(prompts, mode="multi")
+    single = plan_prefix_sharing(prompts, mode="single")
+    distinct_prefixes = {tuple(p[:i]) for p in prompts for i in range(1, len(p))}
+    assert multi.prefill_tokens == len(distinct_prefixes) + len(prompts)
+    assert multi.prefill_tokens <= single.prefill_tokens
+    for plan in (multi, single):
+        members = sorted(plan.ungrouped + [p for g in plan.groups for p in g.prompts])
+        assert members == list(range(len(prompts))), "every prompt in exactly one place"
+        for g in plan.groups:
+            under = plan.prompts_under(g.group_id)
+            assert len(under) >= 2
+            assert all(prompts[i][: g.prefix_len] == prompts[under[0]][: g.prefix_len] for i in under)
+            assert all(len(prompts[i]) > g.prefix_len for i in under)
+
+
+def synthetic(num_groups, degree, shared, distinct, seed=0):
+    """Random token ids; distinct first tokens keep groups (and members) from sharing by chance."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for g in range(num_groups):
+        prefix = np.concatenate([[g + 1], rng.integers(1000, 32000, shared - 1)])
+        for m in range(degree):
+            suffix = np.concatenate([[500 + m], rng.integers(1000, 32000, distinct - 1)])
+            prompts.append(np.concatenate([prefix, suffix]).astype(np.int32))
+    order = rng.permutation(len(prompts))  # shuffled, as the paper's workloads
+    return [prompts[i] for i in order]
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+@pytest.mark.parametrize("shared, distinct, groups, bound", [(2000, 200, 40, 0.852), (16000, 200, 4, 0.926)])
+def test_saving_ratio_reaches_the_bound(mode, shared, distinct, groups, bound):
+    plan = plan_prefix_sharing(synthetic(groups, 16, shared, distinct), mode=mode)
+    exact = 1 - (shared + 16 * distinct) / (16 * (shared + distinct))
+    assert plan.saving_ratio == pytest.approx(exact, abs=1e-12)
+    assert round(plan.saving_ratio, 3) == bound
+    s = plan.summary()
+    assert s["num_groups"] == groups and s["mean_sharing_degree"] == 16 and s["max_sharing_degree"] == 16
+
+
+def test_nothing_shared_means_no_groups():
+    plan = plan_prefix_sharing([[1, 2, 3], [4, 5, 6], [7, 8]])
+    assert plan.groups == [] and plan.prefill_tokens == 8 and plan.saving_ratio == 0.0
+
+
+def test_identical_prompts_share_all_but_their_last_token():
+    plan = plan_prefix_sharing([[5, 6, 7, 8]] * 3)
+    assert [(g.prefix_len, g.prompts) for g in plan.groups] == [(3, [0, 1, 2])]
+    assert plan.prefill_tokens == 3 + 3

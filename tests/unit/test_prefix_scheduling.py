@@ -1,0 +1,219 @@
+"""Shared prefixes in the scheduler, with a fake runner that simulates a paged KV cache.
+
+`PagedKVExecutor` reads each request's context back through its block table before writing its
+new tokens, and samples a token that depends on the whole context. A block shared wrongly, a
+missing copy-on-write, or a block freed while still in use changes the tokens, so "same tokens
+with sharing on and off" checks the block bookkeeping itself.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from batchllm.config import SchedulerConfig
+from batchllm.core.engine_core import EngineCore
+from batchllm.core.kv_cache_manager import KVCacheManager
+from batchllm.core.policies import ArrivalOrder, DecodeWeightedOrder, PrefillLengthOrder, WorkUnit
+from batchllm.core.scheduler import Scheduler
+from batchllm.core.work_units import build_submission
+from batchllm.outputs import RunnerOutput
+from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.request import Request
+from batchllm.sampling_params import SamplingParams
+
+
+class PagedKVExecutor:
+    def __init__(self, block_size):
+        self.bs = block_size
+        self.slots = {}
+        self.batches = []
+
+    def execute(self, batch):
+        self.batches.append(batch)
+        for src, dst in batch.block_copies:
+            for off in range(self.bs):
+                if (src, off) in self.slots:
+                    self.slots[(dst, off)] = self.slots[(src, off)]
+        out = {}
+        for r in batch.requests:
+            bs = self.bs
+            context = [self.slots[(r.block_ids[p // bs], p % bs)] for p in range(r.start_position)]
+            for j, t in enumerate(r.token_ids):
+                p = r.start_position + j
+                self.slots[(r.block_ids[p // bs], p % bs)] = t
+            if r.sampling is not None:
+                full = context + r.token_ids
+                out[r.request_id] = (sum(t * (i + 1) for i, t in enumerate(full)) + 7) % 997
+        return RunnerOutput(out)
+
+
+def run(prompts, *, sharing, num_blocks=200, block_size=4, budget=32, max_tokens=5, max_seqs=None,
+        threshold=1.0, mode="multi", order=None, check=None):
+    kv = KVCacheManager(num_blocks, block_size)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, kv_admission_threshold=threshold)
+    sched = Scheduler(config, kv, max_model_len=512)
+    executor = PagedKVExecutor(block_size)
+    engine = EngineCore(sched, executor)
+    per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    requests = [Request(f"r{i}", list(p), SamplingParams(temperature=0, max_tokens=m), arrival_index=i)
+                for i, (p, m) in enumerate(zip(prompts, per_prompt))]
+    if sharing:
+        plan = plan_prefix_sharing(prompts, mode=mode)
+    else:
+        plan = PrefixPlan(mode, [], list(range(len(prompts))), [len(p) for p in prompts])
+    for r in build_submission(plan, requests, order or ArrivalOrder(), lambda r: r.sampling_params.max_tokens, "t-"):
+        engine.add_request(r)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        assert steps < 5000, "the batch stopped making progress (livelock)"
+        if check:
+            check(sched)
+    assert kv.num_free_blocks == num_blocks, "every block returns to the pool"
+    assert sched.stats.peak_used_blocks <= num_blocks
+    return {r.request_id: r.output_token_ids for r in requests}, sched, executor, plan
+
+
+def grouped_prompts(rng, groups=3, members=4, prefix_len=10, suffix_len=(1, 9)):
+    prompts = []
+    for g in range(groups):
+        prefix = [rng.randrange(1, 500) for _ in range(prefix_len)]
+        for _ in range(members):
+            prompts.append(prefix + [rng.randrange(1, 500) for _ in range(rng.randrange(*suffix_len))])
+    rng.shuffle(prompts)
+    return prompts
+
+
+def test_prefix_is_computed_once_then_members_fork_with_copy_on_write():
+    prefix = list(range(1, 11))  # 10 tokens: 2 full blocks of 4 + 2 tokens in a partial block
+    prompts = [prefix + [50 + i, 60 + i, 70 + i] for i in range(3)]
+    out, sched, ex, plan = run(prompts, sharing=True, budget=64)
+    first = ex.batches[0]
+    assert [(r.request_id, r.start_position, len(r.token_ids), r.sampling) for r in first.requests] == [
+        ("t-g0", 0, 10, None)]
+    second = ex.batches[1]
+    assert [(r.start_position, len(r.token_ids)) for r in second.requests] == [(10, 3)] * 3
+    prefix_blocks = first.requests[0].block_ids
+    for r in second.requests:
+        assert r.block_ids[:2] == prefix_blocks[:2], "full prefix blocks are shared"
+        assert r.block_ids[2] != prefix_blocks[2], "the partial block is each member's own copy"
+    assert sorted(src for src, _ in second.block_copies) == [prefix_blocks[2]] * 3
+    assert sched.stats.prefill_tokens == plan.prefill_tokens == 10 + 3 * 3
+    unshared, *_ = run(prompts, sharing=False)
+    assert out == unshared
+
+
+def test_prefix_blocks_live_exactly_until_the_last_member_finishes():
+    prefix = list(range(1, 9))  # exactly 2 blocks
+    prompts = [prefix + [40 + i] * (i + 1) for i in range(3)]
+    seen = []
+
+    def check(sched):
+        node = [r for r in sched.requests.values() if r.is_prefix]
+        members = [r for r in sched.requests.values() if not r.is_prefix]
+        seen.append((len(node), len(members)))
+        if members:
+            assert node, "a prefix block was freed while a member still lives"
+            blocks = sched.kv.block_table(node[0].request_id)
+            assert all(sched.kv.pool.ref_count(b) >= 1 for b in blocks)
+        else:
+            assert not node, "the prefix outlived its last member"
+
+    # different max_tokens per member: they finish at different steps
+    run(prompts, sharing=True, max_tokens=[2, 5, 9], check=check)
+    assert (1, 3) in seen and (1, 1) in seen and seen[-1] == (0, 0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sharing_on_and_off_give_the_same_tokens(seed):
+    rng = random.Random(seed)
+    prompts = grouped_prompts(rng, groups=rng.randrange(1, 4), members=rng.randrange(2, 6),
+                              prefix_len=rng.randrange(1, 14))
+    prompts += [[rng.randrange(1, 500) for _ in range(rng.randrange(2, 12))] for _ in range(3)]
+    base, *_ = run(prompts, sharing=False)
+    for mode in ("single", "multi"):
+        shared, sched, _, plan = run(prompts, sharing=True, mode=mode)
+        assert shared == base
+        assert sched.stats.prefill_tokens == plan.prefill_tokens
+
+
+def test_nested_groups_share_each_level_once():
+    instruction = list(range(1, 7))  # 6 tokens shared by everyone
+    docs = [[100 + d] * 5 for d in range(2)]  # each document shared by 3 prompts
+    prompts = [instruction + docs[d] + [200 + 10 * d + q] * 2 for d in range(2) for q in range(3)]
+    out, sched, ex, plan = run(prompts, sharing=True, mode="multi")
+    assert sorted((g.prefix_len, g.parent is None) for g in plan.groups) == [(6, True), (11, False), (11, False)]
+    assert sched.stats.prefill_tokens == 6 + 2 * 5 + 6 * 2
+    base, *_ = run(prompts, sharing=False)
+    assert out == base
+
+
+def test_group_larger_than_the_running_batch():
+    rng = random.Random(5)
+    prompts = grouped_prompts(rng, groups=1, members=9)
+    base, *_ = run(prompts, sharing=False, max_seqs=2)
+    out, sched, ex, plan = run(prompts, sharing=True, max_seqs=2)
+    assert out == base
+    assert max(sum(1 for r in b.requests) for b in ex.batches) <= 2
+    assert sched.stats.prefill_tokens == plan.prefill_tokens
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_forced_preemption_with_groups_keeps_tokens_and_frees_everything(seed):
+    rng = random.Random(100 + seed)
+    prompts = grouped_prompts(rng, groups=3, members=4, prefix_len=9)
+    base, *_ = run(prompts, sharing=False)
+    # 14 blocks of 4 tokens for 12 requests of ~25 tokens each: heavy preemption, overcommitted admission
+    out, sched, _, _ = run(prompts, sharing=True, num_blocks=14, max_tokens=8, threshold=4.0)
+    again, *_ = run(prompts, sharing=False, num_blocks=14, max_tokens=8, threshold=4.0)
+    full, *_ = run(prompts, sharing=False, max_tokens=8)
+    assert out == again == full
+    assert sched.stats.num_preemptions > 0
+
+
+def test_prompts_sharing_less_than_a_block():
+    prompts = [[7, 8, 9 + i, 20 + i, 30] for i in range(4)] + [[7, 8, 100, 101]]
+    base, *_ = run(prompts, sharing=False, block_size=16)
+    out, sched, ex, plan = run(prompts, sharing=True, block_size=16)
+    assert plan.groups and plan.groups[0].prefix_len == 2
+    assert out == base
+    assert sched.stats.num_block_copies == 5  # every member copies the single partial block
+
+
+def test_memory_admission_keeps_projected_use_within_the_pool():
+    rng = random.Random(9)
+    prompts = grouped_prompts(rng, groups=4, members=5, prefix_len=12)
+
+    def check(sched):
+        assert sched.admission.projected_blocks <= sched.admission.capacity or len(sched.running) <= 1
+        assert sched.kv.pool.num_used_blocks <= sched.kv.pool.num_blocks
+
+    out, sched, _, _ = run(prompts, sharing=True, num_blocks=40, max_tokens=6, check=check)
+    assert sched.stats.num_preemptions == 0, "exact projections (ignore_eos-like fake) never overcommit"
+
+
+def test_orders_of_work_units():
+    small_decode_heavy = WorkUnit(first_arrival=2, prefill_tokens=100, num_requests=8, expected_decode_tokens=800)
+    big_prefill = WorkUnit(first_arrival=0, prefill_tokens=5000, num_requests=16, expected_decode_tokens=1600)
+    medium = WorkUnit(first_arrival=1, prefill_tokens=1000, num_requests=2, expected_decode_tokens=100)
+    units = [big_prefill, medium, small_decode_heavy]
+    assert sorted(units, key=ArrivalOrder().sort_key) == [big_prefill, medium, small_decode_heavy]
+    assert sorted(units, key=PrefillLengthOrder().sort_key) == [small_decode_heavy, medium, big_prefill]
+    # decode per prefill token: 8.0, 0.32, 0.1
+    assert sorted(units, key=DecodeWeightedOrder().sort_key) == [small_decode_heavy, big_prefill, medium]
+
+
+def test_idle_prefixes_are_released_for_a_member_that_needs_the_pool():
+    """Regression: released prefixes used to be requeued ahead of the blocked member, recomputed
+    at once and released again, forever."""
+    long_member = [1, 2] + list(range(100, 158))  # 60 tokens: 15 blocks of 4 (+1 for output)
+    prompts = [long_member, [1, 2, 3, 4]]
+    for g in range(3):
+        head = [200 + g] * 5
+        prompts += [head + [300 + g, 301], head + [310 + g, 311, 312]]
+    base, *_ = run(prompts, sharing=False, num_blocks=20, max_tokens=4)
+    out, sched, _, _ = run(prompts, sharing=True, num_blocks=20, max_tokens=4)
+    assert out == base
