@@ -217,3 +217,18 @@ def test_idle_prefixes_are_released_for_a_member_that_needs_the_pool():
     base, *_ = run(prompts, sharing=False, num_blocks=20, max_tokens=4)
     out, sched, _, _ = run(prompts, sharing=True, num_blocks=20, max_tokens=4)
     assert out == base
+
+
+def test_nested_idle_prefixes_do_not_livelock_a_long_member():
+    """Regression (the e2e forced-preemption hang): an instruction shared by all, two nested
+    groups, and a long member directly under the instruction that needs most of the pool."""
+    instruction = [1, 2, 3]
+    long_member = instruction + list(range(100, 157))  # 60 tokens
+    prompts = [long_member]
+    for g in range(2):
+        doc = [200 + g] * 6
+        prompts += [instruction + doc + [300 + g, 301], instruction + doc + [310 + g, 311, 312]]
+    base, *_ = run(prompts, sharing=False, num_blocks=20, max_tokens=4)
+    out, sched, _, plan = run(prompts, sharing=True, num_blocks=20, max_tokens=4, order=PrefillLengthOrder())
+    assert any(g.parent is not None for g in plan.groups)
+    assert out == base
