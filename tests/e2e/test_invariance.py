@@ -48,8 +48,10 @@ def test_forced_preemption_gives_the_same_tokens(default_llm, default_model_dir,
     # Room for the longest request plus a little: far less than the batch needs at once.
     num_blocks = -(-max(lengths) // 16) + 4
     assert num_blocks * 16 < sum(lengths) // 2
-    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=512,
-              block_size=16, num_kv_blocks=num_blocks, max_num_batched_tokens=256)
+    # Admission projects KV use exactly here and would avoid preemption: overcommit on purpose.
+    # (Preemption with prefix sharing on: tests/e2e/test_prefix_sharing_e2e.py.)
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=512, prefix_sharing=False,
+              block_size=16, num_kv_blocks=num_blocks, max_num_batched_tokens=256, kv_admission_threshold=4.0)
     out = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.last_stats["num_preemptions"] > 0, "the cache was meant to be too small for the batch"
     assert tokens(out) == reference

@@ -57,12 +57,13 @@ def test_group_larger_than_the_running_batch(default_model_dir, unshared):
 
 
 def test_forced_preemption_with_sharing(default_model_dir, unshared):
-    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=16, num_kv_blocks=28,
+    # A pool of 36 blocks of 8 tokens, and admission overcommitted on purpose: members get preempted.
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=8, num_kv_blocks=36,
               kv_admission_threshold=4.0, max_num_batched_tokens=256)
     out = llm.generate(batch(), GREEDY, use_tqdm=False)
     assert llm.last_stats["num_preemptions"] > 0
     assert token_ids(out) == unshared
-    assert llm.engine.scheduler.kv.num_free_blocks == 28
+    assert llm.engine.scheduler.kv.num_free_blocks == 36
 
 
 def test_n_completions_share_their_prompt(default_llm):
