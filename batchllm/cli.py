@@ -1,4 +1,5 @@
-"""`batchllm run INPUT.jsonl -o OUTPUT.jsonl`: a whole batch job from the command line.
+"""`batchllm run INPUT.jsonl -o OUTPUT.jsonl`: a whole batch job; `batchllm plan INPUT.jsonl`: its
+prefix-sharing plan, without the model.
 
 Exit status: 0 when every line succeeded, 1 when some lines failed (each has an error record in the
 output), 2 when the job could not start (unreadable input, bad model path, bad option).
@@ -14,7 +15,10 @@ import time
 import zlib
 from pathlib import Path
 
+from batchllm.core.policies import GROUP_ORDERS
+from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io.jsonl import BatchLine, LineError, read_batch_lines, result_record
+from batchllm.prefix.plan import PLAN_MODES
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -38,13 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("input", type=Path, help="input JSONL file")
     run.add_argument("-o", "--output", type=Path, required=True, help="output JSONL file (overwritten)")
-    g = run.add_argument_group("model")
-    g.add_argument("--model", default=None, help="Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    g = _add_model_options(run)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and KV dtype (auto: float32 on CPU, the checkpoint's 16-bit dtype on GPU)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: random weights from config.json (benchmarking shapes)")
     s = run.add_argument_group("sampling defaults (a line's own fields take precedence)")
@@ -60,21 +61,60 @@ def build_parser() -> argparse.ArgumentParser:
                    "so sampled outputs are reproducible line by line")
     e = run.add_argument_group("engine")
     e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per forward step")
-    e.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    e.add_argument("--max-num-seqs", type=int, default=None,
+                   help="cap on requests running at once (default: none; admission is by projected KV memory)")
+    e.add_argument("--kv-admission-threshold", type=float, default=1.0,
+                   help="admit new work while its projected KV use fits this fraction of the cache (default 1.0)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     e.add_argument("--kv-cache-memory-gib", type=float, default=None,
                    help="KV cache size in GiB (default: 2 on CPU; on GPU what --gpu-memory-utilization leaves)")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="fraction of GPU memory to use")
+    _add_sharing_options(run)
     o = run.add_argument_group("output")
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    plan = sub.add_parser(
+        "plan",
+        help="show the prefix-sharing plan of a JSONL batch file without running the model",
+        description="Read the same input as `run`, tokenize it (no model weights are loaded) and print "
+        "requests, groups, sharing degrees, prompt tokens, prefill tokens after sharing and the saving ratio "
+        "1 - prefill_tokens / prompt_tokens.",
+    )
+    plan.add_argument("input", type=Path, help="input JSONL file")
+    _add_model_options(plan)
+    plan.add_argument("--plan-mode", default="multi", choices=list(PLAN_MODES), help=PLAN_MODE_HELP)
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+PLAN_MODE_HELP = ("multi: nested groups, each shared segment computed once (default); "
+                  "single: BatchLLM's one-level groups")
+
+
+def _add_model_options(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help="Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    return g
+
+
+def _add_sharing_options(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("prefix sharing")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="turn global prefix sharing off (for comparison)")
+    p.add_argument("--plan-mode", default="multi", choices=list(PLAN_MODES), help=PLAN_MODE_HELP)
+    p.add_argument("--group-order", default="decode", choices=list(GROUP_ORDERS),
+                   help="order of groups: decode = expected decode work per prefill token (default); "
+                   "prefill = BatchLLM's 1/(prefix + suffixes); fifo = input order")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_command(args)
+    if args.command == "plan":
+        return plan_command(args)
     return EXIT_CANNOT_START
 
 
@@ -110,24 +150,19 @@ def run_command(args: argparse.Namespace) -> int:
             block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory_gib,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            kv_admission_threshold=args.kv_admission_threshold, prefix_sharing=not args.no_prefix_sharing,
+            plan_mode=args.plan_mode, group_order=args.group_order,
         )
     except (ValueError, OSError) as e:
         return _fail(str(e))
 
     started = time.perf_counter()
-    num_failed = num_done = 0
-    valid: list[tuple[BatchLine, object, SamplingParams]] = []
+    num_done = 0
     with open(args.output, "w", encoding="utf-8") as out:
-        for item in read_batch_lines(args.input):
-            if isinstance(item, LineError):
-                _write(out, item.record())
-                num_failed += 1
-                continue
-            try:
-                valid.append((item, *_prepare(llm, item, defaults, args.seed)))
-            except ValueError as e:
-                _write(out, LineError(item.line_number, item.request_id, f"line {item.line_number}: {e}").record())
-                num_failed += 1
+        valid, errors = prepare_lines(args.input, llm.prompts, defaults, args.seed)
+        for error in errors:
+            _write(out, error.record())
+        num_failed = len(errors)
         out.flush()
         prompts = [p for _, p, _ in valid]
         params = [sp for _, _, sp in valid]
@@ -149,15 +184,65 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_LINES_FAILED if num_failed else EXIT_OK
 
 
-def _prepare(llm, line: BatchLine, defaults: dict, global_seed: int | None):
+def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None):
+    """Read, tokenize and validate every line: (valid lines as (line, prompt, params), errors)."""
+    valid: list[tuple[BatchLine, TokenizedPrompt, SamplingParams]] = []
+    errors: list[LineError] = []
+    for item in read_batch_lines(path):
+        if isinstance(item, LineError):
+            errors.append(item)
+            continue
+        try:
+            valid.append((item, *_prepare(prompts, item, defaults, global_seed)))
+        except ValueError as e:
+            errors.append(LineError(item.line_number, item.request_id, f"line {item.line_number}: {e}"))
+    return valid, errors
+
+
+def _prepare(prompts: PromptProcessor, line: BatchLine, defaults: dict, global_seed: int | None):
     fields = {**defaults, **line.sampling_overrides}
     if fields.get("seed") is None and global_seed is not None:
         fields["seed"] = zlib.crc32(f"{global_seed}:{line.request_id}".encode())
     params = SamplingParams(**fields)
-    prompt = llm.apply_chat_template(line.prompt) if line.is_chat else line.prompt
+    prompt = prompts.apply_chat_template(line.prompt) if line.is_chat else line.prompt
     if isinstance(prompt, list):
         prompt = {"prompt_token_ids": prompt}
-    return llm.tokenize_prompt(prompt, line.line_number), params
+    return prompts.tokenize_prompt(prompt, line.line_number), params
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    if not args.input.is_file():
+        return _fail(f"cannot read input file {str(args.input)!r}: no such file")
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.prefix import plan_prefix_sharing
+
+    try:
+        prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len)
+    except (ValueError, OSError) as e:
+        return _fail(str(e))
+    valid, errors = prepare_lines(args.input, prompts, {}, None)
+    for error in errors:
+        print(f"batchllm: {error.message}", file=sys.stderr)
+    token_ids = [p.token_ids for _, p, sp in valid for _ in range(sp.n)]
+    if not token_ids:
+        return _fail("no valid request in the input")
+    started = time.perf_counter()
+    plan = plan_prefix_sharing(token_ids, mode=args.plan_mode)
+    summary = {**plan.summary(), "plan_seconds": round(time.perf_counter() - started, 3),
+               "num_lines_failed": len(errors)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"requests             {summary['num_requests']}")
+        print(f"groups               {summary['num_groups']} top-level, {summary['num_nested_groups']} nested, "
+              f"{summary['num_ungrouped']} requests ungrouped ({args.plan_mode}-level plan)")
+        print(f"sharing degree       mean {summary['mean_sharing_degree']:.2f}, max {summary['max_sharing_degree']}")
+        print(f"prompt tokens        {summary['prompt_tokens']}")
+        print(f"prefill tokens       {summary['prefill_tokens']} after sharing")
+        print(f"saving ratio         {100 * summary['saving_ratio']:.1f}%  (1 - prefill / prompt tokens)")
+        if errors:
+            print(f"lines failed         {len(errors)} (see above)")
+    return EXIT_LINES_FAILED if errors else EXIT_OK
 
 
 def _write(out, record: dict) -> None:

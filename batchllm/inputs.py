@@ -5,8 +5,15 @@ Shared by `LLM` (which owns one) and `batchllm plan` (which needs tokens but no 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from batchllm.models.default_model import default_model_dir
+from batchllm.models.spec import ModelLoadError, read_model_spec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,3 +86,34 @@ class PromptProcessor:
                 "which leaves no room to generate"
             )
         return TokenizedPrompt(list(ids), text)
+
+
+def resolve_max_model_len(requested: int | None, spec) -> int:
+    limit = spec.max_position_embeddings
+    if spec.sliding_window is not None and spec.sliding_window < limit:
+        logger.warning("capping the context at the sliding window (%d tokens)", spec.sliding_window)
+        limit = spec.sliding_window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds what the model supports ({limit})")
+    return requested
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
+
+
+def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_model_len: int | None = None) -> PromptProcessor:
+    """A PromptProcessor for a model directory (None: the default model) without loading weights."""
+    model_dir = Path(model) if model is not None else default_model_dir()
+    spec = read_model_spec(model_dir)
+    return PromptProcessor(
+        load_tokenizer(Path(tokenizer) if tokenizer else model_dir), spec.vocab_size,
+        resolve_max_model_len(max_model_len, spec), str(model_dir),
+    )

@@ -23,10 +23,10 @@ from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.work_units import build_submission
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
-from batchllm.inputs import PromptProcessor, TokenizedPrompt
+from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, resolve_max_model_len
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.loader import build_model
-from batchllm.models.spec import ModelLoadError, read_model_spec
+from batchllm.models.spec import read_model_spec
 from batchllm.output_processor import CompletionState
 from batchllm.prefix import MULTI_LEVEL, PLAN_MODES, PrefixPlan, plan_prefix_sharing
 from batchllm.request import Request
@@ -105,14 +105,14 @@ class LLM:
         self.model_spec = read_model_spec(self.model_dir)
         self.device = _resolve_device(mc.device)
         self.dtype = _resolve_dtype(mc.dtype, self.model_spec.checkpoint_dtype, self.device)
-        self.max_model_len = _resolve_max_model_len(mc.max_model_len, self.model_spec)
+        self.max_model_len = resolve_max_model_len(mc.max_model_len, self.model_spec)
         sc = self.config.scheduler
         if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"with chunked prefill off, max_num_batched_tokens ({sc.max_num_batched_tokens}) must be "
                 f">= max_model_len ({self.max_model_len}), or no long prompt could ever run"
             )
-        self.tokenizer = None if mc.skip_tokenizer_init else _load_tokenizer(Path(mc.tokenizer or self.model_dir))
+        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(Path(mc.tokenizer or self.model_dir))
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
 
@@ -324,27 +324,6 @@ def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.devic
     if device.type == "cpu":
         return torch.float32
     return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
-
-
-def _resolve_max_model_len(requested: int | None, spec) -> int:
-    limit = spec.max_position_embeddings
-    if spec.sliding_window is not None and spec.sliding_window < limit:
-        logger.warning("capping the context at the sliding window (%d tokens)", spec.sliding_window)
-        limit = spec.sliding_window
-    if requested is None:
-        return limit
-    if requested > limit:
-        raise ValueError(f"max_model_len {requested} exceeds what the model supports ({limit})")
-    return requested
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
 
 
 def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:

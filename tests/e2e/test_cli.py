@@ -93,3 +93,46 @@ def test_help_documents_every_option():
     for option in ("--model", "--max-tokens", "--temperature", "--seed", "--top-p", "--top-k", "--stop",
                    "--stats", "--max-num-batched-tokens", "--dtype"):
         assert option in r.stdout
+
+
+def test_plan_matches_what_run_computes_and_sharing_off_gives_the_same_tokens(tmp_path, default_model_dir):
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for g in range(3):
+        prefix = [rng.randrange(100, 40000) for _ in range(40 + 7 * g)]
+        for m in range(4):
+            suffix = [rng.randrange(100, 40000) for _ in range(rng.randrange(3, 12))]
+            lines.append({"id": f"g{g}m{m}", "prompt_token_ids": prefix + suffix, "max_tokens": 4})
+    rng.shuffle(lines)
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+    r = run_cli("plan", src, "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    prompt_tokens = sum(len(x["prompt_token_ids"]) for x in lines)
+    assert plan["num_requests"] == 12 and plan["num_groups"] == 3
+    assert plan["mean_sharing_degree"] == 4 and plan["max_sharing_degree"] == 4
+    assert plan["prompt_tokens"] == prompt_tokens
+    assert plan["prefill_tokens"] == prompt_tokens - 3 * sum(40 + 7 * g for g in range(3))
+    assert plan["saving_ratio"] == pytest.approx(1 - plan["prefill_tokens"] / prompt_tokens)
+    human = run_cli("plan", src)
+    assert "saving ratio" in human.stdout and "prefill tokens" in human.stdout
+
+    results = {}
+    for flag in ([], ["--no-prefix-sharing"]):
+        out, stats = tmp_path / f"out{len(flag)}.jsonl", tmp_path / f"stats{len(flag)}.json"
+        r = run_cli("run", src, "-o", out, "--temperature", "0", "--stats", stats, "--no-progress", *flag)
+        assert r.returncode == 0, r.stderr
+        s = json.loads(stats.read_text())
+        for key in ("num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "saving_ratio",
+                    "num_steps", "mean_tokens_per_step", "wall_s"):
+            assert key in s
+        results[bool(flag)] = ({rec["id"]: rec["token_ids"] for rec in map(json.loads, out.read_text().splitlines())}, s)
+    (shared_tokens, shared), (plain_tokens, plain) = results[False], results[True]
+    assert shared_tokens == plain_tokens
+    assert shared["prefill_tokens_computed"] == plan["prefill_tokens"]
+    assert shared["saving_ratio"] == pytest.approx(plan["saving_ratio"])
+    assert plain["prefill_tokens_computed"] == prompt_tokens and plain["saving_ratio"] == 0
