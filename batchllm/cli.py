@@ -14,10 +14,18 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+from tqdm.auto import tqdm
+
+from batchllm.bench import add_bench_parser, bench_command
 from batchllm.core.policies import GROUP_ORDERS
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
-from batchllm.io.jsonl import BatchLine, LineError, read_batch_lines, result_record
+from batchllm.io import openai_batch
+from batchllm.io.job import JobError, ResultWriter, ResumeState, prepare_output
+from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record
+from batchllm.models.spec import read_model_spec
 from batchllm.prefix.plan import PLAN_MODES
 from batchllm.sampling_params import SamplingParams
 
@@ -41,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stop_token_ids, seed, n, min_tokens, ignore_eos, logprobs, ...) that override the options below.",
     )
     run.add_argument("input", type=Path, help="input JSONL file")
-    run.add_argument("-o", "--output", type=Path, required=True, help="output JSONL file (overwritten)")
+    run.add_argument("-o", "--output", type=Path, required=True,
+                     help="output JSONL file; if it exists for the same input, the job resumes where it stopped")
+    run.add_argument("--overwrite", action="store_true", help="start over even if the output already holds results")
     g = _add_model_options(run)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and KV dtype (auto: float32 on CPU, the checkpoint's 16-bit dtype on GPU)")
@@ -85,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(plan)
     plan.add_argument("--plan-mode", default="multi", choices=list(PLAN_MODES), help=PLAN_MODE_HELP)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    add_bench_parser(sub)
     return parser
 
 
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     if args.command == "plan":
         return plan_command(args)
+    if args.command == "bench":
+        return bench_command(args)
     return EXIT_CANNOT_START
 
 
@@ -128,18 +141,24 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(f"cannot read input file {str(args.input)!r}: no such file")
     try:
         args.input.open("rb").close()
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.open("ab").close()
     except OSError as e:
-        return _fail(str(e))
+        return _fail(f"cannot read input file {str(args.input)!r}: {e.strerror}")
     defaults = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
         SamplingParams(**defaults)
-    except ValueError as e:
+        if args.model is not None:
+            read_model_spec(Path(args.model))  # a bad model path fails before anything is written
+        resume = prepare_output(args.output, args.input, args.overwrite)
+    except (ValueError, OSError, JobError) as e:
         return _fail(str(e))
+    if resume.num_records:
+        print(f"batchllm: resuming {args.output}: {len(resume.done_ids)} lines done, "
+              f"{len(resume.done_error_lines)} failed before"
+              + (f"; cut a torn last line ({resume.repaired_bytes} bytes)" if resume.repaired_bytes else ""),
+              file=sys.stderr)
 
     from batchllm.llm import LLM  # heavy import after the cheap checks
 
@@ -158,25 +177,28 @@ def run_command(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     num_done = 0
-    with open(args.output, "w", encoding="utf-8") as out:
-        valid, errors = prepare_lines(args.input, llm.prompts, defaults, args.seed)
+    model_name = str(args.model or llm.model_dir.name)
+    with ResultWriter(args.output) as out:
+        valid, errors, file_format = prepare_lines(
+            args.input, llm.prompts, defaults, args.seed, resume, progress=not args.no_progress
+        )
         for error in errors:
-            _write(out, error.record())
-        num_failed = len(errors)
-        out.flush()
+            out.write(error.record(file_format))
+        out.sync()
+        num_failed = len(errors) + len(resume.done_error_lines)
         prompts = [p for _, p, _ in valid]
         params = [sp for _, _, sp in valid]
-        for index, output in llm.iter_generate(prompts, params, use_tqdm=not args.no_progress, progress_desc="requests"):
-            line = valid[index][0]
-            _write(out, result_record(line.request_id, output, len(output.prompt_token_ids)))
+        desc = f"requests ({num_failed} failed)" if num_failed else "requests"
+        for index, output in llm.iter_generate(prompts, params, use_tqdm=not args.no_progress, progress_desc=desc):
+            out.write(_result(valid[index][0], output, model_name))
             num_done += 1
-            if num_done % 64 == 0:
-                out.flush()
     wall = time.perf_counter() - started
-    stats = {**llm.last_stats, "num_lines_failed": num_failed, "num_lines_done": num_done, "wall_s": wall}
+    total_done = num_done + len(resume.done_ids)
+    stats = {**llm.last_stats, "num_lines_done": total_done, "num_lines_failed": num_failed,
+             "num_lines_resumed": len(resume.done_ids) + len(resume.done_error_lines), "wall_s": wall}
     print(
-        f"batchllm: {num_done + num_failed} lines: {num_done} done, {num_failed} failed; "
-        f"{stats.get('output_tokens', 0)} output tokens in {wall:.1f} s -> {args.output}",
+        f"batchllm: {total_done + num_failed} lines: {total_done} done, {num_failed} failed "
+        f"({num_done} run now); {stats.get('output_tokens', 0)} output tokens in {wall:.1f} s -> {args.output}",
         file=sys.stderr,
     )
     if args.stats is not None:
@@ -184,30 +206,73 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_LINES_FAILED if num_failed else EXIT_OK
 
 
-def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None):
-    """Read, tokenize and validate every line: (valid lines as (line, prompt, params), errors)."""
+def _result(line: BatchLine, output, model_name: str) -> dict:
+    if line.format == OPENAI:
+        top = line.sampling_overrides.get("logprobs") or 0
+        return openai_batch.success_record(line.request_id, line.url, line.model or model_name, output,
+                                           len(output.prompt_token_ids), top)
+    return result_record(line.request_id, output, len(output.prompt_token_ids))
+
+
+def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
+                  resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024):
+    """Stream the file and tokenize it in batches, skipping lines a previous run finished.
+
+    Returns (valid lines as (line, prompt, params), new errors, the file's format). Prompts are kept
+    as int32 numpy arrays and identical sampling settings share one SamplingParams, so memory
+    follows the token arrays, not the line count."""
+    resume = resume or ResumeState()
     valid: list[tuple[BatchLine, TokenizedPrompt, SamplingParams]] = []
     errors: list[LineError] = []
+    formats: dict[str, int] = {}
+    params_cache: dict[str, SamplingParams] = {}
+    pending: list[tuple[BatchLine, SamplingParams, Any]] = []
+
+    def flush() -> None:
+        results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending])
+        for (line, params, _), result in zip(pending, results):
+            if isinstance(result, ValueError):
+                errors.append(LineError(line.line_number, line.request_id, f"line {line.line_number}: {result}",
+                                        line.format))
+            else:
+                valid.append((line, TokenizedPrompt(np.asarray(result.token_ids, dtype=np.int32), None), params))
+        pending.clear()
+
+    bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True)
     for item in read_batch_lines(path):
+        bar.update(1)
         if isinstance(item, LineError):
-            errors.append(item)
+            if item.line_number not in resume.done_error_lines:
+                errors.append(item)
+            continue
+        formats[item.format] = formats.get(item.format, 0) + 1
+        if item.request_id in resume.done_ids:
             continue
         try:
-            valid.append((item, *_prepare(prompts, item, defaults, global_seed)))
+            params = _sampling_params(item, defaults, global_seed, params_cache)
+            prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
         except ValueError as e:
-            errors.append(LineError(item.line_number, item.request_id, f"line {item.line_number}: {e}"))
-    return valid, errors
+            errors.append(LineError(item.line_number, item.request_id, f"line {item.line_number}: {e}", item.format))
+            continue
+        pending.append((item, params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt))
+        if len(pending) >= chunk:
+            flush()
+    if pending:
+        flush()
+    bar.close()
+    errors = [e for e in errors if e.line_number not in resume.done_error_lines]
+    file_format = max(formats, key=formats.get) if formats else PLAIN
+    return valid, errors, file_format
 
 
-def _prepare(prompts: PromptProcessor, line: BatchLine, defaults: dict, global_seed: int | None):
+def _sampling_params(line: BatchLine, defaults: dict, global_seed: int | None, cache: dict) -> SamplingParams:
     fields = {**defaults, **line.sampling_overrides}
     if fields.get("seed") is None and global_seed is not None:
         fields["seed"] = zlib.crc32(f"{global_seed}:{line.request_id}".encode())
-    params = SamplingParams(**fields)
-    prompt = prompts.apply_chat_template(line.prompt) if line.is_chat else line.prompt
-    if isinstance(prompt, list):
-        prompt = {"prompt_token_ids": prompt}
-    return prompts.tokenize_prompt(prompt, line.line_number), params
+    key = json.dumps(fields, sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = SamplingParams(**fields)
+    return cache[key]
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -220,7 +285,7 @@ def plan_command(args: argparse.Namespace) -> int:
         prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len)
     except (ValueError, OSError) as e:
         return _fail(str(e))
-    valid, errors = prepare_lines(args.input, prompts, {}, None)
+    valid, errors, _ = prepare_lines(args.input, prompts, {}, None)
     for error in errors:
         print(f"batchllm: {error.message}", file=sys.stderr)
     token_ids = [p.token_ids for _, p, sp in valid for _ in range(sp.n)]
@@ -243,10 +308,6 @@ def plan_command(args: argparse.Namespace) -> int:
         if errors:
             print(f"lines failed         {len(errors)} (see above)")
     return EXIT_LINES_FAILED if errors else EXIT_OK
-
-
-def _write(out, record: dict) -> None:
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,29 @@ class SchedulerConfig:
             raise ValueError(f"kv_admission_threshold must be in (0, 4], got {self.kv_admission_threshold}")
 
 
+_PLAN_MODES = ("multi", "single")
+_GROUP_ORDERS = ("decode", "prefill", "fifo")
+
+
+@dataclass(frozen=True)
+class SharingConfig:
+    prefix_sharing: bool = True
+    """Plan prefix sharing over the whole batch and compute each shared prefix once."""
+    plan_mode: str = "multi"
+    """multi: nested groups, every shared segment computed once; single: BatchLLM's one-level groups."""
+    group_order: str = "decode"
+    """Order of groups: decode (expected decode work per prefill token), prefill (BatchLLM's), fifo."""
+
+    def __post_init__(self) -> None:
+        if self.plan_mode not in _PLAN_MODES:
+            raise ValueError(f"plan_mode must be one of {_PLAN_MODES}, got {self.plan_mode!r}")
+        if self.group_order not in _GROUP_ORDERS:
+            raise ValueError(f"group_order must be one of {_GROUP_ORDERS}, got {self.group_order!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)

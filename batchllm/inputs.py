@@ -72,6 +72,31 @@ class PromptProcessor:
             return self.validate_ids(list(prompt), index, None)
         raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
 
+    def tokenize_many(self, prompts: list[Any], indices: list[int]) -> list[TokenizedPrompt | ValueError]:
+        """Tokenize many prompts with one batched tokenizer call per kind; a bad prompt gives its
+        ValueError in place of a result instead of stopping the others."""
+        results: list[TokenizedPrompt | ValueError | None] = [None] * len(prompts)
+        texts: dict[bool, list[int]] = {True: [], False: []}  # add_special_tokens -> positions
+        bos = getattr(self.tokenizer, "bos_token", None) if self.tokenizer is not None else None
+        for pos, prompt in enumerate(prompts):
+            if isinstance(prompt, str) and prompt and self.tokenizer is not None:
+                texts[not (bos and prompt.startswith(bos))].append(pos)
+            else:
+                try:
+                    results[pos] = self.tokenize_prompt(prompt, indices[pos])
+                except ValueError as e:
+                    results[pos] = e
+        for add_special, positions in texts.items():
+            if not positions:
+                continue
+            encoded = self.tokenizer([prompts[p] for p in positions], add_special_tokens=add_special)["input_ids"]
+            for pos, ids in zip(positions, encoded):
+                try:
+                    results[pos] = self.validate_ids(ids, indices[pos], prompts[pos])
+                except ValueError as e:
+                    results[pos] = e
+        return results  # type: ignore[return-value]
+
     def validate_ids(self, ids: Any, index: int, text: str | None) -> TokenizedPrompt:
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")

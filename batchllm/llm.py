@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from batchllm.attention import TorchReferenceBackend
-from batchllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_log_level
+from batchllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SharingConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.work_units import build_submission
@@ -28,7 +28,7 @@ from batchllm.models.default_model import default_model_dir
 from batchllm.models.loader import build_model
 from batchllm.models.spec import read_model_spec
 from batchllm.output_processor import CompletionState
-from batchllm.prefix import MULTI_LEVEL, PLAN_MODES, PrefixPlan, plan_prefix_sharing
+from batchllm.prefix import MULTI_LEVEL, PrefixPlan, plan_prefix_sharing
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
 from batchllm.runner.model_runner import ModelRunner, plan_kv_cache
@@ -69,13 +69,6 @@ class LLM:
         plan_mode: str = MULTI_LEVEL,
         group_order: str = "decode",
     ) -> None:
-        if plan_mode not in PLAN_MODES:
-            raise ValueError(f"plan_mode must be one of {PLAN_MODES}, got {plan_mode!r}")
-        if group_order not in GROUP_ORDERS:
-            raise ValueError(f"group_order must be one of {tuple(GROUP_ORDERS)}, got {group_order!r}")
-        self.prefix_sharing = prefix_sharing
-        self.plan_mode = plan_mode
-        self.group_order = GROUP_ORDERS[group_order]()
         self.config = EngineConfig(
             model=ModelConfig(
                 model=None if model is None else str(model),
@@ -99,7 +92,10 @@ class LLM:
                 enable_chunked_prefill=enable_chunked_prefill,
                 kv_admission_threshold=kv_admission_threshold,
             ),
+            sharing=SharingConfig(prefix_sharing=prefix_sharing, plan_mode=plan_mode, group_order=group_order),
         )
+        self.sharing = self.config.sharing
+        """How the next generate call shares prefixes; replace it (dataclasses.replace) to compare."""
         mc = self.config.model
         self.model_dir = Path(mc.model) if mc.model is not None else default_model_dir()
         self.model_spec = read_model_spec(self.model_dir)
@@ -231,13 +227,14 @@ class LLM:
 
         plan_started = time.perf_counter()
         prompt_ids = [r.prompt_token_ids for r in requests]
-        if self.prefix_sharing:
-            plan = plan_prefix_sharing(prompt_ids, mode=self.plan_mode)
+        sharing = self.sharing
+        if sharing.prefix_sharing:
+            plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode)
         else:
-            plan = PrefixPlan(self.plan_mode, [], list(range(len(requests))), [len(p) for p in prompt_ids])
+            plan = PrefixPlan(sharing.plan_mode, [], list(range(len(requests))), [len(p) for p in prompt_ids])
         max_len = self.max_model_len
         submission = build_submission(
-            plan, requests, self.group_order,
+            plan, requests, GROUP_ORDERS[sharing.group_order](),
             lambda r: expected_output_tokens(r, max_len, cap=512), id_prefix=f"{call_id}-",
         )
         plan_seconds = time.perf_counter() - plan_started
@@ -288,9 +285,9 @@ class LLM:
             )
             summary = plan.summary()
             self.last_stats.update(
-                prefix_sharing=self.prefix_sharing,
-                plan_mode=self.plan_mode,
-                group_order=self.group_order.name,
+                prefix_sharing=sharing.prefix_sharing,
+                plan_mode=sharing.plan_mode,
+                group_order=sharing.group_order,
                 num_groups=summary["num_groups"],
                 mean_sharing_degree=summary["mean_sharing_degree"],
                 max_sharing_degree=summary["max_sharing_degree"],

@@ -31,7 +31,7 @@ class RequestStatus(enum.Enum):
 @dataclass(eq=False)  # identity: requests live in queues and are removed by identity
 class Request:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # or a 1-D numpy integer array
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     """Token ids that end the request unless ignore_eos (from the tokenizer and generation_config)."""
@@ -68,13 +68,14 @@ class Request:
         return len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens at positions [start, end) of prompt + output."""
+        """Tokens at positions [start, end) of prompt + output, as a list (prompts may be numpy
+        int32 arrays: the CLI keeps millions of prompts compact)."""
         n_prompt = len(self.prompt_token_ids)
-        if end <= n_prompt:
-            return self.prompt_token_ids[start:end]
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+        head = self.prompt_token_ids[start:min(end, n_prompt)]
+        head = head.tolist() if hasattr(head, "tolist") else list(head)
+        return head if end <= n_prompt else head + self.output_token_ids[: end - n_prompt]
 
     @property
     def fork_point(self) -> int:

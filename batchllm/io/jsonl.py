@@ -1,8 +1,10 @@
-"""Plain JSONL batch files: one request per line, one result per line.
+"""JSONL batch files: one request per line, one result per line, in two formats.
 
-Input line: {"id": ..., "prompt": "..."} | {"id": ..., "messages": [...]} | {"id": ..., "prompt_token_ids": [...]},
-plus optional sampling fields (the names of SamplingParams). A line that cannot be used becomes a
-`LineError` naming the line and the problem; it never stops the other lines.
+Plain: {"id": ..., "prompt": "..."} | {"id": ..., "messages": [...]} | {"id": ..., "prompt_token_ids": [...]},
+plus optional sampling fields (the names of SamplingParams).
+OpenAI Batch: {"custom_id": ..., "method": "POST", "url": ..., "body": {...}} (`openai_batch.py`).
+The format is told per line (a "custom_id", "url" or "body" means OpenAI) and the output record follows it. A line
+that cannot be used becomes a `LineError` naming the line and the problem; it never stops the others.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchllm.io import openai_batch
 from batchllm.sampling_params import SamplingParams
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
+
+
+PLAIN, OPENAI = "plain", "openai"
 
 
 @dataclass
@@ -26,6 +32,11 @@ class BatchLine:
     prompt: Any  # a string, a list of token ids, or a list of chat messages
     is_chat: bool
     sampling_overrides: dict[str, Any]
+    format: str = PLAIN
+    url: str | None = None
+    """OpenAI lines: the endpoint, which decides the response body's shape."""
+    model: str | None = None
+    """OpenAI lines: the body's model name, echoed in the response."""
 
 
 @dataclass
@@ -33,8 +44,12 @@ class LineError:
     line_number: int
     request_id: str | None
     message: str
+    format: str | None = None
+    """PLAIN or OPENAI; None when the line was not even JSON (the file's format is used)."""
 
-    def record(self) -> dict[str, Any]:
+    def record(self, file_format: str = PLAIN) -> dict[str, Any]:
+        if (self.format or file_format) == OPENAI:
+            return openai_batch.error_record(self.request_id, self.message)
         return {"id": self.request_id, "error": {"line": self.line_number, "message": self.message}}
 
 
@@ -62,6 +77,8 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | 
         return error(f"malformed JSON: {e.msg} at column {e.colno}")
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")
+    if "custom_id" in obj or "body" in obj or "url" in obj:
+        return _parse_openai_line(obj, line_number, seen_ids)
     rid = obj.get("id")
     if rid is None:
         return error("missing 'id'")
@@ -89,6 +106,31 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | 
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
     overrides = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides)
+
+
+def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str]) -> BatchLine | LineError:
+    def error(message: str, rid: str | None = None) -> LineError:
+        return LineError(line_number, rid, f"line {line_number}: {message}", OPENAI)
+
+    rid = obj.get("custom_id")
+    if rid is None:
+        return error("missing 'custom_id'")
+    if not isinstance(rid, str) or not rid:
+        return error("'custom_id' must be a non-empty string")
+    if rid in seen_ids:
+        return error(f"duplicate custom_id {rid!r}", rid)
+    seen_ids.add(rid)
+    unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        return error(f"unsupported field(s): {', '.join(unknown)}", rid)
+    if obj.get("method", "POST") != "POST":
+        return error(f"unsupported method {obj.get('method')!r} (only POST)", rid)
+    try:
+        url, prompt, is_chat, overrides = openai_batch.body_to_request(obj.get("url"), obj.get("body"))
+    except openai_batch.BodyError as e:
+        return error(str(e), rid)
+    model = obj["body"].get("model")
+    return BatchLine(line_number, rid, prompt, is_chat, overrides, OPENAI, url, model if isinstance(model, str) else None)
 
 
 def result_record(request_id: str, output, prompt_tokens: int) -> dict[str, Any]:

@@ -1,0 +1,195 @@
+"""`batchllm bench`: throughput on synthetic workloads (the BatchLLM paper's and a few more).
+
+Workloads are token ids drawn at random, with distinct first tokens so that groups (and members)
+never share by chance: the saving ratio's bound is exact. All configurations run in one engine,
+one after another (same weights, same KV cache), so their ratios are measured side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from batchllm.config import SharingConfig
+from batchllm.sampling_params import SamplingParams
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(1000, vocab) for _ in range(n)]
+
+
+def shared_prefix_workload(
+    shared: int, distinct: int, degree: int, num_requests: int, output: int, vocab: int, seed: int = 0,
+    shuffle: bool = True,
+) -> Workload:
+    """The paper's microbenchmark: groups of `degree` prompts = one shared prefix + a distinct suffix."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(num_requests):
+        g, m = divmod(i, degree)
+        if m == 0:
+            prefix = [1 + g % 900] + _tokens(rng, shared - 1, vocab)
+        prompts.append(prefix + [100 + m % 900] + _tokens(rng, distinct - 1, vocab))
+    if shuffle:
+        rng.shuffle(prompts)
+    return Workload(f"shared{shared}-distinct{distinct}-degree{degree}-n{num_requests}", prompts, [output] * num_requests)
+
+
+def snippet_workload(num_requests: int, vocab: int, seed: int = 0, mean_degree: float = 3.0, prefix: int = 1570,
+                     distinct: int = 30, output: int = 100) -> Workload:
+    """Snippet-like: geometric group sizes with mean ~3, prefixes ~N(1570, 300), suffixes ~30 tokens."""
+    rng = random.Random(seed)
+    prompts: list[list[int]] = []
+    g = 0
+    while len(prompts) < num_requests:
+        size = 1
+        while rng.random() > 1 / mean_degree:
+            size += 1
+        p_len = max(64, int(rng.gauss(prefix, 300)))
+        head = [1 + g % 900] + _tokens(rng, p_len - 1, vocab)
+        for m in range(min(size, num_requests - len(prompts))):
+            prompts.append(head + [100 + m % 900] + _tokens(rng, max(1, int(rng.gauss(distinct, 8))) - 1, vocab))
+        g += 1
+    rng.shuffle(prompts)
+    return Workload(f"snippet-n{num_requests}", prompts, [output] * num_requests)
+
+
+def no_sharing_workload(num_requests: int, vocab: int, prompt_len: int = 1024, output: int = 128, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[1 + i % 900] + _tokens(rng, prompt_len - 1, vocab) for i in range(num_requests)]
+    return Workload(f"nosharing-{prompt_len}-{output}-n{num_requests}", prompts, [output] * num_requests)
+
+
+def decode_heavy_workload(num_requests: int, vocab: int, shared: int = 1000, distinct: int = 100, degree: int = 8,
+                          min_out: int = 100, max_out: int = 1000, seed: int = 0) -> Workload:
+    base = shared_prefix_workload(shared, distinct, degree, num_requests, 0, vocab, seed)
+    rng = random.Random(seed + 1)
+    outputs = [rng.randrange(min_out, max_out + 1) for _ in base.prompts]
+    return Workload(f"decodeheavy-{min_out}-{max_out}-n{num_requests}", base.prompts, outputs)
+
+
+def run_workload(llm, workload: Workload) -> dict[str, Any]:
+    """Run greedily with ignore_eos (every request makes exactly its max_tokens); return the stats."""
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in workload.max_tokens]
+    prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    _sync(llm)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    _sync(llm)
+    wall = time.perf_counter() - start
+    s = dict(llm.last_stats)
+    s.update(
+        workload=workload.name,
+        wall_s=wall,
+        requests_per_s=len(workload.prompts) / wall,
+        output_tokens_per_s=s["output_tokens"] / wall,
+        total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall,
+        tokens_per_step=[r.num_tokens for r in llm.engine.step_log[-s["num_steps"]:]],
+    )
+    return s
+
+
+def _sync(llm) -> None:
+    if llm.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(llm.device)
+
+
+def make_workload(args) -> Workload:
+    vocab = args.vocab
+    if args.workload == "shared":
+        return shared_prefix_workload(args.shared, args.distinct, args.degree, args.requests, args.output, vocab,
+                                      shuffle=not args.sorted)
+    if args.workload == "snippet":
+        return snippet_workload(args.requests, vocab, output=args.output)
+    if args.workload == "nosharing":
+        return no_sharing_workload(args.requests, vocab, args.prompt_len, args.output)
+    if args.workload == "decodeheavy":
+        return decode_heavy_workload(args.requests, vocab, args.shared, args.distinct, args.degree,
+                                     args.min_output, args.max_output)
+    raise ValueError(f"unknown workload {args.workload!r}")
+
+
+def add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="measure throughput on a synthetic workload",
+                       description="Run a synthetic workload once per configuration, side by side in one process.")
+    b.add_argument("--workload", default="shared", choices=["shared", "snippet", "nosharing", "decodeheavy"])
+    b.add_argument("--shared", type=int, default=2000, help="shared prefix tokens (shared, decodeheavy)")
+    b.add_argument("--distinct", type=int, default=200, help="distinct suffix tokens (shared, decodeheavy)")
+    b.add_argument("--degree", type=int, default=16, help="prompts per shared prefix")
+    b.add_argument("--requests", type=int, default=1024)
+    b.add_argument("--output", type=int, default=100, help="output tokens per request (ignore_eos)")
+    b.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (nosharing)")
+    b.add_argument("--min-output", type=int, default=100, help="shortest output (decodeheavy)")
+    b.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
+    b.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (default: shuffled)")
+    b.add_argument("--configs", default="sharing,nosharing",
+                   help="comma list of: sharing, nosharing, single (one-level plan), order-prefill, order-fifo")
+    b.add_argument("--model", default=None, help="model directory (config.json; weights unless --load-format dummy)")
+    b.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    b.add_argument("--device", default="auto")
+    b.add_argument("--max-model-len", type=int, default=None)
+    b.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    b.add_argument("--kv-cache-memory-gib", type=float, default=None)
+    b.add_argument("--warmup-requests", type=int, default=8, help="a small run first, not measured")
+    b.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
+
+
+CONFIGS = {
+    "sharing": dict(prefix_sharing=True),
+    "nosharing": dict(prefix_sharing=False),
+    "single": dict(prefix_sharing=True, plan_mode="single"),
+    "order-prefill": dict(prefix_sharing=True, group_order="prefill"),
+    "order-fifo": dict(prefix_sharing=True, group_order="fifo"),
+}
+
+
+def bench_command(args) -> int:
+    from batchllm.llm import LLM
+
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"batchllm bench: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+              max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory_gib=args.kv_cache_memory_gib)
+    args.vocab = llm.model_spec.vocab_size
+    workload = make_workload(args)
+    if args.warmup_requests:
+        n = min(args.warmup_requests, len(workload.prompts))
+        run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
+    results = []
+    for name in names:
+        llm.sharing = SharingConfig(**CONFIGS[name])
+        stats = run_workload(llm, workload)
+        stats["config"] = name
+        results.append(stats)
+        print(_line(stats), flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"device": str(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),
+                       "kv_blocks": llm.kv_spec.num_blocks, "results": results}, f)
+    return 0
+
+
+def _line(s: dict) -> str:
+    return (f"{s['workload']:<40} {s['config']:<14} {s['requests_per_s']:8.2f} req/s {s['output_tokens_per_s']:9.1f} out tok/s "
+            f"saving {100 * s['saving_ratio']:5.1f}%  steps {s['num_steps']:6d}  tok/step {s['mean_tokens_per_step']:7.1f}  "
+            f"preempt {s['num_preemptions']}  {s['wall_s']:.1f}s")

@@ -1,0 +1,144 @@
+"""The OpenAI Batch file format: request lines in, response lines out.
+
+Input line: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}.
+Body fields are mapped onto SamplingParams; a field the engine cannot honour (tools, a non-zero
+penalty, streaming, ...) makes that line an error naming the field, never silently dropped.
+Output line: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}
+with a chat.completion or text_completion body (with usage), or "response": null and
+"error": {"code", "message"} for a line that failed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+
+# body field -> SamplingParams field, per endpoint
+_COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed",
+           # vLLM's extra sampling parameters, accepted in the body as vLLM's server does
+           "top_k": "top_k", "min_p": "min_p", "min_tokens": "min_tokens", "ignore_eos": "ignore_eos",
+           "stop_token_ids": "stop_token_ids", "include_stop_str_in_output": "include_stop_str_in_output",
+           "skip_special_tokens": "skip_special_tokens"}
+# Fields accepted when they ask for what the engine does anyway; any other value is an error.
+_ONLY_DEFAULT = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "stream": (False, None),
+                 "logit_bias": (None, {}), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
+                 "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+                 "response_format": (None, {"type": "text"}), "stream_options": (None,)}
+_IGNORED = {"model", "user", "metadata", "store", "service_tier"}  # bookkeeping, echoed or irrelevant offline
+
+
+class BodyError(ValueError):
+    pass
+
+
+def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]]:
+    """Validate an OpenAI request body. Returns (endpoint, prompt, is_chat, sampling overrides)."""
+    if url not in (CHAT_URL, COMPLETIONS_URL):
+        raise BodyError(f"unsupported url {url!r} (supported: {CHAT_URL}, {COMPLETIONS_URL})")
+    if not isinstance(body, dict):
+        raise BodyError("'body' must be a JSON object")
+    chat = url == CHAT_URL
+    prompt_field = "messages" if chat else "prompt"
+    if prompt_field not in body:
+        raise BodyError(f"body lacks '{prompt_field}'")
+    prompt = body[prompt_field]
+    known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs"}
+    known |= {"max_completion_tokens", "top_logprobs"} if chat else set()
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BodyError(f"body field(s) not supported: {', '.join(unknown)}")
+    for name, allowed in _ONLY_DEFAULT.items():
+        if name in body and body[name] not in allowed:
+            raise BodyError(f"body field {name!r} = {body[name]!r} is not supported (only {allowed[0]!r})")
+    overrides = {_COMMON[k]: body[k] for k in _COMMON if k in body and body[k] is not None}
+    if chat:
+        if not isinstance(prompt, list) or not prompt:
+            raise BodyError("'messages' must be a non-empty list")
+        for j, message in enumerate(prompt):
+            if isinstance(message, dict) and not isinstance(message.get("content"), str):
+                raise BodyError(f"messages[{j}].content must be a string (content parts are not supported)")
+        if "max_tokens" in body and "max_completion_tokens" in body:
+            raise BodyError("give max_tokens or max_completion_tokens, not both")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if body.get("logprobs"):
+            overrides["logprobs"] = body.get("top_logprobs") or 0
+        elif body.get("top_logprobs"):
+            raise BodyError("top_logprobs needs logprobs: true")
+    else:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise BodyError("'prompt' is empty")
+        elif not (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            raise BodyError("'prompt' must be a non-empty string or a list of token ids (one prompt per line)")
+        max_tokens = body.get("max_tokens")
+        if body.get("logprobs") is not None:
+            overrides["logprobs"] = body["logprobs"]
+    if max_tokens is not None:
+        overrides["max_tokens"] = max_tokens
+    return url, prompt, chat, overrides
+
+
+def _ids() -> tuple[str, str]:
+    return f"batch_req_{uuid.uuid4().hex}", f"req_{uuid.uuid4().hex}"
+
+
+def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int, top_logprobs: int = 0) -> dict[str, Any]:
+    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists."""
+    line_id, request_id = _ids()
+    created = int(time.time())
+    completion_tokens = output.num_output_tokens
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if url == CHAT_URL:
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason} for c in output.outputs]
+        body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
+                "model": model, "choices": choices, "usage": usage}
+    else:
+        choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c, top_logprobs),
+                    "finish_reason": c.finish_reason} for c in output.outputs]
+        body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
+                "model": model, "choices": choices, "usage": usage}
+    return {"id": line_id, "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def error_record(custom_id: str | None, message: str, code: str = "invalid_request") -> dict[str, Any]:
+    line_id, _ = _ids()
+    return {"id": line_id, "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
+
+
+def _token_entry(lp) -> dict[str, Any]:
+    token = lp.decoded_token or ""
+    return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _top(entry: dict, k: int) -> list:
+    """The k most likely tokens of one position (the sampled token may rank below them)."""
+    return sorted(entry.values(), key=lambda lp: lp.rank)[:k]
+
+
+def _chat_logprobs(c, k: int) -> dict[str, Any] | None:
+    if c.logprobs is None:
+        return None
+    content = [{**_token_entry(entry[token_id]), "top_logprobs": [_token_entry(lp) for lp in _top(entry, k)]}
+               for token_id, entry in zip(c.token_ids, c.logprobs)]
+    return {"content": content}
+
+
+def _completion_logprobs(c, k: int) -> dict[str, Any] | None:
+    if c.logprobs is None:
+        return None
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    for token_id, entry in zip(c.token_ids, c.logprobs):
+        text = entry[token_id].decoded_token or ""
+        tokens.append(text)
+        token_logprobs.append(entry[token_id].logprob)
+        top.append({lp.decoded_token or "": lp.logprob for lp in _top(entry, k)})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

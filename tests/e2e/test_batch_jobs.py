@@ -1,0 +1,191 @@
+"""Batch jobs users can trust: OpenAI Batch files, every bad line answered, crash and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "batchllm.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def openai_line(custom_id, url=CHAT, **body):
+    if url == CHAT and "messages" not in body:
+        body["messages"] = [{"role": "user", "content": "Say hello."}]
+    if url == COMPLETIONS and "prompt" not in body:
+        body["prompt"] = "Hello, my name is"
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "smollm2", **body}}
+
+
+def check_openai_record(rec):
+    """The OpenAI Batch output shape, field by field."""
+    assert set(rec) == {"id", "custom_id", "response", "error"}
+    assert isinstance(rec["id"], str) and rec["id"].startswith("batch_req_")
+    if rec["error"] is not None:
+        assert rec["response"] is None
+        assert set(rec["error"]) == {"code", "message"}
+        assert isinstance(rec["error"]["code"], str) and isinstance(rec["error"]["message"], str)
+        return
+    response = rec["response"]
+    assert set(response) == {"status_code", "request_id", "body"} and response["status_code"] == 200
+    assert isinstance(response["request_id"], str)
+    body = response["body"]
+    assert body["object"] in ("chat.completion", "text_completion")
+    assert isinstance(body["id"], str) and isinstance(body["created"], int) and isinstance(body["model"], str)
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    for i, choice in enumerate(body["choices"]):
+        assert choice["index"] == i and choice["finish_reason"] in ("stop", "length")
+        if body["object"] == "chat.completion":
+            assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        else:
+            assert isinstance(choice["text"], str)
+        assert "logprobs" in choice
+
+
+def test_openai_batch_round_trip(tmp_path, default_model_dir):
+    lines = [
+        openai_line("chat-1", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                    temperature=0, max_completion_tokens=20),
+        openai_line("chat-2", temperature=0, max_tokens=5, logprobs=True, top_logprobs=2, n=2, seed=3),
+        openai_line("cmpl-1", url=COMPLETIONS, max_tokens=6, temperature=0, logprobs=2, stop=["\n"]),
+        openai_line("cmpl-ids", url=COMPLETIONS, prompt=[504, 3575, 282], max_tokens=3),
+    ]
+    src = tmp_path / "batch.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = cli("run", src, "-o", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    records = {rec["custom_id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"chat-1", "chat-2", "cmpl-1", "cmpl-ids"}
+    for rec in records.values():
+        check_openai_record(rec)
+        assert rec["error"] is None
+    chat = records["chat-1"]["response"]["body"]
+    assert chat["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    assert chat["model"] == "smollm2"
+    two = records["chat-2"]["response"]["body"]
+    assert len(two["choices"]) == 2 and two["usage"]["completion_tokens"] == 10
+    content = two["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5 and all(len(t["top_logprobs"]) == 2 for t in content)
+    cmpl = records["cmpl-1"]["response"]["body"]
+    assert cmpl["object"] == "text_completion" and "\n" not in cmpl["choices"][0]["text"]
+    lp = cmpl["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == cmpl["usage"]["completion_tokens"]
+    assert records["cmpl-ids"]["response"]["body"]["usage"]["prompt_tokens"] == 3
+
+
+def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
+    too_long = "word " * 9000
+    raw = [
+        json.dumps(openai_line("ok-1", temperature=0, max_tokens=3)),                          # 1 ok
+        '{"custom_id": "broken", "method": "POST", ',                                           # 2 malformed JSON
+        json.dumps({"method": "POST", "url": CHAT, "body": {"messages": []}}),                 # 3 missing id
+        json.dumps(openai_line("ok-1", max_tokens=3)),                                          # 4 duplicate id
+        json.dumps(openai_line("empty-prompt", url=COMPLETIONS, prompt="")),                  # 5 empty prompt
+        json.dumps(openai_line("empty-messages", messages=[])),                                 # 6 empty messages
+        json.dumps(openai_line("too-long", url=COMPLETIONS, prompt=too_long)),                 # 7 longer than context
+        json.dumps(openai_line("bad-temp", temperature=-2)),                                    # 8 invalid sampling value
+        json.dumps(openai_line("bad-url", url="/v1/embeddings")),                               # 9 unsupported url
+        b'{"custom_id": "bytes", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\xff\xfe"}}',  # 10
+        json.dumps(openai_line("tools", tools=[{"type": "function"}])),                         # 11 field not honoured
+        json.dumps(openai_line("penalty", frequency_penalty=0.5)),                              # 12 field not honoured
+        json.dumps(openai_line("ok-2", url=COMPLETIONS, max_tokens=3, temperature=0)),          # 13 ok
+    ]
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in raw) + b"\n")
+    out = tmp_path / "out.jsonl"
+    r = cli("run", src, "-o", out, "--no-progress")
+    assert r.returncode == 1, r.stderr
+    assert "2 done, 11 failed" in r.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == len(raw), "one output line per input line"
+    for rec in records:
+        check_openai_record(rec)
+    errors = {int(rec["error"]["message"].split(":")[0].split()[1]): rec["error"]["message"]
+              for rec in records if rec["error"]}
+    assert sorted(errors) == list(range(2, 13))
+    expected = {2: "malformed JSON", 3: "custom_id", 4: "duplicate custom_id 'ok-1'", 5: "'prompt' is empty",
+                6: "'messages' must be a non-empty list", 7: "max_model_len", 8: "temperature",
+                9: "unsupported url '/v1/embeddings'", 10: "UTF-8", 11: "tools", 12: "frequency_penalty"}
+    for line, fragment in expected.items():
+        assert fragment in errors[line], (line, errors[line])
+    assert {rec["custom_id"] for rec in records if rec["error"] is None} == {"ok-1", "ok-2"}
+
+
+def _lines_for_resume(n=24):
+    return [{"id": f"r{i}", "prompt": f"Write a short list of {i + 3} animals:", "max_tokens": 4 + (i * 7) % 40,
+             "temperature": 0} for i in range(n)]
+
+
+def test_sigkill_then_resume_is_exactly_once(tmp_path, default_model_dir):
+    lines = _lines_for_resume()
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    cmd = [sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--no-progress",
+           "--max-num-batched-tokens", "64", "--stats", str(stats)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the job finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = out.read_bytes()
+    finished_before = {json.loads(x)["id"] for x in before.splitlines() if x.endswith(b"}")}
+    assert 3 <= len(finished_before) < len(lines), "killed mid-way"
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    after = out.read_bytes()
+    complete_before = before[: before.rfind(b"\n") + 1]
+    assert after.startswith(complete_before), "finished lines are not rewritten"
+    ids = [json.loads(x)["id"] for x in after.splitlines()]
+    assert sorted(ids) == sorted(x["id"] for x in lines), "every line exactly once"
+    resumed = json.loads(stats.read_text())
+    assert resumed["num_requests"] == len(lines) - len(finished_before), "finished lines are not recomputed"
+
+
+def test_torn_last_line_is_repaired_and_foreign_outputs_are_refused(tmp_path, default_model_dir):
+    lines = _lines_for_resume(3)
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({**x, "max_tokens": 3}) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert cli("run", src, "-o", out, "--no-progress").returncode == 0
+    full = out.read_bytes()
+    first, second = full.splitlines(keepends=True)[:2]
+    out.write_bytes(first + second[: len(second) // 2])  # a write cut off by a crash
+    r = cli("run", src, "-o", out, "--no-progress")
+    assert r.returncode == 0 and "torn" in r.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(rec["id"] for rec in records) == ["r0", "r1", "r2"]
+    assert out.read_bytes().startswith(first)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "x", "prompt": "different"}) + "\n")
+    r = cli("run", other, "-o", out, "--no-progress")
+    assert r.returncode == 2 and "different input" in r.stderr
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text('{"id": "mine"}\n')
+    r = cli("run", src, "-o", stray, "--no-progress")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert stray.read_text() == '{"id": "mine"}\n', "a refused output is left untouched"
+    assert cli("run", src, "-o", stray, "--no-progress", "--overwrite").returncode == 0
+    assert len(stray.read_text().splitlines()) == 3
