@@ -147,6 +147,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--max-model-len", type=int, default=None)
     b.add_argument("--max-num-batched-tokens", type=int, default=8192)
     b.add_argument("--kv-cache-memory-gib", type=float, default=None)
+    b.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     b.add_argument("--warmup-requests", type=int, default=8, help="a small run first, not measured")
     b.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
 
@@ -169,7 +170,8 @@ def bench_command(args) -> int:
         raise SystemExit(f"batchllm bench: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_gib=args.kv_cache_memory_gib)
+              kv_cache_memory_gib=args.kv_cache_memory_gib, attention_backend=args.attention_backend,
+              skip_tokenizer_init=True)  # workloads are token ids
     args.vocab = llm.model_spec.vocab_size
     workload = make_workload(args)
     if args.warmup_requests:

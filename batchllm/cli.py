@@ -231,6 +231,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     def flush() -> None:
         results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending])
         for (line, params, _), result in zip(pending, results):
+            line.prompt = None  # the tokens replace the text: never hold both for a whole file
             if isinstance(result, ValueError):
                 errors.append(LineError(line.line_number, line.request_id, f"line {line.line_number}: {result}",
                                         line.format))

@@ -48,8 +48,12 @@ class ModelConfig:
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
     skip_tokenizer_init: bool = False
     """Do not load a tokenizer: prompts must be token ids and outputs carry no text."""
+    attention_backend: str = "auto"
+    """auto (triton on CUDA when Triton is installed, else torch) | torch (reference) | triton."""
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:

@@ -16,7 +16,7 @@ from batchllm.models.spec import ModelLoadError, read_model_spec
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TokenizedPrompt:
     """One prompt after tokenisation; `text` is None when it was given as token ids."""
 

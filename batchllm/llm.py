@@ -57,6 +57,7 @@ class LLM:
         device: str = "auto",
         load_format: str = "auto",
         skip_tokenizer_init: bool = False,
+        attention_backend: str = "auto",
         block_size: int = 16,
         kv_cache_memory_gib: float | None = None,
         gpu_memory_utilization: float = 0.90,
@@ -79,6 +80,7 @@ class LLM:
                 seed=seed,
                 device=device,
                 skip_tokenizer_init=skip_tokenizer_init,
+                attention_backend=attention_backend,
             ),
             cache=CacheConfig(
                 block_size=block_size,
@@ -122,8 +124,9 @@ class LLM:
             seed=mc.seed,
         )
         self.kv_spec = plan_kv_cache(self.model_spec, self.config.cache, self.dtype, self.device)
+        self.attention_backend = _attention_backend(mc.attention_backend, self.device)
         runner = ModelRunner(
-            self.model, self.kv_spec, TorchReferenceBackend(), device=self.device, dtype=self.dtype, seed=mc.seed
+            self.model, self.kv_spec, self.attention_backend, device=self.device, dtype=self.dtype, seed=mc.seed
         )
         kv = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
         self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner)
@@ -321,6 +324,18 @@ def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.devic
     if device.type == "cpu":
         return torch.float32
     return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
+
+
+def _attention_backend(name: str, device: torch.device):
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchReferenceBackend()
+    from batchllm.attention.triton_backend import TritonBackend
+
+    if not TritonBackend.available() or device.type != "cuda":
+        if name == "triton":
+            raise ValueError("attention_backend 'triton' needs Triton and a CUDA device")
+        return TorchReferenceBackend()
+    return TritonBackend()
 
 
 def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:

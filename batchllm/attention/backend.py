@@ -9,8 +9,8 @@ optional field next to these, so backends that ignore it keep working.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -28,6 +28,8 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # host copies, for backends that loop per sequence
     seq_lens_cpu: list[int]
     block_tables_cpu: list[list[int]]
+    backend_cache: dict[str, Any] = field(default_factory=dict)
+    """Per-step data a backend derives once and reuses in every layer (e.g. tile tables)."""
 
     @property
     def num_seqs(self) -> int:

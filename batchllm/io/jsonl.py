@@ -23,9 +23,10 @@ SAMPLING_FIELDS = tuple(SamplingParams.field_names())
 
 
 PLAIN, OPENAI = "plain", "openai"
+_NO_OVERRIDES: dict[str, Any] = {}  # shared by every line without sampling fields; never mutated
 
 
-@dataclass
+@dataclass(slots=True)  # a million of these may be alive at once
 class BatchLine:
     line_number: int  # 1-based
     request_id: str
@@ -104,7 +105,7 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | 
         return error("'messages' must be a non-empty list", rid)
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
-    overrides = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+    overrides = {k: obj[k] for k in SAMPLING_FIELDS if k in obj} or _NO_OVERRIDES
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides)
 
 

@@ -45,7 +45,9 @@ def build_model(
 
 
 def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights drawn on the weights' own device (an 8B shape fills in seconds on a GPU)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -53,11 +55,7 @@ def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
             elif name.endswith(".bias"):
                 param.zero_()
             else:
-                # Draw on the CPU in chunks of rows so that huge tensors do not need a second full copy.
-                rows = param.view(param.shape[0], -1)
-                for start in range(0, rows.shape[0], 4096):
-                    chunk = torch.empty(rows[start : start + 4096].shape).normal_(0.0, 0.02, generator=generator)
-                    rows[start : start + 4096].copy_(chunk)
+                param.normal_(0.0, 0.02, generator=generator)
 
 
 def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:

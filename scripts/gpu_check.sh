@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run on the GPU machine (the `device` tool), from the repository root:
+#   bash scripts/gpu_check.sh            logs under $OUT (or ./gpu_out)
+# 1. the GPU tests (kernels against the torch reference, engine Triton vs reference);
+# 2. the attention micro-benchmark; 3. a short engine benchmark on the Llama-3.1-8B shape.
+# The device image has torch, Triton and transformers; batchllm runs from the tree (PYTHONPATH).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' >> "$OUT/gpu.txt"
+cat "$OUT/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
+grep -q " failed" "$OUT/gpu_tests.log" && status=1
+[ "${SKIP_BENCH:-0}" = 1 ] && exit $status
+python3 benchmarks/attention_bench.py 2>&1 | tee "$OUT/attention_bench.log"
+python3 -m batchllm.cli bench --model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 \
+    --max-model-len 20000 --workload shared --shared 2000 --distinct 200 --degree 16 \
+    --requests "${BENCH_REQUESTS:-256}" --output 100 --configs sharing,nosharing \
+    --max-num-batched-tokens 8192 --json-out "$OUT/engine_bench.json" 2>&1 | tee "$OUT/engine_bench.log"
+exit $status
