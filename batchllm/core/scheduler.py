@@ -203,17 +203,25 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
-        self._requeue_front(request)
+        self._requeue(request, front=True)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
 
-    def _requeue_front(self, request: Request) -> None:
+    def _requeue(self, request: Request, front: bool) -> None:
+        """Put a request (back) in the queue it waits in: top-level work, the members of a READY
+        prefix, or its prefix's pending members."""
         parent = request.parent
         if parent is None:
-            self.waiting.appendleft(request)
+            queue = self.waiting
         elif parent.status is RequestStatus.READY:
-            self.ready_members.appendleft(request)
+            queue = self.ready_members
         else:
-            parent.pending_members.insert(0, request)
+            queue = parent.pending_members
+        if not front:
+            queue.append(request)
+        elif isinstance(queue, deque):
+            queue.appendleft(request)
+        else:
+            queue.insert(0, request)
 
     def _release_idle_prefixes(self) -> bool:
         """Nothing could run: free every READY prefix that has no running member and is not an
@@ -226,7 +234,12 @@ class Scheduler:
         while ancestor is not None:
             keep.add(ancestor.request_id)
             ancestor = ancestor.parent
-        busy = {r.parent.request_id for r in self.running if r.parent is not None}
+        busy: set[str] = set()  # every prefix above a running request
+        for r in self.running:
+            ancestor = r.parent
+            while ancestor is not None and ancestor.request_id not in busy:
+                busy.add(ancestor.request_id)
+                ancestor = ancestor.parent
         released = [p for p in self.ready_prefixes if p.request_id not in busy and p.request_id not in keep]
         for prefix in released:
             self.ready_prefixes.remove(prefix)
@@ -237,19 +250,10 @@ class Scheduler:
             mine = [m for m in self.ready_members if m.parent is prefix]
             self.ready_members = deque(m for m in self.ready_members if m.parent is not prefix)
             prefix.pending_members = mine + prefix.pending_members
-            self._requeue_back(prefix)
+            self._requeue(prefix, front=False)
             self.stats.num_prefix_releases += 1
             logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
         return bool(released)
-
-    def _requeue_back(self, request: Request) -> None:
-        parent = request.parent
-        if parent is None:
-            self.waiting.append(request)
-        elif parent.status is RequestStatus.READY:
-            self.ready_members.append(request)
-        else:
-            parent.pending_members.append(request)
 
     def _make_batch(self, chosen: list[tuple[Request, int]], copies: list[tuple[int, int]]) -> ScheduledBatch:
         scheduled = []
