@@ -34,7 +34,9 @@ class ScheduledRequest:
     """Tokens whose KV this step computes, at positions start_position .. start_position+len-1."""
     start_position: int
     block_ids: list[int]
-    """The request's whole block table; covers at least start_position + len(token_ids) tokens."""
+    """New entries of the request's block table, to be placed from index `block_table_start`.
+    The runner keeps each request's table between steps; most decode steps send no entries."""
+    block_table_start: int
     sampling: SamplingSpec | None
     """Set iff this step reaches the request's last token, so a new token is sampled."""
 
@@ -43,7 +45,8 @@ class ScheduledRequest:
 class ScheduledBatch:
     requests: list[ScheduledRequest]
     finished_request_ids: list[str] = field(default_factory=list)
-    """Requests finished or aborted since the previous batch: the runner drops their state."""
+    """Requests (and shared prefixes) finished or aborted since the previous batch: the runner
+    drops their state."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV blocks to copy, all layers, before this step's forward (copy-on-write)."""
 

@@ -54,6 +54,10 @@ class Request:
     """Prefix only: members waiting for this prefix to become READY."""
     projected_blocks: int = 0
     """KV blocks the admission policy reserved for this request while it is admitted."""
+    num_blocks_sent: int = 0
+    """Entries of its block table the runner already has (0 after the table is freed)."""
+    cached_sampling_spec: object = field(default=None, repr=False)
+    """The runner-side sampling settings, built once the request is past min_tokens."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -176,7 +176,7 @@ class Scheduler:
             if num_new == 0 or not self.kv.allocate_slots(
                 request.request_id, request.num_computed_tokens + num_new
             ):
-                self.kv.free(request.request_id)
+                self._free_blocks(request)
                 request.num_computed_tokens = 0
                 break
             queue.popleft()
@@ -195,8 +195,12 @@ class Scheduler:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
 
-    def _preempt(self, request: Request) -> None:
+    def _free_blocks(self, request: Request) -> None:
         self.kv.free(request.request_id)
+        request.num_blocks_sent = 0  # the next table is sent whole
+
+    def _preempt(self, request: Request) -> None:
+        self._free_blocks(request)
         self.running.remove(request)
         self.admission.on_release(request)
         request.num_computed_tokens = 0
@@ -243,7 +247,7 @@ class Scheduler:
         released = [p for p in self.ready_prefixes if p.request_id not in busy and p.request_id not in keep]
         for prefix in released:
             self.ready_prefixes.remove(prefix)
-            self.kv.free(prefix.request_id)
+            self._free_blocks(prefix)
             self.admission.on_release(prefix)
             prefix.num_computed_tokens = 0
             prefix.status = RequestStatus.WAITING
@@ -264,15 +268,19 @@ class Scheduler:
                 self.stats.decode_tokens += 1
             else:
                 self.stats.prefill_tokens += num_new
+            table = self.kv.block_table(request.request_id)
+            sent = request.num_blocks_sent
             scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
                     token_ids=request.token_ids(start, start + num_new),
                     start_position=start,
-                    block_ids=list(self.kv.block_table(request.request_id)),
+                    block_ids=table[sent:],
+                    block_table_start=sent,
                     sampling=self._sampling_spec(request) if reaches_end and not request.is_prefix else None,
                 )
             )
+            request.num_blocks_sent = len(table)
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
         self._finished_since_last_step = []
         self.stats.num_steps += 1
@@ -283,11 +291,13 @@ class Scheduler:
 
     @staticmethod
     def _sampling_spec(request: Request) -> SamplingSpec:
+        if request.cached_sampling_spec is not None:
+            return request.cached_sampling_spec
         sp = request.sampling_params
         banned: tuple[int, ...] = ()
         if request.num_output_tokens < sp.min_tokens:
             banned = tuple(sorted(set(request.eos_token_ids) | set(sp.stop_token_ids)))
-        return SamplingSpec(
+        spec = SamplingSpec(
             temperature=sp.temperature,
             top_k=sp.top_k,
             top_p=sp.top_p,
@@ -296,6 +306,9 @@ class Scheduler:
             num_logprobs=sp.logprobs,
             banned_token_ids=banned,
         )
+        if not banned:  # past min_tokens the settings never change again
+            request.cached_sampling_spec = spec
+        return spec
 
     # ------------------------------------------------------------------ results
     def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> list[RequestUpdate]:
@@ -362,10 +375,9 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
-        self.kv.free(request.request_id)
+        self._free_blocks(request)
         self.admission.on_release(request)
-        if not request.is_prefix:
-            self._finished_since_last_step.append(request.request_id)
+        self._finished_since_last_step.append(request.request_id)  # the runner drops its state
         del self.requests[request.request_id]
         parent = request.parent
         if parent is not None:

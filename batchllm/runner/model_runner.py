@@ -1,8 +1,11 @@
 """ModelRunner: turns a `ScheduledBatch` into one forward pass and a `RunnerOutput`.
 
-Writer of the KV cache tensors, the per-request seeded generators and nothing else; it never reads
-or writes scheduler state (house rule 1). Per-request state (seeded generators) is created the
-first time a request samples and dropped when the scheduler lists it as finished.
+Writer of the KV cache tensors, the per-request block tables and seeded generators, and nothing
+else; it never reads or writes scheduler state (house rule 1). Block tables persist between steps:
+each request owns a row of `block_table_rows` (a numpy array), written only where the scheduler
+sends new entries (a whole table after admission or preemption, a block every block_size decode
+steps), so a step gathers its rows instead of rebuilding every table. Per-request state is dropped
+when the scheduler lists the request as finished.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
@@ -78,11 +82,13 @@ class ModelRunner:
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self._tables = _BlockTables(max_width=kv_spec.num_blocks)  # no table outgrows the pool
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
+            self._tables.drop(request_id)
         if batch.block_copies:
             src = torch.tensor([s for s, _ in batch.block_copies], device=self.device)
             dst = torch.tensor([d for _, d in batch.block_copies], device=self.device)
@@ -117,36 +123,39 @@ class ModelRunner:
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
+        tables: list[list[int]] = []
         sample_rows = []
         bs = self.block_size
         for scheduled in batch.requests:
+            table = self._tables.update(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids)
             start, n = scheduled.start_position, len(scheduled.token_ids)
             input_ids.extend(scheduled.token_ids)
-            table = scheduled.block_ids
-            for pos in range(start, start + n):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:  # decode: no per-token loop
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                for pos in range(start, start + n):
+                    positions.append(pos)
+                    slots.append(table[pos // bs] * bs + pos % bs)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
-            block_tables.append(table)
+            tables.append(table)
             if scheduled.sampling is not None:
                 sample_rows.append((query_start_loc[-1] - 1, scheduled))
-        max_blocks = max(len(t) for t in block_tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
         dev = self.device
+        block_tables = self._tables.gather([s.request_id for s in batch.requests], max(len(t) for t in tables))
         metadata = AttentionMetadata(
             num_tokens=len(input_ids),
             block_size=bs,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
             max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
-            block_tables_cpu=block_tables,
+            block_tables_cpu=tables,
         )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=dev),
@@ -154,3 +163,58 @@ class ModelRunner:
             metadata,
             sample_rows,
         )
+
+
+class _BlockTables:
+    """Each request's block table, as a Python list (for slot lookups) and as a row of a numpy
+    array (for gathering a step's [num_seqs, width] table without per-request copies)."""
+
+    def __init__(self, max_width: int) -> None:
+        self.width = 64
+        self.max_width = max_width
+        self.rows = np.zeros((64, self.width), dtype=np.int32)  # [row capacity, width]
+        self._row_of: dict[str, int] = {}
+        self._lists: dict[str, list[int]] = {}
+        self._free_rows: list[int] = list(range(63, -1, -1))
+
+    def update(self, request_id: str, start: int, new_ids: list[int]) -> list[int]:
+        """Apply the scheduler's diff; returns the request's whole table."""
+        if start == 0 and new_ids:
+            table = list(new_ids)
+            self._lists[request_id] = table
+        else:
+            table = self._lists[request_id]
+            if len(table) != start:
+                raise RuntimeError(f"{request_id}: runner holds {len(table)} blocks, scheduler sent from {start}")
+            table.extend(new_ids)
+        if new_ids:
+            row = self._row_of.get(request_id)
+            if row is None:
+                row = self._row_of[request_id] = self._take_row()
+            if len(table) > self.width:
+                self._widen(len(table))
+            self.rows[row, start:len(table)] = new_ids
+        return table
+
+    def gather(self, request_ids: list[str], width: int) -> np.ndarray:
+        rows = np.fromiter((self._row_of[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
+        return self.rows[rows, :width]
+
+    def drop(self, request_id: str) -> None:
+        self._lists.pop(request_id, None)
+        row = self._row_of.pop(request_id, None)
+        if row is not None:
+            self._free_rows.append(row)
+
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            old = self.rows.shape[0]
+            self.rows = np.concatenate([self.rows, np.zeros_like(self.rows)])
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    def _widen(self, needed: int) -> None:
+        width = min(max(needed, 2 * self.width), max(self.max_width, needed))
+        wider = np.zeros((self.rows.shape[0], width), dtype=np.int32)
+        wider[:, : self.width] = self.rows
+        self.rows, self.width = wider, width

@@ -29,9 +29,12 @@ class PagedKVExecutor:
         self.bs = block_size
         self.slots = {}
         self.batches = []
+        self.tables = {}  # rebuilt from the scheduler's diffs, as the real runner does
 
     def execute(self, batch):
         self.batches.append(batch)
+        for rid in batch.finished_request_ids:
+            self.tables.pop(rid, None)
         for src, dst in batch.block_copies:
             for off in range(self.bs):
                 if (src, off) in self.slots:
@@ -39,10 +42,16 @@ class PagedKVExecutor:
         out = {}
         for r in batch.requests:
             bs = self.bs
-            context = [self.slots[(r.block_ids[p // bs], p % bs)] for p in range(r.start_position)]
+            if r.block_table_start == 0:
+                self.tables[r.request_id] = list(r.block_ids)
+            else:
+                assert len(self.tables[r.request_id]) == r.block_table_start, "diffs arrive in order"
+                self.tables[r.request_id] += r.block_ids
+            table = self.tables[r.request_id]
+            context = [self.slots[(table[p // bs], p % bs)] for p in range(r.start_position)]
             for j, t in enumerate(r.token_ids):
                 p = r.start_position + j
-                self.slots[(r.block_ids[p // bs], p % bs)] = t
+                self.slots[(table[p // bs], p % bs)] = t
             if r.sampling is not None:
                 full = context + r.token_ids
                 out[r.request_id] = (sum(t * (i + 1) for i, t in enumerate(full)) + 7) % 997

@@ -194,3 +194,34 @@ def test_finish_from_outside_frees_blocks_and_is_reported():
     engine.add_request(req("b", 3, max_tokens=1))
     engine.step()
     assert ex.batches[-1].finished_request_ids == ["a"]
+
+
+def test_block_tables_travel_as_diffs():
+    engine, sched, ex = make(block_size=4, budget=64)
+    engine.add_request(req("a", 6, max_tokens=6))  # 6 + 6 tokens: 2 blocks, a 3rd at position 8
+    run_all(engine)
+    sent = [(r.block_table_start, r.block_ids) for b in ex.batches for r in b.requests]
+    assert sent[0] == (0, [0, 1])  # the whole table on admission
+    assert all(ids == [] for start, ids in sent[1:3])  # decodes within the blocks send nothing
+    assert (2, [2]) in sent  # the block for position 8 arrives once, when it is allocated
+
+
+def test_runner_block_tables_apply_diffs_reuse_rows_and_widen():
+    from batchllm.runner.model_runner import _BlockTables
+
+    t = _BlockTables(max_width=1000)
+    assert t.update("a", 0, [5, 6]) == [5, 6]
+    assert t.update("a", 2, []) == [5, 6]
+    assert t.update("a", 2, [9]) == [5, 6, 9]
+    t.update("b", 0, list(range(100, 200)))  # wider than the initial 64 columns
+    assert t.gather(["b", "a"], 3).tolist() == [[100, 101, 102], [5, 6, 9]]
+    with pytest.raises(RuntimeError, match="scheduler sent from 1"):
+        t.update("a", 1, [7])
+    t.update("a", 0, [1])  # a fresh table after preemption replaces the old one
+    assert t.gather(["a"], 1).tolist() == [[1]]
+    t.drop("a")
+    t.update("c", 0, [3])
+    assert t.gather(["c"], 1).tolist() == [[3]]
+    for i in range(200):  # more rows than the initial capacity
+        t.update(f"r{i}", 0, [i])
+    assert t.gather(["r199", "b"], 1).tolist() == [[199], [100]]
