@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from batchllm.bench import add_bench_parser, bench_command
+from batchllm.config import default_log_level
 from batchllm.core.policies import GROUP_ORDERS
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
@@ -122,6 +123,7 @@ def _add_sharing_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
         return run_command(args)
     if args.command == "plan":

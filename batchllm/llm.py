@@ -7,6 +7,7 @@ Writer of the per-completion output state (`CompletionState`); the scheduler own
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,7 @@ from batchllm.runner.model_runner import ModelRunner, plan_kv_cache
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("batchllm")
-logging.basicConfig(level=default_log_level(), format="%(levelname)s %(name)s: %(message)s")
+logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -339,8 +340,6 @@ def _attention_backend(name: str, device: torch.device):
 
 
 def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:
-    import json
-
     ids = set(spec.config_eos_token_ids)
     generation_config = model_dir / "generation_config.json"
     if generation_config.is_file():

@@ -116,7 +116,6 @@ def test_preempted_outputs_equal_unpreempted_outputs():
     outputs = {}
     for num_blocks in (6, 100):
         engine, sched, ex = make(num_blocks=num_blocks, block_size=4, budget=64)
-        tokens = {}
         for rid in ("a", "b", "c"):
             engine.add_request(req(rid, 8, max_tokens=8))
         reqs = dict(sched.requests)
