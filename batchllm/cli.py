@@ -138,13 +138,20 @@ def _fail(message: str) -> int:
     return EXIT_CANNOT_START
 
 
-def run_command(args: argparse.Namespace) -> int:
-    if not args.input.is_file():
-        return _fail(f"cannot read input file {str(args.input)!r}: no such file")
+def _unreadable(path: Path) -> str | None:
+    """Why the input file cannot be read, or None."""
+    if not path.is_file():
+        return f"cannot read input file {str(path)!r}: no such file"
     try:
-        args.input.open("rb").close()
+        path.open("rb").close()
     except OSError as e:
-        return _fail(f"cannot read input file {str(args.input)!r}: {e.strerror}")
+        return f"cannot read input file {str(path)!r}: {e.strerror}"
+    return None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if problem := _unreadable(args.input):
+        return _fail(problem)
     defaults = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
@@ -235,8 +242,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         for (line, params, _), result in zip(pending, results):
             line.prompt = None  # the tokens replace the text: never hold both for a whole file
             if isinstance(result, ValueError):
-                errors.append(LineError(line.line_number, line.request_id, f"line {line.line_number}: {result}",
-                                        line.format))
+                errors.append(LineError.for_line(line, result))
             else:
                 valid.append((line, TokenizedPrompt(np.asarray(result.token_ids, dtype=np.int32), None), params))
         pending.clear()
@@ -245,8 +251,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     for item in read_batch_lines(path):
         bar.update(1)
         if isinstance(item, LineError):
-            if item.line_number not in resume.done_error_lines:
-                errors.append(item)
+            errors.append(item)
             continue
         formats[item.format] = formats.get(item.format, 0) + 1
         if item.request_id in resume.done_ids:
@@ -255,7 +260,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             params = _sampling_params(item, defaults, global_seed, params_cache)
             prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
         except ValueError as e:
-            errors.append(LineError(item.line_number, item.request_id, f"line {item.line_number}: {e}", item.format))
+            errors.append(LineError.for_line(item, e))
             continue
         pending.append((item, params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt))
         if len(pending) >= chunk:
@@ -263,7 +268,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     if pending:
         flush()
     bar.close()
-    errors = [e for e in errors if e.line_number not in resume.done_error_lines]
+    errors = [e for e in errors if e.line_number not in resume.done_error_lines]  # written by an earlier run
     file_format = max(formats, key=formats.get) if formats else PLAIN
     return valid, errors, file_format
 
@@ -279,8 +284,8 @@ def _sampling_params(line: BatchLine, defaults: dict, global_seed: int | None, c
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    if not args.input.is_file():
-        return _fail(f"cannot read input file {str(args.input)!r}: no such file")
+    if problem := _unreadable(args.input):
+        return _fail(problem)
     from batchllm.inputs import prompt_processor_for
     from batchllm.prefix import plan_prefix_sharing
 

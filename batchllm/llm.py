@@ -235,11 +235,11 @@ class LLM:
         if sharing.prefix_sharing:
             plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode)
         else:
-            plan = PrefixPlan(sharing.plan_mode, [], list(range(len(requests))), [len(p) for p in prompt_ids])
+            plan = PrefixPlan.without_sharing([len(p) for p in prompt_ids], sharing.plan_mode)
         max_len = self.max_model_len
         submission = build_submission(
             plan, requests, GROUP_ORDERS[sharing.group_order](),
-            lambda r: expected_output_tokens(r, max_len, cap=512), id_prefix=f"{call_id}-",
+            lambda r: expected_output_tokens(r, max_len), id_prefix=f"{call_id}-",
         )
         plan_seconds = time.perf_counter() - plan_started
         for request in submission:

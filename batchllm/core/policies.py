@@ -61,7 +61,11 @@ class DecodeWeightedOrder:
 GROUP_ORDERS: dict[str, type] = {o.name: o for o in (ArrivalOrder, PrefillLengthOrder, DecodeWeightedOrder)}
 
 
-def expected_output_tokens(request: Request, max_model_len: int, cap: int) -> int:
+UNBOUNDED_OUTPUT_ESTIMATE = 512
+"""Output tokens planned for a request without max_tokens (admission and ordering alike)."""
+
+
+def expected_output_tokens(request: Request, max_model_len: int, cap: int = UNBOUNDED_OUTPUT_ESTIMATE) -> int:
     """The output length admission plans for: max_tokens, or at most `cap` when unbounded."""
     room = max_model_len - request.num_tokens
     max_tokens = request.sampling_params.max_tokens
@@ -79,7 +83,7 @@ class MemoryAdmission:
     """
 
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int, threshold: float = 1.0,
-                 unbounded_output_estimate: int = 512) -> None:
+                 unbounded_output_estimate: int = UNBOUNDED_OUTPUT_ESTIMATE) -> None:
         self.capacity = threshold * num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len

@@ -48,6 +48,11 @@ class LineError:
     format: str | None = None
     """PLAIN or OPENAI; None when the line was not even JSON (the file's format is used)."""
 
+    @classmethod
+    def for_line(cls, line: BatchLine, problem: object) -> "LineError":
+        """An error found after parsing (sampling values, chat template, tokenisation)."""
+        return cls(line.line_number, line.request_id, f"line {line.line_number}: {problem}", line.format)
+
     def record(self, file_format: str = PLAIN) -> dict[str, Any]:
         if (self.format or file_format) == OPENAI:
             return openai_batch.error_record(self.request_id, self.message)

@@ -56,6 +56,11 @@ class PrefixPlan:
     """Prompts that share nothing worth sharing: they run as plain requests."""
     prompt_lengths: list[int]
 
+    @classmethod
+    def without_sharing(cls, prompt_lengths: list[int], mode: str = MULTI_LEVEL) -> "PrefixPlan":
+        """Every prompt on its own (prefix sharing off)."""
+        return cls(mode, [], list(range(len(prompt_lengths))), list(prompt_lengths))
+
     @property
     def num_requests(self) -> int:
         return len(self.prompt_lengths)

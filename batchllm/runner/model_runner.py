@@ -130,13 +130,9 @@ class ModelRunner:
             table = self._tables.update(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids)
             start, n = scheduled.start_position, len(scheduled.token_ids)
             input_ids.extend(scheduled.token_ids)
-            if n == 1:  # decode: no per-token loop
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                for pos in range(start, start + n):
-                    positions.append(pos)
-                    slots.append(table[pos // bs] * bs + pos % bs)
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)

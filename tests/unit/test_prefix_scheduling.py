@@ -71,7 +71,7 @@ def run(prompts, *, sharing, num_blocks=200, block_size=4, budget=32, max_tokens
     if sharing:
         plan = plan_prefix_sharing(prompts, mode=mode)
     else:
-        plan = PrefixPlan(mode, [], list(range(len(prompts))), [len(p) for p in prompts])
+        plan = PrefixPlan.without_sharing([len(p) for p in prompts], mode)
     for r in build_submission(plan, requests, order or ArrivalOrder(), lambda r: r.sampling_params.max_tokens, "t-"):
         engine.add_request(r)
     steps = 0
