@@ -104,10 +104,6 @@ class SchedulerConfig:
             raise ValueError(f"kv_admission_threshold must be in (0, 4], got {self.kv_admission_threshold}")
 
 
-_PLAN_MODES = ("multi", "single")
-_GROUP_ORDERS = ("decode", "prefill", "fifo")
-
-
 @dataclass(frozen=True)
 class SharingConfig:
     prefix_sharing: bool = True
@@ -118,10 +114,13 @@ class SharingConfig:
     """Order of groups: decode (expected decode work per prefill token), prefill (BatchLLM's), fifo."""
 
     def __post_init__(self) -> None:
-        if self.plan_mode not in _PLAN_MODES:
-            raise ValueError(f"plan_mode must be one of {_PLAN_MODES}, got {self.plan_mode!r}")
-        if self.group_order not in _GROUP_ORDERS:
-            raise ValueError(f"group_order must be one of {_GROUP_ORDERS}, got {self.group_order!r}")
+        from batchllm.core.policies import GROUP_ORDERS  # torch-free; imported here to keep config a leaf
+        from batchllm.prefix.plan import PLAN_MODES
+
+        if self.plan_mode not in PLAN_MODES:
+            raise ValueError(f"plan_mode must be one of {PLAN_MODES}, got {self.plan_mode!r}")
+        if self.group_order not in GROUP_ORDERS:
+            raise ValueError(f"group_order must be one of {tuple(GROUP_ORDERS)}, got {self.group_order!r}")
 
 
 @dataclass(frozen=True)
