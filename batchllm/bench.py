@@ -82,16 +82,39 @@ def decode_heavy_workload(num_requests: int, vocab: int, shared: int = 1000, dis
     return Workload(f"decodeheavy-{min_out}-{max_out}-n{num_requests}", base.prompts, outputs)
 
 
-def run_workload(llm, workload: Workload) -> dict[str, Any]:
-    """Run greedily with ignore_eos (every request makes exactly its max_tokens); return the stats."""
+def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = None) -> dict[str, Any]:
+    """Run greedily with ignore_eos (every request makes exactly its max_tokens); return the stats.
+
+    On CUDA also: peak GPU memory, the fraction of the run the GPU sat idle between steps (CUDA
+    events around each step's forward and sampling), and model-FLOPs utilisation counted as
+    2 x parameters x tokens computed (prefill + decode) against `matmul_peak_tflops`."""
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in workload.max_tokens]
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    runner = llm.engine.executor
+    cuda = llm.device.type == "cuda"
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(llm.device)
+        runner.gpu_timeline = []
     _sync(llm)
     start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    _sync(llm)
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+        _sync(llm)
+    finally:
+        timeline, runner.gpu_timeline = runner.gpu_timeline, None
     wall = time.perf_counter() - start
     s = dict(llm.last_stats)
+    if cuda and timeline:
+        busy_ms = sum(a.elapsed_time(b) for a, b in timeline)
+        span_ms = timeline[0][0].elapsed_time(timeline[-1][1])
+        s.update(gpu_idle_fraction=1.0 - busy_ms / span_ms, peak_gpu_memory_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30)
+    computed = s["prefill_tokens_computed"] + s["decode_tokens"]
+    num_params = sum(p.numel() for p in llm.model.parameters())
+    s.update(model_tflops_per_s=2 * num_params * computed / wall / 1e12, num_params=num_params)
+    if matmul_peak_tflops:
+        s.update(mfu=s["model_tflops_per_s"] / matmul_peak_tflops, matmul_peak_tflops=matmul_peak_tflops)
     s.update(
         workload=workload.name,
         wall_s=wall,
@@ -101,6 +124,34 @@ def run_workload(llm, workload: Workload) -> dict[str, Any]:
         tokens_per_step=[r.num_tokens for r in llm.engine.step_log[-s["num_steps"]:]],
     )
     return s
+
+
+def measure_matmul_peak_tflops(device) -> float:
+    """bf16 8192^3 matmul on random data, median of repeated runs: the MFU denominator."""
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(10):
+        a @ b
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return 2 * 8192**3 / (times[len(times) // 2] / 1e3) / 1e12
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return str(device)
 
 
 def _sync(llm) -> None:
@@ -139,7 +190,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
     b.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (default: shuffled)")
     b.add_argument("--configs", default="sharing,nosharing",
-                   help="comma list of: sharing, nosharing, single (one-level plan), order-prefill, order-fifo")
+                   help="comma list of: sharing, nosharing, sharing-plainattn (prefix-shared attention off), "
+                        "single (one-level plan), order-prefill, order-fifo")
     b.add_argument("--model", default=None, help="model directory (config.json; weights unless --load-format dummy)")
     b.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -154,6 +206,7 @@ def add_bench_parser(sub) -> None:
 
 CONFIGS = {
     "sharing": dict(prefix_sharing=True),
+    "sharing-plainattn": dict(prefix_sharing=True),  # prefix-shared attention off (Triton backend only)
     "nosharing": dict(prefix_sharing=False),
     "single": dict(prefix_sharing=True, plan_mode="single"),
     "order-prefill": dict(prefix_sharing=True, group_order="prefill"),
@@ -174,24 +227,33 @@ def bench_command(args) -> int:
               skip_tokenizer_init=True)  # workloads are token ids
     args.vocab = llm.model_spec.vocab_size
     workload = make_workload(args)
+    peak = measure_matmul_peak_tflops(llm.device) if llm.device.type == "cuda" else None
+    if peak:
+        print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
     if args.warmup_requests:
         n = min(args.warmup_requests, len(workload.prompts))
         run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
     results = []
+    backend = llm.attention_backend
     for name in names:
         llm.sharing = SharingConfig(**CONFIGS[name])
-        stats = run_workload(llm, workload)
+        if hasattr(backend, "use_prefix_groups"):
+            backend.use_prefix_groups = name != "sharing-plainattn"
+        stats = run_workload(llm, workload, peak)
         stats["config"] = name
         results.append(stats)
         print(_line(stats), flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"device": str(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),
-                       "kv_blocks": llm.kv_spec.num_blocks, "results": results}, f)
+            json.dump({"device": _device_name(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),
+                       "kv_blocks": llm.kv_spec.num_blocks, "matmul_peak_tflops": peak, "results": results}, f)
     return 0
 
 
 def _line(s: dict) -> str:
     return (f"{s['workload']:<40} {s['config']:<14} {s['requests_per_s']:8.2f} req/s {s['output_tokens_per_s']:9.1f} out tok/s "
             f"saving {100 * s['saving_ratio']:5.1f}%  steps {s['num_steps']:6d}  tok/step {s['mean_tokens_per_step']:7.1f}  "
-            f"preempt {s['num_preemptions']}  {s['wall_s']:.1f}s")
+            f"preempt {s['num_preemptions']}  {s['wall_s']:.1f}s"
+            + (f"  MFU {100 * s['mfu']:4.1f}%" if "mfu" in s else "")
+            + (f"  GPU idle {100 * s['gpu_idle_fraction']:4.1f}%  peak mem {s['peak_gpu_memory_gib']:.1f} GiB"
+               if "gpu_idle_fraction" in s else ""))

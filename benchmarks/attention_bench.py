@@ -1,42 +1,121 @@
-"""Attention kernels on the GPU: the Triton paged kernel against the torch reference backend.
+"""Attention kernels on the GPU, side by side in one process.
 
-    python3 benchmarks/attention_bench.py     (on the device; scripts/gpu_check.sh runs it)
+    python3 benchmarks/attention_bench.py [--json-out FILE]    (on the device; scripts/gpu_check.sh runs it)
 
 Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head dim 128), bf16, block size 16.
-Prints the median time per call and the bandwidth over the KV bytes a call must read.
+Prints the median time per call (KV store + attention + merge) and, per case:
+- the Triton kernel against the torch reference backend;
+- prefix-shared attention (groups) against plain paged attention (`use_prefix_groups=False`) on the
+  same inputs, and split-K against no split;
+- a sweep of group size x shared length: where attending a group as a group starts to pay.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 
 import torch
 import triton
 
 from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.attention.triton_backend import TritonBackend
-from tests.gpu.test_triton_attention import random_case
+from tests.attention_cases import group_decode, random_case
+
+NO_SPLIT = 10**9
+rows = []
 
 
-def bench(specs, label, reference=True):
-    q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+def time_ms(backend, case, reps=200):
+    q, k, v, cache, md = case
     scale = 128 ** -0.5
-    tri = TritonBackend()
-    t_tri = triton.testing.do_bench(lambda: tri.forward(q, k, v, cache, md, scale), warmup=25, rep=200,
-                                    return_mode="median")
-    kv_bytes = sum(c + n for c, n in specs) * 2 * 8 * 128 * 2
-    row = {"case": label, "triton_ms": round(t_tri, 4), "kv_read_GBps": round(kv_bytes / t_tri / 1e6, 1)}
-    if reference:
-        ref = TorchReferenceBackend()
-        t_ref = triton.testing.do_bench(lambda: ref.forward(q, k, v, cache, md, scale), warmup=5, rep=50,
-                                        return_mode="median")
-        row.update(reference_ms=round(t_ref, 3), speedup=round(t_ref / t_tri, 1))
+
+    md.backend_cache.clear()  # the work plan is built by the first call, as by a step's first layer
+    backend.forward(q, k, v, cache, md, scale)
+    if isinstance(backend, TorchReferenceBackend):
+        return triton.testing.do_bench(lambda: backend.forward(q, k, v, cache, md, scale), warmup=5, rep=reps,
+                                       return_mode="median")
+    # replayed from a CUDA graph: GPU time only, without the Python launch cost of a lone layer
+    return triton.testing.do_bench_cudagraph(lambda: backend.forward(q, k, v, cache, md, scale), rep=reps,
+                                             return_mode="median")
+
+
+def plan_ms(case, backend):
+    """CPU time to plan the step (once per step, shared by all layers)."""
+    md = case[4]
+    start = time.perf_counter()
+    for _ in range(5):
+        md.backend_cache.clear()
+        backend._plan(md, 4, 32, 128)
+    return (time.perf_counter() - start) / 5 * 1e3
+
+
+def kv_bytes(specs):
+    return sum(s[0] + s[1] for s in specs) * 2 * 8 * 128 * 2
+
+
+def report(row):
+    rows.append(row)
     print(json.dumps(row), flush=True)
 
 
+def versus_reference(specs, label):
+    case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+    t_tri = time_ms(TritonBackend(), case)
+    t_ref = time_ms(TorchReferenceBackend(), case, reps=50)
+    report({"case": label, "triton_ms": round(t_tri, 4), "reference_ms": round(t_ref, 3),
+            "speedup": round(t_ref / t_tri, 1), "kv_read_GBps": round(kv_bytes(specs) / t_tri / 1e6, 1)})
+
+
+def shared_versus_plain(specs, label, **options):
+    """The default (split launches) against plain paged attention, and the other launch modes."""
+    case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+    t_plain = time_ms(TritonBackend(use_prefix_groups=False), case)
+    modes = {m: time_ms(TritonBackend(group_launch=m, **options), case) for m in TritonBackend.LAUNCH_MODES}
+    report({"case": label, "prefix_shared_ms": round(modes["split"], 4), "plain_paged_ms": round(t_plain, 4),
+            "speedup": round(t_plain / modes["split"], 2),
+            **{f"{m}_ms": round(t, 4) for m, t in modes.items() if m != "split"},
+            "plan_cpu_ms": round(plan_ms(case, TritonBackend()), 3)})
+
+
+def split_versus_whole(specs, label):
+    case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+    t_split = time_ms(TritonBackend(), case)
+    t_whole = time_ms(TritonBackend(split_len=NO_SPLIT), case)
+    report({"case": label, "split_k_ms": round(t_split, 4), "no_split_ms": round(t_whole, 4),
+            "speedup": round(t_whole / t_split, 2), "kv_read_GBps": round(kv_bytes(specs) / t_split / 1e6, 1)})
+
+
+def degree16(num_requests, shared, own):
+    return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
+
+
 if __name__ == "__main__":
-    bench([(4000, 1)] * 64, "decode 64 x 4000 ctx")
-    bench([(16000, 1)] * 16, "decode 16 x 16000 ctx")
-    bench([(2000, 1)] * 256, "decode 256 x 2000 ctx")
-    bench([(0, 2048)], "prefill 2048")
-    bench([(2000, 200)] * 16, "suffix prefill 16 x 200 after 2000", reference=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(0), flush=True)
+    versus_reference([(4000, 1)] * 64, "decode 64 x 4000 ctx")
+    versus_reference([(2000, 1)] * 256, "decode 256 x 2000 ctx")
+    versus_reference([(0, 2048)], "prefill 2048")
+    versus_reference([(2000, 200)] * 16, "suffix prefill 16 x 200 after 2000")
+    shared_versus_plain(group_decode(64, 4000, 0), "decode: 4000-token prefix shared by 64")
+    shared_versus_plain(group_decode(64, 4000, 100), "decode: 4000-token prefix shared by 64, +100 own")
+    shared_versus_plain(degree16(256, 16000, 200), "decode: 16000/200 degree 16, 256 requests")
+    shared_versus_plain(degree16(1024, 2000, 200), "decode: 2000/200 degree 16, 1024 requests")
+    shared_versus_plain(degree16(64, 2000, 200), "decode: 2000/200 degree 16, 64 requests")
+    case = random_case(group_decode(64, 4000, 100), 32, 8, 128, 16, torch.bfloat16, seed=0)
+    report({"case": "split-K length sweep: 4000-token prefix shared by 64, +100 own",
+            **{f"split_{n}_ms": round(time_ms(TritonBackend(split_len=n), case), 4) for n in (256, 512, 1024, 4096)}})
+    split_versus_whole([(16000, 1)] * 16, "decode 16 x 16000 ctx")
+    split_versus_whole([(16000, 1)] * 64, "decode 64 x 16000 ctx")
+    split_versus_whole([(4000, 1)] * 64, "decode 64 x 4000 ctx")
+    for members in (2, 4, 16):
+        for shared in (64, 256, 1024):
+            specs = [s for g in range(1024 // members) for s in group_decode(members, shared, 100, group=g)]
+            shared_versus_plain(specs, f"sweep 1024 decodes, groups of {members}, shared {shared}, own 100",
+                                min_members=1, min_shared=1)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)

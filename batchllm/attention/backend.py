@@ -3,8 +3,8 @@
 `AttentionMetadata` is built once per step by the runner and passed down explicitly (no globals).
 Sequences are laid out back to back: sequence i owns query rows
 query_start_loc[i] .. query_start_loc[i+1]-1, which are its *last* (query_len) tokens of seq_lens[i].
-A prefix-group layout (shared prefix KV + per-member suffix KV, DESIGN.md item 6) is added as an
-optional field next to these, so backends that ignore it keep working.
+The prefix-group layout (DESIGN.md item 6) rides along as two optional lists: backends that ignore
+it stay correct, since each sequence's block table still covers all of its keys.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # host copies, for backends that loop per sequence
     seq_lens_cpu: list[int]
     block_tables_cpu: list[list[int]]
-    backend_cache: dict[str, Any] = field(default_factory=dict)
+    share_group_cpu: list[int] | None = None
+    """Per sequence: the prefix group it forked from (-1: none). Members of one group hold the same
+    KV at their first share_len_cpu[i] positions, so those keys may be read once for all of them."""
+    share_len_cpu: list[int] | None = None
+    backend_cache: dict[Any, Any] = field(default_factory=dict)
     """Per-step data a backend derives once and reuses in every layer (e.g. tile tables)."""
 
     @property

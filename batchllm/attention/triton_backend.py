@@ -1,11 +1,15 @@
-"""Triton attention over the paged KV cache (GPU): varlen, causal, GQA of any ratio, prefill and decode.
+"""Triton attention over the paged KV cache (GPU): varlen, causal, GQA of any ratio, prefill and decode,
+prefix-shared attention for prefix groups, and split-K for long contexts.
 
-One kernel serves prefill chunks and decode tokens alike. A program handles one tile of query
-tokens of one sequence for one KV head: its rows are (token, query head of that KV head's group)
-pairs, so each K/V tile is read once for the whole GQA group, and a decode token with 8 query heads
-per KV head still fills an MMA tile. It walks the sequence's block table in tiles of BLOCK_N keys
-with an online softmax in fp32 (exp2, log2(e) folded into the scale) and masks keys after each
-query's position (causal) and past the sequence length.
+One kernel serves every work item of a step (see `work_items.py`: tiles of prefill chunks and decode
+tokens, prefix items of a group's shared keys, suffix items, split-K pieces), in one launch. A
+program handles one item for one KV head: its rows are (query, query head of that KV head's group)
+pairs, so each K/V tile is read once for the whole GQA group (and, in a prefix item, once for up to
+BLOCK_Q members of the group), and a decode token with 8 query heads per KV head still fills an MMA
+tile. A program walks its key range through one block table row in tiles of BLOCK_N keys with an
+online softmax in fp32 (exp2, log2(e) folded into the scale), masking keys after each query's
+position (causal). Items whose keys are split write partials (fp32 output and log2-sum-exp); a
+second small kernel merges them with log-sum-exp weights.
 
 Imported only where Triton and CUDA exist; `TritonBackend.available()` says so without importing
 Triton on CPU-only machines.
@@ -15,9 +19,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
+from batchllm.attention.work_items import plan_work_items
 
 try:
     import triton
@@ -31,14 +37,16 @@ if triton is not None:
 
     @triton.jit
     def _paged_attention_kernel(
-        Q, K_cache, V_cache, Out,
-        block_tables, seq_lens, query_start_loc, tile_seq, tile_start,
+        Q, K_cache, V_cache, Out, Part_out, Part_lse,
+        block_tables, item_seq, item_q_off, item_q_len, item_kv_lo, item_kv_hi, item_part, q_tokens, q_pos,
         sm_scale_log2,
         stride_qt, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
         stride_ot, stride_oh,
+        stride_pp, stride_ph, stride_lp,
         stride_bt,
+        item_offset,
         BLOCK_SIZE: tl.constexpr,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
@@ -49,45 +57,47 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        tile = tl.program_id(0)
+        item = tl.program_id(0) + item_offset
         kv_head = tl.program_id(1)
-        seq = tl.load(tile_seq + tile)
-        q_tile_start = tl.load(tile_start + tile)  # first query token of the tile, within the sequence
-        q_begin = tl.load(query_start_loc + seq)
-        q_len = tl.load(query_start_loc + seq + 1) - q_begin
-        seq_len = tl.load(seq_lens + seq)
+        seq = tl.load(item_seq + item)
+        q_off = tl.load(item_q_off + item)
+        q_len = tl.load(item_q_len + item)
+        kv_lo = tl.load(item_kv_lo + item)
+        kv_hi = tl.load(item_kv_hi + item)
+        part = tl.load(item_part + item)
 
-        # rows: (token, head of the group) pairs; the group is padded to a power of two and the
+        # rows: (query, head of the group) pairs; the group is padded to a power of two and the
         # rows to at least 16 (BLOCK_M >= BLOCK_Q * GROUP_PAD), padding rows are masked out
         rows = tl.arange(0, BLOCK_M)
-        tok = q_tile_start + rows // GROUP_PAD  # query token index within the sequence
+        qi = rows // GROUP_PAD  # query index within the item
         head_in_group = rows % GROUP_PAD
         head = kv_head * GROUP + head_in_group
-        row_valid = (tok < q_len) & (head_in_group < GROUP) & (rows < BLOCK_Q * GROUP_PAD)
-        q_pos = seq_len - q_len + tok  # absolute position of each row's token
+        row_valid = (qi < q_len) & (head_in_group < GROUP) & (rows < BLOCK_Q * GROUP_PAD)
+        tok = tl.load(q_tokens + q_off + qi, mask=row_valid, other=0)
+        pos = tl.load(q_pos + q_off + qi, mask=row_valid, other=-1)
         d = tl.arange(0, HEAD_DIM_PAD)
         d_valid = d < HEAD_DIM
 
-        q_ptrs = Q + (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+        q_ptrs = Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-        # keys beyond the last query of this tile are masked for every row: stop there
-        last_pos = seq_len - q_len + tl.minimum(q_tile_start + BLOCK_Q, q_len) - 1
-        n_end = last_pos + 1
+        # keys past the item's last query are masked for every row: stop there
+        n_end = tl.minimum(kv_hi, tl.max(pos, 0) + 1)
         offs_n = tl.arange(0, BLOCK_N)
-        for n_start in range(0, n_end, BLOCK_N):
+        for n_start in range(kv_lo, n_end, BLOCK_N):
             k_pos = n_start + offs_n
             k_valid = k_pos < n_end
             block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
+            block_idx = block_idx.to(tl.int64)  # block * stride passes 2^31 elements on big caches
             slot = k_pos % BLOCK_SIZE
             k_ptrs = K_cache + block_idx[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None]
             k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # [D, BLOCK_N]
             s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N], log2 units
-            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+            allowed = (k_pos[None, :] <= pos[:, None]) & k_valid[None, :]
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # rows with nothing allowed yet keep m = -inf: subtract 0 instead (no NaN from inf - inf)
@@ -101,14 +111,72 @@ if triton is not None:
             m_i = m_new
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = Out + (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        mask = row_valid[:, None] & d_valid[None, :]
+        if part < 0:
+            o_ptrs = Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+        else:  # a partial: its output and its log2-sum-exp (-inf where no key was visible)
+            prow = part + qi
+            tl.store(Part_out + prow[:, None] * stride_pp + head[:, None] * stride_ph + d[None, :], out, mask=mask)
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(Part_lse + prow * stride_lp + head, lse, mask=row_valid)
+
+    @triton.jit
+    def _merge_partials_kernel(
+        Out, Part_out, Part_lse, merge_tokens, merge_ptr, merge_parts,
+        stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
+        NUM_HEADS: tl.constexpr,
+        HEADS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+    ):
+        """One token, all heads: out = sum_p 2^(lse_p - M) o_p / sum_p 2^(lse_p - M), in fp32."""
+        i = tl.program_id(0)
+        tok = tl.load(merge_tokens + i)
+        first = tl.load(merge_ptr + i)
+        last = tl.load(merge_ptr + i + 1)
+        h = tl.arange(0, HEADS_PAD)
+        d = tl.arange(0, HEAD_DIM_PAD)
+        h_valid = h < NUM_HEADS
+        mask = h_valid[:, None] & (d < HEAD_DIM)[None, :]
+        m = tl.full([HEADS_PAD], float("-inf"), dtype=tl.float32)
+        w_sum = tl.zeros([HEADS_PAD], dtype=tl.float32)
+        acc = tl.zeros([HEADS_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+        for j in range(first, last):
+            p = tl.load(merge_parts + j)
+            lse = tl.load(Part_lse + p * stride_lp + h, mask=h_valid, other=float("-inf"))
+            o = tl.load(Part_out + p * stride_pp + h[:, None] * stride_ph + d[None, :], mask=mask, other=0.0)
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)
+            w_sum = w_sum * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o
+            m = m_new
+        out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+        tl.store(Out + tok * stride_ot + h[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
 class TritonBackend:
-    """Paged attention in one Triton kernel per layer (plus the KV store)."""
+    """Paged attention in one Triton kernel per layer (plus the KV store, plus one small merge kernel
+    in steps where some token's keys are split over several work items: prefix groups, split-K)."""
 
     name = "triton"
+
+    LAUNCH_MODES = ("split", "fused", "narrow")
+
+    def __init__(self, use_prefix_groups: bool = True, group_launch: str = "split", **plan_options) -> None:
+        """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
+        group_launch, in decode steps with prefix groups: "split" runs the prefix items (64-row
+        programs: 64 / GQA-group members each) and the one-token suffix items (16-row programs) in
+        two launches; "fused" runs both in one launch of 64-row programs; "narrow" in one launch of
+        16-row programs (fewer members per prefix item). plan_options go to `plan_work_items`
+        (split_len, min_members, min_shared)."""
+        if group_launch not in self.LAUNCH_MODES:
+            raise ValueError(f"group_launch must be one of {self.LAUNCH_MODES}, not {group_launch!r}")
+        self.use_prefix_groups = use_prefix_groups
+        self.group_launch = group_launch
+        self.plan_options = plan_options
 
     @staticmethod
     def available() -> bool:
@@ -128,39 +196,82 @@ class TritonBackend:
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
         group_pad = triton.next_power_of_2(group)
-        block_q = 1 if metadata.max_query_len == 1 else max(1, 64 // group_pad)
-        tile_seq, tile_start = _tiles(metadata, block_q)
+        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads)
+        items = plan["items"]
         out = torch.empty_like(query)
+        part_out, part_lse = plan["part_out"], plan["part_lse"]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        grid = (tile_seq.numel(), num_kv_heads)
-        _paged_attention_kernel[grid](
-            query, k_cache, v_cache, out,
-            metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, tile_seq, tile_start,
-            scale * math.log2(math.e),
-            query.stride(0), query.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(1),
-            metadata.block_tables.stride(0),
-            BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
-            BLOCK_M=max(16, block_q * group_pad), BLOCK_N=64,
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-            num_warps=4, num_stages=2,
-        )
+        t = plan["tensors"]
+        for item_offset, num_items, block_q in plan["launches"]:
+            _paged_attention_kernel[(num_items, num_kv_heads)](
+                query, k_cache, v_cache, out, part_out, part_lse,
+                metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
+                t["q_tokens"], t["q_pos"],
+                scale * math.log2(math.e),
+                query.stride(0), query.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                out.stride(0), out.stride(1),
+                part_out.stride(0), part_out.stride(1), part_lse.stride(0),
+                metadata.block_tables.stride(0), item_offset,
+                BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+                HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
+                BLOCK_M=max(16, block_q * group_pad), BLOCK_N=64,
+                PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
+                num_warps=4, num_stages=2,
+            )
+        if len(items.merge_tokens):
+            _merge_partials_kernel[(len(items.merge_tokens),)](
+                out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"],
+                out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
+                NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+                HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+            )
         return out
 
-def _tiles(metadata: AttentionMetadata, block_q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, first query token) of every tile; built once per step and shared by all layers."""
-    key = ("triton_tiles", block_q)
-    if key not in metadata.backend_cache:
-        seqs, starts = [], []
-        loc = metadata.query_start_loc_cpu
-        for i in range(metadata.num_seqs):
-            for start in range(0, loc[i + 1] - loc[i], block_q):
-                seqs.append(i)
-                starts.append(start)
+    def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
+              num_kv_heads: int) -> dict:
+        """The step's work items, their launches, device arrays and partial buffers: made by the first
+        layer, reused by every other (the merge of one layer finishes before the next layer's
+        kernel writes the buffers again: same stream)."""
+        key = ("triton_items", group_pad)
+        plan = metadata.backend_cache.get(key)
+        if plan is not None:
+            return plan
+        wide, narrow = max(1, 64 // group_pad), max(1, 16 // group_pad)  # queries per 64- / 16-row program
+        decode_only = metadata.max_query_len == 1
+        block_q = 1 if decode_only else wide
+        group_block_q = {"split": wide, "fused": wide, "narrow": narrow if decode_only else wide}[self.group_launch]
+        if self.group_launch in ("fused", "narrow"):
+            block_q = group_block_q if decode_only else wide
+        share = self.use_prefix_groups and metadata.share_group_cpu is not None
+        kwargs = dict(share_group=metadata.share_group_cpu, share_len=metadata.share_len_cpu) if share else {}
+        items = plan_work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, block_q,
+                                num_kv_heads=num_kv_heads, group_block_q=group_block_q, **kwargs, **self.plan_options)
+        if decode_only and items.num_group_items == 0 and block_q > 1:
+            block_q = 1  # decode tiles of one token: 16-row programs
+            items = plan_work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, 1,
+                                    num_kv_heads=num_kv_heads, **self.plan_options)
+        p, n = items.num_prefix_items, items.num_items
+        if p and group_block_q != block_q:
+            launches = [(0, p, group_block_q)] + ([(p, n - p, block_q)] if n > p else [])
+        else:
+            launches = [(0, n, max(block_q, group_block_q) if p else block_q)]
         device = metadata.seq_lens.device
-        metadata.backend_cache[key] = (torch.tensor(seqs, dtype=torch.int32, device=device),
-                                       torch.tensor(starts, dtype=torch.int32, device=device))
-    return metadata.backend_cache[key]
+        host = np.concatenate([items.seq, items.q_off, items.q_len, items.kv_lo, items.kv_hi, items.part,
+                               items.q_tokens, items.q_pos, items.merge_tokens, items.merge_ptr, items.merge_parts])
+        flat = torch.from_numpy(host).to(device, non_blocking=True)  # one copy for all the arrays
+        tensors, offset = {}, 0
+        for name in ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part", "q_tokens", "q_pos",
+                     "merge_tokens", "merge_ptr", "merge_parts"):
+            size = len(getattr(items, name))
+            tensors[name] = flat[offset:offset + size]
+            offset += size
+        num_partials = max(items.num_partials, 1)
+        plan = {
+            "items": items, "launches": launches, "tensors": tensors,
+            "part_out": torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
+            "part_lse": torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
+        }
+        metadata.backend_cache[key] = plan
+        return plan

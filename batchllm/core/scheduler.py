@@ -278,6 +278,8 @@ class Scheduler:
                     block_ids=table[sent:],
                     block_table_start=sent,
                     sampling=self._sampling_spec(request) if reaches_end and not request.is_prefix else None,
+                    share_group=request.parent.request_id if request.parent is not None else None,
+                    share_len=request.fork_point,
                 )
             )
             request.num_blocks_sent = len(table)

@@ -83,6 +83,9 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self._tables = _BlockTables(max_width=kv_spec.num_blocks)  # no table outgrows the pool
+        self.gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+        """Set to [] (CUDA only) to record events around every step's forward and sampling, from
+        which the benchmark tells how long the GPU sat idle between steps."""
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
@@ -94,6 +97,18 @@ class ModelRunner:
             dst = torch.tensor([d for _, d in batch.block_copies], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # copy-on-write of partial prefix blocks
         input_ids, positions, metadata, sample_rows = self._prepare_inputs(batch)
+        timeline = self.gpu_timeline
+        if timeline is not None:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
+        output = self._forward_and_sample(input_ids, positions, metadata, sample_rows)
+        if timeline is not None:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            timeline.append((started, ended))
+        return output
+
+    def _forward_and_sample(self, input_ids, positions, metadata, sample_rows) -> RunnerOutput:
         hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
         if not sample_rows:
             return RunnerOutput(sampled_token_ids={})
@@ -124,6 +139,9 @@ class ModelRunner:
         query_start_loc = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
+        share_group: list[int] = []
+        share_len: list[int] = []
+        group_index: dict[str, int] = {}
         sample_rows = []
         bs = self.block_size
         for scheduled in batch.requests:
@@ -136,6 +154,11 @@ class ModelRunner:
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
+            if scheduled.share_group is None:
+                share_group.append(-1)
+            else:
+                share_group.append(group_index.setdefault(scheduled.share_group, len(group_index)))
+            share_len.append(scheduled.share_len)
             if scheduled.sampling is not None:
                 sample_rows.append((query_start_loc[-1] - 1, scheduled))
         dev = self.device
@@ -152,6 +175,8 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
             block_tables_cpu=tables,
+            share_group_cpu=share_group if group_index else None,
+            share_len_cpu=share_len if group_index else None,
         )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=dev),

@@ -2,51 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from batchllm.attention.backend import AttentionMetadata
 from batchllm.attention.torch_ref import TorchReferenceBackend
+from tests.attention_cases import group_decode, random_case
 
 pytestmark = pytest.mark.gpu
-
-
-def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed):
-    """specs: (cached tokens, new tokens) per sequence. Returns inputs, cache and metadata with a
-    shuffled block assignment and a cache full of random values (context already 'computed')."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    blocks_per_seq = [math.ceil((c + n) / block_size) for c, n in specs]
-    num_blocks = sum(blocks_per_seq) + 7
-    perm = torch.randperm(num_blocks, generator=g, device=dev).tolist()
-    tables, pos = [], 0
-    for nb in blocks_per_seq:
-        tables.append(perm[pos:pos + nb])
-        pos += nb
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g, device=dev).to(dtype)
-    total = sum(n for _, n in specs)
-    q = torch.randn(total, num_heads, head_dim, generator=g, device=dev).to(dtype)
-    k = torch.randn(total, num_kv_heads, head_dim, generator=g, device=dev).to(dtype)
-    v = torch.randn(total, num_kv_heads, head_dim, generator=g, device=dev).to(dtype)
-    slots, loc, lens = [], [0], []
-    for (c, n), table in zip(specs, tables):
-        for p in range(c, c + n):
-            slots.append(table[p // block_size] * block_size + p % block_size)
-        loc.append(loc[-1] + n)
-        lens.append(c + n)
-    width = max(len(t) for t in tables)
-    md = AttentionMetadata(
-        num_tokens=total, block_size=block_size,
-        slot_mapping=torch.tensor(slots, device=dev, dtype=torch.long),
-        query_start_loc=torch.tensor(loc, device=dev, dtype=torch.int32),
-        seq_lens=torch.tensor(lens, device=dev, dtype=torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev, dtype=torch.int32),
-        max_query_len=max(n for _, n in specs), max_seq_len=max(lens),
-        query_start_loc_cpu=loc, seq_lens_cpu=lens, block_tables_cpu=tables,
-    )
-    return q, k, v, cache, md
 
 
 CASES = [
@@ -80,3 +42,65 @@ def test_triton_matches_reference(name, specs, heads, kv_heads, head_dim, block_
         err = (out.float() - ref).norm() / ref.norm()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < tol, f"{name} {dtype}: relative error {err:.2e}"
+
+
+SHARED_CASES = [
+    # name, specs: (cached, new, group, shared positions) per sequence
+    ("group-of-1", group_decode(1, 100, 5)),
+    ("one-token-prefix", group_decode(8, 1, 20)),
+    ("empty-own-suffix", group_decode(16, 64, 0)),
+    ("degree16-2000", group_decode(16, 2000, 200)),
+    ("group-of-256", group_decode(256, 500, 10)),
+    ("prefix-16k", group_decode(16, 16000, 200)),
+    ("groups-prefill-and-plain", group_decode(20, 300, 7, 0) + group_decode(3, 1000, 0, 1)
+     + [(0, 100), (50, 1), (2000, 33)]),
+    ("groups-and-plain-decodes", group_decode(20, 300, 7, 0) + group_decode(3, 1000, 0, 1) + [(50, 1), (2000, 1)]),
+]
+HEADS = [(8, 8, 64), (32, 8, 128), (32, 4, 128)]  # GQA ratios 1, 4, 8
+
+
+def check_against_reference(backend, q, k, v, cache, md, scale):
+    ref_cache = cache.float()
+    ref = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), ref_cache, md, scale)
+    out = backend.forward(q, k, v, cache.clone(), md, scale)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    err = (out.float() - ref).norm() / ref.norm()
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    assert err < tol, f"relative error {err:.2e}"
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    return plan["items"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", HEADS, ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("name, specs", SHARED_CASES, ids=[c[0] for c in SHARED_CASES])
+def test_prefix_shared_attention_matches_reference(name, specs, heads, kv_heads, head_dim, dtype):
+    from batchllm.attention.triton_backend import TritonBackend
+
+    backend = TritonBackend(min_members=1, min_shared=1)  # every group attended as a group
+    for seed in range(2):
+        q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 16, dtype, seed)
+        items = check_against_reference(backend, q, k, v, cache, md, head_dim ** -0.5)
+        assert items.num_group_items > 0, "the prefix-shared path ran"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_split_k_matches_reference(dtype):
+    from batchllm.attention.triton_backend import TritonBackend
+
+    specs = [(16000, 1), (3000, 1), (40, 1), (1000, 64)] + group_decode(4, 5000, 900)
+    q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, dtype, seed=5)
+    items = check_against_reference(TritonBackend(split_len=512), q, k, v, cache, md, 128 ** -0.5)
+    assert len(items.merge_tokens) >= 4 + 4 and items.num_group_items > 0
+
+
+@pytest.mark.parametrize("mode", ["split", "fused", "narrow"])
+@pytest.mark.parametrize("name, specs", [SHARED_CASES[i] for i in (2, 3, 6, 7)],
+                         ids=[SHARED_CASES[i][0] for i in (2, 3, 6, 7)])
+def test_every_group_launch_mode_matches_reference(name, specs, mode):
+    from batchllm.attention.triton_backend import TritonBackend
+
+    q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=11)
+    items = check_against_reference(TritonBackend(group_launch=mode), q, k, v, cache, md, 128 ** -0.5)
+    assert items.num_group_items > 0

@@ -40,6 +40,7 @@ class PagedKVExecutor:
                 if (src, off) in self.slots:
                     self.slots[(dst, off)] = self.slots[(src, off)]
         out = {}
+        group_kv = {}
         for r in batch.requests:
             bs = self.bs
             if r.block_table_start == 0:
@@ -49,6 +50,10 @@ class PagedKVExecutor:
                 self.tables[r.request_id] += r.block_ids
             table = self.tables[r.request_id]
             context = [self.slots[(table[p // bs], p % bs)] for p in range(r.start_position)]
+            if r.share_group is not None:  # the runner may read these keys through any member's table
+                assert r.share_len <= r.start_position, "shared positions are computed before a member runs"
+                shared = context[:r.share_len]
+                assert group_kv.setdefault(r.share_group, shared) == shared, "members hold the same shared KV"
             for j, t in enumerate(r.token_ids):
                 p = r.start_position + j
                 self.slots[(table[p // bs], p % bs)] = t

@@ -1,0 +1,192 @@
+"""The per-step work plan of the Triton attention: which query rows attend to which key range.
+
+Pure Python and numpy (no torch, no Triton), so the plan is tested on CPU.
+
+A *work item* is one GPU program's job (per KV head): a few query tokens, gathered from
+anywhere in the step, attending to the key positions [kv_lo, kv_hi) of one block table row, causally
+(a key is used by a query only if its position is <= the query's). Three kinds of item cover a step:
+
+* **tile**: up to `block_q` consecutive query tokens of one sequence over its whole context; the
+  plain paged attention of prefill chunks and decode tokens;
+* **prefix**: the decode tokens of up to `group_block_q` members of one prefix group over the group's
+  shared positions [0, share_len): the shared KV is read once per item instead of once per member
+  (DESIGN.md item 6, "prefix-shared attention");
+* **suffix**: one member's decode token over its own positions [share_len, seq_len).
+
+Any item whose key range is longer than `split_len` is cut into pieces (split-K), so that a few long
+sequences (or a few groups' long prefixes beside many short suffixes) still fill the GPU evenly.
+Prefix items come first in the arrays (`num_prefix_items` of them), so a backend may launch them
+apart from the rest. A token whose keys are covered by one item gets its output written
+directly; a token covered by several items gets one *partial* (output normalised by its own softmax
+sum, plus the log-sum-exp) per item, merged afterwards with log-sum-exp weights in fp32.
+
+Invariant (tested): for every query token, the items that hold it cover each of its visible key
+positions 0..pos exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_GROUP_MEMBERS = 2
+"""A prefix group is attended as a group only when at least this many members decode in the step."""
+MIN_SHARED_TOKENS = 64
+"""... and when they share at least this many positions (below that, the merge costs more than it saves)."""
+TARGET_PROGRAMS = 1024
+"""Split-K aims at about this many programs (items x KV heads): 132 SMs x ~8 resident programs."""
+MIN_SPLIT_LEN = 512
+"""Key ranges are never cut shorter than this."""
+
+
+@dataclass
+class WorkItems:
+    """Flat int32 arrays, one entry per item (`seq` .. `part`) or per gathered query (`q_tokens`, `q_pos`)."""
+
+    seq: np.ndarray
+    """Row of the step's block table the item reads keys through."""
+    q_off: np.ndarray
+    """The item's queries are q_tokens[q_off : q_off + q_len]."""
+    q_len: np.ndarray
+    kv_lo: np.ndarray
+    kv_hi: np.ndarray
+    part: np.ndarray
+    """-1: write the output directly; else query j's partial goes to partial row part + j."""
+    q_tokens: np.ndarray
+    """Index of each gathered query in the step's token array."""
+    q_pos: np.ndarray
+    """Position of each gathered query in its sequence."""
+    num_partials: int
+    merge_tokens: np.ndarray
+    """Tokens whose output is a merge of partials; their partial rows are
+    merge_parts[merge_ptr[i] : merge_ptr[i + 1]]."""
+    merge_ptr: np.ndarray
+    merge_parts: np.ndarray
+    block_q: int
+    group_block_q: int
+    num_group_items: int
+    """Prefix items before splitting: how many times groups' shared keys are read."""
+    num_prefix_items: int
+    """Prefix items after splitting: items[:num_prefix_items] are the prefix items."""
+
+    @property
+    def num_items(self) -> int:
+        return len(self.seq)
+
+
+def split_length(total_keys: int, num_kv_heads: int = 8, target_programs: int = TARGET_PROGRAMS,
+                 min_len: int = MIN_SPLIT_LEN) -> int:
+    """Longest key range an item may take: the step's keys (summed over items) spread evenly over
+    about `target_programs` programs of `num_kv_heads` each."""
+    return max(min_len, -(-total_keys * num_kv_heads // target_programs))
+
+
+def plan_work_items(
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    block_q: int,
+    share_group: list[int] | None = None,
+    share_len: list[int] | None = None,
+    split_len: int | None = None,
+    num_kv_heads: int = 8,
+    group_block_q: int | None = None,
+    min_members: int = MIN_GROUP_MEMBERS,
+    min_shared: int = MIN_SHARED_TOKENS,
+) -> WorkItems:
+    """Plan one step. Sequence i has query tokens query_start_loc[i] .. query_start_loc[i+1]-1 at the
+    last positions of its seq_lens[i] tokens. share_group[i] >= 0 names the prefix group of
+    sequence i, whose first share_len[i] positions hold the same KV as every other member's of that
+    group (they forked from one prefix); -1 means none. Tiles take up to `block_q` tokens, prefix
+    items up to `group_block_q` members (default: block_q). `split_len` overrides the split-K length
+    (else it follows from the step's keys and `num_kv_heads`); `min_members` and `min_shared` are the
+    thresholds for attending a group as a group."""
+    if group_block_q is None:
+        group_block_q = block_q
+    loc = np.asarray(query_start_loc, dtype=np.int64)
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    num_seqs = len(lens)
+    q_count = np.diff(loc)
+    num_tokens = int(loc[-1])
+    token_pos = np.repeat(lens - q_count - loc[:-1], q_count) + np.arange(num_tokens)
+
+    # 1. members attended as groups: one decode token past the shared part, in groups big enough
+    member = np.zeros(num_seqs, dtype=bool)
+    if share_group is not None and share_len is not None and num_seqs:
+        group = np.asarray(share_group, dtype=np.int64)
+        shared = np.asarray(share_len, dtype=np.int64)
+        member = (group >= 0) & (q_count == 1) & (shared >= min_shared) & (shared < lens)
+        ids, counts = np.unique(group[member], return_counts=True)
+        member &= np.isin(group, ids[counts >= min_members])
+    members = np.flatnonzero(member)
+    if len(members):
+        members = members[np.argsort(group[members], kind="stable")]  # grouped, in step order within a group
+        starts = np.flatnonzero(np.r_[True, group[members][1:] != group[members][:-1]])
+        sizes = np.diff(np.r_[starts, len(members)])
+    else:
+        starts = sizes = np.zeros(0, dtype=np.int64)
+
+    # 2. unsplit items. Prefix items gather their members' tokens into q_tokens[:len(members)];
+    # every other item reads a run of the step's own tokens, at q_tokens[len(members) + token].
+    chunks = -(-sizes // group_block_q)  # prefix items per group
+    chunk_group = np.repeat(np.arange(len(sizes)), chunks)
+    chunk_index = np.arange(int(chunks.sum())) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    p_off = starts[chunk_group] + chunk_index * group_block_q
+    p_len = np.minimum(group_block_q, sizes[chunk_group] - chunk_index * group_block_q)
+    p_seq = members[p_off] if len(members) else p_off
+    p_hi = shared[p_seq] if len(members) else p_off
+
+    tiles = np.where(member, 1, -(-q_count // block_q))  # items per sequence: a suffix item or tiles
+    t_seq = np.repeat(np.arange(num_seqs), tiles)
+    t_index = np.arange(int(tiles.sum())) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    t_first = loc[:-1][t_seq] + t_index * block_q  # first token of the item
+    t_len = np.where(member[t_seq], 1, np.minimum(block_q, q_count[t_seq] - t_index * block_q))
+    t_hi = token_pos[t_first + t_len - 1] + 1 if num_tokens else t_first
+    t_lo = np.where(member[t_seq], shared[t_seq] if len(members) else 0, 0)
+
+    seq = np.r_[p_seq, t_seq]
+    q_off = np.r_[p_off, len(members) + t_first]
+    q_len = np.r_[p_len, t_len]
+    lo = np.r_[np.zeros(len(p_seq), dtype=np.int64), t_lo]
+    hi = np.r_[p_hi, t_hi]
+    always_partial = np.r_[np.ones(len(p_seq), dtype=bool), member[t_seq]]
+
+    # 3. split-K: cut every range longer than split_len into equal pieces
+    if split_len is None:
+        split_len = split_length(int((hi - lo).sum()), num_kv_heads)
+    pieces = np.maximum(1, -(-(hi - lo) // split_len))
+    step = -(-(hi - lo) // pieces)
+    w = np.repeat(np.arange(len(seq)), pieces)
+    k = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    item_lo = lo[w] + k * step[w]
+    item_hi = np.minimum(item_lo + step[w], hi[w])
+    partial = (always_partial | (pieces > 1))[w]
+    item_len = q_len[w]
+    part = np.full(len(w), -1, dtype=np.int64)
+    part_base = np.cumsum(np.where(partial, item_len, 0)) - np.where(partial, item_len, 0)
+    part[partial] = part_base[partial]
+    num_partials = int(np.where(partial, item_len, 0).sum())
+
+    q_tokens = np.r_[loc[:-1][members], np.arange(num_tokens)]
+    q_pos = np.r_[token_pos[loc[:-1][members]] if len(members) else members, token_pos]
+
+    # 4. merge lists: every partial row, grouped by the token it belongs to
+    pw = np.flatnonzero(partial)
+    rows_per = item_len[pw]
+    row_item = np.repeat(pw, rows_per)
+    j = np.arange(int(rows_per.sum())) - np.repeat(np.cumsum(rows_per) - rows_per, rows_per)
+    row_token = q_tokens[q_off[w][row_item] + j]
+    order = np.argsort(row_token, kind="stable")
+    merge_tokens, counts = np.unique(row_token[order], return_counts=True)
+
+    def i32(values) -> np.ndarray:
+        return np.ascontiguousarray(values, dtype=np.int32)
+
+    return WorkItems(
+        seq=i32(seq[w]), q_off=i32(q_off[w]), q_len=i32(item_len), kv_lo=i32(item_lo), kv_hi=i32(item_hi),
+        part=i32(part), q_tokens=i32(q_tokens), q_pos=i32(q_pos), num_partials=num_partials,
+        merge_tokens=i32(merge_tokens), merge_ptr=i32(np.r_[0, np.cumsum(counts)]),
+        merge_parts=i32((part[row_item] + j)[order]),
+        block_q=block_q, group_block_q=group_block_q, num_group_items=len(p_seq),
+        num_prefix_items=int(pieces[:len(p_seq)].sum()),
+    )

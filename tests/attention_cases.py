@@ -1,0 +1,87 @@
+"""Random attention inputs over a paged cache, for the kernel tests (GPU) and the work-plan tests (CPU).
+
+A case is a list of sequences `(cached, new, group, share)`: `cached` tokens already in the cache,
+`new` tokens computed this step, and, for members of a prefix group (group >= 0), `share` leading
+positions whose KV is the group's. Members hold the group's full blocks by reference, and a copy of
+its partial last block (copy-on-write, as the scheduler does), so the layout is the engine's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from batchllm.attention.backend import AttentionMetadata
+
+
+def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, device="cuda"):
+    """specs: (cached, new) or (cached, new, group, share) per sequence. Returns q, k, v, a cache full
+    of random values (the context already 'computed') and the step's metadata, with a shuffled
+    block assignment."""
+    specs = [tuple(s) + (-1, 0) if len(s) == 2 else tuple(s) for s in specs]
+    g = torch.Generator(device=device).manual_seed(seed)
+    group_blocks: dict[int, list[int]] = {}  # the group's full shared blocks
+    need = 7
+    for c, n, grp, share in specs:
+        need += math.ceil((c + n) / block_size) - (share // block_size if grp >= 0 else 0)
+        if grp >= 0 and grp not in group_blocks:
+            group_blocks[grp] = []
+            need += share // block_size + 1
+    perm = torch.randperm(need, generator=g, device=device).tolist()
+    cache = torch.randn(2, need, block_size, num_kv_heads, head_dim, generator=g, device=device).to(dtype)
+    taken = 0
+
+    def take(n):
+        nonlocal taken
+        taken += n
+        return perm[taken - n:taken]
+
+    group_src: dict[int, tuple[list[int], int | None]] = {}
+    for c, n, grp, share in specs:
+        if grp >= 0 and grp not in group_src:
+            full, partial = divmod(share, block_size)
+            group_src[grp] = (take(full), take(1)[0] if partial else None)
+    tables = []
+    for c, n, grp, share in specs:
+        nb = math.ceil((c + n) / block_size)
+        if grp < 0:
+            tables.append(take(nb))
+            continue
+        assert share <= c, "members share only cached positions"
+        full_blocks, partial_src = group_src[grp]
+        table = list(full_blocks)
+        if partial_src is not None:  # copy-on-write: the same KV in the shared slots of a private block
+            [dst] = take(1)
+            cache[:, dst] = cache[:, partial_src]
+            table.append(dst)
+        tables.append(table + take(nb - len(table)))
+    total = sum(s[1] for s in specs)
+    q = torch.randn(total, num_heads, head_dim, generator=g, device=device).to(dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=g, device=device).to(dtype)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=g, device=device).to(dtype)
+    slots, loc, lens = [], [0], []
+    for (c, n, _, _), table in zip(specs, tables):
+        for p in range(c, c + n):
+            slots.append(table[p // block_size] * block_size + p % block_size)
+        loc.append(loc[-1] + n)
+        lens.append(c + n)
+    width = max(len(t) for t in tables)
+    grouped = any(s[2] >= 0 for s in specs)
+    md = AttentionMetadata(
+        num_tokens=total, block_size=block_size,
+        slot_mapping=torch.tensor(slots, device=device, dtype=torch.long),
+        query_start_loc=torch.tensor(loc, device=device, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, device=device, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device, dtype=torch.int32),
+        max_query_len=max(s[1] for s in specs), max_seq_len=max(lens),
+        query_start_loc_cpu=loc, seq_lens_cpu=lens, block_tables_cpu=tables,
+        share_group_cpu=[s[2] for s in specs] if grouped else None,
+        share_len_cpu=[s[3] for s in specs] if grouped else None,
+    )
+    return q, k, v, cache, md
+
+
+def group_decode(num_members, shared, own, group=0, new=1):
+    """`num_members` sequences sharing `shared` positions, each with `own` more cached tokens."""
+    return [(shared + own, new, group, shared) for _ in range(num_members)]

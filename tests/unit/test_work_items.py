@@ -1,0 +1,146 @@
+"""The Triton backend's work plan, on CPU: coverage of every query's keys, and the plan executed in
+torch (partials + log-sum-exp merge, as the kernels do) against the reference attention."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from batchllm.attention.torch_ref import TorchReferenceBackend
+from batchllm.attention.work_items import MIN_SHARED_TOKENS, plan_work_items, split_length
+from tests.attention_cases import group_decode, random_case
+
+
+def covered_ranges(items):
+    """token -> list of (lo, hi) key ranges the items give it (hi clipped at its position + 1)."""
+    got: dict[int, list[tuple[int, int]]] = {}
+    for w in range(items.num_items):
+        a, n = items.q_off[w], items.q_len[w]
+        for t, p in zip(items.q_tokens[a:a + n], items.q_pos[a:a + n]):
+            got.setdefault(int(t), []).append((int(items.kv_lo[w]), min(int(items.kv_hi[w]), int(p) + 1)))
+    return got
+
+
+def layout(rng):
+    """A random step: plain prefill chunks and decodes, and prefix groups decoding together."""
+    specs = []
+    for g in range(rng.randint(0, 4)):
+        shared = rng.choice([1, 15, 16, 64, 100, 700, 3000])
+        for _ in range(rng.randint(1, 40)):
+            specs.append((shared + rng.randint(0, 50), 1, g, shared))
+    for _ in range(rng.randint(0, 6)):
+        specs.append((rng.randint(0, 3000), rng.choice([1, 1, 7, 64, 300])))
+    if not specs:
+        specs.append((0, 5))
+    rng.shuffle(specs)
+    return [s if len(s) == 4 else (s[0], s[1], -1, 0) for s in specs]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_visible_key_is_covered_exactly_once(seed):
+    rng = random.Random(seed)
+    specs = layout(rng)
+    loc = [0]
+    for _, n, _, _ in specs:
+        loc.append(loc[-1] + n)
+    lens = [c + n for c, n, _, _ in specs]
+    block_q = rng.choice([1, 4, 16])
+    group_block_q = rng.choice([1, 4, 16])
+    items = plan_work_items(loc, lens, block_q, [s[2] for s in specs], [s[3] for s in specs],
+                            split_len=rng.choice([None, 64, 500]), group_block_q=group_block_q)
+    got = covered_ranges(items)
+    assert sorted(got) == list(range(loc[-1])), "every token is in some item"
+    for i, (c, n, _, _) in enumerate(specs):
+        for j in range(n):
+            t, pos = loc[i] + j, c + j
+            ranges = sorted(r for r in got[t] if r[1] > r[0])
+            assert ranges[0][0] == 0 and ranges[-1][1] == pos + 1
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), f"gap or overlap for token {t}: {ranges}"
+    p = items.num_prefix_items
+    assert all(1 <= q <= group_block_q for q in items.q_len[:p]) and all(1 <= q <= block_q for q in items.q_len[p:])
+    assert all(lo == 0 or items.part[w] >= 0 for w, lo in enumerate(items.kv_lo[:p]))
+    merged = set(items.merge_tokens.tolist())
+    for w in range(items.num_items):  # an item writes directly iff its tokens have no other item
+        toks = items.q_tokens[items.q_off[w]:items.q_off[w] + items.q_len[w]].tolist()
+        assert (items.part[w] < 0) == all(t not in merged for t in toks)
+
+
+def test_a_group_reads_its_shared_keys_once_per_block_q_members():
+    specs = group_decode(64, shared=4000, own=30)
+    loc = list(range(65))
+    lens = [c + n for c, n, _, _ in specs]
+    items = plan_work_items(loc, lens, 16, [0] * 64, [4000] * 64, split_len=10**9)
+    shared_reads = sum(int(items.kv_hi[w] - items.kv_lo[w]) for w in range(items.num_items) if items.kv_lo[w] == 0)
+    assert shared_reads == 4 * 4000  # 64 members / 16 per item, instead of 64 * 4000
+    assert items.num_group_items == 4
+
+
+def test_small_groups_and_short_prefixes_use_plain_tiles():
+    lens = [MIN_SHARED_TOKENS - 1 + 5] * 4 + [500]
+    loc = list(range(6))
+    items = plan_work_items(loc, lens, 16, [0, 0, 0, 0, 1], [MIN_SHARED_TOKENS - 1] * 4 + [400], split_len=10**9)
+    assert items.num_group_items == 0 and items.num_partials == 0 and items.num_items == 5
+
+
+def test_split_length_grows_with_the_step():
+    assert split_length(16 * 16000, num_kv_heads=8) == 2000  # 16 long decodes: 8 pieces each
+    assert split_length(1024 * 2200, num_kv_heads=8) > 2200  # a big decode batch fills the GPU unsplit
+    assert split_length(100, num_kv_heads=8) == 512  # never cut below the minimum
+
+
+def run_plan_in_torch(q, cache, md, items, scale):
+    """What the two kernels compute, in fp32 torch: one partial (output, log-sum-exp) per item and
+    query, then the log-sum-exp merge."""
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // cache.shape[3]
+    bs = md.block_size
+    out = torch.zeros(num_tokens, num_heads, head_dim)
+    partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for w in range(items.num_items):
+        table = md.block_tables_cpu[int(items.seq[w])]
+        a, n = int(items.q_off[w]), int(items.q_len[w])
+        for j in range(n):
+            t, pos = int(items.q_tokens[a + j]), int(items.q_pos[a + j])
+            keys = torch.arange(int(items.kv_lo[w]), min(int(items.kv_hi[w]), pos + 1))
+            slots = torch.tensor([table[p // bs] * bs + p % bs for p in keys.tolist()], dtype=torch.long)
+            k = cache[0].reshape(-1, *cache.shape[3:])[slots].float().repeat_interleave(group, 1)  # [n, h, d]
+            v = cache[1].reshape(-1, *cache.shape[3:])[slots].float().repeat_interleave(group, 1)
+            s = torch.einsum("hd,nhd->hn", q[t].float(), k) * scale
+            lse = torch.logsumexp(s, dim=1) if len(keys) else torch.full((num_heads,), float("-inf"))
+            o = torch.einsum("hn,nhd->hd", torch.softmax(s, 1), v) if len(keys) else torch.zeros(num_heads, head_dim)
+            if items.part[w] < 0:
+                out[t] = o
+            else:
+                partials[int(items.part[w]) + j] = (o, lse)
+    for i, t in enumerate(items.merge_tokens.tolist()):
+        rows = items.merge_parts[items.merge_ptr[i]:items.merge_ptr[i + 1]].tolist()
+        lse = torch.stack([partials[r][1] for r in rows])  # [parts, h]
+        o = torch.stack([partials[r][0] for r in rows])  # [parts, h, d]
+        w = torch.softmax(lse, dim=0)
+        out[t] = (w[..., None] * o).sum(0)
+    return out
+
+
+CASES = [
+    ("group-of-5-plus-plain", group_decode(5, shared=70, own=9) + [(30, 1), (0, 20)]),
+    ("two-groups-unaligned", group_decode(3, 100, 3, group=0) + group_decode(4, 67, 0, group=1)),
+    ("empty-own-suffix", group_decode(4, 64, 0)),
+    ("split-k-long-decode", [(3000, 1), (2500, 1), (40, 8)]),
+]
+
+
+@pytest.mark.parametrize("name, specs", CASES, ids=[c[0] for c in CASES])
+def test_plan_executed_in_torch_matches_reference(name, specs):
+    q, k, v, cache, md = random_case(specs, 8, 2, 16, 16, torch.float32, seed=3, device="cpu")
+    scale = 0.25
+    ref = TorchReferenceBackend().forward(q, k, v, cache, md, scale)  # also stores the new K/V
+    items = plan_work_items(md.query_start_loc_cpu, md.seq_lens_cpu, 4, md.share_group_cpu, md.share_len_cpu,
+                            split_len=1024 if "split" in name else None)
+    if "group" in name or "suffix" in name:
+        assert items.num_group_items > 0
+    if "split" in name:
+        assert len(items.merge_tokens) > 0
+    got = run_plan_in_torch(q, cache, md, items, scale)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
