@@ -190,8 +190,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
     b.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (default: shuffled)")
     b.add_argument("--configs", default="sharing,nosharing",
-                   help="comma list of: sharing, nosharing, sharing-plainattn (prefix-shared attention off), "
-                        "single (one-level plan), order-prefill, order-fifo")
+                   help="comma list of: sharing, nosharing, single (one-level plan), order-prefill, order-fifo; "
+                        "sharing-plainattn (prefix-shared attention off), sharing-fused, sharing-narrow "
+                        "(its launch modes; Triton backend)")
     b.add_argument("--model", default=None, help="model directory (config.json; weights unless --load-format dummy)")
     b.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -204,9 +205,14 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
 
 
+BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (defaults for every other config)
+    "sharing-plainattn": dict(use_prefix_groups=False),
+    "sharing-fused": dict(group_launch="fused"),
+    "sharing-narrow": dict(group_launch="narrow"),
+}
 CONFIGS = {
     "sharing": dict(prefix_sharing=True),
-    "sharing-plainattn": dict(prefix_sharing=True),  # prefix-shared attention off (Triton backend only)
+    **{name: dict(prefix_sharing=True) for name in BACKEND_CONFIGS},
     "nosharing": dict(prefix_sharing=False),
     "single": dict(prefix_sharing=True, plan_mode="single"),
     "order-prefill": dict(prefix_sharing=True, group_order="prefill"),
@@ -235,10 +241,12 @@ def bench_command(args) -> int:
         run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
     results = []
     backend = llm.attention_backend
+    defaults = {key: getattr(backend, key) for key in ("use_prefix_groups", "group_launch") if hasattr(backend, key)}
     for name in names:
         llm.sharing = SharingConfig(**CONFIGS[name])
-        if hasattr(backend, "use_prefix_groups"):
-            backend.use_prefix_groups = name != "sharing-plainattn"
+        if defaults:
+            for key, value in {**defaults, **BACKEND_CONFIGS.get(name, {})}.items():
+                setattr(backend, key, value)
         stats = run_workload(llm, workload, peak)
         stats["config"] = name
         results.append(stats)

@@ -47,7 +47,7 @@ def plan_ms(case, backend):
     start = time.perf_counter()
     for _ in range(5):
         md.backend_cache.clear()
-        backend._plan(md, 4, 32, 128)
+        backend._plan(md, 4, 32, 128, 8)
     return (time.perf_counter() - start) / 5 * 1e3
 
 
@@ -105,9 +105,13 @@ if __name__ == "__main__":
     shared_versus_plain(degree16(256, 16000, 200), "decode: 16000/200 degree 16, 256 requests")
     shared_versus_plain(degree16(1024, 2000, 200), "decode: 2000/200 degree 16, 1024 requests")
     shared_versus_plain(degree16(64, 2000, 200), "decode: 2000/200 degree 16, 64 requests")
-    case = random_case(group_decode(64, 4000, 100), 32, 8, 128, 16, torch.bfloat16, seed=0)
-    report({"case": "split-K length sweep: 4000-token prefix shared by 64, +100 own",
-            **{f"split_{n}_ms": round(time_ms(TritonBackend(split_len=n), case), 4) for n in (256, 512, 1024, 4096)}})
+    for specs, label in [(group_decode(64, 4000, 100), "4000-token prefix shared by 64, +100 own"),
+                         (degree16(1024, 2000, 200), "2000/200 degree 16, 1024 requests")]:
+        case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+        for mode in TritonBackend.LAUNCH_MODES:
+            report({"case": f"split-K length sweep, {mode} launch: {label}",
+                    **{f"split_{n}_ms": round(time_ms(TritonBackend(group_launch=mode, split_len=n), case), 4)
+                       for n in (512, 1024, 2048, NO_SPLIT)}})
     split_versus_whole([(16000, 1)] * 16, "decode 16 x 16000 ctx")
     split_versus_whole([(16000, 1)] * 64, "decode 64 x 16000 ctx")
     split_versus_whole([(4000, 1)] * 64, "decode 64 x 4000 ctx")

@@ -30,12 +30,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_GROUP_MEMBERS = 2
-"""A prefix group is attended as a group only when at least this many members decode in the step."""
-MIN_SHARED_TOKENS = 64
-"""... and when they share at least this many positions (below that, the merge costs more than it saves)."""
-TARGET_PROGRAMS = 1024
-"""Split-K aims at about this many programs (items x KV heads): 132 SMs x ~8 resident programs."""
+MIN_GROUP_MEMBERS = 4
+"""A prefix group is attended as a group only when at least this many members decode in the step..."""
+MIN_SHARED_TOKENS = 256
+"""... and share at least this many positions. Below these the partials and the merge cost more than
+the saved reads (H200 sweep in docs/benchmarks.md: groups of 2 break even only at ~1,024 shared
+positions; groups of 4 and 16 gain from 256 on)."""
+TARGET_PROGRAMS = 512
+"""Split-K spreads the step's keys over about this many programs (items x KV heads), ~4 per SM of an
+H100/H200: 64 decodes of 4,000 keys stay whole (splitting them was 9% slower), 16 of 16,000 split 4 ways."""
 MIN_SPLIT_LEN = 512
 """Key ranges are never cut shorter than this."""
 

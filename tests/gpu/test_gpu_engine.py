@@ -16,7 +16,7 @@ def tiny_dir(request, tmp_path_factory):
 def run(model_dir, backend, dtype, prefix_sharing=True):
     llm = LLM(model_dir, device="cuda", dtype=dtype, attention_backend=backend, skip_tokenizer_init=True,
               max_num_batched_tokens=64, block_size=16, kv_cache_memory_gib=1, prefix_sharing=prefix_sharing)
-    shared = list(range(10, 110))  # long enough to be attended as a group (work_items.MIN_SHARED_TOKENS)
+    shared = list(range(10, 310))  # long enough to be attended as a group (work_items.MIN_SHARED_TOKENS)
     prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]
     prompts += [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 90)]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)

@@ -85,7 +85,7 @@ def test_small_groups_and_short_prefixes_use_plain_tiles():
 
 
 def test_split_length_grows_with_the_step():
-    assert split_length(16 * 16000, num_kv_heads=8) == 2000  # 16 long decodes: 8 pieces each
+    assert split_length(16 * 16000, num_kv_heads=8) == 4000  # 16 long decodes: 4 pieces each
     assert split_length(1024 * 2200, num_kv_heads=8) > 2200  # a big decode batch fills the GPU unsplit
     assert split_length(100, num_kv_heads=8) == 512  # never cut below the minimum
 
@@ -137,7 +137,7 @@ def test_plan_executed_in_torch_matches_reference(name, specs):
     scale = 0.25
     ref = TorchReferenceBackend().forward(q, k, v, cache, md, scale)  # also stores the new K/V
     items = plan_work_items(md.query_start_loc_cpu, md.seq_lens_cpu, 4, md.share_group_cpu, md.share_len_cpu,
-                            split_len=1024 if "split" in name else None)
+                            split_len=1024 if "split" in name else None, min_members=1, min_shared=1)
     if "group" in name or "suffix" in name:
         assert items.num_group_items > 0
     if "split" in name:
