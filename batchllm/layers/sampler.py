@@ -20,9 +20,13 @@ def sample(
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    logits = logits.to(torch.float32)
     n = logits.shape[0]
     want_logprobs = [s.num_logprobs is not None for s in specs]
+    if not any(want_logprobs) and all(s.is_greedy and not s.banned_token_ids for s in specs):
+        # the common batch case: argmax in the model's dtype (exact: bf16/fp16 -> fp32 is lossless),
+        # with no fp32 copy of the [n, vocab] logits
+        return logits.argmax(dim=-1).tolist(), [None] * n
+    logits = logits.to(torch.float32)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
     logits = logits.clone()

@@ -1,0 +1,74 @@
+"""CPU cost of the engine around the model: scheduling, input building, the attention work plan,
+sampling and output handling, with the model replaced by a stub (no GPU needed).
+
+    .venv/bin/python benchmarks/step_overhead.py [--requests 1024] [--profile]
+
+Runs the 2000/200 degree-16 workload through `LLM.generate` with a 2-layer, 64-wide model whose
+forward is skipped (hidden states of zeros), so almost all time is the per-step CPU work that a GPU
+run must hide. Prints milliseconds per decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+from batchllm import LLM
+from batchllm.attention.work_items import plan_work_items
+from batchllm.bench import run_workload, shared_prefix_workload
+
+
+class PlanningStub:
+    """Stands in for the attention backend: builds the Triton backend's work plan (CPU) once per
+    step, attends to nothing."""
+
+    def forward(self, query, key, value, kv_cache, metadata, scale):
+        if "plan" not in metadata.backend_cache:
+            metadata.backend_cache["plan"] = plan_work_items(
+                metadata.query_start_loc_cpu, metadata.seq_lens_cpu, 1, metadata.share_group_cpu,
+                metadata.share_len_cpu, group_block_q=16)
+        return query
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--output", type=int, default=30)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    model_dir = Path(tempfile.mkdtemp(prefix="batchllm-step-overhead-"))
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096,
+                architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
+    llm = LLM(str(model_dir), load_format="dummy", device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=4096,
+              kv_cache_memory_gib=4, max_num_batched_tokens=8192)
+    llm.engine.executor.backend = PlanningStub()
+    model = llm.engine.executor.model
+    model.forward = lambda input_ids, positions, kv_caches, md, backend: (
+        backend.forward(None, None, None, None, md, 1.0), torch.zeros(len(input_ids), model.spec.hidden_size))[1]
+    workload = shared_prefix_workload(2000, 200, 16, args.requests, args.output, llm.model_spec.vocab_size)
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
+    start = time.perf_counter()
+    stats = run_workload(llm, workload)
+    wall = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    decode_steps = [r for r in llm.engine.step_log[-stats["num_steps"]:] if r.num_tokens == r.num_requests]
+    print(f"{stats['num_steps']} steps in {wall:.2f} s; {len(decode_steps)} pure decode steps of "
+          f"~{max(r.num_requests for r in decode_steps)} requests: runner "
+          f"{1e3 * sum(r.seconds for r in decode_steps) / len(decode_steps):.2f} ms/step; whole loop "
+          f"{1e3 * wall / stats['num_steps']:.2f} ms/step on average")
+
+
+if __name__ == "__main__":
+    main()
