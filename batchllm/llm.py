@@ -126,6 +126,10 @@ class LLM:
         )
         self.kv_spec = plan_kv_cache(self.model_spec, self.config.cache, self.dtype, self.device)
         self.attention_backend = _attention_backend(mc.attention_backend, self.device)
+        if hasattr(self.attention_backend, "warmup"):
+            spec = self.model_spec
+            self.attention_backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                                          self.kv_spec.block_size, self.dtype, self.device)
         runner = ModelRunner(
             self.model, self.kv_spec, self.attention_backend, device=self.device, dtype=self.dtype, seed=mc.seed
         )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
-from batchllm.attention.work_items import plan_work_items
+from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, plan_work_items
 
 try:
     import triton
@@ -35,7 +35,7 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["item_offset"])  # one compiled variant for every offset
     def _paged_attention_kernel(
         Q, K_cache, V_cache, Out, Part_out, Part_lse,
         block_tables, item_seq, item_q_off, item_q_len, item_kv_lo, item_kv_hi, item_part, q_tokens, q_pos,
@@ -228,6 +228,37 @@ class TritonBackend:
                 HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
             )
         return out
+
+    def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+               device: torch.device) -> None:
+        """Compile every kernel variant a run can meet (decode with and without prefix groups, mixed
+        steps, the merge) before the first step, so no step stalls on the Triton compiler."""
+        shared, members = MIN_SHARED_TOKENS, MIN_GROUP_MEMBERS
+        blocks = -(-(shared + 2) // block_size)
+        cache = torch.zeros(2, blocks * (members + 1), block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        table = list(range(blocks))
+        decode = [(shared + 1, 1)] * members  # (cached, new) per sequence
+        for specs, grouped in ((decode, True), (decode, False), ([(0, 20), (shared, 1)], False)):
+            n = sum(new for _, new in specs)
+            loc = [0]
+            for _, new in specs:
+                loc.append(loc[-1] + new)
+            lens = [c + new for c, new in specs]
+            md = AttentionMetadata(
+                num_tokens=n, block_size=block_size,
+                slot_mapping=torch.arange(n, dtype=torch.long, device=device),
+                query_start_loc=torch.tensor(loc, dtype=torch.int32, device=device),
+                seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+                block_tables=torch.tensor([table] * len(specs), dtype=torch.int32, device=device),
+                max_query_len=max(new for _, new in specs), max_seq_len=max(lens),
+                query_start_loc_cpu=loc, seq_lens_cpu=lens, block_tables_cpu=[table] * len(specs),
+                share_group_cpu=[0] * len(specs) if grouped else None,
+                share_len_cpu=[shared] * len(specs) if grouped else None,
+            )
+            q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
+            kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
+            self.forward(q, kv, kv, cache, md, head_dim ** -0.5)
+        torch.cuda.synchronize(device)
 
     def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
               num_kv_heads: int) -> dict:
