@@ -35,7 +35,9 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["item_offset"])  # one compiled variant for every offset
+    # Triton compiles a variant per divisibility of integer arguments: the offset and the block
+    # table width change every step, so they are not specialized (one variant serves all steps)
+    @triton.jit(do_not_specialize=["item_offset", "stride_bt"])
     def _paged_attention_kernel(
         Q, K_cache, V_cache, Out, Part_out, Part_lse,
         block_tables, item_seq, item_q_off, item_q_len, item_kv_lo, item_kv_hi, item_part, q_tokens, q_pos,
@@ -289,15 +291,17 @@ class TritonBackend:
         else:
             launches = [(0, n, max(block_q, group_block_q) if p else block_q)]
         device = metadata.seq_lens.device
-        host = np.concatenate([items.seq, items.q_off, items.q_len, items.kv_lo, items.kv_hi, items.part,
-                               items.q_tokens, items.q_pos, items.merge_tokens, items.merge_ptr, items.merge_parts])
-        flat = torch.from_numpy(host).to(device, non_blocking=True)  # one copy for all the arrays
-        tensors, offset = {}, 0
-        for name in ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part", "q_tokens", "q_pos",
-                     "merge_tokens", "merge_ptr", "merge_parts"):
-            size = len(getattr(items, name))
-            tensors[name] = flat[offset:offset + size]
-            offset += size
+        # one host-to-device copy for all the arrays; each starts 16-byte aligned, since Triton also
+        # compiles a variant per pointer alignment
+        names = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part", "q_tokens", "q_pos",
+                 "merge_tokens", "merge_ptr", "merge_parts")
+        sizes = [len(getattr(items, name)) for name in names]
+        starts = np.cumsum([0] + [-(-size // 4) * 4 for size in sizes])
+        host = np.zeros(int(starts[-1]), dtype=np.int32)
+        for name, start, size in zip(names, starts, sizes):
+            host[start:start + size] = getattr(items, name)
+        flat = torch.from_numpy(host).to(device, non_blocking=True)
+        tensors = {name: flat[start:start + size] for name, start, size in zip(names, starts, sizes)}
         num_partials = max(items.num_partials, 1)
         plan = {
             "items": items, "launches": launches, "tensors": tensors,
