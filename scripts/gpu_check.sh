@@ -16,7 +16,7 @@ cat "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
 grep -q " failed" "$OUT/gpu_tests.log" && status=1
 [ "${SKIP_BENCH:-0}" = 1 ] && exit $status
-python3 benchmarks/attention_bench.py 2>&1 | tee "$OUT/attention_bench.log"
+python3 benchmarks/attention_bench.py --json-out "$OUT/attention_bench.json" 2>&1 | tee "$OUT/attention_bench.log"
 python3 -m batchllm.cli bench --model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 \
     --max-model-len 20000 --workload shared --shared 2000 --distinct 200 --degree 16 \
     --requests "${BENCH_REQUESTS:-256}" --output 100 --configs sharing,nosharing \
