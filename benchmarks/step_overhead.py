@@ -3,9 +3,8 @@ sampling and output handling, with the model replaced by a stub (no GPU needed).
 
     .venv/bin/python benchmarks/step_overhead.py [--requests 1024] [--profile]
 
-Runs the 2000/200 degree-16 workload through `LLM.generate` with a 2-layer, 64-wide model whose
-forward is skipped (hidden states of zeros), so almost all time is the per-step CPU work that a GPU
-run must hide. Prints milliseconds per decode step.
+Runs the 2000/200 degree-16 workload through `LLM.generate` with a model whose forward and logits
+are skipped (zeros), so almost all time is the per-step CPU work that a GPU run must hide. Prints milliseconds per decode step.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ def main() -> None:
     model = llm.engine.executor.model
     model.forward = lambda input_ids, positions, kv_caches, md, backend: (
         backend.forward(None, None, None, None, md, 1.0), torch.zeros(len(input_ids), model.spec.hidden_size))[1]
+    model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], 8)  # no vocab-sized matmul either
     workload = shared_prefix_workload(2000, 200, 16, args.requests, args.output, llm.model_spec.vocab_size)
     profiler = cProfile.Profile() if args.profile else None
     if profiler:

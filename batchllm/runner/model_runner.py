@@ -133,57 +133,61 @@ class ModelRunner:
         return generator
 
     def _prepare_inputs(self, batch: ScheduledBatch):
+        """Token ids, positions, slots and attention metadata of a step. One Python pass over the
+        requests (block-table diffs, ids, per-sequence numbers); per-token arrays come from numpy;
+        the per-token and per-sequence integers go to the device in one copy."""
+        requests = batch.requests
+        num_seqs = len(requests)
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
+        starts = np.empty(num_seqs, dtype=np.int64)
+        counts = np.empty(num_seqs, dtype=np.int64)
         tables: list[list[int]] = []
         share_group: list[int] = []
         share_len: list[int] = []
         group_index: dict[str, int] = {}
         sample_rows = []
-        bs = self.block_size
-        for scheduled in batch.requests:
-            table = self._tables.update(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids)
-            start, n = scheduled.start_position, len(scheduled.token_ids)
+        num_tokens = 0
+        for i, scheduled in enumerate(requests):
+            tables.append(self._tables.update(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids))
+            n = len(scheduled.token_ids)
             input_ids.extend(scheduled.token_ids)
-            for pos in range(start, start + n):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(start + n)
-            tables.append(table)
+            starts[i] = scheduled.start_position
+            counts[i] = n
+            num_tokens += n
             if scheduled.share_group is None:
                 share_group.append(-1)
             else:
                 share_group.append(group_index.setdefault(scheduled.share_group, len(group_index)))
             share_len.append(scheduled.share_len)
             if scheduled.sampling is not None:
-                sample_rows.append((query_start_loc[-1] - 1, scheduled))
-        dev = self.device
-        block_tables = self._tables.gather([s.request_id for s in batch.requests], max(len(t) for t in tables))
+                sample_rows.append((num_tokens - 1, scheduled))
+        bs = self.block_size
+        block_tables = self._tables.gather([s.request_id for s in requests], max(len(t) for t in tables))
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        seq_lens = starts + counts
+        positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
+        token_seq = np.repeat(np.arange(num_seqs), counts)
+        slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
+        host = np.concatenate([np.asarray(input_ids, dtype=np.int64), positions, slots, query_start_loc, seq_lens])
+        flat = torch.from_numpy(host).to(self.device)
+        t = num_tokens
         metadata = AttentionMetadata(
-            num_tokens=len(input_ids),
+            num_tokens=num_tokens,
             block_size=bs,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=flat[2 * t:3 * t],
+            query_start_loc=flat[3 * t:3 * t + num_seqs + 1].to(torch.int32),
+            seq_lens=flat[3 * t + num_seqs + 1:].to(torch.int32),
+            block_tables=torch.from_numpy(block_tables).to(self.device),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
             block_tables_cpu=tables,
             share_group_cpu=share_group if group_index else None,
             share_len_cpu=share_len if group_index else None,
         )
-        return (
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            metadata,
-            sample_rows,
-        )
+        return flat[:t], flat[t:2 * t], metadata, sample_rows
 
 
 class _BlockTables:
