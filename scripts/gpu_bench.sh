@@ -2,6 +2,7 @@
 # Engine benchmarks on the GPU machine (the `device` tool), Llama-3.1-8B shape, bf16, dummy weights.
 #   PART=a bash scripts/gpu_bench.sh    paper workloads at 1,024 / 256 requests (~5 min on an H200)
 #   PART=b bash scripts/gpu_bench.sh    6,400 shuffled requests; HF generate_batch side by side (~6 min)
+#   PART=c bash scripts/gpu_bench.sh    the Qwen2.5-7B shape; the snippet-like workload (~5 min)
 # Logs and JSON go under $OUT (or ./gpu_out). Each `batchllm bench` measures the bf16 matmul peak first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +30,15 @@ b)
   timeout 300 python3 benchmarks/hf_generate_batch.py --model "$MODEL" --shared 2000 --distinct 200 --degree 16 \
       --requests 256 --output 100 --json-out "$OUT/hf_generate_batch_n256.json" 2>&1 | grep -v Warning \
       | tail -3 | tee -a "$OUT/bench.log"
+  ;;
+c)
+  MODEL=benchmarks/configs/qwen2.5-7b
+  common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
+  bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
+      --configs sharing --json-out "$OUT/qwen2.5-7b_shared2000_200_deg16.json"
+  MODEL=benchmarks/configs/llama-3.1-8b
+  common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
+  timeout 300 python3 -m batchllm.cli bench "${common[@]}" --workload snippet --requests 8000 --output 100 \
+      --configs sharing --json-out "$OUT/snippet_n8000.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
   ;;
 esac

@@ -36,22 +36,30 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
     raise ModelLoadError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position; `for_positions` gathers a step's rows once for all layers."""
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
+        sin = emb.sin()
+        sin[:, : head_dim // 2] *= -1  # rotate_half(x) * sin == roll(x) * this (exactly: negation is exact)
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_positions, head_dim]
-        self.register_buffer("sin", emb.sin(), persistent=False)  # [max_positions, head_dim]
+        self.register_buffer("sin_signed", sin, persistent=False)  # [max_positions, head_dim]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def for_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> StepRotary:
+        return StepRotary(self.cos[positions].to(dtype)[:, None, :], self.sin_signed[positions].to(dtype)[:, None, :])
+
+
+class StepRotary:
+    """The rotation of one step's tokens: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin
+    computed as roll(x, head_dim / 2) * sin_signed (the same products as transformers, in 4 kernels)."""
+
+    def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
+        self.cos, self.sin_signed = cos, sin_signed  # [num_tokens, 1, head_dim]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, heads, head_dim] -> a new tensor of the same shape."""
+        return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.sin_signed

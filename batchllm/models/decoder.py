@@ -13,7 +13,7 @@ from torch import nn
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.layers.norm import RMSNorm
-from batchllm.layers.rotary import RotaryEmbedding
+from batchllm.layers.rotary import RotaryEmbedding, StepRotary
 from batchllm.models.spec import ModelSpec
 
 
@@ -24,9 +24,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = self.head_dim**-0.5
         h = spec.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=t.qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=t.qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=t.qkv_bias)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # q, k and v in one matmul: rows [q; k; v] (the checkpoint's three matrices are loaded into it)
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=t.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=t.o_bias)
         if t.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
@@ -36,20 +36,22 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,  # [num_tokens]
         hidden: torch.Tensor,  # [num_tokens, hidden_size]
-        rotary: RotaryEmbedding,
+        rotary: StepRotary,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
         n = hidden.shape[0]
-        q = self.q_proj(hidden).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(hidden)
+        v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:  # rotate q and k in one pass over their joint slice
+            qk = rotary(qkv[:, :self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim))
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        else:
+            q = self.q_norm(qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim))
+            q, k = rotary(q), rotary(k)
         out = backend.forward(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
@@ -58,12 +60,13 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=b)
-        self.up_proj = nn.Linear(h, i, bias=b)
+        self.intermediate_size = i
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # rows [gate; up], one matmul
         self.down_proj = nn.Linear(i, h, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -74,9 +77,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, positions, hidden, rotary, kv_cache, metadata, backend) -> torch.Tensor:
+    def forward(self, hidden, rotary, kv_cache, metadata, backend) -> torch.Tensor:
         residual = hidden
-        hidden = self.self_attn(positions, self.input_layernorm(hidden), rotary, kv_cache, metadata, backend)
+        hidden = self.self_attn(self.input_layernorm(hidden), rotary, kv_cache, metadata, backend)
         hidden = residual + hidden
         residual = hidden
         return residual + self.mlp(self.post_attention_layernorm(hidden))
@@ -109,9 +112,29 @@ class DecoderForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         hidden = self.model.embed_tokens(input_ids)
+        rotary = self.model.rotary.for_positions(positions, hidden.dtype)  # once per step, for every layer
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            hidden = layer(positions, hidden, self.model.rotary, kv_cache, metadata, backend)
+            hidden = layer(hidden, rotary, kv_cache, metadata, backend)
         return self.model.norm(hidden)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of a transformers checkpoint, by its name there, mapped to what it loads into:
+        a parameter, or its rows of a merged one (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+        spec = self.spec
+        q, kv, inter = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+        merged = {
+            "qkv_proj": (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)),
+            "gate_up_proj": (("gate_proj", 0, inter), ("up_proj", inter, 2 * inter)),
+        }
+        tensors = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            prefix, module, kind = name.rsplit(".", 2) if name.count(".") >= 2 else ("", *name.split("."))
+            if module in merged:
+                for part, start, end in merged[module]:
+                    tensors[f"{prefix}.{part}.{kind}"] = param.data[start:end]
+            else:
+                tensors[name] = param.data
+        return tensors
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab_size]
         return self.lm_head(hidden)

@@ -66,7 +66,7 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:
         raise ModelLoadError(
             f"{str(model_dir)!r} holds no *.safetensors weights (use load_format='dummy' for random weights)"
         )
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = model.checkpoint_tensors()
     loaded: set[str] = set()
     for path in files:
         try:
