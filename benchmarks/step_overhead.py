@@ -21,7 +21,7 @@ from transformers import LlamaConfig
 
 from batchllm import LLM
 from batchllm.attention.work_items import plan_work_items
-from batchllm.bench import run_workload, shared_prefix_workload
+from batchllm.bench import run_workload, shared_prefix_workload, snippet_workload
 
 
 class PlanningStub:
@@ -41,19 +41,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--output", type=int, default=30)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--kv-gib", type=float, default=4.0, help="KV cache size (the stub model is 64 wide: 4 GiB ~ 4M tokens)")
+    parser.add_argument("--workload", default="shared", choices=["shared", "snippet"])
     args = parser.parse_args()
     model_dir = Path(tempfile.mkdtemp(prefix="batchllm-step-overhead-"))
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096,
                 architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
     llm = LLM(str(model_dir), load_format="dummy", device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=4096,
-              kv_cache_memory_gib=4, max_num_batched_tokens=8192)
+              kv_cache_memory_gib=args.kv_gib, max_num_batched_tokens=8192)
     llm.engine.executor.backend = PlanningStub()
     model = llm.engine.executor.model
     model.forward = lambda input_ids, positions, kv_caches, md, backend: (
         backend.forward(None, None, None, None, md, 1.0), torch.zeros(len(input_ids), model.spec.hidden_size))[1]
     model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], 8)  # no vocab-sized matmul either
-    workload = shared_prefix_workload(2000, 200, 16, args.requests, args.output, llm.model_spec.vocab_size)
+    if args.workload == "snippet":
+        workload = snippet_workload(args.requests, llm.model_spec.vocab_size, output=args.output)
+    else:
+        workload = shared_prefix_workload(2000, 200, 16, args.requests, args.output, llm.model_spec.vocab_size)
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
@@ -63,7 +68,8 @@ def main() -> None:
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
-    decode_steps = [r for r in llm.engine.step_log[-stats["num_steps"]:] if r.num_tokens == r.num_requests]
+    decode_steps = [r for r in llm.engine.step_log[-stats["num_steps"]:] if r.num_tokens == r.num_requests] or [
+        max(llm.engine.step_log[-stats["num_steps"]:], key=lambda r: r.num_requests)]
     print(f"{stats['num_steps']} steps in {wall:.2f} s; {len(decode_steps)} pure decode steps of "
           f"~{max(r.num_requests for r in decode_steps)} requests: runner "
           f"{1e3 * sum(r.seconds for r in decode_steps) / len(decode_steps):.2f} ms/step; whole loop "

@@ -77,9 +77,11 @@ class MemoryAdmission:
     """Admit while the projected KV footprint of everything admitted fits `threshold` x the pool.
 
     A request's projection: blocks for its own tokens (past the fork point) plus its expected
-    output, plus one block for a copy-on-write partial block; a shared prefix counts once, when
-    it is admitted. The projection is released when the request finishes or is preempted and
-    when a prefix is released. Work is always admitted when nothing is running, so the batch moves.
+    output, plus one block for a copy-on-write partial block; a shared prefix counts once. A
+    prefix is admitted with its whole group (every member and nested group is charged then, and
+    admitted later without a second check). Each request's share is released when it finishes or
+    is preempted, and a prefix's when it is released. Work is always admitted when nothing is
+    running, so the batch moves.
     """
 
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int, threshold: float = 1.0,
@@ -97,13 +99,28 @@ class MemoryAdmission:
         return -(-own // self.block_size) + (1 if request.parent is not None else 0)
 
     def can_admit(self, request: Request, nothing_running: bool) -> bool:
-        if nothing_running:
+        if nothing_running or request.projected_blocks > 0:  # nothing to wait for, or charged already
             return True
-        return self.projected_blocks + self.projection(request) <= self.capacity
+        return self.projected_blocks + sum(self.projection(r) for r in self._uncharged_group(request)) <= self.capacity
 
     def on_admit(self, request: Request) -> None:
-        request.projected_blocks = self.projection(request)
-        self.projected_blocks += request.projected_blocks
+        """Charge the request and, for a prefix, its whole group: members and nested groups that
+        are not charged yet. A group starts only when all of it is projected to fit, so a prefix
+        never holds memory its members cannot follow it into (when the pool held many READY
+        prefixes whose members could not fit, they were released and recomputed over and over)."""
+        for r in self._uncharged_group(request):
+            r.projected_blocks = self.projection(r)
+            self.projected_blocks += r.projected_blocks
+
+    @staticmethod
+    def _uncharged_group(request: Request) -> list[Request]:
+        group, stack = [], [request]
+        while stack:
+            r = stack.pop()
+            if r.projected_blocks == 0:
+                group.append(r)
+            stack.extend(r.pending_members)
+        return group
 
     def on_release(self, request: Request) -> None:
         self.projected_blocks -= request.projected_blocks

@@ -246,3 +246,24 @@ def test_nested_idle_prefixes_do_not_livelock_a_long_member():
     out, sched, _, plan = run(prompts, sharing=True, num_blocks=20, max_tokens=4, order=PrefillLengthOrder())
     assert any(g.parent is not None for g in plan.groups)
     assert out == base
+
+
+def test_nested_groups_under_memory_pressure_compute_each_prefix_once():
+    """Regression (the snippet workload: 8,000 requests took 105k steps and recomputed 150x the
+    plan): many one-token top-level prefixes, each over nested groups whose prefixes are bigger
+    than the pool holds at once. Admitting a prefix without its members' memory filled the pool
+    with READY prefixes whose members could not follow; they were released and recomputed."""
+    rng = random.Random(0)
+    prompts = []
+    for top in range(6):
+        for _ in range(4):
+            prefix = [top + 1] + [rng.randrange(1000, 5000) for _ in range(40)]
+            for m in range(rng.randint(1, 4)):
+                prompts.append(prefix + [100 + m] + [rng.randrange(1000, 5000) for _ in range(6)])
+    rng.shuffle(prompts)
+    base, *_ = run(prompts, sharing=False, num_blocks=100, budget=64, max_tokens=5)
+    out, sched, _, plan = run(prompts, sharing=True, num_blocks=100, budget=64, max_tokens=5)
+    assert any(g.parent is not None for g in plan.groups), "the plan nests groups"
+    assert out == base
+    assert sched.stats.num_prefix_releases == 0
+    assert sched.stats.prefill_tokens == plan.summary()["prefill_tokens"], "every prefix computed exactly once"
