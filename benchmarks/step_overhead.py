@@ -62,6 +62,20 @@ def main() -> None:
         workload = snippet_workload(args.requests, llm.model_spec.vocab_size, output=args.output)
     else:
         workload = shared_prefix_workload(2000, 200, 16, args.requests, args.output, llm.model_spec.vocab_size)
+    phase_ms: dict[str, list[float]] = {"schedule": [], "update": []}
+    scheduler = llm.engine.scheduler
+    for phase, name in (("schedule", "schedule"), ("update", "update_from_output")):
+        method = getattr(scheduler, name)
+
+        def timed(*a, _method=method, _phase=phase):
+            start = time.perf_counter()
+            result = _method(*a)
+            batch = result if _phase == "schedule" else a[0]
+            if batch.requests and batch.num_tokens == len(batch.requests) > 1:  # pure decode steps
+                phase_ms[_phase].append(1e3 * (time.perf_counter() - start))
+            return result
+
+        setattr(scheduler, name, timed)
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
@@ -77,6 +91,9 @@ def main() -> None:
           f"~{max(r.num_requests for r in decode_steps)} requests: runner "
           f"{1e3 * sum(r.seconds for r in decode_steps) / len(decode_steps):.2f} ms/step; whole loop "
           f"{1e3 * wall / stats['num_steps']:.2f} ms/step on average")
+    for phase, values in phase_ms.items():
+        if values:
+            print(f"  scheduler {phase}: median {sorted(values)[len(values) // 2]:.2f} ms per pure decode step")
 
 
 if __name__ == "__main__":
