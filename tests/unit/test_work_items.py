@@ -144,3 +144,21 @@ def test_plan_executed_in_torch_matches_reference(name, specs):
         assert len(items.merge_tokens) > 0
     got = run_plan_in_torch(q, cache, md, items, scale)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backend_plans_launches_on_cpu():
+    """The backend's planning half needs neither Triton nor CUDA: launches cover every item once,
+    prefix items run in 64-row programs and one-token items in 16-row ones (the "split" launch)."""
+    from batchllm.attention.triton_backend import TritonBackend
+
+    specs = group_decode(20, 300, 7, 0) + group_decode(3, 1000, 0, 1) + [(50, 1), (2000, 1)]
+    *_, md = random_case(specs, 32, 8, 128, 16, torch.float32, seed=0, device="cpu")
+    plan = TritonBackend()._plan(md, 4, 32, 128, 8)
+    items = plan["items"]
+    assert items.num_group_items > 0
+    covered = [i for offset, n, _ in plan["launches"] for i in range(offset, offset + n)]
+    assert covered == list(range(items.num_items))
+    assert [bq for *_, bq in plan["launches"]] == [16, 1]
+    for name, values in plan["tensors"].items():  # device copies match the plan, 16-byte aligned
+        assert values.tolist() == getattr(items, name).tolist() and values.data_ptr() % 16 == 0
+    assert plan["part_out"].shape == (max(items.num_partials, 1), 32, 128)
