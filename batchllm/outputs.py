@@ -39,10 +39,10 @@ class ScheduledRequest:
     block_table_start: int
     sampling: SamplingSpec | None
     """Set iff this step reaches the request's last token, so a new token is sampled."""
-    share_group: str | None = None
-    """The shared prefix this request forked from, if any: every request with the same share_group
-    holds the same KV at its first `share_len` positions (the attention may read them once)."""
-    share_len: int = 0
+    shared_prefixes: tuple[tuple[str, int], ...] = ()
+    """The shared prefixes above this request, outermost first, as (prefix id, length): every
+    request under the same prefix holds the same KV at its first `length` positions (the attention
+    may read them once for all of them)."""
 
 
 @dataclass(frozen=True)

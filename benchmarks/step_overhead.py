@@ -31,8 +31,8 @@ class PlanningStub:
     def forward(self, query, key, value, kv_cache, metadata, scale):
         if "plan" not in metadata.backend_cache:
             metadata.backend_cache["plan"] = plan_work_items(
-                metadata.query_start_loc_cpu, metadata.seq_lens_cpu, 1, metadata.share_group_cpu,
-                metadata.share_len_cpu, group_block_q=16)
+                metadata.query_start_loc_cpu, metadata.seq_lens_cpu, 1, metadata.share_levels_cpu,
+                group_block_q=16)
         return query
 
 

@@ -16,9 +16,12 @@ from batchllm.attention.backend import AttentionMetadata
 
 
 def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, device="cuda"):
-    """specs: (cached, new) or (cached, new, group, share) per sequence. Returns q, k, v, a cache full
+    """specs: (cached, new) or (cached, new, group, share) per sequence, or (cached, new, levels) with
+    levels = [(group, share), ...] outermost first (nested groups). Returns q, k, v, a cache full
     of random values (the context already 'computed') and the step's metadata, with a shuffled
     block assignment."""
+    if any(len(s) == 3 for s in specs):
+        return _nested_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, device)
     specs = [tuple(s) + (-1, 0) if len(s) == 2 else tuple(s) for s in specs]
     g = torch.Generator(device=device).manual_seed(seed)
     group_blocks: dict[int, list[int]] = {}  # the group's full shared blocks
@@ -76,8 +79,7 @@ def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, see
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device, dtype=torch.int32),
         max_query_len=max(s[1] for s in specs), max_seq_len=max(lens),
         query_start_loc_cpu=loc, seq_lens_cpu=lens, block_tables_cpu=tables,
-        share_group_cpu=[s[2] for s in specs] if grouped else None,
-        share_len_cpu=[s[3] for s in specs] if grouped else None,
+        share_levels_cpu=[([s[2] for s in specs], [s[3] for s in specs])] if grouped else None,
     )
     return q, k, v, cache, md
 
@@ -85,3 +87,25 @@ def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, see
 def group_decode(num_members, shared, own, group=0, new=1):
     """`num_members` sequences sharing `shared` positions, each with `own` more cached tokens."""
     return [(shared + own, new, group, shared) for _ in range(num_members)]
+
+
+def _nested_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, device):
+    """Nested groups by content: every sequence has blocks of its own, and each member's shared
+    positions are copied from the first member of its group, level by level (outer first)."""
+    specs = [(s[0], s[1], list(s[2]) if len(s) == 3 else ([(s[2], s[3])] if len(s) == 4 else []))
+             for s in specs]
+    flat = [(c, n) for c, n, _ in specs]
+    q, k, v, cache, md = random_case(flat, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, device)
+    first: dict[int, int] = {}
+    depth = max(len(levels) for _, _, levels in specs)
+    share_levels = [([-1] * len(specs), [0] * len(specs)) for _ in range(depth)]
+    for i, (c, _, levels) in enumerate(specs):
+        for d, (group, share) in enumerate(levels):
+            assert share <= c, "members share only cached positions"
+            share_levels[d][0][i], share_levels[d][1][i] = group, share
+            src = first.setdefault(group, i)
+            for p in range(share):
+                a, b = md.block_tables_cpu[src], md.block_tables_cpu[i]
+                cache[:, b[p // block_size], p % block_size] = cache[:, a[p // block_size], p % block_size]
+    md.share_levels_cpu = share_levels
+    return q, k, v, cache, md

@@ -28,10 +28,10 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # host copies, for backends that loop per sequence
     seq_lens_cpu: list[int]
     block_tables_cpu: list[list[int]]
-    share_group_cpu: list[int] | None = None
-    """Per sequence: the prefix group it forked from (-1: none). Members of one group hold the same
-    KV at their first share_len_cpu[i] positions, so those keys may be read once for all of them."""
-    share_len_cpu: list[int] | None = None
+    share_levels_cpu: list[tuple[list[int], list[int]]] | None = None
+    """Prefix groups, outermost level first: per level, (group per sequence or -1, shared positions
+    per sequence). Members of one group hold the same KV at their first `shared` positions, so
+    those keys may be read once for all of them. None: no sequence is under a shared prefix."""
     backend_cache: dict[Any, Any] = field(default_factory=dict)
     """Per-step data a backend derives once and reuses in every layer (e.g. tile tables)."""
 

@@ -254,8 +254,7 @@ class TritonBackend:
                 block_tables=torch.tensor([table] * len(specs), dtype=torch.int32, device=device),
                 max_query_len=max(new for _, new in specs), max_seq_len=max(lens),
                 query_start_loc_cpu=loc, seq_lens_cpu=lens, block_tables_cpu=[table] * len(specs),
-                share_group_cpu=[0] * len(specs) if grouped else None,
-                share_len_cpu=[shared] * len(specs) if grouped else None,
+                share_levels_cpu=[([0] * len(specs), [shared] * len(specs))] if grouped else None,
             )
             q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
             kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -277,8 +276,8 @@ class TritonBackend:
         group_block_q = {"split": wide, "fused": wide, "narrow": narrow if decode_only else wide}[self.group_launch]
         if self.group_launch in ("fused", "narrow"):
             block_q = group_block_q if decode_only else wide
-        share = self.use_prefix_groups and metadata.share_group_cpu is not None
-        kwargs = dict(share_group=metadata.share_group_cpu, share_len=metadata.share_len_cpu) if share else {}
+        share = self.use_prefix_groups and metadata.share_levels_cpu is not None
+        kwargs = dict(share_levels=metadata.share_levels_cpu) if share else {}
         items = plan_work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, block_q,
                                 num_kv_heads=num_kv_heads, group_block_q=group_block_q, **kwargs, **self.plan_options)
         if decode_only and items.num_group_items == 0 and block_q > 1:

@@ -9,9 +9,10 @@ anywhere in the step, attending to the key positions [kv_lo, kv_hi) of one block
 * **tile**: up to `block_q` consecutive query tokens of one sequence over its whole context; the
   plain paged attention of prefill chunks and decode tokens;
 * **prefix**: the decode tokens of up to `group_block_q` members of one prefix group over the group's
-  shared positions [0, share_len): the shared KV is read once per item instead of once per member
-  (DESIGN.md item 6, "prefix-shared attention");
-* **suffix**: one member's decode token over its own positions [share_len, seq_len).
+  shared positions: the shared KV is read once per item instead of once per member (DESIGN.md
+  item 6, "prefix-shared attention"). With nested groups each level gets its own items: an outer
+  group's over [0, its length), a sub-group's over [the outer length, its length);
+* **suffix**: one member's decode token over the positions no prefix item covered for it.
 
 Any item whose key range is longer than `split_len` is cut into pieces (split-K), so that a few long
 sequences (or a few groups' long prefixes beside many short suffixes) still fill the GPU evenly.
@@ -26,6 +27,7 @@ positions 0..pos exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +91,7 @@ def plan_work_items(
     query_start_loc: list[int],
     seq_lens: list[int],
     block_q: int,
-    share_group: list[int] | None = None,
-    share_len: list[int] | None = None,
+    share_levels: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
     split_len: int | None = None,
     num_kv_heads: int = 8,
     group_block_q: int | None = None,
@@ -98,12 +99,18 @@ def plan_work_items(
     min_shared: int = MIN_SHARED_TOKENS,
 ) -> WorkItems:
     """Plan one step. Sequence i has query tokens query_start_loc[i] .. query_start_loc[i+1]-1 at the
-    last positions of its seq_lens[i] tokens. share_group[i] >= 0 names the prefix group of
-    sequence i, whose first share_len[i] positions hold the same KV as every other member's of that
-    group (they forked from one prefix); -1 means none. Tiles take up to `block_q` tokens, prefix
-    items up to `group_block_q` members (default: block_q). `split_len` overrides the split-K length
-    (else it follows from the step's keys and `num_kv_heads`); `min_members` and `min_shared` are the
-    thresholds for attending a group as a group."""
+    last positions of its seq_lens[i] tokens.
+
+    share_levels lists the prefix groups, outermost level first: at each level, (group, shared)
+    gives per sequence the group it belongs to (-1: none at that level) and the positions it shares
+    with that group's other members (their first `shared` positions hold the same KV). Nested groups
+    are inner levels: a sub-group's members share more positions than the outer group's. At each
+    level, a group with at least `min_members` decoding members that share at least `min_shared`
+    positions beyond what outer levels already covered gets prefix items for those positions.
+
+    Tiles take up to `block_q` tokens, prefix items up to `group_block_q` members (default:
+    block_q). `split_len` overrides the split-K length (else it follows from the step's keys and
+    `num_kv_heads`)."""
     if group_block_q is None:
         group_block_q = block_q
     loc = np.asarray(query_start_loc, dtype=np.int64)
@@ -113,44 +120,60 @@ def plan_work_items(
     num_tokens = int(loc[-1])
     token_pos = np.repeat(lens - q_count - loc[:-1], q_count) + np.arange(num_tokens)
 
-    # 1. members attended as groups: one decode token past the shared part, in groups big enough
+    # 1. level by level, members attended as groups: one decode token past the shared part, in
+    # groups big enough; `covered` is how far group items already reach for each sequence
+    covered = np.zeros(num_seqs, dtype=np.int64)
     member = np.zeros(num_seqs, dtype=bool)
-    if share_group is not None and share_len is not None and num_seqs:
-        group = np.asarray(share_group, dtype=np.int64)
-        shared = np.asarray(share_len, dtype=np.int64)
-        member = (group >= 0) & (q_count == 1) & (shared >= min_shared) & (shared < lens)
-        ids, counts = np.unique(group[member], return_counts=True)
-        member &= np.isin(group, ids[counts >= min_members])
-    members = np.flatnonzero(member)
-    if len(members):
-        members = members[np.argsort(group[members], kind="stable")]  # grouped, in step order within a group
-        starts = np.flatnonzero(np.r_[True, group[members][1:] != group[members][:-1]])
-        sizes = np.diff(np.r_[starts, len(members)])
-    else:
-        starts = sizes = np.zeros(0, dtype=np.int64)
+    p_seq_parts, p_off_parts, p_len_parts, p_lo_parts, p_hi_parts, gathered = [], [], [], [], [], []
+    num_gathered = 0
+    for level_group, level_shared in share_levels or ():
+        group = np.asarray(level_group, dtype=np.int64)
+        shared = np.asarray(level_shared, dtype=np.int64)
+        candidate = (group >= 0) & (q_count == 1) & (shared - covered >= min_shared) & (shared < lens)
+        # a group is keyed by its id and by what outer levels covered (the same for all its members)
+        key = np.where(candidate, group * (int(lens.max()) + 1) + covered, -1)
+        ids, counts = np.unique(key[candidate], return_counts=True)
+        chosen = np.flatnonzero(candidate & np.isin(key, ids[counts >= min_members]))
+        if not len(chosen):
+            continue
+        chosen = chosen[np.argsort(key[chosen], kind="stable")]  # grouped, in step order within a group
+        starts = np.flatnonzero(np.r_[True, key[chosen][1:] != key[chosen][:-1]])
+        sizes = np.diff(np.r_[starts, len(chosen)])
+        chunks = -(-sizes // group_block_q)  # prefix items per group
+        chunk_group = np.repeat(np.arange(len(sizes)), chunks)
+        chunk_index = np.arange(int(chunks.sum())) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+        offsets = starts[chunk_group] + chunk_index * group_block_q
+        first = chosen[offsets]
+        p_seq_parts.append(first)
+        p_off_parts.append(num_gathered + offsets)
+        p_len_parts.append(np.minimum(group_block_q, sizes[chunk_group] - chunk_index * group_block_q))
+        p_lo_parts.append(covered[first])
+        p_hi_parts.append(shared[first])
+        gathered.append(chosen)
+        num_gathered += len(chosen)
+        covered[chosen] = shared[chosen]
+        member[chosen] = True
+
+    def joined(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    p_seq, p_off, p_len, p_lo, p_hi = map(joined, (p_seq_parts, p_off_parts, p_len_parts, p_lo_parts, p_hi_parts))
+    members = joined(gathered)  # the sequences whose decode tokens prefix items gather, in item order
 
     # 2. unsplit items. Prefix items gather their members' tokens into q_tokens[:len(members)];
     # every other item reads a run of the step's own tokens, at q_tokens[len(members) + token].
-    chunks = -(-sizes // group_block_q)  # prefix items per group
-    chunk_group = np.repeat(np.arange(len(sizes)), chunks)
-    chunk_index = np.arange(int(chunks.sum())) - np.repeat(np.cumsum(chunks) - chunks, chunks)
-    p_off = starts[chunk_group] + chunk_index * group_block_q
-    p_len = np.minimum(group_block_q, sizes[chunk_group] - chunk_index * group_block_q)
-    p_seq = members[p_off] if len(members) else p_off
-    p_hi = shared[p_seq] if len(members) else p_off
-
     tiles = np.where(member, 1, -(-q_count // block_q))  # items per sequence: a suffix item or tiles
     t_seq = np.repeat(np.arange(num_seqs), tiles)
     t_index = np.arange(int(tiles.sum())) - np.repeat(np.cumsum(tiles) - tiles, tiles)
     t_first = loc[:-1][t_seq] + t_index * block_q  # first token of the item
     t_len = np.where(member[t_seq], 1, np.minimum(block_q, q_count[t_seq] - t_index * block_q))
     t_hi = token_pos[t_first + t_len - 1] + 1 if num_tokens else t_first
-    t_lo = np.where(member[t_seq], shared[t_seq] if len(members) else 0, 0)
+    t_lo = np.where(member[t_seq], covered[t_seq], 0)
 
     seq = np.r_[p_seq, t_seq]
     q_off = np.r_[p_off, len(members) + t_first]
     q_len = np.r_[p_len, t_len]
-    lo = np.r_[np.zeros(len(p_seq), dtype=np.int64), t_lo]
+    lo = np.r_[p_lo, t_lo]
     hi = np.r_[p_hi, t_hi]
     always_partial = np.r_[np.ones(len(p_seq), dtype=bool), member[t_seq]]
 
@@ -170,6 +193,7 @@ def plan_work_items(
     part[partial] = part_base[partial]
     num_partials = int(np.where(partial, item_len, 0).sum())
 
+    members = members.astype(np.int64)
     q_tokens = np.r_[loc[:-1][members], np.arange(num_tokens)]
     q_pos = np.r_[token_pos[loc[:-1][members]] if len(members) else members, token_pos]
 

@@ -142,8 +142,7 @@ class ModelRunner:
         starts = np.empty(num_seqs, dtype=np.int64)
         counts = np.empty(num_seqs, dtype=np.int64)
         tables: list[list[int]] = []
-        share_group: list[int] = []
-        share_len: list[int] = []
+        levels: list[tuple[list[int], list[int]]] = []  # (group per sequence, shared per sequence)
         group_index: dict[str, int] = {}
         sample_rows = []
         num_tokens = 0
@@ -154,11 +153,11 @@ class ModelRunner:
             starts[i] = scheduled.start_position
             counts[i] = n
             num_tokens += n
-            if scheduled.share_group is None:
-                share_group.append(-1)
-            else:
-                share_group.append(group_index.setdefault(scheduled.share_group, len(group_index)))
-            share_len.append(scheduled.share_len)
+            for depth, (prefix_id, length) in enumerate(scheduled.shared_prefixes):
+                if depth == len(levels):
+                    levels.append(([-1] * num_seqs, [0] * num_seqs))
+                levels[depth][0][i] = group_index.setdefault(prefix_id, len(group_index))
+                levels[depth][1][i] = length
             if scheduled.sampling is not None:
                 sample_rows.append((num_tokens - 1, scheduled))
         bs = self.block_size
@@ -184,8 +183,7 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
             block_tables_cpu=tables,
-            share_group_cpu=share_group if group_index else None,
-            share_len_cpu=share_len if group_index else None,
+            share_levels_cpu=levels or None,
         )
         return flat[:t], flat[t:2 * t], metadata, sample_rows
 

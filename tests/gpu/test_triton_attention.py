@@ -55,6 +55,8 @@ SHARED_CASES = [
     ("groups-prefill-and-plain", group_decode(20, 300, 7, 0) + group_decode(3, 1000, 0, 1)
      + [(0, 100), (50, 1), (2000, 33)]),
     ("groups-and-plain-decodes", group_decode(20, 300, 7, 0) + group_decode(3, 1000, 0, 1) + [(50, 1), (2000, 1)]),
+    ("nested-groups", [(610 + j, 1, [(0, 300), (1 + j % 3, 600)]) for j in range(15)] + [(350, 1, [(0, 300)])] * 4
+     + [(100, 1)]),
 ]
 HEADS = [(8, 8, 64), (32, 8, 128), (32, 4, 128)]  # GQA ratios 1, 4, 8
 

@@ -50,10 +50,10 @@ class PagedKVExecutor:
                 self.tables[r.request_id] += r.block_ids
             table = self.tables[r.request_id]
             context = [self.slots[(table[p // bs], p % bs)] for p in range(r.start_position)]
-            if r.share_group is not None:  # the runner may read these keys through any member's table
-                assert r.share_len <= r.start_position, "shared positions are computed before a member runs"
-                shared = context[:r.share_len]
-                assert group_kv.setdefault(r.share_group, shared) == shared, "members hold the same shared KV"
+            for prefix_id, length in r.shared_prefixes:  # the runner may read these keys through any member's table
+                assert length <= r.start_position, "shared positions are computed before a member runs"
+                shared = context[:length]
+                assert group_kv.setdefault(prefix_id, shared) == shared, "members hold the same shared KV"
             for j, t in enumerate(r.token_ids):
                 p = r.start_position + j
                 self.slots[(table[p // bs], p % bs)] = t

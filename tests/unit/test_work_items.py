@@ -24,18 +24,34 @@ def covered_ranges(items):
 
 
 def layout(rng):
-    """A random step: plain prefill chunks and decodes, and prefix groups decoding together."""
+    """A random step: plain prefill chunks and decodes, and prefix groups (some nested in an outer
+    group) decoding together. Per sequence: (cached, new, levels), levels outermost first."""
     specs = []
-    for g in range(rng.randint(0, 4)):
-        shared = rng.choice([1, 15, 16, 64, 100, 700, 3000])
-        for _ in range(rng.randint(1, 40)):
-            specs.append((shared + rng.randint(0, 50), 1, g, shared))
+    next_group = 0
+    for _ in range(rng.randint(0, 3)):
+        outer, outer_share = next_group, rng.choice([1, 16, 100, 700])
+        next_group += 1
+        for _ in range(rng.randint(1, 3)):
+            inner, inner_share = next_group, outer_share + rng.choice([0, 5, 64, 300, 2000])
+            next_group += 1
+            for _ in range(rng.randint(1, 30)):
+                levels = [(outer, outer_share)] + ([(inner, inner_share)] if inner_share > outer_share else [])
+                specs.append((levels[-1][1] + rng.randint(0, 50), 1, levels))
     for _ in range(rng.randint(0, 6)):
-        specs.append((rng.randint(0, 3000), rng.choice([1, 1, 7, 64, 300])))
+        specs.append((rng.randint(0, 3000), rng.choice([1, 1, 7, 64, 300]), []))
     if not specs:
-        specs.append((0, 5))
+        specs.append((0, 5, []))
     rng.shuffle(specs)
-    return [s if len(s) == 4 else (s[0], s[1], -1, 0) for s in specs]
+    return specs
+
+
+def share_levels_of(specs):
+    depth = max(len(levels) for *_, levels in specs)
+    out = [([-1] * len(specs), [0] * len(specs)) for _ in range(depth)]
+    for i, (*_, levels) in enumerate(specs):
+        for d, (group, share) in enumerate(levels):
+            out[d][0][i], out[d][1][i] = group, share
+    return out or None
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -43,16 +59,17 @@ def test_every_visible_key_is_covered_exactly_once(seed):
     rng = random.Random(seed)
     specs = layout(rng)
     loc = [0]
-    for _, n, _, _ in specs:
+    for _, n, _ in specs:
         loc.append(loc[-1] + n)
-    lens = [c + n for c, n, _, _ in specs]
+    lens = [c + n for c, n, _ in specs]
     block_q = rng.choice([1, 4, 16])
     group_block_q = rng.choice([1, 4, 16])
-    items = plan_work_items(loc, lens, block_q, [s[2] for s in specs], [s[3] for s in specs],
-                            split_len=rng.choice([None, 64, 500]), group_block_q=group_block_q)
+    items = plan_work_items(loc, lens, block_q, share_levels_of(specs), split_len=rng.choice([None, 64, 500]),
+                            group_block_q=group_block_q, min_members=rng.choice([1, 4]),
+                            min_shared=rng.choice([1, 64]))
     got = covered_ranges(items)
     assert sorted(got) == list(range(loc[-1])), "every token is in some item"
-    for i, (c, n, _, _) in enumerate(specs):
+    for i, (c, n, _) in enumerate(specs):
         for j in range(n):
             t, pos = loc[i] + j, c + j
             ranges = sorted(r for r in got[t] if r[1] > r[0])
@@ -71,7 +88,7 @@ def test_a_group_reads_its_shared_keys_once_per_block_q_members():
     specs = group_decode(64, shared=4000, own=30)
     loc = list(range(65))
     lens = [c + n for c, n, _, _ in specs]
-    items = plan_work_items(loc, lens, 16, [0] * 64, [4000] * 64, split_len=10**9)
+    items = plan_work_items(loc, lens, 16, [([0] * 64, [4000] * 64)], split_len=10**9)
     shared_reads = sum(int(items.kv_hi[w] - items.kv_lo[w]) for w in range(items.num_items) if items.kv_lo[w] == 0)
     assert shared_reads == 4 * 4000  # 64 members / 16 per item, instead of 64 * 4000
     assert items.num_group_items == 4
@@ -80,7 +97,7 @@ def test_a_group_reads_its_shared_keys_once_per_block_q_members():
 def test_small_groups_and_short_prefixes_use_plain_tiles():
     lens = [MIN_SHARED_TOKENS - 1 + 5] * 4 + [500]
     loc = list(range(6))
-    items = plan_work_items(loc, lens, 16, [0, 0, 0, 0, 1], [MIN_SHARED_TOKENS - 1] * 4 + [400], split_len=10**9)
+    items = plan_work_items(loc, lens, 16, [([0, 0, 0, 0, 1], [MIN_SHARED_TOKENS - 1] * 4 + [400])], split_len=10**9)
     assert items.num_group_items == 0 and items.num_partials == 0 and items.num_items == 5
 
 
@@ -128,6 +145,8 @@ CASES = [
     ("two-groups-unaligned", group_decode(3, 100, 3, group=0) + group_decode(4, 67, 0, group=1)),
     ("empty-own-suffix", group_decode(4, 64, 0)),
     ("split-k-long-decode", [(3000, 1), (2500, 1), (40, 8)]),
+    ("nested-groups", [(120 + j, 1, [(0, 50), (1 + j % 2, 90)]) for j in range(8)] + [(70, 1, [(0, 50)])] * 3
+     + [(40, 3)]),
 ]
 
 
@@ -136,10 +155,12 @@ def test_plan_executed_in_torch_matches_reference(name, specs):
     q, k, v, cache, md = random_case(specs, 8, 2, 16, 16, torch.float32, seed=3, device="cpu")
     scale = 0.25
     ref = TorchReferenceBackend().forward(q, k, v, cache, md, scale)  # also stores the new K/V
-    items = plan_work_items(md.query_start_loc_cpu, md.seq_lens_cpu, 4, md.share_group_cpu, md.share_len_cpu,
+    items = plan_work_items(md.query_start_loc_cpu, md.seq_lens_cpu, 4, md.share_levels_cpu,
                             split_len=1024 if "split" in name else None, min_members=1, min_shared=1)
     if "group" in name or "suffix" in name:
         assert items.num_group_items > 0
+    if "nested" in name:  # inner groups' items start where the outer group's end
+        assert (items.kv_lo[:items.num_prefix_items] == 50).any()
     if "split" in name:
         assert len(items.merge_tokens) > 0
     got = run_plan_in_torch(q, cache, md, items, scale)
