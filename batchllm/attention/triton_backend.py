@@ -272,18 +272,20 @@ class TritonBackend:
             return plan
         wide, narrow = max(1, 64 // group_pad), max(1, 16 // group_pad)  # queries per 64- / 16-row program
         decode_only = metadata.max_query_len == 1
-        block_q = 1 if decode_only else wide
-        group_block_q = {"split": wide, "fused": wide, "narrow": narrow if decode_only else wide}[self.group_launch]
-        if self.group_launch in ("fused", "narrow"):
-            block_q = group_block_q if decode_only else wide
+        if not decode_only:
+            block_q = group_block_q = wide
+        elif self.group_launch == "split":
+            block_q, group_block_q = 1, wide
+        elif self.group_launch == "fused":
+            block_q = group_block_q = wide
+        else:  # narrow
+            block_q = group_block_q = narrow
         share = self.use_prefix_groups and metadata.share_levels_cpu is not None
         kwargs = dict(share_levels=metadata.share_levels_cpu) if share else {}
         items = plan_work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, block_q,
                                 num_kv_heads=num_kv_heads, group_block_q=group_block_q, **kwargs, **self.plan_options)
-        if decode_only and items.num_group_items == 0 and block_q > 1:
-            block_q = 1  # decode tiles of one token: 16-row programs
-            items = plan_work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, 1,
-                                    num_kv_heads=num_kv_heads, **self.plan_options)
+        if decode_only and items.num_group_items == 0:
+            block_q = 1  # only one-token tiles (the same items for any block_q): 16-row programs
         p, n = items.num_prefix_items, items.num_items
         if p and group_block_q != block_q:
             launches = [(0, p, group_block_q)] + ([(p, n - p, block_q)] if n > p else [])

@@ -68,8 +68,6 @@ class WorkItems:
     merge_parts[merge_ptr[i] : merge_ptr[i + 1]]."""
     merge_ptr: np.ndarray
     merge_parts: np.ndarray
-    block_q: int
-    group_block_q: int
     num_group_items: int
     """Prefix items before splitting: how many times groups' shared keys are read."""
     num_prefix_items: int
@@ -78,6 +76,11 @@ class WorkItems:
     @property
     def num_items(self) -> int:
         return len(self.seq)
+
+
+def _index_in_run(counts: np.ndarray) -> np.ndarray:
+    """For runs of the given lengths laid end to end: each element's index within its run."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def split_length(total_keys: int, num_kv_heads: int = 8, target_programs: int = TARGET_PROGRAMS,
@@ -141,7 +144,7 @@ def plan_work_items(
         sizes = np.diff(np.r_[starts, len(chosen)])
         chunks = -(-sizes // group_block_q)  # prefix items per group
         chunk_group = np.repeat(np.arange(len(sizes)), chunks)
-        chunk_index = np.arange(int(chunks.sum())) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+        chunk_index = _index_in_run(chunks)
         offsets = starts[chunk_group] + chunk_index * group_block_q
         first = chosen[offsets]
         p_seq_parts.append(first)
@@ -164,10 +167,10 @@ def plan_work_items(
     # every other item reads a run of the step's own tokens, at q_tokens[len(members) + token].
     tiles = np.where(member, 1, -(-q_count // block_q))  # items per sequence: a suffix item or tiles
     t_seq = np.repeat(np.arange(num_seqs), tiles)
-    t_index = np.arange(int(tiles.sum())) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    t_index = _index_in_run(tiles)
     t_first = loc[:-1][t_seq] + t_index * block_q  # first token of the item
     t_len = np.where(member[t_seq], 1, np.minimum(block_q, q_count[t_seq] - t_index * block_q))
-    t_hi = token_pos[t_first + t_len - 1] + 1 if num_tokens else t_first
+    t_hi = token_pos[t_first + t_len - 1] + 1
     t_lo = np.where(member[t_seq], covered[t_seq], 0)
 
     seq = np.r_[p_seq, t_seq]
@@ -183,25 +186,21 @@ def plan_work_items(
     pieces = np.maximum(1, -(-(hi - lo) // split_len))
     step = -(-(hi - lo) // pieces)
     w = np.repeat(np.arange(len(seq)), pieces)
-    k = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    item_lo = lo[w] + k * step[w]
+    item_lo = lo[w] + _index_in_run(pieces) * step[w]
     item_hi = np.minimum(item_lo + step[w], hi[w])
     partial = (always_partial | (pieces > 1))[w]
     item_len = q_len[w]
-    part = np.full(len(w), -1, dtype=np.int64)
-    part_base = np.cumsum(np.where(partial, item_len, 0)) - np.where(partial, item_len, 0)
-    part[partial] = part_base[partial]
-    num_partials = int(np.where(partial, item_len, 0).sum())
+    partial_rows = np.where(partial, item_len, 0)
+    part = np.where(partial, np.cumsum(partial_rows) - partial_rows, -1)
 
-    members = members.astype(np.int64)
     q_tokens = np.r_[loc[:-1][members], np.arange(num_tokens)]
-    q_pos = np.r_[token_pos[loc[:-1][members]] if len(members) else members, token_pos]
+    q_pos = token_pos[q_tokens]
 
     # 4. merge lists: every partial row, grouped by the token it belongs to
     pw = np.flatnonzero(partial)
     rows_per = item_len[pw]
     row_item = np.repeat(pw, rows_per)
-    j = np.arange(int(rows_per.sum())) - np.repeat(np.cumsum(rows_per) - rows_per, rows_per)
+    j = _index_in_run(rows_per)
     row_token = q_tokens[q_off[w][row_item] + j]
     order = np.argsort(row_token, kind="stable")
     merge_tokens, counts = np.unique(row_token[order], return_counts=True)
@@ -211,9 +210,9 @@ def plan_work_items(
 
     return WorkItems(
         seq=i32(seq[w]), q_off=i32(q_off[w]), q_len=i32(item_len), kv_lo=i32(item_lo), kv_hi=i32(item_hi),
-        part=i32(part), q_tokens=i32(q_tokens), q_pos=i32(q_pos), num_partials=num_partials,
+        part=i32(part), q_tokens=i32(q_tokens), q_pos=i32(q_pos), num_partials=int(partial_rows.sum()),
         merge_tokens=i32(merge_tokens), merge_ptr=i32(np.r_[0, np.cumsum(counts)]),
         merge_parts=i32((part[row_item] + j)[order]),
-        block_q=block_q, group_block_q=group_block_q, num_group_items=len(p_seq),
+        num_group_items=len(p_seq),
         num_prefix_items=int(pieces[:len(p_seq)].sum()),
     )
