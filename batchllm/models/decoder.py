@@ -25,8 +25,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         h = spec.hidden_size
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        # q, k and v in one matmul: rows [q; k; v] (the checkpoint's three matrices are loaded into it)
-        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=t.qkv_bias)
+        q, kv = self.q_size, self.kv_size
+        self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=t.qkv_bias)  # q, k and v in one matmul
+        self.checkpoint_rows = {"qkv_proj": (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv))}
+        """Rows of each merged parameter that a checkpoint tensor (by its module name) loads into."""
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=t.o_bias)
         if t.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
@@ -61,7 +63,8 @@ class MLP(nn.Module):
         super().__init__()
         h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
         self.intermediate_size = i
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # rows [gate; up], one matmul
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # gate and up in one matmul
+        self.checkpoint_rows = {"gate_up_proj": (("gate_proj", 0, i), ("up_proj", i, 2 * i))}
         self.down_proj = nn.Linear(i, h, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,20 +122,15 @@ class DecoderForCausalLM(nn.Module):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of a transformers checkpoint, by its name there, mapped to what it loads into:
-        a parameter, or its rows of a merged one (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
-        spec = self.spec
-        q, kv, inter = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
-        merged = {
-            "qkv_proj": (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)),
-            "gate_up_proj": (("gate_proj", 0, inter), ("up_proj", inter, 2 * inter)),
-        }
+        a parameter, or its rows of a merged one (the owning module's `checkpoint_rows`)."""
         tensors = {}
         for name, param in self.named_parameters(remove_duplicate=False):
-            prefix, module, kind = name.rsplit(".", 2) if name.count(".") >= 2 else ("", *name.split("."))
-            if module in merged:
-                for part, start, end in merged[module]:
-                    tensors[f"{prefix}.{part}.{kind}"] = param.data[start:end]
-            else:
+            owner, _, kind = name.rpartition(".")  # e.g. "model.layers.0.self_attn.qkv_proj", "weight"
+            prefix, _, attr = owner.rpartition(".")
+            parts = getattr(self.get_submodule(prefix), "checkpoint_rows", {}).get(attr, ())
+            for part, start, end in parts:
+                tensors[f"{prefix}.{part}.{kind}"] = param.data[start:end]
+            if not parts:
                 tensors[name] = param.data
         return tensors
 
