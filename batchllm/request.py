@@ -14,6 +14,7 @@ holds its KV blocks until its last member finishes (`num_live_members` reaches 0
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 from batchllm.sampling_params import SamplingParams
@@ -89,10 +90,19 @@ class Request:
     @property
     def num_levels(self) -> int:
         """Shared prefixes above this request."""
-        n, p = 0, self.parent
-        while p is not None:
-            n, p = n + 1, p.parent
-        return n
+        return len(self.shared_prefixes)
+
+    @functools.cached_property
+    def shared_prefixes(self) -> tuple[tuple[str, int], ...]:
+        """(id, length) of every prefix above this request, outermost first: its first `length`
+        positions hold that prefix's KV (full blocks shared, the partial block copied on write).
+        Read once the request is submitted; `parent` never changes after that, so it is kept."""
+        chain = []
+        prefix = self.parent
+        while prefix is not None:
+            chain.append((prefix.request_id, prefix.num_prompt_tokens))
+            prefix = prefix.parent
+        return tuple(reversed(chain))
 
     @property
     def is_finished(self) -> bool:

@@ -53,17 +53,6 @@ class SchedulerStats:
     peak_used_blocks: int = 0
 
 
-def _shared_prefixes(request: Request) -> tuple[tuple[str, int], ...]:
-    """(id, length) of every prefix above the request, outermost first. A member's first `length`
-    positions hold its ancestor's KV: full blocks shared, the partial block copied on write."""
-    chain = []
-    prefix = request.parent
-    while prefix is not None:
-        chain.append((prefix.request_id, prefix.num_prompt_tokens))
-        prefix = prefix.parent
-    return tuple(reversed(chain))
-
-
 def _step_class(request: Request) -> int:
     """Order of service among running work: decodes, then request prefill, then prefix prefill."""
     if request.is_prefix:
@@ -289,7 +278,7 @@ class Scheduler:
                     block_ids=table[sent:],
                     block_table_start=sent,
                     sampling=self._sampling_spec(request) if reaches_end and not request.is_prefix else None,
-                    shared_prefixes=_shared_prefixes(request),
+                    shared_prefixes=request.shared_prefixes,
                 )
             )
             request.num_blocks_sent = len(table)
