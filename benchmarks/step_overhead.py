@@ -20,19 +20,20 @@ import torch
 from transformers import LlamaConfig
 
 from batchllm import LLM
-from batchllm.attention.work_items import plan_work_items
+from batchllm.attention.triton_backend import TritonBackend
 from batchllm.bench import run_workload, shared_prefix_workload, snippet_workload
 
 
 class PlanningStub:
-    """Stands in for the attention backend: builds the Triton backend's work plan (CPU) once per
-    step, attends to nothing."""
+    """Stands in for the attention backend: runs the Triton backend's planning half (work plan,
+    launches, packed arrays; CPU) once per step, as its first layer would, and attends to nothing.
+    Planned for the Llama-3-8B head layout (32 query heads, 8 KV heads, head dim 128)."""
+
+    def __init__(self) -> None:
+        self.triton = TritonBackend()
 
     def forward(self, query, key, value, kv_cache, metadata, scale):
-        if "plan" not in metadata.backend_cache:
-            metadata.backend_cache["plan"] = plan_work_items(
-                metadata.query_start_loc_cpu, metadata.seq_lens_cpu, 1, metadata.share_levels_cpu,
-                group_block_q=16)
+        self.triton._plan(metadata, 4, 32, 128, 8)
         return query
 
 
