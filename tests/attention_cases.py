@@ -24,12 +24,12 @@ def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, see
         return _nested_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, device)
     specs = [tuple(s) + (-1, 0) if len(s) == 2 else tuple(s) for s in specs]
     g = torch.Generator(device=device).manual_seed(seed)
-    group_blocks: dict[int, list[int]] = {}  # the group's full shared blocks
+    counted: set[int] = set()  # groups whose shared blocks are already in `need`
     need = 7
     for c, n, grp, share in specs:
         need += math.ceil((c + n) / block_size) - (share // block_size if grp >= 0 else 0)
-        if grp >= 0 and grp not in group_blocks:
-            group_blocks[grp] = []
+        if grp >= 0 and grp not in counted:
+            counted.add(grp)
             need += share // block_size + 1
     perm = torch.randperm(need, generator=g, device=device).tolist()
     cache = torch.randn(2, need, block_size, num_kv_heads, head_dim, generator=g, device=device).to(dtype)
