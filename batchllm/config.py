@@ -50,10 +50,15 @@ class ModelConfig:
     """Do not load a tokenizer: prompts must be token ids and outputs carry no text."""
     attention_backend: str = "auto"
     """auto (triton on CUDA when Triton is installed, else torch) | torch (reference) | triton."""
+    kernels: str = "auto"
+    """Norm, rotary and SiLU ops: auto (one Triton kernel each on CUDA when Triton is installed, else
+    torch) | torch | triton."""
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:

@@ -1,20 +1,23 @@
-"""RMSNorm, computed in float32 and cast back (the same arithmetic as HF's LlamaRMSNorm)."""
+"""RMSNorm, computed in float32 and cast back (the same arithmetic as HF's LlamaRMSNorm), optionally
+fused with the residual add before it; the arithmetic itself is the model's ops policy (`ops.py`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from batchllm.layers.ops import TorchOps
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, ops=None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops or TorchOps()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        x32 = x32 * torch.rsqrt(variance + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual: (norm(x + residual), x + residual), the next layer's residual."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

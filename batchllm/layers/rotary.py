@@ -37,7 +37,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position; `for_positions` gathers a step's rows once for all layers."""
+    """float32 cos/sin tables for every position; the model's ops (`ops.py`) turn a step's positions into
+    the rotation every layer applies (`step_rotary`)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
@@ -48,9 +49,6 @@ class RotaryEmbedding(nn.Module):
         sin[:, : head_dim // 2] *= -1  # rotate_half(x) * sin == roll(x) * this (exactly: negation is exact)
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_positions, head_dim]
         self.register_buffer("sin_signed", sin, persistent=False)  # [max_positions, head_dim]
-
-    def for_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> StepRotary:
-        return StepRotary(self.cos[positions].to(dtype)[:, None, :], self.sin_signed[positions].to(dtype)[:, None, :])
 
 
 class StepRotary:

@@ -8,17 +8,17 @@ subclasses. Inputs are the tokens of all scheduled sequences back to back: [num_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.layers.norm import RMSNorm
+from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import RotaryEmbedding, StepRotary
 from batchllm.models.spec import ModelSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops) -> None:
         super().__init__()
         t = spec.traits
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -31,15 +31,15 @@ class Attention(nn.Module):
         """Rows of each merged parameter that a checkpoint tensor (by its module name) loads into."""
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=t.o_bias)
         if t.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, ops)
+            self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, ops)
         else:
             self.q_norm = self.k_norm = None
 
     def forward(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden_size]
-        rotary: StepRotary,
+        rotary: StepRotary,  # or any callable rotating [num_tokens, heads, head_dim] (ops.step_rotary)
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         backend: AttentionBackend,
@@ -59,8 +59,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops) -> None:
         super().__init__()
+        self.ops = ops
         h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
         self.intermediate_size = i
         self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # gate and up in one matmul
@@ -68,40 +69,45 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops) -> None:
         super().__init__()
-        self.self_attn = Attention(spec)
-        self.mlp = MLP(spec)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, ops)
+        self.mlp = MLP(spec, ops)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
 
-    def forward(self, hidden, rotary, kv_cache, metadata, backend) -> torch.Tensor:
-        residual = hidden
-        hidden = self.self_attn(self.input_layernorm(hidden), rotary, kv_cache, metadata, backend)
-        hidden = residual + hidden
-        residual = hidden
-        return residual + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, rotary, kv_cache, metadata, backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (this layer's MLP output, the residual stream before it): HF's
+        residual adds, each carried into the next norm so the two run as one op."""
+        if residual is None:  # the first layer: the stream is the embeddings
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rotary, kv_cache, metadata, backend)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int) -> None:
+    def __init__(self, spec: ModelSpec, max_positions: int, ops) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(spec, ops) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int) -> None:
+    def __init__(self, spec: ModelSpec, max_positions: int, ops=None) -> None:
+        """ops: the elementwise-op policy (`layers/ops.py`); default TorchOps."""
         super().__init__()
         self.spec = spec
-        self.model = DecoderBody(spec, max_positions)
+        self.ops = ops or TorchOps()
+        self.model = DecoderBody(spec, max_positions, self.ops)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -115,10 +121,21 @@ class DecoderForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         hidden = self.model.embed_tokens(input_ids)
-        rotary = self.model.rotary.for_positions(positions, hidden.dtype)  # once per step, for every layer
+        table = self.model.rotary
+        rotary = self.ops.step_rotary(table.cos, table.sin_signed, positions, hidden.dtype)  # once, for every layer
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            hidden = layer(hidden, rotary, kv_cache, metadata, backend)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata, backend)
+        if residual is None:  # no layers
+            return self.model.norm(hidden)
+        return self.model.norm(hidden, residual)[0]
+
+    def use_ops(self, ops) -> None:
+        """Switch every module to another elementwise-op policy (benchmarks compare them in one process)."""
+        self.ops = ops
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of a transformers checkpoint, by its name there, mapped to what it loads into:

@@ -29,9 +29,11 @@ def build_model(
     device: torch.device,
     load_format: str,
     seed: int,
+    ops=None,
 ) -> DecoderForCausalLM:
+    """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps."""
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec, max_positions)
+        model = DecoderForCausalLM(spec, max_positions, ops)
     model = model.to_empty(device=device).to(dtype)
     # The cos/sin table is a buffer, not a weight: compute it for real, in float32.
     model.model.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling).to(device)

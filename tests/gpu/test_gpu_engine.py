@@ -1,4 +1,4 @@
-"""The engine on the GPU: Triton backend against the torch reference backend, end to end."""
+"""The engine on the GPU: Triton attention and Triton norm/rotary/SiLU against the torch reference, end to end."""
 
 import pytest
 
@@ -14,7 +14,8 @@ def tiny_dir(request, tmp_path_factory):
 
 
 def run(model_dir, backend, dtype, prefix_sharing=True):
-    llm = LLM(model_dir, device="cuda", dtype=dtype, attention_backend=backend, skip_tokenizer_init=True,
+    """backend "torch": the reference attention and torch norm/rotary/SiLU; "triton": Triton for both."""
+    llm = LLM(model_dir, device="cuda", dtype=dtype, attention_backend=backend, kernels=backend, skip_tokenizer_init=True,
               max_num_batched_tokens=64, block_size=16, kv_cache_memory_gib=1, prefix_sharing=prefix_sharing)
     shared = list(range(10, 310))  # long enough to be attended as a group (work_items.MIN_SHARED_TOKENS)
     prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]

@@ -1,0 +1,63 @@
+"""Triton norm, rotary and SiLU kernels against the torch ops (transformers' arithmetic) on the GPU,
+in the 16-bit dtypes and at the Llama-3.1-8B widths."""
+
+import pytest
+import torch
+
+from batchllm.layers.ops import TorchOps
+from batchllm.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def triton_ops():
+    from batchllm.layers.triton_ops import TritonOps
+
+    return TritonOps()
+
+
+def ulp_mismatch_fraction(a, b):
+    """Share of elements that differ at all (both are rounded to the same 16-bit type)."""
+    return (a != b).float().mean().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 37, 8192])
+def test_add_rms_norm(rows, dtype):
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 4096, generator=g, device="cuda").to(dtype)
+    residual = torch.randn(rows, 4096, generator=g, device="cuda").to(dtype)
+    weight = (1 + 0.1 * torch.randn(4096, generator=g, device="cuda")).to(dtype)
+    want_out, want_sum = TorchOps().add_rms_norm(x, residual, weight, 1e-5)
+    out, summed = triton_ops().add_rms_norm(x.clone(), residual.clone(), weight, 1e-5)
+    assert torch.equal(summed, want_sum), "the residual sum is rounded as torch rounds it"
+    torch.testing.assert_close(out, want_out, rtol=1e-2, atol=1e-2)
+    assert ulp_mismatch_fraction(out, want_out) < 0.01  # only the order of the sum of squares differs
+    plain = triton_ops().rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(plain, TorchOps().rms_norm(x, weight, 1e-5), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 300])
+def test_silu_and_mul(rows, dtype):
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    gate_up = (3 * torch.randn(rows, 2 * 14336, generator=g, device="cuda")).to(dtype)
+    got, want = triton_ops().silu_and_mul(gate_up), TorchOps().silu_and_mul(gate_up)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert ulp_mismatch_fraction(got, want) < 0.001  # exp may differ by an ulp in float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}])
+def test_rotary_in_place_equals_torch(dtype, scaling):
+    n, heads, kv_heads, head_dim = 500, 32, 8, 128
+    table = RotaryEmbedding(head_dim, 20000, 500000.0, scaling).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
+    positions = torch.randint(0, 20000, (n,), generator=g, device="cuda")
+    qk = qkv[:, :(heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim)
+    want = TorchOps().step_rotary(table.cos, table.sin_signed, positions, dtype)(qk)
+    got = triton_ops().step_rotary(table.cos, table.sin_signed, positions, dtype)(qk)
+    assert torch.equal(got, want), "the same products and roundings as torch"
