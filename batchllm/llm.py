@@ -6,6 +6,8 @@ Writer of the per-completion output state (`CompletionState`); the scheduler own
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -26,6 +28,7 @@ from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
 from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, resolve_max_model_len
 from batchllm.models.default_model import default_model_dir
+from batchllm.layers.ops import make_ops
 from batchllm.models.loader import build_model
 from batchllm.models.spec import read_model_spec
 from batchllm.output_processor import CompletionState
@@ -59,6 +62,7 @@ class LLM:
         load_format: str = "auto",
         skip_tokenizer_init: bool = False,
         attention_backend: str = "auto",
+        kernels: str = "auto",
         block_size: int = 16,
         kv_cache_memory_gib: float | None = None,
         gpu_memory_utilization: float = 0.90,
@@ -82,6 +86,7 @@ class LLM:
                 device=device,
                 skip_tokenizer_init=skip_tokenizer_init,
                 attention_backend=attention_backend,
+                kernels=kernels,
             ),
             cache=CacheConfig(
                 block_size=block_size,
@@ -123,6 +128,7 @@ class LLM:
             device=self.device,
             load_format="dummy" if mc.load_format == "dummy" else "safetensors",
             seed=mc.seed,
+            ops=make_ops(mc.kernels, self.device),
         )
         self.kv_spec = plan_kv_cache(self.model_spec, self.config.cache, self.dtype, self.device)
         self.attention_backend = _attention_backend(mc.attention_backend, self.device)
@@ -254,57 +260,76 @@ class LLM:
         prompt_tokens = plan.prompt_tokens
         output_tokens = 0
         bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
-        try:
-            while self.engine.has_unfinished():
-                updates = self.engine.step()
-                output_tokens += len(updates)
-                for update in updates:
-                    index, state = states[update.request_id]
-                    matched = state.append(update.new_token_id, update.logprobs)
-                    if matched is not None:
-                        if update.finish_reason is None:
-                            self.engine.finish_requests([update.request_id], "stop", matched)
-                        state.finish("stop", matched)
-                    elif update.finish_reason is not None:
-                        state.finish(update.finish_reason, update.stop_reason)
-                    else:
-                        continue
-                    del states[update.request_id]
-                    children = pending[index]
-                    if all(c.finish_reason is not None for c in children):
-                        del pending[index]
-                        bar.update(1)
-                        yield index, RequestOutput(
-                            request_id=f"{call_id}-{index}",
-                            prompt=prompts[index].text,
-                            prompt_token_ids=prompts[index].token_ids,
-                            outputs=[c.to_output() for c in children],
-                        )
-                if use_tqdm:
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix_str(f"out {output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
-        finally:
-            bar.close()
-            if states:  # the caller stopped early or a step failed: leave the engine clean for next time
-                self.engine.finish_requests(list(states), "abort")
-            self.last_stats = _stats_since(
-                self.engine, stats_before, time.perf_counter() - started,
-                num_requests=len(requests), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-            )
-            summary = plan.summary()
-            self.last_stats.update(
-                prefix_sharing=sharing.prefix_sharing,
-                plan_mode=sharing.plan_mode,
-                group_order=sharing.group_order,
-                num_groups=summary["num_groups"],
-                mean_sharing_degree=summary["mean_sharing_degree"],
-                max_sharing_degree=summary["max_sharing_degree"],
-                planned_prefill_tokens=summary["prefill_tokens"],
-                plan_seconds=plan_seconds,
-            )
+        with _quiet_gc():
+            try:
+                while self.engine.has_unfinished():
+                    updates = self.engine.step()
+                    output_tokens += len(updates)
+                    for update in updates:
+                        index, state = states[update.request_id]
+                        matched = state.append(update.new_token_id, update.logprobs)
+                        if matched is not None:
+                            if update.finish_reason is None:
+                                self.engine.finish_requests([update.request_id], "stop", matched)
+                            state.finish("stop", matched)
+                        elif update.finish_reason is not None:
+                            state.finish(update.finish_reason, update.stop_reason)
+                        else:
+                            continue
+                        del states[update.request_id]
+                        children = pending[index]
+                        if all(c.finish_reason is not None for c in children):
+                            del pending[index]
+                            bar.update(1)
+                            yield index, RequestOutput(
+                                request_id=f"{call_id}-{index}",
+                                prompt=prompts[index].text,
+                                prompt_token_ids=prompts[index].token_ids,
+                                outputs=[c.to_output() for c in children],
+                            )
+                    if use_tqdm:
+                        elapsed = time.perf_counter() - started
+                        bar.set_postfix_str(f"out {output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+            finally:
+                bar.close()
+                if states:  # the caller stopped early or a step failed: leave the engine clean for next time
+                    self.engine.finish_requests(list(states), "abort")
+                self.last_stats = _stats_since(
+                    self.engine, stats_before, time.perf_counter() - started,
+                    num_requests=len(requests), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                )
+                summary = plan.summary()
+                self.last_stats.update(
+                    prefix_sharing=sharing.prefix_sharing,
+                    plan_mode=sharing.plan_mode,
+                    group_order=sharing.group_order,
+                    num_groups=summary["num_groups"],
+                    mean_sharing_degree=summary["mean_sharing_degree"],
+                    max_sharing_degree=summary["max_sharing_degree"],
+                    planned_prefill_tokens=summary["prefill_tokens"],
+                    plan_seconds=plan_seconds,
+                )
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _quiet_gc(young_threshold: int = 50_000):
+    """Python's cyclic GC during the engine loop: each step allocates thousands of short-lived
+    objects, which trigger collections that walk the large heap of live requests again and again
+    (a third of the CPU time of a 6,400-request batch, `benchmarks/step_overhead.py`). Everything
+    alive when the loop starts is frozen (never walked) and young collections run less often; the
+    settings are restored afterwards. Acyclic garbage is still freed at once by reference counts."""
+    gc.collect()
+    gc.freeze()
+    threshold = gc.get_threshold()
+    gc.set_threshold(max(threshold[0], young_threshold), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 def _as_prompt_list(prompts: Any) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
