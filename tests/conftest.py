@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before anything imports Triton: its kernels then run interpreted (numpy)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import TINY_CONFIGS, hf_greedy, make_tiny_model
 

@@ -35,6 +35,40 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
 
 if triton is not None:
 
+    @triton.jit
+    def _attend_tile(
+        q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+        sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    ):
+        """One online-softmax update over keys n_start .. n_start + BLOCK_N - 1 (log2 units). MASKED:
+        keys at or past n_end, and keys after a row's position, are excluded; unmasked tiles lie
+        wholly below n_end and at or before every row's position."""
+        k_pos = n_start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k_valid = k_pos < n_end
+            block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
+        else:
+            k_valid = k_pos >= 0
+            block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE)
+        block_idx = block_idx.to(tl.int64)  # block * stride passes 2^31 elements on big caches
+        slot = k_pos % BLOCK_SIZE
+        k_ptrs = K_cache + block_idx[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None]
+        k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # [D, BLOCK_N]
+        s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            s = tl.where((k_pos[None, :] <= pos[:, None]) & k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with nothing allowed yet keep m = -inf: subtract 0 instead (no NaN from inf - inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = V_cache + block_idx[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
+        v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
     # Triton compiles a variant per divisibility of integer arguments: the offset and the block
     # table width change every step, so they are not specialized (one variant serves all steps)
     @triton.jit(do_not_specialize=["item_offset", "stride_bt"])
@@ -87,30 +121,22 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-        # keys past the item's last query are masked for every row: stop there
+        # keys past the item's last query are masked for every row: stop there. Keys up to the first
+        # query are visible to every row: whole tiles of them need no mask (the causal diagonal and
+        # the range's end are masked in the second loop only)
         n_end = tl.minimum(kv_hi, tl.max(pos, 0) + 1)
-        offs_n = tl.arange(0, BLOCK_N)
-        for n_start in range(kv_lo, n_end, BLOCK_N):
-            k_pos = n_start + offs_n
-            k_valid = k_pos < n_end
-            block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
-            block_idx = block_idx.to(tl.int64)  # block * stride passes 2^31 elements on big caches
-            slot = k_pos % BLOCK_SIZE
-            k_ptrs = K_cache + block_idx[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None]
-            k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # [D, BLOCK_N]
-            s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N], log2 units
-            allowed = (k_pos[None, :] <= pos[:, None]) & k_valid[None, :]
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # rows with nothing allowed yet keep m = -inf: subtract 0 instead (no NaN from inf - inf)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_ptrs = V_cache + block_idx[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
-            v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        first_pos = tl.min(tl.where(row_valid, pos, n_end), 0)
+        n_unmasked = kv_lo + tl.maximum(tl.minimum(first_pos + 1, n_end) - kv_lo, 0) // BLOCK_N * BLOCK_N
+        for n_start in range(kv_lo, n_unmasked, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                BLOCK_SIZE, BLOCK_N, PRECISION, False)
+        for n_start in range(n_unmasked, n_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         mask = row_valid[:, None] & d_valid[None, :]
@@ -167,17 +193,21 @@ class TritonBackend:
 
     LAUNCH_MODES = ("split", "fused", "narrow")
 
-    def __init__(self, use_prefix_groups: bool = True, group_launch: str = "split", **plan_options) -> None:
+    def __init__(self, use_prefix_groups: bool = True, group_launch: str = "split",
+                 prefill_launch: tuple[int, int, int, int] = (64, 64, 4, 2), **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         group_launch, in decode steps with prefix groups: "split" runs the prefix items (64-row
         programs: 64 / GQA-group members each) and the one-token suffix items (16-row programs) in
         two launches; "fused" runs both in one launch of 64-row programs; "narrow" in one launch of
-        16-row programs (fewer members per prefix item). plan_options go to `plan_work_items`
+        16-row programs (fewer members per prefix item). prefill_launch: (rows per program, keys per
+        tile, warps, pipeline stages) of the kernel in steps with prefill chunks (decode steps use
+        64 or 16 rows, 64 keys, 4 warps, 2 stages). plan_options go to `plan_work_items`
         (split_len, min_members, min_shared)."""
         if group_launch not in self.LAUNCH_MODES:
             raise ValueError(f"group_launch must be one of {self.LAUNCH_MODES}, not {group_launch!r}")
         self.use_prefix_groups = use_prefix_groups
         self.group_launch = group_launch
+        self.prefill_launch = prefill_launch
         self.plan_options = plan_options
 
     @staticmethod
@@ -204,6 +234,7 @@ class TritonBackend:
         part_out, part_lse = plan["part_out"], plan["part_lse"]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = plan["tensors"]
+        block_n, num_warps, num_stages = plan["tile"]
         for item_offset, num_items, block_q in plan["launches"]:
             _paged_attention_kernel[(num_items, num_kv_heads)](
                 query, k_cache, v_cache, out, part_out, part_lse,
@@ -218,9 +249,9 @@ class TritonBackend:
                 metadata.block_tables.stride(0), item_offset,
                 BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
-                BLOCK_M=max(16, block_q * group_pad), BLOCK_N=64,
+                BLOCK_M=max(16, block_q * group_pad), BLOCK_N=block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-                num_warps=4, num_stages=2,
+                num_warps=num_warps, num_stages=num_stages,
             )
         if len(items.merge_tokens):
             _merge_partials_kernel[(len(items.merge_tokens),)](
@@ -272,8 +303,10 @@ class TritonBackend:
             return plan
         wide, narrow = max(1, 64 // group_pad), max(1, 16 // group_pad)  # queries per 64- / 16-row program
         decode_only = metadata.max_query_len == 1
+        tile = (64, 4, 2)  # keys per tile, warps, stages
         if not decode_only:
-            block_q = group_block_q = wide
+            rows, *tile = self.prefill_launch
+            block_q = group_block_q = max(1, rows // group_pad)
         elif self.group_launch == "split":
             block_q, group_block_q = 1, wide
         elif self.group_launch == "fused":
@@ -305,7 +338,7 @@ class TritonBackend:
         tensors = {name: flat[start:start + size] for name, start, size in zip(names, starts, sizes)}
         num_partials = max(items.num_partials, 1)
         plan = {
-            "items": items, "launches": launches, "tensors": tensors,
+            "items": items, "launches": launches, "tensors": tensors, "tile": tuple(tile),
             "part_out": torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
             "part_lse": torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
         }
