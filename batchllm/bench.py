@@ -201,8 +201,16 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--max-num-batched-tokens", type=int, default=8192)
     b.add_argument("--kv-cache-memory-gib", type=float, default=None)
     b.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    b.add_argument("--prefill-launch", default=None,
+                   help="Triton attention in steps with prefill: rows,keys,warps,stages (e.g. 128,64,8,2)")
+    b.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="norm, rotary and SiLU: one Triton kernel each (auto on CUDA) or torch")
     b.add_argument("--warmup-requests", type=int, default=8, help="a small run first, not measured")
     b.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
+    b.add_argument("--profile-out", default=None,
+                   help="then profile the first --profile-requests requests (last config) and write the GPU "
+                        "time per kernel category here")
+    b.add_argument("--profile-requests", type=int, default=256)
 
 
 BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (defaults for every other config)
@@ -210,9 +218,10 @@ BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (d
     "sharing-fused": dict(group_launch="fused"),
     "sharing-narrow": dict(group_launch="narrow"),
 }
+OPS_CONFIGS = {"sharing-torchops": "torch"}  # the model's elementwise ops ("sharing-torchops": torch, not Triton)
 CONFIGS = {
     "sharing": dict(prefix_sharing=True),
-    **{name: dict(prefix_sharing=True) for name in BACKEND_CONFIGS},
+    **{name: dict(prefix_sharing=True) for name in (*BACKEND_CONFIGS, *OPS_CONFIGS)},
     "nosharing": dict(prefix_sharing=False),
     "single": dict(prefix_sharing=True, plan_mode="single"),
     "order-prefill": dict(prefix_sharing=True, group_order="prefill"),
@@ -221,6 +230,7 @@ CONFIGS = {
 
 
 def bench_command(args) -> int:
+    from batchllm.layers.ops import make_ops
     from batchllm.llm import LLM
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -230,7 +240,7 @@ def bench_command(args) -> int:
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory_gib=args.kv_cache_memory_gib, attention_backend=args.attention_backend,
-              skip_tokenizer_init=True)  # workloads are token ids
+              kernels=args.kernels, skip_tokenizer_init=True)  # workloads are token ids
     args.vocab = llm.model_spec.vocab_size
     workload = make_workload(args)
     peak = measure_matmul_peak_tflops(llm.device) if llm.device.type == "cuda" else None
@@ -241,21 +251,64 @@ def bench_command(args) -> int:
         run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
     results = []
     backend = llm.attention_backend
+    if args.prefill_launch:
+        backend.prefill_launch = tuple(int(x) for x in args.prefill_launch.split(","))
     defaults = {key: getattr(backend, key) for key in ("use_prefix_groups", "group_launch") if hasattr(backend, key)}
     for name in names:
         llm.sharing = SharingConfig(**CONFIGS[name])
         if defaults:
             for key, value in {**defaults, **BACKEND_CONFIGS.get(name, {})}.items():
                 setattr(backend, key, value)
+        llm.model.use_ops(make_ops(OPS_CONFIGS.get(name, args.kernels), llm.device))
         stats = run_workload(llm, workload, peak)
         stats["config"] = name
         results.append(stats)
         print(_line(stats), flush=True)
+    if args.profile_out:
+        _profile_kernels(llm, Workload(f"{workload.name} (first {args.profile_requests})",
+                                       workload.prompts[:args.profile_requests],
+                                       workload.max_tokens[:args.profile_requests]), args.profile_out)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": _device_name(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),
                        "kv_blocks": llm.kv_spec.num_blocks, "matmul_peak_tflops": peak, "results": results}, f)
     return 0
+
+
+KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
+    ("attention", ("_paged_attention", "_merge_partials")),
+    ("norm/rotary/silu (Triton)", ("_rms_norm", "_silu_and_mul", "_rotary")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "cublas")),
+    ("kv store / gathers", ("index", "scatter", "gather")),
+    ("torch elementwise / reductions", ("elementwise", "vectorized", "reduce", "unrolled")),
+)
+
+
+def _profile_kernels(llm, workload: Workload, path: str) -> None:
+    """Run the workload (last config's settings) under torch.profiler and write where the GPU's
+    time goes: per category (KERNEL_CATEGORIES) and the top kernels. Not a throughput run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = llm.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        stats = run_workload(llm, workload)
+    events = prof.key_averages()  # on CPU: the ops' own CPU time, for a dry run of this code
+    kernels = [(e.key, e.device_time_total if cuda else e.self_cpu_time_total, e.count) for e in events]
+    kernels = [k for k in kernels if k[1] > 0]
+    total = sum(t for _, t, _ in kernels) or 1.0
+    by_category: dict[str, float] = {}
+    for name, t, _ in kernels:
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
+        by_category[category] = by_category.get(category, 0.0) + t
+    lines = [f"{workload.name}: {stats['num_steps']} steps, wall {stats['wall_s']:.2f} s (profiled), "
+             f"{'GPU kernel' if cuda else 'CPU op'} time {total / 1e6:.2f} s"]
+    lines += [f"  {c:<32} {t / 1e6:8.3f} s {100 * t / total:5.1f}%" for c, t in sorted(by_category.items(),
+                                                                                      key=lambda kv: -kv[1])]
+    lines.append("top kernels (total ms, calls, name):")
+    lines += [f"  {t / 1e3:10.1f} {n:7d}  {name[:150]}" for name, t, n in sorted(kernels, key=lambda k: -k[1])[:30]]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]), flush=True)
 
 
 def _line(s: dict) -> str:

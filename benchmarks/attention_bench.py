@@ -8,11 +8,13 @@ Prints the median time per call (KV store + attention + merge) and, per case:
 - prefix-shared attention (groups) against plain paged attention (`use_prefix_groups=False`) on the
   same inputs, and split-K against no split;
 - a sweep of group size x shared length: where attending a group as a group starts to pay.
+With --prefill-sweep: only the launch settings of steps with prefill chunks, in TFLOP/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -87,6 +89,55 @@ def split_versus_whole(specs, label):
             "speedup": round(t_whole / t_split, 2), "kv_read_GBps": round(kv_bytes(specs) / t_split / 1e6, 1)})
 
 
+def causal_flops(specs, heads=32, head_dim=128):
+    """2 matmuls x 2 flops per multiply-add over every (query, visible key) pair."""
+    return sum(4 * heads * head_dim * (n * c + n * (n + 1) // 2) for c, n in specs)
+
+
+PREFILL_CASES = [
+    ([(0, 8192)], "prefill chunk: 8192 new tokens"),
+    ([(8192, 8192)], "prefill chunk: 8192 new after 8192 cached (16K prefix)"),
+    ([(2000, 200)] * 40, "suffix prefill: 40 x 200 after 2000"),
+    ([(16000, 200)] * 40, "suffix prefill: 40 x 200 after 16000"),
+]
+
+
+def prefill_sweep():
+    """Mixed-step launch settings (rows, keys per tile, warps, stages) on prefill chunks, with torch's
+    SDPA (flash, contiguous K/V, no paging) on the first case as a yardstick."""
+    import torch.nn.functional as F
+
+    q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    sdpa = triton.testing.do_bench_cudagraph(
+        lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True), return_mode="median")
+    report({"case": "torch SDPA, causal 8192 (contiguous)", "ms": round(sdpa, 4),
+            "TFLOPs": round(causal_flops([(0, 8192)]) / sdpa / 1e9, 1)})
+    relative: dict[tuple, float] = {}  # per launch: the sum over cases of its time over the case's best
+    all_timings = []
+    for specs, label in PREFILL_CASES:
+        case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+        timings = {}
+        for launch in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+            try:
+                timings[launch] = time_ms(TritonBackend(prefill_launch=launch), case, reps=100)
+            except Exception as error:  # e.g. out of shared memory: not a candidate
+                print(f"{launch}: {type(error).__name__}", flush=True)
+        all_timings.append(timings)
+        best = min(timings, key=timings.get)
+        default = TritonBackend().prefill_launch
+        report({"case": label, "best": list(best), "best_ms": round(timings[best], 4),
+                "best_TFLOPs": round(causal_flops(specs) / timings[best] / 1e9, 1),
+                "default_ms": round(timings[default], 4),
+                "all_ms": {"x".join(map(str, k)): round(v, 4) for k, v in sorted(timings.items(), key=lambda kv: kv[1])}})
+        for launch, t in timings.items():
+            relative[launch] = relative.get(launch, 0.0) + t / timings[best]
+    everywhere = [launch for launch in relative if all(launch in t for t in all_timings)]
+    overall = min(everywhere, key=relative.get)
+    report({"case": "overall best launch (least summed time relative to each case's best)",
+            "launch": ",".join(map(str, overall)), "mean_relative": round(relative[overall] / len(PREFILL_CASES), 3)})
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -94,8 +145,15 @@ def degree16(num_requests, shared, own):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--prefill-sweep", action="store_true", help="only the mixed-step launch sweep")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
+    if args.prefill_sweep:
+        prefill_sweep()
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(rows, f, indent=1)
+        raise SystemExit(0)
     versus_reference([(4000, 1)] * 64, "decode 64 x 4000 ctx")
     versus_reference([(2000, 1)] * 256, "decode 256 x 2000 ctx")
     versus_reference([(0, 2048)], "prefill 2048")
