@@ -118,7 +118,7 @@ def prefill_sweep():
     for specs, label in PREFILL_CASES:
         case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
         timings = {}
-        for launch in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+        for launch in [(64, 64, 4, 2), *itertools.product((128, 256), (64, 128), (4, 8), (2, 3, 4))]:
             try:
                 timings[launch] = time_ms(TritonBackend(prefill_launch=launch), case, reps=100)
             except Exception as error:  # e.g. out of shared memory: not a candidate

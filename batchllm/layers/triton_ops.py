@@ -1,9 +1,11 @@
 """The decoder's elementwise ops as one Triton kernel each (CUDA): RMSNorm fused with the residual
 add, SiLU-and-mul, and rotary applied in place to q and k straight from the float32 tables.
 
-Same roundings as `TorchOps` (hence as transformers): a value that torch rounds to the model dtype
-between two kernels is rounded here between the same two operations (`.to(DTYPE).to(tl.float32)`),
-so bf16 results differ from torch's only by the order of the sum of squares inside an RMSNorm.
+The roundings of `TorchOps` (hence of transformers): a value that torch rounds to the model dtype
+between two kernels is rounded here between the same two operations (`.to(dtype).to(tl.float32)`).
+In float32 the results equal torch's but for the order of an RMSNorm's sum of squares; in 16-bit
+types a small share of elements may differ by one unit in the last place (measured on an H200: the
+compiler may keep a product in float32 across such a cast pair).
 Each op overwrites its input buffers where it can (`ops.py`: inputs are not read after a call).
 Imported only where Triton is installed; `TritonOps.available()` checks for CUDA too.
 """

@@ -104,5 +104,6 @@ def test_every_group_launch_mode_matches_reference(name, specs, mode):
     from batchllm.attention.triton_backend import TritonBackend
 
     q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=11)
-    items = check_against_reference(TritonBackend(group_launch=mode), q, k, v, cache, md, 128 ** -0.5)
+    backend = TritonBackend(group_launch=mode, min_members=1, min_shared=1)  # every group attended as a group
+    items = check_against_reference(backend, q, k, v, cache, md, 128 ** -0.5)
     assert items.num_group_items > 0
