@@ -217,6 +217,7 @@ BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (d
     "sharing-plainattn": dict(use_prefix_groups=False),
     "sharing-fused": dict(group_launch="fused"),
     "sharing-narrow": dict(group_launch="narrow"),
+    "sharing-prefill64": dict(prefill_launch=(64, 64, 4, 2)),  # the attention launch of prefill before session 3
 }
 OPS_CONFIGS = {"sharing-torchops": "torch"}  # the model's elementwise ops ("sharing-torchops": torch, not Triton)
 CONFIGS = {
@@ -253,7 +254,8 @@ def bench_command(args) -> int:
     backend = llm.attention_backend
     if args.prefill_launch:
         backend.prefill_launch = tuple(int(x) for x in args.prefill_launch.split(","))
-    defaults = {key: getattr(backend, key) for key in ("use_prefix_groups", "group_launch") if hasattr(backend, key)}
+    defaults = {key: getattr(backend, key) for key in ("use_prefix_groups", "group_launch", "prefill_launch")
+                if hasattr(backend, key)}
     for name in names:
         llm.sharing = SharingConfig(**CONFIGS[name])
         if defaults:

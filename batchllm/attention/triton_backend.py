@@ -187,6 +187,10 @@ if triton is not None:
         tl.store(Out + tok * stride_ot + h[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
+DECODE_TILE = (64, 4, 2)  # keys per tile, warps, pipeline stages of programs with one query per sequence
+ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
+
+
 class TritonBackend:
     """Paged attention in one Triton kernel per layer (plus the KV store, plus one small merge kernel
     in steps where some token's keys are split over several work items: prefix groups, split-K)."""
@@ -196,15 +200,15 @@ class TritonBackend:
     LAUNCH_MODES = ("split", "fused", "narrow")
 
     def __init__(self, use_prefix_groups: bool = True, group_launch: str = "split",
-                 prefill_launch: tuple[int, int, int, int] = (128, 64, 4, 3), **plan_options) -> None:
+                 prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3), **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         group_launch, in decode steps with prefix groups: "split" runs the prefix items (64-row
         programs: 64 / GQA-group members each) and the one-token suffix items (16-row programs) in
         two launches; "fused" runs both in one launch of 64-row programs; "narrow" in one launch of
         16-row programs (fewer members per prefix item). prefill_launch: (rows per program, keys per
-        tile, warps, pipeline stages) of the kernel in steps with prefill chunks (decode steps use
-        64 or 16 rows, 64 keys, 4 warps, 2 stages); the default won an H200 sweep
-        (`attention_bench.py --prefill-sweep`: 12-18% faster than 64 rows, 2 stages). plan_options go to `plan_work_items`
+        tile, warps, pipeline stages) of the programs that run prefill chunks (one-query items and
+        prefix items use 16 or 64 rows and DECODE_TILE); the default won an H200 sweep
+        (`attention_bench.py --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks). plan_options go to `plan_work_items`
         (split_len, min_members, min_shared)."""
         if group_launch not in self.LAUNCH_MODES:
             raise ValueError(f"group_launch must be one of {self.LAUNCH_MODES}, not {group_launch!r}")
@@ -237,8 +241,7 @@ class TritonBackend:
         part_out, part_lse = plan["part_out"], plan["part_lse"]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = plan["tensors"]
-        block_n, num_warps, num_stages = plan["tile"]
-        for item_offset, num_items, block_q in plan["launches"]:
+        for item_offset, num_items, block_q, (block_n, num_warps, num_stages) in plan["launches"]:
             _paged_attention_kernel[(num_items, num_kv_heads)](
                 query, k_cache, v_cache, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
@@ -305,28 +308,29 @@ class TritonBackend:
         if plan is not None:
             return plan
         wide, narrow = max(1, 64 // group_pad), max(1, 16 // group_pad)  # queries per 64- / 16-row program
-        decode_only = metadata.max_query_len == 1
-        tile = (64, 4, 2)  # keys per tile, warps, stages
-        if not decode_only:
-            rows, *tile = self.prefill_launch
-            block_q = group_block_q = max(1, rows // group_pad)
-        elif self.group_launch == "split":
-            block_q, group_block_q = 1, wide
-        elif self.group_launch == "fused":
-            block_q = group_block_q = wide
-        else:  # narrow
-            block_q = group_block_q = narrow
         share = self.use_prefix_groups and metadata.share_levels_cpu is not None
         kwargs = dict(share_levels=metadata.share_levels_cpu) if share else {}
-        items = plan_work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, block_q,
-                                num_kv_heads=num_kv_heads, group_block_q=group_block_q, **kwargs, **self.plan_options)
-        if decode_only and items.num_group_items == 0:
-            block_q = 1  # only one-token tiles (the same items for any block_q): 16-row programs
-        p, n = items.num_prefix_items, items.num_items
-        if p and group_block_q != block_q:
-            launches = [(0, p, group_block_q)] + ([(p, n - p, block_q)] if n > p else [])
+        kwargs.update(num_kv_heads=num_kv_heads, **self.plan_options)
+        qsl, lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
+        if metadata.max_query_len == 1 and self.group_launch != "split":  # one launch for the whole step
+            block_q = wide if self.group_launch == "fused" else narrow
+            items = plan_work_items(qsl, lens, block_q, group_block_q=block_q, **kwargs)
+            launches = [(0, items.num_items, block_q, DECODE_TILE)]
+            order = None
         else:
-            launches = [(0, n, max(block_q, group_block_q) if p else block_q)]
+            # three launches, each with its own program shape: prefix items (up to `wide` members of a
+            # group), tiles of several queries (prefill chunks: the prefill launch), and one-query items
+            # (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token)
+            rows, *prefill_tile = self.prefill_launch
+            tile_q = max(1, rows // group_pad)
+            items = plan_work_items(qsl, lens, tile_q, group_block_q=wide, **kwargs)
+            p = items.num_prefix_items
+            multi = p + np.flatnonzero(items.q_len[p:] > 1)
+            single = p + np.flatnonzero(items.q_len[p:] <= 1)
+            order = np.concatenate([np.arange(p), multi, single]) if len(multi) and len(single) else None
+            launches = [(0, p, wide, DECODE_TILE), (p, len(multi), tile_q, tuple(prefill_tile)),
+                        (p + len(multi), len(single), 1, DECODE_TILE)]
+            launches = [launch for launch in launches if launch[1]]
         device = metadata.seq_lens.device
         # one host-to-device copy for all the arrays; each starts 16-byte aligned, since Triton also
         # compiles a variant per pointer alignment
@@ -336,12 +340,14 @@ class TritonBackend:
         starts = np.cumsum([0] + [-(-size // 4) * 4 for size in sizes])
         host = np.zeros(int(starts[-1]), dtype=np.int32)
         for name, start, size in zip(names, starts, sizes):
-            host[start:start + size] = getattr(items, name)
+            values = getattr(items, name)
+            # items are independent (partials are addressed by row, not by item): launch order is free
+            host[start:start + size] = values[order] if order is not None and name in ITEM_FIELDS else values
         flat = torch.from_numpy(host).to(device, non_blocking=True)
         tensors = {name: flat[start:start + size] for name, start, size in zip(names, starts, sizes)}
         num_partials = max(items.num_partials, 1)
         plan = {
-            "items": items, "launches": launches, "tensors": tensors, "tile": tuple(tile),
+            "items": items, "launches": launches, "tensors": tensors,
             "part_out": torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
             "part_lse": torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
         }

@@ -58,8 +58,12 @@ def test_rotary_in_place_matches_torch(dtype, scaling):
     qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
     positions = torch.randint(0, 20000, (n,), generator=g, device="cuda")
     qk = qkv[:, :(heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim)
+    exact = TorchOps().step_rotary(table.cos, table.sin_signed, positions, torch.float32)(qk.float())
     want = TorchOps().step_rotary(table.cos, table.sin_signed, positions, dtype)(qk)
     got = triton_ops().step_rotary(table.cos, table.sin_signed, positions, dtype)(qk)
-    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # relative size of one unit in the last place
-    torch.testing.assert_close(got, want, rtol=ulp, atol=1e-4)  # at most an ulp apart
-    assert ulp_mismatch_fraction(got, want) < 0.02  # the compiler may keep a product in fp32 before the sum
+    assert got.data_ptr() == qk.data_ptr(), "in place"
+    # as accurate as torch's own 16-bit arithmetic, against the float32 rotation of the same inputs
+    torch_err, triton_err = (want.float() - exact).abs(), (got.float() - exact).abs()
+    assert triton_err.max() <= 1.5 * torch_err.max() and triton_err.mean() <= 1.5 * torch_err.mean(), (
+        f"max {triton_err.max():.3g} vs torch {torch_err.max():.3g}; mean {triton_err.mean():.3g} vs "
+        f"{torch_err.mean():.3g}; {100 * ulp_mismatch_fraction(got, want):.1f}% of elements differ from torch's")

@@ -177,9 +177,29 @@ def test_triton_backend_plans_launches_on_cpu():
     plan = TritonBackend()._plan(md, 4, 32, 128, 8)
     items = plan["items"]
     assert items.num_group_items > 0
-    covered = [i for offset, n, _ in plan["launches"] for i in range(offset, offset + n)]
+    covered = [i for offset, n, *_ in plan["launches"] for i in range(offset, offset + n)]
     assert covered == list(range(items.num_items))
-    assert [bq for *_, bq in plan["launches"]] == [16, 1]
+    assert [launch[2] for launch in plan["launches"]] == [16, 1]
     for name, values in plan["tensors"].items():  # device copies match the plan, 16-byte aligned
         assert values.tolist() == getattr(items, name).tolist() and values.data_ptr() % 16 == 0
     assert plan["part_out"].shape == (max(items.num_partials, 1), 32, 128)
+
+
+def test_mixed_step_launches_prefill_tiles_apart_from_one_query_items():
+    """A step with prefill chunks, group decodes and plain decodes: three launches (prefix items,
+    several-query tiles in the prefill shape, one-query items in 16-row programs); the device arrays
+    hold the same items, reordered so that each launch's range holds only its kind."""
+    from batchllm.attention.triton_backend import ITEM_FIELDS, TritonBackend
+
+    specs = group_decode(8, 300, 7, 0) + [(0, 300), (50, 1), (2000, 1), (64, 40)]
+    *_, md = random_case(specs, 32, 8, 128, 16, torch.float32, seed=0, device="cpu")
+    backend = TritonBackend(prefill_launch=(128, 64, 4, 3))
+    plan = backend._plan(md, 4, 32, 128, 8)
+    items, t = plan["items"], plan["tensors"]
+    (p0, p, pq, _), (m0, m, mq, m_tile), (s0, n_single, sq, _) = plan["launches"]
+    assert (p0, m0, s0) == (0, p, p + m) and p + m + n_single == items.num_items
+    assert (pq, mq, sq) == (16, 32, 1) and m_tile == (64, 4, 3)
+    q_len = t["q_len"].numpy()
+    assert p == items.num_prefix_items and (q_len[m0:s0] > 1).all() and (q_len[s0:] == 1).all()
+    rows = lambda arrays: sorted(zip(*(arrays[f].tolist() for f in ITEM_FIELDS)))
+    assert rows(t) == rows({f: getattr(items, f) for f in ITEM_FIELDS})
