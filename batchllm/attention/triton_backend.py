@@ -187,8 +187,14 @@ if triton is not None:
         tl.store(Out + tok * stride_ot + h[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
+SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fits any supported row width
 DECODE_TILE = (64, 4, 2)  # keys per tile, warps, pipeline stages of programs with one query per sequence
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
+
+
+def triton_next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2, also where Triton is not installed (the planning half runs on CPU)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class TritonBackend:
@@ -235,7 +241,7 @@ class TritonBackend:
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
         group_pad = triton.next_power_of_2(group)
-        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads)
+        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size())
         items = plan["items"]
         out = torch.empty_like(query)
         part_out, part_lse = plan["part_out"], plan["part_lse"]
@@ -299,7 +305,7 @@ class TritonBackend:
         torch.cuda.synchronize(device)
 
     def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
-              num_kv_heads: int) -> dict:
+              num_kv_heads: int, element_size: int = 2) -> dict:
         """The step's work items, their launches, device arrays and partial buffers: made by the first
         layer, reused by every other (the merge of one layer finishes before the next layer's
         kernel writes the buffers again: same stream)."""
@@ -321,7 +327,10 @@ class TritonBackend:
             # three launches, each with its own program shape: prefix items (up to `wide` members of a
             # group), tiles of several queries (prefill chunks: the prefill launch), and one-query items
             # (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token)
-            rows, *prefill_tile = self.prefill_launch
+            # the default's tiles fill the shared memory of an H200 with 16-bit values of head dim 128;
+            # wider rows (float32, head dim 256) take the small launch
+            small = element_size * triton_next_power_of_2(head_dim) > 256
+            rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
             tile_q = max(1, rows // group_pad)
             items = plan_work_items(qsl, lens, tile_q, group_block_q=wide, **kwargs)
             p = items.num_prefix_items
