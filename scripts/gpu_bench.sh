@@ -3,6 +3,8 @@
 #   PART=a bash scripts/gpu_bench.sh    paper workloads at 1,024 / 256 requests (~5 min on an H200)
 #   PART=b bash scripts/gpu_bench.sh    6,400 shuffled requests; HF generate_batch side by side (~6 min)
 #   PART=c bash scripts/gpu_bench.sh    the Qwen2.5-7B shape; the snippet-like workload (~5 min)
+#   PART=d bash scripts/gpu_bench.sh    Triton ops against torch ops (+ GPU time per kernel kind);
+#                                       the prefill attention launch sweep (~5 min)
 # Logs and JSON go under $OUT (or ./gpu_out). Each `batchllm bench` measures the bf16 matmul peak first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +18,12 @@ python3 -c 'import torch; print(torch.cuda.get_device_name(0))' | tee "$OUT/devi
 case "${PART:-a}" in
 a)
   bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
-      --configs sharing,sharing-plainattn,nosharing --json-out "$OUT/shared2000_200_deg16.json"
+      --configs sharing,sharing-prefill64,sharing-plainattn,nosharing --json-out "$OUT/shared2000_200_deg16.json"
   bench --workload shared --shared 2000 --distinct 200 --degree 4 --requests 1024 --output 100 \
       --configs sharing --json-out "$OUT/shared2000_200_deg4.json"
   bench --workload shared --shared 16000 --distinct 200 --degree 16 --requests 256 --output 100 \
-      --configs sharing,sharing-plainattn --json-out "$OUT/shared16000_200_deg16.json"
+      --configs sharing,sharing-plainattn --json-out "$OUT/shared16000_200_deg16.json" \
+      --profile-out "$OUT/profile_16k.txt" --profile-requests 64
   ;;
 b)
   bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 6400 --output 100 \
@@ -40,5 +43,12 @@ c)
   common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
   timeout 300 python3 -m batchllm.cli bench "${common[@]}" --workload snippet --requests 8000 --output 100 \
       --configs sharing --json-out "$OUT/snippet_n8000.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+  ;;
+d)
+  bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
+      --configs sharing,sharing-torchops --json-out "$OUT/shared2000_200_deg16_ops.json" \
+      --profile-out "$OUT/profile_deg16_torchops.txt" --profile-requests 256
+  python3 benchmarks/attention_bench.py --prefill-sweep --json-out "$OUT/prefill_sweep.json" 2>&1 \
+      | tee -a "$OUT/bench.log" | cut -c1-300
   ;;
 esac
