@@ -28,7 +28,7 @@ from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
 from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, resolve_max_model_len
 from batchllm.models.default_model import default_model_dir
-from batchllm.layers.ops import make_ops
+from batchllm.layers.ops import make_ops, use_triton
 from batchllm.models.loader import build_model
 from batchllm.models.spec import read_model_spec
 from batchllm.output_processor import CompletionState
@@ -357,14 +357,10 @@ def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.devic
 
 
 def _attention_backend(name: str, device: torch.device):
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
+    if not use_triton(name, device, "attention_backend"):
         return TorchReferenceBackend()
     from batchllm.attention.triton_backend import TritonBackend
 
-    if not TritonBackend.available() or device.type != "cuda":
-        if name == "triton":
-            raise ValueError("attention_backend 'triton' needs Triton and a CUDA device")
-        return TorchReferenceBackend()
     return TritonBackend()
 
 

@@ -11,8 +11,8 @@ online softmax in fp32 (exp2, log2(e) folded into the scale), masking keys after
 position (causal). Items whose keys are split write partials (fp32 output and log2-sum-exp); a
 second small kernel merges them with log-sum-exp weights.
 
-Imported only where Triton and CUDA exist; `TritonBackend.available()` says so without importing
-Triton on CPU-only machines.
+Importable without Triton (the planning half, `_plan`, runs on any CPU); the kernels exist where
+Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to `attention_backend`.
 """
 
 from __future__ import annotations
@@ -222,10 +222,6 @@ class TritonBackend:
         self.group_launch = group_launch
         self.prefill_launch = prefill_launch
         self.plan_options = plan_options
-
-    @staticmethod
-    def available() -> bool:
-        return triton is not None and torch.cuda.is_available()
 
     def forward(
         self,

@@ -9,6 +9,8 @@ Contract shared by both: every op returns its results and callers use only those
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -46,16 +48,23 @@ class TorchOps:
         return StepRotary(cos[positions].to(dtype)[:, None, :], sin_signed[positions].to(dtype)[:, None, :])
 
 
-def make_ops(choice: str, device: torch.device):
-    """"auto": Triton kernels on CUDA when Triton is installed, torch otherwise."""
+def use_triton(choice: str, device: torch.device, setting: str) -> bool:
+    """Whether a setting's choice ("auto" | "torch" | "triton") gets the Triton implementation:
+    "auto" does on a CUDA device where Triton is installed; "triton" must, or is an error."""
     if choice not in KERNEL_CHOICES:
-        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        raise ValueError(f"{setting} must be one of {KERNEL_CHOICES}, got {choice!r}")
+    if choice == "torch":
+        return False
+    usable = device.type == "cuda" and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    if choice == "triton" and not usable:
+        raise ValueError(f"{setting}='triton' needs Triton and a CUDA device")
+    return usable
+
+
+def make_ops(choice: str, device: torch.device):
+    """The ops for a `kernels` choice (`use_triton`)."""
+    if not use_triton(choice, device, "kernels"):
         return TorchOps()
     from batchllm.layers.triton_ops import TritonOps
 
-    if not TritonOps.available(device):
-        if choice == "triton":
-            raise ValueError("kernels='triton' needs Triton and a CUDA device")
-        return TorchOps()
     return TritonOps()

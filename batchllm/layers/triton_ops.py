@@ -7,7 +7,7 @@ In float32 the results equal torch's but for the order of an RMSNorm's sum of sq
 types a small share of elements may differ by one unit in the last place (measured on an H200: the
 compiler may keep a product in float32 across such a cast pair).
 Each op overwrites its input buffers where it can (`ops.py`: inputs are not read after a call).
-Imported only where Triton is installed; `TritonOps.available()` checks for CUDA too.
+Imported only where Triton is installed (`ops.make_ops` decides).
 """
 
 from __future__ import annotations
@@ -120,10 +120,6 @@ class TritonStepRotary:
 
 class TritonOps:
     name = "triton"
-
-    @staticmethod
-    def available(device: torch.device) -> bool:
-        return device.type == "cuda" and torch.cuda.is_available()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = _rows(x)
