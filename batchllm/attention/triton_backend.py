@@ -192,8 +192,8 @@ DECODE_TILE = (64, 4, 2)  # keys per tile, warps, pipeline stages of programs wi
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 
 
-def triton_next_power_of_2(n: int) -> int:
-    """triton.next_power_of_2, also where Triton is not installed (the planning half runs on CPU)."""
+def next_power_of_2(n: int) -> int:
+    """As triton.next_power_of_2, also where Triton is not installed (the planning half runs on CPU)."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -214,8 +214,8 @@ class TritonBackend:
         16-row programs (fewer members per prefix item). prefill_launch: (rows per program, keys per
         tile, warps, pipeline stages) of the programs that run prefill chunks (one-query items and
         prefix items use 16 or 64 rows and DECODE_TILE); the default won an H200 sweep
-        (`attention_bench.py --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks). plan_options go to `plan_work_items`
-        (split_len, min_members, min_shared)."""
+        (`attention_bench.py --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long
+        chunks). plan_options go to `plan_work_items` (split_len, min_members, min_shared)."""
         if group_launch not in self.LAUNCH_MODES:
             raise ValueError(f"group_launch must be one of {self.LAUNCH_MODES}, not {group_launch!r}")
         self.use_prefix_groups = use_prefix_groups
@@ -236,7 +236,7 @@ class TritonBackend:
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
-        group_pad = triton.next_power_of_2(group)
+        group_pad = next_power_of_2(group)
         plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size())
         items = plan["items"]
         out = torch.empty_like(query)
@@ -256,7 +256,7 @@ class TritonBackend:
                 part_out.stride(0), part_out.stride(1), part_lse.stride(0),
                 metadata.block_tables.stride(0), item_offset,
                 BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-                HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
+                HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_Q=block_q,
                 BLOCK_M=max(16, block_q * group_pad), BLOCK_N=block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
                 num_warps=num_warps, num_stages=num_stages,
@@ -265,8 +265,8 @@ class TritonBackend:
             _merge_partials_kernel[(len(items.merge_tokens),)](
                 out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"],
                 out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
-                NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-                HEAD_DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+                NUM_HEADS=num_heads, HEADS_PAD=next_power_of_2(num_heads), HEAD_DIM=head_dim,
+                HEAD_DIM_PAD=next_power_of_2(head_dim), num_warps=4,
             )
         return out
 
@@ -325,7 +325,7 @@ class TritonBackend:
             # (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token)
             # the default's tiles fill the shared memory of an H200 with 16-bit values of head dim 128;
             # wider rows (float32, head dim 256) take the small launch
-            small = element_size * triton_next_power_of_2(head_dim) > 256
+            small = element_size * next_power_of_2(head_dim) > 256
             rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
             tile_q = max(1, rows // group_pad)
             items = plan_work_items(qsl, lens, tile_q, group_block_q=wide, **kwargs)
@@ -339,8 +339,7 @@ class TritonBackend:
         device = metadata.seq_lens.device
         # one host-to-device copy for all the arrays; each starts 16-byte aligned, since Triton also
         # compiles a variant per pointer alignment
-        names = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part", "q_tokens", "q_pos",
-                 "merge_tokens", "merge_ptr", "merge_parts")
+        names = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
         sizes = [len(getattr(items, name)) for name in names]
         starts = np.cumsum([0] + [-(-size // 4) * 4 for size in sizes])
         host = np.zeros(int(starts[-1]), dtype=np.int32)

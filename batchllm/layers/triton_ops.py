@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import StepRotary
 
 
@@ -118,7 +119,9 @@ class TritonStepRotary:
         return x
 
 
-class TritonOps:
+class TritonOps(TorchOps):
+    """TorchOps with each op as one kernel; what a kernel cannot take falls back to TorchOps."""
+
     name = "triton"
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,5 +162,5 @@ class TritonOps:
     def step_rotary(self, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                     dtype: torch.dtype) -> TritonStepRotary | StepRotary:
         if cos.shape[1] & (cos.shape[1] - 1):  # the kernel's halves are power-of-2 ranges
-            return StepRotary(cos[positions].to(dtype)[:, None, :], sin_signed[positions].to(dtype)[:, None, :])
+            return super().step_rotary(cos, sin_signed, positions, dtype)
         return TritonStepRotary(cos, sin_signed, positions)

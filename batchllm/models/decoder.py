@@ -63,7 +63,6 @@ class MLP(nn.Module):
         super().__init__()
         self.ops = ops
         h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
-        self.intermediate_size = i
         self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # gate and up in one matmul
         self.checkpoint_rows = {"gate_up_proj": (("gate_proj", 0, i), ("up_proj", i, 2 * i))}
         self.down_proj = nn.Linear(i, h, bias=b)
