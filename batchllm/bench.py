@@ -192,7 +192,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--configs", default="sharing,nosharing",
                    help="comma list of: sharing, nosharing, single (one-level plan), order-prefill, order-fifo; "
                         "sharing-plainattn (prefix-shared attention off), sharing-fused, sharing-narrow "
-                        "(its launch modes; Triton backend)")
+                        "(its launch modes; Triton backend), sharing-prefill64, sharing-torchops, "
+                        "sharing-sync and nosharing-sync (asynchronous scheduling off)")
     b.add_argument("--model", default=None, help="model directory (config.json; weights unless --load-format dummy)")
     b.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -220,10 +221,12 @@ BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (d
     "sharing-prefill64": dict(prefill_launch=(64, 64, 4, 2)),  # the attention launch of prefill before session 3
 }
 OPS_CONFIGS = {"sharing-torchops": "torch"}  # the model's elementwise ops ("sharing-torchops": torch, not Triton)
+SYNC_CONFIGS = {"sharing-sync", "nosharing-sync"}  # asynchronous scheduling off (each step waits for the one before)
 CONFIGS = {
     "sharing": dict(prefix_sharing=True),
-    **{name: dict(prefix_sharing=True) for name in (*BACKEND_CONFIGS, *OPS_CONFIGS)},
+    **{name: dict(prefix_sharing=True) for name in (*BACKEND_CONFIGS, *OPS_CONFIGS, "sharing-sync")},
     "nosharing": dict(prefix_sharing=False),
+    "nosharing-sync": dict(prefix_sharing=False),
     "single": dict(prefix_sharing=True, plan_mode="single"),
     "order-prefill": dict(prefix_sharing=True, group_order="prefill"),
     "order-fifo": dict(prefix_sharing=True, group_order="fifo"),
@@ -256,14 +259,17 @@ def bench_command(args) -> int:
         backend.prefill_launch = tuple(int(x) for x in args.prefill_launch.split(","))
     defaults = {key: getattr(backend, key) for key in ("use_prefix_groups", "group_launch", "prefill_launch")
                 if hasattr(backend, key)}
+    overlap = llm.engine.async_scheduling
     for name in names:
         llm.sharing = SharingConfig(**CONFIGS[name])
+        llm.engine.async_scheduling = overlap and name not in SYNC_CONFIGS
         if defaults:
             for key, value in {**defaults, **BACKEND_CONFIGS.get(name, {})}.items():
                 setattr(backend, key, value)
         llm.model.use_ops(make_ops(OPS_CONFIGS.get(name, args.kernels), llm.device))
         stats = run_workload(llm, workload, peak)
         stats["config"] = name
+        stats["async_scheduling"] = llm.engine.async_scheduling
         results.append(stats)
         print(_line(stats), flush=True)
     if args.profile_out:

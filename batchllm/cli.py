@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory-gib", type=float, default=None,
                    help="KV cache size in GiB (default: 2 on CPU; on GPU what --gpu-memory-utilization leaves)")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="fraction of GPU memory to use")
+    e.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="schedule each step while the previous one runs on the device (default auto: on for CUDA)")
     _add_sharing_options(run)
     o = run.add_argument_group("output")
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
@@ -178,7 +180,9 @@ def run_command(args: argparse.Namespace) -> int:
             block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory_gib,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            kv_admission_threshold=args.kv_admission_threshold, prefix_sharing=not args.no_prefix_sharing,
+            kv_admission_threshold=args.kv_admission_threshold,
+            async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+            prefix_sharing=not args.no_prefix_sharing,
             plan_mode=args.plan_mode, group_order=args.group_order,
         )
     except (ValueError, OSError) as e:

@@ -99,6 +99,8 @@ class SchedulerConfig:
     """Admit new work while the projected KV use (prefixes once + suffixes + expected outputs) fits this fraction of the pool."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps; off: a prompt is prefilled in one step (needs a budget >= max_model_len)."""
+    async_scheduling: bool | None = None
+    """Schedule and submit each step while the one before runs on the device; None: on for CUDA devices."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

@@ -71,6 +71,7 @@ class LLM:
         max_num_seqs: int | None = None,
         enable_chunked_prefill: bool = True,
         kv_admission_threshold: float = 1.0,
+        async_scheduling: bool | None = None,
         prefix_sharing: bool = True,
         plan_mode: str = MULTI_LEVEL,
         group_order: str = "decode",
@@ -99,6 +100,7 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 enable_chunked_prefill=enable_chunked_prefill,
                 kv_admission_threshold=kv_admission_threshold,
+                async_scheduling=async_scheduling,
             ),
             sharing=SharingConfig(prefix_sharing=prefix_sharing, plan_mode=plan_mode, group_order=group_order),
         )
@@ -140,7 +142,8 @@ class LLM:
             self.model, self.kv_spec, self.attention_backend, device=self.device, dtype=self.dtype, seed=mc.seed
         )
         kv = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
-        self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner)
+        overlap = self.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
+        self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner, async_scheduling=overlap)
         self._request_counter = itertools.count()
         self.last_stats: dict[str, Any] = {}
         logger.info(
@@ -294,6 +297,7 @@ class LLM:
                 bar.close()
                 if states:  # the caller stopped early or a step failed: leave the engine clean for next time
                     self.engine.finish_requests(list(states), "abort")
+                    _drain_quietly(self.engine)
                 self.last_stats = _stats_since(
                     self.engine, stats_before, time.perf_counter() - started,
                     num_requests=len(requests), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
@@ -312,6 +316,15 @@ class LLM:
 
 
 # ---------------------------------------------------------------------- helpers
+def _drain_quietly(engine: EngineCore) -> None:
+    """Collect (and drop) the step still in flight after the loop stopped early; a failure there
+    is logged, not raised over the error that stopped the loop."""
+    try:
+        engine.drain()
+    except Exception:  # noqa: BLE001 - the step's outputs are discarded anyway
+        logger.exception("the step in flight failed while the batch was being stopped")
+
+
 @contextlib.contextmanager
 def _quiet_gc(young_threshold: int = 50_000):
     """Python's cyclic GC during the engine loop: each step allocates thousands of short-lived

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PLACEHOLDER_TOKEN_ID = -1
+"""Stands for a token that the previous step samples and the runner still holds on the device
+(asynchronous scheduling): only ever the last token of a ScheduledRequest's `token_ids`."""
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -31,7 +35,8 @@ class SamplingSpec:
 class ScheduledRequest:
     request_id: str
     token_ids: list[int]
-    """Tokens whose KV this step computes, at positions start_position .. start_position+len-1."""
+    """Tokens whose KV this step computes, at positions start_position .. start_position+len-1; the
+    last may be PLACEHOLDER_TOKEN_ID (the token this request samples in the step before)."""
     start_position: int
     block_ids: list[int]
     """New entries of the request's block table, to be placed from index `block_table_start`.

@@ -5,6 +5,11 @@ the ones whose KV is still missing. A fresh request starts at 0 (prefill), a dec
 token behind (the token it just sampled), and preemption by recompute simply resets the counter to 0
 while keeping the output tokens: there are no prefill/decode modes.
 
+The scheduler advances `num_computed_tokens` when it schedules tokens, not when their step ends.
+With asynchronous scheduling the next step is scheduled while the previous one runs: a token being
+sampled on the device counts in `num_tokens` (`num_pending_tokens`) before its value is known, and
+is scheduled as `PLACEHOLDER_TOKEN_ID`, which the runner fills from the step that samples it.
+
 A shared prefix is a `Request` too (`is_prefix=True`): its prompt is the prefix, it is prefilled
 and never samples. Members (requests or nested prefixes) name it as `parent`; a member forks from
 it once it is READY, which sets the member's counter to the prefix length in one move. The prefix
@@ -17,6 +22,7 @@ import enum
 import functools
 from dataclasses import dataclass, field
 
+from batchllm.outputs import PLACEHOLDER_TOKEN_ID
 from batchllm.sampling_params import SamplingParams
 
 
@@ -40,6 +46,9 @@ class Request:
     """Position in the batch; breaks ties in ordering policies."""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
+    """Tokens sampled by scheduled steps whose results have not come back: 0 or 1 when a step is
+    scheduled (a decode may be scheduled on a placeholder), up to 2 right after."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     """'stop' (EOS, stop token or stop string), 'length' (max_tokens or context) or 'abort'."""
@@ -66,15 +75,26 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + known outputs + pending outputs: the sequence the scheduler schedules."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + outputs whose values have come back."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
+        """Outputs whose values have come back (pending ones not counted)."""
         return len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens at positions [start, end) of prompt + output, as a list (prompts may be numpy
-        int32 arrays: the CLI keeps millions of prompts compact)."""
+        int32 arrays: the CLI keeps millions of prompts compact); pending positions hold
+        PLACEHOLDER_TOKEN_ID."""
+        known = self.num_known_tokens
+        if end > known:
+            return self.token_ids(start, known) + [PLACEHOLDER_TOKEN_ID] * (end - max(start, known))
         n_prompt = len(self.prompt_token_ids)
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]

@@ -5,6 +5,9 @@
 #   PART=c bash scripts/gpu_bench.sh    the Qwen2.5-7B shape; the snippet-like workload (~5 min)
 #   PART=d bash scripts/gpu_bench.sh    Triton ops against torch ops (+ GPU time per kernel kind);
 #                                       the prefill attention launch sweep (~5 min)
+#   PART=e bash scripts/gpu_bench.sh    asynchronous scheduling against synchronous: degree 16 with and
+#                                       without sharing, degree 4 (~8 min)
+#   PART=f bash scripts/gpu_bench.sh    the same on 6,400 shuffled requests; 16000/200 (~8 min)
 # Logs and JSON go under $OUT (or ./gpu_out). Each `batchllm bench` measures the bf16 matmul peak first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,5 +53,17 @@ d)
       --profile-out "$OUT/profile_deg16_torchops.txt" --profile-requests 256
   python3 benchmarks/attention_bench.py --prefill-sweep --json-out "$OUT/prefill_sweep.json" 2>&1 \
       | tee -a "$OUT/bench.log" | cut -c1-300
+  ;;
+e)
+  bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
+      --configs sharing,sharing-sync,nosharing,nosharing-sync --json-out "$OUT/shared2000_200_deg16.json"
+  bench --workload shared --shared 2000 --distinct 200 --degree 4 --requests 1024 --output 100 \
+      --configs sharing,sharing-sync --json-out "$OUT/shared2000_200_deg4.json"
+  ;;
+f)
+  bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 6400 --output 100 \
+      --configs sharing,sharing-sync --json-out "$OUT/shared2000_200_deg16_n6400.json"
+  bench --workload shared --shared 16000 --distinct 200 --degree 16 --requests 256 --output 100 \
+      --configs sharing,sharing-sync --json-out "$OUT/shared16000_200_deg16.json"
   ;;
 esac

@@ -24,6 +24,7 @@ import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, plan_work_items
+from batchllm.layers.transfer import to_device
 
 try:
     import triton
@@ -347,7 +348,7 @@ class TritonBackend:
             values = getattr(items, name)
             # items are independent (partials are addressed by row, not by item): launch order is free
             host[start:start + size] = values[order] if order is not None and name in ITEM_FIELDS else values
-        flat = torch.from_numpy(host).to(device, non_blocking=True)
+        flat = to_device(host, device)
         tensors = {name: flat[start:start + size] for name, start, size in zip(names, starts, sizes)}
         num_partials = max(items.num_partials, 1)
         plan = {

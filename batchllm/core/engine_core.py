@@ -1,6 +1,13 @@
 """The engine loop body: schedule -> execute -> update. Torch-free; the runner is injected.
 
-Writer of nothing but its own step counter and timing; all request state belongs to the scheduler.
+Writer of nothing but its own step log and the step in flight; all request state belongs to the
+scheduler.
+
+With `async_scheduling`, a step is scheduled and submitted before the previous step's tokens are
+collected, so the CPU work of a step (scheduling, building inputs, launching kernels, recording the
+previous step's tokens) runs while the device computes the step before it: `step()` submits step
+N + 1, then collects step N and returns its updates. The scheduler never needs a token before it is
+collected (see `core/scheduler.py`); the runner fills each placeholder from the step that samples it.
 """
 
 from __future__ import annotations
@@ -14,8 +21,14 @@ from batchllm.outputs import RunnerOutput, ScheduledBatch
 from batchllm.request import Request
 
 
+class PendingOutput(Protocol):
+    def result(self) -> RunnerOutput: ...
+
+
 class Executor(Protocol):
-    """Anything that runs a ScheduledBatch: the model runner, or a fake in unit tests."""
+    """Anything that runs a ScheduledBatch: the model runner, or a fake in unit tests. An executor
+    that can run asynchronously also has `submit(batch) -> PendingOutput`, which returns once the
+    step is queued on the device."""
 
     def execute(self, batch: ScheduledBatch) -> RunnerOutput: ...
 
@@ -25,32 +38,68 @@ class StepRecord:
     num_tokens: int
     num_requests: int
     seconds: float
+    """Wall time of the step: from its submission (or the previous step's collection, if later)
+    to its collection."""
+
+
+@dataclass
+class _Done:
+    output: RunnerOutput
+
+    def result(self) -> RunnerOutput:
+        return self.output
 
 
 @dataclass
 class EngineCore:
     scheduler: Scheduler
     executor: Executor
+    async_scheduling: bool = False
+    """Submit each step before collecting the previous one (needs an executor with `submit`)."""
     step_log: list[StepRecord] = field(default_factory=list)
     """Tokens and time of every step (for tokens-per-step plots and stats)."""
+    _in_flight: tuple[ScheduledBatch, PendingOutput, float] | None = None
+    _last_collected: float = 0.0
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[RequestUpdate]:
+        """Run one step; returns the updates of the step collected (the one before, when asynchronous)."""
         batch = self.scheduler.schedule()
         if not batch.requests:
+            if self._in_flight is not None:  # what could run waits on the tokens in flight
+                return self._collect()
             raise RuntimeError(
                 "scheduler produced an empty step with work pending: "
                 f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
                 f"{self.scheduler.kv.num_free_blocks} free KV blocks"
             )
-        start = time.perf_counter()
-        output = self.executor.execute(batch)
-        self.step_log.append(StepRecord(batch.num_tokens, len(batch.requests), time.perf_counter() - start))
+        submitted = time.perf_counter()
+        if self.async_scheduling:
+            pending = self.executor.submit(batch)
+        else:
+            pending = _Done(self.executor.execute(batch))
+        updates = self._collect() if self._in_flight is not None else []
+        self._in_flight = (batch, pending, submitted)
+        if not self.async_scheduling:
+            updates = self._collect()
+        return updates
+
+    def drain(self) -> list[RequestUpdate]:
+        """Collect the step in flight, if any."""
+        return self._collect() if self._in_flight is not None else []
+
+    def _collect(self) -> list[RequestUpdate]:
+        batch, pending, submitted = self._in_flight
+        self._in_flight = None
+        output = pending.result()
+        now = time.perf_counter()
+        self.step_log.append(StepRecord(batch.num_tokens, len(batch.requests), now - max(submitted, self._last_collected)))
+        self._last_collected = now
         return self.scheduler.update_from_output(batch, output)
 
     def finish_requests(self, request_ids: list[str], reason: str, stop_reason: int | str | None = None) -> None:

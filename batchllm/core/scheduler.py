@@ -11,6 +11,14 @@ member finishes. When the KV pool cannot grow running work, the last-scheduled r
 preempted by recompute (blocks freed, counter back to 0, outputs kept, back to the front of its
 queue). When nothing can run at all, the most recently READY prefix with no running member is
 released and recomputed later. No request is dropped and no token is ever wrong.
+
+Scheduling a step advances the counters of its requests (and makes a prefix READY once its last
+chunk is scheduled); `update_from_output` only records sampled tokens. So the next step can be
+scheduled before the previous one's tokens are back (asynchronous scheduling, `EngineCore`): a
+request whose token is pending is scheduled on a placeholder, unless that token is bound to end
+it (max_tokens, the context); one that ends on EOS or a stop wastes one decode, whose token is
+dropped. Blocks freed while a step is in flight are safe to reuse: steps run in order on the device,
+so the in-flight step's writes land before any later step's.
 """
 
 from __future__ import annotations
@@ -57,8 +65,12 @@ def _step_class(request: Request) -> int:
     """Order of service among running work: decodes, then request prefill, then prefix prefill."""
     if request.is_prefix:
         return 2
-    decoding = request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
-    return 0 if decoding else 1
+    return 0 if _is_decode(request, request.num_tokens - request.num_computed_tokens) else 1
+
+
+def _is_decode(request: Request, num_new: int) -> bool:
+    return num_new == 1 and request.num_computed_tokens + 1 == request.num_tokens and (
+        request.num_output_tokens + request.num_pending_tokens > 0)
 
 
 class Scheduler:
@@ -78,6 +90,8 @@ class Scheduler:
         self.ready_prefixes: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        self.num_pending_outputs = 0
+        """Sampled tokens of scheduled steps whose results have not come back."""
         self._finished_since_last_step: list[str] = []
 
     # ------------------------------------------------------------------ admission
@@ -124,8 +138,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch:
+        """The next step. Empty while everything that could run waits on pending tokens (the
+        caller collects the step in flight and asks again), or when nothing is left."""
         batch = self._schedule_once()
-        while not batch.requests and self.has_unfinished() and self._release_idle_prefixes():
+        while (not batch.requests and not self.num_pending_outputs and self.has_unfinished()
+               and self._release_idle_prefixes()):
             batch = self._schedule_once()
         return batch
 
@@ -164,8 +181,8 @@ class Scheduler:
         cap = self.config.max_num_seqs
         while queue and budget > 0 and (cap is None or len(self.running) < cap):
             request = queue[0]
-            if not self.admission.can_admit(request, nothing_running=not self.running):
-                break
+            if request.num_pending_tokens or not self.admission.can_admit(request, nothing_running=not self.running):
+                break  # (a request preempted with a token in flight waits for its value)
             copy = None
             if request.parent is not None:
                 ok, copy = self.kv.fork(request.request_id, request.parent.request_id, request.fork_point)
@@ -190,10 +207,18 @@ class Scheduler:
         return budget
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
+        if request.num_pending_tokens and self._pending_token_ends(request):
+            return 0
         remaining = request.num_tokens - request.num_computed_tokens
         if remaining <= budget:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
+
+    def _pending_token_ends(self, request: Request) -> bool:
+        """The request's pending token is its last, whatever its value (max_tokens or the context)."""
+        max_tokens = request.sampling_params.max_tokens
+        num_outputs = request.num_output_tokens + request.num_pending_tokens
+        return (max_tokens is not None and num_outputs >= max_tokens) or request.num_tokens >= self.max_model_len
 
     def _free_blocks(self, request: Request) -> None:
         self.kv.free(request.request_id)
@@ -260,16 +285,22 @@ class Scheduler:
         return bool(released)
 
     def _make_batch(self, chosen: list[tuple[Request, int]], copies: list[tuple[int, int]]) -> ScheduledBatch:
+        """The step's batch; advances the counters of its requests (see the module docstring).
+        An empty step keeps the finished ids for the next one."""
+        if not chosen:
+            return ScheduledBatch([])
         scheduled = []
+        completed_prefixes = []
         for request, num_new in chosen:
             start = request.num_computed_tokens
             reaches_end = start + num_new == request.num_tokens
-            if num_new == 1 and reaches_end and request.num_output_tokens > 0:
+            if _is_decode(request, num_new):
                 self.stats.decode_tokens += 1
             else:
                 self.stats.prefill_tokens += num_new
             table = self.kv.block_table(request.request_id)
             sent = request.num_blocks_sent
+            samples = reaches_end and not request.is_prefix
             scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
@@ -277,13 +308,21 @@ class Scheduler:
                     start_position=start,
                     block_ids=table[sent:],
                     block_table_start=sent,
-                    sampling=self._sampling_spec(request) if reaches_end and not request.is_prefix else None,
+                    sampling=self._sampling_spec(request) if samples else None,
                     shared_prefixes=request.shared_prefixes,
                 )
             )
             request.num_blocks_sent = len(table)
+            request.num_computed_tokens = start + num_new
+            if samples:
+                request.num_pending_tokens += 1
+                self.num_pending_outputs += 1
+            elif request.is_prefix and reaches_end:
+                completed_prefixes.append(request)
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
         self._finished_since_last_step = []
+        for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device
+            self._prefix_ready(prefix)  # (after the batch: a prefix dropped here must reach the runner later)
         self.stats.num_steps += 1
         self.stats.num_scheduled_tokens += batch.num_tokens
         self.stats.num_block_copies += len(copies)
@@ -296,7 +335,7 @@ class Scheduler:
             return request.cached_sampling_spec
         sp = request.sampling_params
         banned: tuple[int, ...] = ()
-        if request.num_output_tokens < sp.min_tokens:
+        if request.num_output_tokens + request.num_pending_tokens < sp.min_tokens:
             banned = tuple(sorted(set(request.eos_token_ids) | set(sp.stop_token_ids)))
         spec = SamplingSpec(
             temperature=sp.temperature,
@@ -313,16 +352,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
     def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> list[RequestUpdate]:
+        """Record the tokens a step sampled, in batch order. A request that ended while the step
+        was in flight (EOS or a stop in the step before, an abort) drops its token."""
         updates = []
         for scheduled in batch.requests:
-            request = self.requests[scheduled.request_id]
-            request.num_computed_tokens += len(scheduled.token_ids)
-            if request.is_prefix:
-                if request.num_computed_tokens == request.num_tokens:
-                    self._prefix_ready(request)
-                continue
             if scheduled.sampling is None:
                 continue
+            self.num_pending_outputs -= 1
+            request = self.requests.get(scheduled.request_id)
+            if request is None:
+                continue
+            request.num_pending_tokens -= 1
             token = output.sampled_token_ids[request.request_id]
             request.output_token_ids.append(token)
             finish_reason, stop_reason = self._check_finished(request, token)
@@ -358,7 +398,7 @@ class Scheduler:
                 return "stop", token
         if sp.max_tokens is not None and request.num_output_tokens >= sp.max_tokens:
             return "length", None
-        if request.num_tokens >= self.max_model_len:
+        if request.num_known_tokens >= self.max_model_len:
             return "length", None
         return None, None
 

@@ -9,8 +9,11 @@ Log-probabilities are those of the raw model distribution (before any processing
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from batchllm.layers.transfer import to_device
 from batchllm.outputs import SamplingSpec, TokenLogprobs
 
 
@@ -20,28 +23,80 @@ def sample(
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    n = logits.shape[0]
-    want_logprobs = [s.num_logprobs is not None for s in specs]
-    if not any(want_logprobs) and all(s.is_greedy and not s.banned_token_ids for s in specs):
+    """Sample one token per row; returns the tokens and, where asked for, their logprobs."""
+    return sample_on_device(logits, specs, generators, default_generator).lists()
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens, and the logprobs of the rows that asked for them, as tensors:
+    on the device until `to_host` (which does not wait for the device) and `lists`."""
+
+    tokens: torch.Tensor  # [n] int64
+    logprob_rows: list[int] = field(default_factory=list)
+    """Rows that asked for logprobs, and how many top tokens each wants."""
+    num_top: list[int] = field(default_factory=list)
+    sampled_logprob: torch.Tensor | None = None  # [m] fp32
+    rank: torch.Tensor | None = None  # [m] int64
+    top_logprobs: torch.Tensor | None = None  # [m, max(num_top)] fp32
+    top_ids: torch.Tensor | None = None  # [m, max(num_top)] int64
+
+    def to_host(self) -> SampledTokens:
+        """Copies into pinned host memory, queued behind the sampling kernels (non-blocking on
+        CUDA): read them once the stream has reached this point."""
+        def copy(t):
+            return None if t is None else t.to("cpu", non_blocking=t.is_cuda)
+        return SampledTokens(copy(self.tokens), self.logprob_rows, self.num_top, copy(self.sampled_logprob),
+                             copy(self.rank), copy(self.top_logprobs), copy(self.top_ids))
+
+    def lists(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        tokens = self.tokens.tolist()
+        results: list[TokenLogprobs | None] = [None] * len(tokens)
+        if self.logprob_rows:
+            sampled, ranks = self.sampled_logprob.tolist(), self.rank.tolist()
+            top_values, top_ids = self.top_logprobs.tolist(), self.top_ids.tolist()
+            for j, (row, k) in enumerate(zip(self.logprob_rows, self.num_top)):
+                results[row] = TokenLogprobs(
+                    sampled_logprob=sampled[j], sampled_rank=ranks[j],
+                    top_token_ids=top_ids[j][:k], top_logprobs=top_values[j][:k],
+                )
+        return tokens, results
+
+
+def sample_on_device(
+    logits: torch.Tensor,  # [n, vocab_size]
+    specs: list[SamplingSpec],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator,
+) -> SampledTokens:
+    """`sample` without reading anything back: no step of it waits for the device."""
+    n, vocab = logits.shape
+    device = logits.device
+    logprob_rows = [i for i, s in enumerate(specs) if s.num_logprobs is not None]
+    if not logprob_rows and all(s.is_greedy and not s.banned_token_ids for s in specs):
         # the common batch case: argmax in the model's dtype (exact: bf16/fp16 -> fp32 is lossless),
         # with no fp32 copy of the [n, vocab] logits
-        return logits.argmax(dim=-1).tolist(), [None] * n
+        return SampledTokens(logits.argmax(dim=-1))
     logits = logits.to(torch.float32)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
 
     logits = logits.clone()
-    for i, spec in enumerate(specs):
-        if spec.banned_token_ids:
-            logits[i, list(spec.banned_token_ids)] = float("-inf")
+    banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
+    if banned:
+        where = to_device(banned, device, torch.int64)
+        logits[where[:, 0], where[:, 1]] = float("-inf")
 
-    tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+    tokens = torch.empty(n, dtype=torch.long, device=device)
     greedy = [i for i, s in enumerate(specs) if s.is_greedy]
     random = [i for i, s in enumerate(specs) if not s.is_greedy]
-    if greedy:
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if len(greedy) == n:
+        tokens = logits.argmax(dim=-1)
+    elif greedy:
+        rows = to_device(greedy, device, torch.int64)
+        tokens[rows] = logits[rows].argmax(dim=-1)
     if random:
-        rows = logits[random]
-        probs = processed_probs(rows, [specs[i] for i in random])
+        rows = to_device(random, device, torch.int64) if len(random) < n else None
+        probs = processed_probs(logits if rows is None else logits[rows], [specs[i] for i in random])
         noise = torch.empty_like(probs)
         unseeded = []
         for j, i in enumerate(random):
@@ -50,49 +105,49 @@ def sample(
             else:
                 noise[j].exponential_(generator=generators[i])
         if unseeded:
-            noise[unseeded] = torch.empty(
-                (len(unseeded), probs.shape[1]), device=probs.device
-            ).exponential_(generator=default_generator)
-        tokens[random] = (probs / noise).argmax(dim=-1)
+            drawn = torch.empty((len(unseeded), vocab), device=device).exponential_(generator=default_generator)
+            if len(unseeded) == len(random):
+                noise = drawn
+            else:
+                noise[to_device(unseeded, device, torch.int64)] = drawn
+        chosen = (probs / noise).argmax(dim=-1)
+        if rows is None:
+            tokens = chosen
+        else:
+            tokens[rows] = chosen
 
-    token_list = tokens.tolist()
-    results: list[TokenLogprobs | None] = [None] * n
-    if raw_logprobs is not None:
-        for i, spec in enumerate(specs):
-            if spec.num_logprobs is None:
-                continue
-            row = raw_logprobs[i]
-            sampled_lp = row[token_list[i]]
-            rank = int((row > sampled_lp).sum().item()) + 1
-            k = min(spec.num_logprobs, row.shape[0])
-            top = torch.topk(row, k) if k > 0 else None
-            results[i] = TokenLogprobs(
-                sampled_logprob=float(sampled_lp.item()),
-                sampled_rank=rank,
-                top_token_ids=top.indices.tolist() if top is not None else [],
-                top_logprobs=top.values.tolist() if top is not None else [],
-            )
-    return token_list, results
+    if not logprob_rows:
+        return SampledTokens(tokens)
+    num_top = [min(specs[i].num_logprobs, vocab) for i in logprob_rows]
+    rows = to_device(logprob_rows, device, torch.int64)
+    raw = raw_logprobs[rows]
+    sampled = raw.gather(1, tokens[rows, None])  # [m, 1]
+    top = torch.topk(raw, max(num_top), dim=-1)
+    return SampledTokens(
+        tokens, logprob_rows, num_top,
+        sampled_logprob=sampled[:, 0], rank=(raw > sampled).sum(dim=-1) + 1,
+        top_logprobs=top.values, top_ids=top.indices,
+    )
 
 
 def processed_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
     """The distribution a non-greedy request samples from: [n, vocab] probabilities."""
     device = logits.device
-    temperature = torch.tensor([s.temperature for s in specs], device=device, dtype=torch.float32)
+    temperature = to_device([s.temperature for s in specs], device, torch.float32)
     logits = logits / temperature[:, None]
 
-    min_p = torch.tensor([s.min_p for s in specs], device=device, dtype=torch.float32)
-    if bool((min_p > 0).any()):
+    if any(s.min_p > 0 for s in specs):
+        min_p = to_device([s.min_p for s in specs], device, torch.float32)
         probs = torch.softmax(logits, dim=-1)
         threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
 
     top_k = [s.top_k for s in specs]
-    top_p = torch.tensor([s.top_p for s in specs], device=device, dtype=torch.float32)
-    if any(k > 0 for k in top_k) or bool((top_p < 1.0).any()):
+    if any(k > 0 for k in top_k) or any(s.top_p < 1.0 for s in specs):
+        top_p = to_device([s.top_p for s in specs], device, torch.float32)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
-        k = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)
+        k = to_device([k if k > 0 else vocab for k in top_k], device, torch.int64)
         ranks = torch.arange(vocab, device=device)[None, :]
         # Ties with the k-th value are kept (the support is "value >= k-th largest").
         kth_value = sorted_logits.gather(1, (k.clamp(max=vocab) - 1)[:, None])

@@ -1,7 +1,7 @@
 """ModelRunner: turns a `ScheduledBatch` into one forward pass and a `RunnerOutput`.
 
-Writer of the KV cache tensors, the per-request block tables and seeded generators, and nothing
-else; it never reads or writes scheduler state (house rule 1). Block tables persist between steps:
+Writer of the KV cache tensors, the per-request block tables and seeded generators, and the last
+submitted step's sampled tokens, and nothing else; it never reads or writes scheduler state (house rule 1). Block tables persist between steps:
 each request owns a row of `block_table_rows` (a numpy array), written only where the scheduler
 sends new entries (a whole table after admission or preemption, a block every block_size decode
 steps), so a step gathers its rows instead of rebuilding every table. Per-request state is dropped
@@ -18,10 +18,11 @@ import torch
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.config import CacheConfig
-from batchllm.layers.sampler import sample
+from batchllm.layers.sampler import SampledTokens, sample_on_device
+from batchllm.layers.transfer import to_device
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
-from batchllm.outputs import RunnerOutput, ScheduledBatch
+from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -83,45 +84,49 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self._tables = _BlockTables(max_width=kv_spec.num_blocks)  # no table outgrows the pool
+        self._previous_tokens: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
+        """The tokens sampled by the step submitted last (on the device), and each request's index
+        there: where the next step's placeholder tokens come from."""
         self.gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         """Set to [] (CUDA only) to record events around every step's forward and sampling, from
         which the benchmark tells how long the GPU sat idle between steps."""
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
+        """Run one step and wait for its tokens."""
+        return self.submit(batch).result()
+
+    @torch.inference_mode()
+    def submit(self, batch: ScheduledBatch) -> PendingRunnerOutput:
+        """Queue one step on the device and return without waiting for it: nothing here reads a
+        device value back (host-to-device copies go through pinned memory). A placeholder input
+        token is the token its request samples in the step submitted just before this one."""
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
             self._tables.drop(request_id)
         if batch.block_copies:
-            src = torch.tensor([s for s, _ in batch.block_copies], device=self.device)
-            dst = torch.tensor([d for _, d in batch.block_copies], device=self.device)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # copy-on-write of partial prefix blocks
-        input_ids, positions, metadata, sample_rows = self._prepare_inputs(batch)
+            pairs = to_device(batch.block_copies, self.device, torch.int64)
+            self.kv_cache[:, :, pairs[:, 1]] = self.kv_cache[:, :, pairs[:, 0]]  # copy-on-write of partial prefix blocks
+        input_ids, positions, metadata, sample_rows, rows = self._prepare_inputs(batch)
         timeline = self.gpu_timeline
         if timeline is not None:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        output = self._forward_and_sample(input_ids, positions, metadata, sample_rows)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        ids = [s.request_id for _, s in sample_rows]
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[rows])
+            specs = [scheduled.sampling for _, scheduled in sample_rows]
+            generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
+            sampled = sample_on_device(logits, specs, generators, self.default_generator)
+            self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
+        else:
+            sampled = None
+            self._previous_tokens = (None, {})
         if timeline is not None:
             ended = torch.cuda.Event(enable_timing=True)
             ended.record()
             timeline.append((started, ended))
-        return output
-
-    def _forward_and_sample(self, input_ids, positions, metadata, sample_rows) -> RunnerOutput:
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
-        if not sample_rows:
-            return RunnerOutput(sampled_token_ids={})
-        rows = torch.tensor([row for row, _ in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        specs = [scheduled.sampling for _, scheduled in sample_rows]
-        generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
-        tokens, logprobs = sample(logits, specs, generators, self.default_generator)
-        ids = [s.request_id for _, s in sample_rows]
-        return RunnerOutput(
-            sampled_token_ids=dict(zip(ids, tokens)),
-            logprobs={rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
-        )
+        return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device)
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -133,9 +138,10 @@ class ModelRunner:
         return generator
 
     def _prepare_inputs(self, batch: ScheduledBatch):
-        """Token ids, positions, slots and attention metadata of a step. One Python pass over the
-        requests (block-table diffs, ids, per-sequence numbers); per-token arrays come from numpy;
-        the per-token and per-sequence integers go to the device in one copy."""
+        """Token ids, positions, slots, attention metadata and the rows to sample, of a step. One
+        Python pass over the requests (block-table diffs, ids, per-sequence numbers); per-token
+        arrays come from numpy; the integers go to the device in one copy, after which placeholder
+        ids are filled from the previous step's sampled tokens (on the device)."""
         requests = batch.requests
         num_seqs = len(requests)
         input_ids: list[int] = []
@@ -145,11 +151,19 @@ class ModelRunner:
         levels: list[tuple[list[int], list[int]]] = []  # (group per sequence, shared per sequence)
         group_index: dict[str, int] = {}
         sample_rows = []
+        placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
+        previous_tokens, previous_index = self._previous_tokens
         num_tokens = 0
         for i, scheduled in enumerate(requests):
             tables.append(self._tables.update(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids))
             n = len(scheduled.token_ids)
             input_ids.extend(scheduled.token_ids)
+            if scheduled.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                index = previous_index.get(scheduled.request_id)
+                if index is None:
+                    raise RuntimeError(f"{scheduled.request_id}: a placeholder token, but the previous step "
+                                       "sampled nothing for this request")
+                placeholders.append((num_tokens + n - 1, index))
             starts[i] = scheduled.start_position
             counts[i] = n
             num_tokens += n
@@ -168,16 +182,24 @@ class ModelRunner:
         positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
         token_seq = np.repeat(np.arange(num_seqs), counts)
         slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
-        host = np.concatenate([np.asarray(input_ids, dtype=np.int64), positions, slots, query_start_loc, seq_lens])
-        flat = torch.from_numpy(host).to(self.device)
+        rows = np.fromiter((row for row, _ in sample_rows), dtype=np.int64, count=len(sample_rows))
+        moved = np.asarray(placeholders, dtype=np.int64).T.reshape(-1)  # token indices, then sources
+        host = np.concatenate([np.asarray(input_ids, dtype=np.int64), positions, slots, query_start_loc, seq_lens,
+                               rows, moved])
+        flat = to_device(host, self.device)
         t = num_tokens
+        tail = 3 * t + 2 * num_seqs + 1  # where the sample rows start
+        if placeholders:
+            k = len(placeholders)
+            where, source = flat[tail + len(rows):tail + len(rows) + k].clone(), flat[tail + len(rows) + k:]
+            flat[where] = previous_tokens[source]  # (the index is cloned: torch refuses an index aliasing its target)
         metadata = AttentionMetadata(
             num_tokens=num_tokens,
             block_size=bs,
             slot_mapping=flat[2 * t:3 * t],
             query_start_loc=flat[3 * t:3 * t + num_seqs + 1].to(torch.int32),
-            seq_lens=flat[3 * t + num_seqs + 1:].to(torch.int32),
-            block_tables=torch.from_numpy(block_tables).to(self.device),
+            seq_lens=flat[3 * t + num_seqs + 1:tail].to(torch.int32),
+            block_tables=to_device(np.ascontiguousarray(block_tables), self.device),
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start_loc.tolist(),
@@ -185,7 +207,32 @@ class ModelRunner:
             block_tables_cpu=tables,
             share_levels_cpu=levels or None,
         )
-        return flat[:t], flat[t:2 * t], metadata, sample_rows
+        return flat[:t], flat[t:2 * t], metadata, sample_rows, flat[tail:tail + len(rows)]
+
+
+class PendingRunnerOutput:
+    """A submitted step's output: its tokens are copied to the host behind the step's kernels;
+    `result()` waits for that copy (not for later steps) and returns the RunnerOutput."""
+
+    def __init__(self, request_ids: list[str], sampled: SampledTokens | None, device: torch.device) -> None:
+        self.request_ids = request_ids
+        self.sampled = sampled
+        self.copied = None
+        if device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def result(self) -> RunnerOutput:
+        if self.sampled is None:
+            return RunnerOutput(sampled_token_ids={})
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens, logprobs = self.sampled.lists()
+        ids = self.request_ids
+        return RunnerOutput(
+            sampled_token_ids=dict(zip(ids, tokens)),
+            logprobs={rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
+        )
 
 
 class _BlockTables:

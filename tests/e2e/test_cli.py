@@ -91,7 +91,7 @@ def test_help_documents_every_option():
     r = run_cli("run", "--help")
     assert r.returncode == 0
     for option in ("--model", "--max-tokens", "--temperature", "--seed", "--top-p", "--top-k", "--stop",
-                   "--stats", "--max-num-batched-tokens", "--dtype"):
+                   "--stats", "--max-num-batched-tokens", "--dtype", "--async-scheduling"):
         assert option in r.stdout
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from batchllm import LLM, SamplingParams
-from tests.helpers import make_tiny_model
+from tests.helpers import VOCAB, make_tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -39,3 +39,24 @@ def test_triton_bf16_agrees_with_reference_up_to_top5(tiny_dir):
             if ta != tb:  # first divergence: each side's token is in the other's top 5
                 assert ta in b.logprobs[i] and tb in a.logprobs[i]
                 break
+
+
+def test_async_scheduling_gives_the_tokens_of_sync(tiny_dir):
+    """fp32, Triton, CUDA: scheduling each step while the one before runs (placeholders filled on the
+    device, tokens read back a step late) changes no token, with stops and seeded sampling."""
+    shared = list(range(10, 310))
+    prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]
+    prompts += [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 90)]
+    stops = list(range(0, VOCAB, 5))  # ~1 token in 5 ends its request: some end at every step
+    params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=stops) for _ in range(4)]
+    params += [SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=12, logprobs=2) for i in range(4)]
+
+    def go(overlap):
+        llm = LLM(tiny_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=64,
+                  block_size=16, kv_cache_memory_gib=1, async_scheduling=overlap)
+        assert llm.engine.async_scheduling is overlap
+        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    sync = go(False)
+    assert "stop" in {reason for _, reason in sync}
+    assert go(True) == sync

@@ -1,0 +1,74 @@
+"""Asynchronous scheduling through the real model runner (SmolLM2, fp32, CPU): placeholder tokens
+filled on the device side, results read back a step later, and every output identical to the
+synchronous engine's (whose greedy tokens tests/e2e/test_hf_parity.py checks against HF)."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchllm import LLM, SamplingParams
+from tests.e2e.prompts import CHAT_PROMPTS, RAW_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def async_llm(default_model_dir):
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=2048, async_scheduling=True,
+              max_num_batched_tokens=96)
+    assert llm.engine.async_scheduling
+    return llm
+
+
+def assert_same_outputs(got, expected):
+    """Tokens, text, ends and logprob entries equal; logprob values to 1e-4 (the steps are composed
+    differently, and fp32 matmuls of other shapes round differently)."""
+    for o, e in zip(got, expected, strict=True):
+        for c, d in zip(o.outputs, e.outputs, strict=True):
+            assert (c.token_ids, c.text, c.finish_reason, c.stop_reason) == (d.token_ids, d.text, d.finish_reason,
+                                                                            d.stop_reason)
+            assert (c.logprobs is None) == (d.logprobs is None)
+            for entry, ref in zip(c.logprobs or [], d.logprobs or [], strict=True):
+                assert {t: (lp.rank, lp.decoded_token) for t, lp in entry.items()} == {
+                    t: (lp.rank, lp.decoded_token) for t, lp in ref.items()}
+                assert [lp.logprob for lp in entry.values()] == pytest.approx([lp.logprob for lp in ref.values()],
+                                                                               abs=1e-4)
+
+
+def test_greedy_tokens_and_stops_match_the_synchronous_engine(default_llm, async_llm):
+    prompts = RAW_PROMPTS + [default_llm.apply_chat_template(c) for c in CHAT_PROMPTS]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    expected = default_llm.generate(prompts, greedy, use_tqdm=False)
+    got = async_llm.generate(prompts, greedy, use_tqdm=False)
+    assert_same_outputs(got, expected)
+    assert {o.outputs[0].finish_reason for o in got} == {"stop", "length"}, "some answers end on EOS"
+    stats = async_llm.last_stats
+    # EOS is seen a step late: each request that stopped may have computed one decode more
+    stopped = sum(o.outputs[0].finish_reason == "stop" for o in got)
+    assert stats["decode_tokens"] - default_llm.last_stats["decode_tokens"] in range(stopped + 1)
+
+
+def test_seeded_sampling_logprobs_stop_strings_and_min_tokens_match(default_llm, async_llm):
+    prompts = ["Once upon a time, in a small village by the sea,", "The sky is", RAW_PROMPTS[0]]
+    params = [
+        SamplingParams(n=2, temperature=0.9, top_p=0.9, seed=3, max_tokens=16, logprobs=2),
+        SamplingParams(temperature=1.0, top_k=20, seed=5, max_tokens=20, stop=[".", ","], min_tokens=4),
+        SamplingParams(temperature=0, max_tokens=12, logprobs=0, stop=["\n"]),
+    ]
+    expected = default_llm.generate(prompts, params, use_tqdm=False)
+    got = async_llm.generate(prompts, params, use_tqdm=False)
+    assert_same_outputs(got, expected)
+    assert got[1].outputs[0].finish_reason == "stop" and len(got[1].outputs[0].token_ids) >= 4
+
+
+def test_stopping_early_leaves_the_engine_clean(async_llm):
+    stream = async_llm.iter_generate([async_llm.tokenize_prompt(p) for p in RAW_PROMPTS],
+                                     [SamplingParams(temperature=0, max_tokens=8 + 4 * i) for i in range(len(RAW_PROMPTS))],
+                                     use_tqdm=False)
+    next(stream)
+    stream.close()  # a step is in flight: it is collected and its tokens dropped
+    assert not async_llm.engine.has_unfinished()
+    kv = async_llm.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    again = async_llm.generate(RAW_PROMPTS[0], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert len(again[0].outputs[0].token_ids) == 5

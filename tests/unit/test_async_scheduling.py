@@ -1,0 +1,188 @@
+"""Asynchronous scheduling: each step is scheduled and submitted before the previous step's tokens
+are collected. With a fake runner that simulates the paged KV cache (and fills placeholders from
+the step before, as the model runner does), the tokens must be exactly those of synchronous runs,
+with sharing, preemption and stop tokens, and no decode is wasted on a request whose pending token
+is bound to end it."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from batchllm.config import SchedulerConfig
+from batchllm.core.engine_core import EngineCore
+from batchllm.core.kv_cache_manager import KVCacheManager
+from batchllm.core.policies import ArrivalOrder
+from batchllm.core.scheduler import Scheduler
+from batchllm.core.work_units import build_submission
+from batchllm.outputs import PLACEHOLDER_TOKEN_ID
+from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.request import Request
+from batchllm.sampling_params import SamplingParams
+from tests.unit.test_prefix_scheduling import PagedKVExecutor, grouped_prompts
+
+
+class _Collected:
+    def __init__(self, output):
+        self.output = output
+
+    def result(self):
+        return self.output
+
+
+class AsyncPagedKVExecutor(PagedKVExecutor):
+    """Runs each step when it is submitted (the device runs steps in order), after replacing a
+    placeholder with the token the same request sampled in the step submitted just before."""
+
+    def __init__(self, block_size):
+        super().__init__(block_size)
+        self.previous: dict[str, int] = {}
+        self.placeholders = 0
+
+    def submit(self, batch):
+        resolved = []
+        for r in batch.requests:
+            assert PLACEHOLDER_TOKEN_ID not in r.token_ids[:-1], "only the last token can be pending"
+            if r.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                assert r.request_id in self.previous, "a placeholder's token comes from the step just before"
+                r = dataclasses.replace(r, token_ids=r.token_ids[:-1] + [self.previous[r.request_id]])
+                self.placeholders += 1
+            resolved.append(r)
+        output = self.execute(dataclasses.replace(batch, requests=resolved))
+        self.previous = dict(output.sampled_token_ids)
+        return _Collected(output)
+
+    def execute(self, batch):
+        """Also honours banned tokens (stop ids below min_tokens): the next token up is taken."""
+        output = super().execute(batch)
+        for r in batch.requests:
+            if r.sampling is not None:
+                while output.sampled_token_ids[r.request_id] in r.sampling.banned_token_ids:
+                    output.sampled_token_ids[r.request_id] = (output.sampled_token_ids[r.request_id] + 1) % 997
+        return output
+
+
+STOP_IDS = list(range(0, 997, 9))  # ~1 sampled token in 9 is a stop token
+
+
+def run(prompts, *, overlap, sharing=True, num_blocks=200, block_size=4, budget=32, max_tokens=6, stop=False,
+        min_tokens=0, threshold=1.0, check=None):
+    kv = KVCacheManager(num_blocks, block_size)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, kv_admission_threshold=threshold), kv, 512)
+    executor = AsyncPagedKVExecutor(block_size)
+    engine = EngineCore(sched, executor, async_scheduling=overlap)
+    per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    requests = [
+        Request(f"r{i}", list(p), SamplingParams(temperature=0, max_tokens=m, min_tokens=min(m, min_tokens),
+                                                 stop_token_ids=STOP_IDS if stop else None), arrival_index=i)
+        for i, (p, m) in enumerate(zip(prompts, per_prompt))
+    ]
+    plan = plan_prefix_sharing(prompts) if sharing else PrefixPlan.without_sharing([len(p) for p in prompts], "multi")
+    for r in build_submission(plan, requests, ArrivalOrder(), lambda r: r.sampling_params.max_tokens, "t-"):
+        engine.add_request(r)
+    finished = {}
+    steps = 0
+    while engine.has_unfinished():
+        for update in engine.step():
+            if update.finish_reason is not None:
+                finished[update.request_id] = update.finish_reason
+        steps += 1
+        assert steps < 5000, "the batch stopped making progress (livelock)"
+        if check:
+            check(sched)
+    assert kv.num_free_blocks == num_blocks, "every block returns to the pool"
+    assert sched.num_pending_outputs == 0
+    outputs = {r.request_id: (r.output_token_ids, r.finish_reason) for r in requests}
+    assert finished == {rid: reason for rid, (_, reason) in outputs.items()}, "one final update per request"
+    return outputs, sched, executor
+
+
+def random_prompts(seed):
+    rng = random.Random(seed)
+    prompts = grouped_prompts(rng, groups=rng.randrange(1, 4), members=rng.randrange(2, 6),
+                              prefix_len=rng.randrange(1, 14))
+    return prompts + [[rng.randrange(1, 500) for _ in range(rng.randrange(2, 12))] for _ in range(3)], rng
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_async_gives_the_tokens_of_sync_with_sharing_stops_and_preemption(seed):
+    prompts, rng = random_prompts(seed)
+    max_tokens = [rng.randrange(1, 9) for _ in prompts]
+    small = dict(num_blocks=24, threshold=4.0)  # overcommitted: preemption while steps are in flight
+    for settings in (dict(), small, dict(min_tokens=3)):
+        base, _, _ = run(prompts, overlap=False, max_tokens=max_tokens, stop=True, **settings)
+        out, sched, executor = run(prompts, overlap=True, max_tokens=max_tokens, stop=True, **settings)
+        assert out == base
+        assert executor.placeholders > 0, "decodes were scheduled before their input tokens were known"
+
+
+def test_preempted_request_keeps_the_token_of_its_step_in_flight(monkeypatch):
+    preempted_pending = []
+    original = Scheduler._preempt
+
+    def preempt(self, request):
+        preempted_pending.append(request.num_pending_tokens)
+        original(self, request)
+
+    monkeypatch.setattr(Scheduler, "_preempt", preempt)
+    for seed in range(6):
+        prompts, _ = random_prompts(seed)
+        base, _, _ = run(prompts, overlap=False, sharing=False, num_blocks=14, threshold=4.0, max_tokens=8)
+        out, sched, _ = run(prompts, overlap=True, sharing=False, num_blocks=14, threshold=4.0, max_tokens=8)
+        assert out == base
+        assert sched.stats.num_preemptions > 0
+    assert any(preempted_pending), "some request was preempted while its sampled token was still in flight"
+
+
+def test_no_decode_is_scheduled_past_max_tokens():
+    prompts, _ = random_prompts(3)
+    max_tokens = [1 + i % 5 for i in range(len(prompts))]
+    base, sync_sched, _ = run(prompts, overlap=False, max_tokens=max_tokens)
+    out, sched, _ = run(prompts, overlap=True, max_tokens=max_tokens)
+    assert out == base
+    assert sched.stats.decode_tokens == sync_sched.stats.decode_tokens == sum(m - 1 for m in max_tokens)
+    assert sched.stats.prefill_tokens == sync_sched.stats.prefill_tokens
+
+
+def test_a_request_ending_on_a_stop_token_wastes_at_most_one_decode():
+    prompts, rng = random_prompts(4)
+    base, sync_sched, _ = run(prompts, overlap=False, max_tokens=12, stop=True)
+    out, sched, _ = run(prompts, overlap=True, max_tokens=12, stop=True)
+    assert out == base
+    stopped = sum(1 for _, reason in out.values() if reason == "stop")
+    assert stopped > 0
+    wasted = sched.stats.decode_tokens - sync_sched.stats.decode_tokens
+    assert 0 <= wasted <= stopped
+
+
+def test_abort_while_a_step_is_in_flight_drops_its_token_and_frees_its_blocks():
+    kv = KVCacheManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), kv, 512)
+    engine = EngineCore(sched, AsyncPagedKVExecutor(4), async_scheduling=True)
+    for i in range(3):
+        engine.add_request(Request(f"r{i}", list(range(1, 6 + i)), SamplingParams(temperature=0, max_tokens=10)))
+    assert engine.step() == []  # step 1 submitted, nothing collected yet
+    updates = engine.step()  # step 2 submitted (decodes on placeholders), step 1 collected
+    assert sorted(u.request_id for u in updates) == ["r0", "r1", "r2"]
+    engine.finish_requests(["r1"], "abort")
+    updates = engine.step()  # step 2's token of r1 is dropped
+    assert "r1" not in {u.request_id for u in updates}
+    while engine.has_unfinished():
+        engine.step()
+    assert kv.num_free_blocks == 64
+    assert sched.num_pending_outputs == 0
+
+
+def test_engine_waits_for_the_step_in_flight_when_nothing_else_can_run():
+    kv = KVCacheManager(16, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), kv, 512)
+    engine = EngineCore(sched, AsyncPagedKVExecutor(4), async_scheduling=True)
+    engine.add_request(Request("only", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1)))
+    assert engine.step() == []
+    # its one token is pending and ends it: nothing to schedule, so the step collects instead
+    [update] = engine.step()
+    assert update.request_id == "only" and update.finish_reason == "length"
+    assert not engine.has_unfinished()
+    assert len(engine.step_log) == 1
