@@ -212,6 +212,9 @@ def add_bench_parser(sub) -> None:
                    help="then profile the first --profile-requests requests (last config) and write the GPU "
                         "time per kernel category here")
     b.add_argument("--profile-requests", type=int, default=256)
+    b.add_argument("--cpu-profile-out", default=None,
+                   help="then run the first --profile-requests requests (last config) under cProfile and write "
+                        "the host functions with the most own time here")
 
 
 BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (defaults for every other config)
@@ -276,6 +279,10 @@ def bench_command(args) -> int:
         _profile_kernels(llm, Workload(f"{workload.name} (first {args.profile_requests})",
                                        workload.prompts[:args.profile_requests],
                                        workload.max_tokens[:args.profile_requests]), args.profile_out)
+    if args.cpu_profile_out:
+        _profile_host(llm, Workload(f"{workload.name} (first {args.profile_requests})",
+                                    workload.prompts[:args.profile_requests],
+                                    workload.max_tokens[:args.profile_requests]), args.cpu_profile_out)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": _device_name(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),
@@ -290,6 +297,23 @@ KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first matc
     ("kv store / gathers", ("index", "scatter", "gather")),
     ("torch elementwise / reductions", ("elementwise", "vectorized", "reduce", "unrolled")),
 )
+
+
+def _profile_host(llm, workload: Workload, path: str) -> None:
+    """Run the workload under cProfile; write the 40 functions with the most own (host) time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    stats = run_workload(llm, workload)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    with open(path, "w") as f:
+        f.write(f"{workload.name}: {stats['num_steps']} steps, {stats['wall_s']:.1f} s under cProfile\n")
+        f.write(text.getvalue())
 
 
 def _profile_kernels(llm, workload: Workload, path: str) -> None:

@@ -8,6 +8,7 @@
 #   PART=e bash scripts/gpu_bench.sh    asynchronous scheduling against synchronous: degree 16 with and
 #                                       without sharing, degree 4 (~8 min)
 #   PART=f bash scripts/gpu_bench.sh    the same on 6,400 shuffled requests; 16000/200 (~8 min)
+#   PART=g bash scripts/gpu_bench.sh    the same on the decode-heavy mix; the Qwen2.5-7B shape (~5 min)
 # Logs and JSON go under $OUT (or ./gpu_out). Each `batchllm bench` measures the bf16 matmul peak first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,16 @@ e)
 f)
   bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 6400 --output 100 \
       --configs sharing,sharing-sync --json-out "$OUT/shared2000_200_deg16_n6400.json"
+  # twice each, alternating: a process's first run of a long-prompt workload meets new shapes
   bench --workload shared --shared 16000 --distinct 200 --degree 16 --requests 256 --output 100 \
-      --configs sharing,sharing-sync --json-out "$OUT/shared16000_200_deg16.json"
+      --configs sharing-sync,sharing,sharing-sync,sharing --json-out "$OUT/shared16000_200_deg16.json"
+  ;;
+g)
+  bench --workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512 --min-output 100 \
+      --max-output 1000 --configs sharing,sharing-sync --json-out "$OUT/decodeheavy_n512.json"
+  MODEL=benchmarks/configs/qwen2.5-7b
+  common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
+  bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
+      --configs sharing,sharing-sync --json-out "$OUT/qwen2.5-7b_shared2000_200_deg16.json"
   ;;
 esac

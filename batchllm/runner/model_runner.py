@@ -1,11 +1,12 @@
 """ModelRunner: turns a `ScheduledBatch` into one forward pass and a `RunnerOutput`.
 
 Writer of the KV cache tensors, the per-request block tables and seeded generators, and the last
-submitted step's sampled tokens, and nothing else; it never reads or writes scheduler state (house rule 1). Block tables persist between steps:
-each request owns a row of `block_table_rows` (a numpy array), written only where the scheduler
-sends new entries (a whole table after admission or preemption, a block every block_size decode
-steps), so a step gathers its rows instead of rebuilding every table. Per-request state is dropped
-when the scheduler lists the request as finished.
+submitted step's sampled tokens, and nothing else; it never reads or writes scheduler state (house
+rule 1). Block tables persist between steps: each request owns a row of `block_table_rows` (a numpy
+array), written only where the scheduler sends new entries (a whole table after admission or
+preemption, a block every block_size decode steps), so a step gathers its rows instead of
+rebuilding every table. Per-request state is dropped when the scheduler lists the request as
+finished.
 """
 
 from __future__ import annotations
@@ -183,22 +184,18 @@ class ModelRunner:
         token_seq = np.repeat(np.arange(num_seqs), counts)
         slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
         rows = np.fromiter((row for row, _ in sample_rows), dtype=np.int64, count=len(sample_rows))
-        moved = np.asarray(placeholders, dtype=np.int64).T.reshape(-1)  # token indices, then sources
-        host = np.concatenate([np.asarray(input_ids, dtype=np.int64), positions, slots, query_start_loc, seq_lens,
-                               rows, moved])
-        flat = to_device(host, self.device)
-        t = num_tokens
-        tail = 3 * t + 2 * num_seqs + 1  # where the sample rows start
+        where, source = np.asarray(placeholders, dtype=np.int64).reshape(-1, 2).T
+        ids, positions, slots, loc, lens, rows, where, source = _to_device_packed(
+            [np.asarray(input_ids, dtype=np.int64), positions, slots, query_start_loc, seq_lens, rows, where, source],
+            self.device)
         if placeholders:
-            k = len(placeholders)
-            where, source = flat[tail + len(rows):tail + len(rows) + k].clone(), flat[tail + len(rows) + k:]
-            flat[where] = previous_tokens[source]  # (the index is cloned: torch refuses an index aliasing its target)
+            ids[where] = previous_tokens[source]
         metadata = AttentionMetadata(
             num_tokens=num_tokens,
             block_size=bs,
-            slot_mapping=flat[2 * t:3 * t],
-            query_start_loc=flat[3 * t:3 * t + num_seqs + 1].to(torch.int32),
-            seq_lens=flat[3 * t + num_seqs + 1:tail].to(torch.int32),
+            slot_mapping=slots,
+            query_start_loc=loc.to(torch.int32),
+            seq_lens=lens.to(torch.int32),
             block_tables=to_device(np.ascontiguousarray(block_tables), self.device),
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
@@ -207,7 +204,19 @@ class ModelRunner:
             block_tables_cpu=tables,
             share_levels_cpu=levels or None,
         )
-        return flat[:t], flat[t:2 * t], metadata, sample_rows, flat[tail:tail + len(rows)]
+        return ids, positions, metadata, sample_rows, rows
+
+
+def _to_device_packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """int64 arrays to the device in one copy, as views that each start 16-byte aligned (Triton
+    compiles a kernel variant per pointer alignment: an odd offset would cost a second one)."""
+    sizes = [len(a) for a in arrays]
+    starts = np.cumsum([0] + [size + size % 2 for size in sizes])
+    host = np.zeros(int(starts[-1]), dtype=np.int64)
+    for array, start in zip(arrays, starts):
+        host[start:start + len(array)] = array
+    flat = to_device(host, device)
+    return [flat[start:start + size] for start, size in zip(starts, sizes)]
 
 
 class PendingRunnerOutput:
