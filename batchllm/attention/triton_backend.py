@@ -24,7 +24,7 @@ import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, plan_work_items
-from batchllm.layers.transfer import to_device
+from batchllm.layers.transfer import to_device_packed
 
 try:
     import triton
@@ -338,18 +338,11 @@ class TritonBackend:
                         (p + len(multi), len(single), 1, DECODE_TILE)]
             launches = [launch for launch in launches if launch[1]]
         device = metadata.seq_lens.device
-        # one host-to-device copy for all the arrays; each starts 16-byte aligned, since Triton also
-        # compiles a variant per pointer alignment
         names = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
-        sizes = [len(getattr(items, name)) for name in names]
-        starts = np.cumsum([0] + [-(-size // 4) * 4 for size in sizes])
-        host = np.zeros(int(starts[-1]), dtype=np.int32)
-        for name, start, size in zip(names, starts, sizes):
-            values = getattr(items, name)
-            # items are independent (partials are addressed by row, not by item): launch order is free
-            host[start:start + size] = values[order] if order is not None and name in ITEM_FIELDS else values
-        flat = to_device(host, device)
-        tensors = {name: flat[start:start + size] for name, start, size in zip(names, starts, sizes)}
+        # items are independent (partials are addressed by row, not by item): launch order is free
+        arrays = [getattr(items, name)[order] if order is not None and name in ITEM_FIELDS else getattr(items, name)
+                  for name in names]
+        tensors = dict(zip(names, to_device_packed(arrays, device, np.int32)))
         num_partials = max(items.num_partials, 1)
         plan = {
             "items": items, "launches": launches, "tensors": tensors,

@@ -20,3 +20,17 @@ def to_device(values, device: torch.device, dtype: torch.dtype | None = None) ->
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_device_packed(arrays: list, device: torch.device, dtype=np.int64) -> list[torch.Tensor]:
+    """Integer arrays to the device in one copy (as `to_device`), returned as views of one buffer
+    that each start 16-byte aligned: Triton compiles a kernel variant per pointer alignment, so an
+    array at an odd offset in one step and an even one in the next would cost a second variant."""
+    align = 16 // np.dtype(dtype).itemsize
+    sizes = [len(a) for a in arrays]
+    starts = np.cumsum([0] + [-(-size // align) * align for size in sizes])
+    host = np.zeros(int(starts[-1]), dtype=dtype)
+    for array, start, size in zip(arrays, starts, sizes):
+        host[start:start + size] = array
+    flat = to_device(host, device)
+    return [flat[start:start + size] for start, size in zip(starts, sizes)]

@@ -20,7 +20,7 @@ import torch
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.config import CacheConfig
 from batchllm.layers.sampler import SampledTokens, sample_on_device
-from batchllm.layers.transfer import to_device
+from batchllm.layers.transfer import to_device, to_device_packed
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch
@@ -185,7 +185,7 @@ class ModelRunner:
         slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
         rows = np.fromiter((row for row, _ in sample_rows), dtype=np.int64, count=len(sample_rows))
         where, source = np.asarray(placeholders, dtype=np.int64).reshape(-1, 2).T
-        ids, positions, slots, loc, lens, rows, where, source = _to_device_packed(
+        ids, positions, slots, loc, lens, rows, where, source = to_device_packed(
             [np.asarray(input_ids, dtype=np.int64), positions, slots, query_start_loc, seq_lens, rows, where, source],
             self.device)
         if placeholders:
@@ -205,18 +205,6 @@ class ModelRunner:
             share_levels_cpu=levels or None,
         )
         return ids, positions, metadata, sample_rows, rows
-
-
-def _to_device_packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """int64 arrays to the device in one copy, as views that each start 16-byte aligned (Triton
-    compiles a kernel variant per pointer alignment: an odd offset would cost a second one)."""
-    sizes = [len(a) for a in arrays]
-    starts = np.cumsum([0] + [size + size % 2 for size in sizes])
-    host = np.zeros(int(starts[-1]), dtype=np.int64)
-    for array, start in zip(arrays, starts):
-        host[start:start + len(array)] = array
-    flat = to_device(host, device)
-    return [flat[start:start + size] for start, size in zip(starts, sizes)]
 
 
 class PendingRunnerOutput:
