@@ -275,14 +275,12 @@ def bench_command(args) -> int:
         stats["async_scheduling"] = llm.engine.async_scheduling
         results.append(stats)
         print(_line(stats), flush=True)
+    n = args.profile_requests
+    profiled = Workload(f"{workload.name} (first {n})", workload.prompts[:n], workload.max_tokens[:n])
     if args.profile_out:
-        _profile_kernels(llm, Workload(f"{workload.name} (first {args.profile_requests})",
-                                       workload.prompts[:args.profile_requests],
-                                       workload.max_tokens[:args.profile_requests]), args.profile_out)
+        _profile_kernels(llm, profiled, args.profile_out)
     if args.cpu_profile_out:
-        _profile_host(llm, Workload(f"{workload.name} (first {args.profile_requests})",
-                                    workload.prompts[:args.profile_requests],
-                                    workload.max_tokens[:args.profile_requests]), args.cpu_profile_out)
+        _profile_host(llm, profiled, args.cpu_profile_out)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": _device_name(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),

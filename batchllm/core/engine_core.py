@@ -79,15 +79,10 @@ class EngineCore:
                 f"{self.scheduler.kv.num_free_blocks} free KV blocks"
             )
         submitted = time.perf_counter()
-        if self.async_scheduling:
-            pending = self.executor.submit(batch)
-        else:
-            pending = _Done(self.executor.execute(batch))
-        updates = self._collect() if self._in_flight is not None else []
+        pending = self.executor.submit(batch) if self.async_scheduling else _Done(self.executor.execute(batch))
+        updates = self.drain()  # the step before (asynchronous: it ran while this one was prepared)
         self._in_flight = (batch, pending, submitted)
-        if not self.async_scheduling:
-            updates = self._collect()
-        return updates
+        return updates if self.async_scheduling else updates + self._collect()
 
     def drain(self) -> list[RequestUpdate]:
         """Collect the step in flight, if any."""

@@ -215,7 +215,7 @@ class PendingRunnerOutput:
         self.request_ids = request_ids
         self.sampled = sampled
         self.copied = None
-        if device.type == "cuda":
+        if sampled is not None and device.type == "cuda":
             self.copied = torch.cuda.Event()
             self.copied.record()
 
