@@ -9,7 +9,9 @@ BLOCK_Q members of the group), and a decode token with 8 query heads per KV head
 tile. A program walks its key range through one block table row in tiles of BLOCK_N keys with an
 online softmax in fp32 (exp2, log2(e) folded into the scale), masking keys after each query's
 position (causal). Items whose keys are split write partials (fp32 output and log2-sum-exp); a
-second small kernel merges them with log-sum-exp weights.
+second small kernel merges them with log-sum-exp weights. Each launch reads its item count from the
+device and programs past it return, so a CUDA graph can launch a fixed grid over a plan rewritten
+before every replay (`StaticDecodePlan`).
 
 Importable without Triton (the planning half, `_plan`, runs on any CPU); the kernels exist where
 Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to `attention_backend`.
@@ -23,8 +25,10 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
-from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, plan_work_items
-from batchllm.layers.transfer import to_device_packed
+from batchllm.attention.work_items import (
+    MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, TARGET_PROGRAMS, WorkItems, plan_work_items,
+)
+from batchllm.layers.transfer import copy_into, to_device_packed
 
 try:
     import triton
@@ -78,7 +82,7 @@ if triton is not None:
     def _paged_attention_kernel(
         Q, K_cache, V_cache, Out, Part_out, Part_lse,
         block_tables, item_seq, item_q_off, item_q_len, item_kv_lo, item_kv_hi, item_part, q_tokens, q_pos,
-        sm_scale_log2,
+        item_count, sm_scale_log2,
         stride_qt, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
@@ -96,6 +100,10 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
+        # the grid may hold more programs than the launch has items (a CUDA graph's grid is fixed at
+        # capture): programs past the count read on the device do nothing
+        if tl.program_id(0) >= tl.load(item_count):
+            return
         item = tl.program_id(0) + item_offset
         kv_head = tl.program_id(1)
         seq = tl.load(item_seq + item)
@@ -154,15 +162,18 @@ if triton is not None:
 
     @triton.jit
     def _merge_partials_kernel(
-        Out, Part_out, Part_lse, merge_tokens, merge_ptr, merge_parts,
+        Out, Part_out, Part_lse, merge_tokens, merge_ptr, merge_parts, merge_count,
         stride_ot, stride_oh, stride_pp, stride_ph, stride_lp,
         NUM_HEADS: tl.constexpr,
         HEADS_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr,
     ):
-        """One token, all heads: out = sum_p 2^(lse_p - M) o_p / sum_p 2^(lse_p - M), in fp32."""
+        """One token, all heads: out = sum_p 2^(lse_p - M) o_p / sum_p 2^(lse_p - M), in fp32.
+        Programs at or past the merge count (read on the device) do nothing."""
         i = tl.program_id(0)
+        if i >= tl.load(merge_count):
+            return
         tok = tl.load(merge_tokens + i)
         first = tl.load(merge_ptr + i)
         last = tl.load(merge_ptr + i + 1)
@@ -191,6 +202,10 @@ if triton is not None:
 SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fits any supported row width
 DECODE_TILE = (64, 4, 2)  # keys per tile, warps, pipeline stages of programs with one query per sequence
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
+PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
+COUNT_SLOT = 4
+"""int32 entries per launch count on the device: each count starts 16-byte aligned (Triton compiles a
+variant per pointer alignment)."""
 
 
 def next_power_of_2(n: int) -> int:
@@ -203,6 +218,8 @@ class TritonBackend:
     in steps where some token's keys are split over several work items: prefix groups, split-K)."""
 
     name = "triton"
+    supports_decode_graphs = True
+    """Decode steps can run as CUDA graphs over a `StaticDecodePlan`."""
 
     LAUNCH_MODES = ("split", "fused", "narrow")
 
@@ -239,16 +256,15 @@ class TritonBackend:
         group = num_heads // num_kv_heads
         group_pad = next_power_of_2(group)
         plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size())
-        items = plan["items"]
         out = torch.empty_like(query)
         part_out, part_lse = plan["part_out"], plan["part_lse"]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = plan["tensors"]
-        for item_offset, num_items, block_q, (block_n, num_warps, num_stages) in plan["launches"]:
-            _paged_attention_kernel[(num_items, num_kv_heads)](
+        for item_offset, grid, block_q, (block_n, num_warps, num_stages), count in plan["launches"]:
+            _paged_attention_kernel[(grid, num_kv_heads)](
                 query, k_cache, v_cache, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
-                t["q_tokens"], t["q_pos"],
+                t["q_tokens"], t["q_pos"], count,
                 scale * math.log2(math.e),
                 query.stride(0), query.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -262,9 +278,10 @@ class TritonBackend:
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
                 num_warps=num_warps, num_stages=num_stages,
             )
-        if len(items.merge_tokens):
-            _merge_partials_kernel[(len(items.merge_tokens),)](
-                out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"],
+        if plan["merge"] is not None:
+            grid, count = plan["merge"]
+            _merge_partials_kernel[(grid,)](
+                out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"], count,
                 out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
                 NUM_HEADS=num_heads, HEADS_PAD=next_power_of_2(num_heads), HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=next_power_of_2(head_dim), num_warps=4,
@@ -305,19 +322,17 @@ class TritonBackend:
               num_kv_heads: int, element_size: int = 2) -> dict:
         """The step's work items, their launches, device arrays and partial buffers: made by the first
         layer, reused by every other (the merge of one layer finishes before the next layer's
-        kernel writes the buffers again: same stream)."""
-        key = ("triton_items", group_pad)
+        kernel writes the buffers again: same stream). A CUDA graph's step finds its plan here
+        already (`StaticDecodePlan.install`)."""
+        key = plan_key(group_pad)
         plan = metadata.backend_cache.get(key)
         if plan is not None:
             return plan
         wide, narrow = max(1, 64 // group_pad), max(1, 16 // group_pad)  # queries per 64- / 16-row program
-        share = self.use_prefix_groups and metadata.share_levels_cpu is not None
-        kwargs = dict(share_levels=metadata.share_levels_cpu) if share else {}
-        kwargs.update(num_kv_heads=num_kv_heads, **self.plan_options)
-        qsl, lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
+        qsl, lens, levels = metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu
         if metadata.max_query_len == 1 and self.group_launch != "split":  # one launch for the whole step
             block_q = wide if self.group_launch == "fused" else narrow
-            items = plan_work_items(qsl, lens, block_q, group_block_q=block_q, **kwargs)
+            items = self.work_items(qsl, lens, levels, block_q, block_q, num_kv_heads)
             launches = [(0, items.num_items, block_q, DECODE_TILE)]
             order = None
         else:
@@ -329,7 +344,7 @@ class TritonBackend:
             small = element_size * next_power_of_2(head_dim) > 256
             rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
             tile_q = max(1, rows // group_pad)
-            items = plan_work_items(qsl, lens, tile_q, group_block_q=wide, **kwargs)
+            items = self.work_items(qsl, lens, levels, tile_q, wide, num_kv_heads)
             p = items.num_prefix_items
             multi = p + np.flatnonzero(items.q_len[p:] > 1)
             single = p + np.flatnonzero(items.q_len[p:] <= 1)
@@ -338,16 +353,138 @@ class TritonBackend:
                         (p + len(multi), len(single), 1, DECODE_TILE)]
             launches = [launch for launch in launches if launch[1]]
         device = metadata.seq_lens.device
-        names = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
         # items are independent (partials are addressed by row, not by item): launch order is free
         arrays = [getattr(items, name)[order] if order is not None and name in ITEM_FIELDS else getattr(items, name)
-                  for name in names]
-        tensors = dict(zip(names, to_device_packed(arrays, device, np.int32)))
+                  for name in PLAN_FIELDS]
+        num_merged = len(items.merge_tokens)
+        counts = np.zeros(COUNT_SLOT * (len(launches) + 1), dtype=np.int32)  # each count 16-byte aligned
+        counts[0:COUNT_SLOT * len(launches):COUNT_SLOT] = [launch[1] for launch in launches]
+        counts[-COUNT_SLOT] = num_merged
+        *arrays, counts = to_device_packed([*arrays, counts], device, np.int32)
         num_partials = max(items.num_partials, 1)
         plan = {
-            "items": items, "launches": launches, "tensors": tensors,
+            "items": items, "tensors": dict(zip(PLAN_FIELDS, arrays)),
+            "launches": [(*launch, counts[COUNT_SLOT * i:COUNT_SLOT * i + 1]) for i, launch in enumerate(launches)],
+            "merge": (num_merged, counts[-COUNT_SLOT:-COUNT_SLOT + 1]) if num_merged else None,
             "part_out": torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
             "part_lse": torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
         }
         metadata.backend_cache[key] = plan
         return plan
+
+    def work_items(self, query_start_loc: list[int], seq_lens: list[int], share_levels, block_q: int,
+                   group_block_q: int, num_kv_heads: int) -> WorkItems:
+        """`plan_work_items` with this backend's settings (prefix groups on or off, plan options)."""
+        share = self.use_prefix_groups and share_levels is not None
+        return plan_work_items(query_start_loc, seq_lens, block_q, share_levels=share_levels if share else None,
+                               group_block_q=group_block_q, num_kv_heads=num_kv_heads, **self.plan_options)
+
+
+def plan_key(group_pad: int) -> tuple:
+    """Where a step's plan lives in `AttentionMetadata.backend_cache`."""
+    return ("triton_items", group_pad)
+
+
+class StaticDecodePlan:
+    """The work plan of decode-shaped steps (one query token per sequence, up to `max_batch`
+    sequences) at fixed device addresses, so that one CUDA graph per batch size, captured once,
+    serves every such step: the graph holds the launches, `fill` rewrites what they read.
+
+    Layout (int32, each array 16-byte aligned): the item arrays have a prefix-item section at
+    [0, prefix_capacity(max_batch)) and a one-query-item section after it; each launch's grid is the
+    capacity of its section at the captured batch size, and programs past the item count written by
+    `fill` return at once (the counts sit in `tensors["counts"]`, one 16-byte slot each: prefix
+    launch, one-query launch, merge). The partial buffers are sized for the largest batch. Each
+    padding row of a step smaller than the graph gets a one-query item over no keys, so its
+    attention output is 0, not whatever the buffer held (padding rows stay finite).
+
+    Invariant: after `fill(...)` returned True for a batch of n <= size sequences, the launches of
+    `launch_plan(size)` compute exactly what `TritonBackend.forward` would for that step."""
+
+    def __init__(self, backend: TritonBackend, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device, extra_items: int | None = None) -> None:
+        """extra_items: room beyond one item per sequence (per section) for split-K pieces; default:
+        the number of programs per KV head that split-K aims for (all pieces of a step fit in it)."""
+        self.backend = backend
+        self.max_batch = max_batch
+        self.num_kv_heads = num_kv_heads
+        self.group_pad = next_power_of_2(num_heads // num_kv_heads)
+        self.wide = max(1, 64 // self.group_pad)
+        self.extra = extra_items if extra_items is not None else max(1, TARGET_PROGRAMS // num_kv_heads)
+        self.prefix_section = self.prefix_capacity(max_batch)
+        items = self.prefix_section + self.single_capacity(max_batch)
+        self.capacity = {
+            **{name: items for name in ITEM_FIELDS},
+            "q_tokens": 3 * max_batch, "q_pos": 3 * max_batch,  # members gathered at up to two levels, then every token
+            "merge_tokens": max_batch, "merge_ptr": max_batch + 1,
+            "merge_parts": 3 * max_batch + self.extra * self.wide,  # partial rows
+            "counts": 3 * COUNT_SLOT,
+        }
+        self.num_partials = self.capacity["merge_parts"]
+        self.offsets = {}
+        total = 0
+        for name, size in self.capacity.items():
+            self.offsets[name] = total
+            total += -(-size // COUNT_SLOT) * COUNT_SLOT
+        self.buffer = torch.zeros(total, dtype=torch.int32, device=device)
+        self.tensors = {name: self.buffer[self.offsets[name]:self.offsets[name] + size]
+                        for name, size in self.capacity.items()}
+        self.part_out = torch.empty(self.num_partials, num_heads, head_dim, dtype=torch.float32, device=device)
+        self.part_lse = torch.empty(self.num_partials, num_heads, dtype=torch.float32, device=device)
+        self.last_items: WorkItems | None = None
+        """The items of the step filled last (for tests and diagnostics)."""
+
+    def prefix_capacity(self, batch: int) -> int:
+        """Room for prefix items at this batch size: with the default `MIN_GROUP_MEMBERS` (4) a level
+        has at most batch / 4 items before split-K, so two levels fit; steps with more run eagerly."""
+        return batch // 2 + self.extra
+
+    def single_capacity(self, batch: int) -> int:
+        return batch + self.extra
+
+    def launch_plan(self, size: int) -> dict:
+        """The plan a captured step of `size` sequences launches (fixed grids, counts on the device)."""
+        counts = self.tensors["counts"]
+        return {
+            "items": None, "tensors": self.tensors, "part_out": self.part_out, "part_lse": self.part_lse,
+            "launches": [(0, self.prefix_capacity(size), self.wide, DECODE_TILE, counts[0:1]),
+                         (self.prefix_section, self.single_capacity(size), 1, DECODE_TILE,
+                          counts[COUNT_SLOT:COUNT_SLOT + 1])],
+            "merge": (size, counts[2 * COUNT_SLOT:2 * COUNT_SLOT + 1]),
+        }
+
+    def install(self, metadata: AttentionMetadata, size: int) -> None:
+        """Make `metadata`'s steps launch this plan (for capturing the graph of `size` sequences)."""
+        metadata.backend_cache[plan_key(self.group_pad)] = self.launch_plan(size)
+
+    def fill(self, query_start_loc: list[int], seq_lens: list[int], share_levels, size: int) -> bool:
+        """Plan a decode step (every query_start_loc gap is 1) and copy the plan into the buffer, for
+        the graph of `size` sequences; False (nothing written) if it does not fit there."""
+        items = self.backend.work_items(query_start_loc, seq_lens, share_levels, 1, self.wide, self.num_kv_heads)
+        p = items.num_prefix_items
+        num_pad = size - (len(query_start_loc) - 1)  # padding rows: one item each, over no keys (writes 0)
+        num_single = items.num_items - p + num_pad
+        num_q = len(items.q_tokens) + num_pad
+        fits = (p <= self.prefix_capacity(size) and num_single <= self.single_capacity(size)
+                and num_q <= self.capacity["q_tokens"] and len(items.merge_tokens) <= size
+                and items.num_partials <= self.num_partials)
+        if not fits:
+            return False
+        pad_tokens = np.arange(size - num_pad, size)
+        padding = {"seq": 0, "q_off": len(items.q_tokens) + np.arange(num_pad), "q_len": 1, "kv_lo": 0, "kv_hi": 0,
+                   "part": -1}
+        host = np.zeros(len(self.buffer), dtype=np.int32)
+        for name in ITEM_FIELDS:
+            values, at = getattr(items, name), self.offsets[name]
+            host[at:at + p] = values[:p]
+            at += self.prefix_section
+            host[at:at + num_single] = np.r_[values[p:], np.broadcast_to(padding[name], num_pad)]
+        host[self.offsets["q_tokens"]:self.offsets["q_tokens"] + num_q] = np.r_[items.q_tokens, pad_tokens]
+        host[self.offsets["q_pos"]:self.offsets["q_pos"] + len(items.q_pos)] = items.q_pos  # padding at position 0
+        for name in ("merge_tokens", "merge_ptr", "merge_parts"):
+            values = getattr(items, name)
+            host[self.offsets[name]:self.offsets[name] + len(values)] = values
+        host[self.offsets["counts"] + np.arange(3) * COUNT_SLOT] = p, num_single, len(items.merge_tokens)
+        copy_into(self.buffer, host)
+        self.last_items = items
+        return True

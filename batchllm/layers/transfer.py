@@ -22,6 +22,15 @@ def to_device(values, device: torch.device, dtype: torch.dtype | None = None) ->
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def copy_into(target: torch.Tensor, values: np.ndarray) -> None:
+    """Copy a numpy array into an existing device tensor of its shape (a buffer at a fixed address,
+    e.g. a CUDA graph's input; a strided view is fine), without waiting for queued device work."""
+    host = torch.from_numpy(values)
+    if target.device.type == "cuda":
+        host = host.pin_memory()
+    target.copy_(host, non_blocking=target.device.type == "cuda")
+
+
 def to_device_packed(arrays: list, device: torch.device, dtype=np.int64) -> list[torch.Tensor]:
     """Integer arrays to the device in one copy (as `to_device`), returned as views of one buffer
     that each start 16-byte aligned: Triton compiles a kernel variant per pointer alignment, so an

@@ -180,6 +180,9 @@ def test_triton_backend_plans_launches_on_cpu():
     covered = [i for offset, n, *_ in plan["launches"] for i in range(offset, offset + n)]
     assert covered == list(range(items.num_items))
     assert [launch[2] for launch in plan["launches"]] == [16, 1]
+    # each launch's count (which its programs check on the device) is its number of items
+    assert [int(launch[4]) for launch in plan["launches"]] == [n for _, n, *_ in plan["launches"]]
+    assert all(launch[4].data_ptr() % 16 == 0 for launch in plan["launches"])
     for name, values in plan["tensors"].items():  # device copies match the plan, 16-byte aligned
         assert values.tolist() == getattr(items, name).tolist() and values.data_ptr() % 16 == 0
     assert plan["part_out"].shape == (max(items.num_partials, 1), 32, 128)
@@ -196,7 +199,7 @@ def test_mixed_step_launches_prefill_tiles_apart_from_one_query_items():
     backend = TritonBackend(prefill_launch=(128, 64, 4, 3))
     plan = backend._plan(md, 4, 32, 128, 8)
     items, t = plan["items"], plan["tensors"]
-    (p0, p, pq, _), (m0, m, mq, m_tile), (s0, n_single, sq, _) = plan["launches"]
+    (p0, p, pq, _, _), (m0, m, mq, m_tile, _), (s0, n_single, sq, _, _) = plan["launches"]
     assert (p0, m0, s0) == (0, p, p + m) and p + m + n_single == items.num_items
     assert (pq, mq, sq) == (16, 32, 1) and m_tile == (64, 4, 3)
     q_len = t["q_len"].numpy()
