@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="fraction of GPU memory to use")
     e.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="schedule each step while the previous one runs on the device (default auto: on for CUDA)")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (default: decode steps run as graphs on CUDA)")
+    e.add_argument("--max-cudagraph-capture-size", type=int, default=512,
+                   help="largest decode batch (sequences) with a CUDA graph (default 512)")
     _add_sharing_options(run)
     o = run.add_argument_group("output")
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
@@ -182,6 +186,7 @@ def run_command(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             kv_admission_threshold=args.kv_admission_threshold,
             async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+            enforce_eager=args.enforce_eager, max_cudagraph_capture_size=args.max_cudagraph_capture_size,
             prefix_sharing=not args.no_prefix_sharing,
             plan_mode=args.plan_mode, group_order=args.group_order,
         )

@@ -53,6 +53,10 @@ class ModelConfig:
     kernels: str = "auto"
     """Norm, rotary and SiLU ops: auto (one Triton kernel each on CUDA when Triton is installed, else
     torch) | torch | triton."""
+    enforce_eager: bool = False
+    """Never use CUDA graphs (else decode steps run as graphs on CUDA with the Triton attention)."""
+    max_cudagraph_capture_size: int = 512
+    """Largest decode batch (sequences) with a CUDA graph; larger decode steps run eagerly."""
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
@@ -63,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_cudagraph_capture_size < 1:
+            raise ValueError(f"max_cudagraph_capture_size must be >= 1, got {self.max_cudagraph_capture_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

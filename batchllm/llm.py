@@ -63,6 +63,8 @@ class LLM:
         skip_tokenizer_init: bool = False,
         attention_backend: str = "auto",
         kernels: str = "auto",
+        enforce_eager: bool = False,
+        max_cudagraph_capture_size: int = 512,
         block_size: int = 16,
         kv_cache_memory_gib: float | None = None,
         gpu_memory_utilization: float = 0.90,
@@ -88,6 +90,8 @@ class LLM:
                 skip_tokenizer_init=skip_tokenizer_init,
                 attention_backend=attention_backend,
                 kernels=kernels,
+                enforce_eager=enforce_eager,
+                max_cudagraph_capture_size=max_cudagraph_capture_size,
             ),
             cache=CacheConfig(
                 block_size=block_size,
@@ -141,6 +145,9 @@ class LLM:
         runner = ModelRunner(
             self.model, self.kv_spec, self.attention_backend, device=self.device, dtype=self.dtype, seed=mc.seed
         )
+        if self.device.type == "cuda" and not mc.enforce_eager and getattr(self.attention_backend, "supports_decode_graphs", False):
+            max_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
+            runner.setup_decode_graphs(max_batch, self.max_model_len)
         kv = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
         overlap = self.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
         self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner, async_scheduling=overlap)

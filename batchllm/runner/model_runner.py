@@ -1,12 +1,14 @@
 """ModelRunner: turns a `ScheduledBatch` into one forward pass and a `RunnerOutput`.
 
-Writer of the KV cache tensors, the per-request block tables and seeded generators, and the last
-submitted step's sampled tokens, and nothing else; it never reads or writes scheduler state (house
-rule 1). Block tables persist between steps: each request owns a row of `block_table_rows` (a numpy
-array), written only where the scheduler sends new entries (a whole table after admission or
-preemption, a block every block_size decode steps), so a step gathers its rows instead of
-rebuilding every table. Per-request state is dropped when the scheduler lists the request as
-finished.
+Writer of the KV cache tensors, the per-request block tables and seeded generators, the last
+submitted step's sampled tokens and the decode CUDA graphs' input buffers, and nothing else; it
+never reads or writes scheduler state (house rule 1). Decode-shaped steps (one query token per
+sequence) replay a CUDA graph where `setup_decode_graphs` made them (`cuda_graphs.py`).
+
+Block tables persist between steps: each request owns a row of `block_table_rows` (a numpy array),
+written only where the scheduler sends new entries (a whole table after admission or preemption, a
+block every block_size decode steps), so a step gathers its rows instead of rebuilding every
+table. Per-request state is dropped when the scheduler lists the request as finished.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from batchllm.layers.transfer import to_device, to_device_packed
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch
+from batchllm.runner.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,9 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_spec.block_size
         spec = model.spec
-        shape = (spec.num_layers, 2, kv_spec.num_blocks, kv_spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.num_blocks = kv_spec.num_blocks
+        # one block beyond the pool's: where the padding rows of a CUDA graph's step store their K/V
+        shape = (spec.num_layers, 2, kv_spec.num_blocks + 1, kv_spec.block_size, spec.num_kv_heads, spec.head_dim)
         # Never read before written: the attention only reads slots below each sequence's length.
         self.kv_cache = torch.empty(shape, dtype=dtype, device=device)  # [layers, 2, blocks, bs, kvh, d]
         self.kv_caches = list(self.kv_cache.unbind(0))
@@ -91,6 +96,11 @@ class ModelRunner:
         self.gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         """Set to [] (CUDA only) to record events around every step's forward and sampling, from
         which the benchmark tells how long the GPU sat idle between steps."""
+        self.decode_graphs: DecodeGraphs | None = None
+        self.use_cuda_graphs = True
+        """Whether decode steps run as CUDA graphs where `decode_graphs` exist (benchmarks compare)."""
+        self.num_graph_steps = 0
+        """Steps run as a graph so far."""
 
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
         """Run one step and wait for its tokens."""
@@ -107,12 +117,22 @@ class ModelRunner:
         if batch.block_copies:
             pairs = to_device(batch.block_copies, self.device, torch.int64)
             self.kv_cache[:, :, pairs[:, 1]] = self.kv_cache[:, :, pairs[:, 0]]  # copy-on-write of partial prefix blocks
-        input_ids, positions, metadata, sample_rows, rows = self._prepare_inputs(batch)
+        step = self._host_inputs(batch)
+        graph_size = self._graph_size(step)
+        if graph_size is None:
+            input_ids, positions, metadata, rows = self._device_inputs(step)
+        else:
+            rows = to_device(step.sample_indices, self.device)
         timeline = self.gpu_timeline
         if timeline is not None:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        if graph_size is None:
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        else:
+            hidden = self.decode_graphs.replay(graph_size)
+            self.num_graph_steps += 1
+        sample_rows = step.sample_rows
         ids = [s.request_id for _, s in sample_rows]
         if sample_rows:
             logits = self.model.compute_logits(hidden[rows])
@@ -129,6 +149,27 @@ class ModelRunner:
             timeline.append((started, ended))
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device)
 
+    def setup_decode_graphs(self, max_batch: int, max_model_len: int, *, capture: bool = True,
+                            extra_items: int | None = None) -> None:
+        """Run decode-shaped steps of up to `max_batch` sequences as CUDA graphs (`cuda_graphs.py`),
+        captured now; capture=False (any device): the same buffers and plans, run eagerly (tests).
+        Needs an attention backend with a static decode plan (Triton)."""
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.backend, self.kv_caches, block_size=self.block_size, max_batch=max_batch,
+            max_blocks_per_seq=min(-(-max_model_len // self.block_size), self.num_blocks),
+            pad_slot=self.num_blocks * self.block_size, device=self.device, capture=capture, extra_items=extra_items)
+
+    def _graph_size(self, step: StepInputs) -> int | None:
+        """The graph that runs this step, or None (run it eagerly): graphs exist and are on, the
+        step is decode-shaped and small enough, and its attention plan fits the graph's buffers."""
+        graphs = self.decode_graphs
+        if graphs is None or not self.use_cuda_graphs or step.max_query_len != 1 or not graphs.usable():
+            return None
+        size = graphs.size_for(step.num_seqs, step.block_tables.shape[1])
+        if size is None or not graphs.prepare(size, step, self._previous_tokens[0]):
+            return None
+        return size
+
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None
@@ -138,11 +179,9 @@ class ModelRunner:
             self._generators[request_id] = generator
         return generator
 
-    def _prepare_inputs(self, batch: ScheduledBatch):
-        """Token ids, positions, slots, attention metadata and the rows to sample, of a step. One
-        Python pass over the requests (block-table diffs, ids, per-sequence numbers); per-token
-        arrays come from numpy; the integers go to the device in one copy, after which placeholder
-        ids are filled from the previous step's sampled tokens (on the device)."""
+    def _host_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """A step's inputs as numpy arrays and lists: one Python pass over the requests (block-table
+        diffs, ids, per-sequence numbers); per-token arrays come from numpy."""
         requests = batch.requests
         num_seqs = len(requests)
         input_ids: list[int] = []
@@ -153,7 +192,7 @@ class ModelRunner:
         group_index: dict[str, int] = {}
         sample_rows = []
         placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
-        previous_tokens, previous_index = self._previous_tokens
+        previous_index = self._previous_tokens[1]
         num_tokens = 0
         for i, scheduled in enumerate(requests):
             tables.append(self._tables.update(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids))
@@ -183,28 +222,65 @@ class ModelRunner:
         positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
         token_seq = np.repeat(np.arange(num_seqs), counts)
         slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
-        rows = np.fromiter((row for row, _ in sample_rows), dtype=np.int64, count=len(sample_rows))
         where, source = np.asarray(placeholders, dtype=np.int64).reshape(-1, 2).T
+        return StepInputs(
+            input_ids=np.asarray(input_ids, dtype=np.int64), positions=positions, slots=slots,
+            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables, tables=tables,
+            share_levels=levels or None, max_query_len=int(counts.max()), sample_rows=sample_rows,
+            placeholder_at=where, placeholder_source=source,
+        )
+
+    def _device_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Token ids, positions, attention metadata and the rows to sample, on the device: the
+        integers go in one copy, after which placeholder ids are filled from the previous step's
+        sampled tokens (on the device)."""
         ids, positions, slots, loc, lens, rows, where, source = to_device_packed(
-            [np.asarray(input_ids, dtype=np.int64), positions, slots, query_start_loc, seq_lens, rows, where, source],
-            self.device)
-        if placeholders:
-            ids[where] = previous_tokens[source]
+            [step.input_ids, step.positions, step.slots, step.query_start_loc, step.seq_lens, step.sample_indices,
+             step.placeholder_at, step.placeholder_source], self.device)
+        if len(step.placeholder_at):
+            ids[where] = self._previous_tokens[0][source]
         metadata = AttentionMetadata(
-            num_tokens=num_tokens,
-            block_size=bs,
+            num_tokens=len(step.input_ids),
+            block_size=self.block_size,
             slot_mapping=slots,
             query_start_loc=loc.to(torch.int32),
             seq_lens=lens.to(torch.int32),
-            block_tables=to_device(np.ascontiguousarray(block_tables), self.device),
-            max_query_len=int(counts.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=query_start_loc.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-            block_tables_cpu=tables,
-            share_levels_cpu=levels or None,
+            block_tables=to_device(np.ascontiguousarray(step.block_tables), self.device),
+            max_query_len=step.max_query_len,
+            max_seq_len=int(step.seq_lens.max()),
+            query_start_loc_cpu=step.query_start_loc.tolist(),
+            seq_lens_cpu=step.seq_lens.tolist(),
+            block_tables_cpu=step.tables,
+            share_levels_cpu=step.share_levels,
         )
-        return ids, positions, metadata, sample_rows, rows
+        return ids, positions, metadata, rows
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs on the host (built by `ModelRunner._host_inputs`)."""
+
+    input_ids: np.ndarray  # [num_tokens] int64; PLACEHOLDER_TOKEN_ID where the previous step's token goes
+    positions: np.ndarray  # [num_tokens] int64
+    slots: np.ndarray  # [num_tokens] int64: block * block_size + offset, where each token's K/V is stored
+    query_start_loc: np.ndarray  # [num_seqs + 1] int64
+    seq_lens: np.ndarray  # [num_seqs] int64
+    block_tables: np.ndarray  # [num_seqs, width] int32, rows padded with 0
+    tables: list[list[int]]  # each sequence's whole block table
+    share_levels: list[tuple[list[int], list[int]]] | None  # as AttentionMetadata.share_levels_cpu
+    max_query_len: int
+    sample_rows: list  # (token index, ScheduledRequest) of each sequence that samples
+    placeholder_at: np.ndarray  # token indices whose id is the previous step's token ...
+    placeholder_source: np.ndarray  # ... at these indices of that step's sampled tokens
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def sample_indices(self) -> np.ndarray:
+        """Token index of each sampling sequence's last token: the rows of the hidden states to sample."""
+        return np.fromiter((row for row, _ in self.sample_rows), dtype=np.int64, count=len(self.sample_rows))
 
 
 class PendingRunnerOutput:

@@ -91,7 +91,8 @@ def test_help_documents_every_option():
     r = run_cli("run", "--help")
     assert r.returncode == 0
     for option in ("--model", "--max-tokens", "--temperature", "--seed", "--top-p", "--top-k", "--stop",
-                   "--stats", "--max-num-batched-tokens", "--dtype", "--async-scheduling"):
+                   "--stats", "--max-num-batched-tokens", "--dtype", "--async-scheduling", "--enforce-eager",
+                   "--max-cudagraph-capture-size"):
         assert option in r.stdout
 
 
