@@ -98,6 +98,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
         torch.cuda.reset_peak_memory_stats(llm.device)
         runner.gpu_timeline = []
     _sync(llm)
+    graph_steps = runner.num_graph_steps
     start = time.perf_counter()
     try:
         llm.generate(prompts, params, use_tqdm=False)
@@ -106,6 +107,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
         timeline, runner.gpu_timeline = runner.gpu_timeline, None
     wall = time.perf_counter() - start
     s = dict(llm.last_stats)
+    s["graph_steps"] = runner.num_graph_steps - graph_steps  # steps run as a decode CUDA graph
     if cuda and timeline:
         busy_ms = sum(a.elapsed_time(b) for a, b in timeline)
         span_ms = timeline[0][0].elapsed_time(timeline[-1][1])
@@ -193,7 +195,8 @@ def add_bench_parser(sub) -> None:
                    help="comma list of: sharing, nosharing, single (one-level plan), order-prefill, order-fifo; "
                         "sharing-plainattn (prefix-shared attention off), sharing-fused, sharing-narrow "
                         "(its launch modes; Triton backend), sharing-prefill64, sharing-torchops, "
-                        "sharing-sync and nosharing-sync (asynchronous scheduling off)")
+                        "sharing-sync and nosharing-sync (asynchronous scheduling off), sharing-eager and "
+                        "nosharing-eager (decode CUDA graphs off)")
     b.add_argument("--model", default=None, help="model directory (config.json; weights unless --load-format dummy)")
     b.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -206,6 +209,9 @@ def add_bench_parser(sub) -> None:
                    help="Triton attention in steps with prefill: rows,keys,warps,stages (e.g. 128,64,8,2)")
     b.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                    help="norm, rotary and SiLU: one Triton kernel each (auto on CUDA) or torch")
+    b.add_argument("--enforce-eager", action="store_true", help="capture no CUDA graphs (every config runs eagerly)")
+    b.add_argument("--max-cudagraph-capture-size", type=int, default=512,
+                   help="largest decode batch with a CUDA graph (default 512)")
     b.add_argument("--warmup-requests", type=int, default=8, help="a small run first, not measured")
     b.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
     b.add_argument("--profile-out", default=None,
@@ -225,11 +231,13 @@ BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (d
 }
 OPS_CONFIGS = {"sharing-torchops": "torch"}  # the model's elementwise ops ("sharing-torchops": torch, not Triton)
 SYNC_CONFIGS = {"sharing-sync", "nosharing-sync"}  # asynchronous scheduling off (each step waits for the one before)
+EAGER_CONFIGS = {"sharing-eager", "nosharing-eager"}  # no CUDA graphs (every decode step launched kernel by kernel)
 CONFIGS = {
     "sharing": dict(prefix_sharing=True),
-    **{name: dict(prefix_sharing=True) for name in (*BACKEND_CONFIGS, *OPS_CONFIGS, "sharing-sync")},
+    **{name: dict(prefix_sharing=True) for name in (*BACKEND_CONFIGS, *OPS_CONFIGS, "sharing-sync", "sharing-eager")},
     "nosharing": dict(prefix_sharing=False),
     "nosharing-sync": dict(prefix_sharing=False),
+    "nosharing-eager": dict(prefix_sharing=False),
     "single": dict(prefix_sharing=True, plan_mode="single"),
     "order-prefill": dict(prefix_sharing=True, group_order="prefill"),
     "order-fifo": dict(prefix_sharing=True, group_order="fifo"),
@@ -247,7 +255,9 @@ def bench_command(args) -> int:
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory_gib=args.kv_cache_memory_gib, attention_backend=args.attention_backend,
-              kernels=args.kernels, skip_tokenizer_init=True)  # workloads are token ids
+              kernels=args.kernels, enforce_eager=args.enforce_eager,
+              max_cudagraph_capture_size=args.max_cudagraph_capture_size,
+              skip_tokenizer_init=True)  # workloads are token ids
     args.vocab = llm.model_spec.vocab_size
     workload = make_workload(args)
     peak = measure_matmul_peak_tflops(llm.device) if llm.device.type == "cuda" else None
@@ -266,6 +276,7 @@ def bench_command(args) -> int:
     for name in names:
         llm.sharing = SharingConfig(**CONFIGS[name])
         llm.engine.async_scheduling = overlap and name not in SYNC_CONFIGS
+        llm.engine.executor.use_cuda_graphs = name not in EAGER_CONFIGS
         if defaults:
             for key, value in {**defaults, **BACKEND_CONFIGS.get(name, {})}.items():
                 setattr(backend, key, value)
@@ -273,6 +284,7 @@ def bench_command(args) -> int:
         stats = run_workload(llm, workload, peak)
         stats["config"] = name
         stats["async_scheduling"] = llm.engine.async_scheduling
+        stats["cuda_graphs"] = llm.engine.executor.decode_graphs is not None and name not in EAGER_CONFIGS
         results.append(stats)
         print(_line(stats), flush=True)
     n = args.profile_requests
@@ -347,4 +359,5 @@ def _line(s: dict) -> str:
             f"preempt {s['num_preemptions']}  {s['wall_s']:.1f}s"
             + (f"  MFU {100 * s['mfu']:4.1f}%" if "mfu" in s else "")
             + (f"  GPU idle {100 * s['gpu_idle_fraction']:4.1f}%  peak mem {s['peak_gpu_memory_gib']:.1f} GiB"
-               if "gpu_idle_fraction" in s else ""))
+               if "gpu_idle_fraction" in s else "")
+            + (f"  graph steps {s['graph_steps']}" if s.get("graph_steps") else ""))

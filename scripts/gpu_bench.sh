@@ -9,6 +9,9 @@
 #                                       without sharing, degree 4 (~8 min)
 #   PART=f bash scripts/gpu_bench.sh    the same on 6,400 shuffled requests; 16000/200 (~8 min)
 #   PART=g bash scripts/gpu_bench.sh    the same on the decode-heavy mix; the Qwen2.5-7B shape (~5 min)
+#   PART=h bash scripts/gpu_bench.sh    decode CUDA graphs against eager decode steps: small batches
+#                                       and the decode-heavy mix on the Llama-3.2-1B and 3.1-8B shapes (~8 min)
+#   PART=i bash scripts/gpu_bench.sh    the same on the paper workloads (degree 16 and 4, no sharing) (~8 min)
 # Logs and JSON go under $OUT (or ./gpu_out). Each `batchllm bench` measures the bf16 matmul peak first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,5 +78,23 @@ g)
   common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
   bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
       --configs sharing,sharing-sync --json-out "$OUT/qwen2.5-7b_shared2000_200_deg16.json"
+  ;;
+h)
+  for MODEL in benchmarks/configs/llama-3.2-1b benchmarks/configs/llama-3.1-8b; do
+    name=$(basename "$MODEL")
+    common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
+    for n in 8 64; do
+      bench --workload shared --shared 1000 --distinct 100 --degree 8 --requests $n --output 400 \
+          --configs sharing-eager,sharing,sharing-eager --json-out "$OUT/${name}_batch${n}.json"
+    done
+    bench --workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512 --min-output 100 \
+        --max-output 1000 --configs sharing,sharing-eager --json-out "$OUT/${name}_decodeheavy_n512.json"
+  done
+  ;;
+i)
+  bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
+      --configs sharing,sharing-eager,nosharing,nosharing-eager --json-out "$OUT/shared2000_200_deg16.json"
+  bench --workload shared --shared 2000 --distinct 200 --degree 4 --requests 1024 --output 100 \
+      --configs sharing,sharing-eager --json-out "$OUT/shared2000_200_deg4.json"
   ;;
 esac
