@@ -263,6 +263,13 @@ def bench_command(args) -> int:
     peak = measure_matmul_peak_tflops(llm.device) if llm.device.type == "cuda" else None
     if peak:
         print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
+    graphs = llm.engine.executor.decode_graphs
+    graph_info = None
+    if graphs is not None and graphs.capture_seconds:
+        graph_info = dict(sizes=graphs.sizes, capture_s=graphs.capture_seconds,
+                          memory_gib=graphs.capture_memory_bytes / 2**30)
+        print(f"decode CUDA graphs: {len(graphs.sizes)} batch sizes up to {graphs.max_batch}, captured in "
+              f"{graphs.capture_seconds:.1f} s, {graph_info['memory_gib']:.2f} GiB", flush=True)
     if args.warmup_requests:
         n = min(args.warmup_requests, len(workload.prompts))
         run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
@@ -296,7 +303,8 @@ def bench_command(args) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": _device_name(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),
-                       "kv_blocks": llm.kv_spec.num_blocks, "matmul_peak_tflops": peak, "results": results}, f)
+                       "kv_blocks": llm.kv_spec.num_blocks, "matmul_peak_tflops": peak, "cuda_graphs": graph_info,
+                       "results": results}, f)
     return 0
 
 

@@ -73,6 +73,8 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._num_seqs = 0
         self.capture_seconds = 0.0
+        self.capture_memory_bytes = 0
+        """Device memory the capture kept (the graphs' shared pool of intermediate buffers)."""
         if capture:
             self._capture()
 
@@ -142,18 +144,23 @@ class DecodeGraphs:
         they share their intermediate buffers). Before each capture the forward runs once for real
         over empty plans (nothing attended, K/V to the pad slot): kernels compile outside capture."""
         started = time.perf_counter()
+        device = self.ints.device
+        torch.cuda.empty_cache()  # as torch.cuda.graph does: what stays reserved after is the graphs' pool
+        memory_before = torch.cuda.memory_reserved(device)
         copy_into(self.ints[2 * self.max_batch:3 * self.max_batch], np.full(self.max_batch, self.pad_slot))
         self.plan.buffer.zero_()  # every launch count 0
         pool = None
         for size in reversed(self.sizes):
             self._forward(size)
-            torch.cuda.synchronize(self.ints.device)
+            torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self._forward(size)
             pool = graph.pool()
             self._graphs[size] = (graph, out)
-        torch.cuda.synchronize(self.ints.device)
+        torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - started
-        logger.info("captured %d decode CUDA graphs (batch sizes 1 to %d) in %.1f s",
-                    len(self.sizes), self.max_batch, self.capture_seconds)
+        torch.cuda.empty_cache()  # the warm-up runs' blocks (outside the graphs' pool)
+        self.capture_memory_bytes = torch.cuda.memory_reserved(device) - memory_before
+        logger.info("captured %d decode CUDA graphs (batch sizes 1 to %d) in %.1f s, %.2f GiB",
+                    len(self.sizes), self.max_batch, self.capture_seconds, self.capture_memory_bytes / 2**30)
