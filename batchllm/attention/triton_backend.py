@@ -28,7 +28,7 @@ from batchllm.attention.backend import AttentionMetadata, store_kv
 from batchllm.attention.work_items import (
     MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, TARGET_PROGRAMS, WorkItems, plan_work_items,
 )
-from batchllm.layers.transfer import copy_into, to_device_packed
+from batchllm.layers.transfer import aligned_offsets, copy_into, to_device_packed
 
 try:
     import triton
@@ -213,6 +213,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def queries_per_program(rows: int, group_pad: int) -> int:
+    """Queries a program of `rows` rows takes: each query fills one row per head of its GQA group
+    (padded to a power of two)."""
+    return max(1, rows // group_pad)
+
+
 class TritonBackend:
     """Paged attention in one Triton kernel per layer (plus the KV store, plus one small merge kernel
     in steps where some token's keys are split over several work items: prefix groups, split-K)."""
@@ -328,7 +334,7 @@ class TritonBackend:
         plan = metadata.backend_cache.get(key)
         if plan is not None:
             return plan
-        wide, narrow = max(1, 64 // group_pad), max(1, 16 // group_pad)  # queries per 64- / 16-row program
+        wide, narrow = queries_per_program(64, group_pad), queries_per_program(16, group_pad)
         qsl, lens, levels = metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu
         if metadata.max_query_len == 1 and self.group_launch != "split":  # one launch for the whole step
             block_q = wide if self.group_launch == "fused" else narrow
@@ -343,7 +349,7 @@ class TritonBackend:
             # wider rows (float32, head dim 256) take the small launch
             small = element_size * next_power_of_2(head_dim) > 256
             rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
-            tile_q = max(1, rows // group_pad)
+            tile_q = queries_per_program(rows, group_pad)
             items = self.work_items(qsl, lens, levels, tile_q, wide, num_kv_heads)
             p = items.num_prefix_items
             multi = p + np.flatnonzero(items.q_len[p:] > 1)
@@ -409,7 +415,7 @@ class StaticDecodePlan:
         self.max_batch = max_batch
         self.num_kv_heads = num_kv_heads
         self.group_pad = next_power_of_2(num_heads // num_kv_heads)
-        self.wide = max(1, 64 // self.group_pad)
+        self.wide = queries_per_program(64, self.group_pad)  # as the eager plan's prefix items
         self.extra = extra_items if extra_items is not None else max(1, TARGET_PROGRAMS // num_kv_heads)
         self.prefix_section = self.prefix_capacity(max_batch)
         items = self.prefix_section + self.single_capacity(max_batch)
@@ -420,17 +426,14 @@ class StaticDecodePlan:
             "merge_parts": 3 * max_batch + self.extra * self.wide,  # partial rows
             "counts": 3 * COUNT_SLOT,
         }
-        self.num_partials = self.capacity["merge_parts"]
-        self.offsets = {}
-        total = 0
-        for name, size in self.capacity.items():
-            self.offsets[name] = total
-            total += -(-size // COUNT_SLOT) * COUNT_SLOT
-        self.buffer = torch.zeros(total, dtype=torch.int32, device=device)
+        starts = aligned_offsets(list(self.capacity.values()), np.int32)
+        self.offsets = dict(zip(self.capacity, starts))
+        self.buffer = torch.zeros(starts[-1], dtype=torch.int32, device=device)
         self.tensors = {name: self.buffer[self.offsets[name]:self.offsets[name] + size]
                         for name, size in self.capacity.items()}
-        self.part_out = torch.empty(self.num_partials, num_heads, head_dim, dtype=torch.float32, device=device)
-        self.part_lse = torch.empty(self.num_partials, num_heads, dtype=torch.float32, device=device)
+        num_partials = self.capacity["merge_parts"]
+        self.part_out = torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device)
+        self.part_lse = torch.empty(num_partials, num_heads, dtype=torch.float32, device=device)
         self.last_items: WorkItems | None = None
         """The items of the step filled last (for tests and diagnostics)."""
 
@@ -467,7 +470,7 @@ class StaticDecodePlan:
         num_q = len(items.q_tokens) + num_pad
         fits = (p <= self.prefix_capacity(size) and num_single <= self.single_capacity(size)
                 and num_q <= self.capacity["q_tokens"] and len(items.merge_tokens) <= size
-                and items.num_partials <= self.num_partials)
+                and items.num_partials <= self.capacity["merge_parts"])
         if not fits:
             return False
         pad_tokens = np.arange(size - num_pad, size)

@@ -31,14 +31,21 @@ def copy_into(target: torch.Tensor, values: np.ndarray) -> None:
     target.copy_(host, non_blocking=target.device.type == "cuda")
 
 
+def aligned_offsets(sizes: list[int], dtype) -> list[int]:
+    """Where arrays of these lengths start when laid end to end in one buffer of `dtype`, each
+    16-byte aligned; the last entry is the buffer's length. Triton compiles a kernel variant per
+    pointer alignment, so an array at an odd offset in one step and an even one in the next would
+    cost a second variant."""
+    align = 16 // np.dtype(dtype).itemsize
+    return np.cumsum([0] + [-(-size // align) * align for size in sizes]).tolist()
+
+
 def to_device_packed(arrays: list, device: torch.device, dtype=np.int64) -> list[torch.Tensor]:
     """Integer arrays to the device in one copy (as `to_device`), returned as views of one buffer
-    that each start 16-byte aligned: Triton compiles a kernel variant per pointer alignment, so an
-    array at an odd offset in one step and an even one in the next would cost a second variant."""
-    align = 16 // np.dtype(dtype).itemsize
+    that each start 16-byte aligned (`aligned_offsets`)."""
     sizes = [len(a) for a in arrays]
-    starts = np.cumsum([0] + [-(-size // align) * align for size in sizes])
-    host = np.zeros(int(starts[-1]), dtype=dtype)
+    starts = aligned_offsets(sizes, dtype)
+    host = np.zeros(starts[-1], dtype=dtype)
     for array, start, size in zip(arrays, starts, sizes):
         host[start:start + size] = array
     flat = to_device(host, device)
