@@ -291,7 +291,8 @@ def bench_command(args) -> int:
         stats = run_workload(llm, workload, peak)
         stats["config"] = name
         stats["async_scheduling"] = llm.engine.async_scheduling
-        stats["cuda_graphs"] = llm.engine.executor.decode_graphs is not None and name not in EAGER_CONFIGS
+        runner = llm.engine.executor
+        stats["cuda_graphs"] = runner.decode_graphs is not None and runner.use_cuda_graphs
         results.append(stats)
         print(_line(stats), flush=True)
     n = args.profile_requests

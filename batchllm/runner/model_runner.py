@@ -118,7 +118,7 @@ class ModelRunner:
             pairs = to_device(batch.block_copies, self.device, torch.int64)
             self.kv_cache[:, :, pairs[:, 1]] = self.kv_cache[:, :, pairs[:, 0]]  # copy-on-write of partial prefix blocks
         step = self._host_inputs(batch)
-        graph_size = self._graph_size(step)
+        graph_size = self._prepare_graph_step(step)
         if graph_size is None:
             input_ids, positions, metadata, rows = self._device_inputs(step)
         else:
@@ -159,9 +159,10 @@ class ModelRunner:
             max_blocks_per_seq=min(-(-max_model_len // self.block_size), self.num_blocks),
             pad_slot=self.num_blocks * self.block_size, device=self.device, capture=capture, extra_items=extra_items)
 
-    def _graph_size(self, step: StepInputs) -> int | None:
-        """The graph that runs this step, or None (run it eagerly): graphs exist and are on, the
-        step is decode-shaped and small enough, and its attention plan fits the graph's buffers."""
+    def _prepare_graph_step(self, step: StepInputs) -> int | None:
+        """Write the step into the buffers of the graph that runs it and return that graph's size;
+        None (nothing written: run it eagerly) unless graphs exist and are on, the step is
+        decode-shaped and small enough, and its attention plan fits the graph's buffers."""
         graphs = self.decode_graphs
         if graphs is None or not self.use_cuda_graphs or step.max_query_len != 1 or not graphs.usable():
             return None
