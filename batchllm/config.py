@@ -137,8 +137,23 @@ class SharingConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    data_parallel_size: int = 1
+    """Engine processes, each on its own GPU (or tensor-parallel group), each given whole prefix groups."""
+    tensor_parallel_size: int = 1
+    """GPUs (CPU: gloo processes) one engine's model is sharded over, Megatron style."""
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
