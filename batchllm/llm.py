@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from batchllm.attention import TorchReferenceBackend
-from batchllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SharingConfig, default_log_level
+from batchllm.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, SharingConfig,
+                             default_log_level)
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.work_units import build_submission
@@ -28,14 +28,12 @@ from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
 from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, resolve_max_model_len
 from batchllm.models.default_model import default_model_dir
-from batchllm.layers.ops import make_ops, use_triton
-from batchllm.models.loader import build_model
 from batchllm.models.spec import read_model_spec
 from batchllm.output_processor import CompletionState
 from batchllm.prefix import MULTI_LEVEL, PrefixPlan, plan_prefix_sharing
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
-from batchllm.runner.model_runner import ModelRunner, plan_kv_cache
+from batchllm.parallel.tp_worker import build_rank_runner
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("batchllm")
@@ -77,6 +75,8 @@ class LLM:
         prefix_sharing: bool = True,
         plan_mode: str = MULTI_LEVEL,
         group_order: str = "decode",
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
     ) -> None:
         self.config = EngineConfig(
             model=ModelConfig(
@@ -107,6 +107,7 @@ class LLM:
                 async_scheduling=async_scheduling,
             ),
             sharing=SharingConfig(prefix_sharing=prefix_sharing, plan_mode=plan_mode, group_order=group_order),
+            parallel=ParallelConfig(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size),
         )
         self.sharing = self.config.sharing
         """How the next generate call shares prefixes; replace it (dataclasses.replace) to compare."""
@@ -126,28 +127,20 @@ class LLM:
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
 
-        self.model = build_model(
-            self.model_spec,
-            self.model_dir,
-            max_positions=self.max_model_len,
-            dtype=self.dtype,
-            device=self.device,
-            load_format="dummy" if mc.load_format == "dummy" else "safetensors",
-            seed=mc.seed,
-            ops=make_ops(mc.kernels, self.device),
-        )
-        self.kv_spec = plan_kv_cache(self.model_spec, self.config.cache, self.dtype, self.device)
-        self.attention_backend = _attention_backend(mc.attention_backend, self.device)
-        if hasattr(self.attention_backend, "warmup"):
-            spec = self.model_spec
-            self.attention_backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                          self.kv_spec.block_size, self.dtype, self.device)
-        runner = ModelRunner(
-            self.model, self.kv_spec, self.attention_backend, device=self.device, dtype=self.dtype, seed=mc.seed
-        )
-        if self.device.type == "cuda" and not mc.enforce_eager and getattr(self.attention_backend, "supports_decode_graphs", False):
-            max_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
-            runner.setup_decode_graphs(max_batch, self.max_model_len)
+        graphs = self.device.type == "cuda" and not mc.enforce_eager
+        max_graph_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
+        build_args = (mc, self.config.cache, self.model_spec, self.model_dir, self.dtype, self.max_model_len,
+                      max_graph_batch if graphs else None)
+        tp_size = self.config.parallel.tensor_parallel_size
+        tp, self._tp_followers = None, None
+        if tp_size > 1:
+            from batchllm.parallel.tensor_parallel import shard_spec
+            from batchllm.parallel.tp_worker import start_followers
+
+            shard_spec(self.model_spec, tp_size)  # a size that does not divide fails before any process starts
+            tp, self._tp_followers = start_followers(tp_size, build_args, self.device)
+        runner = build_rank_runner(*build_args, device=self.device, tp=tp)
+        self.model, self.kv_spec, self.attention_backend = runner.model, runner.kv_spec, runner.backend
         kv = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
         overlap = self.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
         self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner, async_scheduling=overlap)
@@ -158,6 +151,13 @@ class LLM:
             self.model_dir, self.model_spec.architecture, self.device, self.dtype,
             self.max_model_len, self.kv_spec.num_blocks, self.kv_spec.block_size,
         )
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel follower processes, if any (also at exit: they are daemons that
+        die with this process)."""
+        if getattr(self, "_tp_followers", None) is not None:
+            self._tp_followers.stop(self.engine.executor)
+            self._tp_followers = None
 
     # ------------------------------------------------------------------ public API
     def get_tokenizer(self):
@@ -374,14 +374,6 @@ def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.devic
     if device.type == "cpu":
         return torch.float32
     return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
-
-
-def _attention_backend(name: str, device: torch.device):
-    if not use_triton(name, device, "attention_backend"):
-        return TorchReferenceBackend()
-    from batchllm.attention.triton_backend import TritonBackend
-
-    return TritonBackend()
 
 
 def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:

@@ -3,6 +3,11 @@
 Parameter names equal the Hugging Face checkpoint names, so loading is a name-for-name copy.
 Differences between architectures are `ArchitectureTraits` flags (q/k/v bias, q/k norm), not
 subclasses. Inputs are the tokens of all scheduled sequences back to back: [num_tokens, ...].
+
+Under tensor parallelism (`tp`, see `parallel/tensor_parallel.py`) the model is built from the
+rank's shard spec: its own query/KV heads and intermediate rows (column-parallel q/k/v and gate/up),
+row-parallel o_proj and down_proj, and a vocabulary-parallel embedding and LM head; `spec` is then
+the shard's and `full_spec` the checkpoint's.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.layers.norm import RMSNorm
 from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import RotaryEmbedding, StepRotary
+from batchllm.layers.tp_layers import RowParallelLinear, VocabParallelEmbedding
 from batchllm.models.spec import ModelSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, ops) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp=None) -> None:
         super().__init__()
         t = spec.traits
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -29,7 +35,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=t.qkv_bias)  # q, k and v in one matmul
         self.checkpoint_rows = {"qkv_proj": (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv))}
         """Rows of each merged parameter that a checkpoint tensor (by its module name) loads into."""
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=t.o_bias)
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, h, t.o_bias, tp)
         if t.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, ops)
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, ops)
@@ -59,23 +65,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, ops) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp=None) -> None:
         super().__init__()
         self.ops = ops
         h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
         self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # gate and up in one matmul
         self.checkpoint_rows = {"gate_up_proj": (("gate_proj", 0, i), ("up_proj", i, 2 * i))}
-        self.down_proj = nn.Linear(i, h, bias=b)
+        self.down_proj = RowParallelLinear(i, h, b, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, ops) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp=None) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, ops)
-        self.mlp = MLP(spec, ops)
+        self.self_attn = Attention(spec, ops, tp)
+        self.mlp = MLP(spec, ops, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
 
@@ -92,22 +98,30 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int, ops) -> None:
+    def __init__(self, spec: ModelSpec, max_positions: int, ops, tp=None, vocab_rows: int | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, ops) for _ in range(spec.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(vocab_rows or spec.vocab_size, spec.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(spec, ops, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int, ops=None) -> None:
-        """ops: the elementwise-op policy (`layers/ops.py`); default TorchOps."""
+    def __init__(self, spec: ModelSpec, max_positions: int, ops=None, tp=None) -> None:
+        """ops: the elementwise-op policy (`layers/ops.py`); default TorchOps. tp: this rank's
+        `TPGroup`, or None for the whole model in one process."""
+        from batchllm.parallel.tensor_parallel import local_vocab_size, shard_spec
+
         super().__init__()
-        self.spec = spec
+        self.full_spec = spec
+        self.tp = tp
+        size = 1 if tp is None else tp.size
+        self.spec = spec = shard_spec(spec, size)
+        self.vocab_rows = local_vocab_size(spec.vocab_size, size)
+        """Rows of the vocabulary this rank holds (the last rank's tail past vocab_size is padding)."""
         self.ops = ops or TorchOps()
-        self.model = DecoderBody(spec, max_positions, self.ops)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.model = DecoderBody(spec, max_positions, self.ops, tp, self.vocab_rows)
+        self.lm_head = nn.Linear(spec.hidden_size, self.vocab_rows, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -136,19 +150,60 @@ class DecoderForCausalLM(nn.Module):
             if hasattr(module, "ops"):
                 module.ops = ops
 
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+    def checkpoint_tensors(self) -> dict[str, CheckpointTarget]:
         """Every tensor of a transformers checkpoint, by its name there, mapped to what it loads into:
-        a parameter, or its rows of a merged one (the owning module's `checkpoint_rows`)."""
+        a parameter, or its rows of a merged one (the owning module's `checkpoint_rows`), and which
+        slice of the checkpoint tensor this rank takes (merged rows and the LM head: along dim 0;
+        a module's `tp_shard_dims` for the others; replicated otherwise)."""
+        rank, size = (0, 1) if self.tp is None else (self.tp.rank, self.tp.size)
         tensors = {}
         for name, param in self.named_parameters(remove_duplicate=False):
             owner, _, kind = name.rpartition(".")  # e.g. "model.layers.0.self_attn.qkv_proj", "weight"
             prefix, _, attr = owner.rpartition(".")
             parts = getattr(self.get_submodule(prefix), "checkpoint_rows", {}).get(attr, ())
             for part, start, end in parts:
-                tensors[f"{prefix}.{part}.{kind}"] = param.data[start:end]
+                tensors[f"{prefix}.{part}.{kind}"] = CheckpointTarget(param.data[start:end], 0, rank, size)
             if not parts:
-                tensors[name] = param.data
+                dim = getattr(self.get_submodule(owner), "tp_shard_dims", {}).get(kind)
+                if name == "lm_head.weight":
+                    dim = 0
+                tensors[name] = CheckpointTarget(param.data, dim, rank, size)
         return tensors
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab_size]
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.tp is None:
+            return logits
+        return self.tp.all_gather_last_dim(logits)[:, : self.full_spec.vocab_size]
+
+
+class CheckpointTarget:
+    """Where one checkpoint tensor goes: `tensor` (a parameter or rows of one), and the slice of the
+    checkpoint tensor this rank holds: along `shard_dim` (None: all of it), block `rank` of `size`
+    blocks of tensor.shape[shard_dim] rows; a block past the checkpoint's end (vocabulary padding)
+    is zero-filled."""
+
+    __slots__ = ("tensor", "shard_dim", "rank", "size")
+
+    def __init__(self, tensor: torch.Tensor, shard_dim: int | None, rank: int, size: int) -> None:
+        self.tensor, self.shard_dim, self.rank, self.size = tensor, shard_dim, rank, size
+
+    def full_shape(self, vocab_size: int | None = None) -> tuple[int, ...]:
+        """The checkpoint tensor's shape (vocab_size: the true row count of a padded vocabulary)."""
+        shape = list(self.tensor.shape)
+        if self.shard_dim is not None:
+            shape[self.shard_dim] = vocab_size if vocab_size is not None else shape[self.shard_dim] * self.size
+        return tuple(shape)
+
+    @torch.no_grad()
+    def load(self, full: torch.Tensor) -> None:
+        """Copy this rank's slice of the whole checkpoint tensor `full` into place."""
+        if self.shard_dim is None:
+            self.tensor.copy_(full)
+            return
+        local = self.tensor.shape[self.shard_dim]
+        start = self.rank * local
+        n = max(0, min(local, full.shape[self.shard_dim] - start))
+        self.tensor.narrow(self.shard_dim, 0, n).copy_(full.narrow(self.shard_dim, start, n))
+        if n < local:
+            self.tensor.narrow(self.shard_dim, n, local - n).zero_()

@@ -1,12 +1,16 @@
 """Build a `DecoderForCausalLM` and fill its weights: from *.safetensors, or random ("dummy").
 
 The module is built on the meta device and materialised directly on the target device and dtype,
-so an 8B-parameter shape never exists twice in memory.
+so an 8B-parameter shape never exists twice in memory. Under tensor parallelism each rank reads the
+same files and keeps its slice of each tensor (`CheckpointTarget`); dummy weights are drawn whole
+per checkpoint tensor (seeded by its name) and sliced the same way, so every tensor-parallel size
+builds the same model.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import torch
@@ -30,10 +34,11 @@ def build_model(
     load_format: str,
     seed: int,
     ops=None,
+    tp=None,
 ) -> DecoderForCausalLM:
-    """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps."""
+    """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps; tp: this rank's TPGroup."""
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec, max_positions, ops)
+        model = DecoderForCausalLM(spec, max_positions, ops, tp)
     model = model.to_empty(device=device).to(dtype)
     # The cos/sin table is a buffer, not a weight: compute it for real, in float32.
     model.model.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling).to(device)
@@ -46,18 +51,30 @@ def build_model(
     return model.eval()
 
 
+_VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _full_shape(name: str, target, spec: ModelSpec) -> tuple[int, ...]:
+    return target.full_shape(spec.vocab_size if name in _VOCAB_TENSORS else None)
+
+
 def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
-    """Random weights drawn on the weights' own device (an 8B shape fills in seconds on a GPU)."""
+    """Random weights drawn on the weights' own device (an 8B shape fills in seconds on a GPU): each
+    checkpoint tensor whole, from a generator seeded by (seed, its name), then this rank's slice."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    targets = model.checkpoint_tensors()
+    if model.full_spec.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, target in targets.items():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                target.tensor.fill_(1.0)
             elif name.endswith(".bias"):
-                param.zero_()
+                target.tensor.zero_()
             else:
-                param.normal_(0.0, 0.02, generator=generator)
+                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                full = torch.empty(_full_shape(name, target, model.full_spec), dtype=target.tensor.dtype, device=device)
+                target.load(full.normal_(0.0, 0.02, generator=generator))
 
 
 def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:
@@ -80,20 +97,20 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:
                         raise ModelLoadError(f"{path.name}: unexpected weight {name!r} for {model.spec.architecture}")
                     tensor = f.get_tensor(name)
                     target = params[name]
-                    if tuple(tensor.shape) != tuple(target.shape):
+                    expected = _full_shape(name, target, model.full_spec)
+                    if tuple(tensor.shape) != expected:
                         raise ModelLoadError(
                             f"{path.name}: weight {name!r} has shape {tuple(tensor.shape)}, "
-                            f"config.json implies {tuple(target.shape)}"
+                            f"config.json implies {expected}"
                         )
-                    with torch.no_grad():
-                        target.copy_(tensor)
+                    target.load(tensor)
                     loaded.add(name)
         except ModelLoadError:
             raise
         except Exception as e:  # a truncated or corrupt file: name it
             raise ModelLoadError(f"cannot read weights from {path}: {e}") from e
     missing = set(params) - loaded
-    if model.spec.tie_word_embeddings:
+    if model.full_spec.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
         raise ModelLoadError(f"{str(model_dir)!r} lacks weights: {', '.join(sorted(missing)[:5])}")

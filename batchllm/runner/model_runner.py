@@ -9,6 +9,12 @@ Block tables persist between steps: each request owns a row of `block_table_rows
 written only where the scheduler sends new entries (a whole table after admission or preemption, a
 block every block_size decode steps), so a step gathers its rows instead of rebuilding every
 table. Per-request state is dropped when the scheduler lists the request as finished.
+
+Under tensor parallelism every rank runs a runner over its shard of the model and KV cache. Rank 0
+(the driver) sends each batch to the others through the `StepChannel` before running it, samples,
+and broadcasts the sampled tokens on the device; a follower (`follow`) runs the same batches, takes
+part in the model's collectives, and takes the broadcast tokens as its own for the placeholders of
+the next step. Only rank 0's outputs are read.
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ class KVCacheSpec:
         return self.num_blocks * self.block_size
 
 
-def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> KVCacheSpec:
+def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
+                  tp=None) -> KVCacheSpec:
+    """spec: the model's (a tensor-parallel rank's shard spec: its KV heads); with tp, every rank
+    takes the smallest block count any rank can hold, so their block pools are the same."""
     bytes_per_block = spec.kv_bytes_per_token * cache.block_size * torch.tensor([], dtype=dtype).element_size()
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
@@ -60,6 +69,10 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
         num_blocks = int(max(budget, 0)) // bytes_per_block
     else:
         num_blocks = int(_DEFAULT_CPU_KV_GIB * 2**30) // bytes_per_block
+    if tp is not None:
+        agreed = torch.tensor([num_blocks], dtype=torch.int64)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=tp.host_group)
+        num_blocks = int(agreed.item())
     if num_blocks < 1:
         raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory settings")
     return KVCacheSpec(num_blocks=num_blocks, block_size=cache.block_size, bytes_per_block=bytes_per_block)
@@ -75,8 +88,17 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int,
+        tp=None,
     ) -> None:
+        """tp: this rank's TPGroup (tensor parallelism), None for a single process."""
         self.model = model
+        self.kv_spec = kv_spec
+        self.tp = tp
+        self.channel = None
+        if tp is not None:
+            from batchllm.parallel.step_channel import StepChannel
+
+            self.channel = StepChannel(tp.host_group)
         self.backend = backend
         self.device = device
         self.block_size = kv_spec.block_size
@@ -111,6 +133,8 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it: nothing here reads a
         device value back (host-to-device copies go through pinned memory). A placeholder input
         token is the token its request samples in the step submitted just before this one."""
+        if self.tp is not None and self.tp.is_driver:
+            self.channel.send(batch)
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
             self._tables.drop(request_id)
@@ -134,7 +158,10 @@ class ModelRunner:
             self.num_graph_steps += 1
         sample_rows = step.sample_rows
         ids = [s.request_id for _, s in sample_rows]
-        if sample_rows:
+        if sample_rows and self.tp is not None:
+            sampled = self._sample_tensor_parallel(hidden[rows], sample_rows)
+            self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
+        elif sample_rows:
             logits = self.model.compute_logits(hidden[rows])
             specs = [scheduled.sampling for _, scheduled in sample_rows]
             generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
@@ -148,6 +175,31 @@ class ModelRunner:
             ended.record()
             timeline.append((started, ended))
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device)
+
+    def follow(self) -> None:
+        """A follower's loop: run rank 0's steps until it stops."""
+        while (batch := self.channel.recv()) is not None:
+            self.submit(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def stop_followers(self) -> None:
+        """Rank 0: end the followers' loops."""
+        if self.tp is not None and self.tp.is_driver:
+            self.channel.stop()
+
+    def _sample_tensor_parallel(self, hidden: torch.Tensor, sample_rows: list) -> SampledTokens:
+        """Every rank gathers the logits (the LM head is split by vocabulary); rank 0 samples and
+        broadcasts the tokens, which the followers keep for their next step's placeholders."""
+        logits = self.model.compute_logits(hidden)
+        if self.tp.is_driver:
+            specs = [scheduled.sampling for _, scheduled in sample_rows]
+            generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
+            sampled = sample_on_device(logits, specs, generators, self.default_generator)
+        else:
+            sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
+        self.tp.broadcast(sampled.tokens)
+        return sampled
 
     def setup_decode_graphs(self, max_batch: int, max_model_len: int, *, capture: bool = True,
                             extra_items: int | None = None) -> None:

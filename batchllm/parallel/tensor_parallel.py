@@ -1,0 +1,98 @@
+"""Tensor parallelism (Megatron style) for the Llama-family decoder: the process group and the shapes.
+
+Each of `size` ranks holds 1/size of every layer's query and KV heads (q/k/v column-parallel, by
+head), of the MLP's intermediate rows (gate/up column-parallel), the matching input columns of
+o_proj and down_proj (row-parallel: one all-reduce each per layer), and 1/size of the vocabulary
+(embedding and LM head; the vocabulary is padded up to a multiple of size). Norms and rotary tables
+are replicated. The KV cache of a rank holds its own KV heads only.
+
+A rank's model is the ordinary decoder built from `shard_spec(spec, size)` (its local head counts
+and intermediate size) plus the `TPGroup`, so the runner, the attention backends and the CUDA graphs
+work unchanged on the local shapes.
+
+Two process groups: `device_group` for tensors on the model's device (NCCL on CUDA, gloo on CPU)
+and `host_group` (gloo) for the step messages rank 0 sends (`step_channel.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from batchllm.models.spec import ModelLoadError, ModelSpec
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int
+    size: int
+    device_group: Any
+    """Process group for collectives on the model's device."""
+    host_group: Any
+    """gloo process group for host tensors (the step messages)."""
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 plans, schedules and samples; the others follow its steps."""
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=self.device_group)
+        return tensor
+
+    def all_gather_last_dim(self, local: torch.Tensor) -> torch.Tensor:
+        """[n, k] on each rank -> [n, size * k] (rank r's columns at r*k .. (r+1)*k) on every rank."""
+        n, k = local.shape
+        gathered = torch.empty(self.size * n, k, dtype=local.dtype, device=local.device)  # rank-major
+        dist.all_gather_into_tensor(gathered, local.contiguous(), group=self.device_group)
+        return gathered.view(self.size, n, k).permute(1, 0, 2).reshape(n, self.size * k)
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor into every rank's (same shape and dtype), on the device group."""
+        dist.broadcast(tensor, src=0, group=self.device_group)
+        return tensor
+
+
+def shard_spec(spec: ModelSpec, size: int) -> ModelSpec:
+    """The spec of one rank's shard: local query/KV heads and intermediate size. Raises a
+    ModelLoadError naming the count that does not divide."""
+    if size == 1:
+        return spec
+    for name, value in (("num_attention_heads", spec.num_heads), ("num_key_value_heads", spec.num_kv_heads),
+                        ("intermediate_size", spec.intermediate_size)):
+        if value % size:
+            raise ModelLoadError(
+                f"tensor_parallel_size {size} does not divide the model's {name} ({value}); "
+                f"choose a size that divides {spec.num_heads} query heads, {spec.num_kv_heads} KV heads "
+                f"and intermediate size {spec.intermediate_size}"
+            )
+    return dataclasses.replace(spec, num_heads=spec.num_heads // size, num_kv_heads=spec.num_kv_heads // size,
+                               intermediate_size=spec.intermediate_size // size)
+
+
+def local_vocab_size(vocab_size: int, size: int) -> int:
+    """Vocabulary rows per rank (the last rank's tail past vocab_size is padding)."""
+    return -(-vocab_size // size)
+
+
+def init_tp_group(rank: int, size: int, init_method: str, device: torch.device, timeout_s: float = 1800) -> TPGroup:
+    """Join the tensor-parallel process group (this process's default group) as `rank`."""
+    import datetime
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: off (see the device notes)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=init_method, world_size=size, rank=rank,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    host_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return TPGroup(rank, size, dist.group.WORLD, host_group)
+
+
+def destroy_tp_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,46 @@
+"""Tensor parallelism on CPU (gloo ranks in follower processes): the same greedy tokens as one
+process, and the same logprobs within float32 rounding."""
+
+import pytest
+
+from batchllm import LLM, SamplingParams
+from batchllm.models.spec import ModelLoadError
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[1, 5, 9, 300, 77, 12], [1, 5, 9, 300, 80], [4000, 12, 9], [1, 5, 9, 300, 77, 12, 13, 14, 15]]
+
+
+def _run(model_dir, tp, **kw):
+    llm = LLM(model_dir, dtype="float32", device="cpu", tensor_parallel_size=tp, max_model_len=256, **kw)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+    finally:
+        llm.shutdown()
+
+
+def _assert_same(a, b, tol):
+    for (tokens_a, lp_a), (tokens_b, lp_b) in zip(a, b):
+        assert tokens_a == tokens_b
+        for step_a, step_b in zip(lp_a, lp_b):
+            assert step_a.keys() == step_b.keys()
+            for token in step_a:
+                assert abs(step_a[token].logprob - step_b[token].logprob) < tol
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-untied"])
+def test_two_ranks_match_one_process(tiny_model_factory, name):
+    model_dir = tiny_model_factory(name)
+    _assert_same(_run(model_dir, 1), _run(model_dir, 2), 1e-4)
+
+
+def test_three_ranks_on_smollm2(default_model_dir):
+    # 9 query heads and 3 KV heads: 3 ranks hold 3 and 1 each; the vocabulary splits in three
+    _assert_same(_run(str(default_model_dir), 1), _run(str(default_model_dir), 3), 1e-3)
+
+
+def test_sizes_that_do_not_divide_are_named(tiny_model_factory):
+    with pytest.raises(ModelLoadError, match="num_key_value_heads"):
+        LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=4)
