@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no CUDA graphs (default: decode steps run as graphs on CUDA)")
     e.add_argument("--max-cudagraph-capture-size", type=int, default=512,
                    help="largest decode batch (sequences) with a CUDA graph (default 512)")
+    e.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine processes, one per GPU (or tensor-parallel group), each given whole prefix groups")
+    e.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one engine's model is sharded over")
     _add_sharing_options(run)
     o = run.add_argument_group("output")
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
@@ -189,6 +192,7 @@ def run_command(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager, max_cudagraph_capture_size=args.max_cudagraph_capture_size,
             prefix_sharing=not args.no_prefix_sharing,
             plan_mode=args.plan_mode, group_order=args.group_order,
+            data_parallel_size=args.data_parallel_size, tensor_parallel_size=args.tensor_parallel_size,
         )
     except (ValueError, OSError) as e:
         return _fail(str(e))

@@ -7,12 +7,13 @@ Writer of the per-completion output state (`CompletionState`); the scheduler own
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,15 @@ class LLM:
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(Path(mc.tokenizer or self.model_dir))
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
+        self._request_counter = itertools.count()
+        self.last_stats: dict[str, Any] = {}
+        self._data_parallel = None
+        if self.config.parallel.data_parallel_size > 1:  # this process only plans, partitions and collects
+            from batchllm.parallel.data_parallel import DataParallelEngine
+
+            self.engine, self._tp_followers = None, None
+            self._data_parallel = DataParallelEngine(self.config, self.model_dir, self.device, self.max_model_len)
+            return
 
         graphs = self.device.type == "cuda" and not mc.enforce_eager
         max_graph_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
@@ -144,17 +154,25 @@ class LLM:
         kv = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
         overlap = self.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
         self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner, async_scheduling=overlap)
-        self._request_counter = itertools.count()
-        self.last_stats: dict[str, Any] = {}
         logger.info(
             "model %s (%s) on %s, %s, max_model_len %d, %d KV blocks of %d tokens",
             self.model_dir, self.model_spec.architecture, self.device, self.dtype,
             self.max_model_len, self.kv_spec.num_blocks, self.kv_spec.block_size,
         )
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An engine from a whole EngineConfig (what data-parallel workers receive)."""
+        kwargs = {f.name: getattr(getattr(config, part.name), f.name)
+                  for part in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, part.name))}
+        return cls(kwargs.pop("model"), **kwargs)
+
     def shutdown(self) -> None:
-        """Stop the tensor-parallel follower processes, if any (also at exit: they are daemons that
-        die with this process)."""
+        """Stop the data-parallel workers and tensor-parallel follower processes, if any (also at
+        exit: they are daemons that die with this process)."""
+        if getattr(self, "_data_parallel", None) is not None:
+            self._data_parallel.shutdown()
+            self._data_parallel = None
         if getattr(self, "_tp_followers", None) is not None:
             self._tp_followers.stop(self.engine.executor)
             self._tp_followers = None
@@ -226,100 +244,138 @@ class LLM:
         *,
         use_tqdm: bool = True,
         progress_desc: str = "Processed prompts",
+        refill: Callable[[], tuple[Sequence[TokenizedPrompt], Sequence[SamplingParams]] | None] | None = None,
     ) -> Iterator[tuple[int, RequestOutput]]:
-        """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes."""
-        call_id = next(self._request_counter)
-        states: dict[str, tuple[int, CompletionState]] = {}
-        pending: dict[int, list[CompletionState]] = {}
+        """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes.
+
+        refill: called whenever every submitted unit has been admitted (nothing waits); it returns
+        more prompts and params, numbered after those before, or None when there are no more (it is
+        then not called again). Data-parallel workers pull shared work this way."""
+        if self._data_parallel is not None:
+            yield from self._data_parallel.generate(prompts, params, self.sharing, use_tqdm=use_tqdm,
+                                                    progress_desc=progress_desc)
+            self.last_stats = self._data_parallel.last_stats
+            return
+        run = _GenerationRun(self, next(self._request_counter))
+        run.submit(prompts, params)
+        stats_before = _snapshot(self.engine)
+        started = time.perf_counter()
+        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        with _quiet_gc():
+            try:
+                while True:
+                    if refill is not None and not self.engine.scheduler.waiting:
+                        more = refill()
+                        if more is None:
+                            refill = None
+                        else:
+                            run.submit(*more)
+                            bar.total += len(more[0])
+                    if not self.engine.has_unfinished():
+                        break
+                    for finished in run.record(self.engine.step()):
+                        bar.update(1)
+                        yield finished
+                    if use_tqdm:
+                        elapsed = time.perf_counter() - started
+                        bar.set_postfix_str(f"out {run.output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+            finally:
+                bar.close()
+                run.abort_unfinished()
+                self.last_stats = run.stats(stats_before, time.perf_counter() - started)
+
+
+class _GenerationRun:
+    """One `iter_generate` call: its requests, their completion states, and its plan statistics.
+    Writer of the completion states; the scheduler owns the requests once submitted."""
+
+    def __init__(self, llm: LLM, call_id: int) -> None:
+        self.llm, self.engine, self.call_id = llm, llm.engine, call_id
+        self.states: dict[str, tuple[int, CompletionState]] = {}
+        self.pending: dict[int, list[CompletionState]] = {}
+        self.prompts: list[TokenizedPrompt] = []
+        self.num_requests = self.prompt_tokens = self.output_tokens = 0
+        self.plan_seconds = 0.0
+        self.plan_summaries: list[dict] = []
+
+    def submit(self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams]) -> None:
+        """Plan these prompts' sharing among themselves and hand them to the engine."""
+        first = len(self.prompts)
+        self.prompts.extend(prompts)
         requests: list[Request] = []
-        for index, (prompt, sp) in enumerate(zip(prompts, params)):
+        for index, (prompt, sp) in enumerate(zip(prompts, params), start=first):
             children = []
             for k in range(sp.n):
                 child_params = sp if sp.n == 1 else sp.for_child(k)
-                request = Request(
-                    request_id=f"{call_id}-{index}-{k}",
-                    prompt_token_ids=prompt.token_ids,
-                    sampling_params=child_params,
-                    eos_token_ids=self.eos_token_ids,
-                    arrival_index=index,
-                )
+                request = Request(request_id=f"{self.call_id}-{index}-{k}", prompt_token_ids=prompt.token_ids,
+                                  sampling_params=child_params, eos_token_ids=self.llm.eos_token_ids,
+                                  arrival_index=index)
                 requests.append(request)
-                state = CompletionState(k, child_params, self.tokenizer)
-                states[request.request_id] = (index, state)
+                state = CompletionState(k, child_params, self.llm.tokenizer)
+                self.states[request.request_id] = (index, state)
                 children.append(state)
-            pending[index] = children
-
-        plan_started = time.perf_counter()
+            self.pending[index] = children
+        started = time.perf_counter()
         prompt_ids = [r.prompt_token_ids for r in requests]
-        sharing = self.sharing
+        sharing = self.llm.sharing
         if sharing.prefix_sharing:
             plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode)
         else:
             plan = PrefixPlan.without_sharing([len(p) for p in prompt_ids], sharing.plan_mode)
-        max_len = self.max_model_len
-        submission = build_submission(
-            plan, requests, GROUP_ORDERS[sharing.group_order](),
-            lambda r: expected_output_tokens(r, max_len), id_prefix=f"{call_id}-",
-        )
-        plan_seconds = time.perf_counter() - plan_started
+        max_len = self.llm.max_model_len
+        submission = build_submission(plan, requests, GROUP_ORDERS[sharing.group_order](),
+                                      lambda r: expected_output_tokens(r, max_len),
+                                      id_prefix=f"{self.call_id}-{len(self.plan_summaries)}-")
+        self.plan_seconds += time.perf_counter() - started
+        self.plan_summaries.append(plan.summary())
+        self.num_requests += len(requests)
+        self.prompt_tokens += plan.prompt_tokens
         for request in submission:
             self.engine.add_request(request)
 
-        stats_before = _snapshot(self.engine)
-        started = time.perf_counter()
-        prompt_tokens = plan.prompt_tokens
-        output_tokens = 0
-        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
-        with _quiet_gc():
-            try:
-                while self.engine.has_unfinished():
-                    updates = self.engine.step()
-                    output_tokens += len(updates)
-                    for update in updates:
-                        index, state = states[update.request_id]
-                        matched = state.append(update.new_token_id, update.logprobs)
-                        if matched is not None:
-                            if update.finish_reason is None:
-                                self.engine.finish_requests([update.request_id], "stop", matched)
-                            state.finish("stop", matched)
-                        elif update.finish_reason is not None:
-                            state.finish(update.finish_reason, update.stop_reason)
-                        else:
-                            continue
-                        del states[update.request_id]
-                        children = pending[index]
-                        if all(c.finish_reason is not None for c in children):
-                            del pending[index]
-                            bar.update(1)
-                            yield index, RequestOutput(
-                                request_id=f"{call_id}-{index}",
-                                prompt=prompts[index].text,
-                                prompt_token_ids=prompts[index].token_ids,
-                                outputs=[c.to_output() for c in children],
-                            )
-                    if use_tqdm:
-                        elapsed = time.perf_counter() - started
-                        bar.set_postfix_str(f"out {output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
-            finally:
-                bar.close()
-                if states:  # the caller stopped early or a step failed: leave the engine clean for next time
-                    self.engine.finish_requests(list(states), "abort")
-                    _drain_quietly(self.engine)
-                self.last_stats = _stats_since(
-                    self.engine, stats_before, time.perf_counter() - started,
-                    num_requests=len(requests), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                )
-                summary = plan.summary()
-                self.last_stats.update(
-                    prefix_sharing=sharing.prefix_sharing,
-                    plan_mode=sharing.plan_mode,
-                    group_order=sharing.group_order,
-                    num_groups=summary["num_groups"],
-                    mean_sharing_degree=summary["mean_sharing_degree"],
-                    max_sharing_degree=summary["max_sharing_degree"],
-                    planned_prefill_tokens=summary["prefill_tokens"],
-                    plan_seconds=plan_seconds,
-                )
+    def record(self, updates) -> Iterator[tuple[int, RequestOutput]]:
+        """Apply one step's token updates; yield each prompt whose completions all finished."""
+        self.output_tokens += len(updates)
+        for update in updates:
+            index, state = self.states[update.request_id]
+            matched = state.append(update.new_token_id, update.logprobs)
+            if matched is not None:
+                if update.finish_reason is None:
+                    self.engine.finish_requests([update.request_id], "stop", matched)
+                state.finish("stop", matched)
+            elif update.finish_reason is not None:
+                state.finish(update.finish_reason, update.stop_reason)
+            else:
+                continue
+            del self.states[update.request_id]
+            children = self.pending[index]
+            if all(c.finish_reason is not None for c in children):
+                del self.pending[index]
+                prompt = self.prompts[index]
+                yield index, RequestOutput(request_id=f"{self.call_id}-{index}", prompt=prompt.text,
+                                           prompt_token_ids=prompt.token_ids,
+                                           outputs=[c.to_output() for c in children])
+
+    def abort_unfinished(self) -> None:
+        """The caller stopped early or a step failed: leave the engine clean for the next call."""
+        if self.states:
+            self.engine.finish_requests(list(self.states), "abort")
+            _drain_quietly(self.engine)
+
+    def stats(self, before: tuple, wall_s: float) -> dict[str, Any]:
+        stats = _stats_since(self.engine, before, wall_s, num_requests=self.num_requests,
+                             prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens)
+        summaries = self.plan_summaries
+        sharing = self.llm.sharing
+        stats.update(
+            prefix_sharing=sharing.prefix_sharing, plan_mode=sharing.plan_mode, group_order=sharing.group_order,
+            num_groups=sum(s["num_groups"] for s in summaries),
+            mean_sharing_degree=self.num_requests / max(1, sum(s["num_groups"] + s["num_ungrouped"] for s in summaries)),
+            max_sharing_degree=max((s["max_sharing_degree"] for s in summaries), default=0),
+            planned_prefill_tokens=sum(s["prefill_tokens"] for s in summaries),
+            plan_seconds=self.plan_seconds,
+        )
+        return stats
 
 
 # ---------------------------------------------------------------------- helpers

@@ -1,0 +1,275 @@
+"""Data parallelism inside a node: one engine process per GPU (or per tensor-parallel group).
+
+The parent (the `LLM` the user holds) tokenizes and validates the input, plans prefix sharing over
+the whole batch once, partitions the plan (`partition.py`: whole groups per rank, balanced by cost,
+a tail queue of cheap shards), and collects results: it stays the only writer of whatever the
+caller writes. Workers never talk to each other, so one finishing early cannot hang the rest.
+
+Process layout and what crosses (all through multiprocessing queues, pickled; nothing per step):
+  parent -> rank r   (its task queue): ("job", job id, SharingConfig, pinned items) or None (exit)
+  parent -> any rank (shared queue):   (job id, items) for each tail shard, then (job id, None) x ranks
+  rank r -> parent   (result queue):   ("ready", r, info) | ("result", r, job, [(index, RequestOutput)])
+                                        | ("done", r, job, stats) | ("error", r, message)
+where an item is (global prompt index, token ids as an int32 array, SamplingParams). A worker pulls
+a tail shard whenever its engine has admitted everything it holds (`LLM.iter_generate(refill=...)`).
+
+A worker that dies (killed, OOM, CUDA error) ends the job with `WorkerDied` once the other ranks
+have finished their work (their results are yielded first); the engine is then closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from batchllm.config import EngineConfig, SharingConfig
+from batchllm.core.policies import UNBOUNDED_OUTPUT_ESTIMATE
+from batchllm.parallel.partition import Partition, Shard, partition_plan
+from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerDied(RuntimeError):
+    """A data-parallel worker ended before its work was done; the message names it and the cause."""
+
+
+class DataParallelEngine:
+    """The parent's side: starts and supervises `data_parallel_size` worker processes, each a full
+    engine (`LLM`) on its own device(s), and runs `generate` calls over them."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int,
+                 start_timeout_s: float = 1800.0) -> None:
+        self.size = config.parallel.data_parallel_size
+        self.max_model_len = max_model_len
+        tp = config.parallel.tensor_parallel_size
+        if device.type == "cuda":
+            base = device.index or 0
+            needed = base + self.size * tp
+            if torch.cuda.device_count() < needed:
+                raise ValueError(f"data_parallel_size {self.size} x tensor_parallel_size {tp} needs GPUs "
+                                 f"{base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.shared = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(self.size)]
+        self.processes = []
+        for rank in range(self.size):
+            rank_device = str(device) if device.type != "cuda" else f"cuda:{(device.index or 0) + rank * tp}"
+            worker_config = dataclasses.replace(
+                config,
+                model=dataclasses.replace(config.model, model=str(model_dir), device=rank_device),
+                parallel=dataclasses.replace(config.parallel, data_parallel_size=1),
+            )
+            p = ctx.Process(target=_worker_main, name=f"batchllm-dp{rank}", daemon=True,
+                            args=(rank, self.size, worker_config, self.tasks[rank], self.shared, self.results))
+            p.start()
+            self.processes.append(p)
+        self.closed: str | None = None
+        """Why the engine can no longer run jobs (a worker died), or None."""
+        self._job = 0
+        self.last_stats: dict[str, Any] = {}
+        self.worker_info = self._wait_ready(start_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> list[dict]:
+        info: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(info) < self.size:
+            try:
+                kind, rank, payload = self.results.get(timeout=1.0)[:3]
+            except queue.Empty:
+                dead = self._dead_ranks(set(info))
+                if dead or time.monotonic() > deadline:
+                    self.shutdown()
+                    raise WorkerDied(f"data-parallel worker(s) {sorted(dead)} exited while starting "
+                                     f"(exit codes {[self.processes[r].exitcode for r in sorted(dead)]})"
+                                     if dead else f"data-parallel workers did not start within {timeout_s:.0f} s")
+                continue
+            if kind == "error":
+                self.shutdown()
+                raise WorkerDied(f"data-parallel worker {rank} could not start: {payload}")
+            info[rank] = payload
+        return [info[r] for r in range(self.size)]
+
+    def _dead_ranks(self, exclude: set[int]) -> set[int]:
+        return {r for r, p in enumerate(self.processes) if r not in exclude and not p.is_alive()}
+
+    def generate(self, prompts: Sequence, params: Sequence, sharing: SharingConfig, *, use_tqdm: bool = True,
+                 progress_desc: str = "Processed prompts") -> Iterator[tuple[int, Any]]:
+        """Plan, partition and run one batch over the workers; yield (prompt index, RequestOutput)
+        as results arrive (any order)."""
+        if self.closed:
+            raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
+        started = time.perf_counter()
+        partition = self._partition(prompts, params, sharing)
+        plan_seconds = time.perf_counter() - started
+        self._job += 1
+        job = self._job
+        items = lambda shards: [(i, prompts[i].token_ids, params[i]) for s in shards for i in s.prompts]  # noqa: E731
+        for shard in partition.queue:
+            self.shared.put((job, items([shard])))
+        for _ in range(self.size):
+            self.shared.put((job, None))
+        for rank in range(self.size):
+            self.tasks[rank].put(("job", job, sharing, items(partition.pinned[rank])))
+        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            rank_stats = yield from self._collect(job, bar, started)
+        finally:
+            bar.close()
+        self.last_stats = _job_stats(rank_stats, partition, sharing, time.perf_counter() - started, plan_seconds)
+
+    def _partition(self, prompts: Sequence, params: Sequence, sharing: SharingConfig) -> Partition:
+        ids = [p.token_ids for p in prompts]
+        if sharing.prefix_sharing:
+            plan = plan_prefix_sharing(ids, mode=sharing.plan_mode)
+        else:
+            plan = PrefixPlan.without_sharing([len(p) for p in ids], sharing.plan_mode)
+        expected = [sp.n * max(0, min(self.max_model_len - len(p), sp.max_tokens or UNBOUNDED_OUTPUT_ESTIMATE))
+                    for p, sp in zip(ids, params)]
+        return partition_plan(plan, expected, self.size)
+
+    def _collect(self, job: int, bar, started: float):
+        """Yield results until every rank is done or dead; returns the ranks' stats."""
+        stats: dict[int, dict] = {}
+        failed: dict[int, str] = {}
+        while len(stats) + len(failed) < self.size:
+            try:
+                message = self.results.get(timeout=0.5)
+            except queue.Empty:
+                for rank in self._dead_ranks(set(stats) | set(failed)):
+                    failed[rank] = _exit_description(self.processes[rank].exitcode)
+                continue
+            kind, rank = message[0], message[1]
+            if kind == "result" and message[2] == job:
+                for index, output in message[3]:
+                    bar.update(1)
+                    yield index, output
+            elif kind == "done" and message[2] == job:
+                stats[rank] = {**message[3], "rank": rank, "finish_s": time.perf_counter() - started}
+            elif kind == "error":
+                failed[rank] = message[2]
+        if failed:
+            reasons = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
+            self.closed = f"data-parallel worker(s) failed ({reasons})"
+            self.shutdown()
+            raise WorkerDied(f"{self.closed}; the other ranks' finished results were returned, "
+                             "the failed ranks' unfinished requests were not (run the same job again to resume)")
+        return [stats[r] for r in range(self.size)]
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        for rank, p in enumerate(self.processes):
+            if p.is_alive():
+                try:
+                    self.tasks[rank].put(None)
+                except (OSError, ValueError):
+                    pass
+        for p in self.processes:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self.processes = [p for p in self.processes if p.is_alive()]
+        self.closed = self.closed or "shut down"
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, wall_s: float,
+               plan_seconds: float) -> dict[str, Any]:
+    prompt_tokens = sum(r["prompt_tokens"] for r in ranks)
+    prefill = sum(r["prefill_tokens_computed"] for r in ranks)
+    output_tokens = sum(r["output_tokens"] for r in ranks)
+    finish = [r["finish_s"] for r in ranks]
+    keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
+            "wall_s", "finish_s")
+    return {
+        "num_requests": sum(r["num_requests"] for r in ranks),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "prefill_tokens_computed": prefill,
+        "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
+        "num_steps": sum(r["num_steps"] for r in ranks),
+        "wall_s": wall_s,
+        "output_tokens_per_s": output_tokens / wall_s if wall_s > 0 else 0.0,
+        "plan_seconds": plan_seconds,
+        "prefix_sharing": sharing.prefix_sharing, "plan_mode": sharing.plan_mode, "group_order": sharing.group_order,
+        "data_parallel_size": len(ranks),
+        "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
+        "duplicated_prefill_tokens": partition.duplicated_prefill_tokens,
+        "num_split_groups": partition.num_split_groups,
+        "ranks": [{k: r.get(k) for k in keys} for r in ranks],
+    }
+
+
+# ---------------------------------------------------------------------------------------- worker side
+def _worker_main(rank: int, size: int, config: EngineConfig, tasks, shared, results) -> None:
+    from batchllm.parallel.tp_worker import _die_with_parent
+
+    _die_with_parent()
+    if config.model.device == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
+    try:
+        from batchllm.llm import LLM
+
+        llm = LLM.from_config(config)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
+        results.put(("error", rank, f"{type(e).__name__}: {e}"))
+        return
+    results.put(("ready", rank, {"kv_blocks": llm.kv_spec.num_blocks, "device": str(llm.device)}))
+    try:
+        while (task := tasks.get()) is not None:
+            _, job, sharing, items = task
+            llm.sharing = sharing
+            results.put(("done", rank, job, _run_job(llm, rank, job, items, shared, results)))
+    except BaseException:  # noqa: BLE001
+        results.put(("error", rank, traceback.format_exc(limit=8)))
+    finally:
+        llm.shutdown()
+
+
+def _run_job(llm, rank: int, job: int, items: list, shared, results) -> dict:
+    from batchllm.inputs import TokenizedPrompt
+
+    index_of: list[int] = []
+
+    def unpack(batch: list) -> tuple[list, list]:
+        index_of.extend(i for i, _, _ in batch)
+        return [TokenizedPrompt(ids, None) for _, ids, _ in batch], [sp for _, _, sp in batch]
+
+    def pull() -> tuple[list, list] | None:
+        while True:
+            pulled_job, batch = shared.get()
+            if pulled_job != job:
+                continue  # left over from an earlier job that failed
+            return None if batch is None else unpack(batch)
+
+    first = unpack(items) if items else pull()
+    if first is None:
+        return {"num_requests": 0, "prompt_tokens": 0, "prefill_tokens_computed": 0, "output_tokens": 0,
+                "num_steps": 0, "wall_s": 0.0}
+    for local, output in llm.iter_generate(*first, use_tqdm=False, refill=pull):
+        results.put(("result", rank, job, [(index_of[local], output)]))
+    return dict(llm.last_stats)

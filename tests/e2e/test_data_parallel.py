@@ -1,0 +1,93 @@
+"""Data parallelism on CPU: two worker processes give the same greedy outputs as one engine; a
+killed worker fails the job by name after the others' results came back; the CLI resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from batchllm import LLM, SamplingParams
+from batchllm.parallel.data_parallel import WorkerDied
+
+pytestmark = pytest.mark.slow
+
+SYSTEMS = ["You are a terse assistant.", "You answer in French.", "You are a pirate."]
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hi.", "What is the capital of Italy?"]
+
+
+def _chats():
+    return [[{"role": "system", "content": s}, {"role": "user", "content": q}] for s in SYSTEMS for q in QUESTIONS]
+
+
+def test_two_workers_match_one_engine(default_llm, default_model_dir):
+    params = SamplingParams(temperature=0, max_tokens=8)
+    expected = [o.outputs[0].token_ids for o in default_llm.chat(_chats(), params, use_tqdm=False)]
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=2048, data_parallel_size=2)
+    try:
+        outs = llm.chat(_chats(), params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        stats = llm.last_stats
+        assert stats["data_parallel_size"] == 2 and sum(r["num_requests"] for r in stats["ranks"]) == len(expected)
+        assert all(r["num_requests"] > 0 for r in stats["ranks"])  # both ranks worked
+        # the chat header all prompts share is one group, split over the two ranks: only it is computed
+        # twice; each system prompt's own group stays on one rank
+        assert stats["num_split_groups"] == 1 and 0 < stats["duplicated_prefill_tokens"] < 20
+        # a second call reuses the same workers
+        again = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        assert again[0].outputs[0].text == default_llm.generate(
+            ["The capital of France is"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].text
+    finally:
+        llm.shutdown()
+
+
+def test_a_killed_worker_fails_the_job_by_name_after_the_others_finish(default_model_dir):
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=2048, data_parallel_size=2)
+    try:
+        victim = llm._data_parallel.processes[1]
+        got = []
+        with pytest.raises(WorkerDied, match="rank 1: killed by SIGKILL"):
+            for i, (index, _) in enumerate(llm._data_parallel.generate(
+                    [llm.tokenize_prompt(c) for c in
+                     [llm.apply_chat_template(c) for c in _chats()]],
+                    [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 12, llm.sharing, use_tqdm=False)):
+                got.append(index)
+                if i == 0:
+                    os.kill(victim.pid, signal.SIGKILL)
+        assert got  # results that came back are kept
+        with pytest.raises(WorkerDied, match="closed"):
+            llm.generate(["hi"], SamplingParams(max_tokens=1), use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def test_cli_resumes_after_the_parent_is_killed(tmp_path, default_model_dir):
+    lines = [{"id": f"q{i}", "messages": c, "max_tokens": 6, "temperature": 0} for i, c in enumerate(_chats())]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--model", str(default_model_dir),
+           "--device", "cpu", "--data-parallel-size", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # kill the parent once the first record is on disk (or when it has finished anyway)
+    def watch():
+        while proc.poll() is None:
+            if out.exists() and out.read_text().count("\n") >= 1:
+                proc.kill()
+                return
+    t = threading.Thread(target=watch)
+    t.start()
+    proc.wait(600)
+    t.join()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(x["id"] for x in lines)  # each line exactly once
+    single = subprocess.run([*cmd[:6], str(tmp_path / "single.jsonl"), *cmd[7:-3], "--no-progress"],
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr
+    by_id = {r["id"]: r["token_ids"] for r in map(json.loads, (tmp_path / "single.jsonl").read_text().splitlines())}
+    assert {r["id"]: r["token_ids"] for r in records} == by_id
