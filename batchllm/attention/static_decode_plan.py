@@ -31,8 +31,9 @@ class StaticDecodePlan:
     padding row of a step smaller than the graph gets a one-query item over no keys, so its
     attention output is 0, not whatever the buffer held (padding rows stay finite).
 
-    Invariant: after `fill(...)` returned True for a batch of n <= size sequences, the launches of
-    `launch_plan(size)` compute exactly what `TritonBackend.forward` would for that step."""
+    Invariant: after `fill(...)` returned True for a batch of n <= size sequences, the launches
+    `install(metadata, size)` put in `metadata` compute exactly what `TritonBackend.forward` would
+    for that step."""
 
     def __init__(self, backend: TritonBackend, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device, extra_items: int | None = None) -> None:
@@ -72,19 +73,16 @@ class StaticDecodePlan:
     def single_capacity(self, batch: int) -> int:
         return batch + self.extra
 
-    def launch_plan(self, size: int) -> LaunchPlan:
-        """The plan a captured step of `size` sequences launches (fixed grids, counts on the device)."""
+    def install(self, metadata: AttentionMetadata, size: int) -> None:
+        """Make `metadata`'s steps launch this plan as the graph of `size` sequences does (fixed grids,
+        counts on the device)."""
         prefix_count, single_count, merge_count = launch_counts(self.tensors["counts"])
-        return LaunchPlan(
+        metadata.backend_cache[plan_key(self.group_pad)] = LaunchPlan(
             items=None, tensors=self.tensors, part_out=self.part_out, part_lse=self.part_lse,
             launches=[Launch(0, self.prefix_capacity(size), self.wide, DECODE_TILE, prefix_count),
                       Launch(self.prefix_section, self.single_capacity(size), 1, DECODE_TILE, single_count)],
             merge_grid=size, merge_count=merge_count,
         )
-
-    def install(self, metadata: AttentionMetadata, size: int) -> None:
-        """Make `metadata`'s steps launch this plan (for capturing the graph of `size` sequences)."""
-        metadata.backend_cache[plan_key(self.group_pad)] = self.launch_plan(size)
 
     def fill(self, query_start_loc: list[int], seq_lens: list[int], share_levels, size: int) -> bool:
         """Plan a decode step (every query_start_loc gap is 1) and copy the plan into the buffer, for
