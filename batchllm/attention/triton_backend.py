@@ -14,7 +14,8 @@ device and programs past it return, so a CUDA graph can launch a fixed grid over
 before every replay (`static_decode_plan.StaticDecodePlan`).
 
 Importable without Triton (the planning half, `_plan` and its `LaunchPlan`, runs on any CPU); the
-kernels exist where Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to `attention_backend`.
+kernels exist where Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to
+`attention_backend`.
 """
 
 from __future__ import annotations
