@@ -71,14 +71,12 @@ def versus_reference(specs, label):
 
 
 def shared_versus_plain(specs, label, **options):
-    """The default (split launches) against plain paged attention, and the other launch modes."""
+    """Prefix-shared attention against plain paged attention."""
     case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
     t_plain = time_ms(TritonBackend(use_prefix_groups=False), case)
-    modes = {m: time_ms(TritonBackend(group_launch=m, **options), case) for m in TritonBackend.LAUNCH_MODES}
-    report({"case": label, "prefix_shared_ms": round(modes["split"], 4), "plain_paged_ms": round(t_plain, 4),
-            "speedup": round(t_plain / modes["split"], 2),
-            **{f"{m}_ms": round(t, 4) for m, t in modes.items() if m != "split"},
-            "plan_cpu_ms": round(plan_ms(case, TritonBackend()), 3)})
+    t_shared = time_ms(TritonBackend(**options), case)
+    report({"case": label, "prefix_shared_ms": round(t_shared, 4), "plain_paged_ms": round(t_plain, 4),
+            "speedup": round(t_plain / t_shared, 2), "plan_cpu_ms": round(plan_ms(case, TritonBackend()), 3)})
 
 
 def split_versus_whole(specs, label):
@@ -166,10 +164,9 @@ if __name__ == "__main__":
     for specs, label in [(group_decode(64, 4000, 100), "4000-token prefix shared by 64, +100 own"),
                          (degree16(1024, 2000, 200), "2000/200 degree 16, 1024 requests")]:
         case = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
-        for mode in TritonBackend.LAUNCH_MODES:
-            report({"case": f"split-K length sweep, {mode} launch: {label}",
-                    **{f"split_{n}_ms": round(time_ms(TritonBackend(group_launch=mode, split_len=n), case), 4)
-                       for n in (512, 1024, 2048, NO_SPLIT)}})
+        report({"case": f"split-K length sweep: {label}",
+                **{f"split_{n}_ms": round(time_ms(TritonBackend(split_len=n), case), 4)
+                   for n in (512, 1024, 2048, NO_SPLIT)}})
     split_versus_whole([(16000, 1)] * 16, "decode 16 x 16000 ctx")
     split_versus_whole([(16000, 1)] * 64, "decode 64 x 16000 ctx")
     split_versus_whole([(4000, 1)] * 64, "decode 64 x 4000 ctx")

@@ -11,24 +11,25 @@ online softmax in fp32 (exp2, log2(e) folded into the scale), masking keys after
 position (causal). Items whose keys are split write partials (fp32 output and log2-sum-exp); a
 second small kernel merges them with log-sum-exp weights. Each launch reads its item count from the
 device and programs past it return, so a CUDA graph can launch a fixed grid over a plan rewritten
-before every replay (`StaticDecodePlan`).
+before every replay (`static_decode_plan.StaticDecodePlan`).
 
-Importable without Triton (the planning half, `_plan`, runs on any CPU); the kernels exist where
-Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to `attention_backend`.
+Importable without Triton (the planning half, `_plan` and its `LaunchPlan`, runs on any CPU); the
+kernels exist where Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to
+`attention_backend`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
-from batchllm.attention.work_items import (
-    MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, TARGET_PROGRAMS, WorkItems, plan_work_items,
-)
-from batchllm.layers.transfer import aligned_offsets, copy_into, to_device_packed
+from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, WorkItems, plan_work_items
+from batchllm.layers.transfer import to_device_packed
 
 try:
     import triton
@@ -199,8 +200,44 @@ if triton is not None:
         tl.store(Out + tok * stride_ot + h[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
+@dataclass(frozen=True)
+class TileConfig:
+    """How a launch's programs walk their keys: BLOCK_N keys per tile, warps, pipeline stages."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of the item kernel: programs 0 .. grid - 1 (per KV head) take items item_offset +
+    program; each takes up to `block_q` queries; programs at or past `count` (on the device) return."""
+
+    item_offset: int
+    grid: int
+    block_q: int
+    tile: TileConfig
+    count: torch.Tensor  # [1] int32, 16-byte aligned
+
+
+@dataclass
+class LaunchPlan:
+    """A step's launches and what they read and write: the device item arrays (`tensors`, by
+    `PLAN_FIELDS` name), the partial buffers, and the merge (`merge_grid` programs, 0: none, at or
+    past `merge_count` return). `items` is the host plan (None in a static decode plan)."""
+
+    items: WorkItems | None
+    tensors: dict[str, torch.Tensor]
+    launches: list[Launch]
+    merge_grid: int
+    merge_count: torch.Tensor  # [1] int32, 16-byte aligned
+    part_out: torch.Tensor  # [num_partials, num_heads, head_dim] float32
+    part_lse: torch.Tensor  # [num_partials, num_heads] float32
+
+
 SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fits any supported row width
-DECODE_TILE = (64, 4, 2)  # keys per tile, warps, pipeline stages of programs with one query per sequence
+DECODE_TILE = TileConfig(64, 4, 2)  # of the programs with one query per sequence (prefix and one-query items)
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
 COUNT_SLOT = 4
@@ -219,6 +256,16 @@ def queries_per_program(rows: int, group_pad: int) -> int:
     return max(1, rows // group_pad)
 
 
+def launch_counts(counts: torch.Tensor) -> list[torch.Tensor]:
+    """The count of each launch (and last, the merge's) in a device array of COUNT_SLOT slots."""
+    return [counts[i:i + 1] for i in range(0, len(counts), COUNT_SLOT)]
+
+
+def plan_key(group_pad: int) -> tuple:
+    """Where a step's plan lives in `AttentionMetadata.backend_cache`."""
+    return ("triton_items", group_pad)
+
+
 class TritonBackend:
     """Paged attention in one Triton kernel per layer (plus the KV store, plus one small merge kernel
     in steps where some token's keys are split over several work items: prefix groups, split-K)."""
@@ -227,23 +274,14 @@ class TritonBackend:
     supports_decode_graphs = True
     """Decode steps can run as CUDA graphs over a `StaticDecodePlan`."""
 
-    LAUNCH_MODES = ("split", "fused", "narrow")
-
-    def __init__(self, use_prefix_groups: bool = True, group_launch: str = "split",
-                 prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3), **plan_options) -> None:
+    def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3),
+                 **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
-        group_launch, in decode steps with prefix groups: "split" runs the prefix items (64-row
-        programs: 64 / GQA-group members each) and the one-token suffix items (16-row programs) in
-        two launches; "fused" runs both in one launch of 64-row programs; "narrow" in one launch of
-        16-row programs (fewer members per prefix item). prefill_launch: (rows per program, keys per
-        tile, warps, pipeline stages) of the programs that run prefill chunks (one-query items and
-        prefix items use 16 or 64 rows and DECODE_TILE); the default won an H200 sweep
-        (`attention_bench.py --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long
-        chunks). plan_options go to `plan_work_items` (split_len, min_members, min_shared)."""
-        if group_launch not in self.LAUNCH_MODES:
-            raise ValueError(f"group_launch must be one of {self.LAUNCH_MODES}, not {group_launch!r}")
+        prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
+        that run prefill chunks; the default won an H200 sweep (`attention_bench.py
+        --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks). plan_options go to
+        `plan_work_items` (split_len, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
-        self.group_launch = group_launch
         self.prefill_launch = prefill_launch
         self.plan_options = plan_options
 
@@ -263,31 +301,30 @@ class TritonBackend:
         group_pad = next_power_of_2(group)
         plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size())
         out = torch.empty_like(query)
-        part_out, part_lse = plan["part_out"], plan["part_lse"]
+        part_out, part_lse = plan.part_out, plan.part_lse
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        t = plan["tensors"]
-        for item_offset, grid, block_q, (block_n, num_warps, num_stages), count in plan["launches"]:
-            _paged_attention_kernel[(grid, num_kv_heads)](
+        t = plan.tensors
+        for launch in plan.launches:
+            _paged_attention_kernel[(launch.grid, num_kv_heads)](
                 query, k_cache, v_cache, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
-                t["q_tokens"], t["q_pos"], count,
+                t["q_tokens"], t["q_pos"], launch.count,
                 scale * math.log2(math.e),
                 query.stride(0), query.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                 v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                 out.stride(0), out.stride(1),
                 part_out.stride(0), part_out.stride(1), part_lse.stride(0),
-                metadata.block_tables.stride(0), item_offset,
+                metadata.block_tables.stride(0), launch.item_offset,
                 BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-                HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_Q=block_q,
-                BLOCK_M=max(16, block_q * group_pad), BLOCK_N=block_n,
+                HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_Q=launch.block_q,
+                BLOCK_M=max(16, launch.block_q * group_pad), BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-                num_warps=num_warps, num_stages=num_stages,
+                num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
-        if plan["merge"] is not None:
-            grid, count = plan["merge"]
-            _merge_partials_kernel[(grid,)](
-                out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"], count,
+        if plan.merge_grid:
+            _merge_partials_kernel[(plan.merge_grid,)](
+                out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"], plan.merge_count,
                 out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
                 NUM_HEADS=num_heads, HEADS_PAD=next_power_of_2(num_heads), HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=next_power_of_2(head_dim), num_warps=4,
@@ -304,11 +341,8 @@ class TritonBackend:
         table = list(range(blocks))
         decode = [(shared + 1, 1)] * members  # (cached, new) per sequence
         for specs, grouped in ((decode, True), (decode, False), ([(0, 20), (shared, 1)], False)):
-            n = sum(new for _, new in specs)
-            loc = [0]
-            for _, new in specs:
-                loc.append(loc[-1] + new)
-            lens = [c + new for c, new in specs]
+            loc = [0, *itertools.accumulate(new for _, new in specs)]
+            n, lens = loc[-1], [c + new for c, new in specs]
             md = AttentionMetadata(
                 num_tokens=n, block_size=block_size,
                 slot_mapping=torch.arange(n, dtype=torch.long, device=device),
@@ -325,56 +359,52 @@ class TritonBackend:
         torch.cuda.synchronize(device)
 
     def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
-              num_kv_heads: int, element_size: int = 2) -> dict:
+              num_kv_heads: int, element_size: int = 2) -> LaunchPlan:
         """The step's work items, their launches, device arrays and partial buffers: made by the first
         layer, reused by every other (the merge of one layer finishes before the next layer's
         kernel writes the buffers again: same stream). A CUDA graph's step finds its plan here
-        already (`StaticDecodePlan.install`)."""
+        already (`StaticDecodePlan.install`).
+
+        Three launches, each with its own program shape: prefix items (up to 64 / GQA-group members
+        of a group), tiles of several queries (prefill chunks: `prefill_launch`) and one-query items
+        (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token).
+        The default prefill tiles fill the shared memory of an H200 with 16-bit values of head dim
+        128; wider rows (float32, head dim 256) take SMALL_PREFILL_LAUNCH."""
         key = plan_key(group_pad)
         plan = metadata.backend_cache.get(key)
         if plan is not None:
             return plan
-        wide, narrow = queries_per_program(64, group_pad), queries_per_program(16, group_pad)
-        qsl, lens, levels = metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu
-        if metadata.max_query_len == 1 and self.group_launch != "split":  # one launch for the whole step
-            block_q = wide if self.group_launch == "fused" else narrow
-            items = self.work_items(qsl, lens, levels, block_q, block_q, num_kv_heads)
-            launches = [(0, items.num_items, block_q, DECODE_TILE)]
-            order = None
-        else:
-            # three launches, each with its own program shape: prefix items (up to `wide` members of a
-            # group), tiles of several queries (prefill chunks: the prefill launch), and one-query items
-            # (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token)
-            # the default's tiles fill the shared memory of an H200 with 16-bit values of head dim 128;
-            # wider rows (float32, head dim 256) take the small launch
-            small = element_size * next_power_of_2(head_dim) > 256
-            rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
-            tile_q = queries_per_program(rows, group_pad)
-            items = self.work_items(qsl, lens, levels, tile_q, wide, num_kv_heads)
-            p = items.num_prefix_items
-            multi = p + np.flatnonzero(items.q_len[p:] > 1)
-            single = p + np.flatnonzero(items.q_len[p:] <= 1)
-            order = np.concatenate([np.arange(p), multi, single]) if len(multi) and len(single) else None
-            launches = [(0, p, wide, DECODE_TILE), (p, len(multi), tile_q, tuple(prefill_tile)),
-                        (p + len(multi), len(single), 1, DECODE_TILE)]
-            launches = [launch for launch in launches if launch[1]]
-        device = metadata.seq_lens.device
+        small = element_size * next_power_of_2(head_dim) > 256
+        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
+        wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
+        items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
+                                tile_q, wide, num_kv_heads)
+        p = items.num_prefix_items
+        multi = p + np.flatnonzero(items.q_len[p:] > 1)
+        single = p + np.flatnonzero(items.q_len[p:] <= 1)
         # items are independent (partials are addressed by row, not by item): launch order is free
+        order = np.concatenate([np.arange(p), multi, single]) if len(multi) and len(single) else None
+        shapes = [(p, wide, DECODE_TILE), (len(multi), tile_q, TileConfig(*prefill_tile)),
+                  (len(single), 1, DECODE_TILE)]
+        shapes = [shape for shape in shapes if shape[0]]
         arrays = [getattr(items, name)[order] if order is not None and name in ITEM_FIELDS else getattr(items, name)
                   for name in PLAN_FIELDS]
         num_merged = len(items.merge_tokens)
-        counts = np.zeros(COUNT_SLOT * (len(launches) + 1), dtype=np.int32)  # each count 16-byte aligned
-        counts[0:COUNT_SLOT * len(launches):COUNT_SLOT] = [launch[1] for launch in launches]
-        counts[-COUNT_SLOT] = num_merged
+        counts = np.zeros(COUNT_SLOT * (len(shapes) + 1), dtype=np.int32)
+        counts[::COUNT_SLOT] = [n for n, *_ in shapes] + [num_merged]
+        device = metadata.seq_lens.device
         *arrays, counts = to_device_packed([*arrays, counts], device, np.int32)
+        *counts, merge_count = launch_counts(counts)
+        offsets = np.cumsum([0] + [n for n, *_ in shapes])
         num_partials = max(items.num_partials, 1)
-        plan = {
-            "items": items, "tensors": dict(zip(PLAN_FIELDS, arrays)),
-            "launches": [(*launch, counts[COUNT_SLOT * i:COUNT_SLOT * i + 1]) for i, launch in enumerate(launches)],
-            "merge": (num_merged, counts[-COUNT_SLOT:-COUNT_SLOT + 1]) if num_merged else None,
-            "part_out": torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
-            "part_lse": torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
-        }
+        plan = LaunchPlan(
+            items=items, tensors=dict(zip(PLAN_FIELDS, arrays)),
+            launches=[Launch(int(offset), n, block_q, tile, count)
+                      for offset, (n, block_q, tile), count in zip(offsets, shapes, counts)],
+            merge_grid=num_merged, merge_count=merge_count,
+            part_out=torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
+            part_lse=torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
+        )
         metadata.backend_cache[key] = plan
         return plan
 
@@ -384,110 +414,3 @@ class TritonBackend:
         share = self.use_prefix_groups and share_levels is not None
         return plan_work_items(query_start_loc, seq_lens, block_q, share_levels=share_levels if share else None,
                                group_block_q=group_block_q, num_kv_heads=num_kv_heads, **self.plan_options)
-
-
-def plan_key(group_pad: int) -> tuple:
-    """Where a step's plan lives in `AttentionMetadata.backend_cache`."""
-    return ("triton_items", group_pad)
-
-
-class StaticDecodePlan:
-    """The work plan of decode-shaped steps (one query token per sequence, up to `max_batch`
-    sequences) at fixed device addresses, so that one CUDA graph per batch size, captured once,
-    serves every such step: the graph holds the launches, `fill` rewrites what they read.
-
-    Layout (int32, each array 16-byte aligned): the item arrays have a prefix-item section at
-    [0, prefix_capacity(max_batch)) and a one-query-item section after it; each launch's grid is the
-    capacity of its section at the captured batch size, and programs past the item count written by
-    `fill` return at once (the counts sit in `tensors["counts"]`, one 16-byte slot each: prefix
-    launch, one-query launch, merge). The partial buffers are sized for the largest batch. Each
-    padding row of a step smaller than the graph gets a one-query item over no keys, so its
-    attention output is 0, not whatever the buffer held (padding rows stay finite).
-
-    Invariant: after `fill(...)` returned True for a batch of n <= size sequences, the launches of
-    `launch_plan(size)` compute exactly what `TritonBackend.forward` would for that step."""
-
-    def __init__(self, backend: TritonBackend, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, extra_items: int | None = None) -> None:
-        """extra_items: room beyond one item per sequence (per section) for split-K pieces; default:
-        the number of programs per KV head that split-K aims for (all pieces of a step fit in it)."""
-        self.backend = backend
-        self.max_batch = max_batch
-        self.num_kv_heads = num_kv_heads
-        self.group_pad = next_power_of_2(num_heads // num_kv_heads)
-        self.wide = queries_per_program(64, self.group_pad)  # as the eager plan's prefix items
-        self.extra = extra_items if extra_items is not None else max(1, TARGET_PROGRAMS // num_kv_heads)
-        self.prefix_section = self.prefix_capacity(max_batch)
-        items = self.prefix_section + self.single_capacity(max_batch)
-        self.capacity = {
-            **{name: items for name in ITEM_FIELDS},
-            "q_tokens": 3 * max_batch, "q_pos": 3 * max_batch,  # members gathered at up to two levels, then every token
-            "merge_tokens": max_batch, "merge_ptr": max_batch + 1,
-            "merge_parts": 3 * max_batch + self.extra * self.wide,  # partial rows
-            "counts": 3 * COUNT_SLOT,
-        }
-        starts = aligned_offsets(list(self.capacity.values()), np.int32)
-        self.offsets = dict(zip(self.capacity, starts))
-        self.buffer = torch.zeros(starts[-1], dtype=torch.int32, device=device)
-        self.tensors = {name: self.buffer[self.offsets[name]:self.offsets[name] + size]
-                        for name, size in self.capacity.items()}
-        num_partials = self.capacity["merge_parts"]
-        self.part_out = torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device)
-        self.part_lse = torch.empty(num_partials, num_heads, dtype=torch.float32, device=device)
-        self.last_items: WorkItems | None = None
-        """The items of the step filled last (for tests and diagnostics)."""
-
-    def prefix_capacity(self, batch: int) -> int:
-        """Room for prefix items at this batch size: with the default `MIN_GROUP_MEMBERS` (4) a level
-        has at most batch / 4 items before split-K, so two levels fit; steps with more run eagerly."""
-        return batch // 2 + self.extra
-
-    def single_capacity(self, batch: int) -> int:
-        return batch + self.extra
-
-    def launch_plan(self, size: int) -> dict:
-        """The plan a captured step of `size` sequences launches (fixed grids, counts on the device)."""
-        counts = self.tensors["counts"]
-        return {
-            "items": None, "tensors": self.tensors, "part_out": self.part_out, "part_lse": self.part_lse,
-            "launches": [(0, self.prefix_capacity(size), self.wide, DECODE_TILE, counts[0:1]),
-                         (self.prefix_section, self.single_capacity(size), 1, DECODE_TILE,
-                          counts[COUNT_SLOT:COUNT_SLOT + 1])],
-            "merge": (size, counts[2 * COUNT_SLOT:2 * COUNT_SLOT + 1]),
-        }
-
-    def install(self, metadata: AttentionMetadata, size: int) -> None:
-        """Make `metadata`'s steps launch this plan (for capturing the graph of `size` sequences)."""
-        metadata.backend_cache[plan_key(self.group_pad)] = self.launch_plan(size)
-
-    def fill(self, query_start_loc: list[int], seq_lens: list[int], share_levels, size: int) -> bool:
-        """Plan a decode step (every query_start_loc gap is 1) and copy the plan into the buffer, for
-        the graph of `size` sequences; False (nothing written) if it does not fit there."""
-        items = self.backend.work_items(query_start_loc, seq_lens, share_levels, 1, self.wide, self.num_kv_heads)
-        p = items.num_prefix_items
-        num_pad = size - (len(query_start_loc) - 1)  # padding rows: one item each, over no keys (writes 0)
-        num_single = items.num_items - p + num_pad
-        num_q = len(items.q_tokens) + num_pad
-        fits = (p <= self.prefix_capacity(size) and num_single <= self.single_capacity(size)
-                and num_q <= self.capacity["q_tokens"] and len(items.merge_tokens) <= size
-                and items.num_partials <= self.capacity["merge_parts"])
-        if not fits:
-            return False
-        pad_tokens = np.arange(size - num_pad, size)
-        padding = {"seq": 0, "q_off": len(items.q_tokens) + np.arange(num_pad), "q_len": 1, "kv_lo": 0, "kv_hi": 0,
-                   "part": -1}
-        host = np.zeros(len(self.buffer), dtype=np.int32)
-        for name in ITEM_FIELDS:
-            values, at = getattr(items, name), self.offsets[name]
-            host[at:at + p] = values[:p]
-            at += self.prefix_section
-            host[at:at + num_single] = np.r_[values[p:], np.broadcast_to(padding[name], num_pad)]
-        host[self.offsets["q_tokens"]:self.offsets["q_tokens"] + num_q] = np.r_[items.q_tokens, pad_tokens]
-        host[self.offsets["q_pos"]:self.offsets["q_pos"] + len(items.q_pos)] = items.q_pos  # padding at position 0
-        for name in ("merge_tokens", "merge_ptr", "merge_parts"):
-            values = getattr(items, name)
-            host[self.offsets[name]:self.offsets[name] + len(values)] = values
-        host[self.offsets["counts"] + np.arange(3) * COUNT_SLOT] = p, num_single, len(items.merge_tokens)
-        copy_into(self.buffer, host)
-        self.last_items = items
-        return True

@@ -114,22 +114,49 @@ def plan_work_items(
     Tiles take up to `block_q` tokens, prefix items up to `group_block_q` members (default:
     block_q). `split_len` overrides the split-K length (else it follows from the step's keys and
     `num_kv_heads`)."""
-    if group_block_q is None:
-        group_block_q = block_q
     loc = np.asarray(query_start_loc, dtype=np.int64)
     lens = np.asarray(seq_lens, dtype=np.int64)
-    num_seqs = len(lens)
     q_count = np.diff(loc)
-    num_tokens = int(loc[-1])
-    token_pos = np.repeat(lens - q_count - loc[:-1], q_count) + np.arange(num_tokens)
+    token_pos = np.repeat(lens - q_count - loc[:-1], q_count) + np.arange(int(loc[-1]))
+    prefix, members, covered = _prefix_items(lens, q_count, share_levels or (), group_block_q or block_q,
+                                             min_members, min_shared)
+    member = np.zeros(len(lens), dtype=bool)
+    member[members] = True
+    tiles = _tile_and_suffix_items(loc, token_pos, block_q, member, covered, len(members))
+    seq, q_off, q_len, lo, hi = np.concatenate([prefix, tiles], axis=1)
+    # prefix and suffix items always write partials (their token has keys in several items)
+    always_partial = np.r_[np.ones(prefix.shape[1], dtype=bool), member[tiles[0]]]
+    if split_len is None:
+        split_len = split_length(int((hi - lo).sum()), num_kv_heads)
+    w, item_lo, item_hi, partial = _split_k(lo, hi, always_partial, split_len)
+    item_len = q_len[w]
+    partial_rows = np.where(partial, item_len, 0)
+    part = np.where(partial, np.cumsum(partial_rows) - partial_rows, -1)
+    q_tokens = np.r_[loc[:-1][members], np.arange(int(loc[-1]))]
+    merge_tokens, merge_ptr, merge_parts = _merge_lists(q_tokens, q_off[w], item_len, part)
 
-    # 1. level by level, members attended as groups: one decode token past the shared part, in
-    # groups big enough; `covered` is how far group items already reach for each sequence
-    covered = np.zeros(num_seqs, dtype=np.int64)
-    member = np.zeros(num_seqs, dtype=bool)
-    p_seq_parts, p_off_parts, p_len_parts, p_lo_parts, p_hi_parts, gathered = [], [], [], [], [], []
+    def i32(values) -> np.ndarray:
+        return np.ascontiguousarray(values, dtype=np.int32)
+
+    return WorkItems(
+        seq=i32(seq[w]), q_off=i32(q_off[w]), q_len=i32(item_len), kv_lo=i32(item_lo), kv_hi=i32(item_hi),
+        part=i32(part), q_tokens=i32(q_tokens), q_pos=i32(token_pos[q_tokens]),
+        num_partials=int(partial_rows.sum()), merge_tokens=i32(merge_tokens), merge_ptr=i32(merge_ptr),
+        merge_parts=i32(merge_parts), num_group_items=prefix.shape[1],
+        num_prefix_items=int(np.count_nonzero(w < prefix.shape[1])),
+    )
+
+
+def _prefix_items(lens: np.ndarray, q_count: np.ndarray, share_levels, group_block_q: int, min_members: int,
+                  min_shared: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phase 1, level by level: members attended as groups (one decode token past the shared part,
+    in groups big enough). Returns the prefix items as rows (seq, q_off, q_len, lo, hi), the members
+    in the order their tokens are gathered (item q_off indexes this order), and per sequence how far
+    prefix items reach (`covered`: where its suffix item starts)."""
+    covered = np.zeros(len(lens), dtype=np.int64)
+    items, gathered = [np.zeros((5, 0), dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     num_gathered = 0
-    for level_group, level_shared in share_levels or ():
+    for level_group, level_shared in share_levels:
         group = np.asarray(level_group, dtype=np.int64)
         shared = np.asarray(level_shared, dtype=np.int64)
         candidate = (group >= 0) & (q_count == 1) & (shared - covered >= min_shared) & (shared < lens)
@@ -147,72 +174,51 @@ def plan_work_items(
         chunk_index = _index_in_run(chunks)
         offsets = starts[chunk_group] + chunk_index * group_block_q
         first = chosen[offsets]
-        p_seq_parts.append(first)
-        p_off_parts.append(num_gathered + offsets)
-        p_len_parts.append(np.minimum(group_block_q, sizes[chunk_group] - chunk_index * group_block_q))
-        p_lo_parts.append(covered[first])
-        p_hi_parts.append(shared[first])
+        chunk_len = np.minimum(group_block_q, sizes[chunk_group] - chunk_index * group_block_q)
+        items.append(np.stack([first, num_gathered + offsets, chunk_len, covered[first], shared[first]]))
         gathered.append(chosen)
         num_gathered += len(chosen)
         covered[chosen] = shared[chosen]
-        member[chosen] = True
+    return np.concatenate(items, axis=1), np.concatenate(gathered), covered
 
-    def joined(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    p_seq, p_off, p_len, p_lo, p_hi = map(joined, (p_seq_parts, p_off_parts, p_len_parts, p_lo_parts, p_hi_parts))
-    members = joined(gathered)  # the sequences whose decode tokens prefix items gather, in item order
+def _tile_and_suffix_items(loc: np.ndarray, token_pos: np.ndarray, block_q: int, member: np.ndarray,
+                           covered: np.ndarray, num_gathered: int) -> np.ndarray:
+    """Phase 2, the items of the step's own tokens, as rows (seq, q_off, q_len, lo, hi): a suffix
+    item per group member (its decode token over [covered, position]) and tiles of up to `block_q`
+    tokens for every other sequence. They read the step's tokens at q_tokens[num_gathered + token]
+    (prefix items gathered their members' tokens before them)."""
+    q_count = np.diff(loc)
+    tiles = np.where(member, 1, -(-q_count // block_q))  # items per sequence
+    seq = np.repeat(np.arange(len(q_count)), tiles)
+    index = _index_in_run(tiles)
+    first = loc[:-1][seq] + index * block_q  # first token of the item
+    q_len = np.where(member[seq], 1, np.minimum(block_q, q_count[seq] - index * block_q))
+    lo = np.where(member[seq], covered[seq], 0)
+    return np.stack([seq, num_gathered + first, q_len, lo, token_pos[first + q_len - 1] + 1])
 
-    # 2. unsplit items. Prefix items gather their members' tokens into q_tokens[:len(members)];
-    # every other item reads a run of the step's own tokens, at q_tokens[len(members) + token].
-    tiles = np.where(member, 1, -(-q_count // block_q))  # items per sequence: a suffix item or tiles
-    t_seq = np.repeat(np.arange(num_seqs), tiles)
-    t_index = _index_in_run(tiles)
-    t_first = loc[:-1][t_seq] + t_index * block_q  # first token of the item
-    t_len = np.where(member[t_seq], 1, np.minimum(block_q, q_count[t_seq] - t_index * block_q))
-    t_hi = token_pos[t_first + t_len - 1] + 1
-    t_lo = np.where(member[t_seq], covered[t_seq], 0)
 
-    seq = np.r_[p_seq, t_seq]
-    q_off = np.r_[p_off, len(members) + t_first]
-    q_len = np.r_[p_len, t_len]
-    lo = np.r_[p_lo, t_lo]
-    hi = np.r_[p_hi, t_hi]
-    always_partial = np.r_[np.ones(len(p_seq), dtype=bool), member[t_seq]]
-
-    # 3. split-K: cut every range longer than split_len into equal pieces
-    if split_len is None:
-        split_len = split_length(int((hi - lo).sum()), num_kv_heads)
+def _split_k(lo: np.ndarray, hi: np.ndarray, always_partial: np.ndarray,
+             split_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Phase 3, split-K: every key range longer than split_len cut into equal pieces. Returns per
+    piece its item (`w`, pieces of one item adjacent), its key range, and whether it writes partials
+    (a piece of a split item, or of an item that always does)."""
     pieces = np.maximum(1, -(-(hi - lo) // split_len))
     step = -(-(hi - lo) // pieces)
-    w = np.repeat(np.arange(len(seq)), pieces)
-    item_lo = lo[w] + _index_in_run(pieces) * step[w]
-    item_hi = np.minimum(item_lo + step[w], hi[w])
-    partial = (always_partial | (pieces > 1))[w]
-    item_len = q_len[w]
-    partial_rows = np.where(partial, item_len, 0)
-    part = np.where(partial, np.cumsum(partial_rows) - partial_rows, -1)
+    w = np.repeat(np.arange(len(lo)), pieces)
+    piece_lo = lo[w] + _index_in_run(pieces) * step[w]
+    return w, piece_lo, np.minimum(piece_lo + step[w], hi[w]), (always_partial | (pieces > 1))[w]
 
-    q_tokens = np.r_[loc[:-1][members], np.arange(num_tokens)]
-    q_pos = token_pos[q_tokens]
 
-    # 4. merge lists: every partial row, grouped by the token it belongs to
-    pw = np.flatnonzero(partial)
-    rows_per = item_len[pw]
+def _merge_lists(q_tokens: np.ndarray, q_off: np.ndarray, q_len: np.ndarray,
+                 part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phase 4, the merge lists: every partial row, grouped by the token it belongs to (tokens
+    ascending, an item's rows in item order). Returns (merge_tokens, merge_ptr, merge_parts)."""
+    pw = np.flatnonzero(part >= 0)
+    rows_per = q_len[pw]
     row_item = np.repeat(pw, rows_per)
     j = _index_in_run(rows_per)
-    row_token = q_tokens[q_off[w][row_item] + j]
+    row_token = q_tokens[q_off[row_item] + j]
     order = np.argsort(row_token, kind="stable")
     merge_tokens, counts = np.unique(row_token[order], return_counts=True)
-
-    def i32(values) -> np.ndarray:
-        return np.ascontiguousarray(values, dtype=np.int32)
-
-    return WorkItems(
-        seq=i32(seq[w]), q_off=i32(q_off[w]), q_len=i32(item_len), kv_lo=i32(item_lo), kv_hi=i32(item_hi),
-        part=i32(part), q_tokens=i32(q_tokens), q_pos=i32(q_pos), num_partials=int(partial_rows.sum()),
-        merge_tokens=i32(merge_tokens), merge_ptr=i32(np.r_[0, np.cumsum(counts)]),
-        merge_parts=i32((part[row_item] + j)[order]),
-        num_group_items=len(p_seq),
-        num_prefix_items=int(pieces[:len(p_seq)].sum()),
-    )
+    return merge_tokens, np.r_[0, np.cumsum(counts)], (part[row_item] + j)[order]

@@ -29,12 +29,10 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata
-from batchllm.attention.triton_backend import StaticDecodePlan
+from batchllm.attention.static_decode_plan import StaticDecodePlan
 from batchllm.layers.transfer import copy_into
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_CAPTURE_SIZE = 512
 
 
 def capture_sizes(max_size: int) -> list[int]:
@@ -79,8 +77,8 @@ class DecodeGraphs:
             self._capture()
 
     def usable(self) -> bool:
-        """Whether the graphs still do what an eager step would: same ops, same attention launches."""
-        return self.model.ops.name == self.ops_name and self.backend.group_launch == "split"
+        """Whether the graphs still do what an eager step would: captured with the same elementwise ops."""
+        return self.model.ops.name == self.ops_name
 
     def size_for(self, num_seqs: int, width: int) -> int | None:
         """The graph a decode step of `num_seqs` sequences with block tables `width` wide would run;

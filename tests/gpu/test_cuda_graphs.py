@@ -72,7 +72,8 @@ def test_replayed_attention_equals_eager_attention(dtype):
     """The attention alone, captured once in a graph of 64 rows and replayed over steps of other
     shapes (prefix groups, nested groups, split-K, 1 to 64 sequences): the eager backend's output,
     bit for bit (the same kernels over the same items), and 0 in the padding rows."""
-    from batchllm.attention.triton_backend import StaticDecodePlan, TritonBackend
+    from batchllm.attention.static_decode_plan import StaticDecodePlan
+    from batchllm.attention.triton_backend import TritonBackend
 
     heads, kv_heads, head_dim, block_size, size = 32, 8, 128, 16, 64
     backend = TritonBackend()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from batchllm.attention.torch_ref import TorchReferenceBackend
-from batchllm.attention.triton_backend import COUNT_SLOT, ITEM_FIELDS, StaticDecodePlan, TritonBackend
+from batchllm.attention.static_decode_plan import StaticDecodePlan
+from batchllm.attention.triton_backend import COUNT_SLOT, ITEM_FIELDS, TritonBackend
 from batchllm.attention.work_items import WorkItems
 from batchllm.runner.cuda_graphs import capture_sizes
 from tests.attention_cases import group_decode, random_case

@@ -81,9 +81,9 @@ def test_attention_kernel_matches_reference(name, specs, options):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
     if "min_members" in options:
-        assert plan["items"].num_group_items > 0, "the prefix-shared path ran"
+        assert plan.items.num_group_items > 0, "the prefix-shared path ran"
     if "split_len" in options:
-        assert len(plan["items"].merge_tokens) > 0, "split-K partials were merged"
+        assert len(plan.items.merge_tokens) > 0, "split-K partials were merged"
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])

@@ -170,38 +170,42 @@ def test_plan_executed_in_torch_matches_reference(name, specs):
 def test_triton_backend_plans_launches_on_cpu():
     """The backend's planning half needs neither Triton nor CUDA: launches cover every item once,
     prefix items run in 64-row programs and one-token items in 16-row ones (the "split" launch)."""
-    from batchllm.attention.triton_backend import TritonBackend
+    from batchllm.attention.triton_backend import DECODE_TILE, TritonBackend
 
     specs = group_decode(20, 300, 7, 0) + group_decode(3, 1000, 0, 1) + [(50, 1), (2000, 1)]
     *_, md = random_case(specs, 32, 8, 128, 16, torch.float32, seed=0, device="cpu")
     plan = TritonBackend()._plan(md, 4, 32, 128, 8)
-    items = plan["items"]
+    items = plan.items
     assert items.num_group_items > 0
-    covered = [i for offset, n, *_ in plan["launches"] for i in range(offset, offset + n)]
+    covered = [i for launch in plan.launches for i in range(launch.item_offset, launch.item_offset + launch.grid)]
     assert covered == list(range(items.num_items))
-    assert [launch[2] for launch in plan["launches"]] == [16, 1]
-    # each launch's count (which its programs check on the device) is its number of items
-    assert [int(launch[4]) for launch in plan["launches"]] == [n for _, n, *_ in plan["launches"]]
-    assert all(launch[4].data_ptr() % 16 == 0 for launch in plan["launches"])
-    for name, values in plan["tensors"].items():  # device copies match the plan, 16-byte aligned
+    assert [launch.block_q for launch in plan.launches] == [16, 1]
+    assert all(launch.tile == DECODE_TILE for launch in plan.launches)
+    # each launch's count (which its programs check on the device) is its number of items, as the merge's
+    assert [int(launch.count) for launch in plan.launches] == [launch.grid for launch in plan.launches]
+    assert plan.merge_grid == int(plan.merge_count) == len(items.merge_tokens) > 0
+    assert all(c.data_ptr() % 16 == 0 for c in [plan.merge_count, *(launch.count for launch in plan.launches)])
+    for name, values in plan.tensors.items():  # device copies match the plan, 16-byte aligned
         assert values.tolist() == getattr(items, name).tolist() and values.data_ptr() % 16 == 0
-    assert plan["part_out"].shape == (max(items.num_partials, 1), 32, 128)
+    assert plan.part_out.shape == (max(items.num_partials, 1), 32, 128)
 
 
 def test_mixed_step_launches_prefill_tiles_apart_from_one_query_items():
     """A step with prefill chunks, group decodes and plain decodes: three launches (prefix items,
     several-query tiles in the prefill shape, one-query items in 16-row programs); the device arrays
     hold the same items, reordered so that each launch's range holds only its kind."""
-    from batchllm.attention.triton_backend import ITEM_FIELDS, TritonBackend
+    from batchllm.attention.triton_backend import ITEM_FIELDS, TileConfig, TritonBackend
 
     specs = group_decode(8, 300, 7, 0) + [(0, 300), (50, 1), (2000, 1), (64, 40)]
     *_, md = random_case(specs, 32, 8, 128, 16, torch.float32, seed=0, device="cpu")
     backend = TritonBackend(prefill_launch=(128, 64, 4, 3))
     plan = backend._plan(md, 4, 32, 128, 8)
-    items, t = plan["items"], plan["tensors"]
-    (p0, p, pq, _, _), (m0, m, mq, m_tile, _), (s0, n_single, sq, _, _) = plan["launches"]
-    assert (p0, m0, s0) == (0, p, p + m) and p + m + n_single == items.num_items
-    assert (pq, mq, sq) == (16, 32, 1) and m_tile == (64, 4, 3)
+    items, t = plan.items, plan.tensors
+    prefix, multi, single = plan.launches
+    p, m, n_single = prefix.grid, multi.grid, single.grid
+    m0, s0 = multi.item_offset, single.item_offset
+    assert (prefix.item_offset, m0, s0) == (0, p, p + m) and p + m + n_single == items.num_items
+    assert (prefix.block_q, multi.block_q, single.block_q) == (16, 32, 1) and multi.tile == TileConfig(64, 4, 3)
     q_len = t["q_len"].numpy()
     assert p == items.num_prefix_items and (q_len[m0:s0] > 1).all() and (q_len[s0:] == 1).all()
     rows = lambda arrays: sorted(zip(*(arrays[f].tolist() for f in ITEM_FIELDS)))
