@@ -39,7 +39,7 @@ def build_model(
     """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps; tp: this rank's TPGroup."""
     with torch.device("meta"):
         model = DecoderForCausalLM(spec, max_positions, ops, tp)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # dtype first: a 70B shard never exists in float32
     # The cos/sin table is a buffer, not a weight: compute it for real, in float32.
     model.model.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling).to(device)
     if spec.tie_word_embeddings:

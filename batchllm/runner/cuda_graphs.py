@@ -152,7 +152,8 @@ class DecodeGraphs:
             self._forward(size)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: the NCCL watchdog thread of a tensor-parallel rank may query events meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self._forward(size)
             pool = graph.pool()
             self._graphs[size] = (graph, out)
