@@ -2,7 +2,9 @@
 prefix-sharing plan, without the model.
 
 Exit status: 0 when every line succeeded, 1 when some lines failed (each has an error record in the
-output), 2 when the job could not start (unreadable input, bad model path, bad option).
+output), 2 when the job could not start (unreadable input, bad model path, bad option, damaged
+output), 3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug or
+BATCHLLM_LOG_LEVEL=DEBUG).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
@@ -25,7 +28,7 @@ from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_LINES_FAILED, EXIT_CANNOT_START = 0, 1, 2
+EXIT_OK, EXIT_LINES_FAILED, EXIT_CANNOT_START, EXIT_UNEXPECTED = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plan-mode", default="multi", choices=list(PLAN_MODES), help=PLAN_MODE_HELP)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     add_bench_parser(sub)
+    _add_job_options(run, plan)
     return parser
+
+
+def _add_job_options(run: argparse.ArgumentParser, plan: argparse.ArgumentParser) -> None:
+    """Options of the job's input/output handling (kept apart from the engine and sampling options)."""
+    for p in (run, plan):
+        p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
 
 PLAN_MODE_HELP = ("multi: nested groups, each shared segment computed once (default); "
@@ -123,12 +133,20 @@ def _add_sharing_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
-    if args.command == "run":
-        return run_command(args)
-    if args.command == "plan":
-        return plan_command(args)
-    if args.command == "bench":
-        return bench_command(args)
+    try:
+        if args.command == "run":
+            return run_command(args)
+        if args.command == "plan":
+            return plan_command(args)
+        if args.command == "bench":
+            return bench_command(args)
+    except Exception as e:  # a bug or an environment failure: not a failed line, not a bad option
+        debug = getattr(args, "debug", False) or logging.getLogger().isEnabledFor(logging.DEBUG)
+        if debug:
+            traceback.print_exc()
+        print(f"batchllm: error: unexpected failure: {type(e).__name__}: {e}"
+              + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return EXIT_UNEXPECTED
     return EXIT_CANNOT_START
 
 
@@ -145,7 +163,7 @@ def run_command(args: argparse.Namespace) -> int:
         min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
-        SamplingParams(**defaults)
+        SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
         if args.model is not None:
             read_model_spec(Path(args.model))  # a bad model path fails before anything is written
         resume = prepare_output(args.output, args.input, args.overwrite)

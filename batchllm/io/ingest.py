@@ -12,7 +12,6 @@ Writes nothing; holds no state between calls.
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,7 +23,7 @@ from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import ResumeState
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ValidLine", "prepare_lines", "sampling_params_for", "record_for", "input_problem",
            "PLAIN", "OPENAI"]
@@ -48,8 +47,12 @@ class Ingested(NamedTuple):
 
 def input_problem(path: Path) -> str | None:
     """Why the input file cannot be read, or None."""
-    if not path.is_file():
+    if path.is_dir():
+        return f"cannot read input file {str(path)!r}: it is a directory"
+    if not path.exists():
         return f"cannot read input file {str(path)!r}: no such file"
+    if not path.is_file():
+        return f"cannot read input file {str(path)!r}: not a regular file (it is read twice: to fingerprint and to run)"
     try:
         path.open("rb").close()
     except OSError as e:
@@ -91,9 +94,13 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             continue
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
+            _check_token_ids(params, prompts.vocab_size)
             prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
         except ValueError as e:
             errors.append(LineError.for_line(item, e))
+            continue
+        except Exception as e:  # whatever a line holds, it costs only that line
+            errors.append(LineError.for_line(item, f"cannot be prepared ({type(e).__name__}: {short_repr(str(e))})"))
             continue
         pending.append((item, params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt))
         if len(pending) >= chunk:
@@ -108,14 +115,45 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
 
 def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None, cache: dict) -> SamplingParams:
     """The line's SamplingParams: its own fields over `defaults`; lines without a seed get one derived
-    from `global_seed` and their id. Equal settings share one object through `cache`."""
+    from `global_seed` and their id. Equal settings share one object through `cache`; raises
+    ValueError naming the field when a value is invalid."""
     fields = {**defaults, **line.sampling_overrides}
     if fields.get("seed") is None and global_seed is not None:
         fields["seed"] = zlib.crc32(f"{global_seed}:{line.request_id}".encode())
-    key = json.dumps(fields, sort_keys=True, default=str)
+    key = _cache_key(fields)
+    if key is None:  # values no valid SamplingParams holds: validation names the problem
+        return SamplingParams(**fields)
     if key not in cache:
         cache[key] = SamplingParams(**fields)
     return cache[key]
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _cache_key(fields: dict) -> tuple | None:
+    """A hashable key equal only for identical settings, or None for values that cannot be keyed.
+
+    Each value is keyed with its type: 1, 1.0 and true are equal in Python but not as settings
+    (n=true is an error that a cached n=1 must not hide). Only scalars and flat lists of scalars
+    are keyed, so a deeply nested or huge value costs no recursion and no text rendering."""
+    key = []
+    for name in sorted(fields):
+        value = fields[name]
+        if isinstance(value, _SCALARS):
+            key.append((name, type(value), value))
+        elif isinstance(value, list) and all(isinstance(x, _SCALARS) for x in value):
+            key.append((name, list, tuple((type(x), x) for x in value)))
+        else:
+            return None
+    return tuple(key)
+
+
+def _check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """stop_token_ids index the logits (min_tokens bans them there): refuse ids outside the vocabulary."""
+    for t in params.stop_token_ids:
+        if t >= vocab_size:
+            raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
 def record_for(line: BatchLine, output, model_name: str) -> dict:
