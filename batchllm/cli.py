@@ -21,7 +21,7 @@ from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
 from batchllm.core.policies import GROUP_ORDERS
 from batchllm.io.ingest import input_problem, prepare_lines, record_for
-from batchllm.io.job import JobError, ResultWriter, prepare_output
+from batchllm.io.job import JobError, OutputLock, ResultWriter, prepare_output, same_file
 from batchllm.models.spec import read_model_spec
 from batchllm.prefix.plan import PLAN_MODES
 from batchllm.sampling_params import SamplingParams
@@ -158,6 +158,17 @@ def _fail(message: str) -> int:
 def run_command(args: argparse.Namespace) -> int:
     if problem := input_problem(args.input):
         return _fail(problem)
+    if same_file(args.output, args.input):  # before the lock, which would create the output
+        return _fail(f"refusing to write the output onto the input file {str(args.input)!r} "
+                     "(even with --overwrite: it would destroy the input); choose another -o")
+    try:
+        with OutputLock(args.output):
+            return _run_locked(args)
+    except JobError as e:
+        return _fail(str(e))
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     defaults = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,

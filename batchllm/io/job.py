@@ -15,6 +15,7 @@ Writer of OUTPUT and its state file only.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -54,6 +55,34 @@ def input_fingerprint(path: Path) -> dict[str, Any]:
 
 
 _START_OVER = "pass --overwrite to start over (finished lines are then recomputed)"
+
+
+class OutputLock:
+    """An exclusive lock (flock) on the output file for the whole job, so that a second `batchllm run`
+    on the same output is refused instead of interleaving records with the first. The lock goes with
+    the process: a killed job leaves nothing to clean up."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self._file = None
+
+    def __enter__(self) -> "OutputLock":
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.output.exists()
+        self._file = open(self.output, "ab")  # creates, never truncates
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise JobError(f"another batchllm run is writing {str(self.output)!r} (it holds its lock); "
+                           "wait for it to finish or choose another -o") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        state = self.output.with_name(self.output.name + STATE_SUFFIX)
+        if self._created and not state.exists() and self.output.stat().st_size == 0:
+            self.output.unlink()  # a job refused before it began leaves no trace
+        self._file.close()  # closing releases the lock
 
 
 def same_file(a: Path, b: Path) -> bool:

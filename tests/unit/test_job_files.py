@@ -130,3 +130,19 @@ def test_prepare_output_refusals_write_nothing(tmp_path):
     with pytest.raises(JobError, match="onto the input"):
         prepare_output(src, src, overwrite=True)
     assert src.read_text() == "{}\n"
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    from batchllm.io.job import OutputLock
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    out = tmp_path / "out.jsonl"
+    with OutputLock(out):
+        code, err = run(capsys, src, "-o", out)
+        assert code == 2 and "another batchllm run is writing" in err, err
+        code, err = run(capsys, src, "-o", out, "--overwrite")
+        assert code == 2 and "another batchllm run" in err
+    code, err = run(capsys, src, "-o", out, "--seed", str(2**64))  # the lock is free again; refused for the seed
+    assert code == 2 and "seed" in err
+    assert not out.exists(), "a refused job leaves no empty output behind"
