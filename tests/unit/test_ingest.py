@@ -109,3 +109,20 @@ def test_a_prompt_the_tokenizer_refuses_fails_alone():
     results = prompts.tokenize_many(["hello", "bad \ud800", "world"], [1, 2, 3])
     assert isinstance(results[1], ValueError) and "prompt 2" in str(results[1])
     assert results[0].token_ids and results[2].token_ids
+
+
+def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
+    def line(content):
+        obj = {"custom_id": "c", "url": "/v1/chat/completions",
+               "body": {"messages": [{"role": "user", "content": content}]}}
+        return parse_line(json.dumps(obj).encode(), 1, set())
+
+    ok = line([{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}])
+    assert isinstance(ok, BatchLine) and ok.prompt == [{"role": "user", "content": "Hello\nworld"}]
+    image = line([{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}])
+    assert isinstance(image, LineError) and "messages[0].content[1] has type 'image_url'" in image.message
+    assert "content[0].text must be a string" in line([{"type": "text", "text": 3}]).message
+    assert "non-empty list of text parts" in line([]).message
+    chat = ingest((json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}}) + "\n").encode())
+    assert len(chat.valid) == 1 and not chat.errors
