@@ -2,7 +2,9 @@
 prefix-sharing plan, without the model.
 
 Exit status: 0 when every line succeeded, 1 when some lines failed (each has an error record in the
-output), 2 when the job could not start (unreadable input, bad model path, bad option).
+output), 2 when the job could not start (unreadable input, bad model path, bad option, damaged
+output), 3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug or
+BATCHLLM_LOG_LEVEL=DEBUG).
 """
 
 from __future__ import annotations
@@ -12,27 +14,21 @@ import json
 import logging
 import sys
 import time
-import zlib
+import traceback
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from tqdm.auto import tqdm
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
 from batchllm.core.policies import GROUP_ORDERS
-from batchllm.inputs import PromptProcessor, TokenizedPrompt
-from batchllm.io import openai_batch
-from batchllm.io.job import JobError, ResultWriter, ResumeState, prepare_output
-from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record
+from batchllm.io.ingest import input_problem, prepare_lines, record_for
+from batchllm.io.job import JobError, OutputLock, ResultWriter, prepare_output, same_file
 from batchllm.models.spec import read_model_spec
 from batchllm.prefix.plan import PLAN_MODES
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_LINES_FAILED, EXIT_CANNOT_START = 0, 1, 2
+EXIT_OK, EXIT_LINES_FAILED, EXIT_CANNOT_START, EXIT_UNEXPECTED = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plan-mode", default="multi", choices=list(PLAN_MODES), help=PLAN_MODE_HELP)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     add_bench_parser(sub)
+    _add_job_options(run, plan)
     return parser
+
+
+def _add_job_options(run: argparse.ArgumentParser, plan: argparse.ArgumentParser) -> None:
+    """Options of the job's input/output handling (kept apart from the engine and sampling options)."""
+    for p in (run, plan):
+        p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
 
 PLAN_MODE_HELP = ("multi: nested groups, each shared segment computed once (default); "
@@ -133,12 +136,20 @@ def _add_sharing_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
-    if args.command == "run":
-        return run_command(args)
-    if args.command == "plan":
-        return plan_command(args)
-    if args.command == "bench":
-        return bench_command(args)
+    try:
+        if args.command == "run":
+            return run_command(args)
+        if args.command == "plan":
+            return plan_command(args)
+        if args.command == "bench":
+            return bench_command(args)
+    except Exception as e:  # a bug or an environment failure: not a failed line, not a bad option
+        debug = getattr(args, "debug", False) or logging.getLogger().isEnabledFor(logging.DEBUG)
+        if debug:
+            traceback.print_exc()
+        print(f"batchllm: error: unexpected failure: {type(e).__name__}: {e}"
+              + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return EXIT_UNEXPECTED
     return EXIT_CANNOT_START
 
 
@@ -147,26 +158,26 @@ def _fail(message: str) -> int:
     return EXIT_CANNOT_START
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why the input file cannot be read, or None."""
-    if not path.is_file():
-        return f"cannot read input file {str(path)!r}: no such file"
-    try:
-        path.open("rb").close()
-    except OSError as e:
-        return f"cannot read input file {str(path)!r}: {e.strerror}"
-    return None
-
-
 def run_command(args: argparse.Namespace) -> int:
-    if problem := _unreadable(args.input):
+    if problem := input_problem(args.input):
         return _fail(problem)
+    if same_file(args.output, args.input):  # before the lock, which would create the output
+        return _fail(f"refusing to write the output onto the input file {str(args.input)!r} "
+                     "(even with --overwrite: it would destroy the input); choose another -o")
+    try:
+        with OutputLock(args.output):
+            return _run_locked(args)
+    except JobError as e:
+        return _fail(str(e))
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     defaults = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
-        SamplingParams(**defaults)
+        SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
         if args.model is not None:
             read_model_spec(Path(args.model))  # a bad model path fails before anything is written
         resume = prepare_output(args.output, args.input, args.overwrite)
@@ -212,7 +223,7 @@ def run_command(args: argparse.Namespace) -> int:
         params = [sp for _, _, sp in valid]
         desc = f"requests ({num_failed} failed)" if num_failed else "requests"
         for index, output in llm.iter_generate(prompts, params, use_tqdm=not args.no_progress, progress_desc=desc):
-            out.write(_result(valid[index][0], output, model_name))
+            out.write(record_for(valid[index].line, output, model_name))
             num_done += 1
     wall = time.perf_counter() - started
     total_done = num_done + len(resume.done_ids)
@@ -228,76 +239,8 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_LINES_FAILED if num_failed else EXIT_OK
 
 
-def _result(line: BatchLine, output, model_name: str) -> dict:
-    if line.format == OPENAI:
-        top = line.sampling_overrides.get("logprobs") or 0
-        return openai_batch.success_record(line.request_id, line.url, line.model or model_name, output,
-                                           len(output.prompt_token_ids), top)
-    return result_record(line.request_id, output, len(output.prompt_token_ids))
-
-
-def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
-                  resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024):
-    """Stream the file and tokenize it in batches, skipping lines a previous run finished.
-
-    Returns (valid lines as (line, prompt, params), new errors, the file's format). Prompts are kept
-    as int32 numpy arrays and identical sampling settings share one SamplingParams, so memory
-    follows the token arrays, not the line count."""
-    resume = resume or ResumeState()
-    valid: list[tuple[BatchLine, TokenizedPrompt, SamplingParams]] = []
-    errors: list[LineError] = []
-    formats: dict[str, int] = {}
-    params_cache: dict[str, SamplingParams] = {}
-    pending: list[tuple[BatchLine, SamplingParams, Any]] = []
-
-    def flush() -> None:
-        results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending])
-        for (line, params, _), result in zip(pending, results):
-            line.prompt = None  # the tokens replace the text: never hold both for a whole file
-            if isinstance(result, ValueError):
-                errors.append(LineError.for_line(line, result))
-            else:
-                valid.append((line, TokenizedPrompt(np.asarray(result.token_ids, dtype=np.int32), None), params))
-        pending.clear()
-
-    bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True)
-    for item in read_batch_lines(path):
-        bar.update(1)
-        if isinstance(item, LineError):
-            errors.append(item)
-            continue
-        formats[item.format] = formats.get(item.format, 0) + 1
-        if item.request_id in resume.done_ids:
-            continue
-        try:
-            params = _sampling_params(item, defaults, global_seed, params_cache)
-            prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
-        except ValueError as e:
-            errors.append(LineError.for_line(item, e))
-            continue
-        pending.append((item, params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt))
-        if len(pending) >= chunk:
-            flush()
-    if pending:
-        flush()
-    bar.close()
-    errors = [e for e in errors if e.line_number not in resume.done_error_lines]  # written by an earlier run
-    file_format = max(formats, key=formats.get) if formats else PLAIN
-    return valid, errors, file_format
-
-
-def _sampling_params(line: BatchLine, defaults: dict, global_seed: int | None, cache: dict) -> SamplingParams:
-    fields = {**defaults, **line.sampling_overrides}
-    if fields.get("seed") is None and global_seed is not None:
-        fields["seed"] = zlib.crc32(f"{global_seed}:{line.request_id}".encode())
-    key = json.dumps(fields, sort_keys=True, default=str)
-    if key not in cache:
-        cache[key] = SamplingParams(**fields)
-    return cache[key]
-
-
 def plan_command(args: argparse.Namespace) -> int:
-    if problem := _unreadable(args.input):
+    if problem := input_problem(args.input):
         return _fail(problem)
     from batchllm.inputs import prompt_processor_for
     from batchllm.prefix import plan_prefix_sharing

@@ -68,7 +68,10 @@ class PromptProcessor:
             # A rendered chat template already carries its special tokens.
             bos = getattr(self.tokenizer, "bos_token", None)
             add_special = not (bos and prompt.startswith(bos))
-            ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+            try:
+                ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+            except Exception as e:  # e.g. TypeError on a lone surrogate: this prompt's error, no one else's
+                raise ValueError(f"prompt {index}: the tokenizer refused it ({type(e).__name__}: {e})") from e
             return self.validate_ids(ids, index, prompt)
         if isinstance(prompt, (list, tuple)):
             return self.validate_ids(list(prompt), index, None)
@@ -91,7 +94,15 @@ class PromptProcessor:
         for add_special, positions in texts.items():
             if not positions:
                 continue
-            encoded = self.tokenizer([prompts[p] for p in positions], add_special_tokens=add_special)["input_ids"]
+            try:
+                encoded = self.tokenizer([prompts[p] for p in positions], add_special_tokens=add_special)["input_ids"]
+            except Exception:  # one prompt the tokenizer refuses fails the batch call: find it one by one
+                for pos in positions:
+                    try:
+                        results[pos] = self.tokenize_prompt(prompts[pos], indices[pos])
+                    except ValueError as e:
+                        results[pos] = e
+                continue
             for pos, ids in zip(positions, encoded):
                 try:
                     results[pos] = self.validate_ids(ids, indices[pos], prompts[pos])

@@ -5,9 +5,22 @@ Mirrors vLLM's `SamplingParams` field names and defaults, so that switching is a
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass, field, fields, replace
 
 _GREEDY_EPS = 1e-5
+MAX_N = 1024
+"""Most completions per prompt: n is a count of requests the engine holds at once, so a typo such as
+2**70 must be refused by name, not grow memory until the machine gives out."""
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds a torch.Generator accepts; completion k of an n > 1 request uses seed + k."""
+MAX_TOP_K = 2**31 - 1
+"""top_k travels to the device as an int64; anything this large already means the whole vocabulary."""
+
+_short = reprlib.Repr()  # error messages quote values without echoing megabytes or deep nesting
+_short.maxstring = _short.maxother = 80
+_short.maxlong = 40
 
 
 @dataclass
@@ -55,7 +68,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
+            return ValueError(f"SamplingParams.{name} {rule}, got {short_repr(getattr(self, name))}")
 
         for name in ("n", "top_k", "min_tokens"):
             if not _is_int(getattr(self, name)):
@@ -63,18 +76,22 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p"):
             if not _is_number(getattr(self, name)):
                 raise bad(name, "must be a number")
-        if self.n < 1:
-            raise bad("n", "must be >= 1")
+            if not _is_finite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
+        if not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be in [1, {MAX_N}]")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < -1:
-            raise bad("top_k", "must be -1, 0 (disabled) or a positive integer")
+        if not -1 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", f"must be -1, 0 (disabled) or a positive integer up to {MAX_TOP_K}")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "must be an integer or None")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
+            raise bad("seed", f"must be in [-2**63, 2**64 - n] (completion k of n uses seed + k; n = {self.n})")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be a positive integer or None")
         if self.min_tokens < 0:
@@ -122,3 +139,20 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: int | float) -> bool:
+    """NaN and the infinities are refused (NaN compares false to every bound, so range checks let it
+    through); an integer too large for a float is not finite either."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def short_repr(value: object) -> str:
+    """repr() for error messages: at most ~80 characters and 6 levels, and never raises."""
+    try:
+        return _short.repr(value)
+    except (ValueError, RecursionError):  # an int past the digit limit, nesting past the stack
+        return f"<a {type(value).__name__} that cannot be shown>"

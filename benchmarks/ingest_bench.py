@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from batchllm.cli import prepare_lines
+from batchllm.io.ingest import prepare_lines
 from batchllm.inputs import prompt_processor_for
 from batchllm.prefix import plan_prefix_sharing
 

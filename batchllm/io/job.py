@@ -4,19 +4,23 @@ Beside OUTPUT lives OUTPUT.batchllm-state, written (atomically) before the first
 file's size and SHA-256. Running the same command again finds the output, checks that it belongs
 to the same input, cuts a torn last line (a write interrupted by SIGKILL or power loss), and
 collects what is already finished: the ids of answered lines and the line numbers of error
-records. Those lines are neither recomputed nor rewritten. Records are appended as requests
-complete and made durable (flush + fsync) every `sync_every` records or `sync_seconds`.
+records. Those lines are neither recomputed nor rewritten. A damaged output or state file (a line
+that is not a record, a state file that is not this format) is named with its line and refused:
+resuming from it could answer a line twice or never. Records are appended as requests complete and
+made durable (flush + fsync) every `sync_every` records, and within `sync_seconds` of being written
+by a background thread, so a long request still running never holds finished results back.
 
 Writer of OUTPUT and its state file only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,21 +54,68 @@ def input_fingerprint(path: Path) -> dict[str, Any]:
     return {"input_size": size, "input_sha256": digest.hexdigest()}
 
 
+_START_OVER = "pass --overwrite to start over (finished lines are then recomputed)"
+
+
+class OutputLock:
+    """An exclusive lock (flock) on the output file for the whole job, so that a second `batchllm run`
+    on the same output is refused instead of interleaving records with the first. The lock goes with
+    the process: a killed job leaves nothing to clean up."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self._file = None
+
+    def __enter__(self) -> "OutputLock":
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.output.exists()
+        self._file = open(self.output, "ab")  # creates, never truncates
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise JobError(f"another batchllm run is writing {str(self.output)!r} (it holds its lock); "
+                           "wait for it to finish or choose another -o") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        state = self.output.with_name(self.output.name + STATE_SUFFIX)
+        if self._created and not state.exists() and self.output.stat().st_size == 0:
+            self.output.unlink()  # a job refused before it began leaves no trace
+        self._file.close()  # closing releases the lock
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when both paths name one file: the same path, a link, or another name of the same inode."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def prepare_output(output: Path, input_path: Path, overwrite: bool) -> ResumeState:
     """Validate or create the output for this input; return what is already done."""
+    if same_file(output, input_path):
+        raise JobError(f"refusing to write the output onto the input file {str(input_path)!r} "
+                       "(even with --overwrite: it would destroy the input); choose another -o")
     state_path = output.with_name(output.name + STATE_SUFFIX)
     fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path)}
     has_output = output.exists() and output.stat().st_size > 0
     if has_output and not overwrite:
         try:
-            state = json.loads(state_path.read_text())
+            state = json.loads(state_path.read_bytes())
         except FileNotFoundError:
             raise JobError(
                 f"refusing to resume into {str(output)!r}: it exists but has no {state_path.name}, so it may "
                 "belong to another job; remove it, choose another -o, or pass --overwrite"
             ) from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise JobError(f"cannot read {state_path}: {e}") from e
+        except OSError as e:
+            raise JobError(f"cannot read {str(state_path)!r}: {e.strerror}") from e
+        except ValueError as e:
+            raise JobError(f"the state file {str(state_path)!r} is damaged ({e}); {_START_OVER}") from e
+        if not isinstance(state, dict) or not {"input_size", "input_sha256"} <= set(state):
+            raise JobError(f"the state file {str(state_path)!r} is damaged (not an object with input_size and "
+                           f"input_sha256); {_START_OVER}")
         if (state.get("input_size"), state.get("input_sha256")) != (
             fingerprint["input_size"], fingerprint["input_sha256"]
         ):
@@ -94,13 +145,35 @@ def _scan_and_repair(output: Path) -> ResumeState:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-    for raw in data[:end].splitlines():
+    for line_number, raw in enumerate(data[:end].splitlines(), start=1):
         if not raw.strip():
             continue
-        record = json.loads(raw)
+        try:
+            record = json.loads(raw)
+            problem = _record_problem(record)
+        except (ValueError, RecursionError) as e:
+            problem = f"not JSON: {e}"
+        if problem:
+            raise JobError(f"the output {str(output)!r} is damaged at line {line_number} ({problem}), so it "
+                           f"cannot be resumed; {_START_OVER}")
         state.num_records += 1
         _note_done(record, state)
     return state
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why a line of an output file is not a record this program writes, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    error = record.get("error")
+    if error is not None and not isinstance(error, dict):
+        return "'error' is neither null nor an object"
+    if error and not isinstance(error.get("line", 0), int):
+        return "'error.line' is not a line number"
+    rid = record.get("custom_id", record.get("id"))
+    if not error and not isinstance(rid, (str, int)):
+        return "a result without a string id"
+    return None
 
 
 def _note_done(record: dict, state: ResumeState) -> None:
@@ -119,35 +192,71 @@ def _note_done(record: dict, state: ResumeState) -> None:
 
 
 class ResultWriter:
-    """Appends one JSON line per record; durable every `sync_every` records or `sync_seconds`."""
+    """Appends one JSON line per record; durable every `sync_every` records, and within `sync_seconds`
+    of any write (a background thread syncs what is pending). Thread-safe; writer of the output file."""
 
     def __init__(self, output: Path, sync_every: int = 256, sync_seconds: float = 1.0) -> None:
+        self.path = output
         self._file = open(output, "ab")
         self.sync_every = sync_every
         self.sync_seconds = sync_seconds
         self._unsynced = 0
-        self._last_sync = time.monotonic()
         self.num_written = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._failure: OSError | None = None
+        self._syncer = threading.Thread(target=self._sync_pending, name="batchllm-output-sync", daemon=True)
+        self._syncer.start()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-        self.num_written += 1
-        self._unsynced += 1
-        if self._unsynced >= self.sync_every or time.monotonic() - self._last_sync >= self.sync_seconds:
-            self.sync()
+        data = encode_record(record)
+        with self._lock:
+            self._check()
+            self._file.write(data)
+            self.num_written += 1
+            self._unsynced += 1
+            if self._unsynced >= self.sync_every:
+                self._sync_locked()
 
     def sync(self) -> None:
+        with self._lock:
+            self._check()
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._unsynced = 0
-        self._last_sync = time.monotonic()
+
+    def _sync_pending(self) -> None:
+        while not self._closed.wait(self.sync_seconds):
+            with self._lock:
+                if self._unsynced and self._failure is None:
+                    try:
+                        self._sync_locked()
+                    except OSError as e:  # reported by the next write, sync or close
+                        self._failure = e
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def close(self) -> None:
-        self.sync()
-        self._file.close()
+        self._closed.set()
+        self._syncer.join()
+        try:
+            self.sync()
+        finally:
+            self._file.close()
 
     def __enter__(self) -> "ResultWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One JSON line. A lone surrogate (ingest refuses them, but a record must never fail to be written)
+    becomes its JSON escape \\udXXX, so the line stays valid JSON that reads back to the same string."""
+    return json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"

@@ -10,19 +10,23 @@ that cannot be used becomes a `LineError` naming the line and the problem; it ne
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from batchllm.io import openai_batch
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import SamplingParams, short_repr
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
 
 
 PLAIN, OPENAI = "plain", "openai"
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""Valid UTF-8 holds no surrogates, so JSON text can only smuggle one in as an escape; a line without
+such an escape skips the search for lone ones."""
 _NO_OVERRIDES: dict[str, Any] = {}  # shared by every line without sampling fields; never mutated
 
 
@@ -70,6 +74,15 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
 
 
 def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | LineError:
+    """One line's request or its LineError. Never raises: whatever the bytes, the job goes on."""
+    try:
+        return _parse_line(raw, line_number, seen_ids)
+    except Exception as e:  # a case the checks below missed must still cost only this line
+        return LineError(line_number, None, f"line {line_number}: cannot be read ({type(e).__name__}: "
+                                            f"{short_repr(str(e))})")
+
+
+def _parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | LineError:
     def error(message: str, rid: str | None = None) -> LineError:
         return LineError(line_number, rid, f"line {line_number}: {message}")
 
@@ -81,8 +94,18 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | 
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return error(f"malformed JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        return error("malformed JSON: nested too deeply")
+    except ValueError as e:  # an integer literal past Python's digit limit
+        return error(f"malformed JSON: {str(e).split(';')[0]}")
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)):
+        openai = "custom_id" in obj or "body" in obj or "url" in obj
+        rid = _clean_id(obj.get("custom_id") if openai else obj.get("id"))
+        return LineError(line_number, rid, f"line {line_number}: {where} holds a lone surrogate "
+                                           "(an unpaired \\ud800-\\udfff escape), which is not valid Unicode",
+                         OPENAI if openai else None)
     if "custom_id" in obj or "body" in obj or "url" in obj:
         return _parse_openai_line(obj, line_number, seen_ids)
     rid = obj.get("id")
@@ -92,7 +115,7 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | 
         return error("'id' must be a string or an integer")
     rid = str(rid)
     if rid in seen_ids:
-        return error(f"duplicate id {rid!r}", rid)
+        return error(f"duplicate id {short_repr(rid)}", rid)
     seen_ids.add(rid)
     given = [k for k in PROMPT_FIELDS if k in obj]
     if len(given) != 1:
@@ -124,19 +147,52 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str]) -> Batch
     if not isinstance(rid, str) or not rid:
         return error("'custom_id' must be a non-empty string")
     if rid in seen_ids:
-        return error(f"duplicate custom_id {rid!r}", rid)
+        return error(f"duplicate custom_id {short_repr(rid)}", rid)
     seen_ids.add(rid)
     unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
     if unknown:
         return error(f"unsupported field(s): {', '.join(unknown)}", rid)
     if obj.get("method", "POST") != "POST":
-        return error(f"unsupported method {obj.get('method')!r} (only POST)", rid)
+        return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)
     try:
         url, prompt, is_chat, overrides = openai_batch.body_to_request(obj.get("url"), obj.get("body"))
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     model = obj["body"].get("model")
     return BatchLine(line_number, rid, prompt, is_chat, overrides, OPENAI, url, model if isinstance(model, str) else None)
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """Where the first string (key or value) holding a lone surrogate is, as a path like
+    `'messages'[0]['content']`, or None. Iterative: the nesting may be as deep as json allows."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    return f"a field name in {path or 'the line'}"
+                stack.append((f"{path}[{short_repr(key)}]" if path else short_repr(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _encodable(value):
+            return path
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _clean_id(rid: Any) -> str | None:
+    """An id that can be echoed in an error record, or None."""
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return str(rid)
+    return rid if isinstance(rid, str) and _encodable(rid) else None
 
 
 def result_record(request_id: str, output, prompt_tokens: int) -> dict[str, Any]:

@@ -58,9 +58,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     if chat:
         if not isinstance(prompt, list) or not prompt:
             raise BodyError("'messages' must be a non-empty list")
-        for j, message in enumerate(prompt):
-            if isinstance(message, dict) and not isinstance(message.get("content"), str):
-                raise BodyError(f"messages[{j}].content must be a string (content parts are not supported)")
+        prompt = [_text_message(j, message) for j, message in enumerate(prompt)]
         if "max_tokens" in body and "max_completion_tokens" in body:
             raise BodyError("give max_tokens or max_completion_tokens, not both")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -80,6 +78,28 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     return url, prompt, chat, overrides
+
+
+def _text_message(j: int, message: Any) -> Any:
+    """A chat message with its content as one string: a list of text parts is joined with newlines
+    (as vLLM does); any other part type is refused by name."""
+    if not isinstance(message, dict):
+        return message  # the chat template check names it
+    content = message.get("content")
+    if isinstance(content, str):
+        return message
+    if not isinstance(content, list) or not content:
+        raise BodyError(f"messages[{j}].content must be a string or a non-empty list of text parts")
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            shown = f"type {kind!r}" if isinstance(kind, str) else "no type"
+            raise BodyError(f"messages[{j}].content[{k}] has {shown[:60]}; only text parts are supported")
+        if not isinstance(part.get("text"), str):
+            raise BodyError(f"messages[{j}].content[{k}].text must be a string")
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
 
 
 def _ids() -> tuple[str, str]:

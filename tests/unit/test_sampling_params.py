@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from batchllm import SamplingParams
@@ -42,3 +44,32 @@ def test_children_of_a_seeded_request_get_distinct_seeds():
     children = [sp.for_child(i) for i in range(3)]
     assert [c.seed for c in children] == [10, 11, 12]
     assert all(c.n == 1 and c.stop_strings == ["a"] for c in children)
+
+
+@pytest.mark.parametrize("fields,name", [
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": 10**400}, "temperature"), ({"top_p": float("nan")}, "top_p"),
+    ({"min_p": float("-inf")}, "min_p"), ({"n": 2**70}, "n"), ({"n": 1025}, "n"),
+    ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": 2**64 - 1, "n": 2}, "seed"),
+    ({"top_k": 2**70}, "top_k"), ({"stop": [[["x"]] * 3]}, "stop"),
+])
+def test_values_the_engine_cannot_run_are_refused_by_name(fields, name):
+    with pytest.raises(ValueError, match=f"SamplingParams.{name} "):
+        SamplingParams(**fields)
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+    assert SamplingParams(seed=2**64 - 4, n=4).for_child(3).seed == 2**64 - 1
+    assert SamplingParams(n=1024).n == 1024
+
+
+def test_error_messages_quote_values_briefly():
+    deep = json.loads("[" * 950 + "]" * 950)
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop=deep)
+    assert len(str(e.value)) < 200
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop=["x" * 10**6, 3])
+    assert len(str(e.value)) < 300

@@ -1,0 +1,165 @@
+"""Ingest: a batch file becomes validated, tokenized requests, or one named error per bad line.
+
+The one reading path of `batchllm run`, `batchllm plan` and the multi-GPU and Ray paths:
+`prepare_lines` streams the file, skips what a previous run finished (a `ResumeState`), turns
+each line's sampling fields into a `SamplingParams` (seeded from the job seed and the line's id
+when it has no seed of its own) and tokenizes prompts in batches. A line that cannot be used is
+a `LineError`; no line's content can stop the others. `record_for` turns a finished request into
+its output record, in the line's own format.
+
+Writes nothing; holds no state between calls.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from batchllm.inputs import PromptProcessor, TokenizedPrompt
+from batchllm.io import openai_batch
+from batchllm.io.job import ResumeState
+from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record
+from batchllm.sampling_params import SamplingParams, short_repr
+
+__all__ = ["Ingested", "ValidLine", "prepare_lines", "sampling_params_for", "record_for", "input_problem",
+           "PLAIN", "OPENAI"]
+
+
+class ValidLine(NamedTuple):
+    line: BatchLine
+    prompt: TokenizedPrompt
+    """token_ids as an int32 numpy array."""
+    params: SamplingParams
+
+
+class Ingested(NamedTuple):
+    valid: list[ValidLine]
+    """Lines to run, in file order."""
+    errors: list[LineError]
+    """Bad lines without an error record from an earlier run (those are not repeated)."""
+    file_format: str
+    """PLAIN or OPENAI: the format of most lines; error records of unparseable lines use it."""
+
+
+def input_problem(path: Path) -> str | None:
+    """Why the input file cannot be read, or None."""
+    if path.is_dir():
+        return f"cannot read input file {str(path)!r}: it is a directory"
+    if not path.exists():
+        return f"cannot read input file {str(path)!r}: no such file"
+    if not path.is_file():
+        return f"cannot read input file {str(path)!r}: not a regular file (it is read twice: to fingerprint and to run)"
+    try:
+        path.open("rb").close()
+    except OSError as e:
+        return f"cannot read input file {str(path)!r}: {e.strerror}"
+    return None
+
+
+def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
+                  resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024) -> Ingested:
+    """Stream the file and tokenize it in batches, skipping lines a previous run finished.
+
+    Prompts are kept as int32 numpy arrays and identical sampling settings share one SamplingParams,
+    so memory follows the token arrays, not the line count."""
+    resume = resume or ResumeState()
+    valid: list[ValidLine] = []
+    errors: list[LineError] = []
+    formats: dict[str, int] = {}
+    params_cache: dict[Any, SamplingParams] = {}
+    pending: list[tuple[BatchLine, SamplingParams, Any]] = []
+
+    def flush() -> None:
+        results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending])
+        for (line, params, _), result in zip(pending, results):
+            line.prompt = None  # the tokens replace the text: never hold both for a whole file
+            if isinstance(result, ValueError):
+                errors.append(LineError.for_line(line, result))
+            else:
+                valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.token_ids, dtype=np.int32), None), params))
+        pending.clear()
+
+    bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True)
+    for item in read_batch_lines(path):
+        bar.update(1)
+        if isinstance(item, LineError):
+            errors.append(item)
+            continue
+        formats[item.format] = formats.get(item.format, 0) + 1
+        if item.request_id in resume.done_ids:
+            continue
+        try:
+            params = sampling_params_for(item, defaults, global_seed, params_cache)
+            _check_token_ids(params, prompts.vocab_size)
+            prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
+        except ValueError as e:
+            errors.append(LineError.for_line(item, e))
+            continue
+        except Exception as e:  # whatever a line holds, it costs only that line
+            errors.append(LineError.for_line(item, f"cannot be prepared ({type(e).__name__}: {short_repr(str(e))})"))
+            continue
+        pending.append((item, params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt))
+        if len(pending) >= chunk:
+            flush()
+    if pending:
+        flush()
+    bar.close()
+    errors = [e for e in errors if e.line_number not in resume.done_error_lines]  # written by an earlier run
+    file_format = max(formats, key=formats.get) if formats else PLAIN
+    return Ingested(valid, errors, file_format)
+
+
+def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None, cache: dict) -> SamplingParams:
+    """The line's SamplingParams: its own fields over `defaults`; lines without a seed get one derived
+    from `global_seed` and their id. Equal settings share one object through `cache`; raises
+    ValueError naming the field when a value is invalid."""
+    fields = {**defaults, **line.sampling_overrides}
+    if fields.get("seed") is None and global_seed is not None:
+        fields["seed"] = zlib.crc32(f"{global_seed}:{line.request_id}".encode())
+    key = _cache_key(fields)
+    if key is None:  # values no valid SamplingParams holds: validation names the problem
+        return SamplingParams(**fields)
+    if key not in cache:
+        cache[key] = SamplingParams(**fields)
+    return cache[key]
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _cache_key(fields: dict) -> tuple | None:
+    """A hashable key equal only for identical settings, or None for values that cannot be keyed.
+
+    Each value is keyed with its type: 1, 1.0 and true are equal in Python but not as settings
+    (n=true is an error that a cached n=1 must not hide). Only scalars and flat lists of scalars
+    are keyed, so a deeply nested or huge value costs no recursion and no text rendering."""
+    key = []
+    for name in sorted(fields):
+        value = fields[name]
+        if isinstance(value, _SCALARS):
+            key.append((name, type(value), value))
+        elif isinstance(value, list) and all(isinstance(x, _SCALARS) for x in value):
+            key.append((name, list, tuple((type(x), x) for x in value)))
+        else:
+            return None
+    return tuple(key)
+
+
+def _check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """stop_token_ids index the logits (min_tokens bans them there): refuse ids outside the vocabulary."""
+    for t in params.stop_token_ids:
+        if t >= vocab_size:
+            raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
+def record_for(line: BatchLine, output, model_name: str) -> dict:
+    """The output record of a finished request, in the line's format (OpenAI lines echo their model)."""
+    if line.format == OPENAI:
+        top = line.sampling_overrides.get("logprobs") or 0
+        return openai_batch.success_record(line.request_id, line.url, line.model or model_name, output,
+                                           len(output.prompt_token_ids), top)
+    return result_record(line.request_id, output, len(output.prompt_token_ids))

@@ -1,0 +1,90 @@
+"""Issue 21: no line's content can stop a batch job; the job's own failures are told apart from a line's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHAT = "/v1/chat/completions"
+DEEP = 100_000
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "batchllm.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def openai(custom_id, **body):
+    body.setdefault("messages", [{"role": "user", "content": "Say hello."}])
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": CHAT,
+                       "body": {"model": "m", "max_tokens": 3, "temperature": 0, **body}})
+
+
+# (input line, the fragment its error message must hold); None: a good line
+LINES = [
+    ('{"id": "good-1", "prompt": "The capital of France is", "max_tokens": 3}', None),
+    ('{"id": "sur-prompt", "prompt": "a\\ud800b"}', "'prompt' holds a lone surrogate"),
+    ('{"id": "sur-chat", "messages": [{"role": "user", "content": "\\udfff"}]}', "'messages'[0]['content']"),
+    (openai("sur-openai", messages=[{"role": "user", "content": "x\\ud834"}]).replace("\\\\", "\\"),
+     "'body'['messages'][0]['content'] holds a lone surrogate"),
+    ('{"id": "x\\ud800", "prompt": "hi"}', "'id' holds a lone surrogate"),
+    ('{"id": "sur-field", "prompt": "hi", "\\ud800": 1}', "a field name in the line holds a lone surrogate"),
+    ('{"id": "seed-big", "prompt": "hi", "seed": 18446744073709551616}', "SamplingParams.seed must be in"),
+    ('{"id": "seed-neg", "prompt": "hi", "seed": -%d}' % 2**70, "SamplingParams.seed must be in"),
+    ('{"id": "digits", "prompt": "hi", "max_tokens": %s}' % ("7" * 5000), "malformed JSON: Exceeds the limit"),
+    ("[" * DEEP + "]" * DEEP, "nested too deeply"),
+    ('{"id": "deep", "prompt": "hi", "stop": %s}' % ("[" * DEEP + "]" * DEEP), "nested too deeply"),
+    ('{"id": "n-huge", "prompt": "hi", "n": %d}' % 2**70, "SamplingParams.n must be in [1, 1024]"),
+    ('{"id": "nan", "prompt": "hi", "temperature": NaN}', "SamplingParams.temperature must be a finite number"),
+    (openai("nan-openai", temperature=float("nan")), "SamplingParams.temperature must be a finite number"),
+    ('{"id": "inf", "prompt": "hi", "top_p": -Infinity}', "SamplingParams.top_p must be a finite number"),
+    ('{"id": "stop-id", "prompt": "hi", "stop_token_ids": [%d], "min_tokens": 2}' % 2**70,
+     "stop_token_ids: token id %d is outside the vocabulary" % 2**70),
+    ('{"id": "top-k", "prompt": "hi", "top_k": %d}' % 2**70, "SamplingParams.top_k must be"),
+    ('{"id": "good-2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}', None),
+    (openai("good-3"), None),
+]
+
+
+def _outcomes(out):
+    """(id, error message or None) per record; OpenAI error messages carry the line number."""
+    result = {}
+    for raw in out.read_bytes().splitlines():
+        rec = json.loads(raw)
+        rid = rec.get("custom_id", rec.get("id"))
+        error = rec.get("error")
+        key = int(error["message"].split(":")[0].split()[1]) if error else rid
+        result[key] = error["message"] if error else None
+    return result
+
+
+def test_every_bad_line_is_its_own_error_and_the_rest_complete(tmp_path, default_model_dir):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(line for line, _ in LINES) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ("run", src, "-o", out, "--temperature", "0", "--no-progress")
+    r = cli(*args)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    outcomes = _outcomes(out)
+    assert len(out.read_bytes().splitlines()) == len(LINES), "one record per line"
+    for number, (_, fragment) in enumerate(LINES, start=1):
+        if fragment is None:
+            continue
+        assert fragment in outcomes[number], (number, outcomes[number])
+    assert {k for k, v in outcomes.items() if v is None} == {"good-1", "good-2", "good-3"}
+    n_bad = sum(f is not None for _, f in LINES)
+    assert f"3 done, {n_bad} failed" in r.stderr
+
+    first = out.read_bytes()
+    again = cli(*args)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert out.read_bytes() == first, "a rerun finds everything done and rewrites nothing"
+
+

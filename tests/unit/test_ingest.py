@@ -1,0 +1,128 @@
+"""Ingest (io/ingest.py): whatever a line holds, it becomes a request or its own named error (issue 21)."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchllm.io.ingest import prepare_lines, sampling_params_for
+from batchllm.io.job import ResumeState, encode_record
+from batchllm.io.jsonl import BatchLine, LineError, parse_line
+from batchllm.sampling_params import SamplingParams
+
+
+@lru_cache(maxsize=1)
+def processor():
+    from batchllm.inputs import prompt_processor_for
+
+    return prompt_processor_for(None)
+
+
+def ingest(data: bytes, defaults=None, seed=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.jsonl"
+        path.write_bytes(data)
+        return prepare_lines(path, processor(), defaults or {"max_tokens": 4}, seed, ResumeState(), chunk=3)
+
+
+SURROGATES = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"])
+TEXT = st.one_of(st.text(max_size=12), st.builds(lambda a, s, b: a + s + b, st.text(max_size=4), SURROGATES,
+                                                  st.text(max_size=4)))
+NUMBERS = st.one_of(st.integers(), st.integers(min_value=-(2**80), max_value=2**80), st.floats(allow_nan=True),
+                    st.sampled_from([2**64, 2**64 - 1, -(2**63) - 1, 2**70, 10**300, 0, -1, 1, True, False]))
+JSON = st.recursive(st.one_of(st.none(), NUMBERS, TEXT),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
+                    max_leaves=8)
+KEYS = st.sampled_from(["id", "prompt", "messages", "prompt_token_ids", "custom_id", "url", "body", "method",
+                        *SamplingParams.field_names()])
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]),
+                                           "content": st.one_of(TEXT, JSON)}), max_size=3)
+BODY = st.fixed_dictionaries({"messages": MESSAGES}, optional={
+    "max_tokens": NUMBERS, "temperature": NUMBERS, "n": NUMBERS, "seed": NUMBERS, "top_p": NUMBERS,
+    "stop": JSON, "logprobs": st.one_of(st.booleans(), NUMBERS), "top_logprobs": NUMBERS, "model": JSON})
+PLAIN_LINE = st.one_of(
+    st.dictionaries(KEYS, JSON, max_size=6),
+    st.fixed_dictionaries({"id": st.one_of(TEXT, st.integers()), "prompt": TEXT},
+                          optional={k: st.one_of(NUMBERS, JSON) for k in SamplingParams.field_names()}),
+    st.fixed_dictionaries({"id": TEXT, "messages": MESSAGES}),
+    st.fixed_dictionaries({"id": TEXT, "prompt_token_ids": st.lists(NUMBERS, max_size=5)}),
+    st.fixed_dictionaries({"custom_id": TEXT, "method": st.just("POST"),
+                           "url": st.sampled_from(["/v1/chat/completions", "/v1/completions", "x"]), "body": BODY}),
+)
+
+
+def deep(depth: int, inside: bool) -> bytes:
+    nest = b"[" * depth + b"]" * depth
+    return b'{"id": "d", "prompt": "x", "stop": ' + nest + b"}" if inside else nest
+
+
+LINE = st.one_of(
+    PLAIN_LINE.map(lambda obj: json.dumps(obj).encode()),  # ensure_ascii: surrogates reach files as escapes
+    st.binary(max_size=40),
+    st.builds(deep, st.sampled_from([10, 500, 990, 5000, 100_000]), st.booleans()),
+    st.builds(lambda n, k: b'{"id": "n", "prompt": "x", "%s": %s}' % (k.encode(), b"9" * n),
+              st.integers(4000, 6000), st.sampled_from(["n", "seed", "max_tokens", "top_k"])),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(LINE, min_size=1, max_size=4), st.one_of(st.none(), st.integers(-5, 5)))
+def test_no_line_escapes_the_per_line_path(lines, seed):
+    data = b"\n".join(lines) + b"\n"
+    result = ingest(data, seed=seed)  # never raises
+    assert len(result.valid) + len(result.errors) == sum(1 for raw in data.split(b"\n") if raw.strip())
+    for error in result.errors:
+        assert error.message.startswith(f"line {error.line_number}: ")
+        json.loads(encode_record(error.record(result.file_format)))  # every error can be written
+    for valid in result.valid:
+        assert valid.params.n <= 1024 and math.isfinite(valid.params.temperature)
+        encode_record({"id": valid.line.request_id}).decode("utf-8")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_parse_line_never_raises_on_bytes(raw):
+    assert isinstance(parse_line(raw, 1, set()), (BatchLine, LineError))
+
+
+def test_the_sampling_cache_tells_values_of_different_types_apart():
+    cache: dict = {}
+    line = BatchLine(1, "a", "x", False, {"n": 1})
+    assert sampling_params_for(line, {}, None, cache).n == 1
+    for odd in ({"n": True}, {"n": 1.0}, {"ignore_eos": 1}, {"stop": [[["x"]]]}, {"temperature": float("nan")}):
+        with pytest.raises(ValueError):
+            sampling_params_for(BatchLine(2, "b", "x", False, odd), {}, None, cache)
+    deep_stop = json.loads("[" * 900 + "]" * 900)  # too deep to render as a key; refused by name
+    with pytest.raises(ValueError, match="stop"):
+        sampling_params_for(BatchLine(3, "c", "x", False, {"stop": deep_stop}), {}, None, cache)
+
+
+def test_a_prompt_the_tokenizer_refuses_fails_alone():
+    prompts = processor()
+    results = prompts.tokenize_many(["hello", "bad \ud800", "world"], [1, 2, 3])
+    assert isinstance(results[1], ValueError) and "prompt 2" in str(results[1])
+    assert results[0].token_ids and results[2].token_ids
+
+
+def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
+    def line(content):
+        obj = {"custom_id": "c", "url": "/v1/chat/completions",
+               "body": {"messages": [{"role": "user", "content": content}]}}
+        return parse_line(json.dumps(obj).encode(), 1, set())
+
+    ok = line([{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}])
+    assert isinstance(ok, BatchLine) and ok.prompt == [{"role": "user", "content": "Hello\nworld"}]
+    image = line([{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}])
+    assert isinstance(image, LineError) and "messages[0].content[1] has type 'image_url'" in image.message
+    assert "content[0].text must be a string" in line([{"type": "text", "text": 3}]).message
+    assert "non-empty list of text parts" in line([]).message
+    chat = ingest((json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}}) + "\n").encode())
+    assert len(chat.valid) == 1 and not chat.errors

@@ -1,0 +1,148 @@
+"""The job's files without a model: refusals before anything is written, damaged files named, the
+writer's time bound, and exit statuses (issue 21)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from batchllm import cli
+from batchllm.io.job import JobError, ResultWriter, encode_record, input_fingerprint, prepare_output
+
+
+def run(capsys, *args):
+    code = cli.main(["run", *map(str, args), "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def test_output_onto_the_input_is_refused_even_with_overwrite(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    content = '{"id": "a", "prompt": "hi"}\n'
+    src.write_text(content)
+    link = tmp_path / "other-name.jsonl"
+    os.link(src, link)
+    symlink = tmp_path / "sym.jsonl"
+    symlink.symlink_to(src)
+    for output in (src, link, symlink, tmp_path / "." / "in.jsonl"):
+        for extra in ([], ["--overwrite"]):
+            code, err = run(capsys, src, "-o", output, *extra)
+            assert code == 2 and "onto the input file" in err, err
+            assert src.read_text() == content
+    assert not (tmp_path / "in.jsonl.batchllm-state").exists()
+
+
+@pytest.mark.parametrize("output,state,fragment", [
+    ('{"id": "a", "text": "x"}\n[1, 2]\n', None, "damaged at line 2 (a JSON list, not an object)"),
+    ('{"id": "a", "error": "str"}\n', None, "damaged at line 1 ('error' is neither null nor an object)"),
+    ('{"id": "a", "text": "x"}\n\0\0\0\0\n', None, "damaged at line 2 (not JSON"),
+    ('{"text": "x"}\n', None, "damaged at line 1 (a result without a string id)"),
+    ('{"id": "a", "text": "x"}\n', "[]", "the state file"),
+    ('{"id": "a", "text": "x"}\n', "\0\0\0", "the state file"),
+    ('{"id": "a", "text": "x"}\n', '{"input_size": 1}', "the state file"),
+])
+def test_a_damaged_output_or_state_file_is_named_with_exit_2(tmp_path, capsys, output, state, fragment):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text(output)
+    state_path = tmp_path / "out.jsonl.batchllm-state"
+    state_path.write_text(state if state is not None else json.dumps({"input": str(src), **input_fingerprint(src)}))
+    code, err = run(capsys, src, "-o", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert fragment in err and "--overwrite" in err and (str(out) in err or str(state_path) in err), err
+    assert out.read_text() == output, "a damaged output is left as it was"
+
+
+def test_inputs_that_are_not_files(tmp_path, capsys):
+    code, err = run(capsys, tmp_path, "-o", tmp_path / "o.jsonl")
+    assert code == 2 and "is a directory" in err
+    code, err = run(capsys, tmp_path / "missing.jsonl", "-o", tmp_path / "o.jsonl")
+    assert code == 2 and "no such file" in err
+
+
+def test_an_unexpected_failure_exits_3_with_one_line_and_the_traceback_only_under_debug(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "prepare_output", broken)
+    code, err = run(capsys, src, "-o", tmp_path / "o.jsonl")
+    assert code == 3 and err.startswith("batchllm: error: unexpected failure: KeyError") and err.count("\n") == 1
+    code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--debug")
+    assert code == 3 and "Traceback" in err and "KeyError" in err
+
+
+def test_an_out_of_range_seed_option_is_a_bad_option(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--seed", str(2**64))
+    assert code == 2 and "seed" in err
+
+
+def test_a_finished_record_is_on_disk_within_the_bound_while_the_job_is_busy(tmp_path):
+    """One long request still running must not hold finished results in a buffer: nothing else is
+    written after the record, and the main thread stays busy in Python (holding the GIL in turns)."""
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    with ResultWriter(out, sync_every=10_000, sync_seconds=0.2) as writer:
+        writer.write({"id": "done", "text": "x"})
+        started = time.monotonic()
+        seen = None
+        while time.monotonic() - started < 5:
+            sum(range(20_000))  # busy, as a running step is
+            if out.read_bytes():
+                seen = time.monotonic() - started
+                break
+        assert seen is not None and seen < 1.0, seen
+        assert out.read_bytes() == b'{"id": "done", "text": "x"}\n'
+
+
+def test_the_writer_is_safe_from_several_threads(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    with ResultWriter(out, sync_every=7, sync_seconds=0.01) as writer:
+        threads = [threading.Thread(target=lambda t=t: [writer.write({"id": f"{t}-{i}"}) for i in range(200)])
+                   for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    ids = [json.loads(x)["id"] for x in out.read_bytes().splitlines()]
+    assert sorted(ids) == sorted(f"{t}-{i}" for t in range(4) for i in range(200))
+
+
+def test_a_record_with_a_lone_surrogate_is_still_valid_json():
+    record = {"id": "x\ud800", "text": "a\\\udfffé"}
+    line = encode_record(record)
+    line.decode("utf-8")
+    assert json.loads(line) == record
+
+
+def test_prepare_output_refusals_write_nothing(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("{}\n")
+    with pytest.raises(JobError, match="onto the input"):
+        prepare_output(src, src, overwrite=True)
+    assert src.read_text() == "{}\n"
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    from batchllm.io.job import OutputLock
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    out = tmp_path / "out.jsonl"
+    with OutputLock(out):
+        code, err = run(capsys, src, "-o", out)
+        assert code == 2 and "another batchllm run is writing" in err, err
+        code, err = run(capsys, src, "-o", out, "--overwrite")
+        assert code == 2 and "another batchllm run" in err
+    code, err = run(capsys, src, "-o", out, "--seed", str(2**64))  # the lock is free again; refused for the seed
+    assert code == 2 and "seed" in err
+    assert not out.exists(), "a refused job leaves no empty output behind"
