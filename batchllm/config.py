@@ -1,18 +1,44 @@
-"""Frozen configuration objects, one docstring line per field.
+"""Frozen configuration objects: every engine option is declared here once, as a field with its
+default, its help text and (where it has them) its choices.
 
-This module is the only place that reads environment variables. Values found at run time (the
+`batchllm/options.py` derives the CLI arguments and the `LLM` keywords from these declarations, so
+a new option is one field here. Configs are frozen (house rule 6): values found at run time (the
 number of KV blocks, EOS ids, the model's context length) live in result objects elsewhere
-(`runner.KVCacheSpec`, `models.ModelSpec`), never written back into these configs.
+(`runner.KVCacheSpec`, `models.ModelSpec`, `engine.Engine`), never written back into them. This
+module is the only place that reads environment variables.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from batchllm.core.policies import GROUP_ORDERS  # torch-free
+from batchllm.prefix.plan import PLAN_MODES
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """A config field declared once: its default, its help text (shown by `--help`) and its choices
+    (checked when the config is built, and offered by the CLI)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
+
+
+def _check_choices(config: Any) -> None:
+    """Raise ValueError naming the field if a field with declared choices holds anything else."""
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
 
 
 def default_cache_dir() -> Path:
@@ -32,41 +58,39 @@ def default_log_level() -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str | None = None
-    """Model directory (config.json + *.safetensors + tokenizer). None: the embedded SmolLM2-135M-Instruct."""
-    tokenizer: str | None = None
-    """Tokenizer directory; None means the model directory."""
-    dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (float32 on CPU; the checkpoint's dtype, else bfloat16, on GPU)."""
-    max_model_len: int | None = None
-    """Cap on prompt + output tokens per request; None: the model's max_position_embeddings."""
-    load_format: str = "auto"
-    """auto/safetensors: read weights from the directory; dummy: random weights from config.json alone."""
-    seed: int = 0
-    """Seed of the engine-wide generator used by requests without a seed of their own (and dummy weights)."""
-    device: str = "auto"
-    """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
-    skip_tokenizer_init: bool = False
-    """Do not load a tokenizer: prompts must be token ids and outputs carry no text."""
-    attention_backend: str = "auto"
-    """auto (triton on CUDA when Triton is installed, else torch) | torch (reference) | triton."""
-    kernels: str = "auto"
-    """Norm, rotary and SiLU ops: auto (one Triton kernel each on CUDA when Triton is installed, else
-    torch) | torch | triton."""
-    enforce_eager: bool = False
-    """Never use CUDA graphs (else decode steps run as graphs on CUDA with the Triton attention)."""
-    max_cudagraph_capture_size: int = 512
-    """Largest decode batch (sequences) with a CUDA graph; larger decode steps run eagerly."""
+    model: str | None = option(
+        None, "Hugging Face model directory (config.json + *.safetensors + tokenizer); "
+        "None: the embedded SmolLM2-135M-Instruct")
+    tokenizer: str | None = option(None, "tokenizer directory; None: the model directory")
+    dtype: str = option("auto", "weight and KV dtype; auto: float32 on CPU, the checkpoint's 16-bit dtype "
+                        "(else bfloat16) on GPU", choices=_DTYPES)
+    max_model_len: int | None = option(None, "cap on prompt + output tokens per request; None: the model's "
+                                       "max_position_embeddings")
+    load_format: str = option("auto", "auto/safetensors: read the weights from the model directory; dummy: "
+                              "random weights from config.json alone (benchmarking shapes)", choices=_LOAD_FORMATS)
+    seed: int = option(0, "seed of the engine-wide generator used by requests without a seed of their own "
+                       "(and of dummy weights)")
+    device: str = option("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts must be token ids and outputs carry "
+                                       "no text")
+    trust_remote_code: bool = option(False, "accepted for vLLM compatibility and ignored: BatchLLM runs no code "
+                                     "from the model directory (its architectures are built in)")
+    quantization: str | None = option(None, "weight quantization method: not supported yet (only None)")
+    attention_backend: str = option("auto", "auto: triton on CUDA when Triton is installed, else torch "
+                                    "(the reference)", choices=_KERNEL_CHOICES)
+    shared_prefix_attention: bool = option(True, "the Triton attention reads a shared prefix's keys once for "
+                                           "its group's decodes; off: plain paged attention (for comparison)")
+    kernels: str = option("auto", "norm, rotary and SiLU ops; auto: one Triton kernel each on CUDA when "
+                          "Triton is installed, else torch", choices=_KERNEL_CHOICES)
+    enforce_eager: bool = option(False, "never use CUDA graphs (else decode steps run as graphs on CUDA with "
+                                 "the Triton attention)")
+    max_cudagraph_capture_size: int = option(512, "largest decode batch (sequences) with a CUDA graph; larger "
+                                             "decode steps run eagerly")
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise ValueError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.load_format not in _LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        _check_choices(self)
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet (only None)")
         if self.max_cudagraph_capture_size < 1:
             raise ValueError(f"max_cudagraph_capture_size must be >= 1, got {self.max_cudagraph_capture_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -75,14 +99,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    """Tokens per KV block."""
-    kv_cache_memory_gib: float | None = None
-    """KV cache size in GiB. None: on CPU 2 GiB; on GPU gpu_memory_utilization of the card less what is used."""
-    gpu_memory_utilization: float = 0.90
-    """Fraction of the GPU's memory this process may use (weights + activations + KV), when the size is automatic."""
-    num_kv_blocks: int | None = None
-    """Exact number of KV blocks (overrides the memory settings; used by tests to force preemption)."""
+    block_size: int = option(16, "tokens per KV block")
+    kv_cache_memory_gib: float | None = option(None, "KV cache size in GiB; None: 2 on CPU, on GPU what "
+                                               "gpu_memory_utilization of the card leaves")
+    gpu_memory_utilization: float = option(0.90, "fraction of the GPU's memory this process may use (weights + "
+                                           "activations + KV) when the KV size is automatic")
+    num_kv_blocks: int | None = option(None, "exact number of KV blocks (overrides the memory settings; tests "
+                                       "use it to force preemption)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -97,16 +120,16 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    """Token budget of one forward step (decode tokens + prefill chunks)."""
-    max_num_seqs: int | None = None
-    """Most requests running at once; None: no cap (admission is by projected KV memory)."""
-    kv_admission_threshold: float = 1.0
-    """Admit new work while the projected KV use (prefixes once + suffixes + expected outputs) fits this fraction of the pool."""
-    enable_chunked_prefill: bool = True
-    """Split long prompts across steps; off: a prompt is prefilled in one step (needs a budget >= max_model_len)."""
-    async_scheduling: bool | None = None
-    """Schedule and submit each step while the one before runs on the device; None: on for CUDA devices."""
+    max_num_batched_tokens: int = option(2048, "token budget of one forward step (decode tokens + prefill "
+                                         "chunks)")
+    max_num_seqs: int | None = option(None, "most requests running at once; None: no cap (admission is by "
+                                      "projected KV memory)")
+    kv_admission_threshold: float = option(1.0, "admit new work while the projected KV use (prefixes once + "
+                                           "suffixes + expected outputs) fits this fraction of the pool")
+    enable_chunked_prefill: bool = option(True, "split long prompts across steps; off: a prompt is prefilled in "
+                                          "one step (needs max_num_batched_tokens >= max_model_len)")
+    async_scheduling: bool | None = option(None, "schedule and submit each step while the one before runs on "
+                                           "the device; None (auto): on for CUDA devices")
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -119,29 +142,24 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SharingConfig:
-    prefix_sharing: bool = True
-    """Plan prefix sharing over the whole batch and compute each shared prefix once."""
-    plan_mode: str = "multi"
-    """multi: nested groups, every shared segment computed once; single: BatchLLM's one-level groups."""
-    group_order: str = "decode"
-    """Order of groups: decode (expected decode work per prefill token), prefill (BatchLLM's), fifo."""
+    prefix_sharing: bool = option(True, "plan prefix sharing over the whole batch and compute each shared "
+                                  "prefix once (vLLM's enable_prefix_caching maps here)")
+    plan_mode: str = option("multi", "multi: nested groups, each shared segment computed once; single: "
+                            "BatchLLM's one-level groups", choices=PLAN_MODES)
+    group_order: str = option("decode", "order of groups: decode = expected decode work per prefill token; "
+                              "prefill = BatchLLM's 1/(prefix + suffixes); fifo = input order",
+                              choices=tuple(GROUP_ORDERS))
 
     def __post_init__(self) -> None:
-        from batchllm.core.policies import GROUP_ORDERS  # torch-free; imported here to keep config a leaf
-        from batchllm.prefix.plan import PLAN_MODES
-
-        if self.plan_mode not in PLAN_MODES:
-            raise ValueError(f"plan_mode must be one of {PLAN_MODES}, got {self.plan_mode!r}")
-        if self.group_order not in GROUP_ORDERS:
-            raise ValueError(f"group_order must be one of {tuple(GROUP_ORDERS)}, got {self.group_order!r}")
+        _check_choices(self)
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    data_parallel_size: int = 1
-    """Engine processes, each on its own GPU (or tensor-parallel group), each given whole prefix groups."""
-    tensor_parallel_size: int = 1
-    """GPUs (CPU: gloo processes) one engine's model is sharded over, Megatron style."""
+    data_parallel_size: int = option(1, "engine processes, each on its own GPU (or tensor-parallel group), "
+                                     "each given whole prefix groups")
+    tensor_parallel_size: int = option(1, "GPUs (CPU: gloo processes) one engine's model is sharded over, "
+                                       "Megatron style")
 
     def __post_init__(self) -> None:
         if self.data_parallel_size < 1:
@@ -152,6 +170,9 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """One engine's whole configuration: one section per concern. Option names are unique across
+    sections, so a flat keyword (`LLM(block_size=...)`, `--block-size`) names one field."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,5 +1,6 @@
-"""The facade: `LLM(...)` loads a model; `generate` / `chat` tokenize, run the engine loop, detokenize
-and return one `RequestOutput` per prompt in input order (vLLM's API).
+"""The facade: `LLM(...)` builds an engine from its options (`engine.build_engine`); `generate` /
+`chat` tokenize, submit, run the engine loop, detokenize and return one `RequestOutput` per prompt in
+input order (vLLM's API).
 
 Writer of the per-completion output state (`CompletionState`); the scheduler owns request state.
 """
@@ -7,157 +8,58 @@ Writer of the per-completion output state (`CompletionState`); the scheduler own
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from batchllm.attention import TorchReferenceBackend
-from batchllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SharingConfig, default_log_level
+from batchllm.config import default_log_level
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
+from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
-from batchllm.core.kv_cache_manager import KVCacheManager
-from batchllm.core.scheduler import Scheduler
-from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, resolve_max_model_len
-from batchllm.models.default_model import default_model_dir
-from batchllm.layers.ops import make_ops, use_triton
-from batchllm.models.loader import build_model
-from batchllm.models.spec import read_model_spec
+from batchllm.engine import build_engine
+from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer
+from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState
-from batchllm.prefix import MULTI_LEVEL, PrefixPlan, plan_prefix_sharing
+from batchllm.prefix import PrefixPlan, plan_prefix_sharing
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
-from batchllm.runner.model_runner import ModelRunner, plan_kv_cache
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("batchllm")
 logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LLM:
     """An offline LLM engine. Keyword arguments follow vLLM's `LLM` where they exist.
 
     model: a Hugging Face model directory; None for the embedded SmolLM2-135M-Instruct.
+    Every other keyword is an engine option, declared once in `config.py` (`batchllm run --help`
+    lists them with their defaults); vLLM's `enable_prefix_caching` means `prefix_sharing`, and an
+    unknown keyword is a TypeError naming it.
     """
 
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        *,
-        tokenizer: str | Path | None = None,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        seed: int = 0,
-        device: str = "auto",
-        load_format: str = "auto",
-        skip_tokenizer_init: bool = False,
-        attention_backend: str = "auto",
-        kernels: str = "auto",
-        enforce_eager: bool = False,
-        max_cudagraph_capture_size: int = 512,
-        block_size: int = 16,
-        kv_cache_memory_gib: float | None = None,
-        gpu_memory_utilization: float = 0.90,
-        num_kv_blocks: int | None = None,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int | None = None,
-        enable_chunked_prefill: bool = True,
-        kv_admission_threshold: float = 1.0,
-        async_scheduling: bool | None = None,
-        prefix_sharing: bool = True,
-        plan_mode: str = MULTI_LEVEL,
-        group_order: str = "decode",
-    ) -> None:
-        self.config = EngineConfig(
-            model=ModelConfig(
-                model=None if model is None else str(model),
-                tokenizer=None if tokenizer is None else str(tokenizer),
-                dtype=dtype,
-                max_model_len=max_model_len,
-                load_format=load_format,
-                seed=seed,
-                device=device,
-                skip_tokenizer_init=skip_tokenizer_init,
-                attention_backend=attention_backend,
-                kernels=kernels,
-                enforce_eager=enforce_eager,
-                max_cudagraph_capture_size=max_cudagraph_capture_size,
-            ),
-            cache=CacheConfig(
-                block_size=block_size,
-                kv_cache_memory_gib=kv_cache_memory_gib,
-                gpu_memory_utilization=gpu_memory_utilization,
-                num_kv_blocks=num_kv_blocks,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                enable_chunked_prefill=enable_chunked_prefill,
-                kv_admission_threshold=kv_admission_threshold,
-                async_scheduling=async_scheduling,
-            ),
-            sharing=SharingConfig(prefix_sharing=prefix_sharing, plan_mode=plan_mode, group_order=group_order),
-        )
-        self.sharing = self.config.sharing
-        """How the next generate call shares prefixes; replace it (dataclasses.replace) to compare."""
+    def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
+        self.config = engine_config(model=model, **kwargs)
+        self.engine = build_engine(self.config)
+        """The built engine: `engine.core` runs the steps, `engine.runner` the model."""
+        self.model_dir, self.model_spec = self.engine.model_dir, self.engine.model_spec
+        self.max_model_len = self.engine.max_model_len
         mc = self.config.model
-        self.model_dir = Path(mc.model) if mc.model is not None else default_model_dir()
-        self.model_spec = read_model_spec(self.model_dir)
-        self.device = _resolve_device(mc.device)
-        self.dtype = _resolve_dtype(mc.dtype, self.model_spec.checkpoint_dtype, self.device)
-        self.max_model_len = resolve_max_model_len(mc.max_model_len, self.model_spec)
-        sc = self.config.scheduler
-        if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"with chunked prefill off, max_num_batched_tokens ({sc.max_num_batched_tokens}) must be "
-                f">= max_model_len ({self.max_model_len}), or no long prompt could ever run"
-            )
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(Path(mc.tokenizer or self.model_dir))
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
-
-        self.model = build_model(
-            self.model_spec,
-            self.model_dir,
-            max_positions=self.max_model_len,
-            dtype=self.dtype,
-            device=self.device,
-            load_format="dummy" if mc.load_format == "dummy" else "safetensors",
-            seed=mc.seed,
-            ops=make_ops(mc.kernels, self.device),
-        )
-        self.kv_spec = plan_kv_cache(self.model_spec, self.config.cache, self.dtype, self.device)
-        self.attention_backend = _attention_backend(mc.attention_backend, self.device)
-        if hasattr(self.attention_backend, "warmup"):
-            spec = self.model_spec
-            self.attention_backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                          self.kv_spec.block_size, self.dtype, self.device)
-        runner = ModelRunner(
-            self.model, self.kv_spec, self.attention_backend, device=self.device, dtype=self.dtype, seed=mc.seed
-        )
-        if self.device.type == "cuda" and not mc.enforce_eager and getattr(self.attention_backend, "supports_decode_graphs", False):
-            max_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
-            runner.setup_decode_graphs(max_batch, self.max_model_len)
-        kv = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
-        overlap = self.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
-        self.engine = EngineCore(Scheduler(sc, kv, self.max_model_len), runner, async_scheduling=overlap)
         self._request_counter = itertools.count()
         self.last_stats: dict[str, Any] = {}
-        logger.info(
-            "model %s (%s) on %s, %s, max_model_len %d, %d KV blocks of %d tokens",
-            self.model_dir, self.model_spec.architecture, self.device, self.dtype,
-            self.max_model_len, self.kv_spec.num_blocks, self.kv_spec.block_size,
-        )
 
     # ------------------------------------------------------------------ public API
     def get_tokenizer(self):
@@ -227,99 +129,136 @@ class LLM:
         use_tqdm: bool = True,
         progress_desc: str = "Processed prompts",
     ) -> Iterator[tuple[int, RequestOutput]]:
-        """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes."""
-        call_id = next(self._request_counter)
-        states: dict[str, tuple[int, CompletionState]] = {}
-        pending: dict[int, list[CompletionState]] = {}
-        requests: list[Request] = []
+        """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes.
+        Afterwards (also when the caller stops early) `last_stats` holds the call's statistics."""
+        call = self._submit(prompts, params)
+        core = self.engine.core
+        before, log_start = dataclasses.replace(core.scheduler.stats), len(core.step_log)
+        started = time.perf_counter()
+        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        with _quiet_gc():
+            try:
+                while core.has_unfinished():
+                    for index, output in self._step(call):
+                        bar.update(1)
+                        yield index, output
+                    if use_tqdm:
+                        elapsed = time.perf_counter() - started
+                        bar.set_postfix_str(f"out {call.output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+            finally:
+                bar.close()
+                if call.states:  # the caller stopped early or a step failed: leave the engine clean for next time
+                    core.finish_requests(list(call.states), "abort")
+                    _drain_quietly(core)
+                self.last_stats = self._statistics(call, before, log_start, time.perf_counter() - started)
+
+    def _submit(self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams]) -> _Call:
+        """Make the call's requests (n > 1: one per completion), plan their prefix sharing and add
+        the ordered submission (prefix requests and top-level units) to the engine."""
+        call = _Call(next(self._request_counter), prompts)
         for index, (prompt, sp) in enumerate(zip(prompts, params)):
             children = []
             for k in range(sp.n):
                 child_params = sp if sp.n == 1 else sp.for_child(k)
-                request = Request(
-                    request_id=f"{call_id}-{index}-{k}",
-                    prompt_token_ids=prompt.token_ids,
-                    sampling_params=child_params,
-                    eos_token_ids=self.eos_token_ids,
-                    arrival_index=index,
-                )
-                requests.append(request)
+                request = Request(request_id=f"{call.call_id}-{index}-{k}", prompt_token_ids=prompt.token_ids,
+                                  sampling_params=child_params, eos_token_ids=self.eos_token_ids,
+                                  arrival_index=index)
+                call.requests.append(request)
                 state = CompletionState(k, child_params, self.tokenizer)
-                states[request.request_id] = (index, state)
+                call.states[request.request_id] = (index, state)
                 children.append(state)
-            pending[index] = children
-
+            call.pending[index] = children
         plan_started = time.perf_counter()
-        prompt_ids = [r.prompt_token_ids for r in requests]
-        sharing = self.sharing
+        prompt_ids = [r.prompt_token_ids for r in call.requests]
+        sharing = self.config.sharing
         if sharing.prefix_sharing:
-            plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode)
+            call.plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode)
         else:
-            plan = PrefixPlan.without_sharing([len(p) for p in prompt_ids], sharing.plan_mode)
+            call.plan = PrefixPlan.without_sharing([len(p) for p in prompt_ids], sharing.plan_mode)
         max_len = self.max_model_len
-        submission = build_submission(
-            plan, requests, GROUP_ORDERS[sharing.group_order](),
-            lambda r: expected_output_tokens(r, max_len), id_prefix=f"{call_id}-",
-        )
-        plan_seconds = time.perf_counter() - plan_started
+        submission = build_submission(call.plan, call.requests, GROUP_ORDERS[sharing.group_order](),
+                                      lambda r: expected_output_tokens(r, max_len), id_prefix=f"{call.call_id}-")
+        call.plan_seconds = time.perf_counter() - plan_started
         for request in submission:
-            self.engine.add_request(request)
+            self.engine.core.add_request(request)
+        return call
 
-        stats_before = _snapshot(self.engine)
-        started = time.perf_counter()
-        prompt_tokens = plan.prompt_tokens
-        output_tokens = 0
-        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
-        with _quiet_gc():
-            try:
-                while self.engine.has_unfinished():
-                    updates = self.engine.step()
-                    output_tokens += len(updates)
-                    for update in updates:
-                        index, state = states[update.request_id]
-                        matched = state.append(update.new_token_id, update.logprobs)
-                        if matched is not None:
-                            if update.finish_reason is None:
-                                self.engine.finish_requests([update.request_id], "stop", matched)
-                            state.finish("stop", matched)
-                        elif update.finish_reason is not None:
-                            state.finish(update.finish_reason, update.stop_reason)
-                        else:
-                            continue
-                        del states[update.request_id]
-                        children = pending[index]
-                        if all(c.finish_reason is not None for c in children):
-                            del pending[index]
-                            bar.update(1)
-                            yield index, RequestOutput(
-                                request_id=f"{call_id}-{index}",
-                                prompt=prompts[index].text,
-                                prompt_token_ids=prompts[index].token_ids,
-                                outputs=[c.to_output() for c in children],
-                            )
-                    if use_tqdm:
-                        elapsed = time.perf_counter() - started
-                        bar.set_postfix_str(f"out {output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
-            finally:
-                bar.close()
-                if states:  # the caller stopped early or a step failed: leave the engine clean for next time
-                    self.engine.finish_requests(list(states), "abort")
-                    _drain_quietly(self.engine)
-                self.last_stats = _stats_since(
-                    self.engine, stats_before, time.perf_counter() - started,
-                    num_requests=len(requests), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                )
-                summary = plan.summary()
-                self.last_stats.update(
-                    prefix_sharing=sharing.prefix_sharing,
-                    plan_mode=sharing.plan_mode,
-                    group_order=sharing.group_order,
-                    num_groups=summary["num_groups"],
-                    mean_sharing_degree=summary["mean_sharing_degree"],
-                    max_sharing_degree=summary["max_sharing_degree"],
-                    planned_prefill_tokens=summary["prefill_tokens"],
-                    plan_seconds=plan_seconds,
-                )
+    def _step(self, call: _Call) -> list[tuple[int, RequestOutput]]:
+        """Run one engine step and apply its tokens (detokenize, stop strings); the prompts it
+        completed, as (prompt index, RequestOutput)."""
+        core = self.engine.core
+        updates = core.step()
+        call.output_tokens += len(updates)
+        done = []
+        for update in updates:
+            index, state = call.states[update.request_id]
+            matched = state.append(update.new_token_id, update.logprobs)
+            if matched is not None:
+                if update.finish_reason is None:
+                    core.finish_requests([update.request_id], "stop", matched)
+                state.finish("stop", matched)
+            elif update.finish_reason is not None:
+                state.finish(update.finish_reason, update.stop_reason)
+            else:
+                continue
+            del call.states[update.request_id]
+            children = call.pending[index]
+            if all(c.finish_reason is not None for c in children):
+                del call.pending[index]
+                prompt = call.prompts[index]
+                done.append((index, RequestOutput(request_id=f"{call.call_id}-{index}", prompt=prompt.text,
+                                                  prompt_token_ids=prompt.token_ids,
+                                                  outputs=[c.to_output() for c in children])))
+        return done
+
+    def _statistics(self, call: _Call, before: SchedulerStats, log_start: int, wall_s: float) -> dict[str, Any]:
+        """What the call did: the scheduler's counters since `before`, steps since `log_start`, and its plan."""
+        s = self.engine.core.scheduler.stats
+        steps = s.num_steps - before.num_steps
+        scheduled = sum(r.num_tokens for r in self.engine.core.step_log[log_start:])
+        prefill = s.prefill_tokens - before.prefill_tokens
+        prompt_tokens = call.plan.prompt_tokens
+        summary = call.plan.summary()
+        sharing = self.config.sharing
+        return {
+            "num_requests": len(call.requests),
+            "prompt_tokens": prompt_tokens,
+            "output_tokens": call.output_tokens,
+            "prefill_tokens_computed": prefill,
+            "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
+            "decode_tokens": s.decode_tokens - before.decode_tokens,
+            "num_preemptions": s.num_preemptions - before.num_preemptions,
+            "num_block_copies": s.num_block_copies - before.num_block_copies,
+            "num_prefix_releases": s.num_prefix_releases - before.num_prefix_releases,
+            "num_steps": steps,
+            "mean_tokens_per_step": scheduled / steps if steps else 0.0,
+            "wall_s": wall_s,
+            "output_tokens_per_s": call.output_tokens / wall_s if wall_s > 0 else 0.0,
+            "prefix_sharing": sharing.prefix_sharing,
+            "plan_mode": sharing.plan_mode,
+            "group_order": sharing.group_order,
+            "num_groups": summary["num_groups"],
+            "mean_sharing_degree": summary["mean_sharing_degree"],
+            "max_sharing_degree": summary["max_sharing_degree"],
+            "planned_prefill_tokens": summary["prefill_tokens"],
+            "plan_seconds": call.plan_seconds,
+        }
+
+
+@dataclass
+class _Call:
+    """One iter_generate call's bookkeeping; written only by the LLM running it."""
+
+    call_id: int
+    prompts: Sequence[TokenizedPrompt]
+    requests: list[Request] = dataclasses.field(default_factory=list)
+    states: dict[str, tuple[int, CompletionState]] = dataclasses.field(default_factory=dict)
+    """Unfinished completions by request id: (prompt index, state)."""
+    pending: dict[int, list[CompletionState]] = dataclasses.field(default_factory=dict)
+    """Prompts with an unfinished completion: their completions' states."""
+    plan: PrefixPlan | None = None
+    plan_seconds: float = 0.0
+    output_tokens: int = 0
 
 
 # ---------------------------------------------------------------------- helpers
@@ -359,31 +298,6 @@ def _as_prompt_list(prompts: Any) -> list:
     return prompts
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
-    return resolved
-
-
-def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.type == "cpu":
-        return torch.float32
-    return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
-
-
-def _attention_backend(name: str, device: torch.device):
-    if not use_triton(name, device, "attention_backend"):
-        return TorchReferenceBackend()
-    from batchllm.attention.triton_backend import TritonBackend
-
-    return TritonBackend()
-
-
 def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:
     ids = set(spec.config_eos_token_ids)
     generation_config = model_dir / "generation_config.json"
@@ -396,30 +310,3 @@ def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
-
-
-def _snapshot(engine: EngineCore) -> tuple:
-    s = engine.scheduler.stats
-    return (s.num_steps, s.prefill_tokens, s.decode_tokens, s.num_preemptions, len(engine.step_log),
-            s.num_block_copies, s.num_prefix_releases)
-
-
-def _stats_since(engine: EngineCore, before: tuple, wall_s: float, **counts: int) -> dict[str, Any]:
-    s = engine.scheduler.stats
-    steps = s.num_steps - before[0]
-    step_records = engine.step_log[before[4]:]
-    scheduled = sum(r.num_tokens for r in step_records)
-    prefill = s.prefill_tokens - before[1]
-    return {
-        **counts,
-        "prefill_tokens_computed": prefill,
-        "saving_ratio": 1.0 - prefill / counts["prompt_tokens"] if counts["prompt_tokens"] else 0.0,
-        "decode_tokens": s.decode_tokens - before[2],
-        "num_preemptions": s.num_preemptions - before[3],
-        "num_block_copies": s.num_block_copies - before[5],
-        "num_prefix_releases": s.num_prefix_releases - before[6],
-        "num_steps": steps,
-        "mean_tokens_per_step": scheduled / steps if steps else 0.0,
-        "wall_s": wall_s,
-        "output_tokens_per_s": counts["output_tokens"] / wall_s if wall_s > 0 else 0.0,
-    }
