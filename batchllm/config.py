@@ -23,22 +23,31 @@ _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
-    """A config field declared once: its default, its help text (shown by `--help`) and its choices
-    (checked when the config is built, and offered by the CLI)."""
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
-    return field(default=default, metadata=metadata)
+def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
+           above: float | None = None, at_most: float | None = None) -> Any:
+    """A config field declared once: its default, its help text (shown by `--help`), and the values
+    it may take (choices, or bounds: >= at_least, > above, <= at_most; None is always allowed where
+    the default is None), checked when the config is built; the CLI offers the choices."""
+    limits = dict(choices=None if choices is None else tuple(choices), at_least=at_least, above=above, at_most=at_most)
+    return field(default=default, metadata={"help": help, **{k: v for k, v in limits.items() if v is not None}})
 
 
-def _check_choices(config: Any) -> None:
-    """Raise ValueError naming the field if a field with declared choices holds anything else."""
-    for f in fields(config):
-        choices = f.metadata.get("choices")
-        value = getattr(config, f.name)
-        if choices is not None and value not in choices:
-            raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+class _Checked:
+    """Checks every field against its declared choices and bounds; the error names the field."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value, m = getattr(self, f.name), f.metadata
+            if value is None and f.default is None:
+                continue
+            if "choices" in m and value not in m["choices"]:
+                raise ValueError(f"{f.name} must be one of {m['choices']}, got {value!r}")
+            low, above, high = m.get("at_least"), m.get("above"), m.get("at_most")
+            if (low is not None and value < low) or (above is not None and value <= above) or (
+                    high is not None and value > high):
+                wanted = (f">= {low}" if low is not None else f"in ({above}, {high}]" if high is not None
+                          else f"> {above}")
+                raise ValueError(f"{f.name} must be {wanted}, got {value!r}")
 
 
 def default_cache_dir() -> Path:
@@ -57,7 +66,7 @@ def default_log_level() -> str:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
     model: str | None = option(
         None, "Hugging Face model directory (config.json + *.safetensors + tokenizer); "
         "None: the embedded SmolLM2-135M-Instruct")
@@ -65,7 +74,7 @@ class ModelConfig:
     dtype: str = option("auto", "weight and KV dtype; auto: float32 on CPU, the checkpoint's 16-bit dtype "
                         "(else bfloat16) on GPU", choices=_DTYPES)
     max_model_len: int | None = option(None, "cap on prompt + output tokens per request; None: the model's "
-                                       "max_position_embeddings")
+                                       "max_position_embeddings", at_least=2)
     load_format: str = option("auto", "auto/safetensors: read the weights from the model directory; dummy: "
                               "random weights from config.json alone (benchmarking shapes)", choices=_LOAD_FORMATS)
     seed: int = option(0, "seed of the engine-wide generator used by requests without a seed of their own "
@@ -85,63 +94,41 @@ class ModelConfig:
     enforce_eager: bool = option(False, "never use CUDA graphs (else decode steps run as graphs on CUDA with "
                                  "the Triton attention)")
     max_cudagraph_capture_size: int = option(512, "largest decode batch (sequences) with a CUDA graph; larger "
-                                             "decode steps run eagerly")
+                                             "decode steps run eagerly", at_least=1)
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        super().__post_init__()
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet (only None)")
-        if self.max_cudagraph_capture_size < 1:
-            raise ValueError(f"max_cudagraph_capture_size must be >= 1, got {self.max_cudagraph_capture_size}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    block_size: int = option(16, "tokens per KV block")
+class CacheConfig(_Checked):
+    block_size: int = option(16, "tokens per KV block", at_least=1)
     kv_cache_memory_gib: float | None = option(None, "KV cache size in GiB; None: 2 on CPU, on GPU what "
-                                               "gpu_memory_utilization of the card leaves")
+                                               "gpu_memory_utilization of the card leaves", above=0)
     gpu_memory_utilization: float = option(0.90, "fraction of the GPU's memory this process may use (weights + "
-                                           "activations + KV) when the KV size is automatic")
+                                           "activations + KV) when the KV size is automatic", above=0, at_most=1)
     num_kv_blocks: int | None = option(None, "exact number of KV blocks (overrides the memory settings; tests "
-                                       "use it to force preemption)")
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
-            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+                                       "use it to force preemption)", at_least=1)
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(_Checked):
     max_num_batched_tokens: int = option(2048, "token budget of one forward step (decode tokens + prefill "
-                                         "chunks)")
+                                         "chunks)", at_least=1)
     max_num_seqs: int | None = option(None, "most requests running at once; None: no cap (admission is by "
-                                      "projected KV memory)")
+                                      "projected KV memory)", at_least=1)
     kv_admission_threshold: float = option(1.0, "admit new work while the projected KV use (prefixes once + "
-                                           "suffixes + expected outputs) fits this fraction of the pool")
+                                           "suffixes + expected outputs) fits this fraction of the pool", above=0, at_most=4)
     enable_chunked_prefill: bool = option(True, "split long prompts across steps; off: a prompt is prefilled in "
                                           "one step (needs max_num_batched_tokens >= max_model_len)")
     async_scheduling: bool | None = option(None, "schedule and submit each step while the one before runs on "
                                            "the device; None (auto): on for CUDA devices")
 
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs is not None and self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}")
-        if not 0.0 < self.kv_admission_threshold <= 4.0:
-            raise ValueError(f"kv_admission_threshold must be in (0, 4], got {self.kv_admission_threshold}")
-
 
 @dataclass(frozen=True)
-class SharingConfig:
+class SharingConfig(_Checked):
     prefix_sharing: bool = option(True, "plan prefix sharing over the whole batch and compute each shared "
                                   "prefix once (vLLM's enable_prefix_caching maps here)")
     plan_mode: str = option("multi", "multi: nested groups, each shared segment computed once; single: "
@@ -150,22 +137,13 @@ class SharingConfig:
                               "prefill = BatchLLM's 1/(prefix + suffixes); fifo = input order",
                               choices=tuple(GROUP_ORDERS))
 
-    def __post_init__(self) -> None:
-        _check_choices(self)
-
 
 @dataclass(frozen=True)
-class ParallelConfig:
+class ParallelConfig(_Checked):
     data_parallel_size: int = option(1, "engine processes, each on its own GPU (or tensor-parallel group), "
-                                     "each given whole prefix groups")
+                                     "each given whole prefix groups", at_least=1)
     tensor_parallel_size: int = option(1, "GPUs (CPU: gloo processes) one engine's model is sharded over, "
-                                       "Megatron style")
-
-    def __post_init__(self) -> None:
-        if self.data_parallel_size < 1:
-            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+                                       "Megatron style", at_least=1)
 
 
 @dataclass(frozen=True)

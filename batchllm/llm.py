@@ -214,32 +214,21 @@ class LLM:
     def _statistics(self, call: _Call, before: SchedulerStats, log_start: int, wall_s: float) -> dict[str, Any]:
         """What the call did: the scheduler's counters since `before`, steps since `log_start`, and its plan."""
         s = self.engine.core.scheduler.stats
-        steps = s.num_steps - before.num_steps
+        steps, prefill = s.num_steps - before.num_steps, s.prefill_tokens - before.prefill_tokens
         scheduled = sum(r.num_tokens for r in self.engine.core.step_log[log_start:])
-        prefill = s.prefill_tokens - before.prefill_tokens
-        prompt_tokens = call.plan.prompt_tokens
-        summary = call.plan.summary()
-        sharing = self.config.sharing
+        prompt_tokens, summary = call.plan.prompt_tokens, call.plan.summary()
         return {
-            "num_requests": len(call.requests),
-            "prompt_tokens": prompt_tokens,
-            "output_tokens": call.output_tokens,
+            "num_requests": len(call.requests), "prompt_tokens": prompt_tokens, "output_tokens": call.output_tokens,
             "prefill_tokens_computed": prefill,
             "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
-            "decode_tokens": s.decode_tokens - before.decode_tokens,
-            "num_preemptions": s.num_preemptions - before.num_preemptions,
-            "num_block_copies": s.num_block_copies - before.num_block_copies,
-            "num_prefix_releases": s.num_prefix_releases - before.num_prefix_releases,
+            **{k: getattr(s, k) - getattr(before, k)
+               for k in ("decode_tokens", "num_preemptions", "num_block_copies", "num_prefix_releases")},
             "num_steps": steps,
             "mean_tokens_per_step": scheduled / steps if steps else 0.0,
             "wall_s": wall_s,
             "output_tokens_per_s": call.output_tokens / wall_s if wall_s > 0 else 0.0,
-            "prefix_sharing": sharing.prefix_sharing,
-            "plan_mode": sharing.plan_mode,
-            "group_order": sharing.group_order,
-            "num_groups": summary["num_groups"],
-            "mean_sharing_degree": summary["mean_sharing_degree"],
-            "max_sharing_degree": summary["max_sharing_degree"],
+            **dataclasses.asdict(self.config.sharing),
+            **{k: summary[k] for k in ("num_groups", "mean_sharing_degree", "max_sharing_degree")},
             "planned_prefill_tokens": summary["prefill_tokens"],
             "plan_seconds": call.plan_seconds,
         }

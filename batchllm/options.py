@@ -31,10 +31,8 @@ TRI_STATE = {"auto": None, "on": True, "off": False}
 @dataclass(frozen=True)
 class EngineOption:
     name: str
-    section: str
-    """The EngineConfig field holding the option's config class (model, cache, ...)."""
-    type: type
-    """int, float, str or bool (None is allowed as well where `optional`)."""
+    section: str  # the EngineConfig field holding the option's config class (model, cache, ...)
+    type: type  # int, float, str or bool; None is allowed as well where `optional`
     optional: bool
     default: Any
     help: str
@@ -48,11 +46,9 @@ def engine_options() -> dict[str, EngineOption]:
     for section, config_class in typing.get_type_hints(EngineConfig).items():
         hints = typing.get_type_hints(config_class)
         for f in fields(config_class):
+            if f.name in options or f.default is MISSING or "help" not in f.metadata:
+                raise TypeError(f"{config_class.__name__}.{f.name}: declare each option once, with config.option")
             base, optional = _base_type(hints[f.name])
-            if f.name in options:
-                raise TypeError(f"option {f.name!r} is declared in two config sections")
-            if f.default is MISSING or "help" not in f.metadata:
-                raise TypeError(f"{config_class.__name__}.{f.name} needs a default and help (config.option)")
             options[f.name] = EngineOption(f.name, section, base, optional, f.default, f.metadata["help"],
                                            f.metadata.get("choices"))
     return options
@@ -97,19 +93,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str
     """Add a `--kebab-name` argument per engine option (all, or `names`, less `exclude`), one
     argument group per config section; `defaults` replaces declared defaults (e.g. the benchmark's
     larger token budget). Read them back with `engine_kwargs_from_args`."""
-    wanted = set(engine_options()) if names is None else set(names)
-    wanted -= set(exclude)
-    defaults = defaults or {}
-    unknown = (wanted | set(defaults)) - set(engine_options())
-    if unknown:
-        raise TypeError(unknown_option_message(sorted(unknown)[0]))
+    options, defaults = engine_options(), defaults or {}
+    wanted = (set(options) if names is None else set(names)) - set(exclude)
+    for name in sorted((wanted | set(defaults)) - set(options)):
+        raise TypeError(unknown_option_message(name))
     groups: dict[str, Any] = {}
-    for option in engine_options().values():
-        if option.name not in wanted:
-            continue
-        if option.section not in groups:
-            groups[option.section] = parser.add_argument_group(f"engine options: {option.section}")
-        _add_argument(groups[option.section], option, defaults.get(option.name, option.default))
+    for option in options.values():
+        if option.name in wanted:
+            if option.section not in groups:
+                groups[option.section] = parser.add_argument_group(f"engine options: {option.section}")
+            _add_argument(groups[option.section], option, defaults.get(option.name, option.default))
 
 
 def _add_argument(group, option: EngineOption, default: Any) -> None:

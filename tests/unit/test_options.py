@@ -109,3 +109,16 @@ def test_vllm_keywords_work_or_are_refused_by_name():
         LLM(quantization="awq")
     with pytest.raises(TypeError, match="'enable_prefix_caching' and 'prefix_sharing' are the same option"):
         engine_config(enable_prefix_caching=True, prefix_sharing=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_size=0), "block_size must be >= 1, got 0"),
+    (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
+    (dict(kv_cache_memory_gib=0), "kv_cache_memory_gib must be > 0, got 0"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1, got 0"),
+    (dict(max_model_len=1), "max_model_len must be >= 2, got 1"),
+])
+def test_declared_bounds_are_checked_and_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine_config(**kwargs)
+    assert engine_config(max_num_seqs=None, kv_cache_memory_gib=None) == EngineConfig()  # None where None is the default
