@@ -1,19 +1,21 @@
 """`batchllm bench`: throughput on synthetic workloads (the BatchLLM paper's and a few more).
 
 Workloads are token ids drawn at random, with distinct first tokens so that groups (and members)
-never share by chance: the saving ratio's bound is exact. All configurations run in one engine,
-one after another (same weights, same KV cache), so their ratios are measured side by side.
+never share by chance: the saving ratio's bound is exact. Each configuration runs on an engine of
+its own, built from the same options but the one it changes (`CONFIGS`), one after another in one
+process; each engine is freed before the next is built, so every one gets the same KV cache size.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from batchllm.config import SharingConfig
 from batchllm.sampling_params import SamplingParams
 
 
@@ -90,12 +92,13 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     2 x parameters x tokens computed (prefill + decode) against `matmul_peak_tflops`."""
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in workload.max_tokens]
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
-    runner = llm.engine.executor
-    cuda = llm.device.type == "cuda"
+    engine = llm.engine
+    runner = engine.runner
+    cuda = engine.device.type == "cuda"
     if cuda:
         import torch
 
-        torch.cuda.reset_peak_memory_stats(llm.device)
+        torch.cuda.reset_peak_memory_stats(engine.device)
         runner.gpu_timeline = []
     _sync(llm)
     graph_steps = runner.num_graph_steps
@@ -111,9 +114,9 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     if cuda and timeline:
         busy_ms = sum(a.elapsed_time(b) for a, b in timeline)
         span_ms = timeline[0][0].elapsed_time(timeline[-1][1])
-        s.update(gpu_idle_fraction=1.0 - busy_ms / span_ms, peak_gpu_memory_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30)
+        s.update(gpu_idle_fraction=1.0 - busy_ms / span_ms, peak_gpu_memory_gib=torch.cuda.max_memory_allocated(engine.device) / 2**30)
     computed = s["prefill_tokens_computed"] + s["decode_tokens"]
-    num_params = sum(p.numel() for p in llm.model.parameters())
+    num_params = sum(p.numel() for p in engine.model.parameters())
     s.update(model_tflops_per_s=2 * num_params * computed / wall / 1e12, num_params=num_params)
     if matmul_peak_tflops:
         s.update(mfu=s["model_tflops_per_s"] / matmul_peak_tflops, matmul_peak_tflops=matmul_peak_tflops)
@@ -123,7 +126,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
         requests_per_s=len(workload.prompts) / wall,
         output_tokens_per_s=s["output_tokens"] / wall,
         total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall,
-        tokens_per_step=[r.num_tokens for r in llm.engine.step_log[-s["num_steps"]:]],
+        tokens_per_step=[r.num_tokens for r in engine.core.step_log[-s["num_steps"]:]],
     )
     return s
 
@@ -157,10 +160,10 @@ def _device_name(device) -> str:
 
 
 def _sync(llm) -> None:
-    if llm.device.type == "cuda":
+    if llm.engine.device.type == "cuda":
         import torch
 
-        torch.cuda.synchronize(llm.device)
+        torch.cuda.synchronize(llm.engine.device)
 
 
 def make_workload(args) -> Workload:
@@ -179,134 +182,126 @@ def make_workload(args) -> Workload:
 
 
 def add_bench_parser(sub) -> None:
+    from batchllm.options import add_engine_arguments
+
     b = sub.add_parser("bench", help="measure throughput on a synthetic workload",
-                       description="Run a synthetic workload once per configuration, side by side in one process.")
-    b.add_argument("--workload", default="shared", choices=["shared", "snippet", "nosharing", "decodeheavy"])
-    b.add_argument("--shared", type=int, default=2000, help="shared prefix tokens (shared, decodeheavy)")
-    b.add_argument("--distinct", type=int, default=200, help="distinct suffix tokens (shared, decodeheavy)")
-    b.add_argument("--degree", type=int, default=16, help="prompts per shared prefix")
-    b.add_argument("--requests", type=int, default=1024)
-    b.add_argument("--output", type=int, default=100, help="output tokens per request (ignore_eos)")
-    b.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (nosharing)")
-    b.add_argument("--min-output", type=int, default=100, help="shortest output (decodeheavy)")
-    b.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
-    b.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (default: shuffled)")
-    b.add_argument("--configs", default="sharing,nosharing",
-                   help="comma list of: sharing, nosharing, single (one-level plan), order-prefill, order-fifo; "
-                        "sharing-plainattn (prefix-shared attention off), sharing-fused, sharing-narrow "
-                        "(its launch modes; Triton backend), sharing-prefill64, sharing-torchops, "
-                        "sharing-sync and nosharing-sync (asynchronous scheduling off), sharing-eager and "
-                        "nosharing-eager (decode CUDA graphs off)")
-    b.add_argument("--model", default=None, help="model directory (config.json; weights unless --load-format dummy)")
-    b.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    b.add_argument("--device", default="auto")
-    b.add_argument("--max-model-len", type=int, default=None)
-    b.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    b.add_argument("--kv-cache-memory-gib", type=float, default=None)
-    b.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    b.add_argument("--prefill-launch", default=None,
-                   help="Triton attention in steps with prefill: rows,keys,warps,stages (e.g. 128,64,8,2)")
-    b.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
-                   help="norm, rotary and SiLU: one Triton kernel each (auto on CUDA) or torch")
-    b.add_argument("--enforce-eager", action="store_true", help="capture no CUDA graphs (every config runs eagerly)")
-    b.add_argument("--max-cudagraph-capture-size", type=int, default=512,
-                   help="largest decode batch with a CUDA graph (default 512)")
-    b.add_argument("--warmup-requests", type=int, default=8, help="a small run first, not measured")
-    b.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
-    b.add_argument("--profile-out", default=None,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run a synthetic workload once per configuration, each on an engine of its "
+                       "own, one after another in one process. Engine options set every configuration's "
+                       "engine; a configuration changes one of them.")
+    w = b.add_argument_group("workload")
+    w.add_argument("--workload", default="shared", choices=["shared", "snippet", "nosharing", "decodeheavy"],
+                   help="shared: the paper's groups of --degree prompts sharing a --shared token prefix; snippet: "
+                   "the snippet-like mix; nosharing: --prompt-len distinct prompts; decodeheavy: shared "
+                   "prompts with outputs of --min-output to --max-output tokens")
+    w.add_argument("--shared", type=int, default=2000, help="shared prefix tokens (shared, decodeheavy)")
+    w.add_argument("--distinct", type=int, default=200, help="distinct suffix tokens (shared, decodeheavy)")
+    w.add_argument("--degree", type=int, default=16, help="prompts per shared prefix")
+    w.add_argument("--requests", type=int, default=1024, help="requests in the workload")
+    w.add_argument("--output", type=int, default=100, help="output tokens per request (ignore_eos)")
+    w.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (nosharing)")
+    w.add_argument("--min-output", type=int, default=100, help="shortest output (decodeheavy)")
+    w.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
+    w.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (else shuffled)")
+    r = b.add_argument_group("run")
+    r.add_argument("--configs", default="sharing,nosharing",
+                   help="comma list of: " + "; ".join(f"{name} ({what})" for name, (what, _) in CONFIGS.items()))
+    r.add_argument("--warmup-requests", type=int, default=8, help="a small run on each engine first, not measured")
+    r.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
+    r.add_argument("--profile-out", default=None,
                    help="then profile the first --profile-requests requests (last config) and write the GPU "
                         "time per kernel category here")
-    b.add_argument("--profile-requests", type=int, default=256)
-    b.add_argument("--cpu-profile-out", default=None,
+    r.add_argument("--profile-requests", type=int, default=256, help="requests of the profiled runs")
+    r.add_argument("--cpu-profile-out", default=None,
                    help="then run the first --profile-requests requests (last config) under cProfile and write "
                         "the host functions with the most own time here")
+    # workloads are token ids: no tokenizer; a larger step budget than `run`'s default
+    add_engine_arguments(b, exclude=["skip_tokenizer_init"], defaults={"max_num_batched_tokens": 8192})
 
 
-BACKEND_CONFIGS = {  # Triton backend settings of the prefix-sharing variants (defaults for every other config)
-    "sharing-plainattn": dict(use_prefix_groups=False),
-    "sharing-fused": dict(group_launch="fused"),
-    "sharing-narrow": dict(group_launch="narrow"),
-    "sharing-prefill64": dict(prefill_launch=(64, 64, 4, 2)),  # the attention launch of prefill before session 3
-}
-OPS_CONFIGS = {"sharing-torchops": "torch"}  # the model's elementwise ops ("sharing-torchops": torch, not Triton)
-SYNC_CONFIGS = {"sharing-sync", "nosharing-sync"}  # asynchronous scheduling off (each step waits for the one before)
-EAGER_CONFIGS = {"sharing-eager", "nosharing-eager"}  # no CUDA graphs (every decode step launched kernel by kernel)
-CONFIGS = {
-    "sharing": dict(prefix_sharing=True),
-    **{name: dict(prefix_sharing=True) for name in (*BACKEND_CONFIGS, *OPS_CONFIGS, "sharing-sync", "sharing-eager")},
-    "nosharing": dict(prefix_sharing=False),
-    "nosharing-sync": dict(prefix_sharing=False),
-    "nosharing-eager": dict(prefix_sharing=False),
-    "single": dict(prefix_sharing=True, plan_mode="single"),
-    "order-prefill": dict(prefix_sharing=True, group_order="prefill"),
-    "order-fifo": dict(prefix_sharing=True, group_order="fifo"),
+_ON, _OFF = dict(prefix_sharing=True), dict(prefix_sharing=False)
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures, engine options it sets)
+    "sharing": ("prefix sharing", _ON),
+    "nosharing": ("prefix sharing off", _OFF),
+    "single": ("one-level plan", dict(_ON, plan_mode="single")),
+    "order-prefill": ("BatchLLM's group order", dict(_ON, group_order="prefill")),
+    "order-fifo": ("groups in input order", dict(_ON, group_order="fifo")),
+    "sharing-plainattn": ("prefix-shared attention off", dict(_ON, shared_prefix_attention=False)),
+    "sharing-torchops": ("torch norm/rotary/SiLU ops", dict(_ON, kernels="torch")),
+    "sharing-sync": ("asynchronous scheduling off", dict(_ON, async_scheduling=False)),
+    "nosharing-sync": ("no sharing, asynchronous scheduling off", dict(_OFF, async_scheduling=False)),
+    "sharing-eager": ("decode CUDA graphs off", dict(_ON, enforce_eager=True)),
+    "nosharing-eager": ("no sharing, decode CUDA graphs off", dict(_OFF, enforce_eager=True)),
 }
 
 
 def bench_command(args) -> int:
-    from batchllm.layers.ops import make_ops
+    """Build one engine per configuration, run the workload on it, free it before the next (the KV
+    cache is sized from the free memory, so engines side by side would not be measured alike)."""
     from batchllm.llm import LLM
+    from batchllm.options import engine_kwargs_from_args
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"batchllm bench: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-              max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_gib=args.kv_cache_memory_gib, attention_backend=args.attention_backend,
-              kernels=args.kernels, enforce_eager=args.enforce_eager,
-              max_cudagraph_capture_size=args.max_cudagraph_capture_size,
-              skip_tokenizer_init=True)  # workloads are token ids
-    args.vocab = llm.model_spec.vocab_size
-    workload = make_workload(args)
-    peak = measure_matmul_peak_tflops(llm.device) if llm.device.type == "cuda" else None
-    if peak:
-        print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
-    graphs = llm.engine.executor.decode_graphs
-    graph_info = None
-    if graphs is not None and graphs.capture_seconds:
-        graph_info = dict(sizes=graphs.sizes, capture_s=graphs.capture_seconds,
-                          memory_gib=graphs.capture_memory_bytes / 2**30)
-        print(f"decode CUDA graphs: {len(graphs.sizes)} batch sizes up to {graphs.max_batch}, captured in "
-              f"{graphs.capture_seconds:.1f} s, {graph_info['memory_gib']:.2f} GiB", flush=True)
-    if args.warmup_requests:
-        n = min(args.warmup_requests, len(workload.prompts))
-        run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
-    results = []
-    backend = llm.attention_backend
-    if args.prefill_launch:
-        backend.prefill_launch = tuple(int(x) for x in args.prefill_launch.split(","))
-    defaults = {key: getattr(backend, key) for key in ("use_prefix_groups", "group_launch", "prefill_launch")
-                if hasattr(backend, key)}
-    overlap = llm.engine.async_scheduling
-    for name in names:
-        llm.sharing = SharingConfig(**CONFIGS[name])
-        llm.engine.async_scheduling = overlap and name not in SYNC_CONFIGS
-        llm.engine.executor.use_cuda_graphs = name not in EAGER_CONFIGS
-        if defaults:
-            for key, value in {**defaults, **BACKEND_CONFIGS.get(name, {})}.items():
-                setattr(backend, key, value)
-        llm.model.use_ops(make_ops(OPS_CONFIGS.get(name, args.kernels), llm.device))
+    base = {**engine_kwargs_from_args(args), "skip_tokenizer_init": True}
+    workload, peak, results, info = None, None, [], {}
+    for i, name in enumerate(names):
+        llm = LLM(**{**base, **CONFIGS[name][1]})
+        engine = llm.engine
+        if workload is None:
+            args.vocab = llm.model_spec.vocab_size
+            workload = make_workload(args)
+            peak = measure_matmul_peak_tflops(engine.device) if engine.device.type == "cuda" else None
+            if peak:
+                print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
+            info = {"device": _device_name(engine.device), "dtype": str(engine.dtype), "model": str(engine.model_dir),
+                    "kv_blocks": engine.kv_spec.num_blocks, "matmul_peak_tflops": peak}
+        graph_info = _graph_info(engine.runner.decode_graphs)
+        if args.warmup_requests:
+            n = min(args.warmup_requests, len(workload.prompts))
+            run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
         stats = run_workload(llm, workload, peak)
-        stats["config"] = name
-        stats["async_scheduling"] = llm.engine.async_scheduling
-        runner = llm.engine.executor
-        stats["cuda_graphs"] = runner.decode_graphs is not None and runner.use_cuda_graphs
+        stats.update(config=name, async_scheduling=engine.core.async_scheduling, cuda_graphs=graph_info is not None,
+                     kv_blocks=engine.kv_spec.num_blocks, graph_capture=graph_info)
         results.append(stats)
         print(_line(stats), flush=True)
+        if i == len(names) - 1:
+            _profile(llm, workload, args)
+        del llm, engine
+        _release_device_memory()
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({**info, "results": results}, f)
+    return 0
+
+
+def _graph_info(graphs) -> dict | None:
+    if graphs is None or not graphs.capture_seconds:
+        return None
+    info = dict(sizes=graphs.sizes, capture_s=graphs.capture_seconds, memory_gib=graphs.capture_memory_bytes / 2**30)
+    print(f"decode CUDA graphs: {len(graphs.sizes)} batch sizes up to {graphs.max_batch}, captured in "
+          f"{graphs.capture_seconds:.1f} s, {info['memory_gib']:.2f} GiB", flush=True)
+    return info
+
+
+def _profile(llm, workload: Workload, args) -> None:
     n = args.profile_requests
     profiled = Workload(f"{workload.name} (first {n})", workload.prompts[:n], workload.max_tokens[:n])
     if args.profile_out:
         _profile_kernels(llm, profiled, args.profile_out)
     if args.cpu_profile_out:
         _profile_host(llm, profiled, args.cpu_profile_out)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"device": _device_name(llm.device), "dtype": str(llm.dtype), "model": str(llm.model_dir),
-                       "kv_blocks": llm.kv_spec.num_blocks, "matmul_peak_tflops": peak, "cuda_graphs": graph_info,
-                       "results": results}, f)
-    return 0
+
+
+def _release_device_memory() -> None:
+    """Free the engine just dropped (its cycles too) and hand its cached blocks back to the device."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
@@ -340,7 +335,7 @@ def _profile_kernels(llm, workload: Workload, path: str) -> None:
     time goes: per category (KERNEL_CATEGORIES) and the top kernels. Not a throughput run."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = llm.device.type == "cuda"
+    cuda = llm.engine.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         stats = run_workload(llm, workload)
     events = prof.key_averages()  # on CPU: the ops' own CPU time, for a dry run of this code

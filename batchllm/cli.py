@@ -19,11 +19,10 @@ from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
-from batchllm.core.policies import GROUP_ORDERS
 from batchllm.io.ingest import input_problem, prepare_lines, record_for
 from batchllm.io.job import JobError, OutputLock, ResultWriter, prepare_output, same_file
 from batchllm.models.spec import read_model_spec
-from batchllm.prefix.plan import PLAN_MODES
+from batchllm.options import add_engine_arguments, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a JSONL batch file",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run every request of a JSONL file and write one result line per input line "
         "(in completion order; match them by id). Input lines: "
         '{"id": ..., "prompt": "..."} | {"id": ..., "messages": [...]} | {"id": ..., "prompt_token_ids": [...]}, '
@@ -49,58 +49,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", type=Path, required=True,
                      help="output JSONL file; if it exists for the same input, the job resumes where it stopped")
     run.add_argument("--overwrite", action="store_true", help="start over even if the output already holds results")
-    g = _add_model_options(run)
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight and KV dtype (auto: float32 on CPU, the checkpoint's 16-bit dtype on GPU)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="dummy: random weights from config.json (benchmarking shapes)")
     s = run.add_argument_group("sampling defaults (a line's own fields take precedence)")
-    s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per request (default 256)")
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per request")
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="generate past EOS up to max tokens")
     s.add_argument("--seed", type=int, default=None,
                    help="seed: lines without their own seed get one derived from this and their id, "
-                   "so sampled outputs are reproducible line by line")
-    e = run.add_argument_group("engine")
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per forward step")
-    e.add_argument("--max-num-seqs", type=int, default=None,
-                   help="cap on requests running at once (default: none; admission is by projected KV memory)")
-    e.add_argument("--kv-admission-threshold", type=float, default=1.0,
-                   help="admit new work while its projected KV use fits this fraction of the cache (default 1.0)")
-    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    e.add_argument("--kv-cache-memory-gib", type=float, default=None,
-                   help="KV cache size in GiB (default: 2 on CPU; on GPU what --gpu-memory-utilization leaves)")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="fraction of GPU memory to use")
-    e.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
-                   help="schedule each step while the previous one runs on the device (default auto: on for CUDA)")
-    e.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs (default: decode steps run as graphs on CUDA)")
-    e.add_argument("--max-cudagraph-capture-size", type=int, default=512,
-                   help="largest decode batch (sequences) with a CUDA graph (default 512)")
-    e.add_argument("--data-parallel-size", type=int, default=1,
-                   help="engine processes, one per GPU (or tensor-parallel group), each given whole prefix groups")
-    e.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one engine's model is sharded over")
-    _add_sharing_options(run)
+                   "so sampled outputs are reproducible line by line (also the engine's seed)")
     o = run.add_argument_group("output")
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
 
     plan = sub.add_parser(
         "plan",
         help="show the prefix-sharing plan of a JSONL batch file without running the model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Read the same input as `run`, tokenize it (no model weights are loaded) and print "
         "requests, groups, sharing degrees, prompt tokens, prefill tokens after sharing and the saving ratio "
         "1 - prefill_tokens / prompt_tokens.",
     )
     plan.add_argument("input", type=Path, help="input JSONL file")
-    _add_model_options(plan)
-    plan.add_argument("--plan-mode", default="multi", choices=list(PLAN_MODES), help=PLAN_MODE_HELP)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    add_engine_arguments(plan, names=["model", "tokenizer", "max_model_len", "plan_mode"])
     add_bench_parser(sub)
     _add_job_options(run, plan)
     return parser
@@ -110,27 +85,6 @@ def _add_job_options(run: argparse.ArgumentParser, plan: argparse.ArgumentParser
     """Options of the job's input/output handling (kept apart from the engine and sampling options)."""
     for p in (run, plan):
         p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
-
-
-PLAN_MODE_HELP = ("multi: nested groups, each shared segment computed once (default); "
-                  "single: BatchLLM's one-level groups")
-
-
-def _add_model_options(parser: argparse.ArgumentParser):
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
-    return g
-
-
-def _add_sharing_options(parser: argparse.ArgumentParser) -> None:
-    p = parser.add_argument_group("prefix sharing")
-    p.add_argument("--no-prefix-sharing", action="store_true", help="turn global prefix sharing off (for comparison)")
-    p.add_argument("--plan-mode", default="multi", choices=list(PLAN_MODES), help=PLAN_MODE_HELP)
-    p.add_argument("--group-order", default="decode", choices=list(GROUP_ORDERS),
-                   help="order of groups: decode = expected decode work per prefill token (default); "
-                   "prefill = BatchLLM's 1/(prefix + suffixes); fifo = input order")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,19 +146,7 @@ def _run_locked(args: argparse.Namespace) -> int:
     from batchllm.llm import LLM  # heavy import after the cheap checks
 
     try:
-        llm = LLM(
-            args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-            max_model_len=args.max_model_len, load_format=args.load_format, seed=args.seed or 0,
-            block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory_gib,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            kv_admission_threshold=args.kv_admission_threshold,
-            async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
-            enforce_eager=args.enforce_eager, max_cudagraph_capture_size=args.max_cudagraph_capture_size,
-            prefix_sharing=not args.no_prefix_sharing,
-            plan_mode=args.plan_mode, group_order=args.group_order,
-            data_parallel_size=args.data_parallel_size, tensor_parallel_size=args.tensor_parallel_size,
-        )
+        llm = LLM(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines' and engine's
     except (ValueError, OSError) as e:
         return _fail(str(e))
 

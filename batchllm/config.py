@@ -1,18 +1,53 @@
-"""Frozen configuration objects, one docstring line per field.
+"""Frozen configuration objects: every engine option is declared here once, as a field with its
+default, its help text and (where it has them) its choices.
 
-This module is the only place that reads environment variables. Values found at run time (the
+`batchllm/options.py` derives the CLI arguments and the `LLM` keywords from these declarations, so
+a new option is one field here. Configs are frozen (house rule 6): values found at run time (the
 number of KV blocks, EOS ids, the model's context length) live in result objects elsewhere
-(`runner.KVCacheSpec`, `models.ModelSpec`), never written back into these configs.
+(`runner.KVCacheSpec`, `models.ModelSpec`, `engine.Engine`), never written back into them. This
+module is the only place that reads environment variables.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from batchllm.core.policies import GROUP_ORDERS  # torch-free
+from batchllm.prefix.plan import PLAN_MODES
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
+           above: float | None = None, at_most: float | None = None) -> Any:
+    """A config field declared once: its default, its help text (shown by `--help`), and the values
+    it may take (choices, or bounds: >= at_least, > above, <= at_most; None is always allowed where
+    the default is None), checked when the config is built; the CLI offers the choices."""
+    limits = dict(choices=None if choices is None else tuple(choices), at_least=at_least, above=above, at_most=at_most)
+    return field(default=default, metadata={"help": help, **{k: v for k, v in limits.items() if v is not None}})
+
+
+class _Checked:
+    """Checks every field against its declared choices and bounds; the error names the field."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value, m = getattr(self, f.name), f.metadata
+            if value is None and f.default is None:
+                continue
+            if "choices" in m and value not in m["choices"]:
+                raise ValueError(f"{f.name} must be one of {m['choices']}, got {value!r}")
+            low, above, high = m.get("at_least"), m.get("above"), m.get("at_most")
+            if (low is not None and value < low) or (above is not None and value <= above) or (
+                    high is not None and value > high):
+                wanted = (f">= {low}" if low is not None else f"in ({above}, {high}]" if high is not None
+                          else f"> {above}")
+                raise ValueError(f"{f.name} must be {wanted}, got {value!r}")
 
 
 def default_cache_dir() -> Path:
@@ -31,127 +66,91 @@ def default_log_level() -> str:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    model: str | None = None
-    """Model directory (config.json + *.safetensors + tokenizer). None: the embedded SmolLM2-135M-Instruct."""
-    tokenizer: str | None = None
-    """Tokenizer directory; None means the model directory."""
-    dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (float32 on CPU; the checkpoint's dtype, else bfloat16, on GPU)."""
-    max_model_len: int | None = None
-    """Cap on prompt + output tokens per request; None: the model's max_position_embeddings."""
-    load_format: str = "auto"
-    """auto/safetensors: read weights from the directory; dummy: random weights from config.json alone."""
-    seed: int = 0
-    """Seed of the engine-wide generator used by requests without a seed of their own (and dummy weights)."""
-    device: str = "auto"
-    """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
-    skip_tokenizer_init: bool = False
-    """Do not load a tokenizer: prompts must be token ids and outputs carry no text."""
-    attention_backend: str = "auto"
-    """auto (triton on CUDA when Triton is installed, else torch) | torch (reference) | triton."""
-    kernels: str = "auto"
-    """Norm, rotary and SiLU ops: auto (one Triton kernel each on CUDA when Triton is installed, else
-    torch) | torch | triton."""
-    enforce_eager: bool = False
-    """Never use CUDA graphs (else decode steps run as graphs on CUDA with the Triton attention)."""
-    max_cudagraph_capture_size: int = 512
-    """Largest decode batch (sequences) with a CUDA graph; larger decode steps run eagerly."""
+class ModelConfig(_Checked):
+    model: str | None = option(
+        None, "Hugging Face model directory (config.json + *.safetensors + tokenizer); "
+        "None: the embedded SmolLM2-135M-Instruct")
+    tokenizer: str | None = option(None, "tokenizer directory; None: the model directory")
+    dtype: str = option("auto", "weight and KV dtype; auto: float32 on CPU, the checkpoint's 16-bit dtype "
+                        "(else bfloat16) on GPU", choices=_DTYPES)
+    max_model_len: int | None = option(None, "cap on prompt + output tokens per request; None: the model's "
+                                       "max_position_embeddings", at_least=2)
+    load_format: str = option("auto", "auto/safetensors: read the weights from the model directory; dummy: "
+                              "random weights from config.json alone (benchmarking shapes)", choices=_LOAD_FORMATS)
+    seed: int = option(0, "seed of the engine-wide generator used by requests without a seed of their own "
+                       "(and of dummy weights)")
+    device: str = option("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts must be token ids and outputs carry "
+                                       "no text")
+    trust_remote_code: bool = option(False, "accepted for vLLM compatibility and ignored: BatchLLM runs no code "
+                                     "from the model directory (its architectures are built in)")
+    quantization: str | None = option(None, "weight quantization method: not supported yet (only None)")
+    attention_backend: str = option("auto", "auto: triton on CUDA when Triton is installed, else torch "
+                                    "(the reference)", choices=_KERNEL_CHOICES)
+    shared_prefix_attention: bool = option(True, "the Triton attention reads a shared prefix's keys once for "
+                                           "its group's decodes; off: plain paged attention (for comparison)")
+    kernels: str = option("auto", "norm, rotary and SiLU ops; auto: one Triton kernel each on CUDA when "
+                          "Triton is installed, else torch", choices=_KERNEL_CHOICES)
+    enforce_eager: bool = option(False, "never use CUDA graphs (else decode steps run as graphs on CUDA with "
+                                 "the Triton attention)")
+    max_cudagraph_capture_size: int = option(512, "largest decode batch (sequences) with a CUDA graph; larger "
+                                             "decode steps run eagerly", at_least=1)
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise ValueError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.load_format not in _LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
-        if self.max_cudagraph_capture_size < 1:
-            raise ValueError(f"max_cudagraph_capture_size must be >= 1, got {self.max_cudagraph_capture_size}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        super().__post_init__()
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet (only None)")
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    block_size: int = 16
-    """Tokens per KV block."""
-    kv_cache_memory_gib: float | None = None
-    """KV cache size in GiB. None: on CPU 2 GiB; on GPU gpu_memory_utilization of the card less what is used."""
-    gpu_memory_utilization: float = 0.90
-    """Fraction of the GPU's memory this process may use (weights + activations + KV), when the size is automatic."""
-    num_kv_blocks: int | None = None
-    """Exact number of KV blocks (overrides the memory settings; used by tests to force preemption)."""
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
-            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+class CacheConfig(_Checked):
+    block_size: int = option(16, "tokens per KV block", at_least=1)
+    kv_cache_memory_gib: float | None = option(None, "KV cache size in GiB; None: 2 on CPU, on GPU what "
+                                               "gpu_memory_utilization of the card leaves", above=0)
+    gpu_memory_utilization: float = option(0.90, "fraction of the GPU's memory this process may use (weights + "
+                                           "activations + KV) when the KV size is automatic", above=0, at_most=1)
+    num_kv_blocks: int | None = option(None, "exact number of KV blocks (overrides the memory settings; tests "
+                                       "use it to force preemption)", at_least=1)
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    """Token budget of one forward step (decode tokens + prefill chunks)."""
-    max_num_seqs: int | None = None
-    """Most requests running at once; None: no cap (admission is by projected KV memory)."""
-    kv_admission_threshold: float = 1.0
-    """Admit new work while the projected KV use (prefixes once + suffixes + expected outputs) fits this fraction of the pool."""
-    enable_chunked_prefill: bool = True
-    """Split long prompts across steps; off: a prompt is prefilled in one step (needs a budget >= max_model_len)."""
-    async_scheduling: bool | None = None
-    """Schedule and submit each step while the one before runs on the device; None: on for CUDA devices."""
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs is not None and self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}")
-        if not 0.0 < self.kv_admission_threshold <= 4.0:
-            raise ValueError(f"kv_admission_threshold must be in (0, 4], got {self.kv_admission_threshold}")
+class SchedulerConfig(_Checked):
+    max_num_batched_tokens: int = option(2048, "token budget of one forward step (decode tokens + prefill "
+                                         "chunks)", at_least=1)
+    max_num_seqs: int | None = option(None, "most requests running at once; None: no cap (admission is by "
+                                      "projected KV memory)", at_least=1)
+    kv_admission_threshold: float = option(1.0, "admit new work while the projected KV use (prefixes once + "
+                                           "suffixes + expected outputs) fits this fraction of the pool", above=0, at_most=4)
+    enable_chunked_prefill: bool = option(True, "split long prompts across steps; off: a prompt is prefilled in "
+                                          "one step (needs max_num_batched_tokens >= max_model_len)")
+    async_scheduling: bool | None = option(None, "schedule and submit each step while the one before runs on "
+                                           "the device; None (auto): on for CUDA devices")
 
 
 @dataclass(frozen=True)
-class SharingConfig:
-    prefix_sharing: bool = True
-    """Plan prefix sharing over the whole batch and compute each shared prefix once."""
-    plan_mode: str = "multi"
-    """multi: nested groups, every shared segment computed once; single: BatchLLM's one-level groups."""
-    group_order: str = "decode"
-    """Order of groups: decode (expected decode work per prefill token), prefill (BatchLLM's), fifo."""
-
-    def __post_init__(self) -> None:
-        from batchllm.core.policies import GROUP_ORDERS  # torch-free; imported here to keep config a leaf
-        from batchllm.prefix.plan import PLAN_MODES
-
-        if self.plan_mode not in PLAN_MODES:
-            raise ValueError(f"plan_mode must be one of {PLAN_MODES}, got {self.plan_mode!r}")
-        if self.group_order not in GROUP_ORDERS:
-            raise ValueError(f"group_order must be one of {tuple(GROUP_ORDERS)}, got {self.group_order!r}")
+class SharingConfig(_Checked):
+    prefix_sharing: bool = option(True, "plan prefix sharing over the whole batch and compute each shared "
+                                  "prefix once (vLLM's enable_prefix_caching maps here)")
+    plan_mode: str = option("multi", "multi: nested groups, each shared segment computed once; single: "
+                            "BatchLLM's one-level groups", choices=PLAN_MODES)
+    group_order: str = option("decode", "order of groups: decode = expected decode work per prefill token; "
+                              "prefill = BatchLLM's 1/(prefix + suffixes); fifo = input order",
+                              choices=tuple(GROUP_ORDERS))
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    data_parallel_size: int = 1
-    """Engine processes, each on its own GPU (or tensor-parallel group), each given whole prefix groups."""
-    tensor_parallel_size: int = 1
-    """GPUs (CPU: gloo processes) one engine's model is sharded over, Megatron style."""
-
-    def __post_init__(self) -> None:
-        if self.data_parallel_size < 1:
-            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+class ParallelConfig(_Checked):
+    data_parallel_size: int = option(1, "engine processes, each on its own GPU (or tensor-parallel group), "
+                                     "each given whole prefix groups", at_least=1)
+    tensor_parallel_size: int = option(1, "GPUs (CPU: gloo processes) one engine's model is sharded over, "
+                                       "Megatron style", at_least=1)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """One engine's whole configuration: one section per concern. Option names are unique across
+    sections, so a flat keyword (`LLM(block_size=...)`, `--block-size`) names one field."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -54,8 +54,8 @@ def main() -> None:
     llm = LLM(str(model_dir), load_format="dummy", device="cpu", dtype="float32", skip_tokenizer_init=args.tokenizer is None,
               tokenizer=args.tokenizer, max_model_len=4096,
               kv_cache_memory_gib=args.kv_gib, max_num_batched_tokens=8192)
-    llm.engine.executor.backend = PlanningStub()
-    model = llm.engine.executor.model
+    llm.engine.runner.backend = PlanningStub()
+    model = llm.engine.runner.model
     model.forward = lambda input_ids, positions, kv_caches, md, backend: (
         backend.forward(None, None, None, None, md, 1.0), torch.zeros(len(input_ids), model.spec.hidden_size))[1]
     model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], 8)  # no vocab-sized matmul either
@@ -64,7 +64,7 @@ def main() -> None:
     else:
         workload = shared_prefix_workload(2000, 200, 16, args.requests, args.output, llm.model_spec.vocab_size)
     phase_ms: dict[str, list[float]] = {"schedule": [], "update": []}
-    scheduler = llm.engine.scheduler
+    scheduler = llm.engine.core.scheduler
     for phase, name in (("schedule", "schedule"), ("update", "update_from_output")):
         method = getattr(scheduler, name)
 
@@ -86,8 +86,8 @@ def main() -> None:
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
-    decode_steps = [r for r in llm.engine.step_log[-stats["num_steps"]:] if r.num_tokens == r.num_requests] or [
-        max(llm.engine.step_log[-stats["num_steps"]:], key=lambda r: r.num_requests)]
+    decode_steps = [r for r in llm.engine.core.step_log[-stats["num_steps"]:] if r.num_tokens == r.num_requests] or [
+        max(llm.engine.core.step_log[-stats["num_steps"]:], key=lambda r: r.num_requests)]
     print(f"{stats['num_steps']} steps in {wall:.2f} s; {len(decode_steps)} pure decode steps of "
           f"~{max(r.num_requests for r in decode_steps)} requests: runner "
           f"{1e3 * sum(r.seconds for r in decode_steps) / len(decode_steps):.2f} ms/step; whole loop "

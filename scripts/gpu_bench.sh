@@ -25,7 +25,7 @@ python3 -c 'import torch; print(torch.cuda.get_device_name(0))' | tee "$OUT/devi
 case "${PART:-a}" in
 a)
   bench --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
-      --configs sharing,sharing-prefill64,sharing-plainattn,nosharing --json-out "$OUT/shared2000_200_deg16.json"
+      --configs sharing,sharing-plainattn,nosharing --json-out "$OUT/shared2000_200_deg16.json"
   bench --workload shared --shared 2000 --distinct 200 --degree 4 --requests 1024 --output 100 \
       --configs sharing --json-out "$OUT/shared2000_200_deg4.json"
   bench --workload shared --shared 16000 --distinct 200 --degree 16 --requests 256 --output 100 \

@@ -6,7 +6,7 @@ a tail queue of cheap shards), and collects results: it stays the only writer of
 caller writes. Workers never talk to each other, so one finishing early cannot hang the rest.
 
 Process layout and what crosses (all through multiprocessing queues, pickled; nothing per step):
-  parent -> rank r   (its task queue): ("job", job id, SharingConfig, pinned items) or None (exit)
+  parent -> rank r   (its task queue): ("job", job id, pinned items) or None (exit)
   parent -> any rank (shared queue):   (job id, items) for each tail shard, then (job id, None) x ranks
   rank r -> parent   (result queue):   ("ready", r, info) | ("result", r, job, [(index, RequestOutput)])
                                         | ("done", r, job, stats) | ("error", r, message)
@@ -52,6 +52,7 @@ class DataParallelEngine:
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int,
                  start_timeout_s: float = 1800.0) -> None:
         self.size = config.parallel.data_parallel_size
+        self.sharing = config.sharing
         self.max_model_len = max_model_len
         tp = config.parallel.tensor_parallel_size
         if device.type == "cuda":
@@ -105,13 +106,14 @@ class DataParallelEngine:
     def _dead_ranks(self, exclude: set[int]) -> set[int]:
         return {r for r, p in enumerate(self.processes) if r not in exclude and not p.is_alive()}
 
-    def generate(self, prompts: Sequence, params: Sequence, sharing: SharingConfig, *, use_tqdm: bool = True,
+    def generate(self, prompts: Sequence, params: Sequence, *, use_tqdm: bool = True,
                  progress_desc: str = "Processed prompts") -> Iterator[tuple[int, Any]]:
         """Plan, partition and run one batch over the workers; yield (prompt index, RequestOutput)
         as results arrive (any order)."""
         if self.closed:
             raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
         started = time.perf_counter()
+        sharing = self.sharing
         partition = self._partition(prompts, params, sharing)
         plan_seconds = time.perf_counter() - started
         self._job += 1
@@ -122,7 +124,7 @@ class DataParallelEngine:
         for _ in range(self.size):
             self.shared.put((job, None))
         for rank in range(self.size):
-            self.tasks[rank].put(("job", job, sharing, items(partition.pinned[rank])))
+            self.tasks[rank].put(("job", job, items(partition.pinned[rank])))
         bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
         try:
             rank_stats = yield from self._collect(job, bar, started)
@@ -238,11 +240,10 @@ def _worker_main(rank: int, size: int, config: EngineConfig, tasks, shared, resu
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         results.put(("error", rank, f"{type(e).__name__}: {e}"))
         return
-    results.put(("ready", rank, {"kv_blocks": llm.kv_spec.num_blocks, "device": str(llm.device)}))
+    results.put(("ready", rank, {"kv_blocks": llm.engine.kv_spec.num_blocks, "device": str(llm.engine.device)}))
     try:
         while (task := tasks.get()) is not None:
-            _, job, sharing, items = task
-            llm.sharing = sharing
+            _, job, items = task
             results.put(("done", rank, job, _run_job(llm, rank, job, items, shared, results)))
     except BaseException:  # noqa: BLE001
         results.put(("error", rank, traceback.format_exc(limit=8)))

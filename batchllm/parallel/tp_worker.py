@@ -9,13 +9,13 @@ the CPU (gloo). Followers die with their parent (PR_SET_PDEATHSIG on Linux) and 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import multiprocessing as mp
 import signal
 import socket
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -40,6 +40,8 @@ class TensorParallelFollowers:
 
     def stop(self, runner, timeout_s: float = 60.0) -> None:
         """Tell the followers to leave their loops (through rank 0's channel), then join them."""
+        if not self.processes:
+            return
         try:
             runner.stop_followers()
         except Exception:  # noqa: BLE001 - a follower already gone: nothing to tell
@@ -51,64 +53,40 @@ class TensorParallelFollowers:
         self.processes = []
 
 
-def start_followers(size: int, build_args: tuple, base_device: torch.device) -> tuple[object, TensorParallelFollowers]:
+def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
     """Start ranks 1..size-1 and join the group as rank 0; returns (rank 0's TPGroup, the followers).
-
-    build_args: what `build_rank_runner` needs besides the TP group (picklable)."""
+    config: the EngineConfig; facts: the `engine.ModelFacts` every rank builds from (picklable)."""
     from batchllm.parallel.tensor_parallel import init_tp_group
 
+    size = config.parallel.tensor_parallel_size
     init_method = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
     processes = []
     for rank in range(1, size):
-        p = ctx.Process(target=_follower_main, args=(rank, size, init_method, build_args, base_device),
+        p = ctx.Process(target=_follower_main, args=(rank, size, init_method, config, facts),
                         name=f"batchllm-tp{rank}", daemon=True)
         p.start()
         processes.append(p)
-    tp = init_tp_group(0, size, init_method, rank_device(base_device, 0))
+    tp = init_tp_group(0, size, init_method, rank_device(facts.device, 0))
     return tp, TensorParallelFollowers(processes)
 
 
-def _follower_main(rank: int, size: int, init_method: str, build_args: tuple, base_device: torch.device) -> None:
+def _follower_main(rank: int, size: int, init_method: str, config, facts) -> None:
     _die_with_parent()
+    from batchllm.engine import build_runner
     from batchllm.parallel.tensor_parallel import destroy_tp_group, init_tp_group
 
-    device = rank_device(base_device, rank)
+    device = rank_device(facts.device, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, torch.get_num_threads() // size))
     tp = init_tp_group(rank, size, init_method, device)
     try:
-        runner = build_rank_runner(*build_args, device=device, tp=tp)
+        runner = build_runner(config, dataclasses.replace(facts, device=device), tp)
         runner.follow()
     finally:
         destroy_tp_group()
-
-
-def build_rank_runner(model_config, cache_config, spec, model_dir: Path, dtype, max_model_len: int,
-                      max_graph_batch: int | None, *, device: torch.device, tp=None):
-    """One rank's model shard, KV cache, attention backend, runner and decode graphs, built the same
-    way on every rank (the graphs are captured by all ranks together: they hold collectives)."""
-    from batchllm.attention import TorchReferenceBackend
-    from batchllm.layers.ops import make_ops, use_triton
-    from batchllm.models.loader import build_model
-    from batchllm.runner.model_runner import ModelRunner, plan_kv_cache
-
-    model = build_model(spec, model_dir, max_positions=max_model_len, dtype=dtype, device=device,
-                        load_format="dummy" if model_config.load_format == "dummy" else "safetensors",
-                        seed=model_config.seed, ops=make_ops(model_config.kernels, device), tp=tp)
-    kv_spec = plan_kv_cache(model.spec, cache_config, dtype, device, tp)
-    if use_triton(model_config.attention_backend, device, "attention_backend"):
-        from batchllm.attention.triton_backend import TritonBackend
-
-        backend = TritonBackend()
-        local = model.spec
-        backend.warmup(local.num_heads, local.num_kv_heads, local.head_dim, kv_spec.block_size, dtype, device)
-    else:
-        backend = TorchReferenceBackend()
-    runner = ModelRunner(model, kv_spec, backend, device=device, dtype=dtype, seed=model_config.seed, tp=tp)
-    if max_graph_batch and getattr(backend, "supports_decode_graphs", False):
-        runner.setup_decode_graphs(max_graph_batch, max_model_len)
-    return runner
 
 
 def _die_with_parent() -> None:

@@ -58,8 +58,6 @@ class DecodeGraphs:
         extra_items: see `StaticDecodePlan`."""
         spec = model.spec
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
-        self.ops_name = model.ops.name
-        """The kind of elementwise ops the graphs were captured with: with others, steps run eagerly."""
         self.max_batch, self.pad_slot = max_batch, pad_slot
         self.sizes = capture_sizes(max_batch)
         self.plan = StaticDecodePlan(backend, max_batch, spec.num_heads, spec.num_kv_heads, spec.head_dim, device,
@@ -75,10 +73,6 @@ class DecodeGraphs:
         """Device memory the capture kept (the graphs' shared pool of intermediate buffers)."""
         if capture:
             self._capture()
-
-    def usable(self) -> bool:
-        """Whether the graphs still do what an eager step would: captured with the same elementwise ops."""
-        return self.model.ops.name == self.ops_name
 
     def size_for(self, num_seqs: int, width: int) -> int | None:
         """The graph a decode step of `num_seqs` sequences with block tables `width` wide would run;

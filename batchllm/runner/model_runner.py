@@ -119,8 +119,7 @@ class ModelRunner:
         """Set to [] (CUDA only) to record events around every step's forward and sampling, from
         which the benchmark tells how long the GPU sat idle between steps."""
         self.decode_graphs: DecodeGraphs | None = None
-        self.use_cuda_graphs = True
-        """Whether decode steps run as CUDA graphs where `decode_graphs` exist (benchmarks compare)."""
+        """Set once, by `setup_decode_graphs` while the engine is built; None: every step runs eagerly."""
         self.num_graph_steps = 0
         """Steps run as a graph so far."""
 
@@ -213,10 +212,10 @@ class ModelRunner:
 
     def _prepare_graph_step(self, step: StepInputs) -> int | None:
         """Write the step into the buffers of the graph that runs it and return that graph's size;
-        None (nothing written: run it eagerly) unless graphs exist and are on, the step is
-        decode-shaped and small enough, and its attention plan fits the graph's buffers."""
+        None (nothing written: run it eagerly) unless graphs exist, the step is decode-shaped and
+        small enough, and its attention plan fits the graph's buffers."""
         graphs = self.decode_graphs
-        if graphs is None or not self.use_cuda_graphs or step.max_query_len != 1 or not graphs.usable():
+        if graphs is None or step.max_query_len != 1:
             return None
         size = graphs.size_for(step.num_seqs, step.block_tables.shape[1])
         if size is None or not graphs.prepare(size, step, self._previous_tokens[0]):

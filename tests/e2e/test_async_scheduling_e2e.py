@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def async_llm(default_model_dir):
     llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=2048, async_scheduling=True,
               max_num_batched_tokens=96)
-    assert llm.engine.async_scheduling
+    assert llm.engine.core.async_scheduling
     return llm
 
 
@@ -67,8 +67,8 @@ def test_stopping_early_leaves_the_engine_clean(async_llm):
                                      use_tqdm=False)
     next(stream)
     stream.close()  # a step is in flight: it is collected and its tokens dropped
-    assert not async_llm.engine.has_unfinished()
-    kv = async_llm.engine.scheduler.kv
+    assert not async_llm.engine.core.has_unfinished()
+    kv = async_llm.engine.core.scheduler.kv
     assert kv.num_free_blocks == kv.pool.num_blocks
     again = async_llm.generate(RAW_PROMPTS[0], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert len(again[0].outputs[0].token_ids) == 5

@@ -53,7 +53,7 @@ def test_a_killed_worker_fails_the_job_by_name_after_the_others_finish(default_m
             for i, (index, _) in enumerate(llm._data_parallel.generate(
                     [llm.tokenize_prompt(c) for c in
                      [llm.apply_chat_template(c) for c in _chats()]],
-                    [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 12, llm.sharing, use_tqdm=False)):
+                    [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 12, use_tqdm=False)):
                 got.append(index)
                 if i == 0:
                     os.kill(victim.pid, signal.SIGKILL)

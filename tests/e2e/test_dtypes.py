@@ -14,7 +14,7 @@ def test_half_precision_runs_and_agrees_with_float32_at_first(dtype, tiny_model_
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
     full = LLM(model_dir, device="cpu", dtype="float32").generate(prompts, sp, use_tqdm=False)
     llm = LLM(model_dir, device="cpu", dtype=dtype)
-    assert llm.kv_spec.bytes_per_block == llm.model_spec.kv_bytes_per_token * 16 * 2  # 2-byte KV
+    assert llm.engine.kv_spec.bytes_per_block == llm.model_spec.kv_bytes_per_token * 16 * 2  # 2-byte KV
     half = llm.generate(prompts, sp, use_tqdm=False)
     for a, b in zip(half, full):
         a, b = a.outputs[0], b.outputs[0]

@@ -55,4 +55,4 @@ def test_forced_preemption_gives_the_same_tokens(default_llm, default_model_dir,
     out = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.last_stats["num_preemptions"] > 0, "the cache was meant to be too small for the batch"
     assert tokens(out) == reference
-    assert llm.engine.scheduler.kv.num_free_blocks == num_blocks
+    assert llm.engine.core.scheduler.kv.num_free_blocks == num_blocks

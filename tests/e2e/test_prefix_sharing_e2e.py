@@ -46,7 +46,7 @@ def test_sharing_gives_the_same_tokens_and_counts_the_planned_prefill(default_mo
     assert s["prefill_tokens_computed"] == s["planned_prefill_tokens"]
     assert s["saving_ratio"] > 0.5
     assert s["num_groups"] >= 1 and s["max_sharing_degree"] >= 5
-    assert llm.engine.scheduler.kv.num_free_blocks == llm.kv_spec.num_blocks
+    assert llm.engine.core.scheduler.kv.num_free_blocks == llm.engine.kv_spec.num_blocks
 
 
 def test_group_larger_than_the_running_batch(default_model_dir, unshared):
@@ -63,7 +63,7 @@ def test_forced_preemption_with_sharing(default_model_dir, unshared):
     out = llm.generate(batch(), GREEDY, use_tqdm=False)
     assert llm.last_stats["num_preemptions"] > 0
     assert token_ids(out) == unshared
-    assert llm.engine.scheduler.kv.num_free_blocks == 36
+    assert llm.engine.core.scheduler.kv.num_free_blocks == 36
 
 
 def test_n_completions_share_their_prompt(default_llm):

@@ -88,4 +88,4 @@ def test_generate_validates_every_prompt_before_running(default_llm):
         default_llm.generate({"prompt_token_ids": [5] * 5000}, use_tqdm=False)
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         default_llm.generate(["x"], [SamplingParams(), SamplingParams()], use_tqdm=False)
-    assert not default_llm.engine.has_unfinished()
+    assert not default_llm.engine.core.has_unfinished()

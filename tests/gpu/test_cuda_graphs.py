@@ -35,7 +35,7 @@ def run(model_dir, dtype, *, eager, max_size=512, **kwargs):
               **kwargs)
     prompts, params = workload()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [o.outputs[0] for o in outputs], llm.engine.executor
+    return [o.outputs[0] for o in outputs], llm.engine.runner
 
 
 @pytest.mark.parametrize("max_size", [512, 4])

@@ -54,7 +54,7 @@ def test_async_scheduling_gives_the_tokens_of_sync(tiny_dir):
     def go(overlap):
         llm = LLM(tiny_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=64,
                   block_size=16, kv_cache_memory_gib=1, async_scheduling=overlap)
-        assert llm.engine.async_scheduling is overlap
+        assert llm.engine.core.async_scheduling is overlap
         return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params, use_tqdm=False)]
 
     sync = go(False)

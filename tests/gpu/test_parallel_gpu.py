@@ -23,7 +23,7 @@ def run(model_dir, **parallel):
     try:
         prompts, params = workload()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        graph_steps = 0 if llm.engine is None else llm.engine.executor.num_graph_steps
+        graph_steps = 0 if llm.engine is None else llm.engine.runner.num_graph_steps
         return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs], graph_steps
     finally:
         llm.shutdown()

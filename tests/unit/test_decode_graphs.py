@@ -33,7 +33,7 @@ def test_capture_size_setting_is_checked_and_cpu_engines_capture_nothing(default
 
     with pytest.raises(ValueError, match="max_cudagraph_capture_size must be >= 1"):
         ModelConfig(max_cudagraph_capture_size=0)
-    assert default_llm.engine.executor.decode_graphs is None  # graphs are for CUDA (and the Triton attention)
+    assert default_llm.engine.runner.decode_graphs is None  # graphs are for CUDA (and the Triton attention)
 
 
 def items_the_launches_read(plan: StaticDecodePlan) -> WorkItems:
@@ -112,8 +112,8 @@ def test_decode_steps_through_the_graph_buffers_give_hf_greedy_tokens(tiny_model
 
     model_dir = tiny_model_factory("llama")
     llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=32, skip_tokenizer_init=True)
-    llm.model.use_ops(TritonOps())
-    runner = llm.engine.executor
+    llm.engine.model.use_ops(TritonOps())
+    runner = llm.engine.runner
     runner.backend = TritonBackend(min_members=2, min_shared=1)
     runner.setup_decode_graphs(4, llm.max_model_len, capture=False, extra_items=4)
     shared = list(range(100, 140))
@@ -143,8 +143,8 @@ def test_graph_steps_survive_preemption_and_placeholders(tiny_model_factory):
     def run(graphs: bool):
         llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=32, skip_tokenizer_init=True,
                   block_size=4, num_kv_blocks=24, async_scheduling=True, kv_admission_threshold=4.0)
-        llm.model.use_ops(TritonOps())
-        runner = llm.engine.executor
+        llm.engine.model.use_ops(TritonOps())
+        runner = llm.engine.runner
         runner.backend = TritonBackend()
         if graphs:
             runner.setup_decode_graphs(8, llm.max_model_len, capture=False, extra_items=2)

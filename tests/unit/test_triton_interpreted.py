@@ -96,8 +96,8 @@ def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
 
     model_dir = tiny_model_factory(name)
     llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=32, skip_tokenizer_init=True)
-    llm.model.use_ops(_triton_ops())
-    llm.engine.executor.backend = TritonBackend(min_members=1, min_shared=1)
+    llm.engine.model.use_ops(_triton_ops())
+    llm.engine.runner.backend = TritonBackend(min_members=1, min_shared=1)
     shared = list(range(100, 140))
     prompts = [shared + [7 + i, 300 + i] for i in range(4)] + [list(range(500, 520))]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],

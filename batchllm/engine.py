@@ -1,0 +1,157 @@
+"""`build_engine(config)`: one engine (model, KV cache, attention backend, runner, decode graphs,
+scheduler, EngineCore) assembled from an `EngineConfig` alone.
+
+Nothing here reads a tokenizer or a prompt: `LLM` (and any process that runs requests) tokenizes,
+and asks the engine only for the model's facts (`model_spec`, `max_model_len`). An engine is built
+once and never reconfigured: a different setting is a different engine (`bench.py` builds one per
+configuration). Values found while building (device, dtype, context length, KV size) are fields
+of `Engine`, never written back into the frozen config (house rule 6).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from batchllm.attention import TorchReferenceBackend
+from batchllm.config import EngineConfig
+from batchllm.core.engine_core import EngineCore
+from batchllm.core.kv_cache_manager import KVCacheManager
+from batchllm.core.scheduler import Scheduler
+from batchllm.inputs import resolve_max_model_len
+from batchllm.layers.ops import make_ops, use_triton
+from batchllm.models.decoder import DecoderForCausalLM
+from batchllm.models.default_model import default_model_dir
+from batchllm.models.loader import build_model
+from batchllm.models.spec import ModelSpec, read_model_spec
+from batchllm.parallel.tensor_parallel import shard_spec
+from batchllm.runner.model_runner import KVCacheSpec, ModelRunner, plan_kv_cache
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A built engine. `core` runs steps (add_request / step / finish_requests); the rest is what
+    was found or made while building it. The frozen dataclass fixes the parts, not their state:
+    each part is the writer of its own state (module docstrings)."""
+
+    config: EngineConfig
+    model_dir: Path
+    model_spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    model: DecoderForCausalLM
+    kv_spec: KVCacheSpec
+    runner: ModelRunner
+    core: EngineCore
+    tp_followers: object | None = None
+    """The tensor-parallel follower processes (`parallel/tp_worker.py`), when tensor_parallel_size > 1."""
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel followers, if any (they also die with this process)."""
+        if self.tp_followers is not None:
+            self.tp_followers.stop(self.runner)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the config and the model directory decide before anything is loaded."""
+
+    model_dir: Path
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+
+
+def resolve_model(config: EngineConfig, device: str | torch.device | None = None) -> ModelFacts:
+    """The model directory, its spec, the device, dtype and context length the config asks for;
+    checks what can be checked without loading weights."""
+    mc, sc = config.model, config.scheduler
+    model_dir = Path(mc.model) if mc.model is not None else default_model_dir()
+    spec = read_model_spec(model_dir)
+    device = _resolve_device(str(mc.device if device is None else device))
+    dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)
+    max_model_len = resolve_max_model_len(mc.max_model_len, spec)
+    if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"with chunked prefill off, max_num_batched_tokens ({sc.max_num_batched_tokens}) must be "
+            f">= max_model_len ({max_model_len}), or no long prompt could ever run"
+        )
+    shard_spec(spec, config.parallel.tensor_parallel_size)  # a size that does not divide fails here, by name
+    return ModelFacts(model_dir, spec, device, dtype, max_model_len)
+
+
+def build_engine(config: EngineConfig, device: str | torch.device | None = None) -> Engine:
+    """Build the engine `config` describes; `device` overrides `config.model.device` (a worker
+    process is given its GPU). Loads the weights, sizes and allocates the KV cache, compiles the
+    Triton attention's variants and, on CUDA with the Triton attention, captures decode graphs.
+    With tensor_parallel_size > 1 this process is rank 0 and starts the other ranks first."""
+    facts = resolve_model(config, device)
+    tp, followers = None, None
+    if config.parallel.tensor_parallel_size > 1:
+        from batchllm.parallel.tp_worker import start_followers
+
+        tp, followers = start_followers(config, facts)
+    runner = build_runner(config, facts, tp)
+    sc = config.scheduler
+    kv_spec = runner.kv_spec
+    kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)
+    overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
+    core = EngineCore(Scheduler(sc, kv, facts.max_model_len), runner, async_scheduling=overlap)
+    logger.info("model %s (%s) on %s, %s, max_model_len %d, %d KV blocks of %d tokens, tensor parallel %d",
+                facts.model_dir, facts.spec.architecture, facts.device, facts.dtype, facts.max_model_len,
+                kv_spec.num_blocks, kv_spec.block_size, config.parallel.tensor_parallel_size)
+    return Engine(config, facts.model_dir, facts.spec, facts.device, facts.dtype, facts.max_model_len,
+                  runner.model, kv_spec, runner, core, followers)
+
+
+def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunner:
+    """One rank's model (its shard under tensor parallelism), KV cache, attention backend and
+    runner; the Triton backend compiles its variants now and, on CUDA unless enforce_eager, decode
+    steps get CUDA graphs (captured by all tensor-parallel ranks together: they hold collectives).
+    Every rank builds through here, in the same order of collectives."""
+    mc, sc = config.model, config.scheduler
+    device, dtype = facts.device, facts.dtype
+    model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=dtype, device=device,
+                        load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,
+                        ops=make_ops(mc.kernels, device), tp=tp)
+    kv_spec = plan_kv_cache(model.spec, config.cache, dtype, device, tp)
+    spec = model.spec  # the rank's shard: its query and KV heads
+    if use_triton(mc.attention_backend, device, "attention_backend"):
+        from batchllm.attention.triton_backend import TritonBackend
+
+        backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention)
+        backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device)
+        graphs = device.type == "cuda" and not mc.enforce_eager
+    else:
+        backend, graphs = TorchReferenceBackend(), False
+    runner = ModelRunner(model, kv_spec, backend, device=device, dtype=dtype, seed=mc.seed, tp=tp)
+    if graphs:
+        max_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
+        runner.setup_decode_graphs(max_batch, facts.max_model_len)
+    return runner
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(checkpoint_dtype or "", torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16

@@ -1,0 +1,127 @@
+"""Engine options derived from the config dataclasses: the `LLM` keywords and the CLI arguments.
+
+Each option is declared once, as a field of a section of `EngineConfig` (config.py: default, help,
+choices); its flat name (`block_size`) is its `LLM` keyword and, in kebab case (`--block-size`), its
+CLI flag. Types come from the annotations: a bool is a `--x/--no-x` flag, an optional bool
+(`async_scheduling`) takes auto|on|off, anything else takes a value of its type. Nothing here holds
+state; a new option needs no line in this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import os
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from batchllm.config import EngineConfig
+
+VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing"}
+"""vLLM keyword -> the BatchLLM option it means (the value is passed through unchanged)."""
+
+TRI_STATE = {"auto": None, "on": True, "off": False}
+"""CLI values of an optional bool option."""
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    name: str
+    section: str  # the EngineConfig field holding the option's config class (model, cache, ...)
+    type: type  # int, float, str or bool; None is allowed as well where `optional`
+    optional: bool
+    default: Any
+    help: str
+    choices: tuple | None
+
+
+@functools.cache
+def engine_options() -> dict[str, EngineOption]:
+    """Every engine option by its flat name, in declaration order (sections, then fields)."""
+    options: dict[str, EngineOption] = {}
+    for section, config_class in typing.get_type_hints(EngineConfig).items():
+        hints = typing.get_type_hints(config_class)
+        for f in fields(config_class):
+            if f.name in options or f.default is MISSING or "help" not in f.metadata:
+                raise TypeError(f"{config_class.__name__}.{f.name}: declare each option once, with config.option")
+            base, optional = _base_type(hints[f.name])
+            options[f.name] = EngineOption(f.name, section, base, optional, f.default, f.metadata["help"],
+                                           f.metadata.get("choices"))
+    return options
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(int, True) for `int | None`; (int, False) for `int`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"an option's type is one type or that type | None, not {hint}")
+        return args[0], True
+    return hint, False
+
+
+def engine_config(**kwargs: Any) -> EngineConfig:
+    """The EngineConfig of flat keyword options (`LLM`'s keywords); options not given keep their
+    declared defaults. vLLM aliases (`VLLM_ALIASES`) are accepted; an unknown keyword is a
+    TypeError that names it and the options closest to it. Paths are passed as strings."""
+    options = engine_options()
+    for alias, name in VLLM_ALIASES.items():
+        if alias in kwargs and name in kwargs:
+            raise TypeError(f"{alias!r} and {name!r} are the same option; give one of them")
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in kwargs.items():
+        option = options.get(VLLM_ALIASES.get(key, key))
+        if option is None:
+            raise TypeError(unknown_option_message(key))
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        sections.setdefault(option.section, {})[option.name] = value
+    return EngineConfig(**{s: c(**sections.get(s, {})) for s, c in typing.get_type_hints(EngineConfig).items()})
+
+
+def unknown_option_message(key: str) -> str:
+    close = difflib.get_close_matches(key, [*engine_options(), *VLLM_ALIASES], n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return f"unknown engine option {key!r}{hint} (all options: batchllm run --help)"
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str] | None = None,
+                         exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> None:
+    """Add a `--kebab-name` argument per engine option (all, or `names`, less `exclude`), one
+    argument group per config section; `defaults` replaces declared defaults (e.g. the benchmark's
+    larger token budget). Read them back with `engine_kwargs_from_args`."""
+    options, defaults = engine_options(), defaults or {}
+    wanted = (set(options) if names is None else set(names)) - set(exclude)
+    for name in sorted((wanted | set(defaults)) - set(options)):
+        raise TypeError(unknown_option_message(name))
+    groups: dict[str, Any] = {}
+    for option in options.values():
+        if option.name in wanted:
+            if option.section not in groups:
+                groups[option.section] = parser.add_argument_group(f"engine options: {option.section}")
+            _add_argument(groups[option.section], option, defaults.get(option.name, option.default))
+
+
+def _add_argument(group, option: EngineOption, default: Any) -> None:
+    flag = "--" + option.name.replace("_", "-")
+    if option.type is bool and option.optional:
+        tri = next(k for k, v in TRI_STATE.items() if v is default)
+        action = group.add_argument(flag, dest=option.name, choices=list(TRI_STATE), default=tri)
+    elif option.type is bool:
+        action = group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=default)
+    else:
+        action = group.add_argument(flag, dest=option.name, type=option.type, choices=option.choices, default=default)
+    action.help = option.help + " (default: %(default)s)"  # set after: BooleanOptionalAction adds its own
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options present in parsed arguments, as `LLM` / `engine_config` keywords."""
+    kwargs = {}
+    for name, option in engine_options().items():
+        if hasattr(args, name):
+            value = getattr(args, name)
+            kwargs[name] = TRI_STATE[value] if option.type is bool and option.optional else value
+    return kwargs

@@ -1,0 +1,124 @@
+"""Engine options are declared once (config.py) and derived: every field is an `LLM` keyword and a
+CLI flag of `run` and `bench` with the same default; unknown keywords are named; vLLM's keywords
+either work or are refused by name. No model is loaded here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+
+import pytest
+
+from batchllm.cli import build_parser
+from batchllm.config import EngineConfig
+from batchllm.llm import LLM
+from batchllm.options import (
+    TRI_STATE,
+    add_engine_arguments,
+    engine_config,
+    engine_kwargs_from_args,
+    engine_options,
+)
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for section in dataclasses.fields(EngineConfig)
+            for f in dataclasses.fields(section.default_factory())}
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_every_config_field_is_an_option_with_its_default_and_help():
+    fields = config_fields()
+    assert set(engine_options()) == set(fields)
+    assert {"data_parallel_size", "tensor_parallel_size", "prefix_sharing", "block_size"} <= set(fields)
+    for name, f in fields.items():
+        assert f.metadata["help"], name
+        assert engine_options()[name].default == f.default
+
+
+def test_no_arguments_give_the_default_config():
+    assert engine_config(**engine_kwargs_from_args(parse())) == EngineConfig()
+    assert engine_config() == EngineConfig()
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_every_option_is_a_flag_of_run_and_bench_with_the_declared_default(command):
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    dests = {a.dest: a for a in parser._actions}
+    skipped = {"run": {"seed"}, "bench": {"skip_tokenizer_init"}}[command]  # seeded / fixed by the command
+    overridden = {"bench": {"max_num_batched_tokens": 8192}}.get(command, {})
+    for name, option in engine_options().items():
+        if name in skipped:
+            continue
+        action = dests[name]
+        assert action.option_strings[0] == "--" + name.replace("_", "-")
+        default = TRI_STATE[action.default] if option.type is bool and option.optional else action.default
+        assert default == overridden.get(name, option.default), name
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":  # every option shows its default
+            assert action.help and "%(default)" in parser.formatter_class("x")._get_help_string(action), action.dest
+
+
+def test_flags_reach_the_config_with_the_old_spellings():
+    args = parse("--no-prefix-sharing", "--async-scheduling", "off", "--enforce-eager", "--block-size", "4",
+                 "--max-num-seqs", "8", "--tensor-parallel-size", "2", "--data-parallel-size", "3",
+                 "--kv-cache-memory-gib", "0.5", "--plan-mode", "single")
+    config = engine_config(**engine_kwargs_from_args(args))
+    assert config.sharing == dataclasses.replace(EngineConfig().sharing, prefix_sharing=False, plan_mode="single")
+    assert config.scheduler.async_scheduling is False and config.scheduler.max_num_seqs == 8
+    assert config.model.enforce_eager and config.cache.block_size == 4 and config.cache.kv_cache_memory_gib == 0.5
+    assert (config.parallel.tensor_parallel_size, config.parallel.data_parallel_size) == (2, 3)
+    assert engine_config(**engine_kwargs_from_args(parse("--async-scheduling", "on"))).scheduler.async_scheduling
+
+
+def test_choices_come_from_the_declarations():
+    with pytest.raises(SystemExit):
+        parse("--plan-mode", "triple")
+    with pytest.raises(ValueError, match="plan_mode must be one of"):
+        engine_config(plan_mode="triple")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        engine_config(dtype="int3")
+
+
+def test_llm_takes_exactly_the_options():
+    signature = inspect.signature(LLM.__init__)
+    assert list(signature.parameters) == ["self", "model", "kwargs"]
+    assert signature.parameters["model"].default is None
+
+
+def test_an_unknown_keyword_is_named_with_the_closest_options():
+    with pytest.raises(TypeError, match=r"unknown engine option 'max_num_batched_token'.*'max_num_batched_tokens'"):
+        engine_config(max_num_batched_token=64)
+    with pytest.raises(TypeError, match="unknown engine option 'swap_space'"):
+        LLM(swap_space=4)  # refused before anything is loaded
+
+
+def test_vllm_keywords_work_or_are_refused_by_name():
+    config = engine_config(tensor_parallel_size=2, enable_prefix_caching=False, trust_remote_code=True, seed=7,
+                           quantization=None)
+    assert config.parallel.tensor_parallel_size == 2 and config.sharing.prefix_sharing is False
+    assert config.model.trust_remote_code and config.model.seed == 7
+    with pytest.raises(ValueError, match="quantization='awq' is not supported yet"):
+        LLM(quantization="awq")
+    with pytest.raises(TypeError, match="'enable_prefix_caching' and 'prefix_sharing' are the same option"):
+        engine_config(enable_prefix_caching=True, prefix_sharing=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_size=0), "block_size must be >= 1, got 0"),
+    (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
+    (dict(kv_cache_memory_gib=0), "kv_cache_memory_gib must be > 0, got 0"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1, got 0"),
+    (dict(max_model_len=1), "max_model_len must be >= 2, got 1"),
+])
+def test_declared_bounds_are_checked_and_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine_config(**kwargs)
+    assert engine_config(max_num_seqs=None, kv_cache_memory_gib=None) == EngineConfig()  # None where None is the default
