@@ -92,6 +92,8 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     2 x parameters x tokens computed (prefill + decode) against `matmul_peak_tflops`."""
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in workload.max_tokens]
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    if llm.engine is None:
+        return _run_data_parallel(llm, workload, prompts, params)
     engine = llm.engine
     runner = engine.runner
     cuda = engine.device.type == "cuda"
@@ -128,6 +130,20 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
         total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall,
         tokens_per_step=[r.num_tokens for r in engine.core.step_log[-s["num_steps"]:]],
     )
+    return s
+
+
+def _run_data_parallel(llm, workload: Workload, prompts: list, params: list) -> dict[str, Any]:
+    """The workload through the data-parallel workers: requests/s and tokens/s of the whole job, and
+    each rank's share and finish time (`last_stats["ranks"]`)."""
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    s = dict(llm.last_stats)
+    s.update(workload=workload.name, wall_s=wall, requests_per_s=len(workload.prompts) / wall,
+             output_tokens_per_s=s["output_tokens"] / wall,
+             total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall,
+             mean_tokens_per_step=0.0, num_preemptions=0)
     return s
 
 
@@ -232,6 +248,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     "nosharing-sync": ("no sharing, asynchronous scheduling off", dict(_OFF, async_scheduling=False)),
     "sharing-eager": ("decode CUDA graphs off", dict(_ON, enforce_eager=True)),
     "nosharing-eager": ("no sharing, decode CUDA graphs off", dict(_OFF, enforce_eager=True)),
+    **{f"dp{n}": (f"sharing, {n} data-parallel engines", dict(_ON, data_parallel_size=n)) for n in (1, 2, 4, 8)},
+    **{f"tp{n}": (f"sharing, model over {n} GPUs", dict(_ON, tensor_parallel_size=n)) for n in (1, 2, 4, 8)},
 }
 
 
@@ -249,10 +267,16 @@ def bench_command(args) -> int:
     workload, peak, results, info = None, None, [], {}
     for i, name in enumerate(names):
         llm = LLM(**{**base, **CONFIGS[name][1]})
+        if llm.engine is None:  # data parallel: the engines are in the worker processes
+            workload = workload or _workload(args, llm)
+            results.append(_bench_data_parallel(llm, name, args, workload))
+            llm.shutdown()
+            del llm
+            _release_device_memory()
+            continue
         engine = llm.engine
         if workload is None:
-            args.vocab = llm.model_spec.vocab_size
-            workload = make_workload(args)
+            workload = _workload(args, llm)
             peak = measure_matmul_peak_tflops(engine.device) if engine.device.type == "cuda" else None
             if peak:
                 print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
@@ -269,12 +293,32 @@ def bench_command(args) -> int:
         print(_line(stats), flush=True)
         if i == len(names) - 1:
             _profile(llm, workload, args)
+        llm.shutdown()
         del llm, engine
         _release_device_memory()
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({**info, "results": results}, f)
     return 0
+
+
+def _workload(args, llm) -> Workload:
+    args.vocab = llm.model_spec.vocab_size
+    return make_workload(args)
+
+
+def _bench_data_parallel(llm, name: str, args, workload: Workload) -> dict[str, Any]:
+    if args.warmup_requests:
+        n = min(args.warmup_requests * llm.config.parallel.data_parallel_size, len(workload.prompts))
+        run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
+    stats = run_workload(llm, workload)
+    stats.update(config=name)
+    print(_line(stats), flush=True)
+    print("  ranks: " + "; ".join(f"{r['rank']}: {r['num_requests']} req, prefill {r['prefill_tokens_computed']}, "
+                                  f"done at {r['finish_s']:.1f} s" for r in stats["ranks"])
+          + f"; finish spread {100 * stats['finish_time_spread']:.1f}%, duplicated prefill "
+            f"{stats['duplicated_prefill_tokens']}", flush=True)
+    return stats
 
 
 def _graph_info(graphs) -> dict | None:
