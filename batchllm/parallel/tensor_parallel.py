@@ -84,6 +84,9 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device, 
     """Join the tensor-parallel process group (this process's default group) as `rank`."""
     import datetime
 
+    if dist.is_initialized():
+        raise RuntimeError("a tensor-parallel engine is already running in this process (one per process: "
+                           "call shutdown() on the other LLM first)")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: off (see the device notes)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}

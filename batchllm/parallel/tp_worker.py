@@ -51,6 +51,9 @@ class TensorParallelFollowers:
             if p.is_alive():
                 p.kill()
         self.processes = []
+        from batchllm.parallel.tensor_parallel import destroy_tp_group
+
+        destroy_tp_group()
 
 
 def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
