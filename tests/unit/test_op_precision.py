@@ -105,3 +105,14 @@ def test_hf_rounding_fails_these_checks():
     hf_out = weight * (summed.float() * torch.rsqrt(variance + 1e-5)).to(BF16)
     want_out, _ = TorchOps().add_rms_norm(x.float(), residual.float(), weight.float(), 1e-5)
     assert (hf_out != want_out.to(BF16)).float().mean() > 0.01
+
+
+def test_float32_residual_stream_is_not_rounded(ops):
+    """The decoder carries the residual stream in float32: the sum handed on keeps every bit."""
+    x, residual = _data(4, 576, scale=3), _data(4, 576, seed=1).float() + 1e-3
+    weight = _data(576, seed=2)
+    out, summed = ops.add_rms_norm(x.clone(), residual.clone(), weight, 1e-5)
+    want_out, want_sum = TorchOps().add_rms_norm(x.float(), residual, weight.float(), 1e-5)
+    assert summed.dtype == torch.float32 and out.dtype == BF16
+    assert torch.equal(summed, want_sum)
+    assert torch.equal(out, want_out.to(BF16))
