@@ -5,6 +5,13 @@ a few torch kernels per op) or `TritonOps` (CUDA; one kernel per op, same roundi
 
 Contract shared by both: every op returns its results and callers use only those; an op may reuse
 (overwrite) the buffers of its inputs, so an input is never read again after the call.
+
+Precision (issue 20): each op reads its inputs in the model dtype, computes in float32 and rounds
+once, at its outputs; no intermediate value is rounded to the model dtype. In float32 that is
+transformers' arithmetic, operation for operation (greedy parity stays exact). In bfloat16/float16
+it is what vLLM's default (Inductor-fused) kernels compute, where transformers rounds after every
+torch op (RMSNorm twice, rotary three times plus its tables, SiLU-and-mul twice): that extra
+rounding cost 2-3 points of agreement with the float32 answer (benchmarks/bf16_agreement.py).
 """
 
 from __future__ import annotations
@@ -23,29 +30,35 @@ class TorchOps:
     name = "torch"
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """weight * (x / rms(x)), the normalisation in float32, cast back before the weight (as HF)."""
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        return weight * (x32 * torch.rsqrt(variance + eps)).to(dtype)
+        """weight * (x / rms(x)) in float32, rounded once to x's dtype (in float32: HF's LlamaRMSNorm)."""
+        return self._normalize(x.to(torch.float32), weight, eps).to(x.dtype)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(x + residual), x + residual): the sum rounded to the model dtype first, as HF's
-        `hidden = residual + hidden` before the next norm."""
-        summed = x + residual
-        return self.rms_norm(summed, weight, eps), summed
+        """(rms_norm(x + residual), x + residual): the sum in float32, normalised unrounded; the sum
+        handed on as the next residual is rounded to the residual's dtype (HF's `hidden = residual +
+        hidden` in float32)."""
+        summed = x.to(torch.float32) + residual.to(torch.float32)
+        return self._normalize(summed, weight, eps).to(x.dtype), summed.to(residual.dtype)
+
+    @staticmethod
+    def _normalize(x32: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """float32 in, float32 out: weight * (x * rsqrt(mean(x^2) + eps)), HF's order of operations."""
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return weight.to(torch.float32) * (x32 * torch.rsqrt(variance + eps))
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[n, 2 * i] (gate | up) -> silu(gate) * up, [n, i]."""
+        """[n, 2 * i] (gate | up) -> silu(gate) * up, [n, i], in float32, rounded once."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return (F.silu(gate.to(torch.float32)) * up.to(torch.float32)).to(gate_up.dtype)
 
     def step_rotary(self, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                     dtype: torch.dtype) -> StepRotary:
         """The rotation of one step's tokens, for every layer: the rows of the float32 tables
-        [max_positions, head_dim] (see `RotaryEmbedding`) are gathered once, in the model dtype."""
-        return StepRotary(cos[positions].to(dtype)[:, None, :], sin_signed[positions].to(dtype)[:, None, :])
+        [max_positions, head_dim] (see `RotaryEmbedding`) are gathered once, kept in float32
+        (`dtype`, the model's, is what the rotation rounds to)."""
+        del dtype  # StepRotary rounds to the dtype of what it rotates
+        return StepRotary(cos[positions][:, None, :], sin_signed[positions][:, None, :])
 
 
 def use_triton(choice: str, device: torch.device, setting: str) -> bool:

@@ -53,11 +53,13 @@ class RotaryEmbedding(nn.Module):
 
 class StepRotary:
     """The rotation of one step's tokens: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin
-    computed as roll(x, head_dim / 2) * sin_signed (the same products as transformers, in 4 kernels)."""
+    computed as roll(x, head_dim / 2) * sin_signed (the same products as transformers), in float32
+    with float32 tables, rounded once to x's dtype."""
 
     def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
-        self.cos, self.sin_signed = cos, sin_signed  # [num_tokens, 1, head_dim]
+        self.cos, self.sin_signed = cos, sin_signed  # [num_tokens, 1, head_dim] float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [num_tokens, heads, head_dim] -> a new tensor of the same shape."""
-        return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.sin_signed
+        """x: [num_tokens, heads, head_dim] -> a new tensor of the same shape and dtype."""
+        x32 = x.to(torch.float32)
+        return (x32 * self.cos + x32.roll(x.shape[-1] // 2, dims=-1) * self.sin_signed).to(x.dtype)

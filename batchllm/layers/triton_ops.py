@@ -1,11 +1,11 @@
 """The decoder's elementwise ops as one Triton kernel each (CUDA): RMSNorm fused with the residual
 add, SiLU-and-mul, and rotary applied in place to q and k straight from the float32 tables.
 
-The roundings of `TorchOps` (hence of transformers): a value that torch rounds to the model dtype
-between two kernels is rounded here between the same two operations (`.to(dtype).to(tl.float32)`).
-In float32 the results equal torch's but for the order of an RMSNorm's sum of squares; in 16-bit
-types a small share of elements may differ by one unit in the last place (measured on an H200: the
-compiler may keep a product in float32 across such a cast pair).
+The arithmetic of `TorchOps` (`ops.py`, "Precision"): inputs read in the model dtype, everything
+computed in float32, one rounding per output (the rotary tables too stay float32). In float32 the
+results equal torch's (transformers') but for the order of an RMSNorm's sum of squares and
+contractions into fused multiply-adds; in 16-bit types likewise, hence a small share of elements
+one unit in the last place apart.
 Each op overwrites its input buffers where it can (`ops.py`: inputs are not read after a call).
 Imported only where Triton is installed (`ops.make_ops` decides).
 """
@@ -28,8 +28,8 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One row per program. With a residual: residual = round(x + residual) (stored back), then the
-    norm of that; out = round(weight * round(h / rms(h)))."""
+    """One row per program. With a residual: h = x + residual in float32, stored back rounded as the
+    next residual, and normalised unrounded; out = round(weight * (h / rms(h)))."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -38,18 +38,17 @@ def _rms_norm_kernel(
     h = x_raw.to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        summed = (h + r).to(dtype)
-        tl.store(Residual + row * stride_r + cols, summed, mask=mask)
-        h = summed.to(tl.float32)
+        h = h + r
+        tl.store(Residual + row * stride_r + cols, h.to(Residual.dtype.element_ty), mask=mask)
     variance = tl.sum(h * h, axis=0) / n_cols
-    normed = (h * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
+    normed = h * tl.rsqrt(variance + eps)
     w = tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + cols, (w * normed).to(dtype), mask=mask)
 
 
 @triton.jit
 def _silu_and_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.constexpr):
-    """out[row, j] = round(round(silu(gate[j])) * up[j]); gate and up are the two halves of a row."""
+    """out[row, j] = round(silu(gate[j]) * up[j]); gate and up are the two halves of a row."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -57,7 +56,7 @@ def _silu_and_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.cons
     dtype = gate_raw.dtype
     gate = gate_raw.to(tl.float32)
     up = tl.load(GateUp + row * stride_g + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    silu = gate / (1.0 + tl.exp(-gate))
     tl.store(Out + row * stride_o + cols, (silu * up).to(dtype), mask=mask)
 
 
@@ -69,9 +68,9 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """In place, for one token and BLOCK_H heads: with x = (x1 | x2) and the table rows (c | c),
-    (-s | s): out1 = round(round(x1 c) + round(-x2 s)), out2 = round(round(x2 c) + round(x1 s)),
-    the tables rounded to the model dtype first (torch's x * cos + roll(x) * sin_signed)."""
+    """In place, for one token and BLOCK_H heads: with x = (x1 | x2) and the float32 table rows
+    (c | c), (-s | s): out1 = round(x1 c + x2 (-s)), out2 = round(x2 c + x1 s), products and sum in
+    float32 (torch's x * cos + roll(x) * sin_signed)."""
     tok = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, HALF)
@@ -82,12 +81,12 @@ def _rotary_kernel(
     dtype = x1_raw.dtype
     x1 = x1_raw.to(tl.float32)
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(Cos + pos * stride_table + d).to(dtype).to(tl.float32)[None, :]
-    c2 = tl.load(Cos + pos * stride_table + HALF + d).to(dtype).to(tl.float32)[None, :]
-    s1 = tl.load(SinSigned + pos * stride_table + d).to(dtype).to(tl.float32)[None, :]
-    s2 = tl.load(SinSigned + pos * stride_table + HALF + d).to(dtype).to(tl.float32)[None, :]
-    out1 = (x1 * c1).to(dtype).to(tl.float32) + (x2 * s1).to(dtype).to(tl.float32)
-    out2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    c1 = tl.load(Cos + pos * stride_table + d).to(tl.float32)[None, :]
+    c2 = tl.load(Cos + pos * stride_table + HALF + d).to(tl.float32)[None, :]
+    s1 = tl.load(SinSigned + pos * stride_table + d).to(tl.float32)[None, :]
+    s2 = tl.load(SinSigned + pos * stride_table + HALF + d).to(tl.float32)[None, :]
+    out1 = x1 * c1 + x2 * s1
+    out2 = x2 * c2 + x1 * s2
     tl.store(ptr1, out1.to(dtype), mask=mask)
     tl.store(ptr1 + HALF, out2.to(dtype), mask=mask)
 

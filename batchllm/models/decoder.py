@@ -87,9 +87,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden, residual, rotary, kv_cache, metadata, backend) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (this layer's MLP output, the residual stream before it): HF's
-        residual adds, each carried into the next norm so the two run as one op."""
+        residual adds, each carried into the next norm so the two run as one op. The residual
+        stream is float32 whatever the model dtype (in float32 a no-op): rounding it to bfloat16 after
+        every add doubled the bf16 logits' error against float32 (issue 20)."""
         if residual is None:  # the first layer: the stream is the embeddings
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden.to(torch.float32), self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rotary, kv_cache, metadata, backend)
