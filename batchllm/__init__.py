@@ -5,9 +5,17 @@
     outputs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
 """
 
-from batchllm.llm import LLM
-from batchllm.request_output import CompletionOutput, Logprob, RequestOutput
-from batchllm.sampling_params import SamplingParams
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a small or shared CPU
+# box, spinning threads that lose their core stall every parallel op; measured on the 2-core dev
+# box under load, generation ran 6x slower with spinning (docs/benchmarks.md, "CPU path").
+# setdefault: a value set by the user wins; no effect if torch was imported before batchllm.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from batchllm.llm import LLM  # noqa: E402
+from batchllm.request_output import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from batchllm.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as batchllm/__init__.py, which torch would precede here
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # before anything imports Triton: its kernels then run interpreted (numpy)
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,15 +1,110 @@
 """Reference attention in plain torch: varlen, causal, GQA, over the paged cache. Any device.
 
-One scaled_dot_product_attention call per sequence: slow, simple, and the oracle that GPU kernels
-are tested against.
+The oracle that GPU kernels are tested against, and the attention of the CPU path. Sequences are
+batched: once per step, `plan_groups` sorts them into a few groups of similar shape (decodes of
+similar length together, prefill chunks of similar size together), and every layer runs one
+scaled_dot_product_attention call per group over K/V gathered into a padded
+[seqs, max_len, kv_heads, head_dim] tensor, with a mask for causality and lengths.
+
+Invariant that keeps the results those of one call per sequence: every padded key slot gathers a
+real, already written key of its own sequence (its last one), and is masked, so it adds exactly 0
+to the softmax sums; padded query rows copy a real row and are dropped. Unwritten cache slots
+(which may hold NaN) are never read.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
+
+GROUP_SLACK = 1.5
+"""A group's padded area (seqs x max query len x max seq len) may exceed its real area by this factor ..."""
+GROUP_MIN_AREA = 4096
+"""... plus this many query-key pairs, which cost less than one more SDPA call and gather."""
+
+
+def plan_groups(query_lens: list[int], seq_lens: list[int]) -> list[list[int]]:
+    """Sequence indices in groups to attend in one padded call each. Decode rows (query len 1) and
+    prefill chunks are grouped apart; within each kind, sequences sorted by length join the current
+    group while its padded area stays within GROUP_SLACK x its real area + GROUP_MIN_AREA."""
+    order = sorted(range(len(seq_lens)), key=lambda i: (query_lens[i] > 1, seq_lens[i], query_lens[i]))
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = max_q = max_len = 0
+    for i in order:
+        q, n = query_lens[i], seq_lens[i]
+        new_real, new_q, new_len = real + q * n, max(max_q, q), max(max_len, n)
+        same_kind = not group or (q > 1) == (query_lens[group[0]] > 1)
+        if group and same_kind and (len(group) + 1) * new_q * new_len <= GROUP_SLACK * new_real + GROUP_MIN_AREA:
+            group.append(i)
+            real, max_q, max_len = new_real, new_q, new_len
+        else:
+            if group:
+                groups.append(group)
+            group, real, max_q, max_len = [i], q * n, q, n
+    if group:
+        groups.append(group)
+    return groups
+
+
+@dataclass
+class _Group:
+    """One padded SDPA call, derived once per step and reused by every layer."""
+
+    num_seqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_rows: torch.Tensor  # [num_seqs * max_query_len] int64: token row of each padded query row
+    key_slots: torch.Tensor  # [num_seqs * max_seq_len] int64: cache slot of each padded key
+    mask: torch.Tensor | None  # [num_seqs, 1, max_query_len, max_seq_len] bool, None: every key visible
+    is_causal: bool  # no mask needed beyond plain causality (fresh prefills of one length)
+    valid_rows: torch.Tensor | None  # padded rows that are real query tokens; None: all of them
+    out_rows: torch.Tensor  # [real query tokens] int64: token row of each valid padded row
+
+
+def _build_group(seqs: list[int], metadata: AttentionMetadata, device: torch.device) -> _Group:
+    starts, lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
+    qlens = [starts[i + 1] - starts[i] for i in seqs]
+    slens = [lens[i] for i in seqs]
+    n, max_q, max_len = len(seqs), max(qlens), max(slens)
+    q_len = torch.tensor(qlens, device=device)[:, None]  # [n, 1]
+    s_len = torch.tensor(slens, device=device)[:, None]
+    start = torch.tensor([starts[i] for i in seqs], device=device)[:, None]
+    row = torch.arange(max_q, device=device)[None, :]
+    real_row = row < q_len  # [n, max_q]
+    query_rows = start + torch.minimum(row, q_len - 1)  # padded rows repeat the last real row
+    pos = torch.minimum(torch.arange(max_len, device=device)[None, :], s_len - 1)  # [n, max_len]
+    tables = metadata.block_tables.to(device)[torch.tensor(seqs, device=device)].long()
+    bs = metadata.block_size
+    key_slots = tables.gather(1, pos // bs) * bs + pos % bs
+    uniform = len(set(slens)) == 1 and len(set(qlens)) == 1
+    is_causal = uniform and max_q == max_len and max_q > 1
+    mask = None
+    if not uniform or (max_q > 1 and not is_causal):
+        # query row r of a sequence sits at position len - qlen + r and sees keys 0..that position
+        last_key = (s_len - q_len + torch.minimum(row, q_len - 1))[:, :, None]  # [n, max_q, 1]
+        mask = (torch.arange(max_len, device=device)[None, None, :] <= last_key)[:, None]
+    all_real = all(q == max_q for q in qlens)
+    return _Group(
+        num_seqs=n, max_query_len=max_q, max_seq_len=max_len,
+        query_rows=query_rows.reshape(-1), key_slots=key_slots.reshape(-1), mask=mask, is_causal=is_causal,
+        valid_rows=None if all_real else real_row.reshape(-1).nonzero().squeeze(1),
+        out_rows=query_rows[real_row] if not all_real else query_rows.reshape(-1),
+    )
+
+
+def _step_groups(metadata: AttentionMetadata, device: torch.device) -> list[_Group]:
+    groups = metadata.backend_cache.get("torch_ref_groups")
+    if groups is None:
+        starts = metadata.query_start_loc_cpu
+        qlens = [starts[i + 1] - starts[i] for i in range(metadata.num_seqs)]
+        groups = [_build_group(seqs, metadata, device) for seqs in plan_groups(qlens, metadata.seq_lens_cpu)]
+        metadata.backend_cache["torch_ref_groups"] = groups
+    return groups
 
 
 class TorchReferenceBackend:
@@ -17,39 +112,28 @@ class TorchReferenceBackend:
 
     def forward(
         self,
-        query: torch.Tensor,
-        key: torch.Tensor,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         value: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         store_kv(key, value, kv_cache, metadata.slot_mapping)
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = key.shape[1]
-        block_size = metadata.block_size
+        keys = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [slots, kvh, d]
+        values = kv_cache[1].view(-1, num_kv_heads, head_dim)
         out = torch.empty_like(query)
-        starts = metadata.query_start_loc_cpu
-        for i, seq_len in enumerate(metadata.seq_lens_cpu):
-            q_start, q_end = starts[i], starts[i + 1]
-            query_len = q_end - q_start
-            num_blocks = -(-seq_len // block_size)
-            blocks = torch.tensor(metadata.block_tables_cpu[i][:num_blocks], device=query.device)
-            k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [seq_len, kvh, d]
-            v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-            q = query[q_start:q_end].transpose(0, 1).unsqueeze(0)  # [1, h, query_len, d]
-            k = k.transpose(0, 1).unsqueeze(0)  # [1, kvh, seq_len, d]
-            v = v.transpose(0, 1).unsqueeze(0)
-            mask = None
-            is_causal = False
-            if query_len == seq_len:
-                is_causal = query_len > 1
-            elif query_len > 1:
-                # query row j sits at position seq_len - query_len + j and sees keys 0..that position
-                q_pos = torch.arange(seq_len - query_len, seq_len, device=query.device)[:, None]
-                mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=num_heads != num_kv_heads
-            )
-            out[q_start:q_end] = o.squeeze(0).transpose(0, 1)
+        for g in _step_groups(metadata, query.device):
+            n, max_q, max_len = g.num_seqs, g.max_query_len, g.max_seq_len
+            q = query.index_select(0, g.query_rows).view(n, max_q, num_heads, head_dim).transpose(1, 2)
+            k = keys.index_select(0, g.key_slots).view(n, max_len, num_kv_heads, head_dim).transpose(1, 2)
+            v = values.index_select(0, g.key_slots).view(n, max_len, num_kv_heads, head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
+                                               enable_gqa=num_heads != num_kv_heads)
+            o = o.transpose(1, 2).reshape(n * max_q, num_heads, head_dim)  # [padded rows, h, d]
+            if g.valid_rows is not None:
+                o = o.index_select(0, g.valid_rows)
+            out.index_copy_(0, g.out_rows, o)
         return out
