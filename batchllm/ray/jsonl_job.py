@@ -158,6 +158,7 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
 
     output_dir.mkdir(parents=True, exist_ok=True)
     context = ray.data.DataContext.get_current()
+    previous = context.checkpoint_config
     if checkpoint:
         from ray.data.checkpoint import CheckpointConfig
 
@@ -170,7 +171,10 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed), record_fn=_CliRecords(
         model_name, file_format_of(input_path)), index_column=LINE)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
-    processor(lines, num_rows=count_lines(input_path)).write_datasink(_RecordShards(str(output_dir.resolve())))
+    try:
+        processor(lines, num_rows=count_lines(input_path)).write_datasink(_RecordShards(str(output_dir.resolve())))
+    finally:
+        context.checkpoint_config = previous  # the context is the driver's: later datasets must not inherit it
     num_records = num_errors = 0
     for shard in sorted(output_dir.glob("*.jsonl")):
         for raw in shard.read_bytes().splitlines():

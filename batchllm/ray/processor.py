@@ -62,18 +62,20 @@ class Processor:
         )
 
     def _num_cpus(self) -> float:
-        """The replicas' CPU request, cut so that at least one CPU of the cluster stays free: the
-        engine actors start with the job and hold their CPUs, and the tokenize and shuffle tasks
-        before them would otherwise never get one (a deadlock, e.g. 2 replicas on 2 CPUs)."""
+        """The replicas' CPU request, cut so that the CPUs the other stages hold stay free: the
+        engine actors start with the job and keep their CPUs, so the read and tokenize tasks (one
+        CPU) and, with checkpointing, Ray's checkpoint filter actor (one CPU) would otherwise never
+        get one and the job would never start (e.g. 2 replicas on 2 CPUs)."""
         import ray
 
         config = self.config
         wanted = config.num_cpus_per_replica
-        free = ray.cluster_resources().get("CPU", 0) - 1
+        reserved = 1 + (ray.data.DataContext.get_current().checkpoint_config is not None)
+        free = ray.cluster_resources().get("CPU", 0) - reserved
         if wanted * config.num_replicas <= free:
             return wanted
         fitted = max(free, 0) / config.num_replicas
-        logger.warning("%d replicas x %g CPUs would leave no CPU for the tokenize stage; asking %.2f CPUs each",
+        logger.warning("%d replicas x %g CPUs would leave no CPU for the other stages; asking %.2f CPUs each",
                        config.num_replicas, wanted, fitted)
         return fitted
 
