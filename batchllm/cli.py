@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
+    r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
+    r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
+    r.add_argument("--num-replicas", type=int, default=1, help="engine replicas (with --ray)")
+    r.add_argument("--ray-batch-size", type=int, default=1024, help="target rows per engine call (with --ray)")
+    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else local)")
 
     plan = sub.add_parser(
         "plan",
@@ -113,6 +118,10 @@ def _fail(message: str) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.ray:
+        from batchllm.ray.jsonl_job import run_command_on_ray  # the only import of batchllm.ray
+
+        return run_command_on_ray(args)
     if problem := input_problem(args.input):
         return _fail(problem)
     if same_file(args.output, args.input):  # before the lock, which would create the output

@@ -1,0 +1,101 @@
+"""The Ray Data processor's configuration: engine options per replica, sampling defaults, and how
+the job is spread (replicas, GPUs per replica, rows per engine call, prefix keys).
+
+Frozen and picklable (it travels to every Ray worker); imports neither ray nor torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchllm.core.policies import GROUP_ORDERS
+from batchllm.prefix.plan import MULTI_LEVEL, PLAN_MODES
+from batchllm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """What `build_processor` needs. Engine fields are `batchllm.LLM` keywords (one engine per replica)."""
+
+    # ---- engine, per replica
+    ENGINE_FIELDS = ("model", "tokenizer", "dtype", "device", "max_model_len", "data_parallel_size",
+                     "tensor_parallel_size", "max_num_batched_tokens", "kv_cache_memory_gib", "prefix_sharing",
+                     "plan_mode", "group_order", "seed")
+    """The engine options that are fields here; the others travel in `engine_kwargs`."""
+
+    model: str | None = None
+    """Hugging Face model directory, readable on every node; None: the embedded SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    data_parallel_size: int = 1
+    """Engines inside one replica (passed to LLM only when > 1)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine inside one replica (passed to LLM only when > 1)."""
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory_gib: float | None = None
+    prefix_sharing: bool = True
+    plan_mode: str = MULTI_LEVEL
+    group_order: str = "decode"
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Any other `LLM` keyword (block_size, enforce_eager, ...)."""
+
+    # ---- sampling defaults (a row's own `sampling_params` dict takes precedence, field by field)
+    max_tokens: int = 256
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+
+    # ---- how the job is spread
+    num_replicas: int = 1
+    """Engine actors (each a full engine with its own model copy)."""
+    num_gpus_per_replica: float | None = None
+    """None: data_parallel_size x tensor_parallel_size when the cluster has GPUs, else 0."""
+    num_cpus_per_replica: float = 1.0
+    batch_size: int = 1024
+    """Target rows per engine call. Rows are bucketed by prefix key into about
+    rows / batch_size buckets; one call runs one whole bucket, so a prefix group is never split."""
+    num_buckets: int | None = None
+    """None: max(num_replicas, ceil(rows / batch_size)), which counts the input rows first."""
+    prefix_key_tokens: int = 64
+    """Longest prefix (tokens) that decides a row's bucket; see `stages.prefix_key`."""
+    tokenize_batch_size: int = 256
+    """Rows per call of the CPU tokenize stage (Ray tasks)."""
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_buckets is not None and self.num_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 1, got {self.num_buckets}")
+        if self.prefix_key_tokens < 1:
+            raise ValueError(f"prefix_key_tokens must be >= 1, got {self.prefix_key_tokens}")
+        if self.data_parallel_size < 1 or self.tensor_parallel_size < 1:
+            raise ValueError("data_parallel_size and tensor_parallel_size must be >= 1")
+        if self.plan_mode not in PLAN_MODES:
+            raise ValueError(f"plan_mode must be one of {PLAN_MODES}, got {self.plan_mode!r}")
+        if self.group_order not in GROUP_ORDERS:
+            raise ValueError(f"group_order must be one of {tuple(GROUP_ORDERS)}, got {self.group_order!r}")
+        unknown = sorted(set(self.sampling_params) - set(SamplingParams.field_names()))
+        if unknown:
+            raise ValueError(f"sampling_params has unknown field(s): {', '.join(unknown)}")
+        SamplingParams(**self.sampling_defaults())  # a bad default fails here, not on every row
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, **self.sampling_params}
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keywords for `batchllm.LLM` (besides the model directory)."""
+        options: dict[str, Any] = dict(
+            tokenizer=self.tokenizer, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens, kv_cache_memory_gib=self.kv_cache_memory_gib,
+            prefix_sharing=self.prefix_sharing, plan_mode=self.plan_mode, group_order=self.group_order,
+            seed=self.seed, **self.engine_kwargs,
+        )
+        if self.data_parallel_size > 1:
+            options["data_parallel_size"] = self.data_parallel_size
+        if self.tensor_parallel_size > 1:
+            options["tensor_parallel_size"] = self.tensor_parallel_size
+        return options

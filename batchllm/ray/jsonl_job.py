@@ -1,0 +1,222 @@
+"""`batchllm run IN.jsonl -o OUT_DIR --ray`: a JSONL batch file through Ray Data, JSONL shards out.
+
+Each shard line is the record the single-machine CLI writes for that input line (plain or OpenAI
+Batch, results and errors alike). Lines are read by one Ray read task per file (`_JsonlLines`:
+line numbers and duplicate ids need the file's order), parsed and tokenized by CPU tasks, bucketed by
+prefix key and run by `num_replicas` engine actors; `_RecordShards` writes the `record` column.
+
+Restarts: Ray Data checkpointing by the `line` column (the 1-based line number) under
+OUT_DIR/_checkpoint. A job run again with the same input and OUT_DIR skips the lines whose shard was
+committed and writes new shards for the rest; the checkpoint is kept after success, so running a
+finished job again writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ray.data.block import BlockAccessor
+from ray.data.datasource import BlockBasedFileDatasink, FileBasedDatasource
+
+from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, parse_line
+from batchllm.ray.config import ProcessorConfig
+from batchllm.ray.processor import Processor
+from batchllm.sampling_params import SamplingParams
+
+LINE, RAW, DUPLICATE, RECORD = "line", "raw", "duplicate", "record"
+CHECKPOINT_DIR = "_checkpoint"
+
+
+class _JsonlLines(FileBasedDatasource):
+    """Rows {line, raw, duplicate} of the non-blank lines of each file (a file is never split)."""
+
+    def __init__(self, paths, rows_per_block: int = 4096, **kwargs) -> None:
+        super().__init__(paths, **kwargs)
+        self.rows_per_block = rows_per_block
+
+    def _read_stream(self, f, path: str) -> Iterator:
+        import pyarrow as pa
+
+        seen: set[str] = set()
+        lines, raws, duplicates = [], [], []
+        for number, raw in enumerate(_lines(f), start=1):
+            if not raw.strip():
+                continue
+            parsed = parse_line(raw, number, seen)
+            lines.append(number)
+            raws.append(raw)
+            duplicates.append(isinstance(parsed, LineError) and parsed.message.startswith(f"line {number}: duplicate "))
+            if len(lines) >= self.rows_per_block:
+                yield pa.table({LINE: lines, RAW: pa.array(raws, pa.binary()), DUPLICATE: duplicates})
+                lines, raws, duplicates = [], [], []
+        if lines:
+            yield pa.table({LINE: lines, RAW: pa.array(raws, pa.binary()), DUPLICATE: duplicates})
+
+
+def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The file's lines with their b"\\n", as iterating a binary Python file gives them (the
+    single-machine reader's error messages quote columns of exactly these bytes)."""
+    rest = b""
+    while data := f.read(chunk):
+        parts = (rest + data).split(b"\n")
+        rest = parts.pop()
+        yield from (part + b"\n" for part in parts)
+    if rest:
+        yield rest
+
+
+def _parse(row: dict) -> BatchLine | LineError:
+    """The line as the single-machine reader sees it (a duplicate id is an error again here)."""
+    parsed = parse_line(row[RAW], row[LINE], set())
+    if row[DUPLICATE] and isinstance(parsed, BatchLine):
+        return parse_line(row[RAW], row[LINE], {parsed.request_id})
+    return parsed
+
+
+class _CliPreprocess:
+    """Input line -> prompt and sampling fields, with the CLI's defaults and per-line seeds."""
+
+    def __init__(self, defaults: dict, global_seed: int | None) -> None:
+        self.defaults = defaults
+        self.global_seed = global_seed
+        self.cache: dict[str, SamplingParams] = {}
+
+    def __call__(self, row: dict) -> dict:
+        from batchllm.io.ingest import sampling_params_for
+
+        line = _parse(row)
+        if isinstance(line, LineError):
+            return {"error": line.message}
+        sp = sampling_params_for(line, self.defaults, self.global_seed, self.cache)
+        fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
+        kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
+        return {kind: line.prompt, "sampling_params": fields}
+
+
+class _CliRecords:
+    """(row, RequestOutput or None, error or None) -> {"record": the CLI's JSON line for it}."""
+
+    def __init__(self, model_name: str, file_format: str) -> None:
+        self.model_name = model_name
+        self.file_format = file_format
+
+    def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
+        from batchllm.io.ingest import record_for
+
+        line = _parse(row)
+        if isinstance(line, LineError):
+            record = line.record(self.file_format)
+        elif error is not None:
+            # errors found after parsing are worded as the CLI words them: "line N: <problem>"
+            problem = error.split(": ", 1)[1] if error.startswith(f"line {row[LINE]}: ") else error
+            record = LineError.for_line(line, problem).record(self.file_format)
+        else:
+            record = record_for(line, output, self.model_name)
+        return {RECORD: json.dumps(record, ensure_ascii=False)}
+
+
+class _RecordShards(BlockBasedFileDatasink):
+    """Writes the `record` column, one JSON line per row, one shard per write task."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, file_format="jsonl")
+
+    def write_block_to_file(self, block: BlockAccessor, file) -> None:
+        records = block.to_arrow().column(RECORD).to_pylist()
+        file.write("".join(r + "\n" for r in records).encode("utf-8"))
+
+
+def file_format_of(path: Path, sample: int = 1000) -> str:
+    """The format of most of the first `sample` parsable lines (for error records of unparsable lines)."""
+    counts = {PLAIN: 0, OPENAI: 0}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number > sample:
+                break
+            parsed = parse_line(raw, number, set()) if raw.strip() else None
+            if isinstance(parsed, BatchLine):
+                counts[parsed.format] += 1
+    return max(counts, key=counts.get)
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
+                     global_seed: int | None = None, model_name: str | None = None, checkpoint: bool = True) -> dict:
+    """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
+
+    Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
+    import ray
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    context = ray.data.DataContext.get_current()
+    previous = context.checkpoint_config
+    if checkpoint:
+        from ray.data.checkpoint import CheckpointConfig
+
+        context.checkpoint_config = CheckpointConfig(
+            id_column=LINE, checkpoint_path=str(output_dir.resolve() / CHECKPOINT_DIR),
+            delete_checkpoint_on_success=False)
+    started = time.perf_counter()
+    if model_name is None:
+        model_name = Path(config.model).name if config.model else _default_model_name()
+    processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed), record_fn=_CliRecords(
+        model_name, file_format_of(input_path)), index_column=LINE)
+    lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
+    try:
+        processor(lines, num_rows=count_lines(input_path)).write_datasink(_RecordShards(str(output_dir.resolve())))
+    finally:
+        context.checkpoint_config = previous  # the context is the driver's: later datasets must not inherit it
+    num_records = num_errors = 0
+    for shard in sorted(output_dir.glob("*.jsonl")):
+        for raw in shard.read_bytes().splitlines():
+            num_records += 1
+            num_errors += bool(json.loads(raw).get("error"))
+    return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
+
+
+def _default_model_name() -> str:
+    from batchllm.models.default_model import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
+
+
+def run_command_on_ray(args) -> int:
+    """The `--ray` branch of `batchllm run` (args: the run parser's namespace)."""
+    import ray
+
+    from batchllm.cli import EXIT_CANNOT_START, EXIT_LINES_FAILED, EXIT_OK, _fail
+    from batchllm.io.ingest import input_problem
+    from batchllm.options import engine_kwargs_from_args
+
+    if problem := input_problem(args.input):
+        return _fail(problem)
+    defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos)
+    try:
+        SamplingParams(**defaults)
+        engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
+        named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}
+        config = ProcessorConfig(
+            **named, engine_kwargs=engine,
+            num_replicas=args.num_replicas, batch_size=args.ray_batch_size)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.output.exists() and not args.output.is_dir():
+        return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
+    result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed)
+    print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
+          f"{result['wall_s']:.1f} s", file=sys.stderr)
+    if result["num_records"] == 0 and count_lines(args.input):
+        return EXIT_CANNOT_START
+    return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK

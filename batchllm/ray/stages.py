@@ -1,0 +1,243 @@
+"""The two stages of the Ray Data processor, as plain functions and classes Ray runs on its workers.
+
+1. `tokenize_batch` (CPU, Ray tasks): user preprocess, chat template, tokenisation, validation,
+   sampling parameters, and the row's prefix key and bucket. A bad row gets its `error` here.
+2. `EngineReplica` (an actor: one `batchllm.LLM` each): runs one whole bucket per call, planning
+   prefix sharing over everything the call received, and adds the generated columns.
+
+Rows are pyarrow tables between the stages. Internal columns start with `_batchllm_` and are dropped
+before the output; the columns below are the output's. Nothing here imports ray at module level
+(this module is `batchllm.ray.stages`: `import ray` inside it still means the real ray package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from batchllm.ray.config import ProcessorConfig
+from batchllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+TOKENS, SAMPLING, BUCKET = "_batchllm_token_ids", "_batchllm_sampling", "_batchllm_bucket"
+INTERNAL_COLUMNS = (TOKENS, SAMPLING, BUCKET)
+PREFIX_KEY, ERROR = "batchllm_prefix_key", "error"
+REPLICA, CALL = "batchllm_replica", "batchllm_call"
+PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN = "batchllm_prefill_tokens", "batchllm_shared_prefix", "batchllm_shared_prefix_len"
+GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_input_tokens", "num_generated_tokens")
+PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
+
+
+# ---------------------------------------------------------------------- stage 1: tokenize (CPU)
+@lru_cache(maxsize=4)
+def _prompt_processor(model: str | None, tokenizer: str | None, max_model_len: int | None):
+    """One tokenizer per worker process and model (Ray reuses worker processes across tasks)."""
+    from batchllm.inputs import prompt_processor_for
+
+    return prompt_processor_for(model, tokenizer, max_model_len)
+
+
+def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | None, num_buckets: int,
+                   index_column: str | None = None):
+    """pyarrow Table in -> the same rows with the internal columns, `batchllm_prefix_key` and `error`.
+
+    Never raises for a row: a row whose preprocess, template, tokens or sampling values fail gets the
+    message in `error` (and empty internal columns) and travels on, so the output has every row."""
+    import pyarrow as pa
+
+    prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len)
+    defaults = config.sampling_defaults()
+    tokens, sampling, keys, buckets, errors = [], [], [], [], []
+    for row in batch.to_pylist():
+        index = row.get(index_column, 0) if index_column else 0
+        try:
+            ids, fields, key = _prepare_row(row, preprocess, prompts, defaults, config.prefix_key_tokens, index)
+        except Exception as e:  # noqa: BLE001 - a bad row must never fail the job
+            ids, fields, key, error = None, None, None, str(e) or type(e).__name__
+        else:
+            error = None
+        tokens.append(ids)
+        sampling.append(None if fields is None else json.dumps(fields))
+        keys.append(key)
+        buckets.append(0 if key is None else int(key[:15], 16) % num_buckets)
+        errors.append(error)
+    columns = {TOKENS: pa.array(tokens, pa.list_(pa.int32())), SAMPLING: pa.array(sampling, pa.string()),
+               PREFIX_KEY: pa.array(keys, pa.string()), BUCKET: pa.array(buckets, pa.int64()),
+               ERROR: pa.array(errors, pa.string())}
+    return _with_columns(batch, columns)
+
+
+def _with_columns(table, columns: dict):
+    for name, values in columns.items():
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, values)
+        else:
+            table = table.append_column(name, values)
+    return table
+
+
+def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int, index) -> tuple[list[int], dict, str]:
+    request = preprocess(row) if preprocess is not None else row  # the input columns travel on anyway
+    if not isinstance(request, dict):
+        raise ValueError(f"preprocess must return a dict, got {type(request).__name__}")
+    if request.get(ERROR):  # a preprocess may reject a row itself
+        raise ValueError(request[ERROR])
+    given = [k for k in PROMPT_FIELDS if request.get(k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"a row needs exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
+    overrides = {k: v for k, v in (request.get("sampling_params") or {}).items() if v is not None}
+    fields = {**defaults, **overrides}
+    SamplingParams(**fields)  # validate here: the engine stage must not meet a bad value
+    context_len = None
+    if given[0] == "messages":
+        messages = request["messages"]
+        text = prompts.apply_chat_template(messages, index)
+        ids = prompts.tokenize_prompt(text, index).token_ids
+        if isinstance(messages, list) and len(messages) > 1:
+            context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False)
+            context_len = _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)
+    elif given[0] == "prompt":
+        ids = prompts.tokenize_prompt(request["prompt"], index).token_ids
+    else:
+        ids = prompts.tokenize_prompt({"prompt_token_ids": list(request["prompt_token_ids"])}, index).token_ids
+    explicit = request.get("prefix_key")
+    key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))
+    return list(ids), fields, key
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+def prefix_key(token_ids: list[int], key_tokens: int, context_len: int | None = None, explicit: str | None = None) -> str:
+    """A hex digest naming the prefix that decides the row's bucket.
+
+    Rows with equal keys always land in the same engine call. The key covers, in this order of
+    preference: the row's own `prefix_key` value (e.g. a document id); for a chat, the conversation
+    before its last message (system prompt and earlier turns), at most `key_tokens` tokens; else the
+    first `key_tokens` tokens. Never the prompt's last token (it is never shared)."""
+    if explicit is not None:
+        return hashlib.blake2b(b"explicit:" + explicit.encode(), digest_size=16).hexdigest()
+    length = min(key_tokens, len(token_ids) - 1)
+    if context_len:
+        length = min(length, context_len)
+    data = np.asarray(token_ids[:max(length, 0)], dtype=np.int64).tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+# ---------------------------------------------------------------------- stage 2: the engine replica
+class EngineReplica:
+    """One engine per actor; each call runs one bucket (whole prefix groups) as one planned batch.
+
+    Writer of its own engine only. `record_fn(row, output, error) -> dict` may add columns (the CLI's
+    result line); `postprocess(row) -> row` runs last, per row."""
+
+    def __init__(self, config: ProcessorConfig, postprocess: Callable | None = None,
+                 record_fn: Callable | None = None) -> None:
+        from batchllm.llm import LLM
+
+        self.config = config
+        self.postprocess = postprocess
+        self.record_fn = record_fn
+        self.llm = LLM(config.model, **config.engine_options())
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        valid = [i for i, r in enumerate(rows) if not r[ERROR]]
+        outputs = self._generate([rows[i] for i in valid])
+        call_id = uuid.uuid4().hex[:12]
+        stats = _attribute_prefill([rows[i][TOKENS] for i in valid], self.config)
+        new: dict[str, list] = {c: [None] * len(rows) for c in (*GENERATED_COLUMNS, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN)}
+        for i, output, (prefill, shared, shared_len) in zip(valid, outputs, stats):
+            first = output.outputs[0]
+            values = (first.text, list(first.token_ids), first.finish_reason, len(output.prompt_token_ids),
+                      output.num_output_tokens, prefill, shared, shared_len)
+            for column, value in zip((*GENERATED_COLUMNS, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN), values):
+                new[column][i] = value
+        types = [pa.string(), pa.list_(pa.int64()), pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string(), pa.int64()]
+        columns = {c: pa.array(new[c], t) for c, t in zip(new, types)}
+        columns[REPLICA] = pa.array([self.replica_id] * len(rows), pa.string())
+        columns[CALL] = pa.array([call_id] * len(rows), pa.string())
+        if self.record_fn is not None:
+            by_row = dict(zip(valid, outputs))
+            extra = [self.record_fn(r, by_row.get(i), r[ERROR]) for i, r in enumerate(rows)]
+            for name in (extra[0] if extra else {}):
+                columns[name] = pa.array([e[name] for e in extra])
+        table = _with_columns(batch, columns).drop_columns(list(INTERNAL_COLUMNS))
+        if self.postprocess is None:
+            return table
+        return pa.Table.from_pylist([_postprocess_row(self.postprocess, r) for r in table.to_pylist()])
+
+    def _generate(self, rows: list[dict]) -> list:
+        from batchllm.inputs import TokenizedPrompt
+
+        if not rows:
+            return []
+        params_cache: dict[str, SamplingParams] = {}
+        prompts, params = [], []
+        for row in rows:
+            prompts.append(TokenizedPrompt(row[TOKENS], None))
+            key = row[SAMPLING]
+            if key not in params_cache:
+                params_cache[key] = SamplingParams(**json.loads(key))
+            params.append(params_cache[key])
+        results: list = [None] * len(rows)
+        for index, output in self.llm.iter_generate(prompts, params, use_tqdm=False):
+            results[index] = output
+        stats = self.llm.last_stats
+        logger.info("replica %s: %d rows, saving ratio %.3f", self.replica_id, len(rows), stats.get("saving_ratio", 0.0))
+        return results
+
+
+def _postprocess_row(postprocess: Callable, row: dict) -> dict:
+    try:
+        return postprocess(row)
+    except Exception as e:  # noqa: BLE001 - one row's postprocess must not fail the job
+        return {**row, ERROR: f"postprocess failed: {e}"}
+
+
+def _attribute_prefill(token_ids: list[list[int]], config: ProcessorConfig) -> list[tuple[int, str | None, int]]:
+    """Per row: (prefill tokens charged to it, digest of its top-level shared prefix or None, that
+    prefix's length), from the plan the engine follows for this call (one request per row).
+
+    Each group's own segment is charged to its first member, so the rows' charges add up to the
+    plan's prefill tokens exactly; the digests let the report find prefixes computed by several calls."""
+    from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+
+    if not token_ids:
+        return []
+    if config.prefix_sharing:
+        plan = plan_prefix_sharing(token_ids, mode=config.plan_mode)
+    else:
+        plan = PrefixPlan.without_sharing([len(t) for t in token_ids], config.plan_mode)
+    charged = [0] * len(token_ids)
+    top: list[tuple[str | None, int]] = [(None, 0)] * len(token_ids)
+    for g in plan.groups:
+        members = plan.prompts_under(g.group_id)
+        base = plan.groups[g.parent].prefix_len if g.parent is not None else 0
+        charged[min(members)] += g.prefix_len - base
+        for p in g.prompts:
+            charged[p] += len(token_ids[p]) - g.prefix_len
+        if g.parent is None:
+            prefix = token_ids[members[0]][:g.prefix_len]
+            digest = hashlib.blake2b(np.asarray(prefix, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+            for p in members:
+                top[p] = (digest, g.prefix_len)
+    for p in plan.ungrouped:
+        charged[p] += len(token_ids[p])
+    return [(c, d, n) for c, (d, n) in zip(charged, top)]

@@ -1,0 +1,131 @@
+"""BatchLLM on Ray Data (local Ray, 2 CPUs, one session for the module): the processor and the
+`batchllm run --ray` path give the single-machine CLI's greedy outputs, keep prefix groups on one
+replica, and turn bad rows into errors. Skipped when the `ray` extra is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.data")
+pytestmark = pytest.mark.slow
+
+SYSTEMS = [f"You are assistant {k} of the {name} team. Answer in one short sentence, politely."
+           for k, name in enumerate(["red", "blue", "green", "gold", "grey", "pink", "teal", "navy"])]
+ROWS = [{"id": f"r{i}", "system": SYSTEMS[i % len(SYSTEMS)], "question": f"What is {i} plus {i % 7}?"}
+        for i in range(160)]
+LONG = {"id": "too-long", "system": SYSTEMS[0], "question": "word " * 3000}
+OPTIONS = ["--temperature", "0", "--max-tokens", "4", "--dtype", "float32", "--device", "cpu",
+           "--max-model-len", "2048", "--no-progress"]
+
+
+def _messages(row: dict) -> list[dict]:
+    return [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["question"].strip()}]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # shared CI/dev boxes: no OOM killer on workers
+    ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, default_model_dir):
+    """One input file (plain chat lines, OpenAI lines, bad lines) and its single-machine CLI output."""
+    from batchllm.cli import main
+
+    root = tmp_path_factory.mktemp("ray-jobs")
+    lines = [json.dumps({"id": r["id"], "messages": _messages(r)}) for r in [*ROWS, LONG]]
+    lines += [
+        json.dumps({"custom_id": "oa-chat", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}}),
+        json.dumps({"custom_id": "oa-text", "method": "POST", "url": "/v1/completions",
+                    "body": {"prompt": "The sky is", "max_tokens": 3}}),
+        '{"id": "broken", ', json.dumps({"id": "r1", "prompt": "duplicate id"}),
+        json.dumps({"id": "bad-temp", "prompt": "x", "temperature": -1}),
+    ]
+    src = root / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = root / "single.jsonl"
+    assert main(["run", str(src), "-o", str(out), *OPTIONS]) == 1  # some lines fail on purpose
+    return src, [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_processor_matches_the_cli_keeps_prefix_groups_on_one_replica_and_reports(ray_session, jobs):
+    from batchllm.ray import ProcessorConfig, build_processor, replica_report
+
+    _, single = jobs
+    expected = {r["id"]: r for r in single if "text" in r}
+    config = ProcessorConfig(dtype="float32", device="cpu", max_model_len=2048, max_tokens=4,
+                             sampling_params={"temperature": 0}, num_replicas=2, batch_size=40)
+    processor = build_processor(config, preprocess=lambda row: {"messages": _messages(row)},
+                                postprocess=lambda row: {**row, "answer_chars": len(row["generated_text"] or "")})
+    items = [*ROWS, LONG, {"id": "no-question", "system": SYSTEMS[1], "question": None}]
+    out = {r["id"]: r for r in processor(ray_session.data.from_items(items)).take_all()}
+
+    assert set(out) == {r["id"] for r in items}
+    assert "max_model_len" in out["too-long"]["error"] and out["too-long"]["generated_text"] is None
+    assert "strip" in out["no-question"]["error"]  # the preprocess raised on this row only
+    for row in ROWS:
+        got, want = out[row["id"]], expected[row["id"]]
+        assert got["error"] is None and got["system"] == row["system"]  # the input's columns travel on
+        assert (got["generated_token_ids"], got["generated_text"]) == (want["token_ids"], want["text"]), row["id"]
+        assert (got["finish_reason"], got["num_input_tokens"]) == (want["finish_reason"], want["prompt_tokens"])
+        assert got["num_generated_tokens"] == len(got["generated_token_ids"])
+        assert got["answer_chars"] == len(got["generated_text"])
+    for system in SYSTEMS:
+        members = [out[r["id"]] for r in ROWS if r["system"] == system]
+        assert len({m["batchllm_prefix_key"] for m in members}) == 1
+        assert len({m["batchllm_call"] for m in members}) == 1  # one engine call, hence one replica
+    assert len({out[r["id"]]["batchllm_prefix_key"] for r in ROWS}) == len(SYSTEMS)
+
+    report = replica_report(out.values())
+    assert report["num_rows"] == len(ROWS)
+    assert report["prompt_tokens"] == sum(out[r["id"]]["num_input_tokens"] for r in ROWS)
+    assert sum(r["num_rows"] for r in report["replicas"].values()) == len(ROWS)
+    assert report["saving_ratio"] > 0.3  # the system prompts are computed once per call
+
+
+def _normalized(record: dict) -> str:
+    """A record without the fields that are random per run (OpenAI line and response ids, timestamps)."""
+    record = json.loads(json.dumps(record))
+    if "custom_id" in record:
+        record.pop("id")
+        if record["response"]:
+            record["response"].pop("request_id")
+            record["response"]["body"].pop("id")
+            record["response"]["body"].pop("created")
+    return json.dumps(record, sort_keys=True)
+
+
+def test_cli_ray_path_writes_the_single_machine_records_and_skips_them_on_restart(ray_session, jobs, tmp_path):
+    from batchllm.cli import main
+
+    src, single = jobs
+    out_dir = tmp_path / "shards"
+    args = ["run", str(src), "-o", str(out_dir), "--ray", "--num-replicas", "2", "--ray-batch-size", "40", *OPTIONS]
+    assert main(args) == 1
+
+    def records(directory: Path) -> list[str]:
+        return sorted(_normalized(json.loads(x)) for f in directory.glob("*.jsonl") for x in f.read_text().splitlines())
+
+    assert records(out_dir) == sorted(map(_normalized, single))
+    shards = sorted(out_dir.glob("*.jsonl"))
+    assert len(shards) > 1
+    assert main(args) == 1  # a restart: every line is checkpointed, nothing is run or written again
+    assert sorted(out_dir.glob("*.jsonl")) == shards
+    assert records(out_dir) == sorted(map(_normalized, single))
+    # a job that died before committing one shard: that shard's lines, and only those, run again
+    lost = shards[0]
+    lost.unlink()
+    (out_dir / "_checkpoint" / (lost.stem + ".parquet")).unlink()
+    assert main(args) == 1
+    assert len(list(out_dir.glob("*.jsonl"))) == len(shards)
+    assert records(out_dir) == sorted(map(_normalized, single))
