@@ -95,6 +95,8 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None)
     Triton attention's variants and, on CUDA with the Triton attention, captures decode graphs.
     With tensor_parallel_size > 1 this process is rank 0 and starts the other ranks first."""
     facts = resolve_model(config, device)
+    if facts.device.type == "cuda" and facts.device.index is not None:
+        torch.cuda.set_device(facts.device)  # Triton launches on the current device
     tp, followers = None, None
     if config.parallel.tensor_parallel_size > 1:
         from batchllm.parallel.tp_worker import start_followers

@@ -4,7 +4,8 @@
 #                                          agreement on the Llama-3.1-8B shape (~6 min)
 #   PART=tp bash scripts/gpu_parallel.sh   TP=2 against TP=1 on the 8B shape; the Llama-3.1-70B shape
 #                                          under TP=2 (~6 min)
-#   PART=dp bash scripts/gpu_parallel.sh   DP=2 against DP=1: 2000/200 degree 16 and 4, decode-heavy (~6 min)
+#   PART=dp0 bash scripts/gpu_parallel.sh  DP=2 against DP=1: 2000/200 degree 16 (~3 min)
+#   PART=dp bash scripts/gpu_parallel.sh   DP=2 against DP=1: 2000/200 degree 4, decode-heavy (~5 min)
 #   PART=dp6400 bash scripts/gpu_parallel.sh   DP=2 against DP=1 on 6,400 shuffled requests (~5 min)
 # Logs and JSON go under $OUT (or ./gpu_out).
 set -uo pipefail
@@ -29,9 +30,11 @@ tp)
       --max-num-batched-tokens 8192 --workload shared --shared 2000 --distinct 200 --degree 16 --requests 512 \
       --output 100 --configs tp2 --json-out "$OUT/tp_70b_shared2000_deg16.json"
   ;;
-dp)
+dp0)
   bench "${M8[@]}" --workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100 \
       --configs dp1,dp2 --json-out "$OUT/dp_shared2000_deg16.json"
+  ;;
+dp)
   bench "${M8[@]}" --workload shared --shared 2000 --distinct 200 --degree 4 --requests 1024 --output 100 \
       --configs dp1,dp2 --json-out "$OUT/dp_shared2000_deg4.json"
   bench "${M8[@]}" --workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512 \

@@ -96,6 +96,19 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device, 
     return TPGroup(rank, size, dist.group.WORLD, host_group)
 
 
-def destroy_tp_group() -> None:
-    if dist.is_initialized():
+def destroy_tp_group(wait_s: float = 15.0) -> bool:
+    """Tear the group down; True if it was. NCCL's teardown waits for every rank's, so it runs in a
+    thread and is abandoned after `wait_s` (seen hanging on an H200 pair with graphs alive): the
+    process then keeps the group, and another tensor-parallel engine in it is refused by name."""
+    if not dist.is_initialized():
+        return True
+    import threading
+
+    done = threading.Event()
+
+    def destroy() -> None:
         dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, daemon=True, name="batchllm-tp-teardown").start()
+    return done.wait(wait_s)

@@ -12,9 +12,11 @@ import ctypes
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -42,18 +44,20 @@ class TensorParallelFollowers:
         """Tell the followers to leave their loops (through rank 0's channel), then join them."""
         if not self.processes:
             return
+        from batchllm.parallel.tensor_parallel import destroy_tp_group
+
         try:
             runner.stop_followers()
         except Exception:  # noqa: BLE001 - a follower already gone: nothing to tell
             logger.exception("could not stop the tensor-parallel followers cleanly")
+        runner.release_graphs()
+        if not destroy_tp_group():  # with the followers' own: NCCL's teardown waits for every rank's
+            logger.warning("the tensor-parallel process group did not shut down in time; it is left open")
         for p in self.processes:
             p.join(timeout_s)
             if p.is_alive():
                 p.kill()
         self.processes = []
-        from batchllm.parallel.tensor_parallel import destroy_tp_group
-
-        destroy_tp_group()
 
 
 def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
@@ -85,11 +89,16 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts) -> Non
     else:
         torch.set_num_threads(max(1, torch.get_num_threads() // size))
     tp = init_tp_group(rank, size, init_method, device)
+    code = 1
     try:
         runner = build_runner(config, dataclasses.replace(facts, device=device), tp)
         runner.follow()
-    finally:
         destroy_tp_group()
+        code = 0
+    except BaseException:  # noqa: BLE001 - printed here: os._exit below skips the interpreter's report
+        traceback.print_exc()
+    finally:
+        os._exit(code)  # no interpreter teardown: a process group left open cannot hang it
 
 
 def _die_with_parent() -> None:

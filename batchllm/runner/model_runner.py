@@ -179,8 +179,14 @@ class ModelRunner:
         """A follower's loop: run rank 0's steps until it stops."""
         while (batch := self.channel.recv()) is not None:
             self.submit(batch)
+        self.release_graphs()
+
+    def release_graphs(self) -> None:
+        """Wait for the device and drop the decode graphs: they hold the tensor-parallel group's
+        collectives, which must not outlive the group's teardown."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.decode_graphs = None
 
     def stop_followers(self) -> None:
         """Rank 0: end the followers' loops."""
