@@ -28,7 +28,7 @@ from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.config import EngineConfig
 from batchllm.engine import Engine, build_engine, resolve_model
-from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer
+from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, local_model_dir
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
@@ -43,7 +43,8 @@ logger.setLevel(default_log_level())  # handlers are the application's (the CLI 
 class LLM:
     """An offline LLM engine. Keyword arguments follow vLLM's `LLM` where they exist.
 
-    model: a Hugging Face model directory; None for the embedded SmolLM2-135M-Instruct.
+    model: a Hugging Face model directory, or a model id (`"Qwen/Qwen2.5-0.5B-Instruct"`) already in
+    the local Hugging Face cache (nothing is downloaded); None for the embedded SmolLM2-135M-Instruct.
     Every other keyword is an engine option, declared once in `config.py` (`batchllm run --help`
     lists them with their defaults); vLLM's `enable_prefix_caching` means `prefix_sharing`, and an
     unknown keyword is a TypeError naming it.
@@ -76,7 +77,8 @@ class LLM:
             self.model_dir, self.model_spec = self.engine.model_dir, self.engine.model_spec
             self.max_model_len = self.engine.max_model_len
         mc = self.config.model
-        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(Path(mc.tokenizer or self.model_dir))
+        tokenizer_dir = local_model_dir(mc.tokenizer) if mc.tokenizer else self.model_dir
+        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
         self._request_counter = itertools.count()
