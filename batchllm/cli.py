@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_input_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--groups", type=int, default=0, metavar="N",
+                      help="also list the N largest prefix groups: members, shared prefix length in tokens and "
+                      "the prefix's first words, to check the plan against what you know of the file")
     add_engine_arguments(plan, names=["model", "tokenizer", "max_model_len", "plan_mode"])
     add_bench_parser(sub)
     _add_job_options(run, plan)
@@ -336,6 +339,8 @@ def plan_command(args: argparse.Namespace) -> int:
     plan = plan_prefix_sharing(token_ids, mode=args.plan_mode)
     summary = {**plan.summary(), "plan_seconds": round(time.perf_counter() - started, 3),
                "num_lines_failed": len(errors)}
+    if args.groups > 0:
+        summary["largest_groups"] = largest_groups(plan, token_ids, prompts.tokenizer, args.groups)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -348,7 +353,29 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"saving ratio         {100 * summary['saving_ratio']:.1f}%  (1 - prefill / prompt tokens)")
         if errors:
             print(f"lines failed         {len(errors)} (see above)")
+        _print_groups(summary.get("largest_groups", []))
     return EXIT_LINES_FAILED if errors else EXIT_OK
+
+
+def largest_groups(plan, token_ids: list, tokenizer, n: int, words: int = 12) -> list[dict]:
+    """The n top-level groups with the most member requests (nested ones included), largest first:
+    members, the shared prefix's length in tokens and its first `words` words, detokenized."""
+    groups = sorted(plan.top_level_groups, key=lambda g: (-len(plan.prompts_under(g.group_id)), g.group_id))[:n]
+    out = []
+    for g in groups:
+        members = plan.prompts_under(g.group_id)
+        head = [int(t) for t in token_ids[members[0]][: min(g.prefix_len, 8 * words)]]
+        text = tokenizer.decode(head) if tokenizer is not None else " ".join(map(str, head))
+        out.append({"members": len(members), "prefix_tokens": g.prefix_len,
+                    "nested_groups": len(g.children), "prefix_start": " ".join(text.split()[:words])})
+    return out
+
+
+def _print_groups(groups: list[dict]) -> None:
+    if groups:
+        print("largest groups       members  prefix tokens  prefix starts with")
+    for g in groups:
+        print(f"                     {g['members']:>7}  {g['prefix_tokens']:>13}  {g['prefix_start']!r}")
 
 
 if __name__ == "__main__":
