@@ -110,8 +110,10 @@ def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
     r = cli("run", src, "-o", out, "--no-progress")
     assert r.returncode == 1, r.stderr
     assert "2 done, 11 failed" in r.stderr
-    records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(records) == len(raw), "one output line per input line"
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(rec["error"] is None for rec in results), "failed lines go to the errors file, as OpenAI's do"
+    records = results + [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert len(records) == len(raw), "one record per input line, over the two files"
     for rec in records:
         check_openai_record(rec)
     errors = {int(rec["error"]["message"].split(":")[0].split()[1]): rec["error"]["message"]
