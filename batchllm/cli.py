@@ -2,9 +2,11 @@
 prefix-sharing plan, without the model.
 
 Exit status: 0 when every line succeeded, 1 when some lines failed (each has an error record in the
-output), 2 when the job could not start (unreadable input, bad model path, bad option, damaged
-output), 3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug or
-BATCHLLM_LOG_LEVEL=DEBUG).
+output, or for OpenAI Batch lines in the errors file), 2 when the job could not start (unreadable
+input, bad model path, bad option, damaged output) or its results could not be written (disk full),
+3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug or
+BATCHLLM_LOG_LEVEL=DEBUG), 130 / 143 when SIGINT / SIGTERM stopped it (finished lines are kept: the
+same command resumes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from batchllm.config import default_log_level
 from batchllm.inputs import local_model_dir
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
 from batchllm.io.job import JobError, OutputLock, ResultWriter, ResumeState, errors_path_for, prepare_output, same_file
+from batchllm.models.spec import read_model_spec
 from batchllm.options import add_engine_arguments, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
 
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(args)
         if args.command == "bench":
             return bench_command(args)
+    except KeyboardInterrupt:  # before a job started (a started job reports its own interruption)
+        print("batchllm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:  # a bug or an environment failure: not a failed line, not a bad option
         debug = getattr(args, "debug", False) or logging.getLogger().isEnabledFor(logging.DEBUG)
         if debug:
@@ -174,7 +180,8 @@ def _run_locked(args: argparse.Namespace) -> int:
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
         SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
-        local_model_dir(args.model)  # a bad model path or id fails before anything is written
+        if args.model is not None:  # a bad model path or id fails before anything is written
+            read_model_spec(local_model_dir(args.model))
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path)
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
     except (ValueError, OSError, JobError) as e:
