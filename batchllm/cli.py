@@ -2,25 +2,32 @@
 prefix-sharing plan, without the model.
 
 Exit status: 0 when every line succeeded, 1 when some lines failed (each has an error record in the
-output), 2 when the job could not start (unreadable input, bad model path, bad option, damaged
-output), 3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug or
-BATCHLLM_LOG_LEVEL=DEBUG).
+output, or for OpenAI Batch lines in the errors file), 2 when the job could not start (unreadable
+input, bad model path, bad option, damaged output) or its results could not be written (disk full),
+3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug or
+BATCHLLM_LOG_LEVEL=DEBUG), 130 / 143 when SIGINT / SIGTERM stopped it (finished lines are kept: the
+same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
-from batchllm.io.ingest import input_problem, prepare_lines, record_for
-from batchllm.io.job import JobError, OutputLock, ResultWriter, prepare_output, same_file
+from batchllm.inputs import local_model_dir
+from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
+from batchllm.io.job import JobError, OutputLock, ResultWriter, ResumeState, errors_path_for, prepare_output, same_file
 from batchllm.models.spec import read_model_spec
 from batchllm.options import add_engine_arguments, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
@@ -34,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchllm", description="Offline, throughput-first LLM batch inference with prefix sharing."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -45,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         "each optionally with sampling fields (max_tokens, temperature, top_p, top_k, min_p, stop, "
         "stop_token_ids, seed, n, min_tokens, ignore_eos, logprobs, ...) that override the options below.",
     )
-    run.add_argument("input", type=Path, help="input JSONL file")
+    _add_input_arguments(run)
     run.add_argument("-o", "--output", type=Path, required=True,
                      help="output JSONL file; if it exists for the same input, the job resumes where it stopped")
     run.add_argument("--overwrite", action="store_true", help="start over even if the output already holds results")
+    run.add_argument("--errors-file", type=Path, default=None,
+                     help="where failed OpenAI Batch lines go, as OpenAI's Batch API returns them (default: the "
+                     "output's name with .errors.jsonl, out.jsonl -> out.errors.jsonl; created only when a line "
+                     "fails); failed plain lines stay in the output")
     s = run.add_argument_group("sampling defaults (a line's own fields take precedence)")
     s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per request")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -78,12 +90,42 @@ def build_parser() -> argparse.ArgumentParser:
         "requests, groups, sharing degrees, prompt tokens, prefill tokens after sharing and the saving ratio "
         "1 - prefill_tokens / prompt_tokens.",
     )
-    plan.add_argument("input", type=Path, help="input JSONL file")
+    _add_input_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--groups", type=int, default=0, metavar="N",
+                      help="also list the N largest prefix groups: members, shared prefix length in tokens and "
+                      "the prefix's first words, to check the plan against what you know of the file")
     add_engine_arguments(plan, names=["model", "tokenizer", "max_model_len", "plan_mode"])
     add_bench_parser(sub)
     _add_job_options(run, plan)
     return parser
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """The input file, positional or as `-i/--input` (vLLM's run-batch spelling); exactly one of them."""
+    p.add_argument("input", type=Path, nargs="?", help="input JSONL file (or -i)")
+    p.add_argument("-i", "--input", type=Path, dest="input_option", metavar="INPUT", default=None,
+                   help="input JSONL file, as vLLM's run-batch spells it")
+
+
+def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fold `-i` into `args.input`; one input, given once, is required."""
+    if "input_option" not in args:
+        return
+    if args.input is not None and args.input_option is not None:
+        parser.error("give the input file once: as INPUT or as -i, not both")
+    args.input = args.input if args.input is not None else args.input_option
+    if args.input is None:
+        parser.error(f"{args.command}: the input file is required (INPUT or -i INPUT)")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("batchllm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _add_job_options(run: argparse.ArgumentParser, plan: argparse.ArgumentParser) -> None:
@@ -93,7 +135,9 @@ def _add_job_options(run: argparse.ArgumentParser, plan: argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _input_path(parser, args)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
@@ -102,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(args)
         if args.command == "bench":
             return bench_command(args)
+    except KeyboardInterrupt:  # before a job started (a started job reports its own interruption)
+        print("batchllm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:  # a bug or an environment failure: not a failed line, not a bad option
         debug = getattr(args, "debug", False) or logging.getLogger().isEnabledFor(logging.DEBUG)
         if debug:
@@ -139,52 +186,150 @@ def _run_locked(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
     )
+    errors_path = args.errors_file or errors_path_for(args.output)
     try:
         SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
-        if args.model is not None:
-            read_model_spec(Path(args.model))  # a bad model path fails before anything is written
-        resume = prepare_output(args.output, args.input, args.overwrite)
+        if args.model is not None:  # a bad model path or id fails before anything is written
+            read_model_spec(local_model_dir(args.model))
+        resume = prepare_output(args.output, args.input, args.overwrite, errors_path)
+        job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
     except (ValueError, OSError, JobError) as e:
         return _fail(str(e))
+    if job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
+        return job.report_complete()
     if resume.num_records:
         print(f"batchllm: resuming {args.output}: {len(resume.done_ids)} lines done, "
               f"{len(resume.done_error_lines)} failed before"
               + (f"; cut a torn last line ({resume.repaired_bytes} bytes)" if resume.repaired_bytes else ""),
               file=sys.stderr)
+    with _signals_interrupt():
+        try:
+            return _run_job(args, job, defaults)
+        except Interrupted as e:
+            print(f"batchllm: interrupted ({signal.Signals(e.signum).name}): {job.num_recorded} of "
+                  f"{job.num_lines} lines done; run the same command to resume", file=sys.stderr)
+            return 128 + e.signum
 
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived during `run`: the job stops, keeping (and syncing) what is finished.
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread; later ones are ignored while the
+    job stops, so that a second Ctrl-C cannot cut the final writes short (SIGKILL still can, and
+    the next run then repairs). Previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def handler(signum, frame):
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class _Job:
+    """What `run` knows about the job's files: the resume state and the lines it still owes."""
+
+    output: Path
+    errors_path: Path
+    resume: ResumeState
+    num_lines: int
+    """Non-blank input lines: each gets exactly one record (in the output or the errors file)."""
+    writers: tuple = ()
+
+    @property
+    def num_recorded_before(self) -> int:
+        return len(self.resume.done_ids) + len(self.resume.done_error_lines)
+
+    @property
+    def num_recorded(self) -> int:
+        return self.num_recorded_before + sum(w.num_written for w in self.writers)
+
+    def report_complete(self) -> int:
+        failed = len(self.resume.done_error_lines)
+        print(f"batchllm: {self.output} is already complete ({self.num_lines} lines: {len(self.resume.done_ids)} "
+              f"done, {failed} failed); nothing to run (--overwrite starts over)", file=sys.stderr)
+        return EXIT_LINES_FAILED if failed else EXIT_OK
+
+
+def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
     from batchllm.llm import LLM  # heavy import after the cheap checks
 
     try:
         llm = LLM(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines' and engine's
     except (ValueError, OSError) as e:
         return _fail(str(e))
+    try:
+        started = time.perf_counter()
+        with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True) as errors_out:
+            job.writers = (out, errors_out)
+            valid, errors, file_format = prepare_lines(
+                args.input, llm.prompts, defaults, args.seed, job.resume, progress=not args.no_progress
+            )
+            for error in errors:
+                (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
+            out.sync()
+            num_failed = len(errors) + len(job.resume.done_error_lines)
+            num_done = _generate_into(out, llm, valid, args, num_failed)
+        return _report(args, job, llm.last_stats, num_done, num_failed, time.perf_counter() - started)
+    finally:
+        llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
 
-    started = time.perf_counter()
-    num_done = 0
+
+def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace, num_failed: int) -> int:
+    """Run the valid lines and append each result as it completes; the number written. The engine
+    loop is closed on the way out, whatever stops it (an interrupt, a write error)."""
     model_name = str(args.model or llm.model_dir.name)
-    with ResultWriter(args.output) as out:
-        valid, errors, file_format = prepare_lines(
-            args.input, llm.prompts, defaults, args.seed, resume, progress=not args.no_progress
-        )
-        for error in errors:
-            out.write(error.record(file_format))
-        out.sync()
-        num_failed = len(errors) + len(resume.done_error_lines)
-        prompts = [p for _, p, _ in valid]
-        params = [sp for _, _, sp in valid]
-        desc = f"requests ({num_failed} failed)" if num_failed else "requests"
-        for index, output in llm.iter_generate(prompts, params, use_tqdm=not args.no_progress, progress_desc=desc):
+    desc = f"tokens ({num_failed} lines failed)" if num_failed else "tokens"
+    results = llm.iter_generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
+                                use_tqdm=not args.no_progress, progress_desc=desc)
+    num_done = 0
+    try:
+        for index, output in results:
             out.write(record_for(valid[index].line, output, model_name))
             num_done += 1
-    wall = time.perf_counter() - started
-    total_done = num_done + len(resume.done_ids)
-    stats = {**llm.last_stats, "num_lines_done": total_done, "num_lines_failed": num_failed,
-             "num_lines_resumed": len(resume.done_ids) + len(resume.done_error_lines), "wall_s": wall}
+    finally:
+        try:
+            results.close()  # aborts what still runs; its statistics land in llm.last_stats
+        except Exception:  # noqa: BLE001 - the engine is dropped; the failure that stopped the loop matters
+            logger.debug("closing the engine loop failed", exc_info=True)
+    return num_done
+
+
+def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num_failed: int, wall: float) -> int:
+    """The end-of-run summary line (and --stats); the exit status."""
+    total_done = num_done + len(job.resume.done_ids)
+    stats = {**stats, "num_lines_done": total_done, "num_lines_failed": num_failed,
+             "num_lines_resumed": job.num_recorded_before, "wall_s": wall}
+    rate = lambda n: n / wall if wall > 0 else 0.0  # noqa: E731
     print(
-        f"batchllm: {total_done + num_failed} lines: {total_done} done, {num_failed} failed "
-        f"({num_done} run now); {stats.get('output_tokens', 0)} output tokens in {wall:.1f} s -> {args.output}",
+        f"batchllm: {total_done + num_failed} lines: {total_done} done, {num_failed} failed ({num_done} run now) "
+        f"in {wall:.1f} s: {rate(num_done):.2f} req/s, {rate(stats.get('prompt_tokens', 0)):.0f} input tok/s, "
+        f"{rate(stats.get('output_tokens', 0)):.0f} output tok/s, prefix sharing saved "
+        f"{100 * stats.get('saving_ratio', 0.0):.1f}% of prefill -> {args.output}",
         file=sys.stderr,
     )
+    if job.errors_path.is_file() and job.errors_path.stat().st_size:
+        print(f"batchllm: failed OpenAI Batch lines are in {job.errors_path}", file=sys.stderr)
     if args.stats is not None:
         args.stats.write_text(json.dumps(stats, indent=2) + "\n")
     return EXIT_LINES_FAILED if num_failed else EXIT_OK
@@ -210,6 +355,8 @@ def plan_command(args: argparse.Namespace) -> int:
     plan = plan_prefix_sharing(token_ids, mode=args.plan_mode)
     summary = {**plan.summary(), "plan_seconds": round(time.perf_counter() - started, 3),
                "num_lines_failed": len(errors)}
+    if args.groups > 0:
+        summary["largest_groups"] = largest_groups(plan, token_ids, prompts.tokenizer, args.groups)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -222,7 +369,29 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"saving ratio         {100 * summary['saving_ratio']:.1f}%  (1 - prefill / prompt tokens)")
         if errors:
             print(f"lines failed         {len(errors)} (see above)")
+        _print_groups(summary.get("largest_groups", []))
     return EXIT_LINES_FAILED if errors else EXIT_OK
+
+
+def largest_groups(plan, token_ids: list, tokenizer, n: int, words: int = 12) -> list[dict]:
+    """The n top-level groups with the most member requests (nested ones included), largest first:
+    members, the shared prefix's length in tokens and its first `words` words, detokenized."""
+    groups = sorted(plan.top_level_groups, key=lambda g: (-len(plan.prompts_under(g.group_id)), g.group_id))[:n]
+    out = []
+    for g in groups:
+        members = plan.prompts_under(g.group_id)
+        head = [int(t) for t in token_ids[members[0]][: min(g.prefix_len, 8 * words)]]
+        text = tokenizer.decode(head) if tokenizer is not None else " ".join(map(str, head))
+        out.append({"members": len(members), "prefix_tokens": g.prefix_len,
+                    "nested_groups": len(g.children), "prefix_start": " ".join(text.split()[:words])})
+    return out
+
+
+def _print_groups(groups: list[dict]) -> None:
+    if groups:
+        print("largest groups       members  prefix tokens  prefix starts with")
+    for g in groups:
+        print(f"                     {g['members']:>7}  {g['prefix_tokens']:>13}  {g['prefix_start']!r}")
 
 
 if __name__ == "__main__":

@@ -68,9 +68,10 @@ def default_log_level() -> str:
 @dataclass(frozen=True)
 class ModelConfig(_Checked):
     model: str | None = option(
-        None, "Hugging Face model directory (config.json + *.safetensors + tokenizer); "
+        None, "Hugging Face model directory (config.json + *.safetensors + tokenizer), or a model id "
+        "(org/name) already in the local Hugging Face cache (never downloaded); "
         "None: the embedded SmolLM2-135M-Instruct")
-    tokenizer: str | None = option(None, "tokenizer directory; None: the model directory")
+    tokenizer: str | None = option(None, "tokenizer directory or cached model id; None: the model's")
     dtype: str = option("auto", "weight and KV dtype; auto: float32 on CPU, the checkpoint's 16-bit dtype "
                         "(else bfloat16) on GPU", choices=_DTYPES)
     max_model_len: int | None = option(None, "cap on prompt + output tokens per request; None: the model's "

@@ -21,10 +21,9 @@ from batchllm.config import EngineConfig
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
-from batchllm.inputs import resolve_max_model_len
+from batchllm.inputs import local_model_dir, resolve_max_model_len
 from batchllm.layers.ops import make_ops, use_triton
 from batchllm.models.decoder import DecoderForCausalLM
-from batchllm.models.default_model import default_model_dir
 from batchllm.models.loader import build_model
 from batchllm.models.spec import ModelSpec, read_model_spec
 from batchllm.parallel.tensor_parallel import shard_spec
@@ -75,7 +74,7 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     """The model directory, its spec, the device, dtype and context length the config asks for;
     checks what can be checked without loading weights."""
     mc, sc = config.model, config.scheduler
-    model_dir = Path(mc.model) if mc.model is not None else default_model_dir()
+    model_dir = local_model_dir(mc.model)  # a directory, or a Hugging Face id found in the local cache
     spec = read_model_spec(model_dir)
     device = _resolve_device(str(mc.device if device is None else device))
     dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)

@@ -6,6 +6,7 @@ Shared by `LLM` (which owns one) and `batchllm plan` (which needs tokens but no 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,36 @@ def resolve_max_model_len(requested: int | None, spec) -> int:
     return requested
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+"""A Hugging Face model id: `name` or `org/name` (never a path that starts with /, ., ~ or has two slashes)."""
+
+
+def local_model_dir(model: str | Path | None) -> Path:
+    """The directory of `model`, never downloading anything: None -> the embedded default model; an
+    existing path -> itself; a Hugging Face model id (`org/name`) that is not a local path -> its
+    snapshot in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), or a ModelLoadError that says
+    it is not there and how to get it. Anything else is returned as a path, for `read_model_spec`
+    to name what is wrong with it."""
+    if model is None:
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if path.exists() or not _REPO_ID.match(str(model)):
+        return path
+    from huggingface_hub import snapshot_download  # a transformers dependency
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError) as e:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise ModelLoadError(
+            f"model {str(model)!r} is neither a local directory nor in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"BatchLLM never downloads at run time: get it first with `huggingface-cli download {model}` "
+            "(or pass the path of a model directory)"
+        ) from e
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -154,10 +185,11 @@ def load_tokenizer(path: Path):
 
 
 def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_model_len: int | None = None) -> PromptProcessor:
-    """A PromptProcessor for a model directory (None: the default model) without loading weights."""
-    model_dir = Path(model) if model is not None else default_model_dir()
+    """A PromptProcessor for a model directory or cached Hugging Face id (None: the default model)
+    without loading weights."""
+    model_dir = local_model_dir(model)
     spec = read_model_spec(model_dir)
     return PromptProcessor(
-        load_tokenizer(Path(tokenizer) if tokenizer else model_dir), spec.vocab_size,
+        load_tokenizer(local_model_dir(tokenizer) if tokenizer else model_dir), spec.vocab_size,
         resolve_max_model_len(max_model_len, spec), str(model_dir),
     )

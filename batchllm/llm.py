@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from batchllm.config import default_log_level
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
@@ -28,10 +26,11 @@ from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.config import EngineConfig
 from batchllm.engine import Engine, build_engine, resolve_model
-from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer
+from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, local_model_dir
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
 from batchllm.sampling_params import SamplingParams
@@ -43,7 +42,8 @@ logger.setLevel(default_log_level())  # handlers are the application's (the CLI 
 class LLM:
     """An offline LLM engine. Keyword arguments follow vLLM's `LLM` where they exist.
 
-    model: a Hugging Face model directory; None for the embedded SmolLM2-135M-Instruct.
+    model: a Hugging Face model directory, or a model id (`"Qwen/Qwen2.5-0.5B-Instruct"`) already in
+    the local Hugging Face cache (nothing is downloaded); None for the embedded SmolLM2-135M-Instruct.
     Every other keyword is an engine option, declared once in `config.py` (`batchllm run --help`
     lists them with their defaults); vLLM's `enable_prefix_caching` means `prefix_sharing`, and an
     unknown keyword is a TypeError naming it.
@@ -76,7 +76,8 @@ class LLM:
             self.model_dir, self.model_spec = self.engine.model_dir, self.engine.model_spec
             self.max_model_len = self.engine.max_model_len
         mc = self.config.model
-        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(Path(mc.tokenizer or self.model_dir))
+        tokenizer_dir = local_model_dir(mc.tokenizer) if mc.tokenizer else self.model_dir
+        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
         self._request_counter = itertools.count()
@@ -173,7 +174,7 @@ class LLM:
         core = self.engine.core
         before, log_start = dataclasses.replace(core.scheduler.stats), len(core.step_log)
         started = time.perf_counter()
-        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        progress = TokenProgress(progress_desc, use_tqdm)
         with _quiet_gc():
             try:
                 while True:
@@ -183,21 +184,25 @@ class LLM:
                             refill = None
                         else:
                             self._submit(*more, call=call)
-                            bar.total += len(more[0])
                     if not core.has_unfinished():
                         break
                     for index, output in self._step(call):
-                        bar.update(1)
+                        call.num_prompts_done += 1
                         yield index, output
-                    if use_tqdm:
-                        elapsed = time.perf_counter() - started
-                        bar.set_postfix_str(f"out {call.output_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+                    self._show_progress(progress, call, before)
             finally:
-                bar.close()
+                self._show_progress(progress, call, before, force=True)
+                progress.close()
                 if call.states:  # the caller stopped early or a step failed: leave the engine clean for next time
                     core.finish_requests(list(call.states), "abort")
                     _drain_quietly(core)
                 self.last_stats = self._statistics(call, before, log_start, time.perf_counter() - started)
+
+    def _show_progress(self, progress: TokenProgress, call: _Call, before: SchedulerStats, force: bool = False) -> None:
+        if progress.enabled:
+            progress.update(input_tokens=self.engine.core.scheduler.stats.prefill_tokens - before.prefill_tokens,
+                            output_tokens=call.output_tokens, planned_tokens=call.planned_tokens,
+                            requests_done=call.num_prompts_done, requests_total=len(call.prompts), force=force)
 
     def _submit(self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams],
                 call: _Call | None = None) -> _Call:
@@ -228,6 +233,9 @@ class LLM:
         else:
             plan = PrefixPlan.without_sharing([len(p) for p in prompt_ids], sharing.plan_mode)
         max_len = self.max_model_len
+        budgets = {r.request_id: expected_output_tokens(r, max_len) for r in requests}
+        call.budgets.update(budgets)
+        call.planned_tokens += plan.prefill_tokens + sum(budgets.values())
         submission = build_submission(plan, requests, GROUP_ORDERS[sharing.group_order](),
                                       lambda r: expected_output_tokens(r, max_len),
                                       id_prefix=f"{call.call_id}-{len(call.plans)}-")
@@ -257,6 +265,7 @@ class LLM:
             else:
                 continue
             del call.states[update.request_id]
+            call.planned_tokens -= max(0, call.budgets.pop(update.request_id) - len(state.token_ids))
             children = call.pending[index]
             if all(c.finish_reason is not None for c in children):
                 del call.pending[index]
@@ -307,6 +316,11 @@ class _Call:
     """The summary of each submission's prefix plan."""
     plan_seconds: float = 0.0
     output_tokens: int = 0
+    budgets: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Unfinished completions' decode budgets (the output tokens planned for them), by request id."""
+    planned_tokens: int = 0
+    """Prefill tokens after sharing + decode budgets; a completion that stops early gives back what it left."""
+    num_prompts_done: int = 0
 
 
 # ---------------------------------------------------------------------- helpers

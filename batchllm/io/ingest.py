@@ -25,7 +25,7 @@ from batchllm.io.job import ResumeState
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record
 from batchllm.sampling_params import SamplingParams, short_repr
 
-__all__ = ["Ingested", "ValidLine", "prepare_lines", "sampling_params_for", "record_for", "input_problem",
+__all__ = ["Ingested", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for", "record_for", "input_problem",
            "PLAIN", "OPENAI"]
 
 
@@ -58,6 +58,12 @@ def input_problem(path: Path) -> str | None:
     except OSError as e:
         return f"cannot read input file {str(path)!r}: {e.strerror}"
     return None
+
+
+def count_input_lines(path: Path) -> int:
+    """The number of lines that each get one output record: the non-blank lines (no JSON parsing)."""
+    with open(path, "rb") as f:
+        return sum(1 for raw in f if raw.strip())
 
 
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,

@@ -10,7 +10,13 @@ resuming from it could answer a line twice or never. Records are appended as req
 made durable (flush + fsync) every `sync_every` records, and within `sync_seconds` of being written
 by a background thread, so a long request still running never holds finished results back.
 
-Writer of OUTPUT and its state file only.
+OpenAI Batch error records go to a separate errors file, as OpenAI's Batch API returns them
+(`errors_path_for`: out.jsonl -> out.errors.jsonl, or `--errors-file`), so the output holds one
+record per custom_id; resume reads both files, and both are tied to the input by the one state file.
+A write that fails (a full disk, an I/O error) raises `OutputWriteError` naming the file and the
+cause; what was made durable before stays, and the next run resumes from it.
+
+Writer of OUTPUT, its errors file and its state file only.
 """
 
 from __future__ import annotations
@@ -31,6 +37,23 @@ _LINE_IN_MESSAGE = re.compile(r"^line (\d+):")
 
 class JobError(RuntimeError):
     """The job cannot start (the message says why); nothing was written."""
+
+
+class OutputWriteError(JobError):
+    """Writing results failed (disk full, I/O error); the message names the file and the cause.
+    Records made durable before the failure are kept."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(f"cannot write results to {str(path)}: {error.strerror or error}")
+        self.path, self.error = path, error
+
+
+def errors_path_for(output: Path) -> Path:
+    """Where OpenAI Batch error records go by default: out.jsonl -> out.errors.jsonl (the output's
+    name with .errors before its .jsonl suffix; other names get .errors.jsonl appended)."""
+    name = output.name
+    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+    return output.with_name(stem + ".errors.jsonl")
 
 
 @dataclass
@@ -93,14 +116,17 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def prepare_output(output: Path, input_path: Path, overwrite: bool) -> ResumeState:
-    """Validate or create the output for this input; return what is already done."""
+def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None) -> ResumeState:
+    """Validate or create the output (and its errors file) for this input; return what is already done."""
     if same_file(output, input_path):
         raise JobError(f"refusing to write the output onto the input file {str(input_path)!r} "
                        "(even with --overwrite: it would destroy the input); choose another -o")
+    if errors is not None and (same_file(errors, input_path) or same_file(errors, output)):
+        raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
+                       "choose another --errors-file")
     state_path = output.with_name(output.name + STATE_SUFFIX)
     fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path)}
-    has_output = output.exists() and output.stat().st_size > 0
+    has_output = any(p is not None and p.exists() and p.stat().st_size > 0 for p in (output, errors))
     if has_output and not overwrite:
         try:
             state = json.loads(state_path.read_bytes())
@@ -124,8 +150,13 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool) -> ResumeSta
                 f"({state.get('input')!r}, {state.get('input_size')} bytes), not {str(input_path)!r}; "
                 "choose another -o or pass --overwrite"
             )
-        return _scan_and_repair(output)
+        state = _scan_and_repair(output)
+        if errors is not None and errors.exists():
+            _scan_and_repair(errors, state)
+        return state
     output.parent.mkdir(parents=True, exist_ok=True)
+    if errors is not None:
+        errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
     tmp = state_path.with_name(state_path.name + ".tmp")
     tmp.write_text(json.dumps(fingerprint) + "\n")
     os.replace(tmp, state_path)
@@ -135,13 +166,15 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool) -> ResumeSta
     return ResumeState()
 
 
-def _scan_and_repair(output: Path) -> ResumeState:
-    state = ResumeState()
+def _scan_and_repair(output: Path, state: ResumeState | None = None) -> ResumeState:
+    """Cut a torn last line of `output` and add its records to `state` (a new one when None)."""
+    state = state or ResumeState()
+    repaired_before = state.repaired_bytes
     with open(output, "rb+") as f:
         data = f.read()
         end = data.rfind(b"\n") + 1
         if end < len(data):
-            state.repaired_bytes = len(data) - end
+            state.repaired_bytes = repaired_before + len(data) - end
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
@@ -193,18 +226,23 @@ def _note_done(record: dict, state: ResumeState) -> None:
 
 class ResultWriter:
     """Appends one JSON line per record; durable every `sync_every` records, and within `sync_seconds`
-    of any write (a background thread syncs what is pending). Thread-safe; writer of the output file."""
+    of any write (a background thread syncs what is pending). Thread-safe; writer of the output file.
+    `lazy`: the file is created at the first record (an errors file exists only when there are errors).
+    Any failure to write or sync is raised as `OutputWriteError`, once."""
 
-    def __init__(self, output: Path, sync_every: int = 256, sync_seconds: float = 1.0) -> None:
+    def __init__(self, output: Path, sync_every: int = 256, sync_seconds: float = 1.0, lazy: bool = False) -> None:
         self.path = output
-        self._file = open(output, "ab")
+        self._file = None
         self.sync_every = sync_every
         self.sync_seconds = sync_seconds
         self._unsynced = 0
         self.num_written = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._failure: OSError | None = None
+        self._failure: OutputWriteError | None = None
+        self._reported = False
+        if not lazy:
+            self._open_locked()
         self._syncer = threading.Thread(target=self._sync_pending, name="batchllm-output-sync", daemon=True)
         self._syncer.start()
 
@@ -212,7 +250,9 @@ class ResultWriter:
         data = encode_record(record)
         with self._lock:
             self._check()
-            self._file.write(data)
+            if self._file is None:
+                self._open_locked()
+            self._guarded(self._file.write, data)
             self.num_written += 1
             self._unsynced += 1
             if self._unsynced >= self.sync_every:
@@ -223,9 +263,22 @@ class ResultWriter:
             self._check()
             self._sync_locked()
 
+    def _open_locked(self) -> None:
+        self._file = self._guarded(open, self.path, "ab")
+
+    def _guarded(self, call, *args):
+        """`call(*args)`; an OSError becomes this file's OutputWriteError, remembered for every later call."""
+        try:
+            return call(*args)
+        except OSError as e:
+            self._failure = OutputWriteError(self.path, e)
+            self._reported = True
+            raise self._failure from e
+
     def _sync_locked(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._file is not None and self._unsynced:
+            self._guarded(self._file.flush)
+            self._guarded(os.fsync, self._file.fileno())
         self._unsynced = 0
 
     def _sync_pending(self) -> None:
@@ -234,20 +287,30 @@ class ResultWriter:
                 if self._unsynced and self._failure is None:
                     try:
                         self._sync_locked()
-                    except OSError as e:  # reported by the next write, sync or close
-                        self._failure = e
+                    except OutputWriteError:  # reported by the next write, sync or close
+                        self._reported = False
 
     def _check(self) -> None:
         if self._failure is not None:
+            self._reported = True
             raise self._failure
 
     def close(self) -> None:
+        """Sync and close. After a failure already raised to the caller, only closes (best effort):
+        the caller is handling that failure, and a second report of it would hide the first."""
         self._closed.set()
         self._syncer.join()
         try:
-            self.sync()
+            if self._failure is None or not self._reported:
+                self.sync()
         finally:
-            self._file.close()
+            file, self._file = self._file, None
+            if file is not None:
+                try:
+                    file.close()
+                except OSError as e:  # the buffer could not be flushed
+                    if self._failure is None:  # else: that failure is already being reported
+                        raise OutputWriteError(self.path, e) from e
 
     def __enter__(self) -> "ResultWriter":
         return self

@@ -57,8 +57,12 @@ class LineError:
         """An error found after parsing (sampling values, chat template, tokenisation)."""
         return cls(line.line_number, line.request_id, f"line {line.line_number}: {problem}", line.format)
 
+    def is_openai(self, file_format: str = PLAIN) -> bool:
+        """Whether its record is an OpenAI Batch error (which goes to the errors file)."""
+        return (self.format or file_format) == OPENAI
+
     def record(self, file_format: str = PLAIN) -> dict[str, Any]:
-        if (self.format or file_format) == OPENAI:
+        if self.is_openai(file_format):
             return openai_batch.error_record(self.request_id, self.message)
         return {"id": self.request_id, "error": {"line": self.line_number, "message": self.message}}
 

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
 from batchllm.config import EngineConfig, SharingConfig
 from batchllm.core.policies import UNBOUNDED_OUTPUT_ESTIMATE
 from batchllm.parallel.partition import Partition, Shard, partition_plan
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.progress import TokenProgress
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +79,8 @@ class DataParallelEngine:
         self.closed: str | None = None
         """Why the engine can no longer run jobs (a worker died), or None."""
         self._job = 0
+        self._busy = False
+        """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self.last_stats: dict[str, Any] = {}
         self.worker_info = self._wait_ready(start_timeout_s)
 
@@ -114,7 +115,7 @@ class DataParallelEngine:
             raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
         started = time.perf_counter()
         sharing = self.sharing
-        partition = self._partition(prompts, params, sharing)
+        partition, budgets = self._partition(prompts, params, sharing)
         plan_seconds = time.perf_counter() - started
         self._job += 1
         job = self._job
@@ -125,14 +126,17 @@ class DataParallelEngine:
             self.shared.put((job, None))
         for rank in range(self.size):
             self.tasks[rank].put(("job", job, items(partition.pinned[rank])))
-        bar = tqdm(total=len(prompts), desc=progress_desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
+        progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(p.token_ids) for p in prompts))
         try:
-            rank_stats = yield from self._collect(job, bar, started)
+            rank_stats = yield from self._collect(job, progress, started)
+            self._busy = False
         finally:
-            bar.close()
+            progress.close()
         self.last_stats = _job_stats(rank_stats, partition, sharing, time.perf_counter() - started, plan_seconds)
 
-    def _partition(self, prompts: Sequence, params: Sequence, sharing: SharingConfig) -> Partition:
+    def _partition(self, prompts: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
+        """The partition, and each prompt's decode budget (all its completions' output tokens)."""
         ids = [p.token_ids for p in prompts]
         if sharing.prefix_sharing:
             plan = plan_prefix_sharing(ids, mode=sharing.plan_mode)
@@ -140,9 +144,9 @@ class DataParallelEngine:
             plan = PrefixPlan.without_sharing([len(p) for p in ids], sharing.plan_mode)
         expected = [sp.n * max(0, min(self.max_model_len - len(p), sp.max_tokens or UNBOUNDED_OUTPUT_ESTIMATE))
                     for p, sp in zip(ids, params)]
-        return partition_plan(plan, expected, self.size)
+        return partition_plan(plan, expected, self.size), expected
 
-    def _collect(self, job: int, bar, started: float):
+    def _collect(self, job: int, progress: "_JobProgress", started: float):
         """Yield results until every rank is done or dead; returns the ranks' stats."""
         stats: dict[int, dict] = {}
         failed: dict[int, str] = {}
@@ -156,7 +160,7 @@ class DataParallelEngine:
             kind, rank = message[0], message[1]
             if kind == "result" and message[2] == job:
                 for index, output in message[3]:
-                    bar.update(1)
+                    progress.finished(index, output)
                     yield index, output
             elif kind == "done" and message[2] == job:
                 stats[rank] = {**message[3], "rank": rank, "finish_s": time.perf_counter() - started}
@@ -178,12 +182,40 @@ class DataParallelEngine:
                 except (OSError, ValueError):
                     pass
         for p in self.processes:
+            if self._busy and p.is_alive():  # a job was abandoned mid-way (interrupt): it would not read the task
+                p.terminate()
             p.join(timeout_s)
             if p.is_alive():
                 p.kill()
                 p.join(5)
         self.processes = [p for p in self.processes if p.is_alive()]
         self.closed = self.closed or "shut down"
+
+
+class _JobProgress:
+    """The token progress of a data-parallel job, from finished prompts only (the parent sees no
+    steps): their prompt and output tokens against prompt tokens + decode budgets, each finished
+    prompt giving back the budget it did not use."""
+
+    def __init__(self, desc: str, enabled: bool, budgets: list[int], prompt_tokens: int) -> None:
+        self.bar = TokenProgress(desc, enabled)
+        self.budgets = budgets
+        self.planned = prompt_tokens + sum(budgets)
+        self.input_tokens = self.output_tokens = self.done = 0
+
+    def finished(self, index: int, output) -> None:
+        produced = sum(len(o.token_ids) for o in output.outputs)
+        self.input_tokens += len(output.prompt_token_ids)
+        self.output_tokens += produced
+        self.planned -= max(0, self.budgets[index] - produced)
+        self.done += 1
+        self.bar.update(input_tokens=self.input_tokens, output_tokens=self.output_tokens, planned_tokens=self.planned,
+                        requests_done=self.done, requests_total=len(self.budgets))
+
+    def close(self) -> None:
+        self.bar.update(input_tokens=self.input_tokens, output_tokens=self.output_tokens, planned_tokens=self.planned,
+                        requests_done=self.done, requests_total=len(self.budgets), force=True)
+        self.bar.close()
 
 
 def _exit_description(code: int | None) -> str:

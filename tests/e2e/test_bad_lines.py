@@ -52,10 +52,16 @@ LINES = [
 ]
 
 
+def _records(out):
+    """The output's records, then those of its errors file (failed OpenAI Batch lines go there)."""
+    errors = out.with_name(out.name.replace(".jsonl", ".errors.jsonl"))
+    return out.read_bytes().splitlines() + (errors.read_bytes().splitlines() if errors.exists() else [])
+
+
 def _outcomes(out):
     """(id, error message or None) per record; OpenAI error messages carry the line number."""
     result = {}
-    for raw in out.read_bytes().splitlines():
+    for raw in _records(out):
         rec = json.loads(raw)
         rid = rec.get("custom_id", rec.get("id"))
         error = rec.get("error")
@@ -73,7 +79,7 @@ def test_every_bad_line_is_its_own_error_and_the_rest_complete(tmp_path, default
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     outcomes = _outcomes(out)
-    assert len(out.read_bytes().splitlines()) == len(LINES), "one record per line"
+    assert len(_records(out)) == len(LINES), "one record per line"
     for number, (_, fragment) in enumerate(LINES, start=1):
         if fragment is None:
             continue
@@ -82,9 +88,9 @@ def test_every_bad_line_is_its_own_error_and_the_rest_complete(tmp_path, default
     n_bad = sum(f is not None for _, f in LINES)
     assert f"3 done, {n_bad} failed" in r.stderr
 
-    first = out.read_bytes()
+    first = _records(out)
     again = cli(*args)
-    assert again.returncode == 1 and "Traceback" not in again.stderr
-    assert out.read_bytes() == first, "a rerun finds everything done and rewrites nothing"
+    assert again.returncode == 1 and "Traceback" not in again.stderr and "already complete" in again.stderr
+    assert _records(out) == first, "a rerun finds everything done and rewrites nothing"
 
 

@@ -110,8 +110,10 @@ def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
     r = cli("run", src, "-o", out, "--no-progress")
     assert r.returncode == 1, r.stderr
     assert "2 done, 11 failed" in r.stderr
-    records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(records) == len(raw), "one output line per input line"
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(rec["error"] is None for rec in results), "failed lines go to the errors file, as OpenAI's do"
+    records = results + [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert len(records) == len(raw), "one record per input line, over the two files"
     for rec in records:
         check_openai_record(rec)
     errors = {int(rec["error"]["message"].split(":")[0].split()[1]): rec["error"]["message"]
@@ -188,3 +190,100 @@ def test_torn_last_line_is_repaired_and_foreign_outputs_are_refused(tmp_path, de
     assert stray.read_text() == '{"id": "mine"}\n', "a refused output is left untouched"
     assert cli("run", src, "-o", stray, "--no-progress", "--overwrite").returncode == 0
     assert len(stray.read_text().splitlines()) == 3
+
+
+# ---------------------------------------------------------------- issue 19: interrupts, errors file
+def _long_job(tmp_path, n):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": [5 + i % 50, 6, 7, 8 + i % 3],
+                                       "max_tokens": 20 + i % 40, "ignore_eos": True}) + "\n" for i in range(n)))
+    return src
+
+
+def _interrupt_when_started(cmd, out, sig):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the job finished before it could be interrupted: " + proc.stderr.read())
+        time.sleep(0.05)
+    children = _children(proc.pid)
+    signalled = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err, time.time() - signalled, children
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig, code, extra", [(signal.SIGINT, 130, []),
+                                              (signal.SIGTERM, 143, ["--data-parallel-size", "2"])])
+def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_factory, sig, code, extra):
+    n = 120
+    src, out = _long_job(tmp_path, n), tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--no-progress", "--model",
+           tiny_model_factory("llama"), "--max-num-seqs", "4", "--temperature", "0", *extra]
+    rc, err, seconds, children = _interrupt_when_started(cmd, out, sig)
+    assert rc == code, err
+    last = [x for x in err.splitlines() if x.startswith("batchllm: interrupted")][-1]
+    assert f"of {n} lines done; run the same command to resume" in last
+    done = int(last.split(": ")[-1].split(" of ")[0].split()[-1])
+    records = out.read_text().splitlines()
+    assert len(records) == done and 3 <= done < n, "every finished line was flushed, nothing torn"
+    assert seconds < 60, "the workers were stopped, not waited for"
+    grace = time.time() + 15  # multiprocessing's resource tracker exits just after its parent
+    while time.time() < grace and any(_alive(p) for p in children):
+        time.sleep(0.2)
+    assert not [_cmdline(p) for p in children if _alive(p)], "no worker outlives the job"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    after = out.read_text()
+    assert after.startswith("\n".join(records) + "\n"), "finished lines are kept as they were"
+    assert sorted(json.loads(x)["id"] for x in after.splitlines()) == sorted(f"r{i}" for i in range(n))
+
+
+def test_openai_errors_go_to_their_own_file_one_record_per_custom_id(tmp_path, tiny_model_factory):
+    raw = [openai_line("a", url=COMPLETIONS, max_tokens=2), openai_line("a", url=COMPLETIONS, max_tokens=2),
+           openai_line("b", url=COMPLETIONS, max_tokens=2, temperature=-1), openai_line("c", url=COMPLETIONS, max_tokens=2)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in raw))
+    out, errors = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    model = tiny_model_factory("llama")
+    r = cli("run", src, "-o", out, "--no-progress", "--model", model)
+    assert r.returncode == 1 and str(errors) in r.stderr
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    failed = [json.loads(x) for x in errors.read_text().splitlines()]
+    assert sorted(x["custom_id"] for x in results) == ["a", "c"] and all(x["error"] is None for x in results)
+    assert sorted(x["custom_id"] for x in failed) == ["a", "b"] and all(x["response"] is None for x in failed)
+    assert "duplicate custom_id 'a'" in failed[0]["error"]["message"]
+    before = (out.read_bytes(), errors.read_bytes())
+    r = cli("run", src, "-o", out, "--no-progress", "--model", model)
+    assert r.returncode == 1 and "already complete (4 lines: 2 done, 2 failed)" in r.stderr
+    assert (out.read_bytes(), errors.read_bytes()) == before, "a rerun changes neither file"
+    custom = tmp_path / "failures.jsonl"
+    r = cli("run", src, "-o", tmp_path / "o2.jsonl", "--errors-file", custom, "--no-progress", "--model", model)
+    assert r.returncode == 1 and len(custom.read_text().splitlines()) == 2

@@ -137,3 +137,27 @@ def test_plan_matches_what_run_computes_and_sharing_off_gives_the_same_tokens(tm
     assert shared["prefill_tokens_computed"] == plan["prefill_tokens"]
     assert shared["saving_ratio"] == pytest.approx(plan["saving_ratio"])
     assert plain["prefill_tokens_computed"] == prompt_tokens and plain["saving_ratio"] == 0
+
+
+def test_version_and_the_run_batch_spelling_of_the_input(tmp_path, default_model_dir):
+    from importlib.metadata import version
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"batchllm {version('batchllm')}"
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": p}) for i, p in enumerate(
+        ["You are a helpful assistant. Answer briefly. What is 2+2?",
+         "You are a helpful assistant. Answer briefly. Name a colour.",
+         "You are a helpful assistant. Answer briefly. Say hi.",
+         "Translate to French: cheese"])) + "\n")
+    positional, option = run_cli("plan", src, "--json"), run_cli("plan", "-i", src, "--json")
+    assert positional.returncode == option.returncode == 0 and positional.stdout.split('"plan_seconds"')[0] == \
+        option.stdout.split('"plan_seconds"')[0]
+    both = run_cli("run", src, "-i", src, "-o", tmp_path / "o.jsonl")
+    assert both.returncode == 2 and "not both" in both.stderr
+    groups = run_cli("plan", "-i", src, "--groups", "5", "--json")
+    listed = json.loads(groups.stdout)["largest_groups"]
+    assert len(listed) == 1 and listed[0]["members"] == 3, "the three prompts with the shared instruction"
+    assert listed[0]["prefix_start"].startswith("You are a helpful assistant. Answer briefly.")
+    text = run_cli("plan", src, "--groups", "1")
+    assert "largest groups" in text.stdout and "'You are a helpful assistant." in text.stdout

@@ -146,3 +146,104 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp
     code, err = run(capsys, src, "-o", out, "--seed", str(2**64))  # the lock is free again; refused for the seed
     assert code == 2 and "seed" in err
     assert not out.exists(), "a refused job leaves no empty output behind"
+
+
+# ---------------------------------------------------------------- issue 19: errors file, write failures
+def test_errors_file_name_follows_the_output():
+    from pathlib import Path
+
+    from batchllm.io.job import errors_path_for
+
+    assert errors_path_for(Path("/d/out.jsonl")) == Path("/d/out.errors.jsonl")
+    assert errors_path_for(Path("results")) == Path("results.errors.jsonl")
+
+
+def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
+    src, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in range(4)))
+    assert prepare_output(out, src, overwrite=False, errors=errors).num_records == 0
+    out.write_text(json.dumps({"id": "batch_req_1", "custom_id": "c0", "response": {}, "error": None}) + "\n")
+    complete = json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
+                           "error": {"code": "invalid_request", "message": "line 2: duplicate custom_id 'c0'"}}) + "\n"
+    errors.write_text(complete + '{"id": "batch_req_3", "custom_id": "c2", "resp')
+    state = prepare_output(out, src, overwrite=False, errors=errors)
+    assert state.done_ids == {"c0"} and state.done_error_lines == {2} and state.num_records == 2
+    assert state.repaired_bytes > 0 and errors.read_text() == complete, "the torn errors line is cut"
+    out.write_text("")  # only the errors file holds records: still a job to resume, not a fresh start
+    assert prepare_output(out, src, overwrite=False, errors=errors).done_error_lines == {2}
+    assert errors.read_text() == complete
+    prepare_output(out, src, overwrite=True, errors=errors)
+    assert not errors.exists(), "--overwrite starts the errors file over too"
+    with pytest.raises(JobError, match="errors file"):
+        prepare_output(out, src, overwrite=True, errors=src)
+
+
+def test_a_write_failure_names_the_file_and_keeps_what_was_written(tmp_path):
+    import errno
+
+    from batchllm.io.job import OutputWriteError
+
+    out = tmp_path / "out.jsonl"
+    writer = ResultWriter(out, sync_every=1)
+    writer.write({"id": "a"})
+    writer.write({"id": "b"})
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    writer._file.flush = full_disk
+    with pytest.raises(OutputWriteError) as failure:
+        writer.write({"id": "c"})
+    assert str(failure.value) == f"cannot write results to {out}: No space left on device"
+    with pytest.raises(OutputWriteError):
+        writer.write({"id": "d"})  # the failure stays: nothing is written after it
+    writer.close()  # already reported: closing does not raise it again over the caller's handling
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()[:2]] == ["a", "b"]
+
+
+def test_a_write_failure_during_run_exits_2_with_one_line_and_the_rerun_completes(
+        tmp_path, capsys, monkeypatch, tiny_model_factory):
+    import errno
+
+    from batchllm.io import job
+
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Count to {i}:", "max_tokens": 2 + i}) + "\n"
+                           for i in range(6)))
+    real_write = job.ResultWriter.write
+    written = []
+
+    def write_then_fill_the_disk(self, record):
+        if len(written) == 3:
+            raise job.OutputWriteError(self.path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        real_write(self, record)
+        written.append(record["id"])
+
+    monkeypatch.setattr(job.ResultWriter, "write", write_then_fill_the_disk)
+    code, err = run(capsys, src, "-o", out, "--model", model, "--temperature", "0")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"batchllm: error: cannot write results to {out}: No space left on device"
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == written, "nothing written is lost"
+    monkeypatch.setattr(job.ResultWriter, "write", real_write)
+    code, err = run(capsys, src, "-o", out, "--model", model, "--temperature", "0")
+    assert code == 0, err
+    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == [f"r{i}" for i in range(6)]
+
+
+def test_a_complete_job_finishes_without_loading_the_model(tmp_path, capsys, monkeypatch, tiny_model_factory):
+    import batchllm.llm
+
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n\n{"id": "b", "prompt": ""}\n')
+    code, err = run(capsys, "-i", src, "-o", out, "--model", model)
+    assert code == 1, err  # line 3 failed
+    assert "req/s" in err and "input tok/s" in err and "output tok/s" in err and "saved" in err
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a finished job")
+
+    monkeypatch.setattr(batchllm.llm, "LLM", no_model)
+    code, err = run(capsys, src, "-o", out, "--model", model)
+    assert code == 1 and "already complete (2 lines: 1 done, 1 failed)" in err

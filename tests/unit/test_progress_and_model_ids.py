@@ -1,0 +1,118 @@
+"""Issue 19: the progress bar moves with the work (tokens), and Hugging Face model ids resolve from
+the local cache only, never downloading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+class _Recorder:
+    """Stands in for TokenProgress: keeps every update the loop sends."""
+
+    instances: list["_Recorder"] = []
+
+    def __init__(self, desc, enabled, *args, **kwargs):
+        self.enabled = True
+        self.updates: list[dict] = []
+        _Recorder.instances.append(self)
+
+    def update(self, *, force=False, **counters):
+        self.updates.append(counters)
+
+    def close(self):
+        pass
+
+
+def test_progress_counts_prefill_before_any_request_finishes_and_ends_at_the_plan(monkeypatch, tiny_model_factory):
+    import batchllm.llm
+    from batchllm import LLM, SamplingParams
+    from batchllm.prefix import plan_prefix_sharing
+
+    monkeypatch.setattr(batchllm.llm, "TokenProgress", _Recorder)
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_num_batched_tokens=32,
+              max_model_len=512)
+    shared = list(range(10, 90))
+    prompts = [shared + [100 + i, 200 + i] for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=i % 2 == 0) for i in range(6)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+    updates = _Recorder.instances[-1].updates
+    plan = plan_prefix_sharing(prompts)
+    budget = sum(sp.max_tokens for sp in params)
+    first = updates[0]
+    assert first["requests_done"] == 0 and first["input_tokens"] > 0, "the bar moves during the prefill"
+    assert first["planned_tokens"] == plan.prefill_tokens + budget
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    last = updates[-1]
+    assert last["requests_done"] == last["requests_total"] == 6
+    assert last["output_tokens"] == generated and last["input_tokens"] == plan.prefill_tokens
+    assert last["input_tokens"] + last["output_tokens"] == last["planned_tokens"], \
+        "early stops gave their unused budget back: the bar ends at 100%"
+    done = [u["input_tokens"] + u["output_tokens"] for u in updates]
+    assert done == sorted(done) and len(set(done)) > 3, "it advances step by step"
+
+
+def test_token_progress_shows_rates_and_requests():
+    from batchllm.progress import TokenProgress
+
+    progress = TokenProgress("tokens", enabled=True, min_interval_s=0.0)
+    progress.update(input_tokens=300, output_tokens=20, planned_tokens=1000, requests_done=1, requests_total=8)
+    assert (progress.bar.n, progress.bar.total) == (320, 1000)
+    assert "1/8 req" in progress.bar.postfix and "in " in progress.bar.postfix and "out " in progress.bar.postfix
+    progress.update(input_tokens=900, output_tokens=200, planned_tokens=1000, requests_done=8, requests_total=8)
+    assert progress.bar.total == 1100, "recomputation beyond the plan raises the total instead of overflowing"
+    progress.close()
+
+
+def _hf_cache_with(cache, repo_id: str, model_dir) -> str:
+    """Lay `model_dir` out as the Hugging Face cache does: models--org--name/snapshots/<hash>/ + refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in os.listdir(model_dir):
+        os.symlink(os.path.join(model_dir, f), snapshot / f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return str(snapshot)
+
+
+def test_a_model_id_resolves_from_the_local_cache_and_a_missing_one_says_how_to_get_it(
+        tmp_path, monkeypatch, tiny_model_factory):
+    import huggingface_hub.constants
+
+    from batchllm import LLM, SamplingParams
+    from batchllm.inputs import local_model_dir
+    from batchllm.models.spec import ModelLoadError
+
+    cache = tmp_path / "hub"
+    snapshot = _hf_cache_with(cache, "tiny-org/tiny-llama", tiny_model_factory("llama"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and nothing may try the network
+    assert str(local_model_dir("tiny-org/tiny-llama")) == snapshot
+    llm = LLM("tiny-org/tiny-llama", device="cpu", dtype="float32")
+    assert str(llm.model_dir) == snapshot
+    assert llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ModelLoadError, match="huggingface-cli download tiny-org/absent") as missing:
+        local_model_dir("tiny-org/absent")
+    assert "not in the Hugging Face cache" in str(missing.value) or "nor in the Hugging Face cache" in str(missing.value)
+    assert str(local_model_dir(tmp_path / "no" / "such" / "dir")).endswith("no/such/dir"), \
+        "a path is left for read_model_spec to name"
+
+
+def test_cli_plan_with_a_cached_model_id_and_a_missing_one(tmp_path, tiny_model_factory):
+    cache = tmp_path / "hub"
+    _hf_cache_with(cache, "tiny-org/tiny-llama", tiny_model_factory("llama"))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "Hello there"}) + "\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "batchllm.cli", "plan", "-i", str(src), "--model"]
+    r = subprocess.run(cmd + ["tiny-org/tiny-llama"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "requests             1" in r.stdout, r.stderr
+    r = subprocess.run(cmd + ["tiny-org/absent"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "huggingface-cli download tiny-org/absent" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
