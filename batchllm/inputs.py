@@ -32,6 +32,9 @@ class PromptProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.source = source
+        self.grammars = None
+        """The engine's structured-output `GrammarBackend` (set by `LLM`): lines' grammars are
+        compiled while they are read, so one that does not compile is that line's error."""
 
     def apply_chat_template(
         self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None
