@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,14 @@ def grammar_key(params: StructuredOutputsParams) -> tuple[str, str]:
     return "grammar", params.grammar
 
 
+def _reason(error: Exception) -> str:
+    """xgrammar's message without its log prefix ("[06:34:48] /project/cpp/x.cc:94: ")."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", lines[0])[:300]
+
+
 def _import_xgrammar():
     try:
         import xgrammar
@@ -131,8 +140,7 @@ class GrammarBackend:
                 compiled = self._compiler.compile_grammar(text)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors
             what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
-            raise StructuredOutputError(f"structured output: the {what} cannot be compiled: "
-                                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from e
+            raise StructuredOutputError(f"structured output: the {what} cannot be compiled: {_reason(e)}") from e
         self._cache[key] = compiled
         return compiled
 

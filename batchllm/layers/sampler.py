@@ -24,9 +24,11 @@ def sample(
     specs: list[SamplingSpec],
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
+    histories: list[OutputHistory | None] | None = None,
+    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Sample one token per row; returns the tokens and, where asked for, their logprobs."""
-    return sample_on_device(logits, specs, generators, default_generator).lists()
+    return sample_on_device(logits, specs, generators, default_generator, histories, grammar_mask).lists()
 
 
 @dataclass
