@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from batchllm.structured import GrammarBackend
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, read_model_spec
 
@@ -33,6 +34,10 @@ class PromptProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.source = source
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.grammars = None if tokenizer is None else GrammarBackend(tokenizer, vocab_size, [] if eos is None else [eos])
+        """The engine's structured-output `GrammarBackend` (set by `LLM`): lines' grammars are
+        compiled while they are read, so one that does not compile is that line's error."""
 
     def apply_chat_template(
         self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None

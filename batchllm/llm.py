@@ -34,6 +34,7 @@ from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
 from batchllm.sampling_params import SamplingParams
+from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger("batchllm")
 logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
@@ -80,6 +81,10 @@ class LLM:
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
+        if self.tokenizer is not None:  # compiles lazily: costs nothing until a request asks for a grammar
+            self.prompts.grammars = GrammarBackend(self.tokenizer, self.model_spec.vocab_size, sorted(self.eos_token_ids))
+            if self.engine is not None:
+                self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
         self.last_stats: dict[str, Any] = {}
 
@@ -110,6 +115,8 @@ class LLM:
         items = _as_prompt_list(prompts)
         tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
         params = self._params_list(sampling_params, len(tokenized))
+        for sp in {id(sp): sp for sp in params}.values():
+            sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
         results: list[RequestOutput | None] = [None] * len(tokenized)
         for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
             results[index] = output
@@ -217,6 +224,7 @@ class LLM:
             children = []
             for k in range(sp.n):
                 child_params = sp if sp.n == 1 else sp.for_child(k)
+                child_params.update_from_tokenizer(self.tokenizer)  # (for_child does not copy the bad words' ids)
                 request = Request(request_id=f"{call.call_id}-{index}-{k}", prompt_token_ids=prompt.token_ids,
                                   sampling_params=child_params, eos_token_ids=self.eos_token_ids,
                                   arrival_index=index)

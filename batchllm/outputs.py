@@ -25,10 +25,41 @@ class SamplingSpec:
     num_logprobs: int | None
     banned_token_ids: tuple[int, ...] = ()
     """Token ids that must not be sampled this step (EOS/stop ids while below min_tokens)."""
+    adjust: LogitsAdjust | None = None
+    """Penalties and biases (`layers/logits_processors.py`); None for the plain request, which
+    costs nothing extra."""
+    grammar: tuple[str, str] | None = None
+    """Structured output: (kind, canonical text) of the grammar the token must keep to
+    (`batchllm/structured.py`); None: unconstrained."""
+    num_prompt_tokens: int = 0
+    """Where the outputs start: with `adjust` or `grammar` the runner keeps the request's output
+    tokens from the positions it computes (such a request is never scheduled on a placeholder)."""
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def needs_history(self) -> bool:
+        """The runner must know the request's output tokens to sample it."""
+        return self.adjust is not None or self.grammar is not None
+
+
+@dataclass(frozen=True)
+class LogitsAdjust:
+    """One request's penalties and biases, with vLLM's semantics (applied in this order after the
+    grammar mask: allowed_token_ids, bad_words, logit_bias, then repetition, frequency and
+    presence penalties)."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """Token sequences whose last token is banned when the outputs end with the others."""
+    prompt_token_ids: tuple[int, ...] = ()
+    """Only when repetition_penalty != 1 (it counts prompt tokens too)."""
 
 
 @dataclass(slots=True)  # ~1,000 are built per step; slots build 5x faster than a frozen dataclass

@@ -69,6 +69,13 @@ class Request:
     cached_sampling_spec: object = field(default=None, repr=False)
     """The runner-side sampling settings, built once the request is past min_tokens."""
 
+    @functools.cached_property
+    def needs_host_tokens(self) -> bool:
+        """Penalties, biases or a grammar: the runner reads this request's last token on the host,
+        so it is never scheduled on a placeholder (it waits for its token instead)."""
+        sp = self.sampling_params
+        return sp.has_adjustments or sp.grammar_key is not None
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

@@ -35,6 +35,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """vLLM's field; always None: prompt_logprobs are not computed yet."""
 
     @property
     def num_output_tokens(self) -> int:

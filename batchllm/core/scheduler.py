@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from batchllm.config import SchedulerConfig
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.policies import MemoryAdmission
-from batchllm.outputs import RunnerOutput, SamplingSpec, ScheduledBatch, ScheduledRequest, TokenLogprobs
+from batchllm.outputs import LogitsAdjust, RunnerOutput, SamplingSpec, ScheduledBatch, ScheduledRequest, TokenLogprobs
 from batchllm.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,22 @@ class SchedulerStats:
     """Shared prefixes released before their members finished, to unblock the batch."""
     num_block_copies: int = 0
     peak_used_blocks: int = 0
+
+
+def _logits_adjust(request: Request) -> LogitsAdjust:
+    """The runner-side form of a request's penalties and biases, as plain ints and floats."""
+    sp = request.sampling_params
+    prompt = ()
+    if sp.repetition_penalty != 1.0:
+        ids = request.prompt_token_ids
+        prompt = tuple(ids.tolist() if hasattr(ids, "tolist") else ids)
+    return LogitsAdjust(
+        presence_penalty=float(sp.presence_penalty), frequency_penalty=float(sp.frequency_penalty),
+        repetition_penalty=float(sp.repetition_penalty),
+        logit_bias=tuple(sorted((sp.logit_bias or {}).items())),
+        allowed_token_ids=tuple(sp.allowed_token_ids) if sp.allowed_token_ids else None,
+        bad_words=tuple(sp.bad_words_token_ids), prompt_token_ids=prompt,
+    )
 
 
 def _step_class(request: Request) -> int:
@@ -207,8 +223,8 @@ class Scheduler:
         return budget
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        if request.num_pending_tokens and self._pending_token_ends(request):
-            return 0
+        if request.num_pending_tokens and (request.needs_host_tokens or self._pending_token_ends(request)):
+            return 0  # (penalties and grammars read the last token on the host: never a placeholder)
         remaining = request.num_tokens - request.num_computed_tokens
         if remaining <= budget:
             return remaining
@@ -345,6 +361,9 @@ class Scheduler:
             seed=sp.seed,
             num_logprobs=sp.logprobs,
             banned_token_ids=banned,
+            adjust=_logits_adjust(request) if sp.has_adjustments else None,
+            grammar=sp.grammar_key,
+            num_prompt_tokens=request.num_prompt_tokens,
         )
         if not banned:  # past min_tokens the settings never change again
             request.cached_sampling_spec = spec

@@ -1,8 +1,8 @@
 """The OpenAI Batch file format: request lines in, response lines out.
 
 Input line: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}.
-Body fields are mapped onto SamplingParams; a field the engine cannot honour (tools, a non-zero
-penalty, streaming, ...) makes that line an error naming the field, never silently dropped.
+Body fields are mapped onto SamplingParams (penalties, logit_bias and response_format included, as
+OpenAI defines them); a field the engine cannot honour (tools, streaming, ...) makes that line an error naming the field, never silently dropped.
 Output line: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}
 with a chat.completion or text_completion body (with usage), or "response": null and
 "error": {"code", "message"} for a line that failed.
@@ -22,12 +22,14 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            # vLLM's extra sampling parameters, accepted in the body as vLLM's server does
            "top_k": "top_k", "min_p": "min_p", "min_tokens": "min_tokens", "ignore_eos": "ignore_eos",
            "stop_token_ids": "stop_token_ids", "include_stop_str_in_output": "include_stop_str_in_output",
-           "skip_special_tokens": "skip_special_tokens"}
+           "skip_special_tokens": "skip_special_tokens",
+           "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+           "repetition_penalty": "repetition_penalty", "allowed_token_ids": "allowed_token_ids",
+           "bad_words": "bad_words", "structured_outputs": "structured_outputs"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
-_ONLY_DEFAULT = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "stream": (False, None),
-                 "logit_bias": (None, {}), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
+_ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
                  "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none"),
-                 "response_format": (None, {"type": "text"}), "stream_options": (None,)}
+                 "stream_options": (None,)}
 _IGNORED = {"model", "user", "metadata", "store", "service_tier"}  # bookkeeping, echoed or irrelevant offline
 
 
@@ -46,7 +48,8 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     if prompt_field not in body:
         raise BodyError(f"body lacks '{prompt_field}'")
     prompt = body[prompt_field]
-    known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs"}
+    known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
+                                                             "response_format"}
     known |= {"max_completion_tokens", "top_logprobs"} if chat else set()
     unknown = sorted(set(body) - known)
     if unknown:
@@ -55,6 +58,13 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
         if name in body and body[name] not in allowed:
             raise BodyError(f"body field {name!r} = {body[name]!r} is not supported (only {allowed[0]!r})")
     overrides = {_COMMON[k]: body[k] for k in _COMMON if k in body and body[k] is not None}
+    if body.get("logit_bias") is not None:
+        overrides["logit_bias"] = _logit_bias(body["logit_bias"])
+    structured = _response_format(body.get("response_format"))
+    if structured is not None:
+        if "structured_outputs" in overrides:
+            raise BodyError("give response_format or structured_outputs, not both")
+        overrides["structured_outputs"] = structured
     if chat:
         if not isinstance(prompt, list) or not prompt:
             raise BodyError("'messages' must be a non-empty list")
@@ -78,6 +88,34 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     return url, prompt, chat, overrides
+
+
+def _logit_bias(value: Any) -> dict:
+    """OpenAI's logit_bias: token ids (as strings) to biases in [-100, 100]."""
+    if not isinstance(value, dict):
+        raise BodyError("'logit_bias' must be an object mapping token ids to biases")
+    for token, bias in value.items():
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100 <= bias <= 100:
+            raise BodyError(f"logit_bias[{str(token)[:20]!r}] must be a number in [-100, 100]")
+    return value
+
+
+def _response_format(value: Any) -> dict | None:
+    """OpenAI's response_format as structured_outputs: text (nothing), json_object (any JSON
+    object) or json_schema ({"json_schema": {"name", "schema", "strict"}})."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise BodyError("response_format.json_schema must be an object with a 'schema' object")
+        return {"json": spec.get("schema", {})}
+    raise BodyError(f"response_format type {str(kind)[:40]!r} is not supported (text, json_object, json_schema)")
 
 
 def _text_message(j: int, message: Any) -> Any:

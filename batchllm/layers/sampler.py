@@ -1,6 +1,7 @@
 """Token sampling for one step: greedy, temperature, min-p, top-k, top-p, per-request seeds, logprobs.
 
-Order of operations (as vLLM): banned tokens -> temperature -> min-p -> top-k -> top-p -> sample.
+Order of operations (as vLLM): grammar mask -> banned tokens -> allowed tokens, bad words, logit
+bias, penalties (`logits_processors.py`) -> temperature -> min-p -> top-k -> top-p -> sample.
 Sampling draws exponential noise E and takes argmax(p / E), which samples from p exactly. A seeded
 request draws its noise from its own generator, one vocab-sized draw per sampled token, so its
 tokens do not depend on what else is in the batch; unseeded requests share the engine's generator.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from batchllm.layers.logits_processors import OutputHistory, apply_adjustments, apply_grammar_bitmask
 from batchllm.layers.transfer import to_device
 from batchllm.outputs import SamplingSpec, TokenLogprobs
 
@@ -22,9 +24,11 @@ def sample(
     specs: list[SamplingSpec],
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
+    histories: list[OutputHistory | None] | None = None,
+    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Sample one token per row; returns the tokens and, where asked for, their logprobs."""
-    return sample_on_device(logits, specs, generators, default_generator).lists()
+    return sample_on_device(logits, specs, generators, default_generator, histories, grammar_mask).lists()
 
 
 @dataclass
@@ -68,12 +72,19 @@ def sample_on_device(
     specs: list[SamplingSpec],
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
+    histories: list[OutputHistory | None] | None = None,
+    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SampledTokens:
-    """`sample` without reading anything back: no step of it waits for the device."""
+    """`sample` without reading anything back: no step of it waits for the device.
+
+    histories: each row's output tokens, where its spec has `adjust` (`logits_processors.py`);
+    grammar_mask: (bitmask [m, words] int32, rows [m] int64) on the device, for structured rows."""
     n, vocab = logits.shape
     device = logits.device
     logprob_rows = [i for i, s in enumerate(specs) if s.num_logprobs is not None]
-    if not logprob_rows and all(s.is_greedy and not s.banned_token_ids for s in specs):
+    adjusted = histories is not None and any(s.adjust is not None for s in specs)
+    if (not logprob_rows and grammar_mask is None and not adjusted
+            and all(s.is_greedy and not s.banned_token_ids for s in specs)):
         # the common batch case: argmax in the model's dtype (exact: bf16/fp16 -> fp32 is lossless),
         # with no fp32 copy of the [n, vocab] logits
         return SampledTokens(logits.argmax(dim=-1))
@@ -81,10 +92,14 @@ def sample_on_device(
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
 
     logits = logits.clone()
+    if grammar_mask is not None:
+        apply_grammar_bitmask(logits, *grammar_mask)
     banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
     if banned:
         where = to_device(banned, device, torch.int64)
         logits[where[:, 0], where[:, 1]] = float("-inf")
+    if adjusted:
+        apply_adjustments(logits, specs, histories)
 
     tokens = torch.empty(n, dtype=torch.long, device=device)
     greedy = [i for i, s in enumerate(specs) if s.is_greedy]

@@ -1,6 +1,7 @@
 """ModelRunner: turns a `ScheduledBatch` into one forward pass and a `RunnerOutput`.
 
-Writer of the KV cache tensors, the per-request block tables and seeded generators, the last
+Writer of the KV cache tensors, the per-request block tables, seeded generators, output histories
+and grammar matchers (requests with penalties or structured output), the last
 submitted step's sampled tokens and the decode CUDA graphs' input buffers, and nothing else; it
 never reads or writes scheduler state (house rule 1). Decode-shaped steps (one query token per
 sequence) replay a CUDA graph where `setup_decode_graphs` made them (`cuda_graphs.py`).
@@ -27,12 +28,14 @@ import torch
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.config import CacheConfig
+from batchllm.layers.logits_processors import OutputHistory
 from batchllm.layers.sampler import SampledTokens, sample_on_device
 from batchllm.layers.transfer import to_device, to_device_packed
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch
 from batchllm.runner.cuda_graphs import DecodeGraphs
+from batchllm.structured import GrammarBackend, GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,12 @@ class ModelRunner:
         self._previous_tokens: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
         """The tokens sampled by the step submitted last (on the device), and each request's index
         there: where the next step's placeholder tokens come from."""
+        self._histories: dict[str, OutputHistory] = {}
+        """Output tokens of the requests with penalties or a grammar (`logits_processors.py`)."""
+        self._grammars: dict[str, GrammarState] = {}
+        """Grammar matchers of the structured requests, advanced over their outputs."""
+        self.structured: GrammarBackend | None = None
+        """Compiles grammars; set once by `LLM` (it holds the tokenizer) before any structured request."""
         self.gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         """Set to [] (CUDA only) to record events around every step's forward and sampling, from
         which the benchmark tells how long the GPU sat idle between steps."""
@@ -137,10 +146,13 @@ class ModelRunner:
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
             self._tables.drop(request_id)
+            self._histories.pop(request_id, None)
+            self._grammars.pop(request_id, None)
         if batch.block_copies:
             pairs = to_device(batch.block_copies, self.device, torch.int64)
             self.kv_cache[:, :, pairs[:, 1]] = self.kv_cache[:, :, pairs[:, 0]]  # copy-on-write of partial prefix blocks
         step = self._host_inputs(batch)
+        extras = self._sampling_extras(step.sample_rows)  # host work, while the step before runs
         graph_size = self._prepare_graph_step(step)
         if graph_size is None:
             input_ids, positions, metadata, rows = self._device_inputs(step)
@@ -158,13 +170,13 @@ class ModelRunner:
         sample_rows = step.sample_rows
         ids = [s.request_id for _, s in sample_rows]
         if sample_rows and self.tp is not None:
-            sampled = self._sample_tensor_parallel(hidden[rows], sample_rows)
+            sampled = self._sample_tensor_parallel(hidden[rows], sample_rows, extras)
             self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
         elif sample_rows:
             logits = self.model.compute_logits(hidden[rows])
             specs = [scheduled.sampling for _, scheduled in sample_rows]
             generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
-            sampled = sample_on_device(logits, specs, generators, self.default_generator)
+            sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
             self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
         else:
             sampled = None
@@ -193,14 +205,14 @@ class ModelRunner:
         if self.tp is not None and self.tp.is_driver:
             self.channel.stop()
 
-    def _sample_tensor_parallel(self, hidden: torch.Tensor, sample_rows: list) -> SampledTokens:
+    def _sample_tensor_parallel(self, hidden: torch.Tensor, sample_rows: list, extras: tuple) -> SampledTokens:
         """Every rank gathers the logits (the LM head is split by vocabulary); rank 0 samples and
         broadcasts the tokens, which the followers keep for their next step's placeholders."""
         logits = self.model.compute_logits(hidden)
         if self.tp.is_driver:
             specs = [scheduled.sampling for _, scheduled in sample_rows]
             generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
-            sampled = sample_on_device(logits, specs, generators, self.default_generator)
+            sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
         else:
             sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
         self.tp.broadcast(sampled.tokens)
@@ -227,6 +239,42 @@ class ModelRunner:
         if size is None or not graphs.prepare(size, step, self._previous_tokens[0]):
             return None
         return size
+
+    def _sampling_extras(self, sample_rows: list) -> tuple[list | None, tuple | None]:
+        """For rows with penalties or a grammar: record the outputs this step computes into the
+        request's history, advance its grammar matcher over them, and fill the grammar bitmask
+        (on the host; copied to the device behind the step). (None, None) when no row needs it."""
+        if not any(s.sampling.needs_history for _, s in sample_rows):
+            return None, None
+        histories: list[OutputHistory | None] = []
+        grammar_rows: list[tuple[int, GrammarState]] = []
+        for row, (_, scheduled) in enumerate(sample_rows):
+            spec = scheduled.sampling
+            if not spec.needs_history:
+                histories.append(None)
+                continue
+            history = self._histories.get(scheduled.request_id)
+            if history is None:
+                history = self._histories[scheduled.request_id] = OutputHistory(spec.num_prompt_tokens)
+            history.record(scheduled.start_position, scheduled.token_ids)
+            histories.append(history)
+            if spec.grammar is not None:
+                state = self._grammars.get(scheduled.request_id)
+                if state is None:
+                    if self.structured is None:
+                        raise RuntimeError(f"{scheduled.request_id}: structured output asked for, but the "
+                                           "runner has no grammar backend (LLM sets it)")
+                    state = self._grammars[scheduled.request_id] = self.structured.new_state(spec.grammar)
+                state.advance(history.outputs)
+                grammar_rows.append((row, state))
+        mask = None
+        if grammar_rows:
+            bitmask = self.structured.allocate_bitmask(len(grammar_rows))
+            kept = [j for j, (_, state) in enumerate(grammar_rows) if state.fill(bitmask, j)]
+            if kept:
+                rows = [grammar_rows[j][0] for j in kept]
+                mask = (bitmask[kept].to(self.device), to_device(rows, self.device, torch.int64))
+        return histories, mask
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:

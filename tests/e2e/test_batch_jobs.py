@@ -101,7 +101,7 @@ def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
         json.dumps(openai_line("bad-url", url="/v1/embeddings")),                               # 9 unsupported url
         b'{"custom_id": "bytes", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\xff\xfe"}}',  # 10
         json.dumps(openai_line("tools", tools=[{"type": "function"}])),                         # 11 field not honoured
-        json.dumps(openai_line("penalty", frequency_penalty=0.5)),                              # 12 field not honoured
+        json.dumps(openai_line("penalty", frequency_penalty=3.5)),                              # 12 out of range
         json.dumps(openai_line("ok-2", url=COMPLETIONS, max_tokens=3, temperature=0)),          # 13 ok
     ]
     src = tmp_path / "mixed.jsonl"

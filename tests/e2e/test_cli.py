@@ -52,7 +52,7 @@ def test_bad_lines_get_named_errors_and_the_rest_runs(tmp_path, default_model_di
         b'{"id": "ok", "prompt": "duplicate"}',
         b'{"id": "empty", "prompt": ""}',
         b'{"id": "temp", "prompt": "x", "temperature": -1}',
-        b'{"id": "field", "prompt": "x", "frequency_penalty": 0.5}',
+        b'{"id": "field", "prompt": "x", "frequency_penalty": 5}',
         b'{"id": "bytes", "prompt": "\xff\xfe"}',
         b'{"id": "ok2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}',
     ]) + b"\n")

@@ -126,3 +126,36 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
     chat = ingest((json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}}) + "\n").encode())
     assert len(chat.valid) == 1 and not chat.errors
+
+
+def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_schema_fails_alone():
+    pytest.importorskip("xgrammar")
+
+    def line(cid, **body):
+        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"messages": [{"role": "user", "content": "Hi"}], **body}})
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    data = "\n".join([
+        line("schema", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+        line("object", response_format={"type": "json_object"}, presence_penalty=0.5, frequency_penalty=-0.5,
+             logit_bias={"42": 10}),
+        line("bad-schema", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}),
+        line("bad-bias", logit_bias={"42": 101}),
+        line("bad-format", response_format={"type": "yaml"}),
+        json.dumps({"id": "plain", "prompt": "x", "structured_outputs": {"choice": ["a", "b"]}, "bad_words": ["no"]}),
+        json.dumps({"id": "plain-bad", "prompt": "x", "structured_outputs": {"regex": "(a"}}),
+    ]).encode() + b"\n"
+    got = ingest(data)
+    params = {v.line.request_id: v.params for v in got.valid}
+    assert sorted(params) == ["object", "plain", "schema"]
+    assert params["schema"].structured_outputs.json == schema
+    assert params["object"].structured_outputs.json_object is True
+    assert (params["object"].presence_penalty, params["object"].frequency_penalty) == (0.5, -0.5)
+    assert params["object"].logit_bias == {42: 10.0}
+    assert params["plain"].structured_outputs.choice == ["a", "b"] and params["plain"].bad_words_token_ids
+    errors = {e.request_id: e.message for e in got.errors}
+    assert "JSON schema cannot be compiled: Unsupported type" in errors["bad-schema"]
+    assert "logit_bias" in errors["bad-bias"] and "[-100, 100]" in errors["bad-bias"]
+    assert "response_format type 'yaml'" in errors["bad-format"]
+    assert "regex cannot be compiled" in errors["plain-bad"]

@@ -1,0 +1,180 @@
+"""Structured output: a request's tokens kept to a JSON schema, any JSON object, a regex, a choice
+among strings or an EBNF grammar, with xgrammar (the grammar library vLLM and SGLang use).
+
+xgrammar is an optional extra (`pip install batchllm[structured]`), imported only when a request
+asks for structured output; without it such a request is refused by name
+(`StructuredOutputUnavailable`), and the rest of the batch runs.
+
+`StructuredOutputsParams` is vLLM's shape. `grammar_key` turns it into the plain (kind, text) pair
+that crosses the scheduler/runner seam (`SamplingSpec.grammar`). `GrammarBackend` (one per engine,
+given the tokenizer by `LLM`) compiles each distinct grammar once (the facade compiles every line's
+grammar before the batch runs, so a grammar that does not compile is that line's
+`StructuredOutputError`) and makes the per-request matchers the runner advances.
+
+Writer: the runner owns the matchers (`GrammarState`); the backend's cache is written only by
+`compile`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputError(ValueError):
+    """A structured-output request the grammar library cannot compile (named on its line)."""
+
+
+class StructuredOutputUnavailable(StructuredOutputError):
+    """Structured output asked for, but xgrammar is not installed."""
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's `StructuredOutputsParams`: exactly one of the constraint fields."""
+
+    json: str | dict | None = None
+    """A JSON schema (a dict or its JSON text)."""
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    """An EBNF grammar (xgrammar's dialect: GBNF, with `root` as the start rule)."""
+    json_object: bool | None = None
+    """Any JSON object."""
+
+    def __post_init__(self) -> None:
+        given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of {', '.join(_KINDS)}, got "
+                             f"{', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+        if self.json_object is not None and self.json_object is not True:
+            raise ValueError("structured_outputs.json_object must be true")
+
+    @classmethod
+    def coerce(cls, value: Any) -> StructuredOutputsParams:
+        """From a JSONL / request body value: an instance or a dict of its fields."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("structured_outputs must be an object with one of " + ", ".join(_KINDS))
+        unknown = sorted(set(value) - set(_KINDS))
+        if unknown:
+            raise ValueError(f"structured_outputs: unsupported field(s) {', '.join(map(str, unknown))[:200]}")
+        return cls(**value)
+
+
+def grammar_key(params: StructuredOutputsParams) -> tuple[str, str]:
+    """The plain (kind, canonical text) that names a grammar: equal constraints give equal keys."""
+    if params.json is not None:
+        schema = json.loads(params.json) if isinstance(params.json, str) else params.json
+        return "json", json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if params.json_object:
+        return "json", '{"type":"object"}'
+    if params.regex is not None:
+        return "regex", params.regex
+    if params.choice is not None:
+        return "grammar", "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
+    return "grammar", params.grammar
+
+
+def _reason(error: Exception) -> str:
+    """xgrammar's message without its log prefix ("[06:34:48] /project/cpp/x.cc:94: ")."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", lines[0])[:300]
+
+
+def _import_xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise StructuredOutputUnavailable(
+            "structured output needs the xgrammar package: pip install 'batchllm[structured]'") from e
+    return xgrammar
+
+
+class GrammarBackend:
+    """Compiles grammars for one tokenizer and vocabulary (the model's logits width), caching each."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.vocab_size = vocab_size
+        self._tokenizer, self._stop = tokenizer, sorted(stop_token_ids)
+        self._compiler = None
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def compile(self, key: tuple[str, str]):
+        """The compiled grammar of `key`; StructuredOutputError naming the problem if it does not compile."""
+        compiled = self._cache.get(key)
+        if compiled is not None:
+            return compiled
+        xgr = _import_xgrammar()
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self._stop or None)
+            self._compiler = xgr.GrammarCompiler(info)
+        kind, text = key
+        try:
+            if kind == "json":
+                # compact JSON (no free whitespace): a small model may otherwise emit whitespace forever
+                compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
+            elif kind == "regex":
+                compiled = self._compiler.compile_regex(text)
+            else:
+                compiled = self._compiler.compile_grammar(text)
+        except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors
+            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
+            raise StructuredOutputError(f"structured output: the {what} cannot be compiled: {_reason(e)}") from e
+        self._cache[key] = compiled
+        return compiled
+
+    def new_state(self, key: tuple[str, str]) -> GrammarState:
+        xgr = _import_xgrammar()
+        return GrammarState(xgr.GrammarMatcher(self.compile(key)))
+
+    def allocate_bitmask(self, rows: int):
+        """A [rows, ceil(vocab / 32)] int32 host tensor of allowed-token bits."""
+        return _import_xgrammar().allocate_token_bitmask(rows, self.vocab_size)
+
+
+class GrammarState:
+    """One request's matcher and how many of its outputs it has accepted."""
+
+    def __init__(self, matcher) -> None:
+        self.matcher = matcher
+        self.num_accepted = 0
+        self.broken = False
+        """Set if the matcher refused a token (it never should: the masks allow only what it accepts);
+        the request then goes on unconstrained rather than failing the batch."""
+
+    def advance(self, outputs: list[int]) -> None:
+        """Accept the outputs not yet accepted."""
+        while self.num_accepted < len(outputs):
+            token = outputs[self.num_accepted]
+            self.num_accepted += 1
+            if not self.broken and not self.matcher.accept_token(token):
+                logger.warning("structured output: the grammar refused token %d; the request goes on unconstrained", token)
+                self.broken = True
+
+    def fill(self, bitmask, row: int) -> bool:
+        """Write the allowed next tokens into `bitmask[row]`; False if unconstrained (broken)."""
+        if self.broken:
+            return False
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        return True

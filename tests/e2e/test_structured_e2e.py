@@ -1,0 +1,101 @@
+"""Structured output end to end on SmolLM2: every constrained request's text parses and validates
+against its JSON schema / matches its regex / is one of its choices, greedy and sampled, with
+prefix sharing on (asynchronous scheduling, preemption forced) and off; penalties change the tokens
+as asked; a grammar that does not compile is refused by name."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from batchllm import LLM, SamplingParams
+from batchllm.structured import StructuredOutputError
+
+pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+pytestmark = pytest.mark.slow
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0}}}
+LABELS = ["positive", "negative", "neutral"]
+PHONE = r"\d{3}-\d{4}"
+YES_NO = 'root ::= "yes" | "no"'
+
+CASES = [  # (question, structured_outputs, check)
+    ("Describe a person as JSON.", {"json": PERSON}, lambda t: jsonschema.validate(json.loads(t), PERSON)),
+    ("Give me a JSON object about a cat.", {"json_object": True}, lambda t: isinstance(json.loads(t), dict)),
+    ("Sentiment of 'I love this phone'?", {"choice": LABELS}, lambda t: t in LABELS),
+    ("Make up a phone number.", {"regex": PHONE}, lambda t: re.fullmatch(PHONE, t) is not None),
+    ("Is the sky blue? Answer yes or no.", {"grammar": YES_NO}, lambda t: t in ("yes", "no")),
+]
+
+
+@pytest.fixture(scope="module", params=["sharing-async-preempted", "no-sharing"])
+def llm(request, default_model_dir):
+    if request.param == "no-sharing":
+        return LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=1024, prefix_sharing=False)
+    # a cache too small for the batch, admission overcommitted on purpose: preemption happens
+    return LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=1024, prefix_sharing=True,
+               async_scheduling=True, block_size=8, num_kv_blocks=48, max_num_batched_tokens=128,
+               kv_admission_threshold=4.0)
+
+
+def test_every_structured_request_validates(llm):
+    conversations, params, checks = [], [], []
+    for greedy in (True, False):
+        for k, (question, structured, check) in enumerate(CASES):
+            # a distinct tail of ~40 tokens each: the batch outgrows the small cache
+            filler = f" (request {k}, {'greedy' if greedy else 'sampled'})" + " Please answer carefully." * 8
+            conversations.append([{"role": "user", "content": question + filler}])
+            sampling = dict(temperature=0.0) if greedy else dict(temperature=1.0, seed=100 + k)
+            # any JSON object may nest as deep as the model likes: a larger budget for it
+            max_tokens = 200 if "json_object" in structured else 64
+            params.append(SamplingParams(max_tokens=max_tokens, structured_outputs=structured, **sampling))
+            checks.append(check)
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    for output, check, sp in zip(outputs, checks, params, strict=True):
+        completion = output.outputs[0]
+        assert completion.finish_reason == "stop", (sp.structured_outputs, completion.text)
+        assert check(completion.text) is not False, (sp.structured_outputs, completion.text)
+    if llm.config.sharing.prefix_sharing:
+        assert llm.last_stats["num_preemptions"] > 0, "the cache was meant to be too small for the batch"
+        assert llm.last_stats["num_groups"] > 0, "the chats share the template's system prompt"
+
+
+def test_unconstrained_requests_beside_constrained_ones_are_unchanged(llm):
+    prompts = ["The capital of France is", "List three colors:"]
+    plain = SamplingParams(temperature=0.0, max_tokens=12)
+    alone = llm.generate(prompts, plain, use_tqdm=False)
+    mixed = llm.generate(prompts + ["Answer yes or no:"], [plain, plain, SamplingParams(
+        temperature=0.0, max_tokens=8, structured_outputs={"grammar": YES_NO})], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in mixed[:2]] == [o.outputs[0].token_ids for o in alone]
+    assert mixed[2].outputs[0].text in ("yes", "no")
+
+
+def test_penalties_and_bias_change_greedy_tokens_as_asked(default_llm):
+    prompt = "Count: one two three one two three one two three"
+    base = default_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0].outputs[0]
+    banned = base.token_ids[0]
+    biased = default_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16, logit_bias={banned: -100}),
+                                  use_tqdm=False)[0].outputs[0]
+    assert banned not in biased.token_ids
+    allowed = [base.token_ids[0], base.token_ids[1]]
+    only = default_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, allowed_token_ids=allowed),
+                                use_tqdm=False)[0].outputs[0]
+    assert set(only.token_ids) <= set(allowed)
+    penalised = default_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16, frequency_penalty=2.0),
+                                     use_tqdm=False)[0].outputs[0]
+    assert len(set(penalised.token_ids)) > len(set(base.token_ids)), (base.text, penalised.text)
+    word = default_llm.get_tokenizer().decode(base.token_ids[:1]).strip()
+    no_word = default_llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16, bad_words=[word]),
+                                   use_tqdm=False)[0].outputs[0]
+    assert word not in no_word.text.split(), (word, no_word.text)
+
+
+def test_a_schema_that_does_not_compile_is_refused_by_name(default_llm):
+    with pytest.raises(StructuredOutputError, match="JSON schema cannot be compiled: Unsupported type"):
+        default_llm.generate("x", SamplingParams(structured_outputs={"json": {"type": "nonsense"}}), use_tqdm=False)
+    with pytest.raises(StructuredOutputError, match="regex cannot be compiled"):
+        default_llm.generate("x", SamplingParams(structured_outputs={"regex": "(abc"}), use_tqdm=False)

@@ -1,0 +1,121 @@
+"""Penalties, biases, allowed tokens, bad words and grammar masks on logits the test controls, with
+exact expected values; repetition_penalty against HF's RepetitionPenaltyLogitsProcessor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchllm.layers.logits_processors import (
+    OutputHistory, apply_adjustments, apply_grammar_bitmask, banned_by_bad_words,
+)
+from batchllm.layers.sampler import sample
+from batchllm.outputs import PLACEHOLDER_TOKEN_ID, LogitsAdjust, SamplingSpec
+
+VOCAB = 8
+LOGITS = [2.0, -1.0, 0.5, 3.0, -2.0, 1.0, 0.0, 4.0]
+
+
+def spec(adjust=None, **kw):
+    base = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, num_logprobs=None, adjust=adjust)
+    base.update(kw)
+    return SamplingSpec(**base)
+
+
+def history(outputs, prompt_len=3):
+    h = OutputHistory(prompt_len)
+    h.record(prompt_len, list(outputs))
+    return h
+
+
+def adjusted(adjust, outputs=()):
+    logits = torch.tensor([LOGITS])
+    apply_adjustments(logits, [spec(adjust)], [history(outputs)])
+    return logits[0].tolist()
+
+
+def test_presence_and_frequency_penalties_subtract_exact_amounts():
+    out = adjusted(LogitsAdjust(presence_penalty=0.5, frequency_penalty=0.25), outputs=[3, 3, 3, 1])
+    expected = list(LOGITS)
+    expected[3] -= 0.5 + 3 * 0.25
+    expected[1] -= 0.5 + 1 * 0.25
+    assert out == pytest.approx(expected)
+
+
+def test_negative_penalties_raise_the_generated_tokens():
+    out = adjusted(LogitsAdjust(presence_penalty=-1.0), outputs=[4])
+    assert out[4] == pytest.approx(-1.0) and out[:4] == pytest.approx(LOGITS[:4])
+
+
+def test_repetition_penalty_matches_hf_over_prompt_and_outputs():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    prompt, outputs = [0, 1, 2], [3, 4, 1]
+    adjust = LogitsAdjust(repetition_penalty=1.7, prompt_token_ids=tuple(prompt))
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)) * 3
+    ours = logits.clone()
+    apply_adjustments(ours, [spec(adjust)], [history(outputs)])
+    hf = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + outputs]), logits.clone())
+    assert torch.equal(ours, hf)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    out = adjusted(LogitsAdjust(repetition_penalty=2.0, prompt_token_ids=(0,)), outputs=[1])
+    assert out[0] == 1.0 and out[1] == -2.0 and out[2:] == LOGITS[2:]
+
+
+def test_logit_bias_adds_and_can_flip_greedy():
+    out = adjusted(LogitsAdjust(logit_bias=((2, 10.0), (7, -100.0))))
+    assert out[2] == pytest.approx(10.5) and out[7] == pytest.approx(-96.0)
+    tokens, _ = sample(torch.tensor([LOGITS]), [spec(LogitsAdjust(logit_bias=((2, 10.0),)))], [None],
+                       torch.Generator(), histories=[history([])])
+    assert tokens == [2]
+
+
+def test_allowed_token_ids_mask_everything_else():
+    out = adjusted(LogitsAdjust(allowed_token_ids=(1, 4)))
+    assert out[1] == -1.0 and out[4] == -2.0
+    assert all(v == float("-inf") for i, v in enumerate(out) if i not in (1, 4))
+    tokens, _ = sample(torch.tensor([LOGITS] * 200), [spec(LogitsAdjust(allowed_token_ids=(1, 4)), temperature=1.0)] * 200,
+                       [None] * 200, torch.Generator().manual_seed(0), histories=[history([])] * 200)
+    assert set(tokens) == {1, 4}
+
+
+def test_bad_words_ban_the_completing_token_only():
+    words = ((5,), (2, 3))
+    assert banned_by_bad_words(words, []) == [5]
+    assert banned_by_bad_words(words, [1, 2]) == [5, 3]
+    out = adjusted(LogitsAdjust(bad_words=((7,), (6, 3))), outputs=[6])
+    assert out[7] == out[3] == float("-inf") and out[0] == 2.0
+
+
+def test_rows_without_adjustments_are_untouched_and_mixed_batches_keep_rows_apart():
+    logits = torch.tensor([LOGITS, LOGITS])
+    apply_adjustments(logits, [spec(), spec(LogitsAdjust(frequency_penalty=1.0))], [None, history([7, 7])])
+    assert logits[0].tolist() == LOGITS
+    assert logits[1, 7].item() == pytest.approx(2.0)
+
+
+def test_history_skips_recomputed_outputs_and_refuses_gaps_and_placeholders():
+    h = OutputHistory(num_prompt_tokens=4)
+    h.record(0, [9, 9, 9, 9])  # the prompt: no outputs
+    h.record(4, [11])
+    h.record(5, [12])
+    h.record(0, [9, 9, 9, 9, 11, 12, 13])  # a recompute after preemption, then a new output
+    assert h.outputs == [11, 12, 13]
+    with pytest.raises(RuntimeError, match="placeholder"):
+        h.record(7, [PLACEHOLDER_TOKEN_ID])
+    with pytest.raises(RuntimeError, match="out of order"):
+        h.record(9, [5])
+
+
+def test_grammar_bitmask_keeps_exactly_the_allowed_bits():
+    vocab = 40
+    bitmask = torch.zeros((1, 2), dtype=torch.int32)
+    bitmask[0, 0] = (1 << 3) - (1 << 31)  # tokens 3 and 31 (bit 31 set: the int32 word is negative)
+    bitmask[0, 1] = 1 << 4  # token 36
+    logits = torch.zeros((2, vocab))
+    apply_grammar_bitmask(logits, bitmask, torch.tensor([1]))
+    assert logits[0].tolist() == [0.0] * vocab
+    allowed = [i for i, v in enumerate(logits[1].tolist()) if v != float("-inf")]
+    assert allowed == [3, 31, 36]
