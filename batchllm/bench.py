@@ -48,7 +48,8 @@ def shared_prefix_workload(
         prompts.append(prefix + [100 + m % 900] + _tokens(rng, distinct - 1, vocab))
     if shuffle:
         rng.shuffle(prompts)
-    return Workload(f"shared{shared}-distinct{distinct}-degree{degree}-n{num_requests}", prompts, [output] * num_requests)
+    return Workload(f"shared{shared}-distinct{distinct}-degree{degree}-n{num_requests}", prompts,
+                    [output] * num_requests)
 
 
 def snippet_workload(num_requests: int, vocab: int, seed: int = 0, mean_degree: float = 3.0, prefix: int = 1570,
@@ -70,7 +71,8 @@ def snippet_workload(num_requests: int, vocab: int, seed: int = 0, mean_degree: 
     return Workload(f"snippet-n{num_requests}", prompts, [output] * num_requests)
 
 
-def no_sharing_workload(num_requests: int, vocab: int, prompt_len: int = 1024, output: int = 128, seed: int = 0) -> Workload:
+def no_sharing_workload(num_requests: int, vocab: int, prompt_len: int = 1024, output: int = 128,
+                        seed: int = 0) -> Workload:
     rng = random.Random(seed)
     prompts = [[1 + i % 900] + _tokens(rng, prompt_len - 1, vocab) for i in range(num_requests)]
     return Workload(f"nosharing-{prompt_len}-{output}-n{num_requests}", prompts, [output] * num_requests)
@@ -116,7 +118,8 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     if cuda and timeline:
         busy_ms = sum(a.elapsed_time(b) for a, b in timeline)
         span_ms = timeline[0][0].elapsed_time(timeline[-1][1])
-        s.update(gpu_idle_fraction=1.0 - busy_ms / span_ms, peak_gpu_memory_gib=torch.cuda.max_memory_allocated(engine.device) / 2**30)
+        s.update(gpu_idle_fraction=1.0 - busy_ms / span_ms,
+                 peak_gpu_memory_gib=torch.cuda.max_memory_allocated(engine.device) / 2**30)
     computed = s["prefill_tokens_computed"] + s["decode_tokens"]
     num_params = sum(p.numel() for p in engine.model.parameters())
     s.update(model_tflops_per_s=2 * num_params * computed / wall / 1e12, num_params=num_params)
@@ -402,8 +405,10 @@ def _profile_kernels(llm, workload: Workload, path: str) -> None:
 
 
 def _line(s: dict) -> str:
-    return (f"{s['workload']:<40} {s['config']:<14} {s['requests_per_s']:8.2f} req/s {s['output_tokens_per_s']:9.1f} out tok/s "
-            f"saving {100 * s['saving_ratio']:5.1f}%  steps {s['num_steps']:6d}  tok/step {s['mean_tokens_per_step']:7.1f}  "
+    return (f"{s['workload']:<40} {s['config']:<14} {s['requests_per_s']:8.2f} req/s "
+            f"{s['output_tokens_per_s']:9.1f} out tok/s "
+            f"saving {100 * s['saving_ratio']:5.1f}%  steps {s['num_steps']:6d}  "
+            f"tok/step {s['mean_tokens_per_step']:7.1f}  "
             f"preempt {s['num_preemptions']}  {s['wall_s']:.1f}s"
             + (f"  MFU {100 * s['mfu']:4.1f}%" if "mfu" in s else "")
             + (f"  GPU idle {100 * s['gpu_idle_fraction']:4.1f}%  peak mem {s['peak_gpu_memory_gib']:.1f} GiB"

@@ -121,7 +121,8 @@ class SchedulerConfig(_Checked):
     max_num_seqs: int | None = option(None, "most requests running at once; None: no cap (admission is by "
                                       "projected KV memory)", at_least=1)
     kv_admission_threshold: float = option(1.0, "admit new work while the projected KV use (prefixes once + "
-                                           "suffixes + expected outputs) fits this fraction of the pool", above=0, at_most=4)
+                                           "suffixes + expected outputs) fits this fraction of the pool",
+                                           above=0, at_most=4)
     enable_chunked_prefill: bool = option(True, "split long prompts across steps; off: a prompt is prefilled in "
                                           "one step (needs max_num_batched_tokens >= max_model_len)")
     async_scheduling: bool | None = option(None, "schedule and submit each step while the one before runs on "

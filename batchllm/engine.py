@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from batchllm.attention import TorchReferenceBackend
+from batchllm.attention.backend import AttentionBackend
 from batchllm.config import EngineConfig
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
@@ -126,16 +127,16 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
                         ops=make_ops(mc.kernels, device), tp=tp)
     kv_spec = plan_kv_cache(model.spec, config.cache, dtype, device, tp)
     spec = model.spec  # the rank's shard: its query and KV heads
+    backend: AttentionBackend
     if use_triton(mc.attention_backend, device, "attention_backend"):
         from batchllm.attention.triton_backend import TritonBackend
 
         backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention)
-        backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device)
-        graphs = device.type == "cuda" and not mc.enforce_eager
     else:
-        backend, graphs = TorchReferenceBackend(), False
+        backend = TorchReferenceBackend()
+    backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device)
     runner = ModelRunner(model, kv_spec, backend, device=device, dtype=dtype, seed=mc.seed, tp=tp)
-    if graphs:
+    if backend.supports_decode_graphs and device.type == "cuda" and not mc.enforce_eager:
         max_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
         runner.setup_decode_graphs(max_batch, facts.max_model_len)
     return runner

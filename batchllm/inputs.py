@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from batchllm.structured import GrammarBackend
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, read_model_spec
+from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class PromptProcessor:
         self.max_model_len = max_model_len
         self.source = source
         eos = getattr(tokenizer, "eos_token_id", None)
-        self.grammars = None if tokenizer is None else GrammarBackend(tokenizer, vocab_size, [] if eos is None else [eos])
+        self.grammars = (None if tokenizer is None
+                         else GrammarBackend(tokenizer, vocab_size, [] if eos is None else [eos]))
         """The engine's structured-output `GrammarBackend` (set by `LLM`): lines' grammars are
         compiled while they are read, so one that does not compile is that line's error."""
 
@@ -189,7 +190,8 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
 
 
-def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_model_len: int | None = None) -> PromptProcessor:
+def prompt_processor_for(model: str | None, tokenizer: str | None = None,
+                         max_model_len: int | None = None) -> PromptProcessor:
     """A PromptProcessor for a model directory or cached Hugging Face id (None: the default model)
     without loading weights."""
     model_dir = local_model_dir(model)

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchllm.config import default_log_level
+from batchllm.config import EngineConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
-from batchllm.config import EngineConfig
 from batchllm.engine import Engine, build_engine, resolve_model
 from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, local_model_dir
 from batchllm.options import engine_config
@@ -80,9 +79,11 @@ class LLM:
         tokenizer_dir = local_model_dir(mc.tokenizer) if mc.tokenizer else self.model_dir
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
-        self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len, str(self.model_dir))
+        self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len,
+                                       str(self.model_dir))
         if self.tokenizer is not None:  # compiles lazily: costs nothing until a request asks for a grammar
-            self.prompts.grammars = GrammarBackend(self.tokenizer, self.model_spec.vocab_size, sorted(self.eos_token_ids))
+            self.prompts.grammars = GrammarBackend(self.tokenizer, self.model_spec.vocab_size,
+                                                   sorted(self.eos_token_ids))
             if self.engine is not None:
                 self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()

@@ -226,7 +226,7 @@ class SamplingParams:
     def stop_strings(self) -> list[str]:
         return self._stop_list
 
-    def for_child(self, index: int) -> "SamplingParams":
+    def for_child(self, index: int) -> SamplingParams:
         """Parameters of completion `index` of an n > 1 request: n=1, and seed + index when seeded,
         so that the completions differ but each stays reproducible."""
         seed = None if self.seed is None else self.seed + index

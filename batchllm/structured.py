@@ -169,7 +169,8 @@ class GrammarState:
             token = outputs[self.num_accepted]
             self.num_accepted += 1
             if not self.broken and not self.matcher.accept_token(token):
-                logger.warning("structured output: the grammar refused token %d; the request goes on unconstrained", token)
+                logger.warning("structured output: the grammar refused token %d; the request goes on unconstrained",
+                               token)
                 self.broken = True
 
     def fill(self, bitmask, row: int) -> bool:

@@ -127,7 +127,8 @@ def prefill_sweep():
         report({"case": label, "best": list(best), "best_ms": round(timings[best], 4),
                 "best_TFLOPs": round(causal_flops(specs) / timings[best] / 1e9, 1),
                 "default_ms": round(timings[default], 4),
-                "all_ms": {"x".join(map(str, k)): round(v, 4) for k, v in sorted(timings.items(), key=lambda kv: kv[1])}})
+                "all_ms": {"x".join(map(str, k)): round(v, 4)
+                           for k, v in sorted(timings.items(), key=lambda kv: kv[1])}})
         for launch, t in timings.items():
             relative[launch] = relative.get(launch, 0.0) + t / timings[best]
     everywhere = [launch for launch in relative if all(launch in t for t in all_timings)]

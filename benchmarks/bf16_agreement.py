@@ -30,7 +30,6 @@ from pathlib import Path
 if "--layers" in sys.argv:  # the Triton kernels run in its interpreter: set before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import chat_prompts  # noqa: E402

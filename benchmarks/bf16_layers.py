@@ -126,7 +126,8 @@ def op_errors(ref: dict, model32, policy, num_layers: int) -> dict[str, float]:
         add("add + RMSNorm: residual sum", got_sum, want_sum)
         if i == 0:
             emb = ref["0.norm1.in"][0].to(BF16)
-            add("RMSNorm (no residual)", policy.rms_norm(emb.clone(), w1, eps), f32.rms_norm(emb.float(), w1.float(), eps))
+            add("RMSNorm (no residual)", policy.rms_norm(emb.clone(), w1, eps),
+                f32.rms_norm(emb.float(), w1.float(), eps))
         attn = layer.self_attn
         n = ref[f"{i}.qkv"].shape[0]
         qk = ref[f"{i}.qkv"][:, :attn.q_size + attn.kv_size].to(BF16).view(n, -1, attn.head_dim)

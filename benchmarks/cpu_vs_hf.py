@@ -17,9 +17,9 @@ import json
 import platform
 import time
 
-from batchllm import LLM, SamplingParams  # first: it sets OpenMP's wait policy before torch loads
-
 import torch  # noqa: E402
+
+from batchllm import LLM, SamplingParams  # first: it sets OpenMP's wait policy before torch loads
 
 _TOPICS = ["the sea", "autumn", "a city at night", "coffee", "mountains", "a robot", "the moon", "trains",
            "a library", "winter", "bees", "the desert"]

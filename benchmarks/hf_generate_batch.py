@@ -70,7 +70,8 @@ def main() -> None:
     wall, output_tokens = run(workload)
     row = {"engine": "transformers generate_batch", "attn_implementation": args.attn, "workload": workload.name,
            "requests_per_s": len(workload.prompts) / wall, "output_tokens_per_s": output_tokens / wall,
-           "output_tokens": output_tokens, "wall_s": wall, "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device}
+           "output_tokens": output_tokens, "wall_s": wall,
+           "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device}
     print(json.dumps(row), flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:

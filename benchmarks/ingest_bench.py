@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from batchllm.io.ingest import prepare_lines
 from batchllm.inputs import prompt_processor_for
+from batchllm.io.ingest import prepare_lines
 from batchllm.prefix import plan_prefix_sharing
 
 

@@ -4,7 +4,8 @@ sampling and output handling, with the model replaced by a stub (no GPU needed).
     .venv/bin/python benchmarks/step_overhead.py [--requests 1024] [--profile]
 
 Runs the 2000/200 degree-16 workload through `LLM.generate` with a model whose forward and logits
-are skipped (zeros), so almost all time is the per-step CPU work that a GPU run must hide. Prints milliseconds per decode step.
+are skipped (zeros), so almost all time is the per-step CPU work that a GPU run must hide. Prints
+milliseconds per decode step.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--output", type=int, default=30)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--kv-gib", type=float, default=4.0, help="KV cache size (the stub model is 64 wide: 4 GiB ~ 4M tokens)")
+    parser.add_argument("--kv-gib", type=float, default=4.0,
+                        help="KV cache size (the stub model is 64 wide: 4 GiB ~ 4M tokens)")
     parser.add_argument("--workload", default="shared", choices=["shared", "snippet"])
     parser.add_argument("--tokenizer", default=None,
                         help="a model directory whose tokenizer detokenizes the outputs (default: token ids only)")
@@ -51,8 +53,8 @@ def main() -> None:
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096,
                 architectures=["LlamaForCausalLM"]).save_pretrained(model_dir)
-    llm = LLM(str(model_dir), load_format="dummy", device="cpu", dtype="float32", skip_tokenizer_init=args.tokenizer is None,
-              tokenizer=args.tokenizer, max_model_len=4096,
+    llm = LLM(str(model_dir), load_format="dummy", device="cpu", dtype="float32",
+              skip_tokenizer_init=args.tokenizer is None, tokenizer=args.tokenizer, max_model_len=4096,
               kv_cache_memory_gib=args.kv_gib, max_num_batched_tokens=8192)
     llm.engine.runner.backend = PlanningStub()
     model = llm.engine.runner.model

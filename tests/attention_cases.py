@@ -41,7 +41,7 @@ def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, see
         return perm[taken - n:taken]
 
     group_src: dict[int, tuple[list[int], int | None]] = {}
-    for c, n, grp, share in specs:
+    for _c, _n, grp, share in specs:
         if grp >= 0 and grp not in group_src:
             full, partial = divmod(share, block_size)
             group_src[grp] = (take(full), take(1)[0] if partial else None)

@@ -41,6 +41,14 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    supports_decode_graphs: bool
+    """Whether decode steps may run as CUDA graphs over this backend (it has a static decode plan)."""
+
+    def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+               device: torch.device) -> None:
+        """Prepare for these shapes before the first step (compile kernels); may do nothing."""
+        ...
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]

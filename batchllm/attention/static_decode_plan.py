@@ -11,8 +11,16 @@ import torch
 
 from batchllm.attention.backend import AttentionMetadata
 from batchllm.attention.triton_backend import (
-    COUNT_SLOT, DECODE_TILE, ITEM_FIELDS, Launch, LaunchPlan, TritonBackend, launch_counts, next_power_of_2,
-    plan_key, queries_per_program,
+    COUNT_SLOT,
+    DECODE_TILE,
+    ITEM_FIELDS,
+    Launch,
+    LaunchPlan,
+    TritonBackend,
+    launch_counts,
+    next_power_of_2,
+    plan_key,
+    queries_per_program,
 )
 from batchllm.attention.work_items import TARGET_PROGRAMS, WorkItems
 from batchllm.layers.transfer import aligned_offsets, copy_into

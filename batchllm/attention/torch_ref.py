@@ -109,6 +109,11 @@ def _step_groups(metadata: AttentionMetadata, device: torch.device) -> list[_Gro
 
 class TorchReferenceBackend:
     name = "torch"
+    supports_decode_graphs = False
+
+    def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+               device: torch.device) -> None:
+        """Nothing to compile."""
 
     def forward(
         self,

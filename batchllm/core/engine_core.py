@@ -93,7 +93,8 @@ class EngineCore:
         self._in_flight = None
         output = pending.result()
         now = time.perf_counter()
-        self.step_log.append(StepRecord(batch.num_tokens, len(batch.requests), now - max(submitted, self._last_collected)))
+        self.step_log.append(StepRecord(batch.num_tokens, len(batch.requests),
+                                        now - max(submitted, self._last_collected)))
         self._last_collected = now
         return self.scheduler.update_from_output(batch, output)
 

@@ -25,8 +25,8 @@ from batchllm.io.job import ResumeState
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record
 from batchllm.sampling_params import SamplingParams, short_repr
 
-__all__ = ["Ingested", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for", "record_for", "input_problem",
-           "PLAIN", "OPENAI"]
+__all__ = ["Ingested", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for", "record_for",
+           "input_problem", "PLAIN", "OPENAI"]
 
 
 class ValidLine(NamedTuple):
@@ -86,7 +86,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             if isinstance(result, ValueError):
                 errors.append(LineError.for_line(line, result))
             else:
-                valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.token_ids, dtype=np.int32), None), params))
+                valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.token_ids, dtype=np.int32), None),
+                                       params))
         pending.clear()
 
     bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True)

@@ -89,7 +89,7 @@ class OutputLock:
         self.output = output
         self._file = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._created = not self.output.exists()
         self._file = open(self.output, "ab")  # creates, never truncates
@@ -312,7 +312,7 @@ class ResultWriter:
                     if self._failure is None:  # else: that failure is already being reported
                         raise OutputWriteError(self.path, e) from e
 
-    def __enter__(self) -> "ResultWriter":
+    def __enter__(self) -> ResultWriter:
         return self
 
     def __exit__(self, *exc) -> None:

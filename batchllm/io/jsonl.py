@@ -53,7 +53,7 @@ class LineError:
     """PLAIN or OPENAI; None when the line was not even JSON (the file's format is used)."""
 
     @classmethod
-    def for_line(cls, line: BatchLine, problem: object) -> "LineError":
+    def for_line(cls, line: BatchLine, problem: object) -> LineError:
         """An error found after parsing (sampling values, chat template, tokenisation)."""
         return cls(line.line_number, line.request_id, f"line {line.line_number}: {problem}", line.format)
 
@@ -163,7 +163,8 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str]) -> Batch
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     model = obj["body"].get("model")
-    return BatchLine(line_number, rid, prompt, is_chat, overrides, OPENAI, url, model if isinstance(model, str) else None)
+    return BatchLine(line_number, rid, prompt, is_chat, overrides, OPENAI, url,
+                     model if isinstance(model, str) else None)
 
 
 def _lone_surrogate(obj: Any) -> str | None:

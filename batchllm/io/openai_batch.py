@@ -2,7 +2,8 @@
 
 Input line: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}.
 Body fields are mapped onto SamplingParams (penalties, logit_bias and response_format included, as
-OpenAI defines them); a field the engine cannot honour (tools, streaming, ...) makes that line an error naming the field, never silently dropped.
+OpenAI defines them); a field the engine cannot honour (tools, streaming, ...) makes that line an
+error naming the field, never silently dropped.
 Output line: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}
 with a chat.completion or text_completion body (with usage), or "response": null and
 "error": {"code", "message"} for a line that failed.
@@ -80,7 +81,8 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
         if isinstance(prompt, str):
             if not prompt:
                 raise BodyError("'prompt' is empty")
-        elif not (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        elif not (isinstance(prompt, list) and prompt
+                  and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             raise BodyError("'prompt' must be a non-empty string or a list of token ids (one prompt per line)")
         max_tokens = body.get("max_tokens")
         if body.get("logprobs") is not None:
@@ -144,7 +146,8 @@ def _ids() -> tuple[str, str]:
     return f"batch_req_{uuid.uuid4().hex}", f"req_{uuid.uuid4().hex}"
 
 
-def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int, top_logprobs: int = 0) -> dict[str, Any]:
+def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
+                   top_logprobs: int = 0) -> dict[str, Any]:
     """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists."""
     line_id, request_id = _ids()
     created = int(time.time())
@@ -153,7 +156,8 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
              "total_tokens": prompt_tokens + completion_tokens}
     if url == CHAT_URL:
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason} for c in output.outputs]
+                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason}
+                   for c in output.outputs]
         body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
                 "model": model, "choices": choices, "usage": usage}
     else:

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from batchllm.config import EngineConfig, SharingConfig
 from batchllm.core.policies import UNBOUNDED_OUTPUT_ESTIMATE
-from batchllm.parallel.partition import Partition, Shard, partition_plan
+from batchllm.parallel.partition import Partition, partition_plan
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
 from batchllm.progress import TokenProgress
 
@@ -94,9 +95,10 @@ class DataParallelEngine:
                 dead = self._dead_ranks(set(info))
                 if dead or time.monotonic() > deadline:
                     self.shutdown()
-                    raise WorkerDied(f"data-parallel worker(s) {sorted(dead)} exited while starting "
-                                     f"(exit codes {[self.processes[r].exitcode for r in sorted(dead)]})"
-                                     if dead else f"data-parallel workers did not start within {timeout_s:.0f} s")
+                    raise WorkerDied(
+                        f"data-parallel worker(s) {sorted(dead)} exited while starting "
+                        f"(exit codes {[self.processes[r].exitcode for r in sorted(dead)]})"
+                        if dead else f"data-parallel workers did not start within {timeout_s:.0f} s") from None
                 continue
             if kind == "error":
                 self.shutdown()
@@ -146,7 +148,7 @@ class DataParallelEngine:
                     for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 
-    def _collect(self, job: int, progress: "_JobProgress", started: float):
+    def _collect(self, job: int, progress: _JobProgress, started: float):
         """Yield results until every rank is done or dead; returns the ranks' stats."""
         stats: dict[int, dict] = {}
         failed: dict[int, str] = {}

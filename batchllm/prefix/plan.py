@@ -57,7 +57,7 @@ class PrefixPlan:
     prompt_lengths: list[int]
 
     @classmethod
-    def without_sharing(cls, prompt_lengths: list[int], mode: str = MULTI_LEVEL) -> "PrefixPlan":
+    def without_sharing(cls, prompt_lengths: list[int], mode: str = MULTI_LEVEL) -> PrefixPlan:
         """Every prompt on its own (prefix sharing off)."""
         return cls(mode, [], list(range(len(prompt_lengths))), list(prompt_lengths))
 

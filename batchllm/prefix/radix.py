@@ -95,18 +95,18 @@ def _lcp_interval_tree(order: np.ndarray, lengths: np.ndarray, lcp: list[int]) -
 
     stack = [0]
     for i in range(1, n):
-        l = lcp[i]
+        common = lcp[i]
         start = i - 1
         last = -1
-        while l < depth[stack[-1]]:
+        while common < depth[stack[-1]]:
             last = stack.pop()
             hi[last] = i
             start = lo[last]
-            if l <= depth[stack[-1]]:
+            if common <= depth[stack[-1]]:
                 _attach(parent, children, stack[-1], last)
                 last = -1
-        if l > depth[stack[-1]]:
-            node = new_node(l, start)
+        if common > depth[stack[-1]]:
+            node = new_node(common, start)
             if last != -1:
                 _attach(parent, children, node, last)
             stack.append(node)

@@ -37,7 +37,8 @@ def summarize_calls(calls: list[dict]) -> dict:
     calls_of: dict[str, int] = defaultdict(int)
     replicas_of: dict[str, set[str]] = defaultdict(set)
     for call in calls:
-        r = replicas.setdefault(call["replica"], {"num_calls": 0, "num_rows": 0, "prompt_tokens": 0, "prefill_tokens": 0})
+        r = replicas.setdefault(call["replica"],
+                                {"num_calls": 0, "num_rows": 0, "prompt_tokens": 0, "prefill_tokens": 0})
         r["num_calls"] += 1
         for name in ("num_rows", "prompt_tokens", "prefill_tokens"):
             r[name] += call[name]

@@ -20,7 +20,6 @@ import socket
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
@@ -33,8 +32,10 @@ TOKENS, SAMPLING, BUCKET = "_batchllm_token_ids", "_batchllm_sampling", "_batchl
 INTERNAL_COLUMNS = (TOKENS, SAMPLING, BUCKET)
 PREFIX_KEY, ERROR = "batchllm_prefix_key", "error"
 REPLICA, CALL = "batchllm_replica", "batchllm_call"
-PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN = "batchllm_prefill_tokens", "batchllm_shared_prefix", "batchllm_shared_prefix_len"
-GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_input_tokens", "num_generated_tokens")
+PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN = ("batchllm_prefill_tokens", "batchllm_shared_prefix",
+                                             "batchllm_shared_prefix_len")
+GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_input_tokens",
+                     "num_generated_tokens")
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 
 
@@ -121,7 +122,8 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
     return int(differ[0]) if differ.size else n
 
 
-def prefix_key(token_ids: list[int], key_tokens: int, context_len: int | None = None, explicit: str | None = None) -> str:
+def prefix_key(token_ids: list[int], key_tokens: int, context_len: int | None = None,
+               explicit: str | None = None) -> str:
     """A hex digest naming the prefix that decides the row's bucket.
 
     Rows with equal keys always land in the same engine call. The key covers, in this order of
@@ -162,14 +164,16 @@ class EngineReplica:
         outputs = self._generate([rows[i] for i in valid])
         call_id = uuid.uuid4().hex[:12]
         stats = _attribute_prefill([rows[i][TOKENS] for i in valid], self.config)
-        new: dict[str, list] = {c: [None] * len(rows) for c in (*GENERATED_COLUMNS, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN)}
+        new: dict[str, list] = {c: [None] * len(rows)
+                                for c in (*GENERATED_COLUMNS, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN)}
         for i, output, (prefill, shared, shared_len) in zip(valid, outputs, stats):
             first = output.outputs[0]
             values = (first.text, list(first.token_ids), first.finish_reason, len(output.prompt_token_ids),
                       output.num_output_tokens, prefill, shared, shared_len)
             for column, value in zip((*GENERATED_COLUMNS, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN), values):
                 new[column][i] = value
-        types = [pa.string(), pa.list_(pa.int64()), pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string(), pa.int64()]
+        types = [pa.string(), pa.list_(pa.int64()), pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string(),
+                 pa.int64()]
         columns = {c: pa.array(new[c], t) for c, t in zip(new, types)}
         columns[REPLICA] = pa.array([self.replica_id] * len(rows), pa.string())
         columns[CALL] = pa.array([call_id] * len(rows), pa.string())
@@ -200,7 +204,8 @@ class EngineReplica:
         for index, output in self.llm.iter_generate(prompts, params, use_tqdm=False):
             results[index] = output
         stats = self.llm.last_stats
-        logger.info("replica %s: %d rows, saving ratio %.3f", self.replica_id, len(rows), stats.get("saving_ratio", 0.0))
+        logger.info("replica %s: %d rows, saving ratio %.3f", self.replica_id, len(rows),
+                    stats.get("saving_ratio", 0.0))
         return results
 
 

@@ -150,7 +150,8 @@ class ModelRunner:
             self._grammars.pop(request_id, None)
         if batch.block_copies:
             pairs = to_device(batch.block_copies, self.device, torch.int64)
-            self.kv_cache[:, :, pairs[:, 1]] = self.kv_cache[:, :, pairs[:, 0]]  # copy-on-write of partial prefix blocks
+            # copy-on-write of partial prefix blocks
+            self.kv_cache[:, :, pairs[:, 1]] = self.kv_cache[:, :, pairs[:, 0]]
         step = self._host_inputs(batch)
         extras = self._sampling_extras(step.sample_rows)  # host work, while the step before runs
         graph_size = self._prepare_graph_step(step)

@@ -63,7 +63,8 @@ def test_seeded_sampling_logprobs_stop_strings_and_min_tokens_match(default_llm,
 
 def test_stopping_early_leaves_the_engine_clean(async_llm):
     stream = async_llm.iter_generate([async_llm.tokenize_prompt(p) for p in RAW_PROMPTS],
-                                     [SamplingParams(temperature=0, max_tokens=8 + 4 * i) for i in range(len(RAW_PROMPTS))],
+                                     [SamplingParams(temperature=0, max_tokens=8 + 4 * i)
+                                      for i in range(len(RAW_PROMPTS))],
                                      use_tqdm=False)
     next(stream)
     stream.close()  # a step is in flight: it is collected and its tokens dropped

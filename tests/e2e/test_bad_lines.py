@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -36,17 +35,17 @@ LINES = [
     ('{"id": "x\\ud800", "prompt": "hi"}', "'id' holds a lone surrogate"),
     ('{"id": "sur-field", "prompt": "hi", "\\ud800": 1}', "a field name in the line holds a lone surrogate"),
     ('{"id": "seed-big", "prompt": "hi", "seed": 18446744073709551616}', "SamplingParams.seed must be in"),
-    ('{"id": "seed-neg", "prompt": "hi", "seed": -%d}' % 2**70, "SamplingParams.seed must be in"),
+    (f'{{"id": "seed-neg", "prompt": "hi", "seed": -{2**70}}}', "SamplingParams.seed must be in"),
     ('{"id": "digits", "prompt": "hi", "max_tokens": %s}' % ("7" * 5000), "malformed JSON: Exceeds the limit"),
     ("[" * DEEP + "]" * DEEP, "nested too deeply"),
     ('{"id": "deep", "prompt": "hi", "stop": %s}' % ("[" * DEEP + "]" * DEEP), "nested too deeply"),
-    ('{"id": "n-huge", "prompt": "hi", "n": %d}' % 2**70, "SamplingParams.n must be in [1, 1024]"),
+    (f'{{"id": "n-huge", "prompt": "hi", "n": {2**70}}}', "SamplingParams.n must be in [1, 1024]"),
     ('{"id": "nan", "prompt": "hi", "temperature": NaN}', "SamplingParams.temperature must be a finite number"),
     (openai("nan-openai", temperature=float("nan")), "SamplingParams.temperature must be a finite number"),
     ('{"id": "inf", "prompt": "hi", "top_p": -Infinity}', "SamplingParams.top_p must be a finite number"),
-    ('{"id": "stop-id", "prompt": "hi", "stop_token_ids": [%d], "min_tokens": 2}' % 2**70,
-     "stop_token_ids: token id %d is outside the vocabulary" % 2**70),
-    ('{"id": "top-k", "prompt": "hi", "top_k": %d}' % 2**70, "SamplingParams.top_k must be"),
+    (f'{{"id": "stop-id", "prompt": "hi", "stop_token_ids": [{2**70}], "min_tokens": 2}}',
+     f"stop_token_ids: token id {2**70} is outside the vocabulary"),
+    (f'{{"id": "top-k", "prompt": "hi", "top_k": {2**70}}}', "SamplingParams.top_k must be"),
     ('{"id": "good-2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}', None),
     (openai("good-3"), None),
 ]

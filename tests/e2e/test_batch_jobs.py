@@ -83,7 +83,8 @@ def test_openai_batch_round_trip(tmp_path, default_model_dir):
     cmpl = records["cmpl-1"]["response"]["body"]
     assert cmpl["object"] == "text_completion" and "\n" not in cmpl["choices"][0]["text"]
     lp = cmpl["choices"][0]["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == cmpl["usage"]["completion_tokens"]
+    assert (len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"])
+            == cmpl["usage"]["completion_tokens"])
     assert records["cmpl-ids"]["response"]["body"]["usage"]["prompt_tokens"] == 3
 
 
@@ -97,7 +98,7 @@ def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
         json.dumps(openai_line("empty-prompt", url=COMPLETIONS, prompt="")),                  # 5 empty prompt
         json.dumps(openai_line("empty-messages", messages=[])),                                 # 6 empty messages
         json.dumps(openai_line("too-long", url=COMPLETIONS, prompt=too_long)),                 # 7 longer than context
-        json.dumps(openai_line("bad-temp", temperature=-2)),                                    # 8 invalid sampling value
+        json.dumps(openai_line("bad-temp", temperature=-2)),                                    # 8 bad sampling value
         json.dumps(openai_line("bad-url", url="/v1/embeddings")),                               # 9 unsupported url
         b'{"custom_id": "bytes", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\xff\xfe"}}',  # 10
         json.dumps(openai_line("tools", tools=[{"type": "function"}])),                         # 11 field not honoured
@@ -268,7 +269,8 @@ def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_fa
 
 def test_openai_errors_go_to_their_own_file_one_record_per_custom_id(tmp_path, tiny_model_factory):
     raw = [openai_line("a", url=COMPLETIONS, max_tokens=2), openai_line("a", url=COMPLETIONS, max_tokens=2),
-           openai_line("b", url=COMPLETIONS, max_tokens=2, temperature=-1), openai_line("c", url=COMPLETIONS, max_tokens=2)]
+           openai_line("b", url=COMPLETIONS, max_tokens=2, temperature=-1),
+           openai_line("c", url=COMPLETIONS, max_tokens=2)]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in raw))
     out, errors = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"

@@ -131,7 +131,8 @@ def test_plan_matches_what_run_computes_and_sharing_off_gives_the_same_tokens(tm
         for key in ("num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "saving_ratio",
                     "num_steps", "mean_tokens_per_step", "wall_s"):
             assert key in s
-        results[bool(flag)] = ({rec["id"]: rec["token_ids"] for rec in map(json.loads, out.read_text().splitlines())}, s)
+        results[bool(flag)] = ({rec["id"]: rec["token_ids"] for rec in map(json.loads, out.read_text().splitlines())},
+                               s)
     (shared_tokens, shared), (plain_tokens, plain) = results[False], results[True]
     assert shared_tokens == plain_tokens
     assert shared["prefill_tokens_computed"] == plan["prefill_tokens"]

@@ -39,7 +39,8 @@ def test_two_workers_match_one_engine(default_llm, default_model_dir):
         # a second call reuses the same workers
         again = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         assert again[0].outputs[0].text == default_llm.generate(
-            ["The capital of France is"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].text
+            ["The capital of France is"], SamplingParams(temperature=0, max_tokens=4),
+            use_tqdm=False)[0].outputs[0].text
     finally:
         llm.shutdown()
 
@@ -87,4 +88,5 @@ def test_cli_resumes_after_the_parent_is_killed(tmp_path, default_model_dir, def
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(x["id"] for x in lines)  # each line exactly once
     expected = default_llm.chat(_chats(), SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
-    assert {r["id"]: r["token_ids"] for r in records} == {f"q{i}": o.outputs[0].token_ids for i, o in enumerate(expected)}
+    assert {r["id"]: r["token_ids"] for r in records} == {f"q{i}": o.outputs[0].token_ids
+                                                          for i, o in enumerate(expected)}

@@ -27,7 +27,8 @@ def test_smollm2_matches_transformers_in_one_batched_call(default_model_dir):
                         SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     expected = hf_greedy(default_model_dir, prompts, MAX_NEW)
     for i, (out, ref) in enumerate(zip(outs, expected)):
-        assert out.outputs[0].token_ids == ref, f"prompt {i}: {tok.decode(out.outputs[0].token_ids)!r} != {tok.decode(ref)!r}"
+        assert out.outputs[0].token_ids == ref, \
+            f"prompt {i}: {tok.decode(out.outputs[0].token_ids)!r} != {tok.decode(ref)!r}"
         reason = "stop" if ref[-1] in llm.eos_token_ids else "length"
         assert out.outputs[0].finish_reason == reason
     # The chat answer that every user checks first.

@@ -7,7 +7,8 @@ from batchllm.ray.report import calls_from_rows, summarize_calls
 
 def _row(replica, call, prompt, prefill, prefix=None, prefix_len=0, error=None):
     return {"batchllm_replica": replica, "batchllm_call": call, "num_input_tokens": prompt, "error": error,
-            "batchllm_prefill_tokens": prefill, "batchllm_shared_prefix": prefix, "batchllm_shared_prefix_len": prefix_len}
+            "batchllm_prefill_tokens": prefill, "batchllm_shared_prefix": prefix,
+            "batchllm_shared_prefix_len": prefix_len}
 
 
 def test_report_counts_savings_per_replica_and_prefixes_computed_twice():

@@ -15,8 +15,9 @@ def tiny_dir(request, tmp_path_factory):
 
 def run(model_dir, backend, dtype, prefix_sharing=True):
     """backend "torch": the reference attention and torch norm/rotary/SiLU; "triton": Triton for both."""
-    llm = LLM(model_dir, device="cuda", dtype=dtype, attention_backend=backend, kernels=backend, skip_tokenizer_init=True,
-              max_num_batched_tokens=64, block_size=16, kv_cache_memory_gib=1, prefix_sharing=prefix_sharing)
+    llm = LLM(model_dir, device="cuda", dtype=dtype, attention_backend=backend, kernels=backend,
+              skip_tokenizer_init=True, max_num_batched_tokens=64, block_size=16, kv_cache_memory_gib=1,
+              prefix_sharing=prefix_sharing)
     shared = list(range(10, 310))  # long enough to be attended as a group (work_items.MIN_SHARED_TOKENS)
     prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]
     prompts += [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 90)]
@@ -55,7 +56,8 @@ def test_async_scheduling_gives_the_tokens_of_sync(tiny_dir):
         llm = LLM(tiny_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=64,
                   block_size=16, kv_cache_memory_gib=1, async_scheduling=overlap)
         assert llm.engine.core.async_scheduling is overlap
-        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params, use_tqdm=False)]
+        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                for o in llm.generate(prompts, params, use_tqdm=False)]
 
     sync = go(False)
     assert "stop" in {reason for _, reason in sync}

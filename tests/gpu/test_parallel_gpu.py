@@ -4,7 +4,7 @@ the Triton attention, prefix groups, decode CUDA graphs and asynchronous schedul
 import pytest
 import torch
 
-from batchllm import LLM, SamplingParams
+from batchllm import LLM
 from tests.gpu.test_cuda_graphs import workload
 from tests.helpers import make_tiny_model
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.attention.static_decode_plan import StaticDecodePlan
+from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.attention.triton_backend import COUNT_SLOT, ITEM_FIELDS, TritonBackend
 from batchllm.attention.work_items import WorkItems
 from batchllm.runner.cuda_graphs import capture_sizes
@@ -57,7 +57,8 @@ def items_the_launches_read(plan: StaticDecodePlan) -> WorkItems:
 
 DECODE_CASES = [
     ("plain", [(37, 1), (300, 1), (5, 1)], {}),
-    ("groups", group_decode(6, 300, 20) + [(90, 1)] + group_decode(4, 280, 3, group=1), dict(min_members=2, min_shared=1)),
+    ("groups", group_decode(6, 300, 20) + [(90, 1)] + group_decode(4, 280, 3, group=1),
+     dict(min_members=2, min_shared=1)),
     ("nested", [(610 + j, 1, [(0, 300), (1 + j % 3, 600)]) for j in range(6)] + [(350, 1, [(0, 300)])] * 2,
      dict(min_members=1, min_shared=1)),
     ("split-k", [(1500, 1), (700, 1)] + group_decode(4, 600, 90), dict(split_len=128, min_members=2)),

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from batchllm.layers.logits_processors import (
-    OutputHistory, apply_adjustments, apply_grammar_bitmask, banned_by_bad_words,
+    OutputHistory,
+    apply_adjustments,
+    apply_grammar_bitmask,
+    banned_by_bad_words,
 )
 from batchllm.layers.sampler import sample
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID, LogitsAdjust, SamplingSpec
@@ -76,7 +79,8 @@ def test_allowed_token_ids_mask_everything_else():
     out = adjusted(LogitsAdjust(allowed_token_ids=(1, 4)))
     assert out[1] == -1.0 and out[4] == -2.0
     assert all(v == float("-inf") for i, v in enumerate(out) if i not in (1, 4))
-    tokens, _ = sample(torch.tensor([LOGITS] * 200), [spec(LogitsAdjust(allowed_token_ids=(1, 4)), temperature=1.0)] * 200,
+    tokens, _ = sample(torch.tensor([LOGITS] * 200),
+                       [spec(LogitsAdjust(allowed_token_ids=(1, 4)), temperature=1.0)] * 200,
                        [None] * 200, torch.Generator().manual_seed(0), histories=[history([])] * 200)
     assert set(tokens) == {1, 4}
 

@@ -121,4 +121,5 @@ def test_vllm_keywords_work_or_are_refused_by_name():
 def test_declared_bounds_are_checked_and_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         engine_config(**kwargs)
-    assert engine_config(max_num_seqs=None, kv_cache_memory_gib=None) == EngineConfig()  # None where None is the default
+    # None where None is the default
+    assert engine_config(max_num_seqs=None, kv_cache_memory_gib=None) == EngineConfig()

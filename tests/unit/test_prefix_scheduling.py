@@ -93,7 +93,7 @@ def run(prompts, *, sharing, num_blocks=200, block_size=4, budget=32, max_tokens
 
 def grouped_prompts(rng, groups=3, members=4, prefix_len=10, suffix_len=(1, 9)):
     prompts = []
-    for g in range(groups):
+    for _g in range(groups):
         prefix = [rng.randrange(1, 500) for _ in range(prefix_len)]
         for _ in range(members):
             prompts.append(prefix + [rng.randrange(1, 500) for _ in range(rng.randrange(*suffix_len))])

@@ -14,7 +14,7 @@ import pytest
 class _Recorder:
     """Stands in for TokenProgress: keeps every update the loop sends."""
 
-    instances: list["_Recorder"] = []
+    instances: list[_Recorder] = []
 
     def __init__(self, desc, enabled, *args, **kwargs):
         self.enabled = True
@@ -96,10 +96,12 @@ def test_a_model_id_resolves_from_the_local_cache_and_a_missing_one_says_how_to_
     assert str(local_model_dir("tiny-org/tiny-llama")) == snapshot
     llm = LLM("tiny-org/tiny-llama", device="cpu", dtype="float32")
     assert str(llm.model_dir) == snapshot
-    assert llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2),
+                        use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(ModelLoadError, match="huggingface-cli download tiny-org/absent") as missing:
         local_model_dir("tiny-org/absent")
-    assert "not in the Hugging Face cache" in str(missing.value) or "nor in the Hugging Face cache" in str(missing.value)
+    assert ("not in the Hugging Face cache" in str(missing.value)
+            or "nor in the Hugging Face cache" in str(missing.value))
     assert str(local_model_dir(tmp_path / "no" / "such" / "dir")).endswith("no/such/dir"), \
         "a path is left for read_model_spec to name"
 
