@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from batchllm import LLM, SamplingParams
 from batchllm.layers.ops import TorchOps
+from tests.helpers import interpreter_rounds_to_nearest  # run from the repository root (PYTHONPATH=.)
 
 BF16 = torch.bfloat16
 
@@ -57,7 +58,7 @@ def run_prefill(llm: LLM, prompts) -> dict:
     """One step's activations: the prefill of all prompts at once (the engine is made without prefix
     sharing, which would prefill a shared prefix in a step of its own)."""
     assert sum(map(len, prompts)) <= llm.config.scheduler.max_num_batched_tokens, "the prompts must fit one step"
-    capture = Capture(llm.model)
+    capture = Capture(llm.engine.model)
     try:
         llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=1),
                      use_tqdm=False)
@@ -67,27 +68,6 @@ def run_prefill(llm: LLM, prompts) -> dict:
     if isinstance(data["final"], tuple):  # the final norm with the last residual add: (norm, sum)
         data["final"] = data["final"][0]
     return data
-
-
-def interpreter_rounds_to_nearest() -> None:
-    """Make Triton's interpreter round float32 -> bfloat16 to nearest even, as the GPU does (it
-    truncates, which would make every kernel look several times less exact than it is)."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    cast = interpreter.InterpreterBuilder.cast_impl
-    if getattr(cast, "rounds_to_nearest", False):
-        return
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(BF16).view(torch.int16).numpy()
-            return interpreter.TensorHandle(rounded.view(np.uint16), dst_type.scalar)
-        return cast(self, src, dst_type)
-
-    cast_impl.rounds_to_nearest = True
-    interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
 def _ops_policies() -> dict:

@@ -77,3 +77,23 @@ def hf_greedy(
             outputs.append(out[0, len(ids):].tolist())
     return outputs
 
+
+def interpreter_rounds_to_nearest() -> None:
+    """Make Triton's interpreter round float32 -> bfloat16 to nearest, as the GPU does (it truncates
+    by default, which makes a kernel's bf16 results look several roundings off). Idempotent."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+    if getattr(cast, "rounds_to_nearest", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+            return interpreter.TensorHandle(rounded.view(np.uint16), dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    cast_impl.rounds_to_nearest = True
+    interpreter.InterpreterBuilder.cast_impl = cast_impl

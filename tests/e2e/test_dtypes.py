@@ -34,13 +34,14 @@ def _prefill_logits(model_dir, dtype, prompts):
 
     llm = LLM(model_dir, dtype=dtype, device="cpu", prefix_sharing=False)
     captured = []
-    handle = llm.model.model.norm.register_forward_hook(lambda m, a, out: captured.append(out[0].detach().clone()))
+    model = llm.engine.model
+    handle = model.model.norm.register_forward_hook(lambda m, a, out: captured.append(out[0].detach().clone()))
     ids = [llm.tokenize_prompt(p if isinstance(p, str) else llm.apply_chat_template(p)).token_ids for p in prompts]
     llm.generate([{"prompt_token_ids": i} for i in ids], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     handle.remove()
     assert captured[0].shape[0] == sum(map(len, ids)), "the whole prefill ran as one step"
     with torch.no_grad():
-        return llm.model.compute_logits(captured[0]).float()
+        return model.compute_logits(captured[0]).float()
 
 
 def test_bf16_logits_stay_close_to_float32(default_model_dir):

@@ -14,27 +14,9 @@ import torch
 
 from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import RotaryEmbedding
+from tests.helpers import interpreter_rounds_to_nearest
 
 BF16 = torch.bfloat16
-
-
-def _interpreter_rounds_to_nearest() -> None:
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    cast = interpreter.InterpreterBuilder.cast_impl
-    if getattr(cast, "rounds_to_nearest", False):
-        return
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(BF16).view(torch.int16).numpy()
-            return interpreter.TensorHandle(rounded.view(np.uint16), dst_type.scalar)
-        return cast(self, src, dst_type)
-
-    cast_impl.rounds_to_nearest = True
-    interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
 def _policies():
@@ -50,7 +32,7 @@ def _policies():
 def ops(request):
     if request.param == "torch":
         return TorchOps()
-    _interpreter_rounds_to_nearest()
+    interpreter_rounds_to_nearest()
     from batchllm.layers.triton_ops import TritonOps
 
     return TritonOps()
