@@ -5,13 +5,15 @@ the whole batch once, partitions the plan (`partition.py`: whole groups per rank
 a tail queue of cheap shards), and collects results: it stays the only writer of whatever the
 caller writes. Workers never talk to each other, so one finishing early cannot hang the rest.
 
-Process layout and what crosses (all through multiprocessing queues, pickled; nothing per step):
-  parent -> rank r   (its task queue): ("job", job id, pinned items) or None (exit)
-  parent -> any rank (shared queue):   (job id, items) for each tail shard, then (job id, None) x ranks
-  rank r -> parent   (result queue):   ("ready", r, info) | ("result", r, job, [(index, RequestOutput)])
-                                        | ("done", r, job, stats) | ("error", r, message)
-where an item is (global prompt index, token ids as an int32 array, SamplingParams). A worker pulls
-a tail shard whenever its engine has admitted everything it holds (`LLM.iter_generate(refill=...)`).
+Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
+  parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
+  rank r -> parent: ("ready", info) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
+                    | ("done", job id, stats) | ("error", message)
+where an item is (global prompt index, token ids as an int32 array, SamplingParams). A worker asks
+for a tail shard ("pull") whenever its engine has admitted everything it holds
+(`LLM.iter_generate(refill=...)`); the parent, the tail's only owner, answers with the next shard or
+None. Private pipes mean a worker killed in the middle of a write cannot block the others (a shared
+multiprocessing queue's lock would), and its death closes its pipe, which the parent sees at once.
 
 A worker that dies (killed, OOM, CUDA error) ends the job with `WorkerDied` once the other ranks
 have finished their work (their results are yielded first); the engine is then closed.
@@ -23,10 +25,12 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
-import queue
+import pickle
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterator, Sequence
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +66,7 @@ class DataParallelEngine:
                 raise ValueError(f"data_parallel_size {self.size} x tensor_parallel_size {tp} needs GPUs "
                                  f"{base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
         ctx = mp.get_context("spawn")
-        self.results = ctx.Queue()
-        self.shared = ctx.Queue()
-        self.tasks = [ctx.Queue() for _ in range(self.size)]
-        self.processes = []
+        self.processes, self.conns = [], []
         for rank in range(self.size):
             rank_device = str(device) if device.type != "cuda" else f"cuda:{(device.index or 0) + rank * tp}"
             worker_config = dataclasses.replace(
@@ -73,10 +74,13 @@ class DataParallelEngine:
                 model=dataclasses.replace(config.model, model=str(model_dir), device=rank_device),
                 parallel=dataclasses.replace(config.parallel, data_parallel_size=1),
             )
+            parent_end, child_end = ctx.Pipe()
             p = ctx.Process(target=_worker_main, name=f"batchllm-dp{rank}", daemon=True,
-                            args=(rank, self.size, worker_config, self.tasks[rank], self.shared, self.results))
+                            args=(rank, self.size, worker_config, child_end))
             p.start()
+            child_end.close()  # the worker's end lives in the worker: its death closes the pipe here
             self.processes.append(p)
+            self.conns.append(parent_end)
         self.closed: str | None = None
         """Why the engine can no longer run jobs (a worker died), or None."""
         self._job = 0
@@ -85,29 +89,35 @@ class DataParallelEngine:
         self.last_stats: dict[str, Any] = {}
         self.worker_info = self._wait_ready(start_timeout_s)
 
+    def _messages(self, ranks: set[int], timeout_s: float) -> Iterator[tuple[int, tuple | None]]:
+        """(rank, message) for each message that arrives within `timeout_s` from these ranks; a
+        rank whose pipe closed (the worker died) gives (rank, None)."""
+        by_conn = {self.conns[r]: r for r in ranks}
+        for conn in mp_connection.wait(list(by_conn), timeout_s):
+            rank = by_conn[conn]
+            try:
+                yield rank, conn.recv()
+            except (EOFError, OSError, pickle.UnpicklingError):
+                yield rank, None
+
     def _wait_ready(self, timeout_s: float) -> list[dict]:
         info: dict[int, dict] = {}
         deadline = time.monotonic() + timeout_s
         while len(info) < self.size:
-            try:
-                kind, rank, payload = self.results.get(timeout=1.0)[:3]
-            except queue.Empty:
-                dead = self._dead_ranks(set(info))
-                if dead or time.monotonic() > deadline:
-                    self.shutdown()
-                    raise WorkerDied(
-                        f"data-parallel worker(s) {sorted(dead)} exited while starting "
-                        f"(exit codes {[self.processes[r].exitcode for r in sorted(dead)]})"
-                        if dead else f"data-parallel workers did not start within {timeout_s:.0f} s") from None
-                continue
-            if kind == "error":
+            if time.monotonic() > deadline:
                 self.shutdown()
-                raise WorkerDied(f"data-parallel worker {rank} could not start: {payload}")
-            info[rank] = payload
+                raise WorkerDied(f"data-parallel workers did not start within {timeout_s:.0f} s")
+            for rank, message in self._messages(set(range(self.size)) - set(info), 1.0):
+                if message is None or message[0] == "error":
+                    why = message[1] if message else _exit_description(self._exit_code(rank))
+                    self.shutdown()
+                    raise WorkerDied(f"data-parallel worker {rank} could not start: {why}")
+                info[rank] = message[1]
         return [info[r] for r in range(self.size)]
 
-    def _dead_ranks(self, exclude: set[int]) -> set[int]:
-        return {r for r, p in enumerate(self.processes) if r not in exclude and not p.is_alive()}
+    def _exit_code(self, rank: int) -> int | None:
+        self.processes[rank].join(5)
+        return self.processes[rank].exitcode
 
     def generate(self, prompts: Sequence, params: Sequence, *, use_tqdm: bool = True,
                  progress_desc: str = "Processed prompts") -> Iterator[tuple[int, Any]]:
@@ -120,18 +130,14 @@ class DataParallelEngine:
         partition, budgets = self._partition(prompts, params, sharing)
         plan_seconds = time.perf_counter() - started
         self._job += 1
-        job = self._job
         items = lambda shards: [(i, prompts[i].token_ids, params[i]) for s in shards for i in s.prompts]  # noqa: E731
-        for shard in partition.queue:
-            self.shared.put((job, items([shard])))
-        for _ in range(self.size):
-            self.shared.put((job, None))
-        for rank in range(self.size):
-            self.tasks[rank].put(("job", job, items(partition.pinned[rank])))
+        tail = deque(items([shard]) for shard in partition.queue)
         self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
+        for rank in range(self.size):
+            self.conns[rank].send(("job", self._job, items(partition.pinned[rank])))
         progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(p.token_ids) for p in prompts))
         try:
-            rank_stats = yield from self._collect(job, progress, started)
+            rank_stats = yield from self._collect(self._job, tail, progress, started)
             self._busy = False
         finally:
             progress.close()
@@ -148,26 +154,27 @@ class DataParallelEngine:
                     for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 
-    def _collect(self, job: int, progress: _JobProgress, started: float):
-        """Yield results until every rank is done or dead; returns the ranks' stats."""
+    def _collect(self, job: int, tail: deque, progress: _JobProgress, started: float):
+        """Yield results until every rank is done or dead, handing tail shards to ranks that ask;
+        returns the ranks' stats."""
         stats: dict[int, dict] = {}
         failed: dict[int, str] = {}
         while len(stats) + len(failed) < self.size:
-            try:
-                message = self.results.get(timeout=0.5)
-            except queue.Empty:
-                for rank in self._dead_ranks(set(stats) | set(failed)):
-                    failed[rank] = _exit_description(self.processes[rank].exitcode)
-                continue
-            kind, rank = message[0], message[1]
-            if kind == "result" and message[2] == job:
-                for index, output in message[3]:
-                    progress.finished(index, output)
-                    yield index, output
-            elif kind == "done" and message[2] == job:
-                stats[rank] = {**message[3], "rank": rank, "finish_s": time.perf_counter() - started}
-            elif kind == "error":
-                failed[rank] = message[2]
+            for rank, message in self._messages(set(range(self.size)) - set(stats) - set(failed), 1.0):
+                if message is None:
+                    failed[rank] = _exit_description(self._exit_code(rank))
+                elif message[0] == "error":
+                    failed[rank] = message[1]
+                elif message[1] != job:
+                    continue  # from an earlier job the caller stopped reading
+                elif message[0] == "pull":
+                    self.conns[rank].send(("shard", job, tail.popleft() if tail else None))
+                elif message[0] == "result":
+                    for index, output in message[2]:
+                        progress.finished(index, output)
+                        yield index, output
+                elif message[0] == "done":
+                    stats[rank] = {**message[2], "rank": rank, "finish_s": time.perf_counter() - started}
         if failed:
             reasons = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
             self.closed = f"data-parallel worker(s) failed ({reasons})"
@@ -177,20 +184,22 @@ class DataParallelEngine:
         return [stats[r] for r in range(self.size)]
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        for rank, p in enumerate(self.processes):
-            if p.is_alive():
+        for conn, p in zip(self.conns, self.processes):
+            if p.is_alive() and not self._busy:
                 try:
-                    self.tasks[rank].put(None)
+                    conn.send(None)
                 except (OSError, ValueError):
                     pass
         for p in self.processes:
-            if self._busy and p.is_alive():  # a job was abandoned mid-way (interrupt): it would not read the task
+            if self._busy and p.is_alive():  # a job was abandoned mid-way (interrupt): it would not read the stop
                 p.terminate()
             p.join(timeout_s)
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        self.processes = [p for p in self.processes if p.is_alive()]
+        for conn in self.conns:
+            conn.close()
+        self.processes, self.conns = [], []
         self.closed = self.closed or "shut down"
 
 
@@ -261,7 +270,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
 
 
 # ---------------------------------------------------------------------------------------- worker side
-def _worker_main(rank: int, size: int, config: EngineConfig, tasks, shared, results) -> None:
+def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     from batchllm.parallel.tp_worker import _die_with_parent
 
     _die_with_parent()
@@ -272,20 +281,24 @@ def _worker_main(rank: int, size: int, config: EngineConfig, tasks, shared, resu
 
         llm = LLM.from_config(config)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
-        results.put(("error", rank, f"{type(e).__name__}: {e}"))
+        conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    results.put(("ready", rank, {"kv_blocks": llm.engine.kv_spec.num_blocks, "device": str(llm.engine.device)}))
+    conn.send(("ready", {"kv_blocks": llm.engine.kv_spec.num_blocks, "device": str(llm.engine.device)}))
     try:
-        while (task := tasks.get()) is not None:
+        while (task := conn.recv()) is not None:
             _, job, items = task
-            results.put(("done", rank, job, _run_job(llm, rank, job, items, shared, results)))
+            conn.send(("done", job, _run_job(llm, job, items, conn)))
+    except EOFError:
+        pass  # the parent went away
     except BaseException:  # noqa: BLE001
-        results.put(("error", rank, traceback.format_exc(limit=8)))
+        conn.send(("error", traceback.format_exc(limit=8)))
     finally:
         llm.shutdown()
 
 
-def _run_job(llm, rank: int, job: int, items: list, shared, results) -> dict:
+def _run_job(llm, job: int, items: list, conn) -> dict:
+    """Run the pinned items, pulling tail shards from the parent whenever everything held has been
+    admitted; each finished prompt goes back at once."""
     from batchllm.inputs import TokenizedPrompt
 
     index_of: list[int] = []
@@ -295,16 +308,14 @@ def _run_job(llm, rank: int, job: int, items: list, shared, results) -> dict:
         return [TokenizedPrompt(ids, None) for _, ids, _ in batch], [sp for _, _, sp in batch]
 
     def pull() -> tuple[list, list] | None:
-        while True:
-            pulled_job, batch = shared.get()
-            if pulled_job != job:
-                continue  # left over from an earlier job that failed
-            return None if batch is None else unpack(batch)
+        conn.send(("pull", job))
+        _, _, batch = conn.recv()
+        return None if batch is None else unpack(batch)
 
     first = unpack(items) if items else pull()
     if first is None:
         return {"num_requests": 0, "prompt_tokens": 0, "prefill_tokens_computed": 0, "output_tokens": 0,
                 "num_steps": 0, "wall_s": 0.0}
     for local, output in llm.iter_generate(*first, use_tqdm=False, refill=pull):
-        results.put(("result", rank, job, [(index_of[local], output)]))
+        conn.send(("result", job, [(index_of[local], output)]))
     return dict(llm.last_stats)
