@@ -14,6 +14,7 @@ finished job again writes nothing.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -212,11 +213,15 @@ def run_command_on_ray(args) -> int:
         return _fail(str(e))
     if args.output.exists() and not args.output.is_dir():
         return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
+    if args.overwrite and args.output.is_dir():
+        shutil.rmtree(args.output)  # the shards and the checkpoint: start over
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
     result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed)
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
+    if args.stats is not None:
+        args.stats.write_text(json.dumps({**result, "num_replicas": args.num_replicas}, indent=2) + "\n")
     if result["num_records"] == 0 and count_lines(args.input):
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK

@@ -129,3 +129,8 @@ def test_cli_ray_path_writes_the_single_machine_records_and_skips_them_on_restar
     assert main(args) == 1
     assert len(list(out_dir.glob("*.jsonl"))) == len(shards)
     assert records(out_dir) == sorted(map(_normalized, single))
+    # --overwrite starts over (every line runs again, once); --stats writes the job's counts
+    stats = tmp_path / "stats.json"
+    assert main([*args, "--overwrite", "--stats", str(stats)]) == 1
+    assert records(out_dir) == sorted(map(_normalized, single))
+    assert json.loads(stats.read_text())["num_records"] == len(single)
