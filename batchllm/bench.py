@@ -286,9 +286,7 @@ def bench_command(args) -> int:
             info = {"device": _device_name(engine.device), "dtype": str(engine.dtype), "model": str(engine.model_dir),
                     "kv_blocks": engine.kv_spec.num_blocks, "matmul_peak_tflops": peak}
         graph_info = _graph_info(engine.runner.decode_graphs)
-        if args.warmup_requests:
-            n = min(args.warmup_requests, len(workload.prompts))
-            run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
+        _warm_up(llm, workload, args.warmup_requests)
         stats = run_workload(llm, workload, peak)
         stats.update(config=name, async_scheduling=engine.core.async_scheduling, cuda_graphs=graph_info is not None,
                      kv_blocks=engine.kv_spec.num_blocks, graph_capture=graph_info)
@@ -305,15 +303,20 @@ def bench_command(args) -> int:
     return 0
 
 
+def _warm_up(llm, workload: Workload, requests: int) -> None:
+    """A short unmeasured run of the workload's first prompts (compiles, allocates, starts workers)."""
+    n = min(requests, len(workload.prompts))
+    if n:
+        run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
+
+
 def _workload(args, llm) -> Workload:
     args.vocab = llm.model_spec.vocab_size
     return make_workload(args)
 
 
 def _bench_data_parallel(llm, name: str, args, workload: Workload) -> dict[str, Any]:
-    if args.warmup_requests:
-        n = min(args.warmup_requests * llm.config.parallel.data_parallel_size, len(workload.prompts))
-        run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
+    _warm_up(llm, workload, args.warmup_requests * llm.config.parallel.data_parallel_size)
     stats = run_workload(llm, workload)
     stats.update(config=name)
     print(_line(stats), flush=True)

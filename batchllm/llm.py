@@ -246,7 +246,7 @@ class LLM:
         call.budgets.update(budgets)
         call.planned_tokens += plan.prefill_tokens + sum(budgets.values())
         submission = build_submission(plan, requests, GROUP_ORDERS[sharing.group_order](),
-                                      lambda r: expected_output_tokens(r, max_len),
+                                      lambda r: budgets[r.request_id],
                                       id_prefix=f"{call.call_id}-{len(call.plans)}-")
         call.plan_seconds += time.perf_counter() - plan_started
         call.plans.append(plan.summary())

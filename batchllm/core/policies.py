@@ -67,10 +67,16 @@ UNBOUNDED_OUTPUT_ESTIMATE = 512
 
 def expected_output_tokens(request: Request, max_model_len: int, cap: int = UNBOUNDED_OUTPUT_ESTIMATE) -> int:
     """The output length admission plans for: max_tokens, or at most `cap` when unbounded."""
-    room = max_model_len - request.num_tokens
-    max_tokens = request.sampling_params.max_tokens
-    wanted = cap if max_tokens is None else max_tokens - request.num_output_tokens
-    return max(0, min(room, wanted))
+    return output_budget(request.num_tokens, request.sampling_params.max_tokens, request.num_output_tokens,
+                         max_model_len, cap)
+
+
+def output_budget(num_tokens: int, max_tokens: int | None, num_output_tokens: int, max_model_len: int,
+                  cap: int = UNBOUNDED_OUTPUT_ESTIMATE) -> int:
+    """Output tokens still planned for a sequence of `num_tokens` tokens (of which `num_output_tokens`
+    are output): what max_tokens leaves (or `cap` when unbounded), within the context."""
+    wanted = cap if max_tokens is None else max_tokens - num_output_tokens
+    return max(0, min(max_model_len - num_tokens, wanted))
 
 
 class MemoryAdmission:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from batchllm.config import EngineConfig, SharingConfig
-from batchllm.core.policies import UNBOUNDED_OUTPUT_ESTIMATE
+from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, partition_plan
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
 from batchllm.progress import TokenProgress
@@ -150,8 +150,7 @@ class DataParallelEngine:
             plan = plan_prefix_sharing(ids, mode=sharing.plan_mode)
         else:
             plan = PrefixPlan.without_sharing([len(p) for p in ids], sharing.plan_mode)
-        expected = [sp.n * max(0, min(self.max_model_len - len(p), sp.max_tokens or UNBOUNDED_OUTPUT_ESTIMATE))
-                    for p, sp in zip(ids, params)]
+        expected = [sp.n * output_budget(len(p), sp.max_tokens, 0, self.max_model_len) for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 
     def _collect(self, job: int, tail: deque, progress: _JobProgress, started: float):
