@@ -39,6 +39,7 @@ import torch
 from batchllm.config import EngineConfig, SharingConfig
 from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, partition_plan
+from batchllm.parallel.tp_worker import die_with_parent, rank_device
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
 from batchllm.progress import TokenProgress
 
@@ -68,10 +69,10 @@ class DataParallelEngine:
         ctx = mp.get_context("spawn")
         self.processes, self.conns = [], []
         for rank in range(self.size):
-            rank_device = str(device) if device.type != "cuda" else f"cuda:{(device.index or 0) + rank * tp}"
+            worker_device = str(rank_device(device, rank * tp))  # its TP group's first GPU
             worker_config = dataclasses.replace(
                 config,
-                model=dataclasses.replace(config.model, model=str(model_dir), device=rank_device),
+                model=dataclasses.replace(config.model, model=str(model_dir), device=worker_device),
                 parallel=dataclasses.replace(config.parallel, data_parallel_size=1),
             )
             parent_end, child_end = ctx.Pipe()
@@ -219,13 +220,15 @@ class _JobProgress:
         self.output_tokens += produced
         self.planned -= max(0, self.budgets[index] - produced)
         self.done += 1
-        self.bar.update(input_tokens=self.input_tokens, output_tokens=self.output_tokens, planned_tokens=self.planned,
-                        requests_done=self.done, requests_total=len(self.budgets))
+        self._show()
 
     def close(self) -> None:
-        self.bar.update(input_tokens=self.input_tokens, output_tokens=self.output_tokens, planned_tokens=self.planned,
-                        requests_done=self.done, requests_total=len(self.budgets), force=True)
+        self._show(force=True)
         self.bar.close()
+
+    def _show(self, force: bool = False) -> None:
+        self.bar.update(input_tokens=self.input_tokens, output_tokens=self.output_tokens, planned_tokens=self.planned,
+                        requests_done=self.done, requests_total=len(self.budgets), force=force)
 
 
 def _exit_description(code: int | None) -> str:
@@ -270,9 +273,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
 
 # ---------------------------------------------------------------------------------------- worker side
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
-    from batchllm.parallel.tp_worker import _die_with_parent
-
-    _die_with_parent()
+    die_with_parent()
     if config.model.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
     try:

@@ -79,7 +79,7 @@ def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
 
 
 def _follower_main(rank: int, size: int, init_method: str, config, facts) -> None:
-    _die_with_parent()
+    die_with_parent()
     from batchllm.engine import build_runner
     from batchllm.parallel.tensor_parallel import destroy_tp_group, init_tp_group
 
@@ -101,7 +101,7 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts) -> Non
         os._exit(code)  # no interpreter teardown: a process group left open cannot hang it
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies, so a killed job leaves no rank behind."""
     if sys.platform.startswith("linux"):
         try:
