@@ -73,6 +73,9 @@ def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
                 target.tensor.zero_()
             else:
                 generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                if target.size == 1:  # the target is the whole (contiguous) tensor: the same draws, in place
+                    target.tensor.normal_(0.0, 0.02, generator=generator)
+                    continue
                 full = torch.empty(_full_shape(name, target, model.full_spec), dtype=target.tensor.dtype, device=device)
                 target.load(full.normal_(0.0, 0.02, generator=generator))
 

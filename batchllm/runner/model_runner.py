@@ -186,6 +186,8 @@ class ModelRunner:
             ended = torch.cuda.Event(enable_timing=True)
             ended.record()
             timeline.append((started, ended))
+        if self.tp is not None and not self.tp.is_driver:
+            sampled = None  # a follower's tokens are never read: no copy to the host
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device)
 
     def follow(self) -> None:
