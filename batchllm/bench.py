@@ -9,7 +9,6 @@ process; each engine is freed before the next is built, so every one gets the sa
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import time
@@ -259,6 +258,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
 def bench_command(args) -> int:
     """Build one engine per configuration, run the workload on it, free it before the next (the KV
     cache is sized from the free memory, so engines side by side would not be measured alike)."""
+    from batchllm.engine import release_device_memory
     from batchllm.llm import LLM
     from batchllm.options import engine_kwargs_from_args
 
@@ -275,7 +275,7 @@ def bench_command(args) -> int:
             results.append(_bench_data_parallel(llm, name, args, workload))
             llm.shutdown()
             del llm
-            _release_device_memory()
+            release_device_memory()
             continue
         engine = llm.engine
         if workload is None:
@@ -296,7 +296,7 @@ def bench_command(args) -> int:
             _profile(llm, workload, args)
         llm.shutdown()
         del llm, engine
-        _release_device_memory()
+        release_device_memory()
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({**info, "results": results}, f)
@@ -343,15 +343,6 @@ def _profile(llm, workload: Workload, args) -> None:
         _profile_kernels(llm, profiled, args.profile_out)
     if args.cpu_profile_out:
         _profile_host(llm, profiled, args.cpu_profile_out)
-
-
-def _release_device_memory() -> None:
-    """Free the engine just dropped (its cycles too) and hand its cached blocks back to the device."""
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins

@@ -10,6 +10,7 @@ of `Engine`, never written back into the frozen config (house rule 6).
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,14 @@ class Engine:
         """Stop the tensor-parallel followers, if any (they also die with this process)."""
         if self.tp_followers is not None:
             self.tp_followers.stop(self.runner)
+
+
+def release_device_memory() -> None:
+    """Free an engine just dropped (its reference cycles too) and hand the allocator's cached blocks
+    back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)

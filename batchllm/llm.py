@@ -24,7 +24,7 @@ from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
-from batchllm.engine import Engine, build_engine, resolve_model
+from batchllm.engine import Engine, build_engine, release_device_memory, resolve_model
 from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, local_model_dir
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState
@@ -65,6 +65,7 @@ class LLM:
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
         data_parallel_size > 1: this process then plans and collects, the workers run engines)."""
         self._data_parallel = None
+        self._shut_down = False
         if config.parallel.data_parallel_size > 1:
             from batchllm.parallel.data_parallel import DataParallelEngine
 
@@ -91,11 +92,16 @@ class LLM:
 
     def shutdown(self) -> None:
         """Stop the data-parallel workers and tensor-parallel followers, if any (they are daemons
-        that also die with this process)."""
+        that also die with this process), drop the engine and hand its device memory (weights, KV
+        cache, CUDA graphs) back, so that another LLM can be built in this process. The LLM cannot
+        generate after this."""
+        self._shut_down = True
         if self._data_parallel is not None:
             self._data_parallel.shutdown()
         if self.engine is not None:
             self.engine.shutdown()
+            self.engine = None
+            release_device_memory()
 
     # ------------------------------------------------------------------ public API
     def get_tokenizer(self):
@@ -174,6 +180,8 @@ class LLM:
         refill: called whenever every submitted unit has been admitted (nothing waits); it returns
         more prompts and params, numbered after those before, or None when there are no more (it is
         then not called again). Data-parallel workers pull shared work this way."""
+        if self._shut_down:
+            raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
         if self._data_parallel is not None:
             yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
             self.last_stats = self._data_parallel.last_stats

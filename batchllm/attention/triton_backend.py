@@ -245,6 +245,12 @@ COUNT_SLOT = 4
 variant per pointer alignment)."""
 
 
+def dot_head_dim(head_dim: int) -> int:
+    """The head dim a tile is padded to: a power of two, at least 16 (tl.dot needs K >= 16: a head
+    dim of 8, as small test models have, would not compile)."""
+    return max(16, next_power_of_2(head_dim))
+
+
 def next_power_of_2(n: int) -> int:
     """As triton.next_power_of_2, also where Triton is not installed (the planning half runs on CPU)."""
     return 1 << max(n - 1, 0).bit_length()
@@ -317,7 +323,7 @@ class TritonBackend:
                 part_out.stride(0), part_out.stride(1), part_lse.stride(0),
                 metadata.block_tables.stride(0), launch.item_offset,
                 BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-                HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_Q=launch.block_q,
+                HEAD_DIM_PAD=dot_head_dim(head_dim), BLOCK_Q=launch.block_q,
                 BLOCK_M=max(16, launch.block_q * group_pad), BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
                 num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,

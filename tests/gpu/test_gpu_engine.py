@@ -62,3 +62,16 @@ def test_async_scheduling_gives_the_tokens_of_sync(tiny_dir):
     sync = go(False)
     assert "stop" in {reason for _, reason in sync}
     assert go(True) == sync
+
+
+def test_shutdown_gives_the_device_memory_back(tiny_dir):
+    """Another LLM can be built in the same process after shutdown: the weights, KV cache and
+    graphs of the first are freed (benchmarks/tp_agreement.py builds TP=1 then TP=2 this way)."""
+    import torch
+
+    before = torch.cuda.memory_allocated()
+    llm = LLM(tiny_dir, device="cuda", dtype="bfloat16", skip_tokenizer_init=True, kv_cache_memory_gib=2)
+    llm.generate([{"prompt_token_ids": list(range(3, 40))}], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert torch.cuda.memory_allocated() - before > 2**31  # the KV cache alone is 2 GiB
+    llm.shutdown()
+    assert torch.cuda.memory_allocated() - before < 2**24
