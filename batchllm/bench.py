@@ -233,8 +233,8 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--cpu-profile-out", default=None,
                    help="then run the first --profile-requests requests (last config) under cProfile and write "
                         "the host functions with the most own time here")
-    # workloads are token ids: no tokenizer; a larger step budget than `run`'s default
-    add_engine_arguments(b, exclude=["skip_tokenizer_init"], defaults={"max_num_batched_tokens": 8192})
+    # workloads are token ids: no tokenizer; every other default is `run`'s (the user gets what is measured)
+    add_engine_arguments(b, exclude=["skip_tokenizer_init"])
 
 
 _ON, _OFF = dict(prefix_sharing=True), dict(prefix_sharing=False)
@@ -252,6 +252,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     "nosharing-eager": ("no sharing, decode CUDA graphs off", dict(_OFF, enforce_eager=True)),
     **{f"dp{n}": (f"sharing, {n} data-parallel engines", dict(_ON, data_parallel_size=n)) for n in (1, 2, 4, 8)},
     **{f"tp{n}": (f"sharing, model over {n} GPUs", dict(_ON, tensor_parallel_size=n)) for n in (1, 2, 4, 8)},
+    **{f"steps{n // 1024}k": (f"sharing, {n}-token steps", dict(_ON, max_num_batched_tokens=n))
+       for n in (2048, 4096, 8192, 16384, 32768)},
 }
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from batchllm.attention import TorchReferenceBackend
 from batchllm.attention.backend import AttentionBackend
-from batchllm.config import EngineConfig
+from batchllm.config import EngineConfig, SchedulerConfig
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
@@ -69,6 +69,13 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+DEFAULT_STEP_TOKENS = {"cuda": 8192, "cpu": 2048}
+"""max_num_batched_tokens where the user sets none, by device type. On an H200, 8,192-token steps
+are what the benchmark measured against 2,048 (the user path: 15.8 s -> 8.2 s) and against 16,384 /
+32,768 (docs/benchmarks.md, issue 14); on CPU a step's time grows with its tokens, so small steps
+keep the pipeline and the progress bar moving."""
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What the config and the model directory decide before anything is loaded."""
@@ -78,6 +85,8 @@ class ModelFacts:
     device: torch.device
     dtype: torch.dtype
     max_model_len: int
+    scheduler: SchedulerConfig
+    """config.scheduler with every automatic setting resolved for the device (the step budget)."""
 
 
 def resolve_model(config: EngineConfig, device: str | torch.device | None = None) -> ModelFacts:
@@ -89,13 +98,15 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     device = _resolve_device(str(mc.device if device is None else device))
     dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)
     max_model_len = resolve_max_model_len(mc.max_model_len, spec)
+    if sc.max_num_batched_tokens is None:
+        sc = replace(sc, max_num_batched_tokens=DEFAULT_STEP_TOKENS.get(device.type, DEFAULT_STEP_TOKENS["cpu"]))
     if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < max_model_len:
         raise ValueError(
             f"with chunked prefill off, max_num_batched_tokens ({sc.max_num_batched_tokens}) must be "
             f">= max_model_len ({max_model_len}), or no long prompt could ever run"
         )
     shard_spec(spec, config.parallel.tensor_parallel_size)  # a size that does not divide fails here, by name
-    return ModelFacts(model_dir, spec, device, dtype, max_model_len)
+    return ModelFacts(model_dir, spec, device, dtype, max_model_len, sc)
 
 
 def build_engine(config: EngineConfig, device: str | torch.device | None = None) -> Engine:
@@ -112,7 +123,7 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None)
 
         tp, followers = start_followers(config, facts)
     runner = build_runner(config, facts, tp)
-    sc = config.scheduler
+    sc = facts.scheduler
     kv_spec = runner.kv_spec
     kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)
     overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
@@ -129,7 +140,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     runner; the Triton backend compiles its variants now and, on CUDA unless enforce_eager, decode
     steps get CUDA graphs (captured by all tensor-parallel ranks together: they hold collectives).
     Every rank builds through here, in the same order of collectives."""
-    mc, sc = config.model, config.scheduler
+    mc, sc = config.model, facts.scheduler
     device, dtype = facts.device, facts.dtype
     model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=dtype, device=device,
                         load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,

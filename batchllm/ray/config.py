@@ -34,7 +34,8 @@ class ProcessorConfig:
     """Engines inside one replica (passed to LLM only when > 1)."""
     tensor_parallel_size: int = 1
     """GPUs per engine inside one replica (passed to LLM only when > 1)."""
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None
+    """None: the engine's device default (engine.DEFAULT_STEP_TOKENS)."""
     kv_cache_memory_gib: float | None = None
     prefix_sharing: bool = True
     plan_mode: str = MULTI_LEVEL

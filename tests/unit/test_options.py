@@ -53,14 +53,13 @@ def test_every_option_is_a_flag_of_run_and_bench_with_the_declared_default(comma
     parser = sub.choices[command]
     dests = {a.dest: a for a in parser._actions}
     skipped = {"run": {"seed"}, "bench": {"skip_tokenizer_init"}}[command]  # seeded / fixed by the command
-    overridden = {"bench": {"max_num_batched_tokens": 8192}}.get(command, {})
     for name, option in engine_options().items():
         if name in skipped:
             continue
         action = dests[name]
         assert action.option_strings[0] == "--" + name.replace("_", "-")
         default = TRI_STATE[action.default] if option.type is bool and option.optional else action.default
-        assert default == overridden.get(name, option.default), name
+        assert default == option.default, name  # bench measures what run gets
     for action in parser._actions:
         if action.option_strings and action.dest != "help":  # every option shows its default
             assert action.help and "%(default)" in parser.formatter_class("x")._get_help_string(action), action.dest
@@ -123,3 +122,16 @@ def test_declared_bounds_are_checked_and_named(kwargs, message):
         engine_config(**kwargs)
     # None where None is the default
     assert engine_config(max_num_seqs=None, kv_cache_memory_gib=None) == EngineConfig()
+
+
+def test_the_step_budget_is_chosen_from_the_device_unless_set(default_model_dir):
+    from batchllm.engine import DEFAULT_STEP_TOKENS, resolve_model
+
+    auto = resolve_model(engine_config(model=str(default_model_dir), device="cpu"))
+    assert auto.scheduler.max_num_batched_tokens == DEFAULT_STEP_TOKENS["cpu"] == 2048
+    assert DEFAULT_STEP_TOKENS["cuda"] >= 8192  # the GPU default is the benchmark's budget or larger
+    chosen = resolve_model(engine_config(model=str(default_model_dir), device="cpu", max_num_batched_tokens=96))
+    assert chosen.scheduler.max_num_batched_tokens == 96
+    with pytest.raises(ValueError, match="chunked prefill off"):  # checked against the resolved budget
+        resolve_model(engine_config(model=str(default_model_dir), device="cpu", enable_chunked_prefill=False,
+                                    max_model_len=4096))
