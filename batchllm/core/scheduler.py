@@ -191,8 +191,10 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Admitting new work right after a preemption would only thrash: wait for blocks to free up.
-        if not preempted:
+        # Admitting new work right after a preemption would only thrash: wait for blocks to free up,
+        # unless the preemption emptied the step (the one running request could not grow beside
+        # READY prefixes kept for the waiting members: those members are what can run now).
+        if not preempted or not chosen:
             for queue in (self.ready_members, self.waiting):
                 budget = self._admit_from(queue, budget, chosen, copies)
         return self._make_batch(chosen, copies)
