@@ -27,7 +27,7 @@ from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, build_engine, release_device_memory, resolve_model
 from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, local_model_dir
 from batchllm.options import engine_config
-from batchllm.output_processor import CompletionState
+from batchllm.output_processor import CompletionState, prompt_logprobs_output
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
 from batchllm.progress import TokenProgress
 from batchllm.request import Request
@@ -272,6 +272,8 @@ class LLM:
         done = []
         for update in updates:
             index, state = call.states[update.request_id]
+            if update.prompt_logprobs is not None:
+                state.prompt_logprobs = update.prompt_logprobs
             matched = state.append(update.new_token_id, update.logprobs)
             if matched is not None:
                 if update.finish_reason is None:
@@ -289,8 +291,16 @@ class LLM:
                 prompt = call.prompts[index]
                 done.append((index, RequestOutput(request_id=f"{call.call_id}-{index}", prompt=prompt.text,
                                                   prompt_token_ids=prompt.token_ids,
-                                                  outputs=[c.to_output() for c in children])))
+                                                  outputs=[c.to_output() for c in children],
+                                                  prompt_logprobs=self._prompt_logprobs(prompt, children[0]))))
         return done
+
+    def _prompt_logprobs(self, prompt: TokenizedPrompt, first: CompletionState):
+        """vLLM's RequestOutput.prompt_logprobs from the first completion's (only it computes them);
+        None when not asked for (or when the request ended before its first token: an abort)."""
+        if first.prompt_logprobs is None:
+            return None
+        return prompt_logprobs_output(prompt.token_ids, first.prompt_logprobs, self.tokenizer)
 
     def _statistics(self, call: _Call, before: SchedulerStats, log_start: int, wall_s: float) -> dict[str, Any]:
         """What the call did: the scheduler's counters since `before`, steps since `log_start`, and its plan."""

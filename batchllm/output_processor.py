@@ -16,6 +16,32 @@ from batchllm.sampling_params import SamplingParams
 _REDECODE_MARGIN = 8
 
 
+def logprob_entry(token_id: int, logprobs: TokenLogprobs) -> dict[int, Logprob]:
+    """vLLM's per-position dict: the top tokens (rank 1, 2, ...) and the chosen token with its own rank."""
+    entry = {tid: Logprob(lp, rank + 1, None) for rank, (tid, lp) in enumerate(
+        zip(logprobs.top_token_ids, logprobs.top_logprobs))}
+    entry[token_id] = Logprob(logprobs.sampled_logprob, logprobs.sampled_rank, None)
+    return entry
+
+
+def prompt_logprobs_output(prompt_token_ids, logprobs: list[TokenLogprobs],
+                           tokenizer) -> list[dict[int, Logprob] | None]:
+    """`RequestOutput.prompt_logprobs`: None for the first prompt token (nothing predicts it), then
+    one entry per following token (`logprobs[j - 1]` is token j's), decoded when there is a tokenizer."""
+    out: list[dict[int, Logprob] | None] = [None]
+    for token_id, lp in zip(prompt_token_ids[1:], logprobs):
+        out.append(logprob_entry(int(token_id), lp))
+    if tokenizer is not None:
+        _decode_entries(out[1:], tokenizer)
+    return out
+
+
+def _decode_entries(entries: list[dict[int, Logprob]], tokenizer) -> None:
+    for entry in entries:
+        for tid, lp in entry.items():
+            lp.decoded_token = tokenizer.decode([tid])
+
+
 class CompletionState:
     def __init__(self, index: int, params: SamplingParams, tokenizer) -> None:
         self.index = index
@@ -30,15 +56,14 @@ class CompletionState:
         """Text cut at the matched stop string, once one matched."""
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.prompt_logprobs: list[TokenLogprobs] | None = None
+        """Set once, with the first output token, when params.prompt_logprobs asked for them."""
 
     def append(self, token_id: int, logprobs: TokenLogprobs | None) -> str | None:
         """Add one generated token. Returns the stop string if it completed a match."""
         self.token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
-            entry = {tid: Logprob(lp, rank + 1, None) for rank, (tid, lp) in enumerate(
-                zip(logprobs.top_token_ids, logprobs.top_logprobs))}
-            entry[token_id] = Logprob(logprobs.sampled_logprob, logprobs.sampled_rank, None)
-            self.logprobs.append(entry)
+            self.logprobs.append(logprob_entry(token_id, logprobs))
             self.cumulative_logprob += logprobs.sampled_logprob
         if not self.params.stop_strings or self.tokenizer is None:
             return None
@@ -71,9 +96,7 @@ class CompletionState:
         else:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:
-            for entry in self.logprobs:
-                for tid, lp in entry.items():
-                    lp.decoded_token = self.tokenizer.decode([tid])
+            _decode_entries(self.logprobs, self.tokenizer)
         return CompletionOutput(
             index=self.index,
             text=text,

@@ -79,6 +79,25 @@ class ScheduledRequest:
     """The shared prefixes above this request, outermost first, as (prefix id, length): every
     request under the same prefix holds the same KV at its first `length` positions (the attention
     may read them once for all of them)."""
+    prompt_logprobs: PromptLogprobsSpec | None = None
+    """Positions of this step whose LM-head logits give prompt logprobs; None (nearly always): no
+    logits beyond the sampled row."""
+
+
+@dataclass(frozen=True)
+class PromptLogprobsSpec:
+    """Prompt logprobs wanted from one ScheduledRequest's step: rows `row_start ..
+    row_start + len(targets) - 1` of its `token_ids` (consecutive positions); for each row, the
+    top `num_top` logprobs and the logprob and rank of each of its `targets` (the prompt token that
+    follows the row; at a shared prefix's last row, the distinct next tokens of its members)."""
+
+    num_top: int
+    row_start: int
+    targets: list[tuple[int, ...]]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.targets)
 
 
 @dataclass(frozen=True)
@@ -107,8 +126,21 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
+class PromptLogprobsRows:
+    """The answer to a PromptLogprobsSpec, row by row (logprobs of the raw model distribution)."""
+
+    top_token_ids: list[list[int]]  # [rows][num_top]
+    top_logprobs: list[list[float]]  # [rows][num_top]
+    target_logprobs: list[list[float]]  # [rows][len(targets[row])]
+    target_ranks: list[list[int]]
+    """1 + the number of tokens strictly more likely than the target (as TokenLogprobs.sampled_rank)."""
+
+
+@dataclass(frozen=True)
 class RunnerOutput:
     sampled_token_ids: dict[str, int]
     """One new token for every request whose ScheduledRequest.sampling was set."""
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     """For requests that asked for logprobs."""
+    prompt_logprobs: dict[str, PromptLogprobsRows] = field(default_factory=dict)
+    """For the ScheduledRequests of the step that carried a PromptLogprobsSpec."""

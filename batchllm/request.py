@@ -68,6 +68,11 @@ class Request:
     """Entries of its block table the runner already has (0 after the table is freed)."""
     cached_sampling_spec: object = field(default=None, repr=False)
     """The runner-side sampling settings, built once the request is past min_tokens."""
+    prompt_logprobs_requested: int = 0
+    """Prompt logprobs only (`core/prompt_logprobs.py`): the rows (positions) below this one have
+    been asked of the runner. Never lowered, so preemption and prefix release never ask twice."""
+    prompt_logprob_rows: dict | None = field(default=None, repr=False)
+    """Prompt logprobs only: position -> `RowLogprobs`, as the steps that computed them came back."""
 
     @functools.cached_property
     def needs_host_tokens(self) -> bool:

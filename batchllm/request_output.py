@@ -36,7 +36,9 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    """vLLM's field; always None: prompt_logprobs are not computed yet."""
+    """With SamplingParams.prompt_logprobs = k (vLLM's shape): None for the first prompt token, then
+    per prompt token {token_id: Logprob} holding that token (its rank in the distribution) and the
+    top k (ranks 1..k); None when not asked for."""
 
     @property
     def num_output_tokens(self) -> int:

@@ -53,6 +53,10 @@ class SamplingParams:
     """Keep generating past EOS (benchmarks)."""
     logprobs: int | None = None
     """Return this many top log-probabilities per generated token (plus the sampled token's)."""
+    prompt_logprobs: int | None = None
+    """Return, for every prompt token after the first, its log-probability and this many top
+    alternatives (`RequestOutput.prompt_logprobs`; vLLM's semantics). With n > 1 only the first
+    completion computes them (they are the prompt's, the same for every completion)."""
     skip_special_tokens: bool = True
     """Drop special tokens from the returned text."""
     presence_penalty: float = 0.0
@@ -137,6 +141,8 @@ class SamplingParams:
                 raise bad("stop_token_ids", "must be a list of non-negative integers")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad("logprobs", "must be a non-negative integer or None")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise bad("prompt_logprobs", "must be a non-negative integer or None")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
@@ -228,9 +234,10 @@ class SamplingParams:
 
     def for_child(self, index: int) -> SamplingParams:
         """Parameters of completion `index` of an n > 1 request: n=1, and seed + index when seeded,
-        so that the completions differ but each stays reproducible."""
+        so that the completions differ but each stays reproducible; prompt_logprobs only for
+        completion 0 (the prompt's logprobs are computed once per prompt)."""
         seed = None if self.seed is None else self.seed + index
-        return replace(self, n=1, seed=seed)
+        return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from batchllm.config import SchedulerConfig
+from batchllm.core import prompt_logprobs
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.policies import MemoryAdmission
 from batchllm.outputs import LogitsAdjust, RunnerOutput, SamplingSpec, ScheduledBatch, ScheduledRequest, TokenLogprobs
@@ -45,6 +46,9 @@ class RequestUpdate:
     logprobs: TokenLogprobs | None
     finish_reason: str | None
     stop_reason: int | str | None
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """With the request's first output token, when it asked for prompt logprobs: those of prompt
+    tokens 1 .. P-1, in order (`core/prompt_logprobs.py`); given exactly once."""
 
 
 @dataclass
@@ -187,8 +191,10 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Admitting new work right after a preemption would only thrash: wait for blocks to free up.
-        if not preempted:
+        # Admitting new work right after a preemption would only thrash: wait for blocks to free up,
+        # unless the preemption emptied the step (the one running request could not grow beside
+        # READY prefixes kept for the waiting members: those members are what can run now).
+        if not preempted or not chosen:
             for queue in (self.ready_members, self.waiting):
                 budget = self._admit_from(queue, budget, chosen, copies)
         return self._make_batch(chosen, copies)
@@ -326,6 +332,8 @@ class Scheduler:
                     block_table_start=sent,
                     sampling=self._sampling_spec(request) if samples else None,
                     shared_prefixes=request.shared_prefixes,
+                    prompt_logprobs=None if request.sampling_params.prompt_logprobs is None
+                    else prompt_logprobs.spec_for_chunk(request, start, num_new),
                 )
             )
             request.num_blocks_sent = len(table)
@@ -375,6 +383,8 @@ class Scheduler:
         was in flight (EOS or a stop in the step before, an abort) drops its token."""
         updates = []
         for scheduled in batch.requests:
+            if scheduled.prompt_logprobs is not None:
+                self._record_prompt_logprobs(scheduled, output)
             if scheduled.sampling is None:
                 continue
             self.num_pending_outputs -= 1
@@ -394,9 +404,20 @@ class Scheduler:
                     logprobs=output.logprobs.get(request.request_id),
                     finish_reason=finish_reason,
                     stop_reason=stop_reason,
+                    prompt_logprobs=prompt_logprobs.assemble(request)
+                    if request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs is not None
+                    else None,
                 )
             )
         return updates
+
+    def _record_prompt_logprobs(self, scheduled: ScheduledRequest, output: RunnerOutput) -> None:
+        """Keep a step's prompt-logprob rows on their request (or prefix); dropped when it has
+        ended meanwhile (aborted: nobody will read them)."""
+        request = self.requests.get(scheduled.request_id)
+        if request is not None:
+            prompt_logprobs.record(request, scheduled.prompt_logprobs, scheduled.start_position,
+                                   output.prompt_logprobs[scheduled.request_id])
 
     def _prefix_ready(self, prefix: Request) -> None:
         if prefix.num_live_members == 0:  # every member ended (aborted) while it was computed

@@ -11,7 +11,17 @@ from batchllm.prefix.plan import PrefixPlan
 from batchllm.request import Request
 from batchllm.sampling_params import SamplingParams
 
-_PREFIX_PARAMS = SamplingParams(max_tokens=1)  # never used: prefixes do not sample
+_PREFIX_PARAMS = SamplingParams(max_tokens=1)  # prefixes do not sample: only prompt_logprobs is read
+
+
+def _prefix_params(k: int | None, cache: dict[int | None, SamplingParams]) -> SamplingParams:
+    """A prefix node's params: prompt_logprobs = the largest asked by a request under it (None: no
+    request under it asks, and the prefix computes no logits; `core/prompt_logprobs.py`)."""
+    if k is None:
+        return _PREFIX_PARAMS
+    if k not in cache:
+        cache[k] = SamplingParams(max_tokens=1, prompt_logprobs=k)
+    return cache[k]
 
 
 def build_submission(
@@ -25,16 +35,21 @@ def build_submission(
 
     `requests[i]` is prompt i of the plan; this sets its `parent` to the node of its group."""
     nodes: dict[int, Request] = {}
+    params_cache: dict[int | None, SamplingParams] = {}
+    any_prompt_logprobs = any(r.sampling_params.prompt_logprobs is not None for r in requests)
 
     def node_for(group_id: int) -> Request:
         if group_id not in nodes:
             group = plan.groups[group_id]
             parent = node_for(group.parent) if group.parent is not None else None
-            some_member = requests[plan.prompts_under(group_id)[0]]
+            under = plan.prompts_under(group_id)
+            some_member = requests[under[0]]
+            asked = [k for p in under if (k := requests[p].sampling_params.prompt_logprobs) is not None] \
+                if any_prompt_logprobs else []
             nodes[group_id] = Request(
                 request_id=f"{id_prefix}g{group_id}",
                 prompt_token_ids=some_member.prompt_token_ids[: group.prefix_len],
-                sampling_params=_PREFIX_PARAMS,
+                sampling_params=_prefix_params(max(asked, default=None), params_cache),
                 arrival_index=some_member.arrival_index,
                 parent=parent,
                 is_prefix=True,

@@ -211,13 +211,18 @@ def result_record(request_id: str, output, prompt_tokens: int) -> dict[str, Any]
         "completion_tokens": output.num_output_tokens,
     }
     if first.logprobs is not None:
-        record["logprobs"] = [
-            {"token_id": tid, "logprob": lp_map[tid].logprob,
-             "top": [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in lp_map.items()]}
-            for tid, lp_map in zip(first.token_ids, first.logprobs)
-        ]
+        record["logprobs"] = [_logprob_record(tid, lp_map) for tid, lp_map in zip(first.token_ids, first.logprobs)]
+    if output.prompt_logprobs is not None:  # null for the first prompt token, as in vLLM
+        record["prompt_logprobs"] = [None if lp_map is None else _logprob_record(int(tid), lp_map)
+                                     for tid, lp_map in zip(output.prompt_token_ids, output.prompt_logprobs)]
     if len(output.outputs) > 1:
         record["outputs"] = [
             {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason} for o in output.outputs
         ]
     return record
+
+
+def _logprob_record(token_id: int, lp_map: dict) -> dict[str, Any]:
+    """One position's logprobs: the token's, and every entry (top k and the token) with its rank."""
+    return {"token_id": token_id, "logprob": lp_map[token_id].logprob,
+            "top": [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in lp_map.items()]}

@@ -5,12 +5,15 @@ Rank 0 schedules; every rank runs the same `ModelRunner.submit` on the same `Sch
 It is packed into one int64 array (no pickling: ~1.8 ms a step on gloo, as much as a decode step)
 and sent with one gloo broadcast of a fixed-size buffer over the host group; a batch larger than the
 buffer sends its remainder in a second broadcast. Followers get `sampling` only as "samples or
-not" (`FOLLOWER_SAMPLES`): rank 0 samples and broadcasts the tokens on the device.
+not" (`FOLLOWER_SAMPLES`): rank 0 samples and broadcasts the tokens on the device. Prompt-logprob
+rows travel as (row_start, number of rows) only: a follower computes their logits (the LM head
+all-gathers) but never reads them, so it gets no targets.
 
 Layout: [kind, total length, num_requests, num_finished, num_copies, string bytes,
          finished ids (string refs), copies (src, dst pairs),
          per request: id ref, n_tokens, tokens, start_position, block_table_start, n_blocks, blocks,
-                      samples (0/1), n_prefixes, (prefix id ref, length) pairs,
+                      samples (0/1), prompt-logprob row_start, n_rows (0: none),
+                      n_prefixes, (prefix id ref, length) pairs,
          the strings' UTF-8 bytes, NUL-separated, packed 8 per int64]
 """
 
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from batchllm.outputs import SamplingSpec, ScheduledBatch, ScheduledRequest
+from batchllm.outputs import PromptLogprobsSpec, SamplingSpec, ScheduledBatch, ScheduledRequest
 
 FOLLOWER_SAMPLES = SamplingSpec(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, num_logprobs=None)
 """What a follower sees for a request that samples this step (it never samples itself)."""
@@ -44,7 +47,9 @@ def encode_batch(batch: ScheduledBatch) -> np.ndarray:
         ints.extend(r.token_ids)
         ints += (r.start_position, r.block_table_start, len(r.block_ids))
         ints.extend(r.block_ids)
-        ints += (r.sampling is not None, len(r.shared_prefixes))
+        plp = r.prompt_logprobs
+        ints += (r.sampling is not None, 0 if plp is None else plp.row_start, 0 if plp is None else plp.num_rows,
+                 len(r.shared_prefixes))
         for prefix_id, length in r.shared_prefixes:
             ints += (ref(prefix_id), length)
     raw = "\0".join(strings).encode()
@@ -73,12 +78,13 @@ def decode_batch(data: np.ndarray) -> ScheduledBatch:
         start, table_start, num_blocks = values[pos:pos + 3]
         blocks = values[pos + 3:pos + 3 + num_blocks]
         pos += 3 + num_blocks
-        samples, num_prefixes = values[pos:pos + 2]
-        pos += 2
+        samples, row_start, num_rows, num_prefixes = values[pos:pos + 4]
+        pos += 4
         prefixes = tuple((strings[values[pos + 2 * i]], values[pos + 2 * i + 1]) for i in range(num_prefixes))
         pos += 2 * num_prefixes
+        plp = PromptLogprobsSpec(0, row_start, [()] * num_rows) if num_rows else None
         requests.append(ScheduledRequest(strings[rid], tokens, start, blocks, table_start,
-                                         FOLLOWER_SAMPLES if samples else None, prefixes))
+                                         FOLLOWER_SAMPLES if samples else None, prefixes, plp))
     return ScheduledBatch(requests, finished, copies)
 
 

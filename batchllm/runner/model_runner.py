@@ -29,6 +29,7 @@ import torch
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.config import CacheConfig
 from batchllm.layers.logits_processors import OutputHistory
+from batchllm.layers.prompt_logprobs import PromptLogprobTensors, compute_prompt_logprobs
 from batchllm.layers.sampler import SampledTokens, sample_on_device
 from batchllm.layers.transfer import to_device, to_device_packed
 from batchllm.models.decoder import DecoderForCausalLM
@@ -182,13 +183,18 @@ class ModelRunner:
         else:
             sampled = None
             self._previous_tokens = (None, {})
+        prompt = None
+        if step.prompt_rows:  # only steps where a request asked for prompt logprobs
+            prompt = compute_prompt_logprobs(self.model.compute_logits, self.model.full_spec.vocab_size, hidden,
+                                             step.prompt_rows, driver=self.tp is None or self.tp.is_driver)
         if timeline is not None:
             ended = torch.cuda.Event(enable_timing=True)
             ended.record()
             timeline.append((started, ended))
         if self.tp is not None and not self.tp.is_driver:
             sampled = None  # a follower's tokens are never read: no copy to the host
-        return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device)
+        return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
+                                   None if prompt is None else prompt.to_host())
 
     def follow(self) -> None:
         """A follower's loop: run rank 0's steps until it stops."""
@@ -300,6 +306,7 @@ class ModelRunner:
         levels: list[tuple[list[int], list[int]]] = []  # (group per sequence, shared per sequence)
         group_index: dict[str, int] = {}
         sample_rows = []
+        prompt_rows = []
         placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
         previous_index = self._previous_tokens[1]
         num_tokens = 0
@@ -323,6 +330,8 @@ class ModelRunner:
                 levels[depth][1][i] = length
             if scheduled.sampling is not None:
                 sample_rows.append((num_tokens - 1, scheduled))
+            if scheduled.prompt_logprobs is not None:
+                prompt_rows.append((num_tokens - n + scheduled.prompt_logprobs.row_start, scheduled))
         bs = self.block_size
         block_tables = self._tables.gather([s.request_id for s in requests], max(len(t) for t in tables))
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
@@ -336,7 +345,7 @@ class ModelRunner:
             input_ids=np.asarray(input_ids, dtype=np.int64), positions=positions, slots=slots,
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables, tables=tables,
             share_levels=levels or None, max_query_len=int(counts.max()), sample_rows=sample_rows,
-            placeholder_at=where, placeholder_source=source,
+            placeholder_at=where, placeholder_source=source, prompt_rows=prompt_rows,
         )
 
     def _device_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -381,6 +390,7 @@ class StepInputs:
     sample_rows: list  # (token index, ScheduledRequest) of each sequence that samples
     placeholder_at: np.ndarray  # token indices whose id is the previous step's token ...
     placeholder_source: np.ndarray  # ... at these indices of that step's sampled tokens
+    prompt_rows: list  # (token index of its first prompt-logprob row, ScheduledRequest), where asked
 
     @property
     def num_seqs(self) -> int:
@@ -396,24 +406,30 @@ class PendingRunnerOutput:
     """A submitted step's output: its tokens are copied to the host behind the step's kernels;
     `result()` waits for that copy (not for later steps) and returns the RunnerOutput."""
 
-    def __init__(self, request_ids: list[str], sampled: SampledTokens | None, device: torch.device) -> None:
+    def __init__(self, request_ids: list[str], sampled: SampledTokens | None, device: torch.device,
+                 prompt: PromptLogprobTensors | None = None) -> None:
         self.request_ids = request_ids
         self.sampled = sampled
+        self.prompt = prompt
         self.copied = None
-        if sampled is not None and device.type == "cuda":
+        if (sampled is not None or prompt is not None) and device.type == "cuda":
             self.copied = torch.cuda.Event()
             self.copied.record()
 
     def result(self) -> RunnerOutput:
-        if self.sampled is None:
+        if self.sampled is None and self.prompt is None:
             return RunnerOutput(sampled_token_ids={})
         if self.copied is not None:
             self.copied.synchronize()
+        prompt = {} if self.prompt is None else self.prompt.lists()
+        if self.sampled is None:
+            return RunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt)
         tokens, logprobs = self.sampled.lists()
         ids = self.request_ids
         return RunnerOutput(
             sampled_token_ids=dict(zip(ids, tokens)),
             logprobs={rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
+            prompt_logprobs=prompt,
         )
 
 

@@ -24,12 +24,17 @@ def _chats():
 
 
 def test_two_workers_match_one_engine(default_llm, default_model_dir):
-    params = SamplingParams(temperature=0, max_tokens=8)
-    expected = [o.outputs[0].token_ids for o in default_llm.chat(_chats(), params, use_tqdm=False)]
+    params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1)
+    one_engine = default_llm.chat(_chats(), params, use_tqdm=False)
+    expected = [o.outputs[0].token_ids for o in one_engine]
     llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=2048, data_parallel_size=2)
     try:
         outs = llm.chat(_chats(), params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
+        for o, e in zip(outs, one_engine):  # prompt logprobs come back from the workers (a split group too)
+            assert len(o.prompt_logprobs) == len(e.prompt_logprobs) and o.prompt_logprobs[0] is None
+            for a, b in zip(o.prompt_logprobs[1:], e.prompt_logprobs[1:]):
+                assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
         stats = llm.last_stats
         assert stats["data_parallel_size"] == 2 and sum(r["num_requests"] for r in stats["ranks"]) == len(expected)
         assert all(r["num_requests"] > 0 for r in stats["ranks"])  # both ranks worked

@@ -1,5 +1,5 @@
 """Tensor parallelism on CPU (gloo ranks in follower processes): the same greedy tokens as one
-process, and the same logprobs within float32 rounding."""
+process, and the same logprobs and prompt logprobs (shared prefix included) within float32 rounding."""
 
 import pytest
 
@@ -14,9 +14,9 @@ PROMPTS = [[1, 5, 9, 300, 77, 12], [1, 5, 9, 300, 80], [4000, 12, 9], [1, 5, 9, 
 def _run(model_dir, tp, **kw):
     llm = LLM(model_dir, dtype="float32", device="cpu", tensor_parallel_size=tp, max_model_len=256, **kw)
     try:
-        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5, prompt_logprobs=3)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs + o.prompt_logprobs[1:]) for o in outs]
     finally:
         llm.shutdown()
 

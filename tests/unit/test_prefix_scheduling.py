@@ -267,3 +267,20 @@ def test_nested_groups_under_memory_pressure_compute_each_prefix_once():
     assert out == base
     assert sched.stats.num_prefix_releases == 0
     assert sched.stats.prefill_tokens == plan.summary()["prefill_tokens"], "every prefix computed exactly once"
+
+
+def test_a_step_emptied_by_preemption_admits_the_ready_members():
+    """Regression: the one running request (31 tokens, plus 6 outputs, in a pool of 12 blocks of 4)
+    could not grow beside a READY prefix kept for its waiting members, preempted itself, and the
+    step, which admits nothing after a preemption, came out empty: the engine stopped with work
+    pending. The members of the READY prefix must run instead."""
+    rng = random.Random(2)
+    prompts = []
+    for _ in range(4):
+        prefix = [rng.randrange(400) for _ in range(17)]
+        prompts += [prefix + [rng.randrange(400) for _ in range(rng.randrange(1, 9))] for _ in range(2)]
+    prompts.append([1] + [rng.randrange(400) for _ in range(30)])
+    base, *_ = run(prompts, sharing=False, max_tokens=6)
+    out, sched, _, _ = run(prompts, sharing=True, num_blocks=12, threshold=4.0, max_tokens=6)
+    assert sched.stats.num_preemptions > 0
+    assert out == base

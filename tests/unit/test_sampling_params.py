@@ -22,6 +22,9 @@ from batchllm import SamplingParams
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"logprobs": -1}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
+        ({"prompt_logprobs": True}, "prompt_logprobs"),
         ({"seed": "x"}, "seed"),
         ({"temperature": "hot"}, "temperature"),
         ({"ignore_eos": "yes"}, "ignore_eos"),
@@ -44,6 +47,8 @@ def test_children_of_a_seeded_request_get_distinct_seeds():
     children = [sp.for_child(i) for i in range(3)]
     assert [c.seed for c in children] == [10, 11, 12]
     assert all(c.n == 1 and c.stop_strings == ["a"] for c in children)
+    with_prompt = SamplingParams(n=3, prompt_logprobs=2)  # the prompt's logprobs are computed once
+    assert [with_prompt.for_child(i).prompt_logprobs for i in range(3)] == [2, None, None]
 
 
 @pytest.mark.parametrize("fields,name", [

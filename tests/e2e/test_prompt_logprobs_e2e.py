@@ -1,0 +1,111 @@
+"""Prompt logprobs on SmolLM2 (fp32, CPU) against HF transformers' float32 log_softmax over the
+prompt: with prefix sharing on (the shared prefix's rows computed once, for every member) and off,
+prompts spanning several prefill chunks, under forced preemption, and through a JSONL job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from batchllm import LLM, SamplingParams
+from tests.e2e.prompts import LONG_TEXT
+
+pytestmark = pytest.mark.slow
+
+HEAD = "You are a careful assistant. Read the text and answer briefly.\n\n" + LONG_TEXT[:400]
+PROMPTS = [HEAD + "\nQuestion: Who is mentioned?", HEAD + "\nQuestion: When did it start?",
+           HEAD + "\nQuestion: What changed?", "The capital of Germany is"]
+KS = [3, 1, None, 2]  # the third shares the prefix but asks for nothing
+TOL = 1e-4
+
+
+def params():
+    return [SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=k) for k in KS]
+
+
+@pytest.fixture(scope="module")
+def reference(default_model_dir):
+    """HF's fp32 log_softmax at every prompt position: [P, vocab] per prompt (row j-1 predicts token j)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt)["input_ids"]
+            out.append((ids, torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)))
+    return out
+
+
+def check_against_hf(outputs, reference):
+    """Each entry: the prompt token (logprob within TOL, rank as HF's up to near-ties) and the top k
+    (HF's top k ids unless the k-th is tied with the next), every logprob within TOL."""
+    for o, k, (ids, logprobs) in zip(outputs, KS, reference):
+        assert list(o.prompt_token_ids) == ids
+        if k is None:
+            assert o.prompt_logprobs is None
+            continue
+        assert len(o.prompt_logprobs) == len(ids) and o.prompt_logprobs[0] is None
+        for j in range(1, len(ids)):
+            entry, row, token = o.prompt_logprobs[j], logprobs[j - 1], ids[j]
+            value = row[token].item()
+            assert int((row > value + TOL).sum()) + 1 <= entry[token].rank <= int((row > value - TOL).sum()) + 1
+            top = torch.topk(row, k + 1)
+            if k == 0 or (top.values[k - 1] - top.values[k]).item() > TOL:
+                assert set(entry) == set(top.indices[:k].tolist()) | {token}
+            others = [lp.rank for t, lp in entry.items() if t != token]
+            assert len(set(others)) == len(others) == len(entry) - 1 and all(r <= k for r in others)
+            for t, lp in entry.items():
+                assert lp.logprob == pytest.approx(row[t].item(), abs=TOL)
+                assert isinstance(lp.decoded_token, str)
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_prompt_logprobs_match_hf_with_and_without_sharing(default_model_dir, reference, sharing):
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", prefix_sharing=sharing,
+              max_num_batched_tokens=32, block_size=8)
+    out = llm.generate(PROMPTS, params(), use_tqdm=False)
+    check_against_hf(out, reference)
+    s = llm.last_stats
+    if sharing:  # the shared prefix was computed once, and its rows with it
+        assert s["num_groups"] == 1 and s["prefill_tokens_computed"] == s["planned_prefill_tokens"]
+        assert s["prefill_tokens_computed"] < s["prompt_tokens"] - 100
+    else:
+        assert s["prefill_tokens_computed"] == s["prompt_tokens"]
+
+
+def test_prompt_logprobs_survive_preemption(default_model_dir, reference):
+    # a pool of 16 blocks of 8 tokens, admission overcommitted on purpose: requests get preempted
+    # and recompute their KV; asynchronous scheduling keeps a step in flight across preemptions
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=8, num_kv_blocks=16,
+              kv_admission_threshold=4.0, max_num_batched_tokens=32, async_scheduling=True)
+    out = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=k)
+                                 for k in KS], use_tqdm=False)
+    assert llm.last_stats["num_preemptions"] > 0
+    check_against_hf(out, reference)
+
+
+def test_jsonl_job_writes_prompt_logprobs(tmp_path, default_model_dir, reference):
+    lines = [{"id": "a", "prompt": PROMPTS[3], "max_tokens": 2, "prompt_logprobs": 2},
+             {"id": "b", "prompt": PROMPTS[3], "max_tokens": 2}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r = subprocess.run([sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--model",
+                        str(default_model_dir), "--dtype", "float32", "--temperature", "0", "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    records = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert "prompt_logprobs" not in records["b"]
+    ids, logprobs = reference[3]
+    got = records["a"]["prompt_logprobs"]
+    assert len(got) == records["a"]["prompt_tokens"] == len(ids) and got[0] is None
+    for j, entry in enumerate(got[1:], start=1):
+        assert entry["token_id"] == ids[j]
+        assert entry["logprob"] == pytest.approx(logprobs[j - 1, ids[j]].item(), abs=TOL)
+        ranks = sorted(e["rank"] for e in entry["top"])
+        assert ranks[:2] == [1, 2] and {e["token_id"] for e in entry["top"]} >= {ids[j]}
