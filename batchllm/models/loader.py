@@ -147,6 +147,9 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
             if name.endswith(_IGNORED_SUFFIXES) or name in companions:
                 continue
             if name not in params:
+                if scheme is None and name.endswith(_SCALE_SUFFIXES):
+                    raise ModelLoadError(f"{path.name}: {name!r} is an FP8 scale but config.json has no FP8 "
+                                         f"quantization_config")
                 raise ModelLoadError(f"{path.name}: unexpected weight {name!r} for {model.spec.architecture}")
             try:
                 _load_one(name, path, f, params[name], scales.get(name), index, scheme, model.full_spec)
@@ -187,7 +190,8 @@ def _load_one(name, path, f, target, scale_target, index, scheme, full_spec) -> 
         raise ModelLoadError(f"{path.name}: weight {name!r} has shape {tuple(tensor.shape)}, config.json implies {expected}")
     if scale_target is None:
         if tensor.dtype == FP8:
-            raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but this layer is not quantized")
+            why = "config.json has no FP8 quantization_config" if scheme is None else "this layer is not quantized"
+            raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but {why}")
         target.load(tensor)
         return
     scale = None
