@@ -253,6 +253,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     "nosharing-eager": ("no sharing, decode CUDA graphs off", dict(_OFF, enforce_eager=True)),
     **{f"dp{n}": (f"sharing, {n} data-parallel engines", dict(_ON, data_parallel_size=n)) for n in (1, 2, 4, 8)},
     **{f"tp{n}": (f"sharing, model over {n} GPUs", dict(_ON, tensor_parallel_size=n)) for n in (1, 2, 4, 8)},
+    "fp8": ("sharing, FP8 weights and activations", dict(_ON, quantization="fp8")),
 }
 
 

@@ -252,3 +252,14 @@ def test_fp8_on_smollm2_agrees_with_float32_at_first(default_model_dir, default_
     first = sum(x[0] == y[0] for x, y in zip(a, b)) / len(a)
     print(f"FP8 vs float32 on SmolLM2: {same:.2f} of prompts identical over 16 tokens, {first:.2f} first tokens")
     assert same >= FP8_SMOLLM2_SAME and first >= 0.75
+
+
+def test_dummy_fp8_weights_are_the_dummy_weights_quantized(tiny_fp32):
+    plain = _llm(tiny_fp32, load_format="dummy").engine.model
+    fp8 = _llm(tiny_fp32, load_format="dummy", quantization="fp8").engine.model
+    for attr in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        a, b = plain.get_submodule(f"model.layers.1.{attr}"), fp8.get_submodule(f"model.layers.1.{attr}")
+        assert b.weight.dtype == FP8 and b.weight_scale.shape == (a.weight.shape[0],)
+        q, s = quantize_rows(a.weight.data)
+        assert torch.equal(b.weight.float(), q.float()) and torch.equal(b.weight_scale, s.view(-1))
+    assert torch.equal(plain.lm_head.weight, fp8.lm_head.weight)
