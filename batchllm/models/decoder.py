@@ -8,6 +8,9 @@ Under tensor parallelism (`tp`, see `parallel/tensor_parallel.py`) the model is 
 rank's shard spec: its own query/KV heads and intermediate rows (column-parallel q/k/v and gate/up),
 row-parallel o_proj and down_proj, and a vocabulary-parallel embedding and LM head; `spec` is then
 the shard's and `full_spec` the checkpoint's.
+
+With `fp8=True` every linear layer of the decoder layers is an `Fp8Linear` (`layers/fp8.py`: float8
+weights with per-output-channel scales); the embedding, norms, attention and LM head are unchanged.
 """
 
 from __future__ import annotations
