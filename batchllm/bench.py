@@ -254,6 +254,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     **{f"tp{n}": (f"sharing, model over {n} GPUs", dict(_ON, tensor_parallel_size=n)) for n in (1, 2, 4, 8)},
     **{f"steps{n // 1024}k": (f"sharing, {n}-token steps", dict(_ON, max_num_batched_tokens=n))
        for n in (2048, 4096, 8192, 16384, 32768)},
+    "fp8": ("sharing, FP8 weights and activations", dict(_ON, quantization="fp8")),
 }
 
 

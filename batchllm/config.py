@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.core.policies import GROUP_ORDERS  # torch-free
+from batchllm.models.quant_config import QUANTIZATION_METHODS  # torch-free
 from batchllm.prefix.plan import PLAN_MODES
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -85,7 +86,10 @@ class ModelConfig(_Checked):
                                        "no text")
     trust_remote_code: bool = option(False, "accepted for vLLM compatibility and ignored: BatchLLM runs no code "
                                      "from the model directory (its architectures are built in)")
-    quantization: str | None = option(None, "weight quantization method: not supported yet (only None)")
+    quantization: str | None = option(None, "fp8: the decoder's linear layers run with float8 weights (per-channel "
+                                      "scales, quantized at load) and per-token float8 activations; None: the "
+                                      "checkpoint decides (an FP8 checkpoint runs FP8, else the model dtype)",
+                                      choices=QUANTIZATION_METHODS)
     attention_backend: str = option("auto", "auto: triton on CUDA when Triton is installed, else torch "
                                     "(the reference)", choices=_KERNEL_CHOICES)
     shared_prefix_attention: bool = option(True, "the Triton attention reads a shared prefix's keys once for "
@@ -96,11 +100,6 @@ class ModelConfig(_Checked):
                                  "the Triton attention)")
     max_cudagraph_capture_size: int = option(512, "largest decode batch (sequences) with a CUDA graph; larger "
                                              "decode steps run eagerly", at_least=1)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.quantization is not None:
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet (only None)")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from batchllm.inputs import local_model_dir, resolve_max_model_len
 from batchllm.layers.ops import make_ops, use_triton
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.loader import build_model
+from batchllm.models.quant_config import Fp8Scheme, resolve_quantization
 from batchllm.models.spec import ModelSpec, read_model_spec
 from batchllm.parallel.tensor_parallel import shard_spec
 from batchllm.runner.model_runner import KVCacheSpec, ModelRunner, plan_kv_cache
@@ -87,6 +88,8 @@ class ModelFacts:
     max_model_len: int
     scheduler: SchedulerConfig
     """config.scheduler with every automatic setting resolved for the device (the step budget)."""
+    quantization: Fp8Scheme | None = None
+    """The FP8 scheme of the decoder's linear layers (the option and the checkpoint's config); None: none."""
 
 
 def resolve_model(config: EngineConfig, device: str | torch.device | None = None) -> ModelFacts:
@@ -106,7 +109,8 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
             f">= max_model_len ({max_model_len}), or no long prompt could ever run"
         )
     shard_spec(spec, config.parallel.tensor_parallel_size)  # a size that does not divide fails here, by name
-    return ModelFacts(model_dir, spec, device, dtype, max_model_len, sc)
+    quantization = resolve_quantization(mc.quantization, spec.quantization)
+    return ModelFacts(model_dir, spec, device, dtype, max_model_len, sc, quantization)
 
 
 def build_engine(config: EngineConfig, device: str | torch.device | None = None) -> Engine:
@@ -128,8 +132,9 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None)
     kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)
     overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
     core = EngineCore(Scheduler(sc, kv, facts.max_model_len), runner, async_scheduling=overlap)
-    logger.info("model %s (%s) on %s, %s, max_model_len %d, %d KV blocks of %d tokens, tensor parallel %d",
-                facts.model_dir, facts.spec.architecture, facts.device, facts.dtype, facts.max_model_len,
+    logger.info("model %s (%s) on %s, %s%s, max_model_len %d, %d KV blocks of %d tokens, tensor parallel %d",
+                facts.model_dir, facts.spec.architecture, facts.device, facts.dtype,
+                "" if facts.quantization is None else f", {facts.quantization.describe()}", facts.max_model_len,
                 kv_spec.num_blocks, kv_spec.block_size, config.parallel.tensor_parallel_size)
     return Engine(config, facts.model_dir, facts.spec, facts.device, facts.dtype, facts.max_model_len,
                   runner.model, kv_spec, runner, core, followers)
@@ -144,7 +149,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     device, dtype = facts.device, facts.dtype
     model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=dtype, device=device,
                         load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,
-                        ops=make_ops(mc.kernels, device), tp=tp)
+                        ops=make_ops(mc.kernels, device), tp=tp, quantization=facts.quantization)
     kv_spec = plan_kv_cache(model.spec, config.cache, dtype, device, tp)
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend

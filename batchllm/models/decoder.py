@@ -8,6 +8,9 @@ Under tensor parallelism (`tp`, see `parallel/tensor_parallel.py`) the model is 
 rank's shard spec: its own query/KV heads and intermediate rows (column-parallel q/k/v and gate/up),
 row-parallel o_proj and down_proj, and a vocabulary-parallel embedding and LM head; `spec` is then
 the shard's and `full_spec` the checkpoint's.
+
+With `fp8=True` every linear layer of the decoder layers is an `Fp8Linear` (`layers/fp8.py`: float8
+weights with per-output-channel scales); the embedding, norms, attention and LM head are unchanged.
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ import torch
 from torch import nn
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
+from batchllm.layers.fp8 import make_linear
 from batchllm.layers.norm import RMSNorm
 from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import RotaryEmbedding, StepRotary
-from batchllm.layers.tp_layers import RowParallelLinear, VocabParallelEmbedding
+from batchllm.layers.tp_layers import VocabParallelEmbedding
 from batchllm.models.spec import ModelSpec
+
+DENSE_LINEAR = make_linear(False)
+"""The linear-layer factory without FP8."""
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, ops, tp=None) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp=None, linear=DENSE_LINEAR) -> None:
         super().__init__()
         t = spec.traits
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -32,10 +39,10 @@ class Attention(nn.Module):
         h = spec.hidden_size
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, kv = self.q_size, self.kv_size
-        self.qkv_proj = nn.Linear(h, q + 2 * kv, bias=t.qkv_bias)  # q, k and v in one matmul
+        self.qkv_proj = linear(h, q + 2 * kv, t.qkv_bias)  # q, k and v in one matmul
         self.checkpoint_rows = {"qkv_proj": (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv))}
         """Rows of each merged parameter that a checkpoint tensor (by its module name) loads into."""
-        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, h, t.o_bias, tp)
+        self.o_proj = linear(self.num_heads * self.head_dim, h, t.o_bias, tp, row_parallel=True)
         if t.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, ops)
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, ops)
@@ -65,23 +72,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, ops, tp=None) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp=None, linear=DENSE_LINEAR) -> None:
         super().__init__()
         self.ops = ops
         h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=b)  # gate and up in one matmul
+        self.gate_up_proj = linear(h, 2 * i, b)  # gate and up in one matmul
         self.checkpoint_rows = {"gate_up_proj": (("gate_proj", 0, i), ("up_proj", i, 2 * i))}
-        self.down_proj = RowParallelLinear(i, h, b, tp)
+        self.down_proj = linear(i, h, b, tp, row_parallel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, ops, tp=None) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp=None, linear=DENSE_LINEAR) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, ops, tp)
-        self.mlp = MLP(spec, ops, tp)
+        self.self_attn = Attention(spec, ops, tp, linear)
+        self.mlp = MLP(spec, ops, tp, linear)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
 
@@ -100,18 +107,20 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int, ops, tp=None, vocab_rows: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, max_positions: int, ops, tp=None, vocab_rows: int | None = None,
+                 linear=DENSE_LINEAR) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(vocab_rows or spec.vocab_size, spec.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(spec, ops, tp) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, ops, tp, linear) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int, ops=None, tp=None) -> None:
+    def __init__(self, spec: ModelSpec, max_positions: int, ops=None, tp=None, fp8: bool = False) -> None:
         """ops: the elementwise-op policy (`layers/ops.py`); default TorchOps. tp: this rank's
-        `TPGroup`, or None for the whole model in one process."""
+        `TPGroup`, or None for the whole model in one process. fp8: every linear layer of the
+        decoder layers is an `Fp8Linear` (embeddings, norms and the LM head keep the model dtype)."""
         from batchllm.parallel.tensor_parallel import local_vocab_size, shard_spec
 
         super().__init__()
@@ -122,7 +131,7 @@ class DecoderForCausalLM(nn.Module):
         self.vocab_rows = local_vocab_size(spec.vocab_size, size)
         """Rows of the vocabulary this rank holds (the last rank's tail past vocab_size is padding)."""
         self.ops = ops or TorchOps()
-        self.model = DecoderBody(spec, max_positions, self.ops, tp, self.vocab_rows)
+        self.model = DecoderBody(spec, max_positions, self.ops, tp, self.vocab_rows, make_linear(fp8))
         self.lm_head = nn.Linear(spec.hidden_size, self.vocab_rows, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -5,18 +5,26 @@ so an 8B-parameter shape never exists twice in memory. Under tensor parallelism 
 same files and keeps its slice of each tensor (`CheckpointTarget`); dummy weights are drawn whole
 per checkpoint tensor (seeded by its name) and sliced the same way, so every tensor-parallel size
 builds the same model.
+
+With an FP8 scheme the decoder's linear layers hold float8 weights and per-channel scales
+(`layers/fp8.py`): each checkpoint weight is converted whole (quantized, or its checkpoint scales
+mapped to per-channel ones) and then sliced, one tensor at a time, so no 16-bit copy of the model
+is ever held.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
 from pathlib import Path
 
 import torch
 
+from batchllm.layers.fp8 import FP8, channel_quantized, prepare_fp8, restore_fp8_dtypes
 from batchllm.layers.rotary import RotaryEmbedding
 from batchllm.models.decoder import DecoderForCausalLM
+from batchllm.models.quant_config import Fp8Scheme
 from batchllm.models.spec import ModelLoadError, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -35,11 +43,15 @@ def build_model(
     seed: int,
     ops=None,
     tp=None,
+    quantization: Fp8Scheme | None = None,
 ) -> DecoderForCausalLM:
-    """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps; tp: this rank's TPGroup."""
+    """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps; tp: this rank's TPGroup;
+    quantization: the FP8 scheme the decoder's linear layers run with (None: the model dtype)."""
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec, max_positions, ops, tp)
-    model = model.to(dtype).to_empty(device=device)  # dtype first: a 70B shard never exists in float32
+        model = DecoderForCausalLM(spec, max_positions, ops, tp, fp8=quantization is not None)
+    model = model.to(dtype)  # dtype first: a 70B shard never exists in float32
+    restore_fp8_dtypes(model)  # .to(dtype) cast the float8 weights and float32 scales too
+    model = model.to_empty(device=device)
     # The cos/sin table is a buffer, not a weight: compute it for real, in float32.
     model.model.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling).to(device)
     if spec.tie_word_embeddings:
@@ -47,7 +59,8 @@ def build_model(
     if load_format == "dummy":
         _fill_random(model, seed)
     else:
-        _load_safetensors(model, model_dir)
+        _load_safetensors(model, model_dir, quantization)
+    prepare_fp8(model, device)
     return model.eval()
 
 
@@ -58,11 +71,37 @@ def _full_shape(name: str, target, spec: ModelSpec) -> tuple[int, ...]:
     return target.full_shape(spec.vocab_size if name in _VOCAB_TENSORS else None)
 
 
+def _fp8_scale_targets(targets: dict) -> dict:
+    """Take the per-channel scale target of every float8 weight out of `targets`: weight name ->
+    its scale's target. A scale is not read from the checkpoint under its own name; it is written
+    together with its weight (`channel_quantized`)."""
+    scales = {}
+    for name in [n for n in targets if n.endswith(".weight_scale")]:
+        weight = name[: -len("_scale")]
+        if weight in targets and targets[weight].tensor.dtype == FP8:
+            scales[weight] = targets.pop(name)
+    return scales
+
+
+def _load_fp8(target, scale_target, weight: torch.Tensor, scale: torch.Tensor | None, scheme: Fp8Scheme | None) -> None:
+    """Write one checkpoint weight (16/32-bit, or float8 with its checkpoint scale) and its
+    per-channel scales; the conversion runs on the weights' device."""
+    device = target.tensor.device
+    strategy, block = (scheme.weight_strategy, scheme.block_size) if scheme is not None else ("channel", None)
+    q, s = channel_quantized(weight.to(device), None if scale is None else scale.to(device), strategy, block)
+    target.load(q)
+    scale_target.load(s)
+
+
 def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
     """Random weights drawn on the weights' own device (an 8B shape fills in seconds on a GPU): each
-    checkpoint tensor whole, from a generator seeded by (seed, its name), then this rank's slice."""
+    checkpoint tensor whole, from a generator seeded by (seed, its name), then this rank's slice.
+    A float8 weight is drawn in the model dtype (the same draws as unquantized) and quantized, one
+    tensor at a time."""
     device = next(model.parameters()).device
+    dtype = model.model.embed_tokens.weight.dtype
     targets = model.checkpoint_tensors()
+    scales = _fp8_scale_targets(targets)
     if model.full_spec.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
     with torch.no_grad():
@@ -73,14 +112,18 @@ def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
                 target.tensor.zero_()
             else:
                 generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                if target.size == 1:  # the target is the whole (contiguous) tensor: the same draws, in place
+                if target.size == 1 and name not in scales:  # the whole (contiguous) tensor: the same draws, in place
                     target.tensor.normal_(0.0, 0.02, generator=generator)
                     continue
-                full = torch.empty(_full_shape(name, target, model.full_spec), dtype=target.tensor.dtype, device=device)
-                target.load(full.normal_(0.0, 0.02, generator=generator))
+                full = torch.empty(_full_shape(name, target, model.full_spec), dtype=dtype, device=device)
+                full.normal_(0.0, 0.02, generator=generator)
+                if name in scales:
+                    _load_fp8(target, scales[name], full, None, None)
+                else:
+                    target.load(full)
 
 
-def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:
+def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Scheme | None) -> None:
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
@@ -89,32 +132,81 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:
             f"{str(model_dir)!r} holds no *.safetensors weights (use load_format='dummy' for random weights)"
         )
     params = model.checkpoint_tensors()
+    scales = _fp8_scale_targets(params)
     loaded: set[str] = set()
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name.endswith(_IGNORED_SUFFIXES):
-                        continue
-                    if name not in params:
-                        raise ModelLoadError(f"{path.name}: unexpected weight {name!r} for {model.spec.architecture}")
-                    tensor = f.get_tensor(name)
-                    target = params[name]
-                    expected = _full_shape(name, target, model.full_spec)
-                    if tuple(tensor.shape) != expected:
-                        raise ModelLoadError(
-                            f"{path.name}: weight {name!r} has shape {tuple(tensor.shape)}, "
-                            f"config.json implies {expected}"
-                        )
-                    target.load(tensor)
-                    loaded.add(name)
-        except ModelLoadError:
-            raise
-        except Exception as e:  # a truncated or corrupt file: name it
-            raise ModelLoadError(f"cannot read weights from {path}: {e}") from e
+    with contextlib.ExitStack() as stack:
+        index: dict[str, tuple[Path, object]] = {}  # checkpoint name -> (its file, the open file)
+        for path in files:
+            try:
+                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            except Exception as e:  # a truncated or corrupt file: name it
+                raise ModelLoadError(f"cannot read weights from {path}: {e}") from e
+            index.update((name, (path, f)) for name in f.keys())
+        companions = _scale_names(index, scales, scheme, model_dir)
+        for name, (path, f) in index.items():
+            if name.endswith(_IGNORED_SUFFIXES) or name in companions:
+                continue
+            if name not in params:
+                if scheme is None and name.endswith(_SCALE_SUFFIXES):
+                    raise ModelLoadError(f"{path.name}: {name!r} is an FP8 scale but config.json has no FP8 "
+                                         f"quantization_config")
+                raise ModelLoadError(f"{path.name}: unexpected weight {name!r} for {model.spec.architecture}")
+            try:
+                _load_one(name, path, f, params[name], scales.get(name), index, scheme, model.full_spec)
+            except ModelLoadError:
+                raise
+            except Exception as e:  # a truncated or corrupt file: name it
+                raise ModelLoadError(f"cannot read weight {name!r} from {path}: {e}") from e
+            loaded.add(name)
     missing = set(params) - loaded
     if model.full_spec.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
         raise ModelLoadError(f"{str(model_dir)!r} lacks weights: {', '.join(sorted(missing)[:5])}")
-    logger.info("loaded %d tensors from %d file(s)", len(loaded), len(files))
+    logger.info("loaded %d tensors from %d file(s)%s", len(loaded), len(files),
+                "" if scheme is None else f", {scheme.describe()}")
+
+
+_SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale")
+
+
+def _scale_names(index: dict, scales: dict, scheme: Fp8Scheme | None, model_dir: Path) -> set[str]:
+    """The checkpoint's scale tensors of FP8 weights (read with their weight, never on their own).
+    A pre-quantized checkpoint with static activation scales must carry every `input_scale`."""
+    names = set()
+    for weight in scales:
+        module = weight[: -len(".weight")]
+        names.update(f"{module}.{suffix}" for suffix in _SCALE_SUFFIXES if f"{module}.{suffix}" in index)
+        if scheme is not None and scheme.static_input and f"{module}.input_scale" not in index:
+            raise ModelLoadError(f"{str(model_dir)!r}: quantization_config asks for static activation scales "
+                                 f"but {module}.input_scale is missing")
+    return names
+
+
+def _load_one(name, path, f, target, scale_target, index, scheme, full_spec) -> None:
+    tensor = f.get_tensor(name)
+    expected = _full_shape(name, target, full_spec)
+    if tuple(tensor.shape) != expected:
+        raise ModelLoadError(f"{path.name}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                             f"config.json implies {expected}")
+    if scale_target is None:
+        if tensor.dtype == FP8:
+            why = "config.json has no FP8 quantization_config" if scheme is None else "this layer is not quantized"
+            raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but {why}")
+        target.load(tensor)
+        return
+    scale = None
+    if tensor.dtype == FP8:
+        if scheme is None or not scheme.checkpoint_fp8:
+            raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but config.json has no FP8 "
+                                 "quantization_config")
+        module = name[: -len(".weight")]
+        candidates = (f"{module}.{s}" for s in (scheme.scale_suffix, *_SCALE_SUFFIXES[:2]))
+        found = next((c for c in candidates if c in index), None)
+        if found is None:
+            raise ModelLoadError(f"{path.name}: float8 weight {name!r} has no {module}.{scheme.scale_suffix}")
+        scale = index[found][1].get_tensor(found)
+    try:
+        _load_fp8(target, scale_target, tensor, scale, scheme)
+    except ValueError as e:
+        raise ModelLoadError(f"{path.name}: weight {name!r}: {e}") from e

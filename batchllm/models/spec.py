@@ -61,6 +61,8 @@ class ModelSpec:
     sliding_window: int | None
     checkpoint_dtype: str | None
     config_eos_token_ids: tuple[int, ...]
+    quantization: object | None = None
+    """The checkpoint's FP8 scheme (`quant_config.Fp8Scheme`) from its quantization_config; None: 16/32-bit."""
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -100,6 +102,9 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ModelLoadError(f"{config_path}: hidden_act {act!r} is not supported (only silu)")
+    from batchllm.models.quant_config import parse_quantization_config  # it imports ModelLoadError
+
+    quantization = parse_quantization_config(cfg.get("quantization_config"), str(config_path))
     try:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -131,6 +136,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             sliding_window=int(sliding) if sliding else None,
             checkpoint_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             config_eos_token_ids=eos_ids,
+            quantization=quantization,
         )
     except KeyError as e:
         raise ModelLoadError(f"{config_path} lacks the field {e.args[0]!r}") from e

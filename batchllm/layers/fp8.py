@@ -1,0 +1,153 @@
+"""FP8 (float8_e4m3fn) linear layers: weights with one float32 scale per output channel, activations
+quantized per token at run time (dynamic: scale = amax of the row / 448).
+
+y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n], accumulated in float32, output in
+the model dtype. On CUDA devices with FP8 tensor cores (compute capability >= 8.9) the sum runs in
+torch's row-wise `_scaled_mm`; elsewhere (CPU, older GPUs, a K or N not a multiple of 16) the same
+quantized operands are widened to float32 and multiplied, so CPU tests check the GPU path's math.
+
+Per-output-channel scales keep tensor parallelism simple: a column-parallel shard takes its rows'
+scales, a row-parallel shard (a slice of K) keeps every scale. Weights are quantized from the whole
+checkpoint tensor, before sharding, so every tensor-parallel size runs the same quantized model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from batchllm.layers.tp_layers import RowParallelLinear
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn."""
+_MIN_SCALE = 1e-12
+"""Floor of a scale, so an all-zero row quantizes to zeros instead of NaNs."""
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, k] -> (float8 [rows, k], float32 scales [rows, 1]) with x ~= q * scale, each row
+    scaled so its largest magnitude maps to 448 (relative rounding error <= 2^-4 per element,
+    larger only for elements below e4m3's normal range, 2^-6 * scale)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).to(torch.float32).div(FP8_MAX).clamp_(min=_MIN_SCALE)
+    q = (x.to(torch.float32) / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [rows, k] float8 with row scales [rows] or [rows, 1] -> q * scale in `dtype`."""
+    return (q.to(torch.float32) * scale.reshape(-1, 1)).to(dtype)
+
+
+def dequantize_blocks(q: torch.Tensor, block_scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """A block-wise checkpoint weight: q [n, k] float8, block_scale [ceil(n/bn), ceil(k/bk)] (the
+    last block of a row or column may be ragged) -> float32 [n, k]."""
+    n, k = q.shape
+    bn, bk = block
+    rows, cols = -(-n // bn), -(-k // bk)
+    if tuple(block_scale.shape) != (rows, cols):
+        raise ValueError(f"block scale of shape {tuple(block_scale.shape)} for a [{n}, {k}] weight with "
+                         f"{bn}x{bk} blocks; expected ({rows}, {cols})")
+    full = block_scale.to(torch.float32).repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return q.to(torch.float32) * full
+
+
+def channel_quantized(weight: torch.Tensor, scale: torch.Tensor | None, strategy: str,
+                      block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint weight [n, k] in the engine's layout: (float8 [n, k], float32 scales [n]).
+
+    A 16/32-bit weight (scale None) is quantized per row. A float8 weight keeps its values when
+    its scale is per tensor (one value, repeated over the rows) or per channel (n values); a
+    block-wise one ([ceil(n/bn), ceil(k/bk)] scales) is dequantized and requantized per row."""
+    n = weight.shape[0]
+    if weight.dtype != FP8:
+        q, s = quantize_rows(weight)
+        return q, s.view(n)
+    if scale is None:
+        raise ValueError("a float8 weight without its scale")
+    if strategy == "block":
+        q, s = quantize_rows(dequantize_blocks(weight, scale, block))
+        return q, s.view(n)
+    if strategy == "tensor" and scale.numel() == 1:
+        return weight, scale.to(torch.float32).reshape(1).expand(n).contiguous()
+    if strategy == "channel" and scale.numel() == n:
+        return weight, scale.to(torch.float32).reshape(n).contiguous()
+    raise ValueError(f"a {strategy} weight scale of shape {tuple(scale.shape)} for a weight of {n} rows")
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """FP8 tensor cores reachable through torch._scaled_mm (CUDA, compute capability 8.9 or later)."""
+    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               use_scaled_mm: bool) -> torch.Tensor:
+    """x [m, k] (model dtype) times the quantized weight [n, k] float8 with scales [n] float32 ->
+    [m, n] in x's dtype; x is quantized per row here."""
+    xq, x_scale = quantize_rows(x)  # [m, k] float8, [m, 1] float32
+    n, k = weight.shape
+    if use_scaled_mm and n % 16 == 0 and k % 16 == 0:
+        # Row-wise scaling: mat2 column-major (the transpose of the row-major [n, k] weight), scales
+        # [m, 1] and [1, n] float32, bfloat16 output (the only one row-wise scaling supports).
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, n),
+                             out_dtype=torch.bfloat16)
+        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+    y = (xq.to(torch.float32) @ weight.to(torch.float32).t()) * x_scale * weight_scale.view(1, n)
+    return y.to(x.dtype)
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer with float8 weights [out, in] and per-output-channel float32 scales [out];
+    the bias (if any) stays in the model dtype. `row_parallel`: the layer is a row-parallel shard
+    (its weight holds this rank's input columns, `tp_shard_dims`); the ranks' outputs are summed by
+    one all-reduce and the bias is added once, after it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp=None, row_parallel: bool = False) -> None:
+        super().__init__()
+        self.tp = tp if row_parallel else None
+        self.tp_shard_dims = {"weight": 1} if row_parallel else {}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.use_scaled_mm = False
+        """Set by `prepare_fp8` once the module is on its device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm)
+        y = y.view(*shape[:-1], y.shape[-1])
+        if self.tp is not None:
+            y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+def restore_fp8_dtypes(model: nn.Module) -> None:
+    """After `model.to(dtype)` (which casts every floating tensor, float8 included) put the FP8
+    layers' weights and scales back to float8 / float32. Run on the meta device: it costs nothing."""
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.weight.data = module.weight.data.to(FP8)
+            module.weight_scale.data = module.weight_scale.data.to(torch.float32)
+
+
+def prepare_fp8(model: nn.Module, device: torch.device) -> None:
+    """Choose the matmul path of every FP8 layer for `device` (once, at load)."""
+    fast = scaled_mm_supported(device)
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.use_scaled_mm = fast
+
+
+def make_linear(fp8: bool):
+    """The decoder's linear-layer factory: (in, out, bias, tp, row_parallel) -> a module. Without
+    FP8: nn.Linear for column-parallel layers (their sharding is in the shard spec) and
+    RowParallelLinear for row-parallel ones."""
+    def build(in_features: int, out_features: int, bias: bool, tp=None, row_parallel: bool = False) -> nn.Module:
+        if fp8:
+            return Fp8Linear(in_features, out_features, bias, tp, row_parallel)
+        if row_parallel:
+            return RowParallelLinear(in_features, out_features, bias, tp)
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    return build

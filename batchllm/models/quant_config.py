@@ -1,0 +1,131 @@
+"""FP8 weight quantization: which scheme a model runs with, read from the option and config.json.
+
+Torch-free. A checkpoint's `quantization_config` is parsed into an `Fp8Scheme` (or refused with a
+ModelLoadError that names what cannot be honoured); `resolve_quantization` combines it with the
+`quantization` option: a pre-quantized checkpoint runs FP8 whatever the option says as long as the
+option does not ask for something else, and `quantization="fp8"` on a 16/32-bit checkpoint
+quantizes the weights at load.
+
+Whatever the checkpoint's layout, the engine runs one layout (`layers/fp8.py`): float8_e4m3fn
+weights with one float32 scale per output channel, activations quantized per token at run time.
+Per-tensor and per-channel checkpoint scales map onto it exactly (a per-tensor scale is repeated
+over the tensor's rows, so fused q/k/v keep their own scales); block-wise weights are dequantized
+and requantized per channel at load (see `Fp8Scheme.weight_strategy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchllm.models.spec import ModelLoadError
+
+QUANTIZATION_METHODS = ("fp8",)
+"""Values of the `quantization` option (None: the checkpoint decides)."""
+
+_STRATEGIES = ("tensor", "channel", "block")
+
+
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """How the decoder's linear layers are stored in the checkpoint and run.
+
+    checkpoint_fp8: the checkpoint holds float8_e4m3fn weights with scales (else: quantized at load).
+    weight_strategy: "tensor" (one scale per checkpoint tensor), "channel" (one per output row) or
+    "block" (one per `block_size` tile; dequantized and requantized per channel at load: one
+    matmul layout, torch's row-wise `_scaled_mm`, at the cost of one more rounding of the tiles whose
+    scale was below their row's largest).
+    scale_suffix: the checkpoint name of a weight's scale (`<module>.<scale_suffix>`).
+    static_input: the checkpoint carries calibrated `input_scale`s. They must be present (a
+    checkpoint without them is refused) but activations are still quantized per token at run time,
+    which is never coarser than one calibrated scale per tensor.
+    A decoder linear the checkpoint left in 16/32 bits (an `ignore` entry) is quantized at load.
+    """
+
+    checkpoint_fp8: bool
+    weight_strategy: str = "channel"
+    block_size: tuple[int, int] | None = None
+    scale_suffix: str = "weight_scale"
+    static_input: bool = False
+    method: str = "fp8"
+
+    def describe(self) -> str:
+        if not self.checkpoint_fp8:
+            return "fp8 (weights quantized per channel at load)"
+        block = f" {self.block_size[0]}x{self.block_size[1]}" if self.block_size else ""
+        return f"{self.method} checkpoint, {self.weight_strategy}{block} weight scales"
+
+
+def parse_quantization_config(qc: object, source: str) -> Fp8Scheme | None:
+    """The scheme of a config.json `quantization_config` (None when there is none); a config this
+    engine cannot honour raises a ModelLoadError naming the method or field. `source`: the file."""
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise ModelLoadError(f"{source}: quantization_config is not a JSON object")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        return _parse_fp8(qc, source)
+    if method == "compressed-tensors":
+        return _parse_compressed_tensors(qc, source)
+    raise ModelLoadError(f"{source}: quantization_config quant_method {method!r} is not supported "
+                         f"(only FP8: quant_method 'fp8' or 'compressed-tensors' with 8-bit float weights)")
+
+
+def _parse_fp8(qc: dict, source: str) -> Fp8Scheme:
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ModelLoadError(f"{source}: fp8 fmt {fmt!r} is not supported (only e4m3)")
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise ModelLoadError(f"{source}: fp8 activation_scheme {scheme!r} is not supported (dynamic or static)")
+    block = qc.get("weight_block_size")
+    if block is None:
+        return Fp8Scheme(True, "tensor", None, "weight_scale", scheme == "static")
+    if (not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
+        raise ModelLoadError(f"{source}: fp8 weight_block_size {block!r} is not two positive integers")
+    if scheme == "static":
+        raise ModelLoadError(f"{source}: fp8 with weight_block_size needs activation_scheme 'dynamic', got 'static'")
+    return Fp8Scheme(True, "block", (block[0], block[1]), "weight_scale_inv", False)
+
+
+def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ModelLoadError(f"{source}: compressed-tensors with {len(groups)} config_groups is not supported "
+                             f"(exactly one group of FP8 Linear weights)")
+    (name, group), = groups.items()
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    if weights.get("type") != "float" or weights.get("num_bits") != 8:
+        raise ModelLoadError(f"{source}: compressed-tensors group {name!r} has weights of type "
+                             f"{weights.get('type')!r} with {weights.get('num_bits')!r} bits; only 8-bit float (FP8)")
+    strategy = weights.get("strategy")
+    if strategy not in ("tensor", "channel", "block"):
+        raise ModelLoadError(f"{source}: compressed-tensors FP8 weight strategy {strategy!r} is not supported "
+                             f"(tensor, channel or block)")
+    if weights.get("dynamic") or weights.get("symmetric") is False:
+        raise ModelLoadError(f"{source}: compressed-tensors FP8 weights must be static and symmetric")
+    block = None
+    if strategy == "block":
+        block = weights.get("block_structure")
+        if not isinstance(block, list) or len(block) != 2:
+            raise ModelLoadError(f"{source}: compressed-tensors block strategy without a block_structure")
+        block = (int(block[0]), int(block[1]))
+    static = False
+    if acts is not None:
+        if acts.get("type") != "float" or acts.get("num_bits") != 8:
+            raise ModelLoadError(f"{source}: compressed-tensors input_activations of type {acts.get('type')!r} "
+                                 f"with {acts.get('num_bits')!r} bits are not supported (8-bit float or none)")
+        static = not acts.get("dynamic", False)
+    return Fp8Scheme(True, strategy, block, "weight_scale", static, method="compressed-tensors")
+
+
+def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp8Scheme | None:
+    """The scheme the engine runs: the checkpoint's when it is pre-quantized (the option may be None
+    or name the same method), an at-load FP8 scheme for quantization='fp8', else None."""
+    if checkpoint is not None and option not in (None, "fp8"):
+        raise ValueError(f"quantization={option!r} conflicts with the checkpoint's FP8 quantization_config")
+    if option is not None and option not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization={option!r} is not supported (only {', '.join(QUANTIZATION_METHODS)} or None)")
+    if checkpoint is not None:
+        return checkpoint
+    return Fp8Scheme(checkpoint_fp8=False) if option == "fp8" else None

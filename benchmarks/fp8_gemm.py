@@ -1,0 +1,90 @@
+"""FP8 row-wise `torch._scaled_mm` against bf16 `torch.mm` on Llama-3.1-8B's linear shapes (one GPU).
+
+    python3 benchmarks/fp8_gemm.py [--json-out FILE] [--ms 0.2]      (on the device; < 1 minute on an H200)
+
+Shapes (N x K, weight [N, K]): qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336, for
+M (tokens) in 16, 256, 2048, 8192. Per case, median time (CUDA-event timing by triton.testing.do_bench
+when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
+- bf16:        torch.mm(x, w.t()) in bfloat16;
+- fp8 kernel:  torch._scaled_mm on already-quantized operands (float8_e4m3fn, row-wise float32 scales);
+- fp8 total:   what `Fp8Linear` runs per call: the per-token quantization of x (`layers/fp8.py`) plus
+               the kernel;
+and the max relative error of the fp8 output against the bf16 one (max |fp8 - bf16| / max |bf16|)
+and its relative L2 error. Inputs are N(0, 1) activations and N(0, 0.02) weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from batchllm.layers.fp8 import fp8_matmul, quantize_rows
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+TOKENS = (16, 256, 2048, 8192)
+
+
+def bench_ms(fn, ms: float) -> float:
+    try:
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=max(1, int(ms * 5)), rep=max(5, int(ms * 100)),
+                                       return_mode="median")
+    except ImportError:
+        from torch.utils import benchmark
+
+        return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=ms).median * 1e3
+
+
+def run_case(name: str, n: int, k: int, m: int, ms: float) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02)
+    wq, ws = quantize_rows(w)
+    ws = ws.view(n)
+    xq, xs = quantize_rows(x)
+    ref = torch.mm(x, w.t())
+    out = fp8_matmul(x, wq, ws, use_scaled_mm=True)
+    t_bf16 = bench_ms(lambda: torch.mm(x, w.t()), ms)
+    t_kernel = bench_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, n),
+                                                 out_dtype=torch.bfloat16), ms)
+    t_total = bench_ms(lambda: fp8_matmul(x, wq, ws, use_scaled_mm=True), ms)
+    flop = 2.0 * m * n * k
+    diff = (out.float() - ref.float())
+    return dict(layer=name, M=m, N=n, K=k, bf16_ms=t_bf16, fp8_kernel_ms=t_kernel, fp8_total_ms=t_total,
+                bf16_tflops=flop / t_bf16 / 1e9, fp8_kernel_tflops=flop / t_kernel / 1e9,
+                fp8_total_tflops=flop / t_total / 1e9,
+                max_rel_err=float(diff.abs().max() / ref.float().abs().max()),
+                rel_l2_err=float(diff.norm() / ref.float().norm()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json-out", help="write the rows as JSON here")
+    ap.add_argument("--ms", type=float, default=0.2, help="timing budget scale per measurement (default 0.2)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise SystemExit("fp8_gemm.py needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    header = (f"{'layer':8} {'M':>5} {'N':>6} {'K':>6} | {'bf16':>7} {'fp8 mm':>7} {'fp8+q':>7} TFLOP/s | "
+              f"{'mm x':>5} {'tot x':>5} | {'max rel':>8} {'rel L2':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        for m in TOKENS:
+            r = run_case(name, n, k, m, args.ms)
+            rows.append(r)
+            print(f"{name:8} {m:5d} {n:6d} {k:6d} | {r['bf16_tflops']:7.1f} {r['fp8_kernel_tflops']:7.1f} "
+                  f"{r['fp8_total_tflops']:7.1f}         | {r['bf16_ms'] / r['fp8_kernel_ms']:5.2f} "
+                  f"{r['bf16_ms'] / r['fp8_total_ms']:5.2f} | {r['max_rel_err']:8.4f} {r['rel_l2_err']:8.4f}",
+                  flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""FP8 weights end to end on CPU: quantization='fp8' at load, pre-quantized checkpoints in three
+formats (fp8 per-tensor, fp8 block-wise 128x128, compressed-tensors per-channel) checked against the
+same weights dequantized, tensor parallelism, and refused configs."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from batchllm import LLM, SamplingParams
+from batchllm.layers.fp8 import FP8, dequantize, quantize_rows
+
+pytestmark = pytest.mark.slow
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROMPTS = [[1, 5, 9, 300, 77, 12, 40, 41], [1, 5, 9, 300, 80], [400, 12, 9, 17, 600, 3, 3, 3, 3, 3, 3, 90]]
+
+LOGITS_BOUND = 0.15
+"""Relative L2 distance of the prefill logits of an FP8 checkpoint run against the unquantized run
+of the same weights dequantized. Measured on the tiny model below: 0.059 with per-tensor and
+per-channel scales (activation rounding only: transformers with the same rounding is within
+5e-7 to 1.5e-3 of the engine), 0.086 block-wise (plus the per-channel requantization of the weights)."""
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory):
+    """A random Llama (transformers' from_config, then save_pretrained) with sizes that split into
+    128-wide blocks only partly (k/v rows are 64: ragged blocks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=128, intermediate_size=384,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
+                                  eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.05)
+    out = tmp_path_factory.mktemp("fp8-base")
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _quantize(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """One checkpoint weight in `fmt`: {suffix: tensor} (suffix "" is the weight itself)."""
+    if fmt in ("fp8-tensor", "fp8-tensor-inv"):
+        scale = w.abs().max() / 448
+        return {"": (w / scale).to(FP8), "_scale_inv" if fmt == "fp8-tensor-inv" else "_scale": scale.reshape(())}
+    if fmt == "ct-channel":
+        q, scale = quantize_rows(w)
+        return {"": q, "_scale": scale}  # [n, 1], as compressed-tensors stores it
+    b = 128
+    n, k = w.shape
+    rows, cols = -(-n // b), -(-k // b)
+    scale = torch.empty(rows, cols)
+    q = torch.empty(n, k, dtype=FP8)
+    for i in range(rows):
+        for j in range(cols):
+            tile = w[i * b:(i + 1) * b, j * b:(j + 1) * b]
+            scale[i, j] = tile.abs().max() / 448
+            q[i * b:(i + 1) * b, j * b:(j + 1) * b] = (tile / scale[i, j]).to(FP8)
+    return {"": q, "_scale_inv": scale}
+
+
+def _dequantized(parts: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
+    q, scale = parts[""].float(), parts.get("_scale", parts.get("_scale_inv"))
+    if fmt == "fp8-block":
+        n, k = q.shape
+        return q * scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    return q * scale.reshape(-1, 1) if fmt == "ct-channel" else q * scale
+
+
+QUANT_CONFIGS = {
+    "fp8-tensor": {"quant_method": "fp8", "activation_scheme": "dynamic"},
+    "fp8-tensor-inv": {"quant_method": "fp8", "activation_scheme": "dynamic"},
+    "fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    "ct-channel": {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                   "config_groups": {"group_0": {
+                       "targets": ["Linear"],
+                       "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True,
+                                   "dynamic": False},
+                       "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}}}},
+}
+
+
+def write_checkpoints(base, out, fmt: str, quant_config: dict | None = None, drop: str | None = None):
+    """(the FP8 checkpoint, the same weights dequantized to float32 without a quantization_config)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(base / "model.safetensors"))
+    quantized, plain = {}, {}
+    for name, tensor in state.items():
+        module = name.rsplit(".", 2)[-2]
+        if module in LINEARS and name.endswith(".weight"):
+            parts = _quantize(tensor, fmt)
+            quantized.update({name + suffix: t for suffix, t in parts.items()})
+            plain[name] = _dequantized(parts, fmt)
+        else:
+            quantized[name] = plain[name] = tensor
+    if drop:
+        quantized = {k: v for k, v in quantized.items() if not k.endswith(drop)}
+    config = json.loads((base / "config.json").read_text())
+    dirs = []
+    for kind, tensors, qc in (("fp8", quantized, quant_config or QUANT_CONFIGS[fmt]), ("deq", plain, None)):
+        d = out / kind
+        d.mkdir()
+        save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({**config, **({"quantization_config": qc} if qc else {})}))
+        for extra in base.glob("generation_config.json"):
+            shutil.copy(extra, d / extra.name)
+        dirs.append(d)
+    return dirs
+
+
+def _prefill_logits(llm):
+    """The engine's logits for every token of every prompt, one prompt per step (in PROMPTS order)."""
+    captured = []
+    handle = llm.engine.model.model.norm.register_forward_hook(lambda m, a, out: captured.append(out[0].clone()))
+    for p in PROMPTS:
+        llm.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    handle.remove()
+    with torch.no_grad():
+        return llm.engine.model.compute_logits(torch.cat(captured)).float()
+
+
+def _hf_fake_quant_logits(model_dir):
+    """transformers in float32 on `model_dir`, the input of every decoder linear rounded per token to
+    e4m3 first (written here independently of the engine: amax / 448 per row): the math the engine's
+    FP8 path should do, with weights that are already the dequantized ones."""
+    from transformers import AutoModelForCausalLM
+
+    def round_input(module, args):
+        x = args[0]
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448
+        return ((x / scale).to(torch.float8_e4m3fn).float() * scale,)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in LINEARS:
+            module.register_forward_pre_hook(round_input)
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
+
+
+def _llm(model_dir, **kw):
+    return LLM(str(model_dir), dtype="float32", device="cpu", skip_tokenizer_init=True, prefix_sharing=False,
+               max_model_len=256, **kw)
+
+
+@pytest.mark.parametrize("fmt", list(QUANT_CONFIGS))
+def test_fp8_checkpoints_run_as_their_dequantized_weights(fmt, tiny_fp32, tmp_path):
+    from safetensors.torch import load_file
+
+    fp8_dir, deq_dir = write_checkpoints(tiny_fp32, tmp_path, fmt)
+    llm = _llm(fp8_dir)  # quantization None: detected from config.json
+    qkv = llm.engine.model.model.layers[1].self_attn.qkv_proj
+    assert qkv.weight.dtype == FP8 and llm.engine.model.lm_head.weight.dtype == torch.float32
+    deq = load_file(str(deq_dir / "model.safetensors"))
+    expected = torch.cat([deq[f"model.layers.1.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+    got = dequantize(qkv.weight, qkv.weight_scale)
+    if fmt == "fp8-block":  # requantized per channel: one more e4m3 rounding
+        bound = 2.0**-4 * expected.abs() + 2.0**-10 * qkv.weight_scale.view(-1, 1)
+        assert ((got - expected).abs() <= bound).all()
+        assert not torch.equal(got, expected)
+    else:  # per-tensor and per-channel scales are kept as they are
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    logits = _prefill_logits(llm)
+    if fmt != "fp8-block":  # the engine is transformers on the dequantized weights, activations rounded
+        ref = _hf_fake_quant_logits(deq_dir)
+        # float32 summation order differs, and an activation on an e4m3 rounding boundary may round the
+        # other way (seen: 1.5e-3 fp8-tensor, 5e-7 ct-channel); the rounding itself moves logits 0.059
+        assert float((logits - ref).norm() / ref.norm()) < 0.01
+    ref = _prefill_logits(_llm(deq_dir))
+    error = float((logits - ref).norm() / ref.norm())
+    assert 1e-3 < error < LOGITS_BOUND, f"{fmt}: FP8 logits are {error:.4f} (relative L2) from the dequantized run's"
+
+
+def test_channel_checkpoint_equals_quantizing_its_dequantized_weights(tiny_fp32, tmp_path):
+    # requantizing q * s per row gives back q and s: the two ways to FP8 are one model
+    fp8_dir, deq_dir = write_checkpoints(tiny_fp32, tmp_path, "ct-channel")
+    a, b = _prefill_logits(_llm(fp8_dir)), _prefill_logits(_llm(deq_dir, quantization="fp8"))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_under_tensor_parallelism_matches_one_process(tiny_fp32):
+    def run(tp):
+        llm = LLM(str(tiny_fp32), dtype="float32", device="cpu", skip_tokenizer_init=True, quantization="fp8",
+                  tensor_parallel_size=tp, max_model_len=256)
+        try:
+            sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+            return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+        finally:
+            llm.shutdown()
+
+    # The weights are the same (quantized whole, then sliced); a row-parallel layer's activations are
+    # scaled per token over the rank's slice of K, so they round differently (seen: up to 0.09 in a logprob
+    # of these flat distributions, logprob ~ -5, and the runners-up swap; a wrong shard or scale
+    # would change the greedy tokens).
+    one, two = run(1), run(2)
+    for (tokens_a, lp_a), (tokens_b, lp_b) in zip(one, two):
+        assert tokens_a == tokens_b
+        for token, step_a, step_b in zip(tokens_a, lp_a, lp_b):  # the chosen token's logprob
+            assert abs(step_a[token].logprob - step_b[token].logprob) < 0.25
+
+
+@pytest.mark.parametrize("quant_config, drop, message", [
+    ({"quant_method": "awq", "bits": 4}, None, "quant_method 'awq' is not supported"),
+    ({"quant_method": "fp8", "activation_scheme": "static"}, None, "static activation scales but "
+     "model.layers.0.self_attn.q_proj.input_scale is missing"),
+    ({"quant_method": "fp8"}, "layers.1.mlp.down_proj.weight_scale",
+     "has no model.layers.1.mlp.down_proj.weight_scale"),
+])
+def test_configs_we_cannot_honour_fail_at_load_by_name(quant_config, drop, message, tiny_fp32, tmp_path):
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "fp8-tensor", quant_config, drop)
+    with pytest.raises(ValueError, match=message):
+        _llm(fp8_dir)
+
+
+def test_float8_weights_without_a_quantization_config_are_refused(tiny_fp32, tmp_path):
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "fp8-tensor")
+    config = json.loads((fp8_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no FP8 quantization_config"):
+        _llm(fp8_dir)
+
+
+FP8_SMOLLM2_SAME = 0.25
+"""Fraction of the prompts whose 16 greedy tokens are the same with FP8 weights as in float32 on
+SmolLM2-135M: measured 0.25 (2 of 8), with every first token the same. A 135M model (whose weights
+are a dequantized 4-bit GGUF) is the hard case for 8-bit floats: its prefill logits move 0.14
+(relative L2; bf16: 0.011) and 88% of the prefill argmaxes stay (bf16: 98.6%); weights alone (no
+activation rounding) account for 0.084."""
+
+
+def test_fp8_on_smollm2_agrees_with_float32_at_first(default_model_dir, default_llm):
+    from tests.e2e.prompts import CHAT_PROMPTS, RAW_PROMPTS
+
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    fp8 = LLM(str(default_model_dir), dtype="float32", device="cpu", quantization="fp8", max_model_len=2048)
+    assert type(fp8.engine.model.model.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
+
+    def tokens(llm):
+        outs = llm.generate(RAW_PROMPTS, sp, use_tqdm=False) + llm.chat(CHAT_PROMPTS, sp, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+    a, b = tokens(fp8), tokens(default_llm)
+    same = sum(x == y for x, y in zip(a, b)) / len(a)
+    first = sum(x[0] == y[0] for x, y in zip(a, b)) / len(a)
+    print(f"FP8 vs float32 on SmolLM2: {same:.2f} of prompts identical over 16 tokens, {first:.2f} first tokens")
+    assert same >= FP8_SMOLLM2_SAME and first >= 0.75
+
+
+def test_dummy_fp8_weights_are_the_dummy_weights_quantized(tiny_fp32):
+    plain = _llm(tiny_fp32, load_format="dummy").engine.model
+    fp8 = _llm(tiny_fp32, load_format="dummy", quantization="fp8").engine.model
+    for attr in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        a, b = plain.get_submodule(f"model.layers.1.{attr}"), fp8.get_submodule(f"model.layers.1.{attr}")
+        assert b.weight.dtype == FP8 and b.weight_scale.shape == (a.weight.shape[0],)
+        q, s = quantize_rows(a.weight.data)
+        assert torch.equal(b.weight.float(), q.float()) and torch.equal(b.weight_scale, s.view(-1))
+    assert torch.equal(plain.lm_head.weight, fp8.lm_head.weight)
