@@ -82,10 +82,11 @@ def scaled_mm_supported(device: torch.device) -> bool:
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               use_scaled_mm: bool) -> torch.Tensor:
+               use_scaled_mm: bool, quantize=quantize_rows) -> torch.Tensor:
     """x [m, k] (model dtype) times the quantized weight [n, k] float8 with scales [n] float32 ->
-    [m, n] in x's dtype; x is quantized per row here."""
-    xq, x_scale = quantize_rows(x)  # [m, k] float8, [m, 1] float32
+    [m, n] in x's dtype; x is quantized per row here by `quantize` (`quantize_rows` or its Triton
+    kernel, the same bits)."""
+    xq, x_scale = quantize(x)  # [m, k] float8, [m, 1] float32
     n, k = weight.shape
     if use_scaled_mm and n % 16 == 0 and k % 16 == 0:
         # Row-wise scaling: mat2 column-major (the transpose of the row-major [n, k] weight), scales
@@ -111,11 +112,13 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.use_scaled_mm = False
-        """Set by `prepare_fp8` once the module is on its device."""
+        self.quantize = quantize_rows
+        """Both set by `prepare_fp8` once the module is on its device."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm)
+        y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm,
+                       self.quantize)
         y = y.view(*shape[:-1], y.shape[-1])
         if self.tp is not None:
             y = self.tp.all_reduce(y)
@@ -132,11 +135,19 @@ def restore_fp8_dtypes(model: nn.Module) -> None:
 
 
 def prepare_fp8(model: nn.Module, device: torch.device) -> None:
-    """Choose the matmul path of every FP8 layer for `device` (once, at load)."""
+    """Choose the matmul path and the activation quantizer of every FP8 layer for `device` (once,
+    at load): on FP8 GPUs `_scaled_mm`, and the Triton quantizer where Triton is installed."""
     fast = scaled_mm_supported(device)
+    quantize = quantize_rows
+    if fast:
+        try:
+            from batchllm.layers.fp8_triton import quantize_rows_triton as quantize
+        except ImportError:
+            pass
     for module in model.modules():
         if isinstance(module, Fp8Linear):
             module.use_scaled_mm = fast
+            module.quantize = quantize
 
 
 def make_linear(fp8: bool):

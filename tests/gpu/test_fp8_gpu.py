@@ -71,3 +71,17 @@ def test_engine_fp8_on_a_dummy_llama_mostly_agrees_with_bf16(tmp_path):
     # random weights give flat logits (std ~0.6 over 32,000 tokens: top-2 gaps ~0.1), so FP8's few
     # percent of error flips some argmaxes; a broken FP8 path agrees on ~none
     assert first >= 0.5
+
+
+@pytest.mark.parametrize("k", [64, 4096, 14336])
+def test_triton_quantizer_gives_the_torch_bits(k):
+    from batchllm.layers.fp8_triton import quantize_rows_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(333, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 3
+    x[5] = 0  # an all-zero row: the floor scale, zeros out
+    x[7, 3] = 1e4  # an outlier sets its row's scale
+    q_ref, s_ref = quantize_rows(x)
+    q, s = quantize_rows_triton(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
