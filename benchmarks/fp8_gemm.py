@@ -7,8 +7,8 @@ M (tokens) in 16, 256, 2048, 8192. Per case, median time (CUDA-event timing by t
 when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - bf16:        torch.mm(x, w.t()) in bfloat16;
 - fp8 kernel:  torch._scaled_mm on already-quantized operands (float8_e4m3fn, row-wise float32 scales);
-- fp8 total:   what `Fp8Linear` runs per call: the per-token quantization of x (`layers/fp8.py`) plus
-               the kernel;
+- fp8 total:   what `Fp8Linear` runs per call on CUDA: the per-token quantization of x (the Triton
+               kernel of `layers/fp8_triton.py`) plus the kernel;
 and the max relative error of the fp8 output against the bf16 one (max |fp8 - bf16| / max |bf16|)
 and its relative L2 error. Inputs are N(0, 1) activations and N(0, 0.02) weights.
 """
@@ -21,6 +21,7 @@ import json
 import torch
 
 from batchllm.layers.fp8 import fp8_matmul, quantize_rows
+from batchllm.layers.fp8_triton import quantize_rows_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TOKENS = (16, 256, 2048, 8192)
@@ -50,7 +51,7 @@ def run_case(name: str, n: int, k: int, m: int, ms: float) -> dict:
     t_bf16 = bench_ms(lambda: torch.mm(x, w.t()), ms)
     t_kernel = bench_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, n),
                                                  out_dtype=torch.bfloat16), ms)
-    t_total = bench_ms(lambda: fp8_matmul(x, wq, ws, use_scaled_mm=True), ms)
+    t_total = bench_ms(lambda: fp8_matmul(x, wq, ws, use_scaled_mm=True, quantize=quantize_rows_triton), ms)
     flop = 2.0 * m * n * k
     diff = (out.float() - ref.float())
     return dict(layer=name, M=m, N=n, K=k, bf16_ms=t_bf16, fp8_kernel_ms=t_kernel, fp8_total_ms=t_total,

@@ -22,8 +22,9 @@ def _quantize_rows_kernel(X, Q, Scale, stride_x, stride_q, n_cols, fp8_max, min_
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) / fp8_max, min_scale)
-    q = tl.minimum(tl.maximum(x / scale, -fp8_max), fp8_max)
+    # div_rn: IEEE division as torch's (Triton's `/` on float32 is the approximate PTX division)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
     tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
     tl.store(Scale + row, scale)
 
