@@ -108,9 +108,10 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None)
     kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)
     overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
     core = EngineCore(Scheduler(sc, kv, facts.max_model_len), runner, async_scheduling=overlap)
-    logger.info("model %s (%s) on %s, %s, max_model_len %d, %d KV blocks of %d tokens, tensor parallel %d",
-                facts.model_dir, facts.spec.architecture, facts.device, facts.dtype, facts.max_model_len,
-                kv_spec.num_blocks, kv_spec.block_size, config.parallel.tensor_parallel_size)
+    logger.info("model %s (%s) on %s, %s, max_model_len %d, %d KV blocks of %d tokens (%s, %.2f GiB), tensor "
+                "parallel %d", facts.model_dir, facts.spec.architecture, facts.device, facts.dtype,
+                facts.max_model_len, kv_spec.num_blocks, kv_spec.block_size, kv_spec.dtype, kv_spec.num_bytes / 2**30,
+                config.parallel.tensor_parallel_size)
     return Engine(config, facts.model_dir, facts.spec, facts.device, facts.dtype, facts.max_model_len,
                   runner.model, kv_spec, runner, core, followers)
 
@@ -134,7 +135,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
         backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention)
     else:
         backend = TorchReferenceBackend()
-    backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device)
+    backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device, kv_spec.dtype)
     runner = ModelRunner(model, kv_spec, backend, device=device, dtype=dtype, seed=mc.seed, tp=tp)
     if backend.supports_decode_graphs and device.type == "cuda" and not mc.enforce_eager:
         max_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
