@@ -253,6 +253,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     "nosharing-eager": ("no sharing, decode CUDA graphs off", dict(_OFF, enforce_eager=True)),
     **{f"dp{n}": (f"sharing, {n} data-parallel engines", dict(_ON, data_parallel_size=n)) for n in (1, 2, 4, 8)},
     **{f"tp{n}": (f"sharing, model over {n} GPUs", dict(_ON, tensor_parallel_size=n)) for n in (1, 2, 4, 8)},
+    "fp8kv": ("sharing, FP8 KV cache (2x the tokens per GiB)", dict(_ON, kv_cache_dtype="fp8")),
 }
 
 
@@ -416,4 +417,5 @@ def _line(s: dict) -> str:
             + (f"  MFU {100 * s['mfu']:4.1f}%" if "mfu" in s else "")
             + (f"  GPU idle {100 * s['gpu_idle_fraction']:4.1f}%  peak mem {s['peak_gpu_memory_gib']:.1f} GiB"
                if "gpu_idle_fraction" in s else "")
-            + (f"  graph steps {s['graph_steps']}" if s.get("graph_steps") else ""))
+            + (f"  graph steps {s['graph_steps']}" if s.get("graph_steps") else "")
+            + (f"  KV {s['kv_cache_dtype']} {s['kv_tokens']} tok" if "kv_tokens" in s else ""))
