@@ -26,8 +26,10 @@ from tests.attention_cases import group_decode, random_case
 
 
 def fp8_cache(cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
-    """A [2, blocks, bs, kvh, d] cache quantized as `store_kv` would have written it."""
-    return torch.stack([quantize(cache[0], kv_scale[0]), quantize(cache[1], kv_scale[1])])
+    """A [2, blocks, bs, kvh, d] cache quantized as `store_kv` would have written it (stacked as bytes:
+    not every op has a float8 kernel on every device)."""
+    k, v = quantize(cache[0], kv_scale[0]), quantize(cache[1], kv_scale[1])
+    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8_DTYPE)
 
 
 def dequantized(cache: torch.Tensor, kv_scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
