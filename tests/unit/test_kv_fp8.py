@@ -45,7 +45,8 @@ def test_option_declared_once_with_its_choices_and_a_clear_error():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16)
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
-    assert resolve_kv_cache_dtype("fp8_e4m3", torch.float32) == resolve_kv_cache_dtype("fp8", torch.float16) == FP8_DTYPE
+    assert resolve_kv_cache_dtype("fp8_e4m3", torch.float32) == FP8_DTYPE
+    assert resolve_kv_cache_dtype("fp8", torch.float16) == FP8_DTYPE
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     assert engine_kwargs_from_args(parser.parse_args(["--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
