@@ -169,3 +169,22 @@ def test_checkpoint_kv_scales_load_per_layer_and_bad_ones_are_refused(tiny_model
         with pytest.raises(ModelLoadError, match=message):
             LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True,
                 num_kv_blocks=64)
+
+
+def test_admission_sees_the_larger_fp8_pool(tiny_model_factory):
+    """The same memory: the float32 pool holds 40 blocks (half the batch's projected 80), the fp8
+    pool 160, so all 8 requests run at once and the batch takes fewer steps."""
+    from batchllm import LLM, SamplingParams
+
+    model_dir = tiny_model_factory("llama")
+    prompts = [{"prompt_token_ids": [1000 + 50 * i + j for j in range(30)]} for i in range(8)]  # nothing shared
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    steps = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(model_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, block_size=4,
+                  kv_cache_memory_gib=40 * 2048 / 2**30, max_num_batched_tokens=256, kv_cache_dtype=kv)
+        llm.generate(prompts, params, use_tqdm=False)
+        steps[kv] = llm.last_stats["num_steps"]
+        assert llm.last_stats["kv_blocks"] == {"auto": 40, "fp8": 160}[kv]
+    assert steps["fp8"] == 10, "one prefill step and 9 decode steps for all 8 requests together"
+    assert steps["auto"] >= 2 * steps["fp8"] - 1, "two waves of 4 (measured: 20 steps)"
