@@ -255,6 +255,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     **{f"steps{n // 1024}k": (f"sharing, {n}-token steps", dict(_ON, max_num_batched_tokens=n))
        for n in (2048, 4096, 8192, 16384, 32768)},
     "fp8": ("sharing, FP8 weights and activations", dict(_ON, quantization="fp8")),
+    "fp8kv": ("sharing, FP8 KV cache (2x the tokens per GiB)", dict(_ON, kv_cache_dtype="fp8")),
+    "fp8w+kv": ("sharing, FP8 weights and KV cache", dict(_ON, quantization="fp8", kv_cache_dtype="fp8")),
 }
 
 
@@ -410,4 +412,5 @@ def _line(s: dict) -> str:
             + (f"  MFU {100 * s['mfu']:4.1f}%" if "mfu" in s else "")
             + (f"  GPU idle {100 * s['gpu_idle_fraction']:4.1f}%  peak mem {s['peak_gpu_memory_gib']:.1f} GiB"
                if "gpu_idle_fraction" in s else "")
-            + (f"  graph steps {s['graph_steps']}" if s.get("graph_steps") else ""))
+            + (f"  graph steps {s['graph_steps']}" if s.get("graph_steps") else "")
+            + (f"  KV {s['kv_cache_dtype']} {s['kv_tokens']} tok" if "kv_tokens" in s else ""))

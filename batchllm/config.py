@@ -22,6 +22,7 @@ from batchllm.prefix.plan import PLAN_MODES
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _KERNEL_CHOICES = ("auto", "torch", "triton")
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # as attention/kv_quant.KV_CACHE_DTYPES (this module imports no torch)
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
@@ -111,13 +112,17 @@ class CacheConfig(_Checked):
                                            "activations + KV) when the KV size is automatic", above=0, at_most=1)
     num_kv_blocks: int | None = option(None, "exact number of KV blocks (overrides the memory settings; tests "
                                        "use it to force preemption)", at_least=1)
+    kv_cache_dtype: str = option("auto", "element type of the KV cache; auto: the model's dtype; fp8 (= fp8_e4m3): "
+                                 "float8_e4m3fn with a per-layer k/v scale (the checkpoint's k_scale/v_scale, else "
+                                 "1.0), half the bytes of a 16-bit cache per token, so twice the tokens fit",
+                                 choices=_KV_CACHE_DTYPES)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig(_Checked):
     max_num_batched_tokens: int | None = option(None, "token budget of one forward step (decode tokens + "
                                                 "prefill chunks); None: chosen from the device (engine."
-                                                "DEFAULT_STEP_TOKENS: 8192 on CUDA, 2048 on CPU)", at_least=1)
+                                                "DEFAULT_STEP_TOKENS: 16384 on CUDA, 2048 on CPU)", at_least=1)
     max_num_seqs: int | None = option(None, "most requests running at once; None: no cap (admission is by "
                                       "projected KV memory)", at_least=1)
     kv_admission_threshold: float = option(1.0, "admit new work while the projected KV use (prefixes once + "

@@ -325,7 +325,15 @@ class LLM:
             "max_sharing_degree": max((p["max_sharing_degree"] for p in call.plans), default=0),
             "planned_prefill_tokens": sum(p["prefill_tokens"] for p in call.plans),
             "plan_seconds": call.plan_seconds,
+            **kv_pool_stats(self.engine.kv_spec),
         }
+
+
+def kv_pool_stats(kv_spec) -> dict[str, Any]:
+    """The KV pool as the statistics report it: its element type, blocks, tokens and GiB (one
+    tensor-parallel rank's share of the heads; fp8 holds twice a 16-bit cache's tokens per GiB)."""
+    return {"kv_cache_dtype": str(kv_spec.dtype).removeprefix("torch."), "kv_blocks": kv_spec.num_blocks,
+            "kv_tokens": kv_spec.num_tokens, "kv_cache_gib": kv_spec.num_bytes / 2**30}
 
 
 @dataclass

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from batchllm.attention.kv_quant import split_scales, store_slots
+
 
 @dataclass
 class AttentionMetadata:
@@ -45,8 +47,9 @@ class AttentionBackend(Protocol):
     """Whether decode steps may run as CUDA graphs over this backend (it has a static decode plan)."""
 
     def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-               device: torch.device) -> None:
-        """Prepare for these shapes before the first step (compile kernels); may do nothing."""
+               device: torch.device, kv_dtype: torch.dtype | None = None) -> None:
+        """Prepare for these shapes before the first step (compile kernels); may do nothing.
+        kv_dtype: the cache's element type (None: dtype)."""
         ...
 
     def forward(
@@ -57,14 +60,18 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,  # [2] float32: k_scale, v_scale of an fp8 cache; None: 1.0
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Store key/value of the new tokens into the cache, then attend causally over each
-        sequence's cached + new tokens."""
+        """Store key/value of the new tokens into the cache (quantized with kv_scale when the cache
+        is fp8: `kv_quant.py`), then attend causally over each sequence's cached + new tokens."""
         ...
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write the new tokens' K and V into their slots of the paged cache."""
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             kv_scale: torch.Tensor | None = None) -> None:
+    """Write the new tokens' K and V into their slots of the paged cache; an fp8 cache stores
+    them quantized with kv_scale ([2]: k_scale, v_scale; None: 1.0)."""
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    k_scale, v_scale = split_scales(kv_cache, kv_scale)
+    store_slots(kv_cache[0].view(-1, num_kv_heads, head_dim), slot_mapping, key, k_scale)
+    store_slots(kv_cache[1].view(-1, num_kv_heads, head_dim), slot_mapping, value, v_scale)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
+from batchllm.attention.kv_quant import read_slots, split_scales
 
 GROUP_SLACK = 1.5
 """A group's padded area (seqs x max query len x max seq len) may exceed its real area by this factor ..."""
@@ -112,7 +113,7 @@ class TorchReferenceBackend:
     supports_decode_graphs = False
 
     def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-               device: torch.device) -> None:
+               device: torch.device, kv_dtype: torch.dtype | None = None) -> None:
         """Nothing to compile."""
 
     def forward(
@@ -123,18 +124,22 @@ class TorchReferenceBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,  # [2] float32: k_scale, v_scale of an fp8 cache; None: 1.0
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        """An fp8 cache is dequantized (to the query's dtype) as it is gathered: the math is SDPA's."""
+        store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scale)
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = key.shape[1]
         keys = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [slots, kvh, d]
         values = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        k_scale, v_scale = split_scales(kv_cache, kv_scale)
         out = torch.empty_like(query)
         for g in _step_groups(metadata, query.device):
             n, max_q, max_len = g.num_seqs, g.max_query_len, g.max_seq_len
             q = query.index_select(0, g.query_rows).view(n, max_q, num_heads, head_dim).transpose(1, 2)
-            k = keys.index_select(0, g.key_slots).view(n, max_len, num_kv_heads, head_dim).transpose(1, 2)
-            v = values.index_select(0, g.key_slots).view(n, max_len, num_kv_heads, head_dim).transpose(1, 2)
+            k = read_slots(keys, g.key_slots, query.dtype, k_scale).view(n, max_len, num_kv_heads, head_dim)
+            v = read_slots(values, g.key_slots, query.dtype, v_scale).view(n, max_len, num_kv_heads, head_dim)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
                                                enable_gqa=num_heads != num_kv_heads)
             o = o.transpose(1, 2).reshape(n * max_q, num_heads, head_dim)  # [padded rows, h, d]

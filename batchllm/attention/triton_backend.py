@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
+from batchllm.attention.kv_quant import FP8_DTYPE, is_fp8
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, WorkItems, plan_work_items
 from batchllm.layers.transfer import to_device_packed
 
@@ -60,7 +61,8 @@ if triton is not None:
         block_idx = block_idx.to(tl.int64)  # block * stride passes 2^31 elements on big caches
         slot = k_pos % BLOCK_SIZE
         k_ptrs = K_cache + block_idx[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None]
-        k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # [D, BLOCK_N]
+        # an fp8 cache's values cast up exactly (e4m3 fits in 16 bits); its scales are applied by the caller
+        k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # [D, BLOCK_N]
         s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         if MASKED:
             s = tl.where((k_pos[None, :] <= pos[:, None]) & k_valid[None, :], s, float("-inf"))
@@ -73,7 +75,7 @@ if triton is not None:
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = V_cache + block_idx[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
-        v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i, acc
 
@@ -81,7 +83,7 @@ if triton is not None:
     # table width change every step, so they are not specialized (one variant serves all steps)
     @triton.jit(do_not_specialize=["item_offset", "stride_bt"])
     def _paged_attention_kernel(
-        Q, K_cache, V_cache, Out, Part_out, Part_lse,
+        Q, K_cache, V_cache, KV_scale, Out, Part_out, Part_lse,
         block_tables, item_seq, item_q_off, item_q_len, item_kv_lo, item_kv_hi, item_part, q_tokens, q_pos,
         item_count, sm_scale_log2,
         stride_qt, stride_qh,
@@ -100,6 +102,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
+        FP8_KV: tl.constexpr,
     ):
         # the grid may hold more programs than the launch has items (a CUDA graph's grid is fixed at
         # capture): programs past the count read on the device do nothing
@@ -132,6 +135,8 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        if FP8_KV:  # scores are q . (k_scale * k): fold k_scale into the softmax scale (read on the device)
+            sm_scale_log2 = sm_scale_log2 * tl.load(KV_scale)
 
         # keys past the item's last query are masked for every row: stop there. Keys up to the first
         # query are visible to every row: whole tiles of them need no mask (the causal diagonal and
@@ -151,6 +156,8 @@ if triton is not None:
                 BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if FP8_KV:  # the output is linear in V: v_scale once, here (partials too, so the merge is unchanged)
+            out = out * tl.load(KV_scale + 1)
         mask = row_valid[:, None] & d_valid[None, :]
         if part < 0:
             o_ptrs = Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -290,6 +297,7 @@ class TritonBackend:
         self.use_prefix_groups = use_prefix_groups
         self.prefill_launch = prefill_launch
         self.plan_options = plan_options
+        self._unit_scales: dict[torch.device, torch.Tensor] = {}
 
     def forward(
         self,
@@ -299,8 +307,15 @@ class TritonBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,  # [2] float32: k_scale, v_scale of an fp8 cache; None: 1.0
     ) -> torch.Tensor:
-        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        """An fp8 cache (`kv_quant.py`) is read by the same kernel, compiled with FP8_KV: values cast
+        up to the query's dtype, k_scale folded into the softmax scale, v_scale applied to the
+        output; both scales are read on the device (fixed addresses: CUDA graphs replay them)."""
+        store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scale)
+        fp8 = is_fp8(kv_cache)
+        if fp8 and kv_scale is None:
+            kv_scale = self._unit_scale(query.device)
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
@@ -312,7 +327,7 @@ class TritonBackend:
         t = plan.tensors
         for launch in plan.launches:
             _paged_attention_kernel[(launch.grid, num_kv_heads)](
-                query, k_cache, v_cache, out, part_out, part_lse,
+                query, k_cache, v_cache, kv_scale if fp8 else part_lse, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
                 t["q_tokens"], t["q_pos"], launch.count,
                 scale * math.log2(math.e),
@@ -326,7 +341,7 @@ class TritonBackend:
                 HEAD_DIM_PAD=dot_head_dim(head_dim), BLOCK_Q=launch.block_q,
                 BLOCK_M=max(16, launch.block_q * group_pad), BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-                num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
+                FP8_KV=fp8, num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
         if plan.merge_grid:
             _merge_partials_kernel[(plan.merge_grid,)](
@@ -338,12 +353,16 @@ class TritonBackend:
         return out
 
     def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-               device: torch.device) -> None:
+               device: torch.device, kv_dtype: torch.dtype | None = None) -> None:
         """Compile every kernel variant a run can meet (decode with and without prefix groups, mixed
-        steps, the merge) before the first step, so no step stalls on the Triton compiler."""
+        steps, the merge) before the first step, so no step stalls on the Triton compiler.
+        kv_dtype: the cache's element type (None: dtype; fp8 compiles the FP8_KV variants)."""
         shared, members = MIN_SHARED_TOKENS, MIN_GROUP_MEMBERS
         blocks = -(-(shared + 2) // block_size)
-        cache = torch.zeros(2, blocks * (members + 1), block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        shape = (2, blocks * (members + 1), block_size, num_kv_heads, head_dim)
+        kv_dtype = kv_dtype or dtype
+        fp8 = kv_dtype == FP8_DTYPE  # zeros through a uint8 view: fill kernels need not exist for float8
+        cache = torch.zeros(shape, dtype=torch.uint8 if fp8 else kv_dtype, device=device).view(kv_dtype)
         table = list(range(blocks))
         decode = [(shared + 1, 1)] * members  # (cached, new) per sequence
         for specs, grouped in ((decode, True), (decode, False), ([(0, 20), (shared, 1)], False)):
@@ -363,6 +382,14 @@ class TritonBackend:
             kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
             self.forward(q, kv, kv, cache, md, head_dim ** -0.5)
         torch.cuda.synchronize(device)
+
+    def _unit_scale(self, device: torch.device) -> torch.Tensor:
+        """k_scale = v_scale = 1.0 (16-byte aligned, as the model's per-layer scales), for calls
+        with an fp8 cache and no scales; made once per device (a fixed address)."""
+        scales = self._unit_scales
+        if device not in scales:
+            scales[device] = torch.ones(4, dtype=torch.float32, device=device)[:2]
+        return scales[device]
 
     def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
               num_kv_heads: int, element_size: int = 2) -> LaunchPlan:

@@ -48,6 +48,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, ops)
         else:
             self.q_norm = self.k_norm = None
+        self.kv_scale: torch.Tensor | None = None
+        """[2] float32 (k_scale, v_scale) of an fp8 KV cache, a row of the model's `kv_scales` (set
+        by `DecoderForCausalLM.set_kv_scales`; not a buffer: it stays float32 whatever the model's
+        dtype); read only when the cache is fp8."""
 
     def forward(
         self,
@@ -67,7 +71,7 @@ class Attention(nn.Module):
             q = self.q_norm(qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim))
             k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim))
             q, k = rotary(q), rotary(k)
-        out = backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        out = backend.forward(q, k, v, kv_cache, metadata, self.scale, self.kv_scale)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -153,6 +157,18 @@ class DecoderForCausalLM(nn.Module):
         if residual is None:  # no layers
             return self.model.norm(hidden)
         return self.model.norm(hidden, residual)[0]
+
+    def set_kv_scales(self, scales: torch.Tensor) -> None:
+        """scales: [num_layers, 4] float32, (k_scale, v_scale, unused, unused) per layer: each layer's
+        attention reads its row's first two (a 16-byte aligned view, so one compiled Triton variant
+        serves every layer). Written once, while the model is loaded; the views keep their
+        addresses, so CUDA graphs read the loaded values."""
+        if scales.shape != (len(self.model.layers), 4) or scales.dtype != torch.float32:
+            raise ValueError(f"kv scales must be [{len(self.model.layers)}, 4] float32, got "
+                             f"{list(scales.shape)} {scales.dtype}")
+        self.kv_scales = scales
+        for layer, row in zip(self.model.layers, scales):
+            layer.self_attn.kv_scale = row[:2]
 
     def use_ops(self, ops) -> None:
         """Switch every module to another elementwise-op policy (benchmarks compare them in one process)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import re
 import zlib
 from pathlib import Path
 
@@ -30,6 +32,12 @@ from batchllm.models.spec import ModelLoadError, ModelSpec
 logger = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_KV_SCALE_NAME = re.compile(
+    r"model\.layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\.output_scale|v_proj\.output_scale"
+    r"|k_proj\.k_scale|v_proj\.v_scale)")
+"""Per-tensor FP8 KV-cache scales as checkpoints name them (vLLM / compressed-tensors `self_attn.k_scale`,
+AutoFP8 and Quark `k_proj.output_scale`, ModelOpt `k_proj.k_scale`, the older `kv_scale` for both)."""
 
 
 def build_model(
@@ -56,6 +64,8 @@ def build_model(
     model.model.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling).to(device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    # KV-cache scales: 1.0 (vLLM's default without calibrated scales) unless the checkpoint has them
+    model.set_kv_scales(torch.ones(spec.num_layers, 4, dtype=torch.float32, device=device))
     if load_format == "dummy":
         _fill_random(model, seed)
     else:
@@ -143,8 +153,13 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
                 raise ModelLoadError(f"cannot read weights from {path}: {e}") from e
             index.update((name, (path, f)) for name in f.keys())
         companions = _scale_names(index, scales, scheme, model_dir)
+        num_kv_scales = 0
         for name, (path, f) in index.items():
             if name.endswith(_IGNORED_SUFFIXES) or name in companions:
+                continue
+            if (match := _KV_SCALE_NAME.fullmatch(name)) is not None:
+                _load_kv_scale(model, match, f.get_tensor(name), path.name)
+                num_kv_scales += 1
                 continue
             if name not in params:
                 if scheme is None and name.endswith(_SCALE_SUFFIXES):
@@ -163,7 +178,7 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
         missing.discard("lm_head.weight")
     if missing:
         raise ModelLoadError(f"{str(model_dir)!r} lacks weights: {', '.join(sorted(missing)[:5])}")
-    logger.info("loaded %d tensors from %d file(s)%s", len(loaded), len(files),
+    logger.info("loaded %d tensors (and %d KV-cache scales) from %d file(s)%s", len(loaded), num_kv_scales, len(files),
                 "" if scheme is None else f", {scheme.describe()}")
 
 
@@ -210,3 +225,21 @@ def _load_one(name, path, f, target, scale_target, index, scheme, full_spec) -> 
         _load_fp8(target, scale_target, tensor, scale, scheme)
     except ValueError as e:
         raise ModelLoadError(f"{path.name}: weight {name!r}: {e}") from e
+
+
+def _load_kv_scale(model: DecoderForCausalLM, match: re.Match, tensor: torch.Tensor, file: str) -> None:
+    """One layer's k_scale or v_scale (kv_scale: both) into `model.kv_scales`; a per-tensor scale
+    (one value, the same on every tensor-parallel rank) that is finite and positive."""
+    layer, kind = int(match.group(1)), match.group(2)
+    if layer >= model.full_spec.num_layers:
+        raise ModelLoadError(f"{file}: KV-cache scale {match.group(0)!r} for layer {layer}, but the model has "
+                             f"{model.full_spec.num_layers} layers")
+    if tensor.numel() != 1:
+        raise ModelLoadError(f"{file}: KV-cache scale {match.group(0)!r} has shape {tuple(tensor.shape)}; only "
+                             "per-tensor scales (one value) are supported")
+    value = float(tensor.float().item())
+    if not math.isfinite(value) or value <= 0:
+        raise ModelLoadError(f"{file}: KV-cache scale {match.group(0)!r} is {value}; it must be finite and > 0")
+    columns = (0, 1) if kind == "kv_scale" else (0,) if kind.startswith("k") else (1,)
+    for column in columns:
+        model.kv_scales[layer, column] = value

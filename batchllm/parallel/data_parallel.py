@@ -251,7 +251,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     output_tokens = sum(r["output_tokens"] for r in ranks)
     finish = [r["finish_s"] for r in ranks]
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
-            "wall_s", "finish_s")
+            "wall_s", "finish_s", "kv_blocks", "kv_tokens")
     return {
         "num_requests": sum(r["num_requests"] for r in ranks),
         "prompt_tokens": prompt_tokens,
@@ -264,6 +264,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         "plan_seconds": plan_seconds,
         "prefix_sharing": sharing.prefix_sharing, "plan_mode": sharing.plan_mode, "group_order": sharing.group_order,
         "data_parallel_size": len(ranks),
+        "kv_cache_dtype": ranks[0].get("kv_cache_dtype") if ranks else None,
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
         "duplicated_prefill_tokens": partition.duplicated_prefill_tokens,
         "num_split_groups": partition.num_split_groups,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
+from batchllm.attention.kv_quant import resolve_kv_cache_dtype
 from batchllm.config import CacheConfig
 from batchllm.layers.logits_processors import OutputHistory
 from batchllm.layers.prompt_logprobs import PromptLogprobTensors, compute_prompt_logprobs
@@ -45,22 +46,31 @@ _DEFAULT_CPU_KV_GIB = 2.0
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """What was found at start-up: the size of the paged KV cache."""
+    """What was found at start-up: the size of the paged KV cache and its element type."""
 
     num_blocks: int
     block_size: int
-    bytes_per_block: int
+    bytes_per_block: int  # of this rank's cache (its KV heads), all layers, K and V
+    dtype: torch.dtype  # the model's dtype, or float8_e4m3fn (kv_cache_dtype="fp8": 1 byte per element)
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    @property
+    def num_bytes(self) -> int:
+        """The pool's bytes (the runner allocates one block more: the CUDA graphs' padding block)."""
+        return self.num_blocks * self.bytes_per_block
+
 
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
                   tp=None) -> KVCacheSpec:
-    """spec: the model's (a tensor-parallel rank's shard spec: its KV heads); with tp, every rank
-    takes the smallest block count any rank can hold, so their block pools are the same."""
-    bytes_per_block = spec.kv_bytes_per_token * cache.block_size * torch.tensor([], dtype=dtype).element_size()
+    """spec: the model's (a tensor-parallel rank's shard spec: its KV heads); dtype: the model's,
+    which the cache keeps unless kv_cache_dtype says otherwise (fp8: half the bytes of a 16-bit
+    cache per token, so a memory budget holds twice the blocks). With tp, every rank takes the
+    smallest block count any rank can hold, so their block pools are the same."""
+    kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)
+    bytes_per_block = spec.kv_bytes_per_token * cache.block_size * torch.empty(0, dtype=kv_dtype).element_size()
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     elif cache.kv_cache_memory_gib is not None:
@@ -79,7 +89,8 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
         num_blocks = int(agreed.item())
     if num_blocks < 1:
         raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory settings")
-    return KVCacheSpec(num_blocks=num_blocks, block_size=cache.block_size, bytes_per_block=bytes_per_block)
+    return KVCacheSpec(num_blocks=num_blocks, block_size=cache.block_size, bytes_per_block=bytes_per_block,
+                       dtype=kv_dtype)
 
 
 class ModelRunner:
@@ -111,8 +122,9 @@ class ModelRunner:
         # one block beyond the pool's: where the padding rows of a CUDA graph's step store their K/V
         shape = (spec.num_layers, 2, kv_spec.num_blocks + 1, kv_spec.block_size, spec.num_kv_heads, spec.head_dim)
         # Never read before written: the attention only reads slots below each sequence's length.
-        self.kv_cache = torch.empty(shape, dtype=dtype, device=device)  # [layers, 2, blocks, bs, kvh, d]
+        self.kv_cache = torch.empty(shape, dtype=kv_spec.dtype, device=device)  # [layers, 2, blocks, bs, kvh, d]
         self.kv_caches = list(self.kv_cache.unbind(0))
+        self._kv_bytes = self.kv_cache.view(torch.uint8)  # block copies as bytes: index kernels exist for any dtype
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self._tables = _BlockTables(max_width=kv_spec.num_blocks)  # no table outgrows the pool
@@ -152,7 +164,7 @@ class ModelRunner:
         if batch.block_copies:
             pairs = to_device(batch.block_copies, self.device, torch.int64)
             # copy-on-write of partial prefix blocks
-            self.kv_cache[:, :, pairs[:, 1]] = self.kv_cache[:, :, pairs[:, 0]]
+            self._kv_bytes[:, :, pairs[:, 1]] = self._kv_bytes[:, :, pairs[:, 0]]
         step = self._host_inputs(batch)
         extras = self._sampling_extras(step.sample_rows)  # host work, while the step before runs
         graph_size = self._prepare_graph_step(step)

@@ -44,3 +44,19 @@ def test_three_ranks_on_smollm2(default_model_dir):
 def test_sizes_that_do_not_divide_are_named(tiny_model_factory):
     with pytest.raises(ModelLoadError, match="num_key_value_heads"):
         LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=4)
+
+
+def test_fp8_kv_cache_with_checkpoint_scales_over_two_ranks(tiny_model_factory, tmp_path):
+    """Each rank's cache holds its KV heads in fp8; the per-layer scales (the checkpoint's, replicated)
+    are the same on every rank: two ranks give one process's tokens."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    model_dir = tmp_path / "scaled"
+    shutil.copytree(tiny_model_factory("llama"), model_dir)
+    save_file({f"model.layers.{i}.self_attn.{n}": torch.tensor(s) for i in range(2) for n, s in
+               (("k_scale", 0.5), ("v_scale", 2.0))}, str(model_dir / "kv-scales.safetensors"))
+    one, two = (_run(str(model_dir), tp, kv_cache_dtype="fp8") for tp in (1, 2))
+    _assert_same(one, two, 1e-3)

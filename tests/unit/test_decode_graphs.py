@@ -156,3 +156,43 @@ def test_graph_steps_survive_preemption_and_placeholders(tiny_model_factory):
     got, graph_steps, preemptions = run(True)
     assert none == 0 and graph_steps > 0 and preemptions > 0
     assert got == eager
+
+
+@interpreted
+def test_fp8_cache_through_the_graph_buffers_gives_the_reference_tokens(tiny_model_factory, tmp_path):
+    """An fp8 KV cache with checkpoint scales (0.5 for K, 2.0 for V): decode steps through the
+    graphs' buffers (static plans, Triton interpreted) give the tokens of the torch reference over
+    the same fp8 cache; the shared prefix's partial block is copied as bytes (copy-on-write)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from batchllm import LLM, SamplingParams
+    from batchllm.layers.triton_ops import TritonOps
+
+    model_dir = tmp_path / "scaled"
+    shutil.copytree(tiny_model_factory("llama"), model_dir)
+    save_file({f"model.layers.{i}.self_attn.{n}": torch.tensor(s) for i in range(2) for n, s in
+               (("k_scale", 0.5), ("v_scale", 2.0))}, str(model_dir / "kv-scales.safetensors"))
+    shared = list(range(100, 140))
+    prompts = [shared + [7 + i, 300 + i] for i in range(4)] + [list(range(500, 520))]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 9, 5, 7, 6)]
+
+    def run(graphs: bool):
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", max_num_batched_tokens=32, skip_tokenizer_init=True,
+                  kv_cache_dtype="fp8")
+        runner = llm.engine.runner
+        assert runner.kv_cache.dtype == torch.float8_e4m3fn
+        assert llm.engine.model.kv_scales[:, :2].tolist() == [[0.5, 2.0]] * 2
+        if graphs:
+            llm.engine.model.use_ops(TritonOps())
+            runner.backend = TritonBackend(min_members=2, min_shared=1)
+            runner.setup_decode_graphs(4, llm.max_model_len, capture=False, extra_items=4)
+        out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert llm.last_stats["num_block_copies"] > 0 and llm.last_stats["kv_cache_dtype"] == "float8_e4m3fn"
+        return [o.outputs[0].token_ids for o in out], runner.num_graph_steps
+
+    want, _ = run(False)
+    got, graph_steps = run(True)
+    assert graph_steps >= 5
+    assert got == want

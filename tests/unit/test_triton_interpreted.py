@@ -86,6 +86,30 @@ def test_attention_kernel_matches_reference(name, specs, options):
         assert len(plan.items.merge_tokens) > 0, "split-K partials were merged"
 
 
+@pytest.mark.parametrize("name, specs, options", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+def test_attention_kernel_over_fp8_cache_matches_reference(name, specs, options):
+    """Every item kind (tiles, prefix and suffix items, split-K pieces and their merge) over an fp8
+    cache with non-trivial scales: the reference over the same cache, dequantized (k_scale folded
+    into the softmax scale and v_scale on the output give the same numbers); the new tokens are
+    stored as the same bytes."""
+    from batchllm.attention.triton_backend import TritonBackend
+    from tests.unit.test_kv_fp8 import fp8_cache
+
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
+    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
+    cache = fp8_cache(cache, kv_scale)
+    ref_cache = cache.clone()
+    ref = TorchReferenceBackend().forward(q, k, v, ref_cache, md, 0.125, kv_scale)
+    out = TritonBackend(**options).forward(q, k, v, cache, md, 0.125, kv_scale)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    if "min_members" in options:
+        assert plan.items.num_group_items > 0, "the prefix-shared path ran"
+    if "split_len" in options:
+        assert len(plan.items.merge_tokens) > 0, "split-K partials were merged"
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
     """The whole GPU path (Triton attention with prefix groups, Triton norm/rotary/SiLU) on the CPU:

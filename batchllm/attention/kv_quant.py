@@ -1,0 +1,78 @@
+"""The KV cache's element type, and FP8 quantization of what is stored in it.
+
+With `kv_cache_dtype="auto"` the cache holds K/V in the model's dtype and nothing here changes a
+value. With "fp8" (alias "fp8_e4m3") it holds `torch.float8_e4m3fn`: one byte per element, so the
+same memory holds twice the tokens of a 16-bit cache. Each layer has one float32 scale for K and one
+for V (`kv_scale`, a [2] tensor: k_scale, v_scale), 1.0 unless the checkpoint provides calibrated
+ones (as vLLM does). Invariants:
+
+* written: `quantize` (x / scale, clamped to +-448, cast; the clamp because a cast of a value past
+  e4m3's range is NaN on some devices, where torch's CPU cast saturates);
+* read: `x.to(dtype) * scale` by every attention path (`read_slots` here for the torch reference;
+  the Triton kernel folds k_scale into the softmax scale and multiplies its output by v_scale,
+  which is the same arithmetic since attention is linear in V);
+* indexing (scatter of new tokens, gathers, copy-on-write block copies) goes through a uint8 view
+  of the cache: the same bytes, and index kernels exist for uint8 on every device (not all exist
+  for float8 types).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_DTYPE, "fp8_e4m3": FP8_DTYPE}
+"""`kv_cache_dtype` option -> the cache's element type (None: the model's dtype)."""
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for the `kv_cache_dtype` option; an unknown name is a ValueError."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {name!r}")
+    return KV_CACHE_DTYPES[name] or model_dtype
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == FP8_DTYPE
+
+
+def split_scales(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(k_scale, v_scale) of an fp8 cache (None, None: 1.0, or a cache that is not fp8; no views
+    are made then, for the 16-bit path's host time)."""
+    if kv_scale is None or not is_fp8(cache):
+        return None, None
+    return kv_scale[0], kv_scale[1]
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x / scale, clamped to e4m3's range, as float8_e4m3fn (scale None: 1.0)."""
+    x = x.to(torch.float32)
+    if scale is not None:
+        x = x / scale
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """float8 values times scale, in `dtype` (the product is taken in float32, then rounded once)."""
+    x = x.to(torch.float32)
+    if scale is not None:
+        x = x * scale
+    return x.to(dtype)
+
+
+def store_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """cache [slots, kv_heads, head_dim] (a view of one layer's K or V): rows `slots` := x, quantized
+    when the cache is fp8 (x in the model's dtype)."""
+    if not is_fp8(cache):
+        cache.index_copy_(0, slots, x)
+        return
+    cache.view(torch.uint8).index_copy_(0, slots, quantize(x, scale).view(torch.uint8))
+
+
+def read_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype,
+               scale: torch.Tensor | None) -> torch.Tensor:
+    """Rows `slots` of cache [slots, kv_heads, head_dim] in `dtype`, dequantized when the cache is fp8."""
+    if not is_fp8(cache):
+        return cache.index_select(0, slots)
+    return dequantize(cache.view(torch.uint8).index_select(0, slots).view(FP8_DTYPE), scale, dtype)

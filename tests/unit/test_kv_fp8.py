@@ -1,0 +1,190 @@
+"""The FP8 KV cache on CPU: the option, the quantized store and read, the pool's byte arithmetic,
+checkpoint scales, and the torch reference attention over an fp8 cache."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from batchllm.attention.backend import store_kv
+from batchllm.attention.kv_quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    KV_CACHE_DTYPES,
+    dequantize,
+    quantize,
+    read_slots,
+    resolve_kv_cache_dtype,
+)
+from batchllm.attention.torch_ref import TorchReferenceBackend
+from batchllm.config import CacheConfig
+from batchllm.options import add_engine_arguments, engine_config, engine_kwargs_from_args
+from batchllm.runner.model_runner import plan_kv_cache
+from tests.attention_cases import group_decode, random_case
+
+
+def fp8_cache(cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
+    """A [2, blocks, bs, kvh, d] cache quantized as `store_kv` would have written it (stacked as bytes:
+    not every op has a float8 kernel on every device)."""
+    k, v = quantize(cache[0], kv_scale[0]), quantize(cache[1], kv_scale[1])
+    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8_DTYPE)
+
+
+def dequantized(cache: torch.Tensor, kv_scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return torch.stack([dequantize(cache[0], kv_scale[0], dtype), dequantize(cache[1], kv_scale[1], dtype)])
+
+
+def test_option_declared_once_with_its_choices_and_a_clear_error():
+    assert set(CacheConfig.__dataclass_fields__["kv_cache_dtype"].metadata["choices"]) == set(KV_CACHE_DTYPES)
+    assert engine_config(kv_cache_dtype="fp8").cache.kv_cache_dtype == "fp8"
+    assert engine_config().cache.kv_cache_dtype == "auto"
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3'\), got 'int8'"):
+        engine_config(kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16)
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp8_e4m3", torch.float32) == FP8_DTYPE
+    assert resolve_kv_cache_dtype("fp8", torch.float16) == FP8_DTYPE
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_kwargs_from_args(parser.parse_args(["--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
+    with pytest.raises(SystemExit):  # argparse refuses what is not a choice
+        parser.parse_args(["--kv-cache-dtype", "int8"])
+
+
+def test_quantize_round_trip_is_within_e4m3_precision_and_clamps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * 3, torch.randn(64, generator=g) * 2.0**-10])  # + subnormals
+    scale = torch.tensor(0.25)
+    q = quantize(x, scale)
+    assert q.dtype == FP8_DTYPE
+    back = dequantize(q, scale, torch.float32)
+    normal = (x / scale).abs() >= 2.0**-6  # e4m3's normal range: 3 mantissa bits, relative error <= 2^-4
+    rel = ((back - x).abs() / x.abs())[normal]
+    assert rel.max() <= 2.0**-4 + 1e-6
+    assert (back - x)[~normal].abs().max() <= 2.0**-10 * scale  # subnormals: absolute error <= half a step
+    assert torch.equal(q.view(torch.uint8), (x / scale).to(FP8_DTYPE).view(torch.uint8)), "x / scale, cast"
+    big = torch.tensor([1e4, -1e4, 500.0 * 0.25])
+    assert dequantize(quantize(big, scale), scale, torch.float32).tolist() == [FP8_MAX * 0.25, -FP8_MAX * 0.25, 112.0]
+    assert torch.equal(dequantize(quantize(x * 100, None), None, torch.float32),
+                       (x * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float())
+
+
+def test_store_kv_quantizes_into_its_slots_only_and_reads_back_dequantized():
+    g = torch.Generator().manual_seed(1)
+    blocks, bs, kvh, d = 4, 4, 2, 8
+    cache = torch.zeros(2, blocks, bs, kvh, d, dtype=torch.uint8).view(FP8_DTYPE)
+    key, value = torch.randn(3, kvh, d, generator=g), torch.randn(3, kvh, d, generator=g)
+    slots = torch.tensor([13, 2, 7])
+    kv_scale = torch.tensor([0.5, 2.0])
+    store_kv(key, value, cache, slots, kv_scale)
+    flat_k, flat_v = cache[0].view(-1, kvh, d), cache[1].view(-1, kvh, d)
+    assert torch.equal(flat_k[slots].view(torch.uint8), quantize(key, kv_scale[0]).view(torch.uint8))
+    assert torch.equal(flat_v[slots].view(torch.uint8), quantize(value, kv_scale[1]).view(torch.uint8))
+    others = torch.ones(blocks * bs, dtype=torch.bool)
+    others[slots] = False
+    assert not cache.view(torch.uint8).reshape(2, -1, kvh, d)[:, others].any(), "other slots untouched"
+    got_k = read_slots(flat_k, slots, torch.bfloat16, kv_scale[0])
+    assert got_k.dtype == torch.bfloat16
+    torch.testing.assert_close(got_k.float(), key, rtol=2.0**-4, atol=2.0**-9)
+    torch.testing.assert_close(read_slots(flat_v, slots, torch.float32, kv_scale[1]), value, rtol=2.0**-4, atol=2.0**-7)
+
+
+def test_kv_pool_bytes_per_block_use_one_byte_per_element(tiny_model_factory):
+    from pathlib import Path
+
+    from batchllm.models.spec import read_model_spec
+
+    spec = read_model_spec(Path(tiny_model_factory("llama")))
+    cpu = torch.device("cpu")
+    plans = {(dtype, kv): plan_kv_cache(spec, CacheConfig(kv_cache_memory_gib=0.5, kv_cache_dtype=kv), dtype, cpu)
+             for dtype in (torch.float32, torch.bfloat16) for kv in ("auto", "fp8")}
+    per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim  # K and V elements per token
+    for (dtype, kv), plan in plans.items():
+        element = 1 if kv == "fp8" else torch.empty(0, dtype=dtype).element_size()
+        assert plan.dtype == (FP8_DTYPE if kv == "fp8" else dtype)
+        assert plan.bytes_per_block == per_token * 16 * element
+        assert plan.num_blocks == 2**29 // plan.bytes_per_block
+        assert plan.num_bytes == plan.num_blocks * plan.bytes_per_block <= 2**29
+    # 0.5 GiB divides evenly here: exactly 2x the blocks of a bf16 cache, 4x those of a float32 one
+    assert plans[torch.bfloat16, "fp8"].num_blocks == 2 * plans[torch.bfloat16, "auto"].num_blocks
+    assert plans[torch.float32, "fp8"].num_blocks == 4 * plans[torch.float32, "auto"].num_blocks
+    assert plans[torch.float32, "fp8"] == plans[torch.bfloat16, "fp8"]
+
+
+REFERENCE_CASES = [
+    ("decode-and-prefill", [(37, 1), (300, 1), (0, 77), (64, 40)]),
+    ("groups", group_decode(6, 300, 20) + [(90, 1)]),
+]
+
+
+@pytest.mark.parametrize("name, specs", REFERENCE_CASES, ids=[c[0] for c in REFERENCE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_attention_over_fp8_cache_is_attention_over_its_dequantized_values(name, specs, dtype):
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, dtype, seed=3, device="cpu")
+    kv_scale = torch.tensor([0.75, 1.5])
+    fp8 = fp8_cache(cache, kv_scale)
+    out = TorchReferenceBackend().forward(q, k, v, fp8, md, 0.125, kv_scale)
+    # the same attention over a cache in `dtype` holding what the fp8 cache holds (new tokens included:
+    # stored again as the values they were quantized to)
+    plain = dequantized(fp8, kv_scale, dtype)
+    kq, vq = (plain[i].view(-1, *k.shape[1:])[md.slot_mapping] for i in (0, 1))
+    want = TorchReferenceBackend().forward(q, kq, vq, plain, md, 0.125)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    full = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)  # no quantization at all
+    err = float((out.float() - full.float()).norm() / full.float().norm())
+    assert err < 0.05, f"fp8 KV attention is {err:.3f} (relative L2) from full precision"
+
+
+def test_checkpoint_kv_scales_load_per_layer_and_bad_ones_are_refused(tiny_model_factory, tmp_path):
+    """vLLM's `self_attn.k_scale`, AutoFP8's `k_proj.output_scale` and the older `kv_scale` (both)
+    land in the model's per-layer scales; absent ones stay 1.0."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from batchllm import LLM
+    from batchllm.models.spec import ModelLoadError
+
+    model_dir = tmp_path / "scaled"
+    shutil.copytree(tiny_model_factory("llama"), model_dir)
+    save_file({"model.layers.0.self_attn.k_scale": torch.tensor(0.5),
+               "model.layers.0.self_attn.v_proj.output_scale": torch.tensor([2.0]),
+               "model.layers.1.self_attn.kv_scale": torch.tensor(0.25, dtype=torch.bfloat16)},
+              str(model_dir / "zz-kv-scales.safetensors"))
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True,
+              num_kv_blocks=64)
+    model = llm.engine.model
+    assert model.kv_scales[:, :2].tolist() == [[0.5, 2.0], [0.25, 0.25]]
+    assert [layer.self_attn.kv_scale.tolist() for layer in model.model.layers] == [[0.5, 2.0], [0.25, 0.25]]
+    assert model.model.layers[1].self_attn.kv_scale.data_ptr() % 16 == 0, "each layer's scales 16-byte aligned"
+    out = llm.generate([{"prompt_token_ids": list(range(5, 30))}], use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) > 0
+    for bad, message in (({"model.layers.0.self_attn.k_scale": torch.ones(2)}, "only per-tensor scales"),
+                         ({"model.layers.0.self_attn.v_scale": torch.tensor(0.0)}, "must be finite and > 0"),
+                         ({"model.layers.9.self_attn.k_scale": torch.tensor(1.0)}, "the model has 2 layers")):
+        save_file(bad, str(model_dir / "zz-kv-scales.safetensors"))
+        with pytest.raises(ModelLoadError, match=message):
+            LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True,
+                num_kv_blocks=64)
+
+
+def test_admission_sees_the_larger_fp8_pool(tiny_model_factory):
+    """The same memory: the float32 pool holds 40 blocks (half the batch's projected 80), the fp8
+    pool 160, so all 8 requests run at once and the batch takes fewer steps."""
+    from batchllm import LLM, SamplingParams
+
+    model_dir = tiny_model_factory("llama")
+    prompts = [{"prompt_token_ids": [1000 + 50 * i + j for j in range(30)]} for i in range(8)]  # nothing shared
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    steps = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(model_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, block_size=4,
+                  kv_cache_memory_gib=40 * 2048 / 2**30, max_num_batched_tokens=256, kv_cache_dtype=kv)
+        llm.generate(prompts, params, use_tqdm=False)
+        steps[kv] = llm.last_stats["num_steps"]
+        assert llm.last_stats["kv_blocks"] == {"auto": 40, "fp8": 160}[kv]
+    assert steps["fp8"] == 10, "one prefill step and 9 decode steps for all 8 requests together"
+    assert steps["auto"] >= 2 * steps["fp8"] - 1, "two waves of 4 (measured: 20 steps)"
