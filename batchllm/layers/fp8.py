@@ -85,7 +85,7 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                use_scaled_mm: bool, quantize=quantize_rows) -> torch.Tensor:
     """x [m, k] (model dtype) times the quantized weight [n, k] float8 with scales [n] float32 ->
     [m, n] in x's dtype; x is quantized per row here by `quantize` (`quantize_rows` or its Triton
-    kernel, the same bits)."""
+    kernel, the same arithmetic)."""
     xq, x_scale = quantize(x)  # [m, k] float8, [m, 1] float32
     n, k = weight.shape
     if use_scaled_mm and n % 16 == 0 and k % 16 == 0:

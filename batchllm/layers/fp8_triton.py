@@ -2,7 +2,9 @@
 the model dtype, one write of float8 values and a float32 scale, where the torch form
 (`fp8.quantize_rows`) runs amax, a float32 copy, a divide, a clamp and a cast as kernels of their
 own over the whole activation. Same arithmetic: scale = max(amax / 448, 1e-12) in float32, q =
-round-to-nearest-even(clamp(x / scale, +-448)), so both give the same bits.
+round-to-nearest-even(clamp(x / scale, +-448)), with IEEE divisions where torch on CUDA multiplies
+by the reciprocal of a scalar: scales may be 1 ulp apart, and a value at a rounding tie one e4m3
+step apart (0.03% of elements on an H200; tests/gpu/test_fp8_gpu.py).
 Imported only on CUDA where Triton is installed (`fp8.prepare_fp8` decides).
 """
 
