@@ -45,6 +45,8 @@ def generate(model, dtype: str, conversations, max_tokens: int, device: str, **e
     wall = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outs]
     texts = [o.outputs[0].text for o in outs]
+    if hasattr(llm, "shutdown"):  # frees the device memory for the next engine (the older code has none)
+        llm.shutdown()
     del llm
     return tokens, texts, wall
 
@@ -75,6 +77,8 @@ def agreement(reference: list[list[int]], ref_texts, other: list[list[int]], oth
 def main_agreement(args) -> dict:
     conversations = chat_prompts(args.num_prompts, args.seed)
     engine = {"kernels": args.kernels}
+    if args.kv_cache_memory_gib:
+        engine["kv_cache_memory_gib"] = args.kv_cache_memory_gib
     ref, ref_texts, wall32 = generate(args.model, "float32", conversations, args.max_tokens, args.device, **engine)
     bf, bf_texts, wall16 = generate(args.model, "bfloat16", conversations, args.max_tokens, args.device, **engine)
     summary = agreement(ref, ref_texts, bf, bf_texts)
@@ -92,6 +96,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--seed", type=int, default=0, help="order and choice of the prompts")
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                        help="KV cache of each engine (None: the engine's default)")
     parser.add_argument("--layers", action="store_true", help="per-op and per-layer error table (CPU)")
     parser.add_argument("--layer-prompts", type=int, default=16, help="--layers: chat prompts in the prefill")
     parser.add_argument("--json-out", default=None)
