@@ -326,9 +326,10 @@ class TritonBackend:
         part_out, part_lse = plan.part_out, plan.part_lse
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = plan.tensors
+        kv_scale_arg = kv_scale if fp8 else part_lse  # read only with FP8_KV: any float32 tensor stands in
         for launch in plan.launches:
             _paged_attention_kernel[(launch.grid, num_kv_heads)](
-                query, k_cache, v_cache, kv_scale if fp8 else part_lse, out, part_out, part_lse,
+                query, k_cache, v_cache, kv_scale_arg, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
                 t["q_tokens"], t["q_pos"], launch.count,
                 scale * math.log2(math.e),
