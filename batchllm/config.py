@@ -43,7 +43,8 @@ class _Checked:
             if value is None and f.default is None:
                 continue
             if "choices" in m and value not in m["choices"]:
-                raise ValueError(f"{f.name} must be one of {m['choices']}, got {value!r}")
+                none = " or None" if f.default is None else ""  # a None default is always accepted (above)
+                raise ValueError(f"{f.name} must be one of {m['choices']}{none}, got {value!r}")
             low, above, high = m.get("at_least"), m.get("above"), m.get("at_most")
             if (low is not None and value < low) or (above is not None and value <= above) or (
                     high is not None and value > high):

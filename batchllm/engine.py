@@ -161,7 +161,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     else:
         backend = TorchReferenceBackend()
     backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device, kv_spec.dtype)
-    runner = ModelRunner(model, kv_spec, backend, device=device, dtype=dtype, seed=mc.seed, tp=tp)
+    runner = ModelRunner(model, kv_spec, backend, device=device, seed=mc.seed, tp=tp)
     if backend.supports_decode_graphs and device.type == "cuda" and not mc.enforce_eager:
         max_batch = min(mc.max_cudagraph_capture_size, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31)
         runner.setup_decode_graphs(max_batch, facts.max_model_len)

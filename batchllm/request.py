@@ -1,4 +1,5 @@
-"""Per-request engine state. Written only by the scheduler (`core/scheduler.py`).
+"""Per-request engine state. Written only by the scheduler (`core/scheduler.py`; the prompt-logprob
+fields through the functions of `core/prompt_logprobs.py`, which only the scheduler calls).
 
 Invariant: `num_computed_tokens <= num_tokens`; the tokens in `[num_computed_tokens, num_tokens)` are
 the ones whose KV is still missing. A fresh request starts at 0 (prefill), a decoding request is one

@@ -6,8 +6,8 @@ same memory holds twice the tokens of a 16-bit cache. Each layer has one float32
 for V (`kv_scale`, a [2] tensor: k_scale, v_scale), 1.0 unless the checkpoint provides calibrated
 ones (as vLLM does). Invariants:
 
-* written: `quantize` (x / scale, clamped to +-448, cast; the clamp because a cast of a value past
-  e4m3's range is NaN on some devices, where torch's CPU cast saturates);
+* written: `layers/fp8.quantize` (x / scale, clamped to +-448, cast: the same cast as FP8 weights
+  and activations);
 * read: `x.to(dtype) * scale` by every attention path (`read_slots` here for the torch reference;
   the Triton kernel folds k_scale into the softmax scale and multiplies its output by v_scale,
   which is the same arithmetic since attention is linear in V);
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_DTYPE, "fp8_e4m3": FP8_DTYPE}
+from batchllm.layers.fp8 import FP8, dequantize, quantize
+
+KV_CACHE_DTYPES = {"auto": None, "fp8": FP8, "fp8_e4m3": FP8}
 """`kv_cache_dtype` option -> the cache's element type (None: the model's dtype)."""
 
 
@@ -34,7 +34,7 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def is_fp8(cache: torch.Tensor) -> bool:
-    return cache.dtype == FP8_DTYPE
+    return cache.dtype == FP8
 
 
 def split_scales(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -43,22 +43,6 @@ def split_scales(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> tuple[to
     if kv_scale is None or not is_fp8(cache):
         return None, None
     return kv_scale[0], kv_scale[1]
-
-
-def quantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x / scale, clamped to e4m3's range, as float8_e4m3fn (scale None: 1.0)."""
-    x = x.to(torch.float32)
-    if scale is not None:
-        x = x / scale
-    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
-def dequantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """float8 values times scale, in `dtype` (the product is taken in float32, then rounded once)."""
-    x = x.to(torch.float32)
-    if scale is not None:
-        x = x * scale
-    return x.to(dtype)
 
 
 def store_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -75,4 +59,4 @@ def read_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype,
     """Rows `slots` of cache [slots, kv_heads, head_dim] in `dtype`, dequantized when the cache is fp8."""
     if not is_fp8(cache):
         return cache.index_select(0, slots)
-    return dequantize(cache.view(torch.uint8).index_select(0, slots).view(FP8_DTYPE), scale, dtype)
+    return dequantize(cache.view(torch.uint8).index_select(0, slots).view(FP8), scale, dtype)

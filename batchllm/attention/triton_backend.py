@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
-from batchllm.attention.kv_quant import FP8_DTYPE, is_fp8
+from batchllm.attention.kv_quant import is_fp8
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, WorkItems, plan_work_items
+from batchllm.layers.fp8 import FP8
 from batchllm.layers.transfer import to_device_packed
 
 try:
@@ -325,9 +326,10 @@ class TritonBackend:
         part_out, part_lse = plan.part_out, plan.part_lse
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = plan.tensors
+        kv_scale_arg = kv_scale if fp8 else part_lse  # read only with FP8_KV: any float32 tensor stands in
         for launch in plan.launches:
             _paged_attention_kernel[(launch.grid, num_kv_heads)](
-                query, k_cache, v_cache, kv_scale if fp8 else part_lse, out, part_out, part_lse,
+                query, k_cache, v_cache, kv_scale_arg, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
                 t["q_tokens"], t["q_pos"], launch.count,
                 scale * math.log2(math.e),
@@ -361,7 +363,7 @@ class TritonBackend:
         blocks = -(-(shared + 2) // block_size)
         shape = (2, blocks * (members + 1), block_size, num_kv_heads, head_dim)
         kv_dtype = kv_dtype or dtype
-        fp8 = kv_dtype == FP8_DTYPE  # zeros through a uint8 view: fill kernels need not exist for float8
+        fp8 = kv_dtype == FP8  # zeros through a uint8 view: fill kernels need not exist for float8
         cache = torch.zeros(shape, dtype=torch.uint8 if fp8 else kv_dtype, device=device).view(kv_dtype)
         table = list(range(blocks))
         decode = [(shared + 1, 1)] * members  # (cached, new) per sequence

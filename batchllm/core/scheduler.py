@@ -98,6 +98,11 @@ class Scheduler:
         self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
         admission: MemoryAdmission | None = None,
     ) -> None:
+        """config: with its step budget resolved (the engine replaces max_num_batched_tokens=None by
+        the device's default, `engine.DEFAULT_STEP_TOKENS`, before building a scheduler)."""
+        if config.max_num_batched_tokens is None:
+            raise ValueError("Scheduler needs a step budget: max_num_batched_tokens is None (the engine "
+                             "resolves the device default in resolve_model)")
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len

@@ -30,13 +30,26 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scaled so its largest magnitude maps to 448 (relative rounding error <= 2^-4 per element,
     larger only for elements below e4m3's normal range, 2^-6 * scale)."""
     scale = x.abs().amax(dim=-1, keepdim=True).to(torch.float32).div(FP8_MAX).clamp_(min=_MIN_SCALE)
-    q = (x.to(torch.float32) / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale
+    return quantize(x, scale), scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q [rows, k] float8 with row scales [rows] or [rows, 1] -> q * scale in `dtype`."""
-    return (q.to(torch.float32) * scale.reshape(-1, 1)).to(dtype)
+def quantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x / scale in float32, clamped to +-448, cast to float8_e4m3fn (scale: broadcastable to x, or
+    None: 1.0). The clamp because a cast of a value past e4m3's range is NaN on some devices, where
+    torch's CPU cast saturates. The one quantizing cast of weights, activations and the KV cache."""
+    x = x.to(torch.float32)
+    if scale is not None:
+        x = x / scale
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float8 q times scale, taken in float32 and rounded once to `dtype`. scale: one per row of q
+    ([rows] or [rows, 1]), one value (a 0-d tensor: a KV cache's per-layer scale), or None (1.0)."""
+    x = q.to(torch.float32)
+    if scale is not None:
+        x = x * (scale.reshape(-1, 1) if scale.dim() == 1 else scale)
+    return x.to(dtype)
 
 
 def dequantize_blocks(q: torch.Tensor, block_scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+_WEIGHT_SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
+"""Names of an FP8 weight's dequantization scale (`<module>.<suffix>`): the scheme's own first, then these."""
+_SCALE_SUFFIXES = (*_WEIGHT_SCALE_SUFFIXES, "input_scale")
+"""Every scale an FP8 module may carry in a checkpoint (all read with the weight, never on their own)."""
+
 _KV_SCALE_NAME = re.compile(
     r"model\.layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\.output_scale|v_proj\.output_scale"
     r"|k_proj\.k_scale|v_proj\.v_scale)")
@@ -182,8 +187,6 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
                 "" if scheme is None else f", {scheme.describe()}")
 
 
-_SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale")
-
 
 def _scale_names(index: dict, scales: dict, scheme: Fp8Scheme | None, model_dir: Path) -> set[str]:
     """The checkpoint's scale tensors of FP8 weights (read with their weight, never on their own).
@@ -198,7 +201,12 @@ def _scale_names(index: dict, scales: dict, scheme: Fp8Scheme | None, model_dir:
     return names
 
 
-def _load_one(name, path, f, target, scale_target, index, scheme, full_spec) -> None:
+def _load_one(name: str, path: Path, f, target, scale_target, index: dict, scheme: Fp8Scheme | None,
+              full_spec: ModelSpec) -> None:
+    """Load checkpoint tensor `name` (from the open file `f`) into `target`, checking its shape
+    against config.json. With a `scale_target` the layer is FP8: a 16/32-bit weight is quantized, a
+    float8 one comes with its scale (found in `index`, any file) and both are converted to the
+    run-time layout. A float8 weight anywhere else is refused by name."""
     tensor = f.get_tensor(name)
     expected = _full_shape(name, target, full_spec)
     if tuple(tensor.shape) != expected:
@@ -216,7 +224,7 @@ def _load_one(name, path, f, target, scale_target, index, scheme, full_spec) -> 
             raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but config.json has no FP8 "
                                  "quantization_config")
         module = name[: -len(".weight")]
-        candidates = (f"{module}.{s}" for s in (scheme.scale_suffix, *_SCALE_SUFFIXES[:2]))
+        candidates = (f"{module}.{s}" for s in (scheme.scale_suffix, *_WEIGHT_SCALE_SUFFIXES))
         found = next((c for c in candidates if c in index), None)
         if found is None:
             raise ModelLoadError(f"{path.name}: float8 weight {name!r} has no {module}.{scheme.scale_suffix}")

@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # quant_config imports this module (ModelLoadError)
+    from batchllm.models.quant_config import Fp8Scheme
 
 
 class ModelLoadError(ValueError):
@@ -61,7 +65,7 @@ class ModelSpec:
     sliding_window: int | None
     checkpoint_dtype: str | None
     config_eos_token_ids: tuple[int, ...]
-    quantization: object | None = None
+    quantization: Fp8Scheme | None = None
     """The checkpoint's FP8 scheme (`quant_config.Fp8Scheme`) from its quantization_config; None: 16/32-bit."""
 
     @property
@@ -78,7 +82,9 @@ class ModelSpec:
         return self.num_layers * per_layer + embed + h
 
 
-def read_model_spec(model_dir: Path) -> ModelSpec:
+def _read_config(model_dir: Path) -> tuple[Path, dict]:
+    """(the path of model_dir's config.json, its JSON object); anything else is a ModelLoadError
+    naming the directory or file."""
     if not model_dir.exists():
         raise ModelLoadError(f"model directory {str(model_dir)!r} does not exist")
     if not model_dir.is_dir():
@@ -92,6 +98,14 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
         raise ModelLoadError(f"cannot read {config_path}: {e}") from e
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{config_path} does not hold a JSON object")
+    return config_path, cfg
+
+
+def read_model_spec(model_dir: Path) -> ModelSpec:
+    """The ModelSpec of a Hugging Face model directory from its config.json alone (no weights read);
+    an unsupported architecture, activation or quantization_config, or a missing or malformed
+    field, is a ModelLoadError naming it."""
+    config_path, cfg = _read_config(model_dir)
     architectures = cfg.get("architectures") or []
     arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:

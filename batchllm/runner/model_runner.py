@@ -101,7 +101,6 @@ class ModelRunner:
         backend: AttentionBackend,
         *,
         device: torch.device,
-        dtype: torch.dtype,
         seed: int,
         tp=None,
     ) -> None:

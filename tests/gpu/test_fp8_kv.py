@@ -10,8 +10,8 @@ import torch
 
 from batchllm import LLM, SamplingParams
 from batchllm.attention.backend import AttentionMetadata
-from batchllm.attention.kv_quant import FP8_DTYPE, quantize
 from batchllm.attention.torch_ref import TorchReferenceBackend
+from batchllm.layers.fp8 import FP8, quantize
 from tests.attention_cases import group_decode, random_case
 from tests.helpers import make_tiny_model
 
@@ -31,7 +31,7 @@ def to_fp8(cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
     """A [2, blocks, bs, kvh, d] cache quantized as the KV store writes it (stacked as bytes: not every
     op has a float8 kernel on every device)."""
     k, v = quantize(cache[0], kv_scale[0]), quantize(cache[1], kv_scale[1])
-    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8_DTYPE)
+    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8)
 
 
 CASES = [
@@ -91,7 +91,7 @@ def test_replayed_graph_reads_the_scales_on_the_device():
     kv_scale = scales(1.0, 1.0)
     num_blocks = case_cache.shape[1]
     cache = torch.zeros(2, num_blocks + 1, block_size, kv_heads, head_dim, dtype=torch.uint8, device="cuda")
-    cache = cache.view(FP8_DTYPE)
+    cache = cache.view(FP8)
     q_buf = torch.zeros(size, heads, head_dim, dtype=torch.bfloat16, device="cuda")
     k_buf, v_buf = torch.zeros(2, size, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     tables = torch.zeros(size, md.block_tables.shape[1], dtype=torch.int32, device="cuda")
@@ -147,7 +147,7 @@ def test_fp8_graphs_give_the_tokens_of_fp8_eager_steps(tiny_dir):
     """float32 model, fp8 cache: graphs and eager steps compute the same attention over the same bytes."""
     eager, _ = run(tiny_dir, "float32", eager=True, kv_cache_dtype="fp8")
     got, llm = run(tiny_dir, "float32", eager=False, kv_cache_dtype="fp8")
-    assert llm.engine.runner.num_graph_steps > 0 and llm.engine.runner.kv_cache.dtype == FP8_DTYPE
+    assert llm.engine.runner.num_graph_steps > 0 and llm.engine.runner.kv_cache.dtype == FP8
     assert [o.token_ids for o in got] == [o.token_ids for o in eager]
 
 

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from batchllm.attention.backend import store_kv
-from batchllm.attention.kv_quant import (
-    FP8_DTYPE,
-    FP8_MAX,
-    KV_CACHE_DTYPES,
-    dequantize,
-    quantize,
-    read_slots,
-    resolve_kv_cache_dtype,
-)
+from batchllm.attention.kv_quant import KV_CACHE_DTYPES, read_slots, resolve_kv_cache_dtype
 from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.config import CacheConfig
+from batchllm.layers.fp8 import FP8, FP8_MAX, dequantize, quantize
 from batchllm.options import add_engine_arguments, engine_config, engine_kwargs_from_args
 from batchllm.runner.model_runner import plan_kv_cache
 from tests.attention_cases import group_decode, random_case
@@ -29,7 +22,7 @@ def fp8_cache(cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
     """A [2, blocks, bs, kvh, d] cache quantized as `store_kv` would have written it (stacked as bytes:
     not every op has a float8 kernel on every device)."""
     k, v = quantize(cache[0], kv_scale[0]), quantize(cache[1], kv_scale[1])
-    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8_DTYPE)
+    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8)
 
 
 def dequantized(cache: torch.Tensor, kv_scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -45,8 +38,8 @@ def test_option_declared_once_with_its_choices_and_a_clear_error():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16)
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
-    assert resolve_kv_cache_dtype("fp8_e4m3", torch.float32) == FP8_DTYPE
-    assert resolve_kv_cache_dtype("fp8", torch.float16) == FP8_DTYPE
+    assert resolve_kv_cache_dtype("fp8_e4m3", torch.float32) == FP8
+    assert resolve_kv_cache_dtype("fp8", torch.float16) == FP8
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     assert engine_kwargs_from_args(parser.parse_args(["--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
@@ -59,23 +52,23 @@ def test_quantize_round_trip_is_within_e4m3_precision_and_clamps():
     x = torch.cat([torch.randn(4096, generator=g) * 3, torch.randn(64, generator=g) * 2.0**-10])  # + subnormals
     scale = torch.tensor(0.25)
     q = quantize(x, scale)
-    assert q.dtype == FP8_DTYPE
+    assert q.dtype == FP8
     back = dequantize(q, scale, torch.float32)
     normal = (x / scale).abs() >= 2.0**-6  # e4m3's normal range: 3 mantissa bits, relative error <= 2^-4
     rel = ((back - x).abs() / x.abs())[normal]
     assert rel.max() <= 2.0**-4 + 1e-6
     assert (back - x)[~normal].abs().max() <= 2.0**-10 * scale  # subnormals: absolute error <= half a step
-    assert torch.equal(q.view(torch.uint8), (x / scale).to(FP8_DTYPE).view(torch.uint8)), "x / scale, cast"
+    assert torch.equal(q.view(torch.uint8), (x / scale).to(FP8).view(torch.uint8)), "x / scale, cast"
     big = torch.tensor([1e4, -1e4, 500.0 * 0.25])
     assert dequantize(quantize(big, scale), scale, torch.float32).tolist() == [FP8_MAX * 0.25, -FP8_MAX * 0.25, 112.0]
     assert torch.equal(dequantize(quantize(x * 100, None), None, torch.float32),
-                       (x * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float())
+                       (x * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8).float())
 
 
 def test_store_kv_quantizes_into_its_slots_only_and_reads_back_dequantized():
     g = torch.Generator().manual_seed(1)
     blocks, bs, kvh, d = 4, 4, 2, 8
-    cache = torch.zeros(2, blocks, bs, kvh, d, dtype=torch.uint8).view(FP8_DTYPE)
+    cache = torch.zeros(2, blocks, bs, kvh, d, dtype=torch.uint8).view(FP8)
     key, value = torch.randn(3, kvh, d, generator=g), torch.randn(3, kvh, d, generator=g)
     slots = torch.tensor([13, 2, 7])
     kv_scale = torch.tensor([0.5, 2.0])
@@ -104,7 +97,7 @@ def test_kv_pool_bytes_per_block_use_one_byte_per_element(tiny_model_factory):
     per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim  # K and V elements per token
     for (dtype, kv), plan in plans.items():
         element = 1 if kv == "fp8" else torch.empty(0, dtype=dtype).element_size()
-        assert plan.dtype == (FP8_DTYPE if kv == "fp8" else dtype)
+        assert plan.dtype == (FP8 if kv == "fp8" else dtype)
         assert plan.bytes_per_block == per_token * 16 * element
         assert plan.num_blocks == 2**29 // plan.bytes_per_block
         assert plan.num_bytes == plan.num_blocks * plan.bytes_per_block <= 2**29

@@ -104,7 +104,7 @@ def test_vllm_keywords_work_or_are_refused_by_name():
                            quantization=None)
     assert config.parallel.tensor_parallel_size == 2 and config.sharing.prefix_sharing is False
     assert config.model.trust_remote_code and config.model.seed == 7
-    with pytest.raises(ValueError, match=r"quantization must be one of \('fp8',\), got 'awq'"):
+    with pytest.raises(ValueError, match=r"quantization must be one of \('fp8',\) or None, got 'awq'"):
         LLM(quantization="awq")
     with pytest.raises(TypeError, match="'enable_prefix_caching' and 'prefix_sharing' are the same option"):
         engine_config(enable_prefix_caching=True, prefix_sharing=False)

@@ -224,3 +224,10 @@ def test_runner_block_tables_apply_diffs_reuse_rows_and_widen():
     for i in range(200):  # more rows than the initial capacity
         t.update(f"r{i}", 0, [i])
     assert t.gather(["r199", "b"], 1).tolist() == [[199], [100]]
+
+
+def test_a_scheduler_without_a_resolved_step_budget_is_refused_by_name():
+    """SchedulerConfig's default budget is None (the engine picks the device's); a Scheduler built
+    on it directly would fail at its first step with a TypeError, so it is refused up front."""
+    with pytest.raises(ValueError, match="max_num_batched_tokens is None"):
+        Scheduler(SchedulerConfig(), KVCacheManager(8, 4), 64)
