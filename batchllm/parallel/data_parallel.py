@@ -55,7 +55,9 @@ class DataParallelEngine:
     engine (`LLM`) on its own device(s), and runs `generate` calls over them."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int,
-                 start_timeout_s: float = 1800.0) -> None:
+                 start_timeout_s: float = 1800.0, worker_main=None) -> None:
+        """worker_main: what each worker process runs, `(rank, size, config, conn)`; None: the real
+        worker (`_worker_main`). `benchmarks/dp_overhead.py` passes one without a model."""
         self.size = config.parallel.data_parallel_size
         self.sharing = config.sharing
         self.max_model_len = max_model_len
@@ -76,7 +78,7 @@ class DataParallelEngine:
                 parallel=dataclasses.replace(config.parallel, data_parallel_size=1),
             )
             parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, name=f"batchllm-dp{rank}", daemon=True,
+            p = ctx.Process(target=worker_main or _worker_main, name=f"batchllm-dp{rank}", daemon=True,
                             args=(rank, self.size, worker_config, child_end))
             p.start()
             child_end.close()  # the worker's end lives in the worker: its death closes the pipe here
@@ -285,6 +287,13 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", {"kv_blocks": llm.engine.kv_spec.num_blocks, "device": str(llm.engine.device)}))
+    serve_jobs(llm, conn)
+
+
+def serve_jobs(llm, conn) -> None:
+    """A ready worker's loop: run each job the parent sends until it sends None or goes away; the
+    LLM is shut down at the end. llm: anything with `iter_generate(prompts, params, use_tqdm,
+    refill)`, `last_stats` and `shutdown()` (the benchmark passes one without a model)."""
     try:
         while (task := conn.recv()) is not None:
             _, job, items = task
