@@ -51,7 +51,7 @@ class PackedItems:
         return len(self.tokens)
 
     def unpack(self) -> list[tuple[int, np.ndarray, Any]]:
-        """The items as (index, token ids (a read-only view of `tokens`), params)."""
+        """The items as (index, token ids (a view of `tokens`, no copy), params)."""
         ends = np.cumsum(self.lengths).tolist()
         starts = [0, *ends[:-1]]
         tokens = self.tokens
