@@ -9,7 +9,11 @@ Process layout and what crosses: one duplex pipe per worker, pickled messages, n
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
   rank r -> parent: ("ready", info) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
                     | ("done", job id, stats) | ("error", message)
-where an item is (global prompt index, token ids as an int32 array, SamplingParams). A worker asks
+where items are a `shard_wire.PackedItems`: global prompt indices, the token ids of all its prompts in
+one int32 array, and their SamplingParams. The parent converts each prompt's ids to an array once, for
+its plan and the pipes; a worker's prompts are views of the array it received (its own plan of them
+converts nothing). A result comes back without its prompt and prompt token ids (the parent holds them
+and puts them back): 2.2M prompt ids of the paper's workload are not pickled back. A worker asks
 for a tail shard ("pull") whenever its engine has admitted everything it holds
 (`LLM.iter_generate(refill=...)`); the parent, the tail's only owner, answers with the next shard or
 None. Private pipes mean a worker killed in the middle of a write cannot block the others (a shared
@@ -38,7 +42,8 @@ import torch
 
 from batchllm.config import EngineConfig, SharingConfig
 from batchllm.core.policies import output_budget
-from batchllm.parallel.partition import Partition, partition_plan
+from batchllm.parallel.partition import Partition, Shard, partition_plan
+from batchllm.parallel.shard_wire import PackedItems, as_token_array, pack_items
 from batchllm.parallel.tp_worker import die_with_parent, rank_device
 from batchllm.prefix import PrefixPlan, plan_prefix_sharing
 from batchllm.progress import TokenProgress
@@ -55,7 +60,9 @@ class DataParallelEngine:
     engine (`LLM`) on its own device(s), and runs `generate` calls over them."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int,
-                 start_timeout_s: float = 1800.0) -> None:
+                 start_timeout_s: float = 1800.0, worker_main=None) -> None:
+        """worker_main: what each worker process runs, `(rank, size, config, conn)`; None: the real
+        worker (`_worker_main`). `benchmarks/dp_overhead.py` passes one without a model."""
         self.size = config.parallel.data_parallel_size
         self.sharing = config.sharing
         self.max_model_len = max_model_len
@@ -76,7 +83,7 @@ class DataParallelEngine:
                 parallel=dataclasses.replace(config.parallel, data_parallel_size=1),
             )
             parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, name=f"batchllm-dp{rank}", daemon=True,
+            p = ctx.Process(target=worker_main or _worker_main, name=f"batchllm-dp{rank}", daemon=True,
                             args=(rank, self.size, worker_config, child_end))
             p.start()
             child_end.close()  # the worker's end lives in the worker: its death closes the pipe here
@@ -128,25 +135,27 @@ class DataParallelEngine:
             raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
         started = time.perf_counter()
         sharing = self.sharing
-        partition, budgets = self._partition(prompts, params, sharing)
+        arrays = [as_token_array(p.token_ids) for p in prompts]  # once: for the plan and the pipes
+        partition, budgets = self._partition(arrays, params, sharing)
         plan_seconds = time.perf_counter() - started
         self._job += 1
-        items = lambda shards: [(i, prompts[i].token_ids, params[i]) for s in shards for i in s.prompts]  # noqa: E731
-        tail = deque(items([shard]) for shard in partition.queue)
+        shards = _ShardPacker(arrays, params)
+        tail = deque(partition.queue)
         self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
         for rank in range(self.size):
-            self.conns[rank].send(("job", self._job, items(partition.pinned[rank])))
-        progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(p.token_ids) for p in prompts))
+            self.conns[rank].send(("job", self._job, shards.pack(partition.pinned[rank])))
+        dispatch_seconds = time.perf_counter() - started - plan_seconds
+        progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(a) for a in arrays))
         try:
-            rank_stats = yield from self._collect(self._job, tail, progress, started)
+            rank_stats = yield from self._collect(self._job, prompts, tail, shards, progress, started)
             self._busy = False
         finally:
             progress.close()
         self.last_stats = _job_stats(rank_stats, partition, sharing, time.perf_counter() - started, plan_seconds)
+        self.last_stats["dispatch_seconds"] = dispatch_seconds
 
-    def _partition(self, prompts: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
+    def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
-        ids = [p.token_ids for p in prompts]
         if sharing.prefix_sharing:
             plan = plan_prefix_sharing(ids, mode=sharing.plan_mode)
         else:
@@ -154,7 +163,8 @@ class DataParallelEngine:
         expected = [sp.n * output_budget(len(p), sp.max_tokens, 0, self.max_model_len) for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 
-    def _collect(self, job: int, tail: deque, progress: _JobProgress, started: float):
+    def _collect(self, job: int, prompts: Sequence, tail: deque, shards: _ShardPacker, progress: _JobProgress,
+                 started: float):
         """Yield results until every rank is done or dead, handing tail shards to ranks that ask;
         returns the ranks' stats."""
         stats: dict[int, dict] = {}
@@ -168,9 +178,10 @@ class DataParallelEngine:
                 elif message[1] != job:
                     continue  # from an earlier job the caller stopped reading
                 elif message[0] == "pull":
-                    self.conns[rank].send(("shard", job, tail.popleft() if tail else None))
+                    self.conns[rank].send(("shard", job, shards.pack([tail.popleft()]) if tail else None))
                 elif message[0] == "result":
                     for index, output in message[2]:
+                        output.prompt, output.prompt_token_ids = prompts[index].text, prompts[index].token_ids
                         progress.finished(index, output)
                         yield index, output
                 elif message[0] == "done":
@@ -201,6 +212,17 @@ class DataParallelEngine:
             conn.close()
         self.processes, self.conns = [], []
         self.closed = self.closed or "shut down"
+
+
+class _ShardPacker:
+    """Packs shards for the pipes (`shard_wire.PackedItems`) from the prompts' token arrays."""
+
+    def __init__(self, arrays: list, params: Sequence) -> None:
+        self.arrays, self.params = arrays, params
+
+    def pack(self, shards: Sequence[Shard]) -> PackedItems:
+        indices = [i for shard in shards for i in shard.prompts]
+        return pack_items(indices, [self.arrays[i] for i in indices], [self.params[i] for i in indices])
 
 
 class _JobProgress:
@@ -285,6 +307,13 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", {"kv_blocks": llm.engine.kv_spec.num_blocks, "device": str(llm.engine.device)}))
+    serve_jobs(llm, conn)
+
+
+def serve_jobs(llm, conn) -> None:
+    """A ready worker's loop: run each job the parent sends until it sends None or goes away; the
+    LLM is shut down at the end. llm: anything with `iter_generate(prompts, params, use_tqdm,
+    refill)`, `last_stats` and `shutdown()` (the benchmark passes one without a model)."""
     try:
         while (task := conn.recv()) is not None:
             _, job, items = task
@@ -304,7 +333,8 @@ def _run_job(llm, job: int, items: list, conn) -> dict:
 
     index_of: list[int] = []
 
-    def unpack(batch: list) -> tuple[list, list]:
+    def unpack(packed: PackedItems) -> tuple[list, list]:
+        batch = packed.unpack()
         index_of.extend(i for i, _, _ in batch)
         return [TokenizedPrompt(ids, None) for _, ids, _ in batch], [sp for _, _, sp in batch]
 
@@ -313,10 +343,11 @@ def _run_job(llm, job: int, items: list, conn) -> dict:
         _, _, batch = conn.recv()
         return None if batch is None else unpack(batch)
 
-    first = unpack(items) if items else pull()
+    first = unpack(items) if len(items) else pull()
     if first is None:
         return {"num_requests": 0, "prompt_tokens": 0, "prefill_tokens_computed": 0, "output_tokens": 0,
                 "num_steps": 0, "wall_s": 0.0}
     for local, output in llm.iter_generate(*first, use_tqdm=False, refill=pull):
+        output.prompt = output.prompt_token_ids = None  # the parent has them: it puts them back
         conn.send(("result", job, [(index_of[local], output)]))
     return dict(llm.last_stats)
