@@ -140,7 +140,7 @@ def profiled(enabled: bool):
 def run_generate(model_dir: Path, work, args, profile: bool) -> tuple[float, int, str]:
     llm = LLM(str(model_dir), **engine_options(args))
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
-    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, stop=args.stop) for _, m in work]
     try:
         with profiled(profile):
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -159,7 +159,7 @@ def run_cli(model_dir: Path, work, args, profile: bool) -> tuple[float, int, str
     source, output, stats = tmp / "in.jsonl", tmp / "out.jsonl", tmp / "stats.json"
     with source.open("w") as f:
         for i, (ids, m) in enumerate(work):
-            f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": ids, "max_tokens": m}) + "\n")
+            f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": ids, "max_tokens": m, "stop": args.stop}) + "\n")
     timed: dict[str, float] = {}
     original: Callable = cli._generate_into
 
@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--max-out", type=int, default=300)
     parser.add_argument("--step-tokens", type=int, default=16384)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stop", action="append", default=None,
+                        help="a stop string for every request (repeatable): the output text is then "
+                        "decoded and searched after every token")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (the model's work)")
     parser.add_argument("--full-model", action="store_true",
                         help="run the CPU attention and the whole LM head (default: attention returns its query "
