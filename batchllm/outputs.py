@@ -6,6 +6,7 @@ references to scheduler state travel here, so either side can be replaced or run
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 PLACEHOLDER_TOKEN_ID = -1
@@ -109,7 +110,7 @@ class ScheduledBatch:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV blocks to copy, all layers, before this step's forward (copy-on-write)."""
 
-    @property
+    @functools.cached_property  # read by the scheduler's statistics and the step log; requests never change
     def num_tokens(self) -> int:
         return sum(len(r.token_ids) for r in self.requests)
 

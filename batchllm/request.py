@@ -105,10 +105,12 @@ class Request:
         """Tokens at positions [start, end) of prompt + output, as a list (prompts may be numpy
         int32 arrays: the CLI keeps millions of prompts compact); pending positions hold
         PLACEHOLDER_TOKEN_ID."""
-        known = self.num_known_tokens
-        if end > known:
-            return self.token_ids(start, known) + [PLACEHOLDER_TOKEN_ID] * (end - max(start, known))
         n_prompt = len(self.prompt_token_ids)
+        known = n_prompt + len(self.output_token_ids)
+        if start >= known:  # (a decode on its pending token, every step of asynchronous scheduling)
+            return [PLACEHOLDER_TOKEN_ID] * (end - start)
+        if end > known:
+            return self.token_ids(start, known) + [PLACEHOLDER_TOKEN_ID] * (end - known)
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         head = self.prompt_token_ids[start:min(end, n_prompt)]

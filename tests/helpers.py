@@ -37,10 +37,13 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(name: str, out_dir: Path, *, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+def make_tiny_model(name: str, out_dir: Path, *, tokenizer_dir: Path | None = None, seed: int = 0,
+                    **overrides) -> Path:
+    """TINY_CONFIGS[name] with random weights (and the tokenizer files of `tokenizer_dir`) saved
+    in out_dir; `overrides` replace config fields (max_position_embeddings=2048 ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(TINY_CONFIGS[name])
+    kwargs = {**TINY_CONFIGS[name], **overrides}
     model_type = kwargs.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kwargs)
     torch.manual_seed(seed)

@@ -29,8 +29,10 @@ class KVCacheManager:
     def allocate_slots(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's table to cover `total_tokens` tokens. False (and no change) if the
         pool has too few free blocks."""
-        table = self._tables.setdefault(request_id, [])
-        missing = self.blocks_for(total_tokens) - len(table)
+        table = self._tables.get(request_id)
+        if table is None:
+            table = self._tables[request_id] = []
+        missing = -(-total_tokens // self.block_size) - len(table)  # (every running request, every step)
         if missing <= 0:
             return True
         if missing > self.pool.num_free_blocks:

@@ -37,7 +37,7 @@ from batchllm.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)  # one per sampled token
 class RequestUpdate:
     """What one step did to one request, for the output side (detokenizing, stop strings)."""
 
@@ -82,15 +82,18 @@ def _logits_adjust(request: Request) -> LogitsAdjust:
 
 
 def _step_class(request: Request) -> int:
-    """Order of service among running work: decodes, then request prefill, then prefix prefill."""
+    """Order of service among running work: decodes, then request prefill, then prefix prefill.
+    (The sort key of every running request, every step: kept to a few attribute reads.)"""
     if request.is_prefix:
         return 2
-    return 0 if _is_decode(request, request.num_tokens - request.num_computed_tokens) else 1
+    num_tokens = request.num_tokens
+    return 0 if _is_decode(request, num_tokens - request.num_computed_tokens, num_tokens) else 1
 
 
-def _is_decode(request: Request, num_new: int) -> bool:
-    return num_new == 1 and request.num_computed_tokens + 1 == request.num_tokens and (
-        request.num_output_tokens + request.num_pending_tokens > 0)
+def _is_decode(request: Request, num_new: int, num_tokens: int) -> bool:
+    """num_new tokens from num_computed_tokens are one output token: the last of `num_tokens`."""
+    return num_new == 1 and request.num_computed_tokens + 1 == num_tokens and bool(
+        request.output_token_ids or request.num_pending_tokens)
 
 
 class Scheduler:
@@ -234,18 +237,19 @@ class Scheduler:
         return budget
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        if request.num_pending_tokens and (request.needs_host_tokens or self._pending_token_ends(request)):
+        num_tokens = request.num_tokens
+        if request.num_pending_tokens and (request.needs_host_tokens or self._pending_token_ends(request, num_tokens)):
             return 0  # (penalties and grammars read the last token on the host: never a placeholder)
-        remaining = request.num_tokens - request.num_computed_tokens
+        remaining = num_tokens - request.num_computed_tokens
         if remaining <= budget:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
 
-    def _pending_token_ends(self, request: Request) -> bool:
+    def _pending_token_ends(self, request: Request, num_tokens: int) -> bool:
         """The request's pending token is its last, whatever its value (max_tokens or the context)."""
         max_tokens = request.sampling_params.max_tokens
-        num_outputs = request.num_output_tokens + request.num_pending_tokens
-        return (max_tokens is not None and num_outputs >= max_tokens) or request.num_tokens >= self.max_model_len
+        return (max_tokens is not None and len(request.output_token_ids) + request.num_pending_tokens >= max_tokens
+                ) or num_tokens >= self.max_model_len
 
     def _free_blocks(self, request: Request) -> None:
         self.kv.free(request.request_id)
@@ -318,26 +322,24 @@ class Scheduler:
             return ScheduledBatch([])
         scheduled = []
         completed_prefixes = []
-        for request, num_new in chosen:
+        stats, block_table = self.stats, self.kv.block_table
+        num_decodes = 0
+        for request, num_new in chosen:  # (every running request, every step: no repeated property reads)
             start = request.num_computed_tokens
-            reaches_end = start + num_new == request.num_tokens
-            if _is_decode(request, num_new):
-                self.stats.decode_tokens += 1
+            num_tokens = request.num_tokens
+            reaches_end = start + num_new == num_tokens
+            if _is_decode(request, num_new, num_tokens):
+                num_decodes += 1
             else:
-                self.stats.prefill_tokens += num_new
-            table = self.kv.block_table(request.request_id)
+                stats.prefill_tokens += num_new
+            table = block_table(request.request_id)
             sent = request.num_blocks_sent
             samples = reaches_end and not request.is_prefix
             scheduled.append(
                 ScheduledRequest(
-                    request_id=request.request_id,
-                    token_ids=request.token_ids(start, start + num_new),
-                    start_position=start,
-                    block_ids=table[sent:],
-                    block_table_start=sent,
-                    sampling=self._sampling_spec(request) if samples else None,
-                    shared_prefixes=request.shared_prefixes,
-                    prompt_logprobs=None if request.sampling_params.prompt_logprobs is None
+                    request.request_id, request.token_ids(start, start + num_new), start, table[sent:], sent,
+                    self._sampling_spec(request) if samples else None, request.shared_prefixes,
+                    None if request.sampling_params.prompt_logprobs is None
                     else prompt_logprobs.spec_for_chunk(request, start, num_new),
                 )
             )
@@ -348,6 +350,7 @@ class Scheduler:
                 self.num_pending_outputs += 1
             elif request.is_prefix and reaches_end:
                 completed_prefixes.append(request)
+        stats.decode_tokens += num_decodes
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
         self._finished_since_last_step = []
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device
@@ -387,6 +390,7 @@ class Scheduler:
         """Record the tokens a step sampled, in batch order. A request that ended while the step
         was in flight (EOS or a stop in the step before, an abort) drops its token."""
         updates = []
+        sampled, logprobs = output.sampled_token_ids, output.logprobs
         for scheduled in batch.requests:
             if scheduled.prompt_logprobs is not None:
                 self._record_prompt_logprobs(scheduled, output)
@@ -397,20 +401,17 @@ class Scheduler:
             if request is None:
                 continue
             request.num_pending_tokens -= 1
-            token = output.sampled_token_ids[request.request_id]
+            token = sampled[request.request_id]
             request.output_token_ids.append(token)
             finish_reason, stop_reason = self._check_finished(request, token)
             if finish_reason is not None:
                 self._finish(request, finish_reason, stop_reason)
             updates.append(
                 RequestUpdate(
-                    request_id=request.request_id,
-                    new_token_id=token,
-                    logprobs=output.logprobs.get(request.request_id),
-                    finish_reason=finish_reason,
-                    stop_reason=stop_reason,
-                    prompt_logprobs=prompt_logprobs.assemble(request)
-                    if request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs is not None
+                    request.request_id, token, logprobs.get(request.request_id) if logprobs else None,
+                    finish_reason, stop_reason,
+                    prompt_logprobs.assemble(request)
+                    if request.sampling_params.prompt_logprobs is not None and len(request.output_token_ids) == 1
                     else None,
                 )
             )
@@ -436,14 +437,15 @@ class Scheduler:
 
     def _check_finished(self, request: Request, token: int) -> tuple[str | None, int | None]:
         sp = request.sampling_params
-        if request.num_output_tokens >= sp.min_tokens:
+        num_outputs = len(request.output_token_ids)
+        if num_outputs >= sp.min_tokens:
             if not sp.ignore_eos and token in request.eos_token_ids:
                 return "stop", None
             if token in sp.stop_token_ids:
                 return "stop", token
-        if sp.max_tokens is not None and request.num_output_tokens >= sp.max_tokens:
+        if sp.max_tokens is not None and num_outputs >= sp.max_tokens:
             return "length", None
-        if request.num_known_tokens >= self.max_model_len:
+        if request.num_prompt_tokens + num_outputs >= self.max_model_len:
             return "length", None
         return None, None
 

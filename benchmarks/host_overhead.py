@@ -1,0 +1,230 @@
+"""Host (Python) time per engine step, measured on CPU with a model whose compute is negligible.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/host_overhead.py [--path both|generate|run] [--repeat
+3] [--profile]
+
+Small models on a GPU are host-bound (issue 14): the device idles while Python schedules, builds
+inputs, samples and processes outputs. This runs a decode-heavy shared-prefix batch (default: 512
+requests, 8 shared prefixes of 1,000 tokens, 100-300 greedy output tokens each, ignore_eos, a
+16,384-token step budget, asynchronous scheduling as on CUDA) through a tiny random-weight Llama
+(2 layers, hidden 64; `tests/helpers.py`) with the SmolLM2 tokenizer, so that detokenisation is
+real, along two paths:
+
+  generate: `LLM.generate` on token-id prompts;
+  run:      the user path, `batchllm run` on a JSONL file (ingest, engine loop, records, writer),
+            of which only the engine loop and the output writing (`cli._generate_into`) are timed.
+
+On this CPU the attention (a batched SDPA over up to 1,300 keys per sequence) and the LM head
+([512, 64] x [64, 49152]) would be 90% of a step, so by default (`--full-model` keeps them) each
+attention layer returns its query and the LM head covers the first 2,048 token ids only: the
+model still maps each token to a varied, real next token, and nothing the host does changes.
+Reported per path: steps, wall ms per step, and the share of that spent in the model's device work
+on CPU (the decoder's forward, the LM head and the sampler; on a GPU these run on the device and
+cost the host only their launches): "host" = wall - device work, in wall time and in this
+process's CPU time (torch on one thread). CPU time is what other processes on a shared machine
+disturb least, so it is the number to compare; the median is taken by it. The CPU attention's
+loop is part of "device work" here; the Triton backend's host planning is not covered
+(`benchmarks/step_overhead.py` measures it). Each path runs `--repeat` times. An output digest
+(sha1 of every completion's token ids, or of the output records' text) shows that a change kept
+the results. `--profile` prints cProfile's top 25 by tottime of the last repetition's timed region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import hashlib
+import json
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
+
+from batchllm import LLM, SamplingParams  # noqa: E402
+from batchllm.attention import TorchReferenceBackend  # noqa: E402
+from batchllm.models.decoder import DecoderForCausalLM  # noqa: E402
+from batchllm.models.default_model import default_model_dir  # noqa: E402
+from tests.helpers import make_tiny_model  # noqa: E402
+
+
+def _first_tokens_logits(model: DecoderForCausalLM, hidden):
+    """The LM head over the first STUB_VOCAB token ids only (short, frequent BPE tokens in SmolLM2's
+    vocabulary): the sampler's argmax then picks among real tokens at 1/24 of the matmul."""
+    return hidden @ model.lm_head.weight[:STUB_VOCAB].T
+
+
+STUB_VOCAB = 2048
+
+
+class DeviceWork:
+    """Wall time spent in what a GPU would run: the decoder's forward, the LM head, the sampler.
+    Installed on the classes (and the runner's module) so that the CLI's engine is timed too."""
+
+    def __init__(self, stub: bool) -> None:
+        self.stub = stub
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self._undo: list[tuple[object, str, object]] = []
+
+    def _wrap(self, owner: object, name: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.cpu_seconds += time.process_time() - cpu_start
+
+        self._undo.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def __enter__(self) -> DeviceWork:
+        import batchllm.runner.model_runner as model_runner
+
+        if self.stub:
+            self._undo.append((TorchReferenceBackend, "forward", TorchReferenceBackend.forward))
+            self._undo.append((DecoderForCausalLM, "compute_logits", DecoderForCausalLM.compute_logits))
+            TorchReferenceBackend.forward = lambda backend, query, *args, **kwargs: query
+            DecoderForCausalLM.compute_logits = _first_tokens_logits
+
+        self._wrap(DecoderForCausalLM, "forward")
+        self._wrap(DecoderForCausalLM, "compute_logits")
+        self._wrap(model_runner, "sample_on_device")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+
+def workload(args) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens) per request: `--prefixes` random prefixes of `--prefix-len`
+    tokens, each request one of them plus a 16-48 token suffix of its own."""
+    rng = np.random.default_rng(0)
+    prefixes = [rng.integers(100, 49000, args.prefix_len).tolist() for _ in range(args.prefixes)]
+    out = []
+    for i in range(args.requests):
+        suffix = rng.integers(100, 49000, int(rng.integers(16, 49))).tolist()
+        out.append((prefixes[i % args.prefixes] + suffix, int(rng.integers(args.min_out, args.max_out + 1))))
+    return out
+
+
+def engine_options(args) -> dict:
+    return dict(device="cpu", dtype="float32", max_model_len=2048, max_num_batched_tokens=args.step_tokens,
+                async_scheduling=True, seed=0)
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool):
+    profiler = cProfile.Profile() if enabled else None
+    if profiler:
+        profiler.enable()
+    try:
+        yield
+    finally:
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def run_generate(model_dir: Path, work, args, profile: bool) -> tuple[float, int, str]:
+    llm = LLM(str(model_dir), **engine_options(args))
+    prompts = [{"prompt_token_ids": ids} for ids, _ in work]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, stop=args.stop) for _, m in work]
+    try:
+        with profiled(profile):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        digest = hashlib.sha1(json.dumps([o.outputs[0].token_ids for o in outputs]).encode()).hexdigest()[:12]
+        return wall, cpu, llm.last_stats["num_steps"], digest
+    finally:
+        llm.shutdown()
+
+
+def run_cli(model_dir: Path, work, args, profile: bool) -> tuple[float, int, str]:
+    from batchllm import cli
+
+    tmp = Path(tempfile.mkdtemp(prefix="batchllm-host-run-"))
+    source, output, stats = tmp / "in.jsonl", tmp / "out.jsonl", tmp / "stats.json"
+    with source.open("w") as f:
+        for i, (ids, m) in enumerate(work):
+            f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": ids, "max_tokens": m, "stop": args.stop}) + "\n")
+    timed: dict[str, float] = {}
+    original: Callable = cli._generate_into
+
+    def generate_into(*a, **kw):
+        with profiled(profile):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            try:
+                return original(*a, **kw)
+            finally:
+                timed["wall"], timed["cpu"] = time.perf_counter() - start, time.process_time() - cpu_start
+
+    cli._generate_into = generate_into
+    try:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine_options(args).items() if k != "async_scheduling"]
+        rc = cli.main(["run", "-i", str(source), "-o", str(output), "--model", str(model_dir), "--temperature", "0",
+                       "--ignore-eos", "--no-progress", "--stats", str(stats), "--async-scheduling", "on", *flags])
+    finally:
+        cli._generate_into = original
+    if rc != 0:
+        raise SystemExit(f"batchllm run failed with exit status {rc}")
+    records = sorted((json.loads(line) for line in output.open()), key=lambda r: r["id"])
+    digest = hashlib.sha1(json.dumps([r["text"] if "text" in r else r for r in records]).encode()).hexdigest()[:12]
+    return timed["wall"], timed["cpu"], json.loads(stats.read_text())["num_steps"], digest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--path", default="both", choices=["both", "generate", "run"])
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--prefixes", type=int, default=8)
+    parser.add_argument("--prefix-len", type=int, default=1000)
+    parser.add_argument("--min-out", type=int, default=100)
+    parser.add_argument("--max-out", type=int, default=300)
+    parser.add_argument("--step-tokens", type=int, default=16384)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stop", action="append", default=None,
+                        help="a stop string for every request (repeatable): the output text is then "
+                        "decoded and searched after every token")
+    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (the model's work)")
+    parser.add_argument("--full-model", action="store_true",
+                        help="run the CPU attention and the whole LM head (default: attention returns its query "
+                        "and the LM head covers the first 2,048 token ids, which keeps the outputs varied and "
+                        "real tokens, and the step's device work a few ms)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the last repetition (slows it down)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # device work on one core: CPU seconds then split host from device
+    model_dir = make_tiny_model("llama", Path(tempfile.mkdtemp(prefix="batchllm-host-model-")),
+                                tokenizer_dir=default_model_dir(), max_position_embeddings=2048)
+    work = workload(args)
+    paths = {"generate": run_generate, "run": run_cli}
+    for name in ["generate", "run"] if args.path == "both" else [args.path]:
+        rows = []
+        for rep in range(args.repeat):
+            with DeviceWork(not args.full_model) as device:
+                wall, cpu, steps, digest = paths[name](model_dir, work, args, args.profile and rep == args.repeat - 1)
+            host, host_cpu = 1e3 * (wall - device.seconds) / steps, 1e3 * (cpu - device.cpu_seconds) / steps
+            rows.append((host_cpu, host, 1e3 * wall / steps, 1e3 * device.seconds / steps, steps, digest))
+            print(f"{name} #{rep + 1}: {steps} steps in {wall:.2f} s: {rows[-1][2]:.2f} ms/step, device work "
+                  f"{rows[-1][3]:.2f}, host {host:.2f} ms/step wall, {host_cpu:.2f} ms/step CPU (outputs {digest})",
+                  flush=True)
+        host_cpu, host, wall, dev, steps, digest = sorted(rows)[len(rows) // 2]
+        print(f"{name} median (by host CPU): host {host_cpu:.2f} ms/step CPU, {host:.2f} wall; whole step "
+              f"{wall:.2f} ms, device work {dev:.2f} ms ({100 * dev / wall:.0f}%); {steps} steps, outputs {digest}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Stop strings searched through a window of the last tokens (output_processor.py) stop at the same
+token, with the same cut text, as decoding and searching the whole output after every token."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from batchllm.inputs import load_tokenizer
+from batchllm.output_processor import _REDECODE_MARGIN, CompletionState
+from batchllm.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return load_tokenizer(default_model_dir)
+
+
+def full_decode_reference(tokenizer, params: SamplingParams, tokens: list[int]) -> tuple[int, str, str] | None:
+    """The search before the window: decode everything after every token. (token index, stop, cut text)."""
+    checked, longest = 0, max(len(s) for s in params.stop_strings)
+    for i in range(1, len(tokens) + 1):
+        text = tokenizer.decode(tokens[:i], skip_special_tokens=params.skip_special_tokens)
+        start = max(0, checked - longest - _REDECODE_MARGIN)
+        found = [(text.find(s, start), s) for s in params.stop_strings if text.find(s, start) != -1]
+        checked = len(text)
+        if found:
+            at, stop = min(found, key=lambda f: f[0])
+            return i - 1, stop, text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+    return None
+
+
+def windowed(tokenizer, params: SamplingParams, tokens: list[int]) -> tuple[int, str, str] | None:
+    state = CompletionState(0, params, tokenizer)
+    for i, token in enumerate(tokens):
+        stop = state.append(token, None)
+        if stop is not None:
+            return i, stop, state.stop_text
+    return None
+
+
+def random_stream(rng: random.Random, tokenizer, length: int) -> list[int]:
+    """Tokens of mixed text: ASCII words, multi-byte characters split across tokens, emoji, runs
+    of spaces and newlines, and (now and then) special tokens, which decode to nothing when skipped."""
+    pieces = ["hello world", " the end.", "\n\n", "    ", "é à ü", "日本語のテキスト", "🙂🚀", "###", "Answer:",
+              " <tag>", "x" * 40]
+    tokens: list[int] = []
+    while len(tokens) < length:
+        if rng.random() < 0.1:
+            tokens.append(rng.randrange(0, 17))  # SmolLM2's special tokens
+        elif rng.random() < 0.3:
+            tokens.append(rng.randrange(17, 49152))
+        else:
+            tokens.extend(tokenizer.encode(rng.choice(pieces), add_special_tokens=False))
+    return tokens[:length]
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("include", [False, True])
+def test_windowed_stop_search_matches_decoding_everything(tokenizer, skip_special_tokens, include):
+    rng = random.Random(f"{skip_special_tokens}-{include}")
+    num_matched = 0
+    for _ in range(60):
+        tokens = random_stream(rng, tokenizer, rng.randrange(20, 160))
+        text = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+        stops = []
+        for _ in range(rng.randrange(1, 3)):  # substrings of the text (so that they match), or absent ones
+            if rng.random() < 0.8 and len(text) > 2:
+                start = rng.randrange(len(text) // 3, len(text) - 1)
+                stops.append(text[start:start + rng.randrange(1, 14)])
+            else:
+                stops.append("never in the text \u2603")
+        params = SamplingParams(stop=stops, skip_special_tokens=skip_special_tokens,
+                                include_stop_str_in_output=include)
+        expected = full_decode_reference(tokenizer, params, tokens)
+        assert windowed(tokenizer, params, tokens) == expected, (tokens, stops)
+        num_matched += expected is not None
+    assert num_matched > 30  # the comparison covered stops that matched, not only misses
