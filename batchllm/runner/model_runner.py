@@ -188,7 +188,7 @@ class ModelRunner:
         elif sample_rows:
             logits = self.model.compute_logits(hidden[rows])
             specs = [scheduled.sampling for _, scheduled in sample_rows]
-            generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
+            generators = [self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
             sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
             self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
         else:
@@ -231,7 +231,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if self.tp.is_driver:
             specs = [scheduled.sampling for _, scheduled in sample_rows]
-            generators = [self._generator_for(s.request_id, s.sampling.seed) for _, s in sample_rows]
+            generators = [self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
             sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
         else:
             sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
@@ -296,12 +296,15 @@ class ModelRunner:
                 mask = (bitmask[kept].to(self.device), to_device(rows, self.device, torch.int64))
         return histories, mask
 
-    def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
-        if seed is None:
+    def _generator_for(self, request_id: str, sampling) -> torch.Generator | None:
+        """The request's own generator if it is seeded and samples; None for greedy rows (they draw
+        nothing: `batchllm run` seeds every line, and a generator per greedy request would be made
+        and looked up for nothing) and for unseeded ones (they share the engine's)."""
+        if sampling.seed is None or sampling.is_greedy:
             return None
         generator = self._generators.get(request_id)
         if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
             self._generators[request_id] = generator
         return generator
 
