@@ -181,11 +181,14 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def sampling_defaults(args: argparse.Namespace) -> dict:
+    """The run parser's sampling options as SamplingParams fields (a line's own fields override them)."""
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
 def _run_locked(args: argparse.Namespace) -> int:
-    defaults = dict(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
-    )
+    defaults = sampling_defaults(args)
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
         SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
