@@ -45,7 +45,7 @@ from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, Shard, partition_plan
 from batchllm.parallel.shard_wire import PackedItems, as_token_array, pack_items
 from batchllm.parallel.tp_worker import die_with_parent, rank_device
-from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
 
 logger = logging.getLogger(__name__)
@@ -155,10 +155,7 @@ class DataParallelEngine:
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
-        if sharing.prefix_sharing:
-            plan = plan_prefix_sharing(ids, mode=sharing.plan_mode)
-        else:
-            plan = PrefixPlan.without_sharing([len(p) for p in ids], sharing.plan_mode)
+        plan = plan_prefix_sharing(ids, mode=sharing.plan_mode, share=sharing.prefix_sharing)
         expected = [sp.n * output_budget(len(p), sp.max_tokens, 0, self.max_model_len) for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 

@@ -222,14 +222,11 @@ def _attribute_prefill(token_ids: list[list[int]], config: ProcessorConfig) -> l
 
     Each group's own segment is charged to its first member, so the rows' charges add up to the
     plan's prefill tokens exactly; the digests let the report find prefixes computed by several calls."""
-    from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+    from batchllm.prefix import plan_prefix_sharing
 
     if not token_ids:
         return []
-    if config.prefix_sharing:
-        plan = plan_prefix_sharing(token_ids, mode=config.plan_mode)
-    else:
-        plan = PrefixPlan.without_sharing([len(t) for t in token_ids], config.plan_mode)
+    plan = plan_prefix_sharing(token_ids, mode=config.plan_mode, share=config.prefix_sharing)
     charged = [0] * len(token_ids)
     top: list[tuple[str | None, int]] = [(None, 0)] * len(token_ids)
     for g in plan.groups:
