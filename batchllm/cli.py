@@ -97,15 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "the prefix's first words, to check the plan against what you know of the file")
     add_engine_arguments(plan, names=["model", "tokenizer", "max_model_len", "plan_mode"])
     add_bench_parser(sub)
-    _add_job_options(run, plan)
     return parser
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """The input file, positional or as `-i/--input` (vLLM's run-batch spelling); exactly one of them."""
+    """The input file, positional or as `-i/--input` (vLLM's run-batch spelling; exactly one of them),
+    and --debug: what `run` and `plan` share."""
     p.add_argument("input", type=Path, nargs="?", help="input JSONL file (or -i)")
     p.add_argument("-i", "--input", type=Path, dest="input_option", metavar="INPUT", default=None,
                    help="input JSONL file, as vLLM's run-batch spells it")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
 
 def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -126,12 +127,6 @@ def package_version() -> str:
         return version("batchllm")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown (not installed)"
-
-
-def _add_job_options(run: argparse.ArgumentParser, plan: argparse.ArgumentParser) -> None:
-    """Options of the job's input/output handling (kept apart from the engine and sampling options)."""
-    for p in (run, plan):
-        p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
 
 def main(argv: list[str] | None = None) -> int:
