@@ -124,15 +124,15 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     s.update(model_tflops_per_s=2 * num_params * computed / wall / 1e12, num_params=num_params)
     if matmul_peak_tflops:
         s.update(mfu=s["model_tflops_per_s"] / matmul_peak_tflops, matmul_peak_tflops=matmul_peak_tflops)
-    s.update(
-        workload=workload.name,
-        wall_s=wall,
-        requests_per_s=len(workload.prompts) / wall,
-        output_tokens_per_s=s["output_tokens"] / wall,
-        total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall,
-        tokens_per_step=[r.num_tokens for r in engine.core.step_log[-s["num_steps"]:]],
-    )
+    s.update(_rates(s, workload, wall), tokens_per_step=[r.num_tokens for r in engine.core.step_log[-s["num_steps"]:]])
     return s
+
+
+def _rates(s: dict, workload: Workload, wall: float) -> dict[str, Any]:
+    """The run's wall time and throughputs, from its statistics `s` (`LLM.last_stats`)."""
+    return dict(workload=workload.name, wall_s=wall, requests_per_s=len(workload.prompts) / wall,
+                output_tokens_per_s=s["output_tokens"] / wall,
+                total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall)
 
 
 def _run_data_parallel(llm, workload: Workload, prompts: list, params: list) -> dict[str, Any]:
@@ -142,10 +142,7 @@ def _run_data_parallel(llm, workload: Workload, prompts: list, params: list) -> 
     llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     s = dict(llm.last_stats)
-    s.update(workload=workload.name, wall_s=wall, requests_per_s=len(workload.prompts) / wall,
-             output_tokens_per_s=s["output_tokens"] / wall,
-             total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall,
-             mean_tokens_per_step=0.0, num_preemptions=0)
+    s.update(_rates(s, workload, wall), mean_tokens_per_step=0.0, num_preemptions=0)
     return s
 
 

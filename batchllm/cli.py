@@ -97,15 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "the prefix's first words, to check the plan against what you know of the file")
     add_engine_arguments(plan, names=["model", "tokenizer", "max_model_len", "plan_mode"])
     add_bench_parser(sub)
-    _add_job_options(run, plan)
     return parser
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """The input file, positional or as `-i/--input` (vLLM's run-batch spelling); exactly one of them."""
+    """The input file, positional or as `-i/--input` (vLLM's run-batch spelling; exactly one of them),
+    and --debug: what `run` and `plan` share."""
     p.add_argument("input", type=Path, nargs="?", help="input JSONL file (or -i)")
     p.add_argument("-i", "--input", type=Path, dest="input_option", metavar="INPUT", default=None,
                    help="input JSONL file, as vLLM's run-batch spells it")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
 
 def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -126,12 +127,6 @@ def package_version() -> str:
         return version("batchllm")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown (not installed)"
-
-
-def _add_job_options(run: argparse.ArgumentParser, plan: argparse.ArgumentParser) -> None:
-    """Options of the job's input/output handling (kept apart from the engine and sampling options)."""
-    for p in (run, plan):
-        p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,11 +176,14 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def sampling_defaults(args: argparse.Namespace) -> dict:
+    """The run parser's sampling options as SamplingParams fields (a line's own fields override them)."""
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
 def _run_locked(args: argparse.Namespace) -> int:
-    defaults = dict(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos,
-    )
+    defaults = sampling_defaults(args)
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
         SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies

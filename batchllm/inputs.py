@@ -94,27 +94,17 @@ class PromptProcessor:
             if isinstance(prompt, str) and prompt and self.tokenizer is not None:
                 texts[not (bos and prompt.startswith(bos))].append(pos)
             else:
-                try:
-                    results[pos] = self.tokenize_prompt(prompt, indices[pos])
-                except ValueError as e:
-                    results[pos] = e
+                results[pos] = _or_error(self.tokenize_prompt, prompt, indices[pos])
         for add_special, positions in texts.items():
             if not positions:
                 continue
             try:
                 encoded = self.tokenizer([prompts[p] for p in positions], add_special_tokens=add_special)["input_ids"]
             except Exception:  # one prompt the tokenizer refuses fails the batch call: find it one by one
-                for pos in positions:
-                    try:
-                        results[pos] = self.tokenize_prompt(prompts[pos], indices[pos])
-                    except ValueError as e:
-                        results[pos] = e
-                continue
+                encoded = [None] * len(positions)
             for pos, ids in zip(positions, encoded):
-                try:
-                    results[pos] = self.validate_ids(ids, indices[pos], prompts[pos])
-                except ValueError as e:
-                    results[pos] = e
+                results[pos] = (_or_error(self.tokenize_prompt, prompts[pos], indices[pos]) if ids is None
+                                else _or_error(self.validate_ids, ids, indices[pos], prompts[pos]))
         return results  # type: ignore[return-value]
 
     def validate_ids(self, ids: Any, index: int, text: str | None) -> TokenizedPrompt:
@@ -137,6 +127,14 @@ class PromptProcessor:
                 "which leaves no room to generate"
             )
         return TokenizedPrompt(list(ids), text)
+
+
+def _or_error(call, *args) -> TokenizedPrompt | ValueError:
+    """call(*args), or the ValueError it raised (a bad prompt's result)."""
+    try:
+        return call(*args)
+    except ValueError as e:
+        return e
 
 
 def resolve_max_model_len(requested: int | None, spec) -> int:

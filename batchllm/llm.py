@@ -28,7 +28,7 @@ from batchllm.engine import Engine, build_engine, release_device_memory, resolve
 from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, local_model_dir
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState, prompt_logprobs_output
-from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
@@ -245,10 +245,7 @@ class LLM:
         plan_started = time.perf_counter()
         prompt_ids = [r.prompt_token_ids for r in requests]
         sharing = self.config.sharing
-        if sharing.prefix_sharing:
-            plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode)
-        else:
-            plan = PrefixPlan.without_sharing([len(p) for p in prompt_ids], sharing.plan_mode)
+        plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode, share=sharing.prefix_sharing)
         max_len = self.max_model_len
         budgets = {r.request_id: expected_output_tokens(r, max_len) for r in requests}
         call.budgets.update(budgets)

@@ -138,7 +138,3 @@ class Request:
             chain.append((prefix.request_id, prefix.num_prompt_tokens))
             prefix = prefix.parent
         return tuple(reversed(chain))
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED

@@ -202,10 +202,12 @@ class SamplingParams:
         self._bad_words_token_ids = [t for t in ids if t]
 
     def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None) -> None:
-        """What needs the model: token ids inside the vocabulary, bad_words tokenized, and the
-        structured-output grammar compiled (`grammars`: a `GrammarBackend`). Raises ValueError
-        naming the field (StructuredOutputError for a grammar that does not compile)."""
-        for name, ids in (("logit_bias", self.logit_bias or {}), ("allowed_token_ids", self.allowed_token_ids or [])):
+        """What needs the model: token ids inside the vocabulary (stop_token_ids too: min_tokens bans
+        them in the logits), bad_words tokenized, and the structured-output grammar compiled
+        (`grammars`: a `GrammarBackend`). Raises ValueError naming the field (StructuredOutputError
+        for a grammar that does not compile)."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {}),
+                          ("allowed_token_ids", self.allowed_token_ids or [])):
             for t in ids:
                 if t >= vocab_size:
                     raise ValueError(f"SamplingParams.{name}: token id {t} is outside the vocabulary [0, {vocab_size})")

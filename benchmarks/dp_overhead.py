@@ -81,7 +81,7 @@ def _worker(rank: int, size: int, config, conn) -> None:
     from batchllm.parallel.data_parallel import serve_jobs
 
     llm = _NoModelLLM(rank, config, int(os.environ["BATCHLLM_DP_OVERHEAD_OUTPUT"]))
-    conn.send(("ready", {"kv_blocks": 0, "device": "cpu"}))
+    conn.send(("ready",))
     serve_jobs(llm, conn)
 
 

@@ -54,7 +54,6 @@ class RequestUpdate:
 @dataclass
 class SchedulerStats:
     num_steps: int = 0
-    num_scheduled_tokens: int = 0
     prefill_tokens: int = 0
     """Tokens whose KV was computed from a prompt or prefix (or recomputed after preemption)."""
     decode_tokens: int = 0
@@ -356,7 +355,6 @@ class Scheduler:
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device
             self._prefix_ready(prefix)  # (after the batch: a prefix dropped here must reach the runner later)
         self.stats.num_steps += 1
-        self.stats.num_scheduled_tokens += batch.num_tokens
         self.stats.num_block_copies += len(copies)
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.kv.pool.num_used_blocks)
         return batch

@@ -101,7 +101,6 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             continue
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
-            _check_token_ids(params, prompts.vocab_size)
             params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars)
             prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
         except ValueError as e:
@@ -155,13 +154,6 @@ def _cache_key(fields: dict) -> tuple | None:
         else:
             return None
     return tuple(key)
-
-
-def _check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """stop_token_ids index the logits (min_tokens bans them there): refuse ids outside the vocabulary."""
-    for t in params.stop_token_ids:
-        if t >= vocab_size:
-            raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
 def record_for(line: BatchLine, output, model_name: str) -> dict:

@@ -19,18 +19,6 @@ from batchllm.layers.transfer import to_device
 from batchllm.outputs import SamplingSpec, TokenLogprobs
 
 
-def sample(
-    logits: torch.Tensor,  # [n, vocab_size]
-    specs: list[SamplingSpec],
-    generators: list[torch.Generator | None],
-    default_generator: torch.Generator,
-    histories: list[OutputHistory | None] | None = None,
-    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Sample one token per row; returns the tokens and, where asked for, their logprobs."""
-    return sample_on_device(logits, specs, generators, default_generator, histories, grammar_mask).lists()
-
-
 @dataclass
 class SampledTokens:
     """One step's sampled tokens, and the logprobs of the rows that asked for them, as tensors:
@@ -75,7 +63,8 @@ def sample_on_device(
     histories: list[OutputHistory | None] | None = None,
     grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SampledTokens:
-    """`sample` without reading anything back: no step of it waits for the device.
+    """Sample one token per row and, where asked for, its logprobs, without reading anything back:
+    no step of it waits for the device (`SampledTokens.lists` reads them).
 
     histories: each row's output tokens, where its spec has `adjust` (`logits_processors.py`);
     grammar_mask: (bitmask [m, words] int32, rows [m] int64) on the device, for structured rows."""
@@ -101,35 +90,19 @@ def sample_on_device(
     if adjusted:
         apply_adjustments(logits, specs, histories)
 
-    tokens = torch.empty(n, dtype=torch.long, device=device)
     greedy = [i for i, s in enumerate(specs) if s.is_greedy]
     random = [i for i, s in enumerate(specs) if not s.is_greedy]
     if len(greedy) == n:
         tokens = logits.argmax(dim=-1)
-    elif greedy:
+    elif len(random) == n:
+        tokens = _draw(logits, specs, generators, default_generator)
+    else:
+        tokens = torch.empty(n, dtype=torch.long, device=device)
         rows = to_device(greedy, device, torch.int64)
         tokens[rows] = logits[rows].argmax(dim=-1)
-    if random:
-        rows = to_device(random, device, torch.int64) if len(random) < n else None
-        probs = processed_probs(logits if rows is None else logits[rows], [specs[i] for i in random])
-        noise = torch.empty_like(probs)
-        unseeded = []
-        for j, i in enumerate(random):
-            if generators[i] is None:
-                unseeded.append(j)
-            else:
-                noise[j].exponential_(generator=generators[i])
-        if unseeded:
-            drawn = torch.empty((len(unseeded), vocab), device=device).exponential_(generator=default_generator)
-            if len(unseeded) == len(random):
-                noise = drawn
-            else:
-                noise[to_device(unseeded, device, torch.int64)] = drawn
-        chosen = (probs / noise).argmax(dim=-1)
-        if rows is None:
-            tokens = chosen
-        else:
-            tokens[rows] = chosen
+        rows = to_device(random, device, torch.int64)
+        tokens[rows] = _draw(logits[rows], [specs[i] for i in random], [generators[i] for i in random],
+                             default_generator)
 
     if not logprob_rows:
         return SampledTokens(tokens)
@@ -143,6 +116,29 @@ def sample_on_device(
         sampled_logprob=sampled[:, 0], rank=(raw > sampled).sum(dim=-1) + 1,
         top_logprobs=top.values, top_ids=top.indices,
     )
+
+
+def _draw(logits: torch.Tensor, specs: list[SamplingSpec], generators: list[torch.Generator | None],
+          default_generator: torch.Generator) -> torch.Tensor:
+    """One sampled token per row of logits [m, vocab] (all rows non-greedy): argmax(p / E) with
+    exponential noise E from the row's own generator, or the engine's for unseeded rows (one draw
+    for all of them)."""
+    probs = processed_probs(logits, specs)
+    noise = torch.empty_like(probs)
+    unseeded = []
+    for j, generator in enumerate(generators):
+        if generator is None:
+            unseeded.append(j)
+        else:
+            noise[j].exponential_(generator=generator)
+    if unseeded:
+        drawn = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_(
+            generator=default_generator)
+        if len(unseeded) == len(specs):
+            noise = drawn
+        else:
+            noise[to_device(unseeded, probs.device, torch.int64)] = drawn
+    return (probs / noise).argmax(dim=-1)
 
 
 def processed_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:

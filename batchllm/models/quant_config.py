@@ -22,8 +22,6 @@ from batchllm.models.spec import ModelLoadError
 QUANTIZATION_METHODS = ("fp8",)
 """Values of the `quantization` option (None: the checkpoint decides)."""
 
-_STRATEGIES = ("tensor", "channel", "block")
-
 
 @dataclass(frozen=True)
 class Fp8Scheme:

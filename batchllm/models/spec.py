@@ -73,14 +73,6 @@ class ModelSpec:
         """Bytes of K and V per token across all layers, per byte of element size."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
-    @property
-    def num_parameters(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = h * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * h * i + 2 * h
-        embed = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + h
-
 
 def _read_config(model_dir: Path) -> tuple[Path, dict]:
     """(the path of model_dir's config.json, its JSON object); anything else is a ModelLoadError

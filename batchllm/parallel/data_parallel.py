@@ -7,7 +7,7 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready", info) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
+  rank r -> parent: ("ready",) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
                     | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems`: global prompt indices, the token ids of all its prompts in
 one int32 array, and their SamplingParams. The parent converts each prompt's ids to an array once, for
@@ -45,7 +45,7 @@ from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, Shard, partition_plan
 from batchllm.parallel.shard_wire import PackedItems, as_token_array, pack_items
 from batchllm.parallel.tp_worker import die_with_parent, rank_device
-from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class DataParallelEngine:
         self._busy = False
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self.last_stats: dict[str, Any] = {}
-        self.worker_info = self._wait_ready(start_timeout_s)
+        self._wait_ready(start_timeout_s)
 
     def _messages(self, ranks: set[int], timeout_s: float) -> Iterator[tuple[int, tuple | None]]:
         """(rank, message) for each message that arrives within `timeout_s` from these ranks; a
@@ -108,20 +108,19 @@ class DataParallelEngine:
             except (EOFError, OSError, pickle.UnpicklingError):
                 yield rank, None
 
-    def _wait_ready(self, timeout_s: float) -> list[dict]:
-        info: dict[int, dict] = {}
+    def _wait_ready(self, timeout_s: float) -> None:
+        waiting = set(range(self.size))
         deadline = time.monotonic() + timeout_s
-        while len(info) < self.size:
+        while waiting:
             if time.monotonic() > deadline:
                 self.shutdown()
                 raise WorkerDied(f"data-parallel workers did not start within {timeout_s:.0f} s")
-            for rank, message in self._messages(set(range(self.size)) - set(info), 1.0):
+            for rank, message in self._messages(set(waiting), 1.0):
                 if message is None or message[0] == "error":
                     why = message[1] if message else _exit_description(self._exit_code(rank))
                     self.shutdown()
                     raise WorkerDied(f"data-parallel worker {rank} could not start: {why}")
-                info[rank] = message[1]
-        return [info[r] for r in range(self.size)]
+                waiting.discard(rank)
 
     def _exit_code(self, rank: int) -> int | None:
         self.processes[rank].join(5)
@@ -156,10 +155,7 @@ class DataParallelEngine:
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
-        if sharing.prefix_sharing:
-            plan = plan_prefix_sharing(ids, mode=sharing.plan_mode)
-        else:
-            plan = PrefixPlan.without_sharing([len(p) for p in ids], sharing.plan_mode)
+        plan = plan_prefix_sharing(ids, mode=sharing.plan_mode, share=sharing.prefix_sharing)
         expected = [sp.n * output_budget(len(p), sp.max_tokens, 0, self.max_model_len) for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 
@@ -306,7 +302,7 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", {"kv_blocks": llm.engine.kv_spec.num_blocks, "device": str(llm.engine.device)}))
+    conn.send(("ready",))
     serve_jobs(llm, conn)
 
 

@@ -117,11 +117,16 @@ class PrefixPlan:
 
 
 def plan_prefix_sharing(
-    prompts: Sequence[Sequence[int] | np.ndarray], mode: str = MULTI_LEVEL, group_overhead_tokens: int = 0
+    prompts: Sequence[Sequence[int] | np.ndarray], mode: str = MULTI_LEVEL, group_overhead_tokens: int = 0,
+    share: bool = True,
 ) -> PrefixPlan:
+    """The prefix-sharing plan of the whole batch; with `share` off (the engine's prefix_sharing
+    option), every prompt on its own."""
     if mode not in PLAN_MODES:
         raise ValueError(f"plan mode must be one of {PLAN_MODES}, got {mode!r}")
     lengths = [len(p) for p in prompts]
+    if not share:
+        return PrefixPlan.without_sharing(lengths, mode)
     if any(n == 0 for n in lengths):
         raise ValueError("cannot plan an empty prompt")
     tree = build_radix_tree([p[:-1] for p in prompts])

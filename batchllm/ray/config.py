@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchllm.core.policies import GROUP_ORDERS
-from batchllm.prefix.plan import MULTI_LEVEL, PLAN_MODES
+from batchllm.options import engine_config
+from batchllm.prefix.plan import MULTI_LEVEL
 from batchllm.sampling_params import SamplingParams
 
 
@@ -65,20 +65,11 @@ class ProcessorConfig:
     """Rows per call of the CPU tokenize stage (Ray tasks)."""
 
     def __post_init__(self) -> None:
-        if self.num_replicas < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_buckets is not None and self.num_buckets < 1:
-            raise ValueError(f"num_buckets must be >= 1, got {self.num_buckets}")
-        if self.prefix_key_tokens < 1:
-            raise ValueError(f"prefix_key_tokens must be >= 1, got {self.prefix_key_tokens}")
-        if self.data_parallel_size < 1 or self.tensor_parallel_size < 1:
-            raise ValueError("data_parallel_size and tensor_parallel_size must be >= 1")
-        if self.plan_mode not in PLAN_MODES:
-            raise ValueError(f"plan_mode must be one of {PLAN_MODES}, got {self.plan_mode!r}")
-        if self.group_order not in GROUP_ORDERS:
-            raise ValueError(f"group_order must be one of {tuple(GROUP_ORDERS)}, got {self.group_order!r}")
+        for name in ("num_replicas", "batch_size", "num_buckets", "prefix_key_tokens", "data_parallel_size",
+                     "tensor_parallel_size"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        engine_config(model=self.model, **self.engine_options())  # every engine option checked as LLM checks it
         unknown = sorted(set(self.sampling_params) - set(SamplingParams.field_names()))
         if unknown:
             raise ValueError(f"sampling_params has unknown field(s): {', '.join(unknown)}")

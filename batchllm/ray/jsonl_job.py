@@ -24,6 +24,7 @@ from typing import Any
 from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FileBasedDatasource
 
+from batchllm.io.ingest import count_input_lines, input_problem
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, parse_line
 from batchllm.ray.config import ProcessorConfig
 from batchllm.ray.processor import Processor
@@ -145,11 +146,6 @@ def file_format_of(path: Path, sample: int = 1000) -> str:
     return max(counts, key=counts.get)
 
 
-def count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for raw in f if raw.strip())
-
-
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
                      global_seed: int | None = None, model_name: str | None = None, checkpoint: bool = True) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
@@ -168,12 +164,15 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
             delete_checkpoint_on_success=False)
     started = time.perf_counter()
     if model_name is None:
-        model_name = Path(config.model).name if config.model else _default_model_name()
+        from batchllm.models.default_model import DEFAULT_MODEL_NAME
+
+        model_name = Path(config.model).name if config.model else DEFAULT_MODEL_NAME
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed), record_fn=_CliRecords(
         model_name, file_format_of(input_path)), index_column=LINE)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
     try:
-        processor(lines, num_rows=count_lines(input_path)).write_datasink(_RecordShards(str(output_dir.resolve())))
+        records = processor(lines, num_rows=count_input_lines(input_path))
+        records.write_datasink(_RecordShards(str(output_dir.resolve())))
     finally:
         context.checkpoint_config = previous  # the context is the driver's: later datasets must not inherit it
     num_records = num_errors = 0
@@ -184,24 +183,16 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
     return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
 
 
-def _default_model_name() -> str:
-    from batchllm.models.default_model import DEFAULT_MODEL_NAME
-
-    return DEFAULT_MODEL_NAME
-
-
 def run_command_on_ray(args) -> int:
     """The `--ray` branch of `batchllm run` (args: the run parser's namespace)."""
     import ray
 
-    from batchllm.cli import EXIT_CANNOT_START, EXIT_LINES_FAILED, EXIT_OK, _fail
-    from batchllm.io.ingest import input_problem
+    from batchllm.cli import EXIT_CANNOT_START, EXIT_LINES_FAILED, EXIT_OK, _fail, sampling_defaults
     from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
         return _fail(problem)
-    defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos)
+    defaults = sampling_defaults(args)
     try:
         SamplingParams(**defaults)
         engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
@@ -222,6 +213,6 @@ def run_command_on_ray(args) -> int:
           f"{result['wall_s']:.1f} s", file=sys.stderr)
     if args.stats is not None:
         args.stats.write_text(json.dumps({**result, "num_replicas": args.num_replicas}, indent=2) + "\n")
-    if result["num_records"] == 0 and count_lines(args.input):
+    if result["num_records"] == 0 and count_input_lines(args.input):
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK

@@ -36,18 +36,19 @@ class Processor:
         self.record_fn = record_fn
         self.index_column = index_column
 
-    def num_buckets(self, dataset) -> int:
+    def num_buckets(self, dataset, num_rows: int | None = None) -> int:
+        """config.num_buckets, else max(num_replicas, ceil(rows / batch_size)) (rows counted unless given)."""
         config = self.config
         if config.num_buckets is not None:
             return config.num_buckets
-        return max(config.num_replicas, math.ceil(dataset.count() / config.batch_size))
+        rows = dataset.count() if num_rows is None else num_rows
+        return max(config.num_replicas, math.ceil(rows / config.batch_size))
 
     def __call__(self, dataset, num_rows: int | None = None):
         import ray
 
         config = self.config
-        num_buckets = self.num_buckets(dataset) if num_rows is None else max(
-            config.num_replicas, math.ceil(num_rows / config.batch_size))
+        num_buckets = self.num_buckets(dataset, num_rows)
         tokenized = dataset.map_batches(
             tokenize_batch, batch_size=config.tokenize_batch_size, batch_format="pyarrow", zero_copy_batch=True,
             fn_kwargs=dict(config=config, preprocess=self.preprocess, num_buckets=num_buckets,

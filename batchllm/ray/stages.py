@@ -135,8 +135,12 @@ def prefix_key(token_ids: list[int], key_tokens: int, context_len: int | None = 
     length = min(key_tokens, len(token_ids) - 1)
     if context_len:
         length = min(length, context_len)
-    data = np.asarray(token_ids[:max(length, 0)], dtype=np.int64).tobytes()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return _digest(token_ids[:max(length, 0)])
+
+
+def _digest(token_ids: list[int]) -> str:
+    """A hex digest of the token ids (as int64, so that equal ids always give equal digests)."""
+    return hashlib.blake2b(np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
 # ---------------------------------------------------------------------- stage 2: the engine replica
@@ -222,14 +226,11 @@ def _attribute_prefill(token_ids: list[list[int]], config: ProcessorConfig) -> l
 
     Each group's own segment is charged to its first member, so the rows' charges add up to the
     plan's prefill tokens exactly; the digests let the report find prefixes computed by several calls."""
-    from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+    from batchllm.prefix import plan_prefix_sharing
 
     if not token_ids:
         return []
-    if config.prefix_sharing:
-        plan = plan_prefix_sharing(token_ids, mode=config.plan_mode)
-    else:
-        plan = PrefixPlan.without_sharing([len(t) for t in token_ids], config.plan_mode)
+    plan = plan_prefix_sharing(token_ids, mode=config.plan_mode, share=config.prefix_sharing)
     charged = [0] * len(token_ids)
     top: list[tuple[str | None, int]] = [(None, 0)] * len(token_ids)
     for g in plan.groups:
@@ -239,8 +240,7 @@ def _attribute_prefill(token_ids: list[list[int]], config: ProcessorConfig) -> l
         for p in g.prompts:
             charged[p] += len(token_ids[p]) - g.prefix_len
         if g.parent is None:
-            prefix = token_ids[members[0]][:g.prefix_len]
-            digest = hashlib.blake2b(np.asarray(prefix, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+            digest = _digest(token_ids[members[0]][:g.prefix_len])
             for p in members:
                 top[p] = (digest, g.prefix_len)
     for p in plan.ungrouped:

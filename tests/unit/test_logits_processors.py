@@ -12,8 +12,14 @@ from batchllm.layers.logits_processors import (
     apply_grammar_bitmask,
     banned_by_bad_words,
 )
-from batchllm.layers.sampler import sample
+from batchllm.layers.sampler import sample_on_device
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID, LogitsAdjust, SamplingSpec
+
+
+def _sample(*args, **kwargs):
+    """Sample on the device and read the tokens and logprobs back (what the runner does in two steps)."""
+    return sample_on_device(*args, **kwargs).lists()
+
 
 VOCAB = 8
 LOGITS = [2.0, -1.0, 0.5, 3.0, -2.0, 1.0, 0.0, 4.0]
@@ -70,8 +76,8 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 def test_logit_bias_adds_and_can_flip_greedy():
     out = adjusted(LogitsAdjust(logit_bias=((2, 10.0), (7, -100.0))))
     assert out[2] == pytest.approx(10.5) and out[7] == pytest.approx(-96.0)
-    tokens, _ = sample(torch.tensor([LOGITS]), [spec(LogitsAdjust(logit_bias=((2, 10.0),)))], [None],
-                       torch.Generator(), histories=[history([])])
+    tokens, _ = _sample(torch.tensor([LOGITS]), [spec(LogitsAdjust(logit_bias=((2, 10.0),)))], [None],
+                        torch.Generator(), histories=[history([])])
     assert tokens == [2]
 
 
@@ -79,9 +85,9 @@ def test_allowed_token_ids_mask_everything_else():
     out = adjusted(LogitsAdjust(allowed_token_ids=(1, 4)))
     assert out[1] == -1.0 and out[4] == -2.0
     assert all(v == float("-inf") for i, v in enumerate(out) if i not in (1, 4))
-    tokens, _ = sample(torch.tensor([LOGITS] * 200),
-                       [spec(LogitsAdjust(allowed_token_ids=(1, 4)), temperature=1.0)] * 200,
-                       [None] * 200, torch.Generator().manual_seed(0), histories=[history([])] * 200)
+    tokens, _ = _sample(torch.tensor([LOGITS] * 200),
+                        [spec(LogitsAdjust(allowed_token_ids=(1, 4)), temperature=1.0)] * 200,
+                        [None] * 200, torch.Generator().manual_seed(0), histories=[history([])] * 200)
     assert set(tokens) == {1, 4}
 
 

@@ -148,3 +148,13 @@ def test_identical_prompts_share_all_but_their_last_token():
     plan = plan_prefix_sharing([[5, 6, 7, 8]] * 3)
     assert [(g.prefix_len, g.prompts) for g in plan.groups] == [(3, [0, 1, 2])]
     assert plan.prefill_tokens == 3 + 3
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+def test_share_off_plans_every_prompt_on_its_own(mode):
+    prompts = [[1, 2, 3, 4], [1, 2, 3, 5], [7]]
+    plan = plan_prefix_sharing(prompts, mode, share=False)
+    assert plan.mode == mode and plan.groups == [] and plan.ungrouped == [0, 1, 2]
+    assert plan.prefill_tokens == plan.prompt_tokens == 9 and plan.saving_ratio == 0.0
+    with pytest.raises(ValueError, match="plan mode"):
+        plan_prefix_sharing(prompts, "bogus", share=False)

@@ -6,8 +6,14 @@ import math
 
 import torch
 
-from batchllm.layers.sampler import processed_probs, sample
+from batchllm.layers.sampler import processed_probs, sample_on_device
 from batchllm.outputs import SamplingSpec
+
+
+def _sample(*args, **kwargs):
+    """Sample on the device and read the tokens and logprobs back (what the runner does in two steps)."""
+    return sample_on_device(*args, **kwargs).lists()
+
 
 # probabilities 0.4, 0.3, 0.15, 0.1, 0.05 on tokens 0..4 (and ~0 elsewhere)
 PROBS = [0.4, 0.3, 0.15, 0.1, 0.05]
@@ -33,7 +39,7 @@ def support(**kw) -> set[int]:
 def drawn(n=2000, **kw) -> set[int]:
     logits = logits_row()[None, :].repeat(n, 1)
     gen = torch.Generator().manual_seed(0)
-    tokens, _ = sample(logits, [spec(**kw)] * n, [None] * n, gen)
+    tokens, _ = _sample(logits, [spec(**kw)] * n, [None] * n, gen)
     return set(tokens)
 
 
@@ -71,14 +77,14 @@ def test_unfiltered_sampling_follows_the_distribution():
 
 def drawn_tokens(n):
     logits = logits_row()[None, :].repeat(n, 1)
-    tokens, _ = sample(logits, [spec()] * n, [None] * n, torch.Generator().manual_seed(1))
+    tokens, _ = _sample(logits, [spec()] * n, [None] * n, torch.Generator().manual_seed(1))
     return tokens
 
 
 def test_greedy_is_argmax_and_banned_tokens_are_never_chosen():
     logits = logits_row()[None, :].repeat(2, 1)
     specs = [spec(temperature=0.0), spec(temperature=0.0, banned_token_ids=(0,))]
-    tokens, _ = sample(logits, specs, [None, None], torch.Generator().manual_seed(0))
+    tokens, _ = _sample(logits, specs, [None, None], torch.Generator().manual_seed(0))
     assert tokens == [0, 1]
 
 
@@ -89,7 +95,7 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours():
         logits[-1] = torch.linspace(0, 3, 50)
         seeded = torch.Generator().manual_seed(1234)
         gens = [None] * batch_before + [seeded]
-        return [sample(logits, [spec()] * n, gens, torch.Generator().manual_seed(batch_before))[0][-1]
+        return [_sample(logits, [spec()] * n, gens, torch.Generator().manual_seed(batch_before))[0][-1]
                 for _ in range(5)]
 
     assert run(0) == run(3) == run(7)
@@ -97,7 +103,7 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours():
 
 def test_logprobs_are_of_the_raw_distribution_with_rank():
     logits = logits_row()[None, :]
-    tokens, lps = sample(logits, [spec(temperature=0.0, num_logprobs=2)], [None], torch.Generator())
+    tokens, lps = _sample(logits, [spec(temperature=0.0, num_logprobs=2)], [None], torch.Generator())
     lp = lps[0]
     assert tokens == [0] and lp.sampled_rank == 1
     assert lp.top_token_ids == [0, 1]

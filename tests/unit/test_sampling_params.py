@@ -78,3 +78,11 @@ def test_error_messages_quote_values_briefly():
     with pytest.raises(ValueError) as e:
         SamplingParams(stop=["x" * 10**6, 3])
     assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("field,value", [("stop_token_ids", [7, 10]), ("allowed_token_ids", [10]),
+                                         ("logit_bias", {10: 1.0})])
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams.{field}: token id 10 is outside the vocabulary \[0, 10\)"):
+        SamplingParams(**{field: value}).check_for_model(10)
+    SamplingParams(**{field: [7, 9] if field != "logit_bias" else {9: 1.0}}).check_for_model(10)
