@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    _add_plan_parser(sub)
+    add_bench_parser(sub)
+    return parser
+
+
+def _add_run_parser(sub) -> None:
     run = sub.add_parser(
         "run",
         help="run a JSONL batch file",
@@ -82,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-batch-size", type=int, default=1024, help="target rows per engine call (with --ray)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else local)")
 
+
+def _add_plan_parser(sub) -> None:
     plan = sub.add_parser(
         "plan",
         help="show the prefix-sharing plan of a JSONL batch file without running the model",
@@ -96,8 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also list the N largest prefix groups: members, shared prefix length in tokens and "
                       "the prefix's first words, to check the plan against what you know of the file")
     add_engine_arguments(plan, names=["model", "tokenizer", "max_model_len", "plan_mode"])
-    add_bench_parser(sub)
-    return parser
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
