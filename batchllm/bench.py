@@ -260,7 +260,6 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
 def bench_command(args) -> int:
     """Build one engine per configuration, run the workload on it, free it before the next (the KV
     cache is sized from the free memory, so engines side by side would not be measured alike)."""
-    from batchllm.engine import release_device_memory
     from batchllm.llm import LLM
     from batchllm.options import engine_kwargs_from_args
 
@@ -272,37 +271,43 @@ def bench_command(args) -> int:
     workload, peak, results, info = None, None, [], {}
     for i, name in enumerate(names):
         llm = LLM(**{**base, **CONFIGS[name][1]})
+        workload = workload or _workload(args, llm)
         if llm.engine is None:  # data parallel: the engines are in the worker processes
-            workload = workload or _workload(args, llm)
             results.append(_bench_data_parallel(llm, name, args, workload))
-            llm.shutdown()
-            del llm
-            release_device_memory()
-            continue
-        engine = llm.engine
-        if workload is None:
-            workload = _workload(args, llm)
-            peak = measure_matmul_peak_tflops(engine.device) if engine.device.type == "cuda" else None
-            if peak:
-                print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
-            info = {"device": _device_name(engine.device), "dtype": str(engine.dtype), "model": str(engine.model_dir),
-                    "kv_blocks": engine.kv_spec.num_blocks, "matmul_peak_tflops": peak}
-        graph_info = _graph_info(engine.runner.decode_graphs)
-        _warm_up(llm, workload, args.warmup_requests)
-        stats = run_workload(llm, workload, peak)
-        stats.update(config=name, async_scheduling=engine.core.async_scheduling, cuda_graphs=graph_info is not None,
-                     kv_blocks=engine.kv_spec.num_blocks, graph_capture=graph_info)
-        results.append(stats)
-        print(_line(stats), flush=True)
-        if i == len(names) - 1:
-            _profile(llm, workload, args)
-        llm.shutdown()
-        del llm, engine
-        release_device_memory()
+        else:
+            if not info:
+                peak, info = _device_info(llm.engine)
+            results.append(_bench_engine(llm, name, workload, peak, args, profile=i == len(names) - 1))
+        llm.shutdown()  # frees the engine's device memory before the next one is built
+        del llm
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({**info, "results": results}, f)
     return 0
+
+
+def _device_info(engine) -> tuple[float | None, dict]:
+    """The bf16 matmul peak (CUDA only; printed) and the run's device facts for the JSON output."""
+    peak = measure_matmul_peak_tflops(engine.device) if engine.device.type == "cuda" else None
+    if peak:
+        print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
+    return peak, {"device": _device_name(engine.device), "dtype": str(engine.dtype), "model": str(engine.model_dir),
+                  "kv_blocks": engine.kv_spec.num_blocks, "matmul_peak_tflops": peak}
+
+
+def _bench_engine(llm, name: str, workload: Workload, peak: float | None, args, profile: bool) -> dict:
+    """One single-process configuration: warm up, run the workload, print its line; then, for the
+    last configuration, the profiles asked for."""
+    engine = llm.engine
+    graph_info = _graph_info(engine.runner.decode_graphs)
+    _warm_up(llm, workload, args.warmup_requests)
+    stats = run_workload(llm, workload, peak)
+    stats.update(config=name, async_scheduling=engine.core.async_scheduling, cuda_graphs=graph_info is not None,
+                 kv_blocks=engine.kv_spec.num_blocks, graph_capture=graph_info)
+    print(_line(stats), flush=True)
+    if profile:
+        _profile(llm, workload, args)
+    return stats
 
 
 def _warm_up(llm, workload: Workload, requests: int) -> None:
