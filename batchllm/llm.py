@@ -119,15 +119,21 @@ class LLM:
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
         or a list of any of these. Every prompt is validated before any work starts.
         """
+        tokenized, params = self._validate(prompts, sampling_params)
+        results: list[RequestOutput | None] = [None] * len(tokenized)
+        for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
+            results[index] = output
+        return results  # type: ignore[return-value]
+
+    def _validate(self, prompts: Any, sampling_params) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
+        """`generate`'s input path up to submission: every prompt tokenized and validated, one
+        SamplingParams per prompt checked against the model; raises the first bad prompt's ValueError."""
         items = _as_prompt_list(prompts)
         tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
         params = self._params_list(sampling_params, len(tokenized))
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
-        results: list[RequestOutput | None] = [None] * len(tokenized)
-        for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
-            results[index] = output
-        return results  # type: ignore[return-value]
+        return tokenized, params
 
     def chat(
         self,
