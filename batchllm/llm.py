@@ -249,7 +249,7 @@ class LLM:
                 children.append(state)
             call.pending[index] = children
         plan_started = time.perf_counter()
-        prompt_ids = [r.prompt_token_ids for r in requests]
+        prompt_ids = [call.prompts[r.arrival_index].array for r in requests]  # converted once, by validation
         sharing = self.config.sharing
         plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode, share=sharing.prefix_sharing)
         max_len = self.max_model_len
