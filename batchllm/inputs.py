@@ -130,7 +130,7 @@ class PromptProcessor:
             raise ValueError(f"prompt {index} is empty")
         try:
             values = np.fromiter(ids, dtype=np.int64, count=len(ids))
-            inside = values.min() >= 0 and values.max() < self.vocab_size
+            inside = values.view(np.uint64).max() < self.vocab_size  # negatives view as >= 2**63: one pass
         except OverflowError:  # beyond int64: outside any vocabulary
             values, inside = None, False
         if not inside:

@@ -129,7 +129,8 @@ class LLM:
         """`generate`'s input path up to submission: every prompt tokenized and validated, one
         SamplingParams per prompt checked against the model; raises the first bad prompt's ValueError."""
         items = _as_prompt_list(prompts)
-        tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
+        with _quiet_gc():  # millions of new lists and arrays would trigger collections that walk the input
+            tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
         params = self._params_list(sampling_params, len(tokenized))
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
@@ -192,7 +193,8 @@ class LLM:
             yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
             self.last_stats = self._data_parallel.last_stats
             return
-        call = self._submit(prompts, params)
+        with _quiet_gc():  # (as in `_validate`: the requests of a large batch)
+            call = self._submit(prompts, params)
         core = self.engine.core
         before, log_start = dataclasses.replace(core.scheduler.stats), len(core.step_log)
         started = time.perf_counter()
