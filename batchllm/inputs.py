@@ -15,6 +15,7 @@ import numpy as np
 
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, read_model_spec
+from batchllm.parallel.shard_wire import as_token_array
 from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger(__name__)
@@ -22,10 +23,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class TokenizedPrompt:
-    """One prompt after tokenisation; `text` is None when it was given as token ids."""
+    """One prompt after tokenisation; `text` is None when it was given as token ids.
 
-    token_ids: list[int]
+    Invariant: `array` holds the same ids as `token_ids`, as a 1-D numpy integer array made once
+    (by `validate_ids`, or here from the ids given); the planner and data parallel's shard packing
+    use it instead of converting `token_ids` again. `token_ids` stays what callers see (a list from
+    `LLM.generate`, so that `RequestOutput.prompt_token_ids` is a list; an int32 array from the CLI)."""
+
+    token_ids: list[int] | np.ndarray
     text: str | None
+    array: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.array is None:
+            object.__setattr__(self, "array", as_token_array(self.token_ids))
 
 
 class PromptProcessor:
@@ -34,6 +45,8 @@ class PromptProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.source = source
+        self._id_dtype = np.int32 if vocab_size <= np.iinfo(np.int32).max + 1 else np.int64
+        """Validated ids lie in [0, vocab_size): int32 holds them whenever the vocabulary fits (half the memory)."""
         eos = getattr(tokenizer, "eos_token_id", None)
         self.grammars = (None if tokenizer is None
                          else GrammarBackend(tokenizer, vocab_size, [] if eos is None else [eos]))
@@ -108,6 +121,8 @@ class PromptProcessor:
         return results  # type: ignore[return-value]
 
     def validate_ids(self, ids: Any, index: int, text: str | None) -> TokenizedPrompt:
+        """The prompt of these ids, with its array (`TokenizedPrompt.array`: converted once here, one
+        vectorised range check on it, then kept); raises ValueError naming prompt `index` and the problem."""
         # type() not isinstance(): bools are ints to isinstance; map(type) runs at C speed on long prompts
         if not isinstance(ids, (list, tuple)) or not set(map(type, ids)) <= {int}:
             raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
@@ -115,18 +130,18 @@ class PromptProcessor:
             raise ValueError(f"prompt {index} is empty")
         try:
             values = np.fromiter(ids, dtype=np.int64, count=len(ids))
-            outside = (values < 0) | (values >= self.vocab_size)
+            inside = values.view(np.uint64).max() < self.vocab_size  # negatives view as >= 2**63: one pass
         except OverflowError:  # beyond int64: outside any vocabulary
-            outside = np.array([not 0 <= t < self.vocab_size for t in ids])
-        if outside.any():
-            bad = ids[int(outside.argmax())]
+            values, inside = None, False
+        if not inside:
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt {index} has {len(ids)} tokens; the context (max_model_len) is {self.max_model_len}, "
                 "which leaves no room to generate"
             )
-        return TokenizedPrompt(list(ids), text)
+        return TokenizedPrompt(list(ids), text, values.astype(self._id_dtype))
 
 
 def _or_error(call, *args) -> TokenizedPrompt | ValueError:

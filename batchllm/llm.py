@@ -119,15 +119,22 @@ class LLM:
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
         or a list of any of these. Every prompt is validated before any work starts.
         """
-        items = _as_prompt_list(prompts)
-        tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
-        params = self._params_list(sampling_params, len(tokenized))
-        for sp in {id(sp): sp for sp in params}.values():
-            sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
+        tokenized, params = self._validate(prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(tokenized)
         for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
             results[index] = output
         return results  # type: ignore[return-value]
+
+    def _validate(self, prompts: Any, sampling_params) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
+        """`generate`'s input path up to submission: every prompt tokenized and validated, one
+        SamplingParams per prompt checked against the model; raises the first bad prompt's ValueError."""
+        items = _as_prompt_list(prompts)
+        with _quiet_gc():  # millions of new lists and arrays would trigger collections that walk the input
+            tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
+        params = self._params_list(sampling_params, len(tokenized))
+        for sp in {id(sp): sp for sp in params}.values():
+            sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
+        return tokenized, params
 
     def chat(
         self,
@@ -186,7 +193,8 @@ class LLM:
             yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
             self.last_stats = self._data_parallel.last_stats
             return
-        call = self._submit(prompts, params)
+        with _quiet_gc():  # (as in `_validate`: the requests of a large batch)
+            call = self._submit(prompts, params)
         core = self.engine.core
         before, log_start = dataclasses.replace(core.scheduler.stats), len(core.step_log)
         started = time.perf_counter()
@@ -243,7 +251,7 @@ class LLM:
                 children.append(state)
             call.pending[index] = children
         plan_started = time.perf_counter()
-        prompt_ids = [r.prompt_token_ids for r in requests]
+        prompt_ids = [call.prompts[r.arrival_index].array for r in requests]  # converted once, by validation
         sharing = self.config.sharing
         plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode, share=sharing.prefix_sharing)
         max_len = self.max_model_len

@@ -98,7 +98,7 @@ def _phases(engine, workload, timings_dir: Path) -> dict[str, float]:
     out["validate"] = time.perf_counter() - t
     params = [SamplingParams(max_tokens=workload.max_tokens[0], ignore_eos=True)] * len(prompts)
     t = time.perf_counter()
-    plan = plan_prefix_sharing([p.token_ids for p in prompts], mode=engine.sharing.plan_mode)
+    plan = plan_prefix_sharing([p.array for p in prompts], mode=engine.sharing.plan_mode)  # as the engine does
     out["plan"] = time.perf_counter() - t
     t = time.perf_counter()
     partition_plan(plan, [sp.max_tokens for sp in params], engine.size)

@@ -86,7 +86,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             if isinstance(result, ValueError):
                 errors.append(LineError.for_line(line, result))
             else:
-                valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.token_ids, dtype=np.int32), None),
+                valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.array, dtype=np.int32), None),
                                        params))
         pending.clear()
 

@@ -10,8 +10,8 @@ Process layout and what crosses: one duplex pipe per worker, pickled messages, n
   rank r -> parent: ("ready",) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
                     | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems`: global prompt indices, the token ids of all its prompts in
-one int32 array, and their SamplingParams. The parent converts each prompt's ids to an array once, for
-its plan and the pipes; a worker's prompts are views of the array it received (its own plan of them
+one int32 array, and their SamplingParams. The parent plans and packs each prompt's `TokenizedPrompt.array`
+(made once, when the prompt was validated); a worker's prompts are views of the array it received (its own plan of them
 converts nothing). A result comes back without its prompt and prompt token ids (the parent holds them
 and puts them back): 2.2M prompt ids of the paper's workload are not pickled back. A worker asks
 for a tail shard ("pull") whenever its engine has admitted everything it holds
@@ -43,7 +43,7 @@ import torch
 from batchllm.config import EngineConfig, SharingConfig
 from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, Shard, partition_plan
-from batchllm.parallel.shard_wire import PackedItems, as_token_array, pack_items
+from batchllm.parallel.shard_wire import PackedItems, pack_items
 from batchllm.parallel.tp_worker import die_with_parent, rank_device
 from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
@@ -134,7 +134,7 @@ class DataParallelEngine:
             raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
         started = time.perf_counter()
         sharing = self.sharing
-        arrays = [as_token_array(p.token_ids) for p in prompts]  # once: for the plan and the pipes
+        arrays = [p.array for p in prompts]  # made once, by validation: for the plan and the pipes
         partition, budgets = self._partition(arrays, params, sharing)
         plan_seconds = time.perf_counter() - started
         self._job += 1

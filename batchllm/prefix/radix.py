@@ -72,13 +72,38 @@ def build_radix_tree(prompts: Sequence[Sequence[int] | np.ndarray]) -> RadixTree
     keys = [a.astype(">u4", copy=False).tobytes() for a in arrays]
     order = np.array(sorted(range(n), key=keys.__getitem__), dtype=np.int64)
     del keys
-    lcp = np.zeros(n, dtype=np.int64)  # lcp[i] = LCP(sorted[i-1], sorted[i])
-    for i in range(1, n):
-        a, b = arrays[order[i - 1]], arrays[order[i]]
-        m = min(len(a), len(b))
-        diff = np.flatnonzero(a[:m] != b[:m])
-        lcp[i] = diff[0] if diff.size else m
+    lcp = _adjacent_lcp([arrays[i] for i in order.tolist()])
     return _lcp_interval_tree(order, lengths, lcp.tolist())
+
+
+def _adjacent_lcp(arrays: list[np.ndarray], budget: int = 1 << 21) -> np.ndarray:
+    """lcp[i] = length of the longest common prefix of arrays[i-1] and arrays[i] (lcp[0] = 0),
+    for all pairs at once: rounds compare a window of positions of every pair not yet settled,
+    windows doubling (8, 16, ...; at most `budget` compared ids a round), so that the work is about
+    twice the common prefixes' lengths and the Python work is per round, not per pair."""
+    n = len(arrays)
+    lcp = np.zeros(n, dtype=np.int64)
+    if n < 2 or not any(len(a) for a in arrays):
+        return lcp
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=n)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    flat = np.concatenate(arrays)
+    pair = np.arange(1, n)  # pairs (pair - 1, pair) not settled yet
+    limit = np.minimum(lengths[:-1], lengths[1:])  # by pair - 1: the longest the prefix can be
+    offset, window = 0, 8
+    while pair.size:
+        window = max(1, min(window, budget // pair.size))
+        cols = offset + np.arange(window)
+        inside = cols < limit[pair - 1, None]  # [pairs, window]
+        a = np.minimum(starts[pair - 1, None] + cols, flat.size - 1)
+        b = np.minimum(starts[pair, None] + cols, flat.size - 1)
+        differ = (flat[a] != flat[b]) | ~inside
+        settled = differ.any(axis=1)
+        lcp[pair[settled]] = offset + differ[settled].argmax(axis=1)
+        pair = pair[~settled]
+        offset, window = offset + window, window * 2
+    return lcp
 
 
 def _lcp_interval_tree(order: np.ndarray, lengths: np.ndarray, lcp: list[int]) -> RadixTree:

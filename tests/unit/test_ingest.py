@@ -8,6 +8,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -159,3 +160,33 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     assert "logit_bias" in errors["bad-bias"] and "[-100, 100]" in errors["bad-bias"]
     assert "response_format type 'yaml'" in errors["bad-format"]
     assert "regex cannot be compiled" in errors["plain-bad"]
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([1, -1, 2], "prompt 7: token id -1 is outside the vocabulary [0, 100)"),
+    ([1, 100, -5], "prompt 7: token id 100 is outside the vocabulary [0, 100)"),
+    ([3, 2**70, -1], f"prompt 7: token id {2**70} is outside the vocabulary [0, 100)"),
+    ([3, -(2**64)], f"prompt 7: token id {-(2**64)} is outside the vocabulary [0, 100)"),
+    ([1, True], "prompt 7: prompt_token_ids must be a list of integers"),
+    ([1, 2.0], "prompt 7: prompt_token_ids must be a list of integers"),
+    ([1, "2"], "prompt 7: prompt_token_ids must be a list of integers"),
+    ("12", "prompt 7: prompt_token_ids must be a list of integers"),
+    ([], "prompt 7 is empty"),
+    (list(range(10)), "prompt 7 has 10 tokens; the context (max_model_len) is 10, which leaves no room to generate"),
+])
+def test_bad_token_ids_are_named(ids, message):
+    from batchllm.inputs import PromptProcessor
+
+    with pytest.raises(ValueError) as error:
+        PromptProcessor(None, 100, 10).validate_ids(ids, 7, None)
+    assert str(error.value) == message
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 99), min_size=1, max_size=9), st.booleans())
+def test_validated_ids_keep_one_array_equal_to_the_list(ids, as_tuple):
+    from batchllm.inputs import PromptProcessor
+
+    prompt = PromptProcessor(None, 100, 10).validate_ids(tuple(ids) if as_tuple else ids, 0, None)
+    assert type(prompt.token_ids) is list and prompt.token_ids == ids and prompt.token_ids is not ids
+    assert prompt.array.dtype == np.int32 and prompt.array.tolist() == ids

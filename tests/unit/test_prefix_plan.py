@@ -6,8 +6,11 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchllm.prefix import build_radix_tree, plan_prefix_sharing
+from batchllm.prefix.radix import _adjacent_lcp
 
 
 def test_radix_tree_nodes_are_lcp_intervals():
@@ -158,3 +161,31 @@ def test_share_off_plans_every_prompt_on_its_own(mode):
     assert plan.prefill_tokens == plan.prompt_tokens == 9 and plan.saving_ratio == 0.0
     with pytest.raises(ValueError, match="plan mode"):
         plan_prefix_sharing(prompts, "bogus", share=False)
+
+
+def _naive_lcp(a, b) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), max_size=40), min_size=0, max_size=30), st.integers(1, 64))
+def test_adjacent_lcp_matches_the_definition_whatever_the_round_budget(prompts, budget):
+    arrays = [np.asarray(p, dtype=np.int32) for p in prompts]
+    got = _adjacent_lcp(arrays, budget=budget).tolist()
+    assert got == [0] * min(1, len(prompts)) + [_naive_lcp(prompts[i - 1], prompts[i]) for i in range(1, len(prompts))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=30), min_size=1, max_size=25),
+       st.sampled_from(["single", "multi"]))
+def test_plan_is_the_same_from_lists_int32_and_int64_arrays(prompts, mode):
+    plans = [plan_prefix_sharing(ps, mode=mode) for ps in
+             (prompts, [np.asarray(p, dtype=np.int32) for p in prompts], [np.asarray(p) for p in prompts])]
+    assert plans[0] == plans[1] == plans[2]
+    tree = build_radix_tree(prompts)
+    for v in range(1, tree.num_nodes):  # each node's depth is its prompts' common prefix, and no longer
+        members = [prompts[i] for i in tree.order[tree.lo[v]:tree.hi[v]].tolist()]
+        assert min(_naive_lcp(members[0], m) for m in members[1:]) == tree.depth[v]
