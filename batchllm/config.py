@@ -122,8 +122,9 @@ class CacheConfig(_Checked):
 @dataclass(frozen=True)
 class SchedulerConfig(_Checked):
     max_num_batched_tokens: int | None = option(None, "token budget of one forward step (decode tokens + "
-                                                "prefill chunks); None: chosen from the device (engine."
-                                                "DEFAULT_STEP_TOKENS: 16384 on CUDA, 2048 on CPU)", at_least=1)
+                                                "prefill chunks); None: chosen from the device (16384 on "
+                                                "a GPU of 70 GiB or more, 8192 on a smaller one, 2048 on "
+                                                "CPU; engine.default_step_tokens)", at_least=1)
     max_num_seqs: int | None = option(None, "most requests running at once; None: no cap (admission is by "
                                       "projected KV memory)", at_least=1)
     kv_admission_threshold: float = option(1.0, "admit new work while the projected KV use (prefixes once + "

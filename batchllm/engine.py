@@ -70,11 +70,23 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-DEFAULT_STEP_TOKENS = {"cuda": 16384, "cpu": 2048}
-"""max_num_batched_tokens where the user sets none, by device type. On an H200 (docs/benchmarks.md,
-issue 14) 8,192-token steps took the SmolLM2 user path from 15.8 s to 8.2 s against 2,048, and
-16,384 beat 8,192 and 32,768 side by side (8B paper workload +1.3%, 1B decode-heavy +3.8%); on CPU
-a step's time grows with its tokens, so small steps keep the pipeline and the progress bar moving."""
+DEFAULT_STEP_TOKENS = {"cuda": 16384, "cuda-small": 8192, "cpu": 2048}
+"""max_num_batched_tokens where the user sets none, by device (`default_step_tokens`). On an H200
+(docs/benchmarks.md, issue 14) 8,192-token steps took the SmolLM2 user path from 15.8 s to 8.2 s
+against 2,048, and 16,384 beat 8,192 and 32,768 side by side (8B paper workload +1.3%, 1B
+decode-heavy +3.8%). A GPU under 70 GiB gets 8,192, as vLLM's default does, so that one step's
+activations (~1 GB per 8K tokens for an 8B model's MLP) leave room on a 24-48 GB card. On CPU a
+step's time grows with its tokens, so small steps keep the pipeline and the progress bar moving."""
+SMALL_GPU_BYTES = 70 * 2**30
+
+
+def default_step_tokens(device_type: str, device_memory_bytes: int | None = None) -> int:
+    """The step budget for a device type ("cuda", "cpu", ...) and, for a GPU, its memory."""
+    if device_type != "cuda":
+        return DEFAULT_STEP_TOKENS["cpu"]
+    if device_memory_bytes is not None and device_memory_bytes < SMALL_GPU_BYTES:
+        return DEFAULT_STEP_TOKENS["cuda-small"]
+    return DEFAULT_STEP_TOKENS["cuda"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,8 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)
     max_model_len = resolve_max_model_len(mc.max_model_len, spec)
     if sc.max_num_batched_tokens is None:
-        sc = replace(sc, max_num_batched_tokens=DEFAULT_STEP_TOKENS.get(device.type, DEFAULT_STEP_TOKENS["cpu"]))
+        memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        sc = replace(sc, max_num_batched_tokens=default_step_tokens(device.type, memory))
     if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < max_model_len:
         raise ValueError(
             f"with chunked prefill off, max_num_batched_tokens ({sc.max_num_batched_tokens}) must be "

@@ -125,11 +125,13 @@ def test_declared_bounds_are_checked_and_named(kwargs, message):
 
 
 def test_the_step_budget_is_chosen_from_the_device_unless_set(default_model_dir):
-    from batchllm.engine import DEFAULT_STEP_TOKENS, resolve_model
+    from batchllm.engine import DEFAULT_STEP_TOKENS, default_step_tokens, resolve_model
 
     auto = resolve_model(engine_config(model=str(default_model_dir), device="cpu"))
     assert auto.scheduler.max_num_batched_tokens == DEFAULT_STEP_TOKENS["cpu"] == 2048
-    assert DEFAULT_STEP_TOKENS["cuda"] >= 8192  # the GPU default is the benchmark's budget or larger
+    assert default_step_tokens("cuda", 141 * 2**30) == DEFAULT_STEP_TOKENS["cuda"] == 16384  # H200: measured
+    assert default_step_tokens("cuda", 24 * 2**30) == 8192  # a small GPU keeps room for a step's activations
+    assert default_step_tokens("cpu") == 2048
     chosen = resolve_model(engine_config(model=str(default_model_dir), device="cpu", max_num_batched_tokens=96))
     assert chosen.scheduler.max_num_batched_tokens == 96
     with pytest.raises(ValueError, match="chunked prefill off"):  # checked against the resolved budget
