@@ -182,14 +182,8 @@ class ModelRunner:
             self.num_graph_steps += 1
         sample_rows = step.sample_rows
         ids = [s.request_id for _, s in sample_rows]
-        if sample_rows and self.tp is not None:
-            sampled = self._sample_tensor_parallel(hidden[rows], sample_rows, extras)
-            self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
-        elif sample_rows:
-            logits = self.model.compute_logits(hidden[rows])
-            specs = [scheduled.sampling for _, scheduled in sample_rows]
-            generators = [self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
-            sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
+        if sample_rows:
+            sampled = self._sample(hidden[rows], sample_rows, extras)
             self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
         else:
             sampled = None
@@ -225,17 +219,19 @@ class ModelRunner:
         if self.tp is not None and self.tp.is_driver:
             self.channel.stop()
 
-    def _sample_tensor_parallel(self, hidden: torch.Tensor, sample_rows: list, extras: tuple) -> SampledTokens:
-        """Every rank gathers the logits (the LM head is split by vocabulary); rank 0 samples and
-        broadcasts the tokens, which the followers keep for their next step's placeholders."""
+    def _sample(self, hidden: torch.Tensor, sample_rows: list, extras: tuple) -> SampledTokens:
+        """The tokens of the sampling rows' hidden states. Under tensor parallelism every rank
+        gathers the logits (the LM head is split by vocabulary); rank 0 samples and broadcasts the
+        tokens, which the followers keep for their next step's placeholders."""
         logits = self.model.compute_logits(hidden)
-        if self.tp.is_driver:
+        if self.tp is None or self.tp.is_driver:
             specs = [scheduled.sampling for _, scheduled in sample_rows]
             generators = [self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
             sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
         else:
             sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
-        self.tp.broadcast(sampled.tokens)
+        if self.tp is not None:
+            self.tp.broadcast(sampled.tokens)
         return sampled
 
     def setup_decode_graphs(self, max_batch: int, max_model_len: int, *, capture: bool = True,
