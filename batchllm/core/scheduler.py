@@ -101,7 +101,7 @@ class Scheduler:
         admission: MemoryAdmission | None = None,
     ) -> None:
         """config: with its step budget resolved (the engine replaces max_num_batched_tokens=None by
-        the device's default, `engine.DEFAULT_STEP_TOKENS`, before building a scheduler)."""
+        the device's default, `engine.default_step_tokens`, before building a scheduler)."""
         if config.max_num_batched_tokens is None:
             raise ValueError("Scheduler needs a step budget: max_num_batched_tokens is None (the engine "
                              "resolves the device default in resolve_model)")

@@ -35,7 +35,7 @@ class ProcessorConfig:
     tensor_parallel_size: int = 1
     """GPUs per engine inside one replica (passed to LLM only when > 1)."""
     max_num_batched_tokens: int | None = None
-    """None: the engine's device default (engine.DEFAULT_STEP_TOKENS)."""
+    """None: the engine's device default (engine.default_step_tokens)."""
     kv_cache_memory_gib: float | None = None
     prefix_sharing: bool = True
     plan_mode: str = MULTI_LEVEL
