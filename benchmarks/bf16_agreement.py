@@ -82,6 +82,8 @@ def main_agreement(args) -> dict:
     ref, ref_texts, wall32 = generate(args.model, "float32", conversations, args.max_tokens, args.device, **engine)
     bf, bf_texts, wall16 = generate(args.model, "bfloat16", conversations, args.max_tokens, args.device, **engine)
     summary = agreement(ref, ref_texts, bf, bf_texts)
+    if args.tokens_out:  # for another engine's answers to be scored against the same reference
+        Path(args.tokens_out).write_text(json.dumps({"float32": ref, "bfloat16": bf}))
     summary.update(model=args.model or "SmolLM2-135M-Instruct (embedded)", device=args.device,
                    kernels=args.kernels, max_tokens=args.max_tokens, seed=args.seed,
                    wall_s={"float32": round(wall32, 2), "bfloat16": round(wall16, 2)})
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true", help="per-op and per-layer error table (CPU)")
     parser.add_argument("--layer-prompts", type=int, default=16, help="--layers: chat prompts in the prefill")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--tokens-out", default=None, help="write both runs' output token ids here (JSON)")
     args = parser.parse_args()
     if args.layers:
         from bf16_layers import layer_report

@@ -6,6 +6,10 @@
 #   PART=fp8decode bash scripts/gpu_issues.sh  the same four on the decode-heavy mix (~3 min)
 #   PART=steps bash scripts/gpu_issues.sh      8,192 / 16,384 / 32,768-token steps on the 8B and 1B shapes (~5 min)
 #   PART=structured TOKENIZER=dir bash scripts/gpu_issues.sh   structured-output cost (needs xgrammar) (~2 min)
+#   PART=table0 / PART=table1 bash scripts/gpu_issues.sh   issue 14's table with default settings, in two halves
+#       for two GPUs: degree 16 (sharing, no sharing), degree 4, 16K, decode-heavy / 6,400 shuffled, snippet (~5 min)
+#   PART=fp8vs bash scripts/gpu_issues.sh      FP8 weights and FP8 KV cache with default settings, paper and
+#       decode-heavy workloads (the bf16 rows are table0's) (~4 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -16,7 +20,23 @@ M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16
 PAPER=(--workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100)
 DECODE=(--workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512)
 bench() { local log=$1; shift; python3 -m batchllm.cli bench "$@" > "$OUT/$log.log" 2>&1; grep -E "req/s|Error" "$OUT/$log.log"; }
+M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
 case "${PART:-fp8tests}" in
+table0)
+  bench t14_deg16 "${M8D[@]}" "${PAPER[@]}" --configs sharing,nosharing --json-out "$OUT/t14_deg16.json"
+  bench t14_deg4 "${M8D[@]}" "${PAPER[@]}" --degree 4 --configs sharing --json-out "$OUT/t14_deg4.json"
+  bench t14_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs sharing --json-out "$OUT/t14_16k.json"
+  bench t14_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing --json-out "$OUT/t14_decode.json"
+  ;;
+table1)
+  bench t14_6400 "${M8D[@]}" "${PAPER[@]}" --requests 6400 --configs sharing --json-out "$OUT/t14_6400.json"
+  bench t14_snippet "${M8D[@]}" --workload snippet --requests 8000 --output 100 --configs sharing \
+      --json-out "$OUT/t14_snippet.json"
+  ;;
+fp8vs)
+  bench fp8vs_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8,fp8kv --json-out "$OUT/fp8vs_paper.json"
+  bench fp8vs_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8,fp8kv --json-out "$OUT/fp8vs_decode.json"
+  ;;
 fp8tests)
   python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"
   python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"
@@ -28,8 +48,7 @@ fp8decode)
   bench fp8_decode "${M8[@]}" "${DECODE[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_decode.json"
   ;;
 steps)
-  M8S=("${M8[@]:0:8}")  # the 8B shape without a step budget: each config sets its own
-  bench steps_8b "${M8S[@]}" "${PAPER[@]}" --configs steps8k,steps16k,steps32k --json-out "$OUT/steps_8b.json"
+  bench steps_8b "${M8D[@]}" "${PAPER[@]}" --configs steps8k,steps16k,steps32k --json-out "$OUT/steps_8b.json"
   bench steps_1b --model benchmarks/configs/llama-3.2-1b --load-format dummy --dtype bfloat16 --max-model-len 20000 \
       "${DECODE[@]}" --configs steps8k,steps16k --json-out "$OUT/steps_1b_decode.json"
   ;;
