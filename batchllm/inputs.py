@@ -15,7 +15,7 @@ import numpy as np
 
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, read_model_spec
-from batchllm.parallel.shard_wire import as_token_array
+from batchllm.prefix.radix import as_token_array
 from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger(__name__)
