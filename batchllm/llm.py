@@ -33,7 +33,6 @@ from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
 from batchllm.sampling_params import SamplingParams
-from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger("batchllm")
 logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
@@ -81,12 +80,9 @@ class LLM:
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len,
-                                       str(self.model_dir))
-        if self.tokenizer is not None:  # compiles lazily: costs nothing until a request asks for a grammar
-            self.prompts.grammars = GrammarBackend(self.tokenizer, self.model_spec.vocab_size,
-                                                   sorted(self.eos_token_ids))
-            if self.engine is not None:
-                self.engine.runner.structured = self.prompts.grammars
+                                       str(self.model_dir), sorted(self.eos_token_ids))
+        if self.engine is not None:
+            self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
         self.last_stats: dict[str, Any] = {}
 
