@@ -103,13 +103,8 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def generate(
-        self,
-        prompts: Any,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        use_tqdm: bool = True,
-    ) -> list[RequestOutput]:
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; one RequestOutput per prompt, in input order.
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
@@ -132,15 +127,9 @@ class LLM:
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
         return tokenized, params
 
-    def chat(
-        self,
-        messages: Any,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
-    ) -> list[RequestOutput]:
+    def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (a list of {"role", "content"}) or a
         list of conversations, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -169,11 +158,7 @@ class LLM:
         return params
 
     def iter_generate(
-        self,
-        prompts: Sequence[TokenizedPrompt],
-        params: Sequence[SamplingParams],
-        *,
-        use_tqdm: bool = True,
+        self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams], *, use_tqdm: bool = True,
         progress_desc: str = "Processed prompts",
         refill: Callable[[], tuple[Sequence[TokenizedPrompt], Sequence[SamplingParams]] | None] | None = None,
     ) -> Iterator[tuple[int, RequestOutput]]:
