@@ -166,14 +166,6 @@ def measure_matmul_peak_tflops(device) -> float:
     return 2 * 8192**3 / (times[len(times) // 2] / 1e3) / 1e12
 
 
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name(device)
-    return str(device)
-
-
 def _sync(llm) -> None:
     if llm.engine.device.type == "cuda":
         import torch
@@ -181,8 +173,7 @@ def _sync(llm) -> None:
         torch.cuda.synchronize(llm.engine.device)
 
 
-def make_workload(args) -> Workload:
-    vocab = args.vocab
+def make_workload(args, vocab: int) -> Workload:
     if args.workload == "shared":
         return shared_prefix_workload(args.shared, args.distinct, args.degree, args.requests, args.output, vocab,
                                       shuffle=not args.sorted)
@@ -271,7 +262,7 @@ def bench_command(args) -> int:
     workload, peak, results, info = None, None, [], {}
     for i, name in enumerate(names):
         llm = LLM(**{**base, **CONFIGS[name][1]})
-        workload = workload or _workload(args, llm)
+        workload = workload or make_workload(args, llm.model_spec.vocab_size)
         if llm.engine is None:  # data parallel: the engines are in the worker processes
             results.append(_bench_data_parallel(llm, name, args, workload))
         else:
@@ -288,10 +279,14 @@ def bench_command(args) -> int:
 
 def _device_info(engine) -> tuple[float | None, dict]:
     """The bf16 matmul peak (CUDA only; printed) and the run's device facts for the JSON output."""
-    peak = measure_matmul_peak_tflops(engine.device) if engine.device.type == "cuda" else None
+    import torch
+
+    cuda = engine.device.type == "cuda"
+    peak = measure_matmul_peak_tflops(engine.device) if cuda else None
     if peak:
         print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
-    return peak, {"device": _device_name(engine.device), "dtype": str(engine.dtype), "model": str(engine.model_dir),
+    name = torch.cuda.get_device_name(engine.device) if cuda else str(engine.device)
+    return peak, {"device": name, "dtype": str(engine.dtype), "model": str(engine.model_dir),
                   "kv_blocks": engine.kv_spec.num_blocks, "matmul_peak_tflops": peak}
 
 
@@ -315,11 +310,6 @@ def _warm_up(llm, workload: Workload, requests: int) -> None:
     n = min(requests, len(workload.prompts))
     if n:
         run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
-
-
-def _workload(args, llm) -> Workload:
-    args.vocab = llm.model_spec.vocab_size
-    return make_workload(args)
 
 
 def _bench_data_parallel(llm, name: str, args, workload: Workload) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, read_model_spec
-from batchllm.parallel.shard_wire import as_token_array
+from batchllm.prefix.radix import as_token_array
 from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger(__name__)
@@ -40,18 +40,19 @@ class TokenizedPrompt:
 
 
 class PromptProcessor:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, source: str = "the model") -> None:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, source: str = "the model",
+                 eos_token_ids: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.source = source
         self._id_dtype = np.int32 if vocab_size <= np.iinfo(np.int32).max + 1 else np.int64
         """Validated ids lie in [0, vocab_size): int32 holds them whenever the vocabulary fits (half the memory)."""
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.grammars = (None if tokenizer is None
-                         else GrammarBackend(tokenizer, vocab_size, [] if eos is None else [eos]))
-        """The engine's structured-output `GrammarBackend` (set by `LLM`): lines' grammars are
-        compiled while they are read, so one that does not compile is that line's error."""
+        if eos_token_ids is None:
+            eos_token_ids = [eos] if (eos := getattr(tokenizer, "eos_token_id", None)) is not None else []
+        self.grammars = None if tokenizer is None else GrammarBackend(tokenizer, vocab_size, eos_token_ids)
+        """Structured output's `GrammarBackend` (ended by eos_token_ids, None: the tokenizer's EOS; `LLM` gives
+        it to its runner too): grammars compile while lines are read, so one that fails is that line's error."""
 
     def apply_chat_template(
         self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None

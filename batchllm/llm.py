@@ -33,7 +33,6 @@ from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
 from batchllm.sampling_params import SamplingParams
-from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger("batchllm")
 logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
@@ -81,12 +80,9 @@ class LLM:
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len,
-                                       str(self.model_dir))
-        if self.tokenizer is not None:  # compiles lazily: costs nothing until a request asks for a grammar
-            self.prompts.grammars = GrammarBackend(self.tokenizer, self.model_spec.vocab_size,
-                                                   sorted(self.eos_token_ids))
-            if self.engine is not None:
-                self.engine.runner.structured = self.prompts.grammars
+                                       str(self.model_dir), sorted(self.eos_token_ids))
+        if self.engine is not None:
+            self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
         self.last_stats: dict[str, Any] = {}
 
@@ -107,13 +103,8 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def generate(
-        self,
-        prompts: Any,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        use_tqdm: bool = True,
-    ) -> list[RequestOutput]:
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; one RequestOutput per prompt, in input order.
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
@@ -136,15 +127,9 @@ class LLM:
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
         return tokenized, params
 
-    def chat(
-        self,
-        messages: Any,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
-    ) -> list[RequestOutput]:
+    def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (a list of {"role", "content"}) or a
         list of conversations, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -173,11 +158,7 @@ class LLM:
         return params
 
     def iter_generate(
-        self,
-        prompts: Sequence[TokenizedPrompt],
-        params: Sequence[SamplingParams],
-        *,
-        use_tqdm: bool = True,
+        self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams], *, use_tqdm: bool = True,
         progress_desc: str = "Processed prompts",
         refill: Callable[[], tuple[Sequence[TokenizedPrompt], Sequence[SamplingParams]] | None] | None = None,
     ) -> Iterator[tuple[int, RequestOutput]]:

@@ -89,20 +89,20 @@ def unknown_option_message(key: str) -> str:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str] | None = None,
-                         exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> None:
+                         exclude: Iterable[str] = ()) -> None:
     """Add a `--kebab-name` argument per engine option (all, or `names`, less `exclude`), one
-    argument group per config section; `defaults` replaces declared defaults (e.g. the benchmark's
-    larger token budget). Read them back with `engine_kwargs_from_args`."""
-    options, defaults = engine_options(), defaults or {}
+    argument group per config section, with the declared defaults. Read them back with
+    `engine_kwargs_from_args`."""
+    options = engine_options()
     wanted = (set(options) if names is None else set(names)) - set(exclude)
-    for name in sorted((wanted | set(defaults)) - set(options)):
+    for name in sorted(wanted - set(options)):
         raise TypeError(unknown_option_message(name))
     groups: dict[str, Any] = {}
     for option in options.values():
         if option.name in wanted:
             if option.section not in groups:
                 groups[option.section] = parser.add_argument_group(f"engine options: {option.section}")
-            _add_argument(groups[option.section], option, defaults.get(option.name, option.default))
+            _add_argument(groups[option.section], option, option.default)
 
 
 def _add_argument(group, option: EngineOption, default: Any) -> None:

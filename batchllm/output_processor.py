@@ -136,12 +136,6 @@ class CompletionState:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:
             _decode_entries(self.logprobs, self.tokenizer)
-        return CompletionOutput(
-            index=self.index,
-            text=text,
-            token_ids=list(self.token_ids),
-            cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-        )
+        return CompletionOutput(index=self.index, text=text, token_ids=list(self.token_ids),
+                                cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
+                                finish_reason=self.finish_reason, stop_reason=self.stop_reason)

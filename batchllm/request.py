@@ -92,11 +92,6 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
-    def num_known_tokens(self) -> int:
-        """Prompt + outputs whose values have come back."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def num_output_tokens(self) -> int:
         """Outputs whose values have come back (pending ones not counted)."""
         return len(self.output_token_ids)

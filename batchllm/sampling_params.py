@@ -134,11 +134,8 @@ class SamplingParams:
                 raise bad("stop", "must be a string or a list of strings")
         if self.stop is not None and any(s == "" for s in ([self.stop] if isinstance(self.stop, str) else self.stop)):
             raise bad("stop", "must not contain an empty string")
-        if self.stop_token_ids is not None:
-            if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-                _is_int(t) and t >= 0 for t in self.stop_token_ids
-            ):
-                raise bad("stop_token_ids", "must be a list of non-negative integers")
+        if self.stop_token_ids is not None and not _is_id_list(self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of non-negative integers")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad("logprobs", "must be a non-negative integer or None")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
@@ -162,11 +159,8 @@ class SamplingParams:
                 _token_key(k) and _is_number(v) and _is_finite(v) for k, v in self.logit_bias.items()
             ):
                 raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers")
-        if self.allowed_token_ids is not None:
-            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids or not all(
-                _is_int(t) and t >= 0 for t in self.allowed_token_ids
-            ):
-                raise bad("allowed_token_ids", "must be a non-empty list of non-negative integers")
+        if self.allowed_token_ids is not None and not (self.allowed_token_ids and _is_id_list(self.allowed_token_ids)):
+            raise bad("allowed_token_ids", "must be a non-empty list of non-negative integers")
         if self.bad_words is not None:
             if not isinstance(self.bad_words, (list, tuple)) or not all(
                 isinstance(w, str) and w.strip() for w in self.bad_words
@@ -248,6 +242,10 @@ class SamplingParams:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id_list(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(t) and t >= 0 for t in value)
 
 
 def _token_key(key: object) -> bool:

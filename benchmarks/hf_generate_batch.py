@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -43,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = AutoConfig.from_pretrained(args.model)
-    workload = make_workload(SimpleNamespace(**vars(args), vocab=config.vocab_size))
+    workload = make_workload(args, config.vocab_size)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=args.attn)

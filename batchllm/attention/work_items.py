@@ -90,17 +90,10 @@ def split_length(total_keys: int, num_kv_heads: int = 8, target_programs: int = 
     return max(min_len, -(-total_keys * num_kv_heads // target_programs))
 
 
-def plan_work_items(
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    block_q: int,
-    share_levels: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
-    split_len: int | None = None,
-    num_kv_heads: int = 8,
-    group_block_q: int | None = None,
-    min_members: int = MIN_GROUP_MEMBERS,
-    min_shared: int = MIN_SHARED_TOKENS,
-) -> WorkItems:
+def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: int,
+                    share_levels: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+                    split_len: int | None = None, num_kv_heads: int = 8, group_block_q: int | None = None,
+                    min_members: int = MIN_GROUP_MEMBERS, min_shared: int = MIN_SHARED_TOKENS) -> WorkItems:
     """Plan one step. Sequence i has query tokens query_start_loc[i] .. query_start_loc[i+1]-1 at the
     last positions of its seq_lens[i] tokens.
 

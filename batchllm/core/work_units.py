@@ -24,13 +24,8 @@ def _prefix_params(k: int | None, cache: dict[int | None, SamplingParams]) -> Sa
     return cache[k]
 
 
-def build_submission(
-    plan: PrefixPlan,
-    requests: list[Request],
-    order: GroupOrder,
-    expected_output: Callable[[Request], int],
-    id_prefix: str,
-) -> list[Request]:
+def build_submission(plan: PrefixPlan, requests: list[Request], order: GroupOrder,
+                     expected_output: Callable[[Request], int], id_prefix: str) -> list[Request]:
     """Return every request and prefix node in submission order (parents before members).
 
     `requests[i]` is prompt i of the plan; this sets its `parent` to the node of its group."""
@@ -84,9 +79,5 @@ def _subtree(plan: PrefixPlan, group_id: int, nodes: dict[int, Request], request
 def _summarise(members: list[Request], expected_output: Callable[[Request], int]) -> WorkUnit:
     prefill = sum(r.num_prompt_tokens - r.fork_point for r in members)
     real = [r for r in members if not r.is_prefix]
-    return WorkUnit(
-        first_arrival=min(r.arrival_index for r in members),
-        prefill_tokens=prefill,
-        num_requests=len(real),
-        expected_decode_tokens=sum(expected_output(r) for r in real),
-    )
+    return WorkUnit(first_arrival=min(r.arrival_index for r in members), prefill_tokens=prefill,
+                    num_requests=len(real), expected_decode_tokens=sum(expected_output(r) for r in real))

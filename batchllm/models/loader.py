@@ -45,19 +45,9 @@ _KV_SCALE_NAME = re.compile(
 AutoFP8 and Quark `k_proj.output_scale`, ModelOpt `k_proj.k_scale`, the older `kv_scale` for both)."""
 
 
-def build_model(
-    spec: ModelSpec,
-    model_dir: Path,
-    *,
-    max_positions: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    load_format: str,
-    seed: int,
-    ops=None,
-    tp=None,
-    quantization: Fp8Scheme | None = None,
-) -> DecoderForCausalLM:
+def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: torch.dtype, device: torch.device,
+                load_format: str, seed: int, ops=None, tp=None,
+                quantization: Fp8Scheme | None = None) -> DecoderForCausalLM:
     """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps; tp: this rank's TPGroup;
     quantization: the FP8 scheme the decoder's linear layers run with (None: the model dtype)."""
     with torch.device("meta"):

@@ -9,11 +9,8 @@ Process layout and what crosses: one duplex pipe per worker, pickled messages, n
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
   rank r -> parent: ("ready",) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
                     | ("done", job id, stats) | ("error", message)
-where items are a `shard_wire.PackedItems`: global prompt indices, the token ids of all its prompts in
-one int32 array, and their SamplingParams. The parent plans and packs each prompt's `TokenizedPrompt.array`
-(made once, when the prompt was validated); a worker's prompts are views of the array it received (its own plan of them
-converts nothing). A result comes back without its prompt and prompt token ids (the parent holds them
-and puts them back): 2.2M prompt ids of the paper's workload are not pickled back. A worker asks
+where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
+result comes back without its prompt and prompt token ids (the parent puts them back). A worker asks
 for a tail shard ("pull") whenever its engine has admitted everything it holds
 (`LLM.iter_generate(refill=...)`); the parent, the tail's only owner, answers with the next shard or
 None. Private pipes mean a worker killed in the middle of a write cannot block the others (a shared
@@ -264,23 +261,17 @@ def _exit_description(code: int | None) -> str:
 
 def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, wall_s: float,
                plan_seconds: float) -> dict[str, Any]:
-    prompt_tokens = sum(r["prompt_tokens"] for r in ranks)
-    prefill = sum(r["prefill_tokens_computed"] for r in ranks)
-    output_tokens = sum(r["output_tokens"] for r in ranks)
+    sums = {k: sum(r[k] for r in ranks) for k in ("num_requests", "prompt_tokens", "output_tokens",
+                                                  "prefill_tokens_computed")}
+    prompt_tokens, prefill = sums["prompt_tokens"], sums["prefill_tokens_computed"]
     finish = [r["finish_s"] for r in ranks]
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
             "wall_s", "finish_s", "kv_blocks", "kv_tokens")
     return {
-        "num_requests": sum(r["num_requests"] for r in ranks),
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
-        "prefill_tokens_computed": prefill,
-        "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
-        "num_steps": sum(r["num_steps"] for r in ranks),
-        "wall_s": wall_s,
-        "output_tokens_per_s": output_tokens / wall_s if wall_s > 0 else 0.0,
-        "plan_seconds": plan_seconds,
-        "prefix_sharing": sharing.prefix_sharing, "plan_mode": sharing.plan_mode, "group_order": sharing.group_order,
+        **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
+        "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
+        "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,
+        **dataclasses.asdict(sharing),
         "data_parallel_size": len(ranks),
         "kv_cache_dtype": ranks[0].get("kv_cache_dtype") if ranks else None,
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,

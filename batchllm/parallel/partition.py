@@ -75,16 +75,9 @@ class Partition:
         }
 
 
-def partition_plan(
-    plan: PrefixPlan,
-    expected_output: Sequence[int],
-    num_ranks: int,
-    *,
-    prefill_weight: float = DEFAULT_PREFILL_WEIGHT,
-    decode_weight: float = DEFAULT_DECODE_WEIGHT,
-    imbalance: float = 0.10,
-    tail_fraction: float = 0.10,
-) -> Partition:
+def partition_plan(plan: PrefixPlan, expected_output: Sequence[int], num_ranks: int, *,
+                   prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
+                   imbalance: float = 0.10, tail_fraction: float = 0.10) -> Partition:
     """Partition the plan's prompts over `num_ranks` ranks (see the module docstring).
 
     expected_output[i]: the output length planned for prompt i (max_tokens, or an estimate)."""

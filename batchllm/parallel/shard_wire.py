@@ -20,15 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from batchllm.prefix.radix import as_token_array
+
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def as_token_array(ids: Any) -> np.ndarray:
-    """A prompt's ids as a 1-D numpy integer array (an array is kept as it is, a list converted once:
-    the planner and `pack_items` then both use it without converting again)."""
-    if isinstance(ids, np.ndarray):
-        return ids
-    return np.array(ids, dtype=np.int64)
 
 
 @dataclass(frozen=True)

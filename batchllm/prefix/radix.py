@@ -59,12 +59,14 @@ class RadixTree:
         return total
 
 
-def as_token_arrays(prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    return [p if isinstance(p, np.ndarray) else np.asarray(p, dtype=np.int64) for p in prompts]
+def as_token_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """A prompt's ids as a 1-D numpy integer array (an array is kept as it is, a list converted once:
+    the planner and data parallel's `pack_items` then both use it without converting again)."""
+    return ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=np.int64)
 
 
 def build_radix_tree(prompts: Sequence[Sequence[int] | np.ndarray]) -> RadixTree:
-    arrays = as_token_arrays(prompts)
+    arrays = [as_token_array(p) for p in prompts]
     n = len(arrays)
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=n)
     if n == 0:

@@ -94,16 +94,8 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: DecoderForCausalLM,
-        kv_spec: KVCacheSpec,
-        backend: AttentionBackend,
-        *,
-        device: torch.device,
-        seed: int,
-        tp=None,
-    ) -> None:
+    def __init__(self, model: DecoderForCausalLM, kv_spec: KVCacheSpec, backend: AttentionBackend, *,
+                 device: torch.device, seed: int, tp=None) -> None:
         """tp: this rank's TPGroup (tensor parallelism), None for a single process."""
         self.model = model
         self.kv_spec = kv_spec
@@ -368,19 +360,12 @@ class ModelRunner:
         if len(step.placeholder_at):
             ids[where] = self._previous_tokens[0][source]
         metadata = AttentionMetadata(
-            num_tokens=len(step.input_ids),
-            block_size=self.block_size,
-            slot_mapping=slots,
-            query_start_loc=loc.to(torch.int32),
-            seq_lens=lens.to(torch.int32),
+            num_tokens=len(step.input_ids), block_size=self.block_size, slot_mapping=slots,
+            query_start_loc=loc.to(torch.int32), seq_lens=lens.to(torch.int32),
             block_tables=to_device(np.ascontiguousarray(step.block_tables), self.device),
-            max_query_len=step.max_query_len,
-            max_seq_len=int(step.seq_lens.max()),
-            query_start_loc_cpu=step.query_start_loc.tolist(),
-            seq_lens_cpu=step.seq_lens.tolist(),
-            block_tables_cpu=step.tables,
-            share_levels_cpu=step.share_levels,
-        )
+            max_query_len=step.max_query_len, max_seq_len=int(step.seq_lens.max()),
+            query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
+            block_tables_cpu=step.tables, share_levels_cpu=step.share_levels)
         return ids, positions, metadata, rows
 
 

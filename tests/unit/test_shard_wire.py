@@ -6,7 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from batchllm.parallel.shard_wire import PackedItems, as_token_array, pack_items
+from batchllm.parallel.shard_wire import PackedItems, pack_items
+from batchllm.prefix.radix import as_token_array
 from batchllm.sampling_params import SamplingParams
 
 
