@@ -2,7 +2,7 @@
 # Run on the GPU machine (the `device` tool), from the repository root:
 #   bash scripts/gpu_check.sh            logs under $OUT (or ./gpu_out)
 # 1. the GPU tests (kernels against the torch reference, engine Triton vs reference);
-# 2. the attention and FP8 GEMM micro-benchmarks; 3. a short engine benchmark on the Llama-3.1-8B shape.
+# 2. the attention, FP8 GEMM and KV store micro-benchmarks; 3. a short engine benchmark on the Llama-3.1-8B shape.
 # The device image has torch, Triton and transformers; batchllm runs from the tree (PYTHONPATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,7 @@ grep -q " failed" "$OUT/gpu_tests.log" && status=1
 [ "${SKIP_BENCH:-0}" = 1 ] && exit $status
 python3 benchmarks/attention_bench.py --json-out "$OUT/attention_bench.json" 2>&1 | tee "$OUT/attention_bench.log"
 python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" 2>&1 | tee "$OUT/fp8_gemm.log"
+python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store_bench.json" 2>&1 | tee "$OUT/kv_store_bench.log"
 python3 -m batchllm.cli bench --model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 \
     --max-model-len 20000 --workload shared --shared 2000 --distinct 200 --degree 16 \
     --requests "${BENCH_REQUESTS:-256}" --output 100 --configs sharing,nosharing \

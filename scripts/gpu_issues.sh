@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device measurements for issues 14, 15 and 16 (one H200 each; on nvidia-h200-x2 give each PART its own
 # GPU with CUDA_VISIBLE_DEVICES and run two at once). Logs and JSON go under $OUT (or ./gpu_out).
-#   PART=fp8tests bash scripts/gpu_issues.sh   the FP8 GPU tests (weights and KV cache), the GEMM benchmark (~2 min)
+#   PART=fp8tests bash scripts/gpu_issues.sh   the FP8 GPU tests (weights, KV cache, fused KV store), the GEMM and
+#                                              KV store benchmarks (~3 min)
 #   PART=fp8paper bash scripts/gpu_issues.sh   bf16 / FP8 weights / FP8 KV cache / both, paper workload (~4 min)
 #   PART=fp8decode bash scripts/gpu_issues.sh  the same four on the decode-heavy mix (~3 min)
 #   PART=steps bash scripts/gpu_issues.sh      8,192 / 16,384 / 32,768-token steps on the 8B and 1B shapes (~5 min)
@@ -38,8 +39,9 @@ fp8vs)
   bench fp8vs_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8,fp8kv --json-out "$OUT/fp8vs_decode.json"
   ;;
 fp8tests)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"
+  python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8 or kv_store" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"
   python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"
+  python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store.json" > "$OUT/kv_store.log" 2>&1; cat "$OUT/kv_store.log"
   ;;
 fp8paper)
   bench fp8_paper "${M8[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_paper.json"

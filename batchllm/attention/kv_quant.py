@@ -7,7 +7,8 @@ for V (`kv_scale`, a [2] tensor: k_scale, v_scale), 1.0 unless the checkpoint pr
 ones (as vLLM does). Invariants:
 
 * written: `layers/fp8.quantize` (x / scale, clamped to +-448, cast: the same cast as FP8 weights
-  and activations);
+  and activations), here by `store_slots`, or on CUDA in one Triton kernel for K and V
+  (`kv_store_triton.py`, the same bytes);
 * read: `x.to(dtype) * scale` by every attention path (`read_slots` here for the torch reference;
   the Triton kernel folds k_scale into the softmax scale and multiplies its output by v_scale,
   which is the same arithmetic since attention is linear in V);

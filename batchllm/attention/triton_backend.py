@@ -40,6 +40,8 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
     triton = None
     tl = None
 
+if triton is not None:
+    from batchllm.attention.kv_store_triton import store_kv_triton
 
 if triton is not None:
 
@@ -281,7 +283,7 @@ def plan_key(group_pad: int) -> tuple:
 
 
 class TritonBackend:
-    """Paged attention in one Triton kernel per layer (plus the KV store, plus one small merge kernel
+    """Paged attention in one Triton kernel per layer (plus the fused KV store, plus one small merge kernel
     in steps where some token's keys are split over several work items: prefix groups, split-K)."""
 
     name = "triton"
@@ -289,13 +291,16 @@ class TritonBackend:
     """Decode steps can run as CUDA graphs over a `StaticDecodePlan`."""
 
     def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3),
-                 **plan_options) -> None:
+                 fused_store: bool = True, **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
         that run prefill chunks; the default won an H200 sweep (`attention_bench.py
-        --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks). plan_options go to
-        `plan_work_items` (split_len, min_members, min_shared)."""
+        --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks). fused_store: on
+        CUDA, the new K/V go to the cache in one Triton kernel (`kv_store_triton.py`, the same bytes
+        as `store_kv`); False, or a cache elsewhere (the CPU interpreter), takes `store_kv`'s torch
+        ops. plan_options go to `plan_work_items` (split_len, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
+        self.fused_store = fused_store
         self.prefill_launch = prefill_launch
         self.plan_options = plan_options
         self._unit_scales: dict[torch.device, torch.Tensor] = {}
@@ -313,10 +318,11 @@ class TritonBackend:
         """An fp8 cache (`kv_quant.py`) is read by the same kernel, compiled with FP8_KV: values cast
         up to the query's dtype, k_scale folded into the softmax scale, v_scale applied to the
         output; both scales are read on the device (fixed addresses: CUDA graphs replay them)."""
-        store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scale)
         fp8 = is_fp8(kv_cache)
         if fp8 and kv_scale is None:
-            kv_scale = self._unit_scale(query.device)
+            kv_scale = self._unit_scale(query.device)  # x / 1.0 is x: stores what None would
+        store = store_kv_triton if self.fused_store and kv_cache.is_cuda else store_kv
+        store(key, value, kv_cache, metadata.slot_mapping, kv_scale)
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads

@@ -128,3 +128,75 @@ def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
                            SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert llm.last_stats["prefill_tokens_computed"] < sum(map(len, prompts)), "the prefix was shared"
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, 6, stop_at_eos=False)
+
+
+def _model_kv(n: int, kv_heads: int, head_dim: int, values: torch.Tensor, g: torch.Generator):
+    """k, v [n, kv_heads, head_dim] drawn from `values`: strided views of one qkv-like buffer (4 query
+    heads), as the model passes them."""
+    qkv = values[torch.randint(len(values), (n, (4 + 2 * kv_heads) * head_dim), generator=g)]
+    k = qkv[:, 4 * head_dim:(4 + kv_heads) * head_dim].view(n, kv_heads, head_dim)
+    return k, qkv[:, (4 + kv_heads) * head_dim:].view(n, kv_heads, head_dim)
+
+
+def _scattered_slots(n: int, pad: int, pool: int, g: torch.Generator) -> torch.Tensor:
+    """n - pad distinct slots in random order below `pool`, then pad rows at slot `pool` (the spare
+    block's, where graph padding rows write)."""
+    return torch.cat([torch.randperm(pool, generator=g)[:n - pad], torch.full((pad,), pool)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n, pad, kv_heads, head_dim", [(9, 3, 2, 64), (20, 0, 1, 128), (4, 1, 8, 64)])
+def test_fused_kv_store_copies_a_plain_cache_like_the_torch_store(n, pad, kv_heads, head_dim, dtype):
+    """A 16/32-bit cache: the rows copied bit for bit (as integers: exact in the interpreter too)
+    to scattered slots; padding rows (equal values, one slot) included; other slots untouched."""
+    from batchllm.attention.backend import store_kv
+    from batchllm.attention.kv_store_triton import store_kv_triton
+
+    g = torch.Generator().manual_seed(n)
+    k, v = _model_kv(n, kv_heads, head_dim, torch.randn(1000, generator=g).to(dtype), g)
+    k[n - pad:], v[n - pad:] = k[0], v[0]
+    blocks = -(-(n + 20) // 16)
+    slots = _scattered_slots(n, pad, blocks * 16, g)
+    cache = torch.randn(2, blocks + 1, 16, kv_heads, head_dim, generator=g).to(dtype)
+    want = cache.clone()
+    store_kv(k, v, want, slots)
+    store_kv_triton(k, v, cache, slots)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scales", [None, (0.5, 2.0), (0.25, 0.0078125)], ids=str)
+def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(scales):
+    """An fp8 cache: x / scale clamped to +-448, cast. Values are e4m3 numbers times powers of two
+    (some past 448 after the division, so the clamp acts): the interpreter's float8 cast rounds
+    ties away from zero, not to even, so rounding itself is held to bit equality on the device
+    (tests/gpu/test_kv_store_triton.py); here the slots, strides, scales and clamp are."""
+    from batchllm.attention.backend import store_kv
+    from batchllm.attention.kv_store_triton import store_kv_triton
+    from batchllm.layers.fp8 import FP8
+
+    g = torch.Generator().manual_seed(1)
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    normal = e4m3[torch.isfinite(e4m3) & ((e4m3.abs() >= 2 ** -6) | (e4m3 == 0))]
+    kv_scale = None if scales is None else torch.tensor([*scales, 0.0, 0.0])[:2]
+    k, v = _model_kv(12, 2, 64, torch.cat([normal, normal * 8]), g)
+    if kv_scale is not None:
+        k, v = k * kv_scale[0], v * kv_scale[1]
+    slots = _scattered_slots(12, 2, 64, g)
+    k[10:], v[10:] = k[0], v[0]
+    cache = torch.randint(0, 126, (2, 5, 16, 2, 64), generator=g, dtype=torch.uint8).view(FP8)
+    want = cache.clone()
+    store_kv(k, v, want, slots, kv_scale)
+    store_kv_triton(k, v, cache, slots, kv_scale)
+    assert (want.view(torch.uint8) == 0x7E).any() and (want.view(torch.uint8) == 0xFE).any(), "clamped at +-448"
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_fused_kv_store_skips_negative_slots():
+    from batchllm.attention.kv_store_triton import store_kv_triton
+
+    k = torch.randn(3, 2, 64)
+    cache = torch.zeros(2, 2, 16, 2, 64)
+    store_kv_triton(k, k + 1, cache, torch.tensor([-1, 4, -1]))
+    assert torch.equal(cache[0, 0, 4], k[1]) and torch.equal(cache[1, 0, 4], k[1] + 1)
+    cache[:, 0, 4] = 0
+    assert not cache.any(), "rows with slot -1 wrote nothing"

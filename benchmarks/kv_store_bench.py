@@ -1,0 +1,100 @@
+"""The KV store per layer: torch's (`backend.store_kv`: per K and per V a quantize and an index_copy_)
+against the fused Triton kernel (`attention/kv_store_triton.py`), Llama-3.1-8B's shape (32 query
+heads, 8 KV heads, head dim 128, block size 16), one GPU.
+
+    python3 benchmarks/kv_store_bench.py [--json-out FILE] [--tokens 16,256,8192]   (on the device; < 1 minute)
+
+Per token count (16 = a decode batch, 8,192 = a prefill step) and cache type (bf16, fp8 with scales
+as the model holds them), median microseconds of:
+- eager: back-to-back calls (`triton.testing.do_bench`), launch costs included, as eager steps pay;
+- graph: replays of a CUDA graph of one call (`do_bench_cudagraph`), GPU time alone, as decode
+  graphs pay;
+and the bytes moved per second by the fused kernel (K/V read in bf16 + written in the cache type).
+Slots are distinct and scattered over a 262,144-slot pool (decode's layout; prefill's are runs of
+16, which only helps). Every case first checks that both stores leave the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from batchllm.attention.backend import store_kv
+from batchllm.attention.kv_store_triton import store_kv_triton
+from batchllm.layers.fp8 import FP8
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, POOL_SLOTS = 32, 8, 128, 16, 262_144
+TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192)
+
+
+def make_case(n: int, cache_dtype: torch.dtype):
+    """(k, v, cache, slots, kv_scale): k and v views of one bf16 qkv buffer, as the model passes them."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    k = qkv[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(n, KV_HEADS, HEAD_DIM)
+    v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM:].view(n, KV_HEADS, HEAD_DIM)
+    shape = (2, POOL_SLOTS // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    cache = torch.zeros(shape, dtype=torch.uint8 if cache_dtype == FP8 else cache_dtype, device="cuda")
+    slots = torch.randperm(POOL_SLOTS, generator=g, device="cuda")[:n]
+    kv_scale = torch.tensor([0.37, 1.9, 0.0, 0.0], device="cuda")[:2] if cache_dtype == FP8 else None
+    return k, v, cache.view(cache_dtype), slots, kv_scale
+
+
+def time_us(fn, graph: bool) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def run_case(n: int, cache_dtype: torch.dtype) -> dict:
+    k, v, cache, slots, kv_scale = make_case(n, cache_dtype)
+    check = cache.clone()
+    store_kv(k, v, check, slots, kv_scale)
+    store_kv_triton(k, v, cache, slots, kv_scale)
+    if not torch.equal(cache.view(torch.uint8), check.view(torch.uint8)):
+        raise SystemExit(f"{n} tokens, {cache_dtype}: the fused store differs from the torch store")
+    torch_store = lambda: store_kv(k, v, cache, slots, kv_scale)  # noqa: E731
+    fused_store = lambda: store_kv_triton(k, v, cache, slots, kv_scale)  # noqa: E731
+    row = dict(tokens=n, cache=str(cache_dtype).removeprefix("torch."))
+    for mode in ("eager", "graph"):
+        row[f"torch_{mode}_us"] = time_us(torch_store, mode == "graph")
+        row[f"fused_{mode}_us"] = time_us(fused_store, mode == "graph")
+    moved = 2 * n * KV_HEADS * HEAD_DIM * (k.element_size() + cache.element_size())
+    row["fused_graph_gbps"] = moved / row["fused_graph_us"] / 1e3
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json-out", help="write the rows as JSON here")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kv_store_bench.py needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per layer (K and V)")
+    header = (f"{'cache':14} {'tokens':>6} | {'torch':>8} {'fused':>8} {'x':>5} (eager) | "
+              f"{'torch':>8} {'fused':>8} {'x':>5} (graph) | {'GB/s':>6}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for cache_dtype in (torch.bfloat16, FP8):
+        for n in map(int, args.tokens.split(",")):
+            r = run_case(n, cache_dtype)
+            rows.append(r)
+            print(f"{r['cache']:14} {n:6d} | {r['torch_eager_us']:8.1f} {r['fused_eager_us']:8.1f} "
+                  f"{r['torch_eager_us'] / r['fused_eager_us']:5.2f}         | {r['torch_graph_us']:8.1f} "
+                  f"{r['fused_graph_us']:8.1f} {r['torch_graph_us'] / r['fused_graph_us']:5.2f}         | "
+                  f"{r['fused_graph_gbps']:6.0f}", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
