@@ -12,12 +12,9 @@
 #   PART=h bash scripts/gpu_bench.sh    decode CUDA graphs against eager decode steps: small batches
 #                                       and the decode-heavy mix on the Llama-3.2-1B and 3.1-8B shapes (~8 min)
 #   PART=i bash scripts/gpu_bench.sh    the same on the paper workloads (degree 16 and 4, no sharing) (~8 min)
-# Logs and JSON go under $OUT (or ./gpu_out). Each `batchllm bench` measures the bf16 matmul peak first.
+# Logs and JSON: $OUT/<run>.tgz (scripts/gpu_common.sh). Each `batchllm bench` measures the bf16 matmul peak first.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_common.sh" "bench_${PART:-a}"
 MODEL=${MODEL:-benchmarks/configs/llama-3.1-8b}
 common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
 bench() { python3 -m batchllm.cli bench "${common[@]}" "$@" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"; }

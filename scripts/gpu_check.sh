@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (the `device` tool), from the repository root:
-#   bash scripts/gpu_check.sh            logs under $OUT (or ./gpu_out)
+#   bash scripts/gpu_check.sh            logs in $OUT/check.tgz (scripts/gpu_common.sh)
 # 1. the GPU tests (kernels against the torch reference, engine Triton vs reference);
 # 2. the attention, FP8 GEMM and KV store micro-benchmarks; 3. a short engine benchmark on the Llama-3.1-8B shape.
 # The device image has torch, Triton and transformers; batchllm runs from the tree (PYTHONPATH).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_common.sh" "check"
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' >> "$OUT/gpu.txt"

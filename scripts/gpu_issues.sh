@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device measurements for issues 14, 15 and 16 (one H200 each; on nvidia-h200-x2 give each PART its own
-# GPU with CUDA_VISIBLE_DEVICES and run two at once). Logs and JSON go under $OUT (or ./gpu_out).
+# GPU with CUDA_VISIBLE_DEVICES and run two at once). Logs and JSON: $OUT/<run>.tgz (scripts/gpu_common.sh).
 #   PART=fp8tests bash scripts/gpu_issues.sh   the FP8 GPU tests (weights, KV cache, fused KV store), the GEMM and
 #                                              KV store benchmarks (~3 min)
 #   PART=fp8paper bash scripts/gpu_issues.sh   bf16 / FP8 weights / FP8 KV cache / both, paper workload (~4 min)
@@ -12,10 +12,7 @@
 #   PART=fp8vs bash scripts/gpu_issues.sh      FP8 weights and FP8 KV cache with default settings, paper and
 #       decode-heavy workloads (the bf16 rows are table0's) (~4 min)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
 M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 --max-model-len 20000
     --max-num-batched-tokens 8192)
 PAPER=(--workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100)

@@ -7,12 +7,9 @@
 #   PART=dp0 bash scripts/gpu_parallel.sh  DP=2 against DP=1: 2000/200 degree 16 (~3 min)
 #   PART=dp bash scripts/gpu_parallel.sh   DP=2 against DP=1: 2000/200 degree 4, decode-heavy (~5 min)
 #   PART=dp6400 bash scripts/gpu_parallel.sh   DP=2 against DP=1 on 6,400 shuffled requests (~5 min)
-# Logs and JSON go under $OUT (or ./gpu_out).
+# Logs and JSON: $OUT/<run>.tgz (scripts/gpu_common.sh).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/gpu_common.sh" "parallel_${PART:-t}"
 M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 --max-model-len 20000
     --max-num-batched-tokens 8192)
 bench() { python3 -m batchllm.cli bench "$@" 2>&1 | grep -v Warning | tee -a "$OUT/bench_${PART}.log"; }
