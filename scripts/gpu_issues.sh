@@ -9,6 +9,8 @@
 #   PART=structured TOKENIZER=dir bash scripts/gpu_issues.sh   structured-output cost (needs xgrammar) (~2 min)
 #   PART=table0 / PART=table1 bash scripts/gpu_issues.sh   issue 14's table with default settings, in two halves
 #       for two GPUs: degree 16 (sharing, no sharing), degree 4, 16K, decode-heavy / 6,400 shuffled, snippet (~5 min)
+#   PART=userpath [TOKENIZER=dir] bash scripts/gpu_issues.sh   `batchllm run` on a JSONL file against `bench` on the
+#       same prompts, default settings, paper workload (with TOKENIZER: detokenized as for a real model) (~3 min)
 #   PART=fp8vs bash scripts/gpu_issues.sh      FP8 weights and FP8 KV cache with default settings, paper and
 #       decode-heavy workloads (the bf16 rows are table0's) (~4 min)
 set -uo pipefail
@@ -30,6 +32,11 @@ table1)
   bench t14_6400 "${M8D[@]}" "${PAPER[@]}" --requests 6400 --configs sharing --json-out "$OUT/t14_6400.json"
   bench t14_snippet "${M8D[@]}" --workload snippet --requests 8000 --output 100 --configs sharing \
       --json-out "$OUT/t14_snippet.json"
+  ;;
+userpath)
+  python3 benchmarks/user_path.py --model benchmarks/configs/llama-3.1-8b ${TOKENIZER:+--tokenizer "$TOKENIZER"} \
+      "${PAPER[@]}" --json-out "$OUT/user_path.json" -- "${M8D[@]:2}" > "$OUT/user_path.log" 2>&1
+  grep -E "run_over|requests_per_s|Error" "$OUT/user_path.log"
   ;;
 fp8vs)
   bench fp8vs_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8,fp8kv --json-out "$OUT/fp8vs_paper.json"

@@ -1,0 +1,87 @@
+"""The user's path against the benchmark's (issue 14: `batchllm run` with default settings within 5%
+of `batchllm bench` on the same prompts).
+
+The workload `batchllm bench` would build (same generator, seed and flags) is written as a JSONL file
+of token prompts (greedy, ignore_eos, each request's max_tokens) and run twice, each in a process of
+its own, with the same engine flags:
+  - `batchllm run -i requests.jsonl -o results.jsonl --stats ...`: what a user runs; its time is the
+    run's own `wall_s` (reading and validating the file, planning, generating, writing every result),
+    after the model is loaded;
+  - `batchllm bench --configs sharing`: `LLM.generate` on the same token lists, after a warm-up.
+Reported: requests/s of each and run / bench. Without --tokenizer both skip the tokenizer (the
+shape's config has none); with it the shape takes the tokenizer's vocabulary and `run` detokenizes
+every output, as it does for a user's model.
+
+    python3 benchmarks/user_path.py --model benchmarks/configs/llama-3.1-8b --workload shared \\
+        --requests 1024 -- --load-format dummy --dtype bfloat16 --max-model-len 20000       # GPU
+    python3 benchmarks/user_path.py --model <tiny model dir> --requests 16 --shared 64 --distinct 8 \\
+        --output 4 -- --device cpu                                                           # CPU, small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from structured_cost import model_with_tokenizer  # noqa: E402
+
+from batchllm.bench import add_bench_parser, make_workload  # noqa: E402
+
+
+def workload_args(model: str, flags: list[str]) -> argparse.Namespace:
+    """`flags` parsed by `batchllm bench`'s own parser, so every default is the benchmark's."""
+    parser = argparse.ArgumentParser(prog="batchllm")
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", "--model", model, *flags])
+
+
+def write_requests(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> None:
+    with path.open("w") as f:
+        for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+            f.write(json.dumps({"id": f"r{i}", "prompt_token_ids": prompt, "max_tokens": n,
+                                "ignore_eos": True, "temperature": 0}) + "\n")
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "batchllm.cli", *args], check=True)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    engine_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    ours = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model or shape directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for a shape without one")
+    p.add_argument("--json-out", default=None)
+    args, flags = p.parse_known_args(ours)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = str(model_with_tokenizer(args.model, args.tokenizer, tmp / "model")) if args.tokenizer else args.model
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        work = make_workload(workload_args(model, flags), vocab)
+        write_requests(tmp / "requests.jsonl", work.prompts, work.max_tokens)
+        tokenizer = [] if args.tokenizer else ["--skip-tokenizer-init"]
+        cli("run", "-i", str(tmp / "requests.jsonl"), "-o", str(tmp / "results.jsonl"), "--model", model,
+            "--stats", str(tmp / "run.json"), "--no-progress", *tokenizer, *engine_flags)
+        cli("bench", "--model", model, *flags, "--configs", "sharing", "--json-out", str(tmp / "bench.json"),
+            *engine_flags)
+        run = json.loads((tmp / "run.json").read_text())
+        bench = json.loads((tmp / "bench.json").read_text())["results"][0]
+    run_rate = run["num_lines_done"] / run["wall_s"]
+    summary = {"workload": work.name, "requests": len(work.prompts), "detokenized": bool(args.tokenizer),
+               "run_wall_s": run["wall_s"], "run_requests_per_s": run_rate,
+               "bench_wall_s": bench["wall_s"], "bench_requests_per_s": bench["requests_per_s"],
+               "run_over_bench": run_rate / bench["requests_per_s"], "engine_flags": engine_flags}
+    print(json.dumps(summary, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
