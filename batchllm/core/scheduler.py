@@ -96,10 +96,7 @@ def _is_decode(request: Request, num_new: int, num_tokens: int) -> bool:
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-        admission: MemoryAdmission | None = None,
-    ) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
         """config: with its step budget resolved (the engine replaces max_num_batched_tokens=None by
         the device's default, `engine.default_step_tokens`, before building a scheduler)."""
         if config.max_num_batched_tokens is None:
@@ -108,9 +105,8 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.admission = admission or MemoryAdmission(
-            kv.pool.num_blocks, kv.block_size, max_model_len, config.kv_admission_threshold
-        )
+        self.admission = MemoryAdmission(kv.pool.num_blocks, kv.block_size, max_model_len,
+                                         config.kv_admission_threshold)
         self.waiting: deque[Request] = deque()
         self.ready_members: deque[Request] = deque()
         self.running: list[Request] = []
