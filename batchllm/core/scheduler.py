@@ -137,7 +137,7 @@ class Scheduler:
             if parent.num_prompt_tokens >= request.num_prompt_tokens:
                 raise ValueError(f"request {rid!r}: a member must extend its prefix by at least one token")
         if not request.is_prefix:
-            worst_case = self.kv.blocks_for(self._max_total_tokens(request)) + request.num_levels
+            worst_case = self.kv.blocks_for(self._max_total_tokens(request)) + len(request.shared_prefixes)
             if worst_case > self.kv.pool.num_blocks:
                 raise ValueError(
                     f"request {rid!r} may need {worst_case} KV blocks but the cache has "
@@ -256,7 +256,6 @@ class Scheduler:
         self.admission.on_release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self._requeue(request, front=True)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
