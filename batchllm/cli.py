@@ -27,7 +27,7 @@ from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
 from batchllm.inputs import local_model_dir
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
-from batchllm.io.job import JobError, OutputLock, ResultWriter, ResumeState, errors_path_for, prepare_output, same_file
+from batchllm.io.job import JobError, OutputLock, ResultWriter, ResumeState, errors_path_for, prepare_output
 from batchllm.models.spec import read_model_spec
 from batchllm.options import add_engine_arguments, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
@@ -173,9 +173,6 @@ def run_command(args: argparse.Namespace) -> int:
         return run_command_on_ray(args)
     if problem := input_problem(args.input):
         return _fail(problem)
-    if same_file(args.output, args.input):  # before the lock, which would create the output
-        return _fail(f"refusing to write the output onto the input file {str(args.input)!r} "
-                     "(even with --overwrite: it would destroy the input); choose another -o")
     try:
         with OutputLock(args.output):
             return _run_locked(args)

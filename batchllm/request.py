@@ -55,7 +55,6 @@ class Request:
     """'stop' (EOS, stop token or stop string), 'length' (max_tokens or context) or 'abort'."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if any."""
-    num_preemptions: int = 0
     parent: Request | None = field(default=None, repr=False)
     """The shared prefix this request forks from (None: computes its prompt from position 0)."""
     is_prefix: bool = False
@@ -116,11 +115,6 @@ class Request:
     def fork_point(self) -> int:
         """Tokens a member gets from its parent without computing them."""
         return self.parent.num_prompt_tokens if self.parent is not None else 0
-
-    @property
-    def num_levels(self) -> int:
-        """Shared prefixes above this request."""
-        return len(self.shared_prefixes)
 
     @functools.cached_property
     def shared_prefixes(self) -> tuple[tuple[str, int], ...]:

@@ -24,14 +24,7 @@ import torch
 from batchllm.layers.fp8 import FP8, dequantize, quantize
 
 KV_CACHE_DTYPES = {"auto": None, "fp8": FP8, "fp8_e4m3": FP8}
-"""`kv_cache_dtype` option -> the cache's element type (None: the model's dtype)."""
-
-
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache's element type for the `kv_cache_dtype` option; an unknown name is a ValueError."""
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {name!r}")
-    return KV_CACHE_DTYPES[name] or model_dtype
+"""`kv_cache_dtype` option (CacheConfig checks its choices) -> the cache's element type (None: the model's dtype)."""
 
 
 def is_fp8(cache: torch.Tensor) -> bool:

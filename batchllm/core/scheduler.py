@@ -96,10 +96,7 @@ def _is_decode(request: Request, num_new: int, num_tokens: int) -> bool:
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-        admission: MemoryAdmission | None = None,
-    ) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
         """config: with its step budget resolved (the engine replaces max_num_batched_tokens=None by
         the device's default, `engine.default_step_tokens`, before building a scheduler)."""
         if config.max_num_batched_tokens is None:
@@ -108,9 +105,8 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.admission = admission or MemoryAdmission(
-            kv.pool.num_blocks, kv.block_size, max_model_len, config.kv_admission_threshold
-        )
+        self.admission = MemoryAdmission(kv.pool.num_blocks, kv.block_size, max_model_len,
+                                         config.kv_admission_threshold)
         self.waiting: deque[Request] = deque()
         self.ready_members: deque[Request] = deque()
         self.running: list[Request] = []
@@ -141,7 +137,7 @@ class Scheduler:
             if parent.num_prompt_tokens >= request.num_prompt_tokens:
                 raise ValueError(f"request {rid!r}: a member must extend its prefix by at least one token")
         if not request.is_prefix:
-            worst_case = self.kv.blocks_for(self._max_total_tokens(request)) + request.num_levels
+            worst_case = self.kv.blocks_for(self._max_total_tokens(request)) + len(request.shared_prefixes)
             if worst_case > self.kv.pool.num_blocks:
                 raise ValueError(
                     f"request {rid!r} may need {worst_case} KV blocks but the cache has "
@@ -260,7 +256,6 @@ class Scheduler:
         self.admission.on_release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self._requeue(request, front=True)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)

@@ -23,8 +23,6 @@ import torch.nn.functional as F
 
 from batchllm.layers.rotary import StepRotary
 
-KERNEL_CHOICES = ("auto", "torch", "triton")
-
 
 class TorchOps:
     name = "torch"
@@ -62,10 +60,8 @@ class TorchOps:
 
 
 def use_triton(choice: str, device: torch.device, setting: str) -> bool:
-    """Whether a setting's choice ("auto" | "torch" | "triton") gets the Triton implementation:
-    "auto" does on a CUDA device where Triton is installed; "triton" must, or is an error."""
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"{setting} must be one of {KERNEL_CHOICES}, got {choice!r}")
+    """Whether a setting's choice ("auto" | "torch" | "triton", checked by its config option) gets the
+    Triton implementation: "auto" does on a CUDA device where Triton is installed; "triton" must, or is an error."""
     if choice == "torch":
         return False
     usable = device.type == "cuda" and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None

@@ -26,12 +26,9 @@ from batchllm.layers.rotary import RotaryEmbedding, StepRotary
 from batchllm.layers.tp_layers import VocabParallelEmbedding
 from batchllm.models.spec import ModelSpec
 
-DENSE_LINEAR = make_linear(False)
-"""The linear-layer factory without FP8."""
-
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, ops, tp=None, linear=DENSE_LINEAR) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp, linear) -> None:
         super().__init__()
         t = spec.traits
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -76,7 +73,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, ops, tp=None, linear=DENSE_LINEAR) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp, linear) -> None:
         super().__init__()
         self.ops = ops
         h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
@@ -89,7 +86,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, ops, tp=None, linear=DENSE_LINEAR) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp, linear) -> None:
         super().__init__()
         self.self_attn = Attention(spec, ops, tp, linear)
         self.mlp = MLP(spec, ops, tp, linear)
@@ -111,10 +108,9 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int, ops, tp=None, vocab_rows: int | None = None,
-                 linear=DENSE_LINEAR) -> None:
+    def __init__(self, spec: ModelSpec, max_positions: int, ops, tp, vocab_rows: int, linear) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(vocab_rows or spec.vocab_size, spec.hidden_size, tp)
+        self.embed_tokens = VocabParallelEmbedding(vocab_rows, spec.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(spec, ops, tp, linear) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)

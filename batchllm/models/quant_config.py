@@ -118,12 +118,10 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
 
 
 def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp8Scheme | None:
-    """The scheme the engine runs: the checkpoint's when it is pre-quantized (the option may be None
-    or name the same method), an at-load FP8 scheme for quantization='fp8', else None."""
+    """The scheme the engine runs: the checkpoint's when it is pre-quantized (the option, one of ModelConfig's
+    choices, may be None or name the same method), an at-load FP8 scheme for quantization='fp8', else None."""
     if checkpoint is not None and option not in (None, "fp8"):
         raise ValueError(f"quantization={option!r} conflicts with the checkpoint's FP8 quantization_config")
-    if option is not None and option not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization={option!r} is not supported (only {', '.join(QUANTIZATION_METHODS)} or None)")
     if checkpoint is not None:
         return checkpoint
     return Fp8Scheme(checkpoint_fp8=False) if option == "fp8" else None

@@ -27,21 +27,16 @@ class ArchitectureTraits:
     """Qwen3: RMSNorm over each head of q and k before rotary."""
 
 
-def _llama_traits(cfg: dict) -> ArchitectureTraits:
+def _llama_traits(cfg: dict, qk_norm: bool = False) -> ArchitectureTraits:
     bias = bool(cfg.get("attention_bias", False))
-    return ArchitectureTraits(qkv_bias=bias, o_bias=bias)
-
-
-def _qwen3_traits(cfg: dict) -> ArchitectureTraits:
-    bias = bool(cfg.get("attention_bias", False))
-    return ArchitectureTraits(qkv_bias=bias, o_bias=bias, qk_norm=True)
+    return ArchitectureTraits(qkv_bias=bias, o_bias=bias, qk_norm=qk_norm)
 
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": _llama_traits,
     "MistralForCausalLM": _llama_traits,
     "Qwen2ForCausalLM": lambda cfg: ArchitectureTraits(qkv_bias=True, o_bias=False),
-    "Qwen3ForCausalLM": _qwen3_traits,
+    "Qwen3ForCausalLM": lambda cfg: _llama_traits(cfg, qk_norm=True),
 }
 
 

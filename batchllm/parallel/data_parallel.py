@@ -30,7 +30,7 @@ import pickle
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
@@ -135,15 +135,19 @@ class DataParallelEngine:
         partition, budgets = self._partition(arrays, params, sharing)
         plan_seconds = time.perf_counter() - started
         self._job += 1
-        shards = _ShardPacker(arrays, params)
+
+        def pack(shards: Sequence[Shard]) -> PackedItems:  # for the pipes, from the prompts' token arrays
+            indices = [i for shard in shards for i in shard.prompts]
+            return pack_items(indices, [arrays[i] for i in indices], [params[i] for i in indices])
+
         tail = deque(partition.queue)
         self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
         for rank in range(self.size):
-            self.conns[rank].send(("job", self._job, shards.pack(partition.pinned[rank])))
+            self.conns[rank].send(("job", self._job, pack(partition.pinned[rank])))
         dispatch_seconds = time.perf_counter() - started - plan_seconds
         progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(a) for a in arrays))
         try:
-            rank_stats = yield from self._collect(self._job, prompts, tail, shards, progress, started)
+            rank_stats = yield from self._collect(self._job, prompts, tail, pack, progress, started)
             self._busy = False
         finally:
             progress.close()
@@ -156,7 +160,7 @@ class DataParallelEngine:
         expected = [sp.n * output_budget(len(p), sp.max_tokens, 0, self.max_model_len) for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 
-    def _collect(self, job: int, prompts: Sequence, tail: deque, shards: _ShardPacker, progress: _JobProgress,
+    def _collect(self, job: int, prompts: Sequence, tail: deque, pack: Callable, progress: _JobProgress,
                  started: float):
         """Yield results until every rank is done or dead, handing tail shards to ranks that ask;
         returns the ranks' stats."""
@@ -171,7 +175,7 @@ class DataParallelEngine:
                 elif message[1] != job:
                     continue  # from an earlier job the caller stopped reading
                 elif message[0] == "pull":
-                    self.conns[rank].send(("shard", job, shards.pack([tail.popleft()]) if tail else None))
+                    self.conns[rank].send(("shard", job, pack([tail.popleft()]) if tail else None))
                 elif message[0] == "result":
                     for index, output in message[2]:
                         output.prompt, output.prompt_token_ids = prompts[index].text, prompts[index].token_ids
@@ -205,17 +209,6 @@ class DataParallelEngine:
             conn.close()
         self.processes, self.conns = [], []
         self.closed = self.closed or "shut down"
-
-
-class _ShardPacker:
-    """Packs shards for the pipes (`shard_wire.PackedItems`) from the prompts' token arrays."""
-
-    def __init__(self, arrays: list, params: Sequence) -> None:
-        self.arrays, self.params = arrays, params
-
-    def pack(self, shards: Sequence[Shard]) -> PackedItems:
-        indices = [i for shard in shards for i in shard.prompts]
-        return pack_items(indices, [self.arrays[i] for i in indices], [self.params[i] for i in indices])
 
 
 class _JobProgress:

@@ -59,21 +59,6 @@ class Partition:
     loads: list[float] = field(default_factory=list)
     """Pinned cost per rank."""
 
-    @property
-    def num_ranks(self) -> int:
-        return len(self.pinned)
-
-    def summary(self) -> dict:
-        total = sum(self.loads) + sum(s.cost for s in self.queue)
-        return {
-            "num_ranks": self.num_ranks,
-            "pinned_shards": [len(p) for p in self.pinned],
-            "queued_shards": len(self.queue),
-            "pinned_cost_share": [load / total if total else 0.0 for load in self.loads],
-            "num_split_groups": self.num_split_groups,
-            "duplicated_prefill_tokens": self.duplicated_prefill_tokens,
-        }
-
 
 def partition_plan(plan: PrefixPlan, expected_output: Sequence[int], num_ranks: int, *,
                    prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,

@@ -147,26 +147,23 @@ def file_format_of(path: Path, sample: int = 1000) -> str:
 
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
-                     global_seed: int | None = None, model_name: str | None = None, checkpoint: bool = True) -> dict:
+                     global_seed: int | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
+    from ray.data.checkpoint import CheckpointConfig
+
+    from batchllm.models.default_model import DEFAULT_MODEL_NAME
 
     output_dir.mkdir(parents=True, exist_ok=True)
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config
-    if checkpoint:
-        from ray.data.checkpoint import CheckpointConfig
-
-        context.checkpoint_config = CheckpointConfig(
-            id_column=LINE, checkpoint_path=str(output_dir.resolve() / CHECKPOINT_DIR),
-            delete_checkpoint_on_success=False)
+    context.checkpoint_config = CheckpointConfig(
+        id_column=LINE, checkpoint_path=str(output_dir.resolve() / CHECKPOINT_DIR),
+        delete_checkpoint_on_success=False)
     started = time.perf_counter()
-    if model_name is None:
-        from batchllm.models.default_model import DEFAULT_MODEL_NAME
-
-        model_name = Path(config.model).name if config.model else DEFAULT_MODEL_NAME
+    model_name = Path(config.model).name if config.model else DEFAULT_MODEL_NAME
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed), record_fn=_CliRecords(
         model_name, file_format_of(input_path)), index_column=LINE)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))

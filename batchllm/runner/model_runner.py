@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
-from batchllm.attention.kv_quant import resolve_kv_cache_dtype
+from batchllm.attention.kv_quant import KV_CACHE_DTYPES
 from batchllm.config import CacheConfig
 from batchllm.layers.logits_processors import OutputHistory
 from batchllm.layers.prompt_logprobs import PromptLogprobTensors, compute_prompt_logprobs
@@ -69,7 +69,7 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     which the cache keeps unless kv_cache_dtype says otherwise (fp8: half the bytes of a 16-bit
     cache per token, so a memory budget holds twice the blocks). With tp, every rank takes the
     smallest block count any rank can hold, so their block pools are the same."""
-    kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)
+    kv_dtype = KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype
     bytes_per_block = spec.kv_bytes_per_token * cache.block_size * torch.empty(0, dtype=kv_dtype).element_size()
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks

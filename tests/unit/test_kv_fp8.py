@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from batchllm.attention.backend import store_kv
-from batchllm.attention.kv_quant import KV_CACHE_DTYPES, read_slots, resolve_kv_cache_dtype
+from batchllm.attention.kv_quant import KV_CACHE_DTYPES, read_slots
 from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.config import CacheConfig
 from batchllm.layers.fp8 import FP8, FP8_MAX, dequantize, quantize
@@ -35,11 +35,7 @@ def test_option_declared_once_with_its_choices_and_a_clear_error():
     assert engine_config().cache.kv_cache_dtype == "auto"
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3'\), got 'int8'"):
         engine_config(kv_cache_dtype="int8")
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
-        resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16)
-    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
-    assert resolve_kv_cache_dtype("fp8_e4m3", torch.float32) == FP8
-    assert resolve_kv_cache_dtype("fp8", torch.float16) == FP8
+    assert KV_CACHE_DTYPES == {"auto": None, "fp8": FP8, "fp8_e4m3": FP8}  # None: the model's dtype
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     assert engine_kwargs_from_args(parser.parse_args(["--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
