@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from batchllm.io.ingest import prepare_lines, sampling_params_for
 from batchllm.io.job import ResumeState, encode_record
-from batchllm.io.jsonl import BatchLine, LineError, parse_line
+from batchllm.io.jsonl import BatchLine, LineError, parse_line, read_batch_lines
 from batchllm.sampling_params import SamplingParams
 
 
@@ -91,6 +91,21 @@ def test_no_line_escapes_the_per_line_path(lines, seed):
 @given(st.binary(max_size=200))
 def test_parse_line_never_raises_on_bytes(raw):
     assert isinstance(parse_line(raw, 1, set()), (BatchLine, LineError))
+
+
+def test_a_byte_order_mark_opening_the_file_is_skipped_and_counted_nowhere_else():
+    """Notepad and Excel save UTF-8 with a BOM; the first request used to fail as malformed JSON."""
+    from batchllm.io.ingest import count_input_lines
+
+    bom = b"\xef\xbb\xbf"
+    data = bom + b'{"id": "a", "prompt": "Hi"}\r\n' + bom + b'{"id": "b", "prompt": "Hi"}\r\n'
+    result = ingest(data)
+    assert [v.line.request_id for v in result.valid] == ["a"]
+    assert len(result.errors) == 1 and result.errors[0].message.startswith("line 2: malformed JSON")
+    with tempfile.TemporaryDirectory() as tmp:
+        (path := Path(tmp) / "in.jsonl").write_bytes(bom + b"\n" + data)
+        assert count_input_lines(path) == 2  # a BOM alone on line 1 is a blank line
+        assert sum(1 for _ in read_batch_lines(path)) == 2
 
 
 def test_the_sampling_cache_tells_values_of_different_types_apart():
