@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from batchllm.io.openai_batch import text_message
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, read_model_spec
 from batchllm.prefix.radix import as_token_array
@@ -66,6 +67,10 @@ class PromptProcessor:
         for j, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
+        try:  # OpenAI's content parts, as the OpenAI Batch lines take them
+            conversation = [text_message(j, message) for j, message in enumerate(conversation)]
+        except ValueError as e:
+            raise ValueError(f"conversation {index}: {e}") from e
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(kwargs or {})

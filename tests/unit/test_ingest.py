@@ -144,6 +144,23 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
     assert len(chat.valid) == 1 and not chat.errors
 
 
+def test_plain_lines_and_llm_chat_take_text_parts_as_openai_lines_do():
+    """Plain lines and LLM.chat used to fail in the chat template ('can only concatenate str (not "list")')."""
+    prompts = processor()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}]
+    joined = [{"role": "user", "content": "Hello\nworld"}]
+    assert prompts.apply_chat_template(parts) == prompts.apply_chat_template(joined)
+    with pytest.raises(ValueError, match=r"conversation 4: messages\[0\]\.content must be a string"):
+        prompts.apply_chat_template([{"role": "user", "content": 5}], 4)
+    result = ingest((json.dumps({"id": "p", "messages": parts}) + "\n"
+                     + json.dumps({"id": "q", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+                     + "\n").encode())
+    assert [v.line.request_id for v in result.valid] == ["p"]
+    assert result.valid[0].prompt.token_ids.tolist() == prompts.tokenize_prompt(
+        prompts.apply_chat_template(joined)).token_ids
+    assert len(result.errors) == 1 and "messages[0].content[0] has type 'image_url'" in result.errors[0].message
+
+
 def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_schema_fails_alone():
     pytest.importorskip("xgrammar")
 
