@@ -42,8 +42,10 @@ class TokenizedPrompt:
 
 class PromptProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, source: str = "the model",
-                 eos_token_ids: list[int] | None = None) -> None:
+                 eos_token_ids: list[int] | None = None, max_logprobs: int = -1) -> None:
         self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs
+        """The engine's cap on logprobs / prompt_logprobs per request (-1: none), checked per line."""
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.source = source

@@ -80,7 +80,7 @@ class LLM:
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len,
-                                       str(self.model_dir), sorted(self.eos_token_ids))
+                                       str(self.model_dir), sorted(self.eos_token_ids), mc.max_logprobs)
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
@@ -124,7 +124,8 @@ class LLM:
             tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
         params = self._params_list(sampling_params, len(tokenized))
         for sp in {id(sp): sp for sp in params}.values():
-            sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
+            sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
+                               self.prompts.max_logprobs)
         return tokenized, params
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

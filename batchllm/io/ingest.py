@@ -101,7 +101,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             continue
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
-            params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars)
+            params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
             prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
         except ValueError as e:
             errors.append(LineError.for_line(item, e))

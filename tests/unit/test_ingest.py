@@ -161,6 +161,28 @@ def test_plain_lines_and_llm_chat_take_text_parts_as_openai_lines_do():
     assert len(result.errors) == 1 and "messages[0].content[0] has type 'image_url'" in result.errors[0].message
 
 
+def test_logprobs_above_max_logprobs_fail_their_line_as_in_vllm():
+    """`"logprobs": 100000` used to run, writing the whole vocabulary (6.6 MB) per generated token."""
+    from batchllm.inputs import PromptProcessor
+
+    base = processor()
+    capped = PromptProcessor(base.tokenizer, base.vocab_size, base.max_model_len, max_logprobs=20)
+    lines = [{"id": "a", "prompt": "x", "logprobs": 20, "prompt_logprobs": 20},
+             {"id": "b", "prompt": "x", "logprobs": 100000},
+             {"id": "c", "prompt": "x", "prompt_logprobs": 21},
+             {"custom_id": "d", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}}]
+    with tempfile.TemporaryDirectory() as tmp:
+        (path := Path(tmp) / "in.jsonl").write_text("".join(json.dumps(o) + "\n" for o in lines))
+        result = prepare_lines(path, capped, {"max_tokens": 4}, None)
+        assert len(prepare_lines(path, base, {"max_tokens": 4}, None).valid) == 4  # -1: no cap
+    assert [v.line.request_id for v in result.valid] == ["a"]
+    assert [e.message for e in result.errors] == [
+        f"line {n}: SamplingParams.{name} = {k} is more than max_logprobs (20); raise it with --max-logprobs / "
+        "LLM(max_logprobs=...) (-1: no cap)" for n, name, k in [(2, "logprobs", 100000), (3, "prompt_logprobs", 21),
+                                                              (4, "logprobs", 21)]]
+
+
 def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_schema_fails_alone():
     pytest.importorskip("xgrammar")
 
