@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -173,11 +174,26 @@ def run_command(args: argparse.Namespace) -> int:
         return run_command_on_ray(args)
     if problem := input_problem(args.input):
         return _fail(problem)
+    if args.stats is not None and (problem := _stats_problem(args.stats)):
+        return _fail(problem)  # before the job: a finished job must not end on an unwritable --stats
     try:
         with OutputLock(args.output):
             return _run_locked(args)
     except JobError as e:
         return _fail(str(e))
+
+
+def _stats_problem(path: Path) -> str | None:
+    """Why the --stats file could not be written at the end of the job, or None (its folder is made)."""
+    if path.is_dir():
+        return f"cannot write --stats {str(path)!r}: it is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot write --stats {str(path)!r}: {e.strerror or e}"
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        return f"cannot write --stats {str(path)!r}: permission denied"
+    return None
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:
@@ -333,7 +349,10 @@ def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num
     if job.errors_path.is_file() and job.errors_path.stat().st_size:
         print(f"batchllm: failed OpenAI Batch lines are in {job.errors_path}", file=sys.stderr)
     if args.stats is not None:
-        args.stats.write_text(json.dumps(stats, indent=2) + "\n")
+        try:
+            args.stats.write_text(json.dumps(stats, indent=2) + "\n")
+        except OSError as e:  # the results are written; only the statistics are lost
+            return _fail(f"cannot write --stats {str(args.stats)!r}: {e.strerror or e} (the results are complete)")
     return EXIT_LINES_FAILED if num_failed else EXIT_OK
 
 

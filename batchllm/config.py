@@ -100,6 +100,9 @@ class ModelConfig(_Checked):
                           "Triton is installed, else torch", choices=_KERNEL_CHOICES)
     enforce_eager: bool = option(False, "never use CUDA graphs (else decode steps run as graphs on CUDA with "
                                  "the Triton attention)")
+    max_logprobs: int = option(20, "most logprobs (and prompt_logprobs) one request may ask for, as vLLM's "
+                               "max_logprobs; a request asking for more is an error naming it; -1: no cap (a "
+                               "whole vocabulary per token makes megabytes of output per token)", at_least=-1)
     max_cudagraph_capture_size: int = option(512, "largest decode batch (sequences) with a CUDA graph; larger "
                                              "decode steps run eagerly", at_least=1)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from batchllm.io.openai_batch import text_message
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, read_model_spec
 from batchllm.prefix.radix import as_token_array
@@ -41,8 +42,10 @@ class TokenizedPrompt:
 
 class PromptProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, source: str = "the model",
-                 eos_token_ids: list[int] | None = None) -> None:
+                 eos_token_ids: list[int] | None = None, max_logprobs: int = -1) -> None:
         self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs
+        """The engine's cap on logprobs / prompt_logprobs per request (-1: none), checked per line."""
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.source = source
@@ -66,6 +69,10 @@ class PromptProcessor:
         for j, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
+        try:  # OpenAI's content parts, as the OpenAI Batch lines take them
+            conversation = [text_message(j, message) for j, message in enumerate(conversation)]
+        except ValueError as e:
+            raise ValueError(f"conversation {index}: {e}") from e
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(kwargs or {})

@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ class LLM:
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
         self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len,
-                                       str(self.model_dir), sorted(self.eos_token_ids))
+                                       str(self.model_dir), sorted(self.eos_token_ids), mc.max_logprobs)
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
@@ -124,7 +124,8 @@ class LLM:
             tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
         params = self._params_list(sampling_params, len(tokenized))
         for sp in {id(sp): sp for sp in params}.values():
-            sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars)
+            sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
+                               self.prompts.max_logprobs)
         return tokenized, params
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -152,7 +153,12 @@ class LLM:
             return [SamplingParams()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
-        params = list(sampling_params)
+        iterable = isinstance(sampling_params, Iterable) and not isinstance(sampling_params, (str, dict))
+        params = list(sampling_params) if iterable else [sampling_params]
+        if (bad := next((sp for sp in params if not isinstance(sp, SamplingParams)), None)) is not None:
+            shown = ("a list holding " if iterable else "") + type(bad).__name__
+            raise TypeError("sampling_params must be a SamplingParams or a list of them (one per prompt), got "
+                            + shown + (" (build one: SamplingParams(**fields))" if isinstance(bad, dict) else ""))
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
@@ -379,6 +385,8 @@ def _quiet_gc(young_threshold: int = 50_000):
 def _as_prompt_list(prompts: Any) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids

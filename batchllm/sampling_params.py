@@ -195,11 +195,17 @@ class SamplingParams:
                 ids.append(spaced)
         self._bad_words_token_ids = [t for t in ids if t]
 
-    def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None) -> None:
+    def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None, max_logprobs: int = -1) -> None:
         """What needs the model: token ids inside the vocabulary (stop_token_ids too: min_tokens bans
-        them in the logits), bad_words tokenized, and the structured-output grammar compiled
-        (`grammars`: a `GrammarBackend`). Raises ValueError naming the field (StructuredOutputError
-        for a grammar that does not compile)."""
+        them in the logits), logprobs and prompt_logprobs within the engine's `max_logprobs` (-1: no
+        cap), bad_words tokenized, and the structured-output grammar compiled (`grammars`: a
+        `GrammarBackend`). Raises ValueError naming the field (StructuredOutputError for a grammar
+        that does not compile)."""
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(self, name)
+            if max_logprobs >= 0 and asked is not None and asked > max_logprobs:
+                raise ValueError(f"SamplingParams.{name} = {asked} is more than max_logprobs ({max_logprobs}); "
+                                 "raise it with --max-logprobs / LLM(max_logprobs=...) (-1: no cap)")
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {}),
                           ("allowed_token_ids", self.allowed_token_ids or [])):
             for t in ids:

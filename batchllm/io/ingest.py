@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import ResumeState
-from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record
+from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
 from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for", "record_for",
@@ -63,7 +63,7 @@ def input_problem(path: Path) -> str | None:
 def count_input_lines(path: Path) -> int:
     """The number of lines that each get one output record: the non-blank lines (no JSON parsing)."""
     with open(path, "rb") as f:
-        return sum(1 for raw in f if raw.strip())
+        return sum(1 for number, raw in enumerate(f, start=1) if without_bom(raw, number).strip())
 
 
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
@@ -101,7 +101,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             continue
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
-            params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars)
+            params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
             prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
         except ValueError as e:
             errors.append(LineError.for_line(item, e))

@@ -90,9 +90,14 @@ class OutputLock:
         self._file = None
 
     def __enter__(self) -> OutputLock:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self._created = not self.output.exists()
-        self._file = open(self.output, "ab")  # creates, never truncates
+        if self.output.is_dir():
+            raise JobError(f"cannot write the output {str(self.output)!r}: it is a directory; -o names a file")
+        try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self._created = not self.output.exists()
+            self._file = open(self.output, "ab")  # creates, never truncates
+        except OSError as e:  # a read-only or missing place, a parent that is a file
+            raise JobError(f"cannot write the output {str(self.output)!r}: {e.strerror or e}") from e
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -24,6 +24,9 @@ SAMPLING_FIELDS = tuple(SamplingParams.field_names())
 
 
 PLAIN, OPENAI = "plain", "openai"
+UTF8_BOM = b"\xef\xbb\xbf"
+"""Windows editors (Notepad, Excel's "CSV UTF-8") start a UTF-8 file with it; it is skipped at the
+start of the file, as Python's utf-8-sig codec does, and is an error anywhere else."""
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 """Valid UTF-8 holds no surrogates, so JSON text can only smuggle one in as an escape; a line without
 such an escape skips the search for lone ones."""
@@ -72,13 +75,20 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
     seen: set[str] = set()
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
+            raw = without_bom(raw, line_number)
             if not raw.strip():
                 continue
             yield parse_line(raw, line_number, seen)
 
 
+def without_bom(raw: bytes, line_number: int) -> bytes:
+    """The line without the file's byte-order mark (line 1 only: `UTF8_BOM`)."""
+    return raw[len(UTF8_BOM):] if line_number == 1 and raw.startswith(UTF8_BOM) else raw
+
+
 def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | LineError:
     """One line's request or its LineError. Never raises: whatever the bytes, the job goes on."""
+    raw = without_bom(raw, line_number)
     try:
         return _parse_line(raw, line_number, seen_ids)
     except Exception as e:  # a case the checks below missed must still cost only this line

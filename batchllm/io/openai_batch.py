@@ -69,7 +69,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     if chat:
         if not isinstance(prompt, list) or not prompt:
             raise BodyError("'messages' must be a non-empty list")
-        prompt = [_text_message(j, message) for j, message in enumerate(prompt)]
+        prompt = [text_message(j, message) for j, message in enumerate(prompt)]
         if "max_tokens" in body and "max_completion_tokens" in body:
             raise BodyError("give max_tokens or max_completion_tokens, not both")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -120,9 +120,10 @@ def _response_format(value: Any) -> dict | None:
     raise BodyError(f"response_format type {str(kind)[:40]!r} is not supported (text, json_object, json_schema)")
 
 
-def _text_message(j: int, message: Any) -> Any:
+def text_message(j: int, message: Any) -> Any:
     """A chat message with its content as one string: a list of text parts is joined with newlines
-    (as vLLM does); any other part type is refused by name."""
+    (as vLLM does for a string-content chat template); any other part type is refused by name
+    (BodyError, a ValueError). Plain lines and `LLM.chat` go through it too (`PromptProcessor`)."""
     if not isinstance(message, dict):
         return message  # the chat template check names it
     content = message.get("content")

@@ -88,4 +88,15 @@ def test_generate_validates_every_prompt_before_running(default_llm):
         default_llm.generate({"prompt_token_ids": [5] * 5000}, use_tqdm=False)
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         default_llm.generate(["x"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    # vLLM users pass settings as a dict; that used to be "AttributeError: 'str' object has no attribute ..."
+    with pytest.raises(TypeError, match=r"SamplingParams or a list of them .* got dict \(build one"):
+        default_llm.generate(["x"], {"max_tokens": 2}, use_tqdm=False)
+    with pytest.raises(TypeError, match="got a list holding dict"):
+        default_llm.generate(["x"], [{"max_tokens": 2}], use_tqdm=False)
+    with pytest.raises(TypeError, match="prompts must be a prompt or a list of prompts, got NoneType"):
+        default_llm.generate(None, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"logprobs = 21 is more than max_logprobs \(20\)"):  # vLLM's default cap
+        default_llm.generate(["x"], SamplingParams(logprobs=21), use_tqdm=False)
+    outs = default_llm.generate(["x"], (sp for sp in [SamplingParams(max_tokens=1)]), use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == 1  # any iterable of SamplingParams still works
     assert not default_llm.engine.core.has_unfinished()

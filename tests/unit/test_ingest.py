@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from batchllm.io.ingest import prepare_lines, sampling_params_for
 from batchllm.io.job import ResumeState, encode_record
-from batchllm.io.jsonl import BatchLine, LineError, parse_line
+from batchllm.io.jsonl import BatchLine, LineError, parse_line, read_batch_lines
 from batchllm.sampling_params import SamplingParams
 
 
@@ -93,6 +93,21 @@ def test_parse_line_never_raises_on_bytes(raw):
     assert isinstance(parse_line(raw, 1, set()), (BatchLine, LineError))
 
 
+def test_a_byte_order_mark_opening_the_file_is_skipped_and_counted_nowhere_else():
+    """Notepad and Excel save UTF-8 with a BOM; the first request used to fail as malformed JSON."""
+    from batchllm.io.ingest import count_input_lines
+
+    bom = b"\xef\xbb\xbf"
+    data = bom + b'{"id": "a", "prompt": "Hi"}\r\n' + bom + b'{"id": "b", "prompt": "Hi"}\r\n'
+    result = ingest(data)
+    assert [v.line.request_id for v in result.valid] == ["a"]
+    assert len(result.errors) == 1 and result.errors[0].message.startswith("line 2: malformed JSON")
+    with tempfile.TemporaryDirectory() as tmp:
+        (path := Path(tmp) / "in.jsonl").write_bytes(bom + b"\n" + data)
+        assert count_input_lines(path) == 2  # a BOM alone on line 1 is a blank line
+        assert sum(1 for _ in read_batch_lines(path)) == 2
+
+
 def test_the_sampling_cache_tells_values_of_different_types_apart():
     cache: dict = {}
     line = BatchLine(1, "a", "x", False, {"n": 1})
@@ -127,6 +142,45 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
     chat = ingest((json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}}) + "\n").encode())
     assert len(chat.valid) == 1 and not chat.errors
+
+
+def test_plain_lines_and_llm_chat_take_text_parts_as_openai_lines_do():
+    """Plain lines and LLM.chat used to fail in the chat template ('can only concatenate str (not "list")')."""
+    prompts = processor()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}]
+    joined = [{"role": "user", "content": "Hello\nworld"}]
+    assert prompts.apply_chat_template(parts) == prompts.apply_chat_template(joined)
+    with pytest.raises(ValueError, match=r"conversation 4: messages\[0\]\.content must be a string"):
+        prompts.apply_chat_template([{"role": "user", "content": 5}], 4)
+    result = ingest((json.dumps({"id": "p", "messages": parts}) + "\n"
+                     + json.dumps({"id": "q", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+                     + "\n").encode())
+    assert [v.line.request_id for v in result.valid] == ["p"]
+    assert result.valid[0].prompt.token_ids.tolist() == prompts.tokenize_prompt(
+        prompts.apply_chat_template(joined)).token_ids
+    assert len(result.errors) == 1 and "messages[0].content[0] has type 'image_url'" in result.errors[0].message
+
+
+def test_logprobs_above_max_logprobs_fail_their_line_as_in_vllm():
+    """`"logprobs": 100000` used to run, writing the whole vocabulary (6.6 MB) per generated token."""
+    from batchllm.inputs import PromptProcessor
+
+    base = processor()
+    capped = PromptProcessor(base.tokenizer, base.vocab_size, base.max_model_len, max_logprobs=20)
+    lines = [{"id": "a", "prompt": "x", "logprobs": 20, "prompt_logprobs": 20},
+             {"id": "b", "prompt": "x", "logprobs": 100000},
+             {"id": "c", "prompt": "x", "prompt_logprobs": 21},
+             {"custom_id": "d", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}}]
+    with tempfile.TemporaryDirectory() as tmp:
+        (path := Path(tmp) / "in.jsonl").write_text("".join(json.dumps(o) + "\n" for o in lines))
+        result = prepare_lines(path, capped, {"max_tokens": 4}, None)
+        assert len(prepare_lines(path, base, {"max_tokens": 4}, None).valid) == 4  # -1: no cap
+    assert [v.line.request_id for v in result.valid] == ["a"]
+    assert [e.message for e in result.errors] == [
+        f"line {n}: SamplingParams.{name} = {k} is more than max_logprobs (20); raise it with --max-logprobs / "
+        "LLM(max_logprobs=...) (-1: no cap)" for n, name, k in [(2, "logprobs", 100000), (3, "prompt_logprobs", 21),
+                                                              (4, "logprobs", 21)]]
 
 
 def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_schema_fails_alone():

@@ -64,6 +64,30 @@ def test_inputs_that_are_not_files(tmp_path, capsys):
     assert code == 2 and "no such file" in err
 
 
+def test_an_output_that_cannot_be_written_is_named_with_exit_2(tmp_path, capsys):
+    """An output that is a directory, or under a file, used to be an 'unexpected failure' (exit 3)."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    code, err = run(capsys, src, "-o", tmp_path)
+    assert code == 2 and err == f"batchllm: error: cannot write the output {str(tmp_path)!r}: it is a directory; " \
+        "-o names a file\n"
+    code, err = run(capsys, src, "-o", src / "out.jsonl")
+    assert code == 2 and err.startswith(f"batchllm: error: cannot write the output {str(src / 'out.jsonl')!r}: ")
+    assert src.read_text() == '{"id": "a", "prompt": "hi"}\n'
+
+
+def test_an_unwritable_stats_file_is_refused_before_the_job_runs(tmp_path, capsys, monkeypatch):
+    """--stats under a file used to fail after the whole job had run, as an 'unexpected failure' (exit 3)."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--stats", src / "stats.json")
+    assert code == 2 and err.startswith(f"batchllm: error: cannot write --stats {str(src / 'stats.json')!r}: ")
+    code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--stats", tmp_path)
+    assert code == 2 and "it is a directory" in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_an_unexpected_failure_exits_3_with_one_line_and_the_traceback_only_under_debug(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a", "prompt": "hi"}\n')
