@@ -17,7 +17,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "bench_${PART:-a}"
 MODEL=${MODEL:-benchmarks/configs/llama-3.1-8b}
 common=(--model "$MODEL" --load-format dummy --dtype bfloat16 --max-model-len 20000 --max-num-batched-tokens 8192)
-bench() { python3 -m batchllm.cli bench "${common[@]}" "$@" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"; }
+bench() { python3 -m batchllm.cli bench "${common[@]}" "$@" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"; pack; }
 python3 -c 'import torch; print(torch.cuda.get_device_name(0))' | tee "$OUT/device.txt"
 case "${PART:-a}" in
 a)

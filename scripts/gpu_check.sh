@@ -11,11 +11,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' >> "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
+pack
 grep -q " failed" "$OUT/gpu_tests.log" && status=1
 [ "${SKIP_BENCH:-0}" = 1 ] && exit $status
-python3 benchmarks/attention_bench.py --json-out "$OUT/attention_bench.json" 2>&1 | tee "$OUT/attention_bench.log"
-python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" 2>&1 | tee "$OUT/fp8_gemm.log"
-python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store_bench.json" 2>&1 | tee "$OUT/kv_store_bench.log"
+python3 benchmarks/attention_bench.py --json-out "$OUT/attention_bench.json" 2>&1 | tee "$OUT/attention_bench.log"; pack
+python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" 2>&1 | tee "$OUT/fp8_gemm.log"; pack
+python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store_bench.json" 2>&1 | tee "$OUT/kv_store_bench.log"; pack
 python3 -m batchllm.cli bench --model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 \
     --max-model-len 20000 --workload shared --shared 2000 --distinct 200 --degree 16 \
     --requests "${BENCH_REQUESTS:-256}" --output 100 --configs sharing,nosharing \

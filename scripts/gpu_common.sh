@@ -1,9 +1,12 @@
-# Sourced by scripts/gpu_*.sh with a run name: works from the repository root and puts the run's logs
-# and JSON in $OUT/<name>/ (OUT: the device tool's folder, or ./gpu_out), packed on exit into one
-# archive, $OUT/<name>.tgz, because a device call brings back at most 8 files.
+# Sourced by scripts/gpu_*.sh with a run name: works from the repository root and writes the run's logs
+# and JSON to a folder outside $OUT, packed into one archive, $OUT/<name>.tgz (OUT: the device tool's
+# folder, or ./gpu_out), after each step (`pack`) and on exit: a device call brings back at most 8
+# files, and a call stopped at its time limit kills the script before any exit trap runs.
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 RESULTS=${OUT:-$PWD/gpu_out}
-OUT=$RESULTS/$1
-mkdir -p "$OUT"
-trap 'tar czf "$RESULTS/$(basename "$OUT").tgz" -C "$OUT" . && rm -rf "$OUT"' EXIT
+RUN_NAME=$1
+OUT=$(mktemp -d "/tmp/$RUN_NAME.XXXX")
+mkdir -p "$RESULTS"
+pack() { tar czf "$RESULTS/$RUN_NAME.tgz" -C "$OUT" .; }
+trap pack EXIT
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0

@@ -19,7 +19,7 @@ M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16
     --max-num-batched-tokens 8192)
 PAPER=(--workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100)
 DECODE=(--workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512)
-bench() { local log=$1; shift; python3 -m batchllm.cli bench "$@" > "$OUT/$log.log" 2>&1; grep -E "req/s|Error" "$OUT/$log.log"; }
+bench() { local log=$1; shift; python3 -m batchllm.cli bench "$@" > "$OUT/$log.log" 2>&1; grep -E "req/s|Error" "$OUT/$log.log"; pack; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
 case "${PART:-fp8tests}" in
 table0)
@@ -43,8 +43,8 @@ fp8vs)
   bench fp8vs_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8,fp8kv --json-out "$OUT/fp8vs_decode.json"
   ;;
 fp8tests)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8 or kv_store" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"
-  python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"
+  python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8 or kv_store" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"; pack
+  python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"; pack
   python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store.json" > "$OUT/kv_store.log" 2>&1; cat "$OUT/kv_store.log"
   ;;
 fp8paper)

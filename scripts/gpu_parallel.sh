@@ -12,7 +12,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "parallel_${PART:-t}"
 M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 --max-model-len 20000
     --max-num-batched-tokens 8192)
-bench() { python3 -m batchllm.cli bench "$@" 2>&1 | grep -v Warning | tee -a "$OUT/bench_${PART}.log"; }
+bench() { python3 -m batchllm.cli bench "$@" 2>&1 | grep -v Warning | tee -a "$OUT/bench_${PART}.log"; pack; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 case "${PART:-t}" in
 t)
