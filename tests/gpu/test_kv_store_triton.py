@@ -1,7 +1,8 @@
 """The fused KV store (`attention/kv_store_triton.py`) on the device: the same bytes as the torch store
 (`backend.store_kv`) in every slot of the cache, for 16-bit, float32 and fp8 caches, K/V as the
 model passes them (strided views of one qkv buffer), scattered slots, graph padding rows (all to the
-spare block's slot, with the same values), and the scales as the model holds them.
+spare block's slot, with the same values), the scales as the model holds them, and KV-head counts
+and head dims that are not powers of two (the kernel's masked lanes).
 
     python3 -m pytest -q tests/gpu/test_kv_store_triton.py        (on the device; seconds)
 """
@@ -60,6 +61,12 @@ SHAPES = [  # tokens, padding rows, query heads, kv heads, head dim
     (257, 0, 4, 1, 64),
     (64, 7, 16, 8, 64),
     (100, 0, 14, 2, 128),
+    # head counts and widths that are not powers of two: the kernel pads them to one and masks
+    (37, 2, 9, 3, 64),  # SmolLM2-135M (the default model): 3 KV heads
+    (50, 0, 15, 5, 64),  # SmolLM2-360M: 5 KV heads
+    (23, 4, 32, 8, 80),
+    (64, 0, 12, 3, 96),
+    (9, 1, 10, 5, 80),
 ]
 PLAIN = [torch.bfloat16, torch.float16, torch.float32]
 SCALES = [None, (1.0, 1.0), (0.37, 1.9), (0.011, 3.3)]

@@ -144,11 +144,17 @@ def _scattered_slots(n: int, pad: int, pool: int, g: torch.Generator) -> torch.T
     return torch.cat([torch.randperm(pool, generator=g)[:n - pad], torch.full((pad,), pool)])
 
 
+STORE_SHAPES = [  # tokens, padding rows, kv heads, head dim; 3 and 5 heads, 80 and 96 wide: masked lanes
+    (9, 3, 2, 64), (20, 0, 1, 128), (4, 1, 8, 64), (7, 2, 3, 64), (5, 1, 5, 96), (6, 0, 3, 80),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n, pad, kv_heads, head_dim", [(9, 3, 2, 64), (20, 0, 1, 128), (4, 1, 8, 64)])
+@pytest.mark.parametrize("n, pad, kv_heads, head_dim", STORE_SHAPES)
 def test_fused_kv_store_copies_a_plain_cache_like_the_torch_store(n, pad, kv_heads, head_dim, dtype):
     """A 16/32-bit cache: the rows copied bit for bit (as integers: exact in the interpreter too)
-    to scattered slots; padding rows (equal values, one slot) included; other slots untouched."""
+    to scattered slots; padding rows (equal values, one slot) included; other slots untouched,
+    including the lanes past a head count or head dim that is not a power of two."""
     from batchllm.attention.backend import store_kv
     from batchllm.attention.kv_store_triton import store_kv_triton
 
@@ -165,7 +171,8 @@ def test_fused_kv_store_copies_a_plain_cache_like_the_torch_store(n, pad, kv_hea
 
 
 @pytest.mark.parametrize("scales", [None, (0.5, 2.0), (0.25, 0.0078125)], ids=str)
-def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(scales):
+@pytest.mark.parametrize("n, pad, kv_heads, head_dim", [(12, 2, 2, 64), (10, 3, 3, 80), (9, 1, 5, 96)])
+def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(n, pad, kv_heads, head_dim, scales):
     """An fp8 cache: x / scale clamped to +-448, cast. Values are e4m3 numbers times powers of two
     (some past 448 after the division, so the clamp acts): the interpreter's float8 cast rounds
     ties away from zero, not to even, so rounding itself is held to bit equality on the device
@@ -178,12 +185,13 @@ def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(scales):
     e4m3 = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     normal = e4m3[torch.isfinite(e4m3) & ((e4m3.abs() >= 2 ** -6) | (e4m3 == 0))]
     kv_scale = None if scales is None else torch.tensor([*scales, 0.0, 0.0])[:2]
-    k, v = _model_kv(12, 2, 64, torch.cat([normal, normal * 8]), g)
+    k, v = _model_kv(n, kv_heads, head_dim, torch.cat([normal, normal * 8]), g)
     if kv_scale is not None:
         k, v = k * kv_scale[0], v * kv_scale[1]
-    slots = _scattered_slots(12, 2, 64, g)
-    k[10:], v[10:] = k[0], v[0]
-    cache = torch.randint(0, 126, (2, 5, 16, 2, 64), generator=g, dtype=torch.uint8).view(FP8)
+    blocks = -(-(n + 20) // 16)
+    slots = _scattered_slots(n, pad, blocks * 16, g)
+    k[n - pad:], v[n - pad:] = k[0], v[0]
+    cache = torch.randint(0, 126, (2, blocks + 1, 16, kv_heads, head_dim), generator=g, dtype=torch.uint8).view(FP8)
     want = cache.clone()
     store_kv(k, v, want, slots, kv_scale)
     store_kv_triton(k, v, cache, slots, kv_scale)
