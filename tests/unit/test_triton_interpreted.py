@@ -130,10 +130,13 @@ def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, 6, stop_at_eos=False)
 
 
-def _model_kv(n: int, kv_heads: int, head_dim: int, values: torch.Tensor, g: torch.Generator):
-    """k, v [n, kv_heads, head_dim] drawn from `values`: strided views of one qkv-like buffer (4 query
-    heads), as the model passes them."""
+def _model_kv(n: int, kv_heads: int, head_dim: int, values: torch.Tensor, g: torch.Generator,
+              scales: tuple[float, float] = (1.0, 1.0)):
+    """k, v [n, kv_heads, head_dim] drawn from `values` (k's times scales[0], v's times scales[1]):
+    strided views of one qkv-like buffer (4 query heads), as the model passes them."""
     qkv = values[torch.randint(len(values), (n, (4 + 2 * kv_heads) * head_dim), generator=g)]
+    qkv[:, 4 * head_dim:(4 + kv_heads) * head_dim] *= scales[0]  # scaled in the buffer: k, v stay views
+    qkv[:, (4 + kv_heads) * head_dim:] *= scales[1]
     k = qkv[:, 4 * head_dim:(4 + kv_heads) * head_dim].view(n, kv_heads, head_dim)
     return k, qkv[:, (4 + kv_heads) * head_dim:].view(n, kv_heads, head_dim)
 
@@ -174,9 +177,13 @@ def test_fused_kv_store_copies_a_plain_cache_like_the_torch_store(n, pad, kv_hea
 @pytest.mark.parametrize("n, pad, kv_heads, head_dim", [(12, 2, 2, 64), (10, 3, 3, 80), (9, 1, 5, 96)])
 def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(n, pad, kv_heads, head_dim, scales):
     """An fp8 cache: x / scale clamped to +-448, cast. Values are e4m3 numbers times powers of two
-    (some past 448 after the division, so the clamp acts): the interpreter's float8 cast rounds
-    ties away from zero, not to even, so rounding itself is held to bit equality on the device
-    (tests/gpu/test_kv_store_triton.py); here the slots, strides, scales and clamp are."""
+    (some past 448 after the division, so the clamp acts), K/V strided views of one buffer with or
+    without scales. Only exactly representable quotients, because the interpreter's float8 cast
+    (Triton 3.9 `_convert_float`) is not torch's: it rounds ties away from zero (1.0625 -> 1.125,
+    torch 1.0), and a round-up that carries out of the mantissa is ORed into the exponent field, so
+    the carry is lost where the biased exponent is odd (1.95 -> 1.0, 0.484375 -> 0.25 where torch
+    gives 2.0, 0.5; 3.9 -> 4.0 is right). Rounding itself is held to bit equality on the device
+    (tests/gpu/test_kv_store_triton.py); here the slots, strides, masked lanes, scales and clamp are."""
     from batchllm.attention.backend import store_kv
     from batchllm.attention.kv_store_triton import store_kv_triton
     from batchllm.layers.fp8 import FP8
@@ -185,9 +192,8 @@ def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(n, pad, kv_h
     e4m3 = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     normal = e4m3[torch.isfinite(e4m3) & ((e4m3.abs() >= 2 ** -6) | (e4m3 == 0))]
     kv_scale = None if scales is None else torch.tensor([*scales, 0.0, 0.0])[:2]
-    k, v = _model_kv(n, kv_heads, head_dim, torch.cat([normal, normal * 8]), g)
-    if kv_scale is not None:
-        k, v = k * kv_scale[0], v * kv_scale[1]
+    k, v = _model_kv(n, kv_heads, head_dim, torch.cat([normal, normal * 8]), g, scales or (1.0, 1.0))
+    assert not k.is_contiguous() and not v.is_contiguous(), "the model's strided views"
     blocks = -(-(n + 20) // 16)
     slots = _scattered_slots(n, pad, blocks * 16, g)
     k[n - pad:], v[n - pad:] = k[0], v[0]
