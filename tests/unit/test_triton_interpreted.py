@@ -5,6 +5,7 @@ bf16/fp16 are covered by tests/gpu on the device). Skipped where Triton is not i
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -214,3 +215,17 @@ def test_fused_kv_store_skips_negative_slots():
     assert torch.equal(cache[0, 0, 4], k[1]) and torch.equal(cache[1, 0, 4], k[1] + 1)
     cache[:, 0, 4] = 0
     assert not cache.any(), "rows with slot -1 wrote nothing"
+
+
+@pytest.mark.parametrize("key_dtype, cache_dtype, message", [
+    (torch.float64, torch.float64, "a 16/32-bit or fp8 cache, got torch.float64"),
+    (torch.int8, torch.int8, "a 16/32-bit or fp8 cache, got torch.int8"),
+    (torch.float32, torch.bfloat16, "K/V of torch.float32 into a torch.bfloat16 cache"),
+])
+def test_fused_kv_store_names_a_cache_it_cannot_take(key_dtype, cache_dtype, message):
+    """A ValueError naming the dtype (an 8-byte one was a KeyError from the bit-width table)."""
+    from batchllm.attention.kv_store_triton import store_kv_triton
+
+    k = torch.zeros(3, 2, 64, dtype=key_dtype)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        store_kv_triton(k, k, torch.zeros(2, 2, 16, 2, 64, dtype=cache_dtype), torch.tensor([0, 1, 2]))
