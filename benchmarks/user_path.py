@@ -12,6 +12,10 @@ Reported: requests/s of each and run / bench. Without --tokenizer both skip the 
 shape's config has none); with it the shape takes the tokenizer's vocabulary and `run` detokenizes
 every output, as it does for a user's model.
 
+`--order` (default bench,run): bench goes first because it warms up, and its compiles fill Triton's
+on-disk cache, which the `run` process then reuses; with run,bench on a GPU `run`'s `wall_s` pays
+every kernel's cold compile, which no user's second job does.
+
     python3 benchmarks/user_path.py --model benchmarks/configs/llama-3.1-8b --workload shared \\
         --requests 1024 -- --load-format dummy --dtype bfloat16 --max-model-len 20000       # GPU
     python3 benchmarks/user_path.py --model <tiny model dir> --requests 16 --shared 64 --distinct 8 \\
@@ -51,15 +55,25 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "batchllm.cli", *args], check=True)
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+ORDERS = ("bench,run", "run,bench")
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """(this script's options, `batchllm bench`'s workload flags, engine flags: those after `--`)."""
     engine_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     ours = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model or shape directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for a shape without one")
+    p.add_argument("--order", choices=ORDERS, default=ORDERS[0],
+                   help="which command runs first (bench first: it warms the kernel caches run then finds)")
     p.add_argument("--json-out", default=None)
     args, flags = p.parse_known_args(ours)
+    return args, flags, engine_flags
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, flags, engine_flags = parse(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = str(model_with_tokenizer(args.model, args.tokenizer, tmp / "model")) if args.tokenizer else args.model
@@ -67,20 +81,25 @@ def main() -> None:
         work = make_workload(workload_args(model, flags), vocab)
         write_requests(tmp / "requests.jsonl", work.prompts, work.max_tokens)
         tokenizer = [] if args.tokenizer else ["--skip-tokenizer-init"]
-        cli("run", "-i", str(tmp / "requests.jsonl"), "-o", str(tmp / "results.jsonl"), "--model", model,
-            "--stats", str(tmp / "run.json"), "--no-progress", *tokenizer, *engine_flags)
-        cli("bench", "--model", model, *flags, "--configs", "sharing", "--json-out", str(tmp / "bench.json"),
-            *engine_flags)
+        commands = {
+            "run": ["run", "-i", str(tmp / "requests.jsonl"), "-o", str(tmp / "results.jsonl"), "--model", model,
+                    "--stats", str(tmp / "run.json"), "--no-progress", *tokenizer, *engine_flags],
+            "bench": ["bench", "--model", model, *flags, "--configs", "sharing", "--json-out", str(tmp / "bench.json"),
+                      *engine_flags],
+        }
+        for name in args.order.split(","):
+            cli(*commands[name])
         run = json.loads((tmp / "run.json").read_text())
         bench = json.loads((tmp / "bench.json").read_text())["results"][0]
     run_rate = run["num_lines_done"] / run["wall_s"]
     summary = {"workload": work.name, "requests": len(work.prompts), "detokenized": bool(args.tokenizer),
-               "run_wall_s": run["wall_s"], "run_requests_per_s": run_rate,
+               "order": args.order, "run_wall_s": run["wall_s"], "run_requests_per_s": run_rate,
                "bench_wall_s": bench["wall_s"], "bench_requests_per_s": bench["requests_per_s"],
                "run_over_bench": run_rate / bench["requests_per_s"], "engine_flags": engine_flags}
     print(json.dumps(summary, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 if __name__ == "__main__":

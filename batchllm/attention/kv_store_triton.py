@@ -81,9 +81,11 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     if quantize:
         scale = kv_scale if kv_scale is not None else _unit_scales(key.device)
     else:  # copied as integers: exact for every 16/32-bit type, whatever the arithmetic would do
-        bits = _BITS[key.element_size()]
         if kv_cache.dtype != key.dtype:
             raise ValueError(f"K/V of {key.dtype} into a {kv_cache.dtype} cache: a plain cache holds the model's dtype")
+        bits = _BITS.get(key.element_size())
+        if bits is None:
+            raise ValueError(f"the fused store takes a 16/32-bit or fp8 cache, got {kv_cache.dtype}")
         key, value, k_cache, v_cache = key.view(bits), value.view(bits), k_cache.view(bits), v_cache.view(bits)
         scale = slot_mapping  # not read without QUANTIZE: any tensor stands in
     k_cache = k_cache.view(-1, num_kv_heads, head_dim)  # [slots, kv_heads, head_dim]

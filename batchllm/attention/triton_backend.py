@@ -43,8 +43,6 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
 if triton is not None:
     from batchllm.attention.kv_store_triton import store_kv_triton
 
-if triton is not None:
-
     @triton.jit
     def _attend_tile(
         q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,

@@ -1,7 +1,9 @@
 """`batchllm bench`: one engine per configuration over the same workload; the JSON report holds a
-row per configuration with what each did."""
+row per configuration with what each did. benchmarks/user_path.py (`run` against `bench`) on a tiny
+model on the CPU."""
 
 import json
+from pathlib import Path
 
 from batchllm.cli import main
 
@@ -20,3 +22,43 @@ def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, 
     # 3 groups of 4 share a 48-token prefix: sharing prefills each prefix once, no sharing 4 times
     assert nosharing["prefill_tokens_computed"] - sharing["prefill_tokens_computed"] == 3 * 3 * 48
     assert report["kv_blocks"] > 0
+
+
+def _user_path_script():
+    """benchmarks/user_path.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "user_path.py"
+    spec = importlib.util.spec_from_file_location("user_path", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_user_path_runs_bench_first_and_run_on_the_written_requests(tiny_model_factory, tmp_path, monkeypatch):
+    """benchmarks/user_path.py with its commands in this process: bench first by default (it warms
+    the kernel caches), then `batchllm run` on the JSONL the script wrote, which holds the bench's
+    workload (every line ran, each result exactly its max_tokens long: ignore_eos); --order swaps them."""
+    user_path = _user_path_script()
+    calls, results = [], []
+
+    def cli(*args):
+        calls.append(args[0])
+        assert main(list(args)) == 0
+        if args[0] == "run":
+            lines = [Path(args[args.index(flag) + 1]).read_text().splitlines() for flag in ("-i", "-o")]
+            results.append(([json.loads(line)["max_tokens"] for line in lines[0]],
+                            [len(json.loads(line)["token_ids"]) for line in lines[1]]))
+
+    monkeypatch.setattr(user_path, "cli", cli)
+    flags = ["--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "16", "--distinct", "4",
+             "--degree", "2", "--requests", "4", "--output", "3", "--warmup-requests", "1"]
+    summary = user_path.main([*flags, "--json-out", str(tmp_path / "summary.json"), "--", "--device", "cpu"])
+    assert calls == ["bench", "run"]
+    [(max_tokens, lengths)] = results
+    assert max_tokens == lengths == [3] * 4
+    assert summary["requests"] == 4 and summary["order"] == "bench,run"
+    assert summary["engine_flags"] == ["--device", "cpu"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    user_path.main([*flags, "--order", "run,bench", "--", "--device", "cpu"])
+    assert calls[2:] == ["run", "bench"]

@@ -1,7 +1,9 @@
 """The fused KV store (`attention/kv_store_triton.py`) on the device: the same bytes as the torch store
 (`backend.store_kv`) in every slot of the cache, for 16-bit, float32 and fp8 caches, K/V as the
 model passes them (strided views of one qkv buffer), scattered slots, graph padding rows (all to the
-spare block's slot, with the same values), and the scales as the model holds them.
+spare block's slot, with the same values), the scales as the model holds them, KV-head counts and
+head dims that are not powers of two (the kernel's masked lanes), and a cache past 2^31 elements
+(skipped with less than 6 GiB of free GPU memory).
 
     python3 -m pytest -q tests/gpu/test_kv_store_triton.py        (on the device; seconds)
 """
@@ -60,6 +62,12 @@ SHAPES = [  # tokens, padding rows, query heads, kv heads, head dim
     (257, 0, 4, 1, 64),
     (64, 7, 16, 8, 64),
     (100, 0, 14, 2, 128),
+    # head counts and widths that are not powers of two: the kernel pads them to one and masks
+    (37, 2, 9, 3, 64),  # SmolLM2-135M (the default model): 3 KV heads
+    (50, 0, 15, 5, 64),  # SmolLM2-360M: 5 KV heads
+    (23, 4, 32, 8, 80),
+    (64, 0, 12, 3, 96),
+    (9, 1, 10, 5, 80),
 ]
 PLAIN = [torch.bfloat16, torch.float16, torch.float32]
 SCALES = [None, (1.0, 1.0), (0.37, 1.9), (0.011, 3.3)]
@@ -157,3 +165,33 @@ def test_triton_backend_stores_through_the_fused_kernel(monkeypatch):
     assert calls == ["fused", "torch"]
     assert torch.equal(caches[0], caches[1])
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_fp8_store_reaches_slots_past_2_31_elements():
+    """A cache whose K half holds more than 2^31 elements (140k blocks of 16 x 8 x 128 fp8: 4.6 GB in
+    all), written at its last slots: their offsets pass int32, so the kernel must compute them in
+    int64. Slots come as the runner's int64 and as int32 (where the kernel's own cast to int64 is
+    what keeps the offset right); the bytes are `store_kv`'s and nothing else in the cache changes."""
+    from batchllm.attention.kv_store_triton import store_kv_triton
+
+    num_blocks, kv_heads, head_dim = 140_000, 8, 128
+    assert num_blocks * BLOCK_SIZE * kv_heads * head_dim > 2 ** 31
+    if torch.cuda.mem_get_info()[0] < 6 * 2 ** 30:
+        pytest.skip("needs about 5 GB of free GPU memory")
+    cache = torch.zeros(2, num_blocks, BLOCK_SIZE, kv_heads, head_dim, dtype=torch.uint8, device="cuda").view(FP8)
+    k, v = model_kv(40, 32, kv_heads, head_dim, torch.bfloat16, 3, 1.0)
+    last = num_blocks * BLOCK_SIZE
+    slots = last - 1 - torch.randperm(40, generator=torch.Generator().manual_seed(0)).to("cuda")  # the last 40
+    kv_scale = model_scales(0.37, 1.9)
+    tail = cache[:, -3:].view(2, -1, kv_heads, head_dim)  # the last 48 slots of K and of V
+    for slot_dtype in (torch.int64, torch.int32):
+        store_kv_triton(k, v, cache, slots.to(slot_dtype), kv_scale)
+        got = tail.view(torch.uint8).clone()
+        tail.view(torch.uint8).zero_()
+        store_kv(k, v, cache, slots, kv_scale)
+        want = tail.view(torch.uint8).clone()
+        tail.view(torch.uint8).zero_()
+        assert want[:, -40:].any(), "the torch store wrote the last slots"
+        assert torch.equal(got, want), f"{slot_dtype} slots: the last slots differ from the torch store"
+        assert not any(chunk.any() for chunk in cache.view(torch.uint8).flatten().split(2 ** 28)), \
+            f"{slot_dtype} slots: bytes written outside the last slots"

@@ -11,7 +11,7 @@ import torch
 from batchllm.attention.backend import store_kv
 from batchllm.attention.kv_quant import KV_CACHE_DTYPES, read_slots
 from batchllm.attention.torch_ref import TorchReferenceBackend
-from batchllm.config import CacheConfig
+from batchllm.config import _KV_CACHE_DTYPES, CacheConfig
 from batchllm.layers.fp8 import FP8, FP8_MAX, dequantize, quantize
 from batchllm.options import add_engine_arguments, engine_config, engine_kwargs_from_args
 from batchllm.runner.model_runner import plan_kv_cache
@@ -30,7 +30,9 @@ def dequantized(cache: torch.Tensor, kv_scale: torch.Tensor, dtype=torch.float32
 
 
 def test_option_declared_once_with_its_choices_and_a_clear_error():
-    assert set(CacheConfig.__dataclass_fields__["kv_cache_dtype"].metadata["choices"]) == set(KV_CACHE_DTYPES)
+    # config.py imports no torch, so it declares the choices itself: they must be kv_quant's keys, in order
+    assert tuple(KV_CACHE_DTYPES) == _KV_CACHE_DTYPES
+    assert CacheConfig.__dataclass_fields__["kv_cache_dtype"].metadata["choices"] == _KV_CACHE_DTYPES
     assert engine_config(kv_cache_dtype="fp8").cache.kv_cache_dtype == "fp8"
     assert engine_config().cache.kv_cache_dtype == "auto"
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3'\), got 'int8'"):

@@ -5,6 +5,7 @@ bf16/fp16 are covered by tests/gpu on the device). Skipped where Triton is not i
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -130,10 +131,13 @@ def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, 6, stop_at_eos=False)
 
 
-def _model_kv(n: int, kv_heads: int, head_dim: int, values: torch.Tensor, g: torch.Generator):
-    """k, v [n, kv_heads, head_dim] drawn from `values`: strided views of one qkv-like buffer (4 query
-    heads), as the model passes them."""
+def _model_kv(n: int, kv_heads: int, head_dim: int, values: torch.Tensor, g: torch.Generator,
+              scales: tuple[float, float] = (1.0, 1.0)):
+    """k, v [n, kv_heads, head_dim] drawn from `values` (k's times scales[0], v's times scales[1]):
+    strided views of one qkv-like buffer (4 query heads), as the model passes them."""
     qkv = values[torch.randint(len(values), (n, (4 + 2 * kv_heads) * head_dim), generator=g)]
+    qkv[:, 4 * head_dim:(4 + kv_heads) * head_dim] *= scales[0]  # scaled in the buffer: k, v stay views
+    qkv[:, (4 + kv_heads) * head_dim:] *= scales[1]
     k = qkv[:, 4 * head_dim:(4 + kv_heads) * head_dim].view(n, kv_heads, head_dim)
     return k, qkv[:, (4 + kv_heads) * head_dim:].view(n, kv_heads, head_dim)
 
@@ -144,11 +148,17 @@ def _scattered_slots(n: int, pad: int, pool: int, g: torch.Generator) -> torch.T
     return torch.cat([torch.randperm(pool, generator=g)[:n - pad], torch.full((pad,), pool)])
 
 
+STORE_SHAPES = [  # tokens, padding rows, kv heads, head dim; 3 and 5 heads, 80 and 96 wide: masked lanes
+    (9, 3, 2, 64), (20, 0, 1, 128), (4, 1, 8, 64), (7, 2, 3, 64), (5, 1, 5, 96), (6, 0, 3, 80),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n, pad, kv_heads, head_dim", [(9, 3, 2, 64), (20, 0, 1, 128), (4, 1, 8, 64)])
+@pytest.mark.parametrize("n, pad, kv_heads, head_dim", STORE_SHAPES)
 def test_fused_kv_store_copies_a_plain_cache_like_the_torch_store(n, pad, kv_heads, head_dim, dtype):
     """A 16/32-bit cache: the rows copied bit for bit (as integers: exact in the interpreter too)
-    to scattered slots; padding rows (equal values, one slot) included; other slots untouched."""
+    to scattered slots; padding rows (equal values, one slot) included; other slots untouched,
+    including the lanes past a head count or head dim that is not a power of two."""
     from batchllm.attention.backend import store_kv
     from batchllm.attention.kv_store_triton import store_kv_triton
 
@@ -165,11 +175,16 @@ def test_fused_kv_store_copies_a_plain_cache_like_the_torch_store(n, pad, kv_hea
 
 
 @pytest.mark.parametrize("scales", [None, (0.5, 2.0), (0.25, 0.0078125)], ids=str)
-def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(scales):
+@pytest.mark.parametrize("n, pad, kv_heads, head_dim", [(12, 2, 2, 64), (10, 3, 3, 80), (9, 1, 5, 96)])
+def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(n, pad, kv_heads, head_dim, scales):
     """An fp8 cache: x / scale clamped to +-448, cast. Values are e4m3 numbers times powers of two
-    (some past 448 after the division, so the clamp acts): the interpreter's float8 cast rounds
-    ties away from zero, not to even, so rounding itself is held to bit equality on the device
-    (tests/gpu/test_kv_store_triton.py); here the slots, strides, scales and clamp are."""
+    (some past 448 after the division, so the clamp acts), K/V strided views of one buffer with or
+    without scales. Only exactly representable quotients, because the interpreter's float8 cast
+    (Triton 3.9 `_convert_float`) is not torch's: it rounds ties away from zero (1.0625 -> 1.125,
+    torch 1.0), and a round-up that carries out of the mantissa is ORed into the exponent field, so
+    the carry is lost where the biased exponent is odd (1.95 -> 1.0, 0.484375 -> 0.25 where torch
+    gives 2.0, 0.5; 3.9 -> 4.0 is right). Rounding itself is held to bit equality on the device
+    (tests/gpu/test_kv_store_triton.py); here the slots, strides, masked lanes, scales and clamp are."""
     from batchllm.attention.backend import store_kv
     from batchllm.attention.kv_store_triton import store_kv_triton
     from batchllm.layers.fp8 import FP8
@@ -178,12 +193,12 @@ def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(scales):
     e4m3 = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     normal = e4m3[torch.isfinite(e4m3) & ((e4m3.abs() >= 2 ** -6) | (e4m3 == 0))]
     kv_scale = None if scales is None else torch.tensor([*scales, 0.0, 0.0])[:2]
-    k, v = _model_kv(12, 2, 64, torch.cat([normal, normal * 8]), g)
-    if kv_scale is not None:
-        k, v = k * kv_scale[0], v * kv_scale[1]
-    slots = _scattered_slots(12, 2, 64, g)
-    k[10:], v[10:] = k[0], v[0]
-    cache = torch.randint(0, 126, (2, 5, 16, 2, 64), generator=g, dtype=torch.uint8).view(FP8)
+    k, v = _model_kv(n, kv_heads, head_dim, torch.cat([normal, normal * 8]), g, scales or (1.0, 1.0))
+    assert not k.is_contiguous() and not v.is_contiguous(), "the model's strided views"
+    blocks = -(-(n + 20) // 16)
+    slots = _scattered_slots(n, pad, blocks * 16, g)
+    k[n - pad:], v[n - pad:] = k[0], v[0]
+    cache = torch.randint(0, 126, (2, blocks + 1, 16, kv_heads, head_dim), generator=g, dtype=torch.uint8).view(FP8)
     want = cache.clone()
     store_kv(k, v, want, slots, kv_scale)
     store_kv_triton(k, v, cache, slots, kv_scale)
@@ -200,3 +215,17 @@ def test_fused_kv_store_skips_negative_slots():
     assert torch.equal(cache[0, 0, 4], k[1]) and torch.equal(cache[1, 0, 4], k[1] + 1)
     cache[:, 0, 4] = 0
     assert not cache.any(), "rows with slot -1 wrote nothing"
+
+
+@pytest.mark.parametrize("key_dtype, cache_dtype, message", [
+    (torch.float64, torch.float64, "a 16/32-bit or fp8 cache, got torch.float64"),
+    (torch.int8, torch.int8, "a 16/32-bit or fp8 cache, got torch.int8"),
+    (torch.float32, torch.bfloat16, "K/V of torch.float32 into a torch.bfloat16 cache"),
+])
+def test_fused_kv_store_names_a_cache_it_cannot_take(key_dtype, cache_dtype, message):
+    """A ValueError naming the dtype (an 8-byte one was a KeyError from the bit-width table)."""
+    from batchllm.attention.kv_store_triton import store_kv_triton
+
+    k = torch.zeros(3, 2, 64, dtype=key_dtype)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        store_kv_triton(k, k, torch.zeros(2, 2, 16, 2, 64, dtype=cache_dtype), torch.tensor([0, 1, 2]))
