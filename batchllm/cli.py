@@ -28,7 +28,15 @@ from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
 from batchllm.inputs import local_model_dir
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
-from batchllm.io.job import JobError, OutputLock, ResultWriter, ResumeState, errors_path_for, prepare_output
+from batchllm.io.job import (
+    JobError,
+    OutputLock,
+    ResultWriter,
+    ResumeState,
+    errors_path_for,
+    prepare_output,
+    refuse_output_onto_input,
+)
 from batchllm.models.spec import read_model_spec
 from batchllm.options import add_engine_arguments, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
@@ -177,6 +185,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.stats is not None and (problem := _stats_problem(args.stats)):
         return _fail(problem)  # before the job: a finished job must not end on an unwritable --stats
     try:
+        refuse_output_onto_input(args.output, args.input)  # before the lock opens the output (a read-only input)
         with OutputLock(args.output):
             return _run_locked(args)
     except JobError as e:

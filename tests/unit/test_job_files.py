@@ -35,6 +35,31 @@ def test_output_onto_the_input_is_refused_even_with_overwrite(tmp_path, capsys):
     assert not (tmp_path / "in.jsonl.batchllm-state").exists()
 
 
+def test_output_onto_a_read_only_input_is_refused_before_the_output_is_opened(tmp_path, capsys, monkeypatch):
+    """The lock opens the output for append; onto a read-only input (chmod 444, a read-only mount)
+    that open failed first, and the user read 'cannot write the output ...: Permission denied' (or a
+    traceback) instead of being told that -o names the input. The open is made to fail as it does there
+    (the tests may run as root, whom chmod 444 does not stop)."""
+    from batchllm.io import job
+
+    src = tmp_path / "in.jsonl"
+    content = '{"id": "a", "prompt": "hi"}\n'
+    src.write_text(content)
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if same_path(path, src) and any(c in mode for c in "wa+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    same_path = job.same_file
+    monkeypatch.setattr(job, "open", read_only_open, raising=False)  # the module's global wins over the builtin
+    for extra in ([], ["--overwrite"]):
+        code, err = run(capsys, src, "-o", src, *extra)
+        assert code == 2 and err == (f"batchllm: error: refusing to write the output onto the input file {str(src)!r} "
+                                     "(even with --overwrite: it would destroy the input); choose another -o\n"), err
+    assert src.read_text() == content
+
+
 @pytest.mark.parametrize("output,state,fragment", [
     ('{"id": "a", "text": "x"}\n[1, 2]\n', None, "damaged at line 2 (a JSON list, not an object)"),
     ('{"id": "a", "error": "str"}\n', None, "damaged at line 1 ('error' is neither null nor an object)"),
