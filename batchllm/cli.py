@@ -222,6 +222,10 @@ def _run_locked(args: argparse.Namespace) -> int:
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
     except (ValueError, OSError, JobError) as e:
         return _fail(str(e))
+    if job.num_lines == 0:  # as vLLM's run-batch: an empty output, exit 0 (and no model loaded)
+        print(f"batchllm: {args.input} has no requests (it is empty or holds only blank lines); "
+              f"wrote an empty {args.output}", file=sys.stderr)
+        return EXIT_OK
     if job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
         return job.report_complete()
     if resume.num_records:

@@ -280,6 +280,24 @@ def test_a_write_failure_during_run_exits_2_with_one_line_and_the_rerun_complete
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == [f"r{i}" for i in range(6)]
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n", "\ufeff\n"])
+def test_an_input_without_requests_says_so_and_writes_an_empty_output(tmp_path, capsys, monkeypatch, content):
+    """An empty (or all-blank) input was reported as '... is already complete (0 lines ...); nothing to
+    run (--overwrite starts over)'. As vLLM's run-batch does, the output is written empty and the exit
+    is 0; the message names the input, on every run, and no model is loaded."""
+    import batchllm.llm
+
+    monkeypatch.setattr(batchllm.llm, "LLM", lambda *a, **k: pytest.fail("no model is needed for no requests"))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(content)
+    for extra in ([], [], ["--overwrite"]):
+        code, err = run(capsys, src, "-o", out, *extra)
+        assert code == 0 and err == (f"batchllm: {src} has no requests (it is empty or holds only blank lines); "
+                                     f"wrote an empty {out}\n"), err
+        assert out.read_bytes() == b""
+        assert not (tmp_path / "out.errors.jsonl").exists()
+
+
 def test_a_complete_job_finishes_without_loading_the_model(tmp_path, capsys, monkeypatch, tiny_model_factory):
     import batchllm.llm
 
