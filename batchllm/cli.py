@@ -38,7 +38,7 @@ from batchllm.io.job import (
     refuse_output_onto_input,
 )
 from batchllm.models.spec import read_model_spec
-from batchllm.options import add_engine_arguments, engine_kwargs_from_args
+from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _add_run_parser(sub) -> None:
     run = sub.add_parser(
         "run",
         help="run a JSONL batch file",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Run every request of a JSONL file and write one result line per input line "
         "(in completion order; match them by id). Input lines: "
         '{"id": ..., "prompt": "..."} | {"id": ..., "messages": [...]} | {"id": ..., "prompt_token_ids": [...]}, '
@@ -103,7 +103,7 @@ def _add_plan_parser(sub) -> None:
     plan = sub.add_parser(
         "plan",
         help="show the prefix-sharing plan of a JSONL batch file without running the model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Read the same input as `run`, tokenize it (no model weights are loaded) and print "
         "requests, groups, sharing degrees, prompt tokens, prefill tokens after sharing and the saving ratio "
         "1 - prefill_tokens / prompt_tokens.",
