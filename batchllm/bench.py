@@ -8,7 +8,6 @@ process; each engine is freed before the next is built, so every one gets the sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -188,10 +187,10 @@ def make_workload(args, vocab: int) -> Workload:
 
 
 def add_bench_parser(sub) -> None:
-    from batchllm.options import add_engine_arguments
+    from batchllm.options import DefaultsHelpFormatter, add_engine_arguments
 
     b = sub.add_parser("bench", help="measure throughput on a synthetic workload",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Run a synthetic workload once per configuration, each on an engine of its "
                        "own, one after another in one process. Engine options set every configuration's "
                        "engine; a configuration changes one of them.")

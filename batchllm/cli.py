@@ -28,9 +28,17 @@ from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
 from batchllm.inputs import local_model_dir
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
-from batchllm.io.job import JobError, OutputLock, ResultWriter, ResumeState, errors_path_for, prepare_output
+from batchllm.io.job import (
+    JobError,
+    OutputLock,
+    ResultWriter,
+    ResumeState,
+    errors_path_for,
+    prepare_output,
+    refuse_output_onto_input,
+)
 from batchllm.models.spec import read_model_spec
-from batchllm.options import add_engine_arguments, engine_kwargs_from_args
+from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,7 +62,7 @@ def _add_run_parser(sub) -> None:
     run = sub.add_parser(
         "run",
         help="run a JSONL batch file",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Run every request of a JSONL file and write one result line per input line "
         "(in completion order; match them by id). Input lines: "
         '{"id": ..., "prompt": "..."} | {"id": ..., "messages": [...]} | {"id": ..., "prompt_token_ids": [...]}, '
@@ -95,7 +103,7 @@ def _add_plan_parser(sub) -> None:
     plan = sub.add_parser(
         "plan",
         help="show the prefix-sharing plan of a JSONL batch file without running the model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Read the same input as `run`, tokenize it (no model weights are loaded) and print "
         "requests, groups, sharing degrees, prompt tokens, prefill tokens after sharing and the saving ratio "
         "1 - prefill_tokens / prompt_tokens.",
@@ -177,6 +185,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.stats is not None and (problem := _stats_problem(args.stats)):
         return _fail(problem)  # before the job: a finished job must not end on an unwritable --stats
     try:
+        refuse_output_onto_input(args.output, args.input)  # before the lock opens the output (a read-only input)
         with OutputLock(args.output):
             return _run_locked(args)
     except JobError as e:
@@ -213,6 +222,10 @@ def _run_locked(args: argparse.Namespace) -> int:
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
     except (ValueError, OSError, JobError) as e:
         return _fail(str(e))
+    if job.num_lines == 0:  # as vLLM's run-batch: an empty output, exit 0 (and no model loaded)
+        print(f"batchllm: {args.input} has no requests (it is empty or holds only blank lines); "
+              f"wrote an empty {args.output}", file=sys.stderr)
+        return EXIT_OK
     if job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
         return job.report_complete()
     if resume.num_records:

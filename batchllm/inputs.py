@@ -212,12 +212,12 @@ def load_tokenizer(path: Path):
 
 
 def prompt_processor_for(model: str | None, tokenizer: str | None = None,
-                         max_model_len: int | None = None) -> PromptProcessor:
+                         max_model_len: int | None = None, max_logprobs: int = -1) -> PromptProcessor:
     """A PromptProcessor for a model directory or cached Hugging Face id (None: the default model)
-    without loading weights."""
+    without loading weights; `max_logprobs` as `LLM`'s (-1: no cap)."""
     model_dir = local_model_dir(model)
     spec = read_model_spec(model_dir)
     return PromptProcessor(
         load_tokenizer(local_model_dir(tokenizer) if tokenizer else model_dir), spec.vocab_size,
-        resolve_max_model_len(max_model_len, spec), str(model_dir),
+        resolve_max_model_len(max_model_len, spec), str(model_dir), max_logprobs=max_logprobs,
     )

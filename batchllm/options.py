@@ -28,6 +28,16 @@ TRI_STATE = {"auto": None, "on": True, "off": False}
 """CLI values of an optional bool option."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except for an option whose help already says "(default: ...)" in
+    words (a default computed from other options): that one is not given a second "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 @dataclass(frozen=True)
 class EngineOption:
     name: str

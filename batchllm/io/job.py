@@ -121,11 +121,18 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None) -> ResumeState:
-    """Validate or create the output (and its errors file) for this input; return what is already done."""
+def refuse_output_onto_input(output: Path, input_path: Path) -> None:
+    """Raise JobError when the output names the input file (any path to it), even with --overwrite.
+    The CLI calls it before `OutputLock`, which opens the output for append: with a read-only input
+    that open would fail first with a message that does not say what is wrong."""
     if same_file(output, input_path):
         raise JobError(f"refusing to write the output onto the input file {str(input_path)!r} "
                        "(even with --overwrite: it would destroy the input); choose another -o")
+
+
+def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None) -> ResumeState:
+    """Validate or create the output (and its errors file) for this input; return what is already done."""
+    refuse_output_onto_input(output, input_path)
     if errors is not None and (same_file(errors, input_path) or same_file(errors, output)):
         raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
                        "choose another --errors-file")

@@ -75,6 +75,10 @@ class ProcessorConfig:
             raise ValueError(f"sampling_params has unknown field(s): {', '.join(unknown)}")
         SamplingParams(**self.sampling_defaults())  # a bad default fails here, not on every row
 
+    def max_logprobs(self) -> int:
+        """The engines' cap on a row's logprobs / prompt_logprobs (-1: none), as `LLM` resolves it."""
+        return engine_config(model=self.model, **self.engine_options()).model.max_logprobs
+
     def sampling_defaults(self) -> dict[str, Any]:
         return {"max_tokens": self.max_tokens, **self.sampling_params}
 

@@ -1,7 +1,8 @@
 """The two stages of the Ray Data processor, as plain functions and classes Ray runs on its workers.
 
 1. `tokenize_batch` (CPU, Ray tasks): user preprocess, chat template, tokenisation, validation,
-   sampling parameters, and the row's prefix key and bucket. A bad row gets its `error` here.
+   sampling parameters (checked against the model, as `LLM` checks them: vocabulary, max_logprobs,
+   bad_words, grammars), and the row's prefix key and bucket. A bad row gets its `error` here.
 2. `EngineReplica` (an actor: one `batchllm.LLM` each): runs one whole bucket per call, planning
    prefix sharing over everything the call received, and adds the generated columns.
 
@@ -41,11 +42,11 @@ PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 
 # ---------------------------------------------------------------------- stage 1: tokenize (CPU)
 @lru_cache(maxsize=4)
-def _prompt_processor(model: str | None, tokenizer: str | None, max_model_len: int | None):
+def _prompt_processor(model: str | None, tokenizer: str | None, max_model_len: int | None, max_logprobs: int):
     """One tokenizer per worker process and model (Ray reuses worker processes across tasks)."""
     from batchllm.inputs import prompt_processor_for
 
-    return prompt_processor_for(model, tokenizer, max_model_len)
+    return prompt_processor_for(model, tokenizer, max_model_len, max_logprobs)
 
 
 def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | None, num_buckets: int,
@@ -56,7 +57,7 @@ def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | Non
     message in `error` (and empty internal columns) and travels on, so the output has every row."""
     import pyarrow as pa
 
-    prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len)
+    prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len, config.max_logprobs())
     defaults = config.sampling_defaults()
     tokens, sampling, keys, buckets, errors = [], [], [], [], []
     for row in batch.to_pylist():
@@ -98,7 +99,10 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         raise ValueError(f"a row needs exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
     overrides = {k: v for k, v in (request.get("sampling_params") or {}).items() if v is not None}
     fields = {**defaults, **overrides}
-    SamplingParams(**fields)  # validate here: the engine stage must not meet a bad value
+    # validate here, as the single-machine reader does per line: the engine stage must not meet a bad
+    # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
+    SamplingParams(**fields).check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars,
+                                             prompts.max_logprobs)
     context_len = None
     if given[0] == "messages":
         messages = request["messages"]

@@ -35,6 +35,31 @@ def test_output_onto_the_input_is_refused_even_with_overwrite(tmp_path, capsys):
     assert not (tmp_path / "in.jsonl.batchllm-state").exists()
 
 
+def test_output_onto_a_read_only_input_is_refused_before_the_output_is_opened(tmp_path, capsys, monkeypatch):
+    """The lock opens the output for append; onto a read-only input (chmod 444, a read-only mount)
+    that open failed first, and the user read 'cannot write the output ...: Permission denied' (or a
+    traceback) instead of being told that -o names the input. The open is made to fail as it does there
+    (the tests may run as root, whom chmod 444 does not stop)."""
+    from batchllm.io import job
+
+    src = tmp_path / "in.jsonl"
+    content = '{"id": "a", "prompt": "hi"}\n'
+    src.write_text(content)
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if same_path(path, src) and any(c in mode for c in "wa+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    same_path = job.same_file
+    monkeypatch.setattr(job, "open", read_only_open, raising=False)  # the module's global wins over the builtin
+    for extra in ([], ["--overwrite"]):
+        code, err = run(capsys, src, "-o", src, *extra)
+        assert code == 2 and err == (f"batchllm: error: refusing to write the output onto the input file {str(src)!r} "
+                                     "(even with --overwrite: it would destroy the input); choose another -o\n"), err
+    assert src.read_text() == content
+
+
 @pytest.mark.parametrize("output,state,fragment", [
     ('{"id": "a", "text": "x"}\n[1, 2]\n', None, "damaged at line 2 (a JSON list, not an object)"),
     ('{"id": "a", "error": "str"}\n', None, "damaged at line 1 ('error' is neither null nor an object)"),
@@ -253,6 +278,24 @@ def test_a_write_failure_during_run_exits_2_with_one_line_and_the_rerun_complete
     code, err = run(capsys, src, "-o", out, "--model", model, "--temperature", "0")
     assert code == 0, err
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == [f"r{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n", "\ufeff\n"])
+def test_an_input_without_requests_says_so_and_writes_an_empty_output(tmp_path, capsys, monkeypatch, content):
+    """An empty (or all-blank) input was reported as '... is already complete (0 lines ...); nothing to
+    run (--overwrite starts over)'. As vLLM's run-batch does, the output is written empty and the exit
+    is 0; the message names the input, on every run, and no model is loaded."""
+    import batchllm.llm
+
+    monkeypatch.setattr(batchllm.llm, "LLM", lambda *a, **k: pytest.fail("no model is needed for no requests"))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(content)
+    for extra in ([], [], ["--overwrite"]):
+        code, err = run(capsys, src, "-o", out, *extra)
+        assert code == 0 and err == (f"batchllm: {src} has no requests (it is empty or holds only blank lines); "
+                                     f"wrote an empty {out}\n"), err
+        assert out.read_bytes() == b""
+        assert not (tmp_path / "out.errors.jsonl").exists()
 
 
 def test_a_complete_job_finishes_without_loading_the_model(tmp_path, capsys, monkeypatch, tiny_model_factory):

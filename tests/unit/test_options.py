@@ -61,8 +61,21 @@ def test_every_option_is_a_flag_of_run_and_bench_with_the_declared_default(comma
         default = TRI_STATE[action.default] if option.type is bool and option.optional else action.default
         assert default == option.default, name  # bench measures what run gets
     for action in parser._actions:
-        if action.option_strings and action.dest != "help":  # every option shows its default
-            assert action.help and "%(default)" in parser.formatter_class("x")._get_help_string(action), action.dest
+        if action.option_strings and action.dest != "help":  # every option shows its default, once
+            shown = parser.formatter_class("x")._get_help_string(action)
+            stated = shown.count("(default:")
+            assert action.help and (stated == 1 or stated == 0 and "%(default)" in shown), (action.dest, shown)
+
+
+def test_a_default_stated_in_words_is_not_repeated_in_the_help(capsys):
+    """`run --help` showed "--errors-file ... (default: the output's name with .errors.jsonl, ...) ...
+    (default: None)": argparse appended the None default to a help that states it in words."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--errors-file ERRORS_FILE", "--ray-address RAY_ADDRESS"):
+        entry = text.split(option + " ")[-1].split(" --", 1)[0]  # its help (the usage line has it in brackets)
+        assert entry.count("(default:") == 1 and "(default: None)" not in entry, entry
 
 
 def test_flags_reach_the_config_with_the_old_spellings():

@@ -1,0 +1,48 @@
+"""The Ray path's row stage (`batchllm.ray.stages.tokenize_batch`, called here without Ray): a row
+the model cannot serve gets its own `error`, as the single-machine reader fails that line, and the
+other rows go on. Skipped without pyarrow (the `ray` extra)."""
+
+from __future__ import annotations
+
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+
+from batchllm.ray.config import ProcessorConfig  # noqa: E402
+from batchllm.ray.stages import ERROR, tokenize_batch  # noqa: E402
+
+VOCAB = 49152  # the embedded SmolLM2-135M-Instruct's
+REQUESTS = [
+    {"prompt": "Hi", "sampling_params": {"logprobs": 20, "stop_token_ids": [2]}},
+    {"prompt": "Hi", "sampling_params": {"stop_token_ids": [VOCAB]}},
+    {"prompt": "Hi", "sampling_params": {"logit_bias": {VOCAB + 5: 1.0}}},
+    {"prompt": "Hi", "sampling_params": {"allowed_token_ids": [1, 10**9]}},
+    {"prompt": "Hi", "sampling_params": {"logprobs": 100000}},
+    {"prompt": "Hi", "sampling_params": {"prompt_logprobs": 21}},
+]
+
+
+def row_errors(config: ProcessorConfig) -> list[str | None]:
+    table = pa.table({"i": list(range(len(REQUESTS)))})
+    out = tokenize_batch(table, config=config, preprocess=lambda row: REQUESTS[row["i"]], num_buckets=1)
+    return out.column(ERROR).to_pylist()
+
+
+def test_rows_are_checked_against_the_model_as_local_lines_are():
+    """The Ray path only built SamplingParams(**fields): ids past the vocabulary and logprobs above
+    max_logprobs (a whole vocabulary per token) reached the engine instead of failing their row."""
+    cap = "is more than max_logprobs (20); raise it with --max-logprobs / LLM(max_logprobs=...) (-1: no cap)"
+    assert row_errors(ProcessorConfig()) == [
+        None,
+        f"SamplingParams.stop_token_ids: token id {VOCAB} is outside the vocabulary [0, {VOCAB})",
+        f"SamplingParams.logit_bias: token id {VOCAB + 5} is outside the vocabulary [0, {VOCAB})",
+        f"SamplingParams.allowed_token_ids: token id {10**9} is outside the vocabulary [0, {VOCAB})",
+        f"SamplingParams.logprobs = 100000 {cap}",
+        f"SamplingParams.prompt_logprobs = 21 {cap}",
+    ]
+
+
+def test_the_logprobs_cap_is_the_engine_option():
+    errors = row_errors(ProcessorConfig(engine_kwargs={"max_logprobs": -1}))
+    assert errors[0] is None and errors[4] is None and errors[5] is None
+    assert all(errors[i] and "outside the vocabulary" in errors[i] for i in (1, 2, 3))
