@@ -68,6 +68,9 @@ class Request:
     """Entries of its block table the runner already has (0 after the table is freed)."""
     cached_sampling_spec: object = field(default=None, repr=False)
     """The runner-side sampling settings, built once the request is past min_tokens."""
+    max_output_tokens: int = 0
+    """Outputs after which it ends with 'length': max_tokens, or fewer where the context
+    (max_model_len) ends first. Set by the scheduler when the request is added."""
     prompt_logprobs_requested: int = 0
     """Prompt logprobs only (`core/prompt_logprobs.py`): the rows (positions) below this one have
     been asked of the runner. Never lowered, so preemption and prefix release never ask twice."""
@@ -80,6 +83,13 @@ class Request:
         so it is never scheduled on a placeholder (it waits for its token instead)."""
         sp = self.sampling_params
         return sp.has_adjustments or sp.grammar_key is not None
+
+    @functools.cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        """Every token id that may end the request on sight (its EOS ids unless ignore_eos, its
+        stop_token_ids): any other token never ends it before max_output_tokens."""
+        sp = self.sampling_params
+        return frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else frozenset(self.eos_token_ids))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -80,13 +80,22 @@ def _logits_adjust(request: Request) -> LogitsAdjust:
     )
 
 
-def _step_class(request: Request) -> int:
-    """Order of service among running work: decodes, then request prefill, then prefix prefill.
-    (The sort key of every running request, every step: kept to a few attribute reads.)"""
-    if request.is_prefix:
-        return 2
-    num_tokens = request.num_tokens
-    return 0 if _is_decode(request, num_tokens - request.num_computed_tokens, num_tokens) else 1
+def _service_order(running: list[Request]) -> list[tuple[Request, int]]:
+    """Running work in order of service, each with its token count: decodes, then request
+    prefill, then prefix prefill, each class in running order (a stable sort by class). Built
+    every step over every running request: one pass, each token count read once."""
+    decodes, prefills, prefixes = [], [], []
+    for request in running:
+        num_tokens = request.num_tokens
+        if request.is_prefix:
+            prefixes.append((request, num_tokens))
+        elif _is_decode(request, num_tokens - request.num_computed_tokens, num_tokens):
+            decodes.append((request, num_tokens))
+        else:
+            prefills.append((request, num_tokens))
+    decodes += prefills
+    decodes += prefixes
+    return decodes
 
 
 def _is_decode(request: Request, num_new: int, num_tokens: int) -> bool:
@@ -143,6 +152,7 @@ class Scheduler:
                     f"request {rid!r} may need {worst_case} KV blocks but the cache has "
                     f"{self.kv.pool.num_blocks}; give the KV cache more memory or lower max_model_len"
                 )
+        request.max_output_tokens = self._max_total_tokens(request) - request.num_prompt_tokens
         self.requests[rid] = request
         if parent is None:
             self.waiting.append(request)
@@ -171,26 +181,27 @@ class Scheduler:
 
     def _schedule_once(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
-        chosen: list[tuple[Request, int]] = []
+        chosen: list[tuple[Request, int, int]] = []  # (request, new tokens, its token count)
         copies: list[tuple[int, int]] = []
         preempted = False
 
-        order = sorted(self.running, key=_step_class)
+        order = _service_order(self.running)
+        allocate_slots = self.kv.allocate_slots
         i = 0
         while i < len(order) and budget > 0:
-            request = order[i]
-            num_new = self._num_new_tokens(request, budget)
+            request, num_tokens = order[i]
+            num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
-                victim = order.pop()
+            while not allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+                victim = order.pop()[0]
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
             else:
-                chosen.append((request, num_new))
+                chosen.append((request, num_new, num_tokens))
                 budget -= num_new
                 i += 1
 
@@ -214,7 +225,8 @@ class Scheduler:
                 if not ok:
                     break
                 request.num_computed_tokens = request.fork_point
-            num_new = self._num_new_tokens(request, budget)
+            num_tokens = request.num_tokens
+            num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0 or not self.kv.allocate_slots(
                 request.request_id, request.num_computed_tokens + num_new
             ):
@@ -225,14 +237,14 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self.admission.on_admit(request)
-            chosen.append((request, num_new))
+            chosen.append((request, num_new, num_tokens))
             if copy is not None:
                 copies.append(copy)
             budget -= num_new
         return budget
 
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
-        num_tokens = request.num_tokens
+    def _num_new_tokens(self, request: Request, budget: int, num_tokens: int) -> int:
+        """Tokens of the request this step can compute within `budget`; num_tokens: its `num_tokens`."""
         if request.num_pending_tokens and (request.needs_host_tokens or self._pending_token_ends(request, num_tokens)):
             return 0  # (penalties and grammars read the last token on the host: never a placeholder)
         remaining = num_tokens - request.num_computed_tokens
@@ -309,7 +321,7 @@ class Scheduler:
             logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
         return bool(released)
 
-    def _make_batch(self, chosen: list[tuple[Request, int]], copies: list[tuple[int, int]]) -> ScheduledBatch:
+    def _make_batch(self, chosen: list[tuple[Request, int, int]], copies: list[tuple[int, int]]) -> ScheduledBatch:
         """The step's batch; advances the counters of its requests (see the module docstring).
         An empty step keeps the finished ids for the next one."""
         if not chosen:
@@ -318,9 +330,8 @@ class Scheduler:
         completed_prefixes = []
         stats, block_table = self.stats, self.kv.block_table
         num_decodes = 0
-        for request, num_new in chosen:  # (every running request, every step: no repeated property reads)
+        for request, num_new, num_tokens in chosen:  # (every running request, every step: no property reads)
             start = request.num_computed_tokens
-            num_tokens = request.num_tokens
             reaches_end = start + num_new == num_tokens
             if _is_decode(request, num_new, num_tokens):
                 num_decodes += 1
@@ -376,30 +387,36 @@ class Scheduler:
         was in flight (EOS or a stop in the step before, an abort) drops its token."""
         updates = []
         sampled, logprobs = output.sampled_token_ids, output.logprobs
-        for scheduled in batch.requests:
+        requests = self.requests
+        num_collected = 0
+        for scheduled in batch.requests:  # (every running request, every step: locals, no property reads)
             if scheduled.prompt_logprobs is not None:
                 self._record_prompt_logprobs(scheduled, output)
             if scheduled.sampling is None:
                 continue
-            self.num_pending_outputs -= 1
-            request = self.requests.get(scheduled.request_id)
+            num_collected += 1
+            request_id = scheduled.request_id
+            request = requests.get(request_id)
             if request is None:
                 continue
             request.num_pending_tokens -= 1
-            token = sampled[request.request_id]
-            request.output_token_ids.append(token)
-            finish_reason, stop_reason = self._check_finished(request, token)
-            if finish_reason is not None:
-                self._finish(request, finish_reason, stop_reason)
+            token = sampled[request_id]
+            outputs = request.output_token_ids
+            outputs.append(token)
+            if token in request.stop_token_set or len(outputs) >= request.max_output_tokens:
+                finish_reason, stop_reason = self._check_finished(request, token)
+                if finish_reason is not None:
+                    self._finish(request, finish_reason, stop_reason)
+            else:
+                finish_reason = stop_reason = None
             updates.append(
                 RequestUpdate(
-                    request.request_id, token, logprobs.get(request.request_id) if logprobs else None,
-                    finish_reason, stop_reason,
+                    request_id, token, logprobs.get(request_id) if logprobs else None, finish_reason, stop_reason,
                     prompt_logprobs.assemble(request)
-                    if request.sampling_params.prompt_logprobs is not None and len(request.output_token_ids) == 1
-                    else None,
+                    if request.sampling_params.prompt_logprobs is not None and len(outputs) == 1 else None,
                 )
             )
+        self.num_pending_outputs -= num_collected
         return updates
 
     def _record_prompt_logprobs(self, scheduled: ScheduledRequest, output: RunnerOutput) -> None:
@@ -421,6 +438,9 @@ class Scheduler:
         prefix.pending_members = []
 
     def _check_finished(self, request: Request, token: int) -> tuple[str | None, int | None]:
+        """(finish reason, stop reason) after the request's latest output `token`, (None, None) while
+        it goes on. Only called when `token` is in its `stop_token_set` or its outputs reached
+        `max_output_tokens`: otherwise nothing here can end it (update_from_output skips the call)."""
         sp = request.sampling_params
         num_outputs = len(request.output_token_ids)
         if num_outputs >= sp.min_tokens:
@@ -428,9 +448,7 @@ class Scheduler:
                 return "stop", None
             if token in sp.stop_token_ids:
                 return "stop", token
-        if sp.max_tokens is not None and num_outputs >= sp.max_tokens:
-            return "length", None
-        if request.num_prompt_tokens + num_outputs >= self.max_model_len:
+        if num_outputs >= request.max_output_tokens:
             return "length", None
         return None, None
 
