@@ -302,8 +302,8 @@ class ModelRunner:
         requests = batch.requests
         num_seqs = len(requests)
         input_ids: list[int] = []
-        starts = np.empty(num_seqs, dtype=np.int64)
-        counts = np.empty(num_seqs, dtype=np.int64)
+        starts: list[int] = []
+        counts: list[int] = []
         tables: list[list[int]] = []
         levels: list[tuple[list[int], list[int]]] = []  # (group per sequence, shared per sequence)
         group_index: dict[str, int] = {}
@@ -311,19 +311,22 @@ class ModelRunner:
         prompt_rows = []
         placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
         previous_index = self._previous_tokens[1]
+        update_table, table_of = self._tables.update, self._tables.table
         num_tokens = 0
-        for i, scheduled in enumerate(requests):
-            tables.append(self._tables.update(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids))
-            n = len(scheduled.token_ids)
-            input_ids.extend(scheduled.token_ids)
-            if scheduled.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
-                index = previous_index.get(scheduled.request_id)
+        for i, scheduled in enumerate(requests):  # (every running request, every step: locals, no numpy scalars)
+            request_id, token_ids = scheduled.request_id, scheduled.token_ids
+            tables.append(update_table(request_id, scheduled.block_table_start, scheduled.block_ids)
+                          if scheduled.block_ids else table_of(request_id, scheduled.block_table_start))
+            n = len(token_ids)
+            input_ids += token_ids
+            if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                index = previous_index.get(request_id)
                 if index is None:
-                    raise RuntimeError(f"{scheduled.request_id}: a placeholder token, but the previous step "
+                    raise RuntimeError(f"{request_id}: a placeholder token, but the previous step "
                                        "sampled nothing for this request")
                 placeholders.append((num_tokens + n - 1, index))
-            starts[i] = scheduled.start_position
-            counts[i] = n
+            starts.append(scheduled.start_position)
+            counts.append(n)
             num_tokens += n
             for depth, (prefix_id, length) in enumerate(scheduled.shared_prefixes):
                 if depth == len(levels):
@@ -335,7 +338,8 @@ class ModelRunner:
             if scheduled.prompt_logprobs is not None:
                 prompt_rows.append((num_tokens - n + scheduled.prompt_logprobs.row_start, scheduled))
         bs = self.block_size
-        block_tables = self._tables.gather([s.request_id for s in requests], max(len(t) for t in tables))
+        starts, counts = np.array(starts, dtype=np.int64), np.array(counts, dtype=np.int64)
+        block_tables = self._tables.gather([s.request_id for s in requests], max(map(len, tables)))
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
         seq_lens = starts + counts
@@ -457,6 +461,13 @@ class _BlockTables:
             if len(table) > self.width:
                 self._widen(len(table))
             self.rows[row, start:len(table)] = new_ids
+        return table
+
+    def table(self, request_id: str, start: int) -> list[int]:
+        """The request's whole table when the scheduler sends no new entries (most decode steps)."""
+        table = self._lists[request_id]
+        if len(table) != start:
+            raise RuntimeError(f"{request_id}: runner holds {len(table)} blocks, scheduler sent from {start}")
         return table
 
     def gather(self, request_ids: list[str], width: int) -> np.ndarray:
