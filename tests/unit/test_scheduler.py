@@ -170,6 +170,22 @@ def test_context_length_ends_generation():
     assert run_all(engine) == {"a": "length"}
 
 
+def test_the_context_ends_before_max_tokens_and_ignore_eos_keeps_stop_token_ids():
+    """The finish check runs only for tokens in stop_token_set or at max_output_tokens: both limits
+    and a stop id under ignore_eos must still end requests."""
+    engine, sched, ex = make(max_model_len=10)
+    ctx = req("ctx", 7, max_tokens=20)
+    ign = Request("ign", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[6]),
+                  eos_token_ids=frozenset({4}))
+    for x in (ctx, ign):
+        engine.add_request(x)
+    assert (ctx.max_output_tokens, ign.max_output_tokens) == (3, 6)
+    assert ign.stop_token_set == frozenset({6})
+    assert run_all(engine) == {"ctx": "length", "ign": "stop"}
+    assert len(ctx.output_token_ids) == 3
+    assert ign.output_token_ids == [3, 4, 5, 6] and ign.stop_reason == 6
+
+
 def test_bad_requests_are_refused_with_a_reason():
     engine, sched, ex = make(num_blocks=2, block_size=4, max_model_len=100)
     with pytest.raises(ValueError, match="empty prompt"):
