@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # quant_config imports this module (ModelLoadError)
 class ModelLoadError(ValueError):
     """The model directory or its config cannot be used; the message says why."""
 
+_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+"""config.json's model_type -> its architecture, for configs that name no architectures."""
+
 
 @dataclass(frozen=True)
 class ArchitectureTraits:
@@ -93,11 +97,13 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     an unsupported architecture, activation or quantization_config, or a missing or malformed
     field, is a ModelLoadError naming it."""
     config_path, cfg = _read_config(model_dir)
-    architectures = cfg.get("architectures") or []
+    # a config without "architectures" (e.g. one saved from a bare LlamaConfig) is read by its
+    # model_type, as transformers' Auto classes do
+    architectures = cfg.get("architectures") or [_ARCHITECTURE_OF_MODEL_TYPE.get(cfg.get("model_type"))]
     arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise ModelLoadError(
-            f"unsupported architecture {architectures or cfg.get('model_type')!r} in {config_path}; "
+            f"unsupported architecture {cfg.get('architectures') or cfg.get('model_type')!r} in {config_path}; "
             f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
         )
     act = cfg.get("hidden_act", "silu")

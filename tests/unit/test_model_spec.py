@@ -35,6 +35,16 @@ def test_traits_per_architecture(tmp_path):
     assert read_model_spec(write(tmp_path)).kv_bytes_per_token == 2 * 2 * 2 * 16
 
 
+def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path):
+    """As transformers' Auto classes read it (LlamaConfig().save_pretrained writes no architectures)."""
+    plain = {k: v for k, v in BASE.items() if k != "architectures"}
+    (tmp_path / "config.json").write_text(json.dumps({**plain, "model_type": "qwen3", "head_dim": 32}))
+    assert read_model_spec(tmp_path).traits.qk_norm
+    (tmp_path / "config.json").write_text(json.dumps({**plain, "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'gpt2'"):
+        read_model_spec(tmp_path)
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
