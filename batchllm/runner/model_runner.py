@@ -311,12 +311,11 @@ class ModelRunner:
         prompt_rows = []
         placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
         previous_index = self._previous_tokens[1]
-        update_table, table_of = self._tables.update, self._tables.table
+        update_table = self._tables.update
         num_tokens = 0
         for i, scheduled in enumerate(requests):  # (every running request, every step: locals, no numpy scalars)
             request_id, token_ids = scheduled.request_id, scheduled.token_ids
-            tables.append(update_table(request_id, scheduled.block_table_start, scheduled.block_ids)
-                          if scheduled.block_ids else table_of(request_id, scheduled.block_table_start))
+            tables.append(update_table(request_id, scheduled.block_table_start, scheduled.block_ids))
             n = len(token_ids)
             input_ids += token_ids
             if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
@@ -445,7 +444,8 @@ class _BlockTables:
         self._free_rows: list[int] = list(range(63, -1, -1))
 
     def update(self, request_id: str, start: int, new_ids: list[int]) -> list[int]:
-        """Apply the scheduler's diff; returns the request's whole table."""
+        """Apply the scheduler's diff; returns the request's whole table. Most decode steps send no
+        new entries: then only the check runs (every running request, every step)."""
         if start == 0 and new_ids:
             table = list(new_ids)
             self._lists[request_id] = table
@@ -453,21 +453,15 @@ class _BlockTables:
             table = self._lists[request_id]
             if len(table) != start:
                 raise RuntimeError(f"{request_id}: runner holds {len(table)} blocks, scheduler sent from {start}")
+            if not new_ids:
+                return table
             table.extend(new_ids)
-        if new_ids:
-            row = self._row_of.get(request_id)
-            if row is None:
-                row = self._row_of[request_id] = self._take_row()
-            if len(table) > self.width:
-                self._widen(len(table))
-            self.rows[row, start:len(table)] = new_ids
-        return table
-
-    def table(self, request_id: str, start: int) -> list[int]:
-        """The request's whole table when the scheduler sends no new entries (most decode steps)."""
-        table = self._lists[request_id]
-        if len(table) != start:
-            raise RuntimeError(f"{request_id}: runner holds {len(table)} blocks, scheduler sent from {start}")
+        row = self._row_of.get(request_id)
+        if row is None:
+            row = self._row_of[request_id] = self._take_row()
+        if len(table) > self.width:
+            self._widen(len(table))
+        self.rows[row, start:len(table)] = new_ids
         return table
 
     def gather(self, request_ids: list[str], width: int) -> np.ndarray:
