@@ -242,6 +242,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     **{f"steps{n // 1024}k": (f"sharing, {n}-token steps", dict(_ON, max_num_batched_tokens=n))
        for n in (2048, 4096, 8192, 16384, 32768)},
     "fp8": ("sharing, FP8 weights and activations", dict(_ON, quantization="fp8")),
+    "fp8fused": ("sharing, FP8, activations quantized in the norm/SiLU kernels",
+                 dict(_ON, quantization="fp8", fp8_fused_quant=True)),
     "fp8kv": ("sharing, FP8 KV cache (2x the tokens per GiB)", dict(_ON, kv_cache_dtype="fp8")),
     "fp8w+kv": ("sharing, FP8 weights and KV cache", dict(_ON, quantization="fp8", kv_cache_dtype="fp8")),
 }

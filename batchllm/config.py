@@ -92,6 +92,10 @@ class ModelConfig(_Checked):
                                       "scales, quantized at load) and per-token float8 activations; None: the "
                                       "checkpoint decides (an FP8 checkpoint runs FP8, else the model dtype)",
                                       choices=QUANTIZATION_METHODS)
+    fp8_fused_quant: bool = option(False, "experimental, off until measured on a GPU: with FP8 weights, "
+                                   "RMSNorm and SiLU-and-mul quantize their outputs per token in their own "
+                                   "kernels (the same bits as the FP8 layers' quantizer) instead of each FP8 "
+                                   "layer quantizing its input; no effect without FP8")
     attention_backend: str = option("auto", "auto: triton on CUDA when Triton is installed, else torch "
                                     "(the reference)", choices=_KERNEL_CHOICES)
     shared_prefix_attention: bool = option(True, "the Triton attention reads a shared prefix's keys once for "

@@ -13,6 +13,8 @@
 #       same prompts, default settings, paper workload (with TOKENIZER: detokenized as for a real model) (~3 min)
 #   PART=fp8vs bash scripts/gpu_issues.sh      FP8 weights and FP8 KV cache with default settings, paper and
 #       decode-heavy workloads (the bf16 rows are table0's) (~4 min)
+#   PART=fp8fused bash scripts/gpu_issues.sh   issue 16: the fused-quantization tests, then FP8 with activations
+#       quantized in the norm/SiLU kernels (fp8fused) against fp8, paper and decode-heavy workloads (~5 min)
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
 M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 --max-model-len 20000
@@ -46,6 +48,12 @@ fp8tests)
   python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8 or kv_store" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"; pack
   python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"; pack
   python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store.json" > "$OUT/kv_store.log" 2>&1; cat "$OUT/kv_store.log"
+  ;;
+fp8fused)
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_fused_quant.py > "$OUT/fp8fused_tests.log" 2>&1
+  tail -3 "$OUT/fp8fused_tests.log"; pack
+  bench fp8fused_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8,fp8fused --json-out "$OUT/fp8fused_paper.json"
+  bench fp8fused_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8,fp8fused --json-out "$OUT/fp8fused_decode.json"
   ;;
 fp8paper)
   bench fp8_paper "${M8[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_paper.json"

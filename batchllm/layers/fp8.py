@@ -9,9 +9,18 @@ quantized operands are widened to float32 and multiplied, so CPU tests check the
 Per-output-channel scales keep tensor parallelism simple: a column-parallel shard takes its rows'
 scales, a row-parallel shard (a slice of K) keeps every scale. Weights are quantized from the whole
 checkpoint tensor, before sharding, so every tensor-parallel size runs the same quantized model.
+
+Fused activation quantization (opt-in, `fp8_fused_quant`; experimental until measured on a GPU): the
+op before a layer (RMSNorm, SiLU-and-mul) hands it an `Fp8Input`, already quantized with the layer's
+own quantizer's arithmetic, and the layer skips its quantize. `prepare_fp8` turns it on for a layer
+(`takes_quantized`) only where the model's ops reproduce that quantizer bit for bit
+(`ops.fused_quantizer()`: TorchOps -> `quantize_rows`, TritonOps -> `quantize_rows_triton`). Each
+such layer's input has one consumer, so the unquantized tensor is never needed.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +40,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     larger only for elements below e4m3's normal range, 2^-6 * scale)."""
     scale = x.abs().amax(dim=-1, keepdim=True).to(torch.float32).div(FP8_MAX).clamp_(min=_MIN_SCALE)
     return quantize(x, scale), scale
+
+
+class Fp8Input(NamedTuple):
+    """An activation already quantized per token for an `Fp8Linear`: what its quantizer would make
+    of the model-dtype tensor the op would otherwise have returned."""
+
+    q: torch.Tensor  # [m, k] float8_e4m3fn
+    scale: torch.Tensor  # [m, 1] float32
+    dtype: torch.dtype  # the model dtype: the layer's output dtype
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -100,15 +118,22 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     [m, n] in x's dtype; x is quantized per row here by `quantize` (`quantize_rows` or its Triton
     kernel, the same arithmetic)."""
     xq, x_scale = quantize(x)  # [m, k] float8, [m, 1] float32
+    return fp8_mm(xq, x_scale, x.dtype, weight, weight_scale, use_scaled_mm)
+
+
+def fp8_mm(xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor,
+           weight_scale: torch.Tensor, use_scaled_mm: bool) -> torch.Tensor:
+    """The product of quantized operands: xq [m, k] float8 with scales [m, 1], the weight [n, k]
+    float8 with scales [n] -> [m, n] in `dtype`, accumulated in float32."""
     n, k = weight.shape
     if use_scaled_mm and n % 16 == 0 and k % 16 == 0:
         # Row-wise scaling: mat2 column-major (the transpose of the row-major [n, k] weight), scales
         # [m, 1] and [1, n] float32, bfloat16 output (the only one row-wise scaling supports).
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, n),
                              out_dtype=torch.bfloat16)
-        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+        return y if dtype == torch.bfloat16 else y.to(dtype)
     y = (xq.to(torch.float32) @ weight.to(torch.float32).t()) * x_scale * weight_scale.view(1, n)
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -127,12 +152,21 @@ class Fp8Linear(nn.Module):
         self.use_scaled_mm = False
         self.quantize = quantize_rows
         """Both set by `prepare_fp8` once the module is on its device."""
+        self.fuse_quant = False
+        """The fp8_fused_quant opt-in (`prepare_fp8`)."""
+        self.takes_quantized = False
+        """Whether an op before this layer that can quantize its output (a norm, SiLU-and-mul) should
+        hand it an `Fp8Input` (`match_fused_quant`: the opt-in is on and the model's ops reproduce
+        `self.quantize`); a plain tensor is accepted either way (o_proj always gets one)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm,
-                       self.quantize)
-        y = y.view(*shape[:-1], y.shape[-1])
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
+        if isinstance(x, Fp8Input):  # quantized by the op before (fused): [m, k]
+            y = fp8_mm(x.q, x.scale, x.dtype, self.weight, self.weight_scale, self.use_scaled_mm)
+        else:
+            shape = x.shape
+            y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm,
+                           self.quantize)
+            y = y.view(*shape[:-1], y.shape[-1])
         if self.tp is not None:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
@@ -147,9 +181,11 @@ def restore_fp8_dtypes(model: nn.Module) -> None:
             module.weight_scale.data = module.weight_scale.data.to(torch.float32)
 
 
-def prepare_fp8(model: nn.Module, device: torch.device) -> None:
+def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bool = False) -> None:
     """Choose the matmul path and the activation quantizer of every FP8 layer for `device` (once,
-    at load): on FP8 GPUs `_scaled_mm`, and the Triton quantizer where Triton is installed."""
+    at load): on FP8 GPUs `_scaled_mm`, and the Triton quantizer where Triton is installed.
+    fuse_quant (the fp8_fused_quant opt-in): layers whose quantizer `ops` (the model's op policy)
+    reproduce take their input quantized by the op before them (`match_fused_quant`)."""
     fast = scaled_mm_supported(device)
     quantize = quantize_rows
     if fast:
@@ -161,6 +197,19 @@ def prepare_fp8(model: nn.Module, device: torch.device) -> None:
         if isinstance(module, Fp8Linear):
             module.use_scaled_mm = fast
             module.quantize = quantize
+            module.fuse_quant = fuse_quant
+    if ops is not None:
+        match_fused_quant(model, ops)
+
+
+def match_fused_quant(model: nn.Module, ops) -> None:
+    """Set each FP8 layer's `takes_quantized` for the op policy `ops` (at load, and again when the
+    model switches ops): on only with the opt-in and where `ops.fused_quantizer()` is the layer's
+    quantizer, so a fused op's output is bit for bit what the layer would have made of its input."""
+    fused = ops.fused_quantizer()
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.takes_quantized = module.fuse_quant and module.quantize is fused
 
 
 def make_linear(fp8: bool):

@@ -5,6 +5,8 @@ own over the whole activation. Same arithmetic: scale = max(amax / 448, 1e-12) i
 round-to-nearest-even(clamp(x / scale, +-448)), with IEEE divisions where torch on CUDA multiplies
 by the reciprocal of a scalar: scales may be 1 ulp apart, and a value at a rounding tie one e4m3
 step apart (0.03% of elements on an H200; tests/gpu/test_fp8_gpu.py).
+`quantize_row` is that arithmetic as a function of a row held in registers; the fused norm and SiLU
+kernels (`triton_ops.py`, fp8_fused_quant) call it too, so their outputs are this quantizer's bits.
 Imported only on CUDA where Triton is installed (`fp8.prepare_fp8` decides).
 """
 
@@ -18,15 +20,22 @@ from batchllm.layers.fp8 import _MIN_SCALE, FP8, FP8_MAX
 
 
 @triton.jit
+def quantize_row(x, fp8_max, min_scale):
+    """x: a whole row, float32 (lanes past its end 0) -> (x / scale clamped to +-448, float32; scale)."""
+    # div_rn: IEEE division as torch's (Triton's `/` on float32 is the approximate PTX division)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
+    return q, scale
+
+
+@triton.jit
 def _quantize_rows_kernel(X, Q, Scale, stride_x, stride_q, n_cols, fp8_max, min_scale, BLOCK: tl.constexpr):
     """One row per program: the whole row is held (BLOCK >= n_cols)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    # div_rn: IEEE division as torch's (Triton's `/` on float32 is the approximate PTX division)
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
+    q, scale = quantize_row(x, fp8_max, min_scale)
     tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
     tl.store(Scale + row, scale)
 

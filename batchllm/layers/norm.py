@@ -16,8 +16,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.ops = ops or TorchOps()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with a residual: (norm(x + residual), x + residual), the next layer's residual."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quantize: bool = False):
+        """norm(x); with a residual: (norm(x + residual), x + residual), the next layer's residual.
+        quantize: the norm comes quantized per token for an FP8 layer (`ops.py`, an `Fp8Input`)."""
         if residual is None:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return self.ops.rms_norm(x, self.weight, self.eps, quantize)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps, quantize)

@@ -12,6 +12,11 @@ transformers' arithmetic, operation for operation (greedy parity stays exact). I
 it is what vLLM's default (Inductor-fused) kernels compute, where transformers rounds after every
 torch op (RMSNorm twice, rotary three times plus its tables, SiLU-and-mul twice): that extra
 rounding cost 2-3 points of agreement with the float32 answer (benchmarks/bf16_agreement.py).
+
+FP8 (`quantize=True`, asked for by the decoder where the next layer `takes_quantized`): RMSNorm and
+SiLU-and-mul return their output quantized per token, an `Fp8Input`: the output rounded to the model
+dtype as above, then quantized by `fused_quantizer()`'s arithmetic, so the FP8 layer computes what it
+would have computed from the unquantized output (`layers/fp8.py`).
 """
 
 from __future__ import annotations
@@ -21,23 +26,38 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from batchllm.layers.fp8 import Fp8Input, quantize_rows
 from batchllm.layers.rotary import StepRotary
+
+
+def _quantized(out: torch.Tensor) -> Fp8Input:
+    """out [..., k] in the model dtype -> its rows quantized by `quantize_rows`, [rows, k]."""
+    return Fp8Input(*quantize_rows(out.reshape(-1, out.shape[-1])), out.dtype)
 
 
 class TorchOps:
     name = "torch"
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """weight * (x / rms(x)) in float32, rounded once to x's dtype (in float32: HF's LlamaRMSNorm)."""
-        return self._normalize(x.to(torch.float32), weight, eps).to(x.dtype)
+    def fused_quantizer(self):
+        """The FP8 activation quantizer whose results this policy's `quantize=True` outputs equal
+        bit for bit (`fp8.match_fused_quant`)."""
+        return quantize_rows
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 quantize: bool = False) -> torch.Tensor | Fp8Input:
+        """weight * (x / rms(x)) in float32, rounded once to x's dtype (in float32: HF's LlamaRMSNorm);
+        quantize: that, quantized per row (an `Fp8Input`)."""
+        out = self._normalize(x.to(torch.float32), weight, eps).to(x.dtype)
+        return _quantized(out) if quantize else out
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     eps: float, quantize: bool = False) -> tuple[torch.Tensor | Fp8Input, torch.Tensor]:
         """(rms_norm(x + residual), x + residual): the sum in float32, normalised unrounded; the sum
         handed on as the next residual is rounded to the residual's dtype (HF's `hidden = residual +
-        hidden` in float32)."""
+        hidden` in float32). quantize: the first one quantized per row (an `Fp8Input`)."""
         summed = x.to(torch.float32) + residual.to(torch.float32)
-        return self._normalize(summed, weight, eps).to(x.dtype), summed.to(residual.dtype)
+        out = self._normalize(summed, weight, eps).to(x.dtype)
+        return _quantized(out) if quantize else out, summed.to(residual.dtype)
 
     @staticmethod
     def _normalize(x32: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,10 +65,12 @@ class TorchOps:
         variance = x32.pow(2).mean(-1, keepdim=True)
         return weight.to(torch.float32) * (x32 * torch.rsqrt(variance + eps))
 
-    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[n, 2 * i] (gate | up) -> silu(gate) * up, [n, i], in float32, rounded once."""
+    def silu_and_mul(self, gate_up: torch.Tensor, quantize: bool = False) -> torch.Tensor | Fp8Input:
+        """[n, 2 * i] (gate | up) -> silu(gate) * up, [n, i], in float32, rounded once; quantize: that,
+        quantized per row (an `Fp8Input`)."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return (F.silu(gate.to(torch.float32)) * up.to(torch.float32)).to(gate_up.dtype)
+        out = (F.silu(gate.to(torch.float32)) * up.to(torch.float32)).to(gate_up.dtype)
+        return _quantized(out) if quantize else out
 
     def step_rotary(self, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                     dtype: torch.dtype) -> StepRotary:

@@ -7,6 +7,10 @@ results equal torch's (transformers') but for the order of an RMSNorm's sum of s
 contractions into fused multiply-adds; in 16-bit types likewise, hence a small share of elements
 one unit in the last place apart.
 Each op overwrites its input buffers where it can (`ops.py`: inputs are not read after a call).
+With `quantize=True` (FP8, fp8_fused_quant) the norm and SiLU kernels are compiled with QUANT: the
+output is rounded once to the model dtype as always, taken back to float32 and quantized per row by
+`fp8_triton.quantize_row`, `quantize_rows_triton`'s arithmetic on the same values, so the float8
+values and scales are that quantizer's bits; SiLU-and-mul then holds its whole row in one program.
 Imported only where Triton is installed (`ops.make_ops` decides).
 """
 
@@ -16,20 +20,40 @@ import torch
 import triton
 import triton.language as tl
 
+from batchllm.layers.fp8 import _MIN_SCALE, FP8, FP8_MAX, Fp8Input
+from batchllm.layers.fp8_triton import quantize_row, quantize_rows_triton
 from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import StepRotary
+
+FUSED_QUANT_MAX_COLS = 32768
+"""Widest SiLU output quantized in its kernel (a whole row per program); wider ones run the SiLU
+kernel, then `quantize_rows_triton` (the same bits)."""
+
+
+@triton.jit
+def _store_row(Out, Scale, row, cols, mask, out, fp8_max, min_scale, QUANT: tl.constexpr):
+    """Store one output row `out` (already rounded to the model dtype; Out points at the row);
+    QUANT: quantized per row (Out float8 or, in tests, float32: the clamped quotients; fp8_max and
+    min_scale as `quantize_rows_triton` passes them) with its scale at Scale[row]."""
+    if QUANT:
+        q, scale = quantize_row(out.to(tl.float32), fp8_max, min_scale)
+        tl.store(Out + cols, q.to(Out.dtype.element_ty), mask=mask)
+        tl.store(Scale + row, scale)
+    else:
+        tl.store(Out + cols, out, mask=mask)
 
 
 @triton.jit
 def _rms_norm_kernel(
-    X, Residual, Weight, Out,
+    X, Residual, Weight, Out, Scale,
     stride_x, stride_r, stride_o,
-    n_cols, eps,
+    n_cols, eps, fp8_max, min_scale,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One row per program. With a residual: h = x + residual in float32, stored back rounded as the
-    next residual, and normalised unrounded; out = round(weight * (h / rms(h)))."""
+    next residual, and normalised unrounded; out = round(weight * (h / rms(h))), QUANT: quantized."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -43,12 +67,14 @@ def _rms_norm_kernel(
     variance = tl.sum(h * h, axis=0) / n_cols
     normed = h * tl.rsqrt(variance + eps)
     w = tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, (w * normed).to(dtype), mask=mask)
+    _store_row(Out + row * stride_o, Scale, row, cols, mask, (w * normed).to(dtype), fp8_max, min_scale, QUANT)
 
 
 @triton.jit
-def _silu_and_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.constexpr):
-    """out[row, j] = round(silu(gate[j]) * up[j]); gate and up are the two halves of a row."""
+def _silu_and_mul_kernel(GateUp, Out, Scale, stride_g, stride_o, n_cols, fp8_max, min_scale,
+                         QUANT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[row, j] = round(silu(gate[j]) * up[j]); gate and up are the two halves of a row. QUANT:
+    quantized, a whole row per program (BLOCK >= n_cols)."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -57,7 +83,7 @@ def _silu_and_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.cons
     gate = gate_raw.to(tl.float32)
     up = tl.load(GateUp + row * stride_g + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     silu = gate / (1.0 + tl.exp(-gate))
-    tl.store(Out + row * stride_o + cols, (silu * up).to(dtype), mask=mask)
+    _store_row(Out + row * stride_o, Scale, row, cols, mask, (silu * up).to(dtype), fp8_max, min_scale, QUANT)
 
 
 @triton.jit
@@ -89,6 +115,12 @@ def _rotary_kernel(
     out2 = x2 * c2 + x1 * s2
     tl.store(ptr1, out1.to(dtype), mask=mask)
     tl.store(ptr1 + HALF, out2.to(dtype), mask=mask)
+
+
+def _fp8_buffers(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 [rows, cols], float32 [rows, 1]): a quantized output and its row scales."""
+    return (torch.empty((rows, cols), dtype=FP8, device=device),
+            torch.empty((rows, 1), dtype=torch.float32, device=device))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -123,40 +155,73 @@ class TritonOps(TorchOps):
 
     name = "triton"
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def fused_quantizer(self):
+        return quantize_rows_triton
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 quantize: bool = False) -> torch.Tensor | Fp8Input:
         rows = _rows(x)
+        if quantize:
+            q, scale = _fp8_buffers(*rows.shape, rows.device)
+            self._launch_norm(rows, rows, weight, q, eps, has_residual=False, scale=scale)
+            return Fp8Input(q, scale, x.dtype)
         out = torch.empty_like(rows)
         self._launch_norm(rows, rows, weight, out, eps, has_residual=False)
         return out.view(x.shape)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sum goes into residual's buffer, the normalised sum into x's."""
+                     eps: float, quantize: bool = False) -> tuple[torch.Tensor | Fp8Input, torch.Tensor]:
+        """The sum goes into residual's buffer, the normalised sum into x's (quantize: new buffers)."""
         assert x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
         rows, res = x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1])
+        if quantize:
+            q, scale = _fp8_buffers(*rows.shape, rows.device)
+            self._launch_norm(rows, res, weight, q, eps, has_residual=True, scale=scale)
+            return Fp8Input(q, scale, x.dtype), residual
         self._launch_norm(rows, res, weight, rows, eps, has_residual=True)
         return x, residual
 
     @staticmethod
-    def _launch_norm(x, residual, weight, out, eps, has_residual):
+    def _launch_norm(x, residual, weight, out, eps, has_residual, scale=None):
+        """scale: [rows, 1] float32 for the row scales (QUANT; out float8 [rows, k]), or None."""
         if x.shape[0] == 0:
             return
         block = triton.next_power_of_2(x.shape[1])
         _rms_norm_kernel[(x.shape[0],)](
-            x, residual, weight, out, x.stride(0), residual.stride(0), out.stride(0), x.shape[1], eps,
-            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
+            x, residual, weight, out, out if scale is None else scale,
+            x.stride(0), residual.stride(0), out.stride(0), x.shape[1], eps, FP8_MAX, _MIN_SCALE,
+            HAS_RESIDUAL=has_residual, QUANT=scale is not None, BLOCK=block,
+            num_warps=min(max(block // 256, 1), 16),
         )
 
-    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def silu_and_mul(self, gate_up: torch.Tensor, quantize: bool = False) -> torch.Tensor | Fp8Input:
         rows = _rows(gate_up)
         n_cols = rows.shape[1] // 2
+        if quantize and n_cols <= FUSED_QUANT_MAX_COLS:
+            q, scale = _fp8_buffers(rows.shape[0], n_cols, rows.device)
+            self._launch_silu(rows, q, scale)
+            return Fp8Input(q, scale, gate_up.dtype)
         out = torch.empty(rows.shape[0], n_cols, dtype=gate_up.dtype, device=gate_up.device)
-        if rows.shape[0]:
-            block = min(triton.next_power_of_2(n_cols), 1024)
-            _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
-                rows, out, rows.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4,
-            )
+        self._launch_silu(rows, out)
+        if quantize:  # too wide for one program: the unfused pair, the same bits
+            return Fp8Input(*quantize_rows_triton(out), gate_up.dtype)
         return out.view(*gate_up.shape[:-1], n_cols)
+
+    @staticmethod
+    def _launch_silu(rows, out, scale=None):
+        """rows [n, 2 * i] -> out [n, i]; scale: [n, 1] float32 (QUANT, whole rows) or None (tiles of 1024)."""
+        n_cols = out.shape[1]
+        if rows.shape[0] == 0:
+            return
+        if scale is None:
+            block, warps = min(triton.next_power_of_2(n_cols), 1024), 4
+        else:
+            block = triton.next_power_of_2(n_cols)
+            warps = max(4, min(16, block // 1024))  # as quantize_rows_triton
+        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
+            rows, out, out if scale is None else scale, rows.stride(0), out.stride(0), n_cols, FP8_MAX, _MIN_SCALE,
+            QUANT=scale is not None, BLOCK=block, num_warps=warps,
+        )
 
     def step_rotary(self, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                     dtype: torch.dtype) -> TritonStepRotary | StepRotary:

@@ -11,6 +11,9 @@ the shard's and `full_spec` the checkpoint's.
 
 With `fp8=True` every linear layer of the decoder layers is an `Fp8Linear` (`layers/fp8.py`: float8
 weights with per-output-channel scales); the embedding, norms, attention and LM head are unchanged.
+Where such a layer `takes_quantized` (the fp8_fused_quant opt-in), the op before it (the two norms
+for qkv_proj and gate_up_proj, SiLU-and-mul for down_proj: each their layer's only input) returns
+its output quantized per token; the final norm before the LM head never does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
-from batchllm.layers.fp8 import make_linear
+from batchllm.layers.fp8 import Fp8Input, make_linear, match_fused_quant
 from batchllm.layers.norm import RMSNorm
 from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import RotaryEmbedding, StepRotary
@@ -52,14 +55,14 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        hidden: torch.Tensor | Fp8Input,  # [num_tokens, hidden_size]
         rotary: StepRotary,  # or any callable rotating [num_tokens, heads, head_dim] (ops.step_rotary)
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        n = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
+        n = qkv.shape[0]
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is None:  # rotate q and k in one pass over their joint slice
             qk = rotary(qkv[:, :self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim))
@@ -81,8 +84,9 @@ class MLP(nn.Module):
         self.checkpoint_rows = {"gate_up_proj": (("gate_proj", 0, i), ("up_proj", i, 2 * i))}
         self.down_proj = linear(i, h, b, tp, row_parallel=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
+        quantize = getattr(self.down_proj, "takes_quantized", False)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x), quantize))
 
 
 class DecoderLayer(nn.Module):
@@ -97,13 +101,16 @@ class DecoderLayer(nn.Module):
         """(hidden, residual) -> (this layer's MLP output, the residual stream before it): HF's
         residual adds, each carried into the next norm so the two run as one op. The residual
         stream is float32 whatever the model dtype (in float32 a no-op): rounding it to bfloat16 after
-        every add doubled the bf16 logits' error against float32 (issue 20)."""
+        every add doubled the bf16 logits' error against float32 (issue 20). A norm whose layer
+        `takes_quantized` hands it an `Fp8Input`."""
+        quant_qkv = getattr(self.self_attn.qkv_proj, "takes_quantized", False)
+        quant_mlp = getattr(self.mlp.gate_up_proj, "takes_quantized", False)
         if residual is None:  # the first layer: the stream is the embeddings
-            residual, hidden = hidden.to(torch.float32), self.input_layernorm(hidden)
+            residual, hidden = hidden.to(torch.float32), self.input_layernorm(hidden, quantize=quant_qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, quant_qkv)
         hidden = self.self_attn(hidden, rotary, kv_cache, metadata, backend)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, quant_mlp)
         return self.mlp(hidden), residual
 
 
@@ -172,6 +179,7 @@ class DecoderForCausalLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "ops"):
                 module.ops = ops
+        match_fused_quant(self, ops)  # fused FP8 input quantization only where the new ops reproduce it
 
     def checkpoint_tensors(self) -> dict[str, CheckpointTarget]:
         """Every tensor of a transformers checkpoint, by its name there, mapped to what it loads into:

@@ -45,6 +45,64 @@ def test_silu_and_mul_matches_torch():
     torch.testing.assert_close(_triton_ops().silu_and_mul(gate_up.clone()), TorchOps().silu_and_mul(gate_up))
 
 
+@pytest.mark.parametrize("rows, cols, residual", [(7, 96, True), (3, 200, False), (2, 64, True)])
+def test_fused_fp8_norm_quantizes_the_norm_as_the_quantizer_does(rows, cols, residual):
+    """QUANT: the kernel's clamped quotients (stored into a float32 buffer: the interpreter's float8
+    cast is not torch's, see the KV-store test below) and scales are exactly `quantize_rows`'s on the
+    unfused kernel's output, an all-zero row included; the residual sum is still written; through
+    TritonOps the float8 values are `quantize_rows_triton`'s of the unfused output, bit for bit."""
+    from batchllm.layers.fp8 import FP8, Fp8Input, quantize_rows
+    from batchllm.layers.fp8_triton import quantize_rows_triton
+    from batchllm.layers.triton_ops import TritonOps
+
+    g = torch.Generator().manual_seed(rows * cols)
+    x, res = torch.randn(rows, cols, generator=g), torch.randn(rows, cols, generator=g) * 3
+    x[1], res[1] = 0, 0
+    weight = torch.randn(cols, generator=g)
+    if residual:
+        want, want_sum = TritonOps().add_rms_norm(x.clone(), res.clone(), weight, 1e-5)
+    else:
+        want = TritonOps().rms_norm(x.clone(), weight, 1e-5)
+    q_ref, s_ref = quantize_rows(want)
+    quotients, scale, summed = torch.empty(rows, cols), torch.empty(rows, 1), res.clone()
+    TritonOps._launch_norm(x.clone(), summed if residual else x.clone(), weight, quotients, 1e-5, residual, scale)
+    assert torch.equal(scale, s_ref) and s_ref[1].item() == pytest.approx(1e-12)
+    assert torch.equal(quotients, (want / s_ref).clamp(-448, 448))
+    if residual:
+        assert torch.equal(summed, want_sum)
+        got, summed2 = TritonOps().add_rms_norm(x.clone(), res.clone(), weight, 1e-5, quantize=True)
+        assert torch.equal(summed2, want_sum)
+    else:
+        got = TritonOps().rms_norm(x.clone(), weight, 1e-5, quantize=True)
+    q_tri, s_tri = quantize_rows_triton(want)
+    assert isinstance(got, Fp8Input) and got.q.dtype == FP8 and got.dtype == torch.float32
+    assert torch.equal(got.scale, s_tri) and torch.equal(got.q.view(torch.uint8), q_tri.view(torch.uint8))
+
+
+@pytest.mark.parametrize("cols", [1500, 40])
+def test_fused_fp8_silu_quantizes_whole_rows_as_the_quantizer_does(cols, monkeypatch):
+    """QUANT: one program per row (1500 columns: wider than the unfused kernel's 1024-column tiles),
+    quotients and scales exactly `quantize_rows`'s of the unfused output; through TritonOps the
+    float8 values are `quantize_rows_triton`'s, also past FUSED_QUANT_MAX_COLS (the unfused pair)."""
+    from batchllm.layers import triton_ops
+    from batchllm.layers.fp8 import quantize_rows
+    from batchllm.layers.fp8_triton import quantize_rows_triton
+
+    g = torch.Generator().manual_seed(cols)
+    gate_up = torch.randn(5, 2 * cols, generator=g) * 4
+    gate_up[2] = 0
+    want = triton_ops.TritonOps().silu_and_mul(gate_up.clone())
+    q_ref, s_ref = quantize_rows(want)
+    quotients, scale = torch.empty(5, cols), torch.empty(5, 1)
+    triton_ops.TritonOps._launch_silu(gate_up.clone(), quotients, scale)
+    assert torch.equal(scale, s_ref) and torch.equal(quotients, (want / s_ref).clamp(-448, 448))
+    q_tri, s_tri = quantize_rows_triton(want)
+    for widest in (triton_ops.FUSED_QUANT_MAX_COLS, cols - 1):
+        monkeypatch.setattr(triton_ops, "FUSED_QUANT_MAX_COLS", widest)
+        got = triton_ops.TritonOps().silu_and_mul(gate_up.clone(), quantize=True)
+        assert torch.equal(got.scale, s_tri) and torch.equal(got.q.view(torch.uint8), q_tri.view(torch.uint8))
+
+
 def test_rotary_rotates_strided_views_in_place_like_torch():
     """q and k as views into one qkv buffer (the model's layout): rotated in place, v untouched."""
     from batchllm.layers.rotary import RotaryEmbedding
