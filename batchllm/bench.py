@@ -245,6 +245,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     "fp8fused": ("sharing, FP8, activations quantized in the norm/SiLU kernels",
                  dict(_ON, quantization="fp8", fp8_fused_quant=True)),
     "fp8kv": ("sharing, FP8 KV cache (2x the tokens per GiB)", dict(_ON, kv_cache_dtype="fp8")),
+    "sharing-torchstore": ("K/V stored by torch ops, not the fused kernel", dict(_ON, kv_store="torch")),
+    "fp8kv-torchstore": ("FP8 KV cache stored by torch ops", dict(_ON, kv_cache_dtype="fp8", kv_store="torch")),
     "fp8w+kv": ("sharing, FP8 weights and KV cache", dict(_ON, quantization="fp8", kv_cache_dtype="fp8")),
 }
 

@@ -102,6 +102,10 @@ class ModelConfig(_Checked):
                                            "its group's decodes; off: plain paged attention (for comparison)")
     kernels: str = option("auto", "norm, rotary and SiLU ops; auto: one Triton kernel each on CUDA when "
                           "Triton is installed, else torch", choices=_KERNEL_CHOICES)
+    kv_store: str = option("auto", "how a step's new keys and values reach the KV cache under the Triton "
+                           "attention; auto: one Triton kernel per layer on CUDA (copying or quantizing to "
+                           "fp8), else torch (per K and V a quantize and an index_copy_; the same bytes)",
+                           choices=_KERNEL_CHOICES)
     enforce_eager: bool = option(False, "never use CUDA graphs (else decode steps run as graphs on CUDA with "
                                  "the Triton attention)")
     max_logprobs: int = option(20, "most logprobs (and prompt_logprobs) one request may ask for, as vLLM's "

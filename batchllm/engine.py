@@ -171,7 +171,8 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     if use_triton(mc.attention_backend, device, "attention_backend"):
         from batchllm.attention.triton_backend import TritonBackend
 
-        backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention)
+        backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention,
+                                fused_store=use_triton(mc.kv_store, device, "kv_store"))
     else:
         backend = TorchReferenceBackend()
     backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device, kv_spec.dtype)

@@ -15,13 +15,18 @@
 #       decode-heavy workloads (the bf16 rows are table0's) (~4 min)
 #   PART=fp8fused bash scripts/gpu_issues.sh   issue 16: the fused-quantization tests, then FP8 with activations
 #       quantized in the norm/SiLU kernels (fp8fused) against fp8, paper and decode-heavy workloads (~5 min)
+#   PART=abpaper / PART=abdecode bash scripts/gpu_issues.sh   default settings, side by side in one process: bf16
+#       with the fused KV store and with torch's (sharing-torchstore), FP8 weights without and with the norm/SiLU
+#       quantization (fp8, fp8fused), the FP8 KV cache with both stores; paper (~5 min) / decode-heavy (~5 min)
+# T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
 M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 --max-model-len 20000
     --max-num-batched-tokens 8192)
 PAPER=(--workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100)
 DECODE=(--workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512)
-bench() { local log=$1; shift; python3 -m batchllm.cli bench "$@" > "$OUT/$log.log" 2>&1; grep -E "req/s|Error" "$OUT/$log.log"; pack; }
+bench() { local log=$1; shift; timeout "${T:-3000}" python3 -m batchllm.cli bench "$@" > "$OUT/$log.log" 2>&1
+           grep -E "req/s|Error" "$OUT/$log.log"; pack; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
 case "${PART:-fp8tests}" in
 table0)
@@ -54,6 +59,14 @@ fp8fused)
   tail -3 "$OUT/fp8fused_tests.log"; pack
   bench fp8fused_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8,fp8fused --json-out "$OUT/fp8fused_paper.json"
   bench fp8fused_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8,fp8fused --json-out "$OUT/fp8fused_decode.json"
+  ;;
+abpaper)
+  bench ab_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,sharing-torchstore,fp8,fp8fused,fp8kv,fp8kv-torchstore \
+      --json-out "$OUT/ab_paper.json"
+  ;;
+abdecode)
+  bench ab_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8,fp8fused,fp8kv,fp8kv-torchstore \
+      --json-out "$OUT/ab_decode.json"
   ;;
 fp8paper)
   bench fp8_paper "${M8[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_paper.json"

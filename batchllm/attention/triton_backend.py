@@ -289,15 +289,15 @@ class TritonBackend:
     """Decode steps can run as CUDA graphs over a `StaticDecodePlan`."""
 
     def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3),
-                 fused_store: bool = False, **plan_options) -> None:
+                 fused_store: bool = True, **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
         that run prefill chunks; the default won an H200 sweep (`attention_bench.py
         --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks). fused_store: on
         CUDA, the new K/V go to the cache in one Triton kernel (`kv_store_triton.py`, the same bytes
-        as `store_kv`); False (the default until the kernel has been checked and measured on a GPU:
-        `tests/gpu/test_kv_store_triton.py`, `benchmarks/kv_store_bench.py`), or a cache elsewhere
-        (the CPU interpreter), takes `store_kv`'s torch ops. plan_options go to `plan_work_items`
+        as `store_kv`: `tests/gpu/test_kv_store_triton.py`; its speed: `benchmarks/kv_store_bench.py`);
+        False (the engine's `kv_store="torch"`), or a cache elsewhere (the CPU interpreter), takes
+        `store_kv`'s torch ops. plan_options go to `plan_work_items`
         (split_len, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
         self.fused_store = fused_store

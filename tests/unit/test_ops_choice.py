@@ -7,6 +7,7 @@ import torch
 
 from batchllm.layers.ops import use_triton
 from batchllm.options import engine_config
+from tests.helpers import make_tiny_model
 
 
 def test_torch_and_cpu_never_use_triton_and_asking_for_it_there_is_an_error():
@@ -25,3 +26,28 @@ def test_auto_on_cuda_without_triton_falls_back_to_torch(monkeypatch):
     assert not use_triton("auto", torch.device("cuda"), "kernels")
     with pytest.raises(ValueError, match="needs Triton"):
         use_triton("triton", torch.device("cuda"), "kernels")
+
+
+def test_kv_store_choice_reaches_the_triton_backend(monkeypatch, tmp_path):
+    """`kv_store` picks the Triton backend's store: the fused kernel unless "torch" (CUDA faked: the
+    choice, not the kernel, is under test; the kernel's bytes are tests/gpu/test_kv_store_triton.py)."""
+    from batchllm import engine
+    from batchllm.attention import triton_backend
+
+    built = []
+
+    class Recorder(triton_backend.TritonBackend):
+        def __init__(self, **options):
+            built.append(options)
+            raise RuntimeError("stop after construction")
+
+    monkeypatch.setattr(triton_backend, "TritonBackend", Recorder)
+    monkeypatch.setattr(engine, "use_triton", lambda choice, device, setting: choice != "torch")
+    with pytest.raises(ValueError, match="kv_store must be one of"):
+        engine_config(kv_store="fast")
+    model_dir = make_tiny_model("llama", tmp_path)
+    for choice, fused in (("auto", True), ("triton", True), ("torch", False)):
+        config = engine_config(model=str(model_dir), kv_store=choice, device="cpu", dtype="float32")
+        with pytest.raises(RuntimeError, match="stop after construction"):
+            engine.build_engine(config)
+        assert built[-1]["fused_store"] is fused
