@@ -36,6 +36,7 @@ tolerance; `compile_error` (the exception) where the variant failed to build or 
 `not_applicable` or `skipped` (past the time budget). Each variant's output is checked before it is
 timed; a failing check is reported (ok: false), the timing kept. Variants run in the order listed in
 VARIANTS (warp specialization last), each over all cases; --json-out is rewritten after every row.
+--only v1,v2 times only those variants; --budget-s moves the time budget (90 s from the first row).
 --cpu-check: every variant in the interpreter (float32, tiny GQA-4 cases, block sizes 16 and 64)
 against the torch reference backend, PASS/FAIL per variant.
 """
@@ -85,7 +86,8 @@ CASES = [
     ([(8192, 8192)], "8192 new after 8192 cached"),
     ([(2000, 200)] * 40, "40 x 200 new after 2000 cached"),
 ]
-GPU_TOLERANCE = 3e-2  # max |diff| of bf16 outputs (values ~ 0.1; bf16 steps there are ~5e-4)
+GPU_ATOL, GPU_RTOL = 2e-2, 2e-2  # ok: |diff| <= atol + rtol |reference| everywhere (bf16 outputs; the first
+# rows of a causal prefill average 1-2 values of size ~1-4, where a bf16 step is ~0.016)
 TIME_BUDGET_S = 90.0  # from gpu_run's start: later rows are reported as skipped (the run ends under 120 s)
 SCALE = 128 ** -0.5
 
@@ -323,7 +325,7 @@ def error_text(error: Exception) -> str:
 def measure(variant, launch, case, reference, specs, label, block_size, started) -> dict:
     """One row: check the variant's output against the reference, then time it."""
     row = {"case": label, "variant": variant, "launch": "x".join(map(str, launch)), "block_size": block_size}
-    if time.perf_counter() - started > TIME_BUDGET_S:
+    if time.perf_counter() - started > TIME_BUDGET_S:  # (--budget-s sets it)
         return {**row, "skipped": "time budget"}
     backend = make_backend(variant, launch)
     try:
@@ -333,8 +335,9 @@ def measure(variant, launch, case, reference, specs, label, block_size, started)
         return {**row, "not_applicable": str(error)}
     except Exception as error:  # a variant that does not compile (or launch) is a result
         return {**row, "compile_error": error_text(error)}
-    diff = (out.float() - reference.float()).abs().max().item()
-    row.update(max_abs_diff=round(diff, 5), ok=bool(diff <= GPU_TOLERANCE))
+    diff = (out.float() - reference.float()).abs()
+    ok = bool((diff <= GPU_ATOL + GPU_RTOL * reference.float().abs()).all())
+    row.update(max_abs_diff=round(diff.max().item(), 5), ok=ok)
     ms = time_ms(backend, case, reps=30)
     return {**row, "ms": round(ms, 4), "TFLOPs": round(causal_flops(specs) / ms / 1e9, 1)}
 
@@ -351,7 +354,7 @@ def sdpa_row() -> dict:
             "TFLOPs": round(causal_flops([(0, 8192)]) / ms / 1e9, 1)}
 
 
-def gpu_run(json_out: str | None) -> None:
+def gpu_run(json_out: str | None, only: list[str] | None = None) -> None:
     """Every variant over every case and launch. Variants go in the outer loop, the riskiest
     (warp specialization) last, so a fault or the time budget cuts the least informative rows; the
     JSON file is rewritten after every row (a crash keeps what was measured)."""
@@ -373,6 +376,8 @@ def gpu_run(json_out: str | None) -> None:
             case = random_case(specs, 32, 8, 128, block_size, torch.bfloat16, seed=0)
             cases[i, block_size] = case, run_once(TritonBackend(), case).clone()
     for variant, (_, block_size) in VARIANTS.items():
+        if only and variant not in only:
+            continue
         for i, (specs, label) in enumerate(CASES):
             case, reference = cases[i, block_size]
             for launch in LAUNCHES:
@@ -413,10 +418,16 @@ def cpu_check() -> bool:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated variants to time (default: all)")
+    parser.add_argument("--budget-s", type=float, default=TIME_BUDGET_S, help="rows past this many seconds are skipped")
     parser.add_argument("--cpu-check", action="store_true", help="interpreter correctness check (TRITON_INTERPRET=1)")
     args = parser.parse_args()
     if args.cpu_check:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--cpu-check runs in Triton's interpreter: set TRITON_INTERPRET=1")
         raise SystemExit(0 if cpu_check() else 1)
-    gpu_run(args.json_out)
+    unknown = set(args.only.split(",")) - set(VARIANTS) if args.only else set()
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    TIME_BUDGET_S = args.budget_s
+    gpu_run(args.json_out, args.only.split(",") if args.only else None)
