@@ -242,10 +242,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     **{f"steps{n // 1024}k": (f"sharing, {n}-token steps", dict(_ON, max_num_batched_tokens=n))
        for n in (2048, 4096, 8192, 16384, 32768)},
     "fp8": ("sharing, FP8 weights and activations", dict(_ON, quantization="fp8")),
-    "fp8fused": ("sharing, FP8, activations quantized in the norm/SiLU kernels",
-                 dict(_ON, quantization="fp8", fp8_fused_quant=True)),
+    "fp8-unfused": ("sharing, FP8, each layer quantizing its own input (not the norm/SiLU kernels)",
+                    dict(_ON, quantization="fp8", fp8_fused_quant=False)),
     "fp8kv": ("sharing, FP8 KV cache (2x the tokens per GiB)", dict(_ON, kv_cache_dtype="fp8")),
-    "sharing-torchstore": ("K/V stored by torch ops, not the fused kernel", dict(_ON, kv_store="torch")),
+    "sharing-torchstore": ("K/V stored by torch ops, not the one-kernel store", dict(_ON, kv_store="torch")),
     "fp8kv-torchstore": ("FP8 KV cache stored by torch ops", dict(_ON, kv_cache_dtype="fp8", kv_store="torch")),
     "fp8w+kv": ("sharing, FP8 weights and KV cache", dict(_ON, quantization="fp8", kv_cache_dtype="fp8")),
 }

@@ -124,7 +124,8 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
         action = group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=default)
     else:
         action = group.add_argument(flag, dest=option.name, type=option.type, choices=option.choices, default=default)
-    action.help = option.help + " (default: %(default)s)"  # set after: BooleanOptionalAction adds its own
+    # set after: BooleanOptionalAction adds its own; a literal % in the text is escaped for argparse's % formatting
+    action.help = option.help.replace("%", "%%") + " (default: %(default)s)"
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:

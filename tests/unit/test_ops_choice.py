@@ -29,8 +29,9 @@ def test_auto_on_cuda_without_triton_falls_back_to_torch(monkeypatch):
 
 
 def test_kv_store_choice_reaches_the_triton_backend(monkeypatch, tmp_path):
-    """`kv_store` picks the Triton backend's store: the fused kernel unless "torch" (CUDA faked: the
-    choice, not the kernel, is under test; the kernel's bytes are tests/gpu/test_kv_store_triton.py)."""
+    """`kv_store` picks the Triton backend's store: "auto" and "triton" the one-kernel store, "torch"
+    torch's ops, whatever the cache's type. CUDA is faked: the choice, not the kernel, is under test
+    (the kernel's bytes: tests/gpu/test_kv_store_triton.py)."""
     from batchllm import engine
     from batchllm.attention import triton_backend
 
@@ -46,8 +47,11 @@ def test_kv_store_choice_reaches_the_triton_backend(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="kv_store must be one of"):
         engine_config(kv_store="fast")
     model_dir = make_tiny_model("llama", tmp_path)
-    for choice, fused in (("auto", True), ("triton", True), ("torch", False)):
-        config = engine_config(model=str(model_dir), kv_store=choice, device="cpu", dtype="float32")
+    cases = [("auto", "auto", True), ("auto", "fp8", True), ("triton", "auto", True), ("torch", "fp8", False),
+             ("torch", "auto", False)]
+    for choice, kv_cache_dtype, fused in cases:
+        config = engine_config(model=str(model_dir), kv_store=choice, kv_cache_dtype=kv_cache_dtype, device="cpu",
+                               dtype="float32")
         with pytest.raises(RuntimeError, match="stop after construction"):
             engine.build_engine(config)
-        assert built[-1]["fused_store"] is fused
+        assert built[-1]["fused_store"] is fused, (choice, kv_cache_dtype)
