@@ -8,8 +8,12 @@ pairs, so each K/V tile is read once for the whole GQA group (and, in a prefix i
 BLOCK_Q members of the group), and a decode token with 8 query heads per KV head still fills an MMA
 tile. A program walks its key range through one block table row in tiles of BLOCK_N keys with an
 online softmax in fp32 (exp2, log2(e) folded into the scale), masking keys after each query's
-position (causal). Items whose keys are split write partials (fp32 output and log2-sum-exp); a
-second small kernel merges them with log-sum-exp weights. Each launch reads its item count from the
+position (causal). On a cache whose blocks hold whole tiles (block size a multiple of BLOCK_N, the
+TILE_IN_BLOCK constexpr: e.g. `--block-size 64`), items whose keys start at a multiple of BLOCK_N read
+one block index per tile and address it as a base plus slot offsets (in a copy of this kernel, 7-11%
+faster long prefill on an H200: docs/benchmarks.md, session 9); other items, and the default 16-token
+blocks, gather one block index per key. Items whose keys are split write partials (fp32 output and
+log2-sum-exp); a second small kernel merges them with log-sum-exp weights. Each launch reads its item count from the
 device and programs past it return, so a CUDA graph can launch a fixed grid over a plan rewritten
 before every replay (`static_decode_plan.StaticDecodePlan`).
 
@@ -48,20 +52,33 @@ if triton is not None:
         q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+        SCALAR_BLOCK: tl.constexpr,
     ):
         """One online-softmax update over keys n_start .. n_start + BLOCK_N - 1 (log2 units). MASKED:
         keys at or past n_end, and keys after a row's position, are excluded; unmasked tiles lie
-        wholly below n_end and at or before every row's position."""
+        wholly below n_end and at or before every row's position. SCALAR_BLOCK: the caller knows the
+        tile lies in one cache block (BLOCK_SIZE % BLOCK_N == 0 and n_start % BLOCK_N == 0): one
+        block index for the tile, keys at consecutive slots of it (n_start < n_end, so that block is
+        the sequence's even in a masked tile; keys past n_end stay inside it and are masked);
+        otherwise a block index per key."""
         k_pos = n_start + tl.arange(0, BLOCK_N)
         if MASKED:
             k_valid = k_pos < n_end
-            block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
         else:
             k_valid = k_pos >= 0
-            block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE)
-        block_idx = block_idx.to(tl.int64)  # block * stride passes 2^31 elements on big caches
-        slot = k_pos % BLOCK_SIZE
-        k_ptrs = K_cache + block_idx[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None]
+        if SCALAR_BLOCK:  # a scalar base (block * stride passes 2^31 elements on big caches: int64)
+            block_idx = tl.load(block_tables + seq * stride_bt + n_start // BLOCK_SIZE).to(tl.int64)
+            slot = n_start % BLOCK_SIZE + tl.arange(0, BLOCK_N)  # consecutive slots of that block
+            k_ptrs = K_cache + block_idx * stride_kb + kv_head * stride_kh + slot[None, :] * stride_ks + d[:, None]
+        else:  # a block index per key
+            if MASKED:
+                block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
+            else:
+                block_idx = tl.load(block_tables + seq * stride_bt + k_pos // BLOCK_SIZE)
+            block_idx = block_idx.to(tl.int64)  # block * stride passes 2^31 elements on big caches
+            slot = k_pos % BLOCK_SIZE
+            k_ptrs = (K_cache + block_idx[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh
+                      + d[:, None])
         # an fp8 cache's values cast up exactly (e4m3 fits in 16 bits); its scales are applied by the caller
         k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # [D, BLOCK_N]
         s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
@@ -75,10 +92,34 @@ if triton is not None:
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = V_cache + block_idx[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
+        if SCALAR_BLOCK:
+            v_ptrs = V_cache + block_idx * stride_vb + kv_head * stride_vh + slot[:, None] * stride_vs + d[None, :]
+        else:
+            v_ptrs = (V_cache + block_idx[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+                      + d[None, :])
         v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i, acc
+
+    @triton.jit
+    def _attend_keys(
+        q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+        sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
+    ):
+        """Keys kv_lo .. n_end - 1 in tiles of BLOCK_N: unmasked tiles below n_unmasked, masked tiles
+        from there. SCALAR_BLOCK: as `_attend_tile`'s (every tile starts at kv_lo + j * BLOCK_N)."""
+        for n_start in range(kv_lo, n_unmasked, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                BLOCK_SIZE, BLOCK_N, PRECISION, False, SCALAR_BLOCK)
+        for n_start in range(n_unmasked, n_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                BLOCK_SIZE, BLOCK_N, PRECISION, True, SCALAR_BLOCK)
+        return m_i, l_i, acc
 
     # Triton compiles a variant per divisibility of integer arguments: the offset and the block
     # table width change every step, so they are not specialized (one variant serves all steps)
@@ -104,6 +145,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
         FP8_KV: tl.constexpr,
+        TILE_IN_BLOCK: tl.constexpr,
     ):
         # the grid may hold more programs than the launch has items (a CUDA graph's grid is fixed at
         # capture): programs past the count read on the device do nothing
@@ -145,16 +187,25 @@ if triton is not None:
         n_end = tl.minimum(kv_hi, tl.max(pos, 0) + 1)
         first_pos = tl.min(tl.where(row_valid, pos, n_end), 0)
         n_unmasked = kv_lo + tl.maximum(tl.minimum(first_pos + 1, n_end) - kv_lo, 0) // BLOCK_N * BLOCK_N
-        for n_start in range(kv_lo, n_unmasked, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
-                sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False)
-        for n_start in range(n_unmasked, n_end, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
-                sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, True)
+        # TILE_IN_BLOCK (a block holds whole tiles): an item whose keys start at a multiple of BLOCK_N
+        # has every tile inside one block (one block index per tile); others (suffix items after a
+        # prefix of any length, split-K pieces) gather an index per key. Off, only the gather is compiled
+        if TILE_IN_BLOCK:
+            if kv_lo % BLOCK_N == 0:
+                m_i, l_i, acc = _attend_keys(
+                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
+                    d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True)
+            else:
+                m_i, l_i, acc = _attend_keys(
+                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
+                    d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False)
+        else:
+            m_i, l_i, acc = _attend_keys(
+                q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
+                d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if FP8_KV:  # the output is linear in V: v_scale once, here (partials too, so the merge is unchanged)
@@ -349,7 +400,8 @@ class TritonBackend:
                 HEAD_DIM_PAD=dot_head_dim(head_dim), BLOCK_Q=launch.block_q,
                 BLOCK_M=max(16, launch.block_q * group_pad), BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-                FP8_KV=fp8, num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
+                FP8_KV=fp8, TILE_IN_BLOCK=metadata.block_size % launch.tile.block_n == 0,
+                num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
         if plan.merge_grid:
             _merge_partials_kernel[(plan.merge_grid,)](

@@ -169,6 +169,68 @@ def test_attention_kernel_over_fp8_cache_matches_reference(name, specs, options)
         assert len(plan.items.merge_tokens) > 0, "split-K partials were merged"
 
 
+BLOCK_TILE_CASES = [  # on caches whose blocks hold whole tiles: items starting on and off a tile boundary
+    ("aligned-prefill", [(0, 150), (0, 64), (0, 1)], {}),
+    ("prefill-after-cache", [(100, 50), (192, 70)], {}),
+    ("suffix-misaligned", group_decode(4, 100, 30) + [(1000, 1), (0, 40)], dict(min_members=1, min_shared=1)),
+    ("suffix-aligned", group_decode(4, 128, 40) + group_decode(3, 256, 7, group=1) + [(0, 40)],
+     dict(min_members=1, min_shared=1)),
+    ("split-k", [(1023, 1), (1500, 1), (700, 3)] + group_decode(4, 600, 90), dict(split_len=128)),
+]
+BLOCK_TILE_LAUNCHES = [  # (block size, prefill launch): the prefill tiles (and, of 64 keys, the others) fit a block
+    (64, (256, 64, 8, 3)), (128, (256, 64, 8, 3)), (32, (64, 32, 4, 2)),
+]
+
+
+def _item_alignment(plan, block_size: int) -> tuple[int, int]:
+    """(items whose tiles each lie in one cache block, items that gather a block index per key),
+    as the kernel decides: the launch's tile width divides the block size and the item's first key."""
+    aligned = gathered = 0
+    kv_lo = plan.tensors["kv_lo"].numpy()  # in launch order
+    for launch in plan.launches:
+        lo = kv_lo[launch.item_offset:launch.item_offset + launch.grid]
+        if block_size % launch.tile.block_n == 0:
+            aligned += int((lo % launch.tile.block_n == 0).sum())
+            gathered += int((lo % launch.tile.block_n != 0).sum())
+        else:
+            gathered += len(lo)
+    return aligned, gathered
+
+
+@pytest.mark.parametrize("block_size, launch", BLOCK_TILE_LAUNCHES, ids=["bs64", "bs128", "bs32-n32"])
+@pytest.mark.parametrize("name, specs, options", BLOCK_TILE_CASES, ids=[c[0] for c in BLOCK_TILE_CASES])
+def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, specs, options, block_size, launch):
+    """TILE_IN_BLOCK (block size a multiple of the tile width): items starting at a multiple of the
+    tile width read one block index per tile, the others (suffix items after a prefix of 100 tokens,
+    split-K pieces of 126 keys) one per key; both against the reference, the masked last tile
+    included. Every case has items of the first kind, the misaligned ones of the second."""
+    from batchllm.attention.triton_backend import TritonBackend
+
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, block_size, torch.float32, seed=5, device="cpu")
+    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)
+    out = TritonBackend(prefill_launch=launch, **options).forward(q, k, v, cache, md, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    aligned, gathered = _item_alignment(plan, block_size)
+    assert aligned > 0, "some item read one block index per tile"
+    if name in ("suffix-misaligned", "split-k"):
+        assert gathered > 0 and (plan.items.kv_lo % 64 != 0).any(), "some item started off a tile boundary"
+
+
+def test_attention_kernel_with_a_block_index_per_tile_over_fp8_cache():
+    """The FP8_KV variant with TILE_IN_BLOCK: aligned and misaligned items over an fp8 cache."""
+    from batchllm.attention.triton_backend import TritonBackend
+    from tests.unit.test_kv_fp8 import fp8_cache
+
+    specs = [(0, 90), (1023, 1)] + group_decode(4, 100, 30)
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, 64, torch.float32, seed=7, device="cpu")
+    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
+    cache = fp8_cache(cache, kv_scale)
+    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    out = TritonBackend(min_members=1, min_shared=1, split_len=256).forward(q, k, v, cache, md, 0.125, kv_scale)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
     """The whole GPU path (Triton attention with prefix groups, Triton norm/rotary/SiLU) on the CPU:
