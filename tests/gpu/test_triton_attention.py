@@ -21,6 +21,10 @@ CASES = [
     ("mixed-decode-and-prefill", [(500, 1), (0, 129), (33, 1), (64, 64)], 9, 3, 64, 16),
     ("gqa7", [(50, 20), (200, 1)], 28, 4, 128, 16),
     ("gqa1-headdim80", [(70, 30)], 4, 4, 80, 16),
+    # blocks holding whole tiles (TILE_IN_BLOCK): one block index per tile for items from key 0
+    ("prefill-block64", [(0, 1000), (0, 77), (0, 1), (2000, 200)], 32, 8, 128, 64),
+    ("decode-block64", [(37, 1), (4000, 1), (63, 1), (64, 1)], 32, 8, 128, 64),
+    ("chunk-block128", [(256, 300), (1000, 200), (3, 5)], 28, 4, 128, 128),
 ]
 
 
@@ -87,11 +91,54 @@ def test_prefix_shared_attention_matches_reference(name, specs, heads, kv_heads,
         assert items.num_group_items > 0, "the prefix-shared path ran"
 
 
+BLOCK64_SHARED_CASES = [  # suffix items start at the shared length: off (2000, 300) and on (1024) a tile boundary
+    ("degree16-2000", group_decode(16, 2000, 200)),
+    ("degree16-1024", group_decode(16, 1024, 200)),
+    ("groups-prefill-and-plain", group_decode(20, 300, 7, 0) + group_decode(3, 1024, 0, 1)
+     + [(0, 100), (50, 1), (2000, 33)]),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_split_k_matches_reference(dtype):
+@pytest.mark.parametrize("name, specs", BLOCK64_SHARED_CASES, ids=[c[0] for c in BLOCK64_SHARED_CASES])
+def test_prefix_shared_attention_on_64_token_blocks_matches_reference(name, specs, dtype):
+    """Prefix and suffix items on a 64-token-block cache: those starting at a multiple of the tile
+    width read one block index per tile, the others gather one per key."""
+    from batchllm.attention.triton_backend import TritonBackend
+
+    q, k, v, cache, md = random_case(specs, 32, 8, 128, 64, dtype, seed=3)
+    items = check_against_reference(TritonBackend(min_members=1, min_shared=1), q, k, v, cache, md, 128 ** -0.5)
+    assert items.num_group_items > 0, "the prefix-shared path ran"
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_split_k_matches_reference(dtype, block_size):
     from batchllm.attention.triton_backend import TritonBackend
 
     specs = [(16000, 1), (3000, 1), (40, 1), (1000, 64)] + group_decode(4, 5000, 900)
-    q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, dtype, seed=5)
+    q, k, v, cache, md = random_case(specs, 32, 8, 128, block_size, dtype, seed=5)
     items = check_against_reference(TritonBackend(split_len=512), q, k, v, cache, md, 128 ** -0.5)
     assert len(items.merge_tokens) >= 4 + 4 and items.num_group_items > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_engine_on_64_token_blocks_graphs_give_the_tokens_of_eager_steps(tiny_model_factory, name):
+    """The engine with `block_size=64` (prefill tiles, prefix groups, decode CUDA graphs replaying
+    static plans) in float32: graphs give eager steps' greedy tokens (the same attention over the
+    same cache; 64-token blocks against HF tokens: tests/unit/test_triton_interpreted.py, on the CPU)."""
+    from batchllm import LLM, SamplingParams
+
+    shared = list(range(10, 310))  # long enough to be attended as a group (work_items.MIN_SHARED_TOKENS)
+    prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]
+    prompts += [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 90, 700)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens = {}
+    for eager in (True, False):
+        llm = LLM(tiny_model_factory(name), device="cuda", dtype="float32", skip_tokenizer_init=True,
+                  max_num_batched_tokens=256, block_size=64, kv_cache_memory_gib=1, enforce_eager=eager)
+        tokens[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if not eager:
+            assert llm.engine.runner.num_graph_steps > 0, "decode ran as CUDA graphs"
+        del llm
+    assert tokens[False] == tokens[True]

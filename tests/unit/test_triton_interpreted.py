@@ -251,6 +251,28 @@ def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, 6, stop_at_eos=False)
 
 
+@pytest.mark.parametrize("name", ["llama"])
+def test_triton_path_on_64_token_blocks_gives_hf_greedy_tokens(tiny_model_factory, name):
+    """`block_size=64` end to end on the Triton path (one block index per tile for prefill tiles and
+    decodes; suffix items after 130 cached shared tokens gather per key): HF's greedy tokens."""
+    from batchllm import LLM, SamplingParams
+    from batchllm.attention.triton_backend import TritonBackend
+    from tests.helpers import hf_greedy
+
+    model_dir = tiny_model_factory(name)
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=96, block_size=64,
+              skip_tokenizer_init=True)
+    llm.engine.model.use_ops(_triton_ops())
+    llm.engine.runner.backend = TritonBackend(min_members=1, min_shared=1)
+    shared = list(range(100, 230))
+    prompts = [shared + [7 + i, 300 + i] for i in range(3)] + [list(range(500, 570))]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.kv_spec.block_size == 64
+    assert llm.last_stats["prefill_tokens_computed"] < sum(map(len, prompts)), "the prefix was shared"
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, 5, stop_at_eos=False)
+
+
 def _model_kv(n: int, kv_heads: int, head_dim: int, values: torch.Tensor, g: torch.Generator,
               scales: tuple[float, float] = (1.0, 1.0)):
     """k, v [n, kv_heads, head_dim] drawn from `values` (k's times scales[0], v's times scales[1]):
