@@ -13,9 +13,9 @@ TILE_IN_BLOCK constexpr: e.g. `--block-size 64`), items whose keys start at a mu
 one block index per tile and address it as a base plus slot offsets (in a copy of this kernel, 7-11%
 faster long prefill on an H200: docs/benchmarks.md, session 9); other items, and the default 16-token
 blocks, gather one block index per key. Items whose keys are split write partials (fp32 output and
-log2-sum-exp); a second small kernel merges them with log-sum-exp weights. Each launch reads its item count from the
-device and programs past it return, so a CUDA graph can launch a fixed grid over a plan rewritten
-before every replay (`static_decode_plan.StaticDecodePlan`).
+log2-sum-exp); a second small kernel merges them with log-sum-exp weights. Each launch reads its item
+count from the device and programs past it return, so a CUDA graph can launch a fixed grid over a plan
+rewritten before every replay (`static_decode_plan.StaticDecodePlan`).
 
 Importable without Triton (the planning half, `_plan` and its `LaunchPlan`, runs on any CPU); the
 kernels exist where Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to
