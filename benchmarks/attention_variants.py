@@ -22,7 +22,8 @@ switches; each variant is one setting of them:
   lookups and longer contiguous runs matter?
 - block64_scalar: the copy on that cache, loading ONE block index per tile (BLOCK_SIZE % BLOCK_N
   == 0, tiles start at multiples of BLOCK_N) and addressing the tile as base + slot offsets,
-  instead of a block index per key; not_applicable where the tile is wider than a block.
+  instead of a block index per key; not_applicable where the tile is wider than a block. Now in the
+  engine kernel (`triton_backend.py`, TILE_IN_BLOCK, per item where its keys start on a tile boundary).
 - block64_all: block64_scalar + k_rowmajor + q_prescaled.
 
 Cases (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head dim 128, bf16): 8192 new tokens
