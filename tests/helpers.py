@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -100,3 +102,12 @@ def interpreter_rounds_to_nearest() -> None:
 
     cast_impl.rounds_to_nearest = True
     interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from batchllm.cli import main
+from tests.helpers import benchmark_module
 
 
 def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, tmp_path):
@@ -24,22 +25,11 @@ def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, 
     assert report["kv_blocks"] > 0
 
 
-def _user_path_script():
-    """benchmarks/user_path.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "user_path.py"
-    spec = importlib.util.spec_from_file_location("user_path", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_user_path_runs_bench_first_and_run_on_the_written_requests(tiny_model_factory, tmp_path, monkeypatch):
     """benchmarks/user_path.py with its commands in this process: bench first by default (it warms
     the kernel caches), then `batchllm run` on the JSONL the script wrote, which holds the bench's
     workload (every line ran, each result exactly its max_tokens long: ignore_eos); --order swaps them."""
-    user_path = _user_path_script()
+    user_path = benchmark_module("user_path")
     calls, results = [], []
 
     def cli(*args):

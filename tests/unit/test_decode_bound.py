@@ -1,18 +1,10 @@
 """benchmarks/decode_bound.py's arithmetic (issue 14's "show the arithmetic"): a hand-checked case."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-
-def _module():
-    """benchmarks/decode_bound.py as a module (benchmarks/ is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_bound.py"
-    spec = importlib.util.spec_from_file_location("decode_bound", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import benchmark_module
 
 
 def test_bounds_add_prefill_matmuls_and_kv_reads_step_by_step():
@@ -22,7 +14,7 @@ def test_bounds_add_prefill_matmuls_and_kv_reads_step_by_step():
     100/50 = 2 s; KV read (2+1) + (2+1) own + 4 shared = 10 B -> 0.2 s. Step 2: 1 running, compute 1 s
     against 2 s; KV (2+2) + 4 = 8 B -> 0.16 s. Sequential: 8 + 2.2 + 2.16 = 12.36; overlapped:
     8 + max(2, 110/50) + max(1, 108/50) = 8 + 2.2 + 2.16 (memory-bound both steps) = 12.36."""
-    m = _module()
+    m = benchmark_module("decode_bound")
     prompts = [[1, 2, 3, 4, 10, 11], [1, 2, 3, 4, 20, 21]]
     b = m.decode_bounds(prompts, [1, 2], shared=4, params=10, weight_bytes=100, kv_bytes_per_token=1,
                         peak=20, bandwidth=50)
@@ -41,4 +33,4 @@ def test_parameter_count_of_the_8b_shape_is_llama_3_1_8b():
 
     spec = read_model_spec(Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "llama-3.1-8b")
     # Llama-3.1-8B has 8,030,261,248 parameters; 266,240 of them are norm weights (65 x 4,096), not counted
-    assert _module().parameter_count(spec) == 8_030_261_248 - 65 * 4096
+    assert benchmark_module("decode_bound").parameter_count(spec) == 8_030_261_248 - 65 * 4096
