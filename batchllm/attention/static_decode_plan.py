@@ -17,6 +17,7 @@ from batchllm.attention.triton_backend import (
     Launch,
     LaunchPlan,
     TritonBackend,
+    key_alignment,
     launch_counts,
     next_power_of_2,
     plan_key,
@@ -44,10 +45,12 @@ class StaticDecodePlan:
     for that step."""
 
     def __init__(self, backend: TritonBackend, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, extra_items: int | None = None) -> None:
+                 device: torch.device, extra_items: int | None = None, block_size: int = 16) -> None:
         """extra_items: room beyond one item per sequence (per section) for split-K pieces; default:
-        the number of programs per KV head that split-K aims for (all pieces of a step fit in it)."""
+        the number of programs per KV head that split-K aims for (all pieces of a step fit in it).
+        block_size: the cache's, for the plan's key alignment (as the eager plan's: `key_alignment`)."""
         self.backend = backend
+        self.align = key_alignment(block_size)
         self.max_batch = max_batch
         self.num_kv_heads = num_kv_heads
         self.group_pad = next_power_of_2(num_heads // num_kv_heads)
@@ -95,7 +98,8 @@ class StaticDecodePlan:
     def fill(self, query_start_loc: list[int], seq_lens: list[int], share_levels, size: int) -> bool:
         """Plan a decode step (every query_start_loc gap is 1) and copy the plan into the buffer, for
         the graph of `size` sequences; False (nothing written) if it does not fit there."""
-        items = self.backend.work_items(query_start_loc, seq_lens, share_levels, 1, self.wide, self.num_kv_heads)
+        items = self.backend.work_items(query_start_loc, seq_lens, share_levels, 1, self.wide, self.num_kv_heads,
+                                        self.align)
         p = items.num_prefix_items
         num_pad = size - (len(query_start_loc) - 1)  # padding rows: one item each, over no keys (writes 0)
         num_single = items.num_items - p + num_pad

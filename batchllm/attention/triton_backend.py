@@ -321,6 +321,15 @@ def queries_per_program(rows: int, group_pad: int) -> int:
     return max(1, rows // group_pad)
 
 
+def key_alignment(block_size: int) -> int:
+    """Where the plan starts every item's keys (`plan_work_items`' align): on a tile boundary of the
+    one-query and prefix launches (DECODE_TILE) where their tiles lie whole in a cache block (the
+    kernel's TILE_IN_BLOCK), so prefix, suffix and split-K items read one block index per tile; 1
+    where they do not (the default 16-token blocks: the plan is unchanged). The eager and the static
+    decode plans use the same alignment, so a graph replays the eager step's arithmetic."""
+    return DECODE_TILE.block_n if block_size % DECODE_TILE.block_n == 0 else 1
+
+
 def launch_counts(counts: torch.Tensor) -> list[torch.Tensor]:
     """The count of each launch (and last, the merge's) in a device array of COUNT_SLOT slots."""
     return [counts[i:i + 1] for i in range(0, len(counts), COUNT_SLOT)]
@@ -471,7 +480,7 @@ class TritonBackend:
         rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
         wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
         items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
-                                tile_q, wide, num_kv_heads)
+                                tile_q, wide, num_kv_heads, key_alignment(metadata.block_size))
         p = items.num_prefix_items
         multi = p + np.flatnonzero(items.q_len[p:] > 1)
         single = p + np.flatnonzero(items.q_len[p:] <= 1)
@@ -502,8 +511,10 @@ class TritonBackend:
         return plan
 
     def work_items(self, query_start_loc: list[int], seq_lens: list[int], share_levels, block_q: int,
-                   group_block_q: int, num_kv_heads: int) -> WorkItems:
-        """`plan_work_items` with this backend's settings (prefix groups on or off, plan options)."""
+                   group_block_q: int, num_kv_heads: int, align: int = 1) -> WorkItems:
+        """`plan_work_items` with this backend's settings (prefix groups on or off, plan options);
+        align: `key_alignment`'s."""
         share = self.use_prefix_groups and share_levels is not None
         return plan_work_items(query_start_loc, seq_lens, block_q, share_levels=share_levels if share else None,
-                               group_block_q=group_block_q, num_kv_heads=num_kv_heads, **self.plan_options)
+                               group_block_q=group_block_q, num_kv_heads=num_kv_heads, align=align,
+                               **self.plan_options)

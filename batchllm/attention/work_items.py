@@ -21,6 +21,10 @@ apart from the rest. A token whose keys are covered by one item gets its output 
 directly; a token covered by several items gets one *partial* (output normalised by its own softmax
 sum, plus the log-sum-exp) per item, merged afterwards with log-sum-exp weights in fp32.
 
+With `align` (64-token cache blocks: the kernel then reads one block index per tile) every item's
+keys start at a multiple of it: a group's prefix items stop at its shared length rounded down, the
+members' suffix items start there, split-K pieces are multiples of it.
+
 Invariant (tested): for every query token, the items that hold it cover each of its visible key
 positions 0..pos exactly once.
 """
@@ -93,7 +97,8 @@ def split_length(total_keys: int, num_kv_heads: int = 8, target_programs: int = 
 def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: int,
                     share_levels: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
                     split_len: int | None = None, num_kv_heads: int = 8, group_block_q: int | None = None,
-                    min_members: int = MIN_GROUP_MEMBERS, min_shared: int = MIN_SHARED_TOKENS) -> WorkItems:
+                    min_members: int = MIN_GROUP_MEMBERS, min_shared: int = MIN_SHARED_TOKENS,
+                    align: int = 1) -> WorkItems:
     """Plan one step. Sequence i has query tokens query_start_loc[i] .. query_start_loc[i+1]-1 at the
     last positions of its seq_lens[i] tokens.
 
@@ -106,13 +111,17 @@ def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: in
 
     Tiles take up to `block_q` tokens, prefix items up to `group_block_q` members (default:
     block_q). `split_len` overrides the split-K length (else it follows from the step's keys and
-    `num_kv_heads`)."""
+    `num_kv_heads`). `align`: every item's key range starts at a multiple of it (a group's shared
+    reach is rounded down to one, each member's suffix item reading the few shared keys past it;
+    split-K pieces are multiples of it), so a kernel that reads one cache block per tile of `align`
+    keys (triton_backend's TILE_IN_BLOCK) can take every item that way; 1: no constraint. The
+    coverage invariant holds for any align."""
     loc = np.asarray(query_start_loc, dtype=np.int64)
     lens = np.asarray(seq_lens, dtype=np.int64)
     q_count = np.diff(loc)
     token_pos = np.repeat(lens - q_count - loc[:-1], q_count) + np.arange(int(loc[-1]))
     prefix, members, covered = _prefix_items(lens, q_count, share_levels or (), group_block_q or block_q,
-                                             min_members, min_shared)
+                                             min_members, min_shared, align)
     member = np.zeros(len(lens), dtype=bool)
     member[members] = True
     tiles = _tile_and_suffix_items(loc, token_pos, block_q, member, covered, len(members))
@@ -121,7 +130,7 @@ def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: in
     always_partial = np.r_[np.ones(prefix.shape[1], dtype=bool), member[tiles[0]]]
     if split_len is None:
         split_len = split_length(int((hi - lo).sum()), num_kv_heads)
-    w, item_lo, item_hi, partial = _split_k(lo, hi, always_partial, split_len)
+    w, item_lo, item_hi, partial = _split_k(lo, hi, always_partial, split_len, align)
     item_len = q_len[w]
     partial_rows = np.where(partial, item_len, 0)
     part = np.where(partial, np.cumsum(partial_rows) - partial_rows, -1)
@@ -141,17 +150,17 @@ def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: in
 
 
 def _prefix_items(lens: np.ndarray, q_count: np.ndarray, share_levels, group_block_q: int, min_members: int,
-                  min_shared: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  min_shared: int, align: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Phase 1, level by level: members attended as groups (one decode token past the shared part,
     in groups big enough). Returns the prefix items as rows (seq, q_off, q_len, lo, hi), the members
     in the order their tokens are gathered (item q_off indexes this order), and per sequence how far
-    prefix items reach (`covered`: where its suffix item starts)."""
+    prefix items reach (`covered`: where its suffix item starts; a multiple of `align`)."""
     covered = np.zeros(len(lens), dtype=np.int64)
     items, gathered = [np.zeros((5, 0), dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     num_gathered = 0
     for level_group, level_shared in share_levels:
         group = np.asarray(level_group, dtype=np.int64)
-        shared = np.asarray(level_shared, dtype=np.int64)
+        shared = np.asarray(level_shared, dtype=np.int64) // align * align  # what a group's items reach
         candidate = (group >= 0) & (q_count == 1) & (shared - covered >= min_shared) & (shared < lens)
         # a group is keyed by its id and by what outer levels covered (the same for all its members)
         key = np.where(candidate, group * (int(lens.max()) + 1) + covered, -1)
@@ -191,13 +200,17 @@ def _tile_and_suffix_items(loc: np.ndarray, token_pos: np.ndarray, block_q: int,
     return np.stack([seq, num_gathered + first, q_len, lo, token_pos[first + q_len - 1] + 1])
 
 
-def _split_k(lo: np.ndarray, hi: np.ndarray, always_partial: np.ndarray,
-             split_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Phase 3, split-K: every key range longer than split_len cut into equal pieces. Returns per
-    piece its item (`w`, pieces of one item adjacent), its key range, and whether it writes partials
-    (a piece of a split item, or of an item that always does)."""
+def _split_k(lo: np.ndarray, hi: np.ndarray, always_partial: np.ndarray, split_len: int,
+             align: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Phase 3, split-K: every key range longer than split_len cut into equal pieces (lengths rounded
+    up to a multiple of `align`, so pieces of a range starting at a multiple start at multiples).
+    Returns per piece its item (`w`, pieces of one item adjacent), its key range, and whether it
+    writes partials (a piece of a split item, or of an item that always does)."""
     pieces = np.maximum(1, -(-(hi - lo) // split_len))
     step = -(-(hi - lo) // pieces)
+    if align > 1:  # longer pieces may need fewer of them (never more, never an empty one)
+        step = np.maximum(-(-step // align) * align, 1)
+        pieces = np.maximum(1, -(-(hi - lo) // step))
     w = np.repeat(np.arange(len(lo)), pieces)
     piece_lo = lo[w] + _index_in_run(pieces) * step[w]
     return w, piece_lo, np.minimum(piece_lo + step[w], hi[w]), (always_partial | (pieces > 1))[w]

@@ -197,23 +197,31 @@ def _item_alignment(plan, block_size: int) -> tuple[int, int]:
     return aligned, gathered
 
 
+@pytest.mark.parametrize("aligned_plan", [True, False], ids=["aligned-plan", "unaligned-plan"])
 @pytest.mark.parametrize("block_size, launch", BLOCK_TILE_LAUNCHES, ids=["bs64", "bs128", "bs32-n32"])
 @pytest.mark.parametrize("name, specs, options", BLOCK_TILE_CASES, ids=[c[0] for c in BLOCK_TILE_CASES])
-def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, specs, options, block_size, launch):
+def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, specs, options, block_size, launch,
+                                                                         aligned_plan, monkeypatch):
     """TILE_IN_BLOCK (block size a multiple of the tile width): items starting at a multiple of the
-    tile width read one block index per tile, the others (suffix items after a prefix of 100 tokens,
-    split-K pieces of 126 keys) one per key; both against the reference, the masked last tile
-    included. Every case has items of the first kind, the misaligned ones of the second."""
-    from batchllm.attention.triton_backend import TritonBackend
+    tile width read one block index per tile, the others one per key; both against the reference,
+    the masked last tile included. The backend's plan starts every item on a tile boundary where
+    its one-query tiles fit a block (`key_alignment`: 64-token blocks and larger); with that turned
+    off (unaligned-plan) suffix items after a prefix of 100 tokens and split-K pieces of 126 keys
+    start off a boundary, so the kernel's per-key path runs beside the per-tile one."""
+    from batchllm.attention import triton_backend
 
+    if not aligned_plan:
+        monkeypatch.setattr(triton_backend, "key_alignment", lambda block_size: 1)
     q, k, v, cache, md = random_case(specs, 8, 2, 64, block_size, torch.float32, seed=5, device="cpu")
     ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)
-    out = TritonBackend(prefill_launch=launch, **options).forward(q, k, v, cache, md, 0.125)
+    out = triton_backend.TritonBackend(prefill_launch=launch, **options).forward(q, k, v, cache, md, 0.125)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
     aligned, gathered = _item_alignment(plan, block_size)
     assert aligned > 0, "some item read one block index per tile"
-    if name in ("suffix-misaligned", "split-k"):
+    if aligned_plan and block_size % 64 == 0:
+        assert gathered == 0 and (plan.items.kv_lo % 64 == 0).all(), "every item starts on a tile boundary"
+    elif not aligned_plan and name in ("suffix-misaligned", "split-k"):
         assert gathered > 0 and (plan.items.kv_lo % 64 != 0).any(), "some item started off a tile boundary"
 
 

@@ -64,9 +64,11 @@ def test_every_visible_key_is_covered_exactly_once(seed):
     lens = [c + n for c, n, _ in specs]
     block_q = rng.choice([1, 4, 16])
     group_block_q = rng.choice([1, 4, 16])
+    align = rng.choice([1, 1, 16, 64])
     items = plan_work_items(loc, lens, block_q, share_levels_of(specs), split_len=rng.choice([None, 64, 500]),
                             group_block_q=group_block_q, min_members=rng.choice([1, 4]),
-                            min_shared=rng.choice([1, 64]))
+                            min_shared=rng.choice([1, 64]), align=align)
+    assert all(lo % align == 0 for lo in items.kv_lo), "every item's keys start at a multiple of align"
     got = covered_ranges(items)
     assert sorted(got) == list(range(loc[-1])), "every token is in some item"
     for i, (c, n, _) in enumerate(specs):
@@ -92,6 +94,23 @@ def test_a_group_reads_its_shared_keys_once_per_block_q_members():
     shared_reads = sum(int(items.kv_hi[w] - items.kv_lo[w]) for w in range(items.num_items) if items.kv_lo[w] == 0)
     assert shared_reads == 4 * 4000  # 64 members / 16 per item, instead of 64 * 4000
     assert items.num_group_items == 4
+
+
+def test_aligned_plan_rounds_a_groups_reach_down_and_members_read_the_rest():
+    """align=64 (64-token cache blocks): a group sharing 2,000 positions gets prefix items over
+    [0, 1984) and each member's suffix item starts at 1984 (16 shared keys read per member), split-K
+    pieces are multiples of 64; align=1 is the plan as before (prefix items over [0, 2000))."""
+    specs = group_decode(16, shared=2000, own=30)
+    loc = list(range(17))
+    lens = [c + n for c, n, _, _ in specs]
+    levels = [([0] * 16, [2000] * 16)]
+    plain = plan_work_items(loc, lens, 16, levels, split_len=10**9)
+    aligned = plan_work_items(loc, lens, 16, levels, split_len=10**9, align=64)
+    p = plain.num_prefix_items
+    assert set(plain.kv_hi[:p]) == {2000} and set(plain.kv_lo[p:]) == {2000}
+    assert set(aligned.kv_hi[:p]) == {1984} and set(aligned.kv_lo[aligned.num_prefix_items:]) == {1984}
+    split = plan_work_items(loc, lens, 16, levels, split_len=700, align=64)
+    assert all(lo % 64 == 0 for lo in split.kv_lo) and split.num_items > aligned.num_items
 
 
 def test_small_groups_and_short_prefixes_use_plain_tiles():
@@ -150,17 +169,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("align", [1, 16])
 @pytest.mark.parametrize("name, specs", CASES, ids=[c[0] for c in CASES])
-def test_plan_executed_in_torch_matches_reference(name, specs):
+def test_plan_executed_in_torch_matches_reference(name, specs, align):
     q, k, v, cache, md = random_case(specs, 8, 2, 16, 16, torch.float32, seed=3, device="cpu")
     scale = 0.25
     ref = TorchReferenceBackend().forward(q, k, v, cache, md, scale)  # also stores the new K/V
     items = plan_work_items(md.query_start_loc_cpu, md.seq_lens_cpu, 4, md.share_levels_cpu,
-                            split_len=1024 if "split" in name else None, min_members=1, min_shared=1)
+                            split_len=1024 if "split" in name else None, min_members=1, min_shared=1, align=align)
     if "group" in name or "suffix" in name:
         assert items.num_group_items > 0
-    if "nested" in name:  # inner groups' items start where the outer group's end
-        assert (items.kv_lo[:items.num_prefix_items] == 50).any()
+    if "nested" in name:  # inner groups' items start where the outer group's end (rounded down to align)
+        assert (items.kv_lo[:items.num_prefix_items] == 50 // align * align).any()
     if "split" in name:
         assert len(items.merge_tokens) > 0
     got = run_plan_in_torch(q, cache, md, items, scale)
