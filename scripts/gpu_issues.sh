@@ -18,6 +18,8 @@
 #       layer (fp8-unfused) and in the norm/SiLU kernels (fp8, the default), the FP8 KV cache with both stores;
 #       paper (~5 min) / decode-heavy (~5 min). A process's first config ran ~4% slow in session 9: run a pair in
 #       both orders before trusting a difference that small.
+#   PART=block64 bash scripts/gpu_issues.sh   64-token KV blocks (one block index per attention tile) against 16: the
+#       block-size GPU attention tests, then paper, decode-heavy and no-sharing, each pair in both orders (~8 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -61,6 +63,14 @@ abpaper)
 abdecode)
   bench ab_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8-unfused,fp8,fp8kv-torchstore,fp8kv \
       --json-out "$OUT/ab_decode.json"
+  ;;
+block64)
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
+      -k "block64 or block128 or 64_token or split_k" > "$OUT/block64_tests.log" 2>&1; tail -3 "$OUT/block64_tests.log"; pack
+  bench b64_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,sharing-block64,sharing --json-out "$OUT/b64_paper.json"
+  bench b64_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing-block64,sharing,sharing-block64 \
+      --json-out "$OUT/b64_decode.json"
+  bench b64_nosharing "${M8D[@]}" "${PAPER[@]}" --configs nosharing,nosharing-block64 --json-out "$OUT/b64_nosharing.json"
   ;;
 fp8paper)
   bench fp8_paper "${M8[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_paper.json"
