@@ -31,7 +31,15 @@ from batchllm.config import SchedulerConfig
 from batchllm.core import prompt_logprobs
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.policies import MemoryAdmission
-from batchllm.outputs import LogitsAdjust, RunnerOutput, SamplingSpec, ScheduledBatch, ScheduledRequest, TokenLogprobs
+from batchllm.outputs import (
+    PLACEHOLDER_TOKEN_ID,
+    LogitsAdjust,
+    RunnerOutput,
+    SamplingSpec,
+    ScheduledBatch,
+    ScheduledRequest,
+    TokenLogprobs,
+)
 from batchllm.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -80,19 +88,21 @@ def _logits_adjust(request: Request) -> LogitsAdjust:
     )
 
 
-def _service_order(running: list[Request]) -> list[tuple[Request, int]]:
-    """Running work in order of service, each with its token count: decodes, then request
-    prefill, then prefix prefill, each class in running order (a stable sort by class). Built
-    every step over every running request: one pass, each token count read once."""
+def _service_order(running: list[Request]) -> list[tuple[Request, int, bool]]:
+    """Running work in order of service, each with its token count and whether it is a decode
+    (`_is_decode` of all its remaining tokens): decodes, then request prefill, then prefix prefill,
+    each class in running order (a stable sort by class). Built every step over every running
+    request: one pass, each token count read once (`Request.num_tokens`, inlined)."""
     decodes, prefills, prefixes = [], [], []
     for request in running:
-        num_tokens = request.num_tokens
+        outputs, pending = request.output_token_ids, request.num_pending_tokens
+        num_tokens = len(request.prompt_token_ids) + len(outputs) + pending
         if request.is_prefix:
-            prefixes.append((request, num_tokens))
-        elif _is_decode(request, num_tokens - request.num_computed_tokens, num_tokens):
-            decodes.append((request, num_tokens))
+            prefixes.append((request, num_tokens, False))
+        elif request.num_computed_tokens + 1 == num_tokens and (outputs or pending):
+            decodes.append((request, num_tokens, True))
         else:
-            prefills.append((request, num_tokens))
+            prefills.append((request, num_tokens, False))
     decodes += prefills
     decodes += prefixes
     return decodes
@@ -181,7 +191,7 @@ class Scheduler:
 
     def _schedule_once(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
-        chosen: list[tuple[Request, int, int]] = []  # (request, new tokens, its token count)
+        chosen: list[tuple[Request, int, int, bool]] = []  # (request, new tokens, its token count, decode)
         copies: list[tuple[int, int]] = []
         preempted = False
 
@@ -189,8 +199,13 @@ class Scheduler:
         allocate_slots = self.kv.allocate_slots
         i = 0
         while i < len(order) and budget > 0:
-            request, num_tokens = order[i]
-            num_new = self._num_new_tokens(request, budget, num_tokens)
+            request, num_tokens, decode = order[i]
+            if decode:  # (`_num_new_tokens` of a decode, inlined: every decode, every step)
+                num_new = 0 if request.num_pending_tokens and (
+                    request.needs_host_tokens
+                    or num_tokens - len(request.prompt_token_ids) >= request.max_output_tokens) else 1
+            else:
+                num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0:
                 i += 1
                 continue
@@ -201,7 +216,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                chosen.append((request, num_new, num_tokens))
+                chosen.append((request, num_new, num_tokens, decode))
                 budget -= num_new
                 i += 1
 
@@ -237,7 +252,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self.admission.on_admit(request)
-            chosen.append((request, num_new, num_tokens))
+            chosen.append((request, num_new, num_tokens, _is_decode(request, num_new, num_tokens)))
             if copy is not None:
                 copies.append(copy)
             budget -= num_new
@@ -252,11 +267,11 @@ class Scheduler:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
 
-    def _pending_token_ends(self, request: Request, num_tokens: int) -> bool:
-        """The request's pending token is its last, whatever its value (max_tokens or the context)."""
-        max_tokens = request.sampling_params.max_tokens
-        return (max_tokens is not None and len(request.output_token_ids) + request.num_pending_tokens >= max_tokens
-                ) or num_tokens >= self.max_model_len
+    @staticmethod
+    def _pending_token_ends(request: Request, num_tokens: int) -> bool:
+        """The request's pending token is its last, whatever its value: its outputs, pending ones
+        included, reach `max_output_tokens` (max_tokens, or the context: max_model_len)."""
+        return num_tokens - len(request.prompt_token_ids) >= request.max_output_tokens
 
     def _free_blocks(self, request: Request) -> None:
         self.kv.free(request.request_id)
@@ -321,40 +336,50 @@ class Scheduler:
             logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
         return bool(released)
 
-    def _make_batch(self, chosen: list[tuple[Request, int, int]], copies: list[tuple[int, int]]) -> ScheduledBatch:
+    def _make_batch(self, chosen: list[tuple[Request, int, int, bool]],
+                    copies: list[tuple[int, int]]) -> ScheduledBatch:
         """The step's batch; advances the counters of its requests (see the module docstring).
-        An empty step keeps the finished ids for the next one."""
+        An empty step keeps the finished ids for the next one. chosen: (request, new tokens, its
+        token count, whether those are a decode: its one last token, which it samples after)."""
         if not chosen:
             return ScheduledBatch([])
         scheduled = []
         completed_prefixes = []
         stats, block_table = self.stats, self.kv.block_table
-        num_decodes = 0
-        for request, num_new, num_tokens in chosen:  # (every running request, every step: no property reads)
-            start = request.num_computed_tokens
-            reaches_end = start + num_new == num_tokens
-            if _is_decode(request, num_new, num_tokens):
+        num_decodes = num_samples = 0
+        for request, num_new, num_tokens, decode in chosen:  # (every running request, every step: no property reads)
+            request_id, start = request.request_id, request.num_computed_tokens
+            table = block_table(request_id)
+            sent = request.num_blocks_sent
+            sp = request.sampling_params
+            if decode:  # its last token: pending (a placeholder) or its last output; it samples
                 num_decodes += 1
+                samples = True
+                token_ids = [PLACEHOLDER_TOKEN_ID] if request.num_pending_tokens else request.output_token_ids[-1:]
             else:
                 stats.prefill_tokens += num_new
-            table = block_table(request.request_id)
-            sent = request.num_blocks_sent
-            samples = reaches_end and not request.is_prefix
+                reaches_end = start + num_new == num_tokens
+                samples = reaches_end and not request.is_prefix
+                if request.is_prefix and reaches_end:
+                    completed_prefixes.append(request)
+                token_ids = request.token_ids(start, start + num_new)
+            spec = None
+            if samples:
+                spec = request.cached_sampling_spec
+                if spec is None:
+                    spec = self._sampling_spec(request)
             scheduled.append(
                 ScheduledRequest(
-                    request.request_id, request.token_ids(start, start + num_new), start, table[sent:], sent,
-                    self._sampling_spec(request) if samples else None, request.shared_prefixes,
-                    None if request.sampling_params.prompt_logprobs is None
-                    else prompt_logprobs.spec_for_chunk(request, start, num_new),
+                    request_id, token_ids, start, table[sent:], sent, spec, request.shared_prefixes,
+                    None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, num_new),
                 )
             )
             request.num_blocks_sent = len(table)
             request.num_computed_tokens = start + num_new
-            if samples:
+            if samples:  # (after its spec: min_tokens counts the pending tokens before this one)
+                num_samples += 1
                 request.num_pending_tokens += 1
-                self.num_pending_outputs += 1
-            elif request.is_prefix and reaches_end:
-                completed_prefixes.append(request)
+        self.num_pending_outputs += num_samples
         stats.decode_tokens += num_decodes
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
         self._finished_since_last_step = []
