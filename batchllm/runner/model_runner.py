@@ -218,7 +218,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if self.tp is None or self.tp.is_driver:
             specs = [scheduled.sampling for _, scheduled in sample_rows]
-            generators = [self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
+            generators = [None if s.sampling.seed is None else self._generator_for(s.request_id, s.sampling)
+                          for _, s in sample_rows]  # (unseeded rows share the engine's: no call per row)
             sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
         else:
             sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
@@ -311,11 +312,14 @@ class ModelRunner:
         prompt_rows = []
         placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
         previous_index = self._previous_tokens[1]
-        update_table = self._tables.update
+        update_table, held_table = self._tables.update, self._tables.held
         num_tokens = 0
         for i, scheduled in enumerate(requests):  # (every running request, every step: locals, no numpy scalars)
             request_id, token_ids = scheduled.request_id, scheduled.token_ids
-            tables.append(update_table(request_id, scheduled.block_table_start, scheduled.block_ids))
+            table = held_table(request_id) if not scheduled.block_ids else None  # (most decode steps)
+            if table is None or len(table) != scheduled.block_table_start:
+                table = update_table(request_id, scheduled.block_table_start, scheduled.block_ids)
+            tables.append(table)
             n = len(token_ids)
             input_ids += token_ids
             if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
@@ -441,6 +445,10 @@ class _BlockTables:
         self.rows = np.zeros((64, self.width), dtype=np.int32)  # [row capacity, width]
         self._row_of: dict[str, int] = {}
         self._lists: dict[str, list[int]] = {}
+        self.held = self._lists.get
+        """held(request_id): the request's whole table as held now (None: none), read-only; what
+        `update` with no new entries returns when its length is the diff's start (a C call: the
+        check of every running request, every step)."""
         self._free_rows: list[int] = list(range(63, -1, -1))
 
     def update(self, request_id: str, start: int, new_ids: list[int]) -> list[int]:
