@@ -36,11 +36,11 @@ class SamplingSpec:
     """Where the outputs start: with `adjust` or `grammar` the runner keeps the request's output
     tokens from the positions it computes (such a request is never scheduled on a placeholder)."""
 
-    @property
+    @functools.cached_property  # (these two are read for every sampling row of every step; fields never change)
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
 
-    @property
+    @functools.cached_property
     def needs_history(self) -> bool:
         """The runner must know the request's output tokens to sample it."""
         return self.adjust is not None or self.grammar is not None

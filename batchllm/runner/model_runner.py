@@ -473,7 +473,7 @@ class _BlockTables:
         return table
 
     def gather(self, request_ids: list[str], width: int) -> np.ndarray:
-        rows = np.fromiter((self._row_of[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
+        rows = np.fromiter(map(self._row_of.__getitem__, request_ids), dtype=np.int64, count=len(request_ids))
         return self.rows[rows, :width]
 
     def drop(self, request_id: str) -> None:
