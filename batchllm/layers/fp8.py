@@ -10,7 +10,7 @@ Per-output-channel scales keep tensor parallelism simple: a column-parallel shar
 scales, a row-parallel shard (a slice of K) keeps every scale. Weights are quantized from the whole
 checkpoint tensor, before sharding, so every tensor-parallel size runs the same quantized model.
 
-Fused activation quantization (opt-in, `fp8_fused_quant`; experimental until measured on a GPU): the
+Fused activation quantization (`fp8_fused_quant`, on by default: the same bits, ~6% faster on an H200): the
 op before a layer (RMSNorm, SiLU-and-mul) hands it an `Fp8Input`, already quantized with the layer's
 own quantizer's arithmetic, and the layer skips its quantize. `prepare_fp8` turns it on for a layer
 (`takes_quantized`) only where the model's ops reproduce that quantizer bit for bit
@@ -153,10 +153,10 @@ class Fp8Linear(nn.Module):
         self.quantize = quantize_rows
         """Both set by `prepare_fp8` once the module is on its device."""
         self.fuse_quant = False
-        """The fp8_fused_quant opt-in (`prepare_fp8`)."""
+        """The fp8_fused_quant setting (`prepare_fp8`)."""
         self.takes_quantized = False
         """Whether an op before this layer that can quantize its output (a norm, SiLU-and-mul) should
-        hand it an `Fp8Input` (`match_fused_quant`: the opt-in is on and the model's ops reproduce
+        hand it an `Fp8Input` (`match_fused_quant`: the setting is on and the model's ops reproduce
         `self.quantize`); a plain tensor is accepted either way (o_proj always gets one)."""
 
     def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
@@ -184,7 +184,7 @@ def restore_fp8_dtypes(model: nn.Module) -> None:
 def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bool = False) -> None:
     """Choose the matmul path and the activation quantizer of every FP8 layer for `device` (once,
     at load): on FP8 GPUs `_scaled_mm`, and the Triton quantizer where Triton is installed.
-    fuse_quant (the fp8_fused_quant opt-in): layers whose quantizer `ops` (the model's op policy)
+    fuse_quant (the fp8_fused_quant setting): layers whose quantizer `ops` (the model's op policy)
     reproduce take their input quantized by the op before them (`match_fused_quant`)."""
     fast = scaled_mm_supported(device)
     quantize = quantize_rows
@@ -204,7 +204,7 @@ def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bo
 
 def match_fused_quant(model: nn.Module, ops) -> None:
     """Set each FP8 layer's `takes_quantized` for the op policy `ops` (at load, and again when the
-    model switches ops): on only with the opt-in and where `ops.fused_quantizer()` is the layer's
+    model switches ops): on only with the setting and where `ops.fused_quantizer()` is the layer's
     quantizer, so a fused op's output is bit for bit what the layer would have made of its input."""
     fused = ops.fused_quantizer()
     for module in model.modules():

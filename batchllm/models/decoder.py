@@ -11,7 +11,7 @@ the shard's and `full_spec` the checkpoint's.
 
 With `fp8=True` every linear layer of the decoder layers is an `Fp8Linear` (`layers/fp8.py`: float8
 weights with per-output-channel scales); the embedding, norms, attention and LM head are unchanged.
-Where such a layer `takes_quantized` (the fp8_fused_quant opt-in), the op before it (the two norms
+Where such a layer `takes_quantized` (the fp8_fused_quant setting, on by default), the op before it (the two norms
 for qkv_proj and gate_up_proj, SiLU-and-mul for down_proj: each their layer's only input) returns
 its output quantized per token; the final norm before the LM head never does.
 """
