@@ -105,7 +105,7 @@ class ModelConfig(_Checked):
     kv_store: str = option("auto", "how a step's new keys and values reach the KV cache under the Triton "
                            "attention: triton: one kernel per layer (copying, or quantizing to fp8; 2-15x faster "
                            "per layer on an H200); torch: per K and V a quantize and an index_copy_ (the same "
-                           "bytes); auto: triton on CUDA",
+                           "bytes); auto: triton on CUDA (triton needs the Triton attention)",
                            choices=_KERNEL_CHOICES)
     enforce_eager: bool = option(False, "never use CUDA graphs (else decode steps run as graphs on CUDA with "
                                  "the Triton attention)")

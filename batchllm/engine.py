@@ -174,6 +174,9 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
         backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention,
                                 fused_store=use_triton(mc.kv_store, device, "kv_store"))
     else:
+        if mc.kv_store == "triton":  # the one-kernel store is the Triton attention's
+            raise ValueError("kv_store='triton' needs the Triton attention (attention_backend 'triton', or 'auto' "
+                             "on a CUDA device with Triton installed)")
         backend = TorchReferenceBackend()
     backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device, kv_spec.dtype)
     runner = ModelRunner(model, kv_spec, backend, device=device, seed=mc.seed, tp=tp)

@@ -45,10 +45,11 @@ class StaticDecodePlan:
     for that step."""
 
     def __init__(self, backend: TritonBackend, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, extra_items: int | None = None, block_size: int = 16) -> None:
+                 device: torch.device, extra_items: int | None = None, *, block_size: int) -> None:
         """extra_items: room beyond one item per sequence (per section) for split-K pieces; default:
         the number of programs per KV head that split-K aims for (all pieces of a step fit in it).
-        block_size: the cache's, for the plan's key alignment (as the eager plan's: `key_alignment`)."""
+        block_size: the cache's, for the plan's key alignment (as the eager plan's: `key_alignment`;
+        required, so a graph never replays a plan aligned differently from the eager step's)."""
         self.backend = backend
         self.align = key_alignment(block_size)
         self.max_batch = max_batch

@@ -61,7 +61,7 @@ class DecodeGraphs:
         self.max_batch, self.pad_slot = max_batch, pad_slot
         self.sizes = capture_sizes(max_batch)
         self.plan = StaticDecodePlan(backend, max_batch, spec.num_heads, spec.num_kv_heads, spec.head_dim, device,
-                                     extra_items, block_size)
+                                     extra_items, block_size=block_size)
         self.ints = torch.zeros(5 * max_batch, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.slots, self.fill_at, self.fill_from = self.ints.view(5, max_batch)
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)

@@ -67,17 +67,19 @@ def test_bf16_graphs_agree_with_eager_up_to_top5(tiny_dir):
                 break
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_replayed_attention_equals_eager_attention(dtype):
+def test_replayed_attention_equals_eager_attention(dtype, block_size):
     """The attention alone, captured once in a graph of 64 rows and replayed over steps of other
     shapes (prefix groups, nested groups, split-K, 1 to 64 sequences): the eager backend's output,
-    bit for bit (the same kernels over the same items), and 0 in the padding rows."""
+    bit for bit (the same kernels over the same items), and 0 in the padding rows; on 64-token
+    blocks too, where both plans start items on tile boundaries (`key_alignment`)."""
     from batchllm.attention.static_decode_plan import StaticDecodePlan
     from batchllm.attention.triton_backend import TritonBackend
 
-    heads, kv_heads, head_dim, block_size, size = 32, 8, 128, 16, 64
+    heads, kv_heads, head_dim, size = 32, 8, 128, 64
     backend = TritonBackend()
-    plan = StaticDecodePlan(backend, size, heads, kv_heads, head_dim, torch.device("cuda"))
+    plan = StaticDecodePlan(backend, size, heads, kv_heads, head_dim, torch.device("cuda"), block_size=block_size)
     steps = [
         group_decode(20, 300, 7, 0) + group_decode(5, 1000, 0, 1) + [(50, 1), (16000, 1)],
         [(610 + j, 1, [(0, 300), (1 + j % 3, 600)]) for j in range(40)] + [(350, 1, [(0, 300)])] * 8,

@@ -85,7 +85,7 @@ def test_replayed_graph_reads_the_scales_on_the_device():
 
     heads, kv_heads, head_dim, block_size, size = 32, 8, 128, 16, 32
     backend = TritonBackend()
-    plan = StaticDecodePlan(backend, size, heads, kv_heads, head_dim, torch.device("cuda"))
+    plan = StaticDecodePlan(backend, size, heads, kv_heads, head_dim, torch.device("cuda"), block_size=block_size)
     specs = group_decode(20, 300, 7, 0) + [(50, 1), (3000, 1)]
     q, k, v, case_cache, md = random_case(specs, heads, kv_heads, head_dim, block_size, torch.bfloat16, seed=1)
     kv_scale = scales(1.0, 1.0)

@@ -73,7 +73,7 @@ def test_static_plan_computes_the_reference_attention(name, specs, options):
     q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=5, device="cpu")
     ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)
     TorchReferenceBackend().forward(q, k, v, cache, md, 0.125)  # the new tokens' K/V into the cache
-    plan = StaticDecodePlan(TritonBackend(**options), 16, 8, 2, 64, torch.device("cpu"))
+    plan = StaticDecodePlan(TritonBackend(**options), 16, 8, 2, 64, torch.device("cpu"), block_size=16)
     stale = [(2000, 1)] * 12
     assert plan.fill(list(range(13)), [c + n for c, n in stale], None, 16)
     assert plan.fill(md.query_start_loc_cpu, md.seq_lens_cpu, md.share_levels_cpu, 16)
@@ -88,7 +88,8 @@ def test_static_plan_computes_the_reference_attention(name, specs, options):
 
 def test_a_step_whose_plan_outgrows_the_graph_is_refused():
     """More split-K pieces than the graph of 4 has programs for: fill says no and writes nothing."""
-    plan = StaticDecodePlan(TritonBackend(split_len=64), 8, 8, 2, 64, torch.device("cpu"), extra_items=2)
+    plan = StaticDecodePlan(TritonBackend(split_len=64), 8, 8, 2, 64, torch.device("cpu"), extra_items=2,
+                            block_size=16)
     before = plan.buffer.clone()
     assert not plan.fill([0, 1, 2], [1000, 900], None, 4)
     assert torch.equal(plan.buffer, before)

@@ -55,3 +55,13 @@ def test_kv_store_choice_reaches_the_triton_backend(monkeypatch, tmp_path):
         with pytest.raises(RuntimeError, match="stop after construction"):
             engine.build_engine(config)
         assert built[-1]["fused_store"] is fused, (choice, kv_cache_dtype)
+
+
+def test_kv_store_triton_without_the_triton_attention_is_an_error_naming_it(tmp_path):
+    """As kernels='triton' on a CPU: asking for the one-kernel store where the attention is torch's
+    (here: a CPU device) fails at build, naming the option, instead of being silently ignored."""
+    from batchllm import engine
+
+    config = engine_config(model=str(make_tiny_model("llama", tmp_path)), kv_store="triton", device="cpu")
+    with pytest.raises(ValueError, match="kv_store='triton' needs the Triton attention"):
+        engine.build_engine(config)
