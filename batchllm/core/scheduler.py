@@ -88,6 +88,14 @@ def _logits_adjust(request: Request) -> LogitsAdjust:
     )
 
 
+def _waits_for_pending_token(request: Request, num_tokens: int) -> bool:
+    """A request with a pending (not yet known) token is not scheduled on a placeholder when the
+    runner reads its last token on the host (penalties, biases, grammars: `needs_host_tokens`) or
+    when that pending token is its last whatever its value: its outputs, pending ones included,
+    reach `max_output_tokens` (max_tokens, or the context). num_tokens: its `num_tokens`."""
+    return request.needs_host_tokens or num_tokens - len(request.prompt_token_ids) >= request.max_output_tokens
+
+
 def _service_order(running: list[Request]) -> list[tuple[Request, int, bool]]:
     """Running work in order of service, each with its token count and whether it is a decode
     (`_is_decode` of all its remaining tokens): decodes, then request prefill, then prefix prefill,
@@ -201,9 +209,7 @@ class Scheduler:
         while i < len(order) and budget > 0:
             request, num_tokens, decode = order[i]
             if decode:  # (`_num_new_tokens` and `allocate_slots` of a decode, inlined: every decode, every step)
-                num_new = 0 if request.num_pending_tokens and (
-                    request.needs_host_tokens
-                    or num_tokens - len(request.prompt_token_ids) >= request.max_output_tokens) else 1
+                num_new = 0 if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens) else 1
                 table = held_table(request.request_id)
                 if num_new and table is not None and request.num_computed_tokens < len(table) * block_size:
                     chosen.append((request, 1, num_tokens, True))  # its slot is held: allocate_slots is a no-op
@@ -266,18 +272,12 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, budget: int, num_tokens: int) -> int:
         """Tokens of the request this step can compute within `budget`; num_tokens: its `num_tokens`."""
-        if request.num_pending_tokens and (request.needs_host_tokens or self._pending_token_ends(request, num_tokens)):
-            return 0  # (penalties and grammars read the last token on the host: never a placeholder)
+        if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens):
+            return 0
         remaining = num_tokens - request.num_computed_tokens
         if remaining <= budget:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
-
-    @staticmethod
-    def _pending_token_ends(request: Request, num_tokens: int) -> bool:
-        """The request's pending token is its last, whatever its value: its outputs, pending ones
-        included, reach `max_output_tokens` (max_tokens, or the context: max_model_len)."""
-        return num_tokens - len(request.prompt_token_ids) >= request.max_output_tokens
 
     def _free_blocks(self, request: Request) -> None:
         self.kv.free(request.request_id)
