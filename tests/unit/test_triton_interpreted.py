@@ -239,46 +239,37 @@ def test_attention_kernel_with_a_block_index_per_tile_over_fp8_cache():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name):
+TRITON_PATH_CASES = [  # model, block size, step tokens, shared prefix, members, max_tokens, a plain prompt
+    ("llama", 16, 32, 40, 4, 6, 20),
+    ("qwen3", 16, 32, 40, 4, 6, 20),
+    # one block index per tile for prefill tiles, decodes and (aligned at 128) suffix items
+    ("llama", 64, 96, 130, 3, 5, 70),
+]
+
+
+@pytest.mark.parametrize("name, block_size, step_tokens, shared_len, members, max_tokens, plain_len",
+                         TRITON_PATH_CASES, ids=["llama", "qwen3", "llama-block64"])
+def test_triton_path_gives_hf_greedy_tokens(tiny_model_factory, name, block_size, step_tokens, shared_len, members,
+                                            max_tokens, plain_len):
     """The whole GPU path (Triton attention with prefix groups, Triton norm/rotary/SiLU) on the CPU:
-    the same greedy tokens as HF transformers, through prefill chunks, shared prefixes and decode."""
+    the same greedy tokens as HF transformers, through prefill chunks, shared prefixes and decode,
+    on 16- and 64-token blocks."""
     from batchllm import LLM, SamplingParams
     from batchllm.attention.triton_backend import TritonBackend
     from tests.helpers import hf_greedy
 
     model_dir = tiny_model_factory(name)
-    llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=32, skip_tokenizer_init=True)
-    llm.engine.model.use_ops(_triton_ops())
-    llm.engine.runner.backend = TritonBackend(min_members=1, min_shared=1)
-    shared = list(range(100, 140))
-    prompts = [shared + [7 + i, 300 + i] for i in range(4)] + [list(range(500, 520))]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    assert llm.last_stats["prefill_tokens_computed"] < sum(map(len, prompts)), "the prefix was shared"
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, 6, stop_at_eos=False)
-
-
-@pytest.mark.parametrize("name", ["llama"])
-def test_triton_path_on_64_token_blocks_gives_hf_greedy_tokens(tiny_model_factory, name):
-    """`block_size=64` end to end on the Triton path (one block index per tile for prefill tiles and
-    decodes; suffix items after 130 cached shared tokens gather per key): HF's greedy tokens."""
-    from batchllm import LLM, SamplingParams
-    from batchllm.attention.triton_backend import TritonBackend
-    from tests.helpers import hf_greedy
-
-    model_dir = tiny_model_factory(name)
-    llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=96, block_size=64,
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=step_tokens, block_size=block_size,
               skip_tokenizer_init=True)
     llm.engine.model.use_ops(_triton_ops())
     llm.engine.runner.backend = TritonBackend(min_members=1, min_shared=1)
-    shared = list(range(100, 230))
-    prompts = [shared + [7 + i, 300 + i] for i in range(3)] + [list(range(500, 570))]
+    shared = list(range(100, 100 + shared_len))
+    prompts = [shared + [7 + i, 300 + i] for i in range(members)] + [list(range(500, 500 + plain_len))]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    assert llm.engine.kv_spec.block_size == 64
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.kv_spec.block_size == block_size
     assert llm.last_stats["prefill_tokens_computed"] < sum(map(len, prompts)), "the prefix was shared"
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, 5, stop_at_eos=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, max_tokens, stop_at_eos=False)
 
 
 def _model_kv(n: int, kv_heads: int, head_dim: int, values: torch.Tensor, g: torch.Generator,
