@@ -312,14 +312,11 @@ class ModelRunner:
         prompt_rows = []
         placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
         previous_index = self._previous_tokens[1]
-        update_table, held_table = self._tables.update, self._tables.held
+        update_table = self._tables.update
         num_tokens = 0
         for i, scheduled in enumerate(requests):  # (every running request, every step: locals, no numpy scalars)
             request_id, token_ids = scheduled.request_id, scheduled.token_ids
-            table = held_table(request_id) if not scheduled.block_ids else None  # (most decode steps)
-            if table is None or len(table) != scheduled.block_table_start:
-                table = update_table(request_id, scheduled.block_table_start, scheduled.block_ids)
-            tables.append(table)
+            tables.append(update_table(request_id, scheduled.block_table_start, scheduled.block_ids))
             n = len(token_ids)
             input_ids += token_ids
             if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
@@ -445,10 +442,6 @@ class _BlockTables:
         self.rows = np.zeros((64, self.width), dtype=np.int32)  # [row capacity, width]
         self._row_of: dict[str, int] = {}
         self._lists: dict[str, list[int]] = {}
-        self.held = self._lists.get
-        """held(request_id): the request's whole table as held now (None: none), read-only; what
-        `update` with no new entries returns when its length is the diff's start (a C call: the
-        check of every running request, every step)."""
         self._free_rows: list[int] = list(range(63, -1, -1))
 
     def update(self, request_id: str, start: int, new_ids: list[int]) -> list[int]:
