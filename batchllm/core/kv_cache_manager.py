@@ -19,9 +19,6 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
-        self.held_table = self._tables.get
-        """held_table(request_id): the request's block table (None: it holds none), read-only; as
-        the dict's own get, a C call (the scheduler reads it for every running request, every step)."""
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -204,18 +204,12 @@ class Scheduler:
         preempted = False
 
         order = _service_order(self.running)
-        allocate_slots, held_table, block_size = self.kv.allocate_slots, self.kv.held_table, self.kv.block_size
+        allocate_slots = self.kv.allocate_slots
         i = 0
         while i < len(order) and budget > 0:
             request, num_tokens, decode = order[i]
-            if decode:  # (`_num_new_tokens` and `allocate_slots` of a decode, inlined: every decode, every step)
+            if decode:  # (`_num_new_tokens` of a decode, inlined: every decode, every step)
                 num_new = 0 if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens) else 1
-                table = held_table(request.request_id)
-                if num_new and table is not None and request.num_computed_tokens < len(table) * block_size:
-                    chosen.append((request, 1, num_tokens, True))  # its slot is held: allocate_slots is a no-op
-                    budget -= 1
-                    i += 1
-                    continue
             else:
                 num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0:
@@ -351,11 +345,11 @@ class Scheduler:
             return ScheduledBatch([])
         scheduled = []
         completed_prefixes = []
-        stats, held_table = self.stats, self.kv.held_table
+        stats, block_table = self.stats, self.kv.block_table
         num_decodes = num_samples = 0
         for request, num_new, num_tokens, decode in chosen:  # (every running request, every step: no property reads)
             request_id, start = request.request_id, request.num_computed_tokens
-            table = held_table(request_id)  # (every chosen request holds one: allocate_slots made it)
+            table = block_table(request_id)
             sent = request.num_blocks_sent
             sp = request.sampling_params
             if decode:  # its last token: pending (a placeholder) or its last output; it samples
