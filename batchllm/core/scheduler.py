@@ -392,8 +392,8 @@ class Scheduler:
 
     @staticmethod
     def _sampling_spec(request: Request) -> SamplingSpec:
-        if request.cached_sampling_spec is not None:
-            return request.cached_sampling_spec
+        """A sampling row's settings, made when `request.cached_sampling_spec` holds none (the caller
+        reads that first: every sampling row, every step); cached once past min_tokens."""
         sp = request.sampling_params
         banned: tuple[int, ...] = ()
         if request.num_output_tokens + request.num_pending_tokens < sp.min_tokens:
