@@ -266,13 +266,7 @@ class LLM:
             index, state = call.states[update.request_id]
             if update.prompt_logprobs is not None:
                 state.prompt_logprobs = update.prompt_logprobs
-            if state.plain:  # (what `append` does for it, without the call)
-                state.token_ids.append(update.new_token_id)
-                if update.finish_reason is None:
-                    continue
-                matched = None
-            else:
-                matched = state.append(update.new_token_id, update.logprobs)
+            matched = state.append(update.new_token_id, update.logprobs)
             if matched is not None:
                 if update.finish_reason is None:
                     core.finish_requests([update.request_id], "stop", matched)

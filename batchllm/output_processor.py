@@ -72,9 +72,6 @@ class CompletionState:
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self._watch_stops = bool(params.stop_strings) and tokenizer is not None
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
-        self.plain = not self._watch_stops and self.logprobs is None
-        """Neither stop strings nor logprobs: `append` only stores the token and never matches (the
-        facade then stores it itself: every token of every step)."""
         self.stop_text: str | None = None
         """Text cut at the matched stop string, once one matched."""
         self.finish_reason: str | None = None
