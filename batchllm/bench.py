@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
         runner.gpu_timeline = []
     _sync(llm)
     graph_steps = runner.num_graph_steps
+    compiled = triton_kernels_compiled() if cuda else None
     start = time.perf_counter()
     try:
         llm.generate(prompts, params, use_tqdm=False)
@@ -113,6 +115,8 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     wall = time.perf_counter() - start
     s = dict(llm.last_stats)
     s["graph_steps"] = runner.num_graph_steps - graph_steps  # steps run as a decode CUDA graph
+    if compiled is not None:  # Triton compiles inside the timed run: kernels the warm-up did not reach
+        s["triton_compiles"] = triton_kernels_compiled() - compiled
     if cuda and timeline:
         busy_ms = sum(a.elapsed_time(b) for a, b in timeline)
         span_ms = timeline[0][0].elapsed_time(timeline[-1][1])
@@ -125,6 +129,24 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
         s.update(mfu=s["model_tflops_per_s"] / matmul_peak_tflops, matmul_peak_tflops=matmul_peak_tflops)
     s.update(_rates(s, workload, wall), tokens_per_step=[r.num_tokens for r in engine.core.step_log[-s["num_steps"]:]])
     return s
+
+
+def triton_kernels_compiled() -> int:
+    """How many compiled variants BatchLLM's Triton kernels hold now, over all devices (a kernel
+    compiles once per specialization: constexprs, dtypes, integer arguments' divisibility by 16)."""
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:
+        return 0
+    kernels = set()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("batchllm") and module is not None:
+            for value in vars(module).values():
+                while isinstance(getattr(value, "fn", None), KernelInterface):  # autotuner / heuristics
+                    value = value.fn
+                if isinstance(value, KernelInterface):
+                    kernels.add(value)
+    return sum(len(caches[0]) for k in kernels for caches in getattr(k, "device_caches", {}).values())
 
 
 def _rates(s: dict, workload: Workload, wall: float) -> dict[str, Any]:
@@ -410,4 +432,5 @@ def _line(s: dict) -> str:
             + (f"  GPU idle {100 * s['gpu_idle_fraction']:4.1f}%  peak mem {s['peak_gpu_memory_gib']:.1f} GiB"
                if "gpu_idle_fraction" in s else "")
             + (f"  graph steps {s['graph_steps']}" if s.get("graph_steps") else "")
+            + (f"  Triton compiles {s['triton_compiles']}" if s.get("triton_compiles") else "")
             + (f"  KV {s['kv_cache_dtype']} {s['kv_tokens']} tok" if "kv_tokens" in s else ""))

@@ -19,7 +19,10 @@
 #       paper (~5 min) / decode-heavy (~5 min). A process's first config ran ~4% slow in session 9: run a pair in
 #       both orders before trusting a difference that small.
 #   PART=block64 bash scripts/gpu_issues.sh   64-token KV blocks (one block index per attention tile) against 16: the
-#       block-size GPU attention tests, then paper, decode-heavy and no-sharing, each pair in both orders (~8 min)
+#       block-size GPU attention tests, then paper and decode-heavy, each pair in both orders (~6 min)
+#   PART=block64ns bash scripts/gpu_issues.sh  the same A/B with sharing off (~4 min)
+#   PART=profile bash scripts/gpu_issues.sh   where the GPU time of decode-heavy goes, bf16 and FP8 weights
+#       (`--profile-out`: kernel time per category and the top kernels) (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -70,7 +73,16 @@ block64)
   bench b64_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,sharing-block64,sharing --json-out "$OUT/b64_paper.json"
   bench b64_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing-block64,sharing,sharing-block64 \
       --json-out "$OUT/b64_decode.json"
-  bench b64_nosharing "${M8D[@]}" "${PAPER[@]}" --configs nosharing,nosharing-block64 --json-out "$OUT/b64_nosharing.json"
+  ;;
+block64ns)
+  bench b64_nosharing "${M8D[@]}" "${PAPER[@]}" --configs nosharing-block64,nosharing,nosharing-block64 \
+      --json-out "$OUT/b64_nosharing.json"
+  ;;
+profile)
+  bench prof_decode_bf16 "${M8D[@]}" "${DECODE[@]}" --configs sharing --profile-out "$OUT/prof_decode_bf16.txt" \
+      --json-out "$OUT/prof_decode_bf16.json"
+  bench prof_decode_fp8 "${M8D[@]}" "${DECODE[@]}" --configs fp8 --profile-out "$OUT/prof_decode_fp8.txt" \
+      --json-out "$OUT/prof_decode_fp8.json"
   ;;
 fp8paper)
   bench fp8_paper "${M8[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_paper.json"

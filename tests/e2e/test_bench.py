@@ -5,6 +5,8 @@ model on the CPU."""
 import json
 from pathlib import Path
 
+import pytest
+
 from batchllm.cli import main
 from tests.helpers import benchmark_module
 
@@ -52,3 +54,25 @@ def test_user_path_runs_bench_first_and_run_on_the_written_requests(tiny_model_f
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     user_path.main([*flags, "--order", "run,bench", "--", "--device", "cpu"])
     assert calls[2:] == ["run", "bench"]
+
+
+def test_triton_compile_count_sums_the_variants_of_batchllms_kernels(tmp_path, monkeypatch):
+    """The bench's count of Triton compiles in a timed run: every compiled variant of every kernel in
+    a batchllm module, over all devices (nothing compiles on the CPU, so the caches are filled here)."""
+    import importlib.util
+    import sys
+
+    pytest.importorskip("triton")
+    from batchllm.bench import triton_kernels_compiled
+
+    source = tmp_path / "probe.py"
+    source.write_text("import triton\n\n@triton.jit\ndef probe_kernel(x):\n    pass\n")
+    spec = importlib.util.spec_from_file_location("batchllm._compile_probe", source)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    before = triton_kernels_compiled()
+    monkeypatch.setitem(sys.modules, "batchllm._compile_probe", probe)
+    probe.probe_kernel.device_caches = {0: ({"v1": 1, "v2": 2}, None, None, None, None), 1: ({"v1": 1},)}
+    assert triton_kernels_compiled() == before + 3
+    monkeypatch.setitem(sys.modules, "other._compile_probe", probe)  # outside batchllm: not counted twice
+    assert triton_kernels_compiled() == before + 3
