@@ -9,6 +9,9 @@ Prints the median time per call (KV store + attention + merge) and, per case:
   same inputs, and split-K against no split;
 - a sweep of group size x shared length: where attending a group as a group starts to pay.
 With --prefill-sweep: only the launch settings of steps with prefill chunks, in TFLOP/s.
+With --decode-sweep: only the decode steps of the decode-heavy workload (`batchllm bench --workload
+decodeheavy`), per tile of the one-query and prefix launches (`TritonBackend(decode_tile=...)`) and with
+split-K per launch (`split_per_launch`), in GB/s of distinct KV read; the last line names the best.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 import triton
 
 from batchllm.attention.torch_ref import TorchReferenceBackend
-from batchllm.attention.triton_backend import TritonBackend
+from batchllm.attention.triton_backend import DECODE_TILE, TileConfig, TritonBackend
+from batchllm.bench import decode_heavy_workload
+from batchllm.layers.fp8 import FP8
 from tests.attention_cases import group_decode, random_case
 
 NO_SPLIT = 10**9
@@ -137,6 +142,64 @@ def prefill_sweep():
             "launch": ",".join(map(str, overall)), "mean_relative": round(relative[overall] / len(PREFILL_CASES), 3)})
 
 
+DECODE_TILES = [DECODE_TILE, *(TileConfig(*t) for t in [(32, 4, 2), (32, 2, 3), (64, 4, 3), (64, 4, 4), (64, 2, 2),
+                                                           (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3)])]
+
+
+def decode_heavy_steps(positions=(100, 250, 400, 550, 700, 850, 950), requests=512, shared=1000, own=100):
+    """Decode steps of `batchllm bench --workload decodeheavy` (its requests, groups and output
+    lengths; all admitted at once, as in the engine's run): at output position t, every request still
+    running, with its prompt and t - 1 outputs cached; groups share their `shared` positions."""
+    workload = decode_heavy_workload(requests, 128256, shared, own, 8, 100, 1000)
+    group_ids: dict[tuple, int] = {}
+    groups = [group_ids.setdefault(tuple(p[:shared]), len(group_ids)) for p in workload.prompts]
+    for t in positions:
+        running = [i for i, n in enumerate(workload.max_tokens) if n >= t]
+        yield t, [(shared + own + t - 1, 1, groups[i], shared) for i in running]
+
+
+def distinct_kv_bytes(specs):
+    """K and V read once: each group's shared positions once, every sequence's own positions."""
+    shared = {(g, share) for _, _, g, share in specs if g >= 0}
+    tokens = sum(c + n - (share if g >= 0 else 0) for c, n, g, share in specs) + sum(s for _, s in shared)
+    return tokens * 2 * 8 * 128 * 2
+
+
+def decode_sweep():
+    """The decode-heavy workload's decode steps (one layer each) per decode tile, then the best tile with
+    split-K per launch, then that over an fp8 cache. Per variant: the summed time over the sampled
+    steps (a proxy for the run's attention time) and each step's GB/s."""
+    cases = [(t, specs, random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0))
+             for t, specs in decode_heavy_steps()]
+
+    def run(label, backend, fp8=False):
+        times = []
+        for _, _, (q, k, v, cache, md) in cases:
+            case = (q, k, v, cache.to(FP8), md) if fp8 else (q, k, v, cache, md)
+            times.append(time_ms(backend, case, reps=100))
+        report({"case": f"decode-heavy steps: {label}", "sum_ms": round(sum(times), 4),
+                **{f"t{t}_n{len(specs)}": f"{ms:.4f} ms {distinct_kv_bytes(specs) / ms / 1e6:.0f} GB/s"
+                   for (t, specs, _), ms in zip(cases, times)}})
+        return sum(times)
+
+    totals = {}
+    for tile in DECODE_TILES:
+        try:
+            label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s"
+            totals[tile] = run(label, TritonBackend(decode_tile=tile))
+        except Exception as error:  # e.g. out of shared memory: not a candidate
+            print(f"{tile}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+    best = min(totals, key=totals.get)
+    split = run("best tile, split-K per launch", TritonBackend(decode_tile=best, split_per_launch=True))
+    plain = run("best tile, prefix-shared attention off", TritonBackend(decode_tile=best, use_prefix_groups=False))
+    fp8 = run("best tile, fp8 cache", TritonBackend(decode_tile=best), fp8=True)
+    report({"case": "decode sweep best", "tile": [best.block_n, best.num_warps, best.num_stages],
+            "split_per_launch": split < totals[best], "default_sum_ms": round(totals[DECODE_TILE], 4),
+            "best_sum_ms": round(min(split, totals[best]), 4),
+            "gain": round(totals[DECODE_TILE] / min(split, totals[best]), 3),
+            "plain_sum_ms": round(plain, 4), "fp8_cache_sum_ms": round(fp8, 4)})
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -145,10 +208,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--prefill-sweep", action="store_true", help="only the mixed-step launch sweep")
+    parser.add_argument("--decode-sweep", action="store_true", help="only the decode-heavy decode-tile sweep")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
-    if args.prefill_sweep:
-        prefill_sweep()
+    if args.prefill_sweep or args.decode_sweep:
+        prefill_sweep() if args.prefill_sweep else decode_sweep()
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -48,7 +48,8 @@ def group_of(prompt: list[int], shared: int) -> tuple[int, ...]:
 
 def decode_bounds(prompts, outputs, shared: int, params: int, weight_bytes: float, kv_bytes_per_token: int,
                   peak: float, bandwidth: float) -> dict[str, float]:
-    """Seconds of the sequential and overlapped bounds (module docstring) for one device."""
+    """Seconds of the sequential and overlapped bounds (module docstring) for one device, and the
+    sequential bound's decode matmul and attention parts (sequential = prefill + matmul + attention)."""
     groups: dict[tuple, list[int]] = {}
     for prompt, n in zip(prompts, outputs):
         groups.setdefault(group_of(prompt, shared), []).append(n)
@@ -56,15 +57,19 @@ def decode_bounds(prompts, outputs, shared: int, params: int, weight_bytes: floa
     own_prompt = [len(p) - shared for p in prompts]
     prefill = 2 * params * (len(groups) * shared + sum(own_prompt)) / peak
     sequential = overlapped = prefill
+    matmul = attention = 0.0
     for step in range(1, max(outputs) + 1):
         running = [i for i, n in enumerate(outputs) if n >= step]
         compute = 2 * params * len(running) / peak
         own_tokens = sum(own_prompt[i] + step for i in running)
         shared_tokens = shared * sum(1 for end in group_ends if end >= step)
         kv_read = (own_tokens + shared_tokens) * kv_bytes_per_token
+        matmul += max(compute, weight_bytes / bandwidth)
+        attention += kv_read / bandwidth
         sequential += max(compute, weight_bytes / bandwidth) + kv_read / bandwidth
         overlapped += max(compute, (weight_bytes + kv_read) / bandwidth)
-    return {"prefill_s": prefill, "sequential_s": sequential, "overlapped_s": overlapped}
+    return {"prefill_s": prefill, "sequential_s": sequential, "overlapped_s": overlapped,
+            "decode_matmul_s": matmul, "decode_attention_s": attention}
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ import torch
 from batchllm.attention.backend import AttentionMetadata
 from batchllm.attention.triton_backend import (
     COUNT_SLOT,
-    DECODE_TILE,
     ITEM_FIELDS,
     Launch,
     LaunchPlan,
@@ -51,7 +50,7 @@ class StaticDecodePlan:
         block_size: the cache's, for the plan's key alignment (as the eager plan's: `key_alignment`;
         required, so a graph never replays a plan aligned differently from the eager step's)."""
         self.backend = backend
-        self.align = key_alignment(block_size)
+        self.align = key_alignment(block_size, backend.decode_tile.block_n)
         self.max_batch = max_batch
         self.num_kv_heads = num_kv_heads
         self.group_pad = next_power_of_2(num_heads // num_kv_heads)
@@ -91,8 +90,9 @@ class StaticDecodePlan:
         prefix_count, single_count, merge_count = launch_counts(self.tensors["counts"])
         metadata.backend_cache[plan_key(self.group_pad)] = LaunchPlan(
             items=None, tensors=self.tensors, part_out=self.part_out, part_lse=self.part_lse,
-            launches=[Launch(0, self.prefix_capacity(size), self.wide, DECODE_TILE, prefix_count),
-                      Launch(self.prefix_section, self.single_capacity(size), 1, DECODE_TILE, single_count)],
+            launches=[Launch(0, self.prefix_capacity(size), self.wide, self.backend.decode_tile, prefix_count),
+                      Launch(self.prefix_section, self.single_capacity(size), 1, self.backend.decode_tile,
+                             single_count)],
             merge_grid=size, merge_count=merge_count,
         )
 

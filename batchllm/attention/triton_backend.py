@@ -321,13 +321,14 @@ def queries_per_program(rows: int, group_pad: int) -> int:
     return max(1, rows // group_pad)
 
 
-def key_alignment(block_size: int) -> int:
+def key_alignment(block_size: int, block_n: int = DECODE_TILE.block_n) -> int:
     """Where the plan starts every item's keys (`plan_work_items`' align): on a tile boundary of the
-    one-query and prefix launches (DECODE_TILE) where their tiles lie whole in a cache block (the
-    kernel's TILE_IN_BLOCK), so prefix, suffix and split-K items read one block index per tile; 1
-    where they do not (the default 16-token blocks: the plan is unchanged). The eager and the static
-    decode plans use the same alignment, so a graph replays the eager step's arithmetic."""
-    return DECODE_TILE.block_n if block_size % DECODE_TILE.block_n == 0 else 1
+    one-query and prefix launches (their tiles of `block_n` keys: the backend's `decode_tile`) where
+    those tiles lie whole in a cache block (the kernel's TILE_IN_BLOCK), so prefix, suffix and split-K
+    items read one block index per tile; 1 where they do not (the default 16-token blocks: the plan
+    is unchanged). The eager and the static decode plans use the same alignment, so a graph replays
+    the eager step's arithmetic."""
+    return block_n if block_size % block_n == 0 else 1
 
 
 def launch_counts(counts: torch.Tensor) -> list[torch.Tensor]:
@@ -349,7 +350,7 @@ class TritonBackend:
     """Decode steps can run as CUDA graphs over a `StaticDecodePlan`."""
 
     def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3),
-                 fused_store: bool = True, **plan_options) -> None:
+                 fused_store: bool = True, decode_tile: TileConfig = DECODE_TILE, **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
         that run prefill chunks; the default won an H200 sweep (`attention_bench.py
@@ -357,11 +358,13 @@ class TritonBackend:
         CUDA, the new K/V go to the cache in one Triton kernel (`kv_store_triton.py`, the same bytes
         as `store_kv`: `tests/gpu/test_kv_store_triton.py`; its speed: `benchmarks/kv_store_bench.py`);
         False (the engine's `kv_store="torch"`), or a cache elsewhere (the CPU interpreter), takes
-        `store_kv`'s torch ops. plan_options go to `plan_work_items`
-        (split_len, min_members, min_shared)."""
+        `store_kv`'s torch ops. decode_tile: the tiles of the prefix and one-query launches (for
+        sweeps: `attention_bench.py --decode-sweep`). plan_options go to `plan_work_items`
+        (split_len, split_per_launch, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
         self.fused_store = fused_store
         self.prefill_launch = prefill_launch
+        self.decode_tile = decode_tile
         self.plan_options = plan_options
         self._unit_scales: dict[torch.device, torch.Tensor] = {}
 
@@ -480,14 +483,15 @@ class TritonBackend:
         rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
         wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
         items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
-                                tile_q, wide, num_kv_heads, key_alignment(metadata.block_size))
+                                tile_q, wide, num_kv_heads,
+                                key_alignment(metadata.block_size, self.decode_tile.block_n))
         p = items.num_prefix_items
         multi = p + np.flatnonzero(items.q_len[p:] > 1)
         single = p + np.flatnonzero(items.q_len[p:] <= 1)
         # items are independent (partials are addressed by row, not by item): launch order is free
         order = np.concatenate([np.arange(p), multi, single]) if len(multi) and len(single) else None
-        shapes = [(p, wide, DECODE_TILE), (len(multi), tile_q, TileConfig(*prefill_tile)),
-                  (len(single), 1, DECODE_TILE)]
+        shapes = [(p, wide, self.decode_tile), (len(multi), tile_q, TileConfig(*prefill_tile)),
+                  (len(single), 1, self.decode_tile)]
         shapes = [shape for shape in shapes if shape[0]]
         arrays = [getattr(items, name)[order] if order is not None and name in ITEM_FIELDS else getattr(items, name)
                   for name in PLAN_FIELDS]

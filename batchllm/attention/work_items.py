@@ -98,7 +98,7 @@ def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: in
                     share_levels: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
                     split_len: int | None = None, num_kv_heads: int = 8, group_block_q: int | None = None,
                     min_members: int = MIN_GROUP_MEMBERS, min_shared: int = MIN_SHARED_TOKENS,
-                    align: int = 1) -> WorkItems:
+                    align: int = 1, split_per_launch: bool = False) -> WorkItems:
     """Plan one step. Sequence i has query tokens query_start_loc[i] .. query_start_loc[i+1]-1 at the
     last positions of its seq_lens[i] tokens.
 
@@ -111,11 +111,13 @@ def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: in
 
     Tiles take up to `block_q` tokens, prefix items up to `group_block_q` members (default:
     block_q). `split_len` overrides the split-K length (else it follows from the step's keys and
-    `num_kv_heads`). `align`: every item's key range starts at a multiple of it (a group's shared
-    reach is rounded down to one, each member's suffix item reading the few shared keys past it;
-    split-K pieces are multiples of it), so a kernel that reads one cache block per tile of `align`
-    keys (triton_backend's TILE_IN_BLOCK) can take every item that way; 1: no constraint. The
-    coverage invariant holds for any align."""
+    `num_kv_heads`); split_per_launch: the prefix items' split length follows from their own keys and
+    the other items' from theirs (a backend that launches prefix items apart runs each launch alone:
+    each then spreads its keys over the GPU). `align`: every item's key range starts at a multiple of
+    it (a group's shared reach is rounded down to one, each member's suffix item reading the few shared
+    keys past it; split-K pieces are multiples of it), so a kernel that reads one cache block per tile
+    of `align` keys (triton_backend's TILE_IN_BLOCK) can take every item that way; 1: no constraint.
+    The coverage invariant holds for any align."""
     loc = np.asarray(query_start_loc, dtype=np.int64)
     lens = np.asarray(seq_lens, dtype=np.int64)
     q_count = np.diff(loc)
@@ -128,7 +130,11 @@ def plan_work_items(query_start_loc: list[int], seq_lens: list[int], block_q: in
     seq, q_off, q_len, lo, hi = np.concatenate([prefix, tiles], axis=1)
     # prefix and suffix items always write partials (their token has keys in several items)
     always_partial = np.r_[np.ones(prefix.shape[1], dtype=bool), member[tiles[0]]]
-    if split_len is None:
+    if split_len is None and split_per_launch:
+        keys, n = hi - lo, prefix.shape[1]
+        split_len = np.r_[np.full(n, split_length(int(keys[:n].sum()), num_kv_heads)),
+                          np.full(len(keys) - n, split_length(int(keys[n:].sum()), num_kv_heads))]
+    elif split_len is None:
         split_len = split_length(int((hi - lo).sum()), num_kv_heads)
     w, item_lo, item_hi, partial = _split_k(lo, hi, always_partial, split_len, align)
     item_len = q_len[w]
@@ -200,12 +206,12 @@ def _tile_and_suffix_items(loc: np.ndarray, token_pos: np.ndarray, block_q: int,
     return np.stack([seq, num_gathered + first, q_len, lo, token_pos[first + q_len - 1] + 1])
 
 
-def _split_k(lo: np.ndarray, hi: np.ndarray, always_partial: np.ndarray, split_len: int,
+def _split_k(lo: np.ndarray, hi: np.ndarray, always_partial: np.ndarray, split_len: int | np.ndarray,
              align: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Phase 3, split-K: every key range longer than split_len cut into equal pieces (lengths rounded
-    up to a multiple of `align`, so pieces of a range starting at a multiple start at multiples).
-    Returns per piece its item (`w`, pieces of one item adjacent), its key range, and whether it
-    writes partials (a piece of a split item, or of an item that always does)."""
+    """Phase 3, split-K: every key range longer than split_len (one, or one per item) cut into equal
+    pieces (lengths rounded up to a multiple of `align`, so pieces of a range starting at a multiple
+    start at multiples). Returns per piece its item (`w`, pieces of one item adjacent), its key range,
+    and whether it writes partials (a piece of a split item, or of an item that always does)."""
     pieces = np.maximum(1, -(-(hi - lo) // split_len))
     step = -(-(hi - lo) // pieces)
     if align > 1:  # longer pieces may need fewer of them (never more, never an empty one)

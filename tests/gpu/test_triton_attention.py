@@ -123,19 +123,21 @@ def test_split_k_matches_reference(dtype, block_size):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_engine_on_64_token_blocks_graphs_give_the_tokens_of_eager_steps(tiny_model_factory, name):
+def test_engine_on_64_token_blocks_graphs_give_the_tokens_of_eager_steps(tmp_path, name):
     """The engine with `block_size=64` (prefill tiles, prefix groups, decode CUDA graphs replaying
     static plans) in float32: graphs give eager steps' greedy tokens (the same attention over the
     same cache; 64-token blocks against HF tokens: tests/unit/test_triton_interpreted.py, on the CPU)."""
     from batchllm import LLM, SamplingParams
+    from tests.helpers import make_tiny_model
 
+    model_dir = str(make_tiny_model(name, tmp_path))  # no tokenizer: the device has no default model package
     shared = list(range(10, 310))  # long enough to be attended as a group (work_items.MIN_SHARED_TOKENS)
     prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]
     prompts += [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 90, 700)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     tokens = {}
     for eager in (True, False):
-        llm = LLM(tiny_model_factory(name), device="cuda", dtype="float32", skip_tokenizer_init=True,
+        llm = LLM(model_dir, device="cuda", dtype="float32", skip_tokenizer_init=True,
                   max_num_batched_tokens=256, block_size=64, kv_cache_memory_gib=1, enforce_eager=eager)
         tokens[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         if not eager:

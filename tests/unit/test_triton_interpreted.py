@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from batchllm.attention.torch_ref import TorchReferenceBackend
+from batchllm.attention.triton_backend import TileConfig
 from batchllm.layers.ops import TorchOps
 from tests.attention_cases import group_decode, random_case
 
@@ -127,6 +128,11 @@ ATTENTION_CASES = [
     ("nested-groups", [(610 + j, 1, [(0, 300), (1 + j % 3, 600)]) for j in range(6)] + [(350, 1, [(0, 300)])] * 2,
      dict(min_members=1, min_shared=1)),
     ("split-k", [(1500, 1), (700, 3)] + group_decode(4, 600, 90), dict(split_len=128)),
+    # other tiles of the one-query and prefix launches (attention_bench.py --decode-sweep), split-K per launch
+    ("groups-decode-tile-32", group_decode(6, 300, 20) + [(90, 1)],
+     dict(min_members=1, min_shared=1, decode_tile=TileConfig(32, 2, 3), split_per_launch=True)),
+    ("split-k-decode-tile-128", [(1500, 1), (700, 3)] + group_decode(4, 600, 90),
+     dict(split_len=128, decode_tile=TileConfig(128, 4, 2))),
 ]
 
 
@@ -211,7 +217,7 @@ def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, sp
     from batchllm.attention import triton_backend
 
     if not aligned_plan:
-        monkeypatch.setattr(triton_backend, "key_alignment", lambda block_size: 1)
+        monkeypatch.setattr(triton_backend, "key_alignment", lambda block_size, block_n: 1)
     q, k, v, cache, md = random_case(specs, 8, 2, 64, block_size, torch.float32, seed=5, device="cpu")
     ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)
     out = triton_backend.TritonBackend(prefill_launch=launch, **options).forward(q, k, v, cache, md, 0.125)

@@ -67,7 +67,7 @@ def test_every_visible_key_is_covered_exactly_once(seed):
     align = rng.choice([1, 1, 16, 64])
     items = plan_work_items(loc, lens, block_q, share_levels_of(specs), split_len=rng.choice([None, 64, 500]),
                             group_block_q=group_block_q, min_members=rng.choice([1, 4]),
-                            min_shared=rng.choice([1, 64]), align=align)
+                            min_shared=rng.choice([1, 64]), align=align, split_per_launch=rng.choice([False, True]))
     assert all(lo % align == 0 for lo in items.kv_lo), "every item's keys start at a multiple of align"
     got = covered_ranges(items)
     assert sorted(got) == list(range(loc[-1])), "every token is in some item"
@@ -118,6 +118,22 @@ def test_small_groups_and_short_prefixes_use_plain_tiles():
     loc = list(range(6))
     items = plan_work_items(loc, lens, 16, [([0, 0, 0, 0, 1], [MIN_SHARED_TOKENS - 1] * 4 + [400])], split_len=10**9)
     assert items.num_group_items == 0 and items.num_partials == 0 and items.num_items == 5
+
+
+def test_split_per_launch_spreads_the_prefix_launch_by_its_own_keys():
+    """32 groups of 8 decodes sharing 1,000 positions, each with 600 own: over the whole step's keys
+    no item is long enough to cut; the prefix launch alone (32 items x 8 KV heads = 256 programs)
+    is cut to fill about TARGET_PROGRAMS programs, the suffix launch (2,048 programs) is left whole."""
+    n = 256
+    loc, lens = list(range(n + 1)), [1601] * n
+    levels = [([i // 8 for i in range(n)], [1000] * n)]
+    joint = plan_work_items(loc, lens, 1, levels, group_block_q=16)
+    apart = plan_work_items(loc, lens, 1, levels, group_block_q=16, split_per_launch=True)
+    assert joint.num_group_items == apart.num_group_items == 32
+    assert joint.num_prefix_items == 32 and joint.num_items == 32 + n
+    assert apart.num_prefix_items == 32 * 2  # 1,000 keys in pieces of at most max(512, 32,000 x 8 / 512)
+    assert apart.num_items - apart.num_prefix_items == n
+    assert (apart.kv_hi - apart.kv_lo)[:64].max() == 500
 
 
 def test_split_length_grows_with_the_step():
