@@ -165,9 +165,10 @@ def distinct_kv_bytes(specs):
     return tokens * 2 * 8 * 128 * 2
 
 
-def decode_sweep():
+def decode_sweep(tiles_only_default: bool = False):
     """The decode-heavy workload's decode steps (one layer each) per decode tile, then the best tile with
-    split-K per launch, then that over an fp8 cache. Per variant: the summed time over the sampled
+    split-K per launch, then that over an fp8 cache (tiles_only_default: the default tile over a bf16
+    and an fp8 cache, nothing else). Per variant: the summed time over the sampled
     steps (a proxy for the run's attention time) and each step's GB/s."""
     cases = [(t, specs, random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0))
              for t, specs in decode_heavy_steps()]
@@ -182,6 +183,11 @@ def decode_sweep():
                    for (t, specs, _), ms in zip(cases, times)}})
         return sum(times)
 
+    if tiles_only_default:  # the cache dtypes alone, at the default tile
+        report({"case": "decode-heavy steps, default tile: fp8 cache over bf16 cache",
+                "speedup": round(run("default tile, bf16 cache", TritonBackend())
+                                 / run("default tile, fp8 cache", TritonBackend(), fp8=True), 3)})
+        return
     totals = {}
     for tile in DECODE_TILES:
         try:
@@ -209,10 +215,12 @@ if __name__ == "__main__":
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--prefill-sweep", action="store_true", help="only the mixed-step launch sweep")
     parser.add_argument("--decode-sweep", action="store_true", help="only the decode-heavy decode-tile sweep")
+    parser.add_argument("--decode-fp8-cache", action="store_true",
+                        help="only the decode-heavy steps at the default tile, bf16 against fp8 cache")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
-    if args.prefill_sweep or args.decode_sweep:
-        prefill_sweep() if args.prefill_sweep else decode_sweep()
+    if args.prefill_sweep or args.decode_sweep or args.decode_fp8_cache:
+        prefill_sweep() if args.prefill_sweep else decode_sweep(tiles_only_default=args.decode_fp8_cache)
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(rows, f, indent=1)

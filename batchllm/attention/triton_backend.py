@@ -79,7 +79,8 @@ if triton is not None:
             slot = k_pos % BLOCK_SIZE
             k_ptrs = (K_cache + block_idx[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh
                       + d[:, None])
-        # an fp8 cache's values cast up exactly (e4m3 fits in 16 bits); its scales are applied by the caller
+        # an fp8 cache's values cast up exactly (e4m3 fits in 16 bits: fp16 for a bf16 query, see the
+        # kernel); its scales are applied by the caller
         k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # [D, BLOCK_N]
         s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         if MASKED:
@@ -180,6 +181,11 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         if FP8_KV:  # scores are q . (k_scale * k): fold k_scale into the softmax scale (read on the device)
             sm_scale_log2 = sm_scale_log2 * tl.load(KV_scale)
+            if Q.dtype.element_ty == tl.bfloat16:
+                # e4m3 casts to fp16 exactly, a pair per instruction on Hopper (to bf16 it takes several:
+                # that conversion, not the bytes, bounded the fp8 cache's decode): so with a bf16 query
+                # both dots take fp16 operands, q (exact in fp16 below 65504: clamped) and p (in [0, 1])
+                q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
         # keys past the item's last query are masked for every row: stop there. Keys up to the first
         # query are visible to every row: whole tiles of them need no mask (the causal diagonal and

@@ -376,3 +376,29 @@ def test_fused_kv_store_names_a_cache_it_cannot_take(key_dtype, cache_dtype, mes
     k = torch.zeros(3, 2, 64, dtype=key_dtype)
     with pytest.raises(ValueError, match=re.escape(message)):
         store_kv_triton(k, k, torch.zeros(2, 2, 16, 2, 64, dtype=cache_dtype), torch.tensor([0, 1, 2]))
+
+
+def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
+    """A bf16 query over an fp8 cache: the kernel's dots take fp16 operands (e4m3 is exact in fp16,
+    and casts to it fast); the output is the reference's (fp32 over the dequantized cache) to bf16's
+    precision, through prefix items, suffix items and tiles. A query component past fp16's range is
+    clamped: that token's output stays finite."""
+    from batchllm.attention.triton_backend import TritonBackend
+    from tests.unit.test_kv_fp8 import fp8_cache
+
+    specs = group_decode(4, 300, 20) + [(90, 1), (0, 40)]
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
+    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
+    cache = fp8_cache(cache, kv_scale)
+    q, k, v = q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float()  # what the bf16 run sees
+    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    backend = TritonBackend(min_members=1, min_shared=1)
+    out = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.clone(), md, 0.125, kv_scale)
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    assert plan.items.num_group_items > 0, "the prefix-shared path ran"
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    q[0, 0, 0] = 1e5  # a bf16 number, not an fp16 one
+    md.backend_cache.clear()
+    out = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.clone(), md, 0.125, kv_scale)
+    assert torch.isfinite(out.float()).all()
