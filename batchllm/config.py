@@ -102,6 +102,10 @@ class ModelConfig(_Checked):
                                            "its group's decodes; off: plain paged attention (for comparison)")
     kernels: str = option("auto", "norm, rotary and SiLU ops; auto: one Triton kernel each on CUDA when "
                           "Triton is installed, else torch", choices=_KERNEL_CHOICES)
+    fp8_attention: bool = option(False, "with kv_cache_dtype fp8: the attention's two matmuls take FP8 operands "
+                                 "(the query quantized per token and head, the softmax weights scaled by 448 into "
+                                 "e4m3's range), as FlashAttention 3 does over an fp8 cache; off: the cache's values "
+                                 "are cast up to 16 bits. Not yet measured on a GPU: off by default")
     kv_store: str = option("auto", "how a step's new keys and values reach the KV cache under the Triton "
                            "attention: triton: one kernel per layer (copying, or quantizing to fp8; 2-15x faster "
                            "per layer on an H200); torch: per K and V a quantize and an index_copy_ (the same "
@@ -177,3 +181,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section checks its own fields)."""
+        if self.model.fp8_attention and self.cache.kv_cache_dtype == "auto":
+            raise ValueError("fp8_attention needs an fp8 KV cache: set kv_cache_dtype='fp8' too")

@@ -172,12 +172,12 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
         from batchllm.attention.triton_backend import TritonBackend
 
         backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention,
-                                fused_store=use_triton(mc.kv_store, device, "kv_store"))
+                                fused_store=use_triton(mc.kv_store, device, "kv_store"), fp8_attention=mc.fp8_attention)
     else:
         if mc.kv_store == "triton":  # the one-kernel store is the Triton attention's
             raise ValueError("kv_store='triton' needs the Triton attention (attention_backend 'triton', or 'auto' "
                              "on a CUDA device with Triton installed)")
-        backend = TorchReferenceBackend()
+        backend = TorchReferenceBackend(fp8_attention=mc.fp8_attention)
     backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device, kv_spec.dtype)
     runner = ModelRunner(model, kv_spec, backend, device=device, seed=mc.seed, tp=tp)
     if backend.supports_decode_graphs and device.type == "cuda" and not mc.enforce_eager:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
-from batchllm.attention.kv_quant import read_slots, split_scales
+from batchllm.attention.kv_quant import is_fp8, read_slots, split_scales
 
 GROUP_SLACK = 1.5
 """A group's padded area (seqs x max query len x max seq len) may exceed its real area by this factor ..."""
@@ -108,9 +108,48 @@ def _step_groups(metadata: AttentionMetadata, device: torch.device) -> list[_Gro
     return groups
 
 
+FP8_P_SCALE = 448.0
+"""With FP8 attention, softmax weights p in [0, 1] are scaled by e4m3's largest value before the cast
+(down to ~4e-6 they keep a value), and the output divided by it again."""
+
+
+def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to float8_e4m3fn and back (saturating at +-448, as the GPU's cast)."""
+    return x.clamp(-FP8_P_SCALE, FP8_P_SCALE).to(torch.float8_e4m3fn).float()
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                  scale: float) -> torch.Tensor:
+    """Attention with FP8 operands in both matmuls, as the Triton kernel's FP8_DOTS computes it: q
+    quantized to e4m3 per (token, head) with scale amax / 448, k and v as the fp8 cache holds them
+    (dequantized values, exact in e4m3 times the cache's scale), softmax weights p = exp(s - max)
+    scaled by 448 and rounded to e4m3 for p @ v, the normalizing sum over the unrounded p; float32
+    accumulation. q: [n, heads, q_len, d]; k, v: [n, kv_heads, len, d]; mask as SDPA's."""
+    qf = q.float()
+    amax = qf.abs().amax(-1, keepdim=True)
+    q_scale = torch.where(amax > 0, amax / FP8_P_SCALE, torch.ones_like(amax))
+    q8 = _to_e4m3(qf / q_scale) * q_scale
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = q8 @ kf.transpose(-1, -2) * scale
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.exp(scores - scores.amax(-1, keepdim=True))
+    out = _to_e4m3(p * FP8_P_SCALE) @ vf / (FP8_P_SCALE * p.sum(-1, keepdim=True))
+    return out.to(q.dtype)
+
+
 class TorchReferenceBackend:
     name = "torch"
     supports_decode_graphs = False
+
+    def __init__(self, fp8_attention: bool = False) -> None:
+        """fp8_attention: over an fp8 cache, `fp8_attention`'s arithmetic instead of SDPA's (the
+        engine's fp8_attention option; on CPU an emulation, for quality measurements and tests)."""
+        self.fp8_attention = fp8_attention
 
     def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                device: torch.device, kv_dtype: torch.dtype | None = None) -> None:
@@ -140,8 +179,11 @@ class TorchReferenceBackend:
             k = read_slots(keys, g.key_slots, query.dtype, k_scale).view(n, max_len, num_kv_heads, head_dim)
             v = read_slots(values, g.key_slots, query.dtype, v_scale).view(n, max_len, num_kv_heads, head_dim)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
-                                               enable_gqa=num_heads != num_kv_heads)
+            if self.fp8_attention and is_fp8(kv_cache):
+                o = fp8_attention(q, k, v, g.mask, g.is_causal, scale)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
+                                                   enable_gqa=num_heads != num_kv_heads)
             o = o.transpose(1, 2).reshape(n * max_q, num_heads, head_dim)  # [padded rows, h, d]
             if g.valid_rows is not None:
                 o = o.index_select(0, g.valid_rows)

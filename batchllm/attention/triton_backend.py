@@ -33,6 +33,7 @@ import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
 from batchllm.attention.kv_quant import is_fp8
+from batchllm.attention.torch_ref import FP8_P_SCALE
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, WorkItems, plan_work_items
 from batchllm.layers.fp8 import FP8
 from batchllm.layers.transfer import to_device_packed
@@ -47,12 +48,14 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
 if triton is not None:
     from batchllm.attention.kv_store_triton import store_kv_triton
 
+    P_SCALE = tl.constexpr(FP8_P_SCALE)  # FP8_DOTS: softmax weights enter their dot times this
+
     @triton.jit
     def _attend_tile(
         q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-        SCALAR_BLOCK: tl.constexpr,
+        SCALAR_BLOCK: tl.constexpr, FP8_DOTS: tl.constexpr,
     ):
         """One online-softmax update over keys n_start .. n_start + BLOCK_N - 1 (log2 units). MASKED:
         keys at or past n_end, and keys after a row's position, are excluded; unmasked tiles lie
@@ -60,7 +63,9 @@ if triton is not None:
         tile lies in one cache block (BLOCK_SIZE % BLOCK_N == 0 and n_start % BLOCK_N == 0): one
         block index for the tile, keys at consecutive slots of it (n_start < n_end, so that block is
         the sequence's even in a masked tile; keys past n_end stay inside it and are masked);
-        otherwise a block index per key."""
+        otherwise a block index per key. FP8_DOTS: q is e4m3 (its per-row scale folded into
+        sm_scale_log2, a [BLOCK_M, 1] tensor then), k and v are the cache's e4m3 values, p goes into its
+        dot scaled by P_SCALE (the caller divides the output by it)."""
         k_pos = n_start + tl.arange(0, BLOCK_N)
         if MASKED:
             k_valid = k_pos < n_end
@@ -82,7 +87,10 @@ if triton is not None:
         # an fp8 cache's values cast up exactly (e4m3 fits in 16 bits: fp16 for a bf16 query, see the
         # kernel); its scales are applied by the caller
         k = tl.load(k_ptrs, mask=k_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # [D, BLOCK_N]
-        s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        if FP8_DOTS:
+            s = tl.dot(q, k) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        else:
+            s = tl.dot(q, k, input_precision=PRECISION) * sm_scale_log2
         if MASKED:
             s = tl.where((k_pos[None, :] <= pos[:, None]) & k_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -99,7 +107,10 @@ if triton is not None:
             v_ptrs = (V_cache + block_idx[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
                       + d[None, :])
         v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if FP8_DOTS:
+            acc = acc * alpha[:, None] + tl.dot((p * P_SCALE).to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
@@ -107,6 +118,7 @@ if triton is not None:
         q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
+        FP8_DOTS: tl.constexpr,
     ):
         """Keys kv_lo .. n_end - 1 in tiles of BLOCK_N: unmasked tiles below n_unmasked, masked tiles
         from there. SCALAR_BLOCK: as `_attend_tile`'s (every tile starts at kv_lo + j * BLOCK_N)."""
@@ -114,12 +126,12 @@ if triton is not None:
             m_i, l_i, acc = _attend_tile(
                 q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
                 sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False, SCALAR_BLOCK)
+                BLOCK_SIZE, BLOCK_N, PRECISION, False, SCALAR_BLOCK, FP8_DOTS)
         for n_start in range(n_unmasked, n_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
                 sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, True, SCALAR_BLOCK)
+                BLOCK_SIZE, BLOCK_N, PRECISION, True, SCALAR_BLOCK, FP8_DOTS)
         return m_i, l_i, acc
 
     # Triton compiles a variant per divisibility of integer arguments: the offset and the block
@@ -146,6 +158,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
         FP8_KV: tl.constexpr,
+        FP8_DOTS: tl.constexpr,
         TILE_IN_BLOCK: tl.constexpr,
     ):
         # the grid may hold more programs than the launch has items (a CUDA graph's grid is fixed at
@@ -181,7 +194,13 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
         if FP8_KV:  # scores are q . (k_scale * k): fold k_scale into the softmax scale (read on the device)
             sm_scale_log2 = sm_scale_log2 * tl.load(KV_scale)
-            if Q.dtype.element_ty == tl.bfloat16:
+            if FP8_DOTS:  # q to e4m3 per row (token and head), its scale folded into the score scale
+                q_f = q.to(tl.float32)
+                q_amax = tl.max(tl.abs(q_f), 1)
+                q_scale = tl.where(q_amax > 0.0, q_amax / P_SCALE, 1.0)
+                q = tl.minimum(tl.maximum(q_f / q_scale[:, None], -P_SCALE), P_SCALE).to(K_cache.dtype.element_ty)
+                sm_scale_log2 = (q_scale * sm_scale_log2)[:, None]
+            elif Q.dtype.element_ty == tl.bfloat16:
                 # e4m3 casts to fp16 exactly, a pair per instruction on Hopper (to bf16 it takes several:
                 # that conversion, not the bytes, bounded the fp8 cache's decode): so with a bf16 query
                 # both dots take fp16 operands, q (exact in fp16 below 65504: clamped) and p (in [0, 1])
@@ -201,19 +220,23 @@ if triton is not None:
                 m_i, l_i, acc = _attend_keys(
                     q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
                     d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True)
+                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True, FP8_DOTS)
             else:
                 m_i, l_i, acc = _attend_keys(
                     q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
                     d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False)
+                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS)
         else:
             m_i, l_i, acc = _attend_keys(
                 q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
                 d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False)
+                stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS)
 
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if FP8_DOTS:  # p went into its dot scaled by P_SCALE
+            l_i_out = l_i * P_SCALE
+        else:
+            l_i_out = l_i
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i_out)[:, None]
         if FP8_KV:  # the output is linear in V: v_scale once, here (partials too, so the merge is unchanged)
             out = out * tl.load(KV_scale + 1)
         mask = row_valid[:, None] & d_valid[None, :]
@@ -356,7 +379,8 @@ class TritonBackend:
     """Decode steps can run as CUDA graphs over a `StaticDecodePlan`."""
 
     def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3),
-                 fused_store: bool = True, decode_tile: TileConfig = DECODE_TILE, **plan_options) -> None:
+                 fused_store: bool = True, decode_tile: TileConfig = DECODE_TILE, fp8_attention: bool = False,
+                 **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
         that run prefill chunks; the default won an H200 sweep (`attention_bench.py
@@ -365,12 +389,15 @@ class TritonBackend:
         as `store_kv`: `tests/gpu/test_kv_store_triton.py`; its speed: `benchmarks/kv_store_bench.py`);
         False (the engine's `kv_store="torch"`), or a cache elsewhere (the CPU interpreter), takes
         `store_kv`'s torch ops. decode_tile: the tiles of the prefix and one-query launches (for
-        sweeps: `attention_bench.py --decode-sweep`). plan_options go to `plan_work_items`
+        sweeps: `attention_bench.py --decode-sweep`). fp8_attention: over an fp8 cache, both dots take
+        e4m3 operands (the kernel's FP8_DOTS; the arithmetic of `torch_ref.fp8_attention`). plan_options
+        go to `plan_work_items`
         (split_len, split_per_launch, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
         self.fused_store = fused_store
         self.prefill_launch = prefill_launch
         self.decode_tile = decode_tile
+        self.fp8_attention = fp8_attention
         self.plan_options = plan_options
         self._unit_scales: dict[torch.device, torch.Tensor] = {}
 
@@ -418,7 +445,8 @@ class TritonBackend:
                 HEAD_DIM_PAD=dot_head_dim(head_dim), BLOCK_Q=launch.block_q,
                 BLOCK_M=max(16, launch.block_q * group_pad), BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-                FP8_KV=fp8, TILE_IN_BLOCK=metadata.block_size % launch.tile.block_n == 0,
+                FP8_KV=fp8, FP8_DOTS=fp8 and self.fp8_attention,
+                TILE_IN_BLOCK=metadata.block_size % launch.tile.block_n == 0,
                 num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
         if plan.merge_grid:

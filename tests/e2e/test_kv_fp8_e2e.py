@@ -69,3 +69,23 @@ def test_fp8_cache_agrees_with_float32_and_holds_4x_the_tokens(default_model_dir
     assert stats["kv_cache_gib"] <= 0.25 and full_llm.last_stats["kv_cache_dtype"] == "float32"
     if sharing:
         assert stats["saving_ratio"] > 0.5 and stats["num_block_copies"] > 0
+
+
+MIN_IDENTICAL_FP8_ATTENTION = 0.35
+"""As MIN_IDENTICAL_OUTPUTS, with the attention's dots in FP8 too (q per token and head and the
+softmax weights rounded to e4m3); measured 8/17 (0.47), positions equal 0.956 (the fp8 cache alone:
+0.53 and 0.963)."""
+
+
+def test_fp8_attention_agrees_with_float32(default_model_dir, full_precision):
+    """fp8_attention (on CPU: `torch_ref.fp8_attention`, the Triton kernel's arithmetic) over the fp8
+    cache: greedy outputs stay mostly those of float32, every first difference in each other's top
+    5; it needs the fp8 cache, and says so."""
+    _, want = full_precision
+    _, got = run(default_model_dir, kv_cache_dtype="fp8", fp8_attention=True)
+    identical, matching = agreement(got, want)
+    print(f"fp8 KV + fp8 attention vs float32 KV: {identical:.2f} of outputs identical, "
+          f"{matching:.3f} of positions (to the first difference) equal")
+    assert identical >= MIN_IDENTICAL_FP8_ATTENTION and matching >= MIN_MATCHING_TOKENS
+    with pytest.raises(ValueError, match="fp8_attention needs an fp8 KV cache"):
+        LLM(str(default_model_dir), dtype="float32", device="cpu", fp8_attention=True)

@@ -175,6 +175,29 @@ def test_attention_kernel_over_fp8_cache_matches_reference(name, specs, options)
         assert len(plan.items.merge_tokens) > 0, "split-K partials were merged"
 
 
+@pytest.mark.parametrize("name, specs, options", ATTENTION_CASES[:4], ids=[c[0] for c in ATTENTION_CASES[:4]])
+def test_fp8_attention_errs_like_its_emulation(name, specs, options):
+    """fp8_attention over an fp8 cache (FP8_DOTS: q quantized per token and head, both dots on e4m3
+    operands, p scaled by 448): against exact attention over the same cache its error is the size of
+    `torch_ref.fp8_attention`'s (the kernel quantizes p against the running maximum, the emulation
+    against the row's: the two differ by about as much as either differs from exact), and it is not
+    zero (the FP8 dots ran)."""
+    from batchllm.attention.triton_backend import TritonBackend
+    from tests.unit.test_kv_fp8 import fp8_cache
+
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
+    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
+    cache = fp8_cache(cache, kv_scale)
+    exact = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    emulated = TorchReferenceBackend(fp8_attention=True).forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    out = TritonBackend(fp8_attention=True, **options).forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    emulation_error = (emulated - exact).abs().max().item()
+    error = (out - exact).abs().max().item()
+    assert 0 < emulation_error < 0.05 * exact.abs().max().item()
+    assert 1e-4 < error <= 1.5 * emulation_error
+    assert (out - exact).abs().mean() <= 1.5 * (emulated - exact).abs().mean()
+
+
 BLOCK_TILE_CASES = [  # on caches whose blocks hold whole tiles: items starting on and off a tile boundary
     ("aligned-prefill", [(0, 150), (0, 64), (0, 1)], {}),
     ("prefill-after-cache", [(100, 50), (192, 70)], {}),
