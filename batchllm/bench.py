@@ -272,6 +272,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     "sharing-torchstore": ("K/V stored by torch ops, not the one-kernel store", dict(_ON, kv_store="torch")),
     "fp8kv-torchstore": ("FP8 KV cache stored by torch ops", dict(_ON, kv_cache_dtype="fp8", kv_store="torch")),
     "fp8w+kv": ("sharing, FP8 weights and KV cache", dict(_ON, quantization="fp8", kv_cache_dtype="fp8")),
+    "fp8attn": ("sharing, FP8 KV cache and FP8 attention", dict(_ON, kv_cache_dtype="fp8", fp8_attention=True)),
+    "fp8w+attn": ("sharing, FP8 weights, KV cache and attention",
+                  dict(_ON, quantization="fp8", kv_cache_dtype="fp8", fp8_attention=True)),
 }
 
 

@@ -168,8 +168,8 @@ def distinct_kv_bytes(specs):
 def decode_sweep(tiles_only_default: bool = False):
     """The decode-heavy workload's decode steps (one layer each) per decode tile, then the best tile with
     split-K per launch, then that over an fp8 cache (tiles_only_default: the default tile over a bf16
-    and an fp8 cache, nothing else). Per variant: the summed time over the sampled
-    steps (a proxy for the run's attention time) and each step's GB/s."""
+    cache, an fp8 cache and an fp8 cache with FP8 attention, nothing else). Per variant: the summed
+    time over the sampled steps (a proxy for the run's attention time) and each step's GB/s."""
     cases = [(t, specs, random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0))
              for t, specs in decode_heavy_steps()]
 
@@ -183,10 +183,12 @@ def decode_sweep(tiles_only_default: bool = False):
                    for (t, specs, _), ms in zip(cases, times)}})
         return sum(times)
 
-    if tiles_only_default:  # the cache dtypes alone, at the default tile
-        report({"case": "decode-heavy steps, default tile: fp8 cache over bf16 cache",
-                "speedup": round(run("default tile, bf16 cache", TritonBackend())
-                                 / run("default tile, fp8 cache", TritonBackend(), fp8=True), 3)})
+    if tiles_only_default:  # the cache dtypes alone, at the default tile (and FP8 attention over fp8)
+        bf16 = run("default tile, bf16 cache", TritonBackend())
+        fp8 = run("default tile, fp8 cache", TritonBackend(), fp8=True)
+        fp8_dots = run("default tile, fp8 cache, FP8 attention", TritonBackend(fp8_attention=True), fp8=True)
+        report({"case": "decode-heavy steps, default tile: against the bf16 cache",
+                "fp8_cache_speedup": round(bf16 / fp8, 3), "fp8_attention_speedup": round(bf16 / fp8_dots, 3)})
         return
     totals = {}
     for tile in DECODE_TILES:
@@ -206,6 +208,18 @@ def decode_sweep(tiles_only_default: bool = False):
             "plain_sum_ms": round(plain, 4), "fp8_cache_sum_ms": round(fp8, 4)})
 
 
+def prefill_fp8():
+    """PREFILL_CASES over a bf16 cache, an fp8 cache, and an fp8 cache with FP8 attention: ms and TFLOP/s."""
+    for specs, label in PREFILL_CASES:
+        q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+        row = {"case": f"{label}: bf16 cache / fp8 cache / fp8 cache + FP8 attention"}
+        for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), cache.to(FP8)),
+                                  ("fp8_attention", TritonBackend(fp8_attention=True), cache.to(FP8))):
+            ms = time_ms(backend, (q, k, v, kv, md), reps=100)
+            row[name] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
+        report(row)
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -216,11 +230,14 @@ if __name__ == "__main__":
     parser.add_argument("--prefill-sweep", action="store_true", help="only the mixed-step launch sweep")
     parser.add_argument("--decode-sweep", action="store_true", help="only the decode-heavy decode-tile sweep")
     parser.add_argument("--decode-fp8-cache", action="store_true",
-                        help="only the decode-heavy steps at the default tile, bf16 against fp8 cache")
+                        help="only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, FP8 "
+                        "attention; then the prefill cases the same three ways")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
     if args.prefill_sweep or args.decode_sweep or args.decode_fp8_cache:
         prefill_sweep() if args.prefill_sweep else decode_sweep(tiles_only_default=args.decode_fp8_cache)
+        if args.decode_fp8_cache:
+            prefill_fp8()
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(rows, f, indent=1)

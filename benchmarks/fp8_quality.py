@@ -1,8 +1,8 @@
-"""FP8 quality on real weights (issue 16): SmolLM2-135M-Instruct with FP8 weights, an FP8 KV cache
-and both, against the same engine in bfloat16, on deterministic chat prompts (`chat_prompts.py`),
-greedy. Reports per variant: identical outputs, greedy-token and top-5-set agreement over the steps
-both runs reached with the same tokens so far, and the mean |delta logprob| of the reference's
-chosen token (`tp_agreement.compare`).
+"""FP8 quality on real weights (issue 16): SmolLM2-135M-Instruct with FP8 weights, an FP8 KV cache,
+FP8 attention over it (`fp8_attention`) and their combinations, against the same engine in bfloat16,
+on deterministic chat prompts (`chat_prompts.py`), greedy. Reports per variant: identical outputs,
+greedy-token and top-5-set agreement over the steps both runs reached with the same tokens so far,
+and the mean |delta logprob| of the reference's chosen token (`tp_agreement.compare`).
 
     python benchmarks/fp8_quality.py --num-prompts 300 --json-out fp8_quality.json     # CPU: emulated FP8
 """
@@ -22,7 +22,9 @@ from tp_agreement import compare  # noqa: E402
 from batchllm import LLM, SamplingParams  # noqa: E402
 
 VARIANTS = {"bf16": {}, "fp8 weights": {"quantization": "fp8"}, "fp8 kv": {"kv_cache_dtype": "fp8"},
-            "fp8 weights + kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+            "fp8 weights + kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
+            "fp8 kv + attention": {"kv_cache_dtype": "fp8", "fp8_attention": True},
+            "fp8 weights + kv + attention": {"quantization": "fp8", "kv_cache_dtype": "fp8", "fp8_attention": True}}
 
 
 def run(conversations, max_tokens: int, device: str, options: dict) -> tuple[list, float]:
@@ -42,12 +44,15 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--variants", default=",".join(list(VARIANTS)[1:]),
+                   help=f"comma-separated, each against bf16; of {list(VARIANTS)[1:]}")
     args = p.parse_args()
     conversations = chat_prompts(args.num_prompts, args.seed)
     reference, wall = run(conversations, args.max_tokens, args.device, VARIANTS["bf16"])
     result = {"prompts": args.num_prompts, "max_tokens": args.max_tokens, "device": args.device,
               "wall_s": {"bf16": round(wall, 1)}}
-    for name, options in list(VARIANTS.items())[1:]:
+    for name in args.variants.split(","):
+        options = VARIANTS[name]
         outs, wall = run(conversations, args.max_tokens, args.device, options)
         result[name] = compare(reference, outs)
         result["wall_s"][name] = round(wall, 1)

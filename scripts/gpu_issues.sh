@@ -21,6 +21,9 @@
 #   PART=block64 bash scripts/gpu_issues.sh   64-token KV blocks (one block index per attention tile) against 16: the
 #       block-size GPU attention tests, then paper and decode-heavy, each pair in both orders (~6 min)
 #   PART=block64ns bash scripts/gpu_issues.sh  the same A/B with sharing off (~4 min)
+#   PART=fp8attn bash scripts/gpu_issues.sh   FP8 attention (`fp8_attention`): its GPU tests, the attention benchmark's
+#       decode steps and prefill cases over a bf16 cache, an fp8 cache and FP8 attention, then the engine on the paper
+#       and decode-heavy workloads, fp8 cache with and without FP8 attention, FP8 weights too (~8 min)
 #   PART=profile bash scripts/gpu_issues.sh   where the GPU time of decode-heavy goes, bf16 and FP8 weights
 #       (`--profile-out`: kernel time per category and the top kernels) (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
@@ -77,6 +80,15 @@ block64)
 block64ns)
   bench b64_nosharing "${M8D[@]}" "${PAPER[@]}" --configs nosharing-block64,nosharing,nosharing-block64 \
       --json-out "$OUT/b64_nosharing.json"
+  ;;
+fp8attn)
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "fp8_attention" > "$OUT/fp8attn_tests.log" 2>&1
+  tail -3 "$OUT/fp8attn_tests.log"; pack
+  python3 benchmarks/attention_bench.py --decode-fp8-cache --json-out "$OUT/fp8attn_micro.json" \
+      > "$OUT/fp8attn_micro.log" 2>&1; grep -v "^{" "$OUT/fp8attn_micro.log"; grep -E "speedup|TFLOP" "$OUT/fp8attn_micro.log"; pack
+  bench fp8attn_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8kv,fp8attn,fp8w+kv,fp8w+attn --json-out "$OUT/fp8attn_paper.json"
+  bench fp8attn_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8attn,fp8kv,fp8w+attn,fp8w+kv \
+      --json-out "$OUT/fp8attn_decode.json"
   ;;
 profile)
   bench prof_decode_bf16 "${M8D[@]}" "${DECODE[@]}" --configs sharing --profile-out "$OUT/prof_decode_bf16.txt" \

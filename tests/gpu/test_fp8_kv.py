@@ -168,3 +168,39 @@ def test_fp8_cache_with_graphs_agrees_with_bf16_cache_and_holds_twice_the_tokens
     assert llm.engine.kv_spec.num_blocks == 2 * full_llm.engine.kv_spec.num_blocks  # 1 GiB divides evenly
     assert llm.last_stats["kv_tokens"] == 2 * full_llm.last_stats["kv_tokens"]
     assert llm.last_stats["kv_cache_dtype"] == "float8_e4m3fn"
+
+
+FP8_ATTENTION_VS_EMULATION = 1.5
+"""fp8_attention's relative L2 error against exact attention over the same fp8 cache may be this many
+times the CPU emulation's (`torch_ref.fp8_attention`): the kernel rounds p against the running
+maximum, the emulation against the row's (on CPU, in the interpreter, the ratio stays under 1.5)."""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
+def test_fp8_attention_errs_like_its_emulation(name, specs, heads, kv_heads, head_dim, options, dtype):
+    """The kernel's FP8_DOTS path (e4m3 operands in both dots) on every item kind, against exact
+    attention over the same fp8 cache: an error the size of the emulation's, and not zero."""
+    from batchllm.attention.triton_backend import TritonBackend
+
+    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 16, dtype, seed=7)
+    scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
+    fp8 = to_fp8(cache, kv_scale)
+    exact = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), fp8.clone(), md, scale, kv_scale)
+    emulated = TorchReferenceBackend(fp8_attention=True).forward(q.float(), k.float(), v.float(), fp8.clone(), md,
+                                                                  scale, kv_scale)
+    out = TritonBackend(fp8_attention=True, **options).forward(q, k, v, fp8, md, scale, kv_scale).float()
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    emulation_err = float((emulated - exact).norm() / exact.norm())
+    err = float((out - exact).norm() / exact.norm())
+    bound = FP8_ATTENTION_VS_EMULATION * emulation_err + 2e-3
+    assert 0 < err <= bound, f"{name} {dtype}: {err:.4f} against the emulation's {emulation_err:.4f}"
+
+
+def test_fp8_attention_graphs_give_the_tokens_of_eager_steps(tiny_dir):
+    """float32 model, fp8 cache, FP8 attention: graphs replay the eager steps' arithmetic."""
+    eager, _ = run(tiny_dir, "float32", eager=True, kv_cache_dtype="fp8", fp8_attention=True)
+    got, llm = run(tiny_dir, "float32", eager=False, kv_cache_dtype="fp8", fp8_attention=True)
+    assert llm.engine.runner.num_graph_steps > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in eager]
