@@ -9,6 +9,11 @@ when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - fp8 kernel:  torch._scaled_mm on already-quantized operands (float8_e4m3fn, row-wise float32 scales);
 - fp8 total:   what `Fp8Linear` runs per call on CUDA: the per-token quantization of x (the Triton
                kernel of `layers/fp8_triton.py`) plus the kernel;
+- fp8 swap-AB: the same product computed transposed, `_scaled_mm(w, x^T)` (the weight's N becomes the
+               GEMM's M, so cuBLAS tiles the large dimension: what vLLM's CUTLASS kernels do for small
+               M), then transposed back into a contiguous [M, N] (the copy included);
+  with M (tokens) also at the decode batch sizes 64 and 128, and each kernel's weight-read rate
+  (GB/s of the N x K float8 or bf16 weight: the bound of small-M matmuls);
 and the max relative error of the fp8 output against the bf16 one (max |fp8 - bf16| / max |bf16|)
 and its relative L2 error. Inputs are N(0, 1) activations and N(0, 0.02) weights.
 """
@@ -24,7 +29,7 @@ from batchllm.layers.fp8 import fp8_matmul, quantize_rows
 from batchllm.layers.fp8_triton import quantize_rows_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-TOKENS = (16, 256, 2048, 8192)
+TOKENS = (16, 64, 128, 256, 512, 2048, 8192)
 
 
 def bench_ms(fn, ms: float) -> float:
@@ -52,9 +57,19 @@ def run_case(name: str, n: int, k: int, m: int, ms: float) -> dict:
     t_kernel = bench_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, n),
                                                  out_dtype=torch.bfloat16), ms)
     t_total = bench_ms(lambda: fp8_matmul(x, wq, ws, use_scaled_mm=True, quantize=quantize_rows_triton), ms)
+
+    def swapped():
+        return torch._scaled_mm(wq, xq.t(), scale_a=ws.view(n, 1), scale_b=xs.view(1, m),
+                                out_dtype=torch.bfloat16).t().contiguous()
+
+    t_swap = bench_ms(swapped, ms)
     flop = 2.0 * m * n * k
     diff = (out.float() - ref.float())
+    swap_diff = float((swapped().float() - out.float()).abs().max() / out.float().abs().max())
     return dict(layer=name, M=m, N=n, K=k, bf16_ms=t_bf16, fp8_kernel_ms=t_kernel, fp8_total_ms=t_total,
+                fp8_swap_ms=t_swap, swap_vs_plain_max_rel=swap_diff,
+                bf16_weight_gbps=2 * n * k / t_bf16 / 1e6, fp8_weight_gbps=n * k / t_kernel / 1e6,
+                fp8_swap_weight_gbps=n * k / t_swap / 1e6,
                 bf16_tflops=flop / t_bf16 / 1e9, fp8_kernel_tflops=flop / t_kernel / 1e9,
                 fp8_total_tflops=flop / t_total / 1e9,
                 max_rel_err=float(diff.abs().max() / ref.float().abs().max()),
@@ -70,7 +85,8 @@ def main() -> None:
         raise SystemExit("fp8_gemm.py needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     header = (f"{'layer':8} {'M':>5} {'N':>6} {'K':>6} | {'bf16':>7} {'fp8 mm':>7} {'fp8+q':>7} TFLOP/s | "
-              f"{'mm x':>5} {'tot x':>5} | {'max rel':>8} {'rel L2':>8}")
+              f"{'mm x':>5} {'tot x':>5} | {'max rel':>8} {'rel L2':>8} | weight GB/s: {'bf16':>6} {'fp8':>6} "
+              f"{'swap':>6} (swap x)")
     print(header)
     print("-" * len(header))
     rows = []
@@ -80,8 +96,9 @@ def main() -> None:
             rows.append(r)
             print(f"{name:8} {m:5d} {n:6d} {k:6d} | {r['bf16_tflops']:7.1f} {r['fp8_kernel_tflops']:7.1f} "
                   f"{r['fp8_total_tflops']:7.1f}         | {r['bf16_ms'] / r['fp8_kernel_ms']:5.2f} "
-                  f"{r['bf16_ms'] / r['fp8_total_ms']:5.2f} | {r['max_rel_err']:8.4f} {r['rel_l2_err']:8.4f}",
-                  flush=True)
+                  f"{r['bf16_ms'] / r['fp8_total_ms']:5.2f} | {r['max_rel_err']:8.4f} {r['rel_l2_err']:8.4f} | "
+                  f"{'':13}{r['bf16_weight_gbps']:6.0f} {r['fp8_weight_gbps']:6.0f} {r['fp8_swap_weight_gbps']:6.0f} "
+                  f"({r['fp8_kernel_ms'] / r['fp8_swap_ms']:.2f})", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
