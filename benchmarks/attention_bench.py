@@ -158,11 +158,11 @@ def decode_heavy_steps(positions=(100, 250, 400, 550, 700, 850, 950), requests=5
         yield t, [(shared + own + t - 1, 1, groups[i], shared) for i in running]
 
 
-def distinct_kv_bytes(specs):
+def distinct_kv_bytes(specs, element_bytes=2):
     """K and V read once: each group's shared positions once, every sequence's own positions."""
     shared = {(g, share) for _, _, g, share in specs if g >= 0}
     tokens = sum(c + n - (share if g >= 0 else 0) for c, n, g, share in specs) + sum(s for _, s in shared)
-    return tokens * 2 * 8 * 128 * 2
+    return tokens * 2 * 8 * 128 * element_bytes
 
 
 def decode_sweep(tiles_only_default: bool = False):
@@ -179,7 +179,7 @@ def decode_sweep(tiles_only_default: bool = False):
             case = (q, k, v, cache.to(FP8), md) if fp8 else (q, k, v, cache, md)
             times.append(time_ms(backend, case, reps=100))
         report({"case": f"decode-heavy steps: {label}", "sum_ms": round(sum(times), 4),
-                **{f"t{t}_n{len(specs)}": f"{ms:.4f} ms {distinct_kv_bytes(specs) / ms / 1e6:.0f} GB/s"
+                **{f"t{t}_n{len(specs)}": f"{ms:.4f} ms {distinct_kv_bytes(specs, 1 if fp8 else 2) / ms / 1e6:.0f} GB/s"
                    for (t, specs, _), ms in zip(cases, times)}})
         return sum(times)
 

@@ -62,7 +62,8 @@ class StaticDecodePlan:
             **{name: items for name in ITEM_FIELDS},
             "q_tokens": 3 * max_batch, "q_pos": 3 * max_batch,  # members gathered at up to two levels, then every token
             "merge_tokens": max_batch, "merge_ptr": max_batch + 1,
-            "merge_parts": 3 * max_batch + self.extra * self.wide,  # partial rows
+            # partial rows: each launch's split-K may add `extra` pieces (split_per_launch: both do)
+            "merge_parts": 3 * max_batch + self.extra * (self.wide + 1),
             "counts": 3 * COUNT_SLOT,
         }
         starts = aligned_offsets(list(self.capacity.values()), np.int32)

@@ -148,7 +148,9 @@ class TorchReferenceBackend:
 
     def __init__(self, fp8_attention: bool = False) -> None:
         """fp8_attention: over an fp8 cache, `fp8_attention`'s arithmetic instead of SDPA's (the
-        engine's fp8_attention option; on CPU an emulation, for quality measurements and tests)."""
+        engine's fp8_attention option; on CPU an emulation, for quality measurements and tests). It
+        applies to every query row, where the Triton kernel keeps fp16 dots for one-query decode items
+        (`triton_backend.fp8_dots_fit`): the emulation errs on the side of more FP8 rounding."""
         self.fp8_attention = fp8_attention
 
     def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
@@ -173,13 +175,15 @@ class TorchReferenceBackend:
         values = kv_cache[1].view(-1, num_kv_heads, head_dim)
         k_scale, v_scale = split_scales(kv_cache, kv_scale)
         out = torch.empty_like(query)
+        fp8_dots = self.fp8_attention and is_fp8(kv_cache)
+        read_dtype = torch.float32 if fp8_dots else query.dtype  # FP8 dots: the e4m3 values x scale, unrounded
         for g in _step_groups(metadata, query.device):
             n, max_q, max_len = g.num_seqs, g.max_query_len, g.max_seq_len
             q = query.index_select(0, g.query_rows).view(n, max_q, num_heads, head_dim).transpose(1, 2)
-            k = read_slots(keys, g.key_slots, query.dtype, k_scale).view(n, max_len, num_kv_heads, head_dim)
-            v = read_slots(values, g.key_slots, query.dtype, v_scale).view(n, max_len, num_kv_heads, head_dim)
+            k = read_slots(keys, g.key_slots, read_dtype, k_scale).view(n, max_len, num_kv_heads, head_dim)
+            v = read_slots(values, g.key_slots, read_dtype, v_scale).view(n, max_len, num_kv_heads, head_dim)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-            if self.fp8_attention and is_fp8(kv_cache):
+            if fp8_dots:
                 o = fp8_attention(q, k, v, g.mask, g.is_causal, scale)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,

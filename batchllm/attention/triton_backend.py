@@ -197,8 +197,9 @@ if triton is not None:
             if FP8_DOTS:  # q to e4m3 per row (token and head), its scale folded into the score scale
                 q_f = q.to(tl.float32)
                 q_amax = tl.max(tl.abs(q_f), 1)
-                q_scale = tl.where(q_amax > 0.0, q_amax / P_SCALE, 1.0)
-                q = tl.minimum(tl.maximum(q_f / q_scale[:, None], -P_SCALE), P_SCALE).to(K_cache.dtype.element_ty)
+                q_scale = tl.where(q_amax > 0.0, tl.math.div_rn(q_amax, P_SCALE), 1.0)  # IEEE: torch's division
+                q_8 = tl.math.div_rn(q_f, q_scale[:, None])
+                q = tl.minimum(tl.maximum(q_8, -P_SCALE), P_SCALE).to(K_cache.dtype.element_ty)
                 sm_scale_log2 = (q_scale * sm_scale_log2)[:, None]
             elif Q.dtype.element_ty == tl.bfloat16:
                 # e4m3 casts to fp16 exactly, a pair per instruction on Hopper (to bf16 it takes several:
@@ -333,10 +334,19 @@ COUNT_SLOT = 4
 variant per pointer alignment)."""
 
 
-def dot_head_dim(head_dim: int) -> int:
+def dot_head_dim(head_dim: int, fp8_dots: bool = False) -> int:
     """The head dim a tile is padded to: a power of two, at least 16 (tl.dot needs K >= 16: a head
-    dim of 8, as small test models have, would not compile)."""
-    return max(16, next_power_of_2(head_dim))
+    dim of 8, as small test models have, would not compile), at least 32 for e4m3 operands (K >= 32
+    for 8-bit dots on NVIDIA GPUs)."""
+    return max(32 if fp8_dots else 16, next_power_of_2(head_dim))
+
+
+def fp8_dots_fit(block_m: int, block_n: int) -> bool:
+    """Whether a launch with fp8_attention takes e4m3 operands (the kernel's FP8_DOTS): its rows
+    fill Hopper's FP8 MMA (64; with fewer, Triton casts the operands to fp16 and the quantizing
+    only adds work and rounding: one-query decode items then keep the fp16 dots) and its key tile
+    is a valid K of the second dot (>= 32)."""
+    return block_m >= 64 and block_n >= 32
 
 
 def next_power_of_2(n: int) -> int:
@@ -430,6 +440,8 @@ class TritonBackend:
         t = plan.tensors
         kv_scale_arg = kv_scale if fp8 else part_lse  # read only with FP8_KV: any float32 tensor stands in
         for launch in plan.launches:
+            block_m = max(16, launch.block_q * group_pad)
+            fp8_dots = fp8 and self.fp8_attention and fp8_dots_fit(block_m, launch.tile.block_n)
             _paged_attention_kernel[(launch.grid, num_kv_heads)](
                 query, k_cache, v_cache, kv_scale_arg, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
@@ -442,10 +454,10 @@ class TritonBackend:
                 part_out.stride(0), part_out.stride(1), part_lse.stride(0),
                 metadata.block_tables.stride(0), launch.item_offset,
                 BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-                HEAD_DIM_PAD=dot_head_dim(head_dim), BLOCK_Q=launch.block_q,
-                BLOCK_M=max(16, launch.block_q * group_pad), BLOCK_N=launch.tile.block_n,
+                HEAD_DIM_PAD=dot_head_dim(head_dim, fp8_dots), BLOCK_Q=launch.block_q,
+                BLOCK_M=block_m, BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-                FP8_KV=fp8, FP8_DOTS=fp8 and self.fp8_attention,
+                FP8_KV=fp8, FP8_DOTS=fp8_dots,
                 TILE_IN_BLOCK=metadata.block_size % launch.tile.block_n == 0,
                 num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )

@@ -96,6 +96,33 @@ def test_a_step_whose_plan_outgrows_the_graph_is_refused():
     assert plan.fill([0, 1, 2], [100, 90], None, 4)  # two pieces each: 4 <= 4 + 2
 
 
+def test_split_k_per_launch_fits_the_graph_where_the_joint_split_does():
+    """Split-K per launch (`plan_work_items(split_per_launch=True)`) cuts the prefix launch by its own
+    keys too, so both sections may gain `extra` pieces and the partial rows with them: 64 decodes
+    under two nested levels (all of them, then 8 groups of 8) with long shared and own parts, the
+    case a random search found (711 partial rows, more than the graph had room for before), fill
+    the graph of 64 either way."""
+    import numpy as np
+
+    batch, rng = 64, np.random.default_rng(0)
+    for _ in range(5):  # the search's fifth draw
+        outer = int(rng.integers(1000, 60000))
+        inner_extra = rng.integers(256, 30000, size=8)
+        own = (rng.integers(1, 30000, size=batch) if rng.random() < 0.5
+               else np.full(batch, int(rng.integers(1, 30000))))
+    inner = np.repeat(np.arange(8), 8)
+    shared = outer + inner_extra[inner]
+    lens = (shared + own).tolist()
+    levels = [([0] * batch, [outer] * batch), ((1 + inner).tolist(), shared.tolist())]
+    loc = list(range(batch + 1))
+    for per_launch in (False, True):
+        plan = StaticDecodePlan(TritonBackend(split_per_launch=per_launch), batch, 64, 8, 64, torch.device("cpu"),
+                                block_size=16)
+        assert plan.fill(loc, lens, levels, batch), f"split_per_launch={per_launch}"
+        if per_launch:
+            assert plan.last_items.num_partials > 3 * batch + plan.extra * plan.wide
+
+
 pytest.importorskip("triton")
 interpreted = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",

@@ -198,6 +198,24 @@ def test_fp8_attention_errs_like_its_emulation(name, specs, options):
     assert (out - exact).abs().mean() <= 1.5 * (emulated - exact).abs().mean()
 
 
+def test_fp8_dots_only_where_the_program_fills_an_fp8_mma():
+    """fp8_attention takes e4m3 operands in programs of 64 rows or more with key tiles of 32 or more
+    (Triton casts a 16-row program's operands to fp16 anyway, and 8-bit dots need K >= 32), with the
+    head dim padded to 32: one-query decode items keep the exact cast-up path."""
+    from batchllm.attention.triton_backend import TritonBackend, dot_head_dim, fp8_dots_fit
+    from tests.unit.test_kv_fp8 import fp8_cache
+
+    assert fp8_dots_fit(64, 64) and fp8_dots_fit(256, 32)
+    assert not fp8_dots_fit(16, 64) and not fp8_dots_fit(64, 16)
+    assert dot_head_dim(16) == 16 and dot_head_dim(16, fp8_dots=True) == 32 and dot_head_dim(80, True) == 128
+    specs = [(300, 1), (37, 1), (5, 1)]  # decodes only: 16-row programs
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
+    cache = fp8_cache(cache, torch.ones(2))
+    exact = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)
+    out = TritonBackend(fp8_attention=True).forward(q, k, v, cache.clone(), md, 0.125)
+    torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-5)
+
+
 BLOCK_TILE_CASES = [  # on caches whose blocks hold whole tiles: items starting on and off a tile boundary
     ("aligned-prefill", [(0, 150), (0, 64), (0, 1)], {}),
     ("prefill-after-cache", [(100, 50), (192, 70)], {}),
