@@ -1,0 +1,58 @@
+"""Compile variants of the Triton attention kernel for an H100/H200 (sm_90) on any machine, no GPU
+needed, and report what the PTX holds: `python tests/sm90_compile.py` prints one JSON line per
+variant. Run in its own process (tests/unit/test_kernels_compile_for_hopper.py does): the kernels
+must be built as compiled, not interpreted, functions, so TRITON_INTERPRET must be unset before
+Triton is imported. Catches what the interpreter cannot: GPU-only compile limits (8-bit dots need
+K >= 32), shared memory, and which MMA and conversion instructions a variant gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VARIANTS = {  # name: (q dtype, fp8 cache, fp8_attention, group, group pad, head dim, block_q, block_n, warps, stages)
+    "fp8-dots-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 64, 64, 8, 3),
+    "fp8-dots-prefix-fp32-d16": ("fp32", True, True, 2, 2, 16, 32, 64, 4, 2),
+    "fp16-dots-decode-bf16-d128": ("bf16", True, True, 4, 4, 128, 1, 64, 4, 2),
+    "bf16-cache-decode-d128": ("bf16", False, False, 4, 4, 128, 1, 64, 4, 2),
+}
+
+
+def compile_variant(name: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from batchllm.attention import triton_backend as tb
+
+    qdt, fp8, fp8_attention, group, group_pad, head_dim, block_q, block_n, warps, stages = VARIANTS[name]
+    block_m = max(16, block_q * group_pad)
+    fp8_dots = fp8 and fp8_attention and tb.fp8_dots_fit(block_m, block_n)
+    kv = "*fp8e4nv" if fp8 else "*" + qdt
+    pointers = {"Q": "*" + qdt, "Out": "*" + qdt, "K_cache": kv, "V_cache": kv, "KV_scale": "*fp32",
+                "Part_out": "*fp32", "Part_lse": "*fp32"}
+    constants = dict(BLOCK_SIZE=16, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+                     HEAD_DIM_PAD=tb.dot_head_dim(head_dim, fp8_dots), BLOCK_Q=block_q, BLOCK_M=block_m,
+                     BLOCK_N=block_n, PRECISION="ieee" if qdt == "fp32" else "tf32", FP8_KV=fp8, FP8_DOTS=fp8_dots,
+                     TILE_IN_BLOCK=False)
+    kernel = tb._paged_attention_kernel
+    signature = {n: "constexpr" if n in constants else pointers.get(n) or (
+        "fp32" if n == "sm_scale_log2" else "i32" if n.startswith("stride") or n == "item_offset" else "*i32")
+        for n in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    ptx = compiled.asm["ptx"]
+    return {"variant": name, "fp8_dots": fp8_dots, "shared_bytes": compiled.metadata.shared,
+            "e4m3_mma": bool(re.search(r"mma\S*\.e4m3\.e4m3", ptx)),
+            "e4m3_to_f16_casts": ptx.count("cvt.rn.f16x2.e4m3x2")}
+
+
+if __name__ == "__main__":
+    for variant in sys.argv[1:] or VARIANTS:
+        print(json.dumps(compile_variant(variant)), flush=True)

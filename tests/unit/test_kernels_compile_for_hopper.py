@@ -1,0 +1,33 @@
+"""The Triton attention kernel compiled for sm_90 (H100/H200) on this machine, no GPU: variants the
+interpreter cannot vouch for build, fit the shared memory, and get the instructions they are for."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+H200_SHARED_BYTES = 232448
+
+
+def compile_report() -> dict[str, dict]:
+    script = Path(__file__).resolve().parent.parent / "sm90_compile.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return {row["variant"]: row for row in rows}
+
+
+def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
+    report = compile_report()
+    assert all(row["shared_bytes"] <= H200_SHARED_BYTES for row in report.values())
+    for name in ("fp8-dots-prefill-bf16-d128", "fp8-dots-prefix-fp32-d16"):  # the tiny models' head dim 16 too
+        assert report[name]["fp8_dots"] and report[name]["e4m3_mma"], name
+        assert report[name]["e4m3_to_f16_casts"] == 0, name  # the cache's values go to the MMA as they are
+    fp16 = report["fp16-dots-decode-bf16-d128"]  # 16-row programs keep fp16 dots over the fp8 cache
+    assert not fp16["fp8_dots"] and not fp16["e4m3_mma"] and fp16["e4m3_to_f16_casts"] > 0
+    plain = report["bf16-cache-decode-d128"]
+    assert not plain["e4m3_mma"] and plain["e4m3_to_f16_casts"] == 0
