@@ -16,7 +16,6 @@ from batchllm.attention.triton_backend import (
     Launch,
     LaunchPlan,
     TritonBackend,
-    key_alignment,
     launch_counts,
     next_power_of_2,
     plan_key,
@@ -47,10 +46,10 @@ class StaticDecodePlan:
                  device: torch.device, extra_items: int | None = None, *, block_size: int) -> None:
         """extra_items: room beyond one item per sequence (per section) for split-K pieces; default:
         the number of programs per KV head that split-K aims for (all pieces of a step fit in it).
-        block_size: the cache's, for the plan's key alignment (as the eager plan's: `key_alignment`;
-        required, so a graph never replays a plan aligned differently from the eager step's)."""
+        block_size: the cache's, for the plan's key alignment (`TritonBackend.work_items`, as the eager
+        plan's; required, so a graph never replays a plan aligned differently from the eager step's)."""
         self.backend = backend
-        self.align = key_alignment(block_size, backend.decode_tile.block_n)
+        self.block_size = block_size
         self.max_batch = max_batch
         self.num_kv_heads = num_kv_heads
         self.group_pad = next_power_of_2(num_heads // num_kv_heads)
@@ -101,7 +100,7 @@ class StaticDecodePlan:
         """Plan a decode step (every query_start_loc gap is 1) and copy the plan into the buffer, for
         the graph of `size` sequences; False (nothing written) if it does not fit there."""
         items = self.backend.work_items(query_start_loc, seq_lens, share_levels, 1, self.wide, self.num_kv_heads,
-                                        self.align)
+                                        self.block_size)
         p = items.num_prefix_items
         num_pad = size - (len(query_start_loc) - 1)  # padding rows: one item each, over no keys (writes 0)
         num_single = items.num_items - p + num_pad

@@ -33,9 +33,8 @@ import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
 from batchllm.attention.kv_quant import is_fp8
-from batchllm.attention.torch_ref import FP8_P_SCALE
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, WorkItems, plan_work_items
-from batchllm.layers.fp8 import FP8
+from batchllm.layers.fp8 import FP8, FP8_MAX
 from batchllm.layers.transfer import to_device_packed
 
 try:
@@ -48,7 +47,7 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
 if triton is not None:
     from batchllm.attention.kv_store_triton import store_kv_triton
 
-    P_SCALE = tl.constexpr(FP8_P_SCALE)  # FP8_DOTS: softmax weights enter their dot times this
+    P_SCALE = tl.constexpr(FP8_MAX)  # FP8_DOTS: softmax weights enter their dot times e4m3's largest value
 
     @triton.jit
     def _attend_tile(
@@ -529,8 +528,7 @@ class TritonBackend:
         rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
         wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
         items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
-                                tile_q, wide, num_kv_heads,
-                                key_alignment(metadata.block_size, self.decode_tile.block_n))
+                                tile_q, wide, num_kv_heads, metadata.block_size)
         p = items.num_prefix_items
         multi = p + np.flatnonzero(items.q_len[p:] > 1)
         single = p + np.flatnonzero(items.q_len[p:] <= 1)
@@ -561,10 +559,11 @@ class TritonBackend:
         return plan
 
     def work_items(self, query_start_loc: list[int], seq_lens: list[int], share_levels, block_q: int,
-                   group_block_q: int, num_kv_heads: int, align: int = 1) -> WorkItems:
-        """`plan_work_items` with this backend's settings (prefix groups on or off, plan options);
-        align: `key_alignment`'s."""
+                   group_block_q: int, num_kv_heads: int, block_size: int) -> WorkItems:
+        """`plan_work_items` with this backend's settings (prefix groups on or off, plan options), its
+        items aligned for a cache of `block_size`-token blocks (`key_alignment` of the decode tile): the
+        one place both the eager and the static decode plans get their alignment."""
         share = self.use_prefix_groups and share_levels is not None
         return plan_work_items(query_start_loc, seq_lens, block_q, share_levels=share_levels if share else None,
-                               group_block_q=group_block_q, num_kv_heads=num_kv_heads, align=align,
-                               **self.plan_options)
+                               group_block_q=group_block_q, num_kv_heads=num_kv_heads,
+                               align=key_alignment(block_size, self.decode_tile.block_n), **self.plan_options)
