@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
 from batchllm.attention.kv_quant import is_fp8, read_slots, split_scales
+from batchllm.layers.fp8 import FP8_MAX, dequantize, quantize, quantize_rows
 
 GROUP_SLACK = 1.5
 """A group's padded area (seqs x max query len x max seq len) may exceed its real area by this factor ..."""
@@ -108,16 +109,6 @@ def _step_groups(metadata: AttentionMetadata, device: torch.device) -> list[_Gro
     return groups
 
 
-FP8_P_SCALE = 448.0
-"""With FP8 attention, softmax weights p in [0, 1] are scaled by e4m3's largest value before the cast
-(down to ~4e-6 they keep a value), and the output divided by it again."""
-
-
-def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """float32 values rounded to float8_e4m3fn and back (saturating at +-448, as the GPU's cast)."""
-    return x.clamp(-FP8_P_SCALE, FP8_P_SCALE).to(torch.float8_e4m3fn).float()
-
-
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                   scale: float) -> torch.Tensor:
     """Attention with FP8 operands in both matmuls, as the Triton kernel's FP8_DOTS computes it: q
@@ -125,10 +116,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     (dequantized values, exact in e4m3 times the cache's scale), softmax weights p = exp(s - max)
     scaled by 448 and rounded to e4m3 for p @ v, the normalizing sum over the unrounded p; float32
     accumulation. q: [n, heads, q_len, d]; k, v: [n, kv_heads, len, d]; mask as SDPA's."""
-    qf = q.float()
-    amax = qf.abs().amax(-1, keepdim=True)
-    q_scale = torch.where(amax > 0, amax / FP8_P_SCALE, torch.ones_like(amax))
-    q8 = _to_e4m3(qf / q_scale) * q_scale
+    q8 = dequantize(*quantize_rows(q.float()))  # per (token, head): the last dim is the row
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
@@ -138,7 +126,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     p = torch.exp(scores - scores.amax(-1, keepdim=True))
-    out = _to_e4m3(p * FP8_P_SCALE) @ vf / (FP8_P_SCALE * p.sum(-1, keepdim=True))
+    out = quantize(p * FP8_MAX, None).float() @ vf / (FP8_MAX * p.sum(-1, keepdim=True))
     return out.to(q.dtype)
 
 
