@@ -165,42 +165,40 @@ def distinct_kv_bytes(specs, element_bytes=2):
     return tokens * 2 * 8 * 128 * element_bytes
 
 
-def decode_sweep(tiles_only_default: bool = False):
-    """The decode-heavy workload's decode steps (one layer each) per decode tile, then the best tile with
-    split-K per launch, then that over an fp8 cache (tiles_only_default: the default tile over a bf16
-    cache, an fp8 cache and an fp8 cache with FP8 attention, nothing else). Per variant: the summed
-    time over the sampled steps (a proxy for the run's attention time) and each step's GB/s."""
-    cases = [(t, specs, random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0))
-             for t, specs in decode_heavy_steps()]
+def decode_step_cases():
+    """`decode_heavy_steps` as (t, specs, case) on the device, the Llama-3.1-8B attention shape, bf16."""
+    return [(t, specs, random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)) for t, specs in decode_heavy_steps()]
 
-    def run(label, backend, fp8=False):
-        times = []
-        for _, _, (q, k, v, cache, md) in cases:
-            case = (q, k, v, cache.to(FP8), md) if fp8 else (q, k, v, cache, md)
-            times.append(time_ms(backend, case, reps=100))
-        report({"case": f"decode-heavy steps: {label}", "sum_ms": round(sum(times), 4),
-                **{f"t{t}_n{len(specs)}": f"{ms:.4f} ms {distinct_kv_bytes(specs, 1 if fp8 else 2) / ms / 1e6:.0f} GB/s"
-                   for (t, specs, _), ms in zip(cases, times)}})
-        return sum(times)
 
-    if tiles_only_default:  # the cache dtypes alone, at the default tile (and FP8 attention over fp8)
-        bf16 = run("default tile, bf16 cache", TritonBackend())
-        fp8 = run("default tile, fp8 cache", TritonBackend(), fp8=True)
-        fp8_dots = run("default tile, fp8 cache, FP8 attention", TritonBackend(fp8_attention=True), fp8=True)
-        report({"case": "decode-heavy steps, default tile: against the bf16 cache",
-                "fp8_cache_speedup": round(bf16 / fp8, 3), "fp8_attention_speedup": round(bf16 / fp8_dots, 3)})
-        return
+def time_decode_steps(cases, label, backend, fp8=False):
+    """One row: each step's time (one layer) and GB/s of distinct KV, over the bf16 cache or its fp8
+    copy; returns the summed time over the sampled steps (a proxy for the run's attention time)."""
+    times = []
+    for _, _, (q, k, v, cache, md) in cases:
+        times.append(time_ms(backend, (q, k, v, cache.to(FP8) if fp8 else cache, md), reps=100))
+    report({"case": f"decode-heavy steps: {label}", "sum_ms": round(sum(times), 4),
+            **{f"t{t}_n{len(specs)}": f"{ms:.4f} ms {distinct_kv_bytes(specs, 1 if fp8 else 2) / ms / 1e6:.0f} GB/s"
+               for (t, specs, _), ms in zip(cases, times)}})
+    return sum(times)
+
+
+def decode_sweep():
+    """The decode-heavy workload's decode steps per decode tile, then the best tile with split-K per
+    launch, without prefix-shared attention, and over an fp8 cache; the last row names the best."""
+    cases = decode_step_cases()
     totals = {}
     for tile in DECODE_TILES:
         try:
             label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s"
-            totals[tile] = run(label, TritonBackend(decode_tile=tile))
+            totals[tile] = time_decode_steps(cases, label, TritonBackend(decode_tile=tile))
         except Exception as error:  # e.g. out of shared memory: not a candidate
             print(f"{tile}: {type(error).__name__}: {str(error)[:200]}", flush=True)
     best = min(totals, key=totals.get)
-    split = run("best tile, split-K per launch", TritonBackend(decode_tile=best, split_per_launch=True))
-    plain = run("best tile, prefix-shared attention off", TritonBackend(decode_tile=best, use_prefix_groups=False))
-    fp8 = run("best tile, fp8 cache", TritonBackend(decode_tile=best), fp8=True)
+    split = time_decode_steps(cases, "best tile, split-K per launch",
+                              TritonBackend(decode_tile=best, split_per_launch=True))
+    plain = time_decode_steps(cases, "best tile, prefix-shared attention off",
+                              TritonBackend(decode_tile=best, use_prefix_groups=False))
+    fp8 = time_decode_steps(cases, "best tile, fp8 cache", TritonBackend(decode_tile=best), fp8=True)
     report({"case": "decode sweep best", "tile": [best.block_n, best.num_warps, best.num_stages],
             "split_per_launch": split < totals[best], "default_sum_ms": round(totals[DECODE_TILE], 4),
             "best_sum_ms": round(min(split, totals[best]), 4),
@@ -208,13 +206,22 @@ def decode_sweep(tiles_only_default: bool = False):
             "plain_sum_ms": round(plain, 4), "fp8_cache_sum_ms": round(fp8, 4)})
 
 
-def prefill_fp8():
-    """PREFILL_CASES over a bf16 cache, an fp8 cache, and an fp8 cache with FP8 attention: ms and TFLOP/s."""
+def fp8_cache_rows():
+    """The decode-heavy steps at the default tile over a bf16 cache, an fp8 cache and an fp8 cache with
+    FP8 attention; then PREFILL_CASES the same three ways (ms and TFLOP/s)."""
+    cases = decode_step_cases()
+    bf16 = time_decode_steps(cases, "default tile, bf16 cache", TritonBackend())
+    fp8 = time_decode_steps(cases, "default tile, fp8 cache", TritonBackend(), fp8=True)
+    fp8_dots = time_decode_steps(cases, "default tile, fp8 cache, FP8 attention", TritonBackend(fp8_attention=True),
+                                 fp8=True)
+    report({"case": "decode-heavy steps, default tile: against the bf16 cache",
+            "fp8_cache_speedup": round(bf16 / fp8, 3), "fp8_attention_speedup": round(bf16 / fp8_dots, 3)})
     for specs, label in PREFILL_CASES:
         q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
+        fp8_cache = cache.to(FP8)
         row = {"case": f"{label}: bf16 cache / fp8 cache / fp8 cache + FP8 attention"}
-        for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), cache.to(FP8)),
-                                  ("fp8_attention", TritonBackend(fp8_attention=True), cache.to(FP8))):
+        for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), fp8_cache),
+                                  ("fp8_attention", TritonBackend(fp8_attention=True), fp8_cache)):
             ms = time_ms(backend, (q, k, v, kv, md), reps=100)
             row[name] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
         report(row)
@@ -234,10 +241,11 @@ if __name__ == "__main__":
                         "attention; then the prefill cases the same three ways")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
-    if args.prefill_sweep or args.decode_sweep or args.decode_fp8_cache:
-        prefill_sweep() if args.prefill_sweep else decode_sweep(tiles_only_default=args.decode_fp8_cache)
-        if args.decode_fp8_cache:
-            prefill_fp8()
+    only = [run for flag, run in ((args.prefill_sweep, prefill_sweep), (args.decode_sweep, decode_sweep),
+                                  (args.decode_fp8_cache, fp8_cache_rows)) if flag]
+    if only:
+        for run in only:
+            run()
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(rows, f, indent=1)
