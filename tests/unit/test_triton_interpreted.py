@@ -122,6 +122,16 @@ def test_rotary_rotates_strided_views_in_place_like_torch():
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)
 
 
+def fp8_case(specs, block_size: int = 16, seed: int = 3):
+    """random_case's inputs (8 heads, 2 KV heads, head dim 64, float32, CPU) over an fp8 cache with
+    non-trivial scales: (q, k, v, cache, metadata, kv_scale)."""
+    from tests.unit.test_kv_fp8 import fp8_cache
+
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, block_size, torch.float32, seed=seed, device="cpu")
+    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
+    return q, k, v, fp8_cache(cache, kv_scale), md, kv_scale
+
+
 ATTENTION_CASES = [
     ("decode-and-prefill", [(37, 1), (300, 1), (0, 77), (64, 40)], {}),
     ("groups", group_decode(6, 300, 20) + [(90, 1)], dict(min_members=1, min_shared=1)),
@@ -158,11 +168,8 @@ def test_attention_kernel_over_fp8_cache_matches_reference(name, specs, options)
     into the softmax scale and v_scale on the output give the same numbers); the new tokens are
     stored as the same bytes."""
     from batchllm.attention.triton_backend import TritonBackend
-    from tests.unit.test_kv_fp8 import fp8_cache
 
-    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
-    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
-    cache = fp8_cache(cache, kv_scale)
+    q, k, v, cache, md, kv_scale = fp8_case(specs)
     ref_cache = cache.clone()
     ref = TorchReferenceBackend().forward(q, k, v, ref_cache, md, 0.125, kv_scale)
     out = TritonBackend(**options).forward(q, k, v, cache, md, 0.125, kv_scale)
@@ -183,11 +190,8 @@ def test_fp8_attention_errs_like_its_emulation(name, specs, options):
     against the row's: the two differ by about as much as either differs from exact), and it is not
     zero (the FP8 dots ran)."""
     from batchllm.attention.triton_backend import TritonBackend
-    from tests.unit.test_kv_fp8 import fp8_cache
 
-    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
-    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
-    cache = fp8_cache(cache, kv_scale)
+    q, k, v, cache, md, kv_scale = fp8_case(specs)
     exact = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
     emulated = TorchReferenceBackend(fp8_attention=True).forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
     out = TritonBackend(fp8_attention=True, **options).forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
@@ -275,12 +279,9 @@ def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, sp
 def test_attention_kernel_with_a_block_index_per_tile_over_fp8_cache():
     """The FP8_KV variant with TILE_IN_BLOCK: aligned and misaligned items over an fp8 cache."""
     from batchllm.attention.triton_backend import TritonBackend
-    from tests.unit.test_kv_fp8 import fp8_cache
 
     specs = [(0, 90), (1023, 1)] + group_decode(4, 100, 30)
-    q, k, v, cache, md = random_case(specs, 8, 2, 64, 64, torch.float32, seed=7, device="cpu")
-    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
-    cache = fp8_cache(cache, kv_scale)
+    q, k, v, cache, md, kv_scale = fp8_case(specs, block_size=64, seed=7)
     ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
     out = TritonBackend(min_members=1, min_shared=1, split_len=256).forward(q, k, v, cache, md, 0.125, kv_scale)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -425,12 +426,9 @@ def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
     precision, through prefix items, suffix items and tiles. A query component past fp16's range is
     clamped: that token's output stays finite."""
     from batchllm.attention.triton_backend import TritonBackend
-    from tests.unit.test_kv_fp8 import fp8_cache
 
     specs = group_decode(4, 300, 20) + [(90, 1), (0, 40)]
-    q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
-    kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
-    cache = fp8_cache(cache, kv_scale)
+    q, k, v, cache, md, kv_scale = fp8_case(specs)
     q, k, v = q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float()  # what the bf16 run sees
     ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
     backend = TritonBackend(min_members=1, min_shared=1)
