@@ -100,14 +100,13 @@ def _service_order(running: list[Request]) -> list[tuple[Request, int, bool]]:
     """Running work in order of service, each with its token count and whether it is a decode
     (`_is_decode` of all its remaining tokens): decodes, then request prefill, then prefix prefill,
     each class in running order (a stable sort by class). Built every step over every running
-    request: one pass, each token count read once (`Request.num_tokens`, inlined)."""
+    request: one pass, each token count read once."""
     decodes, prefills, prefixes = [], [], []
     for request in running:
-        outputs, pending = request.output_token_ids, request.num_pending_tokens
-        num_tokens = len(request.prompt_token_ids) + len(outputs) + pending
+        num_tokens = request.num_tokens
         if request.is_prefix:
             prefixes.append((request, num_tokens, False))
-        elif request.num_computed_tokens + 1 == num_tokens and (outputs or pending):
+        elif _is_decode(request, num_tokens - request.num_computed_tokens, num_tokens):
             decodes.append((request, num_tokens, True))
         else:
             prefills.append((request, num_tokens, False))
@@ -208,10 +207,7 @@ class Scheduler:
         i = 0
         while i < len(order) and budget > 0:
             request, num_tokens, decode = order[i]
-            if decode:  # (`_num_new_tokens` of a decode, inlined: every decode, every step)
-                num_new = 0 if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens) else 1
-            else:
-                num_new = self._num_new_tokens(request, budget, num_tokens)
+            num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0:
                 i += 1
                 continue
