@@ -42,6 +42,27 @@ def test_scaled_mm_is_the_emulated_math_and_close_to_bf16(layer, m):
     assert rel < 0.05, f"{layer} M={m}: FP8 is {rel:.4f} (relative L2) from the float32 product"  # ~0.03 expected
 
 
+@pytest.mark.parametrize("m", [16, 48, 256])
+@pytest.mark.parametrize("layer", ["qkv", "down"])
+def test_swap_ab_is_the_same_product(layer, m):
+    """fp8_swap_ab_max_tokens: w @ x^T transposed back is the plain product (float32 sums in another
+    order, so bf16 rounding apart) and a contiguous [m, n]; m = 24 (not a multiple of 16) and m above
+    the bound take the plain form."""
+    n, k = SHAPES[layer]
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    wq, ws = quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02)
+    plain = fp8_matmul(x, wq, ws.view(n), use_scaled_mm=True)
+    swapped = fp8_matmul(x, wq, ws.view(n), use_scaled_mm=True, swap_ab_max_tokens=256)
+    assert swapped.is_contiguous() and swapped.shape == (m, n)
+    torch.testing.assert_close(swapped.float(), plain.float(), rtol=1.6e-2,
+                               atol=1e-2 * plain.float().abs().max().item())
+    for rows, bound in ((24, 256), (m, m - 1)):  # ineligible: the plain kernel, bit for bit
+        xs = x[:rows].contiguous()
+        torch.testing.assert_close(fp8_matmul(xs, wq, ws.view(n), use_scaled_mm=True, swap_ab_max_tokens=bound),
+                                   fp8_matmul(xs, wq, ws.view(n), use_scaled_mm=True), rtol=0, atol=0)
+
+
 def _dummy_llama(tmp_path):
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=1024,
                   intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
@@ -64,6 +85,9 @@ def test_engine_fp8_on_a_dummy_llama_mostly_agrees_with_bf16(tmp_path):
     fp8_llm, fp8 = run(quantization="fp8")
     layer = fp8_llm.engine.model.model.layers[0].mlp.gate_up_proj
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.use_scaled_mm
+    _, swapped = run(quantization="fp8", fp8_swap_ab_max_tokens=512)
+    same = sum(x == y for a, b in zip(fp8, swapped) for x, y in zip(a, b)) / sum(map(len, fp8))
+    assert same >= 0.9, f"swap-AB changed {1 - same:.2f} of the FP8 tokens (only bf16 rounding differs)"
     _, bf16 = run()
     first = sum(a[0] == b[0] for a, b in zip(fp8, bf16)) / len(fp8)
     tokens = sum(x == y for a, b in zip(fp8, bf16) for x, y in zip(a, b)) / sum(map(len, fp8))
