@@ -96,10 +96,6 @@ class ModelConfig(_Checked):
                                    "per token in their own kernels (the same bits as the FP8 layers' quantizer, "
                                    "~6% faster on an H200) instead of each FP8 layer quantizing its input; off: "
                                    "for comparison; no effect without FP8")
-    fp8_small_gemm_tokens: int = option(0, "with FP8 weights on an FP8 GPU with Triton: products of at most this "
-                                        "many tokens (decode steps) run in a Triton kernel with narrow weight tiles, "
-                                        "which reads the weight faster than cuBLAS's FP8 kernels at those sizes; "
-                                        "larger ones in torch._scaled_mm; 0: always _scaled_mm", at_least=0)
     attention_backend: str = option("auto", "auto: triton on CUDA when Triton is installed, else torch "
                                     "(the reference)", choices=_KERNEL_CHOICES)
     shared_prefix_attention: bool = option(True, "the Triton attention reads a shared prefix's keys once for "

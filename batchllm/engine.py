@@ -164,7 +164,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=dtype, device=device,
                         load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,
                         ops=make_ops(mc.kernels, device), tp=tp, quantization=facts.quantization,
-                        fp8_fused_quant=mc.fp8_fused_quant, fp8_small_gemm_tokens=mc.fp8_small_gemm_tokens)
+                        fp8_fused_quant=mc.fp8_fused_quant)
     kv_spec = plan_kv_cache(model.spec, config.cache, dtype, device, tp)
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend

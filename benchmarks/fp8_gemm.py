@@ -14,16 +14,8 @@ when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
                M), then transposed back into a contiguous [M, N] (the copy included);
   with M (tokens) also at the decode batch sizes 64 and 128, and each kernel's weight-read rate
   (GB/s of the N x K float8 or bf16 weight: the bound of small-M matmuls);
-- fp8 triton:  for M <= 256, the Triton kernel of `layers/fp8_gemm_triton.py` (fp8_small_gemm_tokens) with
-               its SMALL_M_TILES tile;
 and the max relative error of the fp8 output against the bf16 one (max |fp8 - bf16| / max |bf16|)
 and its relative L2 error. Inputs are N(0, 1) activations and N(0, 0.02) weights.
-
-    python3 benchmarks/fp8_gemm.py --sweep [--json-out FILE]
-
-times the Triton kernel over a grid of tiles (block_m x block_n x block_k x stages) for M 16, 64, 128,
-256 on the four shapes and prints, per M, the tile with the least summed time over the shapes (what
-SMALL_M_TILES should hold) against cuBLAS's sum.
 """
 
 from __future__ import annotations
@@ -34,7 +26,6 @@ import json
 import torch
 
 from batchllm.layers.fp8 import fp8_matmul, quantize_rows
-from batchllm.layers.fp8_gemm_triton import Fp8GemmTile, fp8_mm_triton, small_m_tile
 from batchllm.layers.fp8_triton import quantize_rows_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -72,14 +63,11 @@ def run_case(name: str, n: int, k: int, m: int, ms: float) -> dict:
                                 out_dtype=torch.bfloat16).t().contiguous()
 
     t_swap = bench_ms(swapped, ms)
-    tile = small_m_tile(m)
-    t_triton = bench_ms(lambda: fp8_mm_triton(xq, xs, wq, ws, tile), ms) if tile else float("nan")
     flop = 2.0 * m * n * k
     diff = (out.float() - ref.float())
     swap_diff = float((swapped().float() - out.float()).abs().max() / out.float().abs().max())
     return dict(layer=name, M=m, N=n, K=k, bf16_ms=t_bf16, fp8_kernel_ms=t_kernel, fp8_total_ms=t_total,
-                fp8_swap_ms=t_swap, swap_vs_plain_max_rel=swap_diff, fp8_triton_ms=t_triton,
-                fp8_triton_weight_gbps=n * k / t_triton / 1e6,
+                fp8_swap_ms=t_swap, swap_vs_plain_max_rel=swap_diff,
                 bf16_weight_gbps=2 * n * k / t_bf16 / 1e6, fp8_weight_gbps=n * k / t_kernel / 1e6,
                 fp8_swap_weight_gbps=n * k / t_swap / 1e6,
                 bf16_tflops=flop / t_bf16 / 1e9, fp8_kernel_tflops=flop / t_kernel / 1e9,
@@ -88,62 +76,17 @@ def run_case(name: str, n: int, k: int, m: int, ms: float) -> dict:
                 rel_l2_err=float(diff.norm() / ref.float().norm()))
 
 
-SWEEP_M = (16, 64, 128, 256)
-
-
-def sweep_tiles() -> list[Fp8GemmTile]:
-    """The tile grid of --sweep: shared memory per stage (block_m + block_n) * block_k bytes, at most
-    ~200 KB over the stages (the H200 has 227 KB per SM)."""
-    return [Fp8GemmTile(bm, bn, bk, 4, st) for bm in (64, 128) for bn in (32, 64, 128) for bk in (128, 256)
-            for st in (3, 4, 6, 8) if (bm + bn) * bk * st <= 200_000]
-
-
-def run_sweep(ms: float) -> dict:
-    """Per M of SWEEP_M: each tile's summed time over SHAPES, cuBLAS's, and the best tile."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    weights = {name: quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02)
-               for name, (n, k) in SHAPES.items()}
-    result = {}
-    for m in SWEEP_M:
-        inputs = {name: quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen))
-                  for name, (n, k) in SHAPES.items()}
-        cublas = sum(bench_ms(lambda w=weights[s], x=inputs[s]: torch._scaled_mm(
-            x[0], w[0].t(), scale_a=x[1], scale_b=w[1].view(1, -1), out_dtype=torch.bfloat16), ms) for s in SHAPES)
-        times = {}
-        for tile in sweep_tiles():
-            if tile.block_m > 64 and m <= 64:
-                continue
-            try:
-                times[tile] = sum(bench_ms(lambda w=weights[s], x=inputs[s], t=tile: fp8_mm_triton(
-                    x[0], x[1], w[0], w[1].view(-1), t), ms) for s in SHAPES)
-            except Exception as e:  # a tile past the shared memory: Triton's OutOfResources
-                print(f"  tile {tuple(tile)}: {type(e).__name__}", flush=True)
-        best = min(times, key=times.get)
-        print(f"M {m:4d}: cuBLAS {cublas:.4f} ms summed over the four shapes; best tile {tuple(best)} "
-              f"{times[best]:.4f} ms ({cublas / times[best]:.2f}x); default {tuple(small_m_tile(m))} "
-              f"{times.get(small_m_tile(m), float('nan')):.4f} ms", flush=True)
-        result[m] = dict(cublas_ms=cublas, best=list(best), tiles={str(tuple(t)): v for t, v in times.items()})
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json-out", help="write the rows as JSON here")
     ap.add_argument("--ms", type=float, default=0.2, help="timing budget scale per measurement (default 0.2)")
-    ap.add_argument("--sweep", action="store_true", help="time the Triton kernel's tile grid instead")
     args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("fp8_gemm.py needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    if args.sweep:
-        result = run_sweep(args.ms)
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "sweep": result}, f, indent=1)
-        return
     header = (f"{'layer':8} {'M':>5} {'N':>6} {'K':>6} | {'bf16':>7} {'fp8 mm':>7} {'fp8+q':>7} TFLOP/s | "
               f"{'mm x':>5} {'tot x':>5} | {'max rel':>8} {'rel L2':>8} | weight GB/s: {'bf16':>6} {'fp8':>6} "
-              f"{'swap':>6} {'triton':>6} (swap x, triton x)")
+              f"{'swap':>6} (swap x)")
     print(header)
     print("-" * len(header))
     rows = []
@@ -155,8 +98,7 @@ def main() -> None:
                   f"{r['fp8_total_tflops']:7.1f}         | {r['bf16_ms'] / r['fp8_kernel_ms']:5.2f} "
                   f"{r['bf16_ms'] / r['fp8_total_ms']:5.2f} | {r['max_rel_err']:8.4f} {r['rel_l2_err']:8.4f} | "
                   f"{'':13}{r['bf16_weight_gbps']:6.0f} {r['fp8_weight_gbps']:6.0f} {r['fp8_swap_weight_gbps']:6.0f} "
-                  f"{r['fp8_triton_weight_gbps']:6.0f} ({r['fp8_kernel_ms'] / r['fp8_swap_ms']:.2f}, "
-                  f"{r['fp8_kernel_ms'] / r['fp8_triton_ms']:.2f})", flush=True)
+                  f"({r['fp8_kernel_ms'] / r['fp8_swap_ms']:.2f})", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

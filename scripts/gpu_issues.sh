@@ -26,9 +26,6 @@
 #       and decode-heavy workloads, fp8 cache with and without FP8 attention, FP8 weights too (~8 min)
 #   PART=profile bash scripts/gpu_issues.sh   where the GPU time of decode-heavy goes, bf16 and FP8 weights
 #       (`--profile-out`: kernel time per category and the top kernels) (~4 min)
-#   PART=smallgemm bash scripts/gpu_issues.sh   the Triton FP8 kernel for small products (`fp8_small_gemm_tokens`): its
-#       GPU tests, the GEMM benchmark and its tile sweep, then FP8 weights on decode-heavy with cuBLAS only and with the
-#       kernel up to 256 tokens, each first once (~7 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -92,15 +89,6 @@ fp8attn)
   bench fp8attn_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8kv,fp8attn,fp8w+kv,fp8w+attn --json-out "$OUT/fp8attn_paper.json"
   bench fp8attn_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8attn,fp8kv,fp8w+attn,fp8w+kv \
       --json-out "$OUT/fp8attn_decode.json"
-  ;;
-smallgemm)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_gpu.py > "$OUT/fp8_gpu_tests.log" 2>&1
-  tail -3 "$OUT/fp8_gpu_tests.log"; pack
-  python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"; pack
-  python3 benchmarks/fp8_gemm.py --sweep --json-out "$OUT/fp8_gemm_sweep.json" > "$OUT/fp8_gemm_sweep.log" 2>&1
-  grep -v "^  tile" "$OUT/fp8_gemm_sweep.log"; pack
-  bench small_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8-cublas,fp8-small256,fp8-small256,fp8-cublas \
-      --json-out "$OUT/small_decode.json"
   ;;
 profile)
   bench prof_decode_bf16 "${M8D[@]}" "${DECODE[@]}" --configs sharing --profile-out "$OUT/prof_decode_bf16.txt" \

@@ -113,30 +113,24 @@ def scaled_mm_supported(device: torch.device) -> bool:
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               use_scaled_mm: bool, quantize=quantize_rows, small_gemm=None) -> torch.Tensor:
+               use_scaled_mm: bool, quantize=quantize_rows) -> torch.Tensor:
     """x [m, k] (model dtype) times the quantized weight [n, k] float8 with scales [n] float32 ->
     [m, n] in x's dtype; x is quantized per row here by `quantize` (`quantize_rows` or its Triton
     kernel, the same arithmetic)."""
     xq, x_scale = quantize(x)  # [m, k] float8, [m, 1] float32
-    return fp8_mm(xq, x_scale, x.dtype, weight, weight_scale, use_scaled_mm, small_gemm)
+    return fp8_mm(xq, x_scale, x.dtype, weight, weight_scale, use_scaled_mm)
 
 
 def fp8_mm(xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor,
-           weight_scale: torch.Tensor, use_scaled_mm: bool, small_gemm=None) -> torch.Tensor:
+           weight_scale: torch.Tensor, use_scaled_mm: bool) -> torch.Tensor:
     """The product of quantized operands: xq [m, k] float8 with scales [m, 1], the weight [n, k]
-    float8 with scales [n] -> [m, n] in `dtype`, accumulated in float32.
-
-    small_gemm (with use_scaled_mm; the fp8_small_gemm_tokens setting): `fp8_gemm_triton.small_gemm`'s
-    function, which computes products of few tokens (decode steps) in a Triton kernel that reads the
-    weight faster than cuBLAS there, and returns None for the others; the same arithmetic."""
+    float8 with scales [n] -> [m, n] in `dtype`, accumulated in float32."""
     n, k = weight.shape
     if use_scaled_mm and n % 16 == 0 and k % 16 == 0:
-        y = None if small_gemm is None else small_gemm(xq, x_scale, weight, weight_scale)
-        if y is None:
-            # Row-wise scaling: mat2 column-major (the transpose of the row-major [n, k] weight), scales
-            # [m, 1] and [1, n] float32, bfloat16 output (the only one row-wise scaling supports).
-            y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, n),
-                                 out_dtype=torch.bfloat16)
+        # Row-wise scaling: mat2 column-major (the transpose of the row-major [n, k] weight), scales
+        # [m, 1] and [1, n] float32, bfloat16 output (the only one row-wise scaling supports).
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, n),
+                             out_dtype=torch.bfloat16)
         return y if dtype == torch.bfloat16 else y.to(dtype)
     y = (xq.to(torch.float32) @ weight.to(torch.float32).t()) * x_scale * weight_scale.view(1, n)
     return y.to(dtype)
@@ -160,8 +154,6 @@ class Fp8Linear(nn.Module):
         """Both set by `prepare_fp8` once the module is on its device."""
         self.fuse_quant = False
         """The fp8_fused_quant setting (`prepare_fp8`)."""
-        self.small_gemm = None
-        """The Triton kernel for products of few tokens, or None (`prepare_fp8`; `fp8_mm`)."""
         self.takes_quantized = False
         """Whether an op before this layer that can quantize its output (a norm, SiLU-and-mul) should
         hand it an `Fp8Input` (`match_fused_quant`: the setting is on and the model's ops reproduce
@@ -169,12 +161,11 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         if isinstance(x, Fp8Input):  # quantized by the op before (fused): [m, k]
-            y = fp8_mm(x.q, x.scale, x.dtype, self.weight, self.weight_scale, self.use_scaled_mm,
-                       self.small_gemm)
+            y = fp8_mm(x.q, x.scale, x.dtype, self.weight, self.weight_scale, self.use_scaled_mm)
         else:
             shape = x.shape
             y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm,
-                           self.quantize, self.small_gemm)
+                           self.quantize)
             y = y.view(*shape[:-1], y.shape[-1])
         if self.tp is not None:
             y = self.tp.all_reduce(y)
@@ -190,30 +181,23 @@ def restore_fp8_dtypes(model: nn.Module) -> None:
             module.weight_scale.data = module.weight_scale.data.to(torch.float32)
 
 
-def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bool = False,
-                small_gemm_tokens: int = 0) -> None:
+def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bool = False) -> None:
     """Choose the matmul path and the activation quantizer of every FP8 layer for `device` (once,
     at load): on FP8 GPUs `_scaled_mm`, and the Triton quantizer where Triton is installed.
     fuse_quant (the fp8_fused_quant setting): layers whose quantizer `ops` (the model's op policy)
-    reproduce take their input quantized by the op before them (`match_fused_quant`).
-    small_gemm_tokens (the fp8_small_gemm_tokens setting): products of at most this many tokens run in
-    the Triton kernel of `fp8_gemm_triton` (with `_scaled_mm`, where Triton is installed)."""
+    reproduce take their input quantized by the op before them (`match_fused_quant`)."""
     fast = scaled_mm_supported(device)
-    quantize, small_gemm = quantize_rows, None
+    quantize = quantize_rows
     if fast:
         try:
-            from batchllm.layers.fp8_gemm_triton import small_gemm as make_small_gemm
             from batchllm.layers.fp8_triton import quantize_rows_triton as quantize
         except ImportError:
             pass
-        else:
-            small_gemm = make_small_gemm(small_gemm_tokens) if small_gemm_tokens else None
     for module in model.modules():
         if isinstance(module, Fp8Linear):
             module.use_scaled_mm = fast
             module.quantize = quantize
             module.fuse_quant = fuse_quant
-            module.small_gemm = small_gemm
     if ops is not None:
         match_fused_quant(model, ops)
 

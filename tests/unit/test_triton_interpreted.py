@@ -441,26 +441,3 @@ def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
     md.backend_cache.clear()
     out = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.clone(), md, 0.125, kv_scale)
     assert torch.isfinite(out.float()).all()
-
-
-@pytest.mark.parametrize("m, n", [(1, 96), (5, 80), (64, 96), (100, 64), (256, 48)])
-def test_small_fp8_gemm_is_the_emulated_product(m, n):
-    """fp8_small_gemm_tokens' kernel computes what `fp8_mm` computes from the same quantized operands
-    (the CPU path: float32 products of the e4m3 values, both scales): masked rows and columns (m, n not
-    multiples of the tile), every SMALL_M_TILES tile; products beyond its bounds are not its to take."""
-    from batchllm.layers.fp8 import fp8_mm, quantize_rows
-    from batchllm.layers.fp8_gemm_triton import SMALL_M_TILES, fits, small_gemm, small_m_tile
-
-    g = torch.Generator().manual_seed(m * n)
-    k = 256
-    xq, x_scale = quantize_rows(torch.randn(m, k, generator=g))
-    wq, w_scale = quantize_rows(torch.randn(n, k, generator=g) * 0.02)
-    want = fp8_mm(xq, x_scale, torch.float32, wq, w_scale.view(n), use_scaled_mm=False)
-    tile = small_m_tile(m)
-    assert tile == SMALL_M_TILES[min(b for b in SMALL_M_TILES if b >= m)] and fits(wq, tile)
-    got = small_gemm(256)(xq, x_scale, wq, w_scale.view(n))
-    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
-    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())  # bf16 rounding
-    assert small_gemm(m - 1)(xq, x_scale, wq, w_scale.view(n)) is None  # above the setting
-    assert small_m_tile(max(SMALL_M_TILES) + 1) is None
-    assert small_gemm(256)(xq[:, :-16].contiguous(), x_scale, wq[:, :-16].contiguous(), w_scale.view(n)) is None
