@@ -12,6 +12,7 @@ With --prefill-sweep: only the launch settings of steps with prefill chunks, in 
 With --decode-sweep: only the decode steps of the decode-heavy workload (`batchllm bench --workload
 decodeheavy`), per tile of the one-query and prefix launches (`TritonBackend(decode_tile=...)`) and with
 split-K per launch (`split_per_launch`), in GB/s of distinct KV read; the last line names the best.
+With --decode-sweep-fp8: the same tiles and a few wider ones over an fp8 cache.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def prefill_sweep():
 
 DECODE_TILES = [DECODE_TILE, *(TileConfig(*t) for t in [(32, 4, 2), (32, 2, 3), (64, 4, 3), (64, 4, 4), (64, 2, 2),
                                                            (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3)])]
+DECODE_TILES_FP8 = [TileConfig(*t) for t in [(128, 8, 3), (128, 4, 4), (256, 8, 2), (256, 4, 2), (64, 2, 4)]]
 
 
 def decode_heavy_steps(positions=(100, 250, 400, 550, 700, 850, 950), requests=512, shared=1000, own=100):
@@ -182,17 +184,23 @@ def time_decode_steps(cases, label, backend, fp8=False):
     return sum(times)
 
 
+def sweep_tiles(cases, fp8: bool) -> dict:
+    """Each of DECODE_TILES over the decode steps (the bf16 cache or its fp8 copy): tile -> summed ms."""
+    totals = {}
+    for tile in DECODE_TILES + (DECODE_TILES_FP8 if fp8 else []):
+        try:
+            label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s" + (", fp8 cache" if fp8 else "")
+            totals[tile] = time_decode_steps(cases, label, TritonBackend(decode_tile=tile), fp8=fp8)
+        except Exception as error:  # e.g. out of shared memory: not a candidate
+            print(f"{tile}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+    return totals
+
+
 def decode_sweep():
     """The decode-heavy workload's decode steps per decode tile, then the best tile with split-K per
     launch, without prefix-shared attention, and over an fp8 cache; the last row names the best."""
     cases = decode_step_cases()
-    totals = {}
-    for tile in DECODE_TILES:
-        try:
-            label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s"
-            totals[tile] = time_decode_steps(cases, label, TritonBackend(decode_tile=tile))
-        except Exception as error:  # e.g. out of shared memory: not a candidate
-            print(f"{tile}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+    totals = sweep_tiles(cases, fp8=False)
     best = min(totals, key=totals.get)
     split = time_decode_steps(cases, "best tile, split-K per launch",
                               TritonBackend(decode_tile=best, split_per_launch=True))
@@ -204,6 +212,19 @@ def decode_sweep():
             "best_sum_ms": round(min(split, totals[best]), 4),
             "gain": round(totals[DECODE_TILE] / min(split, totals[best]), 3),
             "plain_sum_ms": round(plain, 4), "fp8_cache_sum_ms": round(fp8, 4)})
+
+
+def decode_sweep_fp8():
+    """The same tiles (and a few wider ones) over the fp8 cache: its bytes per key are half, so its
+    best tile may differ; against the bf16 cache at the default tile."""
+    cases = decode_step_cases()
+    bf16 = time_decode_steps(cases, "default tile, bf16 cache", TritonBackend())
+    totals = sweep_tiles(cases, fp8=True)
+    best = min(totals, key=totals.get)
+    report({"case": "fp8-cache decode sweep best", "tile": [best.block_n, best.num_warps, best.num_stages],
+            "default_sum_ms": round(totals[DECODE_TILE], 4), "best_sum_ms": round(totals[best], 4),
+            "gain": round(totals[DECODE_TILE] / totals[best], 3), "bf16_default_sum_ms": round(bf16, 4),
+            "best_vs_bf16": round(bf16 / totals[best], 3)})
 
 
 def fp8_cache_rows():
@@ -236,12 +257,14 @@ if __name__ == "__main__":
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--prefill-sweep", action="store_true", help="only the mixed-step launch sweep")
     parser.add_argument("--decode-sweep", action="store_true", help="only the decode-heavy decode-tile sweep")
+    parser.add_argument("--decode-sweep-fp8", action="store_true", help="only the decode-tile sweep over an fp8 cache")
     parser.add_argument("--decode-fp8-cache", action="store_true",
                         help="only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, FP8 "
                         "attention; then the prefill cases the same three ways")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
     only = [run for flag, run in ((args.prefill_sweep, prefill_sweep), (args.decode_sweep, decode_sweep),
+                                  (args.decode_sweep_fp8, decode_sweep_fp8),
                                   (args.decode_fp8_cache, fp8_cache_rows)) if flag]
     if only:
         for run in only:

@@ -24,6 +24,10 @@
 #   PART=fp8attn bash scripts/gpu_issues.sh   FP8 attention (`fp8_attention`): its GPU tests, the attention benchmark's
 #       decode steps and prefill cases over a bf16 cache, an fp8 cache and FP8 attention, then the engine on the paper
 #       and decode-heavy workloads, fp8 cache with and without FP8 attention, FP8 weights too (~8 min)
+#   PART=fp8base bash scripts/gpu_issues.sh   issue 16's ratios with default settings, side by side: bf16, FP8 weights, FP8
+#       weights + KV cache on decode-heavy (bf16 first and last) and on the paper workload (~5 min)
+#   PART=fp8tile bash scripts/gpu_issues.sh   the decode-tile sweep over an fp8 cache (`attention_bench.py
+#       --decode-sweep-fp8`) (~3 min)
 #   PART=profile bash scripts/gpu_issues.sh   where the GPU time of decode-heavy goes, bf16 and FP8 weights
 #       (`--profile-out`: kernel time per category and the top kernels) (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
@@ -89,6 +93,14 @@ fp8attn)
   bench fp8attn_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8kv,fp8attn,fp8w+kv,fp8w+attn --json-out "$OUT/fp8attn_paper.json"
   bench fp8attn_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8attn,fp8kv,fp8w+attn,fp8w+kv \
       --json-out "$OUT/fp8attn_decode.json"
+  ;;
+fp8base)
+  bench base_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8,fp8w+kv,sharing --json-out "$OUT/base_decode.json"
+  bench base_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv --json-out "$OUT/base_paper.json"
+  ;;
+fp8tile)
+  python3 benchmarks/attention_bench.py --decode-sweep-fp8 --json-out "$OUT/fp8tile.json" > "$OUT/fp8tile.log" 2>&1
+  grep -E "sum_ms|Error" "$OUT/fp8tile.log" | cut -c1-160; grep "sweep best" "$OUT/fp8tile.log"
   ;;
 profile)
   bench prof_decode_bf16 "${M8D[@]}" "${DECODE[@]}" --configs sharing --profile-out "$OUT/prof_decode_bf16.txt" \

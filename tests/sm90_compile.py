@@ -45,12 +45,19 @@ def compile_variant(name: str) -> dict:
     signature = {n: "constexpr" if n in constants else pointers.get(n) or (
         "fp32" if n == "sm_scale_log2" else "i32" if n.startswith("stride") or n == "item_offset" else "*i32")
         for n in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+    # as a launch specializes them on the device: pointers and strides divisible by 16 (16-byte aligned
+    # tensors, head dims of 16k), but not those the kernel declares do_not_specialize; without it the
+    # loads are not vectorized and not pipelined (no cp.async), and shared memory is not the real one
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+               if n not in constants and n not in ("stride_bt", "item_offset")
+               and (signature[n].startswith("*") or n.startswith("stride"))}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = compiled.asm["ptx"]
     return {"variant": name, "fp8_dots": fp8_dots, "shared_bytes": compiled.metadata.shared,
             "e4m3_mma": bool(re.search(r"mma\S*\.e4m3\.e4m3", ptx)),
-            "e4m3_to_f16_casts": ptx.count("cvt.rn.f16x2.e4m3x2")}
+            "e4m3_to_f16_casts": ptx.count("cvt.rn.f16x2.e4m3x2"),
+            "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx))}
 
 
 if __name__ == "__main__":
