@@ -28,6 +28,8 @@
 #       weights + KV cache on decode-heavy (bf16 first and last) and on the paper workload (~5 min)
 #   PART=fp8tile bash scripts/gpu_issues.sh   the decode-tile sweep over an fp8 cache (`attention_bench.py
 #       --decode-sweep-fp8`) (~3 min)
+#   PART=fp8tiledecode bash scripts/gpu_issues.sh   decode-heavy: bf16, fp8 cache, FP8 weights + cache (bf16 first and
+#       last), to set the fp8 cache's decode tile against PART=fp8base's ratios (~4 min)
 #   PART=profile bash scripts/gpu_issues.sh   where the GPU time of decode-heavy goes, bf16 and FP8 weights
 #       (`--profile-out`: kernel time per category and the top kernels) (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
@@ -97,6 +99,9 @@ fp8attn)
 fp8base)
   bench base_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8,fp8w+kv,sharing --json-out "$OUT/base_decode.json"
   bench base_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv --json-out "$OUT/base_paper.json"
+  ;;
+fp8tiledecode)
+  bench tile_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8kv,fp8w+kv,sharing --json-out "$OUT/tile_decode.json"
   ;;
 fp8tile)
   python3 benchmarks/attention_bench.py --decode-sweep-fp8 --json-out "$OUT/fp8tile.json" > "$OUT/fp8tile.log" 2>&1

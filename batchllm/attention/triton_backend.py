@@ -326,6 +326,14 @@ class LaunchPlan:
 
 SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fits any supported row width
 DECODE_TILE = TileConfig(64, 4, 2)  # of the programs with one query per sequence (prefix and one-query items)
+DECODE_TILE_FP8 = TileConfig(128, 4, 3)
+"""The decode tile over an fp8 cache (half the bytes per key: twice the keys per tile): on the decode-heavy
+run's steps 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`, H200, session 11)."""
+
+
+def decode_tile_for(kv_dtype: torch.dtype) -> TileConfig:
+    """The decode tile for a cache of this dtype (the engine's choice; `TritonBackend(decode_tile=)`)."""
+    return DECODE_TILE_FP8 if kv_dtype == FP8 else DECODE_TILE
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
 COUNT_SLOT = 4

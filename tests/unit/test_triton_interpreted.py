@@ -143,6 +143,8 @@ ATTENTION_CASES = [
      dict(min_members=1, min_shared=1, decode_tile=TileConfig(32, 2, 3), split_per_launch=True)),
     ("split-k-decode-tile-128", [(1500, 1), (700, 3)] + group_decode(4, 600, 90),
      dict(split_len=128, decode_tile=TileConfig(128, 4, 2))),
+    ("groups-decode-tile-fp8", group_decode(6, 300, 20) + [(90, 1)], dict(min_members=1, min_shared=1,
+                                                                         decode_tile=TileConfig(128, 4, 3))),
 ]
 
 
@@ -441,3 +443,11 @@ def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
     md.backend_cache.clear()
     out = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.clone(), md, 0.125, kv_scale)
     assert torch.isfinite(out.float()).all()
+
+
+def test_engine_takes_the_decode_tile_of_its_cache_dtype():
+    from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, decode_tile_for
+    from batchllm.layers.fp8 import FP8
+
+    assert decode_tile_for(FP8) == DECODE_TILE_FP8 == TileConfig(128, 4, 3)  # the groups-decode-tile-fp8 case's
+    assert decode_tile_for(torch.bfloat16) == decode_tile_for(torch.float32) == DECODE_TILE
