@@ -106,8 +106,9 @@ class ModelConfig(_Checked):
                                  "(the query quantized per token and head, the softmax weights scaled by 448 into "
                                  "e4m3's range) in the programs that fill an FP8 MMA (prefill tiles, prefix-shared "
                                  "items; one-query decode items keep fp16), as FlashAttention 3 does over an fp8 "
-                                 "cache; off: the cache's values are cast up to 16 bits. Not yet measured on a GPU: "
-                                 "off by default")
+                                 "cache; off: the cache's values are cast up to 16 bits. Off by default: slower on an "
+                                 "H200 (0.66-0.77x the fp8 cache's attention; e4m3 MMAs want V transposed, which "
+                                 "Triton does in registers)")
     kv_store: str = option("auto", "how a step's new keys and values reach the KV cache under the Triton "
                            "attention: triton: one kernel per layer (copying, or quantizing to fp8; 2-15x faster "
                            "per layer on an H200); torch: per K and V a quantize and an index_copy_ (the same "
