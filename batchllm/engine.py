@@ -173,7 +173,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
 
         backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention,
                                 fused_store=use_triton(mc.kv_store, device, "kv_store"), fp8_attention=mc.fp8_attention,
-                                decode_tile=decode_tile_for(kv_spec.dtype))
+                                decode_tile=decode_tile_for(kv_spec.dtype, kv_spec.block_size, dtype, spec.head_dim))
     else:
         if mc.kv_store == "triton":  # the one-kernel store is the Triton attention's
             raise ValueError("kv_store='triton' needs the Triton attention (attention_backend 'triton', or 'auto' "

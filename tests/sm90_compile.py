@@ -21,6 +21,11 @@ VARIANTS = {  # name: (q dtype, fp8 cache, fp8_attention, group, group pad, head
     "fp8-dots-prefix-fp32-d16": ("fp32", True, True, 2, 2, 16, 32, 64, 4, 2),
     "fp16-dots-decode-bf16-d128": ("bf16", True, True, 4, 4, 128, 1, 64, 4, 2),
     "bf16-cache-decode-d128": ("bf16", False, False, 4, 4, 128, 1, 64, 4, 2),
+    # DECODE_TILE_FP8 (128 keys, 4 warps, 3 stages), the engine's tile over an fp8 cache: one-query and
+    # prefix (16 queries x group 4 = 64 rows) programs, with and without FP8 dots
+    "fp8-cache-tile128-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 128, 4, 3),
+    "fp8-cache-tile128-prefix-bf16-d128": ("bf16", True, False, 4, 4, 128, 16, 128, 4, 3),
+    "fp8-dots-tile128-prefix-bf16-d128": ("bf16", True, True, 4, 4, 128, 16, 128, 4, 3),
 }
 
 

@@ -328,12 +328,20 @@ SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fit
 DECODE_TILE = TileConfig(64, 4, 2)  # of the programs with one query per sequence (prefix and one-query items)
 DECODE_TILE_FP8 = TileConfig(128, 4, 3)
 """The decode tile over an fp8 cache (half the bytes per key: twice the keys per tile): on the decode-heavy
-run's steps 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`, H200, session 11)."""
+run's steps, 16-token blocks, 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`,
+H200, session 11)."""
 
 
-def decode_tile_for(kv_dtype: torch.dtype) -> TileConfig:
-    """The decode tile for a cache of this dtype (the engine's choice; `TritonBackend(decode_tile=)`)."""
-    return DECODE_TILE_FP8 if kv_dtype == FP8 else DECODE_TILE
+def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.dtype, head_dim: int) -> TileConfig:
+    """The engine's decode tile (`TritonBackend(decode_tile=)`): DECODE_TILE_FP8 over an fp8 cache where
+    it was measured faster and fits, else DECODE_TILE. Not where the default tile lies whole in a cache
+    block (64-token blocks: its one block index per tile and the plan's alignment would be lost), nor
+    for rows of more than 256 bytes (float32 or head dim 256: the 64-row prefix programs would pass an
+    H200's shared memory, as the prefill launches' SMALL_PREFILL_LAUNCH avoids)."""
+    narrow_rows = query_dtype.itemsize * next_power_of_2(head_dim) <= 256
+    if kv_dtype == FP8 and narrow_rows and block_size % DECODE_TILE.block_n != 0:
+        return DECODE_TILE_FP8
+    return DECODE_TILE
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
 COUNT_SLOT = 4
@@ -405,11 +413,11 @@ class TritonBackend:
         CUDA, the new K/V go to the cache in one Triton kernel (`kv_store_triton.py`, the same bytes
         as `store_kv`: `tests/gpu/test_kv_store_triton.py`; its speed: `benchmarks/kv_store_bench.py`);
         False (the engine's `kv_store="torch"`), or a cache elsewhere (the CPU interpreter), takes
-        `store_kv`'s torch ops. decode_tile: the tiles of the prefix and one-query launches (for
-        sweeps: `attention_bench.py --decode-sweep`). fp8_attention: over an fp8 cache, both dots take
-        e4m3 operands (the kernel's FP8_DOTS; the arithmetic of `torch_ref.fp8_attention`). plan_options
-        go to `plan_work_items`
-        (split_len, split_per_launch, min_members, min_shared)."""
+        `store_kv`'s torch ops. decode_tile: the tiles of the prefix and one-query launches (the
+        engine passes `decode_tile_for` its cache; sweeps: `attention_bench.py --decode-sweep`).
+        fp8_attention: over an fp8 cache, both dots take e4m3 operands (the kernel's FP8_DOTS; the
+        arithmetic of `torch_ref.fp8_attention`). plan_options go to `plan_work_items` (split_len,
+        split_per_launch, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
         self.fused_store = fused_store
         self.prefill_launch = prefill_launch

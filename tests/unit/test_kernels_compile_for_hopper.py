@@ -30,5 +30,7 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
         assert report[name]["e4m3_to_f16_casts"] == 0, name  # the cache's values go to the MMA as they are
     fp16 = report["fp16-dots-decode-bf16-d128"]  # 16-row programs keep fp16 dots over the fp8 cache
     assert not fp16["fp8_dots"] and not fp16["e4m3_mma"] and fp16["e4m3_to_f16_casts"] > 0
+    assert report["fp8-dots-tile128-prefix-bf16-d128"]["e4m3_mma"]
+    assert report["fp8-cache-tile128-decode-bf16-d128"]["e4m3_to_f16_casts"] > 0
     plain = report["bf16-cache-decode-d128"]
     assert not plain["e4m3_mma"] and plain["e4m3_to_f16_casts"] == 0

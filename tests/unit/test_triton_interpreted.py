@@ -258,7 +258,7 @@ def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, sp
     """TILE_IN_BLOCK (block size a multiple of the tile width): items starting at a multiple of the
     tile width read one block index per tile, the others one per key; both against the reference,
     the masked last tile included. The backend's plan starts every item on a tile boundary where
-    its one-query tiles fit a block (`key_alignment`: 64-token blocks and larger); with that turned
+    its one-query tiles fit a block (`key_alignment`: blocks a multiple of the decode tile's keys); with that turned
     off (unaligned-plan) suffix items after a prefix of 100 tokens and split-K pieces of 126 keys
     start off a boundary, so the kernel's per-key path runs beside the per-tile one."""
     from batchllm.attention import triton_backend
@@ -287,6 +287,22 @@ def test_attention_kernel_with_a_block_index_per_tile_over_fp8_cache():
     ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
     out = TritonBackend(min_members=1, min_shared=1, split_len=256).forward(q, k, v, cache, md, 0.125, kv_scale)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fp8_decode_tile_on_128_token_blocks_reads_one_block_index_per_tile():
+    """DECODE_TILE_FP8 (128 keys) over an fp8 cache of 128-token blocks: the plan aligns items at 128
+    (`key_alignment`), so one-query and prefix tiles lie in one block (TILE_IN_BLOCK); against the
+    reference over the same cache."""
+    from batchllm.attention.triton_backend import DECODE_TILE_FP8, TritonBackend
+
+    specs = [(0, 90), (1023, 1), (300, 1)] + group_decode(4, 300, 30)
+    q, k, v, cache, md, kv_scale = fp8_case(specs, block_size=128, seed=9)
+    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    backend = TritonBackend(min_members=1, min_shared=1, split_len=256, decode_tile=DECODE_TILE_FP8)
+    out = backend.forward(q, k, v, cache, md, 0.125, kv_scale)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    assert plan.items.num_group_items > 0 and (plan.items.kv_lo % 128 == 0).all()
 
 
 TRITON_PATH_CASES = [  # model, block size, step tokens, shared prefix, members, max_tokens, a plain prompt
@@ -445,9 +461,16 @@ def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
     assert torch.isfinite(out.float()).all()
 
 
-def test_engine_takes_the_decode_tile_of_its_cache_dtype():
+def test_engine_takes_the_decode_tile_of_its_cache():
+    """DECODE_TILE_FP8 over an fp8 cache of 16-token blocks (where it was measured) and narrow rows;
+    DECODE_TILE over a 16-bit cache, on 64-token blocks (the default tile's one index per tile) and
+    for rows past 256 bytes (the 64-row prefix programs' shared memory: tests/sm90_compile.py)."""
     from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, decode_tile_for
     from batchllm.layers.fp8 import FP8
 
-    assert decode_tile_for(FP8) == DECODE_TILE_FP8 == TileConfig(128, 4, 3)  # the groups-decode-tile-fp8 case's
-    assert decode_tile_for(torch.bfloat16) == decode_tile_for(torch.float32) == DECODE_TILE
+    assert DECODE_TILE_FP8 == TileConfig(128, 4, 3)  # the groups-decode-tile-fp8 case's
+    assert decode_tile_for(FP8, 16, torch.bfloat16, 128) == DECODE_TILE_FP8
+    assert decode_tile_for(FP8, 16, torch.float32, 64) == DECODE_TILE_FP8  # the tiny models' float32 rows
+    assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128) == DECODE_TILE
+    assert decode_tile_for(FP8, 64, torch.bfloat16, 128) == DECODE_TILE
+    assert decode_tile_for(FP8, 16, torch.float32, 256) == decode_tile_for(FP8, 16, torch.bfloat16, 256) == DECODE_TILE
