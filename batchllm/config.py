@@ -107,7 +107,8 @@ class ModelConfig(_Checked):
                                  "e4m3's range) in the programs that fill an FP8 MMA (prefill tiles, prefix-shared "
                                  "items; one-query decode items keep fp16), as FlashAttention 3 does over an fp8 "
                                  "cache; off: the cache's values are cast up to 16 bits. Off by default: slower on an "
-                                 "H200 (0.66-0.77x the fp8 cache's attention; e4m3 MMAs want V transposed, which "
+                                 "H200 (0.68-0.71x the fp8 cache's attention on prefill, 0.86x on decode steps; e4m3 "
+                                 "MMAs want V transposed, which "
                                  "Triton does in registers)")
     kv_store: str = option("auto", "how a step's new keys and values reach the KV cache under the Triton "
                            "attention: triton: one kernel per layer (copying, or quantizing to fp8; 2-15x faster "
