@@ -514,7 +514,8 @@ class TritonBackend:
             q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
             kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
             self.forward(q, kv, kv, cache, md, head_dim ** -0.5)
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":  # (the interpreter runs on the CPU)
+            torch.cuda.synchronize(device)
 
     def _unit_scale(self, device: torch.device) -> torch.Tensor:
         """k_scale = v_scale = 1.0 (16-byte aligned, as the model's per-layer scales), for calls

@@ -474,3 +474,32 @@ def test_engine_takes_the_decode_tile_of_its_cache():
     assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128) == DECODE_TILE
     assert decode_tile_for(FP8, 64, torch.bfloat16, 128) == DECODE_TILE
     assert decode_tile_for(FP8, 16, torch.float32, 256) == decode_tile_for(FP8, 16, torch.bfloat16, 256) == DECODE_TILE
+
+
+@pytest.mark.parametrize("kv_cache_dtype, block_size, tile", [("fp8", 16, "fp8"), ("auto", 16, "default"),
+                                                               ("fp8", 64, "default")])
+def test_engine_builds_its_triton_backend_with_the_decode_tile_of_its_cache(tiny_model_factory, monkeypatch,
+                                                                            kv_cache_dtype, block_size, tile):
+    """build_runner's Triton branch (CUDA only in use) run on the CPU interpreter: the engine hands the
+    backend `decode_tile_for` its cache, and decodes the tokens the torch reference decodes over the
+    same cache dtype."""
+    from batchllm import LLM, SamplingParams
+    from batchllm import engine as engine_module
+    from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, TritonBackend
+
+    model_dir = tiny_model_factory("llama")
+    prompts = [{"prompt_token_ids": [5 + i, 40, 41, 42, 300 + i]} for i in range(3)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+    def run():
+        llm = LLM(model_dir, device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                  skip_tokenizer_init=True, kv_cache_memory_gib=0.01)
+        return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    _, reference = run()
+    monkeypatch.setattr(engine_module, "use_triton", lambda choice, device, setting: setting == "attention_backend")
+    llm, triton_tokens = run()
+    backend = llm.engine.runner.backend
+    assert isinstance(backend, TritonBackend)
+    assert backend.decode_tile == (DECODE_TILE_FP8 if tile == "fp8" else DECODE_TILE)
+    assert triton_tokens == reference
