@@ -330,18 +330,6 @@ DECODE_TILE_FP8 = TileConfig(128, 4, 3)
 """The decode tile over an fp8 cache (half the bytes per key: twice the keys per tile): on the decode-heavy
 run's steps, 16-token blocks, 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`,
 H200, session 11)."""
-
-
-def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.dtype, head_dim: int) -> TileConfig:
-    """The engine's decode tile (`TritonBackend(decode_tile=)`): DECODE_TILE_FP8 over an fp8 cache where
-    it was measured faster and fits, else DECODE_TILE. Not where the default tile lies whole in a cache
-    block (64-token blocks: its one block index per tile and the plan's alignment would be lost), nor
-    for rows of more than 256 bytes (float32 or head dim 256: the 64-row prefix programs would pass an
-    H200's shared memory, as the prefill launches' SMALL_PREFILL_LAUNCH avoids)."""
-    narrow_rows = query_dtype.itemsize * next_power_of_2(head_dim) <= 256
-    if kv_dtype == FP8 and narrow_rows and block_size % DECODE_TILE.block_n != 0:
-        return DECODE_TILE_FP8
-    return DECODE_TILE
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
 COUNT_SLOT = 4
@@ -367,6 +355,24 @@ def fp8_dots_fit(block_m: int, block_n: int) -> bool:
 def next_power_of_2(n: int) -> int:
     """As triton.next_power_of_2, also where Triton is not installed (the planning half runs on CPU)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def wide_rows(element_size: int, head_dim: int) -> bool:
+    """Whether a query row (element_size x head dim padded to a power of two) passes 256 bytes, as
+    float32 or head dim 256 do: then the large tiles of 64+ rows would pass an H200's shared memory
+    (prefill launches take SMALL_PREFILL_LAUNCH, decode launches DECODE_TILE)."""
+    return element_size * next_power_of_2(head_dim) > 256
+
+
+def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.dtype, head_dim: int) -> TileConfig:
+    """The engine's decode tile (`TritonBackend(decode_tile=)`): DECODE_TILE_FP8 over an fp8 cache where
+    it was measured faster and fits, else DECODE_TILE. Not where the default tile lies whole in a cache
+    block (64-token blocks: its one block index per tile and the plan's alignment would be lost), nor
+    for `wide_rows` (the 64-row prefix programs' shared memory)."""
+    fits = not wide_rows(query_dtype.itemsize, head_dim)
+    if kv_dtype == FP8 and fits and block_size % DECODE_TILE.block_n != 0:
+        return DECODE_TILE_FP8
+    return DECODE_TILE
 
 
 def queries_per_program(rows: int, group_pad: int) -> int:
@@ -541,8 +547,7 @@ class TritonBackend:
         plan = metadata.backend_cache.get(key)
         if plan is not None:
             return plan
-        small = element_size * next_power_of_2(head_dim) > 256
-        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if small else self.prefill_launch
+        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if wide_rows(element_size, head_dim) else self.prefill_launch
         wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
         items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
                                 tile_q, wide, num_kv_heads, metadata.block_size)
