@@ -108,8 +108,7 @@ class ModelConfig(_Checked):
                                  "items; one-query decode items keep fp16), as FlashAttention 3 does over an fp8 "
                                  "cache; off: the cache's values are cast up to 16 bits. Off by default: slower on an "
                                  "H200 (0.68-0.71x the fp8 cache's attention on prefill, 0.86x on decode steps; e4m3 "
-                                 "MMAs want V transposed, which "
-                                 "Triton does in registers)")
+                                 "MMAs want V transposed, which Triton does in registers)")
     kv_store: str = option("auto", "how a step's new keys and values reach the KV cache under the Triton "
                            "attention: triton: one kernel per layer (copying, or quantizing to fp8; 2-15x faster "
                            "per layer on an H200); torch: per K and V a quantize and an index_copy_ (the same "

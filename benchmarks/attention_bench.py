@@ -185,7 +185,8 @@ def time_decode_steps(cases, label, backend, fp8=False):
 
 
 def sweep_tiles(cases, fp8: bool) -> dict:
-    """Each of DECODE_TILES over the decode steps (the bf16 cache or its fp8 copy): tile -> summed ms."""
+    """Each of DECODE_TILES (and, over the fp8 copy of the cache, DECODE_TILES_FP8) over the decode
+    steps: tile -> summed ms."""
     totals = {}
     for tile in DECODE_TILES + (DECODE_TILES_FP8 if fp8 else []):
         try:
