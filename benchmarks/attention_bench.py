@@ -13,6 +13,8 @@ With --decode-sweep: only the decode steps of the decode-heavy workload (`batchl
 decodeheavy`), per tile of the one-query and prefix launches (`TritonBackend(decode_tile=...)`) and with
 split-K per launch (`split_per_launch`), in GB/s of distinct KV read; the last line names the best.
 With --decode-sweep-fp8: the same tiles and a few wider ones over an fp8 cache.
+With --fp8-layout: the decode-heavy steps and the prefill cases over bf16 and fp8 caches of 16- and
+64-token blocks (an fp8 cache of 64-token blocks keeps V keys-major), with and without FP8 attention.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import time
 import torch
 import triton
 
+from batchllm.attention.kv_quant import quantize_cache
 from batchllm.attention.torch_ref import TorchReferenceBackend
-from batchllm.attention.triton_backend import DECODE_TILE, TileConfig, TritonBackend
+from batchllm.attention.triton_backend import DECODE_TILE, TileConfig, TritonBackend, decode_tile_for
 from batchllm.bench import decode_heavy_workload
 from batchllm.layers.fp8 import FP8
 from tests.attention_cases import group_decode, random_case
@@ -167,9 +170,10 @@ def distinct_kv_bytes(specs, element_bytes=2):
     return tokens * 2 * 8 * 128 * element_bytes
 
 
-def decode_step_cases():
+def decode_step_cases(block_size=16):
     """`decode_heavy_steps` as (t, specs, case) on the device, the Llama-3.1-8B attention shape, bf16."""
-    return [(t, specs, random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)) for t, specs in decode_heavy_steps()]
+    return [(t, specs, random_case(specs, 32, 8, 128, block_size, torch.bfloat16, seed=0))
+            for t, specs in decode_heavy_steps()]
 
 
 def time_decode_steps(cases, label, backend, fp8=False):
@@ -177,7 +181,7 @@ def time_decode_steps(cases, label, backend, fp8=False):
     copy; returns the summed time over the sampled steps (a proxy for the run's attention time)."""
     times = []
     for _, _, (q, k, v, cache, md) in cases:
-        times.append(time_ms(backend, (q, k, v, cache.to(FP8) if fp8 else cache, md), reps=100))
+        times.append(time_ms(backend, (q, k, v, quantize_cache(cache) if fp8 else cache, md), reps=100))
     report({"case": f"decode-heavy steps: {label}", "sum_ms": round(sum(times), 4),
             **{f"t{t}_n{len(specs)}": f"{ms:.4f} ms {distinct_kv_bytes(specs, 1 if fp8 else 2) / ms / 1e6:.0f} GB/s"
                for (t, specs, _), ms in zip(cases, times)}})
@@ -240,12 +244,38 @@ def fp8_cache_rows():
             "fp8_cache_speedup": round(bf16 / fp8, 3), "fp8_attention_speedup": round(bf16 / fp8_dots, 3)})
     for specs, label in PREFILL_CASES:
         q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
-        fp8_cache = cache.to(FP8)
+        fp8_cache = quantize_cache(cache)
         row = {"case": f"{label}: bf16 cache / fp8 cache / fp8 cache + FP8 attention"}
         for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), fp8_cache),
                                   ("fp8_attention", TritonBackend(fp8_attention=True), fp8_cache)):
             ms = time_ms(backend, (q, k, v, kv, md), reps=100)
             row[name] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
+        report(row)
+
+
+def fp8_layout_rows():
+    """The decode-heavy steps, then PREFILL_CASES, over a bf16 cache, an fp8 cache and an fp8 cache with
+    FP8 attention, on 16-token blocks and on 64-token ones (where the fp8 cache keeps V keys-major:
+    `kv_quant.values_keys_major`), each at the decode tile the engine gives that cache
+    (`decode_tile_for`); ms, and GB/s of distinct KV or TFLOP/s."""
+    for block_size in (16, 64):
+        cases = decode_step_cases(block_size)
+        for label, kv_dtype, options in (("bf16 cache", torch.bfloat16, {}), ("fp8 cache", FP8, {}),
+                                         ("fp8 cache + FP8 attention", FP8, dict(fp8_attention=True))):
+            tile = decode_tile_for(kv_dtype, block_size, torch.bfloat16, 128)
+            time_decode_steps(cases, f"{label}, {block_size}-token blocks", TritonBackend(decode_tile=tile, **options),
+                              fp8=kv_dtype == FP8)
+        del cases
+    for specs, label in PREFILL_CASES:
+        row = {"case": f"{label}: per block size, bf16 cache / fp8 cache / fp8 cache + FP8 attention"}
+        for block_size in (16, 64):
+            q, k, v, cache, md = random_case(specs, 32, 8, 128, block_size, torch.bfloat16, seed=0)
+            fp8_cache = quantize_cache(cache)
+            for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), fp8_cache),
+                                      ("fp8_attention", TritonBackend(fp8_attention=True), fp8_cache)):
+                ms = time_ms(backend, (q, k, v, kv, md), reps=100)
+                row[f"bs{block_size}_{name}"] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
+            del cache, fp8_cache
         report(row)
 
 
@@ -262,11 +292,15 @@ if __name__ == "__main__":
     parser.add_argument("--decode-fp8-cache", action="store_true",
                         help="only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, FP8 "
                         "attention; then the prefill cases the same three ways")
+    parser.add_argument("--fp8-layout", action="store_true",
+                        help="only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- and "
+                        "64-token blocks (the latter's fp8 V keys-major), with and without FP8 attention")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
     only = [run for flag, run in ((args.prefill_sweep, prefill_sweep), (args.decode_sweep, decode_sweep),
                                   (args.decode_sweep_fp8, decode_sweep_fp8),
-                                  (args.decode_fp8_cache, fp8_cache_rows)) if flag]
+                                  (args.decode_fp8_cache, fp8_cache_rows), (args.fp8_layout, fp8_layout_rows))
+            if flag]
     if only:
         for run in only:
             run()

@@ -32,6 +32,11 @@
 #       last), to set the fp8 cache's decode tile against PART=fp8base's ratios (~4 min)
 #   PART=profile bash scripts/gpu_issues.sh   where the GPU time of decode-heavy goes, bf16 and FP8 weights
 #       (`--profile-out`: kernel time per category and the top kernels) (~4 min)
+#   PART=fp8layout bash scripts/gpu_issues.sh   the fp8 cache of 64-token blocks (V keys-major): its GPU tests, the
+#       attention benchmark's decode steps and prefill cases on 16- and 64-token blocks (`--fp8-layout`), then
+#       decode-heavy: bf16, FP8 weights + fp8 cache on 16- and on 64-token blocks, fp8 cache alone on 64 (~8 min)
+#   PART=fp8layoutpaper bash scripts/gpu_issues.sh   the paper workload: bf16, FP8 weights, FP8 weights + fp8 cache of
+#       64-token blocks, with FP8 attention too; then every FP8-KV GPU test (~7 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -95,6 +100,21 @@ fp8attn)
   bench fp8attn_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8kv,fp8attn,fp8w+kv,fp8w+attn --json-out "$OUT/fp8attn_paper.json"
   bench fp8attn_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8attn,fp8kv,fp8w+attn,fp8w+kv \
       --json-out "$OUT/fp8attn_decode.json"
+  ;;
+fp8layout)
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py tests/gpu/test_kv_store_triton.py -k "bs64 or 64_token" \
+      > "$OUT/fp8layout_tests.log" 2>&1; tail -3 "$OUT/fp8layout_tests.log"; pack
+  timeout "${T:-3000}" python3 benchmarks/attention_bench.py --fp8-layout --json-out "$OUT/fp8layout_micro.json" \
+      > "$OUT/fp8layout_micro.log" 2>&1; grep -v "^{" "$OUT/fp8layout_micro.log"
+  grep -E "sum_ms|TFLOP" "$OUT/fp8layout_micro.log" | cut -c1-400; pack
+  bench fp8layout_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,fp8w+kv-block64,fp8kv-block64 \
+      --json-out "$OUT/fp8layout_decode.json"
+  ;;
+fp8layoutpaper)
+  bench fp8layout_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv-block64,fp8w+attn-block64 \
+      --json-out "$OUT/fp8layout_paper.json"
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py > "$OUT/fp8kv_tests.log" 2>&1
+  tail -3 "$OUT/fp8kv_tests.log"; pack
   ;;
 fp8base)
   bench base_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8,fp8w+kv,sharing --json-out "$OUT/base_decode.json"

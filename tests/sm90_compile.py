@@ -16,7 +16,9 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = {  # name: (q dtype, fp8 cache, fp8_attention, group, group pad, head dim, block_q, block_n, warps, stages)
+# name: (q dtype, fp8 cache, fp8_attention, group, group pad, head dim, block_q, block_n, warps, stages[, the
+# kernel's constants where they differ from a 16-token-block cache's: block size, TILE_IN_BLOCK, V_KEYS_MAJOR])
+VARIANTS = {
     "fp8-dots-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 64, 64, 8, 3),
     "fp8-dots-prefix-fp32-d16": ("fp32", True, True, 2, 2, 16, 32, 64, 4, 2),
     "fp16-dots-decode-bf16-d128": ("bf16", True, True, 4, 4, 128, 1, 64, 4, 2),
@@ -26,6 +28,13 @@ VARIANTS = {  # name: (q dtype, fp8 cache, fp8_attention, group, group pad, head
     "fp8-cache-tile128-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 128, 4, 3),
     "fp8-cache-tile128-prefix-bf16-d128": ("bf16", True, False, 4, 4, 128, 16, 128, 4, 3),
     "fp8-dots-tile128-prefix-bf16-d128": ("bf16", True, True, 4, 4, 128, 16, 128, 4, 3),
+    # 64-token blocks over an fp8 cache, V head-dim-major (as on 16-token blocks) and keys-major (kv_quant.py)
+    "fp8-cache-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 2,
+                                           dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True)),
+    "fp8-cache-vt-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 2,
+                                              dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
+    "fp8-dots-vt-block64-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 64, 64, 8, 3,
+                                              dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
 }
 
 
@@ -36,7 +45,7 @@ def compile_variant(name: str) -> dict:
 
     from batchllm.attention import triton_backend as tb
 
-    qdt, fp8, fp8_attention, group, group_pad, head_dim, block_q, block_n, warps, stages = VARIANTS[name]
+    qdt, fp8, fp8_attention, group, group_pad, head_dim, block_q, block_n, warps, stages, *extra = VARIANTS[name]
     block_m = max(16, block_q * group_pad)
     fp8_dots = fp8 and fp8_attention and tb.fp8_dots_fit(block_m, block_n)
     kv = "*fp8e4nv" if fp8 else "*" + qdt
@@ -45,7 +54,8 @@ def compile_variant(name: str) -> dict:
     constants = dict(BLOCK_SIZE=16, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
                      HEAD_DIM_PAD=tb.dot_head_dim(head_dim, fp8_dots), BLOCK_Q=block_q, BLOCK_M=block_m,
                      BLOCK_N=block_n, PRECISION="ieee" if qdt == "fp32" else "tf32", FP8_KV=fp8, FP8_DOTS=fp8_dots,
-                     TILE_IN_BLOCK=False)
+                     TILE_IN_BLOCK=False, V_KEYS_MAJOR=False)
+    constants.update(*extra)  # a variant's own constants (block size, layout)
     kernel = tb._paged_attention_kernel
     signature = {n: "constexpr" if n in constants else pointers.get(n) or (
         "fp32" if n == "sm_scale_log2" else "i32" if n.startswith("stride") or n == "item_offset" else "*i32")
@@ -62,7 +72,8 @@ def compile_variant(name: str) -> dict:
     return {"variant": name, "fp8_dots": fp8_dots, "shared_bytes": compiled.metadata.shared,
             "e4m3_mma": bool(re.search(r"mma\S*\.e4m3\.e4m3", ptx)),
             "e4m3_to_f16_casts": ptx.count("cvt.rn.f16x2.e4m3x2"),
-            "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx))}
+            "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+            "shared_byte_loads": ptx.count("ld.shared.b8")}
 
 
 if __name__ == "__main__":

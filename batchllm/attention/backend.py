@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from batchllm.attention.kv_quant import split_scales, store_slots
+from batchllm.attention.kv_quant import layer_caches, split_scales, store_slots
 
 
 @dataclass
@@ -71,7 +71,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
              kv_scale: torch.Tensor | None = None) -> None:
     """Write the new tokens' K and V into their slots of the paged cache; an fp8 cache stores
     them quantized with kv_scale ([2]: k_scale, v_scale; None: 1.0)."""
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
     k_scale, v_scale = split_scales(kv_cache, kv_scale)
-    store_slots(kv_cache[0].view(-1, num_kv_heads, head_dim), slot_mapping, key, k_scale)
-    store_slots(kv_cache[1].view(-1, num_kv_heads, head_dim), slot_mapping, value, v_scale)
+    keys, values = layer_caches(kv_cache)
+    store_slots(keys, slot_mapping, key, k_scale)
+    store_slots(values, slot_mapping, value, v_scale)

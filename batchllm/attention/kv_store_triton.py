@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from batchllm.attention.kv_quant import layer_caches
 from batchllm.layers.fp8 import FP8, FP8_MAX
 
 _BITS = {2: torch.int16, 4: torch.int32}
@@ -34,16 +35,18 @@ _BITS = {2: torch.int16, 4: torch.int32}
 def _store_kv_kernel(
     Key, Value, KCache, VCache, Slots, Scale,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kcs, stride_kch, stride_vcs, stride_vch, stride_scale,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_scale,
     num_kv_heads, head_dim, fp8_max,
-    QUANTIZE: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    QUANTIZE: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     """One token per program: its [num_kv_heads, head_dim] K and V rows (last dim contiguous) to
-    cache slot Slots[token] (caches [slots, num_kv_heads, head_dim], last dim contiguous)."""
+    cache slot Slots[token] (caches [blocks, BLOCK_SIZE, num_kv_heads, head_dim] views; K's last dim
+    contiguous, V's head-dim stride stride_vcd: 1, or BLOCK_SIZE for a keys-major V, `kv_quant.py`)."""
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + tok).to(tl.int64)
     if slot < 0:
         return
+    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
     heads = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, DIM_PAD)[None, :]
     mask = (heads < num_kv_heads) & (dims < head_dim)
@@ -58,8 +61,8 @@ def _store_kv_kernel(
         v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -fp8_max, fp8_max, tl.PropagateNan.ALL)
         k = k.to(KCache.dtype.element_ty)
         v = v.to(VCache.dtype.element_ty)
-    tl.store(KCache + slot * stride_kcs + heads * stride_kch + dims, k, mask=mask)
-    tl.store(VCache + slot * stride_vcs + heads * stride_vch + dims, v, mask=mask)
+    tl.store(KCache + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims, k, mask=mask)
+    tl.store(VCache + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims * stride_vcd, v, mask=mask)
 
 
 def _unit_scales(device: torch.device) -> torch.Tensor:
@@ -70,13 +73,13 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
                     kv_scale: torch.Tensor | None = None) -> None:
     """As `backend.store_kv`, in one launch: key, value [num_tokens, num_kv_heads, head_dim] (any
     token and head strides, last dim contiguous); kv_cache [2, num_blocks, block_size, num_kv_heads,
-    head_dim]; slot_mapping [num_tokens] int64; kv_scale [2] float32 (k_scale, v_scale) of an fp8
-    cache, None: 1.0 (ignored for other caches). With a CUDA graph, pass kv_scale (the model's):
-    None allocates the unit scales."""
+    head_dim] (its V keys-major where `kv_quant.values_keys_major`); slot_mapping [num_tokens] int64;
+    kv_scale [2] float32 (k_scale, v_scale) of an fp8 cache, None: 1.0 (ignored for other caches).
+    With a CUDA graph, pass kv_scale (the model's): None allocates the unit scales."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_cache, v_cache = layer_caches(kv_cache)  # [blocks, block_size, kv_heads, head_dim] views
     quantize = kv_cache.dtype == FP8
     if quantize:
         scale = kv_scale if kv_scale is not None else _unit_scales(key.device)
@@ -88,16 +91,15 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
             raise ValueError(f"the fused store takes a 16/32-bit or fp8 cache, got {kv_cache.dtype}")
         key, value, k_cache, v_cache = key.view(bits), value.view(bits), k_cache.view(bits), v_cache.view(bits)
         scale = slot_mapping  # not read without QUANTIZE: any tensor stands in
-    k_cache = k_cache.view(-1, num_kv_heads, head_dim)  # [slots, kv_heads, head_dim]
-    v_cache = v_cache.view(-1, num_kv_heads, head_dim)
-    for name, t in (("key", key), ("value", value), ("k cache", k_cache), ("v cache", v_cache)):
+    for name, t in (("key", key), ("value", value), ("k cache", k_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"the store needs {name} contiguous in its last dim, got strides {t.stride()}")
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), scale.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride(), scale.stride(0),
         num_kv_heads, head_dim, FP8_MAX,
         QUANTIZE=quantize, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+        DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )

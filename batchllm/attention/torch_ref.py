@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
-from batchllm.attention.kv_quant import is_fp8, read_slots, split_scales
+from batchllm.attention.kv_quant import is_fp8, layer_caches, read_slots, split_scales
 from batchllm.layers.fp8 import FP8_MAX, dequantize, quantize, quantize_rows
 
 GROUP_SLACK = 1.5
@@ -159,8 +159,7 @@ class TorchReferenceBackend:
         store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scale)
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = key.shape[1]
-        keys = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [slots, kvh, d]
-        values = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        keys, values = layer_caches(kv_cache)  # [blocks, block_size, kvh, d]
         k_scale, v_scale = split_scales(kv_cache, kv_scale)
         out = torch.empty_like(query)
         fp8_dots = self.fp8_attention and is_fp8(kv_cache)

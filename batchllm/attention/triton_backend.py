@@ -12,10 +12,12 @@ position (causal). On a cache whose blocks hold whole tiles (block size a multip
 TILE_IN_BLOCK constexpr: e.g. `--block-size 64`), items whose keys start at a multiple of BLOCK_N read
 one block index per tile and address it as a base plus slot offsets (in a copy of this kernel, 7-11%
 faster long prefill on an H200: docs/benchmarks.md, session 9); other items, and the default 16-token
-blocks, gather one block index per key. Items whose keys are split write partials (fp32 output and
-log2-sum-exp); a second small kernel merges them with log-sum-exp weights. Each launch reads its item
-count from the device and programs past it return, so a CUDA graph can launch a fixed grid over a plan
-rewritten before every replay (`static_decode_plan.StaticDecodePlan`).
+blocks, gather one block index per key. An fp8 cache of 64-token blocks keeps V keys-major
+(`kv_quant.values_keys_major`): the e4m3 P x V operand is then contiguous along its sum. Items whose
+keys are split write partials (fp32 output and log2-sum-exp); a second small kernel merges them with
+log-sum-exp weights. Each launch reads its item count from the device and programs past it return,
+so a CUDA graph can launch a fixed grid over a plan rewritten before every replay
+(`static_decode_plan.StaticDecodePlan`).
 
 Importable without Triton (the planning half, `_plan` and its `LaunchPlan`, runs on any CPU); the
 kernels exist where Triton is installed. Which backend runs is `layers.ops.use_triton`'s answer to
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionMetadata, store_kv
-from batchllm.attention.kv_quant import is_fp8
+from batchllm.attention.kv_quant import is_fp8, layer_caches, values_keys_major
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, WorkItems, plan_work_items
 from batchllm.layers.fp8 import FP8, FP8_MAX
 from batchllm.layers.transfer import to_device_packed
@@ -54,7 +56,7 @@ if triton is not None:
         q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-        SCALAR_BLOCK: tl.constexpr, FP8_DOTS: tl.constexpr,
+        SCALAR_BLOCK: tl.constexpr, FP8_DOTS: tl.constexpr, V_KEYS_MAJOR: tl.constexpr, D_MASKED: tl.constexpr,
     ):
         """One online-softmax update over keys n_start .. n_start + BLOCK_N - 1 (log2 units). MASKED:
         keys at or past n_end, and keys after a row's position, are excluded; unmasked tiles lie
@@ -64,7 +66,11 @@ if triton is not None:
         the sequence's even in a masked tile; keys past n_end stay inside it and are masked);
         otherwise a block index per key. FP8_DOTS: q is e4m3 (its per-row scale folded into
         sm_scale_log2, a [BLOCK_M, 1] tensor then), k and v are the cache's e4m3 values, p goes into its
-        dot scaled by P_SCALE (the caller divides the output by it)."""
+        dot scaled by P_SCALE (the caller divides the output by it). V_KEYS_MAJOR: each block's V is
+        [kv_heads, head_dim, BLOCK_SIZE] (`kv_quant.values_keys_major`; stride_vs unused); with
+        SCALAR_BLOCK its tile is read whole, unmasked in keys (slots past n_end hold finite values and
+        get p = 0), so the loads run in 16-byte vectors and the dot's operand needs no byte shuffles.
+        D_MASKED: the head dim is padded (HEAD_DIM < HEAD_DIM_PAD)."""
         k_pos = n_start + tl.arange(0, BLOCK_N)
         if MASKED:
             k_valid = k_pos < n_end
@@ -72,7 +78,9 @@ if triton is not None:
             k_valid = k_pos >= 0
         if SCALAR_BLOCK:  # a scalar base (block * stride passes 2^31 elements on big caches: int64)
             block_idx = tl.load(block_tables + seq * stride_bt + n_start // BLOCK_SIZE).to(tl.int64)
-            slot = n_start % BLOCK_SIZE + tl.arange(0, BLOCK_N)  # consecutive slots of that block
+            # consecutive slots of that block, from a multiple of BLOCK_N (said: the compiler's analysis
+            # stops at the remainder, and V read keys-major vectorizes only with it)
+            slot = tl.multiple_of(n_start % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
             k_ptrs = K_cache + block_idx * stride_kb + kv_head * stride_kh + slot[None, :] * stride_ks + d[:, None]
         else:  # a block index per key
             if MASKED:
@@ -100,12 +108,23 @@ if triton is not None:
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if SCALAR_BLOCK:
-            v_ptrs = V_cache + block_idx * stride_vb + kv_head * stride_vh + slot[:, None] * stride_vs + d[None, :]
+        if V_KEYS_MAJOR:  # V^T per block: [kv_heads, head_dim, BLOCK_SIZE], keys contiguous
+            v_offs = slot[:, None] + d[None, :] * BLOCK_SIZE
         else:
-            v_ptrs = (V_cache + block_idx[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
-                      + d[None, :])
-        v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, D]
+            v_offs = slot[:, None] * stride_vs + d[None, :]
+        if SCALAR_BLOCK:
+            v_ptrs = V_cache + block_idx * stride_vb + kv_head * stride_vh + v_offs
+        else:
+            v_ptrs = V_cache + block_idx[:, None] * stride_vb + kv_head * stride_vh + v_offs
+        if V_KEYS_MAJOR and SCALAR_BLOCK:
+            # whole-tile loads, no key mask (it would split the keys' runs): keys past n_end lie in the
+            # same block, hold finite values (the cache starts zeroed, stores clamp) and get p = 0
+            if D_MASKED:
+                v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0).to(q.dtype)
+            else:
+                v = tl.load(v_ptrs).to(q.dtype)
+        else:
+            v = tl.load(v_ptrs, mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, D]
         if FP8_DOTS:
             acc = acc * alpha[:, None] + tl.dot((p * P_SCALE).to(v.dtype), v)
         else:
@@ -117,7 +136,7 @@ if triton is not None:
         q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
-        FP8_DOTS: tl.constexpr,
+        FP8_DOTS: tl.constexpr, V_KEYS_MAJOR: tl.constexpr, D_MASKED: tl.constexpr,
     ):
         """Keys kv_lo .. n_end - 1 in tiles of BLOCK_N: unmasked tiles below n_unmasked, masked tiles
         from there. SCALAR_BLOCK: as `_attend_tile`'s (every tile starts at kv_lo + j * BLOCK_N)."""
@@ -125,12 +144,12 @@ if triton is not None:
             m_i, l_i, acc = _attend_tile(
                 q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
                 sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False, SCALAR_BLOCK, FP8_DOTS)
+                BLOCK_SIZE, BLOCK_N, PRECISION, False, SCALAR_BLOCK, FP8_DOTS, V_KEYS_MAJOR, D_MASKED)
         for n_start in range(n_unmasked, n_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
                 sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, True, SCALAR_BLOCK, FP8_DOTS)
+                BLOCK_SIZE, BLOCK_N, PRECISION, True, SCALAR_BLOCK, FP8_DOTS, V_KEYS_MAJOR, D_MASKED)
         return m_i, l_i, acc
 
     # Triton compiles a variant per divisibility of integer arguments: the offset and the block
@@ -159,6 +178,7 @@ if triton is not None:
         FP8_KV: tl.constexpr,
         FP8_DOTS: tl.constexpr,
         TILE_IN_BLOCK: tl.constexpr,
+        V_KEYS_MAJOR: tl.constexpr,
     ):
         # the grid may hold more programs than the launch has items (a CUDA graph's grid is fixed at
         # capture): programs past the count read on the device do nothing
@@ -217,20 +237,21 @@ if triton is not None:
         # prefix of any length, split-K pieces) gather an index per key. Off, only the gather is compiled
         if TILE_IN_BLOCK:
             if kv_lo % BLOCK_N == 0:
+                kv_lo = tl.multiple_of(kv_lo, BLOCK_N)
                 m_i, l_i, acc = _attend_keys(
                     q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
                     d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True, FP8_DOTS)
+                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True, FP8_DOTS, V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD)
             else:
                 m_i, l_i, acc = _attend_keys(
                     q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
                     d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS)
+                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD)
         else:
             m_i, l_i, acc = _attend_keys(
                 q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
                 d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS)
+                stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD)
 
         if FP8_DOTS:  # p went into its dot scaled by P_SCALE
             l_i_out = l_i * P_SCALE
@@ -457,7 +478,8 @@ class TritonBackend:
         plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size())
         out = torch.empty_like(query)
         part_out, part_lse = plan.part_out, plan.part_lse
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache, v_cache = layer_caches(kv_cache)  # [blocks, block_size, kvh, d] views (V keys-major: its strides)
+        v_keys_major = values_keys_major(kv_cache)
         t = plan.tensors
         kv_scale_arg = kv_scale if fp8 else part_lse  # read only with FP8_KV: any float32 tensor stands in
         for launch in plan.launches:
@@ -479,7 +501,7 @@ class TritonBackend:
                 BLOCK_M=block_m, BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
                 FP8_KV=fp8, FP8_DOTS=fp8_dots,
-                TILE_IN_BLOCK=metadata.block_size % launch.tile.block_n == 0,
+                TILE_IN_BLOCK=metadata.block_size % launch.tile.block_n == 0, V_KEYS_MAJOR=v_keys_major,
                 num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
         if plan.merge_grid:

@@ -29,6 +29,7 @@ import torch
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.attention.kv_quant import KV_CACHE_DTYPES
 from batchllm.config import CacheConfig
+from batchllm.layers.fp8 import FP8
 from batchllm.layers.logits_processors import OutputHistory
 from batchllm.layers.prompt_logprobs import PromptLogprobTensors, compute_prompt_logprobs
 from batchllm.layers.sampler import SampledTokens, sample_on_device
@@ -112,8 +113,13 @@ class ModelRunner:
         self.num_blocks = kv_spec.num_blocks
         # one block beyond the pool's: where the padding rows of a CUDA graph's step store their K/V
         shape = (spec.num_layers, 2, kv_spec.num_blocks + 1, kv_spec.block_size, spec.num_kv_heads, spec.head_dim)
-        # Never read before written: the attention only reads slots below each sequence's length.
-        self.kv_cache = torch.empty(shape, dtype=kv_spec.dtype, device=device)  # [layers, 2, blocks, bs, kvh, d]
+        # A 16-bit cache is never read before written (the attention reads slots below each sequence's
+        # length); an fp8 one starts zeroed (through uint8: fill kernels need not exist for float8), since
+        # a keys-major V is read in whole blocks and its unwritten slots must be finite (`kv_quant.py`)
+        if kv_spec.dtype == FP8:
+            self.kv_cache = torch.zeros(shape, dtype=torch.uint8, device=device).view(FP8)
+        else:
+            self.kv_cache = torch.empty(shape, dtype=kv_spec.dtype, device=device)  # [layers, 2, blocks, bs, kvh, d]
         self.kv_caches = list(self.kv_cache.unbind(0))
         self._kv_bytes = self.kv_cache.view(torch.uint8)  # block copies as bytes: index kernels exist for any dtype
         self.default_generator = torch.Generator(device=device).manual_seed(seed)

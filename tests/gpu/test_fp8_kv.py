@@ -10,8 +10,9 @@ import torch
 
 from batchllm import LLM, SamplingParams
 from batchllm.attention.backend import AttentionMetadata
+from batchllm.attention.kv_quant import quantize_cache
 from batchllm.attention.torch_ref import TorchReferenceBackend
-from batchllm.layers.fp8 import FP8, quantize
+from batchllm.layers.fp8 import FP8
 from tests.attention_cases import group_decode, random_case
 from tests.helpers import make_tiny_model
 
@@ -25,13 +26,6 @@ FP8_VS_FULL = 0.06
 def scales(k: float, v: float) -> torch.Tensor:
     """[2] float32 on the device, 16-byte aligned (as the model's per-layer rows)."""
     return torch.tensor([k, v, 0.0, 0.0], device="cuda")[:2]
-
-
-def to_fp8(cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
-    """A [2, blocks, bs, kvh, d] cache quantized as the KV store writes it (stacked as bytes: not every
-    op has a float8 kernel on every device)."""
-    k, v = quantize(cache[0], kv_scale[0]), quantize(cache[1], kv_scale[1])
-    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8)
 
 
 CASES = [
@@ -51,14 +45,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("block_size", [16, 64], ids=["bs16", "bs64-v-keys-major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
-def test_triton_over_fp8_cache_matches_reference(name, specs, heads, kv_heads, head_dim, options, dtype):
+def test_triton_over_fp8_cache_matches_reference(name, specs, heads, kv_heads, head_dim, options, dtype, block_size):
+    """Every path over an fp8 cache against the reference over the same cache; on 64-token blocks V
+    is keys-major (`kv_quant.values_keys_major`) and read in whole tiles, past each sequence's end too
+    (random values there: they must weigh nothing)."""
     from batchllm.attention.triton_backend import TritonBackend
 
-    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 16, dtype, seed=7)
+    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, block_size, dtype, seed=7)
     scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
-    fp8 = to_fp8(cache, kv_scale)
+    fp8 = quantize_cache(cache, kv_scale)
     ref_cache = fp8.clone()
     ref = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), ref_cache, md, scale, kv_scale)
     out = TritonBackend(**options).forward(q, k, v, fp8, md, scale, kv_scale)
@@ -114,7 +112,7 @@ def test_replayed_graph_reads_the_scales_on_the_device():
     assert plan.fill(md.query_start_loc_cpu, md.seq_lens_cpu, md.share_levels_cpu, size)
     for k_scale, v_scale in ((1.0, 1.0), (0.5, 2.0)):
         kv_scale.copy_(torch.tensor([k_scale, v_scale]))  # in place: the graph holds the address
-        cache[:, :num_blocks] = to_fp8(case_cache, kv_scale)
+        cache[:, :num_blocks] = quantize_cache(case_cache, kv_scale)
         want = backend.forward(q, k, v, cache[:, :num_blocks].clone(), md, scale, kv_scale)
         graph.replay()
         torch.cuda.synchronize()
@@ -133,9 +131,9 @@ def tiny_dir(request, tmp_path_factory):
     return str(make_tiny_model(request.param, tmp_path_factory.mktemp(request.param)))
 
 
-def run(model_dir, dtype, *, eager, **kwargs):
+def run(model_dir, dtype, *, eager, block_size=16, **kwargs):
     llm = LLM(model_dir, device="cuda", dtype=dtype, skip_tokenizer_init=True, max_num_batched_tokens=64,
-              block_size=16, kv_cache_memory_gib=1, enforce_eager=eager, **kwargs)
+              block_size=block_size, kv_cache_memory_gib=1, enforce_eager=eager, **kwargs)
     shared = list(range(10, 310))  # long enough to be attended as a group (work_items.MIN_SHARED_TOKENS)
     prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]
     prompts += [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 90, 700)]
@@ -143,17 +141,19 @@ def run(model_dir, dtype, *, eager, **kwargs):
     return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)], llm
 
 
-def test_fp8_graphs_give_the_tokens_of_fp8_eager_steps(tiny_dir):
+@pytest.mark.parametrize("block_size", [16, 64], ids=["bs16", "bs64-v-keys-major"])
+def test_fp8_graphs_give_the_tokens_of_fp8_eager_steps(tiny_dir, block_size):
     """float32 model, fp8 cache: graphs and eager steps compute the same attention over the same bytes."""
-    eager, _ = run(tiny_dir, "float32", eager=True, kv_cache_dtype="fp8")
-    got, llm = run(tiny_dir, "float32", eager=False, kv_cache_dtype="fp8")
+    eager, _ = run(tiny_dir, "float32", eager=True, kv_cache_dtype="fp8", block_size=block_size)
+    got, llm = run(tiny_dir, "float32", eager=False, kv_cache_dtype="fp8", block_size=block_size)
     assert llm.engine.runner.num_graph_steps > 0 and llm.engine.runner.kv_cache.dtype == FP8
     assert [o.token_ids for o in got] == [o.token_ids for o in eager]
 
 
-def test_fp8_cache_with_graphs_agrees_with_bf16_cache_and_holds_twice_the_tokens(tiny_dir):
-    full, full_llm = run(tiny_dir, "bfloat16", eager=False)
-    got, llm = run(tiny_dir, "bfloat16", eager=False, kv_cache_dtype="fp8")
+@pytest.mark.parametrize("block_size", [16, 64], ids=["bs16", "bs64-v-keys-major"])
+def test_fp8_cache_with_graphs_agrees_with_bf16_cache_and_holds_twice_the_tokens(tiny_dir, block_size):
+    full, full_llm = run(tiny_dir, "bfloat16", eager=False, block_size=block_size)
+    got, llm = run(tiny_dir, "bfloat16", eager=False, kv_cache_dtype="fp8", block_size=block_size)
     assert llm.engine.runner.num_graph_steps > 0
     matched = compared = 0
     for a, b in zip(got, full):
@@ -176,16 +176,17 @@ times the CPU emulation's (`torch_ref.fp8_attention`): the kernel rounds p again
 maximum, the emulation against the row's (on CPU, in the interpreter, the ratio stays under 1.5)."""
 
 
+@pytest.mark.parametrize("block_size", [16, 64], ids=["bs16", "bs64-v-keys-major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
-def test_fp8_attention_errs_like_its_emulation(name, specs, heads, kv_heads, head_dim, options, dtype):
+def test_fp8_attention_errs_like_its_emulation(name, specs, heads, kv_heads, head_dim, options, dtype, block_size):
     """The kernel's FP8_DOTS path (e4m3 operands in both dots) on every item kind, against exact
     attention over the same fp8 cache: an error the size of the emulation's, and not zero."""
     from batchllm.attention.triton_backend import TritonBackend
 
-    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 16, dtype, seed=7)
+    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, block_size, dtype, seed=7)
     scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
-    fp8 = to_fp8(cache, kv_scale)
+    fp8 = quantize_cache(cache, kv_scale)
     exact = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), fp8.clone(), md, scale, kv_scale)
     emulated = TorchReferenceBackend(fp8_attention=True).forward(q.float(), k.float(), v.float(), fp8.clone(), md,
                                                                   scale, kv_scale)

@@ -31,21 +31,22 @@ def model_kv(n: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
     return k, v
 
 
-def random_cache(num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """[2, num_blocks + 1, BLOCK_SIZE, kv_heads, head_dim] of random bytes (the last block: the spare
+def random_cache(num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int,
+                 block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """[2, num_blocks + 1, block_size, kv_heads, head_dim] of random bytes (the last block: the spare
     one graph padding writes to), so untouched slots are compared too."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     width = torch.empty(0, dtype=dtype).element_size()
-    shape = (2, num_blocks + 1, BLOCK_SIZE, kv_heads, head_dim * width)
+    shape = (2, num_blocks + 1, block_size, kv_heads, head_dim * width)
     return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8, device="cuda").view(dtype)
 
 
-def scattered_slots(n: int, pad: int, num_blocks: int, seed: int) -> torch.Tensor:
+def scattered_slots(n: int, pad: int, num_blocks: int, seed: int, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """n - pad distinct slots in random order over the pool, then pad rows at the spare block's first
     slot (the runner's `pad_slot`)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    real = torch.randperm(num_blocks * BLOCK_SIZE, generator=g, device="cuda")[:n - pad]
-    return torch.cat([real, torch.full((pad,), num_blocks * BLOCK_SIZE, device="cuda")]).to(torch.int64)
+    real = torch.randperm(num_blocks * block_size, generator=g, device="cuda")[:n - pad]
+    return torch.cat([real, torch.full((pad,), num_blocks * block_size, device="cuda")]).to(torch.int64)
 
 
 def model_scales(k: float, v: float) -> torch.Tensor:
@@ -73,7 +74,8 @@ PLAIN = [torch.bfloat16, torch.float16, torch.float32]
 SCALES = [None, (1.0, 1.0), (0.37, 1.9), (0.011, 3.3)]
 
 
-def _stores_alike(n, pad, heads, kv_heads, head_dim, dtype, cache_dtype, kv_scale, magnitude=1.0) -> None:
+def _stores_alike(n, pad, heads, kv_heads, head_dim, dtype, cache_dtype, kv_scale, magnitude=1.0,
+                  block_size=BLOCK_SIZE) -> None:
     from batchllm.attention.kv_store_triton import store_kv_triton
 
     seed = n * 131 + kv_heads * 7 + head_dim
@@ -81,9 +83,9 @@ def _stores_alike(n, pad, heads, kv_heads, head_dim, dtype, cache_dtype, kv_scal
     if pad:  # padding rows: token 0 at position 0, so every one holds the same K/V
         k[n - pad:] = k[n - pad - 1]
         v[n - pad:] = v[n - pad - 1]
-    num_blocks = -(-(n + 37) // BLOCK_SIZE)
-    slots = scattered_slots(n, pad, num_blocks, seed)
-    cache = random_cache(num_blocks, kv_heads, head_dim, cache_dtype, seed)
+    num_blocks = -(-(n + 37) // block_size)
+    slots = scattered_slots(n, pad, num_blocks, seed, block_size)
+    cache = random_cache(num_blocks, kv_heads, head_dim, cache_dtype, seed, block_size)
     want = cache.clone()
     store_kv(k, v, want, slots, kv_scale)
     store_kv_triton(k, v, cache, slots, kv_scale)
@@ -107,6 +109,15 @@ def test_fp8_cache_gets_the_same_bytes_as_the_torch_store(n, pad, heads, kv_head
     """x / scale (IEEE), clamped to +-448, rounded to nearest even: bit for bit `fp8.quantize`."""
     kv_scale = None if scales is None else model_scales(*scales)
     _stores_alike(n, pad, heads, kv_heads, head_dim, dtype, FP8, kv_scale)
+
+
+@pytest.mark.parametrize("scales", SCALES[::2], ids=str)
+@pytest.mark.parametrize("n, pad, heads, kv_heads, head_dim", SHAPES[::2])
+def test_fp8_cache_of_64_token_blocks_gets_the_same_bytes_as_the_torch_store(n, pad, heads, kv_heads, head_dim,
+                                                                            scales):
+    """V keys-major (`kv_quant.values_keys_major`): each value at its [block, head, dim, slot] byte."""
+    kv_scale = None if scales is None else model_scales(*scales)
+    _stores_alike(n, pad, heads, kv_heads, head_dim, torch.bfloat16, FP8, kv_scale, block_size=64)
 
 
 @pytest.mark.parametrize("dtype", PLAIN, ids=str)

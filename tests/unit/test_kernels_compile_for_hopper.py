@@ -32,5 +32,9 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
     assert not fp16["fp8_dots"] and not fp16["e4m3_mma"] and fp16["e4m3_to_f16_casts"] > 0
     assert report["fp8-dots-tile128-prefix-bf16-d128"]["e4m3_mma"]
     assert report["fp8-cache-tile128-decode-bf16-d128"]["e4m3_to_f16_casts"] > 0
+    # an fp8 cache of 64-token blocks keeps V keys-major: the aligned path's V operand leaves shared
+    # memory in whole words (what remains is the per-key path for items off a tile boundary)
+    head_major = report["fp8-cache-block64-decode-bf16-d128"]["shared_byte_loads"]
+    assert report["fp8-cache-vt-block64-decode-bf16-d128"]["shared_byte_loads"] * 2 < head_major
     plain = report["bf16-cache-decode-d128"]
     assert not plain["e4m3_mma"] and plain["e4m3_to_f16_casts"] == 0

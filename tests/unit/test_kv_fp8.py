@@ -9,20 +9,13 @@ import pytest
 import torch
 
 from batchllm.attention.backend import store_kv
-from batchllm.attention.kv_quant import KV_CACHE_DTYPES, read_slots
+from batchllm.attention.kv_quant import KV_CACHE_DTYPES, layer_caches, quantize_cache, read_slots
 from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.config import _KV_CACHE_DTYPES, CacheConfig
 from batchllm.layers.fp8 import FP8, FP8_MAX, dequantize, quantize
 from batchllm.options import add_engine_arguments, engine_config, engine_kwargs_from_args
 from batchllm.runner.model_runner import plan_kv_cache
 from tests.attention_cases import group_decode, random_case
-
-
-def fp8_cache(cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
-    """A [2, blocks, bs, kvh, d] cache quantized as `store_kv` would have written it (stacked as bytes:
-    not every op has a float8 kernel on every device)."""
-    k, v = quantize(cache[0], kv_scale[0]), quantize(cache[1], kv_scale[1])
-    return torch.stack([k.view(torch.uint8), v.view(torch.uint8)]).view(FP8)
 
 
 def dequantized(cache: torch.Tensor, kv_scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -77,10 +70,36 @@ def test_store_kv_quantizes_into_its_slots_only_and_reads_back_dequantized():
     others = torch.ones(blocks * bs, dtype=torch.bool)
     others[slots] = False
     assert not cache.view(torch.uint8).reshape(2, -1, kvh, d)[:, others].any(), "other slots untouched"
-    got_k = read_slots(flat_k, slots, torch.bfloat16, kv_scale[0])
+    keys, values = layer_caches(cache)
+    got_k = read_slots(keys, slots, torch.bfloat16, kv_scale[0])
     assert got_k.dtype == torch.bfloat16
     torch.testing.assert_close(got_k.float(), key, rtol=2.0**-4, atol=2.0**-9)
-    torch.testing.assert_close(read_slots(flat_v, slots, torch.float32, kv_scale[1]), value, rtol=2.0**-4, atol=2.0**-7)
+    torch.testing.assert_close(read_slots(values, slots, torch.float32, kv_scale[1]), value, rtol=2.0**-4, atol=2.0**-7)
+
+
+def test_fp8_cache_of_64_token_blocks_keeps_v_keys_major():
+    """Blocks of whole 64-key tiles: each block's V bytes are [kv_heads, head_dim, block_size] (keys
+    contiguous), K's [block_size, kv_heads, head_dim]; `layer_caches` indexes both as [block, slot,
+    head, dim], and the store and read go through it. 16-token blocks and 16-bit caches keep V as K."""
+    from batchllm.attention.kv_quant import values_keys_major
+
+    g = torch.Generator().manual_seed(2)
+    blocks, bs, kvh, d = 3, 64, 2, 8
+    cache = torch.zeros(2, blocks, bs, kvh, d, dtype=torch.uint8).view(FP8)
+    assert values_keys_major(cache)
+    assert not values_keys_major(cache[:, :, :16]) and not values_keys_major(torch.zeros(2, 1, 64, 1, 8))
+    key, value = torch.randn(5, kvh, d, generator=g), torch.randn(5, kvh, d, generator=g)
+    slots = torch.tensor([0, 63, 64, 130, 191])
+    store_kv(key, value, cache, slots, None)
+    raw_v = cache[1].view(torch.uint8).view(blocks, kvh, d, bs)  # the bytes as laid out
+    want_v = quantize(value, None).view(torch.uint8)
+    for i, slot in enumerate(slots.tolist()):
+        assert torch.equal(raw_v[slot // bs, :, :, slot % bs], want_v[i])
+    assert torch.equal(cache[0].view(torch.uint8).view(-1, kvh, d)[slots], quantize(key, None).view(torch.uint8))
+    assert int((raw_v != 0).sum()) == int((want_v != 0).sum()), "no other V byte written"
+    keys, values = layer_caches(cache)
+    assert values.shape == keys.shape == (blocks, bs, kvh, d)
+    assert torch.equal(read_slots(values, slots, torch.float32, None), quantize(value, None).float())
 
 
 def test_kv_pool_bytes_per_block_use_one_byte_per_element(tiny_model_factory):
@@ -116,7 +135,7 @@ REFERENCE_CASES = [
 def test_reference_attention_over_fp8_cache_is_attention_over_its_dequantized_values(name, specs, dtype):
     q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, dtype, seed=3, device="cpu")
     kv_scale = torch.tensor([0.75, 1.5])
-    fp8 = fp8_cache(cache, kv_scale)
+    fp8 = quantize_cache(cache, kv_scale)
     out = TorchReferenceBackend().forward(q, k, v, fp8, md, 0.125, kv_scale)
     # the same attention over a cache in `dtype` holding what the fp8 cache holds (new tokens included:
     # stored again as the values they were quantized to)

@@ -125,11 +125,11 @@ def test_rotary_rotates_strided_views_in_place_like_torch():
 def fp8_case(specs, block_size: int = 16, seed: int = 3):
     """random_case's inputs (8 heads, 2 KV heads, head dim 64, float32, CPU) over an fp8 cache with
     non-trivial scales: (q, k, v, cache, metadata, kv_scale)."""
-    from tests.unit.test_kv_fp8 import fp8_cache
+    from batchllm.attention.kv_quant import quantize_cache
 
     q, k, v, cache, md = random_case(specs, 8, 2, 64, block_size, torch.float32, seed=seed, device="cpu")
     kv_scale = torch.ones(4)[:2] * torch.tensor([0.75, 1.5])
-    return q, k, v, fp8_cache(cache, kv_scale), md, kv_scale
+    return q, k, v, quantize_cache(cache, kv_scale), md, kv_scale
 
 
 ATTENTION_CASES = [
@@ -208,15 +208,15 @@ def test_fp8_dots_only_where_the_program_fills_an_fp8_mma():
     """fp8_attention takes e4m3 operands in programs of 64 rows or more with key tiles of 32 or more
     (Triton casts a 16-row program's operands to fp16 anyway, and 8-bit dots need K >= 32), with the
     head dim padded to 32: one-query decode items keep the exact cast-up path."""
+    from batchllm.attention.kv_quant import quantize_cache
     from batchllm.attention.triton_backend import TritonBackend, dot_head_dim, fp8_dots_fit
-    from tests.unit.test_kv_fp8 import fp8_cache
 
     assert fp8_dots_fit(64, 64) and fp8_dots_fit(256, 32)
     assert not fp8_dots_fit(16, 64) and not fp8_dots_fit(64, 16)
     assert dot_head_dim(16) == 16 and dot_head_dim(16, fp8_dots=True) == 32 and dot_head_dim(80, True) == 128
     specs = [(300, 1), (37, 1), (5, 1)]  # decodes only: 16-row programs
     q, k, v, cache, md = random_case(specs, 8, 2, 64, 16, torch.float32, seed=3, device="cpu")
-    cache = fp8_cache(cache, torch.ones(2))
+    cache = quantize_cache(cache, torch.ones(2))
     exact = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)
     out = TritonBackend(fp8_attention=True).forward(q, k, v, cache.clone(), md, 0.125)
     torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-5)
@@ -278,15 +278,26 @@ def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, sp
         assert gathered > 0 and (plan.items.kv_lo % 64 != 0).any(), "some item started off a tile boundary"
 
 
-def test_attention_kernel_with_a_block_index_per_tile_over_fp8_cache():
-    """The FP8_KV variant with TILE_IN_BLOCK: aligned and misaligned items over an fp8 cache."""
-    from batchllm.attention.triton_backend import TritonBackend
+@pytest.mark.parametrize("aligned_plan", [True, False], ids=["aligned-plan", "unaligned-plan"])
+@pytest.mark.parametrize("name, specs, options", BLOCK_TILE_CASES, ids=[c[0] for c in BLOCK_TILE_CASES])
+def test_attention_kernel_with_a_block_index_per_tile_over_fp8_cache(name, specs, options, aligned_plan, monkeypatch):
+    """The FP8_KV variant with TILE_IN_BLOCK over an fp8 cache of 64-token blocks, whose V is
+    keys-major (`kv_quant.values_keys_major`): aligned items read V in whole unmasked tiles (the
+    slots past a sequence's end hold other finite values here: they must get p = 0), misaligned
+    ones (unaligned-plan) gather V a key at a time; against the reference over the same cache, and
+    the new tokens stored as the same bytes."""
+    from batchllm.attention import triton_backend
+    from batchllm.attention.kv_quant import values_keys_major
 
-    specs = [(0, 90), (1023, 1)] + group_decode(4, 100, 30)
+    if not aligned_plan:
+        monkeypatch.setattr(triton_backend, "key_alignment", lambda block_size, block_n: 1)
     q, k, v, cache, md, kv_scale = fp8_case(specs, block_size=64, seed=7)
-    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
-    out = TritonBackend(min_members=1, min_shared=1, split_len=256).forward(q, k, v, cache, md, 0.125, kv_scale)
+    assert values_keys_major(cache) and cache[1].view(torch.uint8).any(), "stale bytes in every slot"
+    ref_cache = cache.clone()
+    ref = TorchReferenceBackend().forward(q, k, v, ref_cache, md, 0.125, kv_scale)
+    out = triton_backend.TritonBackend(**options).forward(q, k, v, cache, md, 0.125, kv_scale)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
 
 
 def test_fp8_decode_tile_on_128_token_blocks_reads_one_block_index_per_tile():
@@ -381,12 +392,14 @@ def test_fused_kv_store_copies_a_plain_cache_like_the_torch_store(n, pad, kv_hea
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
 
 
+@pytest.mark.parametrize("block_size", [16, 64], ids=["bs16", "bs64-v-keys-major"])
 @pytest.mark.parametrize("scales", [None, (0.5, 2.0), (0.25, 0.0078125)], ids=str)
 @pytest.mark.parametrize("n, pad, kv_heads, head_dim", [(12, 2, 2, 64), (10, 3, 3, 80), (9, 1, 5, 96)])
-def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(n, pad, kv_heads, head_dim, scales):
+def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(n, pad, kv_heads, head_dim, scales, block_size):
     """An fp8 cache: x / scale clamped to +-448, cast. Values are e4m3 numbers times powers of two
     (some past 448 after the division, so the clamp acts), K/V strided views of one buffer with or
-    without scales. Only exactly representable quotients, because the interpreter's float8 cast
+    without scales, into 16-token blocks and into 64-token ones (V keys-major: the kernel's V addresses
+    from the view's strides). Only exactly representable quotients, because the interpreter's float8 cast
     (Triton 3.9 `_convert_float`) is not torch's: it rounds ties away from zero (1.0625 -> 1.125,
     torch 1.0), and a round-up that carries out of the mantissa is ORed into the exponent field, so
     the carry is lost where the biased exponent is odd (1.95 -> 1.0, 0.484375 -> 0.25 where torch
@@ -402,10 +415,11 @@ def test_fused_kv_store_quantizes_an_fp8_cache_like_the_torch_store(n, pad, kv_h
     kv_scale = None if scales is None else torch.tensor([*scales, 0.0, 0.0])[:2]
     k, v = _model_kv(n, kv_heads, head_dim, torch.cat([normal, normal * 8]), g, scales or (1.0, 1.0))
     assert not k.is_contiguous() and not v.is_contiguous(), "the model's strided views"
-    blocks = -(-(n + 20) // 16)
-    slots = _scattered_slots(n, pad, blocks * 16, g)
+    blocks = -(-(n + 20) // block_size)
+    slots = _scattered_slots(n, pad, blocks * block_size, g)
     k[n - pad:], v[n - pad:] = k[0], v[0]
-    cache = torch.randint(0, 126, (2, blocks + 1, 16, kv_heads, head_dim), generator=g, dtype=torch.uint8).view(FP8)
+    cache = torch.randint(0, 126, (2, blocks + 1, block_size, kv_heads, head_dim), generator=g,
+                          dtype=torch.uint8).view(FP8)
     want = cache.clone()
     store_kv(k, v, want, slots, kv_scale)
     store_kv_triton(k, v, cache, slots, kv_scale)
