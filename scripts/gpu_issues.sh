@@ -33,8 +33,9 @@
 #   PART=profile bash scripts/gpu_issues.sh   where the GPU time of decode-heavy goes, bf16 and FP8 weights
 #       (`--profile-out`: kernel time per category and the top kernels) (~4 min)
 #   PART=fp8layout bash scripts/gpu_issues.sh   the fp8 cache of 64-token blocks (V keys-major): its GPU tests, the
-#       attention benchmark's decode steps and prefill cases on 16- and 64-token blocks (`--fp8-layout`), then
-#       decode-heavy: bf16, FP8 weights + fp8 cache on 16- and on 64-token blocks, fp8 cache alone on 64 (~8 min)
+#       attention benchmark's decode steps and prefill cases on 16- and 64-token blocks (`--fp8-layout`) (~5 min)
+#   PART=fp8layoutdecode bash scripts/gpu_issues.sh   decode-heavy: bf16, FP8 weights + fp8 cache on 16- and on
+#       64-token blocks, fp8 cache alone on 64 (~4 min)
 #   PART=fp8layoutpaper bash scripts/gpu_issues.sh   the paper workload: bf16, FP8 weights, FP8 weights + fp8 cache of
 #       64-token blocks, with FP8 attention too; then every FP8-KV GPU test (~7 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
@@ -107,6 +108,8 @@ fp8layout)
   timeout "${T:-3000}" python3 benchmarks/attention_bench.py --fp8-layout --json-out "$OUT/fp8layout_micro.json" \
       > "$OUT/fp8layout_micro.log" 2>&1; grep -v "^{" "$OUT/fp8layout_micro.log"
   grep -E "sum_ms|TFLOP" "$OUT/fp8layout_micro.log" | cut -c1-400; pack
+  ;;
+fp8layoutdecode)
   bench fp8layout_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,fp8w+kv-block64,fp8kv-block64 \
       --json-out "$OUT/fp8layout_decode.json"
   ;;
