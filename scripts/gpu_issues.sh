@@ -110,11 +110,11 @@ fp8layout)
   grep -E "sum_ms|TFLOP" "$OUT/fp8layout_micro.log" | cut -c1-400; pack
   ;;
 fp8layoutdecode)
-  bench fp8layout_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv-block16,fp8w+kv,fp8kv \
+  bench fp8layout_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,fp8w+kv-block64,fp8kv-block64 \
       --json-out "$OUT/fp8layout_decode.json"
   ;;
 fp8layoutpaper)
-  bench fp8layout_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv,fp8w+attn \
+  bench fp8layout_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv-block64,fp8w+attn-block64 \
       --json-out "$OUT/fp8layout_paper.json"
   python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py > "$OUT/fp8kv_tests.log" 2>&1
   tail -3 "$OUT/fp8kv_tests.log"; pack
