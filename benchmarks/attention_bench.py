@@ -273,6 +273,7 @@ def fp8_layout_rows():
             fp8_cache = quantize_cache(cache)
             for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), fp8_cache),
                                       ("fp8_attention", TritonBackend(fp8_attention=True), fp8_cache)):
+                print(f"timing {label}, {block_size}-token blocks, {name}", flush=True)  # where a fault lies
                 ms = time_ms(backend, (q, k, v, kv, md), reps=100)
                 row[f"bs{block_size}_{name}"] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
             del cache, fp8_cache
