@@ -243,14 +243,22 @@ def fp8_cache_rows():
     report({"case": "decode-heavy steps, default tile: against the bf16 cache",
             "fp8_cache_speedup": round(bf16 / fp8, 3), "fp8_attention_speedup": round(bf16 / fp8_dots, 3)})
     for specs, label in PREFILL_CASES:
-        q, k, v, cache, md = random_case(specs, 32, 8, 128, 16, torch.bfloat16, seed=0)
-        fp8_cache = quantize_cache(cache)
-        row = {"case": f"{label}: bf16 cache / fp8 cache / fp8 cache + FP8 attention"}
-        for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), fp8_cache),
-                                  ("fp8_attention", TritonBackend(fp8_attention=True), fp8_cache)):
-            ms = time_ms(backend, (q, k, v, kv, md), reps=100)
-            row[name] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
-        report(row)
+        report({"case": f"{label}: bf16 cache / fp8 cache / fp8 cache + FP8 attention",
+                **prefill_three_ways(specs, label, 16)})
+
+
+def prefill_three_ways(specs, label, block_size, key_prefix=""):
+    """One prefill case on caches of `block_size`-token blocks: bf16, its fp8 copy, and that with FP8
+    attention, as {key_prefix + name: "ms TFLOP/s"}; each timing named first (a fault's place)."""
+    q, k, v, cache, md = random_case(specs, 32, 8, 128, block_size, torch.bfloat16, seed=0)
+    fp8_cache = quantize_cache(cache)
+    row = {}
+    for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), fp8_cache),
+                              ("fp8_attention", TritonBackend(fp8_attention=True), fp8_cache)):
+        print(f"timing {label}, {block_size}-token blocks, {name}", flush=True)
+        ms = time_ms(backend, (q, k, v, kv, md), reps=100)
+        row[key_prefix + name] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
+    return row
 
 
 def fp8_layout_rows():
@@ -267,17 +275,9 @@ def fp8_layout_rows():
                               fp8=kv_dtype == FP8)
         del cases
     for specs, label in PREFILL_CASES:
-        row = {"case": f"{label}: per block size, bf16 cache / fp8 cache / fp8 cache + FP8 attention"}
-        for block_size in (16, 64):
-            q, k, v, cache, md = random_case(specs, 32, 8, 128, block_size, torch.bfloat16, seed=0)
-            fp8_cache = quantize_cache(cache)
-            for name, backend, kv in (("bf16", TritonBackend(), cache), ("fp8", TritonBackend(), fp8_cache),
-                                      ("fp8_attention", TritonBackend(fp8_attention=True), fp8_cache)):
-                print(f"timing {label}, {block_size}-token blocks, {name}", flush=True)  # where a fault lies
-                ms = time_ms(backend, (q, k, v, kv, md), reps=100)
-                row[f"bs{block_size}_{name}"] = f"{ms:.4f} ms {causal_flops(specs) / ms / 1e9:.0f} TFLOP/s"
-            del cache, fp8_cache
-        report(row)
+        report({"case": f"{label}: per block size, bf16 cache / fp8 cache / fp8 cache + FP8 attention",
+                **{key: ms for block_size in (16, 64)
+                   for key, ms in prefill_three_ways(specs, label, block_size, f"bs{block_size}_").items()}})
 
 
 def degree16(num_requests, shared, own):
