@@ -38,6 +38,17 @@ NO_SPLIT = 10**9
 rows = []
 
 
+def graph_ms(fn, rep=20):
+    """Median ms of `fn` replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`), after the
+    device has finished all queued work: Triton's helper runs its first call on a new stream without
+    waiting for the default one, so inputs still being written there (a case's tensors, a work plan's
+    copy to the device) would be read half-made. That race, over memory a previous case had freed,
+    was the "illegal address" of `--fp8-layout`'s prefill cases (sessions 12-13; compute-sanitizer
+    placed it at the kernel's query load, from a stale token index)."""
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
 def time_ms(backend, case, reps=200):
     q, k, v, cache, md = case
     scale = 128 ** -0.5
@@ -48,8 +59,7 @@ def time_ms(backend, case, reps=200):
         return triton.testing.do_bench(lambda: backend.forward(q, k, v, cache, md, scale), warmup=5, rep=reps,
                                        return_mode="median")
     # replayed from a CUDA graph: GPU time only, without the Python launch cost of a lone layer
-    return triton.testing.do_bench_cudagraph(lambda: backend.forward(q, k, v, cache, md, scale), rep=reps,
-                                             return_mode="median")
+    return graph_ms(lambda: backend.forward(q, k, v, cache, md, scale), rep=reps)
 
 
 def plan_ms(case, backend):
@@ -116,8 +126,7 @@ def prefill_sweep():
 
     q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
-    sdpa = triton.testing.do_bench_cudagraph(
-        lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True), return_mode="median")
+    sdpa = graph_ms(lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True))
     report({"case": "torch SDPA, causal 8192 (contiguous)", "ms": round(sdpa, 4),
             "TFLOPs": round(causal_flops([(0, 8192)]) / sdpa / 1e9, 1)})
     relative: dict[tuple, float] = {}  # per launch: the sum over cases of its time over the case's best
