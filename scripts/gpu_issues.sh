@@ -36,6 +36,8 @@
 #       attention benchmark's decode steps and prefill cases on 16- and 64-token blocks (`--fp8-layout`) (~5 min)
 #   PART=fp8layoutdecode bash scripts/gpu_issues.sh   decode-heavy: bf16, FP8 weights + fp8 cache on 16- and on
 #       64-token blocks, fp8 cache alone on 64 (~4 min)
+#   PART=fp8default bash scripts/gpu_issues.sh   FP8 with default settings (an fp8 cache: 64-token blocks): the paper
+#       workload in the reverse order of fp8layoutpaper, then 16K shared, bf16 / FP8 weights / + cache / + attention (~5 min)
 #   PART=fp8layoutpaper bash scripts/gpu_issues.sh   the paper workload: bf16, FP8 weights, FP8 weights + fp8 cache of
 #       64-token blocks, with FP8 attention too; then every FP8-KV GPU test (~7 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
@@ -110,14 +112,20 @@ fp8layout)
   grep -E "sum_ms|TFLOP" "$OUT/fp8layout_micro.log" | cut -c1-400; pack
   ;;
 fp8layoutdecode)
-  bench fp8layout_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,fp8w+kv-block64,fp8kv-block64 \
+  bench fp8layout_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv-block16,fp8w+kv,fp8kv \
       --json-out "$OUT/fp8layout_decode.json"
   ;;
 fp8layoutpaper)
-  bench fp8layout_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv-block64,fp8w+attn-block64 \
+  bench fp8layout_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv,fp8w+attn \
       --json-out "$OUT/fp8layout_paper.json"
   python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py > "$OUT/fp8kv_tests.log" 2>&1
   tail -3 "$OUT/fp8kv_tests.log"; pack
+  ;;
+fp8default)
+  bench fp8default_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+attn,fp8w+kv,fp8,sharing \
+      --json-out "$OUT/fp8default_paper.json"
+  bench fp8default_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs sharing,fp8,fp8w+kv,fp8w+attn \
+      --json-out "$OUT/fp8default_16k.json"
   ;;
 fp8base)
   bench base_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8,fp8w+kv,sharing --json-out "$OUT/base_decode.json"

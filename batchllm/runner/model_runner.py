@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
-from batchllm.attention.kv_quant import KV_CACHE_DTYPES
+from batchllm.attention.kv_quant import KEYS_MAJOR_BLOCK, KV_CACHE_DTYPES
 from batchllm.config import CacheConfig
 from batchllm.layers.fp8 import FP8
 from batchllm.layers.logits_processors import OutputHistory
@@ -64,6 +64,13 @@ class KVCacheSpec:
         return self.num_blocks * self.bytes_per_block
 
 
+def default_block_size(kv_dtype: torch.dtype) -> int:
+    """The block size when the option leaves it open: an fp8 cache's blocks hold whole 64-key tiles, so
+    its V is keys-major (`kv_quant.values_keys_major`); 16 tokens otherwise (64 measured no faster on
+    a 16-bit cache, and smaller blocks share prefixes at a finer grain)."""
+    return KEYS_MAJOR_BLOCK if kv_dtype == FP8 else 16
+
+
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
                   tp=None) -> KVCacheSpec:
     """spec: the model's (a tensor-parallel rank's shard spec: its KV heads); dtype: the model's,
@@ -71,7 +78,8 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     cache per token, so a memory budget holds twice the blocks). With tp, every rank takes the
     smallest block count any rank can hold, so their block pools are the same."""
     kv_dtype = KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype
-    bytes_per_block = spec.kv_bytes_per_token * cache.block_size * torch.empty(0, dtype=kv_dtype).element_size()
+    block_size = cache.block_size or default_block_size(kv_dtype)
+    bytes_per_block = spec.kv_bytes_per_token * block_size * torch.empty(0, dtype=kv_dtype).element_size()
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     elif cache.kv_cache_memory_gib is not None:
@@ -90,7 +98,7 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
         num_blocks = int(agreed.item())
     if num_blocks < 1:
         raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory settings")
-    return KVCacheSpec(num_blocks=num_blocks, block_size=cache.block_size, bytes_per_block=bytes_per_block,
+    return KVCacheSpec(num_blocks=num_blocks, block_size=block_size, bytes_per_block=bytes_per_block,
                        dtype=kv_dtype)
 
 

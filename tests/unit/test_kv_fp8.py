@@ -109,7 +109,8 @@ def test_kv_pool_bytes_per_block_use_one_byte_per_element(tiny_model_factory):
 
     spec = read_model_spec(Path(tiny_model_factory("llama")))
     cpu = torch.device("cpu")
-    plans = {(dtype, kv): plan_kv_cache(spec, CacheConfig(kv_cache_memory_gib=0.5, kv_cache_dtype=kv), dtype, cpu)
+    plans = {(dtype, kv): plan_kv_cache(spec, CacheConfig(kv_cache_memory_gib=0.5, kv_cache_dtype=kv, block_size=16),
+                                        dtype, cpu)
              for dtype in (torch.float32, torch.bfloat16) for kv in ("auto", "fp8")}
     per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim  # K and V elements per token
     for (dtype, kv), plan in plans.items():
@@ -122,6 +123,25 @@ def test_kv_pool_bytes_per_block_use_one_byte_per_element(tiny_model_factory):
     assert plans[torch.bfloat16, "fp8"].num_blocks == 2 * plans[torch.bfloat16, "auto"].num_blocks
     assert plans[torch.float32, "fp8"].num_blocks == 4 * plans[torch.float32, "auto"].num_blocks
     assert plans[torch.float32, "fp8"] == plans[torch.bfloat16, "fp8"]
+
+
+def test_block_size_left_open_is_64_for_an_fp8_cache_and_16_otherwise(tiny_model_factory):
+    """An fp8 cache's blocks hold whole 64-key tiles (its V keys-major) unless the user names a size."""
+    from pathlib import Path
+
+    from batchllm.attention.kv_quant import KEYS_MAJOR_BLOCK
+    from batchllm.models.spec import read_model_spec
+
+    spec = read_model_spec(Path(tiny_model_factory("llama")))
+    cpu = torch.device("cpu")
+
+    def block_size(**options):
+        return plan_kv_cache(spec, CacheConfig(kv_cache_memory_gib=0.5, **options), torch.bfloat16, cpu).block_size
+
+    assert engine_config().cache.block_size is None
+    assert block_size(kv_cache_dtype="fp8") == KEYS_MAJOR_BLOCK == 64
+    assert block_size() == block_size(kv_cache_dtype="auto") == 16
+    assert block_size(kv_cache_dtype="fp8", block_size=16) == 16 and block_size(block_size=32) == 32
 
 
 REFERENCE_CASES = [
