@@ -15,6 +15,8 @@ split-K per launch (`split_per_launch`), in GB/s of distinct KV read; the last l
 With --decode-sweep-fp8: the same tiles and a few wider ones over an fp8 cache.
 With --fp8-layout: the decode-heavy steps and the prefill cases over bf16 and fp8 caches of 16- and
 64-token blocks (an fp8 cache of 64-token blocks keeps V keys-major), with and without FP8 attention.
+With --launch-order: the prefill cases, a mixed step and the decode-heavy steps with each launch's items
+in plan order and longest key range first (the default).
 """
 
 from __future__ import annotations
@@ -289,6 +291,31 @@ def fp8_layout_rows():
                    for key, ms in prefill_three_ways(specs, label, block_size, f"bs{block_size}_").items()}})
 
 
+LAUNCH_ORDER_CASES = PREFILL_CASES + [
+    ([(0, 2000)] * 3 + [(2000, 200)] * 10, "mixed step: 3 x 2000 new + 10 x 200 after 2000"),
+]
+
+
+def launch_order_rows():
+    """Each launch's items in plan order against longest key range first (`TritonBackend(longest_first=)`),
+    timed plan order, longest first, plan order again (the machine drifts): the prefill cases and a
+    mixed step on 16- and 64-token blocks, then the decode-heavy steps."""
+    for specs, label in LAUNCH_ORDER_CASES:
+        for block_size in (16, 64):
+            case = random_case(specs, 32, 8, 128, block_size, torch.bfloat16, seed=0)
+            plan, lpt, plan2 = (time_ms(TritonBackend(longest_first=first), case, reps=100)
+                                for first in (False, True, False))
+            report({"case": f"{label}, {block_size}-token blocks: plan order / longest first",
+                    "plan_ms": [round(plan, 4), round(plan2, 4)], "longest_first_ms": round(lpt, 4),
+                    "longest_first_TFLOPs": round(causal_flops(specs) / lpt / 1e9, 1),
+                    "speedup": round(min(plan, plan2) / lpt, 3)})
+            del case
+    cases = decode_step_cases()
+    plan = time_decode_steps(cases, "plan order", TritonBackend(longest_first=False))
+    lpt = time_decode_steps(cases, "longest first", TritonBackend())
+    report({"case": "decode-heavy steps: plan order / longest first", "speedup": round(plan / lpt, 3)})
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -305,11 +332,15 @@ if __name__ == "__main__":
     parser.add_argument("--fp8-layout", action="store_true",
                         help="only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- and "
                         "64-token blocks (the latter's fp8 V keys-major), with and without FP8 attention")
+    parser.add_argument("--launch-order", action="store_true",
+                        help="only the prefill cases and decode-heavy steps with each launch's items in plan order "
+                        "and longest first")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
     only = [run for flag, run in ((args.prefill_sweep, prefill_sweep), (args.decode_sweep, decode_sweep),
                                   (args.decode_sweep_fp8, decode_sweep_fp8),
-                                  (args.decode_fp8_cache, fp8_cache_rows), (args.fp8_layout, fp8_layout_rows))
+                                  (args.decode_fp8_cache, fp8_cache_rows), (args.fp8_layout, fp8_layout_rows),
+                                  (args.launch_order, launch_order_rows))
             if flag]
     if only:
         for run in only:

@@ -412,6 +412,22 @@ def key_alignment(block_size: int, block_n: int = DECODE_TILE.block_n) -> int:
     return block_n if block_size % block_n == 0 else 1
 
 
+ORDER_KEYS = 512
+"""`longest_keys_first` compares key ranges in units of this many keys."""
+
+
+def longest_keys_first(items: WorkItems, indices: np.ndarray) -> np.ndarray:
+    """`indices` (items of one launch) reordered by key range in units of ORDER_KEYS, longest first,
+    ties in plan order. A GPU starts a launch's programs in grid order as SMs free up, so the longest
+    programs run first and short ones fill the end, instead of a causal prefill chunk's longest
+    tiles (its last queries) starting in the last wave and running on alone (list scheduling, longest
+    processing time first). Ranges within a unit keep plan order, where one sequence's tiles sit side
+    by side and read its keys from L2 one after another (sorting 40 x 200 queries after 16,000 keys
+    tile by tile cost 2.5%: docs/benchmarks.md, session 13)."""
+    units = (items.kv_hi[indices] - items.kv_lo[indices]) // ORDER_KEYS
+    return indices[np.argsort(-units, kind="stable")]
+
+
 def launch_counts(counts: torch.Tensor) -> list[torch.Tensor]:
     """The count of each launch (and last, the merge's) in a device array of COUNT_SLOT slots."""
     return [counts[i:i + 1] for i in range(0, len(counts), COUNT_SLOT)]
@@ -432,7 +448,7 @@ class TritonBackend:
 
     def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3),
                  fused_store: bool = True, decode_tile: TileConfig = DECODE_TILE, fp8_attention: bool = False,
-                 **plan_options) -> None:
+                 longest_first: bool = True, **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
         that run prefill chunks; the default won an H200 sweep (`attention_bench.py
@@ -443,13 +459,16 @@ class TritonBackend:
         `store_kv`'s torch ops. decode_tile: the tiles of the prefix and one-query launches (the
         engine passes `decode_tile_for` its cache; sweeps: `attention_bench.py --decode-sweep`).
         fp8_attention: over an fp8 cache, both dots take e4m3 operands (the kernel's FP8_DOTS; the
-        arithmetic of `torch_ref.fp8_attention`). plan_options go to `plan_work_items` (split_len,
-        split_per_launch, min_members, min_shared)."""
+        arithmetic of `torch_ref.fp8_attention`). longest_first: each launch runs its items longest key
+        range first (`longest_keys_first`; False: in plan order, for comparison; the outputs are the same
+        bits either way). plan_options go to `plan_work_items` (split_len, split_per_launch,
+        min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
         self.fused_store = fused_store
         self.prefill_launch = prefill_launch
         self.decode_tile = decode_tile
         self.fp8_attention = fp8_attention
+        self.longest_first = longest_first
         self.plan_options = plan_options
         self._unit_scales: dict[torch.device, torch.Tensor] = {}
 
@@ -577,7 +596,12 @@ class TritonBackend:
         multi = p + np.flatnonzero(items.q_len[p:] > 1)
         single = p + np.flatnonzero(items.q_len[p:] <= 1)
         # items are independent (partials are addressed by row, not by item): launch order is free
-        order = np.concatenate([np.arange(p), multi, single]) if len(multi) and len(single) else None
+        order = [np.arange(p), multi, single]
+        if self.longest_first:
+            order = [longest_keys_first(items, indices) for indices in order]
+        order = np.concatenate(order)
+        if (order == np.arange(len(order))).all():
+            order = None
         shapes = [(p, wide, self.decode_tile), (len(multi), tile_q, TileConfig(*prefill_tile)),
                   (len(single), 1, self.decode_tile)]
         shapes = [shape for shape in shapes if shape[0]]

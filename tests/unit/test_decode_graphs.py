@@ -62,6 +62,7 @@ DECODE_CASES = [
     ("nested", [(610 + j, 1, [(0, 300), (1 + j % 3, 600)]) for j in range(6)] + [(350, 1, [(0, 300)])] * 2,
      dict(min_members=1, min_shared=1)),
     ("split-k", [(1500, 1), (700, 1)] + group_decode(4, 600, 90), dict(split_len=128, min_members=2)),
+    ("long-unsplit", [(600, 1), (1500, 1), (100, 1), (2600, 1)], dict(split_len=10**9)),
 ]
 
 
@@ -78,12 +79,17 @@ def test_static_plan_computes_the_reference_attention(name, specs, options):
     assert plan.fill(list(range(13)), [c + n for c, n in stale], None, 16)
     assert plan.fill(md.query_start_loc_cpu, md.seq_lens_cpu, md.share_levels_cpu, 16)
     items = items_the_launches_read(plan)
-    if name != "plain":
+    if name not in ("plain", "long-unsplit"):
         assert plan.last_items.num_prefix_items > 0 and len(items.merge_tokens) > 0
     padded = torch.cat([q, torch.full((16 - len(q), *q.shape[1:]), float("nan"))])
     got = run_plan_in_torch(padded, cache, md, items, 0.125)
     torch.testing.assert_close(got[:len(q)], ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[len(q):], torch.zeros(16 - len(q), *q.shape[1:]))
+    # the graph's programs take the eager step's items in its launch order (longest key range first)
+    eager = TritonBackend(**options)._plan(md, 4, 8, 64, 2, q.element_size()).tensors
+    n = len(eager["seq"])
+    for name in ITEM_FIELDS:
+        assert getattr(items, name)[:n].tolist() == eager[name].tolist(), name
 
 
 def test_a_step_whose_plan_outgrows_the_graph_is_refused():

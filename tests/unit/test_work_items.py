@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,7 +207,7 @@ def test_plan_executed_in_torch_matches_reference(name, specs, align):
 def test_triton_backend_plans_launches_on_cpu():
     """The backend's planning half needs neither Triton nor CUDA: launches cover every item once,
     prefix items run in 64-row programs and one-token items in 16-row ones (the "split" launch)."""
-    from batchllm.attention.triton_backend import DECODE_TILE, TritonBackend
+    from batchllm.attention.triton_backend import DECODE_TILE, ITEM_FIELDS, TritonBackend
 
     specs = group_decode(20, 300, 7, 0) + group_decode(3, 1000, 0, 1) + [(50, 1), (2000, 1)]
     *_, md = random_case(specs, 32, 8, 128, 16, torch.float32, seed=0, device="cpu")
@@ -221,9 +222,39 @@ def test_triton_backend_plans_launches_on_cpu():
     assert [int(launch.count) for launch in plan.launches] == [launch.grid for launch in plan.launches]
     assert plan.merge_grid == int(plan.merge_count) == len(items.merge_tokens) > 0
     assert all(c.data_ptr() % 16 == 0 for c in [plan.merge_count, *(launch.count for launch in plan.launches)])
-    for name, values in plan.tensors.items():  # device copies match the plan, 16-byte aligned
-        assert values.tolist() == getattr(items, name).tolist() and values.data_ptr() % 16 == 0
+    for name, values in plan.tensors.items():  # device copies of the plan, 16-byte aligned
+        assert values.data_ptr() % 16 == 0
+        if name not in ITEM_FIELDS:  # the item arrays are reordered: below
+            assert values.tolist() == getattr(items, name).tolist()
     assert plan.part_out.shape == (max(items.num_partials, 1), 32, 128)
+    rows = lambda arrays, lo, hi: sorted(zip(*(arrays[f][lo:hi].tolist() for f in ITEM_FIELDS)))
+    for launch in plan.launches:  # each launch holds its own items (the same rows; their order: below)
+        lo, hi = launch.item_offset, launch.item_offset + launch.grid
+        assert rows(plan.tensors, lo, hi) == rows({f: getattr(items, f) for f in ITEM_FIELDS}, lo, hi)
+
+
+def test_each_launch_runs_its_longest_key_ranges_first():
+    """A causal prefill chunk's tiles and decodes of several lengths: each launch's items by key range
+    in ORDER_KEYS units, longest first, plan order within a unit (a sequence's tiles side by side);
+    with longest_first=False the device arrays are the plan's own."""
+    from batchllm.attention.triton_backend import ITEM_FIELDS, ORDER_KEYS, TritonBackend
+
+    specs = [(0, 4096), (64, 40), (100, 1), (3000, 1), (1500, 1), (5000, 1)]
+    *_, md = random_case(specs, 32, 8, 128, 16, torch.float32, seed=0, device="cpu")
+    plan = TritonBackend(split_len=10**9)._plan(md, 4, 32, 128, 8)
+    t = {name: values.numpy() for name, values in plan.tensors.items()}
+    for launch in plan.launches:
+        lo, hi = launch.item_offset, launch.item_offset + launch.grid
+        keys = t["kv_hi"][lo:hi] - t["kv_lo"][lo:hi]
+        units = keys // ORDER_KEYS
+        assert (np.diff(units) <= 0).all() and len(set(units.tolist())) > 1
+        for unit in set(units.tolist()):  # within a unit: plan order (tokens ascending)
+            q_off = t["q_off"][lo:hi][units == unit]
+            assert (np.diff(q_off) > 0).all()
+    md.backend_cache.clear()
+    in_order = TritonBackend(split_len=10**9, longest_first=False)._plan(md, 4, 32, 128, 8)
+    for name in ITEM_FIELDS:
+        assert in_order.tensors[name].tolist() == getattr(in_order.items, name).tolist()
 
 
 def test_mixed_step_launches_prefill_tiles_apart_from_one_query_items():
