@@ -70,11 +70,13 @@ def test_fp8_cache_agrees_with_float32_and_holds_4x_the_tokens(default_model_dir
     min_identical = MIN_IDENTICAL_FP8_ATTENTION if fp8_attention else MIN_IDENTICAL_OUTPUTS
     assert identical >= min_identical and matching >= MIN_MATCHING_TOKENS
     full, fp8 = full_llm.engine.kv_spec, llm.engine.kv_spec
-    assert fp8.bytes_per_block * 4 == full.bytes_per_block  # 1 byte per element against 4
-    assert fp8.num_blocks == int(0.25 * 2**30) // fp8.bytes_per_block >= 4 * full.num_blocks
+    assert (fp8.block_size, full.block_size) == (64, 16)  # left open: an fp8 cache's blocks hold 64-key tiles
+    assert fp8.bytes_per_block // 64 * 4 == full.bytes_per_block // 16  # 1 byte per element against 4
+    assert fp8.num_blocks == int(0.25 * 2**30) // fp8.bytes_per_block
+    assert fp8.num_blocks * 64 >= 4 * full.num_blocks * 16
     stats = llm.last_stats
     assert (stats["kv_cache_dtype"], stats["kv_blocks"], stats["kv_tokens"]) == (
-        "float8_e4m3fn", fp8.num_blocks, fp8.num_blocks * 16)
+        "float8_e4m3fn", fp8.num_blocks, fp8.num_blocks * 64)
     assert stats["kv_cache_gib"] <= 0.25 and full_llm.last_stats["kv_cache_dtype"] == "float32"
     if sharing:
         assert stats["saving_ratio"] > 0.5 and stats["num_block_copies"] > 0
