@@ -17,7 +17,6 @@ from batchllm.attention.triton_backend import (
     LaunchPlan,
     TritonBackend,
     launch_counts,
-    longest_keys_first,
     next_power_of_2,
     plan_key,
     queries_per_program,
@@ -118,9 +117,8 @@ class StaticDecodePlan:
 
         pad = np.arange(num_pad)
         padding = {"seq": 0, "q_off": len(items.q_tokens) + pad, "q_len": 1, "kv_lo": 0, "kv_hi": 0, "part": -1}
-        order = np.arange(items.num_items)  # each section in the eager plan's launch order
-        if self.backend.longest_first:
-            order = np.r_[longest_keys_first(items, order[:p]), longest_keys_first(items, order[p:])]
+        indices = np.arange(items.num_items)  # each section in the eager plan's launch order
+        order = np.r_[self.backend.launch_order(items, indices[:p]), self.backend.launch_order(items, indices[p:])]
         for name in ITEM_FIELDS:
             values = getattr(items, name)[order]
             put(name, values[:p])

@@ -596,10 +596,7 @@ class TritonBackend:
         multi = p + np.flatnonzero(items.q_len[p:] > 1)
         single = p + np.flatnonzero(items.q_len[p:] <= 1)
         # items are independent (partials are addressed by row, not by item): launch order is free
-        order = [np.arange(p), multi, single]
-        if self.longest_first:
-            order = [longest_keys_first(items, indices) for indices in order]
-        order = np.concatenate(order)
+        order = np.concatenate([self.launch_order(items, indices) for indices in (np.arange(p), multi, single)])
         if (order == np.arange(len(order))).all():
             order = None
         shapes = [(p, wide, self.decode_tile), (len(multi), tile_q, TileConfig(*prefill_tile)),
@@ -625,6 +622,12 @@ class TritonBackend:
         )
         metadata.backend_cache[key] = plan
         return plan
+
+    def launch_order(self, items: WorkItems, indices: np.ndarray) -> np.ndarray:
+        """The items `indices` of one launch in the order its programs take them: `longest_keys_first`,
+        or plan order without `longest_first`. The one place both the eager and the static decode plans
+        get their order, so a graph's programs take the eager step's items."""
+        return longest_keys_first(items, indices) if self.longest_first else indices
 
     def work_items(self, query_start_loc: list[int], seq_lens: list[int], share_levels, block_q: int,
                    group_block_q: int, num_kv_heads: int, block_size: int) -> WorkItems:

@@ -204,6 +204,13 @@ def test_plan_executed_in_torch_matches_reference(name, specs, align):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def item_rows(arrays, lo: int = 0, hi: int | None = None) -> list[tuple]:
+    """Items lo .. hi - 1 of `arrays` (item field -> array) as sorted rows: the same items in any order."""
+    from batchllm.attention.triton_backend import ITEM_FIELDS
+
+    return sorted(zip(*(arrays[f][lo:hi].tolist() for f in ITEM_FIELDS)))
+
+
 def test_triton_backend_plans_launches_on_cpu():
     """The backend's planning half needs neither Triton nor CUDA: launches cover every item once,
     prefix items run in 64-row programs and one-token items in 16-row ones (the "split" launch)."""
@@ -227,10 +234,9 @@ def test_triton_backend_plans_launches_on_cpu():
         if name not in ITEM_FIELDS:  # the item arrays are reordered: below
             assert values.tolist() == getattr(items, name).tolist()
     assert plan.part_out.shape == (max(items.num_partials, 1), 32, 128)
-    rows = lambda arrays, lo, hi: sorted(zip(*(arrays[f][lo:hi].tolist() for f in ITEM_FIELDS)))
     for launch in plan.launches:  # each launch holds its own items (the same rows; their order: below)
         lo, hi = launch.item_offset, launch.item_offset + launch.grid
-        assert rows(plan.tensors, lo, hi) == rows({f: getattr(items, f) for f in ITEM_FIELDS}, lo, hi)
+        assert item_rows(plan.tensors, lo, hi) == item_rows({f: getattr(items, f) for f in ITEM_FIELDS}, lo, hi)
 
 
 def test_each_launch_runs_its_longest_key_ranges_first():
@@ -275,5 +281,4 @@ def test_mixed_step_launches_prefill_tiles_apart_from_one_query_items():
     assert (prefix.block_q, multi.block_q, single.block_q) == (16, 32, 1) and multi.tile == TileConfig(64, 4, 3)
     q_len = t["q_len"].numpy()
     assert p == items.num_prefix_items and (q_len[m0:s0] > 1).all() and (q_len[s0:] == 1).all()
-    rows = lambda arrays: sorted(zip(*(arrays[f].tolist() for f in ITEM_FIELDS)))
-    assert rows(t) == rows({f: getattr(items, f) for f in ITEM_FIELDS})
+    assert item_rows(t) == item_rows({f: getattr(items, f) for f in ITEM_FIELDS})
