@@ -77,9 +77,16 @@ VARIANTS = {  # name: (switches of the copy, or None for the engine's kernel; ca
     "block64_scalar": ({"SCALAR_BLOCK": True}, 64),
     "tl_range_stages": ({"LOOP": LOOP_STAGES}, 16),
     "block64_all": ({"SCALAR_BLOCK": True, "K_ROWMAJOR": True, "Q_PRESCALED": True}, 64),
+    "block64_fma": ({"SCALAR_BLOCK": True, "FMA_SOFTMAX": True}, 64),
+    "block64_lazy": ({"SCALAR_BLOCK": True, "LAZY_RESCALE": True}, 64),
+    "block64_fma_lazy": ({"SCALAR_BLOCK": True, "FMA_SOFTMAX": True, "LAZY_RESCALE": True}, 64),
+    "block64_tma": ({"SCALAR_BLOCK": True, "TMA": True}, 64),
+    "block64_tma_fma": ({"SCALAR_BLOCK": True, "TMA": True, "FMA_SOFTMAX": True}, 64),
+    "block64_tma_fma_lazy": ({"SCALAR_BLOCK": True, "TMA": True, "FMA_SOFTMAX": True, "LAZY_RESCALE": True}, 64),
     "tl_range_ws": ({"LOOP": LOOP_WS}, 16),
 }
-SWITCHES = {"K_ROWMAJOR": False, "Q_PRESCALED": False, "SCALAR_BLOCK": False, "LOOP": LOOP_RANGE}
+SWITCHES = {"K_ROWMAJOR": False, "Q_PRESCALED": False, "SCALAR_BLOCK": False, "LOOP": LOOP_RANGE, "TMA": False,
+            "FMA_SOFTMAX": False, "LAZY_RESCALE": False}
 DEFAULT_LAUNCH = (256, 64, 8, 3)
 LAUNCHES = [DEFAULT_LAUNCH, (128, 128, 8, 3), (256, 128, 8, 2)]
 CASES = [
@@ -91,23 +98,36 @@ GPU_ATOL, GPU_RTOL = 2e-2, 2e-2  # ok: |diff| <= atol + rtol |reference| everywh
 # rows of a causal prefill average 1-2 values of size ~1-4, where a bf16 step is ~0.016)
 TIME_BUDGET_S = 90.0  # from gpu_run's start: later rows are reported as skipped (the run ends under 120 s)
 SCALE = 128 ** -0.5
+LAZY_TAU = tl.constexpr(8.0)  # LAZY_RESCALE: log2 units the running max may lag (p < 2^8)
 
 
 @triton.jit
 def _variant_tile(
-    q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+    q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc, block_tables, d, d_valid,
     sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
     K_ROWMAJOR: tl.constexpr, Q_PRESCALED: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
+    TMA: tl.constexpr, FMA_SOFTMAX: tl.constexpr, LAZY_RESCALE: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """The engine's `_attend_tile` with the switches. SCALAR_BLOCK: the tile lies in one cache block
-    (BLOCK_SIZE % BLOCK_N == 0 and n_start % BLOCK_N == 0, checked by the host)."""
+    (BLOCK_SIZE % BLOCK_N == 0 and n_start % BLOCK_N == 0, checked by the host). TMA (with
+    SCALAR_BLOCK): K and V tiles [BLOCK_N, HEAD_DIM] through tensor descriptors over the cache seen as
+    [blocks * BLOCK_SIZE, kv_heads * HEAD_DIM] (unmasked: keys past n_end lie in the same block, are
+    finite and get p = 0). FMA_SOFTMAX: scores stay unscaled, the scale enters the row max once and
+    exp2's argument as one fused multiply-add. LAZY_RESCALE (unmasked tiles): the running max moves
+    only when some row's grows by more than LAZY_TAU (log2 units); otherwise acc and l keep their
+    reference max and p stays below 2^LAZY_TAU, so most tiles skip the [BLOCK_M, D] rescale."""
     k_pos = n_start + tl.arange(0, BLOCK_N)
     if MASKED:
         k_valid = k_pos < n_end
     else:
         k_valid = k_pos >= 0
-    if SCALAR_BLOCK:  # one block index for the tile: a scalar base, keys at consecutive slots
+    if TMA:
+        block_idx = tl.load(block_tables + seq * stride_bt + n_start // BLOCK_SIZE)
+        row0 = block_idx * BLOCK_SIZE + n_start % BLOCK_SIZE
+        k = K_desc.load([row0, kv_head * HEAD_DIM])  # [BLOCK_N, HEAD_DIM]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    elif SCALAR_BLOCK:  # one block index for the tile: a scalar base, keys at consecutive slots
         block_idx = tl.load(block_tables + seq * stride_bt + n_start // BLOCK_SIZE).to(tl.int64)
         slot = n_start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
         k_base = K_cache + block_idx * stride_kb + kv_head * stride_kh
@@ -125,62 +145,89 @@ def _variant_tile(
         v_base = V_cache + kv_head * stride_vh
         k_row = block_idx * stride_kb + slot * stride_ks
         v_row = block_idx * stride_vb + slot * stride_vs
-    if K_ROWMAJOR:  # [BLOCK_N, D], keys along rows (as V), transposed for the dot
+    if TMA:
+        pass
+    elif K_ROWMAJOR:  # [BLOCK_N, D], keys along rows (as V), transposed for the dot
         k = tl.load(k_base + k_row[:, None] + d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
     else:  # [D, BLOCK_N], as the engine
         k = tl.load(k_base + k_row[None, :] + d[:, None], mask=k_valid[None, :] & d_valid[:, None], other=0.0)
         s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)
-    if not Q_PRESCALED:
-        s = s * sm_scale_log2
+    if FMA_SOFTMAX and not Q_PRESCALED:  # s stays unscaled: the scale multiplies the row max and enters exp2's FMA
+        score_scale = sm_scale_log2
+    else:
+        score_scale = 1.0
+        if not Q_PRESCALED:
+            s = s * sm_scale_log2
     if MASKED:
         s = tl.where((k_pos[None, :] <= pos[:, None]) & k_valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * score_scale)
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + v_row[:, None] + d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    if LAZY_RESCALE and not MASKED:  # every score finite; the first tile (m_i = -inf) always moves the max
+        if tl.max(m_new - m_i, 0) > LAZY_TAU:
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        m_new = m_i
+        m_safe = m_i
+    else:
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+    p = tl.exp2(s * score_scale - m_safe[:, None])
+    l_i = l_i + tl.sum(p, 1)
+    if TMA:
+        v = V_desc.load([row0, kv_head * HEAD_DIM])
+    else:
+        v = tl.load(v_base + v_row[:, None] + d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _variant_loop(
-    q, pos, m_i, l_i, acc, lo, hi, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+    q, pos, m_i, l_i, acc, lo, hi, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc, block_tables, d, d_valid,
     sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
     K_ROWMAJOR: tl.constexpr, Q_PRESCALED: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
-    LOOP: tl.constexpr, STAGES: tl.constexpr,
+    LOOP: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, FMA_SOFTMAX: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Tiles lo, lo + BLOCK_N, .. below hi, the loop written as LOOP says."""
     if LOOP == 1:
         for n_start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
             m_i, l_i, acc = _variant_tile(
-                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc, block_tables,
+                d, d_valid,
                 sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, MASKED, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK)
+                BLOCK_SIZE, BLOCK_N, PRECISION, MASKED, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK, TMA, FMA_SOFTMAX,
+                LAZY_RESCALE, HEAD_DIM)
     elif LOOP == 2:
         for n_start in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
             m_i, l_i, acc = _variant_tile(
-                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc, block_tables,
+                d, d_valid,
                 sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, MASKED, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK)
+                BLOCK_SIZE, BLOCK_N, PRECISION, MASKED, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK, TMA, FMA_SOFTMAX,
+                LAZY_RESCALE, HEAD_DIM)
     else:
         for n_start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _variant_tile(
-                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc, block_tables,
+                d, d_valid,
                 sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, MASKED, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK)
+                BLOCK_SIZE, BLOCK_N, PRECISION, MASKED, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK, TMA, FMA_SOFTMAX,
+                LAZY_RESCALE, HEAD_DIM)
     return m_i, l_i, acc
 
 
 @triton.jit(do_not_specialize=["item_offset", "stride_bt"])
 def _variant_kernel(
-    Q, K_cache, V_cache, Out, Part_out, Part_lse,
+    Q, K_cache, V_cache, K_desc, V_desc, Out, Part_out, Part_lse,
     block_tables, item_seq, item_q_off, item_q_len, item_kv_lo, item_kv_hi, item_part, q_tokens, q_pos,
     item_count, sm_scale_log2,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -188,9 +235,11 @@ def _variant_kernel(
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, K_ROWMAJOR: tl.constexpr, Q_PRESCALED: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
-    LOOP: tl.constexpr, STAGES: tl.constexpr,
+    LOOP: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, FMA_SOFTMAX: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
-    """The engine's `_paged_attention_kernel` (same items, rows, masking and outputs), no fp8."""
+    """The engine's `_paged_attention_kernel` (same items, rows, masking and outputs), no fp8.
+    K_desc, V_desc: tensor descriptors of the caches (TMA), else the caches again (unused)."""
     if tl.program_id(0) >= tl.load(item_count):
         return
     item = tl.program_id(0) + item_offset
@@ -223,13 +272,17 @@ def _variant_kernel(
     first_pos = tl.min(tl.where(row_valid, pos, n_end), 0)
     n_unmasked = kv_lo + tl.maximum(tl.minimum(first_pos + 1, n_end) - kv_lo, 0) // BLOCK_N * BLOCK_N
     m_i, l_i, acc = _variant_loop(
-        q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+        q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
+        block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        BLOCK_SIZE, BLOCK_N, PRECISION, False, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK, LOOP, STAGES)
+        BLOCK_SIZE, BLOCK_N, PRECISION, False, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK, LOOP, STAGES, TMA,
+        FMA_SOFTMAX, LAZY_RESCALE, HEAD_DIM)
     m_i, l_i, acc = _variant_loop(
-        q, pos, m_i, l_i, acc, n_unmasked, n_end, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+        q, pos, m_i, l_i, acc, n_unmasked, n_end, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
+        block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        BLOCK_SIZE, BLOCK_N, PRECISION, True, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK, LOOP, STAGES)
+        BLOCK_SIZE, BLOCK_N, PRECISION, True, K_ROWMAJOR, Q_PRESCALED, SCALAR_BLOCK, LOOP, STAGES, TMA,
+        FMA_SOFTMAX, LAZY_RESCALE, HEAD_DIM)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     mask = row_valid[:, None] & d_valid[None, :]
@@ -268,8 +321,9 @@ class VariantBackend:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = plan.tensors
         for launch in plan.launches:
+            k_desc, v_desc = self._descriptors(k_cache, v_cache, launch.tile.block_n, head_dim)
             _variant_kernel[(launch.grid, num_kv_heads)](
-                query, k_cache, v_cache, out, plan.part_out, plan.part_lse,
+                query, k_cache, v_cache, k_desc, v_desc, out, plan.part_out, plan.part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
                 t["q_tokens"], t["q_pos"], launch.count, scale * math.log2(math.e),
                 query.stride(0), query.stride(1),
@@ -293,6 +347,21 @@ class VariantBackend:
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), num_warps=4,
             )
         return out
+
+    def _descriptors(self, k_cache, v_cache, block_n: int, head_dim: int):
+        """TMA: descriptors of the caches as [blocks * block_size, kv_heads * head_dim], tiles
+        [block_n, head_dim]; otherwise the caches themselves (the kernel ignores them)."""
+        if not self.switches["TMA"]:
+            return k_cache, v_cache
+        if dot_head_dim(head_dim) != head_dim:
+            raise NotApplicable(f"TMA tiles need the head dim unpadded, not {head_dim}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def describe(cache):
+            rows = cache.view(cache.shape[0] * cache.shape[1], cache.shape[2] * cache.shape[3])
+            return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block_n, head_dim])
+
+        return describe(k_cache), describe(v_cache)
 
     @staticmethod
     def _check_scalar_tiles(plan, block_size: int) -> None:
@@ -418,6 +487,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--only", default=None, help="comma-separated variants to time (default: all)")
+    parser.add_argument("--launches", default=None,
+                        help="comma-separated rows x keys x warps x stages, e.g. 256x64x8x3 (default: LAUNCHES)")
     parser.add_argument("--budget-s", type=float, default=TIME_BUDGET_S, help="rows past this many seconds are skipped")
     parser.add_argument("--cpu-check", action="store_true", help="interpreter correctness check (TRITON_INTERPRET=1)")
     args = parser.parse_args()
@@ -429,4 +500,6 @@ if __name__ == "__main__":
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     TIME_BUDGET_S = args.budget_s
+    if args.launches:
+        LAUNCHES[:] = [tuple(int(x) for x in launch.split("x")) for launch in args.launches.split(",")]
     gpu_run(args.json_out, args.only.split(",") if args.only else None)
