@@ -17,6 +17,9 @@ With --fp8-layout: the decode-heavy steps and the prefill cases over bf16 and fp
 64-token blocks (an fp8 cache of 64-token blocks keeps V keys-major), with and without FP8 attention.
 With --launch-order: the prefill cases, a mixed step and the decode-heavy steps with each launch's items
 in plan order and longest key range first (the default).
+With --tma: the prefill cases, a mixed step and the decode-heavy steps on 16-token blocks, 64-token blocks,
+and 64-token blocks whose tiles load K and V by TMA (`TritonBackend(tma=)`); the fresh chunk also at GQA 8
+and head dim 64, beside torch SDPA.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def prefill_sweep():
                 print(f"{launch}: {type(error).__name__}", flush=True)
         all_timings.append(timings)
         best = min(timings, key=timings.get)
-        default = TritonBackend().prefill_launch
+        default = TritonBackend().prefill_launch_for(False)
         report({"case": label, "best": list(best), "best_ms": round(timings[best], 4),
                 "best_TFLOPs": round(causal_flops(specs) / timings[best] / 1e9, 1),
                 "default_ms": round(timings[default], 4),
@@ -316,6 +319,51 @@ def launch_order_rows():
     report({"case": "decode-heavy steps: plan order / longest first", "speedup": round(plan / lpt, 3)})
 
 
+TMA_SHAPES = [  # (query heads, KV heads, head dim): Llama-3.1-8B (GQA 4); GQA 8 (as Llama-3.1-70B:
+    # 64 heads, 8 KV heads); head dim 64 (as Llama-3.2-1B: 32 heads, 8 KV heads)
+    (32, 8, 128), (64, 8, 128), (32, 8, 64),
+]
+
+
+def sdpa_ms(specs, heads, kv_heads, head_dim):
+    """torch SDPA (flash, contiguous K/V) on a single fresh causal prefill: the yardstick."""
+    import torch.nn.functional as F
+
+    [(cached, new)] = specs
+    q = torch.randn(1, heads, new, head_dim, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, kv_heads, new, head_dim, device="cuda", dtype=torch.bfloat16)
+    return graph_ms(lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True), rep=50)
+
+
+def tma_rows():
+    """Tiles loaded by TMA against the same kernel without it: each prefill case and a mixed step
+    (Llama-3.1-8B's attention shape; the fresh 8,192-token chunk also at GQA 8 and head dim 64, with
+    torch SDPA beside it) on 16-token blocks (no TMA: tiles span blocks), 64-token blocks without TMA
+    and with it (each at its default prefill launch); then the decode-heavy steps the same three ways."""
+    ways = (("bs16", 16, None), ("bs64", 64, False), ("bs64_tma", 64, None))
+    cases = [(specs, label, TMA_SHAPES[0]) for specs, label in LAUNCH_ORDER_CASES]
+    cases += [(PREFILL_CASES[0][0], PREFILL_CASES[0][1], shape) for shape in TMA_SHAPES[1:]]
+    for specs, label, (heads, kv_heads, head_dim) in cases:
+        row, times = {"case": f"{label}, {heads}/{kv_heads} heads x {head_dim}: 16-token blocks / 64 / 64 + TMA"}, {}
+        flops = causal_flops(specs, heads, head_dim)
+        for name, block_size, tma in ways:
+            case = random_case(specs, heads, kv_heads, head_dim, block_size, torch.bfloat16, seed=0)
+            times[name] = time_ms(TritonBackend(tma=tma), case, reps=100)
+            row[name] = f"{times[name]:.4f} ms {flops / times[name] / 1e9:.0f} TFLOP/s"
+            del case
+        if len(specs) == 1 and specs[0][0] == 0:
+            sdpa = sdpa_ms(specs, heads, kv_heads, head_dim)
+            row["torch_sdpa"] = f"{sdpa:.4f} ms {flops / sdpa / 1e9:.0f} TFLOP/s"
+        report({**row, "tma_vs_bs16": round(times["bs16"] / times["bs64_tma"], 3),
+                "tma_vs_bs64": round(times["bs64"] / times["bs64_tma"], 3)})
+    sums = {}
+    for name, block_size, tma in ways:
+        sums[name] = time_decode_steps(decode_step_cases(block_size), f"{name}", TritonBackend(tma=tma))
+    report({"case": "decode-heavy steps: 16-token blocks / 64 / 64 + TMA",
+            "tma_vs_bs16": round(sums["bs16"] / sums["bs64_tma"], 3),
+            "tma_vs_bs64": round(sums["bs64"] / sums["bs64_tma"], 3)})
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -335,12 +383,15 @@ if __name__ == "__main__":
     parser.add_argument("--launch-order", action="store_true",
                         help="only the prefill cases and decode-heavy steps with each launch's items in plan order "
                         "and longest first")
+    parser.add_argument("--tma", action="store_true",
+                        help="only the prefill cases, a mixed step and the decode-heavy steps on 16-token blocks, "
+                        "64-token blocks, and 64-token blocks whose tiles load by TMA")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
     only = [run for flag, run in ((args.prefill_sweep, prefill_sweep), (args.decode_sweep, decode_sweep),
                                   (args.decode_sweep_fp8, decode_sweep_fp8),
                                   (args.decode_fp8_cache, fp8_cache_rows), (args.fp8_layout, fp8_layout_rows),
-                                  (args.launch_order, launch_order_rows))
+                                  (args.launch_order, launch_order_rows), (args.tma, tma_rows))
             if flag]
     if only:
         for run in only:

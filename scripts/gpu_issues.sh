@@ -40,6 +40,10 @@
 #       workload in the reverse order of fp8layoutpaper, then 16K shared, bf16 / FP8 weights / + cache / + attention (~5 min)
 #   PART=fp8layoutpaper bash scripts/gpu_issues.sh   the paper workload: bf16, FP8 weights, FP8 weights + fp8 cache of
 #       64-token blocks, with FP8 attention too; then every FP8-KV GPU test (~7 min)
+#   PART=tma bash scripts/gpu_issues.sh   tiles loaded by TMA (64-token blocks of a 16-bit cache): the attention GPU tests
+#       and decode graphs, the attention benchmark (`--tma`), then the engine on 16K and the paper workload, 16-token
+#       blocks against 64 (TMA), each pair in both orders (~9 min)
+#   PART=tmab bash scripts/gpu_issues.sh   the same engine A/B on decode-heavy, no sharing and degree 4 (~7 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -75,6 +79,24 @@ fp8tests)
   python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8 or kv_store" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"; pack
   python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"; pack
   python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store.json" > "$OUT/kv_store.log" 2>&1; cat "$OUT/kv_store.log"
+  ;;
+tma)
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py tests/gpu/test_cuda_graphs.py \
+      > "$OUT/tma_tests.log" 2>&1; tail -3 "$OUT/tma_tests.log"; pack
+  python3 benchmarks/attention_bench.py --tma --json-out "$OUT/tma_attention.json" > "$OUT/tma_attention.log" 2>&1
+  grep -E "tma_vs|Error" "$OUT/tma_attention.log" | cut -c1-400; pack
+  bench tma_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 \
+      --configs sharing-block16,sharing-block64,sharing-block16 --json-out "$OUT/tma_16k.json"
+  bench tma_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing-block64,sharing-block16,sharing-block64 \
+      --json-out "$OUT/tma_paper.json"
+  ;;
+tmab)
+  bench tma_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing-block16,sharing-block64,sharing-block16 \
+      --json-out "$OUT/tma_decode.json"
+  bench tma_nosharing "${M8D[@]}" "${PAPER[@]}" --configs nosharing-block64,nosharing-block16,nosharing-block64 \
+      --json-out "$OUT/tma_nosharing.json"
+  bench tma_deg4 "${M8D[@]}" "${PAPER[@]}" --degree 4 --configs sharing-block16,sharing-block64 \
+      --json-out "$OUT/tma_deg4.json"
   ;;
 abpaper)
   bench ab_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing-torchstore,sharing,fp8-unfused,fp8,fp8kv-torchstore,fp8kv \

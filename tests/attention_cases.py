@@ -84,6 +84,16 @@ def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, see
     return q, k, v, cache, md
 
 
+def poison_unwritten_slots(cache: torch.Tensor, md) -> None:
+    """NaN in every cache slot no sequence of the step holds a key in (past each sequence's length,
+    and blocks nobody holds): a kernel that reads one unmasked turns its outputs to NaN."""
+    written = torch.zeros(cache.shape[1] * cache.shape[2], dtype=torch.bool)
+    for table, length in zip(md.block_tables_cpu, md.seq_lens_cpu):
+        for position in range(length):
+            written[table[position // md.block_size] * md.block_size + position % md.block_size] = True
+    cache.view(2, -1, *cache.shape[3:])[:, ~written.to(cache.device)] = float("nan")
+
+
 def group_decode(num_members, shared, own, group=0, new=1):
     """`num_members` sequences sharing `shared` positions, each with `own` more cached tokens."""
     return [(shared + own, new, group, shared) for _ in range(num_members)]

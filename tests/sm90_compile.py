@@ -35,6 +35,11 @@ VARIANTS = {
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
     "fp8-dots-vt-block64-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 64, 64, 8, 3,
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
+    # 64-token blocks of a bf16 cache, K and V by TMA (TMA_PREFILL_LAUNCH; the decode tile)
+    "bf16-cache-tma-block64-prefill-d128": ("bf16", False, False, 4, 4, 128, 32, 64, 4, 3,
+                                            dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)),
+    "bf16-cache-tma-block64-decode-d128": ("bf16", False, False, 4, 4, 128, 1, 64, 4, 2,
+                                           dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)),
 }
 
 
@@ -54,8 +59,11 @@ def compile_variant(name: str) -> dict:
     constants = dict(BLOCK_SIZE=16, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
                      HEAD_DIM_PAD=tb.dot_head_dim(head_dim, fp8_dots), BLOCK_Q=block_q, BLOCK_M=block_m,
                      BLOCK_N=block_n, PRECISION="ieee" if qdt == "fp32" else "tf32", FP8_KV=fp8, FP8_DOTS=fp8_dots,
-                     TILE_IN_BLOCK=False, V_KEYS_MAJOR=False)
+                     TILE_IN_BLOCK=False, V_KEYS_MAJOR=False, TMA=False)
     constants.update(*extra)  # a variant's own constants (block size, layout)
+    # K and V descriptors: boxes of BLOCK_N keys by one head (TMA), else the caches again (unused)
+    descriptor = f"tensordesc<{qdt}[{block_n}, {head_dim}]>" if constants["TMA"] else kv
+    pointers.update(K_desc=descriptor, V_desc=descriptor)
     kernel = tb._paged_attention_kernel
     signature = {n: "constexpr" if n in constants else pointers.get(n) or (
         "fp32" if n == "sm_scale_log2" else "i32" if n.startswith("stride") or n == "item_offset" else "*i32")
@@ -73,6 +81,7 @@ def compile_variant(name: str) -> dict:
             "e4m3_mma": bool(re.search(r"mma\S*\.e4m3\.e4m3", ptx)),
             "e4m3_to_f16_casts": ptx.count("cvt.rn.f16x2.e4m3x2"),
             "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+            "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
             "shared_byte_loads": ptx.count("ld.shared.b8")}
 
 

@@ -46,10 +46,37 @@ except ImportError:  # CPU-only installs: the backend is simply unavailable
     triton = None
     tl = None
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # no Triton, or one without tensor descriptors: tiles load through pointers
+    TensorDescriptor = None
+
 if triton is not None:
     from batchllm.attention.kv_store_triton import store_kv_triton
 
     P_SCALE = tl.constexpr(FP8_MAX)  # FP8_DOTS: softmax weights enter their dot times e4m3's largest value
+
+    @triton.jit
+    def _attend_tile_tma(
+        q, m_i, l_i, acc, n_start, seq, kv_head, K_desc, V_desc, block_tables, sm_scale_log2, stride_bt,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """`_attend_tile` for an unmasked tile inside one cache block, its K and V loaded by TMA (16-bit
+        cache: no casts, no scales). The scale multiplies the row max once and enters exp2's argument
+        as one fused multiply-add, not a multiply per score (3% faster long prefill on an H200:
+        `attention_variants.py`, session 14)."""
+        block_idx = tl.load(block_tables + seq * stride_bt + n_start // BLOCK_SIZE)
+        row = block_idx * BLOCK_SIZE + n_start % BLOCK_SIZE  # the tile's first key in the cache's rows
+        col = kv_head * HEAD_DIM
+        k = K_desc.load([row, col])  # [BLOCK_N, head dim]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled scores
+        m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)  # every score finite: no -inf rows
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * sm_scale_log2 - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = V_desc.load([row, col])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        return m_new, l_i, acc
 
     @triton.jit
     def _attend_tile(
@@ -133,18 +160,27 @@ if triton is not None:
 
     @triton.jit
     def _attend_keys(
-        q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+        q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
+        block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
-        FP8_DOTS: tl.constexpr, V_KEYS_MAJOR: tl.constexpr, D_MASKED: tl.constexpr,
+        FP8_DOTS: tl.constexpr, V_KEYS_MAJOR: tl.constexpr, D_MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         """Keys kv_lo .. n_end - 1 in tiles of BLOCK_N: unmasked tiles below n_unmasked, masked tiles
-        from there. SCALAR_BLOCK: as `_attend_tile`'s (every tile starts at kv_lo + j * BLOCK_N)."""
-        for n_start in range(kv_lo, n_unmasked, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
-                sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                BLOCK_SIZE, BLOCK_N, PRECISION, False, SCALAR_BLOCK, FP8_DOTS, V_KEYS_MAJOR, D_MASKED)
+        from there. SCALAR_BLOCK: as `_attend_tile`'s (every tile starts at kv_lo + j * BLOCK_N). TMA
+        (with SCALAR_BLOCK): the unmasked tiles, every key of them written, through `_attend_tile_tma`."""
+        if TMA and SCALAR_BLOCK:
+            for n_start in range(kv_lo, n_unmasked, BLOCK_N):
+                m_i, l_i, acc = _attend_tile_tma(
+                    q, m_i, l_i, acc, n_start, seq, kv_head, K_desc, V_desc, block_tables, sm_scale_log2, stride_bt,
+                    BLOCK_SIZE, HEAD_DIM, PRECISION)
+        else:
+            for n_start in range(kv_lo, n_unmasked, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(
+                    q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
+                    sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                    BLOCK_SIZE, BLOCK_N, PRECISION, False, SCALAR_BLOCK, FP8_DOTS, V_KEYS_MAJOR, D_MASKED)
         for n_start in range(n_unmasked, n_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, pos, m_i, l_i, acc, n_start, n_end, seq, kv_head, K_cache, V_cache, block_tables, d, d_valid,
@@ -156,7 +192,7 @@ if triton is not None:
     # table width change every step, so they are not specialized (one variant serves all steps)
     @triton.jit(do_not_specialize=["item_offset", "stride_bt"])
     def _paged_attention_kernel(
-        Q, K_cache, V_cache, KV_scale, Out, Part_out, Part_lse,
+        Q, K_cache, V_cache, K_desc, V_desc, KV_scale, Out, Part_out, Part_lse,
         block_tables, item_seq, item_q_off, item_q_len, item_kv_lo, item_kv_hi, item_part, q_tokens, q_pos,
         item_count, sm_scale_log2,
         stride_qt, stride_qh,
@@ -179,6 +215,7 @@ if triton is not None:
         FP8_DOTS: tl.constexpr,
         TILE_IN_BLOCK: tl.constexpr,
         V_KEYS_MAJOR: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         # the grid may hold more programs than the launch has items (a CUDA graph's grid is fixed at
         # capture): programs past the count read on the device do nothing
@@ -239,19 +276,22 @@ if triton is not None:
             if kv_lo % BLOCK_N == 0:
                 kv_lo = tl.multiple_of(kv_lo, BLOCK_N)
                 m_i, l_i, acc = _attend_keys(
-                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
-                    d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True, FP8_DOTS, V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD)
+                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
+                    block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                    stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True, FP8_DOTS, V_KEYS_MAJOR,
+                    HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
             else:
                 m_i, l_i, acc = _attend_keys(
-                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
-                    d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD)
+                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
+                    block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                    stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR,
+                    HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
         else:
             m_i, l_i, acc = _attend_keys(
-                q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, block_tables,
-                d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD)
+                q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
+                block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR,
+                HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
 
         if FP8_DOTS:  # p went into its dot scaled by P_SCALE
             l_i_out = l_i * P_SCALE
@@ -345,6 +385,11 @@ class LaunchPlan:
     part_lse: torch.Tensor  # [num_partials, num_heads] float32
 
 
+PREFILL_LAUNCH = (256, 64, 8, 3)  # rows, keys per tile, warps, stages: the prefill programs' default
+TMA_PREFILL_LAUNCH = (128, 64, 4, 3)
+"""The prefill programs where their tiles load by TMA: the registers the address arithmetic no longer
+takes let 4 warps carry 128 rows; on an H200, 1.20x / 1.15x / 1.33x PREFILL_LAUNCH's time without TMA
+on 8,192 new tokens / 8,192 after 8,192 / 40 x 200 after 2,000 (`attention_variants.py`, session 14)."""
 SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fits any supported row width
 DECODE_TILE = TileConfig(64, 4, 2)  # of the programs with one query per sequence (prefix and one-query items)
 DECODE_TILE_FP8 = TileConfig(128, 4, 3)
@@ -394,6 +439,31 @@ def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.d
     if kv_dtype == FP8 and fits and block_size % DECODE_TILE.block_n != 0:
         return DECODE_TILE_FP8
     return DECODE_TILE
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether tiles can load by TMA on `device`: Triton with tensor descriptors and a CUDA device of
+    compute capability 9 or later (Hopper)."""
+    return (TensorDescriptor is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_fits(kv_cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether `tma_descriptors` can describe this cache ([2, blocks, block_size, kv_heads, head_dim]):
+    Triton with tensor descriptors, a cache of float values (not fp8: its tiles are cast and V may be
+    keys-major), contiguous, and a head dim the dot takes unpadded (TMA boxes hold no padding)."""
+    return (TensorDescriptor is not None and not is_fp8(kv_cache) and kv_cache.is_contiguous()
+            and dot_head_dim(head_dim) == head_dim)
+
+
+def tma_descriptors(kv_cache: torch.Tensor, block_n: int) -> tuple:
+    """Tensor descriptors of a layer's K and V (`tma_fits`) as rows of keys: [blocks * block_size,
+    kv_heads * head_dim], a box of `block_n` keys by one KV head. The kernel's tiles of `block_n` keys
+    inside one block are boxes at (block * block_size + slot, kv_head * head_dim)."""
+    _, blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    rows = kv_cache.view(2, blocks * block_size, kv_heads * head_dim)
+    return tuple(TensorDescriptor(rows[i], [blocks * block_size, kv_heads * head_dim], [kv_heads * head_dim, 1],
+                                  [block_n, head_dim]) for i in (0, 1))
 
 
 def queries_per_program(rows: int, group_pad: int) -> int:
@@ -446,13 +516,18 @@ class TritonBackend:
     supports_decode_graphs = True
     """Decode steps can run as CUDA graphs over a `StaticDecodePlan`."""
 
-    def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] = (256, 64, 8, 3),
+    def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] | None = None,
                  fused_store: bool = True, decode_tile: TileConfig = DECODE_TILE, fp8_attention: bool = False,
-                 longest_first: bool = True, **plan_options) -> None:
+                 longest_first: bool = True, tma: bool | None = None, **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
-        that run prefill chunks; the default won an H200 sweep (`attention_bench.py
-        --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks). fused_store: on
+        that run prefill chunks; None: PREFILL_LAUNCH, which won an H200 sweep (`attention_bench.py
+        --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks), or TMA_PREFILL_LAUNCH
+        where its tiles load by TMA. tma: unmasked tiles that lie whole in a cache block load K and V
+        through tensor descriptors (`tma_fits`: 16-bit caches; with 64-token blocks, every tile of an
+        item that starts on a tile boundary); None: on a CUDA device that has TMA (compute
+        capability 9+: Hopper) for a cache of 16-bit values; True: wherever `tma_fits` (the
+        interpreter too); False: never. fused_store: on
         CUDA, the new K/V go to the cache in one Triton kernel (`kv_store_triton.py`, the same bytes
         as `store_kv`: `tests/gpu/test_kv_store_triton.py`; its speed: `benchmarks/kv_store_bench.py`);
         False (the engine's `kv_store="torch"`), or a cache elsewhere (the CPU interpreter), takes
@@ -469,8 +544,10 @@ class TritonBackend:
         self.decode_tile = decode_tile
         self.fp8_attention = fp8_attention
         self.longest_first = longest_first
+        self.tma = tma
         self.plan_options = plan_options
         self._unit_scales: dict[torch.device, torch.Tensor] = {}
+        self._has_tma: dict[torch.device, bool] = {}
 
     def forward(
         self,
@@ -494,18 +571,26 @@ class TritonBackend:
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
         group_pad = next_power_of_2(group)
-        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size())
+        tma = self.uses_tma(kv_cache, head_dim)
+        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(),
+                          self.prefill_launch_for(tma and metadata.block_size % TMA_PREFILL_LAUNCH[1] == 0))
         out = torch.empty_like(query)
         part_out, part_lse = plan.part_out, plan.part_lse
         k_cache, v_cache = layer_caches(kv_cache)  # [blocks, block_size, kvh, d] views (V keys-major: its strides)
         v_keys_major = values_keys_major(kv_cache)
         t = plan.tensors
         kv_scale_arg = kv_scale if fp8 else part_lse  # read only with FP8_KV: any float32 tensor stands in
+        descriptors = {}  # keys per tile: the layer's K and V descriptors (tiles inside a block only)
         for launch in plan.launches:
             block_m = max(16, launch.block_q * group_pad)
             fp8_dots = fp8 and self.fp8_attention and fp8_dots_fit(block_m, launch.tile.block_n)
+            block_n = launch.tile.block_n
+            tile_in_block = metadata.block_size % block_n == 0
+            if tma and tile_in_block and block_n not in descriptors:
+                descriptors[block_n] = tma_descriptors(kv_cache, block_n)
+            k_desc, v_desc = descriptors.get(block_n, (k_cache, v_cache))  # (without TMA: unused)
             _paged_attention_kernel[(launch.grid, num_kv_heads)](
-                query, k_cache, v_cache, kv_scale_arg, out, part_out, part_lse,
+                query, k_cache, v_cache, k_desc, v_desc, kv_scale_arg, out, part_out, part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
                 t["q_tokens"], t["q_pos"], launch.count,
                 scale * math.log2(math.e),
@@ -520,7 +605,7 @@ class TritonBackend:
                 BLOCK_M=block_m, BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
                 FP8_KV=fp8, FP8_DOTS=fp8_dots,
-                TILE_IN_BLOCK=metadata.block_size % launch.tile.block_n == 0, V_KEYS_MAJOR=v_keys_major,
+                TILE_IN_BLOCK=tile_in_block, V_KEYS_MAJOR=v_keys_major, TMA=block_n in descriptors,
                 num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
         if plan.merge_grid:
@@ -564,6 +649,23 @@ class TritonBackend:
         if device.type == "cuda":  # (the interpreter runs on the CPU)
             torch.cuda.synchronize(device)
 
+    def uses_tma(self, kv_cache: torch.Tensor, head_dim: int) -> bool:
+        """Whether this backend's tiles inside a cache block load by TMA from `kv_cache` (see `tma`)."""
+        if self.tma is False or not tma_fits(kv_cache, head_dim):
+            return False
+        if self.tma:
+            return True
+        device = kv_cache.device
+        if device not in self._has_tma:
+            self._has_tma[device] = tma_available(device)
+        return self._has_tma[device] and kv_cache.element_size() == 2
+
+    def prefill_launch_for(self, tma: bool) -> tuple[int, int, int, int]:
+        """The prefill programs' launch: the one asked for, else the default for TMA tiles or not."""
+        if self.prefill_launch is not None:
+            return self.prefill_launch
+        return TMA_PREFILL_LAUNCH if tma else PREFILL_LAUNCH
+
     def _unit_scale(self, device: torch.device) -> torch.Tensor:
         """k_scale = v_scale = 1.0 (16-byte aligned, as the model's per-layer scales), for calls
         with an fp8 cache and no scales; made once per device (a fixed address)."""
@@ -573,7 +675,8 @@ class TritonBackend:
         return scales[device]
 
     def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
-              num_kv_heads: int, element_size: int = 2) -> LaunchPlan:
+              num_kv_heads: int, element_size: int = 2, prefill_launch: tuple[int, int, int, int] | None = None
+              ) -> LaunchPlan:
         """The step's work items, their launches, device arrays and partial buffers: made by the first
         layer, reused by every other (the merge of one layer finishes before the next layer's
         kernel writes the buffers again: same stream). A CUDA graph's step finds its plan here
@@ -588,7 +691,8 @@ class TritonBackend:
         plan = metadata.backend_cache.get(key)
         if plan is not None:
             return plan
-        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if wide_rows(element_size, head_dim) else self.prefill_launch
+        prefill_launch = prefill_launch or self.prefill_launch_for(False)
+        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if wide_rows(element_size, head_dim) else prefill_launch
         wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
         items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
                                 tile_q, wide, num_kv_heads, metadata.block_size)

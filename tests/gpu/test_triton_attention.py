@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batchllm.attention.torch_ref import TorchReferenceBackend
-from tests.attention_cases import group_decode, random_case
+from tests.attention_cases import group_decode, poison_unwritten_slots, random_case
 
 pytestmark = pytest.mark.gpu
 
@@ -109,6 +109,41 @@ def test_prefix_shared_attention_on_64_token_blocks_matches_reference(name, spec
     q, k, v, cache, md = random_case(specs, 32, 8, 128, 64, dtype, seed=3)
     items = check_against_reference(TritonBackend(min_members=1, min_shared=1), q, k, v, cache, md, 128 ** -0.5)
     assert items.num_group_items > 0, "the prefix-shared path ran"
+
+
+TMA_CASES = [  # name, specs, heads, kv heads, head dim (64-token blocks)
+    ("prefill-gqa4", [(0, 1000), (0, 77), (2000, 200), (64, 64), (0, 1)], 32, 8, 128),
+    ("prefill-gqa8", [(0, 700), (128, 300), (5, 40)], 64, 8, 128),
+    ("prefill-d64", [(0, 900), (1000, 100)], 32, 8, 64),
+    ("groups-and-decode", group_decode(8, 1024, 30) + group_decode(4, 300, 90, group=1) + [(4000, 1), (63, 1)],
+     32, 8, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_tma_tiles_match_reference_and_read_no_unwritten_slot(name, specs, heads, kv_heads, head_dim, dtype):
+    """On Hopper a 16-bit cache of 64-token blocks loads its unmasked tiles by TMA (the default,
+    `TritonBackend(tma=None)`): prefill, prefix, suffix and decode items against the reference, with
+    NaN in every slot no sequence holds (whole boxes are loaded only where every key is written), and
+    against the same kernel without TMA."""
+    from batchllm.attention.triton_backend import TritonBackend
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9 (Hopper) or later")
+    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, dtype, seed=7)
+    poison_unwritten_slots(cache, md)
+    backend = TritonBackend(min_members=1, min_shared=1)
+    assert backend.uses_tma(cache, head_dim)
+    items = check_against_reference(backend, q, k, v, cache, md, head_dim ** -0.5)
+    assert name != "groups-and-decode" or items.num_group_items > 0, "the prefix-shared path ran"
+    md.backend_cache.clear()
+    with_tma = backend.forward(q, k, v, cache.clone(), md, head_dim ** -0.5)
+    md.backend_cache.clear()
+    without = TritonBackend(min_members=1, min_shared=1, tma=False).forward(q, k, v, cache.clone(), md,
+                                                                              head_dim ** -0.5)
+    err = (with_tma.float() - without.float()).norm() / without.float().norm()
+    assert err < 1e-2, f"TMA against pointer loads: relative difference {err:.2e}"
 
 
 @pytest.mark.parametrize("block_size", [16, 64])

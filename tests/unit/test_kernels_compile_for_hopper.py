@@ -38,3 +38,8 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
     assert report["fp8-cache-vt-block64-decode-bf16-d128"]["shared_byte_loads"] * 2 < head_major
     plain = report["bf16-cache-decode-d128"]
     assert not plain["e4m3_mma"] and plain["e4m3_to_f16_casts"] == 0
+    # a bf16 cache of 64-token blocks: the unmasked tiles' K and V come by TMA (the masked tiles, which
+    # may hold unwritten keys, keep masked pointer loads: async copies remain)
+    for name in ("bf16-cache-tma-block64-prefill-d128", "bf16-cache-tma-block64-decode-d128"):
+        assert report[name]["tma_loads"] > 0, name
+    assert plain["tma_loads"] == 0

@@ -13,7 +13,7 @@ import torch
 from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.attention.triton_backend import TileConfig
 from batchllm.layers.ops import TorchOps
-from tests.attention_cases import group_decode, random_case
+from tests.attention_cases import group_decode, poison_unwritten_slots, random_case
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
@@ -276,6 +276,48 @@ def test_attention_kernel_with_a_block_index_per_tile_matches_reference(name, sp
         assert gathered == 0 and (plan.items.kv_lo % 64 == 0).all(), "every item starts on a tile boundary"
     elif not aligned_plan and name in ("suffix-misaligned", "split-k"):
         assert gathered > 0 and (plan.items.kv_lo % 64 != 0).any(), "some item started off a tile boundary"
+
+
+@pytest.mark.parametrize("name, specs, options", BLOCK_TILE_CASES, ids=[c[0] for c in BLOCK_TILE_CASES])
+def test_tma_tiles_match_reference_and_read_no_unwritten_slot(name, specs, options, monkeypatch):
+    """tma=True on 64-token blocks: the unmasked tiles of items on a tile boundary load K and V
+    through tensor descriptors (whole boxes, no mask), the rest as before; against the reference over
+    a cache whose unwritten slots hold NaN (the masked tiles, where a sequence's last keys end inside
+    a box, must not take the box). The prefill programs take TMA_PREFILL_LAUNCH."""
+    from batchllm.attention import triton_backend
+
+    described = []
+    describe = triton_backend.tma_descriptors
+    monkeypatch.setattr(triton_backend, "tma_descriptors",
+                        lambda cache, block_n: described.append(block_n) or describe(cache, block_n))
+    q, k, v, cache, md = random_case(specs, 8, 2, 64, 64, torch.float32, seed=11, device="cpu")
+    poison_unwritten_slots(cache, md)
+    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125)
+    out = triton_backend.TritonBackend(tma=True, **options).forward(q, k, v, cache, md, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert described == [64], "one pair of descriptors, for the 64-key tiles of every launch"
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    p = plan.items.num_prefix_items
+    multi = [launch for launch in plan.launches if launch.block_q > 1 and launch.item_offset >= p]
+    rows, block_n, warps, stages = triton_backend.TMA_PREFILL_LAUNCH
+    assert all(launch.block_q == rows // 4 and launch.tile == TileConfig(block_n, warps, stages) for launch in multi)
+
+
+def test_tma_only_where_the_cache_allows_it():
+    """tma=None takes TMA on a Hopper GPU only (never on the CPU); tma=True wherever the descriptors can
+    describe the cache: not over an fp8 cache, nor a head dim the dot pads; tma=False never."""
+    from batchllm.attention import triton_backend
+    from batchllm.layers.fp8 import FP8
+
+    cache = torch.zeros(2, 3, 64, 2, 64)
+    on, auto, off = (triton_backend.TritonBackend(tma=tma) for tma in (True, None, False))
+    assert on.uses_tma(cache, 64) and not auto.uses_tma(cache, 64) and not off.uses_tma(cache, 64)
+    assert not on.uses_tma(cache.to(FP8), 64)
+    assert not on.uses_tma(torch.zeros(2, 3, 64, 2, 24), 24)  # padded to 32 in the dot
+    assert not on.uses_tma(cache[:, :, :, :1], 64)  # a view that is not contiguous
+    assert on.prefill_launch_for(True) == triton_backend.TMA_PREFILL_LAUNCH
+    assert on.prefill_launch_for(False) == triton_backend.PREFILL_LAUNCH
+    assert triton_backend.TritonBackend(prefill_launch=(64, 64, 4, 2)).prefill_launch_for(True) == (64, 64, 4, 2)
 
 
 @pytest.mark.parametrize("aligned_plan", [True, False], ids=["aligned-plan", "unaligned-plan"])
