@@ -144,6 +144,22 @@ def test_block_size_left_open_is_64_for_an_fp8_cache_and_16_otherwise(tiny_model
     assert block_size(kv_cache_dtype="fp8", block_size=16) == 16 and block_size(block_size=32) == 32
 
 
+def test_block_size_left_open_is_64_where_tiles_load_by_tma(monkeypatch):
+    """A 16-bit cache takes 64-token blocks where its attention tiles can load by TMA (a Hopper GPU, a
+    head dim the dot takes unpadded); 16 elsewhere (asked of the rule itself: this machine has no GPU)."""
+    from batchllm.runner import model_runner
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(model_runner, "tma_available", lambda device: device.type == "cuda")
+    assert model_runner.default_block_size(torch.bfloat16, cuda, 128) == 64
+    assert model_runner.default_block_size(torch.float16, cuda, 64) == 64
+    assert model_runner.default_block_size(torch.bfloat16, cuda, 80) == 16  # padded to 128 in the dot
+    assert model_runner.default_block_size(torch.float32, cuda, 128) == 16
+    assert model_runner.default_block_size(torch.bfloat16, torch.device("cpu"), 128) == 16
+    monkeypatch.setattr(model_runner, "tma_available", lambda device: False)  # before Hopper
+    assert model_runner.default_block_size(torch.bfloat16, cuda, 128) == 16
+
+
 REFERENCE_CASES = [
     ("decode-and-prefill", [(37, 1), (300, 1), (0, 77), (64, 40)]),
     ("groups", group_decode(6, 300, 20) + [(90, 1)]),
