@@ -325,14 +325,14 @@ TMA_SHAPES = [  # (query heads, KV heads, head dim): Llama-3.1-8B (GQA 4); GQA 8
 ]
 
 
-def sdpa_ms(specs, heads, kv_heads, head_dim):
+def sdpa_ms(specs, heads, kv_heads, head_dim, rep=50):
     """torch SDPA (flash, contiguous K/V) on a single fresh causal prefill: the yardstick."""
     import torch.nn.functional as F
 
     [(cached, new)] = specs
     q = torch.randn(1, heads, new, head_dim, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(1, kv_heads, new, head_dim, device="cuda", dtype=torch.bfloat16)
-    return graph_ms(lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True), rep=50)
+    return graph_ms(lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True), rep=rep)
 
 
 def tma_rows():

@@ -64,7 +64,7 @@ from batchllm.attention.triton_backend import (  # noqa: E402
     dot_head_dim,
     next_power_of_2,
 )
-from benchmarks.attention_bench import causal_flops, graph_ms, time_ms  # noqa: E402
+from benchmarks.attention_bench import causal_flops, sdpa_ms, time_ms  # noqa: E402
 from tests.attention_cases import random_case  # noqa: E402
 
 LOOP_RANGE, LOOP_STAGES, LOOP_WS = 0, 1, 2  # how the key loops are written (the LOOP constexpr)
@@ -413,11 +413,7 @@ def measure(variant, launch, case, reference, specs, label, block_size, started)
 
 
 def sdpa_row() -> dict:
-    import torch.nn.functional as F
-
-    q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
-    ms = graph_ms(lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True), rep=30)
+    ms = sdpa_ms([(0, 8192)], 32, 8, 128, rep=30)
     return {"case": "8192 new, causal", "variant": "torch_sdpa_contiguous", "ms": round(ms, 4),
             "TFLOPs": round(causal_flops([(0, 8192)]) / ms / 1e9, 1)}
 

@@ -26,6 +26,7 @@ kernels exist where Triton is installed. Which backend runs is `layers.ops.use_t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -441,11 +442,19 @@ def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.d
     return DECODE_TILE
 
 
+@functools.cache
 def tma_available(device: torch.device) -> bool:
     """Whether tiles can load by TMA on `device`: Triton with tensor descriptors and a CUDA device of
-    compute capability 9 or later (Hopper)."""
+    compute capability 9 or later (Hopper). Asked once per device."""
     return (TensorDescriptor is not None and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_by_default(kv_dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether a cache of `kv_dtype` on `device` loads its tiles by TMA when `TritonBackend(tma=None)`
+    leaves it open: 16-bit values, a head dim the dot takes unpadded, `tma_available` (the engine's
+    default block size follows the same rule: `model_runner.default_block_size`)."""
+    return kv_dtype.itemsize == 2 and dot_head_dim(head_dim) == head_dim and tma_available(device)
 
 
 def tma_fits(kv_cache: torch.Tensor, head_dim: int) -> bool:
@@ -547,7 +556,6 @@ class TritonBackend:
         self.tma = tma
         self.plan_options = plan_options
         self._unit_scales: dict[torch.device, torch.Tensor] = {}
-        self._has_tma: dict[torch.device, bool] = {}
 
     def forward(
         self,
@@ -653,12 +661,7 @@ class TritonBackend:
         """Whether this backend's tiles inside a cache block load by TMA from `kv_cache` (see `tma`)."""
         if self.tma is False or not tma_fits(kv_cache, head_dim):
             return False
-        if self.tma:
-            return True
-        device = kv_cache.device
-        if device not in self._has_tma:
-            self._has_tma[device] = tma_available(device)
-        return self._has_tma[device] and kv_cache.element_size() == 2
+        return self.tma or tma_by_default(kv_cache.dtype, kv_cache.device, head_dim)
 
     def prefill_launch_for(self, tma: bool) -> tuple[int, int, int, int]:
         """The prefill programs' launch: the one asked for, else the default for TMA tiles or not."""

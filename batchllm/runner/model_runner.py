@@ -28,7 +28,7 @@ import torch
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.attention.kv_quant import KEYS_MAJOR_BLOCK, KV_CACHE_DTYPES
-from batchllm.attention.triton_backend import dot_head_dim, tma_available
+from batchllm.attention.triton_backend import tma_by_default
 from batchllm.config import CacheConfig
 from batchllm.layers.fp8 import FP8
 from batchllm.layers.logits_processors import OutputHistory
@@ -74,7 +74,7 @@ def default_block_size(kv_dtype: torch.dtype, device: torch.device, head_dim: in
     a finer grain)."""
     if kv_dtype == FP8:
         return KEYS_MAJOR_BLOCK
-    if kv_dtype.itemsize == 2 and dot_head_dim(head_dim) == head_dim and tma_available(device):
+    if tma_by_default(kv_dtype, device, head_dim):
         return KEYS_MAJOR_BLOCK
     return 16
 

@@ -147,16 +147,17 @@ def test_block_size_left_open_is_64_for_an_fp8_cache_and_16_otherwise(tiny_model
 def test_block_size_left_open_is_64_where_tiles_load_by_tma(monkeypatch):
     """A 16-bit cache takes 64-token blocks where its attention tiles can load by TMA (a Hopper GPU, a
     head dim the dot takes unpadded); 16 elsewhere (asked of the rule itself: this machine has no GPU)."""
+    from batchllm.attention import triton_backend
     from batchllm.runner import model_runner
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(model_runner, "tma_available", lambda device: device.type == "cuda")
+    monkeypatch.setattr(triton_backend, "tma_available", lambda device: device.type == "cuda")
     assert model_runner.default_block_size(torch.bfloat16, cuda, 128) == 64
     assert model_runner.default_block_size(torch.float16, cuda, 64) == 64
     assert model_runner.default_block_size(torch.bfloat16, cuda, 80) == 16  # padded to 128 in the dot
     assert model_runner.default_block_size(torch.float32, cuda, 128) == 16
     assert model_runner.default_block_size(torch.bfloat16, torch.device("cpu"), 128) == 16
-    monkeypatch.setattr(model_runner, "tma_available", lambda device: False)  # before Hopper
+    monkeypatch.setattr(triton_backend, "tma_available", lambda device: False)  # before Hopper
     assert model_runner.default_block_size(torch.bfloat16, cuda, 128) == 16
 
 
