@@ -364,6 +364,39 @@ def tma_rows():
             "tma_vs_bs64": round(sums["bs64"] / sums["bs64_tma"], 3)})
 
 
+TMA_FP8_WAYS = (  # (name, cache, TritonBackend options): the bf16 default, then the fp8 cache without and with TMA
+    ("bf16_tma", "bf16", dict(tma=None)), ("fp8", "fp8", dict(tma=False)), ("fp8_tma", "fp8", dict(tma=True)),
+    ("fp8attn", "fp8", dict(tma=False, fp8_attention=True)), ("fp8attn_tma", "fp8", dict(tma=True, fp8_attention=True)),
+    ("fp8attn_tma_128x64x4x4", "fp8", dict(tma=True, fp8_attention=True, prefill_launch=(128, 64, 4, 4))),
+    ("fp8attn_tma_256x64x8x3", "fp8", dict(tma=True, fp8_attention=True, prefill_launch=(256, 64, 8, 3))),
+)
+
+
+def tma_fp8_rows():
+    """An fp8 cache of 64-token blocks (V keys-major) with its unmasked tiles loaded by TMA, against the
+    same cache without TMA and against the bf16 cache's default (64 + TMA): the prefill cases and a mixed
+    step (cast up, and with FP8 attention at a few prefill launches), then the decode-heavy steps."""
+    for specs, label in LAUNCH_ORDER_CASES:
+        q, k, v, cache, md = random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)
+        caches = {"bf16": cache, "fp8": quantize_cache(cache)}
+        row = {"case": f"{label}: bf16 + TMA / fp8 cache without and with TMA, FP8 attention"}
+        times, flops = {}, causal_flops(specs)
+        for name, kind, options in TMA_FP8_WAYS:
+            print(f"timing {label}, {name}", flush=True)
+            times[name] = time_ms(TritonBackend(**options), (q, k, v, caches[kind], md), reps=100)
+            row[name] = f"{times[name]:.4f} ms {flops / times[name] / 1e9:.0f} TFLOP/s"
+        report({**row, "fp8_tma_vs_fp8": round(times["fp8"] / times["fp8_tma"], 3),
+                "fp8_tma_vs_bf16_tma": round(times["bf16_tma"] / times["fp8_tma"], 3),
+                "fp8attn_tma_vs_bf16_tma": round(times["bf16_tma"] / times["fp8attn_tma"], 3)})
+        del q, k, v, cache, md, caches
+    cases = decode_step_cases(64)
+    sums = {name: time_decode_steps(cases, name, TritonBackend(**options), fp8=kind == "fp8")
+            for name, kind, options in TMA_FP8_WAYS[:3]}
+    report({"case": "decode-heavy steps, 64-token blocks: fp8 cache with TMA against without, and bf16 + TMA",
+            "fp8_tma_vs_fp8": round(sums["fp8"] / sums["fp8_tma"], 3),
+            "fp8_tma_vs_bf16_tma": round(sums["bf16_tma"] / sums["fp8_tma"], 3)})
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -386,12 +419,16 @@ if __name__ == "__main__":
     parser.add_argument("--tma", action="store_true",
                         help="only the prefill cases, a mixed step and the decode-heavy steps on 16-token blocks, "
                         "64-token blocks, and 64-token blocks whose tiles load by TMA")
+    parser.add_argument("--tma-fp8", action="store_true",
+                        help="only the prefill cases, a mixed step and the decode-heavy steps over an fp8 cache of "
+                        "64-token blocks with and without TMA (and FP8 attention), against the bf16 default")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
     only = [run for flag, run in ((args.prefill_sweep, prefill_sweep), (args.decode_sweep, decode_sweep),
                                   (args.decode_sweep_fp8, decode_sweep_fp8),
                                   (args.decode_fp8_cache, fp8_cache_rows), (args.fp8_layout, fp8_layout_rows),
-                                  (args.launch_order, launch_order_rows), (args.tma, tma_rows))
+                                  (args.launch_order, launch_order_rows), (args.tma, tma_rows),
+                                  (args.tma_fp8, tma_fp8_rows))
             if flag]
     if only:
         for run in only:

@@ -44,6 +44,9 @@
 #       and decode graphs, the attention benchmark (`--tma`), then the engine on 16K and the paper workload, 16-token
 #       blocks against 64 (TMA), each pair in both orders (~9 min)
 #   PART=tmab bash scripts/gpu_issues.sh   the same engine A/B on decode-heavy, no sharing and degree 4 (~7 min)
+#   PART=tmafp8 bash scripts/gpu_issues.sh   an fp8 cache's tiles by TMA: the fp8-cache GPU tests on 64-token blocks
+#       and the TMA ones, the attention benchmark (`--tma-fp8`), then issue 16's ratios on the paper workload and 16K
+#       (bf16, FP8 weights, + fp8 cache, + FP8 attention) (~9 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -159,6 +162,16 @@ fp8tiledecode)
 fp8tile)
   python3 benchmarks/attention_bench.py --decode-sweep-fp8 --json-out "$OUT/fp8tile.json" > "$OUT/fp8tile.log" 2>&1
   grep -E "sum_ms|Error" "$OUT/fp8tile.log" | cut -c1-160; grep "sweep best" "$OUT/fp8tile.log"
+  ;;
+tmafp8)
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "bs64 or tma" > "$OUT/tmafp8_tests.log" 2>&1
+  tail -3 "$OUT/tmafp8_tests.log"; pack
+  timeout "${T:-3000}" python3 benchmarks/attention_bench.py --tma-fp8 --json-out "$OUT/tmafp8_attention.json" \
+      > "$OUT/tmafp8_attention.log" 2>&1
+  grep -E "vs|Error" "$OUT/tmafp8_attention.log" | cut -c1-400; pack
+  bench tmafp8_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv,fp8w+attn --json-out "$OUT/tmafp8_paper.json"
+  bench tmafp8_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs fp8w+kv,sharing,fp8w+attn \
+      --json-out "$OUT/tmafp8_16k.json"
   ;;
 profile)
   bench prof_decode_bf16 "${M8D[@]}" "${DECODE[@]}" --configs sharing --profile-out "$OUT/prof_decode_bf16.txt" \

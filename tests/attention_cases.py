@@ -84,14 +84,20 @@ def random_case(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, see
     return q, k, v, cache, md
 
 
-def poison_unwritten_slots(cache: torch.Tensor, md) -> None:
+def poison_unwritten_slots(cache: torch.Tensor, md, halves: tuple[int, ...] = (0, 1)) -> None:
     """NaN in every cache slot no sequence of the step holds a key in (past each sequence's length,
-    and blocks nobody holds): a kernel that reads one unmasked turns its outputs to NaN."""
+    and blocks nobody holds), in K and V or in the `halves` named (an fp8 cache's keys-major V is read
+    in whole tiles by design: its unwritten slots must stay finite): a kernel that reads one unmasked
+    turns its outputs to NaN."""
     written = torch.zeros(cache.shape[1] * cache.shape[2], dtype=torch.bool)
     for table, length in zip(md.block_tables_cpu, md.seq_lens_cpu):
         for position in range(length):
             written[table[position // md.block_size] * md.block_size + position % md.block_size] = True
-    cache.view(2, -1, *cache.shape[3:])[:, ~written.to(cache.device)] = float("nan")
+    slots, nan = cache.view(2, -1, *cache.shape[3:]), float("nan")
+    if cache.element_size() == 1:  # fp8 (e4m3fn): NaN is the byte 0x7f (no index_put for float8 on CPU)
+        slots, nan = slots.view(torch.uint8), 0x7F
+    for half in halves:
+        slots[half, ~written.to(cache.device)] = nan
 
 
 def group_decode(num_members, shared, own, group=0, new=1):

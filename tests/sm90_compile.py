@@ -16,6 +16,8 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+FP8_TMA_BLOCK64 = dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True, TMA=True)
+
 # name: (q dtype, fp8 cache, fp8_attention, group, group pad, head dim, block_q, block_n, warps, stages[, the
 # kernel's constants where they differ from a 16-token-block cache's: block size, TILE_IN_BLOCK, V_KEYS_MAJOR])
 VARIANTS = {
@@ -40,6 +42,10 @@ VARIANTS = {
                                             dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)),
     "bf16-cache-tma-block64-decode-d128": ("bf16", False, False, 4, 4, 128, 1, 64, 4, 2,
                                            dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)),
+    # an fp8 cache of 64-token blocks (V keys-major) by TMA: cast up, and with FP8 dots
+    "fp8-cache-tma-vt-block64-prefill-bf16-d128": ("bf16", True, False, 4, 4, 128, 32, 64, 4, 3, FP8_TMA_BLOCK64),
+    "fp8-dots-tma-vt-block64-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 32, 64, 4, 3, FP8_TMA_BLOCK64),
+    "fp8-cache-tma-vt-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 2, FP8_TMA_BLOCK64),
 }
 
 
@@ -61,9 +67,15 @@ def compile_variant(name: str) -> dict:
                      BLOCK_N=block_n, PRECISION="ieee" if qdt == "fp32" else "tf32", FP8_KV=fp8, FP8_DOTS=fp8_dots,
                      TILE_IN_BLOCK=False, V_KEYS_MAJOR=False, TMA=False)
     constants.update(*extra)  # a variant's own constants (block size, layout)
-    # K and V descriptors: boxes of BLOCK_N keys by one head (TMA), else the caches again (unused)
-    descriptor = f"tensordesc<{qdt}[{block_n}, {head_dim}]>" if constants["TMA"] else kv
-    pointers.update(K_desc=descriptor, V_desc=descriptor)
+    # K and V descriptors: boxes of BLOCK_N keys by one head (TMA; a keys-major V's: one head's [head dim,
+    # BLOCK_N]), else the caches again (unused)
+    if constants["TMA"]:
+        element = "fp8e4nv" if fp8 else qdt
+        v_box = [head_dim, block_n] if constants["V_KEYS_MAJOR"] else [block_n, head_dim]
+        pointers.update(K_desc=f"tensordesc<{element}[{block_n}, {head_dim}]>",
+                        V_desc=f"tensordesc<{element}[{v_box[0]}, {v_box[1]}]>")
+    else:
+        pointers.update(K_desc=kv, V_desc=kv)
     kernel = tb._paged_attention_kernel
     signature = {n: "constexpr" if n in constants else pointers.get(n) or (
         "fp32" if n == "sm_scale_log2" else "i32" if n.startswith("stride") or n == "item_offset" else "*i32")

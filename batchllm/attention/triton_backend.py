@@ -59,24 +59,41 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile_tma(
-        q, m_i, l_i, acc, n_start, seq, kv_head, K_desc, V_desc, block_tables, sm_scale_log2, stride_bt,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+        q, m_i, l_i, acc, n_start, seq, kv_head, kv_heads, K_desc, V_desc, block_tables, sm_scale_log2, stride_bt,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, FP8_DOTS: tl.constexpr,
+        V_KEYS_MAJOR: tl.constexpr,
     ):
-        """`_attend_tile` for an unmasked tile inside one cache block, its K and V loaded by TMA (16-bit
-        cache: no casts, no scales). The scale multiplies the row max once and enters exp2's argument
-        as one fused multiply-add, not a multiply per score (3% faster long prefill on an H200:
-        `attention_variants.py`, session 14)."""
+        """`_attend_tile` for an unmasked tile inside one cache block, its K and V loaded by TMA
+        (`tma_descriptors`) straight into shared memory. A 16-bit cache's tiles go to the dots as they
+        are; an fp8 cache's are cast up as `_attend_tile`'s, or with FP8_DOTS (as `_attend_tile`'s) go
+        to the e4m3 dots as loaded. V_KEYS_MAJOR: V's box is the block's [head dim, keys] for this KV
+        head, transposed for the dot (the operand e4m3 MMAs take: no shuffle). Without FP8_DOTS the
+        scale multiplies the row max once and enters exp2's argument as one fused multiply-add, not a
+        multiply per score (3% faster long prefill on an H200: `attention_variants.py`, session 14);
+        with it the scale is per row ([BLOCK_M, 1]) and multiplies the scores."""
         block_idx = tl.load(block_tables + seq * stride_bt + n_start // BLOCK_SIZE)
-        row = block_idx * BLOCK_SIZE + n_start % BLOCK_SIZE  # the tile's first key in the cache's rows
+        slot = n_start % BLOCK_SIZE
+        row = block_idx * BLOCK_SIZE + slot  # the tile's first key in the cache's rows of keys
         col = kv_head * HEAD_DIM
         k = K_desc.load([row, col])  # [BLOCK_N, head dim]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled scores
-        m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)  # every score finite: no -inf rows
+        if FP8_DOTS:
+            s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # every score finite: no -inf rows
+            p = tl.exp2(s - m_new[:, None])
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # unscaled scores
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
+            p = tl.exp2(s * sm_scale_log2 - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * sm_scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = V_desc.load([row, col])
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if V_KEYS_MAJOR:
+            v = tl.trans(V_desc.load([(block_idx * kv_heads + kv_head) * HEAD_DIM, slot]))  # [BLOCK_N, head dim]
+        else:
+            v = V_desc.load([row, col])
+        if FP8_DOTS:
+            acc = tl.dot((p * P_SCALE).to(v.dtype), v, acc * alpha[:, None])
+        else:
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
@@ -161,7 +178,7 @@ if triton is not None:
 
     @triton.jit
     def _attend_keys(
-        q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
+        q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, kv_heads, K_cache, V_cache, K_desc, V_desc,
         block_tables, d, d_valid,
         sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SCALAR_BLOCK: tl.constexpr,
@@ -174,8 +191,8 @@ if triton is not None:
         if TMA and SCALAR_BLOCK:
             for n_start in range(kv_lo, n_unmasked, BLOCK_N):
                 m_i, l_i, acc = _attend_tile_tma(
-                    q, m_i, l_i, acc, n_start, seq, kv_head, K_desc, V_desc, block_tables, sm_scale_log2, stride_bt,
-                    BLOCK_SIZE, HEAD_DIM, PRECISION)
+                    q, m_i, l_i, acc, n_start, seq, kv_head, kv_heads, K_desc, V_desc, block_tables, sm_scale_log2,
+                    stride_bt, BLOCK_SIZE, HEAD_DIM, PRECISION, FP8_DOTS, V_KEYS_MAJOR)
         else:
             for n_start in range(kv_lo, n_unmasked, BLOCK_N):
                 m_i, l_i, acc = _attend_tile(
@@ -224,6 +241,7 @@ if triton is not None:
             return
         item = tl.program_id(0) + item_offset
         kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)  # the grid's second axis: one program per KV head
         seq = tl.load(item_seq + item)
         q_off = tl.load(item_q_off + item)
         q_len = tl.load(item_q_len + item)
@@ -277,22 +295,22 @@ if triton is not None:
             if kv_lo % BLOCK_N == 0:
                 kv_lo = tl.multiple_of(kv_lo, BLOCK_N)
                 m_i, l_i, acc = _attend_keys(
-                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
-                    block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                    stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True, FP8_DOTS, V_KEYS_MAJOR,
-                    HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
+                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, num_kv_heads, K_cache, V_cache,
+                    K_desc, V_desc, block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh,
+                    stride_vb, stride_vs, stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, True, FP8_DOTS,
+                    V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
             else:
                 m_i, l_i, acc = _attend_keys(
-                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
-                    block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                    stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR,
-                    HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
+                    q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, num_kv_heads, K_cache, V_cache,
+                    K_desc, V_desc, block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh,
+                    stride_vb, stride_vs, stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS,
+                    V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
         else:
             m_i, l_i, acc = _attend_keys(
-                q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, K_cache, V_cache, K_desc, V_desc,
-                block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS, V_KEYS_MAJOR,
-                HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
+                q, pos, m_i, l_i, acc, kv_lo, n_unmasked, n_end, seq, kv_head, num_kv_heads, K_cache, V_cache,
+                K_desc, V_desc, block_tables, d, d_valid, sm_scale_log2, stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh, stride_bt, BLOCK_SIZE, BLOCK_N, PRECISION, False, FP8_DOTS,
+                V_KEYS_MAJOR, HEAD_DIM != HEAD_DIM_PAD, HEAD_DIM, TMA)
 
         if FP8_DOTS:  # p went into its dot scaled by P_SCALE
             l_i_out = l_i * P_SCALE
@@ -452,27 +470,33 @@ def tma_available(device: torch.device) -> bool:
 
 def tma_by_default(kv_dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
     """Whether a cache of `kv_dtype` on `device` loads its tiles by TMA when `TritonBackend(tma=None)`
-    leaves it open: 16-bit values, a head dim the dot takes unpadded, `tma_available` (the engine's
-    default block size follows the same rule: `model_runner.default_block_size`)."""
-    return kv_dtype.itemsize == 2 and dot_head_dim(head_dim) == head_dim and tma_available(device)
+    leaves it open: 16-bit or fp8 values, a head dim the dot takes unpadded, `tma_available` (the
+    engine's default block size follows the same rule: `model_runner.default_block_size`)."""
+    return kv_dtype.itemsize <= 2 and dot_head_dim(head_dim) == head_dim and tma_available(device)
 
 
 def tma_fits(kv_cache: torch.Tensor, head_dim: int) -> bool:
     """Whether `tma_descriptors` can describe this cache ([2, blocks, block_size, kv_heads, head_dim]):
-    Triton with tensor descriptors, a cache of float values (not fp8: its tiles are cast and V may be
-    keys-major), contiguous, and a head dim the dot takes unpadded (TMA boxes hold no padding)."""
-    return (TensorDescriptor is not None and not is_fp8(kv_cache) and kv_cache.is_contiguous()
-            and dot_head_dim(head_dim) == head_dim)
+    Triton with tensor descriptors, a contiguous cache (16-bit or fp8 values; an fp8 cache's V may be
+    keys-major), and a head dim the dot takes unpadded (TMA boxes hold no padding)."""
+    return TensorDescriptor is not None and kv_cache.is_contiguous() and dot_head_dim(head_dim) == head_dim
 
 
 def tma_descriptors(kv_cache: torch.Tensor, block_n: int) -> tuple:
-    """Tensor descriptors of a layer's K and V (`tma_fits`) as rows of keys: [blocks * block_size,
-    kv_heads * head_dim], a box of `block_n` keys by one KV head. The kernel's tiles of `block_n` keys
-    inside one block are boxes at (block * block_size + slot, kv_head * head_dim)."""
+    """Tensor descriptors of a layer's K and V (`tma_fits`). K as rows of keys, [blocks * block_size,
+    kv_heads * head_dim], a box of `block_n` keys by one KV head: the kernel's tile of `block_n` keys
+    inside one block is the box at (block * block_size + slot, kv_head * head_dim). V the same, or where
+    it is keys-major (`kv_quant.values_keys_major`) as rows of one head dim's keys, [blocks * kv_heads *
+    head_dim, block_size], a box of all head dims by `block_n` keys, at ((block * kv_heads + kv_head) *
+    head_dim, slot)."""
     _, blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    rows = kv_cache.view(2, blocks * block_size, kv_heads * head_dim)
-    return tuple(TensorDescriptor(rows[i], [blocks * block_size, kv_heads * head_dim], [kv_heads * head_dim, 1],
-                                  [block_n, head_dim]) for i in (0, 1))
+    keys = kv_cache[0].view(blocks * block_size, kv_heads * head_dim)
+    k_desc = TensorDescriptor(keys, list(keys.shape), [kv_heads * head_dim, 1], [block_n, head_dim])
+    if values_keys_major(kv_cache):
+        values = kv_cache[1].view(blocks * kv_heads * head_dim, block_size)
+        return k_desc, TensorDescriptor(values, list(values.shape), [block_size, 1], [head_dim, block_n])
+    values = kv_cache[1].view(blocks * block_size, kv_heads * head_dim)
+    return k_desc, TensorDescriptor(values, list(values.shape), [kv_heads * head_dim, 1], [block_n, head_dim])
 
 
 def queries_per_program(rows: int, group_pad: int) -> int:

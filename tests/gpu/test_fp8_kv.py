@@ -13,7 +13,7 @@ from batchllm.attention.backend import AttentionMetadata
 from batchllm.attention.kv_quant import quantize_cache
 from batchllm.attention.torch_ref import TorchReferenceBackend
 from batchllm.layers.fp8 import FP8
-from tests.attention_cases import group_decode, random_case
+from tests.attention_cases import group_decode, poison_unwritten_slots, random_case
 from tests.helpers import make_tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -73,6 +73,32 @@ def test_triton_over_fp8_cache_matches_reference(name, specs, heads, kv_heads, h
         assert plan.items.num_group_items > 0, "the prefix-shared path ran"
     if "split_len" in options:
         assert len(plan.items.merge_tokens) > 0, "split-K partials were merged"
+
+
+@pytest.mark.parametrize("fp8_attention", [False, True], ids=["cast-up", "fp8-dots"])
+@pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
+def test_tma_tiles_over_fp8_cache_match_pointer_loads(name, specs, heads, kv_heads, head_dim, options, fp8_attention):
+    """On Hopper an fp8 cache of 64-token blocks (V keys-major) loads its unmasked tiles by TMA (the
+    default): every item kind, bf16 queries, NaN in K's unwritten slots, against the same kernel with
+    pointer loads (`tma=False`), cast up and with FP8 dots."""
+    from batchllm.attention.triton_backend import TritonBackend
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9 (Hopper) or later")
+    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=7)
+    scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
+    fp8 = quantize_cache(cache, kv_scale)
+    poison_unwritten_slots(fp8, md, halves=(0,))
+    backend = TritonBackend(fp8_attention=fp8_attention, **options)
+    assert backend.uses_tma(fp8, head_dim)
+    with_tma = backend.forward(q, k, v, fp8.clone(), md, scale, kv_scale).float()
+    md.backend_cache.clear()
+    without = TritonBackend(fp8_attention=fp8_attention, tma=False, **options).forward(
+        q, k, v, fp8.clone(), md, scale, kv_scale).float()
+    torch.cuda.synchronize()
+    assert not torch.isnan(with_tma).any()
+    err = float((with_tma - without).norm() / without.norm())
+    assert err < 1e-2, f"{name}: TMA against pointer loads, relative difference {err:.2e}"
 
 
 def test_replayed_graph_reads_the_scales_on_the_device():

@@ -43,3 +43,9 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
     for name in ("bf16-cache-tma-block64-prefill-d128", "bf16-cache-tma-block64-decode-d128"):
         assert report[name]["tma_loads"] > 0, name
     assert plain["tma_loads"] == 0
+    # an fp8 cache of 64-token blocks by TMA: cast up, or with FP8 dots straight from shared memory
+    for name in ("fp8-cache-tma-vt-block64-prefill-bf16-d128", "fp8-cache-tma-vt-block64-decode-bf16-d128",
+                 "fp8-dots-tma-vt-block64-prefill-bf16-d128"):
+        assert report[name]["tma_loads"] > 0, name
+    dots = report["fp8-dots-tma-vt-block64-prefill-bf16-d128"]
+    assert dots["e4m3_mma"] and dots["e4m3_to_f16_casts"] == 0 and dots["shared_byte_loads"] == 0

@@ -303,16 +303,43 @@ def test_tma_tiles_match_reference_and_read_no_unwritten_slot(name, specs, optio
     assert all(launch.block_q == rows // 4 and launch.tile == TileConfig(block_n, warps, stages) for launch in multi)
 
 
+@pytest.mark.parametrize("fp8_attention", [False, True], ids=["cast-up", "fp8-dots"])
+@pytest.mark.parametrize("name, specs, options", BLOCK_TILE_CASES, ids=[c[0] for c in BLOCK_TILE_CASES])
+def test_tma_tiles_over_fp8_cache(name, specs, options, fp8_attention, monkeypatch):
+    """tma=True over an fp8 cache of 64-token blocks (V keys-major: its box is a block's [head dim,
+    keys] for one KV head), K's unwritten slots NaN. Cast up: against the reference over the same
+    cache. FP8 dots (`fp8_attention`): the same numbers as the kernel without TMA (the same
+    arithmetic on the same e4m3 tiles), and within FP8 attention's error of exact."""
+    from batchllm.attention import triton_backend
+
+    described = []
+    describe = triton_backend.tma_descriptors
+    monkeypatch.setattr(triton_backend, "tma_descriptors",
+                        lambda cache, block_n: described.append(block_n) or describe(cache, block_n))
+    q, k, v, cache, md, kv_scale = fp8_case(specs, block_size=64, seed=11)
+    poison_unwritten_slots(cache, md, halves=(0,))
+    options = dict(options, fp8_attention=fp8_attention)
+    out = triton_backend.TritonBackend(tma=True, **options).forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    assert described == [64], "one pair of descriptors, for the 64-key tiles of every launch"
+    exact = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    if not fp8_attention:
+        torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-5)
+        return
+    pointers = triton_backend.TritonBackend(tma=False, **options).forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    torch.testing.assert_close(out, pointers, rtol=1e-5, atol=1e-6)
+    assert (out - exact).abs().max() < 0.05 * exact.abs().max()
+
+
 def test_tma_only_where_the_cache_allows_it():
     """tma=None takes TMA on a Hopper GPU only (never on the CPU); tma=True wherever the descriptors can
-    describe the cache: not over an fp8 cache, nor a head dim the dot pads; tma=False never."""
+    describe the cache (16-bit or fp8, contiguous): not a head dim the dot pads; tma=False never."""
     from batchllm.attention import triton_backend
     from batchllm.layers.fp8 import FP8
 
     cache = torch.zeros(2, 3, 64, 2, 64)
     on, auto, off = (triton_backend.TritonBackend(tma=tma) for tma in (True, None, False))
     assert on.uses_tma(cache, 64) and not auto.uses_tma(cache, 64) and not off.uses_tma(cache, 64)
-    assert not on.uses_tma(cache.to(FP8), 64)
+    assert on.uses_tma(cache.to(FP8), 64) and not auto.uses_tma(cache.to(FP8), 64)
     assert not on.uses_tma(torch.zeros(2, 3, 64, 2, 24), 24)  # padded to 32 in the dot
     assert not on.uses_tma(cache[:, :, :, :1], 64)  # a view that is not contiguous
     assert on.prefill_launch_for(True) == triton_backend.TMA_PREFILL_LAUNCH
