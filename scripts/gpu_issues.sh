@@ -164,7 +164,8 @@ fp8tile)
   grep -E "sum_ms|Error" "$OUT/fp8tile.log" | cut -c1-160; grep "sweep best" "$OUT/fp8tile.log"
   ;;
 tmafp8)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "bs64 or tma" > "$OUT/tmafp8_tests.log" 2>&1
+  timeout "${T:-3000}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "bs64 or tma" \
+      > "$OUT/tmafp8_tests.log" 2>&1
   tail -3 "$OUT/tmafp8_tests.log"; pack
   timeout "${T:-3000}" python3 benchmarks/attention_bench.py --tma-fp8 --json-out "$OUT/tmafp8_attention.json" \
       > "$OUT/tmafp8_attention.log" 2>&1
