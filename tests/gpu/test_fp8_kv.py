@@ -78,9 +78,9 @@ def test_triton_over_fp8_cache_matches_reference(name, specs, heads, kv_heads, h
 @pytest.mark.parametrize("fp8_attention", [False, True], ids=["cast-up", "fp8-dots"])
 @pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
 def test_tma_tiles_over_fp8_cache_match_pointer_loads(name, specs, heads, kv_heads, head_dim, options, fp8_attention):
-    """On Hopper an fp8 cache of 64-token blocks (V keys-major) loads its unmasked tiles by TMA (the
-    default): every item kind, bf16 queries, NaN in K's unwritten slots, against the same kernel with
-    pointer loads (`tma=False`), cast up and with FP8 dots."""
+    """On Hopper an fp8 cache of 64-token blocks (V keys-major) loads its unmasked tiles by TMA with
+    `tma=True` (not by default): every item kind, bf16 queries, NaN in K's unwritten slots, against the
+    same kernel with pointer loads (`tma=False`), cast up and with FP8 dots."""
     from batchllm.attention.triton_backend import TritonBackend
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -89,8 +89,8 @@ def test_tma_tiles_over_fp8_cache_match_pointer_loads(name, specs, heads, kv_hea
     scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
     fp8 = quantize_cache(cache, kv_scale)
     poison_unwritten_slots(fp8, md, halves=(0,))
-    backend = TritonBackend(fp8_attention=fp8_attention, **options)
-    assert backend.uses_tma(fp8, head_dim)
+    backend = TritonBackend(fp8_attention=fp8_attention, tma=True, **options)
+    assert backend.uses_tma(fp8, head_dim) and not TritonBackend().uses_tma(fp8, head_dim)
     with_tma = backend.forward(q, k, v, fp8.clone(), md, scale, kv_scale).float()
     md.backend_cache.clear()
     without = TritonBackend(fp8_attention=fp8_attention, tma=False, **options).forward(
