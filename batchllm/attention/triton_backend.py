@@ -559,9 +559,9 @@ class TritonBackend:
         that run prefill chunks; None: PREFILL_LAUNCH, which won an H200 sweep (`attention_bench.py
         --prefill-sweep`: 14-22% faster than 64 rows, 2 stages, on long chunks), or TMA_PREFILL_LAUNCH
         where its tiles load by TMA. tma: unmasked tiles that lie whole in a cache block load K and V
-        through tensor descriptors (`tma_fits`: 16-bit caches; with 64-token blocks, every tile of an
-        item that starts on a tile boundary); None: on a CUDA device that has TMA (compute
-        capability 9+: Hopper) for a cache of 16-bit values; True: wherever `tma_fits` (the
+        through tensor descriptors (`tma_fits`: 16-bit and fp8 caches; with 64-token blocks, every tile
+        of an item that starts on a tile boundary); None: `tma_by_default` (a CUDA device that has TMA,
+        compute capability 9+: Hopper, and a cache of 16-bit values); True: wherever `tma_fits` (the
         interpreter too); False: never. fused_store: on
         CUDA, the new K/V go to the cache in one Triton kernel (`kv_store_triton.py`, the same bytes
         as `store_kv`: `tests/gpu/test_kv_store_triton.py`; its speed: `benchmarks/kv_store_bench.py`);
