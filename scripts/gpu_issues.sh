@@ -44,8 +44,8 @@
 #       and decode graphs, the attention benchmark (`--tma`), then the engine on 16K and the paper workload, 16-token
 #       blocks against 64 (TMA), each pair in both orders (~9 min)
 #   PART=tmab bash scripts/gpu_issues.sh   the same engine A/B on decode-heavy, no sharing and degree 4 (~7 min)
-#   PART=tmafp8 bash scripts/gpu_issues.sh   an fp8 cache's tiles by TMA: the fp8-cache GPU tests on 64-token blocks
-#       and the TMA ones, the attention benchmark (`--tma-fp8`), then issue 16's ratios on the paper workload and 16K
+#   PART=tmafp8 bash scripts/gpu_issues.sh   an fp8 cache's tiles by TMA (`tma=True`): its GPU tests (~2 min),
+#       the attention benchmark (`--tma-fp8`), then issue 16's ratios on the paper workload and 16K
 #       (bf16, FP8 weights, + fp8 cache, + FP8 attention) (~9 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
@@ -164,8 +164,8 @@ fp8tile)
   grep -E "sum_ms|Error" "$OUT/fp8tile.log" | cut -c1-160; grep "sweep best" "$OUT/fp8tile.log"
   ;;
 tmafp8)
-  timeout "${T:-3000}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "bs64 or tma" \
-      > "$OUT/tmafp8_tests.log" 2>&1
+  timeout "${T:-3000}" python3 -m pytest -q -p no:cacheprovider \
+      tests/gpu/test_fp8_kv.py::test_tma_tiles_over_fp8_cache_match_pointer_loads > "$OUT/tmafp8_tests.log" 2>&1
   tail -3 "$OUT/tmafp8_tests.log"; pack
   timeout "${T:-3000}" python3 benchmarks/attention_bench.py --tma-fp8 --json-out "$OUT/tmafp8_attention.json" \
       > "$OUT/tmafp8_attention.log" 2>&1
