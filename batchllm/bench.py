@@ -340,7 +340,7 @@ def _bench_engine(llm, name: str, workload: Workload, peak: float | None, args, 
                  kv_blocks=engine.kv_spec.num_blocks, graph_capture=graph_info)
     print(_line(stats), flush=True)
     if profile:
-        _profile(llm, workload, args)
+        _profile(llm, workload, args, peak)
     return stats
 
 
@@ -372,11 +372,22 @@ def _graph_info(graphs) -> dict | None:
     return info
 
 
-def _profile(llm, workload: Workload, args) -> None:
+def linear_flops(spec, tokens_computed: int, tokens_sampled: int) -> float:
+    """FLOPs (2 per multiply-add) of the decoder's linear layers (attention projections and MLP, every
+    layer) over `tokens_computed` tokens, plus the LM head over `tokens_sampled`: the matmul part of
+    issue 14's compute limit. (The MFU of `run_workload` counts every parameter for every computed
+    token instead, the embedding and LM head included.)"""
+    attention = spec.hidden_size * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim  # q, k, v, o
+    mlp = 3 * spec.hidden_size * spec.intermediate_size  # gate, up, down
+    return 2.0 * (spec.num_layers * (attention + mlp) * tokens_computed + spec.hidden_size * spec.vocab_size
+                  * tokens_sampled)
+
+
+def _profile(llm, workload: Workload, args, peak: float | None) -> None:
     n = args.profile_requests
     profiled = Workload(f"{workload.name} (first {n})", workload.prompts[:n], workload.max_tokens[:n])
     if args.profile_out:
-        _profile_kernels(llm, profiled, args.profile_out)
+        _profile_kernels(llm, profiled, args.profile_out, peak)
     if args.cpu_profile_out:
         _profile_host(llm, profiled, args.cpu_profile_out)
 
@@ -384,7 +395,7 @@ def _profile(llm, workload: Workload, args) -> None:
 KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
     ("attention", ("_paged_attention", "_merge_partials")),
     ("norm/rotary/silu (Triton)", ("_rms_norm", "_silu_and_mul", "_rotary")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "cublas")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "cublas", "aten::mm", "aten::addmm")),  # (aten: CPU)
     ("kv store / gathers", ("index", "scatter", "gather")),
     ("torch elementwise / reductions", ("elementwise", "vectorized", "reduce", "unrolled")),
 )
@@ -407,9 +418,11 @@ def _profile_host(llm, workload: Workload, path: str) -> None:
         f.write(text.getvalue())
 
 
-def _profile_kernels(llm, workload: Workload, path: str) -> None:
+def _profile_kernels(llm, workload: Workload, path: str, peak: float | None = None) -> None:
     """Run the workload (last config's settings) under torch.profiler and write where the GPU's
-    time goes: per category (KERNEL_CATEGORIES) and the top kernels. Not a throughput run."""
+    time goes: per category (KERNEL_CATEGORIES), the rate the matmul kernels reached on the run's
+    linear FLOPs (`linear_flops`; against `peak`, the measured bf16 matmul peak, where given), and
+    the top kernels. Not a throughput run."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = llm.engine.device.type == "cuda"
@@ -427,11 +440,26 @@ def _profile_kernels(llm, workload: Workload, path: str) -> None:
              f"{'GPU kernel' if cuda else 'CPU op'} time {total / 1e6:.2f} s"]
     lines += [f"  {c:<32} {t / 1e6:8.3f} s {100 * t / total:5.1f}%" for c, t in sorted(by_category.items(),
                                                                                       key=lambda kv: -kv[1])]
+    lines.append(_matmul_rate(llm.model_spec, stats, sum(workload.max_tokens), by_category.get("matmul", 0.0), peak))
     lines.append("top kernels (total ms, calls, name):")
     lines += [f"  {t / 1e3:10.1f} {n:7d}  {name[:150]}" for name, t, n in sorted(kernels, key=lambda k: -k[1])[:30]]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[:12]), flush=True)
+
+
+def _matmul_rate(spec, stats: dict, tokens_sampled: int, matmul_us: float, peak: float | None) -> str:
+    """One line: the run's linear FLOPs over its matmul kernels' time (microseconds), as TFLOP/s and
+    as a share of the measured peak."""
+    computed = stats["prefill_tokens_computed"] + stats["decode_tokens"]
+    flops = linear_flops(spec, computed, tokens_sampled)
+    line = f"linear layers over {computed} computed and {tokens_sampled} sampled tokens: {flops / 1e12:.6g} TFLOP"
+    if matmul_us:
+        rate = flops / (matmul_us * 1e-6) / 1e12
+        line += f" in {matmul_us / 1e6:.3f} s of matmul kernels: {rate:.0f} TFLOP/s"
+        if peak:
+            line += f", {100 * rate / peak:.1f}% of the measured bf16 peak ({peak:.0f})"
+    return line
 
 
 def _line(s: dict) -> str:

@@ -47,6 +47,9 @@
 #   PART=tmafp8 bash scripts/gpu_issues.sh   an fp8 cache's tiles by TMA (`tma=True`): its GPU tests (~2 min),
 #       the attention benchmark (`--tma-fp8`), then issue 16's ratios on the paper workload and 16K
 #       (bf16, FP8 weights, + fp8 cache, + FP8 attention) (~9 min)
+#   PART=profileprefill bash scripts/gpu_issues.sh   where the GPU time of the shared-prefix workloads goes (degree 16,
+#       degree 4, 16K; `--profile-out` on their first 256 requests: time per kernel category and the rate the matmul
+#       kernels reach on the run's linear FLOPs, against the measured peak) (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -173,6 +176,14 @@ tmafp8)
   bench tmafp8_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv,fp8w+attn --json-out "$OUT/tmafp8_paper.json"
   bench tmafp8_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs fp8w+kv,sharing,fp8w+attn \
       --json-out "$OUT/tmafp8_16k.json"
+  ;;
+profileprefill)
+  bench prof_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing --profile-out "$OUT/prof_paper.txt" \
+      --json-out "$OUT/prof_paper.json"
+  bench prof_deg4 "${M8D[@]}" "${PAPER[@]}" --degree 4 --configs sharing --profile-out "$OUT/prof_deg4.txt" \
+      --json-out "$OUT/prof_deg4.json"
+  bench prof_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs sharing \
+      --profile-out "$OUT/prof_16k.txt" --json-out "$OUT/prof_16k.json"
   ;;
 profile)
   bench prof_decode_bf16 "${M8D[@]}" "${DECODE[@]}" --configs sharing --profile-out "$OUT/prof_decode_bf16.txt" \

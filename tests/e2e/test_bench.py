@@ -76,3 +76,26 @@ def test_triton_compile_count_sums_the_variants_of_batchllms_kernels(tmp_path, m
     assert triton_kernels_compiled() == before + 3
     monkeypatch.setitem(sys.modules, "other._compile_probe", probe)  # outside batchllm: not counted twice
     assert triton_kernels_compiled() == before + 3
+
+
+def test_bench_profile_counts_the_linear_flops_of_the_profiled_requests(tiny_model_factory, tmp_path):
+    """`--profile-out` (on the CPU: op times) writes the time per kernel category and the linear layers'
+    FLOPs over the profiled requests' tokens (`bench.linear_flops`): every sampled token is an output."""
+    import re
+
+    from batchllm.bench import linear_flops
+    from batchllm.models.spec import read_model_spec
+
+    model, out = tiny_model_factory("llama"), tmp_path / "profile.txt"
+    code = main(["bench", "--model", model, "--workload", "shared", "--shared", "48", "--distinct", "8",
+                 "--degree", "4", "--requests", "12", "--output", "6", "--configs", "sharing",
+                 "--profile-out", str(out), "--profile-requests", "8"])
+    assert code == 0
+    text = out.read_text()
+    assert "matmul" in text and "top kernels" in text
+    computed, sampled, tflop = re.search(r"linear layers over (\d+) computed and (\d+) sampled tokens: (\S+) TFLOP",
+                                         text).groups()
+    assert int(sampled) == 8 * 6
+    assert int(computed) >= 8 * (8 + 5)  # each request's own 8 prompt tokens and 5 decoded, at least
+    assert float(tflop) == pytest.approx(linear_flops(read_model_spec(Path(model)), int(computed), 48) / 1e12,
+                                         rel=1e-5)
