@@ -127,6 +127,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     s.update(model_tflops_per_s=2 * num_params * computed / wall / 1e12, num_params=num_params)
     if matmul_peak_tflops:
         s.update(mfu=s["model_tflops_per_s"] / matmul_peak_tflops, matmul_peak_tflops=matmul_peak_tflops)
+        s.update(_compute_limit(llm.model_spec, s, sum(workload.max_tokens), matmul_peak_tflops, wall))
     s.update(_rates(s, workload, wall), tokens_per_step=[r.num_tokens for r in engine.core.step_log[-s["num_steps"]:]])
     return s
 
@@ -383,6 +384,22 @@ def linear_flops(spec, tokens_computed: int, tokens_sampled: int) -> float:
                   * tokens_sampled)
 
 
+def attention_flops(spec, attended_keys: int) -> float:
+    """FLOPs (2 per multiply-add) of the attention's two matmuls (q.k and p.v, every query head and
+    layer) over `attended_keys` (query, key) pairs (`SchedulerStats.attended_keys`)."""
+    return 4.0 * spec.num_heads * spec.head_dim * spec.num_layers * attended_keys
+
+
+def _compute_limit(spec, stats: dict, tokens_sampled: int, peak_tflops: float, wall_s: float) -> dict[str, float]:
+    """Issue 14's compute limit of the run: its linear and attention FLOPs (on the tokens it computed:
+    with the plan's sharing, that is the limit's perfect sharing unless it preempted) at the measured
+    matmul peak, as requests/s, and the share of it the run reached."""
+    flops = (linear_flops(spec, stats["prefill_tokens_computed"] + stats["decode_tokens"], tokens_sampled)
+             + attention_flops(spec, stats["attended_keys"]))
+    limit_s = flops / (peak_tflops * 1e12)
+    return dict(compute_limit_requests_per_s=stats["num_requests"] / limit_s, compute_limit_share=limit_s / wall_s)
+
+
 def _profile(llm, workload: Workload, args, peak: float | None) -> None:
     n = args.profile_requests
     profiled = Workload(f"{workload.name} (first {n})", workload.prompts[:n], workload.max_tokens[:n])
@@ -441,6 +458,7 @@ def _profile_kernels(llm, workload: Workload, path: str, peak: float | None = No
     lines += [f"  {c:<32} {t / 1e6:8.3f} s {100 * t / total:5.1f}%" for c, t in sorted(by_category.items(),
                                                                                       key=lambda kv: -kv[1])]
     lines.append(_matmul_rate(llm.model_spec, stats, sum(workload.max_tokens), by_category.get("matmul", 0.0), peak))
+    lines.append(_attention_rate(llm.model_spec, stats, by_category.get("attention", 0.0)))
     lines.append("top kernels (total ms, calls, name):")
     lines += [f"  {t / 1e3:10.1f} {n:7d}  {name[:150]}" for name, t, n in sorted(kernels, key=lambda k: -k[1])[:30]]
     with open(path, "w") as f:
@@ -462,6 +480,16 @@ def _matmul_rate(spec, stats: dict, tokens_sampled: int, matmul_us: float, peak:
     return line
 
 
+def _attention_rate(spec, stats: dict, attention_us: float) -> str:
+    """One line: the run's attention FLOPs (`attention_flops`) over its attention kernels' time."""
+    flops = attention_flops(spec, stats["attended_keys"])
+    line = f"attention over {stats['attended_keys']} (query, key) pairs: {flops / 1e12:.6g} TFLOP"
+    if attention_us:
+        rate = flops / (attention_us * 1e-6) / 1e12
+        line += f" in {attention_us / 1e6:.3f} s of attention kernels: {rate:.0f} TFLOP/s"
+    return line
+
+
 def _line(s: dict) -> str:
     return (f"{s['workload']:<40} {s['config']:<14} {s['requests_per_s']:8.2f} req/s "
             f"{s['output_tokens_per_s']:9.1f} out tok/s "
@@ -469,6 +497,8 @@ def _line(s: dict) -> str:
             f"tok/step {s['mean_tokens_per_step']:7.1f}  "
             f"preempt {s['num_preemptions']}  {s['wall_s']:.1f}s"
             + (f"  MFU {100 * s['mfu']:4.1f}%" if "mfu" in s else "")
+            + (f"  limit {s['compute_limit_requests_per_s']:.1f} req/s ({100 * s['compute_limit_share']:.0f}%)"
+               if "compute_limit_share" in s else "")
             + (f"  GPU idle {100 * s['gpu_idle_fraction']:4.1f}%  peak mem {s['peak_gpu_memory_gib']:.1f} GiB"
                if "gpu_idle_fraction" in s else "")
             + (f"  graph steps {s['graph_steps']}" if s.get("graph_steps") else "")

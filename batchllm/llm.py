@@ -306,7 +306,8 @@ class LLM:
             "prefill_tokens_computed": prefill,
             "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
             **{k: getattr(s, k) - getattr(before, k)
-               for k in ("decode_tokens", "num_preemptions", "num_block_copies", "num_prefix_releases")},
+               for k in ("decode_tokens", "attended_keys", "num_preemptions", "num_block_copies",
+                         "num_prefix_releases")},
             "num_steps": steps,
             "mean_tokens_per_step": scheduled / steps if steps else 0.0,
             "wall_s": wall_s,

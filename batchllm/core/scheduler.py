@@ -65,6 +65,10 @@ class SchedulerStats:
     prefill_tokens: int = 0
     """Tokens whose KV was computed from a prompt or prefix (or recomputed after preemption)."""
     decode_tokens: int = 0
+    attended_keys: int = 0
+    """Over every token computed (prefill and decode), the keys its attention reads: its position + 1
+    (causal; a member's shared prefix counted as its own keys). 4 x heads x head dim x layers times
+    this is the run's attention FLOPs (`bench.attention_flops`)."""
     num_preemptions: int = 0
     num_prefix_releases: int = 0
     """Shared prefixes released before their members finished, to unblock the batch."""
@@ -342,7 +346,7 @@ class Scheduler:
         scheduled = []
         completed_prefixes = []
         stats, block_table = self.stats, self.kv.block_table
-        num_decodes = num_samples = 0
+        num_decodes = num_samples = attended_keys = 0
         for request, num_new, num_tokens, decode in chosen:  # (every running request, every step: no property reads)
             request_id, start = request.request_id, request.num_computed_tokens
             table = block_table(request_id)
@@ -350,10 +354,12 @@ class Scheduler:
             sp = request.sampling_params
             if decode:  # its last token: pending (a placeholder) or its last output; it samples
                 num_decodes += 1
+                attended_keys += start  # (+ 1 each, after the loop)
                 samples = True
                 token_ids = [PLACEHOLDER_TOKEN_ID] if request.num_pending_tokens else request.output_token_ids[-1:]
             else:
                 stats.prefill_tokens += num_new
+                attended_keys += num_new * start + num_new * (num_new + 1) // 2  # positions start .. + num_new - 1
                 reaches_end = start + num_new == num_tokens
                 samples = reaches_end and not request.is_prefix
                 if request.is_prefix and reaches_end:
@@ -377,6 +383,7 @@ class Scheduler:
                 request.num_pending_tokens += 1
         self.num_pending_outputs += num_samples
         stats.decode_tokens += num_decodes
+        stats.attended_keys += attended_keys + num_decodes
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
         self._finished_since_last_step = []
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device

@@ -11,6 +11,11 @@ from batchllm.cli import main
 from tests.helpers import benchmark_module
 
 
+def _keys(first: int, end: int) -> int:
+    """Keys read by the tokens at positions first .. end - 1, each its position + 1."""
+    return sum(p + 1 for p in range(first, end))
+
+
 def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, tmp_path):
     out = tmp_path / "bench.json"
     code = main(["bench", "--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "48",
@@ -24,6 +29,10 @@ def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, 
         assert row["num_requests"] == 12 and row["output_tokens"] == 12 * 6  # ignore_eos: exactly max_tokens
     # 3 groups of 4 share a 48-token prefix: sharing prefills each prefix once, no sharing 4 times
     assert nosharing["prefill_tokens_computed"] - sharing["prefill_tokens_computed"] == 3 * 3 * 48
+    # keys attended (each computed token: its position + 1), positions 0 .. 48 + 8 + 6 - 2: with sharing the
+    # prefix's 0 .. 47 once per group
+    assert nosharing["attended_keys"] == 12 * _keys(0, 61)
+    assert sharing["attended_keys"] == 3 * _keys(0, 48) + 12 * _keys(48, 61)
     assert report["kv_blocks"] > 0
 
 
@@ -99,3 +108,16 @@ def test_bench_profile_counts_the_linear_flops_of_the_profiled_requests(tiny_mod
     assert int(computed) >= 8 * (8 + 5)  # each request's own 8 prompt tokens and 5 decoded, at least
     assert float(tflop) == pytest.approx(linear_flops(read_model_spec(Path(model)), int(computed), 48) / 1e12,
                                          rel=1e-5)
+
+
+def test_attended_keys_do_not_depend_on_how_prefill_is_chunked(tiny_model_factory, tmp_path):
+    """16-token steps split every prompt into chunks (and mix them with decodes): the keys the run's tokens
+    attend are the same positions' as in whole-prompt steps."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "48",
+                 "--distinct", "8", "--degree", "4", "--requests", "12", "--output", "6", "--configs", "sharing",
+                 "--max-num-batched-tokens", "16", "--json-out", str(out)])
+    assert code == 0
+    [row] = json.loads(out.read_text())["results"]
+    assert row["mean_tokens_per_step"] <= 16 and row["num_steps"] > 12
+    assert row["attended_keys"] == 3 * _keys(0, 48) + 12 * _keys(48, 61)

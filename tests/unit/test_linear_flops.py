@@ -49,3 +49,32 @@ def test_linear_flops_count_every_projection_and_the_lm_head_once(source, tmp_pa
     assert linear_flops(spec, 300, 7) == 2 * (300 * linear + 7 * head)
     if source == "llama-3.1-8b":
         assert linear == 6_979_321_856
+
+
+def _keys(first: int, end: int) -> int:
+    """Keys read by the tokens at positions first .. end - 1 (each its position + 1)."""
+    return (end * (end + 1) - first * (first + 1)) // 2
+
+
+@pytest.mark.parametrize("shared, degree, requests, sharing, limit", [
+    (2000, 16, 1024, True, 121), (2000, 4, 1024, True, 66), (16000, 16, 256, True, 31), (2000, 16, 1024, False, 23),
+])
+def test_compute_limit_gives_issue_14s_numbers(shared, degree, requests, sharing, limit):
+    """The Llama-3.1-8B shape at 780 TFLOP/s on the issue's workloads (200 distinct prompt tokens, 100 output
+    tokens each): what the scheduler would count for a run with perfect sharing (each group's prefix computed
+    once) or none gives the compute limits issue 14's table states (121, 66, 31 and 23 req/s)."""
+    from batchllm.bench import _compute_limit
+
+    spec = read_model_spec(CONFIGS / "llama-3.1-8b")
+    own, out, groups = 200, 100, requests // degree
+    if sharing:
+        prefill = groups * shared + requests * own
+        keys = groups * _keys(0, shared) + requests * _keys(shared, shared + own + out - 1)
+    else:
+        prefill = requests * (shared + own)
+        keys = requests * _keys(0, shared + own + out - 1)
+    stats = dict(prefill_tokens_computed=prefill, decode_tokens=requests * (out - 1), attended_keys=keys,
+                 num_requests=requests)
+    got = _compute_limit(spec, stats, requests * out, 780.0, wall_s=2.0)
+    assert round(got["compute_limit_requests_per_s"]) == limit
+    assert got["compute_limit_share"] == pytest.approx(requests / got["compute_limit_requests_per_s"] / 2.0)
