@@ -67,8 +67,9 @@ class SchedulerStats:
     decode_tokens: int = 0
     attended_keys: int = 0
     """Over every token computed (prefill and decode), the keys its attention reads: its position + 1
-    (causal; a member's shared prefix counted as its own keys). 4 x heads x head dim x layers times
-    this is the run's attention FLOPs (`bench.attention_flops`)."""
+    (causal; a member's shared prefix counted as its own keys; a sliding window, which reads fewer, is
+    not taken into account). 4 x heads x head dim x layers times this is the run's attention FLOPs
+    (`bench.attention_flops`)."""
     num_preemptions: int = 0
     num_prefix_releases: int = 0
     """Shared prefixes released before their members finished, to unblock the batch."""
