@@ -127,7 +127,8 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     s.update(model_tflops_per_s=2 * num_params * computed / wall / 1e12, num_params=num_params)
     if matmul_peak_tflops:
         s.update(mfu=s["model_tflops_per_s"] / matmul_peak_tflops, matmul_peak_tflops=matmul_peak_tflops)
-        s.update(_compute_limit(llm.model_spec, s, sum(workload.max_tokens), matmul_peak_tflops, wall))
+        gpus = llm.config.parallel.tensor_parallel_size  # the limit is the whole model's on every GPU it runs on
+        s.update(_compute_limit(llm.model_spec, s, sum(workload.max_tokens), matmul_peak_tflops * gpus, wall))
     s.update(_rates(s, workload, wall), tokens_per_step=[r.num_tokens for r in engine.core.step_log[-s["num_steps"]:]])
     return s
 
@@ -392,8 +393,9 @@ def attention_flops(spec, attended_keys: int) -> float:
 
 def _compute_limit(spec, stats: dict, tokens_sampled: int, peak_tflops: float, wall_s: float) -> dict[str, float]:
     """Issue 14's compute limit of the run: its linear and attention FLOPs (on the tokens it computed:
-    with the plan's sharing, that is the limit's perfect sharing unless it preempted) at the measured
-    matmul peak, as requests/s, and the share of it the run reached."""
+    with the plan's sharing, that is the limit's perfect sharing unless it preempted) at `peak_tflops`
+    (the measured matmul peak of every GPU the model runs on), as requests/s, and the share of it the
+    run reached."""
     flops = (linear_flops(spec, stats["prefill_tokens_computed"] + stats["decode_tokens"], tokens_sampled)
              + attention_flops(spec, stats["attended_keys"]))
     limit_s = flops / (peak_tflops * 1e12)

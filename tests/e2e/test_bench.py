@@ -121,3 +121,19 @@ def test_attended_keys_do_not_depend_on_how_prefill_is_chunked(tiny_model_factor
     [row] = json.loads(out.read_text())["results"]
     assert row["mean_tokens_per_step"] <= 16 and row["num_steps"] > 12
     assert row["attended_keys"] == 3 * _keys(0, 48) + 12 * _keys(48, 61)
+
+
+def test_run_workload_reports_the_runs_compute_limit_at_a_given_peak(tiny_model_factory):
+    """With a matmul peak (measured on CUDA; given here), a run reports its compute limit: its linear and
+    attention FLOPs at that peak, as requests/s, and the share of it its wall time reached."""
+    from batchllm import LLM
+    from batchllm.bench import attention_flops, linear_flops, run_workload, shared_prefix_workload
+
+    llm = LLM(tiny_model_factory("llama"), skip_tokenizer_init=True)
+    workload = shared_prefix_workload(48, 8, 4, 8, 5, llm.model_spec.vocab_size)
+    stats = run_workload(llm, workload, matmul_peak_tflops=0.5)
+    computed = stats["prefill_tokens_computed"] + stats["decode_tokens"]
+    flops = linear_flops(llm.model_spec, computed, 8 * 5) + attention_flops(llm.model_spec, stats["attended_keys"])
+    assert stats["attended_keys"] == 2 * _keys(0, 48) + 8 * _keys(48, 48 + 8 + 5 - 1)
+    assert stats["compute_limit_requests_per_s"] == pytest.approx(8 / (flops / 0.5e12))
+    assert stats["compute_limit_share"] == pytest.approx(flops / 0.5e12 / stats["wall_s"])  # (wall_s: the run's)
