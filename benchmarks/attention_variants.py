@@ -63,6 +63,7 @@ from batchllm.attention.triton_backend import (  # noqa: E402
     _merge_partials_kernel,
     dot_head_dim,
     next_power_of_2,
+    tma_descriptors,
 )
 from benchmarks.attention_bench import causal_flops, sdpa_ms, time_ms  # noqa: E402
 from tests.attention_cases import random_case  # noqa: E402
@@ -321,7 +322,7 @@ class VariantBackend:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         t = plan.tensors
         for launch in plan.launches:
-            k_desc, v_desc = self._descriptors(k_cache, v_cache, launch.tile.block_n, head_dim)
+            k_desc, v_desc = self._descriptors(kv_cache, launch.tile.block_n, head_dim)
             _variant_kernel[(launch.grid, num_kv_heads)](
                 query, k_cache, v_cache, k_desc, v_desc, out, plan.part_out, plan.part_lse,
                 metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
@@ -348,20 +349,14 @@ class VariantBackend:
             )
         return out
 
-    def _descriptors(self, k_cache, v_cache, block_n: int, head_dim: int):
-        """TMA: descriptors of the caches as [blocks * block_size, kv_heads * head_dim], tiles
-        [block_n, head_dim]; otherwise the caches themselves (the kernel ignores them)."""
+    def _descriptors(self, kv_cache, block_n: int, head_dim: int):
+        """TMA: the engine's descriptors of the caches (`tma_descriptors`: [blocks * block_size, kv_heads *
+        head_dim], tiles [block_n, head_dim]); otherwise the caches themselves (the kernel ignores them)."""
         if not self.switches["TMA"]:
-            return k_cache, v_cache
+            return kv_cache[0], kv_cache[1]
         if dot_head_dim(head_dim) != head_dim:
             raise NotApplicable(f"TMA tiles need the head dim unpadded, not {head_dim}")
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        def describe(cache):
-            rows = cache.view(cache.shape[0] * cache.shape[1], cache.shape[2] * cache.shape[3])
-            return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block_n, head_dim])
-
-        return describe(k_cache), describe(v_cache)
+        return tma_descriptors(kv_cache, block_n)
 
     @staticmethod
     def _check_scalar_tiles(plan, block_size: int) -> None:
