@@ -401,35 +401,31 @@ def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
 
+ONLY_RUNS = {  # flag: (what it runs instead of the default rows, its help)
+    "--prefill-sweep": (prefill_sweep, "only the mixed-step launch sweep"),
+    "--decode-sweep": (decode_sweep, "only the decode-heavy decode-tile sweep"),
+    "--decode-sweep-fp8": (decode_sweep_fp8, "only the decode-tile sweep over an fp8 cache"),
+    "--decode-fp8-cache": (fp8_cache_rows, "only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, "
+                           "FP8 attention; then the prefill cases the same three ways"),
+    "--fp8-layout": (fp8_layout_rows, "only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- "
+                     "and 64-token blocks (the latter's fp8 V keys-major), with and without FP8 attention"),
+    "--launch-order": (launch_order_rows, "only the prefill cases and decode-heavy steps with each launch's items in "
+                       "plan order and longest first"),
+    "--tma": (tma_rows, "only the prefill cases, a mixed step and the decode-heavy steps on 16-token blocks, 64-token "
+              "blocks, and 64-token blocks whose tiles load by TMA"),
+    "--tma-fp8": (tma_fp8_rows, "only the prefill cases, a mixed step and the decode-heavy steps over an fp8 cache of "
+                  "64-token blocks with and without TMA (and FP8 attention), against the bf16 default"),
+}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--json-out", default=None)
-    parser.add_argument("--prefill-sweep", action="store_true", help="only the mixed-step launch sweep")
-    parser.add_argument("--decode-sweep", action="store_true", help="only the decode-heavy decode-tile sweep")
-    parser.add_argument("--decode-sweep-fp8", action="store_true", help="only the decode-tile sweep over an fp8 cache")
-    parser.add_argument("--decode-fp8-cache", action="store_true",
-                        help="only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, FP8 "
-                        "attention; then the prefill cases the same three ways")
-    parser.add_argument("--fp8-layout", action="store_true",
-                        help="only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- and "
-                        "64-token blocks (the latter's fp8 V keys-major), with and without FP8 attention")
-    parser.add_argument("--launch-order", action="store_true",
-                        help="only the prefill cases and decode-heavy steps with each launch's items in plan order "
-                        "and longest first")
-    parser.add_argument("--tma", action="store_true",
-                        help="only the prefill cases, a mixed step and the decode-heavy steps on 16-token blocks, "
-                        "64-token blocks, and 64-token blocks whose tiles load by TMA")
-    parser.add_argument("--tma-fp8", action="store_true",
-                        help="only the prefill cases, a mixed step and the decode-heavy steps over an fp8 cache of "
-                        "64-token blocks with and without TMA (and FP8 attention), against the bf16 default")
+    for flag, (_, help_text) in ONLY_RUNS.items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     args = parser.parse_args()
     print(torch.cuda.get_device_name(0), flush=True)
-    only = [run for flag, run in ((args.prefill_sweep, prefill_sweep), (args.decode_sweep, decode_sweep),
-                                  (args.decode_sweep_fp8, decode_sweep_fp8),
-                                  (args.decode_fp8_cache, fp8_cache_rows), (args.fp8_layout, fp8_layout_rows),
-                                  (args.launch_order, launch_order_rows), (args.tma, tma_rows),
-                                  (args.tma_fp8, tma_fp8_rows))
-            if flag]
+    only = [run for flag, (run, _) in ONLY_RUNS.items() if getattr(args, flag[2:].replace("-", "_"))]
     if only:
         for run in only:
             run()
