@@ -72,11 +72,7 @@ def default_block_size(kv_dtype: torch.dtype, device: torch.device, head_dim: in
     an H200 1.15-1.37x faster prefill attention, 1.02-1.07x the engine: docs/benchmarks.md, session
     14); 16 tokens otherwise (64 measured no faster without TMA, and smaller blocks share prefixes at
     a finer grain)."""
-    if kv_dtype == FP8:
-        return KEYS_MAJOR_BLOCK
-    if tma_by_default(kv_dtype, device, head_dim):
-        return KEYS_MAJOR_BLOCK
-    return 16
+    return KEYS_MAJOR_BLOCK if kv_dtype == FP8 or tma_by_default(kv_dtype, device, head_dim) else 16
 
 
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
