@@ -63,6 +63,12 @@ def make_tiny_model(name: str, out_dir: Path, *, tokenizer_dir: Path | None = No
     return out_dir
 
 
+def keys_attended(first: int, end: int) -> int:
+    """Keys read by the tokens at positions first .. end - 1, each its position + 1 (causal attention:
+    what `SchedulerStats.attended_keys` adds up)."""
+    return (end * (end + 1) - first * (first + 1)) // 2
+
+
 def hf_greedy(
     model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, *, stop_at_eos: bool = True
 ) -> list[list[int]]:

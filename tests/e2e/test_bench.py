@@ -8,12 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchllm.cli import main
-from tests.helpers import benchmark_module
-
-
-def _keys(first: int, end: int) -> int:
-    """Keys read by the tokens at positions first .. end - 1, each its position + 1."""
-    return sum(p + 1 for p in range(first, end))
+from tests.helpers import benchmark_module, keys_attended
 
 
 def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, tmp_path):
@@ -31,8 +26,8 @@ def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, 
     assert nosharing["prefill_tokens_computed"] - sharing["prefill_tokens_computed"] == 3 * 3 * 48
     # keys attended (each computed token: its position + 1), positions 0 .. 48 + 8 + 6 - 2: with sharing the
     # prefix's 0 .. 47 once per group
-    assert nosharing["attended_keys"] == 12 * _keys(0, 61)
-    assert sharing["attended_keys"] == 3 * _keys(0, 48) + 12 * _keys(48, 61)
+    assert nosharing["attended_keys"] == 12 * keys_attended(0, 61)
+    assert sharing["attended_keys"] == 3 * keys_attended(0, 48) + 12 * keys_attended(48, 61)
     assert report["kv_blocks"] > 0
 
 
@@ -120,7 +115,7 @@ def test_attended_keys_do_not_depend_on_how_prefill_is_chunked(tiny_model_factor
     assert code == 0
     [row] = json.loads(out.read_text())["results"]
     assert row["mean_tokens_per_step"] <= 16 and row["num_steps"] > 12
-    assert row["attended_keys"] == 3 * _keys(0, 48) + 12 * _keys(48, 61)
+    assert row["attended_keys"] == 3 * keys_attended(0, 48) + 12 * keys_attended(48, 61)
 
 
 def test_run_workload_reports_the_runs_compute_limit_at_a_given_peak(tiny_model_factory):
@@ -134,6 +129,6 @@ def test_run_workload_reports_the_runs_compute_limit_at_a_given_peak(tiny_model_
     stats = run_workload(llm, workload, matmul_peak_tflops=0.5)
     computed = stats["prefill_tokens_computed"] + stats["decode_tokens"]
     flops = linear_flops(llm.model_spec, computed, 8 * 5) + attention_flops(llm.model_spec, stats["attended_keys"])
-    assert stats["attended_keys"] == 2 * _keys(0, 48) + 8 * _keys(48, 48 + 8 + 5 - 1)
+    assert stats["attended_keys"] == 2 * keys_attended(0, 48) + 8 * keys_attended(48, 48 + 8 + 5 - 1)
     assert stats["compute_limit_requests_per_s"] == pytest.approx(8 / (flops / 0.5e12))
     assert stats["compute_limit_share"] == pytest.approx(flops / 0.5e12 / stats["wall_s"])  # (wall_s: the run's)

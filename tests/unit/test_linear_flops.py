@@ -11,7 +11,7 @@ import torch
 
 from batchllm.bench import linear_flops
 from batchllm.models.spec import read_model_spec
-from tests.helpers import TINY_CONFIGS, VOCAB
+from tests.helpers import TINY_CONFIGS, VOCAB, keys_attended
 
 CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 
@@ -51,11 +51,6 @@ def test_linear_flops_count_every_projection_and_the_lm_head_once(source, tmp_pa
         assert linear == 6_979_321_856
 
 
-def _keys(first: int, end: int) -> int:
-    """Keys read by the tokens at positions first .. end - 1 (each its position + 1)."""
-    return (end * (end + 1) - first * (first + 1)) // 2
-
-
 @pytest.mark.parametrize("shared, degree, requests, sharing, limit", [
     (2000, 16, 1024, True, 121), (2000, 4, 1024, True, 66), (16000, 16, 256, True, 31), (2000, 16, 1024, False, 23),
 ])
@@ -69,10 +64,10 @@ def test_compute_limit_gives_issue_14s_numbers(shared, degree, requests, sharing
     own, out, groups = 200, 100, requests // degree
     if sharing:
         prefill = groups * shared + requests * own
-        keys = groups * _keys(0, shared) + requests * _keys(shared, shared + own + out - 1)
+        keys = groups * keys_attended(0, shared) + requests * keys_attended(shared, shared + own + out - 1)
     else:
         prefill = requests * (shared + own)
-        keys = requests * _keys(0, shared + own + out - 1)
+        keys = requests * keys_attended(0, shared + own + out - 1)
     stats = dict(prefill_tokens_computed=prefill, decode_tokens=requests * (out - 1), attended_keys=keys,
                  num_requests=requests)
     got = _compute_limit(spec, stats, requests * out, 780.0, wall_s=2.0)
