@@ -420,6 +420,43 @@ KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first matc
 )
 
 
+def kernel_category(name: str) -> str:
+    """The KERNEL_CATEGORIES entry of a kernel (or, on CPU, op) name; "other" if none matches."""
+    return next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
+
+
+def time_by_step_kind(events, cuda: bool) -> dict[str, dict[str, float]]:
+    """Time (microseconds) per step kind ("decode", "prefill": `step_markers.step_kind`) and kernel
+    category, from a profile's `events()` of a run whose steps the runner marked
+    (`ModelRunner.annotate_steps`). On CUDA a step's kernels are those from its marker kernel to
+    the next (`kernels_by_step_kind`); on CPU, the ops inside its host range (their own CPU time)."""
+    from torch.autograd import DeviceType
+
+    from batchllm.runner.step_markers import STEP_ANNOTATION, kernels_by_step_kind
+
+    if cuda:
+        device = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
+                  if e.device_type == DeviceType.CUDA and not e.name.startswith(STEP_ANNOTATION)]
+        timed = kernels_by_step_kind(device)
+    else:
+        timed = {}
+        for step in events:
+            if step.device_type == DeviceType.CPU and step.name.startswith(STEP_ANNOTATION):
+                ops = timed.setdefault(step.name[len(STEP_ANNOTATION):], [])
+                stack = list(step.cpu_children)
+                while stack:
+                    op = stack.pop()
+                    stack.extend(op.cpu_children)
+                    ops.append((op.name, op.self_cpu_time_total))
+    split: dict[str, dict[str, float]] = {}
+    for kind, named in timed.items():
+        categories = split.setdefault(kind, {})
+        for name, t in named:
+            category = kernel_category(name)
+            categories[category] = categories.get(category, 0.0) + t
+    return split
+
+
 def _profile_host(llm, workload: Workload, path: str) -> None:
     """Run the workload under cProfile; write the 40 functions with the most own (host) time."""
     import cProfile
@@ -442,23 +479,38 @@ def _profile_kernels(llm, workload: Workload, path: str, peak: float | None = No
     time goes: per category (KERNEL_CATEGORIES), the rate the matmul kernels reached on the run's
     linear FLOPs (`linear_flops`; against `peak`, the measured bf16 matmul peak, where given), and
     the top kernels. Not a throughput run."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    from batchllm.runner.step_markers import MARKER_KERNELS, STEP_ANNOTATION
+
     cuda = llm.engine.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        stats = run_workload(llm, workload)
+    runner = llm.engine.runner
+    runner.annotate_steps = True
+    try:
+        # CPU activity on CUDA too: the step ranges, and the ops and launches under them, are host events
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            stats = run_workload(llm, workload)
+    finally:
+        runner.annotate_steps = False
     events = prof.key_averages()  # on CPU: the ops' own CPU time, for a dry run of this code
-    kernels = [(e.key, e.device_time_total if cuda else e.self_cpu_time_total, e.count) for e in events]
+    if cuda:  # the kernels themselves (a host op's device time is that of the kernels it launched)
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [(e.key, e.device_time_total if cuda else e.self_cpu_time_total, e.count) for e in events
+               if not e.key.startswith(STEP_ANNOTATION) and e.key not in MARKER_KERNELS.values()]
     kernels = [k for k in kernels if k[1] > 0]
     total = sum(t for _, t, _ in kernels) or 1.0
     by_category: dict[str, float] = {}
     for name, t, _ in kernels:
-        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
+        category = kernel_category(name)
         by_category[category] = by_category.get(category, 0.0) + t
     lines = [f"{workload.name}: {stats['num_steps']} steps, wall {stats['wall_s']:.2f} s (profiled), "
-             f"{'GPU kernel' if cuda else 'CPU op'} time {total / 1e6:.2f} s"]
+             f"{'GPU kernel' if cuda else 'CPU op'} time {total / 1e6:.3f} s"]
     lines += [f"  {c:<32} {t / 1e6:8.3f} s {100 * t / total:5.1f}%" for c, t in sorted(by_category.items(),
                                                                                       key=lambda kv: -kv[1])]
+    for kind, categories in sorted(time_by_step_kind(prof.events(), cuda).items()):
+        lines.append(f"  in {kind} steps: {sum(categories.values()) / 1e6:.3f} s: " + ", ".join(
+            f"{c} {t / 1e6:.3f} s" for c, t in sorted(categories.items(), key=lambda kv: -kv[1])))
     lines.append(_matmul_rate(llm.model_spec, stats, sum(workload.max_tokens), by_category.get("matmul", 0.0), peak))
     lines.append(_attention_rate(llm.model_spec, stats, by_category.get("attention", 0.0)))
     lines.append("top kernels (total ms, calls, name):")

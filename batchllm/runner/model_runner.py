@@ -20,6 +20,7 @@ the next step. Only rank 0's outputs are read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch
 from batchllm.runner.cuda_graphs import DecodeGraphs
+from batchllm.runner.step_markers import mark_step
 from batchllm.structured import GrammarBackend, GrammarState
 
 logger = logging.getLogger(__name__)
@@ -149,6 +151,8 @@ class ModelRunner:
         self.gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         """Set to [] (CUDA only) to record events around every step's forward and sampling, from
         which the benchmark tells how long the GPU sat idle between steps."""
+        self.annotate_steps = False
+        """Set (while profiling) to mark each step's device work with its kind (`step_markers.py`)."""
         self.decode_graphs: DecodeGraphs | None = None
         """Set once, by `setup_decode_graphs` while the engine is built; None: every step runs eagerly."""
         self.num_graph_steps = 0
@@ -177,6 +181,19 @@ class ModelRunner:
         step = self._host_inputs(batch)
         extras = self._sampling_extras(step.sample_rows)  # host work, while the step before runs
         graph_size = self._prepare_graph_step(step)
+        with self._step_annotation(batch):
+            sampled, prompt = self._forward_and_sample(step, graph_size, extras)
+        ids = [s.request_id for _, s in step.sample_rows]
+        if self.tp is not None and not self.tp.is_driver:
+            sampled = None  # a follower's tokens are never read: no copy to the host
+        return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
+                                   None if prompt is None else prompt.to_host())
+
+    def _forward_and_sample(self, step: StepInputs, graph_size: int | None,
+                            extras: tuple) -> tuple[SampledTokens | None, PromptLogprobTensors | None]:
+        """Run the step's forward (eagerly, or as the decode graph of `graph_size` whose buffers
+        `_prepare_graph_step` wrote), sample its sampling rows and compute any prompt logprobs, all
+        queued on the device. Sets `_previous_tokens` to what this step samples."""
         if graph_size is None:
             input_ids, positions, metadata, rows = self._device_inputs(step)
         else:
@@ -191,10 +208,9 @@ class ModelRunner:
             hidden = self.decode_graphs.replay(graph_size)
             self.num_graph_steps += 1
         sample_rows = step.sample_rows
-        ids = [s.request_id for _, s in sample_rows]
         if sample_rows:
             sampled = self._sample(hidden[rows], sample_rows, extras)
-            self._previous_tokens = (sampled.tokens, {rid: i for i, rid in enumerate(ids)})
+            self._previous_tokens = (sampled.tokens, {s.request_id: i for i, (_, s) in enumerate(sample_rows)})
         else:
             sampled = None
             self._previous_tokens = (None, {})
@@ -206,10 +222,12 @@ class ModelRunner:
             ended = torch.cuda.Event(enable_timing=True)
             ended.record()
             timeline.append((started, ended))
-        if self.tp is not None and not self.tp.is_driver:
-            sampled = None  # a follower's tokens are never read: no copy to the host
-        return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
-                                   None if prompt is None else prompt.to_host())
+        return sampled, prompt
+
+    def _step_annotation(self, batch: ScheduledBatch) -> contextlib.AbstractContextManager:
+        """While `annotate_steps` is set: the step's profiling marks (`step_markers.mark_step`);
+        otherwise a context that does nothing."""
+        return mark_step(batch, self.device) if self.annotate_steps else contextlib.nullcontext()
 
     def follow(self) -> None:
         """A follower's loop: run rank 0's steps until it stops."""

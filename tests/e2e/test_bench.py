@@ -103,6 +103,11 @@ def test_bench_profile_counts_the_linear_flops_of_the_profiled_requests(tiny_mod
     assert int(computed) >= 8 * (8 + 5)  # each request's own 8 prompt tokens and 5 decoded, at least
     assert float(tflop) == pytest.approx(linear_flops(read_model_spec(Path(model)), int(computed), 48) / 1e12,
                                          rel=1e-5)
+    total = float(re.search(r"CPU op time (\S+) s", text).group(1))
+    kinds = {k: (float(t), rest) for k, t, rest in re.findall(r"in (decode|prefill) steps: (\S+) s: (.*)", text)}
+    assert set(kinds) == {"decode", "prefill"}  # 5 decode-only steps after the prompts
+    assert all("matmul" in rest for _, rest in kinds.values())  # each step kind's range holds its own ops
+    assert 0 < sum(t for t, _ in kinds.values()) <= total + 0.0015  # (each printed to the millisecond)
 
 
 def test_attended_keys_do_not_depend_on_how_prefill_is_chunked(tiny_model_factory, tmp_path):

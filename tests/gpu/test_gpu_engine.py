@@ -75,3 +75,28 @@ def test_shutdown_gives_the_device_memory_back(tiny_dir):
     assert torch.cuda.memory_allocated() - before > 2**31  # the KV cache alone is 2 GiB
     llm.shutdown()
     assert torch.cuda.memory_allocated() - before < 2**24
+
+
+def test_profile_splits_kernel_time_between_decode_and_prefill_steps(tiny_dir):
+    """The runner's step markers on CUDA: in a profile, each kind of step holds its own attention and
+    matmul kernels (Triton's and cuBLAS's, eager and CUDA-graph), and together the steps hold nearly
+    all of the run's kernel time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from batchllm.bench import time_by_step_kind
+
+    llm = LLM(tiny_dir, device="cuda", dtype="bfloat16", skip_tokenizer_init=True, max_num_batched_tokens=64,
+              block_size=16, kv_cache_memory_gib=1)
+    prompts = [{"prompt_token_ids": list(range(10, 110)) + [200 + i]} for i in range(8)]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # compiles outside the profile
+    llm.engine.runner.annotate_steps = True
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    split = time_by_step_kind(prof.events(), cuda=True)
+    assert set(split) == {"decode", "prefill"}
+    for categories in split.values():
+        assert categories.get("attention", 0) > 0 and categories.get("matmul", 0) > 0
+    kernels = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
+                  and not e.name.startswith("batchllm step"))
+    assert sum(sum(c.values()) for c in split.values()) >= 0.9 * kernels
