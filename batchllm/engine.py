@@ -169,11 +169,13 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend
     if use_triton(mc.attention_backend, device, "attention_backend"):
-        from batchllm.attention.triton_backend import TritonBackend, decode_tile_for
+        from batchllm.attention.triton_backend import TritonBackend, decode_tile_for, tma_by_default
 
+        tma = tma_by_default(kv_spec.dtype, device, spec.head_dim)  # (the backend's own choice: tma=None)
         backend = TritonBackend(use_prefix_groups=mc.shared_prefix_attention,
                                 fused_store=use_triton(mc.kv_store, device, "kv_store"), fp8_attention=mc.fp8_attention,
-                                decode_tile=decode_tile_for(kv_spec.dtype, kv_spec.block_size, dtype, spec.head_dim))
+                                decode_tile=decode_tile_for(kv_spec.dtype, kv_spec.block_size, dtype, spec.head_dim,
+                                                            tma=tma))
     else:
         if mc.kv_store == "triton":  # the one-kernel store is the Triton attention's
             raise ValueError("kv_store='triton' needs the Triton attention (attention_backend 'triton', or 'auto' "

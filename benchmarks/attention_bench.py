@@ -13,6 +13,8 @@ With --decode-sweep: only the decode steps of the decode-heavy workload (`batchl
 decodeheavy`), per tile of the one-query and prefix launches (`TritonBackend(decode_tile=...)`) and with
 split-K per launch (`split_per_launch`), in GB/s of distinct KV read; the last line names the best.
 With --decode-sweep-fp8: the same tiles and a few wider ones over an fp8 cache.
+With --decode-sweep-64: the same tiles over 64-token blocks of a bf16 cache (loaded by TMA, as the engine
+does on Hopper), on the decode-heavy steps and a decode step of the 16K workload.
 With --fp8-layout: the decode-heavy steps and the prefill cases over bf16 and fp8 caches of 16- and
 64-token blocks (an fp8 cache of 64-token blocks keeps V keys-major), with and without FP8 attention.
 With --launch-order: the prefill cases, a mixed step and the decode-heavy steps with each launch's items
@@ -397,6 +399,20 @@ def tma_fp8_rows():
             "fp8_tma_vs_bf16_tma": round(sums["bf16_tma"] / sums["fp8_tma"], 3)})
 
 
+def decode_sweep_blocks64():
+    """The decode tiles (DECODE_TILES) over a bf16 cache of 64-token blocks, whose tiles load by TMA
+    (the Hopper default), on the decode-heavy steps and on one decode step of the 16K workload (256
+    sequences in groups of 16 sharing 16,000 positions, 250 own); the last row names the best tile."""
+    cases = decode_step_cases(64)
+    specs = degree16(256, 16000, 250)
+    cases.append(("16k", specs, random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)))
+    totals = sweep_tiles(cases, fp8=False)
+    best = min(totals, key=totals.get)
+    report({"case": "decode sweep best, 64-token blocks (TMA)", "tile": [best.block_n, best.num_warps, best.num_stages],
+            "default_sum_ms": round(totals[DECODE_TILE], 4), "best_sum_ms": round(totals[best], 4),
+            "gain": round(totals[DECODE_TILE] / totals[best], 3)})
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -405,6 +421,8 @@ ONLY_RUNS = {  # flag: (what it runs instead of the default rows, its help)
     "--prefill-sweep": (prefill_sweep, "only the mixed-step launch sweep"),
     "--decode-sweep": (decode_sweep, "only the decode-heavy decode-tile sweep"),
     "--decode-sweep-fp8": (decode_sweep_fp8, "only the decode-tile sweep over an fp8 cache"),
+    "--decode-sweep-64": (decode_sweep_blocks64, "only the decode-tile sweep over a bf16 cache of 64-token blocks "
+                          "(TMA), on the decode-heavy steps and a 16K decode step"),
     "--decode-fp8-cache": (fp8_cache_rows, "only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, "
                            "FP8 attention; then the prefill cases the same three ways"),
     "--fp8-layout": (fp8_layout_rows, "only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- "

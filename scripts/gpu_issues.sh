@@ -48,8 +48,12 @@
 #       the attention benchmark (`--tma-fp8`), then issue 16's ratios on the paper workload and 16K
 #       (bf16, FP8 weights, + fp8 cache, + FP8 attention) (~9 min)
 #   PART=profileprefill bash scripts/gpu_issues.sh   where the GPU time of the shared-prefix workloads goes (degree 16,
-#       degree 4, 16K; `--profile-out` on their first 256 requests: time per kernel category and the rate the matmul
-#       kernels reach on the run's linear FLOPs, against the measured peak) (~4 min)
+#       degree 4, 16K; `--profile-out` over each whole workload (NPROF=n: its first n requests): time per kernel
+#       category, split between decode-only steps and steps with prefill, and the rates the matmul and attention
+#       kernels reach on the run's FLOPs, against the measured peak) (~6 min)
+#   PART=decodetile bash scripts/gpu_issues.sh   DECODE_TILE_TMA (the decode tile over TMA tiles) against the tile
+#       before it, engine A/B on 16K, degree 16 and decode-heavy, alternating processes (~7 min; WORKLOADS=
+#       a subset of "16k deg16 decode")
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -178,12 +182,23 @@ tmafp8)
       --json-out "$OUT/tmafp8_16k.json"
   ;;
 profileprefill)
-  bench prof_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing --profile-out "$OUT/prof_paper.txt" \
+  PROF=(--profile-requests "${NPROF:-1024}")
+  bench prof_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing "${PROF[@]}" --profile-out "$OUT/prof_paper.txt" \
       --json-out "$OUT/prof_paper.json"
-  bench prof_deg4 "${M8D[@]}" "${PAPER[@]}" --degree 4 --configs sharing --profile-out "$OUT/prof_deg4.txt" \
+  bench prof_deg4 "${M8D[@]}" "${PAPER[@]}" --degree 4 --configs sharing "${PROF[@]}" --profile-out "$OUT/prof_deg4.txt" \
       --json-out "$OUT/prof_deg4.json"
-  bench prof_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs sharing \
+  bench prof_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs sharing "${PROF[@]}" \
       --profile-out "$OUT/prof_16k.txt" --json-out "$OUT/prof_16k.json"
+  ;;
+decodetile)
+  OLD_TILE="import sys, batchllm.attention.triton_backend as t; t.DECODE_TILE_TMA = t.DECODE_TILE
+from batchllm.cli import main; sys.exit(main(sys.argv[1:]))"
+  for w in ${WORKLOADS:-16k deg16 decode}; do
+    case $w in 16k) W=("${PAPER[@]}" --shared 16000 --requests 256);; deg16) W=("${PAPER[@]}");; decode) W=("${DECODE[@]}");; esac
+    bench "tile_new_$w" "${M8D[@]}" "${W[@]}" --configs sharing --json-out "$OUT/tile_new_$w.json"
+    T=${T:-3000}; timeout "$T" python3 -c "$OLD_TILE" bench "${M8D[@]}" "${W[@]}" --configs sharing \
+        --json-out "$OUT/tile_old_$w.json" > "$OUT/tile_old_$w.log" 2>&1; grep -E "req/s|Error" "$OUT/tile_old_$w.log"; pack
+  done
   ;;
 profile)
   bench prof_decode_bf16 "${M8D[@]}" "${DECODE[@]}" --configs sharing --profile-out "$OUT/prof_decode_bf16.txt" \

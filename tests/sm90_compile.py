@@ -37,10 +37,13 @@ VARIANTS = {
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
     "fp8-dots-vt-block64-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 64, 64, 8, 3,
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
-    # 64-token blocks of a bf16 cache, K and V by TMA (TMA_PREFILL_LAUNCH; the decode tile)
+    # 64-token blocks of a bf16 cache, K and V by TMA (TMA_PREFILL_LAUNCH; DECODE_TILE_TMA's one-query and
+    # prefix programs)
     "bf16-cache-tma-block64-prefill-d128": ("bf16", False, False, 4, 4, 128, 32, 64, 4, 3,
                                             dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)),
-    "bf16-cache-tma-block64-decode-d128": ("bf16", False, False, 4, 4, 128, 1, 64, 4, 2,
+    "bf16-cache-tma-block64-decode-d128": ("bf16", False, False, 4, 4, 128, 1, 64, 4, 3,
+                                           dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)),
+    "bf16-cache-tma-block64-prefix-d128": ("bf16", False, False, 4, 4, 128, 16, 64, 4, 3,
                                            dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)),
     # an fp8 cache of 64-token blocks (V keys-major) by TMA: cast up, and with FP8 dots
     "fp8-cache-tma-vt-block64-prefill-bf16-d128": ("bf16", True, False, 4, 4, 128, 32, 64, 4, 3, FP8_TMA_BLOCK64),

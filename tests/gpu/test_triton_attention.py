@@ -120,20 +120,24 @@ TMA_CASES = [  # name, specs, heads, kv heads, head dim (64-token blocks)
 ]
 
 
+@pytest.mark.parametrize("decode_tile", ["DECODE_TILE", "DECODE_TILE_TMA"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim", TMA_CASES, ids=[c[0] for c in TMA_CASES])
-def test_tma_tiles_match_reference_and_read_no_unwritten_slot(name, specs, heads, kv_heads, head_dim, dtype):
+def test_tma_tiles_match_reference_and_read_no_unwritten_slot(name, specs, heads, kv_heads, head_dim, dtype,
+                                                              decode_tile):
     """On Hopper a 16-bit cache of 64-token blocks loads its unmasked tiles by TMA (the default,
     `TritonBackend(tma=None)`): prefill, prefix, suffix and decode items against the reference, with
     NaN in every slot no sequence holds (whole boxes are loaded only where every key is written), and
-    against the same kernel without TMA."""
+    against the same kernel without TMA; the one-query and prefix programs at the engine's tile for TMA
+    tiles (DECODE_TILE_TMA) and at DECODE_TILE."""
+    from batchllm.attention import triton_backend
     from batchllm.attention.triton_backend import TritonBackend
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9 (Hopper) or later")
     q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, dtype, seed=7)
     poison_unwritten_slots(cache, md)
-    backend = TritonBackend(min_members=1, min_shared=1)
+    backend = TritonBackend(min_members=1, min_shared=1, decode_tile=getattr(triton_backend, decode_tile))
     assert backend.uses_tma(cache, head_dim)
     items = check_against_reference(backend, q, k, v, cache, md, head_dim ** -0.5)
     assert name != "groups-and-decode" or items.num_group_items > 0, "the prefix-shared path ran"

@@ -40,7 +40,8 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
     assert not plain["e4m3_mma"] and plain["e4m3_to_f16_casts"] == 0
     # a bf16 cache of 64-token blocks: the unmasked tiles' K and V come by TMA (the masked tiles, which
     # may hold unwritten keys, keep masked pointer loads: async copies remain)
-    for name in ("bf16-cache-tma-block64-prefill-d128", "bf16-cache-tma-block64-decode-d128"):
+    for name in ("bf16-cache-tma-block64-prefill-d128", "bf16-cache-tma-block64-decode-d128",
+                 "bf16-cache-tma-block64-prefix-d128"):
         assert report[name]["tma_loads"] > 0, name
     assert plain["tma_loads"] == 0
     # an fp8 cache of 64-token blocks by TMA: cast up, or with FP8 dots straight from shared memory

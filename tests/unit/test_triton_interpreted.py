@@ -546,9 +546,10 @@ def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
 
 def test_engine_takes_the_decode_tile_of_its_cache():
     """DECODE_TILE_FP8 over an fp8 cache of 16-token blocks (where it was measured) and narrow rows;
-    DECODE_TILE over a 16-bit cache, on 64-token blocks (the default tile's one index per tile) and
-    for rows past 256 bytes (the 64-row prefix programs' shared memory: tests/sm90_compile.py)."""
-    from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, decode_tile_for
+    DECODE_TILE_TMA where tiles load by TMA; DECODE_TILE over a 16-bit cache without TMA, on 64-token
+    blocks of an fp8 cache (the default tile's one index per tile) and for rows past 256 bytes (the
+    64-row prefix programs' shared memory: tests/sm90_compile.py)."""
+    from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, DECODE_TILE_TMA, decode_tile_for
     from batchllm.layers.fp8 import FP8
 
     assert DECODE_TILE_FP8 == TileConfig(128, 4, 3)  # the groups-decode-tile-fp8 case's
@@ -557,6 +558,11 @@ def test_engine_takes_the_decode_tile_of_its_cache():
     assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128) == DECODE_TILE
     assert decode_tile_for(FP8, 64, torch.bfloat16, 128) == DECODE_TILE
     assert decode_tile_for(FP8, 16, torch.float32, 256) == decode_tile_for(FP8, 16, torch.bfloat16, 256) == DECODE_TILE
+    # where the tiles load by TMA (a 16-bit cache of 64-token blocks on Hopper): one stage more
+    assert DECODE_TILE_TMA == TileConfig(DECODE_TILE.block_n, DECODE_TILE.num_warps, DECODE_TILE.num_stages + 1)
+    assert decode_tile_for(torch.bfloat16, 64, torch.bfloat16, 128, tma=True) == DECODE_TILE_TMA
+    assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128, tma=True) == DECODE_TILE  # no tile in a block
+    assert decode_tile_for(torch.bfloat16, 64, torch.float32, 256, tma=True) == DECODE_TILE  # wide rows
 
 
 @pytest.mark.parametrize("kv_cache_dtype, block_size, tile", [("fp8", 16, "fp8"), ("auto", 16, "default"),
