@@ -413,7 +413,7 @@ SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fit
 DECODE_TILE = TileConfig(64, 4, 2)  # of the programs with one query per sequence (prefix and one-query items)
 DECODE_TILE_TMA = TileConfig(64, 4, 3)
 """The decode tile where tiles load by TMA (a 16-bit cache of 64-token blocks on Hopper): one more tile
-in flight. On an H200 1.10x DECODE_TILE's speed summed over the decode-heavy run's steps and 1.30x on a
+in flight. On an H200 1.06x DECODE_TILE's speed summed over the decode-heavy run's steps and 1.30x on a
 decode step of the 16K workload (256 sequences in groups of 16 sharing 16,000 positions), with 4 stages no
 faster and wider or narrower tiles slower (`attention_bench.py --decode-sweep-64`, session 16)."""
 DECODE_TILE_FP8 = TileConfig(128, 4, 3)
