@@ -237,10 +237,15 @@ def add_bench_parser(sub) -> None:
                    help="comma list of: " + "; ".join(f"{name} ({what})" for name, (what, _) in CONFIGS.items()))
     r.add_argument("--warmup-requests", type=int, default=8, help="a small run on each engine first, not measured")
     r.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
+    r.add_argument("--peak-tflops", type=float, default=None,
+                   help="the bf16 matmul peak (TFLOP/s) for MFU, the compute limit and the profile's rates, "
+                        "instead of measuring it (an 8192^3 matmul, which varies by a few percent from process to "
+                        "process); also on CPU")
     r.add_argument("--profile-out", default=None,
-                   help="then profile the first --profile-requests requests (last config) and write the GPU "
-                        "time per kernel category here")
-    r.add_argument("--profile-requests", type=int, default=256, help="requests of the profiled runs")
+                   help="then profile the workload (last config; --profile-requests: its first N requests) and "
+                        "write the GPU time per kernel category here")
+    r.add_argument("--profile-requests", type=int, default=None,
+                   help="requests of the profiled runs (default: the whole workload)")
     r.add_argument("--cpu-profile-out", default=None,
                    help="then run the first --profile-requests requests (last config) under cProfile and write "
                         "the host functions with the most own time here")
@@ -308,7 +313,7 @@ def bench_command(args) -> int:
             results.append(_bench_data_parallel(llm, name, args, workload))
         else:
             if not info:
-                peak, info = _device_info(llm.engine)
+                peak, info = _device_info(llm.engine, args.peak_tflops)
             results.append(_bench_engine(llm, name, workload, peak, args, profile=i == len(names) - 1))
         llm.shutdown()  # frees the engine's device memory before the next one is built
         del llm
@@ -318,14 +323,19 @@ def bench_command(args) -> int:
     return 0
 
 
-def _device_info(engine) -> tuple[float | None, dict]:
-    """The bf16 matmul peak (CUDA only; printed) and the run's device facts for the JSON output."""
+def _device_info(engine, given_peak: float | None = None) -> tuple[float | None, dict]:
+    """The bf16 matmul peak (`given_peak`, else measured on CUDA; printed; None on CPU unless given)
+    and the run's device facts for the JSON output."""
     import torch
 
     cuda = engine.device.type == "cuda"
-    peak = measure_matmul_peak_tflops(engine.device) if cuda else None
-    if peak:
-        print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
+    if given_peak:
+        peak = given_peak
+        print(f"bf16 matmul peak (given): {peak:g} TFLOP/s", flush=True)
+    else:
+        peak = measure_matmul_peak_tflops(engine.device) if cuda else None
+        if peak:
+            print(f"bf16 matmul peak (8192^3, random data): {peak:.0f} TFLOP/s", flush=True)
     name = torch.cuda.get_device_name(engine.device) if cuda else str(engine.device)
     return peak, {"device": name, "dtype": str(engine.dtype), "model": str(engine.model_dir),
                   "kv_blocks": engine.kv_spec.num_blocks, "matmul_peak_tflops": peak}
@@ -404,7 +414,8 @@ def _compute_limit(spec, stats: dict, tokens_sampled: int, peak_tflops: float, w
 
 def _profile(llm, workload: Workload, args, peak: float | None) -> None:
     n = args.profile_requests
-    profiled = Workload(f"{workload.name} (first {n})", workload.prompts[:n], workload.max_tokens[:n])
+    profiled = workload if n is None else Workload(f"{workload.name} (first {n})", workload.prompts[:n],
+                                                   workload.max_tokens[:n])
     if args.profile_out:
         _profile_kernels(llm, profiled, args.profile_out, peak)
     if args.cpu_profile_out:
@@ -522,7 +533,7 @@ def _profile_kernels(llm, workload: Workload, path: str, peak: float | None = No
 
 def _matmul_rate(spec, stats: dict, tokens_sampled: int, matmul_us: float, peak: float | None) -> str:
     """One line: the run's linear FLOPs over its matmul kernels' time (microseconds), as TFLOP/s and
-    as a share of the measured peak."""
+    as a share of the bf16 peak (measured, or `--peak-tflops`)."""
     computed = stats["prefill_tokens_computed"] + stats["decode_tokens"]
     flops = linear_flops(spec, computed, tokens_sampled)
     line = f"linear layers over {computed} computed and {tokens_sampled} sampled tokens: {flops / 1e12:.6g} TFLOP"
@@ -530,7 +541,7 @@ def _matmul_rate(spec, stats: dict, tokens_sampled: int, matmul_us: float, peak:
         rate = flops / (matmul_us * 1e-6) / 1e12
         line += f" in {matmul_us / 1e6:.3f} s of matmul kernels: {rate:.0f} TFLOP/s"
         if peak:
-            line += f", {100 * rate / peak:.1f}% of the measured bf16 peak ({peak:.0f})"
+            line += f", {100 * rate / peak:.1f}% of the bf16 peak ({peak:.0f})"
     return line
 
 

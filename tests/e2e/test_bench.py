@@ -137,3 +137,27 @@ def test_run_workload_reports_the_runs_compute_limit_at_a_given_peak(tiny_model_
     assert stats["attended_keys"] == 2 * keys_attended(0, 48) + 8 * keys_attended(48, 48 + 8 + 5 - 1)
     assert stats["compute_limit_requests_per_s"] == pytest.approx(8 / (flops / 0.5e12))
     assert stats["compute_limit_share"] == pytest.approx(flops / 0.5e12 / stats["wall_s"])  # (wall_s: the run's)
+
+
+def test_bench_takes_a_given_matmul_peak_for_mfu_and_the_compute_limit(tiny_model_factory, tmp_path, capsys):
+    """`--peak-tflops` replaces the measured peak (none on CPU): the JSON records it, every row reports MFU
+    and its compute limit at it, and the result line prints the limit's share."""
+    from batchllm.bench import attention_flops, linear_flops
+    from batchllm.models.spec import read_model_spec
+
+    model, out = tiny_model_factory("llama"), tmp_path / "bench.json"
+    code = main(["bench", "--model", model, "--workload", "shared", "--shared", "48", "--distinct", "8",
+                 "--degree", "4", "--requests", "8", "--output", "5", "--configs", "sharing,nosharing",
+                 "--peak-tflops", "0.25", "--json-out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["matmul_peak_tflops"] == 0.25
+    spec = read_model_spec(Path(model))
+    for row in result["results"]:
+        computed = row["prefill_tokens_computed"] + row["decode_tokens"]
+        flops = linear_flops(spec, computed, 8 * 5) + attention_flops(spec, row["attended_keys"])
+        assert row["compute_limit_requests_per_s"] == pytest.approx(8 / (flops / 0.25e12))
+        assert row["mfu"] == pytest.approx(row["model_tflops_per_s"] / 0.25)
+    text = capsys.readouterr().out
+    assert "bf16 matmul peak (given): 0.25 TFLOP/s" in text
+    assert text.count("limit ") == 2
