@@ -184,6 +184,7 @@ class ModelRunner:
         with self._step_annotation(batch):
             sampled, prompt = self._forward_and_sample(step, graph_size, extras)
         ids = [s.request_id for _, s in step.sample_rows]
+        self._previous_tokens = (None if sampled is None else sampled.tokens, {rid: i for i, rid in enumerate(ids)})
         if self.tp is not None and not self.tp.is_driver:
             sampled = None  # a follower's tokens are never read: no copy to the host
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
@@ -192,8 +193,8 @@ class ModelRunner:
     def _forward_and_sample(self, step: StepInputs, graph_size: int | None,
                             extras: tuple) -> tuple[SampledTokens | None, PromptLogprobTensors | None]:
         """Run the step's forward (eagerly, or as the decode graph of `graph_size` whose buffers
-        `_prepare_graph_step` wrote), sample its sampling rows and compute any prompt logprobs, all
-        queued on the device. Sets `_previous_tokens` to what this step samples."""
+        `_prepare_graph_step` wrote), sample its sampling rows (None: the step has none) and compute any
+        prompt logprobs, all queued on the device."""
         if graph_size is None:
             input_ids, positions, metadata, rows = self._device_inputs(step)
         else:
@@ -208,12 +209,7 @@ class ModelRunner:
             hidden = self.decode_graphs.replay(graph_size)
             self.num_graph_steps += 1
         sample_rows = step.sample_rows
-        if sample_rows:
-            sampled = self._sample(hidden[rows], sample_rows, extras)
-            self._previous_tokens = (sampled.tokens, {s.request_id: i for i, (_, s) in enumerate(sample_rows)})
-        else:
-            sampled = None
-            self._previous_tokens = (None, {})
+        sampled = self._sample(hidden[rows], sample_rows, extras) if sample_rows else None
         prompt = None
         if step.prompt_rows:  # only steps where a request asked for prompt logprobs
             prompt = compute_prompt_logprobs(self.model.compute_logits, self.model.full_spec.vocab_size, hidden,
