@@ -436,6 +436,15 @@ def kernel_category(name: str) -> str:
     return next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
 
 
+def time_by_category(timed) -> dict[str, float]:
+    """The summed time of (name, time) pairs per `kernel_category`."""
+    totals: dict[str, float] = {}
+    for name, t in timed:
+        category = kernel_category(name)
+        totals[category] = totals.get(category, 0.0) + t
+    return totals
+
+
 def time_by_step_kind(events, cuda: bool) -> dict[str, dict[str, float]]:
     """Time (microseconds) per step kind ("decode", "prefill": `step_markers.step_kind`) and kernel
     category, from a profile's `events()` of a run whose steps the runner marked
@@ -459,13 +468,7 @@ def time_by_step_kind(events, cuda: bool) -> dict[str, dict[str, float]]:
                     op = stack.pop()
                     stack.extend(op.cpu_children)
                     ops.append((op.name, op.self_cpu_time_total))
-    split: dict[str, dict[str, float]] = {}
-    for kind, named in timed.items():
-        categories = split.setdefault(kind, {})
-        for name, t in named:
-            category = kernel_category(name)
-            categories[category] = categories.get(category, 0.0) + t
-    return split
+    return {kind: time_by_category(named) for kind, named in timed.items()}
 
 
 def _profile_host(llm, workload: Workload, path: str) -> None:
@@ -511,10 +514,7 @@ def _profile_kernels(llm, workload: Workload, path: str, peak: float | None = No
                if not e.key.startswith(STEP_ANNOTATION) and e.key not in MARKER_KERNELS.values()]
     kernels = [k for k in kernels if k[1] > 0]
     total = sum(t for _, t, _ in kernels) or 1.0
-    by_category: dict[str, float] = {}
-    for name, t, _ in kernels:
-        category = kernel_category(name)
-        by_category[category] = by_category.get(category, 0.0) + t
+    by_category = time_by_category((name, t) for name, t, _ in kernels)
     lines = [f"{workload.name}: {stats['num_steps']} steps, wall {stats['wall_s']:.2f} s (profiled), "
              f"{'GPU kernel' if cuda else 'CPU op'} time {total / 1e6:.3f} s"]
     lines += [f"  {c:<32} {t / 1e6:8.3f} s {100 * t / total:5.1f}%" for c, t in sorted(by_category.items(),
