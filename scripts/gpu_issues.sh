@@ -61,8 +61,9 @@ M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16
     --max-num-batched-tokens 8192)
 PAPER=(--workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100)
 DECODE=(--workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512)
-bench() { local log=$1; shift; timeout "${T:-3000}" python3 -m batchllm.cli bench "$@" > "$OUT/$log.log" 2>&1
-           grep -E "req/s|Error" "$OUT/$log.log"; pack; }
+python_bench() { local log=$1; shift; timeout "${T:-3000}" python3 "$@" > "$OUT/$log.log" 2>&1
+                  grep -E "req/s|Error" "$OUT/$log.log"; pack; }  # python3 ARGS: a `batchllm bench` run
+bench() { local log=$1; shift; python_bench "$log" -m batchllm.cli bench "$@"; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
 case "${PART:-fp8tests}" in
 table0)
@@ -196,8 +197,8 @@ from batchllm.cli import main; sys.exit(main(sys.argv[1:]))"
   for w in ${WORKLOADS:-16k deg16 decode}; do
     case $w in 16k) W=("${PAPER[@]}" --shared 16000 --requests 256);; deg16) W=("${PAPER[@]}");; decode) W=("${DECODE[@]}");; esac
     bench "tile_new_$w" "${M8D[@]}" "${W[@]}" --configs sharing --json-out "$OUT/tile_new_$w.json"
-    T=${T:-3000}; timeout "$T" python3 -c "$OLD_TILE" bench "${M8D[@]}" "${W[@]}" --configs sharing \
-        --json-out "$OUT/tile_old_$w.json" > "$OUT/tile_old_$w.log" 2>&1; grep -E "req/s|Error" "$OUT/tile_old_$w.log"; pack
+    python_bench "tile_old_$w" -c "$OLD_TILE" bench "${M8D[@]}" "${W[@]}" --configs sharing \
+        --json-out "$OUT/tile_old_$w.json"
   done
   ;;
 profile)
