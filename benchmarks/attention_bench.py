@@ -328,7 +328,7 @@ TMA_SHAPES = [  # (query heads, KV heads, head dim): Llama-3.1-8B (GQA 4); GQA 8
 
 
 def sdpa_ms(specs, heads, kv_heads, head_dim, rep=50):
-    """torch SDPA (flash, contiguous K/V) on a single fresh causal prefill: the yardstick."""
+    """torch SDPA (contiguous K/V; on an H200 it picks cuDNN) on a single fresh causal prefill: the yardstick."""
     import torch.nn.functional as F
 
     [(cached, new)] = specs

@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/attention_variants.py --cpu-check   (CPU, float32)
 
 The engine's `_paged_attention_kernel` reaches ~344-380 TFLOP/s on an H200 for long causal prefill,
-torch SDPA (flash, contiguous K/V) 551. This script asks which kernel changes are worth integrating.
+torch SDPA (contiguous K/V; its kernel there is cuDNN) 551. This script asks which kernel changes are worth integrating.
 `_variant_kernel` below is a copy of the engine kernel (bf16/fp32 only: no fp8 cache) with constexpr
 switches; each variant is one setting of them:
 
