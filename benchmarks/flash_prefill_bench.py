@@ -35,22 +35,30 @@ import triton
 
 from batchllm.attention.kv_store_triton import store_kv_triton
 from batchllm.attention.triton_backend import TritonBackend
+from benchmarks import attention_bench
+from benchmarks.attention_bench import causal_flops
 from tests.attention_cases import random_case
 
 rows = []
 
 
 def graph_ms(fn, rep=50):
-    torch.cuda.synchronize()
+    """`attention_bench.graph_ms`; a call that cannot be captured in a CUDA graph is timed eagerly, said so."""
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
-    except Exception as error:  # a call that cannot be captured: timed eagerly, said so
+        return attention_bench.graph_ms(fn, rep=rep)
+    except Exception as error:
         print(f"  (not capturable: {type(error).__name__}: {str(error)[:120]}; timed eagerly)", flush=True)
         return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
 
 
-def causal_flops(specs, heads, head_dim):
-    return sum(4 * heads * head_dim * (n * c + n * (n + 1) // 2) for c, n in specs)
+def triton_baseline(case, scale):
+    """The engine's Triton attention on `case`: its output (what the torch kernels are checked against,
+    the plan made by this first call as by a step's first layer) and its time per call."""
+    q, k, v, cache, md = case
+    backend = TritonBackend()
+    md.backend_cache.clear()
+    reference = backend.forward(q, k, v, cache, md, scale)
+    return reference, graph_ms(lambda: backend.forward(q, k, v, cache, md, scale))
 
 
 def gather_index(md) -> torch.Tensor:
@@ -70,14 +78,12 @@ def flash(q, k, v, md, cu_k, max_k, scale):
 
 
 def run_case(specs, label, heads=32, kv_heads=8, head_dim=128):
-    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=0)
+    q, k, v, cache, md = case = random_case(specs, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=0)
     scale = head_dim ** -0.5
     flops = causal_flops(specs, heads, head_dim)
     row = {"case": f"{label}, {heads}/{kv_heads} x {head_dim}"}
-    backend = TritonBackend()
-    md.backend_cache.clear()
-    reference = backend.forward(q, k, v, cache, md, scale)
-    times = {"triton": graph_ms(lambda: backend.forward(q, k, v, cache, md, scale))}
+    reference, triton_ms = triton_baseline(case, scale)
+    times = {"triton": triton_ms}
 
     index = gather_index(md)
     keys_flat = cache[0].reshape(-1, kv_heads, head_dim)
@@ -173,12 +179,10 @@ def heads_first(x):
 def cudnn_case(cached, new, scale):
     """One cuDNN row: a fresh chunk (one causal call) or a chunk after context (two calls, merged)."""
     specs = [(cached, new)]
-    q, k, v, cache, md = random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)
+    q, k, v, cache, md = case = random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)
     flops = causal_flops(specs, 32, 128)
-    backend = TritonBackend()
-    md.backend_cache.clear()
-    reference = backend.forward(q, k, v, cache, md, scale)
-    times = {"triton": graph_ms(lambda: backend.forward(q, k, v, cache, md, scale))}
+    reference, triton_ms = triton_baseline(case, scale)
+    times = {"triton": triton_ms}
     row = {"case": f"cudnn: {new} new after {cached}"}
     qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
     if cached == 0:
@@ -280,9 +284,8 @@ def probe():
     if op is not None:
         print(op.default._schema, flush=True)
         specs = [(0, 2200)] * 7
-        q, k, v, cache, md = random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)
-        backend = TritonBackend()
-        ref = backend.forward(q, k, v, cache, md, scale)
+        q, k, v, cache, md = case = random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)
+        ref, t_tri = triton_baseline(case, scale)
         try:
             out = op(q, k, v, None, md.query_start_loc, md.query_start_loc, 2200, 2200, True, 0.0, True, False,
                      scale=scale)
@@ -290,7 +293,6 @@ def probe():
             print("varlen max diff", (out[0].float() - ref.float()).abs().max().item(), flush=True)
             t = graph_ms(lambda: op(q, k, v, None, md.query_start_loc, md.query_start_loc, 2200, 2200, True, 0.0,
                                     True, False, scale=scale))
-            t_tri = graph_ms(lambda: backend.forward(q, k, v, cache, md, scale))
             print(f"varlen 7 x 2200: cudnn {t:.4f} ms, triton {t_tri:.4f} ms", flush=True)
         except Exception as error:
             print("varlen failed:", type(error).__name__, str(error)[:300], flush=True)
