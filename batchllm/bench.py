@@ -1,9 +1,13 @@
-"""`batchllm bench`: throughput on synthetic workloads (the BatchLLM paper's and a few more).
+"""`batchllm bench`: throughput on synthetic workloads (the BatchLLM paper's and a few more), or on a
+JSONL file of token prompts.
 
-Workloads are token ids drawn at random, with distinct first tokens so that groups (and members)
-never share by chance: the saving ratio's bound is exact. Each configuration runs on an engine of
-its own, built from the same options but the one it changes (`CONFIGS`), one after another in one
-process; each engine is freed before the next is built, so every one gets the same KV cache size.
+Synthetic workloads are token ids drawn at random, with distinct first tokens so that groups (and
+members) never share by chance: the saving ratio's bound is exact. A file workload (`--workload file`)
+takes the token-prompt lines `batchllm run` reads, so both commands can time the same requests.
+
+Each configuration runs on an engine of its own, built from the same options but the one it changes
+(`CONFIGS`), one after another in one process; each engine is freed before the next is built, so
+every one gets the same KV cache size.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from batchllm.sampling_params import SamplingParams
@@ -83,6 +88,41 @@ def decode_heavy_workload(num_requests: int, vocab: int, shared: int = 1000, dis
     rng = random.Random(seed + 1)
     outputs = [rng.randrange(min_out, max_out + 1) for _ in base.prompts]
     return Workload(f"decodeheavy-{min_out}-{max_out}-n{num_requests}", base.prompts, outputs)
+
+
+def prompt_file_workload(path: str, output: int, vocab: int | None = None) -> Workload:
+    """The requests of a JSONL file of token prompts, one per line: {"prompt_token_ids": [ids], "max_tokens": n}
+    (max_tokens optional: `output`; other fields, such as an id or sampling settings, are not read: bench runs
+    greedily with ignore_eos). Raises ValueError naming the file, the line and the problem; with `vocab`, also
+    for an id outside [0, vocab)."""
+    prompts, max_tokens = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt, n = _token_prompt(json.loads(line), output, vocab)
+            except (ValueError, TypeError) as e:  # json's errors are ValueErrors too
+                raise ValueError(f"{path}, line {number}: {e}") from None
+            prompts.append(prompt)
+            max_tokens.append(n)
+    if not prompts:
+        raise ValueError(f"{path} holds no requests")
+    return Workload(f"file-{Path(path).stem}-n{len(prompts)}", prompts, max_tokens)
+
+
+def _token_prompt(line: Any, output: int, vocab: int | None) -> tuple[list[int], int]:
+    if not isinstance(line, dict) or "prompt_token_ids" not in line:
+        raise ValueError("expected an object with 'prompt_token_ids' (bench reads token prompts only)")
+    ids = line["prompt_token_ids"]
+    if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+        raise ValueError("'prompt_token_ids' must be a non-empty list of integers")
+    if min(ids) < 0 or (vocab is not None and max(ids) >= vocab):
+        raise ValueError(f"a token id lies outside the vocabulary [0, {vocab if vocab is not None else 'vocab'})")
+    n = line.get("max_tokens", output)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"'max_tokens' must be a positive integer, got {n!r}")
+    return ids, n
 
 
 def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = None) -> dict[str, Any]:
@@ -207,6 +247,8 @@ def make_workload(args, vocab: int) -> Workload:
     if args.workload == "decodeheavy":
         return decode_heavy_workload(args.requests, vocab, args.shared, args.distinct, args.degree,
                                      args.min_output, args.max_output)
+    if args.workload == "file":
+        return prompt_file_workload(args.prompts_file, args.output, vocab)
     raise ValueError(f"unknown workload {args.workload!r}")
 
 
@@ -219,15 +261,20 @@ def add_bench_parser(sub) -> None:
                        "own, one after another in one process. Engine options set every configuration's "
                        "engine; a configuration changes one of them.")
     w = b.add_argument_group("workload")
-    w.add_argument("--workload", default="shared", choices=["shared", "snippet", "nosharing", "decodeheavy"],
+    w.add_argument("--workload", default="shared", choices=["shared", "snippet", "nosharing", "decodeheavy", "file"],
                    help="shared: the paper's groups of --degree prompts sharing a --shared token prefix; snippet: "
                    "the snippet-like mix; nosharing: --prompt-len distinct prompts; decodeheavy: shared "
-                   "prompts with outputs of --min-output to --max-output tokens")
+                   "prompts with outputs of --min-output to --max-output tokens; file: the token prompts of "
+                   "--prompts-file")
+    w.add_argument("--prompts-file", default=None,
+                   help="JSONL of token prompts for --workload file, one request per line: "
+                   '{"prompt_token_ids": [...], "max_tokens": N} (max_tokens optional: --output)')
     w.add_argument("--shared", type=int, default=2000, help="shared prefix tokens (shared, decodeheavy)")
     w.add_argument("--distinct", type=int, default=200, help="distinct suffix tokens (shared, decodeheavy)")
     w.add_argument("--degree", type=int, default=16, help="prompts per shared prefix")
     w.add_argument("--requests", type=int, default=1024, help="requests in the workload")
-    w.add_argument("--output", type=int, default=100, help="output tokens per request (ignore_eos)")
+    w.add_argument("--output", type=int, default=100,
+                   help="output tokens per request (ignore_eos; file: where a line gives no max_tokens)")
     w.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (nosharing)")
     w.add_argument("--min-output", type=int, default=100, help="shortest output (decodeheavy)")
     w.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
@@ -305,7 +352,7 @@ def bench_command(args) -> int:
     if unknown:
         raise SystemExit(f"batchllm bench: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     base = {**engine_kwargs_from_args(args), "skip_tokenizer_init": True}
-    workload, peak, results, info = None, None, [], {}
+    workload, peak, results, info = _file_workload(args), None, [], {}
     for i, name in enumerate(names):
         llm = LLM(**{**base, **CONFIGS[name][1]})
         workload = workload or make_workload(args, llm.model_spec.vocab_size)
@@ -321,6 +368,23 @@ def bench_command(args) -> int:
         with open(args.json_out, "w") as f:
             json.dump({**info, "results": results}, f)
     return 0
+
+
+def _file_workload(args) -> Workload | None:
+    """`--workload file`'s requests, read and checked against the model's vocabulary (its config, no
+    weights) before any model loads; None for a synthetic workload. Exits naming the problem."""
+    if args.workload != "file":
+        return None
+    if not args.prompts_file:
+        raise SystemExit("batchllm bench: --workload file needs --prompts-file PATH")
+    from batchllm.inputs import local_model_dir
+    from batchllm.models.spec import read_model_spec
+
+    try:
+        vocab = read_model_spec(local_model_dir(args.model)).vocab_size
+        return prompt_file_workload(args.prompts_file, args.output, vocab)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"batchllm bench: {e}") from None
 
 
 def _device_info(engine, given_peak: float | None = None) -> tuple[float | None, dict]:
