@@ -161,3 +161,76 @@ def test_bench_takes_a_given_matmul_peak_for_mfu_and_the_compute_limit(tiny_mode
     text = capsys.readouterr().out
     assert "bf16 matmul peak (given): 0.25 TFLOP/s" in text
     assert text.count("limit ") == 2
+
+
+def test_bench_runs_a_file_of_token_prompts_as_written(tiny_model_factory, tmp_path):
+    """`--workload file`: each line's prompt as given, its max_tokens (else --output) exactly (ignore_eos);
+    fields bench does not read (an id, sampling settings) are allowed, as in a file `batchllm run` reads."""
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"id": "a", "prompt_token_ids": [5, 6, 7, 8], "max_tokens": 2, "temperature": 0.7},
+             {"prompt_token_ids": [5, 6, 7, 9, 10]},  # --output's 3
+             {"prompt_token_ids": [11], "max_tokens": 1}]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")  # a blank line is skipped
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", tiny_model_factory("llama"), "--workload", "file", "--prompts-file", str(prompts),
+                 "--output", "3", "--configs", "sharing", "--warmup-requests", "0", "--json-out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["results"]
+    assert row["num_requests"] == 3 and row["output_tokens"] == 2 + 3 + 1
+    assert row["prompt_tokens"] == 4 + 5 + 1
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"prompt": "text"}', "expected an object with 'prompt_token_ids'"),
+    ('{"prompt_token_ids": []}', "must be a non-empty list of integers"),
+    ('{"prompt_token_ids": [1, true]}', "must be a non-empty list of integers"),
+    ('{"prompt_token_ids": [1, 100000]}', "outside the vocabulary [0, "),
+    ('{"prompt_token_ids": [1], "max_tokens": 0}', "'max_tokens' must be a positive integer, got 0"),
+    ('{"prompt_token_ids": [1]', "line 2: "),  # not JSON
+])
+def test_bench_file_workload_names_the_bad_line_before_loading_a_model(tiny_model_factory, tmp_path, line, problem):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt_token_ids": [1, 2]}\n' + line + "\n")
+    with pytest.raises(SystemExit, match=r"prompts\.jsonl, line 2: ") as failed:
+        main(["bench", "--model", tiny_model_factory("llama"), "--workload", "file", "--prompts-file", str(prompts),
+              "--device", "not-a-device"])  # exits before an engine is built: the device is never parsed
+    assert problem in str(failed.value)
+
+
+def test_bench_file_workload_needs_a_file(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("llama")
+    with pytest.raises(SystemExit, match="--workload file needs --prompts-file"):
+        main(["bench", "--model", model, "--workload", "file"])
+    with pytest.raises(SystemExit, match="No such file"):
+        main(["bench", "--model", model, "--workload", "file", "--prompts-file", str(tmp_path / "missing.jsonl")])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match="empty.jsonl holds no requests"):
+        main(["bench", "--model", model, "--workload", "file", "--prompts-file", str(tmp_path / "empty.jsonl")])
+
+
+def test_user_path_chat_runs_an_openai_batch_file_and_bench_the_same_tokens(tiny_model_factory, tmp_path,
+                                                                            monkeypatch):
+    """--chat: `run` reads an OpenAI Batch file of chat requests (template, tokenizer, response bodies), and
+    `bench` a file of the same requests as token prompts: every answer has --output tokens in both, and
+    each request's prompt is the same number of tokens (the usage `run` reports, the lengths bench read)."""
+    user_path = benchmark_module("user_path")
+    seen = {}
+
+    def cli(*args):
+        assert main(list(args)) == 0
+        if args[0] == "run":
+            seen["run"] = [json.loads(line) for line in Path(args[args.index("-o") + 1]).read_text().splitlines()]
+        else:
+            path = args[args.index("--prompts-file") + 1]
+            seen["bench"] = [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+    monkeypatch.setattr(user_path, "cli", cli)
+    summary = user_path.main(["--model", tiny_model_factory("llama"), "--chat", "5", "--output", "3",
+                              "--warmup-requests", "1", "--", "--device", "cpu"])
+    assert summary["chat"] and summary["detokenized"] and summary["requests"] == 5
+    run = {line["custom_id"]: line["response"]["body"] for line in seen["run"]}
+    assert sorted(run) == [f"r{i}" for i in range(5)]
+    for i, line in enumerate(seen["bench"]):
+        usage = run[f"r{i}"]["usage"]
+        assert usage["completion_tokens"] == line["max_tokens"] == 3  # ignore_eos in both
+        assert usage["prompt_tokens"] == len(line["prompt_token_ids"])
+        assert run[f"r{i}"]["object"] == "chat.completion"
