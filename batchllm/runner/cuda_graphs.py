@@ -36,14 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def capture_sizes(max_size: int) -> list[int]:
-    """Batch sizes with a graph: 1, 2, 4, 8, then every 8 up to 128, every 16 up to 256, every 32 up
-    to 512, every 64 beyond, and max_size (35 graphs up to 512): a batch of n sequences is padded by
+    """Batch sizes with a graph: 1, 2, 4, 8, then every 8 up to 128, and from each power of two p
+    >= 128 on every p / 8 (every 16 up to 256, 32 up to 512, 64 up to 1,024, 128 up to 2,048, ...),
+    and max_size (35 graphs up to 512, 8 more per doubling): a batch of n sequences is padded by
     fewer than max(8, n / 8) rows."""
     sizes, size = [], 1
     while size < max_size:
         sizes.append(size)
-        step = 8 if size < 128 else 16 if size < 256 else 32 if size < 512 else 64
-        size = size * 2 if size < 8 else size + step
+        size = size * 2 if size < 8 else size + max(8, (1 << (size.bit_length() - 1)) // 8)
     return sizes + [max_size]
 
 

@@ -26,6 +26,24 @@ def test_capture_sizes_cover_every_batch_with_little_padding():
     assert all(b - a <= max(8, a / 8) for a, b in zip(sizes, sizes[1:]))  # n pads by < max(8, n / 8) rows
     assert len(sizes) == 35
     assert capture_sizes(1) == [1] and capture_sizes(6) == [1, 2, 4, 6] and capture_sizes(100)[-1] == 100
+    large = capture_sizes(8192)  # beyond 512: 8 sizes per doubling, the same padding bound
+    assert large[:35] == sizes and large[-1] == 8192 and len(large) == 35 + 4 * 8
+    assert all(b - a <= a / 8 for a, b in zip(large, large[1:]) if a >= 512)
+    assert capture_sizes(700) == [*sizes, 576, 640, 700]
+
+
+def test_small_models_get_decode_graphs_up_to_8192_sequences_large_ones_up_to_512():
+    """The default of max_cudagraph_capture_size, by the model's hidden size (the shapes of benchmarks/configs)."""
+    from pathlib import Path
+
+    from batchllm.engine import default_graph_batch
+    from batchllm.models.spec import read_model_spec
+
+    configs = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+    batches = {name: default_graph_batch(read_model_spec(configs / name))
+               for name in ("smollm2-135m", "llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b", "llama-3.1-70b")}
+    assert batches == {"smollm2-135m": 8192, "llama-3.2-1b": 8192, "qwen2.5-7b": 512, "llama-3.1-8b": 512,
+                       "llama-3.1-70b": 512}
 
 
 def test_capture_size_setting_is_checked_and_cpu_engines_capture_nothing(default_llm):
