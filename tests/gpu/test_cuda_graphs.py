@@ -49,6 +49,25 @@ def test_graphs_give_the_tokens_of_eager_steps(tiny_dir, max_size):
     assert {o.finish_reason for o in got} == {"stop", "length"}
 
 
+def test_small_models_run_decode_steps_of_more_than_512_sequences_as_graphs(tiny_dir):
+    """The default capture size of a small model (hidden size <= 2,048: `engine.default_graph_batch`) takes
+    decode steps of 600 sequences, past 512, through a graph of the sizes beyond 512 (576, 640), with the
+    eager steps' tokens."""
+    prompts = [{"prompt_token_ids": [3 + i % 50, 7 + i % 13, 11 + i % 29]} for i in range(600)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    tokens = {}
+    for eager in (True, False):
+        llm = LLM(tiny_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, block_size=16,
+                  kv_cache_memory_gib=1, enforce_eager=eager)
+        tokens[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        runner = llm.engine.runner
+        if not eager:
+            assert runner.decode_graphs.max_batch == 8192 and 640 in runner.decode_graphs.sizes
+            assert runner.num_graph_steps >= 5  # every decode step: 600 sequences at once
+        llm.shutdown()
+    assert tokens[False] == tokens[True]
+
+
 def test_graphs_in_synchronous_mode_too(tiny_dir):
     eager, _ = run(tiny_dir, "float32", eager=True, async_scheduling=False)
     got, runner = run(tiny_dir, "float32", eager=False, async_scheduling=False)
