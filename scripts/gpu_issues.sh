@@ -59,6 +59,13 @@
 #       PYTHONPATH), 6,000 chat requests of benchmarks/chat_prompts.py as an OpenAI Batch file: `user_path.py --chat`
 #       (run against bench on the same tokens, 64 tokens, ignore_eos), then `batchllm run` on answers ending at EOS
 #       (max_tokens 256) at the default step budget, 2,048 and 8,192 tokens, the default again (~4 min)
+#   PART=smolprof bash scripts/gpu_issues.sh   where a small model's step goes with thousands of requests running:
+#       the SmolLM2-135M shape (dummy weights), 6,000 chat-like requests (25 shared + 13 own tokens, 64 out): bench with
+#       --cpu-profile-out and --profile-out, then 1,000 and 3,000 requests for the scaling (~3 min)
+#   PART=smolgraphs bash scripts/gpu_issues.sh   the same shape and requests (1,000, 3,000, 6,000), decode CUDA graphs up
+#       to 512 sequences (the default) against up to 8,192 (~4 min)
+#   PART=smolchatab TOKENIZER=<SmolLM2 tokenizer dir> bash scripts/gpu_issues.sh   `user_path.py --chat 6000` on the
+#       SmolLM2-135M shape (dummy weights, the tokenizer's chat template): the default decode graphs against 512 (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -85,6 +92,34 @@ table1)
 snippet)
   bench t14_snippet "${M8D[@]}" --workload snippet --requests 8000 --output 100 --configs sharing \
       --json-out "$OUT/t14_snippet.json"
+  ;;
+smolprof)
+  SMOL=(--model benchmarks/configs/smollm2-135m --load-format dummy)
+  CHATLIKE=(--workload shared --shared 25 --distinct 13 --degree 1000 --output 64)
+  bench smol_prof "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing --json-out "$OUT/smol_prof.json" \
+      --cpu-profile-out "$OUT/smol_cpu_profile.txt" --profile-out "$OUT/smol_gpu_profile.txt"
+  for n in 1000 3000; do
+    bench "smol_$n" "${SMOL[@]}" "${CHATLIKE[@]}" --requests $n --configs sharing --json-out "$OUT/smol_$n.json"
+  done
+  ;;
+smolgraphs)
+  SMOL=(--model benchmarks/configs/smollm2-135m --load-format dummy)
+  CHATLIKE=(--workload shared --shared 25 --distinct 13 --degree 1000 --output 64)
+  for n in 1000 3000 6000; do
+    for g in 512 8192; do
+      bench "smol_${n}_g$g" "${SMOL[@]}" "${CHATLIKE[@]}" --requests $n --configs sharing \
+          --max-cudagraph-capture-size $g --json-out "$OUT/smol_${n}_g$g.json"
+      grep -h "decode CUDA graphs" "$OUT/smol_${n}_g$g.log"
+    done
+  done
+  ;;
+smolchatab)
+  for g in default 512; do
+    flags=(--load-format dummy); [ "$g" = default ] || flags+=(--max-cudagraph-capture-size "$g")
+    timeout "${T:-3000}" python3 benchmarks/user_path.py --model benchmarks/configs/smollm2-135m --tokenizer "$TOKENIZER" \
+        --chat 6000 --output 64 --json-out "$OUT/chatab_$g.json" -- "${flags[@]}" > "$OUT/chatab_$g.log" 2>&1
+    echo "graphs $g:"; grep -E "req/s|run_over|requests_per_s|Error|decode CUDA graphs" "$OUT/chatab_$g.log"; pack
+  done
   ;;
 smolchat)
   smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" 2>"$OUT/convert.log")
