@@ -107,11 +107,13 @@ def _service_order(running: list[Request]) -> list[tuple[Request, int, bool]]:
     each class in running order (a stable sort by class). Built every step over every running
     request: one pass, each token count read once."""
     decodes, prefills, prefixes = [], [], []
-    for request in running:
-        num_tokens = request.num_tokens
+    for request in running:  # (`num_tokens` and `_is_decode` inlined: every running request, every step)
+        pending = request.num_pending_tokens
+        outputs = request.output_token_ids
+        num_tokens = len(request.prompt_token_ids) + len(outputs) + pending
         if request.is_prefix:
             prefixes.append((request, num_tokens, False))
-        elif _is_decode(request, num_tokens - request.num_computed_tokens, num_tokens):
+        elif request.num_computed_tokens + 1 == num_tokens and (pending or outputs):
             decodes.append((request, num_tokens, True))
         else:
             prefills.append((request, num_tokens, False))
@@ -209,10 +211,22 @@ class Scheduler:
 
         order = _service_order(self.running)
         allocate_slots = self.kv.allocate_slots
+        block_size = self.kv.block_size
         i = 0
         while i < len(order) and budget > 0:
             request, num_tokens, decode = order[i]
-            num_new = self._num_new_tokens(request, budget, num_tokens)
+            if decode:  # (`_num_new_tokens` inlined: one token, unless it waits for its pending one)
+                if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens):
+                    i += 1
+                    continue
+                if request.num_computed_tokens % block_size:  # its block has room (the table covers the
+                    chosen.append((request, 1, num_tokens, True))  # computed tokens): no allocation
+                    budget -= 1
+                    i += 1
+                    continue
+                num_new = 1
+            else:
+                num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0:
                 i += 1
                 continue

@@ -250,7 +250,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if self.tp is None or self.tp.is_driver:
             specs = [scheduled.sampling for _, scheduled in sample_rows]
-            generators = [self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
+            generators = ([self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
+                          if any(spec.seed is not None for spec in specs) else [None] * len(specs))
             sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
         else:
             sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
