@@ -219,8 +219,10 @@ class Scheduler:
                 if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens):
                     i += 1
                     continue
-                if request.num_computed_tokens % block_size:  # its block has room (the table covers the
-                    chosen.append((request, 1, num_tokens, True))  # computed tokens): no allocation
+                if request.num_computed_tokens % block_size:
+                    # its last block has room: the table covers every computed token (the KV
+                    # manager's invariant), so the new one needs no allocation
+                    chosen.append((request, 1, num_tokens, True))
                     budget -= 1
                     i += 1
                     continue
