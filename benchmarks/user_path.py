@@ -27,7 +27,7 @@ every kernel's cold compile, which no user's second job does.
         --requests 1024 -- --load-format dummy --dtype bfloat16 --max-model-len 20000       # GPU
     python3 benchmarks/user_path.py --model <tiny model dir> --requests 16 --shared 64 --distinct 8 \\
         --output 4 -- --device cpu                                                           # CPU, small
-    python3 benchmarks/user_path.py --model <SmolLM2 dir> --chat 6000 --output 64          # chat, OpenAI Batch
+    python3 benchmarks/user_path.py --chat 6000 --output 64       # the default SmolLM2, chat, OpenAI Batch
 """
 
 from __future__ import annotations
