@@ -73,6 +73,8 @@ M8=(--model benchmarks/configs/llama-3.1-8b --load-format dummy --dtype bfloat16
     --max-num-batched-tokens 8192)
 PAPER=(--workload shared --shared 2000 --distinct 200 --degree 16 --requests 1024 --output 100)
 DECODE=(--workload decodeheavy --shared 1000 --distinct 100 --degree 8 --requests 512)
+SMOL=(--model benchmarks/configs/smollm2-135m --load-format dummy)  # the SmolLM2-135M shape (smolprof, smolgraphs)
+CHATLIKE=(--workload shared --shared 25 --distinct 13 --degree 1000 --output 64)  # chat-sized prompts, thousands running
 python_bench() { local log=$1; shift; timeout "${T:-3000}" python3 "$@" > "$OUT/$log.log" 2>&1
                   grep -E "req/s|Error" "$OUT/$log.log"; pack; }  # python3 ARGS: a `batchllm bench` run
 bench() { local log=$1; shift; python_bench "$log" -m batchllm.cli bench "$@"; }
@@ -94,8 +96,6 @@ snippet)
       --json-out "$OUT/t14_snippet.json"
   ;;
 smolprof)
-  SMOL=(--model benchmarks/configs/smollm2-135m --load-format dummy)
-  CHATLIKE=(--workload shared --shared 25 --distinct 13 --degree 1000 --output 64)
   bench smol_prof "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing --json-out "$OUT/smol_prof.json" \
       --cpu-profile-out "$OUT/smol_cpu_profile.txt" --profile-out "$OUT/smol_gpu_profile.txt"
   for n in 1000 3000; do
@@ -103,8 +103,6 @@ smolprof)
   done
   ;;
 smolgraphs)
-  SMOL=(--model benchmarks/configs/smollm2-135m --load-format dummy)
-  CHATLIKE=(--workload shared --shared 25 --distinct 13 --degree 1000 --output 64)
   for n in 1000 3000 6000; do
     for g in 512 8192; do
       bench "smol_${n}_g$g" "${SMOL[@]}" "${CHATLIKE[@]}" --requests $n --configs sharing \
