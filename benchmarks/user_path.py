@@ -79,7 +79,7 @@ def chat_workload(model: str, conversations: list, max_tokens: int) -> Workload:
     processor = prompt_processor_for(model)
     prompts = [processor.tokenize_prompt(processor.apply_chat_template(c, i), i).token_ids
                for i, c in enumerate(conversations)]
-    return Workload(f"chat-n{len(prompts)}", [list(p) for p in prompts], [max_tokens] * len(prompts))
+    return Workload(f"chat-n{len(prompts)}", prompts, [max_tokens] * len(prompts))  # (token_ids: lists)
 
 
 def cli(*args: str) -> None:
