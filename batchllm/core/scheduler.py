@@ -122,6 +122,16 @@ def _service_order(running: list[Request]) -> list[tuple[Request, int, bool]]:
     return decodes
 
 
+# How `_schedule_once` passes each chosen entry's tokens to `_make_batch`.
+_PREFILL = 0
+"""Prompt, prefix or recomputed tokens (or an admitted request's), which sample only at their end."""
+_DECODE = 1
+"""One output token, the request's last, which samples."""
+_DECODE_IN_BLOCK = 2
+"""A running request's decode whose last block has room: its block table is unchanged and the
+runner already holds all of it (the KV manager's invariant), so the step sends no table entries."""
+
+
 def _is_decode(request: Request, num_new: int, num_tokens: int) -> bool:
     """num_new tokens from num_computed_tokens are one output token: the last of `num_tokens`."""
     return num_new == 1 and request.num_computed_tokens + 1 == num_tokens and bool(
@@ -205,7 +215,7 @@ class Scheduler:
 
     def _schedule_once(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
-        chosen: list[tuple[Request, int, int, bool]] = []  # (request, new tokens, its token count, decode)
+        chosen: list[tuple[Request, int, int, int]] = []  # (request, new tokens, its token count, _PREFILL / ...)
         copies: list[tuple[int, int]] = []
         preempted = False
 
@@ -215,14 +225,17 @@ class Scheduler:
         i = 0
         while i < len(order) and budget > 0:
             request, num_tokens, decode = order[i]
-            if decode:  # (`_num_new_tokens` inlined: one token, unless it waits for its pending one)
-                if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens):
+            if decode:  # (`_num_new_tokens` and `_waits_for_pending_token` inlined: one token, unless
+                # it waits for its pending one)
+                if request.num_pending_tokens and (
+                        request.needs_host_tokens
+                        or num_tokens - len(request.prompt_token_ids) >= request.max_output_tokens):
                     i += 1
                     continue
                 if request.num_computed_tokens % block_size:
                     # its last block has room: the table covers every computed token (the KV
                     # manager's invariant), so the new one needs no allocation
-                    chosen.append((request, 1, num_tokens, True))
+                    chosen.append((request, 1, num_tokens, _DECODE_IN_BLOCK))
                     budget -= 1
                     i += 1
                     continue
@@ -239,7 +252,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                chosen.append((request, num_new, num_tokens, decode))
+                chosen.append((request, num_new, num_tokens, _DECODE if decode else _PREFILL))
                 budget -= num_new
                 i += 1
 
@@ -275,7 +288,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self.admission.on_admit(request)
-            chosen.append((request, num_new, num_tokens, _is_decode(request, num_new, num_tokens)))
+            kind = _DECODE if _is_decode(request, num_new, num_tokens) else _PREFILL
+            chosen.append((request, num_new, num_tokens, kind))
             if copy is not None:
                 copies.append(copy)
             budget -= num_new
@@ -353,11 +367,11 @@ class Scheduler:
             logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
         return bool(released)
 
-    def _make_batch(self, chosen: list[tuple[Request, int, int, bool]],
+    def _make_batch(self, chosen: list[tuple[Request, int, int, int]],
                     copies: list[tuple[int, int]]) -> ScheduledBatch:
         """The step's batch; advances the counters of its requests (see the module docstring).
         An empty step keeps the finished ids for the next one. chosen: (request, new tokens, its
-        token count, whether those are a decode: its one last token, which it samples after)."""
+        token count, their kind: `_PREFILL`, `_DECODE` or `_DECODE_IN_BLOCK`)."""
         if not chosen:
             return ScheduledBatch([])
         scheduled = []
@@ -366,8 +380,13 @@ class Scheduler:
         num_decodes = num_samples = attended_keys = 0
         for request, num_new, num_tokens, decode in chosen:  # (every running request, every step: no property reads)
             request_id, start = request.request_id, request.num_computed_tokens
-            table = block_table(request_id)
             sent = request.num_blocks_sent
+            if decode == _DECODE_IN_BLOCK:
+                new_blocks = []
+            else:
+                table = block_table(request_id)
+                new_blocks = table[sent:]
+                request.num_blocks_sent = len(table)
             sp = request.sampling_params
             if decode:  # its last token: pending (a placeholder) or its last output; it samples
                 num_decodes += 1
@@ -389,11 +408,10 @@ class Scheduler:
                     spec = self._sampling_spec(request)
             scheduled.append(
                 ScheduledRequest(
-                    request_id, token_ids, start, table[sent:], sent, spec, request.shared_prefixes,
+                    request_id, token_ids, start, new_blocks, sent, spec, request.shared_prefixes,
                     None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, num_new),
                 )
             )
-            request.num_blocks_sent = len(table)
             request.num_computed_tokens = start + num_new
             if samples:  # (after its spec: min_tokens counts the pending tokens before this one)
                 num_samples += 1
@@ -458,7 +476,7 @@ class Scheduler:
                 RequestUpdate(
                     request_id, token, logprobs.get(request_id) if logprobs else None, finish_reason, stop_reason,
                     prompt_logprobs.assemble(request)
-                    if request.sampling_params.prompt_logprobs is not None and len(outputs) == 1 else None,
+                    if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None else None,
                 )
             )
         self.num_pending_outputs -= num_collected

@@ -344,11 +344,13 @@ class ModelRunner:
         prompt_rows = []
         placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
         previous_index = self._previous_tokens[1]
-        update_table = self._tables.update
+        update_table, table_of = self._tables.update, self._tables.lists
         num_tokens = 0
         for i, scheduled in enumerate(requests):  # (every running request, every step: locals, no numpy scalars)
             request_id, token_ids = scheduled.request_id, scheduled.token_ids
-            tables.append(update_table(request_id, scheduled.block_table_start, scheduled.block_ids))
+            block_ids = scheduled.block_ids  # (empty on most decode steps: the table is unchanged)
+            tables.append(update_table(request_id, scheduled.block_table_start, block_ids) if block_ids
+                          else table_of[request_id])
             n = len(token_ids)
             input_ids += token_ids
             if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
@@ -473,17 +475,18 @@ class _BlockTables:
         self.max_width = max_width
         self.rows = np.zeros((64, self.width), dtype=np.int32)  # [row capacity, width]
         self._row_of: dict[str, int] = {}
-        self._lists: dict[str, list[int]] = {}
+        self.lists: dict[str, list[int]] = {}
+        """Each request's whole table (read directly, without `update`, when a step sends no entries)."""
         self._free_rows: list[int] = list(range(63, -1, -1))
 
     def update(self, request_id: str, start: int, new_ids: list[int]) -> list[int]:
-        """Apply the scheduler's diff; returns the request's whole table. Most decode steps send no
-        new entries: then only the check runs (every running request, every step)."""
+        """Apply the scheduler's diff; returns the request's whole table. (`_host_inputs` reads
+        `lists` instead when a step sends no entries, as most decode steps do.)"""
         if start == 0 and new_ids:
             table = list(new_ids)
-            self._lists[request_id] = table
+            self.lists[request_id] = table
         else:
-            table = self._lists[request_id]
+            table = self.lists[request_id]
             if len(table) != start:
                 raise RuntimeError(f"{request_id}: runner holds {len(table)} blocks, scheduler sent from {start}")
             if not new_ids:
@@ -502,7 +505,7 @@ class _BlockTables:
         return self.rows[rows, :width]
 
     def drop(self, request_id: str) -> None:
-        self._lists.pop(request_id, None)
+        self.lists.pop(request_id, None)
         row = self._row_of.pop(request_id, None)
         if row is not None:
             self._free_rows.append(row)
