@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from batchllm.io.job import (
     refuse_output_onto_input,
 )
 from batchllm.models.spec import read_model_spec
-from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, engine_kwargs_from_args
+from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, engine_config, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -303,19 +304,27 @@ class _Job:
 
 
 def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
-    from batchllm.llm import LLM  # heavy import after the cheap checks
+    """Build the engine while a background thread reads, templates and tokenizes the input (both
+    take seconds on a large job and the second needs only the tokenizer), then run the valid lines.
+    The run's `wall_s` starts once the engine is built: it holds whatever reading is left then."""
+    from batchllm.llm import LLM, front_end_for  # heavy import after the cheap checks
 
     try:
-        llm = LLM(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines' and engine's
+        config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
+        front = front_end_for(config)
+    except (ValueError, OSError) as e:
+        return _fail(str(e))
+    reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
+                            progress=not args.no_progress)
+    try:
+        llm = LLM.from_config(config, front)
     except (ValueError, OSError) as e:
         return _fail(str(e))
     try:
         started = time.perf_counter()
         with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True) as errors_out:
             job.writers = (out, errors_out)
-            valid, errors, file_format = prepare_lines(
-                args.input, llm.prompts, defaults, args.seed, job.resume, progress=not args.no_progress
-            )
+            valid, errors, file_format = reading.result()
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
             out.sync()
@@ -324,6 +333,29 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
         return _report(args, job, llm.last_stats, num_done, num_failed, time.perf_counter() - started)
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
+
+
+class _InBackground:
+    """`function(*args, **kwargs)` run in a daemon thread (an exiting process never waits for it);
+    `result()` waits for it, then returns its value or raises its exception."""
+
+    def __init__(self, function: Callable, *args, **kwargs) -> None:
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(function, args, kwargs), daemon=True,
+                                        name=f"batchllm-{function.__name__}")
+        self._thread.start()
+
+    def _run(self, function: Callable, args: tuple, kwargs: dict) -> None:
+        try:
+            self._value = function(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of result(), whatever it is
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace, num_failed: int) -> int:

@@ -25,7 +25,14 @@ from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, build_engine, release_device_memory, resolve_model
-from batchllm.inputs import PromptProcessor, TokenizedPrompt, load_tokenizer, local_model_dir
+from batchllm.inputs import (
+    PromptProcessor,
+    TokenizedPrompt,
+    load_tokenizer,
+    local_model_dir,
+    resolve_max_model_len,
+)
+from batchllm.models.spec import ModelSpec, read_model_spec
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState, prompt_logprobs_output
 from batchllm.prefix import plan_prefix_sharing
@@ -52,14 +59,19 @@ class LLM:
         self._init_from_config(engine_config(model=model, **kwargs))
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> LLM:
-        """An engine from a whole EngineConfig (what data-parallel workers receive)."""
+    def from_config(cls, config: EngineConfig, front: FrontEnd | None = None) -> LLM:
+        """An engine from a whole EngineConfig (what data-parallel workers receive); `front`: its
+        `front_end_for(config)` if the caller made it already (`batchllm run` does, to read its input
+        while the engine loads)."""
         llm = cls.__new__(cls)
-        llm._init_from_config(config)
+        llm._init_from_config(config, front)
         return llm
 
-    def _init_from_config(self, config: EngineConfig) -> None:
+    def _init_from_config(self, config: EngineConfig, front: FrontEnd | None = None) -> None:
+        front = front_end_for(config) if front is None else front
         self.config = config
+        self.model_dir, self.model_spec, self.max_model_len = front.model_dir, front.model_spec, front.max_model_len
+        self.tokenizer, self.eos_token_ids, self.prompts = front.tokenizer, front.eos_token_ids, front.prompts
         self.engine: Engine | None = None
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
         data_parallel_size > 1: this process then plans and collects, the workers run engines)."""
@@ -69,18 +81,9 @@ class LLM:
             from batchllm.parallel.data_parallel import DataParallelEngine
 
             facts = resolve_model(config)
-            self.model_dir, self.model_spec, self.max_model_len = facts.model_dir, facts.spec, facts.max_model_len
             self._data_parallel = DataParallelEngine(config, facts.model_dir, facts.device, facts.max_model_len)
         else:
             self.engine = build_engine(config)
-            self.model_dir, self.model_spec = self.engine.model_dir, self.engine.model_spec
-            self.max_model_len = self.engine.max_model_len
-        mc = self.config.model
-        tokenizer_dir = local_model_dir(mc.tokenizer) if mc.tokenizer else self.model_dir
-        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
-        self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_spec, self.tokenizer)
-        self.prompts = PromptProcessor(self.tokenizer, self.model_spec.vocab_size, self.max_model_len,
-                                       str(self.model_dir), sorted(self.eos_token_ids), mc.max_logprobs)
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
@@ -392,6 +395,39 @@ def _as_prompt_list(prompts: Any) -> list:
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """An engine's prompt side: the model directory, spec and context, the tokenizer, the EOS ids and
+    the PromptProcessor that templates, tokenizes and validates prompts. Read from the model directory
+    without loading weights or touching a device, so it can be made before the engine (and the input
+    read with it while the engine loads); the engine built from the same config agrees with it
+    (`engine.resolve_model` reads the directory, spec and context the same way)."""
+
+    model_dir: Path
+    model_spec: ModelSpec
+    max_model_len: int
+    tokenizer: Any
+    """None with skip_tokenizer_init."""
+    eos_token_ids: frozenset[int]
+    prompts: PromptProcessor
+
+
+def front_end_for(config: EngineConfig) -> FrontEnd:
+    """The FrontEnd of the engine `config` describes (its tokenizer loaded: fails here, before any
+    weights load, on a tokenizer that cannot be read)."""
+    mc = config.model
+    model_dir = local_model_dir(mc.model)
+    spec = read_model_spec(model_dir)
+    max_model_len = resolve_max_model_len(mc.max_model_len, spec)
+    tokenizer = None
+    if not mc.skip_tokenizer_init:
+        tokenizer = load_tokenizer(local_model_dir(mc.tokenizer) if mc.tokenizer else model_dir)
+    eos_token_ids = _eos_token_ids(model_dir, spec, tokenizer)
+    prompts = PromptProcessor(tokenizer, spec.vocab_size, max_model_len, str(model_dir), sorted(eos_token_ids),
+                              mc.max_logprobs)
+    return FrontEnd(model_dir, spec, max_model_len, tokenizer, eos_token_ids, prompts)
 
 
 def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:

@@ -162,3 +162,19 @@ def test_version_and_the_run_batch_spelling_of_the_input(tmp_path, default_model
     assert listed[0]["prefix_start"].startswith("You are a helpful assistant. Answer briefly.")
     text = run_cli("plan", src, "--groups", "1")
     assert "largest groups" in text.stdout and "'You are a helpful assistant." in text.stdout
+
+
+def test_weights_that_fail_to_load_end_the_job_cleanly_while_its_input_is_read(tmp_path, tiny_model_factory):
+    """`run` reads and tokenizes its input in a background thread while the engine loads: a load
+    failure still ends the job at once with status 2 and the loader's message, writing no results."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": f"question {i}"}) + "\n" for i in range(20_000)))
+    r = run_cli("run", src, "-o", tmp_path / "o.jsonl", "--model", model, "--device", "cpu", "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert "safetensors" in r.stderr.lower()
+    assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""

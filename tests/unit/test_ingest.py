@@ -244,3 +244,13 @@ def test_validated_ids_keep_one_array_equal_to_the_list(ids, as_tuple):
     prompt = PromptProcessor(None, 100, 10).validate_ids(tuple(ids) if as_tuple else ids, 0, None)
     assert type(prompt.token_ids) is list and prompt.token_ids == ids and prompt.token_ids is not ids
     assert prompt.array.dtype == np.int32 and prompt.array.tolist() == ids
+
+
+def test_work_in_the_background_returns_its_value_or_raises_its_error_in_the_caller():
+    from batchllm.cli import _InBackground
+
+    assert _InBackground(sorted, [3, 1, 2], reverse=True).result() == [3, 2, 1]
+    failing = _InBackground(int, "not a number")
+    with pytest.raises(ValueError, match="not a number"):
+        failing.result()
+    assert not failing._thread.is_alive()
