@@ -5,8 +5,9 @@ The workload `batchllm bench` would build (same generator, seed and flags) is wr
 of token prompts (greedy, ignore_eos, each request's max_tokens) and run twice, each in a process of
 its own, with the same engine flags:
   - `batchllm run -i requests.jsonl -o results.jsonl --stats ...`: what a user runs; its time is the
-    run's own `wall_s` (reading and validating the file, planning, generating, writing every result),
-    after the model is loaded;
+    run's own `wall_s` (planning, generating, writing every result, and whatever reading and
+    validating of the file is left once the engine is built: `run` reads while the engine loads),
+    and its whole process's time is reported too (imports, loading, reading: what the user waits);
   - `batchllm bench --configs sharing`: `LLM.generate` on the same token lists, after a warm-up.
 Reported: requests/s of each and run / bench. Without --tokenizer both skip the tokenizer (the
 shape's config has none); with it the shape takes the tokenizer's vocabulary and `run` detokenizes
@@ -37,6 +38,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,8 +84,11 @@ def chat_workload(model: str, conversations: list, max_tokens: int) -> Workload:
     return Workload(f"chat-n{len(prompts)}", prompts, [max_tokens] * len(prompts))  # (token_ids: lists)
 
 
-def cli(*args: str) -> None:
+def cli(*args: str) -> float:
+    """Run a `batchllm` command in a process of its own; its wall time in seconds."""
+    started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "batchllm.cli", *args], check=True)
+    return time.perf_counter() - started
 
 
 ORDERS = ("bench,run", "run,bench")
@@ -137,14 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
             "bench": ["bench", "--model", model, *flags, *bench_workload, "--configs", "sharing",
                       "--json-out", str(tmp / "bench.json"), *engine_flags],
         }
-        for name in args.order.split(","):
-            cli(*commands[name])
+        process_s = {name: cli(*commands[name]) for name in args.order.split(",")}
         run = json.loads((tmp / "run.json").read_text())
         bench = json.loads((tmp / "bench.json").read_text())["results"][0]
     run_rate = run["num_lines_done"] / run["wall_s"]
     summary = {"workload": work.name, "requests": len(work.prompts), "chat": bool(args.chat),
                "detokenized": bool(args.tokenizer or args.chat), "order": args.order,
-               "run_wall_s": run["wall_s"], "run_requests_per_s": run_rate,
+               "run_wall_s": run["wall_s"], "run_requests_per_s": run_rate, "run_process_s": process_s["run"],
                "bench_wall_s": bench["wall_s"], "bench_requests_per_s": bench["requests_per_s"],
                "run_over_bench": run_rate / bench["requests_per_s"], "engine_flags": engine_flags}
     print(json.dumps(summary, indent=2))

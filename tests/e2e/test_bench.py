@@ -45,6 +45,7 @@ def test_user_path_runs_bench_first_and_run_on_the_written_requests(tiny_model_f
             lines = [Path(args[args.index(flag) + 1]).read_text().splitlines() for flag in ("-i", "-o")]
             results.append(([json.loads(line)["max_tokens"] for line in lines[0]],
                             [len(json.loads(line)["token_ids"]) for line in lines[1]]))
+        return {"bench": 2.5, "run": 1.5}[args[0]]  # its process's seconds
 
     monkeypatch.setattr(user_path, "cli", cli)
     flags = ["--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "16", "--distinct", "4",
@@ -53,7 +54,7 @@ def test_user_path_runs_bench_first_and_run_on_the_written_requests(tiny_model_f
     assert calls == ["bench", "run"]
     [(max_tokens, lengths)] = results
     assert max_tokens == lengths == [3] * 4
-    assert summary["requests"] == 4 and summary["order"] == "bench,run"
+    assert summary["requests"] == 4 and summary["order"] == "bench,run" and summary["run_process_s"] == 1.5
     assert summary["engine_flags"] == ["--device", "cpu"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     user_path.main([*flags, "--order", "run,bench", "--", "--device", "cpu"])
