@@ -322,25 +322,29 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
         return _fail(str(e))
     try:
         started = time.perf_counter()
+        phases = {"engine_build_s": started - reading.started}
         with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True) as errors_out:
             job.writers = (out, errors_out)
             valid, errors, file_format = reading.result()
+            phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - started)
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
             out.sync()
             num_failed = len(errors) + len(job.resume.done_error_lines)
             num_done = _generate_into(out, llm, valid, args, num_failed)
-        return _report(args, job, llm.last_stats, num_done, num_failed, time.perf_counter() - started)
+        return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
 
 
 class _InBackground:
     """`function(*args, **kwargs)` run in a daemon thread (an exiting process never waits for it);
-    `result()` waits for it, then returns its value or raises its exception."""
+    `result()` waits for it, then returns its value or raises its exception. `started`: its
+    perf_counter at the start; `seconds`: how long it ran, once it has ended."""
 
     def __init__(self, function: Callable, *args, **kwargs) -> None:
         self._value = self._error = None
+        self.started, self.seconds = time.perf_counter(), None
         self._thread = threading.Thread(target=self._run, args=(function, args, kwargs), daemon=True,
                                         name=f"batchllm-{function.__name__}")
         self._thread.start()
@@ -350,6 +354,8 @@ class _InBackground:
             self._value = function(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - handed to the caller of result(), whatever it is
             self._error = e
+        finally:
+            self.seconds = time.perf_counter() - self.started
 
     def result(self):
         self._thread.join()

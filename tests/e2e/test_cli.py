@@ -40,6 +40,9 @@ def test_jsonl_round_trip_on_the_default_model(tmp_path, default_model_dir):
         assert rec["completion_tokens"] == len(rec["token_ids"])
     s = json.loads(stats.read_text())
     assert s["num_requests"] == 4 and s["output_tokens"] == sum(r["completion_tokens"] for r in records.values())
+    # the input was read while the engine was built: the run waited for at most what reading took
+    assert s["engine_build_s"] > 0 and s["input_read_s"] > 0
+    assert 0 <= s["input_read_wait_s"] <= s["input_read_s"] and s["input_read_wait_s"] <= s["wall_s"]
     assert "4 done, 0 failed" in r.stderr
 
 

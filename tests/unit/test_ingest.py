@@ -249,7 +249,8 @@ def test_validated_ids_keep_one_array_equal_to_the_list(ids, as_tuple):
 def test_work_in_the_background_returns_its_value_or_raises_its_error_in_the_caller():
     from batchllm.cli import _InBackground
 
-    assert _InBackground(sorted, [3, 1, 2], reverse=True).result() == [3, 2, 1]
+    work = _InBackground(sorted, [3, 1, 2], reverse=True)
+    assert work.result() == [3, 2, 1] and work.seconds >= 0
     failing = _InBackground(int, "not a number")
     with pytest.raises(ValueError, match="not a number"):
         failing.result()
