@@ -378,17 +378,17 @@ class Scheduler:
         completed_prefixes = []
         stats, block_table = self.stats, self.kv.block_table
         num_decodes = num_samples = attended_keys = 0
-        for request, num_new, num_tokens, decode in chosen:  # (every running request, every step: no property reads)
+        for request, num_new, num_tokens, kind in chosen:  # (every running request, every step: no property reads)
             request_id, start = request.request_id, request.num_computed_tokens
             sent = request.num_blocks_sent
-            if decode == _DECODE_IN_BLOCK:
+            if kind == _DECODE_IN_BLOCK:
                 new_blocks = []
             else:
                 table = block_table(request_id)
                 new_blocks = table[sent:]
                 request.num_blocks_sent = len(table)
             sp = request.sampling_params
-            if decode:  # its last token: pending (a placeholder) or its last output; it samples
+            if kind != _PREFILL:  # its last token: pending (a placeholder) or its last output; it samples
                 num_decodes += 1
                 attended_keys += start  # (+ 1 each, after the loop)
                 samples = True
