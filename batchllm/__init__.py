@@ -13,9 +13,24 @@ import os
 # setdefault: a value set by the user wins; no effect if torch was imported before batchllm.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from batchllm.llm import LLM  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 from batchllm.request_output import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from batchllm.sampling_params import SamplingParams  # noqa: E402
+
+if TYPE_CHECKING:
+    from batchllm.llm import LLM
+
+
+def __getattr__(name: str):
+    """`batchllm.LLM`, imported on first use (PEP 562): it brings torch, transformers and Triton
+    (seconds), which `batchllm --help`, a bad option or an unreadable input do not need."""
+    if name == "LLM":
+        from batchllm.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'batchllm' has no attribute {name!r}")
+
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

@@ -77,6 +77,15 @@ def test_bad_lines_get_named_errors_and_the_rest_runs(tmp_path, default_model_di
     assert "2 done, 7 failed" in r.stderr
 
 
+def test_the_cli_imports_no_torch_before_it_needs_the_model():
+    """`batchllm` loads torch, transformers and Triton (seconds) only to run the model: its help and
+    the checks of the options and files answer at once; `batchllm.LLM` still imports on first use."""
+    code = ("import sys, batchllm, batchllm.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from batchllm import LLM; assert 'torch' in sys.modules and LLM.__name__ == 'LLM'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
 def test_unreadable_input_and_bad_model_fail_fast(tmp_path):
     r = run_cli("run", tmp_path / "missing.jsonl", "-o", tmp_path / "o.jsonl")
     assert r.returncode == 2 and "cannot read input file" in r.stderr
