@@ -21,6 +21,7 @@ the next step. Only rank 0's outputs are read.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from batchllm.layers.sampler import SampledTokens, sample_on_device
 from batchllm.layers.transfer import to_device, to_device_packed
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
-from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch
+from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch, ScheduledRequest
 from batchllm.runner.cuda_graphs import DecodeGraphs
 from batchllm.runner.step_markers import mark_step
 from batchllm.structured import GrammarBackend, GrammarState
@@ -330,63 +331,61 @@ class ModelRunner:
         return generator
 
     def _host_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """A step's inputs as numpy arrays and lists: one Python pass over the requests (block-table
-        diffs, ids, per-sequence numbers); per-token arrays come from numpy."""
+        """A step's inputs as numpy arrays and lists, built in passes over the requests that each
+        read one field (list comprehensions: this runs over every running request, every step);
+        per-token arrays come from numpy. Block-table diffs are applied only for the requests that
+        sent entries, and the shared-prefix levels only for the requests under a prefix."""
         requests = batch.requests
         num_seqs = len(requests)
-        input_ids: list[int] = []
-        starts: list[int] = []
-        counts: list[int] = []
-        tables: list[list[int]] = []
-        levels: list[tuple[list[int], list[int]]] = []  # (group per sequence, shared per sequence)
-        group_index: dict[str, int] = {}
-        sample_rows = []
-        prompt_rows = []
-        placeholders: list[tuple[int, int]] = []  # (token index, index in the previous step's tokens)
-        previous_index = self._previous_tokens[1]
+        request_ids = [s.request_id for s in requests]
+        token_lists = [s.token_ids for s in requests]
+        counts = np.fromiter(map(len, token_lists), dtype=np.int64, count=num_seqs)
+        starts = np.array([s.start_position for s in requests], dtype=np.int64)
         update_table, table_of = self._tables.update, self._tables.lists
-        num_tokens = 0
-        for i, scheduled in enumerate(requests):  # (every running request, every step: locals, no numpy scalars)
-            request_id, token_ids = scheduled.request_id, scheduled.token_ids
-            block_ids = scheduled.block_ids  # (empty on most decode steps: the table is unchanged)
-            tables.append(update_table(request_id, scheduled.block_table_start, block_ids) if block_ids
-                          else table_of[request_id])
-            n = len(token_ids)
-            input_ids += token_ids
-            if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
-                index = previous_index.get(request_id)
-                if index is None:
-                    raise RuntimeError(f"{request_id}: a placeholder token, but the previous step "
-                                       "sampled nothing for this request")
-                placeholders.append((num_tokens + n - 1, index))
-            starts.append(scheduled.start_position)
-            counts.append(n)
-            num_tokens += n
-            for depth, (prefix_id, length) in enumerate(scheduled.shared_prefixes):
-                if depth == len(levels):
-                    levels.append(([-1] * num_seqs, [0] * num_seqs))
-                levels[depth][0][i] = group_index.setdefault(prefix_id, len(group_index))
-                levels[depth][1][i] = length
-            if scheduled.sampling is not None:
-                sample_rows.append((num_tokens - 1, scheduled))
-            if scheduled.prompt_logprobs is not None:
-                prompt_rows.append((num_tokens - n + scheduled.prompt_logprobs.row_start, scheduled))
-        bs = self.block_size
-        starts, counts = np.array(starts, dtype=np.int64), np.array(counts, dtype=np.int64)
-        block_tables = self._tables.gather([s.request_id for s in requests], max(map(len, tables)))
+        for scheduled in [s for s in requests if s.block_ids]:  # (most decode steps send no entries)
+            update_table(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids)
+        tables = [table_of[request_id] for request_id in request_ids]
+        held = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
+        sent = np.array([s.block_table_start + len(s.block_ids) for s in requests], dtype=np.int64)
+        if (held != sent).any():  # (the scheduler's diffs and the runner's tables disagree: a bug, named)
+            row = int(np.flatnonzero(held != sent)[0])
+            raise RuntimeError(f"{request_ids[row]}: runner holds {held[row]} blocks, scheduler's table has "
+                               f"{sent[row]}")
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        input_ids = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=num_tokens)
+        last_token = query_start_loc[1:] - 1  # each sequence's last token: where it samples, if it does
+        where, source = self._placeholders(input_ids, last_token, request_ids)
+        sample_rows = [(row, s) for row, s in zip(last_token.tolist(), requests) if s.sampling is not None]
+        prompt_rows = [(int(query_start_loc[i]) + s.prompt_logprobs.row_start, s)
+                       for i, s in enumerate(requests) if s.prompt_logprobs is not None]
+        bs = self.block_size
+        block_tables = self._tables.gather(request_ids, int(held.max()))
         seq_lens = starts + counts
         positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
         token_seq = np.repeat(np.arange(num_seqs), counts)
         slots = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs
-        where, source = np.asarray(placeholders, dtype=np.int64).reshape(-1, 2).T
         return StepInputs(
-            input_ids=np.asarray(input_ids, dtype=np.int64), positions=positions, slots=slots,
+            input_ids=input_ids, positions=positions, slots=slots,
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables, tables=tables,
-            share_levels=levels or None, max_query_len=int(counts.max()), sample_rows=sample_rows,
+            share_levels=_share_levels(requests), max_query_len=int(counts.max()), sample_rows=sample_rows,
             placeholder_at=where, placeholder_source=source, prompt_rows=prompt_rows,
         )
+
+    def _placeholders(self, input_ids: np.ndarray, last_token: np.ndarray,
+                      request_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(token indices that hold PLACEHOLDER_TOKEN_ID, the index of each one's token among the
+        previous step's sampled tokens). Only a sequence's last token can be one: the token its
+        request samples in the step submitted just before."""
+        rows = np.flatnonzero(input_ids[last_token] == PLACEHOLDER_TOKEN_ID)
+        previous_index = self._previous_tokens[1]
+        source = [previous_index.get(request_ids[row]) for row in rows.tolist()]
+        if None in source:
+            request_id = request_ids[rows[source.index(None)]]
+            raise RuntimeError(f"{request_id}: a placeholder token, but the previous step sampled nothing "
+                               "for this request")
+        return last_token[rows], np.array(source, dtype=np.int64)
 
     def _device_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Token ids, positions, attention metadata and the rows to sample, on the device: the
@@ -405,6 +404,30 @@ class ModelRunner:
             query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
             block_tables_cpu=step.tables, share_levels_cpu=step.share_levels)
         return ids, positions, metadata, rows
+
+
+def _share_levels(requests: list[ScheduledRequest]) -> list[tuple[list[int], list[int]]] | None:
+    """`AttentionMetadata.share_levels_cpu` of a step: per depth, each sequence's prefix group
+    (numbered in order of first appearance, sequence by sequence and outermost first; -1: none at
+    that depth) and that prefix's length (0: none). None when no sequence is under a shared prefix."""
+    num_seqs = len(requests)
+    chains = [s.shared_prefixes for s in requests]
+    deepest = max(map(len, chains), default=0)
+    group_index: dict[str, int] = {}
+    if deepest <= 1:  # (one level or none: the common case, in two passes)
+        if not deepest:
+            return None
+        groups = [group_index.setdefault(chain[0][0], len(group_index)) if chain else -1 for chain in chains]
+        return [(groups, [chain[0][1] if chain else 0 for chain in chains])]
+    levels: list[tuple[list[int], list[int]]] = []
+    for i, chain in enumerate(chains):
+        for depth, (prefix_id, length) in enumerate(chain):  # (empty for a request under no prefix)
+            if depth == len(levels):
+                levels.append(([-1] * num_seqs, [0] * num_seqs))
+            groups, lengths = levels[depth]
+            groups[i] = group_index.setdefault(prefix_id, len(group_index))
+            lengths[i] = length
+    return levels or None
 
 
 @dataclass

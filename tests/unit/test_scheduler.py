@@ -242,6 +242,29 @@ def test_runner_block_tables_apply_diffs_reuse_rows_and_widen():
     assert t.gather(["r199", "b"], 1).tolist() == [[199], [100]]
 
 
+def test_runner_inputs_name_a_request_whose_table_disagrees_with_the_scheduler(tiny_model_factory):
+    """A step that sends no table entries leaves the runner's table as it is: if the scheduler's count of
+    sent entries disagrees with what the runner holds, the step fails naming the request (it would
+    otherwise read another request's KV blocks)."""
+    from batchllm import LLM
+    from batchllm.outputs import ScheduledRequest
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=16,
+              block_size=4)
+    try:
+        runner = llm.engine.runner
+        step = runner._host_inputs(ScheduledBatch([ScheduledRequest("a", [5, 6, 7, 8, 9], 0, [3, 7], 0, None),
+                                                   ScheduledRequest("b", [5, 6], 0, [2], 0, None)]))
+        assert step.block_tables.tolist() == [[3, 7], [2, 0]] and step.slots.tolist() == [12, 13, 14, 15, 28, 8, 9]
+        step = runner._host_inputs(ScheduledBatch([ScheduledRequest("a", [10], 5, [], 2, None)]))  # nothing new
+        assert step.slots.tolist() == [29]
+        with pytest.raises(RuntimeError, match="b: runner holds 1 blocks, scheduler's table has 2"):
+            runner._host_inputs(ScheduledBatch([ScheduledRequest("a", [11], 6, [], 2, None),
+                                                ScheduledRequest("b", [10], 4, [], 2, None)]))
+    finally:
+        llm.shutdown()
+
+
 def test_a_scheduler_without_a_resolved_step_budget_is_refused_by_name():
     """SchedulerConfig's default budget is None (the engine picks the device's); a Scheduler built
     on it directly would fail at its first step with a TypeError, so it is refused up front."""
