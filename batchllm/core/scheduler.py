@@ -122,16 +122,6 @@ def _service_order(running: list[Request]) -> list[tuple[Request, int, bool]]:
     return decodes
 
 
-# How `_schedule_once` passes each chosen entry's tokens to `_make_batch`.
-_PREFILL = 0
-"""Prompt, prefix or recomputed tokens (or an admitted request's), which sample only at their end."""
-_DECODE = 1
-"""One output token, the request's last, which samples."""
-_DECODE_IN_BLOCK = 2
-"""A running request's decode whose last block has room: its block table is unchanged and the
-runner already holds all of it (the KV manager's invariant), so the step sends no table entries."""
-
-
 def _is_decode(request: Request, num_new: int, num_tokens: int) -> bool:
     """num_new tokens from num_computed_tokens are one output token: the last of `num_tokens`."""
     return num_new == 1 and request.num_computed_tokens + 1 == num_tokens and bool(
@@ -215,7 +205,8 @@ class Scheduler:
 
     def _schedule_once(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
-        chosen: list[tuple[Request, int, int, int]] = []  # (request, new tokens, its token count, _PREFILL / ...)
+        decoded: list[ScheduledRequest] = []  # the running decodes, made as they are chosen
+        chosen: list[tuple[Request, int, int, bool]] = []  # the rest: (request, new tokens, its token count, decode)
         copies: list[tuple[int, int]] = []
         preempted = False
 
@@ -234,8 +225,9 @@ class Scheduler:
                     continue
                 if request.num_computed_tokens % block_size:
                     # its last block has room: the table covers every computed token (the KV
-                    # manager's invariant), so the new one needs no allocation
-                    chosen.append((request, 1, num_tokens, _DECODE_IN_BLOCK))
+                    # manager's invariant) and the runner holds all of it (`_free_blocks`: the rule
+                    # of sent tables), so nothing is allocated or sent
+                    decoded.append(self._scheduled_decode(request, allocated=False))
                     budget -= 1
                     i += 1
                     continue
@@ -252,17 +244,20 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                chosen.append((request, num_new, num_tokens, _DECODE if decode else _PREFILL))
+                if decode:  # (made now: a chosen entry is never a victim, and its counters are its own)
+                    decoded.append(self._scheduled_decode(request, allocated=True))
+                else:
+                    chosen.append((request, num_new, num_tokens, False))
                 budget -= num_new
                 i += 1
 
         # Admitting new work right after a preemption would only thrash: wait for blocks to free up,
         # unless the preemption emptied the step (the one running request could not grow beside
         # READY prefixes kept for the waiting members: those members are what can run now).
-        if not preempted or not chosen:
+        if not preempted or not (decoded or chosen):
             for queue in (self.ready_members, self.waiting):
                 budget = self._admit_from(queue, budget, chosen, copies)
-        return self._make_batch(chosen, copies)
+        return self._make_batch(decoded, chosen, copies)
 
     def _admit_from(self, queue: deque[Request], budget: int, chosen: list, copies: list) -> int:
         cap = self.config.max_num_seqs
@@ -288,8 +283,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self.admission.on_admit(request)
-            kind = _DECODE if _is_decode(request, num_new, num_tokens) else _PREFILL
-            chosen.append((request, num_new, num_tokens, kind))
+            chosen.append((request, num_new, num_tokens, _is_decode(request, num_new, num_tokens)))
             if copy is not None:
                 copies.append(copy)
             budget -= num_new
@@ -305,6 +299,10 @@ class Scheduler:
         return budget if self.config.enable_chunked_prefill else 0
 
     def _free_blocks(self, request: Request) -> None:
+        """Free the request's blocks. The rule of sent tables: every block a step allocates or forks
+        for a request is sent to the runner by that step's batch (`_unsent_blocks`), or freed here
+        before any batch; so a running request's `num_blocks_sent` is its table's length between
+        steps, and a decode that allocates nothing sends nothing (`_scheduled_decode`)."""
         self.kv.free(request.request_id)
         request.num_blocks_sent = 0  # the next table is sent whole
 
@@ -367,56 +365,48 @@ class Scheduler:
             logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
         return bool(released)
 
-    def _make_batch(self, chosen: list[tuple[Request, int, int, int]],
+    def _make_batch(self, decoded: list[ScheduledRequest], chosen: list[tuple[Request, int, int, bool]],
                     copies: list[tuple[int, int]]) -> ScheduledBatch:
-        """The step's batch; advances the counters of its requests (see the module docstring).
+        """The step's batch: the running decodes, already made (`_scheduled_decode`), then the other
+        chosen entries, made here; advances the counters of its requests (see the module docstring).
         An empty step keeps the finished ids for the next one. chosen: (request, new tokens, its
-        token count, their kind: `_PREFILL`, `_DECODE` or `_DECODE_IN_BLOCK`)."""
-        if not chosen:
+        token count, whether those are a decode: only an admitted request's can be)."""
+        if not decoded and not chosen:
             return ScheduledBatch([])
-        scheduled = []
+        scheduled = decoded
+        num_decodes = len(decoded)
+        attended_keys = sum(s.start_position for s in decoded)  # (+ 1 per decode, below)
         completed_prefixes = []
-        stats, block_table = self.stats, self.kv.block_table
-        num_decodes = num_samples = attended_keys = 0
-        for request, num_new, num_tokens, kind in chosen:  # (every running request, every step: no property reads)
-            request_id, start = request.request_id, request.num_computed_tokens
-            sent = request.num_blocks_sent
-            if kind == _DECODE_IN_BLOCK:
-                new_blocks = []
-            else:
-                table = block_table(request_id)
-                new_blocks = table[sent:]
-                request.num_blocks_sent = len(table)
-            sp = request.sampling_params
-            if kind != _PREFILL:  # its last token: pending (a placeholder) or its last output; it samples
+        stats = self.stats
+        num_samples = 0
+        for request, num_new, num_tokens, decode in chosen:
+            if decode:
+                made = self._scheduled_decode(request, allocated=True)
+                scheduled.append(made)
                 num_decodes += 1
-                attended_keys += start  # (+ 1 each, after the loop)
-                samples = True
-                token_ids = [PLACEHOLDER_TOKEN_ID] if request.num_pending_tokens else request.output_token_ids[-1:]
-            else:
-                stats.prefill_tokens += num_new
-                attended_keys += num_new * start + num_new * (num_new + 1) // 2  # positions start .. + num_new - 1
-                reaches_end = start + num_new == num_tokens
-                samples = reaches_end and not request.is_prefix
-                if request.is_prefix and reaches_end:
-                    completed_prefixes.append(request)
-                token_ids = request.token_ids(start, start + num_new)
+                attended_keys += made.start_position
+                continue
+            request_id, start = request.request_id, request.num_computed_tokens
+            sent, new_blocks = request.num_blocks_sent, self._unsent_blocks(request)
+            stats.prefill_tokens += num_new
+            attended_keys += num_new * start + num_new * (num_new + 1) // 2  # positions start .. + num_new - 1
+            reaches_end = start + num_new == num_tokens
+            samples = reaches_end and not request.is_prefix
+            if request.is_prefix and reaches_end:
+                completed_prefixes.append(request)
             spec = None
             if samples:
-                spec = request.cached_sampling_spec
-                if spec is None:
-                    spec = self._sampling_spec(request)
-            scheduled.append(
-                ScheduledRequest(
-                    request_id, token_ids, start, new_blocks, sent, spec, request.shared_prefixes,
-                    None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, num_new),
-                )
-            )
+                spec = request.cached_sampling_spec or self._sampling_spec(request)
+            sp = request.sampling_params
+            scheduled.append(ScheduledRequest(
+                request_id, request.token_ids(start, start + num_new), start, new_blocks, sent, spec,
+                request.shared_prefixes,
+                None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, num_new)))
             request.num_computed_tokens = start + num_new
             if samples:  # (after its spec: min_tokens counts the pending tokens before this one)
                 num_samples += 1
                 request.num_pending_tokens += 1
-        self.num_pending_outputs += num_samples
+        self.num_pending_outputs += num_samples + num_decodes
         stats.decode_tokens += num_decodes
         stats.attended_keys += attended_keys + num_decodes
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
@@ -427,6 +417,29 @@ class Scheduler:
         self.stats.num_block_copies += len(copies)
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.kv.pool.num_used_blocks)
         return batch
+
+    def _scheduled_decode(self, request: Request, allocated: bool) -> ScheduledRequest:
+        """A decode's ScheduledRequest: the request's last token (pending, as a placeholder, or its
+        last output), which samples; with the table entries the runner lacks when `allocated` (else
+        its table is unchanged and the runner holds all of it). Advances the request's counters.
+        Every running decode, every step: no property reads."""
+        start, pending, sp = request.num_computed_tokens, request.num_pending_tokens, request.sampling_params
+        sent = request.num_blocks_sent
+        spec = request.cached_sampling_spec or self._sampling_spec(request)  # (before the pending count grows)
+        scheduled = ScheduledRequest(
+            request.request_id, [PLACEHOLDER_TOKEN_ID] if pending else request.output_token_ids[-1:], start,
+            self._unsent_blocks(request) if allocated else [], sent, spec, request.shared_prefixes,
+            None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, 1))
+        request.num_computed_tokens = start + 1
+        request.num_pending_tokens = pending + 1
+        return scheduled
+
+    def _unsent_blocks(self, request: Request) -> list[int]:
+        """The entries of the request's block table the runner does not hold yet (marked sent)."""
+        table = self.kv.block_table(request.request_id)
+        new_blocks = table[request.num_blocks_sent:]
+        request.num_blocks_sent = len(table)
+        return new_blocks
 
     @staticmethod
     def _sampling_spec(request: Request) -> SamplingSpec:
