@@ -307,11 +307,13 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
     """Build the engine while a background thread reads, templates and tokenizes the input (both
     take seconds on a large job and the second needs only the tokenizer), then run the valid lines.
     The run's `wall_s` starts once the engine is built: it holds whatever reading is left then."""
-    from batchllm.llm import LLM, front_end_for  # heavy import after the cheap checks
+    from batchllm.engine import resolve_model
+    from batchllm.llm import LLM, front_end_for  # heavy imports after the cheap checks
 
     try:
         config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
         front = front_end_for(config)
+        resolve_model(config)  # what can be checked without weights (device, budget, sharding): before reading
     except (ValueError, OSError) as e:
         return _fail(str(e))
     reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
@@ -325,8 +327,9 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
         phases = {"engine_build_s": started - reading.started}
         with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True) as errors_out:
             job.writers = (out, errors_out)
+            waiting = time.perf_counter()
             valid, errors, file_format = reading.result()
-            phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - started)
+            phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - waiting)
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
             out.sync()

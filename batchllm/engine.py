@@ -2,7 +2,8 @@
 scheduler, EngineCore) assembled from an `EngineConfig` alone.
 
 Nothing here reads a tokenizer or a prompt: `LLM` (and any process that runs requests) tokenizes,
-and asks the engine only for the model's facts (`model_spec`, `max_model_len`). An engine is built
+with its `FrontEnd` (`llm.front_end_for`), which reads the model's facts (`model_spec`,
+`max_model_len`) from the directory as `resolve_model` does. An engine is built
 once and never reconfigured: a different setting is a different engine (`bench.py` builds one per
 configuration). Values found while building (device, dtype, context length, KV size) are fields
 of `Engine`, never written back into the frozen config (house rule 6).

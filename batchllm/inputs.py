@@ -163,13 +163,24 @@ def _or_error(call, *args) -> TokenizedPrompt | ValueError:
 def resolve_max_model_len(requested: int | None, spec) -> int:
     limit = spec.max_position_embeddings
     if spec.sliding_window is not None and spec.sliding_window < limit:
-        logger.warning("capping the context at the sliding window (%d tokens)", spec.sliding_window)
+        _warn_once(f"capping the context at the sliding window ({spec.sliding_window} tokens)")
         limit = spec.sliding_window
     if requested is None:
         return limit
     if requested > limit:
         raise ValueError(f"max_model_len {requested} exceeds what the model supports ({limit})")
     return requested
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a warning the first time this process meets it (an `LLM` resolves its context twice:
+    for its FrontEnd and for its engine)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")

@@ -287,7 +287,8 @@ def test_an_input_without_requests_says_so_and_writes_an_empty_output(tmp_path, 
     is 0; the message names the input, on every run, and no model is loaded."""
     import batchllm.llm
 
-    monkeypatch.setattr(batchllm.llm, "LLM", lambda *a, **k: pytest.fail("no model is needed for no requests"))
+    for name in ("LLM", "front_end_for"):  # (run reads the model's tokenizer first, then builds the engine)
+        monkeypatch.setattr(batchllm.llm, name, lambda *a, **k: pytest.fail("no model is needed for no requests"))
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(content)
     for extra in ([], [], ["--overwrite"]):
@@ -312,5 +313,6 @@ def test_a_complete_job_finishes_without_loading_the_model(tmp_path, capsys, mon
         raise AssertionError("the model was loaded for a finished job")
 
     monkeypatch.setattr(batchllm.llm, "LLM", no_model)
+    monkeypatch.setattr(batchllm.llm, "front_end_for", no_model)
     code, err = run(capsys, src, "-o", out, "--model", model)
     assert code == 1 and "already complete (2 lines: 1 done, 1 failed)" in err
