@@ -459,24 +459,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
     def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> list[RequestUpdate]:
-        """Record the tokens a step sampled, in batch order. A request that ended while the step
-        was in flight (EOS or a stop in the step before, an abort) drops its token."""
+        """Record the tokens a step sampled, in batch order (`output.sampled_token_ids` holds one per
+        sampling row, in that order: the runner's, and any executor's, contract). A request that ended
+        while the step was in flight (EOS or a stop in the step before, an abort) drops its token."""
+        if output.prompt_logprobs:  # (first: a request's first token hands them on, assembled)
+            for scheduled in batch.requests:
+                if scheduled.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(scheduled, output)
         updates = []
         sampled, logprobs = output.sampled_token_ids, output.logprobs
         requests = self.requests
-        num_collected = 0
-        for scheduled in batch.requests:  # (every running request, every step: locals, no property reads)
-            if scheduled.prompt_logprobs is not None:
-                self._record_prompt_logprobs(scheduled, output)
-            if scheduled.sampling is None:
-                continue
-            num_collected += 1
-            request_id = scheduled.request_id
+        for request_id, token in sampled.items():  # (every running request, every step: locals, no property reads)
             request = requests.get(request_id)
             if request is None:
                 continue
             request.num_pending_tokens -= 1
-            token = sampled[request_id]
             outputs = request.output_token_ids
             outputs.append(token)
             if token in request.stop_token_set or len(outputs) >= request.max_output_tokens:
@@ -492,7 +489,7 @@ class Scheduler:
                     if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None else None,
                 )
             )
-        self.num_pending_outputs -= num_collected
+        self.num_pending_outputs -= len(sampled)
         return updates
 
     def _record_prompt_logprobs(self, scheduled: ScheduledRequest, output: RunnerOutput) -> None:
