@@ -109,6 +109,9 @@ class ScheduledBatch:
     drops their state."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV blocks to copy, all layers, before this step's forward (copy-on-write)."""
+    num_sampling_rows: int | None = None
+    """How many requests have `sampling` set (the scheduler counts them as it builds the batch; None:
+    not counted): the tokens its output must hold."""
 
     @functools.cached_property  # read by the scheduler's statistics and the step log; requests never change
     def num_tokens(self) -> int:

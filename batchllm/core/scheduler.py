@@ -409,7 +409,8 @@ class Scheduler:
         self.num_pending_outputs += num_samples + num_decodes
         stats.decode_tokens += num_decodes
         stats.attended_keys += attended_keys + num_decodes
-        batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies)
+        batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies,
+                               num_sampling_rows=num_samples + num_decodes)
         self._finished_since_last_step = []
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device
             self._prefix_ready(prefix)  # (after the batch: a prefix dropped here must reach the runner later)
@@ -468,6 +469,8 @@ class Scheduler:
                     self._record_prompt_logprobs(scheduled, output)
         updates = []
         sampled, logprobs = output.sampled_token_ids, output.logprobs
+        if batch.num_sampling_rows is not None and len(sampled) != batch.num_sampling_rows:
+            raise RuntimeError(f"the step sampled {len(sampled)} tokens for {batch.num_sampling_rows} sampling rows")
         requests = self.requests
         for request_id, token in sampled.items():  # (every running request, every step: locals, no property reads)
             request = requests.get(request_id)

@@ -265,6 +265,20 @@ def test_runner_inputs_name_a_request_whose_table_disagrees_with_the_scheduler(t
         llm.shutdown()
 
 
+def test_a_step_output_missing_a_sampling_rows_token_is_refused():
+    """The scheduler walks the output's tokens (one per sampling row, in batch order): an output with one
+    too few fails by name instead of leaving a request waiting for a token that never comes."""
+    engine, sched, ex = make(budget=64)
+    engine.add_request(req("a", 6))
+    engine.add_request(req("b", 6))
+    batch = sched.schedule()
+    assert batch.num_sampling_rows == 2
+    output = ex.execute(batch)
+    del output.sampled_token_ids["b"]
+    with pytest.raises(RuntimeError, match="sampled 1 tokens for 2 sampling rows"):
+        sched.update_from_output(batch, output)
+
+
 def test_a_scheduler_without_a_resolved_step_budget_is_refused_by_name():
     """SchedulerConfig's default budget is None (the engine picks the device's); a Scheduler built
     on it directly would fail at its first step with a TypeError, so it is refused up front."""
