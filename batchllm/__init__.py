@@ -32,5 +32,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'batchllm' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), "LLM"})
+
+
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

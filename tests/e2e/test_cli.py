@@ -81,6 +81,7 @@ def test_the_cli_imports_no_torch_before_it_needs_the_model():
     """`batchllm` loads torch, transformers and Triton (seconds) only to run the model: its help and
     the checks of the options and files answer at once; `batchllm.LLM` still imports on first use."""
     code = ("import sys, batchllm, batchllm.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'LLM' in dir(batchllm) and 'SamplingParams' in dir(batchllm); "
             "from batchllm import LLM; assert 'torch' in sys.modules and LLM.__name__ == 'LLM'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
