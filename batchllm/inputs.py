@@ -15,7 +15,7 @@ import numpy as np
 
 from batchllm.io.openai_batch import text_message
 from batchllm.models.default_model import default_model_dir
-from batchllm.models.spec import ModelLoadError, read_model_spec
+from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec
 from batchllm.prefix.radix import as_token_array
 from batchllm.structured import GrammarBackend
 
@@ -222,13 +222,20 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
 
 
+def read_prompt_side(model: str | Path | None, tokenizer: str | Path | None = None, max_model_len: int | None = None,
+                     *, skip_tokenizer: bool = False) -> tuple[Path, ModelSpec, int, Any]:
+    """(model directory, spec, context, tokenizer: None with skip_tokenizer) of a model directory or
+    cached Hugging Face id (None: the default model), without loading weights: what a PromptProcessor
+    is made of (`prompt_processor_for`, and `LLM`'s `llm.front_end_for`)."""
+    model_dir = local_model_dir(model)
+    spec = read_model_spec(model_dir)
+    loaded = None if skip_tokenizer else load_tokenizer(local_model_dir(tokenizer) if tokenizer else model_dir)
+    return model_dir, spec, resolve_max_model_len(max_model_len, spec), loaded
+
+
 def prompt_processor_for(model: str | None, tokenizer: str | None = None,
                          max_model_len: int | None = None, max_logprobs: int = -1) -> PromptProcessor:
     """A PromptProcessor for a model directory or cached Hugging Face id (None: the default model)
     without loading weights; `max_logprobs` as `LLM`'s (-1: no cap)."""
-    model_dir = local_model_dir(model)
-    spec = read_model_spec(model_dir)
-    return PromptProcessor(
-        load_tokenizer(local_model_dir(tokenizer) if tokenizer else model_dir), spec.vocab_size,
-        resolve_max_model_len(max_model_len, spec), str(model_dir), max_logprobs=max_logprobs,
-    )
+    model_dir, spec, context, loaded = read_prompt_side(model, tokenizer, max_model_len)
+    return PromptProcessor(loaded, spec.vocab_size, context, str(model_dir), max_logprobs=max_logprobs)

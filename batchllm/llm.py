@@ -25,14 +25,8 @@ from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, build_engine, release_device_memory, resolve_model
-from batchllm.inputs import (
-    PromptProcessor,
-    TokenizedPrompt,
-    load_tokenizer,
-    local_model_dir,
-    resolve_max_model_len,
-)
-from batchllm.models.spec import ModelSpec, read_model_spec
+from batchllm.inputs import PromptProcessor, TokenizedPrompt, read_prompt_side
+from batchllm.models.spec import ModelSpec
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState, prompt_logprobs_output
 from batchllm.prefix import plan_prefix_sharing
@@ -418,12 +412,8 @@ def front_end_for(config: EngineConfig) -> FrontEnd:
     """The FrontEnd of the engine `config` describes (its tokenizer loaded: fails here, before any
     weights load, on a tokenizer that cannot be read)."""
     mc = config.model
-    model_dir = local_model_dir(mc.model)
-    spec = read_model_spec(model_dir)
-    max_model_len = resolve_max_model_len(mc.max_model_len, spec)
-    tokenizer = None
-    if not mc.skip_tokenizer_init:
-        tokenizer = load_tokenizer(local_model_dir(mc.tokenizer) if mc.tokenizer else model_dir)
+    model_dir, spec, max_model_len, tokenizer = read_prompt_side(mc.model, mc.tokenizer, mc.max_model_len,
+                                                                 skip_tokenizer=mc.skip_tokenizer_init)
     eos_token_ids = _eos_token_ids(model_dir, spec, tokenizer)
     prompts = PromptProcessor(tokenizer, spec.vocab_size, max_model_len, str(model_dir), sorted(eos_token_ids),
                               mc.max_logprobs)
