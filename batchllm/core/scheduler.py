@@ -216,11 +216,8 @@ class Scheduler:
         i = 0
         while i < len(order) and budget > 0:
             request, num_tokens, decode = order[i]
-            if decode:  # (`_num_new_tokens` and `_waits_for_pending_token` inlined: one token, unless
-                # it waits for its pending one)
-                if request.num_pending_tokens and (
-                        request.needs_host_tokens
-                        or num_tokens - len(request.prompt_token_ids) >= request.max_output_tokens):
+            if decode:  # (`_num_new_tokens` inlined: one token, unless it waits for its pending one)
+                if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens):
                     i += 1
                     continue
                 if request.num_computed_tokens % block_size:
