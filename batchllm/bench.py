@@ -314,6 +314,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it measures,
     "sharing-eager": ("decode CUDA graphs off", dict(_ON, enforce_eager=True)),
     "nosharing-eager": ("no sharing, decode CUDA graphs off", dict(_OFF, enforce_eager=True)),
     **{f"dp{n}": (f"sharing, {n} data-parallel engines", dict(_ON, data_parallel_size=n)) for n in (1, 2, 4, 8)},
+    **{f"pergpu{n}": (f"sharing, {n} engine processes per GPU", dict(_ON, engines_per_gpu=n)) for n in (2, 3, 4)},
     **{f"tp{n}": (f"sharing, model over {n} GPUs", dict(_ON, tensor_parallel_size=n)) for n in (1, 2, 4, 8)},
     **{f"steps{n // 1024}k": (f"sharing, {n}-token steps", dict(_ON, max_num_batched_tokens=n))
        for n in (2048, 4096, 8192, 16384, 32768)},
@@ -428,7 +429,7 @@ def _warm_up(llm, workload: Workload, requests: int) -> None:
 
 
 def _bench_data_parallel(llm, name: str, args, workload: Workload) -> dict[str, Any]:
-    _warm_up(llm, workload, args.warmup_requests * llm.config.parallel.data_parallel_size)
+    _warm_up(llm, workload, args.warmup_requests * llm.config.parallel.num_engines)
     stats = run_workload(llm, workload)
     stats.update(config=name)
     print(_line(stats), flush=True)

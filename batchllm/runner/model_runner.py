@@ -78,6 +78,26 @@ def default_block_size(kv_dtype: torch.dtype, device: torch.device, head_dim: in
     return KEYS_MAJOR_BLOCK if kv_dtype == FP8 or tma_by_default(kv_dtype, device, head_dim) else 16
 
 
+ACTIVATION_RESERVE = 0.10
+"""Fraction of the card that an automatically sized KV cache leaves free beyond the process's
+gpu_memory_utilization budget, for the activations of its largest step."""
+
+
+def shared_gpu_utilization(utilization: float, slot: int, engines: int) -> float:
+    """The gpu_memory_utilization to give engine `slot` (0-based) of `engines` that share one GPU
+    and are built one after another, slot 0 first, so that each gets utilization / engines of the
+    card with its own activation reserve. Why: `plan_kv_cache`'s budget is utilization x total -
+    used - reserve x total, and `used` then holds the engines built before this one, each having
+    taken its share less the reserve it leaves free: slot k's budget comes out as the share less
+    its reserve and its own weights, the same for every slot."""
+    share = utilization / engines
+    if share <= ACTIVATION_RESERVE:
+        raise ValueError(f"engines_per_gpu {engines} gives each engine {share:.3f} of the GPU "
+                         f"(gpu_memory_utilization {utilization} / {engines}), no more than the "
+                         f"{ACTIVATION_RESERVE} it keeps free for activations: use fewer engines per GPU")
+    return share * (slot + 1) - ACTIVATION_RESERVE * slot
+
+
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
                   tp=None) -> KVCacheSpec:
     """spec: the model's (a tensor-parallel rank's shard spec: its KV heads); dtype: the model's,
@@ -94,8 +114,7 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        # Keep room for activations of the largest step: a fixed 10% of the card beyond the budget.
-        budget = cache.gpu_memory_utilization * total - used - 0.10 * total
+        budget = (cache.gpu_memory_utilization - ACTIVATION_RESERVE) * total - used
         num_blocks = int(max(budget, 0)) // bytes_per_block
     else:
         num_blocks = int(_DEFAULT_CPU_KV_GIB * 2**30) // bytes_per_block

@@ -36,7 +36,7 @@ def test_two_workers_match_one_engine(default_llm, default_model_dir):
             for a, b in zip(o.prompt_logprobs[1:], e.prompt_logprobs[1:]):
                 assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
         stats = llm.last_stats
-        assert stats["data_parallel_size"] == 2 and sum(r["num_requests"] for r in stats["ranks"]) == len(expected)
+        assert stats["num_engines"] == 2 and sum(r["num_requests"] for r in stats["ranks"]) == len(expected)
         assert all(r["num_requests"] > 0 for r in stats["ranks"])  # both ranks worked
         # the chat header all prompts share is one group, split over the two ranks: only it is computed
         # twice; each system prompt's own group stays on one rank
