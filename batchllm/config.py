@@ -134,8 +134,10 @@ class CacheConfig(_Checked):
                                     "then load by TMA: 1.065x on the 16K workload), else 16", at_least=1)
     kv_cache_memory_gib: float | None = option(None, "KV cache size in GiB; None: 2 on CPU, on GPU what "
                                                "gpu_memory_utilization of the card leaves", above=0)
-    gpu_memory_utilization: float = option(0.90, "fraction of the GPU's memory this process may use (weights + "
-                                           "activations + KV) when the KV size is automatic", above=0, at_most=1)
+    gpu_memory_utilization: float = option(0.90, "fraction of the GPU's memory the engine may use (weights + "
+                                           "activations + KV) when the KV size is automatic; other processes' memory "
+                                           "counts only where it leaves less free (as in vLLM); engines_per_gpu "
+                                           "engines sharing a GPU get an equal part each", above=0, at_most=1)
     num_kv_blocks: int | None = option(None, "exact number of KV blocks (overrides the memory settings; tests "
                                        "use it to force preemption)", at_least=1)
     kv_cache_dtype: str = option("auto", "element type of the KV cache; auto: the model's dtype; fp8 (= fp8_e4m3): "
@@ -179,7 +181,7 @@ class ParallelConfig(_Checked):
     tensor_parallel_size: int = option(1, "GPUs (CPU: gloo processes) one engine's model is sharded over, "
                                        "Megatron style", at_least=1)
     engines_per_gpu: int = option(1, "engine processes sharing each GPU (or, on CPU, the processor), each "
-                                  "given whole prefix groups and an equal share of gpu_memory_utilization; more "
+                                  "given whole prefix groups and an equal part of gpu_memory_utilization; more "
                                   "than 1 runs one engine's host work while another's steps run on the GPU, for "
                                   "small, host-bound models", at_least=1)
 

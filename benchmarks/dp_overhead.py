@@ -78,10 +78,8 @@ class _NoModelLLM:
 
 
 def _worker(rank: int, size: int, config, conn) -> None:
-    from batchllm.parallel.data_parallel import await_build_turn, serve_jobs
+    from batchllm.parallel.data_parallel import serve_jobs
 
-    if not await_build_turn(conn):
-        return
     llm = _NoModelLLM(rank, config, int(os.environ["BATCHLLM_DP_OVERHEAD_OUTPUT"]))
     conn.send(("ready",))
     serve_jobs(llm, conn)

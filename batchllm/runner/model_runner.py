@@ -82,20 +82,31 @@ ACTIVATION_RESERVE = 0.10
 """Fraction of the card that an automatically sized KV cache leaves free beyond the process's
 gpu_memory_utilization budget, for the activations of its largest step."""
 
+CUDA_CONTEXT_BYTES = 2**30
+"""What a process holds on its GPU outside torch's allocator (the CUDA context, loaded kernels),
+counted as its own when it sizes its KV cache: about 1.1 GiB on an H200 (SmolLM2-135M, session 20)."""
 
-def shared_gpu_utilization(utilization: float, slot: int, engines: int) -> float:
-    """The gpu_memory_utilization to give engine `slot` (0-based) of `engines` that share one GPU
-    and are built one after another, slot 0 first, so that each gets utilization / engines of the
-    card with its own activation reserve. Why: `plan_kv_cache`'s budget is utilization x total -
-    used - reserve x total, and `used` then holds the engines built before this one, each having
-    taken its share less the reserve it leaves free: slot k's budget comes out as the share less
-    its reserve and its own weights, the same for every slot."""
+
+def engine_share(utilization: float, engines: int) -> float:
+    """The gpu_memory_utilization of each of `engines` engine processes that share one GPU: an
+    equal part of `utilization`, which must leave each more than its activation reserve."""
     share = utilization / engines
     if share <= ACTIVATION_RESERVE:
         raise ValueError(f"engines_per_gpu {engines} gives each engine {share:.3f} of the GPU "
                          f"(gpu_memory_utilization {utilization} / {engines}), no more than the "
                          f"{ACTIVATION_RESERVE} it keeps free for activations: use fewer engines per GPU")
-    return share * (slot + 1) - ACTIVATION_RESERVE * slot
+    return share
+
+
+def kv_cache_budget(utilization: float, free: int, total: int, own: int) -> int:
+    """Bytes for an automatically sized KV cache on a card of `total` bytes with `free` free.
+
+    This process's part is utilization x total less the activation reserve and less what it holds
+    already (`own`: its weights and workspaces in torch's allocator + CUDA_CONTEXT_BYTES); other
+    processes' memory counts only through `free`, which the cache (with the reserve) never exceeds.
+    So, as vLLM's per-instance gpu_memory_utilization, engines sharing a GPU can size their caches
+    at the same time, each from its own part, whatever the others have allocated so far."""
+    return int(max(0.0, min((utilization - ACTIVATION_RESERVE) * total - own, free - ACTIVATION_RESERVE * total)))
 
 
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
@@ -113,9 +124,8 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
         num_blocks = int(cache.kv_cache_memory_gib * 2**30) // bytes_per_block
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        budget = (cache.gpu_memory_utilization - ACTIVATION_RESERVE) * total - used
-        num_blocks = int(max(budget, 0)) // bytes_per_block
+        own = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
+        num_blocks = kv_cache_budget(cache.gpu_memory_utilization, free, total, own) // bytes_per_block
     else:
         num_blocks = int(_DEFAULT_CPU_KV_GIB * 2**30) // bytes_per_block
     if tp is not None:

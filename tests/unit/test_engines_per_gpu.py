@@ -1,16 +1,14 @@
-"""Several engine processes on one GPU: where each rank runs, the memory share each is given, and
-that engines sharing a GPU build one after another (no GPU needed: the workers are stand-ins)."""
+"""Several engine processes on one GPU: where each rank runs, the memory part each is given, and
+how an automatically sized KV cache counts its own memory and the others' (no GPU needed)."""
 
-import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from batchllm.options import engine_config
-from batchllm.parallel.data_parallel import DataParallelEngine, _worker_configs, await_build_turn, serve_jobs
-from batchllm.runner.model_runner import ACTIVATION_RESERVE, shared_gpu_utilization
+from batchllm.parallel.data_parallel import _worker_configs
+from batchllm.runner.model_runner import ACTIVATION_RESERVE, engine_share, kv_cache_budget
 
 GIB = 2**30
 
@@ -22,88 +20,69 @@ def test_num_engines_and_tensor_parallel_refused():
         engine_config(engines_per_gpu=2, tensor_parallel_size=2)
 
 
-@pytest.mark.parametrize("engines", [2, 3, 4])
-@pytest.mark.parametrize("weights_gib", [0.3, 16.0])
-def test_engines_built_one_after_another_get_equal_shares(engines, weights_gib):
-    """Replays plan_kv_cache's budget on a 140 GiB card: each slot, seeing the memory of the
-    engines built before it, gets the same KV size, and all of them together leave every engine
-    its activation reserve inside gpu_memory_utilization."""
-    total, utilization, context = 140 * GIB, 0.9, 0.5 * GIB
-    used, kv_sizes = 0.0, []
-    for slot in range(engines):
-        used += context + weights_gib * GIB  # this engine's CUDA context and weights, before it sizes its KV
-        share = shared_gpu_utilization(utilization, slot, engines)
-        kv = (share - ACTIVATION_RESERVE) * total - used  # the budget plan_kv_cache computes
-        kv_sizes.append(kv)
+@pytest.mark.parametrize("engines", [1, 2, 3])
+@pytest.mark.parametrize("order", ["in turn", "interleaved"])
+def test_engines_sizing_their_caches_at_once_get_equal_parts(engines, order):
+    """Replays engines on one 140 GiB card, each loading 2 GiB of weights and then sizing its KV
+    from the free memory it reads: in turn (each after the others allocated) or interleaved (all
+    loaded, none allocated yet). Either way each gets its part less the reserve and its own, and
+    all of them together stay inside the utilization with every reserve kept."""
+    total, utilization, own = 140 * GIB, 0.9, 2 * GIB + 0.5 * GIB
+    share = engine_share(utilization, engines)
+    used = 0
+    if order == "interleaved":
+        used = engines * own
+    sizes = []
+    for _ in range(engines):
+        if order == "in turn":
+            used += own
+        kv = kv_cache_budget(share, total - used, total, own)
+        sizes.append(kv)
         used += kv
-    assert max(kv_sizes) - min(kv_sizes) < 1e-6 * total
-    expected = (utilization / engines - ACTIVATION_RESERVE) * total - context - weights_gib * GIB
-    assert kv_sizes[0] == pytest.approx(expected)
-    assert used + engines * ACTIVATION_RESERVE * total == pytest.approx(utilization * total)
+    assert sizes == [int((share - ACTIVATION_RESERVE) * total - own)] * engines
+    assert used + engines * ACTIVATION_RESERVE * total <= utilization * total + 1
+
+
+def test_other_processes_count_only_through_free_memory():
+    total, own = 100 * GIB, 1 * GIB
+    alone = kv_cache_budget(0.9, total - own, total, own)
+    assert alone == int(0.8 * total - own)
+    # another process holding 5 GiB leaves enough free: this engine still takes its whole part
+    assert kv_cache_budget(0.9, total - own - 5 * GIB, total, own) == alone
+    # one holding 60 GiB: the cache takes what is free less the reserve
+    assert kv_cache_budget(0.9, total - own - 60 * GIB, total, own) == int(39 * GIB - 0.1 * total)
+    assert kv_cache_budget(0.9, 5 * GIB, total, own) == 0  # nothing left beyond the reserve
 
 
 def test_too_many_engines_per_gpu_is_named():
+    assert engine_share(0.9, 2) == pytest.approx(0.45)
     with pytest.raises(ValueError, match="engines_per_gpu 9 gives each engine 0.100 of the GPU"):
-        shared_gpu_utilization(0.9, 0, 9)
+        engine_share(0.9, 9)
 
 
-def test_worker_configs_place_ranks_and_chain_builds_per_gpu():
+def test_worker_configs_place_ranks_and_split_memory_per_gpu():
     config = engine_config(data_parallel_size=2, engines_per_gpu=2, gpu_memory_utilization=0.8)
-    configs, builds_after = _worker_configs(config, Path("/m"), torch.device("cuda", 1))
+    configs = _worker_configs(config, Path("/m"), torch.device("cuda", 1))
     assert [c.model.device for c in configs] == ["cuda:1", "cuda:1", "cuda:2", "cuda:2"]
-    assert [c.cache.gpu_memory_utilization for c in configs] == pytest.approx([0.4, 0.7, 0.4, 0.7])
-    assert builds_after == {0: 1, 2: 3}  # each GPU's second engine waits for its first
+    assert [c.cache.gpu_memory_utilization for c in configs] == pytest.approx([0.4] * 4)
     assert all(c.parallel.num_engines == 1 and c.model.model == "/m" for c in configs)
+    cpu = _worker_configs(engine_config(engines_per_gpu=3), Path("/m"), torch.device("cpu"))
+    assert [c.model.device for c in cpu] == ["cpu"] * 3
+    assert {c.cache.gpu_memory_utilization for c in cpu} == {0.9}
 
 
-@pytest.mark.parametrize("device,options", [
-    ("cuda", dict(kv_cache_memory_gib=4)),  # a given KV size needs no free-memory reading
-    ("cuda", dict(num_kv_blocks=100)),
-    ("cpu", {}),
-])
-def test_worker_configs_build_at_once_when_memory_is_not_read(device, options):
-    config = engine_config(engines_per_gpu=3, **options)
-    configs, builds_after = _worker_configs(config, Path("/m"), torch.device(device, 0))
-    assert builds_after == {}
-    assert {c.cache.gpu_memory_utilization for c in configs} == {config.cache.gpu_memory_utilization}
-    assert len(configs) == 3 and len({c.model.device for c in configs}) == 1
+def test_plan_kv_cache_counts_this_process_and_the_free_memory(monkeypatch):
+    """On a (pretended) 100 GiB card: the cache takes the engine's part less torch's reserved
+    memory and the context allowance, and never more than the free memory less the reserve."""
+    from batchllm.config import CacheConfig
+    from batchllm.models.spec import read_model_spec
+    from batchllm.runner.model_runner import CUDA_CONTEXT_BYTES, plan_kv_cache
 
-
-class _Idle:
-    """A stand-in engine: runs no job, records nothing."""
-
-    last_stats: dict = {}
-
-    def shutdown(self) -> None:
-        pass
-
-
-def _recording_worker(rank, size, config, conn):
-    """Records when it was let build and when it was ready (a file per rank, in the model path)."""
-    if not await_build_turn(conn):
-        return
-    allowed = time.time()
-    time.sleep(0.3)  # "building"
-    (Path(config.model.model) / f"rank{rank}.json").write_text(json.dumps([allowed, time.time()]))
-    conn.send(("ready",))
-    serve_jobs(_Idle(), conn)
-
-
-def test_engines_sharing_a_gpu_build_one_after_another(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    config = engine_config(data_parallel_size=2, engines_per_gpu=2)
-    engine = DataParallelEngine(config, tmp_path, torch.device("cuda", 0), 64, worker_main=_recording_worker)
-    engine.shutdown()
-    times = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
-    assert times[1][0] >= times[0][1] and times[3][0] >= times[2][1]  # second on a GPU after the first is ready
-    assert times[2][0] < times[0][1] and times[0][0] < times[2][1]  # the two GPUs' first engines build together
-
-
-def test_a_worker_told_to_stop_before_its_turn_exits_quietly():
-    import multiprocessing as mp
-
-    parent, child = mp.Pipe()
-    parent.send(None)
-    assert await_build_turn(child) is False
-    parent.close()
-    assert await_build_turn(child) is False  # the parent went away
+    spec = read_model_spec(Path(__file__).parents[2] / "benchmarks" / "configs" / "smollm2-135m")
+    total, reserved = 100 * GIB, 3 * GIB
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    cache = CacheConfig(gpu_memory_utilization=0.5, block_size=16)
+    for free, expected in ((90 * GIB, 0.4 * total - reserved - CUDA_CONTEXT_BYTES), (30 * GIB, 20 * GIB)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, total))
+        plan = plan_kv_cache(spec, cache, torch.bfloat16, torch.device("cuda", 0))
+        assert plan.num_blocks == int(expected) // plan.bytes_per_block

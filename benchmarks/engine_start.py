@@ -1,0 +1,40 @@
+"""How long an `LLM` takes to build with 1, 2, 3... engine processes per GPU (`engines_per_gpu`),
+and, for several engines, each worker's start: seconds from spawning to ready, of which importing
+the engine and building it (`DataParallelEngine.start_times`).
+
+    PYTHONPATH=. python3 benchmarks/engine_start.py 1 2 3 2 1        # the SmolLM2-135M shape, dummy weights
+    PYTHONPATH=. python3 benchmarks/engine_start.py --device cpu 1 2            # here, on CPU
+
+Each count builds one LLM in this process, one after another; the first build on a fresh machine
+pays Triton's cold compiles, and in-process builds after the first reuse loaded kernels, so compare
+counts from the same process in both orders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engines", type=int, nargs="+", help="engines per GPU, one build each, in order")
+    parser.add_argument("--model", default="benchmarks/configs/smollm2-135m")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    from batchllm import LLM
+
+    for n in args.engines:
+        started = time.perf_counter()
+        llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device, engines_per_gpu=n)
+        built = time.perf_counter() - started
+        workers = llm._data_parallel.start_times if llm._data_parallel is not None else {}
+        parts = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+                          for r, t in sorted(workers.items()))
+        print(f"{n} engine(s): built in {built:.2f} s" + (f" ({parts})" if parts else ""), flush=True)
+        llm.shutdown()
+
+
+if __name__ == "__main__":  # the workers are spawned: they import this module without running it
+    main()
