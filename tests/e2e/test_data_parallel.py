@@ -50,6 +50,29 @@ def test_two_workers_match_one_engine(default_llm, default_model_dir):
         llm.shutdown()
 
 
+def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_factory):
+    """engines_per_gpu runs its engines as data-parallel workers (here on the CPU's cores)."""
+    model = tiny_model_factory("llama")
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8] * 8 + [20 + i] * (i + 1)} for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    options = dict(device="cpu", dtype="float32", skip_tokenizer_init=True)
+    one = LLM(model, **options)
+    try:
+        expected = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    finally:
+        one.shutdown()
+    llm = LLM(model, engines_per_gpu=2, **options)
+    try:
+        assert llm.engine is None  # the engines run in the workers
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        ranks = llm.last_stats["ranks"]
+        assert llm.last_stats["num_engines"] == 2 and len(ranks) == 2
+        for r in ranks:
+            assert 0 < r["import_s"] + r["build_s"] < r["ready_s"]  # spawning and unpickling come first
+    finally:
+        llm.shutdown()
+
+
 def test_a_killed_worker_fails_the_job_by_name_after_the_others_finish(default_model_dir):
     llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=2048, data_parallel_size=2)
     try:
