@@ -307,20 +307,23 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
     """Build the engine while a background thread reads, templates and tokenizes the input (both
     take seconds on a large job and the second needs only the tokenizer), then run the valid lines.
     The run's `wall_s` starts once the engine is built: it holds whatever reading is left then."""
-    from batchllm.engine import resolve_model
-    from batchllm.llm import LLM, front_end_for  # heavy imports after the cheap checks
+    from batchllm.parallel.data_parallel import WorkerDied
 
+    workers = None
     try:
         config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
+        workers = _start_workers(config)  # before this process's heavy imports, which then overlap the workers'
+        from batchllm.engine import resolve_model
+        from batchllm.llm import LLM, front_end_for
+
         front = front_end_for(config)
         resolve_model(config)  # what can be checked without weights (device, budget, sharding): before reading
-    except (ValueError, OSError) as e:
-        return _fail(str(e))
-    reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
-                            progress=not args.no_progress)
-    try:
-        llm = LLM.from_config(config, front)
-    except (ValueError, OSError) as e:
+        reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
+                                progress=not args.no_progress)
+        llm = LLM.from_config(config, front, workers)
+    except (ValueError, OSError, WorkerDied) as e:  # WorkerDied here: a worker could not build its engine
+        if workers is not None:
+            workers.shutdown()
         return _fail(str(e))
     try:
         started = time.perf_counter()
@@ -338,6 +341,21 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
         return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
+
+
+def _start_workers(config):
+    """With more than one engine process (data_parallel_size x engines_per_gpu > 1), spawn them
+    now and return their `DataParallelEngine` (not yet ready); None for one engine. Reads only the
+    model's config (no torch, no tokenizer), so the workers' imports and builds overlap this
+    process's own start-up."""
+    if config.parallel.num_engines == 1:
+        return None
+    from batchllm.inputs import read_prompt_side
+    from batchllm.parallel.data_parallel import DataParallelEngine
+
+    mc = config.model
+    model_dir, _, max_model_len, _ = read_prompt_side(mc.model, None, mc.max_model_len, skip_tokenizer=True)
+    return DataParallelEngine(config, model_dir, max_model_len)
 
 
 class _InBackground:

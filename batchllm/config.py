@@ -132,12 +132,16 @@ class CacheConfig(_Checked):
                                     "keys-major: 1.09x its 16-token blocks on decode-heavy with FP8 weights, "
                                     "on an H200) and with a 16-bit cache on a Hopper GPU (whose attention tiles "
                                     "then load by TMA: 1.065x on the 16K workload), else 16", at_least=1)
-    kv_cache_memory_gib: float | None = option(None, "KV cache size in GiB; None: 2 on CPU, on GPU what "
-                                               "gpu_memory_utilization of the card leaves", above=0)
+    kv_cache_memory_gib: float | None = option(None, "KV cache size in GiB (of each engine, with several); None: 2 "
+                                               "on CPU, on GPU what gpu_memory_utilization of the card leaves", above=0)
     gpu_memory_utilization: float = option(0.90, "fraction of the GPU's memory the engine may use (weights + "
-                                           "activations + KV) when the KV size is automatic; other processes' memory "
-                                           "counts only where it leaves less free (as in vLLM); engines_per_gpu "
-                                           "engines sharing a GPU get an equal part each", above=0, at_most=1)
+                                           "activations + KV) when the KV size is automatic; engines_per_gpu engines "
+                                           "sharing a GPU get an equal part each", above=0, at_most=1)
+    gpu_memory_accounting: str = option("card", "what counts as used against gpu_memory_utilization when the KV "
+                                        "size is automatic; card: all memory in use on the GPU, other processes' "
+                                        "too; engine: this engine's own (torch's + 1 GiB for its CUDA context), "
+                                        "the cache never taking more than is free (engines_per_gpu engines use "
+                                        "it, to size their caches at once)", choices=("card", "engine"))
     num_kv_blocks: int | None = option(None, "exact number of KV blocks (overrides the memory settings; tests "
                                        "use it to force preemption)", at_least=1)
     kv_cache_dtype: str = option("auto", "element type of the KV cache; auto: the model's dtype; fp8 (= fp8_e4m3): "

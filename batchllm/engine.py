@@ -127,7 +127,7 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     mc, sc = config.model, config.scheduler
     model_dir = local_model_dir(mc.model)  # a directory, or a Hugging Face id found in the local cache
     spec = read_model_spec(model_dir)
-    device = _resolve_device(str(mc.device if device is None else device))
+    device = resolve_device(str(mc.device if device is None else device))
     dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)
     max_model_len = resolve_max_model_len(mc.max_model_len, spec)
     if sc.max_num_batched_tokens is None:
@@ -207,7 +207,9 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     return runner
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """The device a config's `device` names ("auto": CUDA when available, else the CPU); asking
+    for CUDA without one is a ValueError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)

@@ -53,15 +53,16 @@ class LLM:
         self._init_from_config(engine_config(model=model, **kwargs))
 
     @classmethod
-    def from_config(cls, config: EngineConfig, front: FrontEnd | None = None) -> LLM:
+    def from_config(cls, config: EngineConfig, front: FrontEnd | None = None, workers=None) -> LLM:
         """An engine from a whole EngineConfig (what data-parallel workers receive); `front`: its
         `front_end_for(config)` if the caller made it already (`batchllm run` does, to read its input
-        while the engine loads)."""
+        while the engine loads); `workers`: with more than one engine process, the
+        `DataParallelEngine` the caller started already for this config (`run` starts it first)."""
         llm = cls.__new__(cls)
-        llm._init_from_config(config, front)
+        llm._init_from_config(config, front, workers)
         return llm
 
-    def _init_from_config(self, config: EngineConfig, front: FrontEnd | None = None) -> None:
+    def _init_from_config(self, config: EngineConfig, front: FrontEnd | None = None, workers=None) -> None:
         front = front_end_for(config) if front is None else front
         self.config = config
         self.model_dir, self.model_spec, self.max_model_len = front.model_dir, front.model_spec, front.max_model_len
@@ -75,8 +76,11 @@ class LLM:
         if config.parallel.num_engines > 1:
             from batchllm.parallel.data_parallel import DataParallelEngine
 
-            facts = resolve_model(config)
-            self._data_parallel = DataParallelEngine(config, facts.model_dir, facts.device, facts.max_model_len)
+            resolve_model(config)  # what can be checked without weights fails here, not in every worker
+            if workers is None:
+                workers = DataParallelEngine(config, front.model_dir, front.max_model_len)
+            self._data_parallel = workers
+            workers.wait_ready()
         else:
             self.engine = build_engine(config)
         if self.engine is not None:

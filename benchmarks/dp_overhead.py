@@ -145,9 +145,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[_TIMINGS] = tmp
         os.environ["BATCHLLM_DP_OVERHEAD_OUTPUT"] = str(args.output)
-        import torch
 
-        engine = DataParallelEngine(config, Path(tmp), torch.device("cpu"), max_len, worker_main=_worker)
+        engine = DataParallelEngine(config, Path(tmp), max_len, worker_main=_worker)
+        engine.wait_ready()
         try:
             runs = [_phases(engine, workload, Path(tmp)) for _ in range(args.repeats)]
         finally:

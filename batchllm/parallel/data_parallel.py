@@ -1,4 +1,5 @@
-"""Data parallelism inside a node: one engine process per GPU (or per tensor-parallel group).
+"""Data parallelism inside a node: one engine process per GPU (or per tensor-parallel group), or
+several per GPU (`engines_per_gpu`: a small model's host work then overlaps another engine's steps).
 
 The parent (the `LLM` the user holds) tokenizes and validates the input, plans prefix sharing over
 the whole batch once, partitions the plan (`partition.py`: whole groups per rank, balanced by cost,
@@ -7,7 +8,7 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready",) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
+  rank r -> parent: ("ready", {import_s, build_s}) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
                     | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
 result comes back without its prompt and prompt token ids (the parent puts them back). A worker asks
@@ -35,13 +36,10 @@ from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from batchllm.config import EngineConfig, SharingConfig
+from batchllm.config import EngineConfig, ParallelConfig, SharingConfig
 from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, Shard, partition_plan
 from batchllm.parallel.shard_wire import PackedItems, pack_items
-from batchllm.parallel.tp_worker import die_with_parent, rank_device
 from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
 
@@ -53,31 +51,28 @@ class WorkerDied(RuntimeError):
 
 
 class DataParallelEngine:
-    """The parent's side: starts and supervises `data_parallel_size` worker processes, each a full
-    engine (`LLM`) on its own device(s), and runs `generate` calls over them."""
+    """The parent's side: starts and supervises `num_engines` worker processes (data_parallel_size
+    GPUs or tensor-parallel groups x engines_per_gpu), each a full engine (`LLM`) on its own
+    device(s), and runs `generate` calls over them. This side imports no torch: `batchllm run`
+    starts the workers before it loads anything heavy itself."""
 
-    def __init__(self, config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int,
-                 start_timeout_s: float = 1800.0, worker_main=None) -> None:
-        """worker_main: what each worker process runs, `(rank, size, config, conn)`; None: the real
-        worker (`_worker_main`). `benchmarks/dp_overhead.py` passes one without a model."""
-        par = config.parallel
-        self.size = par.num_engines
+    def __init__(self, config: EngineConfig, model_dir: Path, max_model_len: int, worker_main=None) -> None:
+        """Spawn the workers and return at once (they import and build meanwhile); `wait_ready`
+        waits for them. worker_main: what each worker process runs, `(rank, size, config, conn)`
+        with the job's config (the model directory filled in; `rank_config` gives the rank's own);
+        None: the real worker (`_worker_main`). `benchmarks/dp_overhead.py` passes one without a model."""
+        self.size = config.parallel.num_engines
+        self.parallel = config.parallel
         self.sharing = config.sharing
         self.max_model_len = max_model_len
-        tp = par.tensor_parallel_size
-        if device.type == "cuda":
-            base = device.index or 0
-            needed = base + par.data_parallel_size * tp
-            if torch.cuda.device_count() < needed:
-                raise ValueError(f"data_parallel_size {par.data_parallel_size} x tensor_parallel_size {tp} needs "
-                                 f"GPUs {base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
-        worker_configs = _worker_configs(config, model_dir, device)
+        job_config = dataclasses.replace(config, model=dataclasses.replace(config.model, model=str(model_dir)))
         ctx = mp.get_context("spawn")
         self.processes, self.conns = [], []
-        for rank, worker_config in enumerate(worker_configs):
+        self._spawned = time.perf_counter()
+        for rank in range(self.size):
             parent_end, child_end = ctx.Pipe()
             p = ctx.Process(target=worker_main or _worker_main, name=f"batchllm-dp{rank}", daemon=True,
-                            args=(rank, self.size, worker_config, child_end))
+                            args=(rank, self.size, job_config, child_end))
             p.start()
             child_end.close()  # the worker's end lives in the worker: its death closes the pipe here
             self.processes.append(p)
@@ -91,7 +86,6 @@ class DataParallelEngine:
         self.start_times: dict[int, dict[str, float]] = {}
         """Per rank, seconds from spawning to ready (`ready_s`) and, from the real worker, its parts:
         importing the engine (after the spawned process started) and building it."""
-        self._wait_ready(start_timeout_s)
 
     def _messages(self, ranks: set[int], timeout_s: float) -> Iterator[tuple[int, tuple | None]]:
         """(rank, message) for each message that arrives within `timeout_s` from these ranks; a
@@ -104,9 +98,10 @@ class DataParallelEngine:
             except (EOFError, OSError, pickle.UnpicklingError):
                 yield rank, None
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        started = time.perf_counter()
-        waiting = set(range(self.size))
+    def wait_ready(self, timeout_s: float = 1800.0) -> None:
+        """Return once every worker has built its engine; a worker that fails to start (or none
+        ready within `timeout_s`) stops them all and raises WorkerDied naming it and the cause."""
+        waiting = set(range(self.size)) - set(self.start_times)
         deadline = time.monotonic() + timeout_s
         while waiting:
             if time.monotonic() > deadline:
@@ -118,7 +113,8 @@ class DataParallelEngine:
                     self.shutdown()
                     raise WorkerDied(f"data-parallel worker {rank} could not start: {why}")
                 waiting.discard(rank)
-                self.start_times[rank] = {"ready_s": time.perf_counter() - started, **(message[1:] or [{}])[0]}
+                parts = message[1] if len(message) > 1 else {}  # the real worker's import and build seconds
+                self.start_times[rank] = {"ready_s": time.perf_counter() - self._spawned, **parts}
                 logger.info("data-parallel worker %d ready: %s", rank,
                             ", ".join(f"{k} {v:.1f}" for k, v in self.start_times[rank].items()))
 
@@ -154,7 +150,8 @@ class DataParallelEngine:
             self._busy = False
         finally:
             progress.close()
-        self.last_stats = _job_stats(rank_stats, partition, sharing, time.perf_counter() - started, plan_seconds)
+        self.last_stats = _job_stats(rank_stats, partition, sharing, self.parallel, time.perf_counter() - started,
+                                     plan_seconds)
         self.last_stats["dispatch_seconds"] = dispatch_seconds
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
@@ -256,8 +253,8 @@ def _exit_description(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, wall_s: float,
-               plan_seconds: float) -> dict[str, Any]:
+def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, parallel: ParallelConfig,
+               wall_s: float, plan_seconds: float) -> dict[str, Any]:
     sums = {k: sum(r[k] for r in ranks) for k in ("num_requests", "prompt_tokens", "output_tokens",
                                                   "prefill_tokens_computed")}
     prompt_tokens, prefill = sums["prompt_tokens"], sums["prefill_tokens_computed"]
@@ -269,6 +266,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
         "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,
         **dataclasses.asdict(sharing),
+        "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_per_gpu,
         "num_engines": len(ranks),
         "kv_cache_dtype": ranks[0].get("kv_cache_dtype") if ranks else None,
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
@@ -278,36 +276,54 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     }
 
 
-def _worker_configs(config: EngineConfig, model_dir: Path, device: torch.device) -> list[EngineConfig]:
-    """Each rank's engine config. Rank r runs on GPU group r // engines_per_gpu (its first GPU:
-    group x tensor_parallel_size GPUs past `device`); engines sharing a GPU each get an equal part
-    of gpu_memory_utilization (`engine_share`), which they fill at once (`kv_cache_budget`)."""
+def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
+    """Rank `rank`'s engine config from the job's: rank r runs on GPU group r // engines_per_gpu
+    (its first GPU: group x tensor_parallel_size GPUs past the configured device). Engines sharing a
+    GPU whose KV size is automatic each get an equal part of gpu_memory_utilization (`engine_share`)
+    and count only their own memory against it (`gpu_memory_accounting="engine"`), so they can size
+    their caches at once; a given KV size is each engine's. Resolves the device, so it runs in the
+    worker (the parent imports no torch)."""
+    import torch
+
+    from batchllm.engine import resolve_device
+    from batchllm.parallel.tp_worker import rank_device
     from batchllm.runner.model_runner import engine_share
 
     par, cache = config.parallel, config.cache
-    engines = par.engines_per_gpu
-    if device.type == "cuda" and engines > 1:
-        cache = dataclasses.replace(cache, gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
-    return [dataclasses.replace(
+    engines, tp = par.engines_per_gpu, par.tensor_parallel_size
+    device = resolve_device(config.model.device)
+    if device.type == "cuda":
+        base = device.index or 0
+        needed = base + par.data_parallel_size * tp
+        if torch.cuda.device_count() < needed:
+            raise ValueError(f"data_parallel_size {par.data_parallel_size} x tensor_parallel_size {tp} needs "
+                             f"GPUs {base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
+        if engines > 1 and cache.num_kv_blocks is None and cache.kv_cache_memory_gib is None:  # sized from memory
+            cache = dataclasses.replace(cache, gpu_memory_accounting="engine",
+                                        gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
+    return dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, model=str(model_dir),
-                                  device=str(rank_device(device, rank // engines * par.tensor_parallel_size))),
+        model=dataclasses.replace(config.model, device=str(rank_device(device, rank // engines * tp))),
         cache=cache,
         parallel=dataclasses.replace(par, data_parallel_size=1, engines_per_gpu=1),
-    ) for rank in range(par.num_engines)]
+    )
 
 
 # ---------------------------------------------------------------------------------------- worker side
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     started = time.perf_counter()
-    die_with_parent()
-    if config.model.device == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
     try:
+        import torch
+
+        from batchllm.parallel.tp_worker import die_with_parent
+
+        die_with_parent()
+        if config.model.device == "cpu" or not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
         from batchllm.llm import LLM
 
         imported = time.perf_counter()
-        llm = LLM.from_config(config)
+        llm = LLM.from_config(rank_config(config, rank))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return

@@ -79,12 +79,13 @@ def default_block_size(kv_dtype: torch.dtype, device: torch.device, head_dim: in
 
 
 ACTIVATION_RESERVE = 0.10
-"""Fraction of the card that an automatically sized KV cache leaves free beyond the process's
-gpu_memory_utilization budget, for the activations of its largest step."""
+"""Fraction of the card that an automatically sized KV cache leaves out of the engine's
+gpu_memory_utilization, for the activations of its largest step."""
 
 CUDA_CONTEXT_BYTES = 2**30
-"""What a process holds on its GPU outside torch's allocator (the CUDA context, loaded kernels),
-counted as its own when it sizes its KV cache: about 1.1 GiB on an H200 (SmolLM2-135M, session 20)."""
+"""What a process holds on its GPU outside torch's allocator (the CUDA context, loaded kernels), as
+`gpu_memory_accounting="engine"` counts it: about 1.1 GiB measured on an H200 (SmolLM2-135M, with
+its weights' rounding; session 20)."""
 
 
 def engine_share(utilization: float, engines: int) -> float:
@@ -98,15 +99,25 @@ def engine_share(utilization: float, engines: int) -> float:
     return share
 
 
-def kv_cache_budget(utilization: float, free: int, total: int, own: int) -> int:
-    """Bytes for an automatically sized KV cache on a card of `total` bytes with `free` free.
+def kv_cache_budget(utilization: float, free: int, total: int, accounting: str, own: int) -> int:
+    """Bytes for an automatically sized KV cache on a card of `total` bytes with `free` free: the
+    engine's part of the card (utilization x total) less the activation reserve and less what
+    `accounting` counts as used there.
 
-    This process's part is utilization x total less the activation reserve and less what it holds
-    already (`own`: its weights and workspaces in torch's allocator + CUDA_CONTEXT_BYTES); other
-    processes' memory counts only through `free`, which the cache (with the reserve) never exceeds.
-    So, as vLLM's per-instance gpu_memory_utilization, engines sharing a GPU can size their caches
+    card: every byte in use on the card (total - free: this process's weights and context, and any
+    other process's), the safe choice on a card shared with anything else.
+    engine: only this engine's own (`own`: torch's reserved memory + CUDA_CONTEXT_BYTES), never more
+    than is free beyond the reserve: engines sharing a GPU (`engines_per_gpu`) then size their caches
     at the same time, each from its own part, whatever the others have allocated so far."""
-    return int(max(0.0, min((utilization - ACTIVATION_RESERVE) * total - own, free - ACTIVATION_RESERVE * total)))
+    limit = (utilization - ACTIVATION_RESERVE) * total
+    if accounting == "card":
+        return int(max(0.0, limit - (total - free)))
+    free_room = free - ACTIVATION_RESERVE * total
+    if free_room < limit - own:
+        logger.warning("the KV cache is held to the GPU's free memory (%.1f GiB free beyond the activation reserve, "
+                       "%.1f GiB its part would take): other processes are using this GPU",
+                       free_room / 2**30, (limit - own) / 2**30)
+    return int(max(0.0, min(limit - own, free_room)))
 
 
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
@@ -125,7 +136,8 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         own = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
-        num_blocks = kv_cache_budget(cache.gpu_memory_utilization, free, total, own) // bytes_per_block
+        budget = kv_cache_budget(cache.gpu_memory_utilization, free, total, cache.gpu_memory_accounting, own)
+        num_blocks = budget // bytes_per_block
     else:
         num_blocks = int(_DEFAULT_CPU_KV_GIB * 2**30) // bytes_per_block
     if tp is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -187,7 +188,10 @@ def test_weights_that_fail_to_load_end_the_job_cleanly_while_its_input_is_read(t
     (model / "model.safetensors").write_bytes(b"not a safetensors file")
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "prompt": f"question {i}"}) + "\n" for i in range(20_000)))
-    r = run_cli("run", src, "-o", tmp_path / "o.jsonl", "--model", model, "--device", "cpu", "--no-progress")
-    assert r.returncode == 2, r.stderr
-    assert "safetensors" in r.stderr.lower()
-    assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
+    for engines in ("1", "2"):  # 2: the engines are worker processes, which the parent starts first
+        r = run_cli("run", src, "-o", tmp_path / "o.jsonl", "--model", model, "--device", "cpu", "--no-progress",
+                    "--engines-per-gpu", engines)
+        assert r.returncode == 2, r.stderr
+        assert "safetensors" in r.stderr.lower()
+        assert engines == "1" or re.search(r"data-parallel worker [01] could not start", r.stderr)
+        assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""

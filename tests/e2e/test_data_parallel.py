@@ -36,7 +36,8 @@ def test_two_workers_match_one_engine(default_llm, default_model_dir):
             for a, b in zip(o.prompt_logprobs[1:], e.prompt_logprobs[1:]):
                 assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
         stats = llm.last_stats
-        assert stats["num_engines"] == 2 and sum(r["num_requests"] for r in stats["ranks"]) == len(expected)
+        assert stats["data_parallel_size"] == stats["num_engines"] == 2
+        assert sum(r["num_requests"] for r in stats["ranks"]) == len(expected)
         assert all(r["num_requests"] > 0 for r in stats["ranks"])  # both ranks worked
         # the chat header all prompts share is one group, split over the two ranks: only it is computed
         # twice; each system prompt's own group stays on one rank
@@ -66,6 +67,7 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         assert llm.engine is None  # the engines run in the workers
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
         ranks = llm.last_stats["ranks"]
+        assert (llm.last_stats["data_parallel_size"], llm.last_stats["engines_per_gpu"]) == (1, 2)
         assert llm.last_stats["num_engines"] == 2 and len(ranks) == 2
         for r in ranks:
             assert 0 < r["import_s"] + r["build_s"] < r["ready_s"]  # spawning and unpickling come first

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from batchllm.options import engine_config
-from batchllm.parallel.data_parallel import _worker_configs
+from batchllm.parallel.data_parallel import rank_config
 from batchllm.runner.model_runner import ACTIVATION_RESERVE, engine_share, kv_cache_budget
 
 GIB = 2**30
@@ -23,35 +23,37 @@ def test_num_engines_and_tensor_parallel_refused():
 @pytest.mark.parametrize("engines", [1, 2, 3])
 @pytest.mark.parametrize("order", ["in turn", "interleaved"])
 def test_engines_sizing_their_caches_at_once_get_equal_parts(engines, order):
-    """Replays engines on one 140 GiB card, each loading 2 GiB of weights and then sizing its KV
-    from the free memory it reads: in turn (each after the others allocated) or interleaved (all
-    loaded, none allocated yet). Either way each gets its part less the reserve and its own, and
-    all of them together stay inside the utilization with every reserve kept."""
+    """Replays engines on one 140 GiB card with engine accounting, each loading 2 GiB of weights
+    and then sizing its KV from the free memory it reads: in turn (each after the others
+    allocated) or interleaved (all loaded, none allocated yet). Either way each gets its part less
+    the reserve and its own, and all together stay inside the utilization with every reserve kept."""
     total, utilization, own = 140 * GIB, 0.9, 2 * GIB + 0.5 * GIB
     share = engine_share(utilization, engines)
-    used = 0
-    if order == "interleaved":
-        used = engines * own
+    used = engines * own if order == "interleaved" else 0
     sizes = []
     for _ in range(engines):
         if order == "in turn":
             used += own
-        kv = kv_cache_budget(share, total - used, total, own)
+        kv = kv_cache_budget(share, total - used, total, "engine", own)
         sizes.append(kv)
         used += kv
     assert sizes == [int((share - ACTIVATION_RESERVE) * total - own)] * engines
     assert used + engines * ACTIVATION_RESERVE * total <= utilization * total + 1
 
 
-def test_other_processes_count_only_through_free_memory():
+def test_card_accounting_counts_every_process_engine_accounting_only_its_own(caplog):
     total, own = 100 * GIB, 1 * GIB
-    alone = kv_cache_budget(0.9, total - own, total, own)
-    assert alone == int(0.8 * total - own)
-    # another process holding 5 GiB leaves enough free: this engine still takes its whole part
-    assert kv_cache_budget(0.9, total - own - 5 * GIB, total, own) == alone
-    # one holding 60 GiB: the cache takes what is free less the reserve
-    assert kv_cache_budget(0.9, total - own - 60 * GIB, total, own) == int(39 * GIB - 0.1 * total)
-    assert kv_cache_budget(0.9, 5 * GIB, total, own) == 0  # nothing left beyond the reserve
+    for other in (0, 5 * GIB):  # memory another process holds on the card
+        free = total - own - other
+        assert kv_cache_budget(0.9, free, total, "card", own) == int(0.8 * total - own - other)
+        assert kv_cache_budget(0.9, free, total, "engine", own) == int(0.8 * total - own)
+    assert not caplog.records
+    # another process holding 60 GiB: the engine's cache takes what is free less the reserve, and says why
+    free = total - own - 60 * GIB
+    assert kv_cache_budget(0.9, free, total, "engine", own) == int(39 * GIB - 0.1 * total)
+    assert "held to the GPU's free memory" in caplog.text
+    assert kv_cache_budget(0.9, free, total, "card", own) == int(0.8 * total - own - 60 * GIB)  # 19 GiB
+    assert kv_cache_budget(0.9, 5 * GIB, total, "engine", own) == 0  # nothing left beyond the reserve
 
 
 def test_too_many_engines_per_gpu_is_named():
@@ -60,20 +62,31 @@ def test_too_many_engines_per_gpu_is_named():
         engine_share(0.9, 9)
 
 
-def test_worker_configs_place_ranks_and_split_memory_per_gpu():
-    config = engine_config(data_parallel_size=2, engines_per_gpu=2, gpu_memory_utilization=0.8)
-    configs = _worker_configs(config, Path("/m"), torch.device("cuda", 1))
+def test_rank_configs_place_ranks_and_split_memory_per_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    config = engine_config(model="/m", device="cuda:1", data_parallel_size=2, engines_per_gpu=2,
+                           gpu_memory_utilization=0.8)
+    configs = [rank_config(config, rank) for rank in range(4)]
     assert [c.model.device for c in configs] == ["cuda:1", "cuda:1", "cuda:2", "cuda:2"]
     assert [c.cache.gpu_memory_utilization for c in configs] == pytest.approx([0.4] * 4)
+    assert {c.cache.gpu_memory_accounting for c in configs} == {"engine"}
     assert all(c.parallel.num_engines == 1 and c.model.model == "/m" for c in configs)
-    cpu = _worker_configs(engine_config(engines_per_gpu=3), Path("/m"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"data_parallel_size 3 x tensor_parallel_size 1 needs GPUs 1..3, but 3"):
+        rank_config(engine_config(device="cuda:1", data_parallel_size=3, engines_per_gpu=2), 0)
+    # one engine per GPU, or a KV size given (each engine's): the memory settings stay as they are
+    for options in (dict(data_parallel_size=2), dict(engines_per_gpu=9, kv_cache_memory_gib=4)):
+        cache = rank_config(engine_config(device="cuda", **options), 1).cache
+        assert (cache.gpu_memory_utilization, cache.gpu_memory_accounting) == (0.9, "card")
+    cpu = [rank_config(engine_config(device="cpu", engines_per_gpu=3), rank) for rank in range(3)]
     assert [c.model.device for c in cpu] == ["cpu"] * 3
     assert {c.cache.gpu_memory_utilization for c in cpu} == {0.9}
 
 
-def test_plan_kv_cache_counts_this_process_and_the_free_memory(monkeypatch):
-    """On a (pretended) 100 GiB card: the cache takes the engine's part less torch's reserved
-    memory and the context allowance, and never more than the free memory less the reserve."""
+def test_plan_kv_cache_counts_what_its_accounting_says(monkeypatch):
+    """On a (pretended) 100 GiB card where this process's torch holds 3 GiB: card accounting takes
+    the part less everything in use; engine accounting the part less its own (+ the context
+    allowance), held to the free memory less the reserve."""
     from batchllm.config import CacheConfig
     from batchllm.models.spec import read_model_spec
     from batchllm.runner.model_runner import CUDA_CONTEXT_BYTES, plan_kv_cache
@@ -81,8 +94,11 @@ def test_plan_kv_cache_counts_this_process_and_the_free_memory(monkeypatch):
     spec = read_model_spec(Path(__file__).parents[2] / "benchmarks" / "configs" / "smollm2-135m")
     total, reserved = 100 * GIB, 3 * GIB
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
-    cache = CacheConfig(gpu_memory_utilization=0.5, block_size=16)
-    for free, expected in ((90 * GIB, 0.4 * total - reserved - CUDA_CONTEXT_BYTES), (30 * GIB, 20 * GIB)):
+    own = reserved + CUDA_CONTEXT_BYTES
+    for accounting, free, expected in (("card", 90 * GIB, 0.4 * total - 10 * GIB),
+                                       ("engine", 90 * GIB, 0.4 * total - own),
+                                       ("engine", 30 * GIB, 20 * GIB)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, total))
+        cache = CacheConfig(gpu_memory_utilization=0.5, gpu_memory_accounting=accounting, block_size=16)
         plan = plan_kv_cache(spec, cache, torch.bfloat16, torch.device("cuda", 0))
-        assert plan.num_blocks == int(expected) // plan.bytes_per_block
+        assert plan.num_blocks == int(expected) // plan.bytes_per_block, accounting
