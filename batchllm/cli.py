@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -312,7 +313,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
     workers = None
     try:
         config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
-        workers = _start_workers(config)  # before this process's heavy imports, which then overlap the workers'
+        config, workers = _engine_processes(config)  # before this process's heavy imports, which overlap the workers'
         from batchllm.engine import resolve_model
         from batchllm.llm import LLM, front_end_for
 
@@ -343,19 +344,28 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
 
 
-def _start_workers(config):
-    """With more than one engine process (data_parallel_size x engines_per_gpu > 1), spawn them
-    now and return their `DataParallelEngine` (not yet ready); None for one engine. Reads only the
-    model's config (no torch, no tokenizer), so the workers' imports and builds overlap this
-    process's own start-up."""
-    if config.parallel.num_engines == 1:
-        return None
+def _engine_processes(config):
+    """(config, workers): the config with engines_per_gpu chosen where it is not set
+    (`data_parallel.auto_engines_per_gpu`: 2 for a small model on a GPU, said on stderr), and with
+    more than one engine process (data_parallel_size x engines_per_gpu > 1) the `DataParallelEngine`
+    spawned now (not yet ready; else None). Reads only the model's config (no torch, no tokenizer),
+    so the workers' imports and builds overlap this process's own start-up."""
     from batchllm.inputs import read_prompt_side
-    from batchllm.parallel.data_parallel import DataParallelEngine
+    from batchllm.parallel.data_parallel import DataParallelEngine, auto_engines_per_gpu, cuda_device_count
 
-    mc = config.model
-    model_dir, _, max_model_len, _ = read_prompt_side(mc.model, None, mc.max_model_len, skip_tokenizer=True)
-    return DataParallelEngine(config, model_dir, max_model_len)
+    mc, par = config.model, config.parallel
+    model_dir, spec, max_model_len, _ = read_prompt_side(mc.model, None, mc.max_model_len, skip_tokenizer=True)
+    if par.engines_per_gpu is None:
+        cuda = 0 if mc.device == "cpu" else cuda_device_count()
+        engines = auto_engines_per_gpu(config, spec.num_parameters, cuda, os.cpu_count() or 1)
+        if engines > 1:
+            print(f"batchllm: {engines} engine processes per GPU: a model of {spec.num_parameters / 1e6:.0f}M "
+                  "parameters leaves one engine's GPU idle while its host schedules (--engines-per-gpu 1: one)",
+                  file=sys.stderr)
+        config = dataclasses.replace(config, parallel=dataclasses.replace(par, engines_per_gpu=engines))
+    if config.parallel.num_engines == 1:
+        return config, None
+    return config, DataParallelEngine(config, model_dir, max_model_len)
 
 
 class _InBackground:

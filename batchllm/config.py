@@ -184,15 +184,18 @@ class ParallelConfig(_Checked):
                                      "each given whole prefix groups", at_least=1)
     tensor_parallel_size: int = option(1, "GPUs (CPU: gloo processes) one engine's model is sharded over, "
                                        "Megatron style", at_least=1)
-    engines_per_gpu: int = option(1, "engine processes sharing each GPU (or, on CPU, the processor), each "
-                                  "given whole prefix groups and an equal part of gpu_memory_utilization; more "
-                                  "than 1 runs one engine's host work while another's steps run on the GPU, for "
-                                  "small, host-bound models", at_least=1)
+    engines_per_gpu: int | None = option(None, "engine processes sharing each GPU (or, on CPU, the processor), "
+                                         "each given whole prefix groups and an equal part of "
+                                         "gpu_memory_utilization; more than 1 runs one engine's host work while "
+                                         "another's steps run on the GPU, for small, host-bound models; None: 1, "
+                                         "except that `batchllm run` takes 2 where it finds a CUDA GPU, a model of "
+                                         "under 0.2B parameters and 4 or more CPU cores "
+                                         "(data_parallel.auto_engines_per_gpu)", at_least=1)
 
     @property
     def num_engines(self) -> int:
-        """Engine processes in all: data_parallel_size GPUs (or TP groups) x engines_per_gpu."""
-        return self.data_parallel_size * self.engines_per_gpu
+        """Engine processes in all: data_parallel_size GPUs (or TP groups) x engines_per_gpu (None: 1)."""
+        return self.data_parallel_size * (self.engines_per_gpu or 1)
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,6 @@ class EngineConfig:
         """Checks that span sections (each section checks its own fields)."""
         if self.model.fp8_attention and self.cache.kv_cache_dtype == "auto":
             raise ValueError("fp8_attention needs an fp8 KV cache: set kv_cache_dtype='fp8' too")
-        if self.parallel.engines_per_gpu > 1 and self.parallel.tensor_parallel_size > 1:
+        if (self.parallel.engines_per_gpu or 1) > 1 and self.parallel.tensor_parallel_size > 1:
             raise ValueError("engines_per_gpu > 1 is for models that fit one GPU; it cannot be combined with "
                              "tensor_parallel_size > 1")

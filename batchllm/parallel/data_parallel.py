@@ -266,7 +266,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
         "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,
         **dataclasses.asdict(sharing),
-        "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_per_gpu,
+        "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_per_gpu or 1,
         "num_engines": len(ranks),
         "kv_cache_dtype": ranks[0].get("kv_cache_dtype") if ranks else None,
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
@@ -290,7 +290,7 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     from batchllm.runner.model_runner import engine_share
 
     par, cache = config.parallel, config.cache
-    engines, tp = par.engines_per_gpu, par.tensor_parallel_size
+    engines, tp = par.engines_per_gpu or 1, par.tensor_parallel_size
     device = resolve_device(config.model.device)
     if device.type == "cuda":
         base = device.index or 0
@@ -307,6 +307,39 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
         cache=cache,
         parallel=dataclasses.replace(par, data_parallel_size=1, engines_per_gpu=1),
     )
+
+
+SMALL_MODEL_PARAMETERS = 200_000_000
+"""Below this many parameters `auto_engines_per_gpu` runs two engines per GPU. On an H200 the GPU idles
+72-75% of a SmolLM2-135M run (the host schedules each step), and two engines generate 2.0-2.2x as
+fast; a Llama-3.2-1B decode-heavy run keeps the GPU busy (4% idle) and two engines are 0.71x
+(docs/benchmarks.md, session 20)."""
+
+
+def auto_engines_per_gpu(config: EngineConfig, num_parameters: int, cuda_devices: int, cpu_cores: int) -> int:
+    """What `batchllm run` takes for engines_per_gpu when it is not set: 2 for a small model
+    (under SMALL_MODEL_PARAMETERS) on a CUDA GPU with 4 or more CPU cores (each engine's host work
+    needs a core of its own), else 1; always 1 on the CPU or under tensor parallelism."""
+    mc, par = config.model, config.parallel
+    on_gpu = mc.device != "cpu" and cuda_devices > 0
+    small = num_parameters < SMALL_MODEL_PARAMETERS
+    return 2 if on_gpu and small and cpu_cores >= 4 and par.tensor_parallel_size == 1 else 1
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the driver shows this process (CUDA_VISIBLE_DEVICES applies), found without
+    importing torch (`batchllm run` decides its engine processes before loading anything heavy);
+    0 without a driver."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 # ---------------------------------------------------------------------------------------- worker side

@@ -2,6 +2,8 @@
 float32, and KV caches sized at once from the card's memory that come out equal and stay inside
 gpu_memory_utilization with each engine's activation reserve."""
 
+import os
+
 import pytest
 import torch
 
@@ -42,3 +44,18 @@ def test_two_engines_on_one_gpu_match_one_and_split_its_memory(tmp_path):
     # ... and what the two engine processes really hold on the card, after running, is inside the
     # utilization (their contexts, weights, caches, graphs and activations)
     assert free_before - free_during <= utilization * total
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 4, reason="batchllm run takes one engine on a host of under 4 cores")
+def test_run_takes_two_engines_per_gpu_for_a_small_model(tmp_path):
+    from batchllm.cli import _engine_processes
+    from batchllm.options import engine_config
+
+    model_dir = str(make_tiny_model("llama", tmp_path))
+    config, workers = _engine_processes(engine_config(model=model_dir, max_num_batched_tokens=64))
+    try:
+        assert config.parallel.engines_per_gpu == 2 and workers.size == 2
+        workers.wait_ready()
+        assert sorted(workers.start_times) == [0, 1]
+    finally:
+        workers.shutdown()

@@ -102,3 +102,54 @@ def test_plan_kv_cache_counts_what_its_accounting_says(monkeypatch):
         cache = CacheConfig(gpu_memory_utilization=0.5, gpu_memory_accounting=accounting, block_size=16)
         plan = plan_kv_cache(spec, cache, torch.bfloat16, torch.device("cuda", 0))
         assert plan.num_blocks == int(expected) // plan.bytes_per_block, accounting
+
+
+def _spec(name):
+    from batchllm.models.spec import read_model_spec
+
+    return read_model_spec(Path(__file__).parents[2] / "benchmarks" / "configs" / name)
+
+
+def test_num_parameters_from_the_shapes():
+    assert _spec("smollm2-135m").num_parameters == pytest.approx(134.5e6, rel=0.01)  # tied embeddings
+    assert _spec("llama-3.2-1b").num_parameters == pytest.approx(1.236e9, rel=0.01)
+    assert _spec("llama-3.1-8b").num_parameters == pytest.approx(8.03e9, rel=0.01)  # its own LM head
+
+
+def test_run_takes_two_engines_per_gpu_only_for_a_small_model_on_a_gpu_with_cores_to_spare():
+    from batchllm.parallel.data_parallel import auto_engines_per_gpu
+
+    small, large = _spec("smollm2-135m").num_parameters, _spec("llama-3.2-1b").num_parameters
+    gpu = engine_config()
+    assert auto_engines_per_gpu(gpu, small, cuda_devices=1, cpu_cores=16) == 2
+    assert auto_engines_per_gpu(gpu, large, cuda_devices=1, cpu_cores=16) == 1
+    assert auto_engines_per_gpu(gpu, small, cuda_devices=0, cpu_cores=16) == 1  # no GPU found
+    assert auto_engines_per_gpu(gpu, small, cuda_devices=1, cpu_cores=2) == 1  # each engine needs a core
+    assert auto_engines_per_gpu(engine_config(device="cpu"), small, cuda_devices=1, cpu_cores=16) == 1
+    assert auto_engines_per_gpu(engine_config(tensor_parallel_size=2), small, cuda_devices=2, cpu_cores=16) == 1
+
+
+def test_cuda_devices_are_counted_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from batchllm.parallel.data_parallel import cuda_device_count; n = cuda_device_count(); "
+            "assert 'torch' not in sys.modules; import torch; assert n == torch.cuda.device_count(), n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_run_without_a_gpu_keeps_one_engine_in_process(tiny_model_factory, monkeypatch):
+    from batchllm.cli import _engine_processes
+    from batchllm.parallel import data_parallel
+
+    monkeypatch.setattr(data_parallel, "cuda_device_count", lambda: 0)  # as on a machine without a GPU
+    config, workers = _engine_processes(engine_config(model=tiny_model_factory("llama")))
+    assert workers is None and config.parallel.engines_per_gpu == 1
+    given, workers = _engine_processes(engine_config(model=tiny_model_factory("llama"), device="cpu",
+                                                     engines_per_gpu=2))
+    try:  # a given count is kept, and its workers are spawned at once
+        assert given.parallel.engines_per_gpu == 2 and workers.size == 2
+        workers.wait_ready()
+    finally:
+        workers.shutdown()
