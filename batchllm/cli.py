@@ -326,6 +326,10 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
         if workers is not None:
             workers.shutdown()
         return _fail(str(e))
+    except BaseException:  # an interrupt, or a failure of ours: the workers stop now, not at exit
+        if workers is not None:
+            workers.shutdown()
+        raise
     try:
         started = time.perf_counter()
         phases = {"engine_build_s": started - reading.started}
@@ -356,8 +360,8 @@ def _engine_processes(config):
     mc, par = config.model, config.parallel
     model_dir, spec, max_model_len, _ = read_prompt_side(mc.model, None, mc.max_model_len, skip_tokenizer=True)
     if par.engines_per_gpu is None:
-        cuda = 0 if mc.device == "cpu" else cuda_device_count()
-        engines = auto_engines_per_gpu(config, spec.num_parameters, cuda, os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        engines = auto_engines_per_gpu(config, spec.num_parameters, cuda_device_count, cores)
         if engines > 1:
             print(f"batchllm: {engines} engine processes per GPU: a model of {spec.num_parameters / 1e6:.0f}M "
                   "parameters leaves one engine's GPU idle while its host schedules (--engines-per-gpu 1: one)",

@@ -126,6 +126,11 @@ class ModelConfig(_Checked):
         at_least=1)
 
 
+ACTIVATION_RESERVE = 0.10
+"""Fraction of the card that an automatically sized KV cache leaves out of the engine's
+gpu_memory_utilization, for the activations of its largest step (`runner.model_runner.kv_cache_budget`)."""
+
+
 @dataclass(frozen=True)
 class CacheConfig(_Checked):
     block_size: int | None = option(None, "tokens per KV block; None: 64 with an fp8 cache (whose V is then "
@@ -188,14 +193,20 @@ class ParallelConfig(_Checked):
                                          "each given whole prefix groups and an equal part of "
                                          "gpu_memory_utilization; more than 1 runs one engine's host work while "
                                          "another's steps run on the GPU, for small, host-bound models; None: 1, "
-                                         "except that `batchllm run` takes 2 where it finds a CUDA GPU, a model of "
-                                         "under 0.2B parameters and 4 or more CPU cores "
-                                         "(data_parallel.auto_engines_per_gpu)", at_least=1)
+                                         "except that `batchllm run` takes 2 for a model of under 0.2B parameters "
+                                         "where it finds a CUDA GPU and 4 or more CPU cores, unless data or tensor "
+                                         "parallelism or a KV size is given (data_parallel.auto_engines_per_gpu)",
+                                         at_least=1)
+
+    @property
+    def engines_on_each_gpu(self) -> int:
+        """engines_per_gpu, None read as 1."""
+        return self.engines_per_gpu or 1
 
     @property
     def num_engines(self) -> int:
-        """Engine processes in all: data_parallel_size GPUs (or TP groups) x engines_per_gpu (None: 1)."""
-        return self.data_parallel_size * (self.engines_per_gpu or 1)
+        """Engine processes in all: data_parallel_size GPUs (or TP groups) x engines_on_each_gpu."""
+        return self.data_parallel_size * self.engines_on_each_gpu
 
 
 @dataclass(frozen=True)
@@ -213,6 +224,6 @@ class EngineConfig:
         """Checks that span sections (each section checks its own fields)."""
         if self.model.fp8_attention and self.cache.kv_cache_dtype == "auto":
             raise ValueError("fp8_attention needs an fp8 KV cache: set kv_cache_dtype='fp8' too")
-        if (self.parallel.engines_per_gpu or 1) > 1 and self.parallel.tensor_parallel_size > 1:
+        if self.parallel.engines_on_each_gpu > 1 and self.parallel.tensor_parallel_size > 1:
             raise ValueError("engines_per_gpu > 1 is for models that fit one GPU; it cannot be combined with "
                              "tensor_parallel_size > 1")

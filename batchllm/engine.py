@@ -20,7 +20,7 @@ import torch
 
 from batchllm.attention import TorchReferenceBackend
 from batchllm.attention.backend import AttentionBackend
-from batchllm.config import EngineConfig, SchedulerConfig
+from batchllm.config import EngineConfig, ParallelConfig, SchedulerConfig
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
@@ -139,8 +139,22 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
             f">= max_model_len ({max_model_len}), or no long prompt could ever run"
         )
     shard_spec(spec, config.parallel.tensor_parallel_size)  # a size that does not divide fails here, by name
+    check_gpu_count(config.parallel, device)
     quantization = resolve_quantization(mc.quantization, spec.quantization)
     return ModelFacts(model_dir, spec, device, dtype, max_model_len, sc, quantization)
+
+
+def check_gpu_count(parallel: ParallelConfig, device: torch.device) -> None:
+    """data_parallel_size x tensor_parallel_size GPUs from `device` on must be visible (engines_per_gpu
+    shares them); a ValueError names the GPUs wanted and the count seen. No check off CUDA."""
+    if device.type != "cuda":
+        return
+    dp, tp = parallel.data_parallel_size, parallel.tensor_parallel_size
+    first = device.index or 0
+    last = first + dp * tp - 1
+    if torch.cuda.device_count() <= last:
+        raise ValueError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs GPUs {first}..{last}, "
+                         f"but {torch.cuda.device_count()} are visible")
 
 
 def build_engine(config: EngineConfig, device: str | torch.device | None = None) -> Engine:

@@ -79,6 +79,9 @@ class LLM:
             resolve_model(config)  # what can be checked without weights fails here, not in every worker
             if workers is None:
                 workers = DataParallelEngine(config, front.model_dir, front.max_model_len)
+            elif workers.size != config.parallel.num_engines:
+                raise ValueError(f"{workers.size} workers were started for a config of {config.parallel.num_engines} "
+                                 "engine processes")
             self._data_parallel = workers
             workers.wait_ready()
         else:

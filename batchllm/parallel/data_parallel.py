@@ -36,7 +36,7 @@ from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
-from batchllm.config import EngineConfig, ParallelConfig, SharingConfig
+from batchllm.config import ACTIVATION_RESERVE, EngineConfig, ParallelConfig, SharingConfig
 from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, Shard, partition_plan
 from batchllm.parallel.shard_wire import PackedItems, pack_items
@@ -84,8 +84,9 @@ class DataParallelEngine:
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self.last_stats: dict[str, Any] = {}
         self.start_times: dict[int, dict[str, float]] = {}
-        """Per rank, seconds from spawning to ready (`ready_s`) and, from the real worker, its parts:
-        importing the engine (after the spawned process started) and building it."""
+        """Per rank, seconds from spawning until this side saw it ready (`ready_s`: `run` looks only
+        after its own start-up) and, from the real worker, its parts: importing torch and the engine
+        (after the spawned process started) and building it."""
 
     def _messages(self, ranks: set[int], timeout_s: float) -> Iterator[tuple[int, tuple | None]]:
         """(rank, message) for each message that arrives within `timeout_s` from these ranks; a
@@ -199,8 +200,9 @@ class DataParallelEngine:
                     conn.send(None)
                 except (OSError, ValueError):
                     pass
-        for p in self.processes:
-            if self._busy and p.is_alive():  # a job was abandoned mid-way (interrupt): it would not read the stop
+        for rank, p in enumerate(self.processes):
+            # a job abandoned mid-way (interrupt), or a worker still building: it would not read the stop soon
+            if (self._busy or rank not in self.start_times) and p.is_alive():
                 p.terminate()
             p.join(timeout_s)
             if p.is_alive():
@@ -266,7 +268,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
         "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,
         **dataclasses.asdict(sharing),
-        "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_per_gpu or 1,
+        "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_on_each_gpu,
         "num_engines": len(ranks),
         "kv_cache_dtype": ranks[0].get("kv_cache_dtype") if ranks else None,
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
@@ -283,21 +285,15 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     and count only their own memory against it (`gpu_memory_accounting="engine"`), so they can size
     their caches at once; a given KV size is each engine's. Resolves the device, so it runs in the
     worker (the parent imports no torch)."""
-    import torch
-
-    from batchllm.engine import resolve_device
+    from batchllm.engine import check_gpu_count, resolve_device
     from batchllm.parallel.tp_worker import rank_device
     from batchllm.runner.model_runner import engine_share
 
     par, cache = config.parallel, config.cache
-    engines, tp = par.engines_per_gpu or 1, par.tensor_parallel_size
+    engines, tp = par.engines_on_each_gpu, par.tensor_parallel_size
     device = resolve_device(config.model.device)
+    check_gpu_count(par, device)
     if device.type == "cuda":
-        base = device.index or 0
-        needed = base + par.data_parallel_size * tp
-        if torch.cuda.device_count() < needed:
-            raise ValueError(f"data_parallel_size {par.data_parallel_size} x tensor_parallel_size {tp} needs "
-                             f"GPUs {base}..{needed - 1}, but {torch.cuda.device_count()} are visible")
         if engines > 1 and cache.num_kv_blocks is None and cache.kv_cache_memory_gib is None:  # sized from memory
             cache = dataclasses.replace(cache, gpu_memory_accounting="engine",
                                         gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
@@ -316,14 +312,20 @@ fast; a Llama-3.2-1B decode-heavy run keeps the GPU busy (4% idle) and two engin
 (docs/benchmarks.md, session 20)."""
 
 
-def auto_engines_per_gpu(config: EngineConfig, num_parameters: int, cuda_devices: int, cpu_cores: int) -> int:
-    """What `batchllm run` takes for engines_per_gpu when it is not set: 2 for a small model
-    (under SMALL_MODEL_PARAMETERS) on a CUDA GPU with 4 or more CPU cores (each engine's host work
-    needs a core of its own), else 1; always 1 on the CPU or under tensor parallelism."""
-    mc, par = config.model, config.parallel
-    on_gpu = mc.device != "cpu" and cuda_devices > 0
-    small = num_parameters < SMALL_MODEL_PARAMETERS
-    return 2 if on_gpu and small and cpu_cores >= 4 and par.tensor_parallel_size == 1 else 1
+def auto_engines_per_gpu(config: EngineConfig, num_parameters: int, cuda_devices: Callable[[], int],
+                         cpu_cores: int) -> int:
+    """What `batchllm run` takes for engines_per_gpu when it is not set: 2 for a small model (under
+    SMALL_MODEL_PARAMETERS) on one CUDA GPU with 4 or more CPU cores (each engine's host work needs
+    a core of its own), else 1. Also 1 wherever the user's other options would change meaning:
+    data or tensor parallelism, a KV size given (it would be each engine's), or a
+    gpu_memory_utilization whose half leaves no more than the activation reserve. `cuda_devices` is
+    asked last: it initializes the CUDA driver."""
+    mc, par, cache = config.model, config.parallel, config.cache
+    wanted = (num_parameters < SMALL_MODEL_PARAMETERS and mc.device != "cpu" and cpu_cores >= 4
+              and par.data_parallel_size == 1 and par.tensor_parallel_size == 1
+              and cache.kv_cache_memory_gib is None and cache.num_kv_blocks is None
+              and cache.gpu_memory_utilization / 2 > ACTIVATION_RESERVE)
+    return 2 if wanted and cuda_devices() > 0 else 1
 
 
 def cuda_device_count() -> int:

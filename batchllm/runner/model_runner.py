@@ -31,7 +31,7 @@ import torch
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.attention.kv_quant import KEYS_MAJOR_BLOCK, KV_CACHE_DTYPES
 from batchllm.attention.triton_backend import tma_by_default
-from batchllm.config import CacheConfig
+from batchllm.config import ACTIVATION_RESERVE, CacheConfig
 from batchllm.layers.fp8 import FP8
 from batchllm.layers.logits_processors import OutputHistory
 from batchllm.layers.prompt_logprobs import PromptLogprobTensors, compute_prompt_logprobs
@@ -77,10 +77,6 @@ def default_block_size(kv_dtype: torch.dtype, device: torch.device, head_dim: in
     a finer grain)."""
     return KEYS_MAJOR_BLOCK if kv_dtype == FP8 or tma_by_default(kv_dtype, device, head_dim) else 16
 
-
-ACTIVATION_RESERVE = 0.10
-"""Fraction of the card that an automatically sized KV cache leaves out of the engine's
-gpu_memory_utilization, for the activations of its largest step."""
 
 CUDA_CONTEXT_BYTES = 2**30
 """What a process holds on its GPU outside torch's allocator (the CUDA context, loaded kernels), as

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from batchllm import LLM
-from batchllm.runner.model_runner import ACTIVATION_RESERVE
+from batchllm.config import ACTIVATION_RESERVE
 from tests.gpu.test_cuda_graphs import workload
 from tests.helpers import make_tiny_model
 

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from batchllm.config import ACTIVATION_RESERVE
 from batchllm.options import engine_config
 from batchllm.parallel.data_parallel import rank_config
-from batchllm.runner.model_runner import ACTIVATION_RESERVE, engine_share, kv_cache_budget
+from batchllm.runner.model_runner import engine_share, kv_cache_budget
 
 GIB = 2**30
 
@@ -120,13 +121,32 @@ def test_run_takes_two_engines_per_gpu_only_for_a_small_model_on_a_gpu_with_core
     from batchllm.parallel.data_parallel import auto_engines_per_gpu
 
     small, large = _spec("smollm2-135m").num_parameters, _spec("llama-3.2-1b").num_parameters
-    gpu = engine_config()
-    assert auto_engines_per_gpu(gpu, small, cuda_devices=1, cpu_cores=16) == 2
-    assert auto_engines_per_gpu(gpu, large, cuda_devices=1, cpu_cores=16) == 1
-    assert auto_engines_per_gpu(gpu, small, cuda_devices=0, cpu_cores=16) == 1  # no GPU found
-    assert auto_engines_per_gpu(gpu, small, cuda_devices=1, cpu_cores=2) == 1  # each engine needs a core
-    assert auto_engines_per_gpu(engine_config(device="cpu"), small, cuda_devices=1, cpu_cores=16) == 1
-    assert auto_engines_per_gpu(engine_config(tensor_parallel_size=2), small, cuda_devices=2, cpu_cores=16) == 1
+    one_gpu, no_gpu = (lambda: 1), (lambda: 0)
+
+    def auto(params=small, gpus=one_gpu, cores=16, **options):
+        return auto_engines_per_gpu(engine_config(**options), params, gpus, cores)
+
+    assert auto() == 2
+    assert auto(params=large) == 1
+    assert auto(gpus=no_gpu) == 1
+    assert auto(cores=2) == 1  # each engine's host work needs a core
+    assert auto(device="cpu") == 1
+    # where the user's other options would change meaning: one engine, as they asked before
+    for options in (dict(data_parallel_size=2), dict(tensor_parallel_size=2), dict(kv_cache_memory_gib=100),
+                    dict(num_kv_blocks=1000), dict(gpu_memory_utilization=0.2)):
+        assert auto(**options) == 1, options
+    assert auto(gpu_memory_utilization=0.5) == 2
+
+
+def _never() -> int:
+    raise AssertionError("the CUDA driver was asked although the answer was already 1")
+
+
+def test_the_cuda_driver_is_asked_only_when_it_decides():
+    from batchllm.parallel.data_parallel import auto_engines_per_gpu
+
+    large = _spec("llama-3.1-8b").num_parameters
+    assert auto_engines_per_gpu(engine_config(), large, _never, 16) == 1
 
 
 def test_cuda_devices_are_counted_without_torch():
@@ -134,7 +154,8 @@ def test_cuda_devices_are_counted_without_torch():
     import sys
 
     code = ("import sys; from batchllm.parallel.data_parallel import cuda_device_count; n = cuda_device_count(); "
-            "assert 'torch' not in sys.modules; import torch; assert n == torch.cuda.device_count(), n")
+            "assert 'torch' not in sys.modules; import torch; "
+            "assert torch.version.cuda is None or n == torch.cuda.device_count(), n")  # a CPU torch sees none
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 
@@ -153,3 +174,15 @@ def test_run_without_a_gpu_keeps_one_engine_in_process(tiny_model_factory, monke
         workers.wait_ready()
     finally:
         workers.shutdown()
+
+
+def test_too_few_gpus_are_named_before_any_worker_starts(monkeypatch):
+    """resolve_model (run by LLM and `run` in the parent) checks the GPU count, as the workers do."""
+    from batchllm.config import ParallelConfig
+    from batchllm.engine import check_gpu_count
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_gpu_count(ParallelConfig(data_parallel_size=2, engines_per_gpu=3), torch.device("cuda", 0))  # shared GPUs
+    with pytest.raises(ValueError, match=r"data_parallel_size 2 x tensor_parallel_size 1 needs GPUs 1..2, but 2"):
+        check_gpu_count(ParallelConfig(data_parallel_size=2), torch.device("cuda", 1))
+    check_gpu_count(ParallelConfig(data_parallel_size=8), torch.device("cpu"))  # nothing to count on the CPU
