@@ -307,7 +307,8 @@ class _Job:
 def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
     """Build the engine while a background thread reads, templates and tokenizes the input (both
     take seconds on a large job and the second needs only the tokenizer), then run the valid lines.
-    The run's `wall_s` starts once the engine is built: it holds whatever reading is left then."""
+    With several engine processes they are spawned first of all (`_engine_processes`). The run's
+    `wall_s` starts once the engine is built: it holds whatever reading is left then."""
     from batchllm.parallel.data_parallel import WorkerDied
 
     workers = None
