@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
                "detokenized": bool(args.tokenizer or args.chat), "order": args.order,
                "run_wall_s": run["wall_s"], "run_requests_per_s": run_rate, "run_process_s": process_s["run"],
                "bench_wall_s": bench["wall_s"], "bench_requests_per_s": bench["requests_per_s"],
-               "run_over_bench": run_rate / bench["requests_per_s"], "engine_flags": engine_flags}
+               "run_over_bench": run_rate / bench["requests_per_s"], "engine_flags": engine_flags,
+               # `run` chooses its engine processes (two per GPU for a small model, unless told), bench one
+               "run_engines": run.get("num_engines", 1), "bench_engines": bench.get("num_engines", 1)}
     print(json.dumps(summary, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")

@@ -56,6 +56,7 @@ def test_user_path_runs_bench_first_and_run_on_the_written_requests(tiny_model_f
     assert max_tokens == lengths == [3] * 4
     assert summary["requests"] == 4 and summary["order"] == "bench,run" and summary["run_process_s"] == 1.5
     assert summary["engine_flags"] == ["--device", "cpu"]
+    assert summary["run_engines"] == summary["bench_engines"] == 1  # the CPU: run keeps one engine
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     user_path.main([*flags, "--order", "run,bench", "--", "--device", "cpu"])
     assert calls[2:] == ["run", "bench"]
