@@ -186,3 +186,26 @@ def test_too_few_gpus_are_named_before_any_worker_starts(monkeypatch):
     with pytest.raises(ValueError, match=r"data_parallel_size 2 x tensor_parallel_size 1 needs GPUs 1..2, but 2"):
         check_gpu_count(ParallelConfig(data_parallel_size=2), torch.device("cuda", 1))
     check_gpu_count(ParallelConfig(data_parallel_size=8), torch.device("cpu"))  # nothing to count on the CPU
+
+
+def _builds_forever(rank, size, config, conn):
+    """A worker stand-in that never gets its engine built (and never reads its pipe)."""
+    import time
+
+    time.sleep(600)
+
+
+def test_shutdown_stops_workers_still_building_at_once(tmp_path):
+    """`run` shuts its workers down when its own start fails: a worker still building would read the
+    stop only once built, so it is terminated instead of waited for (30 s each)."""
+    import time
+
+    from batchllm.parallel.data_parallel import DataParallelEngine
+
+    engine = DataParallelEngine(engine_config(device="cpu", engines_per_gpu=2), tmp_path, 64,
+                                worker_main=_builds_forever)
+    processes = list(engine.processes)
+    started = time.monotonic()
+    engine.shutdown()
+    assert time.monotonic() - started < 20
+    assert not any(p.is_alive() for p in processes)
