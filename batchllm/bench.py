@@ -454,10 +454,8 @@ def linear_flops(spec, tokens_computed: int, tokens_sampled: int) -> float:
     layer) over `tokens_computed` tokens, plus the LM head over `tokens_sampled`: the matmul part of
     issue 14's compute limit. (The MFU of `run_workload` counts every parameter for every computed
     token instead, the embedding and LM head included.)"""
-    attention = spec.hidden_size * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim  # q, k, v, o
-    mlp = 3 * spec.hidden_size * spec.intermediate_size  # gate, up, down
-    return 2.0 * (spec.num_layers * (attention + mlp) * tokens_computed + spec.hidden_size * spec.vocab_size
-                  * tokens_sampled)
+    return 2.0 * (spec.num_layers * spec.layer_linear_parameters * tokens_computed
+                  + spec.hidden_size * spec.vocab_size * tokens_sampled)
 
 
 def attention_flops(spec, attended_keys: int) -> float:

@@ -68,13 +68,18 @@ class ModelSpec:
     """The checkpoint's FP8 scheme (`quant_config.Fp8Scheme`) from its quantization_config; None: 16/32-bit."""
 
     @property
-    def num_parameters(self) -> int:
-        """The decoder's weights, counted from the shapes: embedding, every layer's attention
-        projections and gated MLP, and an LM head of its own unless tied (norms and biases left out)."""
+    def layer_linear_parameters(self) -> int:
+        """Weights of one layer's linear layers: the attention projections and the gated MLP."""
         attention = self.hidden_size * (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim  # q, k, v, o
         mlp = 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+        return attention + mlp
+
+    @property
+    def num_parameters(self) -> int:
+        """The decoder's weights, counted from the shapes: embedding, every layer's linear layers,
+        and an LM head of its own unless tied (norms and biases left out)."""
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attention + mlp) + embeddings
+        return self.num_layers * self.layer_linear_parameters + embeddings
 
     @property
     def kv_bytes_per_token(self) -> int:
