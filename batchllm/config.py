@@ -131,6 +131,12 @@ ACTIVATION_RESERVE = 0.10
 gpu_memory_utilization, for the activations of its largest step (`runner.model_runner.kv_cache_budget`)."""
 
 
+def leaves_activation_reserve(utilization: float, engines: int) -> bool:
+    """Whether an equal part of `utilization` for each of `engines` engines sharing a GPU is more
+    than the activation reserve (`runner.model_runner.engine_share` refuses less)."""
+    return utilization / engines > ACTIVATION_RESERVE
+
+
 @dataclass(frozen=True)
 class CacheConfig(_Checked):
     block_size: int | None = option(None, "tokens per KV block; None: 64 with an fp8 cache (whose V is then "

@@ -36,7 +36,7 @@ from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
-from batchllm.config import ACTIVATION_RESERVE, EngineConfig, ParallelConfig, SharingConfig
+from batchllm.config import EngineConfig, ParallelConfig, SharingConfig, leaves_activation_reserve
 from batchllm.core.policies import output_budget
 from batchllm.parallel.partition import Partition, Shard, partition_plan
 from batchllm.parallel.shard_wire import PackedItems, pack_items
@@ -293,10 +293,10 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     engines, tp = par.engines_on_each_gpu, par.tensor_parallel_size
     device = resolve_device(config.model.device)
     check_gpu_count(par, device)
-    if device.type == "cuda":
-        if engines > 1 and cache.num_kv_blocks is None and cache.kv_cache_memory_gib is None:  # sized from memory
-            cache = dataclasses.replace(cache, gpu_memory_accounting="engine",
-                                        gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
+    sized_from_memory = cache.num_kv_blocks is None and cache.kv_cache_memory_gib is None
+    if device.type == "cuda" and engines > 1 and sized_from_memory:
+        cache = dataclasses.replace(cache, gpu_memory_accounting="engine",
+                                    gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
     return dataclasses.replace(
         config,
         model=dataclasses.replace(config.model, device=str(rank_device(device, rank // engines * tp))),
@@ -324,7 +324,7 @@ def auto_engines_per_gpu(config: EngineConfig, num_parameters: int, cuda_devices
     wanted = (num_parameters < SMALL_MODEL_PARAMETERS and mc.device != "cpu" and cpu_cores >= 4
               and par.data_parallel_size == 1 and par.tensor_parallel_size == 1
               and cache.kv_cache_memory_gib is None and cache.num_kv_blocks is None
-              and cache.gpu_memory_utilization / 2 > ACTIVATION_RESERVE)
+              and leaves_activation_reserve(cache.gpu_memory_utilization, 2))
     return 2 if wanted and cuda_devices() > 0 else 1
 
 
@@ -353,12 +353,13 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
         from batchllm.parallel.tp_worker import die_with_parent
 
         die_with_parent()
-        if config.model.device == "cpu" or not torch.cuda.is_available():
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
         from batchllm.llm import LLM
 
+        own = rank_config(config, rank)  # (resolves the device: "auto" is the CPU where CUDA is not)
+        if own.model.device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
         imported = time.perf_counter()
-        llm = LLM.from_config(rank_config(config, rank))
+        llm = LLM.from_config(own)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return

@@ -31,7 +31,7 @@ import torch
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
 from batchllm.attention.kv_quant import KEYS_MAJOR_BLOCK, KV_CACHE_DTYPES
 from batchllm.attention.triton_backend import tma_by_default
-from batchllm.config import ACTIVATION_RESERVE, CacheConfig
+from batchllm.config import ACTIVATION_RESERVE, CacheConfig, leaves_activation_reserve
 from batchllm.layers.fp8 import FP8
 from batchllm.layers.logits_processors import OutputHistory
 from batchllm.layers.prompt_logprobs import PromptLogprobTensors, compute_prompt_logprobs
@@ -88,7 +88,7 @@ def engine_share(utilization: float, engines: int) -> float:
     """The gpu_memory_utilization of each of `engines` engine processes that share one GPU: an
     equal part of `utilization`, which must leave each more than its activation reserve."""
     share = utilization / engines
-    if share <= ACTIVATION_RESERVE:
+    if not leaves_activation_reserve(utilization, engines):
         raise ValueError(f"engines_per_gpu {engines} gives each engine {share:.3f} of the GPU "
                          f"(gpu_memory_utilization {utilization} / {engines}), no more than the "
                          f"{ACTIVATION_RESERVE} it keeps free for activations: use fewer engines per GPU")
