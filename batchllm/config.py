@@ -200,7 +200,7 @@ class ParallelConfig(_Checked):
                                          "each given whole prefix groups and an equal part of "
                                          "gpu_memory_utilization; more than 1 runs one engine's host work while "
                                          "another's steps run on the GPU, for small, host-bound models; None: 1, "
-                                         "except that `batchllm run` takes 2 for a model of under 0.2B parameters "
+                                         "except that `batchllm run` takes 2 for a model of under 0.6B parameters "
                                          "where it finds a CUDA GPU and 4 or more CPU cores, unless data or tensor "
                                          "parallelism or a KV size is given (data_parallel.auto_engines_per_gpu)",
                                          at_least=1)

@@ -113,6 +113,7 @@ def _spec(name):
 
 def test_num_parameters_from_the_shapes():
     assert _spec("smollm2-135m").num_parameters == pytest.approx(134.5e6, rel=0.01)  # tied embeddings
+    assert _spec("qwen2.5-0.5b").num_parameters == pytest.approx(494e6, rel=0.01)  # tied embeddings
     assert _spec("llama-3.2-1b").num_parameters == pytest.approx(1.236e9, rel=0.01)
     assert _spec("llama-3.1-8b").num_parameters == pytest.approx(8.03e9, rel=0.01)  # its own LM head
 
@@ -127,6 +128,8 @@ def test_run_takes_two_engines_per_gpu_only_for_a_small_model_on_a_gpu_with_core
         return auto_engines_per_gpu(engine_config(**options), params, gpus, cores)
 
     assert auto() == 2
+    assert auto(params=_spec("smollm2-360m").num_parameters) == 2
+    assert auto(params=_spec("qwen2.5-0.5b").num_parameters) == 2
     assert auto(params=large) == 1
     assert auto(gpus=no_gpu) == 1
     assert auto(cores=2) == 1  # each engine's host work needs a core
