@@ -78,6 +78,9 @@
 #   PART=graphsize bash scripts/gpu_issues.sh   decode CUDA graphs up to 512 sequences (the default) against 1,024 on
 #       the paper workload (1,024 requests decode together), FP8 weights + fp8 cache and bf16, one process per run,
 #       alternating (~6 min; GCONFIGS: the bench configs, GSIZES: the capture sizes in order, GREQUESTS: requests)
+#   PART=graphrows bash scripts/gpu_issues.sh   the decode-graph GPU tests, then the rows of issues 14 and 16 that 1,024
+#       sequences decode together in, with default settings: FP8 weights + fp8 cache and bf16 on the paper workload,
+#       degree 4, no sharing (~6 min)
 #   PART=midmodels bash scripts/gpu_issues.sh   one engine against two per GPU between the two sizes measured before:
 #       the SmolLM2-360M and Qwen2.5-0.5B shapes (dummy weights), 6,000 chat-like requests, 1/2/1 engines (~3 min;
 #       MID_MODELS: the shapes of benchmarks/configs, MID_WORKLOAD=decode: the decode-heavy mix instead)
@@ -131,6 +134,13 @@ graphsize)
           --max-cudagraph-capture-size "$g" --json-out "$OUT/graphs_${c}_${g}_$i.json"
     done
   done
+  ;;
+graphrows)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_graphs.py 2>&1 | tail -3 | tee "$OUT/graph_tests.log"
+  bench rows_fp8 "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv --json-out "$OUT/rows_fp8.json"
+  bench rows_deg16 "${M8D[@]}" "${PAPER[@]}" --configs sharing --json-out "$OUT/rows_deg16.json"
+  bench rows_deg4 "${M8D[@]}" "${PAPER[@]}" --degree 4 --configs sharing --json-out "$OUT/rows_deg4.json"
+  bench rows_nosharing "${M8D[@]}" "${PAPER[@]}" --configs nosharing --json-out "$OUT/rows_nosharing.json"
   ;;
 midmodels)
   i=0
