@@ -28,7 +28,7 @@ from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
-from batchllm.inputs import local_model_dir
+from batchllm.inputs import ModelSource, read_model_source
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
 from batchllm.io.job import (
     JobError,
@@ -39,7 +39,6 @@ from batchllm.io.job import (
     prepare_output,
     refuse_output_onto_input,
 )
-from batchllm.models.spec import read_model_spec
 from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, engine_config, engine_kwargs_from_args
 from batchllm.sampling_params import SamplingParams
 
@@ -218,8 +217,9 @@ def _run_locked(args: argparse.Namespace) -> int:
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
         SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
-        if args.model is not None:  # a bad model path or id fails before anything is written
-            read_model_spec(local_model_dir(args.model))
+        # a bad model path or id, or a context it cannot hold, fails before anything is written (the
+        # default model is left for later: its first use converts it)
+        source = None if args.model is None else read_model_source(args.model, args.max_model_len)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path)
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
     except (ValueError, OSError, JobError) as e:
@@ -237,7 +237,7 @@ def _run_locked(args: argparse.Namespace) -> int:
               file=sys.stderr)
     with _signals_interrupt():
         try:
-            return _run_job(args, job, defaults)
+            return _run_job(args, job, defaults, source)
         except Interrupted as e:
             print(f"batchllm: interrupted ({signal.Signals(e.signum).name}): {job.num_recorded} of "
                   f"{job.num_lines} lines done; run the same command to resume", file=sys.stderr)
@@ -304,25 +304,27 @@ class _Job:
         return EXIT_LINES_FAILED if failed else EXIT_OK
 
 
-def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
+def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelSource | None) -> int:
     """Build the engine while a background thread reads, templates and tokenizes the input (both
     take seconds on a large job and the second needs only the tokenizer), then run the valid lines.
     With several engine processes they are spawned first of all (`_engine_processes`). The run's
-    `wall_s` starts once the engine is built: it holds whatever reading is left then."""
+    `wall_s` starts once the engine is built: it holds whatever reading is left then. `source`: the
+    model as read already (None: read here); every step below starts from the same one."""
     from batchllm.parallel.data_parallel import WorkerDied
 
     workers = None
     try:
         config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
-        config, workers = _engine_processes(config)  # before this process's heavy imports, which overlap the workers'
+        # before this process's heavy imports, which overlap the workers'
+        config, workers, source = _engine_processes(config, source)
         from batchllm.engine import resolve_model
         from batchllm.llm import LLM, front_end_for
 
-        front = front_end_for(config)
-        resolve_model(config)  # what can be checked without weights (device, budget, sharding): before reading
+        front = front_end_for(config, source)
+        facts = resolve_model(config, source=source)  # what can be checked without weights: before reading
         reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
                                 progress=not args.no_progress)
-        llm = LLM.from_config(config, front, workers)
+        llm = LLM.from_config(config, front, workers, facts)
     except (ValueError, OSError, WorkerDied) as e:  # WorkerDied here: a worker could not build its engine
         if workers is not None:
             workers.shutdown()
@@ -349,17 +351,18 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict) -> int:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
 
 
-def _engine_processes(config):
-    """(config, workers): the config with engines_per_gpu chosen where it is not set
-    (`data_parallel.auto_engines_per_gpu`: 2 for a small model on a GPU, said on stderr), and with
+def _engine_processes(config, source: ModelSource | None = None):
+    """(config, workers, source): the config with engines_per_gpu chosen where it is not set
+    (`data_parallel.auto_engines_per_gpu`: 2 for a small model on a GPU, said on stderr); with
     more than one engine process (data_parallel_size x engines_per_gpu > 1) the `DataParallelEngine`
-    spawned now (not yet ready; else None). Reads only the model's config (no torch, no tokenizer),
-    so the workers' imports and builds overlap this process's own start-up."""
-    from batchllm.inputs import read_prompt_side
+    spawned now (not yet ready; else None); the config's model as read (`source`, if given, else
+    here). Reads only the model's config (no torch, no tokenizer), so the workers' imports and
+    builds overlap this process's own start-up."""
     from batchllm.parallel.data_parallel import DataParallelEngine, auto_engines_per_gpu, cuda_device_count
 
     mc, par = config.model, config.parallel
-    model_dir, spec, max_model_len, _ = read_prompt_side(mc.model, None, mc.max_model_len, skip_tokenizer=True)
+    source = read_model_source(mc.model, mc.max_model_len) if source is None else source
+    spec = source.spec
     if par.engines_per_gpu is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         engines = auto_engines_per_gpu(config, spec.num_parameters, cuda_device_count, cores)
@@ -369,8 +372,8 @@ def _engine_processes(config):
                   file=sys.stderr)
         config = dataclasses.replace(config, parallel=dataclasses.replace(par, engines_per_gpu=engines))
     if config.parallel.num_engines == 1:
-        return config, None
-    return config, DataParallelEngine(config, model_dir, max_model_len)
+        return config, None, source
+    return config, DataParallelEngine(config, source.model_dir, source.max_model_len), source
 
 
 class _InBackground:

@@ -2,8 +2,8 @@
 scheduler, EngineCore) assembled from an `EngineConfig` alone.
 
 Nothing here reads a tokenizer or a prompt: `LLM` (and any process that runs requests) tokenizes,
-with its `FrontEnd` (`llm.front_end_for`), which reads the model's facts (`model_spec`,
-`max_model_len`) from the directory as `resolve_model` does. An engine is built
+with its `FrontEnd` (`llm.front_end_for`). Both sides start from the same `inputs.ModelSource` (the
+directory, its spec and context), read once per process and handed to `resolve_model`. An engine is built
 once and never reconfigured: a different setting is a different engine (`bench.py` builds one per
 configuration). Values found while building (device, dtype, context length, KV size) are fields
 of `Engine`, never written back into the frozen config (house rule 6).
@@ -24,12 +24,12 @@ from batchllm.config import EngineConfig, ParallelConfig, SchedulerConfig
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
-from batchllm.inputs import local_model_dir, resolve_max_model_len
+from batchllm.inputs import ModelSource, read_model_source
 from batchllm.layers.ops import make_ops, use_triton
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.loader import build_model
 from batchllm.models.quant_config import Fp8Scheme, resolve_quantization
-from batchllm.models.spec import ModelSpec, read_model_spec
+from batchllm.models.spec import ModelSpec
 from batchllm.parallel.tensor_parallel import shard_spec
 from batchllm.runner.model_runner import KVCacheSpec, ModelRunner, plan_kv_cache
 
@@ -127,15 +127,18 @@ class ModelFacts:
     """The FP8 scheme of the decoder's linear layers (the option and the checkpoint's config); None: none."""
 
 
-def resolve_model(config: EngineConfig, device: str | torch.device | None = None) -> ModelFacts:
+def resolve_model(config: EngineConfig, device: str | torch.device | None = None,
+                  source: ModelSource | None = None) -> ModelFacts:
     """The model directory, its spec, the device, dtype and context length the config asks for;
-    checks what can be checked without loading weights."""
+    checks what can be checked without loading weights. `source`: the config's model as this
+    process read it already (`read_model_source(config.model.model, config.model.max_model_len)`);
+    None: read it here."""
     mc, sc = config.model, config.scheduler
-    model_dir = local_model_dir(mc.model)  # a directory, or a Hugging Face id found in the local cache
-    spec = read_model_spec(model_dir)
+    if source is None:  # a directory, or a Hugging Face id found in the local cache
+        source = read_model_source(mc.model, mc.max_model_len)
+    model_dir, spec, max_model_len = source.model_dir, source.spec, source.max_model_len
     device = resolve_device(str(mc.device if device is None else device))
     dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)
-    max_model_len = resolve_max_model_len(mc.max_model_len, spec)
     if sc.max_num_batched_tokens is None:
         memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         sc = replace(sc, max_num_batched_tokens=default_step_tokens(device.type, memory))
@@ -163,12 +166,14 @@ def check_gpu_count(parallel: ParallelConfig, device: torch.device) -> None:
                          f"but {torch.cuda.device_count()} are visible")
 
 
-def build_engine(config: EngineConfig, device: str | torch.device | None = None) -> Engine:
+def build_engine(config: EngineConfig, device: str | torch.device | None = None,
+                 facts: ModelFacts | None = None) -> Engine:
     """Build the engine `config` describes; `device` overrides `config.model.device` (a worker
-    process is given its GPU). Loads the weights, sizes and allocates the KV cache, compiles the
-    Triton attention's variants and, on CUDA with the Triton attention, captures decode graphs.
-    With tensor_parallel_size > 1 this process is rank 0 and starts the other ranks first."""
-    facts = resolve_model(config, device)
+    process is given its GPU); `facts`: `resolve_model(config, device)` if the caller has it already.
+    Loads the weights, sizes and allocates the KV cache, compiles the Triton attention's variants
+    and, on CUDA with the Triton attention, captures decode graphs. With tensor_parallel_size > 1
+    this process is rank 0 and starts the other ranks first."""
+    facts = resolve_model(config, device) if facts is None else facts
     if facts.device.type == "cuda" and facts.device.index is not None:
         torch.cuda.set_device(facts.device)  # Triton launches on the current device
     tp, followers = None, None

@@ -163,24 +163,13 @@ def _or_error(call, *args) -> TokenizedPrompt | ValueError:
 def resolve_max_model_len(requested: int | None, spec) -> int:
     limit = spec.max_position_embeddings
     if spec.sliding_window is not None and spec.sliding_window < limit:
-        _warn_once(f"capping the context at the sliding window ({spec.sliding_window} tokens)")
+        logger.warning("capping the context at the sliding window (%d tokens)", spec.sliding_window)
         limit = spec.sliding_window
     if requested is None:
         return limit
     if requested > limit:
         raise ValueError(f"max_model_len {requested} exceeds what the model supports ({limit})")
     return requested
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """Log a warning the first time this process meets it (an `LLM` resolves its context twice:
-    for its FrontEnd and for its engine)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning(message)
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -222,20 +211,36 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
 
 
-def read_prompt_side(model: str | Path | None, tokenizer: str | Path | None = None, max_model_len: int | None = None,
-                     *, skip_tokenizer: bool = False) -> tuple[Path, ModelSpec, int, Any]:
-    """(model directory, spec, context, tokenizer: None with skip_tokenizer) of a model directory or
-    cached Hugging Face id (None: the default model), without loading weights: what a PromptProcessor
-    is made of (`prompt_processor_for`, and `LLM`'s `llm.front_end_for`)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """A model directory and what its config.json decides before anything loads: the spec and the
+    context the engine runs with. Read once per process (`read_model_source`) and handed on: the
+    prompt side (`llm.front_end_for`) and the engine (`engine.resolve_model`) take it rather than
+    reading the directory again."""
+
+    model_dir: Path
+    spec: ModelSpec
+    max_model_len: int
+    """The requested context checked against the model's (None asked: the model's own)."""
+
+
+def read_model_source(model: str | Path | None, max_model_len: int | None = None) -> ModelSource:
+    """The ModelSource of a model directory or cached Hugging Face id (None: the default model);
+    a missing or unreadable model is a ModelLoadError, a context past the model's a ValueError."""
     model_dir = local_model_dir(model)
     spec = read_model_spec(model_dir)
-    loaded = None if skip_tokenizer else load_tokenizer(local_model_dir(tokenizer) if tokenizer else model_dir)
-    return model_dir, spec, resolve_max_model_len(max_model_len, spec), loaded
+    return ModelSource(model_dir, spec, resolve_max_model_len(max_model_len, spec))
+
+
+def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None):
+    """The tokenizer of `source`'s model, or of `tokenizer` (a directory or cached id) where given."""
+    return load_tokenizer(local_model_dir(tokenizer) if tokenizer else source.model_dir)
 
 
 def prompt_processor_for(model: str | None, tokenizer: str | None = None,
                          max_model_len: int | None = None, max_logprobs: int = -1) -> PromptProcessor:
     """A PromptProcessor for a model directory or cached Hugging Face id (None: the default model)
     without loading weights; `max_logprobs` as `LLM`'s (-1: no cap)."""
-    model_dir, spec, context, loaded = read_prompt_side(model, tokenizer, max_model_len)
-    return PromptProcessor(loaded, spec.vocab_size, context, str(model_dir), max_logprobs=max_logprobs)
+    source = read_model_source(model, max_model_len)
+    return PromptProcessor(tokenizer_for(source, tokenizer), source.spec.vocab_size, source.max_model_len,
+                           str(source.model_dir), max_logprobs=max_logprobs)

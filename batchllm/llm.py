@@ -24,8 +24,8 @@ from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
-from batchllm.engine import Engine, build_engine, release_device_memory, resolve_model
-from batchllm.inputs import PromptProcessor, TokenizedPrompt, read_prompt_side
+from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
+from batchllm.inputs import ModelSource, PromptProcessor, TokenizedPrompt, read_model_source, tokenizer_for
 from batchllm.models.spec import ModelSpec
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState, prompt_logprobs_output
@@ -53,17 +53,23 @@ class LLM:
         self._init_from_config(engine_config(model=model, **kwargs))
 
     @classmethod
-    def from_config(cls, config: EngineConfig, front: FrontEnd | None = None, workers=None) -> LLM:
-        """An engine from a whole EngineConfig (what data-parallel workers receive); `front`: its
-        `front_end_for(config)` if the caller made it already (`batchllm run` does, to read its input
-        while the engine loads); `workers`: with more than one engine process, the
-        `DataParallelEngine` the caller started already for this config (`run` starts it first)."""
+    def from_config(cls, config: EngineConfig, front: FrontEnd | None = None, workers=None,
+                    facts: ModelFacts | None = None) -> LLM:
+        """An engine from a whole EngineConfig (what data-parallel workers receive). What the caller
+        has made already for this config, so that nothing is read or checked twice (`batchllm run`
+        makes all three, to read its input while the engine loads): `front`, its
+        `front_end_for(config)`; `workers`, with more than one engine process, the
+        `DataParallelEngine` started for it; `facts`, its `resolve_model(config, source=front.source)`."""
         llm = cls.__new__(cls)
-        llm._init_from_config(config, front, workers)
+        llm._init_from_config(config, front, workers, facts)
         return llm
 
-    def _init_from_config(self, config: EngineConfig, front: FrontEnd | None = None, workers=None) -> None:
+    def _init_from_config(self, config: EngineConfig, front: FrontEnd | None = None, workers=None,
+                          facts: ModelFacts | None = None) -> None:
         front = front_end_for(config) if front is None else front
+        # what can be checked without weights (device, step budget, sharding, GPU count) fails here,
+        # in this process, before any weights load or any worker builds
+        facts = resolve_model(config, source=front.source) if facts is None else facts
         self.config = config
         self.model_dir, self.model_spec, self.max_model_len = front.model_dir, front.model_spec, front.max_model_len
         self.tokenizer, self.eos_token_ids, self.prompts = front.tokenizer, front.eos_token_ids, front.prompts
@@ -76,7 +82,6 @@ class LLM:
         if config.parallel.num_engines > 1:
             from batchllm.parallel.data_parallel import DataParallelEngine
 
-            resolve_model(config)  # what can be checked without weights fails here, not in every worker
             if workers is None:
                 workers = DataParallelEngine(config, front.model_dir, front.max_model_len)
             elif workers.size != config.parallel.num_engines:
@@ -85,7 +90,7 @@ class LLM:
             self._data_parallel = workers
             workers.wait_ready()
         else:
-            self.engine = build_engine(config)
+            self.engine = build_engine(config, facts=facts)
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
@@ -401,31 +406,42 @@ def _as_prompt_list(prompts: Any) -> list:
 
 @dataclass(frozen=True)
 class FrontEnd:
-    """An engine's prompt side: the model directory, spec and context, the tokenizer, the EOS ids and
-    the PromptProcessor that templates, tokenizes and validates prompts. Read from the model directory
-    without loading weights or touching a device, so it can be made before the engine (and the input
-    read with it while the engine loads); the engine built from the same config agrees with it
-    (`engine.resolve_model` reads the directory, spec and context the same way)."""
+    """An engine's prompt side: the model directory, spec and context (`source`), the tokenizer, the
+    EOS ids and the PromptProcessor that templates, tokenizes and validates prompts. Read from the
+    model directory without loading weights or touching a device, so it can be made before the engine
+    (and the input read with it while the engine loads); the engine built from the same config starts
+    from the same `source` (`engine.resolve_model(config, source=front.source)`)."""
 
-    model_dir: Path
-    model_spec: ModelSpec
-    max_model_len: int
+    source: ModelSource
     tokenizer: Any
     """None with skip_tokenizer_init."""
     eos_token_ids: frozenset[int]
     prompts: PromptProcessor
 
+    @property
+    def model_dir(self) -> Path:
+        return self.source.model_dir
 
-def front_end_for(config: EngineConfig) -> FrontEnd:
+    @property
+    def model_spec(self) -> ModelSpec:
+        return self.source.spec
+
+    @property
+    def max_model_len(self) -> int:
+        return self.source.max_model_len
+
+
+def front_end_for(config: EngineConfig, source: ModelSource | None = None) -> FrontEnd:
     """The FrontEnd of the engine `config` describes (its tokenizer loaded: fails here, before any
-    weights load, on a tokenizer that cannot be read)."""
+    weights load, on a tokenizer that cannot be read); `source`: the config's model as this process
+    read it already (None: read it here)."""
     mc = config.model
-    model_dir, spec, max_model_len, tokenizer = read_prompt_side(mc.model, mc.tokenizer, mc.max_model_len,
-                                                                 skip_tokenizer=mc.skip_tokenizer_init)
-    eos_token_ids = _eos_token_ids(model_dir, spec, tokenizer)
-    prompts = PromptProcessor(tokenizer, spec.vocab_size, max_model_len, str(model_dir), sorted(eos_token_ids),
-                              mc.max_logprobs)
-    return FrontEnd(model_dir, spec, max_model_len, tokenizer, eos_token_ids, prompts)
+    source = read_model_source(mc.model, mc.max_model_len) if source is None else source
+    tokenizer = None if mc.skip_tokenizer_init else tokenizer_for(source, mc.tokenizer)
+    eos_token_ids = _eos_token_ids(source.model_dir, source.spec, tokenizer)
+    prompts = PromptProcessor(tokenizer, source.spec.vocab_size, source.max_model_len, str(source.model_dir),
+                              sorted(eos_token_ids), mc.max_logprobs)
+    return FrontEnd(source, tokenizer, eos_token_ids, prompts)
 
 
 def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:

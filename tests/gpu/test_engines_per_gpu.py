@@ -52,7 +52,7 @@ def test_run_takes_two_engines_per_gpu_for_a_small_model(tmp_path):
     from batchllm.options import engine_config
 
     model_dir = str(make_tiny_model("llama", tmp_path))
-    config, workers = _engine_processes(engine_config(model=model_dir, skip_tokenizer_init=True,
+    config, workers, _ = _engine_processes(engine_config(model=model_dir, skip_tokenizer_init=True,
                                                       max_num_batched_tokens=64))
     try:
         assert config.parallel.engines_per_gpu == 2 and workers.size == 2

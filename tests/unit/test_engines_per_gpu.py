@@ -168,9 +168,9 @@ def test_run_without_a_gpu_keeps_one_engine_in_process(tiny_model_factory, monke
     from batchllm.parallel import data_parallel
 
     monkeypatch.setattr(data_parallel, "cuda_device_count", lambda: 0)  # as on a machine without a GPU
-    config, workers = _engine_processes(engine_config(model=tiny_model_factory("llama")))
+    config, workers, _ = _engine_processes(engine_config(model=tiny_model_factory("llama")))
     assert workers is None and config.parallel.engines_per_gpu == 1
-    given, workers = _engine_processes(engine_config(model=tiny_model_factory("llama"), device="cpu",
+    given, workers, _ = _engine_processes(engine_config(model=tiny_model_factory("llama"), device="cpu",
                                                      engines_per_gpu=2))
     try:  # a given count is kept, and its workers are spawned at once
         assert given.parallel.engines_per_gpu == 2 and workers.size == 2

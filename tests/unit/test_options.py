@@ -150,3 +150,27 @@ def test_the_step_budget_is_chosen_from_the_device_unless_set(default_model_dir)
     with pytest.raises(ValueError, match="chunked prefill off"):  # checked against the resolved budget
         resolve_model(engine_config(model=str(default_model_dir), device="cpu", enable_chunked_prefill=False,
                                     max_model_len=4096))
+
+
+def test_llm_and_run_read_the_model_directory_once(tmp_path, capsys, monkeypatch, tiny_model_factory):
+    """The prompt side and the engine start from one `ModelSource`: an `LLM`, and a whole `batchllm run`
+    (its early check of --model, the engine count, the FrontEnd, the engine's facts), read the model's
+    config.json once, so a warning about it (a context capped at the sliding window) is given once."""
+    from pathlib import Path
+
+    import batchllm.models.spec
+    from batchllm import cli
+
+    model = tiny_model_factory("llama")
+    reads = []
+    read = batchllm.models.spec._read_config  # every reader of a spec comes through here
+    monkeypatch.setattr(batchllm.models.spec, "_read_config", lambda d: reads.append(d) or read(d))
+    llm = LLM(model, device="cpu", max_model_len=64)
+    assert reads == [Path(model)] and llm.max_model_len == 64
+    llm.shutdown()
+    reads.clear()
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n')
+    code = cli.main(["run", str(src), "-o", str(out), "--model", model, "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert reads == [Path(model)]
