@@ -174,3 +174,14 @@ def test_llm_and_run_read_the_model_directory_once(tmp_path, capsys, monkeypatch
     code = cli.main(["run", str(src), "-o", str(out), "--model", model, "--device", "cpu", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert reads == [Path(model)]
+
+
+def test_run_refuses_a_context_the_model_cannot_hold_before_writing_anything(tmp_path, capsys, tiny_model_factory):
+    from batchllm import cli
+
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n')
+    code = cli.main(["run", str(src), "-o", str(out), "--model", model, "--max-model-len", "100000", "--no-progress"])
+    assert code == 2 and "max_model_len 100000 exceeds what the model supports (1024)" in capsys.readouterr().err
+    assert not out.exists()
