@@ -539,18 +539,17 @@ class _BlockTables:
         """Each request's whole table (read directly, without `update`, when a step sends no entries)."""
         self._free_rows: list[int] = list(range(63, -1, -1))
 
-    def update(self, request_id: str, start: int, new_ids: list[int]) -> list[int]:
-        """Apply the scheduler's diff; returns the request's whole table. (`_host_inputs` reads
-        `lists` instead when a step sends no entries, as most decode steps do.)"""
-        if start == 0 and new_ids:
-            table = list(new_ids)
-            self.lists[request_id] = table
+    def update(self, request_id: str, start: int, new_ids: list[int]) -> None:
+        """Apply one of the scheduler's diffs: `new_ids` (never empty: a step that sends no entries
+        leaves the table as it is, and `_host_inputs` reads `lists` directly) from position `start`;
+        start 0 replaces the table (a new or preempted request). A start other than the table's
+        length is the scheduler and the runner disagreeing: a RuntimeError naming the request."""
+        if start == 0:
+            table = self.lists[request_id] = list(new_ids)
         else:
             table = self.lists[request_id]
             if len(table) != start:
                 raise RuntimeError(f"{request_id}: runner holds {len(table)} blocks, scheduler sent from {start}")
-            if not new_ids:
-                return table
             table.extend(new_ids)
         row = self._row_of.get(request_id)
         if row is None:
@@ -558,7 +557,6 @@ class _BlockTables:
         if len(table) > self.width:
             self._widen(len(table))
         self.rows[row, start:len(table)] = new_ids
-        return table
 
     def gather(self, request_ids: list[str], width: int) -> np.ndarray:
         rows = np.fromiter(map(self._row_of.__getitem__, request_ids), dtype=np.int64, count=len(request_ids))
