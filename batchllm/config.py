@@ -121,9 +121,9 @@ class ModelConfig(_Checked):
                                "whole vocabulary per token makes megabytes of output per token)", at_least=-1)
     max_cudagraph_capture_size: int | None = option(
         None, "largest decode batch (sequences) with a CUDA graph; larger decode steps run eagerly; None: 1,024 "
-        "(1.21x for FP8, 1.06x for bf16 against vLLM's 512 on the Llama-3.1-8B shape), or 8,192 for a model of "
-        "hidden size 2,048 or less, whose eager decode steps are bound by kernel launches (1.3-3.1x on the "
-        "SmolLM2-135M shape on an H200); either capped by the step budget",
+        "(1.21x for FP8, 1.06x for bf16 against graphs up to 512, vLLM's default, on the Llama-3.1-8B shape), "
+        "or 8,192 for a model of hidden size 2,048 or less, whose eager decode steps are bound by kernel launches "
+        "(1.3-3.1x on the SmolLM2-135M shape on an H200); either capped by the step budget",
         at_least=1)
 
 
@@ -200,7 +200,7 @@ class ParallelConfig(_Checked):
                                          "each given whole prefix groups and an equal part of "
                                          "gpu_memory_utilization; more than 1 runs one engine's host work while "
                                          "another's steps run on the GPU, for small, host-bound models; None: 1, "
-                                         "except that `batchllm run` takes 2 for a model of under 0.6B parameters "
+                                         "except that `batchllm run` takes 2 for a model of under 0.55B parameters "
                                          "where it finds a CUDA GPU and 4 or more CPU cores, unless data or tensor "
                                          "parallelism or a KV size is given (data_parallel.auto_engines_per_gpu)",
                                          at_least=1)

@@ -305,7 +305,7 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     )
 
 
-SMALL_MODEL_PARAMETERS = 600_000_000
+SMALL_MODEL_PARAMETERS = 550_000_000
 """Below this many parameters `auto_engines_per_gpu` runs two engines per GPU. On an H200 (dummy
 weights; docs/benchmarks.md, sessions 20-21), against one engine:
   - SmolLM2-135M, 6,000 chat-like requests: the GPU idles 72-75% (the host schedules each step), two
@@ -313,7 +313,9 @@ weights; docs/benchmarks.md, sessions 20-21), against one engine:
   - SmolLM2-360M and Qwen2.5-0.5B shapes, the same requests: 1.23-1.90x and 2.06-2.18x; Qwen2.5-0.5B
     decode-heavy (512 requests, GPU idle 45%): 1.17-1.26x;
   - Llama-3.2-1B: chat-like 1.42-1.59x, but decode-heavy, where one engine keeps the GPU busy (4%
-    idle), 0.71x. So the line is drawn below 1B, where every measured workload gained."""
+    idle), 0.71x.
+So the line is drawn just above the largest shape measured to gain on every workload (0.49B), short
+of 0.6B models such as Qwen3-0.6B (0.596B, heavier per token, not measured)."""
 
 
 def auto_engines_per_gpu(config: EngineConfig, num_parameters: int, cuda_devices: Callable[[], int],

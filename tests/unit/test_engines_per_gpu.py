@@ -130,6 +130,7 @@ def test_run_takes_two_engines_per_gpu_only_for_a_small_model_on_a_gpu_with_core
     assert auto() == 2
     assert auto(params=_spec("smollm2-360m").num_parameters) == 2
     assert auto(params=_spec("qwen2.5-0.5b").num_parameters) == 2
+    assert auto(params=596_000_000) == 1  # a Qwen3-0.6B: not measured
     assert auto(params=large) == 1
     assert auto(gpus=no_gpu) == 1
     assert auto(cores=2) == 1  # each engine's host work needs a core
