@@ -3,7 +3,8 @@ scheduler, EngineCore) assembled from an `EngineConfig` alone.
 
 Nothing here reads a tokenizer or a prompt: `LLM` (and any process that runs requests) tokenizes,
 with its `FrontEnd` (`llm.front_end_for`). Both sides start from the same `inputs.ModelSource` (the
-directory, its spec and context), read once per process and handed to `resolve_model`. An engine is built
+directory, its spec and context), read once per `LLM` (and once per `batchllm run`) and handed to
+`resolve_model`. An engine is built
 once and never reconfigured: a different setting is a different engine (`bench.py` builds one per
 configuration). Values found while building (device, dtype, context length, KV size) are fields
 of `Engine`, never written back into the frozen config (house rule 6).
@@ -86,7 +87,7 @@ DEFAULT_GRAPH_BATCH = 1024
 about as long (less with FP8), so up to 1,024 the graph pays. Llama-3.1-8B shape on an H200, paper
 workload (1,024 requests decoding together), against vLLM's 512: FP8 weights + fp8 cache 109.0 / 110.2
 req/s against 88.5 / 91.4 (1.21x, GPU idle 10% -> 2.7%), bf16 81.3 against 76.5 (1.06x); 43 graphs
-captured in 2.4 s, 0.21-0.25 GiB (0.16 at 512). 2,048 gained nothing more with 2,048 requests
+captured in 2.4 s, 0.21-0.25 GiB (0.14-0.16 at 512). 2,048 gained nothing more with 2,048 requests
 (110.6 / 81.4 against 110.8 / 80.7: the bigger steps keep the GPU busy eagerly; docs/benchmarks.md,
 session 21)."""
 SMALL_MODEL_HIDDEN = 2048
@@ -136,6 +137,9 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     mc, sc = config.model, config.scheduler
     if source is None:  # a directory, or a Hugging Face id found in the local cache
         source = read_model_source(mc.model, mc.max_model_len)
+    elif mc.max_model_len is not None and source.max_model_len != mc.max_model_len:
+        raise ValueError(f"the model source was read for a context of {source.max_model_len} tokens, the config "
+                         f"asks for {mc.max_model_len}")
     model_dir, spec, max_model_len = source.model_dir, source.spec, source.max_model_len
     device = resolve_device(str(mc.device if device is None else device))
     dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)
@@ -173,6 +177,8 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None,
     Loads the weights, sizes and allocates the KV cache, compiles the Triton attention's variants
     and, on CUDA with the Triton attention, captures decode graphs. With tensor_parallel_size > 1
     this process is rank 0 and starts the other ranks first."""
+    if facts is not None and device is not None:
+        raise ValueError("build_engine takes a device or resolved facts (which hold one), not both")
     facts = resolve_model(config, device) if facts is None else facts
     if facts.device.type == "cuda" and facts.device.index is not None:
         torch.cuda.set_device(facts.device)  # Triton launches on the current device

@@ -214,9 +214,9 @@ def load_tokenizer(path: Path):
 @dataclass(frozen=True)
 class ModelSource:
     """A model directory and what its config.json decides before anything loads: the spec and the
-    context the engine runs with. Read once per process (`read_model_source`) and handed on: the
-    prompt side (`llm.front_end_for`) and the engine (`engine.resolve_model`) take it rather than
-    reading the directory again."""
+    context the engine runs with. Read once per `LLM` (and once per `batchllm run`:
+    `read_model_source`) and handed on: the prompt side (`llm.front_end_for`) and the engine
+    (`engine.resolve_model`) take it rather than reading the directory again."""
 
     model_dir: Path
     spec: ModelSpec

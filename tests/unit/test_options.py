@@ -155,7 +155,8 @@ def test_the_step_budget_is_chosen_from_the_device_unless_set(default_model_dir)
 def test_llm_and_run_read_the_model_directory_once(tmp_path, capsys, monkeypatch, tiny_model_factory):
     """The prompt side and the engine start from one `ModelSource`: an `LLM`, and a whole `batchllm run`
     (its early check of --model, the engine count, the FrontEnd, the engine's facts), read the model's
-    config.json once, so a warning about it (a context capped at the sliding window) is given once."""
+    config.json once (they read it 2 and 5 times, and warned of a context capped at the sliding window
+    as often as they resolved it)."""
     from pathlib import Path
 
     import batchllm.models.spec
@@ -185,3 +186,16 @@ def test_run_refuses_a_context_the_model_cannot_hold_before_writing_anything(tmp
     code = cli.main(["run", str(src), "-o", str(out), "--model", model, "--max-model-len", "100000", "--no-progress"])
     assert code == 2 and "max_model_len 100000 exceeds what the model supports (1024)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_facts_and_sources_handed_on_must_be_the_configs(default_model_dir):
+    from batchllm.engine import build_engine, resolve_model
+    from batchllm.inputs import read_model_source
+
+    config = engine_config(model=str(default_model_dir), device="cpu", max_model_len=128)
+    with pytest.raises(ValueError, match="read for a context of 64 tokens, the config asks for 128"):
+        resolve_model(config, source=read_model_source(str(default_model_dir), 64))
+    facts = resolve_model(config, source=read_model_source(str(default_model_dir), 128))
+    assert facts.max_model_len == 128
+    with pytest.raises(ValueError, match="a device or resolved facts"):
+        build_engine(config, "cpu", facts)
