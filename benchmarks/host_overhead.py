@@ -1,7 +1,7 @@
 """Host (Python) time per engine step, measured on CPU with a model whose compute is negligible.
 
     PYTHONPATH=. .venv/bin/python benchmarks/host_overhead.py [--path both|generate|run] [--repeat
-3] [--profile]
+3] [--temperature T] [--profile]
 
 Small models on a GPU are host-bound (issue 14): the device idles while Python schedules, builds
 inputs, samples and processes outputs. This runs a decode-heavy shared-prefix batch (default: 512
@@ -140,7 +140,8 @@ def profiled(enabled: bool):
 def run_generate(model_dir: Path, work, args, profile: bool) -> tuple[float, int, str]:
     llm = LLM(str(model_dir), **engine_options(args))
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
-    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, stop=args.stop) for _, m in work]
+    params = [SamplingParams(max_tokens=m, temperature=args.temperature, ignore_eos=True, stop=args.stop,
+                             seed=i if args.temperature else None) for i, (_, m) in enumerate(work)]
     try:
         with profiled(profile):
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -174,8 +175,9 @@ def run_cli(model_dir: Path, work, args, profile: bool) -> tuple[float, int, str
     cli._generate_into = generate_into
     try:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine_options(args).items() if k != "async_scheduling"]
-        rc = cli.main(["run", "-i", str(source), "-o", str(output), "--model", str(model_dir), "--temperature", "0",
-                       "--ignore-eos", "--no-progress", "--stats", str(stats), "--async-scheduling", "on", *flags])
+        rc = cli.main(["run", "-i", str(source), "-o", str(output), "--model", str(model_dir),
+                       "--temperature", str(args.temperature), "--ignore-eos", "--no-progress", "--stats", str(stats),
+                       "--async-scheduling", "on", *flags])
     finally:
         cli._generate_into = original
     if rc != 0:
@@ -198,6 +200,9 @@ def main() -> None:
     parser.add_argument("--stop", action="append", default=None,
                         help="a stop string for every request (repeatable): the output text is then "
                         "decoded and searched after every token")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="above 0: every request samples, seeded (`run --seed`, as the run path always is), so "
+                        "each row draws from its own generator")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (the model's work)")
     parser.add_argument("--full-model", action="store_true",
                         help="run the CPU attention and the whole LM head (default: attention returns its query "
