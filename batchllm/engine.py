@@ -4,10 +4,10 @@ scheduler, EngineCore) assembled from an `EngineConfig` alone.
 Nothing here reads a tokenizer or a prompt: `LLM` (and any process that runs requests) tokenizes,
 with its `FrontEnd` (`llm.front_end_for`). Both sides start from the same `inputs.ModelSource` (the
 directory, its spec and context), read once per `LLM` (and once per `batchllm run`) and handed to
-`resolve_model`. An engine is built
-once and never reconfigured: a different setting is a different engine (`bench.py` builds one per
-configuration). Values found while building (device, dtype, context length, KV size) are fields
-of `Engine`, never written back into the frozen config (house rule 6).
+`resolve_model`. An engine is built once and never reconfigured: a different setting is a different
+engine (`bench.py` builds one per configuration). Values found while building (device, dtype,
+context length, KV size) are fields of `Engine`, never written back into the frozen config (house
+rule 6).
 """
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ DEFAULT_GRAPH_BATCH = 1024
 """The largest decode step (sequences) run as a CUDA graph where the user sets none. An eager step's
 ~400 launches take the host ~20 ms; a decode step of 1,024 sequences of an 8B model takes the GPU
 about as long (less with FP8), so up to 1,024 the graph pays. Llama-3.1-8B shape on an H200, paper
-workload (1,024 requests decoding together), against vLLM's 512: FP8 weights + fp8 cache 109.0 / 110.2
-req/s against 88.5 / 91.4 (1.21x, GPU idle 10% -> 2.7%), bf16 81.3 against 76.5 (1.06x); 43 graphs
-captured in 2.4 s, 0.21-0.25 GiB (0.14-0.16 at 512). 2,048 gained nothing more with 2,048 requests
-(110.6 / 81.4 against 110.8 / 80.7: the bigger steps keep the GPU busy eagerly; docs/benchmarks.md,
-session 21)."""
+workload (1,024 requests decoding together), against graphs up to 512 (vLLM's default): FP8 weights
++ fp8 cache 109.0 / 110.2 req/s against 88.5 / 91.4 (1.21x, GPU idle 10% -> 2.7%), bf16 81.3
+against 76.5 (1.06x); 43 graphs captured in 2.4 s, 0.21-0.25 GiB (0.14-0.16 at 512). 2,048 gained
+nothing more with 2,048 requests (110.6 / 81.4 against 110.8 / 80.7: the bigger steps keep the GPU
+busy eagerly; docs/benchmarks.md, session 21)."""
 SMALL_MODEL_HIDDEN = 2048
 SMALL_MODEL_GRAPH_BATCH = 8192
 """For a model of hidden size SMALL_MODEL_HIDDEN or less, decode steps of up to this many sequences (the
