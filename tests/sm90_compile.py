@@ -100,6 +100,25 @@ def compile_variant(name: str) -> dict:
             "shared_byte_loads": ptx.count("ld.shared.b8")}
 
 
+def compile_seeded_noise() -> dict:
+    """The seeded-sampling noise kernel (`layers/seeded_noise_triton.py`) for sm_90: its hash needs
+    32-bit products and logical (unsigned) shifts, as the interpreter's numpy uint32 gives them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from batchllm.layers import seeded_noise_triton as noise
+
+    signature = {"Keys": "*i64", "Out": "*fp32", "stride_out": "i32", "vocab": "i32", "BLOCK": "constexpr"}
+    compiled = triton.compile(ASTSource(fn=noise._seeded_exponential_kernel, signature=signature,
+                                        constexprs={"BLOCK": noise.BLOCK}),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = compiled.asm["ptx"]
+    return {"variant": "seeded-noise", "logical_shifts": ptx.count("shr.u32"),
+            "arithmetic_shifts": ptx.count("shr.s32"), "products_32": len(re.findall(r"mul\.lo\.[su]32", ptx))}
+
+
 if __name__ == "__main__":
     for variant in sys.argv[1:] or VARIANTS:
-        print(json.dumps(compile_variant(variant)), flush=True)
+        print(json.dumps(compile_seeded_noise() if variant == "seeded-noise" else compile_variant(variant)),
+              flush=True)

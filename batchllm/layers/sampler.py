@@ -3,8 +3,9 @@
 Order of operations (as vLLM): grammar mask -> banned tokens -> allowed tokens, bad words, logit
 bias, penalties (`logits_processors.py`) -> temperature -> min-p -> top-k -> top-p -> sample.
 Sampling draws exponential noise E and takes argmax(p / E), which samples from p exactly. A seeded
-request draws its noise from its own generator, one vocab-sized draw per sampled token, so its
-tokens do not depend on what else is in the batch; unseeded requests share the engine's generator.
+request's noise is a hash of its seed and the position of the token it samples (`seeded_noise.py`:
+one call for all seeded rows), so its tokens do not depend on what else is in the batch;
+unseeded requests share the engine's generator.
 Log-probabilities are those of the raw model distribution (before any processing).
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from batchllm.layers.logits_processors import OutputHistory, apply_adjustments, apply_grammar_bitmask
+from batchllm.layers.seeded_noise import seeded_exponential
 from batchllm.layers.transfer import to_device
 from batchllm.outputs import SamplingSpec, TokenLogprobs
 
@@ -58,7 +60,7 @@ class SampledTokens:
 def sample_on_device(
     logits: torch.Tensor,  # [n, vocab_size]
     specs: list[SamplingSpec],
-    generators: list[torch.Generator | None],
+    positions: list[int] | None,
     default_generator: torch.Generator,
     histories: list[OutputHistory | None] | None = None,
     grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -66,6 +68,8 @@ def sample_on_device(
     """Sample one token per row and, where asked for, its logprobs, without reading anything back:
     no step of it waits for the device (`SampledTokens.lists` reads them).
 
+    positions: per row, the position of the token it samples (where a seeded row's noise comes
+    from); None where no row is both seeded and non-greedy.
     histories: each row's output tokens, where its spec has `adjust` (`logits_processors.py`);
     grammar_mask: (bitmask [m, words] int32, rows [m] int64) on the device, for structured rows."""
     n, vocab = logits.shape
@@ -95,14 +99,14 @@ def sample_on_device(
     if len(greedy) == n:
         tokens = logits.argmax(dim=-1)
     elif len(random) == n:
-        tokens = _draw(logits, specs, generators, default_generator)
+        tokens = _draw(logits, specs, positions, default_generator)
     else:
         tokens = torch.empty(n, dtype=torch.long, device=device)
         rows = to_device(greedy, device, torch.int64)
         tokens[rows] = logits[rows].argmax(dim=-1)
         rows = to_device(random, device, torch.int64)
-        tokens[rows] = _draw(logits[rows], [specs[i] for i in random], [generators[i] for i in random],
-                             default_generator)
+        tokens[rows] = _draw(logits[rows], [specs[i] for i in random],
+                             None if positions is None else [positions[i] for i in random], default_generator)
 
     if not logprob_rows:
         return SampledTokens(tokens)
@@ -118,26 +122,27 @@ def sample_on_device(
     )
 
 
-def _draw(logits: torch.Tensor, specs: list[SamplingSpec], generators: list[torch.Generator | None],
+def _draw(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int] | None,
           default_generator: torch.Generator) -> torch.Tensor:
     """One sampled token per row of logits [m, vocab] (all rows non-greedy): argmax(p / E) with
-    exponential noise E from the row's own generator, or the engine's for unseeded rows (one draw
-    for all of them)."""
+    exponential noise E of the row's seed and position (`seeded_noise.seeded_exponential`, one call
+    for the seeded rows), or from the engine's generator for unseeded rows (one draw for all)."""
     probs = processed_probs(logits, specs)
-    noise = torch.empty_like(probs)
-    unseeded = []
-    for j, generator in enumerate(generators):
-        if generator is None:
-            unseeded.append(j)
-        else:
-            noise[j].exponential_(generator=generator)
-    if unseeded:
-        drawn = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_(
-            generator=default_generator)
-        if len(unseeded) == len(specs):
-            noise = drawn
-        else:
-            noise[to_device(unseeded, probs.device, torch.int64)] = drawn
+    m, vocab = probs.shape
+    seeded = [j for j, s in enumerate(specs) if s.seed is not None]
+    if seeded and positions is None:
+        raise ValueError("seeded rows are sampled at their positions: positions must be given")
+    unseeded = [j for j, s in enumerate(specs) if s.seed is None]
+    drawn = None if not unseeded else torch.empty((len(unseeded), vocab), device=probs.device).exponential_(
+        generator=default_generator)
+    hashed = None if not seeded else seeded_exponential([specs[j].seed for j in seeded],
+                                                        [positions[j] for j in seeded], vocab, probs.device)
+    if drawn is None or hashed is None:
+        noise = hashed if drawn is None else drawn
+    else:
+        noise = torch.empty_like(probs)
+        noise[to_device(unseeded, probs.device, torch.int64)] = drawn
+        noise[to_device(seeded, probs.device, torch.int64)] = hashed
     return (probs / noise).argmax(dim=-1)
 
 

@@ -1,6 +1,6 @@
 """ModelRunner: turns a `ScheduledBatch` into one forward pass and a `RunnerOutput`.
 
-Writer of the KV cache tensors, the per-request block tables, seeded generators, output histories
+Writer of the KV cache tensors, the per-request block tables, output histories
 and grammar matchers (requests with penalties or structured output), the last
 submitted step's sampled tokens and the decode CUDA graphs' input buffers, and nothing else; it
 never reads or writes scheduler state (house rule 1). Decode-shaped steps (one query token per
@@ -175,7 +175,6 @@ class ModelRunner:
         self.kv_caches = list(self.kv_cache.unbind(0))
         self._kv_bytes = self.kv_cache.view(torch.uint8)  # block copies as bytes: index kernels exist for any dtype
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
         self._tables = _BlockTables(max_width=kv_spec.num_blocks)  # no table outgrows the pool
         self._previous_tokens: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
         """The tokens sampled by the step submitted last (on the device), and each request's index
@@ -208,7 +207,6 @@ class ModelRunner:
         if self.tp is not None and self.tp.is_driver:
             self.channel.send(batch)
         for request_id in batch.finished_request_ids:
-            self._generators.pop(request_id, None)
             self._tables.drop(request_id)
             self._histories.pop(request_id, None)
             self._grammars.pop(request_id, None)
@@ -288,9 +286,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if self.tp is None or self.tp.is_driver:
             specs = [scheduled.sampling for _, scheduled in sample_rows]
-            generators = ([self._generator_for(s.request_id, s.sampling) for _, s in sample_rows]
-                          if any(spec.seed is not None for spec in specs) else [None] * len(specs))
-            sampled = sample_on_device(logits, specs, generators, self.default_generator, *extras)
+            # each row samples the token after its last one: where a seeded row's noise comes from
+            positions = ([s.start_position + len(s.token_ids) for _, s in sample_rows]
+                         if any(spec.seed is not None and not spec.is_greedy for spec in specs) else None)
+            sampled = sample_on_device(logits, specs, positions, self.default_generator, *extras)
         else:
             sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
         if self.tp is not None:
@@ -354,18 +353,6 @@ class ModelRunner:
                 rows = [grammar_rows[j][0] for j in kept]
                 mask = (bitmask[kept].to(self.device), to_device(rows, self.device, torch.int64))
         return histories, mask
-
-    def _generator_for(self, request_id: str, sampling) -> torch.Generator | None:
-        """The request's own generator if it is seeded and samples; None for greedy rows (they draw
-        nothing: `batchllm run` seeds every line, and a generator per greedy request would be made
-        and looked up for nothing) and for unseeded ones (they share the engine's)."""
-        if sampling.seed is None or sampling.is_greedy:
-            return None
-        generator = self._generators.get(request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-            self._generators[request_id] = generator
-        return generator
 
     def _host_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """A step's inputs as numpy arrays and lists, built in passes over the requests that each

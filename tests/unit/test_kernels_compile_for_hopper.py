@@ -13,9 +13,9 @@ pytest.importorskip("triton")
 H200_SHARED_BYTES = 232448
 
 
-def compile_report() -> dict[str, dict]:
+def compile_report(*variants: str) -> dict[str, dict]:
     script = Path(__file__).resolve().parent.parent / "sm90_compile.py"
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), *variants], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     return {row["variant"]: row for row in rows}
@@ -50,3 +50,9 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
         assert report[name]["tma_loads"] > 0, name
     dots = report["fp8-dots-tma-vt-block64-prefill-bf16-d128"]
     assert dots["e4m3_mma"] and dots["e4m3_to_f16_casts"] == 0 and dots["shared_byte_loads"] == 0
+
+
+def test_seeded_noise_kernel_compiles_for_hopper_with_unsigned_32_bit_arithmetic():
+    row = compile_report("seeded-noise")["seeded-noise"]
+    assert row["logical_shifts"] > 0 and row["arithmetic_shifts"] == 0  # the hash's shifts bring in zeros
+    assert row["products_32"] >= 4  # its products wrap at 32 bits (two per mix), as the torch form's masks do

@@ -76,7 +76,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 def test_logit_bias_adds_and_can_flip_greedy():
     out = adjusted(LogitsAdjust(logit_bias=((2, 10.0), (7, -100.0))))
     assert out[2] == pytest.approx(10.5) and out[7] == pytest.approx(-96.0)
-    tokens, _ = _sample(torch.tensor([LOGITS]), [spec(LogitsAdjust(logit_bias=((2, 10.0),)))], [None],
+    tokens, _ = _sample(torch.tensor([LOGITS]), [spec(LogitsAdjust(logit_bias=((2, 10.0),)))], None,
                         torch.Generator(), histories=[history([])])
     assert tokens == [2]
 
@@ -87,7 +87,7 @@ def test_allowed_token_ids_mask_everything_else():
     assert all(v == float("-inf") for i, v in enumerate(out) if i not in (1, 4))
     tokens, _ = _sample(torch.tensor([LOGITS] * 200),
                         [spec(LogitsAdjust(allowed_token_ids=(1, 4)), temperature=1.0)] * 200,
-                        [None] * 200, torch.Generator().manual_seed(0), histories=[history([])] * 200)
+                        None, torch.Generator().manual_seed(0), histories=[history([])] * 200)
     assert set(tokens) == {1, 4}
 
 

@@ -39,7 +39,7 @@ def support(**kw) -> set[int]:
 def drawn(n=2000, **kw) -> set[int]:
     logits = logits_row()[None, :].repeat(n, 1)
     gen = torch.Generator().manual_seed(0)
-    tokens, _ = _sample(logits, [spec(**kw)] * n, [None] * n, gen)
+    tokens, _ = _sample(logits, [spec(**kw)] * n, None, gen)
     return set(tokens)
 
 
@@ -77,33 +77,67 @@ def test_unfiltered_sampling_follows_the_distribution():
 
 def drawn_tokens(n):
     logits = logits_row()[None, :].repeat(n, 1)
-    tokens, _ = _sample(logits, [spec()] * n, [None] * n, torch.Generator().manual_seed(1))
+    tokens, _ = _sample(logits, [spec()] * n, None, torch.Generator().manual_seed(1))
     return tokens
 
 
 def test_greedy_is_argmax_and_banned_tokens_are_never_chosen():
     logits = logits_row()[None, :].repeat(2, 1)
     specs = [spec(temperature=0.0), spec(temperature=0.0, banned_token_ids=(0,))]
-    tokens, _ = _sample(logits, specs, [None, None], torch.Generator().manual_seed(0))
+    tokens, _ = _sample(logits, specs, None, torch.Generator().manual_seed(0))
     assert tokens == [0, 1]
 
 
 def test_a_seeded_row_does_not_depend_on_its_neighbours():
-    def run(batch_before: int):
+    def run(batch_before: int, seeded_neighbours: bool = False):
         n = batch_before + 1
         logits = torch.randn(n, 50, generator=torch.Generator().manual_seed(batch_before))
         logits[-1] = torch.linspace(0, 3, 50)
-        seeded = torch.Generator().manual_seed(1234)
-        gens = [None] * batch_before + [seeded]
-        return [_sample(logits, [spec()] * n, gens, torch.Generator().manual_seed(batch_before))[0][-1]
-                for _ in range(5)]
+        specs = [spec(seed=i if seeded_neighbours else None) for i in range(batch_before)] + [spec(seed=1234)]
+        return [_sample(logits, specs, [position] * n, torch.Generator().manual_seed(batch_before))[0][-1]
+                for position in range(20, 30)]
 
-    assert run(0) == run(3) == run(7)
+    alone = run(0)
+    assert alone == run(3) == run(7) == run(5, seeded_neighbours=True)
+    assert len(set(alone)) > 1  # the positions draw apart
+
+
+def test_a_seeded_row_draws_from_its_seed_and_position_alone():
+    """The noise is a function of (seed, position, token): the same pair draws the same token in any
+    call, another seed or position draws afresh; seeds are taken modulo 2^64."""
+    from batchllm.layers.seeded_noise import row_key, seeded_exponential
+
+    n = 64
+    logits = torch.zeros(n, 50)  # uniform: every token equally likely, so each draw shows the noise alone
+    tokens = _sample(logits, [spec(seed=s) for s in range(n)], [7] * n, torch.Generator())[0]
+    assert tokens == _sample(logits, [spec(seed=s) for s in range(n)], [7] * n, torch.Generator().manual_seed(9))[0]
+    assert tokens != _sample(logits, [spec(seed=s) for s in range(n)], [8] * n, torch.Generator())[0]
+    assert len(set(tokens)) > 20  # different seeds draw apart
+    assert row_key(-1, 3) == row_key(2**64 - 1, 3) != row_key(2**64 - 2, 3)
+    noise = seeded_exponential([5, 5, 6], [0, 1, 0], 50, torch.device("cpu"))
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert torch.equal(noise[0], seeded_exponential([5], [0], 50, torch.device("cpu"))[0])
+
+
+def test_seeded_noise_is_exponential_and_seeded_sampling_follows_the_distribution():
+    """The hash's E values have Exp(1)'s mean, spread and tail, across seeds, positions and tokens;
+    seeded draws (a seed per row, or one seed over many positions) follow p like unseeded ones."""
+    from batchllm.layers.seeded_noise import seeded_exponential
+
+    noise = seeded_exponential(list(range(200)), [3 * i for i in range(200)], 5000, torch.device("cpu"))
+    assert abs(noise.mean().item() - 1) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    assert abs((noise > 3).float().mean().item() - math.exp(-3)) < 0.002  # P(E > 3) = e^-3
+    n = 20000
+    logits = logits_row()[None, :].repeat(n, 1)
+    for seeds, positions in (([*range(n)], [0] * n), ([42] * n, [*range(n)])):
+        tokens = torch.tensor(_sample(logits, [spec(seed=s) for s in seeds], positions, torch.Generator())[0])
+        freq = torch.bincount(tokens, minlength=5)[:5].float() / n
+        assert torch.allclose(freq, torch.tensor(PROBS), atol=0.02), freq
 
 
 def test_logprobs_are_of_the_raw_distribution_with_rank():
     logits = logits_row()[None, :]
-    tokens, lps = _sample(logits, [spec(temperature=0.0, num_logprobs=2)], [None], torch.Generator())
+    tokens, lps = _sample(logits, [spec(temperature=0.0, num_logprobs=2)], None, torch.Generator())
     lp = lps[0]
     assert tokens == [0] and lp.sampled_rank == 1
     assert lp.top_token_ids == [0, 1]

@@ -592,3 +592,18 @@ def test_engine_builds_its_triton_backend_with_the_decode_tile_of_its_cache(tiny
     assert isinstance(backend, TritonBackend)
     assert backend.decode_tile == (DECODE_TILE_FP8 if tile == "fp8" else DECODE_TILE)
     assert triton_tokens == reference
+
+
+def test_seeded_noise_kernel_is_the_host_hash():
+    """The Triton kernel's uint32 arithmetic gives the host form's integers (only float32 `log` may
+    round apart), over one block, a ragged last block and seeds of every range."""
+    import numpy as np
+
+    from batchllm.layers.seeded_noise import row_key, seeded_exponential_host
+    from batchllm.layers.seeded_noise_triton import seeded_exponential_triton
+
+    keys = [row_key(s, p) for s, p in [(0, 0), (1, 0), (0, 1), (-5, 7), (2**64 - 1, 10**6)]]
+    for vocab in (1, 1000, 2500):
+        torch.testing.assert_close(seeded_exponential_triton(torch.tensor(keys), vocab),
+                                   seeded_exponential_host(np.array(keys, dtype=np.uint32), vocab),
+                                   rtol=1e-6, atol=1e-6)
