@@ -16,7 +16,8 @@ MAX_N = 1024
 """Most completions per prompt: n is a count of requests the engine holds at once, so a typo such as
 2**70 must be refused by name, not grow memory until the machine gives out."""
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-"""The seeds a torch.Generator accepts; completion k of an n > 1 request uses seed + k."""
+"""The seeds vLLM (a torch.Generator) accepts; here one is taken modulo 2^64 (`layers/seeded_noise.py`).
+Completion k of an n > 1 request uses seed + k."""
 MAX_TOP_K = 2**31 - 1
 """top_k travels to the device as an int64; anything this large already means the whole vocabulary."""
 

@@ -201,8 +201,8 @@ def main() -> None:
                         help="a stop string for every request (repeatable): the output text is then "
                         "decoded and searched after every token")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="above 0: every request samples, seeded (`run --seed`, as the run path always is), so "
-                        "each row draws from its own generator")
+                        help="above 0: every request samples, seeded (`run --seed`, as the run path always is): "
+                        "each row's noise comes from its seed and position (`layers/seeded_noise.py`)")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (the model's work)")
     parser.add_argument("--full-model", action="store_true",
                         help="run the CPU attention and the whole LM head (default: attention returns its query "

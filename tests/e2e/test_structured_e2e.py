@@ -11,7 +11,7 @@ import re
 import pytest
 
 from batchllm import LLM, SamplingParams
-from batchllm.structured import StructuredOutputError
+from batchllm.structured import StructuredOutputError, grammar_key
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -22,10 +22,6 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
 LABELS = ["positive", "negative", "neutral"]
 PHONE = r"\d{3}-\d{4}"
 YES_NO = 'root ::= "yes" | "no"'
-SEED = 300
-"""The sampled requests' seeds are SEED + k. At temperature 1 this model closes a free JSON object
-within 200 tokens for about 3 seeds in 4 (19 of 24 measured, 17 of 24 with the earlier generator per
-request); these seeds do, so that every request can be held to validating."""
 
 CASES = [  # (question, structured_outputs, check)
     ("Describe a person as JSON.", {"json": PERSON}, lambda t: jsonschema.validate(json.loads(t), PERSON)),
@@ -53,7 +49,7 @@ def test_every_structured_request_validates(llm):
             # a distinct tail of ~40 tokens each: the batch outgrows the small cache
             filler = f" (request {k}, {'greedy' if greedy else 'sampled'})" + " Please answer carefully." * 8
             conversations.append([{"role": "user", "content": question + filler}])
-            sampling = dict(temperature=0.0) if greedy else dict(temperature=1.0, seed=SEED + k)
+            sampling = dict(temperature=0.0) if greedy else dict(temperature=1.0, seed=100 + k)
             # any JSON object may nest as deep as the model likes: a larger budget for it
             max_tokens = 200 if "json_object" in structured else 64
             params.append(SamplingParams(max_tokens=max_tokens, structured_outputs=structured, **sampling))
@@ -61,6 +57,13 @@ def test_every_structured_request_validates(llm):
     outputs = llm.chat(conversations, params, use_tqdm=False)
     for output, check, sp in zip(outputs, checks, params, strict=True):
         completion = output.outputs[0]
+        if sp.structured_outputs.json_object and sp.temperature > 0 and completion.finish_reason == "length":
+            # sampled at temperature 1, this model leaves a free JSON object open within 200 tokens for about
+            # one seed in four: what it wrote must still be a prefix the grammar accepts, token by token
+            state = llm.prompts.grammars.new_state(grammar_key(sp.structured_outputs))
+            state.advance(list(completion.token_ids))
+            assert not state.broken, completion.text
+            continue
         assert completion.finish_reason == "stop", (sp.structured_outputs, completion.text)
         assert check(completion.text) is not False, (sp.structured_outputs, completion.text)
     if llm.config.sharing.prefix_sharing:

@@ -55,4 +55,4 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
 def test_seeded_noise_kernel_compiles_for_hopper_with_unsigned_32_bit_arithmetic():
     row = compile_report("seeded-noise")["seeded-noise"]
     assert row["logical_shifts"] > 0 and row["arithmetic_shifts"] == 0  # the hash's shifts bring in zeros
-    assert row["products_32"] >= 4  # its products wrap at 32 bits (two per mix), as the torch form's masks do
+    assert row["products_32"] >= 4  # its products wrap at 32 bits (two per mix), as the host form's uint32 do

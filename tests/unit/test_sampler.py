@@ -105,15 +105,22 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours():
 def test_a_seeded_row_draws_from_its_seed_and_position_alone():
     """The noise is a function of (seed, position, token): the same pair draws the same token in any
     call, another seed or position draws afresh; seeds are taken modulo 2^64."""
-    from batchllm.layers.seeded_noise import row_key, seeded_exponential
+    from batchllm.layers.seeded_noise import row_key, row_keys, seeded_exponential
 
     n = 64
     logits = torch.zeros(n, 50)  # uniform: every token equally likely, so each draw shows the noise alone
     tokens = _sample(logits, [spec(seed=s) for s in range(n)], [7] * n, torch.Generator())[0]
+    high = _sample(logits, [spec(seed=s + 2**32) for s in range(n)], [7] * n, torch.Generator())[0]
+    assert high != tokens
     assert tokens == _sample(logits, [spec(seed=s) for s in range(n)], [7] * n, torch.Generator().manual_seed(9))[0]
     assert tokens != _sample(logits, [spec(seed=s) for s in range(n)], [8] * n, torch.Generator())[0]
     assert len(set(tokens)) > 20  # different seeds draw apart
     assert row_key(-1, 3) == row_key(2**64 - 1, 3) != row_key(2**64 - 2, 3)
+    assert row_key(1, 3) != row_key(1 + 2**32, 3)  # the seed's high 32 bits count
+    rng = torch.Generator().manual_seed(5)
+    seeds = [int(s) for s in torch.randint(-(2**63), 2**63 - 1, (200,), generator=rng)] + [2**64 - 1, 2**40, -(2**63)]
+    positions = [int(p) for p in torch.randint(0, 2**31 - 1, (len(seeds),), generator=rng)]
+    assert row_keys(seeds, positions).tolist() == [row_key(s, p) for s, p in zip(seeds, positions)]
     noise = seeded_exponential([5, 5, 6], [0, 1, 0], 50, torch.device("cpu"))
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
     assert torch.equal(noise[0], seeded_exponential([5], [0], 50, torch.device("cpu"))[0])
