@@ -45,6 +45,16 @@ def mix(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def _mix_array(x: np.ndarray) -> np.ndarray:
+    """`mix` in place over a uint32 array (numpy's uint32 products wrap, its shifts are logical)."""
+    x ^= x >> 16
+    np.multiply(x, np.uint32(_M1), out=x)
+    x ^= x >> 15
+    np.multiply(x, np.uint32(_M2), out=x)
+    x ^= x >> 16
+    return x
+
+
 def row_key(seed: int, position: int) -> int:
     """The uint32 key of a seeded row: its request's seed (any int; taken modulo 2^64) and the position
     of the token it samples. (`row_keys` is the same over arrays, as the sampler uses it.)"""
@@ -65,16 +75,6 @@ def row_keys(seeds: list[int], positions: list[int]) -> np.ndarray:
 _CHUNK_ELEMENTS = 1 << 18
 """Values hashed at a time on the host (rows of the vocabulary, at least one): their uint32
 temporaries (1 MiB) stay in cache, ~10x faster than the whole [m, vocab] at once."""
-
-
-def _mix_array(x: np.ndarray) -> np.ndarray:
-    """`mix` in place over a uint32 array (numpy's uint32 products wrap, its shifts are logical)."""
-    x ^= x >> 16
-    np.multiply(x, np.uint32(_M1), out=x)
-    x ^= x >> 15
-    np.multiply(x, np.uint32(_M2), out=x)
-    x ^= x >> 16
-    return x
 
 
 def seeded_exponential_host(keys: np.ndarray, vocab: int) -> torch.Tensor:
