@@ -161,6 +161,12 @@ class CacheConfig(_Checked):
                                  "1.0), half the bytes of a 16-bit cache per token, so twice the tokens fit",
                                  choices=_KV_CACHE_DTYPES)
 
+    @property
+    def sized_from_memory(self) -> bool:
+        """Neither num_kv_blocks nor kv_cache_memory_gib is given: the KV cache takes what
+        gpu_memory_utilization leaves (on a GPU)."""
+        return self.num_kv_blocks is None and self.kv_cache_memory_gib is None
+
 
 @dataclass(frozen=True)
 class SchedulerConfig(_Checked):

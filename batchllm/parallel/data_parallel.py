@@ -293,8 +293,7 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     engines, tp = par.engines_on_each_gpu, par.tensor_parallel_size
     device = resolve_device(config.model.device)
     check_gpu_count(par, device)
-    sized_from_memory = cache.num_kv_blocks is None and cache.kv_cache_memory_gib is None
-    if device.type == "cuda" and engines > 1 and sized_from_memory:
+    if device.type == "cuda" and engines > 1 and cache.sized_from_memory:
         cache = dataclasses.replace(cache, gpu_memory_accounting="engine",
                                     gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
     return dataclasses.replace(
@@ -329,8 +328,7 @@ def auto_engines_per_gpu(config: EngineConfig, num_parameters: int, cuda_devices
     mc, par, cache = config.model, config.parallel, config.cache
     wanted = (num_parameters < SMALL_MODEL_PARAMETERS and mc.device != "cpu" and cpu_cores >= 4
               and par.data_parallel_size == 1 and par.tensor_parallel_size == 1
-              and cache.kv_cache_memory_gib is None and cache.num_kv_blocks is None
-              and leaves_activation_reserve(cache.gpu_memory_utilization, 2))
+              and cache.sized_from_memory and leaves_activation_reserve(cache.gpu_memory_utilization, 2))
     return 2 if wanted and cuda_devices() > 0 else 1
 
 
