@@ -36,17 +36,9 @@ _M1, _M2 = 0x7FEB352D, 0x846CA68B
 _UNIT = 2.0 ** -23
 
 
-def mix(x: int) -> int:
-    """lowbias32 of a uint32 (Python int)."""
-    x ^= x >> 16
-    x = (x * _M1) & MASK32
-    x ^= x >> 15
-    x = (x * _M2) & MASK32
-    return x ^ (x >> 16)
-
-
 def _mix_array(x: np.ndarray) -> np.ndarray:
-    """`mix` in place over a uint32 array (numpy's uint32 products wrap, its shifts are logical)."""
+    """lowbias32 (the docstring's `mix`), in place over a uint32 array (numpy's uint32 products wrap, its
+    shifts are logical)."""
     x ^= x >> 16
     np.multiply(x, np.uint32(_M1), out=x)
     x ^= x >> 15
@@ -55,16 +47,10 @@ def _mix_array(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def row_key(seed: int, position: int) -> int:
-    """The uint32 key of a seeded row: its request's seed (any int; taken modulo 2^64) and the position
-    of the token it samples. (`row_keys` is the same over arrays, as the sampler uses it.)"""
-    seed &= (1 << 64) - 1
-    return mix(mix(mix(seed & MASK32) ^ (seed >> 32) ^ KEY_SALT) ^ (position & MASK32))
-
-
 def row_keys(seeds: list[int], positions: list[int]) -> np.ndarray:
-    """`row_key` of each (seed, position) pair as uint32, in numpy: a step's thousands of seeded rows
-    cost the host one pass, not a Python hash per row."""
+    """The uint32 key of each seeded row (the docstring's `key`) from its request's seed (any int; taken
+    modulo 2^64) and the position of the token it samples, in numpy: a step's thousands of seeded
+    rows cost the host one pass, not a Python hash per row."""
     wide = np.array([s & ((1 << 64) - 1) for s in seeds], dtype=np.uint64)
     low, high = (wide & np.uint64(MASK32)).astype(np.uint32), (wide >> np.uint64(32)).astype(np.uint32)
     key = _mix_array(_mix_array(low) ^ high ^ np.uint32(KEY_SALT))

@@ -599,10 +599,10 @@ def test_seeded_noise_kernel_is_the_host_hash():
     round apart), over one block, a ragged last block and seeds of every range."""
     import numpy as np
 
-    from batchllm.layers.seeded_noise import row_key, seeded_exponential_host
+    from batchllm.layers.seeded_noise import row_keys, seeded_exponential_host
     from batchllm.layers.seeded_noise_triton import seeded_exponential_triton
 
-    keys = [row_key(s, p) for s, p in [(0, 0), (1, 0), (0, 1), (-5, 7), (2**64 - 1, 10**6)]]
+    keys = row_keys([0, 1, 0, -5, 2**64 - 1], [0, 0, 1, 7, 10**6]).tolist()
     for vocab in (1, 1000, 2500):
         torch.testing.assert_close(seeded_exponential_triton(torch.tensor(keys), vocab),
                                    seeded_exponential_host(np.array(keys, dtype=np.uint32), vocab),
