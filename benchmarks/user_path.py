@@ -64,12 +64,13 @@ def write_requests(path: Path, prompts: list[list[int]], max_tokens: list[int]) 
                                 "ignore_eos": True, "temperature": 0}) + "\n")
 
 
-def write_chat_batch(path: Path, conversations: list, max_tokens: int, ignore_eos: bool = True) -> None:
-    """An OpenAI Batch file of greedy chat requests; ignore_eos (vLLM's extra field) as `bench` runs, or
-    False: each answer ends at the model's EOS, as a user's would."""
+def write_chat_batch(path: Path, conversations: list, max_tokens: int, ignore_eos: bool = True,
+                     temperature: float = 0.0) -> None:
+    """An OpenAI Batch file of chat requests, greedy unless a temperature is given; ignore_eos (vLLM's
+    extra field) as `bench` runs, or False: each answer ends at the model's EOS, as a user's would."""
     with path.open("w") as f:
         for i, messages in enumerate(conversations):
-            body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
                     **({"ignore_eos": True} if ignore_eos else {})}
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": CHAT_URL, "body": body}) + "\n")
 

