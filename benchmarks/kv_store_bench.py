@@ -1,8 +1,13 @@
 """The KV store per layer: torch's (`backend.store_kv`: per K and per V a quantize and an index_copy_)
-against the fused Triton kernel (`attention/kv_store_triton.py`), Llama-3.1-8B's shape (32 query
-heads, 8 KV heads, head dim 128, block size 16), one GPU.
+against the fused Triton kernel (`attention/kv_store_triton.py`) one token per program and in tiles of
+tokens (`tiles=True`), Llama-3.1-8B's shape (32 query heads, 8 KV heads, head dim 128), one GPU.
 
-    python3 benchmarks/kv_store_bench.py [--json-out FILE] [--tokens 16,256,8192]   (on the device; < 1 minute)
+    python3 benchmarks/kv_store_bench.py [--json-out FILE] [--tokens 16,256,8192] [--block-size 16]
+        [--runs]   (on the device; < 1 minute)
+
+--block-size 64 gives an fp8 cache keys-major V (`kv_quant.values_keys_major`, the default layout);
+--runs lays the slots out as a prefill's: runs of consecutive slots (200 tokens per sequence) in
+shuffled blocks, instead of distinct scattered slots.
 
 Per token count (16 = a decode batch, 8,192 = a prefill step) and cache type (bf16, fp8 with scales
 as the model holds them), median microseconds of:
@@ -25,19 +30,28 @@ from batchllm.attention.backend import store_kv
 from batchllm.attention.kv_store_triton import store_kv_triton
 from batchllm.layers.fp8 import FP8
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, POOL_SLOTS = 32, 8, 128, 16, 262_144
+HEADS, KV_HEADS, HEAD_DIM, POOL_SLOTS, RUN = 32, 8, 128, 262_144, 200
 TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192)
 
 
-def make_case(n: int, cache_dtype: torch.dtype):
+def prefill_slots(n: int, block_size: int, g: torch.Generator) -> torch.Tensor:
+    """n slots in runs of RUN tokens, each run from the start of its own shuffled blocks."""
+    blocks = torch.randperm(POOL_SLOTS // block_size, generator=g, device="cuda")
+    per_run = -(-RUN // block_size)
+    runs = [blocks[i * per_run:(i + 1) * per_run, None] * block_size + torch.arange(block_size, device="cuda")
+            for i in range(-(-n // RUN))]
+    return torch.cat([r.flatten()[:RUN] for r in runs])[:n]
+
+
+def make_case(n: int, cache_dtype: torch.dtype, block_size: int, runs: bool):
     """(k, v, cache, slots, kv_scale): k and v views of one bf16 qkv buffer, as the model passes them."""
     g = torch.Generator(device="cuda").manual_seed(n)
     qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16)
     k = qkv[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(n, KV_HEADS, HEAD_DIM)
     v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM:].view(n, KV_HEADS, HEAD_DIM)
-    shape = (2, POOL_SLOTS // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    shape = (2, POOL_SLOTS // block_size, block_size, KV_HEADS, HEAD_DIM)
     cache = torch.zeros(shape, dtype=torch.uint8 if cache_dtype == FP8 else cache_dtype, device="cuda")
-    slots = torch.randperm(POOL_SLOTS, generator=g, device="cuda")[:n]
+    slots = prefill_slots(n, block_size, g) if runs else torch.randperm(POOL_SLOTS, generator=g, device="cuda")[:n]
     kv_scale = torch.tensor([0.37, 1.9, 0.0, 0.0], device="cuda")[:2] if cache_dtype == FP8 else None
     return k, v, cache.view(cache_dtype), slots, kv_scale
 
@@ -52,21 +66,25 @@ def time_us(fn, graph: bool) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def run_case(n: int, cache_dtype: torch.dtype) -> dict:
-    k, v, cache, slots, kv_scale = make_case(n, cache_dtype)
+def run_case(n: int, cache_dtype: torch.dtype, block_size: int, runs: bool) -> dict:
+    k, v, cache, slots, kv_scale = make_case(n, cache_dtype, block_size, runs)
     check = cache.clone()
     store_kv(k, v, check, slots, kv_scale)
-    store_kv_triton(k, v, cache, slots, kv_scale)
-    if not torch.equal(cache.view(torch.uint8), check.view(torch.uint8)):
-        raise SystemExit(f"{n} tokens, {cache_dtype}: the fused store differs from the torch store")
-    torch_store = lambda: store_kv(k, v, cache, slots, kv_scale)  # noqa: E731
-    fused_store = lambda: store_kv_triton(k, v, cache, slots, kv_scale)  # noqa: E731
-    row = dict(tokens=n, cache=str(cache_dtype).removeprefix("torch."))
+    for tiles in (False, True):
+        cache.view(torch.uint8).zero_()
+        store_kv_triton(k, v, cache, slots, kv_scale, tiles=tiles)
+        if not torch.equal(cache.view(torch.uint8), check.view(torch.uint8)):
+            raise SystemExit(f"{n} tokens, {cache_dtype}, tiles={tiles}: the fused store differs from the torch store")
+    stores = {"torch": lambda: store_kv(k, v, cache, slots, kv_scale),
+              "fused": lambda: store_kv_triton(k, v, cache, slots, kv_scale, tiles=False),
+              "tiles": lambda: store_kv_triton(k, v, cache, slots, kv_scale, tiles=True)}
+    row = dict(tokens=n, cache=str(cache_dtype).removeprefix("torch."), block_size=block_size, runs=runs)
     for mode in ("eager", "graph"):
-        row[f"torch_{mode}_us"] = time_us(torch_store, mode == "graph")
-        row[f"fused_{mode}_us"] = time_us(fused_store, mode == "graph")
+        for name, store in stores.items():
+            row[f"{name}_{mode}_us"] = time_us(store, mode == "graph")
     moved = 2 * n * KV_HEADS * HEAD_DIM * (k.element_size() + cache.element_size())
     row["fused_graph_gbps"] = moved / row["fused_graph_us"] / 1e3
+    row["tiles_graph_gbps"] = moved / row["tiles_graph_us"] / 1e3
     return row
 
 
@@ -74,23 +92,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json-out", help="write the rows as JSON here")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per cache block (64: fp8 V keys-major)")
+    ap.add_argument("--runs", action="store_true", help="slots in a prefill's runs, not scattered")
+    ap.add_argument("--tile-tokens", type=int, help="tokens per program of the tile kernel (default: its own)")
     args = ap.parse_args()
+    if args.tile_tokens:
+        import batchllm.attention.kv_store_triton as kv_store_triton
+
+        kv_store_triton.TILE_TOKENS = args.tile_tokens
     if not torch.cuda.is_available():
         raise SystemExit("kv_store_bench.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per layer (K and V)")
-    header = (f"{'cache':14} {'tokens':>6} | {'torch':>8} {'fused':>8} {'x':>5} (eager) | "
-              f"{'torch':>8} {'fused':>8} {'x':>5} (graph) | {'GB/s':>6}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per layer (K and V); "
+          f"{args.block_size}-token blocks, slots {'in runs' if args.runs else 'scattered'}")
+    header = (f"{'cache':14} {'tokens':>6} | {'torch':>8} {'fused':>8} {'tiles':>8} (eager) | "
+              f"{'torch':>8} {'fused':>8} {'tiles':>8} (graph) | {'GB/s':>6} {'tiles':>6}")
     print(header)
     print("-" * len(header))
     rows = []
     for cache_dtype in (torch.bfloat16, FP8):
         for n in map(int, args.tokens.split(",")):
-            r = run_case(n, cache_dtype)
+            r = run_case(n, cache_dtype, args.block_size, args.runs)
             rows.append(r)
             print(f"{r['cache']:14} {n:6d} | {r['torch_eager_us']:8.1f} {r['fused_eager_us']:8.1f} "
-                  f"{r['torch_eager_us'] / r['fused_eager_us']:5.2f}         | {r['torch_graph_us']:8.1f} "
-                  f"{r['fused_graph_us']:8.1f} {r['torch_graph_us'] / r['fused_graph_us']:5.2f}         | "
-                  f"{r['fused_graph_gbps']:6.0f}", flush=True)
+                  f"{r['tiles_eager_us']:8.1f}         | {r['torch_graph_us']:8.1f} {r['fused_graph_us']:8.1f} "
+                  f"{r['tiles_graph_us']:8.1f}         | {r['fused_graph_gbps']:6.0f} {r['tiles_graph_gbps']:6.0f}",
+                  flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
