@@ -1,6 +1,6 @@
 """The KV store per layer: torch's (`backend.store_kv`: per K and per V a quantize and an index_copy_)
-against the fused Triton kernel (`attention/kv_store_triton.py`) one token per program and in tiles of
-tokens (`tiles=True`), Llama-3.1-8B's shape (32 query heads, 8 KV heads, head dim 128), one GPU.
+against the fused Triton kernel (`attention/kv_store_triton.py`), Llama-3.1-8B's shape (32 query
+heads, 8 KV heads, head dim 128), one GPU.
 
     python3 benchmarks/kv_store_bench.py [--json-out FILE] [--tokens 16,256,8192] [--block-size 16]
         [--runs]   (on the device; < 1 minute)
@@ -70,21 +70,17 @@ def run_case(n: int, cache_dtype: torch.dtype, block_size: int, runs: bool) -> d
     k, v, cache, slots, kv_scale = make_case(n, cache_dtype, block_size, runs)
     check = cache.clone()
     store_kv(k, v, check, slots, kv_scale)
-    for tiles in (False, True):
-        cache.view(torch.uint8).zero_()
-        store_kv_triton(k, v, cache, slots, kv_scale, tiles=tiles)
-        if not torch.equal(cache.view(torch.uint8), check.view(torch.uint8)):
-            raise SystemExit(f"{n} tokens, {cache_dtype}, tiles={tiles}: the fused store differs from the torch store")
+    store_kv_triton(k, v, cache, slots, kv_scale)
+    if not torch.equal(cache.view(torch.uint8), check.view(torch.uint8)):
+        raise SystemExit(f"{n} tokens, {cache_dtype}: the fused store differs from the torch store")
     stores = {"torch": lambda: store_kv(k, v, cache, slots, kv_scale),
-              "fused": lambda: store_kv_triton(k, v, cache, slots, kv_scale, tiles=False),
-              "tiles": lambda: store_kv_triton(k, v, cache, slots, kv_scale, tiles=True)}
+              "fused": lambda: store_kv_triton(k, v, cache, slots, kv_scale)}
     row = dict(tokens=n, cache=str(cache_dtype).removeprefix("torch."), block_size=block_size, runs=runs)
     for mode in ("eager", "graph"):
         for name, store in stores.items():
             row[f"{name}_{mode}_us"] = time_us(store, mode == "graph")
     moved = 2 * n * KV_HEADS * HEAD_DIM * (k.element_size() + cache.element_size())
     row["fused_graph_gbps"] = moved / row["fused_graph_us"] / 1e3
-    row["tiles_graph_gbps"] = moved / row["tiles_graph_us"] / 1e3
     return row
 
 
@@ -94,18 +90,13 @@ def main() -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per cache block (64: fp8 V keys-major)")
     ap.add_argument("--runs", action="store_true", help="slots in a prefill's runs, not scattered")
-    ap.add_argument("--tile-tokens", type=int, help="tokens per program of the tile kernel (default: its own)")
     args = ap.parse_args()
-    if args.tile_tokens:
-        import batchllm.attention.kv_store_triton as kv_store_triton
-
-        kv_store_triton.TILE_TOKENS = args.tile_tokens
     if not torch.cuda.is_available():
         raise SystemExit("kv_store_bench.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per layer (K and V); "
           f"{args.block_size}-token blocks, slots {'in runs' if args.runs else 'scattered'}")
-    header = (f"{'cache':14} {'tokens':>6} | {'torch':>8} {'fused':>8} {'tiles':>8} (eager) | "
-              f"{'torch':>8} {'fused':>8} {'tiles':>8} (graph) | {'GB/s':>6} {'tiles':>6}")
+    header = (f"{'cache':14} {'tokens':>6} | {'torch':>8} {'fused':>8} {'x':>5} (eager) | "
+              f"{'torch':>8} {'fused':>8} {'x':>5} (graph) | {'GB/s':>6}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -114,9 +105,9 @@ def main() -> None:
             r = run_case(n, cache_dtype, args.block_size, args.runs)
             rows.append(r)
             print(f"{r['cache']:14} {n:6d} | {r['torch_eager_us']:8.1f} {r['fused_eager_us']:8.1f} "
-                  f"{r['tiles_eager_us']:8.1f}         | {r['torch_graph_us']:8.1f} {r['fused_graph_us']:8.1f} "
-                  f"{r['tiles_graph_us']:8.1f}         | {r['fused_graph_gbps']:6.0f} {r['tiles_graph_gbps']:6.0f}",
-                  flush=True)
+                  f"{r['torch_eager_us'] / r['fused_eager_us']:5.2f}         | {r['torch_graph_us']:8.1f} "
+                  f"{r['fused_graph_us']:8.1f} {r['torch_graph_us'] / r['fused_graph_us']:5.2f}         | "
+                  f"{r['fused_graph_gbps']:6.0f}", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

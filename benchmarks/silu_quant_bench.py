@@ -1,15 +1,14 @@
-"""SiLU-and-mul with its FP8 quantization fused (fp8_fused_quant): the whole-row kernel against the
-two-pass kernel over chunks (`triton_ops._silu_and_mul_quant_chunks_kernel`), one GPU, the
-intermediate widths of Llama-3.1-8B (14,336) and Llama-3.2-1B (8,192).
+"""SiLU-and-mul with its FP8 quantization fused (fp8_fused_quant) against the plain bf16 kernel, one
+GPU, the intermediate widths of Llama-3.1-8B (14,336) and Llama-3.2-1B (8,192).
 
     python3 benchmarks/silu_quant_bench.py [--json-out FILE] [--rows 256,8192]   (on the device; < 1 minute)
 
 Per width and row count, median microseconds (CUDA-graph replay, `do_bench_cudagraph`) and the bytes
 moved per second (gate and up read in bf16, the float8 row and its scale written) of:
 - bf16: the unfused SiLU-and-mul (no quantization; a bf16 row written), the bandwidth reference;
-- whole: the fused kernel as it runs by default, one program per whole row;
-- chunks N: the two-pass kernel over chunks of N columns.
-Every variant's float8 values and scales are first checked equal to the whole-row kernel's.
+- whole: the fused kernel as the engine runs it, one program per whole row.
+(Session 22 also timed a two-pass kernel over chunks of 1,024-4,096 columns here: slower at every
+size, and removed; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from batchllm.layers.triton_ops import TritonOps
 
 WIDTHS = (14336, 8192)
 ROWS = (16, 256, 1024, 4096, 8192)
-CHUNKS = (1024, 2048, 4096)
 
 
 def time_us(fn) -> float:
@@ -39,18 +37,10 @@ def run_case(rows: int, cols: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(rows)
     gate_up = torch.randn(rows, 2 * cols, generator=g, device="cuda", dtype=torch.bfloat16) * 3
     out16 = torch.empty(rows, cols, device="cuda", dtype=torch.bfloat16)
-    q = {name: torch.empty(rows, cols, device="cuda", dtype=FP8) for name in ("whole", *CHUNKS)}
-    scale = {name: torch.empty(rows, 1, device="cuda", dtype=torch.float32) for name in q}
+    q = torch.empty(rows, cols, device="cuda", dtype=FP8)
+    scale = torch.empty(rows, 1, device="cuda", dtype=torch.float32)
     variants = {"bf16": lambda: TritonOps._launch_silu(gate_up, out16),
-                "whole": lambda: TritonOps._launch_silu(gate_up, q["whole"], scale["whole"])}
-    for chunk in CHUNKS:
-        variants[f"chunks {chunk}"] = lambda c=chunk: TritonOps._launch_silu(gate_up, q[c], scale[c], chunk=c)
-    for fn in variants.values():
-        fn()
-    for chunk in CHUNKS:
-        if not (torch.equal(q[chunk].view(torch.uint8), q["whole"].view(torch.uint8))
-                and torch.equal(scale[chunk], scale["whole"])):
-            raise SystemExit(f"{rows} x {cols}: chunks of {chunk} differ from the whole-row kernel")
+                "whole": lambda: TritonOps._launch_silu(gate_up, q, scale)}
     row = dict(rows=rows, cols=cols)
     for name, fn in variants.items():
         us = time_us(fn)

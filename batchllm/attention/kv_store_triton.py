@@ -65,67 +65,12 @@ def _store_kv_kernel(
     tl.store(VCache + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims * stride_vcd, v, mask=mask)
 
 
-@triton.jit
-def _store_kv_tile_kernel(
-    Key, Value, KCache, VCache, Slots, Scale,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_scale,
-    num_tokens, fp8_max,
-    HEAD_DIM: tl.constexpr, QUANTIZE: tl.constexpr, V_KEYS_MAJOR: tl.constexpr, TOKENS: tl.constexpr,
-    DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):
-    """TOKENS tokens of one KV head per program (grid: token tiles x KV heads). K is written as
-    [TOKENS, HEAD_DIM] rows, unmasked (so in whole vectors) where every token of the tile has a slot
-    and the head dim is a power of 2; a keys-major V as [HEAD_DIM, TOKENS], its last axis the tokens,
-    so that a warp's lanes write the bytes of consecutive slots (a prefill's tokens) side by side
-    instead of one byte every BLOCK_SIZE bytes per token."""
-    toks = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-    head = tl.program_id(1)
-    slots = tl.load(Slots + toks, mask=toks < num_tokens, other=-1).to(tl.int64)
-    rows = (toks < num_tokens) & (slots >= 0)
-    block, offset = slots // BLOCK_SIZE, slots % BLOCK_SIZE
-    toks = toks.to(tl.int64)
-    dims = tl.arange(0, DIM_PAD)
-    in_head = dims < HEAD_DIM
-    mask = rows[:, None] & in_head[None, :]
-    k = tl.load(Key + toks[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=mask)
-    if V_KEYS_MAJOR:  # [HEAD_DIM, TOKENS]
-        v_mask = in_head[:, None] & rows[None, :]
-        v = tl.load(Value + toks[None, :] * stride_vt + head * stride_vh + dims[:, None], mask=v_mask)
-        v_at = VCache + block[None, :] * stride_vcb + offset[None, :] * stride_vcs + head * stride_vch \
-            + dims[:, None] * stride_vcd
-    else:
-        v_mask = mask
-        v = tl.load(Value + toks[:, None] * stride_vt + head * stride_vh + dims[None, :], mask=v_mask)
-        v_at = VCache + block[:, None] * stride_vcb + offset[:, None] * stride_vcs + head * stride_vch \
-            + dims[None, :] * stride_vcd
-    if QUANTIZE:
-        k_scale = tl.load(Scale)
-        v_scale = tl.load(Scale + stride_scale)
-        # clamp first: past e4m3's range the cast is NaN on some devices (as `fp8.quantize`); a NaN
-        # stays NaN, as through torch's clamp
-        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -fp8_max, fp8_max, tl.PropagateNan.ALL)
-        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -fp8_max, fp8_max, tl.PropagateNan.ALL)
-        k = k.to(KCache.dtype.element_ty)
-        v = v.to(VCache.dtype.element_ty)
-    k_at = KCache + block[:, None] * stride_kcb + offset[:, None] * stride_kcs + head * stride_kch + dims[None, :]
-    if HEAD_DIM == DIM_PAD and tl.min(rows.to(tl.int32), axis=0) == 1:
-        tl.store(k_at, k)  # (a masked store is written a byte at a time: the compiler cannot see the mask's runs)
-    else:
-        tl.store(k_at, k, mask=mask)
-    tl.store(v_at, v, mask=v_mask)
-
-
-TILE_TOKENS = 32
-"""Tokens per program of the tile kernel."""
-
-
 def _unit_scales(device: torch.device) -> torch.Tensor:
     return torch.ones(2, dtype=torch.float32, device=device)
 
 
 def store_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    kv_scale: torch.Tensor | None = None, tiles: bool = False) -> None:
+                    kv_scale: torch.Tensor | None = None) -> None:
     """As `backend.store_kv`, in one launch: key, value [num_tokens, num_kv_heads, head_dim] (any
     token and head strides, last dim contiguous); kv_cache [2, num_blocks, block_size, num_kv_heads,
     head_dim] (its V keys-major where `kv_quant.values_keys_major`); slot_mapping [num_tokens] int64;
@@ -149,16 +94,6 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     for name, t in (("key", key), ("value", value), ("k cache", k_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"the store needs {name} contiguous in its last dim, got strides {t.stride()}")
-    if tiles:
-        _store_kv_tile_kernel[(triton.cdiv(num_tokens, TILE_TOKENS), num_kv_heads)](
-            key, value, k_cache, v_cache, slot_mapping, scale,
-            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride(), scale.stride(0),
-            num_tokens, FP8_MAX,
-            HEAD_DIM=head_dim, QUANTIZE=quantize, V_KEYS_MAJOR=v_cache.stride(3) != 1, TOKENS=TILE_TOKENS,
-            DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1], num_warps=4,
-        )
-        return
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

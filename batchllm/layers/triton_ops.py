@@ -87,37 +87,6 @@ def _silu_and_mul_kernel(GateUp, Out, Scale, stride_g, stride_o, n_cols, fp8_max
 
 
 @triton.jit
-def _silu_and_mul_quant_chunks_kernel(GateUp, Out, Scale, stride_g, stride_o, n_cols, fp8_max, min_scale,
-                                      CHUNK: tl.constexpr):
-    """The QUANT form of `_silu_and_mul_kernel` over a row in chunks, in two passes: the first finds
-    the row's amax of the rounded outputs, the second computes them again (its gate and up now in L2)
-    and stores the quotients. Holding CHUNK values instead of the row keeps registers few and programs
-    many per SM; the max over chunks is the row's max, so the bits are `quantize_row`'s."""
-    row = tl.program_id(0).to(tl.int64)
-    gate_at = GateUp + row * stride_g
-    amax = tl.zeros([CHUNK], tl.float32)
-    for start in range(0, n_cols, CHUNK):
-        cols = start + tl.arange(0, CHUNK)
-        amax = tl.maximum(amax, tl.abs(_silu_mul_chunk(gate_at, cols, n_cols)))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), fp8_max), min_scale)
-    for start in range(0, n_cols, CHUNK):
-        cols = start + tl.arange(0, CHUNK)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(_silu_mul_chunk(gate_at, cols, n_cols), scale), -fp8_max), fp8_max)
-        tl.store(Out + row * stride_o + cols, q.to(Out.dtype.element_ty), mask=cols < n_cols)
-    tl.store(Scale + row, scale)
-
-
-@triton.jit
-def _silu_mul_chunk(gate_at, cols, n_cols):
-    """silu(gate) * up at cols of the row at gate_at, rounded to the model dtype, as float32 (0 past n_cols)."""
-    mask = cols < n_cols
-    gate_raw = tl.load(gate_at + cols, mask=mask, other=0.0)
-    gate = gate_raw.to(tl.float32)
-    up = tl.load(gate_at + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    return (gate / (1.0 + tl.exp(-gate)) * up).to(gate_raw.dtype).to(tl.float32)
-
-
-@triton.jit
 def _rotary_kernel(
     X, Positions, Cos, SinSigned,
     stride_xt, stride_xh, stride_table,
@@ -239,16 +208,10 @@ class TritonOps(TorchOps):
         return out.view(*gate_up.shape[:-1], n_cols)
 
     @staticmethod
-    def _launch_silu(rows, out, scale=None, chunk=None):
-        """rows [n, 2 * i] -> out [n, i]; scale: [n, 1] float32 (QUANT, whole rows) or None (tiles of 1024);
-        chunk: QUANT in two passes over chunks of that many columns (`_silu_and_mul_quant_chunks_kernel`)."""
+    def _launch_silu(rows, out, scale=None):
+        """rows [n, 2 * i] -> out [n, i]; scale: [n, 1] float32 (QUANT, whole rows) or None (tiles of 1024)."""
         n_cols = out.shape[1]
         if rows.shape[0] == 0:
-            return
-        if scale is not None and chunk is not None:
-            _silu_and_mul_quant_chunks_kernel[(rows.shape[0],)](
-                rows, out, scale, rows.stride(0), out.stride(0), n_cols, FP8_MAX, _MIN_SCALE, CHUNK=chunk,
-                num_warps=max(1, min(8, chunk // 256)))
             return
         if scale is None:
             block, warps = min(triton.next_power_of_2(n_cols), 1024), 4
