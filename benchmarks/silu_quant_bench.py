@@ -6,7 +6,11 @@ GPU, the intermediate widths of Llama-3.1-8B (14,336) and Llama-3.2-1B (8,192).
 Per width and row count, median microseconds (CUDA-graph replay, `do_bench_cudagraph`) and the bytes
 moved per second (gate and up read in bf16, the float8 row and its scale written) of:
 - bf16: the unfused SiLU-and-mul (no quantization; a bf16 row written), the bandwidth reference;
-- whole: the fused kernel as the engine runs it, one program per whole row.
+- whole: the fused kernel as the engine runs it, one program per whole row (16 warps for 8B's rows);
+- whole w32: the same kernel launched with 32 warps (half the registers a thread holds);
+- recip, recip w32: a copy of it here (not the engine's) that multiplies by the row's reciprocal scale
+  instead of dividing every element by it (IEEE `div_rn`, which keeps the engine's quantizers
+  bit-equal): its float8 values may differ from the engine's at rounding ties (the share is printed).
 (Session 22 also timed a two-pass kernel over chunks of 1,024-4,096 columns here: slower at every
 size, and removed; docs/benchmarks.md.)
 """
@@ -17,12 +21,38 @@ import argparse
 import json
 
 import torch
+import triton
+import triton.language as tl
 
-from batchllm.layers.fp8 import FP8
-from batchllm.layers.triton_ops import TritonOps
+from batchllm.layers.fp8 import _MIN_SCALE, FP8, FP8_MAX
+from batchllm.layers.triton_ops import TritonOps, _silu_and_mul_kernel
 
 WIDTHS = (14336, 8192)
 ROWS = (16, 256, 1024, 4096, 8192)
+
+
+@triton.jit
+def _silu_and_mul_quant_reciprocal_kernel(GateUp, Out, Scale, stride_g, stride_o, n_cols, fp8_max, min_scale,
+                                          BLOCK: tl.constexpr):
+    """`triton_ops._silu_and_mul_kernel` with QUANT, but q = x * (1 / scale): one division a row."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate_raw = tl.load(GateUp + row * stride_g + cols, mask=mask, other=0.0)
+    gate = gate_raw.to(tl.float32)
+    up = tl.load(GateUp + row * stride_g + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    x = (gate / (1.0 + tl.exp(-gate)) * up).to(gate_raw.dtype).to(tl.float32)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
+    q = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -fp8_max), fp8_max)
+    tl.store(Out + row * stride_o + cols, q.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Scale + row, scale)
+
+
+def launch(kernel, gate_up, q, scale, warps, quant=None):
+    cols = q.shape[1]
+    extra = {} if quant is None else {"QUANT": quant}
+    kernel[(gate_up.shape[0], 1)](gate_up, q, scale, gate_up.stride(0), q.stride(0), cols, FP8_MAX, _MIN_SCALE,
+                                  BLOCK=triton.next_power_of_2(cols), num_warps=warps, **extra)
 
 
 def time_us(fn) -> float:
@@ -39,9 +69,16 @@ def run_case(rows: int, cols: int) -> dict:
     out16 = torch.empty(rows, cols, device="cuda", dtype=torch.bfloat16)
     q = torch.empty(rows, cols, device="cuda", dtype=FP8)
     scale = torch.empty(rows, 1, device="cuda", dtype=torch.float32)
+    q2 = torch.empty_like(q)
     variants = {"bf16": lambda: TritonOps._launch_silu(gate_up, out16),
-                "whole": lambda: TritonOps._launch_silu(gate_up, q, scale)}
-    row = dict(rows=rows, cols=cols)
+                "whole": lambda: TritonOps._launch_silu(gate_up, q, scale),
+                "whole w32": lambda: launch(_silu_and_mul_kernel, gate_up, q, scale, 32, quant=True),
+                "recip": lambda: launch(_silu_and_mul_quant_reciprocal_kernel, gate_up, q2, scale, 16),
+                "recip w32": lambda: launch(_silu_and_mul_quant_reciprocal_kernel, gate_up, q2, scale, 32)}
+    variants["recip"]()
+    variants["whole"]()
+    apart = (q.view(torch.uint8) != q2.view(torch.uint8)).float().mean().item()
+    row = dict(rows=rows, cols=cols, recip_bytes_apart=apart)
     for name, fn in variants.items():
         us = time_us(fn)
         moved = rows * cols * (4 + (2 if name == "bf16" else 1)) + (0 if name == "bf16" else 4 * rows)
@@ -64,7 +101,7 @@ def main() -> None:
             results.append(r)
             cells = "  ".join(f"{name} {v['us']:8.1f} ({v['gbps']:5.0f})"
                               for name, v in r.items() if isinstance(v, dict))
-            print(f"{cols:6d} x {rows:5d}: {cells}", flush=True)
+            print(f"{cols:6d} x {rows:5d}: {cells}  recip apart {100 * r['recip_bytes_apart']:.4f}%", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, f,
