@@ -368,6 +368,18 @@ if triton is not None:
         tl.store(Out + tok * stride_ot + h[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
+def merge_partials(plan: LaunchPlan, out: torch.Tensor) -> None:
+    """Write each split token's output [tokens, heads, head dim] from the plan's partials (`_merge_partials_kernel`)."""
+    t, part_out, part_lse = plan.tensors, plan.part_out, plan.part_lse
+    num_heads, head_dim = out.shape[1], out.shape[2]
+    _merge_partials_kernel[(plan.merge_grid,)](
+        out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"], plan.merge_count,
+        out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
+        NUM_HEADS=num_heads, HEADS_PAD=next_power_of_2(num_heads), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=next_power_of_2(head_dim), num_warps=4,
+    )
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """How a launch's programs walk their keys: BLOCK_N keys per tile, warps, pipeline stages."""
@@ -653,12 +665,7 @@ class TritonBackend:
                 num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
         if plan.merge_grid:
-            _merge_partials_kernel[(plan.merge_grid,)](
-                out, part_out, part_lse, t["merge_tokens"], t["merge_ptr"], t["merge_parts"], plan.merge_count,
-                out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
-                NUM_HEADS=num_heads, HEADS_PAD=next_power_of_2(num_heads), HEAD_DIM=head_dim,
-                HEAD_DIM_PAD=next_power_of_2(head_dim), num_warps=4,
-            )
+            merge_partials(plan, out)
         return out
 
     def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,

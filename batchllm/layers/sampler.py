@@ -94,20 +94,7 @@ def sample_on_device(
     if adjusted:
         apply_adjustments(logits, specs, histories)
 
-    greedy = [i for i, s in enumerate(specs) if s.is_greedy]
-    random = [i for i, s in enumerate(specs) if not s.is_greedy]
-    if len(greedy) == n:
-        tokens = logits.argmax(dim=-1)
-    elif len(random) == n:
-        tokens = _draw(logits, specs, positions, default_generator)
-    else:
-        tokens = torch.empty(n, dtype=torch.long, device=device)
-        rows = to_device(greedy, device, torch.int64)
-        tokens[rows] = logits[rows].argmax(dim=-1)
-        rows = to_device(random, device, torch.int64)
-        tokens[rows] = _draw(logits[rows], [specs[i] for i in random],
-                             None if positions is None else [positions[i] for i in random], default_generator)
-
+    tokens = _greedy_and_drawn(logits, specs, positions, default_generator)
     if not logprob_rows:
         return SampledTokens(tokens)
     num_top = [min(specs[i].num_logprobs, vocab) for i in logprob_rows]
@@ -120,6 +107,26 @@ def sample_on_device(
         sampled_logprob=sampled[:, 0], rank=(raw > sampled).sum(dim=-1) + 1,
         top_logprobs=top.values, top_ids=top.indices,
     )
+
+
+def _greedy_and_drawn(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int] | None,
+                      default_generator: torch.Generator) -> torch.Tensor:
+    """One token per row of the processed float32 logits [n, vocab]: argmax for greedy rows, `_draw`
+    for the others (only the rows of each kind go to each)."""
+    n, device = logits.shape[0], logits.device
+    greedy = [i for i, s in enumerate(specs) if s.is_greedy]
+    random = [i for i, s in enumerate(specs) if not s.is_greedy]
+    if len(greedy) == n:
+        return logits.argmax(dim=-1)
+    if len(random) == n:
+        return _draw(logits, specs, positions, default_generator)
+    tokens = torch.empty(n, dtype=torch.long, device=device)
+    rows = to_device(greedy, device, torch.int64)
+    tokens[rows] = logits[rows].argmax(dim=-1)
+    rows = to_device(random, device, torch.int64)
+    tokens[rows] = _draw(logits[rows], [specs[i] for i in random],
+                         None if positions is None else [positions[i] for i in random], default_generator)
+    return tokens
 
 
 def _draw(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int] | None,
