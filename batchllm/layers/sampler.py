@@ -72,7 +72,7 @@ def sample_on_device(
     from); None where no row is both seeded and non-greedy.
     histories: each row's output tokens, where its spec has `adjust` (`logits_processors.py`);
     grammar_mask: (bitmask [m, words] int32, rows [m] int64) on the device, for structured rows."""
-    n, vocab = logits.shape
+    vocab = logits.shape[1]
     device = logits.device
     logprob_rows = [i for i, s in enumerate(specs) if s.num_logprobs is not None]
     adjusted = histories is not None and any(s.adjust is not None for s in specs)

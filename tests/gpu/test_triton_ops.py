@@ -71,26 +71,28 @@ def test_rotary_in_place_matches_torch(dtype, scaling):
 
 def test_seeded_noise_kernel_gives_the_host_noise_and_the_host_tokens():
     """The compiled kernel (`seeded_noise_triton`) hashes as the host's numpy form does, at real
-    vocabulary sizes and seeds of every range (float32 `log` may round apart), so a seeded row samples
-    the same token on the GPU as on the CPU from the same logits."""
+    vocabulary sizes and seeds of every range (float32 `log` may round apart), and it is what
+    `seeded_exponential` runs on CUDA; so a seeded row samples the same token on the GPU as on the
+    CPU from the same logits, and rows of one distribution draw apart by their seeds alone."""
     import numpy as np
 
     from batchllm.layers.sampler import sample_on_device
     from batchllm.layers.seeded_noise import row_keys, seeded_exponential, seeded_exponential_host
+    from batchllm.layers.seeded_noise_triton import seeded_exponential_triton
     from batchllm.outputs import SamplingSpec
 
     seeds = list(range(-3, 61)) + [2**64 - 1, 2**40, -(2**63)]
     positions = [17 * i for i in range(len(seeds))]
+    keys = row_keys(seeds, positions)
     for vocab in (1, 1000, 49152, 151936):
-        on_gpu = seeded_exponential(seeds, positions, vocab, torch.device("cuda"))
-        assert on_gpu.is_cuda
-        host = seeded_exponential_host(row_keys(seeds, positions).astype(np.uint32), vocab)
-        torch.testing.assert_close(on_gpu.cpu(), host, rtol=1e-5, atol=1e-6)
+        kernel = seeded_exponential_triton(torch.from_numpy(keys.astype(np.int64)).cuda(), vocab)
+        torch.testing.assert_close(kernel.cpu(), seeded_exponential_host(keys, vocab), rtol=1e-5, atol=1e-6)
+        assert torch.equal(seeded_exponential(seeds, positions, vocab, torch.device("cuda")), kernel)
 
     torch.manual_seed(0)
-    logits = torch.randn(len(seeds), 49152) * 3
+    logits = (torch.randn(1, 49152) * 3).expand(len(seeds), -1).contiguous()  # one distribution for every row
     specs = [SamplingSpec(temperature=0.8, top_k=0, top_p=0.95, min_p=0.0, seed=s, num_logprobs=None) for s in seeds]
     cpu_tokens = sample_on_device(logits, specs, positions, torch.Generator()).lists()[0]
     gpu_tokens = sample_on_device(logits.cuda(), specs, positions, torch.Generator("cuda")).lists()[0]
     assert sum(a != b for a, b in zip(cpu_tokens, gpu_tokens)) <= 1  # (a near-tie may round apart)
-    assert len(set(gpu_tokens)) > len(seeds) // 2  # the seeds draw apart
+    assert len(set(gpu_tokens)) > 4  # the same distribution, drawn apart by the seeds
