@@ -1,0 +1,118 @@
+"""What a staged fp16 copy of an fp8 cache's blocks costs (session 22's staged prefill, commit `32f0042`,
+removed for no end-to-end gain): the torch form it used against a Triton gather written for it here (not
+the engine's), one layer of Llama-3.1-8B's shape (8 KV heads, head dim 128), 64-token blocks with V
+keys-major (`kv_quant.values_keys_major`), one GPU.
+
+    python3 benchmarks/stage_copy_bench.py [--json-out FILE] [--blocks 75,300,1000]   (on the device; < 1 minute)
+
+Per count of distinct blocks (300 ~ a paper-workload prefill step: ~19,000 keys), median microseconds
+(CUDA-graph replay) and GB/s (fp8 read + fp16 written) of:
+- torch: `index_select` of the blocks' bytes, then K and V cast to fp16, V through the transposing
+  view (`layer_caches`): the removed `stage_blocks`;
+- triton: one program per (block, KV head) reading K's [64 keys, head dim] rows and V's keys-major
+  [head dim, 64 keys] tile whole, writing both as fp16 [64 keys, head dim] rows.
+Both copies are checked equal first. The staged prefill can pay only where the copy costs less than
+the casts it saves: about 0.13 ms a layer and step on the paper workload (0.49 s over 121 steps x 32
+layers, `docs/benchmarks.md`, session 22).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+from batchllm.attention.kv_quant import layer_caches
+from batchllm.layers.fp8 import FP8
+
+KV_HEADS, HEAD_DIM, BLOCK_SIZE, POOL_BLOCKS = 8, 128, 64, 8192
+BLOCKS = (75, 300, 1000)
+
+
+def stage_torch(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The removed `triton_backend.stage_blocks` (commit 32f0042)."""
+    raw = kv_cache.view(torch.uint8).index_select(1, blocks).view(kv_cache.dtype)
+    staged = torch.empty(raw.shape, dtype=torch.float16, device=raw.device)
+    keys, values = layer_caches(raw)
+    staged[0].copy_(keys)
+    staged[1].copy_(values)
+    return staged
+
+
+@triton.jit
+def _stage_kernel(Cache, Blocks, Out, stride_cb, stride_ob, half_c, half_o,
+                  KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Block Blocks[i], KV head h: K rows [keys, dims] (stride KV_HEADS * HEAD_DIM), keys-major V
+    [dims, keys] (contiguous), both written as [keys, dims] fp16 rows of Out[:, i]."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    block = tl.load(Blocks + i).to(tl.int64)
+    keys = tl.arange(0, BLOCK_SIZE)
+    dims = tl.arange(0, HEAD_DIM)
+    rows = keys[:, None] * (KV_HEADS * HEAD_DIM) + h * HEAD_DIM + dims[None, :]
+    out_at = Out + i.to(tl.int64) * stride_ob + rows
+    k = tl.load(Cache + block * stride_cb + rows)
+    tl.store(out_at, k.to(tl.float16))
+    v_t = tl.load(Cache + half_c + block * stride_cb + h * HEAD_DIM * BLOCK_SIZE + dims[:, None] * BLOCK_SIZE
+                  + keys[None, :])  # [dims, keys]
+    tl.store(out_at + half_o, tl.trans(v_t).to(tl.float16))
+
+
+def stage_triton(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    staged = torch.empty((2, len(blocks), block_size, kv_heads, head_dim), dtype=torch.float16, device=kv_cache.device)
+    _stage_kernel[(len(blocks), kv_heads)](kv_cache, blocks, staged, kv_cache.stride(1), staged.stride(1),
+                                           kv_cache.stride(0), staged.stride(0), KV_HEADS=kv_heads,
+                                           HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=4)
+    return staged
+
+
+def time_us(fn) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def run_case(n: int, cache: torch.Tensor) -> dict:
+    g = torch.Generator(device=cache.device).manual_seed(n)
+    blocks = torch.randperm(POOL_BLOCKS, generator=g, device=cache.device)[:n]
+    want, got = stage_torch(cache, blocks), stage_triton(cache, blocks)
+    if not torch.equal(want.view(torch.int16), got.view(torch.int16)):
+        raise SystemExit(f"{n} blocks: the Triton copy differs from the torch copy")
+    moved = want.numel() * 3  # one fp8 byte read and two fp16 bytes written per value
+    row = dict(blocks=n, keys=n * BLOCK_SIZE)
+    for name, fn in (("torch", lambda: stage_torch(cache, blocks)), ("triton", lambda: stage_triton(cache, blocks))):
+        us = time_us(fn)
+        row[name] = dict(us=us, gbps=moved / us / 1e3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json-out", help="write the rows as JSON here")
+    ap.add_argument("--blocks", default=",".join(map(str, BLOCKS)), help="comma-separated counts of distinct blocks")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("stage_copy_bench.py needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cache = torch.randint(0, 126, (2, POOL_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM), generator=g, device="cuda",
+                          dtype=torch.uint8).view(FP8)  # finite e4m3 values (kv_quant: V keys-major in these bytes)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; one layer, microseconds (GB/s)")
+    rows = []
+    for n in map(int, args.blocks.split(",")):
+        r = run_case(n, cache)
+        rows.append(r)
+        print(f"{n:5d} blocks ({r['keys']:6d} keys): torch {r['torch']['us']:8.1f} ({r['torch']['gbps']:5.0f})  "
+              f"triton {r['triton']['us']:8.1f} ({r['triton']['gbps']:5.0f})", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
