@@ -12,8 +12,8 @@ Per count of distinct blocks (300 ~ a paper-workload prefill step: ~19,000 keys)
 - triton: one program per (block, KV head) reading K's [64 keys, head dim] rows and V's keys-major
   [head dim, 64 keys] tile whole, writing both as fp16 [64 keys, head dim] rows.
 Both copies are checked equal first. The staged prefill can pay only where the copy costs less than
-the casts it saves: about 0.13 ms a layer and step on the paper workload (0.49 s over 121 steps x 32
-layers, `docs/benchmarks.md`, session 22).
+the casts it saves: about 0.7 ms a layer in each step that prefills, on the paper workload (0.49 s over
+its 22 eager steps x 32 layers, `docs/benchmarks.md`, session 22).
 """
 
 from __future__ import annotations
