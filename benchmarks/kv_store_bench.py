@@ -23,9 +23,9 @@ scattered, on an H200 in session 22). Every case first checks that both stores l
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from kernel_timing import time_us, write_rows
 
 from batchllm.attention.backend import store_kv
 from batchllm.attention.kv_store_triton import store_kv_triton
@@ -55,16 +55,6 @@ def make_case(n: int, cache_dtype: torch.dtype, block_size: int, runs: bool):
     slots = prefill_slots(n, block_size, g) if runs else torch.randperm(POOL_SLOTS, generator=g, device="cuda")[:n]
     kv_scale = torch.tensor([0.37, 1.9, 0.0, 0.0], device="cuda")[:2] if cache_dtype == FP8 else None
     return k, v, cache.view(cache_dtype), slots, kv_scale
-
-
-def time_us(fn, graph: bool) -> float:
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def run_case(n: int, cache_dtype: torch.dtype, block_size: int, runs: bool) -> dict:
@@ -109,9 +99,7 @@ def main() -> None:
                   f"{r['torch_eager_us'] / r['fused_eager_us']:5.2f}         | {r['torch_graph_us']:8.1f} "
                   f"{r['fused_graph_us']:8.1f} {r['torch_graph_us'] / r['fused_graph_us']:5.2f}         | "
                   f"{r['fused_graph_gbps']:6.0f}", flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_rows(args.json_out, rows)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ size, and removed; docs/benchmarks.md.)
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 import triton.language as tl
+from kernel_timing import timed, write_rows
 
 from batchllm.layers.fp8 import _MIN_SCALE, FP8, FP8_MAX
 from batchllm.layers.triton_ops import TritonOps, _silu_and_mul_kernel
@@ -56,14 +56,6 @@ def launch(kernel, gate_up, q, scale, warps, quant=None):
                                   BLOCK=triton.next_power_of_2(cols), num_warps=warps, **extra)
 
 
-def time_us(fn) -> float:
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-
-
 def run_case(rows: int, cols: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(rows)
     gate_up = torch.randn(rows, 2 * cols, generator=g, device="cuda", dtype=torch.bfloat16) * 3
@@ -81,10 +73,8 @@ def run_case(rows: int, cols: int) -> dict:
     variants["whole"]()
     apart = (q.view(torch.uint8) != q2.view(torch.uint8)).float().mean().item()
     row = dict(rows=rows, cols=cols, recip_bytes_apart=apart)
-    for name, fn in variants.items():
-        us = time_us(fn)
-        moved = rows * cols * (4 + (2 if name == "bf16" else 1)) + (0 if name == "bf16" else 4 * rows)
-        row[name] = dict(us=us, gbps=moved / us / 1e3)
+    for name, fn in variants.items():  # gate and up read; a bf16 row, or a float8 row and its scale, written
+        row[name] = timed(fn, rows * cols * (4 + (2 if name == "bf16" else 1)) + (0 if name == "bf16" else 4 * rows))
     return row
 
 
@@ -104,10 +94,7 @@ def main() -> None:
             cells = "  ".join(f"{name} {v['us']:8.1f} ({v['gbps']:5.0f})"
                               for name, v in r.items() if isinstance(v, dict))
             print(f"{cols:6d} x {rows:5d}: {cells}  recip apart {100 * r['recip_bytes_apart']:.4f}%", flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, f,
-                      indent=1)
+    write_rows(args.json_out, results)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ its 22 eager steps x 32 layers, `docs/benchmarks.md`, session 22).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 import triton.language as tl
+from kernel_timing import timed, write_rows
 
 from batchllm.attention.kv_quant import layer_caches
 from batchllm.layers.fp8 import FP8
@@ -70,14 +70,6 @@ def stage_triton(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return staged
 
 
-def time_us(fn) -> float:
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-
-
 def run_case(n: int, cache: torch.Tensor) -> dict:
     g = torch.Generator(device=cache.device).manual_seed(n)
     blocks = torch.randperm(POOL_BLOCKS, generator=g, device=cache.device)[:n]
@@ -85,11 +77,8 @@ def run_case(n: int, cache: torch.Tensor) -> dict:
     if not torch.equal(want.view(torch.int16), got.view(torch.int16)):
         raise SystemExit(f"{n} blocks: the Triton copy differs from the torch copy")
     moved = want.numel() * 3  # one fp8 byte read and two fp16 bytes written per value
-    row = dict(blocks=n, keys=n * BLOCK_SIZE)
-    for name, fn in (("torch", lambda: stage_torch(cache, blocks)), ("triton", lambda: stage_triton(cache, blocks))):
-        us = time_us(fn)
-        row[name] = dict(us=us, gbps=moved / us / 1e3)
-    return row
+    return dict(blocks=n, keys=n * BLOCK_SIZE, torch=timed(lambda: stage_torch(cache, blocks), moved),
+                triton=timed(lambda: stage_triton(cache, blocks), moved))
 
 
 def main() -> None:
@@ -109,9 +98,7 @@ def main() -> None:
         rows.append(r)
         print(f"{n:5d} blocks ({r['keys']:6d} keys): torch {r['torch']['us']:8.1f} ({r['torch']['gbps']:5.0f})  "
               f"triton {r['triton']['us']:8.1f} ({r['triton']['gbps']:5.0f})", flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_rows(args.json_out, rows)
 
 
 if __name__ == "__main__":
