@@ -135,7 +135,7 @@ def _draw(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int] 
     exponential noise E of the row's seed and position (`seeded_noise.seeded_exponential`, one call
     for the seeded rows), or from the engine's generator for unseeded rows (one draw for all)."""
     probs = processed_probs(logits, specs)
-    m, vocab = probs.shape
+    vocab = probs.shape[1]
     seeded = [j for j, s in enumerate(specs) if s.seed is not None]
     if seeded and positions is None:
         raise ValueError("seeded rows are sampled at their positions: positions must be given")

@@ -19,7 +19,7 @@ _UNIT = tl.constexpr(seeded_noise._UNIT)
 
 @triton.jit
 def _mix(x):
-    """lowbias32 of uint32 values (`seeded_noise.mix`)."""
+    """lowbias32 of uint32 values (`seeded_noise`'s `mix`: its numpy form is `_mix_array`)."""
     x ^= x >> 16
     x *= tl.full(x.shape, _M1, tl.uint32)
     x ^= x >> 15
