@@ -68,7 +68,7 @@ def test_fused_fp8_norm_quantizes_the_norm_as_the_quantizer_does(rows, cols, res
     quotients, scale, summed = torch.empty(rows, cols), torch.empty(rows, 1), res.clone()
     TritonOps._launch_norm(x.clone(), summed if residual else x.clone(), weight, quotients, 1e-5, residual, scale)
     assert torch.equal(scale, s_ref) and s_ref[1].item() == pytest.approx(1e-12)
-    assert torch.equal(quotients, (want / s_ref).clamp(-448, 448))
+    assert torch.equal(quotients, (want * (1.0 / s_ref)).clamp(-448, 448))
     if residual:
         assert torch.equal(summed, want_sum)
         got, summed2 = TritonOps().add_rms_norm(x.clone(), res.clone(), weight, 1e-5, quantize=True)
@@ -96,7 +96,7 @@ def test_fused_fp8_silu_quantizes_whole_rows_as_the_quantizer_does(cols, monkeyp
     q_ref, s_ref = quantize_rows(want)
     quotients, scale = torch.empty(5, cols), torch.empty(5, 1)
     triton_ops.TritonOps._launch_silu(gate_up.clone(), quotients, scale)
-    assert torch.equal(scale, s_ref) and torch.equal(quotients, (want / s_ref).clamp(-448, 448))
+    assert torch.equal(scale, s_ref) and torch.equal(quotients, (want * (1.0 / s_ref)).clamp(-448, 448))
     q_tri, s_tri = quantize_rows_triton(want)
     for widest in (triton_ops.FUSED_QUANT_MAX_COLS, cols - 1):
         monkeypatch.setattr(triton_ops, "FUSED_QUANT_MAX_COLS", widest)
