@@ -2,9 +2,8 @@
 the model dtype, one write of float8 values and a float32 scale, where the torch form
 (`fp8.quantize_rows`) runs amax, a float32 copy, a divide, a clamp and a cast as kernels of their
 own over the whole activation. Same arithmetic: scale = max(amax / 448, 1e-12) in float32, q =
-round-to-nearest-even(clamp(x * (1 / scale), +-448)), with IEEE divisions where torch on CUDA
-multiplies by the reciprocal of a scalar (amax / 448): scales may be 1 ulp apart, and a value at a
-rounding tie one e4m3 step apart (0.03% of elements on an H200; tests/gpu/test_fp8_gpu.py).
+round-to-nearest-even(clamp(x * (1 / scale), +-448)), each step an IEEE operation as torch's (the
+same bits; tests/gpu/test_fp8_gpu.py).
 `quantize_row` is that arithmetic as a function of a row held in registers; the fused norm and SiLU
 kernels (`triton_ops.py`, fp8_fused_quant) call it too, so their outputs are this quantizer's bits.
 Imported only on CUDA where Triton is installed (`fp8.prepare_fp8` decides).

@@ -83,12 +83,7 @@ def test_triton_quantizer_matches_the_torch_form(k):
     x[7, 3] = 1e4  # an outlier sets its row's scale
     q_ref, s_ref = quantize_rows(x)
     q, s = quantize_rows_triton(x)
-    # torch divides a CUDA tensor by a scalar (amax / 448) as a multiply by its reciprocal, the kernel
-    # divides (IEEE): scales up to 1 ulp apart, so a value within a hair of a rounding tie may land one
-    # e4m3 step away (measured on an H200: 0.03% of elements)
-    assert ((s - s_ref).abs() / s_ref).max() <= 2.5e-7
-    differ = q.view(torch.uint8) != q_ref.view(torch.uint8)
-    assert differ.float().mean() < 1e-3
-    a, b = q.float(), q_ref.float()
-    assert ((a - b).abs() <= b.abs().clamp(min=2**-6) * 2**-3).all()  # at most one e4m3 step
+    # both take IEEE steps (amax / 448, 1 / scale, the product): the same bits
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(q[5].float(), torch.zeros(k, device="cuda"))
