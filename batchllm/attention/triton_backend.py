@@ -779,6 +779,7 @@ class TritonBackend:
                 max_query_len=max(new for _, new in specs), max_seq_len=max(lens),
                 query_start_loc_cpu=loc, seq_lens_cpu=lens, block_tables_cpu=[table] * len(specs),
                 share_levels_cpu=[([0] * len(specs), [shared] * len(specs))] if grouped else None,
+                slot_mapping_cpu=np.arange(n),  # (the mixed step's store by runs, `_store_runs`)
             )
             q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
             kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
