@@ -7,8 +7,7 @@ heads, 8 KV heads, head dim 128), one GPU.
 
 --block-size 64 gives an fp8 cache keys-major V (`kv_quant.values_keys_major`, the default layout);
 --runs lays the slots out as a prefill's: runs of consecutive slots (200 tokens per sequence) in
-shuffled blocks, instead of distinct scattered slots, and also times the store by runs (`slot_runs`:
-a program per run of slots and KV head, what the engine runs into a keys-major V in prefill steps).
+shuffled blocks, instead of distinct scattered slots.
 
 Per token count (16 = a decode batch, 8,192 = a prefill step) and cache type (bf16, fp8 with scales
 as the model holds them), median microseconds of:
@@ -29,7 +28,7 @@ import torch
 from kernel_timing import time_us, write_rows
 
 from batchllm.attention.backend import store_kv
-from batchllm.attention.kv_store_triton import slot_runs, store_kv_triton
+from batchllm.attention.kv_store_triton import store_kv_triton
 from batchllm.layers.fp8 import FP8
 
 HEADS, KV_HEADS, HEAD_DIM, POOL_SLOTS, RUN = 32, 8, 128, 262_144, 200
@@ -67,20 +66,12 @@ def run_case(n: int, cache_dtype: torch.dtype, block_size: int, runs: bool) -> d
         raise SystemExit(f"{n} tokens, {cache_dtype}: the fused store differs from the torch store")
     stores = {"torch": lambda: store_kv(k, v, cache, slots, kv_scale),
               "fused": lambda: store_kv_triton(k, v, cache, slots, kv_scale)}
-    if runs:  # the store by runs of slots (what the engine runs in prefill steps into a keys-major V)
-        slot_runs_ = torch.from_numpy(slot_runs(slots.cpu().numpy(), block_size)).cuda()
-        by_runs = cache.clone().zero_()
-        store_kv_triton(k, v, by_runs, slots, kv_scale, slot_runs_)
-        if not torch.equal(by_runs.view(torch.uint8), check.view(torch.uint8)):
-            raise SystemExit(f"{n} tokens, {cache_dtype}: the store by runs differs from the torch store")
-        stores["runs"] = lambda: store_kv_triton(k, v, cache, slots, kv_scale, slot_runs_)
     row = dict(tokens=n, cache=str(cache_dtype).removeprefix("torch."), block_size=block_size, runs=runs)
     for mode in ("eager", "graph"):
         for name, store in stores.items():
             row[f"{name}_{mode}_us"] = time_us(store, mode == "graph")
     moved = 2 * n * KV_HEADS * HEAD_DIM * (k.element_size() + cache.element_size())
-    for name in stores.keys() - {"torch"}:
-        row[f"{name}_graph_gbps"] = moved / row[f"{name}_graph_us"] / 1e3
+    row["fused_graph_gbps"] = moved / row["fused_graph_us"] / 1e3
     return row
 
 
@@ -107,9 +98,7 @@ def main() -> None:
             print(f"{r['cache']:14} {n:6d} | {r['torch_eager_us']:8.1f} {r['fused_eager_us']:8.1f} "
                   f"{r['torch_eager_us'] / r['fused_eager_us']:5.2f}         | {r['torch_graph_us']:8.1f} "
                   f"{r['fused_graph_us']:8.1f} {r['torch_graph_us'] / r['fused_graph_us']:5.2f}         | "
-                  f"{r['fused_graph_gbps']:6.0f}"
-                  + (f" | runs {r['runs_graph_us']:8.1f} us ({r['runs_graph_gbps']:5.0f} GB/s)" if args.runs else ""),
-                  flush=True)
+                  f"{r['fused_graph_gbps']:6.0f}", flush=True)
     write_rows(args.json_out, rows)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from batchllm.attention.kv_quant import layer_caches, split_scales, store_slots
@@ -35,8 +34,6 @@ class AttentionMetadata:
     """Prefix groups, outermost level first: per level, (group per sequence or -1, shared positions
     per sequence). Members of one group hold the same KV at their first `shared` positions, so
     those keys may be read once for all of them. None: no sequence is under a shared prefix."""
-    slot_mapping_cpu: np.ndarray | None = None
-    """A host copy of slot_mapping where the step has one (eager steps; None in CUDA graphs)."""
     backend_cache: dict[Any, Any] = field(default_factory=dict)
     """Per-step data a backend derives once and reuses in every layer (e.g. tile tables)."""
 

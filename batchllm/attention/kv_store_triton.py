@@ -20,7 +20,6 @@ Imported only where Triton is installed; `TritonBackend` calls it for caches on 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -30,13 +29,6 @@ from batchllm.layers.fp8 import FP8, FP8_MAX
 
 _BITS = {2: torch.int16, 4: torch.int32}
 """Element size -> the integer type a plain (16/32-bit) cache's rows are copied as."""
-
-
-@triton.jit
-def _quantize(x, Scale, fp8_max):
-    """x / Scale[0] (IEEE) in float32, clamped to +-448: clamp first, as past e4m3's range the cast is
-    NaN on some devices (as `fp8.quantize`); a NaN stays NaN, as through torch's clamp."""
-    return tl.clamp(tl.math.div_rn(x.to(tl.float32), tl.load(Scale)), -fp8_max, fp8_max, tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -61,67 +53,16 @@ def _store_kv_kernel(
     k = tl.load(Key + tok * stride_kt + heads * stride_kh + dims, mask=mask)
     v = tl.load(Value + tok * stride_vt + heads * stride_vh + dims, mask=mask)
     if QUANTIZE:
-        k = _quantize(k, Scale, fp8_max).to(KCache.dtype.element_ty)
-        v = _quantize(v, Scale + stride_scale, fp8_max).to(VCache.dtype.element_ty)
+        k_scale = tl.load(Scale)
+        v_scale = tl.load(Scale + stride_scale)
+        # clamp first: past e4m3's range the cast is NaN on some devices (as `fp8.quantize`); a NaN
+        # stays NaN, as through torch's clamp
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -fp8_max, fp8_max, tl.PropagateNan.ALL)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -fp8_max, fp8_max, tl.PropagateNan.ALL)
+        k = k.to(KCache.dtype.element_ty)
+        v = v.to(VCache.dtype.element_ty)
     tl.store(KCache + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims, k, mask=mask)
     tl.store(VCache + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims * stride_vcd, v, mask=mask)
-
-
-@triton.jit
-def _store_kv_runs_kernel(
-    Key, Value, KCache, VCache, Runs, Scale,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_scale, stride_runs,
-    block_size, fp8_max,
-    QUANTIZE: tl.constexpr, V_KEYS_MAJOR: tl.constexpr, KEYS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr,
-):
-    """Run r of Runs [3, num_runs] (first token, first slot, tokens: consecutive slots inside one
-    block), KV head h: its [tokens, head_dim] K and V rows in one tile. A keys-major V is transposed in
-    registers and written as [head_dim, tokens], the tokens' bytes side by side; written one token at
-    a time, each of its bytes lands BLOCK_SIZE apart (the per-token kernel's ~500 GB/s, session 22)."""
-    r = tl.program_id(0)
-    h = tl.program_id(1)
-    tok0 = tl.load(Runs + r)
-    slot0 = tl.load(Runs + stride_runs + r)
-    count = tl.load(Runs + 2 * stride_runs + r)
-    block, offset0 = slot0 // block_size, slot0 % block_size
-    keys = tl.arange(0, KEYS_PAD)
-    dims = tl.arange(0, DIM_PAD)
-    mask = keys[:, None] < count  # by rows alone where the head dim fills its tile: rows stored in vectors
-    if HEAD_DIM != DIM_PAD:
-        mask = mask & (dims[None, :] < HEAD_DIM)
-    toks = (tok0 + keys)[:, None]
-    k = tl.load(Key + toks * stride_kt + h * stride_kh + dims[None, :], mask=mask)
-    v = tl.load(Value + toks * stride_vt + h * stride_vh + dims[None, :], mask=mask)
-    if QUANTIZE:
-        k = _quantize(k, Scale, fp8_max).to(KCache.dtype.element_ty)
-        v = _quantize(v, Scale + stride_scale, fp8_max).to(VCache.dtype.element_ty)
-    slots = offset0 + keys
-    tl.store(KCache + block * stride_kcb + slots[:, None] * stride_kcs + h * stride_kch + dims[None, :], k, mask=mask)
-    v_at = VCache + block * stride_vcb + h * stride_vch
-    if V_KEYS_MAJOR:
-        mask_t = keys[None, :] < count
-        if HEAD_DIM != DIM_PAD:
-            mask_t = mask_t & (dims[:, None] < HEAD_DIM)
-        tl.store(v_at + dims[:, None] * stride_vcd + slots[None, :] * stride_vcs, tl.trans(v), mask=mask_t)
-    else:
-        tl.store(v_at + slots[:, None] * stride_vcs + dims[None, :] * stride_vcd, v, mask=mask)
-
-
-def slot_runs(slots: np.ndarray, block_size: int) -> np.ndarray:
-    """[3, num_runs] int64: (first token, first slot, tokens) of each run of consecutive slots inside
-    one block, in token order, for `store_kv_triton(runs=...)`. A prefill chunk's tokens make a run per
-    block they fill, a decode token a run of its own; negative slots (written nowhere) are in none."""
-    slots = np.asarray(slots, dtype=np.int64)
-    if not len(slots):
-        return np.zeros((3, 0), dtype=np.int64)
-    starts = np.ones(len(slots), dtype=bool)
-    starts[1:] = (slots[1:] != slots[:-1] + 1) | (slots[1:] % block_size == 0) | (slots[:-1] < 0)
-    first = np.flatnonzero(starts)
-    counts = np.diff(np.append(first, len(slots)))
-    keep = slots[first] >= 0
-    return np.stack([first[keep], slots[first[keep]], counts[keep]])
 
 
 def _unit_scales(device: torch.device) -> torch.Tensor:
@@ -129,15 +70,12 @@ def _unit_scales(device: torch.device) -> torch.Tensor:
 
 
 def store_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    kv_scale: torch.Tensor | None = None, runs: torch.Tensor | None = None) -> None:
+                    kv_scale: torch.Tensor | None = None) -> None:
     """As `backend.store_kv`, in one launch: key, value [num_tokens, num_kv_heads, head_dim] (any
     token and head strides, last dim contiguous); kv_cache [2, num_blocks, block_size, num_kv_heads,
     head_dim] (its V keys-major where `kv_quant.values_keys_major`); slot_mapping [num_tokens] int64;
     kv_scale [2] float32 (k_scale, v_scale) of an fp8 cache, None: 1.0 (ignored for other caches).
-    With a CUDA graph, pass kv_scale (the model's): None allocates the unit scales.
-    runs: `slot_runs(slot_mapping)` on the device, or None. Given, a program writes a run of slots
-    (up to a block) for one KV head instead of a token's every head: the same bytes, and a keys-major
-    V's written side by side (`_store_kv_runs_kernel`)."""
+    With a CUDA graph, pass kv_scale (the model's): None allocates the unit scales."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -156,20 +94,6 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     for name, t in (("key", key), ("value", value), ("k cache", k_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"the store needs {name} contiguous in its last dim, got strides {t.stride()}")
-    if runs is not None:
-        if runs.shape[1] == 0:  # every slot negative
-            return
-        block_size = k_cache.shape[1]
-        _store_kv_runs_kernel[(runs.shape[1], num_kv_heads)](
-            key, value, k_cache, v_cache, runs, scale,
-            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride(), scale.stride(0), runs.stride(0),
-            block_size, FP8_MAX,
-            QUANTIZE=quantize, V_KEYS_MAJOR=v_cache.stride(1) == 1 and block_size > 1,
-            KEYS_PAD=triton.next_power_of_2(block_size), HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-            num_warps=4,
-        )
-        return
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

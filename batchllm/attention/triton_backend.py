@@ -53,7 +53,7 @@ except ImportError:  # no Triton, or one without tensor descriptors: tiles load 
     TensorDescriptor = None
 
 if triton is not None:
-    from batchllm.attention.kv_store_triton import slot_runs, store_kv_triton
+    from batchllm.attention.kv_store_triton import store_kv_triton
 
     P_SCALE = tl.constexpr(FP8_MAX)  # FP8_DOTS: softmax weights enter their dot times e4m3's largest value
 
@@ -700,10 +700,8 @@ class TritonBackend:
         fp8 = is_fp8(kv_cache)
         if fp8 and kv_scale is None:
             kv_scale = self._unit_scale(query.device)  # x / 1.0 is x: stores what None would
-        if self.fused_store and kv_cache.is_cuda:
-            store_kv_triton(key, value, kv_cache, metadata.slot_mapping, kv_scale, self._store_runs(metadata, kv_cache))
-        else:
-            store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scale)
+        store = store_kv_triton if self.fused_store and kv_cache.is_cuda else store_kv
+        store(key, value, kv_cache, metadata.slot_mapping, kv_scale)
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
@@ -779,7 +777,6 @@ class TritonBackend:
                 max_query_len=max(new for _, new in specs), max_seq_len=max(lens),
                 query_start_loc_cpu=loc, seq_lens_cpu=lens, block_tables_cpu=[table] * len(specs),
                 share_levels_cpu=[([0] * len(specs), [shared] * len(specs))] if grouped else None,
-                slot_mapping_cpu=np.arange(n),  # (the mixed step's store by runs, `_store_runs`)
             )
             q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
             kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -792,20 +789,6 @@ class TritonBackend:
         if self.tma is False or not tma_fits(kv_cache, head_dim):
             return False
         return self.tma or tma_by_default(kv_cache.dtype, kv_cache.device, head_dim)
-
-    @staticmethod
-    def _store_runs(metadata: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor | None:
-        """The step's runs of slots (`kv_store_triton.slot_runs`, on the device, made by the first layer)
-        where the store writes by runs: a keys-major V (whose bytes a token's row scatters) in a step
-        with a prefill chunk and a host copy of its slots; None elsewhere (decode steps and graphs: a
-        run a token)."""
-        if not values_keys_major(kv_cache) or metadata.slot_mapping_cpu is None or metadata.max_query_len < 2:
-            return None
-        runs = metadata.backend_cache.get("kv_store_runs")
-        if runs is None:
-            runs = to_device(slot_runs(metadata.slot_mapping_cpu, metadata.block_size), kv_cache.device)
-            metadata.backend_cache["kv_store_runs"] = runs
-        return runs
 
     def stages_prefill(self, kv_cache: torch.Tensor, head_dim: int, query_dtype: torch.dtype) -> bool:
         """Whether the prefill launch reads a staged 16-bit copy of `kv_cache`'s blocks (see

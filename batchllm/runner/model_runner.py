@@ -426,7 +426,7 @@ class ModelRunner:
             block_tables=to_device(np.ascontiguousarray(step.block_tables), self.device),
             max_query_len=step.max_query_len, max_seq_len=int(step.seq_lens.max()),
             query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
-            block_tables_cpu=step.tables, share_levels_cpu=step.share_levels, slot_mapping_cpu=step.slots)
+            block_tables_cpu=step.tables, share_levels_cpu=step.share_levels)
         return ids, positions, metadata, rows
 
 

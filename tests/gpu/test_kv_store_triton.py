@@ -49,22 +49,6 @@ def scattered_slots(n: int, pad: int, num_blocks: int, seed: int, block_size: in
     return torch.cat([real, torch.full((pad,), num_blocks * block_size, device="cuda")]).to(torch.int64)
 
 
-def prefill_slots(n: int, pad: int, block_size: int, seed: int) -> tuple[torch.Tensor, int]:
-    """(slots, blocks in the pool): n - pad slots in a prefill's runs, chunks of up to 100 tokens, each
-    from a random offset of blocks of its own (shuffled), then pad rows at the spare block's first slot."""
-    g = torch.Generator().manual_seed(seed)
-    chunks = [min(100, n - pad - start) for start in range(0, n - pad, 100)]
-    per_chunk = -(-100 // block_size) + 1
-    num_blocks = max(1, len(chunks) * per_chunk)
-    order = torch.randperm(num_blocks, generator=g)
-    slots = []
-    for i, size in enumerate(chunks):
-        first = int(torch.randint(block_size, (1,), generator=g))
-        slots += [int(order[i * per_chunk + p // block_size]) * block_size + p % block_size
-                  for p in range(first, first + size)]
-    return torch.tensor(slots + [num_blocks * block_size] * pad, dtype=torch.int64, device="cuda"), num_blocks
-
-
 def model_scales(k: float, v: float) -> torch.Tensor:
     """[2] float32 on the device, a 16-byte aligned row of a [layers, 4] tensor (as `set_kv_scales`)."""
     return torch.tensor([[1.0, 1.0, 0.0, 0.0], [k, v, 0.0, 0.0]], device="cuda")[1, :2]
@@ -91,26 +75,20 @@ SCALES = [None, (1.0, 1.0), (0.37, 1.9), (0.011, 3.3)]
 
 
 def _stores_alike(n, pad, heads, kv_heads, head_dim, dtype, cache_dtype, kv_scale, magnitude=1.0,
-                  block_size=BLOCK_SIZE, by_runs=False) -> None:
-    """by_runs: slots in a prefill's runs, stored by runs (`slot_runs`), else scattered slots by tokens."""
-    from batchllm.attention.kv_store_triton import slot_runs, store_kv_triton
+                  block_size=BLOCK_SIZE) -> None:
+    from batchllm.attention.kv_store_triton import store_kv_triton
 
     seed = n * 131 + kv_heads * 7 + head_dim
     k, v = model_kv(n, heads, kv_heads, head_dim, dtype, seed, magnitude)
     if pad:  # padding rows: token 0 at position 0, so every one holds the same K/V
         k[n - pad:] = k[n - pad - 1]
         v[n - pad:] = v[n - pad - 1]
-    runs = None
-    if by_runs:
-        slots, num_blocks = prefill_slots(n, pad, block_size, seed)
-        runs = torch.from_numpy(slot_runs(slots.cpu().numpy(), block_size)).cuda()
-    else:
-        num_blocks = -(-(n + 37) // block_size)
-        slots = scattered_slots(n, pad, num_blocks, seed, block_size)
+    num_blocks = -(-(n + 37) // block_size)
+    slots = scattered_slots(n, pad, num_blocks, seed, block_size)
     cache = random_cache(num_blocks, kv_heads, head_dim, cache_dtype, seed, block_size)
     want = cache.clone()
     store_kv(k, v, want, slots, kv_scale)
-    store_kv_triton(k, v, cache, slots, kv_scale, runs)
+    store_kv_triton(k, v, cache, slots, kv_scale)
     torch.cuda.synchronize()
     got, ref = cache.view(torch.uint8), want.view(torch.uint8)
     if not torch.equal(got, ref):
@@ -140,16 +118,6 @@ def test_fp8_cache_of_64_token_blocks_gets_the_same_bytes_as_the_torch_store(n, 
     """V keys-major (`kv_quant.values_keys_major`): each value at its [block, head, dim, slot] byte."""
     kv_scale = None if scales is None else model_scales(*scales)
     _stores_alike(n, pad, heads, kv_heads, head_dim, torch.bfloat16, FP8, kv_scale, block_size=64)
-
-
-@pytest.mark.parametrize("block_size", [16, 64])
-@pytest.mark.parametrize("scales", [None, (0.37, 1.9)], ids=str)
-@pytest.mark.parametrize("n, pad, heads, kv_heads, head_dim", SHAPES[::2])
-def test_store_by_runs_gets_the_same_bytes_as_the_torch_store(n, pad, heads, kv_heads, head_dim, scales, block_size):
-    """The store by runs of slots (prefill steps into a keys-major V): the same bytes, V in either layout."""
-    kv_scale = None if scales is None else model_scales(*scales)
-    _stores_alike(n, pad, heads, kv_heads, head_dim, torch.bfloat16, FP8, kv_scale, block_size=block_size,
-                  by_runs=True)
 
 
 @pytest.mark.parametrize("dtype", PLAIN, ids=str)

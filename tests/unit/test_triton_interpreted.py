@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -578,69 +577,6 @@ def test_fused_kv_store_skips_negative_slots():
     assert torch.equal(cache[0, 0, 4], k[1]) and torch.equal(cache[1, 0, 4], k[1] + 1)
     cache[:, 0, 4] = 0
     assert not cache.any(), "rows with slot -1 wrote nothing"
-
-
-def test_slot_runs_split_at_blocks_and_breaks_and_leave_out_negative_slots():
-    from batchllm.attention.kv_store_triton import slot_runs
-
-    runs = slot_runs(np.array([3, 4, 5, 6, 7, 8, 9, 20, -1, 16, 17, 17]), 8)
-    # tokens 0-4 fill block 0 to its end, 5-6 start block 1; 20 alone; -1 nowhere; 16, 17; 17 again
-    assert runs.tolist() == [[0, 5, 7, 9, 11], [3, 8, 20, 16, 17], [5, 2, 1, 2, 1]]
-    assert slot_runs(np.array([-1, -1]), 8).shape == (3, 0)
-    assert slot_runs(np.array([], dtype=np.int64), 8).shape == (3, 0)
-
-
-@pytest.mark.parametrize("cache, block_size", [("bf16", 16), ("fp8", 16), ("fp8", 64)],
-                         ids=["bf16", "fp8-bs16", "fp8-bs64-v-keys-major"])
-def test_kv_store_by_runs_writes_what_the_torch_store_does(cache, block_size):
-    """runs=: a program per run of slots and KV head. A prefill chunk crossing blocks, decode tokens,
-    a slot after a row without one (-1) and a padding row's repeated slot: the torch store's bytes
-    (values exact in e4m3 after the scales, as the fp8 test above), the other slots untouched."""
-    from batchllm.attention.backend import store_kv
-    from batchllm.attention.kv_store_triton import slot_runs, store_kv_triton
-    from batchllm.layers.fp8 import FP8
-
-    g = torch.Generator().manual_seed(block_size)
-    blocks = torch.randperm(12, generator=g)
-    chunk = [int(blocks[p // block_size]) * block_size + p % block_size for p in range(5, 5 + 2 * block_size)]
-    singles = [int(blocks[4]) * block_size + 3, int(blocks[7]) * block_size + 1]
-    slots = torch.tensor(chunk + singles + [-1, int(blocks[9]) * block_size, int(blocks[9]) * block_size + 1]
-                         + [singles[0]])
-    e4m3 = torch.arange(256, dtype=torch.uint8).view(FP8).float()
-    values = e4m3[torch.isfinite(e4m3) & ((e4m3.abs() >= 2 ** -6) | (e4m3 == 0))]
-    k, v = _model_kv(len(slots), 3, 80, values, g, (0.5, 2.0))
-    k[-1], v[-1] = k[len(chunk)], v[len(chunk)]  # the padding row repeats the first single's values
-    if cache == "fp8":
-        kv_scale = torch.tensor([0.5, 2.0])
-        pool = torch.randint(0, 126, (2, 13, block_size, 3, 80), generator=g, dtype=torch.uint8).view(FP8)
-    else:
-        k, v, kv_scale = k.to(torch.bfloat16), v.to(torch.bfloat16), None
-        pool = torch.randn(2, 13, block_size, 3, 80, generator=g).to(torch.bfloat16)
-    runs = slot_runs(slots.numpy(), block_size)
-    assert runs[2].sum() == len(slots) - 1 and runs.shape[1] == 3 + 2 + 1 + 1  # the chunk spans 3 blocks
-    want = pool.clone()
-    store_kv(k[slots >= 0], v[slots >= 0], want, slots[slots >= 0], kv_scale)
-    store_kv_triton(k, v, pool, slots, kv_scale, runs=torch.from_numpy(runs))
-    assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
-
-
-def test_the_backend_stores_by_runs_into_a_keys_major_cache_in_prefill_steps_with_host_slots():
-    """TritonBackend._store_runs: the step's `slot_runs`, made once, for an fp8 cache of 64-token blocks
-    (V keys-major) in a step with a prefill chunk; None without host slots (a CUDA graph's step), in a
-    decode step, or into 16-token blocks (V token-major: a token's row is contiguous already)."""
-    from batchllm.attention.kv_store_triton import slot_runs
-    from batchllm.attention.triton_backend import TritonBackend
-
-    for block_size, specs, wanted in [(64, [(37, 1), (0, 77), (64, 40)], True), (64, [(37, 1), (90, 1)], False),
-                                      (16, [(37, 1), (0, 77)], False)]:
-        _, _, _, cache, md, _ = fp8_case(specs, block_size=block_size)
-        assert TritonBackend._store_runs(md, cache) is None
-        md.slot_mapping_cpu = md.slot_mapping.numpy()
-        runs = TritonBackend._store_runs(md, cache)
-        assert (runs is not None) == wanted, (block_size, specs)
-        if wanted:
-            assert torch.equal(runs, torch.from_numpy(slot_runs(md.slot_mapping_cpu, block_size)))
-            assert TritonBackend._store_runs(md, cache) is runs
 
 
 @pytest.mark.parametrize("key_dtype, cache_dtype, message", [
