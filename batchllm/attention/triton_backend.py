@@ -706,13 +706,7 @@ class TritonBackend:
         num_kv_heads = key.shape[1]
         group = num_heads // num_kv_heads
         group_pad = next_power_of_2(group)
-        stage = self.stages_prefill(kv_cache, head_dim, query.dtype)
-        prefill_tma = (stage or self.uses_tma(kv_cache, head_dim)) and metadata.block_size % TMA_PREFILL_LAUNCH[1] == 0
-        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(),
-                          self.prefill_launch_for(prefill_tma), stage)
-        caches = {False: (kv_cache, metadata.block_tables)}  # by Launch.staged: the cache and tables it reads
-        if plan.staged_blocks is not None:
-            caches[True] = (stage_blocks(kv_cache, plan.staged_blocks), plan.staged_tables)
+        plan, caches = self._plan_and_caches(query, kv_cache, metadata, group_pad, num_kv_heads)
         out = torch.empty_like(query)
         part_out, part_lse = plan.part_out, plan.part_lse
         t = plan.tensors
@@ -751,6 +745,20 @@ class TritonBackend:
         if plan.merge_grid:
             merge_partials(plan, out)
         return out
+
+    def _plan_and_caches(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                         group_pad: int, num_kv_heads: int) -> tuple[LaunchPlan, dict]:
+        """The step's plan (`_plan`) and, by `Launch.staged`, the (cache, block tables) each launch reads:
+        a staged launch's copy (`stage_blocks`) is made here, once per layer."""
+        num_heads, head_dim = query.shape[1], query.shape[2]
+        stage = self.stages_prefill(kv_cache, head_dim, query.dtype)
+        prefill_tma = (stage or self.uses_tma(kv_cache, head_dim)) and metadata.block_size % TMA_PREFILL_LAUNCH[1] == 0
+        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(),
+                          self.prefill_launch_for(prefill_tma), stage)
+        caches = {False: (kv_cache, metadata.block_tables)}
+        if plan.staged_blocks is not None:
+            caches[True] = (stage_blocks(kv_cache, plan.staged_blocks), plan.staged_tables)
+        return plan, caches
 
     def warmup(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                device: torch.device, kv_dtype: torch.dtype | None = None) -> None:
