@@ -87,3 +87,19 @@ def test_triton_quantizer_matches_the_torch_form(k):
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(q[5].float(), torch.zeros(k, device="cuda"))
+
+
+def test_torch_quantizer_is_captured_by_a_cuda_graph():
+    """`quantize_rows` is the engine's quantizer where Triton's is not used (GPUs without FP8 tensor
+    cores emulate the matmul but still capture decode graphs): it copies nothing from the host, so a
+    graph captures it, and the replay gives the eager bits."""
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    q_eager, s_eager = quantize_rows(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_graph, s_graph = quantize_rows(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(s_graph, s_eager)
+    assert torch.equal(q_graph.view(torch.uint8), q_eager.view(torch.uint8))
