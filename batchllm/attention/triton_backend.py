@@ -526,13 +526,13 @@ def tma_descriptors(kv_cache: torch.Tensor, block_n: int) -> tuple:
     return k_desc, TensorDescriptor(values, list(values.shape), [kv_heads * head_dim, 1], [block_n, head_dim])
 
 
-STAGE_MAX_KEYS = 65536
-"""Most distinct keys (cache slots) a step's prefill launch reads from a staged copy: 256 MiB a layer
-for 8 KV heads of head dim 128 (K and V in fp16); a step that needs more reads the fp8 cache itself."""
+STAGE_MAX_BYTES = 256 * 2**20
+"""Most bytes of a layer's staged copy (K and V in fp16): 65,536 keys for 8 KV heads of head dim 128;
+a step whose prefill items reach more reads the fp8 cache itself."""
 
 
 def staging_plan(seqs: np.ndarray, kv_hi: np.ndarray, tables: list[list[int]], block_size: int, width: int,
-                 max_keys: int = STAGE_MAX_KEYS) -> tuple[np.ndarray, np.ndarray] | None:
+                 max_keys: int) -> tuple[np.ndarray, np.ndarray] | None:
     """For items of sequences `seqs` reading keys below `kv_hi`: (the distinct cache blocks they read, in
     first-use order; block tables [len(tables), width] int32 giving each of those sequences' blocks by
     their index in that order, 0 elsewhere). A block shared by several sequences (a prefix group's)
@@ -668,10 +668,12 @@ class TritonBackend:
         arithmetic of `torch_ref.fp8_attention`). longest_first: each launch runs its items longest key
         range first (`longest_keys_first`; False: in plan order, for comparison; the outputs are the same
         bits either way). stage_fp8_prefill: over an fp8 cache, the prefill launch reads a 16-bit copy
-        of the blocks its items need, made once per layer (`stage_blocks`, `STAGE_MAX_KEYS`), with the
-        prefill tiles of a 16-bit cache (by TMA where `tma` allows); None: for 16-bit queries where TMA is
-        available (Hopper), not with fp8_attention; True: wherever it fits (the interpreter too); False: never.
-        The numbers are the direct launch's on the same tiles. plan_options go to `plan_work_items`
+        of the blocks its items need, made once per layer (`stage_blocks`, up to `STAGE_MAX_BYTES`), with
+        the prefill tiles of a 16-bit cache (by TMA where `tma` allows); None: for 16-bit queries where the
+        copy's tiles load by TMA (Hopper, blocks of a whole number of TMA_PREFILL_LAUNCH tiles: what was
+        measured); True: also elsewhere (pointer loads, the interpreter); False: never; never with
+        fp8_attention (its dots take the cache's e4m3 values). The numbers are the direct launch's on the
+        same tiles. plan_options go to `plan_work_items`
         (split_len, split_per_launch, min_members, min_shared)."""
         self.use_prefix_groups = use_prefix_groups
         self.fused_store = fused_store
@@ -752,9 +754,10 @@ class TritonBackend:
         a staged launch's copy (`stage_blocks`) is made here, once per layer."""
         num_heads, head_dim = query.shape[1], query.shape[2]
         stage = self.stages_prefill(kv_cache, head_dim, query.dtype)
-        prefill_tma = (stage or self.uses_tma(kv_cache, head_dim)) and metadata.block_size % TMA_PREFILL_LAUNCH[1] == 0
-        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(),
-                          self.prefill_launch_for(prefill_tma), stage)
+        direct = self.prefill_launch_for(self._prefill_tiles_by_tma(kv_cache, head_dim, False))
+        staged = self.prefill_launch_for(self._prefill_tiles_by_tma(kv_cache, head_dim, True)) if stage else None
+        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(), direct,
+                          staged)
         caches = {False: (kv_cache, metadata.block_tables)}
         if plan.staged_blocks is not None:
             caches[True] = (stage_blocks(kv_cache, plan.staged_blocks), plan.staged_tables)
@@ -800,11 +803,23 @@ class TritonBackend:
 
     def stages_prefill(self, kv_cache: torch.Tensor, head_dim: int, query_dtype: torch.dtype) -> bool:
         """Whether the prefill launch reads a staged 16-bit copy of `kv_cache`'s blocks (see
-        `stage_fp8_prefill`; by default for 16-bit queries, the ones measured)."""
+        `stage_fp8_prefill`; by default for 16-bit queries whose copy loads by TMA, what was measured)."""
         if self.stage_fp8_prefill is False or not is_fp8(kv_cache) or self.fp8_attention:
             return False
         return bool(self.stage_fp8_prefill) or (
-            query_dtype.itemsize == 2 and tma_available(kv_cache.device) and dot_head_dim(head_dim) == head_dim)
+            query_dtype.itemsize == 2 and self._prefill_tiles_by_tma(kv_cache, head_dim, True))
+
+    def _prefill_tiles_by_tma(self, kv_cache: torch.Tensor, head_dim: int, staged: bool) -> bool:
+        """Whether the prefill launch's tiles (TMA_PREFILL_LAUNCH's keys, inside one block) load by TMA:
+        from the cache itself (`uses_tma`), or from its staged copy (staged), a contiguous 16-bit cache
+        of the same blocks, for which `uses_tma`'s rule is this."""
+        if kv_cache.shape[2] % TMA_PREFILL_LAUNCH[1]:
+            return False
+        if not staged:
+            return self.uses_tma(kv_cache, head_dim)
+        if self.tma is False or TensorDescriptor is None or dot_head_dim(head_dim) != head_dim:
+            return False
+        return bool(self.tma) or tma_available(kv_cache.device)
 
     def prefill_launch_for(self, tma: bool) -> tuple[int, int, int, int]:
         """The prefill programs' launch: the one asked for, else the default for TMA tiles or not."""
@@ -822,7 +837,7 @@ class TritonBackend:
 
     def _plan(self, metadata: AttentionMetadata, group_pad: int, num_heads: int, head_dim: int,
               num_kv_heads: int, element_size: int = 2, prefill_launch: tuple[int, int, int, int] | None = None,
-              stage: bool = False) -> LaunchPlan:
+              staged_launch: tuple[int, int, int, int] | None = None) -> LaunchPlan:
         """The step's work items, their launches, device arrays and partial buffers: made by the first
         layer, reused by every other (the merge of one layer finishes before the next layer's
         kernel writes the buffers again: same stream). A CUDA graph's step finds its plan here
@@ -832,14 +847,16 @@ class TritonBackend:
         of a group), tiles of several queries (prefill chunks: `prefill_launch`) and one-query items
         (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token).
         The default prefill tiles fill the shared memory of an H200 with 16-bit values of head dim
-        128; wider rows (float32, head dim 256) take SMALL_PREFILL_LAUNCH. stage: the prefill launch
-        reads a staged copy of its blocks (`staging_plan`; not where a step would stage too many)."""
+        128; wider rows (float32, head dim 256) take SMALL_PREFILL_LAUNCH. staged_launch: the prefill
+        launch reads a staged copy of its blocks (`staging_plan`) with this launch; where the step's
+        prefill items reach more than `STAGE_MAX_BYTES` of blocks, it reads the cache with prefill_launch."""
         key = plan_key(group_pad)
         plan = metadata.backend_cache.get(key)
         if plan is not None:
             return plan
         prefill_launch = prefill_launch or self.prefill_launch_for(False)
-        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if wide_rows(element_size, head_dim) else prefill_launch
+        launch = staged_launch or prefill_launch
+        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if wide_rows(element_size, head_dim) else launch
         wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
         items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
                                 tile_q, wide, num_kv_heads, metadata.block_size)
@@ -851,9 +868,13 @@ class TritonBackend:
         if (order == np.arange(len(order))).all():
             order = None
         staging = None
-        if stage and len(multi):
+        if staged_launch is not None and len(multi):
+            key_bytes = 2 * 2 * num_kv_heads * head_dim  # K and V in fp16
             staging = staging_plan(items.seq[multi], items.kv_hi[multi], metadata.block_tables_cpu,
-                                   metadata.block_size, metadata.block_tables.shape[1])
+                                   metadata.block_size, metadata.block_tables.shape[1], STAGE_MAX_BYTES // key_bytes)
+            if staging is None:  # too many blocks to copy: planned again, tiles for the cache itself
+                return self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, element_size,
+                                  prefill_launch)
         shapes = [(p, wide, self.decode_tile, False),
                   (len(multi), tile_q, TileConfig(*prefill_tile), staging is not None),
                   (len(single), 1, self.decode_tile, False)]

@@ -412,13 +412,39 @@ def test_stage_blocks_copies_the_cache_values_into_k_layout(block_size, kv_heads
     assert stage_blocks(cache, blocks[:0]).shape == (2, 0, block_size, kv_heads, head_dim)
 
 
+def test_a_step_past_the_staging_limit_reads_the_cache_with_the_direct_launchs_tiles(monkeypatch):
+    """A step whose prefill items reach more than STAGE_MAX_BYTES of blocks is planned again for the
+    cache itself: no staged launch, and the prefill tiles of the direct launch (PREFILL_LAUNCH, pointer
+    loads) instead of the staged copy's (TMA_PREFILL_LAUNCH where, as on Hopper, the copy loads by TMA);
+    the output agrees to rounding (other tiles, another summation order)."""
+    from batchllm.attention import triton_backend as tb
+
+    monkeypatch.setattr(tb, "tma_available", lambda device: True)  # as on Hopper
+    name, specs, options = STAGED_CASES[0]
+    q, k, v, cache, md, kv_scale = fp8_case(specs, block_size=64, seed=5)
+    outputs, prefill, default = {}, {}, tb.STAGE_MAX_BYTES
+    for limit in (default, 1):
+        monkeypatch.setattr(tb, "STAGE_MAX_BYTES", limit)
+        md.backend_cache.clear()
+        outputs[limit] = tb.TritonBackend(stage_fp8_prefill=True, **options).forward(
+            q, k, v, cache.clone(), md, 0.125, kv_scale)
+        [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+        [prefill[limit]] = [launch for launch in plan.launches if launch.block_q > 1 and not launch.item_offset
+                            < plan.items.num_prefix_items]
+    staged, direct = prefill[default], prefill[1]
+    assert staged.staged and staged.tile == tb.TileConfig(*tb.TMA_PREFILL_LAUNCH[1:])
+    assert not direct.staged and direct.tile == tb.TileConfig(*tb.PREFILL_LAUNCH[1:])
+    assert staged.block_q * tb.PREFILL_LAUNCH[0] == direct.block_q * tb.TMA_PREFILL_LAUNCH[0]  # rows a program
+    torch.testing.assert_close(outputs[1], outputs[default], rtol=1e-4, atol=1e-5)
+
+
 def test_staging_plan_copies_each_block_once_and_stops_at_its_limit():
     import numpy as np
 
     from batchllm.attention.triton_backend import staging_plan
 
     tables = [[7, 3, 9], [4, 4, 4], [7, 3, 5, 6]]  # sequences 0 and 2 share blocks 7 and 3
-    blocks, staged = staging_plan(np.array([0, 2, 0]), np.array([40, 50, 20]), tables, 16, 5)
+    blocks, staged = staging_plan(np.array([0, 2, 0]), np.array([40, 50, 20]), tables, 16, 5, max_keys=1000)
     assert blocks.tolist() == [7, 3, 9, 5, 6]  # sequence 2 reaches 50 keys: 4 blocks, 2 of them already in
     assert staged.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 0, 0], [0, 1, 3, 4, 0]]
     assert staging_plan(np.array([0, 2]), np.array([40, 50]), tables, 16, 5, max_keys=5 * 16) is not None
