@@ -6,12 +6,12 @@ GPU, the intermediate widths of Llama-3.1-8B (14,336) and Llama-3.2-1B (8,192).
 Per width and row count, median microseconds (CUDA-graph replay, `do_bench_cudagraph`) and the bytes
 moved per second (gate and up read in bf16, the float8 row and its scale written) of:
 - bf16: the unfused SiLU-and-mul (no quantization; a bf16 row written), the bandwidth reference;
-- whole: the fused kernel as the engine runs it, one program per whole row (16 warps for 8B's rows, 8 for 1B's);
+- whole: the fused kernel as the engine runs it, one program per whole row (16 warps for 8B's rows, 8 for 1B's),
+  each element multiplied by the row's reciprocal scale (since session 23);
 - whole w32: the same kernel launched with 32 warps (half the registers a thread holds);
-- recip (the engine's warps), recip w32: a copy of it here (not the engine's) that multiplies by the
-  row's reciprocal scale instead of dividing every element by it (IEEE `div_rn`, which keeps the
-  engine's quantizers bit-equal): its float8 values may differ from the engine's at rounding ties (the
-  share is printed).
+- divide: a copy of it here (not the engine's) that divides every element by the scale (IEEE `div_rn`),
+  the engine's arithmetic up to session 22, 1.47x slower there: its float8 values differ from the
+  engine's at rounding ties (the share is printed).
 (Session 22 also timed a two-pass kernel over chunks of 1,024-4,096 columns here: slower at every
 size, and removed; docs/benchmarks.md.)
 """
@@ -33,9 +33,9 @@ ROWS = (16, 256, 1024, 4096, 8192)
 
 
 @triton.jit
-def _silu_and_mul_quant_reciprocal_kernel(GateUp, Out, Scale, stride_g, stride_o, n_cols, fp8_max, min_scale,
-                                          BLOCK: tl.constexpr):
-    """`triton_ops._silu_and_mul_kernel` with QUANT, but q = x * (1 / scale): one division a row."""
+def _silu_and_mul_quant_dividing_kernel(GateUp, Out, Scale, stride_g, stride_o, n_cols, fp8_max, min_scale,
+                                        BLOCK: tl.constexpr):
+    """`triton_ops._silu_and_mul_kernel` with QUANT, but q = x / scale: a division an element."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -44,7 +44,7 @@ def _silu_and_mul_quant_reciprocal_kernel(GateUp, Out, Scale, stride_g, stride_o
     up = tl.load(GateUp + row * stride_g + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     x = (gate / (1.0 + tl.exp(-gate)) * up).to(gate_raw.dtype).to(tl.float32)
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
-    q = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -fp8_max), fp8_max)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
     tl.store(Out + row * stride_o + cols, q.to(Out.dtype.element_ty), mask=mask)
     tl.store(Scale + row, scale)
 
@@ -67,12 +67,11 @@ def run_case(rows: int, cols: int) -> dict:
     variants = {"bf16": lambda: TritonOps._launch_silu(gate_up, out16),
                 "whole": lambda: TritonOps._launch_silu(gate_up, q, scale),
                 "whole w32": lambda: launch(_silu_and_mul_kernel, gate_up, q, scale, 32, quant=True),
-                "recip": lambda: launch(_silu_and_mul_quant_reciprocal_kernel, gate_up, q2, scale, warps),
-                "recip w32": lambda: launch(_silu_and_mul_quant_reciprocal_kernel, gate_up, q2, scale, 32)}
-    variants["recip"]()
+                "divide": lambda: launch(_silu_and_mul_quant_dividing_kernel, gate_up, q2, scale, warps)}
+    variants["divide"]()
     variants["whole"]()
     apart = (q.view(torch.uint8) != q2.view(torch.uint8)).float().mean().item()
-    row = dict(rows=rows, cols=cols, recip_bytes_apart=apart)
+    row = dict(rows=rows, cols=cols, divide_bytes_apart=apart)
     for name, fn in variants.items():  # gate and up read; a bf16 row, or a float8 row and its scale, written
         row[name] = timed(fn, rows * cols * (4 + (2 if name == "bf16" else 1)) + (0 if name == "bf16" else 4 * rows))
     return row
@@ -93,7 +92,7 @@ def main() -> None:
             results.append(r)
             cells = "  ".join(f"{name} {v['us']:8.1f} ({v['gbps']:5.0f})"
                               for name, v in r.items() if isinstance(v, dict))
-            print(f"{cols:6d} x {rows:5d}: {cells}  recip apart {100 * r['recip_bytes_apart']:.4f}%", flush=True)
+            print(f"{cols:6d} x {rows:5d}: {cells}  divide apart {100 * r['divide_bytes_apart']:.4f}%", flush=True)
     write_rows(args.json_out, results)
 
 

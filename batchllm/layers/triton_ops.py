@@ -33,8 +33,8 @@ kernel, then `quantize_rows_triton` (the same bits)."""
 @triton.jit
 def _store_row(Out, Scale, row, cols, mask, out, fp8_max, min_scale, QUANT: tl.constexpr):
     """Store one output row `out` (already rounded to the model dtype; Out points at the row);
-    QUANT: quantized per row (Out float8 or, in tests, float32: the clamped quotients; fp8_max and
-    min_scale as `quantize_rows_triton` passes them) with its scale at Scale[row]."""
+    QUANT: quantized per row (Out float8 or, in tests, float32: the clamped products x * (1 / scale);
+    fp8_max and min_scale as `quantize_rows_triton` passes them) with its scale at Scale[row]."""
     if QUANT:
         q, scale = quantize_row(out.to(tl.float32), fp8_max, min_scale)
         tl.store(Out + cols, q.to(Out.dtype.element_ty), mask=mask)
