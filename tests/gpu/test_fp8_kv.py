@@ -75,6 +75,16 @@ def test_triton_over_fp8_cache_matches_reference(name, specs, heads, kv_heads, h
         assert len(plan.items.merge_tokens) > 0, "split-K partials were merged"
 
 
+def poisoned_fp8_case(specs, heads: int, kv_heads: int, head_dim: int):
+    """(q, k, v, fp8 cache, metadata, softmax scale, kv_scale): bf16 queries over an fp8 cache of 64-token
+    blocks (V keys-major) with scales (0.75, 1.5), NaN in K's unwritten slots."""
+    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=7)
+    kv_scale = scales(0.75, 1.5)
+    fp8 = quantize_cache(cache, kv_scale)
+    poison_unwritten_slots(fp8, md, halves=(0,))
+    return q, k, v, fp8, md, head_dim ** -0.5, kv_scale
+
+
 @pytest.mark.parametrize("fp8_attention", [False, True], ids=["cast-up", "fp8-dots"])
 @pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
 def test_tma_tiles_over_fp8_cache_match_pointer_loads(name, specs, heads, kv_heads, head_dim, options, fp8_attention):
@@ -85,10 +95,7 @@ def test_tma_tiles_over_fp8_cache_match_pointer_loads(name, specs, heads, kv_hea
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9 (Hopper) or later")
-    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=7)
-    scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
-    fp8 = quantize_cache(cache, kv_scale)
-    poison_unwritten_slots(fp8, md, halves=(0,))
+    q, k, v, fp8, md, scale, kv_scale = poisoned_fp8_case(specs, heads, kv_heads, head_dim)
     # (not staged: TMA over the fp8 cache itself; the staged copy's tiles are the next test's)
     backend = TritonBackend(fp8_attention=fp8_attention, tma=True, stage_fp8_prefill=False, **options)
     assert backend.uses_tma(fp8, head_dim) and not TritonBackend().uses_tma(fp8, head_dim)
@@ -112,10 +119,7 @@ def test_staged_prefill_over_fp8_cache_matches_the_direct_launch(name, specs, he
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the staged default and TMA need compute capability 9 (Hopper) or later")
-    q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=7)
-    scale, kv_scale = head_dim ** -0.5, scales(0.75, 1.5)
-    fp8 = quantize_cache(cache, kv_scale)
-    poison_unwritten_slots(fp8, md, halves=(0,))
+    q, k, v, fp8, md, scale, kv_scale = poisoned_fp8_case(specs, heads, kv_heads, head_dim)
     assert TritonBackend().stages_prefill(fp8, head_dim, torch.bfloat16)
     assert not TritonBackend().stages_prefill(fp8, head_dim, torch.float32)
     staged = TritonBackend(**options).forward(q, k, v, fp8.clone(), md, scale, kv_scale).float()
