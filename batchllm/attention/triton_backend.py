@@ -638,6 +638,32 @@ def plan_key(group_pad: int) -> tuple:
     return ("triton_items", group_pad)
 
 
+def launch_plan(items: WorkItems, order: np.ndarray | None, shapes: list[tuple], staging: tuple | None,
+                num_heads: int, head_dim: int, device: torch.device) -> LaunchPlan:
+    """The plan of a step's items on the device: their arrays (in launch `order`, None: as planned) and
+    launch counts in one copy, a Launch per (count, rows per program, tile, staged) of `shapes` over
+    consecutive items, the partial buffers, and the staged copy's blocks and tables (`staging_plan`)."""
+    arrays = [getattr(items, name)[order] if order is not None and name in ITEM_FIELDS else getattr(items, name)
+              for name in PLAN_FIELDS]
+    num_merged = len(items.merge_tokens)
+    counts = np.zeros(COUNT_SLOT * (len(shapes) + 1), dtype=np.int32)
+    counts[::COUNT_SLOT] = [n for n, *_ in shapes] + [num_merged]
+    *arrays, counts = to_device_packed([*arrays, counts], device, np.int32)
+    *counts, merge_count = launch_counts(counts)
+    offsets = np.cumsum([0] + [n for n, *_ in shapes])
+    num_partials = max(items.num_partials, 1)
+    return LaunchPlan(
+        items=items, tensors=dict(zip(PLAN_FIELDS, arrays)),
+        launches=[Launch(int(offset), n, block_q, tile, count, staged)
+                  for offset, (n, block_q, tile, staged), count in zip(offsets, shapes, counts)],
+        merge_grid=num_merged, merge_count=merge_count,
+        part_out=torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
+        part_lse=torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
+        staged_blocks=None if staging is None else to_device(staging[0], device),
+        staged_tables=None if staging is None else to_device(staging[1], device),
+    )
+
+
 class TritonBackend:
     """Paged attention in one Triton kernel per layer (plus the KV store, plus one small merge kernel
     in steps where some token's keys are split over several work items: prefix groups, split-K)."""
@@ -878,27 +904,8 @@ class TritonBackend:
         shapes = [(p, wide, self.decode_tile, False),
                   (len(multi), tile_q, TileConfig(*prefill_tile), staging is not None),
                   (len(single), 1, self.decode_tile, False)]
-        shapes = [shape for shape in shapes if shape[0]]
-        arrays = [getattr(items, name)[order] if order is not None and name in ITEM_FIELDS else getattr(items, name)
-                  for name in PLAN_FIELDS]
-        num_merged = len(items.merge_tokens)
-        counts = np.zeros(COUNT_SLOT * (len(shapes) + 1), dtype=np.int32)
-        counts[::COUNT_SLOT] = [n for n, *_ in shapes] + [num_merged]
-        device = metadata.seq_lens.device
-        *arrays, counts = to_device_packed([*arrays, counts], device, np.int32)
-        *counts, merge_count = launch_counts(counts)
-        offsets = np.cumsum([0] + [n for n, *_ in shapes])
-        num_partials = max(items.num_partials, 1)
-        plan = LaunchPlan(
-            items=items, tensors=dict(zip(PLAN_FIELDS, arrays)),
-            launches=[Launch(int(offset), n, block_q, tile, count, staged)
-                      for offset, (n, block_q, tile, staged), count in zip(offsets, shapes, counts)],
-            merge_grid=num_merged, merge_count=merge_count,
-            part_out=torch.empty(num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
-            part_lse=torch.empty(num_partials, num_heads, dtype=torch.float32, device=device),
-            staged_blocks=None if staging is None else to_device(staging[0], device),
-            staged_tables=None if staging is None else to_device(staging[1], device),
-        )
+        plan = launch_plan(items, order, [shape for shape in shapes if shape[0]], staging, num_heads, head_dim,
+                           metadata.seq_lens.device)
         metadata.backend_cache[key] = plan
         return plan
 
