@@ -744,7 +744,7 @@ class TritonBackend:
             cache, block_tables = caches[launch.staged]
             k_cache, v_cache = layer_caches(cache)  # [blocks, block_size, kvh, d] views (V keys-major: its strides)
             block_m = max(16, launch.block_q * group_pad)
-            fp8_dots = fp8 and not launch.staged and self.fp8_attention and fp8_dots_fit(block_m, launch.tile.block_n)
+            fp8_dots = fp8 and self.fp8_attention and fp8_dots_fit(block_m, launch.tile.block_n)  # (never staged)
             block_n = launch.tile.block_n
             tile_in_block = metadata.block_size % block_n == 0
             described = (launch.staged, block_n)
@@ -776,14 +776,17 @@ class TritonBackend:
 
     def _plan_and_caches(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                          group_pad: int, num_kv_heads: int) -> tuple[LaunchPlan, dict]:
-        """The step's plan (`_plan`) and, by `Launch.staged`, the (cache, block tables) each launch reads:
-        a staged launch's copy (`stage_blocks`) is made here, once per layer."""
+        """The step's plan (`_plan`, made by the first layer: its prefill launches are chosen only then)
+        and, by `Launch.staged`, the (cache, block tables) each launch reads: a staged launch's copy
+        (`stage_blocks`) is made here, once per layer."""
         num_heads, head_dim = query.shape[1], query.shape[2]
-        stage = self.stages_prefill(kv_cache, head_dim, query.dtype)
-        direct = self.prefill_launch_for(self._prefill_tiles_by_tma(kv_cache, head_dim, False))
-        staged = self.prefill_launch_for(self._prefill_tiles_by_tma(kv_cache, head_dim, True)) if stage else None
-        plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(), direct,
-                          staged)
+        plan = metadata.backend_cache.get(plan_key(group_pad))
+        if plan is None:
+            stage = self.stages_prefill(kv_cache, head_dim, query.dtype)
+            direct = self.prefill_launch_for(self._prefill_tiles_by_tma(kv_cache, head_dim, False))
+            staged = self.prefill_launch_for(self._prefill_tiles_by_tma(kv_cache, head_dim, True)) if stage else None
+            plan = self._plan(metadata, group_pad, num_heads, head_dim, num_kv_heads, query.element_size(), direct,
+                              staged)
         caches = {False: (kv_cache, metadata.block_tables)}
         if plan.staged_blocks is not None:
             caches[True] = (stage_blocks(kv_cache, plan.staged_blocks), plan.staged_tables)
