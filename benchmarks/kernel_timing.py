@@ -1,11 +1,29 @@
 """What the kernel micro-benchmarks (`kv_store_bench.py`, `silu_quant_bench.py`, `stage_copy_bench.py`)
-share: one call's median time on the GPU, and their JSON output."""
+share: their command line's common part, the GPU check and header, one call's median time on the GPU,
+and their JSON output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
+
+
+def bench_parser(doc: str, counts: str, default: tuple[int, ...], what: str) -> argparse.ArgumentParser:
+    """A parser described by the first line of the script's `doc`, with --json-out and `counts` (e.g.
+    "--rows"): comma-separated integers (`what`), `default` by default; the script adds its own."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--json-out", help="write the rows as JSON here")
+    ap.add_argument(counts, default=",".join(map(str, default)), help=f"comma-separated {what}")
+    return ap
+
+
+def start_on_gpu(script: str, header: str) -> None:
+    """Exit naming `script` without a CUDA GPU; else print the device, torch and the `header`."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {header}")
 
 
 def time_us(fn, graph: bool = True) -> float:

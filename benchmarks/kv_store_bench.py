@@ -22,10 +22,8 @@ scattered, on an H200 in session 22). Every case first checks that both stores l
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from kernel_timing import time_us, write_rows
+from kernel_timing import bench_parser, start_on_gpu, time_us, write_rows
 
 from batchllm.attention.backend import store_kv
 from batchllm.attention.kv_store_triton import store_kv_triton
@@ -76,16 +74,12 @@ def run_case(n: int, cache_dtype: torch.dtype, block_size: int, runs: bool) -> d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json-out", help="write the rows as JSON here")
-    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    ap = bench_parser(__doc__, "--tokens", TOKENS, "token counts")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per cache block (64: fp8 V keys-major)")
     ap.add_argument("--runs", action="store_true", help="slots in a prefill's runs, not scattered")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("kv_store_bench.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per layer (K and V); "
-          f"{args.block_size}-token blocks, slots {'in runs' if args.runs else 'scattered'}")
+    start_on_gpu("kv_store_bench.py", f"microseconds per layer (K and V); {args.block_size}-token blocks, "
+                 f"slots {'in runs' if args.runs else 'scattered'}")
     header = (f"{'cache':14} {'tokens':>6} | {'torch':>8} {'fused':>8} {'x':>5} (eager) | "
               f"{'torch':>8} {'fused':>8} {'x':>5} (graph) | {'GB/s':>6}")
     print(header)

@@ -18,12 +18,10 @@ size, and removed; docs/benchmarks.md.)
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import triton
 import triton.language as tl
-from kernel_timing import timed, write_rows
+from kernel_timing import bench_parser, start_on_gpu, timed, write_rows
 
 from batchllm.layers.fp8 import _MIN_SCALE, FP8, FP8_MAX
 from batchllm.layers.triton_ops import TritonOps, _silu_and_mul_kernel
@@ -78,13 +76,8 @@ def run_case(rows: int, cols: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json-out", help="write the rows as JSON here")
-    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("silu_quant_bench.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds (GB/s)")
+    args = bench_parser(__doc__, "--rows", ROWS, "row counts").parse_args()
+    start_on_gpu("silu_quant_bench.py", "microseconds (GB/s)")
     results = []
     for cols in WIDTHS:
         for rows in map(int, args.rows.split(",")):

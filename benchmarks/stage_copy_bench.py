@@ -18,10 +18,8 @@ its 22 eager steps x 32 layers, `docs/benchmarks.md`, session 22).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from kernel_timing import timed, write_rows
+from kernel_timing import bench_parser, start_on_gpu, timed, write_rows
 
 from batchllm.attention.kv_quant import layer_caches
 from batchllm.attention.triton_backend import stage_blocks
@@ -53,16 +51,11 @@ def run_case(n: int, cache: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json-out", help="write the rows as JSON here")
-    ap.add_argument("--blocks", default=",".join(map(str, BLOCKS)), help="comma-separated counts of distinct blocks")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("stage_copy_bench.py needs a CUDA GPU")
+    args = bench_parser(__doc__, "--blocks", BLOCKS, "counts of distinct blocks").parse_args()
+    start_on_gpu("stage_copy_bench.py", "one layer, microseconds (GB/s)")
     g = torch.Generator(device="cuda").manual_seed(0)
     cache = torch.randint(0, 126, (2, POOL_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM), generator=g, device="cuda",
                           dtype=torch.uint8).view(FP8)  # finite e4m3 values (kv_quant: V keys-major in these bytes)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; one layer, microseconds (GB/s)")
     rows = []
     for n in map(int, args.blocks.split(",")):
         r = run_case(n, cache)
