@@ -15,6 +15,7 @@ split-K per launch (`split_per_launch`), in GB/s of distinct KV read; the last l
 With --decode-sweep-fp8: the same tiles and a few wider ones over an fp8 cache.
 With --decode-sweep-64: the same tiles over 64-token blocks of a bf16 cache (loaded by TMA, as the engine
 does on Hopper), on the decode-heavy steps and a decode step of the 16K workload.
+With --decode-sweep-fp8-64: tiles over an fp8 cache of 64-token blocks (the fp8 default), the same steps.
 With --fp8-layout: the decode-heavy steps and the prefill cases over bf16 and fp8 caches of 16- and
 64-token blocks (an fp8 cache of 64-token blocks keeps V keys-major), with and without FP8 attention.
 With --launch-order: the prefill cases, a mixed step and the decode-heavy steps with each launch's items
@@ -419,6 +420,33 @@ def decode_sweep_blocks64():
             "gain": round(totals[DECODE_TILE] / totals[best], 3)})
 
 
+DECODE_TILES_FP8_64 = [DECODE_TILE, *(TileConfig(*t) for t in [(64, 4, 3), (64, 4, 4), (64, 2, 2), (64, 2, 3),
+                                                               (64, 2, 4), (64, 8, 2), (64, 8, 3), (32, 4, 3),
+                                                               (32, 2, 3), (128, 4, 3)])]
+
+
+def decode_sweep_fp8_blocks64():
+    """The decode tiles over an fp8 cache of 64-token blocks (V keys-major: the engine's fp8 default), on
+    the decode-heavy steps and a decode step of the 16K workload, against the bf16 cache's default (its
+    tiles by TMA where available); the last row names the best tile."""
+    cases = decode_step_cases(64)
+    specs = degree16(256, 16000, 250)
+    cases.append(("16k", specs, random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)))
+    bf16 = time_decode_steps(cases, "default tile, bf16 cache", TritonBackend())
+    totals = {}
+    for tile in DECODE_TILES_FP8_64:
+        label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s, fp8 cache"
+        try:
+            totals[tile] = time_decode_steps(cases, label, TritonBackend(decode_tile=tile), fp8=True)
+        except Exception as error:  # e.g. out of shared memory: not a candidate
+            print(f"{tile}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+    best = min(totals, key=totals.get)
+    report({"case": "fp8-cache decode sweep best, 64-token blocks", "tile": [best.block_n, best.num_warps,
+            best.num_stages], "default_sum_ms": round(totals[DECODE_TILE], 4), "best_sum_ms": round(totals[best], 4),
+            "gain": round(totals[DECODE_TILE] / totals[best], 3), "bf16_default_sum_ms": round(bf16, 4),
+            "best_vs_bf16": round(bf16 / totals[best], 3)})
+
+
 def degree16(num_requests, shared, own):
     return [s for g in range(num_requests // 16) for s in group_decode(16, shared, own, group=g)]
 
@@ -429,6 +457,8 @@ ONLY_RUNS = {  # flag: (what it runs instead of the default rows, its help)
     "--decode-sweep-fp8": (decode_sweep_fp8, "only the decode-tile sweep over an fp8 cache"),
     "--decode-sweep-64": (decode_sweep_blocks64, "only the decode-tile sweep over a bf16 cache of 64-token blocks "
                           "(TMA), on the decode-heavy steps and a 16K decode step"),
+    "--decode-sweep-fp8-64": (decode_sweep_fp8_blocks64, "only the decode-tile sweep over an fp8 cache of 64-token "
+                              "blocks (the fp8 default), on the decode-heavy steps and a 16K decode step"),
     "--decode-fp8-cache": (fp8_cache_rows, "only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, "
                            "FP8 attention; then the prefill cases the same three ways"),
     "--fp8-layout": (fp8_layout_rows, "only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- "

@@ -74,7 +74,10 @@
 #       also at 32 warps and dividing every element as before session 23) and stage_copy_bench.py (the staged prefill's
 #       copy, session 22's torch form against the engine's Triton gather) (~2 min)
 #   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
-#       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min)
+#       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min;
+#       PROF_DECODE_AB=0 leaves out the decode-heavy runs: ~4 min)
+#   PART=fp8profdecode bash scripts/gpu_issues.sh   where the GPU time of the decode-heavy mix goes, FP8 weights + fp8
+#       cache then bf16, default settings (~4 min)
 #   PART=staged OLD=<tree> bash scripts/gpu_issues.sh   the staged prefill over an fp8 cache: its GPU tests and the
 #       quantizer's, then FP8 weights + fp8 cache and bf16 on the paper workload (one process each tree), this tree
 #       against OLD (prefill reading the fp8 cache), new/old/new (~7 min; STAGED_TREES: the order, STAGED_CONFIGS)
@@ -433,8 +436,14 @@ fp8prof)
       --json-out "$OUT/prof_paper_fp8.json"
   bench prof_paper_bf16 "${M8D[@]}" "${PAPER[@]}" --configs sharing "${PROF[@]}" --profile-out "$OUT/prof_paper_bf16.txt" \
       --json-out "$OUT/prof_paper_bf16.json"
-  bench fp8_decode_default "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,sharing,fp8w+kv \
-      --json-out "$OUT/fp8_decode_default.json"
+  [ "${PROF_DECODE_AB:-1}" = 1 ] && bench fp8_decode_default "${M8D[@]}" "${DECODE[@]}" \
+      --configs sharing,fp8w+kv,sharing,fp8w+kv --json-out "$OUT/fp8_decode_default.json"
+  ;;
+fp8profdecode)
+  for config in fp8w+kv sharing; do
+    bench "prof_decode_$config" "${M8D[@]}" "${DECODE[@]}" --configs "$config" \
+        --profile-out "$OUT/prof_decode_$config.txt" --json-out "$OUT/prof_decode_$config.json"
+  done
   ;;
 fp8paper)
   bench fp8_paper "${M8[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8_paper.json"
