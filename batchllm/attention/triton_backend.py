@@ -430,7 +430,9 @@ DECODE_TILE_TMA = TileConfig(64, 4, 3)
 """The decode tile where tiles load by TMA (a 16-bit cache of 64-token blocks on Hopper): one more tile
 in flight. On an H200 1.06x DECODE_TILE's speed summed over the decode-heavy run's steps and 1.30x on a
 decode step of the 16K workload (256 sequences in groups of 16 sharing 16,000 positions), with 4 stages no
-faster and wider or narrower tiles slower (`attention_bench.py --decode-sweep-64`, session 16)."""
+faster and wider or narrower tiles slower (`attention_bench.py --decode-sweep-64`, session 16). Also the
+tile over an fp8 cache of 64-token blocks (pointer loads, V keys-major): 1.03x DECODE_TILE there, the best
+of eleven tiles, 4 stages the same (`--decode-sweep-fp8-64`, session 24)."""
 DECODE_TILE_FP8 = TileConfig(128, 4, 3)
 """The decode tile over an fp8 cache (half the bytes per key: twice the keys per tile): on the decode-heavy
 run's steps, 16-token blocks, 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`,
@@ -471,14 +473,14 @@ def wide_rows(element_size: int, head_dim: int) -> bool:
 
 def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.dtype, head_dim: int,
                     tma: bool = False) -> TileConfig:
-    """The engine's decode tile (`TritonBackend(decode_tile=)`): DECODE_TILE_TMA where the tiles load
-    by TMA (`tma`: the backend's TMA tiles are on, over blocks that hold whole 64-key tiles),
-    DECODE_TILE_FP8 over an fp8 cache where it was measured faster and fits, else DECODE_TILE. Not
-    DECODE_TILE_FP8 where the default tile lies whole in a cache block (64-token blocks: its one block
-    index per tile and the plan's alignment would be lost), nor either larger tile for `wide_rows`
-    (the 64-row prefix programs' shared memory)."""
+    """The engine's decode tile (`TritonBackend(decode_tile=)`): DECODE_TILE_TMA over blocks that hold
+    whole 64-key tiles where the tiles load by TMA (`tma`: the backend's TMA tiles are on) or the cache
+    is fp8 (both measured faster), DECODE_TILE_FP8 over an fp8 cache of smaller blocks where it was
+    measured faster and fits, else DECODE_TILE. Not DECODE_TILE_FP8 where the default tile lies whole in
+    a cache block (64-token blocks: its one block index per tile and the plan's alignment would be
+    lost), nor either larger tile for `wide_rows` (the 64-row prefix programs' shared memory)."""
     fits = not wide_rows(query_dtype.itemsize, head_dim)
-    if tma and fits and block_size % DECODE_TILE_TMA.block_n == 0:
+    if (tma or kv_dtype == FP8) and fits and block_size % DECODE_TILE_TMA.block_n == 0:
         return DECODE_TILE_TMA
     if kv_dtype == FP8 and fits and block_size % DECODE_TILE.block_n != 0:
         return DECODE_TILE_FP8

@@ -667,9 +667,9 @@ def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
 
 def test_engine_takes_the_decode_tile_of_its_cache():
     """DECODE_TILE_FP8 over an fp8 cache of 16-token blocks (where it was measured) and narrow rows;
-    DECODE_TILE_TMA where tiles load by TMA; DECODE_TILE over a 16-bit cache without TMA, on 64-token
-    blocks of an fp8 cache (the default tile's one index per tile) and for rows past 256 bytes (the
-    64-row prefix programs' shared memory: tests/sm90_compile.py)."""
+    DECODE_TILE_TMA where tiles load by TMA and over an fp8 cache of 64-token blocks (one index per
+    tile, as the default tile's); DECODE_TILE over a 16-bit cache without TMA and for rows past 256
+    bytes (the 64-row prefix programs' shared memory: tests/sm90_compile.py)."""
     from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, DECODE_TILE_TMA, decode_tile_for
     from batchllm.layers.fp8 import FP8
 
@@ -677,7 +677,8 @@ def test_engine_takes_the_decode_tile_of_its_cache():
     assert decode_tile_for(FP8, 16, torch.bfloat16, 128) == DECODE_TILE_FP8
     assert decode_tile_for(FP8, 16, torch.float32, 64) == DECODE_TILE_FP8  # the tiny models' float32 rows
     assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128) == DECODE_TILE
-    assert decode_tile_for(FP8, 64, torch.bfloat16, 128) == DECODE_TILE
+    assert decode_tile_for(FP8, 64, torch.bfloat16, 128) == DECODE_TILE_TMA  # one more tile in flight (measured)
+    assert decode_tile_for(FP8, 64, torch.bfloat16, 256) == DECODE_TILE  # wide rows
     assert decode_tile_for(FP8, 16, torch.float32, 256) == decode_tile_for(FP8, 16, torch.bfloat16, 256) == DECODE_TILE
     # where the tiles load by TMA (a 16-bit cache of 64-token blocks on Hopper): one stage more
     assert DECODE_TILE_TMA == TileConfig(DECODE_TILE.block_n, DECODE_TILE.num_warps, DECODE_TILE.num_stages + 1)
@@ -687,7 +688,7 @@ def test_engine_takes_the_decode_tile_of_its_cache():
 
 
 @pytest.mark.parametrize("kv_cache_dtype, block_size, tile", [("fp8", 16, "fp8"), ("auto", 16, "default"),
-                                                               ("fp8", 64, "default")])
+                                                               ("fp8", 64, "tma")])
 def test_engine_builds_its_triton_backend_with_the_decode_tile_of_its_cache(tiny_model_factory, monkeypatch,
                                                                             kv_cache_dtype, block_size, tile):
     """build_runner's Triton branch (CUDA only in use) run on the CPU interpreter: the engine hands the
@@ -695,7 +696,7 @@ def test_engine_builds_its_triton_backend_with_the_decode_tile_of_its_cache(tiny
     same cache dtype."""
     from batchllm import LLM, SamplingParams
     from batchllm import engine as engine_module
-    from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, TritonBackend
+    from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, DECODE_TILE_TMA, TritonBackend
 
     model_dir = tiny_model_factory("llama")
     prompts = [{"prompt_token_ids": [5 + i, 40, 41, 42, 300 + i]} for i in range(3)]
@@ -711,7 +712,7 @@ def test_engine_builds_its_triton_backend_with_the_decode_tile_of_its_cache(tiny
     llm, triton_tokens = run()
     backend = llm.engine.runner.backend
     assert isinstance(backend, TritonBackend)
-    assert backend.decode_tile == (DECODE_TILE_FP8 if tile == "fp8" else DECODE_TILE)
+    assert backend.decode_tile == {"fp8": DECODE_TILE_FP8, "tma": DECODE_TILE_TMA, "default": DECODE_TILE}[tile]
     assert triton_tokens == reference
 
 
