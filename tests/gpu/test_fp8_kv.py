@@ -52,6 +52,24 @@ def test_triton_over_fp8_cache_matches_reference(name, specs, heads, kv_heads, h
     """Every path over an fp8 cache against the reference over the same cache; on 64-token blocks V
     is keys-major (`kv_quant.values_keys_major`) and read in whole tiles, past each sequence's end too
     (random values there: they must weigh nothing)."""
+    check_fp8_paths(name, specs, heads, kv_heads, head_dim, options, dtype, block_size)
+
+
+@pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
+def test_engine_decode_tile_over_fp8_blocks64_matches_reference(name, specs, heads, kv_heads, head_dim, options):
+    """The decode tile the engine gives an fp8 cache of 64-token blocks (`decode_tile_for`: 3 stages,
+    DECODE_TILE_TMA's) on every path, as the default tile's test above."""
+    from batchllm.attention.triton_backend import DECODE_TILE_TMA, decode_tile_for
+
+    tile = decode_tile_for(FP8, 64, torch.bfloat16, head_dim)
+    assert tile == DECODE_TILE_TMA or head_dim > 128
+    check_fp8_paths(name, specs, heads, kv_heads, head_dim, dict(options, decode_tile=tile), torch.bfloat16, 64)
+
+
+def check_fp8_paths(name, specs, heads, kv_heads, head_dim, options, dtype, block_size):
+    """A random case through `TritonBackend(**options)` over its fp8 cache: the bytes stored, the output
+    against the reference over the same cache (tight) and the unquantized cache (loose), and the
+    prefix-shared or split-K path taken where the options ask for it."""
     from batchllm.attention.triton_backend import TritonBackend
 
     q, k, v, cache, md = random_case(specs, heads, kv_heads, head_dim, block_size, dtype, seed=7)
