@@ -8,8 +8,8 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready", {import_s, build_s}) | ("pull", job id) | ("result", job id, [(index, RequestOutput)])
-                    | ("done", job id, stats) | ("error", message)
+  rank r -> parent: ("ready", {import_s, build_s, torch_threads}) | ("pull", job id)
+                    | ("result", job id, [(index, RequestOutput)]) | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
 result comes back without its prompt and prompt token ids (the parent puts them back). A worker asks
 for a tail shard ("pull") whenever its engine has admitted everything it holds
@@ -86,7 +86,7 @@ class DataParallelEngine:
         self.start_times: dict[int, dict[str, float]] = {}
         """Per rank, seconds from spawning until this side saw it ready (`ready_s`: `run` looks only
         after its own start-up) and, from the real worker, its parts: importing torch and the engine
-        (after the spawned process started) and building it."""
+        (after the spawned process started) and building it; and its torch CPU threads (`engine_threads`)."""
 
     def _messages(self, ranks: set[int], timeout_s: float) -> Iterator[tuple[int, tuple | None]]:
         """(rank, message) for each message that arrives within `timeout_s` from these ranks; a
@@ -114,10 +114,11 @@ class DataParallelEngine:
                     self.shutdown()
                     raise WorkerDied(f"data-parallel worker {rank} could not start: {why}")
                 waiting.discard(rank)
-                parts = message[1] if len(message) > 1 else {}  # the real worker's import and build seconds
+                parts = message[1] if len(message) > 1 else {}  # the real worker's start-up seconds and threads
                 self.start_times[rank] = {"ready_s": time.perf_counter() - self._spawned, **parts}
                 logger.info("data-parallel worker %d ready: %s", rank,
-                            ", ".join(f"{k} {v:.1f}" for k, v in self.start_times[rank].items()))
+                            ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in self.start_times[rank].items()))
 
     def _exit_code(self, rank: int) -> int | None:
         self.processes[rank].join(5)
@@ -262,7 +263,8 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     prompt_tokens, prefill = sums["prompt_tokens"], sums["prefill_tokens_computed"]
     finish = [r["finish_s"] for r in ranks]
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
-            "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "ready_s", "import_s", "build_s")
+            "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "ready_s", "import_s", "build_s",
+            "torch_threads")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
         "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
@@ -348,6 +350,25 @@ def cuda_device_count() -> int:
     return count.value
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def engine_threads(processes: int, available: int, environ=os.environ) -> int | None:
+    """torch's CPU threads for one of `processes` engine processes sharing `available` threads (a
+    host's `usable_cores`, or one data-parallel rank's share of them, which its tensor-parallel ranks
+    split again): an equal share, at least one, on CPU and on CUDA alike (a CUDA engine's host work
+    uses few threads, and a thread per core in every process only contends); None where the user
+    chose with OMP_NUM_THREADS (torch took it already)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, available // processes)
+
+
 # ---------------------------------------------------------------------------------------- worker side
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     started = time.perf_counter()
@@ -359,15 +380,17 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
         die_with_parent()
         from batchllm.llm import LLM
 
+        threads = engine_threads(size, usable_cores())  # (this rank's share: its TP ranks split it again)
+        if threads is not None:
+            torch.set_num_threads(threads)
         own = rank_config(config, rank)  # (resolves the device: "auto" is the CPU where CUDA is not)
-        if own.model.device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (size * config.parallel.tensor_parallel_size)))
         imported = time.perf_counter()
         llm = LLM.from_config(own)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", {"import_s": imported - started, "build_s": time.perf_counter() - imported}))
+    conn.send(("ready", {"import_s": imported - started, "build_s": time.perf_counter() - imported,
+                         "torch_threads": torch.get_num_threads()}))
     serve_jobs(llm, conn)
 
 

@@ -39,6 +39,8 @@ def free_port() -> int:
 @dataclass
 class TensorParallelFollowers:
     processes: list
+    leader_threads: int | None = None
+    """Rank 0's torch CPU threads before the group took its share (`stop` gives them back); None: unchanged."""
 
     def stop(self, runner, timeout_s: float = 60.0) -> None:
         """Tell the followers to leave their loops (through rank 0's channel), then join them."""
@@ -58,27 +60,37 @@ class TensorParallelFollowers:
             if p.is_alive():
                 p.kill()
         self.processes = []
+        if self.leader_threads is not None:
+            torch.set_num_threads(self.leader_threads)
 
 
 def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
     """Start ranks 1..size-1 and join the group as rank 0; returns (rank 0's TPGroup, the followers).
-    config: the EngineConfig; facts: the `engine.ModelFacts` every rank builds from (picklable)."""
+    config: the EngineConfig; facts: the `engine.ModelFacts` every rank builds from (picklable).
+    Every rank takes an equal share of rank 0's torch CPU threads (`data_parallel.engine_threads`)."""
+    from batchllm.parallel.data_parallel import engine_threads
     from batchllm.parallel.tensor_parallel import init_tp_group
 
     size = config.parallel.tensor_parallel_size
+    leader_threads = torch.get_num_threads()
+    threads = engine_threads(size, leader_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
     processes = []
     for rank in range(1, size):
-        p = ctx.Process(target=_follower_main, args=(rank, size, init_method, config, facts),
+        p = ctx.Process(target=_follower_main, args=(rank, size, init_method, config, facts, threads),
                         name=f"batchllm-tp{rank}", daemon=True)
         p.start()
         processes.append(p)
     tp = init_tp_group(0, size, init_method, rank_device(facts.device, 0))
-    return tp, TensorParallelFollowers(processes)
+    return tp, TensorParallelFollowers(processes, leader_threads if threads is not None else None)
 
 
-def _follower_main(rank: int, size: int, init_method: str, config, facts) -> None:
+def _follower_main(rank: int, size: int, init_method: str, config, facts, threads: int | None) -> None:
+    """Rank `rank` of a tensor-parallel group: build the runner over its shard and run rank 0's steps
+    until told to stop; `threads`: its torch CPU threads (None: torch's own count)."""
     die_with_parent()
     from batchllm.engine import build_runner
     from batchllm.parallel.tensor_parallel import destroy_tp_group, init_tp_group
@@ -86,8 +98,8 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts) -> Non
     device = rank_device(facts.device, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    if threads is not None:
+        torch.set_num_threads(threads)
     tp = init_tp_group(rank, size, init_method, device)
     code = 1
     try:

@@ -9,9 +9,10 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from batchllm import LLM, SamplingParams
-from batchllm.parallel.data_parallel import WorkerDied
+from batchllm.parallel.data_parallel import WorkerDied, engine_threads, usable_cores
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +70,11 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         ranks = llm.last_stats["ranks"]
         assert (llm.last_stats["data_parallel_size"], llm.last_stats["engines_per_gpu"]) == (1, 2)
         assert llm.last_stats["num_engines"] == 2 and len(ranks) == 2
+        # each engine takes its share of the cores for torch's threads (a user's OMP_NUM_THREADS stands)
+        threads = engine_threads(2, usable_cores()) or torch.get_num_threads()
         for r in ranks:
             assert 0 < r["import_s"] + r["build_s"] < r["ready_s"]  # spawning and unpickling come first
+            assert r["torch_threads"] == threads
     finally:
         llm.shutdown()
 

@@ -60,3 +60,18 @@ def test_fp8_kv_cache_with_checkpoint_scales_over_two_ranks(tiny_model_factory, 
                (("k_scale", 0.5), ("v_scale", 2.0))}, str(model_dir / "kv-scales.safetensors"))
     one, two = (_run(str(model_dir), tp, kv_cache_dtype="fp8") for tp in (1, 2))
     _assert_same(one, two, 1e-3)
+
+
+def test_ranks_split_the_leaders_threads_and_give_them_back(tiny_model_factory, monkeypatch):
+    """Rank 0 and its followers each take an equal share of rank 0's torch threads while the engine
+    lives (`data_parallel.engine_threads`); shutting it down gives rank 0 its own back."""
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    llm = LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+    try:
+        assert torch.get_num_threads() == max(1, before // 2)
+    finally:
+        llm.shutdown()
+    assert torch.get_num_threads() == before

@@ -1,6 +1,7 @@
 """Several engine processes on one GPU: where each rank runs, the memory part each is given, and
 how an automatically sized KV cache counts its own memory and the others' (no GPU needed)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,17 @@ def _spec(name):
     from batchllm.models.spec import read_model_spec
 
     return read_model_spec(Path(__file__).parents[2] / "benchmarks" / "configs" / name)
+
+
+@pytest.mark.parametrize("processes, available, expected", [(2, 16, 8), (3, 16, 5), (4, 2, 1), (1, 2, 2)])
+def test_engine_processes_split_the_threads_they_share(processes, available, expected):
+    """Each of several engine processes (data-parallel ranks, engines sharing a GPU, tensor-parallel
+    ranks) takes an equal share of the threads, at least one; a user's OMP_NUM_THREADS stands."""
+    from batchllm.parallel.data_parallel import engine_threads, usable_cores
+
+    assert engine_threads(processes, available, environ={}) == expected
+    assert engine_threads(processes, available, environ={"OMP_NUM_THREADS": "3"}) is None
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_num_parameters_from_the_shapes():
