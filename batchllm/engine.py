@@ -144,7 +144,7 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     device = resolve_device(str(mc.device if device is None else device))
     dtype = _resolve_dtype(mc.dtype, spec.checkpoint_dtype, device)
     if sc.max_num_batched_tokens is None:
-        memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        memory = device_total_memory(device) if device.type == "cuda" else None
         sc = replace(sc, max_num_batched_tokens=default_step_tokens(device.type, memory))
     if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < max_model_len:
         raise ValueError(
@@ -236,6 +236,19 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
                         sc.max_num_seqs or 2**31)
         runner.setup_decode_graphs(max_batch, facts.max_model_len)
     return runner
+
+
+def device_total_memory(device: torch.device) -> int:
+    """A CUDA device's memory in bytes, from the driver (`data_parallel.cuda_total_memory`: no torch
+    CUDA state in a process that may only plan and spawn workers), else from torch."""
+    from batchllm.parallel.data_parallel import cuda_total_memory
+
+    if device.index is not None:
+        ordinal = device.index
+    else:  # "cuda": torch's current device, 0 until something chose another
+        ordinal = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    memory = cuda_total_memory(ordinal)
+    return torch.cuda.get_device_properties(ordinal).total_memory if memory is None else memory
 
 
 def resolve_device(device: str) -> torch.device:

@@ -23,6 +23,7 @@ have finished their work (their results are yielded first); the engine is then c
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -334,20 +335,36 @@ def auto_engines_per_gpu(config: EngineConfig, num_parameters: int, cuda_devices
     return 2 if wanted and cuda_devices() > 0 else 1
 
 
+def cuda_driver():
+    """The CUDA driver library, initialized (no context is made), or None where there is none."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    return driver if driver.cuInit(0) == 0 else None
+
+
 def cuda_device_count() -> int:
     """CUDA devices the driver shows this process (CUDA_VISIBLE_DEVICES applies), found without
     importing torch (`batchllm run` decides its engine processes before loading anything heavy);
     0 without a driver."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
+    driver = cuda_driver()
     count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+    if driver is None or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return 0
     return count.value
+
+
+def cuda_total_memory(ordinal: int) -> int | None:
+    """Bytes of memory on CUDA device `ordinal` (numbered as this process sees them), asked of the
+    driver: torch's `get_device_properties` would initialize torch's CUDA state in the caller, which in
+    `batchllm run`'s data-parallel parent runs no kernel. None where the driver cannot say."""
+    driver = cuda_driver()
+    device, total = ctypes.c_int(0), ctypes.c_size_t(0)
+    if (driver is None or driver.cuDeviceGet(ctypes.byref(device), ordinal) != 0
+            or driver.cuDeviceTotalMem_v2(ctypes.byref(total), device) != 0):
+        return None
+    return total.value
 
 
 def usable_cores() -> int:

@@ -60,3 +60,21 @@ def test_run_takes_two_engines_per_gpu_for_a_small_model(tmp_path):
         assert sorted(workers.start_times) == [0, 1]
     finally:
         workers.shutdown()
+
+
+def test_resolving_a_cuda_model_leaves_torch_cuda_uninitialized(tmp_path):
+    """What `batchllm run`'s data-parallel parent does before spawning its workers (`resolve_model`,
+    the step budget from the device's memory) starts no torch CUDA state; the driver's memory is
+    torch's."""
+    import subprocess
+    import sys
+
+    model_dir = make_tiny_model("llama", tmp_path)
+    code = ("import torch; from batchllm.engine import resolve_model; from batchllm.options import engine_config; "
+            "from batchllm.parallel.data_parallel import cuda_total_memory; "
+            f"facts = resolve_model(engine_config(model={str(model_dir)!r}, device='cuda')); "
+            "assert facts.scheduler.max_num_batched_tokens > 0; "
+            "assert not torch.cuda.is_initialized(), 'resolve_model initialized CUDA'; "
+            "assert cuda_total_memory(0) == torch.cuda.get_device_properties(0).total_memory")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

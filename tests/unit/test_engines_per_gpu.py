@@ -176,6 +176,40 @@ def test_cuda_devices_are_counted_without_torch():
     assert r.returncode == 0, r.stderr
 
 
+class FakeDriver:
+    """libcuda's three calls `cuda_total_memory` makes, over devices of these sizes."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def cuDeviceGet(self, device, ordinal):  # noqa: N802 - the driver's names
+        if ordinal >= len(self.sizes):
+            return 101  # CUDA_ERROR_INVALID_DEVICE
+        device._obj.value = ordinal
+        return 0
+
+    def cuDeviceTotalMem_v2(self, total, device):  # noqa: N802
+        total._obj.value = self.sizes[device.value]
+        return 0
+
+
+def test_device_memory_is_asked_of_the_driver_and_of_torch_only_without_one(monkeypatch):
+    """The step budget's device memory comes from the driver (no torch CUDA state in `batchllm run`'s
+    parent); without a driver answer, from torch."""
+    from batchllm import engine
+    from batchllm.parallel import data_parallel
+
+    monkeypatch.setattr(data_parallel, "cuda_driver", lambda: FakeDriver([141 * GIB, 80 * GIB]))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: pytest.fail("torch was asked"))
+    assert data_parallel.cuda_total_memory(1) == 80 * GIB and data_parallel.cuda_total_memory(2) is None
+    assert engine.device_total_memory(torch.device("cuda", 1)) == 80 * GIB
+    assert engine.device_total_memory(torch.device("cuda")) == 141 * GIB  # torch's device 0 until one is chosen
+    monkeypatch.setattr(data_parallel, "cuda_driver", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 24 * GIB}))
+    assert data_parallel.cuda_total_memory(0) is None
+    assert engine.device_total_memory(torch.device("cuda", 0)) == 24 * GIB
+
+
 def test_run_without_a_gpu_keeps_one_engine_in_process(tiny_model_factory, monkeypatch):
     from batchllm.cli import _engine_processes
     from batchllm.parallel import data_parallel
