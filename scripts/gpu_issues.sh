@@ -76,6 +76,8 @@
 #   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
 #       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min;
 #       PROF_DECODE_AB=0 leaves out the decode-heavy runs: ~4 min)
+#   PART=abfp8 OLD=<tree> bash scripts/gpu_issues.sh   FP8 weights + fp8 cache, this tree against OLD (its `batchllm`
+#       and `benchmarks`), one process each: decode-heavy new/old/new, then the paper workload new/old (~3 min)
 #   PART=fp8profdecode bash scripts/gpu_issues.sh   where the GPU time of the decode-heavy mix goes, FP8 weights + fp8
 #       cache then bf16, default settings (~4 min)
 #   PART=staged OLD=<tree> bash scripts/gpu_issues.sh   the staged prefill over an fp8 cache: its GPU tests and the
@@ -428,6 +430,16 @@ staged)
     n=$((n + 1)); dir=$PWD; [ "$tree" = old ] && { dir=$(old_tree) || exit 1; }
     (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "staged_paper_${tree}_$n" "${M8D[@]}" "${PAPER[@]}" \
         --configs "${STAGED_CONFIGS:-fp8w+kv,sharing}" --json-out "$OUT/staged_paper_${tree}_$n.json")
+  done
+  ;;
+abfp8)
+  # FP8 weights + fp8 cache, this tree against OLD's, one process each: decode-heavy new/old/new, paper new/old
+  n=0
+  for run in decode:new decode:old decode:new paper:new paper:old; do
+    n=$((n + 1)); workload=${run%%:*} tree=${run##*:} dir=$PWD; [ "$tree" = old ] && { dir=$(old_tree) || exit 1; }
+    if [ "$workload" = decode ]; then args=("${DECODE[@]}"); else args=("${PAPER[@]}"); fi
+    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "ab_${workload}_${tree}_$n" "${M8D[@]}" "${args[@]}" \
+        --configs fp8w+kv --json-out "$OUT/ab_${workload}_${tree}_$n.json")
   done
   ;;
 fp8prof)
