@@ -15,7 +15,8 @@ split-K per launch (`split_per_launch`), in GB/s of distinct KV read; the last l
 With --decode-sweep-fp8: the same tiles and a few wider ones over an fp8 cache.
 With --decode-sweep-64: the same tiles over 64-token blocks of a bf16 cache (loaded by TMA, as the engine
 does on Hopper), on the decode-heavy steps and a decode step of the 16K workload.
-With --decode-sweep-fp8-64: tiles over an fp8 cache of 64-token blocks (the fp8 default), the same steps.
+With --decode-sweep-fp8-64 / --decode-sweep-fp8-128: tiles over an fp8 cache of 64-token blocks (the fp8
+default) / of 128-token blocks, the same steps.
 With --fp8-layout: the decode-heavy steps and the prefill cases over bf16 and fp8 caches of 16- and
 64-token blocks (an fp8 cache of 64-token blocks keeps V keys-major), with and without FP8 attention.
 With --launch-order: the prefill cases, a mixed step and the decode-heavy steps with each launch's items
@@ -420,31 +421,37 @@ def decode_sweep_blocks64():
             "gain": round(totals[DECODE_TILE] / totals[best], 3)})
 
 
-DECODE_TILES_FP8_64 = [DECODE_TILE, *(TileConfig(*t) for t in [(64, 4, 3), (64, 4, 4), (64, 2, 2), (64, 2, 3),
-                                                               (64, 2, 4), (64, 8, 2), (64, 8, 3), (32, 4, 3),
-                                                               (32, 2, 3), (128, 4, 3)])]
+DECODE_TILES_FP8_BLOCKS = {  # block size: the tiles swept over an fp8 cache of such blocks
+    64: [DECODE_TILE, *(TileConfig(*t) for t in [(64, 4, 3), (64, 4, 4), (64, 2, 2), (64, 2, 3), (64, 2, 4), (64, 8, 2),
+                                                  (64, 8, 3), (32, 4, 3), (32, 2, 3), (128, 4, 3)])],
+    128: [TileConfig(*t) for t in [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 2), (128, 8, 3)]],
+}
 
 
-def decode_sweep_fp8_blocks64():
-    """The decode tiles over an fp8 cache of 64-token blocks (V keys-major: the engine's fp8 default), on
-    the decode-heavy steps and a decode step of the 16K workload, against the bf16 cache's default (its
-    tiles by TMA where available); the last row names the best tile."""
-    cases = decode_step_cases(64)
-    specs = degree16(256, 16000, 250)
-    cases.append(("16k", specs, random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)))
-    bf16 = time_decode_steps(cases, "default tile, bf16 cache", TritonBackend())
+def decode_sweep_fp8_blocks(block_size: int):
+    """The decode tiles over an fp8 cache of `block_size`-token blocks (V keys-major; 64: the engine's fp8
+    default), on the decode-heavy steps and a decode step of the 16K workload, against the bf16 cache's
+    default (64-token blocks, its tiles by TMA where available); the last row names the best tile."""
+    def steps(block):
+        cases = decode_step_cases(block)
+        specs = degree16(256, 16000, 250)
+        return [*cases, ("16k", specs, random_case(specs, 32, 8, 128, block, torch.bfloat16, seed=0))]
+
+    bf16 = time_decode_steps(steps(64), "default tile, bf16 cache", TritonBackend())
+    cases = steps(block_size)
     totals = {}
-    for tile in DECODE_TILES_FP8_64:
-        label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s, fp8 cache"
+    for tile in DECODE_TILES_FP8_BLOCKS[block_size]:
+        label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s, fp8 cache of {block_size}-token blocks"
         try:
             totals[tile] = time_decode_steps(cases, label, TritonBackend(decode_tile=tile), fp8=True)
         except Exception as error:  # e.g. out of shared memory: not a candidate
             print(f"{tile}: {type(error).__name__}: {str(error)[:200]}", flush=True)
     best = min(totals, key=totals.get)
-    report({"case": "fp8-cache decode sweep best, 64-token blocks", "tile": [best.block_n, best.num_warps,
-            best.num_stages], "default_sum_ms": round(totals[DECODE_TILE], 4), "best_sum_ms": round(totals[best], 4),
-            "gain": round(totals[DECODE_TILE] / totals[best], 3), "bf16_default_sum_ms": round(bf16, 4),
-            "best_vs_bf16": round(bf16 / totals[best], 3)})
+    first = DECODE_TILES_FP8_BLOCKS[block_size][0]
+    report({"case": f"fp8-cache decode sweep best, {block_size}-token blocks",
+            "tile": [best.block_n, best.num_warps, best.num_stages], "first_tile_sum_ms": round(totals[first], 4),
+            "best_sum_ms": round(totals[best], 4), "gain": round(totals[first] / totals[best], 3),
+            "bf16_default_sum_ms": round(bf16, 4), "best_vs_bf16": round(bf16 / totals[best], 3)})
 
 
 def degree16(num_requests, shared, own):
@@ -457,8 +464,10 @@ ONLY_RUNS = {  # flag: (what it runs instead of the default rows, its help)
     "--decode-sweep-fp8": (decode_sweep_fp8, "only the decode-tile sweep over an fp8 cache"),
     "--decode-sweep-64": (decode_sweep_blocks64, "only the decode-tile sweep over a bf16 cache of 64-token blocks "
                           "(TMA), on the decode-heavy steps and a 16K decode step"),
-    "--decode-sweep-fp8-64": (decode_sweep_fp8_blocks64, "only the decode-tile sweep over an fp8 cache of 64-token "
-                              "blocks (the fp8 default), on the decode-heavy steps and a 16K decode step"),
+    "--decode-sweep-fp8-64": (lambda: decode_sweep_fp8_blocks(64), "only the decode-tile sweep over an fp8 cache of "
+                              "64-token blocks (the fp8 default), on the decode-heavy steps and a 16K decode step"),
+    "--decode-sweep-fp8-128": (lambda: decode_sweep_fp8_blocks(128), "the same over an fp8 cache of 128-token blocks "
+                               "(`--block-size 128`: 128-key tiles lie whole in a block)"),
     "--decode-fp8-cache": (fp8_cache_rows, "only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, "
                            "FP8 attention; then the prefill cases the same three ways"),
     "--fp8-layout": (fp8_layout_rows, "only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- "

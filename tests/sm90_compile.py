@@ -37,6 +37,9 @@ VARIANTS = {
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
     "fp8-dots-vt-block64-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 64, 64, 8, 3,
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
+    # DECODE_TILE_FP8 over an fp8 cache of 128-token blocks (`decode_tile_for`: the tile lies whole in a block)
+    "fp8-cache-vt-block128-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 128, 4, 3,
+                                               dict(BLOCK_SIZE=128, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
     # 64-token blocks of a bf16 cache, K and V by TMA (TMA_PREFILL_LAUNCH; DECODE_TILE_TMA's one-query and
     # prefix programs)
     "bf16-cache-tma-block64-prefill-d128": ("bf16", False, False, 4, 4, 128, 32, 64, 4, 3,

@@ -436,7 +436,9 @@ of eleven tiles, 4 stages the same (`--decode-sweep-fp8-64`, session 24)."""
 DECODE_TILE_FP8 = TileConfig(128, 4, 3)
 """The decode tile over an fp8 cache (half the bytes per key: twice the keys per tile): on the decode-heavy
 run's steps, 16-token blocks, 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`,
-H200, session 11)."""
+H200, session 11). Also taken over blocks of 128 tokens, where it lies whole in a block: not measured there
+yet (`--decode-sweep-fp8-128`); in the sm_90 PTX its unmasked loop takes 18% fewer instructions per key than
+DECODE_TILE_TMA's over 64-token blocks (475 per 128 keys against 290 per 64, session 24)."""
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
 COUNT_SLOT = 4
@@ -473,17 +475,19 @@ def wide_rows(element_size: int, head_dim: int) -> bool:
 
 def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.dtype, head_dim: int,
                     tma: bool = False) -> TileConfig:
-    """The engine's decode tile (`TritonBackend(decode_tile=)`): DECODE_TILE_TMA over blocks that hold
-    whole 64-key tiles where the tiles load by TMA (`tma`: the backend's TMA tiles are on) or the cache
-    is fp8 (both measured faster), DECODE_TILE_FP8 over an fp8 cache of smaller blocks where it was
-    measured faster and fits, else DECODE_TILE. Not DECODE_TILE_FP8 where the default tile lies whole in
-    a cache block (64-token blocks: its one block index per tile and the plan's alignment would be
-    lost), nor either larger tile for `wide_rows` (the 64-row prefix programs' shared memory)."""
+    """The engine's decode tile (`TritonBackend(decode_tile=)`): over an fp8 cache DECODE_TILE_FP8 where
+    it lies whole in a block (128-token blocks) or the default tile does not (smaller blocks: measured
+    faster there); DECODE_TILE_TMA over blocks that hold whole 64-key tiles where the tiles load by TMA
+    (`tma`: the backend's TMA tiles are on) or the cache is fp8 (both measured faster); else
+    DECODE_TILE. Not DECODE_TILE_FP8 over 64-token blocks (a tile across two blocks would lose its one
+    block index per tile and the plan's alignment), nor either larger tile for `wide_rows` (the 64-row
+    prefix programs' shared memory)."""
     fits = not wide_rows(query_dtype.itemsize, head_dim)
+    if kv_dtype == FP8 and fits and (block_size % DECODE_TILE_FP8.block_n == 0
+                                     or block_size % DECODE_TILE.block_n != 0):
+        return DECODE_TILE_FP8
     if (tma or kv_dtype == FP8) and fits and block_size % DECODE_TILE_TMA.block_n == 0:
         return DECODE_TILE_TMA
-    if kv_dtype == FP8 and fits and block_size % DECODE_TILE.block_n != 0:
-        return DECODE_TILE_FP8
     return DECODE_TILE
 
 

@@ -55,15 +55,19 @@ def test_triton_over_fp8_cache_matches_reference(name, specs, heads, kv_heads, h
     check_fp8_paths(name, specs, heads, kv_heads, head_dim, options, dtype, block_size)
 
 
+@pytest.mark.parametrize("block_size", [64, 128], ids=["bs64", "bs128"])
 @pytest.mark.parametrize("name, specs, heads, kv_heads, head_dim, options", CASES, ids=[c[0] for c in CASES])
-def test_engine_decode_tile_over_fp8_blocks64_matches_reference(name, specs, heads, kv_heads, head_dim, options):
+def test_engine_decode_tile_over_fp8_blocks_matches_reference(name, specs, heads, kv_heads, head_dim, options,
+                                                              block_size):
     """The decode tile the engine gives an fp8 cache of 64-token blocks (`decode_tile_for`: 3 stages,
-    DECODE_TILE_TMA's) on every path, as the default tile's test above."""
-    from batchllm.attention.triton_backend import DECODE_TILE_TMA, decode_tile_for
+    DECODE_TILE_TMA's) and of 128-token blocks (DECODE_TILE_FP8, whole in a block) on every path, as the
+    default tile's test above."""
+    from batchllm.attention.triton_backend import DECODE_TILE_FP8, DECODE_TILE_TMA, decode_tile_for
 
-    tile = decode_tile_for(FP8, 64, torch.bfloat16, head_dim)
-    assert tile == DECODE_TILE_TMA or head_dim > 128
-    check_fp8_paths(name, specs, heads, kv_heads, head_dim, dict(options, decode_tile=tile), torch.bfloat16, 64)
+    tile = decode_tile_for(FP8, block_size, torch.bfloat16, head_dim)
+    assert tile == {64: DECODE_TILE_TMA, 128: DECODE_TILE_FP8}[block_size]
+    check_fp8_paths(name, specs, heads, kv_heads, head_dim, dict(options, decode_tile=tile), torch.bfloat16,
+                    block_size)
 
 
 def check_fp8_paths(name, specs, heads, kv_heads, head_dim, options, dtype, block_size):

@@ -666,10 +666,11 @@ def test_bf16_queries_over_an_fp8_cache_take_fp16_dots():
 
 
 def test_engine_takes_the_decode_tile_of_its_cache():
-    """DECODE_TILE_FP8 over an fp8 cache of 16-token blocks (where it was measured) and narrow rows;
-    DECODE_TILE_TMA where tiles load by TMA and over an fp8 cache of 64-token blocks (one index per
-    tile, as the default tile's); DECODE_TILE over a 16-bit cache without TMA and for rows past 256
-    bytes (the 64-row prefix programs' shared memory: tests/sm90_compile.py)."""
+    """DECODE_TILE_FP8 over an fp8 cache of 16-token blocks (where it was measured) and of 128-token
+    blocks (whole in a block), for narrow rows; DECODE_TILE_TMA where tiles load by TMA and over an fp8
+    cache of 64-token blocks (one index per tile, as the default tile's); DECODE_TILE over a 16-bit
+    cache without TMA and for rows past 256 bytes (the 64-row prefix programs' shared memory:
+    tests/sm90_compile.py)."""
     from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, DECODE_TILE_TMA, decode_tile_for
     from batchllm.layers.fp8 import FP8
 
@@ -679,6 +680,8 @@ def test_engine_takes_the_decode_tile_of_its_cache():
     assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128) == DECODE_TILE
     assert decode_tile_for(FP8, 64, torch.bfloat16, 128) == DECODE_TILE_TMA  # one more tile in flight (measured)
     assert decode_tile_for(FP8, 64, torch.bfloat16, 256) == DECODE_TILE  # wide rows
+    assert decode_tile_for(FP8, 128, torch.bfloat16, 128) == DECODE_TILE_FP8  # whole in a block again
+    assert decode_tile_for(FP8, 128, torch.bfloat16, 256) == DECODE_TILE
     assert decode_tile_for(FP8, 16, torch.float32, 256) == decode_tile_for(FP8, 16, torch.bfloat16, 256) == DECODE_TILE
     # where the tiles load by TMA (a 16-bit cache of 64-token blocks on Hopper): one stage more
     assert DECODE_TILE_TMA == TileConfig(DECODE_TILE.block_n, DECODE_TILE.num_warps, DECODE_TILE.num_stages + 1)
@@ -688,7 +691,7 @@ def test_engine_takes_the_decode_tile_of_its_cache():
 
 
 @pytest.mark.parametrize("kv_cache_dtype, block_size, tile", [("fp8", 16, "fp8"), ("auto", 16, "default"),
-                                                               ("fp8", 64, "tma")])
+                                                               ("fp8", 64, "tma"), ("fp8", 128, "fp8")])
 def test_engine_builds_its_triton_backend_with_the_decode_tile_of_its_cache(tiny_model_factory, monkeypatch,
                                                                             kv_cache_dtype, block_size, tile):
     """build_runner's Triton branch (CUDA only in use) run on the CPU interpreter: the engine hands the
