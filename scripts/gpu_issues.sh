@@ -76,6 +76,9 @@
 #   PART=fp8prof bash scripts/gpu_issues.sh   where the GPU time of FP8 weights + fp8 cache goes on the paper workload,
 #       beside bf16 (default settings), then the decode-heavy mix, bf16 and FP8 weights + cache, alternating (~7 min;
 #       PROF_DECODE_AB=0 leaves out the decode-heavy runs: ~4 min)
+#   PART=fp8block128 bash scripts/gpu_issues.sh   an fp8 cache of 128-token blocks (128-key decode tiles in a block):
+#       its GPU tests, the decode-tile sweep over it, then FP8 w+kv on 64- against 128-token blocks, decode-heavy
+#       (alternating, one process) and paper (~8 min)
 #   PART=abfp8 OLD=<tree> bash scripts/gpu_issues.sh   FP8 weights + fp8 cache, this tree against OLD (its `batchllm`
 #       and `benchmarks`), one process each: decode-heavy new/old/new, then the paper workload new/old (~3 min)
 #   PART=fp8profdecode bash scripts/gpu_issues.sh   where the GPU time of the decode-heavy mix goes, FP8 weights + fp8
@@ -431,6 +434,15 @@ staged)
     (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "staged_paper_${tree}_$n" "${M8D[@]}" "${PAPER[@]}" \
         --configs "${STAGED_CONFIGS:-fp8w+kv,sharing}" --json-out "$OUT/staged_paper_${tree}_$n.json")
   done
+  ;;
+fp8block128)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "blocks_matches_reference and bs128" \
+      2>&1 | tail -3 | tee "$OUT/block128_tests.log"; pack
+  timeout 200 python3 benchmarks/attention_bench.py --decode-sweep-fp8-128 --json-out "$OUT/sweep_fp8_128.json" 2>&1 \
+      | grep -v -i warn > "$OUT/sweep_fp8_128.log"; tail -1 "$OUT/sweep_fp8_128.log"; pack
+  bench block128_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8w+kv,fp8w+kv-block128,fp8w+kv,fp8w+kv-block128 \
+      --json-out "$OUT/block128_decode.json"
+  bench block128_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv,fp8w+kv-block128 --json-out "$OUT/block128_paper.json"
   ;;
 abfp8)
   # FP8 weights + fp8 cache, this tree against OLD's, one process each: decode-heavy new/old/new, paper new/old
