@@ -187,7 +187,12 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None,
         from batchllm.parallel.tp_worker import start_followers
 
         tp, followers = start_followers(config, facts)
-    runner = build_runner(config, facts, tp)
+    try:
+        runner = build_runner(config, facts, tp)
+    except BaseException:
+        if followers is not None:
+            followers.abandon()  # (the followers, waiting in collectives, would otherwise outlive the failure)
+        raise
     sc = facts.scheduler
     kv_spec = runner.kv_spec
     kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)

@@ -43,25 +43,47 @@ class TensorParallelFollowers:
     """Rank 0's torch CPU threads before the group took its share (`stop` gives them back); None: unchanged."""
 
     def stop(self, runner, timeout_s: float = 60.0) -> None:
-        """Tell the followers to leave their loops (through rank 0's channel), then join them."""
+        """Tell the followers to leave their loops (through rank 0's channel), then join them; rank 0
+        gets its threads back whatever happens on the way."""
         if not self.processes:
             return
         from batchllm.parallel.tensor_parallel import destroy_tp_group
 
         try:
-            runner.stop_followers()
-        except Exception:  # noqa: BLE001 - a follower already gone: nothing to tell
-            logger.exception("could not stop the tensor-parallel followers cleanly")
-        runner.release_graphs()
-        if not destroy_tp_group():  # with the followers' own: NCCL's teardown waits for every rank's
-            logger.warning("the tensor-parallel process group did not shut down in time; it is left open")
-        for p in self.processes:
-            p.join(timeout_s)
-            if p.is_alive():
+            try:
+                runner.stop_followers()
+            except Exception:  # noqa: BLE001 - a follower already gone: nothing to tell
+                logger.exception("could not stop the tensor-parallel followers cleanly")
+            runner.release_graphs()
+            if not destroy_tp_group():  # with the followers' own: NCCL's teardown waits for every rank's
+                logger.warning("the tensor-parallel process group did not shut down in time; it is left open")
+            for p in self.processes:
+                p.join(timeout_s)
+                if p.is_alive():
+                    p.kill()
+            self.processes = []
+        finally:
+            self.give_back_threads()
+
+    def abandon(self) -> None:
+        """Rank 0 could not build its engine: kill the followers (no runner to tell them), leave the
+        group and give rank 0 its threads back."""
+        from batchllm.parallel.tensor_parallel import destroy_tp_group
+
+        try:
+            for p in self.processes:
                 p.kill()
-        self.processes = []
+                p.join(5)
+            self.processes = []
+            destroy_tp_group(wait_s=5.0)
+        finally:
+            self.give_back_threads()
+
+    def give_back_threads(self) -> None:
+        """Rank 0's torch threads as they were before the group took its share (once)."""
         if self.leader_threads is not None:
             torch.set_num_threads(self.leader_threads)
+            self.leader_threads = None
 
 
 def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
@@ -84,8 +106,13 @@ def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
                         name=f"batchllm-tp{rank}", daemon=True)
         p.start()
         processes.append(p)
-    tp = init_tp_group(0, size, init_method, rank_device(facts.device, 0))
-    return tp, TensorParallelFollowers(processes, leader_threads if threads is not None else None)
+    followers = TensorParallelFollowers(processes, leader_threads if threads is not None else None)
+    try:
+        tp = init_tp_group(0, size, init_method, rank_device(facts.device, 0))
+    except BaseException:
+        followers.abandon()
+        raise
+    return tp, followers
 
 
 def _follower_main(rank: int, size: int, init_method: str, config, facts, threads: int | None) -> None:

@@ -69,9 +69,39 @@ def test_ranks_split_the_leaders_threads_and_give_them_back(tiny_model_factory, 
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    llm = LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+    torch.set_num_threads(4)  # (a share to take on any machine)
     try:
-        assert torch.get_num_threads() == max(1, before // 2)
+        llm = LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2,
+                  max_model_len=256)
+        try:
+            assert torch.get_num_threads() == 2
+        finally:
+            llm.shutdown()
+        assert torch.get_num_threads() == 4
     finally:
-        llm.shutdown()
-    assert torch.get_num_threads() == before
+        torch.set_num_threads(before)
+
+
+def test_a_failed_build_stops_the_followers_and_gives_the_threads_back(tiny_model_factory, monkeypatch):
+    """Rank 0 failing after its followers started (out of memory, a bad checkpoint): the followers are
+    stopped, not left waiting, and rank 0 has its threads again."""
+    import torch
+
+    from batchllm import engine
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("rank 0 could not build")
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(engine, "build_runner", fail)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with pytest.raises(RuntimeError, match="rank 0 could not build"):
+            LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+        assert torch.get_num_threads() == 4
+        import multiprocessing
+
+        assert not [p for p in multiprocessing.active_children() if p.name.startswith("batchllm-tp")]
+    finally:
+        torch.set_num_threads(before)
