@@ -84,7 +84,7 @@ class DataParallelEngine:
         self._busy = False
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self.last_stats: dict[str, Any] = {}
-        self.start_times: dict[int, dict[str, float]] = {}
+        self.start_times: dict[int, dict[str, float | int]] = {}
         """Per rank, seconds from spawning until this side saw it ready (`ready_s`: `run` looks only
         after its own start-up) and, from the real worker, its parts: importing torch and the engine
         (after the spawned process started) and building it; and its torch CPU threads (`engine_threads`)."""
