@@ -38,7 +38,7 @@ import triton
 
 from batchllm.attention.kv_quant import quantize_cache
 from batchllm.attention.torch_ref import TorchReferenceBackend
-from batchllm.attention.triton_backend import DECODE_TILE, TileConfig, TritonBackend, decode_tile_for
+from batchllm.attention.triton_backend import DECODE_TILE, TileConfig, TritonBackend, decode_tile_for, tma_by_default
 from batchllm.bench import decode_heavy_workload
 from batchllm.layers.fp8 import FP8
 from tests.attention_cases import group_decode, random_case
@@ -430,14 +430,17 @@ DECODE_TILES_FP8_BLOCKS = {  # block size: the tiles swept over an fp8 cache of 
 
 def decode_sweep_fp8_blocks(block_size: int):
     """The decode tiles over an fp8 cache of `block_size`-token blocks (V keys-major; 64: the engine's fp8
-    default), on the decode-heavy steps and a decode step of the 16K workload, against the bf16 cache's
-    default (64-token blocks, its tiles by TMA where available); the last row names the best tile."""
+    default), on the decode-heavy steps and a decode step of the 16K workload, against a bf16 cache as the
+    engine runs it (64-token blocks, its tile and TMA where available: `decode_tile_for`); the last row
+    names the best tile. (Session 24's 64-block rows timed the bf16 cache at DECODE_TILE, 64x4x2.)"""
     def steps(block):
         cases = decode_step_cases(block)
         specs = degree16(256, 16000, 250)
         return [*cases, ("16k", specs, random_case(specs, 32, 8, 128, block, torch.bfloat16, seed=0))]
 
-    bf16 = time_decode_steps(steps(64), "default tile, bf16 cache", TritonBackend())
+    tma = tma_by_default(torch.bfloat16, torch.device("cuda"), 128)
+    bf16_tile = decode_tile_for(torch.bfloat16, 64, torch.bfloat16, 128, tma=tma)
+    bf16 = time_decode_steps(steps(64), "engine's tile, bf16 cache", TritonBackend(decode_tile=bf16_tile))
     cases = steps(block_size)
     totals = {}
     for tile in DECODE_TILES_FP8_BLOCKS[block_size]:
@@ -467,7 +470,7 @@ ONLY_RUNS = {  # flag: (what it runs instead of the default rows, its help)
     "--decode-sweep-fp8-64": (lambda: decode_sweep_fp8_blocks(64), "only the decode-tile sweep over an fp8 cache of "
                               "64-token blocks (the fp8 default), on the decode-heavy steps and a 16K decode step"),
     "--decode-sweep-fp8-128": (lambda: decode_sweep_fp8_blocks(128), "the same over an fp8 cache of 128-token blocks "
-                               "(`--block-size 128`: 128-key tiles lie whole in a block)"),
+                               "(the engine's with block_size 128: 128-key tiles lie whole in a block)"),
     "--decode-fp8-cache": (fp8_cache_rows, "only the decode-heavy steps at the default tile: bf16 cache, fp8 cache, "
                            "FP8 attention; then the prefill cases the same three ways"),
     "--fp8-layout": (fp8_layout_rows, "only the decode-heavy steps and prefill cases over bf16 and fp8 caches of 16- "

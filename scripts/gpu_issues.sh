@@ -78,7 +78,8 @@
 #       PROF_DECODE_AB=0 leaves out the decode-heavy runs: ~4 min)
 #   PART=fp8block128 bash scripts/gpu_issues.sh   an fp8 cache of 128-token blocks (128-key decode tiles in a block):
 #       its GPU tests, the decode-tile sweep over it, then FP8 w+kv on 64- against 128-token blocks, decode-heavy
-#       (alternating, one process) and paper (~8 min)
+#       (alternating, one process) and paper (~8 min). The end-to-end rows mix the tile with the plan's alignment
+#       to 128 keys (prefix items stop at a group's shared length rounded down to 128, not 64)
 #   PART=abfp8 OLD=<tree> bash scripts/gpu_issues.sh   FP8 weights + fp8 cache, this tree against OLD (its `batchllm`
 #       and `benchmarks`), one process each: decode-heavy new/old/new, then the paper workload new/old (~3 min)
 #   PART=fp8profdecode bash scripts/gpu_issues.sh   where the GPU time of the decode-heavy mix goes, FP8 weights + fp8
@@ -460,8 +461,10 @@ fp8prof)
       --json-out "$OUT/prof_paper_fp8.json"
   bench prof_paper_bf16 "${M8D[@]}" "${PAPER[@]}" --configs sharing "${PROF[@]}" --profile-out "$OUT/prof_paper_bf16.txt" \
       --json-out "$OUT/prof_paper_bf16.json"
-  [ "${PROF_DECODE_AB:-1}" = 1 ] && bench fp8_decode_default "${M8D[@]}" "${DECODE[@]}" \
-      --configs sharing,fp8w+kv,sharing,fp8w+kv --json-out "$OUT/fp8_decode_default.json"
+  if [ "${PROF_DECODE_AB:-1}" = 1 ]; then
+    bench fp8_decode_default "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,sharing,fp8w+kv \
+        --json-out "$OUT/fp8_decode_default.json"
+  fi
   ;;
 fp8profdecode)
   for config in fp8w+kv sharing; do

@@ -30,10 +30,13 @@ VARIANTS = {
     "fp8-cache-tile128-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 128, 4, 3),
     "fp8-cache-tile128-prefix-bf16-d128": ("bf16", True, False, 4, 4, 128, 16, 128, 4, 3),
     "fp8-dots-tile128-prefix-bf16-d128": ("bf16", True, True, 4, 4, 128, 16, 128, 4, 3),
-    # 64-token blocks over an fp8 cache, V head-dim-major (as on 16-token blocks) and keys-major (kv_quant.py)
-    "fp8-cache-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 2,
+    # 64-token blocks over an fp8 cache, V head-dim-major (as on 16-token blocks) and keys-major (kv_quant.py),
+    # at the engine's tile there (DECODE_TILE_TMA's 3 stages): one-query programs, and prefix programs
+    "fp8-cache-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 3,
                                            dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True)),
-    "fp8-cache-vt-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 2,
+    "fp8-cache-vt-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 3,
+                                              dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
+    "fp8-cache-vt-block64-prefix-bf16-d128": ("bf16", True, False, 4, 4, 128, 16, 64, 4, 3,
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),
     "fp8-dots-vt-block64-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 64, 64, 8, 3,
                                               dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True)),

@@ -431,14 +431,15 @@ DECODE_TILE_TMA = TileConfig(64, 4, 3)
 in flight. On an H200 1.06x DECODE_TILE's speed summed over the decode-heavy run's steps and 1.30x on a
 decode step of the 16K workload (256 sequences in groups of 16 sharing 16,000 positions), with 4 stages no
 faster and wider or narrower tiles slower (`attention_bench.py --decode-sweep-64`, session 16). Also the
-tile over an fp8 cache of 64-token blocks (pointer loads, V keys-major): 1.03x DECODE_TILE there, the best
-of eleven tiles, 4 stages the same (`--decode-sweep-fp8-64`, session 24)."""
+tile over an fp8 cache of 64-token blocks (pointer loads, V keys-major): 1.03x DECODE_TILE there, tied with
+4 stages (0.1% apart), the other nine tiles swept slower (`--decode-sweep-fp8-64`, session 24)."""
 DECODE_TILE_FP8 = TileConfig(128, 4, 3)
 """The decode tile over an fp8 cache (half the bytes per key: twice the keys per tile): on the decode-heavy
 run's steps, 16-token blocks, 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`,
-H200, session 11). Also taken over blocks of 128 tokens, where it lies whole in a block: not measured there
-yet (`--decode-sweep-fp8-128`); in the sm_90 PTX its unmasked loop takes 18% fewer instructions per key than
-DECODE_TILE_TMA's over 64-token blocks (475 per 128 keys against 290 per 64, session 24)."""
+H200, session 11). Also taken over blocks of a multiple of 128 tokens, where it lies whole in a block:
+provisional, not measured there yet (`--decode-sweep-fp8-128`, `PART=fp8block128`); in the sm_90 PTX its
+unmasked loop takes 18% fewer instructions per key than DECODE_TILE_TMA's over 64-token blocks (475 per 128
+keys against 290 per 64, session 24; DECODE_TILE had been the tile there before, also unmeasured)."""
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
 COUNT_SLOT = 4
@@ -476,12 +477,12 @@ def wide_rows(element_size: int, head_dim: int) -> bool:
 def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.dtype, head_dim: int,
                     tma: bool = False) -> TileConfig:
     """The engine's decode tile (`TritonBackend(decode_tile=)`): over an fp8 cache DECODE_TILE_FP8 where
-    it lies whole in a block (128-token blocks) or the default tile does not (smaller blocks: measured
-    faster there); DECODE_TILE_TMA over blocks that hold whole 64-key tiles where the tiles load by TMA
-    (`tma`: the backend's TMA tiles are on) or the cache is fp8 (both measured faster); else
-    DECODE_TILE. Not DECODE_TILE_FP8 over 64-token blocks (a tile across two blocks would lose its one
-    block index per tile and the plan's alignment), nor either larger tile for `wide_rows` (the 64-row
-    prefix programs' shared memory)."""
+    it lies whole in a block (blocks of a multiple of 128 tokens: provisional, see DECODE_TILE_FP8) or the
+    default tile does not (smaller blocks: measured faster there); DECODE_TILE_TMA over blocks that hold
+    whole 64-key tiles where the tiles load by TMA (`tma`: the backend's TMA tiles are on) or the cache
+    is fp8 (both measured faster); else DECODE_TILE. Not DECODE_TILE_FP8 over 64-token blocks (a tile
+    across two blocks would lose its one block index per tile and the plan's alignment), nor either
+    larger tile for `wide_rows` (the 64-row prefix programs' shared memory)."""
     fits = not wide_rows(query_dtype.itemsize, head_dim)
     if kv_dtype == FP8 and fits and (block_size % DECODE_TILE_FP8.block_n == 0
                                      or block_size % DECODE_TILE.block_n != 0):

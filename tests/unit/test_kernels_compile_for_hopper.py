@@ -36,9 +36,6 @@ def test_attention_variants_compile_for_hopper_with_the_intended_instructions():
     # memory in whole words (what remains is the per-key path for items off a tile boundary)
     head_major = report["fp8-cache-block64-decode-bf16-d128"]["shared_byte_loads"]
     assert report["fp8-cache-vt-block64-decode-bf16-d128"]["shared_byte_loads"] * 2 < head_major
-    # 128-key tiles in 128-token blocks: the same, at twice the keys per tile
-    assert report["fp8-cache-vt-block128-decode-bf16-d128"]["shared_byte_loads"] <= 2 * report[
-        "fp8-cache-vt-block64-decode-bf16-d128"]["shared_byte_loads"]
     plain = report["bf16-cache-decode-d128"]
     assert not plain["e4m3_mma"] and plain["e4m3_to_f16_casts"] == 0
     # a bf16 cache of 64-token blocks: the unmasked tiles' K and V come by TMA (the masked tiles, which
