@@ -46,6 +46,7 @@ class TensorParallelFollowers:
         """Tell the followers to leave their loops (through rank 0's channel), then join them; rank 0
         gets its threads back whatever happens on the way."""
         if not self.processes:
+            self.give_back_threads()
             return
         from batchllm.parallel.tensor_parallel import destroy_tp_group
 
