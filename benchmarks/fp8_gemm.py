@@ -9,6 +9,10 @@ when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - fp8 kernel:  torch._scaled_mm on already-quantized operands (float8_e4m3fn, row-wise float32 scales);
 - fp8 total:   what `Fp8Linear` runs per call on CUDA: the per-token quantization of x (the Triton
                kernel of `layers/fp8_triton.py`) plus the kernel;
+- fp8 tensor:  the kernel with one scale per tensor (unit scales: the row-wise scales would then be applied
+               outside, e.g. in the consumer's kernel): whether cuBLAS's per-tensor-scaled kernels, which
+               pick other tiles, are faster than its row-scaled one on these shapes (the "tens x" column:
+               row-scaled time over this);
 - fp8 swap-AB: the same product computed transposed, `_scaled_mm(w, x^T)` (the weight's N becomes the
                GEMM's M, so cuBLAS tiles the large dimension: what vLLM's CUTLASS kernels do for small
                M), then transposed back into a contiguous [M, N] (the copy included);
@@ -63,11 +67,13 @@ def run_case(name: str, n: int, k: int, m: int, ms: float) -> dict:
                                 out_dtype=torch.bfloat16).t().contiguous()
 
     t_swap = bench_ms(swapped, ms)
+    one = torch.ones((), device="cuda")
+    t_tensor = bench_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), ms)
     flop = 2.0 * m * n * k
     diff = (out.float() - ref.float())
     swap_diff = float((swapped().float() - out.float()).abs().max() / out.float().abs().max())
     return dict(layer=name, M=m, N=n, K=k, bf16_ms=t_bf16, fp8_kernel_ms=t_kernel, fp8_total_ms=t_total,
-                fp8_swap_ms=t_swap, swap_vs_plain_max_rel=swap_diff,
+                fp8_swap_ms=t_swap, fp8_tensorwise_ms=t_tensor, swap_vs_plain_max_rel=swap_diff,
                 bf16_weight_gbps=2 * n * k / t_bf16 / 1e6, fp8_weight_gbps=n * k / t_kernel / 1e6,
                 fp8_swap_weight_gbps=n * k / t_swap / 1e6,
                 bf16_tflops=flop / t_bf16 / 1e9, fp8_kernel_tflops=flop / t_kernel / 1e9,
@@ -86,7 +92,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     header = (f"{'layer':8} {'M':>5} {'N':>6} {'K':>6} | {'bf16':>7} {'fp8 mm':>7} {'fp8+q':>7} TFLOP/s | "
               f"{'mm x':>5} {'tot x':>5} | {'max rel':>8} {'rel L2':>8} | weight GB/s: {'bf16':>6} {'fp8':>6} "
-              f"{'swap':>6} (swap x)")
+              f"{'swap':>6} (swap x) | tens x")
     print(header)
     print("-" * len(header))
     rows = []
@@ -98,7 +104,8 @@ def main() -> None:
                   f"{r['fp8_total_tflops']:7.1f}         | {r['bf16_ms'] / r['fp8_kernel_ms']:5.2f} "
                   f"{r['bf16_ms'] / r['fp8_total_ms']:5.2f} | {r['max_rel_err']:8.4f} {r['rel_l2_err']:8.4f} | "
                   f"{'':13}{r['bf16_weight_gbps']:6.0f} {r['fp8_weight_gbps']:6.0f} {r['fp8_swap_weight_gbps']:6.0f} "
-                  f"({r['fp8_kernel_ms'] / r['fp8_swap_ms']:.2f})", flush=True)
+                  f"({r['fp8_kernel_ms'] / r['fp8_swap_ms']:.2f}) | {r['fp8_kernel_ms'] / r['fp8_tensorwise_ms']:.2f}",
+                  flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
