@@ -407,14 +407,19 @@ def tma_fp8_rows():
             "fp8_tma_vs_bf16_tma": round(sums["bf16_tma"] / sums["fp8_tma"], 3)})
 
 
+def decode_steps_and_16k(block_size: int) -> list:
+    """`decode_step_cases` on `block_size`-token blocks plus one decode step of the 16K workload (256
+    sequences in groups of 16 sharing 16,000 positions, 250 own), labelled "16k"."""
+    specs = degree16(256, 16000, 250)
+    return [*decode_step_cases(block_size), ("16k", specs, random_case(specs, 32, 8, 128, block_size, torch.bfloat16,
+                                                                       seed=0))]
+
+
 def decode_sweep_blocks64():
     """The decode tiles (DECODE_TILES) over a bf16 cache of 64-token blocks, whose tiles load by TMA
     (the Hopper default), on the decode-heavy steps and on one decode step of the 16K workload (256
     sequences in groups of 16 sharing 16,000 positions, 250 own); the last row names the best tile."""
-    cases = decode_step_cases(64)
-    specs = degree16(256, 16000, 250)
-    cases.append(("16k", specs, random_case(specs, 32, 8, 128, 64, torch.bfloat16, seed=0)))
-    totals = sweep_tiles(cases, fp8=False)
+    totals = sweep_tiles(decode_steps_and_16k(64), fp8=False)
     best = min(totals, key=totals.get)
     report({"case": "decode sweep best, 64-token blocks (TMA)", "tile": [best.block_n, best.num_warps, best.num_stages],
             "default_sum_ms": round(totals[DECODE_TILE], 4), "best_sum_ms": round(totals[best], 4),
@@ -433,15 +438,11 @@ def decode_sweep_fp8_blocks(block_size: int):
     default), on the decode-heavy steps and a decode step of the 16K workload, against a bf16 cache as the
     engine runs it (64-token blocks, its tile and TMA where available: `decode_tile_for`); the last row
     names the best tile. (Session 24's 64-block rows timed the bf16 cache at DECODE_TILE, 64x4x2.)"""
-    def steps(block):
-        cases = decode_step_cases(block)
-        specs = degree16(256, 16000, 250)
-        return [*cases, ("16k", specs, random_case(specs, 32, 8, 128, block, torch.bfloat16, seed=0))]
-
     tma = tma_by_default(torch.bfloat16, torch.device("cuda"), 128)
     bf16_tile = decode_tile_for(torch.bfloat16, 64, torch.bfloat16, 128, tma=tma)
-    bf16 = time_decode_steps(steps(64), "engine's tile, bf16 cache", TritonBackend(decode_tile=bf16_tile))
-    cases = steps(block_size)
+    bf16 = time_decode_steps(decode_steps_and_16k(64), "engine's tile, bf16 cache",
+                             TritonBackend(decode_tile=bf16_tile))
+    cases = decode_steps_and_16k(block_size)
     totals = {}
     for tile in DECODE_TILES_FP8_BLOCKS[block_size]:
         label = f"tile {tile.block_n}x{tile.num_warps}w{tile.num_stages}s, fp8 cache of {block_size}-token blocks"
