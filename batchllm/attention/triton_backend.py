@@ -833,9 +833,13 @@ class TritonBackend:
 
     def uses_tma(self, kv_cache: torch.Tensor, head_dim: int) -> bool:
         """Whether this backend's tiles inside a cache block load by TMA from `kv_cache` (see `tma`)."""
-        if self.tma is False or not tma_fits(kv_cache, head_dim):
+        return self._loads_by_tma(kv_cache.dtype, kv_cache.device, head_dim, tma_fits(kv_cache, head_dim))
+
+    def _loads_by_tma(self, kv_dtype: torch.dtype, device: torch.device, head_dim: int, fits: bool) -> bool:
+        """`uses_tma`'s rule for a cache of `kv_dtype` on `device` that `tma_fits` (`fits`)."""
+        if self.tma is False or not fits:
             return False
-        return self.tma or tma_by_default(kv_cache.dtype, kv_cache.device, head_dim)
+        return bool(self.tma) or tma_by_default(kv_dtype, device, head_dim)
 
     def stages_prefill(self, kv_cache: torch.Tensor, head_dim: int, query_dtype: torch.dtype) -> bool:
         """Whether the prefill launch reads a staged 16-bit copy of `kv_cache`'s blocks (see
@@ -847,15 +851,14 @@ class TritonBackend:
 
     def _prefill_tiles_by_tma(self, kv_cache: torch.Tensor, head_dim: int, staged: bool) -> bool:
         """Whether the prefill launch's tiles (TMA_PREFILL_LAUNCH's keys, inside one block) load by TMA:
-        from the cache itself (`uses_tma`), or from its staged copy (staged), a contiguous 16-bit cache
-        of the same blocks, for which `uses_tma`'s rule is this."""
+        from the cache itself (`uses_tma`), or from its staged copy (staged), a contiguous fp16 cache of
+        the same blocks (`tma_fits` but for contiguity, which the copy has)."""
         if kv_cache.shape[2] % TMA_PREFILL_LAUNCH[1]:
             return False
         if not staged:
             return self.uses_tma(kv_cache, head_dim)
-        if self.tma is False or TensorDescriptor is None or dot_head_dim(head_dim) != head_dim:
-            return False
-        return bool(self.tma) or tma_available(kv_cache.device)
+        fits = TensorDescriptor is not None and dot_head_dim(head_dim) == head_dim
+        return self._loads_by_tma(torch.float16, kv_cache.device, head_dim, fits)
 
     def prefill_launch_for(self, tma: bool) -> tuple[int, int, int, int]:
         """The prefill programs' launch: the one asked for, else the default for TMA tiles or not."""
