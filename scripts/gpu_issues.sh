@@ -120,12 +120,16 @@ python_bench() { local log=$1; shift; timeout "${T:-3000}" python3 "$@" > "$OUT/
 bench() { local log=$1; shift; python_bench "$log" -m batchllm.cli bench "$@"; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
 old_tree() { (cd "${OLD:?set OLD to the older tree}" && pwd); }  # the older tree's absolute path; fails without one
+tree_dir() { if [ "$1" = old ]; then old_tree; else pwd; fi; }  # TREE (new/old): its absolute path
+bench_in_tree() {  # TREE LOG ARGS...: `bench` run from this tree or $OLD's (its batchllm first on PYTHONPATH)
+  local dir; dir=$(tree_dir "$1") || return 1; shift
+  (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "$@"); }
 RUNS=0
 run_in_tree() {  # TREE(new/old) LABEL INPUT [FLAGS...]: `batchllm run` of this tree or $OLD's, the whole process
   # timed, with its --stats and a digest of the answers by custom_id (records come in completion order); each
   # call's files are numbered (LABEL_*_TREE_N), its lines in LABEL_runs.txt
-  local tree=$1 label=$2 input=$3 dir=$PWD; shift 3
-  if [ "$tree" = old ]; then dir=$(old_tree) || return 1; fi
+  local tree=$1 label=$2 input=$3 dir; shift 3
+  dir=$(tree_dir "$tree") || return 1
   RUNS=$((RUNS + 1))
   local name="${tree}_$RUNS" desc="$tree${*:+ $*}" start; start=$(date +%s.%N)
   (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH python3 -m batchllm.cli run "$input" -o "$OUT/${label}_out_$name.jsonl" \
@@ -431,9 +435,9 @@ staged)
       -k "staged or (matches_reference and bfloat16) or quantizer" 2>&1 | tail -4 | tee "$OUT/staged_tests.log"; pack
   n=0
   for tree in ${STAGED_TREES:-new old new}; do
-    n=$((n + 1)); dir=$PWD; [ "$tree" = old ] && { dir=$(old_tree) || exit 1; }
-    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "staged_paper_${tree}_$n" "${M8D[@]}" "${PAPER[@]}" \
-        --configs "${STAGED_CONFIGS:-fp8w+kv,sharing}" --json-out "$OUT/staged_paper_${tree}_$n.json")
+    n=$((n + 1))
+    bench_in_tree "$tree" "staged_paper_${tree}_$n" "${M8D[@]}" "${PAPER[@]}" \
+        --configs "${STAGED_CONFIGS:-fp8w+kv,sharing}" --json-out "$OUT/staged_paper_${tree}_$n.json" || exit 1
   done
   ;;
 fp8block128)
@@ -449,10 +453,10 @@ abfp8)
   # FP8 weights + fp8 cache, this tree against OLD's, one process each: decode-heavy new/old/new, paper new/old
   n=0
   for run in decode:new decode:old decode:new paper:new paper:old; do
-    n=$((n + 1)); workload=${run%%:*} tree=${run##*:} dir=$PWD; [ "$tree" = old ] && { dir=$(old_tree) || exit 1; }
+    n=$((n + 1)); workload=${run%%:*} tree=${run##*:}
     if [ "$workload" = decode ]; then args=("${DECODE[@]}"); else args=("${PAPER[@]}"); fi
-    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH bench "ab_${workload}_${tree}_$n" "${M8D[@]}" "${args[@]}" \
-        --configs fp8w+kv --json-out "$OUT/ab_${workload}_${tree}_$n.json")
+    bench_in_tree "$tree" "ab_${workload}_${tree}_$n" "${M8D[@]}" "${args[@]}" --configs fp8w+kv \
+        --json-out "$OUT/ab_${workload}_${tree}_$n.json" || exit 1
   done
   ;;
 fp8prof)
