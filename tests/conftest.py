@@ -12,9 +12,9 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # before anything imports Triton: its kernels then run interpreted (numpy)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.helpers import TINY_CONFIGS, hf_greedy, make_tiny_model, patch_interpreter_e4m3_rounding  # noqa: E402
+from tests.helpers import TINY_CONFIGS, hf_greedy, make_tiny_model, patch_interpreter_rounding  # noqa: E402
 
-patch_interpreter_e4m3_rounding()
+patch_interpreter_rounding()
 
 
 @pytest.fixture(scope="session")

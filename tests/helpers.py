@@ -120,11 +120,13 @@ def benchmark_module(name: str) -> ModuleType:
     return module
 
 
-def patch_interpreter_e4m3_rounding() -> None:
-    """Make the Triton interpreter round to float8_e4m3fn as the GPU does (and torch): to nearest,
-    ties to even. Triton 3.9's interpreter drops the carry when a value rounds up into the next
-    binade (1.97 becomes 1.0, not 2.0: ~3% of random values), so an in-kernel cast to e4m3 (the
-    FP8 attention's query and softmax weights) would be tested against a wrong number. Other
+def patch_interpreter_rounding() -> None:
+    """Make the Triton interpreter round as the GPU does (and torch): to nearest, ties to even, in
+    its casts to float8_e4m3fn and from float32 to bfloat16. Triton 3.9's interpreter drops the
+    carry when a value rounds up into e4m3's next binade (1.97 becomes 1.0, not 2.0: ~3% of random
+    values), so an in-kernel cast to e4m3 (the FP8 attention's query and softmax weights) would be
+    tested against a wrong number; and it truncates float32 to bfloat16 (half of random values one
+    unit low), where a kernel's bits are compared with torch's (deferred FP8 scales). Other
     conversions, and GPU runs, are untouched."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
@@ -146,6 +148,9 @@ def patch_interpreter_e4m3_rounding() -> None:
                 values = input.view(np.float32 if input_dtype == tl.float32 else np.float16).astype(np.float32)
             e4m3 = torch.from_numpy(np.ascontiguousarray(values)).to(torch.float8_e4m3fn)
             return e4m3.view(torch.uint8).numpy().reshape(input.shape)
+        if output_dtype == tl.bfloat16 and input_dtype == tl.float32:
+            bf16 = torch.from_numpy(np.ascontiguousarray(input).view(np.float32)).to(torch.bfloat16)
+            return bf16.view(torch.int16).numpy().view(np.uint16).reshape(input.shape)
         return original(input, input_dtype, output_dtype, rounding_mode)
 
     convert.patched_e4m3 = True
