@@ -217,7 +217,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=dtype, device=device,
                         load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,
                         ops=make_ops(mc.kernels, device), tp=tp, quantization=facts.quantization,
-                        fp8_fused_quant=mc.fp8_fused_quant)
+                        fp8_fused_quant=mc.fp8_fused_quant, fp8_deferred_scales=mc.fp8_deferred_scales)
     kv_spec = plan_kv_cache(model.spec, config.cache, dtype, device, tp)
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend

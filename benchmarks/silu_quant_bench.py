@@ -49,9 +49,10 @@ def _silu_and_mul_quant_dividing_kernel(GateUp, Out, Scale, stride_g, stride_o, 
 
 def launch(kernel, gate_up, q, scale, warps, quant=None):
     cols = q.shape[1]
-    extra = {} if quant is None else {"QUANT": quant}
-    kernel[(gate_up.shape[0], 1)](gate_up, q, scale, gate_up.stride(0), q.stride(0), cols, FP8_MAX, _MIN_SCALE,
-                                  BLOCK=triton.next_power_of_2(cols), num_warps=warps, **extra)
+    extra = () if quant is None else (gate_up, gate_up)  # the engine kernel's unused XScale, WScale
+    flags = {} if quant is None else {"QUANT": quant, "SCALED": False}
+    kernel[(gate_up.shape[0], 1)](gate_up, q, scale, *extra, gate_up.stride(0), q.stride(0), cols, FP8_MAX, _MIN_SCALE,
+                                  BLOCK=triton.next_power_of_2(cols), num_warps=warps, **flags)
 
 
 def run_case(rows: int, cols: int) -> dict:

@@ -124,7 +124,46 @@ def compile_seeded_noise() -> dict:
             "arithmetic_shifts": ptx.count("shr.s32"), "products_32": len(re.findall(r"mul\.lo\.[su]32", ptx))}
 
 
+def compile_elementwise() -> dict:
+    """The decoder's elementwise kernels (`layers/triton_ops.py`) for sm_90 in every SCALED / QUANT
+    form the engine launches (bfloat16, the 8B widths): the interpreter runs jit helpers a compile
+    refuses (a dtype returned from one, for instance). Returns the kernels built, by name."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from batchllm.layers import triton_ops as ops
+
+    built = []
+    for scaled in (False, True):
+        for quant in (False, True):
+            out = "*fp8e4nv" if quant else "*bf16"
+            norm = {"X": "*bf16", "Residual": "*fp32", "Weight": "*bf16", "Out": out, "Scale": "*fp32",
+                    "XScale": "*fp32", "WScale": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_o": "i32",
+                    "n_cols": "i32", "eps": "fp32", "fp8_max": "fp32", "min_scale": "fp32", "HAS_RESIDUAL": "constexpr",
+                    "QUANT": "constexpr", "SCALED": "constexpr", "BLOCK": "constexpr"}
+            triton.compile(ASTSource(fn=ops._rms_norm_kernel, signature=norm, constexprs=dict(
+                HAS_RESIDUAL=True, QUANT=quant, SCALED=scaled, BLOCK=4096)),
+                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16))
+            silu = {"GateUp": "*bf16", "Out": out, "Scale": "*fp32", "XScale": "*fp32", "WScale": "*fp32",
+                    "stride_g": "i32", "stride_o": "i32", "n_cols": "i32", "fp8_max": "fp32", "min_scale": "fp32",
+                    "QUANT": "constexpr", "SCALED": "constexpr", "BLOCK": "constexpr"}
+            triton.compile(ASTSource(fn=ops._silu_and_mul_kernel, signature=silu, constexprs=dict(
+                QUANT=quant, SCALED=scaled, BLOCK=16384 if quant else 1024)),
+                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16 if quant else 4))
+            built += [f"norm-scaled{int(scaled)}-quant{int(quant)}", f"silu-scaled{int(scaled)}-quant{int(quant)}"]
+        rotary = {"X": "*bf16", "Positions": "*i64", "Cos": "*fp32", "SinSigned": "*fp32", "XScale": "*fp32",
+                  "WScale": "*fp32", "stride_xt": "i32", "stride_xh": "i32", "stride_table": "i32", "num_heads": "i32",
+                  "rotated_heads": "i32", "HALF": "constexpr", "BLOCK_H": "constexpr", "SCALED": "constexpr"}
+        triton.compile(ASTSource(fn=ops._rotary_kernel, signature=rotary, constexprs=dict(
+            HALF=64, BLOCK_H=16, SCALED=scaled)), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        built.append(f"rotary-scaled{int(scaled)}")
+    return {"variant": "elementwise", "built": built}
+
+
+SPECIAL = {"seeded-noise": compile_seeded_noise, "elementwise": compile_elementwise}
+"""Variants that are not the attention kernel's, by name."""
+
 if __name__ == "__main__":
     for variant in sys.argv[1:] or VARIANTS:
-        print(json.dumps(compile_seeded_noise() if variant == "seeded-noise" else compile_variant(variant)),
-              flush=True)
+        print(json.dumps(SPECIAL[variant]() if variant in SPECIAL else compile_variant(variant)), flush=True)

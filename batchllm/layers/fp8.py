@@ -16,6 +16,14 @@ own quantizer's arithmetic, and the layer skips its quantize. `prepare_fp8` turn
 (`takes_quantized`) only where the model's ops reproduce that quantizer bit for bit
 (`ops.fused_quantizer()`: TorchOps -> `quantize_rows`, TritonOps -> `quantize_rows_triton`). Each
 such layer's input has one consumer, so the unquantized tensor is never needed.
+
+Deferred scales (`fp8_deferred_scales`, on by default): a layer that `defers_scales`, given at most
+DEFERRED_SCALES_MAX_TOKENS tokens of a bfloat16 model, runs the product with unit scales (cuBLAS's
+per-tensor-scaled FP8 kernels, 1.03-1.78x its row-scaled one at 16-512 tokens on an H200; no faster
+on prefill-sized products) and returns an `Fp8Output`: the unscaled product with its two scale
+vectors. The op that consumes it (the next RMSNorm, SiLU-and-mul, or the rotation of q, k and v)
+applies the scales as it loads it (`ops.py`). `match_deferred_scales` (decoder.py) turns it on only
+for layers whose output goes straight to such an op: no bias, no all-reduce, no q/k norm.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ FP8_MAX = 448.0
 """Largest finite float8_e4m3fn."""
 _MIN_SCALE = 1e-12
 """Floor of a scale, so an all-zero row quantizes to zeros instead of NaNs."""
+DEFERRED_SCALES_MAX_TOKENS = 1024
+"""Most tokens a layer that `defers_scales` runs the unit-scaled product for (decode-sized steps: there
+cuBLAS's per-tensor FP8 kernels are faster than its row-scaled one; at 2,048-8,192 tokens they are
+0.93-1.11x, `benchmarks/fp8_gemm.py`'s "tens x")."""
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +69,27 @@ class Fp8Input(NamedTuple):
     q: torch.Tensor  # [m, k] float8_e4m3fn
     scale: torch.Tensor  # [m, 1] float32
     dtype: torch.dtype  # the model dtype: the layer's output dtype
+
+
+class Fp8Output(NamedTuple):
+    """An FP8 layer's output with its scales not yet applied (`Fp8Linear.defers_scales`): the layer's
+    output is `scaled()`, round(round_bf16(product) * x_scale[m] * w_scale[n]) in `dtype`, computed
+    in float32. The consumer of the layer's output applies them (`ops.py`)."""
+
+    product: torch.Tensor  # [m, n] bfloat16: sum_k xq[m, k] * wq[n, k], accumulated in float32, rounded once
+    x_scale: torch.Tensor  # [m, 1] float32: the input's per-token scales
+    w_scale: torch.Tensor  # [n] float32: the weight's per-channel scales
+    dtype: torch.dtype  # the model dtype (bfloat16: the only one that defers)
+
+    def scaled(self) -> torch.Tensor:
+        """The layer's output [m, n] in `dtype` (a new tensor)."""
+        return (self.product.to(torch.float32) * self.x_scale * self.w_scale.view(1, -1)).to(self.dtype)
+
+
+def materialized(x):
+    """x, or the output an `Fp8Output` stands for: what an op that does not apply deferred scales
+    itself takes."""
+    return x.scaled() if isinstance(x, Fp8Output) else x
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -144,6 +177,15 @@ def fp8_mm(xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype, weight: 
     return y.to(dtype)
 
 
+def unit_scaled_mm(xq: torch.Tensor, weight: torch.Tensor, one: torch.Tensor | None) -> torch.Tensor:
+    """xq [m, k] float8 times the float8 weight [n, k] with no scales -> [m, n] bfloat16 (float32
+    accumulation, one rounding). one: a float32 1.0 on the device for `_scaled_mm`'s per-tensor scales
+    (the FP8 tensor cores), or None: the same sum widened to float32 (CPU, older GPUs)."""
+    if one is not None:
+        return torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    return (xq.to(torch.float32) @ weight.to(torch.float32).t()).to(torch.bfloat16)
+
+
 class Fp8Linear(nn.Module):
     """A linear layer with float8 weights [out, in] and per-output-channel float32 scales [out];
     the bias (if any) stays in the model dtype. `row_parallel`: the layer is a row-parallel shard
@@ -166,10 +208,26 @@ class Fp8Linear(nn.Module):
         """Whether an op before this layer that can quantize its output (a norm, SiLU-and-mul) should
         hand it an `Fp8Input` (`match_fused_quant`: the setting is on and the model's ops reproduce
         `self.quantize`); a plain tensor is accepted either way (o_proj always gets one)."""
+        self.defers_scales = False
+        """Whether the layer returns an `Fp8Output` for decode-sized inputs of a bfloat16 model (set by
+        `match_deferred_scales`: its output goes straight into an op that applies the scales)."""
+        self.unit_scale: torch.Tensor | None = None
+        """A float32 1.0 on the device where `_scaled_mm` runs (`prepare_fp8`): the unit scales."""
 
-    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
+    def defers_for(self, m: int, dtype: torch.dtype) -> bool:
+        """Whether an input of m tokens in `dtype` gets an `Fp8Output` (see the module docstring)."""
+        n, k = self.weight.shape
+        return (self.defers_scales and dtype == torch.bfloat16 and m <= DEFERRED_SCALES_MAX_TOKENS
+                and n % 16 == 0 and k % 16 == 0 and self.tp is None and self.bias is None)
+
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor | Fp8Output:
+        if isinstance(x, Fp8Input) and self.defers_for(x.q.shape[0], x.dtype):
+            return Fp8Output(unit_scaled_mm(x.q, self.weight, self.unit_scale), x.scale, self.weight_scale, x.dtype)
         if isinstance(x, Fp8Input):  # quantized by the op before (fused): [m, k]
             y = fp8_mm(x.q, x.scale, x.dtype, self.weight, self.weight_scale, self.use_scaled_mm)
+        elif x.dim() == 2 and self.defers_for(x.shape[0], x.dtype):
+            xq, x_scale = self.quantize(x)
+            return Fp8Output(unit_scaled_mm(xq, self.weight, self.unit_scale), x_scale, self.weight_scale, x.dtype)
         else:
             shape = x.shape
             y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm,
@@ -189,12 +247,17 @@ def restore_fp8_dtypes(model: nn.Module) -> None:
             module.weight_scale.data = module.weight_scale.data.to(torch.float32)
 
 
-def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bool = False) -> None:
+def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bool = False,
+                defer_scales: bool = False) -> None:
     """Choose the matmul path and the activation quantizer of every FP8 layer for `device` (once,
     at load): on FP8 GPUs `_scaled_mm`, and the Triton quantizer where Triton is installed.
     fuse_quant (the fp8_fused_quant setting): layers whose quantizer `ops` (the model's op policy)
-    reproduce take their input quantized by the op before them (`match_fused_quant`)."""
+    reproduce take their input quantized by the op before them (`match_fused_quant`).
+    defer_scales (the fp8_deferred_scales setting): where `_scaled_mm` runs, the model's layers that
+    can hand their scales to the next op do (`match_deferred_scales`; elsewhere the unit-scaled
+    product would only add a pass)."""
     fast = scaled_mm_supported(device)
+    one = torch.ones((), dtype=torch.float32, device=device) if fast else None
     quantize = quantize_rows
     if fast:
         try:
@@ -204,10 +267,13 @@ def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bo
     for module in model.modules():
         if isinstance(module, Fp8Linear):
             module.use_scaled_mm = fast
+            module.unit_scale = one
             module.quantize = quantize
             module.fuse_quant = fuse_quant
     if ops is not None:
         match_fused_quant(model, ops)
+    if hasattr(model, "match_deferred_scales"):
+        model.match_deferred_scales(defer_scales and fast)
 
 
 def match_fused_quant(model: nn.Module, ops) -> None:

@@ -17,6 +17,11 @@ FP8 (`quantize=True`, asked for by the decoder where the next layer `takes_quant
 SiLU-and-mul return their output quantized per token, an `Fp8Input`: the output rounded to the model
 dtype as above, then quantized by `fused_quantizer()`'s arithmetic, so the FP8 layer computes what it
 would have computed from the unquantized output (`layers/fp8.py`).
+
+Deferred FP8 scales: add_rms_norm, silu_and_mul and the step rotation's `scale_and_rotate` take an
+FP8 layer's `Fp8Output` (the unscaled product and its scales) where they would take its output, and
+compute on the output it stands for (`Fp8Output.scaled()`'s values: the product times its scales in
+float32, rounded once to the model dtype). TorchOps materializes it; TritonOps scales as it loads.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from batchllm.layers.fp8 import Fp8Input, quantize_rows
+from batchllm.layers.fp8 import Fp8Input, Fp8Output, materialized, quantize_rows
 from batchllm.layers.rotary import StepRotary
 
 
@@ -50,11 +55,12 @@ class TorchOps:
         out = self._normalize(x.to(torch.float32), weight, eps).to(x.dtype)
         return _quantized(out) if quantize else out
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    def add_rms_norm(self, x: torch.Tensor | Fp8Output, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float, quantize: bool = False) -> tuple[torch.Tensor | Fp8Input, torch.Tensor]:
         """(rms_norm(x + residual), x + residual): the sum in float32, normalised unrounded; the sum
         handed on as the next residual is rounded to the residual's dtype (HF's `hidden = residual +
         hidden` in float32). quantize: the first one quantized per row (an `Fp8Input`)."""
+        x = materialized(x)
         summed = x.to(torch.float32) + residual.to(torch.float32)
         out = self._normalize(summed, weight, eps).to(x.dtype)
         return _quantized(out) if quantize else out, summed.to(residual.dtype)
@@ -65,9 +71,10 @@ class TorchOps:
         variance = x32.pow(2).mean(-1, keepdim=True)
         return weight.to(torch.float32) * (x32 * torch.rsqrt(variance + eps))
 
-    def silu_and_mul(self, gate_up: torch.Tensor, quantize: bool = False) -> torch.Tensor | Fp8Input:
+    def silu_and_mul(self, gate_up: torch.Tensor | Fp8Output, quantize: bool = False) -> torch.Tensor | Fp8Input:
         """[n, 2 * i] (gate | up) -> silu(gate) * up, [n, i], in float32, rounded once; quantize: that,
         quantized per row (an `Fp8Input`)."""
+        gate_up = materialized(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         out = (F.silu(gate.to(torch.float32)) * up.to(torch.float32)).to(gate_up.dtype)
         return _quantized(out) if quantize else out

@@ -63,3 +63,13 @@ class StepRotary:
         """x: [num_tokens, heads, head_dim] -> a new tensor of the same shape and dtype."""
         x32 = x.to(torch.float32)
         return (x32 * self.cos + x32.roll(x.shape[-1] // 2, dims=-1) * self.sin_signed).to(x.dtype)
+
+    def scale_and_rotate(self, qkv, rotated_heads: int, head_dim: int) -> torch.Tensor:
+        """qkv: an FP8 layer's `Fp8Output` [num_tokens, heads * head_dim] (`ops.py`, deferred scales) ->
+        its output [num_tokens, heads * head_dim] with the first `rotated_heads` heads (q's and k's)
+        rotated, the others (v's) as they are."""
+        out = qkv.scaled()
+        n = out.shape[0]
+        rotated = out[:, :rotated_heads * head_dim].view(n, rotated_heads, head_dim)
+        out[:, :rotated_heads * head_dim] = self(rotated).view(n, rotated_heads * head_dim)
+        return out

@@ -14,6 +14,9 @@ weights with per-output-channel scales); the embedding, norms, attention and LM 
 Where such a layer `takes_quantized` (the fp8_fused_quant setting, on by default), the op before it (the two norms
 for qkv_proj and gate_up_proj, SiLU-and-mul for down_proj: each their layer's only input) returns
 its output quantized per token; the final norm before the LM head never does.
+Where a layer `defers_scales` (the fp8_deferred_scales setting, `match_deferred_scales`), it hands its
+unscaled product (an `Fp8Output`) to the op after it, which applies the scales: the rotation of q, k and
+v for qkv_proj, the next add-and-norm for o_proj and down_proj, SiLU-and-mul for gate_up_proj.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from batchllm.attention.backend import AttentionBackend, AttentionMetadata
-from batchllm.layers.fp8 import Fp8Input, make_linear, match_fused_quant
+from batchllm.layers.fp8 import Fp8Input, Fp8Linear, Fp8Output, make_linear, match_fused_quant
 from batchllm.layers.norm import RMSNorm
 from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import RotaryEmbedding, StepRotary
@@ -62,10 +65,15 @@ class Attention(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        q_and_k = self.num_heads + self.num_kv_heads
+        rotated = isinstance(qkv, Fp8Output)
+        if rotated:  # scales deferred (no q/k norm): applied with the rotation, v's too
+            qkv = rotary.scale_and_rotate(qkv, q_and_k, self.head_dim)
         n = qkv.shape[0]
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is None:  # rotate q and k in one pass over their joint slice
-            qk = rotary(qkv[:, :self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim))
+            qk = qkv[:, :self.q_size + self.kv_size].view(n, q_and_k, self.head_dim)
+            qk = qk if rotated else rotary(qk)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         else:
             q = self.q_norm(qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim))
@@ -180,6 +188,16 @@ class DecoderForCausalLM(nn.Module):
             if hasattr(module, "ops"):
                 module.ops = ops
         match_fused_quant(self, ops)  # fused FP8 input quantization only where the new ops reproduce it
+
+    def match_deferred_scales(self, on: bool) -> None:
+        """Set every FP8 layer's `defers_scales` (`layers/fp8.py`): with `on`, for the layers whose output
+        goes straight to an op that applies the scales (`Fp8Linear.defers_for` also asks for no bias and
+        no all-reduce): all four of a layer's, but qkv_proj where q and k are normed (the norms come first)."""
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            for module in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                if isinstance(module, Fp8Linear):
+                    module.defers_scales = on and (module is not attn.qkv_proj or attn.q_norm is None)
 
     def checkpoint_tensors(self) -> dict[str, CheckpointTarget]:
         """Every tensor of a transformers checkpoint, by its name there, mapped to what it loads into:

@@ -47,10 +47,12 @@ AutoFP8 and Quark `k_proj.output_scale`, ModelOpt `k_proj.k_scale`, the older `k
 
 def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: torch.dtype, device: torch.device,
                 load_format: str, seed: int, ops=None, tp=None,
-                quantization: Fp8Scheme | None = None, fp8_fused_quant: bool = False) -> DecoderForCausalLM:
+                quantization: Fp8Scheme | None = None, fp8_fused_quant: bool = False,
+                fp8_deferred_scales: bool = False) -> DecoderForCausalLM:
     """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps; tp: this rank's TPGroup;
     quantization: the FP8 scheme the decoder's linear layers run with (None: the model dtype);
-    fp8_fused_quant: the norms and SiLU hand FP8 layers their input quantized (`fp8.prepare_fp8`)."""
+    fp8_fused_quant: the norms and SiLU hand FP8 layers their input quantized; fp8_deferred_scales:
+    decode-sized FP8 matmuls hand their scales to the op after them (both `fp8.prepare_fp8`)."""
     with torch.device("meta"):
         model = DecoderForCausalLM(spec, max_positions, ops, tp, fp8=quantization is not None)
     model = model.to(dtype)  # dtype first: a 70B shard never exists in float32
@@ -66,7 +68,7 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
         _fill_random(model, seed)
     else:
         _load_safetensors(model, model_dir, quantization)
-    prepare_fp8(model, device, model.ops, fp8_fused_quant)
+    prepare_fp8(model, device, model.ops, fp8_fused_quant, fp8_deferred_scales)
     return model.eval()
 
 

@@ -1,5 +1,6 @@
-"""The Triton attention kernel compiled for sm_90 (H100/H200) on this machine, no GPU: variants the
-interpreter cannot vouch for build, fit the shared memory, and get the instructions they are for."""
+"""The Triton attention kernel (and the elementwise kernels) compiled for sm_90 (H100/H200) on this
+machine, no GPU: variants the interpreter cannot vouch for build, fit the shared memory, and get the
+instructions they are for."""
 
 import json
 import subprocess
@@ -56,3 +57,9 @@ def test_seeded_noise_kernel_compiles_for_hopper_with_unsigned_32_bit_arithmetic
     row = compile_report("seeded-noise")["seeded-noise"]
     assert row["logical_shifts"] > 0 and row["arithmetic_shifts"] == 0  # the hash's shifts bring in zeros
     assert row["products_32"] >= 4  # its products wrap at 32 bits (two per mix), as the host form's uint32 do
+
+
+def test_elementwise_kernels_compile_for_hopper_in_every_form_the_engine_launches():
+    """RMSNorm, SiLU-and-mul and rotary, plain / quantizing / scaling on load (deferred FP8 scales)."""
+    built = compile_report("elementwise")["elementwise"]["built"]
+    assert len(built) == 10 and "rotary-scaled1" in built and "norm-scaled1-quant1" in built
