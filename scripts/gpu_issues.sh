@@ -80,6 +80,11 @@
 #       its GPU tests, the decode-tile sweep over it, then FP8 w+kv on 64- against 128-token blocks, decode-heavy
 #       (alternating, one process) and paper (~8 min). The end-to-end rows mix the tile with the plan's alignment
 #       to 128 keys (prefix items stop at a group's shared length rounded down to 128, not 64)
+#   PART=deferred bash scripts/gpu_issues.sh   deferred FP8 scales (fp8_deferred_scales): the GPU tests of the FP8 layers
+#       and the elementwise kernels, then FP8 weights + fp8 cache with them (fp8w+kv) and without (fp8w+kv-rowscaled),
+#       one process each workload: decode-heavy alternating, paper in both orders (~5 min)
+#   PART=fp8ratio bash scripts/gpu_issues.sh   issue 16's ratios: bf16 against FP8 weights + fp8 cache with default settings,
+#       one process a workload, alternating: decode-heavy, then paper (~5 min; TESTS=pytest args first, if given)
 #   PART=abfp8 OLD=<tree> bash scripts/gpu_issues.sh   FP8 weights + fp8 cache, this tree against OLD (its `batchllm`
 #       and `benchmarks`), one process each: decode-heavy new/old/new, then the paper workload new/old (~3 min)
 #   PART=fp8profdecode bash scripts/gpu_issues.sh   where the GPU time of the decode-heavy mix goes, FP8 weights + fp8
@@ -448,6 +453,20 @@ fp8block128)
   bench block128_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8w+kv,fp8w+kv-block128,fp8w+kv,fp8w+kv-block128 \
       --json-out "$OUT/block128_decode.json"
   bench block128_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv,fp8w+kv-block128 --json-out "$OUT/block128_paper.json"
+  ;;
+deferred)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_deferred_scales.py tests/gpu/test_fp8_fused_quant.py \
+      tests/gpu/test_fp8_gpu.py tests/gpu/test_triton_ops.py 2>&1 | tail -5 | tee "$OUT/deferred_tests.log"; pack
+  bench deferred_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8w+kv,fp8w+kv-rowscaled,fp8w+kv,fp8w+kv-rowscaled \
+      --json-out "$OUT/deferred_decode.json"
+  bench deferred_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv-rowscaled,fp8w+kv,fp8w+kv-rowscaled,fp8w+kv \
+      --json-out "$OUT/deferred_paper.json"
+  ;;
+fp8ratio)
+  [ -n "${TESTS:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -8 | tee "$OUT/tests.log"
+  bench fp8ratio_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,sharing,fp8w+kv \
+      --json-out "$OUT/fp8ratio_decode.json"
+  bench fp8ratio_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8w+kv,sharing,fp8w+kv --json-out "$OUT/fp8ratio_paper.json"
   ;;
 abfp8)
   # FP8 weights + fp8 cache, this tree against OLD's, one process each: decode-heavy new/old/new, paper new/old
