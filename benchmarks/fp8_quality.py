@@ -24,11 +24,18 @@ from batchllm import LLM, SamplingParams  # noqa: E402
 VARIANTS = {"bf16": {}, "fp8 weights": {"quantization": "fp8"}, "fp8 kv": {"kv_cache_dtype": "fp8"},
             "fp8 weights + kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
             "fp8 kv + attention": {"kv_cache_dtype": "fp8", "fp8_attention": True},
-            "fp8 weights + kv + attention": {"quantization": "fp8", "kv_cache_dtype": "fp8", "fp8_attention": True}}
+            "fp8 weights + kv + attention": {"quantization": "fp8", "kv_cache_dtype": "fp8", "fp8_attention": True},
+            "fp8 weights row-scaled": {"quantization": "fp8", "fp8_deferred_scales": False},
+            "fp8 weights deferred": {"quantization": "fp8", "fp8_deferred_scales": True}}
+"""On a GPU with FP8 tensor cores "fp8 weights" defers its scales (the default); on CPU it does not, and
+"fp8 weights deferred" makes the model defer there too (`match_deferred_scales`): the unscaled
+product rounded to bfloat16 before the scales, as `_scaled_mm` gives it on the GPU."""
 
 
 def run(conversations, max_tokens: int, device: str, options: dict) -> tuple[list, float]:
     llm = LLM(None, dtype="bfloat16", device=device, **options)
+    if options.get("fp8_deferred_scales") and not llm.engine.model.model.layers[0].mlp.down_proj.defers_scales:
+        llm.engine.model.match_deferred_scales(True)  # CPU: as on an FP8 GPU
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=5)
     start = time.perf_counter()
     outs = [o.outputs[0] for o in llm.chat(conversations, params, use_tqdm=False)]
