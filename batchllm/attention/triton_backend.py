@@ -436,10 +436,11 @@ tile over an fp8 cache of 64-token blocks (pointer loads, V keys-major): 1.03x D
 DECODE_TILE_FP8 = TileConfig(128, 4, 3)
 """The decode tile over an fp8 cache (half the bytes per key: twice the keys per tile): on the decode-heavy
 run's steps, 16-token blocks, 1.792 ms against DECODE_TILE's 1.950 (`attention_bench.py --decode-sweep-fp8`,
-H200, session 11). Also taken over blocks of a multiple of 128 tokens, where it lies whole in a block:
-provisional, not measured there yet (`--decode-sweep-fp8-128`, `PART=fp8block128`); in the sm_90 PTX its
-unmasked loop takes 18% fewer instructions per key than DECODE_TILE_TMA's over 64-token blocks (475 per 128
-keys against 290 per 64, session 24; DECODE_TILE had been the tile there before, also unmeasured)."""
+H200, session 11). Also taken over blocks of a multiple of 128 tokens, where it lies whole in a block: the
+best of six tiles swept there (1.738 ms, tied with 4 stages; 64x4x3 1.841, `--decode-sweep-fp8-128`, session 25),
+though no faster than DECODE_TILE_TMA over the default 64-token blocks (1.746 ms, session 24; end to end, FP8
+weights + cache on decode-heavy, 33.27 / 33.30 req/s against 33.14 / 33.56, session 25), despite its sm_90
+loop's 18% fewer instructions per key (475 per 128 keys against 290 per 64)."""
 ITEM_FIELDS = ("seq", "q_off", "q_len", "kv_lo", "kv_hi", "part")
 PLAN_FIELDS = (*ITEM_FIELDS, "q_tokens", "q_pos", "merge_tokens", "merge_ptr", "merge_parts")
 COUNT_SLOT = 4
@@ -477,7 +478,7 @@ def wide_rows(element_size: int, head_dim: int) -> bool:
 def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.dtype, head_dim: int,
                     tma: bool = False) -> TileConfig:
     """The engine's decode tile (`TritonBackend(decode_tile=)`): over an fp8 cache DECODE_TILE_FP8 where
-    it lies whole in a block (blocks of a multiple of 128 tokens: provisional, see DECODE_TILE_FP8) or the
+    it lies whole in a block (blocks of a multiple of 128 tokens, see DECODE_TILE_FP8) or the
     default tile does not (smaller blocks: measured faster there); DECODE_TILE_TMA over blocks that hold
     whole 64-key tiles where the tiles load by TMA (`tma`: the backend's TMA tiles are on) or the cache
     is fp8 (both measured faster); else DECODE_TILE. Not DECODE_TILE_FP8 over 64-token blocks (a tile
