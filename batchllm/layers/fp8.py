@@ -254,8 +254,8 @@ def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bo
     fuse_quant (the fp8_fused_quant setting): layers whose quantizer `ops` (the model's op policy)
     reproduce take their input quantized by the op before them (`match_fused_quant`).
     defer_scales (the fp8_deferred_scales setting): where `_scaled_mm` runs, the model's layers that
-    can hand their scales to the next op do (`match_deferred_scales`; elsewhere the unit-scaled
-    product would only add a pass)."""
+    can hand their scales to the next op do, where its ops apply them as they load
+    (`match_deferred_scales`; elsewhere the unit-scaled product would only add a pass)."""
     fast = scaled_mm_supported(device)
     one = torch.ones((), dtype=torch.float32, device=device) if fast else None
     quantize = quantize_rows
@@ -273,7 +273,8 @@ def prepare_fp8(model: nn.Module, device: torch.device, ops=None, fuse_quant: bo
     if ops is not None:
         match_fused_quant(model, ops)
     if hasattr(model, "match_deferred_scales"):
-        model.match_deferred_scales(defer_scales and fast)
+        model.fp8_deferred_scales = defer_scales and fast
+        model.match_deferred_scales()
 
 
 def match_fused_quant(model: nn.Module, ops) -> None:

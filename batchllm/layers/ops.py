@@ -42,6 +42,9 @@ def _quantized(out: torch.Tensor) -> Fp8Input:
 
 class TorchOps:
     name = "torch"
+    scales_on_load = False
+    """Whether the ops apply an `Fp8Output`'s scales as they load it (TritonOps) rather than materializing
+    it first: only then does deferring pay (`DecoderForCausalLM.match_deferred_scales`)."""
 
     def fused_quantizer(self):
         """The FP8 activation quantizer whose results this policy's `quantize=True` outputs equal

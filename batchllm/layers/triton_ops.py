@@ -191,6 +191,7 @@ class TritonOps(TorchOps):
     """TorchOps with each op as one kernel; what a kernel cannot take falls back to TorchOps."""
 
     name = "triton"
+    scales_on_load = True
 
     def fused_quantizer(self):
         return quantize_rows_triton

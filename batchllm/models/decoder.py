@@ -146,6 +146,8 @@ class DecoderForCausalLM(nn.Module):
         self.vocab_rows = local_vocab_size(spec.vocab_size, size)
         """Rows of the vocabulary this rank holds (the last rank's tail past vocab_size is padding)."""
         self.ops = ops or TorchOps()
+        self.fp8_deferred_scales = False
+        """The fp8_deferred_scales setting where `_scaled_mm` runs (`fp8.prepare_fp8` sets it)."""
         self.model = DecoderBody(spec, max_positions, self.ops, tp, self.vocab_rows, make_linear(fp8))
         self.lm_head = nn.Linear(spec.hidden_size, self.vocab_rows, bias=False)
         if spec.tie_word_embeddings:
@@ -188,11 +190,16 @@ class DecoderForCausalLM(nn.Module):
             if hasattr(module, "ops"):
                 module.ops = ops
         match_fused_quant(self, ops)  # fused FP8 input quantization only where the new ops reproduce it
+        self.match_deferred_scales()  # deferred FP8 scales only where the new ops apply them on load
 
-    def match_deferred_scales(self, on: bool) -> None:
-        """Set every FP8 layer's `defers_scales` (`layers/fp8.py`): with `on`, for the layers whose output
-        goes straight to an op that applies the scales (`Fp8Linear.defers_for` also asks for no bias and
-        no all-reduce): all four of a layer's, but qkv_proj where q and k are normed (the norms come first)."""
+    def match_deferred_scales(self, on: bool | None = None) -> None:
+        """Set every FP8 layer's `defers_scales` (`layers/fp8.py`): with `on` (None: `fp8_deferred_scales`
+        where the ops apply the scales on load, `scales_on_load`; True also forces it where the ops
+        materialize the output, as CPU tests do), for the layers whose output goes straight to an op that
+        applies the scales (`Fp8Linear.defers_for` also asks for no bias and no all-reduce): all four of a
+        layer's, but qkv_proj where q and k are normed (the norms come first)."""
+        if on is None:
+            on = self.fp8_deferred_scales and self.ops.scales_on_load
         for layer in self.model.layers:
             attn = layer.self_attn
             for module in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):

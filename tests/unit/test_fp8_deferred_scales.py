@@ -183,3 +183,23 @@ def test_engine_with_deferred_scales_gives_the_logits_within_bf16_rounding(tiny_
     assert (id(layer.self_attn.qkv_proj) in deferred) == (name == "llama")
     rel = float((logits - plain).norm() / plain.norm())
     assert 0 < rel < 0.2, f"{name}: deferred scales moved the logits by {rel:.4f} (relative L2)"
+
+
+def test_the_setting_defers_only_where_the_ops_scale_on_load(tiny_model_factory):
+    """fp8_deferred_scales pays only with ops that apply the scales as they load (TritonOps); with
+    TorchOps, which would materialize the output, the layers keep the row-scaled product, also after
+    the model switches ops (`use_ops`) back and forth."""
+    from batchllm.layers.triton_ops import TritonOps
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="bfloat16", quantization="fp8",
+              skip_tokenizer_init=True)
+    model = llm.engine.model
+    down = model.model.layers[0].mlp.down_proj
+    assert not model.fp8_deferred_scales and not down.defers_scales, "CPU: no _scaled_mm, off"
+    model.fp8_deferred_scales = True  # as `prepare_fp8` sets it where _scaled_mm runs
+    model.match_deferred_scales()
+    assert not down.defers_scales, "TorchOps would only add a pass"
+    model.use_ops(TritonOps())
+    assert down.defers_scales and model.model.layers[-1].self_attn.qkv_proj.defers_scales
+    model.use_ops(TorchOps())
+    assert not down.defers_scales
