@@ -155,3 +155,37 @@ def patch_interpreter_rounding() -> None:
 
     convert.patched_e4m3 = True
     interpreter._convert_float = convert
+
+
+def assert_ops_scale_on_load(ops, norm_input, residual, weight, gate_up, qkv, rotary, rotated_heads: int,
+                             head_dim: int) -> torch.Tensor:
+    """Deferred FP8 scales (`layers/fp8.py`): `ops` (TritonOps, on CPU interpreted) given `Fp8Output`s give
+    the bits they give on the outputs those stand for (`scaled()`): add-and-RMSNorm of norm_input with
+    residual and weight, plain and quantized; SiLU-and-mul of gate_up, plain and quantized; and
+    `rotary.scale_and_rotate` of qkv (the first rotated_heads heads rotated by `rotary`, the others only
+    scaled). Returns the scaled and rotated qkv."""
+    from batchllm.layers.fp8 import Fp8Input
+
+    def fresh(out):  # the kernels write into the product's buffer
+        return out._replace(product=out.product.clone())
+
+    def same(got, want):
+        if isinstance(want, Fp8Input):
+            assert torch.equal(got.scale, want.scale) and torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+        else:
+            assert torch.equal(got, want)
+
+    for quantize in (False, True):
+        got, summed = ops.add_rms_norm(fresh(norm_input), residual.clone(), weight, 1e-5, quantize)
+        want, want_sum = ops.add_rms_norm(norm_input.scaled(), residual.clone(), weight, 1e-5, quantize)
+        assert torch.equal(summed, want_sum)
+        same(got, want)
+        same(ops.silu_and_mul(fresh(gate_up), quantize), ops.silu_and_mul(gate_up.scaled(), quantize))
+    got = rotary.scale_and_rotate(fresh(qkv), rotated_heads, head_dim)
+    plain = qkv.scaled()
+    want = plain.clone()
+    n = want.shape[0]
+    rotary(want[:, :rotated_heads * head_dim].view(n, rotated_heads, head_dim))
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, rotated_heads * head_dim:], plain[:, rotated_heads * head_dim:]), "v scaled only"
+    return got

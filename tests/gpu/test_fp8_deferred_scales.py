@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from batchllm import LLM, SamplingParams
-from batchllm.layers.fp8 import Fp8Input, Fp8Linear, Fp8Output, quantize_rows, scaled_mm_supported, unit_scaled_mm
+from batchllm.layers.fp8 import Fp8Linear, Fp8Output, quantize_rows, scaled_mm_supported, unit_scaled_mm
 from tests.gpu.test_fp8_gpu import SHAPES, _dummy_llama
+from tests.helpers import assert_ops_scale_on_load
 
 pytestmark = pytest.mark.gpu
 
@@ -48,40 +49,19 @@ def test_unit_scaled_mm_is_the_emulated_product(layer, m):
                                atol=1e-2 * emulated.float().abs().max().item())
 
 
-def _copy(out: Fp8Output) -> Fp8Output:
-    return out._replace(product=out.product.clone())
-
-
 @pytest.mark.parametrize("rows", [1, 64, 512])
 def test_kernels_scale_on_load_as_the_materialized_output(rows):
     from batchllm.layers.rotary import RotaryEmbedding
     from batchllm.layers.triton_ops import TritonOps
 
     ops = TritonOps()
-    o = _output(rows, 4096, 4096, seed=1)
-    residual = torch.randn(rows, 4096, device="cuda")
-    weight = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    for quantize in (False, True):
-        got, summed = ops.add_rms_norm(_copy(o), residual.clone(), weight, 1e-5, quantize)
-        want, want_sum = ops.add_rms_norm(o.scaled(), residual.clone(), weight, 1e-5, quantize)
-        assert torch.equal(summed, want_sum)
-        if quantize:
-            assert torch.equal(got.scale, want.scale) and torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
-        else:
-            assert torch.equal(got, want)
-    gate_up = _output(rows, 28672, 4096, seed=2)
-    assert torch.equal(ops.silu_and_mul(_copy(gate_up)), ops.silu_and_mul(gate_up.scaled()))
-    q8, want8 = ops.silu_and_mul(_copy(gate_up), True), ops.silu_and_mul(gate_up.scaled(), True)
-    assert isinstance(q8, Fp8Input)
-    assert torch.equal(q8.scale, want8.scale) and torch.equal(q8.q.view(torch.uint8), want8.q.view(torch.uint8))
-    qkv = _output(rows, 6144, 4096, seed=3)  # 32 q heads, 8 k heads, 8 v heads of 128
     table = RotaryEmbedding(128, 8192, 500000.0, None).to("cuda")
     positions = torch.randint(0, 8192, (rows,), device="cuda")
     rotary = ops.step_rotary(table.cos, table.sin_signed, positions, torch.bfloat16)
-    got = rotary.scale_and_rotate(_copy(qkv), 40, 128)
-    want = qkv.scaled()
-    rotary(want[:, :40 * 128].view(rows, 40, 128))
-    assert torch.equal(got, want)
+    # the 8B shapes; qkv: 32 q heads, 8 k heads, 8 v heads of 128
+    assert_ops_scale_on_load(ops, _output(rows, 4096, 4096, seed=1), torch.randn(rows, 4096, device="cuda"),
+                             torch.randn(4096, device="cuda", dtype=torch.bfloat16), _output(rows, 28672, 4096, seed=2),
+                             _output(rows, 6144, 4096, seed=3), rotary, 40, 128)
 
 
 def _generate(model_dir, quantization: str | None, deferred: bool, **kw):

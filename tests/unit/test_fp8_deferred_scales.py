@@ -19,6 +19,7 @@ from batchllm.layers.fp8 import (
 )
 from batchllm.layers.ops import TorchOps
 from batchllm.layers.rotary import RotaryEmbedding
+from tests.helpers import assert_ops_scale_on_load
 
 
 def _layer(n: int, k: int, bias: bool = False, seed: int = 0) -> Fp8Linear:
@@ -106,39 +107,14 @@ def test_triton_ops_scale_on_load_as_the_materialized_output():
     only scaled), and the rotation matches torch's."""
     from batchllm.layers.triton_ops import TritonOps
 
-    ops = TritonOps()
-    out = _deferred(6, 96, seed=8)
-    residual = torch.randn(6, 96, generator=torch.Generator().manual_seed(9))
-    weight = torch.randn(96, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
-    for quantize in (False, True):
-        got, summed = ops.add_rms_norm(_copy(out), residual.clone(), weight, 1e-5, quantize)
-        want, want_sum = ops.add_rms_norm(out.scaled(), residual.clone(), weight, 1e-5, quantize)
-        assert torch.equal(summed, want_sum)
-        if quantize:
-            assert torch.equal(got.scale, want.scale) and torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
-        else:
-            assert torch.equal(got, want)
-    gate_up = _deferred(6, 160, seed=11)
-    assert torch.equal(ops.silu_and_mul(_copy(gate_up)), ops.silu_and_mul(gate_up.scaled()))
-    q8 = ops.silu_and_mul(_copy(gate_up), quantize=True)
-    want8 = ops.silu_and_mul(gate_up.scaled(), quantize=True)
-    assert torch.equal(q8.scale, want8.scale) and torch.equal(q8.q.view(torch.uint8), want8.q.view(torch.uint8))
-
-    heads, rotated, n = 8, 6, 5  # 4 q heads, 2 k heads, 2 v heads of 32
-    qkv = _deferred(n, heads * 32, seed=12)
+    heads, rotated, n = 8, 6, 6  # 4 q heads, 2 k heads, 2 v heads of 32
     torch_rotary, triton_rotary = _rotations(heads, n)
-    got = triton_rotary.scale_and_rotate(_copy(qkv), rotated, 32)
-    plain = qkv.scaled()
-    want = plain.clone()
-    triton_rotary(want[:, :rotated * 32].view(n, rotated, 32))
-    assert torch.equal(got, want)
-    assert torch.equal(got[:, rotated * 32:], plain[:, rotated * 32:]), "v scaled, not rotated"
+    qkv = _deferred(n, heads * 32, seed=12)
+    got = assert_ops_scale_on_load(
+        TritonOps(), _deferred(n, 96, seed=8), torch.randn(n, 96, generator=torch.Generator().manual_seed(9)),
+        torch.randn(96, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16), _deferred(n, 160, seed=11),
+        qkv, triton_rotary, rotated, 32)
     torch.testing.assert_close(got, torch_rotary.scale_and_rotate(qkv, rotated, 32))
-
-
-def _copy(out: Fp8Output) -> Fp8Output:
-    """The kernels write into the product's buffer: a fresh one per call."""
-    return out._replace(product=out.product.clone())
 
 
 def _logits(model_dir, defer: bool):
