@@ -96,11 +96,11 @@ class ModelConfig(_Checked):
                                    "per token in their own kernels (the same bits as the FP8 layers' quantizer, "
                                    "~6% faster on an H200) instead of each FP8 layer quantizing its input; off: "
                                    "for comparison; no effect without FP8")
-    fp8_deferred_scales: bool = option(True, "with FP8 weights on an FP8 GPU and a bfloat16 model, decode-sized "
-                                       "matmuls (up to 1,024 tokens) run cuBLAS's per-tensor FP8 kernels and "
-                                       "the norm, SiLU and rotary kernels after them apply the per-token and "
-                                       "per-channel scales as they load the product; off: the row-scaled "
-                                       "matmul, for comparison; no effect without FP8")
+    fp8_deferred_scales: bool = option(True, "with FP8 weights on an FP8 GPU, a bfloat16 model and the Triton "
+                                       "kernels, decode-sized matmuls (up to 512 tokens) run cuBLAS's "
+                                       "per-tensor FP8 kernels and the norm, SiLU and rotary kernels after them "
+                                       "apply the per-token and per-channel scales as they load the product; "
+                                       "off: the row-scaled matmul, for comparison; no effect without FP8")
     attention_backend: str = option("auto", "auto: triton on CUDA when Triton is installed, else torch "
                                     "(the reference)", choices=_KERNEL_CHOICES)
     shared_prefix_attention: bool = option(True, "the Triton attention reads a shared prefix's keys once for "

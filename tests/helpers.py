@@ -148,7 +148,7 @@ def patch_interpreter_rounding() -> None:
                 values = input.view(np.float32 if input_dtype == tl.float32 else np.float16).astype(np.float32)
             e4m3 = torch.from_numpy(np.ascontiguousarray(values)).to(torch.float8_e4m3fn)
             return e4m3.view(torch.uint8).numpy().reshape(input.shape)
-        if output_dtype == tl.bfloat16 and input_dtype == tl.float32:
+        if output_dtype == tl.bfloat16 and input_dtype == tl.float32 and rounding_mode is None:  # a plain cast
             bf16 = torch.from_numpy(np.ascontiguousarray(input).view(np.float32)).to(torch.bfloat16)
             return bf16.view(torch.int16).numpy().view(np.uint16).reshape(input.shape)
         return original(input, input_dtype, output_dtype, rounding_mode)

@@ -19,11 +19,12 @@ such layer's input has one consumer, so the unquantized tensor is never needed.
 
 Deferred scales (`fp8_deferred_scales`, on by default): a layer that `defers_scales`, given at most
 DEFERRED_SCALES_MAX_TOKENS tokens of a bfloat16 model, runs the product with unit scales (cuBLAS's
-per-tensor-scaled FP8 kernels, 1.03-1.78x its row-scaled one at 16-512 tokens on an H200; no faster
+per-tensor-scaled FP8 kernels, 1.02-1.78x its row-scaled one at 16-512 tokens on an H200; no faster
 on prefill-sized products) and returns an `Fp8Output`: the unscaled product with its two scale
 vectors. The op that consumes it (the next RMSNorm, SiLU-and-mul, or the rotation of q, k and v)
-applies the scales as it loads it (`ops.py`). `match_deferred_scales` (decoder.py) turns it on only
-for layers whose output goes straight to such an op: no bias, no all-reduce, no q/k norm.
+applies the scales as it loads it (`ops.py`). `DecoderForCausalLM.match_deferred_scales` turns it on
+where `_scaled_mm` runs and the model's ops scale on load (TritonOps), for layers whose output goes
+straight to such an op: no bias, no all-reduce, no q/k norm.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ FP8_MAX = 448.0
 """Largest finite float8_e4m3fn."""
 _MIN_SCALE = 1e-12
 """Floor of a scale, so an all-zero row quantizes to zeros instead of NaNs."""
-DEFERRED_SCALES_MAX_TOKENS = 1024
-"""Most tokens a layer that `defers_scales` runs the unit-scaled product for (decode-sized steps: there
-cuBLAS's per-tensor FP8 kernels are faster than its row-scaled one; at 2,048-8,192 tokens they are
-0.93-1.11x, `benchmarks/fp8_gemm.py`'s "tens x")."""
+DEFERRED_SCALES_MAX_TOKENS = 512
+"""Most tokens a layer that `defers_scales` runs the unit-scaled product for: up to 512 tokens cuBLAS's
+per-tensor FP8 kernels were 1.02-1.78x its row-scaled one on the 8B shapes, at 2,048 1.00-1.02x and at
+8,192 0.93-1.11x (`benchmarks/fp8_gemm.py`'s "tens x", H200, session 25; 1,024 unmeasured)."""
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,13 +222,12 @@ class Fp8Linear(nn.Module):
                 and n % 16 == 0 and k % 16 == 0 and self.tp is None and self.bias is None)
 
     def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor | Fp8Output:
-        if isinstance(x, Fp8Input) and self.defers_for(x.q.shape[0], x.dtype):
-            return Fp8Output(unit_scaled_mm(x.q, self.weight, self.unit_scale), x.scale, self.weight_scale, x.dtype)
-        if isinstance(x, Fp8Input):  # quantized by the op before (fused): [m, k]
+        if not isinstance(x, Fp8Input) and x.dim() == 2 and self.defers_for(x.shape[0], x.dtype):
+            x = Fp8Input(*self.quantize(x), x.dtype)  # quantized here: the product below is deferred
+        if isinstance(x, Fp8Input):  # quantized by the op before (fused) or above: [m, k]
+            if self.defers_for(x.q.shape[0], x.dtype):
+                return Fp8Output(unit_scaled_mm(x.q, self.weight, self.unit_scale), x.scale, self.weight_scale, x.dtype)
             y = fp8_mm(x.q, x.scale, x.dtype, self.weight, self.weight_scale, self.use_scaled_mm)
-        elif x.dim() == 2 and self.defers_for(x.shape[0], x.dtype):
-            xq, x_scale = self.quantize(x)
-            return Fp8Output(unit_scaled_mm(xq, self.weight, self.unit_scale), x_scale, self.weight_scale, x.dtype)
         else:
             shape = x.shape
             y = fp8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale, self.use_scaled_mm,

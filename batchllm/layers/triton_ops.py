@@ -144,6 +144,17 @@ def _fp8_buffers(rows: int, cols: int, device: torch.device) -> tuple[torch.Tens
             torch.empty((rows, 1), dtype=torch.float32, device=device))
 
 
+def _unwrapped(x: torch.Tensor | Fp8Output) -> tuple[torch.Tensor, Fp8Output | None]:
+    """(the tensor a kernel reads, the `Fp8Output` it stands in for or None): an `Fp8Output`'s product."""
+    return (x.product, x) if isinstance(x, Fp8Output) else (x, None)
+
+
+def _scale_args(scaled: Fp8Output | None, unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel's (XScale, WScale) arguments: `scaled`'s scale vectors, or with SCALED off any tensor
+    (`unused`: never read)."""
+    return (unused, unused) if scaled is None else (scaled.x_scale, scaled.w_scale)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, last dim] with unit stride along the last dim (a view where possible)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -179,7 +190,7 @@ class TritonStepRotary:
                 scaled: Fp8Output | None) -> None:
         """x [num_tokens, heads, head_dim]; scaled: the `Fp8Output` whose product x views (SCALED), or None."""
         block_h = min(triton.next_power_of_2(num_heads), 16)
-        x_scale, w_scale = (x, x) if scaled is None else (scaled.x_scale, scaled.w_scale)
+        x_scale, w_scale = _scale_args(scaled, x)
         _rotary_kernel[(x.shape[0], triton.cdiv(num_heads, block_h))](
             x, self.positions, self.cos, self.sin_signed, x_scale, w_scale,
             x.stride(0), x.stride(1), self.cos.stride(0), num_heads, rotated_heads,
@@ -211,8 +222,7 @@ class TritonOps(TorchOps):
                      eps: float, quantize: bool = False) -> tuple[torch.Tensor | Fp8Input, torch.Tensor]:
         """The sum goes into residual's buffer, the normalised sum into x's (an `Fp8Output`'s product;
         quantize: new buffers)."""
-        scaled = x if isinstance(x, Fp8Output) else None
-        x = x.product if scaled is not None else x
+        x, scaled = _unwrapped(x)
         assert x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
         rows, res = x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1])
         if quantize:
@@ -229,7 +239,7 @@ class TritonOps(TorchOps):
         if x.shape[0] == 0:
             return
         block = triton.next_power_of_2(x.shape[1])
-        x_scale, w_scale = (x, x) if scaled is None else (scaled.x_scale, scaled.w_scale)
+        x_scale, w_scale = _scale_args(scaled, x)
         _rms_norm_kernel[(x.shape[0],)](
             x, residual, weight, out, out if scale is None else scale, x_scale, w_scale,
             x.stride(0), residual.stride(0), out.stride(0), x.shape[1], eps, FP8_MAX, _MIN_SCALE,
@@ -238,8 +248,7 @@ class TritonOps(TorchOps):
         )
 
     def silu_and_mul(self, gate_up: torch.Tensor | Fp8Output, quantize: bool = False) -> torch.Tensor | Fp8Input:
-        scaled = gate_up if isinstance(gate_up, Fp8Output) else None
-        gate_up = gate_up.product if scaled is not None else gate_up
+        gate_up, scaled = _unwrapped(gate_up)
         rows = _rows(gate_up)
         n_cols = rows.shape[1] // 2
         if quantize and n_cols <= FUSED_QUANT_MAX_COLS:
@@ -264,7 +273,7 @@ class TritonOps(TorchOps):
         else:
             block = triton.next_power_of_2(n_cols)
             warps = max(4, min(16, block // 1024))  # as quantize_rows_triton
-        x_scale, w_scale = (rows, rows) if scaled is None else (scaled.x_scale, scaled.w_scale)
+        x_scale, w_scale = _scale_args(scaled, rows)
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
             rows, out, out if scale is None else scale, x_scale, w_scale, rows.stride(0), out.stride(0), n_cols,
             FP8_MAX, _MIN_SCALE, QUANT=scale is not None, SCALED=scaled is not None, BLOCK=block, num_warps=warps,

@@ -67,7 +67,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q_and_k = self.num_heads + self.num_kv_heads
         rotated = isinstance(qkv, Fp8Output)
-        if rotated:  # scales deferred (no q/k norm): applied with the rotation, v's too
+        if rotated:  # scales deferred (no q/k norm: they come before the rotation): applied with it, v's too
+            assert self.q_norm is None, "qkv_proj defers its scales only without q/k norms"
             qkv = rotary.scale_and_rotate(qkv, q_and_k, self.head_dim)
         n = qkv.shape[0]
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)

@@ -90,7 +90,7 @@ def _apart(a: list, b: list) -> tuple[float, float]:
 def test_engine_with_deferred_scales_agrees_with_the_row_scaled_one(tmp_path, eager):
     """Deferring rounds each product once more: its first tokens and their logprobs stay closer to the
     row-scaled engine's than the row-scaled FP8 engine's are to bfloat16's. Not by much: random weights
-    amplify a unit in the last place of bfloat16 (session 25, CUDA graphs: |dlogprob| 0.052 against
+    amplify a unit in the last place of bfloat16 (session 25, graphs and eager: |dlogprob| 0.052 against
     FP8's 0.084; on CPU's tiny Llama deferring moved the last hidden state 7%, FP8 14%), while a scale
     misapplied would put the logprobs several units apart and flip most tokens."""
     model_dir = _dummy_llama(tmp_path)

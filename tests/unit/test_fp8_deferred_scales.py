@@ -57,7 +57,9 @@ def test_deferred_output_stands_for_the_row_scaled_one(fused_input):
     assert out.dtype == torch.bfloat16
     # the product rounded to bfloat16 before the scales: at most one more rounding than the row-scaled output
     torch.testing.assert_close(out.float(), want.float(), rtol=2**-7, atol=1e-6)
-    assert not torch.equal(got.product, want), "the product is unscaled"
+    xq = arg.q if fused_input else quantize_rows(x)[0]
+    unscaled = (xq.float() @ layer.weight.float().t()).to(torch.bfloat16)
+    assert torch.equal(got.product, unscaled), "the product of the e4m3 values, rounded once, unscaled"
 
 
 def test_a_layer_defers_only_what_the_next_op_can_scale():
@@ -107,7 +109,7 @@ def test_triton_ops_scale_on_load_as_the_materialized_output():
     only scaled), and the rotation matches torch's."""
     from batchllm.layers.triton_ops import TritonOps
 
-    heads, rotated, n = 8, 6, 6  # 4 q heads, 2 k heads, 2 v heads of 32
+    heads, rotated, n = 20, 16, 6  # 12 q heads, 4 k heads, 4 v heads of 32: v in the second 16-head program
     torch_rotary, triton_rotary = _rotations(heads, n)
     qkv = _deferred(n, heads * 32, seed=12)
     got = assert_ops_scale_on_load(
@@ -117,10 +119,14 @@ def test_triton_ops_scale_on_load_as_the_materialized_output():
     torch.testing.assert_close(got, torch_rotary.scale_and_rotate(qkv, rotated, 32))
 
 
-def _logits(model_dir, defer: bool):
+def _logits(model_dir, defer: bool, ops: str):
     llm = LLM(model_dir, device="cpu", dtype="bfloat16", quantization="fp8", skip_tokenizer_init=True,
               max_num_batched_tokens=32)
     model = llm.engine.model
+    if ops == "triton":  # the GPU's kernels, interpreted
+        from batchllm.layers.triton_ops import TritonOps
+
+        model.use_ops(TritonOps())
     model.match_deferred_scales(defer)
     deferred = []
     for module in model.modules():
@@ -138,18 +144,20 @@ def _logits(model_dir, defer: bool):
     return [o.outputs[0].token_ids for o in outs], logits, set(map(id, deferred)), model
 
 
+@pytest.mark.parametrize("ops", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_engine_with_deferred_scales_gives_the_logits_within_bf16_rounding(tiny_model_factory, name):
-    """Prefill chunks, a shared prefix and decode on CPU (TorchOps materialize): every FP8 layer
+def test_engine_with_deferred_scales_gives_the_logits_within_bf16_rounding(tiny_model_factory, name, ops):
+    """Prefill chunks, a shared prefix and decode on CPU (TorchOps materialize, TritonOps scale on load,
+    interpreted): every FP8 layer
     defers (not Qwen3's qkv_proj: its q/k norms come before the rotation), and the first step's logits
     stay within a bfloat16 rounding's reach of the row-scaled run's. That reach is wide on these
     random bf16 models: one extra rounding of each matmul's output (what deferring adds) moved them
-    3-7% (relative L2) per layer kind, as did noise of one unit in the last place; a scale misapplied
-    moves them by their whole size. (Greedy tokens are not compared: these logits are flat enough that
-    such noise flips first tokens.)"""
+    3-7% (relative L2) for each layer kind alone, 5.6% (Qwen3) and 7.6% (Llama) for all, the same
+    with either ops; a scale misapplied moves them by their whole size. (Greedy tokens are not
+    compared: these logits are flat enough that such noise flips first tokens.)"""
     model_dir = tiny_model_factory(name)
-    _, plain, none, _ = _logits(model_dir, False)
-    _, logits, deferred, model = _logits(model_dir, True)
+    _, plain, none, _ = _logits(model_dir, False, ops)
+    _, logits, deferred, model = _logits(model_dir, True, ops)
     assert not none
     layer = model.model.layers[0]
     expected = {layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj}
@@ -158,7 +166,8 @@ def test_engine_with_deferred_scales_gives_the_logits_within_bf16_rounding(tiny_
     assert {id(m) for m in expected} <= deferred
     assert (id(layer.self_attn.qkv_proj) in deferred) == (name == "llama")
     rel = float((logits - plain).norm() / plain.norm())
-    assert 0 < rel < 0.2, f"{name}: deferred scales moved the logits by {rel:.4f} (relative L2)"
+    print(f"{name}, {ops} ops: deferred scales moved the first step's logits by {rel:.4f} (relative L2)")
+    assert 0 < rel < 0.12, f"{name}: deferred scales moved the logits by {rel:.4f} (relative L2)"
 
 
 def test_the_setting_defers_only_where_the_ops_scale_on_load(tiny_model_factory):
