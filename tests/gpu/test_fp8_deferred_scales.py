@@ -66,7 +66,8 @@ def test_kernels_scale_on_load_as_the_materialized_output(rows):
 
 def _generate(model_dir, quantization: str | None, deferred: bool, **kw):
     llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
-              kv_cache_memory_gib=1, quantization=quantization, fp8_deferred_scales=deferred, **kw)
+              kv_cache_memory_gib=1, quantization=quantization, fp8_deferred_scales=deferred,
+              max_num_batched_tokens=256, **kw)  # every step within DEFERRED_SCALES_MAX_TOKENS: the first tokens too
     seen = []
     for module in llm.engine.model.modules():
         if isinstance(module, Fp8Linear):
@@ -97,7 +98,7 @@ def test_engine_with_deferred_scales_agrees_with_the_row_scaled_one(tmp_path, ea
     deferred, seen = _generate(model_dir, "fp8", True, enforce_eager=eager)
     row_scaled, plain_seen = _generate(model_dir, "fp8", False, enforce_eager=eager)
     bf16, _ = _generate(model_dir, None, False, enforce_eager=eager)
-    assert any(seen) and not any(plain_seen), "deferred only with the setting"
+    assert seen and all(seen) and not any(plain_seen), "every FP8 matmul deferred, only with the setting"
     same, gap = _apart(deferred, row_scaled)
     fp8_same, fp8_gap = _apart(row_scaled, bf16)
     print(f"deferred vs row-scaled: {same:.2f} same, |dlogprob| {gap:.4f}; "
