@@ -3,7 +3,7 @@
     python3 benchmarks/fp8_gemm.py [--json-out FILE] [--ms 0.2]      (on the device; < 1 minute on an H200)
 
 Shapes (N x K, weight [N, K]): qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336, for
-M (tokens) in 16, 256, 2048, 8192. Per case, median time (CUDA-event timing by triton.testing.do_bench
+M (tokens) in 16, 256, 512, 1024, 2048, 8192. Per case, median time (CUDA-event timing by triton.testing.do_bench
 when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - bf16:        torch.mm(x, w.t()) in bfloat16;
 - fp8 kernel:  torch._scaled_mm on already-quantized operands (float8_e4m3fn, row-wise float32 scales);
@@ -12,7 +12,8 @@ when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - fp8 tensor:  the kernel with one scale per tensor (unit scales: the row-wise scales would then be applied
                outside, e.g. in the consumer's kernel): whether cuBLAS's per-tensor-scaled kernels, which
                pick other tiles, are faster than its row-scaled one on these shapes (the "tens x" column:
-               row-scaled time over this);
+               row-scaled time over this; the engine takes them up to `fp8.DEFERRED_SCALES_MAX_TOKENS`,
+               deferring the scales: 1,024 tokens is the row that says whether that bound should grow);
 - fp8 swap-AB: the same product computed transposed, `_scaled_mm(w, x^T)` (the weight's N becomes the
                GEMM's M, so cuBLAS tiles the large dimension: what vLLM's CUTLASS kernels do for small
                M), then transposed back into a contiguous [M, N] (the copy included);
@@ -33,7 +34,7 @@ from batchllm.layers.fp8 import fp8_matmul, quantize_rows
 from batchllm.layers.fp8_triton import quantize_rows_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-TOKENS = (16, 64, 128, 256, 512, 2048, 8192)
+TOKENS = (16, 64, 128, 256, 512, 1024, 2048, 8192)
 
 
 def bench_ms(fn, ms: float) -> float:
