@@ -358,14 +358,18 @@ def _engine_processes(config, source: ModelSource | None = None):
     spawned now (not yet ready; else None); the config's model as read (`source`, if given, else
     here). Reads only the model's config (no torch, no tokenizer), so the workers' imports and
     builds overlap this process's own start-up."""
-    from batchllm.parallel.data_parallel import DataParallelEngine, auto_engines_per_gpu, cuda_device_count
+    from batchllm.parallel.data_parallel import (
+        DataParallelEngine,
+        auto_engines_per_gpu,
+        cuda_device_count,
+        usable_cores,
+    )
 
     mc, par = config.model, config.parallel
     source = read_model_source(mc.model, mc.max_model_len) if source is None else source
     spec = source.spec
     if par.engines_per_gpu is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        engines = auto_engines_per_gpu(config, spec.num_parameters, cuda_device_count, cores)
+        engines = auto_engines_per_gpu(config, spec.num_parameters, cuda_device_count, usable_cores())
         if engines > 1:
             print(f"batchllm: {engines} engine processes per GPU: a model of {spec.num_parameters / 1e6:.0f}M "
                   "parameters leaves one engine's GPU idle while its host schedules (--engines-per-gpu 1: one)",
