@@ -3,8 +3,9 @@
     python3 benchmarks/fp8_gemm.py [--json-out FILE] [--ms 0.2]      (on the device; < 1 minute on an H200)
 
 Shapes (N x K, weight [N, K]): qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336, for
-M (tokens) in 16, 256, 512, 1024, 2048, 8192. Per case, median time (CUDA-event timing by triton.testing.do_bench
-when Triton is installed, else torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
+M (tokens) in 16, 256, 512, 1024, 2048, 4096, 8192, 16384 (`--tokens` and `--layers` pick others). Per case,
+median time (CUDA-event timing by triton.testing.do_bench when Triton is installed, else
+torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - bf16:        torch.mm(x, w.t()) in bfloat16;
 - fp8 kernel:  torch._scaled_mm on already-quantized operands (float8_e4m3fn, row-wise float32 scales);
 - fp8 total:   what `Fp8Linear` runs per call on CUDA: the per-token quantization of x (the Triton
@@ -34,7 +35,7 @@ from batchllm.layers.fp8 import fp8_matmul, quantize_rows, unit_scaled_mm
 from batchllm.layers.fp8_triton import quantize_rows_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-TOKENS = (16, 64, 128, 256, 512, 1024, 2048, 8192)
+TOKENS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 def bench_ms(fn, ms: float) -> float:
@@ -87,7 +88,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json-out", help="write the rows as JSON here")
     ap.add_argument("--ms", type=float, default=0.2, help="timing budget scale per measurement (default 0.2)")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)),
+                    help="comma-separated M (tokens) to time (default: %(default)s)")
+    ap.add_argument("--layers", default=",".join(SHAPES), help="comma-separated layers (default: %(default)s)")
     args = ap.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    layers = args.layers.split(",")
+    if unknown := set(layers) - set(SHAPES):
+        raise SystemExit(f"unknown layers {sorted(unknown)}: choose from {', '.join(SHAPES)}")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("fp8_gemm.py needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -97,8 +105,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     rows = []
-    for name, (n, k) in SHAPES.items():
-        for m in TOKENS:
+    for name in layers:
+        n, k = SHAPES[name]
+        for m in tokens:
             r = run_case(name, n, k, m, args.ms)
             rows.append(r)
             print(f"{name:8} {m:5d} {n:6d} {k:6d} | {r['bf16_tflops']:7.1f} {r['fp8_kernel_tflops']:7.1f} "
