@@ -114,6 +114,8 @@
 #   PART=deferall bash scripts/gpu_issues.sh   deferred FP8 scales at every step size against at most 512 tokens
 #       (`fp8.DEFERRED_SCALES_MAX_TOKENS`, set in the process): FP8 weights + fp8 cache, paper then decode-heavy, one
 #       process per threshold, two runs each, alternating (~6 min; DEFER_LIMITS: the thresholds in order)
+#   PART=fp8weights bash scripts/gpu_issues.sh   issue 16's prefill-heavy rows with default settings, one process each:
+#       bf16, FP8 weights (bf16 cache) and FP8 weights + fp8 cache, twice on the paper workload, once on 16K (~6 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -479,6 +481,12 @@ from batchllm.cli import main; sys.exit(main(sys.argv[1:]))" bench "$@"; }
           --json-out "$OUT/defer_${workload}_${limit}_$n.json"
     done
   done
+  ;;
+fp8weights)
+  bench fp8weights_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv,sharing,fp8,fp8w+kv \
+      --json-out "$OUT/fp8weights_paper.json"
+  bench fp8weights_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs sharing,fp8,fp8w+kv \
+      --json-out "$OUT/fp8weights_16k.json"
   ;;
 fp8ratio)
   [ -n "${TESTS:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -8 | tee "$OUT/tests.log"
