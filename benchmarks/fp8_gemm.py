@@ -14,7 +14,7 @@ torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
                outside, e.g. in the consumer's kernel): whether cuBLAS's per-tensor-scaled kernels, which
                pick other tiles, are faster than its row-scaled one on these shapes (the "tens x" column:
                row-scaled time over this; the engine takes them up to `fp8.DEFERRED_SCALES_MAX_TOKENS`,
-               deferring the scales: 1,024 tokens is the row that says whether that bound should grow);
+               deferring the scales; past 512 tokens the column moves around 1.0 between leases);
 - fp8 swap-AB: the same product computed transposed, `_scaled_mm(w, x^T)` (the weight's N becomes the
                GEMM's M, so cuBLAS tiles the large dimension: what vLLM's CUTLASS kernels do for small
                M), then transposed back into a contiguous [M, N] (the copy included);

@@ -43,8 +43,10 @@ _MIN_SCALE = 1e-12
 """Floor of a scale, so an all-zero row quantizes to zeros instead of NaNs."""
 DEFERRED_SCALES_MAX_TOKENS = 512
 """Most tokens a layer that `defers_scales` runs the unit-scaled product for: up to 512 tokens cuBLAS's
-per-tensor FP8 kernels were 1.02-1.78x its row-scaled one on the 8B shapes, at 2,048 1.00-1.02x and at
-8,192 0.93-1.11x (`benchmarks/fp8_gemm.py`'s "tens x", H200, session 25; 1,024 unmeasured)."""
+per-tensor FP8 kernels were 1.02-1.78x its row-scaled one on the 8B shapes; from 1,024 to 16,384 tokens
+0.93-1.13x, the sign changing between leases (`benchmarks/fp8_gemm.py`'s "tens x", H200, sessions 25-26).
+Deferring at every step size made the paper workload 0.7-1.1% slower end to end (docs/benchmarks.md,
+session 26)."""
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
