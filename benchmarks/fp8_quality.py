@@ -26,10 +26,12 @@ VARIANTS = {"bf16": {}, "fp8 weights": {"quantization": "fp8"}, "fp8 kv": {"kv_c
             "fp8 kv + attention": {"kv_cache_dtype": "fp8", "fp8_attention": True},
             "fp8 weights + kv + attention": {"quantization": "fp8", "kv_cache_dtype": "fp8", "fp8_attention": True},
             "fp8 weights row-scaled": {"quantization": "fp8", "fp8_deferred_scales": False},
-            "fp8 weights deferred": {"quantization": "fp8", "fp8_deferred_scales": True}}
+            "fp8 weights deferred": {"quantization": "fp8", "fp8_deferred_scales": True},
+            "fp8 weights + kv deferred": {"quantization": "fp8", "kv_cache_dtype": "fp8", "fp8_deferred_scales": True}}
 """On a GPU with FP8 tensor cores "fp8 weights" defers its scales (the default); on CPU it does not, and
-"fp8 weights deferred" makes the model defer there too (`match_deferred_scales`): the unscaled
-product rounded to bfloat16 before the scales, as `_scaled_mm` gives it on the GPU."""
+"fp8 weights deferred" (or "fp8 weights + kv deferred") makes the model defer there too
+(`match_deferred_scales`): the unscaled product rounded to bfloat16 before the scales, as `_scaled_mm` gives
+it on the GPU."""
 
 
 def run(conversations, max_tokens: int, device: str, options: dict) -> tuple[list, float]:

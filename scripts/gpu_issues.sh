@@ -128,6 +128,11 @@ CHATLIKE=(--workload shared --shared 25 --distinct 13 --degree 1000 --output 64)
 python_bench() { local log=$1; shift; timeout "${T:-3000}" python3 "$@" > "$OUT/$log.log" 2>&1
                   grep -E "req/s|Error" "$OUT/$log.log"; pack; }  # python3 ARGS: a `batchllm bench` run
 bench() { local log=$1; shift; python_bench "$log" -m batchllm.cli bench "$@"; }
+gpu_tests() {  # LOG SECONDS PYTEST-ARGS...: GPU tests bounded by SECONDS, the whole log in $OUT/LOG.log; prints its
+  # last lines (the failures' and skips' reasons, -rfEs, then the counts)
+  local log=$1 seconds=$2; shift 2
+  timeout "$seconds" python3 -m pytest -q -p no:cacheprovider -rfEs "$@" > "$OUT/$log.log" 2>&1
+  tail -"${TESTS_TAIL:-6}" "$OUT/$log.log"; pack; }
 M8D=("${M8[@]:0:8}")  # the 8B shape with the default step budget (what `batchllm run` gets)
 old_tree() { (cd "${OLD:?set OLD to the older tree}" && pwd); }  # the older tree's absolute path; fails without one
 tree_dir() { if [ "$1" = old ]; then old_tree; else pwd; fi; }  # TREE (new/old): its absolute path
@@ -190,7 +195,7 @@ graphsize)
   done
   ;;
 graphrows)
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_graphs.py 2>&1 | tail -3 | tee "$OUT/graph_tests.log"
+  gpu_tests graph_tests 300 tests/gpu/test_cuda_graphs.py
   bench rows_fp8 "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv --json-out "$OUT/rows_fp8.json"
   bench rows_deg16 "${M8D[@]}" "${PAPER[@]}" --configs sharing --json-out "$OUT/rows_deg16.json"
   bench rows_deg4 "${M8D[@]}" "${PAPER[@]}" --degree 4 --configs sharing --json-out "$OUT/rows_deg4.json"
@@ -218,8 +223,7 @@ userpathsmol)
   ;;
 seeded)
   smol_default
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_ops.py -k seeded 2>&1 | tail -3 \
-      | tee "$OUT/seeded_test.log"
+  gpu_tests seeded_test 300 tests/gpu/test_triton_ops.py -k seeded
   write_eos_chats "${NCHAT:-6000}" "$OUT/chat_t1.jsonl" 1.0
   for run in new:0 old:0 new:0 old:0 new:none; do
     tree=${run%%:*} seed=${run##*:}; flags=(); [ "$seed" = none ] || flags=(--seed "$seed")
@@ -228,8 +232,7 @@ seeded)
   ;;
 pergpu)
   stages=" ${STAGES:-test smol 1b run} "
-  [[ $stages == *" test "* ]] && timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engines_per_gpu.py 2>&1 | tail -3 \
-      | tee "$OUT/pergpu_test.log"
+  [[ $stages == *" test "* ]] && gpu_tests pergpu_test 300 tests/gpu/test_engines_per_gpu.py
   [[ $stages == *" smol "* ]] && for c in sharing pergpu2 pergpu3 pergpu2 sharing; do
     bench "pergpu_smol_$c" "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs $c
   done
@@ -314,13 +317,12 @@ fp8vs)
   bench fp8vs_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8,fp8kv --json-out "$OUT/fp8vs_decode.json"
   ;;
 fp8tests)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu -k "fp8 or kv_store" > "$OUT/fp8_tests.log" 2>&1; tail -3 "$OUT/fp8_tests.log"; pack
+  gpu_tests fp8_tests "${T:-3000}" tests/gpu -k "fp8 or kv_store"
   python3 benchmarks/fp8_gemm.py --json-out "$OUT/fp8_gemm.json" > "$OUT/fp8_gemm.log" 2>&1; cat "$OUT/fp8_gemm.log"; pack
   python3 benchmarks/kv_store_bench.py --json-out "$OUT/kv_store.json" > "$OUT/kv_store.log" 2>&1; cat "$OUT/kv_store.log"
   ;;
 tma)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py tests/gpu/test_cuda_graphs.py \
-      > "$OUT/tma_tests.log" 2>&1; tail -3 "$OUT/tma_tests.log"; pack
+  gpu_tests tma_tests "${T:-3000}" tests/gpu/test_triton_attention.py tests/gpu/test_cuda_graphs.py
   python3 benchmarks/attention_bench.py --tma --json-out "$OUT/tma_attention.json" > "$OUT/tma_attention.log" 2>&1
   grep -E "tma_vs|Error" "$OUT/tma_attention.log" | cut -c1-400; pack
   bench tma_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 \
@@ -345,8 +347,7 @@ abdecode)
       --json-out "$OUT/ab_decode.json"
   ;;
 block64)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
-      -k "block64 or block128 or 64_token or split_k" > "$OUT/block64_tests.log" 2>&1; tail -3 "$OUT/block64_tests.log"; pack
+  gpu_tests block64_tests "${T:-3000}" tests/gpu/test_triton_attention.py -k "block64 or block128 or 64_token or split_k"
   bench b64_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,sharing-block64,sharing --json-out "$OUT/b64_paper.json"
   bench b64_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing-block64,sharing,sharing-block64 \
       --json-out "$OUT/b64_decode.json"
@@ -356,8 +357,7 @@ block64ns)
       --json-out "$OUT/b64_nosharing.json"
   ;;
 fp8attn)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "fp8_attention" > "$OUT/fp8attn_tests.log" 2>&1
-  tail -3 "$OUT/fp8attn_tests.log"; pack
+  gpu_tests fp8attn_tests "${T:-3000}" tests/gpu/test_fp8_kv.py -k "fp8_attention"
   python3 benchmarks/attention_bench.py --decode-fp8-cache --json-out "$OUT/fp8attn_micro.json" \
       > "$OUT/fp8attn_micro.log" 2>&1; grep -v "^{" "$OUT/fp8attn_micro.log"; grep -E "speedup|TFLOP" "$OUT/fp8attn_micro.log"; pack
   bench fp8attn_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8kv,fp8attn,fp8w+kv,fp8w+attn --json-out "$OUT/fp8attn_paper.json"
@@ -365,8 +365,7 @@ fp8attn)
       --json-out "$OUT/fp8attn_decode.json"
   ;;
 fp8layout)
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py tests/gpu/test_kv_store_triton.py -k "bs64 or 64_token" \
-      > "$OUT/fp8layout_tests.log" 2>&1; tail -3 "$OUT/fp8layout_tests.log"; pack
+  gpu_tests fp8layout_tests "${T:-3000}" tests/gpu/test_fp8_kv.py tests/gpu/test_kv_store_triton.py -k "bs64 or 64_token"
   timeout "${T:-3000}" python3 benchmarks/attention_bench.py --fp8-layout --json-out "$OUT/fp8layout_micro.json" \
       > "$OUT/fp8layout_micro.log" 2>&1; grep -v "^{" "$OUT/fp8layout_micro.log"
   grep -E "sum_ms|TFLOP" "$OUT/fp8layout_micro.log" | cut -c1-400; pack
@@ -378,8 +377,7 @@ fp8layoutdecode)
 fp8layoutpaper)
   bench fp8layout_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8,fp8w+kv,fp8w+attn \
       --json-out "$OUT/fp8layout_paper.json"
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py > "$OUT/fp8kv_tests.log" 2>&1
-  tail -3 "$OUT/fp8kv_tests.log"; pack
+  gpu_tests fp8kv_tests "${T:-3000}" tests/gpu/test_fp8_kv.py
   ;;
 fp8default)
   bench fp8default_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+attn,fp8w+kv,fp8,sharing \
@@ -399,9 +397,7 @@ fp8tile)
   grep -E "sum_ms|Error" "$OUT/fp8tile.log" | cut -c1-160; grep "sweep best" "$OUT/fp8tile.log"
   ;;
 tmafp8)
-  timeout "${T:-3000}" python3 -m pytest -q -p no:cacheprovider \
-      tests/gpu/test_fp8_kv.py::test_tma_tiles_over_fp8_cache_match_pointer_loads > "$OUT/tmafp8_tests.log" 2>&1
-  tail -3 "$OUT/tmafp8_tests.log"; pack
+  gpu_tests tmafp8_tests "${T:-3000}" tests/gpu/test_fp8_kv.py::test_tma_tiles_over_fp8_cache_match_pointer_loads
   timeout "${T:-3000}" python3 benchmarks/attention_bench.py --tma-fp8 --json-out "$OUT/tmafp8_attention.json" \
       > "$OUT/tmafp8_attention.log" 2>&1
   grep -E "vs|Error" "$OUT/tmafp8_attention.log" | cut -c1-400; pack
@@ -441,8 +437,8 @@ fp8micro)
   done
   ;;
 staged)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py tests/gpu/test_fp8_gpu.py \
-      -k "staged or (matches_reference and bfloat16) or quantizer" 2>&1 | tail -4 | tee "$OUT/staged_tests.log"; pack
+  gpu_tests staged_tests 240 tests/gpu/test_fp8_kv.py tests/gpu/test_fp8_gpu.py \
+      -k "staged or (matches_reference and bfloat16) or quantizer"
   n=0
   for tree in ${STAGED_TREES:-new old new}; do
     n=$((n + 1))
@@ -451,8 +447,7 @@ staged)
   done
   ;;
 fp8block128)
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv.py -k "blocks_matches_reference and bs128" \
-      2>&1 | tail -3 | tee "$OUT/block128_tests.log"; pack
+  gpu_tests block128_tests 200 tests/gpu/test_fp8_kv.py -k "blocks_matches_reference and bs128"
   timeout 200 python3 benchmarks/attention_bench.py --decode-sweep-fp8-128 --json-out "$OUT/sweep_fp8_128.json" 2>&1 \
       | grep -v -i warn > "$OUT/sweep_fp8_128.log"; tail -1 "$OUT/sweep_fp8_128.log"; pack
   bench block128_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8w+kv,fp8w+kv-block128,fp8w+kv,fp8w+kv-block128 \
@@ -460,8 +455,8 @@ fp8block128)
   bench block128_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv,fp8w+kv-block128 --json-out "$OUT/block128_paper.json"
   ;;
 deferred)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_deferred_scales.py tests/gpu/test_fp8_fused_quant.py \
-      tests/gpu/test_fp8_gpu.py tests/gpu/test_triton_ops.py 2>&1 | tail -5 | tee "$OUT/deferred_tests.log"; pack
+  gpu_tests deferred_tests 240 tests/gpu/test_fp8_deferred_scales.py tests/gpu/test_fp8_fused_quant.py \
+      tests/gpu/test_fp8_gpu.py tests/gpu/test_triton_ops.py
   bench deferred_decode "${M8D[@]}" "${DECODE[@]}" --configs fp8w+kv,fp8w+kv-rowscaled,fp8w+kv,fp8w+kv-rowscaled \
       --json-out "$OUT/deferred_decode.json"
   bench deferred_paper "${M8D[@]}" "${PAPER[@]}" --configs fp8w+kv-rowscaled,fp8w+kv,fp8w+kv-rowscaled,fp8w+kv \
@@ -489,7 +484,8 @@ fp8weights)
       --json-out "$OUT/fp8weights_16k.json"
   ;;
 fp8ratio)
-  [ -n "${TESTS:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -8 | tee "$OUT/tests.log"
+  # shellcheck disable=SC2086  # TESTS: pytest arguments, split on spaces
+  [ -n "${TESTS:-}" ] && gpu_tests tests 240 $TESTS
   bench fp8ratio_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8w+kv,sharing,fp8w+kv \
       --json-out "$OUT/fp8ratio_decode.json"
   bench fp8ratio_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8w+kv,sharing,fp8w+kv --json-out "$OUT/fp8ratio_paper.json"
