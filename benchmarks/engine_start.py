@@ -24,15 +24,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from batchllm import LLM
+    from batchllm.parallel.data_parallel import describe_start
 
     for n in args.engines:
         started = time.perf_counter()
         llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device, engines_per_gpu=n)
         built = time.perf_counter() - started
         workers = llm._data_parallel.start_times if llm._data_parallel is not None else {}
-        parts = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v:.1f} s" if isinstance(v, float) else f"{k} {v}"
-                                                    for k, v in t.items())
-                          for r, t in sorted(workers.items()))
+        parts = "; ".join(f"rank {r}: {describe_start(t)}" for r, t in sorted(workers.items()))
         print(f"{n} engine(s): built in {built:.2f} s" + (f" ({parts})" if parts else ""), flush=True)
         llm.shutdown()
 
