@@ -212,6 +212,24 @@ def sampling_defaults(args: argparse.Namespace) -> dict:
                 min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
+RESULT_OPTIONS = ("model", "tokenizer", "dtype", "load_format", "max_model_len", "max_logprobs", "quantization",
+                  "kv_cache_dtype", "fp8_attention", "skip_tokenizer_init", "trust_remote_code")
+"""Engine options that decide what a line's answer is or whether it is accepted (with the sampling defaults
+and --seed): an output is resumed only under the same ones (`io.job.prepare_output`). Options of speed
+alone (step budget, kernels, block size, parallelism, devices) may change between runs."""
+
+
+def results_options(args: argparse.Namespace) -> dict:
+    """The options recorded beside the output, as JSON values: a model or tokenizer directory by its
+    absolute path, so that another spelling of it resumes."""
+    options = {name: getattr(args, name, None) for name in RESULT_OPTIONS}
+    for name in ("model", "tokenizer"):
+        if options[name] is not None and Path(options[name]).exists():
+            options[name] = str(Path(options[name]).resolve())
+    stop = args.stop
+    return {**options, **sampling_defaults(args), "stop": list(stop) if stop else None, "seed": args.seed}
+
+
 def _run_locked(args: argparse.Namespace) -> int:
     defaults = sampling_defaults(args)
     errors_path = args.errors_file or errors_path_for(args.output)
@@ -220,7 +238,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         # a bad model path or id, or a context it cannot hold, fails before anything is written (the
         # default model is left for later: its first use converts it)
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
-        resume = prepare_output(args.output, args.input, args.overwrite, errors_path)
+        resume = prepare_output(args.output, args.input, args.overwrite, errors_path, results_options(args))
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
     except (ValueError, OSError, JobError) as e:
         return _fail(str(e))

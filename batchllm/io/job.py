@@ -1,8 +1,11 @@
 """A batch job's output file: durable appends and resume after a crash.
 
 Beside OUTPUT lives OUTPUT.batchllm-state, written (atomically) before the first record: the input
-file's size and SHA-256. Running the same command again finds the output, checks that it belongs
-to the same input, cuts a torn last line (a write interrupted by SIGKILL or power loss), and
+file's size and SHA-256, and the options that decide a line's answer (the model, the sampling
+defaults, the limits a line is checked against: `results_options` in the CLI). Running the same
+command again finds the output, checks that it belongs to the same input and options (so that one
+output never mixes answers of two settings, nor keeps a line refused under a limit since raised),
+cuts a torn last line (a write interrupted by SIGKILL or power loss), and
 collects what is already finished: the ids of answered lines and the line numbers of error
 records. Those lines are neither recomputed nor rewritten. A damaged output or state file (a line
 that is not a record, a state file that is not this format) is named with its line and refused:
@@ -130,14 +133,19 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
                        "(even with --overwrite: it would destroy the input); choose another -o")
 
 
-def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None) -> ResumeState:
-    """Validate or create the output (and its errors file) for this input; return what is already done."""
+def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None,
+                   options: dict[str, Any] | None = None) -> ResumeState:
+    """Validate or create the output (and its errors file) for this input and these `options` (JSON
+    values; None: not checked); return what is already done. A state file written without options
+    (before they were recorded) resumes under any."""
     refuse_output_onto_input(output, input_path)
     if errors is not None and (same_file(errors, input_path) or same_file(errors, output)):
         raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
                        "choose another --errors-file")
     state_path = output.with_name(output.name + STATE_SUFFIX)
     fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path)}
+    if options is not None:
+        fingerprint["options"] = options
     has_output = any(p is not None and p.exists() and p.stat().st_size > 0 for p in (output, errors))
     if has_output and not overwrite:
         try:
@@ -162,6 +170,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
                 f"({state.get('input')!r}, {state.get('input_size')} bytes), not {str(input_path)!r}; "
                 "choose another -o or pass --overwrite"
             )
+        _refuse_other_options(output, state.get("options"), options)
         state = _scan_and_repair(output)
         if errors is not None and errors.exists():
             _scan_and_repair(errors, state)
@@ -176,6 +185,25 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         f.flush()
         os.fsync(f.fileno())
     return ResumeState()
+
+
+def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] | None) -> None:
+    """Raise JobError naming each option whose value differs from the one `output` was written with."""
+    if recorded is None or options is None:
+        return
+    if not isinstance(recorded, dict):
+        raise JobError(f"the state file of {str(output)!r} is damaged (its options are not an object); "
+                       f"{_START_OVER}")
+    changed = [f"{name} {_shown(recorded.get(name))} -> {_shown(options.get(name))}"
+               for name in sorted(set(recorded) | set(options)) if recorded.get(name) != options.get(name)]
+    if changed:
+        raise JobError(f"refusing to resume into {str(output)!r}: its finished lines were answered with other "
+                       f"options ({'; '.join(changed)}); run with the options it was written with to resume, "
+                       f"or {_START_OVER}")
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is None else json.dumps(value)
 
 
 def _scan_and_repair(output: Path, state: ResumeState | None = None) -> ResumeState:

@@ -316,3 +316,34 @@ def test_a_complete_job_finishes_without_loading_the_model(tmp_path, capsys, mon
     monkeypatch.setattr(batchllm.llm, "front_end_for", no_model)
     code, err = run(capsys, src, "-o", out, "--model", model)
     assert code == 1 and "already complete (2 lines: 1 done, 1 failed)" in err
+
+
+def test_resuming_under_other_options_is_refused_by_name(tmp_path, capsys, tiny_model_factory):
+    """A second run with other sampling defaults resumed silently, so one output held answers of two
+    settings; a line refused under --max-logprobs stayed refused when the limit was raised. Options that
+    decide answers are now recorded beside the output and must match to resume; speed options may change."""
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Hi {i}"}) + "\n" for i in range(3))
+                   + json.dumps({"id": "many", "prompt": "Hi", "logprobs": 3}) + "\n")
+    first = ["--model", model, "--max-tokens", "3", "--temperature", "0", "--max-logprobs", "2"]
+    code, err = run(capsys, src, "-o", out, *first)
+    assert code == 1 and "max_logprobs" in (tmp_path / "out.jsonl").read_text(), err  # the 4th line is refused
+    lines = out.read_text().splitlines(keepends=True)
+    answered = [line for line in lines if json.loads(line).get("error") is None]
+    out.write_text("".join(line for line in lines if line != answered[-1]))  # as if killed before that answer
+
+    code, err = run(capsys, src, "-o", out, "--model", model, "--max-tokens", "2", "--temperature", "1",
+                    "--max-logprobs", "5")
+    assert code == 2 and "other options" in err and "max_tokens 3 -> 2" in err and "temperature 0.0 -> 1.0" in err
+    assert "max_logprobs 2 -> 5" in err and "--overwrite" in err, err
+    assert out.read_text() == "".join(line for line in lines if line != answered[-1]), "the output is untouched"
+
+    code, err = run(capsys, src, "-o", out, *first, "--max-num-batched-tokens", "64")  # speed alone: resumes
+    assert code == 1 and "resuming" in err, err
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["many", "r0", "r1", "r2"]
+
+    code, err = run(capsys, src, "-o", out, "--model", model, "--max-tokens", "3", "--temperature", "0",
+                    "--overwrite")  # the default max_logprobs (20) accepts the 4th line
+    assert code == 0, err
+    assert all(json.loads(line).get("error") is None for line in out.read_text().splitlines())
