@@ -17,6 +17,8 @@ before (from the previous text's end less the longest stop and a margin): the cu
 from __future__ import annotations
 
 import functools
+import json
+import re
 
 from batchllm.outputs import TokenLogprobs
 from batchllm.request_output import CompletionOutput, Logprob
@@ -54,6 +56,37 @@ def _decode_entries(entries: list[dict[int, Logprob]], tokenizer) -> None:
     for entry in entries:
         for tid, lp in entry.items():
             lp.decoded_token = tokenizer.decode([tid])
+            lp.token_bytes = token_bytes(tokenizer, tid)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+"""A byte-fallback piece of a SentencePiece vocabulary (Llama 2, Mistral): one byte of a character."""
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for: its piece through the byte-level BPE alphabet (GPT-2's, which
+    Llama 3, Qwen and SmolLM2 use), a byte-fallback piece's byte, or else the UTF-8 of its decoded text."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        alphabet = _byte_level_alphabet(tokenizer)
+        if alphabet is not None and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        if match := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(match.group(1), 16)])
+    return tokenizer.decode([token_id]).encode()
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_level_alphabet(tokenizer) -> dict[str, int] | None:
+    """Character -> byte of the byte-level BPE alphabet where the tokenizer decodes through it, else None."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    try:
+        byte_level = decoder is not None and "ByteLevel" in json.dumps(json.loads(decoder.__getstate__()))
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except (ImportError, TypeError, ValueError, AttributeError):  # another tokenizer library or version
+        return None
+    return {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else None
 
 
 @functools.lru_cache(maxsize=1 << 17)

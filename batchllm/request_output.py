@@ -10,6 +10,10 @@ class Logprob:
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
+    token_bytes: bytes | None = None
+    """The bytes the token stands for (set with `decoded_token`; beyond vLLM's fields). A token that holds
+    part of a character (byte-level BPE splits emoji and CJK characters) decodes alone to U+FFFD, so its
+    `decoded_token` says nothing of it; these bytes are what OpenAI's logprobs `bytes` report."""
 
 
 @dataclass

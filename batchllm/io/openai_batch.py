@@ -11,6 +11,7 @@ with a chat.completion or text_completion body (with usage), or "response": null
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from typing import Any
@@ -175,9 +176,23 @@ def error_record(custom_id: str | None, message: str, code: str = "invalid_reque
     return {"id": line_id, "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
 
 
+def _token_bytes(lp) -> bytes:
+    return lp.token_bytes if lp.token_bytes is not None else (lp.decoded_token or "").encode()
+
+
+def _token_text(lp) -> str:
+    """The token as OpenAI names it: its text, or for a token that holds part of a character (its bytes
+    are not whole UTF-8) "bytes:" and the bytes, those that do not decode escaped: "bytes: \\xf0\\x9f"."""
+    raw = _token_bytes(lp)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + raw.decode("utf-8", "backslashreplace")
+    return lp.decoded_token or ""
+
+
 def _token_entry(lp) -> dict[str, Any]:
-    token = lp.decoded_token or ""
-    return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
+    return {"token": _token_text(lp), "logprob": lp.logprob, "bytes": list(_token_bytes(lp))}
 
 
 def _top(entry: dict, k: int) -> list:
@@ -197,11 +212,14 @@ def _completion_logprobs(c, k: int) -> dict[str, Any] | None:
     if c.logprobs is None:
         return None
     tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    characters = codecs.getincrementaldecoder("utf-8")("replace")  # a split character counts once, when whole
     for token_id, entry in zip(c.token_ids, c.logprobs):
-        text = entry[token_id].decoded_token or ""
-        tokens.append(text)
+        tokens.append(_token_text(entry[token_id]))
         token_logprobs.append(entry[token_id].logprob)
-        top.append({lp.decoded_token or "": lp.logprob for lp in _top(entry, k)})
+        alternatives: dict[str, float] = {}
+        for lp in _top(entry, k):  # two tokens may share a name: the likelier keeps it
+            alternatives.setdefault(_token_text(lp), lp.logprob)
+        top.append(alternatives)
         offsets.append(offset)
-        offset += len(text)
+        offset += len(characters.decode(_token_bytes(entry[token_id])))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

@@ -1,0 +1,88 @@
+"""OpenAI logprobs of tokens that hold part of a character (issue found in review, session 26).
+
+Byte-level BPE (SmolLM2, Llama 3, Qwen) splits an emoji or a CJK character over several tokens, and
+each such token decodes alone to U+FFFD. Those tokens were all written as "\ufffd" with the bytes of
+U+FFFD, so `bytes` lost the token's real bytes, completions' `top_logprobs` (keyed by name) let a
+lower-ranked "\ufffd" overwrite the top one, and `text_offset` counted three characters for one emoji."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from batchllm.io.openai_batch import CHAT_URL, success_record
+from batchllm.output_processor import _decode_entries, token_bytes
+from batchllm.request_output import CompletionOutput, Logprob
+
+TEXT = "pizza 🍕 é 中"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def record_for(tokenizer, url: str, top: int):
+    """A finished request whose output is TEXT, each position listing the token (rank 1) and the two
+    tokens before and after it in the output as lower-ranked alternatives."""
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    entries = []
+    for i, tid in enumerate(ids):
+        others = [t for t in dict.fromkeys(ids[max(0, i - 2):i + 3]) if t != tid][:top]
+        entry = {tid: Logprob(-0.1, 1)}
+        entry.update({t: Logprob(-1.0 - r, r + 2) for r, t in enumerate(others)})
+        entries.append(entry)
+    _decode_entries(entries, tokenizer)
+    choice = CompletionOutput(0, tokenizer.decode(ids), ids, -0.1 * len(ids), entries, "length")
+    output = SimpleNamespace(outputs=[choice], num_output_tokens=len(ids))
+    record = json.loads(json.dumps(success_record("c", url, "m", output, 3, top)))
+    return ids, record["response"]["body"]["choices"][0]["logprobs"]
+
+
+def test_chat_logprobs_carry_each_tokens_own_bytes(tokenizer):
+    ids, logprobs = record_for(tokenizer, CHAT_URL, 2)
+    content = logprobs["content"]
+    assert any(tokenizer.decode([t]).endswith("\ufffd") for t in ids), "the text must split a character"
+    assert b"".join(bytes(c["bytes"]) for c in content) == TEXT.encode(), "the bytes add up to the text"
+    for c in content:
+        raw = bytes(c["bytes"])
+        try:
+            assert c["token"] == raw.decode("utf-8")
+        except UnicodeDecodeError:
+            assert c["token"] == "bytes:" + raw.decode("utf-8", "backslashreplace") and "\ufffd" not in c["token"]
+        assert all(t["token"] != "\ufffd" for t in c["top_logprobs"])
+
+
+def test_completion_logprobs_keep_distinct_alternatives_and_true_offsets(tokenizer):
+    ids, logprobs = record_for(tokenizer, "/v1/completions", 2)
+    partial = [i for i, t in enumerate(logprobs["tokens"]) if t.startswith("bytes:")]
+    assert len(partial) >= 2
+    for position in partial:
+        top = logprobs["top_logprobs"][position]
+        assert len(top) == 2 and top[logprobs["tokens"][position]] == logprobs["token_logprobs"][position] == -0.1
+    text = tokenizer.decode(ids)
+    for token, offset in zip(logprobs["tokens"], logprobs["text_offset"]):
+        if not token.startswith("bytes:"):
+            assert text[offset:].startswith(token), (token, offset)
+    emoji = TEXT.index("🍕")
+    assert [o for t, o in zip(logprobs["tokens"], logprobs["text_offset"]) if t.startswith("bytes:")] == [
+        emoji - 1, emoji, emoji][:len(partial)], "the emoji's pieces start at its space, then at the emoji"
+
+
+def test_a_byte_fallback_piece_is_its_byte():
+    class SentencePieceLike:  # Llama 2 / Mistral: a character outside the vocabulary as <0xNN> pieces
+        pieces = {1: "<0xF0>", 2: "\u2581the"}
+
+        def convert_ids_to_tokens(self, token_id):
+            return self.pieces[token_id]
+
+        def decode(self, ids):
+            return {1: "\ufffd", 2: "the"}[ids[0]]
+
+    tokenizer = SentencePieceLike()
+    assert token_bytes(tokenizer, 1) == b"\xf0"
+    assert token_bytes(tokenizer, 2) == b"the", "other pieces: the UTF-8 of their text"
