@@ -61,7 +61,7 @@ def errors_path_for(output: Path) -> Path:
 
 @dataclass
 class ResumeState:
-    done_ids: set[str] = field(default_factory=set)
+    done_ids: set[str | int] = field(default_factory=set)
     """Ids (or custom_ids) of lines already answered."""
     done_error_lines: set[int] = field(default_factory=set)
     """Line numbers of lines that already have an error record."""
@@ -261,7 +261,7 @@ def _note_done(record: dict, state: ResumeState) -> None:
         return
     rid = record.get("custom_id", record.get("id"))
     if rid is not None:
-        state.done_ids.add(str(rid))
+        state.done_ids.add(rid)  # as the input gives it: an integer id stays one
 
 
 class ResultWriter:

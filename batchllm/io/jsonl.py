@@ -36,7 +36,8 @@ _NO_OVERRIDES: dict[str, Any] = {}  # shared by every line without sampling fiel
 @dataclass(slots=True)  # a million of these may be alive at once
 class BatchLine:
     line_number: int  # 1-based
-    request_id: str
+    request_id: str | int
+    """The line's id as its JSON gives it (a plain line's may be an integer; an OpenAI custom_id is a string)."""
     prompt: Any  # a string, a list of token ids, or a list of chat messages
     is_chat: bool
     sampling_overrides: dict[str, Any]
@@ -50,7 +51,7 @@ class BatchLine:
 @dataclass
 class LineError:
     line_number: int
-    request_id: str | None
+    request_id: str | int | None
     message: str
     format: str | None = None
     """PLAIN or OPENAI; None when the line was not even JSON (the file's format is used)."""
@@ -86,7 +87,7 @@ def without_bom(raw: bytes, line_number: int) -> bytes:
     return raw[len(UTF8_BOM):] if line_number == 1 and raw.startswith(UTF8_BOM) else raw
 
 
-def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | LineError:
+def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
     """One line's request or its LineError. Never raises: whatever the bytes, the job goes on."""
     raw = without_bom(raw, line_number)
     try:
@@ -96,7 +97,7 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | 
                                             f"{short_repr(str(e))})")
 
 
-def _parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine | LineError:
+def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
     def error(message: str, rid: str | None = None) -> LineError:
         return LineError(line_number, rid, f"line {line_number}: {message}")
 
@@ -127,8 +128,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine |
         return error("missing 'id'")
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         return error("'id' must be a string or an integer")
-    rid = str(rid)
-    if rid in seen_ids:
+    if rid in seen_ids:  # (as JSON values: the integer 9 and the string "9" are two ids, each echoed as given)
         return error(f"duplicate id {short_repr(rid)}", rid)
     seen_ids.add(rid)
     given = [k for k in PROMPT_FIELDS if k in obj]
@@ -151,7 +151,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str]) -> BatchLine |
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides)
 
 
-def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str]) -> BatchLine | LineError:
+def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
     def error(message: str, rid: str | None = None) -> LineError:
         return LineError(line_number, rid, f"line {line_number}: {message}", OPENAI)
 
@@ -203,14 +203,14 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _clean_id(rid: Any) -> str | None:
+def _clean_id(rid: Any) -> str | int | None:
     """An id that can be echoed in an error record, or None."""
     if isinstance(rid, int) and not isinstance(rid, bool):
-        return str(rid)
+        return rid
     return rid if isinstance(rid, str) and _encodable(rid) else None
 
 
-def result_record(request_id: str, output, prompt_tokens: int) -> dict[str, Any]:
+def result_record(request_id: str | int, output, prompt_tokens: int) -> dict[str, Any]:
     first = output.outputs[0]
     record: dict[str, Any] = {
         "id": request_id,

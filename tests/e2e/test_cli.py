@@ -31,10 +31,10 @@ def test_jsonl_round_trip_on_the_default_model(tmp_path, default_model_dir):
     r = run_cli("run", src, "-o", out, "--temperature", "0", "--max-tokens", "12", "--stats", stats, "--no-progress")
     assert r.returncode == 0, r.stderr
     records = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
-    assert set(records) == {"chat-1", "7", "ids", "sampled"}
+    assert set(records) == {"chat-1", 7, "ids", "sampled"}, "an integer id is echoed as an integer"
     assert records["chat-1"]["text"] == "The capital of France is Paris."
     assert records["chat-1"]["finish_reason"] == "stop"
-    assert records["7"]["completion_tokens"] == 5 and records["7"]["finish_reason"] == "length"
+    assert records[7]["completion_tokens"] == 5 and records[7]["finish_reason"] == "length"
     assert records["ids"]["prompt_tokens"] == 3 and len(records["ids"]["token_ids"]) == 4
     for rec in records.values():
         assert set(rec) >= {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}

@@ -347,3 +347,27 @@ def test_resuming_under_other_options_is_refused_by_name(tmp_path, capsys, tiny_
                     "--overwrite")  # the default max_logprobs (20) accepts the 4th line
     assert code == 0, err
     assert all(json.loads(line).get("error") is None for line in out.read_text().splitlines())
+
+
+def test_ids_keep_their_json_type_through_the_run_and_its_resume(tmp_path, capsys, tiny_model_factory):
+    """The integer 9 and the string "9" were one id (the second line failed as a duplicate of the first)
+    and the integer came back as the string "9": ids are now JSON values, echoed as given."""
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": 9, "prompt": "Hi"}\n{"id": "9", "prompt": "Hi"}\n{"id": 9, "prompt": "again"}\n')
+    options = ["--model", model, "--max-tokens", "2", "--temperature", "0"]
+    code, err = run(capsys, src, "-o", out, *options)
+    assert code == 1, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    answered = sorted((r["id"] for r in records if r.get("error") is None), key=repr)
+    assert answered == ["9", 9]
+    duplicate = [r for r in records if r.get("error")]
+    assert len(duplicate) == 1 and duplicate[0]["id"] == 9 and duplicate[0]["error"]["line"] == 3
+
+    kept = [line for line in out.read_text().splitlines(keepends=True) if json.loads(line).get("id") != 9]
+    out.write_text("".join(kept))  # the integer id's answer and error lost, as if killed before them
+    code, err = run(capsys, src, "-o", out, *options)
+    assert code == 1 and "1 lines done" in err, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((repr(r["id"]), r.get("error") is None) for r in records) == [
+        ("'9'", True), ("9", False), ("9", True)], "each line has exactly one record"
