@@ -85,6 +85,9 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             line.prompt = None  # the tokens replace the text: never hold both for a whole file
             if isinstance(result, ValueError):
                 errors.append(LineError.for_line(line, result))
+            elif must_fit_the_context(line) and (
+                    problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
+                errors.append(LineError.for_line(line, problem))
             else:
                 valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.array, dtype=np.int32), None),
                                        params))
@@ -118,6 +121,23 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     errors = [e for e in errors if e.line_number not in resume.done_error_lines]  # written by an earlier run
     file_format = max(formats, key=formats.get) if formats else PLAIN
     return Ingested(valid, errors, file_format)
+
+
+def must_fit_the_context(line: BatchLine) -> bool:
+    """Whether the line's max_tokens must fit the context after its prompt: an OpenAI line's own max_tokens
+    (or max_completion_tokens). OpenAI's API and vLLM's server (which vLLM's run-batch goes through) refuse
+    a request that does not fit; a plain line, like vLLM's `LLM.generate`, stops at the context instead
+    (finish_reason "length"), and so do lines whose max_tokens is the command line's default."""
+    return line.format == OPENAI and "max_tokens" in line.sampling_overrides
+
+
+def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:
+    """Why a prompt and its max_tokens do not fit the context, or None."""
+    if prompt_tokens + max_tokens <= max_model_len:
+        return None
+    return (f"the model's context (max_model_len) is {max_model_len} tokens, but {prompt_tokens + max_tokens} "
+            f"were asked for ({prompt_tokens} in the prompt, {max_tokens} for the completion); lower max_tokens "
+            "or shorten the prompt")
 
 
 def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None, cache: dict) -> SamplingParams:

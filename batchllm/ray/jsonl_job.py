@@ -89,7 +89,8 @@ class _CliPreprocess:
         self.cache: dict[str, SamplingParams] = {}
 
     def __call__(self, row: dict) -> dict:
-        from batchllm.io.ingest import sampling_params_for
+        from batchllm.io.ingest import must_fit_the_context, sampling_params_for
+        from batchllm.ray.stages import MUST_FIT
 
         line = _parse(row)
         if isinstance(line, LineError):
@@ -97,7 +98,7 @@ class _CliPreprocess:
         sp = sampling_params_for(line, self.defaults, self.global_seed, self.cache)
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
-        return {kind: line.prompt, "sampling_params": fields}
+        return {kind: line.prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line)}
 
 
 class _CliRecords:

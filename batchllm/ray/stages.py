@@ -38,6 +38,9 @@ PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN = ("batchllm_prefill_tokens", "batchll
 GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_input_tokens",
                      "num_generated_tokens")
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
+MUST_FIT = "max_tokens_must_fit"
+"""A preprocess's optional flag: the row's max_tokens must fit the context after its prompt, else the row
+is an error (as OpenAI's API answers); without it generation stops at the context ("length")."""
 
 
 # ---------------------------------------------------------------------- stage 1: tokenize (CPU)
@@ -101,8 +104,8 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     fields = {**defaults, **overrides}
     # validate here, as the single-machine reader does per line: the engine stage must not meet a bad
     # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
-    SamplingParams(**fields).check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars,
-                                             prompts.max_logprobs)
+    params = SamplingParams(**fields)
+    params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
     context_len = None
     if given[0] == "messages":
         messages = request["messages"]
@@ -115,6 +118,11 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         ids = prompts.tokenize_prompt(request["prompt"], index).token_ids
     else:
         ids = prompts.tokenize_prompt({"prompt_token_ids": list(request["prompt_token_ids"])}, index).token_ids
+    if request.get(MUST_FIT):
+        from batchllm.io.ingest import context_overflow
+
+        if problem := context_overflow(len(ids), params.max_tokens, prompts.max_model_len):
+            raise ValueError(problem)
     explicit = request.get("prefix_key")
     key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))
     return list(ids), fields, key

@@ -371,3 +371,28 @@ def test_ids_keep_their_json_type_through_the_run_and_its_resume(tmp_path, capsy
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((repr(r["id"]), r.get("error") is None) for r in records) == [
         ("'9'", True), ("9", False), ("9", True)], "each line has exactly one record"
+
+
+def test_an_openai_line_past_the_context_fails_as_openai_answers_it(tmp_path, capsys, tiny_model_factory):
+    """A prompt and its own max_tokens past max_model_len were cut at the context with finish_reason
+    "length" and status 200; OpenAI's API (and vLLM's server, which its run-batch uses) refuse them. A
+    line without max_tokens (the command line's default) and a plain line still stop at the context."""
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompt = "one two three four five six seven eight nine ten " * 4
+    body = {"prompt": prompt, "temperature": 0}
+    lines = [{"custom_id": "asks-too-much", "url": "/v1/completions", "body": {**body, "max_tokens": 40}},
+             {"custom_id": "fits", "url": "/v1/completions", "body": {**body, "max_tokens": 4}},
+             {"custom_id": "default", "url": "/v1/completions", "body": body}]
+    src.write_text("".join(json.dumps({"method": "POST", **line}) + "\n" for line in lines))
+    code, err = run(capsys, src, "-o", out, "--model", model, "--max-model-len", "64", "--ignore-eos")
+    assert code == 1, err
+    errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [e["custom_id"] for e in errors] == ["asks-too-much"]
+    message = errors[0]["error"]["message"]
+    assert "max_model_len) is 64 tokens" in message and "40 for the completion" in message, message
+    done = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
+    assert done["fits"]["usage"]["completion_tokens"] == 4
+    usage = done["default"]["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 64, "the default max_tokens stops at the context"
+    assert done["default"]["choices"][0]["finish_reason"] == "length"

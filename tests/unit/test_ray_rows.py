@@ -46,3 +46,19 @@ def test_the_logprobs_cap_is_the_engine_option():
     errors = row_errors(ProcessorConfig(engine_kwargs={"max_logprobs": -1}))
     assert errors[0] is None and errors[4] is None and errors[5] is None
     assert all(errors[i] and "outside the vocabulary" in errors[i] for i in (1, 2, 3))
+
+
+def test_a_row_whose_max_tokens_must_fit_is_refused_past_the_context():
+    """The CLI's OpenAI lines with their own max_tokens set `max_tokens_must_fit`: as OpenAI's API, a
+    prompt and max_tokens past the context fail the row; without the flag generation stops at it."""
+    from batchllm.ray.stages import MUST_FIT
+
+    rows = [{"prompt": "word " * 40, "sampling_params": {"max_tokens": 60}, MUST_FIT: True},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 60}},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 8}, MUST_FIT: True}]
+    table = pa.table({"i": list(range(len(rows)))})
+    out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64),
+                         preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors = out.column(ERROR).to_pylist()
+    assert errors[1] is None and errors[2] is None, errors
+    assert errors[0].startswith("the model's context (max_model_len) is 64 tokens, but ") and "60 for the" in errors[0]
