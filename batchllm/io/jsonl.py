@@ -147,7 +147,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error("'messages' must be a non-empty list", rid)
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
-    overrides = {k: obj[k] for k in SAMPLING_FIELDS if k in obj} or _NO_OVERRIDES
+    # null is "not given", as in OpenAI bodies and Ray rows: the command line's default applies
+    overrides = {k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None} or _NO_OVERRIDES
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides)
 
 

@@ -255,3 +255,13 @@ def test_work_in_the_background_returns_its_value_or_raises_its_error_in_the_cal
     with pytest.raises(ValueError, match="not a number"):
         failing.result()
     assert not failing._thread.is_alive()
+
+
+def test_a_null_sampling_field_of_a_plain_line_takes_the_default():
+    """`"temperature": null` failed a plain line ("must be a number, got None") while an OpenAI body and a
+    Ray row read null as "not given"; all three now take the command line's default."""
+    data = b'{"id": "a", "prompt": "Hi", "temperature": null, "max_tokens": null, "stop": null}\n'
+    result = ingest(data, defaults={"max_tokens": 4, "temperature": 0.5})
+    assert not result.errors, result.errors
+    params = result.valid[0].params
+    assert (params.temperature, params.max_tokens, params.stop) == (0.5, 4, None)
