@@ -105,7 +105,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
             params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
-            prompt = prompts.apply_chat_template(item.prompt, item.line_number) if item.is_chat else item.prompt
+            prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
+                      if item.is_chat else item.prompt)
         except ValueError as e:
             errors.append(LineError.for_line(item, e))
             continue

@@ -46,6 +46,8 @@ class BatchLine:
     """OpenAI lines: the endpoint, which decides the response body's shape."""
     model: str | None = None
     """OpenAI lines: the body's model name, echoed in the response."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Chat lines: extra keywords of the chat template (vLLM's `chat_template_kwargs`)."""
 
 
 @dataclass
@@ -134,7 +136,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     given = [k for k in PROMPT_FIELDS if k in obj]
     if len(given) != 1:
         return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)}", rid)
-    unknown = sorted(set(obj) - {"id", *PROMPT_FIELDS, *SAMPLING_FIELDS})
+    unknown = sorted(set(obj) - {"id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs"})
     if unknown:
         return error(f"unsupported field(s): {', '.join(unknown)}", rid)
     kind = given[0]
@@ -148,8 +150,14 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
     # null is "not given", as in OpenAI bodies and Ray rows: the command line's default applies
+    try:
+        template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
+    except openai_batch.BodyError as e:
+        return error(str(e), rid)
+    if template is not None and kind != "messages":
+        return error("'chat_template_kwargs' needs 'messages'", rid)
     overrides = {k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None} or _NO_OVERRIDES
-    return BatchLine(line_number, rid, prompt, kind == "messages", overrides)
+    return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template)
 
 
 def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
@@ -170,12 +178,12 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     if obj.get("method", "POST") != "POST":
         return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)
     try:
-        url, prompt, is_chat, overrides = openai_batch.body_to_request(obj.get("url"), obj.get("body"))
+        url, prompt, is_chat, overrides, template = openai_batch.body_to_request(obj.get("url"), obj.get("body"))
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     model = obj["body"].get("model")
     return BatchLine(line_number, rid, prompt, is_chat, overrides, OPENAI, url,
-                     model if isinstance(model, str) else None)
+                     model if isinstance(model, str) else None, template)
 
 
 def _lone_surrogate(obj: Any) -> str | None:

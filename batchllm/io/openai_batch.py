@@ -39,8 +39,17 @@ class BodyError(ValueError):
     pass
 
 
-def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]]:
-    """Validate an OpenAI request body. Returns (endpoint, prompt, is_chat, sampling overrides)."""
+def template_kwargs(value: Any) -> dict[str, Any] | None:
+    """vLLM's `chat_template_kwargs` of a chat line (e.g. {"enable_thinking": false} for Qwen3): None or
+    an object, passed to the model's chat template."""
+    if value is not None and not isinstance(value, dict):
+        raise BodyError("'chat_template_kwargs' must be an object (e.g. {\"enable_thinking\": false})")
+    return value or None
+
+
+def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any], dict[str, Any] | None]:
+    """Validate an OpenAI request body. Returns (endpoint, prompt, is_chat, sampling overrides, the chat
+    template's extra keywords)."""
     if url not in (CHAT_URL, COMPLETIONS_URL):
         raise BodyError(f"unsupported url {url!r} (supported: {CHAT_URL}, {COMPLETIONS_URL})")
     if not isinstance(body, dict):
@@ -52,7 +61,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     prompt = body[prompt_field]
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
                                                              "response_format"}
-    known |= {"max_completion_tokens", "top_logprobs"} if chat else set()
+    known |= {"max_completion_tokens", "top_logprobs", "chat_template_kwargs"} if chat else set()
     unknown = sorted(set(body) - known)
     if unknown:
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}")
@@ -90,7 +99,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
             overrides["logprobs"] = body["logprobs"]
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
-    return url, prompt, chat, overrides
+    return url, prompt, chat, overrides, template_kwargs(body.get("chat_template_kwargs"))
 
 
 def _logit_bias(value: Any) -> dict:

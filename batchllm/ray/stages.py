@@ -108,11 +108,13 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
     context_len = None
     if given[0] == "messages":
-        messages = request["messages"]
-        text = prompts.apply_chat_template(messages, index)
+        messages, template = request["messages"], request.get("chat_template_kwargs")
+        if template is not None and not isinstance(template, dict):
+            raise ValueError("'chat_template_kwargs' must be an object")
+        text = prompts.apply_chat_template(messages, index, kwargs=template)
         ids = prompts.tokenize_prompt(text, index).token_ids
         if isinstance(messages, list) and len(messages) > 1:
-            context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False)
+            context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False, kwargs=template)
             context_len = _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)
     elif given[0] == "prompt":
         ids = prompts.tokenize_prompt(request["prompt"], index).token_ids

@@ -265,3 +265,25 @@ def test_a_null_sampling_field_of_a_plain_line_takes_the_default():
     assert not result.errors, result.errors
     params = result.valid[0].params
     assert (params.temperature, params.max_tokens, params.stop) == (0.5, 4, None)
+
+
+def test_chat_template_kwargs_reach_the_template_in_both_formats(monkeypatch):
+    """vLLM's `chat_template_kwargs` (Qwen3's {"enable_thinking": false}) was refused as an unsupported
+    field; it now reaches the template for plain and OpenAI chat lines, and is an error elsewhere."""
+    tokenizer = processor().tokenizer
+    template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}")
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"enable_thinking": False}}
+    lines = [{"id": "plain", **chat}, {"id": "plain-default", "messages": chat["messages"]},
+             {"custom_id": "oa", "url": "/v1/chat/completions", "body": chat},
+             {"id": "no-chat", "prompt": "Hi", "chat_template_kwargs": {"enable_thinking": False}},
+             {"id": "not-object", "messages": chat["messages"], "chat_template_kwargs": ["enable_thinking"]},
+             {"custom_id": "oa-text", "url": "/v1/completions", "body": {"prompt": "Hi", "chat_template_kwargs": {}}}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
+    assert texts == {"plain": "Hi/no_think", "plain-default": "Hi", "oa": "Hi/no_think"}
+    problems = sorted(e.message for e in result.errors)
+    assert problems == ["line 4: 'chat_template_kwargs' needs 'messages'",
+                        "line 5: 'chat_template_kwargs' must be an object (e.g. {\"enable_thinking\": false})",
+                        "line 6: body field(s) not supported: chat_template_kwargs"], problems
