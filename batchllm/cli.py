@@ -79,11 +79,15 @@ def _add_run_parser(sub) -> None:
                      "output's name with .errors.jsonl, out.jsonl -> out.errors.jsonl; created only when a line "
                      "fails); failed plain lines stay in the output")
     s = run.add_argument_group("sampling defaults (a line's own fields take precedence)")
-    s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per request")
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    model_or = "the model's generation_config.json if it sets one, else"
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help=f"most tokens to generate per request (default: {model_or} 256)")
+    s.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default: {model_or} 1.0)")
+    s.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default: {model_or} 1.0: off)")
+    s.add_argument("--top-k", type=int, default=None,
+                   help=f"keep the k most likely tokens (default: {model_or} 0: off)")
+    s.add_argument("--min-p", type=float, default=None,
+                   help=f"drop tokens below min_p x the top probability (default: {model_or} 0.0)")
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="generate past EOS up to max tokens")
     s.add_argument("--seed", type=int, default=None,
@@ -206,10 +210,42 @@ def _stats_problem(path: Path) -> str | None:
     return None
 
 
-def sampling_defaults(args: argparse.Namespace) -> dict:
-    """The run parser's sampling options as SamplingParams fields (a line's own fields override them)."""
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos)
+SAMPLING_FALLBACKS = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+"""The sampling defaults of `run` where neither the command line nor the model's generation_config.json sets one."""
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+"""generation_config.json field -> SamplingParams field: what vLLM takes from it (`--generation-config auto`)."""
+
+
+def model_sampling_defaults(model_dir: Path | None) -> dict:
+    """The sampling defaults a model's generation_config.json sets, as vLLM reads them: the fields of
+    GENERATION_CONFIG_FIELDS whose values differ from transformers' own defaults (Qwen3: temperature 0.6,
+    top_p 0.95, top_k 20). {} without the file; an unreadable one is named (ValueError)."""
+    if model_dir is None or not (model_dir / "generation_config.json").is_file():
+        return {}
+    from transformers import GenerationConfig
+
+    try:
+        differ = GenerationConfig.from_pretrained(model_dir).to_diff_dict()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {str(model_dir / 'generation_config.json')!r}: {e}") from e
+    return {ours: differ[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if differ.get(theirs) is not None}
+
+
+def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) -> dict:
+    """The run's sampling defaults as SamplingParams fields (a line's own fields override them): the
+    command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS."""
+    given = {name: getattr(args, name) for name in SAMPLING_FALLBACKS if getattr(args, name) is not None}
+    return {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": args.stop, "ignore_eos": args.ignore_eos}
+
+
+def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
+    """Say which of the model's sampling defaults apply (those the command line does not set), as vLLM warns."""
+    used = {k: v for k, v in from_model.items() if getattr(args, k, None) is None}
+    if used:
+        print("batchllm: sampling defaults from the model's generation_config.json: "
+              + ", ".join(f"{k} {v}" for k, v in used.items())
+              + " (a line's own fields and the command line's options override them)", file=sys.stderr)
 
 
 RESULT_OPTIONS = ("model", "tokenizer", "dtype", "load_format", "max_model_len", "max_logprobs", "quantization",
@@ -219,26 +255,28 @@ and --seed): an output is resumed only under the same ones (`io.job.prepare_outp
 alone (step budget, kernels, block size, parallelism, devices) may change between runs."""
 
 
-def results_options(args: argparse.Namespace) -> dict:
-    """The options recorded beside the output, as JSON values: a model or tokenizer directory by its
-    absolute path, so that another spelling of it resumes."""
+def results_options(args: argparse.Namespace, defaults: dict) -> dict:
+    """The options recorded beside the output, as JSON values (`defaults`: the run's sampling defaults): a
+    model or tokenizer directory by its absolute path, so that another spelling of it resumes."""
     options = {name: getattr(args, name, None) for name in RESULT_OPTIONS}
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())
-    stop = args.stop
-    return {**options, **sampling_defaults(args), "stop": list(stop) if stop else None, "seed": args.seed}
+    stop = defaults.get("stop")
+    return {**options, **defaults, "stop": list(stop) if stop else None, "seed": args.seed}
 
 
 def _run_locked(args: argparse.Namespace) -> int:
-    defaults = sampling_defaults(args)
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
-        SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
         # a bad model path or id, or a context it cannot hold, fails before anything is written (the
-        # default model is left for later: its first use converts it)
+        # default model is left for later: its first use converts it; its GGUF sets no sampling defaults)
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
-        resume = prepare_output(args.output, args.input, args.overwrite, errors_path, results_options(args))
+        from_model = model_sampling_defaults(source.model_dir if source is not None else None)
+        defaults = sampling_defaults(args, from_model)
+        SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
+        resume = prepare_output(args.output, args.input, args.overwrite, errors_path,
+                                results_options(args, defaults))
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
     except (ValueError, OSError, JobError) as e:
         return _fail(str(e))
@@ -248,6 +286,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         return EXIT_OK
     if job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
         return job.report_complete()
+    note_model_defaults(args, from_model)
     if resume.num_records:
         print(f"batchllm: resuming {args.output}: {len(resume.done_ids)} lines done, "
               f"{len(resume.done_error_lines)} failed before"

@@ -98,7 +98,8 @@ class _CliPreprocess:
         sp = sampling_params_for(line, self.defaults, self.global_seed, self.cache)
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
-        return {kind: line.prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line)}
+        return {kind: line.prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
+                "chat_template_kwargs": line.chat_template_kwargs}
 
 
 class _CliRecords:
@@ -185,21 +186,33 @@ def run_command_on_ray(args) -> int:
     """The `--ray` branch of `batchllm run` (args: the run parser's namespace)."""
     import ray
 
-    from batchllm.cli import EXIT_CANNOT_START, EXIT_LINES_FAILED, EXIT_OK, _fail, sampling_defaults
+    from batchllm.cli import (
+        EXIT_CANNOT_START,
+        EXIT_LINES_FAILED,
+        EXIT_OK,
+        _fail,
+        model_sampling_defaults,
+        note_model_defaults,
+        sampling_defaults,
+    )
+    from batchllm.inputs import read_model_source
     from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
         return _fail(problem)
-    defaults = sampling_defaults(args)
     try:
+        source = None if args.model is None else read_model_source(args.model, args.max_model_len)
+        from_model = model_sampling_defaults(source.model_dir if source is not None else None)
+        defaults = sampling_defaults(args, from_model)
         SamplingParams(**defaults)
         engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
         named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}
         config = ProcessorConfig(
             **named, engine_kwargs=engine,
             num_replicas=args.num_replicas, batch_size=args.ray_batch_size)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         return _fail(str(e))
+    note_model_defaults(args, from_model)
     if args.output.exists() and not args.output.is_dir():
         return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
     if args.overwrite and args.output.is_dir():

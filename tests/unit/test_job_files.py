@@ -396,3 +396,25 @@ def test_an_openai_line_past_the_context_fails_as_openai_answers_it(tmp_path, ca
     usage = done["default"]["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 64, "the default max_tokens stops at the context"
     assert done["default"]["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path, capsys, tiny_model_factory):
+    """vLLM takes a model's sampling defaults from its generation_config.json (Qwen3: temperature 0.6,
+    top_p 0.95, top_k 20); `run` used 1.0 / 1.0 / off whatever the model said. Now: the command line's
+    options, then the model's, then run's own; a line's fields above all."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 3, "eos_token_id": 2}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi", "max_tokens": 2}\n')
+    code, err = run(capsys, src, "-o", out, "--model", model, "--top-k", "5", "--ignore-eos", "--seed", "1")
+    assert code == 0, err
+    assert ("sampling defaults from the model's generation_config.json: temperature 0.6, top_p 0.95, "
+            "max_tokens 3 (a line's own") in err, err  # top_k: the command line's
+    tokens = {r["id"]: r["completion_tokens"] for r in map(json.loads, out.read_text().splitlines())}
+    assert tokens == {"a": 3, "b": 2}
+    options = json.loads((tmp_path / "out.jsonl.batchllm-state").read_text())["options"]
+    assert (options["temperature"], options["top_p"], options["top_k"], options["max_tokens"]) == (0.6, 0.95, 5, 3)
