@@ -228,6 +228,7 @@ def _completion_logprobs(c, k: int) -> dict[str, Any] | None:
         alternatives: dict[str, float] = {}
         for lp in _top(entry, k):  # two tokens may share a name: the likelier keeps it
             alternatives.setdefault(_token_text(lp), lp.logprob)
+        alternatives.setdefault(tokens[-1], token_logprobs[-1])  # the sampled token always, as OpenAI and vLLM
         top.append(alternatives)
         offsets.append(offset)
         offset += len(characters.decode(_token_bytes(entry[token_id])))

@@ -86,3 +86,11 @@ def test_a_byte_fallback_piece_is_its_byte():
     tokenizer = SentencePieceLike()
     assert token_bytes(tokenizer, 1) == b"\xf0"
     assert token_bytes(tokenizer, 2) == b"the", "other pieces: the UTF-8 of their text"
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token(tokenizer):
+    """OpenAI's legacy completions "always return the logprob of the sampled token, so there may be up to
+    logprobs+1 elements"; with logprobs 0 every dict was empty."""
+    _, logprobs = record_for(tokenizer, "/v1/completions", 0)
+    assert [list(top.items()) for top in logprobs["top_logprobs"]] == [
+        [(token, lp)] for token, lp in zip(logprobs["tokens"], logprobs["token_logprobs"])]
