@@ -65,8 +65,12 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 @functools.lru_cache(maxsize=1 << 17)
 def token_bytes(tokenizer, token_id: int) -> bytes:
-    """The bytes one token stands for: its piece through the byte-level BPE alphabet (GPT-2's, which
-    Llama 3, Qwen and SmolLM2 use), a byte-fallback piece's byte, or else the UTF-8 of its decoded text."""
+    """The bytes one token stands for: an added token's text; a piece through the byte-level BPE alphabet
+    (GPT-2's, which Llama 3, Qwen and SmolLM2 use); a SentencePiece byte-fallback piece's byte, or its
+    piece with the word boundary "▁" as a space (Llama 2, Mistral); else the UTF-8 of its decoded text."""
+    added = _added_tokens(tokenizer).get(token_id)
+    if added is not None:  # their text is not in the byte-level alphabet, whatever its characters
+        return added.encode()
     piece = tokenizer.convert_ids_to_tokens(token_id)
     if isinstance(piece, str):
         alphabet = _byte_level_alphabet(tokenizer)
@@ -74,7 +78,16 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
             return bytes(alphabet[c] for c in piece)
         if match := _BYTE_PIECE.fullmatch(piece):
             return bytes([int(match.group(1), 16)])
+        if "▁" in piece:
+            return piece.replace("▁", " ").encode()
     return tokenizer.decode([token_id]).encode()
+
+
+@functools.lru_cache(maxsize=8)
+def _added_tokens(tokenizer) -> dict[int, str]:
+    """Token id -> text of the tokens added to the vocabulary (special tokens, chat markers)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {int(tid): str(getattr(token, "content", token)) for tid, token in added.items()}
 
 
 @functools.lru_cache(maxsize=8)

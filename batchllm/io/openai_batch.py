@@ -190,14 +190,14 @@ def _token_bytes(lp) -> bytes:
 
 
 def _token_text(lp) -> str:
-    """The token as OpenAI names it: its text, or for a token that holds part of a character (its bytes
-    are not whole UTF-8) "bytes:" and the bytes, those that do not decode escaped: "bytes: \\xf0\\x9f"."""
+    """The token as OpenAI names it: the text of its bytes (a SentencePiece word's leading space included,
+    which decoding it alone drops), or for a token that holds part of a character (its bytes are not whole
+    UTF-8) "bytes:" and the bytes, those that do not decode escaped: "bytes: \\xf0\\x9f"."""
     raw = _token_bytes(lp)
     try:
-        raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "bytes:" + raw.decode("utf-8", "backslashreplace")
-    return lp.decoded_token or ""
 
 
 def _token_entry(lp) -> dict[str, Any]:
@@ -220,7 +220,7 @@ def _chat_logprobs(c, k: int) -> dict[str, Any] | None:
 def _completion_logprobs(c, k: int) -> dict[str, Any] | None:
     if c.logprobs is None:
         return None
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    tokens, token_logprobs, top, offsets, pieces, offset = [], [], [], [], [], 0
     characters = codecs.getincrementaldecoder("utf-8")("replace")  # a split character counts once, when whole
     for token_id, entry in zip(c.token_ids, c.logprobs):
         tokens.append(_token_text(entry[token_id]))
@@ -231,5 +231,9 @@ def _completion_logprobs(c, k: int) -> dict[str, Any] | None:
         alternatives.setdefault(tokens[-1], token_logprobs[-1])  # the sampled token always, as OpenAI and vLLM
         top.append(alternatives)
         offsets.append(offset)
-        offset += len(characters.decode(_token_bytes(entry[token_id])))
+        pieces.append(characters.decode(_token_bytes(entry[token_id])))
+        offset += len(pieces[-1])
+    # a decoder may drop what the tokens' bytes hold at the start (SentencePiece's leading space)
+    if c.text and (dropped := "".join(pieces).find(c.text)) > 0:
+        offsets = [max(0, o - dropped) for o in offsets]
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

@@ -73,19 +73,36 @@ def test_completion_logprobs_keep_distinct_alternatives_and_true_offsets(tokeniz
         emoji - 1, emoji, emoji][:len(partial)], "the emoji's pieces start at its space, then at the emoji"
 
 
-def test_a_byte_fallback_piece_is_its_byte():
-    class SentencePieceLike:  # Llama 2 / Mistral: a character outside the vocabulary as <0xNN> pieces
-        pieces = {1: "<0xF0>", 2: "\u2581the"}
+class SentencePieceLike:
+    """Llama 2 / Mistral: "▁" marks a word's start, a character outside the vocabulary comes as
+    <0xNN> pieces, and decoding drops the text's leading space."""
+    pieces = {1: "<0xF0>", 2: "▁the", 3: "▁cat", 4: "<s>", 5: "café"}
+    added_tokens_decoder = {4: SimpleNamespace(content="<s>"), 5: SimpleNamespace(content="café")}
 
-        def convert_ids_to_tokens(self, token_id):
-            return self.pieces[token_id]
+    def convert_ids_to_tokens(self, token_id):
+        return self.pieces[token_id]
 
-        def decode(self, ids):
-            return {1: "\ufffd", 2: "the"}[ids[0]]
+    def decode(self, ids, **kwargs):
+        raw = b"".join(bytes([0xF0]) if t == 1 else self.pieces[t].replace("▁", " ").encode() for t in ids)
+        return raw.decode("utf-8", "replace").lstrip(" ")
 
+
+def test_sentencepiece_pieces_and_added_tokens_are_their_bytes():
     tokenizer = SentencePieceLike()
     assert token_bytes(tokenizer, 1) == b"\xf0"
-    assert token_bytes(tokenizer, 2) == b"the", "other pieces: the UTF-8 of their text"
+    assert token_bytes(tokenizer, 2) == b" the", "the word boundary is a space, though decoding alone drops it"
+    assert token_bytes(tokenizer, 4) == b"<s>" and token_bytes(tokenizer, 5) == "café".encode()
+
+
+def test_completion_offsets_follow_the_text_a_decoder_strips():
+    tokenizer = SentencePieceLike()
+    entries = [{2: Logprob(-0.1, 1)}, {3: Logprob(-0.2, 1)}]
+    _decode_entries(entries, tokenizer)
+    choice = CompletionOutput(0, tokenizer.decode([2, 3]), [2, 3], -0.3, entries, "length")
+    output = SimpleNamespace(outputs=[choice], num_output_tokens=2)
+    logprobs = success_record("c", "/v1/completions", "m", output, 3, 1)["response"]["body"]["choices"][0]["logprobs"]
+    assert choice.text == "the cat" and logprobs["text_offset"] == [0, 3]
+    assert logprobs["tokens"] == [" the", " cat"], "a token's name is its bytes' text, as OpenAI's"
 
 
 def test_completion_top_logprobs_always_hold_the_sampled_token(tokenizer):
