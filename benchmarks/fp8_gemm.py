@@ -3,7 +3,7 @@
     python3 benchmarks/fp8_gemm.py [--json-out FILE] [--ms 0.2]      (on the device; < 1 minute on an H200)
 
 Shapes (N x K, weight [N, K]): qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336, for
-M (tokens) in 16, 256, 512, 1024, 2048, 4096, 8192, 16384 (`--tokens` and `--layers` pick others). Per case,
+M (tokens) in 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384 (`--tokens` and `--layers` pick others). Per case,
 median time (CUDA-event timing by triton.testing.do_bench when Triton is installed, else
 torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - bf16:        torch.mm(x, w.t()) in bfloat16;
@@ -18,8 +18,8 @@ torch.utils.benchmark) and TFLOP/s (2*M*N*K) of:
 - fp8 swap-AB: the same product computed transposed, `_scaled_mm(w, x^T)` (the weight's N becomes the
                GEMM's M, so cuBLAS tiles the large dimension: what vLLM's CUTLASS kernels do for small
                M), then transposed back into a contiguous [M, N] (the copy included);
-  with M (tokens) also at the decode batch sizes 64 and 128, and each kernel's weight-read rate
-  (GB/s of the N x K float8 or bf16 weight: the bound of small-M matmuls);
+  and each kernel's weight-read rate (GB/s of the N x K float8 or bf16 weight: the bound of small-M
+  matmuls);
 and the max relative error of the fp8 output against the bf16 one (max |fp8 - bf16| / max |bf16|)
 and its relative L2 error. Inputs are N(0, 1) activations and N(0, 0.02) weights.
 """

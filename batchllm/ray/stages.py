@@ -108,9 +108,9 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
     context_len = None
     if given[0] == "messages":
-        messages, template = request["messages"], request.get("chat_template_kwargs")
-        if template is not None and not isinstance(template, dict):
-            raise ValueError("'chat_template_kwargs' must be an object")
+        from batchllm.io.openai_batch import template_kwargs
+
+        messages, template = request["messages"], template_kwargs(request.get("chat_template_kwargs"))
         text = prompts.apply_chat_template(messages, index, kwargs=template)
         ids = prompts.tokenize_prompt(text, index).token_ids
         if isinstance(messages, list) and len(messages) > 1:
