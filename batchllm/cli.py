@@ -28,6 +28,7 @@ from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
+from batchllm.generation_defaults import model_sampling_defaults
 from batchllm.inputs import ModelSource, read_model_source
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
 from batchllm.io.job import (
@@ -212,31 +213,20 @@ def _stats_problem(path: Path) -> str | None:
 
 SAMPLING_FALLBACKS = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 """The sampling defaults of `run` where neither the command line nor the model's generation_config.json sets one."""
-GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-"""generation_config.json field -> SamplingParams field: what vLLM takes from it (`--generation-config auto`)."""
-
-
-def model_sampling_defaults(model_dir: Path | None) -> dict:
-    """The sampling defaults a model's generation_config.json sets, as vLLM reads them: the fields of
-    GENERATION_CONFIG_FIELDS whose values differ from transformers' own defaults (Qwen3: temperature 0.6,
-    top_p 0.95, top_k 20). {} without the file; an unreadable one is named (ValueError)."""
-    if model_dir is None or not (model_dir / "generation_config.json").is_file():
-        return {}
-    from transformers import GenerationConfig
-
-    try:
-        differ = GenerationConfig.from_pretrained(model_dir).to_diff_dict()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {str(model_dir / 'generation_config.json')!r}: {e}") from e
-    return {ours: differ[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if differ.get(theirs) is not None}
-
-
 def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) -> dict:
     """The run's sampling defaults as SamplingParams fields (a line's own fields override them): the
     command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS."""
     given = {name: getattr(args, name) for name in SAMPLING_FALLBACKS if getattr(args, name) is not None}
     return {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": args.stop, "ignore_eos": args.ignore_eos}
+
+
+def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) -> tuple[dict, dict]:
+    """(the run's sampling defaults, those of them the model's generation_config.json gave), checked: a
+    bad value raises ValueError naming it (`model_dir` None: no model defaults)."""
+    from_model = model_sampling_defaults(model_dir)
+    defaults = sampling_defaults(args, from_model)
+    SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
+    return defaults, from_model
 
 
 def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
@@ -252,7 +242,9 @@ RESULT_OPTIONS = ("model", "tokenizer", "dtype", "load_format", "max_model_len",
                   "kv_cache_dtype", "fp8_attention", "skip_tokenizer_init", "trust_remote_code")
 """Engine options that decide what a line's answer is or whether it is accepted (with the sampling defaults
 and --seed): an output is resumed only under the same ones (`io.job.prepare_output`). Options of speed
-alone (step budget, kernels, block size, parallelism, devices) may change between runs."""
+alone (step budget, kernels, block size, parallelism, devices) may change between runs, and so may those
+that change only rounding (fp8_deferred_scales, fp8_fused_quant). dtype is recorded as given: "auto"
+resolves by device, so give --dtype to pin the precision of a job resumed on another kind of machine."""
 
 
 def results_options(args: argparse.Namespace, defaults: dict) -> dict:
@@ -272,9 +264,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         # a bad model path or id, or a context it cannot hold, fails before anything is written (the
         # default model is left for later: its first use converts it; its GGUF sets no sampling defaults)
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
-        from_model = model_sampling_defaults(source.model_dir if source is not None else None)
-        defaults = sampling_defaults(args, from_model)
-        SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
+        defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path,
                                 results_options(args, defaults))
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))

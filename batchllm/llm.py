@@ -25,6 +25,7 @@ from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
+from batchllm.generation_defaults import model_sampling_defaults
 from batchllm.inputs import ModelSource, PromptProcessor, TokenizedPrompt, read_model_source, tokenizer_for
 from batchllm.models.spec import ModelSpec
 from batchllm.options import engine_config
@@ -73,6 +74,7 @@ class LLM:
         self.config = config
         self.model_dir, self.model_spec, self.max_model_len = front.model_dir, front.model_spec, front.max_model_len
         self.tokenizer, self.eos_token_ids, self.prompts = front.tokenizer, front.eos_token_ids, front.prompts
+        self._default_params: SamplingParams | None = None  # get_default_sampling_params, read once
         self.engine: Engine | None = None
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
         more than one engine process (data_parallel_size x engines_per_gpu > 1): this process then
@@ -158,9 +160,16 @@ class LLM:
     def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
         return self.prompts.tokenize_prompt(prompt, index)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's
+        generation_config.json sets (`generation_defaults`), over SamplingParams()'s defaults."""
+        if self._default_params is None:
+            self._default_params = SamplingParams(**model_sampling_defaults(self.model_dir))
+        return self._default_params
+
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.get_default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         iterable = isinstance(sampling_params, Iterable) and not isinstance(sampling_params, (str, dict))

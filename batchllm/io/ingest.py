@@ -100,7 +100,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             errors.append(item)
             continue
         formats[item.format] = formats.get(item.format, 0) + 1
-        if item.request_id in resume.done_ids:
+        if resume.is_done(item.request_id):
             continue
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
@@ -147,7 +147,8 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
     ValueError naming the field when a value is invalid."""
     fields = {**defaults, **line.sampling_overrides}
     if fields.get("seed") is None and global_seed is not None:
-        fields["seed"] = zlib.crc32(f"{global_seed}:{line.request_id}".encode())
+        rid = line.request_id  # an integer id tagged: 9 and "9" are two lines, with two seeds
+        fields["seed"] = zlib.crc32(f"{global_seed}:{rid if isinstance(rid, str) else f'#{rid}'}".encode())
     key = _cache_key(fields)
     if key is None:  # values no valid SamplingParams holds: validation names the problem
         return SamplingParams(**fields)

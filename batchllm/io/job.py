@@ -62,12 +62,24 @@ def errors_path_for(output: Path) -> Path:
 @dataclass
 class ResumeState:
     done_ids: set[str | int] = field(default_factory=set)
-    """Ids (or custom_ids) of lines already answered."""
+    """Ids (or custom_ids) of lines already answered, as JSON values (`typed_ids`) or as strings."""
+    typed_ids: bool = True
+    """False for an output whose state file an older version wrote (no STATE_VERSION): it wrote an integer
+    id as a string, so its ids are matched as strings (`is_done`)."""
     done_error_lines: set[int] = field(default_factory=set)
     """Line numbers of lines that already have an error record."""
     num_records: int = 0
     repaired_bytes: int = 0
     """Bytes of a torn last line that were cut off."""
+
+    def is_done(self, request_id: str | int) -> bool:
+        """Whether the line of this id was answered by an earlier run."""
+        return (request_id if self.typed_ids else str(request_id)) in self.done_ids
+
+
+STATE_VERSION = 2
+"""Version 2 (session 26) records the options and writes ids as their JSON values; a state file without
+a version (1) wrote integer ids as strings and no options, and resumes as before (unchecked options)."""
 
 
 def input_fingerprint(path: Path) -> dict[str, Any]:
@@ -136,8 +148,8 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
 def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None,
                    options: dict[str, Any] | None = None) -> ResumeState:
     """Validate or create the output (and its errors file) for this input and these `options` (JSON
-    values; None: not checked); return what is already done. A state file written without options
-    (before they were recorded) resumes under any."""
+    values; None: not checked); return what is already done. A state file of an older version (no
+    options recorded) resumes under any."""
     refuse_output_onto_input(output, input_path)
     if errors is not None and (same_file(errors, input_path) or same_file(errors, output)):
         raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
@@ -146,22 +158,10 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path)}
     if options is not None:
         fingerprint["options"] = options
+    fingerprint["version"] = STATE_VERSION
     has_output = any(p is not None and p.exists() and p.stat().st_size > 0 for p in (output, errors))
     if has_output and not overwrite:
-        try:
-            state = json.loads(state_path.read_bytes())
-        except FileNotFoundError:
-            raise JobError(
-                f"refusing to resume into {str(output)!r}: it exists but has no {state_path.name}, so it may "
-                "belong to another job; remove it, choose another -o, or pass --overwrite"
-            ) from None
-        except OSError as e:
-            raise JobError(f"cannot read {str(state_path)!r}: {e.strerror}") from e
-        except ValueError as e:
-            raise JobError(f"the state file {str(state_path)!r} is damaged ({e}); {_START_OVER}") from e
-        if not isinstance(state, dict) or not {"input_size", "input_sha256"} <= set(state):
-            raise JobError(f"the state file {str(state_path)!r} is damaged (not an object with input_size and "
-                           f"input_sha256); {_START_OVER}")
+        state = _read_state(state_path, output)
         if (state.get("input_size"), state.get("input_sha256")) != (
             fingerprint["input_size"], fingerprint["input_sha256"]
         ):
@@ -171,10 +171,10 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
                 "choose another -o or pass --overwrite"
             )
         _refuse_other_options(output, state.get("options"), options)
-        state = _scan_and_repair(output)
+        resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
         if errors is not None and errors.exists():
-            _scan_and_repair(errors, state)
-        return state
+            _scan_and_repair(errors, resume)
+        return resume
     output.parent.mkdir(parents=True, exist_ok=True)
     if errors is not None:
         errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
@@ -185,6 +185,29 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         f.flush()
         os.fsync(f.fileno())
     return ResumeState()
+
+
+def _read_state(state_path: Path, output: Path) -> dict[str, Any]:
+    """The state file beside an output that exists, checked for its form; a JobError says what is wrong."""
+    try:
+        state = json.loads(state_path.read_bytes())
+    except FileNotFoundError:
+        raise JobError(
+            f"refusing to resume into {str(output)!r}: it exists but has no {state_path.name}, so it may "
+            "belong to another job; remove it, choose another -o, or pass --overwrite"
+        ) from None
+    except OSError as e:
+        raise JobError(f"cannot read {str(state_path)!r}: {e.strerror}") from e
+    except ValueError as e:
+        raise JobError(f"the state file {str(state_path)!r} is damaged ({e}); {_START_OVER}") from e
+    if not isinstance(state, dict) or not {"input_size", "input_sha256"} <= set(state):
+        raise JobError(f"the state file {str(state_path)!r} is damaged (not an object with input_size and "
+                       f"input_sha256); {_START_OVER}")
+    version = state.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise JobError(f"the state file {str(state_path)!r} is damaged (its version is not a number); "
+                       f"{_START_OVER}")
+    return state
 
 
 def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] | None) -> None:
@@ -261,7 +284,7 @@ def _note_done(record: dict, state: ResumeState) -> None:
         return
     rid = record.get("custom_id", record.get("id"))
     if rid is not None:
-        state.done_ids.add(rid)  # as the input gives it: an integer id stays one
+        state.done_ids.add(rid if state.typed_ids else str(rid))  # (an integer id stays one)
 
 
 class ResultWriter:

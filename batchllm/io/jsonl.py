@@ -149,15 +149,21 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error("'messages' must be a non-empty list", rid)
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
-    # null is "not given", as in OpenAI bodies and Ray rows: the command line's default applies
     try:
         template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     if template is not None and kind != "messages":
         return error("'chat_template_kwargs' needs 'messages'", rid)
-    overrides = {k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None} or _NO_OVERRIDES
-    return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template)
+    return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template)
+
+
+def _overrides(obj: dict) -> dict[str, Any]:
+    """A plain line's sampling fields. null is "not given", as in OpenAI bodies and Ray rows (the command
+    line's default applies), but "max_tokens": null is vLLM's SamplingParams(max_tokens=None): up to the
+    context."""
+    return {k: obj[k] for k in SAMPLING_FIELDS
+            if obj.get(k) is not None or (k == "max_tokens" and k in obj)} or _NO_OVERRIDES
 
 
 def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:

@@ -182,6 +182,21 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
     return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
 
 
+def _driver_model_dir(model: str | None) -> Path | None:
+    """The model's directory where this (driver) process can see it, for its generation_config.json's
+    sampling defaults; None where only the workers hold the model (its defaults then do not apply)."""
+    from batchllm.inputs import local_model_dir
+    from batchllm.models.spec import ModelLoadError
+
+    if model is None:
+        return None  # the embedded default model: its GGUF sets no sampling defaults
+    try:
+        path = local_model_dir(model)
+    except ModelLoadError:
+        return None
+    return path if path.is_dir() else None
+
+
 def run_command_on_ray(args) -> int:
     """The `--ray` branch of `batchllm run` (args: the run parser's namespace)."""
     import ray
@@ -191,20 +206,15 @@ def run_command_on_ray(args) -> int:
         EXIT_LINES_FAILED,
         EXIT_OK,
         _fail,
-        model_sampling_defaults,
         note_model_defaults,
-        sampling_defaults,
+        resolve_sampling_defaults,
     )
-    from batchllm.inputs import read_model_source
     from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
         return _fail(problem)
     try:
-        source = None if args.model is None else read_model_source(args.model, args.max_model_len)
-        from_model = model_sampling_defaults(source.model_dir if source is not None else None)
-        defaults = sampling_defaults(args, from_model)
-        SamplingParams(**defaults)
+        defaults, from_model = resolve_sampling_defaults(args, _driver_model_dir(args.model))
         engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
         named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}
         config = ProcessorConfig(

@@ -418,3 +418,31 @@ def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path, capsy
     assert tokens == {"a": 3, "b": 2}
     options = json.loads((tmp_path / "out.jsonl.batchllm-state").read_text())["options"]
     assert (options["temperature"], options["top_p"], options["top_k"], options["max_tokens"]) == (0.6, 0.95, 5, 3)
+
+
+def test_an_output_written_by_an_older_version_resumes_its_string_ids(tmp_path, capsys, tiny_model_factory):
+    """Before ids kept their JSON type, the integer id 9 was written as "9" and the state file had no
+    version: resuming such an output matches its ids as strings, so no line is answered twice."""
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": 9, "prompt": "Hi"}\n{"id": "b", "prompt": "Hi"}\n')
+    state = {"input": str(src.resolve()), **input_fingerprint(src)}  # version 1: no options, no version
+    (tmp_path / "out.jsonl.batchllm-state").write_text(json.dumps(state) + "\n")
+    out.write_text(json.dumps({"id": "9", "text": "old", "token_ids": [1], "finish_reason": "length",
+                               "prompt_tokens": 2, "completion_tokens": 1}) + "\n")
+    code, err = run(capsys, src, "-o", out, "--model", model, "--max-tokens", "2", "--temperature", "0")
+    assert code == 0 and "1 lines done" in err, err
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["9", "b"]
+
+
+def test_a_bad_generation_config_fails_the_job_before_anything_is_written(tmp_path, capsys, tiny_model_factory):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text('{"max_new_tokens": "3"}')
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    code, err = run(capsys, src, "-o", out, "--model", model)
+    assert code == 2 and "generation_config.json" in err and "max_tokens" in err, err
+    assert not out.exists()

@@ -1,0 +1,51 @@
+"""A model's sampling defaults from its generation_config.json (`batchllm.generation_defaults`), as vLLM
+takes them: for `batchllm run` where the command line sets none (tests/unit/test_job_files.py) and for
+`LLM` calls without SamplingParams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from batchllm.generation_defaults import model_sampling_defaults
+
+QWEN3 = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": [151645, 151643],
+         "pad_token_id": 151643, "transformers_version": "4.51.0"}
+
+
+def test_the_files_sampling_fields_and_nothing_else(tmp_path):
+    assert model_sampling_defaults(tmp_path) == {} and model_sampling_defaults(None) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps(QWEN3))
+    assert model_sampling_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"top_k": 50, "temperature": None, "max_new_tokens": 128, "repetition_penalty": 1.1}))
+    assert model_sampling_defaults(tmp_path) == {"top_k": 50, "max_tokens": 128, "repetition_penalty": 1.1}, \
+        "what the file sets, whatever transformers' own defaults are"
+
+
+@pytest.mark.parametrize("content, named", [('{"temperature": "0.6"}', "temperature"),
+                                            ('{"max_new_tokens": "3"}', "max_tokens"),
+                                            ("[1, 2]", "not a JSON object"), ("{oops", "cannot read")])
+def test_a_bad_file_is_named(tmp_path, content, named):
+    (tmp_path / "generation_config.json").write_text(content)
+    with pytest.raises(ValueError, match="generation_config.json") as info:
+        model_sampling_defaults(tmp_path)
+    assert named in str(info.value)
+
+
+def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory):
+    from batchllm import LLM
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text(json.dumps({**QWEN3, "max_new_tokens": 3, "eos_token_id": 2}))
+    llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=128)
+    try:
+        defaults = llm.get_default_sampling_params()
+        assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.6, 0.95, 20, 3)
+        out = llm.generate(["Hi there"], use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) <= 3
+    finally:
+        llm.shutdown()
