@@ -116,6 +116,8 @@
 #       process per threshold, two runs each, alternating (~6 min; DEFER_LIMITS: the thresholds in order)
 #   PART=fp8weights bash scripts/gpu_issues.sh   issue 16's prefill-heavy rows with default settings, one process each:
 #       bf16, FP8 weights (bf16 cache) and FP8 weights + fp8 cache, twice on the paper workload, once on 16K (~6 min)
+#   PART=fp8all bash scripts/gpu_issues.sh   issue 16's three options against bf16 in one lease: decode-heavy with bf16,
+#       FP8 weights, fp8 cache and both in one process, then the paper workload's bf16 and fp8 cache (~4 min)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -482,6 +484,10 @@ fp8weights)
       --json-out "$OUT/fp8weights_paper.json"
   bench fp8weights_16k "${M8D[@]}" "${PAPER[@]}" --shared 16000 --requests 256 --configs sharing,fp8,fp8w+kv \
       --json-out "$OUT/fp8weights_16k.json"
+  ;;
+fp8all)
+  bench fp8all_decode "${M8D[@]}" "${DECODE[@]}" --configs sharing,fp8,fp8kv,fp8w+kv --json-out "$OUT/fp8all_decode.json"
+  bench fp8all_paper "${M8D[@]}" "${PAPER[@]}" --configs sharing,fp8kv --json-out "$OUT/fp8all_paper.json"
   ;;
 fp8ratio)
   # shellcheck disable=SC2086  # TESTS: pytest arguments, split on spaces
