@@ -213,6 +213,8 @@ def _stats_problem(path: Path) -> str | None:
 
 SAMPLING_FALLBACKS = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 """The sampling defaults of `run` where neither the command line nor the model's generation_config.json sets one."""
+
+
 def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) -> dict:
     """The run's sampling defaults as SamplingParams fields (a line's own fields override them): the
     command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS."""
