@@ -100,7 +100,7 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchL
 
 
 def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
-    def error(message: str, rid: str | None = None) -> LineError:
+    def error(message: str, rid: str | int | None = None) -> LineError:
         return LineError(line_number, rid, f"line {line_number}: {message}")
 
     try:
@@ -167,7 +167,7 @@ def _overrides(obj: dict) -> dict[str, Any]:
 
 
 def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
-    def error(message: str, rid: str | None = None) -> LineError:
+    def error(message: str, rid: str | int | None = None) -> LineError:
         return LineError(line_number, rid, f"line {line_number}: {message}", OPENAI)
 
     rid = obj.get("custom_id")
