@@ -162,15 +162,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     has_output = any(p is not None and p.exists() and p.stat().st_size > 0 for p in (output, errors))
     if has_output and not overwrite:
         state = _read_state(state_path, output)
-        if (state.get("input_size"), state.get("input_sha256")) != (
-            fingerprint["input_size"], fingerprint["input_sha256"]
-        ):
-            raise JobError(
-                f"refusing to resume into {str(output)!r}: it was written for a different input "
-                f"({state.get('input')!r}, {state.get('input_size')} bytes), not {str(input_path)!r}; "
-                "choose another -o or pass --overwrite"
-            )
-        _refuse_other_options(output, state.get("options"), options)
+        _refuse_another_job(output, state, fingerprint, input_path)
         resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
         if errors is not None and errors.exists():
             _scan_and_repair(errors, resume)
@@ -185,6 +177,33 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         f.flush()
         os.fsync(f.fileno())
     return ResumeState()
+
+
+def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, Any]) -> None:
+    """`run --ray`'s output directory (shards, and a checkpoint by line number) tied to its input and
+    options as `prepare_output` ties an output file: a state file inside it, written on the first run
+    (and on the first run of this version into a directory an older one began), checked on each restart."""
+    state_path = directory / ("job" + STATE_SUFFIX)
+    fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path), "options": options,
+                   "version": STATE_VERSION}
+    if state_path.exists():
+        _refuse_another_job(directory, _read_state(state_path, directory), fingerprint, input_path)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_name(state_path.name + ".tmp")
+    tmp.write_text(json.dumps(fingerprint) + "\n")
+    os.replace(tmp, state_path)
+
+
+def _refuse_another_job(output: Path, state: dict[str, Any], fingerprint: dict[str, Any], input_path: Path) -> None:
+    """Raise JobError when `state` (of `output`) belongs to another input or was answered under other options."""
+    if (state.get("input_size"), state.get("input_sha256")) != (fingerprint["input_size"], fingerprint["input_sha256"]):
+        raise JobError(
+            f"refusing to resume into {str(output)!r}: it was written for a different input "
+            f"({state.get('input')!r}, {state.get('input_size')} bytes), not {str(input_path)!r}; "
+            "choose another -o or pass --overwrite"
+        )
+    _refuse_other_options(output, state.get("options"), fingerprint.get("options"))
 
 
 def _read_state(state_path: Path, output: Path) -> dict[str, Any]:

@@ -8,7 +8,9 @@ prefix key and run by `num_replicas` engine actors; `_RecordShards` writes the `
 Restarts: Ray Data checkpointing by the `line` column (the 1-based line number) under
 OUT_DIR/_checkpoint. A job run again with the same input and OUT_DIR skips the lines whose shard was
 committed and writes new shards for the rest; the checkpoint is kept after success, so running a
-finished job again writes nothing.
+finished job again writes nothing. OUT_DIR/job.batchllm-state ties the directory to its input and the
+options that decide answers (`io.job.tie_directory_to_job`): a restart under another input or other
+options is refused, as the single-machine run refuses it.
 """
 
 from __future__ import annotations
@@ -208,7 +210,9 @@ def run_command_on_ray(args) -> int:
         _fail,
         note_model_defaults,
         resolve_sampling_defaults,
+        results_options,
     )
+    from batchllm.io.job import JobError, tie_directory_to_job
     from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
@@ -227,6 +231,10 @@ def run_command_on_ray(args) -> int:
         return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
     if args.overwrite and args.output.is_dir():
         shutil.rmtree(args.output)  # the shards and the checkpoint: start over
+    try:
+        tie_directory_to_job(args.output, args.input, results_options(args, defaults))
+    except (JobError, OSError) as e:
+        return _fail(str(e))
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
     result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed)

@@ -446,3 +446,21 @@ def test_a_bad_generation_config_fails_the_job_before_anything_is_written(tmp_pa
     code, err = run(capsys, src, "-o", out, "--model", model)
     assert code == 2 and "generation_config.json" in err and "max_tokens" in err, err
     assert not out.exists()
+
+
+def test_a_ray_output_directory_is_tied_to_its_input_and_options(tmp_path):
+    """`run --ray` restarted from its checkpoint by line number whatever the input and options: a changed
+    input or --temperature mixed answers in one directory. Its directory now holds a state file too."""
+    from batchllm.io.job import tie_directory_to_job
+
+    src, shards = tmp_path / "in.jsonl", tmp_path / "shards"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    options = {"model": None, "temperature": 0.0, "max_tokens": 4}
+    tie_directory_to_job(shards, src, options)
+    assert (shards / "job.batchllm-state").exists()
+    tie_directory_to_job(shards, src, dict(options))  # the same job restarts
+    with pytest.raises(JobError, match=r"other options \(temperature 0.0 -> 1.0\)"):
+        tie_directory_to_job(shards, src, {**options, "temperature": 1.0})
+    src.write_text('{"id": "a", "prompt": "Hello"}\n')
+    with pytest.raises(JobError, match="different input"):
+        tie_directory_to_job(shards, src, options)
