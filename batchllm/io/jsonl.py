@@ -174,7 +174,7 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     if rid is None:
         return error("missing 'custom_id'")
     if not isinstance(rid, str) or not rid:
-        return error("'custom_id' must be a non-empty string")
+        return error("'custom_id' must be a non-empty string", _clean_id(rid))  # echoed where it can be
     if rid in seen_ids:
         return error(f"duplicate custom_id {short_repr(rid)}", rid)
     seen_ids.add(rid)

@@ -288,3 +288,15 @@ def test_chat_template_kwargs_reach_the_template_in_both_formats(monkeypatch):
     assert problems == ["line 4: 'chat_template_kwargs' needs 'messages'",
                         "line 5: 'chat_template_kwargs' must be an object (e.g. {\"enable_thinking\": false})",
                         "line 6: body field(s) not supported: chat_template_kwargs"], problems
+
+
+def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
+    """OpenAI's custom_id is a string; an integer one failed its line with custom_id null, so the error
+    could not be matched to its line by id."""
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    lines = [{"custom_id": 5, "url": "/v1/chat/completions", "body": body},
+             {"custom_id": ["x"], "url": "/v1/chat/completions", "body": body}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    records = [error.record(result.file_format) for error in result.errors]
+    assert [(r["custom_id"], r["error"]["message"]) for r in records] == [
+        (5, "line 1: 'custom_id' must be a non-empty string"), (None, "line 2: 'custom_id' must be a non-empty string")]
