@@ -60,8 +60,12 @@ class LineError:
 
     @classmethod
     def for_line(cls, line: BatchLine, problem: object) -> LineError:
-        """An error found after parsing (sampling values, chat template, tokenisation)."""
-        return cls(line.line_number, line.request_id, f"line {line.line_number}: {problem}", line.format)
+        """An error found after parsing (sampling values, chat template, tokenisation). The prompt side
+        names a conversation or prompt by the index it was given, here the line number: said once."""
+        text = str(problem)
+        for own in (f"conversation {line.line_number}: ", f"prompt {line.line_number}: "):
+            text = text[len(own):] if text.startswith(own) else text
+        return cls(line.line_number, line.request_id, f"line {line.line_number}: {text}", line.format)
 
     def is_openai(self, file_format: str = PLAIN) -> bool:
         """Whether its record is an OpenAI Batch error (which goes to the errors file)."""

@@ -300,3 +300,11 @@ def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
     records = [error.record(result.file_format) for error in result.errors]
     assert [(r["custom_id"], r["error"]["message"]) for r in records] == [
         (5, "line 1: 'custom_id' must be a non-empty string"), (None, "line 2: 'custom_id' must be a non-empty string")]
+
+
+def test_a_prompt_error_names_its_line_once():
+    """Errors from the prompt side came out as "line 1: conversation 1: message 0 ..."."""
+    data = b'{"id": "a", "messages": [{"role": "user"}]}\n{"id": "b", "prompt_token_ids": [1, 99999999]}\n'
+    assert sorted(e.message for e in ingest(data).errors) == [
+        "line 1: message 0 must be an object with 'role' and 'content'",
+        "line 2: token id 99999999 is outside the vocabulary [0, 49152)"]
