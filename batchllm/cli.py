@@ -119,7 +119,7 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--groups", type=int, default=0, metavar="N",
                       help="also list the N largest prefix groups: members, shared prefix length in tokens and "
                       "the prefix's first words, to check the plan against what you know of the file")
-    add_engine_arguments(plan, names=["model", "tokenizer", "max_model_len", "plan_mode"])
+    add_engine_arguments(plan, names=["model", "tokenizer", "chat_template", "max_model_len", "plan_mode"])
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -240,8 +240,8 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
               + " (a line's own fields and the command line's options override them)", file=sys.stderr)
 
 
-RESULT_OPTIONS = ("model", "tokenizer", "dtype", "load_format", "max_model_len", "max_logprobs", "quantization",
-                  "kv_cache_dtype", "fp8_attention", "skip_tokenizer_init", "trust_remote_code")
+RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "dtype", "load_format", "max_model_len", "max_logprobs",
+                  "quantization", "kv_cache_dtype", "fp8_attention", "skip_tokenizer_init", "trust_remote_code")
 """Engine options that decide what a line's answer is or whether it is accepted (with the sampling defaults
 and --seed): an output is resumed only under the same ones (`io.job.prepare_output`). Options of speed
 alone (step budget, kernels, block size, parallelism, devices) may change between runs, and so may those
@@ -506,7 +506,8 @@ def plan_command(args: argparse.Namespace) -> int:
     from batchllm.prefix import plan_prefix_sharing
 
     try:
-        prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len)
+        prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len,
+                                       chat_template=args.chat_template)
     except (ValueError, OSError) as e:
         return _fail(str(e))
     valid, errors, _ = prepare_lines(args.input, prompts, {}, None)

@@ -75,6 +75,8 @@ class ModelConfig(_Checked):
         "(org/name) already in the local Hugging Face cache (never downloaded); "
         "None: the embedded SmolLM2-135M-Instruct")
     tokenizer: str | None = option(None, "tokenizer directory or cached model id; None: the model's")
+    chat_template: str | None = option(None, "a Jinja chat template, or a file holding one, used instead of the "
+                                       "tokenizer's (vLLM's --chat-template); None: the tokenizer's")
     dtype: str = option("auto", "weight and KV dtype; auto: float32 on CPU, the checkpoint's 16-bit dtype "
                         "(else bfloat16) on GPU", choices=_DTYPES)
     max_model_len: int | None = option(None, "cap on prompt + output tokens per request; None: the model's "

@@ -232,15 +232,33 @@ def read_model_source(model: str | Path | None, max_model_len: int | None = None
     return ModelSource(model_dir, spec, resolve_max_model_len(max_model_len, spec))
 
 
-def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None):
-    """The tokenizer of `source`'s model, or of `tokenizer` (a directory or cached id) where given."""
-    return load_tokenizer(local_model_dir(tokenizer) if tokenizer else source.model_dir)
+def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat_template: str | None = None):
+    """The tokenizer of `source`'s model, or of `tokenizer` (a directory or cached id) where given, with
+    `chat_template` (`read_chat_template`) in place of its own where given."""
+    loaded = load_tokenizer(local_model_dir(tokenizer) if tokenizer else source.model_dir)
+    if chat_template is not None:
+        loaded.chat_template = read_chat_template(chat_template)
+    return loaded
 
 
-def prompt_processor_for(model: str | None, tokenizer: str | None = None,
-                         max_model_len: int | None = None, max_logprobs: int = -1) -> PromptProcessor:
+def read_chat_template(value: str) -> str:
+    """A chat template given as a file's path or inline, as vLLM's --chat-template takes it: an existing
+    file is read; text with Jinja's {{ or {% is the template; anything else is a ValueError naming it."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the chat template {value!r}: {e}") from e
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template (no {{{{ or {{%)")
+
+
+def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_model_len: int | None = None,
+                         max_logprobs: int = -1, chat_template: str | None = None) -> PromptProcessor:
     """A PromptProcessor for a model directory or cached Hugging Face id (None: the default model)
-    without loading weights; `max_logprobs` as `LLM`'s (-1: no cap)."""
+    without loading weights; `max_logprobs` and `chat_template` as `LLM`'s (-1: no cap)."""
     source = read_model_source(model, max_model_len)
-    return PromptProcessor(tokenizer_for(source, tokenizer), source.spec.vocab_size, source.max_model_len,
-                           str(source.model_dir), max_logprobs=max_logprobs)
+    return PromptProcessor(tokenizer_for(source, tokenizer, chat_template), source.spec.vocab_size,
+                           source.max_model_len, str(source.model_dir), max_logprobs=max_logprobs)

@@ -446,7 +446,7 @@ def front_end_for(config: EngineConfig, source: ModelSource | None = None) -> Fr
     read it already (None: read it here)."""
     mc = config.model
     source = read_model_source(mc.model, mc.max_model_len) if source is None else source
-    tokenizer = None if mc.skip_tokenizer_init else tokenizer_for(source, mc.tokenizer)
+    tokenizer = None if mc.skip_tokenizer_init else tokenizer_for(source, mc.tokenizer, mc.chat_template)
     eos_token_ids = _eos_token_ids(source.model_dir, source.spec, tokenizer)
     prompts = PromptProcessor(tokenizer, source.spec.vocab_size, source.max_model_len, str(source.model_dir),
                               sorted(eos_token_ids), mc.max_logprobs)

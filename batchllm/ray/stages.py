@@ -45,11 +45,12 @@ is an error (as OpenAI's API answers); without it generation stops at the contex
 
 # ---------------------------------------------------------------------- stage 1: tokenize (CPU)
 @lru_cache(maxsize=4)
-def _prompt_processor(model: str | None, tokenizer: str | None, max_model_len: int | None, max_logprobs: int):
+def _prompt_processor(model: str | None, tokenizer: str | None, max_model_len: int | None, max_logprobs: int,
+                      chat_template: str | None):
     """One tokenizer per worker process and model (Ray reuses worker processes across tasks)."""
     from batchllm.inputs import prompt_processor_for
 
-    return prompt_processor_for(model, tokenizer, max_model_len, max_logprobs)
+    return prompt_processor_for(model, tokenizer, max_model_len, max_logprobs, chat_template)
 
 
 def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | None, num_buckets: int,
@@ -60,7 +61,8 @@ def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | Non
     message in `error` (and empty internal columns) and travels on, so the output has every row."""
     import pyarrow as pa
 
-    prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len, config.max_logprobs())
+    prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len, config.max_logprobs(),
+                                config.engine_kwargs.get("chat_template"))
     defaults = config.sampling_defaults()
     tokens, sampling, keys, buckets, errors = [], [], [], [], []
     for row in batch.to_pylist():

@@ -308,3 +308,17 @@ def test_a_prompt_error_names_its_line_once():
     assert sorted(e.message for e in ingest(data).errors) == [
         "line 1: message 0 must be an object with 'role' and 'content'",
         "line 2: token id 99999999 is outside the vocabulary [0, 49152)"]
+
+
+def test_a_chat_template_option_replaces_the_tokenizers(tmp_path):
+    """vLLM's --chat-template (a file or the template itself): for base models without one, or another."""
+    from batchllm.inputs import prompt_processor_for, read_chat_template
+
+    inline = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (path := tmp_path / "t.jinja").write_text(inline)
+    assert read_chat_template(str(path)) == inline == read_chat_template(inline)
+    with pytest.raises(ValueError, match="'nope.jinja' is neither a file nor a Jinja template"):
+        read_chat_template("nope.jinja")
+    prompts = prompt_processor_for(None, chat_template=str(path))
+    assert prompts.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<user>Hi"
+    assert processor().apply_chat_template([{"role": "user", "content": "Hi"}]) != "<user>Hi", "others keep theirs"
