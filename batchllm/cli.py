@@ -81,6 +81,7 @@ def _add_run_parser(sub) -> None:
                      "fails); failed plain lines stay in the output")
     s = run.add_argument_group("sampling defaults (a line's own fields take precedence)")
     model_or = "the model's generation_config.json if it sets one, else"
+    # (--generation-config, an engine option below, says where the model's defaults come from)
     s.add_argument("--max-tokens", type=int, default=None,
                    help=f"most tokens to generate per request (default: {model_or} 256)")
     s.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default: {model_or} 1.0)")
@@ -225,7 +226,7 @@ def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) 
 def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) -> tuple[dict, dict]:
     """(the run's sampling defaults, those of them the model's generation_config.json gave), checked: a
     bad value raises ValueError naming it (`model_dir` None: no model defaults)."""
-    from_model = model_sampling_defaults(model_dir)
+    from_model = model_sampling_defaults(model_dir, args.generation_config)
     defaults = sampling_defaults(args, from_model)
     SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
     return defaults, from_model

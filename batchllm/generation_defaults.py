@@ -14,11 +14,19 @@ GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top
 """generation_config.json field -> SamplingParams field: the sampling fields vLLM takes from the file."""
 
 
-def model_sampling_defaults(model_dir: Path | None) -> dict[str, Any]:
+def model_sampling_defaults(model_dir: Path | None, generation_config: str = "auto") -> dict[str, Any]:
     """The SamplingParams fields a model's generation_config.json sets (non-null fields of
-    GENERATION_CONFIG_FIELDS; Qwen3: temperature 0.6, top_p 0.95, top_k 20). {} without the file or
-    the directory; a file that is not JSON, or a value SamplingParams refuses, is a ValueError naming the
-    file and the field."""
+    GENERATION_CONFIG_FIELDS; Qwen3: temperature 0.6, top_p 0.95, top_k 20). `generation_config` as
+    vLLM's option: "auto" reads `model_dir`'s file, "vllm" none, another value is a folder whose file is
+    read. {} without the file or the directory; a missing folder, a file that is not JSON, or a value
+    SamplingParams refuses is a ValueError naming it."""
+    if generation_config == "vllm":
+        return {}
+    if generation_config != "auto":
+        model_dir = Path(generation_config).expanduser()
+        if not (model_dir / "generation_config.json").is_file():
+            raise ValueError(f"generation_config {generation_config!r}: no generation_config.json there "
+                             "(auto: the model's; vllm: none)")
     path = None if model_dir is None else Path(model_dir) / "generation_config.json"
     if path is None or not path.is_file():
         return {}

@@ -164,7 +164,8 @@ class LLM:
         """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's
         generation_config.json sets (`generation_defaults`), over SamplingParams()'s defaults."""
         if self._default_params is None:
-            self._default_params = SamplingParams(**model_sampling_defaults(self.model_dir))
+            self._default_params = SamplingParams(**model_sampling_defaults(
+                self.model_dir, self.config.model.generation_config))
         return self._default_params
 
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:

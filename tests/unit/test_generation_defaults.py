@@ -49,3 +49,31 @@ def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory
         assert len(out.token_ids) <= 3
     finally:
         llm.shutdown()
+
+
+def test_the_generation_config_option_picks_the_file_or_none(tmp_path):
+    """vLLM's --generation-config: auto (the model's file), vllm (none), or a folder holding one."""
+    model, other = tmp_path / "model", tmp_path / "other"
+    model.mkdir(), other.mkdir()
+    (model / "generation_config.json").write_text(json.dumps(QWEN3))
+    (other / "generation_config.json").write_text('{"temperature": 0.2}')
+    assert model_sampling_defaults(model, "vllm") == {}
+    assert model_sampling_defaults(model, str(other)) == {"temperature": 0.2}
+    with pytest.raises(ValueError, match="no generation_config.json there"):
+        model_sampling_defaults(model, str(tmp_path / "missing"))
+
+
+def test_run_with_generation_config_vllm_keeps_its_own_defaults(tmp_path, capsys, tiny_model_factory):
+    from batchllm import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text(json.dumps({**QWEN3, "eos_token_id": 2}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n')
+    code = cli.main(["run", str(src), "-o", str(out), "--model", str(model), "--generation-config", "vllm",
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0 and "generation_config.json" not in err, err
+    options = json.loads((tmp_path / "out.jsonl.batchllm-state").read_text())["options"]
+    assert (options["temperature"], options["top_p"], options["top_k"]) == (1.0, 1.0, 0)
