@@ -181,12 +181,16 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
 
 def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, Any]) -> None:
     """`run --ray`'s output directory (shards, and a checkpoint by line number) tied to its input and
-    options as `prepare_output` ties an output file: a state file inside it, written on the first run
-    (and on the first run of this version into a directory an older one began), checked on each restart."""
+    options as `prepare_output` ties an output file: a state file inside it, checked on a restart that
+    finds results there (any other file: shards, checkpoint entries), written anew where there are none (a first run,
+    or one that failed before writing anything). Results without a state file are refused: another job,
+    or an older version, wrote them."""
     state_path = directory / ("job" + STATE_SUFFIX)
     fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path), "options": options,
                    "version": STATE_VERSION}
-    if state_path.exists():
+    ours = {state_path.name, state_path.name + ".tmp"}
+    has_results = directory.is_dir() and any(p.is_file() and p.name not in ours for p in directory.rglob("*"))
+    if has_results:
         _refuse_another_job(directory, _read_state(state_path, directory), fingerprint, input_path)
         return
     directory.mkdir(parents=True, exist_ok=True)

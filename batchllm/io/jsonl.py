@@ -62,9 +62,11 @@ class LineError:
     def for_line(cls, line: BatchLine, problem: object) -> LineError:
         """An error found after parsing (sampling values, chat template, tokenisation). The prompt side
         names a conversation or prompt by the index it was given, here the line number: said once."""
-        text = str(problem)
-        for own in (f"conversation {line.line_number}: ", f"prompt {line.line_number}: "):
-            text = text[len(own):] if text.startswith(own) else text
+        text, n = str(problem), line.line_number
+        for own, said in ((f"conversation {n}: ", ""), (f"prompt {n}: ", ""), (f"prompt {n} ", "the prompt ")):
+            if text.startswith(own):
+                text = said + text[len(own):]
+                break
         return cls(line.line_number, line.request_id, f"line {line.line_number}: {text}", line.format)
 
     def is_openai(self, file_format: str = PLAIN) -> bool:

@@ -304,10 +304,12 @@ def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
 
 def test_a_prompt_error_names_its_line_once():
     """Errors from the prompt side came out as "line 1: conversation 1: message 0 ..."."""
-    data = b'{"id": "a", "messages": [{"role": "user"}]}\n{"id": "b", "prompt_token_ids": [1, 99999999]}\n'
-    assert sorted(e.message for e in ingest(data).errors) == [
-        "line 1: message 0 must be an object with 'role' and 'content'",
-        "line 2: token id 99999999 is outside the vocabulary [0, 49152)"]
+    data = (b'{"id": "a", "messages": [{"role": "user"}]}\n{"id": "b", "prompt_token_ids": [1, 99999999]}\n'
+            + json.dumps({"id": "c", "prompt": "word " * 9000}).encode() + b"\n")
+    messages = sorted(e.message for e in ingest(data).errors)
+    assert messages[:2] == ["line 1: message 0 must be an object with 'role' and 'content'",
+                            "line 2: token id 99999999 is outside the vocabulary [0, 49152)"]
+    assert messages[2].startswith("line 3: the prompt has 9001 tokens; the context (max_model_len) is 8192")
 
 
 def test_a_chat_template_option_replaces_the_tokenizers(tmp_path):
@@ -319,6 +321,10 @@ def test_a_chat_template_option_replaces_the_tokenizers(tmp_path):
     assert read_chat_template(str(path)) == inline == read_chat_template(inline)
     with pytest.raises(ValueError, match="'nope.jinja' is neither a file nor a Jinja template"):
         read_chat_template("nope.jinja")
+    with pytest.raises(ValueError, match="renders `messages`"):
+        read_chat_template("templates/{{model}}.jinja")  # a mistyped path is not taken for a template
     prompts = prompt_processor_for(None, chat_template=str(path))
-    assert prompts.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<user>Hi"
-    assert processor().apply_chat_template([{"role": "user", "content": "Hi"}]) != "<user>Hi", "others keep theirs"
+    hi = [{"role": "user", "content": "Hi"}]
+    assert prompts.apply_chat_template(hi) == "<user>Hi"
+    assert processor().apply_chat_template(hi) != "<user>Hi", "others keep theirs"
+    assert processor().apply_chat_template(hi, chat_template=inline) == "<user>Hi", "one call's, as LLM.chat's"

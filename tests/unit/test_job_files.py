@@ -450,7 +450,8 @@ def test_a_bad_generation_config_fails_the_job_before_anything_is_written(tmp_pa
 
 def test_a_ray_output_directory_is_tied_to_its_input_and_options(tmp_path):
     """`run --ray` restarted from its checkpoint by line number whatever the input and options: a changed
-    input or --temperature mixed answers in one directory. Its directory now holds a state file too."""
+    input or --temperature mixed answers in one directory. Its directory now holds a state file too, which
+    binds once results are there (a run that failed before writing any does not lock the directory)."""
     from batchllm.io.job import tie_directory_to_job
 
     src, shards = tmp_path / "in.jsonl", tmp_path / "shards"
@@ -459,8 +460,39 @@ def test_a_ray_output_directory_is_tied_to_its_input_and_options(tmp_path):
     tie_directory_to_job(shards, src, options)
     assert (shards / "job.batchllm-state").exists()
     tie_directory_to_job(shards, src, dict(options))  # the same job restarts
+    tie_directory_to_job(shards, src, {**options, "temperature": 1.0})  # nothing written yet: a new start
+    tie_directory_to_job(shards, src, options)
+    (shards / "_checkpoint").mkdir()
+    (shards / "_checkpoint" / "part.parquet").write_bytes(b"x")  # a result: the state is checked from now on
     with pytest.raises(JobError, match=r"other options \(temperature 0.0 -> 1.0\)"):
         tie_directory_to_job(shards, src, {**options, "temperature": 1.0})
     src.write_text('{"id": "a", "prompt": "Hello"}\n')
     with pytest.raises(JobError, match="different input"):
         tie_directory_to_job(shards, src, options)
+    (shards / "job.batchllm-state").unlink()  # results that no state file vouches for: another job's
+    with pytest.raises(JobError, match="has no job.batchllm-state"):
+        tie_directory_to_job(shards, src, options)
+
+
+def test_a_chat_template_file_is_read_once_and_recorded_by_its_text(tmp_path, capsys, tiny_model_factory):
+    """--chat-template was recorded as the path typed: an edited file resumed silently, and another
+    spelling of the same path was refused. It is read once, before anything is written, and recorded by a
+    digest of its text."""
+    model = tiny_model_factory("llama")
+    template, src, out = tmp_path / "t.jinja", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    src.write_text("".join(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"Hi {i}"}]}) + "\n"
+                           for i in range(2)))
+    common = ["--model", model, "--max-tokens", "2", "--temperature", "0"]
+    code, err = run(capsys, src, "-o", out, *common, "--chat-template", template)
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "out.jsonl.batchllm-state").read_text())["options"]["chat_template"]
+    assert recorded.startswith("sha256:")
+    assert {r["prompt_tokens"] for r in map(json.loads, out.read_text().splitlines())} == {3}, "'Hi 0' alone: 3 tokens"
+    out.write_text(out.read_text().splitlines(keepends=True)[0])
+    template.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    code, err = run(capsys, src, "-o", out, *common, "--chat-template", tmp_path / "." / "t.jinja")
+    assert code == 2 and "chat_template" in err and recorded in err, err
+    code, err = run(capsys, src, "-o", tmp_path / "other.jsonl", *common, "--chat-template", tmp_path / "nope.jinja")
+    assert code == 2 and "nope.jinja" in err and "renders `messages`" in err, err
+    assert not (tmp_path / "other.jsonl").exists()
