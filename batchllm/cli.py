@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
 from batchllm.generation_defaults import model_sampling_defaults
-from batchllm.inputs import ModelSource, read_model_source
+from batchllm.inputs import ModelSource, read_chat_template, read_model_source
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
 from batchllm.io.job import (
     JobError,
@@ -250,13 +251,24 @@ that change only rounding (fp8_deferred_scales, fp8_fused_quant). dtype is recor
 resolves by device, so give --dtype to pin the precision of a job resumed on another kind of machine."""
 
 
+def read_chat_template_once(args: argparse.Namespace) -> None:
+    """--chat-template read here, once: its text replaces the path in `args`, so that the engine, its
+    workers and Ray's tasks get the template itself (not a file only this machine may hold), and a bad one
+    fails before anything is written (ValueError)."""
+    if getattr(args, "chat_template", None) is not None:
+        args.chat_template = read_chat_template(args.chat_template)
+
+
 def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     """The options recorded beside the output, as JSON values (`defaults`: the run's sampling defaults): a
-    model or tokenizer directory by its absolute path, so that another spelling of it resumes."""
+    model or tokenizer directory by its absolute path, so that another spelling of it resumes; the chat
+    template (text, `read_chat_template_once`) by a digest of it, so that an edited file does not."""
     options = {name: getattr(args, name, None) for name in RESULT_OPTIONS}
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())
+    if options["chat_template"] is not None:
+        options["chat_template"] = "sha256:" + hashlib.sha256(options["chat_template"].encode()).hexdigest()[:16]
     stop = defaults.get("stop")
     return {**options, **defaults, "stop": list(stop) if stop else None, "seed": args.seed}
 
@@ -267,6 +279,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         # a bad model path or id, or a context it cannot hold, fails before anything is written (the
         # default model is left for later: its first use converts it; its GGUF sets no sampling defaults)
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
+        read_chat_template_once(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path,
                                 results_options(args, defaults))

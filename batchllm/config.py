@@ -75,7 +75,8 @@ class ModelConfig(_Checked):
         "(org/name) already in the local Hugging Face cache (never downloaded); "
         "None: the embedded SmolLM2-135M-Instruct")
     tokenizer: str | None = option(None, "tokenizer directory or cached model id; None: the model's")
-    generation_config: str = option("auto", "where the sampling defaults come from, as vLLM's --generation-config: "
+    generation_config: str = option("auto", "where the sampling defaults of `run` and of LLM calls without "
+                                    "SamplingParams come from, as vLLM's --generation-config: "
                                     "auto: the model's generation_config.json (temperature, top_p, top_k, min_p, "
                                     "repetition_penalty, max_new_tokens); vllm: ignore it; or a folder holding "
                                     "a generation_config.json")

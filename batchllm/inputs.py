@@ -58,11 +58,14 @@ class PromptProcessor:
         it to its runner too): grammars compile while lines are read, so one that fails is that line's error."""
 
     def apply_chat_template(
-        self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None
+        self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None,
+        chat_template: str | None = None,
     ) -> str:
+        """The conversation rendered by the tokenizer's chat template, or by `chat_template` (Jinja text)
+        where given; raises ValueError naming conversation `index` and the problem."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {self.source} has no chat template")
         if not isinstance(conversation, list) or not conversation:
             raise ValueError(f"conversation {index}: messages must be a non-empty list")
@@ -75,7 +78,8 @@ class PromptProcessor:
             raise ValueError(f"conversation {index}: {e}") from e
         try:
             return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(kwargs or {})
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                **({"chat_template": chat_template} if chat_template is not None else {}), **(kwargs or {})
             )
         except Exception as e:  # the template itself rejects the conversation (roles, content types)
             raise ValueError(f"conversation {index}: the chat template failed: {e}") from e
@@ -243,16 +247,19 @@ def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat
 
 def read_chat_template(value: str) -> str:
     """A chat template given as a file's path or inline, as vLLM's --chat-template takes it: an existing
-    file is read; text with Jinja's {{ or {% is the template; anything else is a ValueError naming it."""
-    path = Path(value).expanduser()
-    if path.is_file():
+    file is read; else the text is the template. Either must be Jinja that renders `messages`: anything
+    else (a mistyped path, say) is a ValueError naming it."""
+    path = Path(value).expanduser() if "\n" not in value and len(value) < 4096 else None
+    text = value
+    if path is not None and path.is_file():
         try:
-            return path.read_text()
+            text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the chat template {value!r}: {e}") from e
-    if "{{" in value or "{%" in value:
-        return value
-    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template (no {{{{ or {{%)")
+    if not ("{{" in text or "{%" in text) or "messages" not in text:
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise ValueError(f"chat_template {shown!r} is neither a file nor a Jinja template that renders `messages`")
+    return text
 
 
 def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_model_len: int | None = None,

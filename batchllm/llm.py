@@ -26,7 +26,14 @@ from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
 from batchllm.generation_defaults import model_sampling_defaults
-from batchllm.inputs import ModelSource, PromptProcessor, TokenizedPrompt, read_model_source, tokenizer_for
+from batchllm.inputs import (
+    ModelSource,
+    PromptProcessor,
+    TokenizedPrompt,
+    read_chat_template,
+    read_model_source,
+    tokenizer_for,
+)
 from batchllm.models.spec import ModelSpec
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState, prompt_logprobs_output
@@ -74,7 +81,9 @@ class LLM:
         self.config = config
         self.model_dir, self.model_spec, self.max_model_len = front.model_dir, front.model_spec, front.max_model_len
         self.tokenizer, self.eos_token_ids, self.prompts = front.tokenizer, front.eos_token_ids, front.prompts
-        self._default_params: SamplingParams | None = None  # get_default_sampling_params, read once
+        # read here, so that a bad generation_config fails the build, not the first call without SamplingParams
+        from_model = model_sampling_defaults(front.model_dir, config.model.generation_config)
+        self._default_params = SamplingParams(**from_model)
         self.engine: Engine | None = None
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
         more than one engine process (data_parallel_size x engines_per_gpu > 1): this process then
@@ -142,20 +151,21 @@ class LLM:
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (a list of {"role", "content"}) or a
-        list of conversations, then generate."""
+             chat_template_kwargs: dict | None = None, chat_template: str | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template (or `chat_template`, a Jinja template or a file holding one, as
+        vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        template = None if chat_template is None else read_chat_template(chat_template)
         prompts = [
-            self.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs)
+            self.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs, template)
             for i, conv in enumerate(conversations)
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     # ------------------------------------------------------------------ building blocks (CLI uses these)
     def apply_chat_template(self, conversation: Any, index: int = 0, add_generation_prompt: bool = True,
-                            kwargs: dict | None = None) -> str:
-        return self.prompts.apply_chat_template(conversation, index, add_generation_prompt, kwargs)
+                            kwargs: dict | None = None, chat_template: str | None = None) -> str:
+        return self.prompts.apply_chat_template(conversation, index, add_generation_prompt, kwargs, chat_template)
 
     def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
         return self.prompts.tokenize_prompt(prompt, index)
@@ -163,9 +173,6 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's
         generation_config.json sets (`generation_defaults`), over SamplingParams()'s defaults."""
-        if self._default_params is None:
-            self._default_params = SamplingParams(**model_sampling_defaults(
-                self.model_dir, self.config.model.generation_config))
         return self._default_params
 
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:

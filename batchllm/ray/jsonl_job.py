@@ -209,6 +209,7 @@ def run_command_on_ray(args) -> int:
         EXIT_OK,
         _fail,
         note_model_defaults,
+        read_chat_template_once,
         resolve_sampling_defaults,
         results_options,
     )
@@ -218,6 +219,7 @@ def run_command_on_ray(args) -> int:
     if problem := input_problem(args.input):
         return _fail(problem)
     try:
+        read_chat_template_once(args)  # the text travels to the tasks and actors, not the path
         defaults, from_model = resolve_sampling_defaults(args, _driver_model_dir(args.model))
         engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
         named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}
