@@ -155,10 +155,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
                        "choose another --errors-file")
     state_path = output.with_name(output.name + STATE_SUFFIX)
-    fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path)}
-    if options is not None:
-        fingerprint["options"] = options
-    fingerprint["version"] = STATE_VERSION
+    fingerprint = _job_fingerprint(input_path, options)
     has_output = any(p is not None and p.exists() and p.stat().st_size > 0 for p in (output, errors))
     if has_output and not overwrite:
         state = _read_state(state_path, output)
@@ -170,9 +167,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     output.parent.mkdir(parents=True, exist_ok=True)
     if errors is not None:
         errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
-    tmp = state_path.with_name(state_path.name + ".tmp")
-    tmp.write_text(json.dumps(fingerprint) + "\n")
-    os.replace(tmp, state_path)
+    _write_state(state_path, fingerprint)
     with open(output, "wb") as f:
         f.flush()
         os.fsync(f.fileno())
@@ -186,14 +181,27 @@ def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, A
     or one that failed before writing anything). Results without a state file are refused: another job,
     or an older version, wrote them."""
     state_path = directory / ("job" + STATE_SUFFIX)
-    fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path), "options": options,
-                   "version": STATE_VERSION}
+    fingerprint = _job_fingerprint(input_path, options)
     ours = {state_path.name, state_path.name + ".tmp"}
     has_results = directory.is_dir() and any(p.is_file() and p.name not in ours for p in directory.rglob("*"))
     if has_results:
         _refuse_another_job(directory, _read_state(state_path, directory), fingerprint, input_path)
         return
     directory.mkdir(parents=True, exist_ok=True)
+    _write_state(state_path, fingerprint)
+
+
+def _job_fingerprint(input_path: Path, options: dict[str, Any] | None) -> dict[str, Any]:
+    """What a state file holds: the input's path, size and SHA-256, the options (None: not recorded) and
+    STATE_VERSION."""
+    fingerprint = {"input": str(input_path.resolve()), **input_fingerprint(input_path)}
+    if options is not None:
+        fingerprint["options"] = options
+    return {**fingerprint, "version": STATE_VERSION}
+
+
+def _write_state(state_path: Path, fingerprint: dict[str, Any]) -> None:
+    """Write a state file atomically (a temporary file renamed over it)."""
     tmp = state_path.with_name(state_path.name + ".tmp")
     tmp.write_text(json.dumps(fingerprint) + "\n")
     os.replace(tmp, state_path)
