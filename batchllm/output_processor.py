@@ -17,7 +17,6 @@ before (from the previous text's end less the longest stop and a margin): the cu
 from __future__ import annotations
 
 import functools
-import json
 import re
 
 from batchllm.outputs import TokenLogprobs
@@ -94,8 +93,8 @@ def _added_tokens(tokenizer) -> dict[int, str]:
 def _byte_level_alphabet(tokenizer) -> dict[str, int] | None:
     """Character -> byte of the byte-level BPE alphabet where the tokenizer decodes through it, else None."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    try:
-        byte_level = decoder is not None and "ByteLevel" in json.dumps(json.loads(decoder.__getstate__()))
+    try:  # the decoder's JSON (a Sequence of decoders lists each by its type)
+        byte_level = decoder is not None and '"ByteLevel"' in str(decoder.__getstate__(), "utf-8")
         from transformers.convert_slow_tokenizer import bytes_to_unicode
     except (ImportError, TypeError, ValueError, AttributeError):  # another tokenizer library or version
         return None
