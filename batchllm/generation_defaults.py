@@ -14,28 +14,39 @@ GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top
 """generation_config.json field -> SamplingParams field: the sampling fields vLLM takes from the file."""
 
 
-def model_sampling_defaults(model_dir: Path | None, generation_config: str = "auto") -> dict[str, Any]:
-    """The SamplingParams fields a model's generation_config.json sets (non-null fields of
-    GENERATION_CONFIG_FIELDS; Qwen3: temperature 0.6, top_p 0.95, top_k 20). `generation_config` as
-    vLLM's option: "auto" reads `model_dir`'s file, "vllm" none, another value is a folder whose file is
-    read. {} without the file or the directory; a missing folder, a file that is not JSON, or a value
-    SamplingParams refuses is a ValueError naming it."""
-    if generation_config == "vllm":
-        return {}
-    if generation_config != "auto":
-        model_dir = Path(generation_config).expanduser()
-        if not (model_dir / "generation_config.json").is_file():
+def generation_config_file(model_dir: Path | None, generation_config: str = "auto") -> Path | None:
+    """The generation_config.json `generation_config` (vLLM's option) names, or None where there is none:
+    "auto" and "vllm" the model's (vllm takes no sampling defaults from it, but still its EOS ids, as
+    vLLM does), another value a folder holding one (a ValueError naming it when it holds none)."""
+    if generation_config not in ("auto", "vllm"):
+        folder = Path(generation_config).expanduser()
+        if not (folder / "generation_config.json").is_file():
             raise ValueError(f"generation_config {generation_config!r}: no generation_config.json there "
                              "(auto: the model's; vllm: none)")
+        return folder / "generation_config.json"
     path = None if model_dir is None else Path(model_dir) / "generation_config.json"
-    if path is None or not path.is_file():
-        return {}
+    return path if path is not None and path.is_file() else None
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {str(path)!r}: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"{str(path)!r} is not a JSON object")
+    return config
+
+
+def model_sampling_defaults(model_dir: Path | None, generation_config: str = "auto") -> dict[str, Any]:
+    """The SamplingParams fields a model's generation_config.json sets (non-null fields of
+    GENERATION_CONFIG_FIELDS; Qwen3: temperature 0.6, top_p 0.95, top_k 20), from the file
+    `generation_config_file` picks ("vllm": none). {} without the file or the directory; a missing folder,
+    a file that is not JSON, or a value SamplingParams refuses is a ValueError naming it."""
+    path = generation_config_file(model_dir, generation_config)
+    if path is None or generation_config == "vllm":
+        return {}
+    config = _read(path)
     defaults = {ours: config[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items()
                 if config.get(theirs) is not None}
     from batchllm.sampling_params import SamplingParams
@@ -45,3 +56,15 @@ def model_sampling_defaults(model_dir: Path | None, generation_config: str = "au
     except (ValueError, TypeError) as e:
         raise ValueError(f"{str(path)!r} sets a sampling default SamplingParams refuses: {e}") from e
     return defaults
+
+
+def generation_eos_token_ids(model_dir: Path | None, generation_config: str = "auto") -> list[int]:
+    """The eos_token_id(s) of the generation_config.json `generation_config_file` picks ([] without one, or
+    where the file cannot be read: `model_sampling_defaults` names that problem where it matters)."""
+    try:
+        path = generation_config_file(model_dir, generation_config)
+        eos = None if path is None else _read(path).get("eos_token_id")
+    except ValueError:
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]

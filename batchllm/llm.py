@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import gc
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,7 +24,7 @@ from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
-from batchllm.generation_defaults import model_sampling_defaults
+from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import (
     ModelSource,
     PromptProcessor,
@@ -455,21 +454,16 @@ def front_end_for(config: EngineConfig, source: ModelSource | None = None) -> Fr
     mc = config.model
     source = read_model_source(mc.model, mc.max_model_len) if source is None else source
     tokenizer = None if mc.skip_tokenizer_init else tokenizer_for(source, mc.tokenizer, mc.chat_template)
-    eos_token_ids = _eos_token_ids(source.model_dir, source.spec, tokenizer)
+    eos_token_ids = _eos_token_ids(source.model_dir, source.spec, tokenizer, mc.generation_config)
     prompts = PromptProcessor(tokenizer, source.spec.vocab_size, source.max_model_len, str(source.model_dir),
                               sorted(eos_token_ids), mc.max_logprobs)
     return FrontEnd(source, tokenizer, eos_token_ids, prompts)
 
 
-def _eos_token_ids(model_dir: Path, spec, tokenizer) -> frozenset[int]:
-    ids = set(spec.config_eos_token_ids)
-    generation_config = model_dir / "generation_config.json"
-    if generation_config.is_file():
-        try:
-            eos = json.loads(generation_config.read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError):
-            eos = None
-        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+def _eos_token_ids(model_dir: Path, spec, tokenizer, generation_config: str) -> frozenset[int]:
+    """The ids that end a request: config.json's, the generation_config.json's that `generation_config`
+    (vLLM's option) picks, and the tokenizer's."""
+    ids = set(spec.config_eos_token_ids) | set(generation_eos_token_ids(model_dir, generation_config))
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

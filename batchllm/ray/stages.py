@@ -122,7 +122,7 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         ids = prompts.tokenize_prompt(request["prompt"], index).token_ids
     else:
         ids = prompts.tokenize_prompt({"prompt_token_ids": list(request["prompt_token_ids"])}, index).token_ids
-    if request.get(MUST_FIT):
+    if request.get(MUST_FIT) and params.max_tokens is not None:  # None: up to the context, which always fits
         from batchllm.io.ingest import context_overflow
 
         if problem := context_overflow(len(ids), params.max_tokens, prompts.max_model_len):

@@ -77,3 +77,44 @@ def test_run_with_generation_config_vllm_keeps_its_own_defaults(tmp_path, capsys
     assert code == 0 and "generation_config.json" not in err, err
     options = json.loads((tmp_path / "out.jsonl.batchllm-state").read_text())["options"]
     assert (options["temperature"], options["top_p"], options["top_k"]) == (1.0, 1.0, 0)
+
+
+def test_eos_ids_come_from_the_file_the_option_picks(tmp_path):
+    """As vLLM's --generation-config: a folder's file gives the EOS ids too (they were read from the
+    model's file whatever the option); "vllm" takes no sampling defaults but still the model's EOS ids."""
+    from batchllm.generation_defaults import generation_eos_token_ids
+
+    model, other = tmp_path / "model", tmp_path / "other"
+    model.mkdir(), other.mkdir()
+    (model / "generation_config.json").write_text(json.dumps(QWEN3))
+    (other / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert generation_eos_token_ids(model) == generation_eos_token_ids(model, "vllm") == [151645, 151643]
+    assert generation_eos_token_ids(model, str(other)) == [7]
+    assert generation_eos_token_ids(tmp_path) == [] and generation_eos_token_ids(None) == []
+    (model / "generation_config.json").write_text("{oops")
+    assert generation_eos_token_ids(model) == [], "unreadable: model_sampling_defaults names it"
+
+
+def test_an_llm_stops_at_the_eos_of_the_generation_config_folder(tmp_path, tiny_model_factory):
+    """The engine's EOS set follows --generation-config DIR: greedy output cut at the first token that
+    DIR's file names as its eos_token_id."""
+    from batchllm import LLM, SamplingParams
+
+    model, other = tmp_path / "model", tmp_path / "other"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=128)
+    try:
+        free = llm.generate(["Hi there"], params, use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        llm.shutdown()
+    stop_at = free[2]
+    assert stop_at not in free[:2], "the test needs a token first generated at position 2"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop_at]}))
+    llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=128, generation_config=str(other))
+    try:
+        out = llm.generate(["Hi there"], params, use_tqdm=False)[0].outputs[0]
+    finally:
+        llm.shutdown()
+    assert list(out.token_ids) == list(free[:3]) and out.finish_reason == "stop"

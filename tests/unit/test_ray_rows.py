@@ -62,3 +62,14 @@ def test_a_row_whose_max_tokens_must_fit_is_refused_past_the_context():
     errors = out.column(ERROR).to_pylist()
     assert errors[1] is None and errors[2] is None, errors
     assert errors[0].startswith("the model's context (max_model_len) is 64 tokens, but ") and "60 for the" in errors[0]
+
+
+def test_a_row_that_must_fit_without_a_max_tokens_runs_to_the_context():
+    """max_tokens None (vLLM's: up to the context) always fits; the check passed None on to its sum and
+    failed the row with a TypeError's message."""
+    from batchllm.ray.stages import MUST_FIT
+
+    table = pa.table({"i": [0]})
+    out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64, max_tokens=None),
+                         preprocess=lambda row: {"prompt": "word " * 40, MUST_FIT: True}, num_buckets=1)
+    assert out.column(ERROR).to_pylist() == [None]
