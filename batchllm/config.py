@@ -78,8 +78,8 @@ class ModelConfig(_Checked):
     generation_config: str = option("auto", "where the sampling defaults of `run` and of LLM calls without "
                                     "SamplingParams come from, as vLLM's --generation-config: "
                                     "auto: the model's generation_config.json (temperature, top_p, top_k, min_p, "
-                                    "repetition_penalty, max_new_tokens); vllm: ignore it; or a folder holding "
-                                    "a generation_config.json")
+                                    "repetition_penalty, max_new_tokens); vllm: take none of them; or a folder "
+                                    "holding a generation_config.json, which also gives the EOS ids")
     chat_template: str | None = option(None, "a Jinja chat template, or a file holding one, used instead of the "
                                        "tokenizer's (vLLM's --chat-template); None: the tokenizer's")
     dtype: str = option("auto", "weight and KV dtype; auto: float32 on CPU, the checkpoint's 16-bit dtype "
