@@ -80,10 +80,12 @@ class StructuredOutputsParams:
 
 
 def grammar_key(params: StructuredOutputsParams) -> tuple[str, str]:
-    """The plain (kind, canonical text) that names a grammar: equal constraints give equal keys."""
+    """The plain (kind, canonical text) that names a grammar: equal constraints give equal keys. A schema
+    keeps its key order (the grammar writes an object's properties in the schema's order, as OpenAI and
+    vLLM do: "reasoning" before "answer" must come out first)."""
     if params.json is not None:
         schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-        return "json", json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        return "json", json.dumps(schema, separators=(",", ":"))
     if params.json_object:
         return "json", '{"type":"object"}'
     if params.regex is not None:

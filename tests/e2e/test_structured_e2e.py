@@ -106,3 +106,16 @@ def test_a_schema_that_does_not_compile_is_refused_by_name(default_llm):
         default_llm.generate("x", SamplingParams(structured_outputs={"json": {"type": "nonsense"}}), use_tqdm=False)
     with pytest.raises(StructuredOutputError, match="regex cannot be compiled"):
         default_llm.generate("x", SamplingParams(structured_outputs={"regex": "(abc"}), use_tqdm=False)
+
+
+def test_an_objects_properties_come_in_the_schemas_order(default_llm):
+    """OpenAI and vLLM write properties in the schema's order; the grammar was compiled from the schema
+    with its keys sorted, so "reasoning" then "answer" came out as "answer" then "reasoning"."""
+    properties = {"zeta": {"type": "string", "maxLength": 8}, "reasoning": {"type": "string", "maxLength": 8},
+                  "answer": {"type": "integer"}}
+    schema = {"type": "object", "properties": properties, "required": list(properties),
+              "additionalProperties": False}
+    params = SamplingParams(temperature=0.0, max_tokens=64, structured_outputs={"json": schema})
+    text = default_llm.chat([[{"role": "user", "content": "Reason, then answer: 2 + 2?"}]], params,
+                            use_tqdm=False)[0].outputs[0].text
+    assert list(json.loads(text)) == ["zeta", "reasoning", "answer"], text
