@@ -119,25 +119,34 @@ class CompletionState:
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
         self.stop_text: str | None = None
         """Text cut at the matched stop string, once one matched."""
+        self._min_tokens_text_len: int | None = None
+        """Characters of the first min_tokens tokens (set at the first stop-string search past them)."""
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.prompt_logprobs: list[TokenLogprobs] | None = None
         """Set once, with the first output token, when params.prompt_logprobs asked for them."""
 
     def append(self, token_id: int, logprobs: TokenLogprobs | None) -> str | None:
-        """Add one generated token. Returns the stop string if it completed a match."""
+        """Add one generated token. Returns the stop string if it completed a match. As in vLLM, stop
+        strings are looked for only once the output is longer than min_tokens, and only where they end
+        past the first min_tokens tokens' text."""
         self.token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
             self.logprobs.append(logprob_entry(token_id, logprobs))
             self.cumulative_logprob += logprobs.sampled_logprob
-        if not self._watch_stops or not self._stop_in_window():
+        if (not self._watch_stops or len(self.token_ids) <= self.params.min_tokens
+                or not self._stop_in_window()):
             return None
         text = self._decode()
         previous = len(self._decode_ids(self.token_ids[:-1]))  # the text the last search saw
         search_from = max(0, previous - self._max_stop_len - _REDECODE_MARGIN)
+        if self.params.min_tokens:
+            if self._min_tokens_text_len is None:
+                self._min_tokens_text_len = len(self._decode_ids(self.token_ids[:self.params.min_tokens]))
+        floor = self._min_tokens_text_len or 0
         best: tuple[int, str] | None = None
         for stop in self.params.stop_strings:
-            at = text.find(stop, search_from)
+            at = text.find(stop, max(search_from, floor - len(stop) + 1))
             if at != -1 and (best is None or at < best[0]):
                 best = (at, stop)
         if best is None:
@@ -172,11 +181,18 @@ class CompletionState:
         self.finish_reason = reason
         self.stop_reason = stop_reason
 
+    @property
+    def _ended_by_stop_token(self) -> bool:
+        """Whether the last token is an EOS or stop_token_ids token that ended the output: as in vLLM,
+        its text is left out of `text` (token_ids keep it) unless include_stop_str_in_output."""
+        return (self.finish_reason == "stop" and not isinstance(self.stop_reason, str)
+                and not self.params.include_stop_str_in_output and bool(self.token_ids))
+
     def to_output(self) -> CompletionOutput:
         if self.stop_text is not None:
             text = self.stop_text
         elif self.tokenizer is not None:
-            text = self._decode()
+            text = self._decode_ids(self.token_ids[:-1]) if self._ended_by_stop_token else self._decode()
         else:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:

@@ -100,3 +100,47 @@ def test_generate_validates_every_prompt_before_running(default_llm):
     outs = default_llm.generate(["x"], (sp for sp in [SamplingParams(max_tokens=1)]), use_tqdm=False)
     assert len(outs[0].outputs[0].token_ids) == 1  # any iterable of SamplingParams still works
     assert not default_llm.engine.core.has_unfinished()
+
+
+def test_stop_strings_wait_for_min_tokens(default_llm):
+    """As vLLM: a stop string counts only once the output is longer than min_tokens, and only where it
+    ends past the first min_tokens tokens' text. The stop string was matched from the first token, so an
+    output could end with fewer than min_tokens tokens."""
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    full = default_llm.generate(STORY, greedy, use_tqdm=False)[0].outputs[0]
+    stop = "."
+    early = default_llm.generate(STORY, SamplingParams(temperature=0, max_tokens=40, stop=[stop]),
+                                 use_tqdm=False)[0].outputs[0]
+    assert early.stop_reason == stop
+    first_stop_tokens = len(early.token_ids)
+    held = default_llm.generate(STORY, SamplingParams(temperature=0, max_tokens=40, stop=[stop],
+                                                      min_tokens=first_stop_tokens + 1), use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) > first_stop_tokens + 1
+    assert list(held.token_ids) == list(full.token_ids[:len(held.token_ids)]), "greedy: the same tokens"
+    later = full.text.find(stop, len(early.text) + len(stop))
+    if held.finish_reason == "stop":
+        assert held.text == full.text[:later]
+    else:
+        assert later == -1 or later + len(stop) > len(held.text)
+
+
+def test_a_stop_tokens_text_is_left_out(default_llm):
+    """As vLLM: the output's text leaves out the EOS or stop_token_ids token that ended it (token_ids keep
+    it) unless include_stop_str_in_output. It used to end with "\\n" or "<|im_end|>"."""
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    full = default_llm.generate(STORY, greedy, use_tqdm=False)[0].outputs[0]
+    stop_token = full.token_ids[5]
+    ended = default_llm.generate(STORY, SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token]),
+                                 use_tqdm=False)[0].outputs[0]
+    cut = full.token_ids.index(stop_token)
+    assert list(ended.token_ids) == list(full.token_ids[:cut + 1]) and ended.stop_reason == stop_token
+    tokenizer = default_llm.get_tokenizer()
+    assert ended.text == tokenizer.decode(full.token_ids[:cut], skip_special_tokens=True)
+    kept = default_llm.generate(STORY, SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token],
+                                                      include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == tokenizer.decode(full.token_ids[:cut + 1], skip_special_tokens=True)
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    raw = default_llm.chat(conv, SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False),
+                           use_tqdm=False)[0].outputs[0]
+    assert raw.finish_reason == "stop" and raw.stop_reason is None, "ended by EOS"
+    assert "<|im_end|>" not in raw.text and raw.text == tokenizer.decode(raw.token_ids[:-1])
