@@ -232,24 +232,26 @@ def _clean_id(rid: Any) -> str | int | None:
 
 
 def result_record(request_id: str | int, output, prompt_tokens: int) -> dict[str, Any]:
-    first = output.outputs[0]
-    record: dict[str, Any] = {
-        "id": request_id,
-        "text": first.text,
-        "token_ids": first.token_ids,
-        "finish_reason": first.finish_reason,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": output.num_output_tokens,
-    }
-    if first.logprobs is not None:
-        record["logprobs"] = [_logprob_record(tid, lp_map) for tid, lp_map in zip(first.token_ids, first.logprobs)]
+    """A plain line's result: its first completion's fields at the top level, as before n > 1 existed,
+    with every completion (its logprobs included) under "outputs" when there are several."""
+    record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0]),
+                              "prompt_tokens": prompt_tokens, "completion_tokens": output.num_output_tokens}
     if output.prompt_logprobs is not None:  # null for the first prompt token, as in vLLM
         record["prompt_logprobs"] = [None if lp_map is None else _logprob_record(int(tid), lp_map)
                                      for tid, lp_map in zip(output.prompt_token_ids, output.prompt_logprobs)]
     if len(output.outputs) > 1:
-        record["outputs"] = [
-            {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason} for o in output.outputs
-        ]
+        record["outputs"] = [_completion_record(o) for o in output.outputs]
+    return record
+
+
+def _completion_record(completion) -> dict[str, Any]:
+    """text, token_ids, finish_reason, stop_reason (vLLM's: the stop string or token id that ended it, else
+    null) and, where asked for, logprobs."""
+    record = {"text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
+              "stop_reason": completion.stop_reason}
+    if completion.logprobs is not None:
+        record["logprobs"] = [_logprob_record(tid, lp_map)
+                              for tid, lp_map in zip(completion.token_ids, completion.logprobs)]
     return record
 
 

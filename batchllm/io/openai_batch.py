@@ -159,7 +159,8 @@ def _ids() -> tuple[str, str]:
 
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
                    top_logprobs: int = 0) -> dict[str, Any]:
-    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists."""
+    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists. Each choice
+    carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
     line_id, request_id = _ids()
     created = int(time.time())
     completion_tokens = output.num_output_tokens
@@ -167,13 +168,13 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
              "total_tokens": prompt_tokens + completion_tokens}
     if url == CHAT_URL:
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason}
-                   for c in output.outputs]
+                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason} for c in output.outputs]
         body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
                 "model": model, "choices": choices, "usage": usage}
     else:
         choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c, top_logprobs),
-                    "finish_reason": c.finish_reason} for c in output.outputs]
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
         body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
                 "model": model, "choices": choices, "usage": usage}
     return {"id": line_id, "custom_id": custom_id,

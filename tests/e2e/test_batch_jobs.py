@@ -52,7 +52,7 @@ def check_openai_record(rec):
             assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
         else:
             assert isinstance(choice["text"], str)
-        assert "logprobs" in choice
+        assert "logprobs" in choice and "stop_reason" in choice
 
 
 def test_openai_batch_round_trip(tmp_path, default_model_dir):

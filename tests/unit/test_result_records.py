@@ -1,0 +1,33 @@
+"""The records `batchllm run` writes for a plain line (`io.jsonl.result_record`) and an OpenAI line
+(`io.openai_batch.success_record`): every completion of an n > 1 line keeps its own logprobs, and each
+says what ended it (vLLM's stop_reason)."""
+
+from __future__ import annotations
+
+from batchllm.io.jsonl import result_record
+from batchllm.io.openai_batch import CHAT_URL, success_record
+from batchllm.request_output import CompletionOutput, Logprob, RequestOutput
+
+
+def two_samples() -> RequestOutput:
+    def completion(index, tokens, stop_reason):
+        logprobs = [{t: Logprob(-0.5 - index, rank=1, decoded_token=f"t{t}")} for t in tokens]
+        return CompletionOutput(index, f"text {index}", tokens, -1.0, logprobs, "stop", stop_reason)
+
+    return RequestOutput("r", "p", [1, 2], [completion(0, [5, 6], "."), completion(1, [7, 8, 9], 9)])
+
+
+def test_every_sample_of_a_plain_line_keeps_its_logprobs():
+    """Samples 1 .. n-1 of a plain line lost their logprobs: only the first one's were written."""
+    record = result_record("a", two_samples(), prompt_tokens=2)
+    assert record["text"] == "text 0" and record["stop_reason"] == "."
+    assert [e["token_id"] for e in record["logprobs"]] == [5, 6]
+    second = record["outputs"][1]
+    assert second["token_ids"] == [7, 8, 9] and second["stop_reason"] == 9
+    assert [(e["token_id"], e["logprob"]) for e in second["logprobs"]] == [(7, -1.5), (8, -1.5), (9, -1.5)]
+    assert record["completion_tokens"] == 5
+
+
+def test_openai_choices_say_what_ended_them():
+    body = success_record("c", CHAT_URL, "m", two_samples(), prompt_tokens=2)["response"]["body"]
+    assert [c["stop_reason"] for c in body["choices"]] == [".", 9]
