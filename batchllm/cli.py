@@ -404,6 +404,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             waiting = time.perf_counter()
             valid, errors, file_format = reading.result()
             phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - waiting)
+            valid, errors = _refuse_what_the_cache_cannot_hold(llm, valid, errors)
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
             out.sync()
@@ -412,6 +413,21 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
+
+
+def _refuse_what_the_cache_cannot_hold(llm, valid: list, errors: list) -> tuple[list, list]:
+    """(valid, errors) with each line whose request could not fit the built engine's KV cache even alone
+    moved to the errors, its line named (`LLM.kv_cache_problem`); such a request would stop the job."""
+    from batchllm.io.jsonl import LineError
+
+    refused = [(item, problem) for item in valid
+               if (problem := llm.kv_cache_problem(len(item.prompt.token_ids), item.params))]
+    if not refused:
+        return valid, errors
+    lines = {id(item) for item, _ in refused}
+    errors = sorted([*errors, *(LineError.for_line(item.line, problem) for item, problem in refused)],
+                    key=lambda error: error.line_number)
+    return [item for item in valid if id(item) not in lines], errors
 
 
 def _engine_processes(config, source: ModelSource | None = None):

@@ -146,6 +146,9 @@ class LLM:
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
                                self.prompts.max_logprobs)
+        for index, (prompt, sp) in enumerate(zip(tokenized, params)):
+            if problem := self.kv_cache_problem(len(prompt.token_ids), sp):
+                raise ValueError(f"prompt {index}: {problem}")
         return tokenized, params
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -168,6 +171,29 @@ class LLM:
 
     def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
         return self.prompts.tokenize_prompt(prompt, index)
+
+    @property
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens the KV cache holds (with data parallelism, the smallest engine's; None where a worker
+        did not report it)."""
+        if self._data_parallel is not None:
+            sizes = [t.get("kv_tokens") for t in self._data_parallel.start_times.values()]
+            return None if not sizes or None in sizes else min(sizes)
+        return None if self.engine is None else self.engine.kv_spec.num_tokens
+
+    def kv_cache_problem(self, num_prompt_tokens: int, params: SamplingParams) -> str | None:
+        """Why a completion of this prompt could not fit the KV cache even alone (its prompt and max_tokens,
+        at most the context, need more tokens than the cache holds), or None. Such a request would stop
+        the engine; vLLM refuses to start where the cache cannot hold max_model_len tokens, here only the
+        prompts that need more fail (`generate` raises naming the prompt, `run` fails the line)."""
+        capacity = self.kv_cache_tokens
+        wanted = self.max_model_len if params.max_tokens is None else num_prompt_tokens + params.max_tokens
+        needed = min(self.max_model_len, wanted)
+        if capacity is None or needed <= capacity:
+            return None
+        return (f"the prompt ({num_prompt_tokens} tokens) and its completion may need {needed} tokens of KV cache, "
+                f"but the cache holds {capacity}; give the cache more memory (--kv-cache-memory-gib, "
+                "--gpu-memory-utilization) or lower max_tokens")
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's

@@ -8,7 +8,7 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready", {import_s, build_s, torch_threads}) | ("pull", job id)
+  rank r -> parent: ("ready", {import_s, build_s, torch_threads, kv_tokens}) | ("pull", job id)
                     | ("result", job id, [(index, RequestOutput)]) | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
 result comes back without its prompt and prompt token ids (the parent puts them back). A worker asks
@@ -405,7 +405,7 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", {"import_s": imported - started, "build_s": time.perf_counter() - imported,
-                         "torch_threads": torch.get_num_threads()}))
+                         "torch_threads": torch.get_num_threads(), "kv_tokens": llm.kv_cache_tokens}))
     serve_jobs(llm, conn)
 
 

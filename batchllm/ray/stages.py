@@ -180,6 +180,7 @@ class EngineReplica:
         import pyarrow as pa
 
         rows = batch.to_pylist()
+        refused = self._refuse_what_the_cache_cannot_hold(rows)
         valid = [i for i, r in enumerate(rows) if not r[ERROR]]
         outputs = self._generate([rows[i] for i in valid])
         call_id = uuid.uuid4().hex[:12]
@@ -195,6 +196,8 @@ class EngineReplica:
         types = [pa.string(), pa.list_(pa.int64()), pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string(),
                  pa.int64()]
         columns = {c: pa.array(new[c], t) for c, t in zip(new, types)}
+        if refused:
+            columns[ERROR] = pa.array([r[ERROR] for r in rows], pa.string())
         columns[REPLICA] = pa.array([self.replica_id] * len(rows), pa.string())
         columns[CALL] = pa.array([call_id] * len(rows), pa.string())
         if self.record_fn is not None:
@@ -207,19 +210,24 @@ class EngineReplica:
             return table
         return pa.Table.from_pylist([_postprocess_row(self.postprocess, r) for r in table.to_pylist()])
 
+    def _refuse_what_the_cache_cannot_hold(self, rows: list[dict]) -> bool:
+        """Set `error` on each row whose request could not fit this engine's KV cache even alone
+        (`LLM.kv_cache_problem`): it would stop the engine, and the restarted replica would meet it again.
+        Whether any row was refused."""
+        refused = False
+        for row in rows:
+            if not row[ERROR] and (problem := self.llm.kv_cache_problem(
+                    len(row[TOKENS]), _sampling_params(row[SAMPLING]))):
+                row[ERROR], refused = problem, True
+        return refused
+
     def _generate(self, rows: list[dict]) -> list:
         from batchllm.inputs import TokenizedPrompt
 
         if not rows:
             return []
-        params_cache: dict[str, SamplingParams] = {}
-        prompts, params = [], []
-        for row in rows:
-            prompts.append(TokenizedPrompt(row[TOKENS], None))
-            key = row[SAMPLING]
-            if key not in params_cache:
-                params_cache[key] = SamplingParams(**json.loads(key))
-            params.append(params_cache[key])
+        prompts = [TokenizedPrompt(row[TOKENS], None) for row in rows]
+        params = [_sampling_params(row[SAMPLING]) for row in rows]
         results: list = [None] * len(rows)
         for index, output in self.llm.iter_generate(prompts, params, use_tqdm=False):
             results[index] = output
@@ -227,6 +235,12 @@ class EngineReplica:
         logger.info("replica %s: %d rows, saving ratio %.3f", self.replica_id, len(rows),
                     stats.get("saving_ratio", 0.0))
         return results
+
+
+@lru_cache(maxsize=256)
+def _sampling_params(key: str) -> SamplingParams:
+    """A row's SamplingParams from its `_batchllm_sampling` JSON (rows with equal settings share one)."""
+    return SamplingParams(**json.loads(key))
 
 
 def _postprocess_row(postprocess: Callable, row: dict) -> dict:

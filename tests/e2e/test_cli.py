@@ -195,3 +195,35 @@ def test_weights_that_fail_to_load_end_the_job_cleanly_while_its_input_is_read(t
         assert "safetensors" in r.stderr.lower()
         assert engines == "1" or re.search(r"data-parallel worker [01] could not start", r.stderr)
         assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
+
+
+def test_a_line_the_kv_cache_cannot_hold_fails_alone(tmp_path, default_model_dir):
+    """A request needing more KV cache than the engine has stopped the whole job (exit 3, "request '0-4-0'
+    may need 7 KV blocks", no results); now its line fails, named, and the others run."""
+    lines = [{"id": f"ok-{i}", "prompt": f"Say {i}", "max_tokens": 2} for i in range(4)]
+    lines.insert(2, {"id": "big", "prompt": "word " * 100, "max_tokens": 4})
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r = run_cli("run", src, "-o", out, "--kv-cache-memory-gib", "0.004", "--no-progress")
+    assert r.returncode == 1, r.stderr
+    records = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"ok-0", "ok-1", "ok-2", "ok-3", "big"}
+    message = records["big"]["error"]["message"]
+    assert message.startswith("line 3: the prompt (") and "tokens of KV cache, but the cache holds" in message
+    assert all(len(records[f"ok-{i}"]["token_ids"]) == 2 for i in range(4))
+
+
+def test_generate_refuses_a_prompt_the_kv_cache_cannot_hold(tiny_model_factory):
+    from batchllm import LLM, SamplingParams
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=4,
+              block_size=16)
+    try:
+        assert llm.kv_cache_tokens == 64
+        with pytest.raises(ValueError, match=r"prompt 1: the prompt \(60 tokens\) and its completion may need 70"):
+            llm.generate([[5] * 10, [5] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
+        with pytest.raises(ValueError, match="may need 256 tokens"):  # max_tokens None: up to the context
+            llm.generate([[5] * 10], SamplingParams(max_tokens=None), use_tqdm=False)
+        assert len(llm.generate([[5] * 10], SamplingParams(max_tokens=10), use_tqdm=False)[0].outputs[0].token_ids)
+    finally:
+        llm.shutdown()

@@ -73,3 +73,24 @@ def test_a_row_that_must_fit_without_a_max_tokens_runs_to_the_context():
     out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64, max_tokens=None),
                          preprocess=lambda row: {"prompt": "word " * 40, MUST_FIT: True}, num_buckets=1)
     assert out.column(ERROR).to_pylist() == [None]
+
+
+def test_a_row_the_kv_cache_cannot_hold_fails_alone():
+    """Such a row stopped its replica's engine, and the restarted replica met it again, without end;
+    now it gets its own error and the bucket's other rows run."""
+    from batchllm.ray.stages import EngineReplica
+
+    config = ProcessorConfig(device="cpu", dtype="float32", max_model_len=256, max_tokens=2,
+                             sampling_params={"ignore_eos": True}, engine_kwargs={"num_kv_blocks": 4, "block_size": 16})
+    rows = [{"prompt": "Hi"}, {"prompt": "word " * 80}, {"prompt": "Hello"}]
+    table = tokenize_batch(pa.table({"i": [0, 1, 2]}), config=config, preprocess=lambda row: rows[row["i"]],
+                           num_buckets=1)
+    replica = EngineReplica(config)
+    try:
+        out = replica(table)
+    finally:
+        replica.llm.shutdown()
+    errors = out.column(ERROR).to_pylist()
+    assert errors[0] is None and errors[2] is None, errors
+    assert "tokens of KV cache, but the cache holds 64" in errors[1]
+    assert [n for n in out.column("num_generated_tokens").to_pylist()] == [2, None, 2]
