@@ -156,9 +156,9 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
                        "choose another --errors-file")
     state_path = output.with_name(output.name + STATE_SUFFIX)
     fingerprint = _job_fingerprint(input_path, options)
-    has_output = any(p is not None and p.exists() and p.stat().st_size > 0 for p in (output, errors))
-    if has_output and not overwrite:
-        state = _read_state(state_path, output)
+    existing = [p for p in (output, errors) if p is not None and p.exists() and p.stat().st_size > 0]
+    if existing and not overwrite:
+        state = _read_state(state_path, existing[0])  # (named: the errors file may be the one that exists)
         _refuse_another_job(output, state, fingerprint, input_path)
         resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
         if errors is not None and errors.exists():

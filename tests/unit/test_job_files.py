@@ -227,6 +227,17 @@ def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
         prepare_output(out, src, overwrite=True, errors=src)
 
 
+def test_an_errors_file_of_another_job_is_the_file_named(tmp_path):
+    """A fresh output with a --errors-file that exists already was refused naming the output, which did
+    not exist."""
+    src, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "precious.txt"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    errors.write_text("keep me\n")
+    with pytest.raises(JobError, match=r"refusing to resume into '.*precious\.txt': it exists but has no "):
+        prepare_output(out, src, overwrite=False, errors=errors)
+    assert errors.read_text() == "keep me\n"
+
+
 def test_a_write_failure_names_the_file_and_keeps_what_was_written(tmp_path):
     import errno
 
