@@ -62,7 +62,8 @@ class PromptProcessor:
         chat_template: str | None = None,
     ) -> str:
         """The conversation rendered by the tokenizer's chat template, or by `chat_template` (Jinja text)
-        where given; raises ValueError naming conversation `index` and the problem."""
+        where given; `kwargs` (vLLM's chat_template_kwargs) go to the template over `add_generation_prompt`,
+        as in vLLM. Raises ValueError naming conversation `index` and the problem."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
         if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
@@ -77,10 +78,12 @@ class PromptProcessor:
         except ValueError as e:
             raise ValueError(f"conversation {index}: {e}") from e
         try:
-            return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                **({"chat_template": chat_template} if chat_template is not None else {}), **(kwargs or {})
-            )
+            options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {}), "tokenize": False}
+            if chat_template is not None:
+                options["chat_template"] = chat_template
+            if options.get("add_generation_prompt") and options.get("continue_final_message"):
+                raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+            return self.tokenizer.apply_chat_template(conversation, **options)
         except Exception as e:  # the template itself rejects the conversation (roles, content types)
             raise ValueError(f"conversation {index}: the chat template failed: {e}") from e
 

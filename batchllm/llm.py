@@ -153,9 +153,14 @@ class LLM:
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None, chat_template: str | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, chat_template: str | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template or a file holding one, as
-        vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate."""
+        vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate.
+        continue_final_message (vLLM's): the last message, an assistant's, is continued rather than closed
+        (with add_generation_prompt=False)."""
+        if continue_final_message:
+            chat_template_kwargs = {"continue_final_message": True, **(chat_template_kwargs or {})}
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = None if chat_template is None else read_chat_template(chat_template)
         prompts = [

@@ -61,7 +61,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     prompt = body[prompt_field]
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
                                                              "response_format"}
-    known |= {"max_completion_tokens", "top_logprobs", "chat_template_kwargs"} if chat else set()
+    known |= {"max_completion_tokens", "top_logprobs", *CHAT_TEMPLATE_FIELDS} if chat else set()
     unknown = sorted(set(body) - known)
     if unknown:
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}")
@@ -99,7 +99,23 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
             overrides["logprobs"] = body["logprobs"]
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
-    return url, prompt, chat, overrides, template_kwargs(body.get("chat_template_kwargs"))
+    return url, prompt, chat, overrides, _chat_template_options(body) if chat else None
+
+
+CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+"""vLLM's chat request fields that go to the chat template."""
+
+
+def _chat_template_options(body: dict) -> dict[str, Any] | None:
+    """A chat body's keywords for its chat template: `chat_template_kwargs` over vLLM's
+    `add_generation_prompt` and `continue_final_message` fields (booleans)."""
+    options = {}
+    for name in CHAT_TEMPLATE_FIELDS[1:]:
+        if body.get(name) is not None:
+            if not isinstance(body[name], bool):
+                raise BodyError(f"'{name}' must be true or false")
+            options[name] = body[name]
+    return {**options, **(template_kwargs(body.get("chat_template_kwargs")) or {})} or None
 
 
 def _logit_bias(value: Any) -> dict:

@@ -116,7 +116,11 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         text = prompts.apply_chat_template(messages, index, kwargs=template)
         ids = prompts.tokenize_prompt(text, index).token_ids
         if isinstance(messages, list) and len(messages) > 1:
-            context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False, kwargs=template)
+            # the conversation before its last message, closed (whatever the line asks of its own end)
+            context_kwargs = {k: v for k, v in (template or {}).items()
+                              if k not in ("add_generation_prompt", "continue_final_message")}
+            context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False,
+                                                  kwargs=context_kwargs)
             context_len = _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)
     elif given[0] == "prompt":
         ids = prompts.tokenize_prompt(request["prompt"], index).token_ids

@@ -144,3 +144,15 @@ def test_a_stop_tokens_text_is_left_out(default_llm):
                            use_tqdm=False)[0].outputs[0]
     assert raw.finish_reason == "stop" and raw.stop_reason is None, "ended by EOS"
     assert "<|im_end|>" not in raw.text and raw.text == tokenizer.decode(raw.token_ids[:-1])
+
+
+def test_chat_continues_the_final_message(default_llm):
+    """vLLM's LLM.chat(continue_final_message=True): the assistant's last message is continued, not closed
+    (the keyword was a TypeError)."""
+    conv = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France"}]
+    out = default_llm.chat(conv, SamplingParams(temperature=0, max_tokens=8), add_generation_prompt=False,
+                           continue_final_message=True, use_tqdm=False)[0].outputs[0]
+    assert out.text.startswith(" is Paris"), out.text
+    with pytest.raises(ValueError, match="add_generation_prompt and continue_final_message cannot both be true"):
+        default_llm.chat(conv, SamplingParams(max_tokens=2), continue_final_message=True, use_tqdm=False)

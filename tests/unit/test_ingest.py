@@ -292,6 +292,29 @@ def test_chat_template_kwargs_reach_the_template_in_both_formats(monkeypatch):
                         "line 6: body field(s) not supported: chat_template_kwargs"], problems
 
 
+def test_the_generation_prompt_and_the_final_message_are_the_lines_to_choose(monkeypatch):
+    """As vLLM: chat_template_kwargs go over add_generation_prompt ({"add_generation_prompt": false} failed
+    with "got multiple values for keyword argument"), and an OpenAI chat body may set vLLM's
+    add_generation_prompt and continue_final_message; both true is an error naming them."""
+    tokenizer = processor().tokenizer
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}<gen>{% endif %}"
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The"}]
+    lines = [{"id": "kwargs", "messages": messages, "chat_template_kwargs": {"add_generation_prompt": False}},
+             {"custom_id": "body", "url": "/v1/chat/completions",
+              "body": {"messages": messages, "add_generation_prompt": False, "continue_final_message": True}},
+             {"custom_id": "both", "url": "/v1/chat/completions",
+              "body": {"messages": messages, "continue_final_message": True}},
+             {"custom_id": "not-bool", "url": "/v1/chat/completions",
+              "body": {"messages": messages, "add_generation_prompt": "no"}}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
+    assert texts == {"kwargs": "[Hi][The]", "body": "[Hi][The"}, "continued: the final message left open"
+    problems = sorted(e.message for e in result.errors)
+    assert problems == ["line 3: the chat template failed: add_generation_prompt and continue_final_message "
+                        "cannot both be true", "line 4: 'add_generation_prompt' must be true or false"], problems
+
+
 def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
     """OpenAI's custom_id is a string; an integer one failed its line with custom_id null, so the error
     could not be matched to its line by id."""
