@@ -140,9 +140,9 @@ def _response_format(value: Any) -> dict | None:
         return {"json_object": True}
     if kind == "json_schema":
         spec = value.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):  # (vLLM refuses one without too)
             raise BodyError("response_format.json_schema must be an object with a 'schema' object")
-        return {"json": spec.get("schema", {})}
+        return {"json": spec["schema"]}
     raise BodyError(f"response_format type {str(kind)[:40]!r} is not supported (text, json_object, json_schema)")
 
 

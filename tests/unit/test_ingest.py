@@ -200,6 +200,7 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
         line("bad-schema", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}),
         line("bad-bias", logit_bias={"42": 101}),
         line("bad-format", response_format={"type": "yaml"}),
+        line("no-schema", response_format={"type": "json_schema", "json_schema": {"name": "x"}}),  # was: any JSON
         json.dumps({"id": "plain", "prompt": "x", "structured_outputs": {"choice": ["a", "b"]}, "bad_words": ["no"]}),
         json.dumps({"id": "plain-bad", "prompt": "x", "structured_outputs": {"regex": "(a"}}),
     ]).encode() + b"\n"
@@ -215,6 +216,7 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     assert "JSON schema cannot be compiled: Unsupported type" in errors["bad-schema"]
     assert "logit_bias" in errors["bad-bias"] and "[-100, 100]" in errors["bad-bias"]
     assert "response_format type 'yaml'" in errors["bad-format"]
+    assert "response_format.json_schema must be an object with a 'schema' object" in errors["no-schema"]
     assert "regex cannot be compiled" in errors["plain-bad"]
 
 
