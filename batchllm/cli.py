@@ -237,7 +237,9 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
     """Say which of the model's sampling defaults apply (those the command line does not set), as vLLM warns."""
     used = {k: v for k, v in from_model.items() if getattr(args, k, None) is None}
     if used:
-        print("batchllm: sampling defaults from the model's generation_config.json: "
+        source = ("the model's generation_config.json" if args.generation_config == "auto"
+                  else f"{args.generation_config}/generation_config.json")
+        print(f"batchllm: sampling defaults from {source}: "
               + ", ".join(f"{k} {v}" for k, v in used.items())
               + " (a line's own fields and the command line's options override them)", file=sys.stderr)
 

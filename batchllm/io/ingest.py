@@ -60,6 +60,15 @@ def input_problem(path: Path) -> str | None:
     return None
 
 
+def _in_the_lines_terms(line: BatchLine, error: ValueError) -> str:
+    """The error as the line's own fields say it: an OpenAI line's `top_logprobs` (chat) or `logprobs`
+    (completions) becomes SamplingParams.logprobs."""
+    text = str(error)
+    if line.format == OPENAI:
+        text = text.replace("SamplingParams.logprobs =", "top_logprobs =" if line.is_chat else "logprobs =")
+    return text
+
+
 def count_input_lines(path: Path) -> int:
     """The number of lines that each get one output record: the non-blank lines (no JSON parsing)."""
     with open(path, "rb") as f:
@@ -108,7 +117,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
                       if item.is_chat else item.prompt)
         except ValueError as e:
-            errors.append(LineError.for_line(item, e))
+            errors.append(LineError.for_line(item, _in_the_lines_terms(item, e)))
             continue
         except Exception as e:  # whatever a line holds, it costs only that line
             errors.append(LineError.for_line(item, f"cannot be prepared ({type(e).__name__}: {short_repr(str(e))})"))

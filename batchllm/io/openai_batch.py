@@ -30,7 +30,7 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "bad_words": "bad_words", "structured_outputs": "structured_outputs"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
-                 "parallel_tool_calls": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+                 "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
                  "stream_options": (None,)}
 _IGNORED = {"model", "user", "metadata", "store", "service_tier"}  # bookkeeping, echoed or irrelevant offline
 
@@ -51,7 +51,8 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     """Validate an OpenAI request body. Returns (endpoint, prompt, is_chat, sampling overrides, the chat
     template's extra keywords)."""
     if url not in (CHAT_URL, COMPLETIONS_URL):
-        raise BodyError(f"unsupported url {url!r} (supported: {CHAT_URL}, {COMPLETIONS_URL})")
+        raise BodyError(f"unsupported url {url!r} (supported: {CHAT_URL}, {COMPLETIONS_URL})" if url is not None
+                        else f"the line lacks 'url' ({CHAT_URL} or {COMPLETIONS_URL})")
     if not isinstance(body, dict):
         raise BodyError("'body' must be a JSON object")
     chat = url == CHAT_URL

@@ -317,6 +317,28 @@ def test_the_generation_prompt_and_the_final_message_are_the_lines_to_choose(mon
                         "cannot both be true", "line 4: 'add_generation_prompt' must be true or false"], problems
 
 
+def test_openai_lines_are_answered_in_their_own_terms():
+    """A chat line's top_logprobs above the cap was reported as "SamplingParams.logprobs = 21", a line
+    without url as "unsupported url None", and parallel_tool_calls true (OpenAI's default) was refused."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    top = {**chat, "logprobs": True, "top_logprobs": 21}
+    lines = [{"custom_id": "top", "url": "/v1/chat/completions", "body": top},
+             {"custom_id": "cmpl", "url": "/v1/completions", "body": {"prompt": "Hi", "logprobs": 21}},
+             {"custom_id": "no-url", "body": chat},
+             {"custom_id": "parallel", "url": "/v1/chat/completions", "body": {**chat, "parallel_tool_calls": True}}]
+    from batchllm.inputs import prompt_processor_for
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.jsonl"
+        path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        result = prepare_lines(path, prompt_processor_for(None, max_logprobs=20), {"max_tokens": 4}, None)
+    assert [v.line.request_id for v in result.valid] == ["parallel"]
+    messages = sorted(e.message for e in result.errors)
+    assert messages[0].startswith("line 1: top_logprobs = 21 is more than max_logprobs (20)"), messages
+    assert messages[1].startswith("line 2: logprobs = 21 is more than max_logprobs (20)"), messages
+    assert messages[2] == "line 3: the line lacks 'url' (/v1/chat/completions or /v1/completions)", messages
+
+
 def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
     """OpenAI's custom_id is a string; an integer one failed its line with custom_id null, so the error
     could not be matched to its line by id."""
