@@ -107,6 +107,31 @@ def _token_text_len(tokenizer, token_id: int, skip_special_tokens: bool) -> int:
     return len(tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens))
 
 
+def _without_a_cut_character(text: str, token_ids: list[int], tokenizer) -> str:
+    """`text` without the U+FFFD its last tokens decode to when they end inside a multi-byte character (an
+    output cut by max_tokens mid-emoji): vLLM's incremental detokenizer holds such bytes back, so its text
+    never ends in that U+FFFD."""
+    if not text.endswith("\ufffd") or not token_ids:
+        return text
+    try:
+        tail = b"".join(token_bytes(tokenizer, t) for t in token_ids[-4:])  # a character is at most 4 bytes
+    except Exception:  # noqa: BLE001 - a tokenizer whose pieces cannot be read: the text as decoded
+        return text
+    return text[:-1] if _ends_inside_a_character(tail) else text
+
+
+def _ends_inside_a_character(data: bytes) -> bool:
+    """Whether `data` ends with the start of a UTF-8 character: a lead byte followed by fewer continuation
+    bytes than it announces."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: the lead is further back
+            continue
+        needs = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+        return needs > back
+    return False
+
+
 class CompletionState:
     def __init__(self, index: int, params: SamplingParams, tokenizer) -> None:
         self.index = index
@@ -192,7 +217,8 @@ class CompletionState:
         if self.stop_text is not None:
             text = self.stop_text
         elif self.tokenizer is not None:
-            text = self._decode_ids(self.token_ids[:-1]) if self._ended_by_stop_token else self._decode()
+            shown = self.token_ids[:-1] if self._ended_by_stop_token else self.token_ids
+            text = _without_a_cut_character(self._decode_ids(shown), shown, self.tokenizer)
         else:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:

@@ -156,3 +156,23 @@ def test_chat_continues_the_final_message(default_llm):
     assert out.text.startswith(" is Paris"), out.text
     with pytest.raises(ValueError, match="add_generation_prompt and continue_final_message cannot both be true"):
         default_llm.chat(conv, SamplingParams(max_tokens=2), continue_final_message=True, use_tqdm=False)
+
+
+def test_an_output_cut_inside_a_character_does_not_end_in_a_replacement_character(default_llm):
+    """Byte-level BPE splits an emoji over tokens; an output cut by max_tokens between them ended in U+FFFD,
+    where vLLM's detokenizer holds the unfinished character back."""
+    prompt = "Smiley emoji: 😀😀😀 and again:"
+    full = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert "\ufffd" not in full.text and any(ord(c) > 0xFFFF for c in full.text), "the answer holds emoji"
+    for n in range(1, 8):
+        cut = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)[0].outputs[0]
+        assert "\ufffd" not in cut.text and full.text.startswith(cut.text), (n, cut.text)
+
+
+def test_a_character_is_unfinished_only_when_its_lead_byte_announces_more():
+    from batchllm.output_processor import _ends_inside_a_character
+
+    smile = "😀".encode()
+    assert [_ends_inside_a_character(smile[:k]) for k in range(1, 5)] == [True, True, True, False]
+    assert not _ends_inside_a_character(b"abc") and not _ends_inside_a_character(b"")
+    assert _ends_inside_a_character("é".encode()[:1]) and not _ends_inside_a_character(b"\x81\x81")
