@@ -545,9 +545,7 @@ def plan_command(args: argparse.Namespace) -> int:
     valid, errors, _ = prepare_lines(args.input, prompts, {}, None)
     for error in errors:
         print(f"batchllm: {error.message}", file=sys.stderr)
-    token_ids = [p.token_ids for _, p, sp in valid for _ in range(sp.n)]
-    if not token_ids:
-        return _fail("no valid request in the input")
+    token_ids = [p.token_ids for _, p, sp in valid for _ in range(sp.n)]  # (none: an empty plan, as run's)
     started = time.perf_counter()
     plan = plan_prefix_sharing(token_ids, mode=args.plan_mode)
     summary = {**plan.summary(), "plan_seconds": round(time.perf_counter() - started, 3),

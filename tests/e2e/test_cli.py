@@ -227,3 +227,14 @@ def test_generate_refuses_a_prompt_the_kv_cache_cannot_hold(tiny_model_factory):
         assert len(llm.generate([[5] * 10], SamplingParams(max_tokens=10), use_tqdm=False)[0].outputs[0].token_ids)
     finally:
         llm.shutdown()
+
+
+def test_plan_of_an_input_without_requests_is_empty_as_run_is(tmp_path, default_model_dir):
+    """`run` answers an empty input with an empty output and status 0; `plan` failed it with status 2."""
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n")
+    bad.write_text('{"id": "a"}\n')
+    r = run_cli("plan", empty, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["num_requests"] == 0, r.stderr
+    r = run_cli("plan", bad, "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["num_lines_failed"] == 1 and "line 1:" in r.stderr
