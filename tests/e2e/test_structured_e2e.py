@@ -17,8 +17,9 @@ pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 pytestmark = pytest.mark.slow
 
-PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
-          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0}}}
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],  # name first, then age:
+          "properties": {"name": {"type": "string", "maxLength": 12},  # a bounded age ends within max_tokens
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
 LABELS = ["positive", "negative", "neutral"]
 PHONE = r"\d{3}-\d{4}"
 YES_NO = 'root ::= "yes" | "no"'
