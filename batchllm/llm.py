@@ -295,22 +295,52 @@ class LLM:
                 children.append(state)
             call.pending[index] = children
         plan_started = time.perf_counter()
-        prompt_ids = [call.prompts[r.arrival_index].array for r in requests]  # converted once, by validation
         sharing = self.config.sharing
-        plan = plan_prefix_sharing(prompt_ids, mode=sharing.plan_mode, share=sharing.prefix_sharing)
-        max_len = self.max_model_len
-        budgets = {r.request_id: expected_output_tokens(r, max_len) for r in requests}
+        budgets = {r.request_id: expected_output_tokens(r, self.max_model_len) for r in requests}
+        id_prefix = f"{call.call_id}-{len(call.plans)}-"
+        parts = [self._planned(call, requests, sharing.prefix_sharing, budgets, id_prefix)]
+        if crowded := self._crowded_members(requests):
+            # their copies of their prefixes' last, partial blocks would overflow the cache (each fits alone:
+            # `kv_cache_problem`): they run unshared, the others share among themselves
+            for request in requests:
+                request.parent = None
+            parts = [self._planned(call, [r for r in requests if r.request_id not in crowded], True, budgets,
+                                   id_prefix),
+                     self._planned(call, [r for r in requests if r.request_id in crowded], False, budgets,
+                                   f"{id_prefix}alone-")]
         call.budgets.update(budgets)
-        call.planned_tokens += plan.prefill_tokens + sum(budgets.values())
-        submission = build_submission(plan, requests, GROUP_ORDERS[sharing.group_order](),
-                                      lambda r: budgets[r.request_id],
-                                      id_prefix=f"{call.call_id}-{len(call.plans)}-")
+        call.planned_tokens += sum(plan.prefill_tokens for plan, _ in parts) + sum(budgets.values())
         call.plan_seconds += time.perf_counter() - plan_started
-        call.plans.append(plan.summary())
+        call.plans.extend(plan.summary() for plan, _ in parts)
         call.num_requests += len(requests)
-        for request in submission:
-            self.engine.core.add_request(request)
+        for _, submission in parts:
+            for request in submission:
+                self.engine.core.add_request(request)
         return call
+
+    def _planned(self, call: _Call, requests: list[Request], share: bool, budgets: dict[str, int],
+                 id_prefix: str) -> tuple[Any, list[Request]]:
+        """(the prefix plan of these requests among themselves, their submission: prefix requests and
+        top-level units in the group order, members' parents set)."""
+        sharing = self.config.sharing
+        plan = plan_prefix_sharing([call.prompts[r.arrival_index].array for r in requests],  # (converted once)
+                                   mode=sharing.plan_mode, share=share)
+        submission = build_submission(plan, requests, GROUP_ORDERS[sharing.group_order](),
+                                      lambda r: budgets[r.request_id], id_prefix=id_prefix)
+        return plan, submission
+
+    def _crowded_members(self, requests: list[Request]) -> set[str]:
+        """Ids of the members whose worst case, counting a copy of each of their prefixes' last blocks,
+        is more than the whole KV cache (the scheduler refuses them; `Scheduler.kv_blocks_needed`)."""
+        scheduler = self.engine.core.scheduler
+        crowded = set()
+        for request in requests:
+            levels, parent = 0, request.parent
+            while parent is not None:
+                levels, parent = levels + 1, parent.parent
+            if levels and scheduler.kv_blocks_needed(request, levels) > scheduler.kv.pool.num_blocks:
+                crowded.add(request.request_id)
+        return crowded
 
     def _step(self, call: _Call) -> list[tuple[int, RequestOutput]]:
         """Run one engine step and apply its tokens (detokenize, stop strings); the prompts it

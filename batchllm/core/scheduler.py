@@ -170,7 +170,7 @@ class Scheduler:
             if parent.num_prompt_tokens >= request.num_prompt_tokens:
                 raise ValueError(f"request {rid!r}: a member must extend its prefix by at least one token")
         if not request.is_prefix:
-            worst_case = self.kv.blocks_for(self._max_total_tokens(request)) + len(request.shared_prefixes)
+            worst_case = self.kv_blocks_needed(request, len(request.shared_prefixes))
             if worst_case > self.kv.pool.num_blocks:
                 raise ValueError(
                     f"request {rid!r} may need {worst_case} KV blocks but the cache has "
@@ -183,6 +183,11 @@ class Scheduler:
         else:
             parent.num_live_members += 1
             parent.pending_members.append(request)
+
+    def kv_blocks_needed(self, request: Request, shared_prefix_levels: int) -> int:
+        """KV blocks a request may hold at once: its prompt and max_tokens (at most the context), and a copy
+        of the last, partial block of each prefix it shares."""
+        return self.kv.blocks_for(self._max_total_tokens(request)) + shared_prefix_levels
 
     def _max_total_tokens(self, request: Request) -> int:
         max_tokens = request.sampling_params.max_tokens

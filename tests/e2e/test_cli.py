@@ -238,3 +238,24 @@ def test_plan_of_an_input_without_requests_is_empty_as_run_is(tmp_path, default_
     assert r.returncode == 0 and json.loads(r.stdout)["num_requests"] == 0, r.stderr
     r = run_cli("plan", bad, "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["num_lines_failed"] == 1 and "line 1:" in r.stderr
+
+
+def test_members_the_cache_holds_only_unshared_run_unshared(tiny_model_factory):
+    """A request that fits the cache alone, but not with a copy of its shared prefix's last block, stopped
+    the engine ("may need 5 KV blocks but the cache has 4"); it now runs without sharing, with the same
+    tokens as alone."""
+    from batchllm import LLM, SamplingParams
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=4,
+              block_size=16)
+    try:
+        greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        prompts = [[5] * 40 + [7, 8], [5] * 40 + [9, 10]]  # 52 tokens each: 4 blocks, 5 with a prefix copy
+        together = llm.generate(prompts, greedy, use_tqdm=False)
+        alone = [llm.generate([p], greedy, use_tqdm=False)[0] for p in prompts]
+        assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
+        two = llm.generate([[5] * 44], SamplingParams(max_tokens=10, n=2, temperature=1.0, seed=1, ignore_eos=True),
+                           use_tqdm=False)[0]
+        assert [len(c.token_ids) for c in two.outputs] == [10, 10]
+    finally:
+        llm.shutdown()
