@@ -29,7 +29,7 @@ from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
-from batchllm.generation_defaults import model_sampling_defaults
+from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, read_chat_template, read_model_source
 from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
 from batchllm.io.job import (
@@ -264,13 +264,16 @@ def read_chat_template_once(args: argparse.Namespace) -> None:
 def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     """The options recorded beside the output, as JSON values (`defaults`: the run's sampling defaults): a
     model or tokenizer directory by its absolute path, so that another spelling of it resumes; the chat
-    template (text, `read_chat_template_once`) by a digest of it, so that an edited file does not."""
+    template (text, `read_chat_template_once`) by a digest of it, so that an edited file does not; with
+    --generation-config DIR, that file's EOS ids (its sampling defaults are among `defaults`)."""
     options = {name: getattr(args, name, None) for name in RESULT_OPTIONS}
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())
     if options["chat_template"] is not None:
         options["chat_template"] = "sha256:" + hashlib.sha256(options["chat_template"].encode()).hexdigest()[:16]
+    if args.generation_config not in ("auto", "vllm"):  # another folder's file: its EOS ids end answers too
+        options["generation_eos_token_ids"] = generation_eos_token_ids(None, args.generation_config)
     stop = defaults.get("stop")
     return {**options, **defaults, "stop": list(stop) if stop else None, "seed": args.seed}
 

@@ -118,3 +118,21 @@ def test_an_llm_stops_at_the_eos_of_the_generation_config_folder(tmp_path, tiny_
     finally:
         llm.shutdown()
     assert list(out.token_ids) == list(free[:3]) and out.finish_reason == "stop"
+
+
+def test_a_resume_under_another_generation_config_folders_eos_is_refused(tmp_path, capsys, tiny_model_factory):
+    """--generation-config DIR decides the EOS ids, so answers; the state file did not record them."""
+    from batchllm import cli
+
+    model, first, second = tmp_path / "model", tmp_path / "first", tmp_path / "second"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    for folder, eos in ((first, 3), (second, 4)):
+        folder.mkdir()
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n{"id": "b", "prompt": "Yo", "max_tokens": 2}\n')
+    run = ["run", str(src), "-o", str(out), "--model", str(model), "--no-progress", "--temperature", "0"]
+    assert cli.main([*run, "--generation-config", str(first)]) == 0
+    assert cli.main([*run, "--generation-config", str(second)]) == 2
+    assert "generation_eos_token_ids [3] -> [4]" in capsys.readouterr().err
+    assert cli.main([*run, "--generation-config", str(first)]) == 0, "the same folder resumes"
