@@ -353,7 +353,7 @@ class LLM:
             index, state = call.states[update.request_id]
             if update.prompt_logprobs is not None:
                 state.prompt_logprobs = update.prompt_logprobs
-            matched = state.append(update.new_token_id, update.logprobs)
+            matched = state.append(update.new_token_id, update.logprobs, stop_terminated=update.finish_reason == "stop")
             if matched is not None:
                 if update.finish_reason is None:
                     core.finish_requests([update.request_id], "stop", matched)

@@ -151,15 +151,17 @@ class CompletionState:
         self.prompt_logprobs: list[TokenLogprobs] | None = None
         """Set once, with the first output token, when params.prompt_logprobs asked for them."""
 
-    def append(self, token_id: int, logprobs: TokenLogprobs | None) -> str | None:
+    def append(self, token_id: int, logprobs: TokenLogprobs | None, stop_terminated: bool = False) -> str | None:
         """Add one generated token. Returns the stop string if it completed a match. As in vLLM, stop
-        strings are looked for only once the output is longer than min_tokens, and only where they end
-        past the first min_tokens tokens' text."""
+        strings are looked for only once the output is longer than min_tokens, only where they end past
+        the first min_tokens tokens' text, and not in the text of an EOS or stop token that ended the output
+        (`stop_terminated`; its text is left out) unless include_stop_str_in_output."""
         self.token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
             self.logprobs.append(logprob_entry(token_id, logprobs))
             self.cumulative_logprob += logprobs.sampled_logprob
         if (not self._watch_stops or len(self.token_ids) <= self.params.min_tokens
+                or (stop_terminated and not self.params.include_stop_str_in_output)
                 or not self._stop_in_window()):
             return None
         text = self._decode()

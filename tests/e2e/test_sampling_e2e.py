@@ -176,3 +176,13 @@ def test_a_character_is_unfinished_only_when_its_lead_byte_announces_more():
     assert [_ends_inside_a_character(smile[:k]) for k in range(1, 5)] == [True, True, True, False]
     assert not _ends_inside_a_character(b"abc") and not _ends_inside_a_character(b"")
     assert _ends_inside_a_character("é".encode()[:1]) and not _ends_inside_a_character(b"\x81\x81")
+
+
+def test_a_stop_string_in_the_ending_tokens_text_does_not_count(default_llm):
+    """As vLLM: the EOS that ended the output is left out before stop strings are looked for, so a stop
+    string spelling it ("<|im_end|>" with skip_special_tokens off) does not become the stop_reason."""
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False)
+    stopped = SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False, stop=["<|im_end|>"])
+    a, b = (default_llm.chat(conv, p, use_tqdm=False)[0].outputs[0] for p in (plain, stopped))
+    assert (b.text, b.token_ids, b.finish_reason, b.stop_reason) == (a.text, a.token_ids, "stop", None)
