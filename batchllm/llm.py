@@ -80,6 +80,7 @@ class LLM:
         self.config = config
         self.model_dir, self.model_spec, self.max_model_len = front.model_dir, front.model_spec, front.max_model_len
         self.tokenizer, self.eos_token_ids, self.prompts = front.tokenizer, front.eos_token_ids, front.prompts
+        self._model_eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         # read here, so that a bad generation_config fails the build, not the first call without SamplingParams
         from_model = model_sampling_defaults(front.model_dir, config.model.generation_config)
         self._default_params = SamplingParams(**from_model)
@@ -288,6 +289,7 @@ class LLM:
                 child_params.update_from_tokenizer(self.tokenizer)  # (for_child does not copy the bad words' ids)
                 request = Request(request_id=f"{call.call_id}-{index}-{k}", prompt_token_ids=prompt.token_ids,
                                   sampling_params=child_params, eos_token_ids=self.eos_token_ids,
+                                  model_eos_token_id=self._model_eos_token_id,
                                   arrival_index=index)
                 requests.append(request)
                 state = CompletionState(k, child_params, self.tokenizer)

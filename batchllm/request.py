@@ -43,6 +43,9 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     """Token ids that end the request unless ignore_eos (from the tokenizer and generation_config)."""
+    model_eos_token_id: int | None = None
+    """The tokenizer's EOS: ending on it gives stop_reason None; the other EOS ids (generation_config's,
+    config.json's) give their id, as vLLM adds them to stop_token_ids."""
     arrival_index: int = 0
     """Position in the batch; breaks ties in ordering policies."""
     output_token_ids: list[int] = field(default_factory=list)

@@ -523,7 +523,7 @@ class Scheduler:
         num_outputs = len(request.output_token_ids)
         if num_outputs >= sp.min_tokens:
             if not sp.ignore_eos and token in request.eos_token_ids:
-                return "stop", None
+                return "stop", None if token == request.model_eos_token_id else token
             if token in sp.stop_token_ids:
                 return "stop", token
         if num_outputs >= request.max_output_tokens:

@@ -146,16 +146,21 @@ def test_finished_requests_are_reported_to_the_runner_once():
 def test_stop_token_and_eos_and_min_tokens():
     engine, sched, ex = make()
     # EchoExecutor samples the position: prompt of 3 -> tokens 3, 4, 5, ...
-    r = Request("eos", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10), eos_token_ids=frozenset({5}))
+    r = Request("eos", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10), eos_token_ids=frozenset({5}),
+                model_eos_token_id=5)
+    # an EOS id beside the tokenizer's (generation_config's): vLLM makes it a stop token, so it is the reason
+    x = Request("extra-eos", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10),
+                eos_token_ids=frozenset({2, 5}), model_eos_token_id=2)
     s = Request("stop", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[4]))
     m = Request("min", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10, min_tokens=4),
                 eos_token_ids=frozenset({5}))
     ign = Request("ign", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                   eos_token_ids=frozenset({5}))
-    for x in (r, s, m, ign):
-        engine.add_request(x)
-    assert run_all(engine) == {"eos": "stop", "stop": "stop", "min": "length", "ign": "length"}
+    for request in (r, s, m, ign, x):
+        engine.add_request(request)
+    assert run_all(engine) == {"eos": "stop", "stop": "stop", "min": "length", "ign": "length", "extra-eos": "stop"}
     assert r.output_token_ids == [3, 4, 5] and r.stop_reason is None
+    assert x.output_token_ids == [3, 4, 5] and x.stop_reason == 5
     assert s.output_token_ids == [3, 4] and s.stop_reason == 4
     assert m.output_token_ids == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # EOS at 5 came before min_tokens
     assert ign.output_token_ids == [3, 4, 5, 6]
