@@ -77,12 +77,13 @@ class PromptProcessor:
             conversation = [text_message(j, message) for j, message in enumerate(conversation)]
         except ValueError as e:
             raise ValueError(f"conversation {index}: {e}") from e
+        options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {}), "tokenize": False}
+        if chat_template is not None:
+            options["chat_template"] = chat_template
+        if options.get("add_generation_prompt") and options.get("continue_final_message"):
+            raise ValueError(f"conversation {index}: add_generation_prompt and continue_final_message cannot "
+                             "both be true (continue_final_message needs add_generation_prompt false)")
         try:
-            options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {}), "tokenize": False}
-            if chat_template is not None:
-                options["chat_template"] = chat_template
-            if options.get("add_generation_prompt") and options.get("continue_final_message"):
-                raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
             return self.tokenizer.apply_chat_template(conversation, **options)
         except Exception as e:  # the template itself rejects the conversation (roles, content types)
             raise ValueError(f"conversation {index}: the chat template failed: {e}") from e

@@ -313,8 +313,9 @@ def test_the_generation_prompt_and_the_final_message_are_the_lines_to_choose(mon
     texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
     assert texts == {"kwargs": "[Hi][The]", "body": "[Hi][The"}, "continued: the final message left open"
     problems = sorted(e.message for e in result.errors)
-    assert problems == ["line 3: the chat template failed: add_generation_prompt and continue_final_message "
-                        "cannot both be true", "line 4: 'add_generation_prompt' must be true or false"], problems
+    assert problems == ["line 3: add_generation_prompt and continue_final_message cannot both be true "
+                        "(continue_final_message needs add_generation_prompt false)",
+                        "line 4: 'add_generation_prompt' must be true or false"], problems
 
 
 def test_openai_lines_are_answered_in_their_own_terms():
