@@ -158,7 +158,11 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     fingerprint = _job_fingerprint(input_path, options)
     existing = [p for p in (output, errors) if p is not None and p.exists() and p.stat().st_size > 0]
     if existing and not overwrite:
-        state = _read_state(state_path, existing[0])  # (named: the errors file may be the one that exists)
+        if existing[0] == errors and not state_path.exists():  # no output yet: the errors file is another's
+            raise JobError(f"refusing to write into {str(errors)!r}: this errors file exists, but no "
+                           f"{state_path.name} ties it to {str(output)!r}; choose another --errors-file or "
+                           "remove it (--overwrite would delete it)")
+        state = _read_state(state_path, output)
         _refuse_another_job(output, state, fingerprint, input_path)
         resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
         if errors is not None and errors.exists():

@@ -233,7 +233,8 @@ def test_an_errors_file_of_another_job_is_the_file_named(tmp_path):
     src, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "precious.txt"
     src.write_text('{"id": "a", "prompt": "x"}\n')
     errors.write_text("keep me\n")
-    with pytest.raises(JobError, match=r"refusing to resume into '.*precious\.txt': it exists but has no "):
+    with pytest.raises(JobError, match=r"refusing to write into '.*precious\.txt': this errors file exists, but "
+                                       r"no out\.jsonl\.batchllm-state ties it .* choose another --errors-file"):
         prepare_output(out, src, overwrite=False, errors=errors)
     assert errors.read_text() == "keep me\n"
 
