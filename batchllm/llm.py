@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import logging
@@ -178,7 +179,7 @@ class LLM:
     def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
         return self.prompts.tokenize_prompt(prompt, index)
 
-    @property
+    @functools.cached_property  # (asked once per prompt; the caches never change size)
     def kv_cache_tokens(self) -> int | None:
         """Tokens the KV cache holds (with data parallelism, the smallest engine's; None where a worker
         did not report it)."""
