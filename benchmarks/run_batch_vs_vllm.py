@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import chat_prompts  # noqa: E402
 from structured_cost import model_with_tokenizer  # noqa: E402
-from user_path import write_chat_batch  # noqa: E402
+from user_path import report, write_chat_batch  # noqa: E402
 
 QUESTIONS = ["Summarise the document above in two sentences.", "What is the main claim of the document?",
              "List three facts the document states.", "Who would find the document useful, and why?",
@@ -182,10 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             summary["process_ratio"] = summary["vllm_process_s"] / summary["batchllm_process_s"]
             summary["same_answer"] = sum(texts["batchllm"][k] == texts["vllm"][k] for k in texts["vllm"]) / len(
                 conversations)
-    print(json.dumps(summary, indent=2))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return report(summary, args.json_out)
 
 
 if __name__ == "__main__":

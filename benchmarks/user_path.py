@@ -154,9 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
                "run_over_bench": run_rate / bench["requests_per_s"], "engine_flags": engine_flags,
                # `run` chooses its engine processes (two per GPU for a small model, unless told), bench one
                "run_engines": run.get("num_engines", 1), "bench_engines": bench.get("num_engines", 1)}
+    return report(summary, args.json_out)
+
+
+def report(summary: dict, json_out: str | None) -> dict:
+    """Print the summary as JSON, and write it to `json_out` where given; the summary."""
     print(json.dumps(summary, indent=2))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    if json_out:
+        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
