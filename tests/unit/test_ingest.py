@@ -179,10 +179,11 @@ def test_logprobs_above_max_logprobs_fail_their_line_as_in_vllm():
         result = prepare_lines(path, capped, {"max_tokens": 4}, None)
         assert len(prepare_lines(path, base, {"max_tokens": 4}, None).valid) == 4  # -1: no cap
     assert [v.line.request_id for v in result.valid] == ["a"]
-    assert [e.message for e in result.errors] == [
-        f"line {n}: SamplingParams.{name} = {k} is more than max_logprobs (20); raise it with --max-logprobs / "
-        "LLM(max_logprobs=...) (-1: no cap)" for n, name, k in [(2, "logprobs", 100000), (3, "prompt_logprobs", 21),
-                                                              (4, "logprobs", 21)]]
+    assert [e.message for e in result.errors] == [  # (an OpenAI chat line's own field: top_logprobs)
+        f"line {n}: {name} = {k} is more than max_logprobs (20); raise it with --max-logprobs / "
+        "LLM(max_logprobs=...) (-1: no cap)" for n, name, k in [(2, "SamplingParams.logprobs", 100000),
+                                                              (3, "SamplingParams.prompt_logprobs", 21),
+                                                              (4, "top_logprobs", 21)]]
 
 
 def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_schema_fails_alone():
