@@ -137,9 +137,13 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def refuse_output_onto_input(output: Path, input_path: Path) -> None:
-    """Raise JobError when the output names the input file (any path to it), even with --overwrite.
+    """Raise JobError when the output names the input file (any path to it), even with --overwrite, or is
+    "-" (standard output, which a job cannot resume from).
     The CLI calls it before `OutputLock`, which opens the output for append: with a read-only input
     that open would fail first with a message that does not say what is wrong."""
+    if str(output) == "-":  # (a file named "-" in the working directory is not what a user means)
+        raise JobError("results cannot go to standard output (-o -): a job resumes from its output file; "
+                       "give -o a path")
     if same_file(output, input_path):
         raise JobError(f"refusing to write the output onto the input file {str(input_path)!r} "
                        "(even with --overwrite: it would destroy the input); choose another -o")

@@ -35,6 +35,16 @@ def test_output_onto_the_input_is_refused_even_with_overwrite(tmp_path, capsys):
     assert not (tmp_path / "in.jsonl.batchllm-state").exists()
 
 
+def test_output_to_standard_output_is_refused(tmp_path, capsys, monkeypatch):
+    """`-o -` wrote a file named "-" into the working directory."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, src, "-o", "-")
+    assert code == 2 and "results cannot go to standard output (-o -)" in err, err
+    assert not (tmp_path / "-").exists()
+
+
 def test_output_onto_a_read_only_input_is_refused_before_the_output_is_opened(tmp_path, capsys, monkeypatch):
     """The lock opens the output for append; onto a read-only input (chmod 444, a read-only mount)
     that open failed first, and the user read 'cannot write the output ...: Permission denied' (or a
