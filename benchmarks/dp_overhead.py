@@ -47,6 +47,8 @@ class _NoModelLLM:
         self.rank, self.output_tokens = rank, output_tokens
         self.llm = LLM.__new__(LLM)  # the real _submit over a stub engine: plans and builds the requests
         self.llm.config, self.llm.tokenizer, self.llm.eos_token_ids = config, None, frozenset()
+        self.llm._model_eos_token_id = None
+        self.llm._crowded_members = lambda requests: set()  # (a stub cache: every member fits with its prefixes)
         self.llm.max_model_len = config.model.max_model_len
         self.llm.engine = SimpleNamespace(core=SimpleNamespace(add_request=lambda request: None))
         self.llm._request_counter = itertools.count()
