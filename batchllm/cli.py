@@ -273,7 +273,7 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     if options["chat_template"] is not None:
         options["chat_template"] = "sha256:" + hashlib.sha256(options["chat_template"].encode()).hexdigest()[:16]
     if args.generation_config not in ("auto", "vllm"):  # another folder's file: its EOS ids end answers too
-        options["generation_eos_token_ids"] = generation_eos_token_ids(None, args.generation_config)
+        options["generation_eos_token_ids"] = sorted(set(generation_eos_token_ids(None, args.generation_config)))
     stop = defaults.get("stop")
     return {**options, **defaults, "stop": list(stop) if stop else None, "seed": args.seed}
 

@@ -229,6 +229,9 @@ def run_command_on_ray(args) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     note_model_defaults(args, from_model)
+    if str(args.output) == "-":
+        return _fail("results cannot go to standard output (-o -): with --ray, -o names a directory for the "
+                     "JSONL shards")
     if args.output.exists() and not args.output.is_dir():
         return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
     if args.overwrite and args.output.is_dir():

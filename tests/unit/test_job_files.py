@@ -43,6 +43,10 @@ def test_output_to_standard_output_is_refused(tmp_path, capsys, monkeypatch):
     code, err = run(capsys, src, "-o", "-")
     assert code == 2 and "results cannot go to standard output (-o -)" in err, err
     assert not (tmp_path / "-").exists()
+    pytest.importorskip("ray")
+    code, err = run(capsys, src, "-o", "-", "--ray")  # (a directory named "-" was made)
+    assert code == 2 and "results cannot go to standard output (-o -)" in err, err
+    assert not (tmp_path / "-").exists()
 
 
 def test_output_onto_a_read_only_input_is_refused_before_the_output_is_opened(tmp_path, capsys, monkeypatch):
