@@ -21,7 +21,7 @@ from typing import Any
 
 from batchllm.config import EngineConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
-from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens
+from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, output_budget
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
@@ -194,8 +194,8 @@ class LLM:
         the engine; vLLM refuses to start where the cache cannot hold max_model_len tokens, here only the
         prompts that need more fail (`generate` raises naming the prompt, `run` fails the line)."""
         capacity = self.kv_cache_tokens
-        wanted = self.max_model_len if params.max_tokens is None else num_prompt_tokens + params.max_tokens
-        needed = min(self.max_model_len, wanted)
+        needed = num_prompt_tokens + output_budget(num_prompt_tokens, params.max_tokens, 0, self.max_model_len,
+                                                   cap=self.max_model_len)  # (max_tokens None: to the context)
         if capacity is None or needed <= capacity:
             return None
         return (f"the prompt ({num_prompt_tokens} tokens) and its completion may need {needed} tokens of KV cache, "
