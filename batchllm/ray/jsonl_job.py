@@ -213,7 +213,7 @@ def run_command_on_ray(args) -> int:
         resolve_sampling_defaults,
         results_options,
     )
-    from batchllm.io.job import JobError, tie_directory_to_job
+    from batchllm.io.job import JobError, refuse_output_onto_input, tie_directory_to_job
     from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
@@ -229,9 +229,10 @@ def run_command_on_ray(args) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     note_model_defaults(args, from_model)
-    if str(args.output) == "-":
-        return _fail("results cannot go to standard output (-o -): with --ray, -o names a directory for the "
-                     "JSONL shards")
+    try:
+        refuse_output_onto_input(args.output, args.input)  # (and "-": standard output), as without --ray
+    except JobError as e:
+        return _fail(str(e))
     if args.output.exists() and not args.output.is_dir():
         return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
     if args.overwrite and args.output.is_dir():
