@@ -6,6 +6,7 @@ transformers version (whose own defaults, and so `GenerationConfig.to_diff_dict`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,26 @@ def model_sampling_defaults(model_dir: Path | None, generation_config: str = "au
 def generation_eos_token_ids(model_dir: Path | None, generation_config: str = "auto") -> list[int]:
     """The eos_token_id(s) of the generation_config.json `generation_config_file` picks ([] without one, or
     where the file cannot be read: `model_sampling_defaults` names that problem where it matters)."""
+    ids = _generation_file_eos_ids(model_dir, generation_config)
+    return [] if ids is None else ids
+
+
+def ending_eos_token_ids(model_dir: Path | None, generation_config: str, config_eos_ids: Iterable[int]) -> set[int]:
+    """The model's EOS ids that end a request, besides the tokenizer's, as vLLM picks them: those of the
+    generation_config.json `generation_config_file` picks where there is a readable one, else config.json's
+    (`config_eos_ids`; transformers' `GenerationConfig.from_model_config` fallback, which vLLM uses too)."""
+    ids = _generation_file_eos_ids(model_dir, generation_config)
+    return set(config_eos_ids) if ids is None else set(ids)
+
+
+def _generation_file_eos_ids(model_dir: Path | None, generation_config: str) -> list[int] | None:
+    """The integer eos_token_id(s) of the picked generation_config.json; None without a readable one."""
     try:
         path = generation_config_file(model_dir, generation_config)
-        eos = None if path is None else _read(path).get("eos_token_id")
+        if path is None:
+            return None
+        eos = _read(path).get("eos_token_id")
     except ValueError:
-        return []
+        return None
     ids = eos if isinstance(eos, list) else [eos]
     return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]

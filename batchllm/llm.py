@@ -25,7 +25,7 @@ from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, output_
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
-from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
+from batchllm.generation_defaults import ending_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import (
     ModelSource,
     PromptProcessor,
@@ -525,9 +525,9 @@ def front_end_for(config: EngineConfig, source: ModelSource | None = None) -> Fr
 
 
 def _eos_token_ids(model_dir: Path, spec, tokenizer, generation_config: str) -> frozenset[int]:
-    """The ids that end a request: config.json's, the generation_config.json's that `generation_config`
-    (vLLM's option) picks, and the tokenizer's."""
-    ids = set(spec.config_eos_token_ids) | set(generation_eos_token_ids(model_dir, generation_config))
+    """The ids that end a request: the tokenizer's, and the generation_config.json's that `generation_config`
+    (vLLM's option) picks, or config.json's where there is none (`ending_eos_token_ids`)."""
+    ids = ending_eos_token_ids(model_dir, generation_config, spec.config_eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

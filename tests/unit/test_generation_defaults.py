@@ -120,6 +120,34 @@ def test_an_llm_stops_at_the_eos_of_the_generation_config_folder(tmp_path, tiny_
     assert list(out.token_ids) == list(free[:3]) and out.finish_reason == "stop"
 
 
+def test_config_json_eos_ids_end_answers_only_without_a_generation_config(tmp_path, tiny_model_factory):
+    """As vLLM and transformers: the model's generation_config.json gives the EOS ids; config.json's count
+    only where there is none (they were always added). HF greedy on the same folder is the oracle."""
+    from batchllm import LLM, SamplingParams
+    from tests.helpers import hf_greedy
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=False)
+
+    def greedy() -> list[int]:
+        llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=128)
+        try:
+            return list(llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)[0].outputs[0].token_ids)
+        finally:
+            llm.shutdown()
+
+    free = greedy()
+    stop_at = free[2]
+    assert stop_at not in free[:2] and len(free) == 8, "the test needs a token first generated at position 2"
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "eos_token_id": [config["eos_token_id"], stop_at]}))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
+    assert greedy() == free == hf_greedy(model, [[5, 6, 7]], 8)[0]
+    (model / "generation_config.json").unlink()
+    assert greedy() == free[:3] == hf_greedy(model, [[5, 6, 7]], 8)[0]
+
+
 def test_a_resume_under_another_generation_config_folders_eos_is_refused(tmp_path, capsys, tiny_model_factory):
     """--generation-config DIR decides the EOS ids, so answers; the state file did not record them."""
     from batchllm import cli
