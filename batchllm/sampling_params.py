@@ -26,6 +26,19 @@ _short.maxstring = _short.maxother = 80
 _short.maxlong = 40
 
 
+INTEGER_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+"""The scalar SamplingParams fields that hold integers."""
+
+
+def integers_from_json(fields: dict) -> dict:
+    """`fields` with each integer-valued float in an INTEGER_FIELDS field as an int (4.0 -> 4), as vLLM's
+    server (pydantic) reads a request: JSON writers such as pandas write an integer column with gaps as
+    floats. Any other value (4.5, "4", true) is left for validation to refuse by name."""
+    whole = {name: int(value) for name in INTEGER_FIELDS
+             if type(value := fields.get(name)) is float and value.is_integer()}
+    return {**fields, **whole} if whole else fields
+
+
 @dataclass
 class SamplingParams:
     n: int = 1

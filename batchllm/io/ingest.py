@@ -23,7 +23,7 @@ from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import ResumeState
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
-from batchllm.sampling_params import SamplingParams, short_repr
+from batchllm.sampling_params import SamplingParams, integers_from_json, short_repr
 
 __all__ = ["Ingested", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for", "record_for",
            "input_problem", "PLAIN", "OPENAI"]
@@ -61,11 +61,13 @@ def input_problem(path: Path) -> str | None:
 
 
 def _in_the_lines_terms(line: BatchLine, error: ValueError) -> str:
-    """The error as the line's own fields say it: an OpenAI line's `top_logprobs` (chat) or `logprobs`
-    (completions) becomes SamplingParams.logprobs."""
+    """The error as the line's own fields say it: an OpenAI line's body fields are named as such (its
+    `top_logprobs` (chat) or `logprobs` (completions) became SamplingParams.logprobs, its other fields the
+    SamplingParams fields of their names)."""
     text = str(error)
     if line.format == OPENAI:
         text = text.replace("SamplingParams.logprobs =", "top_logprobs =" if line.is_chat else "logprobs =")
+        text = text.replace("SamplingParams.", "")
     return text
 
 
@@ -154,7 +156,7 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
     """The line's SamplingParams: its own fields over `defaults`; lines without a seed get one derived
     from `global_seed` and their id. Equal settings share one object through `cache`; raises
     ValueError naming the field when a value is invalid."""
-    fields = {**defaults, **line.sampling_overrides}
+    fields = integers_from_json({**defaults, **line.sampling_overrides})
     if fields.get("seed") is None and global_seed is not None:
         rid = line.request_id  # an integer id tagged: 9 and "9" are two lines, with two seeds
         fields["seed"] = zlib.crc32(f"{global_seed}:{rid if isinstance(rid, str) else f'#{rid}'}".encode())

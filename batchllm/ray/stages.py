@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 
 from batchllm.ray.config import ProcessorConfig
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import SamplingParams, integers_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     if len(given) != 1:
         raise ValueError(f"a row needs exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
     overrides = {k: v for k, v in (request.get("sampling_params") or {}).items() if v is not None}
-    fields = {**defaults, **overrides}
+    fields = integers_from_json({**defaults, **overrides})
     # validate here, as the single-machine reader does per line: the engine stage must not meet a bad
     # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
     params = SamplingParams(**fields)

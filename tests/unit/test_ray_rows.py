@@ -94,3 +94,14 @@ def test_a_row_the_kv_cache_cannot_hold_fails_alone():
     assert errors[0] is None and errors[2] is None, errors
     assert "tokens of KV cache, but the cache holds 64" in errors[1]
     assert [n for n in out.column("num_generated_tokens").to_pylist()] == [2, None, 2]
+
+
+def test_a_row_with_integers_written_as_floats_runs():
+    """Ray Data rows from pandas hold an integer column with gaps as floats (max_tokens 8.0): read as
+    integers, as vLLM's pydantic reads a request, where SamplingParams refused the row; 8.5 still fails."""
+    rows = [{"prompt": "Hi", "sampling_params": {"max_tokens": 8.0, "seed": 3.0}},
+            {"prompt": "Hi", "sampling_params": {"max_tokens": 8.5}}]
+    table = pa.table({"i": [0, 1]})
+    out = tokenize_batch(table, config=ProcessorConfig(), preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors = out.column(ERROR).to_pylist()
+    assert errors[0] is None and "max_tokens must be a positive integer" in errors[1], errors
