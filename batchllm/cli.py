@@ -31,7 +31,14 @@ from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import default_log_level
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, read_chat_template, read_model_source
-from batchllm.io.ingest import count_input_lines, input_problem, prepare_lines, record_for
+from batchllm.io.ingest import (
+    OPENAI_MAX_TOKENS,
+    TO_THE_CONTEXT,
+    count_input_lines,
+    input_problem,
+    prepare_lines,
+    record_for,
+)
 from batchllm.io.job import (
     JobError,
     OutputLock,
@@ -84,7 +91,8 @@ def _add_run_parser(sub) -> None:
     model_or = "the model's generation_config.json if it sets one, else"
     # (--generation-config, an engine option below, says where the model's defaults come from)
     s.add_argument("--max-tokens", type=int, default=None,
-                   help=f"most tokens to generate per request (default: {model_or} 256)")
+                   help=f"most tokens to generate per request (default: {model_or} 256 for plain lines and "
+                        "up to the context for OpenAI Batch lines, as OpenAI's API and vLLM's run-batch)")
     s.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default: {model_or} 1.0)")
     s.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default: {model_or} 1.0: off)")
     s.add_argument("--top-k", type=int, default=None,
@@ -219,9 +227,13 @@ SAMPLING_FALLBACKS = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_
 
 def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) -> dict:
     """The run's sampling defaults as SamplingParams fields (a line's own fields override them): the
-    command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS."""
+    command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS; and
+    `io.ingest.OPENAI_MAX_TOKENS` where SAMPLING_FALLBACKS gives max_tokens (plain lines only take it)."""
     given = {name: getattr(args, name) for name in SAMPLING_FALLBACKS if getattr(args, name) is not None}
-    return {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": args.stop, "ignore_eos": args.ignore_eos}
+    defaults = {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": args.stop, "ignore_eos": args.ignore_eos}
+    if "max_tokens" not in given and "max_tokens" not in (from_model or {}):
+        defaults[OPENAI_MAX_TOKENS] = TO_THE_CONTEXT  # OpenAI lines without max_tokens: as OpenAI and vLLM
+    return defaults
 
 
 def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) -> tuple[dict, dict]:
@@ -229,7 +241,8 @@ def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) 
     bad value raises ValueError naming it (`model_dir` None: no model defaults)."""
     from_model = model_sampling_defaults(model_dir, args.generation_config)
     defaults = sampling_defaults(args, from_model)
-    SamplingParams(**defaults, seed=args.seed)  # --seed also seeds the engine: the same range applies
+    SamplingParams(**{k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS},
+                   seed=args.seed)  # --seed also seeds the engine: the same range applies
     return defaults, from_model
 
 

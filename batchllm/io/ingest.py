@@ -156,7 +156,7 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
     """The line's SamplingParams: its own fields over `defaults`; lines without a seed get one derived
     from `global_seed` and their id. Equal settings share one object through `cache`; raises
     ValueError naming the field when a value is invalid."""
-    fields = integers_from_json({**defaults, **line.sampling_overrides})
+    fields = _line_fields(line, defaults)
     if fields.get("seed") is None and global_seed is not None:
         rid = line.request_id  # an integer id tagged: 9 and "9" are two lines, with two seeds
         fields["seed"] = zlib.crc32(f"{global_seed}:{rid if isinstance(rid, str) else f'#{rid}'}".encode())
@@ -166,6 +166,22 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
     if key not in cache:
         cache[key] = SamplingParams(**fields)
     return cache[key]
+
+
+OPENAI_MAX_TOKENS = "openai_max_tokens"
+"""A key of the run's sampling defaults that is not a SamplingParams field: TO_THE_CONTEXT where an OpenAI line
+without max_tokens (or max_completion_tokens) runs up to the context, as in OpenAI's API and vLLM's run-batch,
+not to the run's max_tokens (`run` sets it where neither --max-tokens nor the model's generation_config.json
+gives a max_tokens: the run's 256 is its own default for plain lines)."""
+TO_THE_CONTEXT = "to the context"
+
+
+def _line_fields(line: BatchLine, defaults: dict) -> dict:
+    """The line's own sampling fields over the run's `defaults` (OPENAI_MAX_TOKENS applied)."""
+    fields = {k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS}
+    if line.format == OPENAI and defaults.get(OPENAI_MAX_TOKENS) == TO_THE_CONTEXT:
+        fields["max_tokens"] = None
+    return integers_from_json({**fields, **line.sampling_overrides})
 
 
 _SCALARS = (type(None), bool, int, float, str)

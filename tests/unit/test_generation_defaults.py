@@ -164,3 +164,54 @@ def test_a_resume_under_another_generation_config_folders_eos_is_refused(tmp_pat
     assert cli.main([*run, "--generation-config", str(second)]) == 2
     assert "generation_eos_token_ids [3] -> [4]" in capsys.readouterr().err
     assert cli.main([*run, "--generation-config", str(first)]) == 0, "the same folder resumes"
+
+
+def _completion_tokens(out) -> dict:
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    return {r.get("custom_id") or r["id"]: r["response"]["body"]["usage"]["completion_tokens"]
+            if "response" in r else r["completion_tokens"] for r in records}
+
+
+@pytest.mark.parametrize("option, from_model, openai_tokens, plain_tokens", [
+    ([], None, 300 - 4, 256),             # run's own default: OpenAI lines run to the context (OpenAI, vLLM)
+    (["--max-tokens", "5"], None, 5, 5),  # the command line's default applies to both
+    ([], 7, 7, 7),                        # so does the model's max_new_tokens (vLLM's run-batch: the smaller)
+])
+def test_an_openai_line_without_max_tokens_runs_to_the_context(tmp_path, capsys, tiny_model_factory, option,
+                                                                 from_model, openai_tokens, plain_tokens):
+    """An OpenAI Batch line without max_tokens was cut at run's own 256 tokens: OpenAI's API and vLLM's
+    run-batch generate up to the context then. A plain line keeps run's default."""
+    from batchllm import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    if from_model is not None:
+        (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": from_model, "eos_token_id": 2}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"custom_id": "o", "method": "POST", "url": "/v1/completions",
+                               "body": {"prompt": [5, 6, 7, 8], "ignore_eos": True}}) + "\n"
+                   + json.dumps({"id": "p", "prompt_token_ids": [5, 6, 7, 8], "ignore_eos": True}) + "\n")
+    code = cli.main(["run", str(src), "-o", str(out), "--model", str(model), "--max-model-len", "300",
+                     "--no-progress", *option])
+    assert code == 0, capsys.readouterr().err
+    assert _completion_tokens(out) == {"o": openai_tokens, "p": plain_tokens}
+
+
+def test_an_output_written_with_openai_lines_cut_at_256_is_not_resumed_as_if_unchanged(tmp_path, capsys,
+                                                                                       tiny_model_factory):
+    """Its state file, written before the change, lacks the new default: the resume names it."""
+    from batchllm import cli
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n{"id": "b", "prompt": "Hi", "max_tokens": 2}\n')
+    args = ["run", str(src), "-o", str(out), "--model", tiny_model_factory("llama"), "--no-progress"]
+    assert cli.main(args) == 0
+    state_path = tmp_path / "out.jsonl.batchllm-state"
+    state = json.loads(state_path.read_text())
+    del state["options"]["openai_max_tokens"]
+    state_path.write_text(json.dumps(state))
+    out.write_text(out.read_text().splitlines()[0] + "\n")  # one line left to answer
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert 'openai_max_tokens (unset) -> "to the context"' in capsys.readouterr().err
+    assert cli.main([*args, "--max-tokens", "256"]) == 0, "the old default given resumes it"
