@@ -11,6 +11,7 @@ module is the only place that reads environment variables.
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,8 @@ class ModelConfig(_Checked):
                                        "max_position_embeddings", at_least=2)
     load_format: str = option("auto", "auto/safetensors: read the weights from the model directory; dummy: "
                               "random weights from config.json alone (benchmarking shapes)", choices=_LOAD_FORMATS)
-    seed: int = option(0, "seed of the engine-wide generator used by requests without a seed of their own "
-                       "(and of dummy weights)")
+    seed: int | None = option(0, "seed of the engine-wide generator used by requests without a seed of their own "
+                              "(and of dummy weights); None: a random one, drawn once per engine (vLLM's None)")
     device: str = option("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts must be token ids and outputs carry "
                                        "no text")
@@ -137,6 +138,13 @@ class ModelConfig(_Checked):
         "or 8,192 for a model of hidden size 2,048 or less, whose eager decode steps are bound by kernel launches "
         "(1.3-3.1x on the SmolLM2-135M shape on an H200); either capped by the step budget",
         at_least=1)
+
+    def __post_init__(self) -> None:
+        if self.seed is None:  # drawn here, once: every worker and rank built from this config shares it
+            object.__setattr__(self, "seed", secrets.randbelow(2**31))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        super().__post_init__()
 
 
 ACTIVATION_RESERVE = 0.10

@@ -52,7 +52,8 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's."""
     seed: int | None = None
-    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch; -1 is None, as in
+    vLLM (not seeded)."""
     max_tokens: int | None = 16
     """Most tokens to generate; None: up to the model's context length."""
     min_tokens: int = 0
@@ -93,6 +94,8 @@ class SamplingParams:
     _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if type(self.seed) is int and self.seed == -1:  # vLLM's "no seed" (its server's default, too)
+            self.seed = None
         self._validate()
         if isinstance(self.stop, str):
             self._stop_list = [self.stop]

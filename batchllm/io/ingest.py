@@ -157,7 +157,7 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
     from `global_seed` and their id. Equal settings share one object through `cache`; raises
     ValueError naming the field when a value is invalid."""
     fields = _line_fields(line, defaults)
-    if fields.get("seed") is None and global_seed is not None:
+    if fields.get("seed") in (None, -1) and global_seed is not None:  # (-1: vLLM's "no seed")
         rid = line.request_id  # an integer id tagged: 9 and "9" are two lines, with two seeds
         fields["seed"] = zlib.crc32(f"{global_seed}:{rid if isinstance(rid, str) else f'#{rid}'}".encode())
     key = _cache_key(fields)

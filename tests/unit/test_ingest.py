@@ -381,3 +381,11 @@ def test_a_chat_template_option_replaces_the_tokenizers(tmp_path):
     assert prompts.apply_chat_template(hi) == "<user>Hi"
     assert processor().apply_chat_template(hi) != "<user>Hi", "others keep theirs"
     assert processor().apply_chat_template(hi, chat_template=inline) == "<user>Hi", "one call's, as LLM.chat's"
+
+
+def test_a_line_with_seed_minus_one_gets_the_runs_seed_as_a_line_without_one():
+    """-1 is vLLM's "no seed": such a line is seeded from --seed and its id, as a line with no seed is."""
+    none, minus = (sampling_params_for(BatchLine(1, "a", "x", False, fields), {}, 7, {})
+                   for fields in ({}, {"seed": -1}))
+    assert none.seed is not None and minus.seed == none.seed
+    assert sampling_params_for(BatchLine(1, "a", "x", False, {"seed": -1}), {}, None, {}).seed is None

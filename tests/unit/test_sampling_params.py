@@ -42,6 +42,28 @@ def test_defaults_and_normalisation():
     assert SamplingParams().max_tokens == 16  # vLLM's default
 
 
+def test_seed_minus_one_is_no_seed_as_in_vllm():
+    """vLLM reads seed=-1 as None; here it was a fixed seed, so k samples of one prompt were all alike."""
+    assert SamplingParams(seed=-1).seed is None and SamplingParams(seed=-1, n=3).for_child(2).seed is None
+    assert SamplingParams(seed=-2).seed == -2
+
+
+def test_an_engine_seed_of_none_is_drawn_once_per_config(tiny_model_factory):
+    """LLM(seed=None) (vLLM accepts it) reached torch.manual_seed(None) after the weights loaded."""
+    from batchllm import LLM
+    from batchllm.config import ModelConfig
+
+    assert isinstance(ModelConfig(seed=None).seed, int)
+    with pytest.raises(ValueError, match="seed must be an integer or None"):
+        ModelConfig(seed="3")
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64, seed=None)
+    try:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
 def test_children_of_a_seeded_request_get_distinct_seeds():
     sp = SamplingParams(n=3, seed=10, stop=["a"])
     children = [sp.for_child(i) for i in range(3)]
