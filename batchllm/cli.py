@@ -107,6 +107,9 @@ def _add_run_parser(sub) -> None:
     o = run.add_argument_group("output")
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--disable-log-stats", "--disable-log-requests", action="store_true",
+                   help="accepted for vLLM's run-batch command lines; no effect: run logs no per-request or "
+                   "periodic statistics lines (--no-progress quiets the progress bar)")
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
     r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")

@@ -20,7 +20,9 @@ from batchllm.core.policies import GROUP_ORDERS  # torch-free
 from batchllm.models.quant_config import QUANTIZATION_METHODS  # torch-free
 from batchllm.prefix.plan import PLAN_MODES
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+"""vLLM's other names of dtypes: a ModelConfig holds the name they stand for."""
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _KERNEL_CHOICES = ("auto", "torch", "triton")
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # as attention/kv_quant.KV_CACHE_DTYPES (this module imports no torch)
@@ -140,6 +142,7 @@ class ModelConfig(_Checked):
         at_least=1)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         if self.seed is None:  # drawn here, once: every worker and rank built from this config shares it
             object.__setattr__(self, "seed", secrets.randbelow(2**31))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

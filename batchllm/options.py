@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import numbers
 import os
 import types
 import typing
@@ -23,6 +24,8 @@ from batchllm.config import EngineConfig
 
 VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing"}
 """vLLM keyword -> the BatchLLM option it means (the value is passed through unchanged)."""
+
+_ALIASES_OF = {name: tuple(a for a, n in VLLM_ALIASES.items() if n == name) for name in set(VLLM_ALIASES.values())}
 
 TRI_STATE = {"auto": None, "on": True, "off": False}
 """CLI values of an optional bool option."""
@@ -88,8 +91,24 @@ def engine_config(**kwargs: Any) -> EngineConfig:
         if option is None:
             raise TypeError(unknown_option_message(key))
         value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        _check_type(key, option, value)
         sections.setdefault(option.section, {})[option.name] = value
     return EngineConfig(**{s: c(**sections.get(s, {})) for s, c in typing.get_type_hints(EngineConfig).items()})
+
+
+_TYPE_RULES = {int: ((numbers.Integral,), "an integer"), float: ((numbers.Real,), "a number"),
+               str: ((str,), "a string"), bool: ((bool,), "True or False")}
+
+
+def _check_type(key: str, option: EngineOption, value: Any) -> None:
+    """A TypeError naming the option where `value` is not of its type (None where it is optional); it
+    reached the engine, which failed far from the cause (max_model_len="4k": a comparison of str and int)."""
+    if value is None and option.optional:
+        return
+    kinds, wanted = _TYPE_RULES[option.type]
+    if not isinstance(value, kinds) or (option.type is not bool and isinstance(value, bool)):
+        none = " or None" if option.optional else ""
+        raise TypeError(f"engine option {key!r} must be {wanted}{none}, got {value!r}")
 
 
 def unknown_option_message(key: str) -> str:
@@ -116,16 +135,31 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str
 
 
 def _add_argument(group, option: EngineOption, default: Any) -> None:
-    flag = "--" + option.name.replace("_", "-")
-    if option.type is bool and option.optional:
+    flags = ["--" + name.replace("_", "-") for name in (option.name, *_ALIASES_OF.get(option.name, ()))]
+    if option.type is bool and option.optional:  # a bare flag is "on", as vLLM's
         tri = next(k for k, v in TRI_STATE.items() if v is default)
-        action = group.add_argument(flag, dest=option.name, choices=list(TRI_STATE), default=tri)
+        action = group.add_argument(*flags, dest=option.name, choices=list(TRI_STATE), default=tri, nargs="?",
+                                    const="on")
     elif option.type is bool:
-        action = group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=default)
+        action = group.add_argument(*flags, dest=option.name, action=argparse.BooleanOptionalAction, default=default)
     else:
-        action = group.add_argument(flag, dest=option.name, type=option.type, choices=option.choices, default=default)
+        value_type = human_readable_int if option.type is int else option.type
+        action = group.add_argument(*flags, dest=option.name, type=value_type, choices=option.choices, default=default)
     # set after: BooleanOptionalAction adds its own; a literal % in the text is escaped for argparse's % formatting
     action.help = option.help.replace("%", "%%") + " (default: %(default)s)"
+
+
+def human_readable_int(text: str) -> int:
+    """An integer, or one written as vLLM's command line takes it: a decimal suffix k, m, g (4k = 4,000,
+    25.6k = 25,600) or a binary K, M, G (4K = 4,096)."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:])
+    try:
+        number = int(text) if scale is None else float(text[:-1]) * scale
+    except ValueError:
+        number = None
+    if number is None or not float(number).is_integer():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r} (e.g. 4096, 4k = 4,000, 4K = 4,096)")
+    return int(number)
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:

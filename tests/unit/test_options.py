@@ -123,6 +123,37 @@ def test_vllm_keywords_work_or_are_refused_by_name():
         engine_config(enable_prefix_caching=True, prefix_sharing=False)
 
 
+def test_vllm_command_line_spellings_are_taken():
+    """vLLM's run-batch command lines use these; each was "unrecognized arguments" or an invalid choice."""
+    config = engine_config(**engine_kwargs_from_args(parse(
+        "--no-enable-prefix-caching", "--async-scheduling", "--max-model-len", "4k", "--max-num-batched-tokens",
+        "16K", "--dtype", "half")))
+    assert config.sharing.prefix_sharing is False and config.scheduler.async_scheduling is True
+    assert config.model.max_model_len == 4000 and config.scheduler.max_num_batched_tokens == 16384
+    assert config.model.dtype == "float16" and engine_config(dtype="float").model.dtype == "float32"
+    assert engine_config(**engine_kwargs_from_args(parse("--enable-prefix-caching"))).sharing.prefix_sharing
+    for bad in ("4x", "1.5k7", "0.0001k"):
+        with pytest.raises(SystemExit):
+            parse("--max-model-len", bad)
+    args = build_parser().parse_args(["run", "in.jsonl", "-o", "o.jsonl", "--disable-log-stats",
+                                      "--disable-log-requests"])
+    assert "disable_log_stats" not in engine_kwargs_from_args(args), "a no-op, not an engine option"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_model_len="4k"), "engine option 'max_model_len' must be an integer or None, got '4k'"),
+    (dict(block_size=True), "engine option 'block_size' must be an integer or None, got True"),
+    (dict(gpu_memory_utilization="0.9"), "engine option 'gpu_memory_utilization' must be a number, got '0.9'"),
+    (dict(enforce_eager="yes"), "engine option 'enforce_eager' must be True or False, got 'yes'"),
+    (dict(enable_prefix_caching=1), "engine option 'enable_prefix_caching' must be True or False, got 1"),
+])
+def test_a_value_of_the_wrong_type_is_refused_by_name(kwargs, message):
+    """It reached the engine, which failed far from the cause (max_model_len="4k": comparing str and int)."""
+    with pytest.raises(TypeError, match=message):
+        engine_config(**kwargs)
+    assert engine_config(gpu_memory_utilization=1, max_model_len=None).cache.gpu_memory_utilization == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(block_size=0), "block_size must be >= 1, got 0"),
     (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
