@@ -182,13 +182,18 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     return ResumeState()
 
 
+def job_state_path(directory: Path) -> Path:
+    """The state file of a `run --ray` output directory."""
+    return directory / ("job" + STATE_SUFFIX)
+
+
 def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, Any]) -> None:
     """`run --ray`'s output directory (shards, and a checkpoint by line number) tied to its input and
     options as `prepare_output` ties an output file: a state file inside it, checked on a restart that
     finds results there (any other file: shards, checkpoint entries), written anew where there are none (a first run,
     or one that failed before writing anything). Results without a state file are refused: another job,
     or an older version, wrote them."""
-    state_path = directory / ("job" + STATE_SUFFIX)
+    state_path = job_state_path(directory)
     fingerprint = _job_fingerprint(input_path, options)
     ours = {state_path.name, state_path.name + ".tmp"}
     has_results = directory.is_dir() and any(p.is_file() and p.name not in ours for p in directory.rglob("*"))

@@ -213,7 +213,7 @@ def run_command_on_ray(args) -> int:
         resolve_sampling_defaults,
         results_options,
     )
-    from batchllm.io.job import JobError, refuse_output_onto_input, tie_directory_to_job
+    from batchllm.io.job import JobError, job_state_path, refuse_output_onto_input, tie_directory_to_job
     from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
@@ -236,7 +236,11 @@ def run_command_on_ray(args) -> int:
     if args.output.exists() and not args.output.is_dir():
         return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
     if args.overwrite and args.output.is_dir():
-        shutil.rmtree(args.output)  # the shards and the checkpoint: start over
+        if any(args.output.iterdir()) and not job_state_path(args.output).is_file():
+            return _fail(f"refusing --overwrite of {str(args.output)!r}: it holds files and no "
+                         f"{job_state_path(args.output).name}, so no batchllm --ray job wrote it; give a new or "
+                         "empty directory")
+        shutil.rmtree(args.output)  # the shards and the checkpoint of this job: start over
     try:
         tie_directory_to_job(args.output, args.input, results_options(args, defaults))
     except (JobError, OSError) as e:

@@ -49,6 +49,18 @@ def test_output_to_standard_output_is_refused(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "-").exists()
 
 
+def test_ray_overwrite_does_not_delete_a_directory_no_job_wrote(tmp_path, capsys):
+    """`run --ray --overwrite -o DIR` deleted DIR whatever it held, before checking that a job wrote it."""
+    pytest.importorskip("ray")
+    src, data = tmp_path / "in.jsonl", tmp_path / "data"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    data.mkdir()
+    (data / "precious.txt").write_text("keep me")
+    code, err = run(capsys, src, "-o", data, "--ray", "--overwrite")
+    assert code == 2 and "no batchllm --ray job wrote it" in err, err
+    assert (data / "precious.txt").read_text() == "keep me"
+
+
 def test_output_onto_a_read_only_input_is_refused_before_the_output_is_opened(tmp_path, capsys, monkeypatch):
     """The lock opens the output for append; onto a read-only input (chmod 444, a read-only mount)
     that open failed first, and the user read 'cannot write the output ...: Permission denied' (or a
