@@ -99,6 +99,9 @@ def _add_run_parser(sub) -> None:
                    help=f"keep the k most likely tokens (default: {model_or} 0: off)")
     s.add_argument("--min-p", type=float, default=None,
                    help=f"drop tokens below min_p x the top probability (default: {model_or} 0.0)")
+    s.add_argument("--repetition-penalty", type=float, default=None,
+                   help="tokens of the prompt or the output: positive logits divided by it, negative ones multiplied "
+                   "(default: the model's generation_config.json if it sets one, else 1.0: off)")
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="generate past EOS up to max tokens")
     s.add_argument("--seed", type=int, default=None,
@@ -232,7 +235,8 @@ def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) 
     """The run's sampling defaults as SamplingParams fields (a line's own fields override them): the
     command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS; and
     `io.ingest.OPENAI_MAX_TOKENS` where SAMPLING_FALLBACKS gives max_tokens (plain lines only take it)."""
-    given = {name: getattr(args, name) for name in SAMPLING_FALLBACKS if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in (*SAMPLING_FALLBACKS, "repetition_penalty")
+             if getattr(args, name, None) is not None}  # (repetition_penalty: SamplingParams' 1.0 without one)
     defaults = {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": args.stop, "ignore_eos": args.ignore_eos}
     if "max_tokens" not in given and "max_tokens" not in (from_model or {}):
         defaults[OPENAI_MAX_TOKENS] = TO_THE_CONTEXT  # OpenAI lines without max_tokens: as OpenAI and vLLM

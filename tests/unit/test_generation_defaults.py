@@ -215,3 +215,21 @@ def test_an_output_written_with_openai_lines_cut_at_256_is_not_resumed_as_if_unc
     assert cli.main(args) == 2
     assert 'openai_max_tokens (unset) -> "to the context"' in capsys.readouterr().err
     assert cli.main([*args, "--max-tokens", "256"]) == 0, "the old default given resumes it"
+
+
+def test_the_models_repetition_penalty_can_be_overridden_on_the_command_line(tmp_path, capsys, tiny_model_factory):
+    """run took repetition_penalty from the model's file with no flag to change it (its note said the command
+    line's options override the model's defaults)."""
+    from batchllm import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05, "eos_token_id": 2}))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n')
+    for flag, expected in (([], 1.05), (["--repetition-penalty", "1.0"], 1.0)):
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        assert cli.main(["run", str(src), "-o", str(out), "--model", str(model), "--no-progress", *flag]) == 0
+        options = json.loads((tmp_path / f"{out.name}.batchllm-state").read_text())["options"]
+        assert options["repetition_penalty"] == expected
+        assert ("repetition_penalty 1.05" in capsys.readouterr().err) == (not flag), "the note names what applies"

@@ -50,7 +50,8 @@ def test_output_to_standard_output_is_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_ray_overwrite_does_not_delete_a_directory_no_job_wrote(tmp_path, capsys):
-    """`run --ray --overwrite -o DIR` deleted DIR whatever it held, before checking that a job wrote it."""
+    """`run --ray --overwrite -o DIR` deleted DIR whatever it held, before checking that a job wrote it;
+    `--errors-file` was silently ignored with --ray."""
     pytest.importorskip("ray")
     src, data = tmp_path / "in.jsonl", tmp_path / "data"
     src.write_text('{"id": "a", "prompt": "hi"}\n')
@@ -59,6 +60,8 @@ def test_ray_overwrite_does_not_delete_a_directory_no_job_wrote(tmp_path, capsys
     code, err = run(capsys, src, "-o", data, "--ray", "--overwrite")
     assert code == 2 and "no batchllm --ray job wrote it" in err, err
     assert (data / "precious.txt").read_text() == "keep me"
+    code, err = run(capsys, src, "-o", tmp_path / "shards", "--ray", "--errors-file", tmp_path / "e.jsonl")
+    assert code == 2 and "--errors-file does not apply with --ray" in err, err
 
 
 def test_output_onto_a_read_only_input_is_refused_before_the_output_is_opened(tmp_path, capsys, monkeypatch):
