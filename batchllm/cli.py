@@ -314,9 +314,10 @@ def _run_locked(args: argparse.Namespace) -> int:
     if job.num_lines == 0:  # as vLLM's run-batch: an empty output, exit 0 (and no model loaded)
         print(f"batchllm: {args.input} has no requests (it is empty or holds only blank lines); "
               f"wrote an empty {args.output}", file=sys.stderr)
-        return EXIT_OK
+        return _write_stats(args, job.nothing_run_stats()) or EXIT_OK
     if job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
-        return job.report_complete()
+        status = job.report_complete()
+        return _write_stats(args, job.nothing_run_stats()) or status
     note_model_defaults(args, from_model)
     if resume.num_records:
         print(f"batchllm: resuming {args.output}: {len(resume.done_ids)} lines done, "
@@ -384,6 +385,11 @@ class _Job:
     @property
     def num_recorded(self) -> int:
         return self.num_recorded_before + sum(w.num_written for w in self.writers)
+
+    def nothing_run_stats(self) -> dict:
+        """--stats of a run that found nothing to do (an empty input, or every line answered before)."""
+        return {"num_lines_done": len(self.resume.done_ids), "num_lines_failed": len(self.resume.done_error_lines),
+                "num_lines_resumed": self.num_recorded_before, "wall_s": 0.0}
 
     def report_complete(self) -> int:
         failed = len(self.resume.done_error_lines)
@@ -546,12 +552,17 @@ def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num
     )
     if job.errors_path.is_file() and job.errors_path.stat().st_size:
         print(f"batchllm: failed OpenAI Batch lines are in {job.errors_path}", file=sys.stderr)
+    return _write_stats(args, stats) or (EXIT_LINES_FAILED if num_failed else EXIT_OK)
+
+
+def _write_stats(args: argparse.Namespace, stats: dict) -> int | None:
+    """Write --stats (if asked for); the exit status of a failed write, else None."""
     if args.stats is not None:
         try:
             args.stats.write_text(json.dumps(stats, indent=2) + "\n")
         except OSError as e:  # the results are written; only the statistics are lost
             return _fail(f"cannot write --stats {str(args.stats)!r}: {e.strerror or e} (the results are complete)")
-    return EXIT_LINES_FAILED if num_failed else EXIT_OK
+    return None
 
 
 def plan_command(args: argparse.Namespace) -> int:

@@ -355,8 +355,13 @@ def test_a_complete_job_finishes_without_loading_the_model(tmp_path, capsys, mon
 
     monkeypatch.setattr(batchllm.llm, "LLM", no_model)
     monkeypatch.setattr(batchllm.llm, "front_end_for", no_model)
-    code, err = run(capsys, src, "-o", out, "--model", model)
+    code, err = run(capsys, src, "-o", out, "--model", model, "--stats", tmp_path / "stats.json")
     assert code == 1 and "already complete (2 lines: 1 done, 1 failed)" in err
+    stats = json.loads((tmp_path / "stats.json").read_text())  # (it was not written: a script read an old one)
+    assert (stats["num_lines_done"], stats["num_lines_failed"], stats["num_lines_resumed"]) == (1, 1, 2)
+    src.write_text("")
+    code, err = run(capsys, src, "-o", tmp_path / "empty.jsonl", "--stats", tmp_path / "empty.json")
+    assert code == 0 and json.loads((tmp_path / "empty.json").read_text())["num_lines_done"] == 0
 
 
 def test_resuming_under_other_options_is_refused_by_name(tmp_path, capsys, tiny_model_factory):
