@@ -32,10 +32,12 @@ _WINDOW_SLACK = 16
 
 
 def logprob_entry(token_id: int, logprobs: TokenLogprobs) -> dict[int, Logprob]:
-    """vLLM's per-position dict: the top tokens (rank 1, 2, ...) and the chosen token with its own rank."""
-    entry = {tid: Logprob(lp, rank + 1, None) for rank, (tid, lp) in enumerate(
-        zip(logprobs.top_token_ids, logprobs.top_logprobs))}
-    entry[token_id] = Logprob(logprobs.sampled_logprob, logprobs.sampled_rank, None)
+    """vLLM's per-position dict, in vLLM's order: the chosen token first, with its own rank, then the top
+    tokens (rank 1, 2, ...; the chosen one among them keeps its place at the front), so that the first value
+    is the chosen token's, as code written for vLLM reads it."""
+    entry = {token_id: Logprob(logprobs.sampled_logprob, logprobs.sampled_rank, None)}
+    for rank, (tid, lp) in enumerate(zip(logprobs.top_token_ids, logprobs.top_logprobs)):
+        entry.setdefault(tid, Logprob(lp, rank + 1, None))
     return entry
 
 

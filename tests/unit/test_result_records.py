@@ -31,3 +31,15 @@ def test_every_sample_of_a_plain_line_keeps_its_logprobs():
 def test_openai_choices_say_what_ended_them():
     body = success_record("c", CHAT_URL, "m", two_samples(), prompt_tokens=2)["response"]["body"]
     assert [c["stop_reason"] for c in body["choices"]] == [".", 9]
+
+
+def test_a_positions_logprobs_start_with_the_chosen_token_as_in_vllm():
+    """vLLM puts the sampled (or prompt) token first; here it came last, so `next(iter(d.values()))`, a
+    common way to read the token's own logprob (perplexity scoring), gave the top token's."""
+    from batchllm.output_processor import logprob_entry
+    from batchllm.outputs import TokenLogprobs
+
+    below = logprob_entry(502, TokenLogprobs(-4.0, 14, [28, 281], [-0.5, -1.0]))
+    assert list(below) == [502, 28, 281] and next(iter(below.values())).rank == 14
+    among = logprob_entry(281, TokenLogprobs(-1.0, 2, [28, 281], [-0.5, -1.0]))
+    assert list(among) == [281, 28] and [lp.rank for lp in among.values()] == [2, 1]
