@@ -31,8 +31,10 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
                  "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
-                 "stream_options": (None,)}
-_IGNORED = {"model", "user", "metadata", "store", "service_tier"}  # bookkeeping, echoed or irrelevant offline
+                 "stream_options": (None,), "spaces_between_special_tokens": (True, None),
+                 "length_penalty": (1.0, None)}
+# bookkeeping, echoed or irrelevant offline
+_IGNORED = {"model", "user", "metadata", "store", "service_tier", "request_id"}
 
 
 class BodyError(ValueError):
@@ -103,18 +105,20 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     return url, prompt, chat, overrides, _chat_template_options(body) if chat else None
 
 
-CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")
-"""vLLM's chat request fields that go to the chat template."""
+CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "reasoning_effort")
+"""vLLM's chat request fields that go to the chat template (OpenAI's reasoning_effort, a string, as the template
+keyword of that name: templates that take it, such as gpt-oss's, use it; others ignore it)."""
 
 
 def _chat_template_options(body: dict) -> dict[str, Any] | None:
     """A chat body's keywords for its chat template: `chat_template_kwargs` over vLLM's
-    `add_generation_prompt` and `continue_final_message` fields (booleans)."""
+    `add_generation_prompt` and `continue_final_message` fields (booleans) and `reasoning_effort` (a string)."""
     options = {}
     for name in CHAT_TEMPLATE_FIELDS[1:]:
         if body.get(name) is not None:
-            if not isinstance(body[name], bool):
-                raise BodyError(f"'{name}' must be true or false")
+            kind, wanted = (str, "a string") if name == "reasoning_effort" else (bool, "true or false")
+            if not isinstance(body[name], kind):
+                raise BodyError(f"'{name}' must be {wanted}")
             options[name] = body[name]
     return {**options, **(template_kwargs(body.get("chat_template_kwargs")) or {})} or None
 

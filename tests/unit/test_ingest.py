@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -341,6 +342,24 @@ def test_openai_lines_are_answered_in_their_own_terms():
     assert messages[0].startswith("line 1: top_logprobs = 21 is more than max_logprobs (20)"), messages
     assert messages[1].startswith("line 2: logprobs = 21 is more than max_logprobs (20)"), messages
     assert messages[2] == "line 3: the line lacks 'url' (/v1/chat/completions or /v1/completions)", messages
+
+
+def test_vllm_server_fields_of_an_openai_body_are_taken():
+    """Files exported for OpenAI or vLLM's server carry these; each failed its line ("not supported").
+    reasoning_effort goes to the chat template as the keyword of its name (gpt-oss's template reads it)."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    body = {**chat, "reasoning_effort": "low", "request_id": "r-1", "spaces_between_special_tokens": True,
+            "length_penalty": 1.0}
+    *_, template = body_to_request("/v1/chat/completions", body)
+    assert template == {"reasoning_effort": "low"}
+    assert body_to_request("/v1/chat/completions", {**body, "chat_template_kwargs": {
+        "reasoning_effort": "high"}})[-1] == {"reasoning_effort": "high"}, "chat_template_kwargs win"
+    for bad, message in (({"reasoning_effort": 3}, "'reasoning_effort' must be a string"),
+                         ({"length_penalty": 2.0}, "'length_penalty' = 2.0 is not supported (only 1.0)")):
+        with pytest.raises(BodyError, match=re.escape(message)):
+            body_to_request("/v1/chat/completions", {**chat, **bad})
 
 
 def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
