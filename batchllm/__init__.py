@@ -29,12 +29,16 @@ def __getattr__(name: str):
         from batchllm.llm import LLM
 
         return LLM
+    if name in ("TextPrompt", "TokensPrompt"):  # (batchllm.inputs imports the tokenizer's side: lazily too)
+        from batchllm import inputs
+
+        return getattr(inputs, name)
     raise AttributeError(f"module 'batchllm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "LLM"})
+    return sorted({*globals(), "LLM", "TextPrompt", "TokensPrompt"})
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt", "TokensPrompt"]
 __version__ = "0.1.0"

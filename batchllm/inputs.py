@@ -9,7 +9,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -20,6 +20,22 @@ from batchllm.prefix.radix import as_token_array
 from batchllm.structured import GrammarBackend
 
 logger = logging.getLogger(__name__)
+
+
+class TextPrompt(TypedDict):
+    """A prompt as text, as vLLM's `vllm.inputs.TextPrompt` (`LLM.generate` takes plain dicts of this shape)."""
+
+    prompt: str
+
+
+class _TokenIds(TypedDict):
+    prompt_token_ids: list[int]
+
+
+class TokensPrompt(_TokenIds, total=False):
+    """A prompt as token ids, as vLLM's `vllm.inputs.TokensPrompt` (`prompt`: its text, echoed in the output)."""
+
+    prompt: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ Mirrors vLLM's `SamplingParams` field names and defaults, so that switching is a
 
 from __future__ import annotations
 
+import copy
 import math
 import reprlib
 from dataclasses import dataclass, field, fields, replace
@@ -250,6 +251,10 @@ class SamplingParams:
     @property
     def stop_strings(self) -> list[str]:
         return self._stop_list
+
+    def clone(self) -> SamplingParams:
+        """A deep copy, as vLLM's `SamplingParams.clone`."""
+        return copy.deepcopy(self)
 
     def for_child(self, index: int) -> SamplingParams:
         """Parameters of completion `index` of an n > 1 request: n=1, and seed + index when seeded,

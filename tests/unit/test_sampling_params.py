@@ -108,3 +108,23 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams.{field}: token id 10 is outside the vocabulary \[0, 10\)"):
         SamplingParams(**{field: value}).check_for_model(10)
     SamplingParams(**{field: [7, 9] if field != "logit_bias" else {9: 1.0}}).check_for_model(10)
+
+
+def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
+    """`from vllm import TokensPrompt, TextPrompt` and `SamplingParams.clone()` port as a change of import;
+    a clone is independent of its original."""
+    from batchllm import LLM, TextPrompt, TokensPrompt
+
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, stop=["x"])
+    copy_ = params.clone()
+    copy_.stop_token_ids.append(7)
+    assert params.stop_token_ids == [] and copy_ == SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                                                   stop=["x"], stop_token_ids=[7])
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    try:
+        by_ids, by_text = llm.generate([TokensPrompt(prompt_token_ids=[5, 6, 7]), TextPrompt(prompt="Hi")], params,
+                                       use_tqdm=False)
+        plain = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
+    assert by_ids.outputs[0].token_ids == plain.outputs[0].token_ids and by_text.prompt == "Hi"
