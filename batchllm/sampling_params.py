@@ -68,11 +68,12 @@ class SamplingParams:
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks)."""
     logprobs: int | None = None
-    """Return this many top log-probabilities per generated token (plus the sampled token's)."""
+    """Return this many top log-probabilities per generated token (plus the sampled token's); -1: the whole
+    vocabulary, as in vLLM (`check_for_model` sets the model's vocabulary size)."""
     prompt_logprobs: int | None = None
     """Return, for every prompt token after the first, its log-probability and this many top
-    alternatives (`RequestOutput.prompt_logprobs`; vLLM's semantics). With n > 1 only the first
-    completion computes them (they are the prompt's, the same for every completion)."""
+    alternatives (`RequestOutput.prompt_logprobs`; vLLM's semantics; -1: the whole vocabulary). With n > 1
+    only the first completion computes them (they are the prompt's, the same for every completion)."""
     skip_special_tokens: bool = True
     """Drop special tokens from the returned text."""
     presence_penalty: float = 0.0
@@ -154,10 +155,10 @@ class SamplingParams:
             raise bad("stop", "must not contain an empty string")
         if self.stop_token_ids is not None and not _is_id_list(self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise bad("logprobs", "must be a non-negative integer or None")
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
-            raise bad("prompt_logprobs", "must be a non-negative integer or None")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < -1):
+            raise bad("logprobs", "must be a non-negative integer, -1 (the whole vocabulary) or None")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < -1):
+            raise bad("prompt_logprobs", "must be a non-negative integer, -1 (the whole vocabulary) or None")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
@@ -216,14 +217,20 @@ class SamplingParams:
     def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None, max_logprobs: int = -1) -> None:
         """What needs the model: token ids inside the vocabulary (stop_token_ids too: min_tokens bans
         them in the logits), logprobs and prompt_logprobs within the engine's `max_logprobs` (-1: no
-        cap), bad_words tokenized, and the structured-output grammar compiled (`grammars`: a
-        `GrammarBackend`). Raises ValueError naming the field (StructuredOutputError for a grammar
-        that does not compile)."""
+        cap; a -1 of theirs, the whole vocabulary, becomes `vocab_size` here), bad_words tokenized, and the
+        structured-output grammar compiled (`grammars`: a `GrammarBackend`). Raises ValueError naming the
+        field (StructuredOutputError for a grammar that does not compile)."""
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(self, name)
+            whole = asked == -1
+            if whole:
+                asked = vocab_size
             if max_logprobs >= 0 and asked is not None and asked > max_logprobs:
-                raise ValueError(f"SamplingParams.{name} = {asked} is more than max_logprobs ({max_logprobs}); "
+                shown = f"-1 (the whole vocabulary, {vocab_size})" if whole else asked
+                raise ValueError(f"SamplingParams.{name} = {shown} is more than max_logprobs ({max_logprobs}); "
                                  "raise it with --max-logprobs / LLM(max_logprobs=...) (-1: no cap)")
+            if whole:
+                setattr(self, name, vocab_size)
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {}),
                           ("allowed_token_ids", self.allowed_token_ids or [])):
             for t in ids:

@@ -128,3 +128,21 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
     finally:
         llm.shutdown()
     assert by_ids.outputs[0].token_ids == plain.outputs[0].token_ids and by_text.prompt == "Hi"
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary_as_in_vllm(tiny_model_factory):
+    """vLLM's logprobs=-1 / prompt_logprobs=-1 return every token's; they were refused as negative. The cap
+    (max_logprobs) still applies, counting the whole vocabulary."""
+    from batchllm import LLM
+    from tests.helpers import VOCAB
+
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=-1, prompt_logprobs=-1)
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64, max_logprobs=-1)
+    try:
+        out = llm.generate([[5, 6, 7]], params.clone(), use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
+    assert [len(entry) for entry in out.outputs[0].logprobs] == [VOCAB, VOCAB]
+    assert out.prompt_logprobs[0] is None and [len(e) for e in out.prompt_logprobs[1:]] == [VOCAB, VOCAB]
+    with pytest.raises(ValueError, match=rf"logprobs = -1 \(the whole vocabulary, {VOCAB}\) is more than max_logprobs"):
+        params.clone().check_for_model(VOCAB, max_logprobs=20)
