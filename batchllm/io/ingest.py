@@ -12,6 +12,7 @@ Writes nothing; holds no state between calls.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import ResumeState
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
-from batchllm.sampling_params import SamplingParams, integers_from_json, short_repr
+from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for", "record_for",
            "input_problem", "PLAIN", "OPENAI"]
@@ -181,7 +182,7 @@ def _line_fields(line: BatchLine, defaults: dict) -> dict:
     fields = {k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS}
     if line.format == OPENAI and defaults.get(OPENAI_MAX_TOKENS) == TO_THE_CONTEXT:
         fields["max_tokens"] = None
-    return integers_from_json({**fields, **line.sampling_overrides})
+    return {**fields, **line.sampling_overrides}
 
 
 _SCALARS = (type(None), bool, int, float, str)
@@ -209,6 +210,7 @@ def record_for(line: BatchLine, output, model_name: str) -> dict:
     """The output record of a finished request, in the line's format (OpenAI lines echo their model)."""
     if line.format == OPENAI:
         top = line.sampling_overrides.get("logprobs") or 0
+        top = sys.maxsize if top == -1 else top  # (-1: the whole vocabulary)
         return openai_batch.success_record(line.request_id, line.url, line.model or model_name, output,
                                            len(output.prompt_token_ids), top)
     return result_record(line.request_id, output, len(output.prompt_token_ids))

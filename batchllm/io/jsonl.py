@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.io import openai_batch
-from batchllm.sampling_params import SamplingParams, short_repr
+from batchllm.sampling_params import SamplingParams, integers_from_json, short_repr
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
@@ -168,8 +168,8 @@ def _overrides(obj: dict) -> dict[str, Any]:
     """A plain line's sampling fields. null is "not given", as in OpenAI bodies and Ray rows (the command
     line's default applies), but "max_tokens": null is vLLM's SamplingParams(max_tokens=None): up to the
     context."""
-    return {k: obj[k] for k in SAMPLING_FIELDS
-            if obj.get(k) is not None or (k == "max_tokens" and k in obj)} or _NO_OVERRIDES
+    return integers_from_json({k: obj[k] for k in SAMPLING_FIELDS
+                               if obj.get(k) is not None or (k == "max_tokens" and k in obj)}) or _NO_OVERRIDES
 
 
 def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
@@ -194,7 +194,7 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     model = obj["body"].get("model")
-    return BatchLine(line_number, rid, prompt, is_chat, overrides, OPENAI, url,
+    return BatchLine(line_number, rid, prompt, is_chat, integers_from_json(overrides), OPENAI, url,
                      model if isinstance(model, str) else None, template)
 
 

@@ -50,7 +50,8 @@ LINES = [
     (openai("good-3"), None),
     # integers written as floats (pandas writes an integer column with gaps so) are read as vLLM's pydantic does
     ('{"id": "floats", "prompt": "hi", "max_tokens": 3.0, "n": 1.0, "seed": 5.0}', None),
-    (openai("floats-openai", max_tokens=3.0, seed=5.0), None),
+    (openai("floats-openai", max_tokens=3.0, seed=5.0, logprobs=True, top_logprobs=2.0), None),  # (2.0 crashed
+    # the whole job at its record: the record read the line's own 2.0)
     ('{"id": "half", "prompt": "hi", "max_tokens": 4.5}', "SamplingParams.max_tokens must be a positive integer"),
     (openai("n-openai", n=1.5), ": n must be an integer, got 1.5"),
 ]

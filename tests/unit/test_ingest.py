@@ -115,8 +115,10 @@ def test_the_sampling_cache_tells_values_of_different_types_apart():
     cache: dict = {}
     line = BatchLine(1, "a", "x", False, {"n": 1})
     assert sampling_params_for(line, {}, None, cache).n == 1
-    whole = sampling_params_for(BatchLine(4, "d", "x", False, {"n": 1.0}), {}, None, cache).n
-    assert whole == 1 and type(whole) is int, "an integer written as a float is read as one (pydantic's way)"
+    for raw in (b'{"id": "d", "prompt": "x", "n": 1.0}',
+                b'{"custom_id": "e", "url": "/v1/completions", "body": {"prompt": "x", "n": 1.0}}'):
+        whole = parse_line(raw, 4, set()).sampling_overrides["n"]
+        assert whole == 1 and type(whole) is int, "an integer written as a float is read as one (pydantic's way)"
     for odd in ({"n": True}, {"n": 1.5}, {"ignore_eos": 1}, {"stop": [[["x"]]]}, {"temperature": float("nan")}):
         with pytest.raises(ValueError):
             sampling_params_for(BatchLine(2, "b", "x", False, odd), {}, None, cache)
