@@ -192,15 +192,19 @@ class LLM:
         """Why a completion of this prompt could not fit the KV cache even alone (its prompt and max_tokens,
         at most the context, need more tokens than the cache holds), or None. Such a request would stop
         the engine; vLLM refuses to start where the cache cannot hold max_model_len tokens, here only the
-        prompts that need more fail (`generate` raises naming the prompt, `run` fails the line)."""
+        prompts that need more fail (`generate` raises naming the prompt, `run` fails the line). Without
+        max_tokens a request runs to the context or to what the cache holds (`Scheduler._max_total_tokens`),
+        so only a prompt the cache cannot hold with one output token is a problem."""
         capacity = self.kv_cache_tokens
-        needed = num_prompt_tokens + output_budget(num_prompt_tokens, params.max_tokens, 0, self.max_model_len,
-                                                   cap=self.max_model_len)  # (max_tokens None: to the context)
+        if params.max_tokens is None:
+            needed = num_prompt_tokens + 1
+        else:
+            needed = num_prompt_tokens + output_budget(num_prompt_tokens, params.max_tokens, 0, self.max_model_len)
         if capacity is None or needed <= capacity:
             return None
         return (f"the prompt ({num_prompt_tokens} tokens) and its completion may need {needed} tokens of KV cache, "
                 f"but the cache holds {capacity}; give the cache more memory (--kv-cache-memory-gib, "
-                "--gpu-memory-utilization) or lower max_tokens")
+                "--gpu-memory-utilization)" + (" or lower max_tokens" if params.max_tokens is not None else ""))
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's
