@@ -92,7 +92,7 @@ class _CliPreprocess:
 
     def __call__(self, row: dict) -> dict:
         from batchllm.io.ingest import must_fit_the_context, sampling_params_for
-        from batchllm.ray.stages import MUST_FIT
+        from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS
 
         line = _parse(row)
         if isinstance(line, LineError):
@@ -101,7 +101,7 @@ class _CliPreprocess:
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
         return {kind: line.prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
-                "chat_template_kwargs": line.chat_template_kwargs}
+                NO_MAX_TOKENS: sp.max_tokens is None, "chat_template_kwargs": line.chat_template_kwargs}
 
 
 class _CliRecords:

@@ -41,6 +41,10 @@ PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 MUST_FIT = "max_tokens_must_fit"
 """A preprocess's optional flag: the row's max_tokens must fit the context after its prompt, else the row
 is an error (as OpenAI's API answers); without it generation stops at the context ("length")."""
+NO_MAX_TOKENS = "max_tokens_none"
+"""A preprocess's optional flag: the row runs without max_tokens (vLLM's None: to the context, or to what the
+KV cache holds), whatever the config's default. A null max_tokens among its sampling_params cannot say so: there
+null is "not given" (Arrow fills a key a row lacks with null)."""
 
 
 # ---------------------------------------------------------------------- stage 1: tokenize (CPU)
@@ -104,6 +108,8 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         raise ValueError(f"a row needs exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
     overrides = {k: v for k, v in (request.get("sampling_params") or {}).items() if v is not None}
     fields = integers_from_json({**defaults, **overrides})
+    if request.get(NO_MAX_TOKENS):
+        fields["max_tokens"] = None
     # validate here, as the single-machine reader does per line: the engine stage must not meet a bad
     # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
     params = SamplingParams(**fields)

@@ -105,3 +105,22 @@ def test_a_row_with_integers_written_as_floats_runs():
     out = tokenize_batch(table, config=ProcessorConfig(), preprocess=lambda row: rows[row["i"]], num_buckets=1)
     errors = out.column(ERROR).to_pylist()
     assert errors[0] is None and "max_tokens must be a positive integer" in errors[1], errors
+
+
+def test_the_cli_rows_without_max_tokens_run_unbounded_as_the_single_machine_lines_do():
+    """run --ray cut an OpenAI line without max_tokens (and a plain "max_tokens": null) at the config's 256:
+    the row stage dropped the null the CLI's preprocess gave, since in a row null is "not given"."""
+    import json
+
+    import batchllm.cli as cli
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliPreprocess
+    from batchllm.ray.stages import SAMPLING
+
+    args = cli.build_parser().parse_args(["run", "in.jsonl", "-o", "out"])
+    defaults = cli.sampling_defaults(args)
+    lines = [{"custom_id": "o", "url": "/v1/completions", "body": {"prompt": "Hi"}},
+             {"id": "p", "prompt": "Hi", "max_tokens": None}, {"id": "q", "prompt": "Hi"}]
+    table = pa.table({RAW: [json.dumps(x).encode() for x in lines], LINE: [1, 2, 3], DUPLICATE: [False] * 3})
+    out = tokenize_batch(table, config=ProcessorConfig(max_tokens=defaults["max_tokens"]),
+                         preprocess=_CliPreprocess(defaults, None), num_buckets=1)
+    assert [json.loads(s)["max_tokens"] for s in out.column(SAMPLING).to_pylist()] == [None, None, 256]
