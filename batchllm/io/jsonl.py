@@ -256,6 +256,7 @@ def _completion_record(completion) -> dict[str, Any]:
 
 
 def _logprob_record(token_id: int, lp_map: dict) -> dict[str, Any]:
-    """One position's logprobs: the token's, and every entry (top k and the token) with its rank."""
+    """One position's logprobs: the token's, and every entry (top k and the token) with its rank, by rank."""
+    ranked = sorted(lp_map.items(), key=lambda item: item[1].rank)
     return {"token_id": token_id, "logprob": lp_map[token_id].logprob,
-            "top": [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in lp_map.items()]}
+            "top": [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in ranked]}

@@ -41,5 +41,8 @@ def test_a_positions_logprobs_start_with_the_chosen_token_as_in_vllm():
 
     below = logprob_entry(502, TokenLogprobs(-4.0, 14, [28, 281], [-0.5, -1.0]))
     assert list(below) == [502, 28, 281] and next(iter(below.values())).rank == 14
+    output = RequestOutput("r", "p", [1], [CompletionOutput(0, "x", [502], -4.0, [below], "length")])
+    top = result_record("a", output, prompt_tokens=1)["logprobs"][0]["top"]
+    assert [e["rank"] for e in top] == [1, 2, 14], "a plain record's list stays in rank order"
     among = logprob_entry(281, TokenLogprobs(-1.0, 2, [28, 281], [-0.5, -1.0]))
     assert list(among) == [281, 28] and [lp.rank for lp in among.values()] == [2, 1]
