@@ -268,6 +268,8 @@ class SamplingParams:
         so that the completions differ but each stays reproducible; prompt_logprobs only for
         completion 0 (the prompt's logprobs are computed once per prompt)."""
         seed = None if self.seed is None else self.seed + index
+        if seed == -1:  # (-1 is "no seed" on the way in; seeds are taken modulo 2^64, so this is the same one)
+            seed = SEED_MAX
         return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
 
     @classmethod

@@ -46,6 +46,8 @@ def test_seed_minus_one_is_no_seed_as_in_vllm():
     """vLLM reads seed=-1 as None; here it was a fixed seed, so k samples of one prompt were all alike."""
     assert SamplingParams(seed=-1).seed is None and SamplingParams(seed=-1, n=3).for_child(2).seed is None
     assert SamplingParams(seed=-2).seed == -2
+    assert [SamplingParams(seed=-2, n=3).for_child(i).seed for i in range(3)] == [-2, 2**64 - 1, 0], \
+        "a child whose seed comes to -1 stays seeded (modulo 2^64, the same seed)"
 
 
 def test_an_engine_seed_of_none_is_drawn_once_per_config(tiny_model_factory):
