@@ -14,10 +14,12 @@ import difflib
 import functools
 import numbers
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, fields
+from decimal import Decimal
 from typing import Any
 
 from batchllm.config import EngineConfig
@@ -150,16 +152,21 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
 
 
 def human_readable_int(text: str) -> int:
-    """An integer, or one written as vLLM's command line takes it: a decimal suffix k, m, g (4k = 4,000,
-    25.6k = 25,600) or a binary K, M, G (4K = 4,096)."""
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:])
-    try:
-        number = int(text) if scale is None else float(text[:-1]) * scale
-    except ValueError:
-        number = None
-    if number is None or not float(number).is_integer():
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r} (e.g. 4096, 4k = 4,000, 4K = 4,096)")
-    return int(number)
+    """An integer, or one written as vLLM's command line takes it: a decimal suffix k, m, g, t (4k = 4,000,
+    25.6k = 25,600; a fraction of one is dropped) or a binary K, M, G, T on a whole number (4K = 4,096)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", text.strip())
+    if match is None:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r} (e.g. 4096, 4k = 4,000, 4K = 4,096)") from None
+    number, suffix = match.groups()
+    if suffix.islower():
+        return int(Decimal(number) * 1000 ** "kmgt".index(suffix) * 1000)
+    if "." in number:
+        raise argparse.ArgumentTypeError(f"{text!r}: a binary suffix ({suffix}) takes a whole number; "
+                                         f"{number}{suffix.lower()} is decimal")
+    return int(number) * 1024 ** ("KMGT".index(suffix) + 1)
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:

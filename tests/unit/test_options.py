@@ -132,7 +132,8 @@ def test_vllm_command_line_spellings_are_taken():
     assert config.model.max_model_len == 4000 and config.scheduler.max_num_batched_tokens == 16384
     assert config.model.dtype == "float16" and engine_config(dtype="float").model.dtype == "float32"
     assert engine_config(**engine_kwargs_from_args(parse("--enable-prefix-caching"))).sharing.prefix_sharing
-    for bad in ("4x", "1.5k7", "0.0001k"):
+    assert engine_config(**engine_kwargs_from_args(parse("--max-model-len", "16.1k"))).model.max_model_len == 16100
+    for bad in ("4x", "1.5k7", "1.5K", "1e3k"):  # (vLLM refuses a fraction of a binary suffix too)
         with pytest.raises(SystemExit):
             parse("--max-model-len", bad)
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o.jsonl", "--disable-log-stats",
