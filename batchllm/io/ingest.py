@@ -12,6 +12,7 @@ Writes nothing; holds no state between calls.
 
 from __future__ import annotations
 
+import re
 import sys
 import zlib
 from pathlib import Path
@@ -61,13 +62,13 @@ def input_problem(path: Path) -> str | None:
     return None
 
 
-def _in_the_lines_terms(line: BatchLine, error: ValueError) -> str:
+def in_the_lines_terms(line: BatchLine, error: ValueError | str) -> str:
     """The error as the line's own fields say it: an OpenAI line's body fields are named as such (its
     `top_logprobs` (chat) or `logprobs` (completions) became SamplingParams.logprobs, its other fields the
     SamplingParams fields of their names)."""
     text = str(error)
     if line.format == OPENAI:
-        text = text.replace("SamplingParams.logprobs =", "top_logprobs =" if line.is_chat else "logprobs =")
+        text = re.sub(r"SamplingParams\.logprobs\b", "top_logprobs" if line.is_chat else "logprobs", text)
         text = text.replace("SamplingParams.", "")
     return text
 
@@ -120,7 +121,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
                       if item.is_chat else item.prompt)
         except ValueError as e:
-            errors.append(LineError.for_line(item, _in_the_lines_terms(item, e)))
+            errors.append(LineError.for_line(item, in_the_lines_terms(item, e)))
             continue
         except Exception as e:  # whatever a line holds, it costs only that line
             errors.append(LineError.for_line(item, f"cannot be prepared ({type(e).__name__}: {short_repr(str(e))})"))

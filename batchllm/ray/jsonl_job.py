@@ -112,7 +112,7 @@ class _CliRecords:
         self.file_format = file_format
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
-        from batchllm.io.ingest import record_for
+        from batchllm.io.ingest import in_the_lines_terms, record_for
 
         line = _parse(row)
         if isinstance(line, LineError):
@@ -120,7 +120,7 @@ class _CliRecords:
         elif error is not None:
             # errors found after parsing are worded as the CLI words them: "line N: <problem>"
             problem = error.split(": ", 1)[1] if error.startswith(f"line {row[LINE]}: ") else error
-            record = LineError.for_line(line, problem).record(self.file_format)
+            record = LineError.for_line(line, in_the_lines_terms(line, problem)).record(self.file_format)
         else:
             record = record_for(line, output, self.model_name)
         return {RECORD: json.dumps(record, ensure_ascii=False)}

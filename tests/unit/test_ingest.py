@@ -332,7 +332,9 @@ def test_openai_lines_are_answered_in_their_own_terms():
     lines = [{"custom_id": "top", "url": "/v1/chat/completions", "body": top},
              {"custom_id": "cmpl", "url": "/v1/completions", "body": {"prompt": "Hi", "logprobs": 21}},
              {"custom_id": "no-url", "body": chat},
-             {"custom_id": "parallel", "url": "/v1/chat/completions", "body": {**chat, "parallel_tool_calls": True}}]
+             {"custom_id": "parallel", "url": "/v1/chat/completions", "body": {**chat, "parallel_tool_calls": True}},
+             {"custom_id": "half", "url": "/v1/chat/completions", "body": {**chat, "logprobs": True,
+                                                                           "top_logprobs": 1.5}}]
     from batchllm.inputs import prompt_processor_for
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -344,6 +346,7 @@ def test_openai_lines_are_answered_in_their_own_terms():
     assert messages[0].startswith("line 1: top_logprobs = 21 is more than max_logprobs (20)"), messages
     assert messages[1].startswith("line 2: logprobs = 21 is more than max_logprobs (20)"), messages
     assert messages[2] == "line 3: the line lacks 'url' (/v1/chat/completions or /v1/completions)", messages
+    assert messages[3].startswith("line 5: top_logprobs must be a non-negative integer"), messages
 
 
 def test_vllm_server_fields_of_an_openai_body_are_taken():

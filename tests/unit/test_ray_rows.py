@@ -124,3 +124,16 @@ def test_the_cli_rows_without_max_tokens_run_unbounded_as_the_single_machine_lin
     out = tokenize_batch(table, config=ProcessorConfig(max_tokens=defaults["max_tokens"]),
                          preprocess=_CliPreprocess(defaults, None), num_buckets=1)
     assert [json.loads(s)["max_tokens"] for s in out.column(SAMPLING).to_pylist()] == [None, None, 256]
+
+
+def test_the_cli_rows_errors_name_an_openai_lines_own_fields():
+    """run --ray wrote "SamplingParams.temperature ..." for an OpenAI line, where run names the body's field."""
+    import json
+
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, RECORD, _CliRecords
+
+    raw = json.dumps({"custom_id": "c", "url": "/v1/chat/completions",
+                      "body": {"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}}).encode()
+    error = "line 1: SamplingParams.temperature must be >= 0, got -1"
+    record = json.loads(_CliRecords("m", "openai")({RAW: raw, LINE: 1, DUPLICATE: False}, None, error)[RECORD])
+    assert record["error"]["message"] == "line 1: temperature must be >= 0, got -1"
