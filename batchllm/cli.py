@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
-from batchllm.config import default_log_level
+from batchllm.config import DTYPE_ALIASES, default_log_level
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, read_chat_template, read_model_source
 from batchllm.io.ingest import (
@@ -38,6 +38,7 @@ from batchllm.io.ingest import (
     input_problem,
     prepare_lines,
     record_for,
+    sampling_fields_of,
 )
 from batchllm.io.job import (
     JobError,
@@ -248,8 +249,7 @@ def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) 
     bad value raises ValueError naming it (`model_dir` None: no model defaults)."""
     from_model = model_sampling_defaults(model_dir, args.generation_config)
     defaults = sampling_defaults(args, from_model)
-    SamplingParams(**{k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS},
-                   seed=args.seed)  # --seed also seeds the engine: the same range applies
+    SamplingParams(**sampling_fields_of(defaults), seed=args.seed)  # --seed also seeds the engine: the same range
     return defaults, from_model
 
 
@@ -287,6 +287,7 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     template (text, `read_chat_template_once`) by a digest of it, so that an edited file does not; with
     --generation-config DIR, that file's EOS ids (its sampling defaults are among `defaults`)."""
     options = {name: getattr(args, name, None) for name in RESULT_OPTIONS}
+    options["dtype"] = DTYPE_ALIASES.get(options["dtype"], options["dtype"])  # half and float16 are one dtype
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())

@@ -10,6 +10,7 @@ module is the only place that reads environment variables.
 
 from __future__ import annotations
 
+import numbers
 import os
 import secrets
 from dataclasses import dataclass, field, fields
@@ -145,8 +146,9 @@ class ModelConfig(_Checked):
         object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         if self.seed is None:  # drawn here, once: every worker and rank built from this config shares it
             object.__setattr__(self, "seed", secrets.randbelow(2**31))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))  # (a numpy integer, as the option check allows)
         super().__post_init__()
 
 

@@ -178,9 +178,14 @@ gives a max_tokens: the run's 256 is its own default for plain lines)."""
 TO_THE_CONTEXT = "to the context"
 
 
+def sampling_fields_of(defaults: dict) -> dict:
+    """The run's sampling defaults that are SamplingParams fields (OPENAI_MAX_TOKENS left out)."""
+    return {k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS}
+
+
 def _line_fields(line: BatchLine, defaults: dict) -> dict:
     """The line's own sampling fields over the run's `defaults` (OPENAI_MAX_TOKENS applied)."""
-    fields = {k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS}
+    fields = sampling_fields_of(defaults)
     if line.format == OPENAI and defaults.get(OPENAI_MAX_TOKENS) == TO_THE_CONTEXT:
         fields["max_tokens"] = None
     return {**fields, **line.sampling_overrides}

@@ -197,9 +197,10 @@ def test_an_openai_line_without_max_tokens_runs_to_the_context(tmp_path, capsys,
     assert _completion_tokens(out) == {"o": openai_tokens, "p": plain_tokens}
 
 
-def test_an_output_written_with_openai_lines_cut_at_256_is_not_resumed_as_if_unchanged(tmp_path, capsys,
-                                                                                       tiny_model_factory):
-    """Its state file, written before the change, lacks the new default: the resume names it."""
+def test_an_output_written_before_the_openai_default_changed_is_not_resumed_as_if_unchanged(tmp_path, capsys,
+                                                                                            tiny_model_factory):
+    """Its state file lacks the new default, so the resume names it (whatever the file holds: the options are
+    checked before the lines are read), and --max-tokens 256, the old default of every line, resumes it."""
     from batchllm import cli
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

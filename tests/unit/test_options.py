@@ -139,6 +139,11 @@ def test_vllm_command_line_spellings_are_taken():
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o.jsonl", "--disable-log-stats",
                                       "--disable-log-requests"])
     assert "disable_log_stats" not in engine_kwargs_from_args(args), "a no-op, not an engine option"
+    from batchllm.cli import results_options
+
+    recorded = [results_options(build_parser().parse_args(["run", "i", "-o", "o", "--dtype", dtype]), {})["dtype"]
+                for dtype in ("half", "float16")]
+    assert recorded == ["float16", "float16"], "a resume under the other name of the dtype is not refused"
 
 
 @pytest.mark.parametrize("kwargs, message", [
