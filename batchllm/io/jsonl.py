@@ -166,10 +166,10 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
 
 def _overrides(obj: dict) -> dict[str, Any]:
     """A plain line's sampling fields. null is "not given", as in OpenAI bodies and Ray rows (the command
-    line's default applies), but "max_tokens": null is vLLM's SamplingParams(max_tokens=None): up to the
-    context."""
-    return integers_from_json({k: obj[k] for k in SAMPLING_FIELDS
-                               if obj.get(k) is not None or (k == "max_tokens" and k in obj)}) or _NO_OVERRIDES
+    line's default applies), max_tokens included: pandas writes a missing value as null, and a gap in a
+    max_tokens column ran its lines to the context past --max-tokens (a line asks for the context with a
+    max_tokens as large as it: a plain line stops there)."""
+    return integers_from_json({k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None}) or _NO_OVERRIDES
 
 
 def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:

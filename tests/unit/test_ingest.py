@@ -270,12 +270,13 @@ def test_work_in_the_background_returns_its_value_or_raises_its_error_in_the_cal
 def test_a_null_sampling_field_of_a_plain_line_takes_the_default():
     """`"temperature": null` failed a plain line ("must be a number, got None") while an OpenAI body and a
     Ray row read null as "not given"; all three now take the command line's default. `"max_tokens": null`
-    stays vLLM's max_tokens=None: up to the context."""
+    does too: it was vLLM's max_tokens=None, so a gap in a pandas column (written as null) ran its line to the
+    context, past --max-tokens."""
     data = b'{"id": "a", "prompt": "Hi", "temperature": null, "max_tokens": null, "stop": null}\n'
     result = ingest(data, defaults={"max_tokens": 4, "temperature": 0.5, "stop": ["x"]})
     assert not result.errors, result.errors
     params = result.valid[0].params
-    assert (params.temperature, params.max_tokens, params.stop) == (0.5, None, ["x"])
+    assert (params.temperature, params.max_tokens, params.stop) == (0.5, 4, ["x"])
 
 
 def test_chat_template_kwargs_reach_the_template_in_both_formats(monkeypatch):

@@ -108,8 +108,8 @@ def test_a_row_with_integers_written_as_floats_runs():
 
 
 def test_the_cli_rows_without_max_tokens_run_unbounded_as_the_single_machine_lines_do():
-    """run --ray cut an OpenAI line without max_tokens (and a plain "max_tokens": null) at the config's 256:
-    the row stage dropped the null the CLI's preprocess gave, since in a row null is "not given"."""
+    """run --ray cut an OpenAI line without max_tokens at the config's 256: the row stage dropped the null
+    the CLI's preprocess gave, since in a row null is "not given" (as in a plain line, which keeps 256)."""
     import json
 
     import batchllm.cli as cli
@@ -123,7 +123,7 @@ def test_the_cli_rows_without_max_tokens_run_unbounded_as_the_single_machine_lin
     table = pa.table({RAW: [json.dumps(x).encode() for x in lines], LINE: [1, 2, 3], DUPLICATE: [False] * 3})
     out = tokenize_batch(table, config=ProcessorConfig(max_tokens=defaults["max_tokens"]),
                          preprocess=_CliPreprocess(defaults, None), num_buckets=1)
-    assert [json.loads(s)["max_tokens"] for s in out.column(SAMPLING).to_pylist()] == [None, None, 256]
+    assert [json.loads(s)["max_tokens"] for s in out.column(SAMPLING).to_pylist()] == [None, 256, 256]
 
 
 def test_the_cli_rows_errors_name_an_openai_lines_own_fields():
