@@ -134,8 +134,10 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     rid = obj.get("id")
     if rid is None:
         return error("missing 'id'")
+    if type(rid) is float and rid.is_integer():  # pandas writes an integer id column with gaps so: 1000.0
+        rid = int(rid)
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        return error("'id' must be a string or an integer")
+        return error(f"'id' must be a string or an integer, got {short_repr(rid)}")
     if rid in seen_ids:  # (as JSON values: the integer 9 and the string "9" are two ids, each echoed as given)
         return error(f"duplicate id {short_repr(rid)}", rid)
     seen_ids.add(rid)

@@ -414,3 +414,12 @@ def test_a_line_with_seed_minus_one_gets_the_runs_seed_as_a_line_without_one():
                    for fields in ({}, {"seed": -1}))
     assert none.seed is not None and minus.seed == none.seed
     assert sampling_params_for(BatchLine(1, "a", "x", False, {"seed": -1}), {}, None, {}).seed is None
+
+
+def test_an_id_written_as_a_whole_float_is_read_as_the_integer_and_a_bad_id_is_shown():
+    """pandas writes an integer id column with gaps as floats (1000.0): every such line failed with
+    "'id' must be a string or an integer", which did not show the value."""
+    line = parse_line(b'{"id": 1000.0, "prompt": "x"}', 1, set())
+    assert line.request_id == 1000 and type(line.request_id) is int
+    error = parse_line(b'{"id": 1.5, "prompt": "x"}', 2, set())
+    assert error.message == "line 2: 'id' must be a string or an integer, got 1.5"
