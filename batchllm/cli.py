@@ -434,7 +434,8 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True) as errors_out:
             job.writers = (out, errors_out)
             waiting = time.perf_counter()
-            valid, errors, file_format = reading.result()
+            valid, errors, file_format, ignored = reading.result()
+            note_ignored_fields(ignored)
             phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - waiting)
             valid, errors = _refuse_what_the_cache_cannot_hold(llm, valid, errors)
             for error in errors:
@@ -445,6 +446,14 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
+
+
+def note_ignored_fields(ignored: dict[str, int]) -> None:
+    """Say which fields of the plain lines were ignored (a table's other columns), as vLLM's server warns."""
+    if ignored:
+        shown = ", ".join(f"{name} ({count} line{'s' * (count != 1)})" for name, count in sorted(ignored.items())[:20])
+        more = f" and {len(ignored) - 20} more" if len(ignored) > 20 else ""
+        print(f"batchllm: ignored fields that are not request fields: {shown}{more}", file=sys.stderr)
 
 
 def _refuse_what_the_cache_cannot_hold(llm, valid: list, errors: list) -> tuple[list, list]:
@@ -577,7 +586,8 @@ def plan_command(args: argparse.Namespace) -> int:
                                        chat_template=args.chat_template)
     except (ValueError, OSError) as e:
         return _fail(str(e))
-    valid, errors, _ = prepare_lines(args.input, prompts, {}, None)
+    valid, errors, _, ignored = prepare_lines(args.input, prompts, {}, None)
+    note_ignored_fields(ignored)
     for error in errors:
         print(f"batchllm: {error.message}", file=sys.stderr)
     token_ids = [p.token_ids for _, p, sp in valid for _ in range(sp.n)]  # (none: an empty plan, as run's)

@@ -42,7 +42,7 @@ def main():
         prompts = prompt_processor_for(None)
         base = rss_mib()
         start = time.perf_counter()
-        valid, errors, _ = prepare_lines(path, prompts, {"max_tokens": 16}, None)
+        valid, errors, *_ = prepare_lines(path, prompts, {"max_tokens": 16}, None)
         read_s = time.perf_counter() - start
         token_mib = sum(p.token_ids.nbytes for _, p, _ in valid) / 2**20
         after_read = rss_mib()

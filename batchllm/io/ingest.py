@@ -45,6 +45,8 @@ class Ingested(NamedTuple):
     """Bad lines without an error record from an earlier run (those are not repeated)."""
     file_format: str
     """PLAIN or OPENAI: the format of most lines; error records of unparseable lines use it."""
+    ignored_fields: dict[str, int]
+    """Fields ignored in plain lines (`BatchLine.ignored_fields`) -> the number of lines holding each."""
 
 
 def input_problem(path: Path) -> str | None:
@@ -89,6 +91,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     valid: list[ValidLine] = []
     errors: list[LineError] = []
     formats: dict[str, int] = {}
+    ignored: dict[str, int] = {}
     params_cache: dict[Any, SamplingParams] = {}
     pending: list[tuple[BatchLine, SamplingParams, Any]] = []
 
@@ -113,6 +116,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             errors.append(item)
             continue
         formats[item.format] = formats.get(item.format, 0) + 1
+        for name in item.ignored_fields:
+            ignored[name] = ignored.get(name, 0) + 1
         if resume.is_done(item.request_id):
             continue
         try:
@@ -134,7 +139,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     bar.close()
     errors = [e for e in errors if e.line_number not in resume.done_error_lines]  # written by an earlier run
     file_format = max(formats, key=formats.get) if formats else PLAIN
-    return Ingested(valid, errors, file_format)
+    return Ingested(valid, errors, file_format, ignored)
 
 
 def must_fit_the_context(line: BatchLine) -> bool:

@@ -9,6 +9,7 @@ that cannot be used becomes a `LineError` naming the line and the problem; it ne
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from batchllm.sampling_params import SamplingParams, integers_from_json, short_r
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
+PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs")
+"""The fields a plain line's request is read from; others are ignored, save a near miss of one (an error)."""
 
 
 PLAIN, OPENAI = "plain", "openai"
@@ -48,6 +51,9 @@ class BatchLine:
     """OpenAI lines: the body's model name, echoed in the response."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Chat lines: extra keywords of the chat template (vLLM's `chat_template_kwargs`)."""
+    ignored_fields: tuple[str, ...] = ()
+    """Plain lines: fields that are no request field, nor a near miss of one (a table's other columns,
+    written with it), ignored as vLLM's server ignores a request's unknown fields."""
 
 
 @dataclass
@@ -144,9 +150,10 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     given = [k for k in PROMPT_FIELDS if k in obj]
     if len(given) != 1:
         return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)}", rid)
-    unknown = sorted(set(obj) - {"id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs"})
-    if unknown:
-        return error(f"unsupported field(s): {', '.join(unknown)}", rid)
+    unknown = sorted(set(obj) - set(PLAIN_FIELDS))
+    if misspelt := [f"{name!r} (did you mean {close[0]!r}?)" for name in unknown
+                    if (close := difflib.get_close_matches(name, PLAIN_FIELDS, n=1, cutoff=0.8))]:
+        return error(f"unsupported field(s): {', '.join(misspelt)}", rid)
     kind = given[0]
     prompt = obj[kind]
     if kind == "prompt" and not isinstance(prompt, str):
@@ -163,7 +170,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error(str(e), rid)
     if template is not None and kind != "messages":
         return error("'chat_template_kwargs' needs 'messages'", rid)
-    return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template)
+    return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
+                     ignored_fields=tuple(unknown))
 
 
 def _overrides(obj: dict) -> dict[str, Any]:

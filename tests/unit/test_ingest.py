@@ -423,3 +423,17 @@ def test_an_id_written_as_a_whole_float_is_read_as_the_integer_and_a_bad_id_is_s
     assert line.request_id == 1000 and type(line.request_id) is int
     error = parse_line(b'{"id": 1.5, "prompt": "x"}', 2, set())
     assert error.message == "line 2: 'id' must be a string or an integer, got 1.5"
+
+
+def test_a_tables_other_columns_are_ignored_and_a_misspelt_field_is_named():
+    """A DataFrame written whole (`to_json(orient="records", lines=True)`) carries its other columns: every
+    line failed ("unsupported field(s): rating, text"). They are now ignored and counted, as vLLM's server
+    ignores a request's unknown fields; a near miss of a field's name is still an error naming the field."""
+    data = (b'{"id": 1, "prompt": "Hi", "rating": 5, "text": "good"}\n'
+            b'{"id": 2, "prompt": "Hi", "rating": 3}\n'
+            b'{"id": 3, "prompt": "Hi", "temprature": 0.5, "max_new_tokens": 9}\n')
+    result = ingest(data)
+    assert [v.line.request_id for v in result.valid] == [1, 2] and result.ignored_fields == {"rating": 2, "text": 1}
+    assert [e.message for e in result.errors] == [
+        "line 3: unsupported field(s): 'max_new_tokens' (did you mean 'max_tokens'?), "
+        "'temprature' (did you mean 'temperature'?)"]

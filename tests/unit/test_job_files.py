@@ -542,3 +542,13 @@ def test_a_chat_template_file_is_read_once_and_recorded_by_its_text(tmp_path, ca
     code, err = run(capsys, src, "-o", tmp_path / "other.jsonl", *common, "--chat-template", tmp_path / "nope.jinja")
     assert code == 2 and "nope.jinja" in err and "renders `messages`" in err, err
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_run_says_which_fields_it_ignored(tmp_path, capsys, tiny_model_factory):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": 1, "prompt": "Hi", "max_tokens": 2, "rating": 5}\n{"id": 2, "prompt": "Hi", "rating": 1, '
+                   '"max_tokens": 2}\n')
+    code, err = run(capsys, src, "-o", out, "--model", tiny_model_factory("llama"))
+    assert code == 0, err
+    assert "batchllm: ignored fields that are not request fields: rating (2 lines)" in err
+    assert len(out.read_text().splitlines()) == 2
