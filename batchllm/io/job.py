@@ -254,6 +254,11 @@ def _read_state(state_path: Path, output: Path) -> dict[str, Any]:
     return state
 
 
+_OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without one: to the context unless "
+                                      "--max-tokens or the model's generation_config.json gives one)"}
+"""What a recorded option that is no command-line option stands for, in a refusal."""
+
+
 def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] | None) -> None:
     """Raise JobError naming each option whose value differs from the one `output` was written with."""
     if recorded is None or options is None:
@@ -261,7 +266,7 @@ def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] |
     if not isinstance(recorded, dict):
         raise JobError(f"the state file of {str(output)!r} is damaged (its options are not an object); "
                        f"{_START_OVER}")
-    changed = [f"{name} {_shown(recorded.get(name))} -> {_shown(options.get(name))}"
+    changed = [f"{name}{_OPTION_NOTES.get(name, '')} {_shown(recorded.get(name))} -> {_shown(options.get(name))}"
                for name in sorted(set(recorded) | set(options)) if recorded.get(name) != options.get(name)]
     if changed:
         raise JobError(f"refusing to resume into {str(output)!r}: its finished lines were answered with other "

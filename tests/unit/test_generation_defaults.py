@@ -214,7 +214,7 @@ def test_an_output_written_before_the_openai_default_changed_is_not_resumed_as_i
     out.write_text(out.read_text().splitlines()[0] + "\n")  # one line left to answer
     capsys.readouterr()
     assert cli.main(args) == 2
-    assert 'openai_max_tokens (unset) -> "to the context"' in capsys.readouterr().err
+    assert 'generation_config.json gives one) (unset) -> "to the context"' in capsys.readouterr().err
     assert cli.main([*args, "--max-tokens", "256"]) == 0, "the old default given resumes it"
 
 
