@@ -329,9 +329,12 @@ def _run_locked(args: argparse.Namespace) -> int:
         try:
             return _run_job(args, job, defaults, source)
         except Interrupted as e:
-            print(f"batchllm: interrupted ({signal.Signals(e.signum).name}): {job.num_recorded} of "
+            name = signal.Signals(e.signum).name
+            print(f"batchllm: interrupted ({name}): {job.num_recorded} of "
                   f"{job.num_lines} lines done; run the same command to resume", file=sys.stderr)
-            return 128 + e.signum
+            stats = {"interrupted": name, "num_lines": job.num_lines, "num_lines_recorded": job.num_recorded,
+                     "num_lines_resumed": job.num_recorded_before}
+            return _write_stats(args, stats) or 128 + e.signum
 
 
 class Interrupted(BaseException):

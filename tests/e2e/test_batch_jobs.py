@@ -248,13 +248,16 @@ def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_fa
     src, out = _long_job(tmp_path, n), tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--no-progress", "--model",
            tiny_model_factory("llama"), "--max-num-seqs", "4", "--temperature", "0", *extra]
-    rc, err, seconds, children = _interrupt_when_started(cmd, out, sig)
+    stats = tmp_path / "stats.json"
+    rc, err, seconds, children = _interrupt_when_started([*cmd, "--stats", str(stats)], out, sig)
     assert rc == code, err
     last = [x for x in err.splitlines() if x.startswith("batchllm: interrupted")][-1]
     assert f"of {n} lines done; run the same command to resume" in last
     done = int(last.split(": ")[-1].split(" of ")[0].split()[-1])
     records = out.read_text().splitlines()
     assert len(records) == done and 3 <= done < n, "every finished line was flushed, nothing torn"
+    written = json.loads(stats.read_text())  # (none was written: a script read a missing or an older file)
+    assert (written["interrupted"], written["num_lines_recorded"]) == (sig.name, done)
     assert seconds < 60, "the workers were stopped, not waited for"
     grace = time.time() + 15  # multiprocessing's resource tracker exits just after its parent
     while time.time() < grace and any(_alive(p) for p in children):
