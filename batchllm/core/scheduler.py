@@ -186,8 +186,8 @@ class Scheduler:
             parent.pending_members.append(request)
 
     def kv_blocks_needed(self, request: Request, shared_prefix_levels: int) -> int:
-        """KV blocks a request may hold at once: its prompt and max_tokens (at most the context), and a copy
-        of the last, partial block of each prefix it shares."""
+        """KV blocks a request may hold at once: its prompt and max_tokens (at most the context; without
+        max_tokens, `_max_total_tokens`), and a copy of the last, partial block of each prefix it shares."""
         return self.kv.blocks_for(self._max_total_tokens(request, shared_prefix_levels)) + shared_prefix_levels
 
     def _max_total_tokens(self, request: Request, shared_prefix_levels: int) -> int:

@@ -21,8 +21,8 @@ from batchllm import SamplingParams
         ({"stop": 3}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
-        ({"logprobs": -1}, "logprobs"),
-        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"logprobs": -2}, "logprobs"),  # (-1: the whole vocabulary, as in vLLM)
+        ({"prompt_logprobs": -2}, "prompt_logprobs"),
         ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
         ({"prompt_logprobs": True}, "prompt_logprobs"),
         ({"seed": "x"}, "seed"),
