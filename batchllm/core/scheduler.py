@@ -176,8 +176,7 @@ class Scheduler:
                     f"request {rid!r} may need {worst_case} KV blocks but the cache has "
                     f"{self.kv.pool.num_blocks}; give the KV cache more memory or lower max_model_len"
                 )
-        levels = len(request.shared_prefixes) if not request.is_prefix else 0
-        request.max_output_tokens = self._max_total_tokens(request, levels) - request.num_prompt_tokens
+        request.max_output_tokens = self._max_total_tokens(request) - request.num_prompt_tokens
         self.requests[rid] = request
         if parent is None:
             self.waiting.append(request)
@@ -188,17 +187,18 @@ class Scheduler:
     def kv_blocks_needed(self, request: Request, shared_prefix_levels: int) -> int:
         """KV blocks a request may hold at once: its prompt and max_tokens (at most the context; without
         max_tokens, `_max_total_tokens`), and a copy of the last, partial block of each prefix it shares."""
-        return self.kv.blocks_for(self._max_total_tokens(request, shared_prefix_levels)) + shared_prefix_levels
+        return self.kv.blocks_for(self._max_total_tokens(request)) + shared_prefix_levels
 
-    def _max_total_tokens(self, request: Request, shared_prefix_levels: int) -> int:
+    def _max_total_tokens(self, request: Request) -> int:
         """Prompt and output tokens the request may reach: with max_tokens, at most the context; without
-        (vLLM's None), the context or what the whole cache holds beside its prefixes' block copies, whichever
-        is less (vLLM would not start with a cache smaller than the context), but at least one output token
-        (a prompt the cache cannot hold is then refused by name)."""
+        (vLLM's None), the context or what the whole cache holds, whichever is less (vLLM would not start with
+        a cache smaller than the context), but at least one output token (a prompt the cache cannot hold is
+        then refused by name). Whatever else is in the batch: such a member that cannot also hold copies of
+        its prefixes' last blocks runs unshared (`LLM._crowded_members`), with the same limit."""
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:
             return min(self.max_model_len, request.num_prompt_tokens + max_tokens)
-        cache_tokens = (self.kv.pool.num_blocks - shared_prefix_levels) * self.kv.block_size
+        cache_tokens = self.kv.pool.num_blocks * self.kv.block_size
         return max(request.num_prompt_tokens + 1, min(self.max_model_len, cache_tokens))
 
     def has_unfinished(self) -> bool:

@@ -222,8 +222,11 @@ def test_generate_refuses_a_prompt_the_kv_cache_cannot_hold(tiny_model_factory):
         assert llm.kv_cache_tokens == 64
         with pytest.raises(ValueError, match=r"prompt 1: the prompt \(60 tokens\) and its completion may need 70"):
             llm.generate([[5] * 10, [5] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
-        with pytest.raises(ValueError, match="may need 256 tokens"):  # max_tokens None: up to the context
-            llm.generate([[5] * 10], SamplingParams(max_tokens=None), use_tqdm=False)
+        # max_tokens None: up to the context or to what the cache holds (Scheduler._max_total_tokens)
+        with pytest.raises(ValueError, match=r"the prompt \(64 tokens\) and its completion may need 65"):
+            llm.generate([[5] * 64], SamplingParams(max_tokens=None), use_tqdm=False)
+        unbounded = llm.generate([[5] * 10], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)
+        assert len(unbounded[0].outputs[0].token_ids) == 64 - 10
         assert len(llm.generate([[5] * 10], SamplingParams(max_tokens=10), use_tqdm=False)[0].outputs[0].token_ids)
     finally:
         llm.shutdown()
