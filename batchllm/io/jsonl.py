@@ -10,6 +10,7 @@ that cannot be used becomes a `LineError` naming the line and the problem; it ne
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ from batchllm.sampling_params import SamplingParams, integers_from_json, short_r
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
 PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs")
-"""The fields a plain line's request is read from; others are ignored, save a near miss of one (an error)."""
+"""The fields a plain line's request is read from; others are ignored, save a mistaken one (`_mistaken_field`)."""
+_NEAR_MISS_TARGETS = (*SAMPLING_FIELDS, "chat_template_kwargs")
 
 
 PLAIN, OPENAI = "plain", "openai"
@@ -130,12 +132,12 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)):
-        openai = "custom_id" in obj or "body" in obj or "url" in obj
+        openai = _is_openai_line(obj)
         rid = _clean_id(obj.get("custom_id") if openai else obj.get("id"))
         return LineError(line_number, rid, f"line {line_number}: {where} holds a lone surrogate "
                                            "(an unpaired \\ud800-\\udfff escape), which is not valid Unicode",
                          OPENAI if openai else None)
-    if "custom_id" in obj or "body" in obj or "url" in obj:
+    if _is_openai_line(obj):
         return _parse_openai_line(obj, line_number, seen_ids)
     rid = obj.get("id")
     if rid is None:
@@ -151,9 +153,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if len(given) != 1:
         return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)}", rid)
     unknown = sorted(set(obj) - set(PLAIN_FIELDS))
-    if misspelt := [f"{name!r} (did you mean {close[0]!r}?)" for name in unknown
-                    if (close := difflib.get_close_matches(name, PLAIN_FIELDS, n=1, cutoff=0.8))]:
-        return error(f"unsupported field(s): {', '.join(misspelt)}", rid)
+    if mistaken := [f"{name!r} ({hint})" for name in unknown if (hint := _mistaken_field(name))]:
+        return error(f"unsupported field(s): {', '.join(mistaken)}", rid)
     kind = given[0]
     prompt = obj[kind]
     if kind == "prompt" and not isinstance(prompt, str):
@@ -172,6 +173,32 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error("'chat_template_kwargs' needs 'messages'", rid)
     return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
                      ignored_fields=tuple(unknown))
+
+
+def _is_openai_line(obj: dict) -> bool:
+    """An OpenAI Batch line: it has a custom_id, or a body (an object) and no plain line's id. A plain line
+    may carry a table's `url` or `body` column, which it ignores."""
+    return "custom_id" in obj or (isinstance(obj.get("body"), dict) and "id" not in obj)
+
+
+_OTHER_NAMES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "top_logprobs": "logprobs",
+                "response_format": "structured_outputs", "stop_sequences": "stop",
+                "add_generation_prompt": "chat_template_kwargs", "continue_final_message": "chat_template_kwargs"}
+"""Other APIs' names (transformers', OpenAI bodies') of a plain line's fields: such a field is an error, not
+one of a table's other columns."""
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _mistaken_field(name: str) -> str | None:
+    """Why a plain line's unknown field looks like a mistake (another API's name of a field, or a near miss
+    of a sampling field's name, as `temprature`), or None: a table's other column, ignored. Names of five
+    characters or more only, and a close match (`uid`, `n_tokens` or `prompt_tokens` are left alone)."""
+    if name in _OTHER_NAMES:
+        return f"a plain line's is {_OTHER_NAMES[name]!r}"
+    if name == "chat_template":
+        return "a plain line takes none: give --chat-template"
+    close = difflib.get_close_matches(name, _NEAR_MISS_TARGETS, n=1, cutoff=0.9) if len(name) >= 5 else []
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def _overrides(obj: dict) -> dict[str, Any]:

@@ -430,10 +430,20 @@ def test_a_tables_other_columns_are_ignored_and_a_misspelt_field_is_named():
     line failed ("unsupported field(s): rating, text"). They are now ignored and counted, as vLLM's server
     ignores a request's unknown fields; a near miss of a field's name is still an error naming the field."""
     data = (b'{"id": 1, "prompt": "Hi", "rating": 5, "text": "good"}\n'
-            b'{"id": 2, "prompt": "Hi", "rating": 3}\n'
+            b'{"id": 2, "prompt": "Hi", "rating": 3, "uid": 7, "n_tokens": 3, "prompt_tokens": 2, "topk": 1}\n'
             b'{"id": 3, "prompt": "Hi", "temprature": 0.5, "max_new_tokens": 9}\n')
     result = ingest(data)
-    assert [v.line.request_id for v in result.valid] == [1, 2] and result.ignored_fields == {"rating": 2, "text": 1}
+    assert [v.line.request_id for v in result.valid] == [1, 2] and result.ignored_fields == {
+        "rating": 2, "text": 1, "uid": 1, "n_tokens": 1, "prompt_tokens": 1, "topk": 1}
     assert [e.message for e in result.errors] == [
-        "line 3: unsupported field(s): 'max_new_tokens' (did you mean 'max_tokens'?), "
+        "line 3: unsupported field(s): 'max_new_tokens' (a plain line's is 'max_tokens'), "
         "'temprature' (did you mean 'temperature'?)"]
+
+
+def test_a_plain_line_with_a_url_or_body_column_stays_a_plain_line():
+    """A table's `url` column (most web datasets have one) sent a plain line to the OpenAI reader, which
+    failed it for a missing custom_id and wrote the error to the OpenAI errors file."""
+    line = parse_line(b'{"id": 1, "prompt": "Hi", "url": "https://example.com", "body": "text"}', 1, set())
+    assert line.format == "plain" and set(line.ignored_fields) == {"url", "body"}
+    openai = parse_line(b'{"url": "/v1/completions", "body": {"prompt": "Hi"}}', 2, set())
+    assert openai.format == "openai" and "missing 'custom_id'" in openai.message
