@@ -118,8 +118,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         formats[item.format] = formats.get(item.format, 0) + 1
         for name in item.ignored_fields:
             ignored[name] = ignored.get(name, 0) + 1
-        if resume.is_done(item.request_id):
-            continue
+        if resume.is_done(item.request_id) or item.line_number in resume.done_error_lines:
+            continue  # (a line that failed stays failed: a second, result record would answer it twice)
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
             params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)

@@ -447,3 +447,14 @@ def test_a_plain_line_with_a_url_or_body_column_stays_a_plain_line():
     assert line.format == "plain" and set(line.ignored_fields) == {"url", "body"}
     openai = parse_line(b'{"url": "/v1/completions", "body": {"prompt": "Hi"}}', 2, set())
     assert openai.format == "openai" and "missing 'custom_id'" in openai.message
+
+
+def test_a_line_that_failed_before_is_not_run_again_on_resume():
+    """A line with an error record (one the KV cache refused, say) came back valid on a resume with more
+    memory, and got a second record: the README says a resume keeps its error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.jsonl"
+        path.write_bytes(b'{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi"}\n')
+        resume = ResumeState(done_error_lines={2})
+        result = prepare_lines(path, processor(), {"max_tokens": 4}, None, resume)
+    assert [v.line.request_id for v in result.valid] == ["a"] and not result.errors
