@@ -334,7 +334,8 @@ def _run_locked(args: argparse.Namespace) -> int:
                   f"{job.num_lines} lines done; run the same command to resume", file=sys.stderr)
             stats = {"interrupted": name, "num_lines": job.num_lines, "num_lines_recorded": job.num_recorded,
                      "num_lines_resumed": job.num_recorded_before}
-            return _write_stats(args, stats) or 128 + e.signum
+            _write_stats(args, stats, "the results written so far are kept")  # (the status stays the signal's)
+            return 128 + e.signum
 
 
 class Interrupted(BaseException):
@@ -568,13 +569,14 @@ def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num
     return _write_stats(args, stats) or (EXIT_LINES_FAILED if num_failed else EXIT_OK)
 
 
-def _write_stats(args: argparse.Namespace, stats: dict) -> int | None:
-    """Write --stats (if asked for); the exit status of a failed write, else None."""
+def _write_stats(args: argparse.Namespace, stats: dict, results: str = "the results are complete") -> int | None:
+    """Write --stats (if asked for); the exit status of a failed write, else None (`results`: what the
+    failure message says of the results)."""
     if args.stats is not None:
         try:
             args.stats.write_text(json.dumps(stats, indent=2) + "\n")
         except OSError as e:  # the results are written; only the statistics are lost
-            return _fail(f"cannot write --stats {str(args.stats)!r}: {e.strerror or e} (the results are complete)")
+            return _fail(f"cannot write --stats {str(args.stats)!r}: {e.strerror or e} ({results})")
     return None
 
 
