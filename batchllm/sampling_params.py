@@ -56,7 +56,8 @@ class SamplingParams:
     """Per-request seed: the same seed gives the same tokens whatever else is in the batch; -1 is None, as in
     vLLM (not seeded)."""
     max_tokens: int | None = 16
-    """Most tokens to generate; None: up to the model's context length."""
+    """Most tokens to generate; None: up to the model's context length, or to what the engine's KV cache holds
+    where that is less (`Scheduler._max_total_tokens`)."""
     min_tokens: int = 0
     """Fewest tokens to generate before EOS or stop_token_ids may end the request."""
     stop: list[str] | str | None = None
