@@ -25,6 +25,7 @@ PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
 PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs")
 """The fields a plain line's request is read from; others are ignored, save a mistaken one (`_mistaken_field`)."""
+_PLAIN_FIELD_SET = frozenset(PLAIN_FIELDS)  # (built once: every plain line is checked against it)
 _NEAR_MISS_TARGETS = (*SAMPLING_FIELDS, "chat_template_kwargs")
 
 
@@ -152,7 +153,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     given = [k for k in PROMPT_FIELDS if k in obj]
     if len(given) != 1:
         return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)}", rid)
-    unknown = sorted(set(obj) - set(PLAIN_FIELDS))
+    unknown = sorted(obj.keys() - _PLAIN_FIELD_SET)
     if mistaken := [f"{name!r} ({hint})" for name in unknown if (hint := _mistaken_field(name))]:
         return error(f"unsupported field(s): {', '.join(mistaken)}", rid)
     kind = given[0]
