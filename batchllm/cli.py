@@ -49,7 +49,13 @@ from batchllm.io.job import (
     prepare_output,
     refuse_output_onto_input,
 )
-from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, engine_config, engine_kwargs_from_args
+from batchllm.options import (
+    DefaultsHelpFormatter,
+    add_engine_arguments,
+    bare_flags_as_on,
+    engine_config,
+    engine_kwargs_from_args,
+)
 from batchllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -170,7 +176,7 @@ def package_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(bare_flags_as_on(sys.argv[1:] if argv is None else list(argv)))
     _input_path(parser, args)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     try:

@@ -138,10 +138,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str
 
 def _add_argument(group, option: EngineOption, default: Any) -> None:
     flags = ["--" + name.replace("_", "-") for name in (option.name, *_ALIASES_OF.get(option.name, ()))]
-    if option.type is bool and option.optional:  # a bare flag is "on", as vLLM's
+    if option.type is bool and option.optional:  # a bare flag is "on", as vLLM's (see `bare_flags_as_on`)
         tri = next(k for k, v in TRI_STATE.items() if v is default)
         action = group.add_argument(*flags, dest=option.name, choices=list(TRI_STATE), default=tri, nargs="?",
                                     const="on")
+        group.add_argument(*("--no-" + flag[2:] for flag in flags), dest=option.name, action="store_const",
+                           const="off", default=argparse.SUPPRESS, help=f"the same as {flags[0]} off (vLLM's spelling)")
     elif option.type is bool:
         action = group.add_argument(*flags, dest=option.name, action=argparse.BooleanOptionalAction, default=default)
     else:
@@ -149,6 +151,21 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
         action = group.add_argument(*flags, dest=option.name, type=value_type, choices=option.choices, default=default)
     # set after: BooleanOptionalAction adds its own; a literal % in the text is escaped for argparse's % formatting
     action.help = option.help.replace("%", "%%") + " (default: %(default)s)"
+
+
+def bare_flags_as_on(argv: list[str]) -> list[str]:
+    """`argv` with each bare optional-bool flag that is not followed by one of its values (auto, on,
+    off) written as `--flag=on`. Its value is optional, so argparse would take the next word for it:
+    `run --async-scheduling in.jsonl -o out.jsonl` was refused as "invalid choice: 'in.jsonl'"."""
+    flags = {"--" + name.replace("_", "-") for option in engine_options().values()
+             if option.type is bool and option.optional for name in (option.name, *_ALIASES_OF.get(option.name, ()))}
+    result = []
+    for i, word in enumerate(argv):
+        if word == "--":  # the rest are positional words
+            return result + argv[i:]
+        follows_a_value = i + 1 < len(argv) and argv[i + 1] in TRI_STATE
+        result.append(f"{word}=on" if word in flags and not follows_a_value else word)
+    return result
 
 
 def human_readable_int(text: str) -> int:

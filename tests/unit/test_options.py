@@ -51,7 +51,9 @@ def test_no_arguments_give_the_default_config():
 def test_every_option_is_a_flag_of_run_and_bench_with_the_declared_default(command):
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = sub.choices[command]
-    dests = {a.dest: a for a in parser._actions}
+    dests = {}
+    for action in parser._actions:  # the first flag of a dest is the option (--no-async-scheduling follows it)
+        dests.setdefault(action.dest, action)
     skipped = {"run": {"seed"}, "bench": {"skip_tokenizer_init"}}[command]  # seeded / fixed by the command
     for name, option in engine_options().items():
         if name in skipped:
@@ -61,7 +63,8 @@ def test_every_option_is_a_flag_of_run_and_bench_with_the_declared_default(comma
         default = TRI_STATE[action.default] if option.type is bool and option.optional else action.default
         assert default == option.default, name  # bench measures what run gets
     for action in parser._actions:
-        if action.option_strings and action.dest != "help":  # every option shows its default, once
+        if action.option_strings and action.dest != "help" and action.default is not argparse.SUPPRESS:
+            # every option shows its default, once (a --no-x spelling of an option shows it at --x)
             shown = parser.formatter_class("x")._get_help_string(action)
             stated = shown.count("(default:")
             assert action.help and (stated == 1 or stated == 0 and "%(default)" in shown), (action.dest, shown)
@@ -144,6 +147,23 @@ def test_vllm_command_line_spellings_are_taken():
     recorded = [results_options(build_parser().parse_args(["run", "i", "-o", "o", "--dtype", dtype]), {})["dtype"]
                 for dtype in ("half", "float16")]
     assert recorded == ["float16", "float16"], "a resume under the other name of the dtype is not refused"
+
+
+@pytest.mark.parametrize("words, expected", [
+    (["--async-scheduling", "in.jsonl", "-o", "o.jsonl"], True),  # was "invalid choice: 'in.jsonl'"
+    (["in.jsonl", "-o", "o.jsonl", "--async-scheduling"], True),
+    (["in.jsonl", "--async-scheduling", "--enforce-eager", "-o", "o.jsonl"], True),
+    (["in.jsonl", "-o", "o.jsonl", "--async-scheduling", "off"], False),
+    (["--no-async-scheduling", "in.jsonl", "-o", "o.jsonl"], False),
+    (["in.jsonl", "-o", "o.jsonl", "--async-scheduling", "auto"], None),
+])
+def test_a_bare_optional_bool_flag_does_not_take_the_next_word(words, expected):
+    from batchllm.options import bare_flags_as_on
+
+    args = build_parser().parse_args(bare_flags_as_on(["run", *words]))
+    assert args.input is not None and str(args.input) == "in.jsonl"
+    assert engine_config(**engine_kwargs_from_args(args)).scheduler.async_scheduling is expected
+    assert bare_flags_as_on(["run", "x", "--", "--async-scheduling"])[-1] == "--async-scheduling", "after --: a word"
 
 
 @pytest.mark.parametrize("kwargs, message", [
