@@ -34,6 +34,7 @@ from batchllm.inputs import ModelSource, read_chat_template, read_model_source
 from batchllm.io.ingest import (
     OPENAI_MAX_TOKENS,
     TO_THE_CONTEXT,
+    ResponseNames,
     count_input_lines,
     input_problem,
     prepare_lines,
@@ -117,6 +118,12 @@ def _add_run_parser(sub) -> None:
     o = run.add_argument_group("output")
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model's name in OpenAI Batch responses, whatever a line's model field says (vLLM's "
+                   "option; the first name is used) (default: a line's own model field, else the model "
+                   "directory's name)")
+    o.add_argument("--response-role", default="assistant",
+                   help="the role of the answer's message in chat completion responses (vLLM's option)")
     o.add_argument("--disable-log-stats", "--disable-log-requests", action="store_true",
                    help="accepted for vLLM's run-batch command lines; no effect: run logs no per-request or "
                    "periodic statistics lines (--no-progress quiets the progress bar)")
@@ -540,14 +547,14 @@ class _InBackground:
 def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace, num_failed: int) -> int:
     """Run the valid lines and append each result as it completes; the number written. The engine
     loop is closed on the way out, whatever stops it (an interrupt, a write error)."""
-    model_name = str(args.model or llm.model_dir.name)
+    names = response_names(args, llm.model_dir.name)
     desc = f"tokens ({num_failed} lines failed)" if num_failed else "tokens"
     results = llm.iter_generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
                                 use_tqdm=not args.no_progress, progress_desc=desc)
     num_done = 0
     try:
         for index, output in results:
-            out.write(record_for(valid[index].line, output, model_name))
+            out.write(record_for(valid[index].line, output, names))
             num_done += 1
     finally:
         try:
@@ -555,6 +562,12 @@ def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace
         except Exception:  # noqa: BLE001 - the engine is dropped; the failure that stopped the loop matters
             logger.debug("closing the engine loop failed", exc_info=True)
     return num_done
+
+
+def response_names(args: argparse.Namespace, model_name: str) -> ResponseNames:
+    """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's)."""
+    served = args.served_model_name[0] if args.served_model_name else None
+    return ResponseNames(str(args.model or model_name), served, args.response_role)
 
 
 def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num_failed: int, wall: float) -> int:

@@ -27,8 +27,8 @@ from batchllm.io.job import ResumeState
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
 from batchllm.sampling_params import SamplingParams, short_repr
 
-__all__ = ["Ingested", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for", "record_for",
-           "input_problem", "PLAIN", "OPENAI"]
+__all__ = ["Ingested", "ResponseNames", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
+           "record_for", "input_problem", "PLAIN", "OPENAI"]
 
 
 class ValidLine(NamedTuple):
@@ -217,11 +217,26 @@ def _cache_key(fields: dict) -> tuple | None:
     return tuple(key)
 
 
-def record_for(line: BatchLine, output, model_name: str) -> dict:
-    """The output record of a finished request, in the line's format (OpenAI lines echo their model)."""
+class ResponseNames(NamedTuple):
+    """How OpenAI response lines name the model and the chat answer's author."""
+
+    model: str
+    """The model's name where neither --served-model-name nor the line names one (its directory's name)."""
+    served_model: str | None = None
+    """--served-model-name's first name: every response gives it, whatever its line asked for (vLLM's rule)."""
+    role: str = "assistant"
+    """--response-role: the role of a chat answer's message."""
+
+    def model_of(self, line: BatchLine) -> str:
+        return self.served_model or line.model or self.model
+
+
+def record_for(line: BatchLine, output, names: ResponseNames) -> dict:
+    """The output record of a finished request, in the line's format (OpenAI lines echo their model
+    unless --served-model-name names it)."""
     if line.format == OPENAI:
         top = line.sampling_overrides.get("logprobs") or 0
         top = sys.maxsize if top == -1 else top  # (-1: the whole vocabulary)
-        return openai_batch.success_record(line.request_id, line.url, line.model or model_name, output,
-                                           len(output.prompt_token_ids), top)
+        return openai_batch.success_record(line.request_id, line.url, names.model_of(line), output,
+                                           len(output.prompt_token_ids), top, role=names.role)
     return result_record(line.request_id, output, len(output.prompt_token_ids))

@@ -179,16 +179,17 @@ def _ids() -> tuple[str, str]:
 
 
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
-                   top_logprobs: int = 0) -> dict[str, Any]:
-    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists. Each choice
-    carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
+                   top_logprobs: int = 0, role: str = "assistant") -> dict[str, Any]:
+    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists; `role` is a
+    chat answer's (vLLM's --response-role). Each choice carries vLLM's `stop_reason` (the stop string or
+    token id that ended it, else null)."""
     line_id, request_id = _ids()
     created = int(time.time())
     completion_tokens = output.num_output_tokens
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if url == CHAT_URL:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+        choices = [{"index": c.index, "message": {"role": role, "content": c.text},
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason} for c in output.outputs]
         body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,

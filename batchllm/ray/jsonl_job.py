@@ -107,8 +107,8 @@ class _CliPreprocess:
 class _CliRecords:
     """(row, RequestOutput or None, error or None) -> {"record": the CLI's JSON line for it}."""
 
-    def __init__(self, model_name: str, file_format: str) -> None:
-        self.model_name = model_name
+    def __init__(self, names, file_format: str) -> None:
+        self.names = names  # io.ingest.ResponseNames
         self.file_format = file_format
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
@@ -122,7 +122,7 @@ class _CliRecords:
             problem = error.split(": ", 1)[1] if error.startswith(f"line {row[LINE]}: ") else error
             record = LineError.for_line(line, in_the_lines_terms(line, problem)).record(self.file_format)
         else:
-            record = record_for(line, output, self.model_name)
+            record = record_for(line, output, self.names)
         return {RECORD: json.dumps(record, ensure_ascii=False)}
 
 
@@ -151,8 +151,9 @@ def file_format_of(path: Path, sample: int = 1000) -> str:
 
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
-                     global_seed: int | None = None) -> dict:
+                     global_seed: int | None = None, names=None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
+    `names` (`io.ingest.ResponseNames`): how OpenAI responses name the model (default: its directory's name).
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
@@ -167,9 +168,12 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         id_column=LINE, checkpoint_path=str(output_dir.resolve() / CHECKPOINT_DIR),
         delete_checkpoint_on_success=False)
     started = time.perf_counter()
-    model_name = Path(config.model).name if config.model else DEFAULT_MODEL_NAME
+    if names is None:
+        from batchllm.io.ingest import ResponseNames
+
+        names = ResponseNames(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed), record_fn=_CliRecords(
-        model_name, file_format_of(input_path)), index_column=LINE)
+        names, file_format_of(input_path)), index_column=LINE)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
     try:
         records = processor(lines, num_rows=count_input_lines(input_path))
@@ -211,9 +215,11 @@ def run_command_on_ray(args) -> int:
         note_model_defaults,
         read_chat_template_once,
         resolve_sampling_defaults,
+        response_names,
         results_options,
     )
     from batchllm.io.job import JobError, job_state_path, refuse_output_onto_input, tie_directory_to_job
+    from batchllm.models.default_model import DEFAULT_MODEL_NAME
     from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
@@ -250,7 +256,8 @@ def run_command_on_ray(args) -> int:
         return _fail(str(e))
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
-    result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed)
+    names = response_names(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
+    result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names)
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
     if args.stats is not None:

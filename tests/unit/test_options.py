@@ -256,3 +256,13 @@ def test_facts_and_sources_handed_on_must_be_the_configs(default_model_dir):
     assert facts.max_model_len == 128
     with pytest.raises(ValueError, match="a device or resolved facts"):
         build_engine(config, "cpu", facts)
+
+
+def test_run_takes_vllms_response_naming_options():
+    from batchllm.cli import response_names
+
+    args = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--served-model-name", "smol", "smol-2",
+                                      "--response-role", "bot", "--model", "/m/SmolLM2"])
+    assert tuple(response_names(args, "SmolLM2")) == ("/m/SmolLM2", "smol", "bot")
+    plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
+    assert tuple(response_names(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", None, "assistant")

@@ -130,10 +130,12 @@ def test_the_cli_rows_errors_name_an_openai_lines_own_fields():
     """run --ray wrote "SamplingParams.temperature ..." for an OpenAI line, where run names the body's field."""
     import json
 
+    from batchllm.io.ingest import ResponseNames
     from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, RECORD, _CliRecords
 
     raw = json.dumps({"custom_id": "c", "url": "/v1/chat/completions",
                       "body": {"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}}).encode()
     error = "line 1: SamplingParams.temperature must be >= 0, got -1"
-    record = json.loads(_CliRecords("m", "openai")({RAW: raw, LINE: 1, DUPLICATE: False}, None, error)[RECORD])
+    records = _CliRecords(ResponseNames("m"), "openai")
+    record = json.loads(records({RAW: raw, LINE: 1, DUPLICATE: False}, None, error)[RECORD])
     assert record["error"]["message"] == "line 1: temperature must be >= 0, got -1"

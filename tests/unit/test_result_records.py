@@ -46,3 +46,26 @@ def test_a_positions_logprobs_start_with_the_chosen_token_as_in_vllm():
     assert [e["rank"] for e in top] == [1, 2, 14], "a plain record's list stays in rank order"
     among = logprob_entry(281, TokenLogprobs(-1.0, 2, [28, 281], [-0.5, -1.0]))
     assert list(among) == [281, 28] and [lp.rank for lp in among.values()] == [2, 1]
+
+
+def test_served_model_name_and_response_role_name_the_answer():
+    """vLLM's run-batch --served-model-name names the model in every response, and --response-role the
+    chat answer's role; without them a line's own model is echoed, and a line without one gets the model's."""
+    import json
+
+    from batchllm.io.ingest import ResponseNames, record_for
+    from batchllm.io.jsonl import parse_line
+
+    def body(line: dict, names: ResponseNames) -> dict:
+        parsed = parse_line(json.dumps(line).encode(), 1, set())
+        return record_for(parsed, two_samples(), names)["response"]["body"]
+
+    chat = {"custom_id": "c", "method": "POST", "url": CHAT_URL, "body": {"model": "gpt-x", "messages": [
+        {"role": "user", "content": "hi"}]}}
+    unnamed = {**chat, "body": {"messages": chat["body"]["messages"]}}
+    assert body(chat, ResponseNames("/models/smol"))["model"] == "gpt-x"
+    assert body(unnamed, ResponseNames("/models/smol"))["model"] == "/models/smol"
+    served = body(chat, ResponseNames("/models/smol", "smol-served", "bot"))
+    assert served["model"] == "smol-served"
+    assert [c["message"]["role"] for c in served["choices"]] == ["bot", "bot"]
+    assert {c["message"]["role"] for c in body(chat, ResponseNames("m"))["choices"]} == {"assistant"}
