@@ -316,6 +316,8 @@ class LLM:
                      self._planned(call, [r for r in requests if r.request_id in crowded], False, budgets,
                                    f"{id_prefix}alone-")]
         call.budgets.update(budgets)
+        for request in requests:  # (first completions first: their plans are final now)
+            call.num_cached_tokens.setdefault(request.arrival_index, request.fork_point)
         call.planned_tokens += sum(plan.prefill_tokens for plan, _ in parts) + sum(budgets.values())
         call.plan_seconds += time.perf_counter() - plan_started
         call.plans.extend(plan.summary() for plan, _ in parts)
@@ -378,7 +380,8 @@ class LLM:
                 done.append((index, RequestOutput(request_id=f"{call.call_id}-{index}", prompt=prompt.text,
                                                   prompt_token_ids=prompt.token_ids,
                                                   outputs=[c.to_output() for c in children],
-                                                  prompt_logprobs=self._prompt_logprobs(prompt, children[0]))))
+                                                  prompt_logprobs=self._prompt_logprobs(prompt, children[0]),
+                                                  num_cached_tokens=call.num_cached_tokens.pop(index))))
         return done
 
     def _prompt_logprobs(self, prompt: TokenizedPrompt, first: CompletionState):
@@ -443,6 +446,8 @@ class _Call:
     planned_tokens: int = 0
     """Prefill tokens after sharing + decode budgets; a completion that stops early gives back what it left."""
     num_prompts_done: int = 0
+    num_cached_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's fork point)."""
 
 
 # ---------------------------------------------------------------------- helpers

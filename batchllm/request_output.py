@@ -43,6 +43,10 @@ class RequestOutput:
     """With SamplingParams.prompt_logprobs = k (vLLM's shape): None for the first prompt token, then
     per prompt token {token_id: Logprob} holding that token (its rank in the distribution) and the
     top k (ranks 1..k); None when not asked for."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV was read from a shared prefix instead of computed (vLLM's prefix-cache hits):
+    the prefix plan's shared part of this prompt, 0 without sharing. The first completion's; with n > 1 the
+    completions share their prompt, computed once for them all, so it counts that too."""
 
     @property
     def num_output_tokens(self) -> int:

@@ -274,6 +274,8 @@ def result_record(request_id: str | int, output, prompt_tokens: int) -> dict[str
     with every completion (its logprobs included) under "outputs" when there are several."""
     record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0]),
                               "prompt_tokens": prompt_tokens, "completion_tokens": output.num_output_tokens}
+    if output.num_cached_tokens is not None:  # (prompt tokens read from a shared prefix, not computed)
+        record["cached_tokens"] = output.num_cached_tokens
     if output.prompt_logprobs is not None:  # null for the first prompt token, as in vLLM
         record["prompt_logprobs"] = [None if lp_map is None else _logprob_record(int(tid), lp_map)
                                      for tid, lp_map in zip(output.prompt_token_ids, output.prompt_logprobs)]

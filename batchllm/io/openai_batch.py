@@ -188,6 +188,8 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
     completion_tokens = output.num_output_tokens
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
+    if output.num_cached_tokens is not None:  # as OpenAI's usage: prompt tokens read from a cache (a shared prefix)
+        usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens}
     if url == CHAT_URL:
         choices = [{"index": c.index, "message": {"role": role, "content": c.text},
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,

@@ -46,6 +46,7 @@ def check_openai_record(rec):
     assert isinstance(body["id"], str) and isinstance(body["created"], int) and isinstance(body["model"], str)
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]  # (OpenAI's field)
     for i, choice in enumerate(body["choices"]):
         assert choice["index"] == i and choice["finish_reason"] in ("stop", "length")
         if body["object"] == "chat.completion":
@@ -78,6 +79,7 @@ def test_openai_batch_round_trip(tmp_path, default_model_dir):
     assert chat["model"] == "smollm2"
     two = records["chat-2"]["response"]["body"]
     assert len(two["choices"]) == 2 and two["usage"]["completion_tokens"] == 10
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] == two["usage"]["prompt_tokens"] - 1, "n = 2"
     content = two["choices"][0]["logprobs"]["content"]
     assert len(content) == 5 and all(len(t["top_logprobs"]) == 2 for t in content)
     cmpl = records["cmpl-1"]["response"]["body"]

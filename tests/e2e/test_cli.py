@@ -39,6 +39,7 @@ def test_jsonl_round_trip_on_the_default_model(tmp_path, default_model_dir):
     for rec in records.values():
         assert set(rec) >= {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}
         assert rec["completion_tokens"] == len(rec["token_ids"])
+        assert 0 <= rec["cached_tokens"] < rec["prompt_tokens"]
     s = json.loads(stats.read_text())
     assert s["num_requests"] == 4 and s["output_tokens"] == sum(r["completion_tokens"] for r in records.values())
     # the input was read while the engine was built: the run waited for at most what reading took

@@ -33,6 +33,7 @@ def unshared(default_model_dir):
     llm = LLM(str(default_model_dir), dtype="float32", device="cpu", prefix_sharing=False, max_num_batched_tokens=256)
     out = llm.generate(batch(), GREEDY, use_tqdm=False)
     assert llm.last_stats["prefill_tokens_computed"] == llm.last_stats["prompt_tokens"]
+    assert [o.num_cached_tokens for o in out] == [0] * len(out)
     return token_ids(out)
 
 
@@ -47,6 +48,15 @@ def test_sharing_gives_the_same_tokens_and_counts_the_planned_prefill(default_mo
     assert s["saving_ratio"] > 0.5
     assert s["num_groups"] >= 1 and s["max_sharing_degree"] >= 5
     assert llm.engine.core.scheduler.kv.num_free_blocks == llm.engine.kv_spec.num_blocks
+    # each prompt's num_cached_tokens is the shared part it did not compute: the instruction and its document
+    # for the questions, the 3 shared tokens of the "Hello there" pair ( < one block, still shared), none for cats
+    document = [len(llm.tokenizer(INSTRUCTION + doc + "\nQuestion:")["input_ids"]) for doc in DOCS]
+    cached = [o.num_cached_tokens for o in out]
+    for i, doc_tokens in enumerate(document):
+        assert all(doc_tokens - 2 <= c < doc_tokens + 5 for c in cached[5 * i: 5 * i + 5]), (cached, document)
+    assert cached[-1] == 0 and 0 < cached[-3] == cached[-2] < len(out[-2].prompt_token_ids)
+    own = sum(len(o.prompt_token_ids) - c for o, c in zip(out, cached))
+    assert own < s["prefill_tokens_computed"], "the prefixes themselves are computed once, beside the members' own"
 
 
 def test_group_larger_than_the_running_batch(default_model_dir, unshared):
@@ -72,4 +82,5 @@ def test_n_completions_share_their_prompt(default_llm):
     s = default_llm.last_stats
     prompt_len = len(out[0].prompt_token_ids)
     assert s["prefill_tokens_computed"] == (prompt_len - 1) + 4
+    assert out[0].num_cached_tokens == prompt_len - 1, "the prompt computed once for the four"
     assert len(out[0].outputs) == 4
