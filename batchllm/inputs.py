@@ -104,11 +104,12 @@ class PromptProcessor:
         except Exception as e:  # the template itself rejects the conversation (roles, content types)
             raise ValueError(f"conversation {index}: the chat template failed: {e}") from e
 
-    def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
-        """Validate and tokenize one prompt; raises ValueError naming prompt `index` and the problem."""
+    def tokenize_prompt(self, prompt: Any, index: int = 0, truncate: int | None = None) -> TokenizedPrompt:
+        """Validate and tokenize one prompt, keeping its last `truncate` tokens (SamplingParams.truncate_prompt_tokens);
+        raises ValueError naming prompt `index` and the problem."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return self.validate_ids(prompt["prompt_token_ids"], index, prompt.get("prompt"))
+                return self.validate_ids(prompt["prompt_token_ids"], index, prompt.get("prompt"), truncate)
             if "prompt" not in prompt:
                 raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
@@ -124,14 +125,17 @@ class PromptProcessor:
                 ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
             except Exception as e:  # e.g. TypeError on a lone surrogate: this prompt's error, no one else's
                 raise ValueError(f"prompt {index}: the tokenizer refused it ({type(e).__name__}: {e})") from e
-            return self.validate_ids(ids, index, prompt)
+            return self.validate_ids(ids, index, prompt, truncate)
         if isinstance(prompt, (list, tuple)):
-            return self.validate_ids(list(prompt), index, None)
+            return self.validate_ids(list(prompt), index, None, truncate)
         raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
 
-    def tokenize_many(self, prompts: list[Any], indices: list[int]) -> list[TokenizedPrompt | ValueError]:
-        """Tokenize many prompts with one batched tokenizer call per kind; a bad prompt gives its
-        ValueError in place of a result instead of stopping the others."""
+    def tokenize_many(self, prompts: list[Any], indices: list[int],
+                      truncate: list[int | None] | None = None) -> list[TokenizedPrompt | ValueError]:
+        """Tokenize many prompts with one batched tokenizer call per kind (`truncate`: each one's
+        truncate_prompt_tokens); a bad prompt gives its ValueError in place of a result instead of stopping
+        the others."""
+        truncate = truncate or [None] * len(prompts)
         results: list[TokenizedPrompt | ValueError | None] = [None] * len(prompts)
         texts: dict[bool, list[int]] = {True: [], False: []}  # add_special_tokens -> positions
         bos = getattr(self.tokenizer, "bos_token", None) if self.tokenizer is not None else None
@@ -139,7 +143,7 @@ class PromptProcessor:
             if isinstance(prompt, str) and prompt and self.tokenizer is not None:
                 texts[not (bos and prompt.startswith(bos))].append(pos)
             else:
-                results[pos] = _or_error(self.tokenize_prompt, prompt, indices[pos])
+                results[pos] = _or_error(self.tokenize_prompt, prompt, indices[pos], truncate[pos])
         for add_special, positions in texts.items():
             if not positions:
                 continue
@@ -148,18 +152,22 @@ class PromptProcessor:
             except Exception:  # one prompt the tokenizer refuses fails the batch call: find it one by one
                 encoded = [None] * len(positions)
             for pos, ids in zip(positions, encoded):
-                results[pos] = (_or_error(self.tokenize_prompt, prompts[pos], indices[pos]) if ids is None
-                                else _or_error(self.validate_ids, ids, indices[pos], prompts[pos]))
+                results[pos] = (_or_error(self.tokenize_prompt, prompts[pos], indices[pos], truncate[pos])
+                                if ids is None else
+                                _or_error(self.validate_ids, ids, indices[pos], prompts[pos], truncate[pos]))
         return results  # type: ignore[return-value]
 
-    def validate_ids(self, ids: Any, index: int, text: str | None) -> TokenizedPrompt:
-        """The prompt of these ids, with its array (`TokenizedPrompt.array`: converted once here, one
-        vectorised range check on it, then kept); raises ValueError naming prompt `index` and the problem."""
+    def validate_ids(self, ids: Any, index: int, text: str | None, truncate: int | None = None) -> TokenizedPrompt:
+        """The prompt of these ids (its last `truncate` only, where given), with its array
+        (`TokenizedPrompt.array`: converted once here, one vectorised range check on it, then kept); raises
+        ValueError naming prompt `index` and the problem. `text` stays the prompt as given."""
         # type() not isinstance(): bools are ints to isinstance; map(type) runs at C speed on long prompts
         if not isinstance(ids, (list, tuple)) or not set(map(type, ids)) <= {int}:
             raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
         if not ids:
             raise ValueError(f"prompt {index} is empty")
+        if truncate is not None:
+            ids = ids[-self.truncation_length(truncate, index):]
         try:
             values = np.fromiter(ids, dtype=np.int64, count=len(ids))
             inside = values.view(np.uint64).max() < self.vocab_size  # negatives view as >= 2**63: one pass
@@ -174,6 +182,16 @@ class PromptProcessor:
                 "which leaves no room to generate"
             )
         return TokenizedPrompt(list(ids), text, values.astype(self._id_dtype))
+
+
+    def truncation_length(self, truncate: int, index: int) -> int:
+        """The tokens a prompt keeps under truncate_prompt_tokens = `truncate` (-1: the context less one)."""
+        if truncate == -1:
+            return self.max_model_len - 1
+        if truncate > self.max_model_len:  # (as vLLM)
+            raise ValueError(f"prompt {index}: truncate_prompt_tokens ({truncate}) is more than the context "
+                             f"(max_model_len {self.max_model_len}); give at most that, or -1")
+        return truncate
 
 
 def _or_error(call, *args) -> TokenizedPrompt | ValueError:

@@ -142,9 +142,10 @@ class LLM:
         """`generate`'s input path up to submission: every prompt tokenized and validated, one
         SamplingParams per prompt checked against the model; raises the first bad prompt's ValueError."""
         items = _as_prompt_list(prompts)
+        params = self._params_list(sampling_params, len(items))
         with _quiet_gc():  # millions of new lists and arrays would trigger collections that walk the input
-            tokenized = [self.tokenize_prompt(p, i) for i, p in enumerate(items)]
-        params = self._params_list(sampling_params, len(tokenized))
+            tokenized = [self.prompts.tokenize_prompt(p, i, sp.truncate_prompt_tokens)
+                         for i, (p, sp) in enumerate(zip(items, params))]
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
                                self.prompts.max_logprobs)
@@ -176,8 +177,8 @@ class LLM:
                             kwargs: dict | None = None, chat_template: str | None = None) -> str:
         return self.prompts.apply_chat_template(conversation, index, add_generation_prompt, kwargs, chat_template)
 
-    def tokenize_prompt(self, prompt: Any, index: int = 0) -> TokenizedPrompt:
-        return self.prompts.tokenize_prompt(prompt, index)
+    def tokenize_prompt(self, prompt: Any, index: int = 0, truncate: int | None = None) -> TokenizedPrompt:
+        return self.prompts.tokenize_prompt(prompt, index, truncate)
 
     @functools.cached_property  # (asked once per prompt; the caches never change size)
     def kv_cache_tokens(self) -> int | None:

@@ -27,7 +27,8 @@ _short.maxstring = _short.maxother = 80
 _short.maxlong = 40
 
 
-INTEGER_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+INTEGER_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+                  "truncate_prompt_tokens")
 """The scalar SamplingParams fields that hold integers."""
 
 
@@ -92,6 +93,10 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict | None = None
     """Keep the output to a JSON schema, any JSON object, a regex, a choice or an EBNF grammar
     (`batchllm/structured.py`; needs the `batchllm[structured]` extra)."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the prompt's last k tokens (vLLM's left truncation; at most max_model_len); -1: the last
+    max_model_len - 1, so that one token can be generated (vLLM keeps max_model_len, which leaves none); None:
+    no truncation, and a prompt the context cannot hold is refused (`inputs.PromptProcessor.validate_ids`)."""
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     _bad_words_token_ids: list[tuple[int, ...]] | None = field(default=None, init=False, repr=False, compare=False)
     _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
@@ -160,6 +165,10 @@ class SamplingParams:
             raise bad("logprobs", "must be a non-negative integer, -1 (the whole vocabulary) or None")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < -1):
             raise bad("prompt_logprobs", "must be a non-negative integer, -1 (the whole vocabulary) or None")
+        if self.truncate_prompt_tokens is not None and (
+                not _is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < -1
+                or self.truncate_prompt_tokens == 0):
+            raise bad("truncate_prompt_tokens", "must be a positive integer, -1 (what the context holds) or None")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")

@@ -96,7 +96,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     pending: list[tuple[BatchLine, SamplingParams, Any]] = []
 
     def flush() -> None:
-        results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending])
+        results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
+                                        [params.truncate_prompt_tokens for _, params, _ in pending])
         for (line, params, _), result in zip(pending, results):
             line.prompt = None  # the tokens replace the text: never hold both for a whole file
             if isinstance(result, ValueError):

@@ -27,7 +27,8 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "skip_special_tokens": "skip_special_tokens",
            "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
            "repetition_penalty": "repetition_penalty", "allowed_token_ids": "allowed_token_ids",
-           "bad_words": "bad_words", "structured_outputs": "structured_outputs"}
+           "bad_words": "bad_words", "structured_outputs": "structured_outputs",
+           "truncate_prompt_tokens": "truncate_prompt_tokens"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
                  "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),

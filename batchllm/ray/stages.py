@@ -114,13 +114,14 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
     params = SamplingParams(**fields)
     params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
+    truncate = params.truncate_prompt_tokens
     context_len = None
     if given[0] == "messages":
         from batchllm.io.openai_batch import template_kwargs
 
         messages, template = request["messages"], template_kwargs(request.get("chat_template_kwargs"))
         text = prompts.apply_chat_template(messages, index, kwargs=template)
-        ids = prompts.tokenize_prompt(text, index).token_ids
+        ids = prompts.tokenize_prompt(text, index, truncate).token_ids
         if isinstance(messages, list) and len(messages) > 1:
             # the conversation before its last message, closed (whatever the line asks of its own end)
             context_kwargs = {k: v for k, v in (template or {}).items()
@@ -129,9 +130,10 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
                                                   kwargs=context_kwargs)
             context_len = _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)
     elif given[0] == "prompt":
-        ids = prompts.tokenize_prompt(request["prompt"], index).token_ids
+        ids = prompts.tokenize_prompt(request["prompt"], index, truncate).token_ids
     else:
-        ids = prompts.tokenize_prompt({"prompt_token_ids": list(request["prompt_token_ids"])}, index).token_ids
+        ids = prompts.tokenize_prompt({"prompt_token_ids": list(request["prompt_token_ids"])}, index,
+                                      truncate).token_ids
     if request.get(MUST_FIT) and params.max_tokens is not None:  # None: up to the context, which always fits
         from batchllm.io.ingest import context_overflow
 

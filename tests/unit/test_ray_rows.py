@@ -139,3 +139,19 @@ def test_the_cli_rows_errors_name_an_openai_lines_own_fields():
     records = _CliRecords(ResponseNames("m"), "openai")
     record = json.loads(records({RAW: raw, LINE: 1, DUPLICATE: False}, None, error)[RECORD])
     assert record["error"]["message"] == "line 1: temperature must be >= 0, got -1"
+
+
+def test_a_rows_truncate_prompt_tokens_keeps_its_last_tokens():
+    from batchllm.ray.stages import TOKENS
+
+    rows = [{"prompt": "word " * 100, "sampling_params": {"truncate_prompt_tokens": 20}},
+            {"prompt_token_ids": list(range(1, 101)), "sampling_params": {"truncate_prompt_tokens": -1}},
+            {"messages": [{"role": "user", "content": "word " * 100}],
+             "sampling_params": {"truncate_prompt_tokens": 9}},
+            {"prompt": "word " * 100}]
+    table = pa.table({"i": list(range(len(rows)))})
+    out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64),
+                         preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors, tokens = out.column(ERROR).to_pylist(), out.column(TOKENS).to_pylist()
+    assert errors[:3] == [None] * 3 and "max_model_len" in errors[3]
+    assert [len(t) for t in tokens[:3]] == [20, 63, 9] and tokens[1] == list(range(38, 101))

@@ -28,6 +28,10 @@ from batchllm import SamplingParams
         ({"seed": "x"}, "seed"),
         ({"temperature": "hot"}, "temperature"),
         ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": True}, "truncate_prompt_tokens"),
     ],
 )
 def test_bad_values_raise_an_error_that_names_the_field(kwargs, field):
@@ -148,3 +152,38 @@ def test_logprobs_minus_one_is_the_whole_vocabulary_as_in_vllm(tiny_model_factor
     assert out.prompt_logprobs[0] is None and [len(e) for e in out.prompt_logprobs[1:]] == [VOCAB, VOCAB]
     with pytest.raises(ValueError, match=rf"logprobs = -1 \(the whole vocabulary, {VOCAB}\) is more than max_logprobs"):
         params.clone().check_for_model(VOCAB, max_logprobs=20)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_in_vllm(tiny_model_factory):
+    """vLLM's truncate_prompt_tokens = k keeps a prompt's last k tokens (left truncation), before the prompt is
+    checked against the context; -1 keeps what the context holds with room for one token."""
+    from batchllm import LLM
+    from batchllm.inputs import PromptProcessor
+
+    prompts = PromptProcessor(None, vocab_size=100, max_model_len=10)
+    ids = [500] + list(range(1, 20))  # (the token outside the vocabulary is cut off: no error)
+    assert prompts.validate_ids(ids, 0, None, 4).token_ids == [16, 17, 18, 19]
+    assert prompts.validate_ids(ids, 0, None, -1).token_ids == list(range(11, 20))
+    assert prompts.validate_ids([1, 2], 0, None, 5).token_ids == [1, 2], "a shorter prompt is kept whole"
+    with pytest.raises(ValueError, match=r"prompt 3: truncate_prompt_tokens \(11\) is more than the context"):
+        prompts.validate_ids(ids, 3, None, 11)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        prompts.validate_ids(ids, 0, None)
+    assert [p.token_ids if not isinstance(p, ValueError) else None
+            for p in prompts.tokenize_many([ids, ids[:3], ids], [0, 1, 2], [2, None, None])] == [[18, 19], None, None]
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    try:
+        long = list(range(5, 105))  # 100 tokens: more than the context
+        with pytest.raises(ValueError, match="prompt 0 has 100 tokens"):
+            llm.generate([long], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+        cut, tail, whole_context = llm.generate(
+            [long, long[-6:], long], [SamplingParams(max_tokens=3, temperature=0, truncate_prompt_tokens=6),
+                                      SamplingParams(max_tokens=3, temperature=0),
+                                      SamplingParams(max_tokens=None, temperature=0, truncate_prompt_tokens=-1)],
+            use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert cut.prompt_token_ids == long[-6:] and cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    assert whole_context.prompt_token_ids == long[-63:] and len(whole_context.outputs[0].token_ids) == 1
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
