@@ -28,7 +28,7 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
            "repetition_penalty": "repetition_penalty", "allowed_token_ids": "allowed_token_ids",
            "bad_words": "bad_words", "structured_outputs": "structured_outputs",
-           "truncate_prompt_tokens": "truncate_prompt_tokens"}
+           "truncate_prompt_tokens": "truncate_prompt_tokens", "prompt_logprobs": "prompt_logprobs"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
                  "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
@@ -191,15 +191,20 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
              "total_tokens": prompt_tokens + completion_tokens}
     if output.num_cached_tokens is not None:  # as OpenAI's usage: prompt tokens read from a cache (a shared prefix)
         usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens}
+    prompt_logprobs = _prompt_logprobs(output)
     if url == CHAT_URL:
         choices = [{"index": c.index, "message": {"role": role, "content": c.text},
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason} for c in output.outputs]
         body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
                 "model": model, "choices": choices, "usage": usage}
+        if prompt_logprobs is not None:  # vLLM's: the response's, in a chat completion
+            body["prompt_logprobs"] = prompt_logprobs
     else:
         choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c, top_logprobs),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
+        if prompt_logprobs is not None:  # vLLM's: each choice's, in a text completion
+            choices = [{**choice, "prompt_logprobs": prompt_logprobs} for choice in choices]
         body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
                 "model": model, "choices": choices, "usage": usage}
     return {"id": line_id, "custom_id": custom_id,
@@ -241,6 +246,17 @@ def _chat_logprobs(c, k: int) -> dict[str, Any] | None:
     content = [{**_token_entry(entry[token_id]), "top_logprobs": [_token_entry(lp) for lp in _top(entry, k)]}
                for token_id, entry in zip(c.token_ids, c.logprobs)]
     return {"content": content}
+
+
+def _prompt_logprobs(output) -> list[dict[str, dict] | None] | None:
+    """vLLM's `prompt_logprobs` of a response (body field `prompt_logprobs`: k): null for the first prompt
+    token, then per prompt token {token id: {"logprob", "rank", "decoded_token"}}, the token's own first,
+    then the top k; None when not asked for."""
+    if output.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in entry.items()} for entry in output.prompt_logprobs]
 
 
 def _completion_logprobs(c, k: int) -> dict[str, Any] | None:

@@ -109,3 +109,35 @@ def test_jsonl_job_writes_prompt_logprobs(tmp_path, default_model_dir, reference
         assert entry["logprob"] == pytest.approx(logprobs[j - 1, ids[j]].item(), abs=TOL)
         ranks = sorted(e["rank"] for e in entry["top"])
         assert ranks[:2] == [1, 2] and {e["token_id"] for e in entry["top"]} >= {ids[j]}
+
+
+def test_openai_lines_carry_prompt_logprobs_where_vllm_puts_them(tmp_path, default_model_dir, reference):
+    """vLLM's body field prompt_logprobs: each choice's `prompt_logprobs` in a text completion, the body's in a
+    chat completion, as {token id: {"logprob", "rank", "decoded_token"}} per prompt token, the token's own first."""
+    def line(custom_id, url, **body):
+        return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "m", "max_tokens": 2, **body}}
+
+    lines = [line("cmpl", "/v1/completions", prompt=PROMPTS[3], prompt_logprobs=2, n=2, temperature=0.5),
+             line("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], prompt_logprobs=0),
+             line("none", "/v1/completions", prompt=PROMPTS[3])]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r = subprocess.run([sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--model",
+                        str(default_model_dir), "--dtype", "float32", "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    bodies = {rec["custom_id"]: rec["response"]["body"] for rec in map(json.loads, out.read_text().splitlines())}
+    ids, logprobs = reference[3]
+    choices = bodies["cmpl"]["choices"]
+    assert len(choices) == 2 and choices[0]["prompt_logprobs"] == choices[1]["prompt_logprobs"]
+    got = choices[0]["prompt_logprobs"]
+    assert len(got) == bodies["cmpl"]["usage"]["prompt_tokens"] == len(ids) and got[0] is None
+    for j, entry in enumerate(got[1:], start=1):
+        own = next(iter(entry))
+        assert own == str(ids[j]) and entry[own]["logprob"] == pytest.approx(logprobs[j - 1, ids[j]].item(), abs=TOL)
+        assert {e["rank"] for e in entry.values()} >= {1, 2} and isinstance(entry[own]["decoded_token"], str)
+    chat = bodies["chat"]["prompt_logprobs"]
+    assert chat[0] is None and all(len(e) == 1 for e in chat[1:]), "k = 0: the prompt token's own only"
+    assert len(chat) == bodies["chat"]["usage"]["prompt_tokens"]
+    assert "prompt_logprobs" not in bodies["none"]["choices"][0]
+    assert "prompt_logprobs" not in bodies["chat"]["choices"][0]
