@@ -465,12 +465,13 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
 
 
-def note_ignored_fields(ignored: dict[str, int]) -> None:
-    """Say which fields of the plain lines were ignored (a table's other columns), as vLLM's server warns."""
+def note_ignored_fields(ignored: dict[str, int], where: str = "") -> None:
+    """Say which fields of the plain lines were ignored (a table's other columns), as vLLM's server warns
+    (`where`: which lines were looked at, where not all)."""
     if ignored:
         shown = ", ".join(f"{name} ({count} line{'s' * (count != 1)})" for name, count in sorted(ignored.items())[:20])
         more = f" and {len(ignored) - 20} more" if len(ignored) > 20 else ""
-        print(f"batchllm: ignored fields that are not request fields: {shown}{more}", file=sys.stderr)
+        print(f"batchllm: ignored fields that are not request fields{where}: {shown}{more}", file=sys.stderr)
 
 
 def _refuse_what_the_cache_cannot_hold(llm, valid: list, errors: list) -> tuple[list, list]:

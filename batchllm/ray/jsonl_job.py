@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -137,17 +138,39 @@ class _RecordShards(BlockBasedFileDatasink):
         file.write("".join(r + "\n" for r in records).encode("utf-8"))
 
 
-def file_format_of(path: Path, sample: int = 1000) -> str:
-    """The format of most of the first `sample` parsable lines (for error records of unparsable lines)."""
-    counts = {PLAIN: 0, OPENAI: 0}
+SAMPLE_LINES = 1000
+"""Lines the driver reads itself (the tasks read the file): for the file's format and its ignored fields."""
+
+
+def _sampled_lines(path: Path, sample: int = SAMPLE_LINES) -> list[BatchLine]:
+    """The parsable lines among the first `sample`."""
+    lines = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if number > sample:
                 break
             parsed = parse_line(raw, number, set()) if raw.strip() else None
             if isinstance(parsed, BatchLine):
-                counts[parsed.format] += 1
+                lines.append(parsed)
+    return lines
+
+
+def file_format_of(path: Path, sample: int = SAMPLE_LINES) -> str:
+    """The format of most of the first `sample` parsable lines (for error records of unparsable lines)."""
+    counts = {PLAIN: 0, OPENAI: 0}
+    for line in _sampled_lines(path, sample):
+        counts[line.format] += 1
     return max(counts, key=counts.get)
+
+
+def ignored_fields_of(path: Path, sample: int = SAMPLE_LINES) -> dict[str, int]:
+    """The fields the first `sample` plain lines hold that are no request field, with how many lines hold each
+    (what `run` without --ray names from the whole file)."""
+    ignored: dict[str, int] = {}
+    for line in _sampled_lines(path, sample):
+        for name in line.ignored_fields:
+            ignored[name] = ignored.get(name, 0) + 1
+    return ignored
 
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
@@ -180,12 +203,18 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
     finally:
         context.checkpoint_config = previous  # the context is the driver's: later datasets must not inherit it
+    num_records, num_errors = count_shard_records(output_dir)
+    return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
+
+
+def count_shard_records(output_dir: Path) -> tuple[int, int]:
+    """(records, error records) in the JSONL shards of `output_dir`."""
     num_records = num_errors = 0
     for shard in sorted(output_dir.glob("*.jsonl")):
         for raw in shard.read_bytes().splitlines():
             num_records += 1
             num_errors += bool(json.loads(raw).get("error"))
-    return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
+    return num_records, num_errors
 
 
 def _driver_model_dir(model: str | None) -> Path | None:
@@ -211,7 +240,12 @@ def run_command_on_ray(args) -> int:
         EXIT_CANNOT_START,
         EXIT_LINES_FAILED,
         EXIT_OK,
+        Interrupted,
         _fail,
+        _signals_interrupt,
+        _stats_problem,
+        _write_stats,
+        note_ignored_fields,
         note_model_defaults,
         read_chat_template_once,
         resolve_sampling_defaults,
@@ -224,6 +258,8 @@ def run_command_on_ray(args) -> int:
 
     if problem := input_problem(args.input):
         return _fail(problem)
+    if args.stats is not None and (problem := _stats_problem(args.stats)):
+        return _fail(problem)  # before the job, as without --ray
     try:
         read_chat_template_once(args)  # the text travels to the tasks and actors, not the path
         defaults, from_model = resolve_sampling_defaults(args, _driver_model_dir(args.model))
@@ -235,6 +271,7 @@ def run_command_on_ray(args) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     note_model_defaults(args, from_model)
+    note_ignored_fields(ignored_fields_of(args.input), f" (in the first {SAMPLE_LINES:,} lines)")
     try:
         refuse_output_onto_input(args.output, args.input)  # (and "-": standard output), as without --ray
     except JobError as e:
@@ -257,11 +294,28 @@ def run_command_on_ray(args) -> int:
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
     names = response_names(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
-    result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names)
+    with _signals_interrupt():
+        try:
+            result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names)
+        except Interrupted as e:
+            return _report_interrupt(args, signal.Signals(e.signum).name) or 128 + e.signum
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
-    if args.stats is not None:
-        args.stats.write_text(json.dumps({**result, "num_replicas": args.num_replicas}, indent=2) + "\n")
+    if failed := _write_stats(args, {**result, "num_replicas": args.num_replicas}):
+        return failed
     if result["num_records"] == 0 and count_input_lines(args.input):
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
+
+
+def _report_interrupt(args, signal_name: str) -> int | None:
+    """Say what an interrupted --ray job left (the committed shards' records; a restart skips them) and write
+    --stats as `run` without --ray does; the exit status of a failed --stats write, else None."""
+    from batchllm.cli import _write_stats
+
+    num_records, num_errors = count_shard_records(args.output)
+    print(f"batchllm: interrupted ({signal_name}): {num_records} records in {args.output} ({num_errors} failed); "
+          "run the same command to resume", file=sys.stderr)
+    stats = {"interrupted": signal_name, "num_lines": count_input_lines(args.input), "num_records": num_records,
+             "num_errors": num_errors, "num_replicas": args.num_replicas}
+    return _write_stats(args, stats, "the records written so far are kept")

@@ -43,6 +43,7 @@ def jobs(tmp_path_factory, default_model_dir):
 
     root = tmp_path_factory.mktemp("ray-jobs")
     lines = [json.dumps({"id": r["id"], "messages": _messages(r)}) for r in [*ROWS, LONG]]
+    lines[0] = json.dumps({**json.loads(lines[0]), "source_row": 17})  # a table's other column: ignored, named
     lines += [
         json.dumps({"custom_id": "oa-chat", "method": "POST", "url": "/v1/chat/completions",
                     "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}}),
@@ -105,13 +106,16 @@ def _normalized(record: dict) -> str:
     return json.dumps(record, sort_keys=True)
 
 
-def test_cli_ray_path_writes_the_single_machine_records_and_skips_them_on_restart(ray_session, jobs, tmp_path):
+def test_cli_ray_path_writes_the_single_machine_records_and_skips_them_on_restart(ray_session, jobs, tmp_path,
+                                                                                   capsys):
     from batchllm.cli import main
 
     src, single = jobs
     out_dir = tmp_path / "shards"
     args = ["run", str(src), "-o", str(out_dir), "--ray", "--num-replicas", "2", "--ray-batch-size", "40", *OPTIONS]
     assert main(args) == 1
+    assert "ignored fields that are not request fields (in the first 1,000 lines): source_row (1 line)" in (
+        capsys.readouterr().err), "named as run without --ray names them"
 
     def records(directory: Path) -> list[str]:
         return sorted(_normalized(json.loads(x)) for f in directory.glob("*.jsonl") for x in f.read_text().splitlines())
@@ -134,3 +138,30 @@ def test_cli_ray_path_writes_the_single_machine_records_and_skips_them_on_restar
     assert main([*args, "--overwrite", "--stats", str(stats)]) == 1
     assert records(out_dir) == sorted(map(_normalized, single))
     assert json.loads(stats.read_text())["num_records"] == len(single)
+
+
+def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_path, monkeypatch, capsys):
+    """As `run` without --ray: Ctrl-C (SIGINT) or SIGTERM ends the job with 128 + the signal, says how many
+    records the committed shards hold (a restart skips them) and still writes --stats."""
+    import signal
+
+    import ray
+
+    from batchllm.cli import Interrupted, main
+    from batchllm.ray import jsonl_job
+
+    out_dir = tmp_path / "shards"
+
+    def interrupted_after_one_shard(input_path, output_dir, *args):
+        (output_dir / "part-0.jsonl").write_text(json.dumps({"id": "a", "text": "x"}) + "\n"
+                                                 + json.dumps({"id": "b", "error": {"message": "m"}}) + "\n")
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", interrupted_after_one_shard)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    src, stats = tmp_path / "in.jsonl", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "abc"))
+    assert main(["run", str(src), "-o", str(out_dir), "--ray", "--stats", str(stats), *OPTIONS]) == 128 + 15
+    assert "interrupted (SIGTERM): 2 records in" in capsys.readouterr().err
+    assert json.loads(stats.read_text()) == {"interrupted": "SIGTERM", "num_lines": 3, "num_records": 2,
+                                             "num_errors": 1, "num_replicas": 1}
