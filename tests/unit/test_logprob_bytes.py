@@ -14,7 +14,7 @@ import pytest
 
 from batchllm.io.openai_batch import CHAT_URL, success_record
 from batchllm.output_processor import _decode_entries, token_bytes
-from batchllm.request_output import CompletionOutput, Logprob
+from batchllm.request_output import CompletionOutput, Logprob, RequestOutput
 
 TEXT = "pizza 🍕 é 中"
 
@@ -38,7 +38,7 @@ def record_for(tokenizer, url: str, top: int):
         entries.append(entry)
     _decode_entries(entries, tokenizer)
     choice = CompletionOutput(0, tokenizer.decode(ids), ids, -0.1 * len(ids), entries, "length")
-    output = SimpleNamespace(outputs=[choice], num_output_tokens=len(ids))
+    output = RequestOutput("r", None, [1, 2, 3], [choice])
     record = json.loads(json.dumps(success_record("c", url, "m", output, 3, top)))
     return ids, record["response"]["body"]["choices"][0]["logprobs"]
 
@@ -99,7 +99,7 @@ def test_completion_offsets_follow_the_text_a_decoder_strips():
     entries = [{2: Logprob(-0.1, 1)}, {3: Logprob(-0.2, 1)}]
     _decode_entries(entries, tokenizer)
     choice = CompletionOutput(0, tokenizer.decode([2, 3]), [2, 3], -0.3, entries, "length")
-    output = SimpleNamespace(outputs=[choice], num_output_tokens=2)
+    output = RequestOutput("r", None, [1, 2, 3], [choice])
     logprobs = success_record("c", "/v1/completions", "m", output, 3, 1)["response"]["body"]["choices"][0]["logprobs"]
     assert choice.text == "the cat" and logprobs["text_offset"] == [0, 3]
     assert logprobs["tokens"] == [" the", " cat"], "a token's name is its bytes' text, as OpenAI's"
