@@ -183,7 +183,6 @@ class PromptProcessor:
             )
         return TokenizedPrompt(list(ids), text, values.astype(self._id_dtype))
 
-
     def truncation_length(self, truncate: int, index: int) -> int:
         """The tokens a prompt keeps under truncate_prompt_tokens = `truncate` (-1: the context less one)."""
         if truncate == -1:
