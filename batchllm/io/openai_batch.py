@@ -84,9 +84,10 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
         if not isinstance(prompt, list) or not prompt:
             raise BodyError("'messages' must be a non-empty list")
         prompt = [text_message(j, message) for j, message in enumerate(prompt)]
-        if "max_tokens" in body and "max_completion_tokens" in body:
-            raise BodyError("give max_tokens or max_completion_tokens, not both")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        # max_completion_tokens is OpenAI's newer name; given both (JSON writers emit null for the one not
+        # set), it wins, as in vLLM's server
+        completion = body.get("max_completion_tokens")
+        max_tokens = completion if completion is not None else body.get("max_tokens")
         if body.get("logprobs"):
             overrides["logprobs"] = body.get("top_logprobs") or 0
         elif body.get("top_logprobs"):

@@ -368,6 +368,20 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
             body_to_request("/v1/chat/completions", {**chat, **bad})
 
 
+def test_max_completion_tokens_wins_over_max_tokens_and_a_null_one_is_not_given():
+    """A body with both (a writer that emits null for the field it did not set) failed its line ("give max_tokens
+    or max_completion_tokens, not both"); vLLM's server takes max_completion_tokens where it is set."""
+    from batchllm.io.openai_batch import body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    for sizes, expected in (({"max_tokens": None, "max_completion_tokens": 4}, 4),
+                            ({"max_tokens": 4, "max_completion_tokens": None}, 4),
+                            ({"max_tokens": 9, "max_completion_tokens": 4}, 4),
+                            ({"max_tokens": None, "max_completion_tokens": None}, None)):
+        overrides = body_to_request("/v1/chat/completions", {**chat, **sizes})[3]
+        assert overrides.get("max_tokens") == expected, sizes
+
+
 def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
     """OpenAI's custom_id is a string; an integer one failed its line with custom_id null, so the error
     could not be matched to its line by id."""
