@@ -84,7 +84,7 @@ class PromptProcessor:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
         if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {self.source} has no chat template")
-        if not isinstance(conversation, list) or not conversation:
+        if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError(f"conversation {index}: messages must be a non-empty list")
         for j, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -126,8 +126,8 @@ class PromptProcessor:
             except Exception as e:  # e.g. TypeError on a lone surrogate: this prompt's error, no one else's
                 raise ValueError(f"prompt {index}: the tokenizer refused it ({type(e).__name__}: {e})") from e
             return self.validate_ids(ids, index, prompt, truncate)
-        if isinstance(prompt, (list, tuple)):
-            return self.validate_ids(list(prompt), index, None, truncate)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return self.validate_ids(prompt if isinstance(prompt, np.ndarray) else list(prompt), index, None, truncate)
         raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
 
     def tokenize_many(self, prompts: list[Any], indices: list[int],
@@ -163,7 +163,9 @@ class PromptProcessor:
         ValueError naming prompt `index` and the problem. `text` stays the prompt as given."""
         # type() not isinstance(): bools are ints to isinstance; map(type) runs at C speed on long prompts
         if not isinstance(ids, (list, tuple)) or not set(map(type, ids)) <= {int}:
-            raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
+            ids = _numpy_integers(ids)  # (a tokenizer's return_tensors="np" gives numpy arrays and integers)
+            if ids is None:
+                raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
         if not ids:
             raise ValueError(f"prompt {index} is empty")
         if truncate is not None:
@@ -191,6 +193,18 @@ class PromptProcessor:
             raise ValueError(f"prompt {index}: truncate_prompt_tokens ({truncate}) is more than the context "
                              f"(max_model_len {self.max_model_len}); give at most that, or -1")
         return truncate
+
+
+def _numpy_integers(ids: Any) -> list[int] | None:
+    """`ids` as a list of Python ints where it is a 1-D numpy integer array or a list of numpy (and Python)
+    integers; else None (bools, floats and anything else are not token ids)."""
+    if not isinstance(ids, (list, tuple, np.ndarray)):
+        return None
+    if not isinstance(ids, np.ndarray) and not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                                   for t in ids):
+        return None
+    array = np.asarray(ids)
+    return array.tolist() if array.ndim == 1 and array.dtype.kind in "iu" else None
 
 
 def _or_error(call, *args) -> TokenizedPrompt | ValueError:

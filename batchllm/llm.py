@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchllm.config import EngineConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, output_budget
@@ -126,12 +128,14 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: None = None) -> list[RequestOutput]:
         """Generate for every prompt; one RequestOutput per prompt, in input order.
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
-        or a list of any of these. Every prompt is validated before any work starts.
+        or a list of any of these. Every prompt is validated before any work starts. lora_request: vLLM's,
+        None only (LoRA adapters are not supported).
         """
+        _refuse_unsupported(lora_request=lora_request)
         tokenized, params = self._validate(prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(tokenized)
         for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
@@ -157,11 +161,13 @@ class LLM:
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None, chat_template: str | None = None,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False, tools: None = None,
+             lora_request: None = None) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template or a file holding one, as
         vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate.
         continue_final_message (vLLM's): the last message, an assistant's, is continued rather than closed
-        (with add_generation_prompt=False)."""
+        (with add_generation_prompt=False). tools, lora_request: vLLM's, None only (not supported)."""
+        _refuse_unsupported(tools=tools, lora_request=lora_request)
         if continue_final_message:
             chat_template_kwargs = {"continue_final_message": True, **(chat_template_kwargs or {})}
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -483,14 +489,21 @@ def _quiet_gc(young_threshold: int = 50_000):
         gc.unfreeze()
 
 
+def _refuse_unsupported(**arguments: Any) -> None:
+    """A ValueError naming the first of vLLM's `generate` / `chat` arguments given a value other than None."""
+    for name, value in arguments.items():
+        if value is not None:
+            raise ValueError(f"{name} is not supported (LoRA adapters and tool calling are not); leave it None")
+
+
 def _as_prompt_list(prompts: Any) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
     if not isinstance(prompts, Iterable):
         raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        return [prompts]  # one prompt given as token ids
+    if prompts and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one prompt given as token ids (a 1-D numpy array's too)
     return prompts
 
 

@@ -235,6 +235,10 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     ([1, 2.0], "prompt 7: prompt_token_ids must be a list of integers"),
     ([1, "2"], "prompt 7: prompt_token_ids must be a list of integers"),
     ("12", "prompt 7: prompt_token_ids must be a list of integers"),
+    (np.array([1.0, 2.0]), "prompt 7: prompt_token_ids must be a list of integers"),
+    (np.array([[1, 2]]), "prompt 7: prompt_token_ids must be a list of integers"),
+    ([np.int64(1), np.bool_(True)], "prompt 7: prompt_token_ids must be a list of integers"),
+    (np.array([1, 100]), "prompt 7: token id 100 is outside the vocabulary [0, 100)"),
     ([], "prompt 7 is empty"),
     (list(range(10)), "prompt 7 has 10 tokens; the context (max_model_len) is 10, which leaves no room to generate"),
 ])
@@ -244,6 +248,17 @@ def test_bad_token_ids_are_named(ids, message):
     with pytest.raises(ValueError) as error:
         PromptProcessor(None, 100, 10).validate_ids(ids, 7, None)
     assert str(error.value) == message
+
+
+def test_numpy_token_ids_are_token_ids():
+    """A tokenizer's return_tensors="np" gives numpy arrays and integers: refused as "not a list of integers"."""
+    from batchllm.inputs import PromptProcessor
+
+    prompts = PromptProcessor(None, 100, 10)
+    for ids in (np.array([3, 4, 5]), np.array([3, 4, 5], dtype=np.uint16), [np.int64(3), 4, np.int32(5)]):
+        prompt = prompts.validate_ids(ids, 0, None)
+        assert prompt.token_ids == [3, 4, 5] and all(type(t) is int for t in prompt.token_ids)
+    assert prompts.tokenize_prompt({"prompt_token_ids": np.array([7, 8])}).token_ids == [7, 8]
 
 
 @settings(max_examples=50, deadline=None)

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from batchllm import SamplingParams
@@ -131,9 +132,20 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
         by_ids, by_text = llm.generate([TokensPrompt(prompt_token_ids=[5, 6, 7]), TextPrompt(prompt="Hi")], params,
                                        use_tqdm=False)
         plain = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0]
+        # numpy ids (a tokenizer's return_tensors="np"), vLLM's lora_request=None and a conversation as a tuple
+        numpy_ids = llm.generate(np.array([5, 6, 7]), params, use_tqdm=False, lora_request=None)
+        numpy_ids += llm.generate([{"prompt_token_ids": np.array([5, 6, 7])}, [np.int64(5), 6, 7]], params,
+                                  use_tqdm=False)
+        message = {"role": "user", "content": "Hi"}
+        as_tuple, as_list = (llm.chat(m, params, use_tqdm=False, tools=None)[0] for m in ((message,), [message]))
+        for unsupported in ({"lora_request": object()}, {"tools": [{"type": "function"}]}):
+            with pytest.raises(ValueError, match=f"{next(iter(unsupported))} is not supported"):
+                llm.chat([message], params, use_tqdm=False, **unsupported)
     finally:
         llm.shutdown()
     assert by_ids.outputs[0].token_ids == plain.outputs[0].token_ids and by_text.prompt == "Hi"
+    assert [o.outputs[0].token_ids for o in numpy_ids] == [plain.outputs[0].token_ids] * 3
+    assert as_tuple.prompt_token_ids == as_list.prompt_token_ids
 
 
 def test_logprobs_minus_one_is_the_whole_vocabulary_as_in_vllm(tiny_model_factory):
