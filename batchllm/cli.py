@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -172,6 +173,36 @@ def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"{args.command}: the input file is required (INPUT or -i INPUT)")
 
 
+VLLM_FLAGS_NOT_TAKEN = {
+    "--revision": "models are read from a directory or the local Hugging Face cache, never downloaded: give "
+                  "--model the directory of that revision",
+    "--override-generation-config": "give run's sampling defaults as --temperature, --top-p, --top-k, --min-p, "
+                                    "--repetition-penalty and --max-tokens",
+    "--pipeline-parallel-size": "pipeline parallelism is not supported; use --tensor-parallel-size and "
+                                "--data-parallel-size",
+    "--enable-lora": "LoRA adapters are not supported",
+    "--lora-modules": "LoRA adapters are not supported",
+    "--tokenizer-mode": "the model's tokenizer is loaded by transformers (vLLM's auto); no other mode is supported",
+}
+"""vLLM run-batch flags with no counterpart here, and what to do instead (named when one is given)."""
+
+
+def unrecognized_arguments_message(command: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """argparse's "unrecognized arguments" with, per unknown flag, what it means here (`VLLM_FLAGS_NOT_TAKEN`)
+    or the command's flags closest to it."""
+    flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+    hints = []
+    for word in unknown:
+        name = word.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        if name in VLLM_FLAGS_NOT_TAKEN:
+            hints.append(f"{name}: {VLLM_FLAGS_NOT_TAKEN[name]}")
+        elif close := difflib.get_close_matches(name, flags, n=2, cutoff=0.75):
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"\n  {hint}" for hint in hints)
+
+
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -183,7 +214,10 @@ def package_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(bare_flags_as_on(sys.argv[1:] if argv is None else list(argv)))
+    args, unknown = parser.parse_known_args(bare_flags_as_on(sys.argv[1:] if argv is None else list(argv)))
+    if unknown:  # refused by the subcommand's parser, with its usage and what each unknown flag may have meant
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        command.error(unrecognized_arguments_message(command, unknown))
     _input_path(parser, args)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     try:

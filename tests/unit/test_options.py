@@ -266,3 +266,15 @@ def test_run_takes_vllms_response_naming_options():
     assert tuple(response_names(args, "SmolLM2")) == ("/m/SmolLM2", "smol", "bot")
     plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
     assert tuple(response_names(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", None, "assistant")
+
+
+def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_meant(capsys):
+    from batchllm.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "in.jsonl", "-o", "o.jsonl", "--temprature", "0", "--revision=main", "--zzz"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "batchllm run: error: unrecognized arguments: --temprature 0 --revision=main" in err
+    assert "--temprature: did you mean --temperature?" in err and "--revision: models are read from" in err
+    assert "--zzz:" not in err, "no hint where nothing is close"
