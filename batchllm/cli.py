@@ -128,6 +128,13 @@ def _add_run_parser(sub) -> None:
     o.add_argument("--disable-log-stats", "--disable-log-requests", action="store_true",
                    help="accepted for vLLM's run-batch command lines; no effect: run logs no per-request or "
                    "periodic statistics lines (--no-progress quiets the progress bar)")
+    o.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                   help="accepted for vLLM's command lines; no effect: a preempted request is recomputed")
+    o.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="accepted for vLLM's command lines; no effect: tensor parallelism reduces through NCCL")
+    o.add_argument("--tokenizer-mode", choices=["auto", "hf"], default="auto",
+                   help="accepted for vLLM's command lines: the tokenizer is transformers' (vLLM's auto for "
+                   "most models); no other mode is supported")
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
     r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
@@ -182,7 +189,6 @@ VLLM_FLAGS_NOT_TAKEN = {
                                 "--data-parallel-size",
     "--enable-lora": "LoRA adapters are not supported",
     "--lora-modules": "LoRA adapters are not supported",
-    "--tokenizer-mode": "the model's tokenizer is loaded by transformers (vLLM's auto); no other mode is supported",
 }
 """vLLM run-batch flags with no counterpart here, and what to do instead (named when one is given)."""
 

@@ -27,6 +27,12 @@ from batchllm.config import EngineConfig
 VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing"}
 """vLLM keyword -> the BatchLLM option it means (the value is passed through unchanged)."""
 
+VLLM_NO_EFFECT = {"disable_log_stats": None, "disable_custom_all_reduce": None, "swap_space": None,
+                  "tokenizer_mode": ("auto", "hf")}
+"""vLLM `LLM` keywords taken and dropped, as scripts pass them: none changes an answer here (this engine logs no
+periodic statistics, recomputes what it preempts and tokenizes with transformers, vLLM's "auto"). A tuple lists
+the only values taken."""
+
 _ALIASES_OF = {name: tuple(a for a, n in VLLM_ALIASES.items() if n == name) for name in set(VLLM_ALIASES.values())}
 
 TRI_STATE = {"auto": None, "on": True, "off": False}
@@ -81,14 +87,18 @@ def _base_type(hint: Any) -> tuple[type, bool]:
 
 def engine_config(**kwargs: Any) -> EngineConfig:
     """The EngineConfig of flat keyword options (`LLM`'s keywords); options not given keep their
-    declared defaults. vLLM aliases (`VLLM_ALIASES`) are accepted; an unknown keyword is a
-    TypeError that names it and the options closest to it. Paths are passed as strings."""
+    declared defaults. vLLM aliases (`VLLM_ALIASES`) are accepted, and `VLLM_NO_EFFECT` dropped; an unknown
+    keyword is a TypeError that names it and the options closest to it. Paths are passed as strings."""
     options = engine_options()
     for alias, name in VLLM_ALIASES.items():
         if alias in kwargs and name in kwargs:
             raise TypeError(f"{alias!r} and {name!r} are the same option; give one of them")
     sections: dict[str, dict[str, Any]] = {}
     for key, value in kwargs.items():
+        if key in VLLM_NO_EFFECT:
+            if (allowed := VLLM_NO_EFFECT[key]) is not None and value not in allowed:
+                raise ValueError(f"{key}={value!r} is not supported (only {' or '.join(map(repr, allowed))})")
+            continue
         option = options.get(VLLM_ALIASES.get(key, key))
         if option is None:
             raise TypeError(unknown_option_message(key))

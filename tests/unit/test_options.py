@@ -111,8 +111,16 @@ def test_llm_takes_exactly_the_options():
 def test_an_unknown_keyword_is_named_with_the_closest_options():
     with pytest.raises(TypeError, match=r"unknown engine option 'max_num_batched_token'.*'max_num_batched_tokens'"):
         engine_config(max_num_batched_token=64)
-    with pytest.raises(TypeError, match="unknown engine option 'swap_space'"):
-        LLM(swap_space=4)  # refused before anything is loaded
+    with pytest.raises(TypeError, match="unknown engine option 'speculative_config'"):
+        LLM(speculative_config={"method": "ngram"})  # refused before anything is loaded
+
+
+def test_vllm_keywords_that_change_nothing_here_are_taken():
+    """vLLM scripts pass these to LLM(); each was "unknown engine option"."""
+    assert engine_config(disable_log_stats=True, swap_space=4, disable_custom_all_reduce=True,
+                         tokenizer_mode="auto") == EngineConfig()
+    with pytest.raises(ValueError, match="tokenizer_mode='mistral' is not supported"):
+        LLM(tokenizer_mode="mistral")
 
 
 def test_vllm_keywords_work_or_are_refused_by_name():
@@ -140,8 +148,10 @@ def test_vllm_command_line_spellings_are_taken():
         with pytest.raises(SystemExit):
             parse("--max-model-len", bad)
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o.jsonl", "--disable-log-stats",
-                                      "--disable-log-requests"])
-    assert "disable_log_stats" not in engine_kwargs_from_args(args), "a no-op, not an engine option"
+                                      "--disable-log-requests", "--swap-space", "4", "--tokenizer-mode", "auto",
+                                      "--disable-custom-all-reduce"])
+    for no_op in ("disable_log_stats", "swap_space", "tokenizer_mode", "disable_custom_all_reduce"):
+        assert no_op not in engine_kwargs_from_args(args), "a no-op, not an engine option"
     from batchllm.cli import results_options
 
     recorded = [results_options(build_parser().parse_args(["run", "i", "-o", "o", "--dtype", dtype]), {})["dtype"]
