@@ -396,7 +396,7 @@ class LLM:
         None when not asked for (or when the request ended before its first token: an abort)."""
         if first.prompt_logprobs is None:
             return None
-        return prompt_logprobs_output(prompt.token_ids, first.prompt_logprobs, self.tokenizer)
+        return prompt_logprobs_output(prompt.token_ids, first.prompt_logprobs, first.tokenizer)  # (None: not decoded)
 
     def _statistics(self, call: _Call, before: SchedulerStats, log_start: int, wall_s: float) -> dict[str, Any]:
         """What the call did: the scheduler's counters since `before`, steps since `log_start`, and its plan."""

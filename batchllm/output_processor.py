@@ -142,6 +142,8 @@ class CompletionState:
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        if not params.detokenize:  # (vLLM's detokenize=False: no text, no decoded logprob tokens)
+            self.tokenizer = tokenizer = None
         self._watch_stops = bool(params.stop_strings) and tokenizer is not None
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
         self.stop_text: str | None = None

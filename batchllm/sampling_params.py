@@ -93,6 +93,12 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict | None = None
     """Keep the output to a JSON schema, any JSON object, a regex, a choice or an EBNF grammar
     (`batchllm/structured.py`; needs the `batchllm[structured]` extra)."""
+    detokenize: bool = True
+    """False (vLLM's): no text; `text` is "" and logprobs carry no decoded tokens (stop strings need text)."""
+    spaces_between_special_tokens: bool = True
+    """vLLM's; only True: the tokenizer's decoding is used as it is."""
+    extra_args: dict | None = None
+    """vLLM's arbitrary extra arguments for custom sampling code; kept, and read by nothing here (nor in vLLM)."""
     truncate_prompt_tokens: int | None = None
     """Keep only the prompt's last k tokens (vLLM's left truncation; at most max_model_len); -1: the last
     max_model_len - 1, so that one token can be generated (vLLM keeps max_model_len, which leaves none); None:
@@ -169,9 +175,15 @@ class SamplingParams:
                 not _is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < -1
                 or self.truncate_prompt_tokens == 0):
             raise bad("truncate_prompt_tokens", "must be a positive integer, -1 (what the context holds) or None")
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        if self.spaces_between_special_tokens is not True:
+            raise bad("spaces_between_special_tokens", "must be true (the tokenizer decodes as it does)")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise bad("extra_args", "must be an object (a dict) or None")
+        if not self.detokenize and self.stop:
+            raise bad("detokenize", f"must be true with stop strings (they are found in the text; stop={self.stop!r})")
         self._validate_penalties(bad)
 
     def _validate_penalties(self, bad) -> None:

@@ -29,6 +29,10 @@ from batchllm import SamplingParams
         ({"seed": "x"}, "seed"),
         ({"temperature": "hot"}, "temperature"),
         ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"detokenize": 0}, "detokenize"),
+        ({"detokenize": False, "stop": ["."]}, "detokenize"),
+        ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+        ({"extra_args": [1]}, "extra_args"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens"),
@@ -199,3 +203,22 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_in_vllm(tiny_mo
     assert cut.prompt_token_ids == long[-6:] and cut.outputs[0].token_ids == tail.outputs[0].token_ids
     assert whole_context.prompt_token_ids == long[-63:] and len(whole_context.outputs[0].token_ids) == 1
     assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
+
+
+def test_detokenize_false_gives_the_tokens_without_text_as_in_vllm(tiny_model_factory):
+    """vLLM's detokenize=False (and its extra_args, kept for custom code) were "unexpected keyword" here, and
+    ignored fields in a plain line."""
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    try:
+        common = dict(max_tokens=5, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+        params = [SamplingParams(**common), SamplingParams(**common, detokenize=False, extra_args={"a": 1})]
+        text, tokens_only = llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert tokens_only.outputs[0].token_ids == text.outputs[0].token_ids and text.outputs[0].text
+    assert tokens_only.outputs[0].text == ""
+    assert all(lp.decoded_token is None for entry in tokens_only.outputs[0].logprobs for lp in entry.values())
+    assert all(lp.decoded_token is None for entry in tokens_only.prompt_logprobs[1:] for lp in entry.values())
+    assert all(lp.decoded_token is not None for entry in text.outputs[0].logprobs for lp in entry.values())
