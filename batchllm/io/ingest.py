@@ -222,7 +222,8 @@ class ResponseNames(NamedTuple):
     """How OpenAI response lines name the model and the chat answer's author."""
 
     model: str
-    """The model's name where neither --served-model-name nor the line names one (its directory's name)."""
+    """The model's name where neither --served-model-name nor the line names one: --model as given, else the
+    default model's name."""
     served_model: str | None = None
     """--served-model-name's first name: every response gives it, whatever its line asked for (vLLM's rule)."""
     role: str = "assistant"

@@ -298,7 +298,8 @@ def run_command_on_ray(args) -> int:
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names)
         except Interrupted as e:
-            return _report_interrupt(args, signal.Signals(e.signum).name) or 128 + e.signum
+            _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
+            return 128 + e.signum
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
     if failed := _write_stats(args, {**result, "num_replicas": args.num_replicas}):
@@ -308,9 +309,9 @@ def run_command_on_ray(args) -> int:
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
 
 
-def _report_interrupt(args, signal_name: str) -> int | None:
+def _report_interrupt(args, signal_name: str) -> None:
     """Say what an interrupted --ray job left (the committed shards' records; a restart skips them) and write
-    --stats as `run` without --ray does; the exit status of a failed --stats write, else None."""
+    --stats as `run` without --ray does (a failed write is said, not raised)."""
     from batchllm.cli import _write_stats
 
     num_records, num_errors = count_shard_records(args.output)
@@ -318,4 +319,4 @@ def _report_interrupt(args, signal_name: str) -> int | None:
           "run the same command to resume", file=sys.stderr)
     stats = {"interrupted": signal_name, "num_lines": count_input_lines(args.input), "num_records": num_records,
              "num_errors": num_errors, "num_replicas": args.num_replicas}
-    return _write_stats(args, stats, "the records written so far are kept")
+    _write_stats(args, stats, "the records written so far are kept")
