@@ -120,9 +120,9 @@ def _add_run_parser(sub) -> None:
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="the model's name in OpenAI Batch responses, whatever a line's model field says (vLLM's "
-                   "option; the first name is used) (default: a line's own model field, else the model "
-                   "directory's name)")
+                   help="the model's names in OpenAI Batch responses (vLLM's option): a line naming one of them "
+                   "gets its own name back, any other line the first (default: a line's own model field, else "
+                   "the model directory's name)")
     o.add_argument("--response-role", default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
     o.add_argument("--disable-log-stats", "--disable-log-requests", action="store_true",
@@ -170,9 +170,14 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fold `-i` into `args.input`; one input, given once, is required."""
+    """Fold `-i` into `args.input`; one input, given once, is required. `--served-model-name` takes one or
+    more words, so argparse gives it an input path that follows it (`--served-model-name smol in.jsonl`):
+    where no input was given otherwise, its last word is the input."""
     if "input_option" not in args:
         return
+    served = getattr(args, "served_model_name", None)
+    if args.input is None and args.input_option is None and served is not None and len(served) > 1:
+        args.input = Path(served.pop())
     if args.input is not None and args.input_option is not None:
         parser.error("give the input file once: as INPUT or as -i, not both")
     args.input = args.input if args.input is not None else args.input_option
@@ -318,9 +323,11 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
 
 
 RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "dtype", "load_format", "max_model_len", "max_logprobs",
-                  "quantization", "kv_cache_dtype", "fp8_attention", "skip_tokenizer_init", "trust_remote_code")
-"""Engine options that decide what a line's answer is or whether it is accepted (with the sampling defaults
-and --seed): an output is resumed only under the same ones (`io.job.prepare_output`). Options of speed
+                  "quantization", "kv_cache_dtype", "fp8_attention", "skip_tokenizer_init", "trust_remote_code",
+                  "served_model_name", "response_role")
+"""Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
+--seed), and how OpenAI responses name the model and the answer's role: an output is resumed only under the
+same ones (`io.job.prepare_output`). Options of speed
 alone (step budget, kernels, block size, parallelism, devices) may change between runs, and so may those
 that change only rounding (fp8_deferred_scales, fp8_fused_quant). dtype is recorded as given: "auto"
 resolves by device, so give --dtype to pin the precision of a job resumed on another kind of machine."""
@@ -341,6 +348,8 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     --generation-config DIR, that file's EOS ids (its sampling defaults are among `defaults`)."""
     options = {name: getattr(args, name, None) for name in RESULT_OPTIONS}
     options["dtype"] = DTYPE_ALIASES.get(options["dtype"], options["dtype"])  # half and float16 are one dtype
+    if options["response_role"] == "assistant":  # the default recorded as unset: outputs written before the
+        options["response_role"] = None  # option existed (recorded without it) resume under the default
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())
@@ -607,8 +616,7 @@ def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace
 
 def response_names(args: argparse.Namespace, model_name: str) -> ResponseNames:
     """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's)."""
-    served = args.served_model_name[0] if args.served_model_name else None
-    return ResponseNames(str(args.model or model_name), served, args.response_role)
+    return ResponseNames(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role)
 
 
 def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num_failed: int, wall: float) -> int:

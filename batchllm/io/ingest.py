@@ -224,18 +224,21 @@ class ResponseNames(NamedTuple):
     model: str
     """The model's name where neither --served-model-name nor the line names one: --model as given, else the
     default model's name."""
-    served_model: str | None = None
-    """--served-model-name's first name: every response gives it, whatever its line asked for (vLLM's rule)."""
+    served_models: tuple[str, ...] = ()
+    """--served-model-name's names (vLLM's rule: a line naming one of them gets its own name back, any other
+    line the first; vLLM refuses a line naming another model, which runs here)."""
     role: str = "assistant"
     """--response-role: the role of a chat answer's message."""
 
     def model_of(self, line: BatchLine) -> str:
-        return self.served_model or line.model or self.model
+        if line.model is not None and line.model in self.served_models:
+            return line.model
+        return self.served_models[0] if self.served_models else line.model or self.model
 
 
 def record_for(line: BatchLine, output, names: ResponseNames) -> dict:
     """The output record of a finished request, in the line's format (OpenAI lines echo their model
-    unless --served-model-name names it)."""
+    unless --served-model-name names others: `ResponseNames.model_of`)."""
     if line.format == OPENAI:
         top = line.sampling_overrides.get("logprobs") or 0
         top = sys.maxsize if top == -1 else top  # (-1: the whole vocabulary)

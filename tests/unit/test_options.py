@@ -157,6 +157,13 @@ def test_vllm_command_line_spellings_are_taken():
     recorded = [results_options(build_parser().parse_args(["run", "i", "-o", "o", "--dtype", dtype]), {})["dtype"]
                 for dtype in ("half", "float16")]
     assert recorded == ["float16", "float16"], "a resume under the other name of the dtype is not refused"
+    named = results_options(build_parser().parse_args(["run", "i", "-o", "o", "--served-model-name", "a", "b",
+                                                       "--response-role", "bot"]), {})
+    assert (named["served_model_name"], named["response_role"]) == (["a", "b"], "bot"), (
+        "responses name the model and role: a resume under other names would mix two namings in one output")
+    plain = results_options(build_parser().parse_args(["run", "i", "-o", "o"]), {})
+    assert (plain["served_model_name"], plain["response_role"]) == (None, None), (
+        "the defaults recorded as unset, as by versions without these options, whose outputs still resume")
 
 
 @pytest.mark.parametrize("words, expected", [
@@ -273,9 +280,26 @@ def test_run_takes_vllms_response_naming_options():
 
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--served-model-name", "smol", "smol-2",
                                       "--response-role", "bot", "--model", "/m/SmolLM2"])
-    assert tuple(response_names(args, "SmolLM2")) == ("/m/SmolLM2", "smol", "bot")
+    assert tuple(response_names(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot")
     plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
-    assert tuple(response_names(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", None, "assistant")
+    assert tuple(response_names(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant")
+
+
+@pytest.mark.parametrize("words, names, input_path", [
+    (["--served-model-name", "smol", "in.jsonl", "-o", "o"], ["smol"], "in.jsonl"),  # was: no input file
+    (["--served-model-name", "a", "b", "in.jsonl", "-o", "o"], ["a", "b"], "in.jsonl"),
+    (["in.jsonl", "--served-model-name", "a", "b", "-o", "o"], ["a", "b"], "in.jsonl"),
+    (["-i", "in.jsonl", "--served-model-name", "a", "b"], ["a", "b"], "in.jsonl"),
+])
+def test_served_model_name_leaves_a_following_input_path_the_input(words, names, input_path, monkeypatch):
+    """--served-model-name takes one or more names, so `--served-model-name smol in.jsonl` named the model
+    twice and the job failed for want of an input; without another input its last word is the input."""
+    import batchllm.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_command", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["run", *words, *([] if "-o" in words else ["-o", "o"])]) == 0
+    assert seen["served_model_name"] == names and str(seen["input"]) == input_path
 
 
 def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_meant(capsys):

@@ -49,8 +49,9 @@ def test_a_positions_logprobs_start_with_the_chosen_token_as_in_vllm():
 
 
 def test_served_model_name_and_response_role_name_the_answer():
-    """vLLM's run-batch --served-model-name names the model in every response, and --response-role the
-    chat answer's role; without them a line's own model is echoed, and a line without one gets the model's."""
+    """vLLM's run-batch --served-model-name names the model in every response (a line's own name where it is
+    one of them), and --response-role the chat answer's role; without them a line's own model is echoed,
+    and a line without one gets the model's."""
     import json
 
     from batchllm.io.ingest import ResponseNames, record_for
@@ -65,7 +66,11 @@ def test_served_model_name_and_response_role_name_the_answer():
     unnamed = {**chat, "body": {"messages": chat["body"]["messages"]}}
     assert body(chat, ResponseNames("/models/smol"))["model"] == "gpt-x"
     assert body(unnamed, ResponseNames("/models/smol"))["model"] == "/models/smol"
-    served = body(chat, ResponseNames("/models/smol", "smol-served", "bot"))
-    assert served["model"] == "smol-served"
+    served = body(chat, ResponseNames("/models/smol", ("smol-served", "smol"), "bot"))
+    assert served["model"] == "smol-served", "a line naming another model gets the first served name"
     assert [c["message"]["role"] for c in served["choices"]] == ["bot", "bot"]
+    smol = {**chat, "body": {**chat["body"], "model": "smol"}}
+    assert body(smol, ResponseNames("/models/smol", ("smol-served", "smol")))["model"] == "smol", (
+        "a line naming one of the served names gets its own back (vLLM's rule)")
+    assert body(unnamed, ResponseNames("/models/smol", ("smol-served", "smol")))["model"] == "smol-served"
     assert {c["message"]["role"] for c in body(chat, ResponseNames("m"))["choices"]} == {"assistant"}
