@@ -323,8 +323,8 @@ class LLM:
                      self._planned(call, [r for r in requests if r.request_id in crowded], False, budgets,
                                    f"{id_prefix}alone-")]
         call.budgets.update(budgets)
-        for request in requests:  # (first completions first: their plans are final now)
-            call.num_cached_tokens.setdefault(request.arrival_index, request.fork_point)
+        for request, cached in zip(requests, cached_prompt_tokens(requests)):  # (first completions first)
+            call.num_cached_tokens.setdefault(request.arrival_index, cached)
         call.planned_tokens += sum(plan.prefill_tokens for plan, _ in parts) + sum(budgets.values())
         call.plan_seconds += time.perf_counter() - plan_started
         call.plans.extend(plan.summary() for plan, _ in parts)
@@ -431,6 +431,23 @@ def kv_pool_stats(kv_spec) -> dict[str, Any]:
     tensor-parallel rank's share of the heads; fp8 holds twice a 16-bit cache's tokens per GiB)."""
     return {"kv_cache_dtype": str(kv_spec.dtype).removeprefix("torch."), "kv_blocks": kv_spec.num_blocks,
             "kv_tokens": kv_spec.num_tokens, "kv_cache_gib": kv_spec.num_bytes / 2**30}
+
+
+def cached_prompt_tokens(requests: list[Request]) -> list[int]:
+    """Per request (plans final), the prompt tokens it did not compute: as a prefix cache counts hits, each
+    shared prefix is charged to the first of `requests` that reads it and is cached for the rest. So over
+    requests of one prompt each, sum(prompt tokens - cached) is the prefill the plan computes."""
+    charged: set[str] = set()
+    cached = []
+    for request in requests:
+        computed, start = request.num_prompt_tokens - request.fork_point, 0
+        for prefix_id, end in request.shared_prefixes:  # (outermost first: each adds its tokens past the last)
+            if prefix_id not in charged:
+                charged.add(prefix_id)
+                computed += end - start
+            start = end
+        cached.append(request.num_prompt_tokens - computed)
+    return cached
 
 
 @dataclass

@@ -44,9 +44,10 @@ class RequestOutput:
     per prompt token {token_id: Logprob} holding that token (its rank in the distribution) and the
     top k (ranks 1..k); None when not asked for."""
     num_cached_tokens: int | None = None
-    """Prompt tokens whose KV was read from a shared prefix instead of computed (vLLM's prefix-cache hits):
-    the prefix plan's shared part of this prompt, 0 without sharing. The first completion's; with n > 1 the
-    completions share their prompt, computed once for them all, so it counts that too."""
+    """Prompt tokens whose KV was read from a shared prefix instead of computed for this request, as vLLM's
+    prefix-cache hits: a shared prefix is charged to the first request of the call that reads it (0 there)
+    and counted here for the others; 0 without sharing. So over a call of n = 1 prompts, the sum of
+    len(prompt_token_ids) - num_cached_tokens is the prefill computed. With n > 1 the first completion's."""
 
     @property
     def num_output_tokens(self) -> int:

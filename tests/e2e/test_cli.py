@@ -42,6 +42,7 @@ def test_jsonl_round_trip_on_the_default_model(tmp_path, default_model_dir):
         assert 0 <= rec["cached_tokens"] < rec["prompt_tokens"]
     s = json.loads(stats.read_text())
     assert s["num_requests"] == 4 and s["output_tokens"] == sum(r["completion_tokens"] for r in records.values())
+    assert sum(r["prompt_tokens"] - r["cached_tokens"] for r in records.values()) == s["prefill_tokens_computed"]
     # the input was read while the engine was built: the run waited for at most what reading took
     assert s["engine_build_s"] > 0 and s["input_read_s"] > 0
     assert 0 <= s["input_read_wait_s"] <= s["input_read_s"] and s["input_read_wait_s"] <= s["wall_s"]
