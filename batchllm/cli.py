@@ -54,6 +54,7 @@ from batchllm.io.job import (
 from batchllm.options import (
     DefaultsHelpFormatter,
     add_engine_arguments,
+    add_no_effect_arguments,
     bare_flags_as_on,
     engine_config,
     engine_kwargs_from_args,
@@ -125,16 +126,7 @@ def _add_run_parser(sub) -> None:
                    "the model directory's name)")
     o.add_argument("--response-role", default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
-    o.add_argument("--disable-log-stats", "--disable-log-requests", action="store_true",
-                   help="accepted for vLLM's run-batch command lines; no effect: run logs no per-request or "
-                   "periodic statistics lines (--no-progress quiets the progress bar)")
-    o.add_argument("--swap-space", type=float, default=None, metavar="GIB",
-                   help="accepted for vLLM's command lines; no effect: a preempted request is recomputed")
-    o.add_argument("--disable-custom-all-reduce", action="store_true",
-                   help="accepted for vLLM's command lines; no effect: tensor parallelism reduces through NCCL")
-    o.add_argument("--tokenizer-mode", choices=["auto", "hf"], default="auto",
-                   help="accepted for vLLM's command lines: the tokenizer is transformers' (vLLM's auto for "
-                   "most models); no other mode is supported")
+    add_no_effect_arguments(o)
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
     r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")

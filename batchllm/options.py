@@ -27,11 +27,43 @@ from batchllm.config import EngineConfig
 VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing"}
 """vLLM keyword -> the BatchLLM option it means (the value is passed through unchanged)."""
 
-VLLM_NO_EFFECT = {"disable_log_stats": None, "disable_custom_all_reduce": None, "swap_space": None,
-                  "tokenizer_mode": ("auto", "hf")}
-"""vLLM `LLM` keywords taken and dropped, as scripts pass them: none changes an answer here (this engine logs no
-periodic statistics, recomputes what it preempts and tokenizes with transformers, vLLM's "auto"). A tuple lists
-the only values taken."""
+
+@dataclass(frozen=True)
+class NoEffect:
+    """A vLLM option taken and dropped, as scripts and command lines pass it: why it changes nothing here."""
+
+    why: str
+    values: tuple[str, ...] | None = None
+    """The only values taken (None: any)."""
+    value_type: type | None = None
+    """The type of its flag's value; None: a bare flag."""
+    flag_aliases: tuple[str, ...] = ()
+    """Other vLLM spellings of its flag (not `LLM` keywords)."""
+
+
+VLLM_NO_EFFECT = {
+    "disable_log_stats": NoEffect("run logs no per-request or periodic statistics lines (--no-progress quiets "
+                                  "the progress bar)", flag_aliases=("disable_log_requests",)),
+    "disable_custom_all_reduce": NoEffect("tensor parallelism reduces through NCCL"),
+    "swap_space": NoEffect("a preempted request is recomputed", value_type=float),
+    "tokenizer_mode": NoEffect("the tokenizer is transformers' (vLLM's auto for most models); no other mode is "
+                               "supported", values=("auto", "hf"), value_type=str),
+}
+"""vLLM `LLM` keywords and `run` flags taken and dropped: none changes an answer here."""
+
+
+def add_no_effect_arguments(group) -> None:
+    """`VLLM_NO_EFFECT`'s flags, each stored under its keyword's name (`engine_kwargs_from_args` skips them)."""
+    for name, option in VLLM_NO_EFFECT.items():
+        flags = ["--" + n.replace("_", "-") for n in (name, *option.flag_aliases)]
+        help_text = f"accepted for vLLM's command lines; no effect: {option.why}"
+        if option.value_type is None:
+            group.add_argument(*flags, dest=name, action="store_true", help=help_text)
+        elif option.values is not None:
+            group.add_argument(*flags, dest=name, choices=list(option.values), default=option.values[0],
+                               help=help_text)
+        else:
+            group.add_argument(*flags, dest=name, type=option.value_type, default=None, help=help_text)
 
 _ALIASES_OF = {name: tuple(a for a, n in VLLM_ALIASES.items() if n == name) for name in set(VLLM_ALIASES.values())}
 
@@ -96,7 +128,7 @@ def engine_config(**kwargs: Any) -> EngineConfig:
     sections: dict[str, dict[str, Any]] = {}
     for key, value in kwargs.items():
         if key in VLLM_NO_EFFECT:
-            if (allowed := VLLM_NO_EFFECT[key]) is not None and value not in allowed:
+            if (allowed := VLLM_NO_EFFECT[key].values) is not None and value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported (only {' or '.join(map(repr, allowed))})")
             continue
         option = options.get(VLLM_ALIASES.get(key, key))
