@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FileBasedDatasource
@@ -142,41 +142,37 @@ SAMPLE_LINES = 1000
 """Lines the driver reads itself (the tasks read the file): for the file's format and its ignored fields."""
 
 
-def _sampled_lines(path: Path, sample: int = SAMPLE_LINES) -> list[BatchLine]:
-    """The parsable lines among the first `sample`."""
-    lines = []
+class FileSample(NamedTuple):
+    """What the driver learns from the first SAMPLE_LINES lines, read once."""
+
+    file_format: str
+    """The format of most of the parsable lines (PLAIN when none parses): that of unparsable lines' error records."""
+    ignored_fields: dict[str, int]
+    """Fields of plain lines that are no request field, with how many lines hold each (what `run` without
+    --ray names from the whole file)."""
+
+
+def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
+    """The `FileSample` of the first `sample` lines of `path`."""
+    counts = {PLAIN: 0, OPENAI: 0}
+    ignored: dict[str, int] = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if number > sample:
                 break
-            parsed = parse_line(raw, number, set()) if raw.strip() else None
-            if isinstance(parsed, BatchLine):
-                lines.append(parsed)
-    return lines
-
-
-def file_format_of(path: Path, sample: int = SAMPLE_LINES) -> str:
-    """The format of most of the first `sample` parsable lines (for error records of unparsable lines)."""
-    counts = {PLAIN: 0, OPENAI: 0}
-    for line in _sampled_lines(path, sample):
-        counts[line.format] += 1
-    return max(counts, key=counts.get)
-
-
-def ignored_fields_of(path: Path, sample: int = SAMPLE_LINES) -> dict[str, int]:
-    """The fields the first `sample` plain lines hold that are no request field, with how many lines hold each
-    (what `run` without --ray names from the whole file)."""
-    ignored: dict[str, int] = {}
-    for line in _sampled_lines(path, sample):
-        for name in line.ignored_fields:
-            ignored[name] = ignored.get(name, 0) + 1
-    return ignored
+            line = parse_line(raw, number, set()) if raw.strip() else None
+            if isinstance(line, BatchLine):
+                counts[line.format] += 1
+                for name in line.ignored_fields:
+                    ignored[name] = ignored.get(name, 0) + 1
+    return FileSample(max(counts, key=counts.get), ignored)
 
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
-                     global_seed: int | None = None, names=None) -> dict:
+                     global_seed: int | None = None, names=None, file_format: str | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
-    `names` (`io.ingest.ResponseNames`): how OpenAI responses name the model (default: its directory's name).
+    `names` (`io.ingest.ResponseNames`): how OpenAI responses name the model (default: its directory's name);
+    `file_format`: that of unparsable lines' error records (default: `sample_file`'s).
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
@@ -196,7 +192,7 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
 
         names = ResponseNames(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed), record_fn=_CliRecords(
-        names, file_format_of(input_path)), index_column=LINE)
+        names, file_format or sample_file(input_path).file_format), index_column=LINE)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
     try:
         records = processor(lines, num_rows=count_input_lines(input_path))
@@ -208,12 +204,17 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
 
 
 def count_shard_records(output_dir: Path) -> tuple[int, int]:
-    """(records, error records) in the JSONL shards of `output_dir`."""
+    """(records, error records) in the JSONL shards of `output_dir`. A shard an interrupted job was writing
+    may end in a torn line: not a record (the checkpoint has not committed it), so not counted."""
     num_records = num_errors = 0
     for shard in sorted(output_dir.glob("*.jsonl")):
         for raw in shard.read_bytes().splitlines():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
             num_records += 1
-            num_errors += bool(json.loads(raw).get("error"))
+            num_errors += bool(record.get("error"))
     return num_records, num_errors
 
 
@@ -252,7 +253,6 @@ def run_command_on_ray(args) -> int:
         response_names,
         results_options,
     )
-    from batchllm.io.job import JobError, job_state_path, refuse_output_onto_input, tie_directory_to_job
     from batchllm.models.default_model import DEFAULT_MODEL_NAME
     from batchllm.options import engine_kwargs_from_args
 
@@ -271,32 +271,16 @@ def run_command_on_ray(args) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     note_model_defaults(args, from_model)
-    note_ignored_fields(ignored_fields_of(args.input), f" (in the first {SAMPLE_LINES:,} lines)")
-    try:
-        refuse_output_onto_input(args.output, args.input)  # (and "-": standard output), as without --ray
-    except JobError as e:
-        return _fail(str(e))
-    if args.errors_file is not None:
-        return _fail("--errors-file does not apply with --ray: failed lines are records in the shards, beside the "
-                     "results (OpenAI Batch lines too)")
-    if args.output.exists() and not args.output.is_dir():
-        return _fail(f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file")
-    if args.overwrite and args.output.is_dir():
-        if any(args.output.iterdir()) and not job_state_path(args.output).is_file():
-            return _fail(f"refusing --overwrite of {str(args.output)!r}: it holds files and no "
-                         f"{job_state_path(args.output).name}, so no batchllm --ray job wrote it; give a new or "
-                         "empty directory")
-        shutil.rmtree(args.output)  # the shards and the checkpoint of this job: start over
-    try:
-        tie_directory_to_job(args.output, args.input, results_options(args, defaults))
-    except (JobError, OSError) as e:
-        return _fail(str(e))
+    sample = sample_file(args.input)
+    note_ignored_fields(sample.ignored_fields, f" (in the first {SAMPLE_LINES:,} lines)")
+    if problem := _prepare_output_directory(args, results_options(args, defaults)):
+        return _fail(problem)
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
     names = response_names(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
     with _signals_interrupt():
         try:
-            result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names)
+            result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format)
         except Interrupted as e:
             _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
             return 128 + e.signum
@@ -309,6 +293,33 @@ def run_command_on_ray(args) -> int:
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
 
 
+def _prepare_output_directory(args, options: dict) -> str | None:
+    """Check -o as a --ray job's directory, empty it for --overwrite and tie it to the input and `options`
+    (`io.job.tie_directory_to_job`); what is wrong, or None."""
+    from batchllm.io.job import JobError, job_state_path, refuse_output_onto_input, tie_directory_to_job
+
+    try:
+        refuse_output_onto_input(args.output, args.input)  # (and "-": standard output), as without --ray
+    except JobError as e:
+        return str(e)
+    if args.errors_file is not None:
+        return ("--errors-file does not apply with --ray: failed lines are records in the shards, beside the "
+                "results (OpenAI Batch lines too)")
+    if args.output.exists() and not args.output.is_dir():
+        return f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file"
+    if args.overwrite and args.output.is_dir():
+        if any(args.output.iterdir()) and not job_state_path(args.output).is_file():
+            return (f"refusing --overwrite of {str(args.output)!r}: it holds files and no "
+                    f"{job_state_path(args.output).name}, so no batchllm --ray job wrote it; give a new or "
+                    "empty directory")
+        shutil.rmtree(args.output)  # the shards and the checkpoint of this job: start over
+    try:
+        tie_directory_to_job(args.output, args.input, options)
+    except (JobError, OSError) as e:
+        return str(e)
+    return None
+
+
 def _report_interrupt(args, signal_name: str) -> None:
     """Say what an interrupted --ray job left (the committed shards' records; a restart skips them) and write
     --stats as `run` without --ray does (a failed write is said, not raised)."""
@@ -318,5 +329,6 @@ def _report_interrupt(args, signal_name: str) -> None:
     print(f"batchllm: interrupted ({signal_name}): {num_records} records in {args.output} ({num_errors} failed); "
           "run the same command to resume", file=sys.stderr)
     stats = {"interrupted": signal_name, "num_lines": count_input_lines(args.input), "num_records": num_records,
+             "num_lines_recorded": num_records,  # (run's name without --ray)
              "num_errors": num_errors, "num_replicas": args.num_replicas}
     _write_stats(args, stats, "the records written so far are kept")

@@ -148,11 +148,13 @@ def test_cli_ray_path_writes_the_single_machine_records_and_skips_them_on_restar
 def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_path, monkeypatch, capsys):
     """As `run` without --ray: Ctrl-C (SIGINT) or SIGTERM ends the job with 128 + the signal, says how many
     records the committed shards hold (a restart skips them) and still writes --stats."""
+    import os
     import signal
+    import time
 
     import ray
 
-    from batchllm.cli import Interrupted, main
+    from batchllm.cli import main
     from batchllm.ray import jsonl_job
 
     out_dir = tmp_path / "shards"
@@ -160,7 +162,10 @@ def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_pa
     def interrupted_after_one_shard(input_path, output_dir, *args):
         (output_dir / "part-0.jsonl").write_text(json.dumps({"id": "a", "text": "x"}) + "\n"
                                                  + json.dumps({"id": "b", "error": {"message": "m"}}) + "\n")
-        raise Interrupted(signal.SIGTERM)
+        (output_dir / "part-1.jsonl").write_text('{"id": "c", "te')  # a shard cut short: not a record
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill` sends; the job's handler stops it
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the job")
 
     monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", interrupted_after_one_shard)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -169,4 +174,4 @@ def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_pa
     assert main(["run", str(src), "-o", str(out_dir), "--ray", "--stats", str(stats), *OPTIONS]) == 128 + 15
     assert "interrupted (SIGTERM): 2 records in" in capsys.readouterr().err
     assert json.loads(stats.read_text()) == {"interrupted": "SIGTERM", "num_lines": 3, "num_records": 2,
-                                             "num_errors": 1, "num_replicas": 1}
+                                             "num_lines_recorded": 2, "num_errors": 1, "num_replicas": 1}
