@@ -184,7 +184,8 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
                    top_logprobs: int = 0, role: str = "assistant") -> dict[str, Any]:
     """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists; `role` is a
     chat answer's (vLLM's --response-role). Each choice carries vLLM's `stop_reason` (the stop string or
-    token id that ended it, else null)."""
+    token id that ended it, else null); `system_fingerprint` and a chat message's `refusal` are null, as in
+    OpenAI's and vLLM's responses (no fingerprint; a model's answer is never classed a refusal)."""
     line_id, request_id = _ids()
     created = int(time.time())
     completion_tokens = output.num_output_tokens
@@ -194,11 +195,11 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
         usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens}
     prompt_logprobs = _prompt_logprobs(output)
     if url == CHAT_URL:
-        choices = [{"index": c.index, "message": {"role": role, "content": c.text},
+        choices = [{"index": c.index, "message": {"role": role, "content": c.text, "refusal": None},
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason} for c in output.outputs]
         body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
-                "model": model, "choices": choices, "usage": usage}
+                "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
         if prompt_logprobs is not None:  # vLLM's: the response's, in a chat completion
             body["prompt_logprobs"] = prompt_logprobs
     else:
@@ -207,7 +208,7 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
         if prompt_logprobs is not None:  # vLLM's: each choice's, in a text completion
             choices = [{**choice, "prompt_logprobs": prompt_logprobs} for choice in choices]
         body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
-                "model": model, "choices": choices, "usage": usage}
+                "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
     return {"id": line_id, "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 

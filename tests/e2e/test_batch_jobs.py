@@ -44,6 +44,7 @@ def check_openai_record(rec):
     body = response["body"]
     assert body["object"] in ("chat.completion", "text_completion")
     assert isinstance(body["id"], str) and isinstance(body["created"], int) and isinstance(body["model"], str)
+    assert body["system_fingerprint"] is None  # (present, as OpenAI's and vLLM's responses hold it)
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]  # (OpenAI's field)
@@ -51,6 +52,7 @@ def check_openai_record(rec):
         assert choice["index"] == i and choice["finish_reason"] in ("stop", "length")
         if body["object"] == "chat.completion":
             assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+            assert choice["message"]["refusal"] is None
         else:
             assert isinstance(choice["text"], str)
         assert "logprobs" in choice and "stop_reason" in choice
