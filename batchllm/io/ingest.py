@@ -228,12 +228,21 @@ class ResponseNames(NamedTuple):
     """--served-model-name's names (vLLM's rule: a line naming one of them gets its own name back, any other
     line the first; vLLM refuses a line naming another model, which runs here)."""
     role: str = "assistant"
-    """--response-role: the role of a chat answer's message."""
+    """--response-role: the role of a chat answer's message where the template opened a new turn for it."""
 
     def model_of(self, line: BatchLine) -> str:
         if line.model is not None and line.model in self.served_models:
             return line.model
         return self.served_models[0] if self.served_models else line.model or self.model
+
+    def role_of(self, line: BatchLine) -> str:
+        """vLLM's rule: `role`, unless the line asked for no generation prompt (add_generation_prompt false, as
+        with continue_final_message): the answer then goes on its last message's turn, so takes that role."""
+        if (line.chat_template_kwargs or {}).get("add_generation_prompt", True) is False:
+            last = line.prompt[-1] if isinstance(line.prompt, list) and line.prompt else None
+            if isinstance(last, dict) and isinstance(last.get("role"), str):
+                return last["role"]
+        return self.role
 
 
 def record_for(line: BatchLine, output, names: ResponseNames) -> dict:
@@ -243,5 +252,5 @@ def record_for(line: BatchLine, output, names: ResponseNames) -> dict:
         top = line.sampling_overrides.get("logprobs") or 0
         top = sys.maxsize if top == -1 else top  # (-1: the whole vocabulary)
         return openai_batch.success_record(line.request_id, line.url, names.model_of(line), output,
-                                           len(output.prompt_token_ids), top, role=names.role)
+                                           len(output.prompt_token_ids), top, role=names.role_of(line))
     return result_record(line.request_id, output, len(output.prompt_token_ids))

@@ -74,3 +74,9 @@ def test_served_model_name_and_response_role_name_the_answer():
         "a line naming one of the served names gets its own back (vLLM's rule)")
     assert body(unnamed, ResponseNames("/models/smol", ("smol-served", "smol")))["model"] == "smol-served"
     assert {c["message"]["role"] for c in body(chat, ResponseNames("m"))["choices"]} == {"assistant"}
+    # vLLM's rule: an answer that continues the last message (no generation prompt) takes that message's role
+    continued = {**chat, "body": {**chat["body"], "add_generation_prompt": False, "continue_final_message": True,
+                                  "messages": [*chat["body"]["messages"], {"role": "assistant", "content": "Hel"}]}}
+    assert {c["message"]["role"] for c in body(continued, ResponseNames("m", (), "bot"))["choices"]} == {"assistant"}
+    user_turn = {**chat, "body": {**chat["body"], "add_generation_prompt": False}}
+    assert {c["message"]["role"] for c in body(user_turn, ResponseNames("m", (), "bot"))["choices"]} == {"user"}
