@@ -12,6 +12,7 @@ with a chat.completion or text_completion body (with usage), or "response": null
 from __future__ import annotations
 
 import codecs
+import json
 import time
 import uuid
 from typing import Any
@@ -87,6 +88,9 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
         # max_completion_tokens is OpenAI's newer name; given both (JSON writers emit null for the one not
         # set), it wins, as in vLLM's server
         completion = body.get("max_completion_tokens")
+        if completion is not None and (not isinstance(completion, int) or isinstance(completion, bool)
+                                       or completion < 1):  # (named as given: later checks say max_tokens)
+            raise BodyError(f"'max_completion_tokens' must be a positive integer, got {json.dumps(completion)[:40]}")
         max_tokens = completion if completion is not None else body.get("max_tokens")
         if body.get("logprobs"):
             overrides["logprobs"] = body.get("top_logprobs") or 0

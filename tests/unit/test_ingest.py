@@ -386,7 +386,7 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
 def test_max_completion_tokens_wins_over_max_tokens_and_a_null_one_is_not_given():
     """A body with both (a writer that emits null for the field it did not set) failed its line ("give max_tokens
     or max_completion_tokens, not both"); vLLM's server takes max_completion_tokens where it is set."""
-    from batchllm.io.openai_batch import body_to_request
+    from batchllm.io.openai_batch import BodyError, body_to_request
 
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     for sizes, expected in (({"max_tokens": None, "max_completion_tokens": 4}, 4),
@@ -395,6 +395,9 @@ def test_max_completion_tokens_wins_over_max_tokens_and_a_null_one_is_not_given(
                             ({"max_tokens": None, "max_completion_tokens": None}, None)):
         overrides = body_to_request("/v1/chat/completions", {**chat, **sizes})[3]
         assert overrides.get("max_tokens") == expected, sizes
+    for bad in (0, -1, 2.5, True, "8"):  # refused by the name the body gave (the error said max_tokens)
+        with pytest.raises(BodyError, match="'max_completion_tokens' must be a positive integer"):
+            body_to_request("/v1/chat/completions", {**chat, "max_completion_tokens": bad})
 
 
 def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
