@@ -110,8 +110,20 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchL
     try:
         return _parse_line(raw, line_number, seen_ids)
     except Exception as e:  # a case the checks below missed must still cost only this line
-        return LineError(line_number, None, f"line {line_number}: cannot be read ({type(e).__name__}: "
-                                            f"{short_repr(str(e))})")
+        rid, line_format = _id_and_format_of(raw)
+        return LineError(line_number, rid, f"line {line_number}: cannot be read ({type(e).__name__}: "
+                                           f"{short_repr(str(e))})", line_format)
+
+
+def _id_and_format_of(raw: bytes) -> tuple[str | int | None, str | None]:
+    """A line's id (custom_id for an OpenAI line) and format where it is a JSON object, so that an error
+    record can still be matched to it; (None, None) where it cannot be told."""
+    try:
+        obj = json.loads(raw)
+        openai = _is_openai_line(obj)
+        return _clean_id(obj.get("custom_id") if openai else obj.get("id")), OPENAI if openai else PLAIN
+    except Exception:  # noqa: BLE001 - nothing more to tell about this line
+        return None, None
 
 
 def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:

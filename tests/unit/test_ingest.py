@@ -490,3 +490,24 @@ def test_a_line_that_failed_before_is_not_run_again_on_resume():
         resume = ResumeState(done_error_lines={2})
         result = prepare_lines(path, processor(), {"max_tokens": 4}, None, resume)
     assert [v.line.request_id for v in result.valid] == ["a"] and not result.errors
+
+
+def test_a_line_that_breaks_the_parser_keeps_its_id_and_format(monkeypatch):
+    """A line that raised inside the parser (a bug: the parser never raises, it answers the line) got an
+    error record with id null in the file's format: an OpenAI line's error lost its custom_id."""
+    from batchllm.io import jsonl
+
+    def broken(*args):
+        raise NameError("a bug")
+
+    monkeypatch.setattr(jsonl, "_parse_openai_line", broken)
+    line = {"custom_id": "c-1", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "Hi"}]}}
+    error = jsonl.parse_line(json.dumps(line).encode(), 3, set())
+    record = error.record(jsonl.PLAIN)
+    assert record["custom_id"] == "c-1" and record["response"] is None, record
+    assert record["error"]["message"] == "line 3: cannot be read (NameError: 'a bug')"
+    monkeypatch.setattr(jsonl, "_parse_line", broken)
+    assert jsonl.parse_line(b'{"id": 7, "prompt": "Hi"}', 1, set()).record(jsonl.OPENAI) == {
+        "id": 7, "error": {"line": 1, "message": "line 1: cannot be read (NameError: 'a bug')"}}
+    assert jsonl.parse_line(b"\xff{", 2, set()).request_id is None
