@@ -92,9 +92,11 @@ def timed(command: list[str], log: Path, env: dict[str, str]) -> float:
     return elapsed
 
 
-def check_output(path: Path, requests: int, max_tokens: int) -> dict:
-    """Every request answered (status 200) with max_tokens completion tokens; the answers by custom_id."""
+def check_output(path: Path, requests: int, max_tokens: int) -> tuple[dict, dict]:
+    """Every request answered (status 200) with max_tokens completion tokens; (the answers by custom_id,
+    the sums of usage's prompt_tokens and prompt_tokens_details.cached_tokens, None where not reported)."""
     texts, bad = {}, []
+    totals = {"prompt_tokens": 0, "cached_tokens": 0}
     for line in path.read_text().splitlines():
         record = json.loads(line)
         response = record.get("response") or {}
@@ -104,9 +106,13 @@ def check_output(path: Path, requests: int, max_tokens: int) -> dict:
             bad.append(record.get("custom_id"))
         else:
             texts[record["custom_id"]] = body["choices"][0]["message"]["content"]
+            totals["prompt_tokens"] += usage["prompt_tokens"]
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            totals["cached_tokens"] = None if cached is None or totals["cached_tokens"] is None else (
+                totals["cached_tokens"] + cached)
     if bad or len(texts) != requests:
         raise RuntimeError(f"{path}: {len(texts)} of {requests} answered in full; first bad: {bad[:3]}")
-    return texts
+    return texts, totals
 
 
 def vllm_generation_s(log: Path) -> float | None:
@@ -170,11 +176,15 @@ def main(argv: list[str] | None = None) -> dict:
         texts = {}
         for side in args.sides.split(","):
             summary[f"{side}_process_s"] = timed(commands(model, requests, tmp, flags)[side], logs / f"{side}.log", env)
-            texts[side] = check_output(tmp / f"{side}.jsonl", len(conversations), args.output)
+            texts[side], totals = check_output(tmp / f"{side}.jsonl", len(conversations), args.output)
+            summary.update({f"{side}_{key}": value for key, value in totals.items()})
             summary[f"{side}_requests_per_s"] = len(conversations) / summary[f"{side}_process_s"]
         if "batchllm" in texts:  # generation, and where the rest of the process went (STARTUP_KEYS)
             stats = json.loads((tmp / "batchllm_stats.json").read_text())
             summary["batchllm_generation_s"] = stats["wall_s"]
+            # the responses' prompt tokens less their cached tokens: the prefill computed (each shared prefix
+            # is charged to one request), against the engine's own count
+            summary["batchllm_prefill_tokens_computed"] = stats.get("prefill_tokens_computed")
             summary.update({f"batchllm_{key}": stats.get(key) for key in STARTUP_KEYS})
         if "vllm" in texts:
             summary["vllm_generation_s"] = vllm_generation_s(logs / "vllm.log")
