@@ -164,12 +164,14 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
 def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fold `-i` into `args.input`; one input, given once, is required. `--served-model-name` takes one or
     more words, so argparse gives it an input path that follows it (`--served-model-name smol in.jsonl`):
-    where no input was given otherwise, its last word is the input."""
+    where no input was given otherwise and its last word names a file (one that exists, or *.jsonl), that
+    word is the input."""
     if "input_option" not in args:
         return
     served = getattr(args, "served_model_name", None)
     if args.input is None and args.input_option is None and served is not None and len(served) > 1:
-        args.input = Path(served.pop())
+        if Path(served[-1]).is_file() or served[-1].endswith(".jsonl"):
+            args.input = Path(served.pop())
     if args.input is not None and args.input_option is not None:
         parser.error("give the input file once: as INPUT or as -i, not both")
     args.input = args.input if args.input is not None else args.input_option

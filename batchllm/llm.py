@@ -323,8 +323,8 @@ class LLM:
                      self._planned(call, [r for r in requests if r.request_id in crowded], False, budgets,
                                    f"{id_prefix}alone-")]
         call.budgets.update(budgets)
-        for request, cached in zip(requests, cached_prompt_tokens(requests)):  # (first completions first)
-            call.num_cached_tokens.setdefault(request.arrival_index, cached)
+        for request, cached in zip(requests, cached_prompt_tokens(requests)):  # (prompt by prompt, k = 0 first:
+            call.num_cached_tokens.setdefault(request.arrival_index, cached)  # setdefault keeps the first's)
         call.planned_tokens += sum(plan.prefill_tokens for plan, _ in parts) + sum(budgets.values())
         call.plan_seconds += time.perf_counter() - plan_started
         call.plans.extend(plan.summary() for plan, _ in parts)
@@ -471,7 +471,8 @@ class _Call:
     """Prefill tokens after sharing + decode budgets; a completion that stops early gives back what it left."""
     num_prompts_done: int = 0
     num_cached_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
-    """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's fork point)."""
+    """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's
+    `cached_prompt_tokens`)."""
 
 
 # ---------------------------------------------------------------------- helpers

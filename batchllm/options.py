@@ -39,13 +39,15 @@ class NoEffect:
     """The type of its flag's value; None: a bare flag."""
     flag_aliases: tuple[str, ...] = ()
     """Other vLLM spellings of its flag (not `LLM` keywords)."""
+    metavar: str | None = None
+    """Its value's name in --help."""
 
 
 VLLM_NO_EFFECT = {
     "disable_log_stats": NoEffect("run logs no per-request or periodic statistics lines (--no-progress quiets "
                                   "the progress bar)", flag_aliases=("disable_log_requests",)),
     "disable_custom_all_reduce": NoEffect("tensor parallelism reduces through NCCL"),
-    "swap_space": NoEffect("a preempted request is recomputed", value_type=float),
+    "swap_space": NoEffect("a preempted request is recomputed", value_type=float, metavar="GIB"),
     "tokenizer_mode": NoEffect("the tokenizer is transformers' (vLLM's auto for most models); no other mode is "
                                "supported", values=("auto", "hf"), value_type=str),
 }
@@ -63,7 +65,8 @@ def add_no_effect_arguments(group) -> None:
             group.add_argument(*flags, dest=name, choices=list(option.values), default=option.values[0],
                                help=help_text)
         else:
-            group.add_argument(*flags, dest=name, type=option.value_type, default=None, help=help_text)
+            group.add_argument(*flags, dest=name, type=option.value_type, default=None, metavar=option.metavar,
+                               help=help_text)
 
 _ALIASES_OF = {name: tuple(a for a, n in VLLM_ALIASES.items() if n == name) for name in set(VLLM_ALIASES.values())}
 

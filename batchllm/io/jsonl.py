@@ -111,6 +111,8 @@ def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchL
         return _parse_line(raw, line_number, seen_ids)
     except Exception as e:  # a case the checks below missed must still cost only this line
         rid, line_format = _id_and_format_of(raw)
+        if rid is not None:
+            seen_ids.add(rid)  # (a later line with its id is a duplicate: one id, one record)
         return LineError(line_number, rid, f"line {line_number}: cannot be read ({type(e).__name__}: "
                                            f"{short_repr(str(e))})", line_format)
 

@@ -105,9 +105,10 @@ def _normalized(record: dict) -> str:
             record["response"].pop("request_id")
             record["response"]["body"].pop("id")
             record["response"]["body"].pop("created")
-            record["response"]["body"]["usage"].pop("prompt_tokens_details", None)
-    else:
-        record.pop("cached_tokens", None)
+            usage = record["response"]["body"]["usage"]
+            assert 0 <= usage.pop("prompt_tokens_details")["cached_tokens"] < usage["prompt_tokens"]
+    elif record.get("error") is None:
+        assert 0 <= record.pop("cached_tokens") < record["prompt_tokens"]
     return json.dumps(record, sort_keys=True)
 
 

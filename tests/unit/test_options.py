@@ -302,6 +302,15 @@ def test_served_model_name_leaves_a_following_input_path_the_input(words, names,
     assert seen["served_model_name"] == names and str(seen["input"]) == input_path
 
 
+def test_served_names_without_an_input_file_are_names(capsys):
+    """Only a word that names a file (it exists, or ends in .jsonl) is taken for the forgotten input."""
+    from batchllm.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "-o", "o.jsonl", "--served-model-name", "a", "b"])
+    assert exit_.value.code == 2 and "the input file is required" in capsys.readouterr().err
+
+
 def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_meant(capsys):
     from batchllm.cli import main
 
