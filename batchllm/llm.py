@@ -215,14 +215,18 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's
-        generation_config.json sets (`generation_defaults`), over SamplingParams()'s defaults."""
-        return self._default_params
+        generation_config.json sets (`generation_defaults`), over SamplingParams()'s defaults. A new
+        object each call (as vLLM's), so that a caller may change its fields without changing the LLM's."""
+        return self._default_params.clone()
 
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt, each a fresh copy of the one given (`SamplingParams.as_given`, made
+        once per object): fields set after construction take effect and are checked, as vLLM reads them at
+        submission, and the caller's objects are never changed by the engine's checks."""
         if sampling_params is None:
-            return [self.get_default_sampling_params()] * n
+            return [self._default_params.as_given()] * n
         if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
+            return [sampling_params.as_given()] * n
         iterable = isinstance(sampling_params, Iterable) and not isinstance(sampling_params, (str, dict))
         params = list(sampling_params) if iterable else [sampling_params]
         if (bad := next((sp for sp in params if not isinstance(sp, SamplingParams)), None)) is not None:
@@ -231,7 +235,11 @@ class LLM:
                             + shown + (" (build one: SamplingParams(**fields))" if isinstance(bad, dict) else ""))
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
-        return params
+        copies: dict[int, SamplingParams] = {}
+        for sp in params:
+            if id(sp) not in copies:
+                copies[id(sp)] = sp.as_given()
+        return [copies[id(sp)] for sp in params]
 
     def iter_generate(
         self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams], *, use_tqdm: bool = True,

@@ -285,6 +285,12 @@ class SamplingParams:
         """A deep copy, as vLLM's `SamplingParams.clone`."""
         return copy.deepcopy(self)
 
+    def as_given(self) -> SamplingParams:
+        """A copy built again from the fields as they are now: a field set after construction (`sp.stop =
+        ...`, as vLLM's examples do to `get_default_sampling_params()`) is checked (ValueError) and its derived
+        state (stop strings, grammar, converted logit_bias) rebuilt. Shallow: lists are shared, not changed."""
+        return replace(self)
+
     def for_child(self, index: int) -> SamplingParams:
         """Parameters of completion `index` of an n > 1 request: n=1, and seed + index when seeded,
         so that the completions differ but each stays reproducible; prompt_logprobs only for

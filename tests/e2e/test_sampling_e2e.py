@@ -186,3 +186,24 @@ def test_a_stop_string_in_the_ending_tokens_text_does_not_count(default_llm):
     stopped = SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False, stop=["<|im_end|>"])
     a, b = (default_llm.chat(conv, p, use_tqdm=False)[0].outputs[0] for p in (plain, stopped))
     assert (b.text, b.token_ids, b.finish_reason, b.stop_reason) == (a.text, a.token_ids, "stop", None)
+
+
+def test_fields_set_after_construction_take_effect_and_are_checked(default_llm):
+    """vLLM reads SamplingParams when a request is submitted: `sp.stop = [...]` after construction worked
+    there, but was ignored here with n = 1 (its stop strings were derived once, at construction), and a
+    bad value set so failed deep inside the engine, or not at all."""
+    sp = SamplingParams(temperature=0, max_tokens=8)
+    sp.stop = ["."]
+    out = default_llm.generate("The capital of France is", sp, use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == (" Paris", "stop", ".")
+    sp.structured_outputs = {"choice": ["yes", "no"]}
+    assert default_llm.generate("Is Paris in France?", sp, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
+    for name, value, message in (("max_tokens", 0, "SamplingParams.max_tokens"),
+                                 ("logit_bias", {"x": 1.0}, "SamplingParams.logit_bias must map token ids")):
+        bad = SamplingParams(temperature=0, max_tokens=4)
+        setattr(bad, name, value)
+        with pytest.raises(ValueError, match=message):
+            default_llm.generate("Hi", bad, use_tqdm=False)
+    given = SamplingParams(temperature=0, max_tokens=2, bad_words=["Paris"], stop="zzz")
+    default_llm.generate("Hi", [given], use_tqdm=False)
+    assert given.bad_words_token_ids == [] and given.stop == "zzz", "the caller's object is left as given"

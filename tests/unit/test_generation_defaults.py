@@ -47,6 +47,11 @@ def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory
         assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.6, 0.95, 20, 3)
         out = llm.generate(["Hi there"], use_tqdm=False)[0].outputs[0]
         assert len(out.token_ids) <= 3
+        # vLLM's examples change the object they get: a new one each call, so the LLM's defaults stay
+        defaults.max_tokens, defaults.temperature = 1, 0.0
+        assert llm.get_default_sampling_params() is not defaults
+        assert llm.get_default_sampling_params().max_tokens == 3
+        assert len(llm.generate(["Hi there"], defaults, use_tqdm=False)[0].outputs[0].token_ids) == 1
     finally:
         llm.shutdown()
 
