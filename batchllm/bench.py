@@ -236,7 +236,18 @@ def _sync(llm) -> None:
         torch.cuda.synchronize(llm.engine.device)
 
 
+def resolve_workload(args) -> str:
+    """`args.workload`, set where the command line left it out: file with --prompts-file, else shared.
+    Exits where --prompts-file is given to a synthetic workload (it was ignored, and that workload ran)."""
+    if getattr(args, "workload", None) is None:
+        args.workload = "file" if getattr(args, "prompts_file", None) else "shared"
+    if getattr(args, "prompts_file", None) and args.workload != "file":
+        raise SystemExit(f"batchllm bench: --prompts-file is read by --workload file, not --workload {args.workload}")
+    return args.workload
+
+
 def make_workload(args, vocab: int) -> Workload:
+    resolve_workload(args)
     if args.workload == "shared":
         return shared_prefix_workload(args.shared, args.distinct, args.degree, args.requests, args.output, vocab,
                                       shuffle=not args.sorted)
@@ -261,11 +272,11 @@ def add_bench_parser(sub) -> None:
                        "own, one after another in one process. Engine options set every configuration's "
                        "engine; a configuration changes one of them.")
     w = b.add_argument_group("workload")
-    w.add_argument("--workload", default="shared", choices=["shared", "snippet", "nosharing", "decodeheavy", "file"],
+    w.add_argument("--workload", default=None, choices=["shared", "snippet", "nosharing", "decodeheavy", "file"],
                    help="shared: the paper's groups of --degree prompts sharing a --shared token prefix; snippet: "
                    "the snippet-like mix; nosharing: --prompt-len distinct prompts; decodeheavy: shared "
                    "prompts with outputs of --min-output to --max-output tokens; file: the token prompts of "
-                   "--prompts-file")
+                   "--prompts-file (default: file with --prompts-file, else shared)")
     w.add_argument("--prompts-file", default=None,
                    help="JSONL of token prompts for --workload file, one request per line: "
                    '{"prompt_token_ids": [...], "max_tokens": N} (max_tokens optional: --output)')
@@ -377,8 +388,9 @@ def bench_command(args) -> int:
 
 def _file_workload(args) -> Workload | None:
     """`--workload file`'s requests, read and checked against the model's vocabulary (its config, no
-    weights) before any model loads; None for a synthetic workload. Exits naming the problem."""
-    if args.workload != "file":
+    weights) before any model loads; None for a synthetic workload (`args.workload` resolved: file where
+    --prompts-file is given, else shared). Exits naming the problem."""
+    if resolve_workload(args) != "file":
         return None
     if not args.prompts_file:
         raise SystemExit("batchllm bench: --workload file needs --prompts-file PATH")

@@ -207,6 +207,11 @@ def test_bench_file_workload_needs_a_file(tiny_model_factory, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(SystemExit, match="empty.jsonl holds no requests"):
         main(["bench", "--model", model, "--workload", "file", "--prompts-file", str(tmp_path / "empty.jsonl")])
+    # --prompts-file alone means the file workload; with a synthetic one it was ignored (that workload ran)
+    with pytest.raises(SystemExit, match="empty.jsonl holds no requests"):
+        main(["bench", "--model", model, "--prompts-file", str(tmp_path / "empty.jsonl")])
+    with pytest.raises(SystemExit, match="--prompts-file is read by --workload file, not --workload shared"):
+        main(["bench", "--model", model, "--workload", "shared", "--prompts-file", str(tmp_path / "empty.jsonl")])
 
 
 def test_user_path_chat_runs_an_openai_batch_file_and_bench_the_same_tokens(tiny_model_factory, tmp_path,
