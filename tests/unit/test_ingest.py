@@ -261,6 +261,16 @@ def test_numpy_token_ids_are_token_ids():
     assert prompts.tokenize_prompt({"prompt_token_ids": np.array([7, 8])}).token_ids == [7, 8]
 
 
+def test_a_dict_prompt_with_images_is_refused_not_run_without_them():
+    """vLLM's multi_modal_data was dropped silently: the model answered a question about an image it never saw."""
+    from batchllm.inputs import PromptProcessor
+
+    prompts = PromptProcessor(None, 100, 10)
+    with pytest.raises(ValueError, match="prompt 3: multi_modal_data is not supported"):
+        prompts.tokenize_prompt({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": "x"}}, 3)
+    assert prompts.tokenize_prompt({"prompt_token_ids": [1, 2], "multi_modal_data": None}).token_ids == [1, 2]
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(0, 99), min_size=1, max_size=9), st.booleans())
 def test_validated_ids_keep_one_array_equal_to_the_list(ids, as_tuple):
