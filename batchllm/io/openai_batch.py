@@ -159,15 +159,17 @@ def _response_format(value: Any) -> dict | None:
 
 def text_message(j: int, message: Any) -> Any:
     """A chat message with its content as one string: a list of text parts is joined with newlines
-    (as vLLM does for a string-content chat template); any other part type is refused by name
-    (BodyError, a ValueError). Plain lines and `LLM.chat` go through it too (`PromptProcessor`)."""
+    (as vLLM does for a string-content chat template), null or no parts is empty text; any other part type
+    is refused by name (BodyError, a ValueError). Plain lines and `LLM.chat` go through it too (`PromptProcessor`)."""
     if not isinstance(message, dict):
         return message  # the chat template check names it
     content = message.get("content")
     if isinstance(content, str):
         return message
-    if not isinstance(content, list) or not content:
-        raise BodyError(f"messages[{j}].content must be a string or a non-empty list of text parts")
+    if content is None or content == []:  # (an assistant turn that only called tools): empty text, as vLLM's
+        return {**message, "content": ""}
+    if not isinstance(content, list):
+        raise BodyError(f"messages[{j}].content must be a string, a list of text parts or null")
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
