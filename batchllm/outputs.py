@@ -148,3 +148,8 @@ class RunnerOutput:
     """For requests that asked for logprobs."""
     prompt_logprobs: dict[str, PromptLogprobsRows] = field(default_factory=dict)
     """For the ScheduledRequests of the step that carried a PromptLogprobsSpec."""
+
+
+# vLLM's `from vllm.outputs import RequestOutput, CompletionOutput` ported by renaming the package: the user-facing
+# results live in `batchllm.request_output` (and `batchllm`); named here too, for that import.
+from batchllm.request_output import CompletionOutput, Logprob, RequestOutput  # noqa: E402, F401

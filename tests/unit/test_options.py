@@ -321,3 +321,17 @@ def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_me
     assert "batchllm run: error: unrecognized arguments: --temprature 0 --revision=main" in err
     assert "--temprature: did you mean --temperature?" in err and "--revision: models are read from" in err
     assert "--zzz:" not in err, "no hint where nothing is close"
+
+
+def test_vllm_module_paths_and_python_dash_m_work():
+    """Ported vLLM code imports `RequestOutput` from `.outputs`, and `python -m batchllm` is how a job runs
+    where the console script is not on PATH: both failed."""
+    import subprocess
+    import sys
+
+    from batchllm import RequestOutput
+    from batchllm.outputs import RequestOutput as FromOutputs
+
+    assert FromOutputs is RequestOutput
+    done = subprocess.run([sys.executable, "-m", "batchllm", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("batchllm "), done
