@@ -52,6 +52,7 @@ from batchllm.io.job import (
     refuse_output_onto_input,
 )
 from batchllm.options import (
+    VLLM_NOT_TAKEN,
     DefaultsHelpFormatter,
     add_engine_arguments,
     add_no_effect_arguments,
@@ -179,16 +180,7 @@ def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"{args.command}: the input file is required (INPUT or -i INPUT)")
 
 
-VLLM_FLAGS_NOT_TAKEN = {
-    "--revision": "models are read from a directory or the local Hugging Face cache, never downloaded: give "
-                  "--model the directory of that revision",
-    "--override-generation-config": "give run's sampling defaults as --temperature, --top-p, --top-k, --min-p, "
-                                    "--repetition-penalty and --max-tokens",
-    "--pipeline-parallel-size": "pipeline parallelism is not supported; use --tensor-parallel-size and "
-                                "--data-parallel-size",
-    "--enable-lora": "LoRA adapters are not supported",
-    "--lora-modules": "LoRA adapters are not supported",
-}
+VLLM_FLAGS_NOT_TAKEN = {"--" + name.replace("_", "-"): why for name, why in VLLM_NOT_TAKEN.items()}
 """vLLM run-batch flags with no counterpart here, and what to do instead (named when one is given)."""
 
 

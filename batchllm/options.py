@@ -158,7 +158,29 @@ def _check_type(key: str, option: EngineOption, value: Any) -> None:
         raise TypeError(f"engine option {key!r} must be {wanted}{none}, got {value!r}")
 
 
+VLLM_NOT_TAKEN = {
+    "revision": "models are read from a directory or the local Hugging Face cache, never downloaded: give "
+                "the model as the directory of that revision",
+    "download_dir": "nothing is downloaded: models are read from a directory or the local Hugging Face cache",
+    "override_generation_config": "give sampling defaults as SamplingParams (run: --temperature, --top-p, "
+                                  "--top-k, --min-p, --repetition-penalty and --max-tokens)",
+    "hf_overrides": "edit config.json in a copy of the model's directory",
+    "pipeline_parallel_size": "pipeline parallelism is not supported; use tensor_parallel_size and "
+                              "data_parallel_size",
+    "distributed_executor_backend": "tensor and data parallelism run in processes the engine starts itself "
+                                    "(for a Ray cluster: batchllm.ray or run --ray)",
+    "compilation_config": "the kernels are Triton's; CUDA graphs are set by enforce_eager and "
+                          "max_cudagraph_capture_size",
+    "enable_lora": "LoRA adapters are not supported",
+    "lora_modules": "LoRA adapters are not supported",
+}
+"""vLLM options (`LLM` keywords, run-batch flags in kebab case) with no counterpart here, and what to do instead:
+said when one is given."""
+
+
 def unknown_option_message(key: str) -> str:
+    if key in VLLM_NOT_TAKEN:
+        return f"engine option {key!r} is not supported: {VLLM_NOT_TAKEN[key]}"
     close = difflib.get_close_matches(key, [*engine_options(), *VLLM_ALIASES], n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return f"unknown engine option {key!r}{hint} (all options: batchllm run --help)"

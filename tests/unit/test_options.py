@@ -335,3 +335,14 @@ def test_vllm_module_paths_and_python_dash_m_work():
     assert FromOutputs is RequestOutput
     done = subprocess.run([sys.executable, "-m", "batchllm", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("batchllm "), done
+
+
+def test_vllm_options_without_a_counterpart_say_what_to_do_instead():
+    """LLM(revision=...) said only "unknown engine option"; the command line named what to do instead."""
+    from batchllm.options import engine_config
+
+    for key, instead in (("revision", "give the model as the directory of that revision"),
+                         ("pipeline_parallel_size", "use tensor_parallel_size and data_parallel_size"),
+                         ("download_dir", "nothing is downloaded")):
+        with pytest.raises(TypeError, match=f"engine option '{key}' is not supported: .*{instead}"):
+            engine_config(**{key: 1})
