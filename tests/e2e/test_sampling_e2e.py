@@ -156,6 +156,10 @@ def test_chat_continues_the_final_message(default_llm):
     assert out.text.startswith(" is Paris"), out.text
     with pytest.raises(ValueError, match="add_generation_prompt and continue_final_message cannot both be true"):
         default_llm.chat(conv, SamplingParams(max_tokens=2), continue_final_message=True, use_tqdm=False)
+    # conversations from a generator, as vLLM takes them ('generator' object is not subscriptable)
+    made = default_llm.chat((c for c in [conv[:1], conv[:1]]), SamplingParams(temperature=0, max_tokens=4),
+                            use_tqdm=False)
+    assert len(made) == 2 and made[0].outputs[0].text == made[1].outputs[0].text
 
 
 def test_an_output_cut_inside_a_character_does_not_end_in_a_replacement_character(default_llm):
