@@ -131,7 +131,8 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     On CUDA also: peak GPU memory, the fraction of the run the GPU sat idle between steps (CUDA
     events around each step's forward and sampling), and model-FLOPs utilisation counted as
     2 x parameters x tokens computed (prefill + decode) against `matmul_peak_tflops`."""
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in workload.max_tokens]
+    by_length = {m: SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in set(workload.max_tokens)}
+    params = [by_length[m] for m in workload.max_tokens]  # (one object per length: `generate` copies each once)
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     if llm.engine is None:
         return _run_data_parallel(llm, workload, prompts, params)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -59,6 +60,7 @@ from batchllm.options import (
     bare_flags_as_on,
     engine_config,
     engine_kwargs_from_args,
+    engine_options,
 )
 from batchllm.sampling_params import SamplingParams
 
@@ -180,7 +182,14 @@ def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"{args.command}: the input file is required (INPUT or -i INPUT)")
 
 
-VLLM_FLAGS_NOT_TAKEN = {"--" + name.replace("_", "-"): why for name, why in VLLM_NOT_TAKEN.items()}
+def _as_flags(text: str) -> str:
+    """`text` with each engine option's keyword (tensor_parallel_size) written as its flag."""
+    options = engine_options()
+    return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: "--" + m[0].replace("_", "-") if m[0] in options else m[0],
+                  text)
+
+
+VLLM_FLAGS_NOT_TAKEN = {"--" + name.replace("_", "-"): _as_flags(why) for name, (_, why) in VLLM_NOT_TAKEN.items()}
 """vLLM run-batch flags with no counterpart here, and what to do instead (named when one is given)."""
 
 

@@ -170,7 +170,7 @@ class LLM:
         _refuse_unsupported(tools=tools, lora_request=lora_request)
         if continue_final_message:
             chat_template_kwargs = {"continue_final_message": True, **(chat_template_kwargs or {})}
-        if not isinstance(messages, (list, tuple)):  # a generator of conversations, as vLLM takes any sequence
+        if not isinstance(messages, (list, tuple)):  # a generator: of conversations, or of one's messages
             messages = list(messages)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = None if chat_template is None else read_chat_template(chat_template)

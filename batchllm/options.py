@@ -134,6 +134,12 @@ def engine_config(**kwargs: Any) -> EngineConfig:
             if (allowed := VLLM_NO_EFFECT[key].values) is not None and value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported (only {' or '.join(map(repr, allowed))})")
             continue
+        if key in VLLM_NOT_TAKEN:
+            accepted, instead = VLLM_NOT_TAKEN[key]
+            if _among(value, accepted):
+                continue  # vLLM's default, which asks for what runs here anyway
+            raise TypeError(f"{key}={repr(value)[:60]} is not supported: {instead} (taken only as "
+                            f"{' or '.join(map(repr, accepted))}, vLLM's default)")
         option = options.get(VLLM_ALIASES.get(key, key))
         if option is None:
             raise TypeError(unknown_option_message(key))
@@ -159,28 +165,33 @@ def _check_type(key: str, option: EngineOption, value: Any) -> None:
 
 
 VLLM_NOT_TAKEN = {
-    "revision": "models are read from a directory or the local Hugging Face cache, never downloaded: give "
-                "the model as the directory of that revision",
-    "download_dir": "nothing is downloaded: models are read from a directory or the local Hugging Face cache",
-    "override_generation_config": "give sampling defaults as SamplingParams (run: --temperature, --top-p, "
-                                  "--top-k, --min-p, --repetition-penalty and --max-tokens)",
-    "hf_overrides": "edit config.json in a copy of the model's directory",
-    "pipeline_parallel_size": "pipeline parallelism is not supported; use tensor_parallel_size and "
-                              "data_parallel_size",
-    "distributed_executor_backend": "tensor and data parallelism run in processes the engine starts itself "
-                                    "(for a Ray cluster: batchllm.ray or run --ray)",
-    "compilation_config": "the kernels are Triton's; CUDA graphs are set by enforce_eager and "
-                          "max_cudagraph_capture_size",
-    "enable_lora": "LoRA adapters are not supported",
-    "lora_modules": "LoRA adapters are not supported",
+    "revision": ((None,), "models are read from a directory or the local Hugging Face cache, never downloaded: "
+                          "give the model as the directory of that revision"),
+    "download_dir": ((None,), "nothing is downloaded: models are read from a directory or the local Hugging Face "
+                              "cache"),
+    "override_generation_config": ((None, {}), "give sampling defaults as SamplingParams (run: --temperature, "
+                                               "--top-p, --top-k, --min-p, --repetition-penalty and --max-tokens)"),
+    "hf_overrides": ((None, {}), "edit config.json in a copy of the model's directory"),
+    "pipeline_parallel_size": ((1,), "pipeline parallelism is not supported; use tensor_parallel_size and "
+                                     "data_parallel_size"),
+    "distributed_executor_backend": ((None, "mp"), "tensor and data parallelism run in processes the engine starts "
+                                                   "itself (for a Ray cluster: batchllm.ray or run --ray)"),
+    "compilation_config": ((None,), "the kernels are Triton's; CUDA graphs are set by enforce_eager and "
+                                    "max_cudagraph_capture_size"),
+    "enable_lora": ((None, False), "LoRA adapters are not supported"),
+    "lora_modules": ((None,), "LoRA adapters are not supported"),
 }
-"""vLLM options (`LLM` keywords, run-batch flags in kebab case) with no counterpart here, and what to do instead:
-said when one is given."""
+"""vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for
+what runs here anyway, taken and dropped, as ported code passes vLLM's defaults; what to do instead of any other,
+said when one is given)."""
+
+
+def _among(value: Any, values: tuple) -> bool:
+    """`value` equals one of `values`, type included (True is not 1, nor 0 False)."""
+    return any(type(value) is type(v) and value == v for v in values)
 
 
 def unknown_option_message(key: str) -> str:
-    if key in VLLM_NOT_TAKEN:
-        return f"engine option {key!r} is not supported: {VLLM_NOT_TAKEN[key]}"
     close = difflib.get_close_matches(key, [*engine_options(), *VLLM_ALIASES], n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return f"unknown engine option {key!r}{hint} (all options: batchllm run --help)"

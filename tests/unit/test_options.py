@@ -329,20 +329,29 @@ def test_vllm_module_paths_and_python_dash_m_work():
     import subprocess
     import sys
 
-    from batchllm import RequestOutput
-    from batchllm.outputs import RequestOutput as FromOutputs
+    import batchllm
+    from batchllm import outputs
 
-    assert FromOutputs is RequestOutput
+    assert (outputs.RequestOutput, outputs.CompletionOutput, outputs.Logprob) == (
+        batchllm.RequestOutput, batchllm.CompletionOutput, batchllm.Logprob)
     done = subprocess.run([sys.executable, "-m", "batchllm", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("batchllm "), done
+    missing = subprocess.run([sys.executable, "-m", "batchllm", "plan", "/nonexistent/in.jsonl"], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "in.jsonl" in missing.stderr, "main's exit status is the process's"
 
 
 def test_vllm_options_without_a_counterpart_say_what_to_do_instead():
     """LLM(revision=...) said only "unknown engine option"; the command line named what to do instead."""
     from batchllm.options import engine_config
 
-    for key, instead in (("revision", "give the model as the directory of that revision"),
-                         ("pipeline_parallel_size", "use tensor_parallel_size and data_parallel_size"),
-                         ("download_dir", "nothing is downloaded")):
-        with pytest.raises(TypeError, match=f"engine option '{key}' is not supported: .*{instead}"):
-            engine_config(**{key: 1})
+    for key, value, instead in (("revision", "v1.0", "give the model as the directory of that revision"),
+                                ("pipeline_parallel_size", 2, "use tensor_parallel_size and data_parallel_size"),
+                                ("download_dir", "/d", "nothing is downloaded")):
+        with pytest.raises(TypeError, match=f"{key}={value!r} is not supported: .*{instead}"):
+            engine_config(**{key: value})
+    # vLLM's defaults ask for what runs here: ported code passing them explicitly is not refused
+    assert engine_config(pipeline_parallel_size=1, revision=None, enable_lora=False, hf_overrides={},
+                         distributed_executor_backend="mp") == engine_config()
+    with pytest.raises(TypeError, match="enable_lora=1 is not supported"):
+        engine_config(enable_lora=1)  # (True's twin is not False's: the value's type counts)
