@@ -236,9 +236,9 @@ class ResponseNames(NamedTuple):
         return self.served_models[0] if self.served_models else line.model or self.model
 
     def role_of(self, line: BatchLine) -> str:
-        """vLLM's rule: `role`, unless the line asked for no generation prompt (add_generation_prompt false, as
+        """vLLM's rule: `role`, unless the body asked for no generation prompt (add_generation_prompt false, as
         with continue_final_message): the answer then goes on its last message's turn, so takes that role."""
-        if (line.chat_template_kwargs or {}).get("add_generation_prompt", True) is False:
+        if not line.generation_prompt:
             last = line.prompt[-1] if isinstance(line.prompt, list) and line.prompt else None
             if isinstance(last, dict) and isinstance(last.get("role"), str):
                 return last["role"]

@@ -57,6 +57,9 @@ class BatchLine:
     ignored_fields: tuple[str, ...] = ()
     """Plain lines: fields that are no request field, nor a near miss of one (a table's other columns,
     written with it), ignored as vLLM's server ignores a request's unknown fields."""
+    generation_prompt: bool = True
+    """OpenAI chat lines: the body's own add_generation_prompt (False: the answer continues the last message's
+    turn, whose role it takes: vLLM's rule reads this field, not chat_template_kwargs)."""
 
 
 @dataclass
@@ -247,7 +250,8 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
         return error(str(e), rid)
     model = obj["body"].get("model")
     return BatchLine(line_number, rid, prompt, is_chat, integers_from_json(overrides), OPENAI, url,
-                     model if isinstance(model, str) else None, template)
+                     model if isinstance(model, str) else None, template,
+                     generation_prompt=obj["body"].get("add_generation_prompt") is not False)
 
 
 def _lone_surrogate(obj: Any) -> str | None:

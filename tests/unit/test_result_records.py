@@ -80,3 +80,6 @@ def test_served_model_name_and_response_role_name_the_answer():
     assert {c["message"]["role"] for c in body(continued, ResponseNames("m", (), "bot"))["choices"]} == {"assistant"}
     user_turn = {**chat, "body": {**chat["body"], "add_generation_prompt": False}}
     assert {c["message"]["role"] for c in body(user_turn, ResponseNames("m", (), "bot"))["choices"]} == {"user"}
+    # vLLM reads the body's field, not chat_template_kwargs' (which reach the template only)
+    kwargs_only = {**chat, "body": {**chat["body"], "chat_template_kwargs": {"add_generation_prompt": False}}}
+    assert {c["message"]["role"] for c in body(kwargs_only, ResponseNames("m", (), "bot"))["choices"]} == {"bot"}
