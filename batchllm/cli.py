@@ -182,19 +182,19 @@ def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"{args.command}: the input file is required (INPUT or -i INPUT)")
 
 
-def _as_flags(text: str) -> str:
-    """`text` with each engine option's keyword (tensor_parallel_size) written as its flag."""
+def vllm_flag_not_taken(flag: str) -> str | None:
+    """What to do instead of a vLLM run-batch flag with no counterpart here (`options.VLLM_NOT_TAKEN`, its
+    engine options' keywords written as flags), or None. Made on the error path only, not at every start."""
+    entry = VLLM_NOT_TAKEN.get(flag.removeprefix("--").replace("-", "_"))
+    if entry is None:
+        return None
     options = engine_options()
     return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: "--" + m[0].replace("_", "-") if m[0] in options else m[0],
-                  text)
-
-
-VLLM_FLAGS_NOT_TAKEN = {"--" + name.replace("_", "-"): _as_flags(why) for name, (_, why) in VLLM_NOT_TAKEN.items()}
-"""vLLM run-batch flags with no counterpart here, and what to do instead (named when one is given)."""
+                  entry[1])
 
 
 def unrecognized_arguments_message(command: argparse.ArgumentParser, unknown: list[str]) -> str:
-    """argparse's "unrecognized arguments" with, per unknown flag, what it means here (`VLLM_FLAGS_NOT_TAKEN`)
+    """argparse's "unrecognized arguments" with, per unknown flag, what it means here (`vllm_flag_not_taken`)
     or the command's flags closest to it."""
     flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
     hints = []
@@ -202,8 +202,8 @@ def unrecognized_arguments_message(command: argparse.ArgumentParser, unknown: li
         name = word.split("=", 1)[0]
         if not name.startswith("--"):
             continue
-        if name in VLLM_FLAGS_NOT_TAKEN:
-            hints.append(f"{name}: {VLLM_FLAGS_NOT_TAKEN[name]}")
+        if instead := vllm_flag_not_taken(name):
+            hints.append(f"{name}: {instead}")
         elif close := difflib.get_close_matches(name, flags, n=2, cutoff=0.75):
             hints.append(f"{name}: did you mean {' or '.join(close)}?")
     return f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"\n  {hint}" for hint in hints)

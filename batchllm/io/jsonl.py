@@ -124,11 +124,17 @@ def _id_and_format_of(raw: bytes) -> tuple[str | int | None, str | None]:
     """A line's id (custom_id for an OpenAI line) and format where it is a JSON object, so that an error
     record can still be matched to it; (None, None) where it cannot be told."""
     try:
-        obj = json.loads(raw)
-        openai = _is_openai_line(obj)
-        return _clean_id(obj.get("custom_id") if openai else obj.get("id")), OPENAI if openai else PLAIN
+        rid, openai = _echoed_id(json.loads(raw))
+        return rid, OPENAI if openai else PLAIN
     except Exception:  # noqa: BLE001 - nothing more to tell about this line
         return None, None
+
+
+def _echoed_id(obj: dict) -> tuple[str | int | None, bool]:
+    """(the id an error record of this line object can echo: custom_id for an OpenAI line, else id; whether it
+    is an OpenAI line), for lines refused before their id is checked."""
+    openai = _is_openai_line(obj)
+    return _clean_id(obj.get("custom_id") if openai else obj.get("id")), openai
 
 
 def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
@@ -150,8 +156,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)):
-        openai = _is_openai_line(obj)
-        rid = _clean_id(obj.get("custom_id") if openai else obj.get("id"))
+        rid, openai = _echoed_id(obj)
         return LineError(line_number, rid, f"line {line_number}: {where} holds a lone surrogate "
                                            "(an unpaired \\ud800-\\udfff escape), which is not valid Unicode",
                          OPENAI if openai else None)
