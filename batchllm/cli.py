@@ -58,6 +58,7 @@ from batchllm.options import (
     add_engine_arguments,
     add_no_effect_arguments,
     bare_flags_as_on,
+    dashed_flag_names,
     engine_config,
     engine_kwargs_from_args,
     engine_options,
@@ -220,7 +221,8 @@ def package_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(bare_flags_as_on(sys.argv[1:] if argv is None else list(argv)))
+    words = dashed_flag_names(sys.argv[1:] if argv is None else list(argv))
+    args, unknown = parser.parse_known_args(bare_flags_as_on(words))
     if unknown:  # refused by the subcommand's parser, with its usage and what each unknown flag may have meant
         command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
         command.error(unrecognized_arguments_message(command, unknown))

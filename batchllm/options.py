@@ -231,6 +231,20 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
     action.help = option.help.replace("%", "%%") + " (default: %(default)s)"
 
 
+def dashed_flag_names(argv: list[str]) -> list[str]:
+    """`argv` with underscores in each long flag's name written as dashes (`--max_model_len=4k` ->
+    `--max-model-len=4k`), as vLLM's command line reads them; values, and every word after `--`, are kept."""
+    result = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            return result + argv[i:]
+        if word.startswith("--"):
+            name, equals, value = word.partition("=")
+            word = name.replace("_", "-") + equals + value
+        result.append(word)
+    return result
+
+
 def bare_flags_as_on(argv: list[str]) -> list[str]:
     """`argv` with each bare optional-bool flag that is not followed by one of its values (auto, on,
     off) written as `--flag=on`. Its value is optional, so argparse would take the next word for it:

@@ -183,6 +183,20 @@ def test_a_bare_optional_bool_flag_does_not_take_the_next_word(words, expected):
     assert bare_flags_as_on(["run", "x", "--", "--async-scheduling"])[-1] == "--async-scheduling", "after --: a word"
 
 
+def test_flags_spelled_with_underscores_are_taken_as_vllm_takes_them():
+    """`--max_model_len 4k` (vLLM's parser reads either spelling) was refused as an unrecognized argument."""
+    from batchllm.options import bare_flags_as_on, dashed_flag_names
+
+    words = ["run", "in_put.jsonl", "-o", "out_put.jsonl", "--max_model_len", "4k", "--kv_cache_dtype=fp8",
+             "--enforce_eager", "--async_scheduling", "--stop", "a_b"]
+    args = build_parser().parse_args(bare_flags_as_on(dashed_flag_names(words)))
+    assert (str(args.input), str(args.output), args.stop) == ("in_put.jsonl", "out_put.jsonl", ["a_b"]), "values kept"
+    config = engine_config(**engine_kwargs_from_args(args))
+    assert (config.model.max_model_len, config.cache.kv_cache_dtype) == (4000, "fp8")
+    assert config.scheduler.async_scheduling is True and config.model.enforce_eager is True
+    assert dashed_flag_names(["run", "--", "--x_y"]) == ["run", "--", "--x_y"], "after --: words, kept as given"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_model_len="4k"), "engine option 'max_model_len' must be an integer or None, got '4k'"),
     (dict(block_size=True), "engine option 'block_size' must be an integer or None, got True"),
