@@ -314,7 +314,7 @@ class LLM:
                                   model_eos_token_id=self._model_eos_token_id,
                                   arrival_index=index)
                 requests.append(request)
-                state = CompletionState(k, child_params, self.tokenizer)
+                state = CompletionState(k, child_params, self.tokenizer, prompt.token_ids)
                 call.states[request.request_id] = (index, state)
                 children.append(state)
             call.pending[index] = children

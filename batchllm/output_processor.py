@@ -134,11 +134,47 @@ def _ends_inside_a_character(data: bytes) -> bool:
     return False
 
 
+_PRIME_TOKENS = (4, 24)
+"""The fewest and most prompt tokens an output's text is decoded after (`_primed_decode`), as vLLM's detokenizer
+primes its stream with the prompt's end."""
+
+
+@functools.lru_cache(maxsize=8)
+def _alone_drops_a_leading_space(tokenizer) -> bool:
+    """Whether a token decoded on its own loses the space that starts it (SentencePiece decoders: Llama 2's
+    Strip, Mistral's Metaspace with prepend_scheme "first"), so an output's text must be decoded after the
+    prompt's last tokens. Byte-level BPE (Llama 3, Qwen, SmolLM2) keeps it: its outputs decode alone."""
+    ids = tokenizer.encode("a the", add_special_tokens=False)
+    if len(ids) < 2:
+        return False
+    return tokenizer.decode(ids[1:]) != tokenizer.decode(ids)[len(tokenizer.decode(ids[:1])):]
+
+
+def _prime(prompt_token_ids, tokenizer, skip_special_tokens: bool) -> tuple[list[int], str] | None:
+    """The prompt's last tokens to decode an output after, and their text: the shortest suffix of
+    `_PRIME_TOKENS` tokens whose text holds no character cut at its start (U+FFFD), or the whole prompt if
+    shorter; None if there is none."""
+    if not prompt_token_ids:
+        return None
+    fewest, most = _PRIME_TOKENS
+    for length in range(min(fewest, len(prompt_token_ids)), min(most, len(prompt_token_ids)) + 1):
+        suffix = [int(t) for t in prompt_token_ids[-length:]]
+        text = tokenizer.decode(suffix, skip_special_tokens=skip_special_tokens)
+        if "\ufffd" not in text:
+            return suffix, text
+    return None
+
+
 class CompletionState:
-    def __init__(self, index: int, params: SamplingParams, tokenizer) -> None:
+    def __init__(self, index: int, params: SamplingParams, tokenizer, prompt_token_ids=None) -> None:
+        """`prompt_token_ids`: where a tokenizer's pieces lose their leading space decoded alone, the output's
+        text is decoded after the prompt's last tokens (vLLM's text: "The capital is" -> " Paris", not "Paris")."""
         self.index = index
         self.params = params
         self.tokenizer = tokenizer
+        self._prompt_token_ids = prompt_token_ids
+        self._primer: tuple[list[int], str] | None | bool = False
+        """(prompt tokens, their text) to decode after; None: decode alone; False: not yet chosen."""
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
@@ -196,7 +232,7 @@ class CompletionState:
                 + _REDECODE_MARGIN + _WINDOW_SLACK)
         window = need
         while window < len(tokens):
-            text = self._decode_ids(tokens[-window:])
+            text = self.tokenizer.decode(tokens[-window:], skip_special_tokens=self.params.skip_special_tokens)
             if len(text) >= need:
                 return any(stop in text for stop in self.params.stop_strings)
             window *= 2
@@ -206,7 +242,18 @@ class CompletionState:
         return self._decode_ids(self.token_ids)
 
     def _decode_ids(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        """The text of output tokens `token_ids` (the output's first ones), as it reads after the prompt."""
+        skip = self.params.skip_special_tokens
+        if self._primer is False:
+            wanted = self._prompt_token_ids is not None and _alone_drops_a_leading_space(self.tokenizer)
+            self._primer = _prime(self._prompt_token_ids, self.tokenizer, skip) if wanted else None
+        if self._primer is None or not token_ids:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=skip)
+        primer_ids, primer_text = self._primer
+        text = self.tokenizer.decode(primer_ids + list(token_ids), skip_special_tokens=skip)
+        if text.startswith(primer_text):
+            return text[len(primer_text):]
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip)  # the prompt's text changed: alone
 
     def finish(self, reason: str, stop_reason: int | str | None) -> None:
         self.finish_reason = reason

@@ -1,0 +1,101 @@
+"""An output's text is the text it adds after the prompt, as vLLM's detokenizer gives it (its stream is primed with
+the prompt's last tokens). SentencePiece decoders (Llama 2, Mistral) drop the space that starts a text, so an output
+decoded alone lost its first space: "The capital of France is" + "▁of" read "of", where vLLM gives " of"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchllm.output_processor import CompletionState, _alone_drops_a_leading_space
+from batchllm.sampling_params import SamplingParams
+
+CORPUS = ["The capital of France is Paris.", "Hello, my name is Alice and I like cats.",
+          "Once upon a time there was a dog.", "naïve café über 日本"] * 20
+
+
+def llama2_style_tokenizer():
+    """A small BPE with byte fallback and Llama 2's decoder ("▁" -> " ", then the first space stripped)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=special))
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return llama2_style_tokenizer()
+
+
+def output_text(tokenizer, prompt_ids, output_ids, **params) -> CompletionState:
+    state = CompletionState(0, SamplingParams(**params), tokenizer, prompt_ids)
+    for token in output_ids:
+        if state.append(token, None) is not None:
+            break
+    return state
+
+
+def test_the_first_output_token_keeps_its_space_after_the_prompt(tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    output = tokenizer.encode("of Paris.", add_special_tokens=False)  # ▁of ▁Paris .
+    assert _alone_drops_a_leading_space(tokenizer), "the decoder strips a text's first space"
+    assert tokenizer.decode(output) == "of Paris.", "decoded alone, the space is gone"
+    assert output_text(tokenizer, prompt, output).to_output().text == " of Paris."
+    assert output_text(tokenizer, None, output).to_output().text == "of Paris.", "without a prompt: as before"
+    after_multibyte = tokenizer.encode("naïve café über 日本")  # the prompt ends in byte-fallback pieces
+    assert output_text(tokenizer, after_multibyte, output).to_output().text == " of Paris."
+
+
+def test_a_stop_string_that_starts_with_a_space_matches_the_first_token(tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    output = tokenizer.encode("of Paris.", add_special_tokens=False)
+    state = output_text(tokenizer, prompt, output, stop=[" Paris"], include_stop_str_in_output=True)
+    assert state.stop_text == " of Paris"
+    first = output_text(tokenizer, prompt, output, stop=[" of"])
+    assert first.stop_text == "" and len(first.token_ids) == 1, "stopped on the first token, its text cut"
+
+
+def test_byte_level_tokenizers_decode_outputs_alone(default_model_dir):
+    """Llama 3 / Qwen / SmolLM2 keep a token's space decoded alone: no priming, no extra decoding."""
+    from batchllm.inputs import load_tokenizer
+
+    smol = load_tokenizer(default_model_dir)
+    assert not _alone_drops_a_leading_space(smol)
+    prompt, output = smol.encode("The capital of France is"), smol.encode(" Paris.", add_special_tokens=False)
+    state = output_text(smol, prompt, output)
+    assert state.to_output().text == " Paris." and state._primer is None
+
+
+def test_llm_answers_read_as_the_prompt_continues(tokenizer, tmp_path):
+    """Through `LLM.generate` on a model with that tokenizer: the text is what decoding prompt and output
+    together adds to the prompt's text, the first space included."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from batchllm import LLM
+
+    tokenizer.save_pretrained(tmp_path)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    words = [tokenizer.convert_tokens_to_ids(t) for t in ("▁of", "▁Pa", "ris", "▁time", "▁a")]
+    assert tokenizer.unk_token_id not in words
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu")
+    outputs = llm.generate(["The capital of France is", "Once upon a time"],
+                           SamplingParams(temperature=0, max_tokens=5, allowed_token_ids=words), use_tqdm=False)
+    for out in outputs:
+        whole = tokenizer.decode(out.prompt_token_ids + out.outputs[0].token_ids, skip_special_tokens=True)
+        prompt_text = tokenizer.decode(out.prompt_token_ids, skip_special_tokens=True)
+        assert out.outputs[0].text == whole[len(prompt_text):]
+    firsts = [tokenizer.convert_ids_to_tokens(out.outputs[0].token_ids[0]) for out in outputs]
+    assert any(piece.startswith("▁") for piece in firsts), "some answer starts with a word (the case fixed)"
