@@ -128,7 +128,7 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True, lora_request: None = None) -> list[RequestOutput]:
+                 use_tqdm: bool | Callable[..., Any] = True, lora_request: None = None) -> list[RequestOutput]:
         """Generate for every prompt; one RequestOutput per prompt, in input order.
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
@@ -159,7 +159,7 @@ class LLM:
         return tokenized, params
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             use_tqdm: bool | Callable[..., Any] = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None, chat_template: str | None = None,
              continue_final_message: bool = False, tools: None = None,
              lora_request: None = None) -> list[RequestOutput]:
@@ -244,7 +244,8 @@ class LLM:
         return [copies[id(sp)] for sp in params]
 
     def iter_generate(
-        self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams], *, use_tqdm: bool = True,
+        self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams], *,
+        use_tqdm: bool | Callable[..., Any] = True,
         progress_desc: str = "Processed prompts",
         refill: Callable[[], tuple[Sequence[TokenizedPrompt], Sequence[SamplingParams]] | None] | None = None,
     ) -> Iterator[tuple[int, RequestOutput]]:

@@ -14,14 +14,19 @@ Holds no state but its bar: the loop that owns it passes its counters at each up
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from tqdm.auto import tqdm
 
 
 class TokenProgress:
-    def __init__(self, desc: str, enabled: bool, min_interval_s: float = 0.2) -> None:
-        self.enabled = enabled
-        self.bar = tqdm(total=0, desc=desc, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+    def __init__(self, desc: str, enabled: bool | Callable[..., Any], min_interval_s: float = 0.2) -> None:
+        """enabled: vLLM's use_tqdm: a bar or none, or a callable that makes the bar from tqdm's keywords
+        (`functools.partial(tqdm, leave=False)`)."""
+        self.enabled = bool(enabled)
+        make = enabled if callable(enabled) else tqdm
+        self.bar = make(total=0, desc=desc, unit="tok", unit_scale=True, disable=not self.enabled, dynamic_ncols=True)
         self.started = time.perf_counter()
         self.min_interval_s = min_interval_s
         self._last = float("-inf")

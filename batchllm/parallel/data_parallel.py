@@ -123,7 +123,7 @@ class DataParallelEngine:
         self.processes[rank].join(5)
         return self.processes[rank].exitcode
 
-    def generate(self, prompts: Sequence, params: Sequence, *, use_tqdm: bool = True,
+    def generate(self, prompts: Sequence, params: Sequence, *, use_tqdm: bool | Callable[..., Any] = True,
                  progress_desc: str = "Processed prompts") -> Iterator[tuple[int, Any]]:
         """Plan, partition and run one batch over the workers; yield (prompt index, RequestOutput)
         as results arrive (any order)."""
@@ -219,7 +219,7 @@ class _JobProgress:
     steps): their prompt and output tokens against prompt tokens + decode budgets, each finished
     prompt giving back the budget it did not use."""
 
-    def __init__(self, desc: str, enabled: bool, budgets: list[int], prompt_tokens: int) -> None:
+    def __init__(self, desc: str, enabled: bool | Callable[..., Any], budgets: list[int], prompt_tokens: int) -> None:
         self.bar = TokenProgress(desc, enabled)
         self.budgets = budgets
         self.planned = prompt_tokens + sum(budgets)

@@ -68,6 +68,24 @@ def test_token_progress_shows_rates_and_requests():
     progress.close()
 
 
+def test_use_tqdm_may_be_the_bar_maker(default_llm):
+    """vLLM's use_tqdm takes a callable that makes the bar (`functools.partial(tqdm, leave=False)`); it was
+    taken as True and the default bar drawn."""
+    from tqdm import tqdm
+
+    from batchllm import SamplingParams
+
+    made = []
+
+    def make_bar(**kwargs):
+        made.append(tqdm(**kwargs, leave=False))
+        return made[-1]
+
+    outputs = default_llm.generate(["Hi", "Hello"], SamplingParams(temperature=0, max_tokens=2), use_tqdm=make_bar)
+    assert len(outputs) == 2 and len(made) == 1
+    assert made[0].n == made[0].total > 0, "the bar the callable made is the one that moved, to its end"
+
+
 def _hf_cache_with(cache, repo_id: str, model_dir) -> str:
     """Lay `model_dir` out as the Hugging Face cache does: models--org--name/snapshots/<hash>/ + refs/main."""
     commit = "0123456789abcdef0123456789abcdef01234567"
