@@ -96,7 +96,8 @@ class SamplingParams:
     detokenize: bool = True
     """False (vLLM's): no text; `text` is "" and logprobs carry no decoded tokens (stop strings need text)."""
     spaces_between_special_tokens: bool = True
-    """vLLM's; only True: the tokenizer's decoding is used as it is."""
+    """vLLM's: False keeps spaces from between consecutive special tokens shown in the text (skip_special_tokens
+    false). The output is decoded as a whole, which puts none there, so either value gives that text."""
     extra_args: dict | None = None
     """vLLM's arbitrary extra arguments for custom sampling code; kept, and read by nothing here (nor in vLLM)."""
     truncate_prompt_tokens: int | None = None
@@ -175,11 +176,10 @@ class SamplingParams:
                 not _is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < -1
                 or self.truncate_prompt_tokens == 0):
             raise bad("truncate_prompt_tokens", "must be a positive integer, -1 (what the context holds) or None")
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize",
+                     "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
-        if self.spaces_between_special_tokens is not True:
-            raise bad("spaces_between_special_tokens", "must be true (the tokenizer decodes as it does)")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise bad("extra_args", "must be an object (a dict) or None")
         if not self.detokenize and self.stop:

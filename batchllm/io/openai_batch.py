@@ -26,6 +26,7 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "top_k": "top_k", "min_p": "min_p", "min_tokens": "min_tokens", "ignore_eos": "ignore_eos",
            "stop_token_ids": "stop_token_ids", "include_stop_str_in_output": "include_stop_str_in_output",
            "skip_special_tokens": "skip_special_tokens",
+           "spaces_between_special_tokens": "spaces_between_special_tokens",
            "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
            "repetition_penalty": "repetition_penalty", "allowed_token_ids": "allowed_token_ids",
            "bad_words": "bad_words", "structured_outputs": "structured_outputs",
@@ -33,8 +34,7 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
                  "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
-                 "stream_options": (None,), "spaces_between_special_tokens": (True, None),
-                 "length_penalty": (1.0, None)}
+                 "stream_options": (None,), "length_penalty": (1.0, None)}
 # bookkeeping, echoed or irrelevant offline
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "request_id"}
 

@@ -99,3 +99,21 @@ def test_llm_answers_read_as_the_prompt_continues(tokenizer, tmp_path):
         assert out.outputs[0].text == whole[len(prompt_text):]
     firsts = [tokenizer.convert_ids_to_tokens(out.outputs[0].token_ids[0]) for out in outputs]
     assert any(piece.startswith("▁") for piece in firsts), "some answer starts with a word (the case fixed)"
+
+
+@pytest.mark.parametrize("which", ["llama2", "smollm2"])
+def test_spaces_between_special_tokens_false_is_taken_and_puts_no_space_between_them(which, tokenizer,
+                                                                                      default_model_dir):
+    """vLLM's False (lm-evaluation-harness sets it) was refused. Whole-output decoding puts no space between
+    consecutive special tokens, which is the text vLLM's False asks for, so both values give it."""
+    from batchllm.inputs import load_tokenizer
+
+    tok = tokenizer if which == "llama2" else load_tokenizer(default_model_dir)
+    bos, eos = tok.bos_token_id if tok.bos_token_id is not None else 1, tok.eos_token_id
+    output = [*tok.encode("of", add_special_tokens=False), bos, eos, bos, *tok.encode("of", add_special_tokens=False)]
+    prompt = tok.encode("The capital is")
+    texts = {flag: output_text(tok, prompt, output, skip_special_tokens=False, ignore_eos=True,
+                               spaces_between_special_tokens=flag).to_output().text for flag in (True, False)}
+    assert texts[False] == texts[True]
+    specials = tok.convert_ids_to_tokens([bos]) + tok.convert_ids_to_tokens([eos])
+    assert specials[0] + specials[1] + specials[0] in texts[False], "no space between consecutive special tokens"

@@ -383,7 +383,7 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
     from batchllm.io.openai_batch import BodyError, body_to_request
 
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
-    body = {**chat, "reasoning_effort": "low", "request_id": "r-1", "spaces_between_special_tokens": True,
+    body = {**chat, "reasoning_effort": "low", "request_id": "r-1", "spaces_between_special_tokens": False,
             "length_penalty": 1.0}
     *_, template = body_to_request("/v1/chat/completions", body)
     assert template == {"reasoning_effort": "low"}

@@ -31,7 +31,7 @@ from batchllm import SamplingParams
         ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"detokenize": 0}, "detokenize"),
         ({"detokenize": False, "stop": ["."]}, "detokenize"),
-        ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+        ({"spaces_between_special_tokens": 0}, "spaces_between_special_tokens"),
         ({"extra_args": [1]}, "extra_args"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
