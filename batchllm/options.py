@@ -27,6 +27,10 @@ from batchllm.config import EngineConfig
 VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing"}
 """vLLM keyword -> the BatchLLM option it means (the value is passed through unchanged)."""
 
+_GIB = 1 << 30
+VLLM_CONVERTED = {"kv_cache_memory_bytes": ("kv_cache_memory_gib", lambda n: None if n is None else n / _GIB)}
+"""vLLM keyword -> (the BatchLLM option it means, its value from vLLM's): vLLM counts the KV cache in bytes."""
+
 
 @dataclass(frozen=True)
 class NoEffect:
@@ -50,6 +54,11 @@ VLLM_NO_EFFECT = {
     "swap_space": NoEffect("a preempted request is recomputed", value_type=float, metavar="GIB"),
     "tokenizer_mode": NoEffect("the tokenizer is transformers' (vLLM's auto for most models); no other mode is "
                                "supported", values=("auto", "hf"), value_type=str),
+    "max_seq_len_to_capture": NoEffect("decode steps run as CUDA graphs at any context length "
+                                       "(max_cudagraph_capture_size bounds their batch)", value_type=int),
+    "use_tqdm_on_load": NoEffect("weights load without a progress bar"),
+    "hf_token": NoEffect("nothing is downloaded: a model id is read from the local Hugging Face cache",
+                         value_type=str),
 }
 """vLLM `LLM` keywords and `run` flags taken and dropped: none changes an answer here."""
 
@@ -130,6 +139,12 @@ def engine_config(**kwargs: Any) -> EngineConfig:
             raise TypeError(f"{alias!r} and {name!r} are the same option; give one of them")
     sections: dict[str, dict[str, Any]] = {}
     for key, value in kwargs.items():
+        if key in VLLM_CONVERTED:
+            name, convert = VLLM_CONVERTED[key]
+            if name in kwargs:
+                raise TypeError(f"{key!r} and {name!r} set the same thing; give one of them")
+            _check_type(key, EngineOption(key, "", int, True, None, "", None), value)
+            key, value = name, convert(value)
         if key in VLLM_NO_EFFECT:
             if (allowed := VLLM_NO_EFFECT[key].values) is not None and value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported (only {' or '.join(map(repr, allowed))})")
@@ -178,6 +193,15 @@ VLLM_NOT_TAKEN = {
                                                    "itself (for a Ray cluster: batchllm.ray or run --ray)"),
     "compilation_config": ((None,), "the kernels are Triton's; CUDA graphs are set by enforce_eager and "
                                     "max_cudagraph_capture_size"),
+    "task": (("generate", "auto"), "the engine generates text; pooling models (embed, classify, reward) are not "
+                                   "supported"),
+    "runner": (("generate", "auto"), "the engine generates text; pooling models are not supported"),
+    "cpu_offload_gb": ((0, 0.0), "the weights stay on the device; use tensor_parallel_size for a model larger "
+                                 "than one GPU"),
+    "logprobs_mode": (("raw_logprobs",), "logprobs are the model's, before any sampling parameter changes them"),
+    "limit_mm_per_prompt": ((None, {}), "prompts are text or token ids only"),
+    "tokenizer_revision": ((None,), "the tokenizer is read from the tokenizer (or model) directory: give the "
+                                    "directory of that revision"),
     "enable_lora": ((None, False), "LoRA adapters are not supported"),
     "lora_modules": ((None,), "LoRA adapters are not supported"),
 }

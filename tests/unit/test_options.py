@@ -369,3 +369,20 @@ def test_vllm_options_without_a_counterpart_say_what_to_do_instead():
                          distributed_executor_backend="mp") == engine_config()
     with pytest.raises(TypeError, match="enable_lora=1 is not supported"):
         engine_config(enable_lora=1)  # (True's twin is not False's: the value's type counts)
+
+
+def test_more_vllm_keywords_are_taken_at_their_defaults_or_without_effect():
+    """Ported scripts pass these (task="generate" in most vLLM 0.6-0.10 examples); each was an "unknown engine
+    option"."""
+    from batchllm.options import engine_config
+
+    assert engine_config(task="generate", runner="auto", cpu_offload_gb=0, logprobs_mode="raw_logprobs",
+                         limit_mm_per_prompt=None, tokenizer_revision=None, max_seq_len_to_capture=8192,
+                         use_tqdm_on_load=False, hf_token="hf_x") == engine_config()
+    assert engine_config(kv_cache_memory_bytes=3 << 29).cache.kv_cache_memory_gib == 1.5, "vLLM counts bytes"
+    with pytest.raises(TypeError, match="'kv_cache_memory_bytes' must be an integer"):
+        engine_config(kv_cache_memory_bytes="1G")
+    for key, value, instead in (("task", "embed", "pooling models"), ("cpu_offload_gb", 4, "tensor_parallel_size"),
+                                ("logprobs_mode", "processed_logprobs", "before any sampling parameter")):
+        with pytest.raises(TypeError, match=f"{key}={value!r} is not supported: .*{instead}"):
+            engine_config(**{key: value})
