@@ -44,6 +44,7 @@ from batchllm.io.ingest import (
     sampling_fields_of,
 )
 from batchllm.io.job import (
+    STATE_SUFFIX,
     JobError,
     OutputLock,
     ResultWriter,
@@ -51,6 +52,7 @@ from batchllm.io.job import (
     errors_path_for,
     prepare_output,
     refuse_output_onto_input,
+    same_file,
 )
 from batchllm.options import (
     VLLM_NOT_TAKEN,
@@ -260,7 +262,7 @@ def run_command(args: argparse.Namespace) -> int:
         return run_command_on_ray(args)
     if problem := input_problem(args.input):
         return _fail(problem)
-    if args.stats is not None and (problem := _stats_problem(args.stats)):
+    if args.stats is not None and (problem := _stats_problem(args.stats, _job_files(args))):
         return _fail(problem)  # before the job: a finished job must not end on an unwritable --stats
     try:
         refuse_output_onto_input(args.output, args.input)  # before the lock opens the output (a read-only input)
@@ -270,10 +272,21 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
-def _stats_problem(path: Path) -> str | None:
-    """Why the --stats file could not be written at the end of the job, or None (its folder is made)."""
+def _job_files(args: argparse.Namespace) -> dict[str, Path]:
+    """The files a job reads or writes, by what they are: the input, the output, its errors and state files."""
+    return {"the input file": args.input, "the output": args.output,
+            "the errors file": args.errors_file or errors_path_for(args.output),
+            "the output's state file": args.output.with_name(args.output.name + STATE_SUFFIX)}
+
+
+def _stats_problem(path: Path, job_files: dict[str, Path]) -> str | None:
+    """Why the --stats file could not be written at the end of the job, or None (its folder is made). It
+    must not be one of the job's own files (`job_files`): it would replace that file's contents."""
     if path.is_dir():
         return f"cannot write --stats {str(path)!r}: it is a directory"
+    for what, other in job_files.items():
+        if same_file(path, other):
+            return f"--stats {str(path)!r} is {what}: writing the statistics would destroy it; choose another path"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -158,6 +158,8 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     if errors is not None and (same_file(errors, input_path) or same_file(errors, output)):
         raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
                        "choose another --errors-file")
+    if errors is not None:
+        _check_errors_place(errors)
     state_path = output.with_name(output.name + STATE_SUFFIX)
     fingerprint = _job_fingerprint(input_path, options)
     existing = [p for p in (output, errors) if p is not None and p.exists() and p.stat().st_size > 0]
@@ -180,6 +182,19 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         f.flush()
         os.fsync(f.fileno())
     return ResumeState()
+
+
+def _check_errors_place(errors: Path) -> None:
+    """Make the errors file's folder now, and refuse a path it cannot be written at: it is opened at the first
+    failed line, which may come after the model loaded, or hours into the job."""
+    if errors.is_dir():
+        raise JobError(f"--errors-file {str(errors)!r} is a directory; give a file path")
+    try:
+        errors.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JobError(f"cannot write the errors file {str(errors)!r}: {e.strerror or e}") from e
+    if not os.access(errors if errors.exists() else errors.parent, os.W_OK):
+        raise JobError(f"cannot write the errors file {str(errors)!r}: permission denied")
 
 
 def job_state_path(directory: Path) -> Path:

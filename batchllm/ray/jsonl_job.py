@@ -258,7 +258,7 @@ def run_command_on_ray(args) -> int:
 
     if problem := input_problem(args.input):
         return _fail(problem)
-    if args.stats is not None and (problem := _stats_problem(args.stats)):
+    if args.stats is not None and (problem := _stats_problem(args.stats, {"the input file": args.input})):
         return _fail(problem)  # before the job, as without --ray
     try:
         read_chat_template_once(args)  # the text travels to the tasks and actors, not the path

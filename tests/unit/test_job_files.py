@@ -142,6 +142,35 @@ def test_an_unwritable_stats_file_is_refused_before_the_job_runs(tmp_path, capsy
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_stats_onto_one_of_the_jobs_own_files_is_refused(tmp_path, capsys, monkeypatch):
+    """--stats naming the input, the output or its errors file replaced that file with the statistics (exit 0)."""
+    src = tmp_path / "in.jsonl"
+    content = '{"id": "a", "prompt": "hi"}\n'
+    src.write_text(content)
+    out = tmp_path / "o.jsonl"
+    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    for stats, what in ((src, "the input file"), (out, "the output"), (tmp_path / "o.errors.jsonl", "the errors file"),
+                        (tmp_path / "o.jsonl.batchllm-state", "the output's state file")):
+        code, err = run(capsys, src, "-o", out, "--stats", stats)
+        assert code == 2 and f"--stats {str(stats)!r} is {what}" in err
+    code, err = run(capsys, src, "-o", out, "--errors-file", tmp_path / "e.jsonl", "--stats", tmp_path / "e.jsonl")
+    assert code == 2 and "is the errors file" in err
+    assert src.read_text() == content and not out.exists()
+
+
+def test_the_errors_files_folder_is_made_before_the_job_and_a_bad_place_refused(tmp_path):
+    """A missing folder failed the job at its first failed line, after the model had loaded."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    errors = tmp_path / "new" / "deeper" / "e.jsonl"
+    prepare_output(tmp_path / "o.jsonl", src, False, errors)
+    assert errors.parent.is_dir() and not errors.exists()
+    with pytest.raises(JobError, match="is a directory"):
+        prepare_output(tmp_path / "o2.jsonl", src, False, tmp_path / "new")
+    with pytest.raises(JobError, match="cannot write the errors file"):
+        prepare_output(tmp_path / "o3.jsonl", src, False, src / "e.jsonl")
+
+
 def test_an_unexpected_failure_exits_3_with_one_line_and_the_traceback_only_under_debug(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a", "prompt": "hi"}\n')
