@@ -58,10 +58,21 @@ def input_problem(path: Path) -> str | None:
     if not path.is_file():
         return f"cannot read input file {str(path)!r}: not a regular file (it is read twice: to fingerprint and to run)"
     try:
-        path.open("rb").close()
+        with path.open("rb") as f:
+            head = f.read(4)
     except OSError as e:
         return f"cannot read input file {str(path)!r}: {e.strerror}"
+    for magic, what in _NOT_UTF8_FILES:
+        if head.startswith(magic):
+            return f"cannot read input file {str(path)!r}: it is {what}; a JSONL file is UTF-8 text, one JSON per line"
     return None
+
+
+_NOT_UTF8_FILES = ((b"\x1f\x8b", "gzip-compressed (decompress it first: gunzip -k)"),
+                   (b"\xff\xfe", "UTF-16 text (little-endian, as Windows' \"Unicode\"): save it as UTF-8"),
+                   (b"\xfe\xff", "UTF-16 text (big-endian): save it as UTF-8"),
+                   (b"PK\x03\x04", "a zip archive (extract it first)"))
+"""The first bytes of files people hand over as JSONL that are not UTF-8 text (a UTF-8 BOM is read as usual)."""
 
 
 def in_the_lines_terms(line: BatchLine, error: ValueError | str) -> str:

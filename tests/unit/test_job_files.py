@@ -171,6 +171,26 @@ def test_the_errors_files_folder_is_made_before_the_job_and_a_bad_place_refused(
         prepare_output(tmp_path / "o3.jsonl", src, False, src / "e.jsonl")
 
 
+def test_a_compressed_or_utf16_input_is_refused_at_start_naming_what_it_is(tmp_path, capsys, monkeypatch):
+    """Each was read after the model loaded, as lines of garbage: one "not valid UTF-8" record per line (exit 1)."""
+    import gzip
+
+    line = '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    for name, data, what in (("in.jsonl.gz", gzip.compress(line.encode()), "gzip-compressed"),
+                             ("u16.jsonl", line.encode("utf-16"), "UTF-16 text"),
+                             ("u16be.jsonl", b"\xfe\xff" + line.encode("utf-16-be"), "UTF-16 text (big-endian)")):
+        src = tmp_path / name
+        src.write_bytes(data)
+        code, err = run(capsys, src, "-o", tmp_path / "o.jsonl")
+        assert code == 2 and f"cannot read input file {str(src)!r}: it is {what}" in err
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + line.encode())
+    from batchllm.io.ingest import input_problem
+
+    assert input_problem(bom) is None, "UTF-8 with a BOM is read"
+
+
 def test_an_unexpected_failure_exits_3_with_one_line_and_the_traceback_only_under_debug(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a", "prompt": "hi"}\n')
