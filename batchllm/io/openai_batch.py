@@ -34,9 +34,11 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
                  "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
-                 "stream_options": (None,), "length_penalty": (1.0, None)}
-# bookkeeping, echoed or irrelevant offline
-_IGNORED = {"model", "user", "metadata", "store", "service_tier", "request_id"}
+                 "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"])}
+# bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
+# verbosity: a hint to OpenAI's own models)
+_IGNORED = {"model", "user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key",
+            "prompt_cache_retention", "safety_identifier", "verbosity"}
 
 
 class BodyError(ValueError):
@@ -67,7 +69,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
                                                              "response_format"}
     known |= {"max_completion_tokens", "top_logprobs", *CHAT_TEMPLATE_FIELDS} if chat else set()
-    unknown = sorted(set(body) - known)
+    unknown = sorted(name for name in set(body) - known if body[name] is not None)  # null: not set, as writers say it
     if unknown:
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}")
     for name, allowed in _ONLY_DEFAULT.items():

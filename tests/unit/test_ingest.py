@@ -395,6 +395,21 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
             body_to_request("/v1/chat/completions", {**chat, **bad})
 
 
+def test_openai_bookkeeping_fields_and_null_fields_do_not_fail_a_line():
+    """prompt_cache_key and safety_identifier (OpenAI's successors of user), and fields a serializer writes as null
+    (audio, prediction, functions), failed their lines as "not supported"."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "prompt_cache_key": "k", "safety_identifier": "u1",
+            "verbosity": "low", "modalities": ["text"], "audio": None, "prediction": None, "functions": None,
+            "web_search_options": None, "max_tokens": 3}
+    assert body_to_request("/v1/chat/completions", body)[3] == {"max_tokens": 3}
+    for bad, message in (({"audio": {"voice": "alloy"}}, "body field(s) not supported: audio"),
+                         ({"modalities": ["text", "audio"]}, "'modalities' = ['text', 'audio'] is not supported")):
+        with pytest.raises(BodyError, match=re.escape(message)):
+            body_to_request("/v1/chat/completions", {**body, **bad})
+
+
 def test_max_completion_tokens_wins_over_max_tokens_and_a_null_one_is_not_given():
     """A body with both (a writer that emits null for the field it did not set) failed its line ("give max_tokens
     or max_completion_tokens, not both"); vLLM's server takes max_completion_tokens where it is set."""
