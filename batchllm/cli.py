@@ -96,7 +96,7 @@ def _add_run_parser(sub) -> None:
         "stop_token_ids, seed, n, min_tokens, ignore_eos, logprobs, ...) that override the options below.",
     )
     _add_input_arguments(run)
-    run.add_argument("-o", "--output", type=Path, required=True,
+    run.add_argument("-o", "--output", "--output-file", type=Path, required=True,
                      help="output JSONL file; if it exists for the same input, the job resumes where it stopped")
     run.add_argument("--overwrite", action="store_true", help="start over even if the output already holds results")
     run.add_argument("--errors-file", type=Path, default=None,
@@ -162,7 +162,7 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     """The input file, positional or as `-i/--input` (vLLM's run-batch spelling; exactly one of them),
     and --debug: what `run` and `plan` share."""
     p.add_argument("input", type=Path, nargs="?", help="input JSONL file (or -i)")
-    p.add_argument("-i", "--input", type=Path, dest="input_option", metavar="INPUT", default=None,
+    p.add_argument("-i", "--input", "--input-file", type=Path, dest="input_option", metavar="INPUT", default=None,
                    help="input JSONL file, as vLLM's run-batch spells it")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
@@ -188,7 +188,8 @@ def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def vllm_flag_not_taken(flag: str) -> str | None:
     """What to do instead of a vLLM run-batch flag with no counterpart here (`options.VLLM_NOT_TAKEN`, its
     engine options' keywords written as flags), or None. Made on the error path only, not at every start."""
-    entry = VLLM_NOT_TAKEN.get(flag.removeprefix("--").replace("-", "_"))
+    name = "pipeline_parallel_size" if flag == "-pp" else flag.removeprefix("--").replace("-", "_")  # (vLLM's -pp)
+    entry = VLLM_NOT_TAKEN.get(name)
     if entry is None:
         return None
     options = engine_options()
@@ -203,7 +204,7 @@ def unrecognized_arguments_message(command: argparse.ArgumentParser, unknown: li
     hints = []
     for word in unknown:
         name = word.split("=", 1)[0]
-        if not name.startswith("--"):
+        if not name.startswith("-"):
             continue
         if instead := vllm_flag_not_taken(name):
             hints.append(f"{name}: {instead}")

@@ -45,6 +45,8 @@ class NoEffect:
     """Other vLLM spellings of its flag (not `LLM` keywords)."""
     metavar: str | None = None
     """Its value's name in --help."""
+    run_batch_only: bool = False
+    """A flag of vLLM's run-batch command only, not an `LLM` keyword."""
 
 
 VLLM_NO_EFFECT = {
@@ -59,8 +61,22 @@ VLLM_NO_EFFECT = {
     "use_tqdm_on_load": NoEffect("weights load without a progress bar"),
     "hf_token": NoEffect("nothing is downloaded: a model id is read from the local Hugging Face cache",
                          value_type=str),
+    "enable_log_requests": NoEffect("requests are not logged", run_batch_only=True),
+    "max_log_len": NoEffect("requests are not logged", value_type=int, metavar="N", run_batch_only=True),
+    "output_tmp_dir": NoEffect("results are appended to the output as they finish", value_type=str,
+                               metavar="DIR", run_batch_only=True),
+    "enable_metrics": NoEffect("no metrics server is started (--stats writes the run's statistics)",
+                               run_batch_only=True),
+    "url": NoEffect("no metrics server is started", value_type=str, run_batch_only=True),
+    "port": NoEffect("no metrics server is started", value_type=int, run_batch_only=True),
+    "enable_prompt_tokens_details": NoEffect("usage always carries prompt_tokens_details", run_batch_only=True),
+    "enable_force_include_usage": NoEffect("every response carries its usage", run_batch_only=True),
 }
-"""vLLM `LLM` keywords and `run` flags taken and dropped: none changes an answer here."""
+"""vLLM `LLM` keywords and `run` flags (run-batch's own: flags only) taken and dropped: none changes an answer
+here."""
+
+VLLM_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "quantization": "-q"}
+"""vLLM's short spellings of engine options' flags."""
 
 
 def add_no_effect_arguments(group) -> None:
@@ -145,7 +161,7 @@ def engine_config(**kwargs: Any) -> EngineConfig:
                 raise TypeError(f"{key!r} and {name!r} set the same thing; give one of them")
             _check_type(key, EngineOption(key, "", int, True, None, "", None), value)
             key, value = name, convert(value)
-        if key in VLLM_NO_EFFECT:
+        if key in VLLM_NO_EFFECT and not VLLM_NO_EFFECT[key].run_batch_only:
             if (allowed := VLLM_NO_EFFECT[key].values) is not None and value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported (only {' or '.join(map(repr, allowed))})")
             continue
@@ -240,6 +256,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str
 
 def _add_argument(group, option: EngineOption, default: Any) -> None:
     flags = ["--" + name.replace("_", "-") for name in (option.name, *_ALIASES_OF.get(option.name, ()))]
+    flags += [VLLM_SHORT_FLAGS[option.name]] if option.name in VLLM_SHORT_FLAGS else []
     if option.type is bool and option.optional:  # a bare flag is "on", as vLLM's (see `bare_flags_as_on`)
         tri = next(k for k, v in TRI_STATE.items() if v is default)
         action = group.add_argument(*flags, dest=option.name, choices=list(TRI_STATE), default=tri, nargs="?",

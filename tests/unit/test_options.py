@@ -325,6 +325,25 @@ def test_served_names_without_an_input_file_are_names(capsys):
     assert exit_.value.code == 2 and "the input file is required" in capsys.readouterr().err
 
 
+def test_vllm_run_batch_spellings_are_taken(capsys):
+    """vLLM's run-batch takes --input-file/--output-file, -tp/-dp/-q and flags of its own server; each was an
+    unrecognized argument, some with a wrong hint (--max-log-len: "did you mean --max-model-len?")."""
+    from batchllm.cli import main
+
+    args = build_parser().parse_args(["run", "--input-file", "in.jsonl", "--output-file", "o.jsonl", "-tp", "2",
+                                      "-dp", "1", "-q", "fp8", "--output-tmp-dir", "/tmp", "--enable-metrics", "--url",
+                                      "0.0.0.0", "--port", "8001", "--enable-prompt-tokens-details",
+                                      "--enable-force-include-usage", "--max-log-len", "100", "--enable-log-requests"])
+    assert (str(args.input_option), str(args.output)) == ("in.jsonl", "o.jsonl")
+    config = engine_config(**engine_kwargs_from_args(args))
+    assert (config.parallel.tensor_parallel_size, config.model.quantization) == (2, "fp8")
+    with pytest.raises(TypeError, match="unknown engine option 'enable_metrics'"):
+        engine_config(enable_metrics=True)  # run-batch's flags are not LLM keywords
+    with pytest.raises(SystemExit):
+        main(["run", "in.jsonl", "-o", "o.jsonl", "-pp", "2"])
+    assert "-pp: pipeline parallelism is not supported" in capsys.readouterr().err
+
+
 def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_meant(capsys):
     from batchllm.cli import main
 
