@@ -513,6 +513,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             waiting = time.perf_counter()
             valid, errors, file_format, ignored = reading.result()
             note_ignored_fields(ignored)
+            note_models_named_without_model(args, valid, llm.model_dir.name)
             phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - waiting)
             valid, errors = _refuse_what_the_cache_cannot_hold(llm, valid, errors)
             for error in errors:
@@ -532,6 +533,22 @@ def note_ignored_fields(ignored: dict[str, int], where: str = "") -> None:
         shown = ", ".join(f"{name} ({count} line{'s' * (count != 1)})" for name, count in sorted(ignored.items())[:20])
         more = f" and {len(ignored) - 20} more" if len(ignored) > 20 else ""
         print(f"batchllm: ignored fields that are not request fields{where}: {shown}{more}", file=sys.stderr)
+
+
+def note_models_named_without_model(args: argparse.Namespace, valid: list, model_name: str) -> None:
+    """Say, before generating, that the default model answers lines naming another model when no --model was
+    given: their responses echo the names the lines gave (vLLM refuses such a line; the default runs here)."""
+    if args.model is not None:
+        return
+    named: dict[str, int] = {}
+    for item in valid:
+        model = item.line.model
+        if model is not None and model != model_name and model not in (args.served_model_name or ()):
+            named[model] = named.get(model, 0) + 1
+    if named:
+        shown = ", ".join(f"{name!r} ({count} line{'s' * (count != 1)})" for name, count in sorted(named.items())[:5])
+        print(f"batchllm: note: no --model given: the default model ({model_name}) answers the lines naming "
+              f"{shown}{' and more' if len(named) > 5 else ''}; give --model to run another", file=sys.stderr)
 
 
 def _refuse_what_the_cache_cannot_hold(llm, valid: list, errors: list) -> tuple[list, list]:

@@ -71,6 +71,8 @@ def test_openai_batch_round_trip(tmp_path, default_model_dir):
     out = tmp_path / "out.jsonl"
     r = cli("run", src, "-o", out, "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert ("no --model given: the default model (SmolLM2-135M-Instruct) answers the lines naming 'smollm2' "
+            "(4 lines)") in r.stderr, "a file written for another model is not answered by the default unnoticed"
     records = {rec["custom_id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
     assert set(records) == {"chat-1", "chat-2", "cmpl-1", "cmpl-ids"}
     for rec in records.values():
