@@ -130,6 +130,27 @@ def _id_and_format_of(raw: bytes) -> tuple[str | int | None, str | None]:
         return None, None
 
 
+_READABLE_ID = re.compile(rb'"(custom_id|id)"\s*:\s*("(?:[^"\\\x00-\x1f\x80-\xff]|\\.)*"|-?\d{1,18}\b)')
+"""A line's `custom_id` or `id` as a JSON string of ASCII or an integer, read from bytes that are not JSON."""
+
+
+def _unreadable(raw: bytes, line_number: int, problem: str) -> LineError:
+    """The error of a line that is not a JSON object of UTF-8 text, echoing its custom_id (an OpenAI line) or id
+    where the bytes still show one: a truncated or mis-encoded line of a file keeps its id in the answer."""
+    found = {}
+    for match in _READABLE_ID.finditer(raw):
+        found.setdefault(match.group(1).decode(), match.group(2))
+    key = "custom_id" if "custom_id" in found else "id"
+    rid = None
+    if key in found:
+        try:
+            rid = _clean_id(json.loads(found[key]))
+        except ValueError:
+            rid = None
+    return LineError(line_number, rid, f"line {line_number}: {problem}", OPENAI if key == "custom_id" and
+                     rid is not None else None)
+
+
 def _echoed_id(obj: dict) -> tuple[str | int | None, bool]:
     """(the id an error record of this line object can echo: custom_id for an OpenAI line, else id; whether it
     is an OpenAI line), for lines refused before their id is checked."""
@@ -144,15 +165,15 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return error(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+        return _unreadable(raw, line_number, f"not valid UTF-8 ({e.reason} at byte {e.start})")
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return error(f"malformed JSON: {e.msg} at column {e.colno}")
+    except json.JSONDecodeError as e:  # (its column: the character's in the line, a trailing newline's included)
+        return _unreadable(raw, line_number, f"malformed JSON: {e.msg} at column {e.pos + 1}")
     except RecursionError:
-        return error("malformed JSON: nested too deeply")
+        return _unreadable(raw, line_number, "malformed JSON: nested too deeply")
     except ValueError as e:  # an integer literal past Python's digit limit
-        return error(f"malformed JSON: {str(e).split(';')[0]}")
+        return _unreadable(raw, line_number, f"malformed JSON: {str(e).split(';')[0]}")
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)):

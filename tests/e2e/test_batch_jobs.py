@@ -135,6 +135,8 @@ def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
     for line, fragment in expected.items():
         assert fragment in errors[line], (line, errors[line])
     assert {rec["custom_id"] for rec in records if rec["error"] is None} == {"ok-1", "ok-2"}
+    broken = [rec for rec in records if rec["error"] and rec["error"]["message"].startswith("line 2:")]
+    assert broken[0]["custom_id"] == "broken", "the malformed line's id, as its bytes show it"
 
 
 def _lines_for_resume(n=24):

@@ -96,6 +96,20 @@ def test_parse_line_never_raises_on_bytes(raw):
     assert isinstance(parse_line(raw, 1, set()), (BatchLine, LineError))
 
 
+def test_an_unreadable_line_echoes_the_id_its_bytes_still_show():
+    """A truncated or mis-encoded line was answered with custom_id null though its id was readable; a truncated
+    line's column was counted from the line after it."""
+    truncated = parse_line(b'{"custom_id": "trunc", "method": "POST", ', 4, set())
+    assert (truncated.request_id, truncated.format) == ("trunc", "openai")
+    assert truncated.message == "line 4: malformed JSON: Expecting property name enclosed in double quotes at column 42"
+    latin1 = parse_line(b'{"custom_id": "bad", "body": {"prompt": "caf\xe9"}}', 5, set())
+    assert latin1.request_id == "bad" and "not valid UTF-8" in latin1.message
+    plain = parse_line(b'{"id": 17, "prompt": "x" ', 6, set())
+    assert (plain.request_id, plain.format) == (17, None), "a plain line's id; the file's format decides"
+    for raw in (b"garbage", b'{"custom_id": "\xe9t\xe9", ', b'{"prompt": "no id" '):
+        assert parse_line(raw, 7, set()).request_id is None, raw
+
+
 def test_a_byte_order_mark_opening_the_file_is_skipped_and_counted_nowhere_else():
     """Notepad and Excel save UTF-8 with a BOM; the first request used to fail as malformed JSON."""
     from batchllm.io.ingest import count_input_lines
