@@ -238,6 +238,12 @@ def _write_state(state_path: Path, fingerprint: dict[str, Any]) -> None:
 def _refuse_another_job(output: Path, state: dict[str, Any], fingerprint: dict[str, Any], input_path: Path) -> None:
     """Raise JobError when `state` (of `output`) belongs to another input or was answered under other options."""
     if (state.get("input_size"), state.get("input_sha256")) != (fingerprint["input_size"], fingerprint["input_sha256"]):
+        if state.get("input") == fingerprint["input"]:
+            raise JobError(
+                f"refusing to resume into {str(output)!r}: its input {str(input_path)!r} has changed since the "
+                f"output was written ({state.get('input_size')} bytes then, {fingerprint['input_size']} now), so "
+                "its results may answer other lines; pass --overwrite to start over, or choose another -o"
+            )
         raise JobError(
             f"refusing to resume into {str(output)!r}: it was written for a different input "
             f"({state.get('input')!r}, {state.get('input_size')} bytes), not {str(input_path)!r}; "

@@ -562,8 +562,13 @@ def test_a_ray_output_directory_is_tied_to_its_input_and_options(tmp_path):
     with pytest.raises(JobError, match=r"other options \(temperature 0.0 -> 1.0\)"):
         tie_directory_to_job(shards, src, {**options, "temperature": 1.0})
     src.write_text('{"id": "a", "prompt": "Hello"}\n')
-    with pytest.raises(JobError, match="different input"):
+    with pytest.raises(JobError, match=r"its input '.*in.jsonl' has changed since the output was written \(28 bytes "
+                                       r"then, 31 now\)"):  # (it said "a different input", naming the same file)
         tie_directory_to_job(shards, src, options)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "b", "prompt": "Hello"}\n')
+    with pytest.raises(JobError, match="written for a different input"):
+        tie_directory_to_job(shards, other, options)
     (shards / "job.batchllm-state").unlink()  # results that no state file vouches for: another job's
     with pytest.raises(JobError, match="has no job.batchllm-state"):
         tie_directory_to_job(shards, src, options)
