@@ -10,7 +10,9 @@ import math
 import reprlib
 from dataclasses import dataclass, field, fields, replace
 
-from batchllm.structured import StructuredOutputsParams, grammar_key
+from batchllm.structured import GuidedDecodingParams, StructuredOutputsParams, grammar_key
+
+__all__ = ["GuidedDecodingParams", "SamplingParams", "StructuredOutputsParams"]
 
 _GREEDY_EPS = 1e-5
 MAX_N = 1024
@@ -93,6 +95,8 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict | None = None
     """Keep the output to a JSON schema, any JSON object, a regex, a choice or an EBNF grammar
     (`batchllm/structured.py`; needs the `batchllm[structured]` extra)."""
+    guided_decoding: StructuredOutputsParams | dict | None = None
+    """vLLM 0.10's name of structured_outputs: moved there on construction (and left None)."""
     detokenize: bool = True
     """False (vLLM's): no text; `text` is "" and logprobs carry no decoded tokens (stop strings need text)."""
     spaces_between_special_tokens: bool = True
@@ -109,6 +113,11 @@ class SamplingParams:
     _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("SamplingParams: give structured_outputs or guided_decoding (its vLLM 0.10 name), "
+                                 "not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if type(self.seed) is int and self.seed == -1:  # vLLM's "no seed" (its server's default, too)
             self.seed = None
         self._validate()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,34 @@ class StructuredOutputsParams:
     """An EBNF grammar (xgrammar's dialect: GBNF, with `root` as the start rule)."""
     json_object: bool | None = None
     """Any JSON object."""
+    disable_any_whitespace: bool = False
+    """vLLM's (False there: whitespace anywhere in JSON). JSON comes out compact whatever it says: a small model
+    given free whitespace may emit it until max_tokens."""
+    disable_additional_properties: bool = False
+    """vLLM's; a schema's objects take no properties it does not name whatever it says (xgrammar's strict mode)."""
+    disable_fallback: bool = False
+    """vLLM's; there is one grammar backend (xgrammar) and no fallback."""
+    whitespace_pattern: str | None = None
+    """vLLM's (outlines' and guidance's); None only."""
+    structural_tag: str | None = None
+    """vLLM's; None only."""
+    backend: str | None = None
+    """vLLM 0.10's GuidedDecodingParams.backend; None, "auto" or "xgrammar" (the one backend here)."""
 
     def __post_init__(self) -> None:
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"structured_outputs needs exactly one of {', '.join(_KINDS)}, got "
                              f"{', '.join(given) or 'none'}")
+        for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs.{name} must be true or false")
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"structured_outputs.{name} is not supported (JSON is compact; no structural tags)")
+        if self.backend not in (None, "auto", "xgrammar"):
+            raise ValueError(f"structured_outputs.backend {self.backend!r} is not available: xgrammar is the one "
+                             "backend (None, 'auto' or 'xgrammar')")
         if self.json is not None and not isinstance(self.json, (str, dict)):
             raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)")
         for name in ("regex", "grammar"):
@@ -73,10 +95,14 @@ class StructuredOutputsParams:
             return value
         if not isinstance(value, dict):
             raise ValueError("structured_outputs must be an object with one of " + ", ".join(_KINDS))
-        unknown = sorted(set(value) - set(_KINDS))
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"structured_outputs: unsupported field(s) {', '.join(map(str, unknown))[:200]}")
         return cls(**value)
+
+
+GuidedDecodingParams = StructuredOutputsParams
+"""vLLM 0.10's name of StructuredOutputsParams (SamplingParams.guided_decoding, now structured_outputs)."""
 
 
 def grammar_key(params: StructuredOutputsParams) -> tuple[str, str]:

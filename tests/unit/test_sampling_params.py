@@ -222,3 +222,24 @@ def test_detokenize_false_gives_the_tokens_without_text_as_in_vllm(tiny_model_fa
     assert all(lp.decoded_token is None for entry in tokens_only.outputs[0].logprobs for lp in entry.values())
     assert all(lp.decoded_token is None for entry in tokens_only.prompt_logprobs[1:] for lp in entry.values())
     assert all(lp.decoded_token is not None for entry in text.outputs[0].logprobs for lp in entry.values())
+
+
+def test_vllm_structured_output_spellings_are_taken():
+    """vLLM 0.10 scripts pass SamplingParams(guided_decoding=GuidedDecodingParams(...)), and vLLM's
+    StructuredOutputsParams takes disable_any_whitespace and friends; each was a TypeError."""
+    from batchllm.sampling_params import GuidedDecodingParams, StructuredOutputsParams
+
+    old = SamplingParams(guided_decoding=GuidedDecodingParams(choice=["yes", "no"], backend="xgrammar"))
+    assert old.structured_outputs == StructuredOutputsParams(choice=["yes", "no"], backend="xgrammar")
+    assert old.guided_decoding is None and old.clone().structured_outputs.choice == ["yes", "no"]
+    assert SamplingParams(guided_decoding={"regex": "[0-9]+"}).structured_outputs.regex == "[0-9]+"
+    taken = StructuredOutputsParams(json={"type": "object"}, disable_any_whitespace=True, disable_fallback=True,
+                                    disable_additional_properties=True)
+    assert SamplingParams(structured_outputs=taken)._grammar_key == SamplingParams(
+        structured_outputs={"json": {"type": "object"}})._grammar_key, "the same grammar"
+    for bad, message in ((dict(structured_outputs={"regex": "a"}, guided_decoding={"regex": "b"}), "not both"),
+                         (dict(structured_outputs={"regex": "a", "whitespace_pattern": " "}), "whitespace_pattern"),
+                         (dict(structured_outputs={"regex": "a", "backend": "outlines"}), "not available"),
+                         (dict(structured_outputs={"regex": "a", "disable_fallback": 1}), "disable_fallback must be")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**bad)
