@@ -128,14 +128,16 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool | Callable[..., Any] = True, lora_request: None = None) -> list[RequestOutput]:
+                 use_tqdm: bool | Callable[..., Any] = True, lora_request: None = None,
+                 priority: Sequence[int] | None = None, tokenization_kwargs: dict | None = None) -> list[RequestOutput]:
         """Generate for every prompt; one RequestOutput per prompt, in input order.
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
-        or a list of any of these. Every prompt is validated before any work starts. lora_request: vLLM's,
-        None only (LoRA adapters are not supported).
+        or a list of any of these. Every prompt is validated before any work starts. lora_request,
+        priority, tokenization_kwargs: vLLM's, taken only where they ask for nothing (`_refuse_unsupported`).
         """
-        _refuse_unsupported(lora_request=lora_request)
+        _refuse_unsupported(lora_request=lora_request, priority=None if not any(priority or ()) else priority,
+                            tokenization_kwargs=tokenization_kwargs or None)
         tokenized, params = self._validate(prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(tokenized)
         for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
@@ -161,13 +163,20 @@ class LLM:
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              use_tqdm: bool | Callable[..., Any] = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None, chat_template: str | None = None,
-             continue_final_message: bool = False, tools: None = None,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_content_format: str = "auto", mm_processor_kwargs: None = None,
              lora_request: None = None) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template or a file holding one, as
         vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate.
         continue_final_message (vLLM's): the last message, an assistant's, is continued rather than closed
-        (with add_generation_prompt=False). tools, lora_request: vLLM's, None only (not supported)."""
-        _refuse_unsupported(tools=tools, lora_request=lora_request)
+        (with add_generation_prompt=False). tools: given to the template, as vLLM does (the answer is text:
+        no tool call is parsed from it). chat_template_content_format: "auto" or "string" (message content reaches
+        the template as a string). mm_processor_kwargs, lora_request: vLLM's, None only (not supported)."""
+        _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs,
+                            chat_template_content_format=None if chat_template_content_format in ("auto", "string")
+                            else chat_template_content_format)
+        if tools is not None:
+            chat_template_kwargs = {"tools": tools, **(chat_template_kwargs or {})}
         if continue_final_message:
             chat_template_kwargs = {"continue_final_message": True, **(chat_template_kwargs or {})}
         if not isinstance(messages, (list, tuple)):  # a generator: of conversations, or of one's messages
@@ -518,11 +527,24 @@ def _quiet_gc(young_threshold: int = 50_000):
         gc.unfreeze()
 
 
+_NOT_SUPPORTED = {
+    "lora_request": "LoRA adapters are not supported; leave it None",
+    "mm_processor_kwargs": "the models here take text and token ids only; leave it None",
+    "priority": "priority scheduling is not supported: requests run in the order the prefix-sharing plan "
+                "gives them; leave it None (or all 0)",
+    "tokenization_kwargs": "prompts are tokenized as the model's tokenizer does (SamplingParams.truncate_prompt_tokens "
+                           "truncates them); leave it None",
+    "chat_template_content_format": "message content reaches the chat template as a string: 'auto' or 'string'",
+}
+"""What to do instead of each vLLM `generate` / `chat` argument given a value that asks for something."""
+
+
 def _refuse_unsupported(**arguments: Any) -> None:
-    """A ValueError naming the first of vLLM's `generate` / `chat` arguments given a value other than None."""
+    """A ValueError naming the first of vLLM's `generate` / `chat` arguments (`_NOT_SUPPORTED`) given a value
+    other than None, and what to do instead."""
     for name, value in arguments.items():
         if value is not None:
-            raise ValueError(f"{name} is not supported (LoRA adapters and tool calling are not); leave it None")
+            raise ValueError(f"{name}={str(value)[:60]} is not supported: {_NOT_SUPPORTED[name]}")
 
 
 def _as_prompt_list(prompts: Any) -> list:

@@ -142,14 +142,25 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
                                   use_tqdm=False)
         message = {"role": "user", "content": "Hi"}
         as_tuple, as_list = (llm.chat(m, params, use_tqdm=False, tools=None)[0] for m in ((message,), [message]))
-        for unsupported in ({"lora_request": object()}, {"tools": [{"type": "function"}]}):
-            with pytest.raises(ValueError, match=f"{next(iter(unsupported))} is not supported"):
+        for unsupported in ({"lora_request": object()}, {"mm_processor_kwargs": {"size": 1}},
+                            {"chat_template_content_format": "openai"}):
+            with pytest.raises(ValueError, match=f"{next(iter(unsupported))}=.* is not supported: "):
                 llm.chat([message], params, use_tqdm=False, **unsupported)
+        for unsupported in ({"priority": [0, 2]}, {"tokenization_kwargs": {"truncation": True}}):
+            with pytest.raises(ValueError, match=f"{next(iter(unsupported))}=.* is not supported: "):
+                llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, **unsupported)
+        # vLLM's defaults of those arguments ask for nothing: taken
+        llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=[0, 0], tokenization_kwargs={})
+        llm.chat([message], params, use_tqdm=False, chat_template_content_format="string", mm_processor_kwargs=None)
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        template = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{{ messages[-1].content }}"
+        with_tools = llm.chat([message], params, use_tqdm=False, tools=[tool], chat_template=template)[0]
     finally:
         llm.shutdown()
     assert by_ids.outputs[0].token_ids == plain.outputs[0].token_ids and by_text.prompt == "Hi"
     assert [o.outputs[0].token_ids for o in numpy_ids] == [plain.outputs[0].token_ids] * 3
     assert as_tuple.prompt_token_ids == as_list.prompt_token_ids
+    assert with_tools.prompt == "[get_weather]Hi", "tools reach the chat template, as vLLM gives them (was refused)"
 
 
 def test_logprobs_minus_one_is_the_whole_vocabulary_as_in_vllm(tiny_model_factory):
