@@ -108,6 +108,8 @@ class LLM:
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
         self._request_counter = itertools.count()
+        self._output_counter = itertools.count()
+        """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
         self.last_stats: dict[str, Any] = {}
 
     def shutdown(self) -> None:
@@ -142,6 +144,8 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(tokenized)
         for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
             results[index] = output
+        for output in results:  # (numbered once the call ended: a failed call uses no numbers, as none came out)
+            output.request_id = str(next(self._output_counter))
         return results  # type: ignore[return-value]
 
     def _validate(self, prompts: Any, sampling_params) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:

@@ -136,3 +136,14 @@ def test_cli_plan_with_a_cached_model_id_and_a_missing_one(tmp_path, tiny_model_
     r = subprocess.run(cmd + ["tiny-org/absent"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "huggingface-cli download tiny-org/absent" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_request_ids_count_up_over_the_llms_life_as_vllms(default_llm):
+    """vLLM numbers requests "0", "1", ... in input order across calls; ours read "call-index" ("0-0"), which
+    scripts sorting by int(request_id) could not parse."""
+    from batchllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1)
+    first = [int(o.request_id) for o in default_llm.generate(["a", "b", "c"], params, use_tqdm=False)]
+    chat = default_llm.chat([{"role": "user", "content": "Hi"}], params, use_tqdm=False)[0]
+    assert first == list(range(first[0], first[0] + 3)) and int(chat.request_id) == first[-1] + 1
