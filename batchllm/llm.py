@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from batchllm.beam_search import BeamSearchOutput, run_beam_search
 from batchllm.config import EngineConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, output_budget
@@ -43,7 +44,7 @@ from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("batchllm")
 logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
@@ -147,6 +148,19 @@ class LLM:
         for output in results:  # (numbered once the call ended: a failed call uses no numbers, as none came out)
             output.request_id = str(next(self._output_counter))
         return results  # type: ignore[return-value]
+
+    def beam_search(self, prompts: Any, params: BeamSearchParams, lora_request: None = None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's beam search (`batchllm/beam_search.py`): per prompt, the params.beam_width best sequences,
+        best first, each with its tokens (the prompt's included), logprobs, cumulative logprob and text (the
+        whole sequence decoded). prompts: as `generate` takes them. use_tqdm, concurrency_limit: vLLM's; every
+        prompt's beams go into each step's call."""
+        _refuse_unsupported(lora_request=lora_request)
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        items = _as_prompt_list(prompts)
+        tokenized = [self.tokenize_prompt(prompt, index) for index, prompt in enumerate(items)]
+        return run_beam_search(self, [[int(t) for t in prompt.token_ids] for prompt in tokenized], params)
 
     def _validate(self, prompts: Any, sampling_params) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
         """`generate`'s input path up to submission: every prompt tokenized and validated, one

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from batchllm.structured import GuidedDecodingParams, StructuredOutputsParams, grammar_key
 
-__all__ = ["GuidedDecodingParams", "SamplingParams", "StructuredOutputsParams"]
+__all__ = ["BeamSearchParams", "GuidedDecodingParams", "SamplingParams", "StructuredOutputsParams"]
 
 _GREEDY_EPS = 1e-5
 MAX_N = 1024
@@ -348,3 +348,27 @@ def short_repr(value: object) -> str:
         return _short.repr(value)
     except (ValueError, RecursionError):  # an int past the digit limit, nesting past the stack
         return f"<a {type(value).__name__} that cannot be shown>"
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's beam search parameters."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BeamSearchParams.{name} must be a positive integer, got {value!r}")
+        for name in ("temperature", "length_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
+        if self.temperature < 0:
+            raise ValueError(f"BeamSearchParams.temperature must be >= 0, got {self.temperature!r}")

@@ -1,0 +1,82 @@
+"""Beam search as vLLM's `LLM.beam_search` runs it: each step asks the engine for one token of every live
+beam with its 2 x beam_width most likely next tokens, extends each beam by each of them, and keeps each prompt's
+beam_width best (cumulative logprob over length ** length_penalty). A beam that draws EOS is complete; when
+max_tokens is reached the live beams are too, and each prompt's beam_width best complete beams are its output.
+
+Every step is one `generate` call over all live beams of all prompts: a prompt's beams share its prompt and most
+of their tokens, which prefix sharing computes once per call (vLLM relies on its prefix cache the same way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchllm.request_output import Logprob
+from batchllm.sampling_params import BeamSearchParams, SamplingParams
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: its tokens (the prompt's, then the output's), each output position's logprob dict (the
+    candidates it was chosen among) and its cumulative logprob; `text` (the whole sequence decoded, as vLLM's)
+    is set on the finished beams returned."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """A prompt's beam_width best sequences, best first."""
+
+    sequences: list[BeamSearchSequence]
+
+
+def beam_score(beam: BeamSearchSequence, eos_token_id: int | None, length_penalty: float) -> float:
+    """vLLM's (and transformers') score: cumulative logprob over the length (an ending EOS not counted) raised
+    to length_penalty; the length counts the prompt, as vLLM's does."""
+    length = len(beam.tokens) - (1 if beam.tokens and beam.tokens[-1] == eos_token_id else 0)
+    return beam.cum_logprob / (max(length, 1) ** length_penalty)
+
+
+def run_beam_search(llm, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
+    """Beam search over token prompts (module docstring). A beam that fills the context is complete."""
+    eos = llm.tokenizer.eos_token_id if llm.tokenizer is not None else None
+    step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature,
+                                 ignore_eos=True)  # (EOS is a candidate like any other: the beam completes)
+    live = [[BeamSearchSequence(list(p))] for p in prompts]
+    completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    for _ in range(params.max_tokens):
+        for index, beams in enumerate(live):  # a beam the context cannot extend is complete as it is
+            completed[index] += [b for b in beams if len(b.tokens) >= llm.max_model_len]
+            live[index] = [b for b in beams if len(b.tokens) < llm.max_model_len]
+        beams = [beam for group in live for beam in group]
+        if not beams:
+            break
+        outputs = llm.generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params, use_tqdm=False)
+        position = 0
+        for index, group in enumerate(live):
+            candidates = []
+            for beam, output in zip(group, outputs[position:position + len(group)]):
+                entry = output.outputs[0].logprobs[0]
+                for token_id, logprob in entry.items():
+                    grown = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [entry],
+                                               beam.cum_logprob + logprob.logprob)
+                    (completed[index] if token_id == eos and not params.ignore_eos else candidates).append(grown)
+            position += len(group)
+            candidates.sort(key=lambda b: beam_score(b, eos, params.length_penalty), reverse=True)
+            live[index] = candidates[:params.beam_width]
+    return [_best(completed[index] + live[index], llm.tokenizer, eos, params) for index in range(len(prompts))]
+
+
+def _best(beams: list[BeamSearchSequence], tokenizer: Any, eos: int | None,
+          params: BeamSearchParams) -> BeamSearchOutput:
+    best = sorted(beams, key=lambda b: beam_score(b, eos, params.length_penalty), reverse=True)[:params.beam_width]
+    for beam in best:
+        beam.text = tokenizer.decode(beam.tokens) if tokenizer is not None else None
+    return BeamSearchOutput(best)

@@ -1,0 +1,72 @@
+"""`LLM.beam_search`, vLLM's algorithm, against the same algorithm run on transformers' logprobs (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchllm.beam_search import BeamSearchOutput, BeamSearchSequence, beam_score
+from batchllm.sampling_params import BeamSearchParams
+
+
+def reference_beam_search(model, prompt: list[int], params: BeamSearchParams,
+                          eos: int) -> list[tuple[list[int], float]]:
+    """vLLM's steps on transformers' next-token logprobs: each live beam grows by its 2 x beam_width most likely
+    tokens, EOS completes a beam, each step keeps the beam_width best by score."""
+    def score(entry):
+        return beam_score(BeamSearchSequence(entry[0], cum_logprob=entry[1]), eos, params.length_penalty)
+
+    live, done = [(prompt, 0.0)], []
+    for _ in range(params.max_tokens):
+        grown = []
+        for tokens, cum in live:
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
+            top = torch.topk(logprobs, 2 * params.beam_width)
+            for token, logprob in zip(top.indices.tolist(), top.values.tolist()):
+                (done if token == eos and not params.ignore_eos else grown).append((tokens + [token], cum + logprob))
+        live = sorted(grown, key=score, reverse=True)[:params.beam_width]
+    return sorted(done + live, key=score, reverse=True)[:params.beam_width]
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5])
+def test_beam_search_matches_the_algorithm_on_transformers_logprobs(tiny_model_factory, length_penalty):
+    from transformers import AutoModelForCausalLM
+
+    from batchllm import LLM
+
+    model_dir = tiny_model_factory("llama")
+    params = BeamSearchParams(beam_width=3, max_tokens=5, length_penalty=length_penalty)
+    prompts = [[5, 6, 7, 8], [5, 6, 9], [100, 200, 300, 400, 500]]  # two share a prefix: shared in each step
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=64)
+    try:
+        outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+        eos = llm.tokenizer.eos_token_id
+    finally:
+        llm.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        assert isinstance(output, BeamSearchOutput) and len(output.sequences) == params.beam_width
+        expected = reference_beam_search(model, prompt, params, eos)
+        assert [s.tokens for s in output.sequences] == [tokens for tokens, _ in expected]
+        assert [s.cum_logprob for s in output.sequences] == pytest.approx([cum for _, cum in expected], abs=1e-4)
+        for sequence in output.sequences:
+            assert len(sequence.logprobs) == len(sequence.tokens) - len(prompt)
+            assert all(token in entry for token, entry in zip(sequence.tokens[len(prompt):], sequence.logprobs))
+
+
+def test_beam_search_on_text_ends_beams_at_eos_and_decodes_the_whole_sequence(default_llm):
+    """vLLM's text is the whole sequence decoded (prompt included); a beam that draws EOS is complete."""
+    params = BeamSearchParams(beam_width=2, max_tokens=12)
+    (output,) = default_llm.beam_search("The capital of France is", params)
+    best = output.sequences[0]
+    assert best.text == default_llm.tokenizer.decode(best.tokens) and best.text.startswith("The capital of France is")
+    assert " Paris" in best.text
+    eos = default_llm.tokenizer.eos_token_id
+    scores = [beam_score(s, eos, params.length_penalty) for s in output.sequences]
+    assert scores == sorted(scores, reverse=True), "best first, by score"
+    assert best.tokens[-1] == eos, "the best beam ended at EOS: complete before max_tokens"
+    with pytest.raises(ValueError, match="beam_width must be a positive integer"):
+        BeamSearchParams(beam_width=0, max_tokens=4)
+    with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
+        default_llm.beam_search("Hi", {"beam_width": 2})
