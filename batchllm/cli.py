@@ -185,6 +185,16 @@ def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"{args.command}: the input file is required (INPUT or -i INPUT)")
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _command_flags(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+    """The long flags of the subcommand `words` name first (none if they name none)."""
+    command = _subcommands(parser).get(next((w for w in words if not w.startswith("-")), ""))
+    return [] if command is None else [f for a in command._actions for f in a.option_strings if f.startswith("--")]
+
+
 def vllm_flag_not_taken(flag: str) -> str | None:
     """What to do instead of a vLLM run-batch flag with no counterpart here (`options.VLLM_NOT_TAKEN`, its
     engine options' keywords written as flags), or None. Made on the error path only, not at every start."""
@@ -225,9 +235,9 @@ def package_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     words = dashed_flag_names(sys.argv[1:] if argv is None else list(argv))
-    args, unknown = parser.parse_known_args(bare_flags_as_on(words))
+    args, unknown = parser.parse_known_args(bare_flags_as_on(words, _command_flags(parser, words)))
     if unknown:  # refused by the subcommand's parser, with its usage and what each unknown flag may have meant
-        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        command = _subcommands(parser)[args.command]
         command.error(unrecognized_arguments_message(command, unknown))
     _input_path(parser, args)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")

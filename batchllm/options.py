@@ -286,16 +286,22 @@ def dashed_flag_names(argv: list[str]) -> list[str]:
     return result
 
 
-def bare_flags_as_on(argv: list[str]) -> list[str]:
+def bare_flags_as_on(argv: list[str], all_flags: Iterable[str] = ()) -> list[str]:
     """`argv` with each bare optional-bool flag that is not followed by one of its values (auto, on,
     off) written as `--flag=on`. Its value is optional, so argparse would take the next word for it:
-    `run --async-scheduling in.jsonl -o out.jsonl` was refused as "invalid choice: 'in.jsonl'"."""
+    `run --async-scheduling in.jsonl -o out.jsonl` was refused as "invalid choice: 'in.jsonl'". A word that
+    abbreviates one such flag and no other of `all_flags` (the command's), as argparse reads abbreviations
+    (`--async`), is that flag."""
     flags = {"--" + name.replace("_", "-") for option in engine_options().values()
              if option.type is bool and option.optional for name in (option.name, *_ALIASES_OF.get(option.name, ()))}
+    all_flags = set(all_flags) | flags
     result = []
     for i, word in enumerate(argv):
         if word == "--":  # the rest are positional words
             return result + argv[i:]
+        if word.startswith("--") and word not in all_flags and "=" not in word:
+            matches = [flag for flag in all_flags if flag.startswith(word)]
+            word = matches[0] if len(matches) == 1 and matches[0] in flags else word
         follows_a_value = i + 1 < len(argv) and argv[i + 1] in TRI_STATE
         result.append(f"{word}=on" if word in flags and not follows_a_value else word)
     return result

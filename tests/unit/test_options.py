@@ -189,6 +189,19 @@ def test_a_bare_optional_bool_flag_does_not_take_the_next_word(words, expected):
     assert bare_flags_as_on(["run", "x", "--", "--async-scheduling"])[-1] == "--async-scheduling", "after --: a word"
 
 
+def test_an_abbreviated_optional_bool_flag_does_not_take_the_next_word_either():
+    """argparse takes abbreviations (`--async`), which took the input file as the flag's value."""
+    from batchllm.cli import _command_flags
+    from batchllm.options import bare_flags_as_on
+
+    parser = build_parser()
+    words = ["run", "--async", "in.jsonl", "-o", "o.jsonl"]
+    args = parser.parse_args(bare_flags_as_on(words, _command_flags(parser, words)))
+    assert str(args.input) == "in.jsonl" and args.async_scheduling == "on"
+    ambiguous = ["run", "--enable", "in.jsonl"]  # (--enable-prefix-caching, --enable-metrics, ...): argparse says so
+    assert bare_flags_as_on(ambiguous, _command_flags(parser, ambiguous)) == ambiguous
+
+
 def test_flags_spelled_with_underscores_are_taken_as_vllm_takes_them():
     """`--max_model_len 4k` (vLLM's parser reads either spelling) was refused as an unrecognized argument."""
     from batchllm.options import bare_flags_as_on, dashed_flag_names
