@@ -255,7 +255,7 @@ def local_model_dir(model: str | Path | None) -> Path:
 
         raise ModelLoadError(
             f"model {str(model)!r} is neither a local directory nor in the Hugging Face cache ({HF_HUB_CACHE}); "
-            f"BatchLLM never downloads at run time: get it first with `huggingface-cli download {model}` "
+            f"BatchLLM never downloads at run time: get it first with `hf download {model}` "
             "(or pass the path of a model directory)"
         ) from e
 

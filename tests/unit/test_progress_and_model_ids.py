@@ -116,7 +116,7 @@ def test_a_model_id_resolves_from_the_local_cache_and_a_missing_one_says_how_to_
     assert str(llm.model_dir) == snapshot
     assert llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2),
                         use_tqdm=False)[0].outputs[0].token_ids
-    with pytest.raises(ModelLoadError, match="huggingface-cli download tiny-org/absent") as missing:
+    with pytest.raises(ModelLoadError, match="hf download tiny-org/absent") as missing:
         local_model_dir("tiny-org/absent")
     assert ("not in the Hugging Face cache" in str(missing.value)
             or "nor in the Hugging Face cache" in str(missing.value))
@@ -134,7 +134,7 @@ def test_cli_plan_with_a_cached_model_id_and_a_missing_one(tmp_path, tiny_model_
     r = subprocess.run(cmd + ["tiny-org/tiny-llama"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "requests             1" in r.stdout, r.stderr
     r = subprocess.run(cmd + ["tiny-org/absent"], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 2 and "huggingface-cli download tiny-org/absent" in r.stderr
+    assert r.returncode == 2 and "hf download tiny-org/absent" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
