@@ -155,7 +155,8 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--groups", type=int, default=0, metavar="N",
                       help="also list the N largest prefix groups: members, shared prefix length in tokens and "
                       "the prefix's first words, to check the plan against what you know of the file")
-    add_engine_arguments(plan, names=["model", "tokenizer", "chat_template", "max_model_len", "plan_mode"])
+    add_engine_arguments(plan, names=["model", "tokenizer", "chat_template", "max_model_len", "max_logprobs",
+                                      "plan_mode"])
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -695,7 +696,7 @@ def plan_command(args: argparse.Namespace) -> int:
     from batchllm.prefix import plan_prefix_sharing
 
     try:
-        prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len,
+        prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len, args.max_logprobs,
                                        chat_template=args.chat_template)
     except (ValueError, OSError) as e:
         return _fail(str(e))

@@ -243,6 +243,12 @@ def test_plan_of_an_input_without_requests_is_empty_as_run_is(tmp_path, default_
     assert r.returncode == 0 and json.loads(r.stdout)["num_requests"] == 0, r.stderr
     r = run_cli("plan", bad, "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["num_lines_failed"] == 1 and "line 1:" in r.stderr
+    logprobs = tmp_path / "logprobs.jsonl"  # past run's max_logprobs (20): plan said it would run
+    logprobs.write_text('{"id": "a", "prompt": "Hi", "logprobs": 21}\n{"id": "b", "prompt": "Hi", "logprobs": 3}\n')
+    r = run_cli("plan", logprobs, "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["num_lines_failed"] == 1 and "max_logprobs (20)" in r.stderr
+    r = run_cli("plan", logprobs, "--json", "--max-logprobs", "21")
+    assert r.returncode == 0 and json.loads(r.stdout)["num_lines_failed"] == 0, r.stderr
 
 
 def test_members_the_cache_holds_only_unshared_run_unshared(tiny_model_factory):
