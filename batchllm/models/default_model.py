@@ -53,6 +53,7 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     try:
         _convert(gguf_path, tmp)
         (tmp / _DONE_MARKER).write_text(gguf_path.name + "\n")
+        files_as_the_umask_says(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -62,6 +63,17 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def files_as_the_umask_says(directory: Path) -> None:
+    """Give the files in `directory` the permissions a new file gets (0666 less the umask): safetensors writes
+    the weights owner-only (0600), so other users of a shared cache could read the converted model's tokenizer
+    but not its weights."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:

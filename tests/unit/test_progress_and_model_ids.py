@@ -147,3 +147,19 @@ def test_request_ids_count_up_over_the_llms_life_as_vllms(default_llm):
     first = [int(o.request_id) for o in default_llm.generate(["a", "b", "c"], params, use_tqdm=False)]
     chat = default_llm.chat([{"role": "user", "content": "Hi"}], params, use_tqdm=False)[0]
     assert first == list(range(first[0], first[0] + 3)) and int(chat.request_id) == first[-1] + 1
+
+
+def test_the_converted_default_model_is_readable_as_the_umask_allows(tmp_path):
+    """safetensors wrote model.safetensors owner-only (0600): a shared cache's other users could not load it."""
+    from batchllm.models.default_model import files_as_the_umask_says
+
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)
+    config.write_text("{}")
+    old = os.umask(0o022)
+    try:
+        files_as_the_umask_says(tmp_path)
+    finally:
+        os.umask(old)
+    assert (weights.stat().st_mode & 0o777, config.stat().st_mode & 0o777) == (0o644, 0o644)
