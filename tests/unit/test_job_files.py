@@ -139,6 +139,8 @@ def test_an_unwritable_stats_file_is_refused_before_the_job_runs(tmp_path, capsy
     assert code == 2 and err.startswith(f"batchllm: error: cannot write --stats {str(src / 'stats.json')!r}: ")
     code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--stats", tmp_path)
     assert code == 2 and "it is a directory" in err
+    code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--stats", "/proc/stats.json")  # (root may, /proc not)
+    assert code == 2 and "cannot write --stats '/proc/stats.json'" in err
     assert not (tmp_path / "o.jsonl").exists()
 
 
