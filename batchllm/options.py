@@ -47,6 +47,8 @@ class NoEffect:
     """Its value's name in --help."""
     run_batch_only: bool = False
     """A flag of vLLM's run-batch command only, not an `LLM` keyword."""
+    keyword_only: bool = False
+    """An `LLM` keyword only: `run` has a flag of its name that does something."""
 
 
 VLLM_NO_EFFECT = {
@@ -61,6 +63,9 @@ VLLM_NO_EFFECT = {
     "use_tqdm_on_load": NoEffect("weights load without a progress bar"),
     "hf_token": NoEffect("nothing is downloaded: a model id is read from the local Hugging Face cache",
                          value_type=str),
+    "served_model_name": NoEffect("names are given to OpenAI Batch responses by run --served-model-name",
+                                  keyword_only=True),
+    "disable_async_output_proc": NoEffect("outputs are processed as steps finish"),
     "enable_log_requests": NoEffect("requests are not logged", run_batch_only=True),
     "max_log_len": NoEffect("requests are not logged", value_type=int, metavar="N", run_batch_only=True),
     "output_tmp_dir": NoEffect("results are appended to the output as they finish", value_type=str,
@@ -82,6 +87,8 @@ VLLM_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", 
 def add_no_effect_arguments(group) -> None:
     """`VLLM_NO_EFFECT`'s flags, each stored under its keyword's name (`engine_kwargs_from_args` skips them)."""
     for name, option in VLLM_NO_EFFECT.items():
+        if option.keyword_only:
+            continue
         flags = ["--" + n.replace("_", "-") for n in (name, *option.flag_aliases)]
         help_text = f"accepted for vLLM's command lines; no effect: {option.why}"
         if option.value_type is None:
@@ -218,6 +225,17 @@ VLLM_NOT_TAKEN = {
     "limit_mm_per_prompt": ((None, {}), "prompts are text or token ids only"),
     "tokenizer_revision": ((None,), "the tokenizer is read from the tokenizer (or model) directory: give the "
                                     "directory of that revision"),
+    "scheduling_policy": (("fcfs",), "requests run in the order the prefix-sharing plan gives them"),
+    "speculative_config": ((None,), "speculative decoding is not supported"),
+    "guided_decoding_backend": ((None, "auto", "xgrammar"), "structured output runs on xgrammar"),
+    "structured_outputs_config": ((None,), "structured output runs on xgrammar, set per request "
+                                           "(SamplingParams.structured_outputs)"),
+    "kv_transfer_config": ((None,), "disaggregated prefill is not supported"),
+    "calculate_kv_scales": ((False,), "an fp8 KV cache's scales are set per tensor (kv_cache_dtype='fp8')"),
+    "disable_sliding_window": ((False,), "sliding-window models are not supported"),
+    "enable_sleep_mode": ((False,), "sleep mode is not supported; shutdown() frees the device memory"),
+    "model_impl": (("auto",), "the models are this engine's own"),
+    "num_scheduler_steps": ((1,), "one step per schedule (async_scheduling overlaps the next schedule)"),
     "enable_lora": ((None, False), "LoRA adapters are not supported"),
     "lora_modules": ((None,), "LoRA adapters are not supported"),
 }

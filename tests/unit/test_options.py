@@ -111,8 +111,10 @@ def test_llm_takes_exactly_the_options():
 def test_an_unknown_keyword_is_named_with_the_closest_options():
     with pytest.raises(TypeError, match=r"unknown engine option 'max_num_batched_token'.*'max_num_batched_tokens'"):
         engine_config(max_num_batched_token=64)
-    with pytest.raises(TypeError, match="unknown engine option 'speculative_config'"):
+    with pytest.raises(TypeError, match="speculative_config=.* is not supported: speculative decoding"):
         LLM(speculative_config={"method": "ngram"})  # refused before anything is loaded
+    with pytest.raises(TypeError, match="unknown engine option 'pooler_config'"):
+        LLM(pooler_config={})
 
 
 def test_vllm_keywords_that_change_nothing_here_are_taken():
@@ -416,11 +418,17 @@ def test_more_vllm_keywords_are_taken_at_their_defaults_or_without_effect():
 
     assert engine_config(task="generate", runner="auto", cpu_offload_gb=0, logprobs_mode="raw_logprobs",
                          limit_mm_per_prompt=None, tokenizer_revision=None, max_seq_len_to_capture=8192,
-                         use_tqdm_on_load=False, hf_token="hf_x") == engine_config()
+                         use_tqdm_on_load=False, hf_token="hf_x", scheduling_policy="fcfs", speculative_config=None,
+                         guided_decoding_backend="xgrammar", structured_outputs_config=None, kv_transfer_config=None,
+                         calculate_kv_scales=False, disable_sliding_window=False, enable_sleep_mode=False,
+                         model_impl="auto", num_scheduler_steps=1, served_model_name=["m"],
+                         disable_async_output_proc=True) == engine_config()
     assert engine_config(kv_cache_memory_bytes=3 << 29).cache.kv_cache_memory_gib == 1.5, "vLLM counts bytes"
     with pytest.raises(TypeError, match="'kv_cache_memory_bytes' must be an integer"):
         engine_config(kv_cache_memory_bytes="1G")
     for key, value, instead in (("task", "embed", "pooling models"), ("cpu_offload_gb", 4, "tensor_parallel_size"),
-                                ("logprobs_mode", "processed_logprobs", "before any sampling parameter")):
+                                ("logprobs_mode", "processed_logprobs", "before any sampling parameter"),
+                                ("scheduling_policy", "priority", "prefix-sharing plan"),
+                                ("speculative_config", {"method": "ngram"}, "speculative decoding")):
         with pytest.raises(TypeError, match=f"{key}={value!r} is not supported: .*{instead}"):
             engine_config(**{key: value})
