@@ -86,8 +86,9 @@ class PromptProcessor:
             raise ValueError(f"the tokenizer of {self.source} has no chat template")
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError(f"conversation {index}: messages must be a non-empty list")
-        for j, message in enumerate(conversation):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        for j, message in enumerate(conversation):  # (an assistant turn that only called tools may lack content)
+            if not isinstance(message, dict) or "role" not in message or (
+                    "content" not in message and "tool_calls" not in message):
                 raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
         try:  # OpenAI's content parts, as the OpenAI Batch lines take them
             conversation = [text_message(j, message) for j, message in enumerate(conversation)]

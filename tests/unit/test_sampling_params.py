@@ -155,12 +155,18 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
         template = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{{ messages[-1].content }}"
         with_tools = llm.chat([message], params, use_tqdm=False, tools=[tool], chat_template=template)[0]
+        called = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{}"}}]}  # (no content: vLLM takes it so)
+        answered = {"role": "tool", "tool_call_id": "c1", "content": "sunny"}
+        after_a_call = llm.chat([message, called, answered], params, use_tqdm=False, tools=[tool],
+                                chat_template=template)[0]
     finally:
         llm.shutdown()
     assert by_ids.outputs[0].token_ids == plain.outputs[0].token_ids and by_text.prompt == "Hi"
     assert [o.outputs[0].token_ids for o in numpy_ids] == [plain.outputs[0].token_ids] * 3
     assert as_tuple.prompt_token_ids == as_list.prompt_token_ids
     assert with_tools.prompt == "[get_weather]Hi", "tools reach the chat template, as vLLM gives them (was refused)"
+    assert after_a_call.prompt == "[get_weather]sunny"
 
 
 def test_logprobs_minus_one_is_the_whole_vocabulary_as_in_vllm(tiny_model_factory):
