@@ -384,8 +384,6 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
         options["chat_template"] = "sha256:" + hashlib.sha256(options["chat_template"].encode()).hexdigest()[:16]
     if args.generation_config not in ("auto", "vllm"):  # another folder's file: its EOS ids end answers too
         options["generation_eos_token_ids"] = sorted(set(generation_eos_token_ids(None, args.generation_config)))
-    errors = (args.errors_file or errors_path_for(args.output)).resolve()  # None: the default's, as before it was
-    options["errors_file"] = None if errors == errors_path_for(args.output).resolve() else str(errors)  # recorded
     stop = defaults.get("stop")
     return {**options, **defaults, "stop": list(stop) if stop else None, "seed": args.seed}
 

@@ -277,8 +277,6 @@ def _read_state(state_path: Path, output: Path) -> dict[str, Any]:
 
 _OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without one: to the context unless "
                                       "--max-tokens or the model's generation_config.json gives one)",
-                 "errors_file": " (--errors-file: the earlier run's failed lines are in the one it names; unset: "
-                                "the output's name with .errors.jsonl)",
                  "response_role": " (unset: assistant, the default)"}
 """What a recorded option that is no command-line option stands for, in a refusal."""
 

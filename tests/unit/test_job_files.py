@@ -431,11 +431,10 @@ def test_resuming_under_other_options_is_refused_by_name(tmp_path, capsys, tiny_
     out.write_text("".join(line for line in lines if line != answered[-1]))  # as if killed before that answer
 
     code, err = run(capsys, src, "-o", out, "--model", model, "--max-tokens", "2", "--temperature", "1",
-                    "--max-logprobs", "5", "--response-role", "bot", "--errors-file", tmp_path / "e.jsonl")
+                    "--max-logprobs", "5", "--response-role", "bot")
     assert code == 2 and "other options" in err and "max_tokens 3 -> 2" in err and "temperature 0.0 -> 1.0" in err
     assert "max_logprobs 2 -> 5" in err and "--overwrite" in err, err
     assert 'response_role (unset: assistant, the default) (unset) -> "bot"' in err, "the default named"
-    assert "errors_file (--errors-file: " in err and 'e.jsonl"' in err
     assert out.read_text() == "".join(line for line in lines if line != answered[-1]), "the output is untouched"
 
     code, err = run(capsys, src, "-o", out, *first, "--max-num-batched-tokens", "64")  # speed alone: resumes

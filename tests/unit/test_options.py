@@ -166,12 +166,6 @@ def test_vllm_command_line_spellings_are_taken():
     plain = results_options(build_parser().parse_args(["run", "i", "-o", "o"]), {})
     assert (plain["served_model_name"], plain["response_role"]) == (None, None), (
         "the defaults recorded as unset, as by versions without these options, whose outputs still resume")
-    assert plain["errors_file"] is None
-    errors = [results_options(build_parser().parse_args(["run", "i", "-o", "d/o.jsonl", "--errors-file", path]),
-                              {})["errors_file"] for path in ("d/o.errors.jsonl", "d/e.jsonl")]
-    assert errors[0] is None and errors[1].endswith("/d/e.jsonl"), (
-        "another --errors-file is recorded (a resume under a third would split the failed lines over two files); "
-        "the default's own path given explicitly is the default")
 
 
 @pytest.mark.parametrize("words, expected", [
