@@ -135,8 +135,8 @@ def _ends_inside_a_character(data: bytes) -> bool:
 
 
 _PRIME_TOKENS = (4, 24)
-"""The fewest and most prompt tokens an output's text is decoded after (`_primed_decode`), as vLLM's detokenizer
-primes its stream with the prompt's end."""
+"""The fewest and most prompt tokens an output's text is decoded after (`_prime`, `CompletionState._decode_ids`),
+as vLLM's detokenizer primes its stream with the prompt's end."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -152,17 +152,19 @@ def _alone_drops_a_leading_space(tokenizer) -> bool:
 
 def _prime(prompt_token_ids, tokenizer, skip_special_tokens: bool) -> tuple[list[int], str] | None:
     """The prompt's last tokens to decode an output after, and their text: the shortest suffix of
-    `_PRIME_TOKENS` tokens whose text holds no character cut at its start (U+FFFD), or the whole prompt if
-    shorter; None if there is none."""
-    if not prompt_token_ids:
+    `_PRIME_TOKENS` tokens whose text holds no U+FFFD (no character cut at its start), else the longest
+    (a prompt holding U+FFFD itself); the whole prompt where it is shorter. None for an empty prompt.
+    prompt_token_ids: a list or a 1-D integer array."""
+    if prompt_token_ids is None or len(prompt_token_ids) == 0:
         return None
     fewest, most = _PRIME_TOKENS
+    primer: tuple[list[int], str] | None = None
     for length in range(min(fewest, len(prompt_token_ids)), min(most, len(prompt_token_ids)) + 1):
         suffix = [int(t) for t in prompt_token_ids[-length:]]
-        text = tokenizer.decode(suffix, skip_special_tokens=skip_special_tokens)
-        if "\ufffd" not in text:
-            return suffix, text
-    return None
+        primer = suffix, tokenizer.decode(suffix, skip_special_tokens=skip_special_tokens)
+        if "\ufffd" not in primer[1]:
+            break
+    return primer
 
 
 class CompletionState:
