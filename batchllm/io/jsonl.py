@@ -130,25 +130,40 @@ def _id_and_format_of(raw: bytes) -> tuple[str | int | None, str | None]:
         return None, None
 
 
-_READABLE_ID = re.compile(rb'"(custom_id|id)"\s*:\s*("(?:[^"\\\x00-\x1f\x80-\xff]|\\.)*"|-?\d{1,18}\b)')
-"""A line's `custom_id` or `id` as a JSON string of ASCII or an integer, read from bytes that are not JSON."""
+_ID_VALUE = re.compile(rb'\s*:\s*("(?:[^"\\\x00-\x1f\x80-\xff]|\\.)*"|-?\d{1,18})\s*[,}]')
+"""After a key: a JSON string of ASCII or an integer, ended by a comma or the object's end (so that a value the
+line's cut left unfinished, "12" of 12345, is not taken)."""
+
+
+def _top_level_ids(raw: bytes) -> dict[str, bytes]:
+    """The values of the line object's own "custom_id" and "id" keys (not those of nested objects: a tool call's
+    id) as their JSON text, where bytes that are not JSON still show them whole."""
+    found: dict[str, bytes] = {}
+    depth, i = 0, 0
+    while i < len(raw):
+        byte = raw[i]
+        if byte == 0x22:  # a string: skip it, and at depth 1 see whether it is one of the two keys
+            end = i + 1
+            while end < len(raw) and raw[end] != 0x22:
+                end += 2 if raw[end] == 0x5C else 1
+            key = raw[i + 1:end]
+            if depth == 1 and key in (b"custom_id", b"id") and (match := _ID_VALUE.match(raw, end + 1)):
+                found.setdefault(key.decode(), match.group(1))
+            i = end + 1
+            continue
+        depth += 1 if byte in b"{[" else -1 if byte in b"}]" else 0
+        i += 1
+    return found
 
 
 def _unreadable(raw: bytes, line_number: int, problem: str) -> LineError:
     """The error of a line that is not a JSON object of UTF-8 text, echoing its custom_id (an OpenAI line) or id
-    where the bytes still show one: a truncated or mis-encoded line of a file keeps its id in the answer."""
-    found = {}
-    for match in _READABLE_ID.finditer(raw):
-        found.setdefault(match.group(1).decode(), match.group(2))
+    where the bytes still show one whole (`_top_level_ids`): a truncated or mis-encoded line keeps its id."""
+    found = _top_level_ids(raw)
     key = "custom_id" if "custom_id" in found else "id"
-    rid = None
-    if key in found:
-        try:
-            rid = _clean_id(json.loads(found[key]))
-        except ValueError:
-            rid = None
-    return LineError(line_number, rid, f"line {line_number}: {problem}", OPENAI if key == "custom_id" and
-                     rid is not None else None)
+    rid = _clean_id(json.loads(found[key])) if key in found else None
+    return LineError(line_number, rid, f"line {line_number}: {problem}",
+                     OPENAI if key == "custom_id" and rid is not None else None)
 
 
 def _echoed_id(obj: dict) -> tuple[str | int | None, bool]:
