@@ -161,7 +161,10 @@ def _unreadable(raw: bytes, line_number: int, problem: str) -> LineError:
     where the bytes still show one whole (`_top_level_ids`): a truncated or mis-encoded line keeps its id."""
     found = _top_level_ids(raw)
     key = "custom_id" if "custom_id" in found else "id"
-    rid = _clean_id(json.loads(found[key])) if key in found else None
+    try:
+        rid = _clean_id(json.loads(found[key])) if key in found else None
+    except ValueError:  # a bad escape inside the string ("\uZZ")
+        rid = None
     return LineError(line_number, rid, f"line {line_number}: {problem}",
                      OPENAI if key == "custom_id" and rid is not None else None)
 

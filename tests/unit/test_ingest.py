@@ -108,6 +108,7 @@ def test_an_unreadable_line_echoes_the_id_its_bytes_still_show():
     assert (plain.request_id, plain.format) == (17, None), "a plain line's id; the file's format decides"
     for raw in (b"garbage", b'{"custom_id": "\xe9t\xe9", ', b'{"prompt": "no id" ',
                 b'{"id": 12', b'{"id": 1.5, "x": ',  # cut inside the id (12345), or no integer: not taken
+                b'{"id": "\\uZZ", "x": \xff}',  # an escape JSON refuses
                 b'{"messages": [{"tool_calls": [{"id": "call_1"}]}], '):  # a nested object's id is not the line's
         assert parse_line(raw, 7, set()).request_id is None, raw
     nested_first = b'{"messages": [{"tool_calls": [{"id": "call_1"}]}], "id": "q1", "x": \xff}'
