@@ -43,15 +43,16 @@ from batchllm.io.ingest import (
     sampling_fields_of,
 )
 from batchllm.io.job import (
-    STATE_SUFFIX,
     JobError,
     OutputLock,
     ResultWriter,
     ResumeState,
     errors_path_for,
+    later_write_problem,
     prepare_output,
     refuse_output_onto_input,
     same_file,
+    state_path_for,
 )
 from batchllm.options import (
     VLLM_NOT_TAKEN,
@@ -287,30 +288,16 @@ def _job_files(args: argparse.Namespace) -> dict[str, Path]:
     """The files a job reads or writes, by what they are: the input, the output, its errors and state files."""
     return {"the input file": args.input, "the output": args.output,
             "the errors file": args.errors_file or errors_path_for(args.output),
-            "the output's state file": args.output.with_name(args.output.name + STATE_SUFFIX)}
+            "the output's state file": state_path_for(args.output)}
 
 
 def _stats_problem(path: Path, job_files: dict[str, Path]) -> str | None:
-    """Why the --stats file could not be written at the end of the job, or None (its folder is made). It
+    """Why the --stats file could not be written at the end of the job, or None (`later_write_problem`). It
     must not be one of the job's own files (`job_files`): it would replace that file's contents."""
-    if path.is_dir():
-        return f"cannot write --stats {str(path)!r}: it is a directory"
     for what, other in job_files.items():
         if same_file(path, other):
             return f"--stats {str(path)!r} is {what}: writing the statistics would destroy it; choose another path"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return f"cannot write --stats {str(path)!r}: {e.strerror or e}"
-    existed = path.exists()
-    try:  # opened, not asked about: root passes every permission check, and /proc refuses only the open
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        return f"cannot write --stats {str(path)!r}: {e.strerror or e}"
-    if not existed:
-        path.unlink(missing_ok=True)
-    return None
+    return later_write_problem(path, "--stats")
 
 
 SAMPLING_FALLBACKS = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}

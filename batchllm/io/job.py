@@ -122,7 +122,7 @@ class OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        state = self.output.with_name(self.output.name + STATE_SUFFIX)
+        state = state_path_for(self.output)
         if self._created and not state.exists() and self.output.stat().st_size == 0:
             self.output.unlink()  # a job refused before it began leaves no trace
         self._file.close()  # closing releases the lock
@@ -158,9 +158,9 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     if errors is not None and (same_file(errors, input_path) or same_file(errors, output)):
         raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
                        "choose another --errors-file")
-    if errors is not None:
-        _check_errors_place(errors)
-    state_path = output.with_name(output.name + STATE_SUFFIX)
+    if errors is not None and (problem := later_write_problem(errors, "the errors file")):
+        raise JobError(problem)
+    state_path = state_path_for(output)
     fingerprint = _job_fingerprint(input_path, options)
     existing = [p for p in (output, errors) if p is not None and p.exists() and p.stat().st_size > 0]
     if existing and not overwrite:
@@ -184,17 +184,27 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     return ResumeState()
 
 
-def _check_errors_place(errors: Path) -> None:
-    """Make the errors file's folder now, and refuse a path it cannot be written at: it is opened at the first
-    failed line, which may come after the model loaded, or hours into the job."""
-    if errors.is_dir():
-        raise JobError(f"--errors-file {str(errors)!r} is a directory; give a file path")
+def later_write_problem(path: Path, what: str) -> str | None:
+    """Why `what` (a file written later in the job: the errors file at its first failed line, --stats at the end)
+    could not be written at `path`, or None; its folder is made now. The file is opened, not asked about: root
+    passes every permission check, and a place such as /proc refuses only the open. A file made here is removed."""
+    if path.is_dir():
+        return f"cannot write {what} {str(path)!r}: it is a directory; give a file path"
+    existed = path.exists()
     try:
-        errors.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
     except OSError as e:
-        raise JobError(f"cannot write the errors file {str(errors)!r}: {e.strerror or e}") from e
-    if not os.access(errors if errors.exists() else errors.parent, os.W_OK):
-        raise JobError(f"cannot write the errors file {str(errors)!r}: permission denied")
+        return f"cannot write {what} {str(path)!r}: {e.strerror or e}"
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
+
+
+def state_path_for(output: Path) -> Path:
+    """The state file that ties an output file to its input and options."""
+    return output.with_name(output.name + STATE_SUFFIX)
 
 
 def job_state_path(directory: Path) -> Path:

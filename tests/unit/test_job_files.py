@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,6 +172,8 @@ def test_the_errors_files_folder_is_made_before_the_job_and_a_bad_place_refused(
         prepare_output(tmp_path / "o2.jsonl", src, False, tmp_path / "new")
     with pytest.raises(JobError, match="cannot write the errors file"):
         prepare_output(tmp_path / "o3.jsonl", src, False, src / "e.jsonl")
+    with pytest.raises(JobError, match="cannot write the errors file '/proc/e.jsonl'"):  # (root may, /proc not)
+        prepare_output(tmp_path / "o4.jsonl", src, False, Path("/proc/e.jsonl"))
 
 
 def test_a_compressed_or_utf16_input_is_refused_at_start_naming_what_it_is(tmp_path, capsys, monkeypatch):
