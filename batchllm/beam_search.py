@@ -5,6 +5,7 @@ max_tokens is reached the live beams are too, and each prompt's beam_width best 
 
 Every step is one `generate` call over all live beams of all prompts: a prompt's beams share its prompt and most
 of their tokens, which prefix sharing computes once per call (vLLM relies on its prefix cache the same way).
+Writer: `run_beam_search`, of the beams of its own call only (the outputs it returns are the caller's).
 """
 
 from __future__ import annotations

@@ -139,7 +139,8 @@ class LLM:
         or a list of any of these. Every prompt is validated before any work starts. lora_request,
         priority, tokenization_kwargs: vLLM's, taken only where they ask for nothing (`_refuse_unsupported`).
         """
-        _refuse_unsupported(lora_request=lora_request, priority=None if not any(priority or ()) else priority,
+        asks_priority = priority is not None and any(int(p) != 0 for p in priority)
+        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
                             tokenization_kwargs=tokenization_kwargs or None)
         tokenized, params = self._validate(prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(tokenized)
@@ -190,7 +191,7 @@ class LLM:
         (with add_generation_prompt=False). tools: given to the template, as vLLM does (the answer is text:
         no tool call is parsed from it). chat_template_content_format: "auto" or "string" (message content reaches
         the template as a string). mm_processor_kwargs, lora_request: vLLM's, None only (not supported)."""
-        _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs,
+        _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs or None,
                             chat_template_content_format=None if chat_template_content_format in ("auto", "string")
                             else chat_template_content_format)
         if tools is not None:

@@ -312,13 +312,13 @@ def bare_flags_as_on(argv: list[str], all_flags: Iterable[str] = ()) -> list[str
     (`--async`), is that flag."""
     flags = {"--" + name.replace("_", "-") for option in engine_options().values()
              if option.type is bool and option.optional for name in (option.name, *_ALIASES_OF.get(option.name, ()))}
-    all_flags = set(all_flags) | flags
+    known = set(all_flags) or flags  # (the command's flags where given: `plan` has no --async-scheduling)
     result = []
     for i, word in enumerate(argv):
         if word == "--":  # the rest are positional words
             return result + argv[i:]
-        if word.startswith("--") and word not in all_flags and "=" not in word:
-            matches = [flag for flag in all_flags if flag.startswith(word)]
+        if word.startswith("--") and word not in known and "=" not in word:
+            matches = [flag for flag in known if flag.startswith(word)]
             word = matches[0] if len(matches) == 1 and matches[0] in flags else word
         follows_a_value = i + 1 < len(argv) and argv[i + 1] in TRI_STATE
         result.append(f"{word}=on" if word in flags and not follows_a_value else word)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchllm.beam_search import BeamSearchOutput, BeamSearchSequence, beam_score
+from batchllm.beam_search import BeamSearchOutput, beam_score
 from batchllm.sampling_params import BeamSearchParams
 
 
@@ -13,8 +13,9 @@ def reference_beam_search(model, prompt: list[int], params: BeamSearchParams,
                           eos: int) -> list[tuple[list[int], float]]:
     """vLLM's steps on transformers' next-token logprobs: each live beam grows by its 2 x beam_width most likely
     tokens, EOS completes a beam, each step keeps the beam_width best by score."""
-    def score(entry):
-        return beam_score(BeamSearchSequence(entry[0], cum_logprob=entry[1]), eos, params.length_penalty)
+    def score(entry):  # vLLM's, written out: the length counts the prompt, an ending EOS does not
+        tokens, cum = entry
+        return cum / ((len(tokens) - (tokens[-1] == eos)) ** params.length_penalty)
 
     live, done = [(prompt, 0.0)], []
     for _ in range(params.max_tokens):

@@ -196,6 +196,8 @@ def test_an_abbreviated_optional_bool_flag_does_not_take_the_next_word_either():
     assert str(args.input) == "in.jsonl" and args.async_scheduling == "on"
     ambiguous = ["run", "--enable", "in.jsonl"]  # (--enable-prefix-caching, --enable-metrics, ...): argparse says so
     assert bare_flags_as_on(ambiguous, _command_flags(parser, ambiguous)) == ambiguous
+    planned = ["plan", "--async", "in.jsonl"]  # plan has no --async-scheduling: left for argparse to refuse as typed
+    assert bare_flags_as_on(planned, _command_flags(parser, planned)) == planned
 
 
 def test_flags_spelled_with_underscores_are_taken_as_vllm_takes_them():

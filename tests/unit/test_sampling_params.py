@@ -151,7 +151,8 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
                 llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, **unsupported)
         # vLLM's defaults of those arguments ask for nothing: taken
         llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=[0, 0], tokenization_kwargs={})
-        llm.chat([message], params, use_tqdm=False, chat_template_content_format="string", mm_processor_kwargs=None)
+        llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=np.zeros(2, dtype=np.int64))
+        llm.chat([message], params, use_tqdm=False, chat_template_content_format="string", mm_processor_kwargs={})
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
         template = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{{ messages[-1].content }}"
         with_tools = llm.chat([message], params, use_tqdm=False, tools=[tool], chat_template=template)[0]
