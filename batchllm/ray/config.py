@@ -6,10 +6,10 @@ Frozen and picklable (it travels to every Ray worker); imports neither ray nor t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from batchllm.options import engine_config
+from batchllm.options import VLLM_ALIASES, engine_config
 from batchllm.prefix.plan import MULTI_LEVEL
 from batchllm.sampling_params import SamplingParams
 
@@ -83,13 +83,22 @@ class ProcessorConfig:
         return {"max_tokens": self.max_tokens, **self.sampling_params}
 
     def engine_options(self) -> dict[str, Any]:
-        """Keywords for `batchllm.LLM` (besides the model directory)."""
-        options: dict[str, Any] = dict(
+        """Keywords for `batchllm.LLM` (besides the model directory): the fields, with `engine_kwargs` over
+        those left at their defaults (vLLM's Ray configs give max_num_batched_tokens, enable_prefix_caching
+        and the like in engine_kwargs); a field set both ways is a ValueError naming it."""
+        named: dict[str, Any] = dict(
             tokenizer=self.tokenizer, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
             max_num_batched_tokens=self.max_num_batched_tokens, kv_cache_memory_gib=self.kv_cache_memory_gib,
             prefix_sharing=self.prefix_sharing, plan_mode=self.plan_mode, group_order=self.group_order,
-            seed=self.seed, **self.engine_kwargs,
+            seed=self.seed,
         )
+        kwargs = {VLLM_ALIASES.get(name, name): value for name, value in self.engine_kwargs.items()}
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in kwargs.keys() & named.keys():
+            if named[name] != defaults[name] and named[name] != kwargs[name]:
+                raise ValueError(f"{name} is given twice, as ProcessorConfig.{name} ({named[name]!r}) and in "
+                                 f"engine_kwargs ({kwargs[name]!r}); give it once")
+        options = {**named, **kwargs}
         if self.data_parallel_size > 1:
             options["data_parallel_size"] = self.data_parallel_size
         if self.tensor_parallel_size > 1:

@@ -106,7 +106,9 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     given = [k for k in PROMPT_FIELDS if request.get(k) is not None]
     if len(given) != 1:
         raise ValueError(f"a row needs exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
-    overrides = {k: v for k, v in (request.get("sampling_params") or {}).items() if v is not None}
+    overrides = {k: v.tolist() if type(v).__module__ == "numpy" and hasattr(v, "tolist") else v  # (JSON-able)
+                 for k, v in (request.get("sampling_params") or {}).items() if v is not None}
+    overrides.pop("detokenize", None)  # generated_text is always filled, as Ray's vLLM processor's own stage does
     fields = integers_from_json({**defaults, **overrides})
     if request.get(NO_MAX_TOKENS):
         fields["max_tokens"] = None
@@ -202,7 +204,7 @@ class EngineReplica:
         for i, output, (prefill, shared, shared_len) in zip(valid, outputs, stats):
             first = output.outputs[0]
             values = (first.text, list(first.token_ids), first.finish_reason, len(output.prompt_token_ids),
-                      output.num_output_tokens, prefill, shared, shared_len)
+                      len(first.token_ids), prefill, shared, shared_len)  # (the first completion's, as its text)
             for column, value in zip((*GENERATED_COLUMNS, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN), values):
                 new[column][i] = value
         types = [pa.string(), pa.list_(pa.int64()), pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string(),
@@ -220,7 +222,7 @@ class EngineReplica:
         table = _with_columns(batch, columns).drop_columns(list(INTERNAL_COLUMNS))
         if self.postprocess is None:
             return table
-        return pa.Table.from_pylist([_postprocess_row(self.postprocess, r) for r in table.to_pylist()])
+        return _table_of_rows([_postprocess_row(self.postprocess, r) for r in table.to_pylist()])
 
     def _refuse_what_the_cache_cannot_hold(self, rows: list[dict]) -> bool:
         """Set `error` on each row whose request could not fit this engine's KV cache even alone
@@ -256,10 +258,24 @@ def _sampling_params(key: str) -> SamplingParams:
 
 
 def _postprocess_row(postprocess: Callable, row: dict) -> dict:
+    """The user's postprocess of a row; a failed row (its `error` set) passes by it as it is, as Ray's vLLM
+    processor passes error rows by (a postprocess reading generated_text would fail on it and hide the error)."""
+    if row.get(ERROR):
+        return row
     try:
         return postprocess(row)
     except Exception as e:  # noqa: BLE001 - one row's postprocess must not fail the job
         return {**row, ERROR: f"postprocess failed: {e}"}
+
+
+def _table_of_rows(rows: list[dict]):
+    """A table of every row's every column (a column a row lacks is null there): pyarrow takes the columns of
+    the first row only, which dropped the answers of good rows after a failed first row, and the errors after a
+    good one."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows])
 
 
 def _attribute_prefill(token_ids: list[list[int]], config: ProcessorConfig) -> list[tuple[int, str | None, int]]:

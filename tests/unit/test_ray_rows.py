@@ -155,3 +155,56 @@ def test_a_rows_truncate_prompt_tokens_keeps_its_last_tokens():
     errors, tokens = out.column(ERROR).to_pylist(), out.column(TOKENS).to_pylist()
     assert errors[:3] == [None] * 3 and "max_model_len" in errors[3]
     assert [len(t) for t in tokens[:3]] == [20, 63, 9] and tokens[1] == list(range(38, 101))
+
+
+def test_vllm_ray_engine_kwargs_are_taken_and_a_field_set_twice_is_named():
+    """vLLM's Ray example puts max_num_batched_tokens and enable_prefix_caching in engine_kwargs: one was
+    "got multiple values for keyword argument", the other "'enable_prefix_caching' and 'prefix_sharing' are the
+    same option", though the user gave each once."""
+    config = ProcessorConfig(engine_kwargs={"enable_prefix_caching": False, "max_num_batched_tokens": 4096,
+                                            "enable_chunked_prefill": True})
+    options = config.engine_options()
+    assert (options["prefix_sharing"], options["max_num_batched_tokens"]) == (False, 4096)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens is given twice, as ProcessorConfig.max_num_b"):
+        ProcessorConfig(max_num_batched_tokens=2048, engine_kwargs={"max_num_batched_tokens": 4096})
+
+
+def test_numpy_values_and_detokenize_false_in_a_rows_sampling_params_run():
+    """A Ray row's columns come as numpy values (np.float32(0.5) was "must be a number"); vLLM's Ray examples set
+    detokenize False, and Ray's own stage still fills generated_text (it came back empty)."""
+    import json
+
+    import numpy as np
+
+    from batchllm.ray.stages import SAMPLING
+
+    rows = [{"prompt": "Hi", "sampling_params": {"temperature": np.float32(0.5), "max_tokens": np.int64(3),
+                                                 "detokenize": False}}]
+    out = tokenize_batch(pa.table({"i": [0]}), config=ProcessorConfig(), preprocess=lambda row: rows[row["i"]],
+                         num_buckets=1)
+    assert out.column(ERROR).to_pylist() == [None]
+    fields = json.loads(out.column(SAMPLING).to_pylist()[0])
+    assert fields["temperature"] == 0.5 and fields["max_tokens"] == 3 and "detokenize" not in fields
+
+
+def test_failed_rows_pass_by_postprocess_and_no_rows_column_is_lost():
+    """postprocess ran on failed rows (generated_text None: its own error hid the row's), and the output took the
+    first row's columns only: a failed first row dropped the good rows' answers, a good one the errors. With n > 1,
+    num_generated_tokens counts the first completion's tokens, as its text (it was the sum over all n)."""
+    from batchllm.ray.stages import EngineReplica
+
+    config = ProcessorConfig(device="cpu", dtype="float32", max_model_len=64, max_tokens=3,
+                             sampling_params={"temperature": 0, "ignore_eos": True})
+    rows = [{"prompt": "word " * 80}, {"prompt": "Hi", "sampling_params": {"n": 2, "temperature": 1.0, "seed": 1}},
+            {"prompt": "Hello"}]
+    table = tokenize_batch(pa.table({"id": [0, 1, 2]}), config=config, preprocess=lambda row: rows[row["id"]],
+                           num_buckets=1)
+    replica = EngineReplica(config, postprocess=lambda r: {"id": r["id"], "answer": r["generated_text"].strip(),
+                                                            "n": r["num_generated_tokens"]})
+    try:
+        out = replica(table).to_pylist()
+    finally:
+        replica.llm.shutdown()
+    assert "max_model_len" in out[0]["error"] and out[0].get("answer") is None, out[0]
+    assert [row["id"] for row in out] == [0, 1, 2] and all(out[i]["answer"] is not None for i in (1, 2))
+    assert out[1]["error"] is None and out[1]["n"] == 3 == out[2]["n"]
