@@ -113,9 +113,6 @@ class SamplingParams:
     _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # numpy values (a dataframe's or a Ray row's columns) as the Python ones they hold
-            if f.init and type(value := getattr(self, f.name)).__module__ == "numpy" and hasattr(value, "tolist"):
-                setattr(self, f.name, value.tolist())
         if self.guided_decoding is not None:
             if self.structured_outputs is not None:
                 raise ValueError("SamplingParams: give structured_outputs or guided_decoding (its vLLM 0.10 name), "
