@@ -62,6 +62,15 @@ class BatchLine:
     turn, whose role it takes: vLLM's rule reads this field, not chat_template_kwargs)."""
 
 
+def without_its_index(text: str, index: int) -> str:
+    """A prompt-side error (`PromptProcessor`'s, which names a conversation or prompt by `index`) as said of one
+    line or row that is already named: "prompt 7 has ..." -> "the prompt has ..."."""
+    for own, said in ((f"conversation {index}: ", ""), (f"prompt {index}: ", ""), (f"prompt {index} ", "the prompt ")):
+        if text.startswith(own):
+            return said + text[len(own):]
+    return text
+
+
 @dataclass
 class LineError:
     line_number: int
@@ -74,11 +83,7 @@ class LineError:
     def for_line(cls, line: BatchLine, problem: object) -> LineError:
         """An error found after parsing (sampling values, chat template, tokenisation). The prompt side
         names a conversation or prompt by the index it was given, here the line number: said once."""
-        text, n = str(problem), line.line_number
-        for own, said in ((f"conversation {n}: ", ""), (f"prompt {n}: ", ""), (f"prompt {n} ", "the prompt ")):
-            if text.startswith(own):
-                text = said + text[len(own):]
-                break
+        text = without_its_index(str(problem), line.line_number)
         return cls(line.line_number, line.request_id, f"line {line.line_number}: {text}", line.format)
 
     def is_openai(self, file_format: str = PLAIN) -> bool:

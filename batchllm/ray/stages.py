@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from batchllm.io.jsonl import without_its_index
 from batchllm.ray.config import ProcessorConfig
 from batchllm.sampling_params import SamplingParams, integers_from_json
 
@@ -75,6 +76,7 @@ def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | Non
             ids, fields, key = _prepare_row(row, preprocess, prompts, defaults, config.prefix_key_tokens, index)
         except Exception as e:  # noqa: BLE001 - a bad row must never fail the job
             ids, fields, key, error = None, None, None, str(e) or type(e).__name__
+            error = error if index_column else without_its_index(error, 0)  # ("prompt 0" named no row)
         else:
             error = None
         tokens.append(ids)

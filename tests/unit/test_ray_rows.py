@@ -206,5 +206,6 @@ def test_failed_rows_pass_by_postprocess_and_no_rows_column_is_lost():
     finally:
         replica.llm.shutdown()
     assert "max_model_len" in out[0]["error"] and out[0].get("answer") is None, out[0]
+    assert out[0]["error"].startswith("the prompt has"), "not 'prompt 0', which named no row"
     assert [row["id"] for row in out] == [0, 1, 2] and all(out[i]["answer"] is not None for i in (1, 2))
     assert out[1]["error"] is None and out[1]["n"] == 3 == out[2]["n"]
