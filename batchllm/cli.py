@@ -56,6 +56,7 @@ from batchllm.io.job import (
 )
 from batchllm.options import (
     VLLM_NOT_TAKEN,
+    VLLM_SHORT_FLAGS,
     DefaultsHelpFormatter,
     add_engine_arguments,
     add_no_effect_arguments,
@@ -199,8 +200,8 @@ def _command_flags(parser: argparse.ArgumentParser, words: list[str]) -> list[st
 def vllm_flag_not_taken(flag: str) -> str | None:
     """What to do instead of a vLLM run-batch flag with no counterpart here (`options.VLLM_NOT_TAKEN`, its
     engine options' keywords written as flags), or None. Made on the error path only, not at every start."""
-    name = "pipeline_parallel_size" if flag == "-pp" else flag.removeprefix("--").replace("-", "_")  # (vLLM's -pp)
-    entry = VLLM_NOT_TAKEN.get(name)
+    long_names = {short: name for name, short in VLLM_SHORT_FLAGS.items()}
+    entry = VLLM_NOT_TAKEN.get(long_names.get(flag) or flag.removeprefix("--").replace("-", "_"))
     if entry is None:
         return None
     options = engine_options()

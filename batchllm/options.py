@@ -80,8 +80,10 @@ VLLM_NO_EFFECT = {
 """vLLM `LLM` keywords and `run` flags (run-batch's own: flags only) taken and dropped: none changes an answer
 here."""
 
-VLLM_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "quantization": "-q"}
-"""vLLM's short spellings of engine options' flags."""
+VLLM_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "quantization": "-q",
+                    "pipeline_parallel_size": "-pp"}
+"""vLLM's short spellings of its options' flags (of engine options: flags here too; of VLLM_NOT_TAKEN's: named in
+the hint for such a flag)."""
 
 
 def add_no_effect_arguments(group) -> None:

@@ -364,11 +364,11 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"BeamSearchParams.{name} must be a positive integer, got {value!r}")
         for name in ("temperature", "length_penalty"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not _is_number(value) or not _is_finite(value):
                 raise ValueError(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"BeamSearchParams.temperature must be >= 0, got {self.temperature!r}")
