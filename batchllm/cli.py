@@ -402,9 +402,9 @@ def _run_locked(args: argparse.Namespace) -> int:
               f"{len(resume.done_error_lines)} failed before"
               + (f"; cut a torn last line ({resume.repaired_bytes} bytes)" if resume.repaired_bytes else ""),
               file=sys.stderr)
-    with _signals_interrupt():
+    with _signals_interrupt() as job_reported:
         try:
-            return _run_job(args, job, defaults, source)
+            return _run_job(args, job, defaults, source, job_reported)
         except Interrupted as e:
             name = signal.Signals(e.signum).name
             print(f"batchllm: interrupted ({name}): {job.num_recorded} of "
@@ -428,22 +428,28 @@ class Interrupted(BaseException):
 def _signals_interrupt():
     """SIGINT and SIGTERM raise `Interrupted` in the main thread; later ones are ignored while the
     job stops, so that a second Ctrl-C cannot cut the final writes short (SIGKILL still can, and
-    the next run then repairs). Previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    the next run then repairs). Yields what the job calls once its results and report are complete:
+    signals are ignored from then on too (the engine's shutdown is left to finish; the job was not
+    interrupted). Previous handlers come back afterwards."""
     stopping = False
 
-    def handler(signum, frame):
+    def stop_raising() -> None:
         nonlocal stopping
+        stopping = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop_raising
+        return
+
+    def handler(signum, frame):
         if stopping:
             return
-        stopping = True
+        stop_raising()
         raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop_raising
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -480,12 +486,15 @@ class _Job:
         return EXIT_LINES_FAILED if failed else EXIT_OK
 
 
-def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelSource | None) -> int:
+def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelSource | None,
+             job_reported: Callable[[], None]) -> int:
     """Build the engine while a background thread reads, templates and tokenizes the input (both
     take seconds on a large job and the second needs only the tokenizer), then run the valid lines.
     With several engine processes they are spawned first of all (`_engine_processes`). The run's
     `wall_s` starts once the engine is built: it holds whatever reading is left then. `source`: the
-    model as read already (None: read here); every step below starts from the same one."""
+    model as read already (None: read here); every step below starts from the same one. `job_reported`
+    is called once the results and the report are complete, before the engine shuts down. A data-parallel
+    worker that dies during the job fails it (exit status 2) after the others' results are written."""
     from batchllm.parallel.data_parallel import WorkerDied
 
     workers = None
@@ -525,7 +534,11 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             out.sync()
             num_failed = len(errors) + len(job.resume.done_error_lines)
             num_done = _generate_into(out, llm, valid, args, num_failed)
-        return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
+        status = _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
+        job_reported()
+        return status
+    except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
+        return _fail(str(e))
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
 

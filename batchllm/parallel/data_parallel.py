@@ -393,6 +393,11 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
         from batchllm.parallel.tp_worker import die_with_parent
 
         die_with_parent()
+        if config.parallel.tensor_parallel_size > 1:
+            # this worker leads a tensor-parallel group, whose followers are its children: a daemonic
+            # process may not start any. The parent still sees it as a daemon (and stops it at exit); the
+            # followers die with it (die_with_parent) or are stopped by its engine's shutdown.
+            mp.current_process().daemon = False
         from batchllm.llm import LLM
 
         threads = engine_threads(size, usable_cores())  # (this rank's share: its TP ranks split it again)

@@ -26,6 +26,9 @@ import torch.distributed as dist
 
 from batchllm.models.spec import ModelLoadError, ModelSpec
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""torch 2.13's name (its all_gather_into_tensor warns that it is deprecated); the older one before."""
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -49,7 +52,7 @@ class TPGroup:
         """[n, k] on each rank -> [n, size * k] (rank r's columns at r*k .. (r+1)*k) on every rank."""
         n, k = local.shape
         gathered = torch.empty(self.size * n, k, dtype=local.dtype, device=local.device)  # rank-major
-        dist.all_gather_into_tensor(gathered, local.contiguous(), group=self.device_group)
+        _all_gather_single(gathered, local.contiguous(), group=self.device_group)
         return gathered.view(self.size, n, k).permute(1, 0, 2).reshape(n, self.size * k)
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -48,13 +48,16 @@ class TensorParallelFollowers:
         if not self.processes:
             self.give_back_threads()
             return
+        if runner.step_cut_short:  # the followers may wait in a collective of that step: a stop would hang
+            self.abandon()
+            return
         from batchllm.parallel.tensor_parallel import destroy_tp_group
 
         try:
             try:
                 runner.stop_followers()
-            except Exception:  # noqa: BLE001 - a follower already gone: nothing to tell
-                logger.exception("could not stop the tensor-parallel followers cleanly")
+            except Exception as e:  # noqa: BLE001 - a follower already gone (killed with the job): nothing to tell
+                logger.warning("could not stop the tensor-parallel followers cleanly: %s", e)
             runner.release_graphs()
             if not destroy_tp_group():  # with the followers' own: NCCL's teardown waits for every rank's
                 logger.warning("the tensor-parallel process group did not shut down in time; it is left open")
@@ -67,8 +70,8 @@ class TensorParallelFollowers:
             self.give_back_threads()
 
     def abandon(self) -> None:
-        """Rank 0 could not build its engine: kill the followers (no runner to tell them), leave the
-        group and give rank 0 its threads back."""
+        """Rank 0 could not build its engine, or stopped part-way through a step: kill the followers (they
+        cannot be told to stop), leave the group and give rank 0 its threads back."""
         from batchllm.parallel.tensor_parallel import destroy_tp_group
 
         try:
@@ -118,7 +121,9 @@ def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
 
 def _follower_main(rank: int, size: int, init_method: str, config, facts, threads: int | None) -> None:
     """Rank `rank` of a tensor-parallel group: build the runner over its shard and run rank 0's steps
-    until told to stop; `threads`: its torch CPU threads (None: torch's own count)."""
+    until told to stop; `threads`: its torch CPU threads (None: torch's own count). Ctrl-C in a terminal
+    reaches every process of the job: a follower leaves it to rank 0, which stops or kills it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     from batchllm.engine import build_runner
     from batchllm.parallel.tensor_parallel import destroy_tp_group, init_tp_group

@@ -192,6 +192,10 @@ class ModelRunner:
         """Set (while profiling) to mark each step's device work with its kind (`step_markers.py`)."""
         self.decode_graphs: DecodeGraphs | None = None
         """Set once, by `setup_decode_graphs` while the engine is built; None: every step runs eagerly."""
+        self.step_cut_short = False
+        """Tensor-parallel rank 0 only: a step it had sent to the followers stopped part-way (an exception,
+        an interrupt), so they may wait in one of its collectives and cannot be told to stop in order:
+        `TensorParallelFollowers.stop` kills them instead."""
         self.num_graph_steps = 0
         """Steps run as a graph so far."""
 
@@ -205,6 +209,7 @@ class ModelRunner:
         device value back (host-to-device copies go through pinned memory). A placeholder input
         token is the token its request samples in the step submitted just before this one."""
         if self.tp is not None and self.tp.is_driver:
+            self.step_cut_short = True  # until the step's last collective is issued (the return below)
             self.channel.send(batch)
         for request_id in batch.finished_request_ids:
             self._tables.drop(request_id)
@@ -223,6 +228,7 @@ class ModelRunner:
         self._previous_tokens = (None if sampled is None else sampled.tokens, {rid: i for i, rid in enumerate(ids)})
         if self.tp is not None and not self.tp.is_driver:
             sampled = None  # a follower's tokens are never read: no copy to the host
+        self.step_cut_short = False
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
                                    None if prompt is None else prompt.to_host())
 

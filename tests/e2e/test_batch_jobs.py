@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -253,7 +254,9 @@ def _alive(pid):
 
 
 @pytest.mark.parametrize("sig, code, extra", [(signal.SIGINT, 130, []),
-                                              (signal.SIGTERM, 143, ["--data-parallel-size", "2"])])
+                                              (signal.SIGTERM, 143, ["--data-parallel-size", "2"]),
+                                              # rank 0 stops mid-step: its followers wait in a collective
+                                              (signal.SIGTERM, 143, ["--tensor-parallel-size", "2"])])
 def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_factory, sig, code, extra):
     n = 120
     src, out = _long_job(tmp_path, n), tmp_path / "out.jsonl"
@@ -279,6 +282,54 @@ def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_fa
     after = out.read_text()
     assert after.startswith("\n".join(records) + "\n"), "finished lines are kept as they were"
     assert sorted(json.loads(x)["id"] for x in after.splitlines()) == sorted(f"r{i}" for i in range(n))
+
+
+def test_a_killed_data_parallel_worker_fails_the_job_and_the_rerun_completes(tmp_path, tiny_model_factory):
+    """A worker that dies mid-job (killed, OOM) is an error naming it, exit status 2 (not an unexpected
+    failure); what the other worker finished is written, and the same command completes the job."""
+    n = 120
+    src, out = _long_job(tmp_path, n), tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--no-progress", "--model",
+           tiny_model_factory("llama"), "--max-num-seqs", "4", "--temperature", "0", "--data-parallel-size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
+    assert len(workers) == 2, [_cmdline(p) for p in _children(proc.pid)]
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "killed by SIGKILL" in err and "unexpected" not in err, err
+    kept = out.read_text().splitlines()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    after = out.read_text()
+    assert after.startswith("\n".join(kept) + "\n")
+    assert sorted(json.loads(x)["id"] for x in after.splitlines()) == sorted(f"r{i}" for i in range(n))
+
+
+def test_a_signal_once_the_job_is_reported_leaves_it_complete(tmp_path, tiny_model_factory, monkeypatch, capsys):
+    """Ctrl-C while the engine shuts down after the last result and the summary: the job is complete, so
+    it exits 0 with its full --stats, not as interrupted."""
+    from batchllm import cli
+    from batchllm.llm import LLM
+
+    shutdown = LLM.shutdown
+
+    def interrupted_shutdown(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        shutdown(self)
+
+    monkeypatch.setattr(LLM, "shutdown", interrupted_shutdown)
+    src, out, stats = _long_job(tmp_path, 3), tmp_path / "out.jsonl", tmp_path / "stats.json"
+    code = cli.main(["run", str(src), "-o", str(out), "--no-progress", "--model", tiny_model_factory("llama"),
+                     "--stats", str(stats)])
+    assert code == 0, capsys.readouterr().err
+    assert "interrupted" not in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 3
+    assert json.loads(stats.read_text())["num_lines_done"] == 3
 
 
 def test_openai_errors_go_to_their_own_file_one_record_per_custom_id(tmp_path, tiny_model_factory):

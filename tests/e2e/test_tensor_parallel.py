@@ -105,3 +105,23 @@ def test_a_failed_build_stops_the_followers_and_gives_the_threads_back(tiny_mode
         assert not [p for p in multiprocessing.active_children() if p.name.startswith("batchllm-tp")]
     finally:
         torch.set_num_threads(before)
+
+
+def test_data_parallel_engines_of_two_ranks_each(tiny_model_factory):
+    """tensor_parallel_size with data_parallel_size: each data-parallel worker leads its own group (its
+    followers are its children, which a daemonic worker could not start); the tokens are one process's."""
+    model_dir = tiny_model_factory("llama")
+    one = LLM(model_dir, dtype="float32", device="cpu", max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    try:
+        expected = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    finally:
+        one.shutdown()
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=256, tensor_parallel_size=2,
+              data_parallel_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        assert llm.last_stats["num_engines"] == 2
+    finally:
+        llm.shutdown()
