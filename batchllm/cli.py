@@ -109,7 +109,8 @@ def _add_run_parser(sub) -> None:
     # (--generation-config, an engine option below, says where the model's defaults come from)
     s.add_argument("--max-tokens", type=int, default=None,
                    help=f"most tokens to generate per request (default: {model_or} 256 for plain lines and "
-                        "up to the context for OpenAI Batch lines, as OpenAI's API and vLLM's run-batch)")
+                        "for OpenAI Batch lines up to the context in chat and 16 in completions, as OpenAI's API and "
+                        "vLLM's run-batch)")
     s.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default: {model_or} 1.0)")
     s.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default: {model_or} 1.0: off)")
     s.add_argument("--top-k", type=int, default=None,

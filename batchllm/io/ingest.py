@@ -189,10 +189,14 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
 
 OPENAI_MAX_TOKENS = "openai_max_tokens"
 """A key of the run's sampling defaults that is not a SamplingParams field: TO_THE_CONTEXT where an OpenAI line
-without max_tokens (or max_completion_tokens) runs up to the context, as in OpenAI's API and vLLM's run-batch,
-not to the run's max_tokens (`run` sets it where neither --max-tokens nor the model's generation_config.json
-gives a max_tokens: the run's 256 is its own default for plain lines)."""
+without max_tokens (or max_completion_tokens) takes its endpoint's default, as in OpenAI's API and vLLM's
+run-batch: a chat answer runs up to the context, a completion to COMPLETIONS_MAX_TOKENS; not to the run's
+max_tokens (`run` sets it where neither --max-tokens nor the model's generation_config.json gives a max_tokens:
+the run's 256 is its own default for plain lines). (The value's name predates the completions default: an
+output written before resumes under it.)"""
 TO_THE_CONTEXT = "to the context"
+COMPLETIONS_MAX_TOKENS = 16
+"""The max_tokens of a /v1/completions body that gives none: OpenAI's documented default, and vLLM's."""
 
 
 def sampling_fields_of(defaults: dict) -> dict:
@@ -204,7 +208,7 @@ def _line_fields(line: BatchLine, defaults: dict) -> dict:
     """The line's own sampling fields over the run's `defaults` (OPENAI_MAX_TOKENS applied)."""
     fields = sampling_fields_of(defaults)
     if line.format == OPENAI and defaults.get(OPENAI_MAX_TOKENS) == TO_THE_CONTEXT:
-        fields["max_tokens"] = None
+        fields["max_tokens"] = None if line.is_chat else COMPLETIONS_MAX_TOKENS
     return {**fields, **line.sampling_overrides}
 
 

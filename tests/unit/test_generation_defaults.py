@@ -171,21 +171,26 @@ def test_a_resume_under_another_generation_config_folders_eos_is_refused(tmp_pat
     assert cli.main([*run, "--generation-config", str(first)]) == 0, "the same folder resumes"
 
 
-def _completion_tokens(out) -> dict:
+def _usage(out) -> dict:
+    """Each record's (prompt tokens, completion tokens), by its id or custom_id."""
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    return {r.get("custom_id") or r["id"]: r["response"]["body"]["usage"]["completion_tokens"]
-            if "response" in r else r["completion_tokens"] for r in records}
+    return {r.get("custom_id") or r["id"]: (r["response"]["body"]["usage"]["prompt_tokens"],
+                             r["response"]["body"]["usage"]["completion_tokens"]) if "response" in r
+            else (r["prompt_tokens"], r["completion_tokens"]) for r in records}
 
 
-@pytest.mark.parametrize("option, from_model, openai_tokens, plain_tokens", [
-    ([], None, 300 - 4, 256),             # run's own default: OpenAI lines run to the context (OpenAI, vLLM)
-    (["--max-tokens", "5"], None, 5, 5),  # the command line's default applies to both
-    ([], 7, 7, 7),                        # so does the model's max_new_tokens (vLLM's run-batch: the smaller)
+@pytest.mark.parametrize("option, from_model, chat_tokens, completion_tokens, plain_tokens", [
+    # run's own default: an OpenAI chat line runs to the context, a completions line to 16 tokens (OpenAI, vLLM)
+    ([], None, None, 16, 256),
+    (["--max-tokens", "5"], None, 5, 5, 5),  # the command line's default applies to all
+    ([], 7, 7, 7, 7),                        # so does the model's max_new_tokens (vLLM's run-batch: the smaller)
 ])
-def test_an_openai_line_without_max_tokens_runs_to_the_context(tmp_path, capsys, tiny_model_factory, option,
-                                                                 from_model, openai_tokens, plain_tokens):
+def test_an_openai_line_without_max_tokens_takes_its_endpoints_default(tmp_path, capsys, tiny_model_factory, option,
+                                                                       from_model, chat_tokens, completion_tokens,
+                                                                       plain_tokens):
     """An OpenAI Batch line without max_tokens was cut at run's own 256 tokens: OpenAI's API and vLLM's
-    run-batch generate up to the context then. A plain line keeps run's default."""
+    run-batch generate a chat answer up to the context then, and a completion to 16 tokens (the default
+    max_tokens of /v1/completions in both). A plain line keeps run's default."""
     from batchllm import cli
 
     model = tmp_path / "model"
@@ -195,11 +200,16 @@ def test_an_openai_line_without_max_tokens_runs_to_the_context(tmp_path, capsys,
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(json.dumps({"custom_id": "o", "method": "POST", "url": "/v1/completions",
                                "body": {"prompt": [5, 6, 7, 8], "ignore_eos": True}}) + "\n"
+                   + json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+                                 "body": {"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}}) + "\n"
                    + json.dumps({"id": "p", "prompt_token_ids": [5, 6, 7, 8], "ignore_eos": True}) + "\n")
     code = cli.main(["run", str(src), "-o", str(out), "--model", str(model), "--max-model-len", "300",
                      "--no-progress", *option])
     assert code == 0, capsys.readouterr().err
-    assert _completion_tokens(out) == {"o": openai_tokens, "p": plain_tokens}
+    usage = _usage(out)
+    chat_prompt, chat_completion = usage["c"]
+    assert chat_completion == (300 - chat_prompt if chat_tokens is None else chat_tokens)
+    assert (usage["o"][1], usage["p"][1]) == (completion_tokens, plain_tokens)
 
 
 def test_an_output_written_before_the_openai_default_changed_is_not_resumed_as_if_unchanged(tmp_path, capsys,
