@@ -46,7 +46,7 @@ class Ingested(NamedTuple):
     file_format: str
     """PLAIN or OPENAI: the format of most lines; error records of unparseable lines use it."""
     ignored_fields: dict[str, int]
-    """Fields ignored in plain lines (`BatchLine.ignored_fields`) -> the number of lines holding each."""
+    """Fields ignored in lines (`BatchLine.ignored_fields`) -> the number of lines holding each."""
 
 
 def input_problem(path: Path) -> str | None:

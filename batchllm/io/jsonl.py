@@ -55,8 +55,9 @@ class BatchLine:
     chat_template_kwargs: dict[str, Any] | None = None
     """Chat lines: extra keywords of the chat template (vLLM's `chat_template_kwargs`)."""
     ignored_fields: tuple[str, ...] = ()
-    """Plain lines: fields that are no request field, nor a near miss of one (a table's other columns,
-    written with it), ignored as vLLM's server ignores a request's unknown fields."""
+    """Fields that are no request field, nor a near miss of one (a plain line's: a table's other columns, written
+    with it; an OpenAI line's: keys beside custom_id, method, url and body), ignored as vLLM's server and
+    run-batch ignore unknown fields."""
     generation_prompt: bool = True
     """OpenAI chat lines: the body's own add_generation_prompt (False: the answer continues the last message's
     turn, whose role it takes: vLLM's rule reads this field, not chat_template_kwargs)."""
@@ -288,9 +289,7 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     if rid in seen_ids:
         return error(f"duplicate custom_id {short_repr(rid)}", rid)
     seen_ids.add(rid)
-    unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
-    if unknown:
-        return error(f"unsupported field(s): {', '.join(unknown)}", rid)
+    unknown = tuple(sorted(set(obj) - {"custom_id", "method", "url", "body"}))  # ignored and named, as in vLLM
     if obj.get("method", "POST") != "POST":
         return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)
     try:
@@ -299,7 +298,7 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
         return error(str(e), rid)
     model = obj["body"].get("model")
     return BatchLine(line_number, rid, prompt, is_chat, integers_from_json(overrides), OPENAI, url,
-                     model if isinstance(model, str) else None, template,
+                     model if isinstance(model, str) else None, template, unknown,
                      generation_prompt=obj["body"].get("add_generation_prompt") is not False)
 
 

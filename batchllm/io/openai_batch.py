@@ -94,17 +94,22 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
                                        or completion < 1):  # (named as given: later checks say max_tokens)
             raise BodyError(f"'max_completion_tokens' must be a positive integer, got {json.dumps(completion)[:40]}")
         max_tokens = completion if completion is not None else body.get("max_tokens")
+        if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):  # ("false" is no false)
+            raise BodyError(f"'logprobs' must be true or false in a chat body, got {json.dumps(body['logprobs'])[:40]}")
         if body.get("logprobs"):
             overrides["logprobs"] = body.get("top_logprobs") or 0
         elif body.get("top_logprobs"):
             raise BodyError("top_logprobs needs logprobs: true")
     else:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # OpenAI's list of prompts, holding one (a string, or a list of token ids)
         if isinstance(prompt, str):
             if not prompt:
                 raise BodyError("'prompt' is empty")
         elif not (isinstance(prompt, list) and prompt
                   and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-            raise BodyError("'prompt' must be a non-empty string or a list of token ids (one prompt per line)")
+            raise BodyError("'prompt' must be a non-empty string or a list of token ids (one prompt per line: give "
+                            "each prompt of a list its own line)")
         max_tokens = body.get("max_tokens")
         if body.get("logprobs") is not None:
             overrides["logprobs"] = body["logprobs"]
@@ -146,7 +151,10 @@ def _response_format(value: Any) -> dict | None:
     object) or json_schema ({"json_schema": {"name", "schema", "strict"}})."""
     if value is None:
         return None
-    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        raise BodyError("response_format must be an object with a 'type' (text, json_object, json_schema), got "
+                        f"{json.dumps(value)[:40]}")
+    kind = value.get("type")
     if kind == "text":
         return None
     if kind == "json_object":

@@ -557,3 +557,39 @@ def test_a_line_that_breaks_the_parser_keeps_its_id_and_format(monkeypatch):
     assert jsonl.parse_line(b'{"id": 7, "prompt": "Hi"}', 1, set()).record(jsonl.OPENAI) == {
         "id": 7, "error": {"line": 1, "message": "line 1: cannot be read (NameError: 'a bug')"}}
     assert jsonl.parse_line(b"\xff{", 2, set()).request_id is None
+
+
+def test_an_openai_lines_keys_beside_its_request_are_ignored_and_named():
+    """A key beside custom_id, method, url and body (a job's own bookkeeping) failed the line ("unsupported
+    field(s): metadata"); vLLM's run-batch allows extra keys, and so does this reader, naming them once."""
+    data = (b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Hi"}, '
+            b'"metadata": {"a": "b"}}\n'
+            b'{"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Hi"}}\n')
+    result = ingest(data)
+    assert [v.line.request_id for v in result.valid] == ["a", "b"] and not result.errors
+    assert result.ignored_fields == {"metadata": 1}
+
+
+def test_openai_body_values_of_the_wrong_kind_are_named():
+    """A response_format string said "response_format type 'None' is not supported"; a chat body's logprobs
+    "false" (a string) asked for logprobs."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    with pytest.raises(BodyError, match=re.escape("response_format must be an object with a 'type' (text, "
+                                                  "json_object, json_schema), got \"json\"")):
+        body_to_request("/v1/chat/completions", {**chat, "response_format": "json"})
+    with pytest.raises(BodyError, match=re.escape("'logprobs' must be true or false in a chat body, got \"false\"")):
+        body_to_request("/v1/chat/completions", {**chat, "logprobs": "false"})
+    assert "logprobs" not in body_to_request("/v1/chat/completions", {**chat, "logprobs": False})[3]
+    assert body_to_request("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2})[3]["logprobs"] == 2
+
+
+@pytest.mark.parametrize("prompt, expected", [(["Hello"], "Hello"), ([[5, 6, 7]], [5, 6, 7]), ("Hello", "Hello")])
+def test_a_completions_list_holding_one_prompt_is_that_prompt(prompt, expected):
+    """OpenAI's and vLLM's completions take a list of prompts; one such list of one prompt failed its line."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    assert body_to_request("/v1/completions", {"prompt": prompt})[1] == expected
+    with pytest.raises(BodyError, match="give each prompt of a list its own line"):
+        body_to_request("/v1/completions", {"prompt": ["Hello", "Bye"]})

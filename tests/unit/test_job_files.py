@@ -480,7 +480,7 @@ def test_an_openai_line_past_the_context_fails_as_openai_answers_it(tmp_path, ca
     line without max_tokens (the command line's default) and a plain line still stop at the context."""
     model = tiny_model_factory("llama")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    prompt = "one two three four five six seven eight nine ten " * 4
+    prompt = "one two three four five six seven eight nine ten " * 5  # (with a completion's default 16: past 64)
     body = {"prompt": prompt, "temperature": 0}
     lines = [{"custom_id": "asks-too-much", "url": "/v1/completions", "body": {**body, "max_tokens": 40}},
              {"custom_id": "fits", "url": "/v1/completions", "body": {**body, "max_tokens": 4}},
