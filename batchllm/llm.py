@@ -136,13 +136,15 @@ class LLM:
         """Generate for every prompt; one RequestOutput per prompt, in input order.
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
-        or a list of any of these. Every prompt is validated before any work starts. lora_request,
-        priority, tokenization_kwargs: vLLM's, taken only where they ask for nothing (`_refuse_unsupported`).
+        or a list of any of these. Every prompt is validated before any work starts. tokenization_kwargs:
+        vLLM's; its truncate_prompt_tokens keeps each prompt's last k tokens, as SamplingParams.truncate_prompt_tokens
+        (which it overrides) does (`_truncation_asked`). lora_request, priority: vLLM's, taken only where they ask
+        for nothing (`_refuse_unsupported`).
         """
         asks_priority = priority is not None and any(int(p) != 0 for p in priority)
-        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
-                            tokenization_kwargs=tokenization_kwargs or None)
-        tokenized, params = self._validate(prompts, sampling_params)
+        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None)
+        truncate = _truncation_asked(tokenization_kwargs)
+        tokenized, params = self._validate(prompts, sampling_params, truncate)
         results: list[RequestOutput | None] = [None] * len(tokenized)
         for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
             results[index] = output
@@ -163,13 +165,15 @@ class LLM:
         tokenized = [self.tokenize_prompt(prompt, index) for index, prompt in enumerate(items)]
         return run_beam_search(self, [[int(t) for t in prompt.token_ids] for prompt in tokenized], params)
 
-    def _validate(self, prompts: Any, sampling_params) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
-        """`generate`'s input path up to submission: every prompt tokenized and validated, one
-        SamplingParams per prompt checked against the model; raises the first bad prompt's ValueError."""
+    def _validate(self, prompts: Any, sampling_params,
+                  truncate: int | None = None) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
+        """`generate`'s input path up to submission: every prompt tokenized and validated (keeping its last
+        `truncate` tokens where given, else its SamplingParams.truncate_prompt_tokens), one SamplingParams per
+        prompt checked against the model; raises the first bad prompt's ValueError."""
         items = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(items))
         with _quiet_gc():  # millions of new lists and arrays would trigger collections that walk the input
-            tokenized = [self.prompts.tokenize_prompt(p, i, sp.truncate_prompt_tokens)
+            tokenized = [self.prompts.tokenize_prompt(p, i, sp.truncate_prompt_tokens if truncate is None else truncate)
                          for i, (p, sp) in enumerate(zip(items, params))]
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
@@ -184,13 +188,14 @@ class LLM:
              chat_template_kwargs: dict | None = None, chat_template: str | None = None,
              continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_content_format: str = "auto", mm_processor_kwargs: None = None,
-             lora_request: None = None) -> list[RequestOutput]:
+             lora_request: None = None, tokenization_kwargs: dict | None = None) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template or a file holding one, as
         vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate.
         continue_final_message (vLLM's): the last message, an assistant's, is continued rather than closed
         (with add_generation_prompt=False). tools: given to the template, as vLLM does (the answer is text:
         no tool call is parsed from it). chat_template_content_format: "auto" or "string" (message content reaches
-        the template as a string). mm_processor_kwargs, lora_request: vLLM's, None only (not supported)."""
+        the template as a string). tokenization_kwargs: as `generate` takes it. mm_processor_kwargs, lora_request:
+        vLLM's, None only (not supported)."""
         _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs or None,
                             chat_template_content_format=None if chat_template_content_format in ("auto", "string")
                             else chat_template_content_format)
@@ -206,7 +211,7 @@ class LLM:
             self.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs, template)
             for i, conv in enumerate(conversations)
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, tokenization_kwargs=tokenization_kwargs)
 
     # ------------------------------------------------------------------ building blocks (CLI uses these)
     def apply_chat_template(self, conversation: Any, index: int = 0, add_generation_prompt: bool = True,
@@ -551,8 +556,6 @@ _NOT_SUPPORTED = {
     "mm_processor_kwargs": "the models here take text and token ids only; leave it None",
     "priority": "priority scheduling is not supported: requests run in the order the prefix-sharing plan "
                 "gives them; leave it None (or all 0)",
-    "tokenization_kwargs": "prompts are tokenized as the model's tokenizer does (SamplingParams.truncate_prompt_tokens "
-                           "truncates them); leave it None",
     "chat_template_content_format": "message content reaches the chat template as a string: 'auto' or 'string'",
 }
 """What to do instead of each vLLM `generate` / `chat` argument given a value that asks for something."""
@@ -564,6 +567,26 @@ def _refuse_unsupported(**arguments: Any) -> None:
     for name, value in arguments.items():
         if value is not None:
             raise ValueError(f"{name}={str(value)[:60]} is not supported: {_NOT_SUPPORTED[name]}")
+
+
+def _truncation_asked(tokenization_kwargs: dict | None) -> int | None:
+    """vLLM's way to truncate prompts since its SamplingParams lost the field, `tokenization_kwargs=
+    {"truncate_prompt_tokens": k}`: k, the tokens each prompt keeps from its end (truncation_side "left", vLLM's
+    for generation; -1: what the context holds with one left to generate), checked as SamplingParams checks its
+    own; None where not asked. Another key, or truncation_side "right", is a ValueError naming it."""
+    kwargs = dict(tokenization_kwargs or {})
+    truncate = kwargs.pop("truncate_prompt_tokens", None)
+    side = kwargs.pop("truncation_side", None)
+    if side not in (None, "left"):
+        raise ValueError(f"tokenization_kwargs truncation_side={str(side)[:20]!r} is not supported: a truncated "
+                         "prompt keeps its last truncate_prompt_tokens tokens ('left', vLLM's side for generation)")
+    if kwargs:
+        raise ValueError(f"tokenization_kwargs {', '.join(map(repr, sorted(map(str, kwargs))))[:80]} not supported: "
+                         "prompts are tokenized as the model's tokenizer does; truncate_prompt_tokens and "
+                         "truncation_side 'left' are taken")
+    if truncate is not None:
+        SamplingParams(truncate_prompt_tokens=truncate)  # its ValueError names a bad value
+    return truncate
 
 
 def _as_prompt_list(prompts: Any) -> list:

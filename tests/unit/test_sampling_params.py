@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -146,9 +147,20 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
                             {"chat_template_content_format": "openai"}):
             with pytest.raises(ValueError, match=f"{next(iter(unsupported))}=.* is not supported: "):
                 llm.chat([message], params, use_tqdm=False, **unsupported)
-        for unsupported in ({"priority": [0, 2]}, {"tokenization_kwargs": {"truncation": True}}):
-            with pytest.raises(ValueError, match=f"{next(iter(unsupported))}=.* is not supported: "):
-                llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, **unsupported)
+        with pytest.raises(ValueError, match="priority=.* is not supported: "):
+            llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=[0, 2])
+        for kwargs, refusal in (({"truncation": True}, "tokenization_kwargs 'truncation' not supported"),
+                                ({"truncate_prompt_tokens": 2, "truncation_side": "right"}, "truncation_side='right'"),
+                                ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")):
+            with pytest.raises(ValueError, match=re.escape(refusal)):
+                llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, tokenization_kwargs=kwargs)
+        # vLLM 0.26's truncation (its SamplingParams has no truncate_prompt_tokens): the prompt's last k tokens
+        truncated = llm.generate([[9, 5, 6, 7], [5, 6]], params, use_tqdm=False,
+                                 tokenization_kwargs={"truncate_prompt_tokens": 3, "truncation_side": "left"})
+        assert [o.prompt_token_ids for o in truncated] == [[5, 6, 7], [5, 6]]
+        assert truncated[0].outputs[0].token_ids == plain.outputs[0].token_ids
+        chat_cut = llm.chat([message], params, use_tqdm=False, tokenization_kwargs={"truncate_prompt_tokens": 2})[0]
+        assert len(chat_cut.prompt_token_ids) == 2
         # vLLM's defaults of those arguments ask for nothing: taken
         llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=[0, 0], tokenization_kwargs={})
         llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=np.zeros(2, dtype=np.int64))
