@@ -38,6 +38,10 @@ class TokensPrompt(_TokenIds, total=False):
     prompt: str
 
 
+PromptType = str | list[int] | TextPrompt | TokensPrompt
+"""One prompt as `LLM.generate` takes it, as vLLM's `vllm.inputs.PromptType` (for scripts' type hints)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TokenizedPrompt:
     """One prompt after tokenisation; `text` is None when it was given as token ids.

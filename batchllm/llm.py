@@ -130,6 +130,26 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def _pooling_task(self, name: str) -> None:
+        raise ValueError(f"LLM.{name} is not supported: this engine runs text generation only (vLLM's pooling "
+                         "tasks, embeddings, classification and scores, need vLLM's pooling runner)")
+
+    def encode(self, *args: Any, **kwargs: Any) -> None:
+        """vLLM's pooling task: refused by name (`_pooling_task`), as are embed, classify, score and reward."""
+        self._pooling_task("encode")
+
+    def embed(self, *args: Any, **kwargs: Any) -> None:
+        self._pooling_task("embed")
+
+    def classify(self, *args: Any, **kwargs: Any) -> None:
+        self._pooling_task("classify")
+
+    def score(self, *args: Any, **kwargs: Any) -> None:
+        self._pooling_task("score")
+
+    def reward(self, *args: Any, **kwargs: Any) -> None:
+        self._pooling_task("reward")
+
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool | Callable[..., Any] = True, lora_request: None = None,
                  priority: Sequence[int] | None = None, tokenization_kwargs: dict | None = None) -> list[RequestOutput]:
@@ -183,19 +203,19 @@ class LLM:
                 raise ValueError(f"prompt {index}: {problem}")
         return tokenized, params
 
-    def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             use_tqdm: bool | Callable[..., Any] = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None, chat_template: str | None = None,
+    def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool | Callable[..., Any] = True, lora_request: None = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_content_format: str = "auto", mm_processor_kwargs: None = None,
-             lora_request: None = None, tokenization_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tokenization_kwargs: dict | None = None,
+             mm_processor_kwargs: None = None) -> list[RequestOutput]:
         """Apply the model's chat template (or `chat_template`, a Jinja template or a file holding one, as
         vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate.
         continue_final_message (vLLM's): the last message, an assistant's, is continued rather than closed
         (with add_generation_prompt=False). tools: given to the template, as vLLM does (the answer is text:
         no tool call is parsed from it). chat_template_content_format: "auto" or "string" (message content reaches
         the template as a string). tokenization_kwargs: as `generate` takes it. mm_processor_kwargs, lora_request:
-        vLLM's, None only (not supported)."""
+        vLLM's, None only (not supported). The arguments may be given by position, in vLLM's order."""
         _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs or None,
                             chat_template_content_format=None if chat_template_content_format in ("auto", "string")
                             else chat_template_content_format)

@@ -6,13 +6,15 @@ Mirrors vLLM's `SamplingParams` field names and defaults, so that switching is a
 from __future__ import annotations
 
 import copy
+import enum
 import math
 import reprlib
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from batchllm.structured import GuidedDecodingParams, StructuredOutputsParams, grammar_key
 
-__all__ = ["BeamSearchParams", "GuidedDecodingParams", "SamplingParams", "StructuredOutputsParams"]
+__all__ = ["BeamSearchParams", "GuidedDecodingParams", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
 
 _GREEDY_EPS = 1e-5
 MAX_N = 1024
@@ -41,6 +43,15 @@ def integers_from_json(fields: dict) -> dict:
     whole = {name: int(value) for name in INTEGER_FIELDS
              if type(value := fields.get(name)) is float and value.is_integer()}
     return {**fields, **whole} if whole else fields
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's: what a streaming RequestOutput holds. Offline, every RequestOutput `generate` returns is the
+    finished request's, whichever kind is asked for (vLLM's offline `LLM` returns only final outputs too)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -108,6 +119,8 @@ class SamplingParams:
     """Keep only the prompt's last k tokens (vLLM's left truncation; at most max_model_len); -1: the last
     max_model_len - 1, so that one token can be generated (vLLM keeps max_model_len, which leaves none); None:
     no truncation, and a prompt the context cannot hold is refused (`inputs.PromptProcessor.validate_ids`)."""
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """vLLM's; every output here is final whatever the kind (see RequestOutputKind)."""
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     _bad_words_token_ids: list[tuple[int, ...]] | None = field(default=None, init=False, repr=False, compare=False)
     _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
@@ -120,11 +133,13 @@ class SamplingParams:
             self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if type(self.seed) is int and self.seed == -1:  # vLLM's "no seed" (its server's default, too)
             self.seed = None
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is True:  # vLLM's: True asks for the sampled (prompt) token's logprob and 1 more
+                setattr(self, name, 1)
         self._validate()
         if isinstance(self.stop, str):
-            self._stop_list = [self.stop]
-        else:
-            self._stop_list = list(self.stop or [])
+            self.stop = [self.stop]  # as vLLM holds it
+        self._stop_list = list(self.stop or [])
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if self.top_k == -1:
@@ -191,6 +206,8 @@ class SamplingParams:
                 raise bad(name, "must be true or false")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise bad("extra_args", "must be an object (a dict) or None")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "must be a RequestOutputKind")
         if not self.detokenize and self.stop:
             raise bad("detokenize", f"must be true with stop strings (they are found in the text; stop={self.stop!r})")
         self._validate_penalties(bad)
@@ -311,7 +328,18 @@ class SamplingParams:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.init]
+        """The fields a request line or a Ray row may carry: output_kind, an enum of the Python API without
+        effect offline, is left out."""
+        return [f.name for f in fields(cls) if f.init and f.name != "output_kind"]
+
+    @staticmethod
+    def from_optional(**fields: Any) -> SamplingParams:
+        """vLLM's: SamplingParams from keywords where None means the default (its server builds them so),
+        for n, presence_penalty, frequency_penalty, repetition_penalty, temperature and top_p; other
+        fields as SamplingParams takes them."""
+        defaults = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                    "temperature": 1.0, "top_p": 1.0}
+        return SamplingParams(**{k: defaults[k] if v is None and k in defaults else v for k, v in fields.items()})
 
 
 def _is_int(value: object) -> bool:

@@ -63,6 +63,9 @@ class StructuredOutputsParams:
     """vLLM 0.10's GuidedDecodingParams.backend; None, "auto" or "xgrammar" (the one backend here)."""
 
     def __post_init__(self) -> None:
+        for name in ("whitespace_pattern", "structural_tag"):  # (first: a structural tag alone is no "none")
+            if getattr(self, name) is not None:
+                raise ValueError(f"structured_outputs.{name} is not supported (JSON is compact; no structural tags)")
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"structured_outputs needs exactly one of {', '.join(_KINDS)}, got "
@@ -70,9 +73,6 @@ class StructuredOutputsParams:
         for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"structured_outputs.{name} must be true or false")
-        for name in ("whitespace_pattern", "structural_tag"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"structured_outputs.{name} is not supported (JSON is compact; no structural tags)")
         if self.backend not in (None, "auto", "xgrammar"):
             raise ValueError(f"structured_outputs.backend {self.backend!r} is not available: xgrammar is the one "
                              "backend (None, 'auto' or 'xgrammar')")

@@ -26,7 +26,6 @@ from batchllm import SamplingParams
         ({"logprobs": -2}, "logprobs"),  # (-1: the whole vocabulary, as in vLLM)
         ({"prompt_logprobs": -2}, "prompt_logprobs"),
         ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
-        ({"prompt_logprobs": True}, "prompt_logprobs"),
         ({"seed": "x"}, "seed"),
         ({"temperature": "hot"}, "temperature"),
         ({"ignore_eos": "yes"}, "ignore_eos"),
@@ -161,6 +160,11 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
         assert truncated[0].outputs[0].token_ids == plain.outputs[0].token_ids
         chat_cut = llm.chat([message], params, use_tqdm=False, tokenization_kwargs={"truncate_prompt_tokens": 2})[0]
         assert len(chat_cut.prompt_token_ids) == 2
+        # chat's arguments in vLLM's positional order (messages, params, use_tqdm, lora_request, chat_template, ...)
+        assert llm.chat([message], params, False, None, None)[0].outputs[0].token_ids == as_list.outputs[0].token_ids
+        for task in ("encode", "embed", "classify", "score", "reward"):  # vLLM's pooling tasks: refused by name
+            with pytest.raises(ValueError, match=f"LLM.{task} is not supported: this engine runs text generation"):
+                getattr(llm, task)(["Hi"])
         # vLLM's defaults of those arguments ask for nothing: taken
         llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=[0, 0], tokenization_kwargs={})
         llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=np.zeros(2, dtype=np.int64))
@@ -273,3 +277,29 @@ def test_vllm_structured_output_spellings_are_taken():
                          (dict(structured_outputs={"regex": "a", "disable_fallback": 1}), "disable_fallback must be")):
         with pytest.raises(ValueError, match=message):
             SamplingParams(**bad)
+
+
+def test_vllm_forms_of_sampling_fields_are_taken():
+    """vLLM's SamplingParams turns logprobs=True into 1 and a stop string into a list, takes output_kind
+    (RequestOutputKind) and builds from optional values (`from_optional`); a ported script used all four."""
+    from batchllm.inputs import PromptType  # noqa: F401 - vLLM's type of a prompt, imported by typed scripts
+    from batchllm.sampling_params import RequestOutputKind
+
+    sp = SamplingParams(logprobs=True, prompt_logprobs=True, stop="x", output_kind=RequestOutputKind.FINAL_ONLY)
+    assert (sp.logprobs, sp.prompt_logprobs, sp.stop, sp.stop_strings) == (1, 1, ["x"], ["x"])
+    with pytest.raises(ValueError, match="SamplingParams.output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind="final")
+    built = SamplingParams.from_optional(n=None, temperature=None, top_p=None, presence_penalty=None, max_tokens=5,
+                                         seed=3)
+    assert built == SamplingParams(max_tokens=5, seed=3)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams.from_optional(temperature=-1.0)
+    assert "output_kind" not in SamplingParams.field_names()  # (not a field of a JSONL line or a Ray row)
+
+
+def test_a_structural_tag_is_named_as_not_supported():
+    """It was reported as "needs exactly one of json, ...: got none" (the count came first)."""
+    from batchllm.sampling_params import StructuredOutputsParams
+
+    with pytest.raises(ValueError, match="structured_outputs.structural_tag is not supported"):
+        StructuredOutputsParams(structural_tag='{"type": "structural_tag"}')
