@@ -33,6 +33,7 @@ from batchllm.config import DTYPE_ALIASES, default_log_level
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, read_chat_template, read_model_source
 from batchllm.io.ingest import (
+    ENDPOINT_DEFAULTS,
     OPENAI_MAX_TOKENS,
     TO_THE_CONTEXT,
     ResponseNames,
@@ -50,6 +51,7 @@ from batchllm.io.job import (
     errors_path_for,
     later_write_problem,
     prepare_output,
+    recorded_option,
     refuse_output_onto_input,
     same_file,
     state_path_for,
@@ -314,8 +316,21 @@ def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) 
              if getattr(args, name, None) is not None}  # (repetition_penalty: SamplingParams' 1.0 without one)
     defaults = {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": args.stop, "ignore_eos": args.ignore_eos}
     if "max_tokens" not in given and "max_tokens" not in (from_model or {}):
-        defaults[OPENAI_MAX_TOKENS] = TO_THE_CONTEXT  # OpenAI lines without max_tokens: as OpenAI and vLLM
+        defaults[OPENAI_MAX_TOKENS] = ENDPOINT_DEFAULTS  # OpenAI lines without max_tokens: as OpenAI and vLLM
     return defaults
+
+
+def keep_the_outputs_openai_rule(defaults: dict, state_path: Path, overwrite: bool) -> dict:
+    """`defaults`, with the rule for OpenAI lines without max_tokens that the output of `state_path` was begun
+    under where that is TO_THE_CONTEXT (before completions lines took 16 tokens): a resumed job answers its
+    remaining lines as it answered the others (and says so)."""
+    if (overwrite or defaults.get(OPENAI_MAX_TOKENS) != ENDPOINT_DEFAULTS
+            or recorded_option(state_path, OPENAI_MAX_TOKENS) != TO_THE_CONTEXT):
+        return defaults
+    print("batchllm: note: this output was begun by an earlier version, under which /v1/completions lines without "
+          "max_tokens run to the context: its remaining lines do too (--overwrite starts over with 16 tokens, "
+          "OpenAI's default)", file=sys.stderr)
+    return {**defaults, OPENAI_MAX_TOKENS: TO_THE_CONTEXT}
 
 
 def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) -> tuple[dict, dict]:
@@ -385,6 +400,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
         read_chat_template_once(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
+        defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path,
                                 results_options(args, defaults))
         job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
@@ -403,9 +419,9 @@ def _run_locked(args: argparse.Namespace) -> int:
               f"{len(resume.done_error_lines)} failed before"
               + (f"; cut a torn last line ({resume.repaired_bytes} bytes)" if resume.repaired_bytes else ""),
               file=sys.stderr)
-    with _signals_interrupt() as job_reported:
+    with _signals_interrupt() as results_written:
         try:
-            return _run_job(args, job, defaults, source, job_reported)
+            return _run_job(args, job, defaults, source, results_written)
         except Interrupted as e:
             name = signal.Signals(e.signum).name
             print(f"batchllm: interrupted ({name}): {job.num_recorded} of "
@@ -429,8 +445,8 @@ class Interrupted(BaseException):
 def _signals_interrupt():
     """SIGINT and SIGTERM raise `Interrupted` in the main thread; later ones are ignored while the
     job stops, so that a second Ctrl-C cannot cut the final writes short (SIGKILL still can, and
-    the next run then repairs). Yields what the job calls once its results and report are complete:
-    signals are ignored from then on too (the engine's shutdown is left to finish; the job was not
+    the next run then repairs). Yields what the job calls once every result is written: signals are
+    ignored from then on too (the report and the engine's shutdown are left to finish; the job was not
     interrupted). Previous handlers come back afterwards."""
     stopping = False
 
@@ -488,13 +504,13 @@ class _Job:
 
 
 def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelSource | None,
-             job_reported: Callable[[], None]) -> int:
+             results_written: Callable[[], None]) -> int:
     """Build the engine while a background thread reads, templates and tokenizes the input (both
     take seconds on a large job and the second needs only the tokenizer), then run the valid lines.
     With several engine processes they are spawned first of all (`_engine_processes`). The run's
     `wall_s` starts once the engine is built: it holds whatever reading is left then. `source`: the
-    model as read already (None: read here); every step below starts from the same one. `job_reported`
-    is called once the results and the report are complete, before the engine shuts down. A data-parallel
+    model as read already (None: read here); every step below starts from the same one. `results_written`
+    is called once every result is written, before the report and the engine's shutdown. A data-parallel
     worker that dies during the job fails it (exit status 2) after the others' results are written."""
     from batchllm.parallel.data_parallel import WorkerDied
 
@@ -535,9 +551,8 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             out.sync()
             num_failed = len(errors) + len(job.resume.done_error_lines)
             num_done = _generate_into(out, llm, valid, args, num_failed)
-        status = _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
-        job_reported()
-        return status
+        results_written()  # every result is written (the files close next): a later signal cuts no work short
+        return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
         return _fail(str(e))
     finally:
@@ -545,7 +560,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
 
 
 def note_ignored_fields(ignored: dict[str, int], where: str = "") -> None:
-    """Say which fields of the plain lines were ignored (a table's other columns), as vLLM's server warns
+    """Say which fields of the lines were ignored (a table's other columns, an OpenAI line's own keys), as vLLM warns
     (`where`: which lines were looked at, where not all)."""
     if ignored:
         shown = ", ".join(f"{name} ({count} line{'s' * (count != 1)})" for name, count in sorted(ignored.items())[:20])

@@ -188,13 +188,15 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
 
 
 OPENAI_MAX_TOKENS = "openai_max_tokens"
-"""A key of the run's sampling defaults that is not a SamplingParams field: TO_THE_CONTEXT where an OpenAI line
-without max_tokens (or max_completion_tokens) takes its endpoint's default, as in OpenAI's API and vLLM's
-run-batch: a chat answer runs up to the context, a completion to COMPLETIONS_MAX_TOKENS; not to the run's
-max_tokens (`run` sets it where neither --max-tokens nor the model's generation_config.json gives a max_tokens:
-the run's 256 is its own default for plain lines). (The value's name predates the completions default: an
-output written before resumes under it.)"""
+"""A key of the run's sampling defaults that is not a SamplingParams field: present where neither --max-tokens nor
+the model's generation_config.json gives a max_tokens (the run's 256 is then its own default for plain lines only),
+saying what an OpenAI line without max_tokens (or max_completion_tokens) generates: ENDPOINT_DEFAULTS, or
+TO_THE_CONTEXT in an output begun before completions lines took their endpoint's default."""
+ENDPOINT_DEFAULTS = "chat: to the context; completions: 16"
+"""As OpenAI's API and vLLM's run-batch: a chat answer runs up to the context, a completion to
+COMPLETIONS_MAX_TOKENS."""
 TO_THE_CONTEXT = "to the context"
+"""Every OpenAI line up to the context: what outputs begun before ENDPOINT_DEFAULTS recorded, and keep on resume."""
 COMPLETIONS_MAX_TOKENS = 16
 """The max_tokens of a /v1/completions body that gives none: OpenAI's documented default, and vLLM's."""
 
@@ -207,8 +209,11 @@ def sampling_fields_of(defaults: dict) -> dict:
 def _line_fields(line: BatchLine, defaults: dict) -> dict:
     """The line's own sampling fields over the run's `defaults` (OPENAI_MAX_TOKENS applied)."""
     fields = sampling_fields_of(defaults)
-    if line.format == OPENAI and defaults.get(OPENAI_MAX_TOKENS) == TO_THE_CONTEXT:
-        fields["max_tokens"] = None if line.is_chat else COMPLETIONS_MAX_TOKENS
+    rule = defaults.get(OPENAI_MAX_TOKENS) if line.format == OPENAI else None
+    if rule == TO_THE_CONTEXT or (rule == ENDPOINT_DEFAULTS and line.is_chat):
+        fields["max_tokens"] = None
+    elif rule == ENDPOINT_DEFAULTS:
+        fields["max_tokens"] = COMPLETIONS_MAX_TOKENS
     return {**fields, **line.sampling_overrides}
 
 

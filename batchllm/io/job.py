@@ -212,6 +212,16 @@ def job_state_path(directory: Path) -> Path:
     return directory / ("job" + STATE_SUFFIX)
 
 
+def recorded_option(state_path: Path, name: str) -> Any:
+    """The value of option `name` recorded in a state file, or None where there is none (no file, no such option, or
+    a file that cannot be read: the job's own check of it reports that)."""
+    try:
+        options = json.loads(state_path.read_bytes()).get("options")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return options.get(name) if isinstance(options, dict) else None
+
+
 def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, Any]) -> None:
     """`run --ray`'s output directory (shards, and a checkpoint by line number) tied to its input and
     options as `prepare_output` ties an output file: a state file inside it, checked on a restart that
@@ -285,8 +295,8 @@ def _read_state(state_path: Path, output: Path) -> dict[str, Any]:
     return state
 
 
-_OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without one: to the context unless "
-                                      "--max-tokens or the model's generation_config.json gives one)",
+_OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without one, unless --max-tokens or the "
+                                      "model's generation_config.json gives one)",
                  "response_role": " (unset: assistant, the default)"}
 """What a recorded option that is no command-line option stands for, in a refusal."""
 

@@ -94,9 +94,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
                                        or completion < 1):  # (named as given: later checks say max_tokens)
             raise BodyError(f"'max_completion_tokens' must be a positive integer, got {json.dumps(completion)[:40]}")
         max_tokens = completion if completion is not None else body.get("max_tokens")
-        if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):  # ("false" is no false)
-            raise BodyError(f"'logprobs' must be true or false in a chat body, got {json.dumps(body['logprobs'])[:40]}")
-        if body.get("logprobs"):
+        if _flag(body.get("logprobs"), "logprobs"):
             overrides["logprobs"] = body.get("top_logprobs") or 0
         elif body.get("top_logprobs"):
             raise BodyError("top_logprobs needs logprobs: true")
@@ -134,6 +132,22 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
                 raise BodyError(f"'{name}' must be {wanted}")
             options[name] = body[name]
     return {**options, **(template_kwargs(body.get("chat_template_kwargs")) or {})} or None
+
+
+_FLAG_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
+"""The strings vLLM's server (pydantic) reads as a boolean, by their lower-case form."""
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A body's boolean field as vLLM's server reads it: true/false, 1/0, or such a string ("false" was taken as
+    true for being a non-empty string); None is false; anything else is a BodyError naming the field."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.lower()]
+    raise BodyError(f"'{name}' must be true or false, got {json.dumps(value)[:40]}")
 
 
 def _logit_bias(value: Any) -> dict:

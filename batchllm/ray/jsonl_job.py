@@ -246,6 +246,7 @@ def run_command_on_ray(args) -> int:
         _signals_interrupt,
         _stats_problem,
         _write_stats,
+        keep_the_outputs_openai_rule,
         note_ignored_fields,
         note_model_defaults,
         read_chat_template_once,
@@ -253,6 +254,7 @@ def run_command_on_ray(args) -> int:
         response_names,
         results_options,
     )
+    from batchllm.io.job import job_state_path
     from batchllm.models.default_model import DEFAULT_MODEL_NAME
     from batchllm.options import engine_kwargs_from_args
 
@@ -273,6 +275,7 @@ def run_command_on_ray(args) -> int:
     note_model_defaults(args, from_model)
     sample = sample_file(args.input)
     note_ignored_fields(sample.ignored_fields, f" (in the first {SAMPLE_LINES:,} lines)")
+    defaults = keep_the_outputs_openai_rule(defaults, job_state_path(args.output), args.overwrite)
     if problem := _prepare_output_directory(args, results_options(args, defaults)):
         return _fail(problem)
     if not ray.is_initialized():

@@ -111,6 +111,7 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     overrides = {k: v.tolist() if type(v).__module__ == "numpy" and hasattr(v, "tolist") else v  # (JSON-able)
                  for k, v in (request.get("sampling_params") or {}).items() if v is not None}
     overrides.pop("detokenize", None)  # generated_text is always filled, as Ray's vLLM processor's own stage does
+    overrides.pop("output_kind", None)  # (an enum of the Python API, no row value: every result here is final)
     fields = integers_from_json({**defaults, **overrides})
     if request.get(NO_MAX_TOKENS):
         fields["max_tokens"] = None

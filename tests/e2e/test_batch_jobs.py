@@ -310,24 +310,27 @@ def test_a_killed_data_parallel_worker_fails_the_job_and_the_rerun_completes(tmp
     assert sorted(json.loads(x)["id"] for x in after.splitlines()) == sorted(f"r{i}" for i in range(n))
 
 
-def test_a_signal_once_the_job_is_reported_leaves_it_complete(tmp_path, tiny_model_factory, monkeypatch, capsys):
-    """Ctrl-C while the engine shuts down after the last result and the summary: the job is complete, so
-    it exits 0 with its full --stats, not as interrupted."""
+@pytest.mark.parametrize("where", ["stats", "shutdown"])
+def test_a_signal_once_every_result_is_written_leaves_the_job_complete(tmp_path, tiny_model_factory, monkeypatch,
+                                                                        capsys, where):
+    """Ctrl-C while --stats is written after the summary, or while the engine shuts down: every result is
+    written, so the job exits 0 with its full --stats, not as interrupted (which rewrote the stats)."""
     from batchllm import cli
     from batchllm.llm import LLM
 
-    shutdown = LLM.shutdown
+    owner, name = (cli, "_write_stats") if where == "stats" else (LLM, "shutdown")
+    original = getattr(owner, name)
 
-    def interrupted_shutdown(self):
+    def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
-        shutdown(self)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(LLM, "shutdown", interrupted_shutdown)
+    monkeypatch.setattr(owner, name, interrupted)
     src, out, stats = _long_job(tmp_path, 3), tmp_path / "out.jsonl", tmp_path / "stats.json"
     code = cli.main(["run", str(src), "-o", str(out), "--no-progress", "--model", tiny_model_factory("llama"),
                      "--stats", str(stats)])
-    assert code == 0, capsys.readouterr().err
-    assert "interrupted" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0 and "interrupted" not in err, err
     assert len(out.read_text().splitlines()) == 3
     assert json.loads(stats.read_text())["num_lines_done"] == 3
 

@@ -183,7 +183,8 @@ def _usage(out) -> dict:
     # run's own default: an OpenAI chat line runs to the context, a completions line to 16 tokens (OpenAI, vLLM)
     ([], None, None, 16, 256),
     (["--max-tokens", "5"], None, 5, 5, 5),  # the command line's default applies to all
-    ([], 7, 7, 7, 7),                        # so does the model's max_new_tokens (vLLM's run-batch: the smaller)
+    ([], 7, 7, 7, 7),                        # so does the model's max_new_tokens (vLLM's run-batch: for a
+                                             # completion the smaller of it and 16, where here it applies alone)
 ])
 def test_an_openai_line_without_max_tokens_takes_its_endpoints_default(tmp_path, capsys, tiny_model_factory, option,
                                                                        from_model, chat_tokens, completion_tokens,
@@ -229,7 +230,8 @@ def test_an_output_written_before_the_openai_default_changed_is_not_resumed_as_i
     out.write_text(out.read_text().splitlines()[0] + "\n")  # one line left to answer
     capsys.readouterr()
     assert cli.main(args) == 2
-    assert 'generation_config.json gives one) (unset) -> "to the context"' in capsys.readouterr().err
+    assert 'generation_config.json gives one) (unset) -> "chat: to the context; completions: 16"' in \
+        capsys.readouterr().err
     assert cli.main([*args, "--max-tokens", "256"]) == 0, "the old default given resumes it"
 
 
@@ -249,3 +251,30 @@ def test_the_models_repetition_penalty_can_be_overridden_on_the_command_line(tmp
         options = json.loads((tmp_path / f"{out.name}.batchllm-state").read_text())["options"]
         assert options["repetition_penalty"] == expected
         assert ("repetition_penalty 1.05" in capsys.readouterr().err) == (not flag), "the note names what applies"
+
+
+def test_an_output_begun_when_completions_ran_to_the_context_resumes_under_that_rule(tmp_path, capsys,
+                                                                                    tiny_model_factory):
+    """An output begun before /v1/completions lines without max_tokens took 16 tokens recorded "to the context":
+    its remaining lines run so too, saying why, rather than answers mixing two rules (or the resume being
+    refused); --overwrite starts over under the new rule."""
+    from batchllm import cli
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": c, "method": "POST", "url": "/v1/completions",
+                                       "body": {"prompt": [5, 6, 7, 8], "ignore_eos": True}}) + "\n" for c in "ab"))
+    args = ["run", str(src), "-o", str(out), "--model", tiny_model_factory("llama"), "--max-model-len", "64",
+            "--no-progress"]
+    assert cli.main(args) == 0
+    assert _usage(out) == {"a": (4, 16), "b": (4, 16)}
+    state_path = tmp_path / "out.jsonl.batchllm-state"
+    state = json.loads(state_path.read_text())
+    state["options"]["openai_max_tokens"] = "to the context"  # as the earlier version wrote it
+    state_path.write_text(json.dumps(state))
+    out.write_text(out.read_text().splitlines()[0] + "\n")  # one line left to answer
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "begun by an earlier version" in capsys.readouterr().err
+    assert sorted(_usage(out).values())[-1] == (4, 60), "the remaining line ran to the context"
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert _usage(out) == {"a": (4, 16), "b": (4, 16)}

@@ -572,17 +572,20 @@ def test_an_openai_lines_keys_beside_its_request_are_ignored_and_named():
 
 def test_openai_body_values_of_the_wrong_kind_are_named():
     """A response_format string said "response_format type 'None' is not supported"; a chat body's logprobs
-    "false" (a string) asked for logprobs."""
+    "false" (a string) asked for logprobs: it is read as vLLM's server reads a boolean, and 2 is named."""
     from batchllm.io.openai_batch import BodyError, body_to_request
 
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     with pytest.raises(BodyError, match=re.escape("response_format must be an object with a 'type' (text, "
                                                   "json_object, json_schema), got \"json\"")):
         body_to_request("/v1/chat/completions", {**chat, "response_format": "json"})
-    with pytest.raises(BodyError, match=re.escape("'logprobs' must be true or false in a chat body, got \"false\"")):
-        body_to_request("/v1/chat/completions", {**chat, "logprobs": "false"})
-    assert "logprobs" not in body_to_request("/v1/chat/completions", {**chat, "logprobs": False})[3]
-    assert body_to_request("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2})[3]["logprobs"] == 2
+    for off in (False, 0, "false", "False", "0", None):  # as vLLM's server (pydantic) reads a boolean
+        assert "logprobs" not in body_to_request("/v1/chat/completions", {**chat, "logprobs": off})[3], off
+    for on in (True, 1, "true"):
+        assert body_to_request("/v1/chat/completions", {**chat, "logprobs": on, "top_logprobs": 2})[3]["logprobs"] == 2
+    for bad in (2, "maybe", [True]):
+        with pytest.raises(BodyError, match=re.escape("'logprobs' must be true or false, got ")):
+            body_to_request("/v1/chat/completions", {**chat, "logprobs": bad})
 
 
 @pytest.mark.parametrize("prompt, expected", [(["Hello"], "Hello"), ([[5, 6, 7]], [5, 6, 7]), ("Hello", "Hello")])

@@ -118,12 +118,14 @@ def test_the_cli_rows_without_max_tokens_run_unbounded_as_the_single_machine_lin
 
     args = cli.build_parser().parse_args(["run", "in.jsonl", "-o", "out"])
     defaults = cli.sampling_defaults(args)
-    lines = [{"custom_id": "o", "url": "/v1/completions", "body": {"prompt": "Hi"}},
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    lines = [{"custom_id": "c", "url": "/v1/chat/completions", "body": chat},
+             {"custom_id": "o", "url": "/v1/completions", "body": {"prompt": "Hi"}},  # (OpenAI's and vLLM's 16)
              {"id": "p", "prompt": "Hi", "max_tokens": None}, {"id": "q", "prompt": "Hi"}]
-    table = pa.table({RAW: [json.dumps(x).encode() for x in lines], LINE: [1, 2, 3], DUPLICATE: [False] * 3})
+    table = pa.table({RAW: [json.dumps(x).encode() for x in lines], LINE: [1, 2, 3, 4], DUPLICATE: [False] * 4})
     out = tokenize_batch(table, config=ProcessorConfig(max_tokens=defaults["max_tokens"]),
                          preprocess=_CliPreprocess(defaults, None), num_buckets=1)
-    assert [json.loads(s)["max_tokens"] for s in out.column(SAMPLING).to_pylist()] == [None, 256, 256]
+    assert [json.loads(s)["max_tokens"] for s in out.column(SAMPLING).to_pylist()] == [None, 16, 256, 256]
 
 
 def test_the_cli_rows_errors_name_an_openai_lines_own_fields():
@@ -177,14 +179,17 @@ def test_numpy_values_and_detokenize_false_in_a_rows_sampling_params_run():
     import numpy as np
 
     from batchllm.ray.stages import SAMPLING
+    from batchllm.sampling_params import RequestOutputKind
 
     rows = [{"prompt": "Hi", "sampling_params": {"temperature": np.float32(0.5), "max_tokens": np.int64(3),
-                                                 "detokenize": False}}]
+                                                 "detokenize": False,  # and vLLM's output_kind (it failed the batch)
+                                                 "output_kind": RequestOutputKind.FINAL_ONLY}}]
     out = tokenize_batch(pa.table({"i": [0]}), config=ProcessorConfig(), preprocess=lambda row: rows[row["i"]],
                          num_buckets=1)
     assert out.column(ERROR).to_pylist() == [None]
     fields = json.loads(out.column(SAMPLING).to_pylist()[0])
     assert fields["temperature"] == 0.5 and fields["max_tokens"] == 3 and "detokenize" not in fields
+    assert "output_kind" not in fields
 
 
 def test_failed_rows_pass_by_postprocess_and_no_rows_column_is_lost():
