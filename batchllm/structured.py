@@ -158,6 +158,10 @@ class GrammarBackend:
                                                       stop_token_ids=self._stop or None)
             self._compiler = xgr.GrammarCompiler(info)
         kind, text = key
+        if kind == "json" and (feature := unenforced_schema_feature(json.loads(text))):
+            raise StructuredOutputError(f"structured output: the JSON schema uses {feature}, which xgrammar (the "
+                                        "grammar backend here) does not enforce, so answers could break it; vLLM "
+                                        "refuses it with xgrammar too: remove it, or check that rule after")
         try:
             if kind == "json":
                 # compact JSON (no free whitespace): a small model may otherwise emit whitespace forever
@@ -181,6 +185,34 @@ class GrammarBackend:
         return _import_xgrammar().allocate_token_bitmask(rows, self.vocab_size)
 
 
+_XGRAMMAR_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                               "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
+"""The string formats xgrammar enforces (vLLM's list of them, `backend_xgrammar.py`)."""
+_UNENFORCED = (({"integer", "number"}, ("multipleOf",)), ({"array"}, ("uniqueItems", "contains", "minContains",
+                                                                       "maxContains")),
+               ({"object"}, ("patternProperties", "propertyNames")))
+"""Keywords xgrammar ignores, by the schema type they belong to (vLLM's check of them, `backend_xgrammar.py`)."""
+
+
+def unenforced_schema_feature(schema: Any) -> str | None:
+    """The first keyword of `schema` (a JSON schema, any depth) that xgrammar would ignore, as "'uniqueItems' (in
+    properties.tags)"; None where it enforces all of them. Iterative: a schema may nest as deep as JSON allows."""
+    stack: list[tuple[str, Any]] = [("", schema)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            where = f" (in {path})" if path else ""
+            for types, keywords in _UNENFORCED:
+                if node.get("type") in types and (found := next((k for k in keywords if k in node), None)):
+                    return f"{found!r}{where}"
+            if node.get("type") == "string" and "format" in node and node["format"] not in _XGRAMMAR_FORMATS:
+                return f"the string format {str(node['format'])[:40]!r}{where}"
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
+    return None
+
+
 class GrammarState:
     """One request's matcher and how many of its outputs it has accepted."""
 
@@ -192,18 +224,21 @@ class GrammarState:
         the request then goes on unconstrained rather than failing the batch."""
 
     def advance(self, outputs: list[int]) -> None:
-        """Accept the outputs not yet accepted."""
+        """Accept the outputs not yet accepted (none after the grammar ended: `fill`)."""
         while self.num_accepted < len(outputs):
             token = outputs[self.num_accepted]
             self.num_accepted += 1
-            if not self.broken and not self.matcher.accept_token(token):
+            if self.broken or self.matcher.is_terminated():  # (ignore_eos: the answer goes on past its end)
+                continue
+            if not self.matcher.accept_token(token):
                 logger.warning("structured output: the grammar refused token %d; the request goes on unconstrained",
                                token)
                 self.broken = True
 
     def fill(self, bitmask, row: int) -> bool:
-        """Write the allowed next tokens into `bitmask[row]`; False if unconstrained (broken)."""
-        if self.broken:
+        """Write the allowed next tokens into `bitmask[row]`; False if unconstrained: broken, or ended (the grammar
+        took its stop token and the request goes on, as with ignore_eos: vLLM leaves such a row unmasked too)."""
+        if self.broken or self.matcher.is_terminated():
             return False
         self.matcher.fill_next_token_bitmask(bitmask, row)
         return True

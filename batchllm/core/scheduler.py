@@ -527,11 +527,12 @@ class Scheduler:
         `max_output_tokens`: otherwise nothing here can end it (update_from_output skips the call)."""
         sp = request.sampling_params
         num_outputs = len(request.output_token_ids)
-        if num_outputs >= sp.min_tokens:
-            if not sp.ignore_eos and token in request.eos_token_ids:
-                return "stop", None if token == request.model_eos_token_id else token
-            if token in sp.stop_token_ids:
-                return "stop", token
+        # before min_tokens an EOS is sampled only where a grammar allowed nothing else (`sampler`): it ends the answer
+        if (num_outputs >= sp.min_tokens or sp.structured_outputs is not None) and not sp.ignore_eos \
+                and token in request.eos_token_ids:
+            return "stop", None if token == request.model_eos_token_id else token
+        if num_outputs >= sp.min_tokens and token in sp.stop_token_ids:
+            return "stop", token
         if num_outputs >= request.max_output_tokens:
             return "length", None
         return None, None

@@ -6,7 +6,9 @@ Sampling draws exponential noise E and takes argmax(p / E), which samples from p
 request's noise is a hash of its seed and the position of the token it samples (`seeded_noise.py`:
 one call for all seeded rows), so its tokens do not depend on what else is in the batch;
 unseeded requests share the engine's generator.
-Log-probabilities are those of the raw model distribution (before any processing).
+Log-probabilities are those of the model's distribution under the grammar's mask (as vLLM's, whose mask is
+applied before its sampler: a structured request's alternatives are what its grammar allows), before any other
+processing. Where min_tokens bans the only tokens a grammar allows (its answer is complete), the grammar wins.
 """
 
 from __future__ import annotations
@@ -81,16 +83,17 @@ def sample_on_device(
         # the common batch case: argmax in the model's dtype (exact: bf16/fp16 -> fp32 is lossless),
         # with no fp32 copy of the [n, vocab] logits
         return SampledTokens(logits.argmax(dim=-1))
-    logits = logits.to(torch.float32)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
-
-    logits = logits.clone()
+    logits = logits.to(torch.float32, copy=True)  # (changed in place below)
     if grammar_mask is not None:
         apply_grammar_bitmask(logits, *grammar_mask)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
     banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
     if banned:
+        allowed_by_grammar = logits.clone() if grammar_mask is not None else None
         where = to_device(banned, device, torch.int64)
         logits[where[:, 0], where[:, 1]] = float("-inf")
+        if allowed_by_grammar is not None:  # a row left nothing: its grammar allows only what min_tokens bans
+            logits = torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), allowed_by_grammar, logits)
     if adjusted:
         apply_adjustments(logits, specs, histories)
 

@@ -6,6 +6,7 @@ as asked; a grammar that does not compile is refused by name."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -120,3 +121,48 @@ def test_an_objects_properties_come_in_the_schemas_order(default_llm):
     text = default_llm.chat([[{"role": "user", "content": "Reason, then answer: 2 + 2?"}]], params,
                             use_tqdm=False)[0].outputs[0].text
     assert list(json.loads(text)) == ["zeta", "reasoning", "answer"], text
+
+
+def test_a_grammar_that_ended_leaves_ignore_eos_to_go_on_without_failing_the_batch(default_llm):
+    """ignore_eos with a constraint: the grammar ends at its stop token and the answer goes on past it, unmasked (as
+    vLLM leaves such a row); the matcher, asked again after its end, failed every request of the batch."""
+    constrained = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, structured_outputs={"choice": LABELS})
+    plain = SamplingParams(temperature=0.0, max_tokens=8)
+    out = default_llm.generate(["Sentiment of 'great'?", "Hello"], [constrained, plain], use_tqdm=False)
+    first = out[0].outputs[0]
+    assert len(first.token_ids) == 8 and first.finish_reason == "length"
+    assert any(first.text.startswith(label) for label in LABELS), first.text
+    assert out[1].outputs[0].token_ids == default_llm.generate("Hello", plain, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_min_tokens_past_a_grammars_end_gives_way_to_it(default_llm):
+    """min_tokens bans EOS while the grammar allows only EOS (the answer is complete): every token was -inf, token 0
+    came out and the request went on unconstrained. The grammar wins: the answer is one of the labels, ending there."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=6, structured_outputs={"choice": LABELS})
+    completion = default_llm.generate("Sentiment of 'great'?", params, use_tqdm=False)[0].outputs[0]
+    assert completion.text in LABELS and completion.finish_reason == "stop", completion.text
+
+
+def test_logprobs_of_a_constrained_request_are_its_grammars(default_llm):
+    """As vLLM's (its mask is applied before its sampler): the alternatives are what the grammar allows and the
+    chosen label's probability is renormalised over them. They were the raw model's: a label at rank 24."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=5, structured_outputs={"choice": ["yes", "no"]})
+    completion = default_llm.generate("Is water wet? Answer:", params, use_tqdm=False)[0].outputs[0]
+    first = completion.logprobs[0]
+    assert first[completion.token_ids[0]].rank == 1
+    for lp in first.values():  # the top 5: only starts of a label ("yes", "y", "n", ...), which the grammar allows
+        assert lp.logprob == float("-inf") or any(label.startswith(lp.decoded_token) for label in ("yes", "no")), first
+    assert sum(math.exp(lp.logprob) for lp in first.values()) > 0.99, "the probability is the allowed tokens'"
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "'uniqueItems'"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}}}, "'multipleOf' (in properties.n)"),
+    ({"type": "object", "properties": {"t": {"type": "string", "format": "credit-card"}}},
+     "the string format 'credit-card' (in properties.t)"),
+])
+def test_a_schema_keyword_the_grammar_would_ignore_fails_its_request_by_name(default_llm, schema, named):
+    """xgrammar drops these keywords and answers broke them ("uniqueItems" gave ["apple", "apple", "apple"]); vLLM
+    refuses them with its xgrammar backend too."""
+    with pytest.raises(StructuredOutputError, match=re.escape(f"the JSON schema uses {named}, which xgrammar")):
+        default_llm.generate("x", SamplingParams(structured_outputs={"json": schema}), use_tqdm=False)
