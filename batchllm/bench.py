@@ -206,7 +206,7 @@ def _run_data_parallel(llm, workload: Workload, prompts: list, params: list) -> 
     llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     s = dict(llm.last_stats)
-    s.update(_rates(s, workload, wall), mean_tokens_per_step=0.0, num_preemptions=0)
+    s.update(_rates(s, workload, wall))
     return s
 
 
@@ -368,6 +368,8 @@ def bench_command(args) -> int:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"batchllm bench: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    if problem := workload_option_problem(args):
+        raise SystemExit(f"batchllm bench: {problem}")
     base = {**engine_kwargs_from_args(args), "skip_tokenizer_init": True}
     workload, peak, results, info = _file_workload(args), None, [], {}
     for i, name in enumerate(names):
@@ -385,6 +387,25 @@ def bench_command(args) -> int:
         with open(args.json_out, "w") as f:
             json.dump({**info, "results": results}, f)
     return 0
+
+
+_WORKLOAD_MINIMA = {"requests": 1, "degree": 1, "output": 1, "shared": 0, "distinct": 0, "prompt_len": 1,
+                    "min_output": 1, "warmup_requests": 0}
+"""The least value of each numeric workload option (`workload_option_problem`)."""
+
+
+def workload_option_problem(args) -> str | None:
+    """What is wrong with `bench`'s workload options (a value below its least, a shared workload of empty prompts,
+    --min-output above --max-output), or None: checked before any model loads (--degree 0 failed with a
+    ZeroDivisionError after it, --requests 0 measured nothing)."""
+    for name, least in _WORKLOAD_MINIMA.items():
+        if getattr(args, name) < least:
+            return f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
+    if args.shared + args.distinct < 1:
+        return "--shared and --distinct cannot both be 0: the prompts would be empty"
+    if args.min_output > args.max_output:
+        return f"--min-output ({args.min_output}) must not exceed --max-output ({args.max_output})"
+    return None
 
 
 def _file_workload(args) -> Workload | None:

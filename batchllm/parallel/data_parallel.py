@@ -261,12 +261,15 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
                                                   "prefill_tokens_computed")}
     prompt_tokens, prefill = sums["prompt_tokens"], sums["prefill_tokens_computed"]
     finish = [r["finish_s"] for r in ranks]
+    steps = sum(r["num_steps"] for r in ranks)
+    scheduled = sum(r.get("mean_tokens_per_step", 0.0) * r["num_steps"] for r in ranks)  # (a rank's job may be empty)
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
             "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "ready_s", "import_s", "build_s",
             "torch_threads")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
-        "num_steps": sum(r["num_steps"] for r in ranks), "wall_s": wall_s,
+        "num_steps": steps, "mean_tokens_per_step": scheduled / steps if steps else 0.0,
+        "num_preemptions": sum(r.get("num_preemptions", 0) for r in ranks), "wall_s": wall_s,
         "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,
         **dataclasses.asdict(sharing),
         "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_on_each_gpu,

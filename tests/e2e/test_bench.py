@@ -3,6 +3,7 @@ row per configuration with what each did. benchmarks/user_path.py (`run` against
 model on the CPU."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,21 @@ def test_bench_file_workload_names_the_bad_line_before_loading_a_model(tiny_mode
         main(["bench", "--model", tiny_model_factory("llama"), "--workload", "file", "--prompts-file", str(prompts),
               "--device", "not-a-device"])  # exits before an engine is built: the device is never parsed
     assert problem in str(failed.value)
+
+
+@pytest.mark.parametrize("options, problem", [
+    (["--degree", "0"], "--degree must be at least 1, got 0"),  # (a ZeroDivisionError after the model loaded)
+    (["--requests", "0"], "--requests must be at least 1, got 0"),  # (it measured "0.00 req/s")
+    (["--output", "0"], "--output must be at least 1, got 0"),
+    (["--shared", "-1"], "--shared must be at least 0, got -1"),
+    (["--shared", "0", "--distinct", "0"], "--shared and --distinct cannot both be 0"),
+    (["--workload", "nosharing", "--prompt-len", "0"], "--prompt-len must be at least 1, got 0"),
+    (["--workload", "decodeheavy", "--min-output", "10", "--max-output", "2"],
+     "--min-output (10) must not exceed --max-output (2)"),
+])
+def test_bench_names_a_bad_workload_option_before_loading_a_model(tiny_model_factory, options, problem):
+    with pytest.raises(SystemExit, match=re.escape(f"batchllm bench: {problem}")):
+        main(["bench", "--model", tiny_model_factory("llama"), *options, "--device", "not-a-device"])
 
 
 def test_bench_file_workload_needs_a_file(tiny_model_factory, tmp_path):

@@ -70,6 +70,10 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         ranks = llm.last_stats["ranks"]
         assert (llm.last_stats["data_parallel_size"], llm.last_stats["engines_per_gpu"]) == (1, 2)
         assert llm.last_stats["num_engines"] == 2 and len(ranks) == 2
+        # the job's tokens per step over both ranks' steps (bench's "tok/step" read 0.0 for data-parallel configs):
+        # the prefill computed and every output token but each request's last (sampled, never fed back)
+        scheduled = llm.last_stats["prefill_tokens_computed"] + llm.last_stats["output_tokens"] - len(prompts)
+        assert llm.last_stats["mean_tokens_per_step"] * llm.last_stats["num_steps"] == pytest.approx(scheduled)
         # each engine takes its share of the cores for torch's threads (a user's OMP_NUM_THREADS stands)
         threads = engine_threads(2, usable_cores()) or torch.get_num_threads()
         for r in ranks:
