@@ -157,8 +157,9 @@ def _add_plan_parser(sub) -> None:
     _add_input_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument("--groups", type=int, default=0, metavar="N",
-                      help="also list the N largest prefix groups: members, shared prefix length in tokens and "
-                      "the prefix's first words, to check the plan against what you know of the file")
+                      help="also list the N prefix groups that save the most prefill (nested ones too): members, "
+                      "shared prefix length in tokens, tokens saved and the prefix's first words, to check the plan "
+                      "against what you know of the file")
     add_engine_arguments(plan, names=["model", "tokenizer", "chat_template", "max_model_len", "max_logprobs",
                                       "plan_mode"])
 
@@ -748,24 +749,32 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def largest_groups(plan, token_ids: list, tokenizer, n: int, words: int = 12) -> list[dict]:
-    """The n top-level groups with the most member requests (nested ones included), largest first:
-    members, the shared prefix's length in tokens and its first `words` words, detokenized."""
-    groups = sorted(plan.top_level_groups, key=lambda g: (-len(plan.prompts_under(g.group_id)), g.group_id))[:n]
+    """The n groups, at any depth, that save the most prefill, largest saving first: members (nested groups'
+    included), the shared prefix's length in tokens (from the prompt's start), the prefill tokens it saves (its
+    own part of the prefix, past its enclosing group's, computed once instead of once per member) and its first
+    `words` words, detokenized. (A chat file's groups all nest in the chat template's opening, a top-level group
+    of a few tokens: listing the top level showed only that.)"""
+    def saved(g) -> int:
+        own = g.prefix_len - (plan.groups[g.parent].prefix_len if g.parent is not None else 0)
+        return own * (len(plan.prompts_under(g.group_id)) - 1)
+
+    ranked = sorted(((saved(g), g) for g in plan.groups), key=lambda item: (-item[0], item[1].group_id))[:n]
     out = []
-    for g in groups:
+    for saving, g in ranked:
         members = plan.prompts_under(g.group_id)
         head = [int(t) for t in token_ids[members[0]][: min(g.prefix_len, 8 * words)]]
         text = tokenizer.decode(head) if tokenizer is not None else " ".join(map(str, head))
-        out.append({"members": len(members), "prefix_tokens": g.prefix_len,
+        out.append({"members": len(members), "prefix_tokens": g.prefix_len, "saves_tokens": saving,
                     "nested_groups": len(g.children), "prefix_start": " ".join(text.split()[:words])})
     return out
 
 
 def _print_groups(groups: list[dict]) -> None:
     if groups:
-        print("largest groups       members  prefix tokens  prefix starts with")
+        print("largest groups       members  prefix tokens  tokens saved  prefix starts with")
     for g in groups:
-        print(f"                     {g['members']:>7}  {g['prefix_tokens']:>13}  {g['prefix_start']!r}")
+        print(f"                     {g['members']:>7}  {g['prefix_tokens']:>13}  {g['saves_tokens']:>12}  "
+              f"{g['prefix_start']!r}")
 
 
 if __name__ == "__main__":

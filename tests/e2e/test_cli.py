@@ -270,3 +270,21 @@ def test_members_the_cache_holds_only_unshared_run_unshared(tiny_model_factory):
         assert [len(c.token_ids) for c in two.outputs] == [10, 10]
     finally:
         llm.shutdown()
+
+
+def test_plan_groups_list_a_chat_files_documents_not_the_templates_opening(tmp_path, default_model_dir):
+    """Chat lines all share the template's opening (a top-level group of a few tokens), under which each
+    document's questions nest: --groups listed only that opening ("12 members, 3 prefix tokens")."""
+    documents = [f"Document {d}: " + " ".join(f"fact {d}.{k} is about topic {k}." for k in range(12))
+                 for d in range(3)]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"id": f"{d}-{q}", "messages": [
+        {"role": "system", "content": doc}, {"role": "user", "content": f"Question {q}?"}]}) + "\n"
+        for d, doc in enumerate(documents) for q in range(4)))
+    r = run_cli("plan", src, "--groups", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)["largest_groups"]
+    assert sorted(g["members"] for g in listed) == [4, 4, 4], listed
+    assert all(g["prefix_tokens"] > 50 and g["saves_tokens"] > 3 * 40 for g in listed), listed
+    assert sorted(next(w for w in g["prefix_start"].split() if w.isdigit() or w.endswith(":"))
+                  for g in listed) == ["0:", "1:", "2:"], listed
