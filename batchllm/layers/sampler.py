@@ -22,6 +22,9 @@ from batchllm.layers.seeded_noise import seeded_exponential
 from batchllm.layers.transfer import to_device
 from batchllm.outputs import SamplingSpec, TokenLogprobs
 
+FORBIDDEN_LOGPROB = -9999.0
+"""The logprob of a token a request's grammar forbids (its mask makes it -inf), as vLLM's server writes it."""
+
 
 @dataclass
 class SampledTokens:
@@ -87,6 +90,8 @@ def sample_on_device(
     if grammar_mask is not None:
         apply_grammar_bitmask(logits, *grammar_mask)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
+    if raw_logprobs is not None and grammar_mask is not None:
+        raw_logprobs.clamp_(min=FORBIDDEN_LOGPROB)  # (JSON has no -inf: a forbidden token reads as in vLLM)
     banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
     if banned:
         allowed_by_grammar = logits.clone() if grammar_mask is not None else None

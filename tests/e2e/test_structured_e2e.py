@@ -12,6 +12,7 @@ import re
 import pytest
 
 from batchllm import LLM, SamplingParams
+from batchllm.layers.sampler import FORBIDDEN_LOGPROB
 from batchllm.structured import StructuredOutputError, grammar_key
 
 pytest.importorskip("xgrammar")
@@ -150,8 +151,9 @@ def test_logprobs_of_a_constrained_request_are_its_grammars(default_llm):
     completion = default_llm.generate("Is water wet? Answer:", params, use_tqdm=False)[0].outputs[0]
     first = completion.logprobs[0]
     assert first[completion.token_ids[0]].rank == 1
-    for lp in first.values():  # the top 5: only starts of a label ("yes", "y", "n", ...), which the grammar allows
-        assert lp.logprob == float("-inf") or any(label.startswith(lp.decoded_token) for label in ("yes", "no")), first
+    for lp in first.values():  # the top 5: starts of a label ("yes", "y", "n", ...), which the grammar allows, or
+        # tokens it forbids, at FORBIDDEN_LOGPROB (vLLM's server's -9999.0: JSON has no -inf)
+        assert lp.logprob == FORBIDDEN_LOGPROB or any(label.startswith(lp.decoded_token) for label in ("yes", "no"))
     assert sum(math.exp(lp.logprob) for lp in first.values()) > 0.99, "the probability is the allowed tokens'"
 
 
@@ -166,3 +168,25 @@ def test_a_schema_keyword_the_grammar_would_ignore_fails_its_request_by_name(def
     refuses them with its xgrammar backend too."""
     with pytest.raises(StructuredOutputError, match=re.escape(f"the JSON schema uses {named}, which xgrammar")):
         default_llm.generate("x", SamplingParams(structured_outputs={"json": schema}), use_tqdm=False)
+
+
+def test_a_constrained_lines_logprobs_are_strict_json(tmp_path, default_model_dir):
+    """A forbidden token's logprob was -inf, written as -Infinity: not JSON to jq, JavaScript or Go."""
+    from batchllm.cli import main
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    schema = {"type": "boolean"}
+    src.write_text(json.dumps({"id": "a", "prompt": "Is water wet? Answer:", "max_tokens": 3, "temperature": 0,
+                               "logprobs": 5, "structured_outputs": {"choice": ["yes", "no"]}}) + "\n"
+                   + json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {
+                       "messages": [{"role": "user", "content": "Is water wet?"}], "max_tokens": 3, "temperature": 0,
+                       "logprobs": True, "top_logprobs": 5,
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "b", "schema": schema}}}})
+                   + "\n")
+    assert main(["run", str(src), "-o", str(out), "--model", str(default_model_dir), "--no-progress"]) == 0
+
+    def not_json(constant):
+        raise AssertionError(f"{constant} in the output")
+
+    records = [json.loads(line, parse_constant=not_json) for line in out.read_text().splitlines()]
+    assert len(records) == 2
