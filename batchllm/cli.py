@@ -552,7 +552,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             out.sync()
             num_failed = len(errors) + len(job.resume.done_error_lines)
             num_done = _generate_into(out, llm, valid, args, num_failed)
-        results_written()  # every result is written (the files close next): a later signal cuts no work short
+        results_written()  # every result is written and its files closed: a later signal cuts no work short
         return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
         return _fail(str(e))
