@@ -389,21 +389,23 @@ def bench_command(args) -> int:
     return 0
 
 
-_WORKLOAD_MINIMA = {"requests": 1, "degree": 1, "output": 1, "shared": 0, "distinct": 0, "prompt_len": 1,
-                    "min_output": 1, "warmup_requests": 0}
-"""The least value of each numeric workload option (`workload_option_problem`)."""
+_SYNTHETIC = ("shared", "snippet", "nosharing", "decodeheavy")
+_WORKLOAD_MINIMA = {"requests": (1, _SYNTHETIC), "degree": (1, ("shared", "decodeheavy")),
+                    "shared": (0, ("shared", "decodeheavy")), "distinct": (0, ("shared", "decodeheavy")),
+                    "output": (1, ("shared", "snippet", "nosharing", "file")), "prompt_len": (1, ("nosharing",)),
+                    "min_output": (1, ("decodeheavy",)), "warmup_requests": (0, (*_SYNTHETIC, "file"))}
+"""The least value of each numeric workload option, and the workloads that read it (`workload_option_problem`)."""
 
 
 def workload_option_problem(args) -> str | None:
-    """What is wrong with `bench`'s workload options (a value below its least, a shared workload of empty prompts,
-    --min-output above --max-output), or None: checked before any model loads (--degree 0 failed with a
-    ZeroDivisionError after it, --requests 0 measured nothing)."""
-    for name, least in _WORKLOAD_MINIMA.items():
-        if getattr(args, name) < least:
+    """What is wrong with the options `bench`'s workload reads (a value below its least, --min-output above
+    --max-output), or None: checked before any model loads (--degree 0 failed with a ZeroDivisionError after it,
+    --requests 0 measured nothing). Options the workload does not read are not checked."""
+    workload = resolve_workload(args)
+    for name, (least, readers) in _WORKLOAD_MINIMA.items():
+        if workload in readers and getattr(args, name) < least:
             return f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
-    if args.shared + args.distinct < 1:
-        return "--shared and --distinct cannot both be 0: the prompts would be empty"
-    if args.min_output > args.max_output:
+    if workload == "decodeheavy" and args.min_output > args.max_output:
         return f"--min-output ({args.min_output}) must not exceed --max-output ({args.max_output})"
     return None
 

@@ -194,22 +194,44 @@ _UNENFORCED = (({"integer", "number"}, ("multipleOf",)), ({"array"}, ("uniqueIte
 """Keywords xgrammar ignores, by the schema type they belong to (vLLM's check of them, `backend_xgrammar.py`)."""
 
 
+_DATA_KEYWORDS = frozenset({"default", "enum", "const", "examples"})
+"""Keywords whose values are data, not schemas: not searched (a default may look like a schema)."""
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
+"""Keywords whose values map names to schemas (a property may be named "type" or "format")."""
+
+
+def _types(node: dict) -> set[str]:
+    """A schema's "type" as a set of names: a name, or a list of them (["string", "null"])."""
+    given = node.get("type")
+    if isinstance(given, str):
+        return {given}
+    return {t for t in given if isinstance(t, str)} if isinstance(given, list) else set()
+
+
 def unenforced_schema_feature(schema: Any) -> str | None:
     """The first keyword of `schema` (a JSON schema, any depth) that xgrammar would ignore, as "'uniqueItems' (in
     properties.tags)"; None where it enforces all of them. Iterative: a schema may nest as deep as JSON allows."""
     stack: list[tuple[str, Any]] = [("", schema)]
     while stack:
         path, node = stack.pop()
-        if isinstance(node, dict):
-            where = f" (in {path})" if path else ""
-            for types, keywords in _UNENFORCED:
-                if node.get("type") in types and (found := next((k for k in keywords if k in node), None)):
-                    return f"{found!r}{where}"
-            if node.get("type") == "string" and "format" in node and node["format"] not in _XGRAMMAR_FORMATS:
-                return f"the string format {str(node['format'])[:40]!r}{where}"
-            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in node.items())
-        elif isinstance(node, list):
-            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
+        if not isinstance(node, dict):
+            continue
+        where, types = f" (in {path})" if path else "", _types(node)
+        for kinds, keywords in _UNENFORCED:
+            if types & kinds and (found := next((k for k in keywords if k in node), None)):
+                return f"{found!r}{where}"
+        if "string" in types and "format" in node and node["format"] not in _XGRAMMAR_FORMATS:
+            return f"the string format {str(node['format'])[:40]!r}{where}"
+        for key, value in node.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if key in _DATA_KEYWORDS:
+                continue
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                stack.extend((f"{inner}.{name}", item) for name, item in value.items())
+            elif isinstance(value, dict):
+                stack.append((inner, value))
+            elif isinstance(value, list):
+                stack.extend((f"{inner}[{i}]", item) for i, item in enumerate(value))
     return None
 
 

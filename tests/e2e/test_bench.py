@@ -204,7 +204,6 @@ def test_bench_file_workload_names_the_bad_line_before_loading_a_model(tiny_mode
     (["--requests", "0"], "--requests must be at least 1, got 0"),  # (it measured "0.00 req/s")
     (["--output", "0"], "--output must be at least 1, got 0"),
     (["--shared", "-1"], "--shared must be at least 0, got -1"),
-    (["--shared", "0", "--distinct", "0"], "--shared and --distinct cannot both be 0"),
     (["--workload", "nosharing", "--prompt-len", "0"], "--prompt-len must be at least 1, got 0"),
     (["--workload", "decodeheavy", "--min-output", "10", "--max-output", "2"],
      "--min-output (10) must not exceed --max-output (2)"),
@@ -212,6 +211,19 @@ def test_bench_file_workload_names_the_bad_line_before_loading_a_model(tiny_mode
 def test_bench_names_a_bad_workload_option_before_loading_a_model(tiny_model_factory, options, problem):
     with pytest.raises(SystemExit, match=re.escape(f"batchllm bench: {problem}")):
         main(["bench", "--model", tiny_model_factory("llama"), *options, "--device", "not-a-device"])
+
+
+def test_bench_leaves_options_its_workload_does_not_read_unchecked():
+    """--max-output 50 with the shared workload (which reads neither output bound) was refused for the unused
+    --min-output 100."""
+    import argparse
+
+    from batchllm.bench import workload_option_problem
+
+    base = dict(workload="shared", prompts_file=None, requests=8, degree=4, shared=16, distinct=4, output=4,
+                prompt_len=0, min_output=100, max_output=50, warmup_requests=0)
+    assert workload_option_problem(argparse.Namespace(**base)) is None
+    assert "--min-output (100)" in workload_option_problem(argparse.Namespace(**{**base, "workload": "decodeheavy"}))
 
 
 def test_bench_file_workload_needs_a_file(tiny_model_factory, tmp_path):

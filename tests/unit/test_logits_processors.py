@@ -129,3 +129,21 @@ def test_grammar_bitmask_keeps_exactly_the_allowed_bits():
     assert logits[0].tolist() == [0.0] * vocab
     allowed = [i for i, v in enumerate(logits[1].tolist()) if v != float("-inf")]
     assert allowed == [3, 31, 36]
+
+
+def test_the_schema_check_reads_types_and_property_names_as_a_schema_means_them():
+    """The check of keywords xgrammar ignores failed valid schemas with a TypeError (a nullable type is a list; a
+    property named "type" is no type), and took a default's value for a schema."""
+    from batchllm.structured import unenforced_schema_feature
+
+    for fine in ({"type": ["string", "null"]},
+                 {"type": "object", "properties": {"type": {"type": "string"}, "format": {"type": "string"}}},
+                 {"type": "object", "properties": {"x": {"type": "array", "default": {"type": "array",
+                                                                                      "uniqueItems": True}}}},
+                 {"type": "string", "format": "date"}):
+        assert unenforced_schema_feature(fine) is None, fine
+    assert unenforced_schema_feature({"type": "object", "properties": {"x": {"type": ["array", "null"],
+                                                                             "uniqueItems": True}}}) == \
+        "'uniqueItems' (in properties.x)"
+    assert unenforced_schema_feature({"$defs": {"a": {"type": "integer", "multipleOf": 3}},
+                                      "anyOf": [{"$ref": "#/$defs/a"}]}) == "'multipleOf' (in $defs.a)"
