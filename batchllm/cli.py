@@ -754,11 +754,8 @@ def largest_groups(plan, token_ids: list, tokenizer, n: int, words: int = 12) ->
     own part of the prefix, past its enclosing group's, computed once instead of once per member) and its first
     `words` words, detokenized. (A chat file's groups all nest in the chat template's opening, a top-level group
     of a few tokens: listing the top level showed only that.)"""
-    def saved(g) -> int:
-        own = g.prefix_len - (plan.groups[g.parent].prefix_len if g.parent is not None else 0)
-        return own * (len(plan.prompts_under(g.group_id)) - 1)
-
-    ranked = sorted(((saved(g), g) for g in plan.groups), key=lambda item: (-item[0], item[1].group_id))[:n]
+    saved = ((plan.own_prefix_len(g) * (len(plan.prompts_under(g.group_id)) - 1), g) for g in plan.groups)
+    ranked = sorted(saved, key=lambda item: (-item[0], item[1].group_id))[:n]
     out = []
     for saving, g in ranked:
         members = plan.prompts_under(g.group_id)

@@ -214,10 +214,10 @@ def job_state_path(directory: Path) -> Path:
 
 def recorded_option(state_path: Path, name: str) -> Any:
     """The value of option `name` recorded in a state file, or None where there is none (no file, no such option, or
-    a file that cannot be read: the job's own check of it reports that)."""
+    a file that cannot be read: the job's own check of it, `_read_state`, reports that)."""
     try:
-        options = json.loads(state_path.read_bytes()).get("options")
-    except (OSError, ValueError, AttributeError):
+        options = _read_state(state_path, state_path).get("options")
+    except JobError:
         return None
     return options.get(name) if isinstance(options, dict) else None
 

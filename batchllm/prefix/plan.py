@@ -81,13 +81,16 @@ class PrefixPlan:
     def prompt_tokens(self) -> int:
         return int(sum(self.prompt_lengths))
 
+    def own_prefix_len(self, group: PrefixGroup) -> int:
+        """The tokens of `group`'s prefix past its enclosing group's: what it computes once for its members."""
+        return group.prefix_len - (self.groups[group.parent].prefix_len if group.parent is not None else 0)
+
     @property
     def prefill_tokens(self) -> int:
         """Tokens the engine computes in prefill when it follows this plan."""
         total = 0
         for g in self.groups:
-            base = self.groups[g.parent].prefix_len if g.parent is not None else 0
-            total += g.prefix_len - base
+            total += self.own_prefix_len(g)
             total += sum(self.prompt_lengths[p] - g.prefix_len for p in g.prompts)
         total += sum(self.prompt_lengths[p] for p in self.ungrouped)
         return total
