@@ -107,6 +107,9 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         if self.output.is_dir():
             raise JobError(f"cannot write the output {str(self.output)!r}: it is a directory; -o names a file")
+        if self.output.exists() and not self.output.is_file():  # /dev/null, a pipe: no resume, no fsync
+            raise JobError(f"cannot write the output {str(self.output)!r}: it is not a regular file (a device or "
+                           "a pipe), and a job resumes from its output file; -o names a file")
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             self._created = not self.output.exists()
@@ -174,14 +177,24 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         if errors is not None and errors.exists():
             _scan_and_repair(errors, resume)
         return resume
+    try:
+        _start_output(output, errors, state_path, fingerprint)
+    except OSError as e:  # a full disk, a read-only place
+        raise JobError(f"cannot write results to {str(output)}: {e.strerror or e}") from e
+    return ResumeState()
+
+
+def _start_output(output: Path, errors: Path | None, state_path: Path, fingerprint: dict[str, Any]) -> None:
+    """Empty the output (and remove its errors file), then tie it to this job: in this order, a job killed
+    between the steps leaves either the old state over an empty output, or the new one, never earlier results
+    under the new options (--overwrite would have been undone by a resume)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    if errors is not None:
-        errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
-    _write_state(state_path, fingerprint)
     with open(output, "wb") as f:
         f.flush()
         os.fsync(f.fileno())
-    return ResumeState()
+    if errors is not None:
+        errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
+    _write_state(state_path, fingerprint)
 
 
 def later_write_problem(path: Path, what: str) -> str | None:
@@ -323,18 +336,23 @@ def _shown(value: Any) -> str:
 def _scan_and_repair(output: Path, state: ResumeState | None = None) -> ResumeState:
     """Cut a torn last line of `output` and add its records to `state` (a new one when None)."""
     state = state or ResumeState()
-    repaired_before = state.repaired_bytes
-    with open(output, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            state.repaired_bytes = repaired_before + len(data) - end
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    for line_number, raw in enumerate(data[:end].splitlines(), start=1):
-        if not raw.strip():
-            continue
+    with open(output, "rb+") as f:  # one line in memory at a time: outputs with logprobs run to many GB
+        end = 0
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):  # the last line, torn by a kill
+                state.repaired_bytes += len(raw)
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+                break
+            end += len(raw)
+            _note_line(output, line_number, raw, state)
+    return state
+
+
+def _note_line(output: Path, line_number: int, raw: bytes, state: ResumeState) -> None:
+    """Add the record of one complete output line to `state`; a line this program did not write is a JobError."""
+    if raw.strip():
         try:
             record = json.loads(raw)
             problem = _record_problem(record)
@@ -345,7 +363,6 @@ def _scan_and_repair(output: Path, state: ResumeState | None = None) -> ResumeSt
                            f"cannot be resumed; {_START_OVER}")
         state.num_records += 1
         _note_done(record, state)
-    return state
 
 
 def _record_problem(record: Any) -> str | None:

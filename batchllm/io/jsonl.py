@@ -182,22 +182,32 @@ def _echoed_id(obj: dict) -> tuple[str | int | None, bool]:
     return _clean_id(obj.get("custom_id") if openai else obj.get("id")), openai
 
 
-def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
-    def error(message: str, rid: str | int | None = None) -> LineError:
-        return LineError(line_number, rid, f"line {line_number}: {message}")
-
+def _json_object(raw: bytes, line_number: int) -> Any:
+    """The JSON value of one line (without its line end: a line cut inside a string is "unterminated", not
+    a newline "control character"), or the LineError of a line that is not JSON text."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
         return _unreadable(raw, line_number, f"not valid UTF-8 ({e.reason} at byte {e.start})")
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:  # (its column: the character's in the line, a trailing newline's included)
-        return _unreadable(raw, line_number, f"malformed JSON: {e.msg} at column {e.pos + 1}")
+        return json.loads(text)
+    except json.JSONDecodeError as e:  # (some messages end in "at": "Invalid control character at")
+        return _unreadable(raw, line_number, f"malformed JSON: {e.msg.removesuffix(' at')} at column {e.pos + 1}")
     except RecursionError:
         return _unreadable(raw, line_number, "malformed JSON: nested too deeply")
     except ValueError as e:  # an integer literal past Python's digit limit
         return _unreadable(raw, line_number, f"malformed JSON: {str(e).split(';')[0]}")
+
+
+def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
+    def error(message: str, rid: str | int | None = None) -> LineError:
+        return LineError(line_number, rid, f"line {line_number}: {message}")
+
+    obj = _json_object(raw, line_number)
+    if isinstance(obj, LineError):  # its id, where the bytes still show one, is taken: a later line's is a duplicate
+        if obj.request_id is not None:
+            seen_ids.add(obj.request_id)
+        return obj
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)):

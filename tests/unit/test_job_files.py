@@ -612,3 +612,67 @@ def test_run_says_which_fields_it_ignored(tmp_path, capsys, tiny_model_factory):
     assert code == 0, err
     assert "batchllm: ignored fields that are not request fields: rating (2 lines)" in err
     assert len(out.read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- session 33: the output's start and resume
+def test_overwrite_empties_the_output_before_the_new_options_are_recorded(tmp_path, monkeypatch):
+    """--overwrite wrote the new state file first and emptied the output after: a job killed between the two
+    left the old answers under the new options, and the next run called them complete."""
+    from batchllm.io import job
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    prepare_output(out, src, overwrite=False, options={"seed": 7})
+    out.write_text(json.dumps({"id": "a", "output": "answered with seed 7"}) + "\n")
+    seen = []
+    write_state = job._write_state
+    monkeypatch.setattr(job, "_write_state", lambda path, fp: (seen.append(out.read_text()), write_state(path, fp)))
+    prepare_output(out, src, overwrite=True, options={"seed": 8})
+    assert seen == [""], "the new options were recorded over an output still holding the old answers"
+
+
+def test_a_failure_to_start_the_output_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from batchllm.io import job
+
+    def full(path, fingerprint):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    monkeypatch.setattr(job, "_write_state", full)
+    with pytest.raises(JobError, match=r"cannot write results to .*out\.jsonl: No space left on device"):
+        prepare_output(out, src, overwrite=False, options={})
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_by_name(tmp_path, capsys):
+    """-o /dev/null failed with a bare "[Errno 22] Invalid argument" (fsync of a device) and left
+    /dev/null.batchllm-state behind; a pipe blocked the open."""
+    src, fifo = tmp_path / "in.jsonl", tmp_path / "results.pipe"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    os.mkfifo(fifo)
+    code, err = run(capsys, src, "-o", fifo)
+    assert code == 2 and "is not a regular file" in err and "results.pipe" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "results.pipe"]
+
+
+def test_resume_reads_the_output_a_line_at_a_time(tmp_path):
+    """Resuming read the whole output and split it into a second copy: twice the output's size in memory, 20 GB
+    for a 10 GB output with logprobs."""
+    import tracemalloc
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in range(40)))
+    prepare_output(out, src, overwrite=False, options={})
+    complete = "".join(json.dumps({"id": i, "output": "y" * 1_000_000}) + "\n" for i in range(39))
+    out.write_text(complete + complete[:500])
+    tracemalloc.start()
+    try:
+        state = prepare_output(out, src, overwrite=False, options={})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert state.done_ids == set(range(39)) and state.repaired_bytes == 500
+    assert out.read_text() == complete
+    assert peak < 8_000_000, f"resume held {peak / 1e6:.0f} MB for a 39 MB output"
