@@ -31,7 +31,7 @@ from pathlib import Path
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import DTYPE_ALIASES, default_log_level
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
-from batchllm.inputs import ModelSource, read_chat_template, read_model_source
+from batchllm.inputs import ModelSource, check_model_files, read_chat_template, read_model_source
 from batchllm.io.ingest import (
     ENDPOINT_DEFAULTS,
     OPENAI_MAX_TOKENS,
@@ -399,6 +399,8 @@ def _run_locked(args: argparse.Namespace) -> int:
         # a bad model path or id, or a context it cannot hold, fails before anything is written (the
         # default model is left for later: its first use converts it; its GGUF sets no sampling defaults)
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
+        if source is not None:
+            check_model_files(source, args.load_format, args.tokenizer)
         read_chat_template_once(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)

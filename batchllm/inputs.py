@@ -15,7 +15,7 @@ import numpy as np
 
 from batchllm.io.openai_batch import text_message
 from batchllm.models.default_model import default_model_dir
-from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec
+from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec, rope_type_of, weight_files
 from batchllm.prefix.radix import as_token_array
 from batchllm.structured import GrammarBackend
 
@@ -87,7 +87,8 @@ class PromptProcessor:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
         if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"the tokenizer of {self.source} has no chat template")
+            raise ValueError(f"the tokenizer of {self.source} has no chat template: give one with --chat-template "
+                             "(llm.chat(..., chat_template=...)), or send a plain prompt")
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError(f"conversation {index}: messages must be a non-empty list")
         for j, message in enumerate(conversation):  # (an assistant turn that only called tools may lack content)
@@ -224,14 +225,25 @@ def _or_error(call, *args) -> TokenizedPrompt | ValueError:
 
 
 def resolve_max_model_len(requested: int | None, spec) -> int:
+    """The context the engine runs with: `requested`, or the model's where None. The model's is
+    max_position_embeddings, times a linear rope scaling's factor (as vLLM derives it), capped at a sliding
+    window: attention here is over the whole context, which equals the model's windowed attention only within
+    the window (vLLM's disable_sliding_window=True does the same)."""
     limit = spec.max_position_embeddings
+    why = ""
+    if rope_type_of(spec.rope_scaling) == "linear":
+        limit = int(limit * float(spec.rope_scaling.get("factor", 1.0)))
+        why = f"; max_position_embeddings {spec.max_position_embeddings} x its linear rope factor"
     if spec.sliding_window is not None and spec.sliding_window < limit:
-        logger.warning("capping the context at the sliding window (%d tokens)", spec.sliding_window)
+        logger.warning("capping the context at the model's sliding window, %d tokens (of %d): attention here has no "
+                       "window, the same within it (as vLLM's disable_sliding_window=True)", spec.sliding_window,
+                       limit)
         limit = spec.sliding_window
+        why = "; its sliding window: attention here has no window, so the context stops at it"
     if requested is None:
         return limit
     if requested > limit:
-        raise ValueError(f"max_model_len {requested} exceeds what the model supports ({limit})")
+        raise ValueError(f"max_model_len {requested} exceeds what the model supports ({limit}{why})")
     return requested
 
 
@@ -265,9 +277,27 @@ def local_model_dir(model: str | Path | None) -> Path:
         ) from e
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+"""A directory with none of these holds no tokenizer transformers can load."""
+
+
+def tokenizer_files_problem(path: Path) -> str | None:
+    """Why `path` holds no tokenizer (not a directory, no tokenizer file), or None; checked before a job writes
+    anything, and named plainly (transformers calls a missing directory a bad repo id, and no tokenizer file a
+    missing sentencepiece)."""
+    if not path.is_dir():
+        return f"cannot load a tokenizer from {str(path)!r}: no such directory"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return (f"cannot load a tokenizer from {str(path)!r}: it holds none of {', '.join(TOKENIZER_FILES)}; "
+                "give the tokenizer's directory with --tokenizer (LLM(tokenizer=...))")
+    return None
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    if problem := tokenizer_files_problem(path):
+        raise ModelLoadError(problem)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -293,6 +323,15 @@ def read_model_source(model: str | Path | None, max_model_len: int | None = None
     model_dir = local_model_dir(model)
     spec = read_model_spec(model_dir)
     return ModelSource(model_dir, spec, resolve_max_model_len(max_model_len, spec))
+
+
+def check_model_files(source: ModelSource, load_format: str, tokenizer: str | Path | None = None) -> None:
+    """Raise ModelLoadError where the weights (unless `load_format` is dummy) or the tokenizer are missing, before a
+    job writes anything; loading reads them later."""
+    if load_format != "dummy":
+        weight_files(source.model_dir)
+    if problem := tokenizer_files_problem(local_model_dir(tokenizer) if tokenizer else source.model_dir):
+        raise ModelLoadError(problem)
 
 
 def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat_template: str | None = None):

@@ -234,7 +234,7 @@ VLLM_NOT_TAKEN = {
                                            "(SamplingParams.structured_outputs)"),
     "kv_transfer_config": ((None,), "disaggregated prefill is not supported"),
     "calculate_kv_scales": ((False,), "an fp8 KV cache's scales are set per tensor (kv_cache_dtype='fp8')"),
-    "disable_sliding_window": ((False,), "sliding-window models are not supported"),
+    "disable_sliding_window": ((False, True), "a sliding window caps the context: attention here has no window"),
     "enable_sleep_mode": ((False,), "sleep mode is not supported; shutdown() frees the device memory"),
     "model_impl": (("auto",), "the models are this engine's own"),
     "num_scheduler_steps": ((1,), "one step per schedule (async_scheduling overlaps the next schedule)"),

@@ -11,13 +11,13 @@ import math
 import torch
 from torch import nn
 
-from batchllm.models.spec import ModelLoadError
+from batchllm.models.spec import ModelLoadError, rope_type_of
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    rope_type = rope_type_of(scaling)
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":

@@ -27,7 +27,7 @@ from batchllm.layers.fp8 import FP8, channel_quantized, prepare_fp8, restore_fp8
 from batchllm.layers.rotary import RotaryEmbedding
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.quant_config import Fp8Scheme
-from batchllm.models.spec import ModelLoadError, ModelSpec
+from batchllm.models.spec import ModelLoadError, ModelSpec, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +134,7 @@ def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
 def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Scheme | None) -> None:
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(
-            f"{str(model_dir)!r} holds no *.safetensors weights (use load_format='dummy' for random weights)"
-        )
+    files = weight_files(model_dir)
     params = model.checkpoint_tensors()
     scales = _fp8_scale_targets(params)
     loaded: set[str] = set()

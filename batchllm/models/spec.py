@@ -23,6 +23,11 @@ _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralF
 """config.json's model_type -> its architecture, for configs that name no architectures."""
 
 
+def rope_type_of(scaling: dict | None) -> str:
+    """A rope_scaling's type under either key (`rope_type`, transformers 4.45+; `type` before), default without one."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
 @dataclass(frozen=True)
 class ArchitectureTraits:
     qkv_bias: bool = False
@@ -163,3 +168,30 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
         raise ModelLoadError(f"{config_path} lacks the field {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{config_path} has a malformed field: {e}") from e
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The *.safetensors files to load: those `model.safetensors.index.json` names where there is one (Mistral's
+    repositories ship a `consolidated.safetensors` of other names beside the shards, as vLLM's loader knows), else
+    every one in the directory. None, or a file the index names missing, is a ModelLoadError naming what is there."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{str(index_path)!r} is not a safetensors index (no weight_map of file names): "
+                                 f"{e}") from e
+        if missing := [name for name in names if not (model_dir / name).is_file()]:
+            raise ModelLoadError(f"{str(model_dir)!r} lacks weight file(s) its {index_path.name} names: "
+                                 f"{', '.join(missing[:5])}")
+        return [model_dir / name for name in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if bins := sorted(p.name for p in model_dir.glob("*.bin") if p.name != "training_args.bin"):
+        raise ModelLoadError(f"{str(model_dir)!r} holds PyTorch weights ({', '.join(bins[:3])}), not *.safetensors, "
+                             "which this engine reads: save the model again with transformers' save_pretrained "
+                             "(safetensors is its default)")
+    raise ModelLoadError(
+        f"{str(model_dir)!r} holds no *.safetensors weights (use load_format='dummy' for random weights)"
+    )

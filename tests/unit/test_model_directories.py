@@ -1,0 +1,107 @@
+"""Model directories as users download them (session 33): which weight files load, the context a model's config
+gives, and the messages of a directory that lacks something, before a job writes anything."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from batchllm import LLM, SamplingParams, cli
+from batchllm.models.spec import ModelLoadError
+from tests.helpers import hf_greedy, make_tiny_model
+
+
+def _greedy(model_dir, prompts, max_tokens, **llm_kwargs):
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", **llm_kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+def test_only_the_files_the_index_names_are_loaded(tmp_path, default_model_dir):
+    """Mistral's repositories ship `consolidated.safetensors` (its own names) beside the sharded checkpoint: every
+    *.safetensors was read, and the load failed on 'layers.0.attention.wk.weight'."""
+    from safetensors.torch import save_file
+
+    model = make_tiny_model("mistral", tmp_path / "m", tokenizer_dir=default_model_dir)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(model).save_pretrained(model, max_shard_size="100KB")
+    (model / "model.safetensors").unlink()
+    assert (model / "model.safetensors.index.json").is_file()
+    save_file({"layers.0.attention.wk.weight": torch.zeros(16, 64)}, str(model / "consolidated.safetensors"))
+    prompt = [[1, 400, 500, 600, 700]]
+    assert _greedy(model, prompt, 6) == hf_greedy(model, prompt, 6, stop_at_eos=False)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    missing = sorted(set(index["weight_map"].values()))[-1]
+    (model / missing).unlink()
+    with pytest.raises(ModelLoadError, match=f"lacks weight file.*{missing}"):
+        LLM(str(model), device="cpu")
+
+
+def test_a_linear_rope_factor_extends_the_context_as_vllm_derives_it(tmp_path, default_model_dir):
+    """max_position_embeddings 64 with a linear factor 2 is a 128-token context (vLLM's); it was refused past 64."""
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    model = make_tiny_model("llama", tmp_path / "m", tokenizer_dir=default_model_dir, max_position_embeddings=64,
+                            rope_scaling=scaling)
+    assert LLM(str(model), device="cpu").max_model_len == 128
+    prompt = [[1] + [(97 * i) % 40000 + 10 for i in range(89)]]  # 90 tokens, past 64
+    assert _greedy(model, prompt, 8) == hf_greedy(model, prompt, 8, stop_at_eos=False)
+    with pytest.raises(ValueError, match=r"exceeds what the model supports \(128; max_position_embeddings 64 x"):
+        LLM(str(model), device="cpu", max_model_len=129)
+
+
+def test_a_sliding_window_caps_the_context_and_says_why(tmp_path, default_model_dir):
+    """vLLM's disable_sliding_window=True asks for what runs here (it was refused as "not supported")."""
+    model = make_tiny_model("mistral", tmp_path / "m", tokenizer_dir=default_model_dir, sliding_window=32,
+                            max_position_embeddings=256)
+    assert LLM(str(model), device="cpu", disable_sliding_window=True).max_model_len == 32
+    with pytest.raises(ValueError, match=r"supports \(32; its sliding window: attention here has no window"):
+        LLM(str(model), device="cpu", max_model_len=64)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no weights", "holds no \\*.safetensors weights"),
+    ("bin weights", r"holds PyTorch weights \(pytorch_model.bin\), not \*.safetensors"),
+    ("no tokenizer", "holds none of tokenizer.json, tokenizer.model"),
+    ("tokenizer path", "cannot load a tokenizer from '/no/such/tokenizer': no such directory"),
+])
+def test_a_directory_that_lacks_something_fails_before_the_job_writes(tmp_path, capsys, default_model_dir,
+                                                                      damage, message):
+    """These failed after the output and its state file were written (docs/architecture.md says the model directory
+    is checked before), some with transformers' words: a bad repo id for a missing directory, a missing sentencepiece
+    for no tokenizer file."""
+    model = make_tiny_model("llama", tmp_path / "m", tokenizer_dir=default_model_dir)
+    extra = []
+    if damage in ("no weights", "bin weights"):
+        (model / "model.safetensors").unlink()
+    if damage == "bin weights":
+        (model / "pytorch_model.bin").write_bytes(b"not read")
+    if damage == "no tokenizer":
+        for f in model.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                f.unlink()
+    if damage == "tokenizer path":
+        extra = ["--tokenizer", "/no/such/tokenizer"]
+    (src := tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "Hi"}\n')
+    code = cli.main(["run", str(src), "-o", str(tmp_path / "out" / "o.jsonl"), "--model", str(model),
+                     "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and len(re.findall(message, err)) == 1, err
+    assert not list((tmp_path / "out").glob("*")), "nothing is written for a model that cannot load"
+
+
+def test_chat_without_a_template_says_how_to_give_one(tmp_path, default_model_dir):
+    model = make_tiny_model("llama", tmp_path / "m", tokenizer_dir=default_model_dir)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    for f in model.glob("chat_template*"):
+        f.unlink()
+    shutil.rmtree(model / "additional_chat_templates", ignore_errors=True)
+    llm = LLM(str(model), device="cpu")
+    with pytest.raises(ValueError, match="has no chat template: give one with --chat-template"):
+        llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2))
