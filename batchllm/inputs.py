@@ -106,7 +106,7 @@ class PromptProcessor:
             raise ValueError(f"conversation {index}: add_generation_prompt and continue_final_message cannot "
                              "both be true (continue_final_message needs add_generation_prompt false)")
         try:
-            return self.tokenizer.apply_chat_template(conversation, **options)
+            return ChatText(self.tokenizer.apply_chat_template(conversation, **options))
         except Exception as e:  # the template itself rejects the conversation (roles, content types)
             raise ValueError(f"conversation {index}: the chat template failed: {e}") from e
 
@@ -127,9 +127,7 @@ class PromptProcessor:
                 raise ValueError(f"prompt {index} is empty")
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index}: text prompts need a tokenizer (skip_tokenizer_init is set)")
-            # A rendered chat template already carries its special tokens.
-            bos = getattr(self.tokenizer, "bos_token", None)
-            add_special = not (bos and prompt.startswith(bos))
+            add_special = self._adds_special_tokens(prompt)
             try:
                 ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
             except Exception as e:  # e.g. TypeError on a lone surrogate: this prompt's error, no one else's
@@ -139,6 +137,15 @@ class PromptProcessor:
             return self.validate_ids(prompt if isinstance(prompt, np.ndarray) else list(prompt), index, None, truncate)
         raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
 
+    def _adds_special_tokens(self, prompt: str) -> bool:
+        """Whether the tokenizer adds its special tokens (a BOS) to this text: not to a rendered chat (its template
+        places them: vLLM's chat and transformers' tokenized apply_chat_template add none), nor to a text that
+        already opens with the BOS token (vLLM would give it a second one)."""
+        if isinstance(prompt, ChatText):
+            return False
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return not (bos and prompt.startswith(bos))
+
     def tokenize_many(self, prompts: list[Any], indices: list[int],
                       truncate: list[int | None] | None = None) -> list[TokenizedPrompt | ValueError]:
         """Tokenize many prompts with one batched tokenizer call per kind (`truncate`: each one's
@@ -147,10 +154,9 @@ class PromptProcessor:
         truncate = truncate or [None] * len(prompts)
         results: list[TokenizedPrompt | ValueError | None] = [None] * len(prompts)
         texts: dict[bool, list[int]] = {True: [], False: []}  # add_special_tokens -> positions
-        bos = getattr(self.tokenizer, "bos_token", None) if self.tokenizer is not None else None
         for pos, prompt in enumerate(prompts):
             if isinstance(prompt, str) and prompt and self.tokenizer is not None:
-                texts[not (bos and prompt.startswith(bos))].append(pos)
+                texts[self._adds_special_tokens(prompt)].append(pos)
             else:
                 results[pos] = _or_error(self.tokenize_prompt, prompt, indices[pos], truncate[pos])
         for add_special, positions in texts.items():
@@ -202,6 +208,13 @@ class PromptProcessor:
             raise ValueError(f"prompt {index}: truncate_prompt_tokens ({truncate}) is more than the context "
                              f"(max_model_len {self.max_model_len}); give at most that, or -1")
         return truncate
+
+
+class ChatText(str):
+    """A conversation rendered by a chat template: tokenized without the tokenizer's special tokens, which the
+    template places where it wants them."""
+
+    __slots__ = ()
 
 
 def _numpy_integers(ids: Any) -> list[int] | None:

@@ -105,3 +105,36 @@ def test_chat_without_a_template_says_how_to_give_one(tmp_path, default_model_di
     llm = LLM(str(model), device="cpu")
     with pytest.raises(ValueError, match="has no chat template: give one with --chat-template"):
         llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2))
+
+
+def test_a_rendered_chat_gets_no_bos_its_template_did_not_place(tmp_path, default_model_dir):
+    """A tokenizer that adds a BOS, a template that writes none (a base model given --chat-template): the rendered
+    chat was tokenized with the BOS added, one token more than vLLM's chat and transformers' apply_chat_template;
+    in `LLM.chat` and in `run`'s chat lines alike. A plain prompt still gets it."""
+    from transformers import AutoTokenizer
+
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.io.ingest import prepare_lines
+    from batchllm.io.job import ResumeState
+
+    model = make_tiny_model("llama", tmp_path / "m", tokenizer_dir=default_model_dir)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|endoftext|>",
+                              "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "pair": [{"Sequence": {
+                              "id": "A", "type_id": 0}}], "special_tokens": {"<|endoftext|>": {
+                              "id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|endoftext|>"}))
+    hf = AutoTokenizer.from_pretrained(model)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert expected[0] != 0 and hf("Hi")["input_ids"][0] == 0, "the tokenizer adds a BOS the template does not"
+    llm = LLM(str(model), device="cpu")
+    chat = llm.chat(messages, SamplingParams(max_tokens=1))[0]
+    assert chat.prompt_token_ids == expected
+    assert llm.generate("Hi", SamplingParams(max_tokens=1))[0].prompt_token_ids == hf("Hi")["input_ids"]
+    (src := tmp_path / "in.jsonl").write_text(json.dumps({"id": "c", "messages": messages}) + "\n"
+                                              + json.dumps({"id": "p", "prompt": "Hi"}) + "\n")
+    lines = prepare_lines(src, prompt_processor_for(str(model)), {"max_tokens": 1}, None, ResumeState()).valid
+    assert [list(v.prompt.array) for v in lines] == [expected, hf("Hi")["input_ids"]]
