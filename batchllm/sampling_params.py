@@ -167,8 +167,11 @@ class SamplingParams:
                 raise bad(name, "must be a finite number")
         if not 1 <= self.n <= MAX_N:
             raise bad("n", f"must be in [1, {MAX_N}]")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
+        if not 0 <= self.temperature <= 2:
+            raise bad("temperature", "must be in [0, 2]")  # (vLLM 0.26's range, OpenAI's too)
+        if self.n > 1 and self.temperature < _GREEDY_EPS:  # n equal answers; vLLM raises the same
+            raise bad("n", f"must be 1 when using greedy sampling (temperature 0); sample with a temperature > 0 "
+                           f"for {self.n} different completions")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
         if not -1 <= self.top_k <= MAX_TOP_K:

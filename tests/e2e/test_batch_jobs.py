@@ -63,7 +63,7 @@ def test_openai_batch_round_trip(tmp_path, default_model_dir):
     lines = [
         openai_line("chat-1", messages=[{"role": "user", "content": "What is the capital of France?"}],
                     temperature=0, max_completion_tokens=20),
-        openai_line("chat-2", temperature=0, max_tokens=5, logprobs=True, top_logprobs=2, n=2, seed=3),
+        openai_line("chat-2", temperature=0.7, max_tokens=5, logprobs=True, top_logprobs=2, n=2, seed=3),
         openai_line("cmpl-1", url=COMPLETIONS, max_tokens=6, temperature=0, logprobs=2, stop=["\n"]),
         openai_line("cmpl-ids", url=COMPLETIONS, prompt=[504, 3575, 282], max_tokens=3),
     ]
