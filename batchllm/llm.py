@@ -113,6 +113,11 @@ class LLM:
         """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
         self.last_stats: dict[str, Any] = {}
 
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """vLLM's, called between timed runs: True. Nothing is cached between calls here: each call plans its own
+        prefixes and frees their blocks as its last member finishes, so every call starts from an empty cache."""
+        return True
+
     def shutdown(self) -> None:
         """Stop the data-parallel workers and tensor-parallel followers, if any (they are daemons
         that also die with this process), drop the engine and hand its device memory (weights, KV
@@ -585,6 +590,8 @@ def _refuse_unsupported(**arguments: Any) -> None:
     """A ValueError naming the first of vLLM's `generate` / `chat` arguments (`_NOT_SUPPORTED`) given a value
     other than None, and what to do instead."""
     for name, value in arguments.items():
+        if isinstance(value, (list, tuple)) and all(v is None for v in value):
+            value = None  # one per prompt, none asking for anything (vLLM scripts build such lists)
         if value is not None:
             raise ValueError(f"{name}={str(value)[:60]} is not supported: {_NOT_SUPPORTED[name]}")
 

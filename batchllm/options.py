@@ -184,6 +184,8 @@ def engine_config(**kwargs: Any) -> EngineConfig:
         if option is None:
             raise TypeError(unknown_option_message(key))
         value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if option.name == "dtype" and type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+            value = str(value).removeprefix("torch.")  # LLM(dtype=torch.bfloat16), as vLLM takes it
         _check_type(key, option, value)
         sections.setdefault(option.section, {})[option.name] = value
     return EngineConfig(**{s: c(**sections.get(s, {})) for s, c in typing.get_type_hints(EngineConfig).items()})
@@ -239,6 +241,26 @@ VLLM_NOT_TAKEN = {
     "model_impl": (("auto",), "the models are this engine's own"),
     "num_scheduler_steps": ((1,), "one step per schedule (async_scheduling overlaps the next schedule)"),
     "enable_lora": ((None, False), "LoRA adapters are not supported"),
+    "convert": (("auto", "none"), "the engine generates text; pooling models are not supported"),
+    "allowed_local_media_path": (("", None), "prompts are text or token ids only"),
+    "allowed_media_domains": ((None,), "prompts are text or token ids only"),
+    "mm_processor_kwargs": ((None, {}), "prompts are text or token ids only"),
+    "offload_group_size": ((0,), "the weights stay on the device; use tensor_parallel_size for a model larger "
+                                 "than one GPU"),
+    "offload_num_in_group": ((1,), "the weights stay on the device"),
+    "offload_prefetch_step": ((1,), "the weights stay on the device"),
+    "offload_params": ((None, set()), "the weights stay on the device"),
+    "enable_return_routed_experts": ((False,), "the models here have no experts"),
+    "pooler_config": ((None,), "pooling models are not supported"),
+    "profiler_config": ((None,), "profile with `batchllm bench --profile-out` (torch's profiler)"),
+    "attention_config": ((None,), "the attention backend is this engine's own (Triton on a GPU)"),
+    "quantization_config": ((None,), "quantization=\"fp8\" quantizes at load; a checkpoint's own quantization_config "
+                                     "in config.json is read"),
+    "logits_processors": ((None, []), "custom logits processor classes are not supported; SamplingParams has "
+                                      "logit_bias, allowed_token_ids, bad_words and structured_outputs"),
+    "spec_method": ((None,), "speculative decoding is not supported"),
+    "spec_model": ((None,), "speculative decoding is not supported"),
+    "spec_tokens": ((None,), "speculative decoding is not supported"),
     "lora_modules": ((None,), "LoRA adapters are not supported"),
 }
 """vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for

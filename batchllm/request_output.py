@@ -27,6 +27,8 @@ class CompletionOutput:
     """'stop' or 'length' (or 'abort')."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended generation; None for EOS or length."""
+    lora_request: None = None
+    """vLLM's field: always None (no LoRA adapters here)."""
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -48,6 +50,13 @@ class RequestOutput:
     prefix-cache hits: a shared prefix is charged to the first request of the call that reads it (0 there)
     and counted here for the others; 0 without sharing. So over a call of n = 1 prompts, the sum of
     len(prompt_token_ids) - num_cached_tokens is the prefill computed. With n > 1 the first completion's."""
+    metrics: None = None
+    """vLLM's per-request timing (None there too unless stats are logged): None; `LLM.last_stats` has the call's."""
+    lora_request: None = None
+    encoder_prompt: None = None
+    encoder_prompt_token_ids: None = None
+    kv_transfer_params: None = None
+    """vLLM's fields for what is not supported here (LoRA, encoder-decoder models, KV transfer): always None."""
 
     @property
     def num_output_tokens(self) -> int:

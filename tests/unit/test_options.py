@@ -428,3 +428,23 @@ def test_more_vllm_keywords_are_taken_at_their_defaults_or_without_effect():
                                 ("speculative_config", {"method": "ngram"}, "speculative decoding")):
         with pytest.raises(TypeError, match=f"{key}={value!r} is not supported: .*{instead}"):
             engine_config(**{key: value})
+
+
+def test_the_rest_of_vllm_026s_llm_keywords_are_taken_at_their_defaults():
+    """Every keyword of vLLM 0.26's `LLM.__init__`, at its default, is taken (these were "unknown engine
+    option"); dtype as a torch dtype too, as vLLM takes it."""
+    import torch
+
+    from batchllm.options import engine_config
+
+    assert engine_config(convert="auto", allowed_local_media_path="", allowed_media_domains=None,
+                         mm_processor_kwargs=None, offload_group_size=0, offload_num_in_group=1,
+                         offload_prefetch_step=1, offload_params=None, enable_return_routed_experts=False,
+                         pooler_config=None, profiler_config=None, attention_config=None, quantization_config=None,
+                         logits_processors=None, spec_method=None, spec_model=None, spec_tokens=None,
+                         disable_sliding_window=True) == engine_config()
+    assert engine_config(dtype=torch.bfloat16) == engine_config(dtype="bfloat16")
+    with pytest.raises(TypeError, match="logits_processors=.* is not supported: custom logits processor classes"):
+        engine_config(logits_processors=["my.Processor"])
+    with pytest.raises(TypeError, match="engine option 'dtype' must be a string"):
+        engine_config(dtype=torch.device("cpu"))

@@ -170,6 +170,9 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
                 getattr(llm, task)(["Hi"])
         # vLLM's defaults of those arguments ask for nothing: taken
         llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=[0, 0], tokenization_kwargs={})
+        llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, lora_request=[None, None])  # one per prompt
+        with pytest.raises(ValueError, match="lora_request=.* is not supported: "):
+            llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, lora_request=[None, object()])
         llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=np.zeros(2, dtype=np.int64))
         llm.chat([message], params, use_tqdm=False, chat_template_content_format="string", mm_processor_kwargs={})
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -306,3 +309,24 @@ def test_a_structural_tag_is_named_as_not_supported():
 
     with pytest.raises(ValueError, match="structured_outputs.structural_tag is not supported"):
         StructuredOutputsParams(structural_tag='{"type": "structural_tag"}')
+
+
+def test_what_vllm_scripts_read_of_an_output_and_call_between_runs(tiny_model_factory):
+    """`output.metrics`, `.lora_request`, `llm.reset_prefix_cache()` were AttributeErrors. The reset is true to its
+    word: a second call over the same prompts finds nothing cached from the first."""
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    try:
+        prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13] + [i] for i in range(20, 24)]
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        first = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.reset_prefix_cache() is True
+        second = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.num_cached_tokens for o in second] == [o.num_cached_tokens for o in first]
+        assert first[0].num_cached_tokens == 0, "the first of a group computes the shared prefix, in every call"
+        out = second[0]
+        assert (out.metrics, out.lora_request, out.encoder_prompt, out.encoder_prompt_token_ids,
+                out.kv_transfer_params, out.outputs[0].lora_request) == (None,) * 6
+    finally:
+        llm.shutdown()
