@@ -54,6 +54,19 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+VLLM_ONLY_FIELDS: dict[str, tuple[tuple, str]] = {
+    "logprob_token_ids": ((None,), "logprobs=k returns the sampled token's and the top k"),
+    "flat_logprobs": ((False,), "logprobs are vLLM's list of dicts"),
+    "skip_clone": ((False, True), "without effect here"),
+    "output_text_buffer_length": ((0,), "vLLM's internal field"),
+    "routed_experts_prompt_start": ((0,), "the models here have no experts"),
+    "skip_reading_prefix_cache": ((None, False), "a shared prefix is computed once and read by its members"),
+    "thinking_token_budget": ((None,), "no reasoning parser here: end thinking with max_tokens or a stop string"),
+    "repetition_detection": ((None,), "use repetition_penalty, or a stop string"),
+}
+"""vLLM 0.26 SamplingParams fields with no counterpart here: (the values taken, what to do instead of another)."""
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -121,6 +134,16 @@ class SamplingParams:
     no truncation, and a prompt the context cannot hold is refused (`inputs.PromptProcessor.validate_ids`)."""
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """vLLM's; every output here is final whatever the kind (see RequestOutputKind)."""
+    logprob_token_ids: list[int] | None = None
+    flat_logprobs: bool = False
+    skip_clone: bool = False
+    output_text_buffer_length: int = 0
+    routed_experts_prompt_start: int = 0
+    skip_reading_prefix_cache: bool | None = None
+    thinking_token_budget: int | None = None
+    repetition_detection: Any = None
+    """vLLM 0.26's fields with no counterpart here (`VLLM_ONLY_FIELDS`): taken at the values that ask for what runs
+    here anyway, refused by name otherwise."""
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     _bad_words_token_ids: list[tuple[int, ...]] | None = field(default=None, init=False, repr=False, compare=False)
     _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
@@ -214,6 +237,10 @@ class SamplingParams:
         if not self.detokenize and self.stop:
             raise bad("detokenize", f"must be true with stop strings (they are found in the text; stop={self.stop!r})")
         self._validate_penalties(bad)
+        for name, (accepted, instead) in VLLM_ONLY_FIELDS.items():
+            value = getattr(self, name)
+            if not any(type(value) is type(v) and value == v for v in accepted):
+                raise bad(name, f"is not supported ({instead}): only {' or '.join(map(repr, accepted))}")
 
     def _validate_penalties(self, bad) -> None:
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -332,8 +359,8 @@ class SamplingParams:
     @classmethod
     def field_names(cls) -> list[str]:
         """The fields a request line or a Ray row may carry: output_kind, an enum of the Python API without
-        effect offline, is left out."""
-        return [f.name for f in fields(cls) if f.init and f.name != "output_kind"]
+        effect offline, and vLLM's fields without a counterpart here (`VLLM_ONLY_FIELDS`) are left out."""
+        return [f.name for f in fields(cls) if f.init and f.name != "output_kind" and f.name not in VLLM_ONLY_FIELDS]
 
     @staticmethod
     def from_optional(**fields: Any) -> SamplingParams:
