@@ -213,16 +213,12 @@ class CompletionState:
             if self._min_tokens_text_len is None:
                 self._min_tokens_text_len = len(self._decode_ids(self.token_ids[:self.params.min_tokens]))
         floor = self._min_tokens_text_len or 0
-        best: tuple[int, str] | None = None
-        for stop in self.params.stop_strings:
+        for stop in self.params.stop_strings:  # the first in the list's order that the text holds, as vLLM's
             at = text.find(stop, max(search_from, floor - len(stop) + 1))
-            if at != -1 and (best is None or at < best[0]):
-                best = (at, stop)
-        if best is None:
-            return None
-        at, stop = best
-        self.stop_text = text[: at + len(stop)] if self.params.include_stop_str_in_output else text[:at]
-        return stop
+            if at != -1:
+                self.stop_text = text[: at + len(stop)] if self.params.include_stop_str_in_output else text[:at]
+                return stop
+        return None
 
     def _stop_in_window(self) -> bool:
         """Whether a stop string occurs in the text of the last tokens: false only when no new

@@ -26,7 +26,7 @@ def full_decode_reference(tokenizer, params: SamplingParams, tokens: list[int]) 
         found = [(text.find(s, start), s) for s in params.stop_strings if text.find(s, start) != -1]
         checked = len(text)
         if found:
-            at, stop = min(found, key=lambda f: f[0])
+            at, stop = found[0]  # the first stop in the list's order (vLLM's), not the earliest in the text
             return i - 1, stop, text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
     return None
 
@@ -77,3 +77,14 @@ def test_windowed_stop_search_matches_decoding_everything(tokenizer, skip_specia
         assert windowed(tokenizer, params, tokens) == expected, (tokens, stops)
         num_matched += expected is not None
     assert num_matched > 30  # the comparison covered stops that matched, not only misses
+
+
+def test_a_token_completing_two_stops_ends_at_the_first_in_the_lists_order(tokenizer):
+    """As vLLM's check_stop_strings: " Paris" completes both "is" and "ar"; the earliest in the text ("ar") was
+    taken, where vLLM takes the first listed ("is")."""
+    paris = tokenizer.encode(" Paris", add_special_tokens=False)
+    assert len(paris) == 1
+    for stops, include, expected in ((["is", "ar"], False, ("is", " Par")), (["is", "ar"], True, ("is", " Paris")),
+                                     (["ar", "is"], False, ("ar", " P"))):
+        state = CompletionState(0, SamplingParams(stop=stops, include_stop_str_in_output=include), tokenizer)
+        assert (state.append(paris[0], None), state.stop_text) == expected
