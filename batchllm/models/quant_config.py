@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from batchllm.models.spec import ModelLoadError
 
-QUANTIZATION_METHODS = ("fp8",)
-"""Values of the `quantization` option (None: the checkpoint decides)."""
+QUANTIZATION_METHODS = ("fp8", "compressed-tensors")
+"""Values of the `quantization` option (None: the checkpoint decides): fp8 quantizes a 16/32-bit checkpoint at load
+or names an FP8 checkpoint's method; compressed-tensors (vLLM's spelling) names a compressed-tensors checkpoint's."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,14 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
 
 def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp8Scheme | None:
     """The scheme the engine runs: the checkpoint's when it is pre-quantized (the option, one of ModelConfig's
-    choices, may be None or name the same method), an at-load FP8 scheme for quantization='fp8', else None."""
-    if checkpoint is not None and option not in (None, "fp8"):
-        raise ValueError(f"quantization={option!r} conflicts with the checkpoint's FP8 quantization_config")
+    choices, may be None or name the checkpoint's method, as vLLM requires), an at-load FP8 scheme for
+    quantization='fp8' on a 16/32-bit checkpoint, else None."""
+    if checkpoint is not None and option not in (None, checkpoint.method):
+        raise ValueError(f"quantization={option!r} conflicts with the checkpoint's quantization_config (method "
+                         f"{checkpoint.method!r}): leave it None (the checkpoint decides) or give that method")
     if checkpoint is not None:
         return checkpoint
+    if option == "compressed-tensors":
+        raise ValueError("quantization='compressed-tensors' names a compressed-tensors checkpoint's method, and this "
+                         "checkpoint has no quantization_config: give 'fp8' to quantize it at load")
     return Fp8Scheme(checkpoint_fp8=False) if option == "fp8" else None

@@ -147,3 +147,13 @@ def test_the_option_and_the_checkpoint_combine():
     assert resolve_quantization(None, ckpt) is ckpt and resolve_quantization("fp8", ckpt) is ckpt
     with pytest.raises(ValueError, match="conflicts with the checkpoint"):
         resolve_quantization("int8", ckpt)
+    # vLLM's spelling of a compressed-tensors checkpoint's method is taken for one, refused for others (it ran as
+    # "fp8" on one, and was refused as not a choice for the other, though vLLM scripts give it)
+    compressed = Fp8Scheme(True, "channel", method="compressed-tensors")
+    assert resolve_quantization("compressed-tensors", compressed) is compressed
+    with pytest.raises(ValueError, match="conflicts with the checkpoint's quantization_config .*'compressed-tensors'"):
+        resolve_quantization("fp8", compressed)
+    with pytest.raises(ValueError, match="conflicts with the checkpoint's quantization_config .*method 'fp8'"):
+        resolve_quantization("compressed-tensors", ckpt)
+    with pytest.raises(ValueError, match="has no quantization_config: give 'fp8'"):
+        resolve_quantization("compressed-tensors", None)

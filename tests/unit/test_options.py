@@ -113,8 +113,8 @@ def test_an_unknown_keyword_is_named_with_the_closest_options():
         engine_config(max_num_batched_token=64)
     with pytest.raises(TypeError, match="speculative_config=.* is not supported: speculative decoding"):
         LLM(speculative_config={"method": "ngram"})  # refused before anything is loaded
-    with pytest.raises(TypeError, match="unknown engine option 'pooler_config'"):
-        LLM(pooler_config={})
+    with pytest.raises(TypeError, match="unknown engine option 'pooling_config'"):
+        LLM(pooling_config={})
 
 
 def test_vllm_keywords_that_change_nothing_here_are_taken():
@@ -130,7 +130,7 @@ def test_vllm_keywords_work_or_are_refused_by_name():
                            quantization=None)
     assert config.parallel.tensor_parallel_size == 2 and config.sharing.prefix_sharing is False
     assert config.model.trust_remote_code and config.model.seed == 7
-    with pytest.raises(ValueError, match=r"quantization must be one of \('fp8',\) or None, got 'awq'"):
+    with pytest.raises(ValueError, match=r"must be one of \('fp8', 'compressed-tensors'\) or None, got 'awq'"):
         LLM(quantization="awq")
     with pytest.raises(TypeError, match="'enable_prefix_caching' and 'prefix_sharing' are the same option"):
         engine_config(enable_prefix_caching=True, prefix_sharing=False)
