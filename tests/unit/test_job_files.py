@@ -676,3 +676,14 @@ def test_resume_reads_the_output_a_line_at_a_time(tmp_path):
     assert state.done_ids == set(range(39)) and state.repaired_bytes == 500
     assert out.read_text() == complete
     assert peak < 8_000_000, f"resume held {peak / 1e6:.0f} MB for a 39 MB output"
+
+
+def test_the_default_model_by_its_path_resumes_a_job_run_without_model(tmp_path, capsys, default_model_dir):
+    """`--model ~/.cache/batchllm/SmolLM2-135M-Instruct` after a run without --model was refused as
+    'model (unset) -> ...', though it is the same model."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    code, err = run(capsys, src, "-o", out, "--max-tokens", "2")
+    assert code == 0, err
+    code, err = run(capsys, src, "-o", out, "--max-tokens", "2", "--model", default_model_dir)
+    assert code == 0 and "already complete" in err, err
