@@ -109,17 +109,21 @@ def _token_text_len(tokenizer, token_id: int, skip_special_tokens: bool) -> int:
     return len(tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens))
 
 
-def _without_a_cut_character(text: str, token_ids: list[int], tokenizer) -> str:
-    """`text` without the U+FFFD its last tokens decode to when they end inside a multi-byte character (an
-    output cut by max_tokens mid-emoji): vLLM's incremental detokenizer holds such bytes back, so its text
-    never ends in that U+FFFD."""
+def _without_a_cut_character(token_ids: list[int], decode, tokenizer) -> str:
+    """The text of `token_ids` (`decode` makes it) without the tokens that end inside a multi-byte character (an
+    output cut by max_tokens mid-emoji): vLLM's incremental detokenizer holds such tokens' whole text back (a token
+    " \xf0\x9f" shows neither its space nor the U+FFFD), so its text never ends in that U+FFFD."""
+    text = decode(token_ids)
     if not text.endswith("\ufffd") or not token_ids:
         return text
     try:
-        tail = b"".join(token_bytes(tokenizer, t) for t in token_ids[-4:])  # a character is at most 4 bytes
+        pieces = [token_bytes(tokenizer, t) for t in token_ids[-8:]]
     except Exception:  # noqa: BLE001 - a tokenizer whose pieces cannot be read: the text as decoded
         return text
-    return text[:-1] if _ends_inside_a_character(tail) else text
+    for cut in range(len(pieces) + 1):  # drop the last `cut` tokens while what is left ends inside a character
+        if not _ends_inside_a_character(b"".join(pieces[: len(pieces) - cut])[-4:]):
+            return text if cut == 0 else decode(token_ids[:len(token_ids) - cut])
+    return text
 
 
 def _ends_inside_a_character(data: bytes) -> bool:
@@ -269,7 +273,7 @@ class CompletionState:
             text = self.stop_text
         elif self.tokenizer is not None:
             shown = self.token_ids[:-1] if self._ended_by_stop_token else self.token_ids
-            text = _without_a_cut_character(self._decode_ids(shown), shown, self.tokenizer)
+            text = _without_a_cut_character(shown, self._decode_ids, self.tokenizer)
         else:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:

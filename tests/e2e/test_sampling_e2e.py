@@ -173,6 +173,20 @@ def test_an_output_cut_inside_a_character_does_not_end_in_a_replacement_characte
         assert "\ufffd" not in cut.text and full.text.startswith(cut.text), (n, cut.text)
 
 
+def test_a_token_ending_inside_a_character_shows_none_of_its_text(default_llm):
+    """vLLM's detokenizer holds back the whole text of a token that ends inside a character: a token of bytes
+    " \\xf0\\x9f" (a space, then an emoji's first half) cut by max_tokens gave " " here, "" there."""
+    from batchllm.output_processor import token_bytes
+
+    tokenizer = default_llm.get_tokenizer()
+    half = next(t for t in range(1000, 40000) if token_bytes(tokenizer, t) == b" \xf0\x9f")
+    params = SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=[half])
+    assert default_llm.generate("Hi", params, use_tqdm=False)[0].outputs[0].text == ""
+    two = SamplingParams(temperature=0, max_tokens=2, allowed_token_ids=[half, tokenizer.encode("a")[0]])
+    out = default_llm.generate("Hi", two, use_tqdm=False)[0].outputs[0]
+    assert not out.text.endswith(("\ufffd", " ")), out.text
+
+
 def test_a_character_is_unfinished_only_when_its_lead_byte_announces_more():
     from batchllm.output_processor import _ends_inside_a_character
 
