@@ -264,7 +264,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 """A Hugging Face model id: `name` or `org/name` (never a path that starts with /, ., ~ or has two slashes)."""
 
 
-def local_model_dir(model: str | Path | None) -> Path:
+def local_model_dir(model: str | Path | None, what: str = "model") -> Path:
     """The directory of `model`, never downloading anything: None -> the embedded default model; an
     existing path -> itself; a Hugging Face model id (`org/name`) that is not a local path -> its
     snapshot in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), or a ModelLoadError that says
@@ -284,7 +284,7 @@ def local_model_dir(model: str | Path | None) -> Path:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise ModelLoadError(
-            f"model {str(model)!r} is neither a local directory nor in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"{what} {str(model)!r} is neither a local directory nor in the Hugging Face cache ({HF_HUB_CACHE}); "
             f"BatchLLM never downloads at run time: get it first with `hf download {model}` "
             "(or pass the path of a model directory)"
         ) from e
@@ -343,14 +343,14 @@ def check_model_files(source: ModelSource, load_format: str, tokenizer: str | Pa
     job writes anything; loading reads them later."""
     if load_format != "dummy":
         weight_files(source.model_dir)
-    if problem := tokenizer_files_problem(local_model_dir(tokenizer) if tokenizer else source.model_dir):
+    if problem := tokenizer_files_problem(local_model_dir(tokenizer, "tokenizer") if tokenizer else source.model_dir):
         raise ModelLoadError(problem)
 
 
 def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat_template: str | None = None):
     """The tokenizer of `source`'s model, or of `tokenizer` (a directory or cached id) where given, with
     `chat_template` (`read_chat_template`) in place of its own where given."""
-    loaded = load_tokenizer(local_model_dir(tokenizer) if tokenizer else source.model_dir)
+    loaded = load_tokenizer(local_model_dir(tokenizer, "tokenizer") if tokenizer else source.model_dir)
     if chat_template is not None:
         loaded.chat_template = read_chat_template(chat_template)
     return loaded

@@ -68,6 +68,7 @@ def test_a_sliding_window_caps_the_context_and_says_why(tmp_path, default_model_
     ("bin weights", r"holds PyTorch weights \(pytorch_model.bin\), not \*.safetensors"),
     ("no tokenizer", "holds none of tokenizer.json, tokenizer.model"),
     ("tokenizer path", "cannot load a tokenizer from '/no/such/tokenizer': no such directory"),
+    ("tokenizer id", "tokenizer 'no-org/no-tokenizer' is neither a local directory nor in the Hugging Face cache"),
 ])
 def test_a_directory_that_lacks_something_fails_before_the_job_writes(tmp_path, capsys, default_model_dir,
                                                                       damage, message):
@@ -86,6 +87,8 @@ def test_a_directory_that_lacks_something_fails_before_the_job_writes(tmp_path, 
                 f.unlink()
     if damage == "tokenizer path":
         extra = ["--tokenizer", "/no/such/tokenizer"]
+    if damage == "tokenizer id":
+        extra = ["--tokenizer", "no-org/no-tokenizer"]
     (src := tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "Hi"}\n')
     code = cli.main(["run", str(src), "-o", str(tmp_path / "out" / "o.jsonl"), "--model", str(model),
                      "--no-progress", *extra])
