@@ -403,7 +403,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         # default model is left for later: its first use converts it; its GGUF sets no sampling defaults)
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
         if source is not None:
-            check_model_files(source, args.load_format, args.tokenizer)
+            check_model_files(source, args.load_format, args.tokenizer, args.skip_tokenizer_init)
         read_chat_template_once(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)

@@ -338,19 +338,25 @@ def read_model_source(model: str | Path | None, max_model_len: int | None = None
     return ModelSource(model_dir, spec, resolve_max_model_len(max_model_len, spec))
 
 
-def check_model_files(source: ModelSource, load_format: str, tokenizer: str | Path | None = None) -> None:
-    """Raise ModelLoadError where the weights (unless `load_format` is dummy) or the tokenizer are missing, before a
-    job writes anything; loading reads them later."""
+def check_model_files(source: ModelSource, load_format: str, tokenizer: str | Path | None = None,
+                      skip_tokenizer: bool = False) -> None:
+    """Raise ModelLoadError where the weights (unless `load_format` is dummy) or the tokenizer (unless
+    `skip_tokenizer`: skip_tokenizer_init) are missing, before a job writes anything; loading reads them later."""
     if load_format != "dummy":
         weight_files(source.model_dir)
-    if problem := tokenizer_files_problem(local_model_dir(tokenizer, "tokenizer") if tokenizer else source.model_dir):
+    if not skip_tokenizer and (problem := tokenizer_files_problem(tokenizer_dir(source, tokenizer))):
         raise ModelLoadError(problem)
+
+
+def tokenizer_dir(source: ModelSource, tokenizer: str | Path | None) -> Path:
+    """The tokenizer's directory: `tokenizer` (a directory or cached id) where given, else the model's."""
+    return local_model_dir(tokenizer, "tokenizer") if tokenizer else source.model_dir
 
 
 def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat_template: str | None = None):
     """The tokenizer of `source`'s model, or of `tokenizer` (a directory or cached id) where given, with
     `chat_template` (`read_chat_template`) in place of its own where given."""
-    loaded = load_tokenizer(local_model_dir(tokenizer, "tokenizer") if tokenizer else source.model_dir)
+    loaded = load_tokenizer(tokenizer_dir(source, tokenizer))
     if chat_template is not None:
         loaded.chat_template = read_chat_template(chat_template)
     return loaded

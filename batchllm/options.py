@@ -23,6 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from batchllm.config import EngineConfig
+from batchllm.sampling_params import among
 
 VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing"}
 """vLLM keyword -> the BatchLLM option it means (the value is passed through unchanged)."""
@@ -176,7 +177,7 @@ def engine_config(**kwargs: Any) -> EngineConfig:
             continue
         if key in VLLM_NOT_TAKEN:
             accepted, instead = VLLM_NOT_TAKEN[key]
-            if _among(value, accepted):
+            if among(value, accepted):
                 continue  # vLLM's default, which asks for what runs here anyway
             raise TypeError(f"{key}={repr(value)[:60]} is not supported: {instead} (taken only as "
                             f"{' or '.join(map(repr, accepted))}, vLLM's default)")
@@ -266,11 +267,6 @@ VLLM_NOT_TAKEN = {
 """vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for
 what runs here anyway, taken and dropped, as ported code passes vLLM's defaults; what to do instead of any other,
 said when one is given)."""
-
-
-def _among(value: Any, values: tuple) -> bool:
-    """`value` equals one of `values`, type included (True is not 1, nor 0 False)."""
-    return any(type(value) is type(v) and value == v for v in values)
 
 
 def unknown_option_message(key: str) -> str:

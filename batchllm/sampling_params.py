@@ -193,8 +193,7 @@ class SamplingParams:
         if not 0 <= self.temperature <= 2:
             raise bad("temperature", "must be in [0, 2]")  # (vLLM 0.26's range, OpenAI's too)
         if self.n > 1 and self.temperature < _GREEDY_EPS:  # n equal answers; vLLM raises the same
-            raise bad("n", f"must be 1 when using greedy sampling (temperature 0); sample with a temperature > 0 "
-                           f"for {self.n} different completions")
+            raise bad("n", "must be 1 when using greedy sampling (temperature 0: the completions would be equal)")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
         if not -1 <= self.top_k <= MAX_TOP_K:
@@ -239,7 +238,7 @@ class SamplingParams:
         self._validate_penalties(bad)
         for name, (accepted, instead) in VLLM_ONLY_FIELDS.items():
             value = getattr(self, name)
-            if not any(type(value) is type(v) and value == v for v in accepted):
+            if not among(value, accepted):
                 raise bad(name, f"is not supported ({instead}): only {' or '.join(map(repr, accepted))}")
 
     def _validate_penalties(self, bad) -> None:
@@ -398,6 +397,11 @@ def _is_finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def among(value: Any, values: tuple) -> bool:
+    """`value` equals one of `values`, type included (True is not 1, nor 0 False)."""
+    return any(type(value) is type(v) and value == v for v in values)
 
 
 def short_repr(value: object) -> str:

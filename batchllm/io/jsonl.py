@@ -204,9 +204,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return LineError(line_number, rid, f"line {line_number}: {message}")
 
     obj = _json_object(raw, line_number)
-    if isinstance(obj, LineError):  # its id, where the bytes still show one, is taken: a later line's is a duplicate
-        if obj.request_id is not None:
-            seen_ids.add(obj.request_id)
+    if isinstance(obj, LineError):  # (its echoed id is not taken: outputs resumed from before would answer twice)
         return obj
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")

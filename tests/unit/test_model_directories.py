@@ -141,3 +141,14 @@ def test_a_rendered_chat_gets_no_bos_its_template_did_not_place(tmp_path, defaul
                                               + json.dumps({"id": "p", "prompt": "Hi"}) + "\n")
     lines = prepare_lines(src, prompt_processor_for(str(model)), {"max_tokens": 1}, None, ResumeState()).valid
     assert [list(v.prompt.array) for v in lines] == [expected, hf("Hi")["input_ids"]]
+
+
+def test_skip_tokenizer_init_needs_no_tokenizer_files(tmp_path, capsys):
+    """The check of a model's files before `run` writes asked for tokenizer files that --skip-tokenizer-init never
+    reads (a review caught it failing such a job)."""
+    model = make_tiny_model("llama", tmp_path / "m")  # config.json and weights only
+    (src := tmp_path / "in.jsonl").write_text('{"id": "a", "prompt_token_ids": [5, 6, 7], "max_tokens": 2}\n')
+    code = cli.main(["run", str(src), "-o", str(tmp_path / "o.jsonl"), "--model", str(model), "--no-progress",
+                     "--skip-tokenizer-init"])
+    assert code == 0, capsys.readouterr().err
+    assert len(json.loads((tmp_path / "o.jsonl").read_text())["token_ids"]) == 2

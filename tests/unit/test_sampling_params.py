@@ -334,8 +334,6 @@ def test_what_vllm_scripts_read_of_an_output_and_call_between_runs(tiny_model_fa
 
 def test_vllm_026s_other_fields_are_taken_at_their_defaults_and_refused_by_name_otherwise():
     """flat_logprobs=False, thinking_token_budget=None ... were "unexpected keyword argument" TypeErrors."""
-    from batchllm.sampling_params import VLLM_ONLY_FIELDS
-
     taken = SamplingParams(logprob_token_ids=None, flat_logprobs=False, skip_clone=True, output_text_buffer_length=0,
                            routed_experts_prompt_start=0, skip_reading_prefix_cache=None, thinking_token_budget=None,
                            repetition_detection=None)
@@ -344,4 +342,3 @@ def test_vllm_026s_other_fields_are_taken_at_their_defaults_and_refused_by_name_
                                  ("flat_logprobs", True, "list of dicts"), ("skip_reading_prefix_cache", 1, "once")):
         with pytest.raises(ValueError, match=f"SamplingParams.{name} is not supported .*{instead}"):
             SamplingParams(**{name: value})
-    assert not set(VLLM_ONLY_FIELDS) & set(SamplingParams.field_names()), "not a request line's fields"
