@@ -165,6 +165,8 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         raise JobError(problem)
     state_path = state_path_for(output)
     fingerprint = _job_fingerprint(input_path, options)
+    if errors is not None:
+        fingerprint["errors_file"] = str(errors.resolve())
     existing = [p for p in (output, errors) if p is not None and p.exists() and p.stat().st_size > 0]
     if existing and not overwrite:
         if existing[0] == errors and not state_path.exists():  # no output yet: the errors file is another's
@@ -173,6 +175,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
                            "remove it (--overwrite would delete it)")
         state = _read_state(state_path, output)
         _refuse_another_job(output, state, fingerprint, input_path)
+        _refuse_another_errors_file(output, state.get("errors_file"), errors)
         resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
         if errors is not None and errors.exists():
             _scan_and_repair(errors, resume)
@@ -283,6 +286,16 @@ def _refuse_another_job(output: Path, state: dict[str, Any], fingerprint: dict[s
             "choose another -o or pass --overwrite"
         )
     _refuse_other_options(output, state.get("options"), fingerprint.get("options"))
+
+
+def _refuse_another_errors_file(output: Path, recorded: Any, errors: Path | None) -> None:
+    """Raise JobError when the job's failed lines are in another errors file than `errors` (the one its state
+    file records, still holding records): resumed so, they would run and be written again into this one."""
+    if not isinstance(recorded, str) or errors is None or Path(recorded) == errors.resolve():
+        return
+    if Path(recorded).is_file() and Path(recorded).stat().st_size > 0:
+        raise JobError(f"refusing to resume into {str(output)!r}: its failed lines are in {recorded!r}, not "
+                       f"{str(errors)!r}; resume with --errors-file {recorded}, or move that file there")
 
 
 def _read_state(state_path: Path, output: Path) -> dict[str, Any]:

@@ -687,3 +687,21 @@ def test_the_default_model_by_its_path_resumes_a_job_run_without_model(tmp_path,
     assert code == 0, err
     code, err = run(capsys, src, "-o", out, "--max-tokens", "2", "--model", default_model_dir)
     assert code == 0 and "already complete" in err, err
+
+
+def test_resuming_with_another_errors_file_is_refused_while_the_first_holds_failures(tmp_path):
+    """A resume with another --errors-file ran the failed lines again and wrote them into the new file too: the
+    same failures in two files. The state file records the errors file; a missing or empty one lets it change."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    first, second = tmp_path / "first.errors.jsonl", tmp_path / "second.errors.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in range(2)))
+    prepare_output(out, src, overwrite=False, errors=first, options={})
+    out.write_text(json.dumps({"id": "batch_req_1", "custom_id": "c0", "response": {}, "error": None}) + "\n")
+    assert prepare_output(out, src, overwrite=False, errors=second, options={}).done_ids == {"c0"}, "none failed"
+    first.write_text(json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
+                                 "error": {"code": "invalid_request", "message": "line 2: bad"}}) + "\n")
+    with pytest.raises(JobError, match=r"its failed lines are in '.*first\.errors\.jsonl'.*--errors-file"):
+        prepare_output(out, src, overwrite=False, errors=second, options={})
+    assert prepare_output(out, src, overwrite=False, errors=first, options={}).done_error_lines == {2}
+    first.rename(second)  # moved by hand: resumes from where it now is
+    assert prepare_output(out, src, overwrite=False, errors=second, options={}).done_error_lines == {2}
