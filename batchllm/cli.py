@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
-from batchllm.config import DTYPE_ALIASES, default_cache_dir, default_log_level
+from batchllm.config import DTYPE_ALIASES, default_log_level
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, check_model_files, read_chat_template, read_model_source
 from batchllm.io.ingest import (
@@ -56,7 +56,7 @@ from batchllm.io.job import (
     same_file,
     state_path_for,
 )
-from batchllm.models.default_model import DEFAULT_MODEL_NAME
+from batchllm.models.default_model import default_model_path
 from batchllm.options import (
     VLLM_NOT_TAKEN,
     VLLM_SHORT_FLAGS,
@@ -386,7 +386,7 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())
-    if options["model"] == str((default_cache_dir() / DEFAULT_MODEL_NAME).resolve()):
+    if options["model"] == str(default_model_path().resolve()):
         options["model"] = None  # the default model by its path: the same model as none given
     if options["chat_template"] is not None:
         options["chat_template"] = "sha256:" + hashlib.sha256(options["chat_template"].encode()).hexdigest()[:16]

@@ -40,9 +40,14 @@ def find_gguf() -> Path:
     return path
 
 
+def default_model_path(cache_dir: Path | None = None) -> Path:
+    """Where the converted default model is (or will be once `default_model_dir` converts it)."""
+    return (cache_dir or default_cache_dir()) / DEFAULT_MODEL_NAME
+
+
 def default_model_dir(cache_dir: Path | None = None) -> Path:
     """Return the converted default model's directory, converting it on first use."""
-    target = (cache_dir or default_cache_dir()) / DEFAULT_MODEL_NAME
+    target = default_model_path(cache_dir)
     if (target / _DONE_MARKER).is_file():
         return target
     gguf_path = find_gguf()
