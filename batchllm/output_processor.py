@@ -182,8 +182,8 @@ class CompletionState:
         self._primer: tuple[list[int], str] | None | bool = False
         """(prompt tokens, their text) to decode after; None: decode alone; False: not yet chosen."""
         self.token_ids: list[int] = []
-        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
-        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.num_logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.num_logprobs is not None else None
         if not params.detokenize:  # (vLLM's detokenize=False: no text, no decoded logprob tokens)
             self.tokenizer = tokenizer = None
         self._watch_stops = bool(params.stop_strings) and tokenizer is not None

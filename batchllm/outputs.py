@@ -24,6 +24,8 @@ class SamplingSpec:
     min_p: float
     seed: int | None
     num_logprobs: int | None
+    logprob_token_ids: tuple[int, ...] = ()
+    """The tokens whose logprobs are returned in place of the top `num_logprobs` (as many), where named."""
     banned_token_ids: tuple[int, ...] = ()
     """Token ids that must not be sampled this step (EOS/stop ids while below min_tokens)."""
     adjust: LogitsAdjust | None = None

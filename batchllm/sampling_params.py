@@ -24,6 +24,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The seeds vLLM (a torch.Generator) accepts; here one is taken modulo 2^64 (`layers/seeded_noise.py`).
 Completion k of an n > 1 request uses seed + k."""
 MAX_TOP_K = 2**31 - 1
+MAX_LOGPROB_TOKEN_IDS = 128
+"""vLLM's cap on the length of SamplingParams.logprob_token_ids."""
 """top_k travels to the device as an int64; anything this large already means the whole vocabulary."""
 
 _short = reprlib.Repr()  # error messages quote values without echoing megabytes or deep nesting
@@ -55,7 +57,6 @@ class RequestOutputKind(enum.Enum):
 
 
 VLLM_ONLY_FIELDS: dict[str, tuple[tuple, str]] = {
-    "logprob_token_ids": ((None,), "logprobs=k returns the sampled token's and the top k"),
     "flat_logprobs": ((False,), "logprobs are vLLM's list of dicts"),
     "skip_clone": ((False, True), "without effect here"),
     "output_text_buffer_length": ((0,), "vLLM's internal field"),
@@ -135,6 +136,9 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """vLLM's; every output here is final whatever the kind (see RequestOutputKind)."""
     logprob_token_ids: list[int] | None = None
+    """vLLM's: the logprobs of exactly these tokens (at most 128) at each generated position, in place of the top
+    `logprobs` (with the sampled token's, as always; logprobs, if given, must equal their number): scoring labels
+    without asking for the whole vocabulary. Each listed token's `rank` is its place in the list, as in vLLM."""
     flat_logprobs: bool = False
     skip_clone: bool = False
     output_text_buffer_length: int = 0
@@ -235,11 +239,31 @@ class SamplingParams:
             raise bad("output_kind", "must be a RequestOutputKind")
         if not self.detokenize and self.stop:
             raise bad("detokenize", f"must be true with stop strings (they are found in the text; stop={self.stop!r})")
+        self._validate_logprob_token_ids(bad)
         self._validate_penalties(bad)
         for name, (accepted, instead) in VLLM_ONLY_FIELDS.items():
             value = getattr(self, name)
             if not among(value, accepted):
                 raise bad(name, f"is not supported ({instead}): only {' or '.join(map(repr, accepted))}")
+
+    def _validate_logprob_token_ids(self, bad) -> None:
+        ids = self.logprob_token_ids
+        if ids is None:
+            return
+        if not _is_id_list(ids):
+            raise bad("logprob_token_ids", "must be a list of non-negative integers (token ids) or None")
+        if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise bad("logprob_token_ids", f"has {len(ids)} token ids; at most {MAX_LOGPROB_TOKEN_IDS} (vLLM's limit)")
+        if ids and self.logprobs is not None and self.logprobs != len(ids):
+            raise bad("logprobs", f"must equal the number of logprob_token_ids ({len(ids)}) when both are given")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many logprobs each generated position returns besides the sampled token's (vLLM's): `logprobs`,
+        else the number of `logprob_token_ids`; None: no logprobs."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return len(self.logprob_token_ids) if self.logprob_token_ids else None
 
     def _validate_penalties(self, bad) -> None:
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -309,7 +333,8 @@ class SamplingParams:
             if whole:
                 setattr(self, name, vocab_size)
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {}),
-                          ("allowed_token_ids", self.allowed_token_ids or [])):
+                          ("allowed_token_ids", self.allowed_token_ids or []),
+                          ("logprob_token_ids", self.logprob_token_ids or [])):
             for t in ids:
                 if t >= vocab_size:
                     raise ValueError(f"SamplingParams.{name}: token id {t} is outside the vocabulary [0, {vocab_size})")

@@ -460,7 +460,8 @@ class Scheduler:
             banned = tuple(sorted(set(request.eos_token_ids) | set(sp.stop_token_ids)))
         adjust = _logits_adjust(request) if sp.has_adjustments else None
         spec = SamplingSpec(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed,
-                            num_logprobs=sp.logprobs, banned_token_ids=banned, adjust=adjust, grammar=sp.grammar_key,
+                            num_logprobs=sp.num_logprobs, logprob_token_ids=tuple(sp.logprob_token_ids or ()),
+                            banned_token_ids=banned, adjust=adjust, grammar=sp.grammar_key,
                             num_prompt_tokens=request.num_prompt_tokens)
         if not banned:  # past min_tokens the settings never change again
             request.cached_sampling_spec = spec

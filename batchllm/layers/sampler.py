@@ -109,12 +109,26 @@ def sample_on_device(
     rows = to_device(logprob_rows, device, torch.int64)
     raw = raw_logprobs[rows]
     sampled = raw.gather(1, tokens[rows, None])  # [m, 1]
-    top = torch.topk(raw, max(num_top), dim=-1)
+    top_values, top_ids = torch.topk(raw, max(num_top), dim=-1)
+    named = [(j, specs[i].logprob_token_ids) for j, i in enumerate(logprob_rows) if specs[i].logprob_token_ids]
+    if named:
+        top_values, top_ids = _with_named_tokens(raw, top_values, top_ids, named)
     return SampledTokens(
         tokens, logprob_rows, num_top,
         sampled_logprob=sampled[:, 0], rank=(raw > sampled).sum(dim=-1) + 1,
-        top_logprobs=top.values, top_ids=top.indices,
+        top_logprobs=top_values, top_ids=top_ids,
     )
+
+
+def _with_named_tokens(raw: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor,
+                       named: list[tuple[int, tuple[int, ...]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k logprobs [m, k] with the rows in `named` (row j of `raw`, its tokens: at most k of them, as
+    `num_top` counts them) replaced by those tokens' logprobs, in the order given; the rest of such a row is
+    padding that `SampledTokens.lists` cuts off."""
+    width = top_ids.shape[1]
+    rows = to_device([j for j, _ in named], raw.device, torch.int64)
+    ids = to_device([list(t) + [0] * (width - len(t)) for _, t in named], raw.device, torch.int64)
+    return top_values.index_copy(0, rows, raw[rows].gather(1, ids)), top_ids.index_copy(0, rows, ids)
 
 
 def _greedy_and_drawn(logits: torch.Tensor, specs: list[SamplingSpec], positions: list[int] | None,

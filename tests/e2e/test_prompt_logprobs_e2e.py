@@ -1,6 +1,7 @@
 """Prompt logprobs on SmolLM2 (fp32, CPU) against HF transformers' float32 log_softmax over the
 prompt: with prefix sharing on (the shared prefix's rows computed once, for every member) and off,
-prompts spanning several prefill chunks, under forced preemption, and through a JSONL job."""
+prompts spanning several prefill chunks, under forced preemption, and through a JSONL job; and the logprobs
+of named tokens at a generated position (logprob_token_ids) against the same reference."""
 
 from __future__ import annotations
 
@@ -77,6 +78,27 @@ def test_prompt_logprobs_match_hf_with_and_without_sharing(default_model_dir, re
         assert s["prefill_tokens_computed"] < s["prompt_tokens"] - 100
     else:
         assert s["prefill_tokens_computed"] == s["prompt_tokens"]
+
+
+def test_logprob_token_ids_return_those_tokens_logprobs_beside_other_rows(default_llm, reference):
+    """vLLM's logprob_token_ids: the sampled token's entry first (its own rank), then each named token in the
+    order given with its place as rank, in one batch with a top-k row and a row that asks for nothing."""
+    ids, logprobs = reference[3]
+    last = logprobs[-1]  # the distribution of the first generated token
+    named = [5, 1000, int(last.argmax()), 42]
+    outs = default_llm.generate([PROMPTS[3]] * 3, [
+        SamplingParams(temperature=0, max_tokens=1, logprob_token_ids=named),
+        SamplingParams(temperature=0, max_tokens=1, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=1)], use_tqdm=False)
+    out = outs[0].outputs[0]
+    token, entry = out.token_ids[0], out.logprobs[0]
+    assert token == named[2] and list(entry) == [token, 5, 1000, 42]
+    assert entry[token].rank == 1 and [entry[t].rank for t in (5, 1000, 42)] == [1, 2, 4]
+    for t in named:
+        assert entry[t].logprob == pytest.approx(last[t].item(), abs=TOL)
+        assert isinstance(entry[t].decoded_token, str)
+    assert out.cumulative_logprob == pytest.approx(last[token].item(), abs=TOL)
+    assert len(outs[1].outputs[0].logprobs[0]) == 2 and outs[2].outputs[0].logprobs is None
 
 
 def test_prompt_logprobs_survive_preemption(default_model_dir, reference):

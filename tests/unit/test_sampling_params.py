@@ -338,7 +338,26 @@ def test_vllm_026s_other_fields_are_taken_at_their_defaults_and_refused_by_name_
                            routed_experts_prompt_start=0, skip_reading_prefix_cache=None, thinking_token_budget=None,
                            repetition_detection=None)
     assert taken.clone() == SamplingParams(skip_clone=True)
-    for name, value, instead in (("logprob_token_ids", [5], "logprobs=k"), ("thinking_token_budget", 64, "max_tokens"),
+    for name, value, instead in (("thinking_token_budget", 64, "max_tokens"),
                                  ("flat_logprobs", True, "list of dicts"), ("skip_reading_prefix_cache", 1, "once")):
         with pytest.raises(ValueError, match=f"SamplingParams.{name} is not supported .*{instead}"):
             SamplingParams(**{name: value})
+
+
+def test_logprob_token_ids_are_checked_as_vllm_checks_them():
+    """vLLM's: at most 128 ids, inside the vocabulary, and logprobs (if given) equal to their number; the number
+    of logprobs returned per position is theirs. (A refused field before.)"""
+    sp = SamplingParams(logprob_token_ids=[5, 9, 7])
+    assert sp.num_logprobs == 3 and SamplingParams(logprobs=2).num_logprobs == 2
+    assert SamplingParams(logprob_token_ids=[]).num_logprobs is None and SamplingParams().num_logprobs is None
+    assert SamplingParams(logprobs=2, logprob_token_ids=[1, 2]).num_logprobs == 2
+    assert "logprob_token_ids" in SamplingParams.field_names()  # a JSONL line may carry it
+    with pytest.raises(ValueError, match=r"SamplingParams.logprobs must equal the number of logprob_token_ids \(2\)"):
+        SamplingParams(logprobs=3, logprob_token_ids=[1, 2])
+    with pytest.raises(ValueError, match="has 129 token ids; at most 128"):
+        SamplingParams(logprob_token_ids=list(range(129)))
+    for bad in ([1, -2], [1.0], "5", [True]):
+        with pytest.raises(ValueError, match="logprob_token_ids must be a list of non-negative integers"):
+            SamplingParams(logprob_token_ids=bad)
+    with pytest.raises(ValueError, match=r"logprob_token_ids: token id 100 is outside the vocabulary \[0, 100\)"):
+        SamplingParams(logprob_token_ids=[3, 100]).check_for_model(vocab_size=100)
