@@ -668,10 +668,10 @@ def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace
     desc = f"tokens ({num_failed} lines failed)" if num_failed else "tokens"
     results = llm.iter_generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
                                 use_tqdm=not args.no_progress, progress_desc=desc)
-    num_done = 0
+    num_done, tokenizer = 0, llm.get_tokenizer()
     try:
         for index, output in results:
-            out.write(record_for(valid[index].line, output, names))
+            out.write(record_for(valid[index].line, output, names, tokenizer))
             num_done += 1
     finally:
         try:

@@ -110,7 +110,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
                                         [params.truncate_prompt_tokens for _, params, _ in pending])
         for (line, params, _), result in zip(pending, results):
-            line.prompt = None  # the tokens replace the text: never hold both for a whole file
+            if line.echo is None:  # (an echoing line's answer starts with its text)
+                line.prompt = None  # the tokens replace the text: never hold both for a whole file
             if isinstance(result, ValueError):
                 errors.append(LineError.for_line(line, result))
             elif must_fit_the_context(line) and (
@@ -265,12 +266,16 @@ class ResponseNames(NamedTuple):
         return self.role
 
 
-def record_for(line: BatchLine, output, names: ResponseNames) -> dict:
+def record_for(line: BatchLine, output, names: ResponseNames, tokenizer=None) -> dict:
     """The output record of a finished request, in the line's format (OpenAI lines echo their model
-    unless --served-model-name names others: `ResponseNames.model_of`)."""
+    unless --served-model-name names others: `ResponseNames.model_of`; the tokenizer names an echoed prompt's
+    first token)."""
     if line.format == OPENAI:
         top = line.sampling_overrides.get("logprobs") or 0
         top = sys.maxsize if top == -1 else top  # (-1: the whole vocabulary)
+        if line.sampling_overrides.get("logprob_token_ids"):
+            top = None  # (every entry: the sampled token's and the named ones)
         return openai_batch.success_record(line.request_id, line.url, names.model_of(line), output,
-                                           len(output.prompt_token_ids), top, role=names.role_of(line))
+                                           len(output.prompt_token_ids), top, role=names.role_of(line),
+                                           echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer)
     return result_record(line.request_id, output, len(output.prompt_token_ids))

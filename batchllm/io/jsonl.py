@@ -61,6 +61,8 @@ class BatchLine:
     generation_prompt: bool = True
     """OpenAI chat lines: the body's own add_generation_prompt (False: the answer continues the last message's
     turn, whose role it takes: vLLM's rule reads this field, not chat_template_kwargs)."""
+    echo: str | None = None
+    """OpenAI completions lines: the body's `echo` (`openai_batch.BodyRequest.echo`)."""
 
 
 def without_its_index(text: str, index: int) -> str:
@@ -301,13 +303,13 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     if obj.get("method", "POST") != "POST":
         return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)
     try:
-        url, prompt, is_chat, overrides, template = openai_batch.body_to_request(obj.get("url"), obj.get("body"))
+        asked = openai_batch.body_to_request(obj.get("url"), obj.get("body"))
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     model = obj["body"].get("model")
-    return BatchLine(line_number, rid, prompt, is_chat, integers_from_json(overrides), OPENAI, url,
-                     model if isinstance(model, str) else None, template, unknown,
-                     generation_prompt=obj["body"].get("add_generation_prompt") is not False)
+    return BatchLine(line_number, rid, asked.prompt, asked.is_chat, integers_from_json(asked.overrides), OPENAI,
+                     asked.url, model if isinstance(model, str) else None, asked.template, unknown,
+                     generation_prompt=obj["body"].get("add_generation_prompt") is not False, echo=asked.echo)
 
 
 def _lone_surrogate(obj: Any) -> str | None:

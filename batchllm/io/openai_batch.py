@@ -15,7 +15,7 @@ import codecs
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -32,7 +32,7 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "bad_words": "bad_words", "structured_outputs": "structured_outputs",
            "truncate_prompt_tokens": "truncate_prompt_tokens", "prompt_logprobs": "prompt_logprobs"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
-_ONLY_DEFAULT = {"stream": (False, None), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
+_ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,),
                  "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
                  "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"])}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
@@ -45,6 +45,25 @@ class BodyError(ValueError):
     pass
 
 
+ECHO_PROMPT, ECHO_BOTH = "prompt", "prompt and output"
+"""A completions line's `echo`: the prompt alone (max_tokens 0), or the prompt before the output."""
+
+
+class BodyRequest(NamedTuple):
+    """What an OpenAI request body asks for."""
+
+    url: str
+    prompt: Any
+    is_chat: bool
+    overrides: dict[str, Any]
+    """SamplingParams fields."""
+    template: dict[str, Any] | None
+    """A chat's extra chat-template keywords."""
+    echo: str | None = None
+    """ECHO_PROMPT or ECHO_BOTH where a completions body asks `echo` (its text, tokens and logprobs start with the
+    prompt's, as vLLM's); None otherwise."""
+
+
 def template_kwargs(value: Any) -> dict[str, Any] | None:
     """vLLM's `chat_template_kwargs` of a chat line (e.g. {"enable_thinking": false} for Qwen3): None or
     an object, passed to the model's chat template."""
@@ -53,9 +72,8 @@ def template_kwargs(value: Any) -> dict[str, Any] | None:
     return value or None
 
 
-def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any], dict[str, Any] | None]:
-    """Validate an OpenAI request body. Returns (endpoint, prompt, is_chat, sampling overrides, the chat
-    template's extra keywords)."""
+def body_to_request(url: str, body: Any) -> BodyRequest:
+    """Validate an OpenAI request body (BodyError naming the field)."""
     if url not in (CHAT_URL, COMPLETIONS_URL):
         raise BodyError(f"unsupported url {url!r} (supported: {CHAT_URL}, {COMPLETIONS_URL})" if url is not None
                         else f"the line lacks 'url' ({CHAT_URL} or {COMPLETIONS_URL})")
@@ -67,7 +85,7 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
         raise BodyError(f"body lacks '{prompt_field}'")
     prompt = body[prompt_field]
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
-                                                             "response_format"}
+                                                             "response_format", "echo", "logprob_token_ids"}
     known |= {"max_completion_tokens", "top_logprobs", *CHAT_TEMPLATE_FIELDS} if chat else set()
     unknown = sorted(name for name in set(body) - known if body[name] is not None)  # null: not set, as writers say it
     if unknown:
@@ -111,9 +129,44 @@ def body_to_request(url: str, body: Any) -> tuple[str, Any, bool, dict[str, Any]
         max_tokens = body.get("max_tokens")
         if body.get("logprobs") is not None:
             overrides["logprobs"] = body["logprobs"]
+    _named_logprobs(body, chat, overrides)
+    echo = _echo(body, chat, prompt, max_tokens, overrides)
+    if echo == ECHO_PROMPT:
+        max_tokens = 1  # (vLLM's: one token is generated, and the prompt alone answered)
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
-    return url, prompt, chat, overrides, _chat_template_options(body) if chat else None
+    return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo)
+
+
+def _named_logprobs(body: dict, chat: bool, overrides: dict) -> None:
+    """vLLM's body field `logprob_token_ids`: the logprobs of these tokens at each position, in place of the top
+    ones (every entry is listed); it needs logprobs (true in a chat body, any number in a completions body)."""
+    ids = body.get("logprob_token_ids")
+    if not ids:
+        return
+    if "logprobs" not in overrides:
+        raise BodyError("'logprob_token_ids' needs logprobs " + ("true" if chat else "set (a number)"))
+    overrides["logprob_token_ids"] = ids
+    del overrides["logprobs"]  # (as vLLM's server: the named tokens replace the top ones)
+
+
+def _echo(body: dict, chat: bool, prompt: Any, max_tokens: Any, overrides: dict) -> str | None:
+    """A completions body's `echo`, as vLLM answers it: the prompt's text, tokens and (with logprobs) prompt
+    logprobs before the output's; max_tokens 0 asks for the prompt alone (scoring a text). Chat's echo (the last
+    message's content, where the answer continues its role) is refused."""
+    if not _flag(body.get("echo"), "echo"):
+        return None
+    if chat:
+        raise BodyError("body field 'echo' = true is supported in /v1/completions bodies only")
+    if not isinstance(prompt, str):
+        raise BodyError("'echo' needs the prompt as text (a prompt of token ids is not echoed here)")
+    if "logprobs" in overrides or "logprob_token_ids" in overrides:
+        overrides.setdefault("prompt_logprobs", body.get("logprobs"))  # (vLLM's: the prompt's as many as the output's)
+    if max_tokens == 0 and type(max_tokens) is int:
+        if "logprob_token_ids" in overrides:
+            raise BodyError("'logprob_token_ids' needs generated tokens: not with echo and max_tokens 0")
+        return ECHO_PROMPT
+    return ECHO_BOTH
 
 
 CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "reasoning_effort")
@@ -211,11 +264,15 @@ def _ids() -> tuple[str, str]:
 
 
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
-                   top_logprobs: int = 0, role: str = "assistant") -> dict[str, Any]:
-    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists; `role` is a
-    chat answer's (vLLM's --response-role). Each choice carries vLLM's `stop_reason` (the stop string or
-    token id that ended it, else null); `system_fingerprint` and a chat message's `refusal` are null, as in
-    OpenAI's and vLLM's responses (no fingerprint; a model's answer is never classed a refusal)."""
+                   top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
+                   tokenizer=None) -> dict[str, Any]:
+    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its
+    entries, in their order: the sampled token's, then those logprob_token_ids named); `role` is a
+    chat answer's (vLLM's --response-role); `echo` a completions line's (`BodyRequest.echo`, the prompt's
+    text), whose first prompt token (it has no logprobs) the tokenizer names. Each choice carries vLLM's
+    `stop_reason` (the stop string or token id that ended it, else null); `system_fingerprint` and a chat
+    message's `refusal` are null, as in OpenAI's and vLLM's responses (no fingerprint; a model's answer is never
+    classed a refusal)."""
     line_id, request_id = _ids()
     created = int(time.time())
     completion_tokens = output.num_output_tokens
@@ -233,8 +290,12 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
         if prompt_logprobs is not None:  # vLLM's: the response's, in a chat completion
             body["prompt_logprobs"] = prompt_logprobs
     else:
-        choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c, top_logprobs),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
+        choices = []
+        for c in output.outputs:
+            text, token_ids, logprobs = _echoed(c, output, echo)
+            choices.append({"index": c.index, "text": text,
+                            "logprobs": _completion_logprobs(token_ids, logprobs, text, top_logprobs, tokenizer),
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         if prompt_logprobs is not None:  # vLLM's: each choice's, in a text completion
             choices = [{**choice, "prompt_logprobs": prompt_logprobs} for choice in choices]
         body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
@@ -267,8 +328,11 @@ def _token_entry(lp) -> dict[str, Any]:
     return {"token": _token_text(lp), "logprob": lp.logprob, "bytes": list(_token_bytes(lp))}
 
 
-def _top(entry: dict, k: int) -> list:
-    """The k most likely tokens of one position (the sampled token may rank below them)."""
+def _top(entry: dict, k: int | None) -> list:
+    """The k most likely tokens of one position (the sampled token may rank below them); k None: every entry
+    in its order (the sampled token's, then the named ones of logprob_token_ids, as vLLM lists them)."""
+    if k is None:
+        return list(entry.values())
     return sorted(entry.values(), key=lambda lp: lp.rank)[:k]
 
 
@@ -291,12 +355,37 @@ def _prompt_logprobs(output) -> list[dict[str, dict] | None] | None:
              for t, lp in entry.items()} for entry in output.prompt_logprobs]
 
 
-def _completion_logprobs(c, k: int) -> dict[str, Any] | None:
-    if c.logprobs is None:
+def _echoed(c, output, echo: tuple[str, str] | None) -> tuple[str, list[int], list | None]:
+    """A completion choice's (text, token ids, logprobs), the prompt's first where `echo` (how, the prompt's text)
+    asks (vLLM's)."""
+    if echo is None:
+        return c.text, c.token_ids, c.logprobs
+    how, prompt = echo
+    prompt_logprobs = output.prompt_logprobs if c.logprobs is not None else None
+    if how == ECHO_PROMPT:
+        return prompt, list(output.prompt_token_ids), prompt_logprobs
+    logprobs = None if c.logprobs is None else [*prompt_logprobs, *c.logprobs]
+    return prompt + c.text, [*output.prompt_token_ids, *c.token_ids], logprobs
+
+
+def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str, k: int | None,
+                         tokenizer=None) -> dict[str, Any] | None:
+    """OpenAI's completions logprobs. A position without logprobs (an echoed prompt's first token) has null
+    ones, and the tokenizer's name for its token."""
+    if logprobs is None:
         return None
     tokens, token_logprobs, top, offsets, pieces, offset = [], [], [], [], [], 0
     characters = codecs.getincrementaldecoder("utf-8")("replace")  # a split character counts once, when whole
-    for token_id, entry in zip(c.token_ids, c.logprobs):
+    for token_id, entry in zip(token_ids, logprobs):
+        offsets.append(offset)
+        if entry is None:
+            name = tokenizer.decode([token_id]) if tokenizer is not None else ""
+            tokens.append(name)
+            token_logprobs.append(None)
+            top.append(None)
+            pieces.append(characters.decode(name.encode()))
+            offset += len(pieces[-1])
+            continue
         tokens.append(_token_text(entry[token_id]))
         token_logprobs.append(entry[token_id].logprob)
         alternatives: dict[str, float] = {}
@@ -304,10 +393,9 @@ def _completion_logprobs(c, k: int) -> dict[str, Any] | None:
             alternatives.setdefault(_token_text(lp), lp.logprob)
         alternatives.setdefault(tokens[-1], token_logprobs[-1])  # the sampled token always, as OpenAI and vLLM
         top.append(alternatives)
-        offsets.append(offset)
         pieces.append(characters.decode(_token_bytes(entry[token_id])))
         offset += len(pieces[-1])
     # a decoder may drop what the tokens' bytes hold at the start (SentencePiece's leading space)
-    if c.text and (dropped := "".join(pieces).find(c.text)) > 0:
+    if text and (dropped := "".join(pieces).find(text)) > 0:
         offsets = [max(0, o - dropped) for o in offsets]
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

@@ -108,9 +108,15 @@ class _CliPreprocess:
 class _CliRecords:
     """(row, RequestOutput or None, error or None) -> {"record": the CLI's JSON line for it}."""
 
-    def __init__(self, names, file_format: str) -> None:
+    def __init__(self, names, file_format: str, tokenizer=None) -> None:
         self.names = names  # io.ingest.ResponseNames
         self.file_format = file_format
+        self.tokenizer = tokenizer
+
+    def with_tokenizer(self, tokenizer) -> _CliRecords:
+        """This writer, with the engine's tokenizer (it names an echoed prompt's first token): `EngineReplica`
+        calls it once its engine is built."""
+        return _CliRecords(self.names, self.file_format, tokenizer)
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
         from batchllm.io.ingest import in_the_lines_terms, record_for
@@ -123,7 +129,7 @@ class _CliRecords:
             problem = error.split(": ", 1)[1] if error.startswith(f"line {row[LINE]}: ") else error
             record = LineError.for_line(line, in_the_lines_terms(line, problem)).record(self.file_format)
         else:
-            record = record_for(line, output, self.names)
+            record = record_for(line, output, self.names, self.tokenizer)
         return {RECORD: json.dumps(record, ensure_ascii=False)}
 
 

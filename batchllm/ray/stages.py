@@ -189,8 +189,10 @@ class EngineReplica:
 
         self.config = config
         self.postprocess = postprocess
-        self.record_fn = record_fn
         self.llm = LLM(config.model, **config.engine_options())
+        # a record writer that reads tokens (the CLI's) is handed this engine's tokenizer
+        self.record_fn = record_fn.with_tokenizer(self.llm.get_tokenizer()) if hasattr(
+            record_fn, "with_tokenizer") else record_fn
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     def __call__(self, batch):

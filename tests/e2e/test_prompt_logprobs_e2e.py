@@ -135,20 +135,33 @@ def test_jsonl_job_writes_prompt_logprobs(tmp_path, default_model_dir, reference
 
 def test_openai_lines_carry_prompt_logprobs_where_vllm_puts_them(tmp_path, default_model_dir, reference):
     """vLLM's body field prompt_logprobs: each choice's `prompt_logprobs` in a text completion, the body's in a
-    chat completion, as {token id: {"logprob", "rank", "decoded_token"}} per prompt token, the token's own first."""
+    chat completion, as {token id: {"logprob", "rank", "decoded_token"}} per prompt token, the token's own first.
+    In the same file, vLLM's completions `echo` and `logprob_token_ids` (`check_echo_and_named_logprobs`)."""
     def line(custom_id, url, **body):
         return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "m", "max_tokens": 2, **body}}
 
-    lines = [line("cmpl", "/v1/completions", prompt=PROMPTS[3], prompt_logprobs=2, n=2, temperature=0.5),
-             line("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], prompt_logprobs=0),
-             line("none", "/v1/completions", prompt=PROMPTS[3])]
+    cmpl, chat = "/v1/completions", "/v1/chat/completions"
+    lines = [line("cmpl", cmpl, prompt=PROMPTS[3], prompt_logprobs=2, n=2, temperature=0.5),
+             line("chat", chat, messages=[{"role": "user", "content": "Hi"}], prompt_logprobs=0),
+             line("none", cmpl, prompt=PROMPTS[3]),
+             line("echo", cmpl, prompt=PROMPTS[3], echo=True, logprobs=1, temperature=0),
+             line("score", cmpl, prompt=PROMPTS[3], echo=True, logprobs=0, max_tokens=0),
+             line("echo-text", cmpl, prompt=PROMPTS[3], echo=True, temperature=0),
+             line("labels", chat, messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                  logprob_token_ids=[5, 1000], max_tokens=1, temperature=0),
+             line("echo-ids", cmpl, prompt=[5, 6], echo=True),
+             line("echo-chat", chat, messages=[{"role": "user", "content": "Hi"}], echo=True),
+             line("labels-alone", chat, messages=[{"role": "user", "content": "Hi"}], logprob_token_ids=[5])]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     r = subprocess.run([sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--model",
                         str(default_model_dir), "--dtype", "float32", "--no-progress"],
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    bodies = {rec["custom_id"]: rec["response"]["body"] for rec in map(json.loads, out.read_text().splitlines())}
+    assert r.returncode == 1, r.stderr  # (three lines fail)
+    text = out.read_text() + (tmp_path / "out.errors.jsonl").read_text()  # (OpenAI's: failed lines go there)
+    records = {rec["custom_id"]: rec for rec in map(json.loads, text.splitlines())}
+    check_echo_and_named_logprobs(records, default_model_dir, reference)
+    bodies = {i: rec["response"]["body"] for i, rec in records.items() if rec["response"] is not None}
     ids, logprobs = reference[3]
     choices = bodies["cmpl"]["choices"]
     assert len(choices) == 2 and choices[0]["prompt_logprobs"] == choices[1]["prompt_logprobs"]
@@ -163,3 +176,33 @@ def test_openai_lines_carry_prompt_logprobs_where_vllm_puts_them(tmp_path, defau
     assert len(chat) == bodies["chat"]["usage"]["prompt_tokens"]
     assert "prompt_logprobs" not in bodies["none"]["choices"][0]
     assert "prompt_logprobs" not in bodies["chat"]["choices"][0]
+
+
+def check_echo_and_named_logprobs(records, model_dir, reference):
+    """echo: the prompt's text, tokens and logprobs (its first token's null, named by the tokenizer) before the
+    output's; with max_tokens 0 the prompt alone (scoring a text). logprob_token_ids: the sampled token's entry and
+    the named tokens' in top_logprobs. Refused: echo of token ids or of a chat, logprob_token_ids without logprobs."""
+    from transformers import AutoTokenizer
+
+    ids, logprobs = reference[3]
+    first = AutoTokenizer.from_pretrained(str(model_dir)).decode([ids[0]])
+    for name, generated in (("echo", 2), ("score", 0)):
+        choice = records[name]["response"]["body"]["choices"][0]
+        got = choice["logprobs"]
+        assert choice["text"].startswith(PROMPTS[3]) and len(got["tokens"]) == len(ids) + generated
+        assert got["tokens"][0] == first and got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+        for j in range(1, len(ids)):
+            assert got["token_logprobs"][j] == pytest.approx(logprobs[j - 1, ids[j]].item(), abs=TOL)
+        assert got["text_offset"][1] == len(first) and got["text_offset"][:1] == [0]
+    assert records["score"]["response"]["body"]["choices"][0]["text"] == PROMPTS[3]
+    echo_text = records["echo-text"]["response"]["body"]["choices"][0]
+    assert echo_text["text"].startswith(PROMPTS[3]) and len(echo_text["text"]) > len(PROMPTS[3])
+    assert echo_text["logprobs"] is None
+    labels = records["labels"]["response"]["body"]["choices"][0]["logprobs"]["content"][0]
+    assert [t["token"] for t in labels["top_logprobs"]][-2:] == [AutoTokenizer.from_pretrained(
+        str(model_dir)).convert_ids_to_tokens(t).replace("\u0120", " ") for t in (5, 1000)]
+    assert labels["top_logprobs"][0]["token"] == labels["token"] and len(labels["top_logprobs"]) == 3
+    for name, message in (("echo-ids", "'echo' needs the prompt as text"),
+                          ("echo-chat", "'echo' = true is supported in /v1/completions bodies only"),
+                          ("labels-alone", "'logprob_token_ids' needs logprobs true")):
+        assert records[name]["response"] is None and message in records[name]["error"]["message"], name

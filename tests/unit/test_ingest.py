@@ -404,10 +404,9 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     body = {**chat, "reasoning_effort": "low", "request_id": "r-1", "spaces_between_special_tokens": False,
             "length_penalty": 1.0}
-    *_, template = body_to_request("/v1/chat/completions", body)
-    assert template == {"reasoning_effort": "low"}
+    assert body_to_request("/v1/chat/completions", body).template == {"reasoning_effort": "low"}
     assert body_to_request("/v1/chat/completions", {**body, "chat_template_kwargs": {
-        "reasoning_effort": "high"}})[-1] == {"reasoning_effort": "high"}, "chat_template_kwargs win"
+        "reasoning_effort": "high"}}).template == {"reasoning_effort": "high"}, "chat_template_kwargs win"
     for bad, message in (({"reasoning_effort": 3}, "'reasoning_effort' must be a string"),
                          ({"length_penalty": 2.0}, "'length_penalty' = 2.0 is not supported (only 1.0)")):
         with pytest.raises(BodyError, match=re.escape(message)):
@@ -422,7 +421,7 @@ def test_openai_bookkeeping_fields_and_null_fields_do_not_fail_a_line():
     body = {"messages": [{"role": "user", "content": "Hi"}], "prompt_cache_key": "k", "safety_identifier": "u1",
             "verbosity": "low", "modalities": ["text"], "audio": None, "prediction": None, "functions": None,
             "web_search_options": None, "max_tokens": 3}
-    assert body_to_request("/v1/chat/completions", body)[3] == {"max_tokens": 3}
+    assert body_to_request("/v1/chat/completions", body).overrides == {"max_tokens": 3}
     for bad, message in (({"audio": {"voice": "alloy"}}, "body field(s) not supported: audio"),
                          ({"modalities": ["text", "audio"]}, "'modalities' = ['text', 'audio'] is not supported")):
         with pytest.raises(BodyError, match=re.escape(message)):
