@@ -259,11 +259,7 @@ class ResponseNames(NamedTuple):
     def role_of(self, line: BatchLine) -> str:
         """vLLM's rule: `role`, unless the body asked for no generation prompt (add_generation_prompt false, as
         with continue_final_message): the answer then goes on its last message's turn, so takes that role."""
-        if not line.generation_prompt:
-            last = line.prompt[-1] if isinstance(line.prompt, list) and line.prompt else None
-            if isinstance(last, dict) and isinstance(last.get("role"), str):
-                return last["role"]
-        return self.role
+        return line.continued_role or self.role
 
 
 def record_for(line: BatchLine, output, names: ResponseNames, tokenizer=None) -> dict:

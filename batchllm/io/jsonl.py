@@ -58,9 +58,10 @@ class BatchLine:
     """Fields that are no request field, nor a near miss of one (a plain line's: a table's other columns, written
     with it; an OpenAI line's: keys beside custom_id, method, url and body), ignored as vLLM's server and
     run-batch ignore unknown fields."""
-    generation_prompt: bool = True
-    """OpenAI chat lines: the body's own add_generation_prompt (False: the answer continues the last message's
-    turn, whose role it takes: vLLM's rule reads this field, not chat_template_kwargs)."""
+    continued_role: str | None = None
+    """OpenAI chat lines whose body's own add_generation_prompt is false: the last message's role, which the answer
+    continues and takes (vLLM's rule reads that field, not chat_template_kwargs). Kept apart from the messages,
+    which ingest drops once tokenized."""
     echo: str | None = None
     """OpenAI completions lines: the body's `echo` (`openai_batch.BodyRequest.echo`)."""
 
@@ -309,7 +310,15 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     model = obj["body"].get("model")
     return BatchLine(line_number, rid, asked.prompt, asked.is_chat, integers_from_json(asked.overrides), OPENAI,
                      asked.url, model if isinstance(model, str) else None, asked.template, unknown,
-                     generation_prompt=obj["body"].get("add_generation_prompt") is not False, echo=asked.echo)
+                     continued_role=_continued_role(obj["body"], asked.prompt), echo=asked.echo)
+
+
+def _continued_role(body: dict, messages: Any) -> str | None:
+    """The last message's role where a chat body asks for no generation prompt (`BatchLine.continued_role`)."""
+    if body.get("add_generation_prompt") is not False or not isinstance(messages, list) or not messages:
+        return None
+    last = messages[-1]
+    return last["role"] if isinstance(last, dict) and isinstance(last.get("role"), str) else None
 
 
 def _lone_surrogate(obj: Any) -> str | None:
