@@ -99,6 +99,9 @@ class PromptProcessor:
             conversation = [text_message(j, message) for j, message in enumerate(conversation)]
         except ValueError as e:
             raise ValueError(f"conversation {index}: {e}") from e
+        if unexpected := sorted({"chat_template", "tokenize"} & set(kwargs or {})):
+            raise ValueError(f"conversation {index}: chat_template_kwargs must not hold {', '.join(unexpected)} (as "
+                             "vLLM refuses them; a template is given with --chat-template / chat_template=...)")
         options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {}), "tokenize": False}
         if chat_template is not None:
             options["chat_template"] = chat_template

@@ -33,8 +33,12 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "truncate_prompt_tokens": "truncate_prompt_tokens", "prompt_logprobs": "prompt_logprobs"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,),
-                 "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none"),
-                 "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"])}
+                 "parallel_tool_calls": (None, True, False), "tool_choice": (None, "none"),
+                 "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"]),
+                 # vLLM's own request fields, as its request models write them (model_dump)
+                 "use_beam_search": (False, None), "priority": (0, None), "include_reasoning": (True, None)}
+_ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None)}
+_ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None)}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
 # verbosity: a hint to OpenAI's own models)
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key",
@@ -86,13 +90,16 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     prompt = body[prompt_field]
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
                                                              "response_format", "echo", "logprob_token_ids"}
-    known |= {"max_completion_tokens", "top_logprobs", *CHAT_TEMPLATE_FIELDS} if chat else set()
+    only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
+    known |= set(only_default)
+    known |= {"max_completion_tokens", "top_logprobs", "tools", "documents", *CHAT_TEMPLATE_FIELDS} if chat else set()
     unknown = sorted(name for name in set(body) - known if body[name] is not None)  # null: not set, as writers say it
     if unknown:
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}")
-    for name, allowed in _ONLY_DEFAULT.items():
+    for name, allowed in only_default.items():
         if name in body and body[name] not in allowed:
-            raise BodyError(f"body field {name!r} = {body[name]!r} is not supported (only {allowed[0]!r})")
+            taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"
+            raise BodyError(f"body field {name!r} = {json.dumps(body[name])[:80]} is not supported (only {taken})")
     overrides = {_COMMON[k]: body[k] for k in _COMMON if k in body and body[k] is not None}
     if body.get("logit_bias") is not None:
         overrides["logit_bias"] = _logit_bias(body["logit_bias"])
@@ -136,6 +143,24 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo)
+
+
+def _template_documents_and_tools(body: dict) -> dict[str, Any]:
+    """A chat body's `documents` and `tools`, which vLLM gives to the chat template. Tools only with tool_choice
+    "none": the model sees them and answers in text (no tool call is parsed from it; vLLM's "auto" needs a tool
+    parser)."""
+    given = {}
+    for name in ("documents", "tools"):
+        value = body.get(name)
+        if value in (None, []):
+            continue
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise BodyError(f"'{name}' must be a list of objects")
+        given[name] = value
+    if "tools" in given and body.get("tool_choice") != "none":
+        raise BodyError("'tools' needs \"tool_choice\": \"none\" here: the tools reach the chat template and the "
+                        "answer is text (no tool call is parsed from it, as vLLM's \"auto\" would with a tool parser)")
+    return given
 
 
 def _named_logprobs(body: dict, chat: bool, overrides: dict) -> None:
@@ -184,6 +209,7 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
             if not isinstance(body[name], kind):
                 raise BodyError(f"'{name}' must be {wanted}")
             options[name] = body[name]
+    options.update(_template_documents_and_tools(body))
     return {**options, **(template_kwargs(body.get("chat_template_kwargs")) or {})} or None
 
 
@@ -240,6 +266,8 @@ def text_message(j: int, message: Any) -> Any:
     is refused by name (BodyError, a ValueError). Plain lines and `LLM.chat` go through it too (`PromptProcessor`)."""
     if not isinstance(message, dict):
         return message  # the chat template check names it
+    if message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list):
+        message = _with_tool_arguments_as_objects(j, message)
     content = message.get("content")
     if isinstance(content, str):
         return message
@@ -257,6 +285,32 @@ def text_message(j: int, message: Any) -> Any:
             raise BodyError(f"messages[{j}].content[{k}].text must be a string")
         texts.append(part["text"])
     return {**message, "content": "\n".join(texts)}
+
+
+def _with_tool_arguments_as_objects(j: int, message: dict) -> dict:
+    """An assistant message's tool calls as vLLM gives them to the chat template: each function's `arguments`, a
+    JSON string in OpenAI's format, parsed (null or "" as {}), since templates write them with `tojson` (a string
+    would be quoted twice); an empty list of calls dropped. A copy: the caller's message is left as it is."""
+    calls = message["tool_calls"]
+    if not calls:
+        return {k: v for k, v in message.items() if k != "tool_calls"}
+    parsed = []
+    for k, call in enumerate(calls):
+        where = f"messages[{j}].tool_calls[{k}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function":
+            raise BodyError(f"{where} must be an object of type 'function' with a 'function' object")
+        arguments = function.get("arguments")
+        if not arguments:
+            arguments = {}
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise BodyError(f"{where}.function.arguments is not JSON ({e.msg})") from None
+            arguments = {} if arguments is None else arguments
+        parsed.append({**call, "function": {**function, "arguments": arguments}})
+    return {**message, "tool_calls": parsed}
 
 
 def _ids() -> tuple[str, str]:

@@ -423,7 +423,7 @@ def test_openai_bookkeeping_fields_and_null_fields_do_not_fail_a_line():
             "web_search_options": None, "max_tokens": 3}
     assert body_to_request("/v1/chat/completions", body).overrides == {"max_tokens": 3}
     for bad, message in (({"audio": {"voice": "alloy"}}, "body field(s) not supported: audio"),
-                         ({"modalities": ["text", "audio"]}, "'modalities' = ['text', 'audio'] is not supported")):
+                         ({"modalities": ["text", "audio"]}, "'modalities' = [\"text\", \"audio\"] is not supported")):
         with pytest.raises(BodyError, match=re.escape(message)):
             body_to_request("/v1/chat/completions", {**body, **bad})
 
@@ -604,3 +604,53 @@ def test_a_line_cut_inside_a_string_is_named_so():
     cut = parse_line(b'{"id": "y", "prompt": "What is\n', 4, seen)
     assert cut.request_id == "y" and cut.message == "line 4: malformed JSON: Unterminated string starting at column 23"
     assert " at at " not in parse_line(b'{"id": "z", "prompt": "a\tb"}\n', 5, seen).message
+
+
+def test_tool_call_arguments_reach_the_template_as_objects_as_in_vllm():
+    """OpenAI history holds a tool call's arguments as a JSON string; vLLM parses them before the template, which
+    writes them with tojson (Qwen2.5, Llama 3.1, Hermes): they were quoted twice. chat_template_kwargs holding
+    chat_template or tokenize are refused, as by vLLM (a per-line template overrode --chat-template)."""
+    prompts = processor()
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls or [] %}"
+                "<{{ c.function.name }} {{ c.function.arguments | tojson }}>{% endfor %};{% endfor %}")
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    rendered = prompts.apply_chat_template(history, chat_template=template)
+    assert rendered == 'user:Weather?;assistant:<weather {"city": "Paris"}>;tool:sunny;'
+    assert history[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}', "the caller's are unchanged"
+    empty = [{**history[1], "tool_calls": [{**call, "function": {"name": "now", "arguments": ""}}]}]
+    assert prompts.apply_chat_template(empty, chat_template=template) == "assistant:<now {}>;"
+    no_calls = [{"role": "assistant", "content": "x", "tool_calls": []}]
+    assert prompts.apply_chat_template(no_calls, chat_template="{{ messages[0].tool_calls is defined }}") == "False"
+    for calls, message in (([{**call, "function": {"name": "w", "arguments": "{city"}}], "arguments is not JSON"),
+                           ([{"type": "code", "function": {}}], "must be an object of type 'function'")):
+        with pytest.raises(ValueError, match=rf"conversation 2: messages\[1\]\.tool_calls\[0\].*{message}"):
+            prompts.apply_chat_template([history[0], {**history[1], "tool_calls": calls}], 2, chat_template=template)
+    for key in ("chat_template", "tokenize"):
+        with pytest.raises(ValueError, match=f"chat_template_kwargs must not hold {key}"):
+            prompts.apply_chat_template(history[:1], kwargs={key: "x"})
+
+
+def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
+    """Bodies written from vLLM's request models carry use_beam_search, priority, include_reasoning and
+    add_special_tokens at their defaults: each failed its line. tools with tool_choice "none" and documents reach
+    the chat template, as in vLLM (tools were refused whatever tool_choice said)."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    defaults = {"use_beam_search": False, "priority": 0, "include_reasoning": True}
+    assert body_to_request("/v1/chat/completions", {**chat, **defaults, "add_special_tokens": False}).overrides == {}
+    assert body_to_request("/v1/completions", {"prompt": "x", **defaults, "add_special_tokens": True}).overrides == {}
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    asked = body_to_request("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "none",
+                                                     "documents": [{"title": "t", "text": "d"}]})
+    assert asked.template == {"tools": [tool], "documents": [{"title": "t", "text": "d"}]}
+    for bad, message in (({"tools": [tool]}, "'tools' needs \"tool_choice\": \"none\""),
+                         ({"tools": [tool], "tool_choice": "auto"}, "'tool_choice' = \"auto\" is not supported "
+                                                                   "(only \"none\")"),
+                         ({"tools": "weather", "tool_choice": "none"}, "'tools' must be a list of objects"),
+                         ({"use_beam_search": True}, "'use_beam_search' = true is not supported (only false)"),
+                         ({"add_special_tokens": True}, "'add_special_tokens' = true is not supported (only false)")):
+        with pytest.raises(BodyError, match=re.escape(message)):
+            body_to_request("/v1/chat/completions", {**chat, **bad})
