@@ -160,8 +160,8 @@ class GrammarBackend:
         kind, text = key
         if kind == "json" and (feature := unenforced_schema_feature(json.loads(text))):
             raise StructuredOutputError(f"structured output: the JSON schema uses {feature}, which xgrammar (the "
-                                        "grammar backend here) does not enforce, so answers could break it; vLLM "
-                                        "refuses it with xgrammar too: remove it, or check that rule after")
+                                        "grammar backend here) does not enforce, so answers could break it: "
+                                        "remove it, or check that rule after")
         try:
             if kind == "json":
                 # compact JSON (no free whitespace): a small model may otherwise emit whitespace forever
@@ -189,9 +189,45 @@ _XGRAMMAR_FORMATS = frozenset({"email", "date", "time", "date-time", "duration",
                                "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
 """The string formats xgrammar enforces (vLLM's list of them, `backend_xgrammar.py`)."""
 _UNENFORCED = (({"integer", "number"}, ("multipleOf",)), ({"array"}, ("uniqueItems", "contains", "minContains",
-                                                                       "maxContains")),
-               ({"object"}, ("patternProperties", "propertyNames")))
+                                                                       "maxContains")))
 """Keywords xgrammar ignores, by the schema type they belong to (vLLM's check of them, `backend_xgrammar.py`)."""
+
+
+def _length_bound_with_pattern(node: dict) -> str | None:
+    """minLength / maxLength beside a pattern or format: xgrammar keeps the pattern and drops the bound."""
+    bound = next((k for k in ("minLength", "maxLength") if k in node), None)
+    shape = next((k for k in ("pattern", "format") if k in node), None)
+    return f"{bound!r} with {shape!r} (put the length in the pattern, e.g. ^[a-z]{{1,3}}$)" if bound and shape else None
+
+
+_UNENFORCED_ANYWHERE = ("not", "if", "dependentRequired", "dependentSchemas", "dependencies")
+"""Keywords of any schema that xgrammar compiles to the grammar it would give without them (vLLM does not check
+these: it runs them unenforced)."""
+
+
+def _unenforced_combination(node: dict, types: set[str]) -> str | None:
+    """The keyword combinations xgrammar compiles but does not enforce, as vLLM's check finds them (and
+    `_UNENFORCED_ANYWHERE`)."""
+    if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
+        return repr(found)
+    if "string" in types and (found := _length_bound_with_pattern(node)):
+        return found
+    if "object" in types and "propertyNames" in node:
+        names = node["propertyNames"]
+        if isinstance(names, dict) and (found := _length_bound_with_pattern(names)):
+            return f"{found} in 'propertyNames'"
+        if other := next((k for k in ("patternProperties", "properties") if k in node), None):
+            return f"'propertyNames' with {other!r}"
+        if node.get("unevaluatedProperties", True) is not True:
+            return "'propertyNames' with 'unevaluatedProperties'"
+    if "object" in types and isinstance(node.get("patternProperties"), dict):
+        if "properties" in node:
+            return "'patternProperties' with 'properties'"
+        if len(node["patternProperties"]) > 1:
+            return "'patternProperties' with more than one pattern"
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) >= 2:
+        return "'allOf' of several schemas (xgrammar lets anything through)"
+    return None
 
 
 _DATA_KEYWORDS = frozenset({"default", "enum", "const", "examples"})
@@ -220,6 +256,8 @@ def unenforced_schema_feature(schema: Any) -> str | None:
         for kinds, keywords in _UNENFORCED:
             if types & kinds and (found := next((k for k in keywords if k in node), None)):
                 return f"{found!r}{where}"
+        if found := _unenforced_combination(node, types):
+            return f"{found}{where}"
         if "string" in types and "format" in node and node["format"] not in _XGRAMMAR_FORMATS:
             return f"the string format {str(node['format'])[:40]!r}{where}"
         for key, value in node.items():

@@ -147,3 +147,32 @@ def test_the_schema_check_reads_types_and_property_names_as_a_schema_means_them(
         "'uniqueItems' (in properties.x)"
     assert unenforced_schema_feature({"$defs": {"a": {"type": "integer", "multipleOf": 3}},
                                       "anyOf": [{"$ref": "#/$defs/a"}]}) == "'multipleOf' (in $defs.a)"
+
+
+def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_taken():
+    """A pattern or format with minLength / maxLength compiled to the grammar without the bound (a pydantic
+    constr(pattern=..., max_length=3) answered "JSON"); patternProperties and propertyNames, which xgrammar does
+    enforce alone, were refused. The combinations follow vLLM's check of them (backend_xgrammar.py); not, if and
+    dependentRequired, which xgrammar drops whole (the grammar is the one without them), are refused too."""
+    from batchllm.structured import unenforced_schema_feature
+
+    code = {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}
+    assert unenforced_schema_feature({"type": "object", "properties": {"code": code}}) == (
+        "'maxLength' with 'pattern' (put the length in the pattern, e.g. ^[a-z]{1,3}$) (in properties.code)")
+    assert unenforced_schema_feature({"type": "string", "format": "email", "minLength": 3}).startswith(
+        "'minLength' with 'format'")
+    for fine in ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}},
+                 {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}},
+                 {"allOf": [{"type": "string"}]}, {"type": "string", "minLength": 2, "maxLength": 3},
+                 {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}}):
+        assert unenforced_schema_feature(fine) is None, fine
+    for schema, found in (
+            ({"type": "object", "propertyNames": {"pattern": "^a", "maxLength": 3}}, "in 'propertyNames'"),
+            ({"type": "object", "propertyNames": {"pattern": "^a"}, "properties": {}}, "'propertyNames' with 'prop"),
+            ({"type": "object", "patternProperties": {"^a": {}, "^b": {}}}, "more than one pattern"),
+            ({"type": "object", "patternProperties": {"^a": {}}, "properties": {}}, "'patternProperties' with 'p"),
+            ({"allOf": [{"type": "string"}, {"enum": ["yes", "no"]}]}, "'allOf' of several schemas"),
+            ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "'not' (in properties.a)"),
+            ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "'if'"),
+            ({"type": "object", "dependentRequired": {"a": ["b"]}}, "'dependentRequired'")):
+        assert found in unenforced_schema_feature(schema), schema
