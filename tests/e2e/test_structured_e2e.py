@@ -163,7 +163,7 @@ def test_logprobs_of_a_constrained_request_are_its_grammars(default_llm):
     ({"type": "object", "properties": {"t": {"type": "string", "format": "credit-card"}}},
      "the string format 'credit-card' (in properties.t)"),
     ({"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}}},
-     "'maxLength' with 'pattern'"),
+     "'maxLength' with 'pattern' (put the length in the pattern, e.g. ^[a-z]{1,3}$) (in properties.code)"),
 ])
 def test_a_schema_keyword_the_grammar_would_ignore_fails_its_request_by_name(default_llm, schema, named):
     """xgrammar drops these keywords and answers broke them ("uniqueItems" gave ["apple", "apple", "apple"]); vLLM
