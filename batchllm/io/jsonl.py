@@ -262,7 +262,8 @@ def _is_openai_line(obj: dict) -> bool:
 
 _OTHER_NAMES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "top_logprobs": "logprobs",
                 "response_format": "structured_outputs", "stop_sequences": "stop",
-                "add_generation_prompt": "chat_template_kwargs", "continue_final_message": "chat_template_kwargs"}
+                "add_generation_prompt": "chat_template_kwargs", "continue_final_message": "chat_template_kwargs",
+                "guided_decoding": "structured_outputs"}
 """Other APIs' names (transformers', OpenAI bodies') of a plain line's fields: such a field is an error, not
 one of a table's other columns."""
 
@@ -276,6 +277,8 @@ def _mistaken_field(name: str) -> str | None:
         return f"a plain line's is {_OTHER_NAMES[name]!r}"
     if name == "chat_template":
         return "a plain line takes none: give --chat-template"
+    if name in ("guided_json", "guided_choice", "guided_regex", "guided_grammar"):  # (the line ran unconstrained)
+        return f'vLLM\'s name before 0.11: give "structured_outputs": {{"{name[7:]}": ...}}'
     close = difflib.get_close_matches(name, _NEAR_MISS_TARGETS, n=1, cutoff=0.9) if len(name) >= 5 else []
     return f"did you mean {close[0]!r}?" if close else None
 

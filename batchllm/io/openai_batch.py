@@ -95,7 +95,9 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     known |= {"max_completion_tokens", "top_logprobs", "tools", "documents", *CHAT_TEMPLATE_FIELDS} if chat else set()
     unknown = sorted(name for name in set(body) - known if body[name] is not None)  # null: not set, as writers say it
     if unknown:
-        raise BodyError(f"body field(s) not supported: {', '.join(unknown)}")
+        guided = next((name for name in unknown if name.startswith("guided_")), None)
+        hint = f" ({guided} is vLLM's name before 0.11: give structured_outputs or response_format)" if guided else ""
+        raise BodyError(f"body field(s) not supported: {', '.join(unknown)}{hint}")
     for name, allowed in only_default.items():
         if name in body and body[name] not in allowed:
             taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"

@@ -654,3 +654,18 @@ def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
                          ({"add_special_tokens": True}, "'add_special_tokens' = true is not supported (only false)")):
         with pytest.raises(BodyError, match=re.escape(message)):
             body_to_request("/v1/chat/completions", {**chat, **bad})
+
+
+def test_vllms_old_guided_fields_fail_their_line_naming_structured_outputs():
+    """guided_choice in a plain line was ignored as a table's column: the line ran unconstrained and passed as a
+    success; in an OpenAI body it was refused without naming what replaced it."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    result = ingest(b'{"id": 1, "prompt": "Hi", "guided_choice": ["yes", "no"]}\n')
+    assert not result.valid and [e.message for e in result.errors] == [
+        "line 1: unsupported field(s): 'guided_choice' (vLLM's name before 0.11: give "
+        '"structured_outputs": {"choice": ...})']
+    with pytest.raises(BodyError, match="guided_json is vLLM's name before 0.11: give structured_outputs or "
+                                        "response_format"):
+        body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                 "guided_json": {"type": "object"}})
