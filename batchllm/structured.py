@@ -138,6 +138,11 @@ def _import_xgrammar():
     return xgrammar
 
 
+def _is_lark(grammar: str) -> bool:
+    """vLLM's rule: a grammar none of whose lines (comments aside) defines a rule with "::=" is Lark, not EBNF."""
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.splitlines())
+
+
 class GrammarBackend:
     """Compiles grammars for one tokenizer and vocabulary (the model's logits width), caching each."""
 
@@ -168,6 +173,8 @@ class GrammarBackend:
                 compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(text)
+            elif _is_lark(text) and hasattr(self._compiler, "compile_lark"):
+                compiled = self._compiler.compile_lark(text)
             else:
                 compiled = self._compiler.compile_grammar(text)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors
