@@ -206,6 +206,7 @@ def vllm_flag_not_taken(flag: str) -> str | None:
     """What to do instead of a vLLM run-batch flag with no counterpart here (`options.VLLM_NOT_TAKEN`, its
     engine options' keywords written as flags), or None. Made on the error path only, not at every start."""
     long_names = {short: name for name, short in VLLM_SHORT_FLAGS.items()}
+    flag = flag.split(".", 1)[0]  # (vLLM's --structured-outputs-config.backend: a field of that option)
     entry = VLLM_NOT_TAKEN.get(long_names.get(flag) or flag.removeprefix("--").replace("-", "_"))
     if entry is None:
         return None

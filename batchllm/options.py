@@ -175,6 +175,8 @@ def engine_config(**kwargs: Any) -> EngineConfig:
             if (allowed := VLLM_NO_EFFECT[key].values) is not None and value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported (only {' or '.join(map(repr, allowed))})")
             continue
+        if key == "structured_outputs_config" and _asks_for_xgrammar(value):
+            continue
         if key in VLLM_NOT_TAKEN:
             accepted, instead = VLLM_NOT_TAKEN[key]
             if among(value, accepted):
@@ -234,7 +236,8 @@ VLLM_NOT_TAKEN = {
     "speculative_config": ((None,), "speculative decoding is not supported"),
     "guided_decoding_backend": ((None, "auto", "xgrammar"), "structured output runs on xgrammar"),
     "structured_outputs_config": ((None,), "structured output runs on xgrammar, set per request "
-                                           "(SamplingParams.structured_outputs)"),
+                                           "(SamplingParams.structured_outputs); backend 'xgrammar' or 'auto' and "
+                                           "the disable_* flags are taken"),
     "kv_transfer_config": ((None,), "disaggregated prefill is not supported"),
     "calculate_kv_scales": ((False,), "an fp8 KV cache's scales are set per tensor (kv_cache_dtype='fp8')"),
     "disable_sliding_window": ((False, True), "a sliding window caps the context: attention here has no window"),
@@ -267,6 +270,20 @@ VLLM_NOT_TAKEN = {
 """vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for
 what runs here anyway, taken and dropped, as ported code passes vLLM's defaults; what to do instead of any other,
 said when one is given)."""
+
+
+_XGRAMMAR_SETTINGS = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": (False, True),
+                      "disable_additional_properties": (False, True), "disable_fallback": (False, True),
+                      "reasoning_parser": ("",)}
+"""vLLM's StructuredOutputsConfig fields and the values that ask for what runs here (JSON is compact and a schema's
+objects take only the properties it names whatever the three flags say: README, structured output)."""
+
+
+def _asks_for_xgrammar(config: Any) -> bool:
+    """vLLM's structured_outputs_config (a dict, or its StructuredOutputsConfig) asking only for what runs here."""
+    fields = config if isinstance(config, dict) else getattr(config, "__dict__", None)
+    return isinstance(fields, dict) and all(
+        among(value, _XGRAMMAR_SETTINGS.get(name, ())) for name, value in fields.items())
 
 
 def unknown_option_message(key: str) -> str:

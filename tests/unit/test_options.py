@@ -448,3 +448,23 @@ def test_the_rest_of_vllm_026s_llm_keywords_are_taken_at_their_defaults():
         engine_config(logits_processors=["my.Processor"])
     with pytest.raises(TypeError, match="engine option 'dtype' must be a string"):
         engine_config(dtype=torch.device("cpu"))
+
+
+def test_a_structured_outputs_config_asking_for_xgrammar_is_taken(capsys):
+    """LLM(structured_outputs_config={"backend": "xgrammar"}) was refused though it asks for what runs here; a
+    dotted flag (--structured-outputs-config.backend) was an unrecognized argument without a hint."""
+    from types import SimpleNamespace
+
+    from batchllm.cli import main
+    from batchllm.options import engine_config
+
+    for config in ({"backend": "xgrammar"}, {"backend": "auto", "disable_any_whitespace": True},
+                   SimpleNamespace(backend="xgrammar", disable_additional_properties=False), {}):
+        assert engine_config(structured_outputs_config=config) == engine_config()
+    for config in ({"backend": "guidance"}, {"backend": "xgrammar", "reasoning_parser": "qwen3"}, "xgrammar"):
+        with pytest.raises(TypeError, match="structured_outputs_config=.* is not supported: structured output runs "
+                                            "on xgrammar"):
+            engine_config(structured_outputs_config=config)
+    with pytest.raises(SystemExit):
+        main(["run", "in.jsonl", "-o", "o.jsonl", "--structured-outputs-config.backend", "xgrammar"])
+    assert "--structured-outputs-config.backend: structured output runs on xgrammar" in capsys.readouterr().err
