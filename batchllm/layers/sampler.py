@@ -8,7 +8,7 @@ one call for all seeded rows), so its tokens do not depend on what else is in th
 unseeded requests share the engine's generator.
 Log-probabilities are those of the model's distribution under the grammar's mask (as vLLM's, whose mask is
 applied before its sampler: a structured request's alternatives are what its grammar allows), before any other
-processing. Where min_tokens bans the only tokens a grammar allows (its answer is complete), the grammar wins.
+processing. Where min_tokens, allowed_token_ids or bad_words ban the only tokens a grammar allows, the grammar wins.
 """
 
 from __future__ import annotations
@@ -93,14 +93,16 @@ def sample_on_device(
     if raw_logprobs is not None and grammar_mask is not None:
         raw_logprobs.clamp_(min=FORBIDDEN_LOGPROB)  # (JSON has no -inf: a forbidden token reads as in vLLM)
     banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
+    allowed_by_grammar = logits.clone() if grammar_mask is not None and (banned or adjusted) else None
     if banned:
-        allowed_by_grammar = logits.clone() if grammar_mask is not None else None
         where = to_device(banned, device, torch.int64)
         logits[where[:, 0], where[:, 1]] = float("-inf")
-        if allowed_by_grammar is not None:  # a row left nothing: its grammar allows only what min_tokens bans
-            logits = torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), allowed_by_grammar, logits)
     if adjusted:
         apply_adjustments(logits, specs, histories)
+    if allowed_by_grammar is not None:
+        # a row left nothing: its grammar allows only what min_tokens, allowed_token_ids or bad_words ban. The
+        # grammar wins (the answer keeps to it; a token outside it would leave the request unconstrained)
+        logits = torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), allowed_by_grammar, logits)
 
     tokens = _greedy_and_drawn(logits, specs, positions, default_generator)
     if not logprob_rows:

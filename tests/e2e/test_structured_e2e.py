@@ -159,6 +159,16 @@ def test_min_tokens_past_a_grammars_end_gives_way_to_it(default_llm):
     assert completion.text in LABELS and completion.finish_reason == "stop", completion.text
 
 
+def test_allowed_token_ids_or_bad_words_that_leave_a_grammar_nothing_give_way_to_it(default_llm, caplog):
+    """allowed_token_ids outside every label: every token was -inf, token 0 came out, the grammar refused it and the
+    answer went on unconstrained ("()()()()"), written as a success. The grammar wins, as over min_tokens."""
+    for extra in ({"allowed_token_ids": [1000, 1001]}, {"bad_words": ["yes", "no", "y", "n", "ye"]}):
+        params = SamplingParams(temperature=0.0, max_tokens=8, structured_outputs={"choice": ["yes", "no"]}, **extra)
+        completion = default_llm.generate("Is water wet?", params, use_tqdm=False)[0].outputs[0]
+        assert completion.text in ("yes", "no") and completion.finish_reason == "stop", (extra, completion.text)
+    assert "the grammar refused" not in caplog.text
+
+
 def test_logprobs_of_a_constrained_request_are_its_grammars(default_llm):
     """As vLLM's (its mask is applied before its sampler): the alternatives are what the grammar allows and the
     chosen label's probability is renormalised over them. They were the raw model's: a label at rank 24."""
