@@ -5,6 +5,7 @@ Shared by `LLM` (which owns one) and `batchllm plan` (which needs tokens but no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -79,11 +80,13 @@ class PromptProcessor:
 
     def apply_chat_template(
         self, conversation: Any, index: int = 0, add_generation_prompt: bool = True, kwargs: dict | None = None,
-        chat_template: str | None = None,
+        chat_template: str | None = None, content_format: str = "auto",
     ) -> str:
         """The conversation rendered by the tokenizer's chat template, or by `chat_template` (Jinja text)
         where given; `kwargs` (vLLM's chat_template_kwargs) go to the template over `add_generation_prompt`,
-        as in vLLM. Raises ValueError naming conversation `index` and the problem."""
+        as in vLLM. Message content reaches the template as one string, or as OpenAI's list of text parts where
+        `content_format` is "openai" ("auto": where the template loops over a message's content, as vLLM detects
+        it). Raises ValueError naming conversation `index` and the problem."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
         if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
@@ -99,6 +102,10 @@ class PromptProcessor:
             conversation = [text_message(j, message) for j, message in enumerate(conversation)]
         except ValueError as e:
             raise ValueError(f"conversation {index}: {e}") from e
+        template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
+        if content_format == "openai" or (content_format == "auto" and loops_over_content(template)):
+            conversation = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(
+                m.get("content"), str) else m for m in conversation]
         if unexpected := sorted({"chat_template", "tokenize"} & set(kwargs or {})):
             raise ValueError(f"conversation {index}: chat_template_kwargs must not hold {', '.join(unexpected)} (as "
                              "vLLM refuses them; a template is given with --chat-template / chat_template=...)")
@@ -363,6 +370,36 @@ def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat
     if chat_template is not None:
         loaded.chat_template = read_chat_template(chat_template)
     return loaded
+
+
+@functools.lru_cache(maxsize=16)
+def loops_over_content(template: Any) -> bool:
+    """Whether a chat template iterates over a message's content (`{% for part in message['content'] %}`): it
+    expects OpenAI's list of parts, and a string would be iterated by character (the text was lost). vLLM's
+    content format "auto" tells the two kinds apart so (by the Jinja syntax tree); a template that does not parse
+    here (a tag of transformers' own) or a dict of named templates is taken as a string template."""
+    import jinja2
+    from jinja2 import nodes
+
+    if not isinstance(template, str):
+        return False
+    try:
+        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateError:
+        return False
+    for loop in tree.find_all(nodes.For):
+        node = loop.iter
+        while isinstance(node, (nodes.Filter, nodes.Test)) or (
+                isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)):
+            node = node.node  # (message.content | list, message['content'][1:])
+        if isinstance(node, nodes.Name) and node.name == "content":
+            return True
+        if isinstance(node, nodes.Getattr) and node.attr == "content" and isinstance(node.node, nodes.Name):
+            return True
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content" \
+                and isinstance(node.node, nodes.Name):
+            return True
+    return False
 
 
 def read_chat_template(value: str) -> str:

@@ -218,11 +218,12 @@ class LLM:
         vLLM's) to one conversation (a list of {"role", "content"}) or a list of conversations, then generate.
         continue_final_message (vLLM's): the last message, an assistant's, is continued rather than closed
         (with add_generation_prompt=False). tools: given to the template, as vLLM does (the answer is text:
-        no tool call is parsed from it). chat_template_content_format: "auto" or "string" (message content reaches
-        the template as a string). tokenization_kwargs: as `generate` takes it. mm_processor_kwargs, lora_request:
+        no tool call is parsed from it). chat_template_content_format: vLLM's "string" (message content reaches
+        the template as a string), "openai" (as a list of text parts) or "auto" (parts where the template loops over
+        a message's content). tokenization_kwargs: as `generate` takes it. mm_processor_kwargs, lora_request:
         vLLM's, None only (not supported). The arguments may be given by position, in vLLM's order."""
         _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs or None,
-                            chat_template_content_format=None if chat_template_content_format in ("auto", "string")
+                            chat_template_content_format=None if chat_template_content_format in CONTENT_FORMATS
                             else chat_template_content_format)
         if tools is not None:
             chat_template_kwargs = {"tools": tools, **(chat_template_kwargs or {})}
@@ -233,7 +234,8 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = None if chat_template is None else read_chat_template(chat_template)
         prompts = [
-            self.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs, template)
+            self.prompts.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs, template,
+                                             chat_template_content_format)
             for i, conv in enumerate(conversations)
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, tokenization_kwargs=tokenization_kwargs)
@@ -576,12 +578,15 @@ def _quiet_gc(young_threshold: int = 50_000):
         gc.unfreeze()
 
 
+CONTENT_FORMATS = ("auto", "string", "openai")
+"""vLLM's chat_template_content_format values (`PromptProcessor.apply_chat_template`)."""
+
 _NOT_SUPPORTED = {
     "lora_request": "LoRA adapters are not supported; leave it None",
     "mm_processor_kwargs": "the models here take text and token ids only; leave it None",
     "priority": "priority scheduling is not supported: requests run in the order the prefix-sharing plan "
                 "gives them; leave it None (or all 0)",
-    "chat_template_content_format": "message content reaches the chat template as a string: 'auto' or 'string'",
+    "chat_template_content_format": "'auto', 'string' or 'openai'",
 }
 """What to do instead of each vLLM `generate` / `chat` argument given a value that asks for something."""
 

@@ -669,3 +669,26 @@ def test_vllms_old_guided_fields_fail_their_line_naming_structured_outputs():
                                         "response_format"):
         body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                  "guided_json": {"type": "object"}})
+
+
+def test_a_template_that_loops_over_content_gets_text_parts_as_vllms_auto_format_gives_them():
+    """A template written for OpenAI's content parts iterated the string by character and lost the text
+    ("user\n" with nothing after it); vLLM's "auto" content format gives such a template the parts."""
+    from batchllm.inputs import loops_over_content
+
+    parts = ("{% for m in messages %}{{ m.role }}:{% for part in m['content'] %}{% if part.type == 'text' %}"
+             "{{ part.text }}{% endif %}{% endfor %};{% endfor %}")
+    either = ("{% for message in messages %}{% if message.content is string %}{{ message.content }}{% else %}"
+              "{% for c in message.content %}{{ c.text }}{% endfor %}{% endif %};{% endfor %}")
+    plain = "{% for m in messages %}{{ m.content | trim }};{% endfor %}"
+    assert loops_over_content(parts) and loops_over_content(either) and not loops_over_content(plain)
+    assert not loops_over_content("{% generation %}x{% endgeneration %}"), "transformers' own tags: a string"
+    prompts = processor()
+    assert not loops_over_content(prompts.tokenizer.chat_template), "SmolLM2's takes strings"
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "4"}, {"type": "text", "text": "!"}]}]
+    assert prompts.apply_chat_template(chat, chat_template=parts) == "user:What is 2+2?;assistant:4\n!;"
+    assert prompts.apply_chat_template(chat, chat_template=either) == "What is 2+2?;4\n!;"
+    assert prompts.apply_chat_template(chat, chat_template=parts, content_format="string") == "user:;assistant:;"
+    assert prompts.apply_chat_template(chat, chat_template=plain, content_format="openai").startswith(
+        "[{'type': 'text', 'text': 'What is 2+2?'}]")

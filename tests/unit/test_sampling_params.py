@@ -146,7 +146,7 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
         message = {"role": "user", "content": "Hi"}
         as_tuple, as_list = (llm.chat(m, params, use_tqdm=False, tools=None)[0] for m in ((message,), [message]))
         for unsupported in ({"lora_request": object()}, {"mm_processor_kwargs": {"size": 1}},
-                            {"chat_template_content_format": "openai"}):
+                            {"chat_template_content_format": "mistral"}):
             with pytest.raises(ValueError, match=f"{next(iter(unsupported))}=.* is not supported: "):
                 llm.chat([message], params, use_tqdm=False, **unsupported)
         with pytest.raises(ValueError, match="priority=.* is not supported: "):
