@@ -413,10 +413,30 @@ def read_chat_template(value: str) -> str:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the chat template {value!r}: {e}") from e
+    shown = value if len(value) <= 80 else value[:77] + "..."
     if not ("{{" in text or "{%" in text) or "messages" not in text:
-        shown = value if len(value) <= 80 else value[:77] + "..."
         raise ValueError(f"chat_template {shown!r} is neither a file nor a Jinja template that renders `messages`")
+    if problem := _template_syntax_error(text):
+        raise ValueError(f"chat_template {shown!r} is not valid Jinja: {problem}")
     return text
+
+
+def _template_syntax_error(text: str) -> str | None:
+    """Where a chat template's Jinja does not parse, as transformers compiles it (its own tags included), or None.
+    Checked once at start: each line's rendering would fail with it, after the model had loaded."""
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # (a private helper: without it, each line's rendering names the error)
+        return None
+    try:
+        _compile_jinja_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        return f"line {e.lineno}: {e.message}"
+    except Exception:  # noqa: BLE001 - anything else is for the rendering to say
+        return None
+    return None
 
 
 def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_model_len: int | None = None,

@@ -478,6 +478,11 @@ def test_a_chat_template_option_replaces_the_tokenizers(tmp_path):
         read_chat_template("nope.jinja")
     with pytest.raises(ValueError, match="renders `messages`"):
         read_chat_template("templates/{{model}}.jinja")  # a mistyped path is not taken for a template
+    # a syntax error failed every line after the model loaded, and the fixed file's rerun was refused as another
+    (broken := tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(ValueError, match=r"bad.jinja' is not valid Jinja: line 2: unexpected '}'"):
+        read_chat_template(str(broken))
+    assert read_chat_template("{% generation %}{{ messages }}{% endgeneration %}"), "transformers' own tags parse"
     prompts = prompt_processor_for(None, chat_template=str(path))
     hi = [{"role": "user", "content": "Hi"}]
     assert prompts.apply_chat_template(hi) == "<user>Hi"
