@@ -128,6 +128,9 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     else:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # OpenAI's list of prompts, holding one (a string, or a list of token ids)
+        if isinstance(prompt, list) and any(type(t) is float for t in prompt) and all(
+                type(t) is int or (type(t) is float and t.is_integer()) for t in prompt):
+            prompt = [int(t) for t in prompt]  # (as vLLM's server reads 504.0: a JSON writer's integer)
         if isinstance(prompt, str):
             if not prompt:
                 raise BodyError("'prompt' is empty")

@@ -592,14 +592,18 @@ def test_openai_body_values_of_the_wrong_kind_are_named():
             body_to_request("/v1/chat/completions", {**chat, "logprobs": bad})
 
 
-@pytest.mark.parametrize("prompt, expected", [(["Hello"], "Hello"), ([[5, 6, 7]], [5, 6, 7]), ("Hello", "Hello")])
+@pytest.mark.parametrize("prompt, expected", [(["Hello"], "Hello"), ([[5, 6, 7]], [5, 6, 7]), ("Hello", "Hello"),
+                                              ([504.0, 35.0], [504, 35]), ([[5.0, 6]], [5, 6])])
 def test_a_completions_list_holding_one_prompt_is_that_prompt(prompt, expected):
-    """OpenAI's and vLLM's completions take a list of prompts; one such list of one prompt failed its line."""
+    """OpenAI's and vLLM's completions take a list of prompts; one such list of one prompt failed its line. Token
+    ids written as floats (504.0) are read as vLLM's server reads them; they failed the line."""
     from batchllm.io.openai_batch import BodyError, body_to_request
 
     assert body_to_request("/v1/completions", {"prompt": prompt})[1] == expected
     with pytest.raises(BodyError, match="give each prompt of a list its own line"):
         body_to_request("/v1/completions", {"prompt": ["Hello", "Bye"]})
+    with pytest.raises(BodyError, match="must be a non-empty string or a list of token ids"):
+        body_to_request("/v1/completions", {"prompt": [5.5, 6.0]})
 
 
 def test_a_line_cut_inside_a_string_is_named_so():
