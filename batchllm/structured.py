@@ -138,9 +138,47 @@ def _import_xgrammar():
     return xgrammar
 
 
+def _without_comment(line: str) -> str:
+    return re.sub(r"(#|//).*$", "", line).strip()
+
+
 def _is_lark(grammar: str) -> bool:
     """vLLM's rule: a grammar none of whose lines (comments aside) defines a rule with "::=" is Lark, not EBNF."""
-    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.splitlines())
+    return not any("::=" in _without_comment(line) for line in grammar.splitlines())
+
+
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def lark_as_ebnf(grammar: str) -> str:
+    """A Lark grammar in xgrammar's EBNF, as vLLM 0.26 converts it: the root is the `start` rule, else the first
+    rule; `?name` is `name`; 'single-quoted' literals are double-quoted; a rule's `|` lines are its alternatives;
+    lines that define no rule (%import, %ignore) are dropped. ValueError naming the line or the rule otherwise."""
+    rules: dict[str, list[str]] = {}
+    current = None
+    for number, line in enumerate(map(_without_comment, grammar.splitlines()), start=1):
+        if line.startswith("|"):
+            if current is None:
+                raise ValueError(f"line {number}: an alternative '|' before any rule")
+            rules[current].append(_double_quoted(line[1:].strip(), number))
+        elif ":" in line:
+            name, definition = line.split(":", 1)
+            current = name.strip().strip("?")
+            rules[current] = [_double_quoted(definition.strip(), number)]
+    if not rules:
+        raise ValueError("no rule found (a Lark rule is `name: definition`)")
+    used = {name for alternatives in rules.values() for text in alternatives
+            for name in re.findall(r"\b[A-Za-z_]\w*\b", _QUOTED.sub(" ", text))}
+    if undefined := sorted(used - set(rules) - {"root"}):
+        raise ValueError(f"rules used but not defined: {', '.join(undefined)}")
+    root = "start" if "start" in rules else next(iter(rules))
+    return "\n".join([f"root ::= {root}", *(f"{name} ::= {' | '.join(alts)}" for name, alts in rules.items())])
+
+
+def _double_quoted(text: str, number: int) -> str:
+    if text.count("'") % 2 or text.count('"') % 2:
+        raise ValueError(f"line {number}: mismatched quotes")
+    return re.sub(r"'([^']*)'", lambda literal: json.dumps(literal[1]), text)
 
 
 class GrammarBackend:
@@ -173,8 +211,8 @@ class GrammarBackend:
                 compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(text)
-            elif _is_lark(text) and hasattr(self._compiler, "compile_lark"):
-                compiled = self._compiler.compile_lark(text)
+            elif _is_lark(text):
+                compiled = self._compiler.compile_grammar(lark_as_ebnf(text))
             else:
                 compiled = self._compiler.compile_grammar(text)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors
@@ -212,11 +250,19 @@ _UNENFORCED_ANYWHERE = ("not", "if", "dependentRequired", "dependentSchemas", "d
 these: it runs them unenforced)."""
 
 
+_TYPED_KEYWORDS = ("pattern", "format", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
+                   "exclusiveMaximum")
+"""String and number keywords, which xgrammar enforces only in a schema that gives its "type"."""
+_TYPE_GIVERS = ("type", "enum", "const", "$ref", "anyOf", "oneOf", "allOf")
+
+
 def _unenforced_combination(node: dict, types: set[str]) -> str | None:
-    """The keyword combinations xgrammar compiles but does not enforce, as vLLM's check finds them (and
-    `_UNENFORCED_ANYWHERE`)."""
+    """The keyword combinations xgrammar compiles but does not enforce: those vLLM's current check finds (vLLM
+    0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string or number bounds without a type."""
     if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
         return repr(found)
+    if not any(k in node for k in _TYPE_GIVERS) and (found := next((k for k in _TYPED_KEYWORDS if k in node), None)):
+        return f'{found!r} without a "type" (xgrammar then lets any JSON value through: give the type)'
     if "string" in types and (found := _length_bound_with_pattern(node)):
         return found
     if "object" in types and "propertyNames" in node:
@@ -273,6 +319,8 @@ def unenforced_schema_feature(schema: Any) -> str | None:
                 continue
             if key in _SCHEMA_MAPS and isinstance(value, dict):
                 stack.extend((f"{inner}.{name}", item) for name, item in value.items())
+            elif key == "propertyNames":
+                continue  # (a key's schema: a string's, with or without its type; checked with its object)
             elif isinstance(value, dict):
                 stack.append((inner, value))
             elif isinstance(value, list):

@@ -132,11 +132,13 @@ def test_an_objects_properties_come_in_the_schemas_order(default_llm):
 
 def test_a_lark_grammar_is_taken_as_vllm_takes_it(default_llm):
     """vLLM compiles a grammar without "::=" as Lark; it failed here as EBNF ("Unexpected character: ':'")."""
-    outs = default_llm.generate(["Write a SQL query:"] * 2, [
-        SamplingParams(max_tokens=16, temperature=t, seed=3, structured_outputs={"grammar": SQL_LARK})
-        for t in (0.0, 1.0)], use_tqdm=False)
-    for out in outs:
+    grammars = [SQL_LARK, SQL_LARK, "answer: 'yes' | 'no'  # no start rule: the first is the root"]
+    outs = default_llm.generate(["Write a SQL query:"] * 2 + ["Is water wet?"], [
+        SamplingParams(max_tokens=16, temperature=t, seed=3, structured_outputs={"grammar": g})
+        for t, g in zip((0.0, 1.0, 0.0), grammars)], use_tqdm=False)
+    for out in outs[:2]:
         assert re.fullmatch(r"SELECT col_[12] from table_[12]", out.outputs[0].text), out.outputs[0].text
+    assert outs[2].outputs[0].text in ("yes", "no")
 
 
 def test_a_grammar_that_ended_leaves_ignore_eos_to_go_on_without_failing_the_batch(default_llm):

@@ -152,8 +152,10 @@ def test_the_schema_check_reads_types_and_property_names_as_a_schema_means_them(
 def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_taken():
     """A pattern or format with minLength / maxLength compiled to the grammar without the bound (a pydantic
     constr(pattern=..., max_length=3) answered "JSON"); patternProperties and propertyNames, which xgrammar does
-    enforce alone, were refused. The combinations follow vLLM's check of them (backend_xgrammar.py); not, if and
-    dependentRequired, which xgrammar drops whole (the grammar is the one without them), are refused too."""
+    enforce alone, were refused (as vLLM 0.26 refuses them). The combinations follow vLLM's current check of them
+    (backend_xgrammar.py; 0.26 checks fewer); not, if and dependentRequired, which xgrammar drops whole (the grammar
+    is the one without them), and string or number bounds in a schema without a type (any JSON value passes), are
+    refused too."""
     from batchllm.structured import unenforced_schema_feature
 
     code = {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}
@@ -164,7 +166,9 @@ def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_t
     for fine in ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}},
                  {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}},
                  {"allOf": [{"type": "string"}]}, {"type": "string", "minLength": 2, "maxLength": 3},
-                 {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}}):
+                 {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}},
+                 {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}, "additionalProperties": True},
+                 {"enum": ["a"], "pattern": "a"}):
         assert unenforced_schema_feature(fine) is None, fine
     for schema, found in (
             ({"type": "object", "propertyNames": {"pattern": "^a", "maxLength": 3}}, "in 'propertyNames'"),
@@ -174,5 +178,24 @@ def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_t
             ({"allOf": [{"type": "string"}, {"enum": ["yes", "no"]}]}, "'allOf' of several schemas"),
             ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "'not' (in properties.a)"),
             ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "'if'"),
-            ({"type": "object", "dependentRequired": {"a": ["b"]}}, "'dependentRequired'")):
+            ({"type": "object", "dependentRequired": {"a": ["b"]}}, "'dependentRequired'"),
+            ({"type": "object", "properties": {"code": {"pattern": "^[A-Z]+$"}}}, "'pattern' without a \"type\""),
+            ({"type": "array", "items": {"minimum": 3}}, "'minimum' without a \"type\" (xgrammar then lets any")):
         assert found in unenforced_schema_feature(schema), schema
+
+
+def test_a_lark_grammar_is_converted_as_vllm_converts_it():
+    """vLLM 0.26 turns Lark into EBNF itself: the root is `start` or the first rule, single quotes are literals,
+    %import / %ignore lines are dropped. xgrammar's own Lark reader refused "rule: 'hello'" (no start rule)."""
+    from batchllm.structured import _is_lark, lark_as_ebnf
+
+    assert lark_as_ebnf("rule: 'hello'") == 'root ::= rule\nrule ::= "hello"'
+    grammar = ("?start: pick  // the choice\nword: 'say \"hi\"'\n%import common.WS\n%ignore WS\n"
+               "pick: word\n    | 'no'")
+    assert lark_as_ebnf(grammar) == ('root ::= start\nstart ::= pick\nword ::= "say \\"hi\\""\n'
+                                     'pick ::= word | "no"')
+    assert _is_lark(grammar) and not _is_lark('root ::= "a" // a: b')
+    for bad, message in (("a: b c", "rules used but not defined: b, c"), ("| 'x'", "line 1: an alternative"),
+                         ("a: 'x", "line 1: mismatched quotes"), ("%ignore WS", "no rule found")):
+        with pytest.raises(ValueError, match=message):
+            lark_as_ebnf(bad)
