@@ -32,12 +32,13 @@ _WINDOW_SLACK = 16
 
 
 def logprob_entry(token_id: int, logprobs: TokenLogprobs) -> dict[int, Logprob]:
-    """vLLM's per-position dict, in vLLM's order: the chosen token first, with its own rank, then the top
-    tokens (rank 1, 2, ...; the chosen one among them keeps its place at the front), so that the first value
-    is the chosen token's, as code written for vLLM reads it."""
+    """vLLM's per-position dict, in vLLM's order: the chosen token first, with its own rank, then the top (or
+    named) tokens ranked 1, 2, ...; the chosen one among them keeps its place at the front with the rank of its
+    place in that list, as vLLM's dict overwrites it (the same rank for the top k, but for ties), so that the
+    first value is the chosen token's, as code written for vLLM reads it."""
     entry = {token_id: Logprob(logprobs.sampled_logprob, logprobs.sampled_rank, None)}
     for rank, (tid, lp) in enumerate(zip(logprobs.top_token_ids, logprobs.top_logprobs)):
-        entry.setdefault(tid, Logprob(lp, rank + 1, None))
+        entry[tid] = Logprob(lp, rank + 1, None)
     return entry
 
 

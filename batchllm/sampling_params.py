@@ -24,9 +24,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The seeds vLLM (a torch.Generator) accepts; here one is taken modulo 2^64 (`layers/seeded_noise.py`).
 Completion k of an n > 1 request uses seed + k."""
 MAX_TOP_K = 2**31 - 1
+"""top_k travels to the device as an int64; anything this large already means the whole vocabulary."""
 MAX_LOGPROB_TOKEN_IDS = 128
 """vLLM's cap on the length of SamplingParams.logprob_token_ids."""
-"""top_k travels to the device as an int64; anything this large already means the whole vocabulary."""
 
 _short = reprlib.Repr()  # error messages quote values without echoing megabytes or deep nesting
 _short.maxstring = _short.maxother = 80
@@ -138,7 +138,8 @@ class SamplingParams:
     logprob_token_ids: list[int] | None = None
     """vLLM's: the logprobs of exactly these tokens (at most 128) at each generated position, in place of the top
     `logprobs` (with the sampled token's, as always; logprobs, if given, must equal their number): scoring labels
-    without asking for the whole vocabulary. Each listed token's `rank` is its place in the list, as in vLLM."""
+    without asking for the whole vocabulary. Each listed token's `rank` is its place in the list (the sampled
+    token's too, where it is listed), as in vLLM."""
     flat_logprobs: bool = False
     skip_clone: bool = False
     output_text_buffer_length: int = 0

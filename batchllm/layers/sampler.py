@@ -93,7 +93,8 @@ def sample_on_device(
     if raw_logprobs is not None and grammar_mask is not None:
         raw_logprobs.clamp_(min=FORBIDDEN_LOGPROB)  # (JSON has no -inf: a forbidden token reads as in vLLM)
     banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
-    allowed_by_grammar = logits.clone() if grammar_mask is not None and (banned or adjusted) else None
+    grammar_rows = grammar_mask[1] if grammar_mask is not None and (banned or adjusted) else None
+    allowed_by_grammar = logits[grammar_rows] if grammar_rows is not None else None  # (a copy: indexed by rows)
     if banned:
         where = to_device(banned, device, torch.int64)
         logits[where[:, 0], where[:, 1]] = float("-inf")
@@ -102,7 +103,8 @@ def sample_on_device(
     if allowed_by_grammar is not None:
         # a row left nothing: its grammar allows only what min_tokens, allowed_token_ids or bad_words ban. The
         # grammar wins (the answer keeps to it; a token outside it would leave the request unconstrained)
-        logits = torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), allowed_by_grammar, logits)
+        now = logits[grammar_rows]
+        logits[grammar_rows] = torch.where(torch.isneginf(now).all(dim=-1, keepdim=True), allowed_by_grammar, now)
 
     tokens = _greedy_and_drawn(logits, specs, positions, default_generator)
     if not logprob_rows:

@@ -81,8 +81,9 @@ def test_prompt_logprobs_match_hf_with_and_without_sharing(default_model_dir, re
 
 
 def test_logprob_token_ids_return_those_tokens_logprobs_beside_other_rows(default_llm, reference):
-    """vLLM's logprob_token_ids: the sampled token's entry first (its own rank), then each named token in the
-    order given with its place as rank, in one batch with a top-k row and a row that asks for nothing."""
+    """vLLM's logprob_token_ids: the sampled token's entry first, then each named token in the order given with
+    its place as rank (the sampled token's too: it is named third), in one batch with a top-k row and a row that
+    asks for nothing."""
     ids, logprobs = reference[3]
     last = logprobs[-1]  # the distribution of the first generated token
     named = [5, 1000, int(last.argmax()), 42]
@@ -93,7 +94,7 @@ def test_logprob_token_ids_return_those_tokens_logprobs_beside_other_rows(defaul
     out = outs[0].outputs[0]
     token, entry = out.token_ids[0], out.logprobs[0]
     assert token == named[2] and list(entry) == [token, 5, 1000, 42]
-    assert entry[token].rank == 1 and [entry[t].rank for t in (5, 1000, 42)] == [1, 2, 4]
+    assert [entry[t].rank for t in (token, 5, 1000, 42)] == [3, 1, 2, 4]
     for t in named:
         assert entry[t].logprob == pytest.approx(last[t].item(), abs=TOL)
         assert isinstance(entry[t].decoded_token, str)
