@@ -14,7 +14,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from batchllm.io.openai_batch import text_message
+from batchllm.io.openai_batch import text_message, text_parts
 from batchllm.models.default_model import default_model_dir
 from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec, rope_type_of, weight_files
 from batchllm.prefix.radix import as_token_array
@@ -98,14 +98,13 @@ class PromptProcessor:
             if not isinstance(message, dict) or "role" not in message or (
                     "content" not in message and "tool_calls" not in message):
                 raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
+        template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
+        as_parts = content_format == "openai" or (content_format == "auto" and loops_over_content(template))
         try:  # OpenAI's content parts, as the OpenAI Batch lines take them
-            conversation = [text_message(j, message) for j, message in enumerate(conversation)]
+            conversation = [(text_parts if as_parts else text_message)(j, message)
+                            for j, message in enumerate(conversation)]
         except ValueError as e:
             raise ValueError(f"conversation {index}: {e}") from e
-        template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
-        if content_format == "openai" or (content_format == "auto" and loops_over_content(template)):
-            conversation = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(
-                m.get("content"), str) else m for m in conversation]
         if unexpected := sorted({"chat_template", "tokenize"} & set(kwargs or {})):
             raise ValueError(f"conversation {index}: chat_template_kwargs must not hold {', '.join(unexpected)} (as "
                              "vLLM refuses them; a template is given with --chat-template / chat_template=...)")
@@ -374,32 +373,57 @@ def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat
 
 @functools.lru_cache(maxsize=16)
 def loops_over_content(template: Any) -> bool:
-    """Whether a chat template iterates over a message's content (`{% for part in message['content'] %}`): it
-    expects OpenAI's list of parts, and a string would be iterated by character (the text was lost). vLLM's
-    content format "auto" tells the two kinds apart so (by the Jinja syntax tree); a template that does not parse
-    here (a tag of transformers' own) or a dict of named templates is taken as a string template."""
-    import jinja2
+    """Whether a chat template iterates over a message's content (`{% for part in message['content'] %}`, the
+    message bound by a loop over `messages`, or `{% for part in content %}`): it expects OpenAI's list of parts,
+    and a string would be iterated by character (the text was lost). vLLM's content format "auto" tells the two
+    kinds apart so, by the syntax tree of the template as transformers compiles it; a template that does not
+    compile, or a dict of named templates, is taken as a string template."""
     from jinja2 import nodes
 
-    if not isinstance(template, str):
+    tree = _parsed_template(template) if isinstance(template, str) else None
+    if tree is None:
         return False
-    try:
-        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-    except jinja2.TemplateError:
-        return False
+    messages = {"messages"} | {a.target.name for a in tree.find_all(nodes.Assign)
+                               if isinstance(a.target, nodes.Name) and _is_name(a.node, {"messages"})}
+    bound = {loop.target.name for loop in tree.find_all(nodes.For)
+             if isinstance(loop.target, nodes.Name) and _is_name(loop.iter, messages)}
     for loop in tree.find_all(nodes.For):
-        node = loop.iter
-        while isinstance(node, (nodes.Filter, nodes.Test)) or (
-                isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)):
-            node = node.node  # (message.content | list, message['content'][1:])
+        node = _unwrapped(loop.iter)
         if isinstance(node, nodes.Name) and node.name == "content":
             return True
-        if isinstance(node, nodes.Getattr) and node.attr == "content" and isinstance(node.node, nodes.Name):
-            return True
-        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content" \
-                and isinstance(node.node, nodes.Name):
+        key = node.attr if isinstance(node, nodes.Getattr) else node.arg.value if isinstance(
+            node, nodes.Getitem) and isinstance(node.arg, nodes.Const) else None
+        if key == "content" and _is_name(node.node, bound):
             return True
     return False
+
+
+def _parsed_template(template: str):
+    """The Jinja syntax tree of a chat template, parsed as transformers compiles it (its own tags, such as
+    `{% generation %}`, included), or None where it does not parse."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(template).environment.parse(template)
+    except Exception:  # noqa: BLE001 - a private helper, or a template that does not compile: a string template
+        return None
+
+
+def _unwrapped(node):
+    """The expression under filters, tests and slices (`messages | reverse`, `message['content'][1:]`)."""
+    from jinja2 import nodes
+
+    while isinstance(node, (nodes.Filter, nodes.Test)) or (
+            isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)):
+        node = node.node
+    return node
+
+
+def _is_name(node, names: set[str]) -> bool:
+    from jinja2 import nodes
+
+    node = _unwrapped(node)
+    return isinstance(node, nodes.Name) and node.name in names
 
 
 def read_chat_template(value: str) -> str:

@@ -236,8 +236,8 @@ VLLM_NOT_TAKEN = {
     "speculative_config": ((None,), "speculative decoding is not supported"),
     "guided_decoding_backend": ((None, "auto", "xgrammar"), "structured output runs on xgrammar"),
     "structured_outputs_config": ((None,), "structured output runs on xgrammar, set per request "
-                                           "(SamplingParams.structured_outputs); backend 'xgrammar' or 'auto' and "
-                                           "the disable_* flags are taken"),
+                                           "(SamplingParams.structured_outputs); LLM(structured_outputs_config=...) "
+                                           "asking for backend 'xgrammar' or 'auto' is taken"),
     "kv_transfer_config": ((None,), "disaggregated prefill is not supported"),
     "calculate_kv_scales": ((False,), "an fp8 KV cache's scales are set per tensor (kv_cache_dtype='fp8')"),
     "disable_sliding_window": ((False, True), "a sliding window caps the context: attention here has no window"),
@@ -274,7 +274,7 @@ said when one is given)."""
 
 _XGRAMMAR_SETTINGS = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": (False, True),
                       "disable_additional_properties": (False, True), "disable_fallback": (False, True),
-                      "reasoning_parser": ("",)}
+                      "reasoning_parser": ("",), "reasoning_parser_plugin": ("",), "enable_in_reasoning": (False,)}
 """vLLM's StructuredOutputsConfig fields and the values that ask for what runs here (JSON is compact and a schema's
 objects take only the properties it names whatever the three flags say: README, structured output)."""
 

@@ -87,21 +87,7 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     prompt_field = "messages" if chat else "prompt"
     if prompt_field not in body:
         raise BodyError(f"body lacks '{prompt_field}'")
-    prompt = body[prompt_field]
-    known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
-                                                             "response_format", "echo", "logprob_token_ids"}
-    only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
-    known |= set(only_default)
-    known |= {"max_completion_tokens", "top_logprobs", "tools", "documents", *CHAT_TEMPLATE_FIELDS} if chat else set()
-    unknown = sorted(name for name in set(body) - known if body[name] is not None)  # null: not set, as writers say it
-    if unknown:
-        guided = next((name for name in unknown if name.startswith("guided_")), None)
-        hint = f" ({guided} is vLLM's name before 0.11: give structured_outputs or response_format)" if guided else ""
-        raise BodyError(f"body field(s) not supported: {', '.join(unknown)}{hint}")
-    for name, allowed in only_default.items():
-        if name in body and body[name] not in allowed:
-            taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"
-            raise BodyError(f"body field {name!r} = {json.dumps(body[name])[:80]} is not supported (only {taken})")
+    _check_fields(body, chat, prompt_field)
     overrides = {_COMMON[k]: body[k] for k in _COMMON if k in body and body[k] is not None}
     if body.get("logit_bias") is not None:
         overrides["logit_bias"] = _logit_bias(body["logit_bias"])
@@ -110,37 +96,7 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
         if "structured_outputs" in overrides:
             raise BodyError("give response_format or structured_outputs, not both")
         overrides["structured_outputs"] = structured
-    if chat:
-        if not isinstance(prompt, list) or not prompt:
-            raise BodyError("'messages' must be a non-empty list")
-        prompt = [text_message(j, message) for j, message in enumerate(prompt)]
-        # max_completion_tokens is OpenAI's newer name; given both (JSON writers emit null for the one not
-        # set), it wins, as in vLLM's server
-        completion = body.get("max_completion_tokens")
-        if completion is not None and (not isinstance(completion, int) or isinstance(completion, bool)
-                                       or completion < 1):  # (named as given: later checks say max_tokens)
-            raise BodyError(f"'max_completion_tokens' must be a positive integer, got {json.dumps(completion)[:40]}")
-        max_tokens = completion if completion is not None else body.get("max_tokens")
-        if _flag(body.get("logprobs"), "logprobs"):
-            overrides["logprobs"] = body.get("top_logprobs") or 0
-        elif body.get("top_logprobs"):
-            raise BodyError("top_logprobs needs logprobs: true")
-    else:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # OpenAI's list of prompts, holding one (a string, or a list of token ids)
-        if isinstance(prompt, list) and any(type(t) is float for t in prompt) and all(
-                type(t) is int or (type(t) is float and t.is_integer()) for t in prompt):
-            prompt = [int(t) for t in prompt]  # (as vLLM's server reads 504.0: a JSON writer's integer)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise BodyError("'prompt' is empty")
-        elif not (isinstance(prompt, list) and prompt
-                  and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-            raise BodyError("'prompt' must be a non-empty string or a list of token ids (one prompt per line: give "
-                            "each prompt of a list its own line)")
-        max_tokens = body.get("max_tokens")
-        if body.get("logprobs") is not None:
-            overrides["logprobs"] = body["logprobs"]
+    prompt, max_tokens = (_chat_prompt if chat else _completions_prompt)(body, overrides)
     _named_logprobs(body, chat, overrides)
     echo = _echo(body, chat, prompt, max_tokens, overrides)
     if echo == ECHO_PROMPT:
@@ -148,6 +104,65 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo)
+
+
+def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
+    """Every field of the body is one taken here (null: not set, as writers say it), at a value it can honour."""
+    known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
+                                                             "response_format", "echo", "logprob_token_ids"}
+    only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
+    known |= set(only_default)
+    known |= {"max_completion_tokens", "top_logprobs", "tools", "documents", *CHAT_TEMPLATE_FIELDS} if chat else set()
+    unknown = sorted(name for name in set(body) - known if body[name] is not None)
+    if unknown:
+        guided = next((name for name in unknown if name.startswith("guided_")), None)
+        hint = f" ({guided} is vLLM's name before 0.11: give structured_outputs or response_format)" if guided else ""
+        raise BodyError(f"body field(s) not supported: {', '.join(unknown)}{hint}")
+    for name, allowed in only_default.items():
+        if name in body and body[name] not in allowed:
+            taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"
+            raise BodyError(f"body field {name!r} = {json.dumps(body[name])[:80]} is not supported (only {taken})")
+
+
+def _chat_prompt(body: dict, overrides: dict) -> tuple[list, Any]:
+    """A chat body's messages (checked here, rendered as the chat template takes them later: `text_message` or
+    `text_parts`) and max_tokens; its logprobs into `overrides`."""
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BodyError("'messages' must be a non-empty list")
+    for j, message in enumerate(messages):
+        text_message(j, message)
+    # max_completion_tokens is OpenAI's newer name; given both (JSON writers emit null for the one not
+    # set), it wins, as in vLLM's server
+    completion = body.get("max_completion_tokens")
+    if completion is not None and (not isinstance(completion, int) or isinstance(completion, bool)
+                                   or completion < 1):  # (named as given: later checks say max_tokens)
+        raise BodyError(f"'max_completion_tokens' must be a positive integer, got {json.dumps(completion)[:40]}")
+    if _flag(body.get("logprobs"), "logprobs"):
+        overrides["logprobs"] = body.get("top_logprobs") or 0
+    elif body.get("top_logprobs"):
+        raise BodyError("top_logprobs needs logprobs: true")
+    return messages, completion if completion is not None else body.get("max_tokens")
+
+
+def _completions_prompt(body: dict, overrides: dict) -> tuple[str | list[int], Any]:
+    """A completions body's prompt (a string or token ids) and max_tokens; its logprobs into `overrides`."""
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # OpenAI's list of prompts, holding one (a string, or a list of token ids)
+    if isinstance(prompt, list) and any(type(t) is float for t in prompt) and all(
+            type(t) is int or (type(t) is float and t.is_integer()) for t in prompt):
+        prompt = [int(t) for t in prompt]  # (as vLLM's server reads 504.0: a JSON writer's integer)
+    if isinstance(prompt, str):
+        if not prompt:
+            raise BodyError("'prompt' is empty")
+    elif not (isinstance(prompt, list) and prompt
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        raise BodyError("'prompt' must be a non-empty string or a list of token ids (one prompt per line: give "
+                        "each prompt of a list its own line)")
+    if body.get("logprobs") is not None:
+        overrides["logprobs"] = body["logprobs"]
+    return prompt, body.get("max_tokens")
 
 
 def _template_documents_and_tools(body: dict) -> dict[str, Any]:
@@ -290,6 +305,21 @@ def text_message(j: int, message: Any) -> Any:
             raise BodyError(f"messages[{j}].content[{k}].text must be a string")
         texts.append(part["text"])
     return {**message, "content": "\n".join(texts)}
+
+
+def text_parts(j: int, message: Any) -> Any:
+    """A chat message with its content as OpenAI's list of text parts (vLLM's "openai" content format, for a
+    template that loops over content): a string is one part, a list its own parts (checked as `text_message`
+    checks them), null none."""
+    checked = text_message(j, message)
+    if not isinstance(checked, dict):
+        return checked
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = [{"type": "text", "text": content}]
+    else:
+        parts = [{"type": "text", "text": part["text"]} for part in content or []]
+    return {**checked, "content": parts}
 
 
 def _with_tool_arguments_as_objects(j: int, message: dict) -> dict:

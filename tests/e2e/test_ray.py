@@ -46,7 +46,8 @@ def jobs(tmp_path_factory, default_model_dir):
     lines[0] = json.dumps({**json.loads(lines[0]), "source_row": 17})  # a table's other column: ignored, named
     lines += [
         json.dumps({"custom_id": "oa-chat", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}}),
+                    "body": {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                             "max_tokens": 3}}),  # (OpenAI's content parts beside other lines' strings)
         json.dumps({"custom_id": "oa-text", "method": "POST", "url": "/v1/completions",
                     "body": {"prompt": "The sky is", "max_tokens": 3}}),
         json.dumps({"custom_id": "oa-echo", "method": "POST", "url": "/v1/completions",  # (the replica's tokenizer

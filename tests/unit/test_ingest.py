@@ -159,14 +159,19 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
                "body": {"messages": [{"role": "user", "content": content}]}}
         return parse_line(json.dumps(obj).encode(), 1, set())
 
-    ok = line([{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}])
-    assert isinstance(ok, BatchLine) and ok.prompt == [{"role": "user", "content": "Hello\nworld"}]
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    ok = line(parts)  # (kept as given: a template that loops over content gets the parts, the others the text)
+    assert isinstance(ok, BatchLine) and ok.prompt == [{"role": "user", "content": parts}]
+    prompts = processor()
+    assert prompts.apply_chat_template(ok.prompt) == prompts.apply_chat_template(
+        [{"role": "user", "content": "Hello\nworld"}])
     image = line([{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}])
     assert isinstance(image, LineError) and "messages[0].content[1] has type 'image_url'" in image.message
     assert "content[0].text must be a string" in line([{"type": "text", "text": 3}]).message
     assert "must be a string, a list of text parts or null" in line(7).message
     for empty in (None, []):  # an assistant turn that only called tools: empty text, as in vLLM (was refused)
-        assert line(empty).prompt == [{"role": "user", "content": ""}]
+        assert prompts.apply_chat_template(line(empty).prompt) == prompts.apply_chat_template(
+            [{"role": "user", "content": ""}])
     chat = ingest((json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}}) + "\n").encode())
     assert len(chat.valid) == 1 and not chat.errors
@@ -691,13 +696,17 @@ def test_a_template_that_loops_over_content_gets_text_parts_as_vllms_auto_format
               "{% for c in message.content %}{{ c.text }}{% endfor %}{% endif %};{% endfor %}")
     plain = "{% for m in messages %}{{ m.content | trim }};{% endfor %}"
     assert loops_over_content(parts) and loops_over_content(either) and not loops_over_content(plain)
-    assert not loops_over_content("{% generation %}x{% endgeneration %}"), "transformers' own tags: a string"
+    assert loops_over_content("{% for m in messages %}{% generation %}{% for p in m.content %}{{ p.text }}"
+                              "{% endfor %}{% endgeneration %}{% endfor %}"), "transformers' own tags parse"
+    assert not loops_over_content("{% for x in tools %}{% for y in x.content %}{% endfor %}{% endfor %}"
+                                  "{{ messages }}"), "only a message's content, as vLLM's detection"
     prompts = processor()
     assert not loops_over_content(prompts.tokenizer.chat_template), "SmolLM2's takes strings"
     chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": [
-        {"type": "text", "text": "4"}, {"type": "text", "text": "!"}]}]
-    assert prompts.apply_chat_template(chat, chat_template=parts) == "user:What is 2+2?;assistant:4\n!;"
-    assert prompts.apply_chat_template(chat, chat_template=either) == "What is 2+2?;4\n!;"
-    assert prompts.apply_chat_template(chat, chat_template=parts, content_format="string") == "user:;assistant:;"
+        {"type": "text", "text": "4"}, {"type": "text", "text": "!"}]}, {"role": "user", "content": None}]
+    assert prompts.apply_chat_template(chat, chat_template=parts) == "user:What is 2+2?;assistant:4!;user:;"
+    assert prompts.apply_chat_template(chat, chat_template=either) == "What is 2+2?;4!;;"
+    assert prompts.apply_chat_template(chat, chat_template=parts, content_format="string") == (
+        "user:;assistant:;user:;"), "vLLM's string format: the text is joined, and this template loses it"
     assert prompts.apply_chat_template(chat, chat_template=plain, content_format="openai").startswith(
         "[{'type': 'text', 'text': 'What is 2+2?'}]")

@@ -459,7 +459,9 @@ def test_a_structured_outputs_config_asking_for_xgrammar_is_taken(capsys):
     from batchllm.options import engine_config
 
     for config in ({"backend": "xgrammar"}, {"backend": "auto", "disable_any_whitespace": True},
-                   SimpleNamespace(backend="xgrammar", disable_additional_properties=False), {}):
+                   SimpleNamespace(backend="xgrammar", disable_additional_properties=False), {},
+                   {"backend": "xgrammar", "reasoning_parser": "", "reasoning_parser_plugin": "",
+                    "enable_in_reasoning": False, "disable_fallback": False}):  # (a whole vLLM 0.26 config)
         assert engine_config(structured_outputs_config=config) == engine_config()
     for config in ({"backend": "guidance"}, {"backend": "xgrammar", "reasoning_parser": "qwen3"}, "xgrammar"):
         with pytest.raises(TypeError, match="structured_outputs_config=.* is not supported: structured output runs "
