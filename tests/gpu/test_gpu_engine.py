@@ -100,3 +100,21 @@ def test_profile_splits_kernel_time_between_decode_and_prefill_steps(tiny_dir):
     kernels = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
                   and not e.name.startswith("batchllm step"))
     assert sum(sum(c.values()) for c in split.values()) >= 0.9 * kernels
+
+
+def test_named_token_logprobs_are_those_of_the_whole_vocabulary(tiny_dir):
+    """logprob_token_ids on CUDA (fp32, Triton): each named token's logprob at every position equals its entry
+    in the same prompt's whole-vocabulary logprobs, in one batch with a plain row."""
+    llm = LLM(tiny_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=64,
+              block_size=16, kv_cache_memory_gib=1, max_logprobs=-1)
+    named = [7, 3, VOCAB - 1, 100]
+    prompt = {"prompt_token_ids": list(range(10, 60))}
+    whole, picked, plain = (o.outputs[0] for o in llm.generate([prompt] * 3, [
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=-1),
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprob_token_ids=named),
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)], use_tqdm=False))
+    assert picked.token_ids == whole.token_ids == plain.token_ids and plain.logprobs is None
+    for token, full, entry in zip(picked.token_ids, whole.logprobs, picked.logprobs):
+        assert set(entry) == {token, *named}
+        for t in entry:
+            assert entry[t].logprob == pytest.approx(full[t].logprob, abs=1e-4)
