@@ -151,9 +151,21 @@ class DataParallelEngine:
             self._busy = False
         finally:
             progress.close()
+            if self._busy:  # the caller stopped reading (an interrupt, a closed iterator): the workers stop too
+                self._abort(self._job)
         self.last_stats = _job_stats(rank_stats, partition, sharing, self.parallel, time.perf_counter() - started,
                                      plan_seconds)
         self.last_stats["dispatch_seconds"] = dispatch_seconds
+
+    def _abort(self, job: int) -> None:
+        """Ask every live worker to drop `job` (it stops at its next finished request or shard request, and
+        reports the job done); they went on with the whole abandoned job, and a next call waited for it."""
+        for conn, process in zip(self.conns, self.processes):
+            if process.is_alive():
+                try:
+                    conn.send(("abort", job))
+                except (OSError, ValueError):
+                    pass
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
@@ -423,6 +435,8 @@ def serve_jobs(llm, conn) -> None:
     refill)`, `last_stats` and `shutdown()` (the benchmark passes one without a model)."""
     try:
         while (task := conn.recv()) is not None:
+            if task[0] == "abort":
+                continue  # (of a job that had ended here before the parent stopped it)
             _, job, items = task
             conn.send(("done", job, _run_job(llm, job, items, conn)))
     except EOFError:
@@ -441,10 +455,12 @@ def describe_start(times: dict[str, float | int]) -> str:
 
 def _run_job(llm, job: int, items: list, conn) -> dict:
     """Run the pinned items, pulling tail shards from the parent whenever everything held has been
-    admitted; each finished prompt goes back at once."""
+    admitted; each finished prompt goes back at once. The parent's ("abort", job) (its only message during a
+    job, but a shard answering a pull) stops it: what still runs is aborted."""
     from batchllm.inputs import TokenizedPrompt
 
     index_of: list[int] = []
+    aborted = False
 
     def unpack(packed: PackedItems) -> tuple[list, list]:
         batch = packed.unpack()
@@ -452,15 +468,23 @@ def _run_job(llm, job: int, items: list, conn) -> dict:
         return [TokenizedPrompt(ids, None) for _, ids, _ in batch], [sp for _, _, sp in batch]
 
     def pull() -> tuple[list, list] | None:
+        nonlocal aborted
         conn.send(("pull", job))
-        _, _, batch = conn.recv()
-        return None if batch is None else unpack(batch)
+        message = conn.recv()
+        aborted = aborted or message[0] == "abort"
+        return None if aborted or message[2] is None else unpack(message[2])
 
     first = unpack(items) if len(items) else pull()
     if first is None:
         return {"num_requests": 0, "prompt_tokens": 0, "prefill_tokens_computed": 0, "output_tokens": 0,
                 "num_steps": 0, "wall_s": 0.0}
-    for local, output in llm.iter_generate(*first, use_tqdm=False, refill=pull):
-        output.prompt = output.prompt_token_ids = None  # the parent has them: it puts them back
-        conn.send(("result", job, [(index_of[local], output)]))
+    results = llm.iter_generate(*first, use_tqdm=False, refill=pull)
+    try:
+        for local, output in results:
+            output.prompt = output.prompt_token_ids = None  # the parent has them: it puts them back
+            conn.send(("result", job, [(index_of[local], output)]))
+            if aborted or (conn.poll() and conn.recv()[0] == "abort"):
+                break
+    finally:
+        results.close()  # (aborts what still runs, after an abort)
     return dict(llm.last_stats)
