@@ -221,6 +221,9 @@ VLLM_NOT_TAKEN = {
                                      "data_parallel_size"),
     "distributed_executor_backend": ((None, "mp"), "tensor and data parallelism run in processes the engine starts "
                                                    "itself (for a Ray cluster: batchllm.ray or run --ray)"),
+    "data_parallel_backend": (("mp",), "data parallelism runs in processes the engine starts itself (for a Ray "
+                                       "cluster: batchllm.ray or run --ray)"),
+    "enable_expert_parallel": ((False,), "the models here have no experts"),
     "compilation_config": ((None,), "the kernels are Triton's; CUDA graphs are set by enforce_eager and "
                                     "max_cudagraph_capture_size"),
     "task": (("generate", "auto"), "the engine generates text; pooling models (embed, classify, reward) are not "

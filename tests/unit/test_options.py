@@ -403,6 +403,10 @@ def test_vllm_options_without_a_counterpart_say_what_to_do_instead():
     # vLLM's defaults ask for what runs here: ported code passing them explicitly is not refused
     assert engine_config(pipeline_parallel_size=1, revision=None, enable_lora=False, hf_overrides={},
                          distributed_executor_backend="mp") == engine_config()
+    # vLLM's data-parallel example passes these (they were unknown engine options)
+    assert engine_config(enable_expert_parallel=False, data_parallel_backend="mp") == engine_config()
+    with pytest.raises(TypeError, match="data_parallel_backend='ray' is not supported: data parallelism runs"):
+        engine_config(data_parallel_backend="ray")
     with pytest.raises(TypeError, match="enable_lora=1 is not supported"):
         engine_config(enable_lora=1)  # (True's twin is not False's: the value's type counts)
 
