@@ -373,7 +373,12 @@ def bench_command(args) -> int:
     base = {**engine_kwargs_from_args(args), "skip_tokenizer_init": True}
     workload, peak, results, info = _file_workload(args), None, [], {}
     for i, name in enumerate(names):
-        llm = LLM(**{**base, **CONFIGS[name][1]})
+        try:
+            llm = LLM(**{**base, **CONFIGS[name][1]})
+        except (ValueError, OSError, RuntimeError, MemoryError) as e:  # (those measured before it are written)
+            print(f"batchllm bench: configuration {name!r} could not start: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            return 2
         workload = workload or make_workload(args, llm.model_spec.vocab_size)
         if llm.engine is None:  # data parallel: the engines are in the worker processes
             results.append(_bench_data_parallel(llm, name, args, workload))
@@ -383,9 +388,9 @@ def bench_command(args) -> int:
             results.append(_bench_engine(llm, name, workload, peak, args, profile=i == len(names) - 1))
         llm.shutdown()  # frees the engine's device memory before the next one is built
         del llm
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({**info, "results": results}, f)
+        if args.json_out:  # after each configuration: one that fails later loses none measured before it
+            with open(args.json_out, "w") as f:
+                json.dump({**info, "results": results}, f)
     return 0
 
 

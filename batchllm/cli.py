@@ -538,6 +538,10 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         if workers is not None:
             workers.shutdown()
         return _fail(str(e))
+    except (RuntimeError, MemoryError) as e:  # the device's or the host's: e.g. a KV cache it cannot allocate
+        if workers is not None:
+            workers.shutdown()
+        return _fail(f"the engine could not start: {type(e).__name__}: {e}")
     except BaseException:  # an interrupt, or a failure of ours: the workers stop now, not at exit
         if workers is not None:
             workers.shutdown()

@@ -269,3 +269,13 @@ def test_user_path_chat_runs_an_openai_batch_file_and_bench_the_same_tokens(tiny
         assert usage["completion_tokens"] == line["max_tokens"] == 3  # ignore_eos in both
         assert usage["prompt_tokens"] == len(line["prompt_token_ids"])
         assert run[f"r{i}"]["object"] == "chat.completion"
+
+
+def test_a_configuration_that_fails_keeps_those_measured_before_it(tiny_model_factory, tmp_path, capsys):
+    """--json-out was written once all configurations had run: one failing late lost every number before it."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "16",
+                 "--distinct", "4", "--degree", "2", "--requests", "4", "--output", "2",
+                 "--configs", "sharing,tp8", "--json-out", str(out)])
+    assert code == 2 and "could not start" in capsys.readouterr().err
+    assert [row["config"] for row in json.loads(out.read_text())["results"]] == ["sharing"]

@@ -199,6 +199,16 @@ def test_weights_that_fail_to_load_end_the_job_cleanly_while_its_input_is_read(t
         assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
 
 
+def test_a_kv_cache_the_machine_cannot_allocate_is_a_job_that_could_not_start(tmp_path, tiny_model_factory):
+    """One engine: "unexpected failure: RuntimeError" with status 3; data parallel said "could not start" with
+    status 2. Both say it now (status 2: the job could not start)."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": 1, "prompt": "x"}) + "\n")
+    r = run_cli("run", src, "-o", tmp_path / "o.jsonl", "--model", tiny_model_factory("llama"), "--device", "cpu",
+                "--no-progress", "--kv-cache-memory-gib", "100000")
+    assert r.returncode == 2 and "the engine could not start: RuntimeError" in r.stderr, r.stderr
+
+
 def test_a_line_the_kv_cache_cannot_hold_fails_alone(tmp_path, default_model_dir):
     """A request needing more KV cache than the engine has stopped the whole job (exit 3, "request '0-4-0'
     may need 7 KV blocks", no results); now its line fails, named, and the others run."""
