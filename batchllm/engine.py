@@ -58,6 +58,18 @@ class Engine:
     tp_followers: object | None = None
     """The tensor-parallel follower processes (`parallel/tp_worker.py`), when tensor_parallel_size > 1."""
 
+    def step_failure(self, error: Exception) -> Exception:
+        """What a step's failure means: a tensor-parallel follower that died makes rank 0's collective fail with
+        a bare transport error ("Connection closed by peer"); then a WorkerDied naming the rank and how it ended,
+        as data parallel names a worker. Otherwise the error itself."""
+        dead = self.tp_followers.first_dead() if self.tp_followers is not None else None
+        if dead is None:
+            return error
+        from batchllm.parallel.data_parallel import WorkerDied
+
+        return WorkerDied(f"tensor-parallel {dead} during a step ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:120] if str(error) else ''})")
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel followers, if any (they also die with this process)."""
         if self.tp_followers is not None:

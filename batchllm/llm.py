@@ -433,7 +433,13 @@ class LLM:
         """Run one engine step and apply its tokens (detokenize, stop strings); the prompts it
         completed, as (prompt index, RequestOutput)."""
         core = self.engine.core
-        updates = core.step()
+        try:
+            updates = core.step()
+        except RuntimeError as e:  # (a dead tensor-parallel rank is named, not its peer's transport error)
+            failure = self.engine.step_failure(e)
+            if failure is e:
+                raise
+            raise failure from e
         call.output_tokens += len(updates)
         done = []
         for update in updates:

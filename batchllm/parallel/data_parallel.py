@@ -441,6 +441,8 @@ def serve_jobs(llm, conn) -> None:
             conn.send(("done", job, _run_job(llm, job, items, conn)))
     except EOFError:
         pass  # the parent went away
+    except WorkerDied as e:  # (this worker's tensor-parallel rank, named)
+        conn.send(("error", str(e)))
     except BaseException:  # noqa: BLE001
         conn.send(("error", traceback.format_exc(limit=8)))
     finally:

@@ -69,6 +69,18 @@ class TensorParallelFollowers:
         finally:
             self.give_back_threads()
 
+    def first_dead(self) -> str | None:
+        """"rank R <how it ended>" for each follower that has ended, one killed by a signal first (its peers then
+        fail their collectives and exit too), or None; waits up to a second for ranks still ending."""
+        from batchllm.parallel.data_parallel import _exit_description
+
+        ended = []
+        for rank, p in enumerate(self.processes, start=1):
+            p.join(1.0 if not ended and rank == 1 else 0.2)
+            if not p.is_alive():
+                ended.append((p.exitcode is None or p.exitcode >= 0, rank, p.exitcode))
+        return "; ".join(f"rank {rank} {_exit_description(code)}" for _, rank, code in sorted(ended)) or None
+
     def abandon(self) -> None:
         """Rank 0 could not build its engine, or stopped part-way through a step: kill the followers (they
         cannot be told to stop), leave the group and give rank 0 its threads back."""
@@ -134,14 +146,18 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts, thread
     if threads is not None:
         torch.set_num_threads(threads)
     tp = init_tp_group(rank, size, init_method, device)
-    code = 1
+    code, runner = 1, None
     try:
         runner = build_runner(config, dataclasses.replace(facts, device=device), tp)
         runner.follow()
         destroy_tp_group()
         code = 0
-    except BaseException:  # noqa: BLE001 - printed here: os._exit below skips the interpreter's report
-        traceback.print_exc()
+    except BaseException as e:  # noqa: BLE001 - printed here: os._exit below skips the interpreter's report
+        if runner is None or logger.isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        else:  # a peer gone mid-step (rank 0 names which): one line, not a collective's traceback
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            print(f"batchllm: tensor-parallel rank {rank} stopped: {type(e).__name__}: {first}", file=sys.stderr)
     finally:
         os._exit(code)  # no interpreter teardown: a process group left open cannot hang it
 

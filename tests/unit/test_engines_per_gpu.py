@@ -328,3 +328,29 @@ def test_a_job_the_caller_stops_is_stopped_in_the_workers(tmp_path, monkeypatch)
         assert sum(rank["of"] for rank in first) == len(prompts)
     finally:
         engine.shutdown()
+
+
+def test_a_dead_tensor_parallel_rank_is_named_not_its_peers_transport_error():
+    """A follower killed mid-step made rank 0's collective fail with gloo's "Connection reset by peer" and an
+    "unexpected failure" (status 3); the step's failure now names the rank and how it ended, the killed one
+    first (its peers exit too, once their own collectives fail)."""
+    from types import SimpleNamespace
+
+    from batchllm.engine import Engine
+    from batchllm.parallel.data_parallel import WorkerDied
+    from batchllm.parallel.tp_worker import TensorParallelFollowers
+
+    def process(code):
+        return SimpleNamespace(join=lambda timeout=None: None, is_alive=lambda: code is None, exitcode=code)
+
+    def engine(*processes):
+        built = Engine.__new__(Engine)
+        object.__setattr__(built, "tp_followers", TensorParallelFollowers(list(processes)) if processes else None)
+        return built
+
+    transport = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer\nmore")
+    failure = engine(process(1), process(-9), process(None)).step_failure(transport)
+    assert isinstance(failure, WorkerDied) and str(failure).startswith(
+        "tensor-parallel rank 2 killed by SIGKILL; rank 1 exited with status 1 during a step (RuntimeError: ")
+    assert engine(process(None)).step_failure(transport) is transport, "every rank alive: the step's own error"
+    assert engine().step_failure(transport) is transport
