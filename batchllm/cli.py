@@ -726,7 +726,10 @@ def plan_command(args: argparse.Namespace) -> int:
     from batchllm.inputs import prompt_processor_for
     from batchllm.prefix import plan_prefix_sharing
 
+    if args.groups < 0:
+        return _fail(f"--groups must be >= 0, got {args.groups}")
     try:
+        engine_config(max_model_len=args.max_model_len, max_logprobs=args.max_logprobs)  # (their checks, as run's)
         prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len, args.max_logprobs,
                                        chat_template=args.chat_template)
     except (ValueError, OSError) as e:

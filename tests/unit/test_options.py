@@ -474,3 +474,15 @@ def test_a_structured_outputs_config_asking_for_xgrammar_is_taken(capsys):
     with pytest.raises(SystemExit):
         main(["run", "in.jsonl", "-o", "o.jsonl", "--structured-outputs-config.backend", "xgrammar"])
     assert "--structured-outputs-config.backend: structured output runs on xgrammar" in capsys.readouterr().err
+
+
+def test_plan_checks_its_limits_as_run_does(tmp_path, capsys):
+    """plan --max-model-len 0 planned a file whose every line failed; --groups -1 was taken silently."""
+    from batchllm.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "x"}\n')
+    assert main(["plan", str(src), "--max-model-len", "0"]) == 2
+    assert "max_model_len must be >= 2, got 0" in capsys.readouterr().err
+    assert main(["plan", str(src), "--groups", "-1"]) == 2
+    assert "--groups must be >= 0, got -1" in capsys.readouterr().err
