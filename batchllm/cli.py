@@ -565,7 +565,10 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         results_written()  # every result is written and its files closed: a later signal cuts no work short
         return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
-        return _fail(str(e))
+        print(f"batchllm: error: {e} ({job.num_recorded} of {job.num_lines} lines done)", file=sys.stderr)
+        _write_stats(args, {"failed": str(e), "num_lines": job.num_lines, "num_lines_recorded": job.num_recorded,
+                            "num_lines_resumed": job.num_recorded_before}, "the results written so far are kept")
+        return EXIT_CANNOT_START
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
 
