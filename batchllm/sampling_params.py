@@ -38,12 +38,19 @@ INTEGER_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", 
 """The scalar SamplingParams fields that hold integers."""
 
 
+INTEGER_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
+"""The SamplingParams fields that hold lists of integers (token ids)."""
+
+
 def integers_from_json(fields: dict) -> dict:
-    """`fields` with each integer-valued float in an INTEGER_FIELDS field as an int (4.0 -> 4), as vLLM's
-    server (pydantic) reads a request: JSON writers such as pandas write an integer column with gaps as
-    floats. Any other value (4.5, "4", true) is left for validation to refuse by name."""
+    """`fields` with each integer-valued float in an INTEGER_FIELDS field, or in an INTEGER_LIST_FIELDS list, as an
+    int (4.0 -> 4), as vLLM's server (pydantic) reads a request: JSON writers such as pandas write an integer column
+    with gaps as floats. Any other value (4.5, "4", true) is left for validation to refuse by name."""
     whole = {name: int(value) for name in INTEGER_FIELDS
              if type(value := fields.get(name)) is float and value.is_integer()}
+    whole.update((name, [int(t) if type(t) is float and t.is_integer() else t for t in value])
+                 for name in INTEGER_LIST_FIELDS
+                 if isinstance(value := fields.get(name), list) and any(type(t) is float for t in value))
     return {**fields, **whole} if whole else fields
 
 

@@ -178,7 +178,8 @@ def lark_as_ebnf(grammar: str) -> str:
 def _double_quoted(text: str, number: int) -> str:
     if text.count("'") % 2 or text.count('"') % 2:
         raise ValueError(f"line {number}: mismatched quotes")
-    return re.sub(r"'([^']*)'", lambda literal: json.dumps(literal[1]), text)
+    # as vLLM swaps the quotes: escapes inside stay escapes ('\n' is a newline); a bare " inside is escaped
+    return re.sub(r"'([^']*)'", lambda literal: '"' + re.sub(r'(?<!\\)"', r'\\"', literal[1]) + '"', text)
 
 
 class GrammarBackend:

@@ -23,7 +23,7 @@ from batchllm.sampling_params import SamplingParams, integers_from_json, short_r
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
-PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs")
+PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs", "tools")
 """The fields a plain line's request is read from; others are ignored, save a mistaken one (`_mistaken_field`)."""
 _PLAIN_FIELD_SET = frozenset(PLAIN_FIELDS)  # (built once: every plain line is checked against it)
 _NEAR_MISS_TARGETS = (*SAMPLING_FIELDS, "chat_template_kwargs")
@@ -246,10 +246,12 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
     try:
         template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
+        if obj.get("tools") is not None:  # (as LLM.chat's tools: the template shows them; the answer is text)
+            template = {"tools": openai_batch.tools_for_template(obj["tools"]), **(template or {})}
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     if template is not None and kind != "messages":
-        return error("'chat_template_kwargs' needs 'messages'", rid)
+        return error("'chat_template_kwargs' and 'tools' need 'messages'", rid)
     return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
                      ignored_fields=tuple(unknown))
 

@@ -116,7 +116,10 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
     unknown = sorted(name for name in set(body) - known if body[name] is not None)
     if unknown:
         guided = next((name for name in unknown if name.startswith("guided_")), None)
-        hint = f" ({guided} is vLLM's name before 0.11: give structured_outputs or response_format)" if guided else ""
+        hint = "" if guided is None else (
+            f" ({guided} is vLLM's before 0.11: remove it; structured output runs on xgrammar)"
+            if guided == "guided_decoding_backend" else
+            f" ({guided} is vLLM's name before 0.11: give structured_outputs or response_format)")
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}{hint}")
     for name, allowed in only_default.items():
         if name in body and body[name] not in allowed:
@@ -165,18 +168,46 @@ def _completions_prompt(body: dict, overrides: dict) -> tuple[str | list[int], A
     return prompt, body.get("max_tokens")
 
 
+def tools_for_template(tools: Any) -> list[dict]:
+    """Tools as vLLM's server hands them to the chat template (its pydantic models, dumped): each
+    {"type": "function", "function": {"name", "description", "parameters", ...}}, description and parameters null
+    where not given, strict and defer_loading only where given, other keys after, as given. Templates write
+    them with tojson: the order and the nulls are in the prompt."""
+    if not isinstance(tools, list):
+        raise BodyError("'tools' must be a list of objects")
+    return [_tool_as_vllm_passes_it(k, tool) for k, tool in enumerate(tools)]
+
+
+def _tool_as_vllm_passes_it(k: int, tool: Any) -> dict:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or tool.get(
+            "type", "function") != "function":
+        raise BodyError(f'tools[{k}] must be {{"type": "function", "function": {{"name": ..., ...}}}}')
+    if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+        raise BodyError(f"tools[{k}].function.parameters must be an object (a JSON schema)")
+    declared = ("name", "description", "parameters", "strict", "defer_loading")
+    defer = function.get("defer_loading", tool.get("defer_loading"))  # (vLLM's model moves the tool's down)
+    dumped = {"name": function["name"], "description": function.get("description"),
+              "parameters": function.get("parameters"), "strict": function.get("strict"), "defer_loading": defer}
+    dumped = {key: value for key, value in dumped.items() if value is not None or key in declared[:3]}
+    dumped.update((key, value) for key, value in function.items() if key not in declared)
+    extra = {key: value for key, value in tool.items() if key not in ("type", "function", "defer_loading")}
+    return {"type": "function", "function": dumped, **extra,
+            **({"defer_loading": tool["defer_loading"]} if tool.get("defer_loading") is not None else {})}
+
+
 def _template_documents_and_tools(body: dict) -> dict[str, Any]:
     """A chat body's `documents` and `tools`, which vLLM gives to the chat template. Tools only with tool_choice
     "none": the model sees them and answers in text (no tool call is parsed from it; vLLM's "auto" needs a tool
     parser)."""
     given = {}
-    for name in ("documents", "tools"):
-        value = body.get(name)
-        if value in (None, []):
-            continue
-        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise BodyError(f"'{name}' must be a list of objects")
-        given[name] = value
+    documents = body.get("documents")
+    if documents not in (None, []):
+        if not isinstance(documents, list) or not all(isinstance(item, dict) for item in documents):
+            raise BodyError("'documents' must be a list of objects")
+        given["documents"] = documents
+    if body.get("tools") not in (None, []):
+        given["tools"] = tools_for_template(body["tools"])
     if "tools" in given and body.get("tool_choice") != "none":
         raise BodyError("'tools' needs \"tool_choice\": \"none\" here: the tools reach the chat template and the "
                         "answer is text (no tool call is parsed from it, as vLLM's \"auto\" would with a tool parser)")

@@ -710,3 +710,45 @@ def test_a_template_that_loops_over_content_gets_text_parts_as_vllms_auto_format
         "user:;assistant:;user:;"), "vLLM's string format: the text is joined, and this template loses it"
     assert prompts.apply_chat_template(chat, chat_template=plain, content_format="openai").startswith(
         "[{'type': 'text', 'text': 'What is 2+2?'}]")
+
+
+def test_tools_reach_the_template_as_vllms_server_passes_them_and_plain_lines_take_them():
+    """vLLM dumps each tool through its pydantic model: type, then the function's name, description and parameters
+    (null where missing), strict only where given; templates write them with tojson, so the prompt held the body's
+    own order and no nulls. A plain messages line's tools were ignored as a table's column."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "none"}
+    given = [{"function": {"parameters": {"type": "object"}, "name": "weather", "x-extra": 1}},
+             {"type": "function", "function": {"name": "now", "strict": True}, "defer_loading": True}]
+    tools = body_to_request("/v1/chat/completions", {**chat, "tools": given}).template["tools"]
+    assert tools == [{"type": "function", "function": {"name": "weather", "description": None,
+                                                       "parameters": {"type": "object"}, "x-extra": 1}},
+                     {"type": "function", "function": {"name": "now", "description": None, "parameters": None,
+                                                       "strict": True, "defer_loading": True},
+                      "defer_loading": True}]
+    assert list(tools[0]["function"]) == ["name", "description", "parameters", "x-extra"]
+    for bad, message in (([{"type": "function"}], r"tools\[0\] must be"),
+                         ([{"function": {"name": "a", "parameters": "x"}}], r"tools\[0\].function.parameters")):
+        with pytest.raises(BodyError, match=message):
+            body_to_request("/v1/chat/completions", {**chat, "tools": bad})
+    plain = ingest((json.dumps({"id": 1, "messages": chat["messages"], "tools": given[:1]}) + "\n"
+                    + json.dumps({"id": 2, "prompt": "x", "tools": given[:1]}) + "\n").encode())
+    assert [v.line.chat_template_kwargs["tools"][0]["function"]["name"] for v in plain.valid] == ["weather"]
+    assert plain.ignored_fields == {}
+    assert "'chat_template_kwargs' and 'tools' need 'messages'" in plain.errors[0].message
+
+
+def test_token_id_lists_written_as_floats_are_read_as_integers_and_an_old_backend_field_says_remove_it():
+    """[9230.0, 2838] in stop_token_ids, allowed_token_ids or logprob_token_ids failed the line (vLLM's server
+    reads them as integers); guided_decoding_backend was told to become structured_outputs."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    result = ingest(b'{"id": 1, "prompt": "x", "stop_token_ids": [2.0], "allowed_token_ids": [5.0, 6],'
+                    b' "logprob_token_ids": [7.0]}\n{"id": 2, "prompt": "x", "stop_token_ids": [2.5]}\n')
+    params = result.valid[0].params
+    assert (params.stop_token_ids, params.allowed_token_ids, params.logprob_token_ids) == ([2], [5, 6], [7])
+    assert "stop_token_ids must be a list of non-negative integers" in result.errors[0].message
+    with pytest.raises(BodyError, match="guided_decoding_backend is vLLM's before 0.11: remove it"):
+        body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                 "guided_decoding_backend": "xgrammar"})

@@ -195,6 +195,8 @@ def test_a_lark_grammar_is_converted_as_vllm_converts_it():
     assert lark_as_ebnf(grammar) == ('root ::= start\nstart ::= pick\nword ::= "say \\"hi\\""\n'
                                      'pick ::= word | "no"')
     assert _is_lark(grammar) and not _is_lark('root ::= "a" // a: b')
+    # escapes inside single quotes stay escapes, as vLLM swaps the quotes ('\n' was written as a backslash and n)
+    assert lark_as_ebnf("start: 'a' '\\n' 'b'") == 'root ::= start\nstart ::= "a" "\\n" "b"'
     for bad, message in (("a: b c", "rules used but not defined: b, c"), ("| 'x'", "line 1: an alternative"),
                          ("a: 'x", "line 1: mismatched quotes"), ("%ignore WS", "no rule found")):
         with pytest.raises(ValueError, match=message):
