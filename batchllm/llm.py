@@ -321,12 +321,18 @@ class LLM:
             yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
             self.last_stats = self._data_parallel.last_stats
             return
-        with _quiet_gc():  # (as in `_validate`: the requests of a large batch)
-            call = self._submit(prompts, params)
         core = self.engine.core
+        progress = TokenProgress(progress_desc, use_tqdm)  # (before the requests: a bar that fails leaves none)
+        call = _Call(next(self._request_counter))
+        try:
+            with _quiet_gc():  # (as in `_validate`: the requests of a large batch)
+                self._submit(prompts, params, call=call)
+        except BaseException:  # an interrupt part-way: none of the call's requests may stay for the next call
+            progress.close()
+            core.scheduler.abort_requests_of(f"{call.call_id}-")
+            raise
         before, log_start = dataclasses.replace(core.scheduler.stats), len(core.step_log)
         started = time.perf_counter()
-        progress = TokenProgress(progress_desc, use_tqdm)
         with _quiet_gc():
             try:
                 while True:

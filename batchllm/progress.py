@@ -22,11 +22,16 @@ from tqdm.auto import tqdm
 
 class TokenProgress:
     def __init__(self, desc: str, enabled: bool | Callable[..., Any], min_interval_s: float = 0.2) -> None:
-        """enabled: vLLM's use_tqdm: a bar or none, or a callable that makes the bar from tqdm's keywords
-        (`functools.partial(tqdm, leave=False)`)."""
+        """enabled: vLLM's use_tqdm: a bar or none, or a callable that makes the bar (`functools.partial(tqdm,
+        leave=False)`), called with the keywords vLLM calls it with (total, desc, dynamic_ncols, postfix): one
+        written for vLLM takes no others."""
         self.enabled = bool(enabled)
-        make = enabled if callable(enabled) else tqdm
-        self.bar = make(total=0, desc=desc, unit="tok", unit_scale=True, disable=not self.enabled, dynamic_ncols=True)
+        if callable(enabled):
+            self.bar = enabled(total=0, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
+                                                                              "output: 0.00 toks/s")
+        else:
+            self.bar = tqdm(total=0, desc=desc, unit="tok", unit_scale=True, disable=not self.enabled,
+                            dynamic_ncols=True)
         self.started = time.perf_counter()
         self.min_interval_s = min_interval_s
         self._last = float("-inf")

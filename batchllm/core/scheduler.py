@@ -545,6 +545,14 @@ class Scheduler:
             if request is not None and not request.is_prefix:
                 self._finish(request, reason, stop_reason)
 
+    def abort_requests_of(self, id_prefix: str) -> None:
+        """End every request whose id starts with `id_prefix` (one call's, submitted part-way when an interrupt
+        came): its members, then any prefix a member never added would have kept alive."""
+        ours = [r for rid, r in self.requests.items() if rid.startswith(id_prefix)]
+        for request in sorted(ours, key=lambda r: r.is_prefix):
+            if request.request_id in self.requests:  # (a prefix goes with its last member)
+                self._finish(request, "abort", None)
+
     def _finish(self, request: Request, reason: str | None, stop_reason: int | str | None) -> None:
         """Finish a request, or drop a prefix whose members are all done; frees its blocks and
         tells its parent, which is dropped in turn when this was its last live member."""

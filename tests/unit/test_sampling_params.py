@@ -361,3 +361,46 @@ def test_logprob_token_ids_are_checked_as_vllm_checks_them():
             SamplingParams(logprob_token_ids=bad)
     with pytest.raises(ValueError, match=r"logprob_token_ids: token id 100 is outside the vocabulary \[0, 100\)"):
         SamplingParams(logprob_token_ids=[3, 100]).check_for_model(vocab_size=100)
+
+
+def test_a_call_that_fails_before_its_loop_leaves_the_engine_clean(tiny_model_factory, monkeypatch):
+    """A progress bar that failed to build (tqdm.notebook without ipywidgets), or an interrupt while the requests
+    were being added, left them in the engine: every later call failed with KeyError '0-0-0'. A use_tqdm callable
+    written for vLLM (total, desc, dynamic_ncols, postfix) failed on the keywords it was given."""
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        expected = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)]
+
+        def broken_bar(**kwargs):
+            raise ImportError("IProgress not found")
+
+        with pytest.raises(ImportError):
+            llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=broken_bar)
+        core = llm.engine.core
+        add, added = core.add_request, []
+
+        def interrupted(request):
+            if added:
+                raise KeyboardInterrupt
+            added.append(add(request))
+
+        monkeypatch.setattr(core, "add_request", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[5, 6, 7], [8, 9], [10, 11]], SamplingParams(max_tokens=3, n=2), use_tqdm=False)
+        monkeypatch.setattr(core, "add_request", add)
+        assert added and not core.has_unfinished()
+        seen = {}
+
+        def vllms_bar(total, desc, dynamic_ncols, postfix):  # (vLLM 0.26 calls it with these alone)
+            from tqdm import tqdm
+
+            seen.update(total=total, desc=desc)
+            return tqdm(total=total, desc=desc, dynamic_ncols=dynamic_ncols, postfix=postfix, disable=True)
+
+        again = llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=vllms_bar)
+        assert [o.outputs[0].token_ids for o in again] == expected and seen["desc"] == "Processed prompts"
+    finally:
+        llm.shutdown()
