@@ -308,13 +308,16 @@ class LLM:
         use_tqdm: bool | Callable[..., Any] = True,
         progress_desc: str = "Processed prompts",
         refill: Callable[[], tuple[Sequence[TokenizedPrompt], Sequence[SamplingParams]] | None] | None = None,
+        stop_asked: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes.
         Afterwards (also when the caller stops early) `last_stats` holds the call's statistics.
 
         refill: called whenever every submitted unit has been admitted (nothing waits); it returns
         more prompts and params, numbered after those before, or None when there are no more (it is
-        then not called again). Data-parallel workers pull shared work this way."""
+        then not called again). Data-parallel workers pull shared work this way. stop_asked: called
+        before every step; True ends the call there, what still runs aborted (a data-parallel worker's job
+        that its parent dropped)."""
         if self._shut_down:
             raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
         if self._data_parallel is not None:
@@ -342,7 +345,7 @@ class LLM:
                             refill = None
                         else:
                             self._submit(*more, call=call)
-                    if not core.has_unfinished():
+                    if not core.has_unfinished() or (stop_asked is not None and stop_asked()):
                         break
                     for index, output in self._step(call):
                         call.num_prompts_done += 1

@@ -54,7 +54,7 @@ class _NoModelLLM:
         self.llm._request_counter = itertools.count()
         self.last_stats: dict = {}
 
-    def iter_generate(self, prompts, params, *, use_tqdm=False, refill=None):
+    def iter_generate(self, prompts, params, *, use_tqdm=False, refill=None, stop_asked=None):
         from batchllm.request_output import CompletionOutput, RequestOutput
 
         held = time.perf_counter()

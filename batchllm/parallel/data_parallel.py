@@ -458,7 +458,7 @@ def describe_start(times: dict[str, float | int]) -> str:
 def _run_job(llm, job: int, items: list, conn) -> dict:
     """Run the pinned items, pulling tail shards from the parent whenever everything held has been
     admitted; each finished prompt goes back at once. The parent's ("abort", job) (its only message during a
-    job, but a shard answering a pull) stops it: what still runs is aborted."""
+    job, but a shard answering a pull) stops it before the next step: what still runs is aborted."""
     from batchllm.inputs import TokenizedPrompt
 
     index_of: list[int] = []
@@ -476,17 +476,16 @@ def _run_job(llm, job: int, items: list, conn) -> dict:
         aborted = aborted or message[0] == "abort"
         return None if aborted or message[2] is None else unpack(message[2])
 
+    def stop_asked() -> bool:  # (before every step: a poll of the pipe, no read unless a message waits)
+        nonlocal aborted
+        aborted = aborted or (conn.poll() and conn.recv()[0] == "abort")
+        return aborted
+
     first = unpack(items) if len(items) else pull()
     if first is None:
         return {"num_requests": 0, "prompt_tokens": 0, "prefill_tokens_computed": 0, "output_tokens": 0,
                 "num_steps": 0, "wall_s": 0.0}
-    results = llm.iter_generate(*first, use_tqdm=False, refill=pull)
-    try:
-        for local, output in results:
-            output.prompt = output.prompt_token_ids = None  # the parent has them: it puts them back
-            conn.send(("result", job, [(index_of[local], output)]))
-            if aborted or (conn.poll() and conn.recv()[0] == "abort"):
-                break
-    finally:
-        results.close()  # (aborts what still runs, after an abort)
+    for local, output in llm.iter_generate(*first, use_tqdm=False, refill=pull, stop_asked=stop_asked):
+        output.prompt = output.prompt_token_ids = None  # the parent has them: it puts them back
+        conn.send(("result", job, [(index_of[local], output)]))
     return dict(llm.last_stats)

@@ -262,13 +262,14 @@ def test_shutdown_stops_workers_still_building_at_once(tmp_path):
 
 
 class _SlowLLM:
-    """What `serve_jobs` needs of an LLM: each prompt ends 0.05 s after the one before; per call, how many it
-    gave of how many goes to `job<N>-rank<R>.json` in `out_dir`."""
+    """What `serve_jobs` needs of an LLM: one 0.05 s step per prompt, the first prompt ending at the first step
+    and the others all at the last (they decode together); per call, how many steps it ran of how many goes to
+    `job<N>-rank<R>.json` in `out_dir`."""
 
     def __init__(self, rank: int, out_dir: str) -> None:
         self.rank, self.out_dir, self.calls, self.last_stats = rank, out_dir, 0, {}
 
-    def iter_generate(self, prompts, params, *, use_tqdm=False, refill=None):
+    def iter_generate(self, prompts, params, *, use_tqdm=False, refill=None, stop_asked=None):
         import json
         import time
 
@@ -278,13 +279,22 @@ class _SlowLLM:
         prompts = list(prompts)
         while refill is not None and (more := refill()) is not None:
             prompts += more[0]
+
+        def output(local):
+            return local, RequestOutput(f"r{local}", None, prompts[local].token_ids,
+                                        [CompletionOutput(0, "", [1], None, None, "length")])
+
         given = 0
         try:
-            for local, prompt in enumerate(prompts):
+            for step in range(len(prompts)):
+                if stop_asked is not None and stop_asked():
+                    return
                 time.sleep(0.05)
                 given += 1
-                yield local, RequestOutput(f"r{local}", None, prompt.token_ids,
-                                           [CompletionOutput(0, "", [1], None, None, "length")])
+                if step == 0:
+                    yield output(0)
+            for local in range(1, len(prompts)):
+                yield output(local)
         finally:
             Path(self.out_dir, f"job{self.calls}-rank{self.rank}.json").write_text(
                 json.dumps({"given": given, "of": len(prompts)}))
@@ -304,7 +314,8 @@ def _slow_worker(rank, size, config, conn):
 
 def test_a_job_the_caller_stops_is_stopped_in_the_workers(tmp_path, monkeypatch):
     """An interrupted LLM(data_parallel_size=2).generate left the workers running the whole abandoned job, and
-    the next call waited for it (13.8 s against 0.0 with one engine); the workers now drop it."""
+    the next call waited for it (13.8 s against 0.0 with one engine); the workers now drop it before their next
+    step, also where no request of theirs finishes until the end."""
     import json
 
     from batchllm.inputs import TokenizedPrompt
