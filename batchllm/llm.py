@@ -157,17 +157,19 @@ class LLM:
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool | Callable[..., Any] = True, lora_request: None = None,
-                 priority: Sequence[int] | None = None, tokenization_kwargs: dict | None = None) -> list[RequestOutput]:
+                 priority: Sequence[int] | None = None, tokenization_kwargs: dict | None = None,
+                 mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """Generate for every prompt; one RequestOutput per prompt, in input order.
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
         or a list of any of these. Every prompt is validated before any work starts. tokenization_kwargs:
         vLLM's; its truncate_prompt_tokens keeps each prompt's last k tokens, as SamplingParams.truncate_prompt_tokens
         (which it overrides) does (`_truncation_asked`). lora_request, priority: vLLM's, taken only where they ask
-        for nothing (`_refuse_unsupported`).
+        for nothing (`_refuse_unsupported`); so is mm_processor_kwargs (None or {}: the prompts are text).
         """
         asks_priority = priority is not None and any(int(p) != 0 for p in priority)
-        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None)
+        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
+                            mm_processor_kwargs=mm_processor_kwargs or None)
         truncate = _truncation_asked(tokenization_kwargs)
         tokenized, params = self._validate(prompts, sampling_params, truncate)
         results: list[RequestOutput | None] = [None] * len(tokenized)

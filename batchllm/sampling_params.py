@@ -172,9 +172,11 @@ class SamplingParams:
             if getattr(self, name) is True:  # vLLM's: True asks for the sampled (prompt) token's logprob and 1 more
                 setattr(self, name, 1)
         self._validate()
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]  # as vLLM holds it
-        self._stop_list = list(self.stop or [])
+        if isinstance(self.stop, str) or self.stop is None:  # as vLLM holds it: a list (`sp.stop.append(...)`)
+            self.stop = [] if self.stop is None else [self.stop]
+        if self.bad_words is None:
+            self.bad_words = []
+        self._stop_list = list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if self.top_k == -1:
@@ -455,8 +457,13 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    structured_outputs: Any = None
+    """vLLM's: beams kept to a grammar. Not supported here: None only."""
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            raise ValueError("BeamSearchParams.structured_outputs is not supported: beams are not constrained "
+                             "here (use SamplingParams.structured_outputs with generate)")
         for name in ("beam_width", "max_tokens"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

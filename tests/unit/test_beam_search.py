@@ -69,5 +69,9 @@ def test_beam_search_on_text_ends_beams_at_eos_and_decodes_the_whole_sequence(de
     assert best.tokens[-1] == eos, "the best beam ended at EOS: complete before max_tokens"
     with pytest.raises(ValueError, match="beam_width must be a positive integer"):
         BeamSearchParams(beam_width=0, max_tokens=4)
+    # vLLM 0.26's field (a TypeError here before): None is taken, a grammar refused by name
+    assert BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=None).structured_outputs is None
+    with pytest.raises(ValueError, match="BeamSearchParams.structured_outputs is not supported"):
+        BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs={"choice": ["a"]})
     with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
         default_llm.beam_search("Hi", {"beam_width": 2})

@@ -347,7 +347,7 @@ def test_chat_template_kwargs_reach_the_template_in_both_formats(monkeypatch):
     texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
     assert texts == {"plain": "Hi/no_think", "plain-default": "Hi", "oa": "Hi/no_think"}
     problems = sorted(e.message for e in result.errors)
-    assert problems == ["line 4: 'chat_template_kwargs' needs 'messages'",
+    assert problems == ["line 4: 'chat_template_kwargs' and 'tools' need 'messages'",
                         "line 5: 'chat_template_kwargs' must be an object (e.g. {\"enable_thinking\": false})",
                         "line 6: body field(s) not supported: chat_template_kwargs"], problems
 
@@ -659,7 +659,9 @@ def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
     asked = body_to_request("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "none",
                                                      "documents": [{"title": "t", "text": "d"}]})
-    assert asked.template == {"tools": [tool], "documents": [{"title": "t", "text": "d"}]}
+    assert asked.template == {"tools": [{"type": "function", "function": {"name": "weather", "description": None,
+                                                                       "parameters": {"type": "object"}}}],
+                              "documents": [{"title": "t", "text": "d"}]}
     for bad, message in (({"tools": [tool]}, "'tools' needs \"tool_choice\": \"none\""),
                          ({"tools": [tool], "tool_choice": "auto"}, "'tool_choice' = \"auto\" is not supported "
                                                                    "(only \"none\")"),

@@ -151,6 +151,10 @@ def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
                 llm.chat([message], params, use_tqdm=False, **unsupported)
         with pytest.raises(ValueError, match="priority=.* is not supported: "):
             llm.generate([[5, 6, 7], [5, 6]], params, use_tqdm=False, priority=[0, 2])
+        # vLLM 0.26's generate takes mm_processor_kwargs (a TypeError here before); asking for nothing, it is taken
+        assert llm.generate([[5, 6, 7]], params, use_tqdm=False, mm_processor_kwargs=None)[0].outputs[0].token_ids
+        with pytest.raises(ValueError, match="mm_processor_kwargs=.* is not supported: "):
+            llm.generate([[5, 6, 7]], params, use_tqdm=False, mm_processor_kwargs={"size": 1})
         for kwargs, refusal in (({"truncation": True}, "tokenization_kwargs 'truncation' not supported"),
                                 ({"truncate_prompt_tokens": 2, "truncation_side": "right"}, "truncation_side='right'"),
                                 ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")):
