@@ -129,6 +129,8 @@ class DataParallelEngine:
         as results arrive (any order)."""
         if self.closed:
             raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
+        if self._busy:  # a call still open (its generator neither finished nor closed): its job is dropped first
+            self._abort(self._job)
         started = time.perf_counter()
         sharing = self.sharing
         arrays = [p.array for p in prompts]  # made once, by validation: for the plan and the pipes
@@ -140,26 +142,32 @@ class DataParallelEngine:
             indices = [i for shard in shards for i in shard.prompts]
             return pack_items(indices, [arrays[i] for i in indices], [params[i] for i in indices])
 
-        tail = deque(partition.queue)
+        tail, job = deque(partition.queue), self._job
         self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
         for rank in range(self.size):
-            self.conns[rank].send(("job", self._job, pack(partition.pinned[rank])))
+            self.conns[rank].send(("job", job, pack(partition.pinned[rank])))
         dispatch_seconds = time.perf_counter() - started - plan_seconds
         progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(a) for a in arrays))
+        finished = False
         try:
-            rank_stats = yield from self._collect(self._job, prompts, tail, pack, progress, started)
-            self._busy = False
+            rank_stats = yield from self._collect(job, prompts, tail, pack, progress, started)
+            finished = True
         finally:
             progress.close()
-            if self._busy:  # the caller stopped reading (an interrupt, a closed iterator): the workers stop too
-                self._abort(self._job)
+            if not finished and job == self._job and self._busy:
+                # the caller stopped reading this call (an interrupt, a closed iterator): its workers stop too.
+                # (A generator of an earlier call closed later aborts nothing: its job was dropped already.)
+                self._abort(job)
+        self._busy = False
         self.last_stats = _job_stats(rank_stats, partition, sharing, self.parallel, time.perf_counter() - started,
                                      plan_seconds)
         self.last_stats["dispatch_seconds"] = dispatch_seconds
 
     def _abort(self, job: int) -> None:
-        """Ask every live worker to drop `job` (it stops at its next finished request or shard request, and
-        reports the job done); they went on with the whole abandoned job, and a next call waited for it."""
+        """Ask every live worker to drop `job` (it stops before its next step or at its shard request, and
+        reports the job done); they went on with the whole abandoned job, and a next call waited for it. The
+        job is no longer this side's to wait for."""
+        self._busy = False
         for conn, process in zip(self.conns, self.processes):
             if process.is_alive():
                 try:
@@ -473,12 +481,22 @@ def _run_job(llm, job: int, items: list, conn) -> dict:
         nonlocal aborted
         conn.send(("pull", job))
         message = conn.recv()
+        while message[0] == "abort" and message[1] != job:  # (an abort of an earlier job, which ended here)
+            message = conn.recv()
         aborted = aborted or message[0] == "abort"
+        if not aborted and message[0] != "shard":
+            raise RuntimeError(f"data-parallel worker: expected a shard of job {job}, got {message[0]!r}")
         return None if aborted or message[2] is None else unpack(message[2])
 
-    def stop_asked() -> bool:  # (before every step: a poll of the pipe, no read unless a message waits)
+    def stop_asked() -> bool:
+        """Before every step: the parent's abort of this job, read only when one waits. Only an abort comes
+        during a job (the parent sends the next job after aborting this one), and the pipe is read no further."""
         nonlocal aborted
-        aborted = aborted or (conn.poll() and conn.recv()[0] == "abort")
+        if not aborted and conn.poll():
+            message = conn.recv()
+            if message[0] != "abort":
+                raise RuntimeError(f"data-parallel worker: expected an abort of job {job}, got {message[0]!r}")
+            aborted = message[1] == job
         return aborted
 
     first = unpack(items) if len(items) else pull()

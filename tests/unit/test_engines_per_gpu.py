@@ -337,6 +337,15 @@ def test_a_job_the_caller_stops_is_stopped_in_the_workers(tmp_path, monkeypatch)
         first = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("job1-rank*.json"))]
         assert len(first) == 2 and all(rank["given"] < rank["of"] for rank in first), first
         assert sum(rank["of"] for rank in first) == len(prompts)
+        # a call left open (its generator neither finished nor closed): the next drops its job, and the open
+        # generator closed later stops nothing (it aborted the next job, which came back short, or hung)
+        held = engine.generate(prompts, params, use_tqdm=False)
+        next(held)
+        later = engine.generate(prompts[:8], params[:8], use_tqdm=False)
+        got = [next(later)]
+        held.close()
+        got += list(later)
+        assert sorted(index for index, _ in got) == list(range(8))
     finally:
         engine.shutdown()
 
