@@ -376,6 +376,10 @@ def bench_command(args) -> int:
         try:
             llm = LLM(**{**base, **CONFIGS[name][1]})
         except (ValueError, OSError, RuntimeError, MemoryError) as e:  # (those measured before it are written)
+            from batchllm.cli import cannot_allocate
+
+            if isinstance(e, RuntimeError) and not cannot_allocate(e):
+                raise
             print(f"batchllm bench: configuration {name!r} could not start: {type(e).__name__}: {e}",
                   file=sys.stderr)
             return 2

@@ -269,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_CANNOT_START
 
 
+def cannot_allocate(error: BaseException) -> bool:
+    """The device or the host refused memory (torch's OutOfMemoryError, its CPU allocator's RuntimeError, a
+    MemoryError): the job could not start there, as opposed to a failure of the code."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def _fail(message: str) -> int:
     print(f"batchllm: error: {message}", file=sys.stderr)
     return EXIT_CANNOT_START
@@ -521,31 +528,10 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
     worker that dies during the job fails it (exit status 2) after the others' results are written."""
     from batchllm.parallel.data_parallel import WorkerDied
 
-    workers = None
-    try:
-        config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
-        # before this process's heavy imports, which overlap the workers'
-        config, workers, source = _engine_processes(config, source)
-        from batchllm.engine import resolve_model
-        from batchllm.llm import LLM, front_end_for
-
-        front = front_end_for(config, source)
-        facts = resolve_model(config, source=source)  # what can be checked without weights: before reading
-        reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
-                                progress=not args.no_progress)
-        llm = LLM.from_config(config, front, workers, facts)
-    except (ValueError, OSError, WorkerDied) as e:  # WorkerDied here: a worker could not build its engine
-        if workers is not None:
-            workers.shutdown()
-        return _fail(str(e))
-    except (RuntimeError, MemoryError) as e:  # the device's or the host's: e.g. a KV cache it cannot allocate
-        if workers is not None:
-            workers.shutdown()
-        return _fail(f"the engine could not start: {type(e).__name__}: {e}")
-    except BaseException:  # an interrupt, or a failure of ours: the workers stop now, not at exit
-        if workers is not None:
-            workers.shutdown()
-        raise
+    built = _build_while_reading(args, job, defaults, source)
+    if isinstance(built, int):
+        return built
+    llm, reading = built
     try:
         started = time.perf_counter()
         phases = {"engine_build_s": started - reading.started}
@@ -571,6 +557,41 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         return EXIT_CANNOT_START
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
+
+
+def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelSource | None):
+    """(the LLM, the input being read in the background), or the exit status of an engine that could not be
+    built (named); with several engine processes they are spawned first of all (`_engine_processes`), and stopped
+    at once if the build fails."""
+    from batchllm.parallel.data_parallel import WorkerDied
+
+    workers = None
+    try:
+        config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
+        # before this process's heavy imports, which overlap the workers'
+        config, workers, source = _engine_processes(config, source)
+        from batchllm.engine import resolve_model
+        from batchllm.llm import LLM, front_end_for
+
+        front = front_end_for(config, source)
+        facts = resolve_model(config, source=source)  # what can be checked without weights: before reading
+        reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
+                                progress=not args.no_progress)
+        return LLM.from_config(config, front, workers, facts), reading
+    except (ValueError, OSError, WorkerDied) as e:  # WorkerDied here: a worker could not build its engine
+        if workers is not None:
+            workers.shutdown()
+        return _fail(str(e))
+    except (RuntimeError, MemoryError) as e:
+        if workers is not None:
+            workers.shutdown()
+        if not cannot_allocate(e):  # a failure of ours: the unexpected-failure path (status 3, --debug)
+            raise
+        return _fail(f"the engine could not start: {type(e).__name__}: {e}")
+    except BaseException:  # an interrupt, or a failure of ours: the workers stop now, not at exit
+        if workers is not None:
+            workers.shutdown()
+        raise
 
 
 def note_ignored_fields(ignored: dict[str, int], where: str = "") -> None:

@@ -246,8 +246,10 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
     try:
         template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
-        if obj.get("tools") is not None:  # (as LLM.chat's tools: the template shows them; the answer is text)
-            template = {"tools": openai_batch.tools_for_template(obj["tools"]), **(template or {})}
+        if obj.get("tools") is not None:  # as LLM.chat's tools (given to the template as they are): text answers
+            if not isinstance(obj["tools"], list) or not all(isinstance(tool, dict) for tool in obj["tools"]):
+                raise openai_batch.BodyError("'tools' must be a list of objects")
+            template = {"tools": obj["tools"], **(template or {})}
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     if template is not None and kind != "messages":

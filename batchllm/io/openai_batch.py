@@ -186,14 +186,15 @@ def _tool_as_vllm_passes_it(k: int, tool: Any) -> dict:
     if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
         raise BodyError(f"tools[{k}].function.parameters must be an object (a JSON schema)")
     declared = ("name", "description", "parameters", "strict", "defer_loading")
-    defer = function.get("defer_loading", tool.get("defer_loading"))  # (vLLM's model moves the tool's down)
+    defer = function.get("defer_loading")
+    defer = tool.get("defer_loading") if defer is None else defer  # (vLLM's model copies the tool's down)
     dumped = {"name": function["name"], "description": function.get("description"),
               "parameters": function.get("parameters"), "strict": function.get("strict"), "defer_loading": defer}
     dumped = {key: value for key, value in dumped.items() if value is not None or key in declared[:3]}
     dumped.update((key, value) for key, value in function.items() if key not in declared)
     extra = {key: value for key, value in tool.items() if key not in ("type", "function", "defer_loading")}
-    return {"type": "function", "function": dumped, **extra,
-            **({"defer_loading": tool["defer_loading"]} if tool.get("defer_loading") is not None else {})}
+    own = {"defer_loading": tool["defer_loading"]} if tool.get("defer_loading") is not None else {}
+    return {"type": "function", "function": dumped, **own, **extra}
 
 
 def _template_documents_and_tools(body: dict) -> dict[str, Any]:
@@ -343,8 +344,8 @@ def text_parts(j: int, message: Any) -> Any:
     template that loops over content): a string is one part, a list its own parts (checked as `text_message`
     checks them), null none."""
     checked = text_message(j, message)
-    if not isinstance(checked, dict):
-        return checked
+    if not isinstance(checked, dict) or checked.get("role") == "tool":
+        return checked  # (vLLM gives a tool result's text parts back as one string, whatever the format)
     content = message.get("content")
     if isinstance(content, str):
         parts = [{"type": "text", "text": content}]

@@ -153,13 +153,20 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts, thread
         destroy_tp_group()
         code = 0
     except BaseException as e:  # noqa: BLE001 - printed here: os._exit below skips the interpreter's report
-        if runner is None or logger.isEnabledFor(logging.DEBUG):
+        if runner is None or not _a_peers_transport_error(e):
             traceback.print_exc()
         else:  # a peer gone mid-step (rank 0 names which): one line, not a collective's traceback
             first = str(e).splitlines()[0][:200] if str(e) else ""
             print(f"batchllm: tensor-parallel rank {rank} stopped: {type(e).__name__}: {first}", file=sys.stderr)
     finally:
         os._exit(code)  # no interpreter teardown: a process group left open cannot hang it
+
+
+def _a_peers_transport_error(error: BaseException) -> bool:
+    """A collective failed because another rank went away (gloo's or NCCL's connection errors)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
 
 
 def die_with_parent() -> None:

@@ -209,6 +209,24 @@ def test_a_kv_cache_the_machine_cannot_allocate_is_a_job_that_could_not_start(tm
     assert r.returncode == 2 and "the engine could not start: RuntimeError" in r.stderr, r.stderr
 
 
+def test_a_failure_of_the_code_while_the_engine_is_built_stays_unexpected(tmp_path, tiny_model_factory, monkeypatch,
+                                                                             capsys):
+    """Only memory the machine refuses is a job that could not start: another RuntimeError (a bug) keeps status 3
+    and its traceback under --debug."""
+    from batchllm.cli import main
+    from batchllm.llm import LLM
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape '[2, 2]' is invalid for input of size 3")
+
+    monkeypatch.setattr(LLM, "from_config", broken)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": 1, "prompt": "x"}) + "\n")
+    assert main(["run", str(src), "-o", str(tmp_path / "o.jsonl"), "--model", tiny_model_factory("llama"),
+                 "--device", "cpu", "--no-progress"]) == 3
+    assert "unexpected failure: RuntimeError: shape" in capsys.readouterr().err
+
+
 def test_a_line_the_kv_cache_cannot_hold_fails_alone(tmp_path, default_model_dir):
     """A request needing more KV cache than the engine has stopped the whole job (exit 3, "request '0-4-0'
     may need 7 KV blocks", no results); now its line fails, named, and the others run."""
