@@ -188,6 +188,8 @@ class DataParallelEngine:
         stats: dict[int, dict] = {}
         failed: dict[int, str] = {}
         while len(stats) + len(failed) < self.size:
+            if job != self._job:  # a later call started while this one was left open: its job was dropped then
+                raise RuntimeError(f"this generate call (job {job}) was dropped when a later one started")
             for rank, message in self._messages(set(range(self.size)) - set(stats) - set(failed), 1.0):
                 if message is None:
                     failed[rank] = _exit_description(self._exit_code(rank))

@@ -346,6 +346,11 @@ def test_a_job_the_caller_stops_is_stopped_in_the_workers(tmp_path, monkeypatch)
         held.close()
         got += list(later)
         assert sorted(index for index, _ in got) == list(range(8))
+        dropped = engine.generate(prompts, params, use_tqdm=False)
+        next(dropped)
+        list(engine.generate(prompts[:2], params[:2], use_tqdm=False))
+        with pytest.raises(RuntimeError, match=r"this generate call \(job 5\) was dropped when a later one"):
+            list(dropped)  # (it waited forever: the later call had read its workers' messages)
     finally:
         engine.shutdown()
 
