@@ -247,9 +247,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     try:
         template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
         if obj.get("tools") is not None:  # as LLM.chat's tools (given to the template as they are): text answers
-            if not isinstance(obj["tools"], list) or not all(isinstance(tool, dict) for tool in obj["tools"]):
-                raise openai_batch.BodyError("'tools' must be a list of objects")
-            template = {"tools": obj["tools"], **(template or {})}
+            template = {"tools": openai_batch.list_of_objects(obj["tools"], "tools"), **(template or {})}
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     if template is not None and kind != "messages":

@@ -173,9 +173,14 @@ def tools_for_template(tools: Any) -> list[dict]:
     {"type": "function", "function": {"name", "description", "parameters", ...}}, description and parameters null
     where not given, strict and defer_loading only where given, other keys after, as given. Templates write
     them with tojson: the order and the nulls are in the prompt."""
-    if not isinstance(tools, list):
-        raise BodyError("'tools' must be a list of objects")
-    return [_tool_as_vllm_passes_it(k, tool) for k, tool in enumerate(tools)]
+    return [_tool_as_vllm_passes_it(k, tool) for k, tool in enumerate(list_of_objects(tools, "tools"))]
+
+
+def list_of_objects(value: Any, name: str) -> list[dict]:
+    """`value`, a list of JSON objects (a body's or line's `tools` or `documents`), or a BodyError naming `name`."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise BodyError(f"'{name}' must be a list of objects")
+    return value
 
 
 def _tool_as_vllm_passes_it(k: int, tool: Any) -> dict:
@@ -204,9 +209,7 @@ def _template_documents_and_tools(body: dict) -> dict[str, Any]:
     given = {}
     documents = body.get("documents")
     if documents not in (None, []):
-        if not isinstance(documents, list) or not all(isinstance(item, dict) for item in documents):
-            raise BodyError("'documents' must be a list of objects")
-        given["documents"] = documents
+        given["documents"] = list_of_objects(documents, "documents")
     if body.get("tools") not in (None, []):
         given["tools"] = tools_for_template(body["tools"])
     if "tools" in given and body.get("tool_choice") != "none":
