@@ -37,6 +37,7 @@ from batchllm.inputs import (
     read_model_source,
     tokenizer_for,
 )
+from batchllm.llm_engine import LLMEngine, running_model_config
 from batchllm.models.spec import ModelSpec
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState, prompt_logprobs_output
@@ -108,6 +109,12 @@ class LLM:
             self.engine = build_engine(config, facts=facts)
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
+        self.model_config = running_model_config(
+            config, front.model_dir, front.model_spec, front.max_model_len, facts.dtype,
+            None if facts.quantization is None else facts.quantization.method)
+        """vLLM's `llm.model_config`: the model as the engine runs it (`llm_engine.RunningModelConfig`)."""
+        self.llm_engine = LLMEngine(self, self.model_config)
+        """vLLM's `llm.llm_engine` as scripts read it (`llm_engine.LLMEngine`); the engine itself is `engine`."""
         self._request_counter = itertools.count()
         self._output_counter = itertools.count()
         """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
@@ -134,6 +141,12 @@ class LLM:
     # ------------------------------------------------------------------ public API
     def get_tokenizer(self):
         return self.tokenizer
+
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """vLLM's: the GPUs (CPU: processes) the model runs on, tensor parallel x data parallel (without
+        `include_dp`, one engine's)."""
+        parallel = self.config.parallel
+        return parallel.tensor_parallel_size * (parallel.data_parallel_size if include_dp else 1)
 
     def _pooling_task(self, name: str) -> None:
         raise ValueError(f"LLM.{name} is not supported: this engine runs text generation only (vLLM's pooling "

@@ -204,6 +204,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def num_unfinished_requests(self) -> int:
+        """Unfinished requests other than shared prefixes (what a caller submitted)."""
+        return sum(not r.is_prefix for r in self.requests.values())
+
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch:
         """The next step. Empty while everything that could run waits on pending tokens (the

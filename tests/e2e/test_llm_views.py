@@ -1,0 +1,75 @@
+"""`llm.model_config` and `llm.llm_engine` as vLLM scripts read them (`batchllm.llm_engine`): values the
+engine runs with, every automatic one resolved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from batchllm import SamplingParams
+
+
+def test_the_model_config_is_the_models_and_the_engines(default_llm, default_model_dir):
+    mc = default_llm.model_config
+    hf = AutoConfig.from_pretrained(default_model_dir)
+    assert mc.max_model_len == 2048 and mc.dtype == torch.float32 and mc.quantization is None
+    assert (mc.get_vocab_size(), mc.get_hidden_size(), mc.get_total_num_hidden_layers(), mc.get_num_layers()) == \
+        (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_hidden_layers)
+    assert (mc.get_num_attention_heads(), mc.get_total_num_kv_heads(), mc.get_head_size()) == \
+        (hf.num_attention_heads, hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads)
+    assert mc.architecture == "LlamaForCausalLM" and mc.architectures == list(hf.architectures)
+    assert mc.hf_config.to_dict() == hf.to_dict()
+    assert mc.runner_type == "generate" and not mc.is_multimodal_model
+    assert default_llm.llm_engine.model_config is mc
+    assert default_llm.llm_engine.get_tokenizer() is default_llm.get_tokenizer() is default_llm.llm_engine.tokenizer
+    assert default_llm.get_world_size() == 1
+
+
+def test_heads_per_rank_follow_the_parallel_config(default_llm):
+    class Parallel:
+        tensor_parallel_size = 3
+
+    mc = default_llm.model_config  # SmolLM2: 9 query heads, 3 key/value heads
+    assert (mc.get_num_attention_heads(Parallel()), mc.get_num_kv_heads(Parallel())) == (3, 1)
+    Parallel.tensor_parallel_size = 9
+    assert mc.get_num_kv_heads(Parallel()) == 1, "a head is replicated over ranks that outnumber the heads"
+
+
+def test_resolved_settings_and_sampling_defaults(tmp_path, tiny_model_factory):
+    from batchllm import LLM
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("qwen3"), model)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_k": 20, "eos_token_id": 2}))
+    llm = LLM(str(model), device="cpu", quantization="fp8", seed=None)
+    try:
+        mc = llm.model_config
+        assert mc.max_model_len == 1024, "the model's own context where none was asked"
+        assert mc.quantization == "fp8" and mc.is_quantized and mc.dtype == torch.float32
+        assert isinstance(mc.seed, int) and mc.seed == llm.config.model.seed, "the seed drawn for None"
+        assert mc.get_diff_sampling_param() == {"temperature": 0.6, "top_k": 20}
+        assert mc.get_head_size() == 32 and mc.model == str(model) and mc.get_sliding_window() is None
+    finally:
+        llm.shutdown()
+
+
+def test_unfinished_requests_are_counted_while_a_call_runs(default_llm):
+    engine = default_llm.llm_engine
+    prompts = [default_llm.tokenize_prompt(p) for p in ("The sky is", "One, two,")]
+    params = [SamplingParams(max_tokens=1, temperature=0), SamplingParams(max_tokens=12, temperature=1.0, n=2,
+                                                                          ignore_eos=True)]
+    assert not engine.has_unfinished_requests()
+    running = default_llm.iter_generate(prompts, params, use_tqdm=False)
+    index, _ = next(running)
+    assert index == 0 and engine.get_num_unfinished_requests() == 2, "the other prompt's two completions"
+    running.close()
+    assert engine.get_num_unfinished_requests() == 0 and not engine.has_unfinished_requests()
+
+
+def test_what_is_not_offered_is_named(default_llm):
+    with pytest.raises(AttributeError, match="add_request is not offered.*model_config"):
+        default_llm.llm_engine.add_request("0", "Hi", SamplingParams())
