@@ -29,6 +29,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import time
 import traceback
 from collections import deque
@@ -411,6 +412,10 @@ def engine_threads(processes: int, available: int, environ=os.environ) -> int | 
 
 # ---------------------------------------------------------------------------------------- worker side
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
+    """Build rank `rank`'s engine and serve the parent's jobs. Ctrl-C in a terminal reaches every process of
+    the job: a worker leaves it to the parent, which aborts its job or stops it (a second Ctrl-C, arriving
+    while a worker shut down, printed its traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     started = time.perf_counter()
     try:
         import torch

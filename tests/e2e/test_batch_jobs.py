@@ -214,7 +214,9 @@ def _long_job(tmp_path, n):
 
 
 def _interrupt_when_started(cmd, out, sig):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """SIGINT goes to the job's whole process group, as a terminal's Ctrl-C does; SIGTERM to the job alone."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         if out.exists() and out.read_bytes().count(b"\n") >= 3:
@@ -224,7 +226,10 @@ def _interrupt_when_started(cmd, out, sig):
         time.sleep(0.05)
     children = _children(proc.pid)
     signalled = time.time()
-    proc.send_signal(sig)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err, time.time() - signalled, children
 
@@ -254,6 +259,8 @@ def _alive(pid):
 
 
 @pytest.mark.parametrize("sig, code, extra", [(signal.SIGINT, 130, []),
+                                              # Ctrl-C reaches the workers too: they leave it to the parent
+                                              (signal.SIGINT, 130, ["--data-parallel-size", "2"]),
                                               (signal.SIGTERM, 143, ["--data-parallel-size", "2"]),
                                               # rank 0 stops mid-step: its followers wait in a collective
                                               (signal.SIGTERM, 143, ["--tensor-parallel-size", "2"])])
@@ -265,6 +272,7 @@ def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_fa
     stats = tmp_path / "stats.json"
     rc, err, seconds, children = _interrupt_when_started([*cmd, "--stats", str(stats)], out, sig)
     assert rc == code, err
+    assert "Traceback" not in err, err
     last = [x for x in err.splitlines() if x.startswith("batchllm: interrupted")][-1]
     assert f"of {n} lines done; run the same command to resume" in last
     done = int(last.split(": ")[-1].split(" of ")[0].split()[-1])

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -66,6 +67,9 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
     llm = LLM(model, engines_per_gpu=2, **options)
     try:
         assert llm.engine is None  # the engines run in the workers
+        for p in llm._data_parallel.processes:  # Ctrl-C in a terminal reaches them too: they leave it to the parent
+            os.kill(p.pid, signal.SIGINT)
+        time.sleep(0.5)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
         ranks = llm.last_stats["ranks"]
         assert (llm.last_stats["data_parallel_size"], llm.last_stats["engines_per_gpu"]) == (1, 2)
