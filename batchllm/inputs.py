@@ -123,7 +123,8 @@ class PromptProcessor:
         """Validate and tokenize one prompt, keeping its last `truncate` tokens (SamplingParams.truncate_prompt_tokens);
         raises ValueError naming prompt `index` and the problem."""
         if isinstance(prompt, dict):
-            if given := [k for k in ("multi_modal_data", "mm_processor_kwargs") if prompt.get(k) is not None]:
+            if given := [k for k in ("prompt_embeds", "multi_modal_data", "mm_processor_kwargs")
+                         if prompt.get(k) is not None]:  # (vLLM reads embeddings before a text beside them)
                 raise ValueError(f"prompt {index}: {given[0]} is not supported: the models here take text and "
                                  "token ids only")
             if "prompt_token_ids" in prompt:

@@ -181,8 +181,9 @@ def engine_config(**kwargs: Any) -> EngineConfig:
             accepted, instead = VLLM_NOT_TAKEN[key]
             if among(value, accepted):
                 continue  # vLLM's default, which asks for what runs here anyway
-            raise TypeError(f"{key}={repr(value)[:60]} is not supported: {instead} (taken only as "
-                            f"{' or '.join(map(repr, accepted))}, vLLM's default)")
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise TypeError(f"{key}={shown} is not supported: {instead}. (Only vLLM's default, "
+                            f"{' or '.join(map(repr, accepted))}, is taken.)")
         option = options.get(VLLM_ALIASES.get(key, key))
         if option is None:
             raise TypeError(unknown_option_message(key))
@@ -269,6 +270,14 @@ VLLM_NOT_TAKEN = {
     "spec_model": ((None,), "speculative decoding is not supported"),
     "spec_tokens": ((None,), "speculative decoding is not supported"),
     "lora_modules": ((None,), "LoRA adapters are not supported"),
+    **{name: ((default,), "LoRA adapters are not supported")
+       for name, default in (("max_loras", 1), ("max_lora_rank", 16), ("max_cpu_loras", None),
+                             ("fully_sharded_loras", False), ("lora_dtype", "auto"), ("lora_target_modules", None),
+                             ("default_mm_loras", None), ("enable_tower_connector_lora", False),
+                             ("specialize_active_lora", False), ("enable_mixed_moe_lora_format", False),
+                             ("enable_moe_shared_loras", False))},
+    "enable_prompt_embeds": ((False,), "prompts are text or token ids; prompt embeddings are not supported"),
+    "config_format": (("auto", "hf"), "models are Hugging Face directories (config.json)"),
 }
 """vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for
 what runs here anyway, taken and dropped, as ported code passes vLLM's defaults; what to do instead of any other,

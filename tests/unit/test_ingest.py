@@ -295,6 +295,10 @@ def test_a_dict_prompt_with_images_is_refused_not_run_without_them():
     with pytest.raises(ValueError, match="prompt 3: multi_modal_data is not supported"):
         prompts.tokenize_prompt({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": "x"}}, 3)
     assert prompts.tokenize_prompt({"prompt_token_ids": [1, 2], "multi_modal_data": None}).token_ids == [1, 2]
+    # vLLM reads prompt_embeds before a text or ids beside them: running the text would answer another prompt
+    for prompt in ({"prompt": "hi", "prompt_embeds": [[0.5, 0.25]]}, {"prompt_embeds": [[0.5, 0.25]]}):
+        with pytest.raises(ValueError, match="prompt 0: prompt_embeds is not supported"):
+            prompts.tokenize_prompt(prompt)
 
 
 @settings(max_examples=50, deadline=None)

@@ -434,6 +434,33 @@ def test_more_vllm_keywords_are_taken_at_their_defaults_or_without_effect():
             engine_config(**{key: value})
 
 
+def test_lora_and_prompt_embedding_settings_are_refused_as_such_and_taken_at_their_defaults(capsys):
+    """LLM(max_loras=2) was "unknown engine option 'max_loras'; did you mean 'max_logprobs'?", and the rest of LoRA's
+    settings, enable_prompt_embeds and config_format were unknown without a word of why."""
+    from batchllm.cli import main
+    from batchllm.options import engine_config
+
+    assert engine_config(max_loras=1, max_lora_rank=16, max_cpu_loras=None, fully_sharded_loras=False,
+                         lora_dtype="auto", enable_prompt_embeds=False, config_format="auto") == engine_config()
+    for key, value in (("max_loras", 2), ("max_lora_rank", 64), ("fully_sharded_loras", True),
+                       ("max_cpu_loras", 4)):
+        with pytest.raises(TypeError, match=f"{key}={value!r} is not supported: LoRA adapters are not supported"):
+            engine_config(**{key: value})
+    with pytest.raises(TypeError, match="enable_prompt_embeds=True is not supported: prompts are text or token ids"):
+        engine_config(enable_prompt_embeds=True)
+    with pytest.raises(TypeError, match="config_format='mistral' is not supported: models are Hugging Face"):
+        engine_config(config_format="mistral")
+    with pytest.raises(SystemExit):
+        main(["run", "in.jsonl", "-o", "out.jsonl", "--max-loras", "4"])
+    err = capsys.readouterr().err.split("batchllm run: error:")[-1]  # (after the usage)
+    assert "LoRA adapters are not supported" in err and "max-logprobs" not in err
+    long_value = ["vllm.v1.sample.logits_processor.impls:DummyLogitsProcessor"]
+    with pytest.raises(TypeError) as info:
+        engine_config(logits_processors=long_value)
+    assert "DummyLogitsProces... is not supported: custom logits processor classes" in str(info.value), \
+        "a value cut short says so"
+
+
 def test_the_rest_of_vllm_026s_llm_keywords_are_taken_at_their_defaults():
     """Every keyword of vLLM 0.26's `LLM.__init__`, at its default, is taken (these were "unknown engine
     option"); dtype as a torch dtype too, as vLLM takes it."""
