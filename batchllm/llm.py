@@ -116,6 +116,8 @@ class LLM:
         self.llm_engine = LLMEngine(self, self.model_config)
         """vLLM's `llm.llm_engine` as scripts read it (`llm_engine.LLMEngine`); the engine itself is `engine`."""
         self._request_counter = itertools.count()
+        self._queued: list[tuple[str, TokenizedPrompt, SamplingParams]] = []
+        """What `enqueue` queued for the next `wait_for_completion`: (request id, prompt, params)."""
         self._output_counter = itertools.count()
         """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
         self.last_stats: dict[str, Any] = {}
@@ -131,6 +133,7 @@ class LLM:
         cache, CUDA graphs) back, so that another LLM can be built in this process. The LLM cannot
         generate after this."""
         self._shut_down = True
+        self._queued = []
         if self._data_parallel is not None:
             self._data_parallel.shutdown()
         if self.engine is not None:
@@ -141,6 +144,22 @@ class LLM:
     # ------------------------------------------------------------------ public API
     def get_tokenizer(self):
         return self.tokenizer
+
+    def apply_model(self, func: Callable[[Any], Any]) -> list[Any]:
+        """vLLM's: [func(model)], the engine's torch module (`models.decoder.DecoderForCausalLM`: its own layer
+        names, not transformers'). Only where the model lives in this process: not with data or tensor
+        parallelism, whose workers hold it (or shards of it)."""
+        if self.engine is None or self.config.parallel.tensor_parallel_size > 1:
+            raise ValueError("apply_model needs the model in this process: with data_parallel_size, engines_per_gpu "
+                             "or tensor_parallel_size above 1 it lives in worker processes")
+        return [func(self.engine.model)]
+
+    def __getattr__(self, name: str) -> Any:
+        """vLLM `LLM` methods not offered here are named with what to do instead (an AttributeError, so
+        hasattr stays False)."""
+        if name in _METHODS_NOT_OFFERED:
+            raise AttributeError(f"LLM.{name} is not offered: {_METHODS_NOT_OFFERED[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def get_world_size(self, include_dp: bool = True) -> int:
         """vLLM's: the GPUs (CPU: processes) the model runs on, tensor parallel x data parallel (without
@@ -237,9 +256,67 @@ class LLM:
         the template as a string), "openai" (as a list of text parts) or "auto" (parts where the template loops over
         a message's content). tokenization_kwargs: as `generate` takes it. mm_processor_kwargs, lora_request:
         vLLM's, None only (not supported). The arguments may be given by position, in vLLM's order."""
+        prompts = self._render_chats(messages, lora_request, chat_template, chat_template_content_format,
+                                     add_generation_prompt, continue_final_message, tools, chat_template_kwargs,
+                                     mm_processor_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, tokenization_kwargs=tokenization_kwargs)
+
+    def enqueue(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                lora_request: None = None, priority: Sequence[int] | None = None,
+                use_tqdm: bool | Callable[..., Any] = True, tokenization_kwargs: dict | None = None,
+                mm_processor_kwargs: dict | None = None) -> list[str]:
+        """vLLM 0.26's: queue prompts (taken and checked as `generate` takes them: a bad one raises here and
+        queues none of them) to run at the next `wait_for_completion`, which plans everything queued as one
+        batch. Returns their request ids, numbered as `generate`'s outputs are. use_tqdm: vLLM's, no bar here
+        (nothing runs)."""
+        asks_priority = priority is not None and any(int(p) != 0 for p in priority)
+        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
+                            mm_processor_kwargs=mm_processor_kwargs or None)
+        if self._shut_down:
+            raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
+        tokenized, params = self._validate(prompts, sampling_params, _truncation_asked(tokenization_kwargs))
+        ids = [str(next(self._output_counter)) for _ in tokenized]
+        self._queued.extend(zip(ids, tokenized, params))
+        return ids
+
+    def enqueue_chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                     use_tqdm: bool | Callable[..., Any] = True, lora_request: None = None,
+                     priority: Sequence[int] | None = None, chat_template: str | None = None,
+                     chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+                     continue_final_message: bool = False, tools: list[dict] | None = None,
+                     chat_template_kwargs: dict | None = None, tokenization_kwargs: dict | None = None,
+                     mm_processor_kwargs: None = None) -> list[str]:
+        """vLLM 0.26's: `chat`'s conversations rendered and queued as `enqueue` queues prompts."""
+        prompts = self._render_chats(messages, lora_request, chat_template, chat_template_content_format,
+                                     add_generation_prompt, continue_final_message, tools, chat_template_kwargs,
+                                     mm_processor_kwargs)
+        return self.enqueue(prompts, sampling_params, priority=priority, tokenization_kwargs=tokenization_kwargs)
+
+    def wait_for_completion(self, output_type: Any = None, *,
+                            use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
+        """vLLM 0.26's: run every queued prompt (`enqueue`, `enqueue_chat`) as one batch, its prefixes planned
+        over all of them, and return their RequestOutputs in request-id order. The queue is emptied when the
+        run starts: after a failure, or an interrupt, nothing stays queued. output_type: vLLM's check of the
+        outputs' type (they are RequestOutputs)."""
+        if output_type is not None and not issubclass(RequestOutput, output_type):
+            raise TypeError(f"the outputs are RequestOutputs, not {output_type!r} (pooling tasks are not supported)")
+        queued, self._queued = self._queued, []
+        if not queued:
+            return []
+        results: list[RequestOutput | None] = [None] * len(queued)
+        for index, output in self.iter_generate([p for _, p, _ in queued], [sp for _, _, sp in queued],
+                                                use_tqdm=use_tqdm):
+            output.request_id = queued[index][0]
+            results[index] = output
+        return results  # type: ignore[return-value]  (ids were drawn in queue order)
+
+    def _render_chats(self, messages: Any, lora_request, chat_template: str | None, content_format: str,
+                      add_generation_prompt: bool, continue_final_message: bool, tools: list[dict] | None,
+                      chat_template_kwargs: dict | None, mm_processor_kwargs) -> list[str]:
+        """`chat`'s conversations rendered by the chat template, checked as vLLM checks `chat`'s arguments."""
         _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs or None,
-                            chat_template_content_format=None if chat_template_content_format in CONTENT_FORMATS
-                            else chat_template_content_format)
+                            chat_template_content_format=None if content_format in CONTENT_FORMATS
+                            else content_format)
         if tools is not None:
             chat_template_kwargs = {"tools": tools, **(chat_template_kwargs or {})}
         if continue_final_message:
@@ -248,12 +325,9 @@ class LLM:
             messages = list(messages)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = None if chat_template is None else read_chat_template(chat_template)
-        prompts = [
-            self.prompts.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs, template,
-                                             chat_template_content_format)
-            for i, conv in enumerate(conversations)
-        ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, tokenization_kwargs=tokenization_kwargs)
+        return [self.prompts.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs, template,
+                                                 content_format)
+                for i, conv in enumerate(conversations)]
 
     # ------------------------------------------------------------------ building blocks (CLI uses these)
     def apply_chat_template(self, conversation: Any, index: int = 0, add_generation_prompt: bool = True,
@@ -607,6 +681,20 @@ def _quiet_gc(young_threshold: int = 50_000):
         gc.set_threshold(*threshold)
         gc.unfreeze()
 
+
+_METHODS_NOT_OFFERED = {
+    "start_profile": "profile with `batchllm bench --profile-out` (torch's profiler over the engine's steps)",
+    "stop_profile": "profile with `batchllm bench --profile-out` (torch's profiler over the engine's steps)",
+    "get_metrics": "each call's statistics are in llm.last_stats (tokens, steps, prefix sharing, KV cache)",
+    "sleep": "shutdown() frees the device memory (weights, KV cache, CUDA graphs); build a new LLM to go on",
+    "wake_up": "shutdown() frees the device memory (weights, KV cache, CUDA graphs); build a new LLM to go on",
+    "collective_rpc": "apply_model(func) runs a function on the model where it lives in this process",
+    "set_tokenizer": "give the tokenizer when building: LLM(model, tokenizer=directory)",
+    "reset_mm_cache": "prompts are text or token ids only",
+    "init_weight_transfer_engine": "weights are loaded from the model directory when the LLM is built",
+    "update_weights": "weights are loaded from the model directory when the LLM is built",
+}
+"""vLLM 0.26 `LLM` methods with no counterpart here, and what to do instead (`LLM.__getattr__`)."""
 
 CONTENT_FORMATS = ("auto", "string", "openai")
 """vLLM's chat_template_content_format values (`PromptProcessor.apply_chat_template`)."""

@@ -201,8 +201,9 @@ class CompletionState:
     def append(self, token_id: int, logprobs: TokenLogprobs | None, stop_terminated: bool = False) -> str | None:
         """Add one generated token. Returns the stop string if it completed a match. As in vLLM, stop
         strings are looked for only once the output is longer than min_tokens, only where they end past
-        the first min_tokens tokens' text, and not in the text of an EOS or stop token that ended the output
-        (`stop_terminated`; its text is left out) unless include_stop_str_in_output."""
+        the first min_tokens tokens' text, not in the text of an EOS or stop token that ended the output
+        (`stop_terminated`; its text is left out) unless include_stop_str_in_output, and not in the text of
+        tokens that end inside a multi-byte character until it is whole."""
         self.token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
             self.logprobs.append(logprob_entry(token_id, logprobs))
@@ -211,8 +212,10 @@ class CompletionState:
                 or (stop_terminated and not self.params.include_stop_str_in_output)
                 or not self._stop_in_window()):
             return None
-        text = self._decode()
-        previous = len(self._decode_ids(self.token_ids[:-1]))  # the text the last search saw
+        # as vLLM's incremental detokenizer, text is not searched before its characters are whole: tokens that end
+        # inside a multi-byte character are held back (" \xf0\x9f" of an emoji matches neither " " nor U+FFFD)
+        text = _without_a_cut_character(self.token_ids, self._decode_ids, self.tokenizer)
+        previous = len(_without_a_cut_character(self.token_ids[:-1], self._decode_ids, self.tokenizer))
         search_from = max(0, previous - self._max_stop_len - _REDECODE_MARGIN)
         if self.params.min_tokens:
             if self._min_tokens_text_len is None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
+import logging
 import math
 import reprlib
 from dataclasses import dataclass, field, fields, replace
@@ -17,6 +19,8 @@ from batchllm.structured import GuidedDecodingParams, StructuredOutputsParams, g
 __all__ = ["BeamSearchParams", "GuidedDecodingParams", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
 
 _GREEDY_EPS = 1e-5
+_MIN_TEMPERATURE = 1e-2
+"""vLLM's floor for a temperature above 0 (smaller ones are raised to it, with a warning)."""
 MAX_N = 1024
 """Most completions per prompt: n is a count of requests the engine holds at once, so a typo such as
 2**70 must be refused by name, not grow memory until the machine gives out."""
@@ -168,6 +172,9 @@ class SamplingParams:
             self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if type(self.seed) is int and self.seed == -1:  # vLLM's "no seed" (its server's default, too)
             self.seed = None
+        if _is_number(self.temperature) and 0 < self.temperature < _MIN_TEMPERATURE:
+            _warn_low_temperature(self.temperature)
+            self.temperature = _MIN_TEMPERATURE  # as vLLM: a near-zero divisor of the logits makes inf or nan
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is True:  # vLLM's: True asks for the sampled (prompt) token's logprob and 1 more
                 setattr(self, name, 1)
@@ -403,7 +410,18 @@ class SamplingParams:
         fields as SamplingParams takes them."""
         defaults = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
                     "temperature": 1.0, "top_p": 1.0}
-        return SamplingParams(**{k: defaults[k] if v is None and k in defaults else v for k, v in fields.items()})
+        fields = {k: defaults[k] if v is None and k in defaults else v for k, v in fields.items()}
+        if isinstance(fields.get("logit_bias"), dict):  # clamped to [-100, 100], as vLLM's
+            fields["logit_bias"] = {k: min(100.0, max(-100.0, v)) if _is_number(v) else v
+                                    for k, v in fields["logit_bias"].items()}
+        return SamplingParams(**fields)
+
+
+@functools.cache
+def _warn_low_temperature(temperature: float) -> None:
+    logging.getLogger("batchllm").warning(
+        "temperature %s is less than %s, which may cause numerical errors (nan or inf); it is raised to %s, as vLLM "
+        "does", temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
 
 
 def _is_int(value: object) -> bool:

@@ -73,3 +73,45 @@ def test_unfinished_requests_are_counted_while_a_call_runs(default_llm):
 def test_what_is_not_offered_is_named(default_llm):
     with pytest.raises(AttributeError, match="add_request is not offered.*model_config"):
         default_llm.llm_engine.add_request("0", "Hi", SamplingParams())
+
+
+def test_enqueued_prompts_run_as_one_batch_in_request_id_order(default_llm):
+    """vLLM 0.26's enqueue / enqueue_chat / wait_for_completion (scripts using them failed with AttributeError):
+    everything queued is planned as one batch, so a prefix shared across enqueue calls is computed once."""
+    system = "You are a careful assistant who answers every question in one short sentence. " * 3
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}]
+             for q in ("Name a colour.", "What is 2+2?", "Say hi.")]
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    expected = default_llm.chat(chats, greedy, use_tqdm=False)
+    plain = default_llm.generate(["The capital of France is"], greedy, use_tqdm=False)[0]
+    first = default_llm.enqueue_chat(chats[:2], greedy)
+    second = default_llm.enqueue("The capital of France is", greedy)
+    third = default_llm.enqueue_chat(chats[2], greedy, use_tqdm=False)
+    ids = first + second + third
+    assert len(set(ids)) == 4 and [int(i) for i in ids] == sorted(int(i) for i in ids)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        default_llm.enqueue(["fine", ""], greedy)  # a bad prompt queues none of its call's prompts
+    outputs = default_llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outputs] == ids
+    assert [o.outputs[0].token_ids for o in outputs] == \
+        [e.outputs[0].token_ids for e in expected[:2]] + [plain.outputs[0].token_ids, expected[2].outputs[0].token_ids]
+    stats = default_llm.last_stats
+    assert stats["num_requests"] == 4 and stats["num_groups"] >= 1, "the three chats shared their system prompt"
+    assert sum(o.num_cached_tokens for o in outputs) > 2 * len(default_llm.get_tokenizer()(system)["input_ids"])
+    assert default_llm.wait_for_completion() == [], "the queue was emptied"
+    assert int(default_llm.generate(["Hi"], greedy, use_tqdm=False)[0].request_id) > int(ids[-1])
+    with pytest.raises(TypeError, match="RequestOutputs"):
+        default_llm.wait_for_completion(int)
+
+
+def test_apply_model_runs_on_the_engines_module_and_missing_methods_say_what_to_do(default_llm):
+    hf = AutoConfig.from_pretrained(default_llm.model_config.model_dir)
+    counts = default_llm.apply_model(lambda model: sum(p.numel() for p in model.parameters()))
+    assert len(counts) == 1 and counts[0] > hf.vocab_size * hf.hidden_size
+    for name, instead in (("start_profile", "bench --profile-out"), ("get_metrics", "last_stats"),
+                          ("sleep", "shutdown"), ("collective_rpc", "apply_model")):
+        with pytest.raises(AttributeError, match=f"LLM.{name} is not offered: .*{instead}"):
+            getattr(default_llm, name)()
+        assert not hasattr(default_llm, name)
+    with pytest.raises(AttributeError, match="'LLM' object has no attribute 'no_such_thing'"):
+        default_llm.no_such_thing  # noqa: B018

@@ -91,7 +91,7 @@ def test_children_of_a_seeded_request_get_distinct_seeds():
     ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": 2**64 - 1, "n": 2}, "seed"),
     ({"top_k": 2**70}, "top_k"), ({"stop": [[["x"]] * 3]}, "stop"),
     # vLLM 0.26 refuses these too (they ran: n equal greedy answers; a temperature past OpenAI's range)
-    ({"temperature": 2.5}, "temperature"), ({"n": 2, "temperature": 0}, "n"), ({"n": 3, "temperature": 1e-6}, "n"),
+    ({"temperature": 2.5}, "temperature"), ({"n": 2, "temperature": 0}, "n"),
 ])
 def test_values_the_engine_cannot_run_are_refused_by_name(fields, name):
     with pytest.raises(ValueError, match=f"SamplingParams.{name} "):
@@ -408,3 +408,20 @@ def test_a_call_that_fails_before_its_loop_leaves_the_engine_clean(tiny_model_fa
         assert [o.outputs[0].token_ids for o in again] == expected and seen["desc"] == "Processed prompts"
     finally:
         llm.shutdown()
+
+
+def test_a_tiny_temperature_is_raised_and_from_optional_clamps_biases_as_vllm_does(caplog):
+    """vLLM raises a temperature in (0, 0.01) to 0.01 (logits divided by less overflow) and its from_optional (its
+    server's builder) clamps logit_bias to [-100, 100]; both were kept as given."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="batchllm"):
+        assert SamplingParams(temperature=0.00499).temperature == 0.01
+    assert "raised to 0.01" in caplog.text
+    assert SamplingParams(temperature=0.0).temperature == 0.0 and SamplingParams(temperature=0.02).temperature == 0.02
+    assert SamplingParams(temperature=1e-6, n=2).n == 2, "no longer greedy, as in vLLM"
+    sp = SamplingParams(temperature=0.5)
+    sp.temperature = 0.001  # set after construction: taken at submission, as vLLM reads it
+    assert sp.as_given().temperature == 0.01
+    assert SamplingParams.from_optional(logit_bias={"5": 500, 6: -250.5, 7: 3}).logit_bias == \
+        {5: 100.0, 6: -100.0, 7: 3.0}

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from batchllm.inputs import load_tokenizer
-from batchllm.output_processor import _REDECODE_MARGIN, CompletionState
+from batchllm.output_processor import _REDECODE_MARGIN, CompletionState, _without_a_cut_character
 from batchllm.sampling_params import SamplingParams
 
 
@@ -18,10 +18,15 @@ def tokenizer(default_model_dir):
 
 
 def full_decode_reference(tokenizer, params: SamplingParams, tokens: list[int]) -> tuple[int, str, str] | None:
-    """The search before the window: decode everything after every token. (token index, stop, cut text)."""
+    """The search before the window: decode everything after every token (less the tokens of a character not yet
+    whole, as vLLM holds them back). (token index, stop, cut text)."""
     checked, longest = 0, max(len(s) for s in params.stop_strings)
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
     for i in range(1, len(tokens) + 1):
-        text = tokenizer.decode(tokens[:i], skip_special_tokens=params.skip_special_tokens)
+        text = _without_a_cut_character(tokens[:i], decode, tokenizer)
         start = max(0, checked - longest - _REDECODE_MARGIN)
         found = [(text.find(s, start), s) for s in params.stop_strings if text.find(s, start) != -1]
         checked = len(text)
@@ -88,3 +93,17 @@ def test_a_token_completing_two_stops_ends_at_the_first_in_the_lists_order(token
                                      (["ar", "is"], False, ("ar", " P"))):
         state = CompletionState(0, SamplingParams(stop=stops, include_stop_str_in_output=include), tokenizer)
         assert (state.append(paris[0], None), state.stop_text) == expected
+
+
+def test_no_stop_matches_inside_a_character_not_yet_whole(tokenizer):
+    """vLLM's incremental detokenizer holds back text ending inside a multi-byte character: " " matched the space of
+    the token " \xf0\x9f" (an emoji's first bytes) one token early, and U+FFFD, the decoder's stand-in for those
+    bytes, matched though vLLM's text never holds it."""
+    tokens = tokenizer.encode(" 🍕 pizza", add_special_tokens=False)
+    assert tokenizer.decode(tokens[:1]).endswith("\ufffd"), "the emoji is split across tokens"
+    emoji_end = next(i for i in range(1, len(tokens) + 1) if tokenizer.decode(tokens[:i]) == " 🍕")
+    assert emoji_end > 1
+    assert windowed(tokenizer, SamplingParams(stop=[" "]), tokens) == (emoji_end - 1, " ", "")
+    assert windowed(tokenizer, SamplingParams(stop=["\ufffd"]), tokens) is None
+    assert windowed(tokenizer, SamplingParams(stop=["🍕"], include_stop_str_in_output=True), tokens) == \
+        (emoji_end - 1, "🍕", " 🍕")
