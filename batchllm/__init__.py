@@ -29,6 +29,10 @@ def __getattr__(name: str):
         from batchllm.llm import LLM
 
         return LLM
+    if name == "EngineArgs":
+        from batchllm.engine_args import EngineArgs
+
+        return EngineArgs
     if name in ("TextPrompt", "TokensPrompt"):  # (batchllm.inputs imports the tokenizer's side: lazily too)
         from batchllm import inputs
 
@@ -37,8 +41,9 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "LLM", "TextPrompt", "TokensPrompt"})
+    return sorted({*globals(), "LLM", "EngineArgs", "TextPrompt", "TokensPrompt"})
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt", "TokensPrompt"]
+__all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt",
+           "TokensPrompt"]
 __version__ = "0.1.0"

@@ -65,6 +65,11 @@ class LLM:
         self._init_from_config(engine_config(model=model, **kwargs))
 
     @classmethod
+    def from_engine_args(cls, engine_args: Any) -> LLM:
+        """vLLM's: an LLM from a `batchllm.EngineArgs` (`engine_args.py`)."""
+        return cls(**dataclasses.asdict(engine_args))
+
+    @classmethod
     def from_config(cls, config: EngineConfig, front: FrontEnd | None = None, workers=None,
                     facts: ModelFacts | None = None) -> LLM:
         """An engine from a whole EngineConfig (what data-parallel workers receive). What the caller

@@ -190,6 +190,8 @@ def engine_config(**kwargs: Any) -> EngineConfig:
         value = os.fspath(value) if isinstance(value, os.PathLike) else value
         if option.name == "dtype" and type(value).__module__ == "torch" and type(value).__name__ == "dtype":
             value = str(value).removeprefix("torch.")  # LLM(dtype=torch.bfloat16), as vLLM takes it
+        if option.type is bool and option.optional and isinstance(value, str) and value in TRI_STATE:
+            value = TRI_STATE[value]  # as the flag parses it (LLM(**vars(args)) with EngineArgs.add_cli_args)
         _check_type(key, option, value)
         sections.setdefault(option.section, {})[option.name] = value
     return EngineConfig(**{s: c(**sections.get(s, {})) for s, c in typing.get_type_hints(EngineConfig).items()})

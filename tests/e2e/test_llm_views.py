@@ -115,3 +115,36 @@ def test_apply_model_runs_on_the_engines_module_and_missing_methods_say_what_to_
         assert not hasattr(default_llm, name)
     with pytest.raises(AttributeError, match="'LLM' object has no attribute 'no_such_thing'"):
         default_llm.no_such_thing  # noqa: B018
+
+
+def test_engine_args_as_vllms_examples_use_them(tiny_model_factory):
+    """vLLM's basic examples build their command line with EngineArgs.add_cli_args and pass vars(args) to LLM;
+    others go through EngineArgs.from_cli_args and dataclasses.asdict (`from batchllm import EngineArgs` failed)."""
+    import argparse
+    import dataclasses
+
+    from batchllm import LLM, EngineArgs
+    from batchllm.options import engine_config
+
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    parser.set_defaults(model=tiny_model_factory("llama"))
+    parser.add_argument("--max-tokens", type=int)
+    args = parser.parse_args(["--device", "cpu", "--max-model-len", "96", "--max-tokens", "3", "--async-scheduling",
+                              "--no-enable-prefix-caching"])
+    engine_args = EngineArgs.from_cli_args(args)
+    assert (engine_args.max_model_len, engine_args.async_scheduling, engine_args.prefix_sharing) == (96, True, False)
+    assert engine_args.block_size is None, "the declared defaults"
+    kwargs = vars(args)
+    max_tokens = kwargs.pop("max_tokens")
+    expected = engine_config(**dataclasses.asdict(engine_args))
+    for build in (lambda: LLM(**kwargs), lambda: LLM.from_engine_args(engine_args)):
+        llm = build()
+        try:
+            assert llm.model_config.max_model_len == 96 and llm.config == expected
+            out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                               use_tqdm=False)
+            assert len(out[0].outputs[0].token_ids) == 3
+        finally:
+            llm.shutdown()
+    with pytest.raises(TypeError, match="engine option 'max_model_len' must be an integer"):
+        EngineArgs(max_model_len="4k")
