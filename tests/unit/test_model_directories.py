@@ -152,3 +152,30 @@ def test_skip_tokenizer_init_needs_no_tokenizer_files(tmp_path, capsys):
                      "--skip-tokenizer-init"])
     assert code == 0, capsys.readouterr().err
     assert len(json.loads((tmp_path / "o.jsonl").read_text())["token_ids"]) == 2
+
+
+def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypatch, capsys, default_llm):
+    """vLLM takes a GGUF file as the model; here it was "not a directory". It is converted once into the cache, as
+    the embedded default model (itself a GGUF file) is, and answers as that model does."""
+    from batchllm.models.default_model import find_gguf
+
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "Mine.Q4_1.gguf"
+    shutil.copy(find_gguf(), gguf)
+    prompts, params = ["The capital of France is", "1, 2, 3,"], SamplingParams(temperature=0, max_tokens=8)
+    expected = [o.outputs[0].token_ids for o in default_llm.generate(prompts, params, use_tqdm=False)]
+    for _ in range(2):  # the second build finds the converted directory
+        llm = LLM(str(gguf), device="cpu", dtype="float32", max_model_len=256)
+        try:
+            assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+            assert llm.model_config.model == str(gguf)
+        finally:
+            llm.shutdown()
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(ModelLoadError, match="cannot convert the GGUF model .*damaged.gguf"):
+        LLM(str(damaged), device="cpu")
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    assert cli.main(["plan", "--model", str(damaged), str(tmp_path / "in.jsonl")]) == 2
+    assert "cannot convert the GGUF model" in capsys.readouterr().err
