@@ -7,6 +7,7 @@ Frozen and picklable (it travels to every Ray worker); imports neither ray nor t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from batchllm.options import VLLM_ALIASES, engine_config
@@ -69,7 +70,13 @@ class ProcessorConfig:
                      "tensor_parallel_size"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        engine_config(model=self.model, **self.engine_options())  # every engine option checked as LLM checks it
+        config = engine_config(model=self.model, **self.engine_options())  # every option checked as LLM checks it
+        if self.model is not None and Path(self.model).expanduser().is_dir():
+            # a model directory the driver can read (the replicas' nodes may hold it only) is checked here too:
+            # its config.json against the context asked (a max_model_len past the model's failed every replica)
+            from batchllm.inputs import read_model_source
+
+            read_model_source(self.model, config.model.max_model_len)
         unknown = sorted(set(self.sampling_params) - set(SamplingParams.field_names()))
         if unknown:
             raise ValueError(f"sampling_params has unknown field(s): {', '.join(unknown)}")

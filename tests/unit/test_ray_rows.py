@@ -214,3 +214,14 @@ def test_failed_rows_pass_by_postprocess_and_no_rows_column_is_lost():
     assert out[0]["error"].startswith("the prompt has"), "not 'prompt 0', which named no row"
     assert [row["id"] for row in out] == [0, 1, 2] and all(out[i]["answer"] is not None for i in (1, 2))
     assert out[1]["error"] is None and out[1]["n"] == 3 == out[2]["n"]
+
+
+def test_a_context_past_the_models_fails_on_the_driver_where_it_can_read_the_model(tiny_model_factory):
+    """ProcessorConfig(engine_kwargs={"max_model_len": 16384}) was taken on the driver, then every replica died
+    building its engine after Ray had started the job."""
+    model = tiny_model_factory("llama")  # max_position_embeddings 1024
+    for config in ({"max_model_len": 16384}, {"engine_kwargs": {"max_model_len": 16384}}):
+        with pytest.raises(ValueError, match="16384.*1024"):
+            ProcessorConfig(model=model, **config)
+    assert ProcessorConfig(model=model, max_model_len=512).max_model_len == 512
+    assert ProcessorConfig(model="org/only-on-the-workers", max_model_len=16384).model == "org/only-on-the-workers"
