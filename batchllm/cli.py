@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +51,7 @@ from batchllm.io.job import (
     ResumeState,
     errors_path_for,
     later_write_problem,
+    note_errors_file_created,
     prepare_output,
     recorded_option,
     refuse_output_onto_input,
@@ -535,7 +537,9 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
     try:
         started = time.perf_counter()
         phases = {"engine_build_s": started - reading.started}
-        with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True) as errors_out:
+        record_errors_file = functools.partial(note_errors_file_created, args.output)  # (a resume checks it)
+        with ResultWriter(args.output) as out, \
+                ResultWriter(job.errors_path, lazy=True, on_create=record_errors_file) as errors_out:
             job.writers = (out, errors_out)
             waiting = time.perf_counter()
             valid, errors, file_format, ignored = reading.result()

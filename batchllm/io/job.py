@@ -30,6 +30,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,9 @@ class ResumeState:
         return (request_id if self.typed_ids else str(request_id)) in self.done_ids
 
 
-STATE_VERSION = 2
-"""Version 2 (session 26) records the options and writes ids as their JSON values; a state file without
+STATE_VERSION = 3
+"""Version 3 (session 35) records the errors file the job created (`ERRORS_FILE_ID`: absent while it made none);
+version 2 (session 26) records the options and writes ids as their JSON values; a state file without
 a version (1) wrote integer ids as strings and no options, and resumes as before (unchecked options)."""
 
 
@@ -141,12 +143,15 @@ def same_file(a: Path, b: Path) -> bool:
 
 def refuse_output_onto_input(output: Path, input_path: Path) -> None:
     """Raise JobError when the output names the input file (any path to it), even with --overwrite, or is
-    "-" (standard output, which a job cannot resume from).
+    "-" or under /dev or /proc (standard output and the like, which a job cannot resume from).
     The CLI calls it before `OutputLock`, which opens the output for append: with a read-only input
     that open would fail first with a message that does not say what is wrong."""
     if str(output) == "-":  # (a file named "-" in the working directory is not what a user means)
         raise JobError("results cannot go to standard output (-o -): a job resumes from its output file; "
                        "give -o a path")
+    if output.absolute().parts[1:2] in (("dev",), ("proc",)):  # /dev/stdout redirected to a file is a regular file
+        raise JobError(f"results cannot go to {str(output)!r}: a job resumes from its output file, with a state file "
+                       "beside it; give -o the path of a file")
     if same_file(output, input_path):
         raise JobError(f"refusing to write the output onto the input file {str(input_path)!r} "
                        "(even with --overwrite: it would destroy the input); choose another -o")
@@ -158,12 +163,12 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     values; None: not checked); return what is already done. A state file of an older version (no
     options recorded) resumes under any."""
     refuse_output_onto_input(output, input_path)
-    if errors is not None and (same_file(errors, input_path) or same_file(errors, output)):
-        raise JobError(f"the errors file {str(errors)!r} must differ from the input and the output; "
+    state_path = state_path_for(output)
+    if errors is not None and any(same_file(errors, p) for p in (input_path, output, state_path)):
+        raise JobError(f"the errors file {str(errors)!r} must differ from the input, the output and its state file; "
                        "choose another --errors-file")
     if errors is not None and (problem := later_write_problem(errors, "the errors file")):
         raise JobError(problem)
-    state_path = state_path_for(output)
     fingerprint = _job_fingerprint(input_path, options)
     if errors is not None:
         fingerprint["errors_file"] = str(errors.resolve())
@@ -177,7 +182,8 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         _refuse_another_job(output, state, fingerprint, input_path)
         _refuse_another_errors_file(output, state.get("errors_file"), errors)
         resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
-        if errors is not None and errors.exists():
+        if errors is not None and errors.exists() and errors.stat().st_size > 0:
+            _refuse_errors_written_by_another(output, state, errors)
             _scan_and_repair(errors, resume)
         return resume
     try:
@@ -298,6 +304,33 @@ def _refuse_another_errors_file(output: Path, recorded: Any, errors: Path | None
                        f"{str(errors)!r}; resume with --errors-file {recorded}, or move that file there")
 
 
+def note_errors_file_created(output: Path, errors: Path) -> None:
+    """Record in the output's state file that this job created its errors file (`ResultWriter`'s `on_create`): the
+    file's device and inode, which a resume checks (`_refuse_errors_written_by_another`)."""
+    state_path = state_path_for(output)
+    state = json.loads(state_path.read_bytes())
+    info = errors.stat()
+    _write_state(state_path, {**state, ERRORS_FILE_ID: [info.st_dev, info.st_ino]})
+
+
+ERRORS_FILE_ID = "errors_file_id"
+"""The state-file key of the errors file this job created: [device, inode] (a rename keeps them)."""
+
+
+def _refuse_errors_written_by_another(output: Path, state: dict[str, Any], errors: Path) -> None:
+    """Raise JobError when `errors` holds records this job did not write: its state file records no errors file
+    (or another one) though the file has records: another job named the same --errors-file, or a file was put
+    there. Read as this job's, its lines would be skipped, never answered. State files written before the
+    errors file was recorded (STATE_VERSION < 3) are not checked."""
+    if state.get("version", 1) < 3 and ERRORS_FILE_ID not in state:
+        return
+    info = errors.stat()
+    if state.get(ERRORS_FILE_ID) != [info.st_dev, info.st_ino]:
+        raise JobError(f"refusing to resume into {str(output)!r}: its errors file {str(errors)!r} holds records this "
+                       "job did not write (another job's --errors-file, or a file put there), which would be read as "
+                       "this job's failed lines; move it away or give each job its own --errors-file")
+
+
 def _read_state(state_path: Path, output: Path) -> dict[str, Any]:
     """The state file beside an output that exists, checked for its form; a JobError says what is wrong."""
     try:
@@ -414,8 +447,11 @@ class ResultWriter:
     `lazy`: the file is created at the first record (an errors file exists only when there are errors).
     Any failure to write or sync is raised as `OutputWriteError`, once."""
 
-    def __init__(self, output: Path, sync_every: int = 256, sync_seconds: float = 1.0, lazy: bool = False) -> None:
+    def __init__(self, output: Path, sync_every: int = 256, sync_seconds: float = 1.0, lazy: bool = False,
+                 on_create: Callable[[Path], None] | None = None) -> None:
         self.path = output
+        self._on_create = on_create
+        """Called with the path once a lazy writer has opened its file, before the first record is written."""
         self._file = None
         self.sync_every = sync_every
         self.sync_seconds = sync_seconds
@@ -436,6 +472,8 @@ class ResultWriter:
             self._check()
             if self._file is None:
                 self._open_locked()
+                if self._on_create is not None:
+                    self._guarded(self._on_create, self.path)
             self._guarded(self._file.write, data)
             self.num_written += 1
             self._unsynced += 1

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from batchllm import cli
-from batchllm.io.job import JobError, ResultWriter, encode_record, input_fingerprint, prepare_output
+from batchllm.io.job import (
+    JobError,
+    ResultWriter,
+    encode_record,
+    input_fingerprint,
+    note_errors_file_created,
+    prepare_output,
+    state_path_for,
+)
 
 
 def run(capsys, *args):
@@ -44,6 +52,11 @@ def test_output_to_standard_output_is_refused(tmp_path, capsys, monkeypatch):
     code, err = run(capsys, src, "-o", "-")
     assert code == 2 and "results cannot go to standard output (-o -)" in err, err
     assert not (tmp_path / "-").exists()
+    # /dev/stdout redirected to a file is a regular file: it was "refusing to resume ... remove it", and with
+    # --overwrite the job wrote /dev/stdout.batchllm-state
+    for output in ("/dev/stdout", "/proc/self/fd/1"):
+        code, err = run(capsys, src, "-o", output, "--overwrite")
+        assert code == 2 and f"results cannot go to '{output}'" in err, err
     pytest.importorskip("ray")
     code, err = run(capsys, src, "-o", "-", "--ray")  # (a directory named "-" was made)
     assert code == 2 and "results cannot go to standard output (-o -)" in err, err
@@ -298,6 +311,7 @@ def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
     complete = json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
                            "error": {"code": "invalid_request", "message": "line 2: duplicate custom_id 'c0'"}}) + "\n"
     errors.write_text(complete + '{"id": "batch_req_3", "custom_id": "c2", "resp')
+    note_errors_file_created(out, errors)  # (as the job's lazy writer records it)
     state = prepare_output(out, src, overwrite=False, errors=errors)
     assert state.done_ids == {"c0"} and state.done_error_lines == {2} and state.num_records == 2
     assert state.repaired_bytes > 0 and errors.read_text() == complete, "the torn errors line is cut"
@@ -320,6 +334,47 @@ def test_an_errors_file_of_another_job_is_the_file_named(tmp_path):
                                        r"no out\.jsonl\.batchllm-state ties it .* choose another --errors-file"):
         prepare_output(out, src, overwrite=False, errors=errors)
     assert errors.read_text() == "keep me\n"
+
+
+def test_an_errors_file_another_job_wrote_into_is_not_read_as_this_jobs(tmp_path, capsys, tiny_model_factory):
+    """Two jobs sharing one --errors-file: job A (no failures yet, so no errors file) was interrupted, job B wrote its
+    failed lines there, and A's resume read B's line numbers as its own failed lines: those lines of A were never
+    answered, and A reported itself complete. The job's state file now records the errors file it created."""
+    model = tiny_model_factory("llama")
+    shared = tmp_path / "shared.errors.jsonl"
+    job_a, job_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    job_a.write_text("".join(json.dumps({"custom_id": f"a{i}", "url": "/v1/completions", "method": "POST",
+                                         "body": {"prompt": f"Hi {i}", "max_tokens": 2}}) + "\n"
+                             for i in range(4)))
+    job_b.write_text("".join(json.dumps({"custom_id": f"b{i}", "url": "/v1/completions", "method": "POST",
+                                         "body": {"prompt": "x", "temperature": -5}}) + "\n"
+                             for i in range(4)))
+    options = ["--model", model, "--errors-file", shared]
+    code, err = run(capsys, job_a, "-o", tmp_path / "A.jsonl", *options)
+    assert code == 0 and not shared.exists(), err
+    (tmp_path / "A.jsonl").write_text("".join((tmp_path / "A.jsonl").read_text().splitlines(keepends=True)[:1]))
+    code, err = run(capsys, job_b, "-o", tmp_path / "B.jsonl", *options)
+    assert code == 1 and len(shared.read_text().splitlines()) == 4, err
+    code, err = run(capsys, job_a, "-o", tmp_path / "A.jsonl", *options)
+    assert code == 2 and "holds records this job did not write" in err, err
+    assert len((tmp_path / "A.jsonl").read_text().splitlines()) == 1, "nothing was skipped or written"
+    # its own errors file: recorded when created, resumed as its own (also after a rename, which keeps the file)
+    code, err = run(capsys, job_b, "-o", tmp_path / "B.jsonl", *options)
+    assert code == 1 and "already complete" in err, err
+    moved = tmp_path / "moved.errors.jsonl"
+    shared.rename(moved)
+    code, err = run(capsys, job_b, "-o", tmp_path / "B.jsonl", "--model", model, "--errors-file", moved)
+    assert code == 1 and "already complete" in err, err
+    state = json.loads(state_path_for(tmp_path / "B.jsonl").read_text())
+    assert state["errors_file_id"] == [moved.stat().st_dev, moved.stat().st_ino]
+
+
+def test_the_errors_file_may_not_be_the_jobs_state_file(tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    prepare_output(out, src, overwrite=False)
+    with pytest.raises(JobError, match="must differ from the input, the output and its state file"):
+        prepare_output(out, src, overwrite=False, errors=state_path_for(out))
 
 
 def test_a_write_failure_names_the_file_and_keeps_what_was_written(tmp_path):
@@ -700,6 +755,7 @@ def test_resuming_with_another_errors_file_is_refused_while_the_first_holds_fail
     assert prepare_output(out, src, overwrite=False, errors=second, options={}).done_ids == {"c0"}, "none failed"
     first.write_text(json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
                                  "error": {"code": "invalid_request", "message": "line 2: bad"}}) + "\n")
+    note_errors_file_created(out, first)  # (as the job's lazy writer records it)
     with pytest.raises(JobError, match=r"its failed lines are in '.*first\.errors\.jsonl'.*--errors-file"):
         prepare_output(out, src, overwrite=False, errors=second, options={})
     assert prepare_output(out, src, overwrite=False, errors=first, options={}).done_error_lines == {2}
