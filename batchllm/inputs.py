@@ -249,7 +249,8 @@ def _or_error(call, *args) -> TokenizedPrompt | ValueError:
 
 def resolve_max_model_len(requested: int | None, spec) -> int:
     """The context the engine runs with: `requested`, or the model's where None. The model's is
-    max_position_embeddings, times a linear rope scaling's factor (as vLLM derives it), capped at a sliding
+    max_position_embeddings, times a linear rope scaling's factor (a yarn one's: its original_max_position_embeddings
+    times its factor; as vLLM derives them), capped at a sliding
     window: attention here is over the whole context, which equals the model's windowed attention only within
     the window (vLLM's disable_sliding_window=True does the same)."""
     limit = spec.max_position_embeddings
@@ -257,6 +258,10 @@ def resolve_max_model_len(requested: int | None, spec) -> int:
     if rope_type_of(spec.rope_scaling) == "linear":
         limit = int(limit * float(spec.rope_scaling.get("factor", 1.0)))
         why = f"; max_position_embeddings {spec.max_position_embeddings} x its linear rope factor"
+    elif rope_type_of(spec.rope_scaling) == "yarn":
+        original = int(spec.rope_scaling["original_max_position_embeddings"])
+        limit = int(original * float(spec.rope_scaling.get("factor", 1.0)))
+        why = f"; its yarn rope's original_max_position_embeddings {original} x its factor"
     if spec.sliding_window is not None and spec.sliding_window < limit:
         logger.warning("capping the context at the model's sliding window, %d tokens (of %d): attention here has no "
                        "window, the same within it (as vLLM's disable_sliding_window=True)", spec.sliding_window,

@@ -148,9 +148,10 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
             index.update((name, (path, f)) for name in f.keys())
         companions = _scale_names(index, scales, scheme, model_dir)
         num_kv_scales = 0
+        tied = model.full_spec.tie_word_embeddings
         for name, (path, f) in index.items():
-            if name.endswith(_IGNORED_SUFFIXES) or name in companions:
-                continue
+            if name.endswith(_IGNORED_SUFFIXES) or name in companions or (tied and name == "lm_head.weight"):
+                continue  # (tied: the head is the embedding, as vLLM skips a stored head, whatever its file's order)
             if (match := _KV_SCALE_NAME.fullmatch(name)) is not None:
                 _load_kv_scale(model, match, f.get_tensor(name), path.name)
                 num_kv_scales += 1
@@ -168,7 +169,7 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
                 raise ModelLoadError(f"cannot read weight {name!r} from {path}: {e}") from e
             loaded.add(name)
     missing = set(params) - loaded
-    if model.full_spec.tie_word_embeddings:
+    if tied:
         missing.discard("lm_head.weight")
     if missing:
         raise ModelLoadError(f"{str(model_dir)!r} lacks weights: {', '.join(sorted(missing)[:5])}")

@@ -23,6 +23,10 @@ _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralF
 """config.json's model_type -> its architecture, for configs that name no architectures."""
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""The rope_scaling types the rotary embedding computes (`layers.rotary`)."""
+
+
 def rope_type_of(scaling: dict | None) -> str:
     """A rope_scaling's type under either key (`rope_type`, transformers 4.45+; `type` before), default without one."""
     return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -138,6 +142,15 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
         rope_scaling = cfg.get("rope_scaling") or (
             rope_params if rope_params.get("rope_type", "default") != "default" else None
         )
+        if (rope_type := rope_type_of(rope_scaling)) not in ROPE_TYPES:  # (before anything is written or loaded)
+            raise ModelLoadError(f"{config_path}: rope_scaling type {rope_type!r} is not supported "
+                                 f"({', '.join(ROPE_TYPES)})")
+        if rope_type == "yarn":  # (transformers' default; vLLM reads it from here)
+            rope_scaling = {"original_max_position_embeddings": int(cfg.get("max_position_embeddings", 2048)),
+                            **rope_scaling}
+        if cfg.get("head_dim") is None and hidden % num_heads:
+            raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                                 f"{num_heads}, and no head_dim is given")
         sliding = cfg.get("sliding_window")
         if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
             sliding = None
@@ -164,6 +177,8 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             config_eos_token_ids=eos_ids,
             quantization=quantization,
         )
+    except ModelLoadError:
+        raise
     except KeyError as e:
         raise ModelLoadError(f"{config_path} lacks the field {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:

@@ -42,6 +42,47 @@ def test_only_the_files_the_index_names_are_loaded(tmp_path, default_model_dir):
         LLM(str(model), device="cpu")
 
 
+def test_a_stored_head_of_a_tied_model_is_skipped_whatever_its_files_order(tmp_path, default_model_dir):
+    """tie_word_embeddings with an lm_head.weight stored too: in a later shard it was copied into the tensor the head
+    shares with the embedding, changing both; vLLM skips a tied model's stored head."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model("qwen2", tmp_path / "m", tokenizer_dir=default_model_dir)  # tied
+    prompt = [[1, 400, 500, 600, 700]]
+    expected = hf_greedy(model, prompt, 6, stop_at_eos=False)
+    weights = load_file(model / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    head = torch.randn_like(weights["model.embed_tokens.weight"])
+    save_file({"lm_head.weight": head}, str(model / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in weights}
+    weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert _greedy(model, prompt, 6) == expected
+
+
+def test_a_tokenizer_shipped_only_as_sentencepiece_loads(tmp_path):
+    """A Llama-2-era directory whose only tokenizer is tokenizer.model failed: "tiktoken is required to read a
+    tiktoken file" (sentencepiece, which transformers reads it with, was not installed)."""
+    import sentencepiece
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(300)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                             model_type="bpe", minloglevel=2)
+    model = make_tiny_model("llama", tmp_path / "m")
+    shutil.copy(tmp_path / "sp.model", model / "tokenizer.model")
+    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    llm = LLM(str(model), device="cpu", dtype="float32")
+    try:
+        out = llm.generate("the quick fox", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                           use_tqdm=False)[0]
+        expected = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model")).encode("the quick fox")
+        assert out.prompt_token_ids[-len(expected):] == expected and len(out.outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()
+
+
 def test_a_linear_rope_factor_extends_the_context_as_vllm_derives_it(tmp_path, default_model_dir):
     """max_position_embeddings 64 with a linear factor 2 is a 128-token context (vLLM's); it was refused past 64."""
     scaling = {"rope_type": "linear", "factor": 2.0}
@@ -52,6 +93,44 @@ def test_a_linear_rope_factor_extends_the_context_as_vllm_derives_it(tmp_path, d
     assert _greedy(model, prompt, 8) == hf_greedy(model, prompt, 8, stop_at_eos=False)
     with pytest.raises(ValueError, match=r"exceeds what the model supports \(128; max_position_embeddings 64 x"):
         LLM(str(model), device="cpu", max_model_len=129)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                                     {"type": "yarn", "factor": 2.0, "beta_fast": 16, "attention_factor": 0.8}])
+def test_yarn_rope_matches_hf_and_extends_the_context_as_vllm_derives_it(tmp_path, default_model_dir, scaling):
+    """Qwen2.5's model cards add a yarn rope_scaling for long contexts; it was refused once the engine was built,
+    after `run` had written its output's state file."""
+    model = make_tiny_model("qwen2", tmp_path / "m", tokenizer_dir=default_model_dir, max_position_embeddings=64,
+                            rope_scaling=scaling)
+    original = scaling.get("original_max_position_embeddings", 64)
+    assert LLM(str(model), device="cpu").max_model_len == int(original * scaling["factor"])
+    prompt = [[1] + [(97 * i) % 40000 + 10 for i in range(79)]]  # 80 tokens, past the original context
+    assert _greedy(model, prompt, 8) == hf_greedy(model, prompt, 8, stop_at_eos=False)
+
+
+def test_a_config_that_cannot_run_is_named_before_anything_is_written(tmp_path, capsys, default_model_dir):
+    """A dynamic rope failed at the engine's build (after the output was begun), and heads that do not divide the
+    hidden size failed as "cannot load a tokenizer"."""
+    from batchllm.models.spec import read_model_spec
+
+    dynamic = make_tiny_model("llama", tmp_path / "dyn", tokenizer_dir=default_model_dir,
+                              rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ModelLoadError, match="rope_scaling type 'dynamic' is not supported"):
+        read_model_spec(dynamic)
+    odd = tmp_path / "odd"
+    shutil.copytree(dynamic, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config.update(num_attention_heads=3, num_key_value_heads=1, rope_scaling=None)
+    for key in ("head_dim", "rope_parameters"):
+        config.pop(key, None)
+    (odd / "config.json").write_text(json.dumps(config))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    for model, message in ((dynamic, "rope_scaling type 'dynamic'"),
+                           (odd, "hidden_size 64 is not a multiple of num_attention_heads 3")):
+        code = cli.main(["run", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(model), "--no-progress"])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_a_sliding_window_caps_the_context_and_says_why(tmp_path, default_model_dir):
