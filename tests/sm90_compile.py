@@ -17,6 +17,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FP8_TMA_BLOCK64 = dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True, TMA=True)
+BF16_TMA_BLOCK64 = dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, TMA=True)
 
 # name: (q dtype, fp8 cache, fp8_attention, group, group pad, head dim, block_q, block_n, warps, stages[, the
 # kernel's constants where they differ from a 16-token-block cache's: block size, TILE_IN_BLOCK, V_KEYS_MAJOR])
@@ -55,6 +56,17 @@ VARIANTS = {
     "fp8-cache-tma-vt-block64-prefill-bf16-d128": ("bf16", True, False, 4, 4, 128, 32, 64, 4, 3, FP8_TMA_BLOCK64),
     "fp8-dots-tma-vt-block64-prefill-bf16-d128": ("bf16", True, True, 4, 4, 128, 32, 64, 4, 3, FP8_TMA_BLOCK64),
     "fp8-cache-tma-vt-block64-decode-bf16-d128": ("bf16", True, False, 4, 4, 128, 1, 64, 4, 2, FP8_TMA_BLOCK64),
+    # head dim 256 (`head_256`): HEAD_256_PREFILL_LAUNCH and HEAD_256_DECODE_TILE's one-query and 64-row prefix
+    # programs over a bf16 cache of 64-token blocks by TMA (the engine's default there), an fp8 cache, float32
+    "bf16-cache-tma-block64-prefill-d256": ("bf16", False, False, 2, 2, 256, 32, 32, 4, 2, BF16_TMA_BLOCK64),
+    "bf16-cache-tma-block64-decode-d256": ("bf16", False, False, 2, 2, 256, 1, 32, 4, 2, BF16_TMA_BLOCK64),
+    "bf16-cache-tma-block64-prefix-d256": ("bf16", False, False, 2, 2, 256, 32, 32, 4, 2, BF16_TMA_BLOCK64),
+    "fp8-cache-prefill-bf16-d256": ("bf16", True, False, 2, 2, 256, 32, 32, 4, 2),
+    "fp8-cache-prefix-bf16-d256": ("bf16", True, False, 2, 2, 256, 32, 32, 4, 2),
+    "fp32-cache-prefill-d256": ("fp32", False, False, 2, 2, 256, 16, 32, 4, 1),
+    "fp32-cache-prefix-d256": ("fp32", False, False, 2, 2, 256, 32, 32, 4, 1),
+    "bf16-cache-prefix-d256": ("bf16", False, False, 2, 2, 256, 32, 32, 4, 2),
+    "fp8-dots-prefix-bf16-d256": ("bf16", True, True, 2, 2, 256, 32, 32, 4, 2),
 }
 
 

@@ -424,7 +424,14 @@ TMA_PREFILL_LAUNCH = (128, 64, 4, 3)
 """The prefill programs where their tiles load by TMA: the registers the address arithmetic no longer
 takes let 4 warps carry 128 rows; on an H200, 1.20x / 1.15x / 1.33x PREFILL_LAUNCH's time without TMA
 on 8,192 new tokens / 8,192 after 8,192 / 40 x 200 after 2,000 (`attention_variants.py`, session 14)."""
-SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: fits any supported row width
+SMALL_PREFILL_LAUNCH = (64, 64, 4, 2)  # rows, keys per tile, warps, stages: rows of 512 bytes (fp32 of head dim 128)
+HEAD_256_PREFILL_LAUNCH = (64, 32, 4, 2)
+"""The prefill launch of head dim 256 in 16 bits: SMALL_PREFILL_LAUNCH asked 288 KiB of shared memory (an H200 has
+227), and so did the decode tile; of five smaller launches that fit, the fastest on an H200 (a 99-prompt batch with
+a shared 1,200-token prefix, with HEAD_256_DECODE_TILE: 0.105 s against 0.124-0.211; session 35)."""
+HEAD_256_FP32_PREFILL_LAUNCH = (32, 32, 4, 1)  # float32 rows of head dim 256 (1 KiB): the smallest tried
+HEAD_256_DECODE_TILE = TileConfig(32, 4, 2)
+HEAD_256_FP32_DECODE_TILE = TileConfig(32, 4, 1)
 DECODE_TILE = TileConfig(64, 4, 2)  # of the programs with one query per sequence (prefix and one-query items)
 DECODE_TILE_TMA = TileConfig(64, 4, 3)
 """The decode tile where tiles load by TMA (a 16-bit cache of 64-token blocks on Hopper): one more tile
@@ -468,6 +475,19 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def head_256(head_dim: int) -> bool:
+    """Whether tiles are padded to head dim 256 or more: the launches then take the HEAD_256 tiles."""
+    return dot_head_dim(head_dim) >= 256
+
+
+def prefill_launch_for_rows(element_size: int, head_dim: int, launch: tuple) -> tuple:
+    """The prefill launch (rows, keys per tile, warps, stages) for query rows of this width: `launch` where it fits,
+    SMALL_PREFILL_LAUNCH for `wide_rows`, the HEAD_256 launches for head dim 256."""
+    if head_256(head_dim):
+        return HEAD_256_PREFILL_LAUNCH if element_size <= 2 else HEAD_256_FP32_PREFILL_LAUNCH
+    return SMALL_PREFILL_LAUNCH if wide_rows(element_size, head_dim) else launch
+
+
 def wide_rows(element_size: int, head_dim: int) -> bool:
     """Whether a query row (element_size x head dim padded to a power of two) passes 256 bytes, as
     float32 or head dim 256 do: then the large tiles of 64+ rows would pass an H200's shared memory
@@ -484,6 +504,8 @@ def decode_tile_for(kv_dtype: torch.dtype, block_size: int, query_dtype: torch.d
     is fp8 (both measured faster); else DECODE_TILE. Not DECODE_TILE_FP8 over 64-token blocks (a tile
     across two blocks would lose its one block index per tile and the plan's alignment), nor either
     larger tile for `wide_rows` (the 64-row prefix programs' shared memory)."""
+    if head_256(head_dim):  # (DECODE_TILE's 64-row prefix programs passed the shared memory)
+        return HEAD_256_DECODE_TILE if query_dtype.itemsize <= 2 else HEAD_256_FP32_DECODE_TILE
     fits = not wide_rows(query_dtype.itemsize, head_dim)
     if kv_dtype == FP8 and fits and (block_size % DECODE_TILE_FP8.block_n == 0
                                      or block_size % DECODE_TILE.block_n != 0):
@@ -887,8 +909,8 @@ class TritonBackend:
         of a group), tiles of several queries (prefill chunks: `prefill_launch`) and one-query items
         (decodes, suffix items, their split-K pieces: 16-row programs, not 256 rows for one token).
         The default prefill tiles fill the shared memory of an H200 with 16-bit values of head dim
-        128; wider rows (float32, head dim 256) take SMALL_PREFILL_LAUNCH. staged_launch: the prefill
-        launch reads a staged copy of its blocks (`staging_plan`) with this launch; where the step's
+        128; wider rows (float32, head dim 256) take smaller ones (`prefill_launch_for_rows`). staged_launch:
+        the prefill launch reads a staged copy of its blocks (`staging_plan`) with this launch; where the step's
         prefill items reach more than `STAGE_MAX_BYTES` of blocks, it reads the cache with prefill_launch."""
         key = plan_key(group_pad)
         plan = metadata.backend_cache.get(key)
@@ -896,7 +918,7 @@ class TritonBackend:
             return plan
         prefill_launch = prefill_launch or self.prefill_launch_for(False)
         launch = staged_launch or prefill_launch
-        rows, *prefill_tile = SMALL_PREFILL_LAUNCH if wide_rows(element_size, head_dim) else launch
+        rows, *prefill_tile = prefill_launch_for_rows(element_size, head_dim, launch)
         wide, tile_q = queries_per_program(64, group_pad), queries_per_program(rows, group_pad)
         items = self.work_items(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.share_levels_cpu,
                                 tile_q, wide, num_kv_heads, metadata.block_size)

@@ -732,3 +732,26 @@ def test_seeded_noise_kernel_is_the_host_hash():
         torch.testing.assert_close(seeded_exponential_triton(torch.tensor(keys), vocab),
                                    seeded_exponential_host(np.array(keys, dtype=np.uint32), vocab),
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tiles", ["float32", "16-bit"])
+def test_head_dim_256_launches_match_reference(tiles, monkeypatch):
+    """The launches head dim 256 takes (`head_256`: 32-key tiles; 32 query rows with one stage in float32, 64 in
+    16 bits, run here over float32 values: the interpreter's bf16 is not the GPU's) over prefill chunks, prefix
+    groups and decodes, against the reference."""
+    from batchllm.attention import triton_backend as tb
+
+    if tiles == "16-bit":
+        monkeypatch.setattr(tb, "HEAD_256_FP32_PREFILL_LAUNCH", tb.HEAD_256_PREFILL_LAUNCH)
+        monkeypatch.setattr(tb, "HEAD_256_FP32_DECODE_TILE", tb.HEAD_256_DECODE_TILE)
+    specs = group_decode(4, 300, 20) + [(90, 1), (0, 70), (64, 40)]
+    q, k, v, cache, md = random_case(specs, 4, 2, 256, 64, torch.float32, seed=7, device="cpu")
+    ref = TorchReferenceBackend().forward(q, k, v, cache.clone(), md, 256 ** -0.5)
+    decode_tile = tb.decode_tile_for(torch.float32, 64, torch.float32, 256)
+    out = tb.TritonBackend(decode_tile=decode_tile, min_members=1, min_shared=1).forward(q, k, v, cache, md,
+                                                                                        256 ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    [plan] = [p for key, p in md.backend_cache.items() if key[0] == "triton_items"]
+    assert plan.items.num_group_items > 0 and {launch.tile.block_n for launch in plan.launches} == {32}
+    rows = {launch.block_q * 2 for launch in plan.launches if launch.block_q > 1}  # (GQA 2: two rows per query)
+    assert rows == ({64} if tiles == "16-bit" else {64, 32}), "prefix programs: 64 rows; prefill: the launch's"
