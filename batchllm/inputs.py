@@ -94,10 +94,10 @@ class PromptProcessor:
                              "(llm.chat(..., chat_template=...)), or send a plain prompt")
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError(f"conversation {index}: messages must be a non-empty list")
-        for j, message in enumerate(conversation):  # (an assistant turn that only called tools may lack content)
-            if not isinstance(message, dict) or "role" not in message or (
-                    "content" not in message and "tool_calls" not in message):
-                raise ValueError(f"conversation {index}: message {j} must be an object with 'role' and 'content'")
+        for j, message in enumerate(conversation):  # (content may be missing: empty text, as vLLM reads it)
+            if not isinstance(message, dict) or "role" not in message:
+                raise ValueError(f"conversation {index}: message {j} must be an object with a 'role' (and its "
+                                 "'content')")
         template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
         as_parts = content_format == "openai" or (content_format == "auto" and loops_over_content(template))
         try:  # OpenAI's content parts, as the OpenAI Batch lines take them

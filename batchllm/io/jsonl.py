@@ -306,7 +306,7 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
         return error(f"duplicate custom_id {short_repr(rid)}", rid)
     seen_ids.add(rid)
     unknown = tuple(sorted(set(obj) - {"custom_id", "method", "url", "body"}))  # ignored and named, as in vLLM
-    if obj.get("method", "POST") != "POST":
+    if str(obj.get("method", "POST")).upper() != "POST":  # (vLLM does not read it: "post" is taken)
         return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)
     try:
         asked = openai_batch.body_to_request(obj.get("url"), obj.get("body"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import time
 import uuid
 from typing import Any, NamedTuple
@@ -87,6 +88,7 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     prompt_field = "messages" if chat else "prompt"
     if prompt_field not in body:
         raise BodyError(f"body lacks '{prompt_field}'")
+    body = numbers_from_text(body, chat)
     _check_fields(body, chat, prompt_field)
     overrides = {_COMMON[k]: body[k] for k in _COMMON if k in body and body[k] is not None}
     if body.get("logit_bias") is not None:
@@ -104,6 +106,31 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo)
+
+
+_INTEGER_BODY_FIELDS = ("n", "seed", "top_k", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", "max_tokens",
+                        "max_completion_tokens", "top_logprobs")
+_FLOAT_BODY_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+_INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*(\.0*)?")
+
+
+def numbers_from_text(body: dict, chat: bool) -> dict:
+    """`body` with its numeric fields written as text read as numbers ("0.7", "256", " 4 ", "4.0" for an integer), as
+    vLLM's server (pydantic, lax) reads a request; other text is left for the checks to refuse by name. A completions
+    body's `logprobs` is an integer (a chat body's, a flag, is left as given)."""
+    integers = _INTEGER_BODY_FIELDS if chat else (*_INTEGER_BODY_FIELDS, "logprobs")
+    read = {}
+    for name in (*integers, *_FLOAT_BODY_FIELDS):
+        if not isinstance(text := body.get(name), str):
+            continue
+        if name in integers and _INTEGER_TEXT.fullmatch(text.strip()):
+            read[name] = int(text.strip().split(".")[0])
+        elif name in _FLOAT_BODY_FIELDS:
+            try:
+                read[name] = float(text)
+            except ValueError:
+                pass
+    return {**body, **read} if read else body
 
 
 def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:

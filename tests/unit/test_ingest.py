@@ -449,7 +449,7 @@ def test_max_completion_tokens_wins_over_max_tokens_and_a_null_one_is_not_given(
                             ({"max_tokens": None, "max_completion_tokens": None}, None)):
         overrides = body_to_request("/v1/chat/completions", {**chat, **sizes})[3]
         assert overrides.get("max_tokens") == expected, sizes
-    for bad in (0, -1, 2.5, True, "8"):  # refused by the name the body gave (the error said max_tokens)
+    for bad in (0, -1, 2.5, True, "8.5"):  # refused by the name the body gave (the error said max_tokens)
         with pytest.raises(BodyError, match="'max_completion_tokens' must be a positive integer"):
             body_to_request("/v1/chat/completions", {**chat, "max_completion_tokens": bad})
 
@@ -468,10 +468,10 @@ def test_an_openai_line_with_a_non_string_custom_id_echoes_it_in_its_error():
 
 def test_a_prompt_error_names_its_line_once():
     """Errors from the prompt side came out as "line 1: conversation 1: message 0 ..."."""
-    data = (b'{"id": "a", "messages": [{"role": "user"}]}\n{"id": "b", "prompt_token_ids": [1, 99999999]}\n'
+    data = (b'{"id": "a", "messages": [{"content": "Hi"}]}\n{"id": "b", "prompt_token_ids": [1, 99999999]}\n'
             + json.dumps({"id": "c", "prompt": "word " * 9000}).encode() + b"\n")
     messages = sorted(e.message for e in ingest(data).errors)
-    assert messages[:2] == ["line 1: message 0 must be an object with 'role' and 'content'",
+    assert messages[:2] == ["line 1: message 0 must be an object with a 'role' (and its 'content')",
                             "line 2: token id 99999999 is outside the vocabulary [0, 49152)"]
     assert messages[2].startswith("line 3: the prompt has 9001 tokens; the context (max_model_len) is 8192")
 
@@ -599,6 +599,31 @@ def test_openai_body_values_of_the_wrong_kind_are_named():
     for bad in (2, "maybe", [True]):
         with pytest.raises(BodyError, match=re.escape("'logprobs' must be true or false, got ")):
             body_to_request("/v1/chat/completions", {**chat, "logprobs": bad})
+
+
+def test_openai_numbers_written_as_text_method_case_and_missing_content_are_read_as_vllm_reads_them():
+    """vLLM's server (pydantic, lax) reads "temperature": "0" and "max_tokens": "4" as numbers, never reads a line's
+    method, and takes a message without content (empty text): each failed its line here."""
+    from batchllm.io.openai_batch import body_to_request
+
+    completions = body_to_request("/v1/completions", {"prompt": "hi", "temperature": "0", "max_tokens": " 4 ",
+                                                      "logprobs": "2", "seed": "4_000", "top_p": "0.5", "n": "1.0"})
+    assert completions.overrides == {"temperature": 0.0, "top_p": 0.5, "seed": 4000, "n": 1, "logprobs": 2,
+                                     "max_tokens": 4}
+    chat = body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                    "max_completion_tokens": "8", "logprobs": "true"})
+    assert chat.overrides["max_tokens"] == 8 and chat.overrides["logprobs"] == 0
+    for bad in ("4.5", "four", "1e3"):
+        assert body_to_request("/v1/completions", {"prompt": "hi", "max_tokens": bad}).overrides["max_tokens"] == bad
+    lines = [{"custom_id": "a", "method": "post", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "system"}, {"role": "user", "content": "Hi"}], "max_tokens": "3"}},
+             {"custom_id": "b", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}},
+             {"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": "4.5"}}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert [v.line.request_id for v in result.valid] == ["a"] and result.valid[0].params.max_tokens == 3
+    assert sorted(e.message for e in result.errors) == [
+        "line 2: unsupported method 'GET' (only POST)",
+        "line 3: max_tokens must be a positive integer or None, got '4.5'"]
 
 
 @pytest.mark.parametrize("prompt, expected", [(["Hello"], "Hello"), ([[5, 6, 7]], [5, 6, 7]), ("Hello", "Hello"),
