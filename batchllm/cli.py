@@ -49,9 +49,9 @@ from batchllm.io.job import (
     OutputLock,
     ResultWriter,
     ResumeState,
+    claim_errors_file,
     errors_path_for,
     later_write_problem,
-    note_errors_file_created,
     prepare_output,
     recorded_option,
     refuse_output_onto_input,
@@ -537,9 +537,8 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
     try:
         started = time.perf_counter()
         phases = {"engine_build_s": started - reading.started}
-        record_errors_file = functools.partial(note_errors_file_created, args.output)  # (a resume checks it)
-        with ResultWriter(args.output) as out, \
-                ResultWriter(job.errors_path, lazy=True, on_create=record_errors_file) as errors_out:
+        claim = functools.partial(claim_errors_file, args.output)  # (locked for the job; a resume checks it)
+        with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True, on_open=claim) as errors_out:
             job.writers = (out, errors_out)
             waiting = time.perf_counter()
             valid, errors, file_format, ignored = reading.result()

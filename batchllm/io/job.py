@@ -79,7 +79,7 @@ class ResumeState:
 
 
 STATE_VERSION = 3
-"""Version 3 (session 35) records the errors file the job created (`ERRORS_FILE_ID`: absent while it made none);
+"""Version 3 (session 35) records the errors file the job began (`ERRORS_FIRST_LINE`: absent while it has none);
 version 2 (session 26) records the options and writes ids as their JSON values; a state file without
 a version (1) wrote integer ids as strings and no options, and resumes as before (unchecked options)."""
 
@@ -304,31 +304,54 @@ def _refuse_another_errors_file(output: Path, recorded: Any, errors: Path | None
                        f"{str(errors)!r}; resume with --errors-file {recorded}, or move that file there")
 
 
-def note_errors_file_created(output: Path, errors: Path) -> None:
-    """Record in the output's state file that this job created its errors file (`ResultWriter`'s `on_create`): the
-    file's device and inode, which a resume checks (`_refuse_errors_written_by_another`)."""
+ERRORS_FIRST_LINE = "errors_file_first_line"
+"""The state-file key of the errors file this job began: the SHA-256 of its first record's line. Content, not the
+file's inode: a copied or restored job is still the same job."""
+
+
+def claim_errors_file(output: Path, errors_file, first_record: bytes) -> None:
+    """`ResultWriter`'s `on_open` for the errors file of `output`'s job, before its first record of this run: hold
+    an exclusive lock on it for the job (another job writing the same --errors-file now is refused), and record in
+    the state file the hash of its first line where the job begins it; a file holding another job's records is
+    refused (`OutputWriteError`-free: a JobError), never appended to."""
+    path = Path(errors_file.name)
+    try:
+        fcntl.flock(errors_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise JobError(f"another batchllm run is writing the errors file {str(path)!r}; give each job its own "
+                       "--errors-file") from None
     state_path = state_path_for(output)
     state = json.loads(state_path.read_bytes())
-    info = errors.stat()
-    _write_state(state_path, {**state, ERRORS_FILE_ID: [info.st_dev, info.st_ino]})
+    first = _first_line_hash(path)
+    if first is None:
+        _write_state(state_path, {**state, ERRORS_FIRST_LINE: hashlib.sha256(first_record).hexdigest()})
+    elif state.get(ERRORS_FIRST_LINE) != first:
+        raise JobError(_foreign_errors_message(output, path))
 
 
-ERRORS_FILE_ID = "errors_file_id"
-"""The state-file key of the errors file this job created: [device, inode] (a rename keeps them)."""
+def _first_line_hash(path: Path) -> str | None:
+    """The SHA-256 of the file's first complete line (newline included), None where it holds none."""
+    with open(path, "rb") as f:
+        line = f.readline()
+    return hashlib.sha256(line).hexdigest() if line.endswith(b"\n") else None
+
+
+def _foreign_errors_message(output: Path, errors: Path) -> str:
+    return (f"refusing to write {str(output)!r}'s failed lines into {str(errors)!r}: it holds records this job did "
+            "not write (another job's --errors-file, or a file put there), which a resume would read as this job's "
+            "failed lines; move it away or give each job its own --errors-file")
 
 
 def _refuse_errors_written_by_another(output: Path, state: dict[str, Any], errors: Path) -> None:
-    """Raise JobError when `errors` holds records this job did not write: its state file records no errors file
-    (or another one) though the file has records: another job named the same --errors-file, or a file was put
-    there. Read as this job's, its lines would be skipped, never answered. State files written before the
-    errors file was recorded (STATE_VERSION < 3) are not checked."""
-    if state.get("version", 1) < 3 and ERRORS_FILE_ID not in state:
+    """Raise JobError when `errors` holds records this job did not write: its first line is not the one the state
+    file recorded (none: the job began no errors file). Read as this job's, another job's failed lines would be
+    skipped, never answered. State files written before the errors file was recorded (STATE_VERSION < 3) are not
+    checked."""
+    if state.get("version", 1) < 3 and ERRORS_FIRST_LINE not in state:
         return
-    info = errors.stat()
-    if state.get(ERRORS_FILE_ID) != [info.st_dev, info.st_ino]:
-        raise JobError(f"refusing to resume into {str(output)!r}: its errors file {str(errors)!r} holds records this "
-                       "job did not write (another job's --errors-file, or a file put there), which would be read as "
-                       "this job's failed lines; move it away or give each job its own --errors-file")
+    first = _first_line_hash(errors)
+    if first is not None and state.get(ERRORS_FIRST_LINE) != first:
+        raise JobError(_foreign_errors_message(output, errors))
 
 
 def _read_state(state_path: Path, output: Path) -> dict[str, Any]:
@@ -448,10 +471,11 @@ class ResultWriter:
     Any failure to write or sync is raised as `OutputWriteError`, once."""
 
     def __init__(self, output: Path, sync_every: int = 256, sync_seconds: float = 1.0, lazy: bool = False,
-                 on_create: Callable[[Path], None] | None = None) -> None:
+                 on_open: Callable[[Any, bytes], None] | None = None) -> None:
         self.path = output
-        self._on_create = on_create
-        """Called with the path once a lazy writer has opened its file, before the first record is written."""
+        self._on_open = on_open
+        """Called with the open file and the first record's bytes once a lazy writer has opened its file, before
+        that record is written; what it raises is raised by `write`, and the file stays closed."""
         self._file = None
         self.sync_every = sync_every
         self.sync_seconds = sync_seconds
@@ -472,8 +496,13 @@ class ResultWriter:
             self._check()
             if self._file is None:
                 self._open_locked()
-                if self._on_create is not None:
-                    self._guarded(self._on_create, self.path)
+                if self._on_open is not None:
+                    try:
+                        self._on_open(self._file, data)
+                    except BaseException:
+                        self._file.close()
+                        self._file = None
+                        raise
             self._guarded(self._file.write, data)
             self.num_written += 1
             self._unsynced += 1

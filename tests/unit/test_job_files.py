@@ -3,8 +3,10 @@ writer's time bound, and exit statuses (issue 21)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,9 +17,9 @@ from batchllm import cli
 from batchllm.io.job import (
     JobError,
     ResultWriter,
+    claim_errors_file,
     encode_record,
     input_fingerprint,
-    note_errors_file_created,
     prepare_output,
     state_path_for,
 )
@@ -26,6 +28,19 @@ from batchllm.io.job import (
 def run(capsys, *args):
     code = cli.main(["run", *map(str, args), "--no-progress"])
     return code, capsys.readouterr().err
+
+
+def write_as_the_job(out: Path, errors: Path, text: str) -> None:
+    """Write `text` into `out`'s errors file as the job's writer does (it claims the file first)."""
+    writer = ResultWriter(errors, lazy=True, on_open=functools.partial(claim_errors_file, out))
+    try:
+        lines = text.splitlines(keepends=True)
+        writer.write(json.loads(lines[0]))
+        writer.close()
+        with open(errors, "a") as f:
+            f.write("".join(lines[1:]))
+    finally:
+        writer.close()
 
 
 def test_output_onto_the_input_is_refused_even_with_overwrite(tmp_path, capsys):
@@ -310,8 +325,7 @@ def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
     out.write_text(json.dumps({"id": "batch_req_1", "custom_id": "c0", "response": {}, "error": None}) + "\n")
     complete = json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
                            "error": {"code": "invalid_request", "message": "line 2: duplicate custom_id 'c0'"}}) + "\n"
-    errors.write_text(complete + '{"id": "batch_req_3", "custom_id": "c2", "resp')
-    note_errors_file_created(out, errors)  # (as the job's lazy writer records it)
+    write_as_the_job(out, errors, complete + '{"id": "batch_req_3", "custom_id": "c2", "resp')
     state = prepare_output(out, src, overwrite=False, errors=errors)
     assert state.done_ids == {"c0"} and state.done_error_lines == {2} and state.num_records == 2
     assert state.repaired_bytes > 0 and errors.read_text() == complete, "the torn errors line is cut"
@@ -358,15 +372,45 @@ def test_an_errors_file_another_job_wrote_into_is_not_read_as_this_jobs(tmp_path
     code, err = run(capsys, job_a, "-o", tmp_path / "A.jsonl", *options)
     assert code == 2 and "holds records this job did not write" in err, err
     assert len((tmp_path / "A.jsonl").read_text().splitlines()) == 1, "nothing was skipped or written"
-    # its own errors file: recorded when created, resumed as its own (also after a rename, which keeps the file)
+    # its own errors file, by its first line: resumed as its own, also copied elsewhere with its output (a backup
+    # restored, another filesystem: another inode)
     code, err = run(capsys, job_b, "-o", tmp_path / "B.jsonl", *options)
     assert code == 1 and "already complete" in err, err
-    moved = tmp_path / "moved.errors.jsonl"
-    shared.rename(moved)
-    code, err = run(capsys, job_b, "-o", tmp_path / "B.jsonl", "--model", model, "--errors-file", moved)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("B.jsonl", "B.jsonl.batchllm-state"):
+        shutil.copy(tmp_path / name, copy / name)
+    shutil.copy(shared, copy / "errors.jsonl")
+    shared.unlink()  # (restored elsewhere: the recorded path holds nothing)
+    code, err = run(capsys, job_b, "-o", copy / "B.jsonl", "--model", model, "--errors-file", copy / "errors.jsonl")
     assert code == 1 and "already complete" in err, err
-    state = json.loads(state_path_for(tmp_path / "B.jsonl").read_text())
-    assert state["errors_file_id"] == [moved.stat().st_dev, moved.stat().st_ino]
+
+
+def test_two_jobs_never_write_one_errors_file_at_once(tmp_path):
+    """Two jobs that began before either failed both wrote the shared errors file, each resume reading the other's
+    failed lines as its own. The job claims its errors file when it opens it: a lock for the job, and a file
+    that holds records it did not begin is refused."""
+    src, errors = tmp_path / "in.jsonl", tmp_path / "shared.errors.jsonl"
+    src.write_text(json.dumps({"custom_id": "c0", "body": {}}) + "\n")
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for out in outs:
+        prepare_output(out, src, overwrite=False, errors=errors)
+    record = {"id": "batch_req_1", "custom_id": "c0", "response": None, "error": {"code": "x", "message": "line 1"}}
+    first = ResultWriter(errors, lazy=True, on_open=functools.partial(claim_errors_file, outs[0]))
+    second = ResultWriter(errors, lazy=True, on_open=functools.partial(claim_errors_file, outs[1]))
+    try:
+        first.write(record)
+        with pytest.raises(JobError, match="another batchllm run is writing the errors file"):
+            second.write(record)
+        first.close()
+        with pytest.raises(JobError, match="holds records this job did not write"):
+            second.write(record)
+    finally:
+        first.close()
+        second.close()
+    assert len(errors.read_text().splitlines()) == 1
+    with pytest.raises(JobError, match="holds records this job did not write"):
+        prepare_output(outs[1], src, overwrite=False, errors=errors)
 
 
 def test_the_errors_file_may_not_be_the_jobs_state_file(tmp_path):
@@ -753,9 +797,8 @@ def test_resuming_with_another_errors_file_is_refused_while_the_first_holds_fail
     prepare_output(out, src, overwrite=False, errors=first, options={})
     out.write_text(json.dumps({"id": "batch_req_1", "custom_id": "c0", "response": {}, "error": None}) + "\n")
     assert prepare_output(out, src, overwrite=False, errors=second, options={}).done_ids == {"c0"}, "none failed"
-    first.write_text(json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
-                                 "error": {"code": "invalid_request", "message": "line 2: bad"}}) + "\n")
-    note_errors_file_created(out, first)  # (as the job's lazy writer records it)
+    write_as_the_job(out, first, json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
+                                             "error": {"code": "invalid_request", "message": "line 2: bad"}}) + "\n")
     with pytest.raises(JobError, match=r"its failed lines are in '.*first\.errors\.jsonl'.*--errors-file"):
         prepare_output(out, src, overwrite=False, errors=second, options={})
     assert prepare_output(out, src, overwrite=False, errors=first, options={}).done_error_lines == {2}
