@@ -143,18 +143,34 @@ def same_file(a: Path, b: Path) -> bool:
 
 def refuse_output_onto_input(output: Path, input_path: Path) -> None:
     """Raise JobError when the output names the input file (any path to it), even with --overwrite, or is
-    "-" or under /dev or /proc (standard output and the like, which a job cannot resume from).
+    "-" or a process's file descriptor (/dev/stdout and the like, which a job cannot resume from).
     The CLI calls it before `OutputLock`, which opens the output for append: with a read-only input
     that open would fail first with a message that does not say what is wrong."""
     if str(output) == "-":  # (a file named "-" in the working directory is not what a user means)
         raise JobError("results cannot go to standard output (-o -): a job resumes from its output file; "
                        "give -o a path")
-    if output.absolute().parts[1:2] in (("dev",), ("proc",)):  # /dev/stdout redirected to a file is a regular file
+    if _is_a_standard_stream(output):  # (/dev/stdout redirected to a file is a regular file)
         raise JobError(f"results cannot go to {str(output)!r}: a job resumes from its output file, with a state file "
                        "beside it; give -o the path of a file")
     if same_file(output, input_path):
         raise JobError(f"refusing to write the output onto the input file {str(input_path)!r} "
                        "(even with --overwrite: it would destroy the input); choose another -o")
+
+
+_STANDARD_STREAM = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")
+
+
+def _is_a_standard_stream(path: Path) -> bool:
+    """Whether `path`, or the link it is, names a process's file descriptor (/dev/stdout, /dev/fd/1,
+    /proc/self/fd/1); other files under /dev (/dev/shm's) are files."""
+    named = os.path.abspath(path)
+    if _STANDARD_STREAM.fullmatch(named):
+        return True
+    try:
+        target = os.readlink(named)
+    except OSError:
+        return False
+    return bool(_STANDARD_STREAM.fullmatch(os.path.normpath(os.path.join(os.path.dirname(named), target))))
 
 
 def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None,

@@ -103,7 +103,15 @@ class DataParallelEngine:
 
     def wait_ready(self, timeout_s: float = 1800.0) -> None:
         """Return once every worker has built its engine; a worker that fails to start (or none
-        ready within `timeout_s`) stops them all and raises WorkerDied naming it and the cause."""
+        ready within `timeout_s`) stops them all and raises WorkerDied naming it and the cause. An interrupt
+        while they build stops them too (they leave Ctrl-C to this process: `_worker_main`)."""
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
         waiting = set(range(self.size)) - set(self.start_times)
         deadline = time.monotonic() + timeout_s
         while waiting:

@@ -132,3 +132,20 @@ def test_cli_resumes_after_the_parent_is_killed(tmp_path, default_model_dir, def
     expected = default_llm.chat(_chats(), SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert {r["id"]: r["token_ids"] for r in records} == {f"q{i}": o.outputs[0].token_ids
                                                           for i, o in enumerate(expected)}
+
+
+def test_an_interrupt_while_the_workers_build_stops_them():
+    """Workers leave Ctrl-C to the parent: an interrupt while they built their engines left them running, each
+    holding an engine, where the caller kept the exception (a notebook)."""
+    from batchllm.parallel.data_parallel import DataParallelEngine
+
+    engine = DataParallelEngine.__new__(DataParallelEngine)  # (no processes: the protocol around them)
+    stopped = []
+
+    def interrupted(timeout_s):
+        raise KeyboardInterrupt
+
+    engine._wait_ready, engine.shutdown = interrupted, lambda: stopped.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        engine.wait_ready()
+    assert stopped == [True]

@@ -69,9 +69,13 @@ def test_output_to_standard_output_is_refused(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "-").exists()
     # /dev/stdout redirected to a file is a regular file: it was "refusing to resume ... remove it", and with
     # --overwrite the job wrote /dev/stdout.batchllm-state
-    for output in ("/dev/stdout", "/proc/self/fd/1"):
+    (tmp_path / "out-link").symlink_to("/dev/stdout")
+    for output in ("/dev/stdout", "/proc/self/fd/1", "/tmp/../dev/fd/1", str(tmp_path / "out-link")):
         code, err = run(capsys, src, "-o", output, "--overwrite")
         assert code == 2 and f"results cannot go to '{output}'" in err, err
+    from batchllm.io.job import refuse_output_onto_input
+
+    refuse_output_onto_input(Path("/dev/shm/results.jsonl"), src)  # a tmpfs place is a file like any other
     pytest.importorskip("ray")
     code, err = run(capsys, src, "-o", "-", "--ray")  # (a directory named "-" was made)
     assert code == 2 and "results cannot go to standard output (-o -)" in err, err
