@@ -64,7 +64,9 @@ def _yarn_inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> tor
 
 def attention_factor(scaling: dict | None) -> float:
     """What the cos/sin tables are multiplied by: yarn's attention_factor (given, or 0.1 ln(factor) + 1, with
-    mscale / mscale_all_dim where both are given), 1.0 for the other types."""
+    mscale / mscale_all_dim where both are given), 1.0 for the other types. As transformers computes it, the
+    correctness oracle; vLLM 0.26 agrees where neither attention_factor nor mscale is given (Qwen2.5's yarn
+    configs), and otherwise reads its own attn_factor instead."""
     if rope_type_of(scaling) != "yarn":
         return 1.0
     if scaling.get("attention_factor") is not None:

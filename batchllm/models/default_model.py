@@ -67,12 +67,25 @@ def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     if (target / _DONE_MARKER).is_file():
         return target
     try:
-        return _convert_once(resolved, target, resolved.stem, "the GGUF model")
+        converted = _convert_once(resolved, target, resolved.stem, "the GGUF model")
+        _remove_older_conversions(target)
+        return converted
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' reasons are many (architecture, tensor types, format)
         raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r} (transformers + gguf read it and "
                              f"write a model directory): {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _remove_older_conversions(target: Path) -> None:
+    """Remove the conversions of the same file (its path, in their markers) from before it changed: a 7B model's
+    float32 copy is 28 GB. A job still running on one keeps reading its open files."""
+    marker = target / _DONE_MARKER
+    source = marker.read_text().strip() if marker.is_file() else None
+    for sibling in target.parent.glob(f"{target.name.rsplit('-', 1)[0]}-*"):
+        if sibling != target and (sibling / _DONE_MARKER).is_file() and \
+                (sibling / _DONE_MARKER).read_text().strip() == source:
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _convert_once(gguf_path: Path, target: Path, name: str, what: str) -> Path:
@@ -86,7 +99,7 @@ def _convert_once(gguf_path: Path, target: Path, name: str, what: str) -> Path:
     tmp.chmod(0o755)
     try:
         _convert(gguf_path, tmp, name)
-        (tmp / _DONE_MARKER).write_text(gguf_path.name + "\n")
+        (tmp / _DONE_MARKER).write_text(str(gguf_path) + "\n")  # (the file converted: `_remove_older_conversions`)
         files_as_the_umask_says(tmp)
         try:
             os.rename(tmp, target)
@@ -115,9 +128,9 @@ def _convert(gguf_path: Path, out_dir: Path, name: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    src, file_name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file_name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=file_name, dtype=torch.float32)
     # transformers will not save_pretrained a GGUF-loaded model; the weights are plain float32 now,
     # so write them directly (one copy of tied embeddings) with a config stripped of the GGUF marker.
     tied = bool(model.config.tie_word_embeddings)

@@ -115,6 +115,24 @@ def _read_config(model_dir: Path) -> tuple[Path, dict]:
     return config_path, cfg
 
 
+def _checked_rope_scaling(scaling: dict | None, cfg: dict, config_path: Path) -> dict | None:
+    """The rope scaling the rotary embedding computes: a type it does not is a ModelLoadError (before anything is
+    written or loaded); a yarn one gets its original context and factor as transformers resolves them (a top-level
+    original_max_position_embeddings first, then the scaling's, then max_position_embeddings; a null factor: the
+    context over the original)."""
+    if (rope_type := rope_type_of(scaling)) not in ROPE_TYPES:
+        raise ModelLoadError(f"{config_path}: rope_scaling type {rope_type!r} is not supported "
+                             f"({', '.join(ROPE_TYPES)})")
+    if rope_type != "yarn":
+        return scaling
+    context = int(cfg.get("max_position_embeddings", 2048))
+    original = int(cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                   or context)
+    factor = scaling.get("factor")
+    return {**scaling, "original_max_position_embeddings": original,
+            "factor": float(factor) if factor is not None else context / original}
+
+
 def read_model_spec(model_dir: Path) -> ModelSpec:
     """The ModelSpec of a Hugging Face model directory from its config.json alone (no weights read);
     an unsupported architecture, activation or quantization_config, or a missing or malformed
@@ -142,12 +160,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
         rope_scaling = cfg.get("rope_scaling") or (
             rope_params if rope_params.get("rope_type", "default") != "default" else None
         )
-        if (rope_type := rope_type_of(rope_scaling)) not in ROPE_TYPES:  # (before anything is written or loaded)
-            raise ModelLoadError(f"{config_path}: rope_scaling type {rope_type!r} is not supported "
-                                 f"({', '.join(ROPE_TYPES)})")
-        if rope_type == "yarn":  # (transformers' default; vLLM reads it from here)
-            rope_scaling = {"original_max_position_embeddings": int(cfg.get("max_position_embeddings", 2048)),
-                            **rope_scaling}
+        rope_scaling = _checked_rope_scaling(rope_scaling, cfg, config_path)
         if cfg.get("head_dim") is None and hidden % num_heads:
             raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
                                  f"{num_heads}, and no head_dim is given")

@@ -4,6 +4,7 @@ gives, and the messages of a directory that lacks something, before a job writes
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -95,16 +96,19 @@ def test_a_linear_rope_factor_extends_the_context_as_vllm_derives_it(tmp_path, d
         LLM(str(model), device="cpu", max_model_len=129)
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-                                     {"type": "yarn", "factor": 2.0, "beta_fast": 16, "attention_factor": 0.8}])
-def test_yarn_rope_matches_hf_and_extends_the_context_as_vllm_derives_it(tmp_path, default_model_dir, scaling):
+@pytest.mark.parametrize("scaling, top_level, context", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, {}, 128),
+    ({"type": "yarn", "factor": 2.0, "beta_fast": 16, "attention_factor": 0.8}, {}, 128),
+    ({"rope_type": "yarn", "factor": None}, {"original_max_position_embeddings": 32}, 64)])
+def test_yarn_rope_matches_hf_and_extends_the_context_as_vllm_derives_it(tmp_path, default_model_dir, scaling,
+                                                                         top_level, context):
     """Qwen2.5's model cards add a yarn rope_scaling for long contexts; it was refused once the engine was built,
-    after `run` had written its output's state file."""
+    after `run` had written its output's state file. The original context and a null factor are resolved as
+    transformers resolves them (a top-level original_max_position_embeddings first; null: context / original)."""
     model = make_tiny_model("qwen2", tmp_path / "m", tokenizer_dir=default_model_dir, max_position_embeddings=64,
-                            rope_scaling=scaling)
-    original = scaling.get("original_max_position_embeddings", 64)
-    assert LLM(str(model), device="cpu").max_model_len == int(original * scaling["factor"])
-    prompt = [[1] + [(97 * i) % 40000 + 10 for i in range(79)]]  # 80 tokens, past the original context
+                            rope_scaling=scaling, **top_level)
+    assert LLM(str(model), device="cpu").max_model_len == context
+    prompt = [[1] + [(97 * i) % 40000 + 10 for i in range(context - 19)]]  # past the original context
     assert _greedy(model, prompt, 8) == hf_greedy(model, prompt, 8, stop_at_eos=False)
 
 
@@ -250,6 +254,12 @@ def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypat
             assert llm.model_config.model == str(gguf)
         finally:
             llm.shutdown()
+    [converted] = (tmp_path / "cache" / "gguf").iterdir()
+    assert json.loads((converted / "config.json").read_text())["_name_or_path"] == "Mine.Q4_1"
+    stat = gguf.stat()
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: converted again, and the
+    LLM(str(gguf), device="cpu", dtype="float32", max_model_len=256).shutdown()  # older copy removed
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] != [converted.name]
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(b"GGUF" + bytes(100))
