@@ -288,8 +288,10 @@ def local_model_dir(model: str | Path | None, what: str = "model") -> Path:
     if model is None:
         return default_model_dir()
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return gguf_model_dir(path)  # converted once into the cache, as the default model is
+    if path.suffix.lower() == ".gguf":  # converted once into the cache, as the default model is
+        if not path.is_file():
+            raise ModelLoadError(f"{what} {str(model)!r} names a GGUF file, and there is no such file")
+        return gguf_model_dir(path)
     if path.exists() or not _REPO_ID.match(str(model)):
         return path
     from huggingface_hub import snapshot_download  # a transformers dependency

@@ -150,10 +150,24 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """vLLM 0.26's: level 0 pauses scheduling, which its scripts do around `enqueue` so that everything is queued
+        before anything runs: here nothing runs before `wait_for_completion` anyway, so level 0 does nothing.
+        Levels 1 and 2 (freeing the weights and the KV cache) are not offered: `shutdown()` frees them."""
+        if level != 0:
+            raise ValueError(f"LLM.sleep(level={level!r}) is not offered: shutdown() frees the device memory (weights, "
+                             "KV cache, CUDA graphs); build a new LLM to go on. level 0 (a pause before "
+                             "wait_for_completion) is taken")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """vLLM 0.26's: the end of `sleep(level=0)`'s pause (nothing to do here)."""
+
     def apply_model(self, func: Callable[[Any], Any]) -> list[Any]:
         """vLLM's: [func(model)], the engine's torch module (`models.decoder.DecoderForCausalLM`: its own layer
         names, not transformers'). Only where the model lives in this process: not with data or tensor
         parallelism, whose workers hold it (or shards of it)."""
+        if self._shut_down:
+            raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to reach its model")
         if self.engine is None or self.config.parallel.tensor_parallel_size > 1:
             raise ValueError("apply_model needs the model in this process: with data_parallel_size, engines_per_gpu "
                              "or tensor_parallel_size above 1 it lives in worker processes")
@@ -204,11 +218,8 @@ class LLM:
         (which it overrides) does (`_truncation_asked`). lora_request, priority: vLLM's, taken only where they ask
         for nothing (`_refuse_unsupported`); so is mm_processor_kwargs (None or {}: the prompts are text).
         """
-        asks_priority = priority is not None and any(int(p) != 0 for p in priority)
-        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
-                            mm_processor_kwargs=mm_processor_kwargs or None)
-        truncate = _truncation_asked(tokenization_kwargs)
-        tokenized, params = self._validate(prompts, sampling_params, truncate)
+        tokenized, params = self._validate_call(prompts, sampling_params, lora_request, priority, tokenization_kwargs,
+                                                mm_processor_kwargs)
         results: list[RequestOutput | None] = [None] * len(tokenized)
         for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
             results[index] = output
@@ -228,6 +239,15 @@ class LLM:
         items = _as_prompt_list(prompts)
         tokenized = [self.tokenize_prompt(prompt, index) for index, prompt in enumerate(items)]
         return run_beam_search(self, [[int(t) for t in prompt.token_ids] for prompt in tokenized], params)
+
+    def _validate_call(self, prompts: Any, sampling_params, lora_request, priority, tokenization_kwargs,
+                       mm_processor_kwargs) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
+        """`generate`'s and `enqueue`'s arguments checked (vLLM's that ask for what is not supported refused by name:
+        `_refuse_unsupported`) and their prompts validated (`_validate`, truncated as tokenization_kwargs asks)."""
+        asks_priority = priority is not None and any(int(p) != 0 for p in priority)
+        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
+                            mm_processor_kwargs=mm_processor_kwargs or None)
+        return self._validate(prompts, sampling_params, _truncation_asked(tokenization_kwargs))
 
     def _validate(self, prompts: Any, sampling_params,
                   truncate: int | None = None) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
@@ -274,12 +294,10 @@ class LLM:
         queues none of them) to run at the next `wait_for_completion`, which plans everything queued as one
         batch. Returns their request ids, numbered as `generate`'s outputs are. use_tqdm: vLLM's, no bar here
         (nothing runs)."""
-        asks_priority = priority is not None and any(int(p) != 0 for p in priority)
-        _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
-                            mm_processor_kwargs=mm_processor_kwargs or None)
         if self._shut_down:
             raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
-        tokenized, params = self._validate(prompts, sampling_params, _truncation_asked(tokenization_kwargs))
+        tokenized, params = self._validate_call(prompts, sampling_params, lora_request, priority, tokenization_kwargs,
+                                                mm_processor_kwargs)
         ids = [str(next(self._output_counter)) for _ in tokenized]
         self._queued.extend(zip(ids, tokenized, params))
         return ids
@@ -305,6 +323,8 @@ class LLM:
         outputs' type (they are RequestOutputs)."""
         if output_type is not None and not issubclass(RequestOutput, output_type):
             raise TypeError(f"the outputs are RequestOutputs, not {output_type!r} (pooling tasks are not supported)")
+        if self._shut_down:
+            raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
         queued, self._queued = self._queued, []
         if not queued:
             return []
@@ -691,13 +711,12 @@ _METHODS_NOT_OFFERED = {
     "start_profile": "profile with `batchllm bench --profile-out` (torch's profiler over the engine's steps)",
     "stop_profile": "profile with `batchllm bench --profile-out` (torch's profiler over the engine's steps)",
     "get_metrics": "each call's statistics are in llm.last_stats (tokens, steps, prefix sharing, KV cache)",
-    "sleep": "shutdown() frees the device memory (weights, KV cache, CUDA graphs); build a new LLM to go on",
-    "wake_up": "shutdown() frees the device memory (weights, KV cache, CUDA graphs); build a new LLM to go on",
     "collective_rpc": "apply_model(func) runs a function on the model where it lives in this process",
     "set_tokenizer": "give the tokenizer when building: LLM(model, tokenizer=directory)",
     "reset_mm_cache": "prompts are text or token ids only",
-    "init_weight_transfer_engine": "weights are loaded from the model directory when the LLM is built",
-    "update_weights": "weights are loaded from the model directory when the LLM is built",
+    **{name: "weights are loaded from the model directory when the LLM is built"
+       for name in ("init_weight_transfer_engine", "start_weight_update", "start_draft_weight_update",
+                    "update_weights", "finish_weight_update")},
 }
 """vLLM 0.26 `LLM` methods with no counterpart here, and what to do instead (`LLM.__getattr__`)."""
 

@@ -1,6 +1,6 @@
 """What vLLM scripts read from a built `LLM` besides generating: `llm.model_config` (the model the engine
 runs: its context, dtype, shapes, sampling defaults) and `llm.llm_engine` (its tokenizer, model config and
-the other configs, vLLM's `LLMEngine`). Views, made once per LLM from what it resolved while building:
+unfinished-request count, of vLLM's `LLMEngine`). Views, made once per LLM from what it resolved while building:
 read-only (the engine is built from its EngineConfig; nothing here changes it)."""
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ class RunningModelConfig:
         return max(1, self.spec.num_kv_heads // self._tp_size(parallel_config))
 
     def get_num_attention_heads(self, parallel_config: Any = None) -> int:
-        """One tensor-parallel rank's query heads (`get_num_kv_heads` on `parallel_config`)."""
-        return max(1, self.spec.num_heads // self._tp_size(parallel_config))
+        """One tensor-parallel rank's query heads (`get_num_kv_heads` on `parallel_config`), as vLLM floors them."""
+        return self.spec.num_heads // self._tp_size(parallel_config)
 
     def _tp_size(self, parallel_config: Any) -> int:
         if parallel_config is None:
@@ -149,10 +149,12 @@ class LLMEngine:
         return self.model_config
 
     def get_num_unfinished_requests(self) -> int:
-        """Requests of a `generate` call still running (one per completion of n > 1; a generator
-        stopped part-way leaves none)."""
+        """Prompts queued by `enqueue` for the next `wait_for_completion`, and requests of a call still running in
+        this process (one per completion of n > 1; a generator stopped part-way leaves none; with data parallelism
+        the workers hold them, uncounted)."""
         engine = self._llm.engine
-        return 0 if engine is None else engine.core.scheduler.num_unfinished_requests()
+        running = 0 if engine is None else engine.core.scheduler.num_unfinished_requests()
+        return len(self._llm._queued) + running
 
     def has_unfinished_requests(self) -> bool:
         return self.get_num_unfinished_requests() > 0

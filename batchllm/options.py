@@ -87,10 +87,11 @@ VLLM_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", 
 the hint for such a flag)."""
 
 
-def add_no_effect_arguments(group) -> None:
-    """`VLLM_NO_EFFECT`'s flags, each stored under its keyword's name (`engine_kwargs_from_args` skips them)."""
+def add_no_effect_arguments(group, run_batch: bool = True) -> None:
+    """`VLLM_NO_EFFECT`'s flags, each stored under its keyword's name (`engine_kwargs_from_args` skips them);
+    without `run_batch`, only those of `LLM` keywords (`LLM(**vars(args))` takes them)."""
     for name, option in VLLM_NO_EFFECT.items():
-        if option.keyword_only:
+        if option.keyword_only or (option.run_batch_only and not run_batch):
             continue
         flags = ["--" + n.replace("_", "-") for n in (name, *option.flag_aliases)]
         help_text = f"accepted for vLLM's command lines; no effect: {option.why}"
@@ -160,6 +161,8 @@ def engine_config(**kwargs: Any) -> EngineConfig:
     declared defaults. vLLM aliases (`VLLM_ALIASES`) are accepted, and `VLLM_NO_EFFECT` dropped; an unknown
     keyword is a TypeError that names it and the options closest to it. Paths are passed as strings."""
     options = engine_options()
+    # vLLM's names given None ask for nothing (EngineArgs' fields, unset, beside the options they mean)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or (k not in VLLM_ALIASES and k not in VLLM_CONVERTED)}
     for alias, name in VLLM_ALIASES.items():
         if alias in kwargs and name in kwargs:
             raise TypeError(f"{alias!r} and {name!r} are the same option; give one of them")

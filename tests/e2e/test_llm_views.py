@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from batchllm import SamplingParams
+from batchllm import RequestOutput, SamplingParams
 
 
 def test_the_model_config_is_the_models_and_the_engines(default_llm, default_model_dir):
@@ -91,7 +91,9 @@ def test_enqueued_prompts_run_as_one_batch_in_request_id_order(default_llm):
     assert len(set(ids)) == 4 and [int(i) for i in ids] == sorted(int(i) for i in ids)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         default_llm.enqueue(["fine", ""], greedy)  # a bad prompt queues none of its call's prompts
+    assert default_llm.llm_engine.get_num_unfinished_requests() == 4, "queued, as vLLM's engine holds them"
     outputs = default_llm.wait_for_completion(use_tqdm=False)
+    assert not default_llm.llm_engine.has_unfinished_requests()
     assert [o.request_id for o in outputs] == ids
     assert [o.outputs[0].token_ids for o in outputs] == \
         [e.outputs[0].token_ids for e in expected[:2]] + [plain.outputs[0].token_ids, expected[2].outputs[0].token_ids]
@@ -109,7 +111,7 @@ def test_apply_model_runs_on_the_engines_module_and_missing_methods_say_what_to_
     counts = default_llm.apply_model(lambda model: sum(p.numel() for p in model.parameters()))
     assert len(counts) == 1 and counts[0] > hf.vocab_size * hf.hidden_size
     for name, instead in (("start_profile", "bench --profile-out"), ("get_metrics", "last_stats"),
-                          ("sleep", "shutdown"), ("collective_rpc", "apply_model")):
+                          ("collective_rpc", "apply_model")):
         with pytest.raises(AttributeError, match=f"LLM.{name} is not offered: .*{instead}"):
             getattr(default_llm, name)()
         assert not hasattr(default_llm, name)
@@ -148,3 +150,32 @@ def test_engine_args_as_vllms_examples_use_them(tiny_model_factory):
             llm.shutdown()
     with pytest.raises(TypeError, match="engine option 'max_model_len' must be an integer"):
         EngineArgs(max_model_len="4k")
+    vllms = EngineArgs(enable_prefix_caching=False, kv_cache_memory_bytes=3 << 29)  # vLLM's names, as its examples
+    assert (vllms.prefix_sharing, vllms.kv_cache_memory_gib, vllms.enable_prefix_caching) == (False, 1.5, None)
+    assert engine_config(**dataclasses.asdict(vllms)).cache.kv_cache_memory_gib == 1.5
+    # vLLM's fields without effect here are taken, and read (vLLM's throughput script reads enable_lora)
+    quiet = EngineArgs(disable_log_stats=True, swap_space=4, enable_lora=False, served_model_name="m")
+    assert quiet.enable_lora is False and engine_config(**dataclasses.asdict(quiet)) == engine_config()
+    assert vars(EngineArgs.add_cli_args(argparse.ArgumentParser()).parse_args(["--swap-space", "4"]))["swap_space"] == 4
+    with pytest.raises(TypeError, match="max_loras=2 is not supported: LoRA"):
+        EngineArgs(max_loras=2)
+
+
+def test_vllms_pause_around_enqueue_is_taken_and_a_shut_down_llm_says_so(tiny_model_factory):
+    """vLLM 0.26's scripts pause scheduling around enqueue (sleep(level=0) ... wake_up(tags=["scheduling"])): sleep
+    was refused. After shutdown, wait_for_completion returned [] (dropping what was queued) and apply_model blamed
+    data parallelism."""
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", skip_tokenizer_init=True)
+    llm.sleep(level=0, mode="abort")
+    ids = llm.enqueue({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2, ignore_eos=True))
+    llm.wake_up(tags=["scheduling"])
+    assert [o.request_id for o in llm.wait_for_completion(output_type=RequestOutput)] == ids
+    with pytest.raises(ValueError, match=r"sleep\(level=1\) is not offered: shutdown\(\) frees"):
+        llm.sleep()
+    llm.enqueue({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2))
+    llm.shutdown()
+    for call in (llm.wait_for_completion, lambda: llm.apply_model(len)):
+        with pytest.raises(RuntimeError, match="this LLM was shut down"):
+            call()

@@ -261,6 +261,8 @@ def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypat
     LLM(str(gguf), device="cpu", dtype="float32", max_model_len=256).shutdown()  # older copy removed
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] != [converted.name]
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    with pytest.raises(ModelLoadError, match="'nope.gguf' names a GGUF file, and there is no such file"):
+        LLM("nope.gguf", device="cpu")
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(ModelLoadError, match="cannot convert the GGUF model .*damaged.gguf"):
