@@ -442,7 +442,11 @@ def read_chat_template(value: str) -> str:
     else (a mistyped path, say) is a ValueError naming it."""
     path = Path(value).expanduser() if "\n" not in value and len(value) < 4096 else None
     text = value
-    if path is not None and path.is_file():
+    try:
+        is_file = path is not None and path.is_file()
+    except OSError:  # a one-line template longer than a file name may be ("File name too long"): the text
+        is_file = False
+    if is_file:
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:

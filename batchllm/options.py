@@ -191,6 +191,8 @@ def engine_config(**kwargs: Any) -> EngineConfig:
         if option is None:
             raise TypeError(unknown_option_message(key))
         value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if option.name == "max_model_len" and (value == -1 or value == "auto"):
+            value = None  # vLLM's: the model's context
         if option.name == "dtype" and type(value).__module__ == "torch" and type(value).__name__ == "dtype":
             value = str(value).removeprefix("torch.")  # LLM(dtype=torch.bfloat16), as vLLM takes it
         if option.type is bool and option.optional and isinstance(value, str) and value in TRI_STATE:
@@ -338,7 +340,9 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
     elif option.type is bool:
         action = group.add_argument(*flags, dest=option.name, action=argparse.BooleanOptionalAction, default=default)
     else:
-        value_type = human_readable_int if option.type is int else option.type
+        value_type = option.type
+        if option.type is int:
+            value_type = human_readable_int_or_auto if option.optional else human_readable_int
         action = group.add_argument(*flags, dest=option.name, type=value_type, choices=option.choices, default=default)
     # set after: BooleanOptionalAction adds its own; a literal % in the text is escaped for argparse's % formatting
     action.help = option.help.replace("%", "%%") + " (default: %(default)s)"
@@ -395,6 +399,12 @@ def human_readable_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: a binary suffix ({suffix}) takes a whole number; "
                                          f"{number}{suffix.lower()} is decimal")
     return int(number) * 1024 ** ("KMGT".index(suffix) + 1)
+
+
+def human_readable_int_or_auto(text: str) -> int | None:
+    """`human_readable_int`, or None for "auto" (the option's automatic choice, its default), as vLLM's
+    --max-model-len takes it."""
+    return None if text.strip().lower() == "auto" else human_readable_int(text)
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:

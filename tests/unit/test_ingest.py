@@ -786,3 +786,12 @@ def test_token_id_lists_written_as_floats_are_read_as_integers_and_an_old_backen
     with pytest.raises(BodyError, match="guided_decoding_backend is vLLM's before 0.11: remove it"):
         body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                  "guided_decoding_backend": "xgrammar"})
+
+
+def test_a_one_line_chat_template_longer_than_a_file_name_is_the_template():
+    """A minified template of 260 characters on one line failed with "File name too long" (an OSError from asking
+    whether it names a file); vLLM takes it as the template."""
+    from batchllm.inputs import read_chat_template
+
+    template = "{% for m in messages %}" + "{{ m['role'] }}: {{ m['content'] }}" * 8 + "{% endfor %}" + " " * 40
+    assert len(template) > 255 and read_chat_template(template) == template

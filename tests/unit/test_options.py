@@ -513,3 +513,17 @@ def test_plan_checks_its_limits_as_run_does(tmp_path, capsys):
     assert "max_model_len must be >= 2, got 0" in capsys.readouterr().err
     assert main(["plan", str(src), "--groups", "-1"]) == 2
     assert "--groups must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_max_model_len_auto_and_minus_one_are_the_models_context_as_in_vllm():
+    """vLLM's --max-model-len takes auto (and -1): the model's context; both were refused."""
+    import argparse
+
+    from batchllm.options import add_engine_arguments, engine_config, engine_kwargs_from_args
+
+    assert engine_config(max_model_len=-1) == engine_config(max_model_len="auto") == engine_config()
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    for text in ("auto", "AUTO"):
+        assert engine_kwargs_from_args(parser.parse_args(["--max-model-len", text]))["max_model_len"] is None
+    assert engine_kwargs_from_args(parser.parse_args(["--max-model-len", "4K"]))["max_model_len"] == 4096
