@@ -142,7 +142,7 @@ class PromptProcessor:
                 ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
             except Exception as e:  # e.g. TypeError on a lone surrogate: this prompt's error, no one else's
                 raise ValueError(f"prompt {index}: the tokenizer refused it ({type(e).__name__}: {e})") from e
-            return self.validate_ids(ids, index, prompt, truncate)
+            return self.validate_ids(ids, index, prompt, truncate, self._added_bos(ids, add_special))
         if isinstance(prompt, (list, tuple, np.ndarray)):
             return self.validate_ids(prompt if isinstance(prompt, np.ndarray) else list(prompt), index, None, truncate)
         raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
@@ -179,11 +179,19 @@ class PromptProcessor:
             for pos, ids in zip(positions, encoded):
                 results[pos] = (_or_error(self.tokenize_prompt, prompts[pos], indices[pos], truncate[pos])
                                 if ids is None else
-                                _or_error(self.validate_ids, ids, indices[pos], prompts[pos], truncate[pos]))
+                                _or_error(self.validate_ids, ids, indices[pos], prompts[pos], truncate[pos],
+                                          self._added_bos(ids, add_special)))
         return results  # type: ignore[return-value]
 
-    def validate_ids(self, ids: Any, index: int, text: str | None, truncate: int | None = None) -> TokenizedPrompt:
-        """The prompt of these ids (its last `truncate` only, where given), with its array
+    def _added_bos(self, ids: list[int], add_special: bool) -> bool:
+        """Whether the tokenizer put its BOS first in `ids` (tokenized with `add_special`)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return add_special and bos is not None and bool(ids) and ids[0] == bos
+
+    def validate_ids(self, ids: Any, index: int, text: str | None, truncate: int | None = None,
+                     keep_bos: bool = False) -> TokenizedPrompt:
+        """The prompt of these ids (its last `truncate` only, where given; `keep_bos`: the tokenizer added a BOS
+        first, which a truncation keeps, as vLLM's tokenizer-side truncation does), with its array
         (`TokenizedPrompt.array`: converted once here, one vectorised range check on it, then kept); raises
         ValueError naming prompt `index` and the problem. `text` stays the prompt as given."""
         # type() not isinstance(): bools are ints to isinstance; map(type) runs at C speed on long prompts
@@ -194,7 +202,11 @@ class PromptProcessor:
         if not ids:
             raise ValueError(f"prompt {index} is empty")
         if truncate is not None:
-            ids = ids[-self.truncation_length(truncate, index):]
+            keep = self.truncation_length(truncate, index)
+            if keep_bos and keep > 1 and len(ids) > keep:  # as the tokenizer truncates: its BOS stays first
+                ids = [ids[0], *ids[len(ids) - keep + 1:]]
+            else:
+                ids = ids[-keep:]
         try:
             values = np.fromiter(ids, dtype=np.int64, count=len(ids))
             inside = values.view(np.uint64).max() < self.vocab_size  # negatives view as >= 2**63: one pass
@@ -210,8 +222,16 @@ class PromptProcessor:
             )
         return TokenizedPrompt(list(ids), text, values.astype(self._id_dtype))
 
+    def truncation_for(self, truncate: int | None, max_tokens: int | None) -> int | None:
+        """The truncate_prompt_tokens a prompt is cut to, -1 resolved as vLLM resolves it: what the context holds
+        beside the request's max_tokens (one token where it gives none); None: no truncation."""
+        if truncate != -1:
+            return truncate
+        return max(1, self.max_model_len - (max_tokens or 1))
+
     def truncation_length(self, truncate: int, index: int) -> int:
-        """The tokens a prompt keeps under truncate_prompt_tokens = `truncate` (-1: the context less one)."""
+        """The tokens a prompt keeps under truncate_prompt_tokens = `truncate` (-1: the context less one; callers
+        that know the request's max_tokens resolve it first: `truncation_for`)."""
         if truncate == -1:
             return self.max_model_len - 1
         if truncate > self.max_model_len:  # (as vLLM)

@@ -257,8 +257,9 @@ class LLM:
         items = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(items))
         with _quiet_gc():  # millions of new lists and arrays would trigger collections that walk the input
-            tokenized = [self.prompts.tokenize_prompt(p, i, sp.truncate_prompt_tokens if truncate is None else truncate)
-                         for i, (p, sp) in enumerate(zip(items, params))]
+            tokenized = [self.prompts.tokenize_prompt(p, i, self.prompts.truncation_for(
+                sp.truncate_prompt_tokens if truncate is None else truncate, sp.max_tokens))
+                for i, (p, sp) in enumerate(zip(items, params))]
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
                                self.prompts.max_logprobs)

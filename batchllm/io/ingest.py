@@ -108,7 +108,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
 
     def flush() -> None:
         results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
-                                        [params.truncate_prompt_tokens for _, params, _ in pending])
+                                        [prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
+                                         for _, params, _ in pending])
         for (line, params, _), result in zip(pending, results):
             if line.echo is None:  # (an echoing line's answer starts with its text)
                 line.prompt = None  # the tokens replace the text: never hold both for a whole file

@@ -119,7 +119,7 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
     params = SamplingParams(**fields)
     params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
-    truncate = params.truncate_prompt_tokens
+    truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
     context_len = None
     if given[0] == "messages":
         from batchllm.io.openai_batch import template_kwargs

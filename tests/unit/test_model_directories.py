@@ -270,3 +270,36 @@ def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypat
     (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
     assert cli.main(["plan", "--model", str(damaged), str(tmp_path / "in.jsonl")]) == 2
     assert "cannot convert the GGUF model" in capsys.readouterr().err
+
+
+def test_truncation_keeps_the_bos_and_minus_one_leaves_room_for_max_tokens(tmp_path, tiny_model_factory):
+    """vLLM truncates a text prompt in the tokenizer, which keeps the BOS it adds (the prompt lost it here: Llama's
+    answers degrade without it), and -1 keeps what the context holds beside the request's max_tokens (it kept the
+    context less one: OpenAI lines asking for more failed, others got one token)."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    tokenizer_json = json.loads((model / "tokenizer.json").read_text())
+    tokenizer_json["post_processor"] = {  # a BOS (id 1) before every text, as Llama's tokenizers add one
+        "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                                 {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    text = "one two three four five six seven eight nine ten " * 10
+    hf = AutoTokenizer.from_pretrained(model)
+    hf.truncation_side = "left"
+    llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=64)
+    try:
+        params = SamplingParams(max_tokens=2, truncate_prompt_tokens=4, temperature=0)
+        out = llm.generate(text, params, use_tqdm=False)[0]
+        assert out.prompt_token_ids == hf(text, truncation=True, max_length=4)["input_ids"]
+        assert out.prompt_token_ids[0] == 1 and len(out.prompt_token_ids) == 4
+        whole = SamplingParams(max_tokens=5, truncate_prompt_tokens=-1, ignore_eos=True)
+        out = llm.generate(text, whole, use_tqdm=False)[0]
+        assert (len(out.prompt_token_ids), len(out.outputs[0].token_ids)) == (59, 5)
+        assert out.prompt_token_ids[0] == 1
+    finally:
+        llm.shutdown()
