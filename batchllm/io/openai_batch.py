@@ -37,7 +37,8 @@ _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,
                  "parallel_tool_calls": (None, True, False), "tool_choice": (None, "none"),
                  "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"]),
                  # vLLM's own request fields, as its request models write them (model_dump)
-                 "use_beam_search": (False, None), "priority": (0, None), "include_reasoning": (True, None)}
+                 "use_beam_search": (False, None), "priority": (0, None), "include_reasoning": (True, None),
+                 "truncation_side": (None, "left")}
 _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None)}
 _ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None)}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;

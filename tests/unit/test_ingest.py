@@ -795,3 +795,17 @@ def test_a_one_line_chat_template_longer_than_a_file_name_is_the_template():
 
     template = "{% for m in messages %}" + "{{ m['role'] }}: {{ m['content'] }}" * 8 + "{% endfor %}" + " " * 40
     assert len(template) > 255 and read_chat_template(template) == template
+
+
+def test_truncation_side_left_is_taken_and_right_refused_in_both_formats():
+    """A plain line's truncation_side "right" was ignored as a table's column (its prompt cut from the left), and an
+    OpenAI body's, vLLM 0.26's field, failed its line even at "left", the side truncation takes."""
+    lines = [{"id": "a", "prompt": "x", "truncation_side": "left", "truncate_prompt_tokens": 1},
+             {"id": "b", "prompt": "x", "truncation_side": "right"},
+             {"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x", "truncation_side": "left"}},
+             {"custom_id": "d", "url": "/v1/completions", "body": {"prompt": "x", "truncation_side": "right"}}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert sorted(v.line.request_id for v in result.valid) == ["a", "c"]
+    messages = sorted(e.message for e in result.errors)
+    assert messages[0].startswith("line 2: truncation_side 'right' is not supported")
+    assert messages[1].startswith("line 4: body field 'truncation_side' = \"right\" is not supported")
