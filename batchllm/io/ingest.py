@@ -118,6 +118,9 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             elif must_fit_the_context(line) and (
                     problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
                 errors.append(LineError.for_line(line, problem))
+            elif line.format == OPENAI and (problem := min_tokens_past_the_context(len(result.array), params,
+                                                                                   prompts.max_model_len)):
+                errors.append(LineError.for_line(line, problem))
             else:
                 valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.array, dtype=np.int32), None),
                                        params))
@@ -162,6 +165,16 @@ def must_fit_the_context(line: BatchLine) -> bool:
     a request that does not fit; a plain line, like vLLM's `LLM.generate`, stops at the context instead
     (finish_reason "length"), and so do lines whose max_tokens is the command line's default."""
     return line.format == OPENAI and "max_tokens" in line.sampling_overrides
+
+
+def min_tokens_past_the_context(prompt_tokens: int, params: SamplingParams, max_model_len: int) -> str | None:
+    """Why an OpenAI line's min_tokens cannot be honoured where it runs to the context (no max_tokens: vLLM's server
+    takes max_tokens as what the context leaves and refuses a larger min_tokens), or None."""
+    room = max_model_len - prompt_tokens
+    if params.max_tokens is not None or params.min_tokens <= room:
+        return None
+    return (f"min_tokens must be <= max_tokens ({room}: what the context of {max_model_len} tokens leaves after the "
+            f"{prompt_tokens}-token prompt), got {params.min_tokens}")
 
 
 def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:

@@ -809,3 +809,18 @@ def test_truncation_side_left_is_taken_and_right_refused_in_both_formats():
     messages = sorted(e.message for e in result.errors)
     assert messages[0].startswith("line 2: truncation_side 'right' is not supported")
     assert messages[1].startswith("line 4: body field 'truncation_side' = \"right\" is not supported")
+
+
+def test_an_openai_lines_min_tokens_past_what_the_context_leaves_fails_it_as_vllm():
+    """A chat line without max_tokens runs to the context; a min_tokens past what it leaves was silently not honoured
+    (the answer ended at the context with fewer tokens); vLLM's server refuses it."""
+    from batchllm.io.ingest import ENDPOINT_DEFAULTS, OPENAI_MAX_TOKENS
+
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    lines = [{"custom_id": "a", "url": "/v1/chat/completions", "body": {**body, "min_tokens": 9000}},
+             {"custom_id": "b", "url": "/v1/chat/completions", "body": {**body, "min_tokens": 100}}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+                    defaults={"max_tokens": 4, OPENAI_MAX_TOKENS: ENDPOINT_DEFAULTS})
+    assert [v.line.request_id for v in result.valid] == ["b"]
+    assert re.fullmatch(r"line 1: min_tokens must be <= max_tokens \(81\d\d: what the context of 8192 tokens leaves "
+                        r"after the \d+-token prompt\), got 9000", result.errors[0].message)
