@@ -284,6 +284,11 @@ VLLM_NOT_TAKEN = {
                              ("specialize_active_lora", False), ("enable_mixed_moe_lora_format", False),
                              ("enable_moe_shared_loras", False))},
     "enable_prompt_embeds": ((False,), "prompts are text or token ids; prompt embeddings are not supported"),
+    "reasoning_parser": ((None, ""), "a reasoning model's thinking is not split from its answer (the text keeps "
+                                     "<think>...</think>); a line's chat_template_kwargs {\"enable_thinking\": "
+                                     "false} turns Qwen3's off"),
+    "default_chat_template_kwargs": ((None, {}), "give each chat line its chat_template_kwargs (e.g. "
+                                                 "{\"enable_thinking\": false})"),
     "config_format": (("auto", "hf"), "models are Hugging Face directories (config.json)"),
 }
 """vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for

@@ -450,6 +450,8 @@ def test_lora_and_prompt_embedding_settings_are_refused_as_such_and_taken_at_the
         engine_config(enable_prompt_embeds=True)
     with pytest.raises(TypeError, match="config_format='mistral' is not supported: models are Hugging Face"):
         engine_config(config_format="mistral")
+    with pytest.raises(TypeError, match="reasoning_parser='qwen3' is not supported: a reasoning model's thinking"):
+        engine_config(reasoning_parser="qwen3")  # (was a bare "unrecognized arguments" on run's command line)
     with pytest.raises(SystemExit):
         main(["run", "in.jsonl", "-o", "out.jsonl", "--max-loras", "4"])
     err = capsys.readouterr().err.split("batchllm run: error:")[-1]  # (after the usage)
