@@ -71,7 +71,7 @@ class ProcessorConfig:
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         config = engine_config(model=self.model, **self.engine_options())  # every option checked as LLM checks it
-        if self.model is not None and Path(self.model).expanduser().is_dir():
+        if self.model is not None and (Path(self.model).expanduser() / "config.json").is_file():
             # a model directory the driver can read (the replicas' nodes may hold it only) is checked here too:
             # its config.json against the context asked (a max_model_len past the model's failed every replica)
             from batchllm.inputs import read_model_source

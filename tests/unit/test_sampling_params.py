@@ -415,6 +415,9 @@ def test_a_tiny_temperature_is_raised_and_from_optional_clamps_biases_as_vllm_do
     server's builder) clamps logit_bias to [-100, 100]; both were kept as given."""
     import logging
 
+    from batchllm.sampling_params import _warn_low_temperature
+
+    _warn_low_temperature.cache_clear()  # (warned once per value and process)
     with caplog.at_level(logging.WARNING, logger="batchllm"):
         assert SamplingParams(temperature=0.00499).temperature == 0.01
     assert "raised to 0.01" in caplog.text
