@@ -224,10 +224,12 @@ class PromptProcessor:
 
     def truncation_for(self, truncate: int | None, max_tokens: int | None) -> int | None:
         """The truncate_prompt_tokens a prompt is cut to, -1 resolved as vLLM resolves it: what the context holds
-        beside the request's max_tokens (one token where it gives none); None: no truncation."""
+        beside the request's max_tokens (one token where it gives none, or one the context cannot hold beside any
+        prompt: a default such a request stops at the context under); None: no truncation."""
         if truncate != -1:
             return truncate
-        return max(1, self.max_model_len - (max_tokens or 1))
+        reserve = max_tokens if max_tokens is not None and max_tokens < self.max_model_len else 1
+        return self.max_model_len - reserve
 
     def truncation_length(self, truncate: int, index: int) -> int:
         """The tokens a prompt keeps under truncate_prompt_tokens = `truncate` (-1: the context less one; callers
