@@ -341,6 +341,8 @@ def claim_errors_file(output: Path, errors_file, first_record: bytes) -> None:
     first = _first_line_hash(path)
     if first is None:
         _write_state(state_path, {**state, ERRORS_FIRST_LINE: hashlib.sha256(first_record).hexdigest()})
+    elif ERRORS_FIRST_LINE not in state and state.get("version", 1) < 3:  # begun by a version that recorded none:
+        _write_state(state_path, {**state, ERRORS_FIRST_LINE: first})   # its records are taken as its own, as then
     elif state.get(ERRORS_FIRST_LINE) != first:
         raise JobError(_foreign_errors_message(output, path))
 

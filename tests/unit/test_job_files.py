@@ -390,6 +390,27 @@ def test_an_errors_file_another_job_wrote_into_is_not_read_as_this_jobs(tmp_path
     assert code == 1 and "already complete" in err, err
 
 
+def test_an_errors_file_begun_by_the_previous_version_stays_the_jobs(tmp_path):
+    """A state file of version 2 records no errors file: its job's failed lines, written then, are its own when it
+    resumes and fails more lines (they were refused as another job's)."""
+    src, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in range(3)))
+    prepare_output(out, src, overwrite=False, errors=errors)
+    state_path = state_path_for(out)
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "version": 2}))
+    earlier = {"id": "batch_req_1", "custom_id": "c0", "response": None,
+               "error": {"code": "x", "message": "line 1: bad"}}
+    errors.write_text(json.dumps(earlier) + "\n")
+    assert prepare_output(out, src, overwrite=False, errors=errors).done_error_lines == {1}
+    writer = ResultWriter(errors, lazy=True, on_open=functools.partial(claim_errors_file, out))
+    try:
+        writer.write({**earlier, "custom_id": "c1", "error": {"code": "x", "message": "line 2: bad"}})
+    finally:
+        writer.close()
+    assert prepare_output(out, src, overwrite=False, errors=errors).done_error_lines == {1, 2}
+
+
 def test_two_jobs_never_write_one_errors_file_at_once(tmp_path):
     """Two jobs that began before either failed both wrote the shared errors file, each resume reading the other's
     failed lines as its own. The job claims its errors file when it opens it: a lock for the job, and a file
