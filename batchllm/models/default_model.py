@@ -82,8 +82,9 @@ def _remove_older_conversions(target: Path) -> None:
     float32 copy is 28 GB. A job still running on one keeps reading its open files."""
     marker = target / _DONE_MARKER
     source = marker.read_text().strip() if marker.is_file() else None
-    for sibling in target.parent.glob(f"{target.name.rsplit('-', 1)[0]}-*"):
-        if sibling != target and (sibling / _DONE_MARKER).is_file() and \
+    stem = target.name.rsplit("-", 1)[0]
+    for sibling in target.parent.iterdir():  # (not a glob: a file's stem may hold [ or *)
+        if sibling != target and sibling.name.rsplit("-", 1)[0] == stem and (sibling / _DONE_MARKER).is_file() and \
                 (sibling / _DONE_MARKER).read_text().strip() == source:
             shutil.rmtree(sibling, ignore_errors=True)
 
