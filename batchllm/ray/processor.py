@@ -86,9 +86,10 @@ class Processor:
             return config.num_gpus_per_replica
         import ray
 
-        if config.device == "cpu" or not ray.cluster_resources().get("GPU"):
+        options = config.engine_options()  # (engine_kwargs' parallel sizes too, where vLLM's Ray configs give them)
+        if options.get("device") == "cpu" or not ray.cluster_resources().get("GPU"):
             return 0
-        return config.data_parallel_size * config.tensor_parallel_size
+        return options.get("data_parallel_size", 1) * options.get("tensor_parallel_size", 1)
 
 
 def build_processor(config: ProcessorConfig, preprocess: Callable[[dict], dict] | None = None,

@@ -13,6 +13,7 @@ before the output; the columns below are the output's. Nothing here imports ray 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -74,13 +76,14 @@ def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | Non
         index = row.get(index_column, 0) if index_column else 0
         try:
             ids, fields, key = _prepare_row(row, preprocess, prompts, defaults, config.prefix_key_tokens, index)
+            fields = json.dumps(fields, default=_as_json)  # (its structured outputs as the object they hold)
         except Exception as e:  # noqa: BLE001 - a bad row must never fail the job
             ids, fields, key, error = None, None, None, str(e) or type(e).__name__
             error = error if index_column else without_its_index(error, 0)  # ("prompt 0" named no row)
         else:
             error = None
         tokens.append(ids)
-        sampling.append(None if fields is None else json.dumps(fields))
+        sampling.append(fields)
         keys.append(key)
         buckets.append(0 if key is None else int(key[:15], 16) % num_buckets)
         errors.append(error)
@@ -88,6 +91,26 @@ def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | Non
                PREFIX_KEY: pa.array(keys, pa.string()), BUCKET: pa.array(buckets, pa.int64()),
                ERROR: pa.array(errors, pa.string())}
     return _with_columns(batch, columns)
+
+
+def _plain(value: Any) -> Any:
+    """A sampling value with numpy's values as Python's (a numpy array or number, or a list of numpy numbers:
+    `list(np.array([2, 3]))`), as a row's Arrow or pandas columns give them; anything else as it is."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, list) and any(isinstance(v, np.generic) for v in value):
+        return [v.item() if isinstance(v, np.generic) else v for v in value]
+    return value
+
+
+def _as_json(value: Any) -> Any:
+    """A row's sampling value JSON cannot hold as it is: a StructuredOutputsParams (or vLLM's GuidedDecodingParams
+    a preprocess gives) as the object of its set fields, a numpy value as the number or list it holds."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"a sampling value of type {type(value).__name__} cannot be read")
 
 
 def _with_columns(table, columns: dict):
@@ -108,8 +131,7 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     given = [k for k in PROMPT_FIELDS if request.get(k) is not None]
     if len(given) != 1:
         raise ValueError(f"a row needs exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
-    overrides = {k: v.tolist() if type(v).__module__ == "numpy" and hasattr(v, "tolist") else v  # (JSON-able)
-                 for k, v in (request.get("sampling_params") or {}).items() if v is not None}
+    overrides = {k: _plain(v) for k, v in (request.get("sampling_params") or {}).items() if v is not None}
     overrides.pop("detokenize", None)  # generated_text is always filled, as Ray's vLLM processor's own stage does
     overrides.pop("output_kind", None)  # (an enum of the Python API, no row value: every result here is final)
     fields = integers_from_json({**defaults, **overrides})
@@ -280,7 +302,13 @@ def _table_of_rows(rows: list[dict]):
     import pyarrow as pa
 
     names = list(dict.fromkeys(name for row in rows for name in row))
-    return pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows])
+    full = [{name: row.get(name) for name in names} for row in rows]
+    try:
+        return pa.Table.from_pylist(full)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed types (a postprocess's fallback values): as
+        import pandas as pd  # Ray's own map keeps them, as Python objects (the generated answers are not lost)
+
+        return pd.DataFrame(full, columns=names)
 
 
 def _attribute_prefill(token_ids: list[list[int]], config: ProcessorConfig) -> list[tuple[int, str | None, int]]:

@@ -225,3 +225,51 @@ def test_a_context_past_the_models_fails_on_the_driver_where_it_can_read_the_mod
             ProcessorConfig(model=model, **config)
     assert ProcessorConfig(model=model, max_model_len=512).max_model_len == 512
     assert ProcessorConfig(model="org/only-on-the-workers", max_model_len=16384).model == "org/only-on-the-workers"
+
+
+def test_structured_outputs_objects_and_numpy_values_in_a_rows_sampling_params_are_read():
+    """A row whose sampling_params held a StructuredOutputsParams (every structured line of `run --ray`, and vLLM's
+    GuidedDecodingParams habit) failed the whole job (JSON could not write it, outside the row's own check)."""
+    import json
+
+    import numpy as np
+
+    from batchllm.ray.stages import SAMPLING
+    from batchllm.structured import GuidedDecodingParams, StructuredOutputsParams
+
+    rows = [{"prompt": "yes or no:", "sampling_params": {"structured_outputs": StructuredOutputsParams(
+                choice=["yes", "no"])}},
+            {"prompt": "hi", "sampling_params": {"guided_decoding": GuidedDecodingParams(regex="[a-z]+"),
+                                                  "stop_token_ids": list(np.array([2, 3]))}},
+            {"prompt": "hi", "sampling_params": {"stop": object()}}]
+    table = pa.table({"i": list(range(len(rows)))})
+    out = tokenize_batch(table, config=ProcessorConfig(), preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors, sampling = out.column(ERROR).to_pylist(), out.column(SAMPLING).to_pylist()
+    assert errors[:2] == [None, None] and errors[2], "a value nothing can read fails its row alone"
+    assert json.loads(sampling[0])["structured_outputs"]["choice"] == ["yes", "no"]
+    assert json.loads(sampling[1])["guided_decoding"]["regex"] == "[a-z]+"
+    assert json.loads(sampling[1])["stop_token_ids"] == [2, 3]
+
+
+def test_postprocessed_rows_of_mixed_types_keep_their_answers():
+    """A postprocess giving a column ints on some rows and text on others failed the call after its generation
+    (Arrow cannot mix them); Ray's own map keeps such values as Python objects."""
+    from batchllm.ray.stages import _table_of_rows
+
+    table = _table_of_rows([{"text": "a", "parsed": 1}, {"text": "b", "parsed": "n/a"}, {"text": "c"}])
+    assert list(table["parsed"]) == [1, "n/a", None] and list(table["text"]) == ["a", "b", "c"]
+    assert _table_of_rows([{"x": 1}, {"x": 2}]).column("x").to_pylist() == [1, 2]
+
+
+def test_parallel_sizes_in_engine_kwargs_ask_their_gpus(monkeypatch):
+    """vLLM's Ray configs give tensor_parallel_size in engine_kwargs: the engine got it, but each replica asked one
+    GPU for a two-GPU engine."""
+    import ray
+
+    from batchllm.ray.processor import Processor
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 8.0})
+    for config, gpus in ((ProcessorConfig(engine_kwargs={"tensor_parallel_size": 2}), 2),
+                         (ProcessorConfig(tensor_parallel_size=2, data_parallel_size=2), 4),
+                         (ProcessorConfig(engine_kwargs={"data_parallel_size": 2, "device": "cpu"}), 0)):
+        assert Processor(config, None, None)._num_gpus() == gpus
