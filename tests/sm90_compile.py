@@ -13,7 +13,6 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FP8_TMA_BLOCK64 = dict(BLOCK_SIZE=64, TILE_IN_BLOCK=True, V_KEYS_MAJOR=True, TMA=True)
@@ -176,6 +175,7 @@ def compile_elementwise() -> dict:
 SPECIAL = {"seeded-noise": compile_seeded_noise, "elementwise": compile_elementwise}
 """Variants that are not the attention kernel's, by name."""
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # (not at import: a test reading VARIANTS keeps its process's interpreter setting)
+    os.environ.pop("TRITON_INTERPRET", None)
     for variant in sys.argv[1:] or VARIANTS:
         print(json.dumps(SPECIAL[variant]() if variant in SPECIAL else compile_variant(variant)), flush=True)

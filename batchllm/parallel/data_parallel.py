@@ -90,16 +90,18 @@ class DataParallelEngine:
         after its own start-up) and, from the real worker, its parts: importing torch and the engine
         (after the spawned process started) and building it; and its torch CPU threads (`engine_threads`)."""
 
-    def _messages(self, ranks: set[int], timeout_s: float) -> Iterator[tuple[int, tuple | None]]:
-        """(rank, message) for each message that arrives within `timeout_s` from these ranks; a
+    def _messages(self, ranks: set[int], timeout_s: float) -> list[tuple[int, tuple | None]]:
+        """(rank, message) for each message that arrives within `timeout_s` from these ranks, all read before
+        any is handled (a caller that resumes later, after another call read the pipes, waits on no pipe); a
         rank whose pipe closed (the worker died) gives (rank, None)."""
         by_conn = {self.conns[r]: r for r in ranks}
+        messages = []
         for conn in mp_connection.wait(list(by_conn), timeout_s):
-            rank = by_conn[conn]
             try:
-                yield rank, conn.recv()
+                messages.append((by_conn[conn], conn.recv()))
             except (EOFError, OSError, pickle.UnpicklingError):
-                yield rank, None
+                messages.append((by_conn[conn], None))
+        return messages
 
     def wait_ready(self, timeout_s: float = 1800.0) -> None:
         """Return once every worker has built its engine; a worker that fails to start (or none
@@ -190,6 +192,12 @@ class DataParallelEngine:
         expected = [sp.n * output_budget(len(p), sp.max_tokens, 0, self.max_model_len) for p, sp in zip(ids, params)]
         return partition_plan(plan, expected, self.size), expected
 
+    def _refuse_if_dropped(self, job: int) -> None:
+        """Raise RuntimeError where a later call started while `job`'s was left open (its job was dropped then,
+        and the later call read its workers' messages): read again, it would wait forever."""
+        if job != self._job:
+            raise RuntimeError(f"this generate call (job {job}) was dropped when a later one started")
+
     def _collect(self, job: int, prompts: Sequence, tail: deque, pack: Callable, progress: _JobProgress,
                  started: float):
         """Yield results until every rank is done or dead, handing tail shards to ranks that ask;
@@ -197,9 +205,9 @@ class DataParallelEngine:
         stats: dict[int, dict] = {}
         failed: dict[int, str] = {}
         while len(stats) + len(failed) < self.size:
-            if job != self._job:  # a later call started while this one was left open: its job was dropped then
-                raise RuntimeError(f"this generate call (job {job}) was dropped when a later one started")
+            self._refuse_if_dropped(job)
             for rank, message in self._messages(set(range(self.size)) - set(stats) - set(failed), 1.0):
+                self._refuse_if_dropped(job)
                 if message is None:
                     failed[rank] = _exit_description(self._exit_code(rank))
                 elif message[0] == "error":
@@ -213,6 +221,7 @@ class DataParallelEngine:
                         output.prompt, output.prompt_token_ids = prompts[index].text, prompts[index].token_ids
                         progress.finished(index, output)
                         yield index, output
+                        self._refuse_if_dropped(job)  # (resumed after a later call started)
                 elif message[0] == "done":
                     stats[rank] = {**message[2], **self.start_times.get(rank, {}), "rank": rank,
                                    "finish_s": time.perf_counter() - started}

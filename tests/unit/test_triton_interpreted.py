@@ -669,9 +669,16 @@ def test_engine_takes_the_decode_tile_of_its_cache():
     """DECODE_TILE_FP8 over an fp8 cache of 16-token blocks (where it was measured) and of 128-token
     blocks (whole in a block), for narrow rows; DECODE_TILE_TMA where tiles load by TMA and over an fp8
     cache of 64-token blocks (one index per tile, as the default tile's); DECODE_TILE over a 16-bit
-    cache without TMA and for rows past 256 bytes (the 64-row prefix programs' shared memory:
-    tests/sm90_compile.py)."""
-    from batchllm.attention.triton_backend import DECODE_TILE, DECODE_TILE_FP8, DECODE_TILE_TMA, decode_tile_for
+    cache without TMA and for float32 rows of head dim 128; the HEAD_256 tiles for head dim 256 (the 64-row prefix
+    programs' shared memory: tests/sm90_compile.py)."""
+    from batchllm.attention.triton_backend import (
+        DECODE_TILE,
+        DECODE_TILE_FP8,
+        DECODE_TILE_TMA,
+        HEAD_256_DECODE_TILE,
+        HEAD_256_FP32_DECODE_TILE,
+        decode_tile_for,
+    )
     from batchllm.layers.fp8 import FP8
 
     assert DECODE_TILE_FP8 == TileConfig(128, 4, 3)  # the groups-decode-tile-fp8 case's
@@ -679,15 +686,16 @@ def test_engine_takes_the_decode_tile_of_its_cache():
     assert decode_tile_for(FP8, 16, torch.float32, 64) == DECODE_TILE_FP8  # the tiny models' float32 rows
     assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128) == DECODE_TILE
     assert decode_tile_for(FP8, 64, torch.bfloat16, 128) == DECODE_TILE_TMA  # one more tile in flight (measured)
-    assert decode_tile_for(FP8, 64, torch.bfloat16, 256) == DECODE_TILE  # wide rows
+    assert decode_tile_for(FP8, 64, torch.bfloat16, 256) == HEAD_256_DECODE_TILE  # head dim 256
     assert decode_tile_for(FP8, 128, torch.bfloat16, 128) == DECODE_TILE_FP8  # whole in a block again
-    assert decode_tile_for(FP8, 128, torch.bfloat16, 256) == DECODE_TILE
-    assert decode_tile_for(FP8, 16, torch.float32, 256) == decode_tile_for(FP8, 16, torch.bfloat16, 256) == DECODE_TILE
+    assert decode_tile_for(FP8, 128, torch.bfloat16, 256) == decode_tile_for(FP8, 16, torch.bfloat16, 256)
+    assert decode_tile_for(FP8, 16, torch.float32, 256) == HEAD_256_FP32_DECODE_TILE
+    assert decode_tile_for(FP8, 16, torch.float32, 128) == DECODE_TILE  # wide rows
     # where the tiles load by TMA (a 16-bit cache of 64-token blocks on Hopper): one stage more
     assert DECODE_TILE_TMA == TileConfig(DECODE_TILE.block_n, DECODE_TILE.num_warps, DECODE_TILE.num_stages + 1)
     assert decode_tile_for(torch.bfloat16, 64, torch.bfloat16, 128, tma=True) == DECODE_TILE_TMA
     assert decode_tile_for(torch.bfloat16, 16, torch.bfloat16, 128, tma=True) == DECODE_TILE  # no tile in a block
-    assert decode_tile_for(torch.bfloat16, 64, torch.float32, 256, tma=True) == DECODE_TILE  # wide rows
+    assert decode_tile_for(torch.bfloat16, 64, torch.float32, 128, tma=True) == DECODE_TILE  # wide rows
 
 
 @pytest.mark.parametrize("kv_cache_dtype, block_size, tile", [("fp8", 16, "fp8"), ("auto", 16, "default"),
