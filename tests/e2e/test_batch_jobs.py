@@ -369,7 +369,8 @@ def test_openai_errors_go_to_their_own_file_one_record_per_custom_id(tmp_path, t
 
 def test_truncate_prompt_tokens_lets_a_long_prompt_run_on_its_last_tokens(tmp_path, default_model_dir):
     """vLLM's truncate_prompt_tokens, in an OpenAI body and as a plain line's field: a prompt longer than the
-    context runs on its last k tokens (-1: what the context holds, less one for the answer) instead of failing."""
+    context runs on its last k tokens (-1: what the context holds beside the line's max_tokens, as vLLM keeps)
+    instead of failing."""
     too_long = "word " * 400
     lines = [openai_line("cut", url=COMPLETIONS, prompt=too_long, max_tokens=3, truncate_prompt_tokens=50),
              openai_line("refused", url=COMPLETIONS, prompt=too_long, max_tokens=3),
@@ -383,6 +384,6 @@ def test_truncate_prompt_tokens_lets_a_long_prompt_run_on_its_last_tokens(tmp_pa
     cut = next(r for r in records if r.get("custom_id") == "cut")["response"]["body"]
     assert cut["usage"]["prompt_tokens"] == 50 and cut["usage"]["completion_tokens"] == 3
     plain = next(r for r in records if r.get("id") == "plain")
-    assert plain["prompt_tokens"] == 255 and plain["completion_tokens"] == 1 and plain["finish_reason"] == "length"
+    assert plain["prompt_tokens"] == 256 - 5 and 1 <= plain["completion_tokens"] <= 5
     errors = (tmp_path / "out.errors.jsonl").read_text()
     assert '"refused"' in errors and "max_model_len" in errors
