@@ -45,7 +45,7 @@ from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
-from batchllm.sampling_params import BeamSearchParams, SamplingParams
+from batchllm.sampling_params import TRUNCATION_SIDE_NOTE, TRUNCATION_SIDES, BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("batchllm")
 logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
@@ -747,14 +747,15 @@ def _refuse_unsupported(**arguments: Any) -> None:
 def _truncation_asked(tokenization_kwargs: dict | None) -> int | None:
     """vLLM's way to truncate prompts since its SamplingParams lost the field, `tokenization_kwargs=
     {"truncate_prompt_tokens": k}`: k, the tokens each prompt keeps from its end (truncation_side "left", vLLM's
-    for generation; -1: what the context holds with one left to generate), checked as SamplingParams checks its
-    own; None where not asked. Another key, or truncation_side "right", is a ValueError naming it."""
+    for generation; -1: what the context holds beside the request's max_tokens, `PromptProcessor.truncation_for`),
+    checked as SamplingParams checks its own; None where not asked. Another key, or truncation_side "right", is a
+    ValueError naming it."""
     kwargs = dict(tokenization_kwargs or {})
     truncate = kwargs.pop("truncate_prompt_tokens", None)
     side = kwargs.pop("truncation_side", None)
-    if side not in (None, "left"):
-        raise ValueError(f"tokenization_kwargs truncation_side={str(side)[:20]!r} is not supported: a truncated "
-                         "prompt keeps its last truncate_prompt_tokens tokens ('left', vLLM's side for generation)")
+    if side not in TRUNCATION_SIDES:
+        raise ValueError(f"tokenization_kwargs truncation_side={str(side)[:20]!r} is not supported: "
+                         f"{TRUNCATION_SIDE_NOTE}")
     if kwargs:
         raise ValueError(f"tokenization_kwargs {', '.join(map(repr, sorted(map(str, kwargs))))[:80]} not supported: "
                          "prompts are tokenized as the model's tokenizer does; truncate_prompt_tokens and "

@@ -42,6 +42,13 @@ INTEGER_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", 
 """The scalar SamplingParams fields that hold integers."""
 
 
+TRUNCATION_SIDES = (None, "left")
+"""The truncation sides taken (vLLM's `truncation_side`): a truncated prompt keeps its last tokens."""
+TRUNCATION_SIDE_NOTE = "a truncated prompt keeps its last truncate_prompt_tokens tokens ('left', vLLM's side for " \
+                       "generation)"
+"""Why another truncation side is refused (`LLM.generate`'s tokenization_kwargs, a plain line's field)."""
+
+
 INTEGER_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
 """The SamplingParams fields that hold lists of integers (token ids)."""
 

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.io import openai_batch
-from batchllm.sampling_params import SamplingParams, integers_from_json, short_repr
+from batchllm.sampling_params import (
+    TRUNCATION_SIDE_NOTE,
+    TRUNCATION_SIDES,
+    SamplingParams,
+    integers_from_json,
+    short_repr,
+)
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
@@ -231,9 +237,9 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     given = [k for k in PROMPT_FIELDS if k in obj]
     if len(given) != 1:
         return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)}", rid)
-    if obj.get("truncation_side") not in (None, "left"):  # (vLLM's; a table's column of this name is unlikely)
-        return error(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: a truncated prompt "
-                     "keeps its last truncate_prompt_tokens tokens ('left', vLLM's side for generation)", rid)
+    if obj.get("truncation_side") not in TRUNCATION_SIDES:  # (vLLM's; a table's column of this name is unlikely)
+        return error(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: {TRUNCATION_SIDE_NOTE}",
+                     rid)
     unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     if mistaken := [f"{name!r} ({hint})" for name in unknown if (hint := _mistaken_field(name))]:
         return error(f"unsupported field(s): {', '.join(mistaken)}", rid)
