@@ -169,11 +169,25 @@ def _add_plan_parser(sub) -> None:
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     """The input file, positional or as `-i/--input` (vLLM's run-batch spelling; exactly one of them),
-    and --debug: what `run` and `plan` share."""
+    the chat lines' default template keywords, and --debug: what `run` and `plan` share."""
     p.add_argument("input", type=Path, nargs="?", help="input JSONL file (or -i)")
     p.add_argument("-i", "--input", "--input-file", type=Path, dest="input_option", metavar="INPUT", default=None,
                    help="input JSONL file, as vLLM's run-batch spells it")
+    p.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="keywords for the chat template of every chat line, under a line's own chat_template_kwargs "
+                   "(vLLM's option), e.g. '{\"enable_thinking\": false}' for Qwen3")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object given on the command line (argparse names the option of one that is not)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r} (e.g. '{{\"enable_thinking\": false}}')")
+    return value
 
 
 def _input_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -365,9 +379,9 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
               + " (a line's own fields and the command line's options override them)", file=sys.stderr)
 
 
-RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "dtype", "load_format", "max_model_len", "max_logprobs",
-                  "quantization", "kv_cache_dtype", "fp8_attention", "skip_tokenizer_init", "trust_remote_code",
-                  "served_model_name", "response_role")
+RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "default_chat_template_kwargs", "dtype", "load_format",
+                  "max_model_len", "max_logprobs", "quantization", "kv_cache_dtype", "fp8_attention",
+                  "skip_tokenizer_init", "trust_remote_code", "served_model_name", "response_role")
 """Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
 --seed), and how OpenAI responses name the model and the answer's role: an output is resumed only under the
 same ones (`io.job.prepare_output`). Options of speed
@@ -393,6 +407,7 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     options["dtype"] = DTYPE_ALIASES.get(options["dtype"], options["dtype"])  # half and float16 are one dtype
     if options["response_role"] == "assistant":  # the default recorded as unset: outputs written before the
         options["response_role"] = None  # option existed (recorded without it) resume under the default
+    options["default_chat_template_kwargs"] = options["default_chat_template_kwargs"] or None  # ({}: none, as unset)
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())
@@ -579,7 +594,7 @@ def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, so
         front = front_end_for(config, source)
         facts = resolve_model(config, source=source)  # what can be checked without weights: before reading
         reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, template_defaults=args.default_chat_template_kwargs)
         return LLM.from_config(config, front, workers, facts), reading
     except (ValueError, OSError, WorkerDied) as e:  # WorkerDied here: a worker could not build its engine
         if workers is not None:
@@ -761,7 +776,8 @@ def plan_command(args: argparse.Namespace) -> int:
                                        chat_template=args.chat_template)
     except (ValueError, OSError) as e:
         return _fail(str(e))
-    valid, errors, _, ignored = prepare_lines(args.input, prompts, {}, None)
+    valid, errors, _, ignored = prepare_lines(args.input, prompts, {}, None,
+                                              template_defaults=args.default_chat_template_kwargs)
     note_ignored_fields(ignored)
     for error in errors:
         print(f"batchllm: {error.message}", file=sys.stderr)

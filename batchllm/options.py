@@ -287,8 +287,9 @@ VLLM_NOT_TAKEN = {
     "reasoning_parser": ((None, ""), "a reasoning model's thinking is not split from its answer (the text keeps "
                                      "<think>...</think>); a line's chat_template_kwargs {\"enable_thinking\": "
                                      "false} turns Qwen3's off"),
-    "default_chat_template_kwargs": ((None, {}), "give each chat line its chat_template_kwargs (e.g. "
-                                                 "{\"enable_thinking\": false})"),
+    "default_chat_template_kwargs": ((None, {}), "a server option of vLLM's: give chat(..., chat_template_kwargs="
+                                                 "{\"enable_thinking\": False}); batchllm run takes "
+                                                 "--default-chat-template-kwargs"),
     "config_format": (("auto", "hf"), "models are Hugging Face directories (config.json)"),
 }
 """vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for

@@ -93,8 +93,10 @@ def count_input_lines(path: Path) -> int:
 
 
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
-                  resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024) -> Ingested:
-    """Stream the file and tokenize it in batches, skipping lines a previous run finished.
+                  resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024,
+                  template_defaults: dict | None = None) -> Ingested:
+    """Stream the file and tokenize it in batches, skipping lines a previous run finished. Chat lines are
+    rendered with `template_defaults` (--default-chat-template-kwargs) under their own template keywords.
 
     Prompts are kept as int32 numpy arrays and identical sampling settings share one SamplingParams,
     so memory follows the token arrays, not the line count."""
@@ -140,7 +142,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
             params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
-            prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
+            template = openai_batch.with_template_defaults(template_defaults, item.chat_template_kwargs)
+            prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=template)
                       if item.is_chat else item.prompt)
         except ValueError as e:
             errors.append(LineError.for_line(item, in_the_lines_terms(item, e)))

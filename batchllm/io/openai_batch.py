@@ -78,6 +78,15 @@ def template_kwargs(value: Any) -> dict[str, Any] | None:
     return value or None
 
 
+def with_template_defaults(defaults: dict[str, Any] | None, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A chat line's template keywords over the job's defaults (vLLM's --default-chat-template-kwargs): a
+    line's own value wins, except None and "auto", which leave the default, as vLLM merges them."""
+    if not defaults:
+        return kwargs
+    own = {k: v for k, v in (kwargs or {}).items() if v is not None and not (isinstance(v, str) and v == "auto")}
+    return {**defaults, **own}
+
+
 def body_to_request(url: str, body: Any) -> BodyRequest:
     """Validate an OpenAI request body (BodyError naming the field)."""
     if url not in (CHAT_URL, COMPLETIONS_URL):

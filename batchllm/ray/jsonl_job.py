@@ -84,15 +84,18 @@ def _parse(row: dict) -> BatchLine | LineError:
 
 
 class _CliPreprocess:
-    """Input line -> prompt and sampling fields, with the CLI's defaults and per-line seeds."""
+    """Input line -> prompt and sampling fields, with the CLI's defaults and per-line seeds, and a chat line's
+    template keywords over the job's (`template_defaults`, --default-chat-template-kwargs)."""
 
-    def __init__(self, defaults: dict, global_seed: int | None) -> None:
+    def __init__(self, defaults: dict, global_seed: int | None, template_defaults: dict | None = None) -> None:
         self.defaults = defaults
         self.global_seed = global_seed
+        self.template_defaults = template_defaults
         self.cache: dict[str, SamplingParams] = {}
 
     def __call__(self, row: dict) -> dict:
         from batchllm.io.ingest import must_fit_the_context, sampling_params_for
+        from batchllm.io.openai_batch import with_template_defaults
         from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS
 
         line = _parse(row)
@@ -102,7 +105,9 @@ class _CliPreprocess:
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
         return {kind: line.prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
-                NO_MAX_TOKENS: sp.max_tokens is None, "chat_template_kwargs": line.chat_template_kwargs}
+                NO_MAX_TOKENS: sp.max_tokens is None,
+                "chat_template_kwargs": (with_template_defaults(self.template_defaults, line.chat_template_kwargs)
+                                         if line.is_chat else None)}
 
 
 class _CliRecords:
@@ -175,10 +180,12 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
 
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
-                     global_seed: int | None = None, names=None, file_format: str | None = None) -> dict:
+                     global_seed: int | None = None, names=None, file_format: str | None = None,
+                     template_defaults: dict | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
     `names` (`io.ingest.ResponseNames`): how OpenAI responses name the model (default: its directory's name);
-    `file_format`: that of unparsable lines' error records (default: `sample_file`'s).
+    `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
+    the chat lines' default template keywords (`prepare_lines`').
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
@@ -197,8 +204,9 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         from batchllm.io.ingest import ResponseNames
 
         names = ResponseNames(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
-    processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed), record_fn=_CliRecords(
-        names, file_format or sample_file(input_path).file_format), index_column=LINE)
+    records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format)
+    processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed, template_defaults),
+                          record_fn=records_fn, index_column=LINE)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
     try:
         records = processor(lines, num_rows=count_input_lines(input_path))
@@ -289,7 +297,8 @@ def run_command_on_ray(args) -> int:
     names = response_names(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
     with _signals_interrupt():
         try:
-            result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format)
+            result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
+                                      args.default_chat_template_kwargs)
         except Interrupted as e:
             _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
             return 128 + e.signum

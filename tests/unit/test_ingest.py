@@ -824,3 +824,28 @@ def test_an_openai_lines_min_tokens_past_what_the_context_leaves_fails_it_as_vll
     assert [v.line.request_id for v in result.valid] == ["b"]
     assert re.fullmatch(r"line 1: min_tokens must be <= max_tokens \(81\d\d: what the context of 8192 tokens leaves "
                         r"after the \d+-token prompt\), got 9000", result.errors[0].message)
+
+
+def test_default_chat_template_kwargs_go_under_each_chat_lines_own(monkeypatch, tmp_path):
+    """vLLM's --default-chat-template-kwargs (Qwen3's '{"enable_thinking": false}' for a whole file) was
+    refused; it now reaches every chat line's template, under the line's own keywords (a line's null or
+    "auto" leaves the default, as vLLM merges them), and a text prompt is left alone."""
+    tokenizer = processor().tokenizer
+    template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}|{{ tone }}")
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    messages = [{"role": "user", "content": "Hi"}]
+    lines = [{"id": "plain", "messages": messages},
+             {"id": "own", "messages": messages, "chat_template_kwargs": {"enable_thinking": True}},
+             {"id": "null", "messages": messages, "chat_template_kwargs": {"enable_thinking": None, "tone": "auto"}},
+             {"custom_id": "oa", "url": "/v1/chat/completions", "body": {"messages": messages}},
+             {"id": "text", "prompt": "Hi"}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = prepare_lines(path, processor(), {"max_tokens": 4}, None,
+                           template_defaults={"enable_thinking": False, "tone": "dry"})
+    texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
+    assert texts == {"plain": "Hi/no_think|dry", "own": "Hi|dry", "null": "Hi/no_think|dry",
+                     "oa": "Hi/no_think|dry", "text": "Hi"}, texts
+    unset = prepare_lines(path, processor(), {"max_tokens": 4}, None)
+    assert tokenizer.decode(unset.valid[0].prompt.array.tolist()) == "Hi|"

@@ -166,6 +166,21 @@ def test_vllm_command_line_spellings_are_taken():
     plain = results_options(build_parser().parse_args(["run", "i", "-o", "o"]), {})
     assert (plain["served_model_name"], plain["response_role"]) == (None, None), (
         "the defaults recorded as unset, as by versions without these options, whose outputs still resume")
+    assert plain["default_chat_template_kwargs"] is None
+    templated = build_parser().parse_args(["run", "i", "-o", "o", "--default-chat-template-kwargs",
+                                           '{"enable_thinking": false}'])
+    assert results_options(templated, {})["default_chat_template_kwargs"] == {"enable_thinking": False}, (
+        "the chat lines' template keywords change their prompts: a resume under others would mix two")
+    empty = build_parser().parse_args(["run", "i", "-o", "o", "--default-chat-template-kwargs", "{}"])
+    assert results_options(empty, {})["default_chat_template_kwargs"] is None
+
+
+@pytest.mark.parametrize("value, problem", [("enable_thinking", "not JSON"), ("[1]", "not a JSON object")])
+def test_default_chat_template_kwargs_must_be_a_json_object(value, problem, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "i", "-o", "o", "--default-chat-template-kwargs", value])
+    err = capsys.readouterr().err
+    assert "--default-chat-template-kwargs" in err and problem in err, err
 
 
 @pytest.mark.parametrize("words, expected", [

@@ -273,3 +273,19 @@ def test_parallel_sizes_in_engine_kwargs_ask_their_gpus(monkeypatch):
                          (ProcessorConfig(tensor_parallel_size=2, data_parallel_size=2), 4),
                          (ProcessorConfig(engine_kwargs={"data_parallel_size": 2, "device": "cpu"}), 0)):
         assert Processor(config, None, None)._num_gpus() == gpus
+
+
+def test_the_cli_rows_take_the_default_chat_template_kwargs_under_a_lines_own():
+    """run --ray with --default-chat-template-kwargs: each chat row carries the job's keywords under its own,
+    as the single-machine reader renders them (`prepare_lines`)."""
+    import json
+
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliPreprocess
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    lines = [{"id": "a", **chat}, {"id": "b", **chat, "chat_template_kwargs": {"enable_thinking": True, "x": 1}},
+             {"id": "c", "prompt": "Hi"}]
+    preprocess = _CliPreprocess({"max_tokens": 4}, None, {"enable_thinking": False})
+    rows = [preprocess({RAW: json.dumps(x).encode(), LINE: i, DUPLICATE: False}) for i, x in enumerate(lines)]
+    assert [row["chat_template_kwargs"] for row in rows] == [
+        {"enable_thinking": False}, {"enable_thinking": True, "x": 1}, None]
