@@ -293,7 +293,9 @@ keyword of that name: templates that take it, such as gpt-oss's, use it; others 
 
 def _chat_template_options(body: dict) -> dict[str, Any] | None:
     """A chat body's keywords for its chat template: `chat_template_kwargs` over vLLM's
-    `add_generation_prompt` and `continue_final_message` fields (booleans) and `reasoning_effort` (a string)."""
+    `add_generation_prompt` and `continue_final_message` fields (booleans) and `reasoning_effort` (a string),
+    which also sets `enable_thinking` (false for "none") where chat_template_kwargs does not, as vLLM's server
+    does for templates whose thinking is opt-in or opt-out (Qwen3, Gemma)."""
     options = {}
     for name in CHAT_TEMPLATE_FIELDS[1:]:
         if body.get(name) is not None:
@@ -302,7 +304,10 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
                 raise BodyError(f"'{name}' must be {wanted}")
             options[name] = body[name]
     options.update(_template_documents_and_tools(body))
-    return {**options, **(template_kwargs(body.get("chat_template_kwargs")) or {})} or None
+    own = template_kwargs(body.get("chat_template_kwargs")) or {}
+    if options.get("reasoning_effort") is not None and "enable_thinking" not in own:
+        options["enable_thinking"] = options["reasoning_effort"] != "none"  # (vLLM's: Qwen3's thinking follows it)
+    return {**options, **own} or None
 
 
 _FLAG_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}

@@ -413,9 +413,18 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     body = {**chat, "reasoning_effort": "low", "request_id": "r-1", "spaces_between_special_tokens": False,
             "length_penalty": 1.0}
-    assert body_to_request("/v1/chat/completions", body).template == {"reasoning_effort": "low"}
+    assert body_to_request("/v1/chat/completions", body).template == {"reasoning_effort": "low",
+                                                                      "enable_thinking": True}
     assert body_to_request("/v1/chat/completions", {**body, "chat_template_kwargs": {
-        "reasoning_effort": "high"}}).template == {"reasoning_effort": "high"}, "chat_template_kwargs win"
+        "reasoning_effort": "high"}}).template == {"reasoning_effort": "high", "enable_thinking": True}, (
+        "chat_template_kwargs win")
+    # as vLLM's server: OpenAI's "none" turns Qwen3's thinking off, unless chat_template_kwargs says otherwise
+    none = {**chat, "reasoning_effort": "none"}
+    assert body_to_request("/v1/chat/completions", none).template == {"reasoning_effort": "none",
+                                                                      "enable_thinking": False}
+    assert body_to_request("/v1/chat/completions", {**none, "chat_template_kwargs": {"enable_thinking": True}}
+                           ).template == {"reasoning_effort": "none", "enable_thinking": True}
+    assert body_to_request("/v1/chat/completions", chat).template is None
     for bad, message in (({"reasoning_effort": 3}, "'reasoning_effort' must be a string"),
                          ({"length_penalty": 2.0}, "'length_penalty' = 2.0 is not supported (only 1.0)")):
         with pytest.raises(BodyError, match=re.escape(message)):
