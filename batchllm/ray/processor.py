@@ -37,18 +37,24 @@ class Processor:
         self.index_column = index_column
 
     def num_buckets(self, dataset, num_rows: int | None = None) -> int:
-        """config.num_buckets, else max(num_replicas, ceil(rows / batch_size)) (rows counted unless given)."""
+        """config.num_buckets, else max(num_replicas, ceil(rows / batch_size)) (rows counted unless given); 0
+        where the rows were counted (or given) and there are none."""
         config = self.config
         if config.num_buckets is not None:
             return config.num_buckets
         rows = dataset.count() if num_rows is None else num_rows
-        return max(config.num_replicas, math.ceil(rows / config.batch_size))
+        return max(config.num_replicas, math.ceil(rows / config.batch_size)) if rows else 0
 
     def __call__(self, dataset, num_rows: int | None = None):
+        """The dataset's rows answered (lazily, as Ray's operations are). A dataset known to be empty (counted,
+        or `num_rows` 0) comes back empty: Ray's shuffle fails on blocks that no batch function has seen
+        ("Invalid sort key column")."""
         import ray
 
         config = self.config
         num_buckets = self.num_buckets(dataset, num_rows)
+        if num_buckets == 0:
+            return dataset.limit(0)
         tokenized = dataset.map_batches(
             tokenize_batch, batch_size=config.tokenize_batch_size, batch_format="pyarrow", zero_copy_batch=True,
             fn_kwargs=dict(config=config, preprocess=self.preprocess, num_buckets=num_buckets,

@@ -97,6 +97,18 @@ def test_processor_matches_the_cli_keeps_prefix_groups_on_one_replica_and_report
     assert report["saving_ratio"] > 0.3  # the system prompts are computed once per call
 
 
+def test_an_empty_dataset_comes_back_empty(ray_session):
+    """A pipeline whose filter leaves no rows failed inside Ray's shuffle ("Invalid sort key column: No match
+    for FieldRef.Name(_batchllm_bucket)"): no batch function had seen a block to give it the column."""
+    from batchllm.ray import ProcessorConfig, build_processor
+
+    processor = build_processor(ProcessorConfig(device="cpu", max_tokens=2))
+    empty = ray_session.data.from_items([{"prompt": "Hi"}]).filter(lambda row: False)
+    assert processor(empty).take_all() == []
+    assert processor(ray_session.data.from_items([{"prompt": "Hi"}]), num_rows=0).take_all() == [], (
+        "rows counted as none by the caller")
+
+
 def _normalized(record: dict) -> str:
     """A record without the fields that are random per run (OpenAI line and response ids, timestamps) or
     depend on which lines ran in one engine call (cached tokens: a prefix is charged to the call's first
