@@ -58,6 +58,7 @@ from batchllm.io.job import (
     same_file,
     state_path_for,
 )
+from batchllm.io.reasoning import REASONING_PARSERS
 from batchllm.models.default_model import default_model_path
 from batchllm.options import (
     VLLM_NOT_TAKEN,
@@ -139,6 +140,10 @@ def _add_run_parser(sub) -> None:
                    "the model directory's name)")
     o.add_argument("--response-role", default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
+    o.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split a reasoning model's chat answers, as vLLM's option: the thinking between <think> and "
+                   "</think> goes to the message's `reasoning`, the rest to its `content` (qwen3: not where the line's "
+                   "chat_template_kwargs turn enable_thinking off); default: the whole answer is content")
     add_no_effect_arguments(o)
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
@@ -381,7 +386,8 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
 
 RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "default_chat_template_kwargs", "dtype", "load_format",
                   "max_model_len", "max_logprobs", "quantization", "kv_cache_dtype", "fp8_attention",
-                  "skip_tokenizer_init", "trust_remote_code", "served_model_name", "response_role")
+                  "skip_tokenizer_init", "trust_remote_code", "served_model_name", "response_role",
+                  "reasoning_parser")
 """Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
 --seed), and how OpenAI responses name the model and the answer's role: an output is resumed only under the
 same ones (`io.job.prepare_output`). Options of speed
@@ -729,8 +735,10 @@ def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace
 
 
 def response_names(args: argparse.Namespace, model_name: str) -> ResponseNames:
-    """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's)."""
-    return ResponseNames(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role)
+    """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's), and
+    how they split its reasoning."""
+    return ResponseNames(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role,
+                         args.reasoning_parser)
 
 
 def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num_failed: int, wall: float) -> int:

@@ -284,9 +284,9 @@ VLLM_NOT_TAKEN = {
                              ("specialize_active_lora", False), ("enable_mixed_moe_lora_format", False),
                              ("enable_moe_shared_loras", False))},
     "enable_prompt_embeds": ((False,), "prompts are text or token ids; prompt embeddings are not supported"),
-    "reasoning_parser": ((None, ""), "a reasoning model's thinking is not split from its answer (the text keeps "
-                                     "<think>...</think>); a line's chat_template_kwargs {\"enable_thinking\": "
-                                     "false} turns Qwen3's off"),
+    "reasoning_parser": ((None, ""), "LLM's outputs keep the thinking in their text (as vLLM's LLM.generate); "
+                                     "batchllm run --reasoning-parser splits chat answers, and chat_template_kwargs "
+                                     "{\"enable_thinking\": False} turns Qwen3's off"),
     "default_chat_template_kwargs": ((None, {}), "a server option of vLLM's: give chat(..., chat_template_kwargs="
                                                  "{\"enable_thinking\": False}); batchllm run takes "
                                                  "--default-chat-template-kwargs"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import ResumeState
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
+from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ResponseNames", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
@@ -142,8 +144,10 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         try:
             params = sampling_params_for(item, defaults, global_seed, params_cache)
             params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
-            template = openai_batch.with_template_defaults(template_defaults, item.chat_template_kwargs)
-            prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=template)
+            if item.is_chat:  # (the keywords rendered are the line's: its answer's reasoning split reads them)
+                item.chat_template_kwargs = openai_batch.with_template_defaults(template_defaults,
+                                                                                item.chat_template_kwargs)
+            prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
                       if item.is_chat else item.prompt)
         except ValueError as e:
             errors.append(LineError.for_line(item, in_the_lines_terms(item, e)))
@@ -257,7 +261,7 @@ def _cache_key(fields: dict) -> tuple | None:
 
 
 class ResponseNames(NamedTuple):
-    """How OpenAI response lines name the model and the chat answer's author."""
+    """How OpenAI response lines name the model and the chat answer's author, and split its reasoning."""
 
     model: str
     """The model's name where neither --served-model-name nor the line names one: --model as given, else the
@@ -267,6 +271,9 @@ class ResponseNames(NamedTuple):
     line the first; vLLM refuses a line naming another model, which runs here)."""
     role: str = "assistant"
     """--response-role: the role of a chat answer's message where the template opened a new turn for it."""
+    reasoning_parser: str | None = None
+    """--reasoning-parser (`io.reasoning.REASONING_PARSERS`): a chat answer's thinking goes to its message's
+    `reasoning`; None: the whole answer is its content."""
 
     def model_of(self, line: BatchLine) -> str:
         if line.model is not None and line.model in self.served_models:
@@ -277,6 +284,15 @@ class ResponseNames(NamedTuple):
         """vLLM's rule: `role`, unless the body asked for no generation prompt (add_generation_prompt false, as
         with continue_final_message): the answer then goes on its last message's turn, so takes that role."""
         return line.continued_role or self.role
+
+    def reasoning_split(self, line: BatchLine) -> Callable[[str], tuple[str | None, str | None]] | None:
+        """answer text -> (reasoning, content) for the line's chat answers; None where an answer is all content:
+        no parser, a completions line, or structured output (its grammar holds from the first token, so the
+        answer holds no thinking). The line's chat template keywords decide it for Qwen3 (enable_thinking)."""
+        if self.reasoning_parser is None or not line.is_chat or "structured_outputs" in line.sampling_overrides:
+            return None
+        parser = reasoning_parser_named(self.reasoning_parser)
+        return lambda text: parser(text, line.chat_template_kwargs)
 
 
 def record_for(line: BatchLine, output, names: ResponseNames, tokenizer=None) -> dict:
@@ -290,5 +306,6 @@ def record_for(line: BatchLine, output, names: ResponseNames, tokenizer=None) ->
             top = None  # (every entry: the sampled token's and the named ones)
         return openai_batch.success_record(line.request_id, line.url, names.model_of(line), output,
                                            len(output.prompt_token_ids), top, role=names.role_of(line),
-                                           echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer)
+                                           echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer,
+                                           reasoning_split=names.reasoning_split(line))
     return result_record(line.request_id, output, len(output.prompt_token_ids))

@@ -39,7 +39,8 @@ _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,
                  # vLLM's own request fields, as its request models write them (model_dump)
                  "use_beam_search": (False, None), "priority": (0, None), "include_reasoning": (True, None),
                  "truncation_side": (None, "left")}
-_ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None)}
+_ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs": (None, {}),
+                      "media_io_kwargs": (None, {})}
 _ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None)}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
 # verbosity: a hint to OpenAI's own models)
@@ -84,7 +85,7 @@ def with_template_defaults(defaults: dict[str, Any] | None, kwargs: dict[str, An
     if not defaults:
         return kwargs
     own = {k: v for k, v in (kwargs or {}).items() if v is not None and not (isinstance(v, str) and v == "auto")}
-    return {**defaults, **own}
+    return {**defaults, **own} if own else defaults  # (one dict for the lines without their own: never mutated)
 
 
 def body_to_request(url: str, body: Any) -> BodyRequest:
@@ -372,16 +373,35 @@ def text_message(j: int, message: Any) -> Any:
         return {**message, "content": ""}
     if not isinstance(content, list):
         raise BodyError(f"messages[{j}].content must be a string, a list of text parts or null")
+    return {**message, "content": "\n".join(_part_texts(j, content))}
+
+
+_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+               "thinking": "thinking"}
+"""The content part types vLLM reads as text (the Responses API's input_text and output_text, a history's
+refusal and thinking parts) -> the key holding the text."""
+
+
+def _part_texts(j: int, content: list) -> list[str]:
+    """The texts of a message's content parts, as vLLM reads them: a bare string is a text, a text or refusal
+    part whose text is null is skipped, and any part that is not text (`_TEXT_PARTS`) is refused by name."""
     texts = []
     for k, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
+        if kind not in _TEXT_PARTS:
             shown = f"type {kind!r}" if isinstance(kind, str) else "no type"
-            raise BodyError(f"messages[{j}].content[{k}] has {shown[:60]}; only text parts are supported")
-        if not isinstance(part.get("text"), str):
-            raise BodyError(f"messages[{j}].content[{k}].text must be a string")
-        texts.append(part["text"])
-    return {**message, "content": "\n".join(texts)}
+            raise BodyError(f"messages[{j}].content[{k}] has {shown[:60]}; only text parts are supported "
+                            f"({', '.join(_TEXT_PARTS)})")
+        text = part.get(_TEXT_PARTS[kind])
+        if text is None and kind in ("text", "refusal"):
+            continue
+        if not isinstance(text, str):
+            raise BodyError(f"messages[{j}].content[{k}].{_TEXT_PARTS[kind]} must be a string")
+        texts.append(text)
+    return texts
 
 
 def text_parts(j: int, message: Any) -> Any:
@@ -395,7 +415,7 @@ def text_parts(j: int, message: Any) -> Any:
     if isinstance(content, str):
         parts = [{"type": "text", "text": content}]
     else:
-        parts = [{"type": "text", "text": part["text"]} for part in content or []]
+        parts = [{"type": "text", "text": text} for text in _part_texts(j, content or [])]
     return {**checked, "content": parts}
 
 
@@ -431,14 +451,16 @@ def _ids() -> tuple[str, str]:
 
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
                    top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
-                   tokenizer=None) -> dict[str, Any]:
+                   tokenizer=None, reasoning_split=None) -> dict[str, Any]:
     """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its
     entries, in their order: the sampled token's, then those logprob_token_ids named); `role` is a
     chat answer's (vLLM's --response-role); `echo` a completions line's (`BodyRequest.echo`, the prompt's
     text), whose first prompt token (it has no logprobs) the tokenizer names. Each choice carries vLLM's
     `stop_reason` (the stop string or token id that ended it, else null); `system_fingerprint` and a chat
     message's `refusal` are null, as in OpenAI's and vLLM's responses (no fingerprint; a model's answer is never
-    classed a refusal)."""
+    classed a refusal); `reasoning_split` (text -> (reasoning, content): vLLM's --reasoning-parser) gives a chat
+    message its `reasoning`, else null. A chat message has vLLM's other fields too (`annotations`, `audio`,
+    `function_call`: null; `tool_calls` left out where empty, as vLLM leaves it)."""
     line_id, request_id = _ids()
     created = int(time.time())
     completion_tokens = output.num_output_tokens
@@ -448,7 +470,7 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
         usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens}
     prompt_logprobs = _prompt_logprobs(output)
     if url == CHAT_URL:
-        choices = [{"index": c.index, "message": {"role": role, "content": c.text, "refusal": None},
+        choices = [{"index": c.index, "message": _chat_message(role, c.text, reasoning_split),
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason} for c in output.outputs]
         body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
@@ -468,6 +490,13 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
                 "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
     return {"id": line_id, "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def _chat_message(role: str, text: str | None, reasoning_split=None) -> dict[str, Any]:
+    """A chat answer's message as vLLM's ChatMessage writes it (`success_record`)."""
+    reasoning, content = reasoning_split(text) if reasoning_split is not None and text is not None else (None, text)
+    return {"role": role, "content": content, "refusal": None, "annotations": None, "audio": None,
+            "function_call": None, "reasoning": reasoning}
 
 
 def error_record(custom_id: str | None, message: str, code: str = "invalid_request") -> dict[str, Any]:

@@ -113,18 +113,20 @@ class _CliPreprocess:
 class _CliRecords:
     """(row, RequestOutput or None, error or None) -> {"record": the CLI's JSON line for it}."""
 
-    def __init__(self, names, file_format: str, tokenizer=None) -> None:
+    def __init__(self, names, file_format: str, tokenizer=None, template_defaults: dict | None = None) -> None:
         self.names = names  # io.ingest.ResponseNames
         self.file_format = file_format
         self.tokenizer = tokenizer
+        self.template_defaults = template_defaults  # (a chat answer's reasoning split reads the line's keywords)
 
     def with_tokenizer(self, tokenizer) -> _CliRecords:
         """This writer, with the engine's tokenizer (it names an echoed prompt's first token): `EngineReplica`
         calls it once its engine is built."""
-        return _CliRecords(self.names, self.file_format, tokenizer)
+        return _CliRecords(self.names, self.file_format, tokenizer, self.template_defaults)
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
         from batchllm.io.ingest import in_the_lines_terms, record_for
+        from batchllm.io.openai_batch import with_template_defaults
 
         line = _parse(row)
         if isinstance(line, LineError):
@@ -134,6 +136,8 @@ class _CliRecords:
             problem = error.split(": ", 1)[1] if error.startswith(f"line {row[LINE]}: ") else error
             record = LineError.for_line(line, in_the_lines_terms(line, problem)).record(self.file_format)
         else:
+            if line.is_chat:
+                line.chat_template_kwargs = with_template_defaults(self.template_defaults, line.chat_template_kwargs)
             record = record_for(line, output, self.names, self.tokenizer)
         return {RECORD: json.dumps(record, ensure_ascii=False)}
 
@@ -204,7 +208,8 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         from batchllm.io.ingest import ResponseNames
 
         names = ResponseNames(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
-    records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format)
+    records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
+                             template_defaults=template_defaults)
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed, template_defaults),
                           record_fn=records_fn, index_column=LINE)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))

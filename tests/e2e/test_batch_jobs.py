@@ -98,6 +98,30 @@ def test_openai_batch_round_trip(tmp_path, default_model_dir):
     assert records["cmpl-ids"]["response"]["body"]["usage"]["prompt_tokens"] == 3
 
 
+def test_reasoning_parser_and_default_template_keywords_shape_the_answers(tmp_path, default_model_dir):
+    """vLLM's run-batch --reasoning-parser and --default-chat-template-kwargs (both refused before): an answer
+    with no </think> is all thinking under deepseek_r1 (a model whose template opened it), all content under
+    qwen3 with enable_thinking off; both are options of the output, so a resume under others is refused."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(openai_line("q", messages=[{"role": "user", "content": "What is the capital of "
+                                                                                     "France?"}],
+                                          temperature=0, max_tokens=6)) + "\n")
+    out = tmp_path / "out.jsonl"
+
+    def message(*options):
+        r = cli("run", src, "-o", out, "--no-progress", *options)
+        assert r.returncode == 0, r.stderr
+        return json.loads(out.read_text())["response"]["body"]["choices"][0]["message"]
+
+    thought = message("--reasoning-parser", "deepseek_r1")
+    assert thought["reasoning"] == "The capital of France is Paris" and thought["content"] is None
+    r = cli("run", src, "-o", out, "--no-progress", "--reasoning-parser", "qwen3")
+    assert r.returncode == 2 and 'reasoning_parser "deepseek_r1" -> "qwen3"' in r.stderr, r.stderr
+    said = message("--overwrite", "--reasoning-parser", "qwen3", "--default-chat-template-kwargs",
+                   '{"enable_thinking": false}')
+    assert said["content"] == "The capital of France is Paris" and said["reasoning"] is None
+
+
 def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
     too_long = "word " * 9000
     raw = [

@@ -175,6 +175,15 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
     chat = ingest((json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}}) + "\n").encode())
     assert len(chat.valid) == 1 and not chat.errors
+    # the parts vLLM reads as text (a Responses API export, a history's refusal): each failed its line
+    textual = [{"type": "input_text", "text": "Hello"}, "world", {"type": "output_text", "text": "a"},
+               {"type": "refusal", "refusal": "b"}, {"type": "thinking", "thinking": "c"},
+               {"type": "text", "text": None}, {"type": "refusal", "refusal": None}]
+    taken = line(textual)
+    assert isinstance(taken, BatchLine), taken
+    assert prompts.apply_chat_template(taken.prompt) == prompts.apply_chat_template(
+        [{"role": "user", "content": "Hello\nworld\na\nb\nc"}])
+    assert "content[0].thinking must be a string" in line([{"type": "thinking", "thinking": None}]).message
 
 
 def test_plain_lines_and_llm_chat_take_text_parts_as_openai_lines_do():
@@ -295,6 +304,14 @@ def test_a_dict_prompt_with_images_is_refused_not_run_without_them():
     with pytest.raises(ValueError, match="prompt 3: multi_modal_data is not supported"):
         prompts.tokenize_prompt({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": "x"}}, 3)
     assert prompts.tokenize_prompt({"prompt_token_ids": [1, 2], "multi_modal_data": None}).token_ids == [1, 2]
+    for empty in ({"multi_modal_data": {}}, {"mm_processor_kwargs": {}}):  # asking for nothing, as vLLM takes them
+        assert prompts.tokenize_prompt({"prompt_token_ids": [1, 2], **empty}).token_ids == [1, 2]
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    assert body_to_request("/v1/chat/completions", {**chat, "mm_processor_kwargs": {}, "media_io_kwargs": {}})
+    with pytest.raises(BodyError, match="mm_processor_kwargs"):
+        body_to_request("/v1/chat/completions", {**chat, "mm_processor_kwargs": {"num_crops": 4}})
     # vLLM reads prompt_embeds before a text or ids beside them: running the text would answer another prompt
     for prompt in ({"prompt": "hi", "prompt_embeds": [[0.5, 0.25]]}, {"prompt_embeds": [[0.5, 0.25]]}):
         with pytest.raises(ValueError, match="prompt 0: prompt_embeds is not supported"):

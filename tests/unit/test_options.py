@@ -326,9 +326,11 @@ def test_run_takes_vllms_response_naming_options():
 
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--served-model-name", "smol", "smol-2",
                                       "--response-role", "bot", "--model", "/m/SmolLM2"])
-    assert tuple(response_names(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot")
+    assert tuple(response_names(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", None)
     plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
-    assert tuple(response_names(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant")
+    assert tuple(response_names(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant", None)
+    qwen3 = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--reasoning-parser", "qwen3"])
+    assert response_names(qwen3, "m").reasoning_parser == "qwen3"
 
 
 @pytest.mark.parametrize("words, names, input_path", [
@@ -465,8 +467,9 @@ def test_lora_and_prompt_embedding_settings_are_refused_as_such_and_taken_at_the
         engine_config(enable_prompt_embeds=True)
     with pytest.raises(TypeError, match="config_format='mistral' is not supported: models are Hugging Face"):
         engine_config(config_format="mistral")
-    with pytest.raises(TypeError, match="reasoning_parser='qwen3' is not supported: a reasoning model's thinking"):
-        engine_config(reasoning_parser="qwen3")  # (was a bare "unrecognized arguments" on run's command line)
+    with pytest.raises(TypeError, match="reasoning_parser='qwen3' is not supported: LLM's outputs keep the thinking"
+                       ".*batchllm run --reasoning-parser"):
+        engine_config(reasoning_parser="qwen3")
     with pytest.raises(SystemExit):
         main(["run", "in.jsonl", "-o", "out.jsonl", "--max-loras", "4"])
     err = capsys.readouterr().err.split("batchllm run: error:")[-1]  # (after the usage)

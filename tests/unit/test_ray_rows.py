@@ -289,3 +289,23 @@ def test_the_cli_rows_take_the_default_chat_template_kwargs_under_a_lines_own():
     rows = [preprocess({RAW: json.dumps(x).encode(), LINE: i, DUPLICATE: False}) for i, x in enumerate(lines)]
     assert [row["chat_template_kwargs"] for row in rows] == [
         {"enable_thinking": False}, {"enable_thinking": True, "x": 1}, None]
+
+
+def test_the_cli_records_split_reasoning_under_the_jobs_template_keywords():
+    """run --ray --reasoning-parser qwen3 --default-chat-template-kwargs '{"enable_thinking": false}': a chat line
+    without its own keywords has no thinking to split, as the single-machine job reads it."""
+    import json
+
+    from batchllm.io.ingest import ResponseNames
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, RECORD, _CliRecords
+    from batchllm.request_output import CompletionOutput, RequestOutput
+
+    raw = json.dumps({"custom_id": "c", "url": "/v1/chat/completions",
+                      "body": {"messages": [{"role": "user", "content": "Hi"}]}}).encode()
+    row = {RAW: raw, LINE: 1, DUPLICATE: False}
+    output = RequestOutput("r", "p", [1], [CompletionOutput(0, "a</think>b", [5], -1.0, None, "stop")])
+    names = ResponseNames("m", reasoning_parser="qwen3")
+    for defaults, reasoning, content in ((None, "a", "b"), ({"enable_thinking": False}, None, "a</think>b")):
+        records = _CliRecords(names, "openai", template_defaults=defaults).with_tokenizer(None)
+        message = json.loads(records(row, output, None)[RECORD])["response"]["body"]["choices"][0]["message"]
+        assert (message["reasoning"], message["content"]) == (reasoning, content), defaults

@@ -84,3 +84,52 @@ def test_served_model_name_and_response_role_name_the_answer():
     # vLLM reads the body's field, not chat_template_kwargs' (which reach the template only)
     kwargs_only = {**chat, "body": {**chat["body"], "chat_template_kwargs": {"add_generation_prompt": False}}}
     assert {c["message"]["role"] for c in body(kwargs_only, ResponseNames("m", (), "bot"))["choices"]} == {"bot"}
+
+
+def test_reasoning_parsers_split_thinking_as_vllms():
+    """vLLM's run-batch --reasoning-parser was refused; deepseek_r1 and qwen3 now split an answer as vLLM 0.26
+    does (BaseThinkingReasoningParser; Qwen3Parser, which reads the line's enable_thinking)."""
+    from batchllm.io.reasoning import REASONING_PARSERS, reasoning_parser_named
+
+    r1, qwen3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
+    assert r1("<think>plan</think>\n\nAnswer", None) == ("plan", "\n\nAnswer")
+    assert r1("plan</think>Answer", None) == ("plan", "Answer"), "the template opened the thinking"
+    assert r1("still thinking", None) == ("still thinking", None), "cut off inside the thinking"
+    assert r1("<think>plan</think>", None) == ("plan", None)
+    assert qwen3("<think>\nplan\n</think>\n\nAnswer</think>", {}) == ("\nplan\n", "\n\nAnswer"), (
+        "a second </think> is dropped")
+    assert qwen3("no tags", None) == ("no tags", None)
+    assert qwen3("</think>Answer", None) == (None, "Answer")
+    assert qwen3("<think>x</think>y", {"enable_thinking": False}) == (None, "<think>x</think>y")
+    assert reasoning_parser_named(None) is None
+    import pytest
+
+    with pytest.raises(ValueError, match="'granite' is not supported .*deepseek_r1, qwen3"):
+        reasoning_parser_named("granite")
+
+
+def test_a_chat_answers_reasoning_goes_to_its_message_as_in_vllm():
+    """With --reasoning-parser, a chat answer's thinking goes to `message.reasoning` (vLLM's field; null without a
+    parser) and the rest to `content`; the message carries vLLM's other null fields. Completions, structured
+    output (its grammar holds from the first token) and Qwen3 lines without thinking are left whole."""
+    import json
+
+    from batchllm.io.ingest import ResponseNames, record_for
+    from batchllm.io.jsonl import parse_line
+
+    def message(body: dict, parser: str | None = "qwen3", url: str = CHAT_URL) -> dict:
+        line = parse_line(json.dumps({"custom_id": "c", "url": url, "body": body}).encode(), 1, set())
+        output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>hm</think>Paris", [5], -1.0, None, "stop")])
+        choice = record_for(line, output, ResponseNames("m", reasoning_parser=parser))["response"]["body"]["choices"][0]
+        return choice.get("message", choice)
+
+    chat = {"messages": [{"role": "user", "content": "Capital?"}]}
+    assert message(chat) == {"role": "assistant", "content": "Paris", "refusal": None, "annotations": None,
+                             "audio": None, "function_call": None, "reasoning": "hm"}
+    assert (message(chat, None)["content"], message(chat, None)["reasoning"]) == ("<think>hm</think>Paris", None)
+    off = {**chat, "chat_template_kwargs": {"enable_thinking": False}}
+    assert (message(off)["content"], message(off)["reasoning"]) == ("<think>hm</think>Paris", None)
+    assert message({**chat, "reasoning_effort": "none"})["reasoning"] is None, "reasoning_effort none: no thinking"
+    structured = {**chat, "response_format": {"type": "json_object"}}
+    assert message(structured)["content"] == "<think>hm</think>Paris"
+    assert message({"prompt": "Capital?"}, url="/v1/completions")["text"] == "<think>hm</think>Paris"
