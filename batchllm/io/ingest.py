@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
-from batchllm.io.job import ResumeState
+from batchllm.io.job import ResumeState, is_a_url
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
 from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.sampling_params import SamplingParams, short_repr
@@ -53,6 +53,9 @@ class Ingested(NamedTuple):
 
 def input_problem(path: Path) -> str | None:
     """Why the input file cannot be read, or None."""
+    if is_a_url(path):  # (a Path has folded its "//")
+        return (f"cannot read input file {str(path).replace(':/', '://', 1)!r}: it is a URL, which is not downloaded "
+                "here (vLLM's run-batch reads one): download it first (e.g. curl -o in.jsonl URL)")
     if path.is_dir():
         return f"cannot read input file {str(path)!r}: it is a directory"
     if not path.exists():
@@ -61,12 +64,15 @@ def input_problem(path: Path) -> str | None:
         return f"cannot read input file {str(path)!r}: not a regular file (it is read twice: to fingerprint and to run)"
     try:
         with path.open("rb") as f:
-            head = f.read(4)
+            head = f.read(1 << 16)
     except OSError as e:
         return f"cannot read input file {str(path)!r}: {e.strerror}"
     for magic, what in _NOT_UTF8_FILES:
         if head.startswith(magic):
             return f"cannot read input file {str(path)!r}: it is {what}; a JSONL file is UTF-8 text, one JSON per line"
+    if b"\r{" in head and b"\n" not in head:  # (read as one line, every line but the first would go unanswered)
+        return (f"cannot read input file {str(path)!r}: its lines end in a lone carriage return (\\r, old Mac OS "
+                "line endings); convert them to \\n first (e.g. tr '\\r' '\\n' < in.jsonl > fixed.jsonl)")
     return None
 
 

@@ -149,12 +149,21 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
     if str(output) == "-":  # (a file named "-" in the working directory is not what a user means)
         raise JobError("results cannot go to standard output (-o -): a job resumes from its output file; "
                        "give -o a path")
+    if is_a_url(output):  # (a Path has folded its "//": "https:/host/...", a folder named "https:" otherwise)
+        raise JobError(f"-o {str(output).replace(':/', '://', 1)!r} is a URL: results are written to a local file "
+                       "(a job resumes from it), not uploaded as vLLM's run-batch does; write a file and upload it "
+                       "when the job is done (e.g. curl -T out.jsonl URL)")
     if _is_a_standard_stream(output):  # (/dev/stdout redirected to a file is a regular file)
         raise JobError(f"results cannot go to {str(output)!r}: a job resumes from its output file, with a state file "
                        "beside it; give -o the path of a file")
     if same_file(output, input_path):
         raise JobError(f"refusing to write the output onto the input file {str(input_path)!r} "
                        "(even with --overwrite: it would destroy the input); choose another -o")
+
+
+def is_a_url(path: Path) -> bool:
+    """Whether a path given on the command line is an http(s) URL (vLLM's run-batch reads and writes those)."""
+    return str(path).lower().startswith(("http:/", "https:/"))
 
 
 _STANDARD_STREAM = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")

@@ -228,6 +228,30 @@ def test_a_compressed_or_utf16_input_is_refused_at_start_naming_what_it_is(tmp_p
     assert input_problem(bom) is None, "UTF-8 with a BOM is read"
 
 
+def test_urls_and_lone_carriage_returns_are_refused_at_start(tmp_path, capsys, monkeypatch):
+    """vLLM's run-batch reads and writes http(s) URLs: `-o https://...` wrote a local folder "https:" and exited
+    0 (nothing uploaded), and `-i https://...` said "no such file". A file whose lines end in a lone \r was one
+    line: its first line failed and the others got no record at all."""
+    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, src, "-o", "https://bucket.s3.amazonaws.com/out.jsonl?X-Amz-Signature=abc")
+    assert code == 2 and "-o 'https://bucket.s3.amazonaws.com/out.jsonl?X-Amz-Signature=abc' is a URL" in err, err
+    assert not (tmp_path / "https:").exists()
+    code, err = run(capsys, "http://example.com/x.jsonl", "-o", "o.jsonl")
+    assert code == 2 and "'http://example.com/x.jsonl': it is a URL" in err and "curl" in err, err
+    mac = tmp_path / "mac.jsonl"
+    mac.write_bytes(b'{"id": "a", "prompt": "hi"}\r{"id": "b", "prompt": "yo"}\r')
+    code, err = run(capsys, mac, "-o", "o.jsonl")
+    assert code == 2 and "lone carriage return" in err, err
+    windows = tmp_path / "crlf.jsonl"
+    windows.write_bytes(b'{"id": "a", "prompt": "hi"}\r\n{"id": "b", "prompt": "yo"}\r\n')
+    from batchllm.io.ingest import input_problem
+
+    assert input_problem(windows) is None
+
+
 def test_an_unexpected_failure_exits_3_with_one_line_and_the_traceback_only_under_debug(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a", "prompt": "hi"}\n')
