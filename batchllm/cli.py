@@ -168,8 +168,11 @@ def _add_plan_parser(sub) -> None:
                       help="also list the N prefix groups that save the most prefill (nested ones too): members, "
                       "shared prefix length in tokens, tokens saved and the prefix's first words, to check the plan "
                       "against what you know of the file")
+    plan.add_argument("--max-tokens", type=int, default=None,
+                      help="as run's: the max_tokens of lines without one, which a line's min_tokens and "
+                      "truncate_prompt_tokens -1 are checked against (default: as run's)")
     add_engine_arguments(plan, names=["model", "tokenizer", "chat_template", "max_model_len", "max_logprobs",
-                                      "plan_mode"])
+                                      "plan_mode", "generation_config"])
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -345,7 +348,8 @@ def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) 
     `io.ingest.OPENAI_MAX_TOKENS` where SAMPLING_FALLBACKS gives max_tokens (plain lines only take it)."""
     given = {name: getattr(args, name) for name in (*SAMPLING_FALLBACKS, "repetition_penalty")
              if getattr(args, name, None) is not None}  # (repetition_penalty: SamplingParams' 1.0 without one)
-    defaults = {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": args.stop, "ignore_eos": args.ignore_eos}
+    defaults = {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": getattr(args, "stop", None),
+                "ignore_eos": getattr(args, "ignore_eos", False)}  # (plan has --max-tokens alone)
     if "max_tokens" not in given and "max_tokens" not in (from_model or {}):
         defaults[OPENAI_MAX_TOKENS] = ENDPOINT_DEFAULTS  # OpenAI lines without max_tokens: as OpenAI and vLLM
     return defaults
@@ -369,7 +373,7 @@ def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) 
     bad value raises ValueError naming it (`model_dir` None: no model defaults)."""
     from_model = model_sampling_defaults(model_dir, args.generation_config)
     defaults = sampling_defaults(args, from_model)
-    SamplingParams(**sampling_fields_of(defaults), seed=args.seed)  # --seed also seeds the engine: the same range
+    SamplingParams(**sampling_fields_of(defaults), seed=getattr(args, "seed", None))  # --seed also seeds the engine
     return defaults, from_model
 
 
@@ -782,9 +786,12 @@ def plan_command(args: argparse.Namespace) -> int:
         engine_config(max_model_len=args.max_model_len, max_logprobs=args.max_logprobs)  # (their checks, as run's)
         prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len, args.max_logprobs,
                                        chat_template=args.chat_template)
+        # run's sampling defaults: a line's max_tokens decides its -1 truncation and its min_tokens check
+        model_dir = None if args.model is None else read_model_source(args.model, args.max_model_len).model_dir
+        defaults, _ = resolve_sampling_defaults(args, model_dir)
     except (ValueError, OSError) as e:
         return _fail(str(e))
-    valid, errors, _, ignored = prepare_lines(args.input, prompts, {}, None,
+    valid, errors, _, ignored = prepare_lines(args.input, prompts, defaults, None,
                                               template_defaults=args.default_chat_template_kwargs)
     note_ignored_fields(ignored)
     for error in errors:

@@ -279,6 +279,21 @@ def test_plan_of_an_input_without_requests_is_empty_as_run_is(tmp_path, default_
     assert r.returncode == 0 and json.loads(r.stdout)["num_lines_failed"] == 0, r.stderr
 
 
+def test_plan_reads_lines_with_runs_max_tokens(tmp_path, default_model_dir):
+    """plan read every line without max_tokens as SamplingParams' 16, where run gives a plain line 256 and an
+    OpenAI chat line the context: it failed lines run answers (min_tokens 20) and counted -1 truncation wrong."""
+    src = tmp_path / "in.jsonl"
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "min_tokens": 20}
+    src.write_text(json.dumps({"id": "m", "prompt": "Tell me a story", "min_tokens": 20}) + "\n"
+                   + json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": chat}) + "\n"
+                   + json.dumps({"id": "t", "prompt": "word " * 300, "truncate_prompt_tokens": -1}) + "\n")
+    r = run_cli("plan", src, "--json", "--max-model-len", "512")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt_tokens"] < 300 + 30, "the long prompt keeps 512 - 256 tokens, as in run"
+    r = run_cli("plan", src, "--json", "--max-tokens", "4")
+    assert r.returncode == 1 and "min_tokens must be <= max_tokens (4)" in r.stderr, r.stderr
+
+
 def test_members_the_cache_holds_only_unshared_run_unshared(tiny_model_factory):
     """A request that fits the cache alone, but not with a copy of its shared prefix's last block, stopped
     the engine ("may need 5 KV blocks but the cache has 4"); it now runs without sharing, with the same
