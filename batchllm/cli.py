@@ -239,6 +239,21 @@ def vllm_flag_not_taken(flag: str) -> str | None:
                   entry[1])
 
 
+_INPUT_LEN = "a prompt's length is --prompt-len here (with --workload nosharing), or --shared + --distinct"
+_OUTPUT_LEN = "the output's length is --output here (--min-output/--max-output: a range, decodeheavy)"
+VLLM_BENCH_FLAGS = {
+    "--num-prompts": "vLLM bench's count of prompts is --requests here",
+    "--dataset-name": "the prompts' shape is --workload here (shared, nosharing, decodeheavy, snippet), or a file of "
+                      "token ids (--prompts-file)",
+    "--dataset-path": "a file of prompts is --prompts-file here (prompt_token_ids lines)",
+    "--input-len": _INPUT_LEN, "--random-input-len": _INPUT_LEN,
+    "--prefix-len": "the shared prefix's length is --shared here (and its sharing degree --degree)",
+    "--output-len": _OUTPUT_LEN, "--random-output-len": _OUTPUT_LEN,
+    "--output-json": "the results' JSON file is --json-out here",
+}
+"""vLLM's `vllm bench throughput` flags and their counterparts in `batchllm bench`."""
+
+
 def unrecognized_arguments_message(command: argparse.ArgumentParser, unknown: list[str]) -> str:
     """argparse's "unrecognized arguments" with, per unknown flag, what it means here (`vllm_flag_not_taken`)
     or the command's flags closest to it."""
@@ -248,7 +263,9 @@ def unrecognized_arguments_message(command: argparse.ArgumentParser, unknown: li
         name = word.split("=", 1)[0]
         if not name.startswith("-"):
             continue
-        if instead := vllm_flag_not_taken(name):
+        if "--requests" in flags and name in VLLM_BENCH_FLAGS:
+            hints.append(f"{name}: {VLLM_BENCH_FLAGS[name]}")
+        elif instead := vllm_flag_not_taken(name):
             hints.append(f"{name}: {instead}")
         elif close := difflib.get_close_matches(name, flags, n=2, cutoff=0.75):
             hints.append(f"{name}: did you mean {' or '.join(close)}?")

@@ -388,6 +388,11 @@ def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_me
     assert "batchllm run: error: unrecognized arguments: --temprature 0 --revision=main" in err
     assert "--temprature: did you mean --temperature?" in err and "--revision: models are read from" in err
     assert "--zzz:" not in err, "no hint where nothing is close"
+    with pytest.raises(SystemExit):  # vLLM's bench throughput flags were "unrecognized" without a word
+        main(["bench", "--num-prompts", "10", "--dataset-path", "p.jsonl", "--output-len", "8"])
+    err = capsys.readouterr().err
+    assert "--num-prompts: vLLM bench's count of prompts is --requests here" in err
+    assert "--dataset-path: a file of prompts is --prompts-file" in err and "--output-len: the output's length" in err
 
 
 def test_vllm_module_paths_and_python_dash_m_work():
