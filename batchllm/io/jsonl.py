@@ -70,6 +70,8 @@ class BatchLine:
     which ingest drops once tokenized."""
     echo: str | None = None
     """OpenAI completions lines: the body's `echo` (`openai_batch.BodyRequest.echo`)."""
+    response_asks: openai_batch.ResponseAsks | None = None
+    """OpenAI lines: what the body asks of its response beside the answer (`openai_batch.response_asks`)."""
 
 
 def without_its_index(text: str, index: int) -> str:
@@ -324,7 +326,8 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     model = obj["body"].get("model")
     return BatchLine(line_number, rid, asked.prompt, asked.is_chat, integers_from_json(asked.overrides), OPENAI,
                      asked.url, model if isinstance(model, str) else None, asked.template, unknown,
-                     continued_role=_continued_role(obj["body"], asked.prompt), echo=asked.echo)
+                     continued_role=_continued_role(obj["body"], asked.prompt), echo=asked.echo,
+                     response_asks=asked.asks)
 
 
 def _continued_role(body: dict, messages: Any) -> str | None:

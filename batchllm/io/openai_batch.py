@@ -43,9 +43,9 @@ _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs"
                       "media_io_kwargs": (None, {})}
 _ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None)}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
-# verbosity: a hint to OpenAI's own models)
-_IGNORED = {"model", "user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key",
-            "prompt_cache_retention", "safety_identifier", "verbosity"}
+# verbosity: a hint to OpenAI's own models; cache_salt: vLLM's, which keeps a prefix cache's entries apart)
+_IGNORED = {"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+            "safety_identifier", "verbosity", "cache_salt"}
 
 
 class BodyError(ValueError):
@@ -69,6 +69,8 @@ class BodyRequest(NamedTuple):
     echo: str | None = None
     """ECHO_PROMPT or ECHO_BOTH where a completions body asks `echo` (its text, tokens and logprobs start with the
     prompt's, as vLLM's); None otherwise."""
+    asks: ResponseAsks | None = None
+    """What the body asks of its response beside the answer (`response_asks`); None: nothing."""
 
 
 def template_kwargs(value: Any) -> dict[str, Any] | None:
@@ -116,7 +118,17 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
         max_tokens = 1  # (vLLM's: one token is generated, and the prompt alone answered)
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
-    return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo)
+    return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo,
+                       response_asks(body))
+
+
+def response_asks(body: dict) -> ResponseAsks | None:
+    """A body's vLLM fields that shape its response: `request_id` (a string) and `return_token_ids`."""
+    request_id = body.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or not request_id):
+        raise BodyError(f"'request_id' must be a non-empty string, got {json.dumps(request_id)[:40]}")
+    return_ids = _flag(body.get("return_token_ids"), "return_token_ids")
+    return ResponseAsks(request_id, return_ids) if request_id is not None or return_ids else None
 
 
 _INTEGER_BODY_FIELDS = ("n", "seed", "top_k", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", "max_tokens",
@@ -147,7 +159,8 @@ def numbers_from_text(body: dict, chat: bool) -> dict:
 def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
     """Every field of the body is one taken here (null: not set, as writers say it), at a value it can honour."""
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
-                                                             "response_format", "echo", "logprob_token_ids"}
+                                                             "response_format", "echo", "logprob_token_ids",
+                                                             "request_id", "return_token_ids"}
     only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
     known |= set(only_default)
     known |= {"max_completion_tokens", "top_logprobs", "tools", "documents", *CHAT_TEMPLATE_FIELDS} if chat else set()
@@ -449,47 +462,73 @@ def _ids() -> tuple[str, str]:
     return f"batch_req_{uuid.uuid4().hex}", f"req_{uuid.uuid4().hex}"
 
 
+class ResponseAsks(NamedTuple):
+    """What an OpenAI body asks of its response beside the answer (vLLM's fields); None on a line asking nothing."""
+
+    request_id: str | None = None
+    """vLLM's `request_id`: the response's id is "chatcmpl-" (or "cmpl-") and it, in place of a random one."""
+    return_token_ids: bool = False
+    """vLLM's `return_token_ids`: each choice's `token_ids`, and the prompt's (`prompt_token_ids`)."""
+
+
+_VLLM_BODY_NULLS = {"service_tier": None, "system_fingerprint": None}
+_VLLM_BODY_TAIL = {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+"""The keys vLLM's response bodies always write (null here: no service tier, fingerprint, KV transfer or timing)."""
+
+
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
                    top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
-                   tokenizer=None, reasoning_split=None) -> dict[str, Any]:
-    """A 200 response line; `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its
-    entries, in their order: the sampled token's, then those logprob_token_ids named); `role` is a
-    chat answer's (vLLM's --response-role); `echo` a completions line's (`BodyRequest.echo`, the prompt's
-    text), whose first prompt token (it has no logprobs) the tokenizer names. Each choice carries vLLM's
-    `stop_reason` (the stop string or token id that ended it, else null); `system_fingerprint` and a chat
-    message's `refusal` are null, as in OpenAI's and vLLM's responses (no fingerprint; a model's answer is never
-    classed a refusal); `reasoning_split` (text -> (reasoning, content): vLLM's --reasoning-parser) gives a chat
-    message its `reasoning`, else null. A chat message has vLLM's other fields too (`annotations`, `audio`,
-    `function_call`: null; `tool_calls` left out where empty, as vLLM leaves it)."""
+                   tokenizer=None, reasoning_split=None, asks: ResponseAsks | None = None) -> dict[str, Any]:
+    """A 200 response line, its body with the keys vLLM's run-batch writes (null where nothing is said).
+    `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its entries, in their order:
+    the sampled token's, then those logprob_token_ids named); `role` is a chat answer's (vLLM's --response-role);
+    `echo` a completions line's (`BodyRequest.echo`, the prompt's text), whose first prompt token (it has no
+    logprobs) the tokenizer names; `reasoning_split` (text -> (reasoning, content): vLLM's --reasoning-parser)
+    gives a chat message its `reasoning`; `asks`: the body's `request_id` and `return_token_ids`. Each choice
+    carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
+    asks = asks or ResponseAsks()
     line_id, request_id = _ids()
-    created = int(time.time())
     completion_tokens = output.num_output_tokens
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if output.num_cached_tokens is not None:  # as OpenAI's usage: prompt tokens read from a cache (a shared prefix)
         usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens}
-    prompt_logprobs = _prompt_logprobs(output)
+    head = {"object": "chat.completion" if url == CHAT_URL else "text_completion", "created": int(time.time()),
+            "model": model}
+    prompt_ids = list(output.prompt_token_ids) if asks.return_token_ids else None
     if url == CHAT_URL:
         choices = [{"index": c.index, "message": _chat_message(role, c.text, reasoning_split),
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in output.outputs]
-        body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
-                "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
-        if prompt_logprobs is not None:  # vLLM's: the response's, in a chat completion
-            body["prompt_logprobs"] = prompt_logprobs
+                    "stop_reason": c.stop_reason, "token_ids": _token_ids(c, asks), "routed_experts": None}
+                   for c in output.outputs]
+        body = {"id": f"chatcmpl-{asks.request_id or uuid.uuid4().hex}", **head, "choices": choices,
+                **_VLLM_BODY_NULLS, "usage": usage, "prompt_logprobs": _prompt_logprobs(output),
+                "prompt_token_ids": prompt_ids, "prompt_text": None, **_VLLM_BODY_TAIL}
     else:
-        choices = []
-        for c in output.outputs:
-            text, token_ids, logprobs = _echoed(c, output, echo)
-            choices.append({"index": c.index, "text": text,
-                            "logprobs": _completion_logprobs(token_ids, logprobs, text, top_logprobs, tokenizer),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        if prompt_logprobs is not None:  # vLLM's: each choice's, in a text completion
-            choices = [{**choice, "prompt_logprobs": prompt_logprobs} for choice in choices]
-        body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
-                "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
+        body = {"id": f"cmpl-{asks.request_id or uuid.uuid4().hex}", **head,
+                "choices": _completion_choices(output, echo, top_logprobs, tokenizer, asks, prompt_ids),
+                **_VLLM_BODY_NULLS, "usage": usage, **_VLLM_BODY_TAIL}
     return {"id": line_id, "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def _token_ids(completion, asks: ResponseAsks) -> list[int] | None:
+    return list(completion.token_ids) if asks.return_token_ids else None
+
+
+def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsks, prompt_ids) -> list[dict]:
+    """A text completion's choices (`success_record`), each with the prompt's logprobs where asked, as vLLM
+    writes them in a text completion."""
+    prompt_logprobs = _prompt_logprobs(output)
+    choices = []
+    for c in output.outputs:
+        text, token_ids, logprobs = _echoed(c, output, echo)
+        choices.append({"index": c.index, "text": text,
+                        "logprobs": _completion_logprobs(token_ids, logprobs, text, top_logprobs, tokenizer),
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                        "token_ids": _token_ids(c, asks), "prompt_logprobs": prompt_logprobs,
+                        "prompt_token_ids": prompt_ids, "routed_experts": None})
+    return choices
 
 
 def _chat_message(role: str, text: str | None, reasoning_split=None) -> dict[str, Any]:

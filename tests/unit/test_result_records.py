@@ -133,3 +133,41 @@ def test_a_chat_answers_reasoning_goes_to_its_message_as_in_vllm():
     structured = {**chat, "response_format": {"type": "json_object"}}
     assert message(structured)["content"] == "<think>hm</think>Paris"
     assert message({"prompt": "Capital?"}, url="/v1/completions")["text"] == "<think>hm</think>Paris"
+
+
+def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
+    """vLLM's run-batch writes every field of its response models (null where nothing is said): a parser indexing
+    `body["service_tier"]` or `choice["token_ids"]` failed on ours. A body's `request_id` names the response
+    (it was ignored) and `return_token_ids` gives the prompt's and each choice's token ids (it failed the line)."""
+    import json
+
+    from batchllm.io.ingest import ResponseNames, record_for
+    from batchllm.io.jsonl import parse_line
+
+    def body(url: str, fields: dict) -> dict:
+        request = {"custom_id": "c", "url": url, "body": fields}
+        line = parse_line(json.dumps(request).encode(), 1, set())
+        return record_for(line, two_samples(), ResponseNames("m"))["response"]["body"]
+
+    chat = body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}], "cache_salt": "s"})
+    assert list(chat) == ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
+                          "usage", "prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
+                          "ec_transfer_params", "metrics"]
+    assert list(chat["choices"][0]) == ["index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids",
+                                        "routed_experts"]
+    assert chat["choices"][0]["token_ids"] is None and chat["prompt_token_ids"] is None
+    text = body("/v1/completions", {"prompt": "hi"})
+    assert list(text) == ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
+                          "usage", "kv_transfer_params", "ec_transfer_params", "metrics"]
+    assert list(text["choices"][0]) == ["index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
+                                        "prompt_logprobs", "prompt_token_ids", "routed_experts"]
+    asked = body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}], "request_id": "trace-7",
+                            "return_token_ids": True})
+    assert asked["id"] == "chatcmpl-trace-7" and asked["prompt_token_ids"] == [1, 2]
+    assert [c["token_ids"] for c in asked["choices"]] == [[5, 6], [7, 8, 9]]
+    asked = body("/v1/completions", {"prompt": "hi", "request_id": "r", "return_token_ids": "true"})
+    assert asked["id"] == "cmpl-r" and asked["choices"][1]["token_ids"] == [7, 8, 9]
+    assert asked["choices"][0]["prompt_token_ids"] == [1, 2]
+    bad = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
+        "messages": [{"role": "user", "content": "hi"}], "request_id": 7}}).encode(), 1, set())
+    assert "'request_id' must be a non-empty string, got 7" in bad.message
