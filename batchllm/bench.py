@@ -239,11 +239,14 @@ def _sync(llm) -> None:
 
 def resolve_workload(args) -> str:
     """`args.workload`, set where the command line left it out: file with --prompts-file, else shared.
-    Exits where --prompts-file is given to a synthetic workload (it was ignored, and that workload ran)."""
+    Exits where --prompts-file is given to a synthetic workload, or --sorted to another than shared (each was
+    ignored, and that workload ran)."""
     if getattr(args, "workload", None) is None:
         args.workload = "file" if getattr(args, "prompts_file", None) else "shared"
     if getattr(args, "prompts_file", None) and args.workload != "file":
         raise SystemExit(f"batchllm bench: --prompts-file is read by --workload file, not --workload {args.workload}")
+    if getattr(args, "sorted", False) and args.workload != "shared":  # (the others' order is their own)
+        raise SystemExit(f"batchllm bench: --sorted orders --workload shared, not --workload {args.workload}")
     return args.workload
 
 
@@ -290,7 +293,7 @@ def add_bench_parser(sub) -> None:
     w.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (nosharing)")
     w.add_argument("--min-output", type=int, default=100, help="shortest output (decodeheavy)")
     w.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
-    w.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (else shuffled)")
+    w.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (else shuffled; shared)")
     r = b.add_argument_group("run")
     r.add_argument("--configs", default="sharing,nosharing",
                    help="comma list of: " + "; ".join(f"{name} ({what})" for name, (what, _) in CONFIGS.items()))

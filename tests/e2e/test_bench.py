@@ -240,6 +240,8 @@ def test_bench_file_workload_needs_a_file(tiny_model_factory, tmp_path):
         main(["bench", "--model", model, "--prompts-file", str(tmp_path / "empty.jsonl")])
     with pytest.raises(SystemExit, match="--prompts-file is read by --workload file, not --workload shared"):
         main(["bench", "--model", model, "--workload", "shared", "--prompts-file", str(tmp_path / "empty.jsonl")])
+    with pytest.raises(SystemExit, match="--sorted orders --workload shared, not --workload decodeheavy"):
+        main(["bench", "--model", model, "--workload", "decodeheavy", "--sorted"])  # (was ignored)
 
 
 def test_user_path_chat_runs_an_openai_batch_file_and_bench_the_same_tokens(tiny_model_factory, tmp_path,
