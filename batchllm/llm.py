@@ -406,10 +406,10 @@ class LLM:
             return [sampling_params.as_given()] * n
         iterable = isinstance(sampling_params, Iterable) and not isinstance(sampling_params, (str, dict))
         params = list(sampling_params) if iterable else [sampling_params]
-        if (bad := next((sp for sp in params if not isinstance(sp, SamplingParams)), None)) is not None:
-            shown = ("a list holding " if iterable else "") + type(bad).__name__
+        if bad := [sp for sp in params if not isinstance(sp, SamplingParams)][:1]:  # (None among them too)
+            shown = ("a list holding " if iterable else "") + type(bad[0]).__name__
             raise TypeError("sampling_params must be a SamplingParams or a list of them (one per prompt), got "
-                            + shown + (" (build one: SamplingParams(**fields))" if isinstance(bad, dict) else ""))
+                            + shown + (" (build one: SamplingParams(**fields))" if isinstance(bad[0], dict) else ""))
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         copies: dict[int, SamplingParams] = {}

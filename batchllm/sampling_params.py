@@ -186,6 +186,8 @@ class SamplingParams:
             if getattr(self, name) is True:  # vLLM's: True asks for the sampled (prompt) token's logprob and 1 more
                 setattr(self, name, 1)
         self._validate()
+        if self.temperature < _GREEDY_EPS:  # greedy: as vLLM, the filters of sampling are reset (they change nothing)
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
         if isinstance(self.stop, str) or self.stop is None:  # as vLLM holds it: a list (`sp.stop.append(...)`)
             self.stop = [] if self.stop is None else [self.stop]
         if self.bad_words is None:

@@ -93,6 +93,8 @@ def test_generate_validates_every_prompt_before_running(default_llm):
         default_llm.generate(["x"], {"max_tokens": 2}, use_tqdm=False)
     with pytest.raises(TypeError, match="got a list holding dict"):
         default_llm.generate(["x"], [{"max_tokens": 2}], use_tqdm=False)
+    with pytest.raises(TypeError, match="got a list holding NoneType"):  # (was AttributeError: 'NoneType' ...)
+        default_llm.generate(["x", "y"], [SamplingParams(max_tokens=2), None], use_tqdm=False)
     with pytest.raises(TypeError, match="prompts must be a prompt or a list of prompts, got NoneType"):
         default_llm.generate(None, use_tqdm=False)
     with pytest.raises(ValueError, match=r"logprobs = 21 is more than max_logprobs \(20\)"):  # vLLM's default cap

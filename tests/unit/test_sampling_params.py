@@ -428,3 +428,14 @@ def test_a_tiny_temperature_is_raised_and_from_optional_clamps_biases_as_vllm_do
     assert sp.as_given().temperature == 0.01
     assert SamplingParams.from_optional(logit_bias={"5": 500, 6: -250.5, 7: 3}).logit_bias == \
         {5: 100.0, 6: -100.0, 7: 3.0}
+
+
+def test_greedy_resets_the_filters_of_sampling_as_vllm_does():
+    """vLLM's SamplingParams sets top_p 1, top_k 0 and min_p 0 at temperature 0 (they change nothing there); scripts
+    reading them back got the values given."""
+    greedy = SamplingParams(temperature=0, top_k=5, top_p=0.5, min_p=0.2)
+    assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)
+    sampled = SamplingParams(temperature=0.5, top_k=5, top_p=0.5, min_p=0.2)
+    assert (sampled.top_p, sampled.top_k, sampled.min_p) == (0.5, 5, 0.2)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=0, top_p=0)  # still checked first, as in vLLM
