@@ -35,6 +35,7 @@ from batchllm.generation_defaults import generation_eos_token_ids, model_samplin
 from batchllm.inputs import ModelSource, check_model_files, read_chat_template, read_model_source
 from batchllm.io.ingest import (
     ENDPOINT_DEFAULTS,
+    MODEL_FOR_CHAT,
     OPENAI_MAX_TOKENS,
     TO_THE_CONTEXT,
     ResponseNames,
@@ -114,9 +115,9 @@ def _add_run_parser(sub) -> None:
     model_or = "the model's generation_config.json if it sets one, else"
     # (--generation-config, an engine option below, says where the model's defaults come from)
     s.add_argument("--max-tokens", type=int, default=None,
-                   help=f"most tokens to generate per request (default: {model_or} 256 for plain lines and "
-                        "for OpenAI Batch lines up to the context in chat and 16 in completions, as OpenAI's API and "
-                        "vLLM's run-batch)")
+                   help=f"most tokens to generate per request (default: {model_or} 256 for plain lines; for "
+                        "OpenAI Batch lines 16 in completions and in chat the model's, else up to the context, as "
+                        "OpenAI's API and vLLM's server)")
     s.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default: {model_or} 1.0)")
     s.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default: {model_or} 1.0: off)")
     s.add_argument("--top-k", type=int, default=None,
@@ -362,27 +363,36 @@ SAMPLING_FALLBACKS = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_
 def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) -> dict:
     """The run's sampling defaults as SamplingParams fields (a line's own fields override them): the
     command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS; and
-    `io.ingest.OPENAI_MAX_TOKENS` where SAMPLING_FALLBACKS gives max_tokens (plain lines only take it)."""
+    `io.ingest.OPENAI_MAX_TOKENS` where the command line gives no max_tokens (OpenAI lines' own rule)."""
     given = {name: getattr(args, name) for name in (*SAMPLING_FALLBACKS, "repetition_penalty")
              if getattr(args, name, None) is not None}  # (repetition_penalty: SamplingParams' 1.0 without one)
     defaults = {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": getattr(args, "stop", None),
                 "ignore_eos": getattr(args, "ignore_eos", False)}  # (plan has --max-tokens alone)
-    if "max_tokens" not in given and "max_tokens" not in (from_model or {}):
-        defaults[OPENAI_MAX_TOKENS] = ENDPOINT_DEFAULTS  # OpenAI lines without max_tokens: as OpenAI and vLLM
+    if "max_tokens" not in given:  # OpenAI lines without max_tokens: as OpenAI's API and vLLM's server
+        defaults[OPENAI_MAX_TOKENS] = MODEL_FOR_CHAT if "max_tokens" in (from_model or {}) else ENDPOINT_DEFAULTS
     return defaults
 
 
 def keep_the_outputs_openai_rule(defaults: dict, state_path: Path, overwrite: bool) -> dict:
     """`defaults`, with the rule for OpenAI lines without max_tokens that the output of `state_path` was begun
-    under where that is TO_THE_CONTEXT (before completions lines took 16 tokens): a resumed job answers its
-    remaining lines as it answered the others (and says so)."""
-    if (overwrite or defaults.get(OPENAI_MAX_TOKENS) != ENDPOINT_DEFAULTS
-            or recorded_option(state_path, OPENAI_MAX_TOKENS) != TO_THE_CONTEXT):
+    under where an earlier version's differs: TO_THE_CONTEXT (before completions lines took 16 tokens), or none
+    recorded beside the model's max_tokens (before MODEL_FOR_CHAT: completions lines took the model's). A resumed
+    job answers its remaining lines as it answered the others (and says so)."""
+    rule = defaults.get(OPENAI_MAX_TOKENS)
+    if overwrite or rule not in (ENDPOINT_DEFAULTS, MODEL_FOR_CHAT):
         return defaults
-    print("batchllm: note: this output was begun by an earlier version, under which /v1/completions lines without "
-          "max_tokens run to the context: its remaining lines do too (--overwrite starts over with 16 tokens, "
-          "OpenAI's default)", file=sys.stderr)
-    return {**defaults, OPENAI_MAX_TOKENS: TO_THE_CONTEXT}
+    recorded = recorded_option(state_path, OPENAI_MAX_TOKENS)
+    if rule == ENDPOINT_DEFAULTS and recorded == TO_THE_CONTEXT:
+        print("batchllm: note: this output was begun by an earlier version, under which /v1/completions lines "
+              "without max_tokens run to the context: its remaining lines do too (--overwrite starts over with 16 "
+              "tokens, OpenAI's default)", file=sys.stderr)
+        return {**defaults, OPENAI_MAX_TOKENS: TO_THE_CONTEXT}
+    if rule == MODEL_FOR_CHAT and recorded is None and recorded_option(state_path, "max_tokens") is not None:
+        print("batchllm: note: this output was begun by an earlier version, under which /v1/completions lines "
+              "without max_tokens take the model's max_tokens: its remaining lines do too (--overwrite starts over "
+              "with 16 tokens, vLLM's default)", file=sys.stderr)
+        return {k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS}
+    return defaults
 
 
 def resolve_sampling_defaults(args: argparse.Namespace, model_dir: Path | None) -> tuple[dict, dict]:

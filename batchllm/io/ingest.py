@@ -216,13 +216,17 @@ def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None
 
 
 OPENAI_MAX_TOKENS = "openai_max_tokens"
-"""A key of the run's sampling defaults that is not a SamplingParams field: present where neither --max-tokens nor
-the model's generation_config.json gives a max_tokens (the run's 256 is then its own default for plain lines only),
-saying what an OpenAI line without max_tokens (or max_completion_tokens) generates: ENDPOINT_DEFAULTS, or
-TO_THE_CONTEXT in an output begun before completions lines took their endpoint's default."""
+"""A key of the run's sampling defaults that is not a SamplingParams field: present where --max-tokens gives no
+max_tokens (the run's 256 is then its own default for plain lines only), saying what an OpenAI line without
+max_tokens (or max_completion_tokens) generates: ENDPOINT_DEFAULTS, or MODEL_FOR_CHAT where the model's
+generation_config.json gives a max_tokens, or TO_THE_CONTEXT in an output begun before completions lines took their
+endpoint's default."""
 ENDPOINT_DEFAULTS = "chat: to the context; completions: 16"
-"""As OpenAI's API and vLLM's run-batch: a chat answer runs up to the context, a completion to
+"""As OpenAI's API and vLLM's server: a chat answer runs up to the context, a completion to
 COMPLETIONS_MAX_TOKENS."""
+MODEL_FOR_CHAT = "chat: the model's max_tokens; completions: 16"
+"""As vLLM's server where the model's generation_config.json gives max_new_tokens: a chat answer takes it, a
+completion COMPLETIONS_MAX_TOKENS (its request's own default, which the model's does not replace)."""
 TO_THE_CONTEXT = "to the context"
 """Every OpenAI line up to the context: what outputs begun before ENDPOINT_DEFAULTS recorded, and keep on resume."""
 COMPLETIONS_MAX_TOKENS = 16
@@ -240,8 +244,8 @@ def _line_fields(line: BatchLine, defaults: dict) -> dict:
     rule = defaults.get(OPENAI_MAX_TOKENS) if line.format == OPENAI else None
     if rule == TO_THE_CONTEXT or (rule == ENDPOINT_DEFAULTS and line.is_chat):
         fields["max_tokens"] = None
-    elif rule == ENDPOINT_DEFAULTS:
-        fields["max_tokens"] = COMPLETIONS_MAX_TOKENS
+    elif rule in (ENDPOINT_DEFAULTS, MODEL_FOR_CHAT) and not line.is_chat:
+        fields["max_tokens"] = COMPLETIONS_MAX_TOKENS  # (MODEL_FOR_CHAT's chat lines: the model's, in `fields`)
     return {**fields, **line.sampling_overrides}
 
 

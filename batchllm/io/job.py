@@ -404,8 +404,8 @@ def _read_state(state_path: Path, output: Path) -> dict[str, Any]:
     return state
 
 
-_OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without one, unless --max-tokens or the "
-                                      "model's generation_config.json gives one)",
+_OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without one, unless --max-tokens gives "
+                                      "one)",
                  "response_role": " (unset: assistant, the default)"}
 """What a recorded option that is no command-line option stands for, in a refusal."""
 

@@ -183,8 +183,8 @@ def _usage(out) -> dict:
     # run's own default: an OpenAI chat line runs to the context, a completions line to 16 tokens (OpenAI, vLLM)
     ([], None, None, 16, 256),
     (["--max-tokens", "5"], None, 5, 5, 5),  # the command line's default applies to all
-    ([], 7, 7, 7, 7),                        # so does the model's max_new_tokens (vLLM's run-batch: for a
-                                             # completion the smaller of it and 16, where here it applies alone)
+    ([], 7, 7, 16, 7),                       # the model's max_new_tokens: chat's and plain lines' default; a
+                                             # completion keeps its request's 16, as in vLLM's server
 ])
 def test_an_openai_line_without_max_tokens_takes_its_endpoints_default(tmp_path, capsys, tiny_model_factory, option,
                                                                        from_model, chat_tokens, completion_tokens,
@@ -230,9 +230,42 @@ def test_an_output_written_before_the_openai_default_changed_is_not_resumed_as_i
     out.write_text(out.read_text().splitlines()[0] + "\n")  # one line left to answer
     capsys.readouterr()
     assert cli.main(args) == 2
-    assert 'generation_config.json gives one) (unset) -> "chat: to the context; completions: 16"' in \
+    assert 'unless --max-tokens gives one) (unset) -> "chat: to the context; completions: 16"' in \
         capsys.readouterr().err
     assert cli.main([*args, "--max-tokens", "256"]) == 0, "the old default given resumes it"
+
+
+def test_an_output_begun_when_completions_took_the_models_max_tokens_resumes_as_it_began(tmp_path, capsys,
+                                                                                         tiny_model_factory):
+    """Completions lines without max_tokens took the model's max_new_tokens before they took 16 (vLLM's server):
+    an output begun then (its state records no rule beside the model's max_tokens) resumes under the old rule,
+    and says so; --overwrite starts over under the new one."""
+    from batchllm import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7, "eos_token_id": 2}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": f"o{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": [5, 6, 7, 8], "ignore_eos": True}} for i in range(2)]
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["run", str(src), "-o", str(out), "--model", str(model), "--max-model-len", "300", "--no-progress"]
+    assert cli.main(args) == 0
+    assert {u[1] for u in _usage(out).values()} == {16}
+    state_path = tmp_path / "out.jsonl.batchllm-state"
+    state = json.loads(state_path.read_text())
+    del state["options"]["openai_max_tokens"]  # as the earlier version recorded it
+    state_path.write_text(json.dumps(state))
+    first = out.read_text().splitlines()[0]
+    record = json.loads(first)
+    record["response"]["body"]["usage"]["completion_tokens"] = 7  # (as the earlier version answered it)
+    out.write_text(json.dumps(record) + "\n")
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "take the model's max_tokens: its remaining lines do too" in capsys.readouterr().err
+    assert sorted(u[1] for u in _usage(out).values()) == [7, 7]
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert {u[1] for u in _usage(out).values()} == {16}
 
 
 def test_the_models_repetition_penalty_can_be_overridden_on_the_command_line(tmp_path, capsys, tiny_model_factory):
