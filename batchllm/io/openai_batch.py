@@ -119,16 +119,22 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo,
-                       response_asks(body))
+                       response_asks(body, prompt if chat else None))
 
 
-def response_asks(body: dict) -> ResponseAsks | None:
-    """A body's vLLM fields that shape its response: `request_id` (a string) and `return_token_ids`."""
+def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | None:
+    """A body's vLLM fields that shape its response: `request_id` (a string), `return_token_ids`, and a chat's
+    `echo` (`messages`: the chat's, checked)."""
     request_id = body.get("request_id")
     if request_id is not None and (not isinstance(request_id, str) or not request_id):
         raise BodyError(f"'request_id' must be a non-empty string, got {json.dumps(request_id)[:40]}")
     return_ids = _flag(body.get("return_token_ids"), "return_token_ids")
-    return ResponseAsks(request_id, return_ids) if request_id is not None or return_ids else None
+    echoed = None
+    if messages is not None and _flag(body.get("echo"), "echo"):
+        last = text_message(len(messages) - 1, messages[-1])
+        echoed = (last.get("role"), last.get("content") or "")
+    asks = ResponseAsks(request_id, return_ids, echoed)
+    return asks if asks != ResponseAsks() else None
 
 
 _INTEGER_BODY_FIELDS = ("n", "seed", "top_k", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", "max_tokens",
@@ -283,12 +289,10 @@ def _named_logprobs(body: dict, chat: bool, overrides: dict) -> None:
 
 def _echo(body: dict, chat: bool, prompt: Any, max_tokens: Any, overrides: dict) -> str | None:
     """A completions body's `echo`, as vLLM answers it: the prompt's text, tokens and (with logprobs) prompt
-    logprobs before the output's; max_tokens 0 asks for the prompt alone (scoring a text). Chat's echo (the last
-    message's content, where the answer continues its role) is refused."""
-    if not _flag(body.get("echo"), "echo"):
+    logprobs before the output's; max_tokens 0 asks for the prompt alone (scoring a text). (A chat body's echo is
+    its response's: `response_asks`.)"""
+    if not _flag(body.get("echo"), "echo") or chat:
         return None
-    if chat:
-        raise BodyError("body field 'echo' = true is supported in /v1/completions bodies only")
     if not isinstance(prompt, str):
         raise BodyError("'echo' needs the prompt as text (a prompt of token ids is not echoed here)")
     if "logprobs" in overrides or "logprob_token_ids" in overrides:
@@ -469,6 +473,9 @@ class ResponseAsks(NamedTuple):
     """vLLM's `request_id`: the response's id is "chatcmpl-" (or "cmpl-") and it, in place of a random one."""
     return_token_ids: bool = False
     """vLLM's `return_token_ids`: each choice's `token_ids`, and the prompt's (`prompt_token_ids`)."""
+    echoed_message: tuple[str, str] | None = None
+    """A chat body's `echo`: its last message's (role, text), which starts each answer whose role is that one (the
+    answer continues that message: vLLM's echo)."""
 
 
 _VLLM_BODY_NULLS = {"service_tier": None, "system_fingerprint": None}
@@ -497,7 +504,7 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
             "model": model}
     prompt_ids = list(output.prompt_token_ids) if asks.return_token_ids else None
     if url == CHAT_URL:
-        choices = [{"index": c.index, "message": _chat_message(role, c.text, reasoning_split),
+        choices = [{"index": c.index, "message": _chat_message(role, c.text, reasoning_split, asks.echoed_message),
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason, "token_ids": _token_ids(c, asks), "routed_experts": None}
                    for c in output.outputs]
@@ -531,9 +538,13 @@ def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsk
     return choices
 
 
-def _chat_message(role: str, text: str | None, reasoning_split=None) -> dict[str, Any]:
-    """A chat answer's message as vLLM's ChatMessage writes it (`success_record`)."""
+def _chat_message(role: str, text: str | None, reasoning_split=None, echoed: tuple[str, str] | None = None
+                  ) -> dict[str, Any]:
+    """A chat answer's message as vLLM's ChatMessage writes it (`success_record`), after the echoed message's
+    text where that message has the answer's role (vLLM's echo)."""
     reasoning, content = reasoning_split(text) if reasoning_split is not None and text is not None else (None, text)
+    if echoed is not None and echoed[0] == role:
+        content = echoed[1] + (content or "")
     return {"role": role, "content": content, "refusal": None, "annotations": None, "audio": None,
             "function_call": None, "reasoning": reasoning}
 

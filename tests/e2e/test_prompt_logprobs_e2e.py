@@ -151,14 +151,15 @@ def test_openai_lines_carry_prompt_logprobs_where_vllm_puts_them(tmp_path, defau
              line("labels", chat, messages=[{"role": "user", "content": "Hi"}], logprobs=True,
                   logprob_token_ids=[5, 1000], max_tokens=1, temperature=0),
              line("echo-ids", cmpl, prompt=[5, 6], echo=True),
-             line("echo-chat", chat, messages=[{"role": "user", "content": "Hi"}], echo=True),
+             line("echo-chat", chat, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content":
+                  "Hello"}], echo=True, add_generation_prompt=False, continue_final_message=True, temperature=0),
              line("labels-alone", chat, messages=[{"role": "user", "content": "Hi"}], logprob_token_ids=[5])]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     r = subprocess.run([sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--model",
                         str(default_model_dir), "--dtype", "float32", "--no-progress"],
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 1, r.stderr  # (three lines fail)
+    assert r.returncode == 1, r.stderr  # (two lines fail)
     text = out.read_text() + (tmp_path / "out.errors.jsonl").read_text()  # (OpenAI's: failed lines go there)
     records = {rec["custom_id"]: rec for rec in map(json.loads, text.splitlines())}
     check_echo_and_named_logprobs(records, default_model_dir, reference)
@@ -175,14 +176,15 @@ def test_openai_lines_carry_prompt_logprobs_where_vllm_puts_them(tmp_path, defau
     chat = bodies["chat"]["prompt_logprobs"]
     assert chat[0] is None and all(len(e) == 1 for e in chat[1:]), "k = 0: the prompt token's own only"
     assert len(chat) == bodies["chat"]["usage"]["prompt_tokens"]
-    assert "prompt_logprobs" not in bodies["none"]["choices"][0]
-    assert "prompt_logprobs" not in bodies["chat"]["choices"][0]
+    assert bodies["none"]["choices"][0]["prompt_logprobs"] is None, "not asked: null, as vLLM writes it"
+    assert "prompt_logprobs" not in bodies["chat"]["choices"][0], "a chat's are the body's"
 
 
 def check_echo_and_named_logprobs(records, model_dir, reference):
     """echo: the prompt's text, tokens and logprobs (its first token's null, named by the tokenizer) before the
     output's; with max_tokens 0 the prompt alone (scoring a text). logprob_token_ids: the sampled token's entry and
-    the named tokens' in top_logprobs. Refused: echo of token ids or of a chat, logprob_token_ids without logprobs."""
+    the named tokens' in top_logprobs. Refused: echo of token ids, logprob_token_ids
+    without logprobs; a chat's echo starts the answer with the message it continues."""
     from transformers import AutoTokenizer
 
     ids, logprobs = reference[3]
@@ -203,7 +205,9 @@ def check_echo_and_named_logprobs(records, model_dir, reference):
     assert [t["token"] for t in labels["top_logprobs"]][-2:] == [AutoTokenizer.from_pretrained(
         str(model_dir)).convert_ids_to_tokens(t).replace("\u0120", " ") for t in (5, 1000)]
     assert labels["top_logprobs"][0]["token"] == labels["token"] and len(labels["top_logprobs"]) == 3
+    continued = records["echo-chat"]["response"]["body"]["choices"][0]["message"]  # (vLLM's chat echo)
+    assert continued["role"] == "assistant" and continued["content"].startswith("Hello"), continued
+    assert len(continued["content"]) > len("Hello")
     for name, message in (("echo-ids", "'echo' needs the prompt as text"),
-                          ("echo-chat", "'echo' = true is supported in /v1/completions bodies only"),
                           ("labels-alone", "'logprob_token_ids' needs logprobs true")):
         assert records[name]["response"] is None and message in records[name]["error"]["message"], name

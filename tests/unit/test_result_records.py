@@ -171,3 +171,9 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     bad = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
         "messages": [{"role": "user", "content": "hi"}], "request_id": 7}}).encode(), 1, set())
     assert "'request_id' must be a non-empty string, got 7" in bad.message
+    # vLLM's chat echo: the last message's text starts an answer that continues it (same role), else nothing
+    hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hel"}]}]
+    continued = body(CHAT_URL, {"messages": hello, "echo": True, "add_generation_prompt": False,
+                                "continue_final_message": True})
+    assert [c["message"]["content"] for c in continued["choices"]] == ["Heltext 0", "Heltext 1"]
+    assert body(CHAT_URL, {"messages": hello[:1], "echo": True})["choices"][0]["message"]["content"] == "text 0"
