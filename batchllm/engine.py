@@ -29,7 +29,7 @@ from batchllm.inputs import ModelSource, read_model_source
 from batchllm.layers.ops import make_ops, use_triton
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.loader import build_model
-from batchllm.models.quant_config import Fp8Scheme, resolve_quantization
+from batchllm.models.quant_config import Fp8Scheme, resolve_kv_cache_dtype, resolve_quantization
 from batchllm.models.spec import ModelSpec
 from batchllm.parallel.tensor_parallel import shard_spec
 from batchllm.runner.model_runner import KVCacheSpec, ModelRunner, plan_kv_cache
@@ -138,6 +138,8 @@ class ModelFacts:
     """config.scheduler with every automatic setting resolved for the device (the step budget)."""
     quantization: Fp8Scheme | None = None
     """The FP8 scheme of the decoder's linear layers (the option and the checkpoint's config); None: none."""
+    kv_cache_dtype: str = "auto"
+    """config.cache's kv_cache_dtype resolved with the checkpoint's (`resolve_kv_cache_dtype`)."""
 
 
 def resolve_model(config: EngineConfig, device: str | torch.device | None = None,
@@ -166,7 +168,9 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     shard_spec(spec, config.parallel.tensor_parallel_size)  # a size that does not divide fails here, by name
     check_gpu_count(config.parallel, device)
     quantization = resolve_quantization(mc.quantization, spec.quantization)
-    return ModelFacts(model_dir, spec, device, dtype, max_model_len, sc, quantization)
+    kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, spec.quantization,
+                                            str(dtype).removeprefix("torch."))
+    return ModelFacts(model_dir, spec, device, dtype, max_model_len, sc, quantization, kv_cache_dtype)
 
 
 def check_gpu_count(parallel: ParallelConfig, device: torch.device) -> None:
@@ -230,7 +234,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
                         load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,
                         ops=make_ops(mc.kernels, device), tp=tp, quantization=facts.quantization,
                         fp8_fused_quant=mc.fp8_fused_quant, fp8_deferred_scales=mc.fp8_deferred_scales)
-    kv_spec = plan_kv_cache(model.spec, config.cache, dtype, device, tp)
+    kv_spec = plan_kv_cache(model.spec, replace(config.cache, kv_cache_dtype=facts.kv_cache_dtype), dtype, device, tp)
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend
     if use_triton(mc.attention_backend, device, "attention_backend"):

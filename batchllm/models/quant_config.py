@@ -38,6 +38,8 @@ class Fp8Scheme:
     checkpoint without them is refused) but activations are still quantized per token at run time,
     which is never coarser than one calibrated scale per tensor.
     A decoder linear the checkpoint left in 16/32 bits (an `ignore` entry) is quantized at load.
+    kv_cache_fp8: the checkpoint declares an FP8 KV cache (compressed-tensors' `kv_cache_scheme`): with
+    kv_cache_dtype "auto" the cache is FP8, its scales the checkpoint's, as vLLM runs such a checkpoint.
     """
 
     checkpoint_fp8: bool
@@ -46,6 +48,7 @@ class Fp8Scheme:
     scale_suffix: str = "weight_scale"
     static_input: bool = False
     method: str = "fp8"
+    kv_cache_fp8: bool = False
 
     def describe(self) -> str:
         if not self.checkpoint_fp8:
@@ -115,7 +118,26 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
             raise ModelLoadError(f"{source}: compressed-tensors input_activations of type {acts.get('type')!r} "
                                  f"with {acts.get('num_bits')!r} bits are not supported (8-bit float or none)")
         static = not acts.get("dynamic", False)
-    return Fp8Scheme(True, strategy, block, "weight_scale", static, method="compressed-tensors")
+    return Fp8Scheme(True, strategy, block, "weight_scale", static, method="compressed-tensors",
+                     kv_cache_fp8=_kv_cache_scheme(qc.get("kv_cache_scheme"), source))
+
+
+def _kv_cache_scheme(scheme: object, source: str) -> bool:
+    """Whether a compressed-tensors `kv_cache_scheme` declares an FP8 KV cache (None: it declares none); one
+    this engine cannot run raises a ModelLoadError naming it (vLLM's checks, less its per-head scales)."""
+    if scheme is None:
+        return False
+    if not isinstance(scheme, dict):
+        raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme is not a JSON object")
+    if scheme.get("type") != "float" or scheme.get("num_bits") != 8:
+        raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme of type {scheme.get('type')!r} with "
+                             f"{scheme.get('num_bits')!r} bits is not supported (8-bit float)")
+    if scheme.get("strategy") != "tensor":
+        raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme strategy {scheme.get('strategy')!r} is "
+                             f"not supported (tensor: one k and one v scale per layer)")
+    if not scheme.get("symmetric"):
+        raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme must be symmetric")
+    return True
 
 
 def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp8Scheme | None:
@@ -131,3 +153,19 @@ def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp
         raise ValueError("quantization='compressed-tensors' names a compressed-tensors checkpoint's method, and this "
                          "checkpoint has no quantization_config: give 'fp8' to quantize it at load")
     return Fp8Scheme(checkpoint_fp8=False) if option == "fp8" else None
+
+
+def resolve_kv_cache_dtype(option: str, checkpoint: Fp8Scheme | None, model_dtype: str) -> str:
+    """The KV cache's kv_cache_dtype: the option's, except "auto" on a checkpoint declaring an FP8 cache
+    (`Fp8Scheme.kv_cache_fp8`), which is "fp8" as in vLLM; "bfloat16" (vLLM's way to keep such a checkpoint's
+    cache unquantized) is the model's dtype, which must then be bfloat16 (ValueError). `model_dtype`: the
+    resolved dtype's name."""
+    if option == "bfloat16":
+        if model_dtype != "bfloat16":
+            raise ValueError(f"kv_cache_dtype='bfloat16' keeps the cache in the model's dtype, which is {model_dtype}"
+                             ": give dtype='bfloat16' too, or kv_cache_dtype='auto' (the model's dtype)")
+        return "auto"
+    if option == "auto" and checkpoint is not None and checkpoint.kv_cache_fp8:
+        return "fp8"
+    return option
+

@@ -264,3 +264,26 @@ def test_dummy_fp8_weights_are_the_dummy_weights_quantized(tiny_fp32):
         q, s = quantize_rows(a.weight.data)
         assert torch.equal(b.weight.float(), q.float()) and torch.equal(b.weight_scale, s.view(-1))
     assert torch.equal(plain.lm_head.weight, fp8.lm_head.weight)
+
+
+def test_a_checkpoints_kv_cache_scheme_makes_the_cache_fp8_unless_asked_otherwise(tiny_fp32, tmp_path):
+    """A compressed-tensors checkpoint declaring an FP8 KV cache (llm-compressor's kv_cache_scheme) ran with a cache
+    in the model's dtype, its k/v scales unused: vLLM stores such a cache in FP8 under kv_cache_dtype "auto". An
+    explicit choice wins (vLLM's "bfloat16" keeps it unquantized), and a scheme this engine cannot run is named."""
+    from batchllm.attention.kv_quant import FP8 as KV_FP8
+
+    scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False, "symmetric": True}
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "ct-channel",
+                                   {**QUANT_CONFIGS["ct-channel"], "kv_cache_scheme": scheme})
+    assert _llm(fp8_dir).engine.kv_spec.dtype == KV_FP8
+    same = LLM(str(fp8_dir), dtype="bfloat16", device="cpu", skip_tokenizer_init=True, max_model_len=256,
+               kv_cache_dtype="bfloat16")
+    assert same.engine.kv_spec.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype='bfloat16' keeps the cache in the model's dtype, which is "
+                                         "float32"):
+        _llm(fp8_dir, kv_cache_dtype="bfloat16")
+    (tmp_path / "heads").mkdir()
+    heads_dir, _ = write_checkpoints(tiny_fp32, tmp_path / "heads", "ct-channel", {
+        **QUANT_CONFIGS["ct-channel"], "kv_cache_scheme": {**scheme, "strategy": "attn_head"}})
+    with pytest.raises(ValueError, match="kv_cache_scheme strategy 'attn_head' is not supported"):
+        _llm(heads_dir)
