@@ -61,6 +61,7 @@ from batchllm.io.job import (
 )
 from batchllm.io.reasoning import REASONING_PARSERS
 from batchllm.models.default_model import default_model_path
+from batchllm.models.quant_config import resolve_quantization
 from batchllm.options import (
     VLLM_NOT_TAKEN,
     VLLM_SHORT_FLAGS,
@@ -466,6 +467,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         source = None if args.model is None else read_model_source(args.model, args.max_model_len)
         if source is not None:
             check_model_files(source, args.load_format, args.tokenizer, args.skip_tokenizer_init)
+            resolve_quantization(args.quantization, source.spec.quantization)  # (a -q the checkpoint contradicts)
         read_chat_template_once(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)

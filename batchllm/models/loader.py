@@ -39,10 +39,15 @@ _SCALE_SUFFIXES = (*_WEIGHT_SCALE_SUFFIXES, "input_scale")
 """Every scale an FP8 module may carry in a checkpoint (all read with the weight, never on their own)."""
 
 _KV_SCALE_NAME = re.compile(
-    r"model\.layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\.output_scale|v_proj\.output_scale"
-    r"|k_proj\.k_scale|v_proj\.v_scale)")
-"""Per-tensor FP8 KV-cache scales as checkpoints name them (vLLM / compressed-tensors `self_attn.k_scale`,
-AutoFP8 and Quark `k_proj.output_scale`, ModelOpt `k_proj.k_scale`, the older `kv_scale` for both)."""
+    r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(k_scale|v_scale|kv_scale|k_proj\.output_scale"
+    r"|v_proj\.output_scale|k_proj\.k_scale|v_proj\.v_scale)")
+"""Per-tensor FP8 KV-cache scales as checkpoints name them (vLLM / compressed-tensors `self_attn.k_scale`, vLLM's
+own `self_attn.attn.k_scale`, AutoFP8 and Quark `k_proj.output_scale`, ModelOpt `k_proj.k_scale`, the older
+`kv_scale` for both)."""
+_UNUSED_ATTENTION_SCALE = re.compile(
+    r"model\.layers\.\d+\.self_attn\.(?:attn\.)?(q_scale|prob_scale|prob_output_scale|q_proj\.output_scale)")
+"""Calibrated scales of the attention's queries and probabilities (compressed-tensors, Quark; vLLM loads them for
+its FP8-query backends): skipped, as the attention here quantizes neither."""
 
 
 def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: torch.dtype, device: torch.device,
@@ -155,6 +160,8 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
             if (match := _KV_SCALE_NAME.fullmatch(name)) is not None:
                 _load_kv_scale(model, match, f.get_tensor(name), path.name)
                 num_kv_scales += 1
+                continue
+            if _UNUSED_ATTENTION_SCALE.fullmatch(name):
                 continue
             if name not in params:
                 if scheme is None and name.endswith(_SCALE_SUFFIXES):

@@ -287,3 +287,16 @@ def test_a_checkpoints_kv_cache_scheme_makes_the_cache_fp8_unless_asked_otherwis
         **QUANT_CONFIGS["ct-channel"], "kv_cache_scheme": {**scheme, "strategy": "attn_head"}})
     with pytest.raises(ValueError, match="kv_cache_scheme strategy 'attn_head' is not supported"):
         _llm(heads_dir)
+
+
+def test_a_quantization_the_checkpoint_contradicts_fails_run_before_it_writes(tiny_fp32, tmp_path, capsys):
+    """`run -q fp8` on a compressed-tensors checkpoint failed after the output and its state file were made."""
+    from batchllm.cli import main
+
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "ct-channel")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt_token_ids": [5, 6, 7], "max_tokens": 2}\n')
+    code = main(["run", str(src), "-o", str(out), "--model", str(fp8_dir), "-q", "fp8", "--skip-tokenizer-init",
+                 "--no-progress"])
+    assert code == 2 and "quantization='fp8' conflicts" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.jsonl.batchllm-state").exists()
