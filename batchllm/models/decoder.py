@@ -10,7 +10,8 @@ row-parallel o_proj and down_proj, and a vocabulary-parallel embedding and LM he
 the shard's and `full_spec` the checkpoint's.
 
 With `fp8=True` every linear layer of the decoder layers is an `Fp8Linear` (`layers/fp8.py`: float8
-weights with per-output-channel scales); the embedding, norms, attention and LM head are unchanged.
+weights with per-output-channel scales), but those an FP8 checkpoint keeps in 16/32 bits (`keep_in_model_dtype`);
+the embedding, norms, attention and LM head are unchanged.
 Where such a layer `takes_quantized` (the fp8_fused_quant setting, on by default), the op before it (the two norms
 for qkv_proj and gate_up_proj, SiLU-and-mul for down_proj: each their layer's only input) returns
 its output quantized per token; the final norm before the LM head never does.
@@ -136,7 +137,8 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, max_positions: int, ops=None, tp=None, fp8: bool = False) -> None:
         """ops: the elementwise-op policy (`layers/ops.py`); default TorchOps. tp: this rank's
         `TPGroup`, or None for the whole model in one process. fp8: every linear layer of the
-        decoder layers is an `Fp8Linear` (embeddings, norms and the LM head keep the model dtype)."""
+        decoder layers is an `Fp8Linear` (embeddings, norms and the LM head keep the model dtype), until
+        `keep_in_model_dtype` puts back the ones a checkpoint keeps unquantized."""
         from batchllm.parallel.tensor_parallel import local_vocab_size, shard_spec
 
         super().__init__()
@@ -153,6 +155,25 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, self.vocab_rows, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def keep_in_model_dtype(self, quantizes) -> int:
+        """Replace each decoder FP8 linear that `quantizes(its checkpoint name, its checkpoint parts)` (an
+        `Fp8Scheme.quantizes`) says the checkpoint keeps in 16/32 bits by the plain layer of its shape, as vLLM
+        leaves such layers unquantized. Call it before the weights are made (on the meta device); returns how
+        many were replaced."""
+        plain = make_linear(False)
+        replaced = 0
+        for i, layer in enumerate(self.model.layers):
+            for group, owner in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+                for attr in ("qkv_proj", "o_proj") if group == "self_attn" else ("gate_up_proj", "down_proj"):
+                    module = getattr(owner, attr)
+                    parts = tuple(part for part, _, _ in getattr(owner, "checkpoint_rows", {}).get(attr, ()))
+                    if isinstance(module, Fp8Linear) and not quantizes(f"model.layers.{i}.{group}.{attr}", parts):
+                        out_features, in_features = module.weight.shape
+                        setattr(owner, attr, plain(in_features, out_features, module.bias is not None, module.tp,
+                                                   bool(module.tp_shard_dims)))
+                        replaced += 1
+        return replaced
 
     def forward(
         self,

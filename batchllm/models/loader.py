@@ -60,6 +60,9 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
     decode-sized FP8 matmuls hand their scales to the op after them (both `fp8.prepare_fp8`)."""
     with torch.device("meta"):
         model = DecoderForCausalLM(spec, max_positions, ops, tp, fp8=quantization is not None)
+        if quantization is not None and (kept := model.keep_in_model_dtype(quantization.quantizes)):
+            logger.info("%d linear layers stay in %s: the checkpoint's quantization_config leaves them out", kept,
+                        dtype)
     model = model.to(dtype)  # dtype first: a 70B shard never exists in float32
     restore_fp8_dtypes(model)  # .to(dtype) cast the float8 weights and float32 scales too
     model = model.to_empty(device=device)

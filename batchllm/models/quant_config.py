@@ -15,6 +15,7 @@ and requantized per channel at load (see `Fp8Scheme.weight_strategy`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from batchllm.models.spec import ModelLoadError
@@ -37,7 +38,9 @@ class Fp8Scheme:
     static_input: the checkpoint carries calibrated `input_scale`s. They must be present (a
     checkpoint without them is refused) but activations are still quantized per token at run time,
     which is never coarser than one calibrated scale per tensor.
-    A decoder linear the checkpoint left in 16/32 bits (an `ignore` entry) is quantized at load.
+    ignore, targets: the checkpoint's modules left in 16/32 bits (`ignore`, `ignored_layers`,
+    `modules_to_not_convert`) and those its one config group quantizes (compressed-tensors' `targets`;
+    "Linear": all), as vLLM matches them (a name, or "re:" and a regex from its start): `quantizes`.
     kv_cache_fp8: the checkpoint declares an FP8 KV cache (compressed-tensors' `kv_cache_scheme`): with
     kv_cache_dtype "auto" the cache is FP8, its scales the checkpoint's, as vLLM runs such a checkpoint.
     """
@@ -49,12 +52,46 @@ class Fp8Scheme:
     static_input: bool = False
     method: str = "fp8"
     kv_cache_fp8: bool = False
+    ignore: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ("Linear",)
+
+    def quantizes(self, module: str, parts: tuple[str, ...] = ()) -> bool:
+        """Whether the decoder linear `module` (its checkpoint name, e.g. model.layers.0.mlp.down_proj) runs in
+        FP8; a fused module (qkv_proj) by its checkpoint `parts` (its full name listed counts for all of them),
+        which must agree, as vLLM requires (ModelLoadError naming them)."""
+        if _matches(module, self.ignore):
+            return False
+        prefix = module.rpartition(".")[0]
+        verdicts = {self._quantizes_one(f"{prefix}.{part}") for part in parts} if parts else {
+            self._quantizes_one(module)}
+        if len(verdicts) > 1:
+            raise ModelLoadError(f"quantization_config quantizes some but not all of {module}'s parts "
+                                 f"({', '.join(parts)}): a fused layer takes one precision, as in vLLM")
+        return verdicts.pop()
+
+    def _quantizes_one(self, name: str) -> bool:
+        return not _matches(name, self.ignore) and ("Linear" in self.targets or _matches(name, self.targets))
 
     def describe(self) -> str:
         if not self.checkpoint_fp8:
             return "fp8 (weights quantized per channel at load)"
         block = f" {self.block_size[0]}x{self.block_size[1]}" if self.block_size else ""
         return f"{self.method} checkpoint, {self.weight_strategy}{block} weight scales"
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """vLLM's match of a module name against a config's list: equal to an entry, or matched from its start by an
+    entry's regex ("re:" and the regex)."""
+    return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
+
+
+def _names(qc: dict, keys: tuple[str, ...], source: str) -> tuple[str, ...]:
+    """The first of `keys` the config holds, as a tuple of module names (ModelLoadError if not a list of
+    strings)."""
+    value = next((qc[k] for k in keys if qc.get(k)), None) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ModelLoadError(f"{source}: quantization_config {keys[0]} must be a list of module names")
+    return tuple(value)
 
 
 def parse_quantization_config(qc: object, source: str) -> Fp8Scheme | None:
@@ -80,14 +117,15 @@ def _parse_fp8(qc: dict, source: str) -> Fp8Scheme:
     scheme = qc.get("activation_scheme", "dynamic")
     if scheme not in ("dynamic", "static"):
         raise ModelLoadError(f"{source}: fp8 activation_scheme {scheme!r} is not supported (dynamic or static)")
+    ignore = _names(qc, ("ignored_layers", "modules_to_not_convert"), source)
     block = qc.get("weight_block_size")
     if block is None:
-        return Fp8Scheme(True, "tensor", None, "weight_scale", scheme == "static")
+        return Fp8Scheme(True, "tensor", None, "weight_scale", scheme == "static", ignore=ignore)
     if (not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
         raise ModelLoadError(f"{source}: fp8 weight_block_size {block!r} is not two positive integers")
     if scheme == "static":
         raise ModelLoadError(f"{source}: fp8 with weight_block_size needs activation_scheme 'dynamic', got 'static'")
-    return Fp8Scheme(True, "block", (block[0], block[1]), "weight_scale_inv", False)
+    return Fp8Scheme(True, "block", (block[0], block[1]), "weight_scale_inv", False, ignore=ignore)
 
 
 def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
@@ -119,7 +157,8 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
                                  f"with {acts.get('num_bits')!r} bits are not supported (8-bit float or none)")
         static = not acts.get("dynamic", False)
     return Fp8Scheme(True, strategy, block, "weight_scale", static, method="compressed-tensors",
-                     kv_cache_fp8=_kv_cache_scheme(qc.get("kv_cache_scheme"), source))
+                     kv_cache_fp8=_kv_cache_scheme(qc.get("kv_cache_scheme"), source),
+                     ignore=_names(qc, ("ignore",), source), targets=_names(group, ("targets",), source) or ("Linear",))
 
 
 def _kv_cache_scheme(scheme: object, source: str) -> bool:

@@ -86,15 +86,17 @@ QUANT_CONFIGS = {
 }
 
 
-def write_checkpoints(base, out, fmt: str, quant_config: dict | None = None, drop: str | None = None):
-    """(the FP8 checkpoint, the same weights dequantized to float32 without a quantization_config)."""
+def write_checkpoints(base, out, fmt: str, quant_config: dict | None = None, drop: str | None = None,
+                      keep: tuple[str, ...] = ()):
+    """(the FP8 checkpoint, the same weights dequantized to float32 without a quantization_config); `keep`: the
+    modules (checkpoint names) the FP8 checkpoint holds in float32, as its config's ignore list says."""
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(base / "model.safetensors"))
     quantized, plain = {}, {}
     for name, tensor in state.items():
         module = name.rsplit(".", 2)[-2]
-        if module in LINEARS and name.endswith(".weight"):
+        if module in LINEARS and name.endswith(".weight") and name.removesuffix(".weight") not in keep:
             parts = _quantize(tensor, fmt)
             quantized.update({name + suffix: t for suffix, t in parts.items()})
             plain[name] = _dequantized(parts, fmt)
@@ -126,9 +128,9 @@ def _prefill_logits(llm):
         return llm.engine.model.compute_logits(torch.cat(captured)).float()
 
 
-def _hf_fake_quant_logits(model_dir):
-    """transformers in float32 on `model_dir`, the input of every decoder linear rounded per token to
-    e4m3 first (written here independently of the engine: amax / 448 per row): the math the engine's
+def _hf_fake_quant_logits(model_dir, keep: tuple[str, ...] = ()):
+    """transformers in float32 on `model_dir`, the input of every decoder linear (but those in `keep`) rounded per
+    token to e4m3 first (written here independently of the engine: amax / 448 per row): the math the engine's
     FP8 path should do, with weights that are already the dequantized ones."""
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +141,7 @@ def _hf_fake_quant_logits(model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     for name, module in model.named_modules():
-        if name.rpartition(".")[2] in LINEARS:
+        if name.rpartition(".")[2] in LINEARS and name not in keep:
             module.register_forward_pre_hook(round_input)
     with torch.no_grad():
         return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
@@ -300,3 +302,40 @@ def test_a_quantization_the_checkpoint_contradicts_fails_run_before_it_writes(ti
                  "--no-progress"])
     assert code == 2 and "quantization='fp8' conflicts" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "out.jsonl.batchllm-state").exists()
+
+
+@pytest.mark.parametrize("fmt, key", [("ct-channel", "ignore"), ("fp8-tensor", "ignored_layers"),
+                                      ("fp8-tensor", "modules_to_not_convert")])
+def test_layers_a_checkpoint_leaves_unquantized_stay_so(fmt, key, tiny_fp32, tmp_path):
+    """The modules an FP8 checkpoint's quantization_config leaves out (compressed-tensors' ignore, fp8's
+    ignored_layers or modules_to_not_convert) were quantized at load: vLLM keeps them in the model dtype."""
+    keep = ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+            "model.layers.1.self_attn.v_proj")
+    config = {**QUANT_CONFIGS[fmt], key: ["lm_head", *keep]}
+    fp8_dir, deq_dir = write_checkpoints(tiny_fp32, tmp_path, fmt, config, keep=keep)
+    llm = _llm(fp8_dir)
+    layers = llm.engine.model.model.layers
+    assert layers[0].mlp.down_proj.weight.dtype == torch.float32 and layers[1].self_attn.qkv_proj.weight.dtype == \
+        torch.float32
+    assert layers[0].self_attn.qkv_proj.weight.dtype == FP8 and layers[1].mlp.down_proj.weight.dtype == FP8
+    ref = _hf_fake_quant_logits(deq_dir, keep=keep)
+    assert float((_prefill_logits(llm) - ref).norm() / ref.norm()) < 0.01
+
+
+def test_compressed_tensors_targets_and_a_fused_layer_split_by_ignore(tiny_fp32, tmp_path):
+    """A config group whose targets name the MLP alone quantizes it alone; an ignore list leaving out part of a
+    fused layer (q_proj, not k_proj and v_proj) is refused by name, as vLLM refuses it."""
+    group = QUANT_CONFIGS["ct-channel"]["config_groups"]["group_0"]
+    attention = tuple(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj",
+                                                                                    "o_proj"))
+    config = {**QUANT_CONFIGS["ct-channel"], "config_groups": {"group_0": {**group, "targets": ["re:.*mlp.*_proj$"]}}}
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "ct-channel", config, keep=attention)
+    layers = _llm(fp8_dir).engine.model.model.layers
+    assert {layers[i].self_attn.o_proj.weight.dtype for i in range(2)} == {torch.float32}
+    assert {layers[i].mlp.gate_up_proj.weight.dtype for i in range(2)} == {FP8}
+    (tmp_path / "split").mkdir()
+    split = {**QUANT_CONFIGS["ct-channel"], "ignore": ["model.layers.0.self_attn.q_proj"]}
+    split_dir, _ = write_checkpoints(tiny_fp32, tmp_path / "split", "ct-channel", split,
+                                     keep=("model.layers.0.self_attn.q_proj",))
+    with pytest.raises(ValueError, match="quantizes some but not all of model.layers.0.self_attn.qkv_proj's parts"):
+        _llm(split_dir)
