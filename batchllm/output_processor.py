@@ -17,6 +17,7 @@ before (from the previous text's end less the longest stop and a margin): the cu
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 from batchllm.outputs import TokenLogprobs
@@ -55,10 +56,64 @@ def prompt_logprobs_output(prompt_token_ids, logprobs: list[TokenLogprobs],
 
 
 def _decode_entries(entries: list[dict[int, Logprob]], tokenizer) -> None:
+    """Each entry's `decoded_token` as vLLM 0.26 names it (`decoded_token_text`), the entries being consecutive
+    positions (their first tokens, the sampled or prompt ones, are the context of the next), and `token_bytes`."""
+    context: list[int] = []
     for entry in entries:
         for tid, lp in entry.items():
-            lp.decoded_token = tokenizer.decode([tid])
+            lp.decoded_token = decoded_token_text(tokenizer, tid, context)
             lp.token_bytes = token_bytes(tokenizer, tid)
+        context = [*context[-3:], next(iter(entry))]
+
+
+def decoded_token_text(tokenizer, token_id: int, context: list[int]) -> str:
+    """A token's text alone, as vLLM 0.26's logprobs name it: its decoded text, with the leading spaces a
+    SentencePiece (Metaspace) tokenizer's decode drops put back ("▁ok" is " ok"); a byte-fallback piece of a
+    multi-byte character (decoded alone as U+FFFD) is "" until the piece that completes the character, which
+    gets the whole character, read with up to 4 `context` tokens (the positions before, oldest first)."""
+    text = tokenizer.decode([token_id])
+    marker = _leading_space_marker(tokenizer)
+    if marker is not None and text and not text.endswith("\ufffd"):
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        markers = len(piece) - len(piece.lstrip(marker)) if isinstance(piece, str) else 0
+        text = " " * max(0, markers - (len(text) - len(text.lstrip(" ")))) + text
+    return _completed_character(tokenizer, token_id, context) if text.endswith("\ufffd") else text
+
+
+def _completed_character(tokenizer, token_id: int, context: list[int]) -> str:
+    """The text a byte-fallback token completes with the tokens before it (`context`, oldest first): "" while the
+    character is still incomplete with up to 4 of them; else the text past the context's last whole tokens."""
+    for num in range(1, min(len(context), 4) + 1):
+        before = context[-num:]
+        whole = tokenizer.decode(before + [token_id])
+        if whole.endswith("\ufffd"):
+            continue
+        clean = len(before)  # the context's trailing byte pieces are this character's: their text is this token's
+        while clean > 0 and tokenizer.decode([before[clean - 1]]).endswith("\ufffd"):
+            clean -= 1
+        prefix = tokenizer.decode(before[:clean]) if clean else ""
+        common = 0
+        for a, b in zip(prefix, whole):
+            if a != b:
+                break
+            common += 1
+        return whole[common:]
+    return ""
+
+
+@functools.lru_cache(maxsize=8)
+def _leading_space_marker(tokenizer) -> str | None:
+    """The word-boundary marker of a tokenizer whose pre-tokenizer is SentencePiece's Metaspace (its decode drops a
+    piece's leading marker), else None, as vLLM reads it from the tokenizer's JSON."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        pre = json.loads(backend.to_str()).get("pre_tokenizer") or {} if backend is not None else {}
+    except Exception:  # noqa: BLE001 - a tokenizer whose JSON cannot be read: no marker
+        return None
+    for sub in [pre, *(pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [])]:
+        if sub.get("type") == "Metaspace":
+            return sub.get("replacement", "\u2581")
+    return None
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -219,7 +274,8 @@ class CompletionState:
         search_from = max(0, previous - self._max_stop_len - _REDECODE_MARGIN)
         if self.params.min_tokens:
             if self._min_tokens_text_len is None:
-                self._min_tokens_text_len = len(self._decode_ids(self.token_ids[:self.params.min_tokens]))
+                self._min_tokens_text_len = len(_without_a_cut_character(  # (a cut character's U+FFFD is not text)
+                    self.token_ids[:self.params.min_tokens], self._decode_ids, self.tokenizer))
         floor = self._min_tokens_text_len or 0
         for stop in self.params.stop_strings:  # the first in the list's order that the text holds, as vLLM's
             at = text.find(stop, max(search_from, floor - len(stop) + 1))

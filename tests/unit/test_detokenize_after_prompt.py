@@ -149,3 +149,61 @@ def test_spaces_between_special_tokens_false_is_taken_and_puts_no_space_between_
     specials = tok.convert_ids_to_tokens([bos]) + tok.convert_ids_to_tokens([eos])
     for text in texts.values():  # (either value: whole-output decoding puts none there)
         assert specials[0] + specials[1] + specials[0] in text, "no space between consecutive special tokens"
+
+
+def byte_pieces_as_text(tokenizer):
+    """The tokenizer with its byte-fallback pieces ordinary vocabulary, as Llama 2's are (trained as special tokens
+    above, decoding skipped them)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data["added_tokens"] = [a for a in data["added_tokens"] if not a["content"].startswith("<0x")]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_stop_string_past_min_tokens_is_found_when_a_character_is_cut_at_min_tokens(tokenizer):
+    """min_tokens ending inside a byte-fallback character counted that character's U+FFFD as text already
+    written, so a stop string ending just past it was never found (vLLM holds the partial character back)."""
+    tokenizer = byte_pieces_as_text(tokenizer)
+    ids = tokenizer.encode("The crab 🦀 is red", add_special_tokens=False)
+    first_byte = next(i for i, t in enumerate(tokenizer.convert_ids_to_tokens(ids)) if t.startswith("<0x"))
+    state = output_text(tokenizer, None, ids, stop=["🦀"], min_tokens=first_byte + 1)
+    assert state.stop_text is not None and state.to_output().text == "The crab "
+    assert state.to_output().token_ids == ids[:first_byte + 4], "stopped where the emoji's last byte came"
+
+
+def test_decoded_tokens_of_byte_pieces_and_word_boundaries_are_vllms(tokenizer):
+    """vLLM 0.26 names a byte-fallback piece "" until the piece completing its character, which gets the whole
+    character (each was U+FFFD), and puts back the leading space a Metaspace tokenizer's decode drops (" of",
+    not "of"); alternatives at a position are read with the same context."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from batchllm.output_processor import _decode_entries
+    from batchllm.request_output import Logprob
+
+    tokenizer = byte_pieces_as_text(tokenizer)
+    ids = tokenizer.encode("crab 🦀 is", add_special_tokens=False)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[-6:] == ["▁", "<0xF0>", "<0x9F>", "<0xA6>", "<0x80>", "▁is"], pieces
+    entries = [{t: Logprob(-1.0)} for t in ids]
+    entries[-2][ids[0]] = Logprob(-2.0)  # an alternative, at the position completing the emoji
+    _decode_entries(entries, tokenizer)
+    names = [next(iter(e.values())).decoded_token for e in entries]
+    alone = [tokenizer.decode([t]) for t in ids]  # (this decoder drops a text's first space: no Metaspace marker)
+    assert names == [*alone[:-5], "", "", "", "🦀", alone[-1]], names
+    assert entries[-2][ids[0]].decoded_token == alone[0], "an alternative is read with the same context"
+
+    meta = Tokenizer(models.BPE(unk_token="<unk>"))
+    meta.pre_tokenizer = pre_tokenizers.Metaspace()
+    meta.decoder = decoders.Metaspace()
+    meta.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=meta, unk_token="<unk>")
+    words = fast.encode("The capital of France", add_special_tokens=False)
+    entries = [{t: Logprob(-1.0)} for t in words]
+    _decode_entries(entries, fast)
+    assert [next(iter(e.values())).decoded_token for e in entries] == [" The", " capital", " of", " France"]
