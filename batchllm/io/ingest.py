@@ -151,8 +151,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             params = sampling_params_for(item, defaults, global_seed, params_cache)
             params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
             if item.is_chat:  # (the keywords rendered are the line's: its answer's reasoning split reads them)
-                item.chat_template_kwargs = openai_batch.with_template_defaults(template_defaults,
-                                                                                item.chat_template_kwargs)
+                item.chat_template_kwargs = openai_batch.with_template_defaults(
+                    template_defaults, item.chat_template_kwargs, item.format == OPENAI)
             prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
                       if item.is_chat else item.prompt)
         except ValueError as e:

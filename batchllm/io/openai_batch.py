@@ -81,9 +81,13 @@ def template_kwargs(value: Any) -> dict[str, Any] | None:
     return value or None
 
 
-def with_template_defaults(defaults: dict[str, Any] | None, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+def with_template_defaults(defaults: dict[str, Any] | None, kwargs: dict[str, Any] | None,
+                           openai: bool = False) -> dict[str, Any] | None:
     """A chat line's template keywords over the job's defaults (vLLM's --default-chat-template-kwargs): a
-    line's own value wins, except None and "auto", which leave the default, as vLLM merges them."""
+    line's own value wins, except None and "auto", which leave the default, as vLLM merges them; an `openai`
+    line's body decides BODY_DECIDES whatever the defaults say."""
+    if openai and defaults:
+        defaults = {k: v for k, v in defaults.items() if k not in BODY_DECIDES}
     if not defaults:
         return kwargs
     own = {k: v for k, v in (kwargs or {}).items() if v is not None and not (isinstance(v, str) and v == "auto")}
@@ -309,11 +313,16 @@ CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "contin
 keyword of that name: templates that take it, such as gpt-oss's, use it; others ignore it)."""
 
 
+BODY_DECIDES = ("add_generation_prompt", "continue_final_message")
+"""Template keywords an OpenAI chat body always decides, by its fields or their defaults (true, false), over its
+chat_template_kwargs and the job's default ones, as vLLM's server merges them."""
+
+
 def _chat_template_options(body: dict) -> dict[str, Any] | None:
-    """A chat body's keywords for its chat template: `chat_template_kwargs` over vLLM's
-    `add_generation_prompt` and `continue_final_message` fields (booleans) and `reasoning_effort` (a string),
-    which also sets `enable_thinking` (false for "none") where chat_template_kwargs does not, as vLLM's server
-    does for templates whose thinking is opt-in or opt-out (Qwen3, Gemma)."""
+    """A chat body's keywords for its chat template, as vLLM's server merges them: the body's fields over its
+    `chat_template_kwargs`: vLLM's `add_generation_prompt` and `continue_final_message` (booleans; BODY_DECIDES),
+    `reasoning_effort` (a string), `documents` and `tools`; reasoning_effort also sets `enable_thinking` (false for
+    "none") where chat_template_kwargs does not, for templates whose thinking is opt-in or opt-out (Qwen3, Gemma)."""
     options = {}
     for name in CHAT_TEMPLATE_FIELDS[1:]:
         if body.get(name) is not None:
@@ -322,10 +331,10 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
                 raise BodyError(f"'{name}' must be {wanted}")
             options[name] = body[name]
     options.update(_template_documents_and_tools(body))
-    own = template_kwargs(body.get("chat_template_kwargs")) or {}
+    own = {k: v for k, v in (template_kwargs(body.get("chat_template_kwargs")) or {}).items() if k not in BODY_DECIDES}
     if options.get("reasoning_effort") is not None and "enable_thinking" not in own:
         options["enable_thinking"] = options["reasoning_effort"] != "none"  # (vLLM's: Qwen3's thinking follows it)
-    return {**options, **own} or None
+    return {**own, **options} or None
 
 
 _FLAG_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}

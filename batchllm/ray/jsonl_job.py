@@ -106,8 +106,8 @@ class _CliPreprocess:
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
         return {kind: line.prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
                 NO_MAX_TOKENS: sp.max_tokens is None,
-                "chat_template_kwargs": (with_template_defaults(self.template_defaults, line.chat_template_kwargs)
-                                         if line.is_chat else None)}
+                "chat_template_kwargs": (with_template_defaults(self.template_defaults, line.chat_template_kwargs,
+                                                                line.format == OPENAI) if line.is_chat else None)}
 
 
 class _CliRecords:
@@ -137,7 +137,8 @@ class _CliRecords:
             record = LineError.for_line(line, in_the_lines_terms(line, problem)).record(self.file_format)
         else:
             if line.is_chat:
-                line.chat_template_kwargs = with_template_defaults(self.template_defaults, line.chat_template_kwargs)
+                line.chat_template_kwargs = with_template_defaults(self.template_defaults, line.chat_template_kwargs,
+                                                                   line.format == OPENAI)
             record = record_for(line, output, self.names, self.tokenizer)
         return {RECORD: json.dumps(record, ensure_ascii=False)}
 

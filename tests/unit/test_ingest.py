@@ -433,8 +433,8 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
     assert body_to_request("/v1/chat/completions", body).template == {"reasoning_effort": "low",
                                                                       "enable_thinking": True}
     assert body_to_request("/v1/chat/completions", {**body, "chat_template_kwargs": {
-        "reasoning_effort": "high"}}).template == {"reasoning_effort": "high", "enable_thinking": True}, (
-        "chat_template_kwargs win")
+        "reasoning_effort": "high"}}).template == {"reasoning_effort": "low", "enable_thinking": True}, (
+        "the body's field wins, as vLLM's server merges them")
     # as vLLM's server: OpenAI's "none" turns Qwen3's thinking off, unless chat_template_kwargs says otherwise
     none = {**chat, "reasoning_effort": "none"}
     assert body_to_request("/v1/chat/completions", none).template == {"reasoning_effort": "none",
@@ -875,3 +875,24 @@ def test_default_chat_template_kwargs_go_under_each_chat_lines_own(monkeypatch, 
                      "oa": "Hi/no_think|dry", "text": "Hi"}, texts
     unset = prepare_lines(path, processor(), {"max_tokens": 4}, None)
     assert tokenizer.decode(unset.valid[0].prompt.array.tolist()) == "Hi|"
+
+
+def test_an_openai_body_decides_its_generation_prompt_over_template_keywords(monkeypatch, tmp_path):
+    """As vLLM's server merges them: an OpenAI body's add_generation_prompt (true unless it says false) and
+    continue_final_message beat its chat_template_kwargs and the job's defaults; a plain line's keywords and the
+    job's defaults decide them for a plain line."""
+    tokenizer = processor().tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                                    "{% if add_generation_prompt %}|GEN{% endif %}")
+    messages = [{"role": "user", "content": "Hi"}]
+    lines = [{"custom_id": "oa", "url": "/v1/chat/completions",
+              "body": {"messages": messages, "chat_template_kwargs": {"add_generation_prompt": False}}},
+             {"custom_id": "oa-body", "url": "/v1/chat/completions",
+              "body": {"messages": messages, "add_generation_prompt": False}},
+             {"id": "plain", "messages": messages}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = prepare_lines(path, processor(), {"max_tokens": 4}, None,
+                           template_defaults={"add_generation_prompt": False})
+    texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
+    assert texts == {"oa": "Hi|GEN", "oa-body": "Hi", "plain": "Hi"}, texts
