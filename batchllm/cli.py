@@ -59,7 +59,7 @@ from batchllm.io.job import (
     same_file,
     state_path_for,
 )
-from batchllm.io.reasoning import REASONING_PARSERS
+from batchllm.io.reasoning import REASONING_PARSERS, check_tokenizer
 from batchllm.models.default_model import default_model_path
 from batchllm.models.quant_config import resolve_quantization
 from batchllm.options import (
@@ -143,9 +143,10 @@ def _add_run_parser(sub) -> None:
     o.add_argument("--response-role", default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
     o.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-                   help="split a reasoning model's chat answers, as vLLM's option: the thinking between <think> and "
-                   "</think> goes to the message's `reasoning`, the rest to its `content` (qwen3: not where the line's "
-                   "chat_template_kwargs turn enable_thinking off); default: the whole answer is content")
+                   help="split a reasoning model's answers to OpenAI chat lines, as vLLM's option: the thinking "
+                   "between <think> and </think> goes to the message's `reasoning`, the rest to its `content` "
+                   "(qwen3: not where enable_thinking is off: by the line's chat_template_kwargs or reasoning_effort "
+                   "none, or --default-chat-template-kwargs); default: the whole answer is content")
     add_no_effect_arguments(o)
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
@@ -428,6 +429,17 @@ that change only rounding (fp8_deferred_scales, fp8_fused_quant). dtype is recor
 resolves by device, so give --dtype to pin the precision of a job resumed on another kind of machine."""
 
 
+def check_reasoning_parser(args: argparse.Namespace) -> None:
+    """--reasoning-parser's needs of the tokenizer (`io.reasoning.check_tokenizer`: ValueError), checked before
+    anything is written; the tokenizer is loaded for it only where the parser has needs."""
+    if args.reasoning_parser != "deepseek_r1" or args.skip_tokenizer_init:
+        return
+    from batchllm.inputs import prompt_processor_for
+
+    tokenizer = prompt_processor_for(args.model, args.tokenizer, args.max_model_len).tokenizer
+    check_tokenizer(args.reasoning_parser, tokenizer.get_vocab())
+
+
 def read_chat_template_once(args: argparse.Namespace) -> None:
     """--chat-template read here, once: its text replaces the path in `args`, so that the engine, its
     workers and Ray's tasks get the template itself (not a file only this machine may hold), and a bad one
@@ -469,6 +481,7 @@ def _run_locked(args: argparse.Namespace) -> int:
             check_model_files(source, args.load_format, args.tokenizer, args.skip_tokenizer_init)
             resolve_quantization(args.quantization, source.spec.quantization)  # (a -q the checkpoint contradicts)
         read_chat_template_once(args)
+        check_reasoning_parser(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path,

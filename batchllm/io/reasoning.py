@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 THINK_START, THINK_END = "<think>", "</think>"
+TOOL_CALL_START = "<tool_call>"
 
 
 def _deepseek_r1(text: str, template_kwargs: dict[str, Any] | None) -> tuple[str | None, str | None]:
@@ -23,20 +24,32 @@ def _deepseek_r1(text: str, template_kwargs: dict[str, Any] | None) -> tuple[str
 
 def _qwen3(text: str, template_kwargs: dict[str, Any] | None) -> tuple[str | None, str | None]:
     """Qwen3 (vLLM 0.26's Qwen3Parser): with the template's `enable_thinking` false the whole answer is content;
-    else the answer opens in its reasoning, where `<think>` is dropped, up to the first `</think>`; after it,
-    another `</think>` is dropped. Each part is None where empty."""
+    else the answer opens in its reasoning, where `<think>` is dropped, up to the first `</think>` or a
+    `<tool_call>` (which starts the content); in the content a `</think>` is dropped. Each part is None where
+    empty."""
     if not (template_kwargs or {}).get("enable_thinking", True):
         return None, text
-    reasoning, end, content = text.partition(THINK_END)
-    reasoning = reasoning.replace(THINK_START, "")
-    content = content.replace(THINK_END, "") if end else ""
-    return reasoning or None, content or None
+    ends = [at for at in (text.find(THINK_END), text.find(TOOL_CALL_START)) if at != -1]
+    if not ends:
+        return text.replace(THINK_START, "") or None, None
+    end = min(ends)
+    reasoning = text[:end].replace(THINK_START, "")
+    content = text[end + len(THINK_END):] if text.startswith(THINK_END, end) else text[end:]
+    return reasoning or None, content.replace(THINK_END, "") or None
 
 
 REASONING_PARSERS: dict[str, Callable[[str, dict[str, Any] | None], tuple[str | None, str | None]]] = {
     "deepseek_r1": _deepseek_r1, "qwen3": _qwen3}
 """vLLM's --reasoning-parser names taken here -> (answer text, the line's chat template keywords) ->
 (reasoning, content)."""
+
+
+def check_tokenizer(name: str | None, vocab: dict[str, int]) -> None:
+    """ValueError where parser `name` needs tokens the tokenizer's `vocab` lacks: deepseek_r1 its `<think>` and
+    `</think>`, as vLLM's parser refuses to start without them (every answer would be taken for thinking)."""
+    if name == "deepseek_r1" and (missing := [t for t in (THINK_START, THINK_END) if t not in vocab]):
+        raise ValueError(f"--reasoning-parser deepseek_r1: the tokenizer has no {' or '.join(missing)} token (as "
+                         "vLLM, the parser needs both); this model does not think in <think> blocks")
 
 
 def reasoning_parser_named(name: str | None):

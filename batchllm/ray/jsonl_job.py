@@ -266,6 +266,7 @@ def run_command_on_ray(args) -> int:
         _signals_interrupt,
         _stats_problem,
         _write_stats,
+        check_reasoning_parser,
         keep_the_outputs_openai_rule,
         note_ignored_fields,
         note_model_defaults,
@@ -284,6 +285,8 @@ def run_command_on_ray(args) -> int:
         return _fail(problem)  # before the job, as without --ray
     try:
         read_chat_template_once(args)  # the text travels to the tasks and actors, not the path
+        if args.model is None or _driver_model_dir(args.model) is not None:  # (a tokenizer the driver can read)
+            check_reasoning_parser(args)
         defaults, from_model = resolve_sampling_defaults(args, _driver_model_dir(args.model))
         engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
         named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}

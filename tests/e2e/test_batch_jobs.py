@@ -100,8 +100,9 @@ def test_openai_batch_round_trip(tmp_path, default_model_dir):
 
 def test_reasoning_parser_and_default_template_keywords_shape_the_answers(tmp_path, default_model_dir):
     """vLLM's run-batch --reasoning-parser and --default-chat-template-kwargs (both refused before): an answer
-    with no </think> is all thinking under deepseek_r1 (a model whose template opened it), all content under
-    qwen3 with enable_thinking off; both are options of the output, so a resume under others is refused."""
+    with no </think> is all thinking under qwen3 (a model whose template opened it), all content with
+    enable_thinking off; both are options of the output, so a resume under others is refused. deepseek_r1 needs
+    the tokenizer's think tokens, as vLLM's parser does: SmolLM2 has none."""
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(openai_line("q", messages=[{"role": "user", "content": "What is the capital of "
                                                                                      "France?"}],
@@ -113,10 +114,13 @@ def test_reasoning_parser_and_default_template_keywords_shape_the_answers(tmp_pa
         assert r.returncode == 0, r.stderr
         return json.loads(out.read_text())["response"]["body"]["choices"][0]["message"]
 
-    thought = message("--reasoning-parser", "deepseek_r1")
+    r = cli("run", src, "-o", out, "--no-progress", "--reasoning-parser", "deepseek_r1")
+    assert r.returncode == 2 and "the tokenizer has no <think> or </think> token" in r.stderr, r.stderr
+    assert not out.exists(), "refused before anything is written"
+    thought = message("--reasoning-parser", "qwen3")
     assert thought["reasoning"] == "The capital of France is Paris" and thought["content"] is None
-    r = cli("run", src, "-o", out, "--no-progress", "--reasoning-parser", "qwen3")
-    assert r.returncode == 2 and 'reasoning_parser "deepseek_r1" -> "qwen3"' in r.stderr, r.stderr
+    r = cli("run", src, "-o", out, "--no-progress")
+    assert r.returncode == 2 and 'reasoning_parser "qwen3" -> (unset)' in r.stderr, r.stderr
     said = message("--overwrite", "--reasoning-parser", "qwen3", "--default-chat-template-kwargs",
                    '{"enable_thinking": false}')
     assert said["content"] == "The capital of France is Paris" and said["reasoning"] is None

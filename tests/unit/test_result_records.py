@@ -101,6 +101,9 @@ def test_reasoning_parsers_split_thinking_as_vllms():
     assert qwen3("no tags", None) == ("no tags", None)
     assert qwen3("</think>Answer", None) == (None, "Answer")
     assert qwen3("<think>x</think>y", {"enable_thinking": False}) == (None, "<think>x</think>y")
+    call = '<tool_call>\n{"name": "f"}\n</tool_call>'
+    assert qwen3("I should call it" + call, None) == ("I should call it", call), "a tool call ends the thinking"
+    assert qwen3("<think>plan</think>ok" + call, None) == ("plan", "ok" + call)
     assert reasoning_parser_named(None) is None
     import pytest
 
