@@ -124,7 +124,8 @@ class PromptProcessor:
         raises ValueError naming prompt `index` and the problem."""
         if isinstance(prompt, dict):
             if given := [k for k in ("prompt_embeds", "multi_modal_data", "mm_processor_kwargs")
-                         if prompt.get(k) not in (None, {})]:  # (vLLM reads embeddings before a text beside them)
+                         if prompt.get(k) is not None and not (isinstance(prompt[k], dict) and not prompt[k])]:
+                # (an empty dict asks for nothing; vLLM reads embeddings before a text beside them)
                 raise ValueError(f"prompt {index}: {given[0]} is not supported: the models here take text and "
                                  "token ids only")
             if "prompt_token_ids" in prompt:

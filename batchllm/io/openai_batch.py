@@ -130,8 +130,11 @@ def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | No
     """A body's vLLM fields that shape its response: `request_id` (a string), `return_token_ids`, and a chat's
     `echo` (`messages`: the chat's, checked)."""
     request_id = body.get("request_id")
-    if request_id is not None and (not isinstance(request_id, str) or not request_id):
-        raise BodyError(f"'request_id' must be a non-empty string, got {json.dumps(request_id)[:40]}")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BodyError(f"'request_id' must be a string, got {json.dumps(request_id)[:40]}")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):  # (vLLM's check; it changes nothing here)
+        raise BodyError("'cache_salt' must be a non-empty string if given")
     return_ids = _flag(body.get("return_token_ids"), "return_token_ids")
     echoed = None
     if messages is not None and _flag(body.get("echo"), "echo"):
@@ -479,7 +482,8 @@ class ResponseAsks(NamedTuple):
     """What an OpenAI body asks of its response beside the answer (vLLM's fields); None on a line asking nothing."""
 
     request_id: str | None = None
-    """vLLM's `request_id`: the response's id is "chatcmpl-" (or "cmpl-") and it, in place of a random one."""
+    """vLLM's `request_id`: the response's id is "chatcmpl-" (or "cmpl-") and it (even empty), in place of a random
+    one."""
     return_token_ids: bool = False
     """vLLM's `return_token_ids`: each choice's `token_ids`, and the prompt's (`prompt_token_ids`)."""
     echoed_message: tuple[str, str] | None = None
@@ -517,15 +521,19 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason, "token_ids": _token_ids(c, asks), "routed_experts": None}
                    for c in output.outputs]
-        body = {"id": f"chatcmpl-{asks.request_id or uuid.uuid4().hex}", **head, "choices": choices,
+        body = {"id": f"chatcmpl-{_or_random(asks.request_id)}", **head, "choices": choices,
                 **_VLLM_BODY_NULLS, "usage": usage, "prompt_logprobs": _prompt_logprobs(output),
                 "prompt_token_ids": prompt_ids, "prompt_text": None, **_VLLM_BODY_TAIL}
     else:
-        body = {"id": f"cmpl-{asks.request_id or uuid.uuid4().hex}", **head,
+        body = {"id": f"cmpl-{_or_random(asks.request_id)}", **head,
                 "choices": _completion_choices(output, echo, top_logprobs, tokenizer, asks, prompt_ids),
                 **_VLLM_BODY_NULLS, "usage": usage, **_VLLM_BODY_TAIL}
     return {"id": line_id, "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def _or_random(request_id: str | None) -> str:
+    return uuid.uuid4().hex if request_id is None else request_id
 
 
 def _token_ids(completion, asks: ResponseAsks) -> list[int] | None:

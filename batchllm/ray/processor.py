@@ -37,9 +37,12 @@ class Processor:
         self.index_column = index_column
 
     def num_buckets(self, dataset, num_rows: int | None = None) -> int:
-        """config.num_buckets, else max(num_replicas, ceil(rows / batch_size)) (rows counted unless given); 0
-        where the rows were counted (or given) and there are none."""
+        """0 where the rows were counted (or given) and there are none; else config.num_buckets, else
+        max(num_replicas, ceil(rows / batch_size)) (rows counted unless given). With config.num_buckets and no
+        `num_rows`, a dataset that turns out empty still meets Ray's shuffle failure (`__call__`)."""
         config = self.config
+        if num_rows == 0:
+            return 0
         if config.num_buckets is not None:
             return config.num_buckets
         rows = dataset.count() if num_rows is None else num_rows

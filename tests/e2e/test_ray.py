@@ -107,6 +107,8 @@ def test_an_empty_dataset_comes_back_empty(ray_session):
     assert processor(empty).take_all() == []
     assert processor(ray_session.data.from_items([{"prompt": "Hi"}]), num_rows=0).take_all() == [], (
         "rows counted as none by the caller")
+    fixed = build_processor(ProcessorConfig(device="cpu", max_tokens=2, num_buckets=2))
+    assert fixed(empty, num_rows=0).take_all() == [], "a fixed bucket count, rows given as none"
 
 
 def _normalized(record: dict) -> str:

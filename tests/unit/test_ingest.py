@@ -306,6 +306,8 @@ def test_a_dict_prompt_with_images_is_refused_not_run_without_them():
     assert prompts.tokenize_prompt({"prompt_token_ids": [1, 2], "multi_modal_data": None}).token_ids == [1, 2]
     for empty in ({"multi_modal_data": {}}, {"mm_processor_kwargs": {}}):  # asking for nothing, as vLLM takes them
         assert prompts.tokenize_prompt({"prompt_token_ids": [1, 2], **empty}).token_ids == [1, 2]
+    with pytest.raises(ValueError, match="prompt 0: prompt_embeds is not supported"):  # (not numpy's "ambiguous")
+        prompts.tokenize_prompt({"prompt_embeds": np.zeros((2, 4))})
     from batchllm.io.openai_batch import BodyError, body_to_request
 
     chat = {"messages": [{"role": "user", "content": "Hi"}]}

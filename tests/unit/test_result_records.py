@@ -173,7 +173,11 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     assert asked["choices"][0]["prompt_token_ids"] == [1, 2]
     bad = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
         "messages": [{"role": "user", "content": "hi"}], "request_id": 7}}).encode(), 1, set())
-    assert "'request_id' must be a non-empty string, got 7" in bad.message
+    assert "'request_id' must be a string, got 7" in bad.message
+    assert body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}], "request_id": ""})["id"] == "chatcmpl-"
+    salted = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
+        "messages": [{"role": "user", "content": "hi"}], "cache_salt": ""}}).encode(), 1, set())
+    assert "'cache_salt' must be a non-empty string" in salted.message
     # vLLM's chat echo: the last message's text starts an answer that continues it (same role), else nothing
     hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hel"}]}]
     continued = body(CHAT_URL, {"messages": hello, "echo": True, "add_generation_prompt": False,
