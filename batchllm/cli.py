@@ -38,7 +38,7 @@ from batchllm.io.ingest import (
     MODEL_FOR_CHAT,
     OPENAI_MAX_TOKENS,
     TO_THE_CONTEXT,
-    ResponseNames,
+    ResponseShape,
     count_input_lines,
     input_problem,
     prepare_lines,
@@ -763,7 +763,7 @@ class _InBackground:
 def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace, num_failed: int) -> int:
     """Run the valid lines and append each result as it completes; the number written. The engine
     loop is closed on the way out, whatever stops it (an interrupt, a write error)."""
-    names = response_names(args, llm.model_dir.name)
+    names = response_shape(args, llm.model_dir.name)
     desc = f"tokens ({num_failed} lines failed)" if num_failed else "tokens"
     results = llm.iter_generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
                                 use_tqdm=not args.no_progress, progress_desc=desc)
@@ -780,10 +780,10 @@ def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace
     return num_done
 
 
-def response_names(args: argparse.Namespace, model_name: str) -> ResponseNames:
+def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
     """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's), and
     how they split its reasoning."""
-    return ResponseNames(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role,
+    return ResponseShape(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role,
                          args.reasoning_parser)
 
 

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
-from batchllm.io.job import ResumeState, is_a_url
+from batchllm.io.job import ResumeState, as_given_url, is_a_url
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
 from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.sampling_params import SamplingParams, short_repr
 
-__all__ = ["Ingested", "ResponseNames", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
+__all__ = ["Ingested", "ResponseShape", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
            "record_for", "input_problem", "PLAIN", "OPENAI"]
 
 
@@ -53,8 +53,8 @@ class Ingested(NamedTuple):
 
 def input_problem(path: Path) -> str | None:
     """Why the input file cannot be read, or None."""
-    if is_a_url(path):  # (a Path has folded its "//")
-        return (f"cannot read input file {str(path).replace(':/', '://', 1)!r}: it is a URL, which is not downloaded "
+    if is_a_url(path):
+        return (f"cannot read input file {as_given_url(path)!r}: it is a URL, which is not downloaded "
                 "here (vLLM's run-batch reads one): download it first (e.g. curl -o in.jsonl URL)")
     if path.is_dir():
         return f"cannot read input file {str(path)!r}: it is a directory"
@@ -117,23 +117,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     pending: list[tuple[BatchLine, SamplingParams, Any]] = []
 
     def flush() -> None:
-        results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
-                                        [prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
-                                         for _, params, _ in pending])
-        for (line, params, _), result in zip(pending, results):
-            if line.echo is None:  # (an echoing line's answer starts with its text)
-                line.prompt = None  # the tokens replace the text: never hold both for a whole file
-            if isinstance(result, ValueError):
-                errors.append(LineError.for_line(line, result))
-            elif must_fit_the_context(line) and (
-                    problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
-                errors.append(LineError.for_line(line, problem))
-            elif line.format == OPENAI and (problem := min_tokens_past_the_context(len(result.array), params,
-                                                                                   prompts.max_model_len)):
-                errors.append(LineError.for_line(line, problem))
-            else:
-                valid.append(ValidLine(line, TokenizedPrompt(np.asarray(result.array, dtype=np.int32), None),
-                                       params))
+        for result in _tokenized(prompts, pending):
+            (valid if isinstance(result, ValidLine) else errors).append(result)
         pending.clear()
 
     bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True)
@@ -147,21 +132,11 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             ignored[name] = ignored.get(name, 0) + 1
         if resume.is_done(item.request_id) or item.line_number in resume.done_error_lines:
             continue  # (a line that failed stays failed: a second, result record would answer it twice)
-        try:
-            params = sampling_params_for(item, defaults, global_seed, params_cache)
-            params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
-            if item.is_chat:  # (the keywords rendered are the line's: its answer's reasoning split reads them)
-                item.chat_template_kwargs = openai_batch.with_template_defaults(
-                    template_defaults, item.chat_template_kwargs, item.format == OPENAI)
-            prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
-                      if item.is_chat else item.prompt)
-        except ValueError as e:
-            errors.append(LineError.for_line(item, in_the_lines_terms(item, e)))
+        prepared = _prepared(item, prompts, defaults, global_seed, params_cache, template_defaults)
+        if isinstance(prepared, LineError):
+            errors.append(prepared)
             continue
-        except Exception as e:  # whatever a line holds, it costs only that line
-            errors.append(LineError.for_line(item, f"cannot be prepared ({type(e).__name__}: {short_repr(str(e))})"))
-            continue
-        pending.append((item, params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt))
+        pending.append((item, *prepared))
         if len(pending) >= chunk:
             flush()
     if pending:
@@ -170,6 +145,50 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     errors = [e for e in errors if e.line_number not in resume.done_error_lines]  # written by an earlier run
     file_format = max(formats, key=formats.get) if formats else PLAIN
     return Ingested(valid, errors, file_format, ignored)
+
+
+def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
+              params_cache: dict, template_defaults: dict | None) -> tuple[SamplingParams, Any] | LineError:
+    """A line's SamplingParams (checked against the model) and its prompt as `tokenize_many` takes it (a chat
+    rendered by its template with `template_defaults` under its own keywords, which the line keeps: its answer's
+    reasoning split reads them), or the LineError of either."""
+    try:
+        params = sampling_params_for(item, defaults, global_seed, params_cache)
+        params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
+        if item.is_chat:
+            item.chat_template_kwargs = openai_batch.with_template_defaults(
+                template_defaults, item.chat_template_kwargs, item.format == OPENAI)
+        prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
+                  if item.is_chat else item.prompt)
+    except ValueError as e:
+        return LineError.for_line(item, in_the_lines_terms(item, e))
+    except Exception as e:  # whatever a line holds, it costs only that line
+        return LineError.for_line(item, f"cannot be prepared ({type(e).__name__}: {short_repr(str(e))})")
+    return params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+
+
+def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, SamplingParams, Any]]
+               ) -> list[ValidLine | LineError]:
+    """The pending lines tokenized in one batch: each a ValidLine, or the LineError of a prompt the tokenizer
+    refuses or the model's context cannot take. A line's text is dropped once its tokens are made."""
+    results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
+                                    [prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
+                                     for _, params, _ in pending])
+    out: list[ValidLine | LineError] = []
+    for (line, params, _), result in zip(pending, results):
+        if line.echo is None:  # (an echoing line's answer starts with its text)
+            line.prompt = None  # the tokens replace the text: never hold both for a whole file
+        if isinstance(result, ValueError):
+            out.append(LineError.for_line(line, result))
+        elif must_fit_the_context(line) and (
+                problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
+            out.append(LineError.for_line(line, problem))
+        elif line.format == OPENAI and (problem := min_tokens_past_the_context(len(result.array), params,
+                                                                               prompts.max_model_len)):
+            out.append(LineError.for_line(line, problem))
+        else:
+            out.append(ValidLine(line, TokenizedPrompt(np.asarray(result.array, dtype=np.int32), None), params))
+    return out
 
 
 def must_fit_the_context(line: BatchLine) -> bool:
@@ -270,7 +289,7 @@ def _cache_key(fields: dict) -> tuple | None:
     return tuple(key)
 
 
-class ResponseNames(NamedTuple):
+class ResponseShape(NamedTuple):
     """How OpenAI response lines name the model and the chat answer's author, and split its reasoning."""
 
     model: str
@@ -305,9 +324,9 @@ class ResponseNames(NamedTuple):
         return lambda text: parser(text, line.chat_template_kwargs)
 
 
-def record_for(line: BatchLine, output, names: ResponseNames, tokenizer=None) -> dict:
+def record_for(line: BatchLine, output, names: ResponseShape, tokenizer=None) -> dict:
     """The output record of a finished request, in the line's format (OpenAI lines echo their model
-    unless --served-model-name names others: `ResponseNames.model_of`; the tokenizer names an echoed prompt's
+    unless --served-model-name names others: `ResponseShape.model_of`; the tokenizer names an echoed prompt's
     first token)."""
     if line.format == OPENAI:
         top = line.sampling_overrides.get("logprobs") or 0

@@ -149,8 +149,8 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
     if str(output) == "-":  # (a file named "-" in the working directory is not what a user means)
         raise JobError("results cannot go to standard output (-o -): a job resumes from its output file; "
                        "give -o a path")
-    if is_a_url(output):  # (a Path has folded its "//": "https:/host/...", a folder named "https:" otherwise)
-        raise JobError(f"-o {str(output).replace(':/', '://', 1)!r} is a URL: results are written to a local file "
+    if is_a_url(output):  # (else a folder named "https:" would be made)
+        raise JobError(f"-o {as_given_url(output)!r} is a URL: results are written to a local file "
                        "(a job resumes from it), not uploaded as vLLM's run-batch does; write a file and upload it "
                        "when the job is done (e.g. curl -T out.jsonl URL)")
     if _is_a_standard_stream(output):  # (/dev/stdout redirected to a file is a regular file)
@@ -164,6 +164,11 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
 def is_a_url(path: Path) -> bool:
     """Whether a path given on the command line is an http(s) URL (vLLM's run-batch reads and writes those)."""
     return str(path).lower().startswith(("http:/", "https:/"))
+
+
+def as_given_url(path: Path) -> str:
+    """An `is_a_url` path as the URL it was given as (a Path folds the "//" after the scheme)."""
+    return str(path).replace(":/", "://", 1)
 
 
 _STANDARD_STREAM = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")

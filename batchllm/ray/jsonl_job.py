@@ -114,7 +114,7 @@ class _CliRecords:
     """(row, RequestOutput or None, error or None) -> {"record": the CLI's JSON line for it}."""
 
     def __init__(self, names, file_format: str, tokenizer=None, template_defaults: dict | None = None) -> None:
-        self.names = names  # io.ingest.ResponseNames
+        self.names = names  # io.ingest.ResponseShape
         self.file_format = file_format
         self.tokenizer = tokenizer
         self.template_defaults = template_defaults  # (a chat answer's reasoning split reads the line's keywords)
@@ -188,7 +188,7 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
                      global_seed: int | None = None, names=None, file_format: str | None = None,
                      template_defaults: dict | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
-    `names` (`io.ingest.ResponseNames`): how OpenAI responses name the model (default: its directory's name);
+    `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name);
     `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
     the chat lines' default template keywords (`prepare_lines`').
 
@@ -206,9 +206,9 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         delete_checkpoint_on_success=False)
     started = time.perf_counter()
     if names is None:
-        from batchllm.io.ingest import ResponseNames
+        from batchllm.io.ingest import ResponseShape
 
-        names = ResponseNames(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
+        names = ResponseShape(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
     records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
                              template_defaults=template_defaults)
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed, template_defaults),
@@ -272,7 +272,7 @@ def run_command_on_ray(args) -> int:
         note_model_defaults,
         read_chat_template_once,
         resolve_sampling_defaults,
-        response_names,
+        response_shape,
         results_options,
     )
     from batchllm.io.job import job_state_path
@@ -303,7 +303,7 @@ def run_command_on_ray(args) -> int:
         return _fail(problem)
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
-    names = response_names(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
+    names = response_shape(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
     with _signals_interrupt():
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,

@@ -322,15 +322,15 @@ def test_facts_and_sources_handed_on_must_be_the_configs(default_model_dir):
 
 
 def test_run_takes_vllms_response_naming_options():
-    from batchllm.cli import response_names
+    from batchllm.cli import response_shape
 
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--served-model-name", "smol", "smol-2",
                                       "--response-role", "bot", "--model", "/m/SmolLM2"])
-    assert tuple(response_names(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", None)
+    assert tuple(response_shape(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", None)
     plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
-    assert tuple(response_names(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant", None)
+    assert tuple(response_shape(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant", None)
     qwen3 = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--reasoning-parser", "qwen3"])
-    assert response_names(qwen3, "m").reasoning_parser == "qwen3"
+    assert response_shape(qwen3, "m").reasoning_parser == "qwen3"
 
 
 @pytest.mark.parametrize("words, names, input_path", [

@@ -132,13 +132,13 @@ def test_the_cli_rows_errors_name_an_openai_lines_own_fields():
     """run --ray wrote "SamplingParams.temperature ..." for an OpenAI line, where run names the body's field."""
     import json
 
-    from batchllm.io.ingest import ResponseNames
+    from batchllm.io.ingest import ResponseShape
     from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, RECORD, _CliRecords
 
     raw = json.dumps({"custom_id": "c", "url": "/v1/chat/completions",
                       "body": {"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}}).encode()
     error = "line 1: SamplingParams.temperature must be >= 0, got -1"
-    records = _CliRecords(ResponseNames("m"), "openai")
+    records = _CliRecords(ResponseShape("m"), "openai")
     record = json.loads(records({RAW: raw, LINE: 1, DUPLICATE: False}, None, error)[RECORD])
     assert record["error"]["message"] == "line 1: temperature must be >= 0, got -1"
 
@@ -296,7 +296,7 @@ def test_the_cli_records_split_reasoning_under_the_jobs_template_keywords():
     without its own keywords has no thinking to split, as the single-machine job reads it."""
     import json
 
-    from batchllm.io.ingest import ResponseNames
+    from batchllm.io.ingest import ResponseShape
     from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, RECORD, _CliRecords
     from batchllm.request_output import CompletionOutput, RequestOutput
 
@@ -304,7 +304,7 @@ def test_the_cli_records_split_reasoning_under_the_jobs_template_keywords():
                       "body": {"messages": [{"role": "user", "content": "Hi"}]}}).encode()
     row = {RAW: raw, LINE: 1, DUPLICATE: False}
     output = RequestOutput("r", "p", [1], [CompletionOutput(0, "a</think>b", [5], -1.0, None, "stop")])
-    names = ResponseNames("m", reasoning_parser="qwen3")
+    names = ResponseShape("m", reasoning_parser="qwen3")
     for defaults, reasoning, content in ((None, "a", "b"), ({"enable_thinking": False}, None, "a</think>b")):
         records = _CliRecords(names, "openai", template_defaults=defaults).with_tokenizer(None)
         message = json.loads(records(row, output, None)[RECORD])["response"]["body"]["choices"][0]["message"]

@@ -54,10 +54,10 @@ def test_served_model_name_and_response_role_name_the_answer():
     and a line without one gets the model's."""
     import json
 
-    from batchllm.io.ingest import ResponseNames, record_for
+    from batchllm.io.ingest import ResponseShape, record_for
     from batchllm.io.jsonl import parse_line
 
-    def body(line: dict, names: ResponseNames) -> dict:
+    def body(line: dict, names: ResponseShape) -> dict:
         parsed = parse_line(json.dumps(line).encode(), 1, set())
         parsed.prompt = None  # (as `ingest.prepare_lines` drops it once tokenized: the role was read from it)
         return record_for(parsed, two_samples(), names)["response"]["body"]
@@ -65,25 +65,25 @@ def test_served_model_name_and_response_role_name_the_answer():
     chat = {"custom_id": "c", "method": "POST", "url": CHAT_URL, "body": {"model": "gpt-x", "messages": [
         {"role": "user", "content": "hi"}]}}
     unnamed = {**chat, "body": {"messages": chat["body"]["messages"]}}
-    assert body(chat, ResponseNames("/models/smol"))["model"] == "gpt-x"
-    assert body(unnamed, ResponseNames("/models/smol"))["model"] == "/models/smol"
-    served = body(chat, ResponseNames("/models/smol", ("smol-served", "smol"), "bot"))
+    assert body(chat, ResponseShape("/models/smol"))["model"] == "gpt-x"
+    assert body(unnamed, ResponseShape("/models/smol"))["model"] == "/models/smol"
+    served = body(chat, ResponseShape("/models/smol", ("smol-served", "smol"), "bot"))
     assert served["model"] == "smol-served", "a line naming another model gets the first served name"
     assert [c["message"]["role"] for c in served["choices"]] == ["bot", "bot"]
     smol = {**chat, "body": {**chat["body"], "model": "smol"}}
-    assert body(smol, ResponseNames("/models/smol", ("smol-served", "smol")))["model"] == "smol", (
+    assert body(smol, ResponseShape("/models/smol", ("smol-served", "smol")))["model"] == "smol", (
         "a line naming one of the served names gets its own back (vLLM's rule)")
-    assert body(unnamed, ResponseNames("/models/smol", ("smol-served", "smol")))["model"] == "smol-served"
-    assert {c["message"]["role"] for c in body(chat, ResponseNames("m"))["choices"]} == {"assistant"}
+    assert body(unnamed, ResponseShape("/models/smol", ("smol-served", "smol")))["model"] == "smol-served"
+    assert {c["message"]["role"] for c in body(chat, ResponseShape("m"))["choices"]} == {"assistant"}
     # vLLM's rule: an answer that continues the last message (no generation prompt) takes that message's role
     continued = {**chat, "body": {**chat["body"], "add_generation_prompt": False, "continue_final_message": True,
                                   "messages": [*chat["body"]["messages"], {"role": "assistant", "content": "Hel"}]}}
-    assert {c["message"]["role"] for c in body(continued, ResponseNames("m", (), "bot"))["choices"]} == {"assistant"}
+    assert {c["message"]["role"] for c in body(continued, ResponseShape("m", (), "bot"))["choices"]} == {"assistant"}
     user_turn = {**chat, "body": {**chat["body"], "add_generation_prompt": False}}
-    assert {c["message"]["role"] for c in body(user_turn, ResponseNames("m", (), "bot"))["choices"]} == {"user"}
+    assert {c["message"]["role"] for c in body(user_turn, ResponseShape("m", (), "bot"))["choices"]} == {"user"}
     # vLLM reads the body's field, not chat_template_kwargs' (which reach the template only)
     kwargs_only = {**chat, "body": {**chat["body"], "chat_template_kwargs": {"add_generation_prompt": False}}}
-    assert {c["message"]["role"] for c in body(kwargs_only, ResponseNames("m", (), "bot"))["choices"]} == {"bot"}
+    assert {c["message"]["role"] for c in body(kwargs_only, ResponseShape("m", (), "bot"))["choices"]} == {"bot"}
 
 
 def test_reasoning_parsers_split_thinking_as_vllms():
@@ -111,19 +111,20 @@ def test_reasoning_parsers_split_thinking_as_vllms():
         reasoning_parser_named("granite")
 
 
-def test_a_chat_answers_reasoning_goes_to_its_message_as_in_vllm():
+def test_a_chat_answers_reasoning_goes_to_its_message_and_structured_output_stays_whole():
     """With --reasoning-parser, a chat answer's thinking goes to `message.reasoning` (vLLM's field; null without a
     parser) and the rest to `content`; the message carries vLLM's other null fields. Completions, structured
-    output (its grammar holds from the first token) and Qwen3 lines without thinking are left whole."""
+    output (its grammar holds from the first token: unlike vLLM's, which waits for the thinking to end) and Qwen3
+    lines without thinking are left whole."""
     import json
 
-    from batchllm.io.ingest import ResponseNames, record_for
+    from batchllm.io.ingest import ResponseShape, record_for
     from batchllm.io.jsonl import parse_line
 
     def message(body: dict, parser: str | None = "qwen3", url: str = CHAT_URL) -> dict:
         line = parse_line(json.dumps({"custom_id": "c", "url": url, "body": body}).encode(), 1, set())
         output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>hm</think>Paris", [5], -1.0, None, "stop")])
-        choice = record_for(line, output, ResponseNames("m", reasoning_parser=parser))["response"]["body"]["choices"][0]
+        choice = record_for(line, output, ResponseShape("m", reasoning_parser=parser))["response"]["body"]["choices"][0]
         return choice.get("message", choice)
 
     chat = {"messages": [{"role": "user", "content": "Capital?"}]}
@@ -144,13 +145,13 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     (it was ignored) and `return_token_ids` gives the prompt's and each choice's token ids (it failed the line)."""
     import json
 
-    from batchllm.io.ingest import ResponseNames, record_for
+    from batchllm.io.ingest import ResponseShape, record_for
     from batchllm.io.jsonl import parse_line
 
     def body(url: str, fields: dict) -> dict:
         request = {"custom_id": "c", "url": url, "body": fields}
         line = parse_line(json.dumps(request).encode(), 1, set())
-        return record_for(line, two_samples(), ResponseNames("m"))["response"]["body"]
+        return record_for(line, two_samples(), ResponseShape("m"))["response"]["body"]
 
     chat = body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}], "cache_salt": "s"})
     assert list(chat) == ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
