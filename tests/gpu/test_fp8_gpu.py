@@ -103,3 +103,37 @@ def test_torch_quantizer_is_captured_by_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(s_graph, s_eager)
     assert torch.equal(q_graph.view(torch.uint8), q_eager.view(torch.uint8))
+
+
+def test_a_checkpoint_with_unquantized_layers_and_an_fp8_cache_runs_the_same_with_graphs(tmp_path):
+    """A compressed-tensors config leaving layers out (ignore) and declaring an FP8 KV cache (kv_cache_scheme):
+    the left-out layers run in bf16 beside the FP8 ones (fused input quantization and deferred scales around
+    them), the cache is FP8, and decode steps replayed from CUDA graphs give the eager steps' tokens."""
+    model_dir = _dummy_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "ignore": ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj",
+                   *(f"model.layers.2.self_attn.{p}_proj" for p in "qkv")],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False},
+            "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}}},
+        "kv_cache_scheme": {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False,
+                            "symmetric": True}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    prompts = [{"prompt_token_ids": [1] + [(7 * i + 13 * j) % 31000 + 3 for j in range(20 + 5 * i)]} for i in range(16)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def run(**kw):
+        llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
+                  kv_cache_memory_gib=1, **kw)
+        return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+    graphs, with_graphs = run()
+    layers = graphs.engine.model.model.layers
+    assert layers[0].mlp.down_proj.weight.dtype == torch.bfloat16 and layers[2].self_attn.qkv_proj.weight.dtype \
+        == torch.bfloat16 and layers[1].self_attn.o_proj.weight.dtype == torch.bfloat16
+    assert layers[0].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    assert graphs.engine.kv_spec.dtype == torch.float8_e4m3fn
+    _, eager = run(enforce_eager=True)
+    assert with_graphs == eager
