@@ -552,3 +552,21 @@ def test_max_model_len_auto_and_minus_one_are_the_models_context_as_in_vllm():
     for text in ("auto", "AUTO"):
         assert engine_kwargs_from_args(parser.parse_args(["--max-model-len", text]))["max_model_len"] is None
     assert engine_kwargs_from_args(parser.parse_args(["--max-model-len", "4K"]))["max_model_len"] == 4096
+
+
+def test_vllms_flexible_argument_parser_reads_underscores_and_bare_flags():
+    """vLLM's examples build their command line on `FlexibleArgumentParser` (`from vllm.utils.argparse_utils
+    import ...`); the import failed a ported script. It reads underscores in flag names as vLLM's does."""
+    from batchllm import EngineArgs
+    from batchllm.utils import FlexibleArgumentParser as FromUtils
+    from batchllm.utils.argparse_utils import FlexibleArgumentParser
+
+    assert FromUtils is FlexibleArgumentParser
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser(description="a ported example"))
+    parser.add_argument("prompt_file")
+    args = parser.parse_args(["--max_model_len=4k", "--async-scheduling", "prompts.txt", "--enforce_eager"])
+    assert (args.max_model_len, args.async_scheduling, args.prompt_file, args.enforce_eager) == (
+        4000, "on", "prompts.txt", True)
+    assert EngineArgs.from_cli_args(args).async_scheduling is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--no_such_flag", "x"])
