@@ -118,10 +118,14 @@ def replica_report(rows: Iterable[dict] | Any) -> dict:
     """Per replica: rows, prompt tokens, prefill tokens computed, saving ratio and the shared-prefix
     tokens that another replica computed too; for the job: the same totals and the prefix tokens
     computed more than once (across replicas, across calls). `rows`: output rows or a Dataset
-    (only the bookkeeping columns are read)."""
+    (only the bookkeeping columns are read; ValueError where a postprocess dropped them)."""
     if hasattr(rows, "select_columns"):
+        from batchllm.ray.report import NO_BOOKKEEPING
         from batchllm.ray.stages import CALL, ERROR, PREFILL, REPLICA, SHARED_PREFIX, SHARED_PREFIX_LEN
 
-        rows = rows.select_columns([REPLICA, CALL, ERROR, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN,
-                                    "num_input_tokens"]).iter_rows()
+        columns = [REPLICA, CALL, ERROR, PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN, "num_input_tokens"]
+        schema = rows.schema()
+        if schema is not None and not set(columns) <= set(schema.names):
+            raise ValueError(NO_BOOKKEEPING)
+        rows = rows.select_columns(columns).iter_rows()
     return summarize_calls(calls_from_rows(rows))

@@ -13,11 +13,19 @@ from collections.abc import Iterable
 
 from batchllm.ray.stages import CALL, ERROR, PREFILL, REPLICA, SHARED_PREFIX, SHARED_PREFIX_LEN
 
+NO_BOOKKEEPING = (f"the rows carry no {CALL} column: a postprocess that returns only some columns drops the "
+                  f"processor's bookkeeping ({CALL}, {REPLICA}, {PREFILL}, {SHARED_PREFIX}, {SHARED_PREFIX_LEN}, "
+                  "num_input_tokens); keep them in its rows to report")
+"""Why a report of rows without the processor's columns would be all zeros."""
+
 
 def calls_from_rows(rows: Iterable[dict]) -> list[dict]:
-    """Call records from the processor's output rows (rows with an error took no engine work)."""
+    """Call records from the processor's output rows (rows with an error took no engine work); ValueError
+    (NO_BOOKKEEPING) where rows came but none has the processor's columns."""
     calls: dict[str, dict] = {}
+    seen = kept = False
     for row in rows:
+        seen, kept = True, kept or CALL in row
         if row.get(ERROR) or row.get(CALL) is None:
             continue
         call = calls.setdefault(row[CALL], {"replica": row[REPLICA], "call": row[CALL], "num_rows": 0,
@@ -27,6 +35,8 @@ def calls_from_rows(rows: Iterable[dict]) -> list[dict]:
         call["prefill_tokens"] += row[PREFILL]
         if row.get(SHARED_PREFIX):
             call["prefixes"][row[SHARED_PREFIX]] = row[SHARED_PREFIX_LEN]
+    if seen and not kept:
+        raise ValueError(NO_BOOKKEEPING)
     return list(calls.values())
 
 

@@ -26,3 +26,27 @@ def test_report_counts_savings_per_replica_and_prefixes_computed_twice():
     assert report["duplicate_prefix_tokens_across_replicas"] == 80
     assert report["replicas"]["A"]["prefix_tokens_also_on_other_replicas"] == 80
     assert report["replicas"]["B"]["prefix_tokens_also_on_other_replicas"] == 80
+
+
+def test_rows_without_the_processors_columns_are_refused_not_reported_as_zeros():
+    """A postprocess returning only its own columns dropped the bookkeeping: the report was all zeros."""
+    import pytest
+
+    with pytest.raises(ValueError, match="the rows carry no batchllm_call column: a postprocess"):
+        calls_from_rows([{"answer": "Paris"}, {"answer": "Rome"}])
+    assert calls_from_rows([]) == [], "no rows: nothing to report, and nothing wrong"
+    assert calls_from_rows([_row("A", None, 0, 0, error="too long")]) == [], "only failed rows"
+
+
+def test_a_dataset_without_the_processors_columns_is_refused_by_name():
+    """replica_report on a Dataset selected columns a projecting postprocess had dropped (Ray's own error)."""
+    import types
+
+    import pytest
+
+    from batchllm.ray.processor import replica_report
+
+    dataset = types.SimpleNamespace(schema=lambda: types.SimpleNamespace(names=["answer"]),
+                                    select_columns=lambda columns: pytest.fail("no column to select"))
+    with pytest.raises(ValueError, match="the rows carry no batchllm_call column"):
+        replica_report(dataset)
