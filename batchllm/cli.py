@@ -184,10 +184,19 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, nargs="?", help="input JSONL file (or -i)")
     p.add_argument("-i", "--input", "--input-file", type=Path, dest="input_option", metavar="INPUT", default=None,
                    help="input JSONL file, as vLLM's run-batch spells it")
-    p.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--default-chat-template-kwargs", type=_template_keywords, default=None, metavar="JSON",
                    help="keywords for the chat template of every chat line, under a line's own chat_template_kwargs "
                    "(vLLM's option), e.g. '{\"enable_thinking\": false}' for Qwen3")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+
+
+def _template_keywords(text: str) -> dict:
+    """--default-chat-template-kwargs: a JSON object without the keys vLLM refuses in template keywords."""
+    value = _json_object(text)
+    if unexpected := sorted({"chat_template", "tokenize"} & set(value)):
+        raise argparse.ArgumentTypeError(f"must not hold {', '.join(unexpected)} (as vLLM refuses them; a template "
+                                          "is given with --chat-template)")
+    return value
 
 
 def _json_object(text: str) -> dict:

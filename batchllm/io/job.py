@@ -150,9 +150,9 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
         raise JobError("results cannot go to standard output (-o -): a job resumes from its output file; "
                        "give -o a path")
     if is_a_url(output):  # (else a folder named "https:" would be made)
-        raise JobError(f"-o {as_given_url(output)!r} is a URL: results are written to a local file "
-                       "(a job resumes from it), not uploaded as vLLM's run-batch does; write a file and upload it "
-                       "when the job is done (e.g. curl -T out.jsonl URL)")
+        raise JobError(f"-o {as_given_url(output)!r} is a URL: results are written to a local file (a job "
+                       "resumes from it), not uploaded (vLLM's run-batch uploads to an http(s) URL); write a file "
+                       "and upload it when the job is done (e.g. curl -T out.jsonl URL, aws s3 cp out.jsonl URL)")
     if _is_a_standard_stream(output):  # (/dev/stdout redirected to a file is a regular file)
         raise JobError(f"results cannot go to {str(output)!r}: a job resumes from its output file, with a state file "
                        "beside it; give -o the path of a file")
@@ -161,9 +161,14 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
                        "(even with --overwrite: it would destroy the input); choose another -o")
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
+"""A URL's scheme as a Path keeps it (https:/, s3:/, gs:/; one letter, a Windows drive, is not one)."""
+
+
 def is_a_url(path: Path) -> bool:
-    """Whether a path given on the command line is an http(s) URL (vLLM's run-batch reads and writes those)."""
-    return str(path).lower().startswith(("http:/", "https:/"))
+    """Whether a path given on the command line is a URL: http(s), which vLLM's run-batch reads and writes, or an
+    object store's (s3://, gs://), which a Ray user may take for a place results go."""
+    return _URL.match(str(path)) is not None
 
 
 def as_given_url(path: Path) -> str:

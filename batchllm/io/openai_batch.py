@@ -316,6 +316,8 @@ CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "contin
 keyword of that name: templates that take it, such as gpt-oss's, use it; others ignore it)."""
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+"""The reasoning_effort values vLLM 0.26's server takes."""
 BODY_DECIDES = ("add_generation_prompt", "continue_final_message")
 """Template keywords an OpenAI chat body always decides, by its fields or their defaults (true, false), over its
 chat_template_kwargs and the job's default ones, as vLLM's server merges them."""
@@ -333,6 +335,9 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
             if not isinstance(body[name], kind):
                 raise BodyError(f"'{name}' must be {wanted}")
             options[name] = body[name]
+    if options.get("reasoning_effort") not in (None, *REASONING_EFFORTS):
+        raise BodyError(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}, got "
+                        f"{json.dumps(options['reasoning_effort'])[:40]}")
     options.update(_template_documents_and_tools(body))
     own = {k: v for k, v in (template_kwargs(body.get("chat_template_kwargs")) or {}).items() if k not in BODY_DECIDES}
     if options.get("reasoning_effort") is not None and "enable_thinking" not in own:
@@ -425,7 +430,7 @@ def _part_texts(j: int, content: list) -> list[str]:
             raise BodyError(f"messages[{j}].content[{k}] has {shown[:60]}; only text parts are supported "
                             f"({', '.join(_TEXT_PARTS)})")
         text = part.get(_TEXT_PARTS[kind])
-        if text is None and kind in ("text", "refusal"):
+        if text is None:  # (vLLM skips such a part)
             continue
         if not isinstance(text, str):
             raise BodyError(f"messages[{j}].content[{k}].{_TEXT_PARTS[kind]} must be a string")
@@ -515,7 +520,7 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
         usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens}
     head = {"object": "chat.completion" if url == CHAT_URL else "text_completion", "created": int(time.time()),
             "model": model}
-    prompt_ids = list(output.prompt_token_ids) if asks.return_token_ids else None
+    prompt_ids = [int(t) for t in output.prompt_token_ids] if asks.return_token_ids else None  # (numpy in run's)
     if url == CHAT_URL:
         choices = [{"index": c.index, "message": _chat_message(role, c.text, reasoning_split, asks.echoed_message),
                     "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
@@ -537,7 +542,7 @@ def _or_random(request_id: str | None) -> str:
 
 
 def _token_ids(completion, asks: ResponseAsks) -> list[int] | None:
-    return list(completion.token_ids) if asks.return_token_ids else None
+    return [int(t) for t in completion.token_ids] if asks.return_token_ids else None
 
 
 def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsks, prompt_ids) -> list[dict]:

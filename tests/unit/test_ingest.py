@@ -183,7 +183,9 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
     assert isinstance(taken, BatchLine), taken
     assert prompts.apply_chat_template(taken.prompt) == prompts.apply_chat_template(
         [{"role": "user", "content": "Hello\nworld\na\nb\nc"}])
-    assert "content[0].thinking must be a string" in line([{"type": "thinking", "thinking": None}]).message
+    assert prompts.apply_chat_template(line([{"type": "thinking", "text": "x"}, "y"]).prompt) == (
+        prompts.apply_chat_template([{"role": "user", "content": "y"}])), "a part without its text is skipped"
+    assert "content[0].text must be a string" in line([{"type": "text", "text": 3}]).message
 
 
 def test_plain_lines_and_llm_chat_take_text_parts_as_openai_lines_do():
@@ -445,6 +447,7 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
                            ).template == {"reasoning_effort": "none", "enable_thinking": True}
     assert body_to_request("/v1/chat/completions", chat).template is None
     for bad, message in (({"reasoning_effort": 3}, "'reasoning_effort' must be a string"),
+                         ({"reasoning_effort": "auto"}, "'reasoning_effort' must be one of none, minimal, low"),
                          ({"length_penalty": 2.0}, "'length_penalty' = 2.0 is not supported (only 1.0)")):
         with pytest.raises(BodyError, match=re.escape(message)):
             body_to_request("/v1/chat/completions", {**chat, **bad})

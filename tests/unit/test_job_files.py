@@ -239,6 +239,8 @@ def test_urls_and_lone_carriage_returns_are_refused_at_start(tmp_path, capsys, m
     code, err = run(capsys, src, "-o", "https://bucket.s3.amazonaws.com/out.jsonl?X-Amz-Signature=abc")
     assert code == 2 and "-o 'https://bucket.s3.amazonaws.com/out.jsonl?X-Amz-Signature=abc' is a URL" in err, err
     assert not (tmp_path / "https:").exists()
+    code, err = run(capsys, src, "-o", "s3://bucket/out.jsonl")  # (an object store's: a folder "s3:" was made)
+    assert code == 2 and "-o 's3://bucket/out.jsonl' is a URL" in err and not (tmp_path / "s3:").exists(), err
     code, err = run(capsys, "http://example.com/x.jsonl", "-o", "o.jsonl")
     assert code == 2 and "'http://example.com/x.jsonl': it is a URL" in err and "curl" in err, err
     mac = tmp_path / "mac.jsonl"

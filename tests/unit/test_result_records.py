@@ -169,6 +169,14 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
                             "return_token_ids": True})
     assert asked["id"] == "chatcmpl-trace-7" and asked["prompt_token_ids"] == [1, 2]
     assert [c["token_ids"] for c in asked["choices"]] == [[5, 6], [7, 8, 9]]
+    import numpy as np
+
+    ids = two_samples()
+    ids.prompt_token_ids = np.array([1, 2], dtype=np.int32)  # (as `run` hands prompts over: the job crashed)
+    request = {"custom_id": "c", "url": CHAT_URL, "body": {"messages": [{"role": "user", "content": "hi"}],
+                                                           "return_token_ids": True}}
+    record = record_for(parse_line(json.dumps(request).encode(), 1, set()), ids, ResponseShape("m"))
+    assert json.loads(json.dumps(record))["response"]["body"]["prompt_token_ids"] == [1, 2]
     asked = body("/v1/completions", {"prompt": "hi", "request_id": "r", "return_token_ids": "true"})
     assert asked["id"] == "cmpl-r" and asked["choices"][1]["token_ids"] == [7, 8, 9]
     assert asked["choices"][0]["prompt_token_ids"] == [1, 2]
