@@ -51,15 +51,20 @@ def _dummy_llama(tmp_path):
     return str(tmp_path)
 
 
+def _greedy_on_dummy(model_dir, max_tokens: int, **kw):
+    """(the LLM, its greedy tokens for 16 prompts of 21-96 tokens) with dummy bf16 weights on CUDA."""
+    prompts = [{"prompt_token_ids": [1] + [(7 * i + 13 * j) % 31000 + 3 for j in range(20 + 5 * i)]} for i in range(16)]
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
+              kv_cache_memory_gib=1, **kw)
+    return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
 def test_engine_fp8_on_a_dummy_llama_mostly_agrees_with_bf16(tmp_path):
     model_dir = _dummy_llama(tmp_path)
-    prompts = [{"prompt_token_ids": [1] + [(7 * i + 13 * j) % 31000 + 3 for j in range(20 + 5 * i)]} for i in range(16)]
-    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
     def run(**kw):
-        llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
-                  kv_cache_memory_gib=1, **kw)
-        return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        return _greedy_on_dummy(model_dir, 8, **kw)
 
     fp8_llm, fp8 = run(quantization="fp8")
     layer = fp8_llm.engine.model.model.layers[0].mlp.gate_up_proj
@@ -121,19 +126,11 @@ def test_a_checkpoint_with_unquantized_layers_and_an_fp8_cache_runs_the_same_wit
         "kv_cache_scheme": {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False,
                             "symmetric": True}}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    prompts = [{"prompt_token_ids": [1] + [(7 * i + 13 * j) % 31000 + 3 for j in range(20 + 5 * i)]} for i in range(16)]
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-    def run(**kw):
-        llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
-                  kv_cache_memory_gib=1, **kw)
-        return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-
-    graphs, with_graphs = run()
+    graphs, with_graphs = _greedy_on_dummy(model_dir, 12)
     layers = graphs.engine.model.model.layers
     assert layers[0].mlp.down_proj.weight.dtype == torch.bfloat16 and layers[2].self_attn.qkv_proj.weight.dtype \
         == torch.bfloat16 and layers[1].self_attn.o_proj.weight.dtype == torch.bfloat16
     assert layers[0].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
     assert graphs.engine.kv_spec.dtype == torch.float8_e4m3fn
-    _, eager = run(enforce_eager=True)
+    _, eager = _greedy_on_dummy(model_dir, 12, enforce_eager=True)
     assert with_graphs == eager
