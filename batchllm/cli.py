@@ -116,9 +116,9 @@ def _add_run_parser(sub) -> None:
     model_or = "the model's generation_config.json if it sets one, else"
     # (--generation-config, an engine option below, says where the model's defaults come from)
     s.add_argument("--max-tokens", type=int, default=None,
-                   help=f"most tokens to generate per request (default: {model_or} 256 for plain lines; for "
-                        "OpenAI Batch lines 16 in completions and in chat the model's, else up to the context, as "
-                        "OpenAI's API and vLLM's server)")
+                   help=f"most tokens to generate per request (default: for plain lines {model_or} 256; for "
+                        "OpenAI Batch lines 16 in completions, and in chat the model's generation_config.json's, "
+                        "else up to the context, as OpenAI's API and vLLM's server)")
     s.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default: {model_or} 1.0)")
     s.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default: {model_or} 1.0: off)")
     s.add_argument("--top-k", type=int, default=None,
@@ -431,11 +431,11 @@ RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "default_chat_template_
                   "skip_tokenizer_init", "trust_remote_code", "served_model_name", "response_role",
                   "reasoning_parser")
 """Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
---seed), and how OpenAI responses name the model and the answer's role: an output is resumed only under the
-same ones (`io.job.prepare_output`). Options of speed
-alone (step budget, kernels, block size, parallelism, devices) may change between runs, and so may those
-that change only rounding (fp8_deferred_scales, fp8_fused_quant). dtype is recorded as given: "auto"
-resolves by device, so give --dtype to pin the precision of a job resumed on another kind of machine."""
+--seed), and how OpenAI responses name the model and the answer's role and split its reasoning: an output is
+resumed only under the same ones (`io.job.prepare_output`). Options of speed alone (step budget, kernels, block
+size, parallelism, devices) may change between runs, and so may those that change only rounding
+(fp8_deferred_scales, fp8_fused_quant). dtype is recorded as given: "auto" resolves by device, so give --dtype
+to pin the precision of a job resumed on another kind of machine."""
 
 
 def check_reasoning_parser(args: argparse.Namespace) -> None:

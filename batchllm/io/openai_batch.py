@@ -417,8 +417,8 @@ refusal and thinking parts) -> the key holding the text."""
 
 
 def _part_texts(j: int, content: list) -> list[str]:
-    """The texts of a message's content parts, as vLLM reads them: a bare string is a text, a text or refusal
-    part whose text is null is skipped, and any part that is not text (`_TEXT_PARTS`) is refused by name."""
+    """The texts of a message's content parts, as vLLM reads them: a bare string is a text, a part without its
+    text (null or missing) is skipped, and any part that is not text (`_TEXT_PARTS`) is refused by name."""
     texts = []
     for k, part in enumerate(content):
         if isinstance(part, str):
@@ -509,7 +509,8 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
     the sampled token's, then those logprob_token_ids named); `role` is a chat answer's (vLLM's --response-role);
     `echo` a completions line's (`BodyRequest.echo`, the prompt's text), whose first prompt token (it has no
     logprobs) the tokenizer names; `reasoning_split` (text -> (reasoning, content): vLLM's --reasoning-parser)
-    gives a chat message its `reasoning`; `asks`: the body's `request_id` and `return_token_ids`. Each choice
+    gives a chat message its `reasoning`; `asks`: the body's `request_id`, `return_token_ids` and a chat's `echo`
+    (`ResponseAsks`). Each choice
     carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
     asks = asks or ResponseAsks()
     line_id, request_id = _ids()
