@@ -86,7 +86,7 @@ def with_template_defaults(defaults: dict[str, Any] | None, kwargs: dict[str, An
     """A chat line's template keywords over the job's defaults (vLLM's --default-chat-template-kwargs): a
     line's own value wins, except None and "auto", which leave the default, as vLLM merges them; an `openai`
     line's body decides BODY_DECIDES whatever the defaults say."""
-    if openai and defaults:
+    if openai and defaults and any(k in defaults for k in BODY_DECIDES):  # (else one dict for every line)
         defaults = {k: v for k, v in defaults.items() if k not in BODY_DECIDES}
     if not defaults:
         return kwargs
