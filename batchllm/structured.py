@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -182,6 +183,10 @@ def _double_quoted(text: str, number: int) -> str:
     return re.sub(r"'([^']*)'", lambda literal: '"' + re.sub(r'(?<!\\)"', r'\\"', literal[1]) + '"', text)
 
 
+GRAMMARS_CACHED = 1024
+"""Compiled grammars a GrammarBackend keeps (least recently used dropped first): ~50 MiB of JSON schemas."""
+
+
 class GrammarBackend:
     """Compiles grammars for one tokenizer and vocabulary (the model's logits width), caching each."""
 
@@ -189,12 +194,15 @@ class GrammarBackend:
         self.vocab_size = vocab_size
         self._tokenizer, self._stop = tokenizer, sorted(stop_token_ids)
         self._compiler = None
-        self._cache: dict[tuple[str, str], Any] = {}
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def compile(self, key: tuple[str, str]):
-        """The compiled grammar of `key`; StructuredOutputError naming the problem if it does not compile."""
+        """The compiled grammar of `key`; StructuredOutputError naming the problem if it does not compile. The
+        GRAMMARS_CACHED most recently used stay compiled (a file whose lines each bring a schema would otherwise
+        keep every one: ~50 KiB each)."""
         compiled = self._cache.get(key)
         if compiled is not None:
+            self._cache.move_to_end(key)
             return compiled
         xgr = _import_xgrammar()
         if self._compiler is None:
@@ -220,6 +228,8 @@ class GrammarBackend:
             what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
             raise StructuredOutputError(f"structured output: the {what} cannot be compiled: {_reason(e)}") from e
         self._cache[key] = compiled
+        if len(self._cache) > GRAMMARS_CACHED:
+            self._cache.popitem(last=False)  # (a request running it holds its own reference)
         return compiled
 
     def new_state(self, key: tuple[str, str]) -> GrammarState:
@@ -255,6 +265,8 @@ _TYPED_KEYWORDS = ("pattern", "format", "minLength", "maxLength", "minimum", "ma
                    "exclusiveMaximum")
 """String and number keywords, which xgrammar enforces only in a schema that gives its "type"."""
 _TYPE_GIVERS = ("type", "enum", "const", "$ref", "anyOf", "oneOf", "allOf")
+_COMBINATORS = ("$ref", "anyOf", "oneOf", "allOf")
+"""Keywords whose schemas replace their node's own: xgrammar drops typed keywords beside them."""
 
 
 def _unenforced_combination(node: dict, types: set[str]) -> str | None:
@@ -262,8 +274,17 @@ def _unenforced_combination(node: dict, types: set[str]) -> str | None:
     0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string or number bounds without a type."""
     if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
         return repr(found)
-    if not any(k in node for k in _TYPE_GIVERS) and (found := next((k for k in _TYPED_KEYWORDS if k in node), None)):
-        return f'{found!r} without a "type" (xgrammar then lets any JSON value through: give the type)'
+    typed = next((k for k in _TYPED_KEYWORDS if k in node), None)
+    if typed and not any(k in node for k in _TYPE_GIVERS):
+        return f'{typed!r} without a "type" (xgrammar then lets any JSON value through: give the type)'
+    if typed and (combinator := next((k for k in _COMBINATORS if k in node), None)):
+        return f"{typed!r} beside {combinator!r} (xgrammar enforces it only inside a branch: put it in each)"
+    for combinator in ("anyOf", "oneOf"):
+        branches = node.get(combinator)
+        if isinstance(branches, list) and any(isinstance(b, dict) and "required" in b and "properties" not in b
+                                              for b in branches):
+            return (f"{combinator!r} branches listing required properties without their 'properties' (xgrammar "
+                    "then enforces neither: repeat the properties in each branch)")
     if "string" in types and (found := _length_bound_with_pattern(node)):
         return found
     if "object" in types and "propertyNames" in node:
@@ -312,7 +333,8 @@ def unenforced_schema_feature(schema: Any) -> str | None:
                 return f"{found!r}{where}"
         if found := _unenforced_combination(node, types):
             return f"{found}{where}"
-        if "string" in types and "format" in node and node["format"] not in _XGRAMMAR_FORMATS:
+        if "string" in types and "format" in node and (not isinstance(node["format"], str)
+                                                        or node["format"] not in _XGRAMMAR_FORMATS):
             return f"the string format {str(node['format'])[:40]!r}{where}"
         for key, value in node.items():
             inner = f"{path}.{key}" if path else str(key)

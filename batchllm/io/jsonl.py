@@ -291,7 +291,7 @@ def _mistaken_field(name: str) -> str | None:
     if name == "chat_template":
         return "a plain line takes none: give --chat-template"
     if name in ("guided_json", "guided_choice", "guided_regex", "guided_grammar"):  # (the line ran unconstrained)
-        return f'vLLM\'s name before 0.11: give "structured_outputs": {{"{name[7:]}": ...}}'
+        return f'vLLM\'s name before 0.12: give "structured_outputs": {{"{name[7:]}": ...}}'
     close = difflib.get_close_matches(name, _NEAR_MISS_TARGETS, n=1, cutoff=0.9) if len(name) >= 5 else []
     return f"did you mean {close[0]!r}?" if close else None
 

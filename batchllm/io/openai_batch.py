@@ -181,9 +181,9 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
     if unknown:
         guided = next((name for name in unknown if name.startswith("guided_")), None)
         hint = "" if guided is None else (
-            f" ({guided} is vLLM's before 0.11: remove it; structured output runs on xgrammar)"
+            f" ({guided} is vLLM's before 0.12: remove it; structured output runs on xgrammar)"
             if guided == "guided_decoding_backend" else
-            f" ({guided} is vLLM's name before 0.11: give structured_outputs or response_format)")
+            f" ({guided} is vLLM's name before 0.12: give structured_outputs or response_format)")
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}{hint}")
     for name, allowed in only_default.items():
         if name in body and body[name] not in allowed:

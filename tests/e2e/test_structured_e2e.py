@@ -219,3 +219,20 @@ def test_a_constrained_lines_logprobs_are_strict_json(tmp_path, default_model_di
 
     records = [json.loads(line, parse_constant=not_json) for line in out.read_text().splitlines()]
     assert len(records) == 2
+
+
+def test_the_compiled_grammars_kept_are_bounded(default_llm, monkeypatch):
+    """Every distinct grammar stayed compiled for the engine's life (~50 KiB a JSON schema: a file whose lines each
+    bring a schema grew by gigabytes); the least recently used are dropped past GRAMMARS_CACHED."""
+    import batchllm.structured as structured
+    from batchllm.structured import StructuredOutputsParams
+
+    monkeypatch.setattr(structured, "GRAMMARS_CACHED", 2)
+    grammars = default_llm.prompts.grammars
+    keys = [grammar_key(StructuredOutputsParams(choice=[f"a{i}", f"b{i}"])) for i in range(3)]
+    compiled = [grammars.compile(key) for key in keys]
+    assert list(grammars._cache)[-2:] == keys[1:] and keys[0] not in grammars._cache
+    assert grammars.compile(keys[2]) is compiled[2], "a kept one is not compiled again"
+    out = default_llm.generate("Yes or no?", SamplingParams(structured_outputs={"choice": ["a0", "b0"]}, max_tokens=4),
+                               use_tqdm=False)
+    assert out[0].outputs[0].text in ("a0", "b0"), "a dropped one compiles again"

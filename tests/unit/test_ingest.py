@@ -739,9 +739,9 @@ def test_vllms_old_guided_fields_fail_their_line_naming_structured_outputs():
 
     result = ingest(b'{"id": 1, "prompt": "Hi", "guided_choice": ["yes", "no"]}\n')
     assert not result.valid and [e.message for e in result.errors] == [
-        "line 1: unsupported field(s): 'guided_choice' (vLLM's name before 0.11: give "
+        "line 1: unsupported field(s): 'guided_choice' (vLLM's name before 0.12: give "
         '"structured_outputs": {"choice": ...})']
-    with pytest.raises(BodyError, match="guided_json is vLLM's name before 0.11: give structured_outputs or "
+    with pytest.raises(BodyError, match="guided_json is vLLM's name before 0.12: give structured_outputs or "
                                         "response_format"):
         body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                  "guided_json": {"type": "object"}})
@@ -814,7 +814,7 @@ def test_token_id_lists_written_as_floats_are_read_as_integers_and_an_old_backen
     params = result.valid[0].params
     assert (params.stop_token_ids, params.allowed_token_ids, params.logprob_token_ids) == ([2], [5, 6], [7])
     assert "stop_token_ids must be a list of non-negative integers" in result.errors[0].message
-    with pytest.raises(BodyError, match="guided_decoding_backend is vLLM's before 0.11: remove it"):
+    with pytest.raises(BodyError, match="guided_decoding_backend is vLLM's before 0.12: remove it"):
         body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                  "guided_decoding_backend": "xgrammar"})
 

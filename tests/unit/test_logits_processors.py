@@ -184,6 +184,29 @@ def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_t
         assert found in unenforced_schema_feature(schema), schema
 
 
+def test_bounds_beside_a_combinator_and_branches_of_required_alone_are_refused():
+    """Measured on xgrammar: a bound beside anyOf or $ref ({"v": 10.0} passed a maximum of 3), and anyOf branches
+    that list required properties without them (any JSON value passed: an array, an object of other keys), compiled
+    unenforced while the README says such schemas are refused. A format that is not a string was a TypeError."""
+    from batchllm.structured import unenforced_schema_feature
+
+    number = {"anyOf": [{"type": "integer"}, {"type": "number"}], "maximum": 3}
+    assert unenforced_schema_feature({"type": "object", "properties": {"v": number}}) == (
+        "'maximum' beside 'anyOf' (xgrammar enforces it only inside a branch: put it in each) (in properties.v)")
+    assert "'minimum' beside '$ref'" in unenforced_schema_feature(
+        {"$defs": {"n": {"type": "integer"}}, "type": "object", "properties": {"v": {"$ref": "#/$defs/n",
+                                                                                      "minimum": 200}}})
+    contact = {"email": {"type": "string"}, "phone": {"type": "string"}}
+    assert "'anyOf' branches listing required properties without their 'properties'" in unenforced_schema_feature(
+        {"type": "object", "properties": contact, "anyOf": [{"required": ["email"]}, {"required": ["phone"]}]})
+    assert "the string format \"['date']\"" in unenforced_schema_feature({"type": "string", "format": ["date"]})
+    for fine in ({"anyOf": [{"type": "integer", "maximum": 3}, {"type": "null"}], "description": "optional"},
+                 {"type": "object", "properties": contact, "anyOf": [
+                     {"type": "object", "properties": contact, "required": ["email"]},
+                     {"type": "object", "properties": contact, "required": ["phone"]}]}):
+        assert unenforced_schema_feature(fine) is None, fine
+
+
 def test_a_lark_grammar_is_converted_as_vllm_converts_it():
     """vLLM 0.26 turns Lark into EBNF itself: the root is `start` or the first rule, single quotes are literals,
     %import / %ignore lines are dropped. xgrammar's own Lark reader refused "rule: 'hello'" (no start rule)."""
