@@ -228,7 +228,7 @@ class GrammarBackend:
             what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
             raise StructuredOutputError(f"structured output: the {what} cannot be compiled: {_reason(e)}") from e
         self._cache[key] = compiled
-        if len(self._cache) > GRAMMARS_CACHED:
+        while len(self._cache) > GRAMMARS_CACHED:
             self._cache.popitem(last=False)  # (a request running it holds its own reference)
         return compiled
 
