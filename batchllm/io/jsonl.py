@@ -211,8 +211,10 @@ def _json_object(raw: bytes, line_number: int) -> Any:
 
 
 def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
+    fmt = None  # (the file's format, until the line shows its own)
+
     def error(message: str, rid: str | int | None = None) -> LineError:
-        return LineError(line_number, rid, f"line {line_number}: {message}")
+        return LineError(line_number, rid, f"line {line_number}: {message}", fmt)
 
     obj = _json_object(raw, line_number)
     if isinstance(obj, LineError):  # (its echoed id is not taken: outputs resumed from before would answer twice)
@@ -226,6 +228,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
                          OPENAI if openai else None)
     if _is_openai_line(obj):
         return _parse_openai_line(obj, line_number, seen_ids)
+    if any(k in obj for k in PROMPT_FIELDS):  # a plain line by its prompt: its error stays in the output
+        fmt = PLAIN  # (one without a prompt field, say an OpenAI line missing its custom_id, takes the file's)
     rid = obj.get("id")
     if rid is None:
         return error("missing 'id'")

@@ -901,3 +901,22 @@ def test_an_openai_body_decides_its_generation_prompt_over_template_keywords(mon
                            template_defaults={"add_generation_prompt": False})
     texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
     assert texts == {"oa": "Hi|GEN", "oa-body": "Hi", "plain": "Hi"}, texts
+
+
+def test_a_plain_lines_error_stays_plain_in_a_file_of_mostly_openai_lines():
+    """A plain line (it has a prompt field) that failed while being read (a misspelt field, a duplicate id) took the
+    file's majority format: in a mostly-OpenAI file its error went to the errors file as an OpenAI record, and the
+    output held nothing for its id. A line that shows no format of its own still takes the file's."""
+    from batchllm.io.jsonl import OPENAI, PLAIN
+
+    seen: set = set()
+    for raw, expected in ((b'{"id": "x", "prompt": "a", "temprature": 0.5}', PLAIN),
+                          (b'{"id": "d", "prompt": "a"}', None), (b'{"id": "d", "prompt": "b"}', PLAIN),
+                          (b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', None),
+                          (b'{"custom_id": "c", "url": "/v1/nope", "body": {}}', OPENAI)):
+        parsed = parse_line(raw, 1, seen)
+        if expected is None and isinstance(parsed, BatchLine):
+            continue
+        assert isinstance(parsed, LineError) and parsed.format == expected, (raw, parsed)
+    assert not parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2, set()).is_openai()
+    assert parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2, set()).is_openai(OPENAI)
