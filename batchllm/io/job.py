@@ -253,6 +253,8 @@ def later_write_problem(path: Path, what: str) -> str | None:
         with open(path, "a"):
             pass
     except OSError as e:
+        if blocking := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+            return f"cannot write {what} {str(path)!r}: {str(blocking)!r} is a file, not a folder"
         return f"cannot write {what} {str(path)!r}: {e.strerror or e}"
     if not existed:
         path.unlink(missing_ok=True)

@@ -202,8 +202,8 @@ def test_the_errors_files_folder_is_made_before_the_job_and_a_bad_place_refused(
     assert errors.parent.is_dir() and not errors.exists()
     with pytest.raises(JobError, match="is a directory"):
         prepare_output(tmp_path / "o2.jsonl", src, False, tmp_path / "new")
-    with pytest.raises(JobError, match="cannot write the errors file"):
-        prepare_output(tmp_path / "o3.jsonl", src, False, src / "e.jsonl")
+    with pytest.raises(JobError, match=f"cannot write the errors file .*: {str(src)!r} is a file, not a folder"):
+        prepare_output(tmp_path / "o3.jsonl", src, False, src / "deeper" / "e.jsonl")  # (was "File exists")
     with pytest.raises(JobError, match="cannot write the errors file '/proc/e.jsonl'"):  # (root may, /proc not)
         prepare_output(tmp_path / "o4.jsonl", src, False, Path("/proc/e.jsonl"))
 
