@@ -133,7 +133,18 @@ def _add_run_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=None,
                    help="seed: lines without their own seed get one derived from this and their id, "
                    "so sampled outputs are reproducible line by line (also the engine's seed)")
-    o = run.add_argument_group("output")
+    _add_output_arguments(run.add_argument_group("output"))
+    add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
+    r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
+    r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
+    r.add_argument("--num-replicas", type=int, default=1, help="engine replicas (with --ray)")
+    r.add_argument("--ray-batch-size", type=int, default=1024, help="target rows per engine call (with --ray)")
+    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else local)")
+
+
+def _add_output_arguments(o) -> None:
+    """`run`'s options of what it writes: statistics, progress, how responses name the model, its role and its
+    reasoning, and vLLM's run-batch flags that have no effect here."""
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -148,12 +159,6 @@ def _add_run_parser(sub) -> None:
                    "(qwen3: not where enable_thinking is off: by the line's chat_template_kwargs or reasoning_effort "
                    "none, or --default-chat-template-kwargs); default: the whole answer is content")
     add_no_effect_arguments(o)
-    add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
-    r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
-    r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
-    r.add_argument("--num-replicas", type=int, default=1, help="engine replicas (with --ray)")
-    r.add_argument("--ray-batch-size", type=int, default=1024, help="target rows per engine call (with --ray)")
-    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else local)")
 
 
 def _add_plan_parser(sub) -> None:
@@ -192,10 +197,11 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
 
 def _template_keywords(text: str) -> dict:
     """--default-chat-template-kwargs: a JSON object without the keys vLLM refuses in template keywords."""
+    from batchllm.io.openai_batch import refused_template_keywords
+
     value = _json_object(text)
-    if unexpected := sorted({"chat_template", "tokenize"} & set(value)):
-        raise argparse.ArgumentTypeError(f"must not hold {', '.join(unexpected)} (as vLLM refuses them; a template "
-                                          "is given with --chat-template)")
+    if problem := refused_template_keywords(value):
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

@@ -14,7 +14,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from batchllm.io.openai_batch import text_message, text_parts
+from batchllm.io.openai_batch import refused_template_keywords, text_message, text_parts
 from batchllm.models.default_model import default_model_dir, gguf_model_dir
 from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec, rope_type_of, weight_files
 from batchllm.prefix.radix import as_token_array
@@ -105,9 +105,8 @@ class PromptProcessor:
                             for j, message in enumerate(conversation)]
         except ValueError as e:
             raise ValueError(f"conversation {index}: {e}") from e
-        if unexpected := sorted({"chat_template", "tokenize"} & set(kwargs or {})):
-            raise ValueError(f"conversation {index}: chat_template_kwargs must not hold {', '.join(unexpected)} (as "
-                             "vLLM refuses them; a template is given with --chat-template / chat_template=...)")
+        if problem := refused_template_keywords(kwargs):
+            raise ValueError(f"conversation {index}: chat_template_kwargs {problem}")
         options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {}), "tokenize": False}
         if chat_template is not None:
             options["chat_template"] = chat_template

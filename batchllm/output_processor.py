@@ -73,7 +73,7 @@ def decoded_token_text(tokenizer, token_id: int, context: list[int]) -> str:
     gets the whole character, read with up to 4 `context` tokens (the positions before, oldest first)."""
     text = tokenizer.decode([token_id])
     marker = _leading_space_marker(tokenizer)
-    if marker is not None and text and not text.endswith("\ufffd"):
+    if marker is not None and not text.endswith("\ufffd"):  # (a lone marker piece decodes to "": it is " ")
         piece = tokenizer.convert_ids_to_tokens(token_id)
         markers = len(piece) - len(piece.lstrip(marker)) if isinstance(piece, str) else 0
         text = " " * max(0, markers - (len(text) - len(text.lstrip(" ")))) + text

@@ -221,15 +221,16 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return obj
     if not isinstance(obj, dict):
         return error("a line must be a JSON object")
+    openai = _is_openai_line(obj)
+    if not openai and any(k in obj for k in PROMPT_FIELDS):  # a plain line by its prompt: its error stays in the
+        fmt = PLAIN  # output (one without a prompt field, say an OpenAI line missing its custom_id, takes the file's)
     if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)):
-        rid, openai = _echoed_id(obj)
+        rid, _ = _echoed_id(obj)
         return LineError(line_number, rid, f"line {line_number}: {where} holds a lone surrogate "
                                            "(an unpaired \\ud800-\\udfff escape), which is not valid Unicode",
-                         OPENAI if openai else None)
-    if _is_openai_line(obj):
+                         OPENAI if openai else fmt)
+    if openai:
         return _parse_openai_line(obj, line_number, seen_ids)
-    if any(k in obj for k in PROMPT_FIELDS):  # a plain line by its prompt: its error stays in the output
-        fmt = PLAIN  # (one without a prompt field, say an OpenAI line missing its custom_id, takes the file's)
     rid = obj.get("id")
     if rid is None:
         return error("missing 'id'")

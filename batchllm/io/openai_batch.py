@@ -81,6 +81,19 @@ def template_kwargs(value: Any) -> dict[str, Any] | None:
     return value or None
 
 
+NOT_TEMPLATE_KEYWORDS = ("chat_template", "tokenize")
+"""Keys template keywords may not hold, as vLLM refuses them (a template is given with --chat-template or
+chat_template=...; the text is tokenized here)."""
+
+
+def refused_template_keywords(kwargs: dict | None) -> str | None:
+    """Why template keywords (a line's or the job's) are refused, or None (`NOT_TEMPLATE_KEYWORDS`)."""
+    if unexpected := sorted(set(NOT_TEMPLATE_KEYWORDS) & set(kwargs or {})):
+        return (f"must not hold {', '.join(unexpected)} (as vLLM refuses them; a template is given with "
+                "--chat-template / chat_template=...)")
+    return None
+
+
 def with_template_defaults(defaults: dict[str, Any] | None, kwargs: dict[str, Any] | None,
                            openai: bool = False) -> dict[str, Any] | None:
     """A chat line's template keywords over the job's defaults (vLLM's --default-chat-template-kwargs): a
@@ -393,8 +406,8 @@ def _response_format(value: Any) -> dict | None:
 
 
 def text_message(j: int, message: Any) -> Any:
-    """A chat message with its content as one string: a list of text parts is joined with newlines
-    (as vLLM does for a string-content chat template), null or no parts is empty text; any other part type
+    """A chat message with its content as one string: a list of text parts is joined with newlines, empty ones
+    left out (as vLLM does for a string-content chat template), null or no parts is empty text; any other part type
     is refused by name (BodyError, a ValueError). Plain lines and `LLM.chat` go through it too (`PromptProcessor`)."""
     if not isinstance(message, dict):
         return message  # the chat template check names it
@@ -407,7 +420,7 @@ def text_message(j: int, message: Any) -> Any:
         return {**message, "content": ""}
     if not isinstance(content, list):
         raise BodyError(f"messages[{j}].content must be a string, a list of text parts or null")
-    return {**message, "content": "\n".join(_part_texts(j, content))}
+    return {**message, "content": "\n".join(text for text in _part_texts(j, content) if text)}  # (vLLM's: "" too)
 
 
 _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
@@ -566,8 +579,8 @@ def _chat_message(role: str, text: str | None, reasoning_split=None, echoed: tup
     """A chat answer's message as vLLM's ChatMessage writes it (`success_record`), after the echoed message's
     text where that message has the answer's role (vLLM's echo)."""
     reasoning, content = reasoning_split(text) if reasoning_split is not None and text is not None else (None, text)
-    if echoed is not None and echoed[0] == role:
-        content = echoed[1] + (content or "")
+    if echoed is not None:  # (vLLM's: the continued message's text, or nothing, before the content, even none)
+        content = (echoed[1] if echoed[0] == role else "") + (content or "")
     return {"role": role, "content": content, "refusal": None, "annotations": None, "audio": None,
             "function_call": None, "reasoning": reasoning}
 

@@ -39,11 +39,11 @@ _SCALE_SUFFIXES = (*_WEIGHT_SCALE_SUFFIXES, "input_scale")
 """Every scale an FP8 module may carry in a checkpoint (all read with the weight, never on their own)."""
 
 _KV_SCALE_NAME = re.compile(
-    r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?(k_scale|v_scale|kv_scale|k_proj\.output_scale"
-    r"|v_proj\.output_scale|k_proj\.k_scale|v_proj\.v_scale)")
+    r"model\.layers\.(\d+)\.self_attn\.(?:attn\.|qkv_proj\.)?(k_scale|v_scale|kv_scale|k_proj\.output_scale"
+    r"|v_proj\.output_scale|k_proj\.k_scale|v_proj\.v_scale|k_cache\.scale|v_cache\.scale)")
 """Per-tensor FP8 KV-cache scales as checkpoints name them (vLLM / compressed-tensors `self_attn.k_scale`, vLLM's
-own `self_attn.attn.k_scale`, AutoFP8 and Quark `k_proj.output_scale`, ModelOpt `k_proj.k_scale`, the older
-`kv_scale` for both)."""
+own `self_attn.attn.k_scale`, AutoFP8 and Quark `k_proj.output_scale`, ModelOpt `k_proj.k_scale` or, fused,
+`qkv_proj.k_scale`, `k_cache.scale`, the older `kv_scale` for both: vLLM's `get_cache_scale_mapper`)."""
 _UNUSED_ATTENTION_SCALE = re.compile(
     r"model\.layers\.\d+\.self_attn\.(?:attn\.)?(q_scale|prob_scale|prob_output_scale|q_proj\.output_scale)")
 """Calibrated scales of the attention's queries and probabilities (compressed-tensors, Quark; vLLM loads them for

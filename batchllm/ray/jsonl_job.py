@@ -266,33 +266,21 @@ def run_command_on_ray(args) -> int:
         _signals_interrupt,
         _stats_problem,
         _write_stats,
-        check_reasoning_parser,
         keep_the_outputs_openai_rule,
         note_ignored_fields,
         note_model_defaults,
-        read_chat_template_once,
-        resolve_sampling_defaults,
         response_shape,
         results_options,
     )
     from batchllm.io.job import job_state_path
     from batchllm.models.default_model import DEFAULT_MODEL_NAME
-    from batchllm.options import engine_kwargs_from_args
 
     if problem := input_problem(args.input):
         return _fail(problem)
     if args.stats is not None and (problem := _stats_problem(args.stats, {"the input file": args.input})):
         return _fail(problem)  # before the job, as without --ray
     try:
-        read_chat_template_once(args)  # the text travels to the tasks and actors, not the path
-        if args.model is None or _driver_model_dir(args.model) is not None:  # (a tokenizer the driver can read)
-            check_reasoning_parser(args)
-        defaults, from_model = resolve_sampling_defaults(args, _driver_model_dir(args.model))
-        engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
-        named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}
-        config = ProcessorConfig(
-            **named, engine_kwargs=engine,
-            num_replicas=args.num_replicas, batch_size=args.ray_batch_size)
+        config, defaults, from_model = _job_config(args)
     except (ValueError, OSError) as e:
         return _fail(str(e))
     note_model_defaults(args, from_model)
@@ -318,6 +306,24 @@ def run_command_on_ray(args) -> int:
     if result["num_records"] == 0 and count_input_lines(args.input):
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
+
+
+def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
+    """(the processor's config, the run's sampling defaults, those the model gave) of `run --ray`'s arguments, with
+    what the driver can check before the job (ValueError, OSError): the chat template read (its text travels to the
+    tasks and actors, not the path), the reasoning parser against a tokenizer the driver can read."""
+    from batchllm.cli import check_reasoning_parser, read_chat_template_once, resolve_sampling_defaults
+    from batchllm.options import engine_kwargs_from_args
+
+    read_chat_template_once(args)
+    if args.model is None or _driver_model_dir(args.model) is not None:
+        check_reasoning_parser(args)
+    defaults, from_model = resolve_sampling_defaults(args, _driver_model_dir(args.model))
+    engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
+    named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}
+    config = ProcessorConfig(**named, engine_kwargs=engine, num_replicas=args.num_replicas,
+                             batch_size=args.ray_batch_size)
+    return config, defaults, from_model
 
 
 def _prepare_output_directory(args, options: dict) -> str | None:

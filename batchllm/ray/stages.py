@@ -144,15 +144,14 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
     context_len = None
     if given[0] == "messages":
-        from batchllm.io.openai_batch import template_kwargs
+        from batchllm.io.openai_batch import BODY_DECIDES, template_kwargs
 
         messages, template = request["messages"], template_kwargs(request.get("chat_template_kwargs"))
         text = prompts.apply_chat_template(messages, index, kwargs=template)
         ids = prompts.tokenize_prompt(text, index, truncate).token_ids
         if isinstance(messages, list) and len(messages) > 1:
             # the conversation before its last message, closed (whatever the line asks of its own end)
-            context_kwargs = {k: v for k, v in (template or {}).items()
-                              if k not in ("add_generation_prompt", "continue_final_message")}
+            context_kwargs = {k: v for k, v in (template or {}).items() if k not in BODY_DECIDES}
             context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False,
                                                   kwargs=context_kwargs)
             context_len = _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)

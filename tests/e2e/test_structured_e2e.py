@@ -233,6 +233,8 @@ def test_the_compiled_grammars_kept_are_bounded(default_llm, monkeypatch):
     compiled = [grammars.compile(key) for key in keys]
     assert list(grammars._cache) == keys[1:], "the two most recent"
     assert grammars.compile(keys[2]) is compiled[2], "a kept one is not compiled again"
+    first = grammar_key(StructuredOutputsParams(choice=["a0", "b0"]))
+    assert first not in grammars._cache
     out = default_llm.generate("Yes or no?", SamplingParams(structured_outputs={"choice": ["a0", "b0"]}, max_tokens=4),
                                use_tqdm=False)
-    assert out[0].outputs[0].text in ("a0", "b0"), "a dropped one compiles again"
+    assert out[0].outputs[0].text in ("a0", "b0") and first in grammars._cache, "a dropped one compiles again"

@@ -207,3 +207,6 @@ def test_decoded_tokens_of_byte_pieces_and_word_boundaries_are_vllms(tokenizer):
     entries = [{t: Logprob(-1.0)} for t in words]
     _decode_entries(entries, fast)
     assert [next(iter(e.values())).decoded_token for e in entries] == [" The", " capital", " of", " France"]
+    from batchllm.output_processor import decoded_token_text
+
+    assert decoded_token_text(fast, fast.convert_tokens_to_ids("▁"), []) == " ", "a lone marker piece is a space"

@@ -168,6 +168,9 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
     image = line([{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}])
     assert isinstance(image, LineError) and "messages[0].content[1] has type 'image_url'" in image.message
     assert "content[0].text must be a string" in line([{"type": "text", "text": 3}]).message
+    empty = line([{"type": "text", "text": "a"}, {"type": "text", "text": ""}, "", {"type": "text", "text": "b"}])
+    assert prompts.apply_chat_template(empty.prompt) == prompts.apply_chat_template(
+        [{"role": "user", "content": "a\nb"}]), "empty parts are left out, as vLLM leaves them (was a\\n\\n\\nb)"
     assert "must be a string, a list of text parts or null" in line(7).message
     for empty in (None, []):  # an assistant turn that only called tools: empty text, as in vLLM (was refused)
         assert prompts.apply_chat_template(line(empty).prompt) == prompts.apply_chat_template(
@@ -880,6 +883,11 @@ def test_default_chat_template_kwargs_go_under_each_chat_lines_own(monkeypatch, 
                      "oa": "Hi/no_think|dry", "text": "Hi"}, texts
     unset = prepare_lines(path, processor(), {"max_tokens": 4}, None)
     assert tokenizer.decode(unset.valid[0].prompt.array.tolist()) == "Hi|"
+    from batchllm.io.openai_batch import with_template_defaults
+
+    defaults = {"enable_thinking": False}
+    assert with_template_defaults(defaults, None, openai=True) is defaults, "lines without keywords share it"
+    assert with_template_defaults({**defaults, "add_generation_prompt": False}, None, openai=True) == defaults
 
 
 def test_an_openai_body_decides_its_generation_prompt_over_template_keywords(monkeypatch, tmp_path):
@@ -913,7 +921,8 @@ def test_a_plain_lines_error_stays_plain_in_a_file_of_mostly_openai_lines():
     for raw, expected in ((b'{"id": "x", "prompt": "a", "temprature": 0.5}', PLAIN),
                           (b'{"id": "d", "prompt": "a"}', None), (b'{"id": "d", "prompt": "b"}', PLAIN),
                           (b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', None),
-                          (b'{"custom_id": "c", "url": "/v1/nope", "body": {}}', OPENAI)):
+                          (b'{"custom_id": "c", "url": "/v1/nope", "body": {}}', OPENAI),
+                          (b'{"id": "s", "prompt": "bad \\ud800 x"}', PLAIN)):  # (a lone surrogate)
         parsed = parse_line(raw, 1, seen)
         if expected is None and isinstance(parsed, BatchLine):
             continue

@@ -210,11 +210,13 @@ def test_checkpoint_kv_scales_load_per_layer_and_bad_ones_are_refused(tiny_model
               num_kv_blocks=64)
     model = llm.engine.model
     assert model.kv_scales[:, :2].tolist() == [[0.5, 2.0], [0.25, 0.25]]
-    save_file({"model.layers.0.self_attn.attn.v_scale": torch.tensor(4.0)},  # vLLM's own name
+    save_file({"model.layers.0.self_attn.attn.v_scale": torch.tensor(4.0),  # vLLM's own name
+               "model.layers.1.self_attn.qkv_proj.k_scale": torch.tensor(8.0),  # fused ModelOpt
+               "model.layers.1.self_attn.v_cache.scale": torch.tensor(16.0)},
               str(model_dir / "zz-more-scales.safetensors"))
     more = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True,
                num_kv_blocks=64)
-    assert more.engine.model.kv_scales[0, :2].tolist() == [0.5, 4.0]
+    assert more.engine.model.kv_scales[:, :2].tolist() == [[0.5, 4.0], [8.0, 16.0]]
     (model_dir / "zz-more-scales.safetensors").unlink()
     assert [layer.self_attn.kv_scale.tolist() for layer in model.model.layers] == [[0.5, 2.0], [0.25, 0.25]]
     assert model.model.layers[1].self_attn.kv_scale.data_ptr() % 16 == 0, "each layer's scales 16-byte aligned"

@@ -193,3 +193,9 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
                                 "continue_final_message": True})
     assert [c["message"]["content"] for c in continued["choices"]] == ["Heltext 0", "Heltext 1"]
     assert body(CHAT_URL, {"messages": hello[:1], "echo": True})["choices"][0]["message"]["content"] == "text 0"
+    thinking = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
+        "messages": hello[:1], "echo": True}}).encode(), 1, set())
+    output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>still", [5], -1.0, None, "length")])
+    message = record_for(thinking, output, ResponseShape("m", reasoning_parser="qwen3"))["response"]["body"][
+        "choices"][0]["message"]
+    assert (message["reasoning"], message["content"]) == ("still", ""), "echo writes text, even none (vLLM's)"
