@@ -26,7 +26,7 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 """vLLM's other names of dtypes: a ModelConfig holds the name they stand for."""
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _KERNEL_CHOICES = ("auto", "torch", "triton")
-_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16")  # as attention/kv_quant.KV_CACHE_DTYPES (no torch here)
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16")  # kv_quant.KV_CACHE_DTYPES' (no torch here)
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
@@ -185,8 +185,8 @@ class CacheConfig(_Checked):
                                  "checkpoint declares an FP8 cache: compressed-tensors' kv_cache_scheme, as vLLM); "
                                  "fp8 (= fp8_e4m3): float8_e4m3fn with a per-layer k/v scale (the checkpoint's "
                                  "k_scale/v_scale, else 1.0), half the bytes of a 16-bit cache per token, so twice "
-                                 "the tokens fit; bfloat16: the model's dtype, which must be bfloat16 (vLLM's way "
-                                 "to keep such a checkpoint's cache unquantized)", choices=_KV_CACHE_DTYPES)
+                                 "the tokens fit; bfloat16 / float16: the model's dtype, which must be that one "
+                                 "(vLLM's way to keep such a checkpoint's cache unquantized)", choices=_KV_CACHE_DTYPES)
 
     @property
     def sized_from_memory(self) -> bool:

@@ -31,7 +31,7 @@ import torch
 
 from batchllm.layers.fp8 import FP8, dequantize, quantize
 
-KV_CACHE_DTYPES = {"auto": None, "fp8": FP8, "fp8_e4m3": FP8, "bfloat16": None}
+KV_CACHE_DTYPES = {"auto": None, "fp8": FP8, "fp8_e4m3": FP8, "bfloat16": None, "float16": None}
 """`kv_cache_dtype` option (CacheConfig checks its choices) -> the cache's element type (None: the model's dtype)."""
 
 

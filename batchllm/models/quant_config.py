@@ -57,9 +57,9 @@ class Fp8Scheme:
 
     def quantizes(self, module: str, parts: tuple[str, ...] = ()) -> bool:
         """Whether the decoder linear `module` (its checkpoint name, e.g. model.layers.0.mlp.down_proj) runs in
-        FP8; a fused module (qkv_proj) by its checkpoint `parts` (its full name listed counts for all of them),
-        which must agree, as vLLM requires (ModelLoadError naming them)."""
-        if _matches(module, self.ignore):
+        FP8; a fused module (qkv_proj) by its checkpoint `parts`, which must agree, as vLLM requires
+        (ModelLoadError naming them), unless its own name is listed as it is (vLLM matches no regex against it)."""
+        if module in self.ignore:
             return False
         prefix = module.rpartition(".")[0]
         verdicts = {self._quantizes_one(f"{prefix}.{part}") for part in parts} if parts else {
@@ -70,7 +70,10 @@ class Fp8Scheme:
         return verdicts.pop()
 
     def _quantizes_one(self, name: str) -> bool:
-        return not _matches(name, self.ignore) and ("Linear" in self.targets or _matches(name, self.targets))
+        """One checkpoint module's verdict: compressed-tensors matches its lists by name or "re:" regex, fp8's
+        `ignored_layers` by name only (vLLM's `is_layer_skipped`)."""
+        ignored = _matches(name, self.ignore) if self.method == "compressed-tensors" else name in self.ignore
+        return not ignored and ("Linear" in self.targets or _matches(name, self.targets))
 
     def describe(self) -> str:
         if not self.checkpoint_fp8:
@@ -196,13 +199,13 @@ def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp
 
 def resolve_kv_cache_dtype(option: str, checkpoint: Fp8Scheme | None, model_dtype: str) -> str:
     """The KV cache's kv_cache_dtype: the option's, except "auto" on a checkpoint declaring an FP8 cache
-    (`Fp8Scheme.kv_cache_fp8`), which is "fp8" as in vLLM; "bfloat16" (vLLM's way to keep such a checkpoint's
-    cache unquantized) is the model's dtype, which must then be bfloat16 (ValueError). `model_dtype`: the
+    (`Fp8Scheme.kv_cache_fp8`), which is "fp8" as in vLLM; "bfloat16" or "float16" (vLLM's way to keep such a
+    checkpoint's cache unquantized) is the model's dtype, which must then be that one (ValueError). `model_dtype`: the
     resolved dtype's name."""
-    if option == "bfloat16":
-        if model_dtype != "bfloat16":
-            raise ValueError(f"kv_cache_dtype='bfloat16' keeps the cache in the model's dtype, which is {model_dtype}"
-                             ": give dtype='bfloat16' too, or kv_cache_dtype='auto' (the model's dtype)")
+    if option in ("bfloat16", "float16"):
+        if model_dtype != option:
+            raise ValueError(f"kv_cache_dtype={option!r} keeps the cache in the model's dtype, which is {model_dtype}"
+                             f": give dtype={option!r} too (the cache here is the model's dtype or fp8)")
         return "auto"
     if option == "auto" and checkpoint is not None and checkpoint.kv_cache_fp8:
         return "fp8"

@@ -282,8 +282,11 @@ def test_a_checkpoints_kv_cache_scheme_makes_the_cache_fp8_unless_asked_otherwis
                kv_cache_dtype="bfloat16")
     assert same.engine.kv_spec.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="kv_cache_dtype='bfloat16' keeps the cache in the model's dtype, which is "
-                                         "float32"):
+                                         "float32: give dtype='bfloat16' too"):
         _llm(fp8_dir, kv_cache_dtype="bfloat16")
+    half = LLM(str(fp8_dir), dtype="float16", device="cpu", skip_tokenizer_init=True, max_model_len=256,
+               kv_cache_dtype="float16")
+    assert half.engine.kv_spec.dtype == torch.float16
     (tmp_path / "heads").mkdir()
     heads_dir, _ = write_checkpoints(tiny_fp32, tmp_path / "heads", "ct-channel", {
         **QUANT_CONFIGS["ct-channel"], "kv_cache_scheme": {**scheme, "strategy": "attn_head"}})
@@ -339,3 +342,17 @@ def test_compressed_tensors_targets_and_a_fused_layer_split_by_ignore(tiny_fp32,
                                      keep=("model.layers.0.self_attn.q_proj",))
     with pytest.raises(ValueError, match="quantizes some but not all of model.layers.0.self_attn.qkv_proj's parts"):
         _llm(split_dir)
+    # as vLLM reads the lists: a regex is matched against the checkpoint's parts, never the fused name (which
+    # counts only written out); fp8's ignored_layers are names, not regexes
+    from batchllm.models.quant_config import parse_quantization_config
+
+    ct = parse_quantization_config({**QUANT_CONFIGS["ct-channel"], "ignore": ["re:.*up_proj"]}, "c")
+    with pytest.raises(ValueError, match="some but not all of model.layers.0.mlp.gate_up_proj's parts"):
+        ct.quantizes("model.layers.0.mlp.gate_up_proj", ("gate_proj", "up_proj"))
+    fused = parse_quantization_config({**QUANT_CONFIGS["ct-channel"], "ignore": ["re:.*qkv_proj"]}, "c")
+    assert fused.quantizes("model.layers.0.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"))
+    named = parse_quantization_config({**QUANT_CONFIGS["ct-channel"], "ignore": [
+        "model.layers.0.self_attn.qkv_proj"]}, "c")
+    assert not named.quantizes("model.layers.0.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"))
+    fp8 = parse_quantization_config({**QUANT_CONFIGS["fp8-tensor"], "ignored_layers": ["re:.*down_proj"]}, "c")
+    assert fp8.quantizes("model.layers.0.mlp.down_proj")

@@ -28,10 +28,11 @@ def test_option_declared_once_with_its_choices_and_a_clear_error():
     assert CacheConfig.__dataclass_fields__["kv_cache_dtype"].metadata["choices"] == _KV_CACHE_DTYPES
     assert engine_config(kv_cache_dtype="fp8").cache.kv_cache_dtype == "fp8"
     assert engine_config().cache.kv_cache_dtype == "auto"
-    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3', 'bfloat16'\), "
-                                         r"got 'int8'"):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3', 'bfloat16', "
+                                         r"'float16'\), got 'int8'"):
         engine_config(kv_cache_dtype="int8")
-    assert KV_CACHE_DTYPES == {"auto": None, "fp8": FP8, "fp8_e4m3": FP8, "bfloat16": None}  # None: the model's
+    # None: the model's dtype
+    assert KV_CACHE_DTYPES == {"auto": None, "fp8": FP8, "fp8_e4m3": FP8, "bfloat16": None, "float16": None}
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     assert engine_kwargs_from_args(parser.parse_args(["--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
