@@ -122,13 +122,19 @@ class DataParallelEngine:
                 raise WorkerDied(f"data-parallel workers did not start within {timeout_s:.0f} s")
             for rank, message in self._messages(set(waiting), 1.0):
                 if message is None or message[0] == "error":
-                    why = message[1] if message else _exit_description(self._exit_code(rank))
+                    why = message[1] if message else self._died_before_ready(rank)
                     self.shutdown()
                     raise WorkerDied(f"data-parallel worker {rank} could not start: {why}")
                 waiting.discard(rank)
                 parts = message[1] if len(message) > 1 else {}  # the real worker's start-up seconds and threads
                 self.start_times[rank] = {"ready_s": time.perf_counter() - self._spawned, **parts}
                 logger.info("data-parallel worker %d ready: %s", rank, describe_start(self.start_times[rank]))
+
+    def _died_before_ready(self, rank: int) -> str:
+        """How a worker that sent nothing ended; one that exited with status 1 so early raised before
+        `_worker_main` ran (which reports its own errors): the script's top level, run again there."""
+        code = self._exit_code(rank)
+        return _exit_description(code) + (f" ({NOT_STARTED_HINT})" if code == 1 else "")
 
     def _exit_code(self, rank: int) -> int | None:
         self.processes[rank].join(5)
@@ -280,6 +286,12 @@ class _JobProgress:
     def _show(self, force: bool = False) -> None:
         self.bar.update(input_tokens=self.input_tokens, output_tokens=self.output_tokens, planned_tokens=self.planned,
                         requests_done=self.done, requests_total=len(self.budgets), force=force)
+
+
+NOT_STARTED_HINT = ("its traceback is above; a script that starts engine processes (tensor_parallel_size or "
+                    "data_parallel_size above 1) must create its LLM under `if __name__ == \"__main__\":`, "
+                    "since each process is spawned and imports the script again")
+"""Why a spawned rank ends before it runs any of our code, nearly always: the script's top level ran again there."""
 
 
 def _exit_description(code: int | None) -> str:

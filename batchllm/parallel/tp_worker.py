@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -116,14 +117,18 @@ def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
         torch.set_num_threads(threads)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
-    processes = []
+    processes, started = [], []
     for rank in range(1, size):
-        p = ctx.Process(target=_follower_main, args=(rank, size, init_method, config, facts, threads),
+        ours, theirs = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_follower_main, args=(rank, size, init_method, config, facts, threads, theirs),
                         name=f"batchllm-tp{rank}", daemon=True)
         p.start()
+        theirs.close()  # (the follower's end lives in the follower)
         processes.append(p)
+        started.append(ours)
     followers = TensorParallelFollowers(processes, leader_threads if threads is not None else None)
     try:
+        wait_until_started(processes, started)
         tp = init_tp_group(0, size, init_method, rank_device(facts.device, 0))
     except BaseException:
         followers.abandon()
@@ -131,10 +136,44 @@ def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
     return tp, followers
 
 
-def _follower_main(rank: int, size: int, init_method: str, config, facts, threads: int | None) -> None:
+def wait_until_started(processes: list, started: list, timeout_s: float = 600.0) -> None:
+    """Return once every follower has said it started (`_follower_main`'s first act), so that rank 0 never
+    waits at the group's rendezvous for a rank that is gone; a follower that ends first, as one does when
+    the script's top level creates the LLM again in it, raises RuntimeError naming it."""
+    from multiprocessing import connection
+
+    from batchllm.parallel.data_parallel import NOT_STARTED_HINT, _exit_description
+
+    waiting = {conn: (rank, p) for rank, (p, conn) in enumerate(zip(processes, started), start=1)}
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tensor-parallel ranks {sorted(r for r, _ in waiting.values())} did not start "
+                               f"within {timeout_s:.0f} s")
+        ready = connection.wait([*waiting, *(p.sentinel for _, p in waiting.values())], 1.0)
+        for conn, (rank, p) in list(waiting.items()):
+            if conn.poll():
+                try:
+                    conn.recv()
+                    conn.close()
+                    del waiting[conn]
+                    continue
+                except (EOFError, OSError):  # its end closed unsent: it ended before it started
+                    pass
+            elif p.sentinel not in ready:
+                continue
+            p.join(5)
+            raise RuntimeError(f"tensor-parallel rank {rank} {_exit_description(p.exitcode)} before it "
+                               f"started: {NOT_STARTED_HINT}")
+
+
+def _follower_main(rank: int, size: int, init_method: str, config, facts, threads: int | None, started) -> None:
     """Rank `rank` of a tensor-parallel group: build the runner over its shard and run rank 0's steps
-    until told to stop; `threads`: its torch CPU threads (None: torch's own count). Ctrl-C in a terminal
-    reaches every process of the job: a follower leaves it to rank 0, which stops or kills it."""
+    until told to stop; `threads`: its torch CPU threads (None: torch's own count); `started`: a pipe end
+    it reports its start on (`wait_until_started`). Ctrl-C in a terminal reaches every process of the job:
+    a follower leaves it to rank 0, which stops or kills it."""
+    started.send(True)
+    started.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     from batchllm.engine import build_runner

@@ -125,3 +125,22 @@ def test_data_parallel_engines_of_two_ranks_each(tiny_model_factory):
         assert llm.last_stats["num_engines"] == 2
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("option", ["tensor_parallel_size", "data_parallel_size"])
+def test_a_script_without_a_main_guard_fails_by_name(tiny_model_factory, tmp_path, option):
+    """Spawned ranks import the script again, whose top level then creates an LLM there and dies: the
+    job ends with an error that names the missing guard (tensor parallelism used to wait forever for them)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from batchllm import LLM\n"
+                      f"LLM({tiny_model_factory('llama')!r}, dtype='float32', device='cpu', {option}=2)\n"
+                      "print('built')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1 and "built" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert "status 1" in last and 'if __name__ == "__main__":' in last, last
