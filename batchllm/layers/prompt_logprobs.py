@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batchllm.layers.sampler import rank_among
 from batchllm.layers.transfer import to_device
 from batchllm.outputs import PromptLogprobsRows, ScheduledRequest
 
@@ -89,7 +90,7 @@ def compute_prompt_logprobs(
             r = to_device(pair_rows[in_slice] - begin, device, torch.int64)
             chosen = logprobs[r, to_device(pair_tokens[in_slice], device, torch.int64)]  # [pairs in slice]
             target_lps.append(chosen)
-            ranks.append((logprobs[r] > chosen[:, None]).sum(dim=-1) + 1)
+            ranks.append(rank_among(logprobs[r], chosen[:, None]))
     if not driver:
         return None
     requests = [(s.request_id, s.prompt_logprobs.num_top, s.prompt_logprobs.targets) for _, s in prompt_rows]

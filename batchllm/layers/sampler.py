@@ -119,9 +119,15 @@ def sample_on_device(
         top_values, top_ids = _with_named_tokens(raw, top_values, top_ids, named)
     return SampledTokens(
         tokens, logprob_rows, num_top,
-        sampled_logprob=sampled[:, 0], rank=(raw > sampled).sum(dim=-1) + 1,
+        sampled_logprob=sampled[:, 0], rank=rank_among(raw, sampled),
         top_logprobs=top_values, top_ids=top_ids,
     )
+
+
+def rank_among(logprobs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """[m] int64: each row's count of tokens whose logprob is at least its chosen token's [m, 1], as vLLM ranks:
+    a token tied with others takes the last place among them (ties are common in bfloat16)."""
+    return (logprobs >= chosen).sum(dim=-1)
 
 
 def _with_named_tokens(raw: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor,

@@ -166,3 +166,15 @@ def test_logprobs_are_of_the_raw_distribution_with_rank():
     assert lp.top_token_ids == [0, 1]
     assert math.isclose(lp.top_logprobs[1], math.log(0.3), rel_tol=1e-5)
     assert math.isclose(lp.sampled_logprob, math.log(0.4), rel_tol=1e-5)
+
+
+def test_a_tied_token_ranks_last_among_its_ties_as_in_vllm():
+    """vLLM's rank counts the tokens at least as likely as the chosen one; bfloat16 logits tie often."""
+    from batchllm.layers.sampler import rank_among
+
+    logits = torch.tensor([[0.0, 2.0, 2.0, 2.0, 1.0, -1.0]])
+    tokens, lps = _sample(logits, [spec(temperature=0.0, num_logprobs=1)], None, torch.Generator())
+    assert tokens[0] in (1, 2, 3) and lps[0].sampled_rank == 3
+    logprobs = torch.log_softmax(logits, dim=-1)
+    assert rank_among(logprobs, logprobs[:, [4]]).tolist() == [4]  # (the prompt logprobs' ranks use it too)
+    assert rank_among(logprobs, logprobs[:, [5]]).tolist() == [6]
