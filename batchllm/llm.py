@@ -14,6 +14,7 @@ import gc
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,7 @@ class LLM:
             self.engine = build_engine(config, facts=facts)
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
+        self._stop_processes = self._finalizer_for_processes()
         self.model_config = running_model_config(
             config, front.model_dir, front.model_spec, front.max_model_len, facts.dtype,
             None if facts.quantization is None else facts.quantization.method)
@@ -127,6 +129,20 @@ class LLM:
         """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
         self.last_stats: dict[str, Any] = {}
 
+    def _finalizer_for_processes(self) -> weakref.finalize | None:
+        """The engine processes this LLM started (data-parallel workers, tensor-parallel followers) are stopped when
+        it is collected, as vLLM's are (`del llm; gc.collect()` frees their devices); at the interpreter's exit
+        they stop as daemons do. None where it started none."""
+        if self._data_parallel is not None:
+            stop = self._data_parallel.shutdown
+        elif self.engine is not None and self.engine.tp_followers is not None:
+            stop = self.engine.shutdown
+        else:
+            return None
+        finalizer = weakref.finalize(self, stop)
+        finalizer.atexit = False
+        return finalizer
+
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """vLLM's, called between timed runs: True. Nothing is cached between calls here: each call plans its own
         prefixes and frees their blocks as its last member finishes, so every call starts from an empty cache."""
@@ -139,6 +155,8 @@ class LLM:
         generate after this."""
         self._shut_down = True
         self._queued = []
+        if getattr(self, "_stop_processes", None) is not None:  # (None: an LLM whose building failed)
+            self._stop_processes.detach()
         if self._data_parallel is not None:
             self._data_parallel.shutdown()
         if self.engine is not None:

@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
 from collections import deque
@@ -162,7 +163,11 @@ class DataParallelEngine:
         tail, job = deque(partition.queue), self._job
         self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
         for rank in range(self.size):
-            self.conns[rank].send(("job", job, pack(partition.pinned[rank])))
+            if not self._sent(rank, ("job", job, pack(partition.pinned[rank]))):
+                self._close(f"data-parallel worker {rank} {_exit_description(self._exit_code(rank))} "
+                            "between jobs")
+                raise WorkerDied(f"{self.closed}; no request of this call ran (build a new LLM, or run the job "
+                                 "again to resume it)")
         dispatch_seconds = time.perf_counter() - started - plan_seconds
         progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(a) for a in arrays))
         finished = False
@@ -179,6 +184,19 @@ class DataParallelEngine:
         self.last_stats = _job_stats(rank_stats, partition, sharing, self.parallel, time.perf_counter() - started,
                                      plan_seconds)
         self.last_stats["dispatch_seconds"] = dispatch_seconds
+
+    def _sent(self, rank: int, message: tuple) -> bool:
+        """Send `message` to a worker; False where its pipe is broken (the worker died)."""
+        try:
+            self.conns[rank].send(message)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _close(self, why: str) -> None:
+        """A worker died: stop the others (the job is dropped); every later call raises WorkerDied with `why`."""
+        self.closed = why
+        self.shutdown()
 
     def _abort(self, job: int) -> None:
         """Ask every live worker to drop `job` (it stops before its next step or at its shard request, and
@@ -221,7 +239,8 @@ class DataParallelEngine:
                 elif message[1] != job:
                     continue  # from an earlier job the caller stopped reading
                 elif message[0] == "pull":
-                    self.conns[rank].send(("shard", job, pack([tail.popleft()]) if tail else None))
+                    if not self._sent(rank, ("shard", job, pack([tail.popleft()]) if tail else None)):
+                        failed[rank] = _exit_description(self._exit_code(rank))
                 elif message[0] == "result":
                     for index, output in message[2]:
                         output.prompt, output.prompt_token_ids = prompts[index].text, prompts[index].token_ids
@@ -233,8 +252,7 @@ class DataParallelEngine:
                                    "finish_s": time.perf_counter() - started}
         if failed:
             reasons = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
-            self.closed = f"data-parallel worker(s) failed ({reasons})"
-            self.shutdown()
+            self._close(f"data-parallel worker(s) failed ({reasons})")
             raise WorkerDied(f"{self.closed}; the other ranks' finished results were returned, "
                              "the failed ranks' unfinished requests were not (run the same job again to resume)")
         return [stats[r] for r in range(self.size)]
@@ -440,18 +458,29 @@ def engine_threads(processes: int, available: int, environ=os.environ) -> int | 
 
 
 # ---------------------------------------------------------------------------------------- worker side
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, so a killed job leaves no rank behind; a parent
+    already gone (killed before this was set: the signal would never come) ends this process at once."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():
+        os._exit(1)
+
+
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     """Build rank `rank`'s engine and serve the parent's jobs. Ctrl-C in a terminal reaches every process of
     the job: a worker leaves it to the parent, which aborts its job or stops it (a second Ctrl-C, arriving
     while a worker shut down, printed its traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()  # first: importing torch takes seconds, and a parent killed meanwhile would leave this running
     started = time.perf_counter()
     try:
         import torch
 
-        from batchllm.parallel.tp_worker import die_with_parent
-
-        die_with_parent()
         if config.parallel.tensor_parallel_size > 1:
             # this worker leads a tensor-parallel group, whose followers are its children: a daemonic
             # process may not start any. The parent still sees it as a daemon (and stops it at exit); the

@@ -8,7 +8,6 @@ the CPU (gloo). Followers die with their parent (PR_SET_PDEATHSIG on Linux) and 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -21,6 +20,8 @@ import traceback
 from dataclasses import dataclass
 
 import torch
+
+from batchllm.parallel.data_parallel import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +173,10 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts, thread
     until told to stop; `threads`: its torch CPU threads (None: torch's own count); `started`: a pipe end
     it reports its start on (`wait_until_started`). Ctrl-C in a terminal reaches every process of the job:
     a follower leaves it to rank 0, which stops or kills it."""
+    die_with_parent()
     started.send(True)
     started.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
     from batchllm.engine import build_runner
     from batchllm.parallel.tensor_parallel import destroy_tp_group, init_tp_group
 
@@ -206,12 +207,3 @@ def _a_peers_transport_error(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, RuntimeError) and any(
         mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies, so a killed job leaves no rank behind."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass

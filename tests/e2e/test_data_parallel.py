@@ -149,3 +149,72 @@ def test_an_interrupt_while_the_workers_build_stops_them():
     with pytest.raises(KeyboardInterrupt):
         engine.wait_ready()
     assert stopped == [True]
+
+
+def test_a_worker_killed_between_calls_is_named_and_a_collected_llm_stops_its_workers(tiny_model_factory):
+    """A worker dead before a call's job was sent: the call raises WorkerDied naming it (it raised a bare
+    BrokenPipeError, and so did every later call); an LLM collected without shutdown() stops its workers, as
+    vLLM's engine processes stop when its LLM is collected."""
+    import gc
+    import weakref
+
+    options = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, data_parallel_size=2)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8 + i]} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm = LLM(tiny_model_factory("llama"), **options)
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+        victim = llm._data_parallel.processes[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        for _ in range(2):
+            with pytest.raises(WorkerDied, match="worker 0 killed by SIGKILL between jobs"):
+                llm.generate(prompts, params, use_tqdm=False)
+        assert not any(p.is_alive() for p in [victim, *llm._data_parallel.processes])
+    finally:
+        llm.shutdown()
+
+    llm = LLM(tiny_model_factory("llama"), **options)
+    workers = list(llm._data_parallel.processes)
+    llm.generate(prompts, params, use_tqdm=False)
+    collected = weakref.ref(llm)
+    del llm
+    gc.collect()
+    assert collected() is None
+    for p in workers:
+        p.join(30)
+    assert not any(p.is_alive() for p in workers)
+
+
+def test_a_worker_whose_parent_is_already_gone_ends(tmp_path):
+    """die_with_parent's signal is set only once the worker runs: a parent killed before that would never send
+    it, so a worker that finds its parent gone ends at once (it went on to build a whole engine)."""
+    script = tmp_path / "orphan.py"
+    pid_file = tmp_path / "child.pid"
+    script.write_text(f"""
+import multiprocessing as mp, os, time
+def child():
+    open({str(pid_file)!r}, "w").write(str(os.getpid()))
+    time.sleep(2)  # the parent exits meanwhile
+    from batchllm.parallel.data_parallel import die_with_parent
+    die_with_parent()
+    time.sleep(60)
+if __name__ == "__main__":
+    mp.get_context("spawn").Process(target=child).start()
+    while not os.path.exists({str(pid_file)!r}):
+        time.sleep(0.05)
+    os._exit(0)
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, str(script)], timeout=60, env=env, check=True)
+    pid = int(pid_file.read_text())
+    def running() -> bool:
+        try:  # (an orphan's parent may never reap it: a zombie has ended)
+            return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] not in "ZX"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(), "the orphaned worker kept running"
