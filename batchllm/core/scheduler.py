@@ -517,13 +517,21 @@ class Scheduler:
                                    output.prompt_logprobs[scheduled.request_id])
 
     def _prefix_ready(self, prefix: Request) -> None:
+        """A prefix computed: its members queue to fork from it. A nested prefix's go to the front, where it was
+        (it was admitted from the head): a group is worked depth first, so its members run and free it before
+        its sibling prefixes take memory. Queued behind those siblings, the members of nested prefixes never
+        ran in a small cache: the siblings filled it, were released to unblock it, and were computed again,
+        forever."""
         if prefix.num_live_members == 0:  # every member ended (aborted) while it was computed
             self._finish(prefix, None, None)
             return
         self.running.remove(prefix)
         prefix.status = RequestStatus.READY
         self.ready_prefixes.append(prefix)
-        self.ready_members.extend(prefix.pending_members)
+        if prefix.parent is None:
+            self.ready_members.extend(prefix.pending_members)
+        else:
+            self.ready_members.extendleft(reversed(prefix.pending_members))
         prefix.pending_members = []
 
     def _check_finished(self, request: Request, token: int) -> tuple[str | None, int | None]:

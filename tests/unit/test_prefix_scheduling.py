@@ -269,6 +269,20 @@ def test_nested_groups_under_memory_pressure_compute_each_prefix_once():
     assert sched.stats.prefill_tokens == plan.summary()["prefill_tokens"], "every prefix computed exactly once"
 
 
+@pytest.mark.parametrize("num_blocks", [8, 10, 12])
+def test_a_group_larger_than_the_pool_works_its_nested_groups_depth_first(num_blocks):
+    """Regression (a probe's batch of n=2 requests sharing an instruction never finished in a 14-block cache):
+    a top-level group whose nested groups together exceed the pool, admitted because nothing else ran. Its
+    nested prefixes queued ahead of their own members: they filled the pool, were released to unblock it,
+    and were computed again, forever. Depth first, each nested group's members run before its siblings."""
+    base = list(range(1, 13))
+    prompts = [base + [100 + 3 * j, 101 + 3 * j, 102 + 3 * j, 200 + 2 * j + m] for j in range(10) for m in range(2)]
+    unshared, *_ = run(prompts, sharing=False, num_blocks=num_blocks, max_tokens=6, budget=64)
+    out, sched, _, plan = run(prompts, sharing=True, num_blocks=num_blocks, max_tokens=6, budget=64)
+    assert sum(g.parent is not None for g in plan.groups) == 10
+    assert out == unshared
+
+
 def test_a_step_emptied_by_preemption_admits_the_ready_members():
     """Regression: the one running request (31 tokens, plus 6 outputs, in a pool of 12 blocks of 4)
     could not grow beside a READY prefix kept for its waiting members, preempted itself, and the
