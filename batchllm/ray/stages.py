@@ -144,17 +144,13 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
     context_len = None
     if given[0] == "messages":
-        from batchllm.io.openai_batch import BODY_DECIDES, template_kwargs
+        from batchllm.io.openai_batch import template_kwargs
 
         messages, template = request["messages"], template_kwargs(request.get("chat_template_kwargs"))
         text = prompts.apply_chat_template(messages, index, kwargs=template)
         ids = prompts.tokenize_prompt(text, index, truncate).token_ids
         if isinstance(messages, list) and len(messages) > 1:
-            # the conversation before its last message, closed (whatever the line asks of its own end)
-            context_kwargs = {k: v for k, v in (template or {}).items() if k not in BODY_DECIDES}
-            context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False,
-                                                  kwargs=context_kwargs)
-            context_len = _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)
+            context_len = _context_len(prompts, messages, template, ids, index)
     elif given[0] == "prompt":
         ids = prompts.tokenize_prompt(request["prompt"], index, truncate).token_ids
     else:
@@ -168,6 +164,21 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     explicit = request.get("prefix_key")
     key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))
     return list(ids), fields, key
+
+
+def _context_len(prompts, messages: list, template: dict | None, ids, index) -> int | None:
+    """Tokens of the row's prompt that its conversation before the last message, closed, renders to (a prefix
+    key's hint); None where the template cannot render that conversation (one that needs a user message,
+    as Qwen3's do, fails on a system message alone: the row itself renders, and runs)."""
+    from batchllm.io.openai_batch import BODY_DECIDES
+
+    context_kwargs = {k: v for k, v in (template or {}).items() if k not in BODY_DECIDES}
+    try:
+        context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False,
+                                              kwargs=context_kwargs)
+    except ValueError:
+        return None
+    return _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

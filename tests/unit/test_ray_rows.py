@@ -309,3 +309,21 @@ def test_the_cli_records_split_reasoning_under_the_jobs_template_keywords():
         records = _CliRecords(names, "openai", template_defaults=defaults).with_tokenizer(None)
         message = json.loads(records(row, output, None)[RECORD])["response"]["body"]["choices"][0]["message"]
         assert (message["reasoning"], message["content"]) == (reasoning, content), defaults
+
+
+def test_a_template_that_needs_a_user_message_runs_a_system_and_user_row():
+    """The prefix key's hint renders the row's conversation before its last message; a template that refuses a
+    conversation without a user message (Qwen3's do) failed every [system, user] row there, where the
+    single-machine path and vLLM run it."""
+    template = ("{% if not (messages | selectattr('role', 'equalto', 'user') | list) %}"
+                "{{ raise_exception('No user query found in messages.') }}{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+            {"messages": [{"role": "system", "content": "Be brief."}]}]
+    table = pa.table({"i": [0, 1]})
+    out = tokenize_batch(table, config=ProcessorConfig(engine_kwargs={"chat_template": template}),
+                         preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors = out.column(ERROR).to_pylist()
+    assert errors[0] is None
+    assert "No user query found in messages" in errors[1]  # (the row's own conversation still fails by name)
