@@ -29,7 +29,7 @@ from batchllm.sampling_params import (
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
-PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs", "tools")
+PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs", "tools", "documents", "tool_choice")
 """The fields a plain line's request is read from; others are ignored, save a mistaken one (`_mistaken_field`)."""
 _PLAIN_FIELD_SET = frozenset(PLAIN_FIELDS)  # (built once: every plain line is checked against it)
 _NEAR_MISS_TARGETS = (*SAMPLING_FIELDS, "chat_template_kwargs")
@@ -261,15 +261,27 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
     try:
-        template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
-        if obj.get("tools") is not None:  # as LLM.chat's tools (given to the template as they are): text answers
-            template = {"tools": openai_batch.list_of_objects(obj["tools"], "tools"), **(template or {})}
+        template = _plain_template_kwargs(obj)
     except openai_batch.BodyError as e:
         return error(str(e), rid)
     if template is not None and kind != "messages":
-        return error("'chat_template_kwargs' and 'tools' need 'messages'", rid)
+        return error("'chat_template_kwargs', 'tools' and 'documents' need 'messages'", rid)
     return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
                      ignored_fields=tuple(unknown))
+
+
+def _plain_template_kwargs(obj: dict) -> dict | None:
+    """A plain line's keywords for its chat template: its chat_template_kwargs, under its `tools` and `documents`
+    (given to the template as LLM.chat's are, as vLLM gives a body's). The answer is text: a `tool_choice` other
+    than "none" (which asks for that) is a BodyError, as in an OpenAI line, where it was ignored."""
+    template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
+    if obj.get("tool_choice") not in (None, "none"):
+        raise openai_batch.BodyError("'tool_choice' may only be \"none\" here: the tools reach the chat template and "
+                                     "the answer is text (no tool call is parsed from it)")
+    for name in ("documents", "tools"):
+        if obj.get(name) not in (None, []):
+            template = {name: openai_batch.list_of_objects(obj[name], name), **(template or {})}
+    return template
 
 
 def _is_openai_line(obj: dict) -> bool:
@@ -331,13 +343,14 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
     model = obj["body"].get("model")
     return BatchLine(line_number, rid, asked.prompt, asked.is_chat, integers_from_json(asked.overrides), OPENAI,
                      asked.url, model if isinstance(model, str) else None, asked.template, unknown,
-                     continued_role=_continued_role(obj["body"], asked.prompt), echo=asked.echo,
+                     continued_role=_continued_role(asked.template, asked.prompt), echo=asked.echo,
                      response_asks=asked.asks)
 
 
-def _continued_role(body: dict, messages: Any) -> str | None:
-    """The last message's role where a chat body asks for no generation prompt (`BatchLine.continued_role`)."""
-    if body.get("add_generation_prompt") is not False or not isinstance(messages, list) or not messages:
+def _continued_role(template: dict | None, messages: Any) -> str | None:
+    """The last message's role where a chat body asks for no generation prompt (`BatchLine.continued_role`);
+    template: the body's template keywords, as read (`openai_batch`: "false" is false)."""
+    if (template or {}).get("add_generation_prompt") is not False or not isinstance(messages, list) or not messages:
         return None
     last = messages[-1]
     return last["role"] if isinstance(last, dict) and isinstance(last.get("role"), str) else None

@@ -343,16 +343,22 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
     "none") where chat_template_kwargs does not, for templates whose thinking is opt-in or opt-out (Qwen3, Gemma)."""
     options = {}
     for name in CHAT_TEMPLATE_FIELDS[1:]:
-        if body.get(name) is not None:
-            kind, wanted = (str, "a string") if name == "reasoning_effort" else (bool, "true or false")
-            if not isinstance(body[name], kind):
-                raise BodyError(f"'{name}' must be {wanted}")
+        if body.get(name) is None:
+            continue
+        if name != "reasoning_effort":
+            options[name] = _flag(body[name], name)  # ("false" is false, as vLLM's server reads it)
+        elif not isinstance(body[name], str):
+            raise BodyError(f"'{name}' must be a string")
+        else:
             options[name] = body[name]
     if options.get("reasoning_effort") not in (None, *REASONING_EFFORTS):
         raise BodyError(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}, got "
                         f"{json.dumps(options['reasoning_effort'])[:40]}")
     options.update(_template_documents_and_tools(body))
     own = {k: v for k, v in (template_kwargs(body.get("chat_template_kwargs")) or {}).items() if k not in BODY_DECIDES}
+    if "tools" in own:  # (vLLM's server fails such a line: its own tools keyword is given twice)
+        raise BodyError("give the tools as the body's 'tools' (with \"tool_choice\": \"none\"), not in "
+                        "'chat_template_kwargs'")
     if options.get("reasoning_effort") is not None and "enable_thinking" not in own:
         options["enable_thinking"] = options["reasoning_effort"] != "none"  # (vLLM's: Qwen3's thinking follows it)
     return {**own, **options} or None

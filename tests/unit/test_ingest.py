@@ -375,7 +375,7 @@ def test_chat_template_kwargs_reach_the_template_in_both_formats(monkeypatch):
     texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
     assert texts == {"plain": "Hi/no_think", "plain-default": "Hi", "oa": "Hi/no_think"}
     problems = sorted(e.message for e in result.errors)
-    assert problems == ["line 4: 'chat_template_kwargs' and 'tools' need 'messages'",
+    assert problems == ["line 4: 'chat_template_kwargs', 'tools' and 'documents' need 'messages'",
                         "line 5: 'chat_template_kwargs' must be an object (e.g. {\"enable_thinking\": false})",
                         "line 6: body field(s) not supported: chat_template_kwargs"], problems
 
@@ -394,14 +394,14 @@ def test_the_generation_prompt_and_the_final_message_are_the_lines_to_choose(mon
              {"custom_id": "both", "url": "/v1/chat/completions",
               "body": {"messages": messages, "continue_final_message": True}},
              {"custom_id": "not-bool", "url": "/v1/chat/completions",
-              "body": {"messages": messages, "add_generation_prompt": "no"}}]
+              "body": {"messages": messages, "add_generation_prompt": "maybe"}}]
     result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
     texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
     assert texts == {"kwargs": "[Hi][The]", "body": "[Hi][The"}, "continued: the final message left open"
     problems = sorted(e.message for e in result.errors)
     assert problems == ["line 3: add_generation_prompt and continue_final_message cannot both be true "
                         "(continue_final_message needs add_generation_prompt false)",
-                        "line 4: 'add_generation_prompt' must be true or false"], problems
+                        "line 4: 'add_generation_prompt' must be true or false, got \"maybe\""], problems
 
 
 def test_openai_lines_are_answered_in_their_own_terms():
@@ -804,7 +804,33 @@ def test_tools_reach_the_template_as_vllms_server_passes_them_and_plain_lines_ta
                     + json.dumps({"id": 2, "prompt": "x", "tools": given[:1]}) + "\n").encode())
     assert [v.line.chat_template_kwargs["tools"] for v in plain.valid] == [given[:1]], "as LLM.chat's: as given"
     assert plain.ignored_fields == {}
-    assert "'chat_template_kwargs' and 'tools' need 'messages'" in plain.errors[0].message
+    assert "'chat_template_kwargs', 'tools' and 'documents' need 'messages'" in plain.errors[0].message
+
+
+def test_a_plain_lines_tool_choice_and_documents_and_an_openai_bodys_flags_as_vllm_reads_them():
+    """A plain line's tool_choice "required" and its documents were ignored as a table's columns (the answer passed
+    as a success, the documents never reached the template); an OpenAI body's add_generation_prompt "false" failed
+    its line (vLLM's server reads it as false); tools in a body's chat_template_kwargs reached the template with no
+    tool_choice (vLLM fails that line)."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    messages = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "weather"}}
+    lines = [{"id": 1, "messages": messages, "tools": [tool], "tool_choice": "required"},
+             {"id": 2, "messages": messages, "tools": [tool], "tool_choice": "none",
+              "documents": [{"title": "t", "text": "d"}]}]
+    result = ingest("".join(json.dumps(line) + "\n" for line in lines).encode())
+    assert "'tool_choice' may only be \"none\" here" in result.errors[0].message
+    assert result.valid[0].line.chat_template_kwargs == {"tools": [tool], "documents": [{"title": "t", "text": "d"}]}
+    assert result.ignored_fields == {}
+    for value, expected in (("false", False), ("True", True), (0, False)):
+        asked = body_to_request("/v1/chat/completions", {"messages": messages, "add_generation_prompt": value})
+        assert asked.template["add_generation_prompt"] is expected
+    openai = ingest((json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "messages": messages, "add_generation_prompt": "false"}}) + "\n").encode())
+    assert openai.valid[0].line.continued_role == "user"
+    with pytest.raises(BodyError, match="give the tools as the body's 'tools'"):
+        body_to_request("/v1/chat/completions", {"messages": messages, "chat_template_kwargs": {"tools": [tool]}})
 
 
 def test_token_id_lists_written_as_floats_are_read_as_integers_and_an_old_backend_field_says_remove_it():
