@@ -244,11 +244,26 @@ def _command_flags(parser: argparse.ArgumentParser, words: list[str]) -> list[st
     return [] if command is None else [f for a in command._actions for f in a.option_strings if f.startswith("--")]
 
 
+_TEXT_ANSWERS = ("tool calls are not parsed here: a line's tools reach the chat template with \"tool_choice\": "
+                 "\"none\" and the answer is text")
+VLLM_SERVER_FLAGS = {
+    "--enable-auto-tool-choice": _TEXT_ANSWERS, "--tool-call-parser": _TEXT_ANSWERS,
+    "--tool-parser-plugin": _TEXT_ANSWERS, "--exclude-tools-when-tool-choice-none": _TEXT_ANSWERS,
+    "--trust-request-chat-template": "a line's own chat_template is not taken: give --chat-template",
+    "--chat-template-content-format": "the content format is detected from the chat template, as vLLM's auto "
+                                      "(LLM.chat takes chat_template_content_format)",
+}
+"""vLLM run-batch's frontend flags (not engine options) with no counterpart here, and what to do instead."""
+
+
 def vllm_flag_not_taken(flag: str) -> str | None:
-    """What to do instead of a vLLM run-batch flag with no counterpart here (`options.VLLM_NOT_TAKEN`, its
-    engine options' keywords written as flags), or None. Made on the error path only, not at every start."""
+    """What to do instead of a vLLM run-batch flag with no counterpart here (`VLLM_SERVER_FLAGS`;
+    `options.VLLM_NOT_TAKEN`, its engine options' keywords written as flags), or None. Made on the error path
+    only, not at every start."""
     long_names = {short: name for name, short in VLLM_SHORT_FLAGS.items()}
     flag = flag.split(".", 1)[0]  # (vLLM's --structured-outputs-config.backend: a field of that option)
+    if flag in VLLM_SERVER_FLAGS:
+        return VLLM_SERVER_FLAGS[flag]
     entry = VLLM_NOT_TAKEN.get(long_names.get(flag) or flag.removeprefix("--").replace("-", "_"))
     if entry is None:
         return None

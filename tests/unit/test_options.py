@@ -389,6 +389,11 @@ def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_me
     assert "batchllm run: error: unrecognized arguments: --temprature 0 --revision=main" in err
     assert "--temprature: did you mean --temperature?" in err and "--revision: models are read from" in err
     assert "--zzz:" not in err, "no hint where nothing is close"
+    with pytest.raises(SystemExit):  # vLLM run-batch's tool-calling flags: a bare "unrecognized arguments"
+        main(["run", "-i", "in.jsonl", "-o", "o.jsonl", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    err = capsys.readouterr().err
+    assert "--enable-auto-tool-choice: tool calls are not parsed here" in err
+    assert "--tool-call-parser: tool calls are not parsed here" in err
     with pytest.raises(SystemExit):  # vLLM's bench throughput flags were "unrecognized" without a word
         main(["bench", "--num-prompts", "10", "--dataset-path", "p.jsonl", "--output-len", "8"])
     err = capsys.readouterr().err
