@@ -45,10 +45,11 @@ REASONING_PARSERS: dict[str, Callable[[str, dict[str, Any] | None], tuple[str | 
 
 
 def check_tokenizer(name: str | None, vocab: dict[str, int]) -> None:
-    """ValueError where parser `name` needs tokens the tokenizer's `vocab` lacks: deepseek_r1 its `<think>` and
-    `</think>`, as vLLM's parser refuses to start without them (every answer would be taken for thinking)."""
-    if name == "deepseek_r1" and (missing := [t for t in (THINK_START, THINK_END) if t not in vocab]):
-        raise ValueError(f"--reasoning-parser deepseek_r1: the tokenizer has no {' or '.join(missing)} token (as "
+    """ValueError where parser `name` needs tokens the tokenizer's `vocab` lacks: both parsers their `<think>` and
+    `</think>`, as vLLM's (BaseThinkingReasoningParser) refuse to start without them (every answer would be taken
+    for thinking)."""
+    if name in REASONING_PARSERS and (missing := [t for t in (THINK_START, THINK_END) if t not in vocab]):
+        raise ValueError(f"--reasoning-parser {name}: the tokenizer has no {' or '.join(missing)} token (as "
                          "vLLM, the parser needs both); this model does not think in <think> blocks")
 
 
