@@ -461,7 +461,7 @@ to pin the precision of a job resumed on another kind of machine."""
 
 def check_reasoning_parser(args: argparse.Namespace) -> None:
     """--reasoning-parser's needs of the tokenizer (`io.reasoning.check_tokenizer`: ValueError), checked before
-    anything is written; the tokenizer is loaded for it only where the parser has needs."""
+    anything is written; the tokenizer is loaded for it only where a parser is given."""
     if not args.reasoning_parser or args.skip_tokenizer_init:
         return
     from batchllm.inputs import prompt_processor_for

@@ -203,12 +203,9 @@ class DataParallelEngine:
         reports the job done); they went on with the whole abandoned job, and a next call waited for it. The
         job is no longer this side's to wait for."""
         self._busy = False
-        for conn, process in zip(self.conns, self.processes):
+        for rank, process in enumerate(self.processes):
             if process.is_alive():
-                try:
-                    conn.send(("abort", job))
-                except (OSError, ValueError):
-                    pass
+                self._sent(rank, ("abort", job))
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
@@ -258,12 +255,9 @@ class DataParallelEngine:
         return [stats[r] for r in range(self.size)]
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        for conn, p in zip(self.conns, self.processes):
+        for rank, p in enumerate(self.processes):
             if p.is_alive() and not self._busy:
-                try:
-                    conn.send(None)
-                except (OSError, ValueError):
-                    pass
+                self._sent(rank, None)
         for rank, p in enumerate(self.processes):
             # a job abandoned mid-way (interrupt), or a worker still building: it would not read the stop soon
             if (self._busy or rank not in self.start_times) and p.is_alive():

@@ -18,10 +18,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
 
 import torch
 
-from batchllm.parallel.data_parallel import die_with_parent
+from batchllm.parallel.data_parallel import NOT_STARTED_HINT, _exit_description, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ class TensorParallelFollowers:
     def first_dead(self) -> str | None:
         """"rank R <how it ended>" for each follower that has ended, one killed by a signal first (its peers then
         fail their collectives and exit too), or None; waits up to a second for ranks still ending."""
-        from batchllm.parallel.data_parallel import _exit_description
-
         ended = []
         for rank, p in enumerate(self.processes, start=1):
             p.join(1.0 if not ended and rank == 1 else 0.2)
@@ -141,17 +140,13 @@ def wait_until_started(processes: list, started: list, timeout_s: float = 600.0)
     """Return once every follower has said it started (`_follower_main`'s first act), so that rank 0 never
     waits at the group's rendezvous for a rank that is gone; a follower that ends first, as one does when
     the script's top level creates the LLM again in it, raises RuntimeError naming it."""
-    from multiprocessing import connection
-
-    from batchllm.parallel.data_parallel import NOT_STARTED_HINT, _exit_description
-
     waiting = {conn: (rank, p) for rank, (p, conn) in enumerate(zip(processes, started), start=1)}
     deadline = time.monotonic() + timeout_s
     while waiting:
         if time.monotonic() > deadline:
             raise RuntimeError(f"tensor-parallel ranks {sorted(r for r, _ in waiting.values())} did not start "
                                f"within {timeout_s:.0f} s")
-        ready = connection.wait([*waiting, *(p.sentinel for _, p in waiting.values())], 1.0)
+        ready = mp_connection.wait([*waiting, *(p.sentinel for _, p in waiting.values())], 1.0)
         for conn, (rank, p) in list(waiting.items()):
             if conn.poll():
                 try:
