@@ -22,6 +22,7 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, fields
+from fractions import Fraction
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -274,6 +275,8 @@ def _unenforced_combination(node: dict, types: set[str]) -> str | None:
     0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string or number bounds without a type."""
     if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
         return repr(found)
+    if found := _unenforced_literal(node) or _unenforced_required(node, types) or _overlapping_one_of(node):
+        return found
     typed = next((k for k in _TYPED_KEYWORDS if k in node), None)
     if typed and not any(k in node for k in _TYPE_GIVERS):
         return f'{typed!r} without a "type" (xgrammar then lets any JSON value through: give the type)'
@@ -302,6 +305,149 @@ def _unenforced_combination(node: dict, types: set[str]) -> str | None:
             return "'patternProperties' with more than one pattern"
     if isinstance(node.get("allOf"), list) and len(node["allOf"]) >= 2:
         return "'allOf' of several schemas (xgrammar lets anything through)"
+    return None
+
+
+_LITERALS = ("const", "enum")
+"""Keywords listing a schema's values; xgrammar's grammar is then those values alone (const's where both are given)."""
+_LITERAL_KEEPS = {
+    "minLength": ("string", lambda v, b: len(v) >= b), "maxLength": ("string", lambda v, b: len(v) <= b),
+    "pattern": ("string", lambda v, b: re.search(b, v, re.ASCII) is not None),
+    "minimum": ("number", lambda v, b: v >= b), "maximum": ("number", lambda v, b: v <= b),
+    "exclusiveMinimum": ("number", lambda v, b: v > b), "exclusiveMaximum": ("number", lambda v, b: v < b),
+    "multipleOf": ("number", lambda v, b: Fraction(str(v)) % Fraction(str(b)) == 0),
+    "minItems": ("array", lambda v, b: len(v) >= b), "maxItems": ("array", lambda v, b: len(v) <= b),
+    "minProperties": ("object", lambda v, b: len(v) >= b), "maxProperties": ("object", lambda v, b: len(v) <= b),
+    "required": ("object", lambda v, b: all(name in v for name in b)),
+}
+"""Keywords beside enum / const that a listed value is checked against, as JSON Schema reads them: (the type of
+values it constrains, whether value v keeps bound b). A pattern is read by Python's re, its classes ASCII as
+ECMA-262's \\d and \\w are."""
+_LITERAL_DROPS = {
+    "string": ("format",),
+    "array": ("items", "prefixItems", "additionalItems", "contains", "minContains", "maxContains", "uniqueItems",
+              "unevaluatedItems"),
+    "object": ("properties", "patternProperties", "additionalProperties", "propertyNames", "unevaluatedProperties",
+               "dependentRequired", "dependentSchemas", "dependencies"),
+    None: ("anyOf", "oneOf", "allOf", "not", "if"),
+}
+"""Keywords beside enum / const that this check does not evaluate, by the type of values they constrain (None: all)."""
+
+
+def _json_types(value: Any) -> set[str]:
+    """The JSON Schema types of `value` (parsed JSON): an int, or a float without a fraction, is "integer" too."""
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, (int, float)):
+        return {"integer", "number"} if isinstance(value, int) or value.is_integer() else {"number"}
+    return {type(None): {"null"}, str: {"string"}, list: {"array"}, dict: {"object"}}.get(type(value), set())
+
+
+def _literal_keeps(keyword: str, bound: Any, value: Any, node: dict) -> bool | None:
+    """Whether listed `value` keeps its node's `keyword: bound` (True for keywords that do not constrain it: titles,
+    another type's bounds, unknown names); None where this cannot tell (`_LITERAL_DROPS`, an odd bound, a pattern re
+    does not read)."""
+    types = _json_types(value)
+    if keyword == "type":
+        return bool(types & _types(node))
+    if keyword == "enum":  # (beside const; 1.0 is not read as 1 here)
+        if not isinstance(bound, list):
+            return None
+        return json.dumps(value, sort_keys=True) in {json.dumps(v, sort_keys=True) for v in bound}
+    if keyword in _LITERAL_KEEPS:
+        kind, keeps = _LITERAL_KEEPS[keyword]
+        wanted = str if keyword == "pattern" else list if keyword == "required" else (int, float)
+        if kind not in types:
+            return True
+        if not isinstance(bound, wanted) or isinstance(bound, bool):
+            return None
+        try:
+            return bool(keeps(value, bound))
+        except (re.error, ValueError, TypeError, ArithmeticError):
+            return None
+    dropped = any(keyword in names and (kind is None or kind in types) for kind, names in _LITERAL_DROPS.items())
+    return None if dropped else True
+
+
+def _unenforced_literal(node: dict) -> str | None:
+    """enum / const beside a keyword xgrammar drops. Measured (xgrammar 0.2.9): a schema with const or enum compiles
+    to its listed values alone (const's where both are given), every other keyword beside them dropped (type,
+    bounds, anyOf, ...), and a $ref beside them wins instead, dropping them. Taken: siblings that every listed value
+    keeps (nothing is lost); refused: enum / const beside $ref, a sibling some value breaks, one this cannot
+    evaluate on a value it constrains."""
+    literal = next((k for k in _LITERALS if k in node), None)
+    if literal is None:
+        return None
+    if "$ref" in node:
+        return f"{literal!r} beside '$ref' (xgrammar keeps the referenced schema and drops it: put it there)"
+    values = [node["const"]] if literal == "const" else node["enum"]
+    if not isinstance(values, list):
+        return None  # (xgrammar's compile names it)
+    for keyword, bound in node.items():
+        for value in values if keyword != literal else ():
+            keeps = _literal_keeps(keyword, bound, value, node)
+            if keeps is None:
+                return (f"{keyword!r} beside {literal!r} (xgrammar keeps only the listed values and drops it, and "
+                        "this check cannot tell whether they keep it)")
+            if not keeps:
+                return (f"{keyword!r} beside {literal!r}, which {json.dumps(value)[:40]} breaks (xgrammar keeps "
+                        "only the listed values and drops it: list only values that keep it)")
+    return None
+
+
+def _unenforced_required(node: dict, types: set[str]) -> str | None:
+    """`required` names xgrammar drops. Measured (xgrammar 0.2.9): those missing from the node's own 'properties'
+    (strict mode writes only the listed properties, so {} passes, whatever additionalProperties says), and all of
+    them beside a $ref, anyOf, oneOf or allOf (whose schemas replace the node's). Not read where the node cannot be
+    an object, nor beside enum / const (`_unenforced_literal` reads it there)."""
+    required = node.get("required")
+    if (not isinstance(required, list) or not required or (types and "object" not in types)
+            or any(k in node for k in _LITERALS)):
+        return None
+    if combinator := next((k for k in _COMBINATORS if k in node), None):
+        return f"'required' beside {combinator!r} (xgrammar enforces it only inside a branch: put it in each)"
+    properties = node.get("properties")
+    if missing := [name for name in required if not isinstance(properties, dict) or name not in properties]:
+        return (f"'required' naming {', '.join(json.dumps(name) for name in missing)[:60]} without its schema in "
+                "'properties' (xgrammar writes only the listed properties, so {} passes: give each its schema)")
+    return None
+
+
+_ALL_TYPES = frozenset({"string", "number", "integer", "boolean", "null", "array", "object"})
+_BARE_KEYS = frozenset({"type", "title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                        "writeOnly"})
+"""A branch of only these keys takes every value of its types (all without a type)."""
+
+
+def _branch_value_types(branch: Any) -> set[str]:
+    """Types some value of `branch` has, where plain to see: its listed values' (enum / const, no $ref), else its
+    "type" (without the integers of "number": one may have none); empty where unknown."""
+    if not isinstance(branch, dict):
+        return set()
+    literal = next((k for k in _LITERALS if k in branch), None)
+    if literal and "$ref" not in branch:
+        values = [branch["const"]] if literal == "const" else branch["enum"]
+        return set().union(*map(_json_types, values)) if isinstance(values, list) else set()
+    return _types(branch)
+
+
+def _overlapping_one_of(node: dict) -> str | None:
+    """oneOf branches that provably overlap: one of only a type (or none) and another with values of that type (an
+    integer is a number). xgrammar compiles a oneOf it cannot prove disjoint as anyOf (it logs a warning, also for
+    disjoint ones: a discriminated union, [array, object]), so a value both take could come out: refused where this
+    proves the overlap, taken otherwise."""
+    branches = node.get("oneOf")
+    if not isinstance(branches, list):
+        return None
+    for i, bare in enumerate(branches):
+        if not isinstance(bare, dict) or not set(bare) <= _BARE_KEYS:
+            continue
+        covers = _types(bare) if "type" in bare else set(_ALL_TYPES)
+        covers |= {"integer"} if "number" in covers else set()
+        for j, other in enumerate(branches):
+            if j != i and (shared := sorted(covers & _branch_value_types(other))):
+                return (f"'oneOf' branches {min(i, j)} and {max(i, j)} both taking {shared[0]!r} values (xgrammar "
+                        "then lets either through, as 'anyOf' does: use 'anyOf', or make the branches exclusive)")
     return None
 
 

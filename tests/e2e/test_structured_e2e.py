@@ -191,10 +191,17 @@ def test_logprobs_of_a_constrained_request_are_its_grammars(default_llm):
      "the string format 'credit-card' (in properties.t)"),
     ({"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}}},
      "'maxLength' with 'pattern' (put the length in the pattern, e.g. ^[a-z]{1,3}$) (in properties.code)"),
+    ({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name", "age"]},
+     "'required' naming \"age\" without its schema in 'properties' (xgrammar writes only the listed properties, "
+     "so {} passes: give each its schema)"),
+    ({"type": "object", "properties": {"size": {"type": "string", "enum": ["S", "M", "XL"], "minLength": 2}}},
+     "'minLength' beside 'enum', which \"S\" breaks (xgrammar keeps only the listed values and drops it: list only "
+     "values that keep it) (in properties.size)"),
 ])
 def test_a_schema_keyword_the_grammar_would_ignore_fails_its_request_by_name(default_llm, schema, named):
     """xgrammar drops these keywords and answers broke them ("uniqueItems" gave ["apple", "apple", "apple"]); vLLM
-    refuses them with its xgrammar backend too."""
+    refuses them with its xgrammar backend too (not the last two: a required name without its schema gave {}, a
+    bound beside an enum let "S" through)."""
     with pytest.raises(StructuredOutputError, match=re.escape(f"the JSON schema uses {named}, which xgrammar")):
         default_llm.generate("x", SamplingParams(structured_outputs={"json": schema}), use_tqdm=False)
 

@@ -3,6 +3,8 @@ exact expected values; repetition_penalty against HF's RepetitionPenaltyLogitsPr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -205,6 +207,77 @@ def test_bounds_beside_a_combinator_and_branches_of_required_alone_are_refused()
                      {"type": "object", "properties": contact, "required": ["email"]},
                      {"type": "object", "properties": contact, "required": ["phone"]}]}):
         assert unenforced_schema_feature(fine) is None, fine
+
+
+NAMED = {"type": "object", "properties": {"name": {"type": "string"}}}
+"""Schemas xgrammar compiled, whose answers then broke them (measured on xgrammar 0.2.9), with an answer it let
+through and the refusal now named."""
+DROPPED = [
+    ({"type": "object", "required": ["name"]}, {}, "'required' naming \"name\" without its schema in 'properties'"),
+    ({**NAMED, "required": ["name", "age"]}, {"name": "a"}, "'required' naming \"age\" without"),
+    ({"type": "object", "required": ["name"], "additionalProperties": True}, {}, "'required' naming \"name\""),
+    ({"type": "array", "items": {"type": "object", "required": ["name"], "additionalProperties": {"type": "string"}}},
+     [{}], "'required' naming \"name\" without its schema in 'properties' (xgrammar writes only the listed "
+           "properties, so {} passes: give each its schema) (in items)"),
+    ({**NAMED, "required": ["name"], "anyOf": [NAMED]}, {}, "'required' beside 'anyOf'"),
+    ({"type": "string", "enum": ["S", "M", "XL"], "minLength": 2}, "S",
+     "'minLength' beside 'enum', which \"S\" breaks (xgrammar keeps only the listed values and drops it: list only "
+     "values that keep it)"),
+    ({"type": "integer", "enum": [1, 5, 9], "minimum": 5}, 1, "'minimum' beside 'enum', which 1 breaks"),
+    ({"type": "integer", "const": 5, "exclusiveMaximum": 5}, 5, "'exclusiveMaximum' beside 'const', which 5"),
+    ({"type": "string", "enum": ["S", "XL"], "pattern": "^X"}, "S", "'pattern' beside 'enum', which \"S\" breaks"),
+    ({"type": "string", "enum": ["a", 1]}, 1, "'type' beside 'enum', which 1 breaks"),
+    ({"enum": ["XL"], "const": "S"}, "S", "'enum' beside 'const', which \"S\" breaks"),
+    ({"type": "string", "enum": ["S"], "format": "email"}, "S", "'format' beside 'enum' (xgrammar keeps only the "
+                                                               "listed values and drops it, and this check cannot"),
+    ({"enum": ["a", 1], "anyOf": [{"type": "integer"}]}, "a", "'anyOf' beside 'enum' (xgrammar keeps only"),
+    ({"$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n", "const": 3}, 4, "'const' beside '$ref' (xgrammar "
+                                                                                "keeps the referenced schema"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, 5, "'oneOf' branches 0 and 1 both taking 'integer' values "
+     "(xgrammar then lets either through, as 'anyOf' does: use 'anyOf', or make the branches exclusive)"),
+    ({"oneOf": [{"const": "a"}, {"type": "string", "description": "any"}]}, "a", "'oneOf' branches 0 and 1 both "),
+]
+
+
+def test_required_names_without_properties_and_keywords_beside_enum_or_const_are_refused():
+    """A probe's schemas passed the check while xgrammar dropped a keyword: `required` names not in 'properties' ({}
+    came out; with additionalProperties allowed too), `required` beside anyOf, a bound, pattern, format or type
+    beside enum / const (xgrammar writes the listed values alone: "S" passed minLength 2), enum / const beside $ref
+    (the $ref wins), and a oneOf of overlapping branches (xgrammar falls back to anyOf: 5 is an integer and a
+    number). Siblings every listed value keeps lose nothing and are taken, as are overlaps the check cannot prove
+    (xgrammar's fallback warning also comes for disjoint branches: a pydantic discriminated union)."""
+    from batchllm.structured import unenforced_schema_feature
+
+    for schema, _, named in DROPPED:
+        assert named in (unenforced_schema_feature(schema) or ""), schema
+    cat, dog = ({"type": "object", "properties": {"kind": {"const": kind, "type": "string"}}, "required": ["kind"]}
+                for kind in ("cat", "dog"))
+    for fine in ({**NAMED, "required": ["name"]}, {**NAMED, "required": []}, {"type": "string", "required": ["x"]},
+                 {"type": "string", "enum": ["SS", "XL"], "minLength": 2, "maxLength": 2, "title": "size"},
+                 {"type": "integer", "enum": [5, 9], "minimum": 5, "exclusiveMaximum": 10},
+                 {"enum": [4, 8], "multipleOf": 2},
+                 {"type": "number", "const": 1.0, "title": "one"}, {"const": "a", "enum": ["a", "b"]},
+                 {"type": "string", "enum": ["XL"], "pattern": "X", "properties": {}, "items": {}},
+                 {"type": "object", "enum": [{"name": "a"}], "required": ["name"], "minProperties": 1},
+                 {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                 {"oneOf": [{"type": "array"}, {"type": "object"}]},
+                 {"$defs": {"cat": cat, "dog": dog}, "oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"}]},
+                 {"oneOf": [{"type": "integer", "maximum": 3}, {"type": "integer", "minimum": 4}]}):
+        assert unenforced_schema_feature(fine) is None, fine
+
+
+def test_xgrammar_lets_through_the_answers_that_break_the_refused_schemas():
+    """The measurement behind DROPPED, on the installed xgrammar (as BatchLLM compiles: compact, strict): each answer
+    breaks its schema and its grammar takes it. Fails if xgrammar starts enforcing one (the refusal could then go)."""
+    xgr = pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    from xgrammar.testing import _is_grammar_accept_string
+
+    for schema, answer, _ in DROPPED:
+        validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        assert not validator.is_valid(answer), schema
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        assert _is_grammar_accept_string(grammar, json.dumps(answer)), schema
 
 
 def test_a_lark_grammar_is_converted_as_vllm_converts_it():
