@@ -115,22 +115,84 @@ def _read_config(model_dir: Path) -> tuple[Path, dict]:
     return config_path, cfg
 
 
-def _checked_rope_scaling(scaling: dict | None, cfg: dict, config_path: Path) -> dict | None:
-    """The rope scaling the rotary embedding computes: a type it does not is a ModelLoadError (before anything is
-    written or loaded); a yarn one gets its original context and factor as transformers resolves them (a top-level
-    original_max_position_embeddings first, then the scaling's, then max_position_embeddings; a null factor: the
-    context over the original)."""
+_ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",), "yarn": ("factor",),
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+"""The keys transformers 5 requires of each rope type (`RotaryEmbeddingConfigMixin._validate_<type>_rope_parameters`)
+beyond those its `standardize_rope_params` fills: rope_type, rope_theta, original_max_position_embeddings."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+def _rope_source(cfg: dict, config_path: Path) -> tuple[str, dict]:
+    """(its key, the dict) transformers 5 reads the rope from: a non-empty rope_scaling (transformers 4's key) over
+    rope_parameters (`convert_rope_params_to_dict`: `rope_scaling or self.rope_parameters`); {} without either. One
+    that is not a JSON object is a ModelLoadError."""
+    where = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    source = cfg.get(where) or {}
+    if not isinstance(source, dict):
+        raise ModelLoadError(f"{config_path}: {where} must be a JSON object, not {source!r}")
+    return where, source
+
+
+def _rope_theta(cfg: dict, config_path: Path) -> float:
+    """The rope's base as transformers 5 resolves it: the rope dict's rope_theta when it has the key (even null), else
+    the top-level one, else 10000 (`rope_parameters.setdefault("rope_theta", rope_theta)`: the dict's wins). A null
+    or non-number one is a ModelLoadError (transformers fails on it when it builds the rotary embedding)."""
+    where, source = _rope_source(cfg, config_path)
+    if "rope_theta" in source:
+        theta, where = source["rope_theta"], f"{where}.rope_theta"
+    else:
+        theta, where = cfg.get("rope_theta", 10000.0), "rope_theta"
+    if not _is_number(theta):
+        raise ModelLoadError(f"{config_path}: {where} must be a number, not {theta!r}")
+    return float(theta)
+
+
+def _original_context(scaling: dict, cfg: dict, where: str, config_path: Path) -> int | float:
+    """A llama3 or yarn rope's original (pre-scaling) context as transformers 5 resolves it: a top-level
+    original_max_position_embeddings (even null) over the scaling's, over max_position_embeddings. The scaling's own
+    (or that default) is what transformers' validation reads, the top-level one what its rotary embedding's build
+    reads: either one null or not a number is a ModelLoadError, as is, for yarn, one not positive (transformers
+    divides by it and takes its log)."""
+    key = "original_max_position_embeddings"
+    own = scaling.get(key, cfg.get("max_position_embeddings", 2048))
+    read = [(own, f"{where}.{key}")] + ([(cfg[key], key)] if key in cfg else [])
+    positive = rope_type_of(scaling) == "yarn"
+    for value, name in read:
+        if not _is_number(value) or (positive and value <= 0):
+            raise ModelLoadError(f"{config_path}: {name} must be a {'positive ' if positive else ''}number, "
+                                 f"not {value!r}")
+    return read[-1][0]
+
+
+def _checked_rope_scaling(cfg: dict, config_path: Path) -> dict | None:
+    """The rope scaling the rotary embedding computes (None: the default rope of rope_parameters, or none), checked
+    and completed before anything is written or loaded, as transformers 5 checks and completes it: a type the rotary
+    embedding does not compute, a key transformers requires (_ROPE_REQUIRED_KEYS) missing, null or not a number, is
+    a ModelLoadError. Invariant: the dict returned (a copy) holds, as numbers, every key `layers.rotary` reads for
+    its type: a llama3 or yarn one its original context (`_original_context`), a yarn one's null factor resolved
+    to max_position_embeddings over that original."""
+    where, source = _rope_source(cfg, config_path)
+    scaling = source if where == "rope_scaling" or rope_type_of(source) != "default" else None
     if (rope_type := rope_type_of(scaling)) not in ROPE_TYPES:
         raise ModelLoadError(f"{config_path}: rope_scaling type {rope_type!r} is not supported "
                              f"({', '.join(ROPE_TYPES)})")
-    if rope_type != "yarn":
+    if rope_type == "default":
         return scaling
-    context = int(cfg.get("max_position_embeddings", 2048))
-    original = int(cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
-                   or context)
-    factor = scaling.get("factor")
-    return {**scaling, "original_max_position_embeddings": original,
-            "factor": float(factor) if factor is not None else context / original}
+    if missing := [key for key in _ROPE_REQUIRED_KEYS[rope_type] if key not in scaling]:
+        raise ModelLoadError(f"{config_path}: the {rope_type} rope in {where} lacks {', '.join(missing)} "
+                             f"(transformers requires it too)")
+    scaling = dict(scaling)
+    if rope_type in ("llama3", "yarn"):
+        scaling["original_max_position_embeddings"] = _original_context(scaling, cfg, where, config_path)
+    if rope_type == "yarn" and scaling["factor"] is None:
+        scaling["factor"] = int(cfg.get("max_position_embeddings", 2048)) / scaling["original_max_position_embeddings"]
+    for key in _ROPE_REQUIRED_KEYS[rope_type]:
+        if not _is_number(scaling[key]):
+            raise ModelLoadError(f"{config_path}: {where}.{key} must be a number, not {scaling[key]!r}")
+    return scaling
 
 
 def read_model_spec(model_dir: Path) -> ModelSpec:
@@ -156,11 +218,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     try:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        rope_params = cfg.get("rope_parameters") or {}
-        rope_scaling = cfg.get("rope_scaling") or (
-            rope_params if rope_params.get("rope_type", "default") != "default" else None
-        )
-        rope_scaling = _checked_rope_scaling(rope_scaling, cfg, config_path)
+        rope_scaling = _checked_rope_scaling(cfg, config_path)
         if cfg.get("head_dim") is None and hidden % num_heads:
             raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
                                  f"{num_heads}, and no head_dim is given")
@@ -180,7 +238,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            rope_theta=_rope_theta(cfg, config_path),
             rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

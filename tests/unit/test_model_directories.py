@@ -137,6 +137,54 @@ def test_a_config_that_cannot_run_is_named_before_anything_is_written(tmp_path, 
         assert not (tmp_path / "out.jsonl").exists()
 
 
+def _edit_config(model_dir, edit):
+    """model_dir after `edit(config)` changed its config.json (as saved, transformers has completed its rope)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    edit(config)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def _no_original_context(config):
+    config["rope_parameters"].pop("original_max_position_embeddings")
+
+
+def _transformers_4_keys_no_original_context(config):
+    scaling = config.pop("rope_parameters")
+    config.update(rope_theta=scaling.pop("rope_theta"), rope_scaling=scaling)
+    scaling.pop("original_max_position_embeddings")
+
+
+def _a_top_level_theta_too(config):
+    config["rope_theta"] = 10000.0  # rope_parameters': 500000
+
+
+@pytest.mark.parametrize("edit", [_no_original_context, _transformers_4_keys_no_original_context,
+                                  _a_top_level_theta_too])
+def test_a_llama3_rope_as_transformers_completes_it_matches_hf(tmp_path, default_model_dir, edit):
+    """A llama3 rope without original_max_position_embeddings (transformers 5 takes max_position_embeddings) failed
+    with a KeyError once the engine was built, after `run` had begun its output; a top-level rope_theta beside
+    rope_parameters' was read over it (transformers reads rope_parameters')."""
+    model = _edit_config(make_tiny_model("llama", tmp_path / "m", tokenizer_dir=default_model_dir), edit)
+    prompt = [[1] + [(97 * i) % 40000 + 10 for i in range(59)]]
+    assert _greedy(model, prompt, 8) == hf_greedy(model, prompt, 8, stop_at_eos=False)
+
+
+def test_a_rope_lacking_a_key_transformers_requires_is_named_before_anything_is_written(tmp_path, capsys,
+                                                                                        default_model_dir):
+    """It failed as "cannot load a tokenizer" (transformers' KeyError when the tokenizer read the config), and with
+    --tokenizer as an "unexpected failure" (exit 3, KeyError) once the engine was built, after the output was
+    begun."""
+    model = _edit_config(make_tiny_model("llama", tmp_path / "m"), lambda c: c["rope_parameters"].pop("factor"))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    for tokenizer in ([], ["--tokenizer", str(default_model_dir)]):
+        code = cli.main(["run", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(model), "--no-progress",
+                         *tokenizer])
+        assert code == 2 and "the llama3 rope in rope_parameters lacks factor" in capsys.readouterr().err
+        assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_sliding_window_caps_the_context_and_says_why(tmp_path, default_model_dir):
     """vLLM's disable_sliding_window=True asks for what runs here (it was refused as "not supported")."""
     model = make_tiny_model("mistral", tmp_path / "m", tokenizer_dir=default_model_dir, sliding_window=32,

@@ -1,6 +1,8 @@
 import json
+import re
 
 import pytest
+import torch
 
 from batchllm.models.spec import ModelLoadError, read_model_spec
 
@@ -66,3 +68,76 @@ def test_broken_directories_fail_with_a_reason(tmp_path, setup, message):
 def test_missing_directory(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         read_model_spec(tmp_path / "nope")
+
+
+L3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+ORIGINAL = "original_max_position_embeddings"
+ACCEPTED_ROPES = [  # the config's rope keys (BASE's max_position_embeddings: 256)
+    {"rope_parameters": {**L3, "rope_theta": 5e5}},  # llama3 without an original context: max_position_embeddings
+    {"rope_theta": 5e5, "rope_scaling": L3},  # the same, transformers 4's keys
+    {"rope_scaling": {**{k: v for k, v in L3.items() if k != "rope_type"}, "type": "llama3"}},  # theta 10000
+    {ORIGINAL: 64, "rope_parameters": L3},  # a top-level original context ...
+    {ORIGINAL: 64, "rope_parameters": {**L3, ORIGINAL: 128}},  # ... over the rope's own
+    {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},  # rope_parameters' theta
+    {"rope_theta": 1e4, "rope_parameters": {**L3, ORIGINAL: 128, "rope_theta": 5e5}},
+    {"rope_theta": 1e6, "rope_parameters": {"rope_type": "default"}},  # the top-level theta fills a missing one
+    {"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}},
+    {"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 2.0},  # rope_scaling over rope_parameters
+     "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+    {ORIGINAL: 64, "rope_parameters": {"rope_type": "yarn", "factor": None}},
+]
+REFUSED_ROPES = [  # (the config's rope keys, what the message names)
+    ({"rope_parameters": {k: v for k, v in L3.items() if k != "low_freq_factor"}}, "lacks low_freq_factor"),
+    ({"rope_scaling": {k: v for k, v in L3.items() if k != "high_freq_factor"}}, "rope_scaling lacks high_freq_fac"),
+    ({"rope_parameters": {k: v for k, v in L3.items() if k != "factor"}}, "llama3 rope in rope_parameters lacks fa"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5}}, "linear rope in rope_parameters lacks factor"),
+    ({"rope_parameters": {"rope_type": "yarn", ORIGINAL: 64}}, "yarn rope in rope_parameters lacks factor"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": None}}, "rope_parameters.factor must be a number, not No"),
+    ({"rope_parameters": {**L3, "factor": "8"}}, "rope_parameters.factor must be a number, not '8'"),
+    ({"rope_parameters": {**L3, "low_freq_factor": None}}, "rope_parameters.low_freq_factor must be a number"),
+    ({"rope_parameters": {**L3, ORIGINAL: None}}, f"rope_parameters.{ORIGINAL} must be a number, not None"),
+    ({ORIGINAL: None, "rope_parameters": {**L3, ORIGINAL: 64}}, f": {ORIGINAL} must be a number, not None"),
+    ({ORIGINAL: 64, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, ORIGINAL: None}}, "must be a positive"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, ORIGINAL: 0}}, "must be a positive number, not 0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, "rope_parameters.rope_theta must be a num"),
+    ({"rope_theta": None, "rope_parameters": {"rope_type": "default"}}, ": rope_theta must be a number, not None"),
+]
+
+
+def _hf_rotary(model_dir):
+    """transformers 5's (inverse frequencies, cos/sin scale) for the config, or None where it refuses it (when it
+    reads the config or builds the rotary embedding)."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    try:
+        rotary = LlamaRotaryEmbedding(AutoConfig.from_pretrained(model_dir))
+    except Exception:  # any failure (KeyError, TypeError, ZeroDivisionError ...) is a refusal
+        return None
+    return rotary.inv_freq, rotary.attention_scaling
+
+
+@pytest.mark.parametrize("rope", ACCEPTED_ROPES)
+def test_a_rope_transformers_completes_is_completed_as_it_does(tmp_path, rope):
+    """A llama3 rope without original_max_position_embeddings failed with a KeyError while the engine was built
+    (after the output was begun), and a top-level rope_theta was read over rope_parameters'; transformers 5 fills the
+    original context from max_position_embeddings (a top-level one first) and reads the rope dict's theta first
+    (the top-level one fills it): the same frequencies and scale, exactly."""
+    from batchllm.layers.rotary import attention_factor, inverse_frequencies
+
+    spec = read_model_spec(write(tmp_path, model_type="llama", **rope))
+    inv_freq, scale = _hf_rotary(tmp_path)
+    assert torch.equal(inverse_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling), inv_freq)
+    assert attention_factor(spec.rope_scaling) == scale
+
+
+@pytest.mark.parametrize("rope, message", REFUSED_ROPES)
+def test_a_rope_transformers_refuses_is_a_config_error_naming_the_key(tmp_path, rope, message):
+    """A rope lacking a key transformers requires failed as "cannot load a tokenizer" (transformers' KeyError when
+    the tokenizer read the config) or, with --tokenizer, as a KeyError once the engine was built."""
+    write(tmp_path, model_type="llama", **rope)
+    assert _hf_rotary(tmp_path) is None
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        read_model_spec(tmp_path)
