@@ -270,7 +270,7 @@ _COMBINATORS = ("$ref", "anyOf", "oneOf", "allOf")
 """Keywords whose schemas replace their node's own: xgrammar drops typed keywords beside them."""
 
 
-def _unenforced_combination(node: dict, types: set[str]) -> str | None:
+def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | None:
     """The keyword combinations xgrammar compiles but does not enforce: those vLLM's current check finds (vLLM
     0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string or number bounds without a type."""
     if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
@@ -305,7 +305,7 @@ def _unenforced_combination(node: dict, types: set[str]) -> str | None:
             return "'patternProperties' with more than one pattern"
     if isinstance(node.get("allOf"), list) and len(node["allOf"]) >= 2:
         return "'allOf' of several schemas (xgrammar lets anything through)"
-    return None
+    return _dropped_beside_combinator(node, types, root)
 
 
 _LITERALS = ("const", "enum")
@@ -413,6 +413,72 @@ def _unenforced_required(node: dict, types: set[str]) -> str | None:
     return None
 
 
+_REPLACED_BESIDE_COMBINATOR = ("properties", "patternProperties", "propertyNames", "minProperties",
+                               "maxProperties", "items", "prefixItems", "additionalItems", "minItems", "maxItems",
+                               "multipleOf")
+"""Keywords a schema's $ref / anyOf / oneOf / allOf replaces (measured, xgrammar 0.2.9: {"type": "object",
+"properties": {"a": ...}, "anyOf": [{"type": "object"}]} took {}). additionalProperties is not among them: strict
+mode takes no unnamed property anywhere."""
+_OBJECT_KEYWORDS = ("properties", "required", "patternProperties", "additionalProperties", "minProperties")
+_ARRAY_KEYWORDS = ("items", "prefixItems", "minItems", "maxItems")
+
+
+def _local_target(ref: Any, root: Any) -> Any:
+    """The schema a local "#/..." $ref names in `root`; None where it is not one or names nothing."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _replaced_types(branch: Any, root: Any, depth: int = 0) -> set[str]:
+    """The types xgrammar gives a branch's values, where plain to see: listed values' or "type"'s
+    (`_branch_value_types`), else an object's or array's from its keywords, else a local $ref's; empty where
+    unknown (also past 16 $refs: they may loop)."""
+    if not isinstance(branch, dict) or depth > 16:
+        return set()
+    if found := _branch_value_types(branch):
+        return found
+    if any(k in branch for k in _OBJECT_KEYWORDS):
+        return {"object"}
+    if any(k in branch for k in _ARRAY_KEYWORDS):
+        return {"array"}
+    target = _local_target(branch.get("$ref"), root)
+    return _replaced_types(target, root, depth + 1) if "$ref" in branch else set()
+
+
+def _dropped_beside_combinator(node: dict, types: set[str], root: Any) -> str | None:
+    """Keywords beside a $ref / anyOf / oneOf / allOf that xgrammar drops (it writes the combinator's schemas alone):
+    those of `_REPLACED_BESIDE_COMBINATOR` (taken where every branch gives its own: nothing the user meant is lost),
+    and a "type" some branch's values can break (taken where every branch plainly gives values of that type:
+    {"type": ["string", "null"], "anyOf": [{"type": "string"}, {"type": "null"}]})."""
+    combinator = next((k for k in _COMBINATORS if k in node), None)
+    if combinator is None:
+        return None
+    if combinator == "$ref":
+        branches = [_local_target(node["$ref"], root)]
+    else:
+        branches = node[combinator] if isinstance(node[combinator], list) else []
+    if dropped := next((k for k in _REPLACED_BESIDE_COMBINATOR
+                        if k in node and not all(isinstance(b, dict) and k in b for b in branches)), None):
+        return (f"{dropped!r} beside {combinator!r} (xgrammar keeps only what {combinator!r} gives: put it in each "
+                "branch)")
+    if not types:
+        return None
+    allowed = types | ({"integer"} if "number" in types else set())
+    for branch in branches:
+        given = _replaced_types(branch, root)
+        if not given or not given <= allowed:
+            return (f"'type' beside {combinator!r}, whose schemas may take other types (xgrammar keeps only what "
+                    f"{combinator!r} gives: give the type in each branch)")
+    return None
+
+
 _ALL_TYPES = frozenset({"string", "number", "integer", "boolean", "null", "array", "object"})
 _BARE_KEYS = frozenset({"type", "title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
                         "writeOnly"})
@@ -477,7 +543,7 @@ def unenforced_schema_feature(schema: Any) -> str | None:
         for kinds, keywords in _UNENFORCED:
             if types & kinds and (found := next((k for k in keywords if k in node), None)):
                 return f"{found!r}{where}"
-        if found := _unenforced_combination(node, types):
+        if found := _unenforced_combination(node, types, schema):
             return f"{found}{where}"
         if "string" in types and "format" in node and (not isinstance(node["format"], str)
                                                         or node["format"] not in _XGRAMMAR_FORMATS):

@@ -236,6 +236,13 @@ DROPPED = [
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, 5, "'oneOf' branches 0 and 1 both taking 'integer' values "
      "(xgrammar then lets either through, as 'anyOf' does: use 'anyOf', or make the branches exclusive)"),
     ({"oneOf": [{"const": "a"}, {"type": "string", "description": "any"}]}, "a", "'oneOf' branches 0 and 1 both "),
+    ({"type": "string", "anyOf": [{"type": "string"}, {"type": "integer"}]}, 5,
+     "'type' beside 'anyOf', whose schemas may take other types"),
+    ({"type": "integer", "$defs": {"x": {"type": "string"}}, "$ref": "#/$defs/x"}, "a", "'type' beside '$ref'"),
+    ({**NAMED, "anyOf": [{"type": "object"}]}, {"name": 5}, "'properties' beside 'anyOf' (xgrammar keeps only what "
+                                                           "'anyOf' gives: put it in each branch)"),
+    ({"type": "array", "items": {"type": "integer"}, "anyOf": [{"type": "array"}]}, ["a"],
+     "'items' beside 'anyOf'"),
 ]
 
 
@@ -262,7 +269,13 @@ def test_required_names_without_properties_and_keywords_beside_enum_or_const_are
                  {"oneOf": [{"type": "string"}, {"type": "integer"}]},
                  {"oneOf": [{"type": "array"}, {"type": "object"}]},
                  {"$defs": {"cat": cat, "dog": dog}, "oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"}]},
-                 {"oneOf": [{"type": "integer", "maximum": 3}, {"type": "integer", "minimum": 4}]}):
+                 {"oneOf": [{"type": "integer", "maximum": 3}, {"type": "integer", "minimum": 4}]},
+                 {"type": ["string", "null"], "anyOf": [{"type": "string"}, {"type": "null"}]},
+                 {"type": "number", "anyOf": [{"type": "integer"}, {"const": 2.5}]},
+                 {"type": "object", "oneOf": [{"properties": {"b": {"type": "string"}}, "required": ["b"]},
+                                              {"properties": {"c": {"type": "string"}}, "required": ["c"]}]},
+                 {"type": "object", "additionalProperties": False, "anyOf": [NAMED]},
+                 {"type": "object", "$defs": {"n": NAMED}, "$ref": "#/$defs/n"}):
         assert unenforced_schema_feature(fine) is None, fine
 
 
