@@ -403,31 +403,73 @@ def tokenizer_for(source: ModelSource, tokenizer: str | Path | None = None, chat
     return loaded
 
 
-@functools.lru_cache(maxsize=16)
-def loops_over_content(template: Any) -> bool:
-    """Whether a chat template iterates over a message's content (`{% for part in message['content'] %}`, the
-    message bound by a loop over `messages`, or `{% for part in content %}`): it expects OpenAI's list of parts,
-    and a string would be iterated by character (the text was lost). vLLM's content format "auto" tells the two
-    kinds apart so, by the syntax tree of the template as transformers compiles it; a template that does not
-    compile, or a dict of named templates, is taken as a string template."""
-    from jinja2 import nodes
-
+@functools.lru_cache(maxsize=32)
+def loops_over_content(template: str | None) -> bool:
+    """Whether a chat template iterates over a message's content, so expects OpenAI's list of parts (a string
+    would be iterated by character and the text lost): vLLM's content format "auto", decided as vLLM decides
+    it on the syntax tree of the template as transformers compiles it. A loop counts where it runs over
+    `M.content` or `M['content']` (under filters, tests and slices), M the target of a loop over `messages`
+    or over a name bound to it through any chain of `{% set %}` (`set a = messages`, `set b = a | list`), or
+    over a name `content` itself (a macro's parameter, as Qwen3.5 passes it). Names are matched without
+    scopes, as vLLM matches them; nothing else is followed (`set c = m.content`, a macro's other parameters,
+    `ns.messages`). Where vLLM cannot read the template (None, it does not compile, or a name in that chain is
+    bound by a non-name target: `set ns.m = messages`, `for a, b in messages`) it is a string template,
+    vLLM's default; so is one whose first content loop has such a target."""
     tree = _parsed_template(template) if isinstance(template, str) else None
     if tree is None:
         return False
-    messages = {"messages"} | {a.target.name for a in tree.find_all(nodes.Assign)
-                               if isinstance(a.target, nodes.Name) and _is_name(a.node, {"messages"})}
-    bound = {loop.target.name for loop in tree.find_all(nodes.For)
-             if isinstance(loop.target, nodes.Name) and _is_name(loop.iter, messages)}
+    try:
+        messages = _bound_names(tree, {"messages"})
+        return _first_content_loop(tree, messages) is not None
+    except _UnreadTemplate:
+        return False
+
+
+class _UnreadTemplate(Exception):
+    """A template shape vLLM's content-format detection fails on (it then takes vLLM's default, a string)."""
+
+
+def _bound_names(tree, names: set[str]) -> set[str]:
+    """The targets of the loops over `names` or any alias of them: the names bound to `names` through chains of
+    `{% set x = ... %}` (followed to a fixed point, so cycles end) under filters, tests and slices. Raises
+    _UnreadTemplate where such an assignment or loop binds something other than one name."""
+    from jinja2 import nodes
+
+    aliases, grown = set(names), True
+    while grown:
+        grown = False
+        for assign in tree.find_all(nodes.Assign):
+            if _is_name(assign.node, aliases):
+                target = _target_name(assign.target)
+                grown, aliases = grown or target not in aliases, aliases | {target}
+    return {_target_name(loop.target) for loop in tree.find_all(nodes.For) if _is_name(loop.iter, aliases)}
+
+
+def _first_content_loop(tree, messages: set[str]):
+    """The first loop (in the template's order) over a message's content: `M.content` / `M['content']`, M one of
+    `messages`, under filters, tests and slices; or the bare name `content` (not under a filter, as vLLM
+    matches it). None where there is none; raises _UnreadTemplate where that loop's target is not one name."""
+    from jinja2 import nodes
+
     for loop in tree.find_all(nodes.For):
         node = _unwrapped(loop.iter)
-        if isinstance(node, nodes.Name) and node.name == "content":
-            return True
         key = node.attr if isinstance(node, nodes.Getattr) else node.arg.value if isinstance(
             node, nodes.Getitem) and isinstance(node.arg, nodes.Const) else None
-        if key == "content" and _is_name(node.node, bound):
-            return True
-    return False
+        on_message = key == "content" and isinstance(node.node, nodes.Name) and node.node.name in messages
+        if on_message or (isinstance(loop.iter, nodes.Name) and loop.iter.name == "content"):
+            _target_name(loop.target)
+            return loop
+    return None
+
+
+def _target_name(target) -> str:
+    """The name a `{% set %}` or `{% for %}` binds; _UnreadTemplate where it binds a tuple or a namespace's
+    attribute (`set ns.x = ...`)."""
+    from jinja2 import nodes
+
+    if not isinstance(target, nodes.Name):
+        raise _UnreadTemplate(f"binds {type(target).__name__}")
+    return target.name
 
 
 def _parsed_template(template: str):
