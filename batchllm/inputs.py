@@ -86,7 +86,8 @@ class PromptProcessor:
         where given; `kwargs` (vLLM's chat_template_kwargs) go to the template over `add_generation_prompt`,
         as in vLLM. Message content reaches the template as one string, or as OpenAI's list of text parts where
         `content_format` is "openai" ("auto": where the template loops over a message's content, as vLLM detects
-        it). Raises ValueError naming conversation `index` and the problem."""
+        it on the template rendered: of a tokenizer's named templates, "tool_use" where `kwargs` give tools, else
+        "default"). Raises ValueError naming conversation `index` and the problem."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
         if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
@@ -98,7 +99,10 @@ class PromptProcessor:
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"conversation {index}: message {j} must be an object with a 'role' (and its "
                                  "'content')")
-        template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
+        try:  # (the one transformers renders: a named template's "tool_use" where tools are given, else "default")
+            template = self.tokenizer.get_chat_template(chat_template, tools=(kwargs or {}).get("tools"))
+        except Exception as e:  # (named templates with no "default", say)
+            raise ValueError(f"conversation {index}: {e}") from e
         as_parts = content_format == "openai" or (content_format == "auto" and loops_over_content(template))
         try:  # OpenAI's content parts, as the OpenAI Batch lines take them
             conversation = [(text_parts if as_parts else text_message)(j, message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from batchllm.inputs import loops_over_content, prompt_processor_for
@@ -118,3 +120,19 @@ def test_a_chained_alias_template_gets_parts_and_the_format_argument_still_overr
     assert prompts.apply_chat_template(chat, chat_template=M + "{{ m.content }}" + END, content_format="openai") == (
         "[{'type': 'text', 'text': 'What is 2+2?'}]")
 
+
+def test_named_templates_are_detected_on_the_one_transformers_renders():
+    """A tokenizer holding named templates (a "default" and a "tool_use", as transformers loads
+    additional_chat_templates/) failed every chat with TypeError (unhashable dict); vLLM detects the format on
+    the template it renders: "tool_use" where tools are given, else "default"."""
+    prompts = copy.copy(prompt_processor_for(None))
+    prompts.tokenizer = copy.copy(prompts.tokenizer)
+    prompts.tokenizer.chat_template = {"default": M + "{{ m.content }};" + END,
+                                       "tool_use": M + parts("m.content") + ";" + END + "{{ tools | length }}"}
+    chat = [{"role": "user", "content": "hi"}]
+    assert prompts.apply_chat_template(chat) == "hi;"
+    assert prompts.apply_chat_template(chat, kwargs={"tools": [{"type": "function", "function": {"name": "f"}}]}) == (
+        "hi;1")
+    prompts.tokenizer.chat_template = {"a": "{{ messages }}", "b": "{{ messages }}"}
+    with pytest.raises(ValueError, match="conversation 3: This model has multiple chat templates with no default"):
+        prompts.apply_chat_template(chat, 3)
