@@ -5,6 +5,7 @@ Torch-free. A policy is an object passed in, not an `if` in the scheduler's loop
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,9 +86,10 @@ class MemoryAdmission:
     A request's projection: blocks for its own tokens (past the fork point) plus its expected
     output, plus one block for a copy-on-write partial block; a shared prefix counts once. A
     prefix is admitted with its whole group (every member and nested group is charged then, and
-    admitted later without a second check). Each request's share is released when it finishes or
-    is preempted, and a prefix's when it is released. Work is always admitted when nothing is
-    running, so the batch moves.
+    admitted later without a second check, but for a nested prefix while the charged total is over
+    the budget: `can_open_subgroup`). Each request's share is released when it finishes or is
+    preempted, and a prefix's when it is released. Work is always admitted when nothing is running,
+    so the batch moves.
     """
 
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int, threshold: float = 1.0,
@@ -117,6 +119,29 @@ class MemoryAdmission:
         for r in self._uncharged_group(request):
             r.projected_blocks = self.projection(r)
             self.projected_blocks += r.projected_blocks
+
+    def group_blocks(self, request: Request) -> int:
+        """The projection of a request and, for a prefix, of its members and nested groups not started
+        yet (`pending_members`): its charge where it has one, else what it would be charged."""
+        total, stack = 0, [request]
+        while stack:
+            r = stack.pop()
+            total += r.projected_blocks or self.projection(r)
+            stack.extend(r.pending_members)
+        return total
+
+    def can_open_subgroup(self, prefix: Request, open_work: Iterable[Request], nothing_running: bool) -> bool:
+        """Whether a nested prefix, charged with the group it belongs to, may start now. While the charged
+        total fits, always: a group that fits starts its nested groups as soon as they are ready. Over it (a
+        group larger than the pool, admitted because nothing ran), only when nothing runs or its own group
+        fits beside the open work: the running requests and READY prefixes, each with the members it has
+        not started (`group_blocks`). So such a group is worked a few nested groups at a time, at least one
+        (siblings started together outgrew the pool, were released and recomputed). It never stalls the
+        batch: what runs ends or is preempted, and a step where nothing can run releases the idle READY
+        prefixes (`Scheduler.schedule`), after which nothing runs and the prefix starts."""
+        if nothing_running or self.projected_blocks <= self.capacity:
+            return True
+        return sum(map(self.group_blocks, open_work)) + self.group_blocks(prefix) <= self.capacity
 
     @staticmethod
     def _uncharged_group(request: Request) -> list[Request]:

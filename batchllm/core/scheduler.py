@@ -4,7 +4,8 @@ Writer of all `Request` state and of the `KVCacheManager`. Work arrives as top-l
 order (`waiting`): a shared prefix (with its members registered under it) or a plain request. Each
 step fills a token budget in this order:
   1. running work: decode tokens first, then requests' prefill chunks, then prefix chunks;
-  2. members whose prefix is READY (`ready_members`): they fork from it and prefill their suffix;
+  2. members whose prefix is READY (`ready_members`): they fork from it and prefill their suffix (a
+     nested prefix of a group larger than the pool waits until its group fits beside the open ones);
   3. new top-level units, while the admission policy's projected KV use fits.
 A prefix that completes becomes READY and releases its members; it is freed exactly when its last
 member finishes. When the KV pool cannot grow running work, the last-scheduled running entry is
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain
 
 from batchllm.config import SchedulerConfig
 from batchllm.core import prompt_logprobs
@@ -272,11 +274,16 @@ class Scheduler:
         return self._make_batch(decoded, chosen, copies)
 
     def _admit_from(self, queue: deque[Request], budget: int, chosen: list, copies: list) -> int:
+        """Admit from the head of `queue` while budget, seats and memory last; the queue's order is kept
+        (the first entry that cannot start stops it). Returns the budget left."""
         cap = self.config.max_num_seqs
         while queue and budget > 0 and (cap is None or len(self.running) < cap):
             request = queue[0]
             if request.num_pending_tokens or not self.admission.can_admit(request, nothing_running=not self.running):
                 break  # (a request preempted with a token in flight waits for its value)
+            if request.is_prefix and request.parent is not None and not self.admission.can_open_subgroup(
+                    request, chain(self.running, self.ready_prefixes), nothing_running=not self.running):
+                break  # (its group outgrew the pool: it waits for its siblings to free memory)
             copy = None
             if request.parent is not None:
                 ok, copy = self.kv.fork(request.request_id, request.parent.request_id, request.fork_point)

@@ -269,18 +269,33 @@ def test_nested_groups_under_memory_pressure_compute_each_prefix_once():
     assert sched.stats.prefill_tokens == plan.summary()["prefill_tokens"], "every prefix computed exactly once"
 
 
-@pytest.mark.parametrize("num_blocks", [8, 10, 12])
+@pytest.mark.parametrize("num_blocks", [8, 10, 12, 20])
 def test_a_group_larger_than_the_pool_works_its_nested_groups_depth_first(num_blocks):
     """Regression (a probe's batch of n=2 requests sharing an instruction never finished in a 14-block cache):
     a top-level group whose nested groups together exceed the pool, admitted because nothing else ran. Its
     nested prefixes queued ahead of their own members: they filled the pool, were released to unblock it,
-    and were computed again, forever. Depth first, each nested group's members run before its siblings."""
+    and were computed again, forever. Depth first, each nested group's members run before its siblings.
+    Then (154, 95, 93 prefill tokens in 8, 10, 12 blocks for a plan of 62) siblings admitted in the same
+    step still outgrew the pool and were recomputed: a sibling now starts only where its group is projected
+    to fit beside the open ones (one at a time here, two in 20 blocks)."""
     base = list(range(1, 13))
     prompts = [base + [100 + 3 * j, 101 + 3 * j, 102 + 3 * j, 200 + 2 * j + m] for j in range(10) for m in range(2)]
+    open_nested = []
+
+    def check(s):
+        open_nested.append(sum(p.is_prefix and p.parent is not None for p in s.running + s.ready_prefixes))
+
     unshared, *_ = run(prompts, sharing=False, num_blocks=num_blocks, max_tokens=6, budget=64)
-    out, sched, _, plan = run(prompts, sharing=True, num_blocks=num_blocks, max_tokens=6, budget=64)
+    out, sched, _, plan = run(prompts, sharing=True, num_blocks=num_blocks, max_tokens=6, budget=64, check=check)
     assert sum(g.parent is not None for g in plan.groups) == 10
     assert out == unshared
+    assert sched.stats.num_prefix_releases == 0, "no prefix is computed twice"
+    recomputed = sched.stats.prefill_tokens - plan.summary()["prefill_tokens"]
+    if num_blocks >= 10:  # a nested group (base 3 blocks, its prefix 1, two members of 3) fits whole
+        assert recomputed == 0
+    else:  # its second member is preempted once at most: its suffix token and 6 outputs again
+        assert recomputed <= 10 * (1 + 6)
+    assert max(open_nested) == (2 if num_blocks >= 20 else 1), "as many nested groups as are projected to fit"
 
 
 def test_a_step_emptied_by_preemption_admits_the_ready_members():
