@@ -7,13 +7,18 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
+    """vLLM's Logprob: its three fields, and no others (`dataclasses.fields`, `asdict` and `repr` show only
+    them, so `json.dumps(dataclasses.asdict(lp))` works as with vLLM's)."""
+
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
-    token_bytes: bytes | None = None
-    """The bytes the token stands for (set with `decoded_token`; beyond vLLM's fields). A token that holds
-    part of a character (byte-level BPE splits emoji and CJK characters) decodes alone to U+FFFD, so its
-    `decoded_token` says nothing of it; these bytes are what OpenAI's logprobs `bytes` report."""
+
+    token_bytes = None  # (no annotation: an attribute, not a dataclass field)
+    """bytes | None: the bytes the token stands for, set with `decoded_token` on the instance (None: not
+    decoded). A token that holds part of a character (byte-level BPE splits emoji and CJK characters) decodes
+    alone to U+FFFD, so its `decoded_token` says nothing of it; these bytes are what OpenAI's logprobs `bytes`
+    report. Not a field: bytes are not JSON, and vLLM's Logprob has no such field."""
 
 
 @dataclass

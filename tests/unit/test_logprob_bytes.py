@@ -111,3 +111,20 @@ def test_completion_top_logprobs_always_hold_the_sampled_token(tokenizer):
     _, logprobs = record_for(tokenizer, "/v1/completions", 0)
     assert [list(top.items()) for top in logprobs["top_logprobs"]] == [
         [(token, lp)] for token, lp in zip(logprobs["tokens"], logprobs["token_logprobs"])]
+
+
+def test_logprob_has_vllms_fields_and_dumps_as_json(tokenizer):
+    """`token_bytes` was a dataclass field: `json.dumps(dataclasses.asdict(lp))` failed on the bytes of every
+    decoded Logprob, and the fields differed from vLLM's Logprob(logprob, rank, decoded_token)."""
+    import dataclasses
+
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    entries = [{tid: Logprob(-0.1, 1)} for tid in ids]
+    _decode_entries(entries, tokenizer)
+    lp = entries[0][ids[0]]
+    assert [f.name for f in dataclasses.fields(Logprob)] == ["logprob", "rank", "decoded_token"]
+    assert json.loads(json.dumps(dataclasses.asdict(lp))) == {"logprob": -0.1, "rank": 1,
+                                                              "decoded_token": lp.decoded_token}
+    assert lp.token_bytes == token_bytes(tokenizer, ids[0]) and Logprob(-1.0).token_bytes is None
+    assert b"".join(e[t].token_bytes for e, t in zip(entries, ids)) == TEXT.encode(), "the users still read them"
+    assert lp == Logprob(-0.1, 1, lp.decoded_token) and "token_bytes" not in repr(lp)
