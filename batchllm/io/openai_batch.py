@@ -309,9 +309,15 @@ def _named_logprobs(body: dict, chat: bool, overrides: dict) -> None:
 
 def _echo(body: dict, chat: bool, prompt: Any, max_tokens: Any, overrides: dict) -> str | None:
     """A completions body's `echo`, as vLLM answers it: the prompt's text, tokens and (with logprobs) prompt
-    logprobs before the output's; max_tokens 0 asks for the prompt alone (scoring a text). (A chat body's echo is
-    its response's: `response_asks`.)"""
-    if not _flag(body.get("echo"), "echo") or chat:
+    logprobs before the output's; max_tokens 0 asks for the prompt alone (scoring a text). A chat body's echo
+    shapes its response (`response_asks`) and, as vLLM's, asks for the prompt's logprobs where the body names no
+    prompt_logprobs: `top_logprobs` of them (0 where not given: each prompt token's own logprob; an explicit
+    null: none), the response's `prompt_logprobs`; None is returned for a chat."""
+    if not _flag(body.get("echo"), "echo"):
+        return None
+    if chat:
+        if "prompt_logprobs" not in overrides and body.get("top_logprobs", 0) is not None:
+            overrides["prompt_logprobs"] = body.get("top_logprobs", 0)
         return None
     if not isinstance(prompt, str):
         raise BodyError("'echo' needs the prompt as text (a prompt of token ids is not echoed here)")

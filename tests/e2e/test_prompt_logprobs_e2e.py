@@ -153,7 +153,9 @@ def test_openai_lines_carry_prompt_logprobs_where_vllm_puts_them(tmp_path, defau
              line("echo-ids", cmpl, prompt=[5, 6], echo=True),
              line("echo-chat", chat, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content":
                   "Hello"}], echo=True, add_generation_prompt=False, continue_final_message=True, temperature=0),
-             line("labels-alone", chat, messages=[{"role": "user", "content": "Hi"}], logprob_token_ids=[5])]
+             line("labels-alone", chat, messages=[{"role": "user", "content": "Hi"}], logprob_token_ids=[5]),
+             line("echo-chat-top", chat, messages=[{"role": "user", "content": "Hi"}], echo=True, logprobs=True,
+                  top_logprobs=2, temperature=0)]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     r = subprocess.run([sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--model",
@@ -178,6 +180,13 @@ def test_openai_lines_carry_prompt_logprobs_where_vllm_puts_them(tmp_path, defau
     assert len(chat) == bodies["chat"]["usage"]["prompt_tokens"]
     assert bodies["none"]["choices"][0]["prompt_logprobs"] is None, "not asked: null, as vLLM writes it"
     assert "prompt_logprobs" not in bodies["chat"]["choices"][0], "a chat's are the body's"
+    # vLLM's chat echo asks for top_logprobs prompt logprobs (0 where not given): they were null
+    echoed = bodies["echo-chat"]["prompt_logprobs"]
+    assert echoed[0] is None and len(echoed) == bodies["echo-chat"]["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in echoed[1:]), "top_logprobs 0: each prompt token's own only"
+    top = bodies["echo-chat-top"]["prompt_logprobs"]
+    assert top[0] is None and len(top) == bodies["echo-chat-top"]["usage"]["prompt_tokens"]
+    assert all({e["rank"] for e in entry.values()} >= {1, 2} and len(entry) <= 3 for entry in top[1:])
 
 
 def check_echo_and_named_logprobs(records, model_dir, reference):

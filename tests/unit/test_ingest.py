@@ -955,3 +955,18 @@ def test_a_plain_lines_error_stays_plain_in_a_file_of_mostly_openai_lines():
         assert isinstance(parsed, LineError) and parsed.format == expected, (raw, parsed)
     assert not parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2, set()).is_openai()
     assert parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2, set()).is_openai(OPENAI)
+
+
+def test_a_chat_echo_asks_for_prompt_logprobs_as_vllms():
+    """vLLM's chat request: prompt_logprobs, where the body gives none and `echo` is true, is `top_logprobs` (0 where
+    not given; an explicit null leaves none). The chat answer's `prompt_logprobs` was null with echo."""
+    from batchllm.io.openai_batch import body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "echo": True}
+
+    def asked(**body):
+        return body_to_request("/v1/chat/completions", {**chat, **body}).overrides.get("prompt_logprobs")
+
+    assert asked() == 0 and asked(logprobs=True, top_logprobs=3) == 3 and asked(logprobs=True, top_logprobs="2") == 2
+    assert asked(prompt_logprobs=1, logprobs=True, top_logprobs=3) == 1, "the body's own wins"
+    assert asked(top_logprobs=None) is None and asked(echo=False) is None and asked(echo="false") is None
