@@ -168,7 +168,7 @@ def _add_plan_parser(sub) -> None:
         formatter_class=DefaultsHelpFormatter,
         description="Read the same input as `run`, tokenize it (no model weights are loaded) and print "
         "requests, groups, sharing degrees, prompt tokens, prefill tokens after sharing and the saving ratio "
-        "1 - prefill_tokens / prompt_tokens.",
+        "1 - prefill_tokens / completion_prompt_tokens (the prompt tokens of every completion: a prompt n times).",
     )
     _add_input_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
@@ -871,8 +871,8 @@ def plan_command(args: argparse.Namespace) -> int:
     token_ids = [p.token_ids for _, p, sp in valid for _ in range(sp.n)]  # (none: an empty plan, as run's)
     started = time.perf_counter()
     plan = plan_prefix_sharing(token_ids, mode=args.plan_mode)
-    summary = {**plan.summary(), "plan_seconds": round(time.perf_counter() - started, 3),
-               "num_lines_failed": len(errors)}
+    summary = {**plan.summary([len(p.token_ids) for _, p, _ in valid]),  # (each line's prompt once, whatever its n)
+               "plan_seconds": round(time.perf_counter() - started, 3), "num_lines_failed": len(errors)}
     if args.groups > 0:
         summary["largest_groups"] = largest_groups(plan, token_ids, prompts.tokenizer, args.groups)
     if args.json:
@@ -882,9 +882,12 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"groups               {summary['num_groups']} top-level, {summary['num_nested_groups']} nested, "
               f"{summary['num_ungrouped']} requests ungrouped ({args.plan_mode}-level plan)")
         print(f"sharing degree       mean {summary['mean_sharing_degree']:.2f}, max {summary['max_sharing_degree']}")
-        print(f"prompt tokens        {summary['prompt_tokens']}")
+        completions = summary["num_completions"]
+        print(f"prompt tokens        {summary['prompt_tokens']}" + ("" if completions == summary["num_requests"] else
+                                                                    f" ({summary['completion_prompt_tokens']} over "
+                                                                    f"{completions} completions)"))
         print(f"prefill tokens       {summary['prefill_tokens']} after sharing")
-        print(f"saving ratio         {100 * summary['saving_ratio']:.1f}%  (1 - prefill / prompt tokens)")
+        print(f"saving ratio         {100 * summary['saving_ratio']:.1f}%  (1 - prefill / completions' prompt tokens)")
         if errors:
             print(f"lines failed         {len(errors)} (see above)")
         _print_groups(summary.get("largest_groups", []))

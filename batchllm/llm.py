@@ -541,7 +541,7 @@ class LLM:
         call.planned_tokens += sum(plan.prefill_tokens for plan, _ in parts) + sum(budgets.values())
         call.plan_seconds += time.perf_counter() - plan_started
         call.plans.extend(plan.summary() for plan, _ in parts)
-        call.num_requests += len(requests)
+        call.num_completions += len(requests)
         for _, submission in parts:
             for request in submission:
                 self.engine.core.add_request(request)
@@ -618,16 +618,21 @@ class LLM:
         return prompt_logprobs_output(prompt.token_ids, first.prompt_logprobs, first.tokenizer)  # (None: not decoded)
 
     def _statistics(self, call: _Call, before: SchedulerStats, log_start: int, wall_s: float) -> dict[str, Any]:
-        """What the call did: the scheduler's counters since `before`, steps since `log_start`, and its plan."""
+        """What the call did: the scheduler's counters since `before`, steps since `log_start`, and its plan.
+        num_requests and prompt_tokens count each prompt once whatever its n, as vLLM's usage does; its n completions
+        are n engine requests (`num_completions`), whose prompt tokens (`completion_prompt_tokens`, the prompt n
+        times) are the prefill without sharing: saving_ratio = 1 - prefill_tokens_computed / those."""
         s = self.engine.core.scheduler.stats
         steps, prefill = s.num_steps - before.num_steps, s.prefill_tokens - before.prefill_tokens
         scheduled = sum(r.num_tokens for r in self.engine.core.step_log[log_start:])
-        prompt_tokens = sum(p["prompt_tokens"] for p in call.plans)
+        prompt_tokens = sum(len(p.token_ids) for p in call.prompts)
+        unshared = sum(p["completion_prompt_tokens"] for p in call.plans)
         num_units = sum(p["num_groups"] + p["num_ungrouped"] for p in call.plans)
         return {
-            "num_requests": call.num_requests, "prompt_tokens": prompt_tokens, "output_tokens": call.output_tokens,
+            "num_requests": len(call.prompts), "num_completions": call.num_completions,
+            "prompt_tokens": prompt_tokens, "completion_prompt_tokens": unshared, "output_tokens": call.output_tokens,
             "prefill_tokens_computed": prefill,
-            "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
+            "saving_ratio": 1.0 - prefill / unshared if unshared else 0.0,
             **{k: getattr(s, k) - getattr(before, k)
                for k in ("decode_tokens", "attended_keys", "num_preemptions", "num_block_copies",
                          "num_prefix_releases")},
@@ -637,7 +642,7 @@ class LLM:
             "output_tokens_per_s": call.output_tokens / wall_s if wall_s > 0 else 0.0,
             **dataclasses.asdict(self.config.sharing),
             "num_groups": sum(p["num_groups"] for p in call.plans),
-            "mean_sharing_degree": call.num_requests / num_units if num_units else 0.0,
+            "mean_sharing_degree": call.num_completions / num_units if num_units else 0.0,
             "max_sharing_degree": max((p["max_sharing_degree"] for p in call.plans), default=0),
             "planned_prefill_tokens": sum(p["prefill_tokens"] for p in call.plans),
             "plan_seconds": call.plan_seconds,
@@ -675,7 +680,8 @@ class _Call:
 
     call_id: int
     prompts: list[TokenizedPrompt] = dataclasses.field(default_factory=list)
-    num_requests: int = 0
+    num_completions: int = 0
+    """Engine requests made: one per completion (n of them for a prompt of n > 1)."""
     states: dict[str, tuple[int, CompletionState]] = dataclasses.field(default_factory=dict)
     """Unfinished completions by request id: (prompt index, state)."""
     pending: dict[int, list[CompletionState]] = dataclasses.field(default_factory=dict)

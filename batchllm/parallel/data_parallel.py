@@ -321,9 +321,11 @@ def _exit_description(code: int | None) -> str:
 
 def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, parallel: ParallelConfig,
                wall_s: float, plan_seconds: float) -> dict[str, Any]:
-    sums = {k: sum(r[k] for r in ranks) for k in ("num_requests", "prompt_tokens", "output_tokens",
-                                                  "prefill_tokens_computed")}
-    prompt_tokens, prefill = sums["prompt_tokens"], sums["prefill_tokens_computed"]
+    sums = {k: sum(r.get(k, 0) for r in ranks) for k in ("num_requests", "num_completions", "prompt_tokens",
+                                                         "completion_prompt_tokens", "output_tokens",
+                                                         "prefill_tokens_computed")}
+    # (as LLM's: the saving is against the completions' prompt tokens, the prefill without sharing)
+    prompt_tokens, prefill = sums["completion_prompt_tokens"], sums["prefill_tokens_computed"]
     finish = [r["finish_s"] for r in ranks]
     steps = sum(r["num_steps"] for r in ranks)
     scheduled = sum(r.get("mean_tokens_per_step", 0.0) * r["num_steps"] for r in ranks)  # (a rank's job may be empty)

@@ -79,6 +79,7 @@ class PrefixPlan:
 
     @property
     def prompt_tokens(self) -> int:
+        """The members' prompt tokens (a request of n completions is n members): the prefill without sharing."""
         return int(sum(self.prompt_lengths))
 
     def own_prefix_len(self, group: PrefixGroup) -> int:
@@ -103,17 +104,25 @@ class PrefixPlan:
         """Requests served by each top-level group, and 1 for each ungrouped request."""
         return [len(self.prompts_under(g.group_id)) for g in self.top_level_groups] + [1] * len(self.ungrouped)
 
-    def summary(self) -> dict:
+    def summary(self, request_lengths: Sequence[int] | None = None) -> dict:
+        """The plan in numbers. `request_lengths`: the requests' prompt lengths where a request's n completions are
+        n members of the plan (None: each member is a request). num_requests and prompt_tokens count each request
+        once, as vLLM's usage counts a prompt once whatever its n; num_completions and completion_prompt_tokens
+        count the members (a prompt n times: the prefill without sharing), and saving_ratio is 1 - prefill_tokens /
+        completion_prompt_tokens, what sharing saves (the sharing degrees are the members' too)."""
         degrees = self.sharing_degrees()
+        lengths = self.prompt_lengths if request_lengths is None else request_lengths
         return {
             "plan_mode": self.mode,
-            "num_requests": self.num_requests,
+            "num_requests": len(lengths),
+            "num_completions": self.num_requests,
             "num_groups": len(self.top_level_groups),
             "num_nested_groups": len(self.groups) - len(self.top_level_groups),
             "num_ungrouped": len(self.ungrouped),
             "mean_sharing_degree": self.num_requests / len(degrees) if degrees else 0.0,
             "max_sharing_degree": max(degrees, default=0),
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": int(sum(lengths)),
+            "completion_prompt_tokens": self.prompt_tokens,
             "prefill_tokens": self.prefill_tokens,
             "saving_ratio": self.saving_ratio,
         }

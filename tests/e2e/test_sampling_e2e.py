@@ -41,6 +41,21 @@ def test_n_completions_per_prompt(default_llm):
     assert single[0].outputs[0].token_ids == out[0].outputs[1].token_ids
 
 
+def test_statistics_count_a_prompt_of_n_completions_once(default_llm):
+    """vLLM's usage counts a request's prompt tokens once whatever its n; `last_stats` counted them once per
+    completion (its prompt_tokens and num_requests were its n engine requests'). The saving stays what sharing
+    saves against the prefill without it, the completions' prompt tokens."""
+    out = default_llm.generate([STORY, "The sky is"], [SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=2),
+                                                        SamplingParams(max_tokens=2)], use_tqdm=False)
+    s = default_llm.last_stats
+    lengths = [len(o.prompt_token_ids) for o in out]
+    assert s["prompt_tokens"] == sum(lengths) and s["num_requests"] == 2
+    assert s["completion_prompt_tokens"] == 3 * lengths[0] + lengths[1] and s["num_completions"] == 4
+    assert s["output_tokens"] == sum(o.num_output_tokens for o in out) == 8
+    assert s["saving_ratio"] == pytest.approx(1 - s["prefill_tokens_computed"] / s["completion_prompt_tokens"])
+    assert s["prefill_tokens_computed"] < s["completion_prompt_tokens"], "the completions share their prompt"
+
+
 def test_stop_strings_cut_exactly(default_llm):
     greedy = SamplingParams(temperature=0, max_tokens=40)
     full = default_llm.generate(STORY, greedy, use_tqdm=False)[0].outputs[0].text

@@ -153,6 +153,19 @@ def test_identical_prompts_share_all_but_their_last_token():
     assert plan.prefill_tokens == 3 + 3
 
 
+def test_a_summary_counts_a_request_of_n_completions_once():
+    """A request of n completions is n members of the plan: its prompt tokens were counted n times (vLLM's usage
+    counts them once); the saving stays against the members' prompt tokens (the prefill without sharing)."""
+    plan = plan_prefix_sharing([[5, 6, 7, 8]] * 3 + [[9, 9]])  # one request of n = 3, one of n = 1
+    summary = plan.summary([4, 2])
+    assert summary["num_requests"] == 2 and summary["prompt_tokens"] == 6
+    assert summary["num_completions"] == 4 and summary["completion_prompt_tokens"] == 14
+    assert summary["prefill_tokens"] == 3 + 3 + 2 and summary["saving_ratio"] == pytest.approx(1 - 8 / 14)
+    plain = plan.summary()
+    assert plain["num_requests"] == plain["num_completions"] == 4
+    assert plain["prompt_tokens"] == plain["completion_prompt_tokens"] == 14
+
+
 @pytest.mark.parametrize("mode", ["single", "multi"])
 def test_share_off_plans_every_prompt_on_its_own(mode):
     prompts = [[1, 2, 3, 4], [1, 2, 3, 5], [7]]
