@@ -74,6 +74,8 @@ class PromptProcessor:
         """Validated ids lie in [0, vocab_size): int32 holds them whenever the vocabulary fits (half the memory)."""
         if eos_token_ids is None:
             eos_token_ids = [eos] if (eos := getattr(tokenizer, "eos_token_id", None)) is not None else []
+        self.eos_token_ids = tuple(eos_token_ids)
+        """The ids that end a request (min_tokens bans them: `SamplingParams.check_for_model` takes them)."""
         self.grammars = None if tokenizer is None else GrammarBackend(tokenizer, vocab_size, eos_token_ids)
         """Structured output's `GrammarBackend` (ended by eos_token_ids, None: the tokenizer's EOS; `LLM` gives
         it to its runner too): grammars compile while lines are read, so one that fails is that line's error."""

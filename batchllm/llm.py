@@ -280,7 +280,7 @@ class LLM:
                 for i, (p, sp) in enumerate(zip(items, params))]
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
-                               self.prompts.max_logprobs)
+                               self.prompts.max_logprobs, self.eos_token_ids)
         for index, (prompt, sp) in enumerate(zip(tokenized, params)):
             if problem := self.kv_cache_problem(len(prompt.token_ids), sp):
                 raise ValueError(f"prompt {index}: {problem}")

@@ -341,12 +341,14 @@ class SamplingParams:
                 ids.append(spaced)
         self._bad_words_token_ids = [t for t in ids if t]
 
-    def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None, max_logprobs: int = -1) -> None:
+    def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None, max_logprobs: int = -1,
+                        eos_token_ids=()) -> None:
         """What needs the model: token ids inside the vocabulary (stop_token_ids too: min_tokens bans
         them in the logits), logprobs and prompt_logprobs within the engine's `max_logprobs` (-1: no
-        cap; a -1 of theirs, the whole vocabulary, becomes `vocab_size` here), bad_words tokenized, and the
-        structured-output grammar compiled (`grammars`: a `GrammarBackend`). Raises ValueError naming the
-        field (StructuredOutputError for a grammar that does not compile)."""
+        cap; a -1 of theirs, the whole vocabulary, becomes `vocab_size` here), allowed_token_ids leaving a
+        token min_tokens does not ban (`eos_token_ids`: the engine's, which it bans with stop_token_ids),
+        bad_words tokenized, and the structured-output grammar compiled (`grammars`: a `GrammarBackend`).
+        Raises ValueError naming the field (StructuredOutputError for a grammar that does not compile)."""
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(self, name)
             whole = asked == -1
@@ -365,10 +367,32 @@ class SamplingParams:
                 if t >= vocab_size:
                     raise ValueError(f"SamplingParams.{name}: token id {t} is outside the vocabulary [0, {vocab_size})")
         self.update_from_tokenizer(tokenizer)
+        self._check_an_allowed_token_remains(eos_token_ids)
         if self._grammar_key is not None:
             if grammars is None:
                 raise ValueError("SamplingParams.structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
             grammars.compile(self._grammar_key)
+
+    def _check_an_allowed_token_remains(self, eos_token_ids) -> None:
+        """allowed_token_ids must keep a token the other bans leave: a bad word of one token is banned everywhere,
+        and below min_tokens the engine bans the EOS ids and stop_token_ids too (vLLM's min_tokens). With none
+        left every logit is -inf, and vLLM's sampler answers token 0, which is not allowed: refused, naming the
+        options that ban them (bad_words tokenized first)."""
+        if not self.allowed_token_ids:
+            return
+        allowed = set(self.allowed_token_ids)
+        banned = {ids[0] for ids in self.bad_words_token_ids if len(ids) == 1}
+        shown = _short.repr(sorted(allowed))
+        if allowed <= banned:
+            raise ValueError(f"SamplingParams.allowed_token_ids {shown} are all banned by bad_words: no allowed token "
+                             "could be sampled; allow another token or drop those bad_words")
+        stops = set(eos_token_ids) | set(self.stop_token_ids or ())
+        if self.min_tokens and allowed <= stops | banned:
+            words = " or bad_words" if allowed & banned else ""
+            raise ValueError(
+                f"SamplingParams.allowed_token_ids {shown} holds only stop tokens (EOS {sorted(set(eos_token_ids))} "
+                f"or stop_token_ids){words}, which min_tokens = {self.min_tokens} bans until that many tokens are out: "
+                "no allowed token could be sampled; allow a token that does not stop, or set min_tokens to 0")
 
     @property
     def grammar_key(self) -> tuple[str, str] | None:

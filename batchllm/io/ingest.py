@@ -154,7 +154,8 @@ def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_
     reasoning split reads them), or the LineError of either."""
     try:
         params = sampling_params_for(item, defaults, global_seed, params_cache)
-        params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
+        params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
+                               prompts.eos_token_ids)
         if item.is_chat:
             item.chat_template_kwargs = openai_batch.with_template_defaults(
                 template_defaults, item.chat_template_kwargs, item.format == OPENAI)

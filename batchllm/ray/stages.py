@@ -140,7 +140,8 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     # validate here, as the single-machine reader does per line: the engine stage must not meet a bad
     # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
     params = SamplingParams(**fields)
-    params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs)
+    params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
+                           prompts.eos_token_ids)
     truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
     context_len = None
     if given[0] == "messages":

@@ -242,3 +242,15 @@ def test_fields_set_after_construction_take_effect_and_are_checked(default_llm):
     given = SamplingParams(temperature=0, max_tokens=2, bad_words=["Paris"])
     default_llm.generate("Hi", [given], use_tqdm=False)
     assert given.bad_words_token_ids == [], "the caller's object is left as given (its copy is tokenized)"
+
+
+def test_allowed_stop_tokens_alone_under_min_tokens_are_refused_and_never_answered_with_token_0(default_llm):
+    """The model's EOS alone allowed, with min_tokens 2: every token was masked and the answer was [0, 0, EOS]."""
+    eos = sorted(default_llm.eos_token_ids)
+    with pytest.raises(ValueError, match=r"allowed_token_ids .* holds only stop tokens .*min_tokens = 2"):
+        default_llm.generate("Hello", SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=eos),
+                             use_tqdm=False)
+    out = default_llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4, min_tokens=2,
+                                                       allowed_token_ids=[*eos, 1000]), use_tqdm=False)
+    tokens = out[0].outputs[0].token_ids
+    assert tokens[:2] == [1000, 1000] and set(tokens) <= {*eos, 1000}, "only allowed tokens, no stop before 2"

@@ -439,3 +439,27 @@ def test_greedy_resets_the_filters_of_sampling_as_vllm_does():
     assert (sampled.top_p, sampled.top_k, sampled.min_p) == (0.5, 5, 0.2)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=0, top_p=0)  # still checked first, as in vLLM
+
+
+def test_allowed_token_ids_that_every_ban_covers_are_refused_naming_the_options():
+    """allowed_token_ids of stop tokens alone with min_tokens > 0 (or of one-token bad words) masked every token and
+    the sampler emitted token 0, outside allowed_token_ids; such a request is refused before it runs."""
+    class Words:  # a tokenizer of one token per word: "bad" is token 7, "worse" token 8
+        def encode(self, text, add_special_tokens=False):
+            return [{"bad": 7, "worse": 8}[w] for w in text.split()]
+
+    def check(eos=(2,), **fields):
+        SamplingParams(max_tokens=8, **fields).check_for_model(100, Words(), eos_token_ids=eos)
+
+    with pytest.raises(ValueError, match=r"allowed_token_ids \[2\] holds only stop tokens .*min_tokens = 3"):
+        check(allowed_token_ids=[2], min_tokens=3)
+    with pytest.raises(ValueError, match=r"allowed_token_ids \[2, 5\] .*stop_token_ids.*min_tokens = 1"):
+        check(allowed_token_ids=[2, 5], stop_token_ids=[5], min_tokens=1)
+    with pytest.raises(ValueError, match=r"stop_token_ids\) or bad_words, which min_tokens"):
+        check(allowed_token_ids=[2, 7], bad_words=["bad"], min_tokens=1)
+    with pytest.raises(ValueError, match=r"allowed_token_ids \[7, 8\] are all banned by bad_words"):
+        check(allowed_token_ids=[7, 8], bad_words=["bad", "worse"])
+    check(allowed_token_ids=[2], min_tokens=0)  # (a stop token may end the answer at once)
+    check(allowed_token_ids=[2, 9], min_tokens=3)  # (9 is sampled until min_tokens)
+    check(allowed_token_ids=[7, 9], bad_words=["bad"], min_tokens=3)
+    check(allowed_token_ids=[2], min_tokens=3, eos=())  # (2 is no stop token of this model)
