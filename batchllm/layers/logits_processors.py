@@ -100,6 +100,32 @@ def apply_adjustments(
                          [histories[i].outputs if histories[i] is not None else [] for i in penalised])
 
 
+def rows_kept_to_allowed_tokens(specs: list[SamplingSpec]) -> list[int]:
+    """Rows whose spec has allowed_token_ids and no grammar (a grammar row's fallback is its grammar's:
+    `sampler`): those `keep_an_allowed_token` guards."""
+    return [i for i, s in enumerate(specs)
+            if s.adjust is not None and s.adjust.allowed_token_ids is not None and s.grammar is None]
+
+
+def keep_an_allowed_token(logits: torch.Tensor, before: torch.Tensor, rows: list[int],
+                          specs: list[SamplingSpec]) -> None:
+    """Invariant: a row with allowed_token_ids samples one of them. Rows `rows` (`rows_kept_to_allowed_tokens`) that
+    the bans left without any token (min_tokens' stop tokens, bad words: validation refuses the requests where that
+    is certain, `SamplingParams.check_for_model`; a bad word of several tokens bans by context) take `before`, their
+    logits ahead of the bans [len(rows), vocab], masked to their allowed tokens, where vLLM's sampler answers
+    token 0 (the argmax of a row of -inf). Other rows are left as they are."""
+    vocab = logits.shape[1]
+    device = logits.device
+    keep = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
+    where = to_device([(j, t) for j, i in enumerate(rows) for t in specs[i].adjust.allowed_token_ids if t < vocab],
+                      device, torch.int64).reshape(-1, 2)
+    keep[where[:, 0], where[:, 1]] = True
+    index = to_device(rows, device, torch.int64)
+    now = logits[index]
+    fallback = before.masked_fill(~keep, float("-inf"))
+    logits[index] = torch.where(torch.isneginf(now).all(dim=-1, keepdim=True), fallback, now)
+
+
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[len(rows), vocab] float32: how often each token occurs in each row."""
     width = max((len(r) for r in rows), default=0)

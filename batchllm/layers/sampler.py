@@ -8,7 +8,9 @@ one call for all seeded rows), so its tokens do not depend on what else is in th
 unseeded requests share the engine's generator.
 Log-probabilities are those of the model's distribution under the grammar's mask (as vLLM's, whose mask is
 applied before its sampler: a structured request's alternatives are what its grammar allows), before any other
-processing. Where min_tokens, allowed_token_ids or bad_words ban the only tokens a grammar allows, the grammar wins.
+processing. Where min_tokens, allowed_token_ids or bad_words ban the only tokens a grammar allows, the grammar wins;
+without a grammar, where min_tokens or bad_words ban every token allowed_token_ids allows, those tokens are sampled
+as before the bans (`keep_an_allowed_token`): a token outside allowed_token_ids is never sampled.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from batchllm.layers.logits_processors import OutputHistory, apply_adjustments, apply_grammar_bitmask
+from batchllm.layers.logits_processors import (
+    OutputHistory,
+    apply_adjustments,
+    apply_grammar_bitmask,
+    keep_an_allowed_token,
+    rows_kept_to_allowed_tokens,
+)
 from batchllm.layers.seeded_noise import seeded_exponential
 from batchllm.layers.transfer import to_device
 from batchllm.outputs import SamplingSpec, TokenLogprobs
@@ -95,11 +103,15 @@ def sample_on_device(
     banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
     grammar_rows = grammar_mask[1] if grammar_mask is not None and (banned or adjusted) else None
     allowed_by_grammar = logits[grammar_rows] if grammar_rows is not None else None  # (a copy: indexed by rows)
+    kept_rows = rows_kept_to_allowed_tokens(specs) if adjusted else []
+    before_bans = logits[to_device(kept_rows, device, torch.int64)] if kept_rows else None  # (a copy, as above)
     if banned:
         where = to_device(banned, device, torch.int64)
         logits[where[:, 0], where[:, 1]] = float("-inf")
     if adjusted:
         apply_adjustments(logits, specs, histories)
+    if kept_rows:
+        keep_an_allowed_token(logits, before_bans, kept_rows, specs)
     if allowed_by_grammar is not None:
         # a row left nothing: its grammar allows only what min_tokens, allowed_token_ids or bad_words ban. The
         # grammar wins (the answer keeps to it; a token outside it would leave the request unconstrained)

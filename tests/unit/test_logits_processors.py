@@ -93,6 +93,23 @@ def test_allowed_token_ids_mask_everything_else():
     assert set(tokens) == {1, 4}
 
 
+def test_a_row_whose_bans_leave_no_allowed_token_samples_an_allowed_one():
+    """min_tokens' stop tokens or a bad word banning every allowed token left a row of -inf, and the sampler took
+    token 0, outside allowed_token_ids; now such a row samples among its allowed tokens as before the bans (a grammar
+    row keeps its own fallback, and rows with a token left are untouched)."""
+    allowed = LogitsAdjust(allowed_token_ids=(4, 6))
+    banned_all = spec(allowed, banned_token_ids=(4, 6))  # (min_tokens' bans of two stop tokens)
+    one_left = spec(allowed, banned_token_ids=(6,))
+    by_context = spec(LogitsAdjust(allowed_token_ids=(5,), bad_words=((5, 5),)), temperature=1.0, seed=3)
+    tokens, _ = _sample(torch.tensor([LOGITS] * 3), [banned_all, one_left, by_context], [9, 9, 9],
+                        torch.Generator().manual_seed(0), histories=[history([]), history([]), history([5])])
+    assert tokens == [6, 4, 5], "6 is the likelier allowed token; 4 is the one left; 5 the only one allowed"
+    many = 100
+    tokens, _ = _sample(torch.tensor([LOGITS] * many), [spec(allowed, banned_token_ids=(4, 6), temperature=1.0)] * many,
+                        None, torch.Generator().manual_seed(0), histories=[history([])] * many)
+    assert set(tokens) == {4, 6}
+
+
 def test_bad_words_ban_the_completing_token_only():
     words = ((5,), (2, 3))
     assert banned_by_bad_words(words, []) == [5]
