@@ -857,7 +857,7 @@ def plan_command(args: argparse.Namespace) -> int:
     try:
         engine_config(max_model_len=args.max_model_len, max_logprobs=args.max_logprobs)  # (their checks, as run's)
         prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len, args.max_logprobs,
-                                       chat_template=args.chat_template)
+                                       args.chat_template, args.generation_config)
         # run's sampling defaults: a line's max_tokens decides its -1 truncation and its min_tokens check
         model_dir = None if args.model is None else read_model_source(args.model, args.max_model_len).model_dir
         defaults, _ = resolve_sampling_defaults(args, model_dir)

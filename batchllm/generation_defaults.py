@@ -74,6 +74,16 @@ def ending_eos_token_ids(model_dir: Path | None, generation_config: str, config_
     return set(config_eos_ids) if ids is None else set(ids)
 
 
+def request_ending_eos_ids(model_dir: Path | None, generation_config: str, config_eos_ids: Iterable[int],
+                           tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a request: `ending_eos_token_ids`' and the tokenizer's EOS (None: no tokenizer). One rule
+    for the engine, the line reader's checks and Ray's CPU stage, so each refuses and ends the same requests."""
+    ids = ending_eos_token_ids(model_dir, generation_config, config_eos_ids)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
 def _generation_file_eos_ids(model_dir: Path | None, generation_config: str) -> list[int] | None:
     """The integer eos_token_id(s) of the picked generation_config.json; None without a readable one."""
     try:

@@ -14,6 +14,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from batchllm.generation_defaults import request_ending_eos_ids
 from batchllm.io.openai_batch import refused_template_keywords, text_message, text_parts
 from batchllm.models.default_model import default_model_dir, gguf_model_dir
 from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec, rope_type_of, weight_files
@@ -548,9 +549,14 @@ def _template_syntax_error(text: str) -> str | None:
 
 
 def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_model_len: int | None = None,
-                         max_logprobs: int = -1, chat_template: str | None = None) -> PromptProcessor:
+                         max_logprobs: int = -1, chat_template: str | None = None,
+                         generation_config: str = "auto") -> PromptProcessor:
     """A PromptProcessor for a model directory or cached Hugging Face id (None: the default model)
-    without loading weights; `max_logprobs` and `chat_template` as `LLM`'s (-1: no cap)."""
+    without loading weights; `max_logprobs`, `chat_template` and `generation_config` as `LLM`'s (-1: no cap). Its
+    EOS ids are the engine's (`request_ending_eos_ids`), so its checks refuse what the engine's would."""
     source = read_model_source(model, max_model_len)
-    return PromptProcessor(tokenizer_for(source, tokenizer, chat_template), source.spec.vocab_size,
-                           source.max_model_len, str(source.model_dir), max_logprobs=max_logprobs)
+    loaded = tokenizer_for(source, tokenizer, chat_template)
+    eos_token_ids = request_ending_eos_ids(source.model_dir, generation_config, source.spec.config_eos_token_ids,
+                                           loaded)
+    return PromptProcessor(loaded, source.spec.vocab_size, source.max_model_len, str(source.model_dir),
+                           sorted(eos_token_ids), max_logprobs)

@@ -29,7 +29,7 @@ from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, output_
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
-from batchllm.generation_defaults import ending_eos_token_ids, model_sampling_defaults
+from batchllm.generation_defaults import model_sampling_defaults, request_ending_eos_ids
 from batchllm.inputs import (
     ModelSource,
     PromptProcessor,
@@ -834,16 +834,8 @@ def front_end_for(config: EngineConfig, source: ModelSource | None = None) -> Fr
     mc = config.model
     source = read_model_source(mc.model, mc.max_model_len) if source is None else source
     tokenizer = None if mc.skip_tokenizer_init else tokenizer_for(source, mc.tokenizer, mc.chat_template)
-    eos_token_ids = _eos_token_ids(source.model_dir, source.spec, tokenizer, mc.generation_config)
+    eos_token_ids = request_ending_eos_ids(source.model_dir, mc.generation_config, source.spec.config_eos_token_ids,
+                                           tokenizer)
     prompts = PromptProcessor(tokenizer, source.spec.vocab_size, source.max_model_len, str(source.model_dir),
                               sorted(eos_token_ids), mc.max_logprobs)
     return FrontEnd(source, tokenizer, eos_token_ids, prompts)
-
-
-def _eos_token_ids(model_dir: Path, spec, tokenizer, generation_config: str) -> frozenset[int]:
-    """The ids that end a request: the tokenizer's, and the generation_config.json's that `generation_config`
-    (vLLM's option) picks, or config.json's where there is none (`ending_eos_token_ids`)."""
-    ids = ending_eos_token_ids(model_dir, generation_config, spec.config_eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)

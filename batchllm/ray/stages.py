@@ -53,11 +53,11 @@ null is "not given" (Arrow fills a key a row lacks with null)."""
 # ---------------------------------------------------------------------- stage 1: tokenize (CPU)
 @lru_cache(maxsize=4)
 def _prompt_processor(model: str | None, tokenizer: str | None, max_model_len: int | None, max_logprobs: int,
-                      chat_template: str | None):
+                      chat_template: str | None, generation_config: str):
     """One tokenizer per worker process and model (Ray reuses worker processes across tasks)."""
     from batchllm.inputs import prompt_processor_for
 
-    return prompt_processor_for(model, tokenizer, max_model_len, max_logprobs, chat_template)
+    return prompt_processor_for(model, tokenizer, max_model_len, max_logprobs, chat_template, generation_config)
 
 
 def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | None, num_buckets: int,
@@ -69,7 +69,8 @@ def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | Non
     import pyarrow as pa
 
     prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len, config.max_logprobs(),
-                                config.engine_kwargs.get("chat_template"))
+                                config.engine_kwargs.get("chat_template"),
+                                config.engine_kwargs.get("generation_config", "auto"))
     defaults = config.sampling_defaults()
     tokens, sampling, keys, buckets, errors = [], [], [], [], []
     for row in batch.to_pylist():

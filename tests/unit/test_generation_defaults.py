@@ -311,3 +311,24 @@ def test_an_output_begun_when_completions_ran_to_the_context_resumes_under_that_
     assert sorted(_usage(out).values())[-1] == (4, 60), "the remaining line ran to the context"
     assert cli.main([*args, "--overwrite"]) == 0
     assert _usage(out) == {"a": (4, 16), "b": (4, 16)}
+
+
+def test_prompt_processor_checks_end_requests_on_the_generation_configs_eos_ids(tmp_path, tiny_model_factory):
+    """`plan` and Ray's CPU stage check lines with `prompt_processor_for`, which took the tokenizer's EOS alone: a
+    line allowing only generation_config.json's other EOS id with min_tokens passed there (its answer then took a
+    token it never allowed) where `run` refused it. Now the ids are the engine's, and --generation-config vllm
+    leaves the file's out, as it does for the engine."""
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.sampling_params import SamplingParams
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    prompts = prompt_processor_for(str(model))
+    tokenizer_eos = prompts.tokenizer.eos_token_id
+    assert set(prompts.eos_token_ids) == {2, 7, tokenizer_eos}
+    assert set(prompt_processor_for(str(model), generation_config="vllm").eos_token_ids) >= {tokenizer_eos}
+    params = SamplingParams(allowed_token_ids=[7], min_tokens=2)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
+                               prompts.eos_token_ids)
