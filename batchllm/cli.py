@@ -537,10 +537,8 @@ def _run_locked(args: argparse.Namespace) -> int:
             return _run_job(args, job, defaults, source, results_written)
         except Interrupted as e:
             name = signal.Signals(e.signum).name
-            print(f"batchllm: interrupted ({name}): {job.num_recorded} of "
-                  f"{job.num_lines} lines done; run the same command to resume", file=sys.stderr)
-            stats = {"interrupted": name, "num_lines": job.num_lines, "num_lines_recorded": job.num_recorded,
-                     "num_lines_resumed": job.num_recorded_before}
+            print(f"batchllm: interrupted ({name}): {job.progress()}; run the same command to resume", file=sys.stderr)
+            stats = {"interrupted": name, **job.progress_stats()}
             _write_stats(args, stats, "the results written so far are kept")  # (the status stays the signal's)
             return 128 + e.signum
 
@@ -585,6 +583,20 @@ def _signals_interrupt():
             signal.signal(sig, old)
 
 
+def lines_progress(num_lines: int, num_recorded: int, num_failed: int) -> str:
+    """Where a stopped job stands: lines with results, lines failed (recorded with an error), lines left, of
+    `num_lines` (they add up to it: each line gets one record, a result or an error; `num_recorded` counts both)."""
+    return (f"{num_recorded - num_failed} of {num_lines} lines have results, {num_failed} failed (recorded with an "
+            f"error), {num_lines - num_recorded} left")
+
+
+def lines_progress_stats(num_lines: int, num_recorded: int, num_failed: int) -> dict:
+    """`lines_progress` as --stats keys: num_lines_done (lines with results, as in a finished run's statistics),
+    num_lines_failed and num_lines_left, beside num_lines and num_lines_recorded (results and errors)."""
+    return {"num_lines": num_lines, "num_lines_recorded": num_recorded, "num_lines_done": num_recorded - num_failed,
+            "num_lines_failed": num_failed, "num_lines_left": num_lines - num_recorded}
+
+
 @dataclass
 class _Job:
     """What `run` knows about the job's files: the resume state and the lines it still owes."""
@@ -602,7 +614,23 @@ class _Job:
 
     @property
     def num_recorded(self) -> int:
+        """Lines with a record (a result or an error), this run's and earlier runs'."""
         return self.num_recorded_before + sum(w.num_written for w in self.writers)
+
+    @property
+    def num_failed(self) -> int:
+        """Lines recorded with an error, this run's and earlier runs'."""
+        return len(self.resume.done_error_lines) + sum(w.num_errors for w in self.writers)
+
+    def progress(self) -> str:
+        """Where a stopped job stands, for its message (`lines_progress`)."""
+        return lines_progress(self.num_lines, self.num_recorded, self.num_failed)
+
+    def progress_stats(self) -> dict:
+        """`progress` as --stats keys (`lines_progress_stats`), with num_lines_resumed: the lines recorded by
+        earlier runs."""
+        return {**lines_progress_stats(self.num_lines, self.num_recorded, self.num_failed),
+                "num_lines_resumed": self.num_recorded_before}
 
     def nothing_run_stats(self) -> dict:
         """--stats of a run that found nothing to do (an empty input, or every line answered before)."""
@@ -651,9 +679,8 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         results_written()  # every result is written and its files closed: a later signal cuts no work short
         return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
-        print(f"batchllm: error: {e} ({job.num_recorded} of {job.num_lines} lines done)", file=sys.stderr)
-        _write_stats(args, {"failed": str(e), "num_lines": job.num_lines, "num_lines_recorded": job.num_recorded,
-                            "num_lines_resumed": job.num_recorded_before}, "the results written so far are kept")
+        print(f"batchllm: error: {e} ({job.progress()}; run the same command to resume)", file=sys.stderr)
+        _write_stats(args, {"failed": str(e), **job.progress_stats()}, "the results written so far are kept")
         return EXIT_CANNOT_START
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job

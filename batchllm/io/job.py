@@ -507,7 +507,8 @@ class ResultWriter:
     """Appends one JSON line per record; durable every `sync_every` records, and within `sync_seconds`
     of any write (a background thread syncs what is pending). Thread-safe; writer of the output file.
     `lazy`: the file is created at the first record (an errors file exists only when there are errors).
-    Any failure to write or sync is raised as `OutputWriteError`, once."""
+    Any failure to write or sync is raised as `OutputWriteError`, once. `num_written` counts the records
+    written, `num_errors` those of them that record a failed line (a non-empty "error", as resume reads them)."""
 
     def __init__(self, output: Path, sync_every: int = 256, sync_seconds: float = 1.0, lazy: bool = False,
                  on_open: Callable[[Any, bytes], None] | None = None) -> None:
@@ -519,7 +520,7 @@ class ResultWriter:
         self.sync_every = sync_every
         self.sync_seconds = sync_seconds
         self._unsynced = 0
-        self.num_written = 0
+        self.num_written = self.num_errors = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._failure: OutputWriteError | None = None
@@ -544,6 +545,7 @@ class ResultWriter:
                         raise
             self._guarded(self._file.write, data)
             self.num_written += 1
+            self.num_errors += bool(record.get("error"))
             self._unsynced += 1
             if self._unsynced >= self.sync_every:
                 self._sync_locked()

@@ -356,12 +356,13 @@ def _prepare_output_directory(args, options: dict) -> str | None:
 def _report_interrupt(args, signal_name: str) -> None:
     """Say what an interrupted --ray job left (the committed shards' records; a restart skips them) and write
     --stats as `run` without --ray does (a failed write is said, not raised)."""
-    from batchllm.cli import _write_stats
+    from batchllm.cli import _write_stats, lines_progress, lines_progress_stats
 
     num_records, num_errors = count_shard_records(args.output)
-    print(f"batchllm: interrupted ({signal_name}): {num_records} records in {args.output} ({num_errors} failed); "
-          "run the same command to resume", file=sys.stderr)
-    stats = {"interrupted": signal_name, "num_lines": count_input_lines(args.input), "num_records": num_records,
-             "num_lines_recorded": num_records,  # (run's name without --ray)
-             "num_errors": num_errors, "num_replicas": args.num_replicas}
+    num_lines = count_input_lines(args.input)
+    print(f"batchllm: interrupted ({signal_name}): {lines_progress(num_lines, num_records, num_errors)}: "
+          f"{num_records} records in {args.output}; run the same command to resume", file=sys.stderr)
+    stats = {"interrupted": signal_name, "num_records": num_records, "num_errors": num_errors,
+             **lines_progress_stats(num_lines, num_records, num_errors),  # (run's names without --ray)
+             "num_replicas": args.num_replicas}
     _write_stats(args, stats, "the records written so far are kept")

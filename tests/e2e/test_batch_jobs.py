@@ -309,12 +309,14 @@ def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_fa
     assert rc == code, err
     assert "Traceback" not in err, err
     last = [x for x in err.splitlines() if x.startswith("batchllm: interrupted")][-1]
-    assert f"of {n} lines done; run the same command to resume" in last
     done = int(last.split(": ")[-1].split(" of ")[0].split()[-1])
+    assert (f"{done} of {n} lines have results, 0 failed (recorded with an error), {n - done} left; "
+            "run the same command to resume") in last, last
     records = out.read_text().splitlines()
     assert len(records) == done and 3 <= done < n, "every finished line was flushed, nothing torn"
     written = json.loads(stats.read_text())  # (none was written: a script read a missing or an older file)
-    assert (written["interrupted"], written["num_lines_recorded"]) == (sig.name, done)
+    assert (written["interrupted"], written["num_lines_recorded"], written["num_lines_done"],
+            written["num_lines_failed"], written["num_lines_left"]) == (sig.name, done, done, 0, n - done)
     assert seconds < 60, "the workers were stopped, not waited for"
     grace = time.time() + 15  # multiprocessing's resource tracker exits just after its parent
     while time.time() < grace and any(_alive(p) for p in children):

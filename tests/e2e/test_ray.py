@@ -191,6 +191,8 @@ def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_pa
     src, stats = tmp_path / "in.jsonl", tmp_path / "stats.json"
     src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "abc"))
     assert main(["run", str(src), "-o", str(out_dir), "--ray", "--stats", str(stats), *OPTIONS]) == 128 + 15
-    assert "interrupted (SIGTERM): 2 records in" in capsys.readouterr().err
+    assert ("interrupted (SIGTERM): 1 of 3 lines have results, 1 failed (recorded with an error), 1 left: "
+            f"2 records in {out_dir}; run the same command to resume") in capsys.readouterr().err
     assert json.loads(stats.read_text()) == {"interrupted": "SIGTERM", "num_lines": 3, "num_records": 2,
-                                             "num_lines_recorded": 2, "num_errors": 1, "num_replicas": 1}
+                                             "num_lines_recorded": 2, "num_errors": 1, "num_lines_done": 1,
+                                             "num_lines_failed": 1, "num_lines_left": 1, "num_replicas": 1}
