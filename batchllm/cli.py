@@ -366,8 +366,8 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(problem)  # before the job: a finished job must not end on an unwritable --stats
     try:
         refuse_output_onto_input(args.output, args.input)  # before the lock opens the output (a read-only input)
-        with OutputLock(args.output):
-            return _run_locked(args)
+        with OutputLock(args.output) as lock:
+            return _run_locked(args, lock)
     except JobError as e:
         return _fail(str(e))
 
@@ -501,7 +501,10 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     return {**options, **defaults, "stop": list(stop) if stop else None, "seed": args.seed}
 
 
-def _run_locked(args: argparse.Namespace) -> int:
+def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
+    """The job, its output locked (`lock`): everything checked before the model loads; a job found complete is
+    reported without writing anything (its output may be read-only: `lock.write_problem`, refused where lines are
+    left)."""
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
         # a bad model path or id, or a context it cannot hold, fails before anything is written (the
@@ -514,18 +517,19 @@ def _run_locked(args: argparse.Namespace) -> int:
         check_reasoning_parser(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)
+        num_lines = count_input_lines(args.input)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path,
-                                results_options(args, defaults))
-        job = _Job(args.output, errors_path, resume, count_input_lines(args.input))
+                                results_options(args, defaults), num_lines, lock.write_problem)
+        job = _Job(args.output, errors_path, resume, num_lines)
+        if job.num_lines and job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
+            status = job.report_complete()
+            return _write_stats(args, job.nothing_run_stats()) or status
     except (ValueError, OSError, JobError) as e:
         return _fail(str(e))
     if job.num_lines == 0:  # as vLLM's run-batch: an empty output, exit 0 (and no model loaded)
         print(f"batchllm: {args.input} has no requests (it is empty or holds only blank lines); "
               f"wrote an empty {args.output}", file=sys.stderr)
         return _write_stats(args, job.nothing_run_stats()) or EXIT_OK
-    if job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
-        status = job.report_complete()
-        return _write_stats(args, job.nothing_run_stats()) or status
     note_model_defaults(args, from_model)
     if resume.num_records:
         print(f"batchllm: resuming {args.output}: {len(resume.done_ids)} lines done, "
@@ -610,7 +614,7 @@ class _Job:
 
     @property
     def num_recorded_before(self) -> int:
-        return len(self.resume.done_ids) + len(self.resume.done_error_lines)
+        return self.resume.num_lines_recorded
 
     @property
     def num_recorded(self) -> int:

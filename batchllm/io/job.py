@@ -73,6 +73,11 @@ class ResumeState:
     repaired_bytes: int = 0
     """Bytes of a torn last line that were cut off."""
 
+    @property
+    def num_lines_recorded(self) -> int:
+        """Lines with a record: answered, or recorded with an error."""
+        return len(self.done_ids) + len(self.done_error_lines)
+
     def is_done(self, request_id: str | int) -> bool:
         """Whether the line of this id was answered by an earlier run."""
         return (request_id if self.typed_ids else str(request_id)) in self.done_ids
@@ -100,11 +105,16 @@ _START_OVER = "pass --overwrite to start over (finished lines are then recompute
 class OutputLock:
     """An exclusive lock (flock) on the output file for the whole job, so that a second `batchllm run`
     on the same output is refused instead of interleaving records with the first. The lock goes with
-    the process: a killed job leaves nothing to clean up."""
+    the process: a killed job leaves nothing to clean up.
+
+    An existing output that cannot be opened to write (a read-only mount, an archived job) is locked through
+    a read-only handle: a finished job needs no write access to be found complete. `write_problem` then says
+    why it cannot be written (`prepare_output` raises it where the job would write)."""
 
     def __init__(self, output: Path) -> None:
         self.output = output
         self._file = None
+        self.write_problem: str | None = None
 
     def __enter__(self) -> OutputLock:
         if self.output.is_dir():
@@ -112,19 +122,35 @@ class OutputLock:
         if self.output.exists() and not self.output.is_file():  # /dev/null, a pipe: no resume, no fsync
             raise JobError(f"cannot write the output {str(self.output)!r}: it is not a regular file (a device or "
                            "a pipe), and a job resumes from its output file; -o names a file")
-        try:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            self._created = not self.output.exists()
-            self._file = open(self.output, "ab")  # creates, never truncates
-        except OSError as e:  # a read-only or missing place, a parent that is a file
-            raise JobError(f"cannot write the output {str(self.output)!r}: {e.strerror or e}") from e
+        self._file = self._open()
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
             raise JobError(f"another batchllm run is writing {str(self.output)!r} (it holds its lock); "
                            "wait for it to finish or choose another -o") from None
+        except OSError:  # a read-only handle some filesystems will not lock (NFS): as if it could not be opened
+            self._file.close()
+            raise JobError(self.write_problem) from None
         return self
+
+    def _open(self):
+        """The output opened to append (created if missing, never truncated), else, where it exists, to read
+        (`write_problem` says why it could not be written); a JobError where neither is possible."""
+        try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self._created = not self.output.exists()
+            return open(self.output, "ab")
+        except OSError as e:  # a read-only or missing place, a parent that is a file
+            problem = f"cannot write the output {str(self.output)!r}: {e.strerror or e}"
+            if not self.output.is_file():
+                raise JobError(problem) from e
+        try:
+            file = open(self.output, "rb")
+        except OSError:
+            raise JobError(problem) from None
+        self._created, self.write_problem = False, problem
+        return file
 
     def __exit__(self, *exc) -> None:
         state = state_path_for(self.output)
@@ -193,39 +219,61 @@ def _is_a_standard_stream(path: Path) -> bool:
 
 
 def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None,
-                   options: dict[str, Any] | None = None) -> ResumeState:
+                   options: dict[str, Any] | None = None, num_lines: int | None = None,
+                   write_problem: str | None = None) -> ResumeState:
     """Validate or create the output (and its errors file) for this input and these `options` (JSON
     values; None: not checked); return what is already done. A state file of an older version (no
-    options recorded) resumes under any."""
+    options recorded) resumes under any. `num_lines`: the input's lines, where known; an output that records
+    them all is only read, so a finished job needs no write access (a torn last line is still cut). Any other
+    job must be able to write: `write_problem` (why the output cannot be written: `OutputLock.write_problem`) and
+    an errors file that cannot be written are raised as JobErrors, before anything is written."""
     refuse_output_onto_input(output, input_path)
     state_path = state_path_for(output)
     if errors is not None and any(same_file(errors, p) for p in (input_path, output, state_path)):
         raise JobError(f"the errors file {str(errors)!r} must differ from the input, the output and its state file; "
                        "choose another --errors-file")
-    if errors is not None and (problem := later_write_problem(errors, "the errors file")):
-        raise JobError(problem)
     fingerprint = _job_fingerprint(input_path, options)
     if errors is not None:
         fingerprint["errors_file"] = str(errors.resolve())
-    existing = [p for p in (output, errors) if p is not None and p.exists() and p.stat().st_size > 0]
+    existing = [p for p in (output, errors) if p is not None and p.is_file() and p.stat().st_size > 0]
     if existing and not overwrite:
-        if existing[0] == errors and not state_path.exists():  # no output yet: the errors file is another's
-            raise JobError(f"refusing to write into {str(errors)!r}: this errors file exists, but no "
-                           f"{state_path.name} ties it to {str(output)!r}; choose another --errors-file or "
-                           "remove it (--overwrite would delete it)")
-        state = _read_state(state_path, output)
-        _refuse_another_job(output, state, fingerprint, input_path)
-        _refuse_another_errors_file(output, state.get("errors_file"), errors)
-        resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
-        if errors is not None and errors.exists() and errors.stat().st_size > 0:
-            _refuse_errors_written_by_another(output, state, errors)
-            _scan_and_repair(errors, resume)
+        resume = _resume(output, errors, state_path, fingerprint, input_path)
+        if num_lines is None or resume.num_lines_recorded < num_lines:
+            _refuse_unwritable_files(write_problem, errors)
         return resume
+    _refuse_unwritable_files(write_problem, errors)
     try:
         _start_output(output, errors, state_path, fingerprint)
     except OSError as e:  # a full disk, a read-only place
         raise JobError(f"cannot write results to {str(output)}: {e.strerror or e}") from e
     return ResumeState()
+
+
+def _resume(output: Path, errors: Path | None, state_path: Path, fingerprint: dict[str, Any],
+            input_path: Path) -> ResumeState:
+    """What the existing output (and errors file) of this job (`fingerprint`) already records, checked to be this
+    job's; a JobError names what belongs to another job or is damaged."""
+    if not (output.is_file() and output.stat().st_size > 0) and not state_path.exists():
+        raise JobError(f"refusing to write into {str(errors)!r}: this errors file exists, but no "  # (no output yet)
+                       f"{state_path.name} ties it to {str(output)!r}; choose another --errors-file or "
+                       "remove it (--overwrite would delete it)")
+    state = _read_state(state_path, output)
+    _refuse_another_job(output, state, fingerprint, input_path)
+    _refuse_another_errors_file(output, state.get("errors_file"), errors)
+    resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
+    if errors is not None and errors.is_file() and errors.stat().st_size > 0:
+        _refuse_errors_written_by_another(output, state, errors)
+        _scan_and_repair(errors, resume)
+    return resume
+
+
+def _refuse_unwritable_files(write_problem: str | None, errors: Path | None) -> None:
+    """Raise JobError where the output (`write_problem`), then the job's errors file (written at its first failed
+    line) could not be written."""
+    if write_problem is not None:
+        raise JobError(write_problem)
+    if errors is not None and (problem := later_write_problem(errors, "the errors file")):
+        raise JobError(problem)
 
 
 def _start_output(output: Path, errors: Path | None, state_path: Path, fingerprint: dict[str, Any]) -> None:
@@ -444,17 +492,24 @@ def _shown(value: Any) -> str:
 def _scan_and_repair(output: Path, state: ResumeState | None = None) -> ResumeState:
     """Cut a torn last line of `output` and add its records to `state` (a new one when None)."""
     state = state or ResumeState()
-    with open(output, "rb+") as f:  # one line in memory at a time: outputs with logprobs run to many GB
-        end = 0
-        for line_number, raw in enumerate(f, start=1):
+    end, torn = 0, 0
+    with open(output, "rb") as f:  # one line in memory at a time: outputs with logprobs run to many GB
+        for line_number, raw in enumerate(f, start=1):  # (read-only: a complete job needs no write access)
             if not raw.endswith(b"\n"):  # the last line, torn by a kill
-                state.repaired_bytes += len(raw)
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
+                torn = len(raw)
                 break
             end += len(raw)
             _note_line(output, line_number, raw, state)
+    if torn:
+        try:
+            with open(output, "rb+") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise JobError(f"cannot cut the torn last line of {str(output)!r} ({torn} bytes): "
+                           f"{e.strerror or e}") from e
+        state.repaired_bytes += torn
     return state
 
 

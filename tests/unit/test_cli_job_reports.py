@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 from batchllm import cli
 
@@ -62,3 +63,48 @@ def test_a_dead_worker_says_how_many_lines_failed_and_are_left(tmp_path, capsys,
     assert json.loads(stats.read_text()) == {
         "failed": "data-parallel worker 1 killed by SIGKILL", "num_lines": 3, "num_lines_recorded": 1,
         "num_lines_resumed": 0, "num_lines_done": 0, "num_lines_failed": 1, "num_lines_left": 2}
+
+
+def _read_only(monkeypatch, place):
+    """Opening a file under `place` to write fails as on a read-only mount (the tests may run as root, whom
+    chmod does not stop); `io.job` opens every file of the job."""
+    import errno
+
+    from batchllm.io import job
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and place in Path(path).resolve().parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(job, "open", read_only_open, raising=False)  # the module's global wins over the builtin
+
+
+def test_a_complete_job_on_a_read_only_place_reports_itself_complete(tmp_path, capsys, monkeypatch,
+                                                                     tiny_model_factory):
+    """Running a finished job again where its output can no longer be written (a read-only mount, an archive)
+    failed with 'cannot write the output ...: Read-only file system': the lock opened the output to append
+    before the job was found complete. It needs no write access: reported complete, nothing written."""
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi", "temperature": -1}\n'
+                   + json.dumps({"custom_id": "o", "method": "POST", "url": "/v1/completions",
+                                 "body": {"prompt": "Hi", "temperature": -1}}) + "\n")
+    options = ["--model", model, "--max-tokens", "2"]
+    code, err = run(capsys, src, "-o", out, *options)
+    assert code == 1 and (tmp_path / "out.errors.jsonl").is_file(), err
+    files = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    _read_only(monkeypatch, tmp_path)
+    code, err = run(capsys, src, "-o", out, *options)
+    assert code == 1 and "already complete (3 lines: 1 done, 2 failed); nothing to run" in err, err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files, "nothing was written"
+
+    monkeypatch.undo()  # a job with a line left does need to write: refused by name, before the model is built
+    out.write_text("".join(line for line in out.read_text().splitlines(keepends=True) if '"a"' not in line))
+    _read_only(monkeypatch, tmp_path)
+    code, err = run(capsys, src, "-o", out, *options)
+    assert code == 2 and err.endswith(f"batchllm: error: cannot write the output {str(out)!r}: "
+                                      "Read-only file system\n"), err
+    code, err = run(capsys, src, "-o", out, *options, "--overwrite")  # (it was refused as the errors file)
+    assert code == 2 and err.endswith(f"batchllm: error: cannot write the output {str(out)!r}: "
+                                      "Read-only file system\n"), err
