@@ -387,6 +387,10 @@ def bench_command(args) -> int:
                   file=sys.stderr)
             return 2
         workload = workload or make_workload(args, llm.model_spec.vocab_size)
+        if problem := workload_fit_problem(llm, workload, args.workload):  # (a user error: measured ones are kept)
+            llm.shutdown()
+            print(f"batchllm bench: configuration {name!r}: the workload does not fit: {problem}", file=sys.stderr)
+            return 2
         if llm.engine is None:  # data parallel: the engines are in the worker processes
             results.append(_bench_data_parallel(llm, name, args, workload))
         else:
@@ -419,6 +423,31 @@ def workload_option_problem(args) -> str | None:
             return f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
     if workload == "decodeheavy" and args.min_output > args.max_output:
         return f"--min-output ({args.min_output}) must not exceed --max-output ({args.max_output})"
+    return None
+
+
+_SHAPED_BY = {"shared": ("--shared + --distinct", "--output"), "snippet": ("the snippet workload's", "--output"),
+              "nosharing": ("--prompt-len", "--output"), "decodeheavy": ("--shared + --distinct", "--max-output"),
+              "file": ("in --prompts-file", "the line's max_tokens, else --output")}
+"""Per workload, the options that set its prompts' lengths and its outputs' (`workload_fit_problem`)."""
+
+
+def workload_fit_problem(llm, workload: Workload, kind: str) -> str | None:
+    """Why a request of `workload` (of `kind`, a --workload) could not run on `llm` even alone, naming the options
+    that shape it, or None: a prompt that leaves no room to generate in the context, or a request whose prompt
+    and output the KV cache cannot hold (`LLM.kv_cache_problem`). `generate` refuses such a workload whole (a
+    ValueError, which bench reported as an unexpected failure). One check per (prompt length, max_tokens); the
+    warm-up's requests are never longer than the workload's (`_warm_up`)."""
+    prompts_by, outputs_by = _SHAPED_BY[kind]
+    for length, max_tokens in sorted({(len(p), m) for p, m in zip(workload.prompts, workload.max_tokens)},
+                                     reverse=True):
+        if length >= llm.max_model_len:
+            return (f"a prompt of {length} tokens ({prompts_by}) leaves no room to generate in the context "
+                    f"(max_model_len {llm.max_model_len}); raise --max-model-len or shorten the prompts")
+        if llm.kv_cache_problem(length, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)):
+            return (f"a request of {length} prompt tokens ({prompts_by}) and {max_tokens} output tokens "
+                    f"({outputs_by}) does not fit the KV cache, which holds {llm.kv_cache_tokens} tokens; give the "
+                    "cache more memory (--kv-cache-memory-gib, --gpu-memory-utilization) or shorten the requests")
     return None
 
 
@@ -474,10 +503,11 @@ def _bench_engine(llm, name: str, workload: Workload, peak: float | None, args, 
 
 
 def _warm_up(llm, workload: Workload, requests: int) -> None:
-    """A short unmeasured run of the workload's first prompts (compiles, allocates, starts workers)."""
+    """A short unmeasured run of the workload's first prompts (compiles, allocates, starts workers), each with
+    at most 4 output tokens (never more than its own: a workload that fits the engine warms it up)."""
     n = min(requests, len(workload.prompts))
     if n:
-        run_workload(llm, Workload("warmup", workload.prompts[:n], [4] * n))
+        run_workload(llm, Workload("warmup", workload.prompts[:n], [min(4, m) for m in workload.max_tokens[:n]]))
 
 
 def _bench_data_parallel(llm, name: str, args, workload: Workload) -> dict[str, Any]:

@@ -4,7 +4,7 @@ prefix-sharing plan, without the model.
 Exit status: 0 when every line succeeded, 1 when some lines failed (each has an error record in the
 output, or for OpenAI Batch lines in the errors file), 2 when the job could not start (unreadable
 input, bad model path, bad option, damaged output) or its results could not be written (disk full),
-3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug or
+3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug (run, plan) or
 BATCHLLM_LOG_LEVEL=DEBUG), 130 / 143 when SIGINT / SIGTERM stopped it (finished lines are kept: the
 same command resumes).
 """
@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         debug = getattr(args, "debug", False) or logging.getLogger().isEnabledFor(logging.DEBUG)
         if debug:
             traceback.print_exc()
+        shows = "--debug" if "debug" in args else "BATCHLLM_LOG_LEVEL=DEBUG"  # (bench has no --debug)
         print(f"batchllm: error: unexpected failure: {type(e).__name__}: {e}"
-              + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+              + ("" if debug else f" ({shows} shows the traceback)"), file=sys.stderr)
         return EXIT_UNEXPECTED
     return EXIT_CANNOT_START
 

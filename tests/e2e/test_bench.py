@@ -281,3 +281,40 @@ def test_a_configuration_that_fails_keeps_those_measured_before_it(tiny_model_fa
                  "--configs", "sharing,tp8", "--json-out", str(out)])
     assert code == 2 and "could not start" in capsys.readouterr().err
     assert [row["config"] for row in json.loads(out.read_text())["results"]] == ["sharing"]
+
+
+@pytest.mark.parametrize("options,problem", [
+    (["--kv-cache-memory-gib", "0.00002"],
+     r"configuration 'sharing': the workload does not fit: a request of 60 prompt tokens \(--shared \+ --distinct\) "
+     r"and 6 output tokens \(--output\) does not fit the KV cache, which holds \d+ tokens; give the cache more "
+     r"memory \(--kv-cache-memory-gib, --gpu-memory-utilization\) or shorten the requests\n"),
+    (["--max-model-len", "40"],
+     r"configuration 'sharing': the workload does not fit: a prompt of 60 tokens \(--shared \+ --distinct\) leaves "
+     r"no room to generate in the context \(max_model_len 40\); raise --max-model-len or shorten the prompts\n"),
+])
+def test_a_workload_that_does_not_fit_is_a_named_user_error(tiny_model_factory, capsys, options, problem):
+    """A workload the engine could not hold (a request past the KV cache or the context) was 'unexpected failure:
+    ValueError: prompt 0: ...' with exit status 3 and '--debug shows the traceback' (bench has no --debug). It is
+    exit status 2 naming the configuration, what does not fit and which options change it."""
+    code = main(["bench", "--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "48",
+                 "--distinct", "12", "--degree", "2", "--requests", "2", "--output", "6", "--warmup-requests", "1",
+                 "--configs", "sharing", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and "--debug" not in err and "unexpected" not in err, err
+    assert re.search("^batchllm bench: " + problem, err, re.M), err
+
+
+def test_an_unexpected_bench_failure_suggests_only_what_bench_takes(tiny_model_factory, capsys, monkeypatch):
+    """'(--debug shows the traceback)' was said to bench, which has no --debug (argparse refuses it)."""
+    from batchllm import bench
+
+    def broken(*args, **kwargs):
+        raise KeyError("a failure of ours")
+
+    monkeypatch.setattr(bench, "run_workload", broken)
+    monkeypatch.delenv("BATCHLLM_LOG_LEVEL", raising=False)
+    code = main(["bench", "--model", tiny_model_factory("llama"), "--shared", "16", "--distinct", "4", "--degree",
+                 "2", "--requests", "2", "--output", "2", "--configs", "sharing"])
+    err = capsys.readouterr().err
+    assert code == 3 and err.endswith("batchllm: error: unexpected failure: KeyError: 'a failure of ours' "
+                                      "(BATCHLLM_LOG_LEVEL=DEBUG shows the traceback)\n"), err
