@@ -137,9 +137,31 @@ def _add_run_parser(sub) -> None:
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
     r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
-    r.add_argument("--num-replicas", type=int, default=1, help="engine replicas (with --ray)")
-    r.add_argument("--ray-batch-size", type=int, default=1024, help="target rows per engine call (with --ray)")
-    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else local)")
+    # (None: not given, refused without --ray; `_ray_options` sets RAY_OPTION_DEFAULTS)
+    r.add_argument("--num-replicas", type=int, default=None, help="engine replicas, with --ray (default: 1)")
+    r.add_argument("--ray-batch-size", type=int, default=None,
+                   help="target rows per engine call, with --ray (default: 1024)")
+    r.add_argument("--ray-address", default=None,
+                   help="Ray cluster address, with --ray (default: a running one, else local)")
+
+
+RAY_OPTION_DEFAULTS = {"num_replicas": 1, "ray_batch_size": 1024, "ray_address": None}
+"""`run`'s options that only apply with --ray, and their values there when not given."""
+
+
+def _ray_options(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`run`'s Ray options: refused by name without --ray (argparse's error, status 2: a job run without Ray
+    ignored them, as a user of vLLM's argparse options does not expect), else their defaults where not given."""
+    if args.ray:
+        for name, default in RAY_OPTION_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        return
+    given = [f"--{name.replace('_', '-')}" for name in RAY_OPTION_DEFAULTS if getattr(args, name) is not None]
+    if given:
+        many = len(given) > 1
+        command.error(f"{' and '.join(given)} only appl{'y' if many else 'ies'} with --ray (a Ray Data job); add "
+                      f"--ray, or leave {'them' if many else 'it'} out")
 
 
 def _add_output_arguments(o) -> None:
@@ -322,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         command = _subcommands(parser)[args.command]
         command.error(unrecognized_arguments_message(command, unknown))
     _input_path(parser, args)
+    if args.command == "run":
+        _ray_options(_subcommands(parser)["run"], args)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":

@@ -108,3 +108,23 @@ def test_a_complete_job_on_a_read_only_place_reports_itself_complete(tmp_path, c
     code, err = run(capsys, src, "-o", out, *options, "--overwrite")  # (it was refused as the errors file)
     assert code == 2 and err.endswith(f"batchllm: error: cannot write the output {str(out)!r}: "
                                       "Read-only file system\n"), err
+
+
+def test_ray_options_without_ray_are_refused_by_name(tmp_path, capsys):
+    """--num-replicas 4 without --ray ran one engine, silently: each Ray option is refused as argparse refuses
+    an option, naming it and saying that it needs --ray (given its default value too)."""
+    import pytest
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    for given in (["--num-replicas", "4"], ["--ray-batch-size", "1024"], ["--ray-address", "auto"],
+                  ["--num-replicas=1", "--ray-address", "auto"]):
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["run", str(src), "-o", str(tmp_path / "out.jsonl"), *given])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.startswith("usage: batchllm run"), err
+        flags = [word.split("=")[0] for word in given if word.startswith("--")]
+        assert err.endswith(f"batchllm run: error: {' and '.join(flags)} only appl{'y' if len(flags) > 1 else 'ies'} "
+                            "with --ray (a Ray Data job); add --ray, or leave "
+                            f"{'them' if len(flags) > 1 else 'it'} out\n"), err
+        assert not (tmp_path / "out.jsonl").exists()
