@@ -138,11 +138,11 @@ def _add_run_parser(sub) -> None:
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
     r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
     # (None: not given, refused without --ray; `_ray_options` sets RAY_OPTION_DEFAULTS)
-    r.add_argument("--num-replicas", type=int, default=None, help="engine replicas, with --ray (default: 1)")
+    r.add_argument("--num-replicas", type=int, default=None, help="engine replicas (default: 1), with --ray")
     r.add_argument("--ray-batch-size", type=int, default=None,
-                   help="target rows per engine call, with --ray (default: 1024)")
+                   help="target rows per engine call (default: 1024), with --ray")
     r.add_argument("--ray-address", default=None,
-                   help="Ray cluster address, with --ray (default: a running one, else local)")
+                   help="Ray cluster address (default: a running one, else local), with --ray")
 
 
 RAY_OPTION_DEFAULTS = {"num_replicas": 1, "ray_batch_size": 1024, "ray_address": None}
