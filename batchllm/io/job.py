@@ -340,10 +340,19 @@ def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, A
     ours = {state_path.name, state_path.name + ".tmp"}
     has_results = directory.is_dir() and any(p.is_file() and p.name not in ours for p in directory.rglob("*"))
     if has_results:
+        if not state_path.exists():  # (`_read_state`'s refusal offers --overwrite, which --ray refuses here)
+            raise JobError(f"refusing to write into {unowned_directory(directory)}")
         _refuse_another_job(directory, _read_state(state_path, directory), fingerprint, input_path)
         return
     directory.mkdir(parents=True, exist_ok=True)
     _write_state(state_path, fingerprint)
+
+
+def unowned_directory(directory: Path) -> str:
+    """What is wrong with a `run --ray` output directory that holds files but no state file (another program's
+    files, or an older version's shards), and what to do: neither a resume nor --overwrite touches it."""
+    return (f"{str(directory)!r}: it holds files but no {job_state_path(directory).name}, so no batchllm --ray job "
+            "wrote it; give a new or empty directory as -o, or remove these files")
 
 
 def _job_fingerprint(input_path: Path, options: dict[str, Any] | None) -> dict[str, Any]:

@@ -329,7 +329,13 @@ def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
 def _prepare_output_directory(args, options: dict) -> str | None:
     """Check -o as a --ray job's directory, empty it for --overwrite and tie it to the input and `options`
     (`io.job.tie_directory_to_job`); what is wrong, or None."""
-    from batchllm.io.job import JobError, job_state_path, refuse_output_onto_input, tie_directory_to_job
+    from batchllm.io.job import (
+        JobError,
+        job_state_path,
+        refuse_output_onto_input,
+        tie_directory_to_job,
+        unowned_directory,
+    )
 
     try:
         refuse_output_onto_input(args.output, args.input)  # (and "-": standard output), as without --ray
@@ -342,9 +348,7 @@ def _prepare_output_directory(args, options: dict) -> str | None:
         return f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file"
     if args.overwrite and args.output.is_dir():
         if any(args.output.iterdir()) and not job_state_path(args.output).is_file():
-            return (f"refusing --overwrite of {str(args.output)!r}: it holds files and no "
-                    f"{job_state_path(args.output).name}, so no batchllm --ray job wrote it; give a new or "
-                    "empty directory")
+            return f"refusing --overwrite of {unowned_directory(args.output)}"
         shutil.rmtree(args.output)  # the shards and the checkpoint of this job: start over
     try:
         tie_directory_to_job(args.output, args.input, options)

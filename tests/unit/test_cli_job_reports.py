@@ -128,3 +128,22 @@ def test_ray_options_without_ray_are_refused_by_name(tmp_path, capsys):
                             "with --ray (a Ray Data job); add --ray, or leave "
                             f"{'them' if len(flags) > 1 else 'it'} out\n"), err
         assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_ray_directory_no_job_wrote_is_refused_without_suggesting_what_ray_refuses(tmp_path, capsys):
+    """`run --ray -o DIR` into a directory holding files but no job.batchllm-state said '... or pass --overwrite',
+    and `--overwrite` was then refused (it never deletes a directory no --ray job wrote). Its message names what
+    does work; neither run touches the files."""
+    import pytest
+
+    pytest.importorskip("ray")
+    src, data = tmp_path / "in.jsonl", tmp_path / "data"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    data.mkdir()
+    (data / "precious.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        code, err = run(capsys, src, "-o", data, "--ray", *extra)
+        assert code == 2 and "--overwrite" not in err.replace("refusing --overwrite", ""), err
+        assert (f"{str(data)!r}: it holds files but no job.batchllm-state, so no batchllm --ray job wrote it; "
+                "give a new or empty directory as -o, or remove these files") in err, err
+    assert sorted(p.name for p in data.iterdir()) == ["precious.txt"]

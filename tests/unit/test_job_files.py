@@ -726,7 +726,7 @@ def test_a_ray_output_directory_is_tied_to_its_input_and_options(tmp_path):
     with pytest.raises(JobError, match="written for a different input"):
         tie_directory_to_job(shards, other, options)
     (shards / "job.batchllm-state").unlink()  # results that no state file vouches for: another job's
-    with pytest.raises(JobError, match="has no job.batchllm-state"):
+    with pytest.raises(JobError, match="holds files but no job.batchllm-state, so no batchllm --ray job wrote it"):
         tie_directory_to_job(shards, src, options)
 
 
