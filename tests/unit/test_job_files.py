@@ -167,7 +167,7 @@ def test_an_unwritable_stats_file_is_refused_before_the_job_runs(tmp_path, capsy
     """--stats under a file used to fail after the whole job had run, as an 'unexpected failure' (exit 3)."""
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a", "prompt": "hi"}\n')
-    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    monkeypatch.setattr(cli, "_run_locked", lambda *args: pytest.fail("the job must not start"))
     code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--stats", src / "stats.json")
     assert code == 2 and err.startswith(f"batchllm: error: cannot write --stats {str(src / 'stats.json')!r}: ")
     code, err = run(capsys, src, "-o", tmp_path / "o.jsonl", "--stats", tmp_path)
@@ -183,7 +183,7 @@ def test_stats_onto_one_of_the_jobs_own_files_is_refused(tmp_path, capsys, monke
     content = '{"id": "a", "prompt": "hi"}\n'
     src.write_text(content)
     out = tmp_path / "o.jsonl"
-    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    monkeypatch.setattr(cli, "_run_locked", lambda *args: pytest.fail("the job must not start"))
     for stats, what in ((src, "the input file"), (out, "the output"), (tmp_path / "o.errors.jsonl", "the errors file"),
                         (tmp_path / "o.jsonl.batchllm-state", "the output's state file")):
         code, err = run(capsys, src, "-o", out, "--stats", stats)
@@ -213,7 +213,7 @@ def test_a_compressed_or_utf16_input_is_refused_at_start_naming_what_it_is(tmp_p
     import gzip
 
     line = '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
-    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    monkeypatch.setattr(cli, "_run_locked", lambda *args: pytest.fail("the job must not start"))
     for name, data, what in (("in.jsonl.gz", gzip.compress(line.encode()), "gzip-compressed"),
                              ("u16.jsonl", line.encode("utf-16"), "UTF-16 text"),
                              ("u16be.jsonl", b"\xfe\xff" + line.encode("utf-16-be"), "UTF-16 text (big-endian)")):
@@ -232,7 +232,7 @@ def test_urls_and_lone_carriage_returns_are_refused_at_start(tmp_path, capsys, m
     """vLLM's run-batch reads and writes http(s) URLs: `-o https://...` wrote a local folder "https:" and exited
     0 (nothing uploaded), and `-i https://...` said "no such file". A file whose lines end in a lone \r was one
     line: its first line failed and the others got no record at all."""
-    monkeypatch.setattr(cli, "_run_locked", lambda args: pytest.fail("the job must not start"))
+    monkeypatch.setattr(cli, "_run_locked", lambda *args: pytest.fail("the job must not start"))
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a", "prompt": "hi"}\n')
     monkeypatch.chdir(tmp_path)
