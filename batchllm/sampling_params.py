@@ -240,6 +240,17 @@ class SamplingParams:
             raise bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        self._validate_stops_and_flags(bad)
+        self._validate_logprob_token_ids(bad)
+        self._validate_penalties(bad)
+        for name, (accepted, instead) in VLLM_ONLY_FIELDS.items():
+            value = getattr(self, name)
+            if not among(value, accepted):
+                raise bad(name, f"is not supported ({instead}): only {' or '.join(map(repr, accepted))}")
+
+    def _validate_stops_and_flags(self, bad) -> None:
+        """stop, stop_token_ids, logprobs, prompt_logprobs, truncate_prompt_tokens, the flags, extra_args and
+        output_kind: their types and ranges (`bad`: `_validate`'s error naming the field)."""
         if self.stop is not None and not isinstance(self.stop, str):
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise bad("stop", "must be a string or a list of strings")
@@ -265,12 +276,6 @@ class SamplingParams:
             raise bad("output_kind", "must be a RequestOutputKind")
         if not self.detokenize and self.stop:
             raise bad("detokenize", f"must be true with stop strings (they are found in the text; stop={self.stop!r})")
-        self._validate_logprob_token_ids(bad)
-        self._validate_penalties(bad)
-        for name, (accepted, instead) in VLLM_ONLY_FIELDS.items():
-            value = getattr(self, name)
-            if not among(value, accepted):
-                raise bad(name, f"is not supported ({instead}): only {' or '.join(map(repr, accepted))}")
 
     def _validate_logprob_token_ids(self, bad) -> None:
         ids = self.logprob_token_ids

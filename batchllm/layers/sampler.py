@@ -100,24 +100,7 @@ def sample_on_device(
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
     if raw_logprobs is not None and grammar_mask is not None:
         raw_logprobs.clamp_(min=FORBIDDEN_LOGPROB)  # (JSON has no -inf: a forbidden token reads as in vLLM)
-    banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
-    grammar_rows = grammar_mask[1] if grammar_mask is not None and (banned or adjusted) else None
-    allowed_by_grammar = logits[grammar_rows] if grammar_rows is not None else None  # (a copy: indexed by rows)
-    kept_rows = rows_kept_to_allowed_tokens(specs) if adjusted else []
-    before_bans = logits[to_device(kept_rows, device, torch.int64)] if kept_rows else None  # (a copy, as above)
-    if banned:
-        where = to_device(banned, device, torch.int64)
-        logits[where[:, 0], where[:, 1]] = float("-inf")
-    if adjusted:
-        apply_adjustments(logits, specs, histories)
-    if kept_rows:
-        keep_an_allowed_token(logits, before_bans, kept_rows, specs)
-    if allowed_by_grammar is not None:
-        # a row left nothing: its grammar allows only what min_tokens, allowed_token_ids or bad_words ban. The
-        # grammar wins (the answer keeps to it; a token outside it would leave the request unconstrained)
-        now = logits[grammar_rows]
-        logits[grammar_rows] = torch.where(torch.isneginf(now).all(dim=-1, keepdim=True), allowed_by_grammar, now)
-
+    _apply_bans(logits, specs, histories if adjusted else None, grammar_mask)
     tokens = _greedy_and_drawn(logits, specs, positions, default_generator)
     if not logprob_rows:
         return SampledTokens(tokens)
@@ -134,6 +117,31 @@ def sample_on_device(
         sampled_logprob=sampled[:, 0], rank=rank_among(raw, sampled),
         top_logprobs=top_values, top_ids=top_ids,
     )
+
+
+def _apply_bans(logits: torch.Tensor, specs: list[SamplingSpec], histories: list[OutputHistory | None] | None,
+                grammar_mask: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Ban min_tokens' stop tokens (`banned_token_ids`) and apply the rows' adjustments (histories: None where no
+    row has any), in place on fp32 `logits` already under the grammar's mask. Invariant: a row the bans leave no
+    token keeps one it may take: a grammar row what its grammar allows (the grammar wins: a token outside it would
+    leave the request unconstrained), else its allowed_token_ids (`keep_an_allowed_token`)."""
+    device = logits.device
+    banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
+    adjusted = histories is not None
+    grammar_rows = grammar_mask[1] if grammar_mask is not None and (banned or adjusted) else None
+    allowed_by_grammar = logits[grammar_rows] if grammar_rows is not None else None  # (a copy: indexed by rows)
+    kept_rows = rows_kept_to_allowed_tokens(specs) if adjusted else []
+    before_bans = logits[to_device(kept_rows, device, torch.int64)] if kept_rows else None  # (a copy, as above)
+    if banned:
+        where = to_device(banned, device, torch.int64)
+        logits[where[:, 0], where[:, 1]] = float("-inf")
+    if adjusted:
+        apply_adjustments(logits, specs, histories)
+    if kept_rows:
+        keep_an_allowed_token(logits, before_bans, kept_rows, specs)
+    if allowed_by_grammar is not None:
+        now = logits[grammar_rows]
+        logits[grammar_rows] = torch.where(torch.isneginf(now).all(dim=-1, keepdim=True), allowed_by_grammar, now)
 
 
 def rank_among(logprobs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
