@@ -10,9 +10,9 @@ module is the only place that reads environment variables.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
-import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from typing import Any
 from batchllm.core.policies import GROUP_ORDERS  # torch-free
 from batchllm.models.quant_config import QUANTIZATION_METHODS  # torch-free
 from batchllm.prefix.plan import PLAN_MODES
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
@@ -93,7 +95,8 @@ class ModelConfig(_Checked):
     load_format: str = option("auto", "auto/safetensors: read the weights from the model directory; dummy: "
                               "random weights from config.json alone (benchmarking shapes)", choices=_LOAD_FORMATS)
     seed: int | None = option(0, "seed of the engine-wide generator used by requests without a seed of their own "
-                              "(and of dummy weights); None: a random one, drawn once per engine (vLLM's None)")
+                              "(and of dummy weights), so runs repeat; None: 0, with a warning, as vLLM's V1 "
+                              "engine read it (vLLM 0.26 refuses None)")
     device: str = option("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts must be token ids and outputs carry "
                                        "no text")
@@ -144,8 +147,10 @@ class ModelConfig(_Checked):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
-        if self.seed is None:  # drawn here, once: every worker and rank built from this config shares it
-            object.__setattr__(self, "seed", secrets.randbelow(2**31))
+        if self.seed is None:  # vLLM V1 read None as 0 ("impossible to un-specify a seed"); 0.26 refuses it
+            logger.warning("seed=None is taken as seed=0, as vLLM's V1 engine took it (vLLM 0.26 refuses None): "
+                           "runs repeat; give another integer for other samples")
+            object.__setattr__(self, "seed", 0)
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))  # (a numpy integer, as the option check allows)
