@@ -152,7 +152,8 @@ class PromptProcessor:
             return self.validate_ids(ids, index, prompt, truncate, self._added_bos(ids, add_special))
         if isinstance(prompt, (list, tuple, np.ndarray)):
             return self.validate_ids(prompt if isinstance(prompt, np.ndarray) else list(prompt), index, None, truncate)
-        raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}")
+        decode = " (decode the bytes to a str first)" if isinstance(prompt, (bytes, bytearray, memoryview)) else ""
+        raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}{decode}")
 
     def _adds_special_tokens(self, prompt: str) -> bool:
         """Whether the tokenizer adds its special tokens (a BOS) to this text: not to a rendered chat (its template

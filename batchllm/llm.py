@@ -790,8 +790,14 @@ def _truncation_asked(tokenization_kwargs: dict | None) -> int | None:
 
 
 def _as_prompt_list(prompts: Any) -> list:
+    """`generate`'s prompts as a list of prompts: a str or dict is one prompt, as is one sequence of ints (token
+    ids); bytes are refused (a TypeError, as vLLM's for a prompt that is no str, dict or list of ints), never read as
+    the token ids their byte values would be."""
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if isinstance(prompts, (bytes, bytearray, memoryview)):
+        raise TypeError(f"prompts must be str, not {type(prompts).__name__}: decode the bytes first (e.g. "
+                        "data.decode('utf-8')); token ids are given as a list of ints")
     if not isinstance(prompts, Iterable):
         raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
     prompts = list(prompts)
