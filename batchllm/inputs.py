@@ -125,9 +125,11 @@ class PromptProcessor:
         except Exception as e:  # the template itself rejects the conversation (roles, content types)
             raise ValueError(f"conversation {index}: the chat template failed: {e}") from e
 
-    def tokenize_prompt(self, prompt: Any, index: int = 0, truncate: int | None = None) -> TokenizedPrompt:
+    def tokenize_prompt(self, prompt: Any, index: int = 0, truncate: int | None = None,
+                        add_special_tokens: bool | None = None) -> TokenizedPrompt:
         """Validate and tokenize one prompt, keeping its last `truncate` tokens (SamplingParams.truncate_prompt_tokens);
-        raises ValueError naming prompt `index` and the problem."""
+        a text is tokenized with special tokens as `_adds_special_tokens` decides (`add_special_tokens`: vLLM's
+        tokenization_kwargs, None where not given); raises ValueError naming prompt `index` and the problem."""
         if isinstance(prompt, dict):
             if given := [k for k in ("prompt_embeds", "multi_modal_data", "mm_processor_kwargs")
                          if prompt.get(k) is not None and not (isinstance(prompt[k], dict) and not prompt[k])]:
@@ -144,7 +146,7 @@ class PromptProcessor:
                 raise ValueError(f"prompt {index} is empty")
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index}: text prompts need a tokenizer (skip_tokenizer_init is set)")
-            add_special = self._adds_special_tokens(prompt)
+            add_special = self._adds_special_tokens(prompt, add_special_tokens)
             try:
                 ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
             except Exception as e:  # e.g. TypeError on a lone surrogate: this prompt's error, no one else's
@@ -155,10 +157,13 @@ class PromptProcessor:
         decode = " (decode the bytes to a str first)" if isinstance(prompt, (bytes, bytearray, memoryview)) else ""
         raise ValueError(f"prompt {index}: expected a string, token ids or a dict, got {type(prompt).__name__}{decode}")
 
-    def _adds_special_tokens(self, prompt: str) -> bool:
-        """Whether the tokenizer adds its special tokens (a BOS) to this text: not to a rendered chat (its template
-        places them: vLLM's chat and transformers' tokenized apply_chat_template add none), nor to a text that
-        already opens with the BOS token (vLLM would give it a second one)."""
+    def _adds_special_tokens(self, prompt: str, asked: bool | None = None) -> bool:
+        """Whether the tokenizer adds its special tokens (a BOS) to this text: `asked` where given (vLLM's
+        tokenization_kwargs add_special_tokens, taken as vLLM takes it, a second BOS included); else not to a
+        rendered chat (its template places them: vLLM's chat and transformers' tokenized apply_chat_template add
+        none), nor to a text that already opens with the BOS token (vLLM would give it a second one)."""
+        if asked is not None:
+            return asked
         if isinstance(prompt, ChatText):
             return False
         bos = getattr(self.tokenizer, "bos_token", None)

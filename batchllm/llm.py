@@ -233,8 +233,10 @@ class LLM:
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]} dict,
         or a list of any of these. Every prompt is validated before any work starts. tokenization_kwargs:
         vLLM's; its truncate_prompt_tokens keeps each prompt's last k tokens, as SamplingParams.truncate_prompt_tokens
-        (which it overrides) does (`_truncation_asked`). lora_request, priority: vLLM's, taken only where they ask
-        for nothing (`_refuse_unsupported`); so is mm_processor_kwargs (None or {}: the prompts are text).
+        (which it overrides) does, and add_special_tokens tokenizes text prompts with or without special tokens
+        (`_tokenization_asked`). lora_request, priority: vLLM's, taken only where they ask for nothing
+        (`_refuse_unsupported`; a priority list must have one entry per prompt); so is mm_processor_kwargs (None or {}:
+        the prompts are text).
         """
         tokenized, params = self._validate_call(prompts, sampling_params, lora_request, priority, tokenization_kwargs,
                                                 mm_processor_kwargs)
@@ -265,18 +267,19 @@ class LLM:
         asks_priority = priority is not None and any(int(p) != 0 for p in priority)
         _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
                             mm_processor_kwargs=mm_processor_kwargs or None)
-        return self._validate(prompts, sampling_params, _truncation_asked(tokenization_kwargs))
+        return self._validate(prompts, sampling_params, *_tokenization_asked(tokenization_kwargs))
 
-    def _validate(self, prompts: Any, sampling_params,
-                  truncate: int | None = None) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
+    def _validate(self, prompts: Any, sampling_params, truncate: int | None = None,
+                  add_special_tokens: bool | None = None) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
         """`generate`'s input path up to submission: every prompt tokenized and validated (keeping its last
-        `truncate` tokens where given, else its SamplingParams.truncate_prompt_tokens), one SamplingParams per
-        prompt checked against the model; raises the first bad prompt's ValueError."""
+        `truncate` tokens where given, else its SamplingParams.truncate_prompt_tokens; a text's special tokens as
+        `add_special_tokens` asks, where given), one SamplingParams per prompt checked against the model; raises the
+        first bad prompt's ValueError."""
         items = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(items))
         with _quiet_gc():  # millions of new lists and arrays would trigger collections that walk the input
             tokenized = [self.prompts.tokenize_prompt(p, i, self.prompts.truncation_for(
-                sp.truncate_prompt_tokens if truncate is None else truncate, sp.max_tokens))
+                sp.truncate_prompt_tokens if truncate is None else truncate, sp.max_tokens), add_special_tokens)
                 for i, (p, sp) in enumerate(zip(items, params))]
         for sp in {id(sp): sp for sp in params}.values():
             sp.check_for_model(self.model_spec.vocab_size, self.tokenizer, self.prompts.grammars,
@@ -768,25 +771,29 @@ def _refuse_unsupported(**arguments: Any) -> None:
             raise ValueError(f"{name}={str(value)[:60]} is not supported: {_NOT_SUPPORTED[name]}")
 
 
-def _truncation_asked(tokenization_kwargs: dict | None) -> int | None:
-    """vLLM's way to truncate prompts since its SamplingParams lost the field, `tokenization_kwargs=
-    {"truncate_prompt_tokens": k}`: k, the tokens each prompt keeps from its end (truncation_side "left", vLLM's
-    for generation; -1: what the context holds beside the request's max_tokens, `PromptProcessor.truncation_for`),
-    checked as SamplingParams checks its own; None where not asked. Another key, or truncation_side "right", is a
-    ValueError naming it."""
+def _tokenization_asked(tokenization_kwargs: dict | None) -> tuple[int | None, bool | None]:
+    """vLLM's tokenization_kwargs as (truncate, add_special_tokens), each None where not asked.
+    truncate_prompt_tokens k (vLLM's way to truncate since its SamplingParams lost the field): the tokens each
+    prompt keeps from its end (truncation_side "left", vLLM's for generation; -1: what the context holds beside the
+    request's max_tokens, `PromptProcessor.truncation_for`), checked as SamplingParams checks its own.
+    add_special_tokens True or False: a text prompt is tokenized with or without the tokenizer's special tokens, as
+    vLLM does (`PromptProcessor._adds_special_tokens`). Another key, a non-bool add_special_tokens or truncation_side
+    "right" is a ValueError naming it."""
     kwargs = dict(tokenization_kwargs or {})
     truncate = kwargs.pop("truncate_prompt_tokens", None)
     side = kwargs.pop("truncation_side", None)
+    add_special = kwargs.pop("add_special_tokens", None)
     if side not in TRUNCATION_SIDES:
         raise ValueError(f"tokenization_kwargs truncation_side={str(side)[:20]!r} is not supported: "
                          f"{TRUNCATION_SIDE_NOTE}")
+    if add_special is not None and not isinstance(add_special, bool):
+        raise ValueError(f"tokenization_kwargs add_special_tokens must be True or False, got {add_special!r:.40}")
     if kwargs:
         raise ValueError(f"tokenization_kwargs {', '.join(map(repr, sorted(map(str, kwargs))))[:80]} not supported: "
-                         "prompts are tokenized as the model's tokenizer does; truncate_prompt_tokens and "
-                         "truncation_side 'left' are taken")
+                         "only truncate_prompt_tokens, truncation_side 'left' and add_special_tokens are taken")
     if truncate is not None:
         SamplingParams(truncate_prompt_tokens=truncate)  # its ValueError names a bad value
-    return truncate
+    return truncate, add_special
 
 
 def _as_prompt_list(prompts: Any) -> list:

@@ -1,7 +1,9 @@
 """What a vLLM 0.26 script ported to `batchllm.LLM` / `EngineArgs` meets: seeds, prompt types, tokenization keywords,
 the EngineArgs parser and vLLM's EngineArgs field names."""
 
+import json
 import logging
+import shutil
 
 import pytest
 
@@ -44,5 +46,54 @@ def test_a_bytes_prompt_is_refused_not_read_as_token_ids(tiny_model_factory):
         with pytest.raises(ValueError, match="prompt 1: .*got bytes \\(decode the bytes to a str first\\)"):
             llm.generate(["a", b"b"], SamplingParams(max_tokens=2), use_tqdm=False)
         assert llm.generate([104, 105], SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt_token_ids == [104, 105]
+    finally:
+        llm.shutdown()
+
+
+def _with_bos(model: str, tmp_path) -> str:
+    """A copy of a tiny model whose tokenizer puts its BOS (<|im_start|>, id 1) before every text, as Llama's do."""
+    copy = tmp_path / "bos"
+    shutil.copytree(model, copy)
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    spec["post_processor"] = {
+        "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                                 {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|im_start|>"}))
+    return str(copy)
+
+
+def test_tokenization_kwargs_add_special_tokens_is_taken_as_vllm_takes_it(tiny_model_factory, tmp_path):
+    """tokenization_kwargs={"add_special_tokens": False} (vLLM's control) and True were refused, saying prompts are
+    "tokenized as the model's tokenizer does", which a BOS-prefixed text is not. Either is now honoured as vLLM
+    honours it; the default (no second BOS before a text that opens with it) is unchanged."""
+    from batchllm import LLM
+
+    llm = LLM(_with_bos(tiny_model_factory("llama"), tmp_path), device="cpu", dtype="float32", max_model_len=64)
+    tok = llm.get_tokenizer()
+    sp = SamplingParams(max_tokens=1, temperature=0)
+
+    def ids(prompt, **kwargs):
+        return llm.generate(prompt, sp, use_tqdm=False, **kwargs)[0].prompt_token_ids
+
+    try:
+        bos, text = 1, "The sky is"
+        plain = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids(text) == [bos, *plain] and ids(tok.bos_token + text) == [bos, *plain], "the default is kept"
+        assert ids(text, tokenization_kwargs={"add_special_tokens": False}) == plain
+        assert ids(tok.bos_token + text, tokenization_kwargs={"add_special_tokens": True}) == [bos, bos, *plain]
+        assert ids([5, 6], tokenization_kwargs={"add_special_tokens": True}) == [5, 6], "token ids are kept"
+        chat = [{"role": "user", "content": "Hi"}]
+        rendered = llm.chat(chat, sp, use_tqdm=False)[0].prompt_token_ids
+        assert llm.chat(chat, sp, use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})[0] \
+            .prompt_token_ids == rendered, "vLLM's chat default"
+        with pytest.raises(ValueError, match="add_special_tokens must be True or False, got 'no'"):
+            ids(text, tokenization_kwargs={"add_special_tokens": "no"})
+        with pytest.raises(ValueError, match="'max_length' not supported: only truncate_prompt_tokens, "
+                                             "truncation_side 'left' and add_special_tokens are taken"):
+            ids(text, tokenization_kwargs={"max_length": 3})
     finally:
         llm.shutdown()
