@@ -264,10 +264,12 @@ class LLM:
                        mm_processor_kwargs) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
         """`generate`'s and `enqueue`'s arguments checked (vLLM's that ask for what is not supported refused by name:
         `_refuse_unsupported`) and their prompts validated (`_validate`, truncated as tokenization_kwargs asks)."""
+        items = _as_prompt_list(prompts)
+        _check_per_prompt_lengths(len(items), priority=priority, lora_request=lora_request)
         asks_priority = priority is not None and any(int(p) != 0 for p in priority)
         _refuse_unsupported(lora_request=lora_request, priority=priority if asks_priority else None,
                             mm_processor_kwargs=mm_processor_kwargs or None)
-        return self._validate(prompts, sampling_params, *_tokenization_asked(tokenization_kwargs))
+        return self._validate(items, sampling_params, *_tokenization_asked(tokenization_kwargs))
 
     def _validate(self, prompts: Any, sampling_params, truncate: int | None = None,
                   add_special_tokens: bool | None = None) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:
@@ -761,6 +763,19 @@ _NOT_SUPPORTED = {
 """What to do instead of each vLLM `generate` / `chat` argument given a value that asks for something."""
 
 
+def _check_per_prompt_lengths(num_prompts: int, **arguments: Any) -> None:
+    """A ValueError where one of vLLM's per-prompt arguments given as a list (priority; lora_request's list) has
+    another length than the prompts, as vLLM refuses it ("The lengths of prompts (2) and priority (1) must be the
+    same."); a short list was taken and the prompts past it given nothing."""
+    for name, value in arguments.items():
+        if value is None or (name != "priority" and not isinstance(value, (list, tuple))):
+            continue  # (a lora_request that is no list is one for every prompt)
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+            raise TypeError(f"{name} must be a list (one per prompt), got {type(value).__name__}")
+        if len(value) != num_prompts:
+            raise ValueError(f"the lengths of prompts ({num_prompts}) and {name} ({len(value)}) must be the same")
+
+
 def _refuse_unsupported(**arguments: Any) -> None:
     """A ValueError naming the first of vLLM's `generate` / `chat` arguments (`_NOT_SUPPORTED`) given a value
     other than None, and what to do instead."""
@@ -804,7 +819,8 @@ def _as_prompt_list(prompts: Any) -> list:
         return [prompts]
     if isinstance(prompts, (bytes, bytearray, memoryview)):
         raise TypeError(f"prompts must be str, not {type(prompts).__name__}: decode the bytes first (e.g. "
-                        "data.decode('utf-8')); token ids are given as a list of ints")
+                        "data.decode('utf-8')); token ids are given as a list of ints (vLLM reads bytes as "
+                        "serialized prompt embeddings, which are not supported here)")
     if not isinstance(prompts, Iterable):
         raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
     prompts = list(prompts)

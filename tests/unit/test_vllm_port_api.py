@@ -97,3 +97,25 @@ def test_tokenization_kwargs_add_special_tokens_is_taken_as_vllm_takes_it(tiny_m
             ids(text, tokenization_kwargs={"max_length": 3})
     finally:
         llm.shutdown()
+
+
+def test_a_priority_list_of_another_length_than_the_prompts_is_refused(tiny_model_factory):
+    """generate(["a", "b"], priority=[0]) was taken (the second prompt given no priority); vLLM refuses a per-prompt
+    list whose length differs from the prompts', as it refuses such a sampling_params list."""
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    sp = SamplingParams(max_tokens=1)
+    try:
+        for priority, given in (([0], 1), ([0, 0, 0], 3), ([], 0)):
+            with pytest.raises(ValueError, match=rf"the lengths of prompts \(2\) and priority \({given}\) must be"):
+                llm.generate(["a", "b"], sp, use_tqdm=False, priority=priority)
+        with pytest.raises(ValueError, match=r"prompts \(2\) and lora_request \(1\)"):
+            llm.generate(["a", "b"], sp, use_tqdm=False, lora_request=[None])
+        with pytest.raises(ValueError, match=r"prompts \(1\) and priority \(2\)"):
+            llm.enqueue([5, 6], sp, priority=[0, 0])  # one prompt of token ids
+        with pytest.raises(TypeError, match="priority must be a list"):
+            llm.generate(["a", "b"], sp, use_tqdm=False, priority=0)
+        assert len(llm.generate(["a", "b"], sp, use_tqdm=False, priority=[0, 0], lora_request=[None, None])) == 2
+    finally:
+        llm.shutdown()
