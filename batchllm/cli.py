@@ -72,7 +72,7 @@ from batchllm.options import (
     dashed_flag_names,
     engine_config,
     engine_kwargs_from_args,
-    engine_options,
+    not_taken_hint,
 )
 from batchllm.sampling_params import SamplingParams
 
@@ -286,12 +286,10 @@ def vllm_flag_not_taken(flag: str) -> str | None:
     flag = flag.split(".", 1)[0]  # (vLLM's --structured-outputs-config.backend: a field of that option)
     if flag in VLLM_SERVER_FLAGS:
         return VLLM_SERVER_FLAGS[flag]
-    entry = VLLM_NOT_TAKEN.get(long_names.get(flag) or flag.removeprefix("--").replace("-", "_"))
-    if entry is None:
-        return None
-    options = engine_options()
-    return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: "--" + m[0].replace("_", "-") if m[0] in options else m[0],
-                  entry[1])
+    if re.fullmatch(r"-O=?\w+", flag):  # vLLM's -O3, -O=3: its optimization level
+        flag = "-O"
+    name = long_names.get(flag) or flag.removeprefix("--").replace("-", "_")
+    return not_taken_hint(name) if name in VLLM_NOT_TAKEN else None
 
 
 _INPUT_LEN = "a prompt's length is --prompt-len here (with --workload nosharing), or --shared + --distinct"

@@ -24,9 +24,14 @@ from typing import Any
 
 from batchllm.config import EngineConfig
 from batchllm.sampling_params import among
+from batchllm.vllm_engine_args import VLLM_026_NOT_TAKEN
 
-VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing"}
+VLLM_ALIASES = {"enable_prefix_caching": "prefix_sharing", "num_gpu_blocks_override": "num_kv_blocks"}
 """vLLM keyword -> the BatchLLM option it means (the value is passed through unchanged)."""
+
+VLLM_NONE_IS_DEFAULT = frozenset({"enable_chunked_prefill", "attention_backend"})
+"""Options whose vLLM default is None (its automatic choice) where the default here is a value: None is taken as
+that default."""
 
 _GIB = 1 << 30
 VLLM_CONVERTED = {"kv_cache_memory_bytes": ("kv_cache_memory_gib", lambda n: None if n is None else n / _GIB)}
@@ -82,7 +87,7 @@ VLLM_NO_EFFECT = {
 here."""
 
 VLLM_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "quantization": "-q",
-                    "pipeline_parallel_size": "-pp"}
+                    "pipeline_parallel_size": "-pp", "optimization_level": "-O"}
 """vLLM's short spellings of its options' flags (of engine options: flags here too; of VLLM_NOT_TAKEN's: named in
 the hint for such a flag)."""
 
@@ -161,36 +166,23 @@ def engine_config(**kwargs: Any) -> EngineConfig:
     declared defaults. vLLM aliases (`VLLM_ALIASES`) are accepted, and `VLLM_NO_EFFECT` dropped; an unknown
     keyword is a TypeError that names it and the options closest to it. Paths are passed as strings."""
     options = engine_options()
-    # vLLM's names given None ask for nothing (EngineArgs' fields, unset, beside the options they mean)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None or (k not in VLLM_ALIASES and k not in VLLM_CONVERTED)}
-    for alias, name in VLLM_ALIASES.items():
-        if alias in kwargs and name in kwargs:
-            raise TypeError(f"{alias!r} and {name!r} are the same option; give one of them")
     sections: dict[str, dict[str, Any]] = {}
-    for key, value in kwargs.items():
-        if key in VLLM_CONVERTED:
-            name, convert = VLLM_CONVERTED[key]
-            if name in kwargs:
-                raise TypeError(f"{key!r} and {name!r} set the same thing; give one of them")
-            _check_type(key, EngineOption(key, "", int, True, None, "", None), value)
-            key, value = name, convert(value)
+    for key, value in _vllm_names_moved(kwargs).items():
         if key in VLLM_NO_EFFECT and not VLLM_NO_EFFECT[key].run_batch_only:
             if (allowed := VLLM_NO_EFFECT[key].values) is not None and value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported (only {' or '.join(map(repr, allowed))})")
             continue
-        if key == "structured_outputs_config" and _asks_for_xgrammar(value):
-            continue
         if key in VLLM_NOT_TAKEN:
-            accepted, instead = VLLM_NOT_TAKEN[key]
-            if among(value, accepted):
+            if not_taken_accepts(key, value):
                 continue  # vLLM's default, which asks for what runs here anyway
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise TypeError(f"{key}={shown} is not supported: {instead}. (Only vLLM's default, "
-                            f"{' or '.join(map(repr, accepted))}, is taken.)")
+            raise TypeError(f"{key}={shown} is not supported: {VLLM_NOT_TAKEN[key][1]}. {only_defaults_taken(key)}")
         option = options.get(VLLM_ALIASES.get(key, key))
         if option is None:
             raise TypeError(unknown_option_message(key))
         value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if value is None and not option.optional and option.name in VLLM_NONE_IS_DEFAULT:
+            continue  # vLLM's default, its automatic choice: the declared default here
         if option.name == "max_model_len" and (value == -1 or value == "auto"):
             value = None  # vLLM's: the model's context
         if option.name == "dtype" and type(value).__module__ == "torch" and type(value).__name__ == "dtype":
@@ -200,6 +192,27 @@ def engine_config(**kwargs: Any) -> EngineConfig:
         _check_type(key, option, value)
         sections.setdefault(option.section, {})[option.name] = value
     return EngineConfig(**{s: c(**sections.get(s, {})) for s, c in typing.get_type_hints(EngineConfig).items()})
+
+
+def _vllm_names_moved(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with vLLM's names of options (`VLLM_ALIASES`, `VLLM_CONVERTED`) moved onto the options they mean.
+    Given None, such a name asks for nothing (an EngineArgs field left unset); given beside its option, it must mean
+    the same value (an EngineArgs keeps both: `EngineArgs(enable_prefix_caching=False)` reads back False), else a
+    TypeError names both."""
+    moved = {k: v for k, v in kwargs.items() if v is not None or (k not in VLLM_ALIASES and k not in VLLM_CONVERTED)}
+    for key in [k for k in moved if k in VLLM_ALIASES or k in VLLM_CONVERTED]:
+        if key in VLLM_CONVERTED:
+            name, convert = VLLM_CONVERTED[key]
+            _check_type(key, EngineOption(key, "", int, True, None, "", None), moved[key])
+            value, clash = convert(moved.pop(key)), "set the same thing"
+        else:  # (kept under its own name where its option is not given: a bad value's error names it)
+            name, clash, value = VLLM_ALIASES[key], "are the same option", moved[key]
+        if name in moved and not among(moved[name], (value,)):
+            raise TypeError(f"{key!r} and {name!r} {clash}; give one of them")
+        if name in moved or key in VLLM_CONVERTED:
+            moved.pop(key, None)
+            moved[name] = value
+    return moved
 
 
 _TYPE_RULES = {int: ((numbers.Integral,), "an integer"), float: ((numbers.Real,), "a number"),
@@ -232,8 +245,8 @@ VLLM_NOT_TAKEN = {
     "data_parallel_backend": (("mp",), "data parallelism runs in processes the engine starts itself (for a Ray "
                                        "cluster: batchllm.ray or run --ray)"),
     "enable_expert_parallel": ((False,), "the models here have no experts"),
-    "compilation_config": ((None,), "the kernels are Triton's; CUDA graphs are set by enforce_eager and "
-                                    "max_cudagraph_capture_size"),
+    "compilation_config": ((None, {}), "the kernels are Triton's; CUDA graphs are set by enforce_eager and "
+                                        "max_cudagraph_capture_size"),
     "task": (("generate", "auto"), "the engine generates text; pooling models (embed, classify, reward) are not "
                                    "supported"),
     "runner": (("generate", "auto"), "the engine generates text; pooling models are not supported"),
@@ -267,8 +280,8 @@ VLLM_NOT_TAKEN = {
     "offload_params": ((None, set()), "the weights stay on the device"),
     "enable_return_routed_experts": ((False,), "the models here have no experts"),
     "pooler_config": ((None,), "pooling models are not supported"),
-    "profiler_config": ((None,), "profile with `batchllm bench --profile-out` (torch's profiler)"),
-    "attention_config": ((None,), "the attention backend is this engine's own (Triton on a GPU)"),
+    "profiler_config": ((None, {}), "profile with `batchllm bench --profile-out` (torch's profiler)"),
+    "attention_config": ((None, {}), "the attention backend is this engine's own (Triton on a GPU)"),
     "quantization_config": ((None,), "quantization=\"fp8\" quantizes at load; a checkpoint's own quantization_config "
                                      "in config.json is read"),
     "logits_processors": ((None, []), "custom logits processor classes are not supported; SamplingParams has "
@@ -291,6 +304,7 @@ VLLM_NOT_TAKEN = {
                                                  "{\"enable_thinking\": False}); batchllm run takes "
                                                  "--default-chat-template-kwargs"),
     "config_format": (("auto", "hf"), "models are Hugging Face directories (config.json)"),
+    **VLLM_026_NOT_TAKEN,
 }
 """vLLM options (`LLM` keywords; run-batch flags in kebab case) with no counterpart here: (the values that ask for
 what runs here anyway, taken and dropped, as ported code passes vLLM's defaults; what to do instead of any other,
@@ -309,6 +323,25 @@ def _asks_for_xgrammar(config: Any) -> bool:
     fields = config if isinstance(config, dict) else getattr(config, "__dict__", None)
     return isinstance(fields, dict) and all(
         among(value, _XGRAMMAR_SETTINGS.get(name, ())) for name, value in fields.items())
+
+
+def not_taken_accepts(name: str, value: Any) -> bool:
+    """Whether a `VLLM_NOT_TAKEN` option's value asks for what runs here anyway (taken and dropped): one of its
+    listed values, type included, or a structured_outputs_config asking for xgrammar."""
+    return among(value, VLLM_NOT_TAKEN[name][0]) or (name == "structured_outputs_config" and _asks_for_xgrammar(value))
+
+
+def only_defaults_taken(name: str) -> str:
+    """The sentence after a `VLLM_NOT_TAKEN` option's refusal: the values that are taken."""
+    return f"(Only vLLM's default, {' or '.join(map(repr, VLLM_NOT_TAKEN[name][0]))}, is taken.)"
+
+
+def not_taken_hint(name: str) -> str:
+    """What to do instead of a `VLLM_NOT_TAKEN` option, for a command line: the options it names written as
+    flags (`batchllm run`'s hint for such a flag, and `EngineArgs.add_cli_args`' refusal)."""
+    options = engine_options()
+    return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: "--" + m[0].replace("_", "-") if m[0] in options else m[0],
+                  VLLM_NOT_TAKEN[name][1])
 
 
 def unknown_option_message(key: str) -> str:

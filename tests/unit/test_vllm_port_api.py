@@ -1,6 +1,7 @@
 """What a vLLM 0.26 script ported to `batchllm.LLM` / `EngineArgs` meets: seeds, prompt types, tokenization keywords,
 the EngineArgs parser and vLLM's EngineArgs field names."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -119,3 +120,156 @@ def test_a_priority_list_of_another_length_than_the_prompts_is_refused(tiny_mode
         assert len(llm.generate(["a", "b"], sp, use_tqdm=False, priority=[0, 0], lora_request=[None, None])) == 2
     finally:
         llm.shutdown()
+
+
+# vLLM 0.26.0's `EngineArgs` fields (vllm/engine/arg_utils.py, in declaration order) and their defaults (a config
+# object's default factory written as {}; model's default is vLLM's, not taken here)
+VLLM_026_ENGINE_ARGS = {
+    "model": "Qwen/Qwen3-0.6B", "enable_return_routed_experts": False, "model_weights": "", "served_model_name": None,
+    "tokenizer": None, "hf_config_path": None, "runner": "auto", "convert": "auto", "skip_tokenizer_init": False,
+    "enable_prompt_embeds": False, "tokenizer_mode": "auto", "trust_remote_code": False,
+    "allowed_local_media_path": "", "allowed_media_domains": None, "download_dir": None,
+    "safetensors_load_strategy": None, "safetensors_prefetch_num_threads": 8,
+    "safetensors_prefetch_block_size": 16777216, "load_format": "auto", "config_format": "auto", "dtype": "auto",
+    "kv_cache_dtype": "auto", "seed": 0, "max_model_len": None, "cudagraph_capture_sizes": None,
+    "max_cudagraph_capture_size": None, "ir_op_priority": {}, "distributed_executor_backend": None,
+    "pipeline_parallel_size": 1, "master_addr": "127.0.0.1", "master_port": 29501, "nnodes": 1, "node_rank": 0,
+    "distributed_timeout_seconds": None, "cpu_distributed_timeout_seconds": None, "numa_bind": False,
+    "numa_bind_nodes": None, "numa_bind_cpus": None, "device_ids": None, "tensor_parallel_size": 1,
+    "prefill_context_parallel_size": 1, "decode_context_parallel_size": 1, "dcp_comm_backend": "ag_rs",
+    "dcp_kv_cache_interleave_size": 1, "cp_kv_cache_interleave_size": 1, "data_parallel_size": 1,
+    "data_parallel_rank": None, "data_parallel_start_rank": None, "data_parallel_size_local": None,
+    "data_parallel_address": None, "data_parallel_rpc_port": None, "data_parallel_hybrid_lb": False,
+    "data_parallel_external_lb": False, "data_parallel_multi_port_external_lb": False, "data_parallel_backend": "mp",
+    "enable_expert_parallel": False, "enable_ep_weight_filter": False, "moe_backend": "auto", "linear_backend": "auto",
+    "all2all_backend": "allgather_reducescatter", "enable_elastic_ep": False, "enable_dbo": False, "ubatch_size": 0,
+    "dbo_decode_token_threshold": 32, "dbo_prefill_token_threshold": 512, "disable_nccl_for_dp_synchronization": None,
+    "eplb_config": {}, "enable_eplb": False, "expert_placement_strategy": "linear", "_api_process_count": 1,
+    "_api_process_rank": 0, "max_parallel_loading_workers": None, "block_size": None, "enable_prefix_caching": None,
+    "prefix_caching_hash_algo": "sha256", "disable_sliding_window": False, "disable_cascade_attn": True,
+    "offload_backend": "auto", "cpu_offload_gb": 0, "cpu_offload_params": set(), "offload_group_size": 0,
+    "offload_num_in_group": 1, "offload_prefetch_step": 1, "offload_params": set(), "gpu_memory_utilization": 0.92,
+    "kv_cache_memory_bytes": None, "max_num_batched_tokens": None, "max_num_scheduled_tokens": None,
+    "max_num_partial_prefills": 1, "max_long_partial_prefills": 1, "long_prefill_token_threshold": 0,
+    "max_num_seqs": None, "max_logprobs": 20, "logprobs_mode": "raw_logprobs", "use_fp64_gumbel": False,
+    "disable_log_stats": False, "aggregate_engine_logging": False, "revision": None, "code_revision": None,
+    "hf_token": None, "hf_overrides": {}, "model_class_overrides": {}, "tokenizer_revision": None,
+    "quantization": None, "quantization_config": None, "allow_deprecated_quantization": False, "enforce_eager": False,
+    "disable_custom_all_reduce": False, "language_model_only": False, "limit_mm_per_prompt": {},
+    "enable_mm_embeds": False, "interleave_mm_strings": False, "media_io_kwargs": {}, "mm_processor_kwargs": None,
+    "mm_processor_cache_gb": 4, "mm_processor_cache_type": "lru", "mm_shm_cache_max_object_size_mb": 128,
+    "mm_encoder_only": False, "mm_encoder_tp_mode": "weights", "mm_encoder_attn_backend": None,
+    "mm_encoder_attn_dtype": None, "mm_encoder_fp8_scale_path": None, "mm_encoder_fp8_scale_save_path": None,
+    "mm_encoder_fp8_scale_save_margin": 1.5, "io_processor_plugin": None, "renderer_num_workers": 1,
+    "skip_mm_profiling": False, "video_pruning_rate": None, "mm_tensor_ipc": "direct_rpc", "mm_ipc_gpu_memory_gb": 0,
+    "enable_lora": False, "max_loras": 1, "max_lora_rank": 16, "default_mm_loras": None, "fully_sharded_loras": False,
+    "max_cpu_loras": None, "lora_dtype": "auto", "lora_target_modules": None, "enable_tower_connector_lora": False,
+    "specialize_active_lora": False, "enable_mixed_moe_lora_format": False, "enable_moe_shared_loras": False,
+    "ray_workers_use_nsight": False, "num_gpu_blocks_override": None, "model_loader_extra_config": {},
+    "ignore_patterns": ["original/**/*"], "enable_chunked_prefill": None, "disable_chunked_mm_input": False,
+    "scheduler_reserve_full_isl": True, "prefill_schedule_interval": 1, "watermark": 0.0,
+    "disable_hybrid_kv_cache_manager": None, "structured_outputs_config": {}, "reasoning_parser": "",
+    "reasoning_parser_plugin": None, "speculative_config": None, "spec_method": None, "spec_model": None,
+    "spec_tokens": None, "diffusion_config": None, "show_hidden_metrics_for_version": None,
+    "otlp_traces_endpoint": None, "collect_detailed_traces": None, "kv_cache_metrics": False,
+    "kv_cache_metrics_sample": 0.01, "cudagraph_metrics": False, "enable_layerwise_nvtx_tracing": False,
+    "enable_mfu_metrics": False, "enable_logging_iteration_details": False, "jit_monitor_mode": "warn",
+    "jit_monitor_verbose": False, "enable_mm_processor_stats": False, "scheduling_policy": "fcfs",
+    "scheduler_cls": None, "pooler_config": None, "compilation_config": {}, "attention_config": {}, "mamba_config": {},
+    "kernel_config": {}, "enable_flashinfer_autotune": None, "enable_bf16x3_router_gemm": None, "worker_cls": "auto",
+    "worker_extension_cls": "", "profiler_config": {}, "kv_transfer_config": None, "kv_events_config": None,
+    "ec_transfer_config": None, "reasoning_config": None, "generation_config": "auto", "enable_sleep_mode": False,
+    "enable_cumem_allocator": False, "override_generation_config": {}, "model_impl": "auto",
+    "override_attention_dtype": None, "attention_backend": None, "calculate_kv_scales": False,
+    "kv_cache_dtype_skip_layers": [], "mamba_cache_dtype": "auto", "mamba_ssm_cache_dtype": "auto",
+    "mamba_block_size": None, "prefix_match_unit": None, "mamba_cache_mode": "none", "mamba_backend": "triton",
+    "enable_mamba_cache_stochastic_rounding": False, "mamba_cache_philox_rounds": 0, "additional_config": {},
+    "use_tqdm_on_load": True, "pt_load_map_location": "cpu", "logits_processors": None, "async_scheduling": None,
+    "stream_interval": 1, "kv_sharing_fast_prefill": False, "optimization_level": 2, "performance_mode": "balanced",
+    "kv_offloading_size": None, "kv_offloading_backend": "native", "tokens_only": False, "shutdown_timeout": 0,
+    "weight_transfer_config": None, "fail_on_environ_validation": False, "gdn_prefill_backend": None,
+}
+
+
+def test_every_vllm_026_engine_args_field_is_taken_or_refused_with_a_reason():
+    """Real EngineArgs keywords were "unknown engine option", some with a misleading "did you mean"
+    (prefix_caching_hash_algo -> enable_prefix_caching, cuda_graph_sizes -> max_cudagraph_capture_size), others bare
+    (worker_extension_cls, disable_cascade_attn, stream_interval ...); enable_chunked_prefill=None and
+    attention_backend=None (vLLM's defaults) were refused. Every field is now an option here, a vLLM name of one, or
+    taken at vLLM's default and refused otherwise with a reason; EngineArgs has each as a field."""
+    from batchllm import EngineArgs
+    from batchllm.options import (
+        VLLM_ALIASES,
+        VLLM_CONVERTED,
+        VLLM_NO_EFFECT,
+        VLLM_NOT_TAKEN,
+        engine_config,
+        engine_options,
+    )
+
+    assert len(VLLM_026_ENGINE_ARGS) == 221
+    known = {*engine_options(), *VLLM_ALIASES, *VLLM_CONVERTED, *VLLM_NO_EFFECT, *VLLM_NOT_TAKEN}
+    assert [name for name in VLLM_026_ENGINE_ARGS if name not in known] == []
+    assert set(VLLM_026_ENGINE_ARGS) <= {f.name for f in dataclasses.fields(EngineArgs)}
+    default = engine_config()
+    for name, value in VLLM_026_ENGINE_ARGS.items():
+        if name == "model":
+            continue  # (vLLM's default model is not in this machine's cache)
+        config = engine_config(**{name: value})  # (never "unknown engine option")
+        if name not in engine_options():  # (an option's value is its own: gpu_memory_utilization 0.92 is taken)
+            assert config == default, f"{name}={value!r}: vLLM's default asks for nothing"
+    for name in VLLM_NOT_TAKEN.keys() & VLLM_026_ENGINE_ARGS.keys():
+        with pytest.raises(TypeError, match=rf"^{name}=.* is not supported: .*\(Only vLLM's default, "):
+            engine_config(**{name: ("a value", "no vLLM default is")})
+    for name, value in (("prefix_caching_hash_algo", "sha256"), ("prefix_caching_hash_algo", "xxhash"),
+                        ("disable_cascade_attn", False), ("cuda_graph_sizes", None)):
+        assert engine_config(**{name: value}) == default
+    with pytest.raises(TypeError, match="cuda_graph_sizes=.* not supported: decode batches up to "
+                                        "max_cudagraph_capture_size run as CUDA graphs"):
+        engine_config(cuda_graph_sizes=[1, 2, 4])
+    with pytest.raises(TypeError, match="worker_extension_cls='my.Ext' is not supported: the engine's processes"):
+        engine_config(worker_extension_cls="my.Ext")
+    assert engine_config(num_gpu_blocks_override=12).cache.num_kv_blocks == 12, "vLLM's name of num_kv_blocks"
+
+
+def test_engine_args_parser_takes_and_refuses_what_llm_does(capsys):
+    """EngineArgs.add_cli_args' parser refused vLLM flags LLM(...) takes or explains (-pp 1, --enable-lora,
+    --revision main, --hf-overrides {}, --compilation-config {...}, -O0) with a bare "unrecognized arguments". It
+    now takes what LLM takes and refuses the rest with batchllm run's explanation; EngineArgs(enable_prefix_caching=
+    False) reads back False (it read None), and LLM(compilation_config={}) (vLLM's default) is taken."""
+    from batchllm import EngineArgs
+    from batchllm.cli import main, vllm_flag_not_taken
+    from batchllm.options import engine_config
+    from batchllm.utils import FlexibleArgumentParser
+
+    def parse(*words):
+        parser = FlexibleArgumentParser(prog="script")
+        EngineArgs.add_cli_args(parser)
+        return parser.parse_args(list(words))
+
+    default = engine_config()
+    for words in (["--pipeline-parallel-size", "1"], ["-pp", "1"], ["--no-enable-lora"], ["--revision", "None"],
+                  ["--hf-overrides", "{}"], ["--compilation-config", "{}"], ["-O2"], ["-O", "3"],
+                  ["--optimization-level", "1"], ["--prefix-caching-hash-algo", "xxhash"],
+                  ["--structured-outputs-config", '{"backend": "xgrammar"}'], ["--worker-extension-cls", ""]):
+        args = parse(*words)
+        assert engine_config(**vars(args)) == default, words
+        assert engine_config(**dataclasses.asdict(EngineArgs.from_cli_args(args))) == default, words
+    for words, flag in ((["--enable-lora"], "--enable-lora"), (["--revision", "main"], "--revision"),
+                        (["-pp", "2"], "-pp"), (["-O0"], "-O"), (["--compilation-config", '{"level": 0}'],
+                                                                  "--compilation-config"),
+                        (["--hf-overrides", '{"a": 1}'], "--hf-overrides"), (["--stream-interval", "4"],
+                                                                             "--stream-interval")):
+        with pytest.raises(SystemExit):
+            parse(*words)
+        err = capsys.readouterr().err
+        assert "is not supported: " + vllm_flag_not_taken(flag) in err and "unrecognized" not in err, words
+    with pytest.raises(SystemExit):
+        main(["run", "in.jsonl", "-o", "out.jsonl", "-O0"])
+    assert "-O0: nothing is compiled here" in capsys.readouterr().err
+    assert EngineArgs(enable_prefix_caching=False).enable_prefix_caching is False
+    assert EngineArgs(enable_prefix_caching=False).prefix_sharing is False
+    assert EngineArgs(kv_cache_memory_bytes=2**30).kv_cache_memory_bytes == 2**30
+    assert engine_config(compilation_config={}) == default
+    with pytest.raises(TypeError, match="'enable_prefix_caching' and 'prefix_sharing' are the same option"):
+        engine_config(enable_prefix_caching=False, prefix_sharing=True)
