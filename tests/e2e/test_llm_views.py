@@ -151,7 +151,8 @@ def test_engine_args_as_vllms_examples_use_them(tiny_model_factory):
     with pytest.raises(TypeError, match="engine option 'max_model_len' must be an integer"):
         EngineArgs(max_model_len="4k")
     vllms = EngineArgs(enable_prefix_caching=False, kv_cache_memory_bytes=3 << 29)  # vLLM's names, as its examples
-    assert (vllms.prefix_sharing, vllms.kv_cache_memory_gib, vllms.enable_prefix_caching) == (False, 1.5, None)
+    assert (vllms.prefix_sharing, vllms.kv_cache_memory_gib, vllms.enable_prefix_caching) == (False, 1.5, False)
+    assert vllms.kv_cache_memory_bytes == 3 << 29, "vLLM's names read back as given, as vLLM's EngineArgs"
     assert engine_config(**dataclasses.asdict(vllms)).cache.kv_cache_memory_gib == 1.5
     # vLLM's fields without effect here are taken, and read (vLLM's throughput script reads enable_lora)
     quiet = EngineArgs(disable_log_stats=True, swap_space=4, enable_lora=False, served_model_name="m")
