@@ -59,12 +59,13 @@ def test_seed_minus_one_is_no_seed_as_in_vllm():
         "a child whose seed comes to -1 stays seeded (modulo 2^64, the same seed)"
 
 
-def test_an_engine_seed_of_none_is_drawn_once_per_config(tiny_model_factory):
-    """LLM(seed=None) (vLLM accepts it) reached torch.manual_seed(None) after the weights loaded."""
+def test_an_engine_seed_of_none_runs_as_seed_0(tiny_model_factory):
+    """LLM(seed=None) reached torch.manual_seed(None) after the weights loaded; it is now seed 0, as vLLM V1 read
+    None (0.26 declares seed: int = 0), so a ported script stays reproducible."""
     from batchllm import LLM
     from batchllm.config import ModelConfig
 
-    assert isinstance(ModelConfig(seed=None).seed, int)
+    assert ModelConfig(seed=None).seed == 0
     with pytest.raises(ValueError, match="seed must be an integer or None"):
         ModelConfig(seed="3")
     llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64, seed=None)
