@@ -309,6 +309,20 @@ def later_write_problem(path: Path, what: str) -> str | None:
     return None
 
 
+def directory_write_problem(directory: Path, what: str) -> str | None:
+    """Why files could not be made in `directory` (`what` names it), or None: a probe file is created and
+    removed (asked, root would pass every permission check). A missing folder is made, as the job would."""
+    probe = directory / f".batchllm-write-check-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "x"):
+            pass
+    except OSError as e:
+        return f"cannot write {what} {str(directory)!r}: {e.strerror or e}"
+    probe.unlink(missing_ok=True)
+    return None
+
+
 def state_path_for(output: Path) -> Path:
     """The state file that ties an output file to its input and options."""
     return output.with_name(output.name + STATE_SUFFIX)

@@ -289,6 +289,9 @@ def run_command_on_ray(args) -> int:
     defaults = keep_the_outputs_openai_rule(defaults, job_state_path(args.output), args.overwrite)
     if problem := _prepare_output_directory(args, results_options(args, defaults)):
         return _fail(problem)
+    if (done := _complete_job(args.output, args.input)) is not None:
+        return _write_stats(args, {**done, "num_replicas": args.num_replicas}) or (
+            EXIT_LINES_FAILED if done["num_errors"] else EXIT_OK)
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
     names = response_shape(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
@@ -296,6 +299,9 @@ def run_command_on_ray(args) -> int:
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
                                       args.default_chat_template_kwargs)
+        except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
+            return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
+                         "so far are kept, run the same command to resume")
         except Interrupted as e:
             _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
             return 128 + e.signum
@@ -306,6 +312,18 @@ def run_command_on_ray(args) -> int:
     if result["num_records"] == 0 and count_input_lines(args.input):
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
+
+
+def _complete_job(output_dir: Path, input_path: Path) -> dict | None:
+    """--stats of a job whose every line has a record in `output_dir` (said on stderr: nothing to run, so neither
+    Ray nor the model starts, and the directory may be read-only), or None where lines are left."""
+    num_records, num_errors = count_shard_records(output_dir)
+    num_lines = count_input_lines(input_path)
+    if not num_lines or num_records < num_lines:
+        return None
+    print(f"batchllm: {output_dir} is already complete ({num_lines} lines: {num_records - num_errors} done, "
+          f"{num_errors} failed); nothing to run (--overwrite starts over)", file=sys.stderr)
+    return {"num_records": num_records, "num_errors": num_errors, "wall_s": 0.0}
 
 
 def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
@@ -354,7 +372,19 @@ def _prepare_output_directory(args, options: dict) -> str | None:
         tie_directory_to_job(args.output, args.input, options)
     except (JobError, OSError) as e:
         return str(e)
-    return None
+    return _write_problem(args.output, args.input)
+
+
+def _write_problem(output_dir: Path, input_path: Path) -> str | None:
+    """Why a job with lines left could not write its shards and checkpoint entries into `output_dir`, or None
+    (also where every line has a record: a finished job needs no write access). Checked before the model loads,
+    as `run` without --ray checks its files: found by Ray, the failure came after the engine ran the lines."""
+    from batchllm.io.job import directory_write_problem
+
+    if count_shard_records(output_dir)[0] >= count_input_lines(input_path) > 0:
+        return None
+    return (directory_write_problem(output_dir, "the --ray output directory")
+            or directory_write_problem(output_dir / CHECKPOINT_DIR, "the --ray checkpoint directory"))
 
 
 def _report_interrupt(args, signal_name: str) -> None:

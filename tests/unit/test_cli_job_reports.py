@@ -147,3 +147,46 @@ def test_a_ray_directory_no_job_wrote_is_refused_without_suggesting_what_ray_ref
         assert (f"{str(data)!r}: it holds files but no job.batchllm-state, so no batchllm --ray job wrote it; "
                 "give a new or empty directory as -o, or remove these files") in err, err
     assert sorted(p.name for p in data.iterdir()) == ["precious.txt"]
+
+
+def _ray_job_faked(monkeypatch, records: list[dict]):
+    """`run --ray` with Ray taken as started and its Ray Data job replaced by one writing `records` as a shard;
+    returns the list of the job's calls."""
+    import ray
+
+    from batchllm.ray import jsonl_job
+
+    calls = []
+
+    def fake_job(input_path, output_dir, *args, **kwargs):
+        calls.append(output_dir)
+        (output_dir / "shard_000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return {"num_records": len(records), "num_errors": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", fake_job)
+    return calls
+
+
+def test_a_ray_job_with_lines_left_in_a_read_only_directory_is_refused_before_it_runs(tmp_path, capsys, monkeypatch):
+    """`run --ray` into a read-only directory holding some results failed as an 'unexpected failure' (exit 3) when
+    Ray could not write its checkpoint, after the engine had run the lines left (their answers lost): the
+    directory was checked only where it held no results. Now refused by name before anything runs, as without
+    --ray; a finished job there is reported complete (no write needed)."""
+    import pytest
+
+    pytest.importorskip("ray")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi"}\n')
+    calls = _ray_job_faked(monkeypatch, [{"id": "a", "error": None}])
+    code, err = run(capsys, src, "-o", out, "--ray")
+    assert code == 0 and len(calls) == 1, err
+    _read_only(monkeypatch, tmp_path)
+    code, err = run(capsys, src, "-o", out, "--ray")
+    assert code == 2 and len(calls) == 1, err
+    assert err.endswith(f"batchllm: error: cannot write the --ray output directory {str(out)!r}: "
+                        "Read-only file system\n"), err
+
+    (out / "shard_000000.jsonl").write_text('{"id": "a", "error": null}\n{"id": "b", "error": null}\n')
+    code, err = run(capsys, src, "-o", out, "--ray")
+    assert code == 0 and len(calls) == 1 and "is already complete (2 lines: 2 done, 0 failed)" in err, err
