@@ -402,6 +402,19 @@ def _job_files(args: argparse.Namespace) -> dict[str, Path]:
             "the output's state file": state_path_for(args.output)}
 
 
+_OPENAI_KEYS = (b'"custom_id"', b'"body"', b"\\u")
+"""Bytes without which a line is no OpenAI Batch line (`io.jsonl._is_openai_line`: a custom_id, or a body), an
+escaped key aside (\\u: such a line may be one)."""
+
+
+def may_hold_openai_lines(path: Path) -> bool:
+    """Whether the input may hold an OpenAI Batch line, whose error (and only such an error) the job writes into
+    its errors file: False only where no line can be one (a plain file: its failed lines are records of the output,
+    so its errors file is never written, nor need be writable)."""
+    with open(path, "rb") as f:
+        return any(key in raw for raw in f for key in _OPENAI_KEYS)
+
+
 def _stats_problem(path: Path, job_files: dict[str, Path]) -> str | None:
     """Why the --stats file could not be written at the end of the job, or None (`later_write_problem`). It
     must not be one of the job's own files (`job_files`): it would replace that file's contents."""
@@ -542,7 +555,8 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
         defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)
         num_lines = count_input_lines(args.input)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path,
-                                results_options(args, defaults), num_lines, lock.write_problem)
+                                results_options(args, defaults), num_lines, lock.write_problem,
+                                functools.partial(may_hold_openai_lines, args.input))
         job = _Job(args.output, errors_path, resume, num_lines)
         if job.num_lines and job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
             status = job.report_complete()

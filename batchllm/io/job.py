@@ -220,13 +220,15 @@ def _is_a_standard_stream(path: Path) -> bool:
 
 def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None,
                    options: dict[str, Any] | None = None, num_lines: int | None = None,
-                   write_problem: str | None = None) -> ResumeState:
+                   write_problem: str | None = None,
+                   writes_errors: Callable[[], bool] | None = None) -> ResumeState:
     """Validate or create the output (and its errors file) for this input and these `options` (JSON
     values; None: not checked); return what is already done. A state file of an older version (no
     options recorded) resumes under any. `num_lines`: the input's lines, where known; an output that records
     them all is only read, so a finished job needs no write access (a torn last line is still cut). Any other
     job must be able to write: `write_problem` (why the output cannot be written: `OutputLock.write_problem`) and
-    an errors file that cannot be written are raised as JobErrors, before anything is written."""
+    an errors file that cannot be written are raised as JobErrors, before anything is written; the errors file only
+    where the job may write one (`writes_errors`, asked only then; None: it may)."""
     refuse_output_onto_input(output, input_path)
     state_path = state_path_for(output)
     if errors is not None and any(same_file(errors, p) for p in (input_path, output, state_path)):
@@ -239,9 +241,9 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     if existing and not overwrite:
         resume = _resume(output, errors, state_path, fingerprint, input_path)
         if num_lines is None or resume.num_lines_recorded < num_lines:
-            _refuse_unwritable_files(write_problem, errors)
+            _refuse_unwritable_files(write_problem, errors, writes_errors)
         return resume
-    _refuse_unwritable_files(write_problem, errors)
+    _refuse_unwritable_files(write_problem, errors, writes_errors)
     try:
         _start_output(output, errors, state_path, fingerprint)
     except OSError as e:  # a full disk, a read-only place
@@ -267,13 +269,15 @@ def _resume(output: Path, errors: Path | None, state_path: Path, fingerprint: di
     return resume
 
 
-def _refuse_unwritable_files(write_problem: str | None, errors: Path | None) -> None:
+def _refuse_unwritable_files(write_problem: str | None, errors: Path | None,
+                             writes_errors: Callable[[], bool] | None = None) -> None:
     """Raise JobError where the output (`write_problem`), then the job's errors file (written at its first failed
-    line) could not be written."""
+    OpenAI line) could not be written; the errors file not where `writes_errors()` says the job writes none."""
     if write_problem is not None:
         raise JobError(write_problem)
     if errors is not None and (problem := later_write_problem(errors, "the errors file")):
-        raise JobError(problem)
+        if writes_errors is None or writes_errors():
+            raise JobError(problem)
 
 
 def _start_output(output: Path, errors: Path | None, state_path: Path, fingerprint: dict[str, Any]) -> None:

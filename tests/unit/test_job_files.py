@@ -855,3 +855,20 @@ def test_resuming_with_another_errors_file_is_refused_while_the_first_holds_fail
     assert prepare_output(out, src, overwrite=False, errors=first, options={}).done_error_lines == {2}
     first.rename(second)  # moved by hand: resumes from where it now is
     assert prepare_output(out, src, overwrite=False, errors=second, options={}).done_error_lines == {2}
+
+
+def test_a_plain_job_never_writing_an_errors_file_needs_none_writable(tmp_path, capsys, tiny_model_factory):
+    """A plain JSONL job was refused because its errors file could not be written, though only OpenAI Batch lines'
+    errors go there (a plain line's error is a record of the output): the file is checked where the input may hold
+    such a line, and nowhere else."""
+    model = tiny_model_factory("llama")
+    src, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", Path("/proc/e.jsonl")  # (root may, /proc not)
+    src.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "hi", "temperature": -1}\n')
+    code, err = run(capsys, src, "-o", out, "--errors-file", errors, "--model", model, "--max-tokens", "2")
+    assert code == 1 and "2 lines: 1 done, 1 failed" in err, err
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["a", "b"]
+
+    src.write_text(json.dumps({"custom_id": "o", "method": "POST", "url": "/v1/completions",
+                               "body": {"prompt": "Hi"}}) + "\n")
+    code, err = run(capsys, src, "-o", tmp_path / "o2.jsonl", "--errors-file", errors, "--model", model)
+    assert code == 2 and "cannot write the errors file '/proc/e.jsonl'" in err, err
