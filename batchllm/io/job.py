@@ -238,6 +238,8 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     if errors is not None:
         fingerprint["errors_file"] = str(errors.resolve())
     existing = [p for p in (output, errors) if p is not None and p.is_file() and p.stat().st_size > 0]
+    if not existing and not overwrite and num_lines == 0 and _is_this_jobs_empty_output(output, fingerprint):
+        return ResumeState()  # a finished job of an empty input: nothing to write, so no write access needed
     if existing and not overwrite:
         resume = _resume(output, errors, state_path, fingerprint, input_path)
         if num_lines is None or resume.num_lines_recorded < num_lines:
@@ -249,6 +251,19 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     except OSError as e:  # a full disk, a read-only place
         raise JobError(f"cannot write results to {str(output)}: {e.strerror or e}") from e
     return ResumeState()
+
+
+def _is_this_jobs_empty_output(output: Path, fingerprint: dict[str, Any]) -> bool:
+    """Whether `output` is the empty output of this job (`fingerprint`: its state file says so), as a finished job of
+    an empty input leaves it; anything else (no state file, another job's) is started afresh, as before."""
+    if not output.is_file() or output.stat().st_size:
+        return False
+    try:
+        state = _read_state(state_path_for(output), output)
+        _refuse_another_job(output, state, fingerprint, output)
+    except JobError:
+        return False
+    return state.get("errors_file", fingerprint.get("errors_file")) == fingerprint.get("errors_file")
 
 
 def _resume(output: Path, errors: Path | None, state_path: Path, fingerprint: dict[str, Any],

@@ -190,3 +190,18 @@ def test_a_ray_job_with_lines_left_in_a_read_only_directory_is_refused_before_it
     (out / "shard_000000.jsonl").write_text('{"id": "a", "error": null}\n{"id": "b", "error": null}\n')
     code, err = run(capsys, src, "-o", out, "--ray")
     assert code == 0 and len(calls) == 1 and "is already complete (2 lines: 2 done, 0 failed)" in err, err
+
+
+def test_a_finished_job_of_an_empty_input_is_complete_in_a_read_only_place(tmp_path, capsys, monkeypatch):
+    """An empty input's job, run again where its (empty) output can no longer be written, was refused ('cannot
+    write the output'): a 0-byte output was taken for a fresh start and its files checked for writing before the
+    empty input was seen. It is the finished job: exit 0, nothing written, no model loaded."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n")
+    code, err = run(capsys, src, "-o", out)
+    assert code == 0 and out.read_bytes() == b"", err
+    files = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    _read_only(monkeypatch, tmp_path)
+    code, err = run(capsys, src, "-o", out)
+    assert code == 0 and "has no requests" in err, err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files, "nothing was written"
