@@ -244,6 +244,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
         resume = _resume(output, errors, state_path, fingerprint, input_path)
         if num_lines is None or resume.num_lines_recorded < num_lines:
             _refuse_unwritable_files(write_problem, errors, writes_errors)
+            _record_errors_file(state_path, fingerprint)
         return resume
     _refuse_unwritable_files(write_problem, errors, writes_errors)
     try:
@@ -276,7 +277,7 @@ def _resume(output: Path, errors: Path | None, state_path: Path, fingerprint: di
                        "remove it (--overwrite would delete it)")
     state = _read_state(state_path, output)
     _refuse_another_job(output, state, fingerprint, input_path)
-    _refuse_another_errors_file(output, state.get("errors_file"), errors)
+    _refuse_another_errors_file(output, state, errors)
     resume = _scan_and_repair(output, ResumeState(typed_ids=state.get("version", 1) >= 2))
     if errors is not None and errors.is_file() and errors.stat().st_size > 0:
         _refuse_errors_written_by_another(output, state, errors)
@@ -421,9 +422,22 @@ def _refuse_another_job(output: Path, state: dict[str, Any], fingerprint: dict[s
     _refuse_other_options(output, state.get("options"), fingerprint.get("options"))
 
 
-def _refuse_another_errors_file(output: Path, recorded: Any, errors: Path | None) -> None:
+def _record_errors_file(state_path: Path, fingerprint: dict[str, Any]) -> None:
+    """Record in the state file the errors file this run writes, where it is another than the one recorded (a
+    renamed --errors-file, a copied job's own): a later resume then reads, or is refused for, the file that holds the
+    failed lines, never runs them again into the old one. Called only where the job will write."""
+    state = json.loads(state_path.read_bytes())
+    if "errors_file" in fingerprint and state.get("errors_file") != fingerprint["errors_file"]:
+        try:
+            _write_state(state_path, {**state, "errors_file": fingerprint["errors_file"]})
+        except OSError as e:
+            raise JobError(f"cannot write the state file {str(state_path)!r}: {e.strerror or e}") from e
+
+
+def _refuse_another_errors_file(output: Path, state: dict[str, Any], errors: Path | None) -> None:
     """Raise JobError when the job's failed lines are in another errors file than `errors` (the one its state
     file records, still holding records): resumed so, they would run and be written again into this one."""
+    recorded = state.get("errors_file")
     if not isinstance(recorded, str) or errors is None or Path(recorded) == errors.resolve():
         return
     if Path(recorded).is_file() and Path(recorded).stat().st_size > 0:

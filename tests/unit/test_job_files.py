@@ -847,7 +847,7 @@ def test_resuming_with_another_errors_file_is_refused_while_the_first_holds_fail
     src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in range(2)))
     prepare_output(out, src, overwrite=False, errors=first, options={})
     out.write_text(json.dumps({"id": "batch_req_1", "custom_id": "c0", "response": {}, "error": None}) + "\n")
-    assert prepare_output(out, src, overwrite=False, errors=second, options={}).done_ids == {"c0"}, "none failed"
+    assert prepare_output(out, src, overwrite=False, errors=first, options={}).done_ids == {"c0"}, "none failed"
     write_as_the_job(out, first, json.dumps({"id": "batch_req_2", "custom_id": "c1", "response": None,
                                              "error": {"code": "invalid_request", "message": "line 2: bad"}}) + "\n")
     with pytest.raises(JobError, match=r"its failed lines are in '.*first\.errors\.jsonl'.*--errors-file"):
@@ -872,3 +872,30 @@ def test_a_plain_job_never_writing_an_errors_file_needs_none_writable(tmp_path, 
                                "body": {"prompt": "Hi"}}) + "\n")
     code, err = run(capsys, src, "-o", tmp_path / "o2.jsonl", "--errors-file", errors, "--model", model)
     assert code == 2 and "cannot write the errors file '/proc/e.jsonl'" in err, err
+
+
+def _openai_job(tmp_path, tiny_model_factory):
+    """(input, output, options) of an OpenAI Batch job of one good line and one that fails."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": k, "method": "POST", "url": "/v1/completions",
+                                       "body": {"prompt": "Hi", **extra}}) + "\n"
+                           for k, extra in (("good", {}), ("bad", {"temperature": -1}))))
+    return src, out, ["--model", tiny_model_factory("llama"), "--max-tokens", "2"]
+
+
+def test_a_job_resumed_with_another_errors_file_records_it(tmp_path, capsys, tiny_model_factory):
+    """Resumed with a renamed --errors-file, the state file kept the old path: a later run naming the old file was
+    accepted and ran the failed lines again into it (recorded twice). The state records the errors file the job
+    writes now, so the old name is refused, naming the new one."""
+    src, out, options = _openai_job(tmp_path, tiny_model_factory)
+    code, err = run(capsys, src, "-o", out, *options)
+    assert code == 1, err
+    renamed = tmp_path / "renamed.errors.jsonl"
+    (tmp_path / "out.errors.jsonl").rename(renamed)
+    out.write_text("")  # the good line is left to run
+    code, err = run(capsys, src, "-o", out, "--errors-file", renamed, *options)
+    assert code == 1 and "2 lines: 1 done, 1 failed (1 run now)" in err, err
+    assert json.loads(state_path_for(out).read_text())["errors_file"] == str(renamed.resolve())
+    code, err = run(capsys, src, "-o", out, *options)  # (the default errors file, the old name)
+    assert code == 2 and f"its failed lines are in {str(renamed.resolve())!r}" in err, err
+    assert not (tmp_path / "out.errors.jsonl").exists() and len(renamed.read_text().splitlines()) == 1
