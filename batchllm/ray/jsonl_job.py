@@ -264,7 +264,6 @@ def run_command_on_ray(args) -> int:
         Interrupted,
         _fail,
         _signals_interrupt,
-        _stats_problem,
         _write_stats,
         keep_the_outputs_openai_rule,
         note_ignored_fields,
@@ -277,7 +276,7 @@ def run_command_on_ray(args) -> int:
 
     if problem := input_problem(args.input):
         return _fail(problem)
-    if args.stats is not None and (problem := _stats_problem(args.stats, {"the input file": args.input})):
+    if args.stats is not None and (problem := _ray_stats_problem(args)):
         return _fail(problem)  # before the job, as without --ray
     try:
         config, defaults, from_model = _job_config(args)
@@ -324,6 +323,21 @@ def _complete_job(output_dir: Path, input_path: Path) -> dict | None:
     print(f"batchllm: {output_dir} is already complete ({num_lines} lines: {num_records - num_errors} done, "
           f"{num_errors} failed); nothing to run (--overwrite starts over)", file=sys.stderr)
     return {"num_records": num_records, "num_errors": num_errors, "wall_s": 0.0}
+
+
+def _ray_stats_problem(args) -> str | None:
+    """Why --stats could not be written at the end of a --ray job, or None: as without --ray (`cli._stats_problem`)
+    it must be none of the job's files (the input, -o, its state file), nor inside -o, whose files are the job's
+    (a .jsonl there would be counted as a shard, any file taken for results)."""
+    from batchllm.cli import _stats_problem
+    from batchllm.io.job import job_state_path
+
+    inside = args.output.resolve() in args.stats.resolve().parents
+    if inside and args.stats.resolve() != job_state_path(args.output).resolve():
+        return (f"--stats {str(args.stats)!r} is inside the --ray output directory {str(args.output)!r}, whose files "
+                "are the job's shards and checkpoint; choose a path outside it")
+    return _stats_problem(args.stats, {"the input file": args.input, "the output directory": args.output,
+                                       "the output's state file": job_state_path(args.output)})
 
 
 def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:

@@ -205,3 +205,19 @@ def test_a_finished_job_of_an_empty_input_is_complete_in_a_read_only_place(tmp_p
     code, err = run(capsys, src, "-o", out)
     assert code == 0 and "has no requests" in err, err
     assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files, "nothing was written"
+
+
+def test_ray_stats_onto_the_jobs_own_files_is_refused(tmp_path, capsys, monkeypatch):
+    """`run --ray --stats OUT/job.batchllm-state` was checked against the input only: the statistics replaced the
+    job's state file at the end (the next run refused the directory as damaged). --stats is checked as without
+    --ray: none of the job's files, nor a file among its shards."""
+    import pytest
+
+    pytest.importorskip("ray")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    calls = _ray_job_faked(monkeypatch, [{"id": "a", "error": None}])
+    for stats, said in ((out / "job.batchllm-state", "is the output's state file"), (out, "is the output directory"),
+                        (out / "s.jsonl", "is inside the --ray output directory")):
+        code, err = run(capsys, src, "-o", out, "--ray", "--stats", stats)
+        assert code == 2 and said in err and not calls, err
