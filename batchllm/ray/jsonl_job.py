@@ -20,7 +20,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -186,8 +186,9 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
                      global_seed: int | None = None, names=None, file_format: str | None = None,
-                     template_defaults: dict | None = None) -> dict:
+                     template_defaults: dict | None = None, on_written: Callable[[], None] | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
+    `on_written` is called once every shard is written (before they are counted): the job is done from then on.
     `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name);
     `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
     the chat lines' default template keywords (`prepare_lines`').
@@ -219,6 +220,8 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
     finally:
         context.checkpoint_config = previous  # the context is the driver's: later datasets must not inherit it
+    if on_written is not None:
+        on_written()
     num_records, num_errors = count_shard_records(output_dir)
     return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
 
@@ -294,10 +297,10 @@ def run_command_on_ray(args) -> int:
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
     names = response_shape(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
-    with _signals_interrupt():
+    with _signals_interrupt() as results_written:  # (called once every shard is written: a later signal is ignored)
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
-                                      args.default_chat_template_kwargs)
+                                      args.default_chat_template_kwargs, on_written=results_written)
         except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
             return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
                          "so far are kept, run the same command to resume")

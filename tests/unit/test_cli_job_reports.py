@@ -221,3 +221,33 @@ def test_ray_stats_onto_the_jobs_own_files_is_refused(tmp_path, capsys, monkeypa
                         (out / "s.jsonl", "is inside the --ray output directory")):
         code, err = run(capsys, src, "-o", out, "--ray", "--stats", stats)
         assert code == 2 and said in err and not calls, err
+
+
+def test_a_signal_after_every_ray_shard_is_written_does_not_interrupt_the_finished_job(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """`run --ray` reported a finished job as interrupted (exit 130) when SIGINT arrived after every shard was
+    written (while they were counted, or Ray shut down): as without --ray, the job says when its results are
+    written, and a signal after that is ignored."""
+    import os
+    import signal
+
+    import pytest
+    import ray
+
+    from batchllm.ray import jsonl_job
+
+    pytest.importorskip("ray")
+
+    def finished_then_signalled(input_path, output_dir, *args, on_written=None, **kwargs):
+        (output_dir / "part-0.jsonl").write_text(json.dumps({"id": "a", "error": None}) + "\n")
+        if on_written is not None:
+            on_written()
+        os.kill(os.getpid(), signal.SIGINT)
+        return {"num_records": 1, "num_errors": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", finished_then_signalled)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    code, err = run(capsys, src, "-o", tmp_path / "out", "--ray")
+    assert code == 0 and "1 records in" in err and "interrupted" not in err, err
