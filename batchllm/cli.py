@@ -674,9 +674,9 @@ class _Job:
                 "num_lines_resumed": self.num_recorded_before}
 
     def nothing_run_stats(self) -> dict:
-        """--stats of a run that found nothing to do (an empty input, or every line answered before)."""
-        return {"num_lines_done": len(self.resume.done_ids), "num_lines_failed": len(self.resume.done_error_lines),
-                "num_lines_resumed": self.num_recorded_before, "wall_s": 0.0}
+        """--stats of a run that found nothing to do (an empty input, or every line answered before): the keys of
+        every other run's (`progress_stats`)."""
+        return {**self.progress_stats(), "wall_s": 0.0}
 
     def report_complete(self) -> int:
         failed = len(self.resume.done_error_lines)
@@ -888,8 +888,8 @@ def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
 def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num_failed: int, wall: float) -> int:
     """The end-of-run summary line (and --stats); the exit status."""
     total_done = num_done + len(job.resume.done_ids)
-    stats = {**stats, "num_lines_done": total_done, "num_lines_failed": num_failed,
-             "num_lines_resumed": job.num_recorded_before, "wall_s": wall}
+    stats = {**stats, **job.progress_stats(), "num_lines_done": total_done, "num_lines_failed": num_failed,
+             "wall_s": wall}  # (every run's line keys: a stopped run's too)
     rate = lambda n: n / wall if wall > 0 else 0.0  # noqa: E731
     print(
         f"batchllm: {total_done + num_failed} lines: {total_done} done, {num_failed} failed ({num_done} run now) "

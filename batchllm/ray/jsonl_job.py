@@ -269,6 +269,7 @@ def run_command_on_ray(args) -> int:
         _signals_interrupt,
         _write_stats,
         keep_the_outputs_openai_rule,
+        lines_progress_stats,
         note_ignored_fields,
         note_model_defaults,
         response_shape,
@@ -309,9 +310,12 @@ def run_command_on_ray(args) -> int:
             return 128 + e.signum
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
-    if failed := _write_stats(args, {**result, "num_replicas": args.num_replicas}):
+    num_lines = count_input_lines(args.input)
+    if failed := _write_stats(args, {**result, **lines_progress_stats(num_lines, result["num_records"],
+                                                                      result["num_errors"]),
+                                     "num_replicas": args.num_replicas}):
         return failed
-    if result["num_records"] == 0 and count_input_lines(args.input):
+    if result["num_records"] == 0 and num_lines:
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
 
@@ -325,7 +329,10 @@ def _complete_job(output_dir: Path, input_path: Path) -> dict | None:
         return None
     print(f"batchllm: {output_dir} is already complete ({num_lines} lines: {num_records - num_errors} done, "
           f"{num_errors} failed); nothing to run (--overwrite starts over)", file=sys.stderr)
-    return {"num_records": num_records, "num_errors": num_errors, "wall_s": 0.0}
+    from batchllm.cli import lines_progress_stats
+
+    return {"num_records": num_records, "num_errors": num_errors,
+            **lines_progress_stats(num_lines, num_records, num_errors), "wall_s": 0.0}
 
 
 def _ray_stats_problem(args) -> str | None:

@@ -161,7 +161,7 @@ def _ray_job_faked(monkeypatch, records: list[dict]):
     def fake_job(input_path, output_dir, *args, **kwargs):
         calls.append(output_dir)
         (output_dir / "shard_000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        return {"num_records": len(records), "num_errors": 0, "wall_s": 0.0}
+        return {"num_records": len(records), "num_errors": sum(bool(r["error"]) for r in records), "wall_s": 0.0}
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", fake_job)
@@ -251,3 +251,35 @@ def test_a_signal_after_every_ray_shard_is_written_does_not_interrupt_the_finish
     src.write_text('{"id": "a", "prompt": "Hi"}\n')
     code, err = run(capsys, src, "-o", tmp_path / "out", "--ray")
     assert code == 0 and "1 records in" in err and "interrupted" not in err, err
+
+
+LINE_KEYS = {"num_lines", "num_lines_recorded", "num_lines_done", "num_lines_failed", "num_lines_left"}
+
+
+def test_every_stats_file_holds_the_same_line_counts(tmp_path, capsys, monkeypatch, tiny_model_factory):
+    """--stats of a finished run, or of one with nothing to run, lacked num_lines, num_lines_recorded and
+    num_lines_left (a stopped run's had them), and a finished --ray run wrote only num_records/num_errors: a script
+    reading one key broke on the others. Every run now writes the same line counts, with their true values."""
+    import pytest
+
+    src, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi", "temperature": -1}\n')
+    counts = {"num_lines": 2, "num_lines_recorded": 2, "num_lines_done": 1, "num_lines_failed": 1,
+              "num_lines_left": 0}
+    for _ in ("finished", "nothing to run"):
+        code, err = run(capsys, src, "-o", out, "--model", tiny_model_factory("llama"), "--max-tokens", "2",
+                        "--stats", stats)
+        assert code == 1, err
+        written = json.loads(stats.read_text())
+        assert {k: written[k] for k in LINE_KEYS} == counts, written
+    src.write_text("")
+    code, err = run(capsys, src, "-o", tmp_path / "empty.jsonl", "--stats", stats)
+    assert code == 0 and {k: json.loads(stats.read_text())[k] for k in LINE_KEYS} == dict.fromkeys(LINE_KEYS, 0)
+
+    pytest.importorskip("ray")
+    src.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi"}\n')
+    _ray_job_faked(monkeypatch, [{"id": "a", "error": None}, {"id": "b", "error": {"message": "m"}}])
+    for _ in ("finished", "nothing to run"):
+        code, err = run(capsys, src, "-o", tmp_path / "shards", "--ray", "--stats", stats)
+        written = json.loads(stats.read_text())
+        assert {k: written[k] for k in LINE_KEYS} == counts and written["num_records"] == 2, written
