@@ -410,8 +410,17 @@ class LLM:
         if capacity is None or needed <= capacity:
             return None
         return (f"the prompt ({num_prompt_tokens} tokens) and its completion may need {needed} tokens of KV cache, "
-                f"but the cache holds {capacity}; give the cache more memory (--kv-cache-memory-gib, "
-                "--gpu-memory-utilization)" + (" or lower max_tokens" if params.max_tokens is not None else ""))
+                f"but the cache holds {capacity}; {self._kv_cache_advice()}"
+                + (" or lower max_tokens" if params.max_tokens is not None else ""))
+
+    def _kv_cache_advice(self) -> str:
+        """How to give the KV cache more tokens: num_kv_blocks, where set, fixes its size over the memory
+        settings (raising those would change nothing), else the memory settings."""
+        blocks = self.config.cache.num_kv_blocks
+        if blocks is not None:
+            return (f"raise num_kv_blocks (--num-kv-blocks, now {blocks}), which fixes the cache's size over "
+                    "--kv-cache-memory-gib and --gpu-memory-utilization")
+        return "give the cache more memory (--kv-cache-memory-gib, --gpu-memory-utilization)"
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's

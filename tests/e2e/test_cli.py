@@ -240,6 +240,8 @@ def test_a_line_the_kv_cache_cannot_hold_fails_alone(tmp_path, default_model_dir
     assert set(records) == {"ok-0", "ok-1", "ok-2", "ok-3", "big"}
     message = records["big"]["error"]["message"]
     assert message.startswith("line 3: the prompt (") and "tokens of KV cache, but the cache holds" in message
+    assert "; give the cache more memory (--kv-cache-memory-gib, --gpu-memory-utilization) or lower max_tokens" \
+        in message, "the cache is sized by memory here"
     assert all(len(records[f"ok-{i}"]["token_ids"]) == 2 for i in range(4))
 
 
@@ -250,7 +252,11 @@ def test_generate_refuses_a_prompt_the_kv_cache_cannot_hold(tiny_model_factory):
               block_size=16)
     try:
         assert llm.kv_cache_tokens == 64
-        with pytest.raises(ValueError, match=r"prompt 1: the prompt \(60 tokens\) and its completion may need 70"):
+        # num_kv_blocks fixes the cache's size over the memory settings: raising those would change nothing
+        with pytest.raises(ValueError, match=r"prompt 1: the prompt \(60 tokens\) and its completion may need 70 "
+                                             r"tokens of KV cache, but the cache holds 64; raise num_kv_blocks "
+                                             r"\(--num-kv-blocks, now 4\), which fixes the cache's size over "
+                                             r"--kv-cache-memory-gib and --gpu-memory-utilization or lower max_tokens"):
             llm.generate([[5] * 10, [5] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
         # max_tokens None: up to the context or to what the cache holds (Scheduler._max_total_tokens)
         with pytest.raises(ValueError, match=r"the prompt \(64 tokens\) and its completion may need 65"):

@@ -309,7 +309,7 @@ def test_without_max_tokens_a_request_runs_to_what_the_cache_holds_when_that_is_
         siblings = llm.generate([list(range(5, 25)) + [30], list(range(5, 25)) + [31]], params, use_tqdm=False)
         three = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=None, temperature=0.8, seed=1, n=3,
                                                          ignore_eos=True), use_tqdm=False)[0]
-        with pytest.raises(ValueError, match="but the cache holds 64; give the cache more memory"):
+        with pytest.raises(ValueError, match=r"but the cache holds 64; raise num_kv_blocks \(--num-kv-blocks, now 4\)"):
             llm.generate([list(range(5, 70))], params, use_tqdm=False)
     finally:
         llm.shutdown()
