@@ -436,9 +436,13 @@ def _record_errors_file(state_path: Path, fingerprint: dict[str, Any]) -> None:
 
 def _refuse_another_errors_file(output: Path, state: dict[str, Any], errors: Path | None) -> None:
     """Raise JobError when the job's failed lines are in another errors file than `errors` (the one its state
-    file records, still holding records): resumed so, they would run and be written again into this one."""
+    file records, still holding records): resumed so, they would run and be written again into this one. An
+    `errors` that begins as the job's errors file began (`ERRORS_FIRST_LINE`: a copied or restored job's copy of
+    it) is the job's own, wherever the recorded one is (the state file then records it, where the job writes)."""
     recorded = state.get("errors_file")
     if not isinstance(recorded, str) or errors is None or Path(recorded) == errors.resolve():
+        return
+    if ERRORS_FIRST_LINE in state and errors.is_file() and _first_line_hash(errors) == state[ERRORS_FIRST_LINE]:
         return
     if Path(recorded).is_file() and Path(recorded).stat().st_size > 0:
         raise JobError(f"refusing to resume into {str(output)!r}: its failed lines are in {recorded!r}, not "

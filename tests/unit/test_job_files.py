@@ -899,3 +899,27 @@ def test_a_job_resumed_with_another_errors_file_records_it(tmp_path, capsys, tin
     code, err = run(capsys, src, "-o", out, *options)  # (the default errors file, the old name)
     assert code == 2 and f"its failed lines are in {str(renamed.resolve())!r}" in err, err
     assert not (tmp_path / "out.errors.jsonl").exists() and len(renamed.read_text().splitlines()) == 1
+
+
+def test_a_copied_openai_job_is_the_same_job(tmp_path, capsys, tiny_model_factory):
+    """A finished OpenAI job copied elsewhere (its output, errors and state files) was refused while the original
+    errors file still held records at the absolute path its state file records, though a copied job is the same job
+    (`ERRORS_FIRST_LINE`): an errors file beside the copy that begins as the job's did is the job's own."""
+    import shutil
+
+    src, out, options = _openai_job(tmp_path, tiny_model_factory)
+    code, err = run(capsys, src, "-o", out, *options)
+    assert code == 1, err
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("out.jsonl", "out.errors.jsonl", "out.jsonl.batchllm-state"):
+        shutil.copy(tmp_path / name, copy / name)
+    code, err = run(capsys, src, "-o", copy / "out.jsonl", *options)
+    assert code == 1 and "already complete (2 lines: 1 done, 1 failed)" in err, err
+
+    (copy / "out.jsonl").write_text("")  # the copy resumes too, and from then on names its own errors file
+    code, err = run(capsys, src, "-o", copy / "out.jsonl", *options)
+    assert code == 1 and "2 lines: 1 done, 1 failed (1 run now)" in err, err
+    errors = (copy / "out.errors.jsonl").resolve()
+    assert json.loads(state_path_for(copy / "out.jsonl").read_text())["errors_file"] == str(errors)
+    assert len(errors.read_text().splitlines()) == 1
