@@ -446,8 +446,8 @@ def workload_fit_problem(llm, workload: Workload, kind: str) -> str | None:
                     f"(max_model_len {llm.max_model_len}); raise --max-model-len or shorten the prompts")
         if llm.kv_cache_problem(length, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)):
             return (f"a request of {length} prompt tokens ({prompts_by}) and {max_tokens} output tokens "
-                    f"({outputs_by}) does not fit the KV cache, which holds {llm.kv_cache_tokens} tokens; give the "
-                    "cache more memory (--kv-cache-memory-gib, --gpu-memory-utilization) or shorten the requests")
+                    f"({outputs_by}) does not fit the KV cache, which holds {llm.kv_cache_tokens} tokens; "
+                    f"{llm.kv_cache_advice()} or shorten the requests")
     return None
 
 

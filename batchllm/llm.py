@@ -410,10 +410,10 @@ class LLM:
         if capacity is None or needed <= capacity:
             return None
         return (f"the prompt ({num_prompt_tokens} tokens) and its completion may need {needed} tokens of KV cache, "
-                f"but the cache holds {capacity}; {self._kv_cache_advice()}"
+                f"but the cache holds {capacity}; {self.kv_cache_advice()}"
                 + (" or lower max_tokens" if params.max_tokens is not None else ""))
 
-    def _kv_cache_advice(self) -> str:
+    def kv_cache_advice(self) -> str:
         """How to give the KV cache more tokens: num_kv_blocks, where set, fixes its size over the memory
         settings (raising those would change nothing), else the memory settings."""
         blocks = self.config.cache.num_kv_blocks

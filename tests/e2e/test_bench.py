@@ -288,6 +288,11 @@ def test_a_configuration_that_fails_keeps_those_measured_before_it(tiny_model_fa
      r"configuration 'sharing': the workload does not fit: a request of 60 prompt tokens \(--shared \+ --distinct\) "
      r"and 6 output tokens \(--output\) does not fit the KV cache, which holds \d+ tokens; give the cache more "
      r"memory \(--kv-cache-memory-gib, --gpu-memory-utilization\) or shorten the requests\n"),
+    (["--num-kv-blocks", "2"],
+     r"configuration 'sharing': the workload does not fit: a request of 60 prompt tokens \(--shared \+ --distinct\) "
+     r"and 6 output tokens \(--output\) does not fit the KV cache, which holds \d+ tokens; raise num_kv_blocks "
+     r"\(--num-kv-blocks, now 2\), which fixes the cache's size over --kv-cache-memory-gib and "
+     r"--gpu-memory-utilization or shorten the requests\n"),
     (["--max-model-len", "40"],
      r"configuration 'sharing': the workload does not fit: a prompt of 60 tokens \(--shared \+ --distinct\) leaves "
      r"no room to generate in the context \(max_model_len 40\); raise --max-model-len or shorten the prompts\n"),
@@ -295,7 +300,8 @@ def test_a_configuration_that_fails_keeps_those_measured_before_it(tiny_model_fa
 def test_a_workload_that_does_not_fit_is_a_named_user_error(tiny_model_factory, capsys, options, problem):
     """A workload the engine could not hold (a request past the KV cache or the context) was 'unexpected failure:
     ValueError: prompt 0: ...' with exit status 3 and '--debug shows the traceback' (bench has no --debug). It is
-    exit status 2 naming the configuration, what does not fit and which options change it."""
+    exit status 2 naming the configuration, what does not fit and which options change it (num_kv_blocks where it
+    fixes the cache's size: the memory options then change nothing)."""
     code = main(["bench", "--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "48",
                  "--distinct", "12", "--degree", "2", "--requests", "2", "--output", "6", "--warmup-requests", "1",
                  "--configs", "sharing", *options])
