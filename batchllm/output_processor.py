@@ -165,33 +165,19 @@ def _token_text_len(tokenizer, token_id: int, skip_special_tokens: bool) -> int:
     return len(tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens))
 
 
-def _without_a_cut_character(token_ids: list[int], decode, tokenizer) -> str:
-    """The text of `token_ids` (`decode` makes it) without the tokens that end inside a multi-byte character (an
-    output cut by max_tokens mid-emoji): vLLM's incremental detokenizer holds such tokens' whole text back (a token
-    " \xf0\x9f" shows neither its space nor the U+FFFD), so its text never ends in that U+FFFD."""
+def _without_a_cut_character(token_ids: list[int], decode) -> str:
+    """The text of `token_ids` (`decode` makes it) without its last tokens while their text ends in U+FFFD, as
+    vLLM's incremental detokenizer holds back (and, once the request ends, drops) a token whose text so far ends
+    in U+FFFD: one ending inside a multi-byte character (an output cut by max_tokens mid-emoji: a token " \xf0\x9f"
+    shows neither its space nor the U+FFFD), a stray byte no character takes, and the tokens after such a cut that
+    add no text (a skipped special token). Invariant: the text never ends in U+FFFD (the decoded text
+    alone decides, as in vLLM)."""
     text = decode(token_ids)
-    if not text.endswith("\ufffd") or not token_ids:
-        return text
-    try:
-        pieces = [token_bytes(tokenizer, t) for t in token_ids[-8:]]
-    except Exception:  # noqa: BLE001 - a tokenizer whose pieces cannot be read: the text as decoded
-        return text
-    for cut in range(len(pieces) + 1):  # drop the last `cut` tokens while what is left ends inside a character
-        if not _ends_inside_a_character(b"".join(pieces[: len(pieces) - cut])[-4:]):
-            return text if cut == 0 else decode(token_ids[:len(token_ids) - cut])
+    kept = len(token_ids)
+    while text.endswith("\ufffd") and kept > 0:
+        kept -= 1
+        text = decode(token_ids[:kept])
     return text
-
-
-def _ends_inside_a_character(data: bytes) -> bool:
-    """Whether `data` ends with the start of a UTF-8 character: a lead byte followed by fewer continuation
-    bytes than it announces."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 == 0x80:  # a continuation byte: the lead is further back
-            continue
-        needs = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
-        return needs > back
-    return False
 
 
 _PRIME_TOKENS = (4, 24)
@@ -269,13 +255,13 @@ class CompletionState:
             return None
         # as vLLM's incremental detokenizer, text is not searched before its characters are whole: tokens that end
         # inside a multi-byte character are held back (" \xf0\x9f" of an emoji matches neither " " nor U+FFFD)
-        text = _without_a_cut_character(self.token_ids, self._decode_ids, self.tokenizer)
-        previous = len(_without_a_cut_character(self.token_ids[:-1], self._decode_ids, self.tokenizer))
+        text = _without_a_cut_character(self.token_ids, self._decode_ids)
+        previous = len(_without_a_cut_character(self.token_ids[:-1], self._decode_ids))
         search_from = max(0, previous - self._max_stop_len - _REDECODE_MARGIN)
         if self.params.min_tokens:
             if self._min_tokens_text_len is None:
                 self._min_tokens_text_len = len(_without_a_cut_character(  # (a cut character's U+FFFD is not text)
-                    self.token_ids[:self.params.min_tokens], self._decode_ids, self.tokenizer))
+                    self.token_ids[:self.params.min_tokens], self._decode_ids))
         floor = self._min_tokens_text_len or 0
         for stop in self.params.stop_strings:  # the first in the list's order that the text holds, as vLLM's
             at = text.find(stop, max(search_from, floor - len(stop) + 1))
@@ -333,7 +319,7 @@ class CompletionState:
             text = self.stop_text
         elif self.tokenizer is not None:
             shown = self.token_ids[:-1] if self._ended_by_stop_token else self.token_ids
-            text = _without_a_cut_character(shown, self._decode_ids, self.tokenizer)
+            text = _without_a_cut_character(shown, self._decode_ids)
         else:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:

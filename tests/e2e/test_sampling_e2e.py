@@ -204,15 +204,6 @@ def test_a_token_ending_inside_a_character_shows_none_of_its_text(default_llm):
     assert not out.text.endswith(("\ufffd", " ")), out.text
 
 
-def test_a_character_is_unfinished_only_when_its_lead_byte_announces_more():
-    from batchllm.output_processor import _ends_inside_a_character
-
-    smile = "😀".encode()
-    assert [_ends_inside_a_character(smile[:k]) for k in range(1, 5)] == [True, True, True, False]
-    assert not _ends_inside_a_character(b"abc") and not _ends_inside_a_character(b"")
-    assert _ends_inside_a_character("é".encode()[:1]) and not _ends_inside_a_character(b"\x81\x81")
-
-
 def test_a_stop_string_in_the_ending_tokens_text_does_not_count(default_llm):
     """As vLLM: the EOS that ended the output is left out before stop strings are looked for, so a stop
     string spelling it ("<|im_end|>" with skip_special_tokens off) does not become the stop_reason."""

@@ -26,7 +26,7 @@ def full_decode_reference(tokenizer, params: SamplingParams, tokens: list[int]) 
         return tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
     for i in range(1, len(tokens) + 1):
-        text = _without_a_cut_character(tokens[:i], decode, tokenizer)
+        text = _without_a_cut_character(tokens[:i], decode)
         start = max(0, checked - longest - _REDECODE_MARGIN)
         found = [(text.find(s, start), s) for s in params.stop_strings if text.find(s, start) != -1]
         checked = len(text)
@@ -107,3 +107,26 @@ def test_no_stop_matches_inside_a_character_not_yet_whole(tokenizer):
     assert windowed(tokenizer, SamplingParams(stop=["\ufffd"]), tokens) is None
     assert windowed(tokenizer, SamplingParams(stop=["🍕"], include_stop_str_in_output=True), tokens) == \
         (emoji_end - 1, "🍕", " 🍕")
+
+
+def test_the_text_never_ends_in_a_replacement_character(tokenizer):
+    """vLLM's detokenizer holds back every token whose text so far ends in U+FFFD and drops them when the request
+    ends. Tokens ending inside a character were dropped here, but a stray continuation byte (0x80) and a cut emoji
+    followed by skipped special tokens (whose own bytes ended the byte string) left '\ufffd\ufffd' and '\ufffd',
+    which a stop=['\ufffd'] matched; vLLM's text is '' and its request ends by length."""
+    stray, emoji_start = 218, 187  # SmolLM2's byte tokens 0x80 (a continuation byte) and 0xF0 (a 4-byte lead)
+    assert tokenizer.decode([stray, stray]).endswith("\ufffd") and tokenizer.decode([emoji_start]) == "\ufffd"
+    special = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    for tokens in ([stray, stray], [emoji_start, special, special]):
+        state = CompletionState(0, SamplingParams(max_tokens=len(tokens)), tokenizer)
+        for token in tokens:
+            assert state.append(token, None) is None
+        state.finish("length", None)
+        assert state.to_output().text == "", tokens
+        assert windowed(tokenizer, SamplingParams(stop=["\ufffd"]), tokens) is None, tokens
+    hello = tokenizer.encode("Hello", add_special_tokens=False)
+    state = CompletionState(0, SamplingParams(), tokenizer)
+    for token in hello + [stray] + hello:  # a stray byte inside the text stays, as vLLM emits it once text follows
+        state.append(token, None)
+    state.finish("length", None)
+    assert state.to_output().text == "Hello\ufffdHello"
