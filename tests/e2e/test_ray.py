@@ -178,7 +178,7 @@ def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_pa
 
     out_dir = tmp_path / "shards"
 
-    def interrupted_after_one_shard(input_path, output_dir, *args):
+    def interrupted_after_one_shard(input_path, output_dir, *args, **kwargs):
         (output_dir / "part-0.jsonl").write_text(json.dumps({"id": "a", "text": "x"}) + "\n"
                                                  + json.dumps({"id": "b", "error": {"message": "m"}}) + "\n")
         (output_dir / "part-1.jsonl").write_text('{"id": "c", "te')  # a shard cut short: not a record
