@@ -63,11 +63,13 @@ from batchllm.io.reasoning import REASONING_PARSERS, check_tokenizer
 from batchllm.models.default_model import default_model_path
 from batchllm.models.quant_config import resolve_quantization
 from batchllm.options import (
+    NOT_TAKEN_GROUP,
     VLLM_NOT_TAKEN,
     VLLM_SHORT_FLAGS,
     DefaultsHelpFormatter,
     add_engine_arguments,
     add_no_effect_arguments,
+    add_not_taken_arguments,
     bare_flags_as_on,
     dashed_flag_names,
     engine_config,
@@ -135,6 +137,7 @@ def _add_run_parser(sub) -> None:
                    "so sampled outputs are reproducible line by line (also the engine's seed)")
     _add_output_arguments(run.add_argument_group("output"))
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
+    add_not_taken_arguments(run.add_argument_group(*NOT_TAKEN_GROUP), help_each=False)  # -pp 1, --task generate ...
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
     r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
     # (None: not given, refused without --ray; `_ray_options` sets RAY_OPTION_DEFAULTS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from typing import Any
 
 from batchllm.options import (
@@ -16,15 +15,12 @@ from batchllm.options import (
     VLLM_CONVERTED,
     VLLM_NO_EFFECT,
     VLLM_NOT_TAKEN,
-    VLLM_SHORT_FLAGS,
     add_engine_arguments,
     add_no_effect_arguments,
+    add_not_taken_arguments,
     engine_config,
     engine_kwargs_from_args,
     engine_options,
-    not_taken_accepts,
-    not_taken_hint,
-    only_defaults_taken,
 )
 
 
@@ -35,53 +31,8 @@ def _add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     other with `batchllm run`'s explanation; returns the parser. `LLM(**vars(args))` takes every value it parses."""
     add_engine_arguments(parser)
     add_no_effect_arguments(parser.add_argument_group("vLLM options without effect here"), run_batch=False)
-    group = parser.add_argument_group("vLLM options not taken here (their defaults are accepted)")
-    for name, (accepted, _) in VLLM_NOT_TAKEN.items():
-        if name.startswith("_"):
-            continue  # (vLLM's internal fields, no flags)
-        flags = ["--" + name.replace("_", "-")] + ([VLLM_SHORT_FLAGS[name]] if name in VLLM_SHORT_FLAGS else [])
-        taken = " or ".join(map(repr, accepted))
-        help_text = f"vLLM's; taken only as {taken}: {not_taken_hint(name)}".replace("%", "%%")
-        if any(isinstance(value, bool) for value in accepted):
-            group.add_argument(*flags, dest=name, action=_NotTakenSwitch, default=accepted[0], help=help_text)
-        else:
-            group.add_argument(*flags, dest=name, action=_NotTakenValue, type=_vllm_value, default=accepted[0],
-                               metavar="VALUE", help=help_text)
+    add_not_taken_arguments(parser.add_argument_group("vLLM options not taken here (their defaults are accepted)"))
     return parser
-
-
-def _vllm_value(text: str) -> Any:
-    """A flag's value as vLLM's parser would read it for these options: None for "None", JSON where it parses
-    (numbers, objects, lists, true/false), else the text."""
-    if text == "None":
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _refuse_unless_taken(action: argparse.Action, value: Any) -> None:
-    """The refusal `batchllm run` gives for such a flag, where `LLM` would refuse this value of it."""
-    if not not_taken_accepts(action.dest, value):
-        raise argparse.ArgumentError(action, f"{value!r:.60} is not supported: {not_taken_hint(action.dest)}. "
-                                             f"{only_defaults_taken(action.dest)}")
-
-
-class _NotTakenValue(argparse.Action):
-    """A `VLLM_NOT_TAKEN` option's flag with a value: taken where `LLM` takes it, else refused saying why."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        _refuse_unless_taken(self, values)
-        setattr(namespace, self.dest, values)
-
-
-class _NotTakenSwitch(argparse.BooleanOptionalAction):
-    """A `VLLM_NOT_TAKEN` bool option's `--x` / `--no-x` (vLLM's spelling): taken where `LLM` takes the value."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        _refuse_unless_taken(self, not option_string.startswith("--no-"))
-        super().__call__(parser, namespace, values, option_string)
 
 
 def _from_cli_args(cls, args: argparse.Namespace):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import json
 import numbers
 import os
 import re
@@ -342,6 +343,74 @@ def not_taken_hint(name: str) -> str:
     options = engine_options()
     return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: "--" + m[0].replace("_", "-") if m[0] in options else m[0],
                   VLLM_NOT_TAKEN[name][1])
+
+
+NOT_TAKEN_GROUP = ("vLLM options not taken here", "vLLM's flags for what has no counterpart here are taken at the "
+                   "values that ask for what runs here anyway, and refused with what to do instead at any other: "
+                   "-pp/--pipeline-parallel-size 1, --distributed-executor-backend mp, --task generate, "
+                   "--scheduling-policy fcfs, --cpu-offload-gb 0, --compilation-config '{}', --hf-overrides '{}', "
+                   "--revision None, --no-enable-lora, -O2 ... (every field of vLLM 0.26's EngineArgs that is no "
+                   "option here: README, vLLM's options)")
+"""(title, description) of the --help group of `run`'s and `bench`'s `add_not_taken_arguments` flags, which are
+not listed one by one."""
+
+
+def add_not_taken_arguments(group, *, help_each: bool = True) -> None:
+    """A flag per `VLLM_NOT_TAKEN` option (`--pipeline-parallel-size`/`-pp`, `--revision`, `--enable-lora`
+    ...), stored under its keyword's name, as vLLM's command line spells it: a value is read as vLLM reads these
+    options' values (`vllm_flag_value`: -pp 1 is 1, --cpu-offload-gb 0.0 is 0.0, --compilation-config '{}' is {});
+    a bool option is `--x` / `--no-x`. A value `LLM` takes (`not_taken_accepts`) is kept (`engine_kwargs_from_args`
+    skips it, and `LLM(**vars(args))` drops it); any other is argparse's error, exit status 2, naming the flag, the
+    value and what to do instead. An option whose flag the parser has already (run's --reasoning-parser) is its
+    own; `help_each` False leaves the flags out of --help (the group's description speaks for them)."""
+    existing = group._option_string_actions  # (an argument group shares its parser's flags)
+    for name, (accepted, _) in VLLM_NOT_TAKEN.items():
+        flags = ["--" + name.replace("_", "-")] + ([VLLM_SHORT_FLAGS[name]] if name in VLLM_SHORT_FLAGS else [])
+        if name.startswith("_") or any(flag in existing for flag in flags):
+            continue  # (vLLM's internal fields have no flag)
+        taken = " or ".join(map(repr, accepted))
+        help_text = (f"vLLM's; taken only as {taken}: {not_taken_hint(name)}".replace("%", "%%") if help_each
+                     else argparse.SUPPRESS)
+        if any(isinstance(value, bool) for value in accepted):
+            group.add_argument(*flags, dest=name, action=_NotTakenSwitch, default=accepted[0], help=help_text)
+        else:
+            group.add_argument(*flags, dest=name, action=_NotTakenValue, type=vllm_flag_value, default=accepted[0],
+                               metavar="VALUE", help=help_text)
+
+
+def vllm_flag_value(text: str) -> Any:
+    """A `VLLM_NOT_TAKEN` flag's value as vLLM's parser reads these options: None for "None", JSON where it parses
+    (numbers, objects, lists, true/false), else the text (fcfs, mp, generate)."""
+    if text == "None":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _refuse_unless_taken(action: argparse.Action, value: Any) -> None:
+    """The refusal `LLM` gives this value of the option (what to do instead, the values taken), as argparse's
+    error naming the flag; nothing where `LLM` takes the value."""
+    if not not_taken_accepts(action.dest, value):
+        raise argparse.ArgumentError(action, f"{value!r:.60} is not supported: {not_taken_hint(action.dest)}. "
+                                             f"{only_defaults_taken(action.dest)}")
+
+
+class _NotTakenValue(argparse.Action):
+    """A `VLLM_NOT_TAKEN` option's flag with a value: taken where `LLM` takes it, else refused saying why."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _refuse_unless_taken(self, values)
+        setattr(namespace, self.dest, values)
+
+
+class _NotTakenSwitch(argparse.BooleanOptionalAction):
+    """A `VLLM_NOT_TAKEN` bool option's `--x` / `--no-x` (vLLM's spelling): taken where `LLM` takes the value."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _refuse_unless_taken(self, not option_string.startswith("--no-"))
+        super().__call__(parser, namespace, values, option_string)
 
 
 def unknown_option_message(key: str) -> str:

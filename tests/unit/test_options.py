@@ -16,6 +16,7 @@ from batchllm.llm import LLM
 from batchllm.options import (
     TRI_STATE,
     add_engine_arguments,
+    dashed_flag_names,
     engine_config,
     engine_kwargs_from_args,
     engine_options,
@@ -376,18 +377,70 @@ def test_vllm_run_batch_spellings_are_taken(capsys):
         engine_config(enable_metrics=True)  # run-batch's flags are not LLM keywords
     with pytest.raises(SystemExit):
         main(["run", "in.jsonl", "-o", "o.jsonl", "-pp", "2"])
-    assert "-pp: pipeline parallelism is not supported" in capsys.readouterr().err
+    assert "argument --pipeline-parallel-size/-pp: 2 is not supported: pipeline parallelism" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["run", "in.jsonl", "-o", "o.jsonl"], ["bench"]])
+def test_vllm_flags_without_a_counterpart_are_taken_at_the_values_llm_takes(command, capsys):
+    """`run -pp 1` (and --distributed-executor-backend mp, --task generate, --cpu-offload-gb 0 ...: vLLM's
+    defaults, as a vLLM user's scripts pass them) was refused as "unrecognized arguments" with the reason, though
+    LLM(pipeline_parallel_size=1) and EngineArgs' parser take it. `run` and `bench` take such a flag at a value
+    LLM takes, read as vLLM's command line reads it, and refuse any other with exit status 2 naming the flag, the
+    value and what to do instead."""
+    from batchllm.cli import main
+    from batchllm.options import not_taken_accepts
+
+    taken = [["-pp", "1"], ["--pipeline-parallel-size", "1"], ["--distributed-executor-backend", "mp"],
+             ["--task", "generate"], ["--scheduling-policy", "fcfs"], ["--cpu-offload-gb", "0.0"],
+             ["--compilation-config", "{}"], ["--hf-overrides", "{}"], ["--revision", "None"], ["--no-enable-lora"],
+             ["-O2"], ["--scheduling_policy=fcfs"], ["--structured-outputs-config", '{"backend": "xgrammar"}']]
+    for words in taken:
+        args = build_parser().parse_args(dashed_flag_names([*command, *words]))
+        name = words[0].split("=")[0].lstrip("-").replace("-", "_")
+        name = {"pp": "pipeline_parallel_size", "O2": "optimization_level", "no_enable_lora": "enable_lora"}.get(
+            name, name)
+        assert not_taken_accepts(name, getattr(args, name)), words
+        assert engine_config(**engine_kwargs_from_args(args)) == engine_config(), words  # (taken and dropped)
+    args = build_parser().parse_args([*command, "-pp", "1", "--cpu-offload-gb", "0.0", "--compilation-config", "{}"])
+    assert (args.pipeline_parallel_size, args.cpu_offload_gb, args.compilation_config) == (1, 0.0, {})
+    assert type(args.cpu_offload_gb) is float and type(args.pipeline_parallel_size) is int
+    for words, shown in ((["-pp", "2"], "argument --pipeline-parallel-size/-pp: 2 is not supported: pipeline "
+                                        "parallelism is not supported; use --tensor-parallel-size"),
+                         (["--task", "embed"], "argument --task: 'embed' is not supported: the engine generates text"),
+                         (["--cpu-offload-gb", "4"], "argument --cpu-offload-gb: 4 is not supported: the weights stay"),
+                         (["--compilation-config", '{"level": 0}'], "argument --compilation-config: {'level': 0} is "
+                                                                     "not supported: the kernels are Triton's"),
+                         (["--distributed-executor-backend", "ray"], "'ray' is not supported: tensor and data "
+                                                                     "parallelism run in processes"),
+                         (["--enable-lora"], "argument --enable-lora/--no-enable-lora: True is not supported: LoRA")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, *words])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and shown in err and "unrecognized" not in err, err
+    with pytest.raises(SystemExit):
+        main([command[0], "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "vLLM options not taken here: vLLM's flags for what has no counterpart here are taken at the values" in (
+        shown) and "--distributed-executor-backend mp" in shown and "--speculative-config" not in shown, (
+        "one paragraph for them all, not ~200 flags")
 
 
 def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_meant(capsys):
     from batchllm.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["run", "in.jsonl", "-o", "o.jsonl", "--temprature", "0", "--revision=main", "--zzz"])
+        main(["plan", "in.jsonl", "--tempratur", "0", "--revision=main", "--zzz"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert "batchllm run: error: unrecognized arguments: --temprature 0 --revision=main" in err
-    assert "--temprature: did you mean --temperature?" in err and "--revision: models are read from" in err
+    assert "batchllm plan: error: unrecognized arguments: --tempratur 0 --revision=main" in err
+    assert "--tempratur: did you mean --temperature?" not in err, "plan has no --temperature"
+    assert "--revision: models are read from" in err, "plan takes no engine flag of vLLM's: what it means is said"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "in.jsonl", "-o", "o.jsonl", "--temprature", "0", "--zzz"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "batchllm run: error: unrecognized arguments: --temprature 0" in err
+    assert "--temprature: did you mean --temperature?" in err
     assert "--zzz:" not in err, "no hint where nothing is close"
     with pytest.raises(SystemExit):  # vLLM run-batch's tool-calling flags: a bare "unrecognized arguments"
         main(["run", "-i", "in.jsonl", "-o", "o.jsonl", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])

@@ -266,7 +266,7 @@ def test_engine_args_parser_takes_and_refuses_what_llm_does(capsys):
         assert "is not supported: " + vllm_flag_not_taken(flag) in err and "unrecognized" not in err, words
     with pytest.raises(SystemExit):
         main(["run", "in.jsonl", "-o", "out.jsonl", "-O0"])
-    assert "-O0: nothing is compiled here" in capsys.readouterr().err
+    assert "argument --optimization-level/-O: 0 is not supported: nothing is compiled here" in capsys.readouterr().err
     assert EngineArgs(enable_prefix_caching=False).enable_prefix_caching is False
     assert EngineArgs(enable_prefix_caching=False).prefix_sharing is False
     assert EngineArgs(kv_cache_memory_bytes=2**30).kv_cache_memory_bytes == 2**30
