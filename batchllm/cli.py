@@ -666,6 +666,11 @@ class _Job:
         """Lines recorded with an error, this run's and earlier runs'."""
         return len(self.resume.done_error_lines) + sum(w.num_errors for w in self.writers)
 
+    @property
+    def num_answered_now(self) -> int:
+        """Lines this run recorded with a result (its records that are no error)."""
+        return sum(w.num_written - w.num_errors for w in self.writers)
+
     def progress(self) -> str:
         """Where a stopped job stands, for its message (`lines_progress`)."""
         return lines_progress(self.num_lines, self.num_recorded, self.num_failed)
@@ -718,10 +723,9 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
             out.sync()
-            num_failed = len(errors) + len(job.resume.done_error_lines)
-            num_done = _generate_into(out, llm, valid, args, num_failed)
+            _generate_into(out, llm, valid, args, job.num_failed)
         results_written()  # every result is written and its files closed: a later signal cuts no work short
-        return _report(args, job, {**llm.last_stats, **phases}, num_done, num_failed, time.perf_counter() - started)
+        return _report(args, job, {**llm.last_stats, **phases}, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
         print(f"batchllm: error: {e} ({job.progress()}; run the same command to resume)", file=sys.stderr)
         _write_stats(args, {"failed": str(e), **job.progress_stats()}, "the results written so far are kept")
@@ -861,24 +865,23 @@ class _InBackground:
         return self._value
 
 
-def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace, num_failed: int) -> int:
-    """Run the valid lines and append each result as it completes; the number written. The engine
-    loop is closed on the way out, whatever stops it (an interrupt, a write error)."""
+def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace, num_failed: int) -> None:
+    """Run the valid lines and append each result as it completes (`out` counts them: `_Job.num_answered_now`;
+    `num_failed`: the lines failed so far, for the progress bar). The engine loop is closed on the way out,
+    whatever stops it (an interrupt, a write error)."""
     names = response_shape(args, llm.model_dir.name)
     desc = f"tokens ({num_failed} lines failed)" if num_failed else "tokens"
     results = llm.iter_generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
                                 use_tqdm=not args.no_progress, progress_desc=desc)
-    num_done, tokenizer = 0, llm.get_tokenizer()
+    tokenizer = llm.get_tokenizer()
     try:
         for index, output in results:
             out.write(record_for(valid[index].line, output, names, tokenizer))
-            num_done += 1
     finally:
         try:
             results.close()  # aborts what still runs; its statistics land in llm.last_stats
         except Exception:  # noqa: BLE001 - the engine is dropped; the failure that stopped the loop matters
             logger.debug("closing the engine loop failed", exc_info=True)
-    return num_done
 
 
 def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
@@ -888,11 +891,13 @@ def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
                          args.reasoning_parser)
 
 
-def _report(args: argparse.Namespace, job: _Job, stats: dict, num_done: int, num_failed: int, wall: float) -> int:
-    """The end-of-run summary line (and --stats); the exit status."""
-    total_done = num_done + len(job.resume.done_ids)
-    stats = {**stats, **job.progress_stats(), "num_lines_done": total_done, "num_lines_failed": num_failed,
-             "wall_s": wall}  # (every run's line keys: a stopped run's too)
+def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> int:
+    """The end-of-run summary line (and --stats); the exit status. Every line count is the job's own
+    (`_Job.progress_stats`: the records its writers wrote and those the resume state found), as a stopped run's
+    are: the line, --stats and the status cannot tell different stories."""
+    progress = job.progress_stats()
+    total_done, num_failed, num_done = progress["num_lines_done"], progress["num_lines_failed"], job.num_answered_now
+    stats = {**stats, **progress, "wall_s": wall}  # (every run's line keys: a stopped run's too)
     rate = lambda n: n / wall if wall > 0 else 0.0  # noqa: E731
     print(
         f"batchllm: {total_done + num_failed} lines: {total_done} done, {num_failed} failed ({num_done} run now) "

@@ -283,3 +283,30 @@ def test_every_stats_file_holds_the_same_line_counts(tmp_path, capsys, monkeypat
         code, err = run(capsys, src, "-o", tmp_path / "shards", "--ray", "--stats", stats)
         written = json.loads(stats.read_text())
         assert {k: written[k] for k in LINE_KEYS} == counts and written["num_records"] == 2, written
+
+
+def test_the_end_of_run_report_counts_lines_from_the_job_alone(tmp_path, capsys):
+    """`_report` wrote num_lines_done / num_lines_failed (and chose the exit status) from the run's own tally (the
+    results `_generate_into` counted, the errors `prepare_lines` gave, the resume state's ids) over the ones
+    `_Job.progress_stats` had just given from the writers: two sources for one number, which agree only while
+    every error record has an "error" and no result has one. The summary line, --stats and the status now read the
+    job's counts alone: here a resumed OpenAI job (1 answered and 1 failed before) whose run answers 2 lines and
+    records 1 failure in the errors file."""
+    from batchllm.io.job import ResultWriter, ResumeState
+
+    out, errors_path, stats = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl", tmp_path / "stats.json"
+    resume = ResumeState(done_ids={"a"}, done_error_lines={2}, num_records=2)
+    job = cli._Job(out, errors_path, resume, num_lines=5)
+    args = cli.build_parser().parse_args(["run", "in.jsonl", "-o", str(out), "--stats", str(stats)])
+    with ResultWriter(out) as results, ResultWriter(errors_path, lazy=True) as errors:
+        job.writers = (results, errors)
+        for rid in ("c", "d"):
+            results.write({"id": None, "custom_id": rid, "response": {"status_code": 200}, "error": None})
+        errors.write({"id": None, "custom_id": "e", "response": None, "error": {"code": "x", "message": "m"}})
+    assert cli._report(args, job, {"prompt_tokens": 10}, 2.0) == cli.EXIT_LINES_FAILED
+    err = capsys.readouterr().err
+    assert "batchllm: 5 lines: 3 done, 2 failed (2 run now) in 2.0 s: 1.00 req/s" in err, err
+    assert f"failed OpenAI Batch lines are in {errors_path}" in err
+    assert {k: v for k, v in json.loads(stats.read_text()).items() if k.startswith("num_")} == {
+        "num_lines": 5, "num_lines_recorded": 5, "num_lines_done": 3, "num_lines_failed": 2, "num_lines_left": 0,
+        "num_lines_resumed": 2}
