@@ -7,8 +7,10 @@ prefix key and run by `num_replicas` engine actors; `_RecordShards` writes the `
 
 Restarts: Ray Data checkpointing by the `line` column (the 1-based line number) under
 OUT_DIR/_checkpoint. A job run again with the same input and OUT_DIR skips the lines whose shard was
-committed and writes new shards for the rest; the checkpoint is kept after success, so running a
-finished job again writes nothing. OUT_DIR/job.batchllm-state ties the directory to its input and the
+committed and writes new shards for the rest (Ray deletes a shard whose checkpoint entry was never
+committed); the checkpoint is kept after success, so running a finished job again writes nothing, and
+the records counted (a job found complete, the report, --stats) are those of committed shards alone.
+OUT_DIR/job.batchllm-state ties the directory to its input and the
 options that decide answers (`io.job.tie_directory_to_job`): a restart under another input or other
 options is refused, as the single-machine run refuses it.
 """
@@ -226,11 +228,30 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
     return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
 
 
+PENDING_CHECKPOINT = ".pending.parquet"
+"""The ending of a checkpoint entry Ray Data has not committed (`ray.data.checkpoint.checkpoint_writer`'s
+PENDING_CHECKPOINT_SUFFIX + ".parquet"; a committed one ends in ".parquet" alone)."""
+
+
+def committed_shards(output_dir: Path) -> list[Path]:
+    """The JSONL shards of `output_dir` that Ray Data's checkpoint committed, as a restart reads them. Ray (2.60+)
+    writes a write task's checkpoint entry `_checkpoint/<base>.pending.parquet` before its shard `<base>*.jsonl` and
+    renames it `<base>.parquet` once the shard is written: a shard whose worker died before the rename (its entry
+    still pending) is deleted when the job restarts and its lines run again, and a shard no entry names is not
+    skipped either. Neither is a record of the job: only shards whose names begin with a committed entry's base."""
+    checkpoint = output_dir / CHECKPOINT_DIR
+    bases = {entry.name.removesuffix(".parquet") for entry in checkpoint.glob("*.parquet")
+             if not entry.name.endswith(PENDING_CHECKPOINT)} if checkpoint.is_dir() else set()
+    return [shard for shard in sorted(output_dir.glob("*.jsonl"))
+            if any(shard.name[:end] in bases for end in range(1, len(shard.name) + 1))]
+
+
 def count_shard_records(output_dir: Path) -> tuple[int, int]:
-    """(records, error records) in the JSONL shards of `output_dir`. A shard an interrupted job was writing
-    may end in a torn line: not a record (the checkpoint has not committed it), so not counted."""
+    """(records, error records) in the committed JSONL shards of `output_dir` (`committed_shards`): what a restart
+    skips, so that a job is complete (`_complete_job`) exactly when a restart would run nothing. A shard an
+    interrupted job was writing may end in a torn line: not a record, so not counted."""
     num_records = num_errors = 0
-    for shard in sorted(output_dir.glob("*.jsonl")):
+    for shard in committed_shards(output_dir):
         for raw in shard.read_bytes().splitlines():
             try:
                 record = json.loads(raw)

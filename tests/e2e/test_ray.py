@@ -179,9 +179,12 @@ def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_pa
     out_dir = tmp_path / "shards"
 
     def interrupted_after_one_shard(input_path, output_dir, *args, **kwargs):
+        (output_dir / "_checkpoint").mkdir(exist_ok=True)
         (output_dir / "part-0.jsonl").write_text(json.dumps({"id": "a", "text": "x"}) + "\n"
                                                  + json.dumps({"id": "b", "error": {"message": "m"}}) + "\n")
-        (output_dir / "part-1.jsonl").write_text('{"id": "c", "te')  # a shard cut short: not a record
+        (output_dir / "_checkpoint" / "part-0.parquet").write_bytes(b"PAR1")  # (committed, as Ray does)
+        (output_dir / "_checkpoint" / "part-1.pending.parquet").write_bytes(b"PAR1")
+        (output_dir / "part-1.jsonl").write_text('{"id": "c", "text": "y"}\n{"id": "d", "te')  # not committed
         os.kill(os.getpid(), signal.SIGTERM)  # what `kill` sends; the job's handler stops it
         time.sleep(30)
         raise AssertionError("SIGTERM did not stop the job")

@@ -149,6 +149,18 @@ def test_a_ray_directory_no_job_wrote_is_refused_without_suggesting_what_ray_ref
     assert sorted(p.name for p in data.iterdir()) == ["precious.txt"]
 
 
+def ray_shard(output_dir: Path, base: str, records: list[dict], committed: bool = True) -> None:
+    """A shard of `records` as Ray Data (2.60+) leaves it: its checkpoint entry written first as
+    `_checkpoint/<base>.pending.parquet` and, once the shard is written, renamed `<base>.parquet` (`committed`; not
+    where its worker died in between)."""
+    (output_dir / "_checkpoint").mkdir(parents=True, exist_ok=True)
+    entry = output_dir / "_checkpoint" / f"{base}.pending.parquet"
+    entry.write_bytes(b"PAR1")
+    (output_dir / f"{base}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if committed:
+        entry.rename(entry.with_name(f"{base}.parquet"))
+
+
 def _ray_job_faked(monkeypatch, records: list[dict]):
     """`run --ray` with Ray taken as started and its Ray Data job replaced by one writing `records` as a shard;
     returns the list of the job's calls."""
@@ -160,7 +172,7 @@ def _ray_job_faked(monkeypatch, records: list[dict]):
 
     def fake_job(input_path, output_dir, *args, **kwargs):
         calls.append(output_dir)
-        (output_dir / "shard_000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        ray_shard(output_dir, "shard_000000", records)
         return {"num_records": len(records), "num_errors": sum(bool(r["error"]) for r in records), "wall_s": 0.0}
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -310,3 +322,45 @@ def test_the_end_of_run_report_counts_lines_from_the_job_alone(tmp_path, capsys)
     assert {k: v for k, v in json.loads(stats.read_text()).items() if k.startswith("num_")} == {
         "num_lines": 5, "num_lines_recorded": 5, "num_lines_done": 3, "num_lines_failed": 2, "num_lines_left": 0,
         "num_lines_resumed": 2}
+
+
+def test_a_ray_shard_whose_checkpoint_was_never_committed_is_not_counted(tmp_path, capsys, monkeypatch):
+    """`run --ray`'s "already complete" check counted every record in the shards, also those of a shard whose
+    worker died after writing it but before Ray committed its checkpoint entry: such a job was reported complete
+    (exit 0, nothing run) though a restart would delete that shard and run its lines again. Only committed shards
+    are counted now (the complete check, the report, --stats), as a restart reads them."""
+    import pytest
+    import ray
+
+    from batchllm.ray import jsonl_job
+
+    pytest.importorskip("ray")
+    calls = []
+
+    def died_before_committing_one_shard(input_path, output_dir, *args, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 1:  # the worker writing b's shard dies before its checkpoint entry is committed
+            ray_shard(output_dir, "w1_000000", [{"id": "a", "error": None}])
+            ray_shard(output_dir, "w1_000001", [{"id": "b", "error": None}], committed=False)
+            raise OSError(5, "Input/output error")
+        for pending in (output_dir / "_checkpoint").glob("*.pending.parquet"):  # as Ray restarts: b runs again
+            (output_dir / pending.name.replace(".pending.parquet", ".jsonl")).unlink()
+            pending.unlink()
+        ray_shard(output_dir, "w2_000000", [{"id": "b", "error": None}])
+        return {"num_records": 2, "num_errors": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", died_before_committing_one_shard)
+    src, out, stats = tmp_path / "in.jsonl", tmp_path / "shards", tmp_path / "stats.json"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi"}\n')
+    code, err = run(capsys, src, "-o", out, "--ray")
+    assert code == 2 and len(calls) == 1, err
+    assert jsonl_job.count_shard_records(out) == (1, 0), "b's shard is not committed"
+    code, err = run(capsys, src, "-o", out, "--ray", "--stats", stats)
+    assert code == 0 and len(calls) == 2 and "already complete" not in err, err
+    assert json.loads(stats.read_text())["num_lines_done"] == 2
+    code, err = run(capsys, src, "-o", out, "--ray")
+    assert code == 0 and len(calls) == 2 and "is already complete (2 lines: 2 done, 0 failed)" in err, err
+    from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
+
+    assert jsonl_job.PENDING_CHECKPOINT == PENDING_CHECKPOINT_SUFFIX + ".parquet", "Ray's name of an uncommitted entry"
