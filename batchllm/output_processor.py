@@ -12,6 +12,10 @@ so the window's text ends with the same characters as the whole text, except for
 (a character cut by the window's start); a match in the search region is therefore in the window.
 Only when a stop string appears in the window is the whole output decoded and searched exactly as
 before (from the previous text's end less the longest stop and a margin): the cut is the same.
+
+An output whose text holds U+FFFD is read as vLLM's incremental detokenizer reads it (`_TextStream`): HF's
+ByteFallback decoder makes every byte of a byte-piece run that is not UTF-8 as a whole U+FFFD, where vLLM's stream
+has already emitted the run's first characters. A window whose text holds U+FFFD is therefore always searched.
 """
 
 from __future__ import annotations
@@ -213,6 +217,58 @@ def _prime(prompt_token_ids, tokenizer, skip_special_tokens: bool) -> tuple[list
     return primer
 
 
+class _TextStream:
+    """vLLM 0.26's detokenizer over one output, for outputs whose text holds U+FFFD: FastIncrementalDetokenizer
+    stepping tokenizers' DecodeStream (primed with the prompt), restated over `decode` (a list of ids -> text).
+    Each step decodes the ids since the last emitted chunk's start (`_ids`, `_prefix` their text up to
+    `_prefix_index`) with the new token; a text that is no longer (in UTF-8 bytes) than `_prefix` or ends in
+    U+FFFD emits nothing (the token is held back), else the text past `_prefix` is emitted and the window moves
+    on. A text that does not start with `_prefix` (a byte-fallback run that stops being UTF-8: "é" then a stray
+    0x80 turns all three bytes into U+FFFD) restarts the stream at that token, as vLLM does on DecodeStream's
+    "Invalid prefix" error. So characters already emitted stay in the text, where decoding the whole output
+    (HF's ByteFallback: a run that is not UTF-8 as a whole is U+FFFD for every byte) would lose them.
+    Invariants: the text only grows, token by token (`text(n)` is a prefix of `text(n + 1)`), and never ends
+    in U+FFFD. One difference, on purpose: a primer whose text ends in a cut character starts the stream past
+    its whole characters, where DecodeStream (its prefix then empty) emits the prompt's text into the output."""
+
+    def __init__(self, decode, primer: tuple[list[int], str] | None) -> None:
+        self._decode = decode
+        self._ids: list[int] = list(primer[0]) if primer else []
+        self._prefix = ""
+        self._prefix_index = 0
+        if primer:
+            self._prefix = _without_a_cut_character(self._ids, decode)
+            self._prefix_index = len(self._ids)
+        self._text = ""
+        self._lengths = [0]
+        """Characters of the text after 0, 1, 2, ... tokens."""
+
+    def text(self, token_ids: list[int], count: int) -> str:
+        """The text of the first `count` of `token_ids` (the same list, only ever grown, at every call)."""
+        while len(self._lengths) <= count:
+            self._text += self._step(token_ids[len(self._lengths) - 1])
+            self._lengths.append(len(self._text))
+        return self._text[:self._lengths[count]]
+
+    def _step(self, token_id: int) -> str:
+        """The text one more token emits (tokenizers' step_decode_stream, vLLM's restart on a changed prefix)."""
+        if not self._prefix and self._ids:  # (DecodeStream's prefill, redone while its text is cut)
+            prefix = self._decode(self._ids)
+            if not prefix.endswith("\ufffd"):
+                self._prefix, self._prefix_index = prefix, len(self._ids)
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        if len(text.encode()) <= len(self._prefix.encode()) or text.endswith("\ufffd"):
+            return ""
+        if not text.startswith(self._prefix):
+            self._ids, self._prefix, self._prefix_index = [], "", 0
+            return self._step(token_id)
+        new_text = text[len(self._prefix):]
+        self._ids = self._ids[self._prefix_index:]
+        self._prefix, self._prefix_index = self._decode(self._ids), len(self._ids)
+        return new_text
+
+
 class CompletionState:
     def __init__(self, index: int, params: SamplingParams, tokenizer, prompt_token_ids=None) -> None:
         """`prompt_token_ids`: where a tokenizer's pieces lose their leading space decoded alone, the output's
@@ -223,6 +279,10 @@ class CompletionState:
         self._prompt_token_ids = prompt_token_ids
         self._primer: tuple[list[int], str] | None | bool = False
         """(prompt tokens, their text) to decode after; None: decode alone; False: not yet chosen."""
+        self._stream: _TextStream | None = None
+        """vLLM's incremental text, replayed once the output's text holds U+FFFD (`_text`)."""
+        self._stream_from = 0
+        """The fewest tokens whose text held U+FFFD: the stream's text is taken for as many or more."""
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.num_logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.num_logprobs is not None else None
@@ -255,13 +315,12 @@ class CompletionState:
             return None
         # as vLLM's incremental detokenizer, text is not searched before its characters are whole: tokens that end
         # inside a multi-byte character are held back (" \xf0\x9f" of an emoji matches neither " " nor U+FFFD)
-        text = _without_a_cut_character(self.token_ids, self._decode_ids)
-        previous = len(_without_a_cut_character(self.token_ids[:-1], self._decode_ids))
+        text = self._text(len(self.token_ids))
+        previous = len(self._text(len(self.token_ids) - 1))
         search_from = max(0, previous - self._max_stop_len - _REDECODE_MARGIN)
         if self.params.min_tokens:
             if self._min_tokens_text_len is None:
-                self._min_tokens_text_len = len(_without_a_cut_character(  # (a cut character's U+FFFD is not text)
-                    self.token_ids[:self.params.min_tokens], self._decode_ids))
+                self._min_tokens_text_len = len(self._text(self.params.min_tokens))  # (a cut character: not text)
         floor = self._min_tokens_text_len or 0
         for stop in self.params.stop_strings:  # the first in the list's order that the text holds, as vLLM's
             at = text.find(stop, max(search_from, floor - len(stop) + 1))
@@ -274,7 +333,8 @@ class CompletionState:
         """Whether a stop string occurs in the text of the last tokens: false only when no new
         match can be in the whole text (module docstring). The window holds the search region
         (the last token's text, the longest stop, the margin) and _WINDOW_SLACK characters more;
-        it doubles while its text is shorter (tokens of a few bytes, skipped special tokens)."""
+        it doubles while its text is shorter (tokens of a few bytes, skipped special tokens). A window text
+        holding U+FFFD answers true: vLLM's stream may read those bytes otherwise (`_text`)."""
         tokens = self.token_ids
         need = (_token_text_len(self.tokenizer, tokens[-1], self.params.skip_special_tokens) + self._max_stop_len
                 + _REDECODE_MARGIN + _WINDOW_SLACK)
@@ -282,12 +342,31 @@ class CompletionState:
         while window < len(tokens):
             text = self.tokenizer.decode(tokens[-window:], skip_special_tokens=self.params.skip_special_tokens)
             if len(text) >= need:
-                return any(stop in text for stop in self.params.stop_strings)
+                return "\ufffd" in text or any(stop in text for stop in self.params.stop_strings)
             window *= 2
         return True  # the window is the whole output: search it exactly
 
     def _decode(self) -> str:
         return self._decode_ids(self.token_ids)
+
+    def _text(self, count: int) -> str:
+        """vLLM's text of the first `count` output tokens. Decoded whole (`_without_a_cut_character`) where that
+        text holds no U+FFFD: the same text as vLLM's stream, at no extra cost. Text with U+FFFD (a byte-fallback
+        run that is not UTF-8 as a whole) is replayed through vLLM's stream (`_TextStream`, primed with the
+        prompt's last tokens), which keeps the characters it emitted before the bad byte. The stream is vLLM's
+        text for any count: once it exists, it answers for the counts past the first that needed it (their text
+        keeps that U+FFFD), so an output of stray bytes is not decoded whole again at every token."""
+        if self._stream is not None and count >= self._stream_from:
+            return self._stream.text(self.token_ids, count)
+        text = _without_a_cut_character(self.token_ids[:count], self._decode_ids)
+        if "\ufffd" not in text:
+            return text
+        if self._stream is None:
+            skip = self.params.skip_special_tokens
+            self._stream = _TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip),
+                                       _prime(self._prompt_token_ids, self.tokenizer, skip))
+            self._stream_from = count
+        return self._stream.text(self.token_ids, count)
 
     def _decode_ids(self, token_ids: list[int]) -> str:
         """The text of output tokens `token_ids` (the output's first ones), as it reads after the prompt."""
@@ -318,8 +397,7 @@ class CompletionState:
         if self.stop_text is not None:
             text = self.stop_text
         elif self.tokenizer is not None:
-            shown = self.token_ids[:-1] if self._ended_by_stop_token else self.token_ids
-            text = _without_a_cut_character(shown, self._decode_ids)
+            text = self._text(len(self.token_ids) - 1 if self._ended_by_stop_token else len(self.token_ids))
         else:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:
