@@ -6,6 +6,7 @@ Shared by `LLM` (which owns one) and `batchllm plan` (which needs tokens but no 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -17,7 +18,14 @@ import numpy as np
 from batchllm.generation_defaults import request_ending_eos_ids
 from batchllm.io.openai_batch import refused_template_keywords, text_message, text_parts
 from batchllm.models.default_model import default_model_dir, gguf_model_dir
-from batchllm.models.spec import ModelLoadError, ModelSpec, read_model_spec, rope_type_of, weight_files
+from batchllm.models.spec import (
+    RUNS_NO_CODE,
+    ModelLoadError,
+    ModelSpec,
+    read_model_spec,
+    rope_type_of,
+    weight_files,
+)
 from batchllm.prefix.radix import as_token_array
 from batchllm.structured import GrammarBackend
 
@@ -357,17 +365,51 @@ def tokenizer_files_problem(path: Path) -> str | None:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return (f"cannot load a tokenizer from {str(path)!r}: it holds none of {', '.join(TOKENIZER_FILES)}; "
                 "give the tokenizer's directory with --tokenizer (LLM(tokenizer=...))")
-    return None
+    return tokenizer_code_problem(path)
+
+
+def _tokenizer_code_message(path: Path, what: str) -> str:
+    return (f"cannot load a tokenizer from {str(path)!r}: {what}, code in that directory; {RUNS_NO_CODE}; give a "
+            "tokenizer transformers implements itself with --tokenizer (LLM(tokenizer=...))")
+
+
+def tokenizer_code_problem(path: Path) -> str | None:
+    """Why the tokenizer in `path` needs Python code from the directory, or None: its tokenizer_config.json's
+    auto_map names an AutoTokenizer class and its tokenizer_class is none transformers has (transformers would
+    ask whether to run that code, or refuse it under trust_remote_code=False). Reads that JSON file alone, so it is
+    checked before a job writes anything; an unreadable file is left for the load to name."""
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    classes = auto_map if isinstance(auto_map, (list, tuple)) else (
+        auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None)
+    name = config.get("tokenizer_class")
+    if not classes or not isinstance(name, str):
+        return None  # no code named, or no class to check here: transformers decides (`load_tokenizer`)
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    base = name.removesuffix("Fast")
+    if tokenizer_class_from_name(base) is not None or tokenizer_class_from_name(base + "Fast") is not None:
+        return None  # a class transformers has: it loads that, running nothing
+    code = ", ".join(str(c) for c in classes if c)
+    return _tokenizer_code_message(path, f"its tokenizer_config.json maps AutoTokenizer to {code}")
 
 
 def load_tokenizer(path: Path):
+    """`path`'s tokenizer through transformers' AutoTokenizer with trust_remote_code=False: no code of the
+    directory runs and no prompt asks whether to (`tokenizer_code_problem`, and transformers' own refusal named
+    as BatchLLM's rule); anything that cannot load is a ModelLoadError naming the directory."""
     from transformers import AutoTokenizer
 
     if problem := tokenizer_files_problem(path):
         raise ModelLoadError(problem)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
+        if "trust_remote_code" in str(e):  # transformers' refusal of the directory's code under False
+            raise ModelLoadError(_tokenizer_code_message(path, "it needs custom code")) from e
         raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
 
 

@@ -14,7 +14,7 @@ import torch
 
 from batchllm.config import EngineConfig
 from batchllm.generation_defaults import model_sampling_defaults
-from batchllm.models.spec import ModelSpec
+from batchllm.models.spec import RUNS_NO_CODE, ModelLoadError, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,17 @@ class RunningModelConfig:
 
     @functools.cached_property
     def hf_config(self):
-        """The model's config.json as transformers reads it (loaded on first use)."""
+        """The model's config.json as transformers reads it (loaded on first use), never running code of the
+        model directory (trust_remote_code=False: a config class of its own is a ModelLoadError)."""
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.model_dir)
+        try:
+            return AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise ModelLoadError(f"cannot read {self.model_dir / 'config.json'} with transformers: its auto_map "
+                                 f"names a config class of the directory's own code; {RUNS_NO_CODE}") from e
 
     @property
     def hf_text_config(self):

@@ -84,7 +84,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     llm = LLM(args.model, dtype="float32", device="cpu")
-    hf = AutoModelForCausalLM.from_pretrained(str(llm.model_dir), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(llm.model_dir), dtype=torch.float32, trust_remote_code=False).eval()
     prompts = [llm.tokenize_prompt(llm.apply_chat_template(c)).token_ids for c in chat_prompts(args.prompts)]
     eos = set(llm.eos_token_ids)
     pad = hf.generation_config.pad_token_id if hf.generation_config.pad_token_id is not None else min(eos)

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
-    config = AutoConfig.from_pretrained(args.model)
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=False)
     workload = make_workload(args, config.vocab_size)
     torch.manual_seed(0)
     with torch.device(args.device):

@@ -64,7 +64,7 @@ def document_conversations(tokenizer_dir: str, documents: int, questions: int, t
 
     if questions > len(QUESTIONS):
         raise ValueError(f"at most {len(QUESTIONS)} questions per document")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     rng = random.Random(seed)
     syllables = ("ka", "to", "ri", "mel", "san", "dor", "vi", "len", "pa", "qu", "ost", "er", "an", "el", "ti", "mo")
     conversations = []

@@ -35,7 +35,7 @@ def model_with_tokenizer(shape_dir: str, tokenizer_dir: str, out: Path) -> Path:
     from transformers import AutoTokenizer
 
     config = json.loads((Path(shape_dir) / "config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     config.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config))

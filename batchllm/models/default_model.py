@@ -130,8 +130,9 @@ def _convert(gguf_path: Path, out_dir: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, file_name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file_name)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=file_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file_name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=file_name, dtype=torch.float32,
+                                                 trust_remote_code=False)  # (no code of its directory)
     # transformers will not save_pretrained a GGUF-loaded model; the weights are plain float32 now,
     # so write them directly (one copy of tied embeddings) with a config stripped of the GGUF marker.
     tied = bool(model.config.tie_word_embeddings)

@@ -96,6 +96,12 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
+RUNS_NO_CODE = ("BatchLLM runs no code from model directories (--trust-remote-code, trust_remote_code=True, does "
+                "not change that: it is accepted for vLLM's scripts and ignored)")
+"""Said wherever a model or tokenizer directory would need its own Python code: every transformers `from_pretrained`
+BatchLLM makes passes trust_remote_code=False, so such code is neither run nor asked about (transformers' prompt)."""
+
+
 def _read_config(model_dir: Path) -> tuple[Path, dict]:
     """(the path of model_dir's config.json, its JSON object); anything else is a ModelLoadError
     naming the directory or file."""
@@ -205,9 +211,12 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     architectures = cfg.get("architectures") or [_ARCHITECTURE_OF_MODEL_TYPE.get(cfg.get("model_type"))]
     arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
+        auto_map = cfg.get("auto_map")
+        code = (f" (its auto_map names code of the model directory, {auto_map}: {RUNS_NO_CODE})"
+                if isinstance(auto_map, dict) and auto_map else "")
         raise ModelLoadError(
             f"unsupported architecture {cfg.get('architectures') or cfg.get('model_type')!r} in {config_path}; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}{code}"
         )
     act = cfg.get("hidden_act", "silu")
     if act != "silu":

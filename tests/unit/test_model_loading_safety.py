@@ -1,0 +1,83 @@
+"""Model directories that must not run code or cost earlier results (session 36's probe of many model directories):
+code a directory ships never runs (transformers' trust_remote_code=False, no prompt), and a model that cannot load
+leaves the job's files as they were."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchllm import LLM
+from batchllm.models.spec import ModelLoadError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _code_writing(marker: Path, base: str) -> str:
+    """Python source that writes `marker` when imported, then defines what `base` names (a transformers class)."""
+    return (f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+            f"from transformers import {base}\n")
+
+
+def _with_tokenizer_code(model: Path, marker: Path) -> Path:
+    """`model` with a tokenizer_config.json mapping AutoTokenizer to a tokenization_my.py that writes `marker`."""
+    (model / "tokenization_my.py").write_text(_code_writing(marker, "PreTrainedTokenizerFast")
+                                              + "class MyTokenizerFast(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="MyTokenizerFast",
+                  auto_map={"AutoTokenizer": [None, "tokenization_my.MyTokenizerFast"]})
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_tokenizer_code_in_a_model_directory_never_runs_nor_prompts(tmp_path, tiny_model_factory):
+    """AutoTokenizer.from_pretrained(path) without trust_remote_code asked "Do you wish to run the custom code? [y/N]"
+    (`echo y |` ran it) and --trust-remote-code, accepted and ignored, then met transformers' request for
+    trust_remote_code=True. Now the job is refused before it writes, with BatchLLM's rule, whatever stdin answers."""
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    model = _with_tokenizer_code(Path(shutil.copytree(tiny_model_factory("llama"), tmp_path / "m")), marker)
+    (src := tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "Hi"}\n')
+    out = tmp_path / "out" / "o.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "batchllm", "run", str(src), "-o", str(out), "--model", str(model),
+                           "--trust-remote-code", "--no-progress"], input="y\ny\n", capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert not marker.exists(), "the directory's code ran"
+    assert "Do you wish to run the custom code" not in done.stdout + done.stderr
+    assert "maps AutoTokenizer to tokenization_my.MyTokenizerFast" in done.stderr
+    assert "BatchLLM runs no code from model directories (--trust-remote-code" in done.stderr
+    assert not out.parent.exists() or not list(out.parent.iterdir()), "nothing is written"
+    with pytest.raises(ModelLoadError, match="runs no code from model directories"):
+        LLM(str(model), device="cpu", trust_remote_code=True)
+    assert not marker.exists()
+
+
+def test_a_config_class_of_the_directory_is_not_run_by_hf_config(tmp_path, tiny_model_factory, monkeypatch):
+    """`llm.model_config.hf_config` read config.json through AutoConfig without trust_remote_code: an auto_map naming
+    an AutoConfig class of the directory prompted (or ran it). It is refused now, naming the rule; a config whose
+    model_type transformers knows is read by transformers' own class, the directory's code unrun."""
+    marker = tmp_path / "CONFIG_CODE_RAN"
+    model = Path(shutil.copytree(tiny_model_factory("llama"), tmp_path / "m"))
+    (model / "configuration_my.py").write_text(_code_writing(marker, "LlamaConfig")
+                                               + "class MyConfig(LlamaConfig):\n    model_type = 'mymodel'\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_my.MyConfig"}
+    (model / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # a prompt would read "" (no) rather than hang
+    llm = LLM(str(model), device="cpu")
+    try:
+        assert type(llm.model_config.hf_config).__name__ == "LlamaConfig"
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "mymodel"}))
+        llm.model_config.__dict__.pop("hf_config", None)
+        with pytest.raises(ModelLoadError, match="config class of the directory's own code; BatchLLM runs no code"):
+            _ = llm.model_config.hf_config
+    finally:
+        llm.shutdown()
+    assert not marker.exists(), "the directory's code ran"
