@@ -543,7 +543,8 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
 def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
     """The job, its output locked (`lock`): everything checked before the model loads; a job found complete is
     reported without writing anything (its output may be read-only: `lock.write_problem`, refused where lines are
-    left)."""
+    left). A fresh or --overwrite output is emptied and tied to the job only once the model has loaded
+    (`ResumeState.begin` in `_run_job`): a model that fails to load leaves the job's files as they were."""
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
         # a bad model path or id, or a context it cannot hold, fails before anything is written (the
@@ -559,7 +560,7 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
         num_lines = count_input_lines(args.input)
         resume = prepare_output(args.output, args.input, args.overwrite, errors_path,
                                 results_options(args, defaults), num_lines, lock.write_problem,
-                                functools.partial(may_hold_openai_lines, args.input))
+                                functools.partial(may_hold_openai_lines, args.input), defer_start=True)
         job = _Job(args.output, errors_path, resume, num_lines)
         if job.num_lines and job.num_recorded_before >= job.num_lines:  # nothing left: do not even load the model
             status = job.report_complete()
@@ -567,6 +568,7 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
     except (ValueError, OSError, JobError) as e:
         return _fail(str(e))
     if job.num_lines == 0:  # as vLLM's run-batch: an empty output, exit 0 (and no model loaded)
+        resume.begin()
         print(f"batchllm: {args.input} has no requests (it is empty or holds only blank lines); "
               f"wrote an empty {args.output}", file=sys.stderr)
         return _write_stats(args, job.nothing_run_stats()) or EXIT_OK
@@ -709,6 +711,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         return built
     llm, reading = built
     try:
+        job.resume.begin()  # the model loaded: only now is a fresh (or --overwrite) output emptied and tied to the job
         started = time.perf_counter()
         phases = {"engine_build_s": started - reading.started}
         claim = functools.partial(claim_errors_file, args.output)  # (locked for the job; a resume checks it)

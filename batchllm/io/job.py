@@ -72,6 +72,17 @@ class ResumeState:
     num_records: int = 0
     repaired_bytes: int = 0
     """Bytes of a torn last line that were cut off."""
+    start_output: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    """Where `prepare_output(defer_start=True)` found a job that starts its output afresh: emptying it (and its errors
+    file) and writing the new state file, left for `begin`; until then the job's files are as they were."""
+
+    def begin(self) -> None:
+        """Start the output where `prepare_output` left that for later (once; nothing where it did not): `run` calls it
+        once the model has loaded, so a model that cannot load leaves earlier results (--overwrite) and a fresh
+        output (no file, no state file) as they were. A JobError where it cannot be written."""
+        start, self.start_output = self.start_output, None
+        if start is not None:
+            start()
 
     @property
     def num_lines_recorded(self) -> int:
@@ -221,14 +232,15 @@ def _is_a_standard_stream(path: Path) -> bool:
 def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None,
                    options: dict[str, Any] | None = None, num_lines: int | None = None,
                    write_problem: str | None = None,
-                   writes_errors: Callable[[], bool] | None = None) -> ResumeState:
+                   writes_errors: Callable[[], bool] | None = None, defer_start: bool = False) -> ResumeState:
     """Validate or create the output (and its errors file) for this input and these `options` (JSON
     values; None: not checked); return what is already done. A state file of an older version (no
     options recorded) resumes under any. `num_lines`: the input's lines, where known; an output that records
     them all is only read, so a finished job needs no write access (a torn last line is still cut). Any other
     job must be able to write: `write_problem` (why the output cannot be written: `OutputLock.write_problem`) and
     an errors file that cannot be written are raised as JobErrors, before anything is written; the errors file only
-    where the job may write one (`writes_errors`, asked only then; None: it may)."""
+    where the job may write one (`writes_errors`, asked only then; None: it may). `defer_start`: a fresh or
+    overwritten output is started only by the returned state's `begin` (else here), after every check above."""
     refuse_output_onto_input(output, input_path)
     state_path = state_path_for(output)
     if errors is not None and any(same_file(errors, p) for p in (input_path, output, state_path)):
@@ -247,11 +259,10 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
             _record_errors_file(state_path, fingerprint)
         return resume
     _refuse_unwritable_files(write_problem, errors, writes_errors)
-    try:
-        _start_output(output, errors, state_path, fingerprint)
-    except OSError as e:  # a full disk, a read-only place
-        raise JobError(f"cannot write results to {str(output)}: {e.strerror or e}") from e
-    return ResumeState()
+    fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint))
+    if not defer_start:
+        fresh.begin()
+    return fresh
 
 
 def _is_this_jobs_empty_output(output: Path, fingerprint: dict[str, Any]) -> bool:
@@ -299,14 +310,17 @@ def _refuse_unwritable_files(write_problem: str | None, errors: Path | None,
 def _start_output(output: Path, errors: Path | None, state_path: Path, fingerprint: dict[str, Any]) -> None:
     """Empty the output (and remove its errors file), then tie it to this job: in this order, a job killed
     between the steps leaves either the old state over an empty output, or the new one, never earlier results
-    under the new options (--overwrite would have been undone by a resume)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "wb") as f:
-        f.flush()
-        os.fsync(f.fileno())
-    if errors is not None:
-        errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
-    _write_state(state_path, fingerprint)
+    under the new options (--overwrite would have been undone by a resume). A JobError where it cannot be written."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "wb") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        if errors is not None:
+            errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
+        _write_state(state_path, fingerprint)
+    except OSError as e:  # a full disk, a read-only place
+        raise JobError(f"cannot write results to {str(output)}: {e.strerror or e}") from e
 
 
 def later_write_problem(path: Path, what: str) -> str | None:

@@ -81,3 +81,51 @@ def test_a_config_class_of_the_directory_is_not_run_by_hf_config(tmp_path, tiny_
     finally:
         llm.shutdown()
     assert not marker.exists(), "the directory's code ran"
+
+
+def _damaged(model: Path, damage: str) -> Path:
+    """`model` with what only loading finds wrong: a tensor missing, a shape changed, a truncated safetensors file,
+    a broken tokenizer.json, or a tokenizer_config.json left without its tokenizer.json."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model / "model.safetensors"
+    if damage in ("missing tensor", "shape"):
+        tensors = load_file(weights)
+        name = "model.layers.1.mlp.up_proj.weight"
+        if damage == "missing tensor":
+            del tensors[name]
+        else:
+            tensors[name] = tensors[name][:-1].clone()
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if damage == "tokenizer.json":
+        (model / "tokenizer.json").write_text("{'not': json")
+    if damage == "no tokenizer.json":
+        (model / "tokenizer.json").unlink()
+    return model
+
+
+@pytest.mark.parametrize("damage", ["missing tensor", "shape", "truncated", "tokenizer.json", "no tokenizer.json"])
+def test_a_model_that_fails_to_load_leaves_the_jobs_files_as_they_were(tmp_path, capsys, tiny_model_factory, damage):
+    """`run` emptied the output and wrote its state file (prepare_output) before the engine loaded the tokenizer and
+    weights: a model that failed only then took the previous results with it under --overwrite (2 records -> 0),
+    and a fresh job left an empty output and a state file, though README says it fails before writing anything."""
+    from batchllm import cli
+
+    good = tiny_model_factory("llama")
+    bad = _damaged(Path(shutil.copytree(good, tmp_path / "bad")), damage)
+    (src := tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Yo"}\n')
+    out = tmp_path / "out" / "o.jsonl"
+    state = out.with_name("o.jsonl.batchllm-state")
+    common = ["run", str(src), "-o", str(out), "--no-progress", "--max-tokens", "2"]
+    assert cli.main([*common, "--model", good]) == 0
+    before = out.read_bytes(), state.read_bytes()
+    assert len(before[0].splitlines()) == 2
+    capsys.readouterr()
+    assert cli.main([*common, "--model", str(bad), "--overwrite"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert (out.read_bytes(), state.read_bytes()) == before, "the previous results are kept"
+    fresh = tmp_path / "fresh" / "o.jsonl"
+    assert cli.main(["run", str(src), "-o", str(fresh), "--no-progress", "--model", str(bad)]) == 2
+    assert list(fresh.parent.iterdir()) == [], "a fresh job that could not load writes nothing"
