@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 from batchllm.config import default_cache_dir
-from batchllm.models.spec import ModelLoadError
+from batchllm.models.spec import _ARCHITECTURE_OF_MODEL_TYPE, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     transformers cannot read (an architecture it does not convert, a sharded or damaged file) is a ModelLoadError
     naming it."""
     resolved = gguf_path.resolve()
+    refuse_an_architecture_not_run(gguf_path)  # from the header: before converting (or a stale conversion)
     stat = resolved.stat()
     key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{key}"
@@ -75,6 +77,68 @@ def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     except Exception as e:  # noqa: BLE001 - transformers' reasons are many (architecture, tensor types, format)
         raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r} (transformers + gguf read it and "
                              f"write a model directory): {type(e).__name__}: {str(e)[:300]}") from e
+
+
+GGUF_ARCHITECTURES = tuple(sorted(_ARCHITECTURE_OF_MODEL_TYPE))
+"""general.architecture values of the GGUF files BatchLLM runs: transformers converts each into the model_type of
+the same name, an architecture of `spec.SUPPORTED_ARCHITECTURES`."""
+
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""Bytes of each scalar GGUFValueType (UINT8 .. BOOL, UINT64, INT64, FLOAT64); 8 is STRING, 9 ARRAY."""
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """The general.architecture a GGUF file's header names, read from its key-value pairs up to that key alone (no
+    tensor data, nor the tokenizer's arrays that usually follow it: gguf's GGUFReader parses them all, seconds);
+    None where the file is no GGUF file or names none."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return None
+        (version,) = struct.unpack("<I", f.read(4))
+        order = "<" if version < 65536 else ">"  # a big-endian file's version reads huge little-endian
+
+        def read(fmt: str):
+            data = f.read(struct.calcsize(order + fmt))
+            return struct.unpack(order + fmt, data)[0] if len(data) == struct.calcsize(order + fmt) else None
+
+        def skip(kind) -> bool:
+            if kind == 8:
+                size = read("Q")
+                return size is not None and len(f.read(size)) == size
+            if kind == 9:
+                item, count = read("I"), read("Q")
+                if item in _GGUF_SCALAR_BYTES and count is not None:
+                    return len(f.read(count * _GGUF_SCALAR_BYTES[item])) == count * _GGUF_SCALAR_BYTES[item]
+                return count is not None and all(skip(item) for _ in range(count))
+            return kind in _GGUF_SCALAR_BYTES and len(f.read(_GGUF_SCALAR_BYTES[kind])) == _GGUF_SCALAR_BYTES[kind]
+
+        _tensors, pairs = read("Q"), read("Q")
+        for _ in range(pairs or 0):
+            size = read("Q")
+            key, kind = (f.read(size) if size is not None and size < 1 << 16 else None), read("I")
+            if key is None or kind is None:
+                return None
+            if key == b"general.architecture" and kind == 8:
+                length = read("Q")
+                return f.read(length).decode("utf-8", "replace") if length is not None and length < 1 << 16 else None
+            if not skip(kind):
+                return None
+    return None
+
+
+def refuse_an_architecture_not_run(gguf_path: Path) -> None:
+    """A ModelLoadError naming `gguf_path` where its header names an architecture BatchLLM does not run (or none),
+    before the file is dequantized into the cache: a 7B model's float32 copy is 28 GB, then refused."""
+    try:
+        architecture = gguf_architecture(gguf_path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the GGUF model {str(gguf_path)!r}: {e.strerror or e}") from e
+    if architecture is None:
+        raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r}: its header names no "
+                             "general.architecture (not a GGUF model file, or a damaged one)")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"the GGUF model {str(gguf_path)!r} is a {architecture!r} model (its "
+                             f"general.architecture); BatchLLM runs {', '.join(GGUF_ARCHITECTURES)} GGUF files")
 
 
 def _remove_older_conversions(target: Path) -> None:

@@ -111,7 +111,12 @@ def _read_config(model_dir: Path) -> tuple[Path, dict]:
         raise ModelLoadError(f"model path {str(model_dir)!r} is not a directory")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise ModelLoadError(f"{str(model_dir)!r} has no config.json: not a Hugging Face model directory")
+        ggufs = sorted(p.name for p in model_dir.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+        hint = "" if not ggufs else (
+            f"; it holds {'GGUF files' if len(ggufs) > 1 else 'a GGUF file'} ({', '.join(ggufs[:5])}"
+            f"{', ...' * (len(ggufs) > 5)}): "
+            f"give the file as the model, as in --model {str(model_dir / ggufs[0])!r}")
+        raise ModelLoadError(f"{str(model_dir)!r} has no config.json: not a Hugging Face model directory{hint}")
     try:
         cfg = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -129,3 +129,64 @@ def test_a_model_that_fails_to_load_leaves_the_jobs_files_as_they_were(tmp_path,
     fresh = tmp_path / "fresh" / "o.jsonl"
     assert cli.main(["run", str(src), "-o", str(fresh), "--no-progress", "--model", str(bad)]) == 2
     assert list(fresh.parent.iterdir()) == [], "a fresh job that could not load writes nothing"
+
+
+def _gguf_bytes(pairs: list[tuple[str, int, bytes]]) -> bytes:
+    """A GGUF v3 header (no tensors) with `pairs`: (key, GGUFValueType, the value's encoded bytes)."""
+    import struct
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, len(pairs))
+    return head + b"".join(struct.pack("<Q", len(k)) + k.encode() + struct.pack("<I", kind) + value
+                           for k, kind, value in pairs)
+
+
+def _gguf_string(text: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(text.encode())) + text.encode()
+
+
+def test_a_gguf_of_an_architecture_not_run_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A gemma2 GGUF was dequantized to float32 into the cache in full, then refused naming the cache's config.json.
+    Its header's general.architecture refuses it now, naming the user's file, before anything is converted."""
+    import gguf
+    import numpy as np
+
+    from batchllm.models import default_model
+
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-gemma2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    monkeypatch.setattr(default_model, "_convert", lambda *a: pytest.fail("converted before the check"))
+    with pytest.raises(ModelLoadError, match=r"the GGUF model '.*tiny-gemma2.gguf' is a 'gemma2' model \(its "
+                                             r"general.architecture\); BatchLLM runs llama, mistral, qwen2, qwen3"):
+        LLM(str(path), device="cpu")
+    assert not (tmp_path / "cache").exists()
+    import struct
+
+    from batchllm.models.default_model import gguf_architecture
+
+    later = tmp_path / "later.gguf"  # the key after others: strings, a string array, scalars, skipped unread
+    later.write_bytes(_gguf_bytes([("general.name", 8, _gguf_string("x")),
+                                   ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + _gguf_string("a")
+                                    + _gguf_string("bc")),
+                                   ("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, 2) + bytes(8)),
+                                   ("x.count", 4, struct.pack("<I", 7)),
+                                   ("general.architecture", 8, _gguf_string("qwen3"))]))
+    assert gguf_architecture(later) == "qwen3"
+    assert gguf_architecture(path) == "gemma2"
+
+
+def test_a_directory_holding_only_a_gguf_file_names_it(tmp_path):
+    """`--model DIR` with DIR holding a .gguf said only "has no config.json: not a Hugging Face model directory"."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tiny.Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"holds a GGUF file \(tiny.Q8_0.gguf\): give the file as the model, "
+                                             r"as in --model '.*m/tiny.Q8_0.gguf'"):
+        LLM(str(tmp_path / "m"), device="cpu")
