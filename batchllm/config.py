@@ -91,7 +91,8 @@ class ModelConfig(_Checked):
     dtype: str = option("auto", "weight and KV dtype; auto: float32 on CPU, the checkpoint's 16-bit dtype "
                         "(else bfloat16) on GPU", choices=_DTYPES)
     max_model_len: int | None = option(None, "cap on prompt + output tokens per request; None: the model's "
-                                       "max_position_embeddings", at_least=2)
+                                       "(its config's max_position_embeddings, or a smaller n_positions, "
+                                       "seq_length ..., as vLLM derives it)", at_least=2)
     load_format: str = option("auto", "auto/safetensors: read the weights from the model directory; dummy: "
                               "random weights from config.json alone (benchmarking shapes)", choices=_LOAD_FORMATS)
     seed: int | None = option(0, "seed of the engine-wide generator used by requests without a seed of their own "

@@ -291,16 +291,17 @@ def _or_error(call, *args) -> TokenizedPrompt | ValueError:
 
 
 def resolve_max_model_len(requested: int | None, spec) -> int:
-    """The context the engine runs with: `requested`, or the model's where None. The model's is
-    max_position_embeddings, times a linear rope scaling's factor (a yarn one's: its original_max_position_embeddings
-    times its factor; as vLLM derives them), capped at a sliding
+    """The context the engine runs with: `requested`, or the model's where None. The model's is its config's
+    (`spec.context`: the smallest of max_position_embeddings, n_positions, seq_length ... as vLLM derives it), times a
+    linear rope scaling's factor (a yarn one's: its original_max_position_embeddings times its factor; as vLLM
+    derives them), capped at a sliding
     window: attention here is over the whole context, which equals the model's windowed attention only within
     the window (vLLM's disable_sliding_window=True does the same)."""
-    limit = spec.max_position_embeddings
-    why = ""
+    limit, key = spec.context
+    why = "" if key == "max_position_embeddings" else f"; its config's {key}"
     if rope_type_of(spec.rope_scaling) == "linear":
         limit = int(limit * float(spec.rope_scaling.get("factor", 1.0)))
-        why = f"; max_position_embeddings {spec.max_position_embeddings} x its linear rope factor"
+        why = f"; {key} {spec.context[0]} x its linear rope factor"
     elif rope_type_of(spec.rope_scaling) == "yarn":
         original = int(spec.rope_scaling["original_max_position_embeddings"])
         limit = int(original * float(spec.rope_scaling.get("factor", 1.0)))

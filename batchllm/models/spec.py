@@ -7,12 +7,16 @@ Reads the raw JSON (not transformers' config classes) so that old- and new-style
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # quant_config imports this module (ModelLoadError)
     from batchllm.models.quant_config import Fp8Scheme
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -22,6 +26,18 @@ _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralF
                                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 """config.json's model_type -> its architecture, for configs that name no architectures."""
 
+
+_MAX_POSITION_EMBEDDINGS_DEFAULT = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+"""transformers' config classes' max_position_embeddings default, by model_type (LlamaConfig: 2048, MistralConfig:
+4096 * 32, Qwen2Config and Qwen3Config: 32768): what a config.json without the key has in transformers, and so in
+vLLM, which reads transformers' config object."""
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+"""The config keys vLLM 0.26 derives a model's context from (`derive_max_model_len_and_key`), in its order."""
+
+DEFAULT_CONTEXT = 2048
+"""vLLM's context for a config that sets none of CONTEXT_KEYS (`_get_and_verify_max_len`, with a warning)."""
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """The rope_scaling types the rotary embedding computes (`layers.rotary`)."""
@@ -67,7 +83,9 @@ class ModelSpec:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict | None
-    max_position_embeddings: int
+    context: tuple[int, str]
+    """(the model's context, the config key it comes from) as vLLM derives it before rope scaling (`derive_context`);
+    `inputs.resolve_max_model_len` scales and caps it."""
     tie_word_embeddings: bool
     mlp_bias: bool
     sliding_window: int | None
@@ -168,7 +186,7 @@ def _original_context(scaling: dict, cfg: dict, where: str, config_path: Path) -
     reads: either one null or not a number is a ModelLoadError, as is, for yarn, one not positive (transformers
     divides by it and takes its log)."""
     key = "original_max_position_embeddings"
-    own = scaling.get(key, cfg.get("max_position_embeddings", 2048))
+    own = scaling.get(key, transformers_max_position_embeddings(cfg))
     read = [(own, f"{where}.{key}")] + ([(cfg[key], key)] if key in cfg else [])
     positive = rope_type_of(scaling) == "yarn"
     for value, name in read:
@@ -176,6 +194,43 @@ def _original_context(scaling: dict, cfg: dict, where: str, config_path: Path) -
             raise ModelLoadError(f"{config_path}: {name} must be a {'positive ' if positive else ''}number, "
                                  f"not {value!r}")
     return read[-1][0]
+
+
+def transformers_max_position_embeddings(cfg: dict):
+    """config.json's max_position_embeddings as transformers' config object holds it: the file's value where it has
+    the key (even null), else the config class's default (`_MAX_POSITION_EMBEDDINGS_DEFAULT`, by model_type, else by
+    the architecture it names)."""
+    if "max_position_embeddings" in cfg:
+        return cfg["max_position_embeddings"]
+    model_type = cfg.get("model_type")
+    if model_type not in _MAX_POSITION_EMBEDDINGS_DEFAULT:
+        by_architecture = {arch: kind for kind, arch in _ARCHITECTURE_OF_MODEL_TYPE.items()}
+        model_type = next((by_architecture[a] for a in cfg.get("architectures") or () if a in by_architecture), None)
+    return _MAX_POSITION_EMBEDDINGS_DEFAULT.get(model_type, DEFAULT_CONTEXT)
+
+
+def derive_context(cfg: dict, config_path: Path) -> tuple[int, str]:
+    """(the model's context, the key it comes from) as vLLM 0.26 derives it before rope scaling
+    (`derive_max_model_len_and_key`, then `_get_and_verify_max_len`): the smallest of the CONTEXT_KEYS set (not
+    null; max_position_embeddings as transformers holds it, `transformers_max_position_embeddings`), a truthy
+    model_max_length over all of them (Command-R's), and DEFAULT_CONTEXT, with a warning, where none is set. A value
+    that is not a positive number is a ModelLoadError naming its key."""
+    context, key = float("inf"), None
+    for name in CONTEXT_KEYS:
+        value = transformers_max_position_embeddings(cfg) if name == "max_position_embeddings" else cfg.get(name)
+        if value is None:
+            continue
+        if not _is_number(value) or isinstance(value, bool) or value < 1:
+            raise ModelLoadError(f"{config_path}: {name} must be a positive number, not {value!r}")
+        if value < context:
+            context, key = value, name
+    if cfg.get("model_max_length"):  # (vLLM: Command-R's key wins, larger or not)
+        context, key = cfg["model_max_length"], "model_max_length"
+    if key is None:
+        logger.warning("%s sets none of %s: assuming a context of %d tokens, as vLLM does", config_path,
+                       ", ".join(CONTEXT_KEYS), DEFAULT_CONTEXT)
+        return DEFAULT_CONTEXT, "vLLM's default"
+    return int(context), key
 
 
 def _checked_rope_scaling(cfg: dict, config_path: Path) -> dict | None:
@@ -199,7 +254,7 @@ def _checked_rope_scaling(cfg: dict, config_path: Path) -> dict | None:
     if rope_type in ("llama3", "yarn"):
         scaling["original_max_position_embeddings"] = _original_context(scaling, cfg, where, config_path)
     if rope_type == "yarn" and scaling["factor"] is None:
-        scaling["factor"] = int(cfg.get("max_position_embeddings", 2048)) / scaling["original_max_position_embeddings"]
+        scaling["factor"] = int(transformers_max_position_embeddings(cfg)) / scaling["original_max_position_embeddings"]
     for key in _ROPE_REQUIRED_KEYS[rope_type]:
         if not _is_number(scaling[key]):
             raise ModelLoadError(f"{config_path}: {where}.{key} must be a number, not {scaling[key]!r}")
@@ -254,7 +309,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg, config_path),
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            context=derive_context(cfg, config_path),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=int(sliding) if sliding else None,

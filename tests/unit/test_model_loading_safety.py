@@ -190,3 +190,63 @@ def test_a_directory_holding_only_a_gguf_file_names_it(tmp_path):
     with pytest.raises(ModelLoadError, match=r"holds a GGUF file \(tiny.Q8_0.gguf\): give the file as the model, "
                                              r"as in --model '.*m/tiny.Q8_0.gguf'"):
         LLM(str(tmp_path / "m"), device="cpu")
+
+
+def _config_dir(tmp_path, name: str, **fields) -> Path:
+    """A model directory holding only a small config.json (`read_model_spec` reads no more), `fields` set over it
+    (None: the key left out)."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 256, "max_position_embeddings": 4096}
+    config.update(fields)
+    (directory := tmp_path / name).mkdir()
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return directory
+
+
+@pytest.mark.parametrize("key", ["n_positions", "max_seq_len", "seq_length", "max_target_positions",
+                                 "max_sequence_length", "max_seq_length", "seq_len"])
+def test_the_context_is_the_smallest_of_the_keys_vllm_reads(tmp_path, key):
+    """spec.read_model_spec read max_position_embeddings alone: a config whose seq_length (n_positions, ...) is
+    smaller ran past it, where vLLM 0.26 (`derive_max_model_len_and_key`) takes the smallest key set."""
+    from batchllm.inputs import read_model_source
+
+    source = read_model_source(_config_dir(tmp_path, "m", **{key: 128}))
+    assert (source.spec.context, source.max_model_len) == ((128, key), 128)
+    assert read_model_source(_config_dir(tmp_path, "larger", **{key: 8192})).max_model_len == 4096
+    with pytest.raises(ValueError, match=f"max_model_len 200 exceeds what the model supports \\(128; its config's "
+                                         f"{key}"):
+        read_model_source(_config_dir(tmp_path, "asked", **{key: 128}), 200)
+
+
+@pytest.mark.parametrize("model_type, architecture", [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+                                                      ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_a_config_without_max_position_embeddings_gets_its_config_class_default(tmp_path, model_type, architecture):
+    """A config without max_position_embeddings ran with 2048 whatever its model; transformers' config class (and so
+    vLLM, which reads it) gives its own default: Qwen2Config 32768, MistralConfig 131072."""
+    from transformers import AutoConfig
+
+    from batchllm.inputs import read_model_source
+
+    expected = AutoConfig.for_model(model_type).max_position_embeddings
+    source = read_model_source(_config_dir(tmp_path, "m", architectures=[architecture], model_type=model_type,
+                                           max_position_embeddings=None))
+    assert (source.spec.context, source.max_model_len) == ((expected, "max_position_embeddings"), expected)
+
+
+def test_model_max_length_wins_a_null_context_is_vllms_default_and_a_linear_factor_scales_the_smallest(tmp_path):
+    """vLLM: a truthy model_max_length (Command-R's) over every other key, larger or not; no key set (a null
+    max_position_embeddings) -> 2048 with a warning; a linear rope factor scales the derived context."""
+    from batchllm.inputs import read_model_source
+
+    assert read_model_source(_config_dir(tmp_path, "cmdr", model_max_length=8192, seq_length=64)).spec.context == (
+        8192, "model_max_length")
+    config = _config_dir(tmp_path, "none", max_position_embeddings=None)
+    text = json.loads((config / "config.json").read_text())
+    (config / "config.json").write_text(json.dumps({**text, "max_position_embeddings": None}))
+    assert read_model_source(config).spec.context == (2048, "vLLM's default")
+    scaled = read_model_source(_config_dir(tmp_path, "linear", seq_length=128,
+                                           rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert scaled.max_model_len == 256
+    with pytest.raises(ModelLoadError, match="seq_length must be a positive number, not 'long'"):
+        read_model_source(_config_dir(tmp_path, "bad", seq_length="long"))
