@@ -566,9 +566,12 @@ class Scheduler:
 
     def abort_requests_of(self, id_prefix: str) -> None:
         """End every request whose id starts with `id_prefix` (one call's, submitted part-way when an interrupt
-        came): its members, then any prefix a member never added would have kept alive."""
+        came): its members, then any prefix a member never added would have kept alive, nested ones before
+        their parents (each was added after its parent; a nested prefix is a live member of its parent, which
+        goes with it when it was the last: finished first, the parent was finished a second time)."""
         ours = [r for rid, r in self.requests.items() if rid.startswith(id_prefix)]
-        for request in sorted(ours, key=lambda r: r.is_prefix):
+        prefixes = [r for r in reversed(ours) if r.is_prefix]
+        for request in [r for r in ours if not r.is_prefix] + prefixes:
             if request.request_id in self.requests:  # (a prefix goes with its last member)
                 self._finish(request, "abort", None)
 

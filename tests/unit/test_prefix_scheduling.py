@@ -313,3 +313,42 @@ def test_a_step_emptied_by_preemption_admits_the_ready_members():
     out, sched, _, _ = run(prompts, sharing=True, num_blocks=12, threshold=4.0, max_tokens=6)
     assert sched.stats.num_preemptions > 0
     assert out == base
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_a_nested_submission_cut_part_way_is_aborted_whole(steps):
+    """Regression: an interrupt while `LLM._submit` added a plan with nested groups left a nested prefix whose
+    members were never added; abort_requests_of finished its parent first (in submission order), then the
+    nested prefix, whose parent, its last live member gone, was finished a second time: KeyError, raised
+    over the interrupt, and the call's requests stayed for the next call. Every cut point of the submission
+    must abort cleanly, leaving the other call's requests to run."""
+    rng = random.Random(3)
+    prompts = []
+    for top in range(3):
+        base = [top + 1] + [rng.randrange(1000, 5000) for _ in range(9)]
+        for _g in range(3):
+            nested = base + [rng.randrange(1000, 5000) for _ in range(6)]
+            prompts += [nested + [rng.randrange(1000, 5000) for _ in range(3)] for _ in range(2)]
+    plan = plan_prefix_sharing(prompts, mode="multi")
+    assert any(g.parent is not None for g in plan.groups)
+
+    def submission(call):
+        requests = [Request(f"{call}-{i}", list(p), SamplingParams(temperature=0, max_tokens=3), arrival_index=i)
+                    for i, p in enumerate(prompts)]
+        return list(build_submission(plan, requests, ArrivalOrder(), lambda r: 3, f"{call}-p-"))
+
+    for cut in range(1, len(submission("c")) + 1):
+        kv = KVCacheManager(400, 4)
+        sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), kv, max_model_len=512)
+        engine = EngineCore(sched, PagedKVExecutor(4))
+        other = submission("d")
+        for r in other + submission("c")[:cut]:
+            engine.add_request(r)
+        for _ in range(steps):
+            engine.step()
+        sched.abort_requests_of("c-")
+        assert not [rid for rid in sched.requests if rid.startswith("c-")]
+        while engine.has_unfinished():
+            engine.step()
+        assert kv.num_free_blocks == 400
+        assert all(r.finish_reason == "length" for r in other if not r.is_prefix)
