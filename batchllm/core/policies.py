@@ -141,7 +141,21 @@ class MemoryAdmission:
         prefixes (`Scheduler.schedule`), after which nothing runs and the prefix starts."""
         if nothing_running or self.projected_blocks <= self.capacity:
             return True
-        return sum(map(self.group_blocks, open_work)) + self.group_blocks(prefix) <= self.capacity
+        return self.open_blocks(open_work) + self.group_blocks(prefix) <= self.capacity
+
+    def open_blocks(self, open_work: Iterable[Request]) -> int:
+        """The sum of `group_blocks` over `open_work`, walking only the entries with members not started: the
+        others (every running member: almost all of the open work) are their own charge (`group_blocks` of an
+        entry without pending members, inlined). Called once a step in a group larger than the pool; its
+        `group_blocks` calls, one a running request, were 5% of a 50k-line job's main thread."""
+        total = 0
+        group_blocks, projection = self.group_blocks, self.projection
+        for r in open_work:
+            if r.pending_members:
+                total += group_blocks(r)
+            else:
+                total += r.projected_blocks or projection(r)
+        return total
 
     @staticmethod
     def _uncharged_group(request: Request) -> list[Request]:
