@@ -193,7 +193,10 @@ def _add_plan_parser(sub) -> None:
         formatter_class=DefaultsHelpFormatter,
         description="Read the same input as `run`, tokenize it (no model weights are loaded) and print "
         "requests, groups, sharing degrees, prompt tokens, prefill tokens after sharing and the saving ratio "
-        "1 - prefill_tokens / completion_prompt_tokens (the prompt tokens of every completion: a prompt n times).",
+        "1 - prefill_tokens / completion_prompt_tokens (the prompt tokens of every completion: a prompt n times). "
+        "run follows this plan, but a request whose prompt and max_tokens nearly fill the KV cache (whose size plan "
+        "does not know) shares its prefixes only up to their last full KV block: up to block_size - 1 tokens more "
+        "each, and run warns.",
     )
     _add_input_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")

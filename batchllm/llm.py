@@ -42,7 +42,7 @@ from batchllm.llm_engine import LLMEngine, running_model_config
 from batchllm.models.spec import ModelSpec
 from batchllm.options import engine_config
 from batchllm.output_processor import CompletionState, prompt_logprobs_output
-from batchllm.prefix import plan_prefix_sharing
+from batchllm.prefix import PrefixPlan, plan_prefix_sharing
 from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
@@ -95,6 +95,8 @@ class LLM:
         # read here, so that a bad generation_config fails the build, not the first call without SamplingParams
         from_model = model_sampling_defaults(front.model_dir, config.model.generation_config)
         self._default_params = SamplingParams(**from_model)
+        self._said_block_aligned = False
+        """Whether `_note_block_aligned` warned already (once per LLM)."""
         self.engine: Engine | None = None
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
         more than one engine process (data_parallel_size x engines_per_gpu > 1): this process then
@@ -539,16 +541,7 @@ class LLM:
         sharing = self.config.sharing
         budgets = {r.request_id: expected_output_tokens(r, self.max_model_len) for r in requests}
         id_prefix = f"{call.call_id}-{len(call.plans)}-"
-        parts = [self._planned(call, requests, sharing.prefix_sharing, budgets, id_prefix)]
-        if crowded := self._crowded_members(requests):
-            # their copies of their prefixes' last, partial blocks would overflow the cache (each fits alone:
-            # `kv_cache_problem`): they run unshared, the others share among themselves
-            for request in requests:
-                request.parent = None
-            parts = [self._planned(call, [r for r in requests if r.request_id not in crowded], True, budgets,
-                                   id_prefix),
-                     self._planned(call, [r for r in requests if r.request_id in crowded], False, budgets,
-                                   f"{id_prefix}alone-")]
+        parts = self._plans_within_cache(call, requests, sharing.prefix_sharing, budgets, id_prefix)
         call.budgets.update(budgets)
         for request, cached in zip(requests, cached_prompt_tokens(requests)):  # (prompt by prompt, k = 0 first:
             call.num_cached_tokens.setdefault(request.arrival_index, cached)  # setdefault keeps the first's)
@@ -561,29 +554,63 @@ class LLM:
                 self.engine.core.add_request(request)
         return call
 
+    def _plans_within_cache(self, call: _Call, requests: list[Request], share: bool, budgets: dict[str, int],
+                            id_prefix: str) -> list[tuple[Any, list[Request]]]:
+        """The submission's [(plan, submission)], as `_planned` makes them. Where members are crowded (their
+        worst case and their prefixes' partial last blocks would not fit the KV cache together,
+        `_crowded_members`; each fits alone: `kv_cache_problem`), every prefix above one is cut back to its last
+        block boundary (`PrefixPlan.with_prefixes_cut_to_blocks`): a member then shares all of its prefixes'
+        blocks and needs no more memory than it would unshared, so it still shares all but at most block_size - 1
+        tokens of each prefix. Cutting only lowers the partial blocks above any member: no other member becomes
+        crowded. Said once per LLM (`_note_block_aligned`)."""
+        plan, submission = self._planned(call, requests, share, budgets, id_prefix)
+        if not (crowded := self._crowded_members(requests)):
+            return [(plan, submission)]
+        group_of = {prompt: group.group_id for group in plan.groups for prompt in group.prompts}
+        above: set[int] = set()
+        for index, request in enumerate(requests):
+            group = group_of.get(index) if request.request_id in crowded else None
+            while group is not None and group not in above:
+                above.add(group)
+                group = plan.groups[group].parent
+        block_size = self.engine.core.scheduler.kv.block_size
+        self._note_block_aligned(len(crowded), len(requests), block_size)
+        for request in requests:
+            request.parent = None  # (a request the new plan leaves ungrouped keeps the parent it has)
+        return [self._planned(call, requests, share, budgets, id_prefix,
+                              plan.with_prefixes_cut_to_blocks(above, block_size))]
+
+    def _note_block_aligned(self, num_squeezed: int, num_requests: int, block_size: int) -> None:
+        """Warn, once per LLM, that requests share their prefixes only up to block boundaries, and why."""
+        if self._said_block_aligned:
+            return
+        self._said_block_aligned = True
+        kv = self.engine.core.scheduler.kv
+        logger.warning(
+            "%d of %d requests may fill nearly the whole KV cache (%d blocks of %d tokens) with their prompt and "
+            "max_tokens (without max_tokens: up to what the cache holds), leaving no room for copies of their shared "
+            "prefixes' partial last blocks: those prefixes are shared only up to their last full block, each member "
+            "computing up to %d tokens of them again. To share whole prefixes, give them a max_tokens or %s",
+            num_squeezed, num_requests, kv.pool.num_blocks, block_size, block_size - 1, self.kv_cache_advice())
+
     def _planned(self, call: _Call, requests: list[Request], share: bool, budgets: dict[str, int],
-                 id_prefix: str) -> tuple[Any, list[Request]]:
-        """(the prefix plan of these requests among themselves, their submission: prefix requests and
-        top-level units in the group order, members' parents set)."""
+                 id_prefix: str, plan: PrefixPlan | None = None) -> tuple[PrefixPlan, list[Request]]:
+        """(the prefix plan of these requests among themselves, or `plan` where given; their submission: prefix
+        requests and top-level units in the group order, members' parents set)."""
         sharing = self.config.sharing
-        plan = plan_prefix_sharing([call.prompts[r.arrival_index].array for r in requests],  # (converted once)
-                                   mode=sharing.plan_mode, share=share)
+        if plan is None:
+            plan = plan_prefix_sharing([call.prompts[r.arrival_index].array for r in requests],  # (converted once)
+                                       mode=sharing.plan_mode, share=share)
         submission = build_submission(plan, requests, GROUP_ORDERS[sharing.group_order](),
                                       lambda r: budgets[r.request_id], id_prefix=id_prefix)
         return plan, submission
 
     def _crowded_members(self, requests: list[Request]) -> set[str]:
-        """Ids of the members whose worst case, counting a copy of each of their prefixes' last blocks,
+        """Ids of the members whose worst case, counting the partial last block of each prefix above them,
         is more than the whole KV cache (the scheduler refuses them; `Scheduler.kv_blocks_needed`)."""
         scheduler = self.engine.core.scheduler
-        crowded = set()
-        for request in requests:
-            levels, parent = 0, request.parent
-            while parent is not None:
-                levels, parent = levels + 1, parent.parent
-            if levels and scheduler.kv_blocks_needed(request, levels) > scheduler.kv.pool.num_blocks:
-                crowded.add(request.request_id)
-        return crowded
+        return {r.request_id for r in requests
+                if r.parent is not None and scheduler.kv_blocks_needed(r) > scheduler.kv.pool.num_blocks}
 
     def _step(self, call: _Call) -> list[tuple[int, RequestOutput]]:
         """Run one engine step and apply its tokens (detokenize, stop strings); the prompts it

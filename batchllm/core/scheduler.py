@@ -172,7 +172,7 @@ class Scheduler:
             if parent.num_prompt_tokens >= request.num_prompt_tokens:
                 raise ValueError(f"request {rid!r}: a member must extend its prefix by at least one token")
         if not request.is_prefix:
-            worst_case = self.kv_blocks_needed(request, len(request.shared_prefixes))
+            worst_case = self.kv_blocks_needed(request)
             if worst_case > self.kv.pool.num_blocks:
                 raise ValueError(
                     f"request {rid!r} may need {worst_case} KV blocks but the cache has "
@@ -186,17 +186,25 @@ class Scheduler:
             parent.num_live_members += 1
             parent.pending_members.append(request)
 
-    def kv_blocks_needed(self, request: Request, shared_prefix_levels: int) -> int:
-        """KV blocks a request may hold at once: its prompt and max_tokens (at most the context; without
-        max_tokens, `_max_total_tokens`), and a copy of the last, partial block of each prefix it shares."""
-        return self.kv.blocks_for(self._max_total_tokens(request)) + shared_prefix_levels
+    def kv_blocks_needed(self, request: Request) -> int:
+        """KV blocks the pool must hold for a request at once: its own table, for its prompt and max_tokens (at
+        most the context; without max_tokens, `_max_total_tokens`), and the last block of each prefix above it
+        that ends inside a block: that prefix keeps its partial block while the member writes into a copy (or,
+        nested, its own prefix's copy). A prefix ending on a block boundary costs nothing more: the member shares
+        all of its blocks, which it would otherwise hold itself."""
+        partial, prefix = 0, request.parent
+        while prefix is not None:
+            partial += prefix.num_prompt_tokens % self.kv.block_size != 0
+            prefix = prefix.parent
+        return self.kv.blocks_for(self._max_total_tokens(request)) + partial
 
     def _max_total_tokens(self, request: Request) -> int:
         """Prompt and output tokens the request may reach: with max_tokens, at most the context; without
         (vLLM's None), the context or what the whole cache holds, whichever is less (vLLM would not start with
         a cache smaller than the context), but at least one output token (a prompt the cache cannot hold is
         then refused by name). Whatever else is in the batch: such a member that cannot also hold copies of
-        its prefixes' last blocks runs unshared (`LLM._crowded_members`), with the same limit."""
+        its prefixes' last blocks shares prefixes ending on block boundaries instead (`LLM._crowded_members`),
+        with the same limit."""
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:
             return min(self.max_model_len, request.num_prompt_tokens + max_tokens)

@@ -104,6 +104,28 @@ class PrefixPlan:
         """Requests served by each top-level group, and 1 for each ungrouped request."""
         return [len(self.prompts_under(g.group_id)) for g in self.top_level_groups] + [1] * len(self.ungrouped)
 
+    def with_prefixes_cut_to_blocks(self, group_ids: set[int], block_size: int) -> PrefixPlan:
+        """This plan with the prefixes of `group_ids` cut back to their last block boundary, so that a member
+        under only such prefixes shares every block of theirs and copies none (`Scheduler.kv_blocks_needed`).
+        A cut group that no longer extends its enclosing group (or, top-level, is empty) is dissolved into it:
+        its prompts and nested groups move up. Every member of a cut group computes at most block_size - 1
+        tokens more; nothing else changes. Groups are renumbered, parents before their nested groups."""
+        groups: list[PrefixGroup] = []
+        ungrouped = list(self.ungrouped)
+        stack: list[tuple[int, int | None]] = [(g.group_id, None) for g in reversed(self.top_level_groups)]
+        while stack:
+            old_id, parent = stack.pop()
+            old = self.groups[old_id]
+            length = old.prefix_len - (old.prefix_len % block_size if old_id in group_ids else 0)
+            if length > (groups[parent].prefix_len if parent is not None else 0):
+                groups.append(PrefixGroup(len(groups), length, parent))
+                if parent is not None:
+                    groups[parent].children.append(len(groups) - 1)
+                parent = len(groups) - 1
+            (groups[parent].prompts if parent is not None else ungrouped).extend(old.prompts)
+            stack.extend((child, parent) for child in reversed(old.children))
+        return PrefixPlan(self.mode, groups, sorted(ungrouped), self.prompt_lengths)
+
     def summary(self, request_lengths: Sequence[int] | None = None) -> dict:
         """The plan in numbers. `request_lengths`: the requests' prompt lengths where a request's n completions are
         n members of the plan (None: each member is a request). num_requests and prompt_tokens count each request

@@ -202,3 +202,34 @@ def test_plan_is_the_same_from_lists_int32_and_int64_arrays(prompts, mode):
     for v in range(1, tree.num_nodes):  # each node's depth is its prompts' common prefix, and no longer
         members = [prompts[i] for i in tree.order[tree.lo[v]:tree.hi[v]].tolist()]
         assert min(_naive_lcp(members[0], m) for m in members[1:]) == tree.depth[v]
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+def test_prefixes_cut_to_blocks_end_on_boundaries_and_cost_each_member_less_than_a_block(mode):
+    """Cut prefixes (what members whose worst case nearly fills the KV cache share: `LLM._plans_within_cache`)
+    end on a block boundary; a cut group that no longer extends its enclosing one (here the nested groups of 6
+    and 7 tokens under 4) or is left empty (a top-level group of 3) is dissolved into it, its prompts and nested
+    groups moving up (a group's 3-token prefix no longer encloses 4-token ones: they become top-level); groups
+    not asked to be cut keep their length, every prompt stays planned once."""
+    rng = random.Random(3)
+    prompts = ([[1] * 3 + [2] * 3 + [rng.randrange(10, 99) for _ in range(5)] for _ in range(3)]
+               + [[1] * 3 + [3] * 4 + [rng.randrange(10, 99) for _ in range(5)] for _ in range(3)]
+               + [[1] * 3 + [4] * 10 + [rng.randrange(10, 99) for _ in range(3)] for _ in range(3)]
+               + [[7] * 3 + [rng.randrange(10, 99)] for _ in range(2)])
+    plan = plan_prefix_sharing(prompts, mode)
+    every = {g.group_id for g in plan.groups}
+    cut = plan.with_prefixes_cut_to_blocks(every, 4)
+    assert all(g.prefix_len % 4 == 0 and g.prefix_len > 0 for g in cut.groups)
+    assert sorted(cut.ungrouped + [p for g in cut.groups for p in g.prompts]) == list(range(len(prompts)))
+    assert all(cut.groups[c].parent == g.group_id and cut.groups[c].prefix_len > g.prefix_len
+               for g in cut.groups for c in g.children)
+    assert [9, 10] == [p for p in cut.ungrouped if p >= 9], "the 3-token group is dissolved"
+    assert plan.prefill_tokens < cut.prefill_tokens <= plan.prefill_tokens + 3 * len(prompts)
+    if mode == "multi":
+        assert [(g.prefix_len, sorted(g.prompts), g.parent) for g in cut.groups] == [
+            (4, [0, 1, 2], None), (4, [3, 4, 5], None), (12, [6, 7, 8], None)]
+        one = plan.with_prefixes_cut_to_blocks({4}, 4)  # only the 13-token group: the rest keeps its nesting
+        assert [(g.prefix_len, g.parent) for g in one.groups] == [(g.prefix_len - (g.group_id == 4), g.parent)
+                                                                  for g in plan.groups]
+    untouched = plan.with_prefixes_cut_to_blocks(set(), 4)
+    assert untouched == plan

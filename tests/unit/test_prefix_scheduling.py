@@ -19,7 +19,7 @@ from batchllm.core.policies import ArrivalOrder, DecodeWeightedOrder, PrefillLen
 from batchllm.core.scheduler import Scheduler
 from batchllm.core.work_units import build_submission
 from batchllm.outputs import RunnerOutput
-from batchllm.prefix import PrefixPlan, plan_prefix_sharing
+from batchllm.prefix import PrefixGroup, PrefixPlan, plan_prefix_sharing
 from batchllm.request import Request
 from batchllm.sampling_params import SamplingParams
 
@@ -73,7 +73,9 @@ def run(prompts, *, sharing, num_blocks=200, block_size=4, budget=32, max_tokens
     per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     requests = [Request(f"r{i}", list(p), SamplingParams(temperature=0, max_tokens=m), arrival_index=i)
                 for i, (p, m) in enumerate(zip(prompts, per_prompt))]
-    if sharing:
+    if isinstance(sharing, PrefixPlan):
+        plan = sharing
+    elif sharing:
         plan = plan_prefix_sharing(prompts, mode=mode)
     else:
         plan = PrefixPlan.without_sharing([len(p) for p in prompts], mode)
@@ -352,3 +354,25 @@ def test_a_nested_submission_cut_part_way_is_aborted_whole(steps):
             engine.step()
         assert kv.num_free_blocks == 400
         assert all(r.finish_reason == "length" for r in other if not r.is_prefix)
+
+
+def test_a_member_needing_the_whole_pool_shares_a_prefix_that_ends_on_a_block_boundary():
+    """A prefix ending on a block boundary costs its members nothing beyond their own worst case (they share
+    every block of it): such a member whose prompt and max_tokens fill the whole pool is taken, where one
+    block per prefix level was charged and it was refused ("may need 9 KV blocks"), so that LLM ran every such
+    member unshared (a chat batch without max_tokens recomputed its whole system prompt per line). It runs
+    beside its siblings within the pool (`run` checks the peak), no block copied, outputs as unshared."""
+    prompts = [list(range(1, 9)) + [50 + i, 60 + i] for i in range(3)]  # an 8-token prefix: 2 blocks of 4
+    plan = PrefixPlan("multi", [PrefixGroup(0, 8, None, [0, 1, 2])], [], [len(p) for p in prompts])
+    kv = KVCacheManager(8, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), kv, max_model_len=512)
+    requests = [Request(f"r{i}", p, SamplingParams(max_tokens=22)) for i, p in enumerate(prompts)]
+    build_submission(plan, requests, ArrivalOrder(), lambda r: 22, "t-")  # (sets their parent)
+    assert [sched.kv_blocks_needed(r) for r in requests] == [8, 8, 8], "10 + 22 tokens: the whole pool"
+    partial = Request("p", list(range(1, 8)), SamplingParams(max_tokens=1), is_prefix=True)
+    requests[0].parent = partial
+    assert sched.kv_blocks_needed(requests[0]) == 9, "a 7-token prefix keeps its partial block: one more"
+    shared, sched, ex, _ = run(prompts, sharing=plan, num_blocks=8, max_tokens=22)
+    unshared, *_ = run(prompts, sharing=False, num_blocks=8, max_tokens=22)
+    assert shared == unshared
+    assert not any(b.block_copies for b in ex.batches)

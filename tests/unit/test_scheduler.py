@@ -316,3 +316,34 @@ def test_without_max_tokens_a_request_runs_to_what_the_cache_holds_when_that_is_
     assert (len(alone.token_ids), alone.finish_reason) == (64 - 3, "length")
     assert [len(o.outputs[0].token_ids) for o in siblings] == [64 - 21, 64 - 21]
     assert [len(c.token_ids) for c in three.outputs] == [64 - 3] * 3
+
+
+def test_without_max_tokens_in_a_small_cache_members_still_share_their_prefix_to_its_last_full_block(
+        tiny_model_factory, caplog):
+    """Members without max_tokens may fill the whole cache, which left no room for a copy of their prefix's
+    partial last block: every one was planned unshared, silently (a 100-line chat batch computed 78,040 prompt
+    tokens for an ideal 4,112). Their prefix is now cut back to its last block boundary (40 tokens to 32) and
+    shared: each member computes at most block_size - 1 tokens more, the outputs are those of an unshared run,
+    and the warning says so once per LLM, naming the members and what to change."""
+    from batchllm import LLM
+
+    shared = list(range(5, 45))  # 40 tokens: 2 full blocks of 16 and 8 more
+    prompts = [shared + [50 + i, 60 + i, 70 + i] for i in range(4)]
+    params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    outputs, stats = {}, {}
+    for sharing in (True, False):
+        llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=8,
+                  block_size=16, prefix_sharing=sharing)
+        try:
+            with caplog.at_level("WARNING", logger="batchllm"):
+                outputs[sharing] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+                stats[sharing] = llm.last_stats
+                llm.generate(prompts[:2], params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+    assert outputs[True] == outputs[False] and [len(t) for t in outputs[True]] == [128 - 43] * 4
+    assert stats[True]["planned_prefill_tokens"] == 32 + 4 * 11 and stats[True]["num_groups"] == 1
+    assert stats[False]["planned_prefill_tokens"] == 4 * 43
+    assert stats[True]["num_block_copies"] == 0
+    warnings = [r.getMessage() for r in caplog.records if "last full block" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("4 of 4 requests") and "--num-kv-blocks, now 8" in warnings[0]
