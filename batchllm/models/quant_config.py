@@ -97,19 +97,34 @@ def _names(qc: dict, keys: tuple[str, ...], source: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def checkpoint_quantization_config(cfg: dict) -> object:
+    """A config.json's quantization config: its `quantization_config`, else its `compression_config` (the key older
+    compressed-tensors checkpoints write, which vLLM reads when there is no quantization_config); None: neither."""
+    qc = cfg.get("quantization_config")
+    return cfg.get("compression_config") if qc is None else qc
+
+
+def normalized_method(method: object) -> object:
+    """A quantization method's name as vLLM compares it: lowercased, the library's "compressed_tensors" spelled
+    "compressed-tensors" (vLLM's `_normalize_quantization_config`); a value that is not a string is kept (and refused
+    by its reader)."""
+    return method.lower().replace("compressed_tensors", "compressed-tensors") if isinstance(method, str) else method
+
+
 def parse_quantization_config(qc: object, source: str) -> Fp8Scheme | None:
     """The scheme of a config.json `quantization_config` (None when there is none); a config this
-    engine cannot honour raises a ModelLoadError naming the method or field. `source`: the file."""
+    engine cannot honour raises a ModelLoadError naming the method or field. `source`: the file.
+    quant_method is matched as vLLM matches it (`normalized_method`: "FP8", "compressed_tensors" are taken)."""
     if qc is None:
         return None
     if not isinstance(qc, dict):
         raise ModelLoadError(f"{source}: quantization_config is not a JSON object")
-    method = qc.get("quant_method")
+    method = normalized_method(qc.get("quant_method"))
     if method == "fp8":
         return _parse_fp8(qc, source)
     if method == "compressed-tensors":
         return _parse_compressed_tensors(qc, source)
-    raise ModelLoadError(f"{source}: quantization_config quant_method {method!r} is not supported "
+    raise ModelLoadError(f"{source}: quantization_config quant_method {qc.get('quant_method')!r} is not supported "
                          f"(only FP8: quant_method 'fp8' or 'compressed-tensors' with 8-bit float weights)")
 
 

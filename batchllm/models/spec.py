@@ -281,9 +281,12 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ModelLoadError(f"{config_path}: hidden_act {act!r} is not supported (only silu)")
-    from batchllm.models.quant_config import parse_quantization_config  # it imports ModelLoadError
+    from batchllm.models.quant_config import (  # it imports ModelLoadError
+        checkpoint_quantization_config,
+        parse_quantization_config,
+    )
 
-    quantization = parse_quantization_config(cfg.get("quantization_config"), str(config_path))
+    quantization = parse_quantization_config(checkpoint_quantization_config(cfg), str(config_path))
     try:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])

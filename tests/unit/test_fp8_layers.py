@@ -157,3 +157,34 @@ def test_the_option_and_the_checkpoint_combine():
         resolve_quantization("compressed-tensors", ckpt)
     with pytest.raises(ValueError, match="has no quantization_config: give 'fp8'"):
         resolve_quantization("compressed-tensors", None)
+
+
+@pytest.mark.parametrize("method, expected", [("FP8", "fp8"), ("Fp8", "fp8"),
+                                              ("compressed_tensors", "compressed-tensors"),
+                                              ("Compressed-Tensors", "compressed-tensors")])
+def test_quant_method_is_matched_as_vllm_normalises_it(method, expected):
+    """quant_method "FP8" or "compressed_tensors" was refused as unsupported: vLLM lowercases it and spells the
+    library's name with a dash before matching it."""
+    qc = {**CT_CHANNEL, "quant_method": method} if "ompressed" in method else {"quant_method": method}
+    assert parse_quantization_config(qc, "c").method == expected
+
+
+def test_compression_config_is_read_when_there_is_no_quantization_config(tmp_path):
+    """A compressed-tensors checkpoint whose config.json says "compression_config" ran unquantized, then failed on
+    its float8 weights ('config.json has no FP8 quantization_config'): vLLM reads that key when there is no
+    quantization_config, and quantization_config wins where both are given."""
+    import json
+
+    from batchllm.models.spec import read_model_spec
+
+    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    (tmp_path / "config.json").write_text(json.dumps({**base, "compression_config": CT_CHANNEL}))
+    spec = read_model_spec(tmp_path)
+    assert spec.quantization == parse_quantization_config(CT_CHANNEL, "c")
+    assert spec.quantization.method == "compressed-tensors"
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (tmp_path / "config.json").write_text(json.dumps({**base, "compression_config": CT_CHANNEL,
+                                                      "quantization_config": fp8}))
+    assert read_model_spec(tmp_path).quantization.method == "fp8"
+
