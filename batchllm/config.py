@@ -148,6 +148,8 @@ class ModelConfig(_Checked):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
+        if isinstance(self.quantization, str):  # vLLM's ModelConfig lowercases it: quantization="FP8" is "fp8"
+            object.__setattr__(self, "quantization", self.quantization.lower())
         if self.seed is None:  # vLLM V1 read None as 0 ("impossible to un-specify a seed"); 0.26 refuses it
             logger.warning("seed=None is taken as seed=0, as vLLM's V1 engine took it (vLLM 0.26 refuses None): "
                            "runs repeat; give another integer for other samples")

@@ -436,6 +436,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str
             _add_argument(groups[option.section], option, option.default)
 
 
+CASE_FOLDED = frozenset({"quantization"})
+"""Options whose value vLLM lowercases before checking it (its ModelConfig's validator): `-q FP8` is `-q fp8`."""
+
+
 def _add_argument(group, option: EngineOption, default: Any) -> None:
     flags = ["--" + name.replace("_", "-") for name in (option.name, *_ALIASES_OF.get(option.name, ()))]
     flags += [VLLM_SHORT_FLAGS[option.name]] if option.name in VLLM_SHORT_FLAGS else []
@@ -451,6 +455,8 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
         value_type = option.type
         if option.type is int:
             value_type = human_readable_int_or_auto if option.optional else human_readable_int
+        elif option.name in CASE_FOLDED:
+            value_type = str.lower
         action = group.add_argument(*flags, dest=option.name, type=value_type, choices=option.choices, default=default)
     # set after: BooleanOptionalAction adds its own; a literal % in the text is escaped for argparse's % formatting
     action.help = option.help.replace("%", "%%") + " (default: %(default)s)"

@@ -188,3 +188,19 @@ def test_compression_config_is_read_when_there_is_no_quantization_config(tmp_pat
                                                       "quantization_config": fp8}))
     assert read_model_spec(tmp_path).quantization.method == "fp8"
 
+
+def test_the_quantization_option_is_lowercased_as_vllm_does():
+    """LLM(quantization="FP8") and `-q FP8` were refused as not a choice: vLLM's ModelConfig lowercases the value
+    (and only lowercases it: "compressed_tensors" stays unknown)."""
+    import argparse
+
+    from batchllm.options import add_engine_arguments, engine_config, engine_kwargs_from_args
+
+    assert engine_config(quantization="FP8").model.quantization == "fp8"
+    assert engine_config(quantization="Compressed-Tensors").model.quantization == "compressed-tensors"
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        engine_config(quantization="compressed_tensors")
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_kwargs_from_args(parser.parse_args(["-q", "FP8"]))["quantization"] == "fp8"
+    assert engine_kwargs_from_args(parser.parse_args([]))["quantization"] is None
