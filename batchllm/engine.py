@@ -28,7 +28,7 @@ from batchllm.core.scheduler import Scheduler
 from batchllm.inputs import ModelSource, read_model_source
 from batchllm.layers.ops import make_ops, use_triton
 from batchllm.models.decoder import DecoderForCausalLM
-from batchllm.models.loader import build_model
+from batchllm.models.loader import build_model, warn_unit_kv_scales
 from batchllm.models.quant_config import Fp8Scheme, resolve_kv_cache_dtype, resolve_quantization
 from batchllm.models.spec import ModelSpec
 from batchllm.parallel.tensor_parallel import shard_spec
@@ -234,6 +234,8 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
                         load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,
                         ops=make_ops(mc.kernels, device), tp=tp, quantization=facts.quantization,
                         fp8_fused_quant=mc.fp8_fused_quant, fp8_deferred_scales=mc.fp8_deferred_scales)
+    if tp is None or tp.rank == 0:
+        warn_unit_kv_scales(model, facts.kv_cache_dtype, facts.quantization)
     kv_spec = plan_kv_cache(model.spec, replace(config.cache, kv_cache_dtype=facts.kv_cache_dtype), dtype, device, tp)
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend

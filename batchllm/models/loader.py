@@ -80,6 +80,21 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
     return model.eval()
 
 
+def warn_unit_kv_scales(model: DecoderForCausalLM, kv_cache_dtype: str, quantization: Fp8Scheme | None) -> bool:
+    """Log vLLM's warning, once for the model, where an FP8 model (`quantization`: a checkpoint's scheme or
+    quantization='fp8', whose config gives vLLM's attention its KV-cache scales) runs an fp8 (e4m3) KV cache with a
+    layer whose k and v scales are both 1.0: the checkpoint has none for it (a kv_cache_scheme without k/v_scale
+    tensors, say), as vLLM's `BaseKVCacheMethod.process_weights_after_loading` warns. Whether it warned."""
+    if quantization is None or kv_cache_dtype not in ("fp8", "fp8_e4m3"):
+        return False
+    unit = (model.kv_scales[:, 0] == 1.0) & (model.kv_scales[:, 1] == 1.0)
+    if not bool(unit.any()):
+        return False
+    logger.warning("Using KV cache scaling factor 1.0 for fp8_e4m3 in %d of %d layers. If this is unintended, verify "
+                   "that k/v_scale scaling factors are properly set in the checkpoint.", int(unit.sum()), len(unit))
+    return True
+
+
 _VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 

@@ -294,6 +294,19 @@ def test_a_checkpoints_kv_cache_scheme_makes_the_cache_fp8_unless_asked_otherwis
         _llm(heads_dir)
 
 
+def test_a_kv_cache_scheme_without_kv_scales_warns_as_vllm_does(tiny_fp32, tmp_path, caplog):
+    """A checkpoint declaring an FP8 KV cache but shipping no k_scale/v_scale ran on 1.0 scales silently: vLLM warns
+    ("Using KV cache scaling factor 1.0 for fp8_e4m3 ...")."""
+    import logging
+
+    scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False, "symmetric": True}
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "ct-channel",
+                                   {**QUANT_CONFIGS["ct-channel"], "kv_cache_scheme": scheme})
+    with caplog.at_level(logging.WARNING, logger="batchllm"):
+        _llm(fp8_dir)
+    assert "Using KV cache scaling factor 1.0 for fp8_e4m3 in 2 of 2 layers" in caplog.text
+
+
 def test_a_quantization_the_checkpoint_contradicts_fails_run_before_it_writes(tiny_fp32, tmp_path, capsys):
     """`run -q fp8` on a compressed-tensors checkpoint failed after the output and its state file were made."""
     from batchllm.cli import main

@@ -249,3 +249,33 @@ def test_admission_sees_the_larger_fp8_pool(tiny_model_factory):
         assert llm.last_stats["kv_blocks"] == {"auto": 40, "fp8": 160}[kv]
     assert steps["fp8"] == 10, "one prefill step and 9 decode steps for all 8 requests together"
     assert steps["auto"] >= 2 * steps["fp8"] - 1, "two waves of 4 (measured: 20 steps)"
+
+
+def test_an_fp8_model_without_kv_scales_warns_as_vllm_does(tiny_model_factory, tmp_path, caplog):
+    """An FP8 model on an fp8 KV cache without k/v scales in its checkpoint ran on 1.0 scales silently; vLLM warns
+    (its KV-cache method of an FP8 quantization config, `process_weights_after_loading`). No warning where the
+    checkpoint has the scales, or where the model is not FP8 (vLLM's attention then has no such method)."""
+    import logging
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from batchllm import LLM
+
+    message = "Using KV cache scaling factor 1.0 for fp8_e4m3 in 2 of 2 layers"
+    kw = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=64)
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama"), model_dir)
+    for options, warned in ((dict(quantization="fp8", kv_cache_dtype="fp8"), True),
+                            (dict(quantization="fp8"), False), (dict(kv_cache_dtype="fp8"), False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="batchllm"):
+            LLM(str(model_dir), **kw, **options)
+        assert (message in caplog.text) == warned, options
+    save_file({f"model.layers.{i}.self_attn.{kind}": torch.tensor(0.5) for i in range(2) for kind in ("k_scale",
+                                                                                                     "v_scale")},
+              str(model_dir / "zz-kv-scales.safetensors"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="batchllm"):
+        LLM(str(model_dir), **kw, quantization="fp8", kv_cache_dtype="fp8")
+    assert "KV cache scaling factor" not in caplog.text
