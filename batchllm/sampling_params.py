@@ -206,10 +206,12 @@ class SamplingParams:
             except ValueError as e:  # a schema given as text that is not JSON
                 raise ValueError(f"SamplingParams.structured_outputs.json is not valid JSON: {e}") from None
 
-    def _validate(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name} {rule}, got {short_repr(getattr(self, name))}")
+    def _bad(self, name: str, rule: str) -> ValueError:
+        """The error for field `name` breaking `rule`, naming its value."""
+        return ValueError(f"SamplingParams.{name} {rule}, got {short_repr(getattr(self, name))}")
 
+    def _validate(self) -> None:
+        bad = self._bad
         for name in ("n", "top_k", "min_tokens"):
             if not _is_int(getattr(self, name)):
                 raise bad(name, "must be an integer")
@@ -419,10 +421,9 @@ class SamplingParams:
 
     def _check_seed(self) -> None:
         if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"SamplingParams.seed must be an integer or None, got {short_repr(self.seed)}")
+            raise self._bad("seed", "must be an integer or None")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
-            raise ValueError(f"SamplingParams.seed must be in [-2**63, 2**64 - n] (completion k of n uses seed + k; "
-                             f"n = {self.n}), got {short_repr(self.seed)}")
+            raise self._bad("seed", f"must be in [-2**63, 2**64 - n] (completion k of n uses seed + k; n = {self.n})")
 
     def with_seed(self, seed: int | None) -> SamplingParams:
         """This one with another seed, checked as the constructor checks it (-1: no seed); every other field's
