@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from batchllm.config import default_cache_dir
-from batchllm.models.spec import _ARCHITECTURE_OF_MODEL_TYPE, ModelLoadError
+from batchllm.models.spec import ARCHITECTURE_OF_MODEL_TYPE, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
                              f"write a model directory): {type(e).__name__}: {str(e)[:300]}") from e
 
 
-GGUF_ARCHITECTURES = tuple(sorted(_ARCHITECTURE_OF_MODEL_TYPE))
+GGUF_ARCHITECTURES = tuple(sorted(ARCHITECTURE_OF_MODEL_TYPE))
 """general.architecture values of the GGUF files BatchLLM runs: transformers converts each into the model_type of
 the same name, an architecture of `spec.SUPPORTED_ARCHITECTURES`."""
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class ModelLoadError(ValueError):
     """The model directory or its config cannot be used; the message says why."""
 
-_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 """config.json's model_type -> its architecture, for configs that name no architectures."""
 
@@ -204,7 +204,7 @@ def transformers_max_position_embeddings(cfg: dict):
         return cfg["max_position_embeddings"]
     model_type = cfg.get("model_type")
     if model_type not in _MAX_POSITION_EMBEDDINGS_DEFAULT:
-        by_architecture = {arch: kind for kind, arch in _ARCHITECTURE_OF_MODEL_TYPE.items()}
+        by_architecture = {arch: kind for kind, arch in ARCHITECTURE_OF_MODEL_TYPE.items()}
         model_type = next((by_architecture[a] for a in cfg.get("architectures") or () if a in by_architecture), None)
     return _MAX_POSITION_EMBEDDINGS_DEFAULT.get(model_type, DEFAULT_CONTEXT)
 
@@ -268,7 +268,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     config_path, cfg = _read_config(model_dir)
     # a config without "architectures" (e.g. one saved from a bare LlamaConfig) is read by its
     # model_type, as transformers' Auto classes do
-    architectures = cfg.get("architectures") or [_ARCHITECTURE_OF_MODEL_TYPE.get(cfg.get("model_type"))]
+    architectures = cfg.get("architectures") or [ARCHITECTURE_OF_MODEL_TYPE.get(cfg.get("model_type"))]
     arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         auto_map = cfg.get("auto_map")
