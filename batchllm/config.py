@@ -196,6 +196,14 @@ class CacheConfig(_Checked):
                                  "the tokens fit; bfloat16 / float16: the model's dtype, which must be that one "
                                  "(vLLM's way to keep such a checkpoint's cache unquantized)", choices=_KV_CACHE_DTYPES)
 
+    def __post_init__(self) -> None:
+        """vLLM's fp8_e5m2 cache is refused by name before the choice check: the fp8 cache here is e4m3 only."""
+        if self.kv_cache_dtype == "fp8_e5m2":
+            raise ValueError(f"kv_cache_dtype='fp8_e5m2' is not supported: the fp8 KV cache here stores "
+                             f"float8_e4m3fn only (its store and attention kernels are built for e4m3); give 'fp8' "
+                             f"(= 'fp8_e4m3') or another of {_KV_CACHE_DTYPES}")
+        super().__post_init__()
+
     @property
     def sized_from_memory(self) -> bool:
         """Neither num_kv_blocks nor kv_cache_memory_gib is given: the KV cache takes what

@@ -40,6 +40,20 @@ def test_option_declared_once_with_its_choices_and_a_clear_error():
         parser.parse_args(["--kv-cache-dtype", "int8"])
 
 
+def test_fp8_e5m2_is_refused_by_name_at_construction():
+    """vLLM takes kv_cache_dtype='fp8_e5m2'; the cache here is e4m3 only (its kernels are built for it), and the
+    refusal said only 'must be one of': it now names e5m2 as unsupported and the values to give instead, before any
+    model loads (the config is checked when the LLM is built)."""
+    from batchllm import LLM
+
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8_e5m2' is not supported: the fp8 KV cache here stores "
+                                         r"float8_e4m3fn only .*give 'fp8' \(= 'fp8_e4m3'\)"):
+        engine_config(kv_cache_dtype="fp8_e5m2")
+    with pytest.raises(ValueError, match="fp8_e5m2"):
+        LLM("/nonexistent/model", kv_cache_dtype="fp8_e5m2")
+    assert engine_config(kv_cache_dtype="fp8_e4m3").cache.kv_cache_dtype == "fp8_e4m3"
+
+
 def test_quantize_round_trip_is_within_e4m3_precision_and_clamps():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(4096, generator=g) * 3, torch.randn(64, generator=g) * 2.0**-10])  # + subnormals
