@@ -170,14 +170,14 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
                 raise ModelLoadError(f"cannot read weights from {path}: {e}") from e
             index.update((name, (path, f)) for name in f.keys())
         companions = _scale_names(index, scales, scheme, model_dir)
-        num_kv_scales = 0
+        kv_scales: dict[int, dict[int, float]] = {}  # layer -> {0: k_scale, 1: v_scale} as the checkpoint gives them
         tied = model.full_spec.tie_word_embeddings
         for name, (path, f) in index.items():
             if name.endswith(_IGNORED_SUFFIXES) or name in companions or (tied and name == "lm_head.weight"):
                 continue  # (tied: the head is the embedding, as vLLM skips a stored head, whatever its file's order)
             if (match := _KV_SCALE_NAME.fullmatch(name)) is not None:
-                _load_kv_scale(model, match, f.get_tensor(name), path.name)
-                num_kv_scales += 1
+                layer, columns, value = _read_kv_scale(model, match, f.get_tensor(name), path.name)
+                kv_scales.setdefault(layer, {}).update(dict.fromkeys(columns, value))
                 continue
             if _UNUSED_ATTENTION_SCALE.fullmatch(name):
                 continue
@@ -193,12 +193,14 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
             except Exception as e:  # a truncated or corrupt file: name it
                 raise ModelLoadError(f"cannot read weight {name!r} from {path}: {e}") from e
             loaded.add(name)
+    _set_kv_scales(model, kv_scales)
     missing = set(params) - loaded
     if tied:
         missing.discard("lm_head.weight")
     if missing:
         raise ModelLoadError(f"{str(model_dir)!r} lacks weights: {', '.join(sorted(missing)[:5])}")
-    logger.info("loaded %d tensors (and %d KV-cache scales) from %d file(s)%s", len(loaded), num_kv_scales, len(files),
+    logger.info("loaded %d tensors (and the KV-cache scales of %d layers) from %d file(s)%s", len(loaded),
+                len(kv_scales), len(files),
                 "" if scheme is None else f", {scheme.describe()}")
 
 
@@ -250,9 +252,11 @@ def _load_one(name: str, path: Path, f, target, scale_target, index: dict, schem
         raise ModelLoadError(f"{path.name}: weight {name!r}: {e}") from e
 
 
-def _load_kv_scale(model: DecoderForCausalLM, match: re.Match, tensor: torch.Tensor, file: str) -> None:
-    """One layer's k_scale or v_scale (kv_scale: both) into `model.kv_scales`; a per-tensor scale
-    (one value, the same on every tensor-parallel rank) that is finite and positive."""
+def _read_kv_scale(model: DecoderForCausalLM, match: re.Match, tensor: torch.Tensor,
+                   file: str) -> tuple[int, tuple[int, ...], float]:
+    """One checkpoint k_scale or v_scale (kv_scale: both) as (layer, its columns of `model.kv_scales`: 0 k, 1 v,
+    value); a per-tensor scale (one value, the same on every tensor-parallel rank) that is finite and positive, else
+    a ModelLoadError naming it."""
     layer, kind = int(match.group(1)), match.group(2)
     if layer >= model.full_spec.num_layers:
         raise ModelLoadError(f"{file}: KV-cache scale {match.group(0)!r} for layer {layer}, but the model has "
@@ -263,6 +267,16 @@ def _load_kv_scale(model: DecoderForCausalLM, match: re.Match, tensor: torch.Ten
     value = float(tensor.float().item())
     if not math.isfinite(value) or value <= 0:
         raise ModelLoadError(f"{file}: KV-cache scale {match.group(0)!r} is {value}; it must be finite and > 0")
-    columns = (0, 1) if kind == "kv_scale" else (0,) if kind.startswith("k") else (1,)
-    for column in columns:
-        model.kv_scales[layer, column] = value
+    return layer, (0, 1) if kind == "kv_scale" else (0,) if kind.startswith("k") else (1,), value
+
+
+def _set_kv_scales(model: DecoderForCausalLM, found: dict[int, dict[int, float]]) -> None:
+    """The checkpoint's scales (`found`: layer -> {0: k_scale, 1: v_scale}) into `model.kv_scales`, settled as
+    vLLM's `BaseKVCacheMethod.process_weights_after_loading` settles them: a layer given both keeps each; a layer
+    given one takes it for both (vLLM's max of the two, the missing one being its -1 sentinel); a layer given
+    none keeps 1.0 (`build_model`'s)."""
+    for layer, given in found.items():
+        k, v = given.get(0), given.get(1)
+        if k is None or v is None:
+            k = v = max(x for x in (k, v) if x is not None)
+        model.kv_scales[layer, 0], model.kv_scales[layer, 1] = k, v

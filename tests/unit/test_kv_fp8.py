@@ -246,6 +246,30 @@ def test_checkpoint_kv_scales_load_per_layer_and_bad_ones_are_refused(tiny_model
                 num_kv_blocks=64)
 
 
+def test_a_layer_with_one_of_its_kv_scales_uses_it_for_both(tiny_model_factory, tmp_path, caplog):
+    """A layer whose checkpoint gives only k_scale (or only v_scale) ran with 1.0 for the other; vLLM's
+    `BaseKVCacheMethod.process_weights_after_loading` takes the max of the two (the missing one is its -1 sentinel),
+    so both take the given one, and no layer is left on 1.0 (no 'scaling factor 1.0' warning)."""
+    import logging
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from batchllm import LLM
+
+    model_dir = tmp_path / "one-scale"
+    shutil.copytree(tiny_model_factory("llama"), model_dir)
+    save_file({"model.layers.0.self_attn.k_scale": torch.tensor(0.5),
+               "model.layers.1.self_attn.v_proj.output_scale": torch.tensor([4.0])},
+              str(model_dir / "zz-kv-scales.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="batchllm"):
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", quantization="fp8", kv_cache_dtype="fp8",
+                  skip_tokenizer_init=True, num_kv_blocks=64)
+    assert llm.engine.model.kv_scales[:, :2].tolist() == [[0.5, 0.5], [4.0, 4.0]]
+    assert [layer.self_attn.kv_scale.tolist() for layer in llm.engine.model.model.layers] == [[0.5, 0.5], [4.0, 4.0]]
+    assert "scaling factor 1.0" not in caplog.text
+
+
 def test_admission_sees_the_larger_fp8_pool(tiny_model_factory):
     """The same memory: the float32 pool holds 40 blocks (half the batch's projected 80), the fp8
     pool 160, so all 8 requests run at once and the batch takes fewer steps."""
