@@ -70,7 +70,7 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
     model.model.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling).to(device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # KV-cache scales: 1.0 (vLLM's default without calibrated scales) unless the checkpoint has them
+    # KV-cache scales: 1.0 (vLLM's default without calibrated scales) unless an FP8 model's checkpoint has them
     model.set_kv_scales(torch.ones(spec.num_layers, 4, dtype=torch.float32, device=device))
     if load_format == "dummy":
         _fill_random(model, seed)
@@ -171,11 +171,15 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
             index.update((name, (path, f)) for name in f.keys())
         companions = _scale_names(index, scales, scheme, model_dir)
         kv_scales: dict[int, dict[int, float]] = {}  # layer -> {0: k_scale, 1: v_scale} as the checkpoint gives them
+        unloaded: list[str] = []  # the KV-cache scales of a model that is not FP8 (not loaded, as in vLLM)
         tied = model.full_spec.tie_word_embeddings
         for name, (path, f) in index.items():
             if name.endswith(_IGNORED_SUFFIXES) or name in companions or (tied and name == "lm_head.weight"):
                 continue  # (tied: the head is the embedding, as vLLM skips a stored head, whatever its file's order)
             if (match := _KV_SCALE_NAME.fullmatch(name)) is not None:
+                if scheme is None:  # vLLM's attention has no KV-cache method to load it into: 1.0
+                    unloaded.append(name)
+                    continue
                 layer, columns, value = _read_kv_scale(model, match, f.get_tensor(name), path.name)
                 kv_scales.setdefault(layer, {}).update(dict.fromkeys(columns, value))
                 continue
@@ -193,7 +197,7 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
             except Exception as e:  # a truncated or corrupt file: name it
                 raise ModelLoadError(f"cannot read weight {name!r} from {path}: {e}") from e
             loaded.add(name)
-    _set_kv_scales(model, kv_scales)
+    _set_kv_scales(model, kv_scales, unloaded)
     missing = set(params) - loaded
     if tied:
         missing.discard("lm_head.weight")
@@ -270,11 +274,17 @@ def _read_kv_scale(model: DecoderForCausalLM, match: re.Match, tensor: torch.Ten
     return layer, (0, 1) if kind == "kv_scale" else (0,) if kind.startswith("k") else (1,), value
 
 
-def _set_kv_scales(model: DecoderForCausalLM, found: dict[int, dict[int, float]]) -> None:
+def _set_kv_scales(model: DecoderForCausalLM, found: dict[int, dict[int, float]], unloaded: list[str]) -> None:
     """The checkpoint's scales (`found`: layer -> {0: k_scale, 1: v_scale}) into `model.kv_scales`, settled as
     vLLM's `BaseKVCacheMethod.process_weights_after_loading` settles them: a layer given both keeps each; a layer
     given one takes it for both (vLLM's max of the two, the missing one being its -1 sentinel); a layer given
-    none keeps 1.0 (`build_model`'s)."""
+    none keeps 1.0 (`build_model`'s). `unloaded`: the checkpoint's KV-cache scales of a model that is not FP8,
+    left out as vLLM leaves them (its attention loads them only through an FP8 config's KV-cache method), which
+    rank 0 warns of once."""
+    if unloaded and (model.tp is None or model.tp.rank == 0):
+        logger.warning("%d KV-cache scales in the checkpoint (e.g. %s) are not loaded: the model is not FP8-quantized, "
+                       "and as in vLLM only an FP8 quantization (the checkpoint's, or quantization='fp8') loads them; "
+                       "an fp8 KV cache runs with scales 1.0", len(unloaded), unloaded[0])
     for layer, given in found.items():
         k, v = given.get(0), given.get(1)
         if k is None or v is None:

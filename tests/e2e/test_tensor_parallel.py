@@ -48,7 +48,10 @@ def test_sizes_that_do_not_divide_are_named(tiny_model_factory):
 
 def test_fp8_kv_cache_with_checkpoint_scales_over_two_ranks(tiny_model_factory, tmp_path):
     """Each rank's cache holds its KV heads in fp8; the per-layer scales (the checkpoint's, replicated)
-    are the same on every rank: two ranks give one process's tokens."""
+    are the same on every rank: two ranks give one process's tokens. The checkpoint's quantization_config is FP8
+    with every linear layer ignored: its scales load (as in vLLM, only an FP8 model loads them) while the weights
+    stay float32, whose products do not depend on the split (FP8 activations would be quantized per shard)."""
+    import json
     import shutil
 
     import torch
@@ -56,8 +59,16 @@ def test_fp8_kv_cache_with_checkpoint_scales_over_two_ranks(tiny_model_factory, 
 
     model_dir = tmp_path / "scaled"
     shutil.copytree(tiny_model_factory("llama"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    linears = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj",
+               "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": linears}
+    (model_dir / "config.json").write_text(json.dumps(config))
     save_file({f"model.layers.{i}.self_attn.{n}": torch.tensor(s) for i in range(2) for n, s in
                (("k_scale", 0.5), ("v_scale", 2.0))}, str(model_dir / "kv-scales.safetensors"))
+    llm = LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_dtype="fp8", max_model_len=256)
+    assert llm.engine.model.kv_scales[:, :2].tolist() == [[0.5, 2.0], [0.5, 2.0]], "the checkpoint's scales load"
+    llm.shutdown()
     one, two = (_run(str(model_dir), tp, kv_cache_dtype="fp8") for tp in (1, 2))
     _assert_same(one, two, 1e-3)
 

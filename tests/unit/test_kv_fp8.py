@@ -203,7 +203,8 @@ def test_reference_attention_over_fp8_cache_is_attention_over_its_dequantized_va
 
 def test_checkpoint_kv_scales_load_per_layer_and_bad_ones_are_refused(tiny_model_factory, tmp_path):
     """vLLM's `self_attn.k_scale`, AutoFP8's `k_proj.output_scale` and the older `kv_scale` (both)
-    land in the model's per-layer scales; absent ones stay 1.0."""
+    land in the FP8 model's per-layer scales (quantization='fp8': vLLM's Fp8Config gives the attention its KV-cache
+    method, which loads them)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -221,16 +222,16 @@ def test_checkpoint_kv_scales_load_per_layer_and_bad_ones_are_refused(tiny_model
                "model.layers.0.self_attn.prob_output_scale": torch.tensor(3.0),
                "model.layers.1.self_attn.attn.q_scale": torch.tensor(3.0)},
               str(model_dir / "zz-kv-scales.safetensors"))
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True,
-              num_kv_blocks=64)
+    fp8 = dict(device="cpu", dtype="float32", quantization="fp8", kv_cache_dtype="fp8", skip_tokenizer_init=True,
+               num_kv_blocks=64)
+    llm = LLM(str(model_dir), **fp8)
     model = llm.engine.model
     assert model.kv_scales[:, :2].tolist() == [[0.5, 2.0], [0.25, 0.25]]
     save_file({"model.layers.0.self_attn.attn.v_scale": torch.tensor(4.0),  # vLLM's own name
                "model.layers.1.self_attn.qkv_proj.k_scale": torch.tensor(8.0),  # fused ModelOpt
                "model.layers.1.self_attn.v_cache.scale": torch.tensor(16.0)},
               str(model_dir / "zz-more-scales.safetensors"))
-    more = LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True,
-               num_kv_blocks=64)
+    more = LLM(str(model_dir), **fp8)
     assert more.engine.model.kv_scales[:, :2].tolist() == [[0.5, 4.0], [8.0, 16.0]]
     (model_dir / "zz-more-scales.safetensors").unlink()
     assert [layer.self_attn.kv_scale.tolist() for layer in model.model.layers] == [[0.5, 2.0], [0.25, 0.25]]
@@ -242,8 +243,34 @@ def test_checkpoint_kv_scales_load_per_layer_and_bad_ones_are_refused(tiny_model
                          ({"model.layers.9.self_attn.k_scale": torch.tensor(1.0)}, "the model has 2 layers")):
         save_file(bad, str(model_dir / "zz-kv-scales.safetensors"))
         with pytest.raises(ModelLoadError, match=message):
-            LLM(str(model_dir), device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True,
-                num_kv_blocks=64)
+            LLM(str(model_dir), **fp8)
+
+
+def test_an_unquantized_model_leaves_its_checkpoint_kv_scales_out_as_vllm_does(tiny_model_factory, tmp_path, caplog):
+    """A model that is not FP8 (no quantization_config, no quantization='fp8') loaded a checkpoint's k/v scales into
+    its fp8 cache; vLLM's attention has a KV-cache method only under a quantization config, so it leaves them out
+    (warning 'k_scale is not loaded') and runs on 1.0, without the 'scaling factor 1.0' warning. Bad ones are not
+    read either. The same checkpoint with quantization='fp8' loads them."""
+    import logging
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from batchllm import LLM
+
+    model_dir = tmp_path / "unquantized"
+    shutil.copytree(tiny_model_factory("llama"), model_dir)
+    save_file({"model.layers.0.self_attn.k_scale": torch.tensor(0.5),
+               "model.layers.1.self_attn.v_scale": torch.tensor(0.0)},  # never read: not refused
+              str(model_dir / "zz-kv-scales.safetensors"))
+    kw = dict(device="cpu", dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True, num_kv_blocks=64)
+    with caplog.at_level(logging.WARNING, logger="batchllm"):
+        llm = LLM(str(model_dir), **kw)
+    assert llm.engine.model.kv_scales[:, :2].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert "2 KV-cache scales in the checkpoint (e.g. model.layers.0.self_attn.k_scale) are not loaded" in caplog.text
+    assert "scaling factor 1.0" not in caplog.text
+    save_file({"model.layers.0.self_attn.k_scale": torch.tensor(0.5)}, str(model_dir / "zz-kv-scales.safetensors"))
+    assert LLM(str(model_dir), quantization="fp8", **kw).engine.model.kv_scales[0, :2].tolist() == [0.5, 0.5]
 
 
 def test_a_layer_with_one_of_its_kv_scales_uses_it_for_both(tiny_model_factory, tmp_path, caplog):
