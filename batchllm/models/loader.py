@@ -61,8 +61,8 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
     with torch.device("meta"):
         model = DecoderForCausalLM(spec, max_positions, ops, tp, fp8=quantization is not None)
         if quantization is not None and (kept := model.keep_in_model_dtype(quantization.quantizes)):
-            logger.info("%d linear layers stay in %s: the checkpoint's quantization_config leaves them out", kept,
-                        dtype)
+            logger.info("%d linear layers stay in %s: the checkpoint's %s leaves them out", kept, dtype,
+                        quantization.config_key)
     model = model.to(dtype)  # dtype first: a 70B shard never exists in float32
     restore_fp8_dtypes(model)  # .to(dtype) cast the float8 weights and float32 scales too
     model = model.to_empty(device=device)
@@ -217,7 +217,7 @@ def _scale_names(index: dict, scales: dict, scheme: Fp8Scheme | None, model_dir:
         module = weight[: -len(".weight")]
         names.update(f"{module}.{suffix}" for suffix in _SCALE_SUFFIXES if f"{module}.{suffix}" in index)
         if scheme is not None and scheme.static_input and f"{module}.input_scale" not in index:
-            raise ModelLoadError(f"{str(model_dir)!r}: quantization_config asks for static activation scales "
+            raise ModelLoadError(f"{str(model_dir)!r}: {scheme.config_key} asks for static activation scales "
                                  f"but {module}.input_scale is missing")
     return names
 

@@ -1,10 +1,10 @@
 """FP8 weight quantization: which scheme a model runs with, read from the option and config.json.
 
-Torch-free. A checkpoint's `quantization_config` is parsed into an `Fp8Scheme` (or refused with a
-ModelLoadError that names what cannot be honoured); `resolve_quantization` combines it with the
-`quantization` option: a pre-quantized checkpoint runs FP8 whatever the option says as long as the
-option does not ask for something else, and `quantization="fp8"` on a 16/32-bit checkpoint
-quantizes the weights at load.
+Torch-free. A checkpoint's `quantization_config` (else `compression_config`) is parsed into an `Fp8Scheme` (or
+refused with a ModelLoadError that names what cannot be honoured, and the key it came from);
+`resolve_quantization` combines it with the `quantization` option: a pre-quantized checkpoint runs FP8 whatever
+the option says as long as the option does not ask for something else, and `quantization="fp8"` on a 16/32-bit
+checkpoint quantizes the weights at load.
 
 Whatever the checkpoint's layout, the engine runs one layout (`layers/fp8.py`): float8_e4m3fn
 weights with one float32 scale per output channel, activations quantized per token at run time.
@@ -16,7 +16,7 @@ and requantized per channel at load (see `Fp8Scheme.weight_strategy`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from batchllm.models.spec import ModelLoadError
 
@@ -43,6 +43,8 @@ class Fp8Scheme:
     "Linear": all), as vLLM matches them (a name, or "re:" and a regex from its start): `quantizes`.
     kv_cache_fp8: the checkpoint declares an FP8 KV cache (compressed-tensors' `kv_cache_scheme`): with
     kv_cache_dtype "auto" the cache is FP8, its scales the checkpoint's, as vLLM runs such a checkpoint.
+    config_key: the config.json key the scheme came from ("quantization_config", or "compression_config" where
+    there is none), which errors about it name; not part of the scheme's equality.
     """
 
     checkpoint_fp8: bool
@@ -54,6 +56,7 @@ class Fp8Scheme:
     kv_cache_fp8: bool = False
     ignore: tuple[str, ...] = ()
     targets: tuple[str, ...] = ("Linear",)
+    config_key: str = field(default="quantization_config", compare=False)
 
     def quantizes(self, module: str, parts: tuple[str, ...] = ()) -> bool:
         """Whether the decoder linear `module` (its checkpoint name, e.g. model.layers.0.mlp.down_proj) runs in
@@ -65,7 +68,7 @@ class Fp8Scheme:
         verdicts = {self._quantizes_one(f"{prefix}.{part}") for part in parts} if parts else {
             self._quantizes_one(module)}
         if len(verdicts) > 1:
-            raise ModelLoadError(f"quantization_config quantizes some but not all of {module}'s parts "
+            raise ModelLoadError(f"{self.config_key} quantizes some but not all of {module}'s parts "
                                  f"({', '.join(parts)}): a fused layer takes one precision, as in vLLM")
         return verdicts.pop()
 
@@ -88,20 +91,21 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
 
 
-def _names(qc: dict, keys: tuple[str, ...], source: str) -> tuple[str, ...]:
+def _names(qc: dict, keys: tuple[str, ...], source: str, key: str) -> tuple[str, ...]:
     """The first of `keys` the config holds, as a tuple of module names (ModelLoadError if not a list of
-    strings)."""
+    strings, naming the file `source` and the config.json `key` the config came from)."""
     value = next((qc[k] for k in keys if qc.get(k)), None) or []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ModelLoadError(f"{source}: quantization_config {keys[0]} must be a list of module names")
+        raise ModelLoadError(f"{source}: {key} {keys[0]} must be a list of module names")
     return tuple(value)
 
 
-def checkpoint_quantization_config(cfg: dict) -> object:
-    """A config.json's quantization config: its `quantization_config`, else its `compression_config` (the key older
-    compressed-tensors checkpoints write, which vLLM reads when there is no quantization_config); None: neither."""
-    qc = cfg.get("quantization_config")
-    return cfg.get("compression_config") if qc is None else qc
+def checkpoint_quantization(cfg: dict, source: str) -> Fp8Scheme | None:
+    """A config.json's FP8 scheme (`parse_quantization_config`) from its `quantization_config`, else its
+    `compression_config` (the key older compressed-tensors checkpoints write, which vLLM reads when there is no
+    quantization_config); None: neither. Errors name the key the config came from. `source`: the file."""
+    key = "compression_config" if cfg.get("quantization_config") is None else "quantization_config"
+    return parse_quantization_config(cfg.get(key), source, key)
 
 
 def normalized_method(method: object) -> object:
@@ -111,31 +115,33 @@ def normalized_method(method: object) -> object:
     return method.lower().replace("compressed_tensors", "compressed-tensors") if isinstance(method, str) else method
 
 
-def parse_quantization_config(qc: object, source: str) -> Fp8Scheme | None:
+def parse_quantization_config(qc: object, source: str, key: str = "quantization_config") -> Fp8Scheme | None:
     """The scheme of a config.json `quantization_config` (None when there is none); a config this
-    engine cannot honour raises a ModelLoadError naming the method or field. `source`: the file.
+    engine cannot honour raises a ModelLoadError naming the method or field. `source`: the file; `key`: the
+    config.json key `qc` came from, which errors and the scheme's `config_key` name.
     quant_method is matched as vLLM matches it (`normalized_method`: "FP8", "compressed_tensors" are taken)."""
     if qc is None:
         return None
     if not isinstance(qc, dict):
-        raise ModelLoadError(f"{source}: quantization_config is not a JSON object")
+        raise ModelLoadError(f"{source}: {key} is not a JSON object")
     method = normalized_method(qc.get("quant_method"))
     if method == "fp8":
-        return _parse_fp8(qc, source)
+        return replace(_parse_fp8(qc, source, key), config_key=key)
     if method == "compressed-tensors":
-        return _parse_compressed_tensors(qc, source)
-    raise ModelLoadError(f"{source}: quantization_config quant_method {qc.get('quant_method')!r} is not supported "
+        return replace(_parse_compressed_tensors(qc, source, key), config_key=key)
+    raise ModelLoadError(f"{source}: {key} quant_method {qc.get('quant_method')!r} is not supported "
                          f"(only FP8: quant_method 'fp8' or 'compressed-tensors' with 8-bit float weights)")
 
 
-def _parse_fp8(qc: dict, source: str) -> Fp8Scheme:
+def _parse_fp8(qc: dict, source: str, key: str) -> Fp8Scheme:
+    """An fp8 quant_method's scheme (`parse_quantization_config`'s `source` and `key`)."""
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise ModelLoadError(f"{source}: fp8 fmt {fmt!r} is not supported (only e4m3)")
     scheme = qc.get("activation_scheme", "dynamic")
     if scheme not in ("dynamic", "static"):
         raise ModelLoadError(f"{source}: fp8 activation_scheme {scheme!r} is not supported (dynamic or static)")
-    ignore = _names(qc, ("ignored_layers", "modules_to_not_convert"), source)
+    ignore = _names(qc, ("ignored_layers", "modules_to_not_convert"), source, key)
     block = qc.get("weight_block_size")
     if block is None:
         return Fp8Scheme(True, "tensor", None, "weight_scale", scheme == "static", ignore=ignore)
@@ -146,7 +152,8 @@ def _parse_fp8(qc: dict, source: str) -> Fp8Scheme:
     return Fp8Scheme(True, "block", (block[0], block[1]), "weight_scale_inv", False, ignore=ignore)
 
 
-def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
+def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
+    """A compressed-tensors quant_method's scheme (`parse_quantization_config`'s `source` and `key`)."""
     groups = qc.get("config_groups") or {}
     if not isinstance(groups, dict) or len(groups) != 1:
         raise ModelLoadError(f"{source}: compressed-tensors with {len(groups)} config_groups is not supported "
@@ -176,7 +183,8 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
         static = not acts.get("dynamic", False)
     return Fp8Scheme(True, strategy, block, "weight_scale", static, method="compressed-tensors",
                      kv_cache_fp8=_kv_cache_scheme(qc.get("kv_cache_scheme"), source),
-                     ignore=_names(qc, ("ignore",), source), targets=_names(group, ("targets",), source) or ("Linear",))
+                     ignore=_names(qc, ("ignore",), source, key),
+                     targets=_names(group, ("targets",), source, key) or ("Linear",))
 
 
 def _kv_cache_scheme(scheme: object, source: str) -> bool:
@@ -202,7 +210,7 @@ def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp
     choices, may be None or name the checkpoint's method, as vLLM requires), an at-load FP8 scheme for
     quantization='fp8' on a 16/32-bit checkpoint, else None."""
     if checkpoint is not None and option not in (None, checkpoint.method):
-        raise ValueError(f"quantization={option!r} conflicts with the checkpoint's quantization_config (method "
+        raise ValueError(f"quantization={option!r} conflicts with the checkpoint's {checkpoint.config_key} (method "
                          f"{checkpoint.method!r}): leave it None (the checkpoint decides) or give that method")
     if checkpoint is not None:
         return checkpoint

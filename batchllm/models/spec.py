@@ -281,12 +281,9 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ModelLoadError(f"{config_path}: hidden_act {act!r} is not supported (only silu)")
-    from batchllm.models.quant_config import (  # it imports ModelLoadError
-        checkpoint_quantization_config,
-        parse_quantization_config,
-    )
+    from batchllm.models.quant_config import checkpoint_quantization  # it imports ModelLoadError
 
-    quantization = parse_quantization_config(checkpoint_quantization_config(cfg), str(config_path))
+    quantization = checkpoint_quantization(cfg, str(config_path))
     try:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])

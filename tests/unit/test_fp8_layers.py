@@ -1,5 +1,7 @@
 """FP8 arithmetic (layers/fp8.py) and the quantization_config parser (models/quant_config.py)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -187,6 +189,35 @@ def test_compression_config_is_read_when_there_is_no_quantization_config(tmp_pat
     (tmp_path / "config.json").write_text(json.dumps({**base, "compression_config": CT_CHANNEL,
                                                       "quantization_config": fp8}))
     assert read_model_spec(tmp_path).quantization.method == "fp8"
+
+
+def test_errors_name_the_key_the_quantization_config_came_from(tmp_path):
+    """A config.json with only "compression_config" was refused with errors saying "quantization_config", a key it
+    does not have: each error now names the key the config was read from (and still "quantization_config" where
+    that is the one)."""
+    import json
+
+    from batchllm.models.spec import read_model_spec
+
+    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    bad = (({"quant_method": "gptq"}, "{key} quant_method 'gptq' is not supported"),
+           ("fp8", "{key} is not a JSON object"),
+           ({"quant_method": "fp8", "ignored_layers": "lm_head"}, "{key} ignored_layers must be a list"),
+           ({**CT_CHANNEL, "ignore": [1]}, "{key} ignore must be a list"))
+    for key in ("compression_config", "quantization_config"):
+        for qc, message in bad:
+            (tmp_path / "config.json").write_text(json.dumps({**base, key: qc}))
+            with pytest.raises(ModelLoadError, match=message.format(key=key)):
+                read_model_spec(tmp_path)
+        (tmp_path / "config.json").write_text(json.dumps({**base, key: CT_CHANNEL}))
+        scheme = read_model_spec(tmp_path).quantization
+        assert scheme.config_key == key and scheme == parse_quantization_config(CT_CHANNEL, "c")
+        with pytest.raises(ValueError, match=f"conflicts with the checkpoint's {key} "):
+            resolve_quantization("fp8", scheme)
+        with pytest.raises(ModelLoadError, match=f"^{key} quantizes some but not all"):
+            replace(scheme, ignore=("model.layers.0.self_attn.q_proj",)).quantizes(
+                "model.layers.0.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
 
 def test_the_quantization_option_is_lowercased_as_vllm_does():
