@@ -17,6 +17,9 @@ where k_v counts prompts directly under v. BatchLLM's "first-level prefix enlarg
 greedy form of the single-level case (fork g out of c when (leaves(g) - 1) * len(g) > len(c)); the
 DP finds the optimum of the same objective. The multi-level plan is never worse than the
 single-level one, since the single-level plan's groups cost at least as much there.
+g_v is convex and the open branch wins exactly on the ancestor depths below a threshold (`_solve`), so
+each g_v is kept as a piecewise-linear function rather than a value per ancestor depth: deep nesting
+(one request per turn of a long conversation) plans in O(n log^2 n), not O(n * depth).
 
 Prompts are planned without their last token: a member must compute at least one token of its
 own to produce logits, so a prefix never covers a whole prompt.
@@ -24,6 +27,7 @@ own to produce logits, so a prefix never covers a whole prompt.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -168,50 +172,154 @@ def plan_prefix_sharing(
     return _extract(tree, open_nodes, mode, lengths)
 
 
-def _solve(tree: RadixTree, mode: str, overhead: int) -> dict[int, set[int]]:
-    """Return, for each node, the ancestor depths `a` at which opening it is optimal."""
-    depth, children = tree.depth, tree.children
-    # Distinct depths of each node's proper ancestors (root included), outermost first.
-    ancestor_depths: list[list[int]] = [[] for _ in range(tree.num_nodes)]
+def _solve(tree: RadixTree, mode: str, overhead: int) -> dict[int, int]:
+    """Return, for each node worth opening somewhere, its threshold t >= 1: opening it is optimal exactly when
+    the depth `a` of its nearest open ancestor is below t (a node opened nowhere is absent).
+
+    Why a threshold: g_v(a) = max(C_v(a), L_v(a)) with C_v(a) = sum_c g_c(a) + k_v * a (v closed) and
+    L_v(a) = C_v(d_v) - d_v - overhead + p * a (v open; p = 0 single-level, 1 multi-level). By induction
+    every g is convex on the integers with slopes >= p (C_v's slope is k_v plus its children's, and v holds
+    a prompt directly or in a child), so C_v - L_v is nondecreasing: L_v > C_v (open; a tie stays closed)
+    holds on the depths below some t. g_v is kept as a `_Gain` on [0, depth of v's parent], the depths
+    its ancestors have; a node's children's gains are summed smaller into larger. Each node adds at most
+    two breakpoints, each removed once: O(n log^2 n) for n nodes, whatever the nesting depth (evaluating
+    every ancestor depth of every node, as before, took O(n * depth) time and memory)."""
+    depth, children, parent = tree.depth, tree.children, tree.parent
     postorder, stack = [], [0]
     while stack:
         v = stack.pop()
         postorder.append(v)
-        for c in children[v]:
-            ancestor_depths[c] = ancestor_depths[v] + [depth[v]]
-            stack.append(c)
+        stack.extend(children[v])
     postorder.reverse()
-    direct = [tree.num_prompts_under(v) - sum(tree.num_prompts_under(c) for c in children[v])
-              for v in range(tree.num_nodes)]
-    gain: list[dict[int, int]] = [dict() for _ in range(tree.num_nodes)]
-    opens: dict[int, set[int]] = {}
+    slope_of_line = 0 if mode == SINGLE_LEVEL else 1  # opened(a) = C_v(d_v) - d_v - overhead + slope * a
+    weights: list[int] = []
+    gains: list[_Gain | None] = [None] * tree.num_nodes
+    thresholds: dict[int, int] = {}
     for v in postorder:
         if v == 0:
             continue
-        d, k = depth[v], direct[v]
-        inside_open = sum(gain[c][d] for c in children[v]) + k * d
-        for a in ancestor_depths[v]:
-            closed = sum(gain[c][a] for c in children[v]) + k * a
-            cost = (d if mode == SINGLE_LEVEL else d - a) + overhead
-            opened = inside_open - cost
-            if opened > closed:
-                gain[v][a] = opened
-                opens.setdefault(v, set()).add(a)
-            else:
-                gain[v][a] = closed
+        kids = [gains[c] for c in children[v]]
+        f = max(kids, key=_Gain.size) if kids else _Gain()
+        for c in kids:
+            if c is not f:
+                f.absorb(c, weights)
         for c in children[v]:
-            gain[c] = {}  # no longer needed: keep memory flat
-    return opens
+            gains[c] = None  # no longer needed: keep memory flat
+        f.s0 += tree.num_prompts_under(v) - sum(tree.num_prompts_under(c) for c in children[v])
+        d, top = depth[v], depth[parent[v]]
+        line = f.value_at(d) - d - overhead
+        f.drop_above(top, weights)
+        t = f.raise_to_line(line, slope_of_line, top, weights)
+        if t > 0:
+            thresholds[v] = t
+        gains[v] = f
+    return thresholds
 
 
-def _extract(tree: RadixTree, opens: dict[int, set[int]], mode: str, lengths: list[int]) -> PrefixPlan:
+class _Gain:
+    """A convex function on the integers 0 <= a <= top, as slope trick keeps it:
+        g(a) = v0 + s0 * a + sum over live breakpoints (b, w) of w * max(0, a - b)
+    so that g(a + 1) - g(a) = s0 + (weight of the breakpoints <= a). A breakpoint is an id into the solve's
+    `weights` list (its weight; 0 once dead), held in both heaps: `low` (min-heap of (b, id)) and `high`
+    (max-heap of (-b, id)); a dead one is skipped where it surfaces. `count` and `moment` are the live
+    breakpoints' sum of w and of w * b, `live` how many there are.
+
+    Invariants: every live breakpoint has 1 <= b <= top and w >= 1, where top is the highest depth the caller
+    evaluates at (`value_at(top)` is then exact from the totals); each breakpoint id lives in one `_Gain`."""
+
+    __slots__ = ("v0", "s0", "low", "high", "count", "moment", "live")
+
+    def __init__(self) -> None:
+        self.v0 = self.s0 = self.count = self.moment = self.live = 0
+        self.low: list[tuple[int, int]] = []
+        self.high: list[tuple[int, int]] = []
+
+    def size(self) -> int:
+        return self.live
+
+    def value_at(self, a: int) -> int:
+        """g(a), for an `a` at or above every live breakpoint."""
+        return self.v0 + self.s0 * a + self.count * a - self.moment
+
+    def push(self, b: int, w: int, weights: list[int]) -> None:
+        """Add w * max(0, a - b) (b >= 1, w >= 1) under a new breakpoint id."""
+        weights.append(w)
+        heapq.heappush(self.low, (b, len(weights) - 1))
+        heapq.heappush(self.high, (-b, len(weights) - 1))
+        self.count, self.moment, self.live = self.count + w, self.moment + w * b, self.live + 1
+
+    def absorb(self, other: _Gain, weights: list[int]) -> None:
+        """self += other (other is spent; call it on the larger of the two: each breakpoint then moves
+        O(log n) times in a whole solve)."""
+        self.v0, self.s0 = self.v0 + other.v0, self.s0 + other.s0
+        self.count, self.moment = self.count + other.count, self.moment + other.moment
+        self.live += other.live
+        for b, i in other.low:
+            if weights[i]:
+                heapq.heappush(self.low, (b, i))
+                heapq.heappush(self.high, (-b, i))
+
+    def _kill(self, b: int, i: int, weights: list[int]) -> int:
+        w, weights[i] = weights[i], 0
+        self.count, self.moment, self.live = self.count - w, self.moment - w * b, self.live - 1
+        return w
+
+    def drop_above(self, top: int, weights: list[int]) -> None:
+        """Restrict g to [0, top]: breakpoints above it change no value there."""
+        high = self.high
+        while high and (not weights[high[0][1]] or -high[0][0] > top):
+            nb, i = heapq.heappop(high)
+            if weights[i]:
+                self._kill(-nb, i, weights)
+
+    def _lowest(self, weights: list[int]) -> tuple[int, int] | None:
+        low = self.low
+        while low and not weights[low[0][1]]:
+            heapq.heappop(low)
+        return low[0] if low else None
+
+    def raise_to_line(self, q: int, p: int, top: int, weights: list[int]) -> int:
+        """g := max(g, L) with L(a) = q + p * a, where g - L is nondecreasing; return t, the first a >= 0
+        with g(a) >= L(a) (top + 1 where there is none in [0, top]): L > g exactly on [0, t). Walks up
+        from 0, removing the breakpoints below t (each breakpoint is removed once: amortised O(log n))."""
+        x, gx, s = 0, self.v0, self.s0  # g(x) = gx; s = g(x + 1) - g(x); no live breakpoint at or below x
+        if gx >= q:
+            return 0
+        while True:
+            nxt = self._lowest(weights)
+            gap = q + p * x - gx  # > 0: L(x) > g(x)
+            t = x - (-gap // (s - p)) if s > p else top + 1  # g is linear from x to the next breakpoint
+            if nxt is None or t < nxt[0]:
+                break
+            b, i = heapq.heappop(self.low)
+            gx, x = gx + s * (b - x), b
+            s += self._kill(b, i, weights)
+            if t == b:
+                break
+        if t > top:  # L on the whole domain (no breakpoint was left: they are all <= top)
+            self.v0, self.s0, self.count, self.moment, self.live = q, p, 0, 0, 0
+            self.low, self.high = [], []
+            return top + 1
+        gt = gx + s * (t - x)  # g(t); s is now g's slope at t
+        step = gt - (q + p * (t - 1))  # the new slope from t - 1 to t, between p and s
+        self.v0, self.s0 = q, (p if t > 1 else step)
+        if t > 1 and step > p:
+            self.push(t - 1, step - p, weights)
+        if s > step:
+            self.push(t, s - step, weights)
+        return t
+
+
+def _extract(tree: RadixTree, thresholds: dict[int, int], mode: str, lengths: list[int]) -> PrefixPlan:
+    """The plan `_solve`'s thresholds make: top down, a node opens when its nearest open ancestor's depth is
+    below its threshold."""
     groups: list[PrefixGroup] = []
     ungrouped: list[int] = []
     # (node, depth of nearest open ancestor, its group id or None)
     stack: list[tuple[int, int, int | None]] = [(0, 0, None)]
     while stack:
         v, a, group = stack.pop()
-        if v != 0 and a in opens.get(v, ()):
+        if v != 0 and a < thresholds.get(v, 0):
             parent = group if mode == MULTI_LEVEL else None
             groups.append(PrefixGroup(len(groups), tree.depth[v], parent))
             new_group = len(groups) - 1
