@@ -6,7 +6,7 @@ output, or for OpenAI Batch lines in the errors file), 2 when the job could not 
 input, bad model path, bad option, damaged output) or its results could not be written (disk full),
 3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug (run, plan) or
 BATCHLLM_LOG_LEVEL=DEBUG), 130 / 143 when SIGINT / SIGTERM stopped it (finished lines are kept: the
-same command resumes).
+same command resumes; a second signal during the stop ends it at once, with the same statuses).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -603,12 +604,15 @@ class Interrupted(BaseException):
 
 @contextlib.contextmanager
 def _signals_interrupt():
-    """SIGINT and SIGTERM raise `Interrupted` in the main thread; later ones are ignored while the
-    job stops, so that a second Ctrl-C cannot cut the final writes short (SIGKILL still can, and
-    the next run then repairs). Yields what the job calls once every result is written: signals are
-    ignored from then on too (the report and the engine's shutdown are left to finish; the job was not
-    interrupted). Previous handlers come back afterwards."""
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread: the job stops cleanly, keeping (and syncing)
+    what is finished. A second signal while it stops ends the process at once (`_exit_now`, status 128 + that
+    signal), as a second Ctrl-C ends vLLM: what is on disk stays resumable (records are whole lines appended after
+    the state file was written; a torn last line is cut by the next run). Yields what the job calls once every
+    result is written: the first signal after that is ignored (the report and the engine's shutdown are left to
+    finish; the job was not interrupted), a second one still ends the process. Previous handlers come back
+    afterwards."""
     stopping = False
+    signals = 0
 
     def stop_raising() -> None:
         nonlocal stopping
@@ -619,6 +623,10 @@ def _signals_interrupt():
         return
 
     def handler(signum, frame):
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            _exit_now(signum)
         if stopping:
             return
         stop_raising()
@@ -630,6 +638,21 @@ def _signals_interrupt():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _exit_now(signum: int) -> None:
+    """End the process at once on a second signal (`_signals_interrupt`), status 128 + `signum`: the records the
+    output writers hold are handed to the OS first (`io.job.flush_open_writers`, bounded), then one line is said
+    through the raw stderr descriptor (the interrupted code may be inside sys.stderr), and no cleanup runs
+    (data-parallel workers and tensor-parallel ranks die with their parent; Ray ends a dead driver's workers)."""
+    from batchllm.io.job import flush_open_writers
+
+    flush_open_writers()
+    name = signal.Signals(signum).name
+    with contextlib.suppress(OSError):
+        os.write(2, f"\nbatchllm: {name} again: exiting now; the results written so far are kept, run the same "
+                    "command to resume\n".encode())
+    os._exit(128 + signum)
 
 
 def lines_progress(num_lines: int, num_recorded: int, num_failed: int) -> str:

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -632,6 +633,18 @@ def _note_done(record: dict, state: ResumeState) -> None:
         state.done_ids.add(rid if state.typed_ids else str(rid))  # (an integer id stays one)
 
 
+_OPEN_WRITERS: weakref.WeakSet[ResultWriter] = weakref.WeakSet()
+"""Every ResultWriter not yet closed (`flush_open_writers`)."""
+
+
+def flush_open_writers(timeout: float = 0.5) -> None:
+    """Hand the records every open `ResultWriter` holds in its buffer to the OS, for a process about to end at once
+    (`os._exit` on a second signal: no `close` runs). Best effort and bounded: a writer whose lock is not free within
+    `timeout` (held by the interrupted code itself) is skipped, and its unsynced records may run again on resume."""
+    for writer in list(_OPEN_WRITERS):
+        writer.flush_now(timeout)
+
+
 class ResultWriter:
     """Appends one JSON line per record; durable every `sync_every` records, and within `sync_seconds`
     of any write (a background thread syncs what is pending). Thread-safe; writer of the output file.
@@ -658,6 +671,7 @@ class ResultWriter:
             self._open_locked()
         self._syncer = threading.Thread(target=self._sync_pending, name="batchllm-output-sync", daemon=True)
         self._syncer.start()
+        _OPEN_WRITERS.add(self)
 
     def write(self, record: dict[str, Any]) -> None:
         data = encode_record(record)
@@ -702,6 +716,19 @@ class ResultWriter:
             self._guarded(os.fsync, self._file.fileno())
         self._unsynced = 0
 
+    def flush_now(self, timeout: float) -> None:
+        """Flush the buffered records to the OS (no fsync: a process's exit keeps what the OS holds) where the lock
+        frees within `timeout`; nothing after a failure, and no error raised (`flush_open_writers`)."""
+        if not self._lock.acquire(timeout=timeout):
+            return
+        try:
+            if self._file is not None and self._failure is None:
+                self._file.flush()
+        except (OSError, ValueError):  # a failed or closed file: what reached the OS stays
+            pass
+        finally:
+            self._lock.release()
+
     def _sync_pending(self) -> None:
         while not self._closed.wait(self.sync_seconds):
             with self._lock:
@@ -720,6 +747,7 @@ class ResultWriter:
         """Sync and close. After a failure already raised to the caller, only closes (best effort):
         the caller is handling that failure, and a second report of it would hide the first."""
         self._closed.set()
+        _OPEN_WRITERS.discard(self)
         self._syncer.join()
         try:
             if self._failure is None or not self._reported:

@@ -364,3 +364,49 @@ def test_a_ray_shard_whose_checkpoint_was_never_committed_is_not_counted(tmp_pat
     from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
 
     assert jsonl_job.PENDING_CHECKPOINT == PENDING_CHECKPOINT_SUFFIX + ".parquet", "Ray's name of an uncommitted entry"
+
+
+SECOND_SIGNAL_JOB = """
+import os, signal, sys, time
+from batchllm import cli
+
+def slow_to_stop(out, llm, valid, args, num_failed):
+    for item in valid[:2]:
+        out.write({"id": item.line.request_id, "text": "x", "error": None})
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first signal: the job starts to stop
+        time.sleep(60)
+    finally:  # a stop that takes long (aborting the engine's requests), the output still open
+        os.kill(os.getpid(), signal.SIGTERM)  # the second signal
+        time.sleep(60)
+
+cli._generate_into = slow_to_stop
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_signal_while_the_job_stops_exits_at_once_and_the_job_resumes(tmp_path, tiny_model_factory):
+    """A second SIGINT/SIGTERM while `run` stopped after the first was ignored: a stop that hung (a slow abort, a
+    stuck shutdown) could not be cut short by a second Ctrl-C or Slurm's/Kubernetes' second TERM. It now ends the
+    process at once with 128 + that signal, the records written so far flushed: the same command resumes them."""
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_model_factory("llama")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "abcd"))
+    argv = ["run", str(src), "-o", str(out), "--model", model, "--max-tokens", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    try:
+        done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL_JOB, *argv], env=env, capture_output=True,
+                              text=True, timeout=50)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the second signal did not end the job") from None
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "SIGTERM again: exiting now; the results written so far are kept" in done.stderr, done.stderr
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+
+    code = cli.main(argv)  # the same command resumes: the two lines left run, the two written are kept
+    assert code == 0
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["a", "b", "c", "d"]
