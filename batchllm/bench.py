@@ -268,7 +268,7 @@ def make_workload(args, vocab: int) -> Workload:
 
 
 def add_bench_parser(sub) -> None:
-    from batchllm.options import NOT_TAKEN_GROUP, DefaultsHelpFormatter, add_engine_arguments, add_not_taken_arguments
+    from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, add_vllm_arguments
 
     b = sub.add_parser("bench", help="measure throughput on a synthetic workload",
                        formatter_class=DefaultsHelpFormatter,
@@ -313,7 +313,7 @@ def add_bench_parser(sub) -> None:
                         "the host functions with the most own time here")
     # workloads are token ids: no tokenizer; every other default is `run`'s (the user gets what is measured)
     add_engine_arguments(b, exclude=["skip_tokenizer_init"])
-    add_not_taken_arguments(b.add_argument_group(*NOT_TAKEN_GROUP), help_each=False)  # -pp 1, --task generate ...
+    add_vllm_arguments(b, run_batch=False)  # run's: --disable-log-stats, -pp 1, --task generate ... (vLLM bench's)
 
 
 _ON, _OFF = dict(prefix_sharing=True), dict(prefix_sharing=False)

@@ -64,13 +64,11 @@ from batchllm.io.reasoning import REASONING_PARSERS, check_tokenizer
 from batchllm.models.default_model import default_model_path
 from batchllm.models.quant_config import resolve_quantization
 from batchllm.options import (
-    NOT_TAKEN_GROUP,
     VLLM_NOT_TAKEN,
     VLLM_SHORT_FLAGS,
     DefaultsHelpFormatter,
     add_engine_arguments,
-    add_no_effect_arguments,
-    add_not_taken_arguments,
+    add_vllm_arguments,
     bare_flags_as_on,
     dashed_flag_names,
     engine_config,
@@ -138,7 +136,7 @@ def _add_run_parser(sub) -> None:
                    "so sampled outputs are reproducible line by line (also the engine's seed)")
     _add_output_arguments(run.add_argument_group("output"))
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
-    add_not_taken_arguments(run.add_argument_group(*NOT_TAKEN_GROUP), help_each=False)  # -pp 1, --task generate ...
+    add_vllm_arguments(run, run_batch=True)  # --disable-log-stats, -pp 1, --task generate ...: bench's too
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
     r.add_argument("--ray", action="store_true", help="run through Ray Data; -o is then a directory of JSONL shards")
     # (None: not given, refused without --ray; `_ray_options` sets RAY_OPTION_DEFAULTS)
@@ -170,7 +168,7 @@ def _ray_options(command: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def _add_output_arguments(o) -> None:
     """`run`'s options of what it writes: statistics, progress, how responses name the model, its role and its
-    reasoning, and vLLM's run-batch flags that have no effect here."""
+    reasoning."""
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -184,7 +182,6 @@ def _add_output_arguments(o) -> None:
                    "between <think> and </think> goes to the message's `reasoning`, the rest to its `content` "
                    "(qwen3: not where enable_thinking is off: by the line's chat_template_kwargs or reasoning_effort "
                    "none, or --default-chat-template-kwargs); default: the whole answer is content")
-    add_no_effect_arguments(o)
 
 
 def _add_plan_parser(sub) -> None:

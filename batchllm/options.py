@@ -56,6 +56,9 @@ class NoEffect:
     """A flag of vLLM's run-batch command only, not an `LLM` keyword."""
     keyword_only: bool = False
     """An `LLM` keyword only: `run` has a flag of its name that does something."""
+    async_engine: bool = False
+    """A flag of vLLM's AsyncEngineArgs (its serve and bench commands take it, and run-batch), not an `LLM`
+    keyword: `bench` takes it too."""
 
 
 VLLM_NO_EFFECT = {
@@ -73,7 +76,7 @@ VLLM_NO_EFFECT = {
     "served_model_name": NoEffect("names are given to OpenAI Batch responses by run --served-model-name",
                                   keyword_only=True),
     "disable_async_output_proc": NoEffect("outputs are processed as steps finish"),
-    "enable_log_requests": NoEffect("requests are not logged", run_batch_only=True),
+    "enable_log_requests": NoEffect("requests are not logged", run_batch_only=True, async_engine=True),
     "max_log_len": NoEffect("requests are not logged", value_type=int, metavar="N", run_batch_only=True),
     "output_tmp_dir": NoEffect("results are appended to the output as they finish", value_type=str,
                                metavar="DIR", run_batch_only=True),
@@ -93,11 +96,13 @@ VLLM_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", 
 the hint for such a flag)."""
 
 
-def add_no_effect_arguments(group, run_batch: bool = True) -> None:
-    """`VLLM_NO_EFFECT`'s flags, each stored under its keyword's name (`engine_kwargs_from_args` skips them);
-    without `run_batch`, only those of `LLM` keywords (`LLM(**vars(args))` takes them)."""
+def add_no_effect_arguments(group, run_batch: bool = True, async_engine: bool = False) -> None:
+    """`VLLM_NO_EFFECT`'s flags, each stored under its keyword's name (`engine_kwargs_from_args` skips them):
+    with `run_batch`, all of them (vLLM's run-batch takes them); else those of `LLM` keywords (`LLM(**vars(args))`
+    takes them), and with `async_engine` vLLM's AsyncEngineArgs' too (its bench command takes them)."""
     for name, option in VLLM_NO_EFFECT.items():
-        if option.keyword_only or (option.run_batch_only and not run_batch):
+        if option.keyword_only or (option.run_batch_only and not run_batch
+                                   and not (async_engine and option.async_engine)):
             continue
         flags = ["--" + n.replace("_", "-") for n in (name, *option.flag_aliases)]
         help_text = f"accepted for vLLM's command lines; no effect: {option.why}"
@@ -109,6 +114,22 @@ def add_no_effect_arguments(group, run_batch: bool = True) -> None:
         else:
             group.add_argument(*flags, dest=name, type=option.value_type, default=None, metavar=option.metavar,
                                help=help_text)
+
+
+NO_EFFECT_GROUP = "vLLM options without effect here"
+"""The --help group of `add_vllm_arguments`' `VLLM_NO_EFFECT` flags."""
+
+
+def add_vllm_arguments(parser: argparse.ArgumentParser, *, run_batch: bool) -> None:
+    """vLLM's flags that change nothing here (`VLLM_NO_EFFECT`: --disable-log-stats, --disable-log-requests,
+    --swap-space ...) and those of options with no counterpart here (`VLLM_NOT_TAKEN`: -pp 1,
+    --distributed-executor-backend mp, --task generate ...): the one definition `run` and `bench` both use, so that
+    a vLLM command line that one takes the other takes too. `run_batch`: vLLM's run-batch flags as well (`run`'s);
+    else those vLLM's bench takes (its EngineArgs' and AsyncEngineArgs'). Added after the command's own flags and
+    engine options: a not-taken option whose flag the parser has already is the parser's."""
+    add_no_effect_arguments(parser.add_argument_group(NO_EFFECT_GROUP), run_batch=run_batch, async_engine=True)
+    add_not_taken_arguments(parser.add_argument_group(*NOT_TAKEN_GROUP), help_each=False)  # (listed in NOT_TAKEN_GROUP)
+
 
 _ALIASES_OF = {name: tuple(a for a, n in VLLM_ALIASES.items() if n == name) for name in set(VLLM_ALIASES.values())}
 

@@ -629,3 +629,34 @@ def test_vllms_flexible_argument_parser_reads_underscores_and_bare_flags():
     assert EngineArgs.from_cli_args(args).async_scheduling is True
     with pytest.raises(SystemExit):
         parser.parse_args(["--no_such_flag", "x"])
+
+
+def test_bench_takes_the_vllm_flags_without_effect_that_run_takes_from_one_definition(capsys):
+    """`bench --disable-log-stats` (and --disable-log-requests, --swap-space 4 ...: vLLM's bench and serve take
+    them) was refused as an unrecognized argument though `run` takes them: run added VLLM_NO_EFFECT's flags among
+    its own output options, bench only VLLM_NOT_TAKEN's. Both now add them through `add_vllm_arguments`: every
+    such flag of vLLM's engine (and AsyncEngineArgs') parses in both, changes nothing, and run's extra ones are
+    vLLM's run-batch's alone."""
+    from batchllm.cli import _subcommands, main
+    from batchllm.options import VLLM_NO_EFFECT
+
+    parser = build_parser()
+    run_flags, bench_flags = (
+        {f for a in _subcommands(parser)[name]._actions for f in a.option_strings} for name in ("run", "bench"))
+    for name, option in VLLM_NO_EFFECT.items():
+        flag = "--" + name.replace("_", "-")
+        if option.keyword_only:
+            continue
+        assert flag in run_flags, flag
+        assert (flag in bench_flags) == (not option.run_batch_only or option.async_engine), flag
+    assert {"-pp", "--task", "--distributed-executor-backend", "--disable-log-requests"} <= bench_flags & run_flags
+    vllm_words = ["--disable-log-stats", "--disable-log-requests", "--enable-log-requests", "--swap-space", "4",
+                  "--tokenizer-mode", "auto", "--disable-custom-all-reduce", "--use-tqdm-on-load", "-pp", "1",
+                  "--distributed-executor-backend", "mp", "--task", "generate"]
+    for command in (["run", "in.jsonl", "-o", "o.jsonl"], ["bench"]):
+        args = build_parser().parse_args([*command, *vllm_words])
+        assert args.disable_log_stats and args.enable_log_requests and args.swap_space == 4.0, command
+        assert engine_config(**engine_kwargs_from_args(args)) == engine_config(), command  # (taken and dropped)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--tokenizer-mode", "mistral"])  # a value that would change something is still refused
+    assert exit_.value.code == 2 and "invalid choice: 'mistral'" in capsys.readouterr().err
