@@ -379,7 +379,8 @@ not listed one by one."""
 def add_not_taken_arguments(group, *, help_each: bool = True) -> None:
     """A flag per `VLLM_NOT_TAKEN` option (`--pipeline-parallel-size`/`-pp`, `--revision`, `--enable-lora`
     ...), stored under its keyword's name, as vLLM's command line spells it: a value is read as vLLM reads these
-    options' values (`vllm_flag_value`: -pp 1 is 1, --cpu-offload-gb 0.0 is 0.0, --compilation-config '{}' is {});
+    options' values (`_value_reader`: -pp 1 and -pp 01 are 1, --cpu-offload-gb 0 is 0.0, --compilation-config '{}'
+    is {});
     a bool option is `--x` / `--no-x`. A value `LLM` takes (`not_taken_accepts`) is kept (`engine_kwargs_from_args`
     skips it, and `LLM(**vars(args))` drops it); any other is argparse's error, exit status 2, naming the flag, the
     value and what to do instead. An option whose flag the parser has already (run's --reasoning-parser) is its
@@ -395,8 +396,27 @@ def add_not_taken_arguments(group, *, help_each: bool = True) -> None:
         if any(isinstance(value, bool) for value in accepted):
             group.add_argument(*flags, dest=name, action=_NotTakenSwitch, default=accepted[0], help=help_text)
         else:
-            group.add_argument(*flags, dest=name, action=_NotTakenValue, type=vllm_flag_value, default=accepted[0],
-                               metavar="VALUE", help=help_text)
+            group.add_argument(*flags, dest=name, action=_NotTakenValue, type=_value_reader(accepted),
+                               default=accepted[0], metavar="VALUE", help=help_text)
+
+
+def _value_reader(accepted: tuple) -> typing.Callable[[str], Any]:
+    """How a `VLLM_NOT_TAKEN` flag's value is read, by the type of the values it takes, as vLLM's parser types the
+    option: a number option (int, or float where a float is taken: --cpu-offload-gb) reads its text as that
+    number, so `-pp 01` is 1 (and taken) as in vLLM; any other, or a text that is no such number, `vllm_flag_value`
+    (refused then, naming the value)."""
+    kinds = {type(value) for value in accepted if value is not None and not isinstance(value, bool)}
+    number = float if float in kinds else int if kinds == {int} else None
+    if number is None:
+        return vllm_flag_value
+
+    def read(text: str) -> Any:
+        try:
+            return number(text)
+        except ValueError:
+            return vllm_flag_value(text)
+
+    return read
 
 
 def vllm_flag_value(text: str) -> Any:

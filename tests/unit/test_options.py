@@ -407,7 +407,7 @@ def test_vllm_flags_without_a_counterpart_are_taken_at_the_values_llm_takes(comm
     for words, shown in ((["-pp", "2"], "argument --pipeline-parallel-size/-pp: 2 is not supported: pipeline "
                                         "parallelism is not supported; use --tensor-parallel-size"),
                          (["--task", "embed"], "argument --task: 'embed' is not supported: the engine generates text"),
-                         (["--cpu-offload-gb", "4"], "argument --cpu-offload-gb: 4 is not supported: the weights stay"),
+                         (["--cpu-offload-gb", "4"], "--cpu-offload-gb: 4.0 is not supported: the weights stay"),
                          (["--compilation-config", '{"level": 0}'], "argument --compilation-config: {'level': 0} is "
                                                                      "not supported: the kernels are Triton's"),
                          (["--distributed-executor-backend", "ray"], "'ray' is not supported: tensor and data "
@@ -660,3 +660,24 @@ def test_bench_takes_the_vllm_flags_without_effect_that_run_takes_from_one_defin
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--tokenizer-mode", "mistral"])  # a value that would change something is still refused
     assert exit_.value.code == 2 and "invalid choice: 'mistral'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["run", "in.jsonl", "-o", "o.jsonl"], ["bench"]])
+def test_a_not_taken_flags_number_is_read_as_vllm_types_it(command, capsys):
+    """`-pp 01` was refused ("'01' is not supported") though it is 1: the value was read as JSON, where 01 is no
+    number, and compared with the int 1 as the text '01'. vLLM's parser reads -pp as an int (01 is 1, taken), so a
+    number option's value is read as its number type here too; a value that is no such number is still refused,
+    naming it."""
+    from batchllm.cli import main
+
+    args = build_parser().parse_args([*command, "-pp", "01", "--cpu-offload-gb", "0", "-O", "03", "--max-loras=+1"])
+    assert (args.pipeline_parallel_size, args.cpu_offload_gb, args.optimization_level, args.max_loras) == (1, 0.0,
+                                                                                                            3, 1)
+    assert type(args.pipeline_parallel_size) is int and type(args.cpu_offload_gb) is float
+    assert engine_config(**engine_kwargs_from_args(args)) == engine_config()
+    for words, shown in ((["-pp", "02"], "-pp: 2 is not supported"), (["-pp", "1.0"], "-pp: 1.0 is not supported"),
+                         (["-pp", "one"], "-pp: 'one' is not supported")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, *words])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and shown in err, err
