@@ -82,10 +82,31 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_LINES_FAILED, EXIT_CANNOT_START, EXIT_UNEXPECTED = 0, 1, 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), abbreviations allowed as vLLM's FlexibleArgumentParser allows them
+    (it keeps argparse's allow_abbrev: `--max-model 4096` is --max-model-len where no other flag begins so, and a
+    flag's full name is always itself, `--model` beside `--model-impl`); an abbreviation that begins several flags is
+    refused with a clear message (`ambiguous_abbreviation`) instead of argparse's bare list of vLLM's flags."""
+
+    def error(self, message: str):
+        match = re.fullmatch(r"ambiguous option: (-[^=\s]+)(?:=.*)? could match (.*)", message, re.S)
+        if match is not None:
+            message = ambiguous_abbreviation(self, match[1], match[2].split(", "))
+        super().error(message)
+
+
+def ambiguous_abbreviation(command: argparse.ArgumentParser, word: str, flags: list[str], shown: int = 8) -> str:
+    """What `word`, an abbreviation that begins each of `flags`, could mean and what to do: the command's flags its
+    --help lists first (then vLLM's taken only at their defaults), at most `shown` of them."""
+    hidden = {flag for action in command._actions if action.help == argparse.SUPPRESS for flag in action.option_strings}
+    ordered = sorted(flags, key=lambda flag: (flag in hidden, flag))
+    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
+    return (f"ambiguous option: {word} could match {', '.join(ordered[:shown])}{more}: write the whole flag "
+            "(an abbreviation is taken only where it begins one flag, as on vLLM's command line)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="batchllm", description="Offline, throughput-first LLM batch inference with prefix sharing."
-    )
+    parser = _Parser(prog="batchllm", description="Offline, throughput-first LLM batch inference with prefix sharing.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)

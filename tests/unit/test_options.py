@@ -681,3 +681,27 @@ def test_a_not_taken_flags_number_is_read_as_vllm_types_it(command, capsys):
             main([*command, *words])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and shown in err, err
+
+
+@pytest.mark.parametrize("command", [["run", "in.jsonl", "-o", "o.jsonl"], ["bench"]])
+def test_abbreviations_are_taken_as_vllm_takes_them_and_an_ambiguous_one_is_refused_clearly(command, capsys):
+    """vLLM's FlexibleArgumentParser keeps argparse's abbreviations (allow_abbrev), so they are taken here too: a
+    full name is itself even where it begins other flags (--model beside --model-impl, --tokenizer, --quantization,
+    --device), an abbreviation that begins one flag alone is that flag. One that begins several (`--mo`: vLLM's
+    --model-impl, --moe-backend ... since run and bench take every vLLM flag) was refused with argparse's bare list,
+    hidden flags first; the refusal now lists the --help flags first and says to write the whole flag."""
+    from batchllm.cli import main
+
+    for words in (["--model", "m", "--tokenizer", "t", "--quantization", "fp8", "--device", "cpu"],
+                  ["--model=m", "--tokenizer=t", "--quantization=FP8", "--device=cpu"]):
+        args = build_parser().parse_args([*command, *words])
+        assert (args.model, args.tokenizer, args.quantization, args.device) == ("m", "t", "fp8", "cpu"), words
+    assert build_parser().parse_args([*command, "--max-model", "4k"]).max_model_len == 4000  # (one flag begins so)
+    for word in ("--mo", "--mo=m"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, word, *([] if "=" in word else ["m"])])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and (f"error: ambiguous option: {word.split('=')[0]} could match --model, "
+                                          "--model-class-overrides, ") in err, err
+        assert err.rstrip().endswith("write the whole flag (an abbreviation is taken only where it begins one flag, "
+                                     "as on vLLM's command line)"), err
