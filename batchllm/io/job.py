@@ -29,7 +29,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -387,7 +389,9 @@ def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, A
     state_path = job_state_path(directory)
     fingerprint = _job_fingerprint(input_path, options)
     ours = {state_path.name, state_path.name + ".tmp"}
-    has_results = directory.is_dir() and any(p.is_file() and p.name not in ours for p in directory.rglob("*"))
+    has_results = directory.is_dir() and any(
+        p.is_file() and p.name not in ours for entry in directory.iterdir() if not entry.name.startswith(OVERWRITTEN)
+        for p in ([entry] if entry.is_file() else entry.rglob("*")))
     if has_results:
         if not state_path.exists():  # (`_read_state`'s refusal offers --overwrite, which --ray refuses here)
             raise JobError(f"refusing to write into {unowned_directory(directory)}")
@@ -395,6 +399,82 @@ def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, A
         return
     directory.mkdir(parents=True, exist_ok=True)
     _write_state(state_path, fingerprint)
+
+
+OVERWRITTEN = ".batchllm-overwritten"
+"""`run --ray --overwrite`'s earlier results, set aside inside the output directory until a replica has loaded the
+model (`set_aside_for_overwrite`); entries whose names begin so are no results of the job."""
+_MOVING = OVERWRITTEN + ".moving"
+
+
+def set_aside_for_overwrite(directory: Path) -> None:
+    """Start a `run --ray` directory over without losing what it holds until the model has loaded: every entry
+    (shards, checkpoint, state file) moves into `OVERWRITTEN` (renames only: an output directory that is a mount point
+    works too), so a restart runs every line, and `discard_overwritten` deletes it once a replica built its engine;
+    `restore_overwritten` puts it back if none did. The state file moves last and the set-aside becomes `OVERWRITTEN`
+    by one rename, so a process killed midway leaves `_MOVING`, which `recover_overwrite` moves back. Where
+    `OVERWRITTEN` exists already (an earlier --overwrite whose model never loaded, its process killed), it is kept: the
+    rest holds no results (no model ran) and is deleted."""
+    aside, moving, state = directory / OVERWRITTEN, directory / _MOVING, job_state_path(directory)
+    others = [p for p in directory.iterdir() if not p.name.startswith(OVERWRITTEN)]
+    if aside.exists():
+        for entry in others:
+            _remove(entry)
+        return
+    moving.mkdir()
+    for entry in sorted(others, key=lambda p: p == state):  # the state file last
+        os.replace(entry, moving / entry.name)
+    os.replace(moving, aside)
+
+
+def discard_overwritten(directory: Path) -> None:
+    """Delete what `set_aside_for_overwrite` kept (nothing where there is none): a replica calls it once its engine
+    is built, and the driver once the job has finished. Claimed by one rename first, so that `restore_overwritten`
+    never restores a half-deleted directory; safe to call from every replica at once."""
+    claimed = directory / f"{OVERWRITTEN}.discarding-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(directory / OVERWRITTEN, claimed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(claimed, ignore_errors=True)
+
+
+def restore_overwritten(directory: Path) -> bool:
+    """Put back what `set_aside_for_overwrite` kept, where no replica has loaded the model (`discard_overwritten` did
+    not claim it): the new job's entries (its state file, an empty checkpoint: no model ran, so no shard) are deleted
+    and the earlier ones return. Whether anything was restored."""
+    if not (directory / OVERWRITTEN).is_dir():
+        return False
+    try:
+        os.replace(directory / OVERWRITTEN, directory / _MOVING)
+    except FileNotFoundError:
+        return False
+    for entry in [p for p in directory.iterdir() if not p.name.startswith(OVERWRITTEN)]:
+        _remove(entry)
+    recover_overwrite(directory)
+    return True
+
+
+def recover_overwrite(directory: Path) -> None:
+    """Finish what a killed process left of `set_aside_for_overwrite` or `restore_overwritten` (`_MOVING`): its
+    entries move back (replacing a same-named entry of the new job), the state file last; and delete what a killed
+    `discard_overwritten` had claimed. Nothing where neither is there."""
+    moving = directory / _MOVING
+    if moving.is_dir():
+        for entry in sorted(moving.iterdir(), key=lambda p: p.name == job_state_path(directory).name):
+            if (directory / entry.name).exists():
+                _remove(directory / entry.name)
+            os.replace(entry, directory / entry.name)
+        moving.rmdir()
+    for claimed in directory.glob(OVERWRITTEN + ".discarding-*"):
+        shutil.rmtree(claimed, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def unowned_directory(directory: Path) -> str:

@@ -17,8 +17,8 @@ options is refused, as the single-machine run refuses it.
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
 import signal
 import sys
 import time
@@ -188,9 +188,11 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
                      global_seed: int | None = None, names=None, file_format: str | None = None,
-                     template_defaults: dict | None = None, on_written: Callable[[], None] | None = None) -> dict:
+                     template_defaults: dict | None = None, on_written: Callable[[], None] | None = None,
+                     on_loaded: Callable[[], None] | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
-    `on_written` is called once every shard is written (before they are counted): the job is done from then on.
+    `on_written` is called once every shard is written (before they are counted): the job is done from then on;
+    `on_loaded`, by each replica once its engine is built (on its node: a picklable callable).
     `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name);
     `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
     the chat lines' default template keywords (`prepare_lines`').
@@ -215,7 +217,7 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
     records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
                              template_defaults=template_defaults)
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed, template_defaults),
-                          record_fn=records_fn, index_column=LINE)
+                          record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
     try:
         records = processor(lines, num_rows=count_input_lines(input_path))
@@ -279,25 +281,14 @@ def _driver_model_dir(model: str | None) -> Path | None:
 
 def run_command_on_ray(args) -> int:
     """The `--ray` branch of `batchllm run` (args: the run parser's namespace)."""
-    import ray
-
     from batchllm.cli import (
-        EXIT_CANNOT_START,
-        EXIT_LINES_FAILED,
-        EXIT_OK,
-        Interrupted,
         _fail,
-        _signals_interrupt,
-        _write_stats,
         keep_the_outputs_openai_rule,
-        lines_progress_stats,
         note_ignored_fields,
         note_model_defaults,
-        response_shape,
         results_options,
     )
-    from batchllm.io.job import job_state_path
-    from batchllm.models.default_model import DEFAULT_MODEL_NAME
+    from batchllm.io.job import job_state_path, restore_overwritten
 
     if problem := input_problem(args.input):
         return _fail(problem)
@@ -311,24 +302,54 @@ def run_command_on_ray(args) -> int:
     sample = sample_file(args.input)
     note_ignored_fields(sample.ignored_fields, f" (in the first {SAMPLE_LINES:,} lines)")
     defaults = keep_the_outputs_openai_rule(defaults, job_state_path(args.output), args.overwrite)
-    if problem := _prepare_output_directory(args, results_options(args, defaults)):
-        return _fail(problem)
+    try:
+        if problem := _prepare_output_directory(args, results_options(args, defaults)):
+            return _fail(problem)
+        return _run_prepared_job(args, config, defaults, sample)
+    finally:  # (a job whose replicas loaded the model, or that finished, has discarded them: nothing to restore)
+        if restore_overwritten(args.output):
+            print(f"batchllm: no replica loaded the model: the earlier results in {args.output} are kept as they "
+                  "were (--overwrite deletes them once the model has loaded)", file=sys.stderr)
+
+
+def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: FileSample) -> int:
+    """`run_command_on_ray` once its output directory is ready (`_prepare_output_directory`): the job, unless it is
+    complete; its report and exit status. Each replica discards what --overwrite set aside once it has loaded the
+    model (`io.job.discard_overwritten`), and the driver once the job has finished (one with no lines loads none)."""
+    import ray
+
+    from batchllm.cli import (
+        EXIT_CANNOT_START,
+        EXIT_LINES_FAILED,
+        EXIT_OK,
+        Interrupted,
+        _fail,
+        _signals_interrupt,
+        _write_stats,
+        lines_progress_stats,
+        response_shape,
+    )
+    from batchllm.io.job import discard_overwritten
+    from batchllm.models.default_model import DEFAULT_MODEL_NAME
+
     if (done := _complete_job(args.output, args.input)) is not None:
         return _write_stats(args, {**done, "num_replicas": args.num_replicas}) or (
             EXIT_LINES_FAILED if done["num_errors"] else EXIT_OK)
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
     names = response_shape(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
+    loaded = functools.partial(discard_overwritten, args.output.resolve())  # (run on the replicas' nodes)
     with _signals_interrupt() as results_written:  # (called once every shard is written: a later signal is ignored)
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
-                                      args.default_chat_template_kwargs, on_written=results_written)
+                                      args.default_chat_template_kwargs, on_written=results_written, on_loaded=loaded)
         except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
             return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
                          "so far are kept, run the same command to resume")
         except Interrupted as e:
             _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
             return 128 + e.signum
+    discard_overwritten(args.output)
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
     num_lines = count_input_lines(args.input)
@@ -390,12 +411,15 @@ def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
 
 
 def _prepare_output_directory(args, options: dict) -> str | None:
-    """Check -o as a --ray job's directory, empty it for --overwrite and tie it to the input and `options`
+    """Check -o as a --ray job's directory, set what it holds aside for --overwrite (`io.job.set_aside_for_overwrite`:
+    deleted only once a replica has loaded the model) and tie it to the input and `options`
     (`io.job.tie_directory_to_job`); what is wrong, or None."""
     from batchllm.io.job import (
         JobError,
         job_state_path,
+        recover_overwrite,
         refuse_output_onto_input,
+        set_aside_for_overwrite,
         tie_directory_to_job,
         unowned_directory,
     )
@@ -409,11 +433,13 @@ def _prepare_output_directory(args, options: dict) -> str | None:
                 "results (OpenAI Batch lines too)")
     if args.output.exists() and not args.output.is_dir():
         return f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file"
-    if args.overwrite and args.output.is_dir():
-        if any(args.output.iterdir()) and not job_state_path(args.output).is_file():
-            return f"refusing --overwrite of {unowned_directory(args.output)}"
-        shutil.rmtree(args.output)  # the shards and the checkpoint of this job: start over
     try:
+        if args.output.is_dir():
+            recover_overwrite(args.output)  # (what a killed --overwrite left midway)
+        if args.overwrite and args.output.is_dir():
+            if any(args.output.iterdir()) and not job_state_path(args.output).is_file():
+                return f"refusing --overwrite of {unowned_directory(args.output)}"
+            set_aside_for_overwrite(args.output)  # start over; deleted once a replica has loaded the model
         tie_directory_to_job(args.output, args.input, options)
     except (JobError, OSError) as e:
         return str(e)

@@ -29,12 +29,13 @@ class Processor:
 
     def __init__(self, config: ProcessorConfig, preprocess: Callable | None = None,
                  postprocess: Callable | None = None, *, record_fn: Callable | None = None,
-                 index_column: str | None = None) -> None:
+                 index_column: str | None = None, on_loaded: Callable[[], None] | None = None) -> None:
         self.config = config
         self.preprocess = preprocess
         self.postprocess = postprocess
         self.record_fn = record_fn
         self.index_column = index_column
+        self.on_loaded = on_loaded  # (each replica calls it once its engine is built: `EngineReplica`)
 
     def num_buckets(self, dataset, num_rows: int | None = None) -> int:
         """0 where the rows were counted (or given) and there are none; else config.num_buckets, else
@@ -65,7 +66,8 @@ class Processor:
         )
         return tokenized.groupby(BUCKET, num_partitions=num_buckets).map_groups(
             EngineReplica, batch_format="pyarrow",
-            fn_constructor_kwargs=dict(config=config, postprocess=self.postprocess, record_fn=self.record_fn),
+            fn_constructor_kwargs=dict(config=config, postprocess=self.postprocess, record_fn=self.record_fn,
+                                       on_loaded=self.on_loaded),
             compute=ray.data.ActorPoolStrategy(size=config.num_replicas),
             num_gpus=self._num_gpus(), num_cpus=self._num_cpus(),
             max_restarts=-1, max_task_retries=-1,  # a replica that dies is restarted and its call retried

@@ -215,15 +215,18 @@ class EngineReplica:
     """One engine per actor; each call runs one bucket (whole prefix groups) as one planned batch.
 
     Writer of its own engine only. `record_fn(row, output, error) -> dict` may add columns (the CLI's
-    result line); `postprocess(row) -> row` runs last, per row."""
+    result line); `postprocess(row) -> row` runs last, per row; `on_loaded()` is called once the engine is built
+    (`run --ray --overwrite` deletes the earlier results then, not before: a model that cannot load keeps them)."""
 
     def __init__(self, config: ProcessorConfig, postprocess: Callable | None = None,
-                 record_fn: Callable | None = None) -> None:
+                 record_fn: Callable | None = None, on_loaded: Callable[[], None] | None = None) -> None:
         from batchllm.llm import LLM
 
         self.config = config
         self.postprocess = postprocess
         self.llm = LLM(config.model, **config.engine_options())
+        if on_loaded is not None:
+            on_loaded()
         # a record writer that reads tokens (the CLI's) is handed this engine's tokenizer
         self.record_fn = record_fn.with_tokenizer(self.llm.get_tokenizer()) if hasattr(
             record_fn, "with_tokenizer") else record_fn

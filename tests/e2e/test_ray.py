@@ -199,3 +199,29 @@ def test_an_interrupted_ray_job_reports_what_it_left_and_writes_its_stats(tmp_pa
     assert json.loads(stats.read_text()) == {"interrupted": "SIGTERM", "num_lines": 3, "num_records": 2,
                                              "num_lines_recorded": 2, "num_errors": 1, "num_lines_done": 1,
                                              "num_lines_failed": 1, "num_lines_left": 1, "num_replicas": 1}
+
+
+def test_overwrite_with_a_model_the_replicas_cannot_load_keeps_the_earlier_shards(ray_session, tmp_path,
+                                                                                   tiny_model_factory, capsys):
+    """`--overwrite` deleted the earlier shards before the replicas loaded the model; on real Ray actors, a model
+    whose weights cannot be read now leaves them as they were, and one that loads starts over."""
+    import shutil
+
+    from batchllm.cli import main
+
+    good = tiny_model_factory("llama")
+    bad = tmp_path / "bad-model"
+    shutil.copytree(good, bad)
+    for weights in bad.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    src, out = tmp_path / "in.jsonl", tmp_path / "shards"
+    src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "ab"))
+    args = ["run", str(src), "-o", str(out), "--ray", "--max-tokens", "2", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--model", good]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*args, "--model", str(bad), "--overwrite"]) != 0
+    assert "the earlier results in" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main([*args, "--model", good, "--overwrite"]) == 0
+    after = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert not any(str(p).startswith(".batchllm-overwritten") for p in after) and after != set(before)

@@ -410,3 +410,53 @@ def test_a_second_signal_while_the_job_stops_exits_at_once_and_the_job_resumes(t
     code = cli.main(argv)  # the same command resumes: the two lines left run, the two written are kept
     assert code == 0
     assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["a", "b", "c", "d"]
+
+
+def test_ray_overwrite_keeps_the_earlier_results_until_a_replica_has_loaded_the_model(tmp_path, capsys, monkeypatch,
+                                                                                     tiny_model_factory):
+    """`run --ray --overwrite` deleted the earlier shards and checkpoint before any replica had loaded the model:
+    a model that could not load (bad weights, OOM) lost them. As `run` without --ray, nothing is deleted until a
+    replica has built its engine (`EngineReplica` calls `on_loaded`): the earlier results are set aside (so that Ray's
+    checkpoint runs every line again), deleted once the model has loaded, and put back if it never does."""
+    import shutil
+
+    import pytest
+    import ray
+
+    from batchllm.ray import jsonl_job
+    from batchllm.ray.stages import EngineReplica
+
+    pytest.importorskip("ray")
+    good = tiny_model_factory("llama")
+    bad = tmp_path / "bad-model"
+    shutil.copytree(good, bad)
+    for weights in bad.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")  # (its config.json is fine: the driver's checks pass)
+    runs = []
+
+    def a_replica_then_its_shard(input_path, output_dir, config, *args, on_loaded=None, **kwargs):
+        assert not list(output_dir.glob("*.jsonl")) and not list(output_dir.glob("_checkpoint/*")), "every line runs"
+        EngineReplica(config, **({} if on_loaded is None else {"on_loaded": on_loaded}))  # as a Ray actor builds it
+        runs.append(config.model)
+        ray_shard(output_dir, f"run{len(runs)}_000000", [{"id": k, "text": config.model, "error": None} for k in "ab"])
+        return {"num_records": 2, "num_errors": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", a_replica_then_its_shard)
+    src, out = tmp_path / "in.jsonl", tmp_path / "shards"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hi"}\n')
+    options = ["--ray", "--device", "cpu", "--max-tokens", "2"]
+    code, err = run(capsys, src, "-o", out, "--model", good, *options)
+    assert code == 0, err
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    code, err = run(capsys, src, "-o", out, "--model", bad, *options, "--overwrite")
+    assert code != 0 and "cannot read weights" in err, err
+    assert f"no replica loaded the model: the earlier results in {out} are kept as they were" in err, err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, err = run(capsys, src, "-o", out, "--model", good, *options)  # the earlier job, complete
+    assert code == 0 and "is already complete (2 lines: 2 done, 0 failed)" in err, err
+
+    code, err = run(capsys, src, "-o", out, "--model", good, *options, "--overwrite")  # the model loads: start over
+    assert code == 0 and len(runs) == 2, err
+    assert sorted(p.name for p in out.iterdir()) == ["_checkpoint", "job.batchllm-state", "run2_000000.jsonl"]

@@ -923,3 +923,44 @@ def test_a_copied_openai_job_is_the_same_job(tmp_path, capsys, tiny_model_factor
     errors = (copy / "out.errors.jsonl").resolve()
     assert json.loads(state_path_for(copy / "out.jsonl").read_text())["errors_file"] == str(errors)
     assert len(errors.read_text().splitlines()) == 1
+
+
+def test_a_ray_directory_set_aside_for_overwrite_is_restored_discarded_or_recovered(tmp_path):
+    """`run --ray --overwrite` sets the directory's results aside (deleted once a replica has loaded the model, put
+    back where none did); a process killed midway (`.moving` left) has its entries moved back by the next run."""
+    from batchllm.io.job import (
+        OVERWRITTEN,
+        discard_overwritten,
+        recover_overwrite,
+        restore_overwritten,
+        set_aside_for_overwrite,
+        tie_directory_to_job,
+    )
+
+    src, shards = tmp_path / "in.jsonl", tmp_path / "shards"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    tie_directory_to_job(shards, src, {"temperature": 0.0})
+    (shards / "_checkpoint").mkdir()
+    (shards / "_checkpoint" / "w.parquet").write_bytes(b"PAR1")
+    (shards / "w_000000.jsonl").write_text('{"id": "a", "text": "old"}\n')
+    contents = lambda: {str(p.relative_to(shards)): p.read_bytes() for p in shards.rglob("*") if p.is_file()}  # noqa: E731
+    before = contents()
+
+    set_aside_for_overwrite(shards)
+    assert [p.name for p in shards.iterdir()] == [OVERWRITTEN]
+    tie_directory_to_job(shards, src, {"temperature": 1.0})  # what is set aside is no result of the new job
+    assert restore_overwritten(shards) and contents() == before
+    assert not restore_overwritten(shards)  # (nothing set aside: nothing to do)
+
+    set_aside_for_overwrite(shards)
+    discard_overwritten(shards)
+    discard_overwritten(shards)  # (every replica calls it)
+    assert list(shards.iterdir()) == [] and not restore_overwritten(shards)
+
+    tie_directory_to_job(shards, src, {"temperature": 0.0})
+    (shards / "w_000000.jsonl").write_text('{"id": "a", "text": "old"}\n')
+    moving = shards / (OVERWRITTEN + ".moving")  # killed while setting aside: the shard moved, the state file not
+    moving.mkdir()
+    os.replace(shards / "w_000000.jsonl", moving / "w_000000.jsonl")
+    recover_overwrite(shards)
+    assert sorted(p.name for p in shards.iterdir()) == ["job.batchllm-state", "w_000000.jsonl"]
