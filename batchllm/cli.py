@@ -531,6 +531,19 @@ def check_reasoning_parser(args: argparse.Namespace) -> None:
     check_tokenizer(args.reasoning_parser, tokenizer.get_vocab())
 
 
+def checked_model(args: argparse.Namespace) -> ModelSource | None:
+    """--model as read (None: the default model, left for later: its first use converts it), checked before
+    anything is written or any engine starts: a bad model path or id, a config.json it cannot read, a context it
+    cannot hold, missing weights or tokenizer files, a -q the checkpoint contradicts (ModelLoadError, ValueError).
+    `run` and `run --ray` (where the driver sees the model) both check here."""
+    if args.model is None:
+        return None
+    source = read_model_source(args.model, args.max_model_len)
+    check_model_files(source, args.load_format, args.tokenizer, args.skip_tokenizer_init)
+    resolve_quantization(args.quantization, source.spec.quantization)
+    return source
+
+
 def read_chat_template_once(args: argparse.Namespace) -> None:
     """--chat-template read here, once: its text replaces the path in `args`, so that the engine, its
     workers and Ray's tasks get the template itself (not a file only this machine may hold), and a bad one
@@ -569,12 +582,7 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
     (`ResumeState.begin` in `_run_job`): a model that fails to load leaves the job's files as they were."""
     errors_path = args.errors_file or errors_path_for(args.output)
     try:
-        # a bad model path or id, or a context it cannot hold, fails before anything is written (the
-        # default model is left for later: its first use converts it; its GGUF sets no sampling defaults)
-        source = None if args.model is None else read_model_source(args.model, args.max_model_len)
-        if source is not None:
-            check_model_files(source, args.load_format, args.tokenizer, args.skip_tokenizer_init)
-            resolve_quantization(args.quantization, source.spec.quantization)  # (a -q the checkpoint contradicts)
+        source = checked_model(args)
         read_chat_template_once(args)
         check_reasoning_parser(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
@@ -785,8 +793,6 @@ def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, so
     """(the LLM, the input being read in the background), or the exit status of an engine that could not be
     built (named); with several engine processes they are spawned first of all (`_engine_processes`), and stopped
     at once if the build fails."""
-    from batchllm.parallel.data_parallel import WorkerDied
-
     workers = None
     try:
         config = engine_config(**{**engine_kwargs_from_args(args), "seed": args.seed or 0})  # --seed: lines', engine's
@@ -800,20 +806,27 @@ def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, so
         reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
                                 progress=not args.no_progress, template_defaults=args.default_chat_template_kwargs)
         return LLM.from_config(config, front, workers, facts), reading
-    except (ValueError, OSError, WorkerDied) as e:  # WorkerDied here: a worker could not build its engine
+    except BaseException as e:  # the workers stop now, not at exit
         if workers is not None:
             workers.shutdown()
-        return _fail(str(e))
-    except (RuntimeError, MemoryError) as e:
-        if workers is not None:
-            workers.shutdown()
-        if not cannot_allocate(e):  # a failure of ours: the unexpected-failure path (status 3, --debug)
+        if (problem := engine_start_problem(e)) is None:  # an interrupt, or a failure of ours (status 3, --debug)
             raise
-        return _fail(f"the engine could not start: {type(e).__name__}: {e}")
-    except BaseException:  # an interrupt, or a failure of ours: the workers stop now, not at exit
-        if workers is not None:
-            workers.shutdown()
-        raise
+        return _fail(problem)
+
+
+def engine_start_problem(error: BaseException) -> str | None:
+    """The one line `run` says (status 2) for an engine that could not be built because of `error`: the message of
+    a ValueError or OSError (a ModelLoadError: damaged or missing weights...) or of a data-parallel worker that could
+    not build its own (WorkerDied); "the engine could not start: <type>: <message>" where memory was refused
+    (`cannot_allocate`). None for anything else (a failure of the code, an interrupt): not a reason to give, raised.
+    `run --ray`'s replicas say the same (`ray.stages.EngineStartError`)."""
+    from batchllm.parallel.data_parallel import WorkerDied
+
+    if isinstance(error, (ValueError, OSError, WorkerDied)):  # WorkerDied: a worker could not build its engine
+        return str(error)
+    if cannot_allocate(error):
+        return f"the engine could not start: {type(error).__name__}: {error}"
+    return None
 
 
 def note_ignored_fields(ignored: dict[str, int], where: str = "") -> None:
