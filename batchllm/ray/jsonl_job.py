@@ -331,12 +331,15 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
     )
     from batchllm.io.job import discard_overwritten
     from batchllm.models.default_model import DEFAULT_MODEL_NAME
+    from batchllm.ray.stages import engine_start_failure
 
     if (done := _complete_job(args.output, args.input)) is not None:
         return _write_stats(args, {**done, "num_replicas": args.num_replicas}) or (
             EXIT_LINES_FAILED if done["num_errors"] else EXIT_OK)
     if not ray.is_initialized():
         ray.init(address=args.ray_address)  # None: a running cluster if there is one, else a local Ray
+    if problem := _unseen_model_problem(args):
+        return _fail(problem)
     names = response_shape(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
     loaded = functools.partial(discard_overwritten, args.output.resolve())  # (run on the replicas' nodes)
     with _signals_interrupt() as results_written:  # (called once every shard is written: a later signal is ignored)
@@ -349,6 +352,10 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         except Interrupted as e:
             _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
             return 128 + e.signum
+        except Exception as e:  # a replica (or tokenize task) that could not use the model says why, as `run` does
+            if (problem := engine_start_failure(e)) is None:
+                raise  # a failure of the code: the unexpected-failure path (status 3, --debug)
+            return _fail(problem)
     discard_overwritten(args.output)
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
@@ -360,6 +367,27 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
     if result["num_records"] == 0 and num_lines:
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
+
+
+def _unseen_model_problem(args) -> str | None:
+    """Why --model cannot be used, as `run` says it (`cli.checked_model`), where the driver could not see it
+    (`_job_config` checked any model it sees) and the Ray cluster is this node alone: its workers see the same
+    files, so the job would only fail there, after starting them. None where it may be used (or a cluster's
+    other nodes may hold it: their workers then say what is wrong, `stages.EngineStartError`)."""
+    import ray
+
+    from batchllm.cli import checked_model
+
+    if args.model is None or _driver_model_dir(args.model) is not None:
+        return None
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) != 1 or nodes[0].get("NodeID") != ray.get_runtime_context().get_node_id():
+        return None
+    try:
+        checked_model(args)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
 
 
 def _complete_job(output_dir: Path, input_path: Path) -> dict | None:
@@ -395,14 +423,19 @@ def _ray_stats_problem(args) -> str | None:
 def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
     """(the processor's config, the run's sampling defaults, those the model gave) of `run --ray`'s arguments, with
     what the driver can check before the job (ValueError, OSError): the chat template read (its text travels to the
-    tasks and actors, not the path), the reasoning parser against a tokenizer the driver can read."""
-    from batchllm.cli import check_reasoning_parser, read_chat_template_once, resolve_sampling_defaults
+    tasks and actors, not the path); a model the driver can read, as `run` checks it (`cli.checked_model`: a bad
+    config, missing weights or tokenizer fail here, no Ray started), and the reasoning parser against its tokenizer.
+    A model only the workers' nodes hold is left to them (`_unseen_model_problem`, `stages.EngineStartError`)."""
+    from batchllm.cli import check_reasoning_parser, checked_model, read_chat_template_once, resolve_sampling_defaults
     from batchllm.options import engine_kwargs_from_args
 
     read_chat_template_once(args)
-    if args.model is None or _driver_model_dir(args.model) is not None:
+    model_dir = _driver_model_dir(args.model)
+    if model_dir is not None:  # what `run` checks of the model (config, weights, tokenizer), before Ray starts
+        checked_model(args)
+    if args.model is None or model_dir is not None:
         check_reasoning_parser(args)
-    defaults, from_model = resolve_sampling_defaults(args, _driver_model_dir(args.model))
+    defaults, from_model = resolve_sampling_defaults(args, model_dir)
     engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
     named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}
     config = ProcessorConfig(**named, engine_kwargs=engine, num_replicas=args.num_replicas,

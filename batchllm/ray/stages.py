@@ -13,6 +13,7 @@ before the output; the columns below are the output's. Nothing here imports ray 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,6 +51,58 @@ KV cache holds), whatever the config's default. A null max_tokens among its samp
 null is "not given" (Arrow fills a key a row lacks with null)."""
 
 
+# ---------------------------------------------------------------------- a model that cannot be used
+START_FAILURE = "batchllm-engine-start-failure: "
+"""What begins an `EngineStartError`'s JSON in Ray's text of a failed task or actor."""
+
+
+class EngineStartError(RuntimeError):
+    """A worker could not use the model (damaged or missing weights, a missing tokenizer, memory refused): raised
+    from the original error, with `run`'s one-line reason for it (`cli.engine_start_problem`) as JSON after
+    START_FAILURE. Ray keeps only the text of an actor's failed creation (ActorDiedError), so the driver finds the
+    reason there (`engine_start_failure`); the traceback above it still shows the original error. Picklable (Ray
+    sends it to the driver), as its arguments are kept."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(START_FAILURE + json.dumps({"where": where, "problem": problem}))
+        self.where, self.problem = where, problem
+
+    def __reduce__(self):
+        return type(self), (self.where, self.problem)
+
+
+@contextlib.contextmanager
+def _engine_start(where: str):
+    """Builds what uses the model's files on this worker (`where` it is, for the message): an error that means the
+    model cannot be used here (`cli.engine_start_problem`) becomes an `EngineStartError`; any other (a failure of
+    the code, an interrupt) passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        from batchllm.cli import engine_start_problem
+
+        if (problem := engine_start_problem(e)) is None:
+            raise
+        raise EngineStartError(where, problem) from e
+
+
+def engine_start_failure(error: BaseException) -> str | None:
+    """`run`'s one-line reason why a worker could not use the model, where `error` (as Ray raises it on the driver:
+    ActorDiedError, a RayTaskError, Ray Data's wrappers, through their causes) carries an `EngineStartError`;
+    else None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for line in str(error).splitlines():
+            if (at := line.find(START_FAILURE)) >= 0:
+                try:  # (the JSON object, whatever Ray's text puts after it)
+                    return json.JSONDecoder().raw_decode(line, at + len(START_FAILURE))[0]["problem"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+        error = error.__cause__ or error.__context__
+    return None
+
+
 # ---------------------------------------------------------------------- stage 1: tokenize (CPU)
 @lru_cache(maxsize=4)
 def _prompt_processor(model: str | None, tokenizer: str | None, max_model_len: int | None, max_logprobs: int,
@@ -68,9 +121,10 @@ def tokenize_batch(batch, *, config: ProcessorConfig, preprocess: Callable | Non
     message in `error` (and empty internal columns) and travels on, so the output has every row."""
     import pyarrow as pa
 
-    prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len, config.max_logprobs(),
-                                config.engine_kwargs.get("chat_template"),
-                                config.engine_kwargs.get("generation_config", "auto"))
+    with _engine_start("the tokenize stage"):  # (the model's files, not a row: every task would meet it)
+        prompts = _prompt_processor(config.model, config.tokenizer, config.max_model_len, config.max_logprobs(),
+                                    config.engine_kwargs.get("chat_template"),
+                                    config.engine_kwargs.get("generation_config", "auto"))
     defaults = config.sampling_defaults()
     tokens, sampling, keys, buckets, errors = [], [], [], [], []
     for row in batch.to_pylist():
@@ -224,7 +278,8 @@ class EngineReplica:
 
         self.config = config
         self.postprocess = postprocess
-        self.llm = LLM(config.model, **config.engine_options())
+        with _engine_start("a replica"):
+            self.llm = LLM(config.model, **config.engine_options())
         if on_loaded is not None:
             on_loaded()
         # a record writer that reads tokens (the CLI's) is handed this engine's tokenizer

@@ -225,3 +225,110 @@ def test_overwrite_with_a_model_the_replicas_cannot_load_keeps_the_earlier_shard
     assert main([*args, "--model", good, "--overwrite"]) == 0
     after = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
     assert not any(str(p).startswith(".batchllm-overwritten") for p in after) and after != set(before)
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("batchllm: error:")]
+
+
+def test_a_model_the_replicas_cannot_build_fails_as_run_without_ray_does(ray_session, tmp_path, tiny_model_factory,
+                                                                          capsys):
+    """A replica whose engine could not be built (here a tensor missing from the weights, which only loading finds)
+    ended `run --ray` with status 3 and Ray's ActorDiedError text; it now ends as `run` does: status 2 and the one
+    line naming the cause, and the earlier shards of an --overwrite are kept."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from batchllm.cli import main
+
+    bad = tmp_path / "bad-model"
+    shutil.copytree(tiny_model_factory("llama"), bad)
+    for weights in bad.glob("*.safetensors"):
+        tensors = load_file(weights)
+        del tensors["model.norm.weight"]
+        save_file(tensors, weights)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "ab"))
+    options = ["--model", str(bad), "--max-tokens", "2", "--device", "cpu", "--no-progress"]
+    capsys.readouterr()
+    assert main(["run", str(src), "-o", str(tmp_path / "out.jsonl"), *options]) == 2
+    without_ray = _error_lines(capsys.readouterr().err)
+    assert len(without_ray) == 1 and "lacks weights: model.norm.weight" in without_ray[0]
+    out = tmp_path / "shards"
+    assert main(["run", str(src), "-o", str(out), "--ray", *options]) == 2
+    assert _error_lines(capsys.readouterr().err) == without_ray
+    (out / "part-0.jsonl").write_text('{"id": "a", "text": "kept"}\n')  # (an earlier job's shard: --overwrite keeps it)
+    assert main(["run", str(src), "-o", str(out), "--ray", "--overwrite", *options]) == 2
+    err = capsys.readouterr().err
+    assert _error_lines(err) == without_ray and "the earlier results in" in err
+    assert (out / "part-0.jsonl").read_text() == '{"id": "a", "text": "kept"}\n'
+
+
+def test_what_the_driver_can_check_of_the_model_fails_before_ray_starts(tmp_path, tiny_model_factory, monkeypatch,
+                                                                        capsys):
+    """A model directory the driver reads is checked as `run` checks it (config, weight files, tokenizer files)
+    before Ray starts: the same status and line as without --ray, no Ray actor started."""
+    import shutil
+
+    import ray
+
+    from batchllm.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_ray)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "Hi"}) + "\n")
+    no_weights, no_tokenizer = tmp_path / "no-weights", tmp_path / "no-tokenizer"
+    for model, remove in ((no_weights, "*.safetensors"), (no_tokenizer, "tokenizer*")):
+        shutil.copytree(tiny_model_factory("llama"), model)
+        for path in model.glob(remove):
+            path.unlink()
+    for model in (no_weights, no_tokenizer):
+        options = ["--model", str(model), "--max-tokens", "2", "--device", "cpu", "--no-progress"]
+        capsys.readouterr()
+        assert main(["run", str(src), "-o", str(tmp_path / "out.jsonl"), *options]) == 2
+        without_ray = _error_lines(capsys.readouterr().err)
+        assert len(without_ray) == 1, without_ray
+        assert main(["run", str(src), "-o", str(tmp_path / f"shards-{model.name}"), "--ray", *options]) == 2
+        assert _error_lines(capsys.readouterr().err) == without_ray, model.name
+
+
+def test_a_model_path_that_does_not_exist_fails_as_run_without_ray_does(ray_session, tmp_path, capsys):
+    """A path the driver cannot see may be one the workers' nodes hold; on a Ray cluster of this node alone it is
+    checked once Ray runs, before the job: `run`'s status and line (it was status 3, from the tokenize tasks)."""
+    from batchllm.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "Hi"}) + "\n")
+    options = ["--model", str(tmp_path / "no-such-model"), "--max-tokens", "2", "--device", "cpu", "--no-progress"]
+    assert main(["run", str(src), "-o", str(tmp_path / "out.jsonl"), *options]) == 2
+    without_ray = _error_lines(capsys.readouterr().err)
+    assert len(without_ray) == 1 and "does not exist" in without_ray[0]
+    assert main(["run", str(src), "-o", str(tmp_path / "shards"), "--ray", *options]) == 2
+    assert _error_lines(capsys.readouterr().err) == without_ray
+
+
+def test_a_worker_that_cannot_use_the_model_says_why_through_ray_s_text():
+    """Ray keeps only the text of an actor's failed creation: `EngineStartError` carries `run`'s line for a model
+    that cannot be used (memory refused: "the engine could not start: ..."), survives pickling, and is found in
+    that text; a failure of the code passes unchanged (status 3 then, as without --ray)."""
+    import pickle
+
+    import torch
+
+    from batchllm.ray.stages import EngineStartError, _engine_start, engine_start_failure
+
+    with pytest.raises(EngineStartError) as raised, _engine_start("a replica"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    copy = pickle.loads(pickle.dumps(raised.value))
+    wrapped = RuntimeError(f"The actor died because of an error raised in its creation task, ...\n  File x\n"
+                           f"batchllm.ray.stages.EngineStartError: {copy}\n")
+    assert engine_start_failure(wrapped) == (
+        "the engine could not start: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(KeyError), _engine_start("a replica"):
+        raise KeyError("a bug")
+    assert engine_start_failure(RuntimeError("The actor died unexpectedly")) is None
