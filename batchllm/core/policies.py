@@ -83,8 +83,9 @@ def output_budget(num_tokens: int, max_tokens: int | None, num_output_tokens: in
 class MemoryAdmission:
     """Admit while the projected KV footprint of everything admitted fits `threshold` x the pool.
 
-    A request's projection: blocks for its own tokens (past the fork point) plus its expected
-    output, plus one block for a copy-on-write partial block; a shared prefix counts once. A
+    A request's projection: the blocks of its table for its tokens and its expected output, less the
+    full blocks it shares with its prefix (a copy-on-write copy of the prefix's partial block is one of its
+    own); a shared prefix counts once. A
     prefix is admitted with its whole group (every member and nested group is charged then, and
     admitted later without a second check, but for a nested prefix while the charged total is over
     the budget: `can_open_subgroup`). Each request's share is released when it finishes or is
@@ -101,10 +102,13 @@ class MemoryAdmission:
         self.projected_blocks = 0
 
     def projection(self, request: Request) -> int:
-        own = request.num_tokens - request.fork_point
+        """Blocks the request holds at most beside its prefixes: its table for its tokens (and, but for a prefix,
+        its expected output) less the full blocks it shares with its parent. Its copy of the parent's partial last
+        block is one of those table blocks (it held one more here, +1 on top, charged twice)."""
+        end = request.num_tokens
         if not request.is_prefix:
-            own += expected_output_tokens(request, self.max_model_len, self.unbounded_output_estimate)
-        return -(-own // self.block_size) + (1 if request.parent is not None else 0)
+            end += expected_output_tokens(request, self.max_model_len, self.unbounded_output_estimate)
+        return -(-end // self.block_size) - request.fork_point // self.block_size
 
     def can_admit(self, request: Request, nothing_running: bool) -> bool:
         if nothing_running or request.projected_blocks > 0:  # nothing to wait for, or charged already

@@ -287,8 +287,8 @@ def test_a_group_larger_than_the_pool_works_its_nested_groups_depth_first(num_bl
     def check(s):
         open_nested.append(sum(p.is_prefix and p.parent is not None for p in s.running + s.ready_prefixes))
 
-    unshared, *_ = run(prompts, sharing=False, num_blocks=num_blocks, max_tokens=6, budget=64)
-    out, sched, _, plan = run(prompts, sharing=True, num_blocks=num_blocks, max_tokens=6, budget=64, check=check)
+    unshared, *_ = run(prompts, sharing=False, num_blocks=num_blocks, max_tokens=7, budget=64)
+    out, sched, _, plan = run(prompts, sharing=True, num_blocks=num_blocks, max_tokens=7, budget=64, check=check)
     assert sum(g.parent is not None for g in plan.groups) == 10
     assert out == unshared
     assert sched.stats.num_prefix_releases == 0, "no prefix is computed twice"
@@ -376,3 +376,30 @@ def test_a_member_needing_the_whole_pool_shares_a_prefix_that_ends_on_a_block_bo
     unshared, *_ = run(prompts, sharing=False, num_blocks=8, max_tokens=22)
     assert shared == unshared
     assert not any(b.block_copies for b in ex.batches)
+
+
+@pytest.mark.parametrize("prefix_len", [10, 8])
+def test_a_member_is_charged_the_blocks_it_holds_beside_its_prefix(prefix_len, monkeypatch):
+    """Regression: a member's charge was its tokens past the fork point in blocks plus one for the copy of the
+    prefix's partial block, which is already one of those blocks when the fork point is inside a block, and
+    needed by no one when it ends on a boundary: one block too many either way, so groups that fit were taken for
+    larger than the pool. The charge is now the most blocks the member holds beside its prefix's full blocks."""
+    prefix = list(range(1, prefix_len + 1))
+    prompts = [prefix + [50 + i, 60 + i, 70 + i] for i in range(3)]
+    held, charged = {}, {}
+    allocate = KVCacheManager.allocate_slots
+
+    def allocate_and_record(kv, request_id, total_tokens):
+        ok = allocate(kv, request_id, total_tokens)
+        if request_id.startswith("r"):
+            held[request_id] = max(held.get(request_id, 0), len(kv.block_table(request_id)) - prefix_len // 4)
+        return ok
+
+    def check(sched):
+        charged.update((r.request_id, r.projected_blocks) for r in sched.running if not r.is_prefix)
+
+    monkeypatch.setattr(KVCacheManager, "allocate_slots", allocate_and_record)
+    out, *_ = run(prompts, sharing=True, num_blocks=40, max_tokens=7, budget=64, check=check)
+    assert charged == held == {f"r{i}": 3 for i in range(3)}  # 13 or 11 tokens and 7 outputs: 5 blocks, 2 shared
+    unshared, *_ = run(prompts, sharing=False, num_blocks=40, max_tokens=7, budget=64)
+    assert out == unshared
