@@ -65,14 +65,6 @@ GROUP_ORDERS: dict[str, type] = {o.name: o for o in (ArrivalOrder, PrefillLength
 UNBOUNDED_OUTPUT_ESTIMATE = 512
 """Output tokens planned for a request without max_tokens (admission and ordering alike)."""
 
-MEMBER_LOOKAHEAD = 0.4
-"""Over budget, a member starts when the pool holds it and the running work through this fraction of its planned
-steps (`MemoryAdmission.fits_ahead`); past that it may be preempted. Chosen by measurement (tiny model, CPU, 48
-outputs, fake runner; 16 documents of six questions in 48 blocks, 64 in 40): unchecked, 1,625 and 12,608 steps,
-35 and 272 preemptions, 1,579 and 11,414 tokens recomputed; 0.4, 1,558 and 12,536 steps, 19 and 139 preemptions,
-1,001 and 7,227 recomputed; 1.0 (worst case), none, but 1,591 and 14,037 steps (members ran in waves); 0.5 ran 3%
-more steps on the second."""
-
 
 def expected_output_tokens(request: Request, max_model_len: int, cap: int = UNBOUNDED_OUTPUT_ESTIMATE) -> int:
     """The output length admission plans for: max_tokens, or at most `cap` when unbounded."""
@@ -95,8 +87,8 @@ class MemoryAdmission:
     full blocks it shares with its prefix (a copy-on-write copy of the prefix's partial block is one of its
     own); a shared prefix counts once. A
     prefix is admitted with its whole group (every member and nested group is charged then, and
-    admitted later without a second check while the charged total fits; over it, where the pool holds
-    it ahead: `fits_ahead`). Each request's share is released when it finishes or is
+    admitted later without a second check, but for a nested prefix while the charged total is over
+    the budget: `can_open_subgroup`). Each request's share is released when it finishes or is
     preempted, and a prefix's when it is released. Work is always admitted when nothing is running,
     so the batch moves.
     """
@@ -132,49 +124,42 @@ class MemoryAdmission:
             r.projected_blocks = self.projection(r)
             self.projected_blocks += r.projected_blocks
 
-    @property
-    def over_budget(self) -> bool:
-        """The charged total is over the budget: a group larger than the pool was admitted (nothing ran)."""
-        return self.projected_blocks > self.capacity
+    def group_blocks(self, request: Request) -> int:
+        """The projection of a request and, for a prefix, of its members and nested groups not started
+        yet (`pending_members`): its charge where it has one, else what it would be charged."""
+        total, stack = 0, [request]
+        while stack:
+            r = stack.pop()
+            total += r.projected_blocks or self.projection(r)
+            stack.extend(r.pending_members)
+        return total
 
-    def planned_steps(self, request: Request) -> int:
-        """Steps a started request still runs, as planned: the outputs left to it (max_tokens or the context, at
-        most the unbounded estimate without max_tokens), its pending ones counted as made."""
-        outputs = request.max_output_tokens
-        if request.sampling_params.max_tokens is None:
-            outputs = min(outputs, self.unbounded_output_estimate)
-        return max(0, request.num_prompt_tokens + outputs - request.num_tokens)
+    def can_open_subgroup(self, prefix: Request, open_work: Iterable[Request], nothing_running: bool) -> bool:
+        """Whether a nested prefix, charged with the group it belongs to, may start now. While the charged
+        total fits, always: a group that fits starts its nested groups as soon as they are ready. Over it (a
+        group larger than the pool, admitted because nothing ran), only when nothing runs or its own group
+        fits beside the open work: the running requests and READY prefixes, each with the members it has
+        not started (`group_blocks`). So such a group is worked a few nested groups at a time, at least one
+        (siblings started together outgrew the pool, were released and recomputed). It never stalls the
+        batch: what runs ends or is preempted, and a step where nothing can run releases the idle READY
+        prefixes (`Scheduler.schedule`), after which nothing runs and the prefix starts."""
+        if nothing_running or self.projected_blocks <= self.capacity:
+            return True
+        return self.open_blocks(open_work) + self.group_blocks(prefix) <= self.capacity
 
-    def fits_ahead(self, candidate: Request | None, running: Iterable[Request], table_len, free_blocks: int,
-                   reserve: int = 0, lookahead: float = MEMBER_LOOKAHEAD) -> bool:
-        """Whether `candidate` (a member about to fork, or None) can start beside `running` and `reserve` more
-        blocks without the pool running out within `lookahead` x its planned steps. Each running request grows one
-        token a step to its planned end (`planned_steps`) and frees its own blocks (its table, `table_len`, less
-        the full blocks it shares with its prefix) one step later (its last token is collected in the next step);
-        a running prefix grows to its prompt and stays. The pool's use peaks just before a release, so it is
-        checked there and at the horizon: O(running x releases within the horizon). Used only over budget."""
-        bs, free, plans = self.block_size, free_blocks - reserve, []
-        for r in running:
-            shared, table = r.fork_point // bs, table_len(r)
-            if r.is_prefix:
-                free -= -(-r.num_prompt_tokens // bs) - table
+    def open_blocks(self, open_work: Iterable[Request]) -> int:
+        """The sum of `group_blocks` over `open_work`, walking only the entries with members not started: the
+        others (every running member: almost all of the open work) are their own charge (`group_blocks` of an
+        entry without pending members, inlined). Called once a step in a group larger than the pool; its
+        `group_blocks` calls, one a running request, were 5% of a 50k-line job's main thread."""
+        total = 0
+        group_blocks, projection = self.group_blocks, self.projection
+        for r in open_work:
+            if r.pending_members:
+                total += group_blocks(r)
             else:
-                plans.append((r.num_tokens, self.planned_steps(r), shared, table - shared))
-        horizon = 0
-        if candidate is not None:
-            steps = self.planned_steps(candidate)
-            plans.append((candidate.num_tokens, steps, candidate.fork_point // bs, 0))
-            horizon = int(lookahead * steps)
-        for k in sorted({left for _, left, _, _ in plans if left <= horizon} | {0, horizon}):
-            extra = 0  # blocks the running requests (and the candidate) hold at step k beyond what they hold now
-            for tokens, left, shared, held in plans:
-                if left >= k:
-                    extra += max(0, -(-(tokens + min(k, left - 1)) // bs) - shared - held)
-                else:
-                    extra -= held
-            if extra > free:
-                return False
-        return True
+                total += r.projected_blocks or projection(r)
+        return total
 
     @staticmethod
     def _uncharged_group(request: Request) -> list[Request]:

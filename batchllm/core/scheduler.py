@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain
 
 from batchllm.config import SchedulerConfig
 from batchllm.core import prompt_logprobs
@@ -286,8 +287,11 @@ class Scheduler:
         cap = self.config.max_num_seqs
         while queue and budget > 0 and (cap is None or len(self.running) < cap):
             request = queue[0]
-            if request.num_pending_tokens or not self._may_start(request):
+            if request.num_pending_tokens or not self.admission.can_admit(request, nothing_running=not self.running):
                 break  # (a request preempted with a token in flight waits for its value)
+            if request.is_prefix and request.parent is not None and not self.admission.can_open_subgroup(
+                    request, chain(self.running, self.ready_prefixes), nothing_running=not self.running):
+                break  # (its group outgrew the pool: it waits for its siblings to free memory)
             copy = None
             if request.parent is not None:
                 ok, copy = self.kv.fork(request.request_id, request.parent.request_id, request.fork_point)
@@ -311,25 +315,6 @@ class Scheduler:
                 copies.append(copy)
             budget -= num_new
         return budget
-
-    def _may_start(self, request: Request) -> bool:
-        """Whether the admission policy lets `request` start now. Within the budget, or for top-level work, its
-        charge decides (`can_admit`). Over it (a group larger than the pool, admitted because nothing ran), a
-        member or nested prefix starts when nothing runs or the pool holds it beside the running work ahead
-        (`fits_ahead`): a member through part of its output (`MEMBER_LOOKAHEAD`: past that it may be preempted), a
-        nested prefix with its first member through all of that member's, so a nested group is opened only where
-        its members can follow. Unchecked, every member started at once, outgrew the pool and was preempted and
-        recomputed over and over; checked to the end (worst case), members ran in waves and the steps grew."""
-        admission = self.admission
-        if not self.running or request.parent is None or not admission.over_budget:
-            return admission.can_admit(request, nothing_running=not self.running)
-        kv = self.kv
-        table_len = lambda r: len(kv.block_table(r.request_id))  # noqa: E731
-        if not request.is_prefix:
-            return admission.fits_ahead(request, self.running, table_len, kv.num_free_blocks)
-        own = kv.blocks_for(request.num_prompt_tokens) - request.fork_point // kv.block_size
-        first = request.pending_members[0] if request.pending_members else None
-        return admission.fits_ahead(first, self.running, table_len, kv.num_free_blocks, reserve=own, lookahead=1.0)
 
     def _num_new_tokens(self, request: Request, budget: int, num_tokens: int) -> int:
         """Tokens of the request this step can compute within `budget`; num_tokens: its `num_tokens`."""
