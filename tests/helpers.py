@@ -63,6 +63,24 @@ def make_tiny_model(name: str, out_dir: Path, *, tokenizer_dir: Path | None = No
     return out_dir
 
 
+def with_kv_scales(model_dir: Path, k_scale: float, v_scale: float, num_layers: int = 2) -> Path:
+    """Give a tiny model's checkpoint per-layer k/v scales, and a quantization_config that loads them: FP8 with
+    every linear layer ignored, so the weights stay as they were (as in vLLM, only an FP8 model loads k/v scales;
+    FP8 activations would change the tokens). Returns model_dir."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    linears = [f"model.layers.{i}.{m}" for i in range(num_layers) for m in ("self_attn.q_proj", "self_attn.k_proj",
+               "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": linears}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    save_file({f"model.layers.{i}.self_attn.{n}": torch.tensor(s) for i in range(num_layers) for n, s in
+               (("k_scale", k_scale), ("v_scale", v_scale))}, str(model_dir / "kv-scales.safetensors"))
+    return model_dir
+
+
 def keys_attended(first: int, end: int) -> int:
     """Keys read by the tokens at positions first .. end - 1, each its position + 1 (causal attention:
     what `SchedulerStats.attended_keys` adds up)."""

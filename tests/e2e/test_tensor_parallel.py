@@ -5,6 +5,7 @@ import pytest
 
 from batchllm import LLM, SamplingParams
 from batchllm.models.spec import ModelLoadError
+from tests.helpers import with_kv_scales
 
 pytestmark = pytest.mark.slow
 
@@ -51,21 +52,11 @@ def test_fp8_kv_cache_with_checkpoint_scales_over_two_ranks(tiny_model_factory, 
     are the same on every rank: two ranks give one process's tokens. The checkpoint's quantization_config is FP8
     with every linear layer ignored: its scales load (as in vLLM, only an FP8 model loads them) while the weights
     stay float32, whose products do not depend on the split (FP8 activations would be quantized per shard)."""
-    import json
     import shutil
-
-    import torch
-    from safetensors.torch import save_file
 
     model_dir = tmp_path / "scaled"
     shutil.copytree(tiny_model_factory("llama"), model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    linears = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj",
-               "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": linears}
-    (model_dir / "config.json").write_text(json.dumps(config))
-    save_file({f"model.layers.{i}.self_attn.{n}": torch.tensor(s) for i in range(2) for n, s in
-               (("k_scale", 0.5), ("v_scale", 2.0))}, str(model_dir / "kv-scales.safetensors"))
+    with_kv_scales(model_dir, 0.5, 2.0)
     llm = LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_dtype="fp8", max_model_len=256)
     assert llm.engine.model.kv_scales[:, :2].tolist() == [[0.5, 2.0], [0.5, 2.0]], "the checkpoint's scales load"
     llm.shutdown()

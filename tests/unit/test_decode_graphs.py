@@ -17,6 +17,7 @@ from batchllm.attention.triton_backend import COUNT_SLOT, ITEM_FIELDS, TritonBac
 from batchllm.attention.work_items import WorkItems
 from batchllm.runner.cuda_graphs import capture_sizes
 from tests.attention_cases import group_decode, random_case
+from tests.helpers import with_kv_scales
 from tests.unit.test_work_items import run_plan_in_torch
 
 
@@ -217,15 +218,12 @@ def test_fp8_cache_through_the_graph_buffers_gives_the_reference_tokens(tiny_mod
     the same fp8 cache; the shared prefix's partial block is copied as bytes (copy-on-write)."""
     import shutil
 
-    from safetensors.torch import save_file
-
     from batchllm import LLM, SamplingParams
     from batchllm.layers.triton_ops import TritonOps
 
     model_dir = tmp_path / "scaled"
     shutil.copytree(tiny_model_factory("llama"), model_dir)
-    save_file({f"model.layers.{i}.self_attn.{n}": torch.tensor(s) for i in range(2) for n, s in
-               (("k_scale", 0.5), ("v_scale", 2.0))}, str(model_dir / "kv-scales.safetensors"))
+    with_kv_scales(model_dir, 0.5, 2.0)  # (with a quantization_config that loads them, all its linears ignored)
     shared = list(range(100, 140))
     prompts = [shared + [7 + i, 300 + i] for i in range(4)] + [list(range(500, 520))]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 9, 5, 7, 6)]
