@@ -32,12 +32,20 @@ _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16")  # kv_quan
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
-           above: float | None = None, at_most: float | None = None) -> Any:
+           above: float | None = None, at_most: float | None = None, refused: dict[str, str] | None = None) -> Any:
     """A config field declared once: its default, its help text (shown by `--help`), and the values
     it may take (choices, or bounds: >= at_least, > above, <= at_most; None is always allowed where
-    the default is None), checked when the config is built; the CLI offers the choices."""
-    limits = dict(choices=None if choices is None else tuple(choices), at_least=at_least, above=above, at_most=at_most)
+    the default is None), checked when the config is built; the CLI offers the choices. refused: values vLLM
+    takes that are not choices here, each with the reason given (by the config and by the CLI) instead of the
+    bare list of choices."""
+    limits = dict(choices=None if choices is None else tuple(choices), at_least=at_least, above=above, at_most=at_most,
+                  refused=refused)
     return field(default=default, metadata={"help": help, **{k: v for k, v in limits.items() if v is not None}})
+
+
+def refused_value_message(name: str, value: Any, reason: str) -> str:
+    """What a refused value (`option`'s refused) is told, by the config and by the CLI alike."""
+    return f"{name}={value!r} is not supported: {reason}"
 
 
 class _Checked:
@@ -48,6 +56,8 @@ class _Checked:
             value, m = getattr(self, f.name), f.metadata
             if value is None and f.default is None:
                 continue
+            if value in m.get("refused", ()):
+                raise ValueError(refused_value_message(f.name, value, m["refused"][value]))
             if "choices" in m and value not in m["choices"]:
                 none = " or None" if f.default is None else ""  # a None default is always accepted (above)
                 raise ValueError(f"{f.name} must be one of {m['choices']}{none}, got {value!r}")
@@ -191,18 +201,14 @@ class CacheConfig(_Checked):
                                        "use it to force preemption)", at_least=1)
     kv_cache_dtype: str = option("auto", "element type of the KV cache; auto: the model's dtype (fp8 where the "
                                  "checkpoint declares an FP8 cache: compressed-tensors' kv_cache_scheme, as vLLM); "
-                                 "fp8 (= fp8_e4m3): float8_e4m3fn with a per-layer k/v scale (the checkpoint's "
-                                 "k_scale/v_scale, else 1.0), half the bytes of a 16-bit cache per token, so twice "
-                                 "the tokens fit; bfloat16 / float16: the model's dtype, which must be that one "
-                                 "(vLLM's way to keep such a checkpoint's cache unquantized)", choices=_KV_CACHE_DTYPES)
-
-    def __post_init__(self) -> None:
-        """vLLM's fp8_e5m2 cache is refused by name before the choice check: the fp8 cache here is e4m3 only."""
-        if self.kv_cache_dtype == "fp8_e5m2":
-            raise ValueError(f"kv_cache_dtype='fp8_e5m2' is not supported: the fp8 KV cache here stores "
-                             f"float8_e4m3fn only (its store and attention kernels are built for e4m3); give 'fp8' "
-                             f"(= 'fp8_e4m3') or another of {_KV_CACHE_DTYPES}")
-        super().__post_init__()
+                                 "fp8 (= fp8_e4m3): float8_e4m3fn with a per-layer k/v scale (an FP8 model's "
+                                 "checkpoint k_scale/v_scale, else 1.0), half the bytes of a 16-bit cache per token, "
+                                 "so twice the tokens fit; bfloat16 / float16: the model's dtype, which must be that "
+                                 "one (vLLM's way to keep such a checkpoint's cache unquantized)",
+                                 choices=_KV_CACHE_DTYPES,
+                                 refused={"fp8_e5m2": "the fp8 KV cache here stores float8_e4m3fn only (its store and "
+                                          "attention kernels are built for e4m3); give 'fp8' (= 'fp8_e4m3') or "
+                                          f"another of {_KV_CACHE_DTYPES}"})
 
     @property
     def sized_from_memory(self) -> bool:

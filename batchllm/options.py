@@ -18,12 +18,12 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
 from decimal import Decimal
 from typing import Any
 
-from batchllm.config import EngineConfig
+from batchllm.config import EngineConfig, refused_value_message
 from batchllm.sampling_params import among
 from batchllm.vllm_engine_args import VLLM_026_NOT_TAKEN
 
@@ -156,6 +156,7 @@ class EngineOption:
     default: Any
     help: str
     choices: tuple | None
+    refused: dict[str, str] | None = None  # values vLLM takes that are refused here, each with the reason
 
 
 @functools.cache
@@ -169,7 +170,7 @@ def engine_options() -> dict[str, EngineOption]:
                 raise TypeError(f"{config_class.__name__}.{f.name}: declare each option once, with config.option")
             base, optional = _base_type(hints[f.name])
             options[f.name] = EngineOption(f.name, section, base, optional, f.default, f.metadata["help"],
-                                           f.metadata.get("choices"))
+                                           f.metadata.get("choices"), f.metadata.get("refused"))
     return options
 
 
@@ -498,9 +499,29 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
             value_type = human_readable_int_or_auto if option.optional else human_readable_int
         elif option.name in CASE_FOLDED:
             value_type = str.lower
+        if option.refused:
+            value_type = _refusing(value_type, option)
         action = group.add_argument(*flags, dest=option.name, type=value_type, choices=option.choices, default=default)
     # set after: BooleanOptionalAction adds its own; a literal % in the text is escaped for argparse's % formatting
     action.help = option.help.replace("%", "%%") + " (default: %(default)s)"
+    for key, (name, convert) in VLLM_CONVERTED.items():  # vLLM's flag for it in other units (--kv-cache-memory-bytes)
+        if name == option.name:
+            group.add_argument("--" + key.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                               type=lambda text, convert=convert: convert(human_readable_int(text)),
+                               help=f"vLLM's spelling of {flags[0]}, in bytes (4G = 4 GiB)")
+
+
+def _refusing(value_type: Callable[[str], Any], option: EngineOption) -> Callable[[str], Any]:
+    """`value_type` for a flag whose option refuses some values (`config.option`'s refused): argparse says the
+    reason the config gives, where its choice check would only list the choices."""
+    def parse(text: str) -> Any:
+        value = value_type(text)
+        if value in option.refused:
+            raise argparse.ArgumentTypeError(refused_value_message(option.name, value, option.refused[value]))
+        return value
+
+    parse.__name__ = getattr(value_type, "__name__", "value")  # (argparse names the type in its errors)
+    return parse
 
 
 def dashed_flag_names(argv: list[str]) -> list[str]:

@@ -54,6 +54,25 @@ def test_fp8_e5m2_is_refused_by_name_at_construction():
     assert engine_config(kv_cache_dtype="fp8_e4m3").cache.kv_cache_dtype == "fp8_e4m3"
 
 
+@pytest.mark.parametrize("command", ["run", "bench", "engine_args"])
+def test_fp8_e5m2_is_refused_by_name_on_the_command_line_too(command, capsys):
+    """The flag's choices come from the option, so argparse refused fp8_e5m2 with only 'invalid choice' before the
+    config's reason could be given; every command line now says the config's reason."""
+    from batchllm.cli import build_parser
+    from batchllm.engine_args import EngineArgs
+
+    if command == "engine_args":
+        parser, words = EngineArgs.add_cli_args(argparse.ArgumentParser()), []
+    else:
+        parser, words = build_parser(), [command] + (["in.jsonl", "-o", "out.jsonl"] if command == "run" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(words + ["--kv-cache-dtype", "fp8_e5m2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "kv_cache_dtype='fp8_e5m2' is not supported: the fp8 KV cache here stores float8_e4m3fn only" in err
+    assert parser.parse_args(words + ["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
+
+
 def test_quantize_round_trip_is_within_e4m3_precision_and_clamps():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(4096, generator=g) * 3, torch.randn(64, generator=g) * 2.0**-10])  # + subnormals

@@ -705,3 +705,20 @@ def test_abbreviations_are_taken_as_vllm_takes_them_and_an_ambiguous_one_is_refu
                                           "--model-class-overrides, ") in err, err
         assert err.rstrip().endswith("write the whole flag (an abbreviation is taken only where it begins one flag, "
                                      "as on vLLM's command line)"), err
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "engine_args"])
+def test_vllms_kv_cache_memory_bytes_flag_is_taken_as_the_keyword_is(command):
+    """`LLM(kv_cache_memory_bytes=...)` and EngineArgs' field were taken, but the flag was refused as unknown
+    ('did you mean --kv-cache-memory-gib?') by run, bench and add_cli_args: it now sets the same option, in bytes."""
+    from batchllm.engine_args import EngineArgs
+
+    if command == "engine_args":
+        parser, words = EngineArgs.add_cli_args(argparse.ArgumentParser()), []
+    else:
+        parser, words = build_parser(), [command] + (["in.jsonl", "-o", "out.jsonl"] if command == "run" else [])
+    assert parser.parse_args(words + ["--kv-cache-memory-bytes", str(3 * 2**30)]).kv_cache_memory_gib == 3.0
+    assert parser.parse_args(words + ["--kv-cache-memory-bytes", "512M"]).kv_cache_memory_gib == 0.5
+    assert parser.parse_args(words).kv_cache_memory_gib is None
+    assert engine_config(**engine_kwargs_from_args(parser.parse_args(
+        words + ["--kv-cache-memory-bytes", "1G"]))).cache.kv_cache_memory_gib == 1.0
