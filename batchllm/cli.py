@@ -195,7 +195,7 @@ def _add_output_arguments(o) -> None:
     o.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the model's names in OpenAI Batch responses (vLLM's option): a line naming one of them "
                    "gets its own name back, any other line the first (default: a line's own model field, else "
-                   "--model as given)")
+                   "--model as given, else the default model's name)")
     o.add_argument("--response-role", default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
     o.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
