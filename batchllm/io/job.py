@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 STATE_SUFFIX = ".batchllm-state"
+DIRECTORY_LOCK = ".batchllm-lock"
+"""The file inside a `run --ray` output directory that `OutputLock.for_directory` locks while a job runs (removed when
+it ends; one a killed job left is locked again): no result of the job (`job_entries` leaves it out)."""
 _LINE_IN_MESSAGE = re.compile(r"^line (\d+):")
 
 
@@ -119,24 +122,40 @@ _START_OVER = "pass --overwrite to start over (finished lines are then recompute
 class OutputLock:
     """An exclusive lock (flock) on the output file for the whole job, so that a second `batchllm run`
     on the same output is refused instead of interleaving records with the first. The lock goes with
-    the process: a killed job leaves nothing to clean up.
+    the process: a killed job leaves nothing to clean up. `for_directory` locks a `run --ray` output directory
+    the same way, through its `DIRECTORY_LOCK` file (the message names the directory).
 
     An existing output that cannot be opened to write (a read-only mount, an archived job) is locked through
     a read-only handle: a finished job needs no write access to be found complete. `write_problem` then says
-    why it cannot be written (`prepare_output` raises it where the job would write)."""
+    why it cannot be written (`prepare_output` raises it where the job would write). A directory lock that cannot
+    be made there (a read-only directory without one) is not held: no job can write that directory either.
 
-    def __init__(self, output: Path) -> None:
-        self.output = output
+    Invariant: while held, `path` names the locked file (a lock taken on a file another process unlinked in the
+    meantime is dropped and taken again), so two jobs never both hold the lock of one output."""
+
+    def __init__(self, output: Path, path: Path | None = None) -> None:
+        self.output = output  # what the messages name
+        self.path = output if path is None else path  # the file locked
         self._file = None
+        self._created = self._made_directory = False
         self.write_problem: str | None = None
 
+    @classmethod
+    def for_directory(cls, directory: Path) -> OutputLock:
+        """The lock of a `run --ray` output directory: its `DIRECTORY_LOCK` file, removed when the lock is released."""
+        return cls(directory, directory / DIRECTORY_LOCK)
+
     def __enter__(self) -> OutputLock:
-        if self.output.is_dir():
-            raise JobError(f"cannot write the output {str(self.output)!r}: it is a directory; -o names a file")
-        if self.output.exists() and not self.output.is_file():  # /dev/null, a pipe: no resume, no fsync
-            raise JobError(f"cannot write the output {str(self.output)!r}: it is not a regular file (a device or "
-                           "a pipe), and a job resumes from its output file; -o names a file")
-        self._file = self._open()
+        if self.path == self.output:
+            _refuse_unlockable_output(self.output)
+        for _ in range(10):  # (another job unlinked the file between our open and our lock: lock the new one)
+            self._file = self._open()
+            if self._file is None or self._lock():
+                return self
+        raise JobError(f"cannot lock the output {str(self.output)!r}: its lock file keeps being replaced")
+
+    def _lock(self) -> bool:
+        """Take the lock on the open file; False where the path no longer names it (then closed: try again)."""
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -146,31 +165,57 @@ class OutputLock:
         except OSError:  # a read-only handle some filesystems will not lock (NFS): as if it could not be opened
             self._file.close()
             raise JobError(self.write_problem) from None
-        return self
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._file.close()
+        return same
 
     def _open(self):
-        """The output opened to append (created if missing, never truncated), else, where it exists, to read
-        (`write_problem` says why it could not be written); a JobError where neither is possible."""
+        """The lock file opened to append (created if missing, never truncated), else, where it exists, to read
+        (`write_problem` says why it could not be written); None for a directory's lock that cannot be made in a
+        directory that exists; a JobError where neither is possible."""
         try:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            self._created = not self.output.exists()
-            return open(self.output, "ab")
+            self._made_directory = self._made_directory or not self.path.parent.exists()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._created = not self.path.exists()
+            return open(self.path, "ab")
         except OSError as e:  # a read-only or missing place, a parent that is a file
             problem = f"cannot write the output {str(self.output)!r}: {e.strerror or e}"
-            if not self.output.is_file():
+            if not self.path.is_file():
+                if self.path != self.output and self.output.is_dir():
+                    self._created, self.write_problem = False, problem
+                    return None
                 raise JobError(problem) from e
         try:
-            file = open(self.output, "rb")
+            file = open(self.path, "rb")
         except OSError:
             raise JobError(problem) from None
         self._created, self.write_problem = False, problem
         return file
 
     def __exit__(self, *exc) -> None:
-        state = state_path_for(self.output)
-        if self._created and not state.exists() and self.output.stat().st_size == 0:
-            self.output.unlink()  # a job refused before it began leaves no trace
+        if self._file is None:
+            return
+        if self.path == self.output:
+            if self._created and not state_path_for(self.output).exists() and self.output.stat().st_size == 0:
+                self.output.unlink()  # a job refused before it began leaves no trace
+        else:  # (safe while held: a job that opened it meanwhile finds it unlinked once it locks it, `_lock`)
+            self.path.unlink(missing_ok=True)
+            if self._made_directory and not any(self.output.iterdir()):
+                self.output.rmdir()  # a job refused before it began leaves no trace
         self._file.close()  # closing releases the lock
+
+
+def _refuse_unlockable_output(output: Path) -> None:
+    """A JobError where -o names no file a job can append to and resume from (a directory, a device, a pipe)."""
+    if output.is_dir():
+        raise JobError(f"cannot write the output {str(output)!r}: it is a directory; -o names a file")
+    if output.exists() and not output.is_file():  # /dev/null, a pipe: no resume, no fsync
+        raise JobError(f"cannot write the output {str(output)!r}: it is not a regular file (a device or "
+                       "a pipe), and a job resumes from its output file; -o names a file")
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -389,9 +434,8 @@ def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, A
     state_path = job_state_path(directory)
     fingerprint = _job_fingerprint(input_path, options)
     ours = {state_path.name, state_path.name + ".tmp"}
-    has_results = directory.is_dir() and any(
-        p.is_file() and p.name not in ours for entry in directory.iterdir() if not entry.name.startswith(OVERWRITTEN)
-        for p in ([entry] if entry.is_file() else entry.rglob("*")))
+    has_results = directory.is_dir() and any(p.is_file() and p.name not in ours for entry in job_entries(directory)
+                                             for p in ([entry] if entry.is_file() else entry.rglob("*")))
     if has_results:
         if not state_path.exists():  # (`_read_state`'s refusal offers --overwrite, which --ray refuses here)
             raise JobError(f"refusing to write into {unowned_directory(directory)}")
@@ -407,6 +451,12 @@ model (`set_aside_for_overwrite`); entries whose names begin so are no results o
 _MOVING = OVERWRITTEN + ".moving"
 
 
+def job_entries(directory: Path) -> list[Path]:
+    """The entries of a `run --ray` output directory that are its job's (shards, checkpoint, state file): not what
+    --overwrite set aside (`OVERWRITTEN`), nor the lock (`DIRECTORY_LOCK`, which must stay while it is held)."""
+    return [p for p in directory.iterdir() if not p.name.startswith(OVERWRITTEN) and p.name != DIRECTORY_LOCK]
+
+
 def set_aside_for_overwrite(directory: Path) -> None:
     """Start a `run --ray` directory over without losing what it holds until the model has loaded: every entry
     (shards, checkpoint, state file) moves into `OVERWRITTEN` (renames only: an output directory that is a mount point
@@ -416,7 +466,7 @@ def set_aside_for_overwrite(directory: Path) -> None:
     `OVERWRITTEN` exists already (an earlier --overwrite whose model never loaded, its process killed), it is kept: the
     rest holds no results (no model ran) and is deleted."""
     aside, moving, state = directory / OVERWRITTEN, directory / _MOVING, job_state_path(directory)
-    others = [p for p in directory.iterdir() if not p.name.startswith(OVERWRITTEN)]
+    others = job_entries(directory)
     if aside.exists():
         for entry in others:
             _remove(entry)
@@ -449,7 +499,7 @@ def restore_overwritten(directory: Path) -> bool:
         os.replace(directory / OVERWRITTEN, directory / _MOVING)
     except FileNotFoundError:
         return False
-    for entry in [p for p in directory.iterdir() if not p.name.startswith(OVERWRITTEN)]:
+    for entry in job_entries(directory):
         _remove(entry)
     recover_overwrite(directory)
     return True

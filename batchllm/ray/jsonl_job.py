@@ -12,7 +12,11 @@ committed); the checkpoint is kept after success, so running a finished job agai
 the records counted (a job found complete, the report, --stats) are those of committed shards alone.
 OUT_DIR/job.batchllm-state ties the directory to its input and the
 options that decide answers (`io.job.tie_directory_to_job`): a restart under another input or other
-options is refused, as the single-machine run refuses it.
+options is refused, as the single-machine run refuses it. The driver holds OUT_DIR/.batchllm-lock
+(`io.job.OutputLock.for_directory`, the lock `run` takes on its output file) for the whole job: a second job on
+the same OUT_DIR is refused at once (exit 2) instead of running every line again beside the first. Lines are
+counted by line number (the checkpoint entries' ids), never by records: duplicates an older version left are said
+and counted once.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FileBasedDatasource
 
 from batchllm.io.ingest import count_input_lines, input_problem
-from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, parse_line
+from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, parse_line, without_bom
 from batchllm.ray.config import ProcessorConfig
 from batchllm.ray.processor import Processor
 from batchllm.sampling_params import SamplingParams
@@ -40,7 +44,9 @@ CHECKPOINT_DIR = "_checkpoint"
 
 
 class _JsonlLines(FileBasedDatasource):
-    """Rows {line, raw, duplicate} of the non-blank lines of each file (a file is never split)."""
+    """Rows {line, raw, duplicate} of the non-blank lines of each file (a file is never split). Blank is what
+    `io.ingest.count_input_lines` counts as blank (a first line holding only the UTF-8 BOM too), so the rows are
+    exactly the lines the job counts."""
 
     def __init__(self, paths, rows_per_block: int = 4096, **kwargs) -> None:
         super().__init__(paths, **kwargs)
@@ -52,7 +58,7 @@ class _JsonlLines(FileBasedDatasource):
         seen: set[str] = set()
         lines, raws, duplicates = [], [], []
         for number, raw in enumerate(_lines(f), start=1):
-            if not raw.strip():
+            if not without_bom(raw, number).strip():  # (blank as `count_input_lines` and `run` see it)
                 continue
             parsed = parse_line(raw, number, seen)
             lines.append(number)
@@ -178,7 +184,7 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
         for number, raw in enumerate(f, start=1):
             if number > sample:
                 break
-            line = parse_line(raw, number, set()) if raw.strip() else None
+            line = parse_line(raw, number, set()) if without_bom(raw, number).strip() else None
             if isinstance(line, BatchLine):
                 counts[line.format] += 1
                 for name in line.ignored_fields:
@@ -190,7 +196,8 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
                      global_seed: int | None = None, names=None, file_format: str | None = None,
                      template_defaults: dict | None = None, on_written: Callable[[], None] | None = None,
                      on_loaded: Callable[[], None] | None = None) -> dict:
-    """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir.
+    """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir (counted by
+    line: `count_shard_records`).
     `on_written` is called once every shard is written (before they are counted): the job is done from then on;
     `on_loaded`, by each replica once its engine is built (on its node: a picklable callable).
     `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name);
@@ -226,8 +233,8 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         context.checkpoint_config = previous  # the context is the driver's: later datasets must not inherit it
     if on_written is not None:
         on_written()
-    num_records, num_errors = count_shard_records(output_dir)
-    return {"num_records": num_records, "num_errors": num_errors, "wall_s": time.perf_counter() - started}
+    count = count_shard_records(output_dir)
+    return {"num_records": count.num_records, "num_errors": count.num_errors, "wall_s": time.perf_counter() - started}
 
 
 PENDING_CHECKPOINT = ".pending.parquet"
@@ -236,32 +243,90 @@ PENDING_CHECKPOINT_SUFFIX + ".parquet"; a committed one ends in ".parquet" alone
 
 
 def committed_shards(output_dir: Path) -> list[Path]:
-    """The JSONL shards of `output_dir` that Ray Data's checkpoint committed, as a restart reads them. Ray (2.60+)
-    writes a write task's checkpoint entry `_checkpoint/<base>.pending.parquet` before its shard `<base>*.jsonl` and
-    renames it `<base>.parquet` once the shard is written: a shard whose worker died before the rename (its entry
-    still pending) is deleted when the job restarts and its lines run again, and a shard no entry names is not
-    skipped either. Neither is a record of the job: only shards whose names begin with a committed entry's base."""
+    """The JSONL shards of `output_dir` that Ray Data's checkpoint committed, as a restart reads them (in the order of
+    their checkpoint entries: `committed_entries`)."""
+    return [shard for _, shards in committed_entries(output_dir) for shard in shards]
+
+
+def committed_entries(output_dir: Path) -> list[tuple[Path, list[Path]]]:
+    """(committed checkpoint entry, its shards) of `output_dir`. Ray (2.60+) writes a write task's checkpoint entry
+    `_checkpoint/<base>.pending.parquet` (the `line` ids of its rows) before its shard `<base>*.jsonl` and renames it
+    `<base>.parquet` once the shard is written: a shard whose worker died before the rename (its entry still pending)
+    is deleted when the job restarts and its lines run again, and a shard no entry names is not skipped either.
+    Neither is a record of the job: only shards whose names begin with a committed entry's base (the longest)."""
     checkpoint = output_dir / CHECKPOINT_DIR
-    bases = {entry.name.removesuffix(".parquet") for entry in checkpoint.glob("*.parquet")
-             if not entry.name.endswith(PENDING_CHECKPOINT)} if checkpoint.is_dir() else set()
-    return [shard for shard in sorted(output_dir.glob("*.jsonl"))
-            if any(shard.name[:end] in bases for end in range(1, len(shard.name) + 1))]
+    entries = {entry.name.removesuffix(".parquet"): entry for entry in sorted(checkpoint.glob("*.parquet"))
+               if not entry.name.endswith(PENDING_CHECKPOINT)} if checkpoint.is_dir() else {}
+    shards: dict[str, list[Path]] = {base: [] for base in entries}
+    for shard in sorted(output_dir.glob("*.jsonl")):
+        if base := next((shard.name[:end] for end in range(len(shard.name), 0, -1) if shard.name[:end] in shards), ""):
+            shards[base].append(shard)
+    return [(entry, shards[base]) for base, entry in entries.items()]
 
 
-def count_shard_records(output_dir: Path) -> tuple[int, int]:
-    """(records, error records) in the committed JSONL shards of `output_dir` (`committed_shards`): what a restart
-    skips, so that a job is complete (`_complete_job`) exactly when a restart would run nothing. A shard an
-    interrupted job was writing may end in a torn line: not a record, so not counted."""
-    num_records = num_errors = 0
-    for shard in committed_shards(output_dir):
-        for raw in shard.read_bytes().splitlines():
-            try:
-                record = json.loads(raw)
-            except ValueError:
+class ShardCount(NamedTuple):
+    """What the committed shards of a --ray output directory hold, counted by input line (`count_shard_records`)."""
+
+    num_records: int
+    """Lines with a record (a result or an error): each line once, however many records it has."""
+    num_errors: int
+    """Of those, lines whose record is an error."""
+    num_duplicates: int = 0
+    """Records of a line recorded before: two jobs that wrote one directory at once (a version that did not lock
+    it, `io.job.OutputLock.for_directory`). Never counted as lines."""
+
+
+def count_shard_records(output_dir: Path) -> ShardCount:
+    """The `ShardCount` of the committed JSONL shards of `output_dir` (`committed_entries`): what a restart skips, so
+    that a job is complete (`_complete_job`) exactly when a restart would run nothing. Records are matched to their
+    input lines through their checkpoint entry (the `line` ids of the shard's rows, in its order), so duplicates
+    never count as lines (a job is never complete, nor more than complete, by them); an entry that cannot be read, or
+    whose ids do not match its records, counts each of its records as a line of its own. A shard an interrupted job
+    was writing may end in a torn line: not a record, so not counted."""
+    seen: set = set()
+    num_errors = num_duplicates = 0
+    for entry, shards in committed_entries(output_dir):
+        records = [record for shard in shards for record in _shard_records(shard)]
+        lines = _entry_lines(entry)
+        if lines is None or len(lines) != len(records):
+            lines = [(entry.name, k) for k in range(len(records))]
+        for line, record in zip(lines, records):
+            if line in seen:
+                num_duplicates += 1
                 continue
-            num_records += 1
+            seen.add(line)
             num_errors += bool(record.get("error"))
-    return num_records, num_errors
+    return ShardCount(len(seen), num_errors, num_duplicates)
+
+
+def _shard_records(shard: Path) -> list[dict]:
+    """The records of a shard, in its order (a torn or unreadable line is none)."""
+    records = []
+    for raw in shard.read_bytes().splitlines():
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        records.append(record if isinstance(record, dict) else {})
+    return records
+
+
+def _entry_lines(entry: Path) -> list[int] | None:
+    """The `line` ids a committed checkpoint entry holds, in its order; None where it cannot be read."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(entry, columns=[LINE]).column(LINE).to_pylist()
+    except Exception:  # (a damaged entry, another column): its records are counted one line each
+        return None
+
+
+def _note_duplicates(output_dir: Path, count: ShardCount) -> None:
+    """Say, where the shards hold records of one line twice, that each line is counted once (and why)."""
+    if count.num_duplicates:
+        print(f"batchllm: warning: {output_dir} holds {count.num_duplicates} duplicate records (lines recorded twice "
+              "by two jobs that wrote it at once, before batchllm locked --ray output directories); each line is "
+              "counted once; --overwrite starts over", file=sys.stderr)
 
 
 def _driver_model_dir(model: str | None) -> Path | None:
@@ -280,15 +345,11 @@ def _driver_model_dir(model: str | None) -> Path | None:
 
 
 def run_command_on_ray(args) -> int:
-    """The `--ray` branch of `batchllm run` (args: the run parser's namespace)."""
-    from batchllm.cli import (
-        _fail,
-        keep_the_outputs_openai_rule,
-        note_ignored_fields,
-        note_model_defaults,
-        results_options,
-    )
-    from batchllm.io.job import job_state_path, restore_overwritten
+    """The `--ray` branch of `batchllm run` (args: the run parser's namespace). The driver holds OUT_DIR's lock
+    (`io.job.OutputLock.for_directory`) from before anything in it is read for the job, moved or deleted until the
+    job has ended, so a second job on the same OUT_DIR is refused (exit 2) instead of writing every line again."""
+    from batchllm.cli import _fail, note_ignored_fields, note_model_defaults
+    from batchllm.io.job import JobError, OutputLock
 
     if problem := input_problem(args.input):
         return _fail(problem)
@@ -301,6 +362,21 @@ def run_command_on_ray(args) -> int:
     note_model_defaults(args, from_model)
     sample = sample_file(args.input)
     note_ignored_fields(sample.ignored_fields, f" (in the first {SAMPLE_LINES:,} lines)")
+    if problem := _output_directory_problem(args):
+        return _fail(problem)
+    try:
+        with OutputLock.for_directory(args.output):
+            return _run_locked_job(args, config, defaults, sample)
+    except JobError as e:
+        return _fail(str(e))
+
+
+def _run_locked_job(args, config: ProcessorConfig, defaults: dict, sample: FileSample) -> int:
+    """`run_command_on_ray` once it holds OUT_DIR's lock: the directory prepared, the job run, and what --overwrite
+    set aside put back where no replica loaded the model."""
+    from batchllm.cli import _fail, keep_the_outputs_openai_rule, results_options
+    from batchllm.io.job import job_state_path, restore_overwritten
+
     defaults = keep_the_outputs_openai_rule(defaults, job_state_path(args.output), args.overwrite)
     try:
         if problem := _prepare_output_directory(args, results_options(args, defaults)):
@@ -392,8 +468,11 @@ def _unseen_model_problem(args) -> str | None:
 
 def _complete_job(output_dir: Path, input_path: Path) -> dict | None:
     """--stats of a job whose every line has a record in `output_dir` (said on stderr: nothing to run, so neither
-    Ray nor the model starts, and the directory may be read-only), or None where lines are left."""
-    num_records, num_errors = count_shard_records(output_dir)
+    Ray nor the model starts, and the directory may be read-only), or None where lines are left. Lines are counted
+    once however many records they have (`count_shard_records`); duplicates found are said (`_note_duplicates`)."""
+    count = count_shard_records(output_dir)
+    _note_duplicates(output_dir, count)  # (said before the job too: what it finds is counted by line)
+    num_records, num_errors = count.num_records, count.num_errors
     num_lines = count_input_lines(input_path)
     if not num_lines or num_records < num_lines:
         return None
@@ -443,19 +522,9 @@ def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
     return config, defaults, from_model
 
 
-def _prepare_output_directory(args, options: dict) -> str | None:
-    """Check -o as a --ray job's directory, set what it holds aside for --overwrite (`io.job.set_aside_for_overwrite`:
-    deleted only once a replica has loaded the model) and tie it to the input and `options`
-    (`io.job.tie_directory_to_job`); what is wrong, or None."""
-    from batchllm.io.job import (
-        JobError,
-        job_state_path,
-        recover_overwrite,
-        refuse_output_onto_input,
-        set_aside_for_overwrite,
-        tie_directory_to_job,
-        unowned_directory,
-    )
+def _output_directory_problem(args) -> str | None:
+    """Why -o cannot be a --ray job's directory whatever it holds (checked before its lock is taken), or None."""
+    from batchllm.io.job import JobError, refuse_output_onto_input
 
     try:
         refuse_output_onto_input(args.output, args.input)  # (and "-": standard output), as without --ray
@@ -466,11 +535,29 @@ def _prepare_output_directory(args, options: dict) -> str | None:
                 "results (OpenAI Batch lines too)")
     if args.output.exists() and not args.output.is_dir():
         return f"with --ray, -o names a directory for the JSONL shards; {str(args.output)!r} is a file"
+    return None
+
+
+def _prepare_output_directory(args, options: dict) -> str | None:
+    """Under OUT_DIR's lock: set what -o holds aside for --overwrite (`io.job.set_aside_for_overwrite`: deleted only
+    once a replica has loaded the model) and tie it to the input and `options` (`io.job.tie_directory_to_job`);
+    what is wrong, or None."""
+    from batchllm.io.job import (
+        DIRECTORY_LOCK,
+        JobError,
+        job_state_path,
+        recover_overwrite,
+        set_aside_for_overwrite,
+        tie_directory_to_job,
+        unowned_directory,
+    )
+
     try:
         if args.output.is_dir():
             recover_overwrite(args.output)  # (what a killed --overwrite left midway)
         if args.overwrite and args.output.is_dir():
-            if any(args.output.iterdir()) and not job_state_path(args.output).is_file():
+            held = [p for p in args.output.iterdir() if p.name != DIRECTORY_LOCK]  # (ours: the job holds it)
+            if held and not job_state_path(args.output).is_file():
                 return f"refusing --overwrite of {unowned_directory(args.output)}"
             set_aside_for_overwrite(args.output)  # start over; deleted once a replica has loaded the model
         tie_directory_to_job(args.output, args.input, options)
@@ -485,7 +572,7 @@ def _write_problem(output_dir: Path, input_path: Path) -> str | None:
     as `run` without --ray checks its files: found by Ray, the failure came after the engine ran the lines."""
     from batchllm.io.job import directory_write_problem
 
-    if count_shard_records(output_dir)[0] >= count_input_lines(input_path) > 0:
+    if count_shard_records(output_dir).num_records >= count_input_lines(input_path) > 0:
         return None
     return (directory_write_problem(output_dir, "the --ray output directory")
             or directory_write_problem(output_dir / CHECKPOINT_DIR, "the --ray checkpoint directory"))
@@ -496,7 +583,9 @@ def _report_interrupt(args, signal_name: str) -> None:
     --stats as `run` without --ray does (a failed write is said, not raised)."""
     from batchllm.cli import _write_stats, lines_progress, lines_progress_stats
 
-    num_records, num_errors = count_shard_records(args.output)
+    count = count_shard_records(args.output)
+    num_records, num_errors = count.num_records, count.num_errors
+    _note_duplicates(args.output, count)
     num_lines = count_input_lines(args.input)
     print(f"batchllm: interrupted ({signal_name}): {lines_progress(num_lines, num_records, num_errors)}: "
           f"{num_records} records in {args.output}; run the same command to resume", file=sys.stderr)

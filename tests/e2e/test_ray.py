@@ -332,3 +332,19 @@ def test_a_worker_that_cannot_use_the_model_says_why_through_ray_s_text():
     with pytest.raises(KeyError), _engine_start("a replica"):
         raise KeyError("a bug")
     assert engine_start_failure(RuntimeError("The actor died unexpectedly")) is None
+
+
+def test_a_first_line_of_only_the_bom_gives_the_records_of_run_without_ray(ray_session, tmp_path, capsys):
+    """A first line holding only the UTF-8 BOM got an extra 'line 1: malformed JSON' record under --ray (exit 1,
+    num_lines_left -1), while `run` counts it blank: both runs now give the same records."""
+    from batchllm.cli import main
+
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf\n' + b"".join(json.dumps({"id": k, "prompt": "Hi"}).encode() + b"\n" for k in "ab"))
+    single, shards, stats = tmp_path / "single.jsonl", tmp_path / "shards", tmp_path / "stats.json"
+    assert main(["run", str(src), "-o", str(single), *OPTIONS]) == 0
+    assert main(["run", str(src), "-o", str(shards), "--ray", "--stats", str(stats), *OPTIONS]) == 0
+    on_ray = [json.loads(x) for f in shards.glob("*.jsonl") for x in f.read_text().splitlines()]
+    expected = [json.loads(x) for x in single.read_text().splitlines()]
+    assert sorted(map(_normalized, on_ray)) == sorted(map(_normalized, expected))
+    assert json.loads(stats.read_text())["num_lines_left"] == 0
