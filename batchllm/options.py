@@ -401,7 +401,7 @@ def add_not_taken_arguments(group, *, help_each: bool = True) -> None:
                                default=accepted[0], metavar="VALUE", help=help_text)
 
 
-def _value_reader(accepted: tuple) -> typing.Callable[[str], Any]:
+def _value_reader(accepted: tuple) -> Callable[[str], Any]:
     """How a `VLLM_NOT_TAKEN` flag's value is read, by the type of the values it takes, as vLLM's parser types the
     option: a number option (int, or float where a float is taken: --cpu-offload-gb) reads its text as that
     number, so `-pp 01` is 1 (and taken) as in vLLM; any other, or a text that is no such number, `vllm_flag_value`
