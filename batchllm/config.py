@@ -29,6 +29,7 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _KERNEL_CHOICES = ("auto", "torch", "triton")
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16")  # kv_quant.KV_CACHE_DTYPES' (no torch here)
+_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
@@ -132,13 +133,14 @@ class ModelConfig(_Checked):
                                            "its group's decodes; off: plain paged attention (for comparison)")
     kernels: str = option("auto", "norm, rotary and SiLU ops; auto: one Triton kernel each on CUDA when "
                           "Triton is installed, else torch", choices=_KERNEL_CHOICES)
-    fp8_attention: bool = option(False, "with kv_cache_dtype fp8: the attention's two matmuls take FP8 operands "
-                                 "(the query quantized per token and head, the softmax weights scaled by 448 into "
-                                 "e4m3's range) in the programs that fill an FP8 MMA (prefill tiles, prefix-shared "
-                                 "items; one-query decode items keep fp16), as FlashAttention 3 does over an fp8 "
-                                 "cache; off: the cache's values are cast up to 16 bits. Off by default: slower on an "
-                                 "H200 (0.68-0.71x the fp8 cache's attention on prefill, 0.86x on decode steps; e4m3 "
-                                 "MMAs want V transposed, which Triton does in registers)")
+    fp8_attention: bool = option(False, "needs kv_cache_dtype fp8 (refused with any other): the attention's "
+                                 "two matmuls take FP8 operands (the query quantized per token and head, the "
+                                 "softmax weights scaled by 448 into e4m3's range) in the programs that fill an FP8 "
+                                 "MMA (prefill tiles, prefix-shared items; one-query decode items keep fp16), as "
+                                 "FlashAttention 3 does over an fp8 cache; off: the cache's values are cast up to 16 "
+                                 "bits. Off by default: slower on an H200 (0.68-0.71x the fp8 cache's attention on "
+                                 "prefill, 0.86x on decode steps; e4m3 MMAs want V transposed, which Triton does in "
+                                 "registers)")
     kv_store: str = option("auto", "how a step's new keys and values reach the KV cache under the Triton "
                            "attention: triton: one kernel per layer (copying, or quantizing to fp8; 2-15x faster "
                            "per layer on an H200); torch: per K and V a quantize and an index_copy_ (the same "
@@ -284,8 +286,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """Checks that span sections (each section checks its own fields)."""
-        if self.model.fp8_attention and self.cache.kv_cache_dtype == "auto":
-            raise ValueError("fp8_attention needs an fp8 KV cache: set kv_cache_dtype='fp8' too")
+        if self.model.fp8_attention and self.cache.kv_cache_dtype not in _FP8_KV_CACHE_DTYPES:
+            # Both backends take FP8 operands only over an fp8 cache (torch_ref: is_fp8(kv_cache); Triton: its fp8
+            # flag): over a 16-bit one the option would be silently ignored.
+            raise ValueError(f"fp8_attention needs an fp8 KV cache: kv_cache_dtype={self.cache.kv_cache_dtype!r} "
+                             "keeps a 16-bit cache, over which the attention takes no FP8 operands; set "
+                             "kv_cache_dtype='fp8' too, or leave fp8_attention off")
         if self.parallel.engines_on_each_gpu > 1 and self.parallel.tensor_parallel_size > 1:
             raise ValueError("engines_per_gpu > 1 is for models that fit one GPU; it cannot be combined with "
                              "tensor_parallel_size > 1")

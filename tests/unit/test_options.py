@@ -722,3 +722,21 @@ def test_vllms_kv_cache_memory_bytes_flag_is_taken_as_the_keyword_is(command):
     assert parser.parse_args(words).kv_cache_memory_gib is None
     assert engine_config(**engine_kwargs_from_args(parser.parse_args(
         words + ["--kv-cache-memory-bytes", "1G"]))).cache.kv_cache_memory_gib == 1.0
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16", "float16"])
+def test_fp8_attention_over_a_16_bit_cache_is_refused_naming_both_options(kv_cache_dtype, tmp_path, capsys):
+    """Both attention backends take FP8 operands only over an fp8 cache (torch_ref: is_fp8(kv_cache);
+    Triton: its fp8 flag); with kv_cache_dtype bfloat16 / float16 the option was taken and did nothing."""
+    from batchllm.cli import main
+
+    message = f"fp8_attention needs an fp8 KV cache: kv_cache_dtype='{kv_cache_dtype}' keeps a 16-bit cache"
+    with pytest.raises(ValueError, match=message):
+        engine_config(fp8_attention=True, kv_cache_dtype=kv_cache_dtype)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "x"}\n')
+    argv = ["run", str(src), "-o", str(tmp_path / "out"), "--fp8-attention", "--kv-cache-dtype", kv_cache_dtype]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    for fp8 in ("fp8", "fp8_e4m3"):
+        assert engine_config(fp8_attention=True, kv_cache_dtype=fp8).model.fp8_attention
