@@ -9,8 +9,8 @@ prefix a group) makes every prompt whose deepest open ancestor is v skip d_v tok
 opening v is
   single-level (BatchLLM): d_v              (the whole prefix is computed again for every group)
   multi-level:             d_v - d_a        (only the segment past the enclosing group a)
-plus `group_overhead_tokens`. With g_v(a) = the best saving in v's subtree given that the nearest
-open ancestor has depth a:
+plus `group_overhead_tokens` (an integer >= 0; `check_group_overhead`). With g_v(a) = the best saving in v's
+subtree given that the nearest open ancestor has depth a:
   g_v(a) = max( sum_c g_c(a) + k_v * a,                      # v closed
                 sum_c g_c(d_v) + k_v * d_v - cost_v(a) )     # v open
 where k_v counts prompts directly under v. BatchLLM's "first-level prefix enlargement" is the
@@ -28,6 +28,7 @@ own to produce logits, so a prefix never covers a whole prompt.
 from __future__ import annotations
 
 import heapq
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -159,17 +160,32 @@ def plan_prefix_sharing(
     share: bool = True,
 ) -> PrefixPlan:
     """The prefix-sharing plan of the whole batch; with `share` off (the engine's prefix_sharing
-    option), every prompt on its own."""
+    option), every prompt on its own. group_overhead_tokens: what opening a group costs on top of its
+    prefix tokens (`check_group_overhead`)."""
     if mode not in PLAN_MODES:
         raise ValueError(f"plan mode must be one of {PLAN_MODES}, got {mode!r}")
+    check_group_overhead(group_overhead_tokens)
     lengths = [len(p) for p in prompts]
     if not share:
         return PrefixPlan.without_sharing(lengths, mode)
     if any(n == 0 for n in lengths):
         raise ValueError("cannot plan an empty prompt")
     tree = build_radix_tree([p[:-1] for p in prompts])
-    open_nodes = _solve(tree, mode, group_overhead_tokens)
+    open_nodes = _solve(tree, mode, int(group_overhead_tokens))
     return _extract(tree, open_nodes, mode, lengths)
+
+
+def check_group_overhead(tokens: object) -> None:
+    """group_overhead_tokens must be an integer >= 0. It is a cost per group in prefill tokens: a positive one
+    keeps groups that save fewer tokens than it closed. A negative one would be a bonus per group: it opens
+    groups that make the batch compute more prefill tokens (a single-level group nested where its members
+    already share all but a few of its tokens) and models no cost, so it is refused; `_solve` itself stays
+    exact for any integer. Not an integer: the solver's breakpoints would not be integers (a float) or it
+    fails far from the cause (None, a string)."""
+    if not isinstance(tokens, numbers.Integral) or isinstance(tokens, bool):
+        raise TypeError(f"group_overhead_tokens must be an integer >= 0, got {tokens!r}")
+    if tokens < 0:
+        raise ValueError(f"group_overhead_tokens must be >= 0 (a cost per group in prefill tokens), got {tokens!r}")
 
 
 def _solve(tree: RadixTree, mode: str, overhead: int) -> dict[int, int]:

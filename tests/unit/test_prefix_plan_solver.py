@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from batchllm.prefix import plan_prefix_sharing
-from batchllm.prefix.plan import MULTI_LEVEL, SINGLE_LEVEL, PrefixGroup, PrefixPlan, _extract, _solve
+from batchllm.prefix.plan import MULTI_LEVEL, PLAN_MODES, SINGLE_LEVEL, PrefixGroup, PrefixPlan, _extract, _solve
 from batchllm.prefix.radix import RadixTree, build_radix_tree
 
 
@@ -132,7 +132,26 @@ def test_thresholds_open_exactly_where_the_old_solver_opened(make, seed):
             got = {a for a in ancestor_depths(tree, v) if a < thresholds.get(v, 0)}
             assert got == want.get(v, set()), (mode, overhead, v)
         assert _extract(tree, thresholds, mode, lengths) == oracle_extract(tree, want, mode, lengths)
-        assert plan_prefix_sharing(prompts, mode, overhead) == oracle_extract(tree, want, mode, lengths)
+        if overhead >= 0:  # (plan_prefix_sharing refuses a negative overhead: test_group_overhead_is_checked_by_name)
+            assert plan_prefix_sharing(prompts, mode, overhead) == oracle_extract(tree, want, mode, lengths)
+
+
+def test_group_overhead_is_checked_by_name():
+    """group_overhead_tokens was not checked: None or a string failed deep in the solver ('unsupported operand
+    type(s) for -'), a float made non-integer breakpoints, and a negative one (a bonus per group) opened groups
+    that compute more prefill tokens: here a single-level group nested for 2 prompts sharing 1 more token (the
+    whole 101-token prefix again, to save 2), 208 prefill tokens instead of 109."""
+    shared = list(range(10, 110))
+    prompts = [shared + [1, 5, 0], shared + [1, 6, 0], shared + [2, 7, 0]]
+    for mode in PLAN_MODES:
+        for bad in (None, "3", 1.5, True):
+            with pytest.raises(TypeError, match=f"group_overhead_tokens must be an integer >= 0, got {bad!r}"):
+                plan_prefix_sharing(prompts, mode, bad)
+        with pytest.raises(ValueError, match=r"group_overhead_tokens must be >= 0 \(a cost per group"):
+            plan_prefix_sharing(prompts, mode, -100)
+    assert plan_prefix_sharing(prompts, SINGLE_LEVEL, np.int64(0)).prefill_tokens == 109
+    assert plan_prefix_sharing(prompts, MULTI_LEVEL, 0).prefill_tokens == 108
+    assert plan_prefix_sharing(prompts, SINGLE_LEVEL, 3).prefill_tokens == 109
 
 
 def nested_chain_tree(n: int, step: int) -> RadixTree:
