@@ -27,7 +27,8 @@ class SamplingSpec:
     logprob_token_ids: tuple[int, ...] = ()
     """The tokens whose logprobs are returned in place of the top `num_logprobs` (as many), where named."""
     banned_token_ids: tuple[int, ...] = ()
-    """Token ids that must not be sampled this step (EOS/stop ids while below min_tokens)."""
+    """Token ids that must not be sampled this step (EOS/stop ids while below min_tokens); ids outside the
+    vocabulary may be among them (stop_token_ids are any integers) and are skipped by the sampler."""
     adjust: LogitsAdjust | None = None
     """Penalties and biases (`layers/logits_processors.py`); None for the plain request, which
     costs nothing extra."""

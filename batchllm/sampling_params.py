@@ -109,7 +109,9 @@ class SamplingParams:
     stop: list[str] | str | None = None
     """Strings that end generation; the output is cut before them."""
     stop_token_ids: list[int] | None = None
-    """Token ids that end generation (kept in token_ids)."""
+    """Token ids that end generation (kept in token_ids). Any integers, as vLLM 0.26 takes them: an id no token
+    has (negative, or outside the vocabulary) can never be sampled, so it never ends anything (nor does min_tokens
+    ban it: `sampler._apply_bans`)."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
     ignore_eos: bool = False
@@ -255,8 +257,9 @@ class SamplingParams:
                 raise bad("stop", "must be a string or a list of strings")
         if self.stop is not None and any(s == "" for s in ([self.stop] if isinstance(self.stop, str) else self.stop)):
             raise bad("stop", "must not contain an empty string")
-        if self.stop_token_ids is not None and not _is_id_list(self.stop_token_ids):
-            raise bad("stop_token_ids", "must be a list of non-negative integers")
+        if self.stop_token_ids is not None and not (
+                isinstance(self.stop_token_ids, (list, tuple)) and all(_is_int(t) for t in self.stop_token_ids)):
+            raise bad("stop_token_ids", "must be a list of integers")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < -1):
             raise bad("logprobs", "must be a non-negative integer, -1 (the whole vocabulary) or None")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < -1):
@@ -347,8 +350,9 @@ class SamplingParams:
 
     def check_for_model(self, vocab_size: int, tokenizer=None, grammars=None, max_logprobs: int = -1,
                         eos_token_ids=()) -> None:
-        """What needs the model: token ids inside the vocabulary (stop_token_ids too: min_tokens bans
-        them in the logits), logprobs and prompt_logprobs within the engine's `max_logprobs` (-1: no
+        """What needs the model: token ids inside the vocabulary (logit_bias, allowed_token_ids and
+        logprob_token_ids; not stop_token_ids, which vLLM 0.26 takes whatever they are: one outside never
+        stops anything), logprobs and prompt_logprobs within the engine's `max_logprobs` (-1: no
         cap; a -1 of theirs, the whole vocabulary, becomes `vocab_size` here), allowed_token_ids leaving a
         token min_tokens does not ban (`eos_token_ids`: the engine's, which it bans with stop_token_ids),
         bad_words tokenized, and the structured-output grammar compiled (`grammars`: a `GrammarBackend`).
@@ -364,8 +368,7 @@ class SamplingParams:
                                  "raise it with --max-logprobs / LLM(max_logprobs=...) (-1: no cap)")
             if whole:
                 setattr(self, name, vocab_size)
-        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {}),
-                          ("allowed_token_ids", self.allowed_token_ids or []),
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("allowed_token_ids", self.allowed_token_ids or []),
                           ("logprob_token_ids", self.logprob_token_ids or [])):
             for t in ids:
                 if t >= vocab_size:

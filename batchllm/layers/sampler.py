@@ -124,9 +124,11 @@ def _apply_bans(logits: torch.Tensor, specs: list[SamplingSpec], histories: list
     """Ban min_tokens' stop tokens (`banned_token_ids`) and apply the rows' adjustments (histories: None where no
     row has any), in place on fp32 `logits` already under the grammar's mask. Invariant: a row the bans leave no
     token keeps one it may take: a grammar row what its grammar allows (the grammar wins: a token outside it would
-    leave the request unconstrained), else its allowed_token_ids (`keep_an_allowed_token`)."""
-    device = logits.device
-    banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids]
+    leave the request unconstrained), else its allowed_token_ids (`keep_an_allowed_token`). A banned id outside
+    [0, vocabulary) names no token (stop_token_ids take any integer, as in vLLM 0.26): nothing to ban, and it is
+    never used as an index (it would be out of range, or wrap around to another token)."""
+    device, vocab = logits.device, logits.shape[-1]
+    banned = [(i, t) for i, s in enumerate(specs) for t in s.banned_token_ids if 0 <= t < vocab]
     adjusted = histories is not None
     grammar_rows = grammar_mask[1] if grammar_mask is not None and (banned or adjusted) else None
     allowed_by_grammar = logits[grammar_rows] if grammar_rows is not None else None  # (a copy: indexed by rows)

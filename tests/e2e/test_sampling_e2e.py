@@ -163,6 +163,19 @@ def test_a_stop_tokens_text_is_left_out(default_llm):
     assert "<|im_end|>" not in raw.text and raw.text == tokenizer.decode(raw.token_ids[:-1])
 
 
+def test_stop_token_ids_no_token_has_never_stop_and_are_not_banned(default_llm):
+    """As vLLM 0.26: stop_token_ids outside the vocabulary (or negative) are taken and, never sampled, never end
+    the output; under min_tokens they ban nothing (they indexed the logits out of range, or failed the request).
+    The output is the one without them, token for token."""
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    vocab = default_llm.llm_engine.get_model_config().get_vocab_size()
+    plain = default_llm.chat(conv, SamplingParams(temperature=0, max_tokens=20, min_tokens=3), use_tqdm=False)
+    odd = SamplingParams(temperature=0, max_tokens=20, min_tokens=3, stop_token_ids=[vocab, vocab + 7, -1, 2**70])
+    got = default_llm.chat(conv, odd, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert got[0].outputs[0].finish_reason == plain[0].outputs[0].finish_reason == "stop", "ended by EOS"
+
+
 def test_chat_continues_the_final_message(default_llm):
     """vLLM's LLM.chat(continue_final_message=True): the assistant's last message is continued, not closed
     (the keyword was a TypeError)."""

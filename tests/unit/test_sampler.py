@@ -88,6 +88,19 @@ def test_greedy_is_argmax_and_banned_tokens_are_never_chosen():
     assert tokens == [0, 1]
 
 
+def test_banned_ids_outside_the_vocabulary_ban_nothing_and_never_index():
+    """stop_token_ids take any integers (as vLLM 0.26): below min_tokens they reach banned_token_ids, and one
+    outside [0, vocab) indexed the logits out of range (a device assert on a GPU; 2**70 overflowed int64) or, if
+    negative, wrapped around to ban another token. Such ids name no token: nothing is banned for them."""
+    logits = logits_row()[None, :].repeat(3, 1)
+    specs = [spec(temperature=0.0, banned_token_ids=(-8, -1, 8, 2**70)),
+             spec(temperature=0.0, banned_token_ids=(-8, 0, 9)), spec(temperature=0.0, banned_token_ids=(-7,))]
+    tokens, _ = _sample(logits, specs, None, torch.Generator().manual_seed(0))
+    assert tokens == [0, 1, 0]
+    probs = processed_probs(logits_row()[None, :], [spec(banned_token_ids=(-1, 8))])[0]
+    assert probs[7] == 0 and math.isclose(probs[0].item(), 0.4, rel_tol=1e-5), "row unchanged by the bans"
+
+
 def test_a_seeded_row_does_not_depend_on_its_neighbours():
     def run(batch_before: int, seeded_neighbours: bool = False):
         n = batch_before + 1

@@ -22,7 +22,8 @@ from batchllm import SamplingParams
         ({"min_tokens": 5, "max_tokens": 3}, "min_tokens"),
         ({"stop": 3}, "stop"),
         ({"stop": [""]}, "stop"),
-        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": [1.5]}, "stop_token_ids"),
+        ({"stop_token_ids": 7}, "stop_token_ids"),
         ({"logprobs": -2}, "logprobs"),  # (-1: the whole vocabulary, as in vLLM)
         ({"prompt_logprobs": -2}, "prompt_logprobs"),
         ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
@@ -117,12 +118,25 @@ def test_error_messages_quote_values_briefly():
     assert len(str(e.value)) < 300
 
 
-@pytest.mark.parametrize("field,value", [("stop_token_ids", [7, 10]), ("allowed_token_ids", [10]),
-                                         ("logit_bias", {10: 1.0})])
+@pytest.mark.parametrize("field,value", [("allowed_token_ids", [10]), ("logit_bias", {10: 1.0}),
+                                         ("logprob_token_ids", [7, 10])])
 def test_token_ids_outside_the_vocabulary_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams.{field}: token id 10 is outside the vocabulary \[0, 10\)"):
         SamplingParams(**{field: value}).check_for_model(10)
     SamplingParams(**{field: [7, 9] if field != "logit_bias" else {9: 1.0}}).check_for_model(10)
+
+
+def test_stop_token_ids_take_any_integers_as_vllm_026_does():
+    """vLLM 0.26 checks only that stop_token_ids are integers (SamplingParams._verify_args; its processor does not
+    bound them): an id no token has can never be sampled, so it never stops anything. They were refused, failing
+    the line ('outside the vocabulary', 'non-negative')."""
+    for ids in ([10], [-1], [7, 2**70], [3, 3]):
+        params = SamplingParams(stop_token_ids=ids, min_tokens=2, allowed_token_ids=[9])
+        params.check_for_model(10)
+        assert params.stop_token_ids == ids
+    for bad in ([1.5], ["7"], [True], [None], 7, "7"):
+        with pytest.raises(ValueError, match=r"SamplingParams.stop_token_ids must be a list of integers"):
+            SamplingParams(stop_token_ids=bad)
 
 
 def test_vllms_prompt_types_and_clone_port_unchanged(tiny_model_factory):
