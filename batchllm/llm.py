@@ -25,7 +25,7 @@ import numpy as np
 from batchllm.beam_search import BeamSearchOutput, run_beam_search
 from batchllm.config import EngineConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
-from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, output_budget
+from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, kv_tokens_written, output_budget
 from batchllm.core.scheduler import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
@@ -399,16 +399,16 @@ class LLM:
 
     def kv_cache_problem(self, num_prompt_tokens: int, params: SamplingParams) -> str | None:
         """Why a completion of this prompt could not fit the KV cache even alone (its prompt and max_tokens,
-        at most the context, need more tokens than the cache holds), or None. Such a request would stop
+        at most the context, write more tokens than the cache holds: all but the last output token,
+        `kv_tokens_written`, as `Scheduler.kv_blocks_needed` counts them), or None. Such a request would stop
         the engine; vLLM refuses to start where the cache cannot hold max_model_len tokens, here only the
         prompts that need more fail (`generate` raises naming the prompt, `run` fails the line). Without
         max_tokens a request runs to the context or to what the cache holds (`Scheduler._max_total_tokens`),
-        so only a prompt the cache cannot hold with one output token is a problem."""
+        so only a prompt the cache cannot hold (with one output token, which it does not write) is a problem."""
         capacity = self.kv_cache_tokens
-        if params.max_tokens is None:
-            needed = num_prompt_tokens + 1
-        else:
-            needed = num_prompt_tokens + output_budget(num_prompt_tokens, params.max_tokens, 0, self.max_model_len)
+        outputs = 1 if params.max_tokens is None else output_budget(num_prompt_tokens, params.max_tokens, 0,
+                                                                    self.max_model_len)
+        needed = kv_tokens_written(num_prompt_tokens + max(outputs, 1))
         if capacity is None or needed <= capacity:
             return None
         return (f"the prompt ({num_prompt_tokens} tokens) and its completion may need {needed} tokens of KV cache, "

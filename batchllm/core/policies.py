@@ -72,6 +72,14 @@ def expected_output_tokens(request: Request, max_model_len: int, cap: int = UNBO
                          max_model_len, cap)
 
 
+def kv_tokens_written(total_tokens: int) -> int:
+    """KV cache entries a request writes while it grows to `total_tokens` tokens (prompt + outputs): all but the
+    last, a sampled token that ends the request without being fed back (a request of prompt P and max_tokens M
+    writes at most P + M - 1; the scheduler never computes a token bound to be the last, even on a placeholder:
+    `scheduler._waits_for_pending_token`). The context limit stays vLLM's: P + M <= max_model_len."""
+    return total_tokens - 1
+
+
 def output_budget(num_tokens: int, max_tokens: int | None, num_output_tokens: int, max_model_len: int,
                   cap: int = UNBOUNDED_OUTPUT_ESTIMATE) -> int:
     """Output tokens still planned for a sequence of `num_tokens` tokens (of which `num_output_tokens`
@@ -102,12 +110,14 @@ class MemoryAdmission:
         self.projected_blocks = 0
 
     def projection(self, request: Request) -> int:
-        """Blocks the request holds at most beside its prefixes: its table for its tokens (and, but for a prefix,
-        its expected output) less the full blocks it shares with its parent. Its copy of the parent's partial last
+        """Blocks the request holds at most beside its prefixes: its table for the tokens it writes (a prefix: its
+        tokens; a request: its tokens and expected output but the last output token, never written:
+        `kv_tokens_written`) less the full blocks it shares with its parent. Its copy of the parent's partial last
         block is one of those table blocks (it held one more here, +1 on top, charged twice)."""
         end = request.num_tokens
         if not request.is_prefix:
-            end += expected_output_tokens(request, self.max_model_len, self.unbounded_output_estimate)
+            expected = expected_output_tokens(request, self.max_model_len, self.unbounded_output_estimate)
+            end = kv_tokens_written(end + expected) if expected else end
         return -(-end // self.block_size) - request.fork_point // self.block_size
 
     def can_admit(self, request: Request, nothing_running: bool) -> bool:

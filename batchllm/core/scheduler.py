@@ -32,7 +32,7 @@ from itertools import chain
 from batchllm.config import SchedulerConfig
 from batchllm.core import prompt_logprobs
 from batchllm.core.kv_cache_manager import KVCacheManager
-from batchllm.core.policies import MemoryAdmission
+from batchllm.core.policies import MemoryAdmission, kv_tokens_written
 from batchllm.outputs import (
     PLACEHOLDER_TOKEN_ID,
     LogitsAdjust,
@@ -187,8 +187,9 @@ class Scheduler:
             parent.pending_members.append(request)
 
     def kv_blocks_needed(self, request: Request) -> int:
-        """KV blocks the pool must hold for a request at once: its own table, for its prompt and max_tokens (at
-        most the context; without max_tokens, `_max_total_tokens`), and the last block of each prefix above it
+        """KV blocks the pool must hold for a request at once, exactly: its own table, for the tokens it writes
+        (its prompt and max_tokens, at most the context, without max_tokens `_max_total_tokens`, less the last
+        output token, which is never written: `kv_tokens_written`), and the last block of each prefix above it
         that ends inside a block: that prefix keeps its partial block while the member writes into a copy (or,
         nested, its own prefix's copy). A prefix ending on a block boundary costs nothing more: the member shares
         all of its blocks, which it would otherwise hold itself."""
@@ -196,20 +197,21 @@ class Scheduler:
         while prefix is not None:
             partial += prefix.num_prompt_tokens % self.kv.block_size != 0
             prefix = prefix.parent
-        return self.kv.blocks_for(self._max_total_tokens(request)) + partial
+        return self.kv.blocks_for(kv_tokens_written(self._max_total_tokens(request))) + partial
 
     def _max_total_tokens(self, request: Request) -> int:
         """Prompt and output tokens the request may reach: with max_tokens, at most the context; without
-        (vLLM's None), the context or what the whole cache holds, whichever is less (vLLM would not start with
-        a cache smaller than the context), but at least one output token (a prompt the cache cannot hold is
-        then refused by name). Whatever else is in the batch: such a member that cannot also hold copies of
+        (vLLM's None), the context or what the whole cache holds (one token more than its entries: the last
+        token is never written, `kv_tokens_written`), whichever is less (vLLM would not start with a cache
+        smaller than the context), but at least one output token (a prompt the cache cannot hold is then
+        refused by name). Whatever else is in the batch: such a member that cannot also hold copies of
         its prefixes' last blocks shares prefixes ending on block boundaries instead (`LLM._crowded_members`),
         with the same limit."""
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:
             return min(self.max_model_len, request.num_prompt_tokens + max_tokens)
         cache_tokens = self.kv.pool.num_blocks * self.kv.block_size
-        return max(request.num_prompt_tokens + 1, min(self.max_model_len, cache_tokens))
+        return max(request.num_prompt_tokens + 1, min(self.max_model_len, cache_tokens + 1))
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -253,16 +253,19 @@ def test_generate_refuses_a_prompt_the_kv_cache_cannot_hold(tiny_model_factory):
     try:
         assert llm.kv_cache_tokens == 64
         # num_kv_blocks fixes the cache's size over the memory settings: raising those would change nothing
-        with pytest.raises(ValueError, match=r"prompt 1: the prompt \(60 tokens\) and its completion may need 70 "
+        # 60 + 10 tokens write 69 (the last output token is never written: `kv_tokens_written`)
+        with pytest.raises(ValueError, match=r"prompt 1: the prompt \(60 tokens\) and its completion may need 69 "
                                              r"tokens of KV cache, but the cache holds 64; raise num_kv_blocks "
                                              r"\(--num-kv-blocks, now 4\), which fixes the cache's size over "
                                              r"--kv-cache-memory-gib and --gpu-memory-utilization or lower max_tokens"):
             llm.generate([[5] * 10, [5] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
         # max_tokens None: up to the context or to what the cache holds (Scheduler._max_total_tokens)
-        with pytest.raises(ValueError, match=r"the prompt \(64 tokens\) and its completion may need 65"):
-            llm.generate([[5] * 64], SamplingParams(max_tokens=None), use_tqdm=False)
+        with pytest.raises(ValueError, match=r"the prompt \(65 tokens\) and its completion may need 65"):
+            llm.generate([[5] * 65], SamplingParams(max_tokens=None), use_tqdm=False)
         unbounded = llm.generate([[5] * 10], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)
-        assert len(unbounded[0].outputs[0].token_ids) == 64 - 10
+        assert len(unbounded[0].outputs[0].token_ids) == 64 - 10 + 1
+        assert len(llm.generate([[5] * 64], SamplingParams(max_tokens=None), use_tqdm=False)[0].outputs[0].token_ids) \
+            == 1, "a prompt filling the cache writes it whole and samples one token"
         assert len(llm.generate([[5] * 10], SamplingParams(max_tokens=10), use_tqdm=False)[0].outputs[0].token_ids)
     finally:
         llm.shutdown()

@@ -186,3 +186,36 @@ def test_engine_waits_for_the_step_in_flight_when_nothing_else_can_run():
     assert update.request_id == "only" and update.finish_reason == "length"
     assert not engine.has_unfinished()
     assert len(engine.step_log) == 1
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("stop", [False, True], ids=["length", "stop-ids"])
+def test_requests_that_fit_the_pool_exactly_run_as_in_a_larger_pool(overlap, stop):
+    """A request of prompt P and max_tokens M writes P + M - 1 tokens: its last token is sampled, never fed back.
+    The worst case counted P + M, so at an exact block multiple (10 + 11 tokens, 20 written: 5 blocks of 4) it
+    was refused ("may need 6 KV blocks but the cache has 5") and admission charged it one block too many. It now
+    runs in a pool of exactly its blocks, one at a time or beside a prefix that ends on a block boundary, with
+    placeholders and stop ids (a wasted decode is never past the last token), and the fake runner, which writes
+    every token through the block table, never writes past the blocks (an IndexError there)."""
+    rng = random.Random(0)
+    shared = [rng.randrange(1, 500) for _ in range(8)]  # 2 whole blocks
+    prompts = [shared + [rng.randrange(1, 500) for _ in range(2)] for _ in range(3)] + [list(range(1, 11))]
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), KVCacheManager(5, 4), 512)
+    assert sched.kv_blocks_needed(Request("x", prompts[-1], SamplingParams(max_tokens=11))) == 5
+    for sharing in (False, True):
+        exact, *_ = run(prompts, overlap=overlap, sharing=sharing, num_blocks=5, max_tokens=11, stop=stop,
+                        min_tokens=3)
+        roomy, *_ = run(prompts, overlap=overlap, sharing=sharing, num_blocks=50, max_tokens=11, stop=stop,
+                        min_tokens=3)
+        assert exact == roomy
+        assert stop or all(len(tokens) == 11 for tokens, _ in exact.values())
+    with pytest.raises(ValueError, match="may need 6 KV blocks but the cache has 5"):
+        run(prompts[-1:], overlap=overlap, num_blocks=5, max_tokens=12)
+
+
+def test_admission_charges_the_tokens_a_request_writes():
+    """Two requests writing 20 tokens each (10 + 11, the last never written) are 5 blocks each: both start at once
+    in a pool of 10 (each was charged 6, so the second waited for the first to finish)."""
+    _, _, executor = run([list(range(1, 11)), list(range(21, 31))], overlap=False, sharing=False, num_blocks=10,
+                         max_tokens=11)
+    assert [r.request_id for r in executor.batches[0].requests] == ["r0", "r1"]

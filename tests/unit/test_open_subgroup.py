@@ -33,7 +33,7 @@ def nested_prompts(rng):
 def test_open_blocks_equals_the_old_sum_and_admits_the_same(seed, monkeypatch):
     rng = random.Random(seed)
     prompts = nested_prompts(rng)
-    kwargs = dict(num_blocks=rng.choice([10, 11, 12, 14]), max_tokens=rng.randrange(2, 8),
+    kwargs = dict(num_blocks=rng.choice([10, 11, 12, 14]), max_tokens=rng.randrange(3, 9),
                   budget=rng.choice([16, 32, 64]), threshold=rng.choice([1.0, 2.0]))
     compared = []
     real = MemoryAdmission.open_blocks

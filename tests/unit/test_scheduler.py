@@ -313,9 +313,10 @@ def test_without_max_tokens_a_request_runs_to_what_the_cache_holds_when_that_is_
             llm.generate([list(range(5, 70))], params, use_tqdm=False)
     finally:
         llm.shutdown()
-    assert (len(alone.token_ids), alone.finish_reason) == (64 - 3, "length")
-    assert [len(o.outputs[0].token_ids) for o in siblings] == [64 - 21, 64 - 21]
-    assert [len(c.token_ids) for c in three.outputs] == [64 - 3] * 3
+    # the cache's 64 entries hold every token but the last, which is never written (`kv_tokens_written`)
+    assert (len(alone.token_ids), alone.finish_reason) == (64 - 3 + 1, "length")
+    assert [len(o.outputs[0].token_ids) for o in siblings] == [64 - 21 + 1, 64 - 21 + 1]
+    assert [len(c.token_ids) for c in three.outputs] == [64 - 3 + 1] * 3
 
 
 def test_without_max_tokens_in_a_small_cache_members_still_share_their_prefix_to_its_last_full_block(
@@ -341,9 +342,33 @@ def test_without_max_tokens_in_a_small_cache_members_still_share_their_prefix_to
                 llm.generate(prompts[:2], params, use_tqdm=False)
         finally:
             llm.shutdown()
-    assert outputs[True] == outputs[False] and [len(t) for t in outputs[True]] == [128 - 43] * 4
+    assert outputs[True] == outputs[False] and [len(t) for t in outputs[True]] == [128 - 43 + 1] * 4
     assert stats[True]["planned_prefill_tokens"] == 32 + 4 * 11 and stats[True]["num_groups"] == 1
     assert stats[False]["planned_prefill_tokens"] == 4 * 43
     assert stats[True]["num_block_copies"] == 0
     warnings = [r.getMessage() for r in caplog.records if "last full block" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("4 of 4 requests") and "--num-kv-blocks, now 8" in warnings[0]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_a_request_that_fits_the_kv_cache_exactly_runs_as_in_a_larger_cache(tiny_model_factory, overlap):
+    """A prompt of 30 tokens with max_tokens 35 writes 64 tokens of KV (its last token is never written): it fits
+    a cache of 4 blocks of 16 exactly, where it was refused ("may need 65 tokens of KV cache, but the cache holds
+    64"). Its tokens are those of a cache 4 times larger; one token more is still refused, naming 65."""
+    from batchllm import LLM
+
+    prompts = [list(range(5, 35)), list(range(40, 70))]
+    params = SamplingParams(max_tokens=35, temperature=0, ignore_eos=True)
+    outputs = {}
+    for blocks in (4, 16):
+        llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=blocks,
+                  block_size=16, async_scheduling=overlap)
+        try:
+            assert llm.kv_cache_problem(30, params) is None
+            outputs[blocks] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            if blocks == 4:
+                with pytest.raises(ValueError, match=r"may need 65 tokens of KV cache, but the cache holds 64"):
+                    llm.generate(prompts[:1], SamplingParams(max_tokens=36), use_tqdm=False)
+        finally:
+            llm.shutdown()
+    assert outputs[4] == outputs[16] and [len(t) for t in outputs[4]] == [35, 35]
