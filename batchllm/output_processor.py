@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 
 from batchllm.outputs import TokenLogprobs
 from batchllm.request_output import CompletionOutput, Logprob
@@ -118,6 +119,33 @@ def _leading_space_marker(tokenizer) -> str | None:
         if sub.get("type") == "Metaspace":
             return sub.get("replacement", "\u2581")
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def text_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """`ids -> tokenizer.decode(ids, skip_special_tokens=...)`: the same text, called once per token of an output
+    whose text is streamed (`_TextStream`) or searched for stop strings. For an HF fast tokenizer whose `decode`
+    adds nothing to its Rust backend's (no override of `decode` / `_decode`, no clean-up of tokenization spaces),
+    the backend's `decode` itself, as vLLM's detokenizer calls it: HF's wrapper (`to_py_obj` walking the list,
+    argument handling) cost ~8 us a call against ~1.5 us for the decode. Invariant: the text is always
+    `tokenizer.decode`'s for a list of ints; any other tokenizer (a test's stand-in, a slow or customised one)
+    gets `tokenizer.decode` itself."""
+    def through_wrapper(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend as Fast
+        except ImportError:  # transformers 4: the fast tokenizers' base
+            from transformers import PreTrainedTokenizerFast as Fast
+    except ImportError:
+        return through_wrapper
+    plain = (isinstance(tokenizer, Fast) and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+             and type(tokenizer)._decode is Fast._decode and callable(getattr(backend, "decode", None))
+             and not getattr(tokenizer, "clean_up_tokenization_spaces", True))
+    return functools.partial(backend.decode, skip_special_tokens=skip_special_tokens) if plain else through_wrapper
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -289,6 +317,8 @@ class CompletionState:
         if not params.detokenize:  # (vLLM's detokenize=False: no text, no decoded logprob tokens)
             self.tokenizer = tokenizer = None
         self._watch_stops = bool(params.stop_strings) and tokenizer is not None
+        self._decode_text = text_decoder(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
+        """`tokenizer.decode` with this output's skip_special_tokens (`text_decoder`)."""
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
         self.stop_text: str | None = None
         """Text cut at the matched stop string, once one matched."""
@@ -340,7 +370,7 @@ class CompletionState:
                 + _REDECODE_MARGIN + _WINDOW_SLACK)
         window = need
         while window < len(tokens):
-            text = self.tokenizer.decode(tokens[-window:], skip_special_tokens=self.params.skip_special_tokens)
+            text = self._decode_text(tokens[-window:])
             if len(text) >= need:
                 return "\ufffd" in text or any(stop in text for stop in self.params.stop_strings)
             window *= 2
@@ -362,9 +392,8 @@ class CompletionState:
         if "\ufffd" not in text:
             return text
         if self._stream is None:
-            skip = self.params.skip_special_tokens
-            self._stream = _TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip),
-                                       _prime(self._prompt_token_ids, self.tokenizer, skip))
+            self._stream = _TextStream(self._decode_text,
+                                       _prime(self._prompt_token_ids, self.tokenizer, self.params.skip_special_tokens))
             self._stream_from = count
         return self._stream.text(self.token_ids, count)
 
@@ -375,12 +404,12 @@ class CompletionState:
             wanted = self._prompt_token_ids is not None and _alone_drops_a_leading_space(self.tokenizer)
             self._primer = _prime(self._prompt_token_ids, self.tokenizer, skip) if wanted else None
         if self._primer is None or not token_ids:
-            return self.tokenizer.decode(token_ids, skip_special_tokens=skip)
+            return self._decode_text(list(token_ids))
         primer_ids, primer_text = self._primer
-        text = self.tokenizer.decode(primer_ids + list(token_ids), skip_special_tokens=skip)
+        text = self._decode_text(primer_ids + list(token_ids))
         if text.startswith(primer_text):
             return text[len(primer_text):]
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip)  # the prompt's text changed: alone
+        return self._decode_text(list(token_ids))  # the prompt's text changed: alone
 
     def finish(self, reason: str, stop_reason: int | str | None) -> None:
         self.finish_reason = reason
