@@ -122,17 +122,9 @@ def _leading_space_marker(tokenizer) -> str | None:
 
 
 @functools.lru_cache(maxsize=16)
-def text_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
-    """`ids -> tokenizer.decode(ids, skip_special_tokens=...)`: the same text, called once per token of an output
-    whose text is streamed (`_TextStream`) or searched for stop strings. For an HF fast tokenizer whose `decode`
-    adds nothing to its Rust backend's (no override of `decode` / `_decode`, no clean-up of tokenization spaces),
-    the backend's `decode` itself, as vLLM's detokenizer calls it: HF's wrapper (`to_py_obj` walking the list,
-    argument handling) cost ~8 us a call against ~1.5 us for the decode. Invariant: the text is always
-    `tokenizer.decode`'s for a list of ints; any other tokenizer (a test's stand-in, a slow or customised one)
-    gets `tokenizer.decode` itself."""
-    def through_wrapper(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
+def _plain_backend(tokenizer):
+    """The Rust tokenizer (tokenizers' `Tokenizer`) of an HF fast tokenizer whose `decode` adds nothing to the
+    backend's: no override of `decode` / `_decode`, no clean-up of tokenization spaces; else None."""
     backend = getattr(tokenizer, "_tokenizer", None)
     try:
         from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -141,12 +133,25 @@ def text_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], 
         except ImportError:  # transformers 4: the fast tokenizers' base
             from transformers import PreTrainedTokenizerFast as Fast
     except ImportError:
-        return through_wrapper
+        return None
     plain = (isinstance(tokenizer, Fast) and type(tokenizer).decode is PreTrainedTokenizerBase.decode
              and type(tokenizer)._decode is Fast._decode and callable(getattr(backend, "decode", None))
              and not getattr(tokenizer, "clean_up_tokenization_spaces", True))
-    return functools.partial(backend.decode, skip_special_tokens=skip_special_tokens) if plain else through_wrapper
+    return backend if plain else None
 
+
+@functools.lru_cache(maxsize=16)
+def text_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """`ids -> tokenizer.decode(ids, skip_special_tokens=...)`: the same text, called per token of an output
+    whose text is searched for stop strings. For a plain HF fast tokenizer (`_plain_backend`) the backend's
+    `decode` itself, as vLLM's detokenizer calls it: HF's wrapper (`to_py_obj` walking the list, argument
+    handling) cost ~8 us a call against ~1.5 us for the decode. Invariant: the text is always
+    `tokenizer.decode`'s for a list of ints; any other tokenizer (a test's stand-in, a slow or customised one)
+    gets `tokenizer.decode` itself."""
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
+        return functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 """A byte-fallback piece of a SentencePiece vocabulary (Llama 2, Mistral): one byte of a character."""
@@ -297,6 +302,45 @@ class _TextStream:
         return new_text
 
 
+
+class _DecodeStreamText(_TextStream):
+    """`_TextStream` stepped by tokenizers' own DecodeStream (the Rust step vLLM's FastIncrementalDetokenizer calls:
+    one call per token, where the restatement makes two decodes through Python). Used only where it is the same
+    stream (`_text_stream`): a plain fast tokenizer and a primer whose text does not end in U+FFFD; DecodeStream
+    primed with the primer's ids then takes the primer's text as its prefix at the first step (its prefill), the
+    state `_TextStream` starts in, and each step is the one `_TextStream` restates, "Invalid prefix" restart
+    included. Invariants: `_TextStream`'s."""
+
+    def __init__(self, backend, skip_special_tokens: bool, primer: tuple[list[int], str] | None) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._new_stream = functools.partial(DecodeStream, skip_special_tokens=skip_special_tokens)
+        self._backend = backend
+        self._rust = self._new_stream(ids=list(primer[0])) if primer else self._new_stream()
+        self._text = ""
+        self._lengths = [0]
+
+    def _step(self, token_id: int) -> str:
+        try:
+            return self._rust.step(self._backend, token_id) or ""
+        except Exception as error:  # tokenizers raises a plain Exception, told by its message
+            if not str(error).startswith("Invalid prefix"):
+                raise
+            self._rust = self._new_stream()  # (vLLM's restart; an empty prefix cannot be invalid)
+            return self._rust.step(self._backend, token_id) or ""
+
+
+def _text_stream(tokenizer, skip_special_tokens: bool, primer: tuple[list[int], str] | None) -> _TextStream:
+    """vLLM's incremental text of one output: through tokenizers' DecodeStream where that is the same stream
+    (`_DecodeStreamText`), else the restated `_TextStream` over `tokenizer.decode`."""
+    backend = _plain_backend(tokenizer)
+    if backend is not None and (primer is None or not primer[1].endswith("\ufffd")):
+        try:
+            return _DecodeStreamText(backend, skip_special_tokens, primer)
+        except (ImportError, TypeError):  # a tokenizers release without DecodeStream or its primer ids
+            pass
+    return _TextStream(text_decoder(tokenizer, skip_special_tokens), primer)
+
 class CompletionState:
     def __init__(self, index: int, params: SamplingParams, tokenizer, prompt_token_ids=None) -> None:
         """`prompt_token_ids`: where a tokenizer's pieces lose their leading space decoded alone, the output's
@@ -392,8 +436,8 @@ class CompletionState:
         if "\ufffd" not in text:
             return text
         if self._stream is None:
-            self._stream = _TextStream(self._decode_text,
-                                       _prime(self._prompt_token_ids, self.tokenizer, self.params.skip_special_tokens))
+            skip = self.params.skip_special_tokens
+            self._stream = _text_stream(self.tokenizer, skip, _prime(self._prompt_token_ids, self.tokenizer, skip))
             self._stream_from = count
         return self._stream.text(self.token_ids, count)
 

@@ -5,6 +5,7 @@ wrapper was ~40% of the host time per step of `benchmarks/host_overhead.py`. The
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -66,3 +67,35 @@ def test_streamed_text_does_not_call_hf_decode_per_token(tokenizer, monkeypatch)
     assert "\ufffd" in tokenizer.decode(output)
     assert state.to_output().text == text
     assert len(calls) < 20, f"HF's decode ran {len(calls)} times for a 200-token output"
+
+
+@pytest.mark.parametrize("style", ["byte-level", "llama2", "metaspace"])
+def test_decode_stream_steps_as_the_restated_stream(style, tokenizer):
+    """`_DecodeStreamText` (tokenizers' DecodeStream, one Rust call per token) gives `_TextStream`'s text after
+    every token, primed or not, over random outputs of stray, lead and continuation bytes, words and specials;
+    a primer whose text ends in a cut character keeps the restated stream (its start differs on purpose)."""
+    from batchllm.output_processor import _DecodeStreamText, _prime, _text_stream, _TextStream
+    from tests.unit.test_byte_fallback_text import INTERESTING_BYTES, WORDS, byte_fallback_tokenizer
+
+    if style == "byte-level":
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+        alphabet = bytes_to_unicode()
+        pieces = [alphabet[b] for b in INTERESTING_BYTES] + ["Ġok", "Ġthe", "caf", "Ã©", "<|im_end|>"]
+    else:
+        tokenizer = byte_fallback_tokenizer(style)
+        pieces = [f"<0x{b:02X}>" for b in INTERESTING_BYTES] + WORDS + ["</s>"]
+    ids = tokenizer.convert_tokens_to_ids(pieces)
+    prompts = [None, tokenizer.encode("The capital is"), tokenizer.encode("é ok")]
+    rng = random.Random(style)
+    for case in range(300):
+        output = [rng.choice(ids) for _ in range(rng.randint(1, 16))]
+        prompt, skip = rng.choice(prompts), rng.random() < 0.5
+        primer = _prime(prompt, tokenizer, skip)
+        ours = _text_stream(tokenizer, skip, primer)
+        assert isinstance(ours, _DecodeStreamText)
+        restated = _TextStream(functools.partial(tokenizer.decode, skip_special_tokens=skip), primer)
+        for count in range(len(output) + 1):
+            assert ours.text(output, count) == restated.text(output, count), (case, output, prompt, skip, count)
+    cut = tokenizer.encode("The capital is") + tokenizer.convert_tokens_to_ids(pieces[6:7])
+    primer = _prime(cut, tokenizer, False)
+    assert primer[1].endswith("\ufffd") and type(_text_stream(tokenizer, False, primer)) is _TextStream
