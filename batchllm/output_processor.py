@@ -153,6 +153,7 @@ def text_decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], 
         return functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 """A byte-fallback piece of a SentencePiece vocabulary (Llama 2, Mistral): one byte of a character."""
 
@@ -302,7 +303,6 @@ class _TextStream:
         return new_text
 
 
-
 class _DecodeStreamText(_TextStream):
     """`_TextStream` stepped by tokenizers' own DecodeStream (the Rust step vLLM's FastIncrementalDetokenizer calls:
     one call per token, where the restatement makes two decodes through Python). Used only where it is the same
@@ -340,6 +340,7 @@ def _text_stream(tokenizer, skip_special_tokens: bool, primer: tuple[list[int], 
         except (ImportError, TypeError):  # a tokenizers release without DecodeStream or its primer ids
             pass
     return _TextStream(text_decoder(tokenizer, skip_special_tokens), primer)
+
 
 class CompletionState:
     def __init__(self, index: int, params: SamplingParams, tokenizer, prompt_token_ids=None) -> None:
