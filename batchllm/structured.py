@@ -217,8 +217,7 @@ class GrammarBackend:
                                         "remove it, or check that rule after")
         try:
             if kind == "json":
-                # compact JSON (no free whitespace): a small model may otherwise emit whitespace forever
-                compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
+                compiled = self._compile_schema(xgr, text)
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(text)
             elif _is_lark(text):
@@ -233,6 +232,16 @@ class GrammarBackend:
             self._cache.popitem(last=False)  # (a request running it holds its own reference)
         return compiled
 
+    def _compile_schema(self, xgr, text: str):
+        """A JSON schema compiled as compact JSON (no free whitespace: a small model may otherwise emit it forever),
+        its length-bounded strings' characters rewritten (`escaped_bounded_strings`) where xgrammar wrote them."""
+        grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False)
+        ebnf = str(grammar)
+        fixed = escaped_bounded_strings(ebnf)
+        if fixed == ebnf:
+            return self._compiler.compile_json_schema(text, any_whitespace=False)
+        return self._compiler.compile_grammar(fixed)
+
     def new_state(self, key: tuple[str, str]) -> GrammarState:
         xgr = _import_xgrammar()
         return GrammarState(xgr.GrammarMatcher(self.compile(key)))
@@ -240,6 +249,34 @@ class GrammarBackend:
     def allocate_bitmask(self, rows: int):
         """A [rows, ceil(vocab / 32)] int32 host tensor of allowed-token bits."""
         return _import_xgrammar().allocate_token_bitmask(rows, self.vocab_size)
+
+
+_BOUNDED_CHARACTER = r'[^\"\\\r\n]'
+r"""The character class xgrammar 0.2.9 writes for one character of a string with minLength / maxLength (its issue
+#800), as a rule or inline: it lets raw control characters (a tab) into the JSON and no escape out of it. Its other
+string classes differ ([^\0-\x1f\"\\\r\n] is an unbounded string's)."""
+_EBNF_ATOM = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+"""A quoted literal or a character class of xgrammar's EBNF (a literal may hold brackets, a class quotes)."""
+_STRING_CHARACTER = r'(([^\0-\x1f\"\\]) | ("\\" {escape}))'
+_STRING_ESCAPE = (r'{escape} ::= (([\"\\/bfnrt]) | ("u" (([0-9a-cA-Ce-fE-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F]) '
+                  r'| ([dD] [0-7] [0-9a-fA-F] [0-9a-fA-F]))))')
+r"""One character of a JSON string (RFC 8259): unescaped (no control character, quote or backslash) or escaped.
+A \u escape of a UTF-16 surrogate is left out: a pair decodes to one character, which the grammar would count as two
+(a character past the BMP is written raw, one character to both)."""
+
+
+def escaped_bounded_strings(ebnf: str) -> str:
+    """`ebnf` (xgrammar's grammar of a JSON schema) with each length-bounded string's character class replaced by
+    exactly one JSON string character, raw or escaped: its repetition {min, max} then counts the decoded string's
+    characters, as JSON Schema's minLength / maxLength do. Literals and other classes are kept; unchanged where
+    xgrammar wrote no such class."""
+    if _BOUNDED_CHARACTER not in ebnf:
+        return ebnf
+    names = set(re.findall(r"^(\w+) ::=", ebnf, re.MULTILINE))
+    escape = next(name for i in range(len(names) + 1) if (name := f"json_string_escape_{i}") not in names)
+    character = _STRING_CHARACTER.format(escape=escape)
+    fixed = _EBNF_ATOM.sub(lambda atom: character if atom[0] == _BOUNDED_CHARACTER else atom[0], ebnf)
+    return fixed if fixed == ebnf else fixed.rstrip("\n") + "\n" + _STRING_ESCAPE.format(escape=escape) + "\n"
 
 
 _XGRAMMAR_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",

@@ -245,3 +245,27 @@ def test_the_compiled_grammars_kept_are_bounded(default_llm, monkeypatch):
     out = default_llm.generate("Yes or no?", SamplingParams(structured_outputs={"choice": ["a0", "b0"]}, max_tokens=4),
                                use_tqdm=False)
     assert out[0].outputs[0].text in ("a0", "b0") and first in grammars._cache, "a dropped one compiles again"
+
+
+def test_length_bounded_strings_stay_json_when_the_bias_pushes_control_characters_quotes_or_backslashes(
+        default_llm):
+    """xgrammar wrote a string with minLength / maxLength as [^"\\\r\n]{min,max}: pushed toward a tab, greedy gave
+    {"s": "\t\t\t..."} with finish_reason "stop", which json.loads refused; no escape could come out. Every answer
+    here parses and keeps its schema (lengths counted on the decoded string)."""
+    tokenizer = default_llm.get_tokenizer()
+    pushed = [tokenizer.encode(text, add_special_tokens=False) for text in ("\t", '"', "\\", '\\"')]
+    assert all(len(ids) == 1 for ids in pushed), pushed
+    def one(string):
+        return {"type": "object", "properties": {"s": string}, "required": ["s"]}
+
+    schemas = [one({"type": "string", "maxLength": 10}), one({"type": "string", "minLength": 3, "maxLength": 8}),
+               one({"type": ["string", "null"], "maxLength": 5}),
+               {"type": "array", "items": {"type": "string", "maxLength": 3}, "minItems": 1, "maxItems": 2}]
+    cases = [(schema, ids[0]) for schema in schemas for ids in pushed]
+    outs = default_llm.generate(["Write:"] * len(cases), [
+        SamplingParams(temperature=0.0, max_tokens=48, logit_bias={token: 50.0}, structured_outputs={"json": schema})
+        for schema, token in cases], use_tqdm=False)
+    for (schema, token), out in zip(cases, outs):
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", (schema, token, completion.text)
+        jsonschema.validate(json.loads(completion.text), schema)

@@ -327,3 +327,48 @@ def test_a_lark_grammar_is_converted_as_vllm_converts_it():
                          ("a: 'x", "line 1: mismatched quotes"), ("%ignore WS", "no rule found")):
         with pytest.raises(ValueError, match=message):
             lark_as_ebnf(bad)
+
+
+BOUNDED_STRINGS = [  # (schema, [(JSON answer, valid)]): the answers are JSON text, escapes as written
+    ({"type": "string", "maxLength": 3}, [
+        ('"abc"', True), ('"abcd"', False), ('""', True), ('"\t"', False), ('"\\t"', True), ('"\\"\\\\\\/"', True),
+        ('"\\n\\n\\n\\n"', False), ('"\\u00e9\\u00e9\\u00e9"', True), ('"\\u00e9\\u00e9\\u00e9\\u00e9"', False),
+        ('"é😀x"', True), ('"\x01"', False), ('"\\x"', False), ('"\\u00g0"', False)]),
+    ({"type": "string", "minLength": 2}, [('"a"', False), ('"\\t"', False), ('"\\t\\t"', True), ('"a\nb"', False),
+                                          ('"ab\\"c"', True)]),
+    ({"type": ["string", "null"], "maxLength": 2}, [("null", True), ('"\\\\\\\\"', True), ('"\t"', False)]),
+    ({"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 1}},
+     [('["\\""]', True), ('["\\"a"]', False), ('["\r"]', False), ('[]', True)]),
+    ({"type": "object", "propertyNames": {"maxLength": 2}, "additionalProperties": {"type": "integer"}},
+     [('{"\\tb": 1}', True), ('{"\tb": 1}', False), ('{"abc": 1}', False)]),
+]
+
+
+def test_length_bounded_strings_take_escapes_and_no_control_characters(default_model_dir):
+    """xgrammar 0.2.9 writes a string with minLength / maxLength as [^"\\\r\n]{min,max} (its issue #800): a raw tab
+    came out (json.loads refused the answer: "Invalid control character") and no escape could. Each answer here is
+    taken exactly where it is valid JSON that keeps the schema (the decoded string's characters counted)."""
+    xgr = pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    from transformers import AutoTokenizer
+
+    from batchllm.structured import GrammarBackend, StructuredOutputsParams, escaped_bounded_strings, grammar_key
+
+    bounded = r'[^\"\\\r\n]'  # xgrammar's class; inside a literal (or a Regex's) it is text, left alone
+    fixed = escaped_bounded_strings(f'root ::= (("{bounded}" {bounded}))\n')
+    assert fixed.startswith(f'root ::= (("{bounded}" (([^\\0-\\x1f') and fixed.count(bounded) == 1, fixed
+    assert xgr.Grammar.from_ebnf(fixed) is not None
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
+    backend = GrammarBackend(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    for schema, answers in BOUNDED_STRINGS:
+        compiled = backend.compile(grammar_key(StructuredOutputsParams(json=schema)))
+        for answer, valid in answers:
+            try:
+                jsonschema.validate(json.loads(answer), schema)
+                keeps = True
+            except (ValueError, jsonschema.ValidationError):
+                keeps = False
+            assert keeps == valid, (schema, answer)
+            matcher = xgr.GrammarMatcher(compiled)
+            taken = matcher.accept_string(answer) and matcher.accept_token(tokenizer.eos_token_id)
+            assert taken == valid, (schema, answer)
