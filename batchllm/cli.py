@@ -778,7 +778,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
             out.sync()
-            _generate_into(out, llm, valid, args, job.num_failed)
+            _generate_into((out, errors_out, file_format), llm, valid, args, job.num_failed)
         results_written()  # every result is written and its files closed: a later signal cuts no work short
         return _report(args, job, {**llm.last_stats, **phases}, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
@@ -925,10 +925,16 @@ class _InBackground:
         return self._value
 
 
-def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace, num_failed: int) -> None:
-    """Run the valid lines and append each result as it completes (`out` counts them: `_Job.num_answered_now`;
-    `num_failed`: the lines failed so far, for the progress bar). The engine loop is closed on the way out,
+def _generate_into(writers: tuple, llm, valid: list, args: argparse.Namespace, num_failed: int) -> None:
+    """Run the valid lines and append each result as it completes (`writers`: the output's and the errors file's
+    ResultWriter and the file's format; the output counts them: `_Job.num_answered_now`; `num_failed`: the lines
+    failed so far, for the progress bar). A line whose request failed while it ran (`output_error`) gets the error
+    record of a line refused before (an OpenAI line's in the errors file). The engine loop is closed on the way out,
     whatever stops it (an interrupt, a write error)."""
+    from batchllm.io.jsonl import LineError
+    from batchllm.request_output import output_error
+
+    out, errors_out, file_format = writers
     names = response_shape(args, llm.model_dir.name)
     desc = f"tokens ({num_failed} lines failed)" if num_failed else "tokens"
     results = llm.iter_generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
@@ -936,7 +942,12 @@ def _generate_into(out: ResultWriter, llm, valid: list, args: argparse.Namespace
     tokenizer = llm.get_tokenizer()
     try:
         for index, output in results:
-            out.write(record_for(valid[index].line, output, names, tokenizer))
+            line = valid[index].line
+            if (error := output_error(output)) is not None:
+                failed = LineError.for_line(line, error)
+                (errors_out if failed.is_openai(file_format) else out).write(failed.record(file_format))
+            else:
+                out.write(record_for(line, output, names, tokenizer))
     finally:
         try:
             results.close()  # aborts what still runs; its statistics land in llm.last_stats

@@ -47,6 +47,7 @@ from batchllm.progress import TokenProgress
 from batchllm.request import Request
 from batchllm.request_output import RequestOutput
 from batchllm.sampling_params import TRUNCATION_SIDE_NOTE, TRUNCATION_SIDES, BeamSearchParams, SamplingParams
+from batchllm.structured import GrammarState
 
 logger = logging.getLogger("batchllm")
 logger.setLevel(default_log_level())  # handlers are the application's (the CLI adds one)
@@ -535,6 +536,8 @@ class LLM:
                 requests.append(request)
                 state = CompletionState(k, child_params, self.tokenizer, prompt.token_ids)
                 call.states[request.request_id] = (index, state)
+                if child_params.grammar_key is not None:  # (its grammar compiled at validation)
+                    call.grammars[request.request_id] = self.prompts.grammars.new_state(child_params.grammar_key)
                 children.append(state)
             call.pending[index] = children
         plan_started = time.perf_counter()
@@ -629,8 +632,11 @@ class LLM:
             index, state = call.states[update.request_id]
             if update.prompt_logprobs is not None:
                 state.prompt_logprobs = update.prompt_logprobs
-            matched = state.append(update.new_token_id, update.logprobs, stop_terminated=update.finish_reason == "stop")
-            if matched is not None:
+            checker = call.grammars.get(update.request_id)
+            if checker is not None and (refusal := checker.refusal(update.new_token_id)) is not None:
+                self._end_with_error(update, state, refusal, index)
+            elif (matched := state.append(update.new_token_id, update.logprobs,
+                                          stop_terminated=update.finish_reason == "stop")) is not None:
                 if update.finish_reason is None:
                     core.finish_requests([update.request_id], "stop", matched)
                 state.finish("stop", matched)
@@ -639,6 +645,7 @@ class LLM:
             else:
                 continue
             del call.states[update.request_id]
+            call.grammars.pop(update.request_id, None)
             call.planned_tokens -= max(0, call.budgets.pop(update.request_id) - len(state.token_ids))
             children = call.pending[index]
             if all(c.finish_reason is not None for c in children):
@@ -650,6 +657,16 @@ class LLM:
                                                   prompt_logprobs=self._prompt_logprobs(prompt, children[0]),
                                                   num_cached_tokens=call.num_cached_tokens.pop(index))))
         return done
+
+    def _end_with_error(self, update, state: CompletionState, error: str, index: int) -> None:
+        """End a completion whose grammar refused its token `update` (`GrammarState.refusal`): finish_reason "error"
+        (vLLM's for a request that failed) with `error` on its output, the token left out; said in the log, naming
+        the prompt. The other requests go on."""
+        if update.finish_reason is None:
+            self.engine.core.finish_requests([update.request_id], "error")
+        state.finish("error", None)
+        state.error = error
+        logger.warning("prompt %d: %s", index, error)
 
     def _prompt_logprobs(self, prompt: TokenizedPrompt, first: CompletionState):
         """vLLM's RequestOutput.prompt_logprobs from the first completion's (only it computes them);
@@ -725,6 +742,8 @@ class _Call:
     """Engine requests made: one per completion (n of them for a prompt of n > 1)."""
     states: dict[str, tuple[int, CompletionState]] = dataclasses.field(default_factory=dict)
     """Unfinished completions by request id: (prompt index, state)."""
+    grammars: dict[str, GrammarState] = dataclasses.field(default_factory=dict)
+    """Unfinished structured completions' checks of their tokens (`GrammarState.refusal`), by request id."""
     pending: dict[int, list[CompletionState]] = dataclasses.field(default_factory=dict)
     """Prompts with an unfinished completion: their completions' states."""
     plans: list[dict] = dataclasses.field(default_factory=list)

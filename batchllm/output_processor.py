@@ -370,6 +370,8 @@ class CompletionState:
         self._min_tokens_text_len: int | None = None
         """Characters of the first min_tokens tokens (set at the first stop-string search past them)."""
         self.finish_reason: str | None = None
+        self.error: str | None = None
+        """Why the completion failed (finish_reason "error"), for its CompletionOutput.error."""
         self.stop_reason: int | str | None = None
         self.prompt_logprobs: list[TokenLogprobs] | None = None
         """Set once, with the first output token, when params.prompt_logprobs asked for them."""
@@ -476,6 +478,9 @@ class CompletionState:
             text = ""
         if self.logprobs is not None and self.tokenizer is not None:
             _decode_entries(self.logprobs, self.tokenizer)
-        return CompletionOutput(index=self.index, text=text, token_ids=list(self.token_ids),
-                                cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
-                                finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        output = CompletionOutput(index=self.index, text=text, token_ids=list(self.token_ids),
+                                  cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
+                                  finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        if self.error is not None:
+            output.error = self.error
+        return output

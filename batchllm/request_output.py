@@ -29,11 +29,15 @@ class CompletionOutput:
     cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
-    """'stop' or 'length' (or 'abort')."""
+    """'stop' or 'length' (or 'abort'; 'error', vLLM's for a request that failed: see `error`)."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended generation; None for EOS or length."""
     lora_request: None = None
     """vLLM's field: always None (no LoRA adapters here)."""
+
+    error = None  # (no annotation: an attribute, not a dataclass field, as Logprob.token_bytes)
+    """str | None: why a completion whose finish_reason is 'error' failed (a structured-output grammar that no
+    string completes), set on the instance; None otherwise. `run` writes such a line as an error record."""
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -66,3 +70,13 @@ class RequestOutput:
     @property
     def num_output_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+def output_error(output: RequestOutput) -> str | None:
+    """Why a prompt's output failed: its first failed completion's `CompletionOutput.error` (with n > 1, "completion
+    k: ..."); None where none failed. A batch writes such a prompt as a failed line, not as an answer."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            error = completion.error or "the request failed"
+            return error if len(output.outputs) == 1 else f"completion {completion.index}: {error}"
+    return None

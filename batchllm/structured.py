@@ -227,6 +227,9 @@ class GrammarBackend:
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors
             what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
             raise StructuredOutputError(f"structured output: the {what} cannot be compiled: {_reason(e)}") from e
+        if not GrammarState(xgr.GrammarMatcher(compiled), self.vocab_size).allows_a_token():
+            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
+            raise StructuredOutputError(f"structured output: the {what} matches no string (it allows no first token)")
         self._cache[key] = compiled
         while len(self._cache) > GRAMMARS_CACHED:
             self._cache.popitem(last=False)  # (a request running it holds its own reference)
@@ -244,7 +247,7 @@ class GrammarBackend:
 
     def new_state(self, key: tuple[str, str]) -> GrammarState:
         xgr = _import_xgrammar()
-        return GrammarState(xgr.GrammarMatcher(self.compile(key)))
+        return GrammarState(xgr.GrammarMatcher(self.compile(key)), self.vocab_size)
 
     def allocate_bitmask(self, rows: int):
         """A [rows, ceil(vocab / 32)] int32 host tensor of allowed-token bits."""
@@ -601,14 +604,16 @@ def unenforced_schema_feature(schema: Any) -> str | None:
 
 
 class GrammarState:
-    """One request's matcher and how many of its outputs it has accepted."""
+    """One request's matcher and how many of its outputs it has accepted. The runner keeps one per request to mask
+    its logits (`advance`, `fill`); the facade keeps another to check each token the request gets (`refusal`)."""
 
-    def __init__(self, matcher) -> None:
-        self.matcher = matcher
+    def __init__(self, matcher, vocab_size: int) -> None:
+        self.matcher, self.vocab_size = matcher, vocab_size
         self.num_accepted = 0
         self.broken = False
-        """Set if the matcher refused a token (it never should: the masks allow only what it accepts);
-        the request then goes on unconstrained rather than failing the batch."""
+        """Set once the matcher refused a token: the grammar allowed none (no string completes it), the row was
+        unmasked and the sampler's token broke it. The runner then masks nothing more; the facade's own state has
+        refused the same token and ends the request with an error (`refusal`)."""
 
     def advance(self, outputs: list[int]) -> None:
         """Accept the outputs not yet accepted (none after the grammar ended: `fill`)."""
@@ -618,9 +623,32 @@ class GrammarState:
             if self.broken or self.matcher.is_terminated():  # (ignore_eos: the answer goes on past its end)
                 continue
             if not self.matcher.accept_token(token):
-                logger.warning("structured output: the grammar refused token %d; the request goes on unconstrained",
-                               token)
+                logger.debug("structured output: the grammar refused token %d; no more masks for its request", token)
                 self.broken = True
+
+    def refusal(self, token: int) -> str | None:
+        """Accept the request's next output `token`; None where the grammar takes it (or has ended: ignore_eos),
+        else why not, once (the state is broken then and takes anything after). Refused only where the grammar
+        allowed no token at all (a grammar no string completes from where it stands: `root ::= "a" | "b" c` with
+        `c ::= c "x"` once "b" came), as the mask allows only what the matcher accepts. (One that allows no first
+        token, a regex like [^\\s\\S], is refused when compiled.)"""
+        if self.broken or self.matcher.is_terminated():
+            return None
+        if self.matcher.accept_token(token):
+            self.num_accepted += 1
+            return None
+        self.broken = True
+        tokens = f"{self.num_accepted} token{'' if self.num_accepted == 1 else 's'}"
+        if not self.allows_a_token():  # (the refused token left the matcher where it was)
+            return (f"structured output: after {tokens} the grammar allows no next token (no string completes it "
+                    "from there: a rule that never ends), so the request ended with an error")
+        return f"structured output: the grammar refused token {token} after {tokens}"
+
+    def allows_a_token(self) -> bool:
+        """Whether the matcher, where it stands, allows some next token (its stop token counts)."""
+        bitmask = _import_xgrammar().allocate_token_bitmask(1, self.vocab_size)
+        self.matcher.fill_next_token_bitmask(bitmask, 0)
+        return bool(bitmask.any())
 
     def fill(self, bitmask, row: int) -> bool:
         """Write the allowed next tokens into `bitmask[row]`; False if unconstrained: broken, or ended (the grammar

@@ -29,6 +29,7 @@ import numpy as np
 
 from batchllm.io.jsonl import without_its_index
 from batchllm.ray.config import ProcessorConfig
+from batchllm.request_output import output_error
 from batchllm.sampling_params import SamplingParams, integers_from_json
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,9 @@ class EngineReplica:
         refused = self._refuse_what_the_cache_cannot_hold(rows)
         valid = [i for i, r in enumerate(rows) if not r[ERROR]]
         outputs = self._generate([rows[i] for i in valid])
+        for i, output in zip(valid, outputs):  # (a request that failed while it ran: its row's error)
+            if (failed := output_error(output)) is not None:
+                rows[i][ERROR], refused = failed, True
         call_id = uuid.uuid4().hex[:12]
         stats = _attribute_prefill([rows[i][TOKENS] for i in valid], self.config)
         new: dict[str, list] = {c: [None] * len(rows)

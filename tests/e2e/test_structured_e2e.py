@@ -269,3 +269,46 @@ def test_length_bounded_strings_stay_json_when_the_bias_pushes_control_character
         completion = out.outputs[0]
         assert completion.finish_reason == "stop", (schema, token, completion.text)
         jsonschema.validate(json.loads(completion.text), schema)
+
+
+DEAD_END = 'root ::= "a" | "b" c\nc ::= c "x"'
+"""A grammar no string completes once "b" came (c never ends): xgrammar's mask is then empty."""
+
+
+def test_a_grammar_that_allows_no_next_token_fails_its_request_and_the_others_go_on(default_llm):
+    """Pushed to "b", the grammar allowed no token: the empty mask row sampled token 0, the runner stopped masking
+    ('the request goes on unconstrained', naming no request) and the answer ran to max_tokens as a success. It ends
+    there with finish_reason "error" (vLLM's for a failed request) and the reason; one that allows no first token
+    is refused when compiled, by name."""
+    b = default_llm.get_tokenizer().encode("b", add_special_tokens=False)[0]
+    dead = SamplingParams(temperature=0.0, max_tokens=8, logit_bias={b: 30.0}, structured_outputs={"grammar": DEAD_END})
+    plain = SamplingParams(temperature=0.0, max_tokens=4)
+    outs = default_llm.generate(["Hi", "Hello"], [dead, plain], use_tqdm=False)
+    failed = outs[0].outputs[0]
+    assert failed.finish_reason == "error" and failed.token_ids == [b], failed
+    assert "after 1 token the grammar allows no next token" in failed.error
+    assert outs[1].outputs[0].token_ids == default_llm.generate("Hello", plain, use_tqdm=False)[0].outputs[0].token_ids
+    for nothing in ({"regex": r"[^\s\S]"}, {"grammar": 'root ::= a\na ::= a "x"'}):
+        with pytest.raises(StructuredOutputError, match="matches no string"):
+            default_llm.generate("x", SamplingParams(structured_outputs=nothing), use_tqdm=False)
+
+
+def test_a_line_whose_grammar_allows_no_next_token_is_an_error_record(tmp_path, default_model_dir):
+    """run wrote such a line as a success (finish_reason "length", exit 0); it is the line's error record (an OpenAI
+    line's in the errors file), the other lines answered, and the run says lines failed."""
+    from batchllm.cli import EXIT_LINES_FAILED, main
+
+    b = 82  # "b" in SmolLM2's vocabulary (the test above reads it from the tokenizer)
+    dead = {"max_tokens": 8, "temperature": 0, "logit_bias": {str(b): 30}, "structured_outputs": {"grammar": DEAD_END}}
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(line) for line in (
+        {"id": "dead", "prompt": "Hi", **dead}, {"id": "fine", "prompt": "Hello", "max_tokens": 3},
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "Hi", **dead}},
+    )) + "\n")
+    assert main(["run", str(src), "-o", str(out), "--model", str(default_model_dir), "--no-progress"]) == (
+        EXIT_LINES_FAILED)
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["dead"]["error"]["line"] == 1 and "allows no next token" in records["dead"]["error"]["message"]
+    assert "error" not in records["fine"] and records["fine"]["finish_reason"] == "length"
+    errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [e["custom_id"] for e in errors] == ["c"] and "allows no next token" in errors[0]["error"]["message"]
