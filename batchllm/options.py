@@ -399,6 +399,19 @@ def add_not_taken_arguments(group, *, help_each: bool = True) -> None:
         else:
             group.add_argument(*flags, dest=name, action=_NotTakenValue, type=_value_reader(accepted),
                                default=accepted[0], metavar="VALUE", help=help_text)
+    _add_structured_outputs_fields(group, existing)
+
+
+def _add_structured_outputs_fields(group, existing: dict) -> None:
+    """vLLM's dotted flags of structured_outputs_config's fields, `--structured-outputs-config.backend xgrammar`
+    (the field's name with _ or -): each sets that field of the option's dict (`_NotTakenField`), which is then
+    checked as the JSON form `--structured-outputs-config '{"backend": "xgrammar"}'` is, with its messages."""
+    for field in _XGRAMMAR_SETTINGS:
+        flags = [f"--structured-outputs-config.{spelling}" for spelling in dict.fromkeys(
+            (field, field.replace("_", "-")))]
+        if not any(flag in existing for flag in flags):
+            group.add_argument(*flags, dest="structured_outputs_config", action=_NotTakenField, type=vllm_flag_value,
+                               metavar="VALUE", help=argparse.SUPPRESS)
 
 
 def _value_reader(accepted: tuple) -> Callable[[str], Any]:
@@ -445,6 +458,18 @@ class _NotTakenValue(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         _refuse_unless_taken(self, values)
         setattr(namespace, self.dest, values)
+
+
+class _NotTakenField(argparse.Action):
+    """A dotted flag of one field of a dict option (`--structured-outputs-config.backend`): the field set in the
+    option's dict (a copy: the default stays), the whole dict taken where `LLM` takes it, else refused saying why."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        field = option_string.split(".", 1)[1].replace("-", "_")
+        current = getattr(namespace, self.dest, None)
+        merged = {**(current if isinstance(current, dict) else {}), field: values}
+        _refuse_unless_taken(self, merged)
+        setattr(namespace, self.dest, merged)
 
 
 class _NotTakenSwitch(argparse.BooleanOptionalAction):

@@ -567,11 +567,12 @@ def test_the_rest_of_vllm_026s_llm_keywords_are_taken_at_their_defaults():
 
 def test_a_structured_outputs_config_asking_for_xgrammar_is_taken(capsys):
     """LLM(structured_outputs_config={"backend": "xgrammar"}) was refused though it asks for what runs here; a
-    dotted flag (--structured-outputs-config.backend) was an unrecognized argument without a hint."""
+    dotted flag (--structured-outputs-config.backend xgrammar, vLLM's spelling of a field) was an unrecognized
+    argument, though its hint said backend 'xgrammar' is taken: it is that field of the JSON form, checked as it is."""
     from types import SimpleNamespace
 
     from batchllm.cli import main
-    from batchllm.options import engine_config
+    from batchllm.options import engine_config, not_taken_accepts
 
     for config in ({"backend": "xgrammar"}, {"backend": "auto", "disable_any_whitespace": True},
                    SimpleNamespace(backend="xgrammar", disable_additional_properties=False), {},
@@ -582,9 +583,24 @@ def test_a_structured_outputs_config_asking_for_xgrammar_is_taken(capsys):
         with pytest.raises(TypeError, match="structured_outputs_config=.* is not supported: structured output runs "
                                             "on xgrammar"):
             engine_config(structured_outputs_config=config)
-    with pytest.raises(SystemExit):
-        main(["run", "in.jsonl", "-o", "o.jsonl", "--structured-outputs-config.backend", "xgrammar"])
-    assert "--structured-outputs-config.backend: structured output runs on xgrammar" in capsys.readouterr().err
+    for command in (["run", "in.jsonl", "-o", "o.jsonl"], ["bench"]):
+        for words in (["--structured-outputs-config.backend", "xgrammar"],
+                      ["--structured-outputs-config.disable_any_whitespace", "true",
+                       "--structured-outputs-config.backend", "auto"],
+                      ["--structured-outputs-config", "{}", "--structured-outputs-config.disable-fallback", "false"]):
+            args = build_parser().parse_args([*command, *words])  # (vLLM's dotted flags: the JSON form's fields)
+            assert not_taken_accepts("structured_outputs_config", args.structured_outputs_config), words
+            assert engine_config(**engine_kwargs_from_args(args)) == engine_config(), words
+        assert build_parser().parse_args(command).structured_outputs_config is None  # (the default is left alone)
+        for words, value in ((["--structured-outputs-config.backend", "outlines"], "{'backend': 'outlines'}"),
+                             (["--structured-outputs-config", '{"backend": "outlines"}'], "{'backend': 'outlines'}"),
+                             (["--structured-outputs-config.backend", "xgrammar", "--structured-outputs-config."
+                               "reasoning_parser", "qwen3"], "{'backend': 'xgrammar', 'reasoning_parser': 'qwen3'}")):
+            with pytest.raises(SystemExit) as exit_:
+                main([*command, *words])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and f"{value} is not supported: structured output runs on xgrammar" in err
+            assert "unrecognized" not in err, err
 
 
 def test_plan_checks_its_limits_as_run_does(tmp_path, capsys):
