@@ -298,6 +298,12 @@ _OTHER_NAMES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_to
 one of a table's other columns."""
 
 
+_CONSTRAINTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                "json_object": "json_object", "json_schema": "json", "ebnf": "grammar"}
+"""StructuredOutputsParams' fields (and SGLang's sampling_params names, json_schema and ebnf) given at a plain line's
+top level, where they constrain nothing: a field of its "structured_outputs", by name."""
+
+
 @functools.lru_cache(maxsize=1 << 12)
 def _mistaken_field(name: str) -> str | None:
     """Why a plain line's unknown field looks like a mistake (another API's name of a field, or a near miss
@@ -309,6 +315,8 @@ def _mistaken_field(name: str) -> str | None:
         return "a plain line takes none: give --chat-template"
     if name in ("guided_json", "guided_choice", "guided_regex", "guided_grammar"):  # (the line ran unconstrained)
         return f'vLLM\'s name before 0.12: give "structured_outputs": {{"{name[7:]}": ...}}'
+    if name in _CONSTRAINTS:  # (the line ran unconstrained)
+        return f'a structured-output constraint belongs in "structured_outputs": {{"{_CONSTRAINTS[name]}": ...}}'
     close = difflib.get_close_matches(name, _NEAR_MISS_TARGETS, n=1, cutoff=0.9) if len(name) >= 5 else []
     return f"did you mean {close[0]!r}?" if close else None
 

@@ -750,6 +750,20 @@ def test_vllms_old_guided_fields_fail_their_line_naming_structured_outputs():
                                                  "guided_json": {"type": "object"}})
 
 
+def test_a_constraint_at_a_plain_lines_top_level_fails_its_line_naming_structured_outputs():
+    """"regex" (and json, grammar, choice, json_object, SGLang's json_schema and ebnf) at a plain line's top level
+    was ignored as a table's column, noted only among the ignored fields: the line ran unconstrained as a success."""
+    for field, value, inner in (("regex", "[0-9]+", "regex"), ("json", {"type": "object"}, "json"),
+                                ("grammar", 'root ::= "a"', "grammar"), ("choice", ["a", "b"], "choice"),
+                                ("json_object", True, "json_object"), ("json_schema", {"type": "object"}, "json"),
+                                ("ebnf", 'root ::= "a"', "grammar")):
+        result = ingest(json.dumps({"id": 1, "prompt": "Hi", field: value}).encode() + b"\n")
+        assert not result.valid and [e.message for e in result.errors] == [
+            f"line 1: unsupported field(s): '{field}' (a structured-output constraint belongs in "
+            f'"structured_outputs": {{"{inner}": ...}})'], field
+    assert ingest(b'{"id": 1, "prompt": "Hi", "structured_outputs": {"regex": "[0-9]+"}, "rating": 3}\n').valid
+
+
 def test_a_template_that_loops_over_content_gets_text_parts_as_vllms_auto_format_gives_them():
     """A template written for OpenAI's content parts iterated the string by character and lost the text
     ("user\n" with nothing after it); vLLM's "auto" content format gives such a template the parts."""
