@@ -85,8 +85,9 @@ class StructuredOutputsParams:
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"structured_outputs.{name} must be a non-empty string")
         if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
-                                        or not all(isinstance(c, str) and c for c in self.choice)):
-            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            # ("" is a choice, as in vLLM 0.26: root ::= "" | "spam"; an empty list is a grammar with no rule there)
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
         if self.json_object is not None and self.json_object is not True:
             raise ValueError("structured_outputs.json_object must be true")
 

@@ -13,7 +13,7 @@ import pytest
 
 from batchllm import LLM, SamplingParams
 from batchllm.layers.sampler import FORBIDDEN_LOGPROB
-from batchllm.structured import StructuredOutputError, grammar_key
+from batchllm.structured import StructuredOutputError, StructuredOutputsParams, grammar_key
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -232,7 +232,6 @@ def test_the_compiled_grammars_kept_are_bounded(default_llm, monkeypatch):
     """Every distinct grammar stayed compiled for the engine's life (~50 KiB a JSON schema: a file whose lines each
     bring a schema grew by gigabytes); the least recently used are dropped past GRAMMARS_CACHED."""
     import batchllm.structured as structured
-    from batchllm.structured import StructuredOutputsParams
 
     monkeypatch.setattr(structured, "GRAMMARS_CACHED", 2)
     grammars = default_llm.prompts.grammars
@@ -312,3 +311,17 @@ def test_a_line_whose_grammar_allows_no_next_token_is_an_error_record(tmp_path, 
     assert "error" not in records["fine"] and records["fine"]["finish_reason"] == "length"
     errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert [e["custom_id"] for e in errors] == ["c"] and "allows no next token" in errors[0]["error"]["message"]
+
+
+def test_an_empty_string_is_a_choice_as_in_vllm(default_llm):
+    """choice ["", "spam"] was refused ("a non-empty list of non-empty strings"); vLLM 0.26 writes it as
+    root ::= "" | "spam". The answer is one of them; an empty list (no rule) and a non-string stay refused."""
+    outs = default_llm.generate(["Say nothing:", "Say nothing:"], [
+        SamplingParams(temperature=0.0, max_tokens=4, structured_outputs={"choice": choice})
+        for choice in (["", "spam"], [""])], use_tqdm=False)
+    assert outs[0].outputs[0].text in ("", "spam") and outs[1].outputs[0].text == ""
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs)
+    assert grammar_key(StructuredOutputsParams(choice=["", "spam"])) == ("grammar", 'root ::= "" | "spam"')
+    for bad in ([], ["a", 1]):
+        with pytest.raises(ValueError, match="choice must be a non-empty list of strings"):
+            StructuredOutputsParams(choice=bad)
