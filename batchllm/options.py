@@ -338,7 +338,8 @@ _XGRAMMAR_SETTINGS = {"backend": ("auto", "xgrammar"), "disable_any_whitespace":
                       "disable_additional_properties": (False, True), "disable_fallback": (False, True),
                       "reasoning_parser": ("",), "reasoning_parser_plugin": ("",), "enable_in_reasoning": (False,)}
 """vLLM's StructuredOutputsConfig fields and the values that ask for what runs here (JSON is compact and a schema's
-objects take only the properties it names whatever the three flags say: README, structured output)."""
+objects take no unnamed property, unless additionalProperties allows them, whatever the three flags say:
+README, structured output)."""
 
 
 def _asks_for_xgrammar(config: Any) -> bool:

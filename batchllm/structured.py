@@ -54,7 +54,8 @@ class StructuredOutputsParams:
     """vLLM's (False there: whitespace anywhere in JSON). JSON comes out compact whatever it says: a small model
     given free whitespace may emit it until max_tokens."""
     disable_additional_properties: bool = False
-    """vLLM's; a schema's objects take no properties it does not name whatever it says (xgrammar's strict mode)."""
+    """vLLM's; whatever it says, an object takes no property its schema does not name unless its
+    additionalProperties is true or a schema (xgrammar's strict mode)."""
     disable_fallback: bool = False
     """vLLM's; there is one grammar backend (xgrammar) and no fallback."""
     whitespace_pattern: str | None = None

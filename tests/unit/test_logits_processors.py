@@ -372,3 +372,19 @@ def test_length_bounded_strings_take_escapes_and_no_control_characters(default_m
             matcher = xgr.GrammarMatcher(compiled)
             taken = matcher.accept_string(answer) and matcher.accept_token(tokenizer.eos_token_id)
             assert taken == valid, (schema, answer)
+
+
+def test_an_object_takes_unnamed_properties_only_where_additional_properties_allows_them():
+    """What README says of objects (it said they take only the properties their schema names, which is false
+    where additionalProperties is true or a schema), as BatchLLM compiles schemas: compact, strict."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string
+
+    named = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for additional, takes_int, takes_text in ((None, False, False), (False, False, False), (True, True, True),
+                                              ({"type": "integer"}, True, False)):
+        schema = named if additional is None else {**named, "additionalProperties": additional}
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        assert _is_grammar_accept_string(grammar, '{"a": 1}'), schema
+        assert _is_grammar_accept_string(grammar, '{"a": 1, "b": 2}') == takes_int, schema
+        assert _is_grammar_accept_string(grammar, '{"a": 1, "b": "x"}') == takes_text, schema
