@@ -248,7 +248,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: {TRUNCATION_SIDE_NOTE}",
                      rid)
     unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
-    if mistaken := [f"{name!r} ({hint})" for name in unknown if (hint := _mistaken_field(name))]:
+    if mistaken := [f"{name!r} ({hint})" for name in unknown
+                    if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name]))]:
         return error(f"unsupported field(s): {', '.join(mistaken)}", rid)
     kind = given[0]
     prompt = obj[kind]
@@ -301,7 +302,27 @@ one of a table's other columns."""
 _CONSTRAINTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
                 "json_object": "json_object", "json_schema": "json", "ebnf": "grammar"}
 """StructuredOutputsParams' fields (and SGLang's sampling_params names, json_schema and ebnf) given at a plain line's
-top level, where they constrain nothing: a field of its "structured_outputs", by name."""
+top level, where they constrain nothing: a field of its "structured_outputs", by name (`_misplaced_constraint`)."""
+
+
+def _misplaced_constraint(name: str, value: Any) -> str | None:
+    """Why a plain line's unknown field is a structured-output constraint given at the top level (the line would run
+    unconstrained as a success), or None. Only a value shaped as the constraint counts (a schema: an object or a
+    JSON string; a regex or grammar: a string; choice: a list of strings; json_object: true), so a table's column
+    that only shares the name (a "choice" label "B", a "json" flag) stays an ignored column."""
+    if name not in _CONSTRAINTS:
+        return None
+    if name in ("json", "json_schema"):
+        shaped = isinstance(value, dict) or (isinstance(value, str) and value.lstrip().startswith("{"))
+    elif name == "choice":
+        shaped = isinstance(value, list) and bool(value) and all(isinstance(c, str) for c in value)
+    elif name == "json_object":
+        shaped = value is True
+    else:
+        shaped = isinstance(value, str)
+    if not shaped:
+        return None
+    return f'a structured-output constraint belongs in "structured_outputs": {{"{_CONSTRAINTS[name]}": ...}}'
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -315,8 +336,6 @@ def _mistaken_field(name: str) -> str | None:
         return "a plain line takes none: give --chat-template"
     if name in ("guided_json", "guided_choice", "guided_regex", "guided_grammar"):  # (the line ran unconstrained)
         return f'vLLM\'s name before 0.12: give "structured_outputs": {{"{name[7:]}": ...}}'
-    if name in _CONSTRAINTS:  # (the line ran unconstrained)
-        return f'a structured-output constraint belongs in "structured_outputs": {{"{_CONSTRAINTS[name]}": ...}}'
     close = difflib.get_close_matches(name, _NEAR_MISS_TARGETS, n=1, cutoff=0.9) if len(name) >= 5 else []
     return f"did you mean {close[0]!r}?" if close else None
 

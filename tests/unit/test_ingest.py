@@ -764,6 +764,15 @@ def test_a_constraint_at_a_plain_lines_top_level_fails_its_line_naming_structure
     assert ingest(b'{"id": 1, "prompt": "Hi", "structured_outputs": {"regex": "[0-9]+"}, "rating": 3}\n').valid
 
 
+def test_a_tables_column_that_only_shares_a_constraints_name_stays_an_ignored_column():
+    """A dataset's "choice" label ("B"), a "json" flag or a "json_object" of false constrain nothing a user meant:
+    only a value shaped as the constraint fails the line (the test above)."""
+    for field, value in (("choice", "B"), ("choice", 2), ("json", True), ("json_schema", "a name"),
+                         ("json_object", False), ("regex", None), ("grammar", 3)):
+        result = ingest(json.dumps({"id": 1, "prompt": "Hi", field: value}).encode() + b"\n")
+        assert result.valid and result.ignored_fields == {field: 1}, (field, value)
+
+
 def test_a_template_that_loops_over_content_gets_text_parts_as_vllms_auto_format_gives_them():
     """A template written for OpenAI's content parts iterated the string by character and lost the text
     ("user\n" with nothing after it); vLLM's "auto" content format gives such a template the parts."""
