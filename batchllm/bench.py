@@ -125,8 +125,10 @@ def _token_prompt(line: Any, output: int, vocab: int | None) -> tuple[list[int],
     return ids, n
 
 
-def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = None) -> dict[str, Any]:
-    """Run greedily with ignore_eos (every request makes exactly its max_tokens); return the stats.
+def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """Run greedily with ignore_eos (every request makes exactly its max_tokens); return the stats. progress:
+    `generate`'s token progress bar on stderr (as `run` shows; updated at most every 0.2 s).
 
     On CUDA also: peak GPU memory, the fraction of the run the GPU sat idle between steps (CUDA
     events around each step's forward and sampling), and model-FLOPs utilisation counted as
@@ -135,7 +137,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     params = [by_length[m] for m in workload.max_tokens]  # (one object per length: `generate` copies each once)
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     if llm.engine is None:
-        return _run_data_parallel(llm, workload, prompts, params)
+        return _run_data_parallel(llm, workload, prompts, params, progress)
     engine = llm.engine
     runner = engine.runner
     cuda = engine.device.type == "cuda"
@@ -149,7 +151,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     compiled = triton_kernels_compiled() if cuda else None
     start = time.perf_counter()
     try:
-        llm.generate(prompts, params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=progress)
         _sync(llm)
     finally:
         timeline, runner.gpu_timeline = runner.gpu_timeline, None
@@ -199,11 +201,11 @@ def _rates(s: dict, workload: Workload, wall: float) -> dict[str, Any]:
                 total_tokens_per_s=(s["output_tokens"] + s["prompt_tokens"]) / wall)
 
 
-def _run_data_parallel(llm, workload: Workload, prompts: list, params: list) -> dict[str, Any]:
+def _run_data_parallel(llm, workload: Workload, prompts: list, params: list, progress: bool) -> dict[str, Any]:
     """The workload through the data-parallel workers: requests/s and tokens/s of the whole job, and
     each rank's share and finish time (`last_stats["ranks"]`)."""
     start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
+    llm.generate(prompts, params, use_tqdm=progress)
     wall = time.perf_counter() - start
     s = dict(llm.last_stats)
     s.update(_rates(s, workload, wall))
@@ -251,7 +253,9 @@ def resolve_workload(args) -> str:
 
 
 def make_workload(args, vocab: int) -> Workload:
+    """The workload `args` describe (sizes left out: `fill_workload_sizes`' defaults for --device)."""
     resolve_workload(args)
+    fill_workload_sizes(args)
     if args.workload == "shared":
         return shared_prefix_workload(args.shared, args.distinct, args.degree, args.requests, args.output, vocab,
                                       shuffle=not args.sorted)
@@ -265,6 +269,63 @@ def make_workload(args, vocab: int) -> Workload:
     if args.workload == "file":
         return prompt_file_workload(args.prompts_file, args.output, vocab)
     raise ValueError(f"unknown workload {args.workload!r}")
+
+
+WORKLOAD_SIZES = {  # flag -> (default on a GPU, default on the CPU)
+    "--requests": (1024, 64), "--shared": (2000, 256), "--distinct": (200, 32), "--output": (100, 16),
+    "--prompt-len": (1024, 256), "--min-output": (100, 16), "--max-output": (1000, 64),
+}
+"""The workload sizes left out of the command line, by device: the GPU's are the paper's (1,024 requests of
+2,000 + 200 tokens, which a CPU takes hours over); the CPU's run a small model's configurations in about a
+minute or two each (issue 14: sensible CPU defaults)."""
+
+
+def _sized_help(what: str, flag: str) -> str:
+    gpu, cpu = WORKLOAD_SIZES[flag]
+    return f"{what} (default: {gpu}; {cpu} on the CPU)"
+
+
+def _device_type(args) -> str:
+    """The type of the device the engines will run on ("cuda", "cpu"), from --device; "cuda" for one the
+    engine will refuse (it names the problem itself)."""
+    from batchllm.engine import resolve_device
+
+    try:
+        return resolve_device(getattr(args, "device", None) or "auto").type
+    except (ValueError, RuntimeError):
+        return "cuda"
+
+
+def fill_workload_sizes(args, device_type: str | None = None) -> dict[str, int]:
+    """Set each workload size the command line left out (None) to its default for `device_type` (else the
+    device --device names): `WORKLOAD_SIZES`. Returns the CPU defaults it set ({} on a GPU, or where every size
+    was given). Sizes already set are kept, so a second call changes nothing."""
+    device_type = device_type or _device_type(args)
+    filled = {}
+    for flag, (gpu, cpu) in WORKLOAD_SIZES.items():
+        name = flag[2:].replace("-", "_")
+        if getattr(args, name, None) is None:
+            setattr(args, name, cpu if device_type == "cpu" else gpu)
+            if device_type == "cpu":
+                filled[flag] = cpu
+    return filled
+
+
+_READS = {"shared": ("--requests", "--shared", "--distinct", "--output"), "snippet": ("--requests", "--output"),
+          "nosharing": ("--requests", "--prompt-len", "--output"),
+          "decodeheavy": ("--requests", "--shared", "--distinct", "--min-output", "--max-output"),
+          "file": ("--output",)}
+"""The workload sizes each --workload reads."""
+
+
+def cpu_sizes_note(workload: str, filled: dict[str, int]) -> str | None:
+    """The line saying which CPU-sized defaults (`fill_workload_sizes`) the workload reads, naming the flags
+    that override them; None where it reads none."""
+    used = [flag for flag in _READS[workload] if flag in filled]
+    if not used:
+        return None
+    return (f"batchllm bench: on the CPU, a CPU-sized workload: {' '.join(f'{f} {filled[f]}' for f in used)} "
+            f"(on a GPU: {' '.join(f'{f} {WORKLOAD_SIZES[f][0]}' for f in used)}); give these flags to change it")
 
 
 def add_bench_parser(sub) -> None:
@@ -284,21 +345,24 @@ def add_bench_parser(sub) -> None:
     w.add_argument("--prompts-file", default=None,
                    help="JSONL of token prompts for --workload file, one request per line: "
                    '{"prompt_token_ids": [...], "max_tokens": N} (max_tokens optional: --output)')
-    w.add_argument("--shared", type=int, default=2000, help="shared prefix tokens (shared, decodeheavy)")
-    w.add_argument("--distinct", type=int, default=200, help="distinct suffix tokens (shared, decodeheavy)")
-    w.add_argument("--degree", type=int, default=16, help="prompts per shared prefix")
-    w.add_argument("--requests", type=int, default=1024, help="requests in the workload")
-    w.add_argument("--output", type=int, default=100,
-                   help="output tokens per request (ignore_eos; file: where a line gives no max_tokens)")
-    w.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (nosharing)")
-    w.add_argument("--min-output", type=int, default=100, help="shortest output (decodeheavy)")
-    w.add_argument("--max-output", type=int, default=1000, help="longest output (decodeheavy)")
+    for flag, what in (("--shared", "shared prefix tokens (shared, decodeheavy)"),
+                       ("--distinct", "distinct suffix tokens (shared, decodeheavy)"),
+                       ("--degree", "prompts per shared prefix"), ("--requests", "requests in the workload"),
+                       ("--output", "output tokens per request (ignore_eos; file: where a line gives no max_tokens)"),
+                       ("--prompt-len", "prompt tokens (nosharing)"), ("--min-output", "shortest output (decodeheavy)"),
+                       ("--max-output", "longest output (decodeheavy)")):
+        if flag == "--degree":  # (a shape, not a size: the same on every device)
+            w.add_argument(flag, type=int, default=16, help=what)
+        else:
+            w.add_argument(flag, type=int, default=None, help=_sized_help(what, flag))
     w.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (else shuffled; shared)")
     r = b.add_argument_group("run")
     r.add_argument("--configs", default="sharing,nosharing",
                    help="comma list of: " + "; ".join(f"{name} ({what})" for name, (what, _) in CONFIGS.items()))
     r.add_argument("--warmup-requests", type=int, default=8, help="a small run on each engine first, not measured")
     r.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bar during a configuration's measured run (its start line stays)")
     r.add_argument("--peak-tflops", type=float, default=None,
                    help="the bf16 matmul peak (TFLOP/s) for MFU, the compute limit and the profile's rates, "
                         "instead of measuring it (an 8192^3 matmul, which varies by a few percent from process to "
@@ -372,8 +436,11 @@ def bench_command(args) -> int:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"batchllm bench: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    filled = fill_workload_sizes(args)  # (before the checks: they read the sizes)
     if problem := workload_option_problem(args):
         raise SystemExit(f"batchllm bench: {problem}")
+    if note := cpu_sizes_note(args.workload, filled):
+        print(note, file=sys.stderr, flush=True)
     base = {**engine_kwargs_from_args(args), "skip_tokenizer_init": True}
     workload, peak, results, info = _file_workload(args), None, [], {}
     for i, name in enumerate(names):
@@ -392,6 +459,8 @@ def bench_command(args) -> int:
             llm.shutdown()
             print(f"batchllm bench: configuration {name!r}: the workload does not fit: {problem}", file=sys.stderr)
             return 2
+        print(f"batchllm bench: configuration {name!r} ({i + 1} of {len(names)}): {_size(workload)}",
+              file=sys.stderr, flush=True)
         if llm.engine is None:  # data parallel: the engines are in the worker processes
             results.append(_bench_data_parallel(llm, name, args, workload))
         else:
@@ -404,6 +473,12 @@ def bench_command(args) -> int:
             with open(args.json_out, "w") as f:
                 json.dump({**info, "results": results}, f)
     return 0
+
+
+def _size(workload: Workload) -> str:
+    """A workload's size in words: its name, requests, prompt and output tokens (before sharing)."""
+    return (f"{workload.name}: {len(workload.prompts):,} requests, {workload.num_prompt_tokens:,} prompt tokens, "
+            f"{sum(workload.max_tokens):,} output tokens")
 
 
 _SYNTHETIC = ("shared", "snippet", "nosharing", "decodeheavy")
@@ -494,7 +569,7 @@ def _bench_engine(llm, name: str, workload: Workload, peak: float | None, args, 
     engine = llm.engine
     graph_info = _graph_info(engine.runner.decode_graphs)
     _warm_up(llm, workload, args.warmup_requests)
-    stats = run_workload(llm, workload, peak)
+    stats = run_workload(llm, workload, peak, progress=not getattr(args, "no_progress", False))
     stats.update(config=name, async_scheduling=engine.core.async_scheduling, cuda_graphs=graph_info is not None,
                  kv_blocks=engine.kv_spec.num_blocks, graph_capture=graph_info)
     print(_line(stats), flush=True)
@@ -513,7 +588,7 @@ def _warm_up(llm, workload: Workload, requests: int) -> None:
 
 def _bench_data_parallel(llm, name: str, args, workload: Workload) -> dict[str, Any]:
     _warm_up(llm, workload, args.warmup_requests * llm.config.parallel.num_engines)
-    stats = run_workload(llm, workload)
+    stats = run_workload(llm, workload, progress=not getattr(args, "no_progress", False))
     stats.update(config=name)
     print(_line(stats), flush=True)
     print("  ranks: " + "; ".join(f"{r['rank']}: {r['num_requests']} req, prefill {r['prefill_tokens_computed']}, "

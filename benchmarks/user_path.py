@@ -45,16 +45,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import chat_prompts  # noqa: E402
 from structured_cost import model_with_tokenizer  # noqa: E402
 
-from batchllm.bench import Workload, add_bench_parser, make_workload  # noqa: E402
+from batchllm.bench import Workload, add_bench_parser, fill_workload_sizes, make_workload  # noqa: E402
 from batchllm.io.openai_batch import CHAT_URL  # noqa: E402
 from batchllm.models.default_model import default_model_dir  # noqa: E402
 
 
-def workload_args(model: str, flags: list[str]) -> argparse.Namespace:
-    """`flags` parsed by `batchllm bench`'s own parser, so every default is the benchmark's."""
+def workload_args(model: str, flags: list[str], engine_flags: list[str]) -> argparse.Namespace:
+    """`flags` parsed by `batchllm bench`'s own parser, so every default is the benchmark's: with the engine
+    flags bench gets, the sizes it leaves out are those of the same device (`fill_workload_sizes`)."""
     parser = argparse.ArgumentParser(prog="batchllm")
     add_bench_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["bench", "--model", model, *flags])
+    args = parser.parse_args(["bench", "--model", model, *flags, *engine_flags])
+    fill_workload_sizes(args)
+    return args
 
 
 def write_requests(path: Path, prompts: list[list[int]], max_tokens: list[int]) -> None:
@@ -111,17 +114,17 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     return args, flags, engine_flags
 
 
-def write_workload(args: argparse.Namespace, flags: list[str], model: str, tmp: Path
+def write_workload(args: argparse.Namespace, flags: list[str], engine_flags: list[str], model: str, tmp: Path
                    ) -> tuple[Workload, Path, list[str]]:
     """Write the requests `run` reads (and, for --chat, the token prompts `bench` reads) into `tmp`:
     (the workload as token prompts, the file `run` reads, `bench`'s workload flags beyond `flags`)."""
     requests = tmp / "requests.jsonl"
     if not args.chat:
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-        work = make_workload(workload_args(model, flags), vocab)
+        work = make_workload(workload_args(model, flags, engine_flags), vocab)
         write_requests(requests, work.prompts, work.max_tokens)
         return work, requests, []
-    output = workload_args(model, flags).output
+    output = workload_args(model, flags, engine_flags).output
     conversations = chat_prompts(args.chat)
     work = chat_workload(model, conversations, output)
     write_chat_batch(requests, conversations, output)
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         model = str(model_with_tokenizer(args.model, args.tokenizer, tmp / "model")) if args.tokenizer else args.model
         model = model or str(default_model_dir())
-        work, requests, bench_workload = write_workload(args, flags, model, tmp)
+        work, requests, bench_workload = write_workload(args, flags, engine_flags, model, tmp)
         tokenizer = [] if args.tokenizer or args.chat else ["--skip-tokenizer-init"]
         commands = {
             "run": ["run", "-i", str(requests), "-o", str(tmp / "results.jsonl"), "--model", model,

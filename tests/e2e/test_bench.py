@@ -32,6 +32,40 @@ def test_bench_runs_each_configuration_on_the_same_workload(tiny_model_factory, 
     assert report["kv_blocks"] > 0
 
 
+def test_bench_on_the_cpu_sizes_a_left_out_workload_for_it_and_shows_progress(tiny_model_factory, tmp_path, capsys):
+    """With no workload size given, bench on the CPU ran the GPU's 1,024 requests of 2,000 + 200 tokens (hours),
+    printing nothing until a configuration ended: it now runs CPU sizes, says so naming the flags, and names
+    each configuration's size on stderr as it starts, with a progress bar during the measured run."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", tiny_model_factory("llama"), "--device", "cpu", "--configs", "sharing",
+                 "--warmup-requests", "1", "--json-out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["results"]
+    assert row["workload"] == "shared256-distinct32-degree16-n64" and row["output_tokens"] == 64 * 16
+    err = capsys.readouterr().err
+    assert ("on the CPU, a CPU-sized workload: --requests 64 --shared 256 --distinct 32 --output 16 (on a GPU: "
+            "--requests 1024 --shared 2000 --distinct 200 --output 100)") in err
+    assert ("configuration 'sharing' (1 of 1): shared256-distinct32-degree16-n64: 64 requests, 18,432 prompt "
+            "tokens, 1,024 output tokens") in err
+    assert "64/64 req" in err  # the measured run's bar
+
+
+def test_bench_workload_sizes_a_user_gives_are_kept_and_gpu_defaults_are_the_papers():
+    import argparse
+
+    from batchllm.bench import fill_workload_sizes
+
+    given = argparse.Namespace(requests=8, shared=None, distinct=None, output=None, prompt_len=None,
+                               min_output=None, max_output=None)
+    assert fill_workload_sizes(given, "cpu") == {"--shared": 256, "--distinct": 32, "--output": 16,
+                                                 "--prompt-len": 256, "--min-output": 16, "--max-output": 64}
+    assert given.requests == 8 and given.shared == 256
+    gpu = argparse.Namespace(requests=None, shared=None, distinct=None, output=None, prompt_len=None,
+                             min_output=None, max_output=None)
+    assert fill_workload_sizes(gpu, "cuda") == {}
+    assert vars(gpu) == dict(requests=1024, shared=2000, distinct=200, output=100, prompt_len=1024,
+                             min_output=100, max_output=1000)
+
+
 def test_user_path_runs_bench_first_and_run_on_the_written_requests(tiny_model_factory, tmp_path, monkeypatch):
     """benchmarks/user_path.py with its commands in this process: bench first by default (it warms
     the kernel caches), then `batchllm run` on the JSONL the script wrote, which holds the bench's
