@@ -177,31 +177,34 @@ class PromptProcessor:
         bos = getattr(self.tokenizer, "bos_token", None)
         return not (bos and prompt.startswith(bos))
 
-    def tokenize_many(self, prompts: list[Any], indices: list[int],
-                      truncate: list[int | None] | None = None) -> list[TokenizedPrompt | ValueError]:
+    def tokenize_many(self, prompts: list[Any], indices: list[int], truncate: list[int | None] | None = None,
+                      add_special: list[bool | None] | None = None) -> list[TokenizedPrompt | ValueError]:
         """Tokenize many prompts with one batched tokenizer call per kind (`truncate`: each one's
-        truncate_prompt_tokens); a bad prompt gives its ValueError in place of a result instead of stopping
+        truncate_prompt_tokens; `add_special`: each one's add_special_tokens, None where not asked, as
+        `tokenize_prompt` takes them); a bad prompt gives its ValueError in place of a result instead of stopping
         the others."""
         truncate = truncate or [None] * len(prompts)
+        add_special = add_special or [None] * len(prompts)
         results: list[TokenizedPrompt | ValueError | None] = [None] * len(prompts)
         texts: dict[bool, list[int]] = {True: [], False: []}  # add_special_tokens -> positions
         for pos, prompt in enumerate(prompts):
             if isinstance(prompt, str) and prompt and self.tokenizer is not None:
-                texts[self._adds_special_tokens(prompt)].append(pos)
+                texts[self._adds_special_tokens(prompt, add_special[pos])].append(pos)
             else:
-                results[pos] = _or_error(self.tokenize_prompt, prompt, indices[pos], truncate[pos])
-        for add_special, positions in texts.items():
+                results[pos] = _or_error(self.tokenize_prompt, prompt, indices[pos], truncate[pos], add_special[pos])
+        for adds, positions in texts.items():
             if not positions:
                 continue
             try:
-                encoded = self.tokenizer([prompts[p] for p in positions], add_special_tokens=add_special)["input_ids"]
+                encoded = self.tokenizer([prompts[p] for p in positions], add_special_tokens=adds)["input_ids"]
             except Exception:  # one prompt the tokenizer refuses fails the batch call: find it one by one
                 encoded = [None] * len(positions)
             for pos, ids in zip(positions, encoded):
-                results[pos] = (_or_error(self.tokenize_prompt, prompts[pos], indices[pos], truncate[pos])
+                results[pos] = (_or_error(self.tokenize_prompt, prompts[pos], indices[pos], truncate[pos],
+                                          add_special[pos])
                                 if ids is None else
                                 _or_error(self.validate_ids, ids, indices[pos], prompts[pos], truncate[pos],
-                                          self._added_bos(ids, add_special)))
+                                          self._added_bos(ids, adds)))
         return results  # type: ignore[return-value]
 
     def _added_bos(self, ids: list[int], add_special: bool) -> bool:

@@ -175,7 +175,7 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
     refuses or the model's context cannot take. A line's text is dropped once its tokens are made."""
     results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
                                     [prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
-                                     for _, params, _ in pending])
+                                     for _, params, _ in pending], [line.add_special_tokens for line, _, _ in pending])
     out: list[ValidLine | LineError] = []
     for (line, params, _), result in zip(pending, results):
         if line.echo is None:  # (an echoing line's answer starts with its text)

@@ -29,7 +29,8 @@ from batchllm.sampling_params import (
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
-PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs", "tools", "documents", "tool_choice")
+PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs", "tools", "documents", "tool_choice",
+                "add_special_tokens")
 """The fields a plain line's request is read from; others are ignored, save a mistaken one (`_mistaken_field`)."""
 _PLAIN_FIELD_SET = frozenset(PLAIN_FIELDS)  # (built once: every plain line is checked against it)
 _NEAR_MISS_TARGETS = (*SAMPLING_FIELDS, "chat_template_kwargs")
@@ -72,6 +73,9 @@ class BatchLine:
     """OpenAI completions lines: the body's `echo` (`openai_batch.BodyRequest.echo`)."""
     response_asks: openai_batch.ResponseAsks | None = None
     """OpenAI lines: what the body asks of its response beside the answer (`openai_batch.response_asks`)."""
+    add_special_tokens: bool | None = None
+    """Plain lines: whether a text (or rendered chat) is tokenized with the tokenizer's special tokens, as
+    LLM.generate's tokenization_kwargs asks; None where not given (`PromptProcessor._adds_special_tokens`)."""
 
 
 def without_its_index(text: str, index: int) -> str:
@@ -251,6 +255,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if mistaken := [f"{name!r} ({hint})" for name in unknown
                     if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name]))]:
         return error(f"unsupported field(s): {', '.join(mistaken)}", rid)
+    if not isinstance(obj.get("add_special_tokens", False), (bool, type(None))):  # (vLLM's field is a bool)
+        return error(f"'add_special_tokens' must be true or false, got {short_repr(obj['add_special_tokens'])}", rid)
     kind = given[0]
     prompt = obj[kind]
     if kind == "prompt" and not isinstance(prompt, str):
@@ -268,7 +274,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if template is not None and kind != "messages":
         return error("'chat_template_kwargs', 'tools' and 'documents' need 'messages'", rid)
     return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
-                     ignored_fields=tuple(unknown))
+                     ignored_fields=tuple(unknown), add_special_tokens=obj.get("add_special_tokens"))
 
 
 def _plain_template_kwargs(obj: dict) -> dict | None:

@@ -100,6 +100,35 @@ def test_tokenization_kwargs_add_special_tokens_is_taken_as_vllm_takes_it(tiny_m
         llm.shutdown()
 
 
+def test_a_plain_lines_add_special_tokens_is_taken_as_generates_tokenization_kwargs(tiny_model_factory, tmp_path):
+    """A plain JSONL line's "add_special_tokens" was ignored (named only among the ignored fields), so
+    `"add_special_tokens": false` still got the BOS that LLM.generate(tokenization_kwargs=...) leaves out. It now
+    tokenizes the line's text or rendered chat as that keyword does; a value other than true or false fails its line."""
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.io.ingest import prepare_lines
+
+    model = _with_bos(tiny_model_factory("llama"), tmp_path)
+    processor = prompt_processor_for(model)
+    bos, text = 1, "The sky is"
+    plain = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    chat = [{"role": "user", "content": "Hi"}]
+    rendered = processor.tokenizer(processor.apply_chat_template(chat, 0), add_special_tokens=False)["input_ids"]
+    lines = [{"id": "off", "prompt": text, "add_special_tokens": False}, {"id": "on", "prompt": text},
+             {"id": "twice", "prompt": "<|im_start|>" + text, "add_special_tokens": True},
+             {"id": "chat", "messages": chat, "add_special_tokens": True},
+             {"id": "ids", "prompt_token_ids": [5, 6], "add_special_tokens": True},
+             {"id": "bad", "prompt": text, "add_special_tokens": "no"},
+             {"id": "off-cut", "prompt": text, "add_special_tokens": False, "truncate_prompt_tokens": 2}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    valid, errors, _, ignored = prepare_lines(tmp_path / "in.jsonl", processor, {"max_tokens": 2}, None, chunk=4)
+    got = {v.line.request_id: v.prompt.token_ids.tolist() for v in valid}
+    assert got == {"off": plain, "on": [bos, *plain], "twice": [bos, bos, *plain], "chat": [bos, *rendered],
+                   "ids": [5, 6], "off-cut": plain[-2:]}
+    [error] = errors
+    assert error.request_id == "bad" and "'add_special_tokens' must be true or false, got 'no'" in error.message
+    assert "add_special_tokens" not in ignored
+
+
 def test_a_priority_list_of_another_length_than_the_prompts_is_refused(tiny_model_factory):
     """generate(["a", "b"], priority=[0]) was taken (the second prompt given no priority); vLLM refuses a per-prompt
     list whose length differs from the prompts', as it refuses such a sampling_params list."""
