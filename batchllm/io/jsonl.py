@@ -51,7 +51,7 @@ class BatchLine:
     line_number: int  # 1-based
     request_id: str | int
     """The line's id as its JSON gives it (a plain line's may be an integer; an OpenAI custom_id is a string)."""
-    prompt: Any  # a string, a list of token ids, or a list of chat messages
+    prompt: Any  # a string, a list of token ids, a list of chat messages, or {"prompt_token_ids", "prompt"}
     is_chat: bool
     sampling_overrides: dict[str, Any]
     format: str = PLAIN
@@ -246,8 +246,13 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error(f"duplicate id {short_repr(rid)}", rid)
     seen_ids.add(rid)
     given = [k for k in PROMPT_FIELDS if k in obj]
+    if given == ["prompt", "prompt_token_ids"]:  # vLLM's TokensPrompt: the ids are the prompt, the text its echo
+        if not isinstance(obj["prompt"], str):
+            return error("'prompt' beside 'prompt_token_ids' must be a string (the ids' text)", rid)
+        given = ["prompt_token_ids"]
     if len(given) != 1:
-        return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)}", rid)
+        return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)} (or 'prompt_token_ids' with its 'prompt' "
+                     "text)", rid)
     if obj.get("truncation_side") not in TRUNCATION_SIDES:  # (vLLM's; a table's column of this name is unlikely)
         return error(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: {TRUNCATION_SIDE_NOTE}",
                      rid)
@@ -267,6 +272,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error("'messages' must be a non-empty list", rid)
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
+    if "prompt" in obj and kind == "prompt_token_ids":
+        prompt = {"prompt_token_ids": prompt, "prompt": obj["prompt"]}  # (as LLM.generate takes it)
     try:
         template = _plain_template_kwargs(obj)
     except openai_batch.BodyError as e:

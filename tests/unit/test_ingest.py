@@ -565,6 +565,28 @@ def test_a_tables_other_columns_are_ignored_and_a_misspelt_field_is_named():
         "'temprature' (did you mean 'temperature'?)"]
 
 
+def test_a_plain_line_with_token_ids_and_their_text_runs_the_ids_as_generate_does():
+    """A line with both "prompt" and "prompt_token_ids" was refused ("needs exactly one of ..."), while
+    LLM.generate({"prompt_token_ids": ids, "prompt": text}) runs the ids and keeps the text, as vLLM's TokensPrompt.
+    It now runs the ids (truncated as a token prompt is); the text must be a string, and messages beside either
+    still fail."""
+    data = (b'{"id": "both", "prompt": "not these words", "prompt_token_ids": [5, 6, 7]}\n'
+            b'{"id": "cut", "prompt": "x", "prompt_token_ids": [5, 6, 7, 8], "truncate_prompt_tokens": 2}\n'
+            b'{"id": "list", "prompt": [1, 2], "prompt_token_ids": [5, 6]}\n'
+            b'{"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "prompt_token_ids": [5, 6]}\n'
+            b'{"id": "empty", "prompt": "x", "prompt_token_ids": []}\n')
+    result = ingest(data)
+    assert {v.line.request_id: v.prompt.token_ids.tolist() for v in result.valid} == {"both": [5, 6, 7],
+                                                                                       "cut": [7, 8]}
+    assert [(e.request_id, e.message) for e in result.errors] == [
+        ("list", "line 3: 'prompt' beside 'prompt_token_ids' must be a string (the ids' text)"),
+        ("chat", "line 4: needs exactly one of prompt, messages, prompt_token_ids (or 'prompt_token_ids' with its "
+                 "'prompt' text)"),
+        ("empty", "line 5: 'prompt_token_ids' must be a non-empty list of integers")]
+    line = parse_line(b'{"id": 1, "prompt": "seven", "prompt_token_ids": [7]}', 1, set())
+    assert line.prompt == {"prompt_token_ids": [7], "prompt": "seven"}  # (LLM.generate's dict prompt)
+
+
 def test_a_plain_line_with_a_url_or_body_column_stays_a_plain_line():
     """A table's `url` column (most web datasets have one) sent a plain line to the OpenAI reader, which
     failed it for a missing custom_id and wrote the error to the OpenAI errors file."""
