@@ -215,7 +215,8 @@ class PromptProcessor:
     def validate_ids(self, ids: Any, index: int, text: str | None, truncate: int | None = None,
                      keep_bos: bool = False) -> TokenizedPrompt:
         """The prompt of these ids (its last `truncate` only, where given; `keep_bos`: the tokenizer added a BOS
-        first, which a truncation keeps, as vLLM's tokenizer-side truncation does), with its array
+        first, which a truncation keeps, as vLLM's tokenizer-side truncation does: HF's left truncation to
+        max_length k gives the BOS and the last k - 1 text tokens, the BOS alone for k = 1), with its array
         (`TokenizedPrompt.array`: converted once here, one vectorised range check on it, then kept); raises
         ValueError naming prompt `index` and the problem. `text` stays the prompt as given."""
         # type() not isinstance(): bools are ints to isinstance; map(type) runs at C speed on long prompts
@@ -227,7 +228,7 @@ class PromptProcessor:
             raise ValueError(f"prompt {index} is empty")
         if truncate is not None:
             keep = self.truncation_length(truncate, index)
-            if keep_bos and keep > 1 and len(ids) > keep:  # as the tokenizer truncates: its BOS stays first
+            if keep_bos and len(ids) > keep:  # as the tokenizer truncates: its BOS stays first (keep 1: BOS alone)
                 ids = [ids[0], *ids[len(ids) - keep + 1:]]
             else:
                 ids = ids[-keep:]

@@ -129,6 +129,26 @@ def test_a_plain_lines_add_special_tokens_is_taken_as_generates_tokenization_kwa
     assert "add_special_tokens" not in ignored
 
 
+def test_truncating_a_bos_prompt_to_k_tokens_gives_hfs_left_truncation_for_every_k(tiny_model_factory, tmp_path):
+    """vLLM truncates a text prompt in the tokenizer (truncation_side left, max_length k), which keeps the BOS it adds:
+    k = 1 gives the BOS alone. It gave the last text token here (the BOS was kept only from k = 2)."""
+    from transformers import AutoTokenizer
+
+    from batchllm.inputs import prompt_processor_for
+
+    model = _with_bos(tiny_model_factory("llama"), tmp_path)
+    processor = prompt_processor_for(model)
+    hf = AutoTokenizer.from_pretrained(model)
+    hf.truncation_side = "left"
+    text = "one two three four five six"
+    for k in (1, 2, 3, 100):
+        expected = hf(text, truncation=True, max_length=k)["input_ids"]
+        assert processor.tokenize_prompt(text, 0, k).token_ids == expected, k
+        assert processor.tokenize_many([text], [0], [k])[0].token_ids == expected, k
+    assert processor.tokenize_prompt(text, 0, 1).token_ids == [1]
+    assert processor.tokenize_prompt([5, 6, 7], 0, 1).token_ids == [7], "token ids have no BOS to keep"
+
+
 def test_a_priority_list_of_another_length_than_the_prompts_is_refused(tiny_model_factory):
     """generate(["a", "b"], priority=[0]) was taken (the second prompt given no priority); vLLM refuses a per-prompt
     list whose length differs from the prompts', as it refuses such a sampling_params list."""
