@@ -105,11 +105,11 @@ class PromptProcessor:
             raise ValueError(f"the tokenizer of {self.source} has no chat template: give one with --chat-template "
                              "(llm.chat(..., chat_template=...)), or send a plain prompt")
         if not isinstance(conversation, (list, tuple)) or not conversation:
-            raise ValueError(f"conversation {index}: messages must be a non-empty list")
+            raise ValueError(f"conversation {index}: {NOT_A_CONVERSATION}, got {described(conversation)}")
         for j, message in enumerate(conversation):  # (content may be missing: empty text, as vLLM reads it)
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"conversation {index}: message {j} must be an object with a 'role' (and its "
-                                 "'content')")
+                                 f"'content'), got {described(message)}")
         try:  # (the one transformers renders: a named template's "tool_use" where tools are given, else "default")
             template = self.tokenizer.get_chat_template(chat_template, tools=(kwargs or {}).get("tools"))
         except Exception as e:  # (named templates with no "default", say)
@@ -265,6 +265,18 @@ class PromptProcessor:
             raise ValueError(f"prompt {index}: truncate_prompt_tokens ({truncate}) is more than the context "
                              f"(max_model_len {self.max_model_len}); give at most that, or -1")
         return truncate
+
+
+NOT_A_CONVERSATION = 'a conversation is a non-empty list of message dicts ({"role": ..., "content": ...})'
+
+
+def described(value: Any) -> str:
+    """A value given where a conversation was expected, in words for an error: its kind and a short repr."""
+    from batchllm.sampling_params import short_repr
+
+    if isinstance(value, (list, tuple)) and not value:
+        return f"an empty {type(value).__name__}"
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 class ChatText(str):

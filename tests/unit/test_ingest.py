@@ -505,7 +505,8 @@ def test_a_prompt_error_names_its_line_once():
     data = (b'{"id": "a", "messages": [{"content": "Hi"}]}\n{"id": "b", "prompt_token_ids": [1, 99999999]}\n'
             + json.dumps({"id": "c", "prompt": "word " * 9000}).encode() + b"\n")
     messages = sorted(e.message for e in ingest(data).errors)
-    assert messages[:2] == ["line 1: message 0 must be an object with a 'role' (and its 'content')",
+    assert messages[:2] == ["line 1: message 0 must be an object with a 'role' (and its 'content'), got dict "
+                            "{'content': 'Hi'}",
                             "line 2: token id 99999999 is outside the vocabulary [0, 49152)"]
     assert messages[2].startswith("line 3: the prompt has 9001 tokens; the context (max_model_len) is 8192")
 

@@ -4,6 +4,7 @@ the EngineArgs parser and vLLM's EngineArgs field names."""
 import dataclasses
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -147,6 +148,29 @@ def test_truncating_a_bos_prompt_to_k_tokens_gives_hfs_left_truncation_for_every
         assert processor.tokenize_many([text], [0], [k])[0].token_ids == expected, k
     assert processor.tokenize_prompt(text, 0, 1).token_ids == [1]
     assert processor.tokenize_prompt([5, 6, 7], 0, 1).token_ids == [7], "token ids have no BOS to keep"
+
+
+def test_chat_given_a_text_or_a_message_names_what_a_conversation_is_and_what_was_given(tiny_model_factory):
+    """llm.chat("hello") said "conversation 0: messages must be a non-empty list" (the text's characters became
+    conversations); it now says what chat takes and what it was given, as does a bad conversation or message."""
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    what = re.escape('a conversation is a non-empty list of message dicts ({"role": ..., "content": ...}), got ')
+    try:
+        with pytest.raises(ValueError, match="^chat takes a conversation or a list of conversations: " + what
+                           + "str 'hello'$"):
+            llm.chat("hello", use_tqdm=False)
+        one_message = re.escape("dict {'role': 'user'} (one message: wrap it in a list)")
+        with pytest.raises(ValueError, match=what + one_message):
+            llm.chat({"role": "user"}, use_tqdm=False)
+        with pytest.raises(ValueError, match="^conversation 1: " + what + "an empty list$"):
+            llm.chat([[{"role": "user", "content": "hi"}], []], use_tqdm=False)
+        with pytest.raises(ValueError, match=re.escape("conversation 0: message 1 must be an object with a 'role' "
+                                                       "(and its 'content'), got str 'and you'")):
+            llm.chat([{"role": "user", "content": "hi"}, "and you"], use_tqdm=False)
+    finally:
+        llm.shutdown()
 
 
 def test_a_priority_list_of_another_length_than_the_prompts_is_refused(tiny_model_factory):
