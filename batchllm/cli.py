@@ -1027,7 +1027,8 @@ def plan_command(args: argparse.Namespace) -> int:
     else:
         print(f"requests             {summary['num_requests']}")
         print(f"groups               {summary['num_groups']} top-level, {summary['num_nested_groups']} nested, "
-              f"{summary['num_ungrouped']} requests ungrouped ({args.plan_mode}-level plan)")
+              f"{summary['num_ungrouped']} request{'' if summary['num_ungrouped'] == 1 else 's'} ungrouped "
+              f"({args.plan_mode}-level plan)")
         print(f"sharing degree       mean {summary['mean_sharing_degree']:.2f}, max {summary['max_sharing_degree']}")
         completions = summary["num_completions"]
         print(f"prompt tokens        {summary['prompt_tokens']}" + ("" if completions == summary["num_requests"] else
@@ -1045,26 +1046,40 @@ def largest_groups(plan, token_ids: list, tokenizer, n: int, words: int = 12) ->
     """The n groups, at any depth, that save the most prefill, largest saving first: members (nested groups'
     included), the shared prefix's length in tokens (from the prompt's start), the prefill tokens it saves (its
     own part of the prefix, past its enclosing group's, computed once instead of once per member) and its first
-    `words` words, detokenized. (A chat file's groups all nest in the chat template's opening, a top-level group
-    of a few tokens: listing the top level showed only that.)"""
+    `words` words, detokenized. A nested group also gives its enclosing group's prefix length and the first words
+    of its own part (`prefix_own`): its prefix starts as its parent's, so the start alone does not tell them apart.
+    (A chat file's groups all nest in the chat template's opening, a top-level group of a few tokens: listing the
+    top level showed only that.)"""
     saved = ((plan.own_prefix_len(g) * (len(plan.prompts_under(g.group_id)) - 1), g) for g in plan.groups)
     ranked = sorted(saved, key=lambda item: (-item[0], item[1].group_id))[:n]
+
+    def first_words(ids) -> str:
+        text = tokenizer.decode([int(t) for t in ids]) if tokenizer is not None else " ".join(map(str, ids))
+        return " ".join(text.split()[:words])
+
     out = []
     for saving, g in ranked:
         members = plan.prompts_under(g.group_id)
-        head = [int(t) for t in token_ids[members[0]][: min(g.prefix_len, 8 * words)]]
-        text = tokenizer.decode(head) if tokenizer is not None else " ".join(map(str, head))
-        out.append({"members": len(members), "prefix_tokens": g.prefix_len, "saves_tokens": saving,
-                    "nested_groups": len(g.children), "prefix_start": " ".join(text.split()[:words])})
+        row = {"members": len(members), "prefix_tokens": g.prefix_len, "saves_tokens": saving,
+               "nested_groups": len(g.children), "prefix_start": first_words(token_ids[members[0]][
+                   : min(g.prefix_len, 8 * words)])}
+        if g.parent is not None:
+            start = plan.groups[g.parent].prefix_len
+            row.update(parent_prefix_tokens=start, prefix_own=first_words(token_ids[members[0]][
+                start: min(g.prefix_len, start + 8 * words)]))
+        out.append(row)
     return out
 
 
 def _print_groups(groups: list[dict]) -> None:
+    """The --groups table; a nested group's last column is its own part, after its parent's prefix."""
     if groups:
-        print("largest groups       members  prefix tokens  tokens saved  prefix starts with")
+        print("largest groups       members  prefix tokens  tokens saved  prefix starts with (a nested group: "
+              "its own part)")
     for g in groups:
-        print(f"                     {g['members']:>7}  {g['prefix_tokens']:>13}  {g['saves_tokens']:>12}  "
-              f"{g['prefix_start']!r}")
+        shown = (f"+ {g['prefix_own']!r} (after its parent's {g['parent_prefix_tokens']}-token prefix)"
+                 if "prefix_own" in g else repr(g["prefix_start"]))
+        print(f"                     {g['members']:>7}  {g['prefix_tokens']:>13}  {g['saves_tokens']:>12}  {shown}")
 
 
 if __name__ == "__main__":

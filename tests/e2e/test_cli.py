@@ -324,6 +324,30 @@ def test_members_the_cache_holds_only_unshared_run_unshared(tiny_model_factory):
         llm.shutdown()
 
 
+def test_plan_groups_show_a_nested_groups_own_part_and_a_single_ungrouped_request(tmp_path, default_model_dir, capsys):
+    """A nested group's "prefix starts with" repeated its parent's first words (the two rows of examples/prompts.jsonl
+    read alike), and one ungrouped request was "1 requests ungrouped". A nested group now shows its own part of the
+    prefix, past its parent's, marked as such (JSON: parent_prefix_tokens, prefix_own)."""
+    from batchllm.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate([
+        "Shared opening words of every line here. First topic: apples are red and sweet.",
+        "Shared opening words of every line here. First topic: apples are red and sour.",
+        "Shared opening words of every line here. Second topic: the sea.",
+        "Something else entirely."])))
+    assert main(["plan", str(src), "--groups", "5", "--json"]) == 0
+    top, nested = json.loads(capsys.readouterr().out)["largest_groups"]
+    assert "prefix_own" not in top and nested["prefix_start"].startswith("Shared opening words")
+    assert nested["parent_prefix_tokens"] == top["prefix_tokens"] < nested["prefix_tokens"]
+    assert nested["prefix_own"].startswith("First topic: apples are red and")
+    assert main(["plan", str(src), "--groups", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "1 request ungrouped" in out
+    assert re.search(r"\+ 'First topic: apples are red and' \(after its parent's \d+-token prefix\)", out), out
+    assert re.search(r"  'Shared opening words of every line here\.'", out), out
+
+
 def test_plan_groups_list_a_chat_files_documents_not_the_templates_opening(tmp_path, default_model_dir):
     """Chat lines all share the template's opening (a top-level group of a few tokens), under which each
     document's questions nest: --groups listed only that opening ("12 members, 3 prefix tokens")."""
