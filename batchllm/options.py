@@ -532,7 +532,7 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
     action.help = option.help.replace("%", "%%") + " (default: %(default)s)"
     for key, (name, convert) in VLLM_CONVERTED.items():  # vLLM's flag for it in other units (--kv-cache-memory-bytes)
         if name == option.name:
-            group.add_argument("--" + key.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+            group.add_argument("--" + key.replace("_", "-"), dest=name, default=argparse.SUPPRESS, metavar=key.upper(),
                                type=lambda text, convert=convert: convert(human_readable_int(text)),
                                help=f"vLLM's spelling of {flags[0]}, in bytes (4G = 4 GiB)")
 

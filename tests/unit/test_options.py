@@ -723,6 +723,14 @@ def test_abbreviations_are_taken_as_vllm_takes_them_and_an_ambiguous_one_is_refu
                                      "as on vLLM's command line)"), err
 
 
+def _actions(parser: argparse.ArgumentParser, words: list[str]) -> list[argparse.Action]:
+    """The actions of `parser`'s subcommand words[0] (a subparsers action's chosen parser), else its own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and words:
+            return action.choices[words[0]]._actions
+    return parser._actions
+
+
 @pytest.mark.parametrize("command", ["run", "bench", "engine_args"])
 def test_vllms_kv_cache_memory_bytes_flag_is_taken_as_the_keyword_is(command):
     """`LLM(kv_cache_memory_bytes=...)` and EngineArgs' field were taken, but the flag was refused as unknown
@@ -738,6 +746,9 @@ def test_vllms_kv_cache_memory_bytes_flag_is_taken_as_the_keyword_is(command):
     assert parser.parse_args(words).kv_cache_memory_gib is None
     assert engine_config(**engine_kwargs_from_args(parser.parse_args(
         words + ["--kv-cache-memory-bytes", "1G"]))).cache.kv_cache_memory_gib == 1.0
+    # its --help placeholder is its own: it read KV_CACHE_MEMORY_GIB (the option it sets), a value in GiB
+    [flag] = [a for a in _actions(parser, words) if "--kv-cache-memory-bytes" in a.option_strings]
+    assert flag.metavar == "KV_CACHE_MEMORY_BYTES"
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16", "float16"])
