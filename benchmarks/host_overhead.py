@@ -19,9 +19,11 @@ On this CPU the attention (a batched SDPA over up to 1,300 keys per sequence) an
 attention layer returns its query and the LM head covers the first 2,048 token ids only: the
 model still maps each token to a varied, real next token, and nothing the host does changes.
 Reported per path: steps, wall ms per step, and the share of that spent in the model's device work
-on CPU (the decoder's forward, the LM head and the sampler; on a GPU these run on the device and
-cost the host only their launches): "host" = wall - device work, in wall time and in this
-process's CPU time (torch on one thread). CPU time is what other processes on a shared machine
+on CPU (the decoder's forward, the LM head and the sampler's tensor operations; on a GPU these run
+on the device and cost the host only their launches): "host" = wall - device work, in wall time and
+in this process's CPU time (torch on one thread). The sampler's Python (its per-row walks over the
+requests' settings) is host time, as on a GPU, and is also shown on its own (`DeviceWork`); up to
+session 41's first pass the whole sampler counted as device work. CPU time is what other processes on a shared machine
 disturb least, so it is the number to compare; the median is taken by it. The CPU attention's
 loop is part of "device work" here; the Triton backend's host planning is not covered
 (`benchmarks/step_overhead.py` measures it). Each path runs `--repeat` times. An output digest
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
@@ -65,46 +68,105 @@ STUB_VOCAB = 2048
 
 
 class DeviceWork:
-    """Wall time spent in what a GPU would run: the decoder's forward, the LM head, the sampler.
-    Installed on the classes (and the runner's module) so that the CLI's engine is timed too."""
+    """Time spent in what a GPU would run: the decoder's forward, the LM head, and the sampler's tensor operations.
+    Installed on the classes (and the runner's and the sampler's modules) so that the CLI's engine is timed too.
+
+    The sampler's Python (its walks over the rows' SamplingSpecs, the lists it builds) is host time on a GPU, where
+    each tensor operation costs the host only its launch: inside `sample_on_device` only the torch operations are
+    timed as device work (a TorchFunctionMode), except the building of host tensors from per-row lists (`to_device`:
+    host work, then a copy) and nested operations (timed once, by the outermost). Seeded noise computed with numpy
+    on the host (`seeded_exponential_host`) is one kernel on a GPU: device work. `sampler_seconds` is the sampler's
+    whole time, so the sampler's host part is `sampler_seconds - sampler_device_seconds` (and so in CPU time)."""
 
     def __init__(self, stub: bool) -> None:
         self.stub = stub
-        self.seconds = 0.0
-        self.cpu_seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0  # device work, wall and CPU
+        self.sampler_seconds = self.sampler_cpu_seconds = 0.0  # the whole sampler, device work included
+        self.sampler_device_seconds = self.sampler_device_cpu_seconds = 0.0  # its torch operations
+        self._depth = 0  # > 0 inside a region timed as device work, or inside host work the mode must not time
         self._undo: list[tuple[object, str, object]] = []
 
-    def _wrap(self, owner: object, name: str) -> None:
-        original = getattr(owner, name)
-
+    def _timed(self, original: Callable, device: bool) -> Callable:
+        """`original`, timed as device work (device=True) or hidden from the op timer (host work: device=False)."""
         def timed(*args, **kwargs):
+            if self._depth:
+                return original(*args, **kwargs)
+            self._depth += 1
             start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
-                self.cpu_seconds += time.process_time() - cpu_start
+                self._depth -= 1
+                if device:
+                    self._add(time.perf_counter() - start, time.process_time() - cpu_start)
+        return timed
 
-        self._undo.append((owner, name, original))
-        setattr(owner, name, timed)
+    def _add(self, seconds: float, cpu_seconds: float) -> None:
+        self.seconds += seconds
+        self.cpu_seconds += cpu_seconds
+        if self._in_sampler:
+            self.sampler_device_seconds += seconds
+            self.sampler_device_cpu_seconds += cpu_seconds
+
+    def _patch(self, owner: object, name: str, replacement: object) -> None:
+        self._undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
+
+    def _sampler(self, original: Callable) -> Callable:
+        """`sample_on_device`, timed whole, with its torch operations timed as device work."""
+        ops = _OpTimer(self)
+
+        def timed(*args, **kwargs):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            self._in_sampler = True
+            try:
+                with ops:
+                    return original(*args, **kwargs)
+            finally:
+                self._in_sampler = False
+                self.sampler_seconds += time.perf_counter() - start
+                self.sampler_cpu_seconds += time.process_time() - cpu_start
+        return timed
 
     def __enter__(self) -> DeviceWork:
+        import batchllm.layers.logits_processors as logits_processors
+        import batchllm.layers.sampler as sampler
+        import batchllm.layers.seeded_noise as seeded_noise
         import batchllm.runner.model_runner as model_runner
 
+        self._in_sampler = False
         if self.stub:
-            self._undo.append((TorchReferenceBackend, "forward", TorchReferenceBackend.forward))
-            self._undo.append((DecoderForCausalLM, "compute_logits", DecoderForCausalLM.compute_logits))
-            TorchReferenceBackend.forward = lambda backend, query, *args, **kwargs: query
-            DecoderForCausalLM.compute_logits = _first_tokens_logits
-
-        self._wrap(DecoderForCausalLM, "forward")
-        self._wrap(DecoderForCausalLM, "compute_logits")
-        self._wrap(model_runner, "sample_on_device")
+            self._patch(TorchReferenceBackend, "forward", lambda backend, query, *args, **kwargs: query)
+            self._patch(DecoderForCausalLM, "compute_logits", _first_tokens_logits)
+        for owner, name in [(DecoderForCausalLM, "forward"), (DecoderForCausalLM, "compute_logits"),
+                            (seeded_noise, "seeded_exponential_host")]:
+            self._patch(owner, name, self._timed(getattr(owner, name), device=True))
+        for module in (sampler, logits_processors, seeded_noise):
+            self._patch(module, "to_device", self._timed(module.to_device, device=False))
+        self._patch(model_runner, "sample_on_device", self._sampler(model_runner.sample_on_device))
         return self
 
     def __exit__(self, *exc) -> None:
         for owner, name, original in reversed(self._undo):
             setattr(owner, name, original)
+
+
+class _OpTimer(TorchFunctionMode):
+    """Times each torch operation called (outside `DeviceWork`'s nested regions) as device work."""
+
+    def __init__(self, work: DeviceWork) -> None:
+        super().__init__()
+        self.work = work
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        work = self.work
+        if work._depth:
+            return func(*args, **(kwargs or {}))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            work._add(time.perf_counter() - start, time.process_time() - cpu_start)
 
 
 def workload(args) -> list[tuple[list[int], int]]:
@@ -221,14 +283,15 @@ def main() -> None:
             with DeviceWork(not args.full_model) as device:
                 wall, cpu, steps, digest = paths[name](model_dir, work, args, args.profile and rep == args.repeat - 1)
             host, host_cpu = 1e3 * (wall - device.seconds) / steps, 1e3 * (cpu - device.cpu_seconds) / steps
-            rows.append((host_cpu, host, 1e3 * wall / steps, 1e3 * device.seconds / steps, steps, digest))
+            sampler_host = 1e3 * (device.sampler_cpu_seconds - device.sampler_device_cpu_seconds) / steps
+            rows.append((host_cpu, host, 1e3 * wall / steps, 1e3 * device.seconds / steps, sampler_host, steps, digest))
             print(f"{name} #{rep + 1}: {steps} steps in {wall:.2f} s: {rows[-1][2]:.2f} ms/step, device work "
-                  f"{rows[-1][3]:.2f}, host {host:.2f} ms/step wall, {host_cpu:.2f} ms/step CPU (outputs {digest})",
-                  flush=True)
-        host_cpu, host, wall, dev, steps, digest = sorted(rows)[len(rows) // 2]
-        print(f"{name} median (by host CPU): host {host_cpu:.2f} ms/step CPU, {host:.2f} wall; whole step "
-              f"{wall:.2f} ms, device work {dev:.2f} ms ({100 * dev / wall:.0f}%); {steps} steps, outputs {digest}",
-              flush=True)
+                  f"{rows[-1][3]:.2f}, host {host:.2f} ms/step wall, {host_cpu:.2f} ms/step CPU (of which the "
+                  f"sampler's Python {sampler_host:.2f}) (outputs {digest})", flush=True)
+        host_cpu, host, wall, dev, sampler_host, steps, digest = sorted(rows)[len(rows) // 2]
+        print(f"{name} median (by host CPU): host {host_cpu:.2f} ms/step CPU (sampler's Python {sampler_host:.2f}), "
+              f"{host:.2f} wall; whole step {wall:.2f} ms, device work {dev:.2f} ms ({100 * dev / wall:.0f}%); "
+              f"{steps} steps, outputs {digest}", flush=True)
 
 
 if __name__ == "__main__":
