@@ -23,8 +23,8 @@ on CPU (the decoder's forward, the LM head and the sampler's tensor operations; 
 on the device and cost the host only their launches): "host" = wall - device work, in wall time and
 in this process's CPU time (torch on one thread). The sampler's Python (its per-row walks over the
 requests' settings) is host time, as on a GPU, and is also shown on its own (`DeviceWork`); up to
-session 41's first pass the whole sampler counted as device work. CPU time is what other processes on a shared machine
-disturb least, so it is the number to compare; the median is taken by it. The CPU attention's
+session 41's first pass the whole sampler counted as device work. CPU time is what other processes
+on a shared machine disturb least, so it is the number to compare; the median is taken by it. The CPU attention's
 loop is part of "device work" here; the Triton backend's host planning is not covered
 (`benchmarks/step_overhead.py` measures it). Each path runs `--repeat` times. An output digest
 (sha1 of every completion's token ids, or of the output records' text) shows that a change kept
@@ -74,8 +74,9 @@ class DeviceWork:
     The sampler's Python (its walks over the rows' SamplingSpecs, the lists it builds) is host time on a GPU, where
     each tensor operation costs the host only its launch: inside `sample_on_device` only the torch operations are
     timed as device work (a TorchFunctionMode), except the building of host tensors from per-row lists (`to_device`:
-    host work, then a copy) and nested operations (timed once, by the outermost). Seeded noise computed with numpy
-    on the host (`seeded_exponential_host`) is one kernel on a GPU: device work. `sampler_seconds` is the sampler's
+    host work, then a copy) and nested operations (timed once, by the outermost); each operation's dispatch through
+    the mode (a few us) stays host time, as a kernel launch would. Seeded noise computed with numpy on the host
+    (`seeded_exponential_host`) is one kernel on a GPU: device work. `sampler_seconds` is the sampler's
     whole time, so the sampler's host part is `sampler_seconds - sampler_device_seconds` (and so in CPU time)."""
 
     def __init__(self, stub: bool) -> None:
@@ -84,6 +85,7 @@ class DeviceWork:
         self.sampler_seconds = self.sampler_cpu_seconds = 0.0  # the whole sampler, device work included
         self.sampler_device_seconds = self.sampler_device_cpu_seconds = 0.0  # its torch operations
         self._depth = 0  # > 0 inside a region timed as device work, or inside host work the mode must not time
+        self._in_sampler = False
         self._undo: list[tuple[object, str, object]] = []
 
     def _timed(self, original: Callable, device: bool) -> Callable:
@@ -134,7 +136,6 @@ class DeviceWork:
         import batchllm.layers.seeded_noise as seeded_noise
         import batchllm.runner.model_runner as model_runner
 
-        self._in_sampler = False
         if self.stub:
             self._patch(TorchReferenceBackend, "forward", lambda backend, query, *args, **kwargs: query)
             self._patch(DecoderForCausalLM, "compute_logits", _first_tokens_logits)
