@@ -50,7 +50,7 @@ def test_a_dead_worker_says_how_many_lines_failed_and_are_left(tmp_path, capsys,
     """A data-parallel worker that died mid-job: '(2 of 3 lines done)' counted a failed line as done."""
     from batchllm.parallel.data_parallel import WorkerDied
 
-    def worker_died(out, llm, valid, args, num_failed):
+    def worker_died(writers, llm, valid, args, num_failed):
         raise WorkerDied("data-parallel worker 1 killed by SIGKILL")
 
     monkeypatch.setattr(cli, "_generate_into", worker_died)
@@ -370,7 +370,8 @@ SECOND_SIGNAL_JOB = """
 import os, signal, sys, time
 from batchllm import cli
 
-def slow_to_stop(out, llm, valid, args, num_failed):
+def slow_to_stop(writers, llm, valid, args, num_failed):
+    out = writers[0]  # (the output's writer, the errors file's, the format)
     for item in valid[:2]:
         out.write({"id": item.line.request_id, "text": "x", "error": None})
     try:
