@@ -245,14 +245,10 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if rid in seen_ids:  # (as JSON values: the integer 9 and the string "9" are two ids, each echoed as given)
         return error(f"duplicate id {short_repr(rid)}", rid)
     seen_ids.add(rid)
-    given = [k for k in PROMPT_FIELDS if k in obj]
-    if given == ["prompt", "prompt_token_ids"]:  # vLLM's TokensPrompt: the ids are the prompt, the text its echo
-        if not isinstance(obj["prompt"], str):
-            return error("'prompt' beside 'prompt_token_ids' must be a string (the ids' text)", rid)
-        given = ["prompt_token_ids"]
-    if len(given) != 1:
-        return error(f"needs exactly one of {', '.join(PROMPT_FIELDS)} (or 'prompt_token_ids' with its 'prompt' "
-                     "text)", rid)
+    try:
+        kind = prompt_kind(obj, [k for k in PROMPT_FIELDS if k in obj])
+    except ValueError as e:
+        return error(str(e), rid)
     if obj.get("truncation_side") not in TRUNCATION_SIDES:  # (vLLM's; a table's column of this name is unlikely)
         return error(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: {TRUNCATION_SIDE_NOTE}",
                      rid)
@@ -260,9 +256,10 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if mistaken := [f"{name!r} ({hint})" for name in unknown
                     if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name]))]:
         return error(f"unsupported field(s): {', '.join(mistaken)}", rid)
-    if not isinstance(obj.get("add_special_tokens", False), (bool, type(None))):  # (vLLM's field is a bool)
-        return error(f"'add_special_tokens' must be true or false, got {short_repr(obj['add_special_tokens'])}", rid)
-    kind = given[0]
+    try:
+        add_special = add_special_tokens_of(obj)
+    except ValueError as e:
+        return error(str(e), rid)
     prompt = obj[kind]
     if kind == "prompt" and not isinstance(prompt, str):
         return error("'prompt' must be a string", rid)
@@ -281,7 +278,33 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if template is not None and kind != "messages":
         return error("'chat_template_kwargs', 'tools' and 'documents' need 'messages'", rid)
     return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
-                     ignored_fields=tuple(unknown), add_special_tokens=obj.get("add_special_tokens"))
+                     ignored_fields=tuple(unknown), add_special_tokens=add_special)
+
+
+def prompt_kind(obj: dict, given: list[str]) -> str:
+    """The field of PROMPT_FIELDS that a request's prompt is read from, of `given` (those it has: a plain line's
+    keys, a Ray row's non-null columns): exactly one, or "prompt_token_ids" with its "prompt" text beside it, as
+    vLLM's TokensPrompt (and LLM.generate) take it: the ids are the prompt, the text is not tokenized. Raises
+    ValueError naming the problem otherwise (the one rule for lines and rows)."""
+    if given == ["prompt", "prompt_token_ids"]:  # (PROMPT_FIELDS' order)
+        if not isinstance(obj["prompt"], str):
+            raise ValueError("'prompt' beside 'prompt_token_ids' must be a string (the ids' text)")
+        return "prompt_token_ids"
+    if len(given) != 1:
+        raise ValueError(f"needs exactly one of {', '.join(PROMPT_FIELDS)} (or 'prompt_token_ids' with its 'prompt' "
+                         "text)")
+    return given[0]
+
+
+def add_special_tokens_of(obj: dict) -> bool | None:
+    """A request's "add_special_tokens" (a plain line's field, a Ray row's column): true or false tokenizes its
+    text or rendered chat with or without the tokenizer's special tokens, as LLM.generate's tokenization_kwargs
+    does; None where not given (`PromptProcessor._adds_special_tokens` decides). Raises ValueError for another
+    value (vLLM's field is a bool)."""
+    value = obj.get("add_special_tokens")
+    if not isinstance(value, (bool, type(None))):
+        raise ValueError(f"'add_special_tokens' must be true or false, got {short_repr(value)}")
+    return value
 
 
 def _plain_template_kwargs(obj: dict) -> dict | None:

@@ -112,8 +112,9 @@ class _CliPreprocess:
         sp = sampling_params_for(line, self.defaults, self.global_seed, self.cache)
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
-        return {kind: line.prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
-                NO_MAX_TOKENS: sp.max_tokens is None,
+        prompt = line.prompt if isinstance(line.prompt, dict) else {kind: line.prompt}  # (a dict: ids and their text)
+        return {**prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
+                NO_MAX_TOKENS: sp.max_tokens is None, "add_special_tokens": line.add_special_tokens,
                 "chat_template_kwargs": (with_template_defaults(self.template_defaults, line.chat_template_kwargs,
                                                                 line.format == OPENAI) if line.is_chat else None)}
 

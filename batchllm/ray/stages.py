@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from batchllm.io.jsonl import without_its_index
+from batchllm.io.jsonl import PROMPT_FIELDS, add_special_tokens_of, prompt_kind, without_its_index
 from batchllm.ray.config import ProcessorConfig
 from batchllm.request_output import output_error
 from batchllm.sampling_params import SamplingParams, integers_from_json
@@ -42,7 +42,6 @@ PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN = ("batchllm_prefill_tokens", "batchll
                                              "batchllm_shared_prefix_len")
 GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_input_tokens",
                      "num_generated_tokens")
-PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 MUST_FIT = "max_tokens_must_fit"
 """A preprocess's optional flag: the row's max_tokens must fit the context after its prompt, else the row
 is an error (as OpenAI's API answers); without it generation stops at the context ("length")."""
@@ -179,40 +178,33 @@ def _with_columns(table, columns: dict):
 
 
 def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int, index) -> tuple[list[int], dict, str]:
+    """A row (or what `preprocess` makes of it) -> its prompt's token ids, its sampling fields and its prefix key.
+
+    Read as a plain JSONL line is (`jsonl.prompt_kind`, `jsonl.add_special_tokens_of`: one rule for both), a null
+    column being "not given"; raises ValueError naming the row's problem, checked here so that the engine stage
+    never meets a bad value nor a row the model cannot serve."""
     request = preprocess(row) if preprocess is not None else row  # the input columns travel on anyway
     if not isinstance(request, dict):
         raise ValueError(f"preprocess must return a dict, got {type(request).__name__}")
     if request.get(ERROR):  # a preprocess may reject a row itself
         raise ValueError(request[ERROR])
     given = [k for k in PROMPT_FIELDS if request.get(k) is not None]
-    if len(given) != 1:
-        raise ValueError(f"a row needs exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
+    try:
+        kind = prompt_kind(request, given)
+    except ValueError as e:
+        raise ValueError(f"a row: {e}; it gives {', '.join(given) or 'none of them'}") from None
+    add_special = add_special_tokens_of({"add_special_tokens": _plain(request.get("add_special_tokens"))})
     overrides = {k: _plain(v) for k, v in (request.get("sampling_params") or {}).items() if v is not None}
     overrides.pop("detokenize", None)  # generated_text is always filled, as Ray's vLLM processor's own stage does
     overrides.pop("output_kind", None)  # (an enum of the Python API, no row value: every result here is final)
     fields = integers_from_json({**defaults, **overrides})
     if request.get(NO_MAX_TOKENS):
         fields["max_tokens"] = None
-    # validate here, as the single-machine reader does per line: the engine stage must not meet a bad
-    # value, nor a row the model cannot serve (token ids past the vocabulary, logprobs above the cap)
     params = SamplingParams(**fields)
     params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                            prompts.eos_token_ids)
     truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
-    context_len = None
-    if given[0] == "messages":
-        from batchllm.io.openai_batch import template_kwargs
-
-        messages, template = request["messages"], template_kwargs(request.get("chat_template_kwargs"))
-        text = prompts.apply_chat_template(messages, index, kwargs=template)
-        ids = prompts.tokenize_prompt(text, index, truncate).token_ids
-        if isinstance(messages, list) and len(messages) > 1:
-            context_len = _context_len(prompts, messages, template, ids, index)
-    elif given[0] == "prompt":
-        ids = prompts.tokenize_prompt(request["prompt"], index, truncate).token_ids
-    else:
-        ids = prompts.tokenize_prompt({"prompt_token_ids": list(request["prompt_token_ids"])}, index,
-                                      truncate).token_ids
+    ids, context_len = _row_tokens(request, kind, prompts, truncate, add_special, index)
     if request.get(MUST_FIT) and params.max_tokens is not None:  # None: up to the context, which always fits
         from batchllm.io.ingest import context_overflow
 
@@ -223,7 +215,30 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     return list(ids), fields, key
 
 
-def _context_len(prompts, messages: list, template: dict | None, ids, index) -> int | None:
+def _row_tokens(request: dict, kind: str, prompts, truncate: int | None, add_special: bool | None,
+                index) -> tuple[list[int], int | None]:
+    """The row's prompt tokens (its `kind` of prompt, `add_special` taken for a text or rendered chat as
+    LLM.generate's tokenization_kwargs, never for token ids) and, for a chat of several messages, its
+    conversation-before-the-last-message length (`_context_len`; else None)."""
+    if kind == "messages":
+        from batchllm.io.openai_batch import template_kwargs
+
+        messages, template = request["messages"], template_kwargs(request.get("chat_template_kwargs"))
+        text = prompts.apply_chat_template(messages, index, kwargs=template)
+        ids = prompts.tokenize_prompt(text, index, truncate, add_special).token_ids
+        context_len = None
+        if isinstance(messages, list) and len(messages) > 1:
+            context_len = _context_len(prompts, messages, template, ids, index, add_special)
+        return ids, context_len
+    if kind == "prompt":
+        return prompts.tokenize_prompt(request["prompt"], index, truncate, add_special).token_ids, None
+    text = request.get("prompt")  # (the ids' own text, beside them: kept, not tokenized)
+    prompt = {"prompt_token_ids": list(request["prompt_token_ids"]), **({"prompt": text} if text else {})}
+    return prompts.tokenize_prompt(prompt, index, truncate).token_ids, None
+
+
+def _context_len(prompts, messages: list, template: dict | None, ids, index,
+                 add_special: bool | None = None) -> int | None:
     """Tokens of the row's prompt that its conversation before the last message, closed, renders to (a prefix
     key's hint); None where the template cannot render that conversation (one that needs a user message,
     as Qwen3's do, fails on a system message alone: the row itself renders, and runs)."""
@@ -235,7 +250,7 @@ def _context_len(prompts, messages: list, template: dict | None, ids, index) -> 
                                               kwargs=context_kwargs)
     except ValueError:
         return None
-    return _common_prefix_len(ids, prompts.tokenize_prompt(context, index).token_ids)
+    return _common_prefix_len(ids, prompts.tokenize_prompt(context, index, add_special_tokens=add_special).token_ids)
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -327,3 +327,44 @@ def test_a_template_that_needs_a_user_message_runs_a_system_and_user_row():
     errors = out.column(ERROR).to_pylist()
     assert errors[0] is None
     assert "No user query found in messages" in errors[1]  # (the row's own conversation still fails by name)
+
+
+def test_a_row_reads_token_ids_with_their_text_and_add_special_tokens_as_a_plain_line_does(tiny_model_factory,
+                                                                                           tmp_path):
+    """A row with both "prompt" and "prompt_token_ids" was refused ("a row needs exactly one of ...") and a row's
+    "add_special_tokens" was not read (false still got the BOS), where a plain JSONL line runs the ids and keeps
+    the text, and tokenizes with or without special tokens as asked. Rows now follow the lines' rules, in both
+    a preprocess's rows and run --ray's lines."""
+    import json
+
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliPreprocess
+    from batchllm.ray.stages import TOKENS
+    from tests.unit.test_vllm_port_api import _with_bos
+
+    model = _with_bos(tiny_model_factory("llama"), tmp_path)
+    tokenizer = prompt_processor_for(model).tokenizer
+    plain = tokenizer("The sky is", add_special_tokens=False)["input_ids"]
+    rows = [{"prompt": "not these words", "prompt_token_ids": [5, 6, 7]},
+            {"prompt": "The sky is", "add_special_tokens": False}, {"prompt": "The sky is"},
+            {"prompt": "The sky is", "add_special_tokens": None, "prompt_token_ids": None},
+            {"prompt_token_ids": [5, 6], "add_special_tokens": True},
+            {"prompt": "The sky is", "add_special_tokens": "no"},
+            {"prompt": [1, 2], "prompt_token_ids": [5, 6]},
+            {"prompt": "x", "messages": [{"role": "user", "content": "Hi"}]}]
+    table = pa.table({"i": list(range(len(rows)))})
+    out = tokenize_batch(table, config=ProcessorConfig(model=model), preprocess=lambda row: rows[row["i"]],
+                         num_buckets=1)
+    assert out.column(TOKENS).to_pylist()[:5] == [[5, 6, 7], plain, [1, *plain], [1, *plain], [5, 6]]
+    assert out.column(ERROR).to_pylist() == [None] * 5 + [
+        "'add_special_tokens' must be true or false, got 'no'",
+        "a row: 'prompt' beside 'prompt_token_ids' must be a string (the ids' text); it gives prompt, "
+        "prompt_token_ids",
+        "a row: needs exactly one of prompt, messages, prompt_token_ids (or 'prompt_token_ids' with its 'prompt' "
+        "text); it gives prompt, messages"]
+    lines = [{"id": "a", "prompt": "The sky is", "add_special_tokens": False},
+             {"id": "b", "prompt": "seven", "prompt_token_ids": [7]}]
+    table = pa.table({RAW: [json.dumps(x).encode() for x in lines], LINE: [1, 2], DUPLICATE: [False] * 2})
+    out = tokenize_batch(table, config=ProcessorConfig(model=model), preprocess=_CliPreprocess({}, None),
+                         num_buckets=1)
+    assert out.column(ERROR).to_pylist() == [None, None] and out.column(TOKENS).to_pylist() == [plain, [7]]
