@@ -312,11 +312,63 @@ _COMBINATORS = ("$ref", "anyOf", "oneOf", "allOf")
 """Keywords whose schemas replace their node's own: xgrammar drops typed keywords beside them."""
 
 
+_RAW_IN_JSON = frozenset(range(0x20)) | {ord('"'), ord("\\")}
+"""Characters a JSON string holds only escaped: control characters, the quote and the backslash."""
+
+
+def _raw_pattern_character(pattern: str) -> str | None:
+    """The first character of `pattern` (a regex, read by Python's re) that it matches as itself, a literal or a
+    range of a class, and that a JSON string holds only escaped (`_RAW_IN_JSON`), as repr; None if none (negated
+    classes, `.`, \\s and the like are not searched: xgrammar 0.2.9 keeps those as a JSON-string Regex, which
+    escapes them). Measured: xgrammar writes a pattern with such a literal ("^\\t$", '^"$', "^[\\x00-\\x1f]$") as
+    raw characters, so the answer holds a raw tab or quote and is not JSON; no escape is taken instead. A class
+    that only includes one ([\\t ]) may be kept as a safe Regex by xgrammar; it is named too (which path xgrammar
+    takes cannot be read from the pattern)."""
+    try:
+        stack = [re._parser.parse(pattern)]  # type: ignore[attr-defined]
+    except (re.error, RecursionError, OverflowError):
+        return None  # (not this check's problem: xgrammar reports the pattern it cannot read)
+    consts = re._constants  # type: ignore[attr-defined]
+    while stack:
+        for op, arg in stack.pop():
+            if op is consts.LITERAL and arg in _RAW_IN_JSON:
+                return repr(chr(arg))
+            if op is consts.IN and not (arg and arg[0][0] is consts.NEGATE):
+                for item, value in arg:
+                    low, high = (value, value) if item is consts.LITERAL else value if item is consts.RANGE else (1, 0)
+                    if (found := next((c for c in sorted(_RAW_IN_JSON) if low <= c <= high), None)) is not None:
+                        return repr(chr(found))  # (\x00 is 0)
+            elif op is consts.SUBPATTERN:
+                stack.append(arg[-1])
+            elif op is consts.BRANCH:
+                stack.extend(arg[1])
+            elif op in (consts.MAX_REPEAT, consts.MIN_REPEAT, consts.POSSESSIVE_REPEAT):
+                stack.append(arg[2])
+    return None
+
+
+def _raw_pattern(node: dict, types: set[str]) -> str | None:
+    """A string pattern, a patternProperties key or a propertyNames pattern with a character xgrammar writes raw
+    into the JSON string (`_raw_pattern_character`), named with it."""
+    patterns = [node["pattern"]] if "string" in types and isinstance(node.get("pattern"), str) else []
+    if "object" in types:
+        names = node.get("propertyNames")
+        patterns += [names["pattern"]] if isinstance(names, dict) and isinstance(names.get("pattern"), str) else []
+        patterns += list(node["patternProperties"]) if isinstance(node.get("patternProperties"), dict) else []
+    for pattern in patterns:
+        if found := _raw_pattern_character(pattern):
+            return (f"the pattern {pattern[:40]!r}, which matches the character {found} (xgrammar writes it into "
+                    "the JSON string unescaped, which is then not JSON)")
+    return None
+
+
 def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | None:
     """The keyword combinations xgrammar compiles but does not enforce: those vLLM's current check finds (vLLM
     0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string or number bounds without a type."""
     if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
         return repr(found)
+    if node.get("type") == []:  # (no value has no type; xgrammar reads it as no type given)
+        return "'type' [] (an empty list of types: xgrammar then lets any JSON value through)"
     if found := _unenforced_literal(node) or _unenforced_required(node, types) or _overlapping_one_of(node):
         return found
     typed = next((k for k in _TYPED_KEYWORDS if k in node), None)
@@ -331,6 +383,8 @@ def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | Non
             return (f"{combinator!r} branches listing required properties without their 'properties' (xgrammar "
                     "then enforces neither: repeat the properties in each branch)")
     if "string" in types and (found := _length_bound_with_pattern(node)):
+        return found
+    if found := _raw_pattern(node, types):
         return found
     if "object" in types and "propertyNames" in node:
         names = node["propertyNames"]

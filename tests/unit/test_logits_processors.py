@@ -388,3 +388,39 @@ def test_an_object_takes_unnamed_properties_only_where_additional_properties_all
         assert _is_grammar_accept_string(grammar, '{"a": 1}'), schema
         assert _is_grammar_accept_string(grammar, '{"a": 1, "b": 2}') == takes_int, schema
         assert _is_grammar_accept_string(grammar, '{"a": 1, "b": "x"}') == takes_text, schema
+
+
+RAW_PATTERNS = [  # (pattern, a raw answer xgrammar's grammar of it takes, the character named)
+    ("^\t$", '"\t"', "'\\t'"), ("^a\\nb$", '"a\nb"', "'\\n'"), ('^"$', '"""', "'\"'"), ("^\\\\$", '"\\"', "'\\\\'"),
+    ("^[\\x00-\\x1f]$", '"\x01"', "'\\x00'"), ("^\\v$", '"\x0b"', "'\\x0b'")]
+
+
+def test_a_pattern_xgrammar_writes_raw_into_the_json_and_an_empty_type_list_are_refused():
+    """A string pattern matching a control character, a quote or a backslash as itself ("^\\t$") compiled to a
+    grammar that writes it raw: the answer held a raw tab and was not JSON (the family of the maxLength fix). And
+    {"type": []} compiled to a grammar that lets any value through. Both are now refused by name; the patterns
+    xgrammar keeps as a JSON-string Regex (., \\s, negated classes) are taken."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from batchllm.structured import unenforced_schema_feature
+
+    for pattern, raw, named in RAW_PATTERNS:
+        schema = {"type": "string", "pattern": pattern}
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        assert _is_grammar_accept_string(grammar, raw), pattern  # (the measurement: not JSON, and taken)
+        with pytest.raises(ValueError):
+            json.loads(raw)
+        assert f"the pattern {pattern!r}, which matches the character {named}" in (
+            unenforced_schema_feature({"type": "object", "properties": {"s": schema}}) or ""), pattern
+    assert "(in properties.s)" in unenforced_schema_feature({"type": "object", "properties": {"s": {
+        "type": ["string", "null"], "pattern": "^\t$"}}})
+    for where in ({"type": "object", "patternProperties": {"^\t": {"type": "integer"}}},
+                  {"type": "object", "propertyNames": {"pattern": "^\n"}, "additionalProperties": {"type": "integer"}}):
+        assert "which matches the character" in (unenforced_schema_feature(where) or ""), where
+    for fine in ("^.$", "^[^a]$", "^\\s+$", "^[a-z]+$", "^.+@.+\\..+$", "^\\d{3}-\\d{4}$", "^(?!\t)a$", "[("):
+        assert unenforced_schema_feature({"type": "string", "pattern": fine}) is None, fine
+    grammar = xgr.Grammar.from_json_schema(json.dumps({"type": []}), any_whitespace=False)
+    assert _is_grammar_accept_string(grammar, "5") and _is_grammar_accept_string(grammar, '"x"')
+    assert unenforced_schema_feature({"type": "object", "properties": {"v": {"type": []}}}) == (
+        "'type' [] (an empty list of types: xgrammar then lets any JSON value through) (in properties.v)")
