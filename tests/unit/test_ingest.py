@@ -1100,3 +1100,17 @@ def test_seeded_lines_generate_the_same_tokens_as_their_own_sampling_params(tiny
     tokens = lambda outputs: [[c.token_ids for c in o.outputs] for o in outputs]  # noqa: E731
     assert tokens(copied) == tokens(built)
     assert len({tuple(t[0]) for t in tokens(built)}) > 1, "the seeds sample different tokens"
+
+
+def test_a_plain_lines_bad_messages_are_named_in_llm_chats_words():
+    """A plain line's bad "messages" said "'messages' must be a non-empty list", naming neither what a conversation
+    is nor what was given, where LLM.chat now says both; the line's error uses those words."""
+    from batchllm.inputs import NOT_A_CONVERSATION
+    from batchllm.io.jsonl import parse_line
+
+    one = {"role": "user", "content": "Hi"}
+    for value, got in (("hello", "str 'hello'"), ([], "an empty list"),
+                       (one, "dict {'content': 'Hi', 'role': 'user'} (one message: wrap it in a list)")):
+        line = parse_line(json.dumps({"id": 1, "messages": value}).encode(), 3, set())
+        assert line.message == f"line 3: 'messages': {NOT_A_CONVERSATION}, got {got}", value
+    assert NOT_A_CONVERSATION.startswith("a conversation is a non-empty list of message dicts")
