@@ -270,6 +270,15 @@ class PromptProcessor:
 NOT_A_CONVERSATION = 'a conversation is a non-empty list of message dicts ({"role": ..., "content": ...})'
 
 
+def messages_problem(messages: Any) -> str | None:
+    """Why a line's "messages" (a plain or an OpenAI chat line's) is not a conversation, in `LLM.chat`'s words with
+    what was given (and, for one message dict, the hint to wrap it in a list); None where it is a non-empty list."""
+    if isinstance(messages, list) and messages:
+        return None
+    hint = " (one message: wrap it in a list)" if isinstance(messages, dict) else ""
+    return f"'messages': {NOT_A_CONVERSATION}, got {described(messages)}{hint}"
+
+
 def described(value: Any) -> str:
     """A value given where a conversation was expected, in words for an error: its kind and a short repr."""
     from batchllm.sampling_params import short_repr

@@ -266,10 +266,9 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if kind == "prompt" and not prompt:
         return error("'prompt' is empty", rid)
     if kind == "messages" and (not isinstance(prompt, list) or not prompt):
-        from batchllm.inputs import NOT_A_CONVERSATION, described  # (LLM.chat's words; inputs is heavy to import)
+        from batchllm.inputs import messages_problem  # (LLM.chat's words; inputs is heavy to import)
 
-        hint = " (one message: wrap it in a list)" if isinstance(prompt, dict) else ""
-        return error(f"'messages': {NOT_A_CONVERSATION}, got {described(prompt)}{hint}", rid)
+        return error(messages_problem(prompt), rid)
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         return error("'prompt_token_ids' must be a non-empty list of integers", rid)
     if "prompt" in obj and kind == "prompt_token_ids":

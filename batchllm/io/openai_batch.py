@@ -209,7 +209,9 @@ def _chat_prompt(body: dict, overrides: dict) -> tuple[list, Any]:
     `text_parts`) and max_tokens; its logprobs into `overrides`."""
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
-        raise BodyError("'messages' must be a non-empty list")
+        from batchllm.inputs import messages_problem  # (LLM.chat's words; inputs is heavy to import)
+
+        raise BodyError(messages_problem(messages))
     for j, message in enumerate(messages):
         text_message(j, message)
     # max_completion_tokens is OpenAI's newer name; given both (JSON writers emit null for the one not
