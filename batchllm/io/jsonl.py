@@ -246,41 +246,45 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         return error(f"duplicate id {short_repr(rid)}", rid)
     seen_ids.add(rid)
     try:
-        kind = prompt_kind(obj, [k for k in PROMPT_FIELDS if k in obj])
-    except ValueError as e:
+        kind, prompt, template, add_special = _plain_request(obj)
+    except ValueError as e:  # (BodyError is one)
         return error(str(e), rid)
+    unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
+    return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
+                     ignored_fields=tuple(unknown), add_special_tokens=add_special)
+
+
+def _plain_request(obj: dict) -> tuple[str, Any, dict | None, bool | None]:
+    """A plain line's prompt field (`prompt_kind`), its prompt (text, messages, token ids, or token ids with their
+    text as LLM.generate takes them), its chat template's keywords and its add_special_tokens, checked; raises
+    ValueError naming the first problem, in the order a line is read: prompt fields, truncation_side, mistaken
+    fields, add_special_tokens, the prompt's value, the template's keywords."""
+    kind = prompt_kind(obj, [k for k in PROMPT_FIELDS if k in obj])
     if obj.get("truncation_side") not in TRUNCATION_SIDES:  # (vLLM's; a table's column of this name is unlikely)
-        return error(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: {TRUNCATION_SIDE_NOTE}",
-                     rid)
+        raise ValueError(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: "
+                         f"{TRUNCATION_SIDE_NOTE}")
     unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     if mistaken := [f"{name!r} ({hint})" for name in unknown
                     if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name]))]:
-        return error(f"unsupported field(s): {', '.join(mistaken)}", rid)
-    try:
-        add_special = add_special_tokens_of(obj)
-    except ValueError as e:
-        return error(str(e), rid)
+        raise ValueError(f"unsupported field(s): {', '.join(mistaken)}")
+    add_special = add_special_tokens_of(obj)
     prompt = obj[kind]
     if kind == "prompt" and not isinstance(prompt, str):
-        return error("'prompt' must be a string", rid)
+        raise ValueError("'prompt' must be a string")
     if kind == "prompt" and not prompt:
-        return error("'prompt' is empty", rid)
+        raise ValueError("'prompt' is empty")
     if kind == "messages" and (not isinstance(prompt, list) or not prompt):
         from batchllm.inputs import messages_problem  # (LLM.chat's words; inputs is heavy to import)
 
-        return error(messages_problem(prompt), rid)
+        raise ValueError(messages_problem(prompt))
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
-        return error("'prompt_token_ids' must be a non-empty list of integers", rid)
+        raise ValueError("'prompt_token_ids' must be a non-empty list of integers")
     if "prompt" in obj and kind == "prompt_token_ids":
         prompt = {"prompt_token_ids": prompt, "prompt": obj["prompt"]}  # (as LLM.generate takes it)
-    try:
-        template = _plain_template_kwargs(obj)
-    except openai_batch.BodyError as e:
-        return error(str(e), rid)
+    template = _plain_template_kwargs(obj)
     if template is not None and kind != "messages":
-        return error("'chat_template_kwargs', 'tools' and 'documents' need 'messages'", rid)
-    return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
-                     ignored_fields=tuple(unknown), add_special_tokens=add_special)
+        raise ValueError("'chat_template_kwargs', 'tools' and 'documents' need 'messages'")
+    return kind, prompt, template, add_special
 
 
 def prompt_kind(obj: dict, given: list[str]) -> str:
