@@ -17,6 +17,7 @@ Writer: the runner owns the matchers (`GrammarState`); the backend's cache is wr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -24,6 +25,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
+
+try:  # Python's regex parser: re._parser from 3.11, sre_parse before
+    from re import _constants as _re_constants  # type: ignore[attr-defined]
+    from re import _parser as _re_parser  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_constants as _re_constants
+    import sre_parse as _re_parser
 
 logger = logging.getLogger(__name__)
 
@@ -316,19 +324,35 @@ _RAW_IN_JSON = frozenset(range(0x20)) | {ord('"'), ord("\\")}
 """Characters a JSON string holds only escaped: control characters, the quote and the backslash."""
 
 
+@functools.lru_cache(maxsize=1024)
+def _kept_as_json_string(pattern: str) -> bool:
+    """Whether xgrammar keeps a string `pattern` as a JSON-string regex (`Regex(..., json_string=true)`), whose answers
+    it escapes, so that no character of it reaches the JSON raw. Measured on xgrammar 0.2.9: it does so for most
+    patterns, whatever they match ("^[ -~]{1,80}$", '^(a|")$'), and writes others as raw grammar ("^\\t$", '^"$',
+    "^[\\t ]+$"), in which a control character, quote or backslash comes out unescaped. False where xgrammar cannot
+    be asked (the character check then decides alone)."""
+    try:
+        schema = json.dumps({"type": "string", "pattern": pattern})
+        text = str(_import_xgrammar().Grammar.from_json_schema(schema, any_whitespace=False))
+    except Exception:  # (xgrammar missing, or a pattern it cannot read: it reports that itself at compile time)
+        return False
+    return "json_string=true" in text
+
+
 def _raw_pattern_character(pattern: str) -> str | None:
     """The first character of `pattern` (a regex, read by Python's re) that it matches as itself, a literal or a
     range of a class, and that a JSON string holds only escaped (`_RAW_IN_JSON`), as repr; None if none (negated
     classes, `.`, \\s and the like are not searched: xgrammar 0.2.9 keeps those as a JSON-string Regex, which
-    escapes them). Measured: xgrammar writes a pattern with such a literal ("^\\t$", '^"$', "^[\\x00-\\x1f]$") as
-    raw characters, so the answer holds a raw tab or quote and is not JSON; no escape is taken instead. A class
-    that only includes one ([\\t ]) may be kept as a safe Regex by xgrammar; it is named too (which path xgrammar
-    takes cannot be read from the pattern)."""
+    escapes them). Only a pattern xgrammar writes as raw grammar is searched (`_kept_as_json_string`): there such a
+    literal ("^\\t$", '^"$', "^[\\x00-\\x1f]$") comes out as a raw tab or quote, not JSON, and no escape is taken
+    instead; a pattern xgrammar keeps as a JSON-string regex ("^[ -~]{1,80}$") is safe whatever it matches."""
+    if _kept_as_json_string(pattern):
+        return None
     try:
-        stack = [re._parser.parse(pattern)]  # type: ignore[attr-defined]
+        stack = [_re_parser.parse(pattern)]
     except (re.error, RecursionError, OverflowError):
         return None  # (not this check's problem: xgrammar reports the pattern it cannot read)
-    consts = re._constants  # type: ignore[attr-defined]
+    consts = _re_constants
     while stack:
         for op, arg in stack.pop():
             if op is consts.LITERAL and arg in _RAW_IN_JSON:
@@ -342,7 +366,7 @@ def _raw_pattern_character(pattern: str) -> str | None:
                 stack.append(arg[-1])
             elif op is consts.BRANCH:
                 stack.extend(arg[1])
-            elif op in (consts.MAX_REPEAT, consts.MIN_REPEAT, consts.POSSESSIVE_REPEAT):
+            elif op in (consts.MAX_REPEAT, consts.MIN_REPEAT, getattr(consts, "POSSESSIVE_REPEAT", None)):
                 stack.append(arg[2])
     return None
 

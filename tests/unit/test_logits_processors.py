@@ -424,3 +424,20 @@ def test_a_pattern_xgrammar_writes_raw_into_the_json_and_an_empty_type_list_are_
     assert _is_grammar_accept_string(grammar, "5") and _is_grammar_accept_string(grammar, '"x"')
     assert unenforced_schema_feature({"type": "object", "properties": {"v": {"type": []}}}) == (
         "'type' [] (an empty list of types: xgrammar then lets any JSON value through) (in properties.v)")
+
+
+def test_a_pattern_xgrammar_keeps_as_a_json_string_regex_is_taken_whatever_it_matches():
+    """The raw-pattern refusal read only the pattern, so it refused common patterns that can match a quote or a
+    control character but that xgrammar keeps as a JSON-string Regex (whose answers it escapes): printable ASCII
+    ("^[ -~]{1,80}$", which worked before the refusal), a class or a branch holding a quote. They are taken again;
+    the measurement: xgrammar's grammar for each takes no raw quote."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from batchllm.structured import unenforced_schema_feature
+
+    for pattern in ("^[ -~]{1,80}$", "^[A-Za-z0-9 .,'\"-]+$", '^(a|")$'):
+        schema = {"type": "string", "pattern": pattern}
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        assert not _is_grammar_accept_string(grammar, '"""'), pattern
+        assert unenforced_schema_feature({"type": "object", "properties": {"s": schema}}) is None, pattern
