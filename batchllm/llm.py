@@ -542,8 +542,6 @@ class LLM:
                 requests.append(request)
                 state = CompletionState(k, child_params, self.tokenizer, prompt.token_ids)
                 call.states[request.request_id] = (index, state)
-                if child_params.grammar_key is not None:  # (its grammar compiled at validation)
-                    call.grammars[request.request_id] = self.prompts.grammars.new_state(child_params.grammar_key)
                 children.append(state)
             call.pending[index] = children
         plan_started = time.perf_counter()
@@ -639,6 +637,8 @@ class LLM:
             if update.prompt_logprobs is not None:
                 state.prompt_logprobs = update.prompt_logprobs
             checker = call.grammars.get(update.request_id)
+            if checker is None and state.params.grammar_key is not None:  # (made at its first token, not at submit)
+                checker = call.grammars[update.request_id] = self._grammar_check(state.params.grammar_key)
             if checker is not None and (refusal := checker.refusal(update.new_token_id)) is not None:
                 self._end_with_error(update, state, refusal, index)
             elif (matched := state.append(update.new_token_id, update.logprobs,
@@ -663,6 +663,13 @@ class LLM:
                                                   prompt_logprobs=self._prompt_logprobs(prompt, children[0]),
                                                   num_cached_tokens=call.num_cached_tokens.pop(index))))
         return done
+
+    def _grammar_check(self, grammar_key: tuple[str, str]) -> GrammarState:
+        """The facade's own matcher of a structured completion's tokens (`GrammarState.refusal`), made at its first
+        token: made at submission, a million structured lines held a million matchers (~9 KB and ~56 us each)
+        before the first step, and compiled again each schema the grammar cache had evicted; at the first token
+        the runner has just compiled it (a cache hit), and live matchers never outnumber running requests."""
+        return self.prompts.grammars.new_state(grammar_key)
 
     def _end_with_error(self, update, state: CompletionState, error: str, index: int) -> None:
         """End a completion whose grammar refused its token `update` (`GrammarState.refusal`): finish_reason "error"
@@ -749,7 +756,8 @@ class _Call:
     states: dict[str, tuple[int, CompletionState]] = dataclasses.field(default_factory=dict)
     """Unfinished completions by request id: (prompt index, state)."""
     grammars: dict[str, GrammarState] = dataclasses.field(default_factory=dict)
-    """Unfinished structured completions' checks of their tokens (`GrammarState.refusal`), by request id."""
+    """Unfinished structured completions' checks of their tokens (`GrammarState.refusal`), by request id, from
+    their first token on (`LLM._grammar_check`)."""
     pending: dict[int, list[CompletionState]] = dataclasses.field(default_factory=dict)
     """Prompts with an unfinished completion: their completions' states."""
     plans: list[dict] = dataclasses.field(default_factory=list)
