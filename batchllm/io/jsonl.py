@@ -347,19 +347,37 @@ _CONSTRAINTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar":
 top level, where they constrain nothing: a field of its "structured_outputs", by name (`_misplaced_constraint`)."""
 
 
+_SCHEMA_KEYWORDS = frozenset({"type", "properties", "$schema", "$ref", "$defs", "anyOf", "oneOf", "allOf", "enum",
+                              "const", "items", "required", "pattern"})
+"""Keywords that make an object a JSON schema (a record of data holds none of them, as a rule)."""
+
+
+def _looks_like_schema(value: Any) -> bool:
+    """Whether a value is a JSON schema, or a JSON string of one: an object holding a schema keyword."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return False
+    return isinstance(value, dict) and not _SCHEMA_KEYWORDS.isdisjoint(value)
+
+
 def _misplaced_constraint(name: str, value: Any) -> str | None:
     """Why a plain line's unknown field is a structured-output constraint given at the top level (the line would run
-    unconstrained as a success), or None. Only a value shaped as the constraint counts (a schema: an object or a
-    JSON string; a regex or grammar: a string; choice: a list of strings; json_object: true), so a table's column
-    that only shares the name (a "choice" label "B", a "json" flag) stays an ignored column."""
+    unconstrained as a success), or None. Only a value shaped as the constraint counts (a schema: an object with a
+    schema keyword, or a JSON string of one; a grammar: a string with a rule, `::=`; a regex: a string; choice: a
+    list of strings; json_object: true), so a table's column that only shares the name (a "choice" label "B", a
+    "grammar" label "ungrammatical", a "json" record) stays an ignored column."""
     if name not in _CONSTRAINTS:
         return None
     if name in ("json", "json_schema"):
-        shaped = isinstance(value, dict) or (isinstance(value, str) and value.lstrip().startswith("{"))
+        shaped = _looks_like_schema(value)
     elif name == "choice":
         shaped = isinstance(value, list) and bool(value) and all(isinstance(c, str) for c in value)
     elif name == "json_object":
         shaped = value is True
+    elif name in ("grammar", "ebnf"):
+        shaped = isinstance(value, str) and "::=" in value
     else:
         shaped = isinstance(value, str)
     if not shaped:

@@ -779,7 +779,7 @@ def test_a_constraint_at_a_plain_lines_top_level_fails_its_line_naming_structure
     for field, value, inner in (("regex", "[0-9]+", "regex"), ("json", {"type": "object"}, "json"),
                                 ("grammar", 'root ::= "a"', "grammar"), ("choice", ["a", "b"], "choice"),
                                 ("json_object", True, "json_object"), ("json_schema", {"type": "object"}, "json"),
-                                ("ebnf", 'root ::= "a"', "grammar")):
+                                ("ebnf", 'root ::= "a"', "grammar"), ("json", '{"type": "object"}', "json")):
         result = ingest(json.dumps({"id": 1, "prompt": "Hi", field: value}).encode() + b"\n")
         assert not result.valid and [e.message for e in result.errors] == [
             f"line 1: unsupported field(s): '{field}' (a structured-output constraint belongs in "
@@ -791,7 +791,8 @@ def test_a_tables_column_that_only_shares_a_constraints_name_stays_an_ignored_co
     """A dataset's "choice" label ("B"), a "json" flag or a "json_object" of false constrain nothing a user meant:
     only a value shaped as the constraint fails the line (the test above)."""
     for field, value in (("choice", "B"), ("choice", 2), ("json", True), ("json_schema", "a name"),
-                         ("json_object", False), ("regex", None), ("grammar", 3)):
+                         ("json_object", False), ("regex", None), ("grammar", 3), ("grammar", "ungrammatical"),
+                         ("json", {"a": 1}), ("json", '{"a": 1}'), ("ebnf", "")):
         result = ingest(json.dumps({"id": 1, "prompt": "Hi", field: value}).encode() + b"\n")
         assert result.valid and result.ignored_fields == {field: 1}, (field, value)
 
