@@ -259,7 +259,7 @@ def _plain_request(obj: dict) -> tuple[str, Any, dict | None, bool | None]:
     text as LLM.generate takes them), its chat template's keywords and its add_special_tokens, checked; raises
     ValueError naming the first problem, in the order a line is read: prompt fields, truncation_side, mistaken
     fields, add_special_tokens, the prompt's value, the template's keywords."""
-    kind = prompt_kind(obj, [k for k in PROMPT_FIELDS if k in obj])
+    kind = prompt_kind(obj, [k for k in PROMPT_FIELDS if obj.get(k) is not None])  # (null: not given, as in rows)
     if obj.get("truncation_side") not in TRUNCATION_SIDES:  # (vLLM's; a table's column of this name is unlikely)
         raise ValueError(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: "
                          f"{TRUNCATION_SIDE_NOTE}")
@@ -279,7 +279,7 @@ def _plain_request(obj: dict) -> tuple[str, Any, dict | None, bool | None]:
         raise ValueError(messages_problem(prompt))
     if kind == "prompt_token_ids" and (not isinstance(prompt, list) or not prompt):
         raise ValueError("'prompt_token_ids' must be a non-empty list of integers")
-    if "prompt" in obj and kind == "prompt_token_ids":
+    if obj.get("prompt") is not None and kind == "prompt_token_ids":
         prompt = {"prompt_token_ids": prompt, "prompt": obj["prompt"]}  # (as LLM.generate takes it)
     template = _plain_template_kwargs(obj)
     if template is not None and kind != "messages":
@@ -288,10 +288,11 @@ def _plain_request(obj: dict) -> tuple[str, Any, dict | None, bool | None]:
 
 
 def prompt_kind(obj: dict, given: list[str]) -> str:
-    """The field of PROMPT_FIELDS that a request's prompt is read from, of `given` (those it has: a plain line's
-    keys, a Ray row's non-null columns): exactly one, or "prompt_token_ids" with its "prompt" text beside it, as
-    vLLM's TokensPrompt (and LLM.generate) take it: the ids are the prompt, the text is not tokenized. Raises
-    ValueError naming the problem otherwise (the one rule for lines and rows)."""
+    """The field of PROMPT_FIELDS that a request's prompt is read from, of `given` (those it has, not null: a plain
+    line's fields, a Ray row's columns; a table written with gaps holds nulls where a row has no value): exactly
+    one, or "prompt_token_ids" with its "prompt" text beside it, as vLLM's TokensPrompt (and LLM.generate) take it:
+    the ids are the prompt, the text is not tokenized. Raises ValueError naming the problem otherwise (the one rule
+    for lines and rows)."""
     if given == ["prompt", "prompt_token_ids"]:  # (PROMPT_FIELDS' order)
         if not isinstance(obj["prompt"], str):
             raise ValueError("'prompt' beside 'prompt_token_ids' must be a string (the ids' text)")

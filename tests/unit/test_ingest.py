@@ -1115,3 +1115,17 @@ def test_a_plain_lines_bad_messages_are_named_in_llm_chats_words():
         line = parse_line(json.dumps({"id": 1, "messages": value}).encode(), 3, set())
         assert line.message == f"line 3: 'messages': {NOT_A_CONVERSATION}, got {got}", value
     assert NOT_A_CONVERSATION.startswith("a conversation is a non-empty list of message dicts")
+
+
+def test_a_null_prompt_field_is_not_given_in_a_plain_line_as_in_a_ray_row():
+    """A table written with gaps holds null where a row has no value: {"prompt": null, "prompt_token_ids": [...]}
+    failed as a plain line ("'prompt' beside 'prompt_token_ids' must be a string") and ran as a Ray row, and
+    {"prompt": "x", "prompt_token_ids": null} likewise. A null field is not given in both."""
+    result = ingest(b'{"id": 1, "prompt": null, "prompt_token_ids": [5, 6]}\n'
+                    b'{"id": 2, "prompt": "Hi", "prompt_token_ids": null, "messages": null}\n'
+                    b'{"id": 3, "prompt": null}\n')
+    assert {v.line.request_id: v.prompt.token_ids.tolist()[-2:] for v in result.valid}[1] == [5, 6]
+    assert [v.line.request_id for v in result.valid] == [1, 2]
+    assert parse_line(b'{"id": 2, "prompt": "Hi", "prompt_token_ids": null}', 1, set()).prompt == "Hi"
+    assert [e.message for e in result.errors] == ["line 3: needs exactly one of prompt, messages, prompt_token_ids "
+                                                  "(or 'prompt_token_ids' with its 'prompt' text)"]
