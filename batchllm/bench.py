@@ -362,7 +362,8 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--warmup-requests", type=int, default=8, help="a small run on each engine first, not measured")
     r.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
     r.add_argument("--no-progress", action="store_true",
-                   help="no progress bar during a configuration's measured run (its start line stays)")
+                   help="no progress bar during a configuration's measured run on the CPU (its start line stays; "
+                        "on a GPU the measured run shows none, as every GPU number was taken)")
     r.add_argument("--peak-tflops", type=float, default=None,
                    help="the bf16 matmul peak (TFLOP/s) for MFU, the compute limit and the profile's rates, "
                         "instead of measuring it (an 8192^3 matmul, which varies by a few percent from process to "
@@ -569,13 +570,20 @@ def _bench_engine(llm, name: str, workload: Workload, peak: float | None, args, 
     engine = llm.engine
     graph_info = _graph_info(engine.runner.decode_graphs)
     _warm_up(llm, workload, args.warmup_requests)
-    stats = run_workload(llm, workload, peak, progress=not getattr(args, "no_progress", False))
+    stats = run_workload(llm, workload, peak, progress=_shows_progress(args))
     stats.update(config=name, async_scheduling=engine.core.async_scheduling, cuda_graphs=graph_info is not None,
                  kv_blocks=engine.kv_spec.num_blocks, graph_capture=graph_info)
     print(_line(stats), flush=True)
     if profile:
         _profile(llm, workload, args, peak)
     return stats
+
+
+def _shows_progress(args) -> bool:
+    """Whether a measured run shows the token progress bar: on the CPU, where a configuration takes minutes, unless
+    --no-progress; never on a GPU, where the bar's updates would fall inside the timed run and its GPU-idle
+    measurement (every GPU number in docs/benchmarks.md was taken without one)."""
+    return not getattr(args, "no_progress", False) and _device_type(args) == "cpu"
 
 
 def _warm_up(llm, workload: Workload, requests: int) -> None:
@@ -588,7 +596,7 @@ def _warm_up(llm, workload: Workload, requests: int) -> None:
 
 def _bench_data_parallel(llm, name: str, args, workload: Workload) -> dict[str, Any]:
     _warm_up(llm, workload, args.warmup_requests * llm.config.parallel.num_engines)
-    stats = run_workload(llm, workload, progress=not getattr(args, "no_progress", False))
+    stats = run_workload(llm, workload, progress=_shows_progress(args))
     stats.update(config=name)
     print(_line(stats), flush=True)
     print("  ranks: " + "; ".join(f"{r['rank']}: {r['num_requests']} req, prefill {r['prefill_tokens_computed']}, "
