@@ -358,3 +358,15 @@ def test_an_unexpected_bench_failure_suggests_only_what_bench_takes(tiny_model_f
     err = capsys.readouterr().err
     assert code == 3 and err.endswith("batchllm: error: unexpected failure: KeyError: 'a failure of ours' "
                                       "(BATCHLLM_LOG_LEVEL=DEBUG shows the traceback)\n"), err
+
+
+def test_a_measured_run_shows_the_progress_bar_on_the_cpu_only():
+    """On a GPU the bar's updates would fall inside the timed run and its GPU-idle measurement, which every GPU
+    number was taken without; on the CPU it shows unless --no-progress."""
+    import argparse
+
+    from batchllm.bench import _shows_progress
+
+    assert _shows_progress(argparse.Namespace(device="cpu", no_progress=False))
+    assert not _shows_progress(argparse.Namespace(device="cpu", no_progress=True))
+    assert not _shows_progress(argparse.Namespace(device="cuda", no_progress=False))
