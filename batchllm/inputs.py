@@ -275,8 +275,14 @@ def messages_problem(messages: Any) -> str | None:
     what was given (and, for one message dict, the hint to wrap it in a list); None where it is a non-empty list."""
     if isinstance(messages, list) and messages:
         return None
-    hint = " (one message: wrap it in a list)" if isinstance(messages, dict) else ""
-    return f"'messages': {NOT_A_CONVERSATION}, got {described(messages)}{hint}"
+    return f"'messages': {not_a_conversation(messages)}"
+
+
+def not_a_conversation(value: Any) -> str:
+    """What a conversation is, what was given instead (`described`) and, for one message dict, the hint to wrap it
+    in a list: the words of `LLM.chat`'s and a line's errors."""
+    hint = " (one message: wrap it in a list)" if isinstance(value, dict) else ""
+    return f"{NOT_A_CONVERSATION}, got {described(value)}{hint}"
 
 
 def described(value: Any) -> str:

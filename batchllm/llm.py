@@ -31,11 +31,10 @@ from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
 from batchllm.generation_defaults import model_sampling_defaults, request_ending_eos_ids
 from batchllm.inputs import (
-    NOT_A_CONVERSATION,
     ModelSource,
     PromptProcessor,
     TokenizedPrompt,
-    described,
+    not_a_conversation,
     read_chat_template,
     read_model_source,
     tokenizer_for,
@@ -376,9 +375,7 @@ class LLM:
         if continue_final_message:
             chat_template_kwargs = {"continue_final_message": True, **(chat_template_kwargs or {})}
         if isinstance(messages, (str, bytes, dict)):  # (iterated, a text's characters became conversations)
-            hint = " (one message: wrap it in a list)" if isinstance(messages, dict) else ""
-            raise ValueError(f"chat takes a conversation or a list of conversations: {NOT_A_CONVERSATION}, got "
-                             f"{described(messages)}{hint}")
+            raise ValueError(f"chat takes a conversation or a list of conversations: {not_a_conversation(messages)}")
         if not isinstance(messages, (list, tuple)):  # a generator: of conversations, or of one's messages
             messages = list(messages)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)

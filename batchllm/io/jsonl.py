@@ -245,25 +245,25 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
     if rid in seen_ids:  # (as JSON values: the integer 9 and the string "9" are two ids, each echoed as given)
         return error(f"duplicate id {short_repr(rid)}", rid)
     seen_ids.add(rid)
+    unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     try:
-        kind, prompt, template, add_special = _plain_request(obj)
+        kind, prompt, template, add_special = _plain_request(obj, unknown)
     except ValueError as e:  # (BodyError is one)
         return error(str(e), rid)
-    unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
                      ignored_fields=tuple(unknown), add_special_tokens=add_special)
 
 
-def _plain_request(obj: dict) -> tuple[str, Any, dict | None, bool | None]:
+def _plain_request(obj: dict, unknown: list[str]) -> tuple[str, Any, dict | None, bool | None]:
     """A plain line's prompt field (`prompt_kind`), its prompt (text, messages, token ids, or token ids with their
     text as LLM.generate takes them), its chat template's keywords and its add_special_tokens, checked; raises
     ValueError naming the first problem, in the order a line is read: prompt fields, truncation_side, mistaken
-    fields, add_special_tokens, the prompt's value, the template's keywords."""
+    fields (of `unknown`, its fields that are not a plain line's), add_special_tokens, the prompt's value, the
+    template's keywords."""
     kind = prompt_kind(obj, [k for k in PROMPT_FIELDS if obj.get(k) is not None])  # (null: not given, as in rows)
     if obj.get("truncation_side") not in TRUNCATION_SIDES:  # (vLLM's; a table's column of this name is unlikely)
         raise ValueError(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: "
                          f"{TRUNCATION_SIDE_NOTE}")
-    unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     if mistaken := [f"{name!r} ({hint})" for name in unknown
                     if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name]))]:
         raise ValueError(f"unsupported field(s): {', '.join(mistaken)}")
