@@ -438,11 +438,27 @@ def load_tokenizer(path: Path):
     if problem := tokenizer_files_problem(path):
         raise ModelLoadError(problem)
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         if "trust_remote_code" in str(e):  # transformers' refusal of the directory's code under False
             raise ModelLoadError(_tokenizer_code_message(path, "it needs custom code")) from e
         raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
+    if _skips_clean_up(tokenizer):
+        tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
+
+
+def _skips_clean_up(tokenizer) -> bool:
+    """Whether `tokenizer` asks for clean-up of tokenization spaces that its `decode` skips anyway:
+    transformers 5's fast tokenizers ignore the flag over a BPE model (the clean-up would strip spaces before
+    punctuation) unless `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` forces it,
+    and log a warning for it in every process. Setting the flag False there changes no text, stops that
+    warning, and lets the per-token decodes call the Rust tokenizer (`output_processor.text_decoder`).
+    transformers 4, which does clean up BPE text, has no such attribute: False."""
+    forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None)
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    return (getattr(tokenizer, "clean_up_tokenization_spaces", False) is True and forced is False
+            and type(model).__name__ == "BPE")
 
 
 @dataclass(frozen=True)
