@@ -221,9 +221,12 @@ class PromptProcessor:
         ValueError naming prompt `index` and the problem. `text` stays the prompt as given."""
         # type() not isinstance(): bools are ints to isinstance; map(type) runs at C speed on long prompts
         if not isinstance(ids, (list, tuple)) or not set(map(type, ids)) <= {int}:
-            ids = _numpy_integers(ids)  # (a tokenizer's return_tensors="np" gives numpy arrays and integers)
+            given, ids = ids, _numpy_integers(ids)  # (a tokenizer's return_tensors="np": numpy arrays, integers)
             if ids is None:
-                raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers")
+                chat = isinstance(given, (list, tuple)) and any(isinstance(m, dict) and "role" in m for m in given)
+                raise ValueError(f"prompt {index}: prompt_token_ids must be a list of integers" + (
+                    "; this is a conversation: LLM.chat takes conversations, generate and beam_search prompts "
+                    "(render one with the tokenizer's apply_chat_template)" if chat else ""))
         if not ids:
             raise ValueError(f"prompt {index} is empty")
         if truncate is not None:

@@ -342,6 +342,15 @@ _OTHER_NAMES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_to
 one of a table's other columns."""
 
 
+_BEAM_SEARCH = "beam search is LLM.beam_search's, not a line's: a line samples (greedy with \"temperature\": 0)"
+_DECODING_MODES = {"use_beam_search": _BEAM_SEARCH, "num_beams": _BEAM_SEARCH, "beam_width": _BEAM_SEARCH,
+                   "length_penalty": _BEAM_SEARCH, "early_stopping": _BEAM_SEARCH,
+                   "do_sample": 'transformers\' name: a line samples unless "temperature": 0 (greedy)',
+                   "best_of": 'vLLM 0.26 takes none: "n" samples of a line'}
+"""Fields that ask for another way of decoding (beam search, transformers' greedy switch, best_of), which a plain
+line would otherwise ignore and sample instead: an error, as the OpenAI path's body check makes them."""
+
+
 _CONSTRAINTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
                 "json_object": "json_object", "json_schema": "json", "ebnf": "grammar"}
 """StructuredOutputsParams' fields (and SGLang's sampling_params names, json_schema and ebnf) given at a plain line's
@@ -393,6 +402,8 @@ def _mistaken_field(name: str) -> str | None:
     characters or more only, and a close match (`uid`, `n_tokens` or `prompt_tokens` are left alone)."""
     if name in _OTHER_NAMES:
         return f"a plain line's is {_OTHER_NAMES[name]!r}"
+    if name in _DECODING_MODES:
+        return _DECODING_MODES[name]
     if name == "chat_template":
         return "a plain line takes none: give --chat-template"
     if name in ("guided_json", "guided_choice", "guided_regex", "guided_grammar"):  # (the line ran unconstrained)

@@ -279,6 +279,10 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     (np.array([[1, 2]]), "prompt 7: prompt_token_ids must be a list of integers"),
     ([np.int64(1), np.bool_(True)], "prompt 7: prompt_token_ids must be a list of integers"),
     (np.array([1, 100]), "prompt 7: token id 100 is outside the vocabulary [0, 100)"),
+    # a conversation given to generate / beam_search (which take prompts) says so, and where conversations go
+    ([{"role": "user", "content": "Hi"}], "prompt 7: prompt_token_ids must be a list of integers; this is a "
+     "conversation: LLM.chat takes conversations, generate and beam_search prompts (render one with the "
+     "tokenizer's apply_chat_template)"),
     ([], "prompt 7 is empty"),
     (list(range(10)), "prompt 7 has 10 tokens; the context (max_model_len) is 10, which leaves no room to generate"),
 ])
@@ -564,6 +568,21 @@ def test_a_tables_other_columns_are_ignored_and_a_misspelt_field_is_named():
     assert [e.message for e in result.errors] == [
         "line 3: unsupported field(s): 'max_new_tokens' (a plain line's is 'max_tokens'), "
         "'temprature' (did you mean 'temperature'?)"]
+
+
+def test_a_plain_line_asking_for_beam_search_or_greedy_by_another_apis_name_fails_naming_it():
+    """`num_beams`, `do_sample`: false, `use_beam_search`, `best_of` ... were ignored as a table's columns and the line
+    was sampled at run's default temperature instead (an OpenAI line's body check refuses them): each fails its line,
+    saying what a line takes; an unrelated column next to them is still ignored."""
+    names = ("num_beams", "do_sample", "use_beam_search", "beam_width", "length_penalty", "early_stopping", "best_of")
+    data = b"".join(b'{"id": %d, "prompt": "Hi", "%s": %s, "rating": 1}\n' % (i, name.encode(), b"false"
+                    if name in ("do_sample", "early_stopping") else b"4") for i, name in enumerate(names))
+    result = ingest(data)
+    assert not result.valid and len(result.errors) == len(names)
+    for error, name in zip(result.errors, names):
+        assert f"unsupported field(s): '{name}' (" in error.message, error.message
+    assert '"temperature": 0' in result.errors[1].message and "beam_search" in result.errors[0].message
+    assert '"n"' in result.errors[-1].message
 
 
 def test_a_plain_line_with_token_ids_and_their_text_runs_the_ids_as_generate_does():
