@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_parser(sub) -> None:
     run = sub.add_parser(
         "run",
-        help="run a JSONL batch file",
+        aliases=["run-batch"],  # vLLM's `vllm run-batch -i IN -o OUT`: the same command, options and messages
+        help="run a JSONL batch file (run-batch: the same, as vLLM spells it)",
         formatter_class=DefaultsHelpFormatter,
         description="Run every request of a JSONL file and write one result line per input line "
         "(in completion order; match them by id). Input lines: "
@@ -126,6 +127,7 @@ def _add_run_parser(sub) -> None:
         "each optionally with sampling fields (max_tokens, temperature, top_p, top_k, min_p, stop, "
         "stop_token_ids, seed, n, min_tokens, ignore_eos, logprobs, ...) that override the options below.",
     )
+    run.set_defaults(command="run")  # (argparse stores the name typed: run-batch is `run` to everything after)
     _add_input_arguments(run)
     run.add_argument("-o", "--output", "--output-file", type=Path, required=True,
                      help="output JSONL file; if it exists for the same input, the job resumes where it stopped")

@@ -361,6 +361,22 @@ def test_served_names_without_an_input_file_are_names(capsys):
     assert exit_.value.code == 2 and "the input file is required" in capsys.readouterr().err
 
 
+def test_run_batch_is_run_as_vllm_spells_it(capsys):
+    """`batchllm run-batch -i in.jsonl -o out.jsonl`, as a vLLM user types `vllm run-batch`, was "invalid choice:
+    'run-batch'". It is `run` under another name: the same options, and everything after the parse sees `run`."""
+    parser = build_parser()
+    args = parser.parse_args(["run-batch", "-i", "in.jsonl", "-o", "o.jsonl", "-tp", "2", "--max-tokens", "7"])
+    assert args.command == "run"
+    assert (str(args.input_option), str(args.output), args.max_tokens) == ("in.jsonl", "o.jsonl", 7)
+    assert vars(args) == vars(parser.parse_args(["run", "-i", "in.jsonl", "-o", "o.jsonl", "-tp", "2",
+                                                 "--max-tokens", "7"]))
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sub.choices["run-batch"] is sub.choices["run"], "one definition"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "run (run-batch)" in capsys.readouterr().out
+
+
 def test_vllm_run_batch_spellings_are_taken(capsys):
     """vLLM's run-batch takes --input-file/--output-file, -tp/-dp/-q and flags of its own server; each was an
     unrecognized argument, some with a wrong hint (--max-log-len: "did you mean --max-model-len?")."""
