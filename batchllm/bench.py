@@ -128,7 +128,8 @@ def _token_prompt(line: Any, output: int, vocab: int | None) -> tuple[list[int],
 def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = None,
                  progress: bool = False) -> dict[str, Any]:
     """Run greedily with ignore_eos (every request makes exactly its max_tokens); return the stats. progress:
-    `generate`'s token progress bar on stderr (as `run` shows; updated at most every 0.2 s).
+    `generate`'s token progress bar on stderr (as `run` shows; updated at most every 0.2 s, or where stderr is no
+    terminal one plain line every `progress.LOG_INTERVAL_S`).
 
     On CUDA also: peak GPU memory, the fraction of the run the GPU sat idle between steps (CUDA
     events around each step's forward and sampling), and model-FLOPs utilisation counted as

@@ -8,33 +8,62 @@ the plan when a request stops before its budget (EOS, a stop string), so the ETA
 from the token rate, stays honest; prompts done out of submitted and the input (prefill) and output
 token rates are shown beside it.
 
+Where stderr is not a terminal (a log file, Slurm's output) a redrawn bar floods the log (tqdm writes the whole
+bar again, after a \r, at every update: tens of MB over a long job), so the same counters go out instead as one
+plain line every LOG_INTERVAL_S seconds and a last one at the end, as vLLM's run-batch logs its progress. A
+notebook keeps tqdm's widget, and a terminal tqdm's bar.
+
 Holds no state but its bar: the loop that owns it passes its counters at each update.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
+from tqdm.asyncio import tqdm as plain_tqdm
 from tqdm.auto import tqdm
+
+LOG_INTERVAL_S = 5.0
+"""Seconds between two progress lines where stderr is no terminal (vLLM's run-batch logs its progress every 5 s)."""
+
+
+def draws_in_place(stream: TextIO) -> bool:
+    """Whether a tqdm bar on `stream` is redrawn in place: a terminal, or a notebook (tqdm.auto chose its widget,
+    which writes nothing to the stream). Anything else, a file or a pipe, keeps every redraw."""
+    if tqdm is not plain_tqdm:  # (tqdm.auto's notebook class)
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # (no isatty, or a closed stream)
+        return False
 
 
 class TokenProgress:
-    def __init__(self, desc: str, enabled: bool | Callable[..., Any], min_interval_s: float = 0.2) -> None:
+    def __init__(self, desc: str, enabled: bool | Callable[..., Any], min_interval_s: float = 0.2,
+                 log_interval_s: float = LOG_INTERVAL_S) -> None:
         """enabled: vLLM's use_tqdm: a bar or none, or a callable that makes the bar (`functools.partial(tqdm,
         leave=False)`), called with the keywords vLLM calls it with (total, desc, dynamic_ncols, postfix): one
-        written for vLLM takes no others."""
+        written for vLLM takes no others. A bar of its own (enabled True) on a stderr that does not draw in place
+        (`draws_in_place`) is no bar: `bar` is None and each update at least `log_interval_s` after the last line
+        (the first one after the start), or forced, writes one line instead (`line`)."""
         self.enabled = bool(enabled)
+        self.desc = desc
+        self.bar = None
+        self.started = time.perf_counter()
         if callable(enabled):
             self.bar = enabled(total=0, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
                                                                               "output: 0.00 toks/s")
+        elif self.enabled and not draws_in_place(sys.stderr):
+            min_interval_s = log_interval_s
         else:
             self.bar = tqdm(total=0, desc=desc, unit="tok", unit_scale=True, disable=not self.enabled,
                             dynamic_ncols=True)
-        self.started = time.perf_counter()
         self.min_interval_s = min_interval_s
-        self._last = float("-inf")
+        self._last = float("-inf") if self.bar is not None else self.started
+        self._last_line: str | None = None
 
     def update(self, *, input_tokens: int, output_tokens: int, planned_tokens: int, requests_done: int,
                requests_total: int, force: bool = False) -> None:
@@ -47,11 +76,36 @@ class TokenProgress:
             return
         self._last = now
         done = input_tokens + output_tokens
-        self.bar.total = max(planned_tokens, done)
-        self.bar.update(done - self.bar.n)
+        total = max(planned_tokens, done)
         elapsed = max(now - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{requests_done}/{requests_total} req, in {input_tokens / elapsed:.0f} tok/s, "
-                                 f"out {output_tokens / elapsed:.0f} tok/s", refresh=True)
+        counts = (f"{requests_done}/{requests_total} req, in {input_tokens / elapsed:.0f} tok/s, "
+                  f"out {output_tokens / elapsed:.0f} tok/s")
+        if self.bar is None:
+            self._write_line(line(self.desc, done, total, counts, elapsed))
+            return
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix_str(counts, refresh=True)
+
+    def _write_line(self, text: str) -> None:
+        """One progress line on stderr (as it is now: a caller may have redirected it), not the last one again
+        (a forced update with nothing new)."""
+        if text != self._last_line:
+            self._last_line = text
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def line(desc: str, done: int, total: int, counts: str, elapsed: float) -> str:
+    """A progress line with what the bar shows: `desc: 45% 1.23k/2.75k tok, 3/8 req, in 120 tok/s, out 35 tok/s
+    [00:35<00:42]` (elapsed < remaining at the average rate so far; ? before any token)."""
+    def fmt(n: int) -> str:
+        return str(n) if n < 1000 else plain_tqdm.format_sizeof(n)
+
+    remaining = plain_tqdm.format_interval((total - done) * elapsed / done) if done else "?"
+    percent = 100 * done / total if total else 100
+    return (f"{desc}: {percent:.0f}% {fmt(done)}/{fmt(total)} tok, {counts} "
+            f"[{plain_tqdm.format_interval(elapsed)}<{remaining}]")

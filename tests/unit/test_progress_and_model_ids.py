@@ -56,9 +56,11 @@ def test_progress_counts_prefill_before_any_request_finishes_and_ends_at_the_pla
     assert done == sorted(done) and len(set(done)) > 3, "it advances step by step"
 
 
-def test_token_progress_shows_rates_and_requests():
+def test_token_progress_shows_rates_and_requests(monkeypatch):
+    import batchllm.progress
     from batchllm.progress import TokenProgress
 
+    monkeypatch.setattr(batchllm.progress, "draws_in_place", lambda stream: True)  # (a terminal's bar)
     progress = TokenProgress("tokens", enabled=True, min_interval_s=0.0)
     progress.update(input_tokens=300, output_tokens=20, planned_tokens=1000, requests_done=1, requests_total=8)
     assert (progress.bar.n, progress.bar.total) == (320, 1000)
@@ -66,6 +68,57 @@ def test_token_progress_shows_rates_and_requests():
     progress.update(input_tokens=900, output_tokens=200, planned_tokens=1000, requests_done=8, requests_total=8)
     assert progress.bar.total == 1100, "recomputation beyond the plan raises the total instead of overflowing"
     progress.close()
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_on_a_stderr_that_is_no_terminal_is_a_plain_line_every_few_seconds(monkeypatch, capsys):
+    """tqdm redrew the whole bar after a \\r every 0.2 s into a redirected stderr: 19.7 KB from a 35 s run, tens of MB
+    in a long Slurm job's log. There (a file, a pipe: capsys' stderr here) each update LOG_INTERVAL_S after the last
+    line writes one line with the bar's counters, and the end writes the last one; a terminal keeps the bar."""
+    import batchllm.progress
+    from batchllm.progress import TokenProgress
+
+    interval = getattr(batchllm.progress, "LOG_INTERVAL_S", 5.0)
+    assert 2 <= interval <= 30
+    clock = _Clock()
+    monkeypatch.setattr(batchllm.progress.time, "perf_counter", clock)
+    progress = TokenProgress("tokens", enabled=True)
+    counters = dict(planned_tokens=4000, requests_total=8)
+    for step in range(1, 81):  # 80 updates, 0.25 s apart: 20 s
+        clock.now += 0.25
+        progress.update(input_tokens=25 * step, output_tokens=12 * step, requests_done=step // 20, **counters)
+    progress.update(input_tokens=2000, output_tokens=1000, requests_done=8, force=True, **counters)
+    progress.update(input_tokens=2000, output_tokens=1000, requests_done=8, force=True, **counters)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert len(lines) == 20 / interval + 1, lines  # one per interval, then the end once
+    assert lines[0].startswith("tokens: ") and "/8 req, in " in lines[0] and " tok/s, out " in lines[0]
+    assert lines[-1] == "tokens: 75% 3.00k/4.00k tok, 8/8 req, in 100 tok/s, out 50 tok/s [00:20<00:06]"
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+    assert progress.bar is None
+    assert batchllm.progress.draws_in_place(Terminal()) and not batchllm.progress.draws_in_place(object())
+    monkeypatch.setattr(batchllm.progress, "draws_in_place", lambda stream: True)
+    bar = TokenProgress("tokens", enabled=True)
+    assert bar.bar is not None, "a terminal keeps tqdm's bar"
+    bar.close()
+    capsys.readouterr()
+    off = TokenProgress("tokens", enabled=False)
+    off.update(input_tokens=1, output_tokens=0, force=True, requests_done=0, **counters)
+    off.close()
+    assert capsys.readouterr().err == "", "--no-progress (use_tqdm=False) writes nothing"
 
 
 def test_use_tqdm_may_be_the_bar_maker(default_llm):
