@@ -12,6 +12,7 @@ every one gets the same KV cache size.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -286,6 +287,18 @@ def _sized_help(what: str, flag: str) -> str:
     return f"{what} (default: {gpu}; {cpu} on the CPU)"
 
 
+def output_tokens(text: str) -> int:
+    """bench's --output: the output tokens per request, an integer. Anything else is refused saying what the flag
+    is and where results go (--json-out): `--output results.json`, as run's -o/--output names its output file,
+    was argparse's bare "invalid int value"."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of tokens: bench's --output is the output tokens per request (an integer); "
+            "bench writes its results as JSON with --json-out FILE") from None
+
+
 def _device_type(args) -> str:
     """The type of the device the engines will run on ("cuda", "cpu"), from --device; "cuda" for one the
     engine will refuse (it names the problem itself)."""
@@ -355,13 +368,16 @@ def add_bench_parser(sub) -> None:
         if flag == "--degree":  # (a shape, not a size: the same on every device)
             w.add_argument(flag, type=int, default=16, help=what)
         else:
-            w.add_argument(flag, type=int, default=None, help=_sized_help(what, flag))
+            tokens = flag == "--output"  # (not run's -o/--output file: `output_tokens` says so)
+            w.add_argument(flag, type=output_tokens if tokens else int, default=None,
+                           metavar="TOKENS" if tokens else None, help=_sized_help(what, flag))
     w.add_argument("--sorted", action="store_true", help="keep requests grouped by prefix (else shuffled; shared)")
     r = b.add_argument_group("run")
     r.add_argument("--configs", default="sharing,nosharing",
                    help="comma list of: " + "; ".join(f"{name} ({what})" for name, (what, _) in CONFIGS.items()))
     r.add_argument("--warmup-requests", type=int, default=8, help="a small run on each engine first, not measured")
-    r.add_argument("--json-out", default=None, help="write every configuration's stats as JSON here")
+    r.add_argument("--json-out", default=None, metavar="FILE",
+                   help="write every configuration's stats as JSON here (run's -o; --output is output tokens)")
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bar during a configuration's measured run on the CPU (its start line stays; "
                         "on a GPU the measured run shows none, as every GPU number was taken)")

@@ -330,6 +330,8 @@ VLLM_BENCH_FLAGS = {
     "--prefix-len": "the shared prefix's length is --shared here (and its sharing degree --degree)",
     "--output-len": _OUTPUT_LEN, "--random-output-len": _OUTPUT_LEN,
     "--output-json": "the results' JSON file is --json-out here",
+    "-o": "bench writes its results as JSON with --json-out FILE (-o is run's output file)",
+    "--output-file": "bench writes its results as JSON with --json-out FILE (--output-file is run's output file)",
 }
 """vLLM's `vllm bench throughput` flags and their counterparts in `batchllm bench`."""
 

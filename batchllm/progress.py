@@ -26,6 +26,11 @@ from typing import Any, TextIO
 from tqdm.asyncio import tqdm as plain_tqdm
 from tqdm.auto import tqdm
 
+VLLM_DESC = "Processed prompts"
+"""vLLM's label of its bar, which counts prompts: `LLM.generate`'s (and so bench's) progress_desc, which a bar maker
+passed as use_tqdm gets, as vLLM gives it. This bar counts tokens: its own bar is labelled TOKENS_DESC instead."""
+TOKENS_DESC = "tokens"
+
 LOG_INTERVAL_S = 5.0
 """Seconds between two progress lines where stderr is no terminal (vLLM's run-batch logs its progress every 5 s)."""
 
@@ -48,9 +53,10 @@ class TokenProgress:
         leave=False)`), called with the keywords vLLM calls it with (total, desc, dynamic_ncols, postfix): one
         written for vLLM takes no others. A bar of its own (enabled True) on a stderr that does not draw in place
         (`draws_in_place`) is no bar: `bar` is None and each update at least `log_interval_s` after the last line
-        (the first one after the start), or forced, writes one line instead (`line`)."""
+        (the first one after the start), or forced, writes one line instead (`line`). Its own bar or lines are
+        labelled `desc`, but TOKENS_DESC for vLLM's "Processed prompts" (`VLLM_DESC`): they count tokens."""
         self.enabled = bool(enabled)
-        self.desc = desc
+        self.desc = TOKENS_DESC if desc == VLLM_DESC and not callable(enabled) else desc
         self.bar = None
         self.started = time.perf_counter()
         if callable(enabled):
@@ -59,7 +65,7 @@ class TokenProgress:
         elif self.enabled and not draws_in_place(sys.stderr):
             min_interval_s = log_interval_s
         else:
-            self.bar = tqdm(total=0, desc=desc, unit="tok", unit_scale=True, disable=not self.enabled,
+            self.bar = tqdm(total=0, desc=self.desc, unit="tok", unit_scale=True, disable=not self.enabled,
                             dynamic_ncols=True)
         self.min_interval_s = min_interval_s
         self._last = float("-inf") if self.bar is not None else self.started

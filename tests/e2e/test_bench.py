@@ -47,6 +47,23 @@ def test_bench_on_the_cpu_sizes_a_left_out_workload_for_it_and_shows_progress(ti
     assert ("configuration 'sharing' (1 of 1): shared256-distinct32-degree16-n64: 64 requests, 18,432 prompt "
             "tokens, 1,024 output tokens") in err
     assert "64/64 req" in err  # the measured run's bar
+    assert "tokens: 100% " in err and "Processed prompts" not in err, "it counts tokens, not prompts"
+
+
+def test_bench_output_is_tokens_and_a_file_name_there_points_to_json_out(capsys):
+    """bench's --output is the output tokens per request; `bench --output results.json` (run's -o/--output is a
+    file) failed with argparse's bare "invalid int value", and `bench -o results.json` named no way out."""
+    for words, said in ((["--output", "results.json"], "argument --output: 'results.json' is not a number of tokens: "
+                         "bench's --output is the output tokens per request (an integer); bench writes its results "
+                         "as JSON with --json-out FILE"),
+                        (["-o", "results.json"], "-o: bench writes its results as JSON with --json-out FILE")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", *words])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in err, err
+    from batchllm.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--output", "7"]).output == 7
 
 
 def test_bench_workload_sizes_a_user_gives_are_kept_and_gpu_defaults_are_the_papers():
