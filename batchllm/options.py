@@ -256,8 +256,10 @@ def _check_type(key: str, option: EngineOption, value: Any) -> None:
 VLLM_NOT_TAKEN = {
     "revision": ((None,), "models are read from a directory or the local Hugging Face cache, never downloaded: "
                           "give the model as the directory of that revision"),
-    "download_dir": ((None,), "nothing is downloaded: models are read from a directory or the local Hugging Face "
-                              "cache"),
+    "download_dir": ((None,), "nothing is downloaded: a model is read from its directory, or for a Hugging Face id "
+                              "from the local Hugging Face cache; to use the models a vLLM download directory holds "
+                              "(its models--org--name folders), point that cache at it (HF_HUB_CACHE=/data/models "
+                              "for --download-dir /data/models), or give the model as its directory there"),
     "override_generation_config": ((None, {}), "give sampling defaults as SamplingParams (run: --temperature, "
                                                "--top-p, --top-k, --min-p, --repetition-penalty and --max-tokens)"),
     "hf_overrides": ((None, {}), "edit config.json in a copy of the model's directory"),

@@ -191,6 +191,34 @@ def test_cli_plan_with_a_cached_model_id_and_a_missing_one(tmp_path, tiny_model_
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_download_dir_is_refused_with_how_to_use_the_models_it_holds(tmp_path, monkeypatch, tiny_model_factory,
+                                                                     capsys):
+    """`--download-dir /data/models` was refused with "nothing is downloaded ..." and no way to the models a vLLM
+    user keeps there (vLLM downloads into it as the Hugging Face cache lays models out). The refusal says how:
+    HF_HUB_CACHE pointed at it, or the model's directory there; and that works."""
+    import huggingface_hub.constants
+
+    from batchllm.cli import main
+    from batchllm.inputs import local_model_dir
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "-i", "in.jsonl", "-o", "o.jsonl", "--download-dir", "/data/models"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "argument --download-dir: '/data/models' is not supported: nothing is downloaded" in err
+    assert "HF_HUB_CACHE=/data/models for --download-dir /data/models" in err
+    assert "or give the model as its directory there" in err
+    with pytest.raises(TypeError, match="HF_HUB_CACHE=/data/models"):
+        from batchllm.options import engine_config
+
+        engine_config(download_dir="/data/models")
+    downloads = tmp_path / "models"  # as vLLM's --download-dir holds a model it downloaded
+    snapshot = _hf_cache_with(downloads, "tiny-org/tiny-llama", tiny_model_factory("llama"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(downloads))  # HF_HUB_CACHE=DIR
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert str(local_model_dir("tiny-org/tiny-llama")) == snapshot == str(local_model_dir(snapshot))
+
+
 def test_request_ids_count_up_over_the_llms_life_as_vllms(default_llm):
     """vLLM numbers requests "0", "1", ... in input order across calls; ours read "call-index" ("0-0"), which
     scripts sorting by int(request_id) could not parse."""
