@@ -39,7 +39,8 @@ _NEAR_MISS_TARGETS = (*SAMPLING_FIELDS, "chat_template_kwargs")
 PLAIN, OPENAI = "plain", "openai"
 UTF8_BOM = b"\xef\xbb\xbf"
 """Windows editors (Notepad, Excel's "CSV UTF-8") start a UTF-8 file with it; it is skipped at the
-start of the file, as Python's utf-8-sig codec does, and is an error anywhere else."""
+start of the file, as Python's utf-8-sig codec does, and at the start of any other line: files such editors
+saved, joined with `cat`, hold one where each began."""
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 """Valid UTF-8 holds no surrogates, so JSON text can only smuggle one in as an escape; a line without
 such an escape skips the search for lone ones."""
@@ -123,9 +124,11 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
             yield parse_line(raw, line_number, seen)
 
 
-def without_bom(raw: bytes, line_number: int) -> bytes:
-    """The line without the file's byte-order mark (line 1 only: `UTF8_BOM`)."""
-    return raw[len(UTF8_BOM):] if line_number == 1 and raw.startswith(UTF8_BOM) else raw
+def without_bom(raw: bytes, line_number: int | None = None) -> bytes:
+    """The line without a byte-order mark opening it (`UTF8_BOM`), on any line: the first, or one where a file
+    joined to others began. `line_number` is not read (callers name the line they strip). A BOM anywhere but
+    at a line's start stays, and is the line's JSON error."""
+    return raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
 
 
 def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:

@@ -115,19 +115,22 @@ def test_an_unreadable_line_echoes_the_id_its_bytes_still_show():
     assert parse_line(nested_first, 8, set()).request_id == "q1"
 
 
-def test_a_byte_order_mark_opening_the_file_is_skipped_and_counted_nowhere_else():
-    """Notepad and Excel save UTF-8 with a BOM; the first request used to fail as malformed JSON."""
+def test_a_byte_order_mark_opening_any_line_is_skipped():
+    """Notepad and Excel save UTF-8 with a BOM; the first request used to fail as malformed JSON, and so did the
+    first line of each further file joined with `cat` (a BOM opening a line in the middle), plain and OpenAI."""
     from batchllm.io.ingest import count_input_lines
 
     bom = b"\xef\xbb\xbf"
-    data = bom + b'{"id": "a", "prompt": "Hi"}\r\n' + bom + b'{"id": "b", "prompt": "Hi"}\r\n'
+    openai = b'{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "Hi", "max_tokens": 2}}\n'
+    data = bom + b'{"id": "a", "prompt": "Hi"}\r\n' + bom + b'{"id": "b", "prompt": "Hi"}\r\n' + bom + openai
     result = ingest(data)
-    assert [v.line.request_id for v in result.valid] == ["a"]
-    assert len(result.errors) == 1 and result.errors[0].message.startswith("line 2: malformed JSON")
+    assert [v.line.request_id for v in result.valid] == ["a", "b", "c"] and not result.errors
+    inside = ingest(b'{"id": "a", "prompt": "Hi"}' + bom + b"\n")  # (not at a line's start: still an error)
+    assert len(inside.errors) == 1 and inside.errors[0].message.startswith("line 1: malformed JSON")
     with tempfile.TemporaryDirectory() as tmp:
-        (path := Path(tmp) / "in.jsonl").write_bytes(bom + b"\n" + data)
-        assert count_input_lines(path) == 2  # a BOM alone on line 1 is a blank line
-        assert sum(1 for _ in read_batch_lines(path)) == 2
+        (path := Path(tmp) / "in.jsonl").write_bytes(bom + b"\n" + data + bom + b"\n")
+        assert count_input_lines(path) == 3  # a BOM alone on a line is a blank line
+        assert sum(1 for _ in read_batch_lines(path)) == 3
 
 
 def test_the_sampling_cache_tells_values_of_different_types_apart():
