@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
-from batchllm.io.job import ResumeState, as_given_url, is_a_url
+from batchllm.io.job import ResumeState, as_given_url, is_a_standard_stream, is_a_url
 from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
 from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.sampling_params import SamplingParams, short_repr
@@ -52,7 +52,13 @@ class Ingested(NamedTuple):
 
 
 def input_problem(path: Path) -> str | None:
-    """Why the input file cannot be read, or None."""
+    """Why the input file cannot be read, or None. Standard input (`-`, or /dev/stdin and the like where they are
+    no regular file: a pipe) is refused, naming what to do: a job reads its input more than once (to fingerprint
+    it, to count and to run its lines) and again on a resume, which a stream cannot give."""
+    if str(path) == "-" or (is_a_standard_stream(path) and not path.is_file()):
+        return (f"cannot read the input from standard input ({str(path)}): a job reads its input file more than "
+                "once (its fingerprint ties the output to it for a resume, then its lines are run) and a resume "
+                "reads it again; write it to a file first (e.g. cat x.jsonl > in.jsonl) and give that path")
     if is_a_url(path):
         return (f"cannot read input file {as_given_url(path)!r}: it is a URL, which is not downloaded "
                 "here (vLLM's run-batch reads one): download it first (e.g. curl -o in.jsonl URL)")

@@ -238,7 +238,7 @@ def refuse_output_onto_input(output: Path, input_path: Path) -> None:
         raise JobError(f"-o {as_given_url(output)!r} is a URL: results are written to a local file (a job "
                        "resumes from it), not uploaded (vLLM's run-batch uploads to an http(s) URL); write a file "
                        "and upload it when the job is done (e.g. curl -T out.jsonl URL, aws s3 cp out.jsonl URL)")
-    if _is_a_standard_stream(output):  # (/dev/stdout redirected to a file is a regular file)
+    if is_a_standard_stream(output):  # (/dev/stdout redirected to a file is a regular file)
         raise JobError(f"results cannot go to {str(output)!r}: a job resumes from its output file, with a state file "
                        "beside it; give -o the path of a file")
     if same_file(output, input_path):
@@ -264,7 +264,7 @@ def as_given_url(path: Path) -> str:
 _STANDARD_STREAM = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")
 
 
-def _is_a_standard_stream(path: Path) -> bool:
+def is_a_standard_stream(path: Path) -> bool:
     """Whether `path`, or the link it is, names a process's file descriptor (/dev/stdout, /dev/fd/1,
     /proc/self/fd/1); other files under /dev (/dev/shm's) are files."""
     named = os.path.abspath(path)

@@ -151,6 +151,17 @@ def test_inputs_that_are_not_files(tmp_path, capsys):
     assert code == 2 and "no such file" in err
 
 
+def test_standard_input_is_refused_naming_what_to_do(tmp_path, capsys):
+    """`cat x.jsonl | batchllm run - -o out.jsonl` said "cannot read input file '-': no such file"."""
+    code, err = run(capsys, "-", "-o", tmp_path / "o.jsonl")
+    assert code == 2 and "cannot read the input from standard input (-)" in err
+    assert "a resume reads it again" in err and "cat x.jsonl > in.jsonl" in err
+    if not Path("/dev/stdin").is_file():  # (a pipe, a terminal, /dev/null: no file to read again)
+        code, err = run(capsys, "/dev/stdin", "-o", tmp_path / "o.jsonl")
+        assert code == 2 and "from standard input (/dev/stdin)" in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_an_output_that_cannot_be_written_is_named_with_exit_2(tmp_path, capsys):
     """An output that is a directory, or under a file, used to be an 'unexpected failure' (exit 3)."""
     src = tmp_path / "in.jsonl"
