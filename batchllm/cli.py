@@ -129,7 +129,7 @@ def _add_run_parser(sub) -> None:
     )
     run.set_defaults(command="run")  # (argparse stores the name typed: run-batch is `run` to everything after)
     _add_input_arguments(run)
-    run.add_argument("-o", "--output", "--output-file", type=Path, required=True,
+    run.add_argument("-o", "--output", "--output-file", action=_PathAsGiven, required=True,
                      help="output JSONL file; if it exists for the same input, the job resumes where it stopped")
     run.add_argument("--overwrite", action="store_true", help="start over even if the output already holds results")
     run.add_argument("--errors-file", type=Path, default=None,
@@ -168,6 +168,20 @@ def _add_run_parser(sub) -> None:
                    help="target rows per engine call (default: 1024), with --ray")
     r.add_argument("--ray-address", default=None,
                    help="Ray cluster address (default: a running one, else local), with --ray")
+
+
+class _PathAsGiven(argparse.Action):
+    """Stores a path option as a Path, and its text as given under `<dest>_as_given`: a Path drops a trailing
+    slash (`-o newdir/` would be the file newdir), which says the user meant a directory (`directory_form`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, Path(values))
+        setattr(namespace, self.dest + "_as_given", values)
+
+
+def directory_form(text: str | None) -> bool:
+    """Whether a path as given names a directory by its form: a trailing slash, or a last part . or .."""
+    return text is not None and (text.endswith(("/", os.sep, "/.", "/..")) or text in (".", ".."))
 
 
 RAY_OPTION_DEFAULTS = {"num_replicas": 1, "ray_batch_size": 1024, "ray_address": None}
@@ -414,6 +428,9 @@ def run_command(args: argparse.Namespace) -> int:
         return run_command_on_ray(args)
     if problem := input_problem(args.input):
         return _fail(problem)
+    if directory_form(given := getattr(args, "output_as_given", None)):  # (argparse's Path dropped the slash)
+        return _fail(f"cannot write the output {given!r}: it names a directory; -o names a file (e.g. "
+                     f"{str(Path(given) / 'out.jsonl')!r}; a directory of shards is -o with --ray)")
     if args.stats is not None and (problem := _stats_problem(args.stats, _job_files(args))):
         return _fail(problem)  # before the job: a finished job must not end on an unwritable --stats
     try:

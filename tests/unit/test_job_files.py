@@ -174,6 +174,19 @@ def test_an_output_that_cannot_be_written_is_named_with_exit_2(tmp_path, capsys)
     assert src.read_text() == '{"id": "a", "prompt": "hi"}\n'
 
 
+def test_an_output_named_as_a_directory_is_refused_and_nothing_made(tmp_path, capsys):
+    """`-o newdir/` (no such directory) silently wrote a file newdir and newdir.batchllm-state: argparse's Path drops
+    the trailing slash. Refused as an existing directory is, naming a file path to give."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    for given in (f"{tmp_path}/newdir/", f"{tmp_path}/newdir/.", f"{tmp_path}/sub/newdir/"):
+        code, err = run(capsys, src, "-o", given)
+        assert code == 2 and err == (f"batchllm: error: cannot write the output {given!r}: it names a directory; "
+                                     f"-o names a file (e.g. {str(Path(given) / 'out.jsonl')!r}; a directory of "
+                                     "shards is -o with --ray)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_an_unwritable_stats_file_is_refused_before_the_job_runs(tmp_path, capsys, monkeypatch):
     """--stats under a file used to fail after the whole job had run, as an 'unexpected failure' (exit 3)."""
     src = tmp_path / "in.jsonl"
