@@ -52,7 +52,7 @@ from batchllm.io.job import (
     ResultWriter,
     ResumeState,
     claim_errors_file,
-    errors_path_for,
+    default_errors_path,
     later_write_problem,
     prepare_output,
     recorded_option,
@@ -134,8 +134,8 @@ def _add_run_parser(sub) -> None:
     run.add_argument("--overwrite", action="store_true", help="start over even if the output already holds results")
     run.add_argument("--errors-file", type=Path, default=None,
                      help="where failed OpenAI Batch lines go, as OpenAI's Batch API returns them (default: the "
-                     "output's name with .errors.jsonl, out.jsonl -> out.errors.jsonl; created only when a line "
-                     "fails); failed plain lines stay in the output")
+                     "output's name with .errors: out.jsonl -> out.errors.jsonl, results -> results.errors; "
+                     "created only when a line fails); failed plain lines stay in the output")
     s = run.add_argument_group("sampling defaults (a line's own fields take precedence)")
     model_or = "the model's generation_config.json if it sets one, else"
     # (--generation-config, an engine option below, says where the model's defaults come from)
@@ -444,7 +444,7 @@ def run_command(args: argparse.Namespace) -> int:
 def _job_files(args: argparse.Namespace) -> dict[str, Path]:
     """The files a job reads or writes, by what they are: the input, the output, its errors and state files."""
     return {"the input file": args.input, "the output": args.output,
-            "the errors file": args.errors_file or errors_path_for(args.output),
+            "the errors file": args.errors_file or default_errors_path(args.output),
             "the output's state file": state_path_for(args.output)}
 
 
@@ -601,7 +601,7 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
     reported without writing anything (its output may be read-only: `lock.write_problem`, refused where lines are
     left). A fresh or --overwrite output is emptied and tied to the job only once the model has loaded
     (`ResumeState.begin` in `_run_job`): a model that fails to load leaves the job's files as they were."""
-    errors_path = args.errors_file or errors_path_for(args.output)
+    errors_path = args.errors_file or default_errors_path(args.output)
     try:
         source = checked_model(args)
         read_chat_template_once(args)

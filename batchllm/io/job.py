@@ -14,7 +14,8 @@ made durable (flush + fsync) every `sync_every` records, and within `sync_second
 by a background thread, so a long request still running never holds finished results back.
 
 OpenAI Batch error records go to a separate errors file, as OpenAI's Batch API returns them
-(`errors_path_for`: out.jsonl -> out.errors.jsonl, or `--errors-file`), so the output holds one
+(`errors_path_for`: out.jsonl -> out.errors.jsonl, results -> results.errors, or `--errors-file`; an output an
+earlier version began keeps the one its state file records: `default_errors_path`), so the output holds one
 record per custom_id; resume reads both files, and both are tied to the input by the one state file.
 A write that fails (a full disk, an I/O error) raises `OutputWriteError` naming the file and the
 cause; what was made durable before stays, and the next run resumes from it.
@@ -24,6 +25,7 @@ Writer of OUTPUT, its errors file and its state file only.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -59,11 +61,56 @@ class OutputWriteError(JobError):
 
 
 def errors_path_for(output: Path) -> Path:
-    """Where OpenAI Batch error records go by default: out.jsonl -> out.errors.jsonl (the output's
-    name with .errors before its .jsonl suffix; other names get .errors.jsonl appended)."""
+    """Where OpenAI Batch error records go by default: out.jsonl -> out.errors.jsonl (the output's name with .errors
+    before its .jsonl suffix); another name gets .errors appended (results -> results.errors). Invariant: distinct
+    outputs get distinct errors files (a name that ends in .jsonl and one that does not never map to one file), so
+    one job's --overwrite never deletes another's failed lines."""
     name = output.name
-    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
-    return output.with_name(stem + ".errors.jsonl")
+    if name.endswith(".jsonl"):
+        return output.with_name(name[: -len(".jsonl")] + ".errors.jsonl")
+    return output.with_name(name + ".errors")
+
+
+def _earlier_errors_path(output: Path) -> Path:
+    """The default errors file of earlier versions: results -> results.errors.jsonl, the one of
+    results.jsonl too (`errors_path_for` now tells them apart)."""
+    name = output.name
+    return output.with_name(name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def default_errors_path(output: Path) -> Path:
+    """The errors file of `output`'s job where no --errors-file is given: `errors_path_for`, save for an output an
+    earlier version began under its old default (`_earlier_errors_path`, which its state file records), whose
+    failed lines stay where they are, so that the same command resumes it."""
+    new, earlier = errors_path_for(output), _earlier_errors_path(output)
+    if new == earlier:
+        return new
+    try:
+        state = json.loads(state_path_for(output).read_bytes())
+    except (OSError, ValueError):
+        return new
+    recorded = state.get("errors_file") if isinstance(state, dict) else None
+    return earlier if recorded == str(earlier.resolve()) else new
+
+
+def _refuse_deleting_anothers_errors(output: Path, errors: Path) -> None:
+    """Raise JobError where starting `output` over would delete `errors` while it holds the failed lines of another
+    output, whose state file names it (an earlier version's shared default, or another job's --errors-file): that
+    job could then never resume. The outputs looked at are those whose default errors file it may be."""
+    if not (errors.is_file() and errors.stat().st_size > 0):
+        return
+    name = errors.name
+    stem = name.removesuffix(".errors.jsonl") if name.endswith(".errors.jsonl") else name.removesuffix(".errors")
+    if stem == name:
+        return
+    for other in {errors.with_name(stem + ".jsonl"), errors.with_name(stem)}:
+        if same_file(other, output) or not state_path_for(other).is_file():
+            continue
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads(state_path_for(other).read_bytes()).get("errors_file") == str(errors.resolve()):
+                raise JobError(f"refusing to start {str(output)!r} over: its errors file {str(errors)!r} holds the "
+                               f"failed lines of {str(other)!r} (its state file names it), which --overwrite would "
+                               "delete; give this job its own --errors-file")
 
 
 @dataclass
@@ -307,6 +354,8 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
             _record_errors_file(state_path, fingerprint)
         return resume
     _refuse_unwritable_files(write_problem, errors, writes_errors)
+    if errors is not None:
+        _refuse_deleting_anothers_errors(output, errors)
     fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint))
     if not defer_start:
         fresh.begin()

@@ -369,7 +369,50 @@ def test_errors_file_name_follows_the_output():
     from batchllm.io.job import errors_path_for
 
     assert errors_path_for(Path("/d/out.jsonl")) == Path("/d/out.errors.jsonl")
-    assert errors_path_for(Path("results")) == Path("results.errors.jsonl")
+    assert errors_path_for(Path("results")) == Path("results.errors")  # (results.jsonl's is results.errors.jsonl)
+    names = ["res.jsonl", "res", "res.json", "res.json.jsonl", "res.errors", "res.errors.jsonl", "a.b.jsonl", "a.b"]
+    assert len({errors_path_for(Path(name)) for name in names}) == len(names)
+
+
+def test_two_outputs_never_share_a_default_errors_file(tmp_path):
+    """`run a.jsonl -o res.jsonl` (a failed OpenAI line) then `run b.jsonl -o res --overwrite`: both outputs' errors
+    went to res.errors.jsonl, the second deleted the first's failed lines, and the first's own command was then
+    refused ("holds records this job did not write")."""
+    from batchllm.io.job import default_errors_path
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({"custom_id": "a1", "body": {}}) + "\n")
+    b.write_text("".join(json.dumps({"custom_id": f"b{i}", "body": {}}) + "\n" for i in (1, 2)))
+    res_jsonl, res = tmp_path / "res.jsonl", tmp_path / "res"
+    prepare_output(res_jsonl, a, False, default_errors_path(res_jsonl))
+    failed = json.dumps({"id": "batch_req_1", "custom_id": "a1", "response": None,
+                         "error": {"code": "invalid_request", "message": "line 1: bad"}}) + "\n"
+    write_as_the_job(res_jsonl, default_errors_path(res_jsonl), failed)
+    prepare_output(res, b, True, default_errors_path(res)).begin()
+    assert default_errors_path(res) == tmp_path / "res.errors"
+    assert (tmp_path / "res.errors.jsonl").read_text() == failed
+    assert prepare_output(res_jsonl, a, False, default_errors_path(res_jsonl)).done_error_lines == {1}
+
+
+def test_an_output_begun_under_the_earlier_default_keeps_its_errors_file(tmp_path):
+    """An output named without .jsonl that an earlier version began recorded results.errors.jsonl as its errors file:
+    the same command still resumes it from there; and an --overwrite that would delete an errors file another
+    output's state file names is refused."""
+    from batchllm.io.job import _write_state, default_errors_path
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in (1, 2)))
+    results, earlier = tmp_path / "results", tmp_path / "results.errors.jsonl"
+    prepare_output(results, src, False, earlier)  # (as the earlier version began it)
+    failed = {"id": "r1", "custom_id": "c1", "response": None, "error": {"code": "bad", "message": "line 1: x"}}
+    write_as_the_job(results, earlier, json.dumps(failed) + "\n")
+    assert default_errors_path(results) == earlier
+    assert prepare_output(results, src, False, default_errors_path(results)).done_error_lines == {1}
+    other = tmp_path / "results.jsonl"  # another job whose state names that file (an earlier version's shared default)
+    _write_state(state_path_for(other), {**json.loads(state_path_for(results).read_bytes())})
+    with pytest.raises(JobError, match="holds the failed lines of .*results"):
+        prepare_output(other, src, True, tmp_path / "results.errors.jsonl")
+    assert earlier.stat().st_size > 0
 
 
 def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
