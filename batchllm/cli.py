@@ -6,7 +6,8 @@ output, or for OpenAI Batch lines in the errors file), 2 when the job could not 
 input, bad model path, bad option, damaged output) or its results could not be written (disk full),
 3 on an unexpected failure (one `batchllm: error:` line; the traceback with --debug (run, plan) or
 BATCHLLM_LOG_LEVEL=DEBUG), 130 / 143 when SIGINT / SIGTERM stopped it (finished lines are kept: the
-same command resumes; a second signal during the stop ends it at once, with the same statuses).
+same command resumes, without --overwrite where it had one (`_Job.rerun_hint`); a second signal during the stop ends
+it at once, with the same statuses).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from batchllm.io.ingest import (
 from batchllm.io.job import (
     JobError,
     OutputLock,
+    OutputWriteError,
     ResultWriter,
     ResumeState,
     claim_errors_file,
@@ -629,15 +631,17 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
               f"{len(resume.done_error_lines)} failed before"
               + (f"; cut a torn last line ({resume.repaired_bytes} bytes)" if resume.repaired_bytes else ""),
               file=sys.stderr)
-    with _signals_interrupt() as results_written:
+    with _signals_interrupt(functools.partial(job.rerun_hint, args.overwrite)) as results_written:
         try:
             return _run_job(args, job, defaults, source, results_written)
         except Interrupted as e:
             name = signal.Signals(e.signum).name
-            print(f"batchllm: interrupted ({name}): {job.progress()}; run the same command to resume", file=sys.stderr)
-            stats = {"interrupted": name, **job.progress_stats()}
+            print(f"batchllm: interrupted ({name}): {job.stopped_report(args.overwrite)}", file=sys.stderr)
+            stats = {"interrupted": name, **job.stopped_stats(args.overwrite)}
             _write_stats(args, stats, "the results written so far are kept")  # (the status stays the signal's)
             return 128 + e.signum
+        except OutputWriteError as e:  # (what was written stays: say how to resume it where that is not plain)
+            return _fail(f"{e}; {job.rerun_hint(True)}" if args.overwrite else str(e))
 
 
 class Interrupted(BaseException):
@@ -649,15 +653,18 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+RESUME_HINT = "run the same command to resume"
+
+
 @contextlib.contextmanager
-def _signals_interrupt():
+def _signals_interrupt(rerun_hint: Callable[[], str] = lambda: RESUME_HINT):
     """SIGINT and SIGTERM raise `Interrupted` in the main thread: the job stops cleanly, keeping (and syncing)
     what is finished. A second signal while it stops ends the process at once (`_exit_now`, status 128 + that
     signal), as a second Ctrl-C ends vLLM: what is on disk stays resumable (records are whole lines appended after
     the state file was written; a torn last line is cut by the next run). Yields what the job calls once every
     result is written: the first signal after that is ignored (the report and the engine's shutdown are left to
-    finish; the job was not interrupted), a second one still ends the process. Previous handlers come back
-    afterwards."""
+    finish; the job was not interrupted), a second one still ends the process, saying `rerun_hint()` (what to run
+    to go on). Previous handlers come back afterwards."""
     stopping = False
     signals = 0
 
@@ -673,7 +680,7 @@ def _signals_interrupt():
         nonlocal signals
         signals += 1
         if signals > 1:
-            _exit_now(signum)
+            _exit_now(signum, rerun_hint())
         if stopping:
             return
         stop_raising()
@@ -687,18 +694,19 @@ def _signals_interrupt():
             signal.signal(sig, old)
 
 
-def _exit_now(signum: int) -> None:
+def _exit_now(signum: int, rerun_hint: str = RESUME_HINT) -> None:
     """End the process at once on a second signal (`_signals_interrupt`), status 128 + `signum`: the records the
     output writers hold are handed to the OS first (`io.job.flush_open_writers`, bounded), then one line is said
     through the raw stderr descriptor (the interrupted code may be inside sys.stderr), and no cleanup runs
-    (data-parallel workers and tensor-parallel ranks die with their parent; Ray ends a dead driver's workers)."""
+    (data-parallel workers and tensor-parallel ranks die with their parent; Ray ends a dead driver's workers). The
+    line ends with `rerun_hint`: what to run to go on."""
     from batchllm.io.job import flush_open_writers
 
     flush_open_writers()
     name = signal.Signals(signum).name
     with contextlib.suppress(OSError):
-        os.write(2, f"\nbatchllm: {name} again: exiting now; the results written so far are kept, run the same "
-                    "command to resume\n".encode())
+        os.write(2, f"\nbatchllm: {name} again: exiting now; the results written so far are kept, {rerun_hint}\n"
+                 .encode())
     os._exit(128 + signum)
 
 
@@ -749,6 +757,50 @@ class _Job:
     def progress(self) -> str:
         """Where a stopped job stands, for its message (`lines_progress`)."""
         return lines_progress(self.num_lines, self.num_recorded, self.num_failed)
+
+    def _earlier_kept(self, overwrite: bool) -> bool:
+        """Whether --overwrite found earlier records that it has not yet replaced (the model had not loaded)."""
+        return overwrite and self.resume.start_output is not None and self.resume.earlier is not None
+
+    def rerun_hint(self, overwrite: bool) -> str:
+        """What to run to go on after the job stopped. Under --overwrite, the same command would start over: once the
+        output was started over (`ResumeState.begin`), it resumes without --overwrite; before (the model had not
+        loaded), the earlier records were left as they were, and the same command starts them over."""
+        if self._earlier_kept(overwrite):
+            return (f"{self.output} was not started over (the model had not loaded) and holds what it held before; "
+                    "run the same command to start over")
+        if overwrite and self.resume.start_output is None:
+            return ("run the same command without --overwrite to resume (with --overwrite, the lines written so far "
+                    "would be computed again)")
+        return RESUME_HINT
+
+    def _earlier_counts(self, overwrite: bool) -> ResumeState | None:
+        """The records --overwrite has not yet replaced (`_earlier_kept`) where they answer this input, else None."""
+        return self.resume.earlier() if self._earlier_kept(overwrite) else None
+
+    def stopped_report(self, overwrite: bool) -> str:
+        """Where a stopped job stands and what to run (`rerun_hint`). An --overwrite output not yet started over is
+        described by what it holds: its earlier records (counted where they answer this input), not this job's
+        none."""
+        if not self._earlier_kept(overwrite):
+            return f"{self.progress()}; {self.rerun_hint(overwrite)}"
+        found = self._earlier_counts(overwrite)
+        held = ("its earlier records as they were (not of this input, or unreadable)" if found is None else
+                "its earlier results: " + lines_progress(self.num_lines, found.num_lines_recorded,
+                                                         len(found.done_error_lines)))
+        return (f"{self.output} was not started over (the model had not loaded) and holds {held}; run the same "
+                "command to start over, or it without --overwrite to resume those results under the options they "
+                "were written with")
+
+    def stopped_stats(self, overwrite: bool) -> dict:
+        """`progress_stats` of a stopped job; of the earlier records where --overwrite has not replaced them
+        (`stopped_report`), as the output holds them."""
+        found = self._earlier_counts(overwrite)
+        if found is None:
+            return self.progress_stats()
+        recorded = found.num_lines_recorded
+        return {**lines_progress_stats(self.num_lines, recorded, len(found.done_error_lines)),
+                "num_lines_resumed": recorded}
 
     def progress_stats(self) -> dict:
         """`progress` as --stats keys (`lines_progress_stats`), with num_lines_resumed: the lines recorded by
@@ -803,7 +855,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         results_written()  # every result is written and its files closed: a later signal cuts no work short
         return _report(args, job, {**llm.last_stats, **phases}, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
-        print(f"batchllm: error: {e} ({job.progress()}; run the same command to resume)", file=sys.stderr)
+        print(f"batchllm: error: {e} ({job.progress()}; {job.rerun_hint(args.overwrite)})", file=sys.stderr)
         _write_stats(args, {"failed": str(e), **job.progress_stats()}, "the results written so far are kept")
         return EXIT_CANNOT_START
     finally:

@@ -128,6 +128,9 @@ class ResumeState:
     start_output: Callable[[], None] | None = field(default=None, compare=False, repr=False)
     """Where `prepare_output(defer_start=True)` found a job that starts its output afresh: emptying it (and its errors
     file) and writing the new state file, left for `begin`; until then the job's files are as they were."""
+    earlier: Callable[[], ResumeState | None] | None = field(default=None, compare=False, repr=False)
+    """Where --overwrite found earlier records (until `begin` they stay): what they hold, read when asked
+    (`_earlier_records`: None where they answer another input, or cannot be read)."""
 
     def begin(self) -> None:
         """Start the output where `prepare_output` left that for later (once; nothing where it did not): `run` calls it
@@ -357,9 +360,32 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     if errors is not None:
         _refuse_deleting_anothers_errors(output, errors)
     fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint))
+    if existing:
+        fresh.earlier = lambda: _earlier_records(output, errors, state_path, fingerprint)
     if not defer_start:
         fresh.begin()
     return fresh
+
+
+def _earlier_records(output: Path, errors: Path | None, state_path: Path,
+                     fingerprint: dict[str, Any]) -> ResumeState | None:
+    """What the output and errors file that --overwrite has not yet started over hold (`ResumeState.earlier`), read
+    only (a torn last line is left, and not counted); None where their state file ties them to another input than
+    `fingerprint`'s (their counts would not be of this input's lines), or they cannot be read."""
+    try:
+        state = _read_state(state_path, output)
+        if (state["input_size"], state["input_sha256"]) != (fingerprint["input_size"], fingerprint["input_sha256"]):
+            return None
+        found = ResumeState(typed_ids=state.get("version", 1) >= 2)
+        for path in (output, errors):
+            if path is not None and path.is_file():
+                with open(path, "rb") as f:
+                    for number, raw in enumerate(f, start=1):
+                        if raw.endswith(b"\n"):
+                            _note_line(path, number, raw, found)
+        return found
+    except (OSError, JobError):
+        return None
 
 
 def _is_this_jobs_empty_output(output: Path, fingerprint: dict[str, Any]) -> bool:

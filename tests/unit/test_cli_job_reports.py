@@ -461,3 +461,84 @@ def test_ray_overwrite_keeps_the_earlier_results_until_a_replica_has_loaded_the_
     code, err = run(capsys, src, "-o", out, "--model", good, *options, "--overwrite")  # the model loads: start over
     assert code == 0 and len(runs) == 2, err
     assert sorted(p.name for p in out.iterdir()) == ["_checkpoint", "job.batchllm-state", "run2_000000.jsonl"]
+
+
+def test_a_stopped_overwrite_says_what_to_run_and_what_the_output_holds(tmp_path, capsys, monkeypatch,
+                                                                        tiny_model_factory):
+    """A stopped --overwrite run said "run the same command to resume", but that command (with --overwrite) threw
+    the results written away and computed them again; stopped while the model loaded, it counted 0 lines with
+    results while the output still held the earlier ones."""
+    model = tiny_model_factory("llama")
+    src, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "abc"))
+    command = [src, "-o", out, "--model", model, "--max-tokens", "2", "--stats", stats]
+    assert run(capsys, *command)[0] == 0
+    earlier = out.read_text()
+
+    def interrupted_while_loading(*args):
+        raise cli.Interrupted(signal.SIGINT)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cli, "_build_while_reading", interrupted_while_loading)
+        code, err = run(capsys, *command, "--overwrite")
+    assert code == 130 and out.read_text() == earlier
+    assert (f"batchllm: interrupted (SIGINT): {out} was not started over (the model had not loaded) and holds its "
+            "earlier results: 3 of 3 lines have results, 0 failed (recorded with an error), 0 left; run the same "
+            "command to start over, or it without --overwrite to resume") in err, err
+    assert json.loads(stats.read_text())["num_lines_done"] == 3
+
+    real_record_for, written = cli.record_for, []
+
+    def interrupted_after_one_result(*args, **kwargs):
+        if written:
+            raise cli.Interrupted(signal.SIGINT)
+        written.append(True)
+        return real_record_for(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cli, "record_for", interrupted_after_one_result)
+        code, err = run(capsys, *command, "--overwrite")
+    assert code == 130 and len(out.read_text().splitlines()) == 1
+    assert ("1 of 3 lines have results, 0 failed (recorded with an error), 2 left; run the same command without "
+            "--overwrite to resume") in err, err
+    kept = out.read_text()
+    code, err = run(capsys, *command)  # without --overwrite: the line written is kept, the two left run
+    assert code == 0 and "resuming" in err and out.read_text().startswith(kept), err
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["a", "b", "c"]
+
+
+def test_a_second_signal_says_what_to_run(monkeypatch):
+    """The line a second signal prints said "run the same command to resume" under --overwrite too."""
+    said = []
+    monkeypatch.setattr(cli, "_exit_now", lambda signum, hint: said.append((signum, hint)))
+    with cli._signals_interrupt(lambda: "run the same command without --overwrite to resume"):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except cli.Interrupted:
+            pass
+        signal.raise_signal(signal.SIGINT)
+    assert said == [(signal.SIGINT, "run the same command without --overwrite to resume")]
+
+
+def test_a_failed_write_under_overwrite_says_to_resume_without_it(tmp_path, capsys, monkeypatch, tiny_model_factory):
+    """A write that failed under --overwrite (a full disk) left what was written, but rerunning that command would
+    compute it again: the error line now says to resume without --overwrite."""
+    import errno
+    import os
+
+    from batchllm.io import job
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "abc"))
+    real_write = job.ResultWriter.write
+
+    def full_after_one(self, record):
+        if self.path == out and self.num_written:
+            raise job.OutputWriteError(self.path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        real_write(self, record)
+
+    monkeypatch.setattr(job.ResultWriter, "write", full_after_one)
+    code, err = run(capsys, src, "-o", out, "--model", tiny_model_factory("llama"), "--max-tokens", "2", "--overwrite")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"batchllm: error: cannot write results to {out}: No space left on device; run the same command without "
+        "--overwrite to resume (with --overwrite, the lines written so far would be computed again)"), err
