@@ -851,6 +851,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))
             out.sync()
+            errors_out.sync()  # (every error record durable before any answer: `io.ingest.IdClaims` resumes on it)
             _generate_into((out, errors_out, file_format), llm, valid, args, job.num_failed)
         results_written()  # every result is written and its files closed: a later signal cuts no work short
         return _report(args, job, {**llm.last_stats, **phases}, time.perf_counter() - started)

@@ -25,7 +25,16 @@ from tqdm.auto import tqdm
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import ResumeState, as_given_url, is_a_standard_stream, is_a_url
-from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, read_batch_lines, result_record, without_bom
+from batchllm.io.jsonl import (
+    OPENAI,
+    PLAIN,
+    BatchLine,
+    LineError,
+    duplicate_id,
+    read_batch_lines,
+    result_record,
+    without_bom,
+)
 from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.sampling_params import SamplingParams, short_repr
 
@@ -123,13 +132,17 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     params_cache: dict[Any, SamplingParams] = {}
     pending: list[tuple[BatchLine, SamplingParams, Any]] = []
 
+    claims = IdClaims()
+
     def flush() -> None:
         for result in _tokenized(prompts, pending):
+            if isinstance(result, ValidLine) and (duplicate := claims.claim(result.line)) is not None:
+                result = duplicate
             (valid if isinstance(result, ValidLine) else errors).append(result)
         pending.clear()
 
     bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True)
-    for item in read_batch_lines(path):
+    for item in read_batch_lines(path, check_duplicates=False):  # (an id goes to the first line accepted: `claims`)
         bar.update(1)
         if isinstance(item, LineError):
             errors.append(item)
@@ -137,8 +150,12 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         formats[item.format] = formats.get(item.format, 0) + 1
         for name in item.ignored_fields:
             ignored[name] = ignored.get(name, 0) + 1
-        if resume.is_done(item.request_id) or item.line_number in resume.done_error_lines:
+        if item.line_number in resume.done_error_lines:
             continue  # (a line that failed stays failed: a second, result record would answer it twice)
+        if resume.is_done(item.request_id):  # the first such line was answered; a later one is its duplicate
+            if (duplicate := claims.claim(item)) is not None:
+                errors.append(duplicate)
+            continue
         prepared = _prepared(item, prompts, defaults, global_seed, params_cache, template_defaults)
         if isinstance(prepared, LineError):
             errors.append(prepared)
@@ -149,9 +166,30 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     if pending:
         flush()
     bar.close()
-    errors = [e for e in errors if e.line_number not in resume.done_error_lines]  # written by an earlier run
+    errors = sorted((e for e in errors if e.line_number not in resume.done_error_lines),  # (those: written before)
+                    key=lambda error: error.line_number)
     file_format = max(formats, key=formats.get) if formats else PLAIN
     return Ingested(valid, errors, file_format, ignored)
+
+
+class IdClaims:
+    """Which line has each id (an OpenAI line's custom_id): the first line that is accepted, so that a line refused
+    for its content (a bad temperature, a prompt past the context) leaves its id to a later line with it, and a
+    line whose id another has is refused as its duplicate, naming that line. Ids are JSON values: 9 and "9" are two.
+
+    Invariant on resume: every error record of a run is durable before its first answer (`run` syncs them first),
+    so a line of an id answered before that has no error record is the line that was answered: the first of them
+    claims the id again (`prepare_lines`), and a later one is the duplicate it was."""
+
+    def __init__(self) -> None:
+        self._lines: dict[str | int, int] = {}
+
+    def claim(self, line: BatchLine) -> LineError | None:
+        """None where `line` takes its id (no line took it before), else its duplicate's LineError."""
+        taken = self._lines.setdefault(line.request_id, line.line_number)
+        if taken == line.line_number:
+            return None
+        return LineError.for_line(line, duplicate_id(line.request_id, line.format, taken))
 
 
 def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_seed: int | None,

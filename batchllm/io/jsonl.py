@@ -113,9 +113,11 @@ class LineError:
         return {"id": self.request_id, "error": {"line": self.line_number, "message": self.message}}
 
 
-def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
-    """Stream the file, yielding one BatchLine or LineError per non-blank line."""
-    seen: set[str] = set()
+def read_batch_lines(path: Path, check_duplicates: bool = True) -> Iterator[BatchLine | LineError]:
+    """Stream the file, yielding one BatchLine or LineError per non-blank line; a line whose id an earlier line
+    read already has is a LineError unless `check_duplicates` is False (`ingest.prepare_lines` then gives an id to
+    the first line that is accepted, `IdClaims`)."""
+    seen: set[str | int] | None = set() if check_duplicates else None
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             raw = without_bom(raw, line_number)
@@ -131,17 +133,25 @@ def without_bom(raw: bytes, line_number: int | None = None) -> bytes:
     return raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
 
 
-def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
-    """One line's request or its LineError. Never raises: whatever the bytes, the job goes on."""
+def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -> BatchLine | LineError:
+    """One line's request or its LineError. Never raises: whatever the bytes, the job goes on. A line whose id is in
+    `seen_ids` is a duplicate's LineError; each line read adds its id (None: ids are not checked here)."""
     raw = without_bom(raw, line_number)
     try:
         return _parse_line(raw, line_number, seen_ids)
     except Exception as e:  # a case the checks below missed must still cost only this line
         rid, line_format = _id_and_format_of(raw)
-        if rid is not None:
+        if rid is not None and seen_ids is not None:
             seen_ids.add(rid)  # (a later line with its id is a duplicate: one id, one record)
         return LineError(line_number, rid, f"line {line_number}: cannot be read ({type(e).__name__}: "
                                            f"{short_repr(str(e))})", line_format)
+
+
+def duplicate_id(rid: str | int, line_format: str, taken_by: int | None = None) -> str:
+    """The problem of a line whose id (an OpenAI line's custom_id) another line has (`taken_by`: that line's number,
+    where known)."""
+    by = f" (line {taken_by} has it)" if taken_by is not None else ""
+    return f"duplicate {'custom_id' if line_format == OPENAI else 'id'} {short_repr(rid)}{by}"
 
 
 def _id_and_format_of(raw: bytes) -> tuple[str | int | None, str | None]:
@@ -217,7 +227,7 @@ def _json_object(raw: bytes, line_number: int) -> Any:
         return _unreadable(raw, line_number, f"malformed JSON: {str(e).split(';')[0]}")
 
 
-def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
+def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -> BatchLine | LineError:
     fmt = None  # (the file's format, until the line shows its own)
 
     def error(message: str, rid: str | int | None = None) -> LineError:
@@ -245,9 +255,10 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int]) -> Batch
         rid = int(rid)
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         return error(f"'id' must be a string or an integer, got {short_repr(rid)}")
-    if rid in seen_ids:  # (as JSON values: the integer 9 and the string "9" are two ids, each echoed as given)
-        return error(f"duplicate id {short_repr(rid)}", rid)
-    seen_ids.add(rid)
+    if seen_ids is not None:  # (as JSON values: the integer 9 and the string "9" are two ids, each echoed as given)
+        if rid in seen_ids:
+            return error(duplicate_id(rid, PLAIN), rid)
+        seen_ids.add(rid)
     unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     try:
         kind, prompt, template, add_special = _plain_request(obj, unknown)
@@ -423,7 +434,7 @@ def _overrides(obj: dict) -> dict[str, Any]:
     return integers_from_json({k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None}) or _NO_OVERRIDES
 
 
-def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) -> BatchLine | LineError:
+def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int] | None) -> BatchLine | LineError:
     def error(message: str, rid: str | int | None = None) -> LineError:
         return LineError(line_number, rid, f"line {line_number}: {message}", OPENAI)
 
@@ -432,9 +443,10 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int]) ->
         return error("missing 'custom_id'")
     if not isinstance(rid, str) or not rid:
         return error("'custom_id' must be a non-empty string", _clean_id(rid))  # echoed where it can be
-    if rid in seen_ids:
-        return error(f"duplicate custom_id {short_repr(rid)}", rid)
-    seen_ids.add(rid)
+    if seen_ids is not None:
+        if rid in seen_ids:
+            return error(duplicate_id(rid, OPENAI), rid)
+        seen_ids.add(rid)
     unknown = tuple(sorted(set(obj) - {"custom_id", "method", "url", "body"}))  # ignored and named, as in vLLM
     if str(obj.get("method", "POST")).upper() != "POST":  # (vLLM does not read it: "post" is taken)
         return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)

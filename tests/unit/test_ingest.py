@@ -1151,3 +1151,30 @@ def test_a_null_prompt_field_is_not_given_in_a_plain_line_as_in_a_ray_row():
     assert parse_line(b'{"id": 2, "prompt": "Hi", "prompt_token_ids": null}', 1, set()).prompt == "Hi"
     assert [e.message for e in result.errors] == ["line 3: needs exactly one of prompt, messages, prompt_token_ids "
                                                   "(or 'prompt_token_ids' with its 'prompt' text)"]
+
+
+def test_an_id_goes_to_the_first_line_that_is_accepted():
+    """An OpenAI line refused for its content (temperature 7) took its custom_id: a later valid line with that id
+    failed as its duplicate, and the id got no answer. The id now goes to the first accepted line; a later line with
+    it is still refused, its error naming the line that has it (plain lines too, across tokenizer chunks)."""
+    def openai(cid, **body):
+        return {"custom_id": cid, "url": "/v1/completions", "body": {"prompt": "Hi", "max_tokens": 2, **body}}
+
+    lines = [openai("d", temperature=7), openai("d"), {"id": "x", "prompt": "Hi"}, {"id": "y", "prompt": "Hi"},
+             {"id": "z", "prompt": "Hi"}, {"id": "x", "prompt": "again"}, openai("d")]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    result = ingest(data)
+    assert [(v.line.line_number, v.line.request_id) for v in result.valid] == [(2, "d"), (3, "x"), (4, "y"), (5, "z")]
+    assert [(e.line_number, e.request_id) for e in result.errors] == [(1, "d"), (6, "x"), (7, "d")]
+    assert "temperature" in result.errors[0].message
+    assert result.errors[1].message == "line 6: duplicate id 'x' (line 3 has it)"
+    assert result.errors[2].message == "line 7: duplicate custom_id 'd' (line 2 has it)"
+    assert result.errors[2].record()["error"]["message"] == "line 7: duplicate custom_id 'd' (line 2 has it)"
+
+    with tempfile.TemporaryDirectory() as tmp:  # resumed: the answered line keeps its id, the duplicates stay so
+        (path := Path(tmp) / "in.jsonl").write_bytes(data)
+        resume = ResumeState(done_ids={"d", "x"}, done_error_lines={1})
+        resumed = prepare_lines(path, processor(), {"max_tokens": 4}, None, resume, chunk=3)
+        assert [v.line.request_id for v in resumed.valid] == ["y", "z"]
+        assert [(e.line_number, e.message) for e in resumed.errors] == [
+            (6, "line 6: duplicate id 'x' (line 3 has it)"), (7, "line 7: duplicate custom_id 'd' (line 2 has it)")]
