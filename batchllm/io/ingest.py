@@ -36,6 +36,7 @@ from batchllm.io.jsonl import (
     without_bom,
 )
 from batchllm.io.reasoning import reasoning_parser_named
+from batchllm.progress import LOG_INTERVAL_S, draws_in_place
 from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ResponseShape", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
@@ -141,7 +142,9 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             (valid if isinstance(result, ValidLine) else errors).append(result)
         pending.clear()
 
-    bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True)
+    in_place = draws_in_place(sys.stderr)  # (into a log: a redraw every LOG_INTERVAL_S, not every 0.1 s)
+    bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if in_place else LOG_INTERVAL_S)
     for item in read_batch_lines(path, check_duplicates=False):  # (an id goes to the first line accepted: `claims`)
         bar.update(1)
         if isinstance(item, LineError):

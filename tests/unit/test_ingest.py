@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -1178,3 +1179,25 @@ def test_an_id_goes_to_the_first_line_that_is_accepted():
         assert [v.line.request_id for v in resumed.valid] == ["y", "z"]
         assert [(e.line_number, e.message) for e in resumed.errors] == [
             (6, "line 6: duplicate id 'x' (line 3 has it)"), (7, "line 7: duplicate custom_id 'd' (line 2 has it)")]
+
+
+def test_the_reading_bar_into_a_log_redraws_every_few_seconds(tmp_path, monkeypatch):
+    """Into a stderr that is no terminal (a log file, Slurm's output) the "reading" bar redrew its line every
+    0.1 s, as the token bar did (progress.py): it now redraws every LOG_INTERVAL_S. tqdm's clock is a fake that
+    moves 0.05 s a reading, so 400 lines span 20 s: a handful of lines, not a hundred."""
+    import io
+
+    import tqdm.std
+
+    from batchllm.progress import LOG_INTERVAL_S
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock) * 0.05)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(f'{{"id": {i}, "prompt_token_ids": [5, 6]}}\n' for i in range(400)))
+    result = prepare_lines(path, processor(), {"max_tokens": 4}, None, ResumeState(), progress=True)
+    assert len(result.valid) == 400
+    redraws = log.getvalue().count("reading")
+    assert 2 <= redraws <= 2 + 20 / LOG_INTERVAL_S * 2, log.getvalue()
