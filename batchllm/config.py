@@ -32,6 +32,17 @@ _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16")  # kv_quan
 _FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 
+def fp8_attention_problem(kv_cache_dtype: str) -> str:
+    """Why fp8_attention cannot run over the cache `kv_cache_dtype` gives ("auto" is refused only once resolved, by
+    `engine.resolve_model`: a checkpoint declaring an FP8 cache makes it fp8). Both attention backends take FP8
+    operands only over an fp8 cache (torch_ref: is_fp8(kv_cache); Triton: its fp8 flag): over a 16-bit one the
+    option would be silently ignored."""
+    given = f"kv_cache_dtype={kv_cache_dtype!r}" + (" (the checkpoint declares no FP8 cache)"
+                                                     if kv_cache_dtype == "auto" else "")
+    return (f"fp8_attention needs an fp8 KV cache: {given} keeps a 16-bit cache, over which the attention takes no "
+            "FP8 operands; set kv_cache_dtype='fp8' too, or leave fp8_attention off")
+
+
 def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
            above: float | None = None, at_most: float | None = None, refused: dict[str, str] | None = None) -> Any:
     """A config field declared once: its default, its help text (shown by `--help`), and the values
@@ -133,7 +144,8 @@ class ModelConfig(_Checked):
                                            "its group's decodes; off: plain paged attention (for comparison)")
     kernels: str = option("auto", "norm, rotary and SiLU ops; auto: one Triton kernel each on CUDA when "
                           "Triton is installed, else torch", choices=_KERNEL_CHOICES)
-    fp8_attention: bool = option(False, "needs kv_cache_dtype fp8 (refused with any other): the attention's "
+    fp8_attention: bool = option(False, "needs an fp8 KV cache (kv_cache_dtype fp8, or auto on a checkpoint "
+                                 "declaring one; refused over a 16-bit cache): the attention's "
                                  "two matmuls take FP8 operands (the query quantized per token and head, the "
                                  "softmax weights scaled by 448 into e4m3's range) in the programs that fill an FP8 "
                                  "MMA (prefill tiles, prefix-shared items; one-query decode items keep fp16), as "
@@ -286,12 +298,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """Checks that span sections (each section checks its own fields)."""
-        if self.model.fp8_attention and self.cache.kv_cache_dtype not in _FP8_KV_CACHE_DTYPES:
-            # Both backends take FP8 operands only over an fp8 cache (torch_ref: is_fp8(kv_cache); Triton: its fp8
-            # flag): over a 16-bit one the option would be silently ignored.
-            raise ValueError(f"fp8_attention needs an fp8 KV cache: kv_cache_dtype={self.cache.kv_cache_dtype!r} "
-                             "keeps a 16-bit cache, over which the attention takes no FP8 operands; set "
-                             "kv_cache_dtype='fp8' too, or leave fp8_attention off")
+        if self.model.fp8_attention and self.cache.kv_cache_dtype not in (*_FP8_KV_CACHE_DTYPES, "auto"):
+            raise ValueError(fp8_attention_problem(self.cache.kv_cache_dtype))  # ("auto": the checkpoint decides)
         if self.parallel.engines_on_each_gpu > 1 and self.parallel.tensor_parallel_size > 1:
             raise ValueError("engines_per_gpu > 1 is for models that fit one GPU; it cannot be combined with "
                              "tensor_parallel_size > 1")

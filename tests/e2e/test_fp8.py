@@ -294,6 +294,26 @@ def test_a_checkpoints_kv_cache_scheme_makes_the_cache_fp8_unless_asked_otherwis
         _llm(heads_dir)
 
 
+def test_fp8_attention_runs_over_the_fp8_cache_a_checkpoint_declares(tiny_fp32, tmp_path):
+    """fp8_attention was refused under kv_cache_dtype "auto" whatever the checkpoint: on one declaring an FP8 cache
+    "auto" is that fp8 cache (as vLLM resolves it), over which the option runs; on one declaring none it is refused,
+    saying why."""
+    from batchllm.attention.kv_quant import FP8 as KV_FP8
+    from batchllm.sampling_params import SamplingParams
+
+    scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False, "symmetric": True}
+    fp8_dir, plain_dir = write_checkpoints(tiny_fp32, tmp_path, "ct-channel",
+                                           {**QUANT_CONFIGS["ct-channel"], "kv_cache_scheme": scheme})
+    llm = _llm(fp8_dir, fp8_attention=True)
+    assert llm.engine.kv_spec.dtype == KV_FP8 and llm.engine.runner.backend.fp8_attention
+    [out] = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(temperature=0, max_tokens=3))
+    assert len(out.outputs[0].token_ids) == 3
+    (tmp_path / "none").mkdir()
+    no_cache_dir, _ = write_checkpoints(tiny_fp32, tmp_path / "none", "ct-channel")
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='auto' \(the checkpoint declares no FP8 cache\)"):
+        _llm(no_cache_dir, fp8_attention=True)
+
+
 def test_a_kv_cache_scheme_without_kv_scales_warns_as_vllm_does(tiny_fp32, tmp_path, caplog):
     """A checkpoint declaring an FP8 KV cache but shipping no k_scale/v_scale ran on 1.0 scales silently: vLLM warns
     ("Using KV cache scaling factor 1.0 for fp8_e4m3 ...")."""

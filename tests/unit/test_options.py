@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import re
 
 import pytest
 
@@ -770,16 +771,22 @@ def test_vllms_kv_cache_memory_bytes_flag_is_taken_as_the_keyword_is(command):
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16", "float16"])
 def test_fp8_attention_over_a_16_bit_cache_is_refused_naming_both_options(kv_cache_dtype, tmp_path, capsys):
     """Both attention backends take FP8 operands only over an fp8 cache (torch_ref: is_fp8(kv_cache);
-    Triton: its fp8 flag); with kv_cache_dtype bfloat16 / float16 the option was taken and did nothing."""
+    Triton: its fp8 flag); with kv_cache_dtype bfloat16 / float16 the option was taken and did nothing. "auto" is
+    refused once the model says it means a 16-bit cache (a checkpoint declaring an FP8 cache makes it fp8:
+    test_fp8.py), before the output is made."""
     from batchllm.cli import main
 
-    message = f"fp8_attention needs an fp8 KV cache: kv_cache_dtype='{kv_cache_dtype}' keeps a 16-bit cache"
-    with pytest.raises(ValueError, match=message):
-        engine_config(fp8_attention=True, kv_cache_dtype=kv_cache_dtype)
+    given = "'auto' (the checkpoint declares no FP8 cache)" if kv_cache_dtype == "auto" else f"'{kv_cache_dtype}'"
+    message = re.escape(f"fp8_attention needs an fp8 KV cache: kv_cache_dtype={given} keeps a 16-bit cache")
+    if kv_cache_dtype == "auto":
+        assert engine_config(fp8_attention=True, kv_cache_dtype="auto").model.fp8_attention
+    else:
+        with pytest.raises(ValueError, match=message):
+            engine_config(fp8_attention=True, kv_cache_dtype=kv_cache_dtype)
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": 1, "prompt": "x"}\n')
     argv = ["run", str(src), "-o", str(tmp_path / "out"), "--fp8-attention", "--kv-cache-dtype", kv_cache_dtype]
     assert main(argv) == 2
-    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert re.search(message, capsys.readouterr().err) and not (tmp_path / "out").exists()
     for fp8 in ("fp8", "fp8_e4m3"):
         assert engine_config(fp8_attention=True, kv_cache_dtype=fp8).model.fp8_attention
