@@ -2,7 +2,7 @@
 
 Each shard line is the record the single-machine CLI writes for that input line (plain or OpenAI
 Batch, results and errors alike). Lines are read by one Ray read task per file (`_JsonlLines`:
-line numbers and duplicate ids need the file's order), parsed and tokenized by CPU tasks, bucketed by
+line numbers and which line has each id need the file's order), parsed and tokenized by CPU tasks, bucketed by
 prefix key and run by `num_replicas` engine actors; `_RecordShards` writes the `record` column.
 
 Restarts: Ray Data checkpointing by the `line` column (the 1-based line number) under
@@ -34,7 +34,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FileBasedDatasource
 
 from batchllm.io.ingest import count_input_lines, input_problem
-from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, parse_line, without_bom
+from batchllm.io.jsonl import OPENAI, PLAIN, BatchLine, LineError, duplicate_id, parse_line, without_bom
 from batchllm.ray.config import ProcessorConfig
 from batchllm.ray.processor import Processor
 from batchllm.sampling_params import SamplingParams
@@ -44,31 +44,61 @@ CHECKPOINT_DIR = "_checkpoint"
 
 
 class _JsonlLines(FileBasedDatasource):
-    """Rows {line, raw, duplicate} of the non-blank lines of each file (a file is never split). Blank is what
-    `io.ingest.count_input_lines` counts as blank (a first line holding only the UTF-8 BOM too), so the rows are
-    exactly the lines the job counts."""
+    """Rows {line, raw, duplicate} of the non-blank lines of each file (a file is never split, so one task reads it in
+    order). Blank is what `io.ingest.count_input_lines` counts as blank (a first line holding only the UTF-8 BOM
+    too), so the rows are exactly the lines the job counts.
 
-    def __init__(self, paths, rows_per_block: int = 4096, **kwargs) -> None:
+    `duplicate` is null where the row's line has its id (an OpenAI line's custom_id), else the number of the line
+    that has it. An id goes to the first line with it that the read task accepts (`_accepted_here`: it parses and its
+    sampling values are valid under the job's `defaults`), as `run` gives it to the first line accepted
+    (`io.ingest.IdClaims`): a line refused for its own fields leaves its id to the next. What needs the model (its
+    template, tokenizer, vocabulary, context, KV cache) is checked later, by parallel tasks: a line refused there has
+    taken its id already."""
+
+    def __init__(self, paths, rows_per_block: int = 4096, defaults: dict | None = None, **kwargs) -> None:
         super().__init__(paths, **kwargs)
         self.rows_per_block = rows_per_block
+        self.defaults = defaults or {}
 
     def _read_stream(self, f, path: str) -> Iterator:
-        import pyarrow as pa
-
-        seen: set[str] = set()
+        holders: dict[str | int, int] = {}  # id -> the line that has it
+        cache: dict = {}  # (`io.ingest.sampling_params_for`'s: equal settings are checked once)
         lines, raws, duplicates = [], [], []
         for number, raw in enumerate(_lines(f), start=1):
             if not without_bom(raw, number).strip():  # (blank as `count_input_lines` and `run` see it)
                 continue
-            parsed = parse_line(raw, number, seen)
+            parsed = parse_line(raw, number, None)
+            holder = None
+            if isinstance(parsed, BatchLine) and _accepted_here(parsed, self.defaults, cache):
+                holder = holders.setdefault(parsed.request_id, number)
             lines.append(number)
             raws.append(raw)
-            duplicates.append(isinstance(parsed, LineError) and parsed.message.startswith(f"line {number}: duplicate "))
+            duplicates.append(None if holder == number else holder)
             if len(lines) >= self.rows_per_block:
-                yield pa.table({LINE: lines, RAW: pa.array(raws, pa.binary()), DUPLICATE: duplicates})
+                yield _rows(lines, raws, duplicates)
                 lines, raws, duplicates = [], [], []
         if lines:
-            yield pa.table({LINE: lines, RAW: pa.array(raws, pa.binary()), DUPLICATE: duplicates})
+            yield _rows(lines, raws, duplicates)
+
+
+def _rows(lines: list[int], raws: list[bytes], duplicates: list[int | None]):
+    """One block of `_JsonlLines` rows."""
+    import pyarrow as pa
+
+    return pa.table({LINE: lines, RAW: pa.array(raws, pa.binary()), DUPLICATE: pa.array(duplicates, pa.int64())})
+
+
+def _accepted_here(line: BatchLine, defaults: dict, cache: dict) -> bool:
+    """Whether a parsed line's sampling values make a valid SamplingParams under the job's `defaults` (as
+    `_CliPreprocess` makes it): what `run` checks of a line before the model, so that the read task can decide which
+    line has an id. Without the job's seed: a seed derived from it is always valid, and a line's own is checked."""
+    from batchllm.io.ingest import sampling_params_for
+
+    try:
+        sampling_params_for(line, defaults, None, cache)
+    except Exception:  # noqa: BLE001 - any refusal of its values (the tokenize stage names it)
+        return False
+    return True
 
 
 def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -84,10 +114,11 @@ def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _parse(row: dict) -> BatchLine | LineError:
-    """The line as the single-machine reader sees it (a duplicate id is an error again here)."""
-    parsed = parse_line(row[RAW], row[LINE], set())
-    if row[DUPLICATE] and isinstance(parsed, BatchLine):
-        return parse_line(row[RAW], row[LINE], {parsed.request_id})
+    """The line as the single-machine reader sees it: a line whose id another line has (`_JsonlLines`' `duplicate`)
+    is its duplicate's error, naming that line."""
+    parsed = parse_line(row[RAW], row[LINE], None)
+    if isinstance(parsed, BatchLine) and row.get(DUPLICATE):  # (a line number: 1 or more)
+        return LineError.for_line(parsed, duplicate_id(parsed.request_id, parsed.format, row[DUPLICATE]))
     return parsed
 
 
@@ -226,7 +257,7 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
                              template_defaults=template_defaults)
     processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed, template_defaults),
                           record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
-    lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())]))
+    lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults))
     try:
         records = processor(lines, num_rows=count_input_lines(input_path))
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
