@@ -45,8 +45,9 @@ CHECKPOINT_DIR = "_checkpoint"
 
 class _JsonlLines(FileBasedDatasource):
     """Rows {line, raw, duplicate} of the non-blank lines of each file (a file is never split, so one task reads it in
-    order). Blank is what `io.ingest.count_input_lines` counts as blank (a first line holding only the UTF-8 BOM
-    too), so the rows are exactly the lines the job counts.
+    order). Blank is what `io.ingest.count_input_lines` counts as blank: a line holding only whitespace once the UTF-8
+    BOM that may open any line is stripped (`jsonl.without_bom`: the first line, or one where a file joined with `cat`
+    began), so the rows are exactly the lines the job counts.
 
     `duplicate` is null where the row's line has its id (an OpenAI line's custom_id), else the number of the line
     that has it. An id goes to the first line with it that the read task accepts (`_accepted_here`: it parses and its

@@ -1,6 +1,6 @@
 """`run --ray` holds a lock on OUT_DIR (`io.job.OutputLock.for_directory`) and counts lines, not records: two jobs on
 one OUT_DIR both ran and wrote every line twice, and the doubled records then made the job 'complete' with
-num_lines_left -40. A first line holding only the UTF-8 BOM is blank under --ray as without it."""
+num_lines_left -40. A line holding only the UTF-8 BOM is blank under --ray as without it."""
 
 from __future__ import annotations
 
@@ -111,13 +111,16 @@ def test_duplicate_records_never_make_a_job_complete_and_are_said(tmp_path, caps
     assert json.loads(stats.read_text())["num_records"] == 4
 
 
-def test_a_first_line_of_only_the_bom_is_blank_under_ray_as_without_it(tmp_path):
+def test_a_line_of_only_the_bom_is_blank_under_ray_as_without_it(tmp_path):
+    """The first line or any other (where a file joined with `cat` began): `jsonl.without_bom` strips it on every
+    line, as `_JsonlLines`' docstring now says (it named the first line alone)."""
     from batchllm.io.ingest import count_input_lines
     from batchllm.ray.jsonl_job import _JsonlLines
 
     src = tmp_path / "bom.jsonl"
-    src.write_bytes(b'\xef\xbb\xbf\n{"id": "a", "prompt": "Hi"}\n\n{"id": "b", "prompt": "Hi"}\n')
+    src.write_bytes(b'\xef\xbb\xbf\n{"id": "a", "prompt": "Hi"}\n\n{"id": "b", "prompt": "Hi"}\n\xef\xbb\xbf \r\n'
+                    b'\xef\xbb\xbf{"id": "c", "prompt": "Hi"}\n')
     with open(src, "rb") as f:
         rows = [row for table in _JsonlLines([str(src)])._read_stream(f, str(src)) for row in table.to_pylist()]
-    assert [row["line"] for row in rows] == [2, 4]
+    assert [row["line"] for row in rows] == [2, 4, 6]
     assert len(rows) == count_input_lines(src)
