@@ -654,6 +654,9 @@ class Interrupted(BaseException):
 
 
 RESUME_HINT = "run the same command to resume"
+RESUME_WITHOUT_OVERWRITE_HINT = ("run the same command without --overwrite to resume (with --overwrite, the lines "
+                                 "written so far would be computed again)")
+"""What to run after a stopped --overwrite job that had started its output over (`run`, and `run --ray`)."""
 
 
 @contextlib.contextmanager
@@ -770,8 +773,7 @@ class _Job:
             return (f"{self.output} was not started over (the model had not loaded) and holds what it held before; "
                     "run the same command to start over")
         if overwrite and self.resume.start_output is None:
-            return ("run the same command without --overwrite to resume (with --overwrite, the lines written so far "
-                    "would be computed again)")
+            return RESUME_WITHOUT_OVERWRITE_HINT
         return RESUME_HINT
 
     def _earlier_counts(self, overwrite: bool) -> ResumeState | None:

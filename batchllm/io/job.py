@@ -552,6 +552,19 @@ def set_aside_for_overwrite(directory: Path) -> None:
     os.replace(moving, aside)
 
 
+def set_aside_answers_the_job(directory: Path, input_path: Path) -> bool:
+    """Whether what `set_aside_for_overwrite` kept in `directory` was written for the job that `directory`'s own state
+    file now names: the same input and options, as a resume would take it (`_refuse_another_job`), so that once put
+    back (`restore_overwritten`) its records are lines of this job. Read-only; False where either state file is
+    missing or cannot be read."""
+    try:
+        earlier = _read_state(job_state_path(directory / OVERWRITTEN), directory)
+        _refuse_another_job(directory, earlier, json.loads(job_state_path(directory).read_bytes()), input_path)
+    except (JobError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
 def discard_overwritten(directory: Path) -> None:
     """Delete what `set_aside_for_overwrite` kept (nothing where there is none): a replica calls it once its engine
     is built, and the driver once the job has finished. Claimed by one rename first, so that `restore_overwritten`

@@ -451,13 +451,14 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         return _fail(problem)
     names = response_shape(args, DEFAULT_MODEL_NAME)  # (args.model names it where given)
     loaded = functools.partial(discard_overwritten, args.output.resolve())  # (run on the replicas' nodes)
-    with _signals_interrupt() as results_written:  # (called once every shard is written: a later signal is ignored)
+    with _signals_interrupt(functools.partial(_rerun_hint, args)) as results_written:  # (results_written: called once
+        # every shard is written, a later signal is ignored; a second signal says `_rerun_hint`)
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
                                       args.default_chat_template_kwargs, on_written=results_written, on_loaded=loaded)
         except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
             return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
-                         "so far are kept, run the same command to resume")
+                         f"so far are kept, {_rerun_hint(args)}")
         except Interrupted as e:
             _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
             return 128 + e.signum
@@ -611,17 +612,41 @@ def _write_problem(output_dir: Path, input_path: Path) -> str | None:
             or directory_write_problem(output_dir / CHECKPOINT_DIR, "the --ray checkpoint directory"))
 
 
-def _report_interrupt(args, signal_name: str) -> None:
-    """Say what an interrupted --ray job left (the committed shards' records; a restart skips them) and write
-    --stats as `run` without --ray does (a failed write is said, not raised)."""
-    from batchllm.cli import _write_stats, lines_progress, lines_progress_stats
+def _rerun_hint(args) -> str:
+    """What to run to go on after a --ray job stopped with its committed shards kept: the same command skips their
+    lines, but with --overwrite it sets OUT_DIR aside again (`io.job.set_aside_for_overwrite`) and computes every line
+    anew, so there it is the same command without --overwrite."""
+    from batchllm.cli import RESUME_HINT, RESUME_WITHOUT_OVERWRITE_HINT
 
-    count = count_shard_records(args.output)
+    return RESUME_WITHOUT_OVERWRITE_HINT if args.overwrite else RESUME_HINT
+
+
+def _report_interrupt(args, signal_name: str) -> None:
+    """Say what an interrupted --ray job left in OUT_DIR and what to run (`_rerun_hint`), and write --stats as `run`
+    without --ray does (a failed write is said, not raised). An --overwrite job that no replica had loaded the model
+    for puts the earlier results back first (`io.job.restore_overwritten`, which `_run_locked_job` would do after
+    this), so that what is said and counted is what OUT_DIR holds: its earlier records, counted as lines where they
+    were written for this input and options (`io.job.set_aside_answers_the_job`), else none of this job's."""
+    from batchllm.cli import _write_stats, lines_progress, lines_progress_stats
+    from batchllm.io.job import restore_overwritten, set_aside_answers_the_job
+
+    answers = args.overwrite and set_aside_answers_the_job(args.output, args.input)
+    restored = args.overwrite and restore_overwritten(args.output)
+    count = count_shard_records(args.output) if answers or not restored else ShardCount(0, 0)
     num_records, num_errors = count.num_records, count.num_errors
     _note_duplicates(args.output, count)
     num_lines = count_input_lines(args.input)
-    print(f"batchllm: interrupted ({signal_name}): {lines_progress(num_lines, num_records, num_errors)}: "
-          f"{num_records} records in {args.output}; run the same command to resume", file=sys.stderr)
+    progress = lines_progress(num_lines, num_records, num_errors)
+    if not restored:
+        said = f"{progress}: {num_records} records in {args.output}; {_rerun_hint(args)}"
+    elif answers:
+        said = (f"{args.output} was not started over and holds its earlier results: {progress}; run the same command "
+                "to start over, or it without --overwrite to resume them")
+    else:
+        said = (f"{args.output} was not started over and holds its earlier records (of other options or another "
+                "input) as they were; run the same command to start over")
+    print(f"batchllm: interrupted ({signal_name})" + (" before any replica loaded the model" if restored else "")
+          + f": {said}", file=sys.stderr)
     stats = {"interrupted": signal_name, "num_records": num_records, "num_errors": num_errors,
              **lines_progress_stats(num_lines, num_records, num_errors),  # (run's names without --ray)
              "num_replicas": args.num_replicas}

@@ -124,3 +124,70 @@ def test_a_line_of_only_the_bom_is_blank_under_ray_as_without_it(tmp_path):
         rows = [row for table in _JsonlLines([str(src)])._read_stream(f, str(src)) for row in table.to_pylist()]
     assert [row["line"] for row in rows] == [2, 4, 6]
     assert len(rows) == count_input_lines(src)
+
+
+def stopped_ray_job(monkeypatch, calls: list, loaded: bool):
+    """`run --ray` whose job is stopped by SIGINT: after a replica loaded the model (`on_loaded`: what --overwrite set
+    aside is deleted) and one line's shard was committed, or (`loaded` False) before any replica loaded it."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from batchllm.ray import jsonl_job
+
+    def job(input_path, output_dir, *args, on_loaded=None, **kwargs):
+        calls.append(output_dir)
+        if loaded:
+            on_loaded()
+            committed_shard(output_dir, "stopped_000000", [{"id": "p0", "text": "new"}], [1])
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # (the handler raises Interrupted here)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", job)
+
+
+def test_a_stopped_ray_overwrite_says_what_to_run_and_what_the_directory_holds(tmp_path, capsys, monkeypatch):
+    """A stopped `run --ray --overwrite` said "run the same command to resume", but that command sets OUT_DIR aside
+    again and computes its committed lines anew; stopped before any replica loaded the model, it said '0 records in
+    OUT_DIR' while the earlier results were put back there."""
+    src, out, stats = tmp_path / "in.jsonl", tmp_path / "shards", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"id": f"p{k}", "prompt": "Hi"}) + "\n" for k in range(4)))
+    calls: list = []
+    fake_ray_job(monkeypatch, calls)
+    assert run(capsys, src, "-o", out, "--ray")[0] == 0  # the earlier job: 4 lines answered
+
+    stopped_ray_job(monkeypatch, calls, loaded=True)
+    code, err = run(capsys, src, "-o", out, "--ray", "--overwrite")
+    assert code == 130, err
+    assert ("1 of 4 lines have results, 0 failed (recorded with an error), 3 left: 1 records in "
+            f"{out}; run the same command without --overwrite to resume (with --overwrite, the lines written so far "
+            "would be computed again)") in err, err
+    from batchllm.ray import jsonl_job
+
+    def the_rest(input_path, output_dir, *args, on_written=None, **kwargs):  # (the hint holds: line 1 is kept)
+        assert jsonl_job.count_shard_records(output_dir) == (1, 0, 0)
+        committed_shard(output_dir, "rest_000000", [{"id": f"p{k}", "text": "t"} for k in (1, 2, 3)], [2, 3, 4])
+        on_written()
+        return {"num_records": 4, "num_errors": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", the_rest)
+    assert run(capsys, src, "-o", out, "--ray")[0] == 0
+    assert [p.name for p in sorted(out.glob("*.jsonl"))] == ["rest_000000.jsonl", "stopped_000000.jsonl"]
+
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    stopped_ray_job(monkeypatch, calls, loaded=False)
+    code, err = run(capsys, src, "-o", out, "--ray", "--overwrite", "--stats", stats)
+    assert code == 130, err
+    assert (f"interrupted (SIGINT) before any replica loaded the model: {out} was not started over and holds its "
+            "earlier results: 4 of 4 lines have results, 0 failed (recorded with an error), 0 left; run the same "
+            "command to start over, or it without --overwrite to resume them") in err, err
+    assert "no replica loaded the model" not in err  # (said once)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert json.loads(stats.read_text())["num_lines_recorded"] == 4
+
+    code, err = run(capsys, src, "-o", out, "--ray", "--overwrite", "--max-tokens", "3")  # (another job's options)
+    assert code == 130 and "holds its earlier records (of other options or another input)" in err, err
+    assert "without --overwrite" not in err
