@@ -55,6 +55,7 @@ from batchllm.io.job import (
     ResumeState,
     claim_errors_file,
     default_errors_path,
+    is_a_standard_stream,
     later_write_problem,
     prepare_output,
     recorded_option,
@@ -1069,8 +1070,18 @@ def _write_stats(args: argparse.Namespace, stats: dict, results: str = "the resu
     return None
 
 
+def _plan_input_problem(path: Path) -> str | None:
+    """Why `plan` cannot read its input, or None: `input_problem`'s reasons, but standard input (where
+    `input_problem` refuses it) in plan's own words: its reasons are a job's (a fingerprint, a resume), which plan has
+    none of; plan reads its lines by path, with `run`'s reader."""
+    if str(path) == "-" or (is_a_standard_stream(path) and not path.is_file()):
+        return (f"cannot read the input from standard input ({str(path)}): plan reads its input file by path, as run "
+                "does, not a stream; write it to a file first (e.g. cat x.jsonl > in.jsonl) and give that path")
+    return input_problem(path)
+
+
 def plan_command(args: argparse.Namespace) -> int:
-    if problem := input_problem(args.input):
+    if problem := _plan_input_problem(args.input):
         return _fail(problem)
     from batchllm.inputs import prompt_processor_for
     from batchllm.prefix import plan_prefix_sharing

@@ -162,6 +162,15 @@ def test_standard_input_is_refused_naming_what_to_do(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_plan_refuses_standard_input_in_its_own_words(capsys):
+    """`batchllm plan -` gave run's refusal, which speaks of a job's fingerprint and resume: plan has neither."""
+    for given in ["-"] + ([] if Path("/dev/stdin").is_file() else ["/dev/stdin"]):
+        code = cli.main(["plan", given])
+        err = capsys.readouterr().err
+        assert code == 2 and f"batchllm: error: cannot read the input from standard input ({given}): plan " in err, err
+        assert "cat x.jsonl > in.jsonl" in err and "resume" not in err and "fingerprint" not in err, err
+
+
 def test_an_output_that_cannot_be_written_is_named_with_exit_2(tmp_path, capsys):
     """An output that is a directory, or under a file, used to be an 'unexpected failure' (exit 3)."""
     src = tmp_path / "in.jsonl"
