@@ -70,6 +70,15 @@ class Engine:
         return WorkerDied(f"tensor-parallel {dead} during a step ({type(error).__name__}: "
                           f"{str(error).splitlines()[0][:120] if str(error) else ''})")
 
+    def drop_followers_out_of_step(self) -> None:
+        """Kill the tensor-parallel followers where rank 0 left them part-way through a step
+        (`ModelRunner.step_cut_short`): they would wait in its collectives until the group's timeout (30 min), holding
+        their devices. The runner then refuses every later step by name (`model_runner.CUT_SHORT`), never waiting."""
+        if self.tp_followers is not None and self.runner.step_cut_short and self.tp_followers.processes:
+            logger.warning("a step stopped part-way on tensor-parallel rank 0: its followers are stopped; this LLM "
+                           "cannot generate again")
+            self.tp_followers.abandon()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel followers, if any (they also die with this process)."""
         if self.tp_followers is not None:

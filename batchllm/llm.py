@@ -510,6 +510,7 @@ class LLM:
                 if call.states:  # the caller stopped early or a step failed: leave the engine clean for next time
                     core.finish_requests(list(call.states), "abort")
                     _drain_quietly(core)
+                self.engine.drop_followers_out_of_step()
                 self.last_stats = self._statistics(call, before, log_start, time.perf_counter() - started)
 
     def _show_progress(self, progress: TokenProgress, call: _Call, before: SchedulerStats, force: bool = False) -> None:

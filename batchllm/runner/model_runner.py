@@ -146,6 +146,12 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
                        dtype=kv_dtype)
 
 
+CUT_SHORT = ("this LLM's tensor-parallel ranks were left part-way through an earlier step (it stopped on an error "
+             "or a second interrupt), so they are out of step with rank 0 and it cannot generate again: call "
+             "shutdown() and build a new LLM")
+"""What a tensor-parallel rank 0 whose followers are out of step (`ModelRunner.step_cut_short`) raises."""
+
+
 class ModelRunner:
     def __init__(self, model: DecoderForCausalLM, kv_spec: KVCacheSpec, backend: AttentionBackend, *,
                  device: torch.device, seed: int, tp=None) -> None:
@@ -193,9 +199,10 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         """Set once, by `setup_decode_graphs` while the engine is built; None: every step runs eagerly."""
         self.step_cut_short = False
-        """Tensor-parallel rank 0 only: a step it had sent to the followers stopped part-way (an exception,
-        an interrupt), so they may wait in one of its collectives and cannot be told to stop in order:
-        `TensorParallelFollowers.stop` kills them instead."""
+        """Tensor-parallel rank 0 only: a step it had sent to the followers stopped part-way (an exception on rank
+        0, a second interrupt while one was held: `step_channel.signals_held`), so they may wait in one of its
+        collectives and cannot be told to stop in order: `TensorParallelFollowers.stop` kills them instead, and
+        a later `submit` raises CUT_SHORT rather than wait on them. Stays set: nothing puts them back in step."""
         self.num_graph_steps = 0
         """Steps run as a graph so far."""
 
@@ -208,9 +215,21 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it: nothing here reads a
         device value back (host-to-device copies go through pinned memory). A placeholder input
         token is the token its request samples in the step submitted just before this one."""
-        if self.tp is not None and self.tp.is_driver:
-            self.step_cut_short = True  # until the step's last collective is issued (the return below)
+        if self.tp is None or not self.tp.is_driver:
+            return self._submit(batch)
+        if self.step_cut_short:
+            raise RuntimeError(CUT_SHORT)
+        from batchllm.parallel.step_channel import signals_held
+
+        with signals_held():  # an interrupt waits for the step's end (`signals_held`): the followers stay in step
+            self.step_cut_short = True  # until the step's last collective is issued
             self.channel.send(batch)
+            pending = self._submit(batch)
+            self.step_cut_short = False
+        return pending
+
+    def _submit(self, batch: ScheduledBatch) -> PendingRunnerOutput:
+        """`submit`'s step on this rank, after rank 0 sent it to the followers."""
         for request_id in batch.finished_request_ids:
             self._tables.drop(request_id)
             self._histories.pop(request_id, None)
@@ -228,7 +247,6 @@ class ModelRunner:
         self._previous_tokens = (None if sampled is None else sampled.tokens, {rid: i for i, rid in enumerate(ids)})
         if self.tp is not None and not self.tp.is_driver:
             sampled = None  # a follower's tokens are never read: no copy to the host
-        self.step_cut_short = False
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
                                    None if prompt is None else prompt.to_host())
 

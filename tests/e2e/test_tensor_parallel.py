@@ -146,3 +146,77 @@ def test_a_script_without_a_main_guard_fails_by_name(tiny_model_factory, tmp_pat
     assert done.returncode == 1 and "built" not in done.stdout
     last = done.stderr.strip().splitlines()[-1]
     assert "status 1" in last and 'if __name__ == "__main__":' in last, last
+
+
+def _run_script(tmp_path, body: str, timeout_s: float = 120):
+    """Run `body` (under the main guard, with LLM, SamplingParams, signal and PROMPTS at hand) in its own
+    interpreter: a hang fails the test at `timeout_s` and its ranks end with it (they die with their parent)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "script.py"
+    script.write_text("import signal\nfrom batchllm import LLM, SamplingParams\n"
+                      "from batchllm.runner import model_runner\n"
+                      f"PROMPTS = {PROMPTS!r}\nif __name__ == '__main__':\n" + textwrap.indent(body, "    "))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout_s,
+                              env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the script hung (killed after {timeout_s:.0f} s); its output: {e.stdout!r}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+_CUT_AT_STEP_3 = """
+llm = LLM({model!r}, dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256, max_num_seqs=2)
+params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+prompts = [{{"prompt_token_ids": p}} for p in PROMPTS]
+expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+forward, steps = model_runner.ModelRunner._forward_and_sample, []
+
+def cut(self, *args):  # rank 0 only: after the step went to the followers, before its collectives
+    steps.append(1)
+    if len(steps) == 3:
+        {cut}
+    return forward(self, *args)
+
+model_runner.ModelRunner._forward_and_sample = cut
+try:
+    llm.generate(prompts, params, use_tqdm=False)
+except BaseException as e:
+    print("stopped:", type(e).__name__, e)
+model_runner.ModelRunner._forward_and_sample = forward
+try:
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    print("next call:", "the same tokens" if again == expected else f"other tokens {{again}} {{expected}}")
+except RuntimeError as e:
+    print("next call refused:", e)
+import multiprocessing
+print("followers alive:", len([p for p in multiprocessing.active_children() if p.name.startswith("batchllm-tp")]))
+llm.shutdown()
+print("shut down")
+"""
+
+
+def test_an_interrupted_generate_leaves_the_next_call_working(tiny_model_factory, tmp_path):
+    """Ctrl-C (Jupyter's "interrupt kernel") arriving while rank 0 is between a step's collectives: the interrupt
+    waits for the step's end, so the followers are not left inside it and the next call runs (it used to hang in
+    the step message's broadcast for gloo's 30 minutes)."""
+    out = _run_script(tmp_path, _CUT_AT_STEP_3.format(model=tiny_model_factory("llama"),
+                                                      cut="signal.raise_signal(signal.SIGINT)"))
+    assert out == ["stopped: KeyboardInterrupt ", "next call: the same tokens", "followers alive: 1", "shut down"]
+
+
+@pytest.mark.parametrize("cut", ["raise RuntimeError('rank 0 failed mid-step')",
+                                 "signal.raise_signal(signal.SIGINT); signal.raise_signal(signal.SIGINT)"])
+def test_a_step_cut_short_refuses_the_next_call_by_name(tiny_model_factory, tmp_path, cut):
+    """An error on rank 0 part-way through a step, or a second Ctrl-C while the first waits for the step's end:
+    the followers are out of step, so they are stopped at once and the next call says the LLM must be rebuilt
+    instead of hanging in a collective."""
+    out = _run_script(tmp_path, _CUT_AT_STEP_3.format(model=tiny_model_factory("llama"), cut=cut))
+    assert out[0] in ("stopped: RuntimeError rank 0 failed mid-step", "stopped: KeyboardInterrupt ")
+    assert out[1].startswith("next call refused:") and "build a new LLM" in out[1], out
+    assert out[2:] == ["followers alive: 0", "shut down"]

@@ -1,0 +1,56 @@
+"""`step_channel.signals_held`: a tensor-parallel step on rank 0 is not interrupted between its collectives; the
+signals that came during it reach their handlers once it ends (a second one at once)."""
+
+import signal
+
+import pytest
+
+from batchllm.parallel.step_channel import signals_held
+
+
+def test_an_interrupt_waits_for_the_end_of_the_body():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            signal.raise_signal(signal.SIGINT)
+            done.append("rest of the step")
+    assert done == ["rest of the step"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_interrupt_stops_the_body_at_once():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            done.append("rest of the step")
+    assert done == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_python_handlers_get_the_held_signals_in_order_and_come_back():
+    seen = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: seen.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        with signals_held():
+            signal.raise_signal(signal.SIGTERM)
+            assert seen == []
+        assert seen == [signal.SIGTERM]
+        with signals_held():  # a second signal hands both over; a handler that does not raise lets the body go on
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            assert seen == [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def test_an_error_in_the_body_gives_the_handlers_back():
+    with pytest.raises(ValueError):
+        with signals_held():
+            raise ValueError("step failed")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
