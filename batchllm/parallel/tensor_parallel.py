@@ -83,27 +83,49 @@ def local_vocab_size(vocab_size: int, size: int) -> int:
     return -(-vocab_size // size)
 
 
-def init_tp_group(rank: int, size: int, init_method: str, device: torch.device, timeout_s: float = 1800) -> TPGroup:
-    """Join the tensor-parallel process group (this process's default group) as `rank`."""
-    import datetime
+_created: list = []
+"""The default process group `init_tp_group` made in this process while it lives (one at most): the only group
+`destroy_tp_group` tears down, and how `refuse_existing_group` tells an engine's group from the caller's."""
 
-    if dist.is_initialized():
+
+def refuse_existing_group() -> None:
+    """Raise RuntimeError where this process already has a default process group, which a tensor-parallel engine
+    needs for its own, saying whose: another engine's (shut that LLM down first) or one the caller made with
+    torch.distributed (destroy it first, or build the LLM in another process). Nothing is changed either way."""
+    if not dist.is_initialized():
+        return
+    if _created and _created[0] is dist.group.WORLD:
         raise RuntimeError("a tensor-parallel engine is already running in this process (one per process: "
                            "call shutdown() on the other LLM first)")
+    raise RuntimeError(
+        f"torch.distributed already has a default process group in this process ({dist.get_backend()}, world size "
+        f"{dist.get_world_size()}), made outside batchllm; tensor_parallel_size > 1 needs its own: call "
+        "torch.distributed.destroy_process_group() before building the LLM, or build it in another process")
+
+
+def init_tp_group(rank: int, size: int, init_method: str, device: torch.device, timeout_s: float = 1800) -> TPGroup:
+    """Join the tensor-parallel process group (this process's default group, which must not exist yet:
+    `refuse_existing_group`) as `rank`."""
+    import datetime
+
+    refuse_existing_group()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: off (see the device notes)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=init_method, world_size=size, rank=rank,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    _created[:] = [dist.group.WORLD]
     host_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return TPGroup(rank, size, dist.group.WORLD, host_group)
 
 
 def destroy_tp_group(wait_s: float = 15.0) -> bool:
-    """Tear the group down; True if it was. NCCL's teardown waits for every rank's, so it runs in a
-    thread and is abandoned after `wait_s` (seen hanging on an H200 pair with graphs alive): the
+    """Tear down the group `init_tp_group` made; True if it was, or if there is none (a default group this
+    process has from elsewhere, the caller's own, is left as it is). NCCL's teardown waits for every rank's, so
+    it runs in a thread and is abandoned after `wait_s` (seen hanging on an H200 pair with graphs alive): the
     process then keeps the group, and another tensor-parallel engine in it is refused by name."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or not _created or _created[0] is not dist.group.WORLD:
+        _created.clear()
         return True
     import threading
 
@@ -111,6 +133,7 @@ def destroy_tp_group(wait_s: float = 15.0) -> bool:
 
     def destroy() -> None:
         dist.destroy_process_group()
+        _created.clear()
         done.set()
 
     threading.Thread(target=destroy, daemon=True, name="batchllm-tp-teardown").start()

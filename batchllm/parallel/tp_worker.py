@@ -84,7 +84,8 @@ class TensorParallelFollowers:
 
     def abandon(self) -> None:
         """Rank 0 could not build its engine, or stopped part-way through a step: kill the followers (they
-        cannot be told to stop), leave the group and give rank 0 its threads back."""
+        cannot be told to stop), leave the group (only one `init_tp_group` made: `destroy_tp_group`) and give
+        rank 0 its threads back."""
         from batchllm.parallel.tensor_parallel import destroy_tp_group
 
         try:
@@ -106,10 +107,13 @@ class TensorParallelFollowers:
 def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
     """Start ranks 1..size-1 and join the group as rank 0; returns (rank 0's TPGroup, the followers).
     config: the EngineConfig; facts: the `engine.ModelFacts` every rank builds from (picklable).
-    Every rank takes an equal share of rank 0's torch CPU threads (`data_parallel.engine_threads`)."""
+    Every rank takes an equal share of rank 0's torch CPU threads (`data_parallel.engine_threads`). Raises
+    RuntimeError, having started nothing, where this process has a default process group already (another
+    engine's or the caller's: `tensor_parallel.refuse_existing_group`)."""
     from batchllm.parallel.data_parallel import engine_threads
-    from batchllm.parallel.tensor_parallel import init_tp_group
+    from batchllm.parallel.tensor_parallel import init_tp_group, refuse_existing_group
 
+    refuse_existing_group()  # before anything starts: this process's group is another's (`abandon` leaves it)
     size = config.parallel.tensor_parallel_size
     leader_threads = torch.get_num_threads()
     threads = engine_threads(size, leader_threads)

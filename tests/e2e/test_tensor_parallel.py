@@ -220,3 +220,46 @@ def test_a_step_cut_short_refuses_the_next_call_by_name(tiny_model_factory, tmp_
     assert out[0] in ("stopped: RuntimeError rank 0 failed mid-step", "stopped: KeyboardInterrupt ")
     assert out[1].startswith("next call refused:") and "build a new LLM" in out[1], out
     assert out[2:] == ["followers alive: 0", "shut down"]
+
+
+def _followers():
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name.startswith("batchllm-tp")]
+
+
+@pytest.mark.timeout(300)
+def test_a_second_engine_is_refused_and_leaves_the_first_working(tiny_model_factory):
+    """One tensor-parallel engine per process: a second is refused before it starts any rank, and the first keeps
+    its group (the refusal used to tear it down: its next call failed with 'Group ... is not registered')."""
+    model_dir = tiny_model_factory("llama")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    first = LLM(model_dir, dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+    try:
+        expected = [o.outputs[0].token_ids for o in first.generate(prompts, params, use_tqdm=False)]
+        with pytest.raises(RuntimeError, match="a tensor-parallel engine is already running in this process"):
+            LLM(model_dir, dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+        assert len(_followers()) == 1
+        assert [o.outputs[0].token_ids for o in first.generate(prompts, params, use_tqdm=False)] == expected
+    finally:
+        first.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_a_process_group_of_the_callers_is_named_and_kept(tiny_model_factory):
+    """The caller's own torch.distributed group: tensor parallelism is refused, saying that group is in the way
+    (not 'another engine'), and the group is left as it was (it used to be destroyed)."""
+    import torch.distributed as dist
+
+    from batchllm.parallel.tp_worker import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="made outside batchllm"):
+            LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        assert not _followers()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
