@@ -59,9 +59,15 @@ def signals_held():
     def hand_over() -> None:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        while held:
-            sig = held.pop(0)
-            handlers[sig](sig, sys._getframe(1))
+        pending = held[:]
+        held.clear()
+        for i, sig in enumerate(pending):
+            try:
+                handlers[sig](sig, sys._getframe(1))
+            except BaseException:  # (the CLI's first signal raises `Interrupted`: the later ones must still count,
+                for later in pending[i + 1:]:  # or a second Ctrl-C in one step would not end the process)
+                    signal.raise_signal(later)
+                raise
 
     def hold(signum, frame) -> None:
         held.append(signum)

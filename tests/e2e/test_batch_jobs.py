@@ -298,7 +298,7 @@ def _alive(pid):
                                               # Ctrl-C reaches the workers too: they leave it to the parent
                                               (signal.SIGINT, 130, ["--data-parallel-size", "2"]),
                                               (signal.SIGTERM, 143, ["--data-parallel-size", "2"]),
-                                              # rank 0 stops mid-step: its followers wait in a collective
+                                              # rank 0 holds the signal to the end of its step, then stops
                                               (signal.SIGTERM, 143, ["--tensor-parallel-size", "2"])])
 def test_interrupt_stops_cleanly_and_the_rerun_completes(tmp_path, tiny_model_factory, sig, code, extra):
     n = 120

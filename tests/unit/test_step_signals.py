@@ -54,3 +54,27 @@ def test_an_error_in_the_body_gives_the_handlers_back():
         with signals_held():
             raise ValueError("step failed")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_handler_that_raises_on_the_first_signal_still_gets_the_second():
+    """The CLI's handler raises `Interrupted` on a first signal and ends the process on a second: two signals held in
+    one step were handed over as one (the raise ended the hand-over), so a third was needed to exit at once."""
+    seen = []
+
+    class Stop(BaseException):
+        pass
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if len(seen) == 1:
+            raise Stop
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with pytest.raises(Stop):
+            with signals_held():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+        assert seen == [signal.SIGINT, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
