@@ -15,6 +15,19 @@ def run(capsys, *args):
     return code, capsys.readouterr().err
 
 
+
+def interrupted_after_one_result():
+    """A stand-in for cli.record_for that writes one result, then raises the Interrupted a SIGINT raises."""
+    real_record_for, written = cli.record_for, []
+
+    def record_for(*args, **kwargs):
+        if written:
+            raise cli.Interrupted(signal.SIGINT)
+        written.append(True)
+        return real_record_for(*args, **kwargs)
+
+    return record_for
+
 def test_an_interrupt_counts_failed_lines_apart_from_answered_ones(tmp_path, capsys, monkeypatch, tiny_model_factory):
     """'interrupted (SIGINT): 3 of 5 lines done' counted the 2 lines recorded as errors as done, though only 1
     had a result: the message and --stats now say lines with results, lines failed and lines left."""
@@ -22,15 +35,8 @@ def test_an_interrupt_counts_failed_lines_apart_from_answered_ones(tmp_path, cap
     src, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
     src.write_text("".join(json.dumps({"id": k, "prompt": "Hi"}) + "\n" for k in "abc")
                    + '{"id": "broken", \n' + json.dumps({"id": "a", "prompt": "duplicate id"}) + "\n")
-    real_record_for, written = cli.record_for, []
-
-    def interrupted_after_one_result(*args, **kwargs):
-        if written:
-            raise cli.Interrupted(signal.SIGINT)
-        written.append(True)
-        return real_record_for(*args, **kwargs)
-
-    monkeypatch.setattr(cli, "record_for", interrupted_after_one_result)
+    real_record_for = cli.record_for
+    monkeypatch.setattr(cli, "record_for", interrupted_after_one_result())
     code, err = run(capsys, src, "-o", out, "--model", model, "--max-tokens", "2", "--stats", stats)
     assert code == 130, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -487,16 +493,8 @@ def test_a_stopped_overwrite_says_what_to_run_and_what_the_output_holds(tmp_path
             "command to start over, or it without --overwrite to resume") in err, err
     assert json.loads(stats.read_text())["num_lines_done"] == 3
 
-    real_record_for, written = cli.record_for, []
-
-    def interrupted_after_one_result(*args, **kwargs):
-        if written:
-            raise cli.Interrupted(signal.SIGINT)
-        written.append(True)
-        return real_record_for(*args, **kwargs)
-
     with monkeypatch.context() as patched:
-        patched.setattr(cli, "record_for", interrupted_after_one_result)
+        patched.setattr(cli, "record_for", interrupted_after_one_result())
         code, err = run(capsys, *command, "--overwrite")
     assert code == 130 and len(out.read_text().splitlines()) == 1
     assert ("1 of 3 lines have results, 0 failed (recorded with an error), 2 left; run the same command without "
