@@ -81,6 +81,8 @@ def signals_held():
     except BaseException:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        for sig in held:  # (a step that failed because of the signal, e.g. a follower Slurm's SIGTERM killed too:
+            signal.raise_signal(sig)  # the signal's own handler still runs, so the job exits as that signal says)
         raise
     hand_over()
 

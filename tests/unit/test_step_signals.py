@@ -78,3 +78,26 @@ def test_a_handler_that_raises_on_the_first_signal_still_gets_the_second():
         assert seen == [signal.SIGINT, signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_held_in_a_step_that_then_fails_still_reaches_its_handler():
+    """Slurm's scancel sends SIGTERM to every process: a follower dies at once, rank 0's collective fails, and its held
+    SIGTERM was dropped with the step's error (exit 2, 'rank 1 killed', where the job should exit 143 as signalled)."""
+    seen = []
+
+    class Stop(BaseException):
+        pass
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise Stop
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Stop) as stopped:
+            with signals_held():
+                signal.raise_signal(signal.SIGTERM)
+                raise RuntimeError("a follower died: the collective failed")
+        assert seen == [signal.SIGTERM] and isinstance(stopped.value.__context__, RuntimeError)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
