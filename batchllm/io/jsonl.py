@@ -279,7 +279,8 @@ def _plain_request(obj: dict, unknown: list[str]) -> tuple[str, Any, dict | None
         raise ValueError(f"truncation_side {short_repr(obj['truncation_side'])} is not supported: "
                          f"{TRUNCATION_SIDE_NOTE}")
     if mistaken := [f"{name!r} ({hint})" for name in unknown
-                    if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name]))]:
+                    if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name])
+                        or _other_decoding(name, obj[name]))]:
         raise ValueError(f"unsupported field(s): {', '.join(mistaken)}")
     add_special = add_special_tokens_of(obj)
     prompt = obj[kind]
@@ -357,12 +358,14 @@ one of a table's other columns."""
 
 
 _BEAM_SEARCH = "beam search is LLM.beam_search's, not a line's: a line samples (greedy with \"temperature\": 0)"
-_DECODING_MODES = {"use_beam_search": _BEAM_SEARCH, "num_beams": _BEAM_SEARCH, "beam_width": _BEAM_SEARCH,
-                   "length_penalty": _BEAM_SEARCH, "early_stopping": _BEAM_SEARCH,
-                   "do_sample": 'transformers\' name: a line samples unless "temperature": 0 (greedy)',
-                   "best_of": 'vLLM 0.26 takes none: "n" samples of a line'}
-"""Fields that ask for another way of decoding (beam search, transformers' greedy switch, best_of), which a plain
-line would otherwise ignore and sample instead: an error, as the OpenAI path's body check makes them."""
+_DECODING_MODES = {"use_beam_search": ((False, None), _BEAM_SEARCH), "num_beams": ((1, None), _BEAM_SEARCH),
+                   "beam_width": ((1, None), _BEAM_SEARCH), "length_penalty": ((1, None), _BEAM_SEARCH),
+                   "early_stopping": ((False, None), _BEAM_SEARCH),
+                   "do_sample": ((True, None), 'transformers\' name: a line samples unless "temperature": 0 (greedy)'),
+                   "best_of": ((1, None), 'vLLM 0.26 takes none: "n" samples of a line')}
+"""Fields that ask for another way of decoding (beam search, transformers' greedy switch, best_of) with the values
+that ask for none (as an OpenAI body's `_ONLY_DEFAULT`): another value would be ignored and the line sampled
+instead, so it is an error (`_other_decoding`)."""
 
 
 _CONSTRAINTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
@@ -409,6 +412,17 @@ def _misplaced_constraint(name: str, value: Any) -> str | None:
     return f'a structured-output constraint belongs in "structured_outputs": {{"{_CONSTRAINTS[name]}": ...}}'
 
 
+def _other_decoding(name: str, value: Any) -> str | None:
+    """Why a plain line's field asks for a way of decoding a line does not run (`_DECODING_MODES`: beam search,
+    transformers' do_sample false, best_of > 1), or None: not such a field, or its value asks for none."""
+    if name not in _DECODING_MODES:
+        return None
+    defaults, hint = _DECODING_MODES[name]
+    asks_for_none = any(value is None if d is None else isinstance(value, bool) == isinstance(d, bool) and value == d
+                        for d in defaults)  # (true is no 1 here, nor 1 true: JSON tells them apart)
+    return None if asks_for_none else hint
+
+
 @functools.lru_cache(maxsize=1 << 12)
 def _mistaken_field(name: str) -> str | None:
     """Why a plain line's unknown field looks like a mistake (another API's name of a field, or a near miss
@@ -416,8 +430,6 @@ def _mistaken_field(name: str) -> str | None:
     characters or more only, and a close match (`uid`, `n_tokens` or `prompt_tokens` are left alone)."""
     if name in _OTHER_NAMES:
         return f"a plain line's is {_OTHER_NAMES[name]!r}"
-    if name in _DECODING_MODES:
-        return _DECODING_MODES[name]
     if name == "chat_template":
         return "a plain line takes none: give --chat-template"
     if name in ("guided_json", "guided_choice", "guided_regex", "guided_grammar"):  # (the line ran unconstrained)

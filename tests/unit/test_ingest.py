@@ -577,16 +577,21 @@ def test_a_tables_other_columns_are_ignored_and_a_misspelt_field_is_named():
 def test_a_plain_line_asking_for_beam_search_or_greedy_by_another_apis_name_fails_naming_it():
     """`num_beams`, `do_sample`: false, `use_beam_search`, `best_of` ... were ignored as a table's columns and the line
     was sampled at run's default temperature instead (an OpenAI line's body check refuses them): each fails its line,
-    saying what a line takes; an unrelated column next to them is still ignored."""
+    saying what a line takes; an unrelated column next to them is still ignored, and their default values (which ask
+    for nothing else) are taken, as an OpenAI body's are."""
     names = ("num_beams", "do_sample", "use_beam_search", "beam_width", "length_penalty", "early_stopping", "best_of")
-    data = b"".join(b'{"id": %d, "prompt": "Hi", "%s": %s, "rating": 1}\n' % (i, name.encode(), b"false"
-                    if name in ("do_sample", "early_stopping") else b"4") for i, name in enumerate(names))
+    data = b"".join(b'{"id": %d, "prompt": "Hi", "%s": %s, "rating": 1}\n' % (i, name.encode(), {
+        "do_sample": b"false", "early_stopping": b"true", "use_beam_search": b"true"}.get(name, b"4"))
+        for i, name in enumerate(names))
     result = ingest(data)
     assert not result.valid and len(result.errors) == len(names)
     for error, name in zip(result.errors, names):
         assert f"unsupported field(s): '{name}' (" in error.message, error.message
     assert '"temperature": 0' in result.errors[1].message and "beam_search" in result.errors[0].message
     assert '"n"' in result.errors[-1].message
+    harmless = (b'{"id": "a", "prompt": "Hi", "use_beam_search": false, "best_of": 1, "length_penalty": 1.0, '
+                b'"num_beams": 1, "do_sample": true, "early_stopping": false, "beam_width": null}\n')
+    assert [v.line.request_id for v in ingest(harmless).valid] == ["a"]  # values that ask for nothing else: kept
 
 
 def test_a_plain_line_with_token_ids_and_their_text_runs_the_ids_as_generate_does():
