@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
@@ -55,7 +55,7 @@ from batchllm.io.job import (
     ResumeState,
     claim_errors_file,
     default_errors_path,
-    is_a_standard_stream,
+    is_standard_input,
     later_write_problem,
     prepare_output,
     recorded_option,
@@ -738,6 +738,9 @@ class _Job:
     num_lines: int
     """Non-blank input lines: each gets exactly one record (in the output or the errors file)."""
     writers: tuple = ()
+    earlier: ResumeState | None = field(default=None, init=False, repr=False)
+    earlier_read: bool = field(default=False, init=False, repr=False)
+    """`_earlier_counts`' read of the records --overwrite has not replaced, once made."""
 
     @property
     def num_recorded_before(self) -> int:
@@ -778,8 +781,13 @@ class _Job:
         return RESUME_HINT
 
     def _earlier_counts(self, overwrite: bool) -> ResumeState | None:
-        """The records --overwrite has not yet replaced (`_earlier_kept`) where they answer this input, else None."""
-        return self.resume.earlier() if self._earlier_kept(overwrite) else None
+        """The records --overwrite has not yet replaced (`_earlier_kept`) where they answer this input, else None;
+        read once (`ResumeState.earlier` reads the whole output and errors file; the report and --stats both ask)."""
+        if not self._earlier_kept(overwrite):
+            return None
+        if not self.earlier_read:
+            self.earlier, self.earlier_read = self.resume.earlier(), True
+        return self.earlier
 
     def stopped_report(self, overwrite: bool) -> str:
         """Where a stopped job stands and what to run (`rerun_hint`). An --overwrite output not yet started over is
@@ -1074,7 +1082,7 @@ def _plan_input_problem(path: Path) -> str | None:
     """Why `plan` cannot read its input, or None: `input_problem`'s reasons, but standard input (where
     `input_problem` refuses it) in plan's own words: its reasons are a job's (a fingerprint, a resume), which plan has
     none of; plan reads its lines by path, with `run`'s reader."""
-    if str(path) == "-" or (is_a_standard_stream(path) and not path.is_file()):
+    if is_standard_input(path):
         return (f"cannot read the input from standard input ({str(path)}): plan reads its input file by path, as run "
                 "does, not a stream; write it to a file first (e.g. cat x.jsonl > in.jsonl) and give that path")
     return input_problem(path)
