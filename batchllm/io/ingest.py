@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from batchllm.inputs import PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
-from batchllm.io.job import ResumeState, as_given_url, is_a_standard_stream, is_a_url
+from batchllm.io.job import ResumeState, as_given_url, is_a_url, is_standard_input
 from batchllm.io.jsonl import (
     OPENAI,
     PLAIN,
@@ -65,7 +65,7 @@ def input_problem(path: Path) -> str | None:
     """Why the input file cannot be read, or None. Standard input (`-`, or /dev/stdin and the like where they are
     no regular file: a pipe) is refused, naming what to do: a job reads its input more than once (to fingerprint
     it, to count and to run its lines) and again on a resume, which a stream cannot give."""
-    if str(path) == "-" or (is_a_standard_stream(path) and not path.is_file()):
+    if is_standard_input(path):
         return (f"cannot read the input from standard input ({str(path)}): a job reads its input file more than "
                 "once (its fingerprint ties the output to it for a resume, then its lines are run) and a resume "
                 "reads it again; write it to a file first (e.g. cat x.jsonl > in.jsonl) and give that path")

@@ -327,6 +327,12 @@ def is_a_standard_stream(path: Path) -> bool:
     return bool(_STANDARD_STREAM.fullmatch(os.path.normpath(os.path.join(os.path.dirname(named), target))))
 
 
+def is_standard_input(path: Path) -> bool:
+    """Whether an input path names standard input as a stream: `-`, or /dev/stdin and the like where they are no
+    regular file (a pipe); a file redirected in (`< in.jsonl`) is that file."""
+    return str(path) == "-" or (is_a_standard_stream(path) and not path.is_file())
+
+
 def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path | None = None,
                    options: dict[str, Any] | None = None, num_lines: int | None = None,
                    write_problem: str | None = None,
