@@ -145,7 +145,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     in_place = draws_in_place(sys.stderr)  # (into a log: a redraw every LOG_INTERVAL_S, not every 0.1 s)
     bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True,
                mininterval=0.1 if in_place else LOG_INTERVAL_S)
-    for item in read_batch_lines(path, check_duplicates=False):  # (an id goes to the first line accepted: `claims`)
+    for item in read_batch_lines(path):  # (an id goes to the first line accepted: `claims`)
         bar.update(1)
         if isinstance(item, LineError):
             errors.append(item)

@@ -113,17 +113,15 @@ class LineError:
         return {"id": self.request_id, "error": {"line": self.line_number, "message": self.message}}
 
 
-def read_batch_lines(path: Path, check_duplicates: bool = True) -> Iterator[BatchLine | LineError]:
-    """Stream the file, yielding one BatchLine or LineError per non-blank line; a line whose id an earlier line
-    read already has is a LineError unless `check_duplicates` is False (`ingest.prepare_lines` then gives an id to
-    the first line that is accepted, `IdClaims`)."""
-    seen: set[str | int] | None = set() if check_duplicates else None
+def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
+    """Stream the file, yielding one BatchLine or LineError per non-blank line. Ids are not checked here: an id goes
+    to the first line that is accepted (`ingest.IdClaims`), which only the caller knows."""
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             raw = without_bom(raw, line_number)
             if not raw.strip():
                 continue
-            yield parse_line(raw, line_number, seen)
+            yield parse_line(raw, line_number, None)
 
 
 def without_bom(raw: bytes, line_number: int | None = None) -> bytes:
