@@ -159,7 +159,10 @@ def _run_script(tmp_path, body: str, timeout_s: float = 120):
     script = tmp_path / "script.py"
     script.write_text("import signal\nfrom batchllm import LLM, SamplingParams\n"
                       "from batchllm.runner import model_runner\n"
-                      f"PROMPTS = {PROMPTS!r}\nif __name__ == '__main__':\n" + textwrap.indent(body, "    "))
+                      f"PROMPTS = {PROMPTS!r}\nif __name__ == '__main__':\n"
+                      # (Python started with SIGINT ignored, as under a CI runner in the background, installs no
+                      # KeyboardInterrupt handler: the script's interrupts need it)
+                      "    signal.signal(signal.SIGINT, signal.default_int_handler)\n" + textwrap.indent(body, "    "))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     try:
         done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout_s,

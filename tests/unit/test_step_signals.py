@@ -8,6 +8,15 @@ import pytest
 from batchllm.parallel.step_channel import signals_held
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """SIGINT with Python's KeyboardInterrupt handler, as an interactive Python has it: a process started with SIGINT
+    ignored (a CI runner in the background, nohup) has SIG_IGN, which `signals_held` rightly leaves alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_an_interrupt_waits_for_the_end_of_the_body():
     done = []
     with pytest.raises(KeyboardInterrupt):
