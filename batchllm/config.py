@@ -29,7 +29,8 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _KERNEL_CHOICES = ("auto", "torch", "triton")
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16")  # kv_quant.KV_CACHE_DTYPES' (no torch here)
-_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+"""The kv_cache_dtype names of an fp8 cache (resolved: "auto" may become one, `engine.resolve_model`)."""
 
 
 def fp8_attention_problem(kv_cache_dtype: str) -> str:
@@ -298,7 +299,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """Checks that span sections (each section checks its own fields)."""
-        if self.model.fp8_attention and self.cache.kv_cache_dtype not in (*_FP8_KV_CACHE_DTYPES, "auto"):
+        if self.model.fp8_attention and self.cache.kv_cache_dtype not in (*FP8_KV_CACHE_DTYPES, "auto"):
             raise ValueError(fp8_attention_problem(self.cache.kv_cache_dtype))  # ("auto": the checkpoint decides)
         if self.parallel.engines_on_each_gpu > 1 and self.parallel.tensor_parallel_size > 1:
             raise ValueError("engines_per_gpu > 1 is for models that fit one GPU; it cannot be combined with "

@@ -21,7 +21,7 @@ import torch
 
 from batchllm.attention import TorchReferenceBackend
 from batchllm.attention.backend import AttentionBackend
-from batchllm.config import EngineConfig, ParallelConfig, SchedulerConfig, fp8_attention_problem
+from batchllm.config import FP8_KV_CACHE_DTYPES, EngineConfig, ParallelConfig, SchedulerConfig, fp8_attention_problem
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.scheduler import Scheduler
@@ -179,7 +179,7 @@ def resolve_model(config: EngineConfig, device: str | torch.device | None = None
     quantization = resolve_quantization(mc.quantization, spec.quantization)
     kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, spec.quantization,
                                             str(dtype).removeprefix("torch."))
-    if mc.fp8_attention and kv_cache_dtype not in ("fp8", "fp8_e4m3"):  # ("auto" on a checkpoint of no fp8 cache)
+    if mc.fp8_attention and kv_cache_dtype not in FP8_KV_CACHE_DTYPES:  # ("auto" on a checkpoint of no fp8 cache)
         raise ValueError(fp8_attention_problem(config.cache.kv_cache_dtype))
     return ModelFacts(model_dir, spec, device, dtype, max_model_len, sc, quantization, kv_cache_dtype)
 
