@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
@@ -738,9 +738,6 @@ class _Job:
     num_lines: int
     """Non-blank input lines: each gets exactly one record (in the output or the errors file)."""
     writers: tuple = ()
-    earlier: ResumeState | None = field(default=None, init=False, repr=False)
-    earlier_read: bool = field(default=False, init=False, repr=False)
-    """`_earlier_counts`' read of the records --overwrite has not replaced, once made."""
 
     @property
     def num_recorded_before(self) -> int:
@@ -783,11 +780,12 @@ class _Job:
     def _earlier_counts(self, overwrite: bool) -> ResumeState | None:
         """The records --overwrite has not yet replaced (`_earlier_kept`) where they answer this input, else None;
         read once (`ResumeState.earlier` reads the whole output and errors file; the report and --stats both ask)."""
-        if not self._earlier_kept(overwrite):
-            return None
-        if not self.earlier_read:
-            self.earlier, self.earlier_read = self.resume.earlier(), True
-        return self.earlier
+        return self._earlier_records if self._earlier_kept(overwrite) else None
+
+    @functools.cached_property
+    def _earlier_records(self) -> ResumeState | None:
+        """`ResumeState.earlier`'s read, made once."""
+        return self.resume.earlier()
 
     def stopped_report(self, overwrite: bool) -> str:
         """Where a stopped job stands and what to run (`rerun_hint`). An --overwrite output not yet started over is
