@@ -392,5 +392,6 @@ def record_for(line: BatchLine, output, names: ResponseShape, tokenizer=None) ->
         return openai_batch.success_record(line.request_id, line.url, names.model_of(line), output,
                                            len(output.prompt_token_ids), top, role=names.role_of(line),
                                            echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer,
-                                           reasoning_split=names.reasoning_split(line), asks=line.response_asks)
-    return result_record(line.request_id, output, len(output.prompt_token_ids))
+                                           reasoning_split=names.reasoning_split(line), asks=line.response_asks,
+                                           tool_call=line.tool_call)
+    return result_record(line.request_id, output, len(output.prompt_token_ids), line.tool_call)

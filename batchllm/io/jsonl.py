@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.io import openai_batch
+from batchllm.io.tool_calls import ForcedToolCall, finish_reason_of, forced_tool_call, tool_calls_of, tool_constraint
 from batchllm.sampling_params import (
     TRUNCATION_SIDE_NOTE,
     TRUNCATION_SIDES,
@@ -77,6 +78,9 @@ class BatchLine:
     add_special_tokens: bool | None = None
     """Plain lines: whether a text (or rendered chat) is tokenized with the tokenizer's special tokens, as
     LLM.generate's tokenization_kwargs asks; None where not given (`PromptProcessor._adds_special_tokens`)."""
+    tool_call: ForcedToolCall | None = None
+    """Chat lines whose tool_choice forces a call ("required" or a named function, `io.tool_calls`): the answer,
+    constrained by its sampling_overrides' structured_outputs, is read back as tool calls in its record."""
 
 
 def without_its_index(text: str, index: int) -> str:
@@ -260,10 +264,11 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -
     unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     try:
         kind, prompt, template, add_special = _plain_request(obj, unknown)
-    except ValueError as e:  # (BodyError is one)
+        overrides, forced = _plain_tool_call(obj, _overrides(obj))
+    except ValueError as e:  # (BodyError and ToolChoiceError are ones)
         return error(str(e), rid)
-    return BatchLine(line_number, rid, prompt, kind == "messages", _overrides(obj), chat_template_kwargs=template,
-                     ignored_fields=tuple(unknown), add_special_tokens=add_special)
+    return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template,
+                     ignored_fields=tuple(unknown), add_special_tokens=add_special, tool_call=forced)
 
 
 def _plain_request(obj: dict, unknown: list[str]) -> tuple[str, Any, dict | None, bool | None]:
@@ -329,16 +334,25 @@ def add_special_tokens_of(obj: dict) -> bool | None:
 
 def _plain_template_kwargs(obj: dict) -> dict | None:
     """A plain line's keywords for its chat template: its chat_template_kwargs, under its `tools` and `documents`
-    (given to the template as LLM.chat's are, as vLLM gives a body's). The answer is text: a `tool_choice` other
-    than "none" (which asks for that) is a BodyError, as in an OpenAI line, where it was ignored."""
+    (given to the template as LLM.chat's are, as vLLM gives a body's), whatever its tool_choice
+    (`_plain_tool_call` reads it)."""
     template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
-    if obj.get("tool_choice") not in (None, "none"):
-        raise openai_batch.BodyError("'tool_choice' may only be \"none\" here: the tools reach the chat template and "
-                                     "the answer is text (no tool call is parsed from it)")
     for name in ("documents", "tools"):
         if obj.get(name) not in (None, []):
             template = {name: openai_batch.list_of_objects(obj[name], name), **(template or {})}
     return template
+
+
+def _plain_tool_call(obj: dict, overrides: dict[str, Any]) -> tuple[dict[str, Any], ForcedToolCall | None]:
+    """A plain messages line's sampling overrides and forced tool call (`io.tool_calls`): its `tool_choice`
+    "required" or a named function constrains the answer (structured_outputs, as an OpenAI body's) and reads it
+    back as tool calls; without a tool_choice, or "none", the tools only reach the template and the answer is text
+    (as LLM.chat's tools). Raises ValueError naming the problem ("auto", a function not among the tools, ...)."""
+    if obj.get("tool_choice") in (None, "none"):
+        return overrides, None
+    tools = openai_batch.tools_for_template(obj["tools"]) if obj.get("tools") not in (None, []) else None
+    forced = forced_tool_call(tools, obj["tool_choice"])  # (not None: raises for a choice that forces nothing)
+    return {**overrides, "structured_outputs": tool_constraint(forced, tools, obj.get("structured_outputs"))}, forced
 
 
 def _is_openai_line(obj: dict) -> bool:
@@ -468,7 +482,7 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int] | N
     return BatchLine(line_number, rid, asked.prompt, asked.is_chat, integers_from_json(asked.overrides), OPENAI,
                      asked.url, model if isinstance(model, str) else None, asked.template, unknown,
                      continued_role=_continued_role(asked.template, asked.prompt), echo=asked.echo,
-                     response_asks=asked.asks)
+                     response_asks=asked.asks, tool_call=asked.tool_call)
 
 
 def _continued_role(template: dict | None, messages: Any) -> str | None:
@@ -513,10 +527,12 @@ def _clean_id(rid: Any) -> str | int | None:
     return rid if isinstance(rid, str) and _encodable(rid) else None
 
 
-def result_record(request_id: str | int, output, prompt_tokens: int) -> dict[str, Any]:
+def result_record(request_id: str | int, output, prompt_tokens: int, tool_call: ForcedToolCall | None = None
+                  ) -> dict[str, Any]:
     """A plain line's result: its first completion's fields at the top level, as before n > 1 existed,
-    with every completion (its logprobs included) under "outputs" when there are several."""
-    record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0]),
+    with every completion (its logprobs included) under "outputs" when there are several; `tool_call`: a forced
+    call's line (`_completion_record`)."""
+    record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0], tool_call),
                               "prompt_tokens": prompt_tokens, "completion_tokens": output.num_output_tokens}
     if output.num_cached_tokens is not None:  # (prompt tokens read from a shared prefix, not computed)
         record["cached_tokens"] = output.num_cached_tokens
@@ -524,15 +540,19 @@ def result_record(request_id: str | int, output, prompt_tokens: int) -> dict[str
         record["prompt_logprobs"] = [None if lp_map is None else _logprob_record(int(tid), lp_map)
                                      for tid, lp_map in zip(output.prompt_token_ids, output.prompt_logprobs)]
     if len(output.outputs) > 1:
-        record["outputs"] = [_completion_record(o) for o in output.outputs]
+        record["outputs"] = [_completion_record(o, tool_call) for o in output.outputs]
     return record
 
 
-def _completion_record(completion) -> dict[str, Any]:
+def _completion_record(completion, tool_call: ForcedToolCall | None = None) -> dict[str, Any]:
     """text, token_ids, finish_reason, stop_reason (vLLM's: the stop string or token id that ended it, else
-    null) and, where asked for, logprobs."""
-    record = {"text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
+    null) and, where asked for, logprobs. A forced tool call's completion adds its `tool_calls` (read from the
+    text, which stays: `tool_calls.tool_calls_of`) and takes the finish_reason vLLM's chat answer gives it."""
+    record = {"text": completion.text, "token_ids": completion.token_ids,
+              "finish_reason": finish_reason_of(completion.finish_reason, tool_call),
               "stop_reason": completion.stop_reason}
+    if tool_call is not None:
+        record["tool_calls"] = tool_calls_of(completion.text, tool_call)
     if completion.logprobs is not None:
         record["logprobs"] = [_logprob_record(tid, lp_map)
                               for tid, lp_map in zip(completion.token_ids, completion.logprobs)]

@@ -18,6 +18,15 @@ import time
 import uuid
 from typing import Any, NamedTuple
 
+from batchllm.io.tool_calls import (
+    ForcedToolCall,
+    ToolChoiceError,
+    finish_reason_of,
+    forced_tool_call,
+    tool_calls_of,
+    tool_constraint,
+)
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 
@@ -34,14 +43,14 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "truncate_prompt_tokens": "truncate_prompt_tokens", "prompt_logprobs": "prompt_logprobs"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
 _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,),
-                 "parallel_tool_calls": (None, True, False), "tool_choice": (None, "none"),
+                 "parallel_tool_calls": (None, True, False),
                  "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"]),
                  # vLLM's own request fields, as its request models write them (model_dump)
                  "use_beam_search": (False, None), "priority": (0, None), "include_reasoning": (True, None),
                  "truncation_side": (None, "left")}
 _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs": (None, {}),
                       "media_io_kwargs": (None, {})}
-_ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None)}
+_ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None), "tool_choice": (None, "none")}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
 # verbosity: a hint to OpenAI's own models; cache_salt: vLLM's, which keeps a prefix cache's entries apart)
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
@@ -71,6 +80,9 @@ class BodyRequest(NamedTuple):
     prompt's, as vLLM's); None otherwise."""
     asks: ResponseAsks | None = None
     """What the body asks of its response beside the answer (`response_asks`); None: nothing."""
+    tool_call: ForcedToolCall | None = None
+    """A chat body's forced tool call (tool_choice "required" or a named function: `tool_calls`); its answer is
+    constrained (`overrides`' structured_outputs) and read back as the message's tool calls."""
 
 
 def template_kwargs(value: Any) -> dict[str, Any] | None:
@@ -129,14 +141,30 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
             raise BodyError("give response_format or structured_outputs, not both")
         overrides["structured_outputs"] = structured
     prompt, max_tokens = (_chat_prompt if chat else _completions_prompt)(body, overrides)
+    template = _chat_template_options(body) if chat else None
+    forced = _forced_tool_call(body, template, overrides) if chat else None
     _named_logprobs(body, chat, overrides)
     echo = _echo(body, chat, prompt, max_tokens, overrides)
     if echo == ECHO_PROMPT:
         max_tokens = 1  # (vLLM's: one token is generated, and the prompt alone answered)
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
-    return BodyRequest(url, prompt, chat, overrides, _chat_template_options(body) if chat else None, echo,
-                       response_asks(body, prompt if chat else None))
+    return BodyRequest(url, prompt, chat, overrides, template, echo, response_asks(body, prompt if chat else None),
+                       forced)
+
+
+def _forced_tool_call(body: dict, template: dict | None, overrides: dict) -> ForcedToolCall | None:
+    """A chat body's forced tool call (`tool_calls.forced_tool_call`; its tools as the template gets them), its
+    constraint put in `overrides` (`tool_calls.tool_constraint`: over a response_format's, as vLLM's server puts
+    it); None where the answer is text. A tool_choice that cannot be served is a BodyError naming it."""
+    tools = (template or {}).get("tools")
+    try:
+        forced = forced_tool_call(tools, body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if forced is not None:
+            overrides["structured_outputs"] = tool_constraint(forced, tools, body.get("structured_outputs"))
+    except ToolChoiceError as e:
+        raise BodyError(str(e)) from None
+    return forced
 
 
 def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | None:
@@ -189,7 +217,8 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
                                                              "request_id", "return_token_ids"}
     only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
     known |= set(only_default)
-    known |= {"max_completion_tokens", "top_logprobs", "tools", "documents", *CHAT_TEMPLATE_FIELDS} if chat else set()
+    known |= {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "documents", *CHAT_TEMPLATE_FIELDS
+              } if chat else set()
     unknown = sorted(name for name in set(body) - known if body[name] is not None)
     if unknown:
         guided = next((name for name in unknown if name.startswith("guided_")), None)
@@ -282,18 +311,14 @@ def _tool_as_vllm_passes_it(k: int, tool: Any) -> dict:
 
 
 def _template_documents_and_tools(body: dict) -> dict[str, Any]:
-    """A chat body's `documents` and `tools`, which vLLM gives to the chat template. Tools only with tool_choice
-    "none": the model sees them and answers in text (no tool call is parsed from it; vLLM's "auto" needs a tool
-    parser)."""
+    """A chat body's `documents` and `tools`, which vLLM gives to the chat template (whatever the tool_choice:
+    `_forced_tool_call` reads it)."""
     given = {}
     documents = body.get("documents")
     if documents not in (None, []):
         given["documents"] = list_of_objects(documents, "documents")
     if body.get("tools") not in (None, []):
         given["tools"] = tools_for_template(body["tools"])
-    if "tools" in given and body.get("tool_choice") != "none":
-        raise BodyError("'tools' needs \"tool_choice\": \"none\" here: the tools reach the chat template and the "
-                        "answer is text (no tool call is parsed from it, as vLLM's \"auto\" would with a tool parser)")
     return given
 
 
@@ -365,8 +390,7 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
     options.update(_template_documents_and_tools(body))
     own = {k: v for k, v in (template_kwargs(body.get("chat_template_kwargs")) or {}).items() if k not in BODY_DECIDES}
     if "tools" in own:  # (vLLM's server fails such a line: its own tools keyword is given twice)
-        raise BodyError("give the tools as the body's 'tools' (with \"tool_choice\": \"none\"), not in "
-                        "'chat_template_kwargs'")
+        raise BodyError("give the tools as the body's 'tools', not in 'chat_template_kwargs'")
     if options.get("reasoning_effort") is not None and "enable_thinking" not in own:
         options["enable_thinking"] = options["reasoning_effort"] != "none"  # (vLLM's: Qwen3's thinking follows it)
     return {**own, **options} or None
@@ -530,14 +554,16 @@ _VLLM_BODY_TAIL = {"kv_transfer_params": None, "ec_transfer_params": None, "metr
 
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
                    top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
-                   tokenizer=None, reasoning_split=None, asks: ResponseAsks | None = None) -> dict[str, Any]:
+                   tokenizer=None, reasoning_split=None, asks: ResponseAsks | None = None,
+                   tool_call: ForcedToolCall | None = None) -> dict[str, Any]:
     """A 200 response line, its body with the keys vLLM's run-batch writes (null where nothing is said).
     `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its entries, in their order:
     the sampled token's, then those logprob_token_ids named); `role` is a chat answer's (vLLM's --response-role);
     `echo` a completions line's (`BodyRequest.echo`, the prompt's text), whose first prompt token (it has no
     logprobs) the tokenizer names; `reasoning_split` (text -> (reasoning, content): vLLM's --reasoning-parser)
     gives a chat message its `reasoning`; `asks`: the body's `request_id`, `return_token_ids` and a chat's `echo`
-    (`ResponseAsks`). Each choice
+    (`ResponseAsks`); `tool_call`: a chat line's forced call, whose answers are the messages' tool calls
+    (`tool_calls.tool_calls_of`, content ""; `finish_reason` as vLLM's). Each choice
     carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
     asks = asks or ResponseAsks()
     line_id, request_id = _ids()
@@ -550,8 +576,10 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
             "model": model}
     prompt_ids = [int(t) for t in output.prompt_token_ids] if asks.return_token_ids else None  # (numpy in run's)
     if url == CHAT_URL:
-        choices = [{"index": c.index, "message": _chat_message(role, c.text, reasoning_split, asks.echoed_message),
-                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": c.finish_reason,
+        choices = [{"index": c.index,
+                    "message": _chat_message(role, c.text, reasoning_split, asks.echoed_message, tool_call),
+                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": finish_reason_of(c.finish_reason,
+                                                                                                  tool_call),
                     "stop_reason": c.stop_reason, "token_ids": _token_ids(c, asks), "routed_experts": None}
                    for c in output.outputs]
         body = {"id": f"chatcmpl-{_or_random(asks.request_id)}", **head, "choices": choices,
@@ -588,15 +616,19 @@ def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsk
     return choices
 
 
-def _chat_message(role: str, text: str | None, reasoning_split=None, echoed: tuple[str, str] | None = None
-                  ) -> dict[str, Any]:
+def _chat_message(role: str, text: str | None, reasoning_split=None, echoed: tuple[str, str] | None = None,
+                  tool_call: ForcedToolCall | None = None) -> dict[str, Any]:
     """A chat answer's message as vLLM's ChatMessage writes it (`success_record`), after the echoed message's
-    text where that message has the answer's role (vLLM's echo)."""
+    text where that message has the answer's role (vLLM's echo). A forced tool call's answer is its `tool_calls`
+    (between function_call and reasoning, left out where there are none, as vLLM writes them) with content ""."""
     reasoning, content = reasoning_split(text) if reasoning_split is not None and text is not None else (None, text)
+    calls = []
+    if tool_call is not None:
+        calls, content = tool_calls_of(content or "", tool_call), ""
     if echoed is not None:  # (vLLM's: the continued message's text, or nothing, before the content, even none)
         content = (echoed[1] if echoed[0] == role else "") + (content or "")
     return {"role": role, "content": content, "refusal": None, "annotations": None, "audio": None,
-            "function_call": None, "reasoning": reasoning}
+            "function_call": None, **({"tool_calls": calls} if calls else {}), "reasoning": reasoning}
 
 
 def error_record(custom_id: str | None, message: str, code: str = "invalid_request") -> dict[str, Any]:

@@ -776,9 +776,9 @@ def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
     assert asked.template == {"tools": [{"type": "function", "function": {"name": "weather", "description": None,
                                                                        "parameters": {"type": "object"}}}],
                               "documents": [{"title": "t", "text": "d"}]}
-    for bad, message in (({"tools": [tool]}, "'tools' needs \"tool_choice\": \"none\""),
-                         ({"tools": [tool], "tool_choice": "auto"}, "'tool_choice' = \"auto\" is not supported "
-                                                                   "(only \"none\")"),
+    for bad, message in (({"tools": [tool]}, '"tool_choice": "auto" (vLLM\'s default where tools are given) needs '
+                                              "a tool-call parser"),
+                         ({"tools": [tool], "tool_choice": "auto"}, '"tool_choice": "auto"'),
                          ({"tools": "weather", "tool_choice": "none"}, "'tools' must be a list of objects"),
                          ({"use_beam_search": True}, "'use_beam_search' = true is not supported (only false)"),
                          ({"add_special_tokens": True}, "'add_special_tokens' = true is not supported (only false)")):
@@ -883,7 +883,7 @@ def test_tools_reach_the_template_as_vllms_server_passes_them_and_plain_lines_ta
 
 
 def test_a_plain_lines_tool_choice_and_documents_and_an_openai_bodys_flags_as_vllm_reads_them():
-    """A plain line's tool_choice "required" and its documents were ignored as a table's columns (the answer passed
+    """A plain line's tool_choice "auto" and its documents were ignored as a table's columns (the answer passed
     as a success, the documents never reached the template); an OpenAI body's add_generation_prompt "false" failed
     its line (vLLM's server reads it as false); tools in a body's chat_template_kwargs reached the template with no
     tool_choice (vLLM fails that line)."""
@@ -891,11 +891,12 @@ def test_a_plain_lines_tool_choice_and_documents_and_an_openai_bodys_flags_as_vl
 
     messages = [{"role": "user", "content": "Hi"}]
     tool = {"type": "function", "function": {"name": "weather"}}
-    lines = [{"id": 1, "messages": messages, "tools": [tool], "tool_choice": "required"},
+    lines = [{"id": 1, "messages": messages, "tools": [tool], "tool_choice": "auto"},
              {"id": 2, "messages": messages, "tools": [tool], "tool_choice": "none",
               "documents": [{"title": "t", "text": "d"}]}]
     result = ingest("".join(json.dumps(line) + "\n" for line in lines).encode())
-    assert "'tool_choice' may only be \"none\" here" in result.errors[0].message
+    assert '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser' in (
+        result.errors[0].message)
     assert result.valid[0].line.chat_template_kwargs == {"tools": [tool], "documents": [{"title": "t", "text": "d"}]}
     assert result.ignored_fields == {}
     for value, expected in (("false", False), ("True", True), (0, False)):

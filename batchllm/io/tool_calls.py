@@ -1,0 +1,147 @@
+"""Forced tool calls of chat lines: `tool_choice` "required" or a named function, as vLLM 0.26's server makes
+them without a tool-call parser.
+
+The answer is constrained (structured outputs, xgrammar) to JSON and read back as the message's tool calls:
+- named ({"type": "function", "function": {"name": f}}): the JSON schema of f's `parameters`; the answer is the
+  call's `arguments`, as generated; `finish_reason` is the engine's ("stop").
+- "required": a JSON array of at least one {"name": <a tool's name>, "parameters": <that tool's parameters>}
+  (one anyOf branch per tool, their `$defs` gathered at the top, as vLLM's `get_json_schema_from_tools`); each
+  item is a call, its `arguments` the parameters as JSON text; `finish_reason` "tool_calls" where the engine's
+  is "stop".
+"auto" (vLLM's default where tools are given) needs a tool-call parser, which there is none of here: refused.
+The tools themselves reach the chat template as with "none" (`openai_batch.tools_for_template`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, NamedTuple
+
+
+class ToolChoiceError(ValueError):
+    """A tool_choice that cannot be served (named on its line)."""
+
+
+TOOL_CHOICES = ('"none" (the tools reach the chat template, the answer is text), "required" or a named function '
+                '{"type": "function", "function": {"name": ...}} (the answer is a tool call, constrained to the '
+                "tool's parameters)")
+"""The tool_choice values taken here, as an error names them."""
+
+_NO_PARAMETERS = {"type": "object", "properties": {}}
+"""A tool's parameters where it gives none (vLLM's, for "required"): an object."""
+
+
+class ForcedToolCall(NamedTuple):
+    """A chat line's forced tool call: what its answer is read back as (`tool_calls_of`)."""
+
+    name: str | None
+    """The named function; None: "required" (an array of calls of any of the tools)."""
+    parallel: bool = True
+    """False where the body's parallel_tool_calls is false: only the first call is kept, as vLLM's server does."""
+
+
+def forced_tool_call(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: Any = None
+                     ) -> ForcedToolCall | None:
+    """The forced call a chat line's `tool_choice` asks for, or None ("none", or null without tools: a text answer).
+    `tools`: the line's, as `openai_batch.tools_for_template` checked them (None or [] where none). Raises
+    ToolChoiceError naming the problem, as vLLM's request checks: "auto", a choice without tools, a shape that is
+    no choice, a named function not among the tools."""
+    if tool_choice == "none" or (tool_choice is None and not tools):
+        return None
+    if tool_choice in ("auto", None):
+        raise ToolChoiceError(
+            '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser (vLLM\'s '
+            f"--enable-auto-tool-choice with --tool-call-parser), which BatchLLM has none of: give {TOOL_CHOICES}")
+    if tool_choice != "required" and not _is_named(tool_choice):
+        raise ToolChoiceError(f"'tool_choice' {json.dumps(tool_choice)[:80]} is not a tool choice: give {TOOL_CHOICES}")
+    if not tools:
+        raise ToolChoiceError(f"'tool_choice' {json.dumps(tool_choice)[:80]} needs 'tools' (as vLLM's server says)")
+    parallel = parallel_tool_calls is not False
+    if tool_choice == "required":
+        return ForcedToolCall(None, parallel)
+    name = tool_choice["function"]["name"]
+    if name not in (names := [tool["function"]["name"] for tool in tools]):
+        raise ToolChoiceError(f"'tool_choice' names the function {json.dumps(name)[:80]}, which is not among the "
+                              f"tools ({', '.join(json.dumps(n) for n in names)[:200]})")
+    return ForcedToolCall(name, parallel)
+
+
+def _is_named(tool_choice: Any) -> bool:
+    """Whether a tool_choice is vLLM's named one: {"type": "function" (or none), "function": {"name": a non-empty
+    string}} (other keys ignored, as its request model ignores them)."""
+    return (isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function"
+            and isinstance(function := tool_choice.get("function"), dict)
+            and isinstance(function.get("name"), str) and bool(function["name"]))
+
+
+def tool_constraint(forced: ForcedToolCall, tools: list[dict], structured_outputs: Any) -> dict[str, Any]:
+    """The line's structured_outputs for its forced call: {"json": `tool_schema`}. The line's own
+    `structured_outputs` (its json, regex or choice) beside a named choice is a ToolChoiceError, as vLLM refuses
+    it; beside "required", and a response_format beside either, is replaced, as vLLM's server replaces them."""
+    if forced.name is not None and isinstance(structured_outputs, dict) and any(
+            structured_outputs.get(kind) is not None for kind in ("json", "regex", "choice")):
+        raise ToolChoiceError("give a named 'tool_choice' or a structured_outputs constraint (json, regex or "
+                              "choice), not both (as vLLM refuses them): the call's arguments are constrained to "
+                              "the function's parameters")
+    return {"json": tool_schema(forced, tools)}
+
+
+def tool_schema(forced: ForcedToolCall, tools: list[dict]) -> dict[str, Any]:
+    """The JSON schema a forced call's answer keeps to (see the module's doc). A tool without parameters takes an
+    object (vLLM's for "required"; vLLM leaves a named one unconstrained, whose text then is no JSON arguments).
+    The tools are not changed (a parameters' $defs is gathered from a copy). Raises ToolChoiceError where two
+    tools define one $defs name differently (vLLM refuses them)."""
+    pairs = [(tool["function"]["name"], tool["function"].get("parameters")) for tool in tools]
+    if forced.name is not None:  # (the last tool of that name, as vLLM's)
+        return dict(pairs)[forced.name] or _NO_PARAMETERS
+    branches, defs = [], {}
+    for name, parameters in pairs:  # (each tool a branch, in order, as vLLM's)
+        parameters = dict(parameters or _NO_PARAMETERS)
+        for def_name, schema in (parameters.pop("$defs", None) or {}).items():
+            if defs.setdefault(def_name, schema) != schema:
+                raise ToolChoiceError(f"the tools define $defs {json.dumps(def_name)[:80]} twice, differently, "
+                                      "which a \"required\" tool_choice cannot take (as vLLM's server says)")
+        branches.append({"properties": {"name": {"type": "string", "enum": [name]}, "parameters": parameters},
+                         "required": ["name", "parameters"]})
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": branches}}
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def tool_calls_of(text: str, forced: ForcedToolCall) -> list[dict[str, Any]]:
+    """A forced answer's tool calls, as vLLM's server reads them back: named, the text as the call's arguments
+    (none where the text is blank); "required", each item of the JSON array (none where the text is not such an
+    array: cut short by max_tokens), its parameters as JSON text. Each call {"id": "chatcmpl-tool-<hex>", "type":
+    "function", "function": {"name", "arguments"}}; only the first where parallel calls are off."""
+    if forced.name is not None:
+        calls = [(forced.name, text)] if text.strip() else []
+    else:
+        calls = [(name, json.dumps(parameters, ensure_ascii=False)) for name, parameters in _required_calls(text)]
+    if not forced.parallel:
+        calls = calls[:1]
+    return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+             "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
+
+
+def _required_calls(text: str) -> list[tuple[str, Any]]:
+    """A "required" answer's (name, parameters) pairs: a JSON array of objects with a string name and an object (or
+    null, or no) parameters, as vLLM's list of FunctionDefinition takes it; [] for anything else."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(items, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("name"), str)
+            and isinstance(item.get("parameters"), (dict, type(None))) for item in items):
+        return []
+    return [(item["name"], item.get("parameters")) for item in items]
+
+
+def finish_reason_of(finish_reason: str | None, forced: ForcedToolCall | None) -> str | None:
+    """A forced answer's finish_reason, as vLLM's server gives it: "tool_calls" for a "required" answer the engine
+    stopped ("stop"), else the engine's (a named call stays "stop", as OpenAI's)."""
+    if forced is not None and forced.name is None and finish_reason == "stop":
+        return "tool_calls"
+    return finish_reason

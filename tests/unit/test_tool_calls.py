@@ -1,0 +1,144 @@
+"""Forced tool calls of chat lines (`io.tool_calls`): a body's or plain line's tool_choice "required" or a named
+function failed its line (only "none" was taken); vLLM 0.26's server serves both without a tool parser, by
+constraining the answer to the tools' JSON and reading it back as the message's tool_calls."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+
+from batchllm.io.jsonl import parse_line, result_record
+from batchllm.io.openai_batch import CHAT_URL, COMPLETIONS_URL, BodyError, body_to_request, success_record
+from batchllm.io.tool_calls import ForcedToolCall, tool_calls_of
+from batchllm.request_output import CompletionOutput, RequestOutput
+
+VERDICT = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+TOOLS = [{"type": "function", "function": {"name": "verdict", "parameters": VERDICT}},
+         {"type": "function", "function": {"name": "ping"}}]
+NAMED = {"type": "function", "function": {"name": "verdict"}}
+CHAT = {"messages": [{"role": "user", "content": "Is water wet?"}], "tools": TOOLS}
+
+
+def test_a_named_tool_choice_constrains_the_answer_to_the_functions_parameters():
+    """The named function's parameters are the schema (over a response_format, as vLLM's server puts it); the tools
+    still reach the chat template; a tool without parameters takes an object."""
+    asked = body_to_request(CHAT_URL, {**CHAT, "tool_choice": NAMED, "response_format": {"type": "json_object"}})
+    assert asked.overrides["structured_outputs"] == {"json": VERDICT}
+    assert asked.tool_call == ForcedToolCall("verdict", True)
+    assert [t["function"]["name"] for t in asked.template["tools"]] == ["verdict", "ping"]
+    ping = body_to_request(CHAT_URL, {**CHAT, "tool_choice": {"function": {"name": "ping"}}})  # (type defaults)
+    assert ping.overrides["structured_outputs"] == {"json": {"type": "object", "properties": {}}}
+    text = body_to_request(CHAT_URL, {**CHAT, "tool_choice": "none"})
+    assert text.tool_call is None and "structured_outputs" not in text.overrides
+
+
+def test_required_constrains_the_answer_to_an_array_of_calls_of_any_tool_as_vllm_builds_it():
+    """vLLM's get_json_schema_from_tools: an array of at least one {"name", "parameters"}, one anyOf branch per
+    tool, each parameters' $defs gathered at the top (the tools themselves unchanged)."""
+    defs = {"Answer": {"type": "string", "enum": ["yes", "no"]}}
+    tools = [*TOOLS, {"type": "function", "function": {"name": "say", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/Answer"}}, "$defs": defs}}}]
+    given = copy.deepcopy(tools)
+    asked = body_to_request(CHAT_URL, {**CHAT, "tools": tools, "tool_choice": "required",
+                                       "structured_outputs": {"regex": "x"}, "parallel_tool_calls": False})
+    assert tools == given
+
+    def branch(name, parameters):
+        return {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": parameters},
+                "required": ["name", "parameters"]}
+
+    assert asked.overrides["structured_outputs"] == {"json": {
+        "type": "array", "minItems": 1,
+        "items": {"type": "object", "anyOf": [branch("verdict", VERDICT),
+                                              branch("ping", {"type": "object", "properties": {}}),
+                                              branch("say", {"type": "object",
+                                                             "properties": {"a": {"$ref": "#/$defs/Answer"}}})]},
+        "$defs": defs}}
+    assert asked.tool_call == ForcedToolCall(None, False)
+    clash = [tools[2], {"type": "function", "function": {"name": "other", "parameters": {"$defs": {"Answer": {}}}}}]
+    with pytest.raises(BodyError, match=r'define \$defs "Answer" twice'):
+        body_to_request(CHAT_URL, {**CHAT, "tools": clash, "tool_choice": "required"})
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"tool_choice": "auto"}, '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser'),
+    ({}, '"tool_choice": "auto"'),  # (tools without a tool_choice: vLLM's default, "auto")
+    ({"tool_choice": {"type": "function", "function": {"name": "weather"}}},
+     'names the function "weather", which is not among the tools ("verdict", "ping")'),
+    ({"tool_choice": "maybe"}, '\'tool_choice\' "maybe" is not a tool choice: give "none"'),
+    ({"tool_choice": {"type": "web_search", "function": {"name": "verdict"}}}, "is not a tool choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": ""}}}, "is not a tool choice"),
+    ({"tool_choice": {"type": "function", "name": "verdict"}}, "is not a tool choice"),  # (Responses API's shape)
+    ({"tool_choice": "required", "tools": None}, "'tool_choice' \"required\" needs 'tools'"),
+    ({"tool_choice": NAMED, "structured_outputs": {"json": {"type": "object"}}},
+     "give a named 'tool_choice' or a structured_outputs constraint (json, regex or choice), not both"),
+])
+def test_a_tool_choice_that_cannot_be_served_fails_its_line_naming_it(body, message):
+    with pytest.raises(BodyError, match=re.escape(message)):
+        body_to_request(CHAT_URL, {**CHAT, **body})
+
+
+def test_a_completions_body_takes_no_forced_tool_choice():
+    with pytest.raises(BodyError, match=r"'tool_choice' = \"required\" is not supported \(only \"none\"\)"):
+        body_to_request(COMPLETIONS_URL, {"prompt": "x", "tool_choice": "required"})
+
+
+def output(*texts_and_reasons) -> RequestOutput:
+    return RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(i, text, [5] * (i + 1), -1.0, None, reason)
+                                               for i, (text, reason) in enumerate(texts_and_reasons)])
+
+
+def test_a_named_calls_record_is_vllms_message_with_the_generated_arguments():
+    """content "", one call of the named function whose arguments are the text as generated, a
+    "chatcmpl-tool-" id, tool_calls between function_call and reasoning; finish_reason the engine's."""
+    body = success_record("c", CHAT_URL, "m", output(('{"ok": true}', "stop"), ("  ", "length")), 3,
+                          tool_call=ForcedToolCall("verdict"))["response"]["body"]
+    first, blank = body["choices"]
+    message = first["message"]
+    assert list(message) == ["role", "content", "refusal", "annotations", "audio", "function_call", "tool_calls",
+                             "reasoning"]
+    assert message["content"] == "" and first["finish_reason"] == "stop"
+    (call,) = message["tool_calls"]
+    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{32}", call["id"])
+    assert call == {"id": call["id"], "type": "function", "function": {"name": "verdict", "arguments": '{"ok": true}'}}
+    assert "tool_calls" not in blank["message"] and blank["message"]["content"] == ""  # (vLLM's: no call)
+    assert blank["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_required_calls_are_the_parsed_items_in_order_and_finish_as_tool_calls():
+    """Each item a call (its parameters as JSON text, as vLLM's json.dumps writes them), finish_reason "tool_calls"
+    where the engine stopped; an answer cut short (not an array of calls) has none; parallel_tool_calls false keeps
+    the first."""
+    text = '[{"name": "verdict", "parameters": {"ok": false}}, {"name": "ping", "parameters": {"é": 1}}]'
+    body = success_record("c", CHAT_URL, "m", output((text, "stop"), ('[{"name": "ver', "length")), 3,
+                          tool_call=ForcedToolCall(None))["response"]["body"]
+    done, cut = body["choices"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in done["message"]["tool_calls"]] == [
+        ("verdict", '{"ok": false}'), ("ping", '{"é": 1}')]
+    assert len({c["id"] for c in done["message"]["tool_calls"]}) == 2
+    assert done["finish_reason"] == "tool_calls" and done["message"]["content"] == ""
+    assert "tool_calls" not in cut["message"] and cut["finish_reason"] == "length"
+    assert [c["function"]["name"] for c in tool_calls_of(text, ForcedToolCall(None, False))] == ["verdict"]
+    assert tool_calls_of('[{"name": 1, "parameters": {}}]', ForcedToolCall(None)) == []
+
+
+def test_a_plain_messages_line_with_a_forced_tool_choice_gets_its_calls_in_its_record():
+    """A plain line's tool_choice "required" or named failed it; now it is constrained as an OpenAI body's and
+    its record adds the tool_calls (the text stays); without a tool_choice its tools only reach the template."""
+    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": NAMED, "temperature": 0}).encode(), 1, None)
+    assert line.tool_call == ForcedToolCall("verdict")
+    assert line.sampling_overrides == {"temperature": 0, "structured_outputs": {"json": VERDICT}}
+    assert line.chat_template_kwargs == {"tools": TOOLS}
+    record = result_record(1, output(('[{"name": "ping", "parameters": {}}]', "stop")), 3, ForcedToolCall(None))
+    assert record["finish_reason"] == "tool_calls" and record["text"].startswith("[")
+    assert [c["function"] for c in record["tool_calls"]] == [{"name": "ping", "arguments": "{}"}]
+    text = parse_line(json.dumps({"id": 2, **CHAT}).encode(), 2, None)
+    assert text.tool_call is None and "structured_outputs" not in text.sampling_overrides
+    auto = parse_line(json.dumps({"id": 3, **CHAT, "tool_choice": "auto"}).encode(), 3, None)
+    assert "needs a tool-call parser" in auto.message
+    missing = parse_line(json.dumps({"id": 4, **CHAT, "tool_choice": {"function": {"name": "x"}}}).encode(), 4, None)
+    assert 'names the function "x", which is not among the tools' in missing.message
