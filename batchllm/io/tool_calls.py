@@ -113,7 +113,7 @@ def tool_schema(forced: ForcedToolCall, tools: list[dict]) -> dict[str, Any]:
 def tool_calls_of(text: str, forced: ForcedToolCall) -> list[dict[str, Any]]:
     """A forced answer's tool calls, as vLLM's server reads them back: named, the text as the call's arguments
     (none where the text is blank); "required", each item of the JSON array (none where the text is not such an
-    array: cut short by max_tokens), its parameters as JSON text. Each call {"id": "chatcmpl-tool-<hex>", "type":
+    array: cut short by max_tokens), its parameters as JSON text. Each call {"id": `tool_call_id`, "type":
     "function", "function": {"name", "arguments"}}; only the first where parallel calls are off."""
     if forced.name is not None:
         calls = [(forced.name, text)] if text.strip() else []
@@ -121,8 +121,14 @@ def tool_calls_of(text: str, forced: ForcedToolCall) -> list[dict[str, Any]]:
         calls = [(name, json.dumps(parameters, ensure_ascii=False)) for name, parameters in _required_calls(text)]
     if not forced.parallel:
         calls = calls[:1]
-    return [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+    return [{"id": tool_call_id(), "type": "function",
              "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
+
+
+def tool_call_id() -> str:
+    """A new tool call's id as vLLM 0.26 makes it (make_tool_call_id's default: "chatcmpl-tool-" and random_uuid,
+    the low 64 bits of a UUID4 as 16 hex digits)."""
+    return f"chatcmpl-tool-{uuid.uuid4().int & (1 << 64) - 1:016x}"
 
 
 def _required_calls(text: str) -> list[tuple[str, Any]]:

@@ -37,7 +37,7 @@ def check_calls(calls: list[dict], names: set[str]) -> None:
     assert calls
     for call in calls:
         assert set(call) == {"id", "type", "function"} and call["type"] == "function"
-        assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{32}", call["id"])
+        assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{16}", call["id"])
         assert set(call["function"]) == {"name", "arguments"} and call["function"]["name"] in names
         jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
 

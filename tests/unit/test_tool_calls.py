@@ -102,7 +102,7 @@ def test_a_named_calls_record_is_vllms_message_with_the_generated_arguments():
                              "reasoning"]
     assert message["content"] == "" and first["finish_reason"] == "stop"
     (call,) = message["tool_calls"]
-    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{32}", call["id"])
+    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{16}", call["id"])
     assert call == {"id": call["id"], "type": "function", "function": {"name": "verdict", "arguments": '{"ok": true}'}}
     assert "tool_calls" not in blank["message"] and blank["message"]["content"] == ""  # (vLLM's: no call)
     assert blank["finish_reason"] == "length"
