@@ -43,13 +43,14 @@ class ForcedToolCall(NamedTuple):
 
 def forced_tool_call(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: Any = None
                      ) -> ForcedToolCall | None:
-    """The forced call a chat line's `tool_choice` asks for, or None ("none", or null without tools: a text answer).
-    `tools`: the line's, as `openai_batch.tools_for_template` checked them (None or [] where none). Raises
-    ToolChoiceError naming the problem, as vLLM's request checks: "auto", a choice without tools, a shape that is
-    no choice, a named function not among the tools."""
-    if tool_choice == "none" or (tool_choice is None and not tools):
+    """The forced call a chat line's `tool_choice` asks for, or None ("none" or null: a text answer, as vLLM's
+    server answers a null tool_choice, tools or not; an OpenAI body's absent tool_choice is "auto" where it has
+    tools: its caller says so). `tools`: the line's, as `openai_batch.tools_for_template` checked them (None where
+    none). Raises ToolChoiceError naming the problem, as vLLM's request checks: "auto", a choice without tools, a
+    shape that is no choice, a named function not among the tools."""
+    if tool_choice in ("none", None):
         return None
-    if tool_choice in ("auto", None):
+    if tool_choice == "auto":
         raise ToolChoiceError(
             '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser (vLLM\'s '
             f"--enable-auto-tool-choice with --tool-call-parser), which BatchLLM has none of: give {TOOL_CHOICES}")

@@ -81,6 +81,18 @@ def test_a_tool_choice_that_cannot_be_served_fails_its_line_naming_it(body, mess
         body_to_request(CHAT_URL, {**CHAT, **body})
 
 
+def test_a_null_tool_choice_answers_text_where_an_absent_one_is_auto():
+    """vLLM's request model defaults only a missing tool_choice to "auto" (where tools are given); a null one stays
+    null, which its server answers as text with the tools in the template. A null one failed here as "auto"."""
+    asked = body_to_request(CHAT_URL, {**CHAT, "tool_choice": None})
+    assert asked.tool_call is None and "structured_outputs" not in asked.overrides
+    assert [t["function"]["name"] for t in asked.template["tools"]] == ["verdict", "ping"]
+    with pytest.raises(BodyError, match="needs a tool-call parser"):
+        body_to_request(CHAT_URL, CHAT)
+    plain = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": None}).encode(), 1, None)
+    assert plain.tool_call is None and plain.chat_template_kwargs == {"tools": TOOLS}
+
+
 def test_a_completions_body_takes_no_forced_tool_choice():
     with pytest.raises(BodyError, match=r"'tool_choice' = \"required\" is not supported \(only \"none\"\)"):
         body_to_request(COMPLETIONS_URL, {"prompt": "x", "tool_choice": "required"})
