@@ -335,8 +335,9 @@ def add_special_tokens_of(obj: dict) -> bool | None:
 def _plain_template_kwargs(obj: dict) -> dict | None:
     """A plain line's keywords for its chat template: its chat_template_kwargs, under its `tools` and `documents`
     (given to the template as LLM.chat's are, as vLLM gives a body's), whatever its tool_choice
-    (`_plain_tool_call` reads it)."""
+    (`_plain_tool_call` reads it). `tools: []` is refused, as in an OpenAI body (`openai_batch.no_empty_tools`)."""
     template = openai_batch.template_kwargs(obj.get("chat_template_kwargs"))
+    openai_batch.no_empty_tools(obj)
     for name in ("documents", "tools"):
         if obj.get(name) not in (None, []):
             template = {name: openai_batch.list_of_objects(obj[name], name), **(template or {})}
@@ -350,7 +351,7 @@ def _plain_tool_call(obj: dict, overrides: dict[str, Any]) -> tuple[dict[str, An
     (as LLM.chat's tools). Raises ValueError naming the problem ("auto", a function not among the tools, ...)."""
     if obj.get("tool_choice") in (None, "none"):
         return overrides, None
-    tools = openai_batch.tools_for_template(obj["tools"]) if obj.get("tools") not in (None, []) else None
+    tools = openai_batch.tools_for_template(obj["tools"]) if obj.get("tools") is not None else None
     forced = forced_tool_call(tools, obj["tool_choice"])  # (not None: raises for a choice that forces nothing)
     return {**overrides, "structured_outputs": tool_constraint(forced, tools, obj.get("structured_outputs"))}, forced
 

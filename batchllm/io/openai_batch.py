@@ -287,6 +287,14 @@ def tools_for_template(tools: Any) -> list[dict]:
     return [_tool_as_vllm_passes_it(k, tool) for k, tool in enumerate(list_of_objects(tools, "tools"))]
 
 
+def no_empty_tools(obj: dict) -> None:
+    """A line's (body's) `tools` may be absent, null or a non-empty list: `[]` is a BodyError whatever the
+    tool_choice, as vLLM 0.26's request model refuses it (its check_tool_usage, matching OpenAI's API)."""
+    if obj.get("tools") == []:
+        raise BodyError("`tools` must not be an empty array. Either provide at least one tool or omit the field "
+                        "entirely.")
+
+
 def list_of_objects(value: Any, name: str) -> list[dict]:
     """`value`, a list of JSON objects (a body's or line's `tools` or `documents`), or a BodyError naming `name`."""
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
@@ -320,7 +328,8 @@ def _template_documents_and_tools(body: dict) -> dict[str, Any]:
     documents = body.get("documents")
     if documents not in (None, []):
         given["documents"] = list_of_objects(documents, "documents")
-    if body.get("tools") not in (None, []):
+    no_empty_tools(body)
+    if body.get("tools") is not None:
         given["tools"] = tools_for_template(body["tools"])
     return given
 

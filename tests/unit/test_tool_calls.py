@@ -93,6 +93,18 @@ def test_a_null_tool_choice_answers_text_where_an_absent_one_is_auto():
     assert plain.tool_call is None and plain.chat_template_kwargs == {"tools": TOOLS}
 
 
+@pytest.mark.parametrize("choice", [{}, {"tool_choice": "none"}, {"tool_choice": None}, {"tool_choice": "required"},
+                                    {"tool_choice": NAMED}])
+def test_empty_tools_fail_their_line_as_vllm_refuses_them(choice):
+    """vLLM 0.26's request model refuses `"tools": []` whatever the tool_choice; such a line was taken (as no
+    tools, or failing on its choice), an OpenAI line's and a plain line's alike."""
+    vllms = "`tools` must not be an empty array. Either provide at least one tool or omit the field entirely."
+    with pytest.raises(BodyError, match=re.escape(vllms)):
+        body_to_request(CHAT_URL, {**CHAT, "tools": [], **choice})
+    plain = parse_line(json.dumps({"id": 1, **CHAT, "tools": [], **choice}).encode(), 1, None)
+    assert plain.message == f"line 1: {vllms}", plain
+
+
 def test_a_completions_body_takes_no_forced_tool_choice():
     with pytest.raises(BodyError, match=r"'tool_choice' = \"required\" is not supported \(only \"none\"\)"):
         body_to_request(COMPLETIONS_URL, {"prompt": "x", "tool_choice": "required"})
