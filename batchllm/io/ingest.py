@@ -199,8 +199,12 @@ def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_
               params_cache: dict, template_defaults: dict | None) -> tuple[SamplingParams, Any] | LineError:
     """A line's SamplingParams (checked against the model) and its prompt as `tokenize_many` takes it (a chat
     rendered by its template with `template_defaults` under its own keywords, which the line keeps: its answer's
-    reasoning split reads them), or the LineError of either."""
+    reasoning split reads them), or the LineError of either. A forced tool call's line compiles its own
+    structured_outputs, which the call's constraint replaced (`ForcedToolCall.replaced`), as a line's own: first,
+    so that it fails the line as it would without tools."""
     try:
+        if item.tool_call is not None and item.tool_call.replaced is not None and prompts.grammars is not None:
+            prompts.grammars.compile(item.tool_call.replaced)
         params = sampling_params_for(item, defaults, global_seed, params_cache)
         params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                                prompts.eos_token_ids)

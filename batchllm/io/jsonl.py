@@ -353,7 +353,8 @@ def _plain_tool_call(obj: dict, overrides: dict[str, Any]) -> tuple[dict[str, An
         return overrides, None
     tools = openai_batch.tools_for_template(obj["tools"]) if obj.get("tools") is not None else None
     forced = forced_tool_call(tools, obj["tool_choice"])  # (not None: raises for a choice that forces nothing)
-    return {**overrides, "structured_outputs": tool_constraint(forced, tools, obj.get("structured_outputs"))}, forced
+    constraint, forced = tool_constraint(forced, tools, obj.get("structured_outputs"))
+    return {**overrides, "structured_outputs": constraint}, forced
 
 
 def _is_openai_line(obj: dict) -> bool:

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 from batchllm.io.tool_calls import (
     ForcedToolCall,
-    ToolChoiceError,
     finish_reason_of,
     forced_tool_call,
     tool_calls_of,
@@ -156,17 +155,17 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
 def _forced_tool_call(body: dict, template: dict | None, overrides: dict) -> ForcedToolCall | None:
     """A chat body's forced tool call (`tool_calls.forced_tool_call`; its tools as the template gets them), its
     constraint put in `overrides` (`tool_calls.tool_constraint`: over a response_format's, as vLLM's server puts
-    it); None where the answer is text. An absent tool_choice is "auto" where there are tools and a null one is
-    null (a text answer), as vLLM's request model defaults only a missing key. A tool_choice that cannot be served
-    is a BodyError naming it."""
+    it; the body's own structured_outputs checked first, as without tools); None where the answer is text. An
+    absent tool_choice is "auto" where there are tools and a null one is null (a text answer), as vLLM's request
+    model defaults only a missing key. A tool_choice that cannot be served is a BodyError naming it."""
     tools = (template or {}).get("tools")
     choice = body["tool_choice"] if "tool_choice" in body else "auto" if tools else None
     try:
         forced = forced_tool_call(tools, choice, body.get("parallel_tool_calls"))
         if forced is not None:
-            overrides["structured_outputs"] = tool_constraint(forced, tools, body.get("structured_outputs"))
-    except ToolChoiceError as e:
-        raise BodyError(str(e)) from None
+            overrides["structured_outputs"], forced = tool_constraint(forced, tools, body.get("structured_outputs"))
+    except ValueError as e:  # (a ToolChoiceError, or the body's own structured_outputs: named as the body names it)
+        raise BodyError(str(e).replace("SamplingParams.", "")) from None
     return forced
 
 

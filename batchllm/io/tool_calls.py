@@ -18,6 +18,9 @@ import json
 import uuid
 from typing import Any, NamedTuple
 
+from batchllm.sampling_params import SamplingParams
+from batchllm.structured import grammar_key
+
 
 class ToolChoiceError(ValueError):
     """A tool_choice that cannot be served (named on its line)."""
@@ -39,6 +42,10 @@ class ForcedToolCall(NamedTuple):
     """The named function; None: "required" (an array of calls of any of the tools)."""
     parallel: bool = True
     """False where the body's parallel_tool_calls is false: only the first call is kept, as vLLM's server does."""
+    replaced: tuple[str, str] | None = None
+    """The grammar key (`structured.grammar_key`) of the line's own structured_outputs, which the call's constraint
+    replaced (`tool_constraint`); `io.ingest` still compiles it against the model, as a line's own, so that a
+    constraint that fails a line without tools fails it with them too. None where it gave none."""
 
 
 def forced_tool_call(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: Any = None
@@ -76,16 +83,23 @@ def _is_named(tool_choice: Any) -> bool:
             and isinstance(function.get("name"), str) and bool(function["name"]))
 
 
-def tool_constraint(forced: ForcedToolCall, tools: list[dict], structured_outputs: Any) -> dict[str, Any]:
-    """The line's structured_outputs for its forced call: {"json": `tool_schema`}. The line's own
-    `structured_outputs` (its json, regex or choice) beside a named choice is a ToolChoiceError, as vLLM refuses
-    it; beside "required", and a response_format beside either, is replaced, as vLLM's server replaces them."""
-    if forced.name is not None and isinstance(structured_outputs, dict) and any(
-            structured_outputs.get(kind) is not None for kind in ("json", "regex", "choice")):
-        raise ToolChoiceError("give a named 'tool_choice' or a structured_outputs constraint (json, regex or "
-                              "choice), not both (as vLLM refuses them): the call's arguments are constrained to "
-                              "the function's parameters")
-    return {"json": tool_schema(forced, tools)}
+def tool_constraint(forced: ForcedToolCall, tools: list[dict], structured_outputs: Any
+                    ) -> tuple[dict[str, Any], ForcedToolCall]:
+    """The line's structured_outputs for its forced call, {"json": `tool_schema`}, and the call with `replaced`
+    set. The line's own `structured_outputs` is checked first, as a line's without tools is (`SamplingParams`:
+    a ValueError with its words, "SamplingParams.structured_outputs ..."; a structural_tag is refused there, as
+    everywhere here); a valid one beside a named choice is a ToolChoiceError where it is json, regex or choice, as
+    vLLM's request model refuses it, and otherwise replaced (beside "required" always), as vLLM's tool parser's
+    adjust_request replaces it (a response_format too)."""
+    replaced = None
+    if structured_outputs is not None:
+        own = SamplingParams(structured_outputs=structured_outputs).structured_outputs
+        if forced.name is not None and any(getattr(own, kind) is not None for kind in ("json", "regex", "choice")):
+            raise ToolChoiceError("give a named 'tool_choice' or a structured_outputs constraint (json, regex or "
+                                  "choice), not both (as vLLM refuses them): the call's arguments are constrained "
+                                  "to the function's parameters")
+        replaced = grammar_key(own)
+    return {"json": tool_schema(forced, tools)}, forced._replace(replaced=replaced)
 
 
 def tool_schema(forced: ForcedToolCall, tools: list[dict]) -> dict[str, Any]:

@@ -270,6 +270,29 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     assert "regex cannot be compiled" in errors["plain-bad"]
 
 
+def test_a_forced_tool_call_lines_own_constraint_is_compiled_as_without_tools():
+    """A forced tool_choice's line replaced its own structured_outputs unchecked: a regex that does not compile (a
+    line without tools fails on it) passed silently; now it fails the line with the same words."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+    def line(cid, **body):
+        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"messages": [{"role": "user", "content": "Hi"}], **body}})
+
+    data = "\n".join([line("forced", tools=tools, tool_choice="required", structured_outputs={"regex": "("}),
+                      line("alone", structured_outputs={"regex": "("}),
+                      line("good", tools=tools, tool_choice="required", structured_outputs={"regex": "a+"}),
+                      json.dumps({"id": "plain", "messages": [{"role": "user", "content": "Hi"}], "tools": tools,
+                                  "tool_choice": "required", "structured_outputs": {"grammar": "root ::= ("}})]
+                     ).encode() + b"\n"
+    got = ingest(data)
+    errors = {e.request_id: e.message.split(": ", 1)[1] for e in got.errors}
+    assert errors["forced"] == errors["alone"] and "regex cannot be compiled" in errors["forced"]
+    assert "grammar cannot be compiled" in errors["plain"]
+    (good,) = got.valid
+    assert good.line.request_id == "good" and good.params.structured_outputs.json["type"] == "array"
+
+
 @pytest.mark.parametrize("ids, message", [
     ([1, -1, 2], "prompt 7: token id -1 is outside the vocabulary [0, 100)"),
     ([1, 100, -5], "prompt 7: token id 100 is outside the vocabulary [0, 100)"),

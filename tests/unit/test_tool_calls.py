@@ -14,6 +14,7 @@ from batchllm.io.jsonl import parse_line, result_record
 from batchllm.io.openai_batch import CHAT_URL, COMPLETIONS_URL, BodyError, body_to_request, success_record
 from batchllm.io.tool_calls import ForcedToolCall, tool_calls_of
 from batchllm.request_output import CompletionOutput, RequestOutput
+from batchllm.sampling_params import SamplingParams
 
 VERDICT = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 TOOLS = [{"type": "function", "function": {"name": "verdict", "parameters": VERDICT}},
@@ -57,7 +58,7 @@ def test_required_constrains_the_answer_to_an_array_of_calls_of_any_tool_as_vllm
                                               branch("say", {"type": "object",
                                                              "properties": {"a": {"$ref": "#/$defs/Answer"}}})]},
         "$defs": defs}}
-    assert asked.tool_call == ForcedToolCall(None, False)
+    assert asked.tool_call == ForcedToolCall(None, False, ("regex", "x"))  # (its own, replaced: ingest compiles it)
     clash = [tools[2], {"type": "function", "function": {"name": "other", "parameters": {"$defs": {"Answer": {}}}}}]
     with pytest.raises(BodyError, match=r'define \$defs "Answer" twice'):
         body_to_request(CHAT_URL, {**CHAT, "tools": clash, "tool_choice": "required"})
@@ -103,6 +104,36 @@ def test_empty_tools_fail_their_line_as_vllm_refuses_them(choice):
         body_to_request(CHAT_URL, {**CHAT, "tools": [], **choice})
     plain = parse_line(json.dumps({"id": 1, **CHAT, "tools": [], **choice}).encode(), 1, None)
     assert plain.message == f"line 1: {vllms}", plain
+
+
+INVALID_CONSTRAINTS = [
+    ({"json": VERDICT, "regex": "a"}, "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                                      "json_object, got json, regex"),
+    ("x", "structured_outputs must be an object with one of json, regex, choice, grammar, json_object"),
+    ({"foo": 1}, "structured_outputs: unsupported field(s) foo"),
+    ({"structural_tag": "{}"}, "structured_outputs.structural_tag is not supported"),
+    ({"json": "{bad"}, "structured_outputs.json is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED])
+@pytest.mark.parametrize("structured, message", INVALID_CONSTRAINTS)
+def test_a_forced_lines_own_structured_outputs_is_checked_as_without_tools(choice, structured, message):
+    """A forced choice replaced the line's own structured_outputs before anything checked it, so invalid ones
+    passed silently; now they fail the line with the words a line without tools gets (a plain line's say
+    "SamplingParams.", as there), and a valid one beside "required" is replaced."""
+    with pytest.raises(BodyError) as forced:
+        body_to_request(CHAT_URL, {**CHAT, "tool_choice": choice, "structured_outputs": structured})
+    with pytest.raises(ValueError) as alone:  # (what checks a line without tools, ingest's sampling_params_for)
+        SamplingParams(structured_outputs=structured)
+    assert message in str(forced.value) and str(forced.value) == str(alone.value).replace("SamplingParams.", "")
+    plain = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": choice, "structured_outputs": structured}).encode(),
+                       1, None)
+    assert plain.message.startswith(f"line 1: SamplingParams.{message}"), plain
+    kept = body_to_request(CHAT_URL, {**CHAT, "tool_choice": "required",
+                                      "structured_outputs": {"grammar": "root ::= x"}})
+    assert kept.overrides["structured_outputs"]["json"]["type"] == "array"
+    assert kept.tool_call.replaced == ("grammar", "root ::= x")
 
 
 def test_a_completions_body_takes_no_forced_tool_choice():
