@@ -19,7 +19,7 @@ import uuid
 from typing import Any, NamedTuple
 
 from batchllm.sampling_params import SamplingParams
-from batchllm.structured import grammar_key
+from batchllm.structured import grammar_key, unenforced_schema_feature
 
 
 class ToolChoiceError(ValueError):
@@ -109,9 +109,12 @@ def tool_schema(forced: ForcedToolCall, tools: list[dict]) -> dict[str, Any]:
     tools define one $defs name differently (vLLM refuses them)."""
     pairs = [(tool["function"]["name"], tool["function"].get("parameters")) for tool in tools]
     if forced.name is not None:  # (the last tool of that name, as vLLM's)
-        return dict(pairs)[forced.name] or _NO_PARAMETERS
+        k = max(k for k, (name, _) in enumerate(pairs) if name == forced.name)
+        _check_parameters(k, forced.name, pairs[k][1], joined=False)
+        return pairs[k][1] or _NO_PARAMETERS
     branches, defs = [], {}
-    for name, parameters in pairs:  # (each tool a branch, in order, as vLLM's)
+    for k, (name, parameters) in enumerate(pairs):  # (each tool a branch, in order, as vLLM's)
+        _check_parameters(k, name, parameters, joined=True)
         parameters = dict(parameters or _NO_PARAMETERS)
         for def_name, schema in (parameters.pop("$defs", None) or {}).items():
             if defs.setdefault(def_name, schema) != schema:
@@ -123,6 +126,45 @@ def tool_schema(forced: ForcedToolCall, tools: list[dict]) -> dict[str, Any]:
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+def _check_parameters(k: int, name: str, parameters: dict | None, joined: bool) -> None:
+    """A ToolChoiceError naming tools[k] (and its function) and the path inside its parameters, where they use a
+    keyword xgrammar does not enforce (`structured.unenforced_schema_feature`: a line without tools fails on it
+    too, where the path would be the joined schema's), or, `joined` into a "required" schema, hold a local $ref
+    other than "#/$defs/...": only $defs is gathered at the joined schema's top (as vLLM's
+    get_json_schema_from_tools does), so "#/definitions/X", "#" or "#/properties/..." would name nothing there."""
+    tool = f"tools[{k}] (function {json.dumps(name)[:80]})"
+    if feature := unenforced_schema_feature(parameters or {}):
+        raise ToolChoiceError(f"structured output: {tool}'s parameters use {feature}, which xgrammar (the grammar "
+                              "backend here) does not enforce, so answers could break it: remove it, or check that "
+                              "rule after")
+    if joined and (found := _root_ref(parameters or {})):
+        ref, path = found
+        raise ToolChoiceError(
+            f"{tool}'s parameters refer to {json.dumps(ref)[:80]}{f' (in {path})' if path else ''}, which a "
+            "\"required\" tool_choice cannot resolve: the tools' parameters are joined into one schema (one anyOf "
+            "branch each, as vLLM builds it) and only their \"$defs\" are gathered at its top, so only "
+            "\"#/$defs/...\" refs keep their target (vLLM has the same limit): put the definitions under \"$defs\" "
+            "and refer to them as \"#/$defs/NAME\"")
+
+
+def _root_ref(schema: dict) -> tuple[str, str] | None:
+    """The first local $ref of `schema` (any depth; data keywords' values not searched) that does not start with
+    "#/$defs/", and where it is (a dotted path); None where there is none."""
+    stack: list[tuple[str, Any]] = [("", schema)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(node))
+        if not isinstance(node, dict):
+            continue
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#") and not ref.startswith("#/$defs/"):
+            return ref, path
+        stack.extend((f"{path}.{key}" if path else str(key), value) for key, value in node.items()
+                     if key not in ("default", "enum", "const", "examples"))
+    return None
 
 
 def tool_calls_of(text: str, forced: ForcedToolCall) -> list[dict[str, Any]]:

@@ -136,6 +136,29 @@ def test_a_forced_lines_own_structured_outputs_is_checked_as_without_tools(choic
     assert kept.tool_call.replaced == ("grammar", "root ::= x")
 
 
+def test_a_tools_schema_problem_names_the_tool_and_the_path_inside_its_parameters():
+    """An unenforced keyword in a tool's parameters was reported at the joined schema's path
+    ("items.anyOf[0].properties.parameters.properties.n") without naming the tool; a "#/definitions/..." ref under
+    "required" failed to compile without saying why."""
+    odd = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
+    tools = [*TOOLS, {"type": "function", "function": {"name": "count", "parameters": odd}}]
+    for choice in ("required", {"type": "function", "function": {"name": "count"}}):
+        with pytest.raises(BodyError) as error:
+            body_to_request(CHAT_URL, {**CHAT, "tools": tools, "tool_choice": choice})
+        assert str(error.value).startswith(
+            "structured output: tools[2] (function \"count\")'s parameters use 'multipleOf' (in properties.n), "
+            "which xgrammar (the grammar backend here) does not enforce"), error.value
+    old_refs = {"type": "object", "properties": {"n": {"$ref": "#/definitions/N"}},
+                "definitions": {"N": {"type": "integer"}}}
+    tools = [*TOOLS, {"type": "function", "function": {"name": "count", "parameters": old_refs}}]
+    with pytest.raises(BodyError, match=re.escape(
+            'tools[2] (function "count")\'s parameters refer to "#/definitions/N" (in properties.n), which a '
+            '"required" tool_choice cannot resolve')):
+        body_to_request(CHAT_URL, {**CHAT, "tools": tools, "tool_choice": "required"})
+    named = body_to_request(CHAT_URL, {**CHAT, "tools": tools, "tool_choice": {"function": {"name": "count"}}})
+    assert named.overrides["structured_outputs"] == {"json": old_refs}  # (the whole schema: its refs resolve)
+
+
 def test_a_completions_body_takes_no_forced_tool_choice():
     with pytest.raises(BodyError, match=r"'tool_choice' = \"required\" is not supported \(only \"none\"\)"):
         body_to_request(COMPLETIONS_URL, {"prompt": "x", "tool_choice": "required"})
