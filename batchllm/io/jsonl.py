@@ -31,7 +31,7 @@ from batchllm.sampling_params import (
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = tuple(SamplingParams.field_names())
 PLAIN_FIELDS = ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS, "chat_template_kwargs", "tools", "documents", "tool_choice",
-                "add_special_tokens")
+                "parallel_tool_calls", "add_special_tokens")
 """The fields a plain line's request is read from; others are ignored, save a mistaken one (`_mistaken_field`)."""
 _PLAIN_FIELD_SET = frozenset(PLAIN_FIELDS)  # (built once: every plain line is checked against it)
 _NEAR_MISS_TARGETS = (*SAMPLING_FIELDS, "chat_template_kwargs")
@@ -347,12 +347,16 @@ def _plain_template_kwargs(obj: dict) -> dict | None:
 def _plain_tool_call(obj: dict, overrides: dict[str, Any]) -> tuple[dict[str, Any], ForcedToolCall | None]:
     """A plain messages line's sampling overrides and forced tool call (`io.tool_calls`): its `tool_choice`
     "required" or a named function constrains the answer (structured_outputs, as an OpenAI body's) and reads it
-    back as tool calls; without a tool_choice, or "none", the tools only reach the template and the answer is text
-    (as LLM.chat's tools). Raises ValueError naming the problem ("auto", a function not among the tools, ...)."""
+    back as tool calls (`parallel_tool_calls` false: the first only, as an OpenAI body's); without a tool_choice,
+    or "none", the tools only reach the template and the answer is text (as LLM.chat's tools). Raises ValueError
+    naming the problem ("auto", a function not among the tools, a parallel_tool_calls not true or false, ...)."""
+    parallel = obj.get("parallel_tool_calls")
+    if not isinstance(parallel, (bool, type(None))):  # (an OpenAI body's is checked as a field of its own)
+        raise ValueError(f"'parallel_tool_calls' must be true or false, got {short_repr(parallel)}")
     if obj.get("tool_choice") in (None, "none"):
         return overrides, None
     tools = openai_batch.tools_for_template(obj["tools"]) if obj.get("tools") is not None else None
-    forced = forced_tool_call(tools, obj["tool_choice"])  # (not None: raises for a choice that forces nothing)
+    forced = forced_tool_call(tools, obj["tool_choice"], parallel)  # (not None: raises for one that forces nothing)
     constraint, forced = tool_constraint(forced, tools, obj.get("structured_outputs"))
     return {**overrides, "structured_outputs": constraint}, forced
 

@@ -159,6 +159,22 @@ def test_a_tools_schema_problem_names_the_tool_and_the_path_inside_its_parameter
     assert named.overrides["structured_outputs"] == {"json": old_refs}  # (the whole schema: its refs resolve)
 
 
+def test_a_plain_lines_parallel_tool_calls_false_keeps_the_first_call_as_an_openai_bodys():
+    """A plain messages line's parallel_tool_calls was an ignored field (every call kept); it is taken as an
+    OpenAI body's is."""
+    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "required", "parallel_tool_calls": False}).encode(),
+                      1, None)
+    assert line.tool_call == ForcedToolCall(None, False) and "parallel_tool_calls" not in line.ignored_fields
+    text = '[{"name": "verdict", "parameters": {"ok": true}}, {"name": "ping", "parameters": {}}]'
+    record = result_record(1, output((text, "stop")), 3, line.tool_call)
+    assert [c["function"]["name"] for c in record["tool_calls"]] == ["verdict"]
+    none = parse_line(json.dumps({"id": 2, **CHAT, "parallel_tool_calls": True}).encode(), 2, None)
+    assert none.tool_call is None and none.ignored_fields == ()
+    bad = parse_line(json.dumps({"id": 3, **CHAT, "tool_choice": NAMED, "parallel_tool_calls": "no"}).encode(), 3,
+                     None)
+    assert bad.message == "line 3: 'parallel_tool_calls' must be true or false, got 'no'", bad
+
+
 def test_a_completions_body_takes_no_forced_tool_choice():
     with pytest.raises(BodyError, match=r"'tool_choice' = \"required\" is not supported \(only \"none\"\)"):
         body_to_request(COMPLETIONS_URL, {"prompt": "x", "tool_choice": "required"})
