@@ -161,6 +161,7 @@ def _add_run_parser(sub) -> None:
                    help="seed: lines without their own seed get one derived from this and their id, "
                    "so sampled outputs are reproducible line by line (also the engine's seed)")
     _add_output_arguments(run.add_argument_group("output"))
+    _add_tool_call_arguments(run.add_argument_group("tool calls (vLLM's flags; no parser is needed here)"))
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     add_vllm_arguments(run, run_batch=True)  # --disable-log-stats, -pp 1, --task generate ...: bench's too
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
@@ -222,6 +223,39 @@ def _add_output_arguments(o) -> None:
                    "between <think> and </think> goes to the message's `reasoning`, the rest to its `content` "
                    "(qwen3: not where enable_thinking is off: by the line's chat_template_kwargs or reasoning_effort "
                    "none, or --default-chat-template-kwargs); default: the whole answer is content")
+
+
+_FORCED_READ_AS_JSON = ('a forced tool_choice\'s answer ("required" or a named function) is constrained to JSON and '
+                        "read as such, whatever the model's own call syntax")
+
+
+def _add_tool_call_arguments(t) -> None:
+    """vLLM's tool-calling flags that `run` takes so that a vLLM command line migrates (`_tool_call_options`):
+    none changes an answer here, since a forced choice needs no parser and "auto" has none."""
+    t.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help=f"vLLM's option (vLLM 0.26 serves \"required\" and named tool_choice only with it); taken and "
+                   f"not used: {_FORCED_READ_AS_JSON}; \"auto\" lines still fail, each alone")
+    t.add_argument("--tool-parser-plugin", default=None, metavar="PATH",
+                   help="vLLM's option (a file registering --tool-call-parser names); taken and not used, as "
+                   "--tool-call-parser")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's option, with --tool-call-parser (as vLLM requires); taken, but \"auto\" lines (and an "
+                   "OpenAI body's tools without a tool_choice) still fail, each alone: no tool-call parser here")
+
+
+def _tool_call_options(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`run`'s vLLM tool-calling flags: --enable-auto-tool-choice without --tool-call-parser is refused (argparse's
+    error, status 2), as vLLM refuses it; where any is given, one line on stderr says what they change here:
+    nothing (a forced choice's answer is read as JSON, an "auto" line still fails)."""
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        command.error("--enable-auto-tool-choice requires --tool-call-parser (as vLLM's)")
+    given = [flag for flag, value in (("--tool-call-parser", args.tool_call_parser),
+                                      ("--tool-parser-plugin", args.tool_parser_plugin),
+                                      ("--enable-auto-tool-choice", args.enable_auto_tool_choice)) if value]
+    if given:
+        print(f"batchllm: {', '.join(given)}: taken and not used: {_FORCED_READ_AS_JSON}; lines with "
+              '"tool_choice": "auto" (an OpenAI body\'s tools without a tool_choice too) still fail, each alone, '
+              "as no tool-call parser is here", file=sys.stderr)
 
 
 def _add_plan_parser(sub) -> None:
@@ -310,11 +344,13 @@ def _command_flags(parser: argparse.ArgumentParser, words: list[str]) -> list[st
     return [] if command is None else [f for a in command._actions for f in a.option_strings if f.startswith("--")]
 
 
-_TEXT_ANSWERS = ("tool calls are not parsed here: a line's tools reach the chat template with \"tool_choice\": "
-                 "\"none\" and the answer is text")
+_RUN_TOOL_FLAG = f"only `run` (run-batch) takes it, and does not use it: {_FORCED_READ_AS_JSON}"
 VLLM_SERVER_FLAGS = {
-    "--enable-auto-tool-choice": _TEXT_ANSWERS, "--tool-call-parser": _TEXT_ANSWERS,
-    "--tool-parser-plugin": _TEXT_ANSWERS, "--exclude-tools-when-tool-choice-none": _TEXT_ANSWERS,
+    "--enable-auto-tool-choice": _RUN_TOOL_FLAG, "--tool-call-parser": _RUN_TOOL_FLAG,
+    "--tool-parser-plugin": _RUN_TOOL_FLAG,
+    "--exclude-tools-when-tool-choice-none": "not taken: a line's tools reach its chat template whatever its "
+                                             "tool_choice, \"none\" too; leave `tools` out of the lines whose "
+                                             "tool_choice is \"none\"",
     "--trust-request-chat-template": "a line's own chat_template is not taken: give --chat-template",
     "--chat-template-content-format": "the content format is detected from the chat template, as vLLM's auto "
                                       "(LLM.chat takes chat_template_content_format)",
@@ -390,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     _input_path(parser, args)
     if args.command == "run":
         _ray_options(_subcommands(parser)["run"], args)
+        _tool_call_options(_subcommands(parser)["run"], args)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":

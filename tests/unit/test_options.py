@@ -459,16 +459,40 @@ def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_me
     assert "batchllm run: error: unrecognized arguments: --temprature 0" in err
     assert "--temprature: did you mean --temperature?" in err
     assert "--zzz:" not in err, "no hint where nothing is close"
-    with pytest.raises(SystemExit):  # vLLM run-batch's tool-calling flags: a bare "unrecognized arguments"
-        main(["run", "-i", "in.jsonl", "-o", "o.jsonl", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
-    err = capsys.readouterr().err
-    assert "--enable-auto-tool-choice: tool calls are not parsed here" in err
-    assert "--tool-call-parser: tool calls are not parsed here" in err
+    with pytest.raises(SystemExit):  # (run takes vLLM's tool-calling flags: `plan` names the command that does)
+        main(["plan", "in.jsonl", "--tool-call-parser", "hermes"])
+    assert "--tool-call-parser: only `run` (run-batch) takes it" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # vLLM's bench throughput flags were "unrecognized" without a word
         main(["bench", "--num-prompts", "10", "--dataset-path", "p.jsonl", "--output-len", "8"])
     err = capsys.readouterr().err
     assert "--num-prompts: vLLM bench's count of prompts is --requests here" in err
     assert "--dataset-path: a file of prompts is --prompts-file" in err and "--output-len: the output's length" in err
+
+
+def test_vllms_tool_calling_flags_migrate_to_run_saying_what_they_change(capsys, tmp_path):
+    """`run-batch ... --tool-call-parser hermes` (vLLM 0.26 serves "required" and named tool_choice only with a
+    parser) exited 2 saying tool calls were not parsed here, which forced choices now are: the flags are taken,
+    a line says a forced choice's answer is read as JSON and "auto" lines still fail; vLLM's rules stand
+    (--enable-auto-tool-choice needs --tool-call-parser) and --exclude-tools-when-tool-choice-none, which would
+    change "none" lines' prompts, is refused naming what to do instead."""
+    from batchllm.cli import main
+
+    missing = str(tmp_path / "missing.jsonl")
+    assert main(["run-batch", "-i", missing, "-o", str(tmp_path / "o.jsonl"), "--enable-auto-tool-choice",
+                 "--tool-call-parser", "hermes", "--tool-parser-plugin", "p.py"]) == 2  # (no input: not the flags)
+    err = capsys.readouterr().err
+    assert ("--tool-call-parser, --tool-parser-plugin, --enable-auto-tool-choice: taken and not used: a forced "
+            "tool_choice's answer (\"required\" or a named function) is constrained to JSON and read as such") in err
+    assert 'lines with "tool_choice": "auto" (an OpenAI body\'s tools without a tool_choice too) still fail' in err
+    assert "cannot read input file" in err and "unrecognized" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "-i", missing, "-o", "o.jsonl", "--enable-auto-tool-choice"])
+    assert exit_.value.code == 2
+    assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "-i", missing, "-o", "o.jsonl", "--exclude-tools-when-tool-choice-none"])
+    assert ("--exclude-tools-when-tool-choice-none: not taken: a line's tools reach its chat template whatever its "
+            "tool_choice") in capsys.readouterr().err
 
 
 def test_vllm_module_paths_and_python_dash_m_work():
