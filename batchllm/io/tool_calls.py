@@ -1,14 +1,18 @@
-"""Forced tool calls of chat lines: `tool_choice` "required" or a named function, as vLLM 0.26's server makes
-them without a tool-call parser.
+"""Forced tool calls of chat lines: `tool_choice` "required" or a named function, as vLLM 0.26's server makes them
+with a tool-call parser set (--tool-call-parser: without one it refuses both, renderers/online_renderer.py's
+render_chat; the constraint is built by its ToolParser.adjust_request, whatever the parser). No parser is needed
+here: the answer is constrained to JSON and read as such (`cli` takes vLLM's parser flags and says so).
 
 The answer is constrained (structured outputs, xgrammar) to JSON and read back as the message's tool calls:
-- named ({"type": "function", "function": {"name": f}}): the JSON schema of f's `parameters`; the answer is the
-  call's `arguments`, as generated; `finish_reason` is the engine's ("stop").
+- named ({"type": "function", "function": {"name": f}}): the JSON schema of f's `parameters` (an object with no
+  properties where it has none: BatchLLM's choice, see `tool_schema`); the answer is the call's `arguments`, as
+  generated; `finish_reason` is the engine's ("stop").
 - "required": a JSON array of at least one {"name": <a tool's name>, "parameters": <that tool's parameters>}
   (one anyOf branch per tool, their `$defs` gathered at the top, as vLLM's `get_json_schema_from_tools`); each
   item is a call, its `arguments` the parameters as JSON text; `finish_reason` "tool_calls" where the engine's
   is "stop".
-"auto" (vLLM's default where tools are given) needs a tool-call parser, which there is none of here: refused.
+"auto" (vLLM's default where tools are given) needs a parser of the model's own call syntax (vLLM's
+--enable-auto-tool-choice with --tool-call-parser), which there is none of here: refused, per line.
 The tools themselves reach the chat template as with "none" (`openai_batch.tools_for_template`).
 """
 
@@ -60,11 +64,13 @@ def forced_tool_call(tools: list[dict] | None, tool_choice: Any, parallel_tool_c
     if tool_choice == "auto":
         raise ToolChoiceError(
             '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser (vLLM\'s '
-            f"--enable-auto-tool-choice with --tool-call-parser), which BatchLLM has none of: give {TOOL_CHOICES}")
+            "--enable-auto-tool-choice with --tool-call-parser) to read the model's own call syntax, which BatchLLM "
+            f"has none of: give {TOOL_CHOICES}")
     if tool_choice != "required" and not _is_named(tool_choice):
         raise ToolChoiceError(f"'tool_choice' {json.dumps(tool_choice)[:80]} is not a tool choice: give {TOOL_CHOICES}")
     if not tools:
-        raise ToolChoiceError(f"'tool_choice' {json.dumps(tool_choice)[:80]} needs 'tools' (as vLLM's server says)")
+        raise ToolChoiceError(f"'tool_choice' {json.dumps(tool_choice)[:80]} needs 'tools' (as vLLM's request model "
+                              "says)")
     parallel = parallel_tool_calls is not False
     if tool_choice == "required":
         return ForcedToolCall(None, parallel)
@@ -103,8 +109,10 @@ def tool_constraint(forced: ForcedToolCall, tools: list[dict], structured_output
 
 
 def tool_schema(forced: ForcedToolCall, tools: list[dict]) -> dict[str, Any]:
-    """The JSON schema a forced call's answer keeps to (see the module's doc). A tool without parameters takes an
-    object (vLLM's for "required"; vLLM leaves a named one unconstrained, whose text then is no JSON arguments).
+    """The JSON schema a forced call's answer keeps to (see the module's doc). A tool without parameters (or with
+    `{}`) takes an object with no properties: vLLM's for "required"; for a named one BatchLLM's choice, where vLLM
+    constrains nothing (no parameters: free text, no JSON arguments) or any JSON value (`{}`), so that a call's
+    arguments are always a JSON object, as OpenAI's API defines them.
     The tools are not changed (a parameters' $defs is gathered from a copy). Raises ToolChoiceError where two
     tools define one $defs name differently (vLLM refuses them)."""
     pairs = [(tool["function"]["name"], tool["function"].get("parameters")) for tool in tools]
@@ -119,7 +127,8 @@ def tool_schema(forced: ForcedToolCall, tools: list[dict]) -> dict[str, Any]:
         for def_name, schema in (parameters.pop("$defs", None) or {}).items():
             if defs.setdefault(def_name, schema) != schema:
                 raise ToolChoiceError(f"the tools define $defs {json.dumps(def_name)[:80]} twice, differently, "
-                                      "which a \"required\" tool_choice cannot take (as vLLM's server says)")
+                                      "which a \"required\" tool_choice cannot take (vLLM's tool parsers refuse "
+                                      "them too)")
         branches.append({"properties": {"name": {"type": "string", "enum": [name]}, "parameters": parameters},
                          "required": ["name", "parameters"]})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": branches}}

@@ -1,6 +1,7 @@
 """Forced tool calls of chat lines (`io.tool_calls`): a body's or plain line's tool_choice "required" or a named
-function failed its line (only "none" was taken); vLLM 0.26's server serves both without a tool parser, by
-constraining the answer to the tools' JSON and reading it back as the message's tool_calls."""
+function failed its line (only "none" was taken); vLLM 0.26's server serves both (with --tool-call-parser set,
+whatever the parser) by constraining the answer to the tools' JSON and reading it back as the message's
+tool_calls, which needs no parser here."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def test_required_constrains_the_answer_to_an_array_of_calls_of_any_tool_as_vllm
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"tool_choice": "auto"}, '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser'),
+    ({"tool_choice": "auto"}, '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser '
+                              "(vLLM's --enable-auto-tool-choice with --tool-call-parser) to read the model's own call "
+                              "syntax"),
     ({}, '"tool_choice": "auto"'),  # (tools without a tool_choice: vLLM's default, "auto")
     ({"tool_choice": {"type": "function", "function": {"name": "weather"}}},
      'names the function "weather", which is not among the tools ("verdict", "ping")'),
@@ -73,7 +76,8 @@ def test_required_constrains_the_answer_to_an_array_of_calls_of_any_tool_as_vllm
     ({"tool_choice": {"type": "web_search", "function": {"name": "verdict"}}}, "is not a tool choice"),
     ({"tool_choice": {"type": "function", "function": {"name": ""}}}, "is not a tool choice"),
     ({"tool_choice": {"type": "function", "name": "verdict"}}, "is not a tool choice"),  # (Responses API's shape)
-    ({"tool_choice": "required", "tools": None}, "'tool_choice' \"required\" needs 'tools'"),
+    ({"tool_choice": "required", "tools": None}, "'tool_choice' \"required\" needs 'tools' (as vLLM's request model "
+                                                 "says)"),
     ({"tool_choice": NAMED, "structured_outputs": {"json": {"type": "object"}}},
      "give a named 'tool_choice' or a structured_outputs constraint (json, regex or choice), not both"),
 ])
