@@ -104,9 +104,46 @@ class PromptLogprobsSpec:
         return len(self.targets)
 
 
+@dataclass(slots=True)  # one per step: the running decodes, as columns (no object per request)
+class DecodeRows:
+    """A step's running decodes as columns, one entry per request, in batch order: they are the
+    batch's first rows, before its `entries`. Each computes one token, the last of its sequence
+    (PLACEHOLDER_TOKEN_ID where that token is pending), at `start_positions[i]`, and samples; none
+    asks for prompt logprobs (a decode is past its prompt). The scheduler fills the columns in one
+    pass over the decodes it chose and the runner reads them as arrays (`ModelRunner._host_inputs`);
+    `scheduled()` gives the same rows as ScheduledRequests (tests, the tensor-parallel channel)."""
+
+    request_ids: list[str]
+    start_positions: list[int]
+    token_ids: list[int]
+    """One per row: the token computed (its last output, or PLACEHOLDER_TOKEN_ID)."""
+    samplings: list[SamplingSpec]
+    shared_prefixes: list[tuple[tuple[str, int], ...]]
+    """As ScheduledRequest.shared_prefixes, per row."""
+    table_lengths: list[int]
+    """Entries of each row's block table once this step's new ones are placed (the runner's table must
+    hold exactly as many)."""
+    new_blocks: list[tuple[int, list[int]]]
+    """(row, new entries) of the rows whose table grows this step (about one decode in block_size),
+    placed from `table_lengths[row] - len(entries)`; every other row sends none."""
+
+    def scheduled(self) -> list[ScheduledRequest]:
+        """The rows as ScheduledRequests, in order (what they were before they became columns)."""
+        grown = dict(self.new_blocks)
+        return [ScheduledRequest(rid, [token], start, grown.get(i, []), length - len(grown.get(i, ())), spec,
+                                 prefixes)
+                for i, (rid, start, token, spec, prefixes, length) in enumerate(zip(
+                    self.request_ids, self.start_positions, self.token_ids, self.samplings, self.shared_prefixes,
+                    self.table_lengths))]
+
+
 @dataclass(frozen=True)
 class ScheduledBatch:
-    requests: list[ScheduledRequest]
+    """One step: its running decodes as columns (`decodes`), then its other entries (prefill chunks,
+    and a decode admitted this step), in that order; `requests` is every row as a ScheduledRequest."""
+
+    entries: list[ScheduledRequest]
+    """The rows after the decode rows (all of them when `decodes` is None)."""
     finished_request_ids: list[str] = field(default_factory=list)
     """Requests (and shared prefixes) finished or aborted since the previous batch: the runner
     drops their state."""
@@ -115,10 +152,27 @@ class ScheduledBatch:
     num_sampling_rows: int | None = None
     """How many requests have `sampling` set (the scheduler counts them as it builds the batch; None:
     not counted): the tokens its output must hold."""
+    decodes: DecodeRows | None = None
+    """The running decodes, the batch's first rows (None: none, or a batch made of ScheduledRequests
+    alone, as tests and the tensor-parallel followers make them)."""
 
-    @functools.cached_property  # read by the scheduler's statistics and the step log; requests never change
+    @property
+    def num_decode_rows(self) -> int:
+        return 0 if self.decodes is None else len(self.decodes.request_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        """Rows (requests) of the step."""
+        return self.num_decode_rows + len(self.entries)
+
+    @functools.cached_property  # not on the hot path: tests, the tensor-parallel channel, prompt logprobs
+    def requests(self) -> list[ScheduledRequest]:
+        """Every row as a ScheduledRequest, in batch order (the decode rows first)."""
+        return self.entries if self.decodes is None else self.decodes.scheduled() + self.entries
+
+    @functools.cached_property  # read by the scheduler's statistics and the step log; rows never change
     def num_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.requests)
+        return self.num_decode_rows + sum(len(r.token_ids) for r in self.entries)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class EngineCore:
     def step(self) -> list[RequestUpdate]:
         """Run one step; returns the updates of the step collected (the one before, when asynchronous)."""
         batch = self.scheduler.schedule()
-        if not batch.requests:
+        if not batch.num_seqs:
             if self._in_flight is not None:  # what could run waits on the tokens in flight
                 return self._collect()
             raise RuntimeError(
@@ -93,7 +93,7 @@ class EngineCore:
         self._in_flight = None
         output = pending.result()
         now = time.perf_counter()
-        self.step_log.append(StepRecord(batch.num_tokens, len(batch.requests),
+        self.step_log.append(StepRecord(batch.num_tokens, batch.num_seqs,
                                         now - max(submitted, self._last_collected)))
         self._last_collected = now
         return self.scheduler.update_from_output(batch, output)

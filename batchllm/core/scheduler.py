@@ -35,6 +35,7 @@ from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.policies import MemoryAdmission, kv_tokens_written
 from batchllm.outputs import (
     PLACEHOLDER_TOKEN_ID,
+    DecodeRows,
     LogitsAdjust,
     RunnerOutput,
     SamplingSpec,
@@ -225,37 +226,81 @@ class Scheduler:
         """The next step. Empty while everything that could run waits on pending tokens (the
         caller collects the step in flight and asks again), or when nothing is left."""
         batch = self._schedule_once()
-        while (not batch.requests and not self.num_pending_outputs and self.has_unfinished()
+        while (not batch.num_seqs and not self.num_pending_outputs and self.has_unfinished()
                and self._release_idle_prefixes()):
             batch = self._schedule_once()
         return batch
 
     def _schedule_once(self) -> ScheduledBatch:
+        """Choose the step's running work (`_choose_decodes`, then `_choose_in_order`), then admit new work;
+        the running decodes become the batch's columns (`_decode_rows`) before admission, so admission sees
+        every counter as the step leaves it."""
         budget = self.config.max_num_batched_tokens
-        decoded: list[ScheduledRequest] = []  # the running decodes, made as they are chosen
+        decoding: list[Request] = []  # the running decodes chosen, in order
+        grown: list[int] = []  # their indices whose table may have grown (allocated at a block boundary)
         chosen: list[tuple[Request, int, int, bool]] = []  # the rest: (request, new tokens, its token count, decode)
         copies: list[tuple[int, int]] = []
-        preempted = False
+        budget, rest = self._choose_decodes(budget, decoding, grown)
+        budget, preempted = self._choose_in_order(rest, budget, decoding, grown, chosen)
+        decodes = self._decode_rows(decoding, grown) if decoding else None
 
-        order = _service_order(self.running)
+        # Admitting new work right after a preemption would only thrash: wait for blocks to free up,
+        # unless the preemption emptied the step (the one running request could not grow beside
+        # READY prefixes kept for the waiting members: those members are what can run now).
+        if not preempted or not (decoding or chosen):
+            for queue in (self.ready_members, self.waiting):
+                budget = self._admit_from(queue, budget, chosen, copies)
+        return self._make_batch(decodes, chosen, copies)
+
+    def _choose_decodes(self, budget: int, decoding: list[Request], grown: list[int]) -> tuple[int, list]:
+        """Choose the running decodes, in running order, in the pass that tells them from the rest (every
+        running request, every step: `_service_order` and `_num_new_tokens` inlined), as `_choose_in_order`
+        would over `_service_order(self.running)`: a decode waiting for its pending token is skipped, one with
+        room in its last block is chosen as it is, one at a block boundary once its block is allocated. Returns
+        the budget left and what `_choose_in_order` takes next: the prefills then the prefixes, each class in
+        running order, or, when a decode's block could not be had, that decode, the decodes after it and then
+        those (where the victims of preemption come from the back, exactly as in the whole order)."""
+        prefills, prefixes = [], []
+        allocate_slots, block_size = self.kv.allocate_slots, self.kv.block_size
+        running = self.running
+        for index, request in enumerate(running):
+            pending = request.num_pending_tokens
+            outputs = request.output_token_ids
+            num_tokens = len(request.prompt_token_ids) + len(outputs) + pending
+            if request.is_prefix:
+                prefixes.append((request, num_tokens, False))
+            elif not (request.num_computed_tokens + 1 == num_tokens and (pending or outputs)):
+                prefills.append((request, num_tokens, False))
+            elif budget <= 0 or (pending and _waits_for_pending_token(request, num_tokens)):
+                continue  # (budget spent: nothing else is chosen, `_choose_in_order` stops at once)
+            elif request.num_computed_tokens % block_size:
+                # its last block has room: the table covers every computed token (the KV manager's
+                # invariant) and the runner holds all of it (`_free_blocks`: the rule of sent tables)
+                decoding.append(request)
+                budget -= 1
+            elif allocate_slots(request.request_id, request.num_computed_tokens + 1):
+                grown.append(len(decoding))
+                decoding.append(request)
+                budget -= 1
+            else:  # (no block: the rest in service order, this decode first; a failed allocation changed nothing)
+                rest = _service_order(running[index:])
+                return budget, ([e for e in rest if e[2]] + prefills
+                                + [e for e in rest if not e[2] and not e[0].is_prefix]
+                                + prefixes + [e for e in rest if e[0].is_prefix])
+        return budget, prefills + prefixes
+
+    def _choose_in_order(self, order: list[tuple[Request, int, bool]], budget: int, decoding: list[Request],
+                         grown: list[int], chosen: list) -> tuple[int, bool]:
+        """Choose from `order` (entries of `_service_order`) while budget lasts, preempting from its back when
+        the pool cannot grow an entry (a chosen entry is never a victim: its counters and table stay as
+        chosen). Returns the budget left and whether anything was preempted."""
         allocate_slots = self.kv.allocate_slots
-        block_size = self.kv.block_size
+        preempted = False
         i = 0
         while i < len(order) and budget > 0:
             request, num_tokens, decode = order[i]
-            if decode:  # (`_num_new_tokens` inlined: one token, unless it waits for its pending one)
-                if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens):
-                    i += 1
-                    continue
-                if request.num_computed_tokens % block_size:
-                    # its last block has room: the table covers every computed token (the KV
-                    # manager's invariant) and the runner holds all of it (`_free_blocks`: the rule
-                    # of sent tables), so nothing is allocated or sent
-                    decoded.append(self._scheduled_decode(request, allocated=False))
-                    budget -= 1
-                    i += 1
-                    continue
-                num_new = 1
+            if decode:
+                num_new = 0 if request.num_pending_tokens and _waits_for_pending_token(request, num_tokens) else 1
             else:
                 num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0:
@@ -268,20 +313,35 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                if decode:  # (made now: a chosen entry is never a victim, and its counters are its own)
-                    decoded.append(self._scheduled_decode(request, allocated=True))
+                if decode:
+                    if request.num_computed_tokens % self.kv.block_size == 0:
+                        grown.append(len(decoding))
+                    decoding.append(request)
                 else:
                     chosen.append((request, num_new, num_tokens, False))
                 budget -= num_new
                 i += 1
+        return budget, preempted
 
-        # Admitting new work right after a preemption would only thrash: wait for blocks to free up,
-        # unless the preemption emptied the step (the one running request could not grow beside
-        # READY prefixes kept for the waiting members: those members are what can run now).
-        if not preempted or not (decoded or chosen):
-            for queue in (self.ready_members, self.waiting):
-                budget = self._admit_from(queue, budget, chosen, copies)
-        return self._make_batch(decoded, chosen, copies)
+    def _decode_rows(self, decoding: list[Request], grown: list[int]) -> DecodeRows:
+        """The chosen running decodes as the batch's columns (`DecodeRows`): each one's last token (pending, as
+        a placeholder, or its last output), which samples, with the table entries the runner lacks for those
+        in `grown` (the others' tables are unchanged and the runner holds all of them: the rule of sent
+        tables). Advances their counters. Every running decode, every step: one comprehension per column."""
+        specs = [r.cached_sampling_spec or self._sampling_spec(r) for r in decoding]  # (before pending grows)
+        new_blocks = []
+        for row in grown:
+            blocks = self._unsent_blocks(decoding[row])
+            if blocks:
+                new_blocks.append((row, blocks))
+        rows = DecodeRows(
+            [r.request_id for r in decoding], [r.num_computed_tokens for r in decoding],
+            [PLACEHOLDER_TOKEN_ID if r.num_pending_tokens else r.output_token_ids[-1] for r in decoding],
+            specs, [r.shared_prefixes for r in decoding], [r.num_blocks_sent for r in decoding], new_blocks)
+        for request in decoding:
+            request.num_computed_tokens += 1
+            request.num_pending_tokens += 1
+        return rows
 
     def _admit_from(self, queue: deque[Request], budget: int, chosen: list, copies: list) -> int:
         """Admit from the head of `queue` while budget, seats and memory last; the queue's order is kept
@@ -331,7 +391,7 @@ class Scheduler:
         """Free the request's blocks. The rule of sent tables: every block a step allocates or forks
         for a request is sent to the runner by that step's batch (`_unsent_blocks`), or freed here
         before any batch; so a running request's `num_blocks_sent` is its table's length between
-        steps, and a decode that allocates nothing sends nothing (`_scheduled_decode`)."""
+        steps, and a decode that allocates nothing sends nothing (`_decode_rows`)."""
         self.kv.free(request.request_id)
         request.num_blocks_sent = 0  # the next table is sent whole
 
@@ -394,17 +454,17 @@ class Scheduler:
             logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
         return bool(released)
 
-    def _make_batch(self, decoded: list[ScheduledRequest], chosen: list[tuple[Request, int, int, bool]],
+    def _make_batch(self, decodes: DecodeRows | None, chosen: list[tuple[Request, int, int, bool]],
                     copies: list[tuple[int, int]]) -> ScheduledBatch:
-        """The step's batch: the running decodes, already made (`_scheduled_decode`), then the other
+        """The step's batch: the running decodes, already made (`_decode_rows`), then the other
         chosen entries, made here; advances the counters of its requests (see the module docstring).
         An empty step keeps the finished ids for the next one. chosen: (request, new tokens, its
         token count, whether those are a decode: only an admitted request's can be)."""
-        if not decoded and not chosen:
+        if decodes is None and not chosen:
             return ScheduledBatch([])
-        scheduled = decoded
-        num_decodes = len(decoded)
-        attended_keys = sum(s.start_position for s in decoded)  # (+ 1 per decode, below)
+        scheduled: list[ScheduledRequest] = []
+        num_decodes = 0 if decodes is None else len(decodes.request_ids)
+        attended_keys = 0 if decodes is None else sum(decodes.start_positions)  # (+ 1 per decode, below)
         completed_prefixes = []
         stats = self.stats
         num_samples = 0
@@ -439,7 +499,7 @@ class Scheduler:
         stats.decode_tokens += num_decodes
         stats.attended_keys += attended_keys + num_decodes
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies,
-                               num_sampling_rows=num_samples + num_decodes)
+                               num_sampling_rows=num_samples + num_decodes, decodes=decodes)
         self._finished_since_last_step = []
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device
             self._prefix_ready(prefix)  # (after the batch: a prefix dropped here must reach the runner later)
@@ -449,10 +509,10 @@ class Scheduler:
         return batch
 
     def _scheduled_decode(self, request: Request, allocated: bool) -> ScheduledRequest:
-        """A decode's ScheduledRequest: the request's last token (pending, as a placeholder, or its
-        last output), which samples; with the table entries the runner lacks when `allocated` (else
-        its table is unchanged and the runner holds all of it). Advances the request's counters.
-        Every running decode, every step: no property reads."""
+        """A decode admitted this step, as a ScheduledRequest (rare: the running decodes are columns,
+        `_decode_rows`): the request's last token (pending, as a placeholder, or its last output), which
+        samples; with the table entries the runner lacks when `allocated` (else its table is unchanged and
+        the runner holds all of it). Advances the request's counters."""
         start, pending, sp = request.num_computed_tokens, request.num_pending_tokens, request.sampling_params
         sent = request.num_blocks_sent
         spec = request.cached_sampling_spec or self._sampling_spec(request)  # (before the pending count grows)
@@ -494,7 +554,7 @@ class Scheduler:
         sampling row, in that order: the runner's, and any executor's, contract). A request that ended
         while the step was in flight (EOS or a stop in the step before, an abort) drops its token."""
         if output.prompt_logprobs:  # (first: a request's first token hands them on, assembled)
-            for scheduled in batch.requests:
+            for scheduled in batch.entries:  # (a decode row asks for none)
                 if scheduled.prompt_logprobs is not None:
                     self._record_prompt_logprobs(scheduled, output)
         updates = []

@@ -39,7 +39,14 @@ from batchllm.layers.sampler import SampledTokens, sample_on_device
 from batchllm.layers.transfer import to_device, to_device_packed
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
-from batchllm.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledBatch, ScheduledRequest
+from batchllm.outputs import (
+    PLACEHOLDER_TOKEN_ID,
+    DecodeRows,
+    RunnerOutput,
+    SamplingSpec,
+    ScheduledBatch,
+    ScheduledRequest,
+)
 from batchllm.runner.cuda_graphs import DecodeGraphs
 from batchllm.runner.step_markers import mark_step
 from batchllm.structured import GrammarBackend, GrammarState
@@ -239,12 +246,12 @@ class ModelRunner:
             # copy-on-write of partial prefix blocks
             self._kv_bytes[:, :, pairs[:, 1]] = self._kv_bytes[:, :, pairs[:, 0]]
         step = self._host_inputs(batch)
-        extras = self._sampling_extras(step.sample_rows)  # host work, while the step before runs
+        extras = self._sampling_extras(batch, step.sample_specs)  # host work, while the step before runs
         graph_size = self._prepare_graph_step(step)
         with self._step_annotation(batch):
             sampled, prompt = self._forward_and_sample(step, graph_size, extras)
-        ids = [s.request_id for _, s in step.sample_rows]
-        self._previous_tokens = (None if sampled is None else sampled.tokens, {rid: i for i, rid in enumerate(ids)})
+        ids = step.sample_ids
+        self._previous_tokens = (None if sampled is None else sampled.tokens, dict(zip(ids, range(len(ids)))))
         if self.tp is not None and not self.tp.is_driver:
             sampled = None  # a follower's tokens are never read: no copy to the host
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
@@ -268,8 +275,7 @@ class ModelRunner:
         else:
             hidden = self.decode_graphs.replay(graph_size)
             self.num_graph_steps += 1
-        sample_rows = step.sample_rows
-        sampled = self._sample(hidden[rows], sample_rows, extras) if sample_rows else None
+        sampled = self._sample(hidden[rows], step, extras) if step.sample_ids else None
         prompt = None
         if step.prompt_rows:  # only steps where a request asked for prompt logprobs
             prompt = compute_prompt_logprobs(self.model.compute_logits, self.model.full_spec.vocab_size, hidden,
@@ -303,19 +309,19 @@ class ModelRunner:
         if self.tp is not None and self.tp.is_driver:
             self.channel.stop()
 
-    def _sample(self, hidden: torch.Tensor, sample_rows: list, extras: tuple) -> SampledTokens:
+    def _sample(self, hidden: torch.Tensor, step: StepInputs, extras: tuple) -> SampledTokens:
         """The tokens of the sampling rows' hidden states. Under tensor parallelism every rank
         gathers the logits (the LM head is split by vocabulary); rank 0 samples and broadcasts the
         tokens, which the followers keep for their next step's placeholders."""
         logits = self.model.compute_logits(hidden)
         if self.tp is None or self.tp.is_driver:
-            specs = [scheduled.sampling for _, scheduled in sample_rows]
+            specs = step.sample_specs
             # each row samples the token after its last one: where a seeded row's noise comes from
-            positions = ([s.start_position + len(s.token_ids) for _, s in sample_rows]
+            positions = (step.seq_lens[step.sample_seqs].tolist()
                          if any(spec.seed is not None and not spec.is_greedy for spec in specs) else None)
             sampled = sample_on_device(logits, specs, positions, self.default_generator, *extras)
         else:
-            sampled = SampledTokens(torch.empty(len(sample_rows), dtype=torch.int64, device=self.device))
+            sampled = SampledTokens(torch.empty(len(step.sample_ids), dtype=torch.int64, device=self.device))
         if self.tp is not None:
             self.tp.broadcast(sampled.tokens)
         return sampled
@@ -342,15 +348,17 @@ class ModelRunner:
             return None
         return size
 
-    def _sampling_extras(self, sample_rows: list) -> tuple[list | None, tuple | None]:
+    def _sampling_extras(self, batch: ScheduledBatch, specs: list[SamplingSpec]) -> tuple[list | None, tuple | None]:
         """For rows with penalties or a grammar: record the outputs this step computes into the
         request's history, advance its grammar matcher over them, and fill the grammar bitmask
-        (on the host; copied to the device behind the step). (None, None) when no row needs it."""
-        if not any(s.sampling.needs_history for _, s in sample_rows):
+        (on the host; copied to the device behind the step). (None, None) when no row needs it.
+        specs: the sampling rows', in order (those of `batch.requests` whose `sampling` is set)."""
+        if not any(spec.needs_history for spec in specs):
             return None, None
+        sample_rows = [s for s in batch.requests if s.sampling is not None]
         histories: list[OutputHistory | None] = []
         grammar_rows: list[tuple[int, GrammarState]] = []
-        for row, (_, scheduled) in enumerate(sample_rows):
+        for row, scheduled in enumerate(sample_rows):
             spec = scheduled.sampling
             if not spec.needs_history:
                 histories.append(None)
@@ -379,37 +387,32 @@ class ModelRunner:
         return histories, mask
 
     def _host_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """A step's inputs as numpy arrays and lists, built in passes over the requests that each
-        read one field (list comprehensions: this runs over every running request, every step);
-        per-token arrays come from numpy. Block-table diffs are applied only for the requests that
-        sent entries, and the shared-prefix levels only for the requests under a prefix."""
-        requests = batch.requests
-        num_seqs = len(requests)
-        request_ids = [s.request_id for s in requests]
-        token_lists = [s.token_ids for s in requests]
-        counts = np.fromiter(map(len, token_lists), dtype=np.int64, count=num_seqs)
-        starts = np.array([s.start_position for s in requests], dtype=np.int64)
-        update_table, table_of = self._tables.update, self._tables.lists
-        for scheduled in [s for s in requests if s.block_ids]:  # (most decode steps send no entries)
-            update_table(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids)
-        tables = [table_of[request_id] for request_id in request_ids]
+        """A step's inputs as numpy arrays and lists. The decode rows come as columns (`DecodeRows`) and
+        become arrays whole; the other entries are read in passes that each take one field (list
+        comprehensions); per-token arrays come from numpy. Block-table diffs are applied only for the
+        rows that sent entries, and the shared-prefix levels only for the rows under a prefix."""
+        rows = _StepRows.of(batch)
+        self._apply_table_diffs(batch)
+        request_ids, counts, num_seqs = rows.request_ids, rows.counts, len(rows.request_ids)
+        table_of = self._tables.lists
+        tables = list(map(table_of.__getitem__, request_ids))
         held = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
-        sent = np.array([s.block_table_start + len(s.block_ids) for s in requests], dtype=np.int64)
-        if (held != sent).any():  # (the scheduler's diffs and the runner's tables disagree: a bug, named)
-            row = int(np.flatnonzero(held != sent)[0])
+        if (held != rows.table_lengths).any():  # (the scheduler's diffs and the runner's tables disagree: a bug)
+            row = int(np.flatnonzero(held != rows.table_lengths)[0])
             raise RuntimeError(f"{request_ids[row]}: runner holds {held[row]} blocks, scheduler's table has "
-                               f"{sent[row]}")
+                               f"{rows.table_lengths[row]}")
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
-        input_ids = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=num_tokens)
+        input_ids = rows.input_ids(num_tokens)
         last_token = query_start_loc[1:] - 1  # each sequence's last token: where it samples, if it does
         where, source = self._placeholders(input_ids, last_token, request_ids)
-        sample_rows = [(row, s) for row, s in zip(last_token.tolist(), requests) if s.sampling is not None]
-        prompt_rows = [(int(query_start_loc[i]) + s.prompt_logprobs.row_start, s)
-                       for i, s in enumerate(requests) if s.prompt_logprobs is not None]
+        sample_seqs = rows.sample_seqs
+        prompt_rows = [(int(query_start_loc[rows.num_decodes + i]) + s.prompt_logprobs.row_start, s)
+                       for i, s in enumerate(batch.entries) if s.prompt_logprobs is not None]
         bs = self.block_size
         block_tables = self._tables.gather(request_ids, int(held.max()))
+        starts = rows.starts
         seq_lens = starts + counts
         positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(num_tokens)
         token_seq = np.repeat(np.arange(num_seqs), counts)
@@ -417,9 +420,21 @@ class ModelRunner:
         return StepInputs(
             input_ids=input_ids, positions=positions, slots=slots,
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables, tables=tables,
-            share_levels=_share_levels(requests), max_query_len=int(counts.max()), sample_rows=sample_rows,
-            placeholder_at=where, placeholder_source=source, prompt_rows=prompt_rows,
+            share_levels=_share_levels(rows.shared_prefixes), max_query_len=int(counts.max()),
+            sample_indices=last_token[sample_seqs], sample_seqs=sample_seqs, sample_ids=rows.sample_ids,
+            sample_specs=rows.sample_specs, placeholder_at=where, placeholder_source=source, prompt_rows=prompt_rows,
         )
+
+    def _apply_table_diffs(self, batch: ScheduledBatch) -> None:
+        """Place the step's new block-table entries: the decode rows' (`DecodeRows.new_blocks`, about one
+        row in block_size) and the other entries' (most send none)."""
+        update_table = self._tables.update
+        decodes = batch.decodes
+        if decodes is not None:
+            for row, blocks in decodes.new_blocks:
+                update_table(decodes.request_ids[row], decodes.table_lengths[row] - len(blocks), blocks)
+        for scheduled in [s for s in batch.entries if s.block_ids]:
+            update_table(scheduled.request_id, scheduled.block_table_start, scheduled.block_ids)
 
     def _placeholders(self, input_ids: np.ndarray, last_token: np.ndarray,
                       request_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -454,12 +469,12 @@ class ModelRunner:
         return ids, positions, metadata, rows
 
 
-def _share_levels(requests: list[ScheduledRequest]) -> list[tuple[list[int], list[int]]] | None:
-    """`AttentionMetadata.share_levels_cpu` of a step: per depth, each sequence's prefix group
-    (numbered in order of first appearance, sequence by sequence and outermost first; -1: none at
-    that depth) and that prefix's length (0: none). None when no sequence is under a shared prefix."""
-    num_seqs = len(requests)
-    chains = [s.shared_prefixes for s in requests]
+def _share_levels(chains: list[tuple[tuple[str, int], ...]]) -> list[tuple[list[int], list[int]]] | None:
+    """`AttentionMetadata.share_levels_cpu` of a step, from each sequence's `shared_prefixes`: per depth,
+    each sequence's prefix group (numbered in order of first appearance, sequence by sequence and outermost
+    first; -1: none at that depth) and that prefix's length (0: none). None when no sequence is under a
+    shared prefix."""
+    num_seqs = len(chains)
     deepest = max(map(len, chains), default=0)
     group_index: dict[str, int] = {}
     if deepest <= 1:  # (one level or none: the common case, in two passes)
@@ -478,6 +493,51 @@ def _share_levels(requests: list[ScheduledRequest]) -> list[tuple[list[int], lis
     return levels or None
 
 
+@dataclass(slots=True)
+class _StepRows:
+    """A batch's rows as columns, in batch order (the decode rows, then the other entries): what
+    `_host_inputs` reads. The decode rows' columns are the batch's own lists, taken whole."""
+
+    request_ids: list[str]
+    counts: np.ndarray  # [num_seqs] int64: tokens each row computes
+    starts: np.ndarray  # [num_seqs] int64
+    table_lengths: np.ndarray  # [num_seqs] int64: entries of each row's table once this step's are placed
+    shared_prefixes: list[tuple[tuple[str, int], ...]]
+    sample_seqs: np.ndarray  # [num_sampling_rows] int64: the rows that sample, in order
+    sample_ids: list[str]
+    sample_specs: list[SamplingSpec]
+    num_decodes: int
+    decode_tokens: list[int]
+    entries: list[ScheduledRequest]
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch) -> _StepRows:
+        """The batch's rows; every decode row samples, an entry where its `sampling` is set."""
+        decodes, entries = batch.decodes, batch.entries
+        if decodes is None:
+            decodes = DecodeRows([], [], [], [], [], [], [])
+        num_decodes = len(decodes.request_ids)
+        sampling = [i for i, s in enumerate(entries) if s.sampling is not None]
+        return cls(
+            request_ids=decodes.request_ids + [s.request_id for s in entries],
+            counts=np.concatenate([np.ones(num_decodes, dtype=np.int64),
+                                   np.fromiter([len(s.token_ids) for s in entries], np.int64, len(entries))]),
+            starts=np.array(decodes.start_positions + [s.start_position for s in entries], dtype=np.int64),
+            table_lengths=np.array(decodes.table_lengths + [s.block_table_start + len(s.block_ids) for s in entries],
+                                   dtype=np.int64),
+            shared_prefixes=decodes.shared_prefixes + [s.shared_prefixes for s in entries],
+            sample_seqs=np.concatenate([np.arange(num_decodes, dtype=np.int64),
+                                        np.array(sampling, dtype=np.int64) + num_decodes]),
+            sample_ids=decodes.request_ids + [entries[i].request_id for i in sampling],
+            sample_specs=decodes.samplings + [entries[i].sampling for i in sampling],
+            num_decodes=num_decodes, decode_tokens=decodes.token_ids, entries=entries)
+
+    def input_ids(self, num_tokens: int) -> np.ndarray:
+        """[num_tokens] int64: the decode rows' tokens, then each entry's."""
+        tokens = itertools.chain(self.decode_tokens, itertools.chain.from_iterable(s.token_ids for s in self.entries))
+        return np.fromiter(tokens, dtype=np.int64, count=num_tokens)
+
+
 @dataclass
 class StepInputs:
     """One step's model inputs on the host (built by `ModelRunner._host_inputs`)."""
@@ -491,7 +551,10 @@ class StepInputs:
     tables: list[list[int]]  # each sequence's whole block table
     share_levels: list[tuple[list[int], list[int]]] | None  # as AttentionMetadata.share_levels_cpu
     max_query_len: int
-    sample_rows: list  # (token index, ScheduledRequest) of each sequence that samples
+    sample_indices: np.ndarray  # [num_sampling_rows] int64: token index of each sampling row (its last token)
+    sample_seqs: np.ndarray  # [num_sampling_rows] int64: the sequence of each sampling row
+    sample_ids: list[str]  # the request of each sampling row
+    sample_specs: list[SamplingSpec]  # how each samples
     placeholder_at: np.ndarray  # token indices whose id is the previous step's token ...
     placeholder_source: np.ndarray  # ... at these indices of that step's sampled tokens
     prompt_rows: list  # (token index of its first prompt-logprob row, ScheduledRequest), where asked
@@ -499,11 +562,6 @@ class StepInputs:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
-
-    @property
-    def sample_indices(self) -> np.ndarray:
-        """Token index of each sampling sequence's last token: the rows of the hidden states to sample."""
-        return np.fromiter((row for row, _ in self.sample_rows), dtype=np.int64, count=len(self.sample_rows))
 
 
 class PendingRunnerOutput:

@@ -26,7 +26,7 @@ MARKER_KERNELS = {kind: f"_{kind}_step_marker" for kind in STEP_KINDS}
 def step_kind(batch: ScheduledBatch) -> str:
     """"decode" when every request of the step computes one token, else "prefill" (the step has
     prompt tokens, possibly mixed with decode rows)."""
-    return "decode" if batch.num_tokens == len(batch.requests) else "prefill"
+    return "decode" if batch.num_tokens == batch.num_seqs else "prefill"
 
 
 def mark_step(batch: ScheduledBatch, device: torch.device) -> contextlib.AbstractContextManager:

@@ -50,7 +50,7 @@ class AsyncPagedKVExecutor(PagedKVExecutor):
                 r = dataclasses.replace(r, token_ids=r.token_ids[:-1] + [self.previous[r.request_id]])
                 self.placeholders += 1
             resolved.append(r)
-        output = self.execute(dataclasses.replace(batch, requests=resolved))
+        output = self.execute(dataclasses.replace(batch, entries=resolved, decodes=None))
         self.previous = dict(output.sampled_token_ids)
         return _Collected(output)
 
