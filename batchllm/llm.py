@@ -619,7 +619,10 @@ class LLM:
 
     def _step(self, call: _Call) -> list[tuple[int, RequestOutput]]:
         """Run one engine step and apply its tokens (detokenize, stop strings); the prompts it
-        completed, as (prompt index, RequestOutput)."""
+        completed, as (prompt index, RequestOutput). The step's updates are columns (`StepUpdates`):
+        a token that carries nothing but itself (no logprobs or prompt logprobs in the step, no grammar,
+        not the end of its request: nearly every one) goes straight to its completion; the others
+        through `_apply_update`, one RequestUpdate each."""
         core = self.engine.core
         try:
             updates = core.step()
@@ -629,38 +632,58 @@ class LLM:
                 raise
             raise failure from e
         call.output_tokens += len(updates)
-        done = []
-        for update in updates:
-            index, state = call.states[update.request_id]
-            if update.prompt_logprobs is not None:
-                state.prompt_logprobs = update.prompt_logprobs
-            checker = call.grammars.get(update.request_id)
-            if checker is None and state.params.grammar_key is not None:  # (made at its first token, not at submit)
-                checker = call.grammars[update.request_id] = self._grammar_check(state.params.grammar_key)
-            if checker is not None and (refusal := checker.refusal(update.new_token_id)) is not None:
-                self._end_with_error(update, state, refusal, index)
-            elif (matched := state.append(update.new_token_id, update.logprobs,
-                                          stop_terminated=update.finish_reason == "stop")) is not None:
-                if update.finish_reason is None:
-                    core.finish_requests([update.request_id], "stop", matched)
+        done: list[tuple[int, RequestOutput]] = []
+        states, ended = call.states, updates.ended
+        plain = not (updates.logprobs or updates.prompt_logprobs)
+        for request_id, token in zip(updates.request_ids, updates.token_ids):
+            index, state = states[request_id]
+            if plain and request_id not in ended and state.params.grammar_key is None:
+                if (matched := state.append(token, None)) is None:
+                    continue
+                core.finish_requests([request_id], "stop", matched)
                 state.finish("stop", matched)
-            elif update.finish_reason is not None:
-                state.finish(update.finish_reason, update.stop_reason)
-            else:
+            elif not self._apply_update(call, updates.update(request_id, token), index, state):
                 continue
-            del call.states[update.request_id]
-            call.grammars.pop(update.request_id, None)
-            call.planned_tokens -= max(0, call.budgets.pop(update.request_id) - len(state.token_ids))
-            children = call.pending[index]
-            if all(c.finish_reason is not None for c in children):
-                del call.pending[index]
-                prompt = call.prompts[index]
-                done.append((index, RequestOutput(request_id=f"{call.call_id}-{index}", prompt=prompt.text,
-                                                  prompt_token_ids=prompt.token_ids,
-                                                  outputs=[c.to_output() for c in children],
-                                                  prompt_logprobs=self._prompt_logprobs(prompt, children[0]),
-                                                  num_cached_tokens=call.num_cached_tokens.pop(index))))
+            self._completion_ended(call, request_id, index, state, done)
         return done
+
+    def _apply_update(self, call: _Call, update, index: int, state: CompletionState) -> bool:
+        """Apply one token with whatever it carries (prompt logprobs, logprobs, its grammar's check, the end of
+        its request); whether its completion ended."""
+        if update.prompt_logprobs is not None:
+            state.prompt_logprobs = update.prompt_logprobs
+        checker = call.grammars.get(update.request_id)
+        if checker is None and state.params.grammar_key is not None:  # (made at its first token, not at submit)
+            checker = call.grammars[update.request_id] = self._grammar_check(state.params.grammar_key)
+        if checker is not None and (refusal := checker.refusal(update.new_token_id)) is not None:
+            self._end_with_error(update, state, refusal, index)
+        elif (matched := state.append(update.new_token_id, update.logprobs,
+                                      stop_terminated=update.finish_reason == "stop")) is not None:
+            if update.finish_reason is None:
+                self.engine.core.finish_requests([update.request_id], "stop", matched)
+            state.finish("stop", matched)
+        elif update.finish_reason is not None:
+            state.finish(update.finish_reason, update.stop_reason)
+        else:
+            return False
+        return True
+
+    def _completion_ended(self, call: _Call, request_id: str, index: int, state: CompletionState,
+                          done: list[tuple[int, RequestOutput]]) -> None:
+        """A completion ended: forget it, give back its unused budget, and when it was its prompt's last,
+        add the prompt's RequestOutput to `done`."""
+        del call.states[request_id]
+        call.grammars.pop(request_id, None)
+        call.planned_tokens -= max(0, call.budgets.pop(request_id) - len(state.token_ids))
+        children = call.pending[index]
+        if all(c.finish_reason is not None for c in children):
+            del call.pending[index]
+            prompt = call.prompts[index]
+            done.append((index, RequestOutput(request_id=f"{call.call_id}-{index}", prompt=prompt.text,
+                                              prompt_token_ids=prompt.token_ids,
+                                              outputs=[c.to_output() for c in children],
+                                              prompt_logprobs=self._prompt_logprobs(prompt, children[0]),
+                                              num_cached_tokens=call.num_cached_tokens.pop(index))))
 
     def _grammar_check(self, grammar_key: tuple[str, str]) -> GrammarState:
         """The facade's own matcher of a structured completion's tokens (`GrammarState.refusal`), made at its first

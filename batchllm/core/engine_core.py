@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from batchllm.core.scheduler import RequestUpdate, Scheduler
+from batchllm.core.scheduler import Scheduler, StepUpdates
 from batchllm.outputs import RunnerOutput, ScheduledBatch
 from batchllm.request import Request
 
@@ -67,7 +67,7 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
-    def step(self) -> list[RequestUpdate]:
+    def step(self) -> StepUpdates:
         """Run one step; returns the updates of the step collected (the one before, when asynchronous)."""
         batch = self.scheduler.schedule()
         if not batch.num_seqs:
@@ -82,13 +82,13 @@ class EngineCore:
         pending = self.executor.submit(batch) if self.async_scheduling else _Done(self.executor.execute(batch))
         updates = self.drain()  # the step before (asynchronous: it ran while this one was prepared)
         self._in_flight = (batch, pending, submitted)
-        return updates if self.async_scheduling else updates + self._collect()
+        return updates if self.async_scheduling else updates.extend(self._collect())
 
-    def drain(self) -> list[RequestUpdate]:
+    def drain(self) -> StepUpdates:
         """Collect the step in flight, if any."""
-        return self._collect() if self._in_flight is not None else []
+        return self._collect() if self._in_flight is not None else StepUpdates()
 
-    def _collect(self) -> list[RequestUpdate]:
+    def _collect(self) -> StepUpdates:
         batch, pending, submitted = self._in_flight
         self._in_flight = None
         output = pending.result()

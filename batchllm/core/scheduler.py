@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import chain
 
 from batchllm.config import SchedulerConfig
@@ -60,6 +61,48 @@ class RequestUpdate:
     prompt_logprobs: list[TokenLogprobs] | None = None
     """With the request's first output token, when it asked for prompt logprobs: those of prompt
     tokens 1 .. P-1, in order (`core/prompt_logprobs.py`); given exactly once."""
+
+
+@dataclass(slots=True, eq=False)  # one per step
+class StepUpdates:
+    """What one step did to its requests, for the output side, as columns in batch order: each token
+    recorded (a request that ended while the step was in flight has none), and, by request id, what
+    few of them carry: how those that ended with it ended, logprobs where asked (the runner's dict, which
+    may name a dropped token's request too), prompt logprobs with a request's first token. Iterating gives
+    one RequestUpdate per token (tests, and callers that want objects); equal to a list of those."""
+
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    ended: dict[str, tuple[str, int | str | None]] = field(default_factory=dict)
+    """(finish reason, stop reason) of the requests this step's token ended."""
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[RequestUpdate]:
+        for request_id, token in zip(self.request_ids, self.token_ids):
+            yield self.update(request_id, token)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def update(self, request_id: str, token: int) -> RequestUpdate:
+        """The RequestUpdate of one of the step's tokens, `request_id`'s."""
+        finish_reason, stop_reason = self.ended.get(request_id, (None, None))
+        return RequestUpdate(request_id, token, self.logprobs.get(request_id), finish_reason, stop_reason,
+                             self.prompt_logprobs.get(request_id))
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, StepUpdates | list) else NotImplemented
+
+    def extend(self, later: StepUpdates) -> StepUpdates:
+        """Append a later step's updates (a request has at most one token in flight per step, and
+        none after it ended); returns self."""
+        self.request_ids += later.request_ids
+        self.token_ids += later.token_ids
+        self.ended.update(later.ended)
+        self.logprobs = {**self.logprobs, **later.logprobs} if later.logprobs else self.logprobs
+        self.prompt_logprobs.update(later.prompt_logprobs)
+        return self
 
 
 @dataclass
@@ -549,7 +592,7 @@ class Scheduler:
         return spec
 
     # ------------------------------------------------------------------ results
-    def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> list[RequestUpdate]:
+    def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> StepUpdates:
         """Record the tokens a step sampled, in batch order (`output.sampled_token_ids` holds one per
         sampling row, in that order: the runner's, and any executor's, contract). A request that ended
         while the step was in flight (EOS or a stop in the step before, an abort) drops its token."""
@@ -557,14 +600,15 @@ class Scheduler:
             for scheduled in batch.entries:  # (a decode row asks for none)
                 if scheduled.prompt_logprobs is not None:
                     self._record_prompt_logprobs(scheduled, output)
-        updates = []
-        sampled, logprobs = output.sampled_token_ids, output.logprobs
+        sampled = output.sampled_token_ids
         if batch.num_sampling_rows is not None and len(sampled) != batch.num_sampling_rows:
             raise RuntimeError(f"the step sampled {len(sampled)} tokens for {batch.num_sampling_rows} sampling rows")
-        requests = self.requests
+        updates = StepUpdates(logprobs=output.logprobs)
+        ended, requests, dropped = updates.ended, self.requests, set()
         for request_id, token in sampled.items():  # (every running request, every step: locals, no property reads)
             request = requests.get(request_id)
             if request is None:
+                dropped.add(request_id)
                 continue
             request.num_pending_tokens -= 1
             outputs = request.output_token_ids
@@ -573,15 +617,14 @@ class Scheduler:
                 finish_reason, stop_reason = self._check_finished(request, token)
                 if finish_reason is not None:
                     self._finish(request, finish_reason, stop_reason)
-            else:
-                finish_reason = stop_reason = None
-            updates.append(
-                RequestUpdate(
-                    request_id, token, logprobs.get(request_id) if logprobs else None, finish_reason, stop_reason,
-                    prompt_logprobs.assemble(request)
-                    if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None else None,
-                )
-            )
+                    ended[request_id] = (finish_reason, stop_reason)
+            if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None:
+                updates.prompt_logprobs[request_id] = prompt_logprobs.assemble(request)
+        if dropped:
+            kept = [(rid, token) for rid, token in sampled.items() if rid not in dropped]
+            updates.request_ids, updates.token_ids = [rid for rid, _ in kept], [token for _, token in kept]
+        else:
+            updates.request_ids, updates.token_ids = list(sampled), list(sampled.values())
         self.num_pending_outputs -= len(sampled)
         return updates
 

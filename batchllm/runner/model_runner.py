@@ -443,7 +443,7 @@ class ModelRunner:
         request samples in the step submitted just before."""
         rows = np.flatnonzero(input_ids[last_token] == PLACEHOLDER_TOKEN_ID)
         previous_index = self._previous_tokens[1]
-        source = [previous_index.get(request_ids[row]) for row in rows.tolist()]
+        source = list(map(previous_index.get, map(request_ids.__getitem__, rows.tolist())))
         if None in source:
             request_id = request_ids[rows[source.index(None)]]
             raise RuntimeError(f"{request_id}: a placeholder token, but the previous step sampled nothing "
