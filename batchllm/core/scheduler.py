@@ -314,7 +314,8 @@ class Scheduler:
                 prefixes.append((request, num_tokens, False))
             elif not (request.num_computed_tokens + 1 == num_tokens and (pending or outputs)):
                 prefills.append((request, num_tokens, False))
-            elif budget <= 0 or (pending and _waits_for_pending_token(request, num_tokens)):
+            elif budget <= 0 or (pending and (request.needs_host_tokens  # (`_waits_for_pending_token` inlined)
+                                              or len(outputs) + pending >= request.max_output_tokens)):
                 continue  # (budget spent: nothing else is chosen, `_choose_in_order` stops at once)
             elif request.num_computed_tokens % block_size:
                 # its last block has room: the table covers every computed token (the KV manager's
