@@ -37,7 +37,9 @@ class SamplingSpec:
     (`batchllm/structured.py`); None: unconstrained."""
     num_prompt_tokens: int = 0
     """Where the outputs start: with `adjust` or `grammar` the runner keeps the request's output
-    tokens from the positions it computes (such a request is never scheduled on a placeholder)."""
+    tokens from the positions it computes (such a request is never scheduled on a placeholder);
+    0 without either (unused then: requests of the same settings have equal specs, which the
+    scheduler shares)."""
 
     @functools.cached_property  # (these two are read for every sampling row of every step; fields never change)
     def is_greedy(self) -> bool:

@@ -123,6 +123,11 @@ class SchedulerStats:
     peak_used_blocks: int = 0
 
 
+_MAX_SHARED_SPECS = 4096
+"""Distinct shared sampling specs kept before the table starts again (a bound, not a limit: a spec made
+after it is shared with those made after it)."""
+
+
 def _logits_adjust(request: Request) -> LogitsAdjust:
     """The runner-side form of a request's penalties and biases, as plain ints and floats."""
     sp = request.sampling_params
@@ -195,6 +200,8 @@ class Scheduler:
         self.num_pending_outputs = 0
         """Sampled tokens of scheduled steps whose results have not come back."""
         self._finished_since_last_step: list[str] = []
+        self._shared_specs: dict[SamplingSpec, SamplingSpec] = {}
+        """One SamplingSpec per distinct unseeded, unadjusted setting (`_sampling_spec`)."""
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request: Request) -> None:
@@ -575,10 +582,12 @@ class Scheduler:
         request.num_blocks_sent = len(table)
         return new_blocks
 
-    @staticmethod
-    def _sampling_spec(request: Request) -> SamplingSpec:
+    def _sampling_spec(self, request: Request) -> SamplingSpec:
         """A sampling row's settings, made when `request.cached_sampling_spec` holds none (the caller
-        reads that first: every sampling row, every step); cached once past min_tokens."""
+        reads that first: every sampling row, every step); cached once past min_tokens. Requests with the
+        same settings share one spec object (`_shared_specs`: the runner then tests one spec for a step
+        whose rows all hold it, `StepInputs.sample_uniform`), except seeded ones and those with
+        adjustments (whose prompt ids would make the key costly), which are each their own."""
         sp = request.sampling_params
         banned: tuple[int, ...] = ()
         if request.num_output_tokens + request.num_pending_tokens < sp.min_tokens:
@@ -587,7 +596,11 @@ class Scheduler:
         spec = SamplingSpec(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed,
                             num_logprobs=sp.num_logprobs, logprob_token_ids=tuple(sp.logprob_token_ids or ()),
                             banned_token_ids=banned, adjust=adjust, grammar=sp.grammar_key,
-                            num_prompt_tokens=request.num_prompt_tokens)
+                            num_prompt_tokens=request.num_prompt_tokens if request.needs_host_tokens else 0)
+        if adjust is None and sp.seed is None:
+            if len(self._shared_specs) >= _MAX_SHARED_SPECS:
+                self._shared_specs.clear()
+            spec = self._shared_specs.setdefault(spec, spec)
         if not banned:  # past min_tokens the settings never change again
             request.cached_sampling_spec = spec
         return spec

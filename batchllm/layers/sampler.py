@@ -77,6 +77,7 @@ def sample_on_device(
     default_generator: torch.Generator,
     histories: list[OutputHistory | None] | None = None,
     grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
+    uniform: SamplingSpec | None = None,
 ) -> SampledTokens:
     """Sample one token per row and, where asked for, its logprobs, without reading anything back:
     no step of it waits for the device (`SampledTokens.lists` reads them).
@@ -84,13 +85,17 @@ def sample_on_device(
     positions: per row, the position of the token it samples (where a seeded row's noise comes
     from); None where no row is both seeded and non-greedy.
     histories: each row's output tokens, where its spec has `adjust` (`logits_processors.py`);
-    grammar_mask: (bitmask [m, words] int32, rows [m] int64) on the device, for structured rows."""
+    grammar_mask: (bitmask [m, words] int32, rows [m] int64) on the device, for structured rows.
+    uniform: the one spec object every row holds, where the caller knows it (`model_runner._uniform`): the
+    tests of the rows' settings below then read it once."""
     vocab = logits.shape[1]
     device = logits.device
-    logprob_rows = [i for i, s in enumerate(specs) if s.num_logprobs is not None]
-    adjusted = histories is not None and any(s.adjust is not None for s in specs)
+    kinds = specs if uniform is None else (uniform,)  # the settings to test: every row's, or the one they share
+    logprob_rows = ([i for i, s in enumerate(specs) if s.num_logprobs is not None]
+                    if any(s.num_logprobs is not None for s in kinds) else [])
+    adjusted = histories is not None and any(s.adjust is not None for s in kinds)
     if (not logprob_rows and grammar_mask is None and not adjusted
-            and all(s.is_greedy and not s.banned_token_ids for s in specs)):
+            and all(s.is_greedy and not s.banned_token_ids for s in kinds)):
         # the common batch case: argmax in the model's dtype (exact: bf16/fp16 -> fp32 is lossless),
         # with no fp32 copy of the [n, vocab] logits
         return SampledTokens(logits.argmax(dim=-1))

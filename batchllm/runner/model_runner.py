@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,7 +247,7 @@ class ModelRunner:
             # copy-on-write of partial prefix blocks
             self._kv_bytes[:, :, pairs[:, 1]] = self._kv_bytes[:, :, pairs[:, 0]]
         step = self._host_inputs(batch)
-        extras = self._sampling_extras(batch, step.sample_specs)  # host work, while the step before runs
+        extras = self._sampling_extras(batch, step)  # host work, while the step before runs
         graph_size = self._prepare_graph_step(step)
         with self._step_annotation(batch):
             sampled, prompt = self._forward_and_sample(step, graph_size, extras)
@@ -315,11 +316,12 @@ class ModelRunner:
         tokens, which the followers keep for their next step's placeholders."""
         logits = self.model.compute_logits(hidden)
         if self.tp is None or self.tp.is_driver:
-            specs = step.sample_specs
+            specs, uniform = step.sample_specs, step.sample_uniform
             # each row samples the token after its last one: where a seeded row's noise comes from
             positions = (step.seq_lens[step.sample_seqs].tolist()
-                         if any(spec.seed is not None and not spec.is_greedy for spec in specs) else None)
-            sampled = sample_on_device(logits, specs, positions, self.default_generator, *extras)
+                         if any(spec.seed is not None and not spec.is_greedy
+                                for spec in (specs if uniform is None else (uniform,))) else None)
+            sampled = sample_on_device(logits, specs, positions, self.default_generator, *extras, uniform=uniform)
         else:
             sampled = SampledTokens(torch.empty(len(step.sample_ids), dtype=torch.int64, device=self.device))
         if self.tp is not None:
@@ -348,12 +350,13 @@ class ModelRunner:
             return None
         return size
 
-    def _sampling_extras(self, batch: ScheduledBatch, specs: list[SamplingSpec]) -> tuple[list | None, tuple | None]:
+    def _sampling_extras(self, batch: ScheduledBatch, step: StepInputs) -> tuple[list | None, tuple | None]:
         """For rows with penalties or a grammar: record the outputs this step computes into the
         request's history, advance its grammar matcher over them, and fill the grammar bitmask
         (on the host; copied to the device behind the step). (None, None) when no row needs it.
-        specs: the sampling rows', in order (those of `batch.requests` whose `sampling` is set)."""
-        if not any(spec.needs_history for spec in specs):
+        The sampling rows are those of `batch.requests` whose `sampling` is set, in order."""
+        uniform = step.sample_uniform
+        if not any(spec.needs_history for spec in (step.sample_specs if uniform is None else (uniform,))):
             return None, None
         sample_rows = [s for s in batch.requests if s.sampling is not None]
         histories: list[OutputHistory | None] = []
@@ -422,7 +425,8 @@ class ModelRunner:
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables, tables=tables,
             share_levels=_share_levels(rows.shared_prefixes), max_query_len=int(counts.max()),
             sample_indices=last_token[sample_seqs], sample_seqs=sample_seqs, sample_ids=rows.sample_ids,
-            sample_specs=rows.sample_specs, placeholder_at=where, placeholder_source=source, prompt_rows=prompt_rows,
+            sample_specs=rows.sample_specs, sample_uniform=_uniform(rows.sample_specs), placeholder_at=where,
+            placeholder_source=source, prompt_rows=prompt_rows,
         )
 
     def _apply_table_diffs(self, batch: ScheduledBatch) -> None:
@@ -493,6 +497,16 @@ def _share_levels(chains: list[tuple[tuple[str, int], ...]]) -> list[tuple[list[
     return levels or None
 
 
+def _uniform(specs: list[SamplingSpec]) -> SamplingSpec | None:
+    """The spec object every row holds (the scheduler shares one among requests of the same settings), or None:
+    then a step's tests of its rows' settings read it once. An identity scan in C (`operator.is_`), which
+    stops at the first other object."""
+    if not specs:
+        return None
+    first = specs[0]
+    return first if all(map(operator.is_, specs, itertools.repeat(first))) else None
+
+
 @dataclass(slots=True)
 class _StepRows:
     """A batch's rows as columns, in batch order (the decode rows, then the other entries): what
@@ -555,6 +569,7 @@ class StepInputs:
     sample_seqs: np.ndarray  # [num_sampling_rows] int64: the sequence of each sampling row
     sample_ids: list[str]  # the request of each sampling row
     sample_specs: list[SamplingSpec]  # how each samples
+    sample_uniform: SamplingSpec | None  # the one spec object every sampling row holds, if they all hold one
     placeholder_at: np.ndarray  # token indices whose id is the previous step's token ...
     placeholder_source: np.ndarray  # ... at these indices of that step's sampled tokens
     prompt_rows: list  # (token index of its first prompt-logprob row, ScheduledRequest), where asked
@@ -590,7 +605,7 @@ class PendingRunnerOutput:
         ids = self.request_ids
         return RunnerOutput(
             sampled_token_ids=dict(zip(ids, tokens)),
-            logprobs={rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
+            logprobs={ids[row]: logprobs[row] for row in self.sampled.logprob_rows},
             prompt_logprobs=prompt,
         )
 
