@@ -2,7 +2,8 @@
 `chat` tokenize, submit, run the engine loop, detokenize and return one `RequestOutput` per prompt in
 input order (vLLM's API).
 
-Writer of the per-completion output state (`CompletionState`); the scheduler owns request state.
+Writer of the per-completion output state (`CompletionState`; its token ids are its request's output list,
+which the scheduler writes); the scheduler owns request state.
 """
 
 from __future__ import annotations
@@ -538,8 +539,10 @@ class LLM:
                                   model_eos_token_id=self._model_eos_token_id,
                                   arrival_index=index)
                 requests.append(request)
-                state = CompletionState(k, child_params, self.tokenizer, prompt.token_ids)
+                state = CompletionState(k, child_params, self.tokenizer, prompt.token_ids,
+                                        token_ids=request.output_token_ids)
                 call.states[request.request_id] = (index, state)
+                call.num_reading_every_token += state.reads_every_token
                 children.append(state)
             call.pending[index] = children
         plan_started = time.perf_counter()
@@ -635,6 +638,12 @@ class LLM:
         done: list[tuple[int, RequestOutput]] = []
         states, ended = call.states, updates.ended
         plain = not (updates.logprobs or updates.prompt_logprobs)
+        if plain and not call.num_reading_every_token:  # (each state's tokens are its request's, recorded)
+            for request_id, (finish_reason, stop_reason) in list(ended.items()):
+                index, state = states[request_id]
+                state.finish(finish_reason, stop_reason)
+                self._completion_ended(call, request_id, index, state, done)
+            return done
         for request_id, token in zip(updates.request_ids, updates.token_ids):
             index, state = states[request_id]
             if plain and request_id not in ended and state.params.grammar_key is None:
@@ -673,6 +682,7 @@ class LLM:
         """A completion ended: forget it, give back its unused budget, and when it was its prompt's last,
         add the prompt's RequestOutput to `done`."""
         del call.states[request_id]
+        call.num_reading_every_token -= state.reads_every_token
         call.grammars.pop(request_id, None)
         call.planned_tokens -= max(0, call.budgets.pop(request_id) - len(state.token_ids))
         children = call.pending[index]
@@ -698,6 +708,7 @@ class LLM:
         the prompt. The other requests go on."""
         if update.finish_reason is None:
             self.engine.core.finish_requests([update.request_id], "error")
+        state.leave_out_last_token()
         state.finish("error", None)
         state.error = error
         logger.warning("prompt %d: %s", index, error)
@@ -790,6 +801,9 @@ class _Call:
     planned_tokens: int = 0
     """Prefill tokens after sharing + decode budgets; a completion that stops early gives back what it left."""
     num_prompts_done: int = 0
+    num_reading_every_token: int = 0
+    """Unfinished completions that read each token as it comes (`CompletionState.reads_every_token`): while
+    none, a step's tokens need no work here but for the requests they ended (`LLM._step`)."""
     num_cached_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's
     `cached_prompt_tokens`)."""

@@ -1,4 +1,5 @@
-"""Detokenisation and stop strings for one completion. Writer: `LLM` (the facade) only.
+"""Detokenisation and stop strings for one completion. Writer: `LLM` (the facade) only; a completion's
+`token_ids` is its engine request's output list, which the scheduler alone writes (`CompletionState`).
 
 Stop strings are matched on the decoded text after every new token; only the tail that could hold
 a new match is searched. When a stop string matches, the text is cut right before it (or after it
@@ -351,9 +352,14 @@ def _text_stream(tokenizer, skip_special_tokens: bool, primer: tuple[list[int], 
 
 
 class CompletionState:
-    def __init__(self, index: int, params: SamplingParams, tokenizer, prompt_token_ids=None) -> None:
+    def __init__(self, index: int, params: SamplingParams, tokenizer, prompt_token_ids=None,
+                 token_ids: list[int] | None = None) -> None:
         """`prompt_token_ids`: where a tokenizer's pieces lose their leading space decoded alone, the output's
-        text is decoded after the prompt's last tokens (vLLM's text: "The capital is" -> " Paris", not "Paris")."""
+        text is decoded after the prompt's last tokens (vLLM's text: "The capital is" -> " Paris", not "Paris").
+        `token_ids`: the engine request's output list (`Request.output_token_ids`), which the scheduler alone
+        writes as each token comes back and this state reads (`append` adds nothing to it): so a completion
+        that reads no token as it comes (`reads_every_token` false) costs nothing per token. None (tests):
+        the state keeps its own list, which `append` grows."""
         self.index = index
         self.params = params
         self.tokenizer = tokenizer
@@ -364,12 +370,17 @@ class CompletionState:
         """vLLM's incremental text, replayed once the output's text holds U+FFFD (`_text`)."""
         self._stream_from = 0
         """The fewest tokens whose text held U+FFFD: the stream's text is taken for as many or more."""
-        self.token_ids: list[int] = []
+        self._own_tokens = token_ids is None
+        self.token_ids: list[int] = [] if token_ids is None else token_ids
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.num_logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.num_logprobs is not None else None
         if not params.detokenize:  # (vLLM's detokenize=False: no text, no decoded logprob tokens)
             self.tokenizer = tokenizer = None
         self._watch_stops = bool(params.stop_strings) and tokenizer is not None
+        self.reads_every_token = (self._watch_stops or self.logprobs is not None or params.grammar_key is not None
+                                  or params.prompt_logprobs is not None)
+        """Whether `append` must see each token as it comes (stop strings, logprobs, a grammar's check, the
+        prompt logprobs that come with the first): otherwise only the end of the request matters (`finish`)."""
         self._decode_text = text_decoder(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
         """`tokenizer.decode` with this output's skip_special_tokens (`text_decoder`)."""
         self._max_stop_len = max((len(s) for s in params.stop_strings), default=0)
@@ -390,7 +401,8 @@ class CompletionState:
         the first min_tokens tokens' text, not in the text of an EOS or stop token that ended the output
         (`stop_terminated`; its text is left out) unless include_stop_str_in_output, and not in the text of
         tokens that end inside a multi-byte character until it is whole."""
-        self.token_ids.append(token_id)
+        if self._own_tokens:
+            self.token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
             self.logprobs.append(logprob_entry(token_id, logprobs))
             self.cumulative_logprob += logprobs.sampled_logprob
@@ -465,6 +477,12 @@ class CompletionState:
         if text.startswith(primer_text):
             return text[len(primer_text):]
         return self._decode_text(list(token_ids))  # the prompt's text changed: alone
+
+    def leave_out_last_token(self) -> None:
+        """The last token is not the completion's (its grammar refused it): from here on the state keeps its
+        own list, without it (the request's list, which the scheduler wrote, keeps it)."""
+        self.token_ids = self.token_ids[:-1]
+        self._own_tokens = True
 
     def finish(self, reason: str, stop_reason: int | str | None) -> None:
         self.finish_reason = reason

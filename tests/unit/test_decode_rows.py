@@ -103,3 +103,22 @@ def test_requests_of_the_same_settings_share_one_sampling_spec_and_the_runner_re
     a, b, s = ex.batches[-1].decodes.samplings
     assert a is b and a.num_prompt_tokens == 0 and s is not a and s.seed == 3
     assert _uniform([a, b]) is a and _uniform([a, b, s]) is None and _uniform([]) is None
+
+
+def test_a_completion_reads_its_requests_output_list_and_keeps_its_own_once_a_token_is_left_out():
+    """The facade's completion state reads the engine request's output list, which the scheduler writes (so a
+    completion that reads no token as it comes costs nothing per token); a token its grammar refused is left
+    out of the completion only."""
+    from batchllm.output_processor import CompletionState
+    from batchllm.sampling_params import SamplingParams
+
+    outputs = [5, 6]
+    state = CompletionState(0, SamplingParams(max_tokens=4), None, token_ids=outputs)
+    assert not state.reads_every_token and state.token_ids is outputs
+    assert state.append(6, None) is None and outputs == [5, 6]  # (the scheduler recorded it already)
+    state.leave_out_last_token()
+    assert state.token_ids == [5] and outputs == [5, 6]
+    assert CompletionState(0, SamplingParams(max_tokens=4, logprobs=1), None, token_ids=[]).reads_every_token
+    own = CompletionState(0, SamplingParams(max_tokens=4), None)
+    own.append(3, None)
+    assert own.token_ids == [3]
