@@ -160,6 +160,7 @@ class ScheduledBatch:
 
     @property
     def num_decode_rows(self) -> int:
+        """Rows in `decodes` (0 without)."""
         return 0 if self.decodes is None else len(self.decodes.request_ids)
 
     @property

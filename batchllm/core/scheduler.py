@@ -79,10 +79,12 @@ class StepUpdates:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[RequestUpdate]:
+        """One RequestUpdate per token, in batch order."""
         for request_id, token in zip(self.request_ids, self.token_ids):
             yield self.update(request_id, token)
 
     def __len__(self) -> int:
+        """Tokens recorded (the output tokens the step added)."""
         return len(self.token_ids)
 
     def update(self, request_id: str, token: int) -> RequestUpdate:
@@ -92,6 +94,7 @@ class StepUpdates:
                              self.prompt_logprobs.get(request_id))
 
     def __eq__(self, other: object) -> bool:
+        """Equal to the list of its RequestUpdates (or to updates holding the same ones)."""
         return list(self) == list(other) if isinstance(other, StepUpdates | list) else NotImplemented
 
     def extend(self, later: StepUpdates) -> StepUpdates:
