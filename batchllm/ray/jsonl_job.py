@@ -136,7 +136,7 @@ class _CliPreprocess:
     def __call__(self, row: dict) -> dict:
         from batchllm.io.ingest import must_fit_the_context, sampling_params_for
         from batchllm.io.openai_batch import with_template_defaults
-        from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS
+        from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS, REPLACED_CONSTRAINT
 
         line = _parse(row)
         if isinstance(line, LineError):
@@ -147,6 +147,7 @@ class _CliPreprocess:
         prompt = line.prompt if isinstance(line.prompt, dict) else {kind: line.prompt}  # (a dict: ids and their text)
         return {**prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
                 NO_MAX_TOKENS: sp.max_tokens is None, "add_special_tokens": line.add_special_tokens,
+                REPLACED_CONSTRAINT: line.tool_call.replaced if line.tool_call is not None else None,
                 "chat_template_kwargs": (with_template_defaults(self.template_defaults, line.chat_template_kwargs,
                                                                 line.format == OPENAI) if line.is_chat else None)}
 

@@ -49,6 +49,10 @@ NO_MAX_TOKENS = "max_tokens_none"
 """A preprocess's optional flag: the row runs without max_tokens (vLLM's None: to the context, or to what the
 KV cache holds), whatever the config's default. A null max_tokens among its sampling_params cannot say so: there
 null is "not given" (Arrow fills a key a row lacks with null)."""
+REPLACED_CONSTRAINT = "structured_outputs_replaced"
+"""A preprocess's optional value: the grammar key (kind, text) of a structured_outputs the row's own replaced (a
+forced tool call's line: `io.tool_calls.ForcedToolCall.replaced`). It is compiled against the model before the
+row's own, so that a constraint that fails a line without tools fails it with them too, as `io.ingest` fails it."""
 
 
 # ---------------------------------------------------------------------- a model that cannot be used
@@ -182,7 +186,7 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
 
     Read as a plain JSONL line is (`jsonl.prompt_kind`, `jsonl.add_special_tokens_of`: one rule for both), a null
     column being "not given"; raises ValueError naming the row's problem, checked here so that the engine stage
-    never meets a bad value nor a row the model cannot serve."""
+    never meets a bad value nor a row the model cannot serve (nor a `REPLACED_CONSTRAINT` that does not compile)."""
     request = preprocess(row) if preprocess is not None else row  # the input columns travel on anyway
     if not isinstance(request, dict):
         raise ValueError(f"preprocess must return a dict, got {type(request).__name__}")
@@ -201,6 +205,8 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     if request.get(NO_MAX_TOKENS):
         fields["max_tokens"] = None
     params = SamplingParams(**fields)
+    if (replaced := request.get(REPLACED_CONSTRAINT)) is not None and prompts.grammars is not None:
+        prompts.grammars.compile(tuple(_plain(replaced)))
     params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                            prompts.eos_token_ids)
     truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)

@@ -368,3 +368,26 @@ def test_a_row_reads_token_ids_with_their_text_and_add_special_tokens_as_a_plain
     out = tokenize_batch(table, config=ProcessorConfig(model=model), preprocess=_CliPreprocess({}, None),
                          num_buckets=1)
     assert out.column(ERROR).to_pylist() == [None, None] and out.column(TOKENS).to_pylist() == [plain, [7]]
+
+
+def test_a_forced_tool_call_rows_own_constraint_that_does_not_compile_fails_the_row_as_run_fails_its_line():
+    """run --ray let a "required" tool_choice line whose own structured_outputs (replaced by the call's) does not
+    compile run, where run fails that line in ingest: the row stage compiles it too, and the record says so in
+    run's words; a line beside it runs."""
+    import json
+
+    pytest.importorskip("xgrammar")
+    from batchllm.io.ingest import ResponseShape
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, RECORD, _CliPreprocess, _CliRecords
+
+    tools = [{"type": "function", "function": {"name": "verdict", "parameters": {"type": "object"}}}]
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "tools": tools, "tool_choice": "required"}
+    lines = [{"id": "a", **chat, "structured_outputs": {"regex": "("}},
+             {"id": "b", **chat, "structured_outputs": {"regex": "x"}}]
+    table = pa.table({RAW: [json.dumps(x).encode() for x in lines], LINE: [1, 2], DUPLICATE: [None, None]})
+    out = tokenize_batch(table, config=ProcessorConfig(max_tokens=4),
+                         preprocess=_CliPreprocess({"max_tokens": 4}, None), num_buckets=1)
+    error, fine = out.column(ERROR).to_pylist()
+    assert error.startswith("structured output: the regex cannot be compiled") and fine is None, (error, fine)
+    record = json.loads(_CliRecords(ResponseShape("m"), "jsonl")(out.slice(0, 1).to_pylist()[0], None, error)[RECORD])
+    assert record == {"id": "a", "error": {"line": 1, "message": f"line 1: {error}"}}
