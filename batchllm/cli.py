@@ -292,6 +292,9 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-chat-template-kwargs", type=_template_keywords, default=None, metavar="JSON",
                    help="keywords for the chat template of every chat line, under a line's own chat_template_kwargs "
                    "(vLLM's option), e.g. '{\"enable_thinking\": false}' for Qwen3")
+    p.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="leave a chat line's tools out of its chat template where its tool_choice is \"none\" "
+                   "(vLLM's option; default: the tools reach the template whatever the tool_choice)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
 
 
@@ -348,9 +351,6 @@ _RUN_TOOL_FLAG = f"only `run` (run-batch) takes it, and does not use it: {_FORCE
 VLLM_SERVER_FLAGS = {
     "--enable-auto-tool-choice": _RUN_TOOL_FLAG, "--tool-call-parser": _RUN_TOOL_FLAG,
     "--tool-parser-plugin": _RUN_TOOL_FLAG,
-    "--exclude-tools-when-tool-choice-none": "not taken: a line's tools reach its chat template whatever its "
-                                             "tool_choice, \"none\" too; leave `tools` out of the lines whose "
-                                             "tool_choice is \"none\"",
     "--trust-request-chat-template": "a line's own chat_template is not taken: give --chat-template",
     "--chat-template-content-format": "the content format is detected from the chat template, as vLLM's auto "
                                       "(LLM.chat takes chat_template_content_format)",
@@ -572,7 +572,7 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
 RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "default_chat_template_kwargs", "dtype", "load_format",
                   "max_model_len", "max_logprobs", "quantization", "kv_cache_dtype", "fp8_attention",
                   "skip_tokenizer_init", "trust_remote_code", "served_model_name", "response_role",
-                  "reasoning_parser")
+                  "reasoning_parser", "exclude_tools_when_tool_choice_none")
 """Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
 --seed), and how OpenAI responses name the model and the answer's role and split its reasoning: an output is
 resumed only under the same ones (`io.job.prepare_output`). Options of speed alone (step budget, kernels, block
@@ -623,6 +623,8 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     if options["response_role"] == "assistant":  # the default recorded as unset: outputs written before the
         options["response_role"] = None  # option existed (recorded without it) resume under the default
     options["default_chat_template_kwargs"] = options["default_chat_template_kwargs"] or None  # ({}: none, as unset)
+    options["exclude_tools_when_tool_choice_none"] = options["exclude_tools_when_tool_choice_none"] or None  # (off:
+    # unset, so that outputs recorded before the option existed resume without it)
     for name in ("model", "tokenizer"):
         if options[name] is not None and Path(options[name]).exists():
             options[name] = str(Path(options[name]).resolve())
@@ -924,7 +926,8 @@ def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, so
         front = front_end_for(config, source)
         facts = resolve_model(config, source=source)  # what can be checked without weights: before reading
         reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
-                                progress=not args.no_progress, template_defaults=args.default_chat_template_kwargs)
+                                progress=not args.no_progress, template_defaults=args.default_chat_template_kwargs,
+                                exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
         return LLM.from_config(config, front, workers, facts), reading
     except BaseException as e:  # the workers stop now, not at exit
         if workers is not None:
@@ -1141,7 +1144,8 @@ def plan_command(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     valid, errors, _, ignored = prepare_lines(args.input, prompts, defaults, None,
-                                              template_defaults=args.default_chat_template_kwargs)
+                                              template_defaults=args.default_chat_template_kwargs,
+                                              exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
     note_ignored_fields(ignored)
     for error in errors:
         print(f"batchllm: {error.message}", file=sys.stderr)

@@ -31,6 +31,7 @@ from batchllm.io.jsonl import (
     BatchLine,
     LineError,
     duplicate_id,
+    line_template_kwargs,
     read_batch_lines,
     result_record,
     without_bom,
@@ -118,9 +119,10 @@ def count_input_lines(path: Path) -> int:
 
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
                   resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024,
-                  template_defaults: dict | None = None) -> Ingested:
+                  template_defaults: dict | None = None, exclude_tools_when_none: bool = False) -> Ingested:
     """Stream the file and tokenize it in batches, skipping lines a previous run finished. Chat lines are
-    rendered with `template_defaults` (--default-chat-template-kwargs) under their own template keywords.
+    rendered with `template_defaults` (--default-chat-template-kwargs) under their own template keywords, without
+    their tools where their tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`).
 
     Prompts are kept as int32 numpy arrays and identical sampling settings share one SamplingParams (a seeded
     line's is a slotted copy of it, ~400 bytes, with its own seed: `sampling_params_for`), so memory follows
@@ -159,7 +161,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             if (duplicate := claims.claim(item)) is not None:
                 errors.append(duplicate)
             continue
-        prepared = _prepared(item, prompts, defaults, global_seed, params_cache, template_defaults)
+        prepared = _prepared(item, prompts, defaults, global_seed, params_cache, template_defaults,
+                             exclude_tools_when_none)
         if isinstance(prepared, LineError):
             errors.append(prepared)
             continue
@@ -196,12 +199,13 @@ class IdClaims:
 
 
 def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
-              params_cache: dict, template_defaults: dict | None) -> tuple[SamplingParams, Any] | LineError:
+              params_cache: dict, template_defaults: dict | None, exclude_tools_when_none: bool = False
+              ) -> tuple[SamplingParams, Any] | LineError:
     """A line's SamplingParams (checked against the model) and its prompt as `tokenize_many` takes it (a chat
-    rendered by its template with `template_defaults` under its own keywords, which the line keeps: its answer's
-    reasoning split reads them), or the LineError of either. A forced tool call's line compiles its own
-    structured_outputs, which the call's constraint replaced (`ForcedToolCall.replaced`), as a line's own: first,
-    so that it fails the line as it would without tools."""
+    rendered by its template with `jsonl.line_template_kwargs`: `template_defaults` under its own keywords, which
+    the line keeps, as its answer's reasoning split reads them), or the LineError of either. A forced tool call's
+    line compiles its own structured_outputs, which the call's constraint replaced (`ForcedToolCall.replaced`), as a
+    line's own: first, so that it fails the line as it would without tools."""
     try:
         if item.tool_call is not None and item.tool_call.replaced is not None and prompts.grammars is not None:
             prompts.grammars.compile(item.tool_call.replaced)
@@ -209,8 +213,7 @@ def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_
         params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                                prompts.eos_token_ids)
         if item.is_chat:
-            item.chat_template_kwargs = openai_batch.with_template_defaults(
-                template_defaults, item.chat_template_kwargs, item.format == OPENAI)
+            item.chat_template_kwargs = line_template_kwargs(item, template_defaults, exclude_tools_when_none)
         prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
                   if item.is_chat else item.prompt)
     except ValueError as e:

@@ -81,6 +81,22 @@ class BatchLine:
     tool_call: ForcedToolCall | None = None
     """Chat lines whose tool_choice forces a call ("required" or a named function, `io.tool_calls`): the answer,
     constrained by its sampling_overrides' structured_outputs, is read back as tool calls in its record."""
+    tool_choice_none: bool = False
+    """Chat lines whose tool_choice is "none" (as given: not null, not absent): their tools reach the chat template
+    unless the job excludes them (vLLM's --exclude-tools-when-tool-choice-none: `line_template_kwargs`)."""
+
+
+def line_template_kwargs(line: BatchLine, defaults: dict[str, Any] | None, exclude_tools_when_none: bool = False
+                         ) -> dict[str, Any] | None:
+    """A chat line's keywords for its chat template: its own over the job's `defaults`
+    (`openai_batch.with_template_defaults`), without its `tools` where its tool_choice is "none" and the job says
+    `exclude_tools_when_none` (vLLM's --exclude-tools-when-tool-choice-none: the template never sees them, so the
+    prompt is that of the line without tools; its documents stay). Neither the line's dict nor `defaults` is
+    changed."""
+    kwargs = openai_batch.with_template_defaults(defaults, line.chat_template_kwargs, line.format == OPENAI)
+    if exclude_tools_when_none and line.tool_choice_none and kwargs and "tools" in kwargs:
+        kwargs = {k: v for k, v in kwargs.items() if k != "tools"} or None
+    return kwargs
 
 
 def without_its_index(text: str, index: int) -> str:
@@ -268,7 +284,8 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -
     except ValueError as e:  # (BodyError and ToolChoiceError are ones)
         return error(str(e), rid)
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template,
-                     ignored_fields=tuple(unknown), add_special_tokens=add_special, tool_call=forced)
+                     ignored_fields=tuple(unknown), add_special_tokens=add_special, tool_call=forced,
+                     tool_choice_none=kind == "messages" and obj.get("tool_choice") == "none")
 
 
 def _plain_request(obj: dict, unknown: list[str]) -> tuple[str, Any, dict | None, bool | None]:
@@ -488,7 +505,8 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int] | N
     return BatchLine(line_number, rid, asked.prompt, asked.is_chat, integers_from_json(asked.overrides), OPENAI,
                      asked.url, model if isinstance(model, str) else None, asked.template, unknown,
                      continued_role=_continued_role(asked.template, asked.prompt), echo=asked.echo,
-                     response_asks=asked.asks, tool_call=asked.tool_call)
+                     response_asks=asked.asks, tool_call=asked.tool_call,
+                     tool_choice_none=asked.is_chat and obj["body"].get("tool_choice") == "none")
 
 
 def _continued_role(template: dict | None, messages: Any) -> str | None:

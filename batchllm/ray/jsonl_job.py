@@ -125,17 +125,20 @@ def _parse(row: dict) -> BatchLine | LineError:
 
 class _CliPreprocess:
     """Input line -> prompt and sampling fields, with the CLI's defaults and per-line seeds, and a chat line's
-    template keywords over the job's (`template_defaults`, --default-chat-template-kwargs)."""
+    template keywords over the job's (`template_defaults`, --default-chat-template-kwargs), without its tools where
+    its tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`, as `run` renders it)."""
 
-    def __init__(self, defaults: dict, global_seed: int | None, template_defaults: dict | None = None) -> None:
+    def __init__(self, defaults: dict, global_seed: int | None, template_defaults: dict | None = None,
+                 exclude_tools_when_none: bool = False) -> None:
         self.defaults = defaults
         self.global_seed = global_seed
         self.template_defaults = template_defaults
+        self.exclude_tools_when_none = exclude_tools_when_none
         self.cache: dict[str, SamplingParams] = {}
 
     def __call__(self, row: dict) -> dict:
         from batchllm.io.ingest import must_fit_the_context, sampling_params_for
-        from batchllm.io.openai_batch import with_template_defaults
+        from batchllm.io.jsonl import line_template_kwargs
         from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS, REPLACED_CONSTRAINT
 
         line = _parse(row)
@@ -148,8 +151,8 @@ class _CliPreprocess:
         return {**prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
                 NO_MAX_TOKENS: sp.max_tokens is None, "add_special_tokens": line.add_special_tokens,
                 REPLACED_CONSTRAINT: line.tool_call.replaced if line.tool_call is not None else None,
-                "chat_template_kwargs": (with_template_defaults(self.template_defaults, line.chat_template_kwargs,
-                                                                line.format == OPENAI) if line.is_chat else None)}
+                "chat_template_kwargs": (line_template_kwargs(line, self.template_defaults,
+                                                              self.exclude_tools_when_none) if line.is_chat else None)}
 
 
 class _CliRecords:
@@ -229,14 +232,14 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
                      global_seed: int | None = None, names=None, file_format: str | None = None,
                      template_defaults: dict | None = None, on_written: Callable[[], None] | None = None,
-                     on_loaded: Callable[[], None] | None = None) -> dict:
+                     on_loaded: Callable[[], None] | None = None, exclude_tools_when_none: bool = False) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir (counted by
     line: `count_shard_records`).
     `on_written` is called once every shard is written (before they are counted): the job is done from then on;
     `on_loaded`, by each replica once its engine is built (on its node: a picklable callable).
     `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name);
     `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
-    the chat lines' default template keywords (`prepare_lines`').
+    the chat lines' default template keywords, and `exclude_tools_when_none` (`prepare_lines`').
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
@@ -257,8 +260,8 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         names = ResponseShape(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
     records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
                              template_defaults=template_defaults)
-    processor = Processor(config, _CliPreprocess(sampling_defaults, global_seed, template_defaults),
-                          record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
+    preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none)
+    processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults))
     try:
         records = processor(lines, num_rows=count_input_lines(input_path))
@@ -456,7 +459,8 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         # every shard is written, a later signal is ignored; a second signal says `_rerun_hint`)
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
-                                      args.default_chat_template_kwargs, on_written=results_written, on_loaded=loaded)
+                                      args.default_chat_template_kwargs, on_written=results_written, on_loaded=loaded,
+                                      exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
         except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
             return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
                          f"so far are kept, {_rerun_hint(args)}")

@@ -473,8 +473,9 @@ def test_vllms_tool_calling_flags_migrate_to_run_saying_what_they_change(capsys,
     """`run-batch ... --tool-call-parser hermes` (vLLM 0.26 serves "required" and named tool_choice only with a
     parser) exited 2 saying tool calls were not parsed here, which forced choices now are: the flags are taken,
     a line says a forced choice's answer is read as JSON and "auto" lines still fail; vLLM's rules stand
-    (--enable-auto-tool-choice needs --tool-call-parser) and --exclude-tools-when-tool-choice-none, which would
-    change "none" lines' prompts, is refused naming what to do instead."""
+    (--enable-auto-tool-choice needs --tool-call-parser). --exclude-tools-when-tool-choice-none, refused before, is
+    taken (it changes "none" lines' prompts: `test_tool_calls`), and recorded with the options a resume must keep,
+    off as unset (as outputs written before it existed recorded it)."""
     from batchllm.cli import main
 
     missing = str(tmp_path / "missing.jsonl")
@@ -489,10 +490,14 @@ def test_vllms_tool_calling_flags_migrate_to_run_saying_what_they_change(capsys,
         main(["run", "-i", missing, "-o", "o.jsonl", "--enable-auto-tool-choice"])
     assert exit_.value.code == 2
     assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["run", "-i", missing, "-o", "o.jsonl", "--exclude-tools-when-tool-choice-none"])
-    assert ("--exclude-tools-when-tool-choice-none: not taken: a line's tools reach its chat template whatever its "
-            "tool_choice") in capsys.readouterr().err
+    from batchllm.cli import build_parser, results_options
+
+    for words in (["run", "i", "-o", "o"], ["run-batch", "-i", "i", "-o", "o"], ["plan", "i"]):
+        args = build_parser().parse_args([*words, "--exclude-tools-when-tool-choice-none"])
+        assert args.exclude_tools_when_tool_choice_none is True
+    recorded = [results_options(build_parser().parse_args(["run", "i", "-o", "o", *flag]), {})
+                ["exclude_tools_when_tool_choice_none"] for flag in ([], ["--exclude-tools-when-tool-choice-none"])]
+    assert recorded == [None, True]
 
 
 def test_vllm_module_paths_and_python_dash_m_work():

@@ -240,3 +240,38 @@ def test_a_plain_messages_line_with_a_forced_tool_choice_gets_its_calls_in_its_r
     assert "needs a tool-call parser" in auto.message
     missing = parse_line(json.dumps({"id": 4, **CHAT, "tool_choice": {"function": {"name": "x"}}}).encode(), 4, None)
     assert 'names the function "x", which is not among the tools' in missing.message
+
+
+def test_exclude_tools_when_tool_choice_none_renders_none_lines_without_their_tools(monkeypatch, tmp_path):
+    """--exclude-tools-when-tool-choice-none (vLLM's option) was refused; with it, a chat line whose tool_choice is
+    "none" (a plain line's or an OpenAI body's) renders without its tools, as the line without them, in `run`'s
+    ingest and in `run --ray`'s preprocess alike; a null or absent tool_choice, a forced one and a job without the
+    option keep them."""
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.io.ingest import prepare_lines
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliPreprocess
+
+    prompts = prompt_processor_for(None)
+    monkeypatch.setattr(prompts.tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                                            "{% if tools %}|{{ tools | length }} tools{% endif %}")
+    body = {**CHAT, "tool_choice": "none"}
+    lines = [{"id": "none", **CHAT, "tool_choice": "none"}, {"id": "null", **CHAT, "tool_choice": None},
+             {"id": "absent", **CHAT}, {"id": "forced", **CHAT, "tool_choice": "required", "max_tokens": 4},
+             {"custom_id": "oa", "url": CHAT_URL, "body": body}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def texts(**kwargs) -> dict:
+        result = prepare_lines(path, prompts, {"max_tokens": 4}, None, **kwargs)
+        assert not result.errors, result.errors
+        return {v.line.request_id: prompts.tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
+
+    kept = {"none": "Is water wet?|2 tools", "null": "Is water wet?|2 tools", "absent": "Is water wet?|2 tools",
+            "forced": "Is water wet?|2 tools", "oa": "Is water wet?|2 tools"}
+    assert texts() == kept
+    assert texts(exclude_tools_when_none=True) == {**kept, "none": "Is water wet?", "oa": "Is water wet?"}
+    preprocess = _CliPreprocess({"max_tokens": 4}, None, {"tone": "dry"}, exclude_tools_when_none=True)
+    rows = [preprocess({RAW: json.dumps(line).encode(), LINE: i, DUPLICATE: None}) for i, line in enumerate(lines)]
+    assert [row["chat_template_kwargs"] for row in rows] == [
+        {"tone": "dry"}, {"tone": "dry", "tools": TOOLS}, {"tone": "dry", "tools": TOOLS},
+        {"tone": "dry", "tools": TOOLS}, {"tone": "dry"}]
