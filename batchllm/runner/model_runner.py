@@ -316,12 +316,12 @@ class ModelRunner:
         tokens, which the followers keep for their next step's placeholders."""
         logits = self.model.compute_logits(hidden)
         if self.tp is None or self.tp.is_driver:
-            specs, uniform = step.sample_specs, step.sample_uniform
             # each row samples the token after its last one: where a seeded row's noise comes from
             positions = (step.seq_lens[step.sample_seqs].tolist()
-                         if any(spec.seed is not None and not spec.is_greedy
-                                for spec in (specs if uniform is None else (uniform,))) else None)
-            sampled = sample_on_device(logits, specs, positions, self.default_generator, *extras, uniform=uniform)
+                         if any(spec.seed is not None and not spec.is_greedy for spec in step.sample_settings)
+                         else None)
+            sampled = sample_on_device(logits, step.sample_specs, positions, self.default_generator, *extras,
+                                       uniform=step.sample_uniform)
         else:
             sampled = SampledTokens(torch.empty(len(step.sample_ids), dtype=torch.int64, device=self.device))
         if self.tp is not None:
@@ -355,8 +355,7 @@ class ModelRunner:
         request's history, advance its grammar matcher over them, and fill the grammar bitmask
         (on the host; copied to the device behind the step). (None, None) when no row needs it.
         The sampling rows are those of `batch.requests` whose `sampling` is set, in order."""
-        uniform = step.sample_uniform
-        if not any(spec.needs_history for spec in (step.sample_specs if uniform is None else (uniform,))):
+        if not any(spec.needs_history for spec in step.sample_settings):
             return None, None
         sample_rows = [s for s in batch.requests if s.sampling is not None]
         histories: list[OutputHistory | None] = []
@@ -577,6 +576,11 @@ class StepInputs:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    @property
+    def sample_settings(self) -> list[SamplingSpec] | tuple[SamplingSpec]:
+        """The specs a test of the sampling rows' settings reads: the one they all share, or every row's."""
+        return self.sample_specs if self.sample_uniform is None else (self.sample_uniform,)
 
 
 class PendingRunnerOutput:
