@@ -524,7 +524,7 @@ class Scheduler:
         num_samples = 0
         for request, num_new, num_tokens, decode in chosen:
             if decode:
-                made = self._scheduled_decode(request, allocated=True)
+                made = self._scheduled_decode(request)
                 scheduled.append(made)
                 num_decodes += 1
                 attended_keys += made.start_position
@@ -562,17 +562,17 @@ class Scheduler:
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.kv.pool.num_used_blocks)
         return batch
 
-    def _scheduled_decode(self, request: Request, allocated: bool) -> ScheduledRequest:
+    def _scheduled_decode(self, request: Request) -> ScheduledRequest:
         """A decode admitted this step, as a ScheduledRequest (rare: the running decodes are columns,
         `_decode_rows`): the request's last token (pending, as a placeholder, or its last output), which
-        samples; with the table entries the runner lacks when `allocated` (else its table is unchanged and
-        the runner holds all of it). Advances the request's counters."""
+        samples, with the table entries the runner lacks (admission allocated them). Advances the request's
+        counters."""
         start, pending, sp = request.num_computed_tokens, request.num_pending_tokens, request.sampling_params
         sent = request.num_blocks_sent
         spec = request.cached_sampling_spec or self._sampling_spec(request)  # (before the pending count grows)
         scheduled = ScheduledRequest(
             request.request_id, [PLACEHOLDER_TOKEN_ID] if pending else request.output_token_ids[-1:], start,
-            self._unsent_blocks(request) if allocated else [], sent, spec, request.shared_prefixes,
+            self._unsent_blocks(request), sent, spec, request.shared_prefixes,
             None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, 1))
         request.num_computed_tokens = start + 1
         request.num_pending_tokens = pending + 1
