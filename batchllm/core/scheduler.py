@@ -590,17 +590,20 @@ class Scheduler:
         reads that first: every sampling row, every step); cached once past min_tokens. Requests with the
         same settings share one spec object (`_shared_specs`: the runner then tests one spec for a step
         whose rows all hold it, `StepInputs.sample_uniform`), except seeded ones and those with
-        adjustments (whose prompt ids would make the key costly), which are each their own."""
+        adjustments (whose prompt ids would make the key costly), which are each their own. A greedy
+        request's seed is dropped (it draws no noise), so greedy rows share a spec on `batchllm run`, which
+        seeds every request."""
         sp = request.sampling_params
         banned: tuple[int, ...] = ()
         if request.num_output_tokens + request.num_pending_tokens < sp.min_tokens:
             banned = tuple(sorted(set(request.eos_token_ids) | set(sp.stop_token_ids)))
         adjust = _logits_adjust(request) if sp.has_adjustments else None
-        spec = SamplingSpec(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed,
+        seed = None if sp.is_greedy else sp.seed  # (a greedy row draws no noise: its seed changes nothing)
+        spec = SamplingSpec(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=seed,
                             num_logprobs=sp.num_logprobs, logprob_token_ids=tuple(sp.logprob_token_ids or ()),
                             banned_token_ids=banned, adjust=adjust, grammar=sp.grammar_key,
                             num_prompt_tokens=request.num_prompt_tokens if request.needs_host_tokens else 0)
-        if adjust is None and sp.seed is None:
+        if adjust is None and seed is None:
             if len(self._shared_specs) >= _MAX_SHARED_SPECS:
                 self._shared_specs.clear()
             spec = self._shared_specs.setdefault(spec, spec)

@@ -91,18 +91,20 @@ def test_a_steps_updates_are_columns_that_read_as_request_updates():
 def test_requests_of_the_same_settings_share_one_sampling_spec_and_the_runner_reads_it_once():
     """Unseeded, unadjusted requests of equal settings get one SamplingSpec object (its prompt length is kept only
     where penalties or a grammar need it), so the runner tests a step's settings once (`_uniform`); a seeded
-    request keeps its own."""
+    sampling request keeps its own, while a greedy one's seed is dropped (it draws no noise), so the greedy rows
+    of `batchllm run`, which seeds every request, share one too."""
     from batchllm.runner.model_runner import _uniform
 
     engine, sched, ex = make(budget=64)
     engine.add_request(req("a", 5, max_tokens=4))
     engine.add_request(req("b", 9, max_tokens=4))
-    engine.add_request(req("s", 6, max_tokens=4, seed=3))
+    engine.add_request(req("g", 7, max_tokens=4, seed=5))
+    engine.add_request(req("s", 6, max_tokens=4, seed=3, temperature=0.8))
     engine.step()
     engine.step()
-    a, b, s = ex.batches[-1].decodes.samplings
-    assert a is b and a.num_prompt_tokens == 0 and s is not a and s.seed == 3
-    assert _uniform([a, b]) is a and _uniform([a, b, s]) is None and _uniform([]) is None
+    a, b, g, s = ex.batches[-1].decodes.samplings
+    assert a is b is g and a.num_prompt_tokens == 0 and a.seed is None and s is not a and s.seed == 3
+    assert _uniform([a, b, g]) is a and _uniform([a, b, s]) is None and _uniform([]) is None
 
 
 def test_a_completion_reads_its_requests_output_list_and_keeps_its_own_once_a_token_is_left_out():

@@ -36,7 +36,8 @@ def make(num_blocks=64, block_size=4, budget=16, max_seqs=None, chunked=True, ma
 
 
 def req(rid, n_prompt, max_tokens=4, **kw):
-    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(temperature=0, max_tokens=max_tokens, **kw))
+    kw.setdefault("temperature", 0)
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, **kw))
 
 
 def run_all(engine):
