@@ -62,6 +62,9 @@
 #   PART=smolprof bash scripts/gpu_issues.sh   where a small model's step goes with thousands of requests running:
 #       the SmolLM2-135M shape (dummy weights), 6,000 chat-like requests (25 shared + 13 own tokens, 64 out): bench with
 #       --cpu-profile-out and --profile-out, then 1,000 and 3,000 requests for the scaling (~3 min)
+#   PART=smolab OLD=<tree> bash scripts/gpu_issues.sh   this tree against OLD's (its `batchllm` and `benchmarks`) on
+#       the SmolLM2-135M shape (dummy weights), 6,000 chat-like requests: bench new/old/new/old, then PART=smolprof
+#       (~5 min)
 #   PART=smolgraphs bash scripts/gpu_issues.sh   the same shape and requests (1,000, 3,000, 6,000), decode CUDA graphs up
 #       to 512 sequences (the default) against up to 8,192 (~4 min)
 #   PART=smolchatab TOKENIZER=<SmolLM2 tokenizer dir> bash scripts/gpu_issues.sh   `user_path.py --chat 6000` on the
@@ -261,6 +264,15 @@ pergpu)
     rm -f "$OUT"/pergpu_out_*.jsonl; pack
   fi
   ;;
+smolab)  # this tree against OLD on the SmolLM2-135M shape (dummy weights), 6,000 chat-like requests, bench
+  # new/old/new/old (one process each), then this tree's `smolprof` run
+  i=0
+  for tree in new old new old; do
+    i=$((i + 1))
+    bench_in_tree "$tree" "smolab_${tree}_$i" "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing \
+        --json-out "$OUT/smolab_${tree}_$i.json"
+  done
+  ;&
 smolprof)
   bench smol_prof "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing --json-out "$OUT/smol_prof.json" \
       --cpu-profile-out "$OUT/smol_cpu_profile.txt" --profile-out "$OUT/smol_gpu_profile.txt"
