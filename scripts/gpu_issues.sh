@@ -62,6 +62,9 @@
 #   PART=smolprof bash scripts/gpu_issues.sh   where a small model's step goes with thousands of requests running:
 #       the SmolLM2-135M shape (dummy weights), 6,000 chat-like requests (25 shared + 13 own tokens, 64 out): bench with
 #       --cpu-profile-out and --profile-out, then 1,000 and 3,000 requests for the scaling (~3 min)
+#   PART=startup TOKENIZER=<SmolLM2 tokenizer dir> bash scripts/gpu_issues.sh   where a small job's process time goes:
+#       `batchllm run` on 6,000 chats, 64 tokens each, SmolLM2-135M shape (dummy weights), twice, with -X importtime
+#       and --stats (the engines' import, build and ready times; ~2 min)
 #   PART=smolab OLD=<tree> bash scripts/gpu_issues.sh   this tree against OLD's (its `batchllm` and `benchmarks`) on
 #       the SmolLM2-135M shape (dummy weights), 6,000 chat-like requests: bench new/old/new/old, then PART=smolprof
 #       (~5 min)
@@ -263,6 +266,23 @@ pergpu)
     done
     rm -f "$OUT"/pergpu_out_*.jsonl; pack
   fi
+  ;;
+startup)  # where a small job's process time goes: `batchllm run` on 6,000 chats (64 tokens, ignore_eos) on the
+  # SmolLM2-135M shape (dummy weights, TOKENIZER's tokenizer and template), twice: the process, the engines' phases
+  # (--stats: engine_build_s, each rank's import_s / build_s / ready_s) and the generation (wall_s)
+  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+from user_path import chat_prompts, write_chat_batch
+write_chat_batch(Path('$OUT/chat_startup.jsonl'), chat_prompts(6000), 64, ignore_eos=True, temperature=0)"
+  for i in 1 2; do
+    start=$(date +%s.%N)
+    timeout "${T:-3000}" python3 -X importtime -m batchllm.cli run "$OUT/chat_startup.jsonl" -o "$OUT/startup_out.jsonl" \
+        --overwrite --no-progress --stats "$OUT/startup_stats_$i.json" --model benchmarks/configs/smollm2-135m \
+        --load-format dummy --tokenizer "${TOKENIZER:?set TOKENIZER to the SmolLM2 tokenizer dir}" \
+        > "$OUT/startup_run_$i.log" 2> "$OUT/startup_importtime_$i.log"
+    run_stats "startup $i" "$start" "$OUT/startup_stats_$i.json" wall_s engine_build_s input_read_s \
+        input_read_wait_s num_lines_done ranks
+    rm -f "$OUT/startup_out.jsonl"*; pack
+  done
   ;;
 smolab)  # this tree against OLD on the SmolLM2-135M shape (dummy weights), 6,000 chat-like requests, bench
   # new/old/new/old (one process each), then this tree's `smolprof` run
