@@ -64,6 +64,8 @@ from batchllm.io.job import (
     state_path_for,
 )
 from batchllm.io.reasoning import REASONING_PARSERS, check_tokenizer
+from batchllm.io.tool_parsers import TOOL_PARSERS
+from batchllm.io.tool_parsers import check_tokenizer as check_tool_parser_tokenizer
 from batchllm.models.default_model import default_model_path
 from batchllm.models.quant_config import resolve_quantization
 from batchllm.options import (
@@ -161,7 +163,7 @@ def _add_run_parser(sub) -> None:
                    help="seed: lines without their own seed get one derived from this and their id, "
                    "so sampled outputs are reproducible line by line (also the engine's seed)")
     _add_output_arguments(run.add_argument_group("output"))
-    _add_tool_call_arguments(run.add_argument_group("tool calls (vLLM's flags; no parser is needed here)"))
+    _add_tool_call_arguments(run.add_argument_group("tool calls (vLLM's flags)"))
     add_engine_arguments(run, exclude=["seed"])  # --seed above seeds the lines and the engine
     add_vllm_arguments(run, run_batch=True)  # --disable-log-stats, -pp 1, --task generate ...: bench's too
     r = run.add_argument_group("cluster (Ray Data; needs `pip install batchllm[ray]`)")
@@ -230,32 +232,46 @@ _FORCED_READ_AS_JSON = ('a forced tool_choice\'s answer ("required" or a named f
 
 
 def _add_tool_call_arguments(t) -> None:
-    """vLLM's tool-calling flags that `run` takes so that a vLLM command line migrates (`_tool_call_options`):
-    none changes an answer here, since a forced choice needs no parser and "auto" has none."""
+    """vLLM's tool-calling flags (`_tool_call_options`): with both --enable-auto-tool-choice and --tool-call-parser,
+    "auto" lines are served (`auto_tool_parser`); a forced choice needs no parser; --tool-parser-plugin is taken
+    and not used (it would load code)."""
     t.add_argument("--tool-call-parser", default=None, metavar="NAME",
-                   help=f"vLLM's option (vLLM 0.26 serves \"required\" and named tool_choice only with it); taken and "
-                   f"not used: {_FORCED_READ_AS_JSON}; \"auto\" lines still fail, each alone")
+                   help="vLLM's option: with --enable-auto-tool-choice, the parser of the model's own tool-call syntax "
+                   "that reads the answers of \"auto\" lines (vLLM's names: "
+                   f"{', '.join(TOOL_PARSERS)}); without it, not used: {_FORCED_READ_AS_JSON}")
     t.add_argument("--tool-parser-plugin", default=None, metavar="PATH",
-                   help="vLLM's option (a file registering --tool-call-parser names); taken and not used, as "
-                   "--tool-call-parser")
+                   help="vLLM's option (a file registering --tool-call-parser names); taken and not used: no code is "
+                   "loaded from it")
     t.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="vLLM's option, with --tool-call-parser (as vLLM requires); taken, but \"auto\" lines (and an "
-                   "OpenAI body's tools without a tool_choice) still fail, each alone: no tool-call parser here")
+                   help="vLLM's option, with --tool-call-parser (as vLLM requires): \"auto\" lines (and an OpenAI "
+                   "body's tools without a tool_choice) are answered as text which that parser reads as the message's "
+                   "tool_calls and content, as vLLM's server does; without it such lines fail, each alone")
+
+
+def auto_tool_parser(args: argparse.Namespace) -> str | None:
+    """The parser that serves "auto" lines: --tool-call-parser where --enable-auto-tool-choice is given (vLLM uses
+    no parser without it), else None (such lines fail)."""
+    return args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None
 
 
 def _tool_call_options(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """`run`'s vLLM tool-calling flags: --enable-auto-tool-choice without --tool-call-parser is refused (argparse's
-    error, status 2), as vLLM refuses it; where any is given, one line on stderr says what they change here:
-    nothing (a forced choice's answer is read as JSON, an "auto" line still fails)."""
+    """`run`'s vLLM tool-calling flags: --enable-auto-tool-choice without --tool-call-parser, or with a parser not
+    served here, is refused (argparse's error, status 2, before anything is written), as vLLM refuses them; a flag
+    that changes nothing here (--tool-parser-plugin; --tool-call-parser without --enable-auto-tool-choice) is noted
+    on stderr, one line."""
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         command.error("--enable-auto-tool-choice requires --tool-call-parser (as vLLM's)")
-    given = [flag for flag, value in (("--tool-call-parser", args.tool_call_parser),
-                                      ("--tool-parser-plugin", args.tool_parser_plugin),
-                                      ("--enable-auto-tool-choice", args.enable_auto_tool_choice)) if value]
-    if given:
-        print(f"batchllm: {', '.join(given)}: taken and not used: {_FORCED_READ_AS_JSON}; lines with "
-              '"tool_choice": "auto" (an OpenAI body\'s tools without a tool_choice too) still fail, each alone, '
-              "as no tool-call parser is here", file=sys.stderr)
+    if args.enable_auto_tool_choice and args.tool_call_parser not in TOOL_PARSERS:
+        command.error(f"--tool-call-parser {args.tool_call_parser!r} is not served here (served: "
+                      f"{', '.join(TOOL_PARSERS)}); vLLM's other parsers are not ported")
+    parser_unused = args.tool_call_parser and not args.enable_auto_tool_choice
+    unused = [flag for flag, value in (("--tool-call-parser", parser_unused),
+                                       ("--tool-parser-plugin", args.tool_parser_plugin)) if value]
+    if unused:
+        print(f"batchllm: {', '.join(unused)}: taken and not used (--tool-parser-plugin loads no code here; "
+              "--tool-call-parser reads \"auto\" lines only with --enable-auto-tool-choice, as in vLLM): "
+              f"{_FORCED_READ_AS_JSON}; \"auto\" lines fail, each alone, without --enable-auto-tool-choice",
+              file=sys.stderr)
 
 
 def _add_plan_parser(sub) -> None:
@@ -347,7 +363,8 @@ def _command_flags(parser: argparse.ArgumentParser, words: list[str]) -> list[st
     return [] if command is None else [f for a in command._actions for f in a.option_strings if f.startswith("--")]
 
 
-_RUN_TOOL_FLAG = f"only `run` (run-batch) takes it, and does not use it: {_FORCED_READ_AS_JSON}"
+_RUN_TOOL_FLAG = ("only `run` (run-batch) takes it: with --enable-auto-tool-choice and --tool-call-parser it serves "
+                  '"auto" lines')
 VLLM_SERVER_FLAGS = {
     "--enable-auto-tool-choice": _RUN_TOOL_FLAG, "--tool-call-parser": _RUN_TOOL_FLAG,
     "--tool-parser-plugin": _RUN_TOOL_FLAG,
@@ -572,24 +589,29 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
 RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "default_chat_template_kwargs", "dtype", "load_format",
                   "max_model_len", "max_logprobs", "quantization", "kv_cache_dtype", "fp8_attention",
                   "skip_tokenizer_init", "trust_remote_code", "served_model_name", "response_role",
-                  "reasoning_parser", "exclude_tools_when_tool_choice_none")
+                  "reasoning_parser", "exclude_tools_when_tool_choice_none", "auto_tool_choice")
 """Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
---seed), and how OpenAI responses name the model and the answer's role and split its reasoning: an output is
+--seed), and how OpenAI responses name the model and the answer's role and split its reasoning and tool calls
+(auto_tool_choice: the parser "auto" lines are read by, `auto_tool_parser`; None, as recorded before it existed,
+where they fail): an output is
 resumed only under the same ones (`io.job.prepare_output`). Options of speed alone (step budget, kernels, block
 size, parallelism, devices) may change between runs, and so may those that change only rounding
 (fp8_deferred_scales, fp8_fused_quant). dtype is recorded as given: "auto" resolves by device, so give --dtype
 to pin the precision of a job resumed on another kind of machine."""
 
 
-def check_reasoning_parser(args: argparse.Namespace) -> None:
-    """--reasoning-parser's needs of the tokenizer (`io.reasoning.check_tokenizer`: ValueError), checked before
-    anything is written; the tokenizer is loaded for it only where a parser is given."""
-    if not args.reasoning_parser or args.skip_tokenizer_init:
+def check_parsers_tokenizer(args: argparse.Namespace) -> None:
+    """--reasoning-parser's and the "auto" tool-call parser's needs of the tokenizer (`io.reasoning.check_tokenizer`,
+    `io.tool_parsers.check_tokenizer`: ValueError), checked before anything is written; the tokenizer is loaded for
+    it only where a parser is given."""
+    tool_parser = auto_tool_parser(args)
+    if not (args.reasoning_parser or tool_parser) or args.skip_tokenizer_init:
         return
     from batchllm.inputs import prompt_processor_for
 
-    tokenizer = prompt_processor_for(args.model, args.tokenizer, args.max_model_len).tokenizer
-    check_tokenizer(args.reasoning_parser, tokenizer.get_vocab())
+    vocab = prompt_processor_for(args.model, args.tokenizer, args.max_model_len).tokenizer.get_vocab()
+    check_tokenizer(args.reasoning_parser, vocab)
+    check_tool_parser_tokenizer(tool_parser, vocab)
 
 
 def checked_model(args: argparse.Namespace) -> ModelSource | None:
@@ -619,6 +641,7 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     template (text, `read_chat_template_once`) by a digest of it, so that an edited file does not; with
     --generation-config DIR, that file's EOS ids (its sampling defaults are among `defaults`)."""
     options = {name: getattr(args, name, None) for name in RESULT_OPTIONS}
+    options["auto_tool_choice"] = auto_tool_parser(args)  # (the parser "auto" lines are read by; None: refused)
     options["dtype"] = DTYPE_ALIASES.get(options["dtype"], options["dtype"])  # half and float16 are one dtype
     if options["response_role"] == "assistant":  # the default recorded as unset: outputs written before the
         options["response_role"] = None  # option existed (recorded without it) resume under the default
@@ -647,7 +670,7 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
     try:
         source = checked_model(args)
         read_chat_template_once(args)
-        check_reasoning_parser(args)
+        check_parsers_tokenizer(args)
         defaults, from_model = resolve_sampling_defaults(args, source.model_dir if source is not None else None)
         defaults = keep_the_outputs_openai_rule(defaults, state_path_for(args.output), args.overwrite)
         num_lines = count_input_lines(args.input)
@@ -927,7 +950,8 @@ def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, so
         facts = resolve_model(config, source=source)  # what can be checked without weights: before reading
         reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
                                 progress=not args.no_progress, template_defaults=args.default_chat_template_kwargs,
-                                exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
+                                exclude_tools_when_none=args.exclude_tools_when_tool_choice_none,
+                                auto_tool_parser=auto_tool_parser(args))
         return LLM.from_config(config, front, workers, facts), reading
     except BaseException as e:  # the workers stop now, not at exit
         if workers is not None:
@@ -1082,7 +1106,7 @@ def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
     """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's), and
     how they split its reasoning."""
     return ResponseShape(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role,
-                         args.reasoning_parser)
+                         args.reasoning_parser, auto_tool_parser(args))
 
 
 def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> int:

@@ -37,11 +37,13 @@ from batchllm.io.jsonl import (
     without_bom,
 )
 from batchllm.io.reasoning import reasoning_parser_named
+from batchllm.io.tool_calls import replaced_constraint, served_tool_choice
+from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS
 from batchllm.progress import LOG_INTERVAL_S, draws_in_place
 from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ResponseShape", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
-           "record_for", "input_problem", "PLAIN", "OPENAI"]
+           "record_for", "input_problem", "serve_tool_choice", "PLAIN", "OPENAI"]
 
 
 class ValidLine(NamedTuple):
@@ -119,10 +121,12 @@ def count_input_lines(path: Path) -> int:
 
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
                   resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024,
-                  template_defaults: dict | None = None, exclude_tools_when_none: bool = False) -> Ingested:
+                  template_defaults: dict | None = None, exclude_tools_when_none: bool = False,
+                  auto_tool_parser: str | None = None) -> Ingested:
     """Stream the file and tokenize it in batches, skipping lines a previous run finished. Chat lines are
     rendered with `template_defaults` (--default-chat-template-kwargs) under their own template keywords, without
-    their tools where their tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`).
+    their tools where their tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`);
+    their tool_choice "auto" is served with `auto_tool_parser` (`serve_tool_choice`; None: refused).
 
     Prompts are kept as int32 numpy arrays and identical sampling settings share one SamplingParams (a seeded
     line's is a slotted copy of it, ~400 bytes, with its own seed: `sampling_params_for`), so memory follows
@@ -162,7 +166,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
                 errors.append(duplicate)
             continue
         prepared = _prepared(item, prompts, defaults, global_seed, params_cache, template_defaults,
-                             exclude_tools_when_none)
+                             exclude_tools_when_none, auto_tool_parser)
         if isinstance(prepared, LineError):
             errors.append(prepared)
             continue
@@ -199,16 +203,18 @@ class IdClaims:
 
 
 def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
-              params_cache: dict, template_defaults: dict | None, exclude_tools_when_none: bool = False
-              ) -> tuple[SamplingParams, Any] | LineError:
+              params_cache: dict, template_defaults: dict | None, exclude_tools_when_none: bool = False,
+              auto_tool_parser: str | None = None) -> tuple[SamplingParams, Any] | LineError:
     """A line's SamplingParams (checked against the model) and its prompt as `tokenize_many` takes it (a chat
     rendered by its template with `jsonl.line_template_kwargs`: `template_defaults` under its own keywords, which
-    the line keeps, as its answer's reasoning split reads them), or the LineError of either. A forced tool call's
+    the line keeps, as its answer's reasoning split reads them), or the LineError of either. Its tool choice is
+    served first (`serve_tool_choice`: an "auto" line the job has no parser for fails). A forced tool call's
     line compiles its own structured_outputs, which the call's constraint replaced (`ForcedToolCall.replaced`), as a
     line's own: first, so that it fails the line as it would without tools."""
     try:
-        if item.tool_call is not None and item.tool_call.replaced is not None and prompts.grammars is not None:
-            prompts.grammars.compile(item.tool_call.replaced)
+        serve_tool_choice(item, auto_tool_parser)
+        if (replaced := replaced_constraint(item.tool_call)) is not None and prompts.grammars is not None:
+            prompts.grammars.compile(replaced)
         params = sampling_params_for(item, defaults, global_seed, params_cache)
         params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                                prompts.eos_token_ids)
@@ -272,6 +278,17 @@ def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
     return (f"the model's context (max_model_len) is {max_model_len} tokens, but {prompt_tokens + max_tokens} "
             f"were asked for ({prompt_tokens} in the prompt, {max_tokens} for the completion); lower max_tokens "
             "or shorten the prompt")
+
+
+def serve_tool_choice(line: BatchLine, auto_tool_parser: str | None) -> None:
+    """Serve the line's tool choice as the job does (`tool_calls.served_tool_choice`, with the job's parser where
+    it serves "auto": ToolChoiceError, a ValueError, for an "auto" line it cannot serve). Under a parser that
+    shows special tokens (`tool_parsers.SKIPS_NO_SPECIAL_TOKENS`: vLLM's hermes adjust_request), a line whose
+    tools are called or parsed (a forced or "auto" choice) gets skip_special_tokens false over its own, as in
+    vLLM. Changes the line in place (its tool_call, and its sampling_overrides by a new dict); idempotent."""
+    line.tool_call = served_tool_choice(line.tool_call, auto_tool_parser)
+    if line.tool_call is not None and auto_tool_parser in SKIPS_NO_SPECIAL_TOKENS:
+        line.sampling_overrides = {**line.sampling_overrides, "skip_special_tokens": False}
 
 
 def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None, cache: dict) -> SamplingParams:
@@ -367,6 +384,15 @@ class ResponseShape(NamedTuple):
     """--reasoning-parser (`io.reasoning.REASONING_PARSERS`): a chat answer's thinking goes to its message's
     `reasoning`; None: the whole answer is its content."""
 
+    auto_tool_parser: str | None = None
+    """--tool-call-parser where --enable-auto-tool-choice is given (`io.tool_parsers.TOOL_PARSERS`): a tool_choice
+    "auto" line's answer is read by it (`tool_calls.served_tool_choice`); None: such lines fail."""
+
+    def tool_call_of(self, line: BatchLine):
+        """The line's tool call as the job serves it (`tool_calls.served_tool_choice`: an "auto" one with its
+        parser), for its record; the line was accepted, so it is served."""
+        return served_tool_choice(line.tool_call, self.auto_tool_parser)
+
     def model_of(self, line: BatchLine) -> str:
         if line.model is not None and line.model in self.served_models:
             return line.model
@@ -400,5 +426,5 @@ def record_for(line: BatchLine, output, names: ResponseShape, tokenizer=None) ->
                                            len(output.prompt_token_ids), top, role=names.role_of(line),
                                            echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer,
                                            reasoning_split=names.reasoning_split(line), asks=line.response_asks,
-                                           tool_call=line.tool_call)
-    return result_record(line.request_id, output, len(output.prompt_token_ids), line.tool_call)
+                                           tool_call=names.tool_call_of(line))
+    return result_record(line.request_id, output, len(output.prompt_token_ids), names.tool_call_of(line))

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.io import openai_batch
-from batchllm.io.tool_calls import ForcedToolCall, finish_reason_of, forced_tool_call, tool_calls_of, tool_constraint
+from batchllm.io.tool_calls import (
+    AutoToolChoice,
+    ForcedToolCall,
+    finish_reason_of,
+    forced_tool_call,
+    message_calls,
+    tool_constraint,
+)
 from batchllm.sampling_params import (
     TRUNCATION_SIDE_NOTE,
     TRUNCATION_SIDES,
@@ -78,9 +85,11 @@ class BatchLine:
     add_special_tokens: bool | None = None
     """Plain lines: whether a text (or rendered chat) is tokenized with the tokenizer's special tokens, as
     LLM.generate's tokenization_kwargs asks; None where not given (`PromptProcessor._adds_special_tokens`)."""
-    tool_call: ForcedToolCall | None = None
+    tool_call: ForcedToolCall | AutoToolChoice | None = None
     """Chat lines whose tool_choice forces a call ("required" or a named function, `io.tool_calls`): the answer,
-    constrained by its sampling_overrides' structured_outputs, is read back as tool calls in its record."""
+    constrained by its sampling_overrides' structured_outputs, is read back as tool calls in its record. Lines
+    whose tool_choice is "auto" (`AutoToolChoice`): a text answer that the job's tool-call parser reads, where the
+    job serves "auto" (`tool_calls.served_tool_choice`: the line fails where it does not)."""
     tool_choice_none: bool = False
     """Chat lines whose tool_choice is "none" (as given: not null, not absent): their tools reach the chat template
     unless the job excludes them (vLLM's --exclude-tools-when-tool-choice-none: `line_template_kwargs`)."""
@@ -361,12 +370,14 @@ def _plain_template_kwargs(obj: dict) -> dict | None:
     return template
 
 
-def _plain_tool_call(obj: dict, overrides: dict[str, Any]) -> tuple[dict[str, Any], ForcedToolCall | None]:
-    """A plain messages line's sampling overrides and forced tool call (`io.tool_calls`): its `tool_choice`
-    "required" or a named function constrains the answer (structured_outputs, as an OpenAI body's) and reads it
-    back as tool calls (`parallel_tool_calls` false: the first only, as an OpenAI body's); without a tool_choice,
-    or "none", the tools only reach the template and the answer is text (as LLM.chat's tools). Raises ValueError
-    naming the problem ("auto", a function not among the tools, a parallel_tool_calls not true or false, ...)."""
+def _plain_tool_call(obj: dict, overrides: dict[str, Any]
+                     ) -> tuple[dict[str, Any], ForcedToolCall | AutoToolChoice | None]:
+    """A plain messages line's sampling overrides and tool call (`io.tool_calls`): its `tool_choice` "required" or a
+    named function constrains the answer (structured_outputs, as an OpenAI body's) and reads it back as tool calls
+    (`parallel_tool_calls` false: the first only, as an OpenAI body's); "auto" is a text answer the job's tool-call
+    parser reads, as an OpenAI body's (`AutoToolChoice`); without a tool_choice, or "none" or null, the tools only
+    reach the template and the answer is text (as LLM.chat's tools). Raises ValueError naming the problem (a
+    function not among the tools, a parallel_tool_calls not true or false, ...)."""
     parallel = obj.get("parallel_tool_calls")
     if not isinstance(parallel, (bool, type(None))):  # (an OpenAI body's is checked as a field of its own)
         raise ValueError(f"'parallel_tool_calls' must be true or false, got {short_repr(parallel)}")
@@ -374,6 +385,8 @@ def _plain_tool_call(obj: dict, overrides: dict[str, Any]) -> tuple[dict[str, An
         return overrides, None
     tools = openai_batch.tools_for_template(obj["tools"]) if obj.get("tools") is not None else None
     forced = forced_tool_call(tools, obj["tool_choice"], parallel)  # (not None: raises for one that forces nothing)
+    if isinstance(forced, AutoToolChoice):
+        return overrides, forced
     constraint, forced = tool_constraint(forced, tools, obj.get("structured_outputs"))
     return {**overrides, "structured_outputs": constraint}, forced
 
@@ -551,11 +564,11 @@ def _clean_id(rid: Any) -> str | int | None:
     return rid if isinstance(rid, str) and _encodable(rid) else None
 
 
-def result_record(request_id: str | int, output, prompt_tokens: int, tool_call: ForcedToolCall | None = None
-                  ) -> dict[str, Any]:
+def result_record(request_id: str | int, output, prompt_tokens: int,
+                  tool_call: ForcedToolCall | AutoToolChoice | None = None) -> dict[str, Any]:
     """A plain line's result: its first completion's fields at the top level, as before n > 1 existed,
     with every completion (its logprobs included) under "outputs" when there are several; `tool_call`: a forced
-    call's line (`_completion_record`)."""
+    call's or served "auto" line's (`_completion_record`)."""
     record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0], tool_call),
                               "prompt_tokens": prompt_tokens, "completion_tokens": output.num_output_tokens}
     if output.num_cached_tokens is not None:  # (prompt tokens read from a shared prefix, not computed)
@@ -568,15 +581,17 @@ def result_record(request_id: str | int, output, prompt_tokens: int, tool_call: 
     return record
 
 
-def _completion_record(completion, tool_call: ForcedToolCall | None = None) -> dict[str, Any]:
+def _completion_record(completion, tool_call: ForcedToolCall | AutoToolChoice | None = None) -> dict[str, Any]:
     """text, token_ids, finish_reason, stop_reason (vLLM's: the stop string or token id that ended it, else
-    null) and, where asked for, logprobs. A forced tool call's completion adds its `tool_calls` (read from the
-    text, which stays: `tool_calls.tool_calls_of`) and takes the finish_reason vLLM's chat answer gives it."""
+    null) and, where asked for, logprobs. A tool line's completion adds its `tool_calls` (read from the text, which
+    stays whole: `tool_calls.message_calls`; [] where none) and takes the finish_reason vLLM's chat answer gives
+    it."""
+    calls = message_calls(completion.text, tool_call)[0] if tool_call is not None else []
     record = {"text": completion.text, "token_ids": completion.token_ids,
-              "finish_reason": finish_reason_of(completion.finish_reason, tool_call),
+              "finish_reason": finish_reason_of(completion.finish_reason, tool_call, bool(calls)),
               "stop_reason": completion.stop_reason}
     if tool_call is not None:
-        record["tool_calls"] = tool_calls_of(completion.text, tool_call)
+        record["tool_calls"] = calls
     if completion.logprobs is not None:
         record["logprobs"] = [_logprob_record(tid, lp_map)
                               for tid, lp_map in zip(completion.token_ids, completion.logprobs)]

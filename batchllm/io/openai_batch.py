@@ -19,10 +19,11 @@ import uuid
 from typing import Any, NamedTuple
 
 from batchllm.io.tool_calls import (
+    AutoToolChoice,
     ForcedToolCall,
     finish_reason_of,
     forced_tool_call,
-    tool_calls_of,
+    message_calls,
     tool_constraint,
 )
 
@@ -79,9 +80,11 @@ class BodyRequest(NamedTuple):
     prompt's, as vLLM's); None otherwise."""
     asks: ResponseAsks | None = None
     """What the body asks of its response beside the answer (`response_asks`); None: nothing."""
-    tool_call: ForcedToolCall | None = None
-    """A chat body's forced tool call (tool_choice "required" or a named function: `tool_calls`); its answer is
-    constrained (`overrides`' structured_outputs) and read back as the message's tool calls."""
+    tool_call: ForcedToolCall | AutoToolChoice | None = None
+    """A chat body's forced tool call (tool_choice "required" or a named function: `tool_calls`), whose answer is
+    constrained (`overrides`' structured_outputs) and read back as the message's tool calls; or its "auto" (or null
+    beside tools) choice, whose text answer a tool-call parser reads where the job serves it
+    (`tool_calls.served_tool_choice`)."""
 
 
 def template_kwargs(value: Any) -> dict[str, Any] | None:
@@ -152,18 +155,23 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
                        forced)
 
 
-def _forced_tool_call(body: dict, template: dict | None, overrides: dict) -> ForcedToolCall | None:
+def _forced_tool_call(body: dict, template: dict | None, overrides: dict
+                      ) -> ForcedToolCall | AutoToolChoice | None:
     """A chat body's forced tool call (`tool_calls.forced_tool_call`; its tools as the template gets them), its
     constraint put in `overrides` (`tool_calls.tool_constraint`: over a response_format's, as vLLM's server puts
-    it; the body's own structured_outputs checked first, as without tools); None where the answer is text. An
-    absent tool_choice is "auto" where there are tools and a null one is null (a text answer), as vLLM's request
-    model defaults only a missing key. A tool_choice that cannot be served is a BodyError naming it."""
+    it; the body's own structured_outputs checked first, as without tools); its "auto" choice (`AutoToolChoice`,
+    unconstrained: a body's own structured_outputs or response_format stays, as in vLLM); None where the answer is
+    text. An absent tool_choice is "auto" where there are tools and a null one is null (a text answer, unless the
+    job serves "auto": `AutoToolChoice.null_choice`), as vLLM's request model defaults only a missing key. A
+    tool_choice that cannot be served is a BodyError naming it."""
     tools = (template or {}).get("tools")
     choice = body["tool_choice"] if "tool_choice" in body else "auto" if tools else None
     try:
         forced = forced_tool_call(tools, choice, body.get("parallel_tool_calls"))
-        if forced is not None:
+        if isinstance(forced, ForcedToolCall):
             overrides["structured_outputs"], forced = tool_constraint(forced, tools, body.get("structured_outputs"))
+        elif choice is None and tools:  # (a text answer, unless the job serves "auto": vLLM's parser reads it)
+            forced = AutoToolChoice(body.get("parallel_tool_calls") is not False, null_choice=True)
     except ValueError as e:  # (a ToolChoiceError, or the body's own structured_outputs: named as the body names it)
         raise BodyError(str(e).replace("SamplingParams.", "")) from None
     return forced
@@ -566,15 +574,15 @@ _VLLM_BODY_TAIL = {"kv_transfer_params": None, "ec_transfer_params": None, "metr
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
                    top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
                    tokenizer=None, reasoning_split=None, asks: ResponseAsks | None = None,
-                   tool_call: ForcedToolCall | None = None) -> dict[str, Any]:
+                   tool_call: ForcedToolCall | AutoToolChoice | None = None) -> dict[str, Any]:
     """A 200 response line, its body with the keys vLLM's run-batch writes (null where nothing is said).
     `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its entries, in their order:
     the sampled token's, then those logprob_token_ids named); `role` is a chat answer's (vLLM's --response-role);
     `echo` a completions line's (`BodyRequest.echo`, the prompt's text), whose first prompt token (it has no
     logprobs) the tokenizer names; `reasoning_split` (text -> (reasoning, content): vLLM's --reasoning-parser)
     gives a chat message its `reasoning`; `asks`: the body's `request_id`, `return_token_ids` and a chat's `echo`
-    (`ResponseAsks`); `tool_call`: a chat line's forced call, whose answers are the messages' tool calls
-    (`tool_calls.tool_calls_of`, content ""; `finish_reason` as vLLM's). Each choice
+    (`ResponseAsks`); `tool_call`: a chat line's forced call or served "auto" choice, whose answers are read as the
+    messages' tool calls (`tool_calls.message_calls`; `finish_reason` as vLLM's). Each choice
     carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
     asks = asks or ResponseAsks()
     line_id, request_id = _ids()
@@ -587,12 +595,12 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
             "model": model}
     prompt_ids = [int(t) for t in output.prompt_token_ids] if asks.return_token_ids else None  # (numpy in run's)
     if url == CHAT_URL:
-        choices = [{"index": c.index,
-                    "message": _chat_message(role, c.text, reasoning_split, asks.echoed_message, tool_call),
-                    "logprobs": _chat_logprobs(c, top_logprobs), "finish_reason": finish_reason_of(c.finish_reason,
-                                                                                                  tool_call),
-                    "stop_reason": c.stop_reason, "token_ids": _token_ids(c, asks), "routed_experts": None}
-                   for c in output.outputs]
+        choices = []
+        for c in output.outputs:
+            message = _chat_message(role, c.text, reasoning_split, asks.echoed_message, tool_call)
+            choices.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(c, top_logprobs),
+                            "finish_reason": finish_reason_of(c.finish_reason, tool_call, "tool_calls" in message),
+                            "stop_reason": c.stop_reason, "token_ids": _token_ids(c, asks), "routed_experts": None})
         body = {"id": f"chatcmpl-{_or_random(asks.request_id)}", **head, "choices": choices,
                 **_VLLM_BODY_NULLS, "usage": usage, "prompt_logprobs": _prompt_logprobs(output),
                 "prompt_token_ids": prompt_ids, "prompt_text": None, **_VLLM_BODY_TAIL}
@@ -628,14 +636,16 @@ def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsk
 
 
 def _chat_message(role: str, text: str | None, reasoning_split=None, echoed: tuple[str, str] | None = None,
-                  tool_call: ForcedToolCall | None = None) -> dict[str, Any]:
+                  tool_call: ForcedToolCall | AutoToolChoice | None = None) -> dict[str, Any]:
     """A chat answer's message as vLLM's ChatMessage writes it (`success_record`), after the echoed message's
-    text where that message has the answer's role (vLLM's echo). A forced tool call's answer is its `tool_calls`
-    (between function_call and reasoning, left out where there are none, as vLLM writes them) with content ""."""
+    text where that message has the answer's role (vLLM's echo). A tool line's answer is its `tool_calls`
+    (between function_call and reasoning, left out where there are none, as vLLM writes them) and the content
+    `tool_calls.message_calls` leaves ("" for a forced call); the tool parser reads the content after the
+    reasoning is split off, as vLLM's does."""
     reasoning, content = reasoning_split(text) if reasoning_split is not None and text is not None else (None, text)
     calls = []
     if tool_call is not None:
-        calls, content = tool_calls_of(content or "", tool_call), ""
+        calls, content = message_calls(content, tool_call)
     if echoed is not None:  # (vLLM's: the continued message's text, or nothing, before the content, even none)
         content = (echoed[1] if echoed[0] == role else "") + (content or "")
     return {"role": role, "content": content, "refusal": None, "annotations": None, "audio": None,

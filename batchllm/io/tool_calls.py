@@ -11,8 +11,9 @@ The answer is constrained (structured outputs, xgrammar) to JSON and read back a
   (one anyOf branch per tool, their `$defs` gathered at the top, as vLLM's `get_json_schema_from_tools`); each
   item is a call, its `arguments` the parameters as JSON text; `finish_reason` "tool_calls" where the engine's
   is "stop".
-"auto" (vLLM's default where tools are given) needs a parser of the model's own call syntax (vLLM's
---enable-auto-tool-choice with --tool-call-parser), which there is none of here: refused, per line.
+"auto" (vLLM's default where tools are given) is an `AutoToolChoice`: the answer is generated as text and read by
+a parser of the model's own call syntax (`io.tool_parsers`), only where the job gives vLLM's
+--enable-auto-tool-choice with --tool-call-parser (`served_tool_choice`; else refused, per line, as vLLM refuses it).
 The tools themselves reach the chat template as with "none" (`openai_batch.tools_for_template`).
 """
 
@@ -22,6 +23,7 @@ import json
 import uuid
 from typing import Any, NamedTuple
 
+from batchllm.io.tool_parsers import TOOL_PARSERS, tool_parser_named
 from batchllm.sampling_params import SamplingParams
 from batchllm.structured import grammar_key, unenforced_schema_feature
 
@@ -52,20 +54,60 @@ class ForcedToolCall(NamedTuple):
     constraint that fails a line without tools fails it with them too. None where it gave none."""
 
 
+class AutoToolChoice(NamedTuple):
+    """A chat line's tool_choice "auto": its answer is text, which a tool-call parser of the model's syntax reads
+    (`io.tool_parsers`), where the job serves "auto" (`served_tool_choice` sets `parser`)."""
+
+    parallel: bool = True
+    """False where the body's parallel_tool_calls is false: only the first call is kept, as vLLM's server does."""
+    has_tools: bool = True
+    """Whether the line gives tools ("auto" without them is refused where the job serves "auto", as vLLM's request
+    model refuses it; a job that does not serves it refuses it for that first, as before)."""
+    null_choice: bool = False
+    """An OpenAI body's null tool_choice beside tools: text where the job does not serve "auto"; where it does, vLLM
+    0.26's server still runs the parser (its null counts as auto there) but answers with the content the parser
+    leaves and drops the calls (its message for a null tool_choice has no tool_calls): so here too."""
+    parser: str | None = None
+    """The job's --tool-call-parser, set by `served_tool_choice`; None until then."""
+
+
+AUTO_NEEDS_A_PARSER = (
+    '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser (vLLM\'s '
+    "--enable-auto-tool-choice with --tool-call-parser) to read the model's own call syntax: give `batchllm run` "
+    f"both (parsers: {', '.join(TOOL_PARSERS)}), or give {TOOL_CHOICES}")
+"""Why an "auto" line fails in a job that does not serve "auto" (vLLM's server refuses it the same way)."""
+
+
+def served_tool_choice(tool_call: ForcedToolCall | AutoToolChoice | None, auto_tool_parser: str | None
+                       ) -> ForcedToolCall | AutoToolChoice | None:
+    """A line's tool call as a job serves it: `auto_tool_parser` is its --tool-call-parser where it gives
+    --enable-auto-tool-choice too, else None. A forced call (or none) is served as it is; an "auto" one gets the
+    parser, or fails (ToolChoiceError) where the job has none (`AUTO_NEEDS_A_PARSER`) or the line has no tools; an
+    OpenAI body's null choice is a text answer (None) where the job has no parser. Pure: the same arguments give
+    the same answer, so that the record writer (`io.ingest.record_for`, Ray's too) can call it again."""
+    if not isinstance(tool_call, AutoToolChoice):
+        return tool_call
+    if auto_tool_parser is None:
+        if tool_call.null_choice:
+            return None
+        raise ToolChoiceError(AUTO_NEEDS_A_PARSER)
+    if not tool_call.has_tools:
+        raise ToolChoiceError("'tool_choice' \"auto\" needs 'tools' (as vLLM's request model says)")
+    return tool_call._replace(parser=auto_tool_parser)
+
+
 def forced_tool_call(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: Any = None
-                     ) -> ForcedToolCall | None:
-    """The forced call a chat line's `tool_choice` asks for, or None ("none" or null: a text answer, as vLLM's
-    server answers a null tool_choice, tools or not; an OpenAI body's absent tool_choice is "auto" where it has
-    tools: its caller says so). `tools`: the line's, as `openai_batch.tools_for_template` checked them (None where
-    none). Raises ToolChoiceError naming the problem, as vLLM's request checks: "auto", a choice without tools, a
-    shape that is no choice, a named function not among the tools."""
+                     ) -> ForcedToolCall | AutoToolChoice | None:
+    """The call a chat line's `tool_choice` asks for: a forced one, "auto" (`AutoToolChoice`, which the job serves
+    or refuses: `served_tool_choice`), or None ("none" or null: a text answer, as vLLM's server answers a null
+    tool_choice where it has no parser; an OpenAI body's absent tool_choice is "auto" where it has tools: its
+    caller says so). `tools`: the line's, as `openai_batch.tools_for_template` checked them (None where none).
+    Raises ToolChoiceError naming the problem, as vLLM's request checks: a choice without tools, a shape that is no
+    choice, a named function not among the tools."""
     if tool_choice in ("none", None):
         return None
     if tool_choice == "auto":
-        raise ToolChoiceError(
-            '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser (vLLM\'s '
-            "--enable-auto-tool-choice with --tool-call-parser) to read the model's own call syntax, which BatchLLM "
-            f"has none of: give {TOOL_CHOICES}")
+        return AutoToolChoice(parallel_tool_calls is not False, bool(tools))
     if tool_choice != "required" and not _is_named(tool_choice):
         raise ToolChoiceError(f"'tool_choice' {json.dumps(tool_choice)[:80]} is not a tool choice: give {TOOL_CHOICES}")
     if not tools:
@@ -87,6 +129,12 @@ def _is_named(tool_choice: Any) -> bool:
     return (isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function"
             and isinstance(function := tool_choice.get("function"), dict)
             and isinstance(function.get("name"), str) and bool(function["name"]))
+
+
+def replaced_constraint(tool_call: ForcedToolCall | AutoToolChoice | None) -> tuple[str, str] | None:
+    """The grammar key of the line's own structured_outputs that a forced call's constraint replaced
+    (`ForcedToolCall.replaced`); None for any other line (an "auto" line keeps its own constraint)."""
+    return tool_call.replaced if isinstance(tool_call, ForcedToolCall) else None
 
 
 def tool_constraint(forced: ForcedToolCall, tools: list[dict], structured_outputs: Any
@@ -176,6 +224,29 @@ def _root_ref(schema: dict) -> tuple[str, str] | None:
     return None
 
 
+def message_calls(content: str | None, tool_call: ForcedToolCall | AutoToolChoice) -> tuple[list[dict], str | None]:
+    """A chat answer's (tool calls, content), as vLLM 0.26's server writes them in its message (`content`: the
+    answer's text, after its reasoning where that is split off; None where there is none). A forced call: its calls
+    (`tool_calls_of`) and content "". "auto" (served: `served_tool_choice`): the parser's calls and the content it
+    leaves (None where blank), or no call and the content as it was; an OpenAI body's null choice keeps the content
+    the parser leaves but not the calls (vLLM's). Only the first call where parallel calls are off."""
+    if isinstance(tool_call, ForcedToolCall):
+        return tool_calls_of(content or "", tool_call), ""
+    parsed = tool_parser_named(tool_call.parser)(content or "")
+    if not parsed.calls:
+        return [], content
+    content = None if parsed.content and not parsed.content.strip() else parsed.content
+    if tool_call.null_choice:
+        return [], content
+    return _calls(parsed.calls[:1] if not tool_call.parallel else parsed.calls), content
+
+
+def _calls(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """(name, arguments) pairs as the message's tool calls, each with a new id (`tool_call_id`)."""
+    return [{"id": tool_call_id(), "type": "function",
+             "function": {"name": name, "arguments": arguments}} for name, arguments in pairs]
+
+
 def tool_calls_of(text: str, forced: ForcedToolCall) -> list[dict[str, Any]]:
     """A forced answer's tool calls, as vLLM's server reads them back: named, the text as the call's arguments
     (none where the text is blank); "required", each item of the JSON array (none where the text is not such an
@@ -187,8 +258,7 @@ def tool_calls_of(text: str, forced: ForcedToolCall) -> list[dict[str, Any]]:
         calls = [(name, json.dumps(parameters, ensure_ascii=False)) for name, parameters in _required_calls(text)]
     if not forced.parallel:
         calls = calls[:1]
-    return [{"id": tool_call_id(), "type": "function",
-             "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
+    return _calls(calls)
 
 
 def tool_call_id() -> str:
@@ -211,9 +281,13 @@ def _required_calls(text: str) -> list[tuple[str, Any]]:
     return [(item["name"], item.get("parameters")) for item in items]
 
 
-def finish_reason_of(finish_reason: str | None, forced: ForcedToolCall | None) -> str | None:
-    """A forced answer's finish_reason, as vLLM's server gives it: "tool_calls" for a "required" answer the engine
-    stopped ("stop"), else the engine's (a named call stays "stop", as OpenAI's)."""
-    if forced is not None and forced.name is None and finish_reason == "stop":
+def finish_reason_of(finish_reason: str | None, tool_call: ForcedToolCall | AutoToolChoice | None,
+                     called: bool = False) -> str | None:
+    """A tool line's finish_reason, as vLLM's server gives it: "tool_calls" for a "required" answer the engine
+    stopped ("stop"), and for an "auto" answer where the parser read calls (`called`; whatever ended it), else the
+    engine's (a named call stays "stop", as OpenAI's; a null choice's calls are dropped: not called)."""
+    if isinstance(tool_call, ForcedToolCall) and tool_call.name is None and finish_reason == "stop":
+        return "tool_calls"
+    if isinstance(tool_call, AutoToolChoice) and called:
         return "tool_calls"
     return finish_reason

@@ -56,10 +56,12 @@ class _JsonlLines(FileBasedDatasource):
     template, tokenizer, vocabulary, context, KV cache) is checked later, by parallel tasks: a line refused there has
     taken its id already."""
 
-    def __init__(self, paths, rows_per_block: int = 4096, defaults: dict | None = None, **kwargs) -> None:
+    def __init__(self, paths, rows_per_block: int = 4096, defaults: dict | None = None,
+                 auto_tool_parser: str | None = None, **kwargs) -> None:
         super().__init__(paths, **kwargs)
         self.rows_per_block = rows_per_block
         self.defaults = defaults or {}
+        self.auto_tool_parser = auto_tool_parser  # (an "auto" line it does not serve is refused: its id is left)
 
     def _read_stream(self, f, path: str) -> Iterator:
         holders: dict[str | int, int] = {}  # id -> the line that has it
@@ -70,7 +72,7 @@ class _JsonlLines(FileBasedDatasource):
                 continue
             parsed = parse_line(raw, number, None)
             holder = None
-            if isinstance(parsed, BatchLine) and _accepted_here(parsed, self.defaults, cache):
+            if isinstance(parsed, BatchLine) and _accepted_here(parsed, self.defaults, cache, self.auto_tool_parser):
                 holder = holders.setdefault(parsed.request_id, number)
             lines.append(number)
             raws.append(raw)
@@ -89,13 +91,15 @@ def _rows(lines: list[int], raws: list[bytes], duplicates: list[int | None]):
     return pa.table({LINE: lines, RAW: pa.array(raws, pa.binary()), DUPLICATE: pa.array(duplicates, pa.int64())})
 
 
-def _accepted_here(line: BatchLine, defaults: dict, cache: dict) -> bool:
-    """Whether a parsed line's sampling values make a valid SamplingParams under the job's `defaults` (as
-    `_CliPreprocess` makes it): what `run` checks of a line before the model, so that the read task can decide which
-    line has an id. Without the job's seed: a seed derived from it is always valid, and a line's own is checked."""
-    from batchllm.io.ingest import sampling_params_for
+def _accepted_here(line: BatchLine, defaults: dict, cache: dict, auto_tool_parser: str | None = None) -> bool:
+    """Whether a parsed line's tool choice is served (`io.ingest.serve_tool_choice`, with the job's "auto" parser)
+    and its sampling values make a valid SamplingParams under the job's `defaults` (as `_CliPreprocess` makes it):
+    what `run` checks of a line before the model, so that the read task can decide which line has an id. Without
+    the job's seed: a seed derived from it is always valid, and a line's own is checked."""
+    from batchllm.io.ingest import sampling_params_for, serve_tool_choice
 
     try:
+        serve_tool_choice(line, auto_tool_parser)
         sampling_params_for(line, defaults, None, cache)
     except Exception:  # noqa: BLE001 - any refusal of its values (the tokenize stage names it)
         return False
@@ -129,28 +133,34 @@ class _CliPreprocess:
     its tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`, as `run` renders it)."""
 
     def __init__(self, defaults: dict, global_seed: int | None, template_defaults: dict | None = None,
-                 exclude_tools_when_none: bool = False) -> None:
+                 exclude_tools_when_none: bool = False, auto_tool_parser: str | None = None) -> None:
         self.defaults = defaults
         self.global_seed = global_seed
         self.template_defaults = template_defaults
         self.exclude_tools_when_none = exclude_tools_when_none
+        self.auto_tool_parser = auto_tool_parser  # (`io.ingest.serve_tool_choice`, as `run` serves a line)
         self.cache: dict[str, SamplingParams] = {}
 
     def __call__(self, row: dict) -> dict:
-        from batchllm.io.ingest import must_fit_the_context, sampling_params_for
+        from batchllm.io.ingest import in_the_lines_terms, must_fit_the_context, sampling_params_for, serve_tool_choice
         from batchllm.io.jsonl import line_template_kwargs
+        from batchllm.io.tool_calls import ToolChoiceError, replaced_constraint
         from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS, REPLACED_CONSTRAINT
 
         line = _parse(row)
         if isinstance(line, LineError):
             return {"error": line.message}
+        try:
+            serve_tool_choice(line, self.auto_tool_parser)
+        except ToolChoiceError as e:
+            return {"error": LineError.for_line(line, in_the_lines_terms(line, e)).message}
         sp = sampling_params_for(line, self.defaults, self.global_seed, self.cache)
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
         prompt = line.prompt if isinstance(line.prompt, dict) else {kind: line.prompt}  # (a dict: ids and their text)
         return {**prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
                 NO_MAX_TOKENS: sp.max_tokens is None, "add_special_tokens": line.add_special_tokens,
-                REPLACED_CONSTRAINT: line.tool_call.replaced if line.tool_call is not None else None,
+                REPLACED_CONSTRAINT: replaced_constraint(line.tool_call),
                 "chat_template_kwargs": (line_template_kwargs(line, self.template_defaults,
                                                               self.exclude_tools_when_none) if line.is_chat else None)}
 
@@ -232,14 +242,16 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
                      global_seed: int | None = None, names=None, file_format: str | None = None,
                      template_defaults: dict | None = None, on_written: Callable[[], None] | None = None,
-                     on_loaded: Callable[[], None] | None = None, exclude_tools_when_none: bool = False) -> dict:
+                     on_loaded: Callable[[], None] | None = None, exclude_tools_when_none: bool = False,
+                     auto_tool_parser: str | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir (counted by
     line: `count_shard_records`).
     `on_written` is called once every shard is written (before they are counted): the job is done from then on;
     `on_loaded`, by each replica once its engine is built (on its node: a picklable callable).
     `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name);
     `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
-    the chat lines' default template keywords, and `exclude_tools_when_none` (`prepare_lines`').
+    the chat lines' default template keywords, `exclude_tools_when_none` and `auto_tool_parser` (`prepare_lines`';
+    the latter must be `names`' too, which reads the "auto" lines' answers with it).
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
@@ -260,9 +272,11 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         names = ResponseShape(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
     records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
                              template_defaults=template_defaults)
-    preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none)
+    preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none,
+                                auto_tool_parser)
     processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
-    lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults))
+    lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults,
+                                                 auto_tool_parser=auto_tool_parser))
     try:
         records = processor(lines, num_rows=count_input_lines(input_path))
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
@@ -439,6 +453,7 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         _fail,
         _signals_interrupt,
         _write_stats,
+        auto_tool_parser,
         lines_progress_stats,
         response_shape,
     )
@@ -460,7 +475,8 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
                                       args.default_chat_template_kwargs, on_written=results_written, on_loaded=loaded,
-                                      exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
+                                      exclude_tools_when_none=args.exclude_tools_when_tool_choice_none,
+                                      auto_tool_parser=auto_tool_parser(args))
         except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
             return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
                          f"so far are kept, {_rerun_hint(args)}")
@@ -542,9 +558,10 @@ def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
     """(the processor's config, the run's sampling defaults, those the model gave) of `run --ray`'s arguments, with
     what the driver can check before the job (ValueError, OSError): the chat template read (its text travels to the
     tasks and actors, not the path); a model the driver can read, as `run` checks it (`cli.checked_model`: a bad
-    config, missing weights or tokenizer fail here, no Ray started), and the reasoning parser against its tokenizer.
+    config, missing weights or tokenizer fail here, no Ray started), and the reasoning and tool-call parsers against its
+    tokenizer.
     A model only the workers' nodes hold is left to them (`_unseen_model_problem`, `stages.EngineStartError`)."""
-    from batchllm.cli import check_reasoning_parser, checked_model, read_chat_template_once, resolve_sampling_defaults
+    from batchllm.cli import check_parsers_tokenizer, checked_model, read_chat_template_once, resolve_sampling_defaults
     from batchllm.options import engine_kwargs_from_args
 
     read_chat_template_once(args)
@@ -552,7 +569,7 @@ def _job_config(args) -> tuple[ProcessorConfig, dict, dict]:
     if model_dir is not None:  # what `run` checks of the model (config, weights, tokenizer), before Ray starts
         checked_model(args)
     if args.model is None or model_dir is not None:
-        check_reasoning_parser(args)
+        check_parsers_tokenizer(args)
     defaults, from_model = resolve_sampling_defaults(args, model_dir)
     engine = {**engine_kwargs_from_args(args), "seed": args.seed or 0}
     named = {k: engine.pop(k) for k in ProcessorConfig.ENGINE_FIELDS if k in engine}

@@ -78,3 +78,33 @@ def test_forced_tool_calls_come_back_as_valid_tool_calls(tmp_path, default_model
 
     (error,) = map(json.loads, (tmp_path / "out.errors.jsonl").read_text().splitlines())
     assert error["custom_id"] == "auto" and "needs a tool-call parser" in error["error"]["message"]
+
+
+def test_auto_lines_are_read_by_the_tool_call_parser_end_to_end(tmp_path, default_model_dir):
+    """With vLLM's --enable-auto-tool-choice --tool-call-parser hermes, an "auto" line's text answer is read as the
+    message's tool calls (its own structured_outputs, kept as vLLM keeps it beside "auto", makes SmolLM2 write a
+    Hermes call deterministically); an answer without a call stays content; a plain line's record adds the calls.
+    Before, every such line failed."""
+    call = '<tool_call>\n{"name": "paint", "arguments": {"color": "red"}}\n</tool_call>'
+    forced_text = {"structured_outputs": {"choice": ["Painting.\n" + call]}}
+    lines = [openai_line("call", "auto", **forced_text),
+             openai_line("text", "auto", structured_outputs={"choice": ["No tool needed."]}),
+             {"id": "plain", "messages": QUESTION, "tools": TOOLS, "temperature": 0, "max_tokens": 60,
+              "tool_choice": "auto", **forced_text}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = subprocess.run([sys.executable, "-m", "batchllm.cli", "run", str(src), "-o", str(out), "--no-progress",
+                        "--model", str(default_model_dir), "--enable-auto-tool-choice", "--tool-call-parser",
+                        "hermes"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    records = {rec.get("custom_id", rec.get("id")): rec for rec in map(json.loads, out.read_text().splitlines())}
+    called = records["call"]["response"]["body"]["choices"][0]
+    assert called["finish_reason"] == "tool_calls" and called["message"]["content"] == "Painting.\n"
+    check_calls(called["message"]["tool_calls"], {"paint"})
+    assert called["message"]["tool_calls"][0]["function"]["arguments"] == '{"color": "red"}'
+    text = records["text"]["response"]["body"]["choices"][0]
+    assert text["finish_reason"] == "stop" and text["message"]["content"] == "No tool needed."
+    assert "tool_calls" not in text["message"]
+    plain = records["plain"]
+    assert plain["finish_reason"] == "tool_calls" and plain["text"] == "Painting.\n" + call
+    check_calls(plain["tool_calls"], {"paint"})

@@ -799,10 +799,13 @@ def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
     assert asked.template == {"tools": [{"type": "function", "function": {"name": "weather", "description": None,
                                                                        "parameters": {"type": "object"}}}],
                               "documents": [{"title": "t", "text": "d"}]}
-    for bad, message in (({"tools": [tool]}, '"tool_choice": "auto" (vLLM\'s default where tools are given) needs '
-                                              "a tool-call parser"),
-                         ({"tools": [tool], "tool_choice": "auto"}, '"tool_choice": "auto"'),
-                         ({"tools": "weather", "tool_choice": "none"}, "'tools' must be a list of objects"),
+    from batchllm.io.tool_calls import ToolChoiceError, served_tool_choice
+
+    for auto in ({"tools": [tool]}, {"tools": [tool], "tool_choice": "auto"}):  # (refused by a job without a parser)
+        with pytest.raises(ToolChoiceError, match=re.escape('"tool_choice": "auto" (vLLM\'s default where tools are '
+                                                            "given) needs a tool-call parser")):
+            served_tool_choice(body_to_request("/v1/chat/completions", {**chat, **auto}).tool_call, None)
+    for bad, message in (({"tools": "weather", "tool_choice": "none"}, "'tools' must be a list of objects"),
                          ({"use_beam_search": True}, "'use_beam_search' = true is not supported (only false)"),
                          ({"add_special_tokens": True}, "'add_special_tokens' = true is not supported (only false)")):
         with pytest.raises(BodyError, match=re.escape(message)):

@@ -329,9 +329,10 @@ def test_run_takes_vllms_response_naming_options():
 
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--served-model-name", "smol", "smol-2",
                                       "--response-role", "bot", "--model", "/m/SmolLM2"])
-    assert tuple(response_shape(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", None)
+    assert tuple(response_shape(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", None, None)
     plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
-    assert tuple(response_shape(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant", None)
+    assert tuple(response_shape(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant", None,
+                                                                     None)
     qwen3 = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--reasoning-parser", "qwen3"])
     assert response_shape(qwen3, "m").reasoning_parser == "qwen3"
 
@@ -479,12 +480,13 @@ def test_vllms_tool_calling_flags_migrate_to_run_saying_what_they_change(capsys,
     from batchllm.cli import main
 
     missing = str(tmp_path / "missing.jsonl")
-    assert main(["run-batch", "-i", missing, "-o", str(tmp_path / "o.jsonl"), "--enable-auto-tool-choice",
-                 "--tool-call-parser", "hermes", "--tool-parser-plugin", "p.py"]) == 2  # (no input: not the flags)
+    assert main(["run-batch", "-i", missing, "-o", str(tmp_path / "o.jsonl"), "--tool-call-parser", "hermes",
+                 "--tool-parser-plugin", "p.py"]) == 2  # (no input: not the flags)
     err = capsys.readouterr().err
-    assert ("--tool-call-parser, --tool-parser-plugin, --enable-auto-tool-choice: taken and not used: a forced "
-            "tool_choice's answer (\"required\" or a named function) is constrained to JSON and read as such") in err
-    assert 'lines with "tool_choice": "auto" (an OpenAI body\'s tools without a tool_choice too) still fail' in err
+    assert "--tool-call-parser, --tool-parser-plugin: taken and not used" in err
+    assert ("a forced tool_choice's answer (\"required\" or a named function) is constrained to JSON and read as "
+            'such, whatever the model\'s own call syntax; "auto" lines fail, each alone, without '
+            "--enable-auto-tool-choice") in err
     assert "cannot read input file" in err and "unrecognized" not in err
     with pytest.raises(SystemExit) as exit_:
         main(["run", "-i", missing, "-o", "o.jsonl", "--enable-auto-tool-choice"])
@@ -819,3 +821,29 @@ def test_fp8_attention_over_a_16_bit_cache_is_refused_naming_both_options(kv_cac
     assert re.search(message, capsys.readouterr().err) and not (tmp_path / "out").exists()
     for fp8 in ("fp8", "fp8_e4m3"):
         assert engine_config(fp8_attention=True, kv_cache_dtype=fp8).model.fp8_attention
+
+
+def test_auto_tool_choice_is_served_by_a_parser_named_at_start_and_recorded_with_the_jobs_options(capsys, tmp_path):
+    """--enable-auto-tool-choice --tool-call-parser NAME (vLLM's) serves "auto" lines: a parser not served here is
+    refused before anything is written, naming those that are; one that needs a token the tokenizer lacks
+    (llama3_json's <|python_tag|>) too; the parser "auto" lines are read by is recorded with the options a resume
+    must keep (None without --enable-auto-tool-choice, as outputs written before it existed recorded it)."""
+    from batchllm.cli import build_parser, check_parsers_tokenizer, main, results_options
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--enable-auto-tool-choice",
+              "--tool-call-parser", "mistral"])
+    assert exit_.value.code == 2 and not (tmp_path / "o.jsonl").exists()
+    assert ("--tool-call-parser 'mistral' is not served here (served: hermes, llama3_json, llama4_json)"
+            in capsys.readouterr().err)
+
+    def recorded(*flags: str):
+        return results_options(build_parser().parse_args(["run", "i", "-o", "o", *flags]), {})["auto_tool_choice"]
+
+    assert recorded() is None and recorded("--tool-call-parser", "hermes") is None
+    assert recorded("--enable-auto-tool-choice", "--tool-call-parser", "hermes") == "hermes"
+    check_parsers_tokenizer(build_parser().parse_args(["run", "i", "-o", "o", "--enable-auto-tool-choice",
+                                                       "--tool-call-parser", "hermes"]))
+    with pytest.raises(ValueError, match=r"--tool-call-parser llama3_json: the tokenizer has no <\|python_tag\|>"):
+        check_parsers_tokenizer(build_parser().parse_args(["run", "i", "-o", "o", "--enable-auto-tool-choice",
+                                                           "--tool-call-parser", "llama3_json"]))

@@ -13,7 +13,7 @@ import pytest
 
 from batchllm.io.jsonl import parse_line, result_record
 from batchllm.io.openai_batch import CHAT_URL, COMPLETIONS_URL, BodyError, body_to_request, success_record
-from batchllm.io.tool_calls import ForcedToolCall, tool_calls_of
+from batchllm.io.tool_calls import AutoToolChoice, ForcedToolCall, ToolChoiceError, served_tool_choice, tool_calls_of
 from batchllm.request_output import CompletionOutput, RequestOutput
 from batchllm.sampling_params import SamplingParams
 
@@ -66,10 +66,6 @@ def test_required_constrains_the_answer_to_an_array_of_calls_of_any_tool_as_vllm
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"tool_choice": "auto"}, '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser '
-                              "(vLLM's --enable-auto-tool-choice with --tool-call-parser) to read the model's own call "
-                              "syntax"),
-    ({}, '"tool_choice": "auto"'),  # (tools without a tool_choice: vLLM's default, "auto")
     ({"tool_choice": {"type": "function", "function": {"name": "weather"}}},
      'names the function "weather", which is not among the tools ("verdict", "ping")'),
     ({"tool_choice": "maybe"}, '\'tool_choice\' "maybe" is not a tool choice: give "none"'),
@@ -86,14 +82,26 @@ def test_a_tool_choice_that_cannot_be_served_fails_its_line_naming_it(body, mess
         body_to_request(CHAT_URL, {**CHAT, **body})
 
 
+@pytest.mark.parametrize("body", [{"tool_choice": "auto"}, {}])  # ({}: tools without a tool_choice: vLLM's "auto")
+def test_auto_fails_its_line_where_the_job_has_no_tool_call_parser(body):
+    """"auto" is read as such (`AutoToolChoice`) and refused when the job serves the line without a parser, as
+    vLLM's server refuses it without --enable-auto-tool-choice and --tool-call-parser."""
+    asked = body_to_request(CHAT_URL, {**CHAT, **body})
+    assert asked.tool_call == AutoToolChoice() and "structured_outputs" not in asked.overrides
+    with pytest.raises(ToolChoiceError, match=re.escape(
+            '"tool_choice": "auto" (vLLM\'s default where tools are given) needs a tool-call parser (vLLM\'s '
+            "--enable-auto-tool-choice with --tool-call-parser) to read the model's own call syntax")):
+        served_tool_choice(asked.tool_call, None)
+
+
 def test_a_null_tool_choice_answers_text_where_an_absent_one_is_auto():
     """vLLM's request model defaults only a missing tool_choice to "auto" (where tools are given); a null one stays
     null, which its server answers as text with the tools in the template. A null one failed here as "auto"."""
     asked = body_to_request(CHAT_URL, {**CHAT, "tool_choice": None})
-    assert asked.tool_call is None and "structured_outputs" not in asked.overrides
+    assert served_tool_choice(asked.tool_call, None) is None and "structured_outputs" not in asked.overrides
     assert [t["function"]["name"] for t in asked.template["tools"]] == ["verdict", "ping"]
-    with pytest.raises(BodyError, match="needs a tool-call parser"):
-        body_to_request(CHAT_URL, CHAT)
+    with pytest.raises(ToolChoiceError, match="needs a tool-call parser"):
+        served_tool_choice(body_to_request(CHAT_URL, CHAT).tool_call, None)
     plain = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": None}).encode(), 1, None)
     assert plain.tool_call is None and plain.chat_template_kwargs == {"tools": TOOLS}
 
@@ -237,7 +245,8 @@ def test_a_plain_messages_line_with_a_forced_tool_choice_gets_its_calls_in_its_r
     text = parse_line(json.dumps({"id": 2, **CHAT}).encode(), 2, None)
     assert text.tool_call is None and "structured_outputs" not in text.sampling_overrides
     auto = parse_line(json.dumps({"id": 3, **CHAT, "tool_choice": "auto"}).encode(), 3, None)
-    assert "needs a tool-call parser" in auto.message
+    with pytest.raises(ToolChoiceError, match="needs a tool-call parser"):
+        served_tool_choice(auto.tool_call, None)
     missing = parse_line(json.dumps({"id": 4, **CHAT, "tool_choice": {"function": {"name": "x"}}}).encode(), 4, None)
     assert 'names the function "x", which is not among the tools' in missing.message
 
@@ -275,3 +284,112 @@ def test_exclude_tools_when_tool_choice_none_renders_none_lines_without_their_to
     assert [row["chat_template_kwargs"] for row in rows] == [
         {"tone": "dry"}, {"tone": "dry", "tools": TOOLS}, {"tone": "dry", "tools": TOOLS},
         {"tone": "dry", "tools": TOOLS}, {"tone": "dry"}]
+
+
+HERMES_CALL = '<tool_call>\n{"name": "verdict", "arguments": {"ok": true}}\n</tool_call>'
+AUTO_HERMES = AutoToolChoice(parser="hermes")
+
+
+def message_and_finish(choice: dict) -> tuple[dict, str]:
+    return choice["message"], choice["finish_reason"]
+
+
+def test_an_auto_answer_is_read_by_the_jobs_parser_into_vllms_message():
+    """"auto" failed every line; served with --enable-auto-tool-choice --tool-call-parser hermes, the text answer is
+    read as vLLM 0.26's server reads it: the calls (chatcmpl-tool- ids), the text before them as the content (None
+    where blank), finish_reason "tool_calls" wherever calls were read (a length-cut answer too); an answer without
+    calls, or one the parser cannot read whole, is all content with the engine's finish_reason."""
+    body = success_record("c", CHAT_URL, "m", output(
+        ("Let me check.\n" + HERMES_CALL, "stop"), ("\n\n" + HERMES_CALL, "length"), ("It is wet.", "stop"),
+        ('<tool_call>{"name": "verdict", "arguments": {', "length")), 3, tool_call=AUTO_HERMES)["response"]["body"]
+    called, blank, text, cut = (message_and_finish(c) for c in body["choices"])
+    assert list(called[0]) == ["role", "content", "refusal", "annotations", "audio", "function_call", "tool_calls",
+                               "reasoning"]
+    assert called[0]["content"] == "Let me check.\n" and called[1] == "tool_calls"
+    (call,) = called[0]["tool_calls"]
+    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{16}", call["id"])
+    assert call == {"id": call["id"], "type": "function", "function": {"name": "verdict", "arguments": '{"ok": true}'}}
+    assert blank[0]["content"] is None and len(blank[0]["tool_calls"]) == 1 and blank[1] == "tool_calls"
+    assert text == ({"role": "assistant", "content": "It is wet.", "refusal": None, "annotations": None, "audio": None,
+                     "function_call": None, "reasoning": None}, "stop")
+    assert "tool_calls" not in cut[0] and cut[0]["content"].startswith("<tool_call>") and cut[1] == "length"
+
+
+def test_auto_keeps_the_first_call_without_parallel_calls_and_a_null_choice_drops_them():
+    """parallel_tool_calls false keeps the first call (vLLM's maybe_filter_parallel_tool_calls); an OpenAI body's
+    null tool_choice beside tools is text where the job has no parser, and where it has one vLLM's server runs the
+    parser (null counts as auto) but writes only the content it leaves: no calls, the engine's finish_reason."""
+    two = HERMES_CALL + "\n" + HERMES_CALL.replace("verdict", "ping")
+    first = success_record("c", CHAT_URL, "m", output((two, "stop")), 3,
+                           tool_call=AutoToolChoice(False, parser="hermes"))["response"]["body"]["choices"][0]
+    assert [c["function"]["name"] for c in first["message"]["tool_calls"]] == ["verdict"]
+    null = body_to_request(CHAT_URL, {**CHAT, "tool_choice": None}).tool_call
+    assert null == AutoToolChoice(null_choice=True) and served_tool_choice(null, None) is None
+    served = served_tool_choice(null, "hermes")
+    choice = success_record("c", CHAT_URL, "m", output(("Sure.\n" + two, "stop")), 3,
+                            tool_call=served)["response"]["body"]["choices"][0]
+    assert message_and_finish(choice)[1] == "stop" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == "Sure.\n"
+
+
+def test_the_tool_parser_reads_the_content_after_the_reasoning_is_split_off():
+    """vLLM splits the reasoning first (--reasoning-parser), then runs the tool parser on the content: Qwen3's
+    thinking goes to `reasoning` and its <tool_call> after it to the calls (also where a <tool_call> ends the
+    thinking without </think>)."""
+    from batchllm.io.reasoning import reasoning_parser_named
+
+    qwen3 = reasoning_parser_named("qwen3")
+    body = success_record("c", CHAT_URL, "m", output(
+        ("<think>\nIs it wet?\n</think>\n\n" + HERMES_CALL, "stop"), ("I should ask." + HERMES_CALL, "stop")), 3,
+        reasoning_split=lambda text: qwen3(text, None), tool_call=AUTO_HERMES)["response"]["body"]
+    (closed, finish), (opened, _) = (message_and_finish(c) for c in body["choices"])
+    assert (closed["reasoning"], closed["content"], finish) == ("\nIs it wet?\n", None, "tool_calls")
+    assert (opened["reasoning"], opened["content"]) == ("I should ask.", None)
+    assert [c["function"]["name"] for m in (closed, opened) for c in m["tool_calls"]] == ["verdict", "verdict"]
+
+
+def test_a_plain_auto_lines_record_adds_the_parsed_calls_beside_its_whole_text():
+    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto", "parallel_tool_calls": False}).encode(),
+                      1, None)
+    assert line.tool_call == AutoToolChoice(False) and "structured_outputs" not in line.sampling_overrides
+    served = served_tool_choice(line.tool_call, "llama3_json")
+    text = '<|python_tag|>{"name": "ping", "parameters": {}}; {"name": "verdict", "parameters": {"ok": 1}}'
+    record = result_record(1, output((text, "stop")), 3, served)
+    assert record["text"] == text and record["finish_reason"] == "tool_calls"
+    assert [c["function"] for c in record["tool_calls"]] == [{"name": "ping", "arguments": "{}"}]
+    plain = result_record(1, output(("No call.", "stop")), 3, served)
+    assert plain["tool_calls"] == [] and plain["finish_reason"] == "stop" and plain["text"] == "No call."
+
+
+def test_a_job_serves_auto_lines_with_its_parser_in_run_and_in_ray(tmp_path):
+    """With the job's parser (`prepare_lines(auto_tool_parser=...)`, Ray's preprocess alike) an "auto" line is
+    taken, unconstrained, and under hermes every line whose tools are called or parsed gets skip_special_tokens
+    false (vLLM's hermes adjust_request); without it the line fails as before, and an "auto" line without tools
+    fails as vLLM's request model fails it."""
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.io.ingest import ResponseShape, prepare_lines
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliPreprocess
+
+    lines = [{"id": "auto", **CHAT, "tool_choice": "auto"}, {"id": "none", **CHAT, "tool_choice": "none"},
+             {"id": "forced", **CHAT, "tool_choice": "required"},
+             {"id": "bare", "messages": CHAT["messages"], "tool_choice": "auto"},
+             {"custom_id": "absent", "url": CHAT_URL, "body": CHAT}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prompts = prompt_processor_for(None)
+    served = prepare_lines(path, prompts, {"max_tokens": 4}, None, auto_tool_parser="hermes")
+    skips = {v.line.request_id: v.params.skip_special_tokens for v in served.valid}
+    assert skips == {"auto": False, "none": True, "forced": False, "absent": False}
+    assert [e.message for e in served.errors] == ["line 4: 'tool_choice' \"auto\" needs 'tools' (as vLLM's request "
+                                                  "model says)"]
+    assert {v.line.request_id: ResponseShape("m", auto_tool_parser="hermes").tool_call_of(v.line).parser
+            for v in served.valid if isinstance(v.line.tool_call, AutoToolChoice)} == {"auto": "hermes",
+                                                                                       "absent": "hermes"}
+    refused = prepare_lines(path, prompts, {"max_tokens": 4}, None)
+    assert sorted(e.request_id for e in refused.errors) == ["absent", "auto", "bare"]
+    assert all("needs a tool-call parser" in e.message for e in refused.errors)
+    rows = [{RAW: json.dumps(line).encode(), LINE: i + 1, DUPLICATE: None} for i, line in enumerate(lines)]
+    ray_rows = [_CliPreprocess({"max_tokens": 4}, None, auto_tool_parser="hermes")(row) for row in rows]
+    assert [row.get("error") or row["sampling_params"]["skip_special_tokens"] for row in ray_rows] == [
+        False, True, False, "line 4: 'tool_choice' \"auto\" needs 'tools' (as vLLM's request model says)", False]
+    assert "needs a tool-call parser" in _CliPreprocess({"max_tokens": 4}, None)(rows[0])["error"]
