@@ -296,7 +296,7 @@ smolab)  # this tree against OLD on the SmolLM2-135M shape (dummy weights), 6,00
 smolprof)
   bench smol_prof "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing --json-out "$OUT/smol_prof.json" \
       --cpu-profile-out "$OUT/smol_cpu_profile.txt" --profile-out "$OUT/smol_gpu_profile.txt"
-  for n in 1000 3000; do
+  for n in ${SMOL_SCALING-1000 3000}; do  # (SMOL_SCALING="": the profiled run alone)
     bench "smol_$n" "${SMOL[@]}" "${CHATLIKE[@]}" --requests $n --configs sharing --json-out "$OUT/smol_$n.json"
   done
   ;;
