@@ -993,6 +993,13 @@ class ResultWriter:
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
-    """One JSON line. A lone surrogate (ingest refuses them, but a record must never fail to be written)
-    becomes its JSON escape \\udXXX, so the line stays valid JSON that reads back to the same string."""
+    """One JSON line, UTF-8. A lone surrogate (ingest refuses them in lines, but an answer's JSON may escape one, as
+    a tool call's arguments read back from "\\ud800"; a record must never fail to be written) becomes its JSON
+    escape \\udXXX, so the line stays valid JSON that reads back to the same string."""
     return json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """`encode_record`'s line as text, without its newline (what `run --ray` puts in its record column): every
+    character UTF-8 can encode (no lone surrogate), so Arrow takes it and the shard line is `run`'s line."""
+    return encode_record(record)[:-1].decode("utf-8")

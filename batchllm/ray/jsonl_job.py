@@ -181,6 +181,7 @@ class _CliRecords:
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
         from batchllm.io.ingest import in_the_lines_terms, record_for
+        from batchllm.io.job import record_text
         from batchllm.io.openai_batch import with_template_defaults
 
         line = _parse(row)
@@ -195,7 +196,7 @@ class _CliRecords:
                 line.chat_template_kwargs = with_template_defaults(self.template_defaults, line.chat_template_kwargs,
                                                                    line.format == OPENAI)
             record = record_for(line, output, self.names, self.tokenizer)
-        return {RECORD: json.dumps(record, ensure_ascii=False)}
+        return {RECORD: record_text(record)}  # (`run`'s line: a lone surrogate escaped, which Arrow cannot encode)
 
 
 class _RecordShards(BlockBasedFileDatasink):

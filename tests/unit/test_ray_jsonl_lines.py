@@ -58,3 +58,27 @@ def test_the_read_task_checks_a_lines_values_under_the_jobs_defaults(tmp_path):
     src.write_text('{"id": "m", "prompt": "Hi", "min_tokens": 10}\n{"id": "m", "prompt": "Hi"}\n')
     assert [row["duplicate"] for row in ray_rows(src, defaults={"max_tokens": 4})] == [None, None]
     assert [row["duplicate"] for row in ray_rows(src)] == [None, 1]
+
+
+def test_a_records_lone_surrogate_is_escaped_under_ray_as_without_it():
+    """A hermes call whose arguments hold the JSON escape "\\ud800" reads back to a lone surrogate, which Arrow cannot
+    encode: `run --ray` failed the whole job (exit 3, no records) where `run` writes the line with the surrogate
+    escaped. The Ray record is now `run`'s line, byte for byte, and Arrow takes it."""
+    import pyarrow as pa
+
+    from batchllm.io.ingest import ResponseShape
+    from batchllm.io.job import encode_record
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliRecords
+    from batchllm.request_output import CompletionOutput, RequestOutput
+
+    tools = [{"type": "function", "function": {"name": "echo"}}]
+    line = {"id": 1, "messages": [{"role": "user", "content": "Hi"}], "tools": tools, "tool_choice": "auto"}
+    row = {RAW: json.dumps(line).encode(), LINE: 1, DUPLICATE: None}
+    answer = '<tool_call>{"name": "echo", "arguments": {"s": "\\ud800"}}</tool_call>'
+    output = RequestOutput("1", "p", [1, 2], [CompletionOutput(0, answer, [5], -1.0, None, "stop")])
+    names = ResponseShape("m", auto_tool_parser="hermes")
+    text = _CliRecords(names, "plain")(row, output, None)["record"]
+    pa.array([text])  # (raised UnicodeEncodeError: "surrogates not allowed")
+    record = json.loads(text)
+    assert [c["function"] for c in record["tool_calls"]] == [{"name": "echo", "arguments": '{"s": "\ud800"}'}]
+    assert "\\ud800" in text and (text + "\n").encode("utf-8") == encode_record(record)
