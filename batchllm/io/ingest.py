@@ -427,4 +427,5 @@ def record_for(line: BatchLine, output, names: ResponseShape, tokenizer=None) ->
                                            echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer,
                                            reasoning_split=names.reasoning_split(line), asks=line.response_asks,
                                            tool_call=names.tool_call_of(line))
-    return result_record(line.request_id, output, len(output.prompt_token_ids), names.tool_call_of(line))
+    return result_record(line.request_id, output, len(output.prompt_token_ids), names.tool_call_of(line),
+                         names.reasoning_split(line))

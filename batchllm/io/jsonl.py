@@ -13,7 +13,7 @@ import difflib
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -564,12 +564,19 @@ def _clean_id(rid: Any) -> str | int | None:
     return rid if isinstance(rid, str) and _encodable(rid) else None
 
 
+ReasoningSplit = Callable[[str], tuple[str | None, str | None]]
+"""A chat answer's text -> (reasoning, content): the job's --reasoning-parser, as
+`ingest.ResponseShape.reasoning_split` gives it."""
+
+
 def result_record(request_id: str | int, output, prompt_tokens: int,
-                  tool_call: ForcedToolCall | AutoToolChoice | None = None) -> dict[str, Any]:
+                  tool_call: ForcedToolCall | AutoToolChoice | None = None,
+                  reasoning_split: ReasoningSplit | None = None) -> dict[str, Any]:
     """A plain line's result: its first completion's fields at the top level, as before n > 1 existed,
     with every completion (its logprobs included) under "outputs" when there are several; `tool_call`: a forced
-    call's or served "auto" line's (`_completion_record`)."""
-    record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0], tool_call),
+    call's or served "auto" line's, whose calls are read from the content `reasoning_split` leaves (None: the whole
+    text) (`_completion_record`)."""
+    record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0], tool_call, reasoning_split),
                               "prompt_tokens": prompt_tokens, "completion_tokens": output.num_output_tokens}
     if output.num_cached_tokens is not None:  # (prompt tokens read from a shared prefix, not computed)
         record["cached_tokens"] = output.num_cached_tokens
@@ -577,16 +584,21 @@ def result_record(request_id: str | int, output, prompt_tokens: int,
         record["prompt_logprobs"] = [None if lp_map is None else _logprob_record(int(tid), lp_map)
                                      for tid, lp_map in zip(output.prompt_token_ids, output.prompt_logprobs)]
     if len(output.outputs) > 1:
-        record["outputs"] = [_completion_record(o, tool_call) for o in output.outputs]
+        record["outputs"] = [_completion_record(o, tool_call, reasoning_split) for o in output.outputs]
     return record
 
 
-def _completion_record(completion, tool_call: ForcedToolCall | AutoToolChoice | None = None) -> dict[str, Any]:
+def _completion_record(completion, tool_call: ForcedToolCall | AutoToolChoice | None = None,
+                       reasoning_split: ReasoningSplit | None = None) -> dict[str, Any]:
     """text, token_ids, finish_reason, stop_reason (vLLM's: the stop string or token id that ended it, else
-    null) and, where asked for, logprobs. A tool line's completion adds its `tool_calls` (read from the text, which
-    stays whole: `tool_calls.message_calls`; [] where none) and takes the finish_reason vLLM's chat answer gives
-    it."""
-    calls = message_calls(completion.text, tool_call)[0] if tool_call is not None else []
+    null) and, where asked for, logprobs. A tool line's completion adds its `tool_calls` (`tool_calls.message_calls`;
+    [] where none), read from the content after `reasoning_split` takes the thinking off, as vLLM's server reads an
+    OpenAI chat answer (thinking never holds a call), and takes the finish_reason vLLM's chat answer gives it; its
+    `text` stays the whole answer, thinking included."""
+    calls = []
+    if tool_call is not None:
+        content = completion.text if reasoning_split is None else reasoning_split(completion.text)[1]
+        calls = message_calls(content, tool_call)[0]
     record = {"text": completion.text, "token_ids": completion.token_ids,
               "finish_reason": finish_reason_of(completion.finish_reason, tool_call, bool(calls)),
               "stop_reason": completion.stop_reason}

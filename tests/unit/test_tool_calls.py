@@ -361,6 +361,27 @@ def test_a_plain_auto_lines_record_adds_the_parsed_calls_beside_its_whole_text()
     assert plain["tool_calls"] == [] and plain["finish_reason"] == "stop" and plain["text"] == "No call."
 
 
+def test_a_plain_auto_lines_calls_are_read_after_the_reasoning_split_and_its_text_stays_whole():
+    """Under --reasoning-parser a plain "auto" line's parser read the whole answer, thinking included (a call the
+    model only thought about was a call; a tag in the thinking spoilt the real call), where an OpenAI line's reads
+    the content after the split, as vLLM does; now both read the content. The record's `text` stays whole."""
+    from batchllm.io.ingest import ResponseShape, record_for
+
+    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto"}).encode(), 1, None)
+    names = ResponseShape("m", reasoning_parser="deepseek_r1", auto_tool_parser="hermes")
+    thought = "<think>I could write " + HERMES_CALL + " but no.</think>It is wet."
+    tagged = "<think>I'll use <tool_call> tags.</think>\n" + HERMES_CALL
+    record = record_for(line, output((thought, "stop"), (tagged, "stop")), names)
+    assert (record["text"], record["tool_calls"], record["finish_reason"]) == (thought, [], "stop")
+    (second,) = record["outputs"][1]["tool_calls"]
+    assert second["function"]["name"] == "verdict" and record["outputs"][1]["finish_reason"] == "tool_calls"
+    assert record["outputs"][1]["text"] == tagged
+    body = {"custom_id": "c", "url": CHAT_URL, "body": {**CHAT, "tool_choice": "auto"}}
+    openai = record_for(parse_line(json.dumps(body).encode(), 2, None), output((thought, "stop"), (tagged, "stop")),
+                        names)["response"]["body"]["choices"]
+    assert ["tool_calls" in c["message"] for c in openai] == [False, True]  # (the OpenAI line's, as before)
+
+
 def test_a_job_serves_auto_lines_with_its_parser_in_run_and_in_ray(tmp_path):
     """With the job's parser (`prepare_lines(auto_tool_parser=...)`, Ray's preprocess alike) an "auto" line is
     taken, unconstrained, and under hermes every line whose tools are called or parsed gets skip_special_tokens
