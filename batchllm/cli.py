@@ -224,7 +224,8 @@ def _add_output_arguments(o) -> None:
                    help="split a reasoning model's answers to OpenAI chat lines, as vLLM's option: the thinking "
                    "between <think> and </think> goes to the message's `reasoning`, the rest to its `content` "
                    "(qwen3: not where enable_thinking is off: by the line's chat_template_kwargs or reasoning_effort "
-                   "none, or --default-chat-template-kwargs); default: the whole answer is content")
+                   "none, or --default-chat-template-kwargs; and, as vLLM's, every chat line decodes with "
+                   "skip_special_tokens false); default: the whole answer is content")
 
 
 _FORCED_READ_AS_JSON = ('a forced tool_choice\'s answer ("required" or a named function) is constrained to JSON and '
@@ -951,7 +952,7 @@ def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, so
         reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
                                 progress=not args.no_progress, template_defaults=args.default_chat_template_kwargs,
                                 exclude_tools_when_none=args.exclude_tools_when_tool_choice_none,
-                                auto_tool_parser=auto_tool_parser(args))
+                                auto_tool_parser=auto_tool_parser(args), reasoning_parser=args.reasoning_parser)
         return LLM.from_config(config, front, workers, facts), reading
     except BaseException as e:  # the workers stop now, not at exit
         if workers is not None:

@@ -36,6 +36,7 @@ from batchllm.io.jsonl import (
     result_record,
     without_bom,
 )
+from batchllm.io.reasoning import SKIPS_NO_SPECIAL_TOKENS as REASONING_SHOWS_SPECIAL_TOKENS
 from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.io.tool_calls import replaced_constraint, served_tool_choice
 from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS
@@ -43,7 +44,7 @@ from batchllm.progress import LOG_INTERVAL_S, draws_in_place
 from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ResponseShape", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
-           "record_for", "input_problem", "serve_tool_choice", "PLAIN", "OPENAI"]
+           "record_for", "input_problem", "serve_tool_choice", "serve_reasoning_parser", "PLAIN", "OPENAI"]
 
 
 class ValidLine(NamedTuple):
@@ -122,11 +123,12 @@ def count_input_lines(path: Path) -> int:
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
                   resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024,
                   template_defaults: dict | None = None, exclude_tools_when_none: bool = False,
-                  auto_tool_parser: str | None = None) -> Ingested:
+                  auto_tool_parser: str | None = None, reasoning_parser: str | None = None) -> Ingested:
     """Stream the file and tokenize it in batches, skipping lines a previous run finished. Chat lines are
     rendered with `template_defaults` (--default-chat-template-kwargs) under their own template keywords, without
     their tools where their tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`);
-    their tool_choice "auto" is served with `auto_tool_parser` (`serve_tool_choice`; None: refused).
+    their tool_choice "auto" is served with `auto_tool_parser` (`serve_tool_choice`; None: refused), and their
+    sampling takes what the job's `reasoning_parser` sets (`serve_reasoning_parser`).
 
     Prompts are kept as int32 numpy arrays and identical sampling settings share one SamplingParams (a seeded
     line's is a slotted copy of it, ~400 bytes, with its own seed: `sampling_params_for`), so memory follows
@@ -166,7 +168,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
                 errors.append(duplicate)
             continue
         prepared = _prepared(item, prompts, defaults, global_seed, params_cache, template_defaults,
-                             exclude_tools_when_none, auto_tool_parser)
+                             exclude_tools_when_none, auto_tool_parser, reasoning_parser)
         if isinstance(prepared, LineError):
             errors.append(prepared)
             continue
@@ -204,15 +206,18 @@ class IdClaims:
 
 def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
               params_cache: dict, template_defaults: dict | None, exclude_tools_when_none: bool = False,
-              auto_tool_parser: str | None = None) -> tuple[SamplingParams, Any] | LineError:
+              auto_tool_parser: str | None = None, reasoning_parser: str | None = None
+              ) -> tuple[SamplingParams, Any] | LineError:
     """A line's SamplingParams (checked against the model) and its prompt as `tokenize_many` takes it (a chat
     rendered by its template with `jsonl.line_template_kwargs`: `template_defaults` under its own keywords, which
     the line keeps, as its answer's reasoning split reads them), or the LineError of either. Its tool choice is
-    served first (`serve_tool_choice`: an "auto" line the job has no parser for fails). A forced tool call's
+    served first (`serve_tool_choice`: an "auto" line the job has no parser for fails; then
+    `serve_reasoning_parser`). A forced tool call's
     line compiles its own structured_outputs, which the call's constraint replaced (`ForcedToolCall.replaced`), as a
     line's own: first, so that it fails the line as it would without tools."""
     try:
         serve_tool_choice(item, auto_tool_parser)
+        serve_reasoning_parser(item, reasoning_parser)
         if (replaced := replaced_constraint(item.tool_call)) is not None and prompts.grammars is not None:
             prompts.grammars.compile(replaced)
         params = sampling_params_for(item, defaults, global_seed, params_cache)
@@ -288,6 +293,15 @@ def serve_tool_choice(line: BatchLine, auto_tool_parser: str | None) -> None:
     vLLM. Changes the line in place (its tool_call, and its sampling_overrides by a new dict); idempotent."""
     line.tool_call = served_tool_choice(line.tool_call, auto_tool_parser)
     if line.tool_call is not None and auto_tool_parser in SKIPS_NO_SPECIAL_TOKENS:
+        line.sampling_overrides = {**line.sampling_overrides, "skip_special_tokens": False}
+
+
+def serve_reasoning_parser(line: BatchLine, reasoning_parser: str | None) -> None:
+    """What the job's --reasoning-parser sets on a chat line, as vLLM's server sets it on every chat request where a
+    reasoning parser is given: under qwen3 (`io.reasoning.SKIPS_NO_SPECIAL_TOKENS`), skip_special_tokens false over
+    the line's own (plain `messages` lines too, as `serve_tool_choice` treats them). Completions lines are left as
+    they are. Changes the line in place (its sampling_overrides by a new dict); idempotent."""
+    if line.is_chat and reasoning_parser in REASONING_SHOWS_SPECIAL_TOKENS:
         line.sampling_overrides = {**line.sampling_overrides, "skip_special_tokens": False}
 
 

@@ -44,6 +44,12 @@ REASONING_PARSERS: dict[str, Callable[[str, dict[str, Any] | None], tuple[str | 
 (reasoning, content)."""
 
 
+SKIPS_NO_SPECIAL_TOKENS = ("qwen3",)
+"""Parsers whose adjust_request sets every chat request's skip_special_tokens false: vLLM 0.26's qwen3 is a parser
+engine adapter (ParserEngine.adjust_request), which its server calls on each chat request wherever a reasoning
+parser is set (tool_choice and tools aside); deepseek_r1's adjust_request changes nothing."""
+
+
 def check_tokenizer(name: str | None, vocab: dict[str, int]) -> None:
     """ValueError where parser `name` needs tokens the tokenizer's `vocab` lacks: both parsers their `<think>` and
     `</think>`, as vLLM's (BaseThinkingReasoningParser) refuse to start without them (every answer would be taken

@@ -130,19 +130,29 @@ def _parse(row: dict) -> BatchLine | LineError:
 class _CliPreprocess:
     """Input line -> prompt and sampling fields, with the CLI's defaults and per-line seeds, and a chat line's
     template keywords over the job's (`template_defaults`, --default-chat-template-kwargs), without its tools where
-    its tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`, as `run` renders it)."""
+    its tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`, as `run` renders it);
+    its tool choice and sampling served with the job's `auto_tool_parser` and `reasoning_parser`, as `run` serves
+    them (`io.ingest.serve_tool_choice`, `io.ingest.serve_reasoning_parser`)."""
 
     def __init__(self, defaults: dict, global_seed: int | None, template_defaults: dict | None = None,
-                 exclude_tools_when_none: bool = False, auto_tool_parser: str | None = None) -> None:
+                 exclude_tools_when_none: bool = False, auto_tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
         self.defaults = defaults
         self.global_seed = global_seed
         self.template_defaults = template_defaults
         self.exclude_tools_when_none = exclude_tools_when_none
         self.auto_tool_parser = auto_tool_parser  # (`io.ingest.serve_tool_choice`, as `run` serves a line)
+        self.reasoning_parser = reasoning_parser  # (`io.ingest.serve_reasoning_parser`)
         self.cache: dict[str, SamplingParams] = {}
 
     def __call__(self, row: dict) -> dict:
-        from batchllm.io.ingest import in_the_lines_terms, must_fit_the_context, sampling_params_for, serve_tool_choice
+        from batchllm.io.ingest import (
+            in_the_lines_terms,
+            must_fit_the_context,
+            sampling_params_for,
+            serve_reasoning_parser,
+            serve_tool_choice,
+        )
         from batchllm.io.jsonl import line_template_kwargs
         from batchllm.io.tool_calls import ToolChoiceError, replaced_constraint
         from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS, REPLACED_CONSTRAINT
@@ -154,6 +164,7 @@ class _CliPreprocess:
             serve_tool_choice(line, self.auto_tool_parser)
         except ToolChoiceError as e:
             return {"error": LineError.for_line(line, in_the_lines_terms(line, e)).message}
+        serve_reasoning_parser(line, self.reasoning_parser)
         sp = sampling_params_for(line, self.defaults, self.global_seed, self.cache)
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
@@ -249,7 +260,8 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
     line: `count_shard_records`).
     `on_written` is called once every shard is written (before they are counted): the job is done from then on;
     `on_loaded`, by each replica once its engine is built (on its node: a picklable callable).
-    `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name);
+    `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name), and
+    the job's reasoning parser, which also serves the lines' sampling (`io.ingest.serve_reasoning_parser`);
     `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
     the chat lines' default template keywords, `exclude_tools_when_none` and `auto_tool_parser` (`prepare_lines`';
     the latter must be `names`' too, which reads the "auto" lines' answers with it).
@@ -274,7 +286,7 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
     records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
                              template_defaults=template_defaults)
     preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none,
-                                auto_tool_parser)
+                                auto_tool_parser, names.reasoning_parser)
     processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
     lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults,
                                                  auto_tool_parser=auto_tool_parser))

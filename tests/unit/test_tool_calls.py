@@ -414,3 +414,51 @@ def test_a_job_serves_auto_lines_with_its_parser_in_run_and_in_ray(tmp_path):
     assert [row.get("error") or row["sampling_params"]["skip_special_tokens"] for row in ray_rows] == [
         False, True, False, "line 4: 'tool_choice' \"auto\" needs 'tools' (as vLLM's request model says)", False]
     assert "needs a tool-call parser" in _CliPreprocess({"max_tokens": 4}, None)(rows[0])["error"]
+
+
+def test_qwen3s_reasoning_parser_shows_special_tokens_in_every_chat_line_in_run_and_in_ray(tmp_path, monkeypatch):
+    """vLLM 0.26's qwen3 reasoning parser (a parser engine adapter) sets skip_special_tokens false on every chat
+    request its server gets, whatever the tools or the line's own value; deepseek_r1 and completions are left as
+    they are. Chat lines kept skip_special_tokens true here; now `run` (`prepare_lines`) and `run --ray`
+    (`_CliPreprocess`, built by `run_jsonl_on_ray` with the job's parser) serve them as vLLM does."""
+    import ray.data
+
+    from batchllm.inputs import prompt_processor_for
+    from batchllm.io.ingest import ResponseShape, prepare_lines
+    from batchllm.ray import jsonl_job
+    from batchllm.ray.config import ProcessorConfig
+    from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliPreprocess
+
+    messages = CHAT["messages"]
+    lines = [{"id": "plain", "messages": messages, "skip_special_tokens": True}, {"id": "prompt", "prompt": "Hi"},
+             {"custom_id": "chat", "url": CHAT_URL, "body": {"messages": messages}},
+             {"custom_id": "completion", "url": COMPLETIONS_URL, "body": {"prompt": "Hi"}}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = [{RAW: json.dumps(line).encode(), LINE: i + 1, DUPLICATE: None} for i, line in enumerate(lines)]
+    shown = {"plain": False, "prompt": True, "chat": False, "completion": True}
+    for parser, expected in (("qwen3", shown), ("deepseek_r1", dict.fromkeys(shown, True)),
+                             (None, dict.fromkeys(shown, True))):
+        served = prepare_lines(path, prompt_processor_for(None), {"max_tokens": 4}, None, reasoning_parser=parser)
+        skips = {v.line.request_id: v.params.skip_special_tokens for v in served.valid}
+        assert skips == expected, parser
+        ray_skips = [_CliPreprocess({"max_tokens": 4}, None, reasoning_parser=parser)(row)["sampling_params"][
+            "skip_special_tokens"] for row in rows]
+        assert ray_skips == list(skips.values()), parser
+
+    built = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        built["preprocess"] = args[1]
+        raise Stop
+
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "checkpoint_config", context.checkpoint_config)  # (the job sets it: restored)
+    monkeypatch.setattr(jsonl_job, "Processor", capture)
+    with pytest.raises(Stop):
+        jsonl_job.run_jsonl_on_ray(path, tmp_path / "out", ProcessorConfig(), {"max_tokens": 4}, None,
+                                   ResponseShape("m", reasoning_parser="qwen3"), "plain")
+    assert built["preprocess"](rows[0])["sampling_params"]["skip_special_tokens"] is False
