@@ -99,8 +99,9 @@ def tool_parser_named(name: str) -> Callable[[str], ParsedAnswer]:
 
 
 def check_tokenizer(name: str | None, vocab: dict[str, int]) -> None:
-    """ValueError where parser `name` needs a token the tokenizer's `vocab` lacks (`NEEDED_TOKENS`): vLLM's parser
-    fails every tool line there; here the job is refused before anything is written."""
+    """ValueError where parser `name` needs a token the tokenizer's `vocab` lacks (`NEEDED_TOKENS`): vLLM 0.26's
+    server builds the parser for every chat request, and its constructor raises there, so every chat request fails;
+    here the job is refused before anything is written."""
     if (token := NEEDED_TOKENS.get(name or "")) is not None and token not in vocab:
         raise ValueError(f"--tool-call-parser {name}: the tokenizer has no {token} token (as vLLM's parser, it "
                          "needs it); this model does not write Llama 3 JSON tool calls")
