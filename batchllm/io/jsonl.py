@@ -575,16 +575,18 @@ def result_record(request_id: str | int, output, prompt_tokens: int,
     """A plain line's result: its first completion's fields at the top level, as before n > 1 existed,
     with every completion (its logprobs included) under "outputs" when there are several; `tool_call`: a forced
     call's or served "auto" line's, whose calls are read from the content `reasoning_split` leaves (None: the whole
-    text) (`_completion_record`)."""
-    record: dict[str, Any] = {"id": request_id, **_completion_record(output.outputs[0], tool_call, reasoning_split),
+    text) (`_completion_record`). Invariant: the top level's completion fields are outputs[0]'s, the same values
+    (each completion is read once, so a tool call has one id wherever it is written)."""
+    completions = [_completion_record(o, tool_call, reasoning_split) for o in output.outputs]
+    record: dict[str, Any] = {"id": request_id, **completions[0],
                               "prompt_tokens": prompt_tokens, "completion_tokens": output.num_output_tokens}
     if output.num_cached_tokens is not None:  # (prompt tokens read from a shared prefix, not computed)
         record["cached_tokens"] = output.num_cached_tokens
     if output.prompt_logprobs is not None:  # null for the first prompt token, as in vLLM
         record["prompt_logprobs"] = [None if lp_map is None else _logprob_record(int(tid), lp_map)
                                      for tid, lp_map in zip(output.prompt_token_ids, output.prompt_logprobs)]
-    if len(output.outputs) > 1:
-        record["outputs"] = [_completion_record(o, tool_call, reasoning_split) for o in output.outputs]
+    if len(completions) > 1:
+        record["outputs"] = completions
     return record
 
 

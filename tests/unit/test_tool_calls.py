@@ -462,3 +462,14 @@ def test_qwen3s_reasoning_parser_shows_special_tokens_in_every_chat_line_in_run_
         jsonl_job.run_jsonl_on_ray(path, tmp_path / "out", ProcessorConfig(), {"max_tokens": 4}, None,
                                    ResponseShape("m", reasoning_parser="qwen3"), "plain")
     assert built["preprocess"](rows[0])["sampling_params"]["skip_special_tokens"] is False
+
+
+def test_a_plain_n2_records_first_call_has_one_id_at_the_top_and_in_outputs():
+    """The top level is outputs[0]'s fields; each was read from the answer on its own, so the same call got two
+    different "chatcmpl-tool-" ids. Now the top level reuses outputs[0]'s: one call, one id."""
+    served = served_tool_choice(AutoToolChoice(), "hermes")
+    record = result_record(1, output((HERMES_CALL, "stop"), ("No call.", "stop")), 3, served)
+    first = record["outputs"][0]
+    assert {key: record[key] for key in first} == first
+    assert record["tool_calls"][0]["id"] == first["tool_calls"][0]["id"]
+    assert record["outputs"][1]["tool_calls"] == [] and record["outputs"][1]["finish_reason"] == "stop"
