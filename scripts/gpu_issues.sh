@@ -292,6 +292,7 @@ smolab)  # this tree against OLD on the SmolLM2-135M shape (dummy weights), 6,00
     bench_in_tree "$tree" "smolab_${tree}_$i" "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing \
         --json-out "$OUT/smolab_${tree}_$i.json"
   done
+  [ "${SMOL_PROFILE:-1}" = 1 ] || exit 0  # (SMOL_PROFILE=0: the pairs alone)
   ;&
 smolprof)
   bench smol_prof "${SMOL[@]}" "${CHATLIKE[@]}" --requests 6000 --configs sharing --json-out "$OUT/smol_prof.json" \
