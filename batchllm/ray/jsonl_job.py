@@ -279,18 +279,18 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         id_column=LINE, checkpoint_path=str(output_dir.resolve() / CHECKPOINT_DIR),
         delete_checkpoint_on_success=False)
     started = time.perf_counter()
-    if names is None:
-        from batchllm.io.ingest import ResponseShape
+    try:  # (from here: the datasets below are made under the job's checkpoint config, restored whatever fails)
+        if names is None:
+            from batchllm.io.ingest import ResponseShape
 
-        names = ResponseShape(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
-    records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
-                             template_defaults=template_defaults)
-    preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none,
-                                auto_tool_parser, names.reasoning_parser)
-    processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
-    lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults,
-                                                 auto_tool_parser=auto_tool_parser))
-    try:
+            names = ResponseShape(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
+        records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
+                                 template_defaults=template_defaults)
+        preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none,
+                                    auto_tool_parser, names.reasoning_parser)
+        processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
+        lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults,
+                                                     auto_tool_parser=auto_tool_parser))
         records = processor(lines, num_rows=count_input_lines(input_path))
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
     finally:

@@ -456,12 +456,13 @@ def test_qwen3s_reasoning_parser_shows_special_tokens_in_every_chat_line_in_run_
         raise Stop
 
     context = ray.data.DataContext.get_current()
-    monkeypatch.setattr(context, "checkpoint_config", context.checkpoint_config)  # (the job sets it: restored)
+    before = context.checkpoint_config
     monkeypatch.setattr(jsonl_job, "Processor", capture)
     with pytest.raises(Stop):
         jsonl_job.run_jsonl_on_ray(path, tmp_path / "out", ProcessorConfig(), {"max_tokens": 4}, None,
                                    ResponseShape("m", reasoning_parser="qwen3"), "plain")
     assert built["preprocess"](rows[0])["sampling_params"]["skip_special_tokens"] is False
+    assert context.checkpoint_config is before  # (a job that fails while it is set up restores the driver's)
 
 
 def test_a_plain_n2_records_first_call_has_one_id_at_the_top_and_in_outputs():
