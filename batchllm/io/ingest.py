@@ -158,9 +158,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         if isinstance(item, LineError):
             errors.append(item)
             continue
-        formats[item.format] = formats.get(item.format, 0) + 1
-        for name in item.ignored_fields:
-            ignored[name] = ignored.get(name, 0) + 1
+        _tally(item, formats, ignored)
         if item.line_number in resume.done_error_lines:
             continue  # (a line that failed stays failed: a second, result record would answer it twice)
         if resume.is_done(item.request_id):  # the first such line was answered; a later one is its duplicate
@@ -182,6 +180,13 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
                     key=lambda error: error.line_number)
     file_format = max(formats, key=formats.get) if formats else PLAIN
     return Ingested(valid, errors, file_format, ignored)
+
+
+def _tally(line: BatchLine, formats: dict[str, int], ignored: dict[str, int]) -> None:
+    """Count the line's format and each field it gave that is ignored (the job's notes on the file)."""
+    formats[line.format] = formats.get(line.format, 0) + 1
+    for name in line.ignored_fields:
+        ignored[name] = ignored.get(name, 0) + 1
 
 
 class IdClaims:
