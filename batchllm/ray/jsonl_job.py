@@ -254,17 +254,16 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
                      global_seed: int | None = None, names=None, file_format: str | None = None,
                      template_defaults: dict | None = None, on_written: Callable[[], None] | None = None,
-                     on_loaded: Callable[[], None] | None = None, exclude_tools_when_none: bool = False,
-                     auto_tool_parser: str | None = None) -> dict:
+                     on_loaded: Callable[[], None] | None = None, exclude_tools_when_none: bool = False) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir (counted by
     line: `count_shard_records`).
     `on_written` is called once every shard is written (before they are counted): the job is done from then on;
     `on_loaded`, by each replica once its engine is built (on its node: a picklable callable).
     `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name), and
-    the job's reasoning parser, which also serves the lines' sampling (`io.ingest.serve_reasoning_parser`);
+    the job's reasoning and "auto" tool-call parsers, which also serve the lines (`io.ingest.serve_reasoning_parser`,
+    `io.ingest.serve_tool_choice`);
     `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
-    the chat lines' default template keywords, `exclude_tools_when_none` and `auto_tool_parser` (`prepare_lines`';
-    the latter must be `names`' too, which reads the "auto" lines' answers with it).
+    the chat lines' default template keywords, and `exclude_tools_when_none` (`prepare_lines`').
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
@@ -287,10 +286,10 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
                                  template_defaults=template_defaults)
         preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none,
-                                    auto_tool_parser, names.reasoning_parser)
+                                    names.auto_tool_parser, names.reasoning_parser)
         processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
         lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults,
-                                                     auto_tool_parser=auto_tool_parser))
+                                                     auto_tool_parser=names.auto_tool_parser))
         records = processor(lines, num_rows=count_input_lines(input_path))
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
     finally:
@@ -466,7 +465,6 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         _fail,
         _signals_interrupt,
         _write_stats,
-        auto_tool_parser,
         lines_progress_stats,
         response_shape,
     )
@@ -488,8 +486,7 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
                                       args.default_chat_template_kwargs, on_written=results_written, on_loaded=loaded,
-                                      exclude_tools_when_none=args.exclude_tools_when_tool_choice_none,
-                                      auto_tool_parser=auto_tool_parser(args))
+                                      exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
         except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
             return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
                          f"so far are kept, {_rerun_hint(args)}")

@@ -348,3 +348,36 @@ def test_a_first_line_of_only_the_bom_gives_the_records_of_run_without_ray(ray_s
     expected = [json.loads(x) for x in single.read_text().splitlines()]
     assert sorted(map(_normalized, on_ray)) == sorted(map(_normalized, expected))
     assert json.loads(stats.read_text())["num_lines_left"] == 0
+
+
+def test_auto_tool_choice_lines_on_ray_are_read_by_the_jobs_parser_as_without_ray(ray_session, tmp_path,
+                                                                                    default_model_dir):
+    """`run --ray --enable-auto-tool-choice --tool-call-parser hermes` serves "auto" lines from the job's options
+    (its response shape), on both stages, as `run` does: the same records but for the random call ids; without the
+    flags those lines fail each alone on both paths."""
+    import re
+
+    from batchllm.cli import main
+
+    call = '<tool_call>\n{"name": "paint", "arguments": {"color": "red"}}\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "paint", "parameters": {
+        "type": "object", "properties": {"color": {"type": "string"}}}}}]
+    body = {"messages": [{"role": "user", "content": "Paint it."}], "tools": tools, "tool_choice": "auto",
+            "structured_outputs": {"choice": ["Painting.\n" + call]}, "max_tokens": 120}  # (short tokens)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "call", "method": "POST", "url": "/v1/chat/completions", "body": body})
+                   + "\n" + json.dumps({"id": "plain", **body}) + "\n" + json.dumps({"id": "text", "prompt": "Hi"})
+                   + "\n")
+    flags = ["--model", str(default_model_dir), "--enable-auto-tool-choice", "--tool-call-parser", "hermes", *OPTIONS]
+    single, shards = tmp_path / "single.jsonl", tmp_path / "shards"
+    assert main(["run", str(src), "-o", str(single), *flags]) == 0
+    assert main(["run", str(src), "-o", str(shards), "--ray", *flags]) == 0
+
+    def records(texts: list[str]) -> list[str]:
+        return sorted(re.sub(r"chatcmpl-tool-[0-9a-f]{16}", "ID", _normalized(json.loads(x))) for x in texts)
+
+    on_ray = records([x for f in shards.glob("*.jsonl") for x in f.read_text().splitlines()])
+    assert on_ray == records(single.read_text().splitlines())
+    assert sum('"finish_reason": "tool_calls"' in r for r in on_ray) == 2  # (the OpenAI line's and the plain one's)
+    refused = tmp_path / "refused"
+    assert main(["run", str(src), "-o", str(refused), "--ray", "--model", str(default_model_dir), *OPTIONS]) == 1
