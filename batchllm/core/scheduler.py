@@ -625,6 +625,7 @@ class Scheduler:
             raise RuntimeError(f"the step sampled {len(sampled)} tokens for {batch.num_sampling_rows} sampling rows")
         updates = StepUpdates(logprobs=output.logprobs)
         ended, requests, dropped = updates.ended, self.requests, set()
+        gone: dict[str, tuple[Request, RequestStatus]] = {}  # (finished in bulk: `running` filtered once)
         for request_id, token in sampled.items():  # (every running request, every step: locals, no property reads)
             request = requests.get(request_id)
             if request is None:
@@ -636,10 +637,11 @@ class Scheduler:
             if token in request.stop_token_set or len(outputs) >= request.max_output_tokens:
                 finish_reason, stop_reason = self._check_finished(request, token)
                 if finish_reason is not None:
-                    self._finish(request, finish_reason, stop_reason)
+                    self._finish(request, finish_reason, stop_reason, gone)
                     ended[request_id] = (finish_reason, stop_reason)
             if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None:
                 updates.prompt_logprobs[request_id] = prompt_logprobs.assemble(request)
+        self._unlink_all(gone)
         if dropped:
             kept = [(rid, token) for rid, token in sampled.items() if rid not in dropped]
             updates.request_ids, updates.token_ids = [rid for rid, _ in kept], [token for _, token in kept]

@@ -176,3 +176,24 @@ def test_a_bulk_finish_filters_each_queue_once_whatever_the_number_of_requests(m
     engine.finish_requests([r.request_id for r in everything], "abort")
     assert not s.requests and not s.waiting and not s.running and not s.ready_members and not s.ready_prefixes
     assert looks <= 4 * (len(queued) + len(everything))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_requests_ending_in_a_step_leave_running_in_one_pass(monkeypatch, async_scheduling):
+    """The requests a step ends (EOS, max_tokens) are finished in bulk too: `running` is filtered once per
+    step, not searched and shifted once per ended request (quadratic in a step where thousands end together,
+    as a batch of equal max_tokens does). Every request ends, none through the per-request `_unlink`, and the
+    outputs are those of the same engine state run with it."""
+    rng = random.Random(11)
+    engine, everything = engine_with(nested_prompts(rng), rng, num_blocks=200, async_scheduling=async_scheduling)
+    reference, reference_all = copy.deepcopy((engine, everything))
+    run_out(reference)
+
+    def per_request(*_args):
+        raise AssertionError("a request ending in a step took the per-request _unlink")
+
+    monkeypatch.setattr(Scheduler, "_unlink", per_request)
+    run_out(engine)
+    ended = [r for r in everything if not r.is_prefix]
+    assert all(r.finish_reason == "length" for r in ended)
+    assert outputs(everything) == outputs(reference_all)
