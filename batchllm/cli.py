@@ -40,6 +40,7 @@ from batchllm.io.ingest import (
     MODEL_FOR_CHAT,
     OPENAI_MAX_TOKENS,
     TO_THE_CONTEXT,
+    LineServing,
     ResponseShape,
     count_input_lines,
     input_problem,
@@ -950,9 +951,7 @@ def _build_while_reading(args: argparse.Namespace, job: _Job, defaults: dict, so
         front = front_end_for(config, source)
         facts = resolve_model(config, source=source)  # what can be checked without weights: before reading
         reading = _InBackground(prepare_lines, args.input, front.prompts, defaults, args.seed, job.resume,
-                                progress=not args.no_progress, template_defaults=args.default_chat_template_kwargs,
-                                exclude_tools_when_none=args.exclude_tools_when_tool_choice_none,
-                                auto_tool_parser=auto_tool_parser(args), reasoning_parser=args.reasoning_parser)
+                                progress=not args.no_progress, serving=line_serving(args))
         return LLM.from_config(config, front, workers, facts), reading
     except BaseException as e:  # the workers stop now, not at exit
         if workers is not None:
@@ -1103,11 +1102,17 @@ def _generate_into(writers: tuple, llm, valid: list, args: argparse.Namespace, n
             logger.debug("closing the engine loop failed", exc_info=True)
 
 
+def line_serving(args: argparse.Namespace) -> LineServing:
+    """How `run` (and `run --ray`) serves each line (`io.ingest.LineServing`): the one place its options are read."""
+    return LineServing(args.default_chat_template_kwargs, args.exclude_tools_when_tool_choice_none,
+                       auto_tool_parser(args), args.reasoning_parser)
+
+
 def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
     """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's), and
-    how they split its reasoning."""
+    how the job served the lines (`line_serving`: its parsers split the answers)."""
     return ResponseShape(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role,
-                         args.reasoning_parser, auto_tool_parser(args))
+                         line_serving(args))
 
 
 def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> int:
@@ -1168,9 +1173,8 @@ def plan_command(args: argparse.Namespace) -> int:
         defaults, _ = resolve_sampling_defaults(args, model_dir)
     except (ValueError, OSError) as e:
         return _fail(str(e))
-    valid, errors, _, ignored = prepare_lines(args.input, prompts, defaults, None,
-                                              template_defaults=args.default_chat_template_kwargs,
-                                              exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
+    valid, errors, _, ignored = prepare_lines(args.input, prompts, defaults, None, serving=LineServing(
+        args.default_chat_template_kwargs, args.exclude_tools_when_tool_choice_none))
     note_ignored_fields(ignored)
     for error in errors:
         print(f"batchllm: {error.message}", file=sys.stderr)

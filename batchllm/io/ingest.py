@@ -43,8 +43,9 @@ from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS
 from batchllm.progress import LOG_INTERVAL_S, draws_in_place
 from batchllm.sampling_params import SamplingParams, short_repr
 
-__all__ = ["Ingested", "ResponseShape", "ValidLine", "count_input_lines", "prepare_lines", "sampling_params_for",
-           "record_for", "input_problem", "serve_tool_choice", "serve_reasoning_parser", "PLAIN", "OPENAI"]
+__all__ = ["Ingested", "ResponseShape", "LineServing", "ValidLine", "count_input_lines", "prepare_lines",
+           "sampling_params_for", "record_for", "input_problem", "serve_tool_choice", "serve_reasoning_parser", "PLAIN",
+           "OPENAI"]
 
 
 class ValidLine(NamedTuple):
@@ -122,18 +123,16 @@ def count_input_lines(path: Path) -> int:
 
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
                   resume: ResumeState | None = None, progress: bool = False, chunk: int = 1024,
-                  template_defaults: dict | None = None, exclude_tools_when_none: bool = False,
-                  auto_tool_parser: str | None = None, reasoning_parser: str | None = None) -> Ingested:
-    """Stream the file and tokenize it in batches, skipping lines a previous run finished. Chat lines are
-    rendered with `template_defaults` (--default-chat-template-kwargs) under their own template keywords, without
-    their tools where their tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`);
-    their tool_choice "auto" is served with `auto_tool_parser` (`serve_tool_choice`; None: refused), and their
-    sampling takes what the job's `reasoning_parser` sets (`serve_reasoning_parser`).
+                  serving: LineServing | None = None) -> Ingested:
+    """Stream the file and tokenize it in batches, skipping lines a previous run finished. Each line is served as
+    `serving` says (`LineServing`, None: the default: its chat template keywords and tools, its tool choice and
+    what the reasoning parser sets; an "auto" line the job has no parser for is refused).
 
     Prompts are kept as int32 numpy arrays and identical sampling settings share one SamplingParams (a seeded
     line's is a slotted copy of it, ~400 bytes, with its own seed: `sampling_params_for`), so memory follows
     the token arrays and the lines' own text, not a SamplingParams per line."""
     resume = resume or ResumeState()
+    serving = serving or LineServing()
     valid: list[ValidLine] = []
     errors: list[LineError] = []
     formats: dict[str, int] = {}
@@ -165,8 +164,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             if (duplicate := claims.claim(item)) is not None:
                 errors.append(duplicate)
             continue
-        prepared = _prepared(item, prompts, defaults, global_seed, params_cache, template_defaults,
-                             exclude_tools_when_none, auto_tool_parser, reasoning_parser)
+        prepared = _prepared(item, prompts, defaults, global_seed, params_cache, serving)
         if isinstance(prepared, LineError):
             errors.append(prepared)
             continue
@@ -210,26 +208,22 @@ class IdClaims:
 
 
 def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_seed: int | None,
-              params_cache: dict, template_defaults: dict | None, exclude_tools_when_none: bool = False,
-              auto_tool_parser: str | None = None, reasoning_parser: str | None = None
-              ) -> tuple[SamplingParams, Any] | LineError:
+              params_cache: dict, serving: LineServing) -> tuple[SamplingParams, Any] | LineError:
     """A line's SamplingParams (checked against the model) and its prompt as `tokenize_many` takes it (a chat
-    rendered by its template with `jsonl.line_template_kwargs`: `template_defaults` under its own keywords, which
-    the line keeps, as its answer's reasoning split reads them), or the LineError of either. Its tool choice is
-    served first (`serve_tool_choice`: an "auto" line the job has no parser for fails; then
-    `serve_reasoning_parser`). A forced tool call's
-    line compiles its own structured_outputs, which the call's constraint replaced (`ForcedToolCall.replaced`), as a
-    line's own: first, so that it fails the line as it would without tools."""
+    rendered by its template with `serving.template_kwargs`, which the line keeps, as its answer's reasoning split
+    reads them), or the LineError of either. The line is served first (`LineServing.serve`: an "auto" line the job
+    has no parser for fails). A forced tool call's line compiles its own structured_outputs, which the call's
+    constraint replaced (`ForcedToolCall.replaced`), as a line's own: first, so that it fails the line as it would
+    without tools."""
     try:
-        serve_tool_choice(item, auto_tool_parser)
-        serve_reasoning_parser(item, reasoning_parser)
+        serving.serve(item)
         if (replaced := replaced_constraint(item.tool_call)) is not None and prompts.grammars is not None:
             prompts.grammars.compile(replaced)
         params = sampling_params_for(item, defaults, global_seed, params_cache)
         params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                                prompts.eos_token_ids)
         if item.is_chat:
-            item.chat_template_kwargs = line_template_kwargs(item, template_defaults, exclude_tools_when_none)
+            item.chat_template_kwargs = serving.template_kwargs(item)
         prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
                   if item.is_chat else item.prompt)
     except ValueError as e:
@@ -308,6 +302,33 @@ def serve_reasoning_parser(line: BatchLine, reasoning_parser: str | None) -> Non
     they are. Changes the line in place (its sampling_overrides by a new dict); idempotent."""
     if line.is_chat and reasoning_parser in REASONING_SHOWS_SPECIAL_TOKENS:
         line.sampling_overrides = {**line.sampling_overrides, "skip_special_tokens": False}
+
+
+class LineServing(NamedTuple):
+    """How the job serves each line beyond the line's own fields: the one value `run` reads its lines with
+    (`prepare_lines`), `run --ray` preprocesses them with (`ray.jsonl_job._CliPreprocess`) and both write records
+    with (`ResponseShape.serving`), so the two paths cannot disagree. The default serves nothing extra."""
+
+    template_defaults: dict | None = None
+    """--default-chat-template-kwargs: a chat line's template keywords under its own (`jsonl.line_template_kwargs`)."""
+    exclude_tools_when_none: bool = False
+    """--exclude-tools-when-tool-choice-none: a chat line whose tool_choice is "none" is rendered without its tools."""
+    auto_tool_parser: str | None = None
+    """--tool-call-parser where --enable-auto-tool-choice is given (`io.tool_parsers.TOOL_PARSERS`): a tool_choice
+    "auto" line's answer is read by it (`tool_calls.served_tool_choice`); None: such lines fail."""
+    reasoning_parser: str | None = None
+    """--reasoning-parser (`io.reasoning.REASONING_PARSERS`): a chat answer's thinking goes to its message's
+    `reasoning`; None: the whole answer is its content."""
+
+    def serve(self, line: BatchLine) -> None:
+        """Serve the line's tool choice, then what the reasoning parser sets (`serve_tool_choice`: ToolChoiceError
+        for an "auto" line the job does not serve; `serve_reasoning_parser`). In place; idempotent."""
+        serve_tool_choice(line, self.auto_tool_parser)
+        serve_reasoning_parser(line, self.reasoning_parser)
+
+    def template_kwargs(self, line: BatchLine) -> dict:
+        """The chat line's template keywords as the job renders it (`jsonl.line_template_kwargs`)."""
+        return line_template_kwargs(line, self.template_defaults, self.exclude_tools_when_none)
 
 
 def sampling_params_for(line: BatchLine, defaults: dict, global_seed: int | None, cache: dict) -> SamplingParams:
@@ -399,18 +420,13 @@ class ResponseShape(NamedTuple):
     line the first; vLLM refuses a line naming another model, which runs here)."""
     role: str = "assistant"
     """--response-role: the role of a chat answer's message where the template opened a new turn for it."""
-    reasoning_parser: str | None = None
-    """--reasoning-parser (`io.reasoning.REASONING_PARSERS`): a chat answer's thinking goes to its message's
-    `reasoning`; None: the whole answer is its content."""
-
-    auto_tool_parser: str | None = None
-    """--tool-call-parser where --enable-auto-tool-choice is given (`io.tool_parsers.TOOL_PARSERS`): a tool_choice
-    "auto" line's answer is read by it (`tool_calls.served_tool_choice`); None: such lines fail."""
+    serving: LineServing = LineServing()
+    """How the job serves its lines (`LineServing`): its parsers read the answers' reasoning and tool calls."""
 
     def tool_call_of(self, line: BatchLine):
         """The line's tool call as the job serves it (`tool_calls.served_tool_choice`: an "auto" one with its
         parser), for its record; the line was accepted, so it is served."""
-        return served_tool_choice(line.tool_call, self.auto_tool_parser)
+        return served_tool_choice(line.tool_call, self.serving.auto_tool_parser)
 
     def model_of(self, line: BatchLine) -> str:
         if line.model is not None and line.model in self.served_models:
@@ -426,9 +442,9 @@ class ResponseShape(NamedTuple):
         """answer text -> (reasoning, content) for the line's chat answers; None where an answer is all content:
         no parser, a completions line, or structured output (its grammar holds from the first token, so the
         answer holds no thinking). The line's chat template keywords decide it for Qwen3 (enable_thinking)."""
-        if self.reasoning_parser is None or not line.is_chat or "structured_outputs" in line.sampling_overrides:
+        if self.serving.reasoning_parser is None or not line.is_chat or "structured_outputs" in line.sampling_overrides:
             return None
-        parser = reasoning_parser_named(self.reasoning_parser)
+        parser = reasoning_parser_named(self.serving.reasoning_parser)
         return lambda text: parser(text, line.chat_template_kwargs)
 
 

@@ -128,32 +128,20 @@ def _parse(row: dict) -> BatchLine | LineError:
 
 
 class _CliPreprocess:
-    """Input line -> prompt and sampling fields, with the CLI's defaults and per-line seeds, and a chat line's
-    template keywords over the job's (`template_defaults`, --default-chat-template-kwargs), without its tools where
-    its tool_choice is "none" and `exclude_tools_when_none` (`jsonl.line_template_kwargs`, as `run` renders it);
-    its tool choice and sampling served with the job's `auto_tool_parser` and `reasoning_parser`, as `run` serves
-    them (`io.ingest.serve_tool_choice`, `io.ingest.serve_reasoning_parser`)."""
+    """Input line -> prompt and sampling fields, with the CLI's defaults and per-line seeds, each line served as the
+    job's `serving` says (`io.ingest.LineServing`: its chat template keywords and tools, its tool choice, what the
+    reasoning parser sets), as `run` serves it."""
 
-    def __init__(self, defaults: dict, global_seed: int | None, template_defaults: dict | None = None,
-                 exclude_tools_when_none: bool = False, auto_tool_parser: str | None = None,
-                 reasoning_parser: str | None = None) -> None:
+    def __init__(self, defaults: dict, global_seed: int | None, serving=None) -> None:
+        from batchllm.io.ingest import LineServing
+
         self.defaults = defaults
         self.global_seed = global_seed
-        self.template_defaults = template_defaults
-        self.exclude_tools_when_none = exclude_tools_when_none
-        self.auto_tool_parser = auto_tool_parser  # (`io.ingest.serve_tool_choice`, as `run` serves a line)
-        self.reasoning_parser = reasoning_parser  # (`io.ingest.serve_reasoning_parser`)
+        self.serving = serving or LineServing()
         self.cache: dict[str, SamplingParams] = {}
 
     def __call__(self, row: dict) -> dict:
-        from batchllm.io.ingest import (
-            in_the_lines_terms,
-            must_fit_the_context,
-            sampling_params_for,
-            serve_reasoning_parser,
-            serve_tool_choice,
-        )
-        from batchllm.io.jsonl import line_template_kwargs
+        from batchllm.io.ingest import in_the_lines_terms, must_fit_the_context, sampling_params_for
         from batchllm.io.tool_calls import ToolChoiceError, replaced_constraint
         from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS, REPLACED_CONSTRAINT
 
@@ -161,10 +149,9 @@ class _CliPreprocess:
         if isinstance(line, LineError):
             return {"error": line.message}
         try:
-            serve_tool_choice(line, self.auto_tool_parser)
+            self.serving.serve(line)
         except ToolChoiceError as e:
             return {"error": LineError.for_line(line, in_the_lines_terms(line, e)).message}
-        serve_reasoning_parser(line, self.reasoning_parser)
         sp = sampling_params_for(line, self.defaults, self.global_seed, self.cache)
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
@@ -172,23 +159,21 @@ class _CliPreprocess:
         return {**prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
                 NO_MAX_TOKENS: sp.max_tokens is None, "add_special_tokens": line.add_special_tokens,
                 REPLACED_CONSTRAINT: replaced_constraint(line.tool_call),
-                "chat_template_kwargs": (line_template_kwargs(line, self.template_defaults,
-                                                              self.exclude_tools_when_none) if line.is_chat else None)}
+                "chat_template_kwargs": self.serving.template_kwargs(line) if line.is_chat else None}
 
 
 class _CliRecords:
     """(row, RequestOutput or None, error or None) -> {"record": the CLI's JSON line for it}."""
 
-    def __init__(self, names, file_format: str, tokenizer=None, template_defaults: dict | None = None) -> None:
-        self.names = names  # io.ingest.ResponseShape
+    def __init__(self, names, file_format: str, tokenizer=None) -> None:
+        self.names = names  # io.ingest.ResponseShape (its `serving`: the template keywords a reasoning split reads)
         self.file_format = file_format
         self.tokenizer = tokenizer
-        self.template_defaults = template_defaults  # (a chat answer's reasoning split reads the line's keywords)
 
     def with_tokenizer(self, tokenizer) -> _CliRecords:
         """This writer, with the engine's tokenizer (it names an echoed prompt's first token): `EngineReplica`
         calls it once its engine is built."""
-        return _CliRecords(self.names, self.file_format, tokenizer, self.template_defaults)
+        return _CliRecords(self.names, self.file_format, tokenizer)
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
         from batchllm.io.ingest import in_the_lines_terms, record_for
@@ -204,8 +189,8 @@ class _CliRecords:
             record = LineError.for_line(line, in_the_lines_terms(line, problem)).record(self.file_format)
         else:
             if line.is_chat:
-                line.chat_template_kwargs = with_template_defaults(self.template_defaults, line.chat_template_kwargs,
-                                                                   line.format == OPENAI)
+                line.chat_template_kwargs = with_template_defaults(self.names.serving.template_defaults,
+                                                                   line.chat_template_kwargs, line.format == OPENAI)
             record = record_for(line, output, self.names, self.tokenizer)
         return {RECORD: record_text(record)}  # (`run`'s line: a lone surrogate escaped, which Arrow cannot encode)
 
@@ -253,17 +238,16 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
 
 def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig, sampling_defaults: dict,
                      global_seed: int | None = None, names=None, file_format: str | None = None,
-                     template_defaults: dict | None = None, on_written: Callable[[], None] | None = None,
-                     on_loaded: Callable[[], None] | None = None, exclude_tools_when_none: bool = False) -> dict:
+                     on_written: Callable[[], None] | None = None,
+                     on_loaded: Callable[[], None] | None = None) -> dict:
     """Run the whole file; returns {"num_records", "num_errors", "wall_s"} over every shard in output_dir (counted by
     line: `count_shard_records`).
     `on_written` is called once every shard is written (before they are counted): the job is done from then on;
     `on_loaded`, by each replica once its engine is built (on its node: a picklable callable).
     `names` (`io.ingest.ResponseShape`): how OpenAI responses name the model (default: its directory's name), and
-    the job's reasoning and "auto" tool-call parsers, which also serve the lines (`io.ingest.serve_reasoning_parser`,
-    `io.ingest.serve_tool_choice`);
-    `file_format`: that of unparsable lines' error records (default: `sample_file`'s); `template_defaults`:
-    the chat lines' default template keywords, and `exclude_tools_when_none` (`prepare_lines`').
+    how the job serves its lines (`names.serving`, `io.ingest.LineServing`: as `run` reads them, and its parsers
+    read the answers);
+    `file_format`: that of unparsable lines' error records (default: `sample_file`'s).
 
     Needs `ray.init()` (or a cluster address) before; output_dir must be reachable from every node."""
     import ray
@@ -283,13 +267,11 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
             from batchllm.io.ingest import ResponseShape
 
             names = ResponseShape(Path(config.model).name if config.model else DEFAULT_MODEL_NAME)
-        records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format,
-                                 template_defaults=template_defaults)
-        preprocess = _CliPreprocess(sampling_defaults, global_seed, template_defaults, exclude_tools_when_none,
-                                    names.auto_tool_parser, names.reasoning_parser)
+        records_fn = _CliRecords(names, file_format or sample_file(input_path).file_format)
+        preprocess = _CliPreprocess(sampling_defaults, global_seed, names.serving)
         processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
         lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults,
-                                                     auto_tool_parser=names.auto_tool_parser))
+                                                     auto_tool_parser=names.serving.auto_tool_parser))
         records = processor(lines, num_rows=count_input_lines(input_path))
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
     finally:
@@ -485,8 +467,7 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         # every shard is written, a later signal is ignored; a second signal says `_rerun_hint`)
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
-                                      args.default_chat_template_kwargs, on_written=results_written, on_loaded=loaded,
-                                      exclude_tools_when_none=args.exclude_tools_when_tool_choice_none)
+                                      on_written=results_written, on_loaded=loaded)
         except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
             return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
                          f"so far are kept, {_rerun_hint(args)}")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchllm.io.ingest import prepare_lines, sampling_params_for
+from batchllm.io.ingest import LineServing, prepare_lines, sampling_params_for
 from batchllm.io.job import ResumeState, encode_record
 from batchllm.io.jsonl import BatchLine, LineError, parse_line, read_batch_lines, without_bom
 from batchllm.sampling_params import SamplingParams
@@ -1005,7 +1005,7 @@ def test_default_chat_template_kwargs_go_under_each_chat_lines_own(monkeypatch, 
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = prepare_lines(path, processor(), {"max_tokens": 4}, None,
-                           template_defaults={"enable_thinking": False, "tone": "dry"})
+                           serving=LineServing({"enable_thinking": False, "tone": "dry"}))
     texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
     assert texts == {"plain": "Hi/no_think|dry", "own": "Hi|dry", "null": "Hi/no_think|dry",
                      "oa": "Hi/no_think|dry", "text": "Hi"}, texts
@@ -1034,7 +1034,7 @@ def test_an_openai_body_decides_its_generation_prompt_over_template_keywords(mon
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = prepare_lines(path, processor(), {"max_tokens": 4}, None,
-                           template_defaults={"add_generation_prompt": False})
+                           serving=LineServing({"add_generation_prompt": False}))
     texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
     assert texts == {"oa": "Hi|GEN", "oa-body": "Hi", "plain": "Hi"}, texts
 

@@ -13,6 +13,7 @@ import pytest
 
 from batchllm.cli import build_parser
 from batchllm.config import EngineConfig
+from batchllm.io.ingest import LineServing
 from batchllm.llm import LLM
 from batchllm.options import (
     TRI_STATE,
@@ -329,12 +330,26 @@ def test_run_takes_vllms_response_naming_options():
 
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--served-model-name", "smol", "smol-2",
                                       "--response-role", "bot", "--model", "/m/SmolLM2"])
-    assert tuple(response_shape(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", None, None)
+    assert tuple(response_shape(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", LineServing())
     plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
-    assert tuple(response_shape(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant", None,
-                                                                     None)
+    assert tuple(response_shape(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant",
+                                                                     LineServing())
     qwen3 = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--reasoning-parser", "qwen3"])
-    assert response_shape(qwen3, "m").reasoning_parser == "qwen3"
+    assert response_shape(qwen3, "m").serving.reasoning_parser == "qwen3"
+
+
+def test_run_serves_lines_and_writes_records_from_one_reading_of_its_options():
+    """`line_serving` is the one place `run`'s per-line serving options are read: the lines are prepared and the
+    records written (`response_shape`) from the same value, on `run` and `run --ray` alike."""
+    from batchllm.cli import line_serving, response_shape
+
+    args = build_parser().parse_args([
+        "run", "in.jsonl", "-o", "o", "--default-chat-template-kwargs", '{"enable_thinking": false}',
+        "--exclude-tools-when-tool-choice-none", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--reasoning-parser", "qwen3"])
+    serving = line_serving(args)
+    assert serving == LineServing({"enable_thinking": False}, True, "hermes", "qwen3")
+    assert response_shape(args, "m").serving == serving
 
 
 @pytest.mark.parametrize("words, names, input_path", [

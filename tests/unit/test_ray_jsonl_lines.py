@@ -66,7 +66,7 @@ def test_a_records_lone_surrogate_is_escaped_under_ray_as_without_it():
     escaped. The Ray record is now `run`'s line, byte for byte, and Arrow takes it."""
     import pyarrow as pa
 
-    from batchllm.io.ingest import ResponseShape
+    from batchllm.io.ingest import LineServing, ResponseShape
     from batchllm.io.job import encode_record
     from batchllm.ray.jsonl_job import DUPLICATE, LINE, RAW, _CliRecords
     from batchllm.request_output import CompletionOutput, RequestOutput
@@ -76,7 +76,7 @@ def test_a_records_lone_surrogate_is_escaped_under_ray_as_without_it():
     row = {RAW: json.dumps(line).encode(), LINE: 1, DUPLICATE: None}
     answer = '<tool_call>{"name": "echo", "arguments": {"s": "\\ud800"}}</tool_call>'
     output = RequestOutput("1", "p", [1, 2], [CompletionOutput(0, answer, [5], -1.0, None, "stop")])
-    names = ResponseShape("m", auto_tool_parser="hermes")
+    names = ResponseShape("m", serving=LineServing(auto_tool_parser="hermes"))
     text = _CliRecords(names, "plain")(row, output, None)["record"]
     pa.array([text])  # (raised UnicodeEncodeError: "surrogates not allowed")
     record = json.loads(text)

@@ -8,6 +8,7 @@ import pytest
 
 pa = pytest.importorskip("pyarrow")
 
+from batchllm.io.ingest import LineServing  # noqa: E402
 from batchllm.ray.config import ProcessorConfig  # noqa: E402
 from batchllm.ray.stages import ERROR, tokenize_batch  # noqa: E402
 
@@ -285,7 +286,7 @@ def test_the_cli_rows_take_the_default_chat_template_kwargs_under_a_lines_own():
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     lines = [{"id": "a", **chat}, {"id": "b", **chat, "chat_template_kwargs": {"enable_thinking": True, "x": 1}},
              {"id": "c", "prompt": "Hi"}]
-    preprocess = _CliPreprocess({"max_tokens": 4}, None, {"enable_thinking": False})
+    preprocess = _CliPreprocess({"max_tokens": 4}, None, LineServing({"enable_thinking": False}))
     rows = [preprocess({RAW: json.dumps(x).encode(), LINE: i, DUPLICATE: False}) for i, x in enumerate(lines)]
     assert [row["chat_template_kwargs"] for row in rows] == [
         {"enable_thinking": False}, {"enable_thinking": True, "x": 1}, None]
@@ -304,9 +305,9 @@ def test_the_cli_records_split_reasoning_under_the_jobs_template_keywords():
                       "body": {"messages": [{"role": "user", "content": "Hi"}]}}).encode()
     row = {RAW: raw, LINE: 1, DUPLICATE: False}
     output = RequestOutput("r", "p", [1], [CompletionOutput(0, "a</think>b", [5], -1.0, None, "stop")])
-    names = ResponseShape("m", reasoning_parser="qwen3")
     for defaults, reasoning, content in ((None, "a", "b"), ({"enable_thinking": False}, None, "a</think>b")):
-        records = _CliRecords(names, "openai", template_defaults=defaults).with_tokenizer(None)
+        names = ResponseShape("m", serving=LineServing(defaults, reasoning_parser="qwen3"))
+        records = _CliRecords(names, "openai").with_tokenizer(None)
         message = json.loads(records(row, output, None)[RECORD])["response"]["body"]["choices"][0]["message"]
         assert (message["reasoning"], message["content"]) == (reasoning, content), defaults
 

@@ -4,6 +4,7 @@ says what ended it (vLLM's stop_reason)."""
 
 from __future__ import annotations
 
+from batchllm.io.ingest import LineServing
 from batchllm.io.jsonl import result_record
 from batchllm.io.openai_batch import CHAT_URL, success_record
 from batchllm.request_output import CompletionOutput, Logprob, RequestOutput
@@ -124,7 +125,8 @@ def test_a_chat_answers_reasoning_goes_to_its_message_and_structured_output_stay
     def message(body: dict, parser: str | None = "qwen3", url: str = CHAT_URL) -> dict:
         line = parse_line(json.dumps({"custom_id": "c", "url": url, "body": body}).encode(), 1, set())
         output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>hm</think>Paris", [5], -1.0, None, "stop")])
-        choice = record_for(line, output, ResponseShape("m", reasoning_parser=parser))["response"]["body"]["choices"][0]
+        names = ResponseShape("m", serving=LineServing(reasoning_parser=parser))
+        choice = record_for(line, output, names)["response"]["body"]["choices"][0]
         return choice.get("message", choice)
 
     chat = {"messages": [{"role": "user", "content": "Capital?"}]}
@@ -196,6 +198,6 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     thinking = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
         "messages": hello[:1], "echo": True}}).encode(), 1, set())
     output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>still", [5], -1.0, None, "length")])
-    message = record_for(thinking, output, ResponseShape("m", reasoning_parser="qwen3"))["response"]["body"][
-        "choices"][0]["message"]
+    names = ResponseShape("m", serving=LineServing(reasoning_parser="qwen3"))
+    message = record_for(thinking, output, names)["response"]["body"]["choices"][0]["message"]
     assert (message["reasoning"], message["content"]) == ("still", ""), "echo writes text, even none (vLLM's)"

@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from batchllm.io.ingest import LineServing
 from batchllm.io.jsonl import parse_line, result_record
 from batchllm.io.openai_batch import CHAT_URL, COMPLETIONS_URL, BodyError, body_to_request, success_record
 from batchllm.io.tool_calls import AutoToolChoice, ForcedToolCall, ToolChoiceError, served_tool_choice, tool_calls_of
@@ -271,7 +272,7 @@ def test_exclude_tools_when_tool_choice_none_renders_none_lines_without_their_to
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     def texts(**kwargs) -> dict:
-        result = prepare_lines(path, prompts, {"max_tokens": 4}, None, **kwargs)
+        result = prepare_lines(path, prompts, {"max_tokens": 4}, None, serving=LineServing(**kwargs))
         assert not result.errors, result.errors
         return {v.line.request_id: prompts.tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
 
@@ -279,7 +280,7 @@ def test_exclude_tools_when_tool_choice_none_renders_none_lines_without_their_to
             "forced": "Is water wet?|2 tools", "oa": "Is water wet?|2 tools"}
     assert texts() == kept
     assert texts(exclude_tools_when_none=True) == {**kept, "none": "Is water wet?", "oa": "Is water wet?"}
-    preprocess = _CliPreprocess({"max_tokens": 4}, None, {"tone": "dry"}, exclude_tools_when_none=True)
+    preprocess = _CliPreprocess({"max_tokens": 4}, None, LineServing({"tone": "dry"}, exclude_tools_when_none=True))
     rows = [preprocess({RAW: json.dumps(line).encode(), LINE: i, DUPLICATE: None}) for i, line in enumerate(lines)]
     assert [row["chat_template_kwargs"] for row in rows] == [
         {"tone": "dry"}, {"tone": "dry", "tools": TOOLS}, {"tone": "dry", "tools": TOOLS},
@@ -368,7 +369,7 @@ def test_a_plain_auto_lines_calls_are_read_after_the_reasoning_split_and_its_tex
     from batchllm.io.ingest import ResponseShape, record_for
 
     line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto"}).encode(), 1, None)
-    names = ResponseShape("m", reasoning_parser="deepseek_r1", auto_tool_parser="hermes")
+    names = ResponseShape("m", serving=LineServing(reasoning_parser="deepseek_r1", auto_tool_parser="hermes"))
     thought = "<think>I could write " + HERMES_CALL + " but no.</think>It is wet."
     tagged = "<think>I'll use <tool_call> tags.</think>\n" + HERMES_CALL
     record = record_for(line, output((thought, "stop"), (tagged, "stop")), names)
@@ -383,7 +384,7 @@ def test_a_plain_auto_lines_calls_are_read_after_the_reasoning_split_and_its_tex
 
 
 def test_a_job_serves_auto_lines_with_its_parser_in_run_and_in_ray(tmp_path):
-    """With the job's parser (`prepare_lines(auto_tool_parser=...)`, Ray's preprocess alike) an "auto" line is
+    """With the job's parser (`LineServing.auto_tool_parser`, Ray's preprocess alike) an "auto" line is
     taken, unconstrained, and under hermes every line whose tools are called or parsed gets skip_special_tokens
     false (vLLM's hermes adjust_request); without it the line fails as before, and an "auto" line without tools
     fails as vLLM's request model fails it."""
@@ -398,19 +399,20 @@ def test_a_job_serves_auto_lines_with_its_parser_in_run_and_in_ray(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     prompts = prompt_processor_for(None)
-    served = prepare_lines(path, prompts, {"max_tokens": 4}, None, auto_tool_parser="hermes")
+    served = prepare_lines(path, prompts, {"max_tokens": 4}, None, serving=LineServing(auto_tool_parser="hermes"))
     skips = {v.line.request_id: v.params.skip_special_tokens for v in served.valid}
     assert skips == {"auto": False, "none": True, "forced": False, "absent": False}
     assert [e.message for e in served.errors] == ["line 4: 'tool_choice' \"auto\" needs 'tools' (as vLLM's request "
                                                   "model says)"]
-    assert {v.line.request_id: ResponseShape("m", auto_tool_parser="hermes").tool_call_of(v.line).parser
+    names = ResponseShape("m", serving=LineServing(auto_tool_parser="hermes"))
+    assert {v.line.request_id: names.tool_call_of(v.line).parser
             for v in served.valid if isinstance(v.line.tool_call, AutoToolChoice)} == {"auto": "hermes",
                                                                                        "absent": "hermes"}
     refused = prepare_lines(path, prompts, {"max_tokens": 4}, None)
     assert sorted(e.request_id for e in refused.errors) == ["absent", "auto", "bare"]
     assert all("needs a tool-call parser" in e.message for e in refused.errors)
     rows = [{RAW: json.dumps(line).encode(), LINE: i + 1, DUPLICATE: None} for i, line in enumerate(lines)]
-    ray_rows = [_CliPreprocess({"max_tokens": 4}, None, auto_tool_parser="hermes")(row) for row in rows]
+    ray_rows = [_CliPreprocess({"max_tokens": 4}, None, LineServing(auto_tool_parser="hermes"))(row) for row in rows]
     assert [row.get("error") or row["sampling_params"]["skip_special_tokens"] for row in ray_rows] == [
         False, True, False, "line 4: 'tool_choice' \"auto\" needs 'tools' (as vLLM's request model says)", False]
     assert "needs a tool-call parser" in _CliPreprocess({"max_tokens": 4}, None)(rows[0])["error"]
@@ -439,11 +441,12 @@ def test_qwen3s_reasoning_parser_shows_special_tokens_in_every_chat_line_in_run_
     shown = {"plain": False, "prompt": True, "chat": False, "completion": True}
     for parser, expected in (("qwen3", shown), ("deepseek_r1", dict.fromkeys(shown, True)),
                              (None, dict.fromkeys(shown, True))):
-        served = prepare_lines(path, prompt_processor_for(None), {"max_tokens": 4}, None, reasoning_parser=parser)
+        serving = LineServing(reasoning_parser=parser)
+        served = prepare_lines(path, prompt_processor_for(None), {"max_tokens": 4}, None, serving=serving)
         skips = {v.line.request_id: v.params.skip_special_tokens for v in served.valid}
         assert skips == expected, parser
-        ray_skips = [_CliPreprocess({"max_tokens": 4}, None, reasoning_parser=parser)(row)["sampling_params"][
-            "skip_special_tokens"] for row in rows]
+        ray_skips = [_CliPreprocess({"max_tokens": 4}, None, serving)(row)["sampling_params"]["skip_special_tokens"]
+                     for row in rows]
         assert ray_skips == list(skips.values()), parser
 
     built = {}
@@ -460,7 +463,7 @@ def test_qwen3s_reasoning_parser_shows_special_tokens_in_every_chat_line_in_run_
     monkeypatch.setattr(jsonl_job, "Processor", capture)
     with pytest.raises(Stop):
         jsonl_job.run_jsonl_on_ray(path, tmp_path / "out", ProcessorConfig(), {"max_tokens": 4}, None,
-                                   ResponseShape("m", reasoning_parser="qwen3"), "plain")
+                                   ResponseShape("m", serving=LineServing(reasoning_parser="qwen3")), "plain")
     assert built["preprocess"](rows[0])["sampling_params"]["skip_special_tokens"] is False
     assert context.checkpoint_config is before  # (a job that fails while it is set up restores the driver's)
 
