@@ -150,7 +150,7 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
             raw = without_bom(raw, line_number)
             if not raw.strip():
                 continue
-            yield parse_line(raw, line_number, None)
+            yield parse_line(raw, line_number)
 
 
 def without_bom(raw: bytes, line_number: int | None = None) -> bytes:
@@ -160,16 +160,14 @@ def without_bom(raw: bytes, line_number: int | None = None) -> bytes:
     return raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
 
 
-def parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -> BatchLine | LineError:
-    """One line's request or its LineError. Never raises: whatever the bytes, the job goes on. A line whose id is in
-    `seen_ids` is a duplicate's LineError; each line read adds its id (None: ids are not checked here)."""
+def parse_line(raw: bytes, line_number: int) -> BatchLine | LineError:
+    """One line's request or its LineError. Never raises: whatever the bytes, the job goes on. Ids are not compared
+    across lines here: the first line accepted takes its id (`ingest.IdClaims`), as `run` and `run --ray` read."""
     raw = without_bom(raw, line_number)
     try:
-        return _parse_line(raw, line_number, seen_ids)
+        return _parse_line(raw, line_number)
     except Exception as e:  # a case the checks below missed must still cost only this line
         rid, line_format = _id_and_format_of(raw)
-        if rid is not None and seen_ids is not None:
-            seen_ids.add(rid)  # (a later line with its id is a duplicate: one id, one record)
         return LineError(line_number, rid, f"line {line_number}: cannot be read ({type(e).__name__}: "
                                            f"{short_repr(str(e))})", line_format)
 
@@ -254,7 +252,7 @@ def _json_object(raw: bytes, line_number: int) -> Any:
         return _unreadable(raw, line_number, f"malformed JSON: {str(e).split(';')[0]}")
 
 
-def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -> BatchLine | LineError:
+def _parse_line(raw: bytes, line_number: int) -> BatchLine | LineError:
     fmt = None  # (the file's format, until the line shows its own)
 
     def error(message: str, rid: str | int | None = None) -> LineError:
@@ -274,7 +272,7 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -
                                            "(an unpaired \\ud800-\\udfff escape), which is not valid Unicode",
                          OPENAI if openai else fmt)
     if openai:
-        return _parse_openai_line(obj, line_number, seen_ids)
+        return _parse_openai_line(obj, line_number)
     rid = obj.get("id")
     if rid is None:
         return error("missing 'id'")
@@ -282,10 +280,6 @@ def _parse_line(raw: bytes, line_number: int, seen_ids: set[str | int] | None) -
         rid = int(rid)
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         return error(f"'id' must be a string or an integer, got {short_repr(rid)}")
-    if seen_ids is not None:  # (as JSON values: the integer 9 and the string "9" are two ids, each echoed as given)
-        if rid in seen_ids:
-            return error(duplicate_id(rid, PLAIN), rid)
-        seen_ids.add(rid)
     unknown = sorted(obj.keys() - _PLAIN_FIELD_SET - {"truncation_side"})
     try:
         kind, prompt, template, add_special = _plain_request(obj, unknown)
@@ -494,7 +488,7 @@ def _overrides(obj: dict) -> dict[str, Any]:
     return integers_from_json({k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None}) or _NO_OVERRIDES
 
 
-def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int] | None) -> BatchLine | LineError:
+def _parse_openai_line(obj: dict, line_number: int) -> BatchLine | LineError:
     def error(message: str, rid: str | int | None = None) -> LineError:
         return LineError(line_number, rid, f"line {line_number}: {message}", OPENAI)
 
@@ -503,10 +497,6 @@ def _parse_openai_line(obj: dict, line_number: int, seen_ids: set[str | int] | N
         return error("missing 'custom_id'")
     if not isinstance(rid, str) or not rid:
         return error("'custom_id' must be a non-empty string", _clean_id(rid))  # echoed where it can be
-    if seen_ids is not None:
-        if rid in seen_ids:
-            return error(duplicate_id(rid, OPENAI), rid)
-        seen_ids.add(rid)
     unknown = tuple(sorted(set(obj) - {"custom_id", "method", "url", "body"}))  # ignored and named, as in vLLM
     if str(obj.get("method", "POST")).upper() != "POST":  # (vLLM does not read it: "post" is taken)
         return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)

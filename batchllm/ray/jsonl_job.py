@@ -70,7 +70,7 @@ class _JsonlLines(FileBasedDatasource):
         for number, raw in enumerate(_lines(f), start=1):
             if not without_bom(raw, number).strip():  # (blank as `count_input_lines` and `run` see it)
                 continue
-            parsed = parse_line(raw, number, None)
+            parsed = parse_line(raw, number)
             holder = None
             if isinstance(parsed, BatchLine) and _accepted_here(parsed, self.defaults, cache, self.auto_tool_parser):
                 holder = holders.setdefault(parsed.request_id, number)
@@ -121,7 +121,7 @@ def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
 def _parse(row: dict) -> BatchLine | LineError:
     """The line as the single-machine reader sees it: a line whose id another line has (`_JsonlLines`' `duplicate`)
     is its duplicate's error, naming that line."""
-    parsed = parse_line(row[RAW], row[LINE], None)
+    parsed = parse_line(row[RAW], row[LINE])
     if isinstance(parsed, BatchLine) and row.get(DUPLICATE):  # (a line number: 1 or more)
         return LineError.for_line(parsed, duplicate_id(parsed.request_id, parsed.format, row[DUPLICATE]))
     return parsed
@@ -228,7 +228,7 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
         for number, raw in enumerate(f, start=1):
             if number > sample:
                 break
-            line = parse_line(raw, number, set()) if without_bom(raw, number).strip() else None
+            line = parse_line(raw, number) if without_bom(raw, number).strip() else None
             if isinstance(line, BatchLine):
                 counts[line.format] += 1
                 for name in line.ignored_fields:

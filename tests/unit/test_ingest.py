@@ -94,26 +94,26 @@ def test_no_line_escapes_the_per_line_path(lines, seed):
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=200))
 def test_parse_line_never_raises_on_bytes(raw):
-    assert isinstance(parse_line(raw, 1, set()), (BatchLine, LineError))
+    assert isinstance(parse_line(raw, 1), (BatchLine, LineError))
 
 
 def test_an_unreadable_line_echoes_the_id_its_bytes_still_show():
     """A truncated or mis-encoded line was answered with custom_id null though its id was readable; a truncated
     line's column was counted from the line after it."""
-    truncated = parse_line(b'{"custom_id": "trunc", "method": "POST", ', 4, set())
+    truncated = parse_line(b'{"custom_id": "trunc", "method": "POST", ', 4)
     assert (truncated.request_id, truncated.format) == ("trunc", "openai")
     assert truncated.message == "line 4: malformed JSON: Expecting property name enclosed in double quotes at column 42"
-    latin1 = parse_line(b'{"custom_id": "bad", "body": {"prompt": "caf\xe9"}}', 5, set())
+    latin1 = parse_line(b'{"custom_id": "bad", "body": {"prompt": "caf\xe9"}}', 5)
     assert latin1.request_id == "bad" and "not valid UTF-8" in latin1.message
-    plain = parse_line(b'{"id": 17, "prompt": "x" ', 6, set())
+    plain = parse_line(b'{"id": 17, "prompt": "x" ', 6)
     assert (plain.request_id, plain.format) == (17, None), "a plain line's id; the file's format decides"
     for raw in (b"garbage", b'{"custom_id": "\xe9t\xe9", ', b'{"prompt": "no id" ',
                 b'{"id": 12', b'{"id": 1.5, "x": ',  # cut inside the id (12345), or no integer: not taken
                 b'{"id": "\\uZZ", "x": \xff}',  # an escape JSON refuses
                 b'{"messages": [{"tool_calls": [{"id": "call_1"}]}], '):  # a nested object's id is not the line's
-        assert parse_line(raw, 7, set()).request_id is None, raw
+        assert parse_line(raw, 7).request_id is None, raw
     nested_first = b'{"messages": [{"tool_calls": [{"id": "call_1"}]}], "id": "q1", "x": \xff}'
-    assert parse_line(nested_first, 8, set()).request_id == "q1"
+    assert parse_line(nested_first, 8).request_id == "q1"
 
 
 def test_a_byte_order_mark_opening_any_line_is_skipped():
@@ -140,7 +140,7 @@ def test_the_sampling_cache_tells_values_of_different_types_apart():
     assert sampling_params_for(line, {}, None, cache).n == 1
     for raw in (b'{"id": "d", "prompt": "x", "n": 1.0}',
                 b'{"custom_id": "e", "url": "/v1/completions", "body": {"prompt": "x", "n": 1.0}}'):
-        whole = parse_line(raw, 4, set()).sampling_overrides["n"]
+        whole = parse_line(raw, 4).sampling_overrides["n"]
         assert whole == 1 and type(whole) is int, "an integer written as a float is read as one (pydantic's way)"
     for odd in ({"n": True}, {"n": 1.5}, {"ignore_eos": 1}, {"stop": [[["x"]]]}, {"temperature": float("nan")}):
         with pytest.raises(ValueError):
@@ -161,7 +161,7 @@ def test_openai_content_parts_of_text_are_joined_and_other_parts_named():
     def line(content):
         obj = {"custom_id": "c", "url": "/v1/chat/completions",
                "body": {"messages": [{"role": "user", "content": content}]}}
-        return parse_line(json.dumps(obj).encode(), 1, set())
+        return parse_line(json.dumps(obj).encode(), 1)
 
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
     ok = line(parts)  # (kept as given: a template that loops over content gets the parts, the others the text)
@@ -576,9 +576,9 @@ def test_a_line_with_seed_minus_one_gets_the_runs_seed_as_a_line_without_one():
 def test_an_id_written_as_a_whole_float_is_read_as_the_integer_and_a_bad_id_is_shown():
     """pandas writes an integer id column with gaps as floats (1000.0): every such line failed with
     "'id' must be a string or an integer", which did not show the value."""
-    line = parse_line(b'{"id": 1000.0, "prompt": "x"}', 1, set())
+    line = parse_line(b'{"id": 1000.0, "prompt": "x"}', 1)
     assert line.request_id == 1000 and type(line.request_id) is int
-    error = parse_line(b'{"id": 1.5, "prompt": "x"}', 2, set())
+    error = parse_line(b'{"id": 1.5, "prompt": "x"}', 2)
     assert error.message == "line 2: 'id' must be a string or an integer, got 1.5"
 
 
@@ -635,16 +635,16 @@ def test_a_plain_line_with_token_ids_and_their_text_runs_the_ids_as_generate_doe
         ("chat", "line 4: needs exactly one of prompt, messages, prompt_token_ids (or 'prompt_token_ids' with its "
                  "'prompt' text)"),
         ("empty", "line 5: 'prompt_token_ids' must be a non-empty list of integers")]
-    line = parse_line(b'{"id": 1, "prompt": "seven", "prompt_token_ids": [7]}', 1, set())
+    line = parse_line(b'{"id": 1, "prompt": "seven", "prompt_token_ids": [7]}', 1)
     assert line.prompt == {"prompt_token_ids": [7], "prompt": "seven"}  # (LLM.generate's dict prompt)
 
 
 def test_a_plain_line_with_a_url_or_body_column_stays_a_plain_line():
     """A table's `url` column (most web datasets have one) sent a plain line to the OpenAI reader, which
     failed it for a missing custom_id and wrote the error to the OpenAI errors file."""
-    line = parse_line(b'{"id": 1, "prompt": "Hi", "url": "https://example.com", "body": "text"}', 1, set())
+    line = parse_line(b'{"id": 1, "prompt": "Hi", "url": "https://example.com", "body": "text"}', 1)
     assert line.format == "plain" and set(line.ignored_fields) == {"url", "body"}
-    openai = parse_line(b'{"url": "/v1/completions", "body": {"prompt": "Hi"}}', 2, set())
+    openai = parse_line(b'{"url": "/v1/completions", "body": {"prompt": "Hi"}}', 2)
     assert openai.format == "openai" and "missing 'custom_id'" in openai.message
 
 
@@ -670,14 +670,14 @@ def test_a_line_that_breaks_the_parser_keeps_its_id_and_format(monkeypatch):
     monkeypatch.setattr(jsonl, "_parse_openai_line", broken)
     line = {"custom_id": "c-1", "url": "/v1/chat/completions",
             "body": {"messages": [{"role": "user", "content": "Hi"}]}}
-    error = jsonl.parse_line(json.dumps(line).encode(), 3, set())
+    error = jsonl.parse_line(json.dumps(line).encode(), 3)
     record = error.record(jsonl.PLAIN)
     assert record["custom_id"] == "c-1" and record["response"] is None, record
     assert record["error"]["message"] == "line 3: cannot be read (NameError: 'a bug')"
     monkeypatch.setattr(jsonl, "_parse_line", broken)
-    assert jsonl.parse_line(b'{"id": 7, "prompt": "Hi"}', 1, set()).record(jsonl.OPENAI) == {
+    assert jsonl.parse_line(b'{"id": 7, "prompt": "Hi"}', 1).record(jsonl.OPENAI) == {
         "id": 7, "error": {"line": 1, "message": "line 1: cannot be read (NameError: 'a bug')"}}
-    assert jsonl.parse_line(b"\xff{", 2, set()).request_id is None
+    assert jsonl.parse_line(b"\xff{", 2).request_id is None
 
 
 def test_an_openai_lines_keys_beside_its_request_are_ignored_and_named():
@@ -751,10 +751,9 @@ def test_a_completions_list_holding_one_prompt_is_that_prompt(prompt, expected):
 def test_a_line_cut_inside_a_string_is_named_so():
     """A line cut inside a string read "Invalid control character at at column 29" (the line's newline,
     and "at" twice)."""
-    seen: set = set()
-    cut = parse_line(b'{"id": "y", "prompt": "What is\n', 4, seen)
+    cut = parse_line(b'{"id": "y", "prompt": "What is\n', 4)
     assert cut.request_id == "y" and cut.message == "line 4: malformed JSON: Unterminated string starting at column 23"
-    assert " at at " not in parse_line(b'{"id": "z", "prompt": "a\tb"}\n', 5, seen).message
+    assert " at at " not in parse_line(b'{"id": "z", "prompt": "a\tb"}\n', 5).message
 
 
 def test_tool_call_arguments_reach_the_template_as_objects_as_in_vllm():
@@ -1045,18 +1044,17 @@ def test_a_plain_lines_error_stays_plain_in_a_file_of_mostly_openai_lines():
     output held nothing for its id. A line that shows no format of its own still takes the file's."""
     from batchllm.io.jsonl import OPENAI, PLAIN
 
-    seen: set = set()
     for raw, expected in ((b'{"id": "x", "prompt": "a", "temprature": 0.5}', PLAIN),
-                          (b'{"id": "d", "prompt": "a"}', None), (b'{"id": "d", "prompt": "b"}', PLAIN),
+                          (b'{"id": "d", "prompt": "a"}', None),
                           (b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', None),
                           (b'{"custom_id": "c", "url": "/v1/nope", "body": {}}', OPENAI),
                           (b'{"id": "s", "prompt": "bad \\ud800 x"}', PLAIN)):  # (a lone surrogate)
-        parsed = parse_line(raw, 1, seen)
+        parsed = parse_line(raw, 1)
         if expected is None and isinstance(parsed, BatchLine):
             continue
         assert isinstance(parsed, LineError) and parsed.format == expected, (raw, parsed)
-    assert not parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2, set()).is_openai()
-    assert parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2, set()).is_openai(OPENAI)
+    assert not parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2).is_openai()
+    assert parse_line(b'{"id": "y", "url": "/v1/completions", "body": {"prompt": "a"}}', 2).is_openai(OPENAI)
 
 
 def test_a_chat_echo_asks_for_prompt_logprobs_as_vllms():
@@ -1167,7 +1165,7 @@ def test_a_plain_lines_bad_messages_are_named_in_llm_chats_words():
     one = {"role": "user", "content": "Hi"}
     for value, got in (("hello", "str 'hello'"), ([], "an empty list"),
                        (one, "dict {'content': 'Hi', 'role': 'user'} (one message: wrap it in a list)")):
-        line = parse_line(json.dumps({"id": 1, "messages": value}).encode(), 3, set())
+        line = parse_line(json.dumps({"id": 1, "messages": value}).encode(), 3)
         assert line.message == f"line 3: 'messages': {NOT_A_CONVERSATION}, got {got}", value
     assert NOT_A_CONVERSATION.startswith("a conversation is a non-empty list of message dicts")
 
@@ -1181,7 +1179,7 @@ def test_a_null_prompt_field_is_not_given_in_a_plain_line_as_in_a_ray_row():
                     b'{"id": 3, "prompt": null}\n')
     assert {v.line.request_id: v.prompt.token_ids.tolist()[-2:] for v in result.valid}[1] == [5, 6]
     assert [v.line.request_id for v in result.valid] == [1, 2]
-    assert parse_line(b'{"id": 2, "prompt": "Hi", "prompt_token_ids": null}', 1, set()).prompt == "Hi"
+    assert parse_line(b'{"id": 2, "prompt": "Hi", "prompt_token_ids": null}', 1).prompt == "Hi"
     assert [e.message for e in result.errors] == ["line 3: needs exactly one of prompt, messages, prompt_token_ids "
                                                   "(or 'prompt_token_ids' with its 'prompt' text)"]
 

@@ -59,7 +59,7 @@ def test_served_model_name_and_response_role_name_the_answer():
     from batchllm.io.jsonl import parse_line
 
     def body(line: dict, names: ResponseShape) -> dict:
-        parsed = parse_line(json.dumps(line).encode(), 1, set())
+        parsed = parse_line(json.dumps(line).encode(), 1)
         parsed.prompt = None  # (as `ingest.prepare_lines` drops it once tokenized: the role was read from it)
         return record_for(parsed, two_samples(), names)["response"]["body"]
 
@@ -123,7 +123,7 @@ def test_a_chat_answers_reasoning_goes_to_its_message_and_structured_output_stay
     from batchllm.io.jsonl import parse_line
 
     def message(body: dict, parser: str | None = "qwen3", url: str = CHAT_URL) -> dict:
-        line = parse_line(json.dumps({"custom_id": "c", "url": url, "body": body}).encode(), 1, set())
+        line = parse_line(json.dumps({"custom_id": "c", "url": url, "body": body}).encode(), 1)
         output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>hm</think>Paris", [5], -1.0, None, "stop")])
         names = ResponseShape("m", serving=LineServing(reasoning_parser=parser))
         choice = record_for(line, output, names)["response"]["body"]["choices"][0]
@@ -152,7 +152,7 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
 
     def body(url: str, fields: dict) -> dict:
         request = {"custom_id": "c", "url": url, "body": fields}
-        line = parse_line(json.dumps(request).encode(), 1, set())
+        line = parse_line(json.dumps(request).encode(), 1)
         return record_for(line, two_samples(), ResponseShape("m"))["response"]["body"]
 
     chat = body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}], "cache_salt": "s"})
@@ -177,17 +177,17 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     ids.prompt_token_ids = np.array([1, 2], dtype=np.int32)  # (as `run` hands prompts over: the job crashed)
     request = {"custom_id": "c", "url": CHAT_URL, "body": {"messages": [{"role": "user", "content": "hi"}],
                                                            "return_token_ids": True}}
-    record = record_for(parse_line(json.dumps(request).encode(), 1, set()), ids, ResponseShape("m"))
+    record = record_for(parse_line(json.dumps(request).encode(), 1), ids, ResponseShape("m"))
     assert json.loads(json.dumps(record))["response"]["body"]["prompt_token_ids"] == [1, 2]
     asked = body("/v1/completions", {"prompt": "hi", "request_id": "r", "return_token_ids": "true"})
     assert asked["id"] == "cmpl-r" and asked["choices"][1]["token_ids"] == [7, 8, 9]
     assert asked["choices"][0]["prompt_token_ids"] == [1, 2]
     bad = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
-        "messages": [{"role": "user", "content": "hi"}], "request_id": 7}}).encode(), 1, set())
+        "messages": [{"role": "user", "content": "hi"}], "request_id": 7}}).encode(), 1)
     assert "'request_id' must be a string, got 7" in bad.message
     assert body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}], "request_id": ""})["id"] == "chatcmpl-"
     salted = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
-        "messages": [{"role": "user", "content": "hi"}], "cache_salt": ""}}).encode(), 1, set())
+        "messages": [{"role": "user", "content": "hi"}], "cache_salt": ""}}).encode(), 1)
     assert "'cache_salt' must be a non-empty string" in salted.message
     # vLLM's chat echo: the last message's text starts an answer that continues it (same role), else nothing
     hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hel"}]}]
@@ -196,7 +196,7 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     assert [c["message"]["content"] for c in continued["choices"]] == ["Heltext 0", "Heltext 1"]
     assert body(CHAT_URL, {"messages": hello[:1], "echo": True})["choices"][0]["message"]["content"] == "text 0"
     thinking = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
-        "messages": hello[:1], "echo": True}}).encode(), 1, set())
+        "messages": hello[:1], "echo": True}}).encode(), 1)
     output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>still", [5], -1.0, None, "length")])
     names = ResponseShape("m", serving=LineServing(reasoning_parser="qwen3"))
     message = record_for(thinking, output, names)["response"]["body"]["choices"][0]["message"]

@@ -103,7 +103,7 @@ def test_a_null_tool_choice_answers_text_where_an_absent_one_is_auto():
     assert [t["function"]["name"] for t in asked.template["tools"]] == ["verdict", "ping"]
     with pytest.raises(ToolChoiceError, match="needs a tool-call parser"):
         served_tool_choice(body_to_request(CHAT_URL, CHAT).tool_call, None)
-    plain = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": None}).encode(), 1, None)
+    plain = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": None}).encode(), 1)
     assert plain.tool_call is None and plain.chat_template_kwargs == {"tools": TOOLS}
 
 
@@ -115,7 +115,7 @@ def test_empty_tools_fail_their_line_as_vllm_refuses_them(choice):
     vllms = "`tools` must not be an empty array. Either provide at least one tool or omit the field entirely."
     with pytest.raises(BodyError, match=re.escape(vllms)):
         body_to_request(CHAT_URL, {**CHAT, "tools": [], **choice})
-    plain = parse_line(json.dumps({"id": 1, **CHAT, "tools": [], **choice}).encode(), 1, None)
+    plain = parse_line(json.dumps({"id": 1, **CHAT, "tools": [], **choice}).encode(), 1)
     assert plain.message == f"line 1: {vllms}", plain
 
 
@@ -141,7 +141,7 @@ def test_a_forced_lines_own_structured_outputs_is_checked_as_without_tools(choic
         SamplingParams(structured_outputs=structured)
     assert message in str(forced.value) and str(forced.value) == str(alone.value).replace("SamplingParams.", "")
     plain = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": choice, "structured_outputs": structured}).encode(),
-                       1, None)
+                       1)
     assert plain.message.startswith(f"line 1: SamplingParams.{message}"), plain
     kept = body_to_request(CHAT_URL, {**CHAT, "tool_choice": "required",
                                       "structured_outputs": {"grammar": "root ::= x"}})
@@ -176,15 +176,14 @@ def test_a_plain_lines_parallel_tool_calls_false_keeps_the_first_call_as_an_open
     """A plain messages line's parallel_tool_calls was an ignored field (every call kept); it is taken as an
     OpenAI body's is."""
     line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "required", "parallel_tool_calls": False}).encode(),
-                      1, None)
+                      1)
     assert line.tool_call == ForcedToolCall(None, False) and "parallel_tool_calls" not in line.ignored_fields
     text = '[{"name": "verdict", "parameters": {"ok": true}}, {"name": "ping", "parameters": {}}]'
     record = result_record(1, output((text, "stop")), 3, line.tool_call)
     assert [c["function"]["name"] for c in record["tool_calls"]] == ["verdict"]
-    none = parse_line(json.dumps({"id": 2, **CHAT, "parallel_tool_calls": True}).encode(), 2, None)
+    none = parse_line(json.dumps({"id": 2, **CHAT, "parallel_tool_calls": True}).encode(), 2)
     assert none.tool_call is None and none.ignored_fields == ()
-    bad = parse_line(json.dumps({"id": 3, **CHAT, "tool_choice": NAMED, "parallel_tool_calls": "no"}).encode(), 3,
-                     None)
+    bad = parse_line(json.dumps({"id": 3, **CHAT, "tool_choice": NAMED, "parallel_tool_calls": "no"}).encode(), 3)
     assert bad.message == "line 3: 'parallel_tool_calls' must be true or false, got 'no'", bad
 
 
@@ -236,19 +235,19 @@ def test_required_calls_are_the_parsed_items_in_order_and_finish_as_tool_calls()
 def test_a_plain_messages_line_with_a_forced_tool_choice_gets_its_calls_in_its_record():
     """A plain line's tool_choice "required" or named failed it; now it is constrained as an OpenAI body's and
     its record adds the tool_calls (the text stays); without a tool_choice its tools only reach the template."""
-    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": NAMED, "temperature": 0}).encode(), 1, None)
+    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": NAMED, "temperature": 0}).encode(), 1)
     assert line.tool_call == ForcedToolCall("verdict")
     assert line.sampling_overrides == {"temperature": 0, "structured_outputs": {"json": VERDICT}}
     assert line.chat_template_kwargs == {"tools": TOOLS}
     record = result_record(1, output(('[{"name": "ping", "parameters": {}}]', "stop")), 3, ForcedToolCall(None))
     assert record["finish_reason"] == "tool_calls" and record["text"].startswith("[")
     assert [c["function"] for c in record["tool_calls"]] == [{"name": "ping", "arguments": "{}"}]
-    text = parse_line(json.dumps({"id": 2, **CHAT}).encode(), 2, None)
+    text = parse_line(json.dumps({"id": 2, **CHAT}).encode(), 2)
     assert text.tool_call is None and "structured_outputs" not in text.sampling_overrides
-    auto = parse_line(json.dumps({"id": 3, **CHAT, "tool_choice": "auto"}).encode(), 3, None)
+    auto = parse_line(json.dumps({"id": 3, **CHAT, "tool_choice": "auto"}).encode(), 3)
     with pytest.raises(ToolChoiceError, match="needs a tool-call parser"):
         served_tool_choice(auto.tool_call, None)
-    missing = parse_line(json.dumps({"id": 4, **CHAT, "tool_choice": {"function": {"name": "x"}}}).encode(), 4, None)
+    missing = parse_line(json.dumps({"id": 4, **CHAT, "tool_choice": {"function": {"name": "x"}}}).encode(), 4)
     assert 'names the function "x", which is not among the tools' in missing.message
 
 
@@ -351,7 +350,7 @@ def test_the_tool_parser_reads_the_content_after_the_reasoning_is_split_off():
 
 def test_a_plain_auto_lines_record_adds_the_parsed_calls_beside_its_whole_text():
     line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto", "parallel_tool_calls": False}).encode(),
-                      1, None)
+                      1)
     assert line.tool_call == AutoToolChoice(False) and "structured_outputs" not in line.sampling_overrides
     served = served_tool_choice(line.tool_call, "llama3_json")
     text = '<|python_tag|>{"name": "ping", "parameters": {}}; {"name": "verdict", "parameters": {"ok": 1}}'
@@ -368,7 +367,7 @@ def test_a_plain_auto_lines_calls_are_read_after_the_reasoning_split_and_its_tex
     the content after the split, as vLLM does; now both read the content. The record's `text` stays whole."""
     from batchllm.io.ingest import ResponseShape, record_for
 
-    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto"}).encode(), 1, None)
+    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto"}).encode(), 1)
     names = ResponseShape("m", serving=LineServing(reasoning_parser="deepseek_r1", auto_tool_parser="hermes"))
     thought = "<think>I could write " + HERMES_CALL + " but no.</think>It is wet."
     tagged = "<think>I'll use <tool_call> tags.</think>\n" + HERMES_CALL
@@ -378,7 +377,7 @@ def test_a_plain_auto_lines_calls_are_read_after_the_reasoning_split_and_its_tex
     assert second["function"]["name"] == "verdict" and record["outputs"][1]["finish_reason"] == "tool_calls"
     assert record["outputs"][1]["text"] == tagged
     body = {"custom_id": "c", "url": CHAT_URL, "body": {**CHAT, "tool_choice": "auto"}}
-    openai = record_for(parse_line(json.dumps(body).encode(), 2, None), output((thought, "stop"), (tagged, "stop")),
+    openai = record_for(parse_line(json.dumps(body).encode(), 2), output((thought, "stop"), (tagged, "stop")),
                         names)["response"]["body"]["choices"]
     assert ["tool_calls" in c["message"] for c in openai] == [False, True]  # (the OpenAI line's, as before)
 
