@@ -65,7 +65,7 @@ from batchllm.io.job import (
     state_path_for,
 )
 from batchllm.io.reasoning import REASONING_PARSERS, check_tokenizer
-from batchllm.io.tool_parsers import TOOL_PARSERS
+from batchllm.io.tool_parsers import TOOL_PARSERS, ToolParserError
 from batchllm.io.tool_parsers import check_tokenizer as check_tool_parser_tokenizer
 from batchllm.models.default_model import default_model_path
 from batchllm.models.quant_config import resolve_quantization
@@ -1076,25 +1076,32 @@ def _generate_into(writers: tuple, llm, valid: list, args: argparse.Namespace, n
     """Run the valid lines and append each result as it completes (`writers`: the output's and the errors file's
     ResultWriter and the file's format; the output counts them: `_Job.num_answered_now`; `num_failed`: the lines
     failed so far, for the progress bar). A line whose request failed while it ran (`output_error`) gets the error
-    record of a line refused before (an OpenAI line's in the errors file). The engine loop is closed on the way out,
-    whatever stops it (an interrupt, a write error)."""
+    record of a line refused before (an OpenAI line's in the errors file), and so does one whose answer the job's
+    tool-call parser raises on (`io.tool_parsers.ToolParserError`, as vLLM's request fails). The engine loop is
+    closed on the way out, whatever stops it (an interrupt, a write error)."""
     from batchllm.io.jsonl import LineError
     from batchllm.request_output import output_error
 
     out, errors_out, file_format = writers
-    names = response_shape(args, llm.model_dir.name)
+    tokenizer = llm.get_tokenizer()
+    names = response_shape(args, llm.model_dir.name).for_tokenizer(tokenizer)
     desc = f"tokens ({num_failed} lines failed)" if num_failed else "tokens"
     results = llm.iter_generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
                                 use_tqdm=not args.no_progress, progress_desc=desc)
-    tokenizer = llm.get_tokenizer()
     try:
         for index, output in results:
             line = valid[index].line
-            if (error := output_error(output)) is not None:
+            record = None
+            if (error := output_error(output)) is None:
+                try:
+                    record = record_for(line, output, names, tokenizer)
+                except ToolParserError as e:  # (an answer vLLM's tool parser raises on: the request fails there)
+                    error = str(e)
+            if record is not None:
+                out.write(record)
+            else:
                 failed = LineError.for_line(line, error)
                 (errors_out if failed.is_openai(file_format) else out).write(failed.record(file_format))
-            else:
-                out.write(record_for(line, output, names, tokenizer))
     finally:
         try:
             results.close()  # aborts what still runs; its statistics land in llm.last_stats

@@ -39,7 +39,7 @@ from batchllm.io.jsonl import (
 from batchllm.io.reasoning import SKIPS_NO_SPECIAL_TOKENS as REASONING_SHOWS_SPECIAL_TOKENS
 from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.io.tool_calls import replaced_constraint, served_tool_choice
-from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS
+from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS, reader_for
 from batchllm.progress import LOG_INTERVAL_S, draws_in_place
 from batchllm.sampling_params import SamplingParams, short_repr
 
@@ -421,7 +421,16 @@ class ResponseShape(NamedTuple):
     role: str = "assistant"
     """--response-role: the role of a chat answer's message where the template opened a new turn for it."""
     serving: LineServing = LineServing()
-    """How the job serves its lines (`LineServing`): its parsers read the answers' reasoning and tool calls."""
+    """How the job serves its lines (`LineServing`): its parsers read the answers' reasoning and tool calls. The
+    record writers hold the tool-call reader the engine's tokenizer needs in place of the parser (`for_tokenizer`)."""
+
+    def for_tokenizer(self, tokenizer) -> ResponseShape:
+        """This shape with its tool-call parser's reader for that tokenizer (`tool_parsers.reader_for`: vLLM's
+        mistral reads answers by the vocabulary's [ARGS]); unchanged where there is no tokenizer or no parser."""
+        parser = self.serving.auto_tool_parser
+        if tokenizer is None or parser is None:
+            return self
+        return self._replace(serving=self.serving._replace(auto_tool_parser=reader_for(parser, tokenizer.get_vocab())))
 
     def tool_call_of(self, line: BatchLine):
         """The line's tool call as the job serves it (`tool_calls.served_tool_choice`: an "auto" one with its

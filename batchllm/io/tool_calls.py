@@ -20,10 +20,12 @@ The tools themselves reach the chat template as with "none" (`openai_batch.tools
 from __future__ import annotations
 
 import json
+import random
+import string
 import uuid
 from typing import Any, NamedTuple
 
-from batchllm.io.tool_parsers import TOOL_PARSERS, tool_parser_named
+from batchllm.io.tool_parsers import NINE_CHARACTER_IDS, TOOL_PARSERS, tool_parser_named
 from batchllm.sampling_params import SamplingParams
 from batchllm.structured import grammar_key, unenforced_schema_feature
 
@@ -52,6 +54,9 @@ class ForcedToolCall(NamedTuple):
     """The grammar key (`structured.grammar_key`) of the line's own structured_outputs, which the call's constraint
     replaced (`tool_constraint`); `io.ingest` still compiles it against the model, as a line's own, so that a
     constraint that fails a line without tools fails it with them too. None where it gave none."""
+    parser: str | None = None
+    """The job's tool-call parser where it serves "auto" (`served_tool_choice` sets it), which names the calls' id
+    style (`tool_call_id`), as vLLM's MistralParser ids forced calls too; None: vLLM's default ids."""
 
 
 class AutoToolChoice(NamedTuple):
@@ -81,12 +86,15 @@ AUTO_NEEDS_A_PARSER = (
 def served_tool_choice(tool_call: ForcedToolCall | AutoToolChoice | None, auto_tool_parser: str | None
                        ) -> ForcedToolCall | AutoToolChoice | None:
     """A line's tool call as a job serves it: `auto_tool_parser` is its --tool-call-parser where it gives
-    --enable-auto-tool-choice too, else None. A forced call (or none) is served as it is; an "auto" one gets the
-    parser, or fails (ToolChoiceError) where the job has none (`AUTO_NEEDS_A_PARSER`) or the line has no tools; an
-    OpenAI body's null choice is a text answer (None) where the job has no parser. Pure: the same arguments give
-    the same answer, so that the record writer (`io.ingest.record_for`, Ray's too) can call it again."""
-    if not isinstance(tool_call, AutoToolChoice):
-        return tool_call
+    --enable-auto-tool-choice too, else None. No call is served as it is, a forced one with the parser (its ids'
+    style); an "auto" one gets the parser, or fails (ToolChoiceError) where the job has none
+    (`AUTO_NEEDS_A_PARSER`) or the line has no tools; an OpenAI body's null choice is a text answer (None) where
+    the job has no parser. Pure: the same arguments give the same answer, so that the record writer
+    (`io.ingest.record_for`, Ray's too) can call it again."""
+    if isinstance(tool_call, ForcedToolCall):
+        return tool_call._replace(parser=auto_tool_parser)
+    if tool_call is None:
+        return None
     if auto_tool_parser is None:
         if tool_call.null_choice:
             return None
@@ -233,17 +241,18 @@ def message_calls(content: str | None, tool_call: ForcedToolCall | AutoToolChoic
     if isinstance(tool_call, ForcedToolCall):
         return tool_calls_of(content or "", tool_call), ""
     parsed = tool_parser_named(tool_call.parser)(content or "")
-    if not parsed.calls:
+    if not (parsed.calls or parsed.tools_called):
         return [], content
     content = None if parsed.content and not parsed.content.strip() else parsed.content
     if tool_call.null_choice:
         return [], content
-    return _calls(parsed.calls[:1] if not tool_call.parallel else parsed.calls), content
+    return _calls(parsed.calls[:1] if not tool_call.parallel else parsed.calls, tool_call.parser), content
 
 
-def _calls(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """(name, arguments) pairs as the message's tool calls, each with a new id (`tool_call_id`)."""
-    return [{"id": tool_call_id(), "type": "function",
+def _calls(pairs: list[tuple[str, str]], parser: str | None = None) -> list[dict[str, Any]]:
+    """(name, arguments) pairs as the message's tool calls, each with a new id (`tool_call_id`, in the style of the
+    job's `parser`)."""
+    return [{"id": tool_call_id(parser), "type": "function",
              "function": {"name": name, "arguments": arguments}} for name, arguments in pairs]
 
 
@@ -258,12 +267,15 @@ def tool_calls_of(text: str, forced: ForcedToolCall) -> list[dict[str, Any]]:
         calls = [(name, json.dumps(parameters, ensure_ascii=False)) for name, parameters in _required_calls(text)]
     if not forced.parallel:
         calls = calls[:1]
-    return _calls(calls)
+    return _calls(calls, forced.parser)
 
 
-def tool_call_id() -> str:
-    """A new tool call's id as vLLM 0.26 makes it (make_tool_call_id's default: "chatcmpl-tool-" and random_uuid,
-    the low 64 bits of a UUID4 as 16 hex digits)."""
+def tool_call_id(parser: str | None = None) -> str:
+    """A new tool call's id as vLLM 0.26 makes it under the job's tool-call `parser`: Mistral's 9 random letters and
+    digits for mistral (`tool_parsers.NINE_CHARACTER_IDS`), else make_tool_call_id's default: "chatcmpl-tool-" and
+    random_uuid, the low 64 bits of a UUID4 as 16 hex digits."""
+    if parser in NINE_CHARACTER_IDS:
+        return "".join(random.choices(string.ascii_letters + string.digits, k=9))
     return f"chatcmpl-tool-{uuid.uuid4().int & (1 << 64) - 1:016x}"
 
 

@@ -171,14 +171,16 @@ class _CliRecords:
         self.tokenizer = tokenizer
 
     def with_tokenizer(self, tokenizer) -> _CliRecords:
-        """This writer, with the engine's tokenizer (it names an echoed prompt's first token): `EngineReplica`
-        calls it once its engine is built."""
-        return _CliRecords(self.names, self.file_format, tokenizer)
+        """This writer, with the engine's tokenizer (it names an echoed prompt's first token, and picks the
+        tool-call parser's reader: `ResponseShape.for_tokenizer`): `EngineReplica` calls it once its engine is
+        built."""
+        return _CliRecords(self.names.for_tokenizer(tokenizer), self.file_format, tokenizer)
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
         from batchllm.io.ingest import in_the_lines_terms, record_for
         from batchllm.io.job import record_text
         from batchllm.io.openai_batch import with_template_defaults
+        from batchllm.io.tool_parsers import ToolParserError
 
         line = _parse(row)
         if isinstance(line, LineError):
@@ -191,7 +193,10 @@ class _CliRecords:
             if line.is_chat:
                 line.chat_template_kwargs = with_template_defaults(self.names.serving.template_defaults,
                                                                    line.chat_template_kwargs, line.format == OPENAI)
-            record = record_for(line, output, self.names, self.tokenizer)
+            try:
+                record = record_for(line, output, self.names, self.tokenizer)
+            except ToolParserError as e:  # (an answer vLLM's tool parser raises on: the request fails there)
+                record = LineError.for_line(line, e).record(self.file_format)
         return {RECORD: record_text(record)}  # (`run`'s line: a lone surrogate escaped, which Arrow cannot encode)
 
 

@@ -847,10 +847,10 @@ def test_auto_tool_choice_is_served_by_a_parser_named_at_start_and_recorded_with
 
     with pytest.raises(SystemExit) as exit_:
         main(["run", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--enable-auto-tool-choice",
-              "--tool-call-parser", "mistral"])
+              "--tool-call-parser", "granite"])
     assert exit_.value.code == 2 and not (tmp_path / "o.jsonl").exists()
-    assert ("--tool-call-parser 'mistral' is not served here (served: hermes, llama3_json, llama4_json)"
-            in capsys.readouterr().err)
+    assert ("--tool-call-parser 'granite' is not served here (served: hermes, llama3_json, llama4_json, pythonic, "
+            "llama4_pythonic, mistral)" in capsys.readouterr().err)
 
     def recorded(*flags: str):
         return results_options(build_parser().parse_args(["run", "i", "-o", "o", *flags]), {})["auto_tool_choice"]
@@ -862,3 +862,20 @@ def test_auto_tool_choice_is_served_by_a_parser_named_at_start_and_recorded_with
     with pytest.raises(ValueError, match=r"--tool-call-parser llama3_json: the tokenizer has no <\|python_tag\|>"):
         check_parsers_tokenizer(build_parser().parse_args(["run", "i", "-o", "o", "--enable-auto-tool-choice",
                                                            "--tool-call-parser", "llama3_json"]))
+
+
+def test_a_mistral_tool_parser_job_is_refused_at_start_for_a_tokenizer_without_its_token(capsys, tmp_path):
+    """vLLM 0.26's MistralToolParser raises without a [TOOL_CALLS] token in the vocabulary (every chat request fails):
+    `run --enable-auto-tool-choice --tool-call-parser mistral` on such a model (the default SmolLM2) is refused
+    before anything is written, exit 2; the pythonic parsers read text and need no token."""
+    from batchllm.cli import build_parser, check_parsers_tokenizer, main
+
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
+    argv = ["run", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--enable-auto-tool-choice",
+            "--tool-call-parser", "mistral"]
+    assert main(argv) == 2 and not (tmp_path / "o.jsonl").exists()
+    assert ("--tool-call-parser mistral: the tokenizer has no [TOOL_CALLS] token (as vLLM's parser, it needs it); "
+            "this model does not write Mistral tool calls") in capsys.readouterr().err
+    for name in ("pythonic", "llama4_pythonic"):
+        check_parsers_tokenizer(build_parser().parse_args(["run", "i", "-o", "o", "--enable-auto-tool-choice",
+                                                           "--tool-call-parser", name]))

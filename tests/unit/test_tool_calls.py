@@ -476,3 +476,45 @@ def test_a_plain_n2_records_first_call_has_one_id_at_the_top_and_in_outputs():
     assert {key: record[key] for key in first} == first
     assert record["tool_calls"][0]["id"] == first["tool_calls"][0]["id"]
     assert record["outputs"][1]["tool_calls"] == [] and record["outputs"][1]["finish_reason"] == "stop"
+
+
+def test_mistral_jobs_give_their_calls_mistrals_nine_character_ids_and_a_called_answer_its_cut_content():
+    """vLLM's MistralToolCall ids (9 letters and digits) for an "auto" line's calls, and MistralParser backfills
+    forced calls' ids the same way; an answer whose [TOOL_CALLS] parts hold no call is no call, but its content is
+    what the parser cut (vLLM's tools_called), with the engine's finish_reason. Other parsers keep chatcmpl-tool-."""
+    auto = served_tool_choice(body_to_request(CHAT_URL, {**CHAT, "tool_choice": "auto"}).tool_call, "mistral_v11")
+    choices = success_record("c", CHAT_URL, "m", output(
+        ('Sure.[TOOL_CALLS]verdict[ARGS]{"ok": true}', "stop"), ("Hm.[TOOL_CALLS]nothing", "stop")), 3,
+        tool_call=auto)["response"]["body"]["choices"]
+    (call,) = choices[0]["message"]["tool_calls"]
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", call["id"]) and choices[0]["message"]["content"] == "Sure."
+    assert call["function"] == {"name": "verdict", "arguments": '{"ok": true}'} and choices[0]["finish_reason"] == (
+        "tool_calls")
+    assert "tool_calls" not in choices[1]["message"] and choices[1]["message"]["content"] == "Hm."
+    assert choices[1]["finish_reason"] == "stop"
+    forced = served_tool_choice(ForcedToolCall("verdict"), "mistral")
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", tool_calls_of('{"ok": true}', forced)[0]["id"])
+    hermes_forced = served_tool_choice(ForcedToolCall("verdict"), "hermes")
+    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{16}", tool_calls_of('{"ok": true}', hermes_forced)[0]["id"])
+
+
+def test_a_jobs_mistral_reader_follows_the_tokenizer_and_an_answer_its_parser_raises_on_fails_the_line():
+    """The record writers read a mistral job's answers as the tokenizer's version needs (`for_tokenizer`: [ARGS]
+    in the vocabulary, v11); an answer vLLM's mistral parser raises on (two [TOOL_CALLS] before v11) raises
+    ToolParserError out of the record, which `run` and Ray turn into the line's error record."""
+    from batchllm.io.ingest import ResponseShape
+    from batchllm.io.tool_parsers import ToolParserError
+
+    class Tokenizer:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    shape = ResponseShape("m", serving=LineServing(auto_tool_parser="mistral"))
+    assert shape.for_tokenizer(Tokenizer({"[TOOL_CALLS]": 1, "[ARGS]": 2})).serving.auto_tool_parser == "mistral_v11"
+    assert shape.for_tokenizer(Tokenizer({"[TOOL_CALLS]": 1})) == shape and shape.for_tokenizer(None) == shape
+    line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto"}).encode(), 1)
+    with pytest.raises(ToolParserError):
+        result_record(1, output(("[TOOL_CALLS][][TOOL_CALLS][]", "stop")), 3, shape.tool_call_of(line))
