@@ -174,6 +174,21 @@ _JSON_LIST = re.compile(r"\[{.*}\]", re.DOTALL)
 """vLLM's MistralToolParser.tool_call_regex: the pre-v11 fallback, from the first `[{` to the last `}]`."""
 
 
+_UNREAD = object()
+
+
+def _mistral_json(written: str) -> Any:
+    """The first JSON value of `written` (trailing text ignored), else its first `[{...}]`; `_UNREAD` where neither
+    is JSON. RecursionError where the value nests past Python's stack."""
+    try:
+        return _JSON.raw_decode(written)[0]
+    except json.JSONDecodeError:
+        try:
+            return json.loads(_JSON_LIST.findall(written)[0])
+        except (IndexError, json.JSONDecodeError):
+            return _UNREAD
+
+
 def mistral(text: str) -> ParsedAnswer:
     """Mistral with a Hugging Face tokenizer whose vocabulary has no [ARGS] (vLLM's `mistral`, pre-v11: Mistral 7B
     v0.3, Mixtral): `content[TOOL_CALLS] [{"name": ..., "arguments": ...}, ...]`. The first JSON value after the
@@ -187,14 +202,13 @@ def mistral(text: str) -> ParsedAnswer:
     if len(raw_calls) != 1:
         raise ToolParserError(f"the mistral tool parser reads one {_TOOL_CALLS} token, the answer has "
                               f"{len(raw_calls)} (vLLM's raises on it)")
-    written = raw_calls[0].strip()
     try:
-        objects = _JSON.raw_decode(written)[0]
-    except json.JSONDecodeError:
-        try:
-            objects = json.loads(_JSON_LIST.findall(written)[0])
-        except (IndexError, json.JSONDecodeError):
-            return ParsedAnswer([], text)
+        objects = _mistral_json(raw_calls[0].strip())
+    except RecursionError as e:  # (nesting past Python's stack: vLLM's request fails on it, not the job)
+        raise ToolParserError(f"the mistral tool parser cannot read the calls after {_TOOL_CALLS}: they nest too "
+                              "deep (vLLM's raises on it)") from e
+    if objects is _UNREAD:
+        return ParsedAnswer([], text)
     try:
         calls = [_call(obj["name"], obj.get("arguments", {})) for obj in objects]
     except Exception as e:  # (KeyError, TypeError, a name that is no string: vLLM's raises)

@@ -176,6 +176,8 @@ def test_mistral_reads_a_json_list_after_its_token_for_a_tokenizer_without_args(
     '[TOOL_CALLS][{"arguments": {}}]', '[TOOL_CALLS] calls: [{"arguments": 1}]',  # (no name: KeyError)
     "[TOOL_CALLS][1]", '[TOOL_CALLS]"abc"', "[TOOL_CALLS]42",  # (TypeError)
     '[TOOL_CALLS][{"name": 7}]',  # (a name that is no string: vLLM's ValidationError)
+    "[TOOL_CALLS]null",  # (JSON null is read, and is no list: TypeError)
+    "[TOOL_CALLS]" + "[" * 100_000 + "]" * 100_000,  # (nesting past Python's stack: RecursionError, not the job's end)
 ])
 def test_mistral_raises_where_vllms_parser_raises_so_the_line_fails(text):
     with pytest.raises(ToolParserError, match="mistral tool parser"):
