@@ -4,6 +4,7 @@ the engine and building it (`DataParallelEngine.start_times`).
 
     PYTHONPATH=. python3 benchmarks/engine_start.py 1 2 3 2 1        # the SmolLM2-135M shape, dummy weights
     PYTHONPATH=. python3 benchmarks/engine_start.py --device cpu 1 2            # here, on CPU
+    PYTHONPATH=. python3 benchmarks/engine_start.py --profile 1     # where one in-process build's time goes
 
 Each count builds one LLM in this process, one after another; the first build on a fresh machine
 pays Triton's cold compiles, and in-process builds after the first reuse loaded kernels, so compare
@@ -13,6 +14,8 @@ counts from the same process in both orders.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 
@@ -21,15 +24,23 @@ def main() -> None:
     parser.add_argument("engines", type=int, nargs="+", help="engines per GPU, one build each, in order")
     parser.add_argument("--model", default="benchmarks/configs/smollm2-135m")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile each one-engine build (in this process) and print its top functions")
     args = parser.parse_args()
 
     from batchllm import LLM
     from batchllm.parallel.data_parallel import describe_start
 
     for n in args.engines:
+        profiler = cProfile.Profile() if args.profile and n == 1 else None
         started = time.perf_counter()
+        if profiler:
+            profiler.enable()
         llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device, engines_per_gpu=n)
         built = time.perf_counter() - started
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(60)
         workers = llm._data_parallel.start_times if llm._data_parallel is not None else {}
         parts = "; ".join(f"rank {r}: {describe_start(t)}" for r, t in sorted(workers.items()))
         print(f"{n} engine(s): built in {built:.2f} s" + (f" ({parts})" if parts else ""), flush=True)
