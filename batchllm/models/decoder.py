@@ -125,16 +125,19 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int, ops, tp, vocab_rows: int, linear) -> None:
+    def __init__(self, spec: ModelSpec, ops, tp, vocab_rows: int, linear) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(vocab_rows, spec.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(spec, ops, tp, linear) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
-        self.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
+        self.rotary: RotaryEmbedding | None = None
+        """The float32 cos/sin tables: set by the loader once the model is on its device (`loader.build_model`),
+        never made on the meta device the model is built on (torch runs a meta factory call through its reference
+        implementations, whose first use imports the compiler stack: ~2-4 s of every engine's start)."""
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int, ops=None, tp=None, fp8: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, ops=None, tp=None, fp8: bool = False) -> None:
         """ops: the elementwise-op policy (`layers/ops.py`); default TorchOps. tp: this rank's
         `TPGroup`, or None for the whole model in one process. fp8: every linear layer of the
         decoder layers is an `Fp8Linear` (embeddings, norms and the LM head keep the model dtype), until
@@ -151,7 +154,7 @@ class DecoderForCausalLM(nn.Module):
         self.ops = ops or TorchOps()
         self.fp8_deferred_scales = False
         """The fp8_deferred_scales setting where `_scaled_mm` runs (`fp8.prepare_fp8` sets it)."""
-        self.model = DecoderBody(spec, max_positions, self.ops, tp, self.vocab_rows, make_linear(fp8))
+        self.model = DecoderBody(spec, self.ops, tp, self.vocab_rows, make_linear(fp8))
         self.lm_head = nn.Linear(spec.hidden_size, self.vocab_rows, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from batchllm.layers.fp8 import FP8, channel_quantized, prepare_fp8, restore_fp8_dtypes
 from batchllm.layers.rotary import RotaryEmbedding
@@ -50,6 +51,14 @@ _UNUSED_ATTENTION_SCALE = re.compile(
 its FP8-query backends): skipped, as the attention here quantizes neither."""
 
 
+def _uninitialized_on(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model.to_empty(device=device)`: every parameter and buffer uninitialized on `device`, through the same
+    `Module._apply` (so parameters are replaced exactly as to_empty replaces them), but made by `torch.empty`:
+    to_empty's `empty_like` of a meta tensor runs torch's reference implementation, whose first call imports
+    sympy (seconds of every engine's start). The model's tensors are contiguous, so the layouts are the same."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: torch.dtype, device: torch.device,
                 load_format: str, seed: int, ops=None, tp=None,
                 quantization: Fp8Scheme | None = None, fp8_fused_quant: bool = False,
@@ -59,13 +68,13 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
     fp8_fused_quant: the norms and SiLU hand FP8 layers their input quantized; fp8_deferred_scales:
     decode-sized FP8 matmuls hand their scales to the op after them (both `fp8.prepare_fp8`)."""
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec, max_positions, ops, tp, fp8=quantization is not None)
+        model = DecoderForCausalLM(spec, ops, tp, fp8=quantization is not None)
         if quantization is not None and (kept := model.keep_in_model_dtype(quantization.quantizes)):
             logger.info("%d linear layers stay in %s: the checkpoint's %s leaves them out", kept, dtype,
                         quantization.config_key)
     model = model.to(dtype)  # dtype first: a 70B shard never exists in float32
     restore_fp8_dtypes(model)  # .to(dtype) cast the float8 weights and float32 scales too
-    model = model.to_empty(device=device)
+    model = _uninitialized_on(model, device)
     # The cos/sin table is a buffer, not a weight: compute it for real, in float32.
     model.model.rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling).to(device)
     if spec.tie_word_embeddings:
