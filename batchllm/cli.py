@@ -299,6 +299,11 @@ def _add_plan_parser(sub) -> None:
                       "truncate_prompt_tokens -1 are checked against (default: as run's)")
     add_engine_arguments(plan, names=["model", "tokenizer", "chat_template", "max_model_len", "max_logprobs",
                                       "plan_mode", "generation_config"])
+    plan.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                      help="as run's: under qwen3 every chat line decodes with skip_special_tokens false (the plan "
+                      "reads lines as run serves them)")
+    _add_tool_call_arguments(plan.add_argument_group("tool calls (as run's: \"auto\" lines are planned where run "
+                                                     "would serve them, and fail where it would not)"))
 
 
 def _add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -365,8 +370,8 @@ def _command_flags(parser: argparse.ArgumentParser, words: list[str]) -> list[st
     return [] if command is None else [f for a in command._actions for f in a.option_strings if f.startswith("--")]
 
 
-_RUN_TOOL_FLAG = ("only `run` (run-batch) takes it: with --enable-auto-tool-choice and --tool-call-parser it serves "
-                  '"auto" lines')
+_RUN_TOOL_FLAG = ("only `run` (run-batch) and `plan` take it: with --enable-auto-tool-choice and --tool-call-parser "
+                  'they serve "auto" lines')
 VLLM_SERVER_FLAGS = {
     "--enable-auto-tool-choice": _RUN_TOOL_FLAG, "--tool-call-parser": _RUN_TOOL_FLAG,
     "--tool-parser-plugin": _RUN_TOOL_FLAG,
@@ -445,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     _input_path(parser, args)
     if args.command == "run":
         _ray_options(_subcommands(parser)["run"], args)
-        _tool_call_options(_subcommands(parser)["run"], args)
+    if args.command in ("run", "plan"):
+        _tool_call_options(_subcommands(parser)[args.command], args)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
@@ -1175,13 +1181,15 @@ def plan_command(args: argparse.Namespace) -> int:
         engine_config(max_model_len=args.max_model_len, max_logprobs=args.max_logprobs)  # (their checks, as run's)
         prompts = prompt_processor_for(args.model, args.tokenizer, args.max_model_len, args.max_logprobs,
                                        args.chat_template, args.generation_config)
+        vocab = prompts.tokenizer.get_vocab()  # (the parsers' needs of it, refused as run refuses them)
+        check_tokenizer(args.reasoning_parser, vocab)
+        check_tool_parser_tokenizer(auto_tool_parser(args), vocab)
         # run's sampling defaults: a line's max_tokens decides its -1 truncation and its min_tokens check
         model_dir = None if args.model is None else read_model_source(args.model, args.max_model_len).model_dir
         defaults, _ = resolve_sampling_defaults(args, model_dir)
     except (ValueError, OSError) as e:
         return _fail(str(e))
-    valid, errors, _, ignored = prepare_lines(args.input, prompts, defaults, None, serving=LineServing(
-        args.default_chat_template_kwargs, args.exclude_tools_when_tool_choice_none))
+    valid, errors, _, ignored = prepare_lines(args.input, prompts, defaults, None, serving=line_serving(args))
     note_ignored_fields(ignored)
     for error in errors:
         print(f"batchllm: {error.message}", file=sys.stderr)

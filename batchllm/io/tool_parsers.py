@@ -134,7 +134,8 @@ def pythonic(text: str) -> ParsedAnswer:
 
 def llama4_pythonic(text: str) -> ParsedAnswer:
     """Llama 4 (vLLM's `llama4_pythonic`): `pythonic`, after an answer that starts with `<|python_start|>` loses
-    it and every `<|python_end|>`; the content where no call is read is that text, without them."""
+    it and every `<|python_end|>`. Where no call is read the message's content is the answer as written, tags
+    included (`tool_calls.message_calls`, as vLLM keeps the original text where no tools were called)."""
     if text.startswith("<|python_start|>"):
         text = text[len("<|python_start|>"):].replace("<|python_end|>", "")
     return pythonic(text)

@@ -475,9 +475,9 @@ def test_an_unknown_flag_is_refused_by_the_subcommand_naming_what_it_may_have_me
     assert "batchllm run: error: unrecognized arguments: --temprature 0" in err
     assert "--temprature: did you mean --temperature?" in err
     assert "--zzz:" not in err, "no hint where nothing is close"
-    with pytest.raises(SystemExit):  # (run takes vLLM's tool-calling flags: `plan` names the command that does)
-        main(["plan", "in.jsonl", "--tool-call-parser", "hermes"])
-    assert "--tool-call-parser: only `run` (run-batch) takes it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (run and plan take vLLM's tool-calling flags: `bench` names the commands that do)
+        main(["bench", "--tool-call-parser", "hermes"])
+    assert "--tool-call-parser: only `run` (run-batch) and `plan` take it" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # vLLM's bench throughput flags were "unrecognized" without a word
         main(["bench", "--num-prompts", "10", "--dataset-path", "p.jsonl", "--output-len", "8"])
     err = capsys.readouterr().err

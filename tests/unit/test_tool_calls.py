@@ -518,3 +518,28 @@ def test_a_jobs_mistral_reader_follows_the_tokenizer_and_an_answer_its_parser_ra
     line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto"}).encode(), 1)
     with pytest.raises(ToolParserError):
         result_record(1, output(("[TOOL_CALLS][][TOOL_CALLS][]", "stop")), 3, shape.tool_call_of(line))
+
+
+def test_plan_reads_auto_lines_as_run_serves_them(tmp_path, capsys):
+    """`plan` takes run's tool-calling flags and --reasoning-parser and reads the lines as `run` serves them
+    (`cli.line_serving`): an "auto" line is planned where `run` would answer it and fails where `run` would fail it;
+    a parser the tokenizer cannot serve is refused at start, as `run` refuses it."""
+    from batchllm.cli import main
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"id": "auto", **CHAT, "tool_choice": "auto"}) + "\n"
+                    + json.dumps({"id": "text", "prompt": "Hi"}) + "\n")
+
+    def plan(*flags) -> tuple[int, dict, str]:
+        code = main(["plan", str(path), "--json", *flags])
+        out, err = capsys.readouterr()
+        return code, json.loads(out) if code in (0, 1) else {}, err
+
+    code, refused, _ = plan()  # (1: a line failed, as run's status says)
+    assert code == 1 and (refused["num_requests"], refused["num_lines_failed"]) == (1, 1)
+    code, served, _ = plan("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    assert code == 0 and (served["num_requests"], served["num_lines_failed"]) == (2, 0)
+    code, _, err = plan("--enable-auto-tool-choice", "--tool-call-parser", "llama3_json")  # (no <|python_tag|>)
+    assert code == 2 and "the tokenizer has no <|python_tag|> token" in err
+    code, _, err = plan("--reasoning-parser", "qwen3")  # (nor <think>)
+    assert code == 2 and "the tokenizer has no <think> or </think> token" in err
