@@ -1116,7 +1116,8 @@ def _generate_into(writers: tuple, llm, valid: list, args: argparse.Namespace, n
 
 
 def line_serving(args: argparse.Namespace) -> LineServing:
-    """How `run` (and `run --ray`) serves each line (`io.ingest.LineServing`): the one place its options are read."""
+    """How `run`, `run --ray` and `plan` serve each line (`io.ingest.LineServing`): the one place its options are
+    read."""
     return LineServing(args.default_chat_template_kwargs, args.exclude_tools_when_tool_choice_none,
                        auto_tool_parser(args), args.reasoning_parser)
 
