@@ -240,8 +240,10 @@ without [ARGS]; `reader_for` picks the reader a tokenizer needs)."""
 _READERS = {**TOOL_PARSERS, "mistral_v11": mistral_v11}
 """Every reader by key: the served names', and those `reader_for` picks by the tokenizer (not names one can give)."""
 
-NEEDED_TOKENS = {"llama3_json": "<|python_tag|>", "llama4_json": "<|python_tag|>", "mistral": _TOOL_CALLS}
-"""A token a parser needs in the tokenizer's vocabulary, as vLLM's parser refuses to start without it."""
+NEEDED_TOKENS = {"llama3_json": ("<|python_tag|>", "Llama 3 JSON"), "llama4_json": ("<|python_tag|>", "Llama 3 JSON"),
+                 "mistral": (_TOOL_CALLS, "Mistral")}
+"""A token a parser needs in the tokenizer's vocabulary, as vLLM's parser refuses to start without it, and the
+syntax a model without it does not write: (token, syntax)."""
 
 SKIPS_NO_SPECIAL_TOKENS = ("hermes", "mistral", "mistral_v11")
 """Parsers whose adjust_request sets a tool line's skip_special_tokens false (vLLM's hermes, and mistral's for a
@@ -271,13 +273,11 @@ def tool_parser_named(name: str) -> Callable[[str], ParsedAnswer]:
     return _READERS[name]
 
 
-_SYNTAX_NEEDING = {"llama3_json": "Llama 3 JSON", "llama4_json": "Llama 3 JSON", "mistral": "Mistral"}
-
-
 def check_tokenizer(name: str | None, vocab: dict[str, int]) -> None:
     """ValueError where parser `name` needs a token the tokenizer's `vocab` lacks (`NEEDED_TOKENS`): vLLM 0.26's
     server builds the parser for every chat request, and its constructor raises there, so every chat request fails;
     here the job is refused before anything is written."""
-    if (token := NEEDED_TOKENS.get(name or "")) is not None and token not in vocab:
+    token, syntax = NEEDED_TOKENS.get(name or "", (None, None))
+    if token is not None and token not in vocab:
         raise ValueError(f"--tool-call-parser {name}: the tokenizer has no {token} token (as vLLM's parser, it "
-                         f"needs it); this model does not write {_SYNTAX_NEEDING[name]} tool calls")
+                         f"needs it); this model does not write {syntax} tool calls")
