@@ -10,8 +10,9 @@ step fills a token budget in this order:
 A prefix that completes becomes READY and releases its members; it is freed exactly when its last
 member finishes. When the KV pool cannot grow running work, the last-scheduled running entry is
 preempted by recompute (blocks freed, counter back to 0, outputs kept, back to the front of its
-queue). When nothing can run at all, the most recently READY prefix with no running member is
-released and recomputed later. No request is dropped and no token is ever wrong.
+queue). When nothing can run at all, the idle READY prefixes (no running member) are released and
+recomputed later; when the one request that could run would preempt itself, the most recently READY
+idle prefix is released instead. No request is dropped and no token is ever wrong.
 
 Scheduling a step advances the counters of its requests (and makes a prefix READY once its last
 chunk is scheduled); `update_from_output` only records sampled tokens. So the next step can be
@@ -361,6 +362,8 @@ class Scheduler:
                 i += 1
                 continue
             while not allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+                if order[-1][0] is request and not (decoding or chosen) and self._release_latest_idle_prefix():
+                    continue  # (it would preempt itself with nothing else in the step: that repeats forever)
                 victim = order.pop()[0]
                 self._preempt(victim)
                 preempted = True
@@ -482,31 +485,53 @@ class Scheduler:
         (Its own ancestors always fit beside it: add_request checked the worst case.)
         False if there was nothing to release."""
         head = self.ready_members[0] if self.ready_members else (self.waiting[0] if self.waiting else None)
-        keep = set()
+        keep = self._busy_prefixes()
         ancestor = head.parent if head is not None else None
         while ancestor is not None:
             keep.add(ancestor.request_id)
             ancestor = ancestor.parent
-        busy: set[str] = set()  # every prefix above a running request
+        released = [p for p in self.ready_prefixes if p.request_id not in keep]
+        for prefix in released:
+            self._release_prefix(prefix)
+        return bool(released)
+
+    def _release_latest_idle_prefix(self) -> bool:
+        """The one running request that could run cannot grow, and only READY prefixes whose members all wait
+        hold the rest of the pool: free the most recently READY of those (a nested group's before its parent's)
+        and queue it behind its queue, instead of preempting the request, which would be admitted again and
+        stopped at the same place, step after step (a tiny pool's livelock: the step is never empty, so
+        `_release_idle_prefixes` never ran). False if every READY prefix is above a running request."""
+        busy = self._busy_prefixes()
+        for prefix in reversed(self.ready_prefixes):
+            if prefix.request_id not in busy:
+                self._release_prefix(prefix)
+                return True
+        return False
+
+    def _busy_prefixes(self) -> set[str]:
+        """The ids of every prefix above a running request (READY ones among them hold its shared KV)."""
+        busy: set[str] = set()
         for r in self.running:
             ancestor = r.parent
             while ancestor is not None and ancestor.request_id not in busy:
                 busy.add(ancestor.request_id)
                 ancestor = ancestor.parent
-        released = [p for p in self.ready_prefixes if p.request_id not in busy and p.request_id not in keep]
-        for prefix in released:
-            self.ready_prefixes.remove(prefix)
-            self._free_blocks(prefix)
-            self.admission.on_release(prefix)
-            prefix.num_computed_tokens = 0
-            prefix.status = RequestStatus.WAITING
-            mine = [m for m in self.ready_members if m.parent is prefix]
-            self.ready_members = deque(m for m in self.ready_members if m.parent is not prefix)
-            prefix.pending_members = mine + prefix.pending_members
-            self._requeue(prefix, front=False)
-            self.stats.num_prefix_releases += 1
-            logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
-        return bool(released)
+        return busy
+
+    def _release_prefix(self, prefix: Request) -> None:
+        """Free a READY prefix with no running member: back to WAITING at the back of its queue, its queued
+        members moved back under it (they fork once it is computed again)."""
+        self.ready_prefixes.remove(prefix)
+        self._free_blocks(prefix)
+        self.admission.on_release(prefix)
+        prefix.num_computed_tokens = 0
+        prefix.status = RequestStatus.WAITING
+        mine = [m for m in self.ready_members if m.parent is prefix]
+        self.ready_members = deque(m for m in self.ready_members if m.parent is not prefix)
+        prefix.pending_members = mine + prefix.pending_members
+        self._requeue(prefix, front=False)
+        self.stats.num_prefix_releases += 1
+        logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
 
     def _make_batch(self, decodes: DecodeRows | None, chosen: list[tuple[Request, int, int, bool]],
                     copies: list[tuple[int, int]]) -> ScheduledBatch:
