@@ -9,10 +9,11 @@ step fills a token budget in this order:
   3. new top-level units, while the admission policy's projected KV use fits.
 A prefix that completes becomes READY and releases its members; it is freed exactly when its last
 member finishes. When the KV pool cannot grow running work, the last-scheduled running entry is
-preempted by recompute (blocks freed, counter back to 0, outputs kept, back to the front of its
-queue). When nothing can run at all, the idle READY prefixes (no running member) are released and
-recomputed later; when the one request that could run would preempt itself, the most recently READY
-idle prefix is released instead. No request is dropped and no token is ever wrong.
+preempted by recompute (blocks freed, counter back to 0, outputs kept, back to the front of its queue;
+a nested prefix to the back, behind the members of READY prefixes, which can run). When nothing can run at
+all (no step, or a step whose one runnable entry preempted itself), the READY prefixes with no running
+member, but for those the first waiting entry forks from, are released and recomputed later.
+No request is dropped and no token is ever wrong.
 
 Scheduling a step advances the counters of its requests (and makes a prefix READY once its last
 chunk is scheduled); `update_from_output` only records sampled tokens. So the next step can be
@@ -300,8 +301,12 @@ class Scheduler:
 
         # Admitting new work right after a preemption would only thrash: wait for blocks to free up,
         # unless the preemption emptied the step (the one running request could not grow beside
-        # READY prefixes kept for the waiting members: those members are what can run now).
+        # READY prefixes kept for the waiting members: those members are what can run now). Such a step is
+        # one where nothing could run: the idle READY prefixes go first, as in an empty step, or the same
+        # request (first in its queue again) or prefix is admitted and stopped at the same place, forever.
         if not preempted or not (decoding or chosen):
+            if preempted:
+                self._release_idle_prefixes()
             for queue in (self.ready_members, self.waiting):
                 budget = self._admit_from(queue, budget, chosen, copies)
         return self._make_batch(decodes, chosen, copies)
@@ -362,8 +367,6 @@ class Scheduler:
                 i += 1
                 continue
             while not allocate_slots(request.request_id, request.num_computed_tokens + num_new):
-                if order[-1][0] is request and not (decoding or chosen) and self._release_latest_idle_prefix():
-                    continue  # (it would preempt itself with nothing else in the step: that repeats forever)
                 victim = order.pop()[0]
                 self._preempt(victim)
                 preempted = True
@@ -459,7 +462,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self.stats.num_preemptions += 1
-        self._requeue(request, front=True)
+        # (a nested prefix waits behind the members of READY prefixes, which can run: ahead of them, it was
+        # admitted again before them and stopped at the same place; a top-level one waits ahead of the other
+        # top-level work, which comes after those members anyway)
+        self._requeue(request, front=not request.is_prefix or request.parent is None)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
 
     def _requeue(self, request: Request, front: bool) -> None:
@@ -480,58 +486,37 @@ class Scheduler:
             queue.insert(0, request)
 
     def _release_idle_prefixes(self) -> bool:
-        """Nothing could run: free every READY prefix that has no running member and is not an
+        """Nothing could run (`schedule` found no step, or the one runnable entry preempted itself): free every
+        READY prefix that has no running member and is not an
         ancestor of the first waiting entry, and queue them behind it, so that entry runs next.
         (Its own ancestors always fit beside it: add_request checked the worst case.)
         False if there was nothing to release."""
         head = self.ready_members[0] if self.ready_members else (self.waiting[0] if self.waiting else None)
-        keep = self._busy_prefixes()
+        keep = set()
         ancestor = head.parent if head is not None else None
         while ancestor is not None:
             keep.add(ancestor.request_id)
             ancestor = ancestor.parent
-        released = [p for p in self.ready_prefixes if p.request_id not in keep]
-        for prefix in released:
-            self._release_prefix(prefix)
-        return bool(released)
-
-    def _release_latest_idle_prefix(self) -> bool:
-        """The one running request that could run cannot grow, and only READY prefixes whose members all wait
-        hold the rest of the pool: free the most recently READY of those (a nested group's before its parent's)
-        and queue it behind its queue, instead of preempting the request, which would be admitted again and
-        stopped at the same place, step after step (a tiny pool's livelock: the step is never empty, so
-        `_release_idle_prefixes` never ran). False if every READY prefix is above a running request."""
-        busy = self._busy_prefixes()
-        for prefix in reversed(self.ready_prefixes):
-            if prefix.request_id not in busy:
-                self._release_prefix(prefix)
-                return True
-        return False
-
-    def _busy_prefixes(self) -> set[str]:
-        """The ids of every prefix above a running request (READY ones among them hold its shared KV)."""
-        busy: set[str] = set()
+        busy: set[str] = set()  # every prefix above a running request
         for r in self.running:
             ancestor = r.parent
             while ancestor is not None and ancestor.request_id not in busy:
                 busy.add(ancestor.request_id)
                 ancestor = ancestor.parent
-        return busy
-
-    def _release_prefix(self, prefix: Request) -> None:
-        """Free a READY prefix with no running member: back to WAITING at the back of its queue, its queued
-        members moved back under it (they fork once it is computed again)."""
-        self.ready_prefixes.remove(prefix)
-        self._free_blocks(prefix)
-        self.admission.on_release(prefix)
-        prefix.num_computed_tokens = 0
-        prefix.status = RequestStatus.WAITING
-        mine = [m for m in self.ready_members if m.parent is prefix]
-        self.ready_members = deque(m for m in self.ready_members if m.parent is not prefix)
-        prefix.pending_members = mine + prefix.pending_members
-        self._requeue(prefix, front=False)
-        self.stats.num_prefix_releases += 1
-        logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
+        released = [p for p in self.ready_prefixes if p.request_id not in busy and p.request_id not in keep]
+        for prefix in released:
+            self.ready_prefixes.remove(prefix)
+            self._free_blocks(prefix)
+            self.admission.on_release(prefix)
+            prefix.num_computed_tokens = 0
+            prefix.status = RequestStatus.WAITING
+            mine = [m for m in self.ready_members if m.parent is prefix]
+            self.ready_members = deque(m for m in self.ready_members if m.parent is not prefix)
+            prefix.pending_members = mine + prefix.pending_members
+            self._requeue(prefix, front=False)
+            self.stats.num_prefix_releases += 1
+            logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
+        return bool(released)
 
     def _make_batch(self, decodes: DecodeRows | None, chosen: list[tuple[Request, int, int, bool]],
                     copies: list[tuple[int, int]]) -> ScheduledBatch:
