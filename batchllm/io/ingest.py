@@ -38,7 +38,7 @@ from batchllm.io.jsonl import (
 )
 from batchllm.io.reasoning import SKIPS_NO_SPECIAL_TOKENS as REASONING_SHOWS_SPECIAL_TOKENS
 from batchllm.io.reasoning import reasoning_parser_named
-from batchllm.io.tool_calls import replaced_constraint, served_tool_choice
+from batchllm.io.tool_calls import AutoToolChoice, replaced_constraint, served_tool_choice
 from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS, reader_for
 from batchllm.progress import LOG_INTERVAL_S, draws_in_place
 from batchllm.sampling_params import SamplingParams, short_repr
@@ -421,21 +421,29 @@ class ResponseShape(NamedTuple):
     role: str = "assistant"
     """--response-role: the role of a chat answer's message where the template opened a new turn for it."""
     serving: LineServing = LineServing()
-    """How the job serves its lines (`LineServing`): its parsers read the answers' reasoning and tool calls. The
-    record writers hold the tool-call reader the engine's tokenizer needs in place of the parser (`for_tokenizer`)."""
+    """How the job serves its lines (`LineServing`): its parsers read the answers' reasoning and tool calls."""
+    tool_reader: str | None = None
+    """The record writers' reader of "auto" answers where the engine's tokenizer needs another than the parser's
+    own (`for_tokenizer`); None: the parser's."""
 
     def for_tokenizer(self, tokenizer) -> ResponseShape:
-        """This shape with its tool-call parser's reader for that tokenizer (`tool_parsers.reader_for`: vLLM's
-        mistral reads answers by the vocabulary's [ARGS]); unchanged where there is no tokenizer or no parser."""
+        """This shape with the reader its tool-call parser reads that tokenizer's answers with, where it is not the
+        parser's own (`tool_parsers.reader_for`: vLLM's mistral reads by the vocabulary's [ARGS]); unchanged where
+        there is no tokenizer or no parser."""
         parser = self.serving.auto_tool_parser
         if tokenizer is None or parser is None:
             return self
-        return self._replace(serving=self.serving._replace(auto_tool_parser=reader_for(parser, tokenizer.get_vocab())))
+        reader = reader_for(parser, tokenizer.get_vocab())
+        return self._replace(tool_reader=reader if reader != parser else None)
 
     def tool_call_of(self, line: BatchLine):
         """The line's tool call as the job serves it (`tool_calls.served_tool_choice`: an "auto" one with its
-        parser), for its record; the line was accepted, so it is served."""
-        return served_tool_choice(line.tool_call, self.serving.auto_tool_parser)
+        parser, and its reader for the engine's tokenizer), for its record; the line was accepted, so it is
+        served."""
+        tool_call = served_tool_choice(line.tool_call, self.serving.auto_tool_parser)
+        if self.tool_reader is not None and isinstance(tool_call, AutoToolChoice):
+            return tool_call._replace(reader=self.tool_reader)
+        return tool_call
 
     def model_of(self, line: BatchLine) -> str:
         if line.model is not None and line.model in self.served_models:

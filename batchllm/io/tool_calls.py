@@ -74,6 +74,10 @@ class AutoToolChoice(NamedTuple):
     leaves and drops the calls (its message for a null tool_choice has no tool_calls): so here too."""
     parser: str | None = None
     """The job's --tool-call-parser, set by `served_tool_choice`; None until then."""
+    reader: str | None = None
+    """The key of the reader that parser reads this tokenizer's answers with (`tool_parsers.reader_for`: vLLM's
+    mistral reads by the vocabulary's [ARGS]), where it is not the parser's own; set by the record writers
+    (`io.ingest.ResponseShape.tool_call_of`)."""
 
 
 AUTO_NEEDS_A_PARSER = (
@@ -240,7 +244,7 @@ def message_calls(content: str | None, tool_call: ForcedToolCall | AutoToolChoic
     the parser leaves but not the calls (vLLM's). Only the first call where parallel calls are off."""
     if isinstance(tool_call, ForcedToolCall):
         return tool_calls_of(content or "", tool_call), ""
-    parsed = tool_parser_named(tool_call.parser)(content or "")
+    parsed = tool_parser_named(tool_call.reader or tool_call.parser)(content or "")
     if not (parsed.calls or parsed.tools_called):
         return [], content
     content = None if parsed.content and not parsed.content.strip() else parsed.content

@@ -245,12 +245,12 @@ NEEDED_TOKENS = {"llama3_json": ("<|python_tag|>", "Llama 3 JSON"), "llama4_json
 """A token a parser needs in the tokenizer's vocabulary, as vLLM's parser refuses to start without it, and the
 syntax a model without it does not write: (token, syntax)."""
 
-SKIPS_NO_SPECIAL_TOKENS = ("hermes", "mistral", "mistral_v11")
+SKIPS_NO_SPECIAL_TOKENS = ("hermes", "mistral")
 """Parsers whose adjust_request sets a tool line's skip_special_tokens false (vLLM's hermes, and mistral's for a
 Hugging Face tokenizer: their <tool_call> and [TOOL_CALLS] tags are special tokens, and would be dropped from the
 text before the parser reads it)."""
 
-NINE_CHARACTER_IDS = ("mistral", "mistral_v11")
+NINE_CHARACTER_IDS = ("mistral",)
 """Parsers whose job's tool calls (its "auto" ones, and its forced ones too: vLLM's MistralParser gives those the
 same) have Mistral's ids, 9 random letters and digits (MistralToolCall.generate_random_id), not "chatcmpl-tool-"."""
 

@@ -482,7 +482,8 @@ def test_mistral_jobs_give_their_calls_mistrals_nine_character_ids_and_a_called_
     """vLLM's MistralToolCall ids (9 letters and digits) for an "auto" line's calls, and MistralParser backfills
     forced calls' ids the same way; an answer whose [TOOL_CALLS] parts hold no call is no call, but its content is
     what the parser cut (vLLM's tools_called), with the engine's finish_reason. Other parsers keep chatcmpl-tool-."""
-    auto = served_tool_choice(body_to_request(CHAT_URL, {**CHAT, "tool_choice": "auto"}).tool_call, "mistral_v11")
+    auto = served_tool_choice(body_to_request(CHAT_URL, {**CHAT, "tool_choice": "auto"}).tool_call, "mistral")._replace(
+        reader="mistral_v11")  # (as the record writers read a v11 tokenizer's answers: `for_tokenizer`)
     choices = success_record("c", CHAT_URL, "m", output(
         ('Sure.[TOOL_CALLS]verdict[ARGS]{"ok": true}', "stop"), ("Hm.[TOOL_CALLS]nothing", "stop")), 3,
         tool_call=auto)["response"]["body"]["choices"]
@@ -513,9 +514,15 @@ def test_a_jobs_mistral_reader_follows_the_tokenizer_and_an_answer_its_parser_ra
             return self.vocab
 
     shape = ResponseShape("m", serving=LineServing(auto_tool_parser="mistral"))
-    assert shape.for_tokenizer(Tokenizer({"[TOOL_CALLS]": 1, "[ARGS]": 2})).serving.auto_tool_parser == "mistral_v11"
+    v11 = shape.for_tokenizer(Tokenizer({"[TOOL_CALLS]": 1, "[ARGS]": 2}))
+    assert v11.tool_reader == "mistral_v11" and v11.serving == shape.serving  # (the job's parser stays its name)
     assert shape.for_tokenizer(Tokenizer({"[TOOL_CALLS]": 1})) == shape and shape.for_tokenizer(None) == shape
     line = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": "auto"}).encode(), 1)
+    served = v11.tool_call_of(line)
+    assert (served.parser, served.reader) == ("mistral", "mistral_v11") and shape.tool_call_of(line).reader is None
+    record = result_record(1, output(('[TOOL_CALLS]verdict[ARGS]{"ok": true}', "stop")), 3, served)
+    assert [call["function"]["name"] for call in record["tool_calls"]] == ["verdict"]
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", record["tool_calls"][0]["id"])  # (the ids of the job's parser: mistral)
     with pytest.raises(ToolParserError):
         result_record(1, output(("[TOOL_CALLS][][TOOL_CALLS][]", "stop")), 3, shape.tool_call_of(line))
 
