@@ -487,10 +487,9 @@ class Scheduler:
 
     def _release_idle_prefixes(self) -> bool:
         """Nothing could run (`schedule` found no step, or the one runnable entry preempted itself): free every
-        READY prefix that has no running member and is not an
-        ancestor of the first waiting entry, and queue them behind it, so that entry runs next.
-        (Its own ancestors always fit beside it: add_request checked the worst case.)
-        False if there was nothing to release."""
+        READY prefix that has no running member and is not an ancestor of the first waiting entry, and queue
+        them behind it, so that entry runs next. (Its own ancestors always fit beside it: add_request checked
+        the worst case.) False if there was nothing to release."""
         head = self.ready_members[0] if self.ready_members else (self.waiting[0] if self.waiting else None)
         keep = set()
         ancestor = head.parent if head is not None else None
