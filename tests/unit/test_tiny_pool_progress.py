@@ -26,36 +26,20 @@ from tests.unit.test_async_scheduling import STOP_IDS, AsyncPagedKVExecutor
 from tests.unit.test_bulk_finish import nested_prompts, outputs
 from tests.unit.test_prefix_scheduling import PagedKVExecutor
 
-STEP_CAP = 3000  # the largest batch below takes ~300 steps in its smallest pool
 
-
-def run_batch(seed: int, num_blocks: int | None, sharing: bool = True):
-    """The seed's nested prompts (random step budget, admission threshold, max_tokens and stop tokens) through an
-    engine whose pool has `num_blocks` blocks of 4 tokens (None: the seed's tiny pool of 14-20); returns the
-    outputs, the scheduler and whether the batch finished within STEP_CAP steps. The runner's tokens are a
-    function of the whole context it reads from the KV slots, so a wrong or missing KV changes them."""
+def nested_case(seed: int):
+    """The seed's nested prompts (`nested_prompts`) with random max_tokens and stop tokens, step budget and
+    admission threshold, 4-token blocks, asynchronous scheduling on even seeds: (case, its tiny pool of 14-20
+    blocks). A case is what `case_engine` builds an engine from."""
     rng = random.Random(1000 + seed)
     prompts = nested_prompts(rng)
     tiny = rng.choice([14, 16, 20])
     config = SchedulerConfig(max_num_batched_tokens=rng.choice([16, 32, 64]),
                              kv_admission_threshold=rng.choice([1.0, 4.0]))
-    async_scheduling = seed % 2 == 0
-    executor = AsyncPagedKVExecutor(4) if async_scheduling else PagedKVExecutor(4)
-    scheduler = Scheduler(config, KVCacheManager(num_blocks or tiny, 4), max_model_len=512)
-    engine = EngineCore(scheduler, executor, async_scheduling=async_scheduling)
-    requests = [Request(f"c-{i}", list(p), SamplingParams(
-        temperature=0, max_tokens=rng.randrange(1, 12), stop_token_ids=STOP_IDS if rng.random() < 0.5 else None),
-        arrival_index=i) for i, p in enumerate(prompts)]
-    plan = plan_prefix_sharing(prompts, mode="multi", share=sharing)
-    submission = list(build_submission(plan, requests, ArrivalOrder(), lambda r: r.sampling_params.max_tokens, "c-p-"))
-    for r in submission:
-        engine.add_request(r)
-    for _ in range(STEP_CAP):
-        if not engine.has_unfinished():
-            break
-        engine.step()
-    engine.drain()
-    return outputs(submission), scheduler, not engine.has_unfinished()
+    params = [SamplingParams(temperature=0, max_tokens=rng.randrange(1, 12),
+                             stop_token_ids=STOP_IDS if rng.random() < 0.5 else None) for _ in prompts]
+    return dict(prompts=prompts, params=params, block_size=4, max_model_len=512, config=config,
+                async_scheduling=seed % 2 == 0, mode="multi", order=ArrivalOrder()), tiny
 
 
 @pytest.mark.parametrize("seeds", [range(0, 100), range(100, 200)])
@@ -63,10 +47,11 @@ def test_every_batch_finishes_in_a_tiny_pool_with_the_tokens_of_a_large_one(seed
     """Over seeds of nested groups in pools of 14-20 blocks (seed 10 stalled before), synchronous and
     asynchronous: every request ends, with exactly the tokens a 400-block pool without sharing gives."""
     for seed in seeds:
-        reference, _, finished = run_batch(seed, 400, sharing=False)
+        case, tiny = nested_case(seed)
+        reference, _, finished = run_case(case, 400, sharing=False)
         assert finished, seed
-        out, _, finished = run_batch(seed, None)
-        assert finished, f"seed {seed}: the batch did not finish within {STEP_CAP} steps"
+        out, _, finished = run_case(case, tiny)
+        assert finished, f"seed {seed}: the batch stopped finishing requests"
         assert out == reference, seed
 
 
@@ -75,30 +60,20 @@ def test_the_stalled_batch_releases_idle_prefixes_when_its_only_running_request_
     itself is treated as a step where nothing could run: the idle READY prefixes (but its own) are released
     (recomputed later) before it is admitted again, so it finishes, with a handful of preemptions instead of
     one per step forever."""
-    out, scheduler, finished = run_batch(10, None)
+    case, tiny = nested_case(10)
+    _, scheduler, finished = run_case(case, tiny)
     assert finished
     assert scheduler.stats.num_prefix_releases > 0
     assert scheduler.stats.num_preemptions < 100
 
 
-def run_small(prompts, max_tokens, num_blocks, block_size, *, sharing=True, mode="multi", order=None, cap=2000):
-    """`prompts` in a pool of `num_blocks` blocks of `block_size` tokens, two-token steps, threshold 4,
-    synchronous: (outputs, scheduler, finished within `cap` steps)."""
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=2, kv_admission_threshold=4.0),
-                          KVCacheManager(num_blocks, block_size), max_model_len=max(map(len, prompts)) + 8)
-    engine = EngineCore(scheduler, PagedKVExecutor(block_size))
-    requests = [Request(f"r{i}", list(p), SamplingParams(temperature=0, max_tokens=m), arrival_index=i)
-                for i, (p, m) in enumerate(zip(prompts, max_tokens))]
-    plan = plan_prefix_sharing(prompts, mode=mode, share=sharing)
-    submission = list(build_submission(plan, requests, order or ArrivalOrder(), lambda r: r.sampling_params.max_tokens,
-                                       "p-"))
-    for r in submission:
-        engine.add_request(r)
-    for _ in range(cap):
-        if not engine.has_unfinished():
-            break
-        engine.step()
-    return outputs(submission), scheduler, not engine.has_unfinished()
+def small_case(prompts, max_tokens, block_size, mode="multi", order=None):
+    """`prompts` with their `max_tokens` (greedy), blocks of `block_size` tokens, two-token steps, threshold 4,
+    synchronous scheduling: a case for `run_case`."""
+    return dict(prompts=prompts, params=[SamplingParams(temperature=0, max_tokens=m) for m in max_tokens],
+                block_size=block_size, max_model_len=max(map(len, prompts)) + 8,
+                config=SchedulerConfig(max_num_batched_tokens=2, kv_admission_threshold=4.0), async_scheduling=False,
+                mode=mode, order=order or ArrivalOrder())
 
 
 def test_two_prefixes_do_not_release_each_other_forever():
@@ -110,9 +85,9 @@ def test_two_prefixes_do_not_release_each_other_forever():
     long = short + list(range(2000, 2020))
     prompts = [[3261], short + [3991], long + [4809], short + [2852], long + [2223]]
     max_tokens = [1, 2, 1, 1, 5]  # (the last needs 27 + 5 - 1 = 31 blocks: the whole pool)
-    reference, _, finished = run_small(prompts, max_tokens, 1000, 1, sharing=False, mode="single")
+    reference, _, finished = run_case(small_case(prompts, max_tokens, 1, "single"), 1000, sharing=False)
     assert finished
-    out, scheduler, finished = run_small(prompts, max_tokens, 31, 1, mode="single", order=DecodeWeightedOrder())
+    out, scheduler, finished = run_case(small_case(prompts, max_tokens, 1, "single", DecodeWeightedOrder()), 31)
     assert finished, f"prefix releases {scheduler.stats.num_prefix_releases}"
     assert out == reference
     assert scheduler.stats.num_prefix_releases == 0
@@ -127,9 +102,9 @@ def test_a_preempted_nested_prefix_waits_behind_the_members_that_can_run():
     prompts = [[2] + shared + [2431], [2] + shared + [2323], [2, 2239] + shared + [4179, 1652, 1571, 4913, 2431],
                other + [3051], other + [3643]]
     max_tokens = [1, 1, 1, 2, 1]
-    reference, _, finished = run_small(prompts, max_tokens, 1000, 3, sharing=False)
+    reference, _, finished = run_case(small_case(prompts, max_tokens, 3), 1000, sharing=False)
     assert finished
-    out, scheduler, finished = run_small(prompts, max_tokens, 12, 3)
+    out, scheduler, finished = run_case(small_case(prompts, max_tokens, 3), 12)
     assert finished, f"preemptions {scheduler.stats.num_preemptions}"
     assert out == reference
 
@@ -186,7 +161,7 @@ def fuzz_case(seed):
                 async_scheduling=async_scheduling, mode=mode, order=order, extra=rng.choice([0, 0, 1, 2, 5]))
 
 
-def fuzz_engine(case, num_blocks, sharing):
+def case_engine(case, num_blocks, sharing):
     """An engine holding `case`'s requests in a pool of `num_blocks` (ValueError where one cannot fit it):
     (engine, requests)."""
     size = case["block_size"]
@@ -202,10 +177,11 @@ def fuzz_engine(case, num_blocks, sharing):
     return engine, requests
 
 
-def run_fuzz_case(case, num_blocks, sharing):
+def run_case(case, num_blocks, sharing=True):
     """`case` run in a pool of `num_blocks`, stopped where no request has finished for 10 x the context + 200
-    steps: (outputs, finished)."""
-    engine, requests = fuzz_engine(case, num_blocks, sharing)
+    steps: (outputs of its requests, the scheduler, whether every request finished). The runner's tokens are a
+    function of the whole context it reads from the KV slots, so a wrong or missing KV changes them."""
+    engine, requests = case_engine(case, num_blocks, sharing)
     steps = last_finish = 0
     left = len(engine.scheduler.requests)
     while engine.has_unfinished() and steps - last_finish <= 10 * case["max_model_len"] + 200:
@@ -214,7 +190,7 @@ def run_fuzz_case(case, num_blocks, sharing):
         if len(engine.scheduler.requests) != left:
             left, last_finish = len(engine.scheduler.requests), steps
     engine.drain()
-    return {r.request_id: (r.output_token_ids, r.finish_reason) for r in requests}, not engine.has_unfinished()
+    return outputs(requests), engine.scheduler, not engine.has_unfinished()
 
 
 def smallest_pool(case):
@@ -222,7 +198,7 @@ def smallest_pool(case):
     num_blocks = 1
     while True:
         try:
-            fuzz_engine(case, num_blocks, True)
+            case_engine(case, num_blocks, True)
             return num_blocks
         except ValueError:
             num_blocks += 1
@@ -235,8 +211,8 @@ def test_the_probes_stalled_cases_finish_with_the_tokens_of_a_large_pool(seed):
     each other) finish in the smallest pool accepted (plus the case's extra blocks), with a large pool's tokens wherever
     max_tokens bounds the request (an unbounded one stops at the context, which the pool does not change)."""
     case = fuzz_case(seed)
-    reference, finished = run_fuzz_case(case, 4000, False)
+    reference, _, finished = run_case(case, 4000, sharing=False)
     assert finished
-    out, finished = run_fuzz_case(case, smallest_pool(case) + case["extra"], True)
+    out, _, finished = run_case(case, smallest_pool(case) + case["extra"])
     assert finished, seed
     assert out == reference
