@@ -27,6 +27,38 @@ from tests.unit.test_bulk_finish import nested_prompts, outputs
 from tests.unit.test_prefix_scheduling import PagedKVExecutor
 
 
+def case_engine(case, num_blocks, sharing):
+    """An engine holding `case`'s requests in a pool of `num_blocks` (ValueError where one cannot fit it):
+    (engine, requests)."""
+    size = case["block_size"]
+    executor = AsyncPagedKVExecutor(size) if case["async_scheduling"] else PagedKVExecutor(size)
+    scheduler = Scheduler(case["config"], KVCacheManager(num_blocks, size), max_model_len=case["max_model_len"])
+    engine = EngineCore(scheduler, executor, async_scheduling=case["async_scheduling"])
+    requests = [Request(f"c-{i}", list(p), params, arrival_index=i)
+                for i, (p, params) in enumerate(zip(case["prompts"], case["params"]))]
+    plan = plan_prefix_sharing(case["prompts"], mode=case["mode"], share=sharing)
+    for r in build_submission(plan, requests, case["order"], lambda r: expected_output_tokens(r, case["max_model_len"]),
+                              "c-p-"):
+        engine.add_request(r)
+    return engine, requests
+
+
+def run_case(case, num_blocks, sharing=True):
+    """`case` run in a pool of `num_blocks`, stopped where no request has finished for 10 x the context + 200
+    steps: (outputs of its requests, the scheduler, whether every request finished). The runner's tokens are a
+    function of the whole context it reads from the KV slots, so a wrong or missing KV changes them."""
+    engine, requests = case_engine(case, num_blocks, sharing)
+    steps = last_finish = 0
+    left = len(engine.scheduler.requests)
+    while engine.has_unfinished() and steps - last_finish <= 10 * case["max_model_len"] + 200:
+        engine.step()
+        steps += 1
+        if len(engine.scheduler.requests) != left:
+            left, last_finish = len(engine.scheduler.requests), steps
+    engine.drain()
+    return outputs(requests), engine.scheduler, not engine.has_unfinished()
+
+
 def nested_case(seed: int):
     """The seed's nested prompts (`nested_prompts`) with random max_tokens and stop tokens, step budget and
     admission threshold, 4-token blocks, asynchronous scheduling on even seeds: (case, its tiny pool of 14-20
@@ -159,38 +191,6 @@ def fuzz_case(seed):
     order = rng.choice([ArrivalOrder, PrefillLengthOrder, DecodeWeightedOrder])()
     return dict(prompts=prompts, params=params, block_size=block_size, max_model_len=max_model_len, config=config,
                 async_scheduling=async_scheduling, mode=mode, order=order, extra=rng.choice([0, 0, 1, 2, 5]))
-
-
-def case_engine(case, num_blocks, sharing):
-    """An engine holding `case`'s requests in a pool of `num_blocks` (ValueError where one cannot fit it):
-    (engine, requests)."""
-    size = case["block_size"]
-    executor = AsyncPagedKVExecutor(size) if case["async_scheduling"] else PagedKVExecutor(size)
-    scheduler = Scheduler(case["config"], KVCacheManager(num_blocks, size), max_model_len=case["max_model_len"])
-    engine = EngineCore(scheduler, executor, async_scheduling=case["async_scheduling"])
-    requests = [Request(f"c-{i}", list(p), params, arrival_index=i)
-                for i, (p, params) in enumerate(zip(case["prompts"], case["params"]))]
-    plan = plan_prefix_sharing(case["prompts"], mode=case["mode"], share=sharing)
-    for r in build_submission(plan, requests, case["order"], lambda r: expected_output_tokens(r, case["max_model_len"]),
-                              "c-p-"):
-        engine.add_request(r)
-    return engine, requests
-
-
-def run_case(case, num_blocks, sharing=True):
-    """`case` run in a pool of `num_blocks`, stopped where no request has finished for 10 x the context + 200
-    steps: (outputs of its requests, the scheduler, whether every request finished). The runner's tokens are a
-    function of the whole context it reads from the KV slots, so a wrong or missing KV changes them."""
-    engine, requests = case_engine(case, num_blocks, sharing)
-    steps = last_finish = 0
-    left = len(engine.scheduler.requests)
-    while engine.has_unfinished() and steps - last_finish <= 10 * case["max_model_len"] + 200:
-        engine.step()
-        steps += 1
-        if len(engine.scheduler.requests) != left:
-            left, last_finish = len(engine.scheduler.requests), steps
-    engine.drain()
-    return outputs(requests), engine.scheduler, not engine.has_unfinished()
 
 
 def smallest_pool(case):
