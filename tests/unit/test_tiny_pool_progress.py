@@ -125,10 +125,12 @@ def test_two_prefixes_do_not_release_each_other_forever():
     assert scheduler.stats.num_prefix_releases == 0
 
 
-def test_a_preempted_nested_prefix_waits_behind_the_members_that_can_run():
-    """A probe's batch (12 blocks of 3 tokens, nested groups): a nested prefix that could not grow was preempted
-    to the front of `ready_members`, admitted again ahead of the members that could run, and stopped at the
-    same place (188 preemptions and on). Preempted to the back of its queue, it waits for them."""
+def test_a_nested_prefix_that_cannot_grow_does_not_stop_its_batch():
+    """A probe's batch (12 blocks of 3 tokens, nested groups): a nested prefix that could not grow preempted
+    itself to the front of `ready_members`, was admitted again ahead of the members that could run, and stopped at
+    the same place (188 preemptions and on; under the first fix, prefixes released each other instead). The
+    release before admission ends it; that the preempted prefix also waits behind those members (the back of its
+    queue) is what case 2636 below needs."""
     shared = list(range(3000, 3022))
     other = [1] + list(range(4000, 4009))
     prompts = [[2] + shared + [2431], [2] + shared + [2323], [2, 2239] + shared + [4179, 1652, 1571, 4913, 2431],
