@@ -3,7 +3,7 @@
 `core/prompt_logprobs.py` decides which rows (positions) of which requests need logits; this
 computes, per row, the top-k logprobs of the raw model distribution (fp32 log-softmax, as the
 sample logprobs in `sampler.py`) and the logprob and rank of each target token. Rows go through
-the LM head in slices of at most ~2**26 logits, so a long prefill chunk never holds a
+the LM head in slices of at most `sampler.LOGITS_PER_SLICE` logits, so a long prefill chunk never holds a
 [chunk, vocab] fp32 tensor at once. Nothing here reads a device value back.
 """
 
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchllm.layers.sampler import rank_among
+from batchllm.layers.sampler import rank_among, row_slices
 from batchllm.layers.transfer import to_device
 from batchllm.outputs import PromptLogprobsRows, ScheduledRequest
-
-_LOGITS_PER_SLICE = 1 << 26
 
 
 @dataclass
@@ -75,17 +73,16 @@ def compute_prompt_logprobs(
     pair_rows = np.repeat(np.arange(len(targets)), [len(t) for t in targets])
     pair_tokens = np.asarray([tok for t in targets for tok in t], dtype=np.int64)
     max_k = min(vocab_size, max(s.prompt_logprobs.num_top for _, s in prompt_rows))
-    per_slice = max(1, _LOGITS_PER_SLICE // vocab_size)
     tops, top_ids, target_lps, ranks = [], [], [], []
-    for begin in range(0, len(targets), per_slice):
-        logits = compute_logits(hidden[rows[begin:begin + per_slice]])  # [r, vocab_size]
+    for begin, end in row_slices(len(targets), vocab_size):
+        logits = compute_logits(hidden[rows[begin:end]])  # [r, vocab_size]
         if not driver:
             continue
         logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
         top = torch.topk(logprobs, max_k, dim=-1)
         tops.append(top.values)
         top_ids.append(top.indices)
-        in_slice = (pair_rows >= begin) & (pair_rows < begin + per_slice)
+        in_slice = (pair_rows >= begin) & (pair_rows < end)
         if in_slice.any():
             r = to_device(pair_rows[in_slice] - begin, device, torch.int64)
             chosen = logprobs[r, to_device(pair_tokens[in_slice], device, torch.int64)]  # [pairs in slice]

@@ -30,6 +30,13 @@ from batchllm.layers.seeded_noise import seeded_exponential
 from batchllm.layers.transfer import to_device
 from batchllm.outputs import SamplingSpec, TokenLogprobs
 
+LOGITS_PER_SLICE = 1 << 26
+"""The most logits (rows x vocabulary) one slice of a step's sampling rows (`row_slices`) or prompt-logprob rows
+puts through the LM head and the steps after it: 256 MiB per fp32 copy, so a step's working memory is bounded
+whatever its row count. In one piece, a step of ~8,000 sampling rows of a 128K vocabulary with top-p and logprobs
+asked for 2.3 GiB more beyond ~6 GiB already held, and ran out of memory on an H100 (Llama-3.1-8B shape, 12,000
+short prompts; docs/benchmarks.md, session 47)."""
+
 FORBIDDEN_LOGPROB = -9999.0
 """The logprob of a token a request's grammar forbids (its mask makes it -inf), as vLLM's server writes it."""
 
@@ -68,6 +75,33 @@ class SampledTokens:
                     top_token_ids=top_ids[j][:k], top_logprobs=top_values[j][:k],
                 )
         return tokens, results
+
+
+def row_slices(num_rows: int, vocab_size: int) -> list[tuple[int, int]]:
+    """[begin, end) ranges of consecutive rows, in order, each of at most LOGITS_PER_SLICE logits (one row at least),
+    covering num_rows rows (none for none)."""
+    per_slice = max(1, LOGITS_PER_SLICE // vocab_size)
+    return [(begin, min(begin + per_slice, num_rows)) for begin in range(0, num_rows, per_slice)]
+
+
+def joined(parts: list[SampledTokens], starts: list[int]) -> SampledTokens:
+    """The SampledTokens of consecutive slices of rows as one (`starts`: each slice's first row): tokens in row
+    order, logprob rows renumbered; top-k tables of different widths are padded to the widest (with zeros that
+    `SampledTokens.lists` cuts off by each row's num_top)."""
+    if len(parts) == 1 and starts[0] == 0:
+        return parts[0]
+    tokens = torch.cat([p.tokens for p in parts])
+    with_logprobs = [(p, start) for p, start in zip(parts, starts) if p.logprob_rows]
+    if not with_logprobs:
+        return SampledTokens(tokens)
+    width = max(p.top_ids.shape[1] for p, _ in with_logprobs)
+
+    def stacked(name: str) -> torch.Tensor:
+        tables = [getattr(p, name) for p, _ in with_logprobs]
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) if t.dim() == 2 else t for t in tables])
+    return SampledTokens(tokens, [start + row for p, start in with_logprobs for row in p.logprob_rows],
+                         [k for p, _ in with_logprobs for k in p.num_top], sampled_logprob=stacked("sampled_logprob"),
+                         rank=stacked("rank"), top_logprobs=stacked("top_logprobs"), top_ids=stacked("top_ids"))
 
 
 def sample_on_device(

@@ -36,7 +36,7 @@ from batchllm.config import ACTIVATION_RESERVE, CacheConfig, leaves_activation_r
 from batchllm.layers.fp8 import FP8
 from batchllm.layers.logits_processors import OutputHistory
 from batchllm.layers.prompt_logprobs import PromptLogprobTensors, compute_prompt_logprobs
-from batchllm.layers.sampler import SampledTokens, sample_on_device
+from batchllm.layers.sampler import SampledTokens, joined, row_slices, sample_on_device
 from batchllm.layers.transfer import to_device, to_device_packed
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.spec import ModelSpec
@@ -311,17 +311,28 @@ class ModelRunner:
             self.channel.stop()
 
     def _sample(self, hidden: torch.Tensor, step: StepInputs, extras: tuple) -> SampledTokens:
-        """The tokens of the sampling rows' hidden states. Under tensor parallelism every rank
-        gathers the logits (the LM head is split by vocabulary); rank 0 samples and broadcasts the
-        tokens, which the followers keep for their next step's placeholders."""
-        logits = self.model.compute_logits(hidden)
-        if self.tp is None or self.tp.is_driver:
-            # each row samples the token after its last one: where a seeded row's noise comes from
-            positions = (step.seq_lens[step.sample_seqs].tolist()
-                         if any(spec.seed is not None and not spec.is_greedy for spec in step.sample_settings)
-                         else None)
-            sampled = sample_on_device(logits, step.sample_specs, positions, self.default_generator, *extras,
-                                       uniform=step.sample_uniform)
+        """The tokens of the sampling rows' hidden states. The rows go through the LM head and the sampler in
+        slices of at most `sampler.LOGITS_PER_SLICE` logits (`row_slices`), so a step's logits never take more
+        memory than one slice's, whatever its row count. Under tensor parallelism every rank gathers each slice's
+        logits (the LM head is split by vocabulary); rank 0 samples and broadcasts the tokens, which the followers
+        keep for their next step's placeholders."""
+        driver = self.tp is None or self.tp.is_driver
+        # each row samples the token after its last one: where a seeded row's noise comes from
+        positions = (step.seq_lens[step.sample_seqs].tolist()
+                     if driver and any(spec.seed is not None and not spec.is_greedy for spec in step.sample_settings)
+                     else None)
+        histories, grammar = extras
+        slices = row_slices(len(step.sample_ids), self.model.full_spec.vocab_size)
+        parts = []
+        for begin, end in slices:
+            logits = self.model.compute_logits(hidden[begin:end])
+            if driver:
+                parts.append(sample_on_device(
+                    logits, step.sample_specs[begin:end], None if positions is None else positions[begin:end],
+                    self.default_generator, None if histories is None else histories[begin:end],
+                    None if grammar is None else grammar.rows_in(begin, end), uniform=step.sample_uniform))
+        if driver:
+            sampled = joined(parts, [begin for begin, _ in slices])
         else:
             sampled = SampledTokens(torch.empty(len(step.sample_ids), dtype=torch.int64, device=self.device))
         if self.tp is not None:
@@ -350,7 +361,7 @@ class ModelRunner:
             return None
         return size
 
-    def _sampling_extras(self, batch: ScheduledBatch, step: StepInputs) -> tuple[list | None, tuple | None]:
+    def _sampling_extras(self, batch: ScheduledBatch, step: StepInputs) -> tuple[list | None, GrammarRows | None]:
         """For rows with penalties or a grammar: record the outputs this step computes into the
         request's history, advance its grammar matcher over them, and fill the grammar bitmask
         (on the host; copied to the device behind the step). (None, None) when no row needs it.
@@ -385,7 +396,7 @@ class ModelRunner:
             kept = [j for j, (_, state) in enumerate(grammar_rows) if state.fill(bitmask, j)]
             if kept:
                 rows = [grammar_rows[j][0] for j in kept]
-                mask = (bitmask[kept].to(self.device), to_device(rows, self.device, torch.int64))
+                mask = GrammarRows(bitmask[kept].to(self.device), to_device(rows, self.device, torch.int64), rows)
         return histories, mask
 
     def _host_inputs(self, batch: ScheduledBatch) -> StepInputs:
@@ -504,6 +515,26 @@ def _uniform(specs: list[SamplingSpec]) -> SamplingSpec | None:
         return None
     first = specs[0]
     return first if all(map(operator.is_, specs, itertools.repeat(first))) else None
+
+
+@dataclass(frozen=True)
+class GrammarRows:
+    """A step's grammar bitmask on the device, for the sampling rows listed in `host_rows`."""
+
+    bitmask: torch.Tensor  # [m, words] int32
+    rows: torch.Tensor  # [m] int64: the sampling row of each bitmask row (host_rows on the device)
+    host_rows: list[int]
+
+    def rows_in(self, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (bitmask, rows) of sampling rows [begin, end) with rows counted from begin, as `sample_on_device`
+        takes them; None where none of them has a grammar. Nothing is read back from the device."""
+        kept = [j for j, row in enumerate(self.host_rows) if begin <= row < end]
+        if not kept:
+            return None
+        if begin == 0 and len(kept) == len(self.host_rows):
+            return self.bitmask, self.rows
+        shifted = to_device([self.host_rows[j] - begin for j in kept], self.rows.device, torch.int64)
+        return self.bitmask[to_device(kept, self.bitmask.device, torch.int64)], shifted
 
 
 @dataclass(slots=True)
