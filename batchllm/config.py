@@ -187,7 +187,9 @@ class ModelConfig(_Checked):
 
 ACTIVATION_RESERVE = 0.10
 """Fraction of the card that an automatically sized KV cache leaves out of the engine's
-gpu_memory_utilization, for the activations of its largest step (`runner.model_runner.kv_cache_budget`)."""
+gpu_memory_utilization for the activations of its largest step where they are not measured (the torch
+attention; the Triton attention's are: `runner.activation_profile`), and the least part of a GPU each of
+engines_per_gpu engines must be given (`runner.model_runner.engine_share`)."""
 
 
 def leaves_activation_reserve(utilization: float, engines: int) -> bool:

@@ -32,6 +32,7 @@ from batchllm.models.loader import build_model, warn_unit_kv_scales
 from batchllm.models.quant_config import Fp8Scheme, resolve_kv_cache_dtype, resolve_quantization
 from batchllm.models.spec import ModelSpec
 from batchllm.parallel.tensor_parallel import shard_spec
+from batchllm.runner.activation_profile import measure_activation_reserve
 from batchllm.runner.model_runner import KVCacheSpec, ModelRunner, plan_kv_cache
 
 logger = logging.getLogger(__name__)
@@ -247,10 +248,20 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
                         fp8_fused_quant=mc.fp8_fused_quant, fp8_deferred_scales=mc.fp8_deferred_scales)
     if tp is None or tp.rank == 0:
         warn_unit_kv_scales(model, facts.kv_cache_dtype, facts.quantization)
-    kv_spec = plan_kv_cache(model.spec, replace(config.cache, kv_cache_dtype=facts.kv_cache_dtype), dtype, device, tp)
+    triton_attention = use_triton(mc.attention_backend, device, "attention_backend")
+    graphs = triton_attention and device.type == "cuda" and not mc.enforce_eager
+    graph_batch = min(mc.max_cudagraph_capture_size or default_graph_batch(facts.spec), sc.max_num_batched_tokens,
+                      sc.max_num_seqs or 2**31) if graphs else 0
+    reserve = None
+    if triton_attention and device.type == "cuda" and config.cache.sized_from_memory:
+        reserve = measure_activation_reserve(model, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31,
+                                             mc.max_logprobs if mc.max_logprobs >= 0 else facts.spec.vocab_size,
+                                             graph_batch, driver=tp is None or tp.is_driver)
+    kv_spec = plan_kv_cache(model.spec, replace(config.cache, kv_cache_dtype=facts.kv_cache_dtype), dtype, device, tp,
+                            reserve)
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend
-    if use_triton(mc.attention_backend, device, "attention_backend"):
+    if triton_attention:
         from batchllm.attention.triton_backend import TritonBackend, decode_tile_for, tma_by_default
 
         tma = tma_by_default(kv_spec.dtype, device, spec.head_dim)  # (the backend's own choice: tma=None)
@@ -265,10 +276,8 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
         backend = TorchReferenceBackend(fp8_attention=mc.fp8_attention)
     backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device, kv_spec.dtype)
     runner = ModelRunner(model, kv_spec, backend, device=device, seed=mc.seed, tp=tp)
-    if backend.supports_decode_graphs and device.type == "cuda" and not mc.enforce_eager:
-        max_batch = min(mc.max_cudagraph_capture_size or default_graph_batch(facts.spec), sc.max_num_batched_tokens,
-                        sc.max_num_seqs or 2**31)
-        runner.setup_decode_graphs(max_batch, facts.max_model_len)
+    if backend.supports_decode_graphs and graphs:
+        runner.setup_decode_graphs(graph_batch, facts.max_model_len)
     return runner
 
 

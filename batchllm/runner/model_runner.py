@@ -48,6 +48,7 @@ from batchllm.outputs import (
     ScheduledBatch,
     ScheduledRequest,
 )
+from batchllm.runner.activation_profile import BLOCK_COPY_BYTES, ActivationReserve
 from batchllm.runner.cuda_graphs import DecodeGraphs
 from batchllm.runner.step_markers import mark_step
 from batchllm.structured import GrammarBackend, GrammarState
@@ -65,6 +66,8 @@ class KVCacheSpec:
     block_size: int
     bytes_per_block: int  # of this rank's cache (its KV heads), all layers, K and V
     dtype: torch.dtype  # the model's dtype, or float8_e4m3fn (kv_cache_dtype="fp8": 1 byte per element)
+    activation_reserve: ActivationReserve | None = None
+    """What a cache sized from the GPU's memory left for the steps, where it was measured."""
 
     @property
     def num_tokens(self) -> int:
@@ -103,20 +106,21 @@ def engine_share(utilization: float, engines: int) -> float:
     return share
 
 
-def kv_cache_budget(utilization: float, free: int, total: int, accounting: str, own: int) -> int:
+def kv_cache_budget(utilization: float, free: int, total: int, accounting: str, own: int, reserve: int) -> int:
     """Bytes for an automatically sized KV cache on a card of `total` bytes with `free` free: the
-    engine's part of the card (utilization x total) less the activation reserve and less what
-    `accounting` counts as used there.
+    engine's part of the card (utilization x total) less the activation `reserve` (what the largest
+    step allocates: `activation_profile.measure_activation_reserve`) and less what `accounting` counts
+    as used there.
 
     card: every byte in use on the card (total - free: this process's weights and context, and any
     other process's), the safe choice on a card shared with anything else.
     engine: only this engine's own (`own`: torch's reserved memory + CUDA_CONTEXT_BYTES), never more
     than is free beyond the reserve: engines sharing a GPU (`engines_per_gpu`) then size their caches
     at the same time, each from its own part, whatever the others have allocated so far."""
-    limit = (utilization - ACTIVATION_RESERVE) * total
+    limit = utilization * total - reserve
     if accounting == "card":
         return int(max(0.0, limit - (total - free)))
-    free_room = free - ACTIVATION_RESERVE * total
+    free_room = free - reserve
     if free_room < limit - own:
         logger.warning("the KV cache is held to the GPU's free memory (%.1f GiB free beyond the activation reserve, "
                        "%.1f GiB its part would take): other processes are using this GPU",
@@ -125,11 +129,13 @@ def kv_cache_budget(utilization: float, free: int, total: int, accounting: str, 
 
 
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
-                  tp=None) -> KVCacheSpec:
+                  tp=None, reserve: ActivationReserve | None = None) -> KVCacheSpec:
     """spec: the model's (a tensor-parallel rank's shard spec: its KV heads); dtype: the model's,
     which the cache keeps unless kv_cache_dtype says otherwise (fp8: half the bytes of a 16-bit
     cache per token, so a memory budget holds twice the blocks). With tp, every rank takes the
-    smallest block count any rank can hold, so their block pools are the same."""
+    smallest block count any rank can hold, so their block pools are the same. reserve: the bytes a
+    cache sized from a GPU's memory leaves for the steps (measured: `activation_profile`); None:
+    ACTIVATION_RESERVE of the card (the torch attention's, whose workspace is not measured)."""
     kv_dtype = KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype
     block_size = cache.block_size or default_block_size(kv_dtype, device, spec.head_dim)
     bytes_per_block = spec.kv_bytes_per_token * block_size * torch.empty(0, dtype=kv_dtype).element_size()
@@ -140,7 +146,9 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         own = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
-        budget = kv_cache_budget(cache.gpu_memory_utilization, free, total, cache.gpu_memory_accounting, own)
+        reserve_bytes = int(ACTIVATION_RESERVE * total) if reserve is None else reserve.total
+        budget = kv_cache_budget(cache.gpu_memory_utilization, free, total, cache.gpu_memory_accounting, own,
+                                 reserve_bytes)
         num_blocks = budget // bytes_per_block
     else:
         num_blocks = int(_DEFAULT_CPU_KV_GIB * 2**30) // bytes_per_block
@@ -149,9 +157,11 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=tp.host_group)
         num_blocks = int(agreed.item())
     if num_blocks < 1:
-        raise ValueError("no memory left for the KV cache: lower max_model_len or raise the memory settings")
+        steps = "" if reserve is None else (f" beside the steps' activation reserve of {reserve.describe()} "
+                                            "(max_num_batched_tokens sets it)")
+        raise ValueError(f"no memory left for the KV cache{steps}: lower max_model_len or raise the memory settings")
     return KVCacheSpec(num_blocks=num_blocks, block_size=block_size, bytes_per_block=bytes_per_block,
-                       dtype=kv_dtype)
+                       dtype=kv_dtype, activation_reserve=reserve)
 
 
 CUT_SHORT = ("this LLM's tensor-parallel ranks were left part-way through an earlier step (it stopped on an error "
@@ -243,9 +253,7 @@ class ModelRunner:
             self._histories.pop(request_id, None)
             self._grammars.pop(request_id, None)
         if batch.block_copies:
-            pairs = to_device(batch.block_copies, self.device, torch.int64)
-            # copy-on-write of partial prefix blocks
-            self._kv_bytes[:, :, pairs[:, 1]] = self._kv_bytes[:, :, pairs[:, 0]]
+            self._copy_blocks(batch.block_copies)
         step = self._host_inputs(batch)
         extras = self._sampling_extras(batch, step)  # host work, while the step before runs
         graph_size = self._prepare_graph_step(step)
@@ -257,6 +265,16 @@ class ModelRunner:
             sampled = None  # a follower's tokens are never read: no copy to the host
         return PendingRunnerOutput(ids, None if sampled is None else sampled.to_host(), self.device,
                                    None if prompt is None else prompt.to_host())
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write of partial prefix blocks: each (source, destination) block's bytes, every layer's K and V,
+        in list order, at most BLOCK_COPY_BYTES at a time (each copy gathers its sources into a temporary first:
+        one gather of 514 pairs took 4 GiB on the 8B shape)."""
+        on_device = to_device(pairs, self.device, torch.int64)
+        per_copy = max(1, BLOCK_COPY_BYTES // self.kv_spec.bytes_per_block)
+        for begin in range(0, len(pairs), per_copy):
+            chunk = on_device[begin:begin + per_copy]
+            self._kv_bytes[:, :, chunk[:, 1]] = self._kv_bytes[:, :, chunk[:, 0]]
 
     def _forward_and_sample(self, step: StepInputs, graph_size: int | None,
                             extras: tuple) -> tuple[SampledTokens | None, PromptLogprobTensors | None]:

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchllm.config import ACTIVATION_RESERVE
 from batchllm.options import engine_config
 from batchllm.parallel.data_parallel import rank_config
 from batchllm.runner.model_runner import engine_share, kv_cache_budget
 
 GIB = 2**30
+RESERVE = 3 * GIB  # an activation reserve, as `activation_profile` measures one
 
 
 def test_num_engines_and_tensor_parallel_refused():
@@ -28,7 +28,7 @@ def test_engines_sizing_their_caches_at_once_get_equal_parts(engines, order):
     """Replays engines on one 140 GiB card with engine accounting, each loading 2 GiB of weights
     and then sizing its KV from the free memory it reads: in turn (each after the others
     allocated) or interleaved (all loaded, none allocated yet). Either way each gets its part less
-    the reserve and its own, and all together stay inside the utilization with every reserve kept."""
+    its reserve and its own, and all together stay inside the utilization with every reserve kept."""
     total, utilization, own = 140 * GIB, 0.9, 2 * GIB + 0.5 * GIB
     share = engine_share(utilization, engines)
     used = engines * own if order == "interleaved" else 0
@@ -36,26 +36,26 @@ def test_engines_sizing_their_caches_at_once_get_equal_parts(engines, order):
     for _ in range(engines):
         if order == "in turn":
             used += own
-        kv = kv_cache_budget(share, total - used, total, "engine", own)
+        kv = kv_cache_budget(share, total - used, total, "engine", own, RESERVE)
         sizes.append(kv)
         used += kv
-    assert sizes == [int((share - ACTIVATION_RESERVE) * total - own)] * engines
-    assert used + engines * ACTIVATION_RESERVE * total <= utilization * total + 1
+    assert sizes == [int(share * total - RESERVE - own)] * engines
+    assert used + engines * RESERVE <= utilization * total + 1
 
 
 def test_card_accounting_counts_every_process_engine_accounting_only_its_own(caplog):
     total, own = 100 * GIB, 1 * GIB
     for other in (0, 5 * GIB):  # memory another process holds on the card
         free = total - own - other
-        assert kv_cache_budget(0.9, free, total, "card", own) == int(0.8 * total - own - other)
-        assert kv_cache_budget(0.9, free, total, "engine", own) == int(0.8 * total - own)
+        assert kv_cache_budget(0.9, free, total, "card", own, RESERVE) == int(0.9 * total - RESERVE - own - other)
+        assert kv_cache_budget(0.9, free, total, "engine", own, RESERVE) == int(0.9 * total - RESERVE - own)
     assert not caplog.records
     # another process holding 60 GiB: the engine's cache takes what is free less the reserve, and says why
     free = total - own - 60 * GIB
-    assert kv_cache_budget(0.9, free, total, "engine", own) == int(39 * GIB - 0.1 * total)
+    assert kv_cache_budget(0.9, free, total, "engine", own, RESERVE) == 39 * GIB - RESERVE
     assert "held to the GPU's free memory" in caplog.text
-    assert kv_cache_budget(0.9, free, total, "card", own) == int(0.8 * total - own - 60 * GIB)  # 19 GiB
-    assert kv_cache_budget(0.9, 5 * GIB, total, "engine", own) == 0  # nothing left beyond the reserve
+    assert kv_cache_budget(0.9, free, total, "card", own, RESERVE) == int(0.9 * total - RESERVE - own - 60 * GIB)
+    assert kv_cache_budget(0.9, 2 * GIB, total, "engine", own, RESERVE) == 0  # nothing left beyond the reserve
 
 
 def test_too_many_engines_per_gpu_is_named():
