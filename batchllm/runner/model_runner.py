@@ -97,12 +97,13 @@ its weights' rounding; session 20)."""
 
 def engine_share(utilization: float, engines: int) -> float:
     """The gpu_memory_utilization of each of `engines` engine processes that share one GPU: an
-    equal part of `utilization`, which must leave each more than its activation reserve."""
+    equal part of `utilization`, which must be more than ACTIVATION_RESERVE."""
     share = utilization / engines
     if not leaves_activation_reserve(utilization, engines):
         raise ValueError(f"engines_per_gpu {engines} gives each engine {share:.3f} of the GPU "
-                         f"(gpu_memory_utilization {utilization} / {engines}), no more than the "
-                         f"{ACTIVATION_RESERVE} it keeps free for activations: use fewer engines per GPU")
+                         f"(gpu_memory_utilization {utilization} / {engines}), no more than "
+                         f"{ACTIVATION_RESERVE}, the least part an engine sharing a GPU may take: use fewer engines "
+                         "per GPU")
     return share
 
 
