@@ -33,7 +33,7 @@ from batchllm.models.quant_config import Fp8Scheme, resolve_kv_cache_dtype, reso
 from batchllm.models.spec import ModelSpec
 from batchllm.parallel.tensor_parallel import shard_spec
 from batchllm.runner.activation_profile import measure_activation_reserve
-from batchllm.runner.model_runner import KVCacheSpec, ModelRunner, plan_kv_cache
+from batchllm.runner.model_runner import KVCacheSpec, ModelRunner, kv_block_size, plan_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +252,14 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     graphs = triton_attention and device.type == "cuda" and not mc.enforce_eager
     graph_batch = min(mc.max_cudagraph_capture_size or default_graph_batch(facts.spec), sc.max_num_batched_tokens,
                       sc.max_num_seqs or 2**31) if graphs else 0
+    cache = replace(config.cache, kv_cache_dtype=facts.kv_cache_dtype)
     reserve = None
-    if triton_attention and device.type == "cuda" and config.cache.sized_from_memory:
-        reserve = measure_activation_reserve(model, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31,
-                                             mc.max_logprobs if mc.max_logprobs >= 0 else facts.spec.vocab_size,
-                                             graph_batch, driver=tp is None or tp.is_driver)
-    kv_spec = plan_kv_cache(model.spec, replace(config.cache, kv_cache_dtype=facts.kv_cache_dtype), dtype, device, tp,
-                            reserve)
+    if triton_attention and device.type == "cuda" and cache.sized_from_memory:
+        reserve = measure_activation_reserve(
+            model, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31,
+            mc.max_logprobs if mc.max_logprobs >= 0 else facts.spec.vocab_size, graph_batch, facts.max_model_len,
+            kv_block_size(model.spec, cache, dtype, device), driver=tp is None or tp.is_driver)
+    kv_spec = plan_kv_cache(model.spec, cache, dtype, device, tp, reserve)
     spec = model.spec  # the rank's shard: its query and KV heads
     backend: AttentionBackend
     if triton_attention:

@@ -10,8 +10,8 @@ could be too little on a small one, since a step's activations grow with its tok
 is an allocation of the same shape) and the LM head and the sampler over one slice of the step's sampling rows
 (`sampler.row_slices`: a step's logits never take more), with sampling settings that take the sampler's widest
 path, and reads torch's peak. To that it adds what the measured step cannot show: the attention's partial
-buffers (`attention_workspace_bytes`) and the decode graphs' memory pool, captured after the cache is allocated.
-Whatever else a step allocates is bounded apart: block copies (BLOCK_COPY_BYTES at a time).
+buffers (`attention_workspace_bytes`), the step's block table and the decode graphs' memory pool, captured after
+the cache is allocated. Block copies, which come before a step's forward, go BLOCK_COPY_BYTES at a time.
 Every byte of a step is torch's, so a card's (1 - gpu_memory_utilization) is left for the allocator's cached
 blocks, as in vLLM.
 """
@@ -25,9 +25,10 @@ import torch
 
 from batchllm.attention.triton_backend import STAGE_MAX_BYTES
 from batchllm.attention.work_items import TARGET_PROGRAMS
+from batchllm.layers.prompt_logprobs import compute_prompt_logprobs
 from batchllm.layers.sampler import row_slices, sample_on_device
 from batchllm.models.decoder import DecoderForCausalLM
-from batchllm.outputs import SamplingSpec
+from batchllm.outputs import PromptLogprobsSpec, SamplingSpec, ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,23 @@ def probe_sampling(model: DecoderForCausalLM, hidden: torch.Tensor, sampling_row
     return sample_on_device(logits, widest_sampling_specs(max_logprobs, end), list(range(end)), generator).tokens
 
 
+def probe_prompt_logprobs(model: DecoderForCausalLM, hidden: torch.Tensor, max_logprobs: int, *,
+                          driver: bool = True) -> None:
+    """The runner's prompt logprobs over one slice of a step's rows (`layers/prompt_logprobs.py` takes as many
+    rows as `sampler.row_slices` allows, whatever max_num_seqs): the LM head, fp32 log-softmax and top
+    `max_logprobs`, one target per row."""
+    vocab = model.full_spec.vocab_size
+    _, end = row_slices(hidden.shape[0], vocab)[0]
+    spec = PromptLogprobsSpec(num_top=max(1, min(max_logprobs, vocab)), row_start=0, targets=[(0,)] * end)
+    request = ScheduledRequest("profile", [0] * end, 0, [], 0, None, prompt_logprobs=spec)
+    compute_prompt_logprobs(model.compute_logits, vocab, hidden, [(0, request)], driver=driver)
+
+
 def step_peak_bytes(model: DecoderForCausalLM, tokens: int, sampling_rows: int, max_logprobs: int, *,
                     driver: bool = True) -> tuple[int, int]:
     """(bytes the step's forward allocated at its peak, bytes the whole step did) beyond what was allocated
-    before: `probe_forward`, then `probe_sampling` with the hidden states still held, as in a step. CUDA only
+    before: `probe_forward`, then `probe_sampling` and `probe_prompt_logprobs` with the hidden states still held,
+    as in a step. CUDA only
     (torch's peak statistics). Under tensor parallelism every rank runs it (the forward and the LM head hold
     collectives); only the driver samples."""
     device = next(model.parameters()).device
@@ -107,6 +121,7 @@ def step_peak_bytes(model: DecoderForCausalLM, tokens: int, sampling_rows: int, 
         torch.cuda.synchronize(device)
         forward_peak = torch.cuda.max_memory_allocated(device) - base
         probe_sampling(model, hidden, sampling_rows, max_logprobs, driver=driver)
+        probe_prompt_logprobs(model, hidden, max_logprobs, driver=driver)
         torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del hidden
@@ -129,32 +144,50 @@ def attention_workspace_bytes(tokens: int, num_heads: int, head_dim: int, num_kv
 class ActivationReserve:
     """What an automatically sized KV cache leaves free for the steps, and its parts (bytes)."""
 
-    step: int  # measured: the step of the token budget, forward and one sampling slice
+    step: int  # measured: the step of the token budget, forward, one sampling slice, one prompt-logprob slice
     attention: int  # bounded: the attention's partial buffers
+    tables: int  # bounded: the step's block table on the device
     graphs: int  # scaled from the measured forward: the decode graphs' pool
 
     @property
     def total(self) -> int:
         """The step or a block copy (which comes before the step's forward and is freed by then), the attention's
-        buffers and the graphs' pool."""
-        return max(self.step, BLOCK_COPY_BYTES) + self.attention + self.graphs
+        buffers, the block table and the graphs' pool."""
+        return max(self.step, BLOCK_COPY_BYTES) + self.attention + self.tables + self.graphs
 
     def describe(self) -> str:
         gib = 2**30
         return (f"{self.total / gib:.2f} GiB (a measured step {self.step / gib:.2f}, attention partials "
-                f"{self.attention / gib:.2f}, decode graphs {self.graphs / gib:.2f})")
+                f"{self.attention / gib:.2f}, block tables {self.tables / gib:.2f}, decode graphs "
+                f"{self.graphs / gib:.2f})")
+
+
+def block_table_bytes(sequences: int, max_model_len: int, block_size: int) -> int:
+    """An upper bound of a step's block table on the device (`ModelRunner._host_inputs`: int32, one row per
+    sequence, as wide as the step's longest table) and its per-token slots and positions are small beside it."""
+    return sequences * -(-max_model_len // block_size) * 4
 
 
 def measure_activation_reserve(model: DecoderForCausalLM, tokens: int, sampling_rows: int, max_logprobs: int,
-                               graph_batch: int, *, driver: bool = True) -> ActivationReserve:
-    """The reserve for steps of up to `tokens` tokens and `sampling_rows` sampling rows, with decode graphs of up
-    to `graph_batch` sequences (0: none): `step_peak_bytes`, the attention's partials at `tokens` tokens, and the
-    graphs' pool as the measured forward's peak scaled to `graph_batch` tokens (graphs hold a forward's tensors,
-    never the sampler's)."""
-    forward, step = step_peak_bytes(model, tokens, sampling_rows, max_logprobs, driver=driver)
+                               graph_batch: int, max_model_len: int, block_size: int, *,
+                               driver: bool = True) -> ActivationReserve:
+    """The reserve for steps of up to `tokens` tokens and `sampling_rows` sampling rows (sequences), with decode
+    graphs of up to `graph_batch` sequences (0: none): `step_peak_bytes`, the attention's partials at `tokens`
+    tokens, the block table of that many sequences of up to `max_model_len` tokens in `block_size`-token blocks,
+    and the graphs' pool as the measured forward's peak scaled to `graph_batch` tokens (graphs hold a forward's
+    tensors, never the sampler's). Running out of memory here is reported naming the settings that size the
+    step."""
+    try:
+        forward, step = step_peak_bytes(model, tokens, sampling_rows, max_logprobs, driver=driver)
+    except torch.OutOfMemoryError as error:
+        raise torch.OutOfMemoryError(
+            f"the GPU ran out of memory running one step of {tokens} tokens and up to {min(tokens, sampling_rows)} "
+            "sampling rows before the KV cache was sized (measuring the steps' activation reserve): lower "
+            "max_num_batched_tokens, max_num_seqs or max_logprobs, or free the GPU of other processes") from error
     spec = model.spec  # (this rank's heads under tensor parallelism)
     reserve = ActivationReserve(
         step=step, attention=attention_workspace_bytes(tokens, spec.num_heads, spec.head_dim, spec.num_kv_heads),
+        tables=block_table_bytes(min(tokens, sampling_rows), max_model_len, block_size),
         graphs=forward * min(graph_batch, tokens) // tokens)
     logger.info("activation reserve for steps of %d tokens: %s", tokens, reserve.describe())
     return reserve

@@ -129,6 +129,11 @@ def kv_cache_budget(utilization: float, free: int, total: int, accounting: str, 
     return int(max(0.0, min(limit - own, free_room)))
 
 
+def kv_block_size(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """The cache's block size: the option's, else `default_block_size` for its element type (dtype: the model's)."""
+    return cache.block_size or default_block_size(KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype, device, spec.head_dim)
+
+
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
                   tp=None, reserve: ActivationReserve | None = None) -> KVCacheSpec:
     """spec: the model's (a tensor-parallel rank's shard spec: its KV heads); dtype: the model's,
@@ -138,7 +143,7 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     cache sized from a GPU's memory leaves for the steps (measured: `activation_profile`); None:
     ACTIVATION_RESERVE of the card (the torch attention's, whose workspace is not measured)."""
     kv_dtype = KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype
-    block_size = cache.block_size or default_block_size(kv_dtype, device, spec.head_dim)
+    block_size = kv_block_size(spec, cache, dtype, device)
     bytes_per_block = spec.kv_bytes_per_token * block_size * torch.empty(0, dtype=kv_dtype).element_size()
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
@@ -158,9 +163,10 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=tp.host_group)
         num_blocks = int(agreed.item())
     if num_blocks < 1:
-        steps = "" if reserve is None else (f" beside the steps' activation reserve of {reserve.describe()} "
-                                            "(max_num_batched_tokens sets it)")
-        raise ValueError(f"no memory left for the KV cache{steps}: lower max_model_len or raise the memory settings")
+        steps = "" if reserve is None else (f" beside the steps' activation reserve of {reserve.describe()}, which "
+                                            "lower max_num_batched_tokens, max_num_seqs or max_logprobs make smaller")
+        raise ValueError(f"no memory left for the KV cache{steps}: raise gpu_memory_utilization or "
+                         "kv_cache_memory_gib, or free the GPU of other processes")
     return KVCacheSpec(num_blocks=num_blocks, block_size=block_size, bytes_per_block=bytes_per_block,
                        dtype=kv_dtype, activation_reserve=reserve)
 

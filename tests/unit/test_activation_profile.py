@@ -18,7 +18,9 @@ from batchllm.runner.activation_profile import (
     PARTIAL_ROWS_PER_TOKEN,
     SPLIT_ROWS,
     attention_workspace_bytes,
+    block_table_bytes,
     probe_forward,
+    probe_prompt_logprobs,
     probe_sampling,
     widest_sampling_specs,
 )
@@ -48,7 +50,7 @@ def test_probe_forward_runs_every_layer_without_a_cache(tiny_model):
             tiny_model.model.layers[-1].mlp.down_proj.weight.div_(2)
 
 
-def test_probe_sampling_takes_one_slice_through_the_widest_path(tiny_model, monkeypatch):
+def test_probe_sampling_and_prompt_logprobs_take_one_slice_each(tiny_model, monkeypatch):
     vocab = tiny_model.full_spec.vocab_size
     monkeypatch.setattr(sampler, "LOGITS_PER_SLICE", 4 * vocab)
     widths = []
@@ -58,6 +60,8 @@ def test_probe_sampling_takes_one_slice_through_the_widest_path(tiny_model, monk
     tokens = probe_sampling(tiny_model, hidden, 10, max_logprobs=5)
     assert widths == [4] and tokens.shape == (4,) and ((tokens >= 0) & (tokens < vocab)).all()
     assert probe_sampling(tiny_model, hidden, 10, max_logprobs=5, driver=False) is None and widths == [4, 4]
+    probe_prompt_logprobs(tiny_model, hidden, max_logprobs=5)  # one slice of the step's rows, whatever max_num_seqs
+    assert widths == [4, 4, 4]
     specs = widest_sampling_specs(5, 4)
     assert [s.is_greedy for s in specs] == [True, False, False, False]  # (drawn rows copied out of the logits)
     assert {s.seed is None for s in specs[1:]} == {True, False} and all(s.num_logprobs == 5 for s in specs)
@@ -123,3 +127,63 @@ def test_block_copies_go_in_bounded_chunks_in_list_order(tiny_model, monkeypatch
         expected[:, :, destination] = expected[:, :, source]
     assert torch.equal(runner.kv_cache, expected)
     assert torch.equal(runner.kv_cache[:, :, 8], before[:, :, 0])  # (5 took 0's bytes before 8 took 5's)
+
+
+def test_block_tables_of_a_step_stay_within_the_reserved_bound(tiny_model):
+    """The step's block table (`_BlockTables.gather`, as wide as its longest table) of as many sequences as the
+    reserve counts, each at max_model_len, is what `block_table_bytes` reserves for it."""
+    from batchllm.runner.model_runner import _BlockTables
+
+    sequences, max_model_len, block_size = 37, 1000, 16
+    blocks = -(-max_model_len // block_size)
+    tables = _BlockTables(max_width=4096)
+    for i in range(sequences):
+        tables.update(f"r{i}", 0, list(range(blocks)))
+    gathered = tables.gather([f"r{i}" for i in range(sequences)], blocks)
+    assert gathered.nbytes == block_table_bytes(sequences, max_model_len, block_size)
+
+
+class FakeCudaMemory:
+    """torch.cuda's memory statistics for a CPU run of the probe: allocated bytes step up as the probe goes."""
+
+    def __init__(self, readings: list[int]):
+        self.readings = iter(readings)
+        self.resets = 0
+
+    def install(self, monkeypatch) -> None:
+        from batchllm.runner import activation_profile
+
+        cuda = activation_profile.torch.cuda
+        monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 1000)
+        monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: next(self.readings))
+        monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: setattr(self, "resets",
+                                                                                           self.resets + 1))
+
+
+def test_the_reserve_adds_the_measured_step_to_its_bounds(tiny_model, monkeypatch):
+    """The whole probe on CPU with torch.cuda's statistics faked (forward peak 1000 + 600, step 1000 + 900): the
+    reserve is the measured step, the attention bound, the block tables and the graphs' share of the forward."""
+    from batchllm.runner.activation_profile import BLOCK_COPY_BYTES, measure_activation_reserve
+
+    FakeCudaMemory([1600, 1900]).install(monkeypatch)
+    spec = tiny_model.spec
+    reserve = measure_activation_reserve(tiny_model, 64, 2**31, 5, graph_batch=16, max_model_len=64, block_size=16)
+    assert reserve.step == 900 and reserve.graphs == 600 * 16 // 64
+    assert reserve.attention == attention_workspace_bytes(64, spec.num_heads, spec.head_dim, spec.num_kv_heads)
+    assert reserve.tables == block_table_bytes(64, 64, 16)
+    assert reserve.total == BLOCK_COPY_BYTES + reserve.attention + reserve.tables + reserve.graphs  # (900 < a copy)
+
+
+def test_running_out_of_memory_while_measuring_names_the_settings(tiny_model, monkeypatch):
+    from batchllm.runner import activation_profile
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(activation_profile, "step_peak_bytes", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="one step of 64 tokens and up to 8 sampling rows before the KV "
+                                                     "cache was sized .* lower max_num_batched_tokens, max_num_seqs "
+                                                     "or max_logprobs"):
+        activation_profile.measure_activation_reserve(tiny_model, 64, 8, 5, graph_batch=0, max_model_len=64,
+                                                      block_size=16)
