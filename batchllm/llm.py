@@ -755,9 +755,13 @@ class LLM:
 
 def kv_pool_stats(kv_spec) -> dict[str, Any]:
     """The KV pool as the statistics report it: its element type, blocks, tokens and GiB (one
-    tensor-parallel rank's share of the heads; fp8 holds twice a 16-bit cache's tokens per GiB)."""
+    tensor-parallel rank's share of the heads; fp8 holds twice a 16-bit cache's tokens per GiB), and the
+    activation reserve its size left for the steps where that was measured (`runner.activation_profile`;
+    None elsewhere: on CPU, a given size, the torch attention)."""
+    reserve = kv_spec.activation_reserve
     return {"kv_cache_dtype": str(kv_spec.dtype).removeprefix("torch."), "kv_blocks": kv_spec.num_blocks,
-            "kv_tokens": kv_spec.num_tokens, "kv_cache_gib": kv_spec.num_bytes / 2**30}
+            "kv_tokens": kv_spec.num_tokens, "kv_cache_gib": kv_spec.num_bytes / 2**30,
+            "activation_reserve_gib": None if reserve is None else reserve.total / 2**30}
 
 
 def cached_prompt_tokens(requests: list[Request]) -> list[int]:

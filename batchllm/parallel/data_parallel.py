@@ -330,8 +330,8 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     steps = sum(r["num_steps"] for r in ranks)
     scheduled = sum(r.get("mean_tokens_per_step", 0.0) * r["num_steps"] for r in ranks)  # (a rank's job may be empty)
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
-            "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "ready_s", "import_s", "build_s",
-            "torch_threads")
+            "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "activation_reserve_gib", "ready_s",
+            "import_s", "build_s", "torch_threads")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
         "num_steps": steps, "mean_tokens_per_step": scheduled / steps if steps else 0.0,

@@ -53,6 +53,7 @@ def peak_within_reserve(llm: LLM, case: str) -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == params.max_tokens for o in outputs)
     assert torch.cuda.max_memory_allocated() - built <= reserve.total, reserve.describe()
+    assert llm.last_stats["activation_reserve_gib"] == reserve.total / 2**30  # (what --stats reports)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
