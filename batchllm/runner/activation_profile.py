@@ -9,9 +9,10 @@ could be too little on a small one, since a step's activations grow with its tok
 (every layer's linear layers, norms, rotation and MLP; `NoAttention` stands for the attention, whose own output
 is an allocation of the same shape) and the LM head and the sampler over one slice of the step's sampling rows
 (`sampler.row_slices`: a step's logits never take more), with sampling settings that take the sampler's widest
-path, and reads torch's peak. To that it adds what the measured step cannot show: the attention's partial
-buffers (`attention_workspace_bytes`), the step's block table and the decode graphs' memory pool, captured after
-the cache is allocated. Block copies, which come before a step's forward, go BLOCK_COPY_BYTES at a time.
+path, then the prompt logprobs over one slice of rows, and reads torch's peak. To that it adds what the measured
+step cannot show: the attention's partial buffers (`attention_workspace_bytes`), the step's block table and the
+decode graphs' memory pool, captured after the cache is allocated. Block copies, which come before a step's
+forward, go BLOCK_COPY_BYTES at a time.
 Every byte of a step is torch's, so a card's (1 - gpu_memory_utilization) is left for the allocator's cached
 blocks, as in vLLM.
 """
@@ -37,7 +38,6 @@ PARTIAL_ROWS_PER_TOKEN = 3
 suffix item, one from each prefix group's item over it (two levels of nested groups)."""
 SPLIT_ROWS = 256
 """Partial rows one extra split-K piece adds at most: the query rows of the widest prefill tile."""
-
 
 BLOCK_COPY_BYTES = 256 * 2**20
 """The most bytes of KV blocks one copy-on-write copies at once (`ModelRunner._copy_blocks`, whose gather of the
@@ -109,9 +109,8 @@ def step_peak_bytes(model: DecoderForCausalLM, tokens: int, sampling_rows: int, 
                     driver: bool = True) -> tuple[int, int]:
     """(bytes the step's forward allocated at its peak, bytes the whole step did) beyond what was allocated
     before: `probe_forward`, then `probe_sampling` and `probe_prompt_logprobs` with the hidden states still held,
-    as in a step. CUDA only
-    (torch's peak statistics). Under tensor parallelism every rank runs it (the forward and the LM head hold
-    collectives); only the driver samples."""
+    as in a step. CUDA only (torch's peak statistics). Under tensor parallelism every rank runs it (the forward
+    and the LM head hold collectives); only the driver samples."""
     device = next(model.parameters()).device
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
@@ -164,7 +163,7 @@ class ActivationReserve:
 
 def block_table_bytes(sequences: int, max_model_len: int, block_size: int) -> int:
     """An upper bound of a step's block table on the device (`ModelRunner._host_inputs`: int32, one row per
-    sequence, as wide as the step's longest table) and its per-token slots and positions are small beside it."""
+    sequence, as wide as the step's longest table); its per-token slots and positions are small beside it."""
     return sequences * -(-max_model_len // block_size) * 4
 
 
