@@ -10,8 +10,8 @@ engine holds, against the reserve; a case that runs out of memory is reported, a
   sampling rows), greedy / top-p with logprobs
   prompt_logprobs: 64 prompts of 4,000 tokens with prompt_logprobs=5 (every row through the LM head)
 
-  python benchmarks/memory_probe.py --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-      [--cases paper,wide_sampled] [--json-out FILE] [ENGINE OPTION=VALUE ...]
+  python benchmarks/memory_probe.py [--model benchmarks/configs/llama-3.1-8b] [--load-format dummy] \
+      [--cases paper,wide_sampled] [--json-out FILE] [any engine option of `batchllm bench`: --max-model-len 20000 ...]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 import torch
 
 from batchllm import LLM, SamplingParams
+from batchllm.options import add_engine_arguments, engine_kwargs_from_args
 
 GIB = 2**30
 
@@ -45,17 +46,6 @@ def workload(case: str, rng: random.Random) -> tuple[list[dict], SamplingParams]
     raise SystemExit(f"unknown case {case!r}")
 
 
-def engine_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def run_case(llm: LLM, case: str, built: int) -> dict:
     prompts, params = workload(case, random.Random(0))
     torch.cuda.synchronize()
@@ -75,13 +65,12 @@ def run_case(llm: LLM, case: str, built: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="benchmarks/configs/llama-3.1-8b")
-    parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--cases", default="paper,wide_greedy,wide_sampled,prompt_logprobs")
     parser.add_argument("--json-out")
-    parser.add_argument("options", nargs="*", help="engine options as KEY=VALUE (JSON values)")
+    add_engine_arguments(parser, exclude=["skip_tokenizer_init"])  # (the engine options, as `batchllm bench` takes)
+    parser.set_defaults(model="benchmarks/configs/llama-3.1-8b", load_format="dummy")
     args = parser.parse_args()
-    llm = LLM(model=args.model, load_format=args.load_format, skip_tokenizer_init=True, **engine_options(args.options))
+    llm = LLM(**engine_kwargs_from_args(args), skip_tokenizer_init=True)
     engine = llm.engine
     free, total = torch.cuda.mem_get_info()
     built = torch.cuda.memory_allocated()

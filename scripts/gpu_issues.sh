@@ -594,7 +594,7 @@ runbatch)
   ;;
 reserve)
   gpu_tests reserve_tests 300 tests/gpu/test_activation_reserve.py
-  timeout 600 python3 benchmarks/memory_probe.py --json-out "$OUT/memory_probe.json" max_model_len=20000 \
+  timeout 600 python3 benchmarks/memory_probe.py --json-out "$OUT/memory_probe.json" --max-model-len 20000 \
       > "$OUT/memory_probe.log" 2>&1; grep -v Warning "$OUT/memory_probe.log" | tail -6; pack
   # the cache a fixed tenth of the card left (as before session 47): the same card's, less the tenth, plus the reserve
   OLD_KV_GIB=${OLD_KV_GIB:-$(python3 -c "import json; s = json.load(open('$OUT/memory_probe.json'))['summary']
