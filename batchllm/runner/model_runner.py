@@ -129,9 +129,14 @@ def kv_cache_budget(utilization: float, free: int, total: int, accounting: str, 
     return int(max(0.0, min(limit - own, free_room)))
 
 
+def kv_element_type(cache: CacheConfig, dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type: kv_cache_dtype's, else the model's `dtype`."""
+    return KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype
+
+
 def kv_block_size(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
     """The cache's block size: the option's, else `default_block_size` for its element type (dtype: the model's)."""
-    return cache.block_size or default_block_size(KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype, device, spec.head_dim)
+    return cache.block_size or default_block_size(kv_element_type(cache, dtype), device, spec.head_dim)
 
 
 def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
@@ -142,7 +147,7 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     smallest block count any rank can hold, so their block pools are the same. reserve: the bytes a
     cache sized from a GPU's memory leaves for the steps (measured: `activation_profile`); None:
     ACTIVATION_RESERVE of the card (the torch attention's, whose workspace is not measured)."""
-    kv_dtype = KV_CACHE_DTYPES[cache.kv_cache_dtype] or dtype
+    kv_dtype = kv_element_type(cache, dtype)
     block_size = kv_block_size(spec, cache, dtype, device)
     bytes_per_block = spec.kv_bytes_per_token * block_size * torch.empty(0, dtype=kv_dtype).element_size()
     if cache.num_kv_blocks is not None:
