@@ -45,8 +45,10 @@ sources is a temporary of that size), before the step's forward: the reserve hol
 
 
 class NoAttention:
-    """An attention backend that stores and reads nothing and returns an uninitialised tensor of attention's output
-    shape: the forward of `step_peak_bytes` runs with it, to measure everything else a step holds."""
+    """An attention backend that stores and reads nothing and returns zeros of attention's output shape (the same
+    allocation as attention's own output; zeros, not `empty`, so that the probe's hidden states are finite whatever
+    the allocator hands back): the forward of `step_peak_bytes` runs with it, to measure everything else a step
+    holds."""
 
     supports_decode_graphs = False
 
@@ -54,7 +56,7 @@ class NoAttention:
         pass
 
     def forward(self, query, key, value, kv_cache, metadata, scale, kv_scale=None) -> torch.Tensor:
-        return torch.empty_like(query)
+        return torch.zeros_like(query)
 
 
 def widest_sampling_specs(max_logprobs: int, rows: int) -> list[SamplingSpec]:
@@ -71,11 +73,12 @@ def widest_sampling_specs(max_logprobs: int, rows: int) -> list[SamplingSpec]:
 
 def probe_forward(model: DecoderForCausalLM, tokens: int) -> torch.Tensor:
     """The hidden states [tokens, hidden] of a forward of `tokens` tokens with `NoAttention`: every layer's
-    tensors but the attention's own, with no KV cache."""
+    tensors but the attention's own, with no KV cache, under inference mode (as the runner's steps)."""
     device = next(model.parameters()).device
     positions = torch.arange(tokens, device=device) % model.model.rotary.cos.shape[0]
     input_ids = torch.zeros(tokens, dtype=torch.int64, device=device)
-    return model(input_ids, positions, [None] * len(model.model.layers), None, NoAttention())
+    with torch.inference_mode():
+        return model(input_ids, positions, [None] * len(model.model.layers), None, NoAttention())
 
 
 def probe_sampling(model: DecoderForCausalLM, hidden: torch.Tensor, sampling_rows: int, max_logprobs: int, *,
