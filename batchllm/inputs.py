@@ -440,8 +440,10 @@ def load_tokenizer(path: Path):
 
     if problem := tokenizer_files_problem(path):
         raise ModelLoadError(problem)
+    choice = tokenizer_choice_config(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False,
+                                                  **({} if choice is None else {"config": choice}))
     except Exception as e:
         if "trust_remote_code" in str(e):  # transformers' refusal of the directory's code under False
             raise ModelLoadError(_tokenizer_code_message(path, "it needs custom code")) from e
@@ -449,6 +451,46 @@ def load_tokenizer(path: Path):
     if _skips_clean_up(tokenizer):
         tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
+
+
+CONFIG_KEYS_FOR_TOKENIZER_CHOICE = ("model_type", "model_name", "tokenizer_class")
+"""What AutoTokenizer reads of a model's config (besides `_name_or_path`) where tokenizer_config.json names a
+tokenizer class and maps no code (`tokenizer_choice_config`)."""
+
+
+def tokenizer_choice_config(path: Path):
+    """A plain `PretrainedConfig` that holds what AutoTokenizer reads of the model's config to choose the tokenizer
+    class (`CONFIG_KEYS_FOR_TOKENIZER_CHOICE` from config.json, `_name_or_path` the directory, as AutoConfig sets
+    it), where tokenizer_config.json names a `tokenizer_class` and has no `auto_map`; else None, and AutoTokenizer
+    loads the config itself. Why: AutoTokenizer (transformers 5) loads the model's own config class
+    (AutoConfig), whose module imports the modeling utilities and through them `torch.distributed.tensor` and
+    sympy: 0.8 s of every process that loads a tokenizer on the development machine, 9.3 s of an engine process
+    on the device's image, which compiles them from source (docs/benchmarks.md, sessions 45 and 48). Where a class
+    is named and no code mapped, transformers 5.17-5.25 look at the config's class itself only in branches that
+    such a directory cannot reach (remote code; no class named); transformers 4 reads no config there at all.
+    `tests/unit/test_tokenizer_choice.py` checks that the same class and tokenizer come back."""
+    named = _json_object(path / "tokenizer_config.json")
+    model = _json_object(path / "config.json")
+    if (named is None or model is None or "auto_map" in named or not isinstance(named.get("tokenizer_class"), str)
+            or not isinstance(model.get("model_type"), str)):
+        return None
+    from transformers import PretrainedConfig
+
+    choice = PretrainedConfig()
+    for key in CONFIG_KEYS_FOR_TOKENIZER_CHOICE:
+        if key in model:
+            setattr(choice, key, model[key])
+    choice._name_or_path = str(path)
+    return choice
+
+
+def _json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where it is missing, unreadable or not an object."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def _skips_clean_up(tokenizer) -> bool:
