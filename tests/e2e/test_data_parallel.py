@@ -96,7 +96,10 @@ def test_a_killed_worker_fails_the_job_by_name_after_the_others_finish(default_m
             for i, (index, _) in enumerate(llm._data_parallel.generate(
                     [llm.tokenize_prompt(c) for c in
                      [llm.apply_chat_template(c) for c in _chats()]],
-                    [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 12, use_tqdm=False)):
+                    # the answers of each system's group end at different steps (8 to 44 tokens), so the first to
+                    # come back leaves each rank's longer ones running: rank 1 is killed mid-job, not after it
+                    [SamplingParams(temperature=0, max_tokens=8 + 12 * (k % len(QUESTIONS)), ignore_eos=True)
+                     for k in range(len(_chats()))], use_tqdm=False)):
                 got.append(index)
                 if i == 0:
                     os.kill(victim.pid, signal.SIGKILL)

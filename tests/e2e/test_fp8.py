@@ -202,11 +202,32 @@ def test_fp8_under_tensor_parallelism_matches_one_process(tiny_fp32):
     # scaled per token over the rank's slice of K, so they round differently (seen: up to 0.09 in a logprob
     # of these flat distributions, logprob ~ -5, and the runners-up swap; a wrong shard or scale
     # would change the greedy tokens).
+    # So where the top two are within TP_NEAR_TIE of each other the greedy tokens may part (the smallest gap here
+    # is 0.01, and the two runs' gaps differ by up to 0.07): there each side's token must be in the other's top 3,
+    # and the outputs are compared no further; everywhere before, the tokens must be the same.
     one, two = run(1), run(2)
+    compared = total = 0
     for (tokens_a, lp_a), (tokens_b, lp_b) in zip(one, two):
-        assert tokens_a == tokens_b
-        for token, step_a, step_b in zip(tokens_a, lp_a, lp_b):  # the chosen token's logprob
-            assert abs(step_a[token].logprob - step_b[token].logprob) < 0.25
+        total += len(tokens_a)
+        for token_a, token_b, step_a, step_b in zip(tokens_a, tokens_b, lp_a, lp_b):
+            if token_a != token_b:
+                assert min(_top_gap(step_a), _top_gap(step_b)) < TP_NEAR_TIE, "the greedy tokens part off a near-tie"
+                assert token_a in step_b and token_b in step_a
+                break
+            assert abs(step_a[token_a].logprob - step_b[token_a].logprob) < 0.25  # the chosen token's logprob
+            compared += 1
+    assert compared >= total // 2
+
+
+TP_NEAR_TIE = 0.2
+"""Logprob gap between the top two under which FP8 under TP=2 may choose the other (a row-parallel layer's
+activations scaled per token over a rank's slice of K move a logprob by up to 0.09)."""
+
+
+def _top_gap(step: dict) -> float:
+    """The logprob gap between a step's two most likely tokens."""
+    first, second = sorted((entry.logprob for entry in step.values()), reverse=True)[:2]
+    return first - second
 
 
 @pytest.mark.parametrize("quant_config, drop, message", [
@@ -231,30 +252,44 @@ def test_float8_weights_without_a_quantization_config_are_refused(tiny_fp32, tmp
         _llm(fp8_dir)
 
 
-FP8_SMOLLM2_SAME = 0.25
-"""Fraction of the prompts whose 16 greedy tokens are the same with FP8 weights as in float32 on
-SmolLM2-135M: measured 0.25 (2 of 8), with every first token the same. A 135M model (whose weights
-are a dequantized 4-bit GGUF) is the hard case for 8-bit floats: its prefill logits move 0.14
-(relative L2; bf16: 0.011) and 88% of the prefill argmaxes stay (bf16: 98.6%); weights alone (no
-activation rounding) account for 0.084."""
+FP8_SMOLLM2_MATCHING = 0.8
+"""Share of output positions (up to each prompt's first difference, after which the contexts differ) whose greedy
+token with FP8 weights is float32's on SmolLM2-135M: measured 0.917 (2 threads), 0.935 (1 thread), 0.956 (torch's
+default CPU kernels instead of AVX2). Where they part, each side's token was at most 4th in the other's ranking;
+every first token was the same. Whole 16-token outputs are not compared: 2 to 4 of the 8 stayed identical,
+depending on the machine's kernels (rounding to e4m3 flips where a value sits on a boundary). A 135M model (whose
+weights are a dequantized 4-bit GGUF) is the hard case for 8-bit floats: its prefill logits move 0.14 (relative
+L2; bf16: 0.011) and 88% of the prefill argmaxes stay (bf16: 98.6%); weights alone (no activation rounding)
+account for 0.084."""
+FP8_SMOLLM2_TOP = 10
+"""Where the two part, each side's token must be among the other's first FP8_SMOLLM2_TOP (measured: 4th at
+most)."""
 
 
 def test_fp8_on_smollm2_agrees_with_float32_at_first(default_model_dir, default_llm):
     from tests.e2e.prompts import CHAT_PROMPTS, RAW_PROMPTS
 
-    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    fp8 = LLM(str(default_model_dir), dtype="float32", device="cpu", quantization="fp8", max_model_len=2048)
-    assert type(fp8.engine.model.model.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=FP8_SMOLLM2_TOP)
 
-    def tokens(llm):
-        outs = llm.generate(RAW_PROMPTS, sp, use_tqdm=False) + llm.chat(CHAT_PROMPTS, sp, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs]
+    def outputs(llm):
+        return [o.outputs[0] for o in llm.generate(RAW_PROMPTS, sp, use_tqdm=False)
+                + llm.chat(CHAT_PROMPTS, sp, use_tqdm=False)]
 
-    a, b = tokens(fp8), tokens(default_llm)
-    same = sum(x == y for x, y in zip(a, b)) / len(a)
-    first = sum(x[0] == y[0] for x, y in zip(a, b)) / len(a)
-    print(f"FP8 vs float32 on SmolLM2: {same:.2f} of prompts identical over 16 tokens, {first:.2f} first tokens")
-    assert same >= FP8_SMOLLM2_SAME and first >= 0.75
+    fp8_llm = LLM(str(default_model_dir), dtype="float32", device="cpu", quantization="fp8", max_model_len=2048)
+    assert type(fp8_llm.engine.model.model.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
+    fp8, full = outputs(fp8_llm), outputs(default_llm)
+    matched = compared = 0
+    for a, b in zip(fp8, full):
+        for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
+            compared += 1
+            if ta != tb:
+                assert ta in b.logprobs[i] and tb in a.logprobs[i], f"position {i}: {ta} vs {tb} not in the top"
+                break
+            matched += 1
+    first = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp8, full)) / len(full)
+    print(f"FP8 vs float32 on SmolLM2: {matched / compared:.3f} of positions (to the first difference) equal, "
+          f"{first:.2f} first tokens")
+    assert matched / compared >= FP8_SMOLLM2_MATCHING and first >= 0.75
 
 
 def test_dummy_fp8_weights_are_the_dummy_weights_quantized(tiny_fp32):

@@ -31,7 +31,9 @@ def test_the_samplers_python_is_host_time_and_its_tensor_work_device_work(monkey
         tokens = model_runner.sample_on_device(logits, [], None, None)
     assert torch.equal(tokens, logits.argmax(dim=-1))
     assert work.sampler_seconds >= 0.03
-    assert work.seconds < 0.01  # the argmax alone: the busy loop is host time (all of it was device work before)
+    # the argmax alone: the 30 ms busy loop is host time (all of it was device work before). Not an absolute bound
+    # on the argmax's wall time, which a preemption of this process can stretch past any small one.
+    assert work.seconds <= work.sampler_seconds - 0.03
     assert work.sampler_device_seconds == pytest.approx(work.seconds)
     assert model_runner.sample_on_device is sampler  # (restored on exit)
 

@@ -50,7 +50,9 @@ def test_top_k_keeps_the_k_most_likely():
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     assert support(top_p=0.5) == {0, 1}  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
-    assert support(top_p=0.7) == {0, 1}  # 0.4 + 0.3 reaches 0.7 exactly: the third is not needed
+    assert support(top_p=0.69) == {0, 1}  # 0.4 + 0.3 reaches 0.69: the third is not needed
+    # (not top_p=0.7 itself: the softmax's sum of the first two lands one float32 ulp either side of 0.7,
+    # depending on the CPU's exp kernel)
     assert support(top_p=0.71) == {0, 1, 2}
     assert support(top_p=0.1) == {0}
     assert drawn(top_p=0.5) == {0, 1}
