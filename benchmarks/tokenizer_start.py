@@ -8,7 +8,8 @@ run`'s parent and each of its engine processes.
 MODEL_DIR: a model directory (default: the default model, converted). `--no-bytecode` makes every process compile
 the modules it imports from source (an empty `PYTHONPYCACHEPREFIX` and `-B`), as on the device's image, whose
 site-packages hold no bytecode (docs/benchmarks.md, session 45). Printed per process: seconds importing
-`batchllm.inputs`, seconds in `load_tokenizer`, and which of the heavy modules the load imported.
+`batchllm.inputs` and transformers' AutoTokenizer (both ways do), seconds in `load_tokenizer` (wall, and this
+process's CPU time, which other processes disturb less), and which of the heavy modules the load imported.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, sys, time
-started = time.perf_counter()
+started, started_cpu = time.perf_counter(), time.process_time()
 from pathlib import Path
+from transformers import AutoTokenizer
 from batchllm import inputs
-imported = time.perf_counter()
+imported, imported_cpu = time.perf_counter(), time.process_time()
 if sys.argv[2] == "autoconfig":
     inputs.tokenizer_choice_config = lambda path: None
 before = set(sys.modules)
 inputs.load_tokenizer(Path(sys.argv[1]))
-loaded = time.perf_counter()
+loaded, loaded_cpu = time.perf_counter(), time.process_time()
 heavy = [m for m in ("sympy", "torch.distributed.tensor", "torch._dynamo") if m in sys.modules and m not in before]
-print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "heavy": heavy}))
+print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "load_cpu_s": loaded_cpu - imported_cpu,
+                  "heavy": heavy}))
 """
 
 
@@ -64,7 +67,8 @@ def main() -> None:
     for run in range(args.repeat):
         for mode in ("plain-config", "autoconfig"):
             r = child(args.model_dir, mode, args.no_bytecode)
-            print(f"run {run + 1} {mode:>12}: import {r['import_s']:.2f} s, load_tokenizer {r['load_s']:.2f} s, "
+            print(f"run {run + 1} {mode:>12}: import {r['import_s']:.2f} s, load_tokenizer {r['load_s']:.2f} s "
+                  f"(CPU {r['load_cpu_s']:.2f} s), "
                   f"imported {', '.join(r['heavy']) or 'none of the heavy modules'}")
 
 
