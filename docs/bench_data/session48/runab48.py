@@ -16,13 +16,15 @@ def run(tree):
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(["/work/main/.venv/bin/python", "-m", "batchllm", "run", "/tmp/small48.jsonl", "-o",
                     f"/tmp/out48_{os.path.basename(tree)}.jsonl", "--overwrite", "--no-progress", "--stats",
-                    "/tmp/st48.json"], cwd=tree, env={**os.environ, "PYTHONPATH": tree}, capture_output=True, check=True)
+                    "/tmp/st48.json"], cwd=tree, env={**os.environ, "PYTHONPATH": tree}, capture_output=True,
+                   check=True)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    d = json.load(open("/tmp/st48.json"))
+    with open("/tmp/st48.json") as f:
+        d = json.load(f)
     return time.perf_counter() - s, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), d["wall_s"]
 
 
-for i in range(3):
+for _ in range(3):
     for tree in (OLD, NEW):
         w, c, g = run(tree)
         print(f"{tree:12} process {w:.2f} s, CPU {c:.2f} s, generation {g:.2f} s", flush=True)
