@@ -207,3 +207,19 @@ def assert_ops_scale_on_load(ops, norm_input, residual, weight, gate_up, qkv, ro
     assert torch.equal(got, want)
     assert torch.equal(got[:, rotated_heads * head_dim:], plain[:, rotated_heads * head_dim:]), "v scaled only"
     return got
+
+
+def greedy_agreement(got, want) -> tuple[float, float]:
+    """Two runs' greedy outputs (CompletionOutputs with logprobs, prompt by prompt): (share of outputs identical,
+    share of positions equal up to and including each prompt's first difference, after which the contexts differ).
+    Asserts that at every first difference each side's token is among the other's top logprobs."""
+    identical = matched = compared = 0
+    for a, b in zip(got, want):
+        identical += a.token_ids == b.token_ids
+        for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
+            compared += 1
+            if ta != tb:
+                assert ta in b.logprobs[i] and tb in a.logprobs[i], f"position {i}: {ta} vs {tb} not in the top"
+                break
+            matched += 1
+    return identical / len(want), matched / compared

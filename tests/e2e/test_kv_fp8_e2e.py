@@ -9,6 +9,7 @@ import pytest
 from batchllm import LLM, SamplingParams
 from tests.e2e.prompts import RAW_PROMPTS
 from tests.e2e.test_prefix_sharing_e2e import batch
+from tests.helpers import greedy_agreement
 
 pytestmark = pytest.mark.slow
 
@@ -37,28 +38,13 @@ def full_precision(default_model_dir):
     return run(default_model_dir)
 
 
-def agreement(got, want) -> tuple[float, float]:
-    """(identical outputs, matching positions up to and including each first difference); asserts
-    that at every first difference each side's token is among the other's top logprobs (PARAMS: 10)."""
-    identical = matched = compared = 0
-    for a, b in zip(got, want):
-        identical += a.token_ids == b.token_ids
-        for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
-            compared += 1
-            if ta != tb:
-                assert ta in b.logprobs[i] and tb in a.logprobs[i], f"position {i}: {ta} vs {tb} not in the top"
-                break
-            matched += 1
-    return identical / len(want), matched / compared
-
-
 @pytest.mark.parametrize("sharing, fp8_attention", [(True, False), (False, False), (True, True)],
                          ids=["sharing", "nosharing", "fp8-attention"])
 def test_fp8_cache_agrees_with_float32_and_holds_4x_the_tokens(default_model_dir, full_precision, sharing,
                                                                 fp8_attention):
     full_llm, want = full_precision
     llm, got = run(default_model_dir, kv_cache_dtype="fp8", prefix_sharing=sharing, fp8_attention=fp8_attention)
-    identical, matching = agreement(got, want)
+    identical, matching = greedy_agreement(got, want)
     print(f"fp8 KV (fp8 attention {fp8_attention}) vs float32 KV, sharing {sharing}: {identical:.2f} of outputs "
           f"identical, {matching:.3f} of positions (to the first difference) equal")
     assert matching >= MIN_MATCHING_TOKENS  # (fp8_attention: q per token and head and the softmax weights in e4m3)
