@@ -57,10 +57,15 @@ def make_tiny_model(name: str, out_dir: Path, *, tokenizer_dir: Path | None = No
                 p.normal_(0.0, 0.15)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copy(f, out_dir / f.name)
+        for f in tokenizer_files(tokenizer_dir):
+            shutil.copy(f, out_dir / f.name)
     return out_dir
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The files of `directory` that make its tokenizer as transformers saves one: tokenizer*, chat_template*,
+    special_tokens*."""
+    return [f for f in Path(directory).iterdir() if f.name.startswith(("tokenizer", "chat_template", "special_tokens"))]
 
 
 def with_kv_scales(model_dir: Path, k_scale: float, v_scale: float, num_layers: int = 2) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 from batchllm import LLM, SamplingParams, cli
 from batchllm.models.spec import ModelLoadError
-from tests.helpers import hf_greedy, make_tiny_model
+from tests.helpers import hf_greedy, make_tiny_model, tokenizer_files
 
 
 def _greedy(model_dir, prompts, max_tokens, **llm_kwargs):
@@ -213,9 +213,8 @@ def test_a_directory_that_lacks_something_fails_before_the_job_writes(tmp_path, 
     if damage == "bin weights":
         (model / "pytorch_model.bin").write_bytes(b"not read")
     if damage == "no tokenizer":
-        for f in model.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                f.unlink()
+        for f in tokenizer_files(model):
+            f.unlink()
     if damage == "tokenizer path":
         extra = ["--tokenizer", "/no/such/tokenizer"]
     if damage == "tokenizer id":

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from batchllm import inputs
 from batchllm.inputs import load_tokenizer, tokenizer_choice_config
 from batchllm.models.spec import ModelLoadError
+from tests.helpers import tokenizer_files
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["The capital of France is Paris.", "  naïve café, 日本\n\tend", "<|im_start|>user\nhi<|im_end|>"]
@@ -33,9 +34,8 @@ def _write_dir(out: Path, tokenizer_source: Path, tokenizer_class: str | None, m
     """A model directory: `tokenizer_source`'s tokenizer files with tokenizer_config.json's class set (None: the key
     removed) and `tokenizer_fields` added, and a config.json of `model_type`."""
     out.mkdir(parents=True)
-    for f in tokenizer_source.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, out / f.name)
+    for f in tokenizer_files(tokenizer_source):
+        shutil.copy(f, out / f.name)
     config = json.loads((out / "tokenizer_config.json").read_text())
     config.pop("tokenizer_class", None)
     if tokenizer_class is not None:
