@@ -187,6 +187,8 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is True:  # vLLM's: True asks for the sampled (prompt) token's logprob and 1 more
                 setattr(self, name, 1)
+            elif getattr(self, name) is False:  # JSON's false (a table's boolean column): none asked
+                setattr(self, name, None)
         self._validate()
         if self.temperature < _GREEDY_EPS:  # greedy: as vLLM, the filters of sampling are reset (they change nothing)
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0

@@ -256,6 +256,8 @@ def _chat_prompt(body: dict, overrides: dict) -> tuple[list, Any]:
     # max_completion_tokens is OpenAI's newer name; given both (JSON writers emit null for the one not
     # set), it wins, as in vLLM's server
     completion = body.get("max_completion_tokens")
+    if type(completion) is float and completion.is_integer():
+        completion = int(completion)  # 4.0 -> 4, as for max_tokens (`integers_from_json`)
     if completion is not None and (not isinstance(completion, int) or isinstance(completion, bool)
                                    or completion < 1):  # (named as given: later checks say max_tokens)
         raise BodyError(f"'max_completion_tokens' must be a positive integer, got {json.dumps(completion)[:40]}")

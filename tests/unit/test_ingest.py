@@ -511,9 +511,11 @@ def test_max_completion_tokens_wins_over_max_tokens_and_a_null_one_is_not_given(
     for sizes, expected in (({"max_tokens": None, "max_completion_tokens": 4}, 4),
                             ({"max_tokens": 4, "max_completion_tokens": None}, 4),
                             ({"max_tokens": 9, "max_completion_tokens": 4}, 4),
-                            ({"max_tokens": None, "max_completion_tokens": None}, None)):
+                            ({"max_tokens": None, "max_completion_tokens": None}, None),
+                            # a pandas column with gaps writes 4.0 (it failed the line; max_tokens took it)
+                            ({"max_completion_tokens": 4.0}, 4)):
         overrides = body_to_request("/v1/chat/completions", {**chat, **sizes})[3]
-        assert overrides.get("max_tokens") == expected, sizes
+        assert overrides.get("max_tokens") == expected and type(overrides.get("max_tokens")) is not float, sizes
     for bad in (0, -1, 2.5, True, "8.5"):  # refused by the name the body gave (the error said max_tokens)
         with pytest.raises(BodyError, match="'max_completion_tokens' must be a positive integer"):
             body_to_request("/v1/chat/completions", {**chat, "max_completion_tokens": bad})

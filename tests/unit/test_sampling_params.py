@@ -312,6 +312,9 @@ def test_vllm_forms_of_sampling_fields_are_taken():
 
     sp = SamplingParams(logprobs=True, prompt_logprobs=True, stop="x", output_kind=RequestOutputKind.FINAL_ONLY)
     assert (sp.logprobs, sp.prompt_logprobs, sp.stop, sp.stop_strings) == (1, 1, ["x"], ["x"])
+    # false (JSON's, from a table's boolean column) asks for none: it was refused as "not an integer"
+    assert (SamplingParams(logprobs=False).logprobs, SamplingParams(prompt_logprobs=False).prompt_logprobs) == (None,
+                                                                                                             None)
     with pytest.raises(ValueError, match="SamplingParams.output_kind must be a RequestOutputKind"):
         SamplingParams(output_kind="final")
     built = SamplingParams.from_optional(n=None, temperature=None, top_p=None, presence_penalty=None, max_tokens=5,
