@@ -233,7 +233,7 @@ class OutputLock:
             self._created = not self.path.exists()
             return open(self.path, "ab")
         except OSError as e:  # a read-only or missing place, a parent that is a file
-            problem = f"cannot write the output {str(self.output)!r}: {e.strerror or e}"
+            problem = f"cannot write the output {str(self.output)!r}: {_os_problem(self.path, e)}"
             if not self.path.is_file():
                 if self.path != self.output and self.output.is_dir():
                     self._created, self.write_problem = False, problem
@@ -257,6 +257,14 @@ class OutputLock:
             if self._made_directory and not any(self.output.iterdir()):
                 self.output.rmdir()  # a job refused before it began leaves no trace
         self._file.close()  # closing releases the lock
+
+
+def _os_problem(path: Path, error: OSError) -> str:
+    """Why `path` could not be made, in words: where one of its parents is a file, that parent by name (mkdir
+    says only "File exists" or "Not a directory", naming neither path), else the error's own words."""
+    if blocker := next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None):
+        return f"{str(blocker)!r} is a file, not a folder"
+    return error.strerror or str(error)
 
 
 def _refuse_unlockable_output(output: Path) -> None:
@@ -449,7 +457,7 @@ def _start_output(output: Path, errors: Path | None, state_path: Path, fingerpri
             errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
         _write_state(state_path, fingerprint)
     except OSError as e:  # a full disk, a read-only place
-        raise JobError(f"cannot write results to {str(output)}: {e.strerror or e}") from e
+        raise JobError(f"cannot write results to {str(output)}: {_os_problem(output, e)}") from e
 
 
 def later_write_problem(path: Path, what: str) -> str | None:
@@ -464,9 +472,7 @@ def later_write_problem(path: Path, what: str) -> str | None:
         with open(path, "a"):
             pass
     except OSError as e:
-        if blocking := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
-            return f"cannot write {what} {str(path)!r}: {str(blocking)!r} is a file, not a folder"
-        return f"cannot write {what} {str(path)!r}: {e.strerror or e}"
+        return f"cannot write {what} {str(path)!r}: {_os_problem(path, e)}"
     if not existed:
         path.unlink(missing_ok=True)
     return None
@@ -481,7 +487,7 @@ def directory_write_problem(directory: Path, what: str) -> str | None:
         with open(probe, "x"):
             pass
     except OSError as e:
-        return f"cannot write {what} {str(directory)!r}: {e.strerror or e}"
+        return f"cannot write {what} {str(directory)!r}: {_os_problem(probe, e)}"
     probe.unlink(missing_ok=True)
     return None
 

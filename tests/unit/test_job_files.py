@@ -241,6 +241,18 @@ def test_the_errors_files_folder_is_made_before_the_job_and_a_bad_place_refused(
         prepare_output(tmp_path / "o4.jsonl", src, False, Path("/proc/e.jsonl"))
 
 
+def test_an_output_under_a_file_names_that_file(tmp_path):
+    """-o in.jsonl/out.jsonl said only "File exists" (mkdir's words, naming neither path)."""
+    from batchllm.io.job import OutputLock
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    for output in (src / "out.jsonl", src / "deeper" / "out.jsonl"):
+        with pytest.raises(JobError, match=f"cannot write the output .*: {str(src)!r} is a file, not a folder"):
+            with OutputLock(output):
+                pass
+
+
 def test_a_compressed_or_utf16_input_is_refused_at_start_naming_what_it_is(tmp_path, capsys, monkeypatch):
     """Each was read after the model loaded, as lines of garbage: one "not valid UTF-8" record per line (exit 1)."""
     import gzip
