@@ -205,7 +205,7 @@ def transformers_max_position_embeddings(cfg: dict):
     model_type = cfg.get("model_type")
     if model_type not in _MAX_POSITION_EMBEDDINGS_DEFAULT:
         by_architecture = {arch: kind for kind, arch in ARCHITECTURE_OF_MODEL_TYPE.items()}
-        model_type = next((by_architecture[a] for a in cfg.get("architectures") or () if a in by_architecture), None)
+        model_type = next((by_architecture[a] for a in named_architectures(cfg) if a in by_architecture), None)
     return _MAX_POSITION_EMBEDDINGS_DEFAULT.get(model_type, DEFAULT_CONTEXT)
 
 
@@ -261,15 +261,22 @@ def _checked_rope_scaling(cfg: dict, config_path: Path) -> dict | None:
     return scaling
 
 
+def named_architectures(cfg: dict) -> list:
+    """config.json's architectures as a list: one name given as a string is that name (it was walked letter by
+    letter, and refused while named as supported); a config without them (e.g. one saved from a bare LlamaConfig)
+    is read by its model_type, as transformers' Auto classes do."""
+    architectures = cfg.get("architectures")
+    if isinstance(architectures, str):
+        return [architectures]
+    return architectures or [ARCHITECTURE_OF_MODEL_TYPE.get(cfg.get("model_type"))]
+
+
 def read_model_spec(model_dir: Path) -> ModelSpec:
     """The ModelSpec of a Hugging Face model directory from its config.json alone (no weights read);
     an unsupported architecture, activation or quantization_config, or a missing or malformed
     field, is a ModelLoadError naming it."""
     config_path, cfg = _read_config(model_dir)
-    # a config without "architectures" (e.g. one saved from a bare LlamaConfig) is read by its
-    # model_type, as transformers' Auto classes do
-    architectures = cfg.get("architectures") or [ARCHITECTURE_OF_MODEL_TYPE.get(cfg.get("model_type"))]
-    arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    arch = next((a for a in named_architectures(cfg) if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         auto_map = cfg.get("auto_map")
         code = (f" (its auto_map names code of the model directory, {auto_map}: {RUNS_NO_CODE})"

@@ -47,6 +47,14 @@ def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path):
         read_model_spec(tmp_path)
 
 
+def test_one_architecture_given_as_a_string_is_read(tmp_path):
+    """It was walked letter by letter, and refused as "unsupported architecture 'LlamaForCausalLM' ...; supported:
+    LlamaForCausalLM"."""
+    assert read_model_spec(write(tmp_path, architectures="Qwen3ForCausalLM", head_dim=32)).traits.qk_norm
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        read_model_spec(write(tmp_path, architectures="GPT2LMHeadModel"))
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
