@@ -239,11 +239,13 @@ def _root_ref(schema: dict) -> tuple[str, str] | None:
 def message_calls(content: str | None, tool_call: ForcedToolCall | AutoToolChoice) -> tuple[list[dict], str | None]:
     """A chat answer's (tool calls, content), as vLLM 0.26's server writes them in its message (`content`: the
     answer's text, after its reasoning where that is split off; None where there is none). A forced call: its calls
-    (`tool_calls_of`) and content "". "auto" (served: `served_tool_choice`): the parser's calls and the content it
-    leaves (None where blank), or no call and the content as it was; an OpenAI body's null choice keeps the content
-    the parser leaves but not the calls (vLLM's). Only the first call where parallel calls are off."""
+    (`tool_calls_of`) and content "", or, where none was read from a text (an answer cut short), no call and that
+    text as content. "auto" (served: `served_tool_choice`): the parser's calls and the content it leaves (None where
+    blank), or no call and the content as it was; an OpenAI body's null choice keeps the content the parser leaves
+    but not the calls (vLLM's). Only the first call where parallel calls are off."""
     if isinstance(tool_call, ForcedToolCall):
-        return tool_calls_of(content or "", tool_call), ""
+        calls = tool_calls_of(content or "", tool_call)
+        return calls, content if not calls and content and content.strip() else ""
     parsed = tool_parser_named(tool_call.reader or tool_call.parser)(content or "")
     if not (parsed.calls or parsed.tools_called):
         return [], content
@@ -300,9 +302,10 @@ def _required_calls(text: str) -> list[tuple[str, Any]]:
 def finish_reason_of(finish_reason: str | None, tool_call: ForcedToolCall | AutoToolChoice | None,
                      called: bool = False) -> str | None:
     """A tool line's finish_reason, as vLLM's server gives it: "tool_calls" for a "required" answer the engine
-    stopped ("stop"), and for an "auto" answer where the parser read calls (`called`; whatever ended it), else the
+    stopped ("stop") with calls read (`called`: a stop string can cut the array short, and "tool_calls" promises
+    the message's tool_calls), and for an "auto" answer where the parser read calls (whatever ended it), else the
     engine's (a named call stays "stop", as OpenAI's; a null choice's calls are dropped: not called)."""
-    if isinstance(tool_call, ForcedToolCall) and tool_call.name is None and finish_reason == "stop":
+    if isinstance(tool_call, ForcedToolCall) and tool_call.name is None and finish_reason == "stop" and called:
         return "tool_calls"
     if isinstance(tool_call, AutoToolChoice) and called:
         return "tool_calls"

@@ -220,14 +220,19 @@ def test_required_calls_are_the_parsed_items_in_order_and_finish_as_tool_calls()
     where the engine stopped; an answer cut short (not an array of calls) has none; parallel_tool_calls false keeps
     the first."""
     text = '[{"name": "verdict", "parameters": {"ok": false}}, {"name": "ping", "parameters": {"é": 1}}]'
-    body = success_record("c", CHAT_URL, "m", output((text, "stop"), ('[{"name": "ver', "length")), 3,
+    body = success_record("c", CHAT_URL, "m", output((text, "stop"), ('[{"name": "ver', "length"),
+                                                     ('[{"name": "verdict", "parameters": {"ok": false', "stop")), 3,
                           tool_call=ForcedToolCall(None))["response"]["body"]
-    done, cut = body["choices"]
+    done, cut, stopped = body["choices"]
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in done["message"]["tool_calls"]] == [
         ("verdict", '{"ok": false}'), ("ping", '{"é": 1}')]
     assert len({c["id"] for c in done["message"]["tool_calls"]}) == 2
     assert done["finish_reason"] == "tool_calls" and done["message"]["content"] == ""
     assert "tool_calls" not in cut["message"] and cut["finish_reason"] == "length"
+    # a stop string that cuts the array: "tool_calls" promised calls the message did not have; the text was dropped
+    assert "tool_calls" not in stopped["message"] and stopped["finish_reason"] == "stop"
+    assert (cut["message"]["content"], stopped["message"]["content"]) == (
+        '[{"name": "ver', '[{"name": "verdict", "parameters": {"ok": false')
     assert [c["function"]["name"] for c in tool_calls_of(text, ForcedToolCall(None, False))] == ["verdict"]
     assert tool_calls_of('[{"name": 1, "parameters": {}}]', ForcedToolCall(None)) == []
 
