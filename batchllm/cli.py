@@ -596,7 +596,7 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
 
 RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "default_chat_template_kwargs", "dtype", "load_format",
                   "max_model_len", "max_logprobs", "quantization", "kv_cache_dtype", "fp8_attention",
-                  "skip_tokenizer_init", "trust_remote_code", "served_model_name", "response_role",
+                  "skip_tokenizer_init", "served_model_name", "response_role",
                   "reasoning_parser", "exclude_tools_when_tool_choice_none", "auto_tool_choice")
 """Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
 --seed), and how OpenAI responses name the model and the answer's role and split its reasoning and tool calls

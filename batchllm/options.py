@@ -525,6 +525,7 @@ def _add_argument(group, option: EngineOption, default: Any) -> None:
         value_type = option.type
         if option.type is int:
             value_type = human_readable_int_or_auto if option.optional else human_readable_int
+            value_type = context_length if option.name == "max_model_len" else value_type
         elif option.name in CASE_FOLDED:
             value_type = str.lower
         if option.refused:
@@ -606,9 +607,14 @@ def human_readable_int(text: str) -> int:
 
 
 def human_readable_int_or_auto(text: str) -> int | None:
-    """`human_readable_int`, or None for "auto" (the option's automatic choice, its default), as vLLM's
-    --max-model-len takes it."""
+    """`human_readable_int`, or None for "auto" (the option's automatic choice, its default)."""
     return None if text.strip().lower() == "auto" else human_readable_int(text)
+
+
+def context_length(text: str) -> int | None:
+    """--max-model-len: `human_readable_int_or_auto`, and -1 also None (the model's context), as vLLM takes it and
+    as `LLM(max_model_len=-1)` is taken here (it reached the model's rotary tables as a length)."""
+    return None if text.strip() == "-1" else human_readable_int_or_auto(text)
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:

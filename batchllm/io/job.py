@@ -774,6 +774,14 @@ _OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without 
                  "response_role": " (unset: assistant, the default)"}
 """What a recorded option that is no command-line option stands for, in a refusal."""
 
+_SAME_VALUES = {"kv_cache_dtype": {"fp8_e4m3": "fp8"}, "load_format": {"safetensors": "auto"}}
+"""Recorded options' spellings of one value (vLLM's aliases), compared as one: a job resumes under either (dtype's
+are recorded as one already, `cli.results_options`)."""
+
+_NO_LONGER_RECORDED = frozenset({"trust_remote_code"})
+"""Options earlier versions recorded that decide nothing (trust_remote_code: no code of a model directory runs
+here), left out of the comparison so that their outputs resume with the flag given or not."""
+
 
 def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] | None) -> None:
     """Raise JobError naming each option whose value differs from the one `output` was written with."""
@@ -782,8 +790,13 @@ def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] |
     if not isinstance(recorded, dict):
         raise JobError(f"the state file of {str(output)!r} is damaged (its options are not an object); "
                        f"{_START_OVER}")
+    def same(name: str) -> bool:
+        aliases = _SAME_VALUES.get(name, {})
+        before, now = recorded.get(name), options.get(name)
+        return aliases.get(before, before) == aliases.get(now, now)
+
     changed = [f"{name}{_OPTION_NOTES.get(name, '')} {_shown(recorded.get(name))} -> {_shown(options.get(name))}"
-               for name in sorted(set(recorded) | set(options)) if recorded.get(name) != options.get(name)]
+               for name in sorted((set(recorded) | set(options)) - _NO_LONGER_RECORDED) if not same(name)]
     if changed:
         raise JobError(f"refusing to resume into {str(output)!r}: its finished lines were answered with other "
                        f"options ({'; '.join(changed)}); run with the options it was written with to resume, "

@@ -1052,3 +1052,19 @@ def test_a_ray_directory_set_aside_for_overwrite_is_restored_discarded_or_recove
     os.replace(shards / "w_000000.jsonl", moving / "w_000000.jsonl")
     recover_overwrite(shards)
     assert sorted(p.name for p in shards.iterdir()) == ["job.batchllm-state", "w_000000.jsonl"]
+
+
+def test_spellings_of_one_option_value_and_options_that_decide_nothing_resume():
+    """--kv-cache-dtype fp8_e4m3 after fp8, --load-format safetensors after auto (documented aliases) and
+    --trust-remote-code given or not (it runs no code here) refused the resume as other options."""
+    from batchllm.io.job import _refuse_other_options
+
+    recorded = {"kv_cache_dtype": "fp8", "load_format": "auto", "trust_remote_code": False, "max_tokens": 3}
+    for now in ({**recorded, "kv_cache_dtype": "fp8_e4m3", "load_format": "safetensors"},
+                {k: v for k, v in recorded.items() if k != "trust_remote_code"},
+                {**recorded, "trust_remote_code": True}):
+        _refuse_other_options(Path("o.jsonl"), recorded, now)
+    with pytest.raises(JobError, match='kv_cache_dtype "fp8" -> "auto"'):
+        _refuse_other_options(Path("o.jsonl"), recorded, {**recorded, "kv_cache_dtype": "auto"})
+    with pytest.raises(JobError, match='load_format "auto" -> "dummy"'):
+        _refuse_other_options(Path("o.jsonl"), recorded, {**recorded, "load_format": "dummy"})

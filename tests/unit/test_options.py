@@ -149,6 +149,9 @@ def test_vllm_command_line_spellings_are_taken():
     assert config.model.dtype == "float16" and engine_config(dtype="float").model.dtype == "float32"
     assert engine_config(**engine_kwargs_from_args(parse("--enable-prefix-caching"))).sharing.prefix_sharing
     assert engine_config(**engine_kwargs_from_args(parse("--max-model-len", "16.1k"))).model.max_model_len == 16100
+    for auto in ("auto", "-1"):  # (vLLM's -1 reached `run`'s model check as a length: exit 3 from torch.arange)
+        assert parse("--max-model-len", auto).max_model_len is None
+    assert parse("--seed", "-1").seed == -1, "only the context's -1 means automatic"
     for bad in ("4x", "1.5k7", "1.5K", "1e3k"):  # (vLLM refuses a fraction of a binary suffix too)
         with pytest.raises(SystemExit):
             parse("--max-model-len", bad)
