@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
-from batchllm.config import DTYPE_ALIASES, default_log_level
+from batchllm.config import DTYPE_ALIASES, default_log_level, log_level_problem
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, check_model_files, read_chat_template, read_model_source
 from batchllm.io.ingest import (
@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         _ray_options(_subcommands(parser)["run"], args)
     if args.command in ("run", "plan"):
         _tool_call_options(_subcommands(parser)[args.command], args)
+    if problem := log_level_problem():
+        return _fail(problem)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":

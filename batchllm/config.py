@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,22 @@ def default_cache_dir() -> Path:
     return base / "batchllm"
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def default_log_level() -> str:
-    """Logging level for the `batchllm` loggers: $BATCHLLM_LOG_LEVEL, default WARNING."""
-    return os.environ.get("BATCHLLM_LOG_LEVEL", "WARNING").upper()
+    """Logging level for the `batchllm` loggers: $BATCHLLM_LOG_LEVEL (one of LOG_LEVELS, any case), default
+    WARNING, also where the variable names no level (`log_level_problem` says so: the CLI refuses it)."""
+    level = os.environ.get("BATCHLLM_LOG_LEVEL", "WARNING").upper()
+    return level if level in LOG_LEVELS else "WARNING"
+
+
+def log_level_problem() -> str | None:
+    """Why $BATCHLLM_LOG_LEVEL is refused (it names no level: logging raised a traceback, exit 1), or None."""
+    given = os.environ.get("BATCHLLM_LOG_LEVEL")
+    if given is None or given.upper() in LOG_LEVELS:
+        return None
+    return f"BATCHLLM_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {given!r}"
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,13 @@ class ModelConfig(_Checked):
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))  # (a numpy integer, as the option check allows)
+        from batchllm.sampling_params import SEED_MAX, SEED_MIN  # (torch's generator range)
+
+        if not SEED_MIN <= self.seed <= SEED_MAX:  # (it failed after the weights loaded, naming no option)
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")  # (a torch error
+            # at the engine's start, exit 3, named no option)
         super().__post_init__()
 
 

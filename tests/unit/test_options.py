@@ -251,6 +251,20 @@ def test_a_value_of_the_wrong_type_is_refused_by_name(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(device="tpu"), "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (dict(device="cuda:x"), "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616"),
+    (dict(seed=-(2**63) - 1), "seed must be in"),
+])
+def test_a_device_or_seed_out_of_reach_is_refused_when_the_config_is_built(kwargs, message):
+    """Each failed in torch (a device string at the engine's start, exit 3; the seed after the weights had loaded),
+    naming no option."""
+    with pytest.raises(ValueError, match=message):
+        engine_config(**kwargs)
+    assert engine_config(device="cuda:1", seed=2**64 - 1).model.device == "cuda:1"
+
+
+@pytest.mark.parametrize("kwargs, message", [
     (dict(block_size=0), "block_size must be >= 1, got 0"),
     (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
     (dict(kv_cache_memory_gib=0), "kv_cache_memory_gib must be > 0, got 0"),
@@ -882,3 +896,17 @@ def test_a_mistral_tool_parser_job_is_refused_at_start_for_a_tokenizer_without_i
     for name in ("pythonic", "llama4_pythonic"):
         check_parsers_tokenizer(build_parser().parse_args(["run", "i", "-o", "o", "--enable-auto-tool-choice",
                                                            "--tool-call-parser", name]))
+
+
+def test_a_log_level_that_names_no_level_is_refused_before_the_job(tmp_path, capsys, monkeypatch):
+    """BATCHLLM_LOG_LEVEL=bogus ended `run` in logging's traceback with exit 1 ("some lines failed")."""
+    from batchllm import cli
+    from batchllm.config import default_log_level
+
+    monkeypatch.setattr(cli, "run_command", lambda args: pytest.fail("the job must not start"))
+    monkeypatch.setenv("BATCHLLM_LOG_LEVEL", "bogus")
+    code = cli.main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl")])
+    assert code == 2 and "BATCHLLM_LOG_LEVEL must be one of DEBUG, INFO, WARNING" in capsys.readouterr().err
+    assert default_log_level() == "WARNING", "the library (imported by LLM users) falls back instead"
+    monkeypatch.setenv("BATCHLLM_LOG_LEVEL", "info")
+    assert default_log_level() == "INFO"
