@@ -378,6 +378,7 @@ VLLM_SERVER_FLAGS = {
     "--trust-request-chat-template": "a line's own chat_template is not taken: give --chat-template",
     "--chat-template-content-format": "the content format is detected from the chat template, as vLLM's auto "
                                       "(LLM.chat takes chat_template_content_format)",
+    "--config": "vLLM's YAML file of options is not read here: give the options as flags",
 }
 """vLLM run-batch's frontend flags (not engine options) with no counterpart here, and what to do instead."""
 
@@ -443,6 +444,8 @@ def package_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     words = dashed_flag_names(sys.argv[1:] if argv is None else list(argv))
+    if "--config" in (w.split("=", 1)[0] for w in words[:words.index("--") if "--" in words else None]):
+        parser.error(f"--config: {VLLM_SERVER_FLAGS['--config']}")  # (argparse read it as --config-format's prefix)
     args, unknown = parser.parse_known_args(bare_flags_as_on(words, _command_flags(parser, words)))
     if unknown:  # refused by the subcommand's parser, with its usage and what each unknown flag may have meant
         command = _subcommands(parser)[args.command]

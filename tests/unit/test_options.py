@@ -910,3 +910,18 @@ def test_a_log_level_that_names_no_level_is_refused_before_the_job(tmp_path, cap
     assert default_log_level() == "WARNING", "the library (imported by LLM users) falls back instead"
     monkeypatch.setenv("BATCHLLM_LOG_LEVEL", "info")
     assert default_log_level() == "INFO"
+
+
+@pytest.mark.parametrize("words", [["run", "in.jsonl", "-o", "o.jsonl", "--config", "c.yaml"],
+                                   ["bench", "--config=c.yaml"]])
+def test_vllms_config_file_flag_is_refused_as_itself(words, capsys):
+    """argparse read --config as the beginning of --config-format ("'c.yaml' is not supported: models are Hugging
+    Face directories"), or on bench as ambiguous with --configs."""
+    from batchllm import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(words)
+    assert stopped.value.code == 2
+    assert "--config: vLLM's YAML file of options is not read here: give the options as flags" in (
+        capsys.readouterr().err)
+    assert cli.build_parser().parse_args(["bench", "--configs", "sharing"]).configs == "sharing", "bench's own flag"
