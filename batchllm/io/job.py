@@ -790,10 +790,11 @@ def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] |
     if not isinstance(recorded, dict):
         raise JobError(f"the state file of {str(output)!r} is damaged (its options are not an object); "
                        f"{_START_OVER}")
-    def same(name: str) -> bool:
+    def same(name: str) -> bool:  # (recorded values are any JSON: only strings have aliases)
         aliases = _SAME_VALUES.get(name, {})
-        before, now = recorded.get(name), options.get(name)
-        return aliases.get(before, before) == aliases.get(now, now)
+        before, now = (recorded.get(name), options.get(name))
+        return (aliases.get(before, before) if isinstance(before, str) else before) == (
+            aliases.get(now, now) if isinstance(now, str) else now)
 
     changed = [f"{name}{_OPTION_NOTES.get(name, '')} {_shown(recorded.get(name))} -> {_shown(options.get(name))}"
                for name in sorted((set(recorded) | set(options)) - _NO_LONGER_RECORDED) if not same(name)]

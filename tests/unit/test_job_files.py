@@ -1059,7 +1059,8 @@ def test_spellings_of_one_option_value_and_options_that_decide_nothing_resume():
     --trust-remote-code given or not (it runs no code here) refused the resume as other options."""
     from batchllm.io.job import _refuse_other_options
 
-    recorded = {"kv_cache_dtype": "fp8", "load_format": "auto", "trust_remote_code": False, "max_tokens": 3}
+    recorded = {"kv_cache_dtype": "fp8", "load_format": "auto", "trust_remote_code": False, "max_tokens": 3,
+                "eos_token_ids": [2, 3]}  # (a list: no alias lookup)
     for now in ({**recorded, "kv_cache_dtype": "fp8_e4m3", "load_format": "safetensors"},
                 {k: v for k, v in recorded.items() if k != "trust_remote_code"},
                 {**recorded, "trust_remote_code": True}):
@@ -1068,3 +1069,5 @@ def test_spellings_of_one_option_value_and_options_that_decide_nothing_resume():
         _refuse_other_options(Path("o.jsonl"), recorded, {**recorded, "kv_cache_dtype": "auto"})
     with pytest.raises(JobError, match='load_format "auto" -> "dummy"'):
         _refuse_other_options(Path("o.jsonl"), recorded, {**recorded, "load_format": "dummy"})
+    with pytest.raises(JobError, match=r"eos_token_ids \[2, 3\] -> \[2\]"):
+        _refuse_other_options(Path("o.jsonl"), recorded, {**recorded, "eos_token_ids": [2]})
