@@ -36,8 +36,16 @@ def _add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _from_cli_args(cls, args: argparse.Namespace):
-    """The EngineArgs of parsed arguments (those `add_cli_args` added; others are left out)."""
-    return cls(**engine_kwargs_from_args(args))
+    """The EngineArgs of parsed arguments (those `add_cli_args` added; others are left out). vLLM's names of options
+    read back what their option was set to, as vLLM's do (`--no-enable-prefix-caching`: `enable_prefix_caching`
+    False; it read None, as every flag of theirs stores under the option it means); left at its default, None."""
+    kwargs, options = engine_kwargs_from_args(args), engine_options()
+    given = {name: value for name, value in kwargs.items() if value != options[name].default}
+    vllm_names = {key: given[name] for key, name in VLLM_ALIASES.items() if name in given}
+    for key, (name, convert) in VLLM_CONVERTED.items():  # (vLLM's unit: e.g. bytes for GiB, 1 / convert(1) each)
+        if name in given and convert(in_vllm_units := round(given[name] / convert(1))) == given[name]:
+            vllm_names[key] = in_vllm_units  # (only where it converts back exactly: the two must mean one value)
+    return cls(**kwargs, **vllm_names)
 
 
 def _check(self) -> None:

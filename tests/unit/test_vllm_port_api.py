@@ -343,6 +343,16 @@ def test_engine_args_parser_takes_and_refuses_what_llm_does(capsys):
     assert EngineArgs(enable_prefix_caching=False).enable_prefix_caching is False
     assert EngineArgs(enable_prefix_caching=False).prefix_sharing is False
     assert EngineArgs(kv_cache_memory_bytes=2**30).kv_cache_memory_bytes == 2**30
+    # parsed, vLLM's names read back what their flags set (they read None: every flag stores under its option)
+    parsed = EngineArgs.from_cli_args(parse("--no-enable-prefix-caching", "--kv-cache-memory-bytes", "1G",
+                                            "--num-gpu-blocks-override", "64"))
+    assert (parsed.enable_prefix_caching, parsed.kv_cache_memory_bytes, parsed.num_gpu_blocks_override) == (
+        False, 2**30, 64)
+    assert (parsed.prefix_sharing, parsed.kv_cache_memory_gib, parsed.num_kv_blocks) == (False, 1.0, 64)
+    unset = EngineArgs.from_cli_args(parse())
+    assert (unset.enable_prefix_caching, unset.kv_cache_memory_bytes, unset.num_gpu_blocks_override) == (None,) * 3
+    assert engine_config(**dataclasses.asdict(parsed)) == engine_config(
+        prefix_sharing=False, kv_cache_memory_gib=1.0, num_kv_blocks=64)
     assert engine_config(compilation_config={}) == default
     with pytest.raises(TypeError, match="'enable_prefix_caching' and 'prefix_sharing' are the same option"):
         engine_config(enable_prefix_caching=False, prefix_sharing=True)
