@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchllm.config import DTYPE_ALIASES, FP8_KV_CACHE_DTYPES
+
 STATE_SUFFIX = ".batchllm-state"
 DIRECTORY_LOCK = ".batchllm-lock"
 """The file inside a `run --ray` output directory that `OutputLock.for_directory` locks while a job runs (removed when
@@ -774,9 +776,10 @@ _OPTION_NOTES = {"openai_max_tokens": " (the max_tokens of OpenAI lines without 
                  "response_role": " (unset: assistant, the default)"}
 """What a recorded option that is no command-line option stands for, in a refusal."""
 
-_SAME_VALUES = {"kv_cache_dtype": {"fp8_e4m3": "fp8"}, "load_format": {"safetensors": "auto"}}
-"""Recorded options' spellings of one value (vLLM's aliases), compared as one: a job resumes under either (dtype's
-are recorded as one already, `cli.results_options`)."""
+_SAME_VALUES = {"kv_cache_dtype": {alias: FP8_KV_CACHE_DTYPES[0] for alias in FP8_KV_CACHE_DTYPES},
+                "load_format": {"safetensors": "auto"}, "dtype": DTYPE_ALIASES}
+"""Recorded options' spellings of one value (vLLM's aliases, as the config declares them), compared as one: a job
+resumes under either (`cli.results_options` records dtype's as one already; an older record may hold either)."""
 
 _NO_LONGER_RECORDED = frozenset({"trust_remote_code"})
 """Options earlier versions recorded that decide nothing (trust_remote_code: no code of a model directory runs
@@ -790,18 +793,19 @@ def _refuse_other_options(output: Path, recorded: Any, options: dict[str, Any] |
     if not isinstance(recorded, dict):
         raise JobError(f"the state file of {str(output)!r} is damaged (its options are not an object); "
                        f"{_START_OVER}")
-    def same(name: str) -> bool:  # (recorded values are any JSON: only strings have aliases)
-        aliases = _SAME_VALUES.get(name, {})
-        before, now = (recorded.get(name), options.get(name))
-        return (aliases.get(before, before) if isinstance(before, str) else before) == (
-            aliases.get(now, now) if isinstance(now, str) else now)
-
     changed = [f"{name}{_OPTION_NOTES.get(name, '')} {_shown(recorded.get(name))} -> {_shown(options.get(name))}"
-               for name in sorted((set(recorded) | set(options)) - _NO_LONGER_RECORDED) if not same(name)]
+               for name in sorted((set(recorded) | set(options)) - _NO_LONGER_RECORDED)
+               if _canonical(name, recorded.get(name)) != _canonical(name, options.get(name))]
     if changed:
         raise JobError(f"refusing to resume into {str(output)!r}: its finished lines were answered with other "
                        f"options ({'; '.join(changed)}); run with the options it was written with to resume, "
                        f"or {_START_OVER}")
+
+
+def _canonical(name: str, value: Any) -> Any:
+    """A recorded option's value in one spelling (`_SAME_VALUES`); recorded values are any JSON, and only strings
+    have aliases (a list is not looked up: it cannot be hashed)."""
+    return _SAME_VALUES.get(name, {}).get(value, value) if isinstance(value, str) else value
 
 
 def _shown(value: Any) -> str:
