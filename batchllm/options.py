@@ -54,8 +54,10 @@ class NoEffect:
     """Its value's name in --help."""
     run_batch_only: bool = False
     """A flag of vLLM's run-batch command only, not an `LLM` keyword."""
-    keyword_only: bool = False
-    """An `LLM` keyword only: `run` has a flag of its name that does something."""
+    run_has_own_flag: bool = False
+    """`run` has a flag of its name that does something: only `bench` and `EngineArgs.add_cli_args` add it."""
+    nargs: str | None = None
+    """Its flag's argparse nargs (None: one value, or none for a bare flag)."""
     async_engine: bool = False
     """A flag of vLLM's AsyncEngineArgs (its serve and bench commands take it, and run-batch), not an `LLM`
     keyword: `bench` takes it too."""
@@ -74,7 +76,7 @@ VLLM_NO_EFFECT = {
     "hf_token": NoEffect("nothing is downloaded: a model id is read from the local Hugging Face cache",
                          value_type=str),
     "served_model_name": NoEffect("names are given to OpenAI Batch responses by run --served-model-name",
-                                  keyword_only=True),
+                                  value_type=str, nargs="+", metavar="NAME", run_has_own_flag=True),
     "disable_async_output_proc": NoEffect("outputs are processed as steps finish"),
     "enable_log_requests": NoEffect("requests are not logged", run_batch_only=True, async_engine=True),
     "max_log_len": NoEffect("requests are not logged", value_type=int, metavar="N", run_batch_only=True),
@@ -98,11 +100,13 @@ the hint for such a flag)."""
 
 def add_no_effect_arguments(group, run_batch: bool = True, async_engine: bool = False) -> None:
     """`VLLM_NO_EFFECT`'s flags, each stored under its keyword's name (`engine_kwargs_from_args` skips them):
-    with `run_batch`, all of them (vLLM's run-batch takes them); else those of `LLM` keywords (`LLM(**vars(args))`
-    takes them), and with `async_engine` vLLM's AsyncEngineArgs' too (its bench command takes them)."""
+    with `run_batch`, all of them (vLLM's run-batch takes them) but those `run` has a flag of its own for; else
+    those of `LLM` keywords (`LLM(**vars(args))` takes them), and with `async_engine` vLLM's AsyncEngineArgs' too
+    (its bench command takes them)."""
     for name, option in VLLM_NO_EFFECT.items():
-        if option.keyword_only or (option.run_batch_only and not run_batch
-                                   and not (async_engine and option.async_engine)):
+        if option.run_has_own_flag and run_batch:
+            continue
+        if option.run_batch_only and not run_batch and not (async_engine and option.async_engine):
             continue
         flags = ["--" + n.replace("_", "-") for n in (name, *option.flag_aliases)]
         help_text = f"accepted for vLLM's command lines; no effect: {option.why}"
@@ -112,8 +116,8 @@ def add_no_effect_arguments(group, run_batch: bool = True, async_engine: bool = 
             group.add_argument(*flags, dest=name, choices=list(option.values), default=option.values[0],
                                help=help_text)
         else:
-            group.add_argument(*flags, dest=name, type=option.value_type, default=None, metavar=option.metavar,
-                               help=help_text)
+            group.add_argument(*flags, dest=name, type=option.value_type, nargs=option.nargs, default=None,
+                               metavar=option.metavar, help=help_text)
 
 
 NO_EFFECT_GROUP = "vLLM options without effect here"
