@@ -51,13 +51,15 @@ class TokenProgress:
                  log_interval_s: float = LOG_INTERVAL_S) -> None:
         """enabled: vLLM's use_tqdm: a bar or none, or a callable that makes the bar (`functools.partial(tqdm,
         leave=False)`), called with the keywords vLLM calls it with (total, desc, dynamic_ncols, postfix): one
-        written for vLLM takes no others. A bar of its own (enabled True) on a stderr that does not draw in place
+        written for vLLM takes no others; as vLLM's, that bar counts prompts (done of submitted) under vLLM's
+        postfix of token rates. A bar of its own (enabled True) on a stderr that does not draw in place
         (`draws_in_place`) is no bar: `bar` is None and each update at least `log_interval_s` after the last line
         (the first one after the start), or forced, writes one line instead (`line`). Its own bar or lines are
         labelled `desc`, but TOKENS_DESC for vLLM's "Processed prompts" (`VLLM_DESC`): they count tokens."""
         self.enabled = bool(enabled)
         self.desc = TOKENS_DESC if desc == VLLM_DESC and not callable(enabled) else desc
         self.bar = None
+        self.counts_prompts = callable(enabled)
         self.started = time.perf_counter()
         if callable(enabled):
             self.bar = enabled(total=0, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
@@ -88,6 +90,12 @@ class TokenProgress:
                   f"out {output_tokens / elapsed:.0f} tok/s")
         if self.bar is None:
             self._write_line(line(self.desc, done, total, counts, elapsed))
+            return
+        if self.counts_prompts:
+            self.bar.total = requests_total
+            self.bar.update(requests_done - self.bar.n)
+            self.bar.set_postfix_str(f"est. speed input: {input_tokens / elapsed:.2f} toks/s, "
+                                     f"output: {output_tokens / elapsed:.2f} toks/s", refresh=True)
             return
         self.bar.total = total
         self.bar.update(done - self.bar.n)

@@ -10,6 +10,7 @@ import enum
 import functools
 import logging
 import math
+import numbers
 import reprlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -174,6 +175,7 @@ class SamplingParams:
     _grammar_key: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._plain_python_values()
         if self.guided_decoding is not None:
             if self.structured_outputs is not None:
                 raise ValueError("SamplingParams: give structured_outputs or guided_decoding (its vLLM 0.10 name), "
@@ -209,6 +211,24 @@ class SamplingParams:
                 self._grammar_key = grammar_key(self.structured_outputs)
             except ValueError as e:  # a schema given as text that is not JSON
                 raise ValueError(f"SamplingParams.structured_outputs.json is not valid JSON: {e}") from None
+
+    def _plain_python_values(self) -> None:
+        """numpy's scalars and arrays as Python's (`max_tokens=np.int64(4)` from a table's column, token ids as an
+        array), as prompts take numpy ids: an integer that is not a bool is an int, another real number a float, an
+        array a list, logit_bias's integer keys ints. Anything else is left for `_validate` to judge."""
+        for name in _init_field_names():
+            value = getattr(self, name)
+            if type(value) in _PLAIN_TYPES:
+                continue
+            if hasattr(value, "tolist"):  # a numpy scalar or array (np.bool_ becomes bool, judged as such)
+                setattr(self, name, value.tolist())
+        for name in ("stop_token_ids", "allowed_token_ids", "logprob_token_ids"):
+            ids = getattr(self, name)
+            if isinstance(ids, (list, tuple)) and any(type(t) is not int for t in ids):
+                setattr(self, name, [_plain_int(t) for t in ids])
+        if isinstance(self.logit_bias, dict) and any(type(k) is not int for k in self.logit_bias):
+            self.logit_bias = {_plain_int(k): v.item() if hasattr(v, "item") else v
+                               for k, v in self.logit_bias.items()}
 
     def _bad(self, name: str, rule: str) -> ValueError:
         """The error for field `name` breaking `rule`, naming its value."""
@@ -479,6 +499,19 @@ def _warn_low_temperature(temperature: float) -> None:
     logging.getLogger("batchllm").warning(
         "temperature %s is less than %s, which may cause numerical errors (nan or inf); it is raised to %s, as vLLM "
         "does", temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
+
+
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, list, tuple, dict})
+
+
+@functools.cache
+def _init_field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(SamplingParams) if f.init)
+
+
+def _plain_int(value: object) -> object:
+    """A numpy (or other) integer as an int; anything else as it is."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 def _is_int(value: object) -> bool:

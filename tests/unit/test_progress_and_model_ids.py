@@ -136,7 +136,10 @@ def test_use_tqdm_may_be_the_bar_maker(default_llm):
 
     outputs = default_llm.generate(["Hi", "Hello"], SamplingParams(temperature=0, max_tokens=2), use_tqdm=make_bar)
     assert len(outputs) == 2 and len(made) == 1
-    assert made[0].n == made[0].total > 0, "the bar the callable made is the one that moved, to its end"
+    assert made[0].n == made[0].total == 2, (
+        "the bar the callable made is the one that moved, to its end, counting prompts as vLLM's does (it counted "
+        "tokens under vLLM's label 'Processed prompts')")
+    assert made[0].desc == "Processed prompts" and "est. speed input" in made[0].postfix
 
 
 def _hf_cache_with(cache, repo_id: str, model_dir) -> str:

@@ -481,3 +481,24 @@ def test_allowed_token_ids_that_every_ban_covers_are_refused_naming_the_options(
     check(allowed_token_ids=[2, 9], min_tokens=3)  # (9 is sampled until min_tokens)
     check(allowed_token_ids=[7, 9], bad_words=["bad"], min_tokens=3)
     check(allowed_token_ids=[2], min_tokens=3, eos=())  # (2 is no stop token of this model)
+
+
+def test_numpy_scalars_and_arrays_are_taken_as_python_values():
+    """Prompts take numpy token ids, but `SamplingParams(max_tokens=np.int64(4))` (a value from a table's column)
+    was refused as not an integer, as were numpy seeds, logprobs, logit_bias keys and np.float32 temperatures; an
+    array of allowed_token_ids failed inside numpy ("truth value of an array is ambiguous"). They are Python's
+    values now; a bool or a fraction is still refused by name."""
+    params = SamplingParams(max_tokens=np.int64(4), min_tokens=np.int32(1), seed=np.int64(3), logprobs=np.int64(2),
+                            temperature=np.float32(0.5), logit_bias={np.int64(5): np.float32(1.5)},
+                            stop_token_ids=[np.int64(1), 2], allowed_token_ids=np.array([37, 38]))
+    assert (params.max_tokens, params.min_tokens, params.seed, params.logprobs) == (4, 1, 3, 2)
+    assert type(params.max_tokens) is int and type(params.temperature) is float and params.temperature == 0.5
+    assert params.logit_bias == {5: 1.5} and all(type(k) is int for k in params.logit_bias)
+    assert params.stop_token_ids == [1, 2] and params.allowed_token_ids == [37, 38]
+    assert all(type(t) is int for t in params.stop_token_ids + params.allowed_token_ids)
+    assert params == SamplingParams(max_tokens=4, min_tokens=1, seed=3, logprobs=2, temperature=0.5,
+                                    logit_bias={5: 1.5}, stop_token_ids=[1, 2], allowed_token_ids=[37, 38])
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+        SamplingParams(max_tokens=np.float64(4.5))
+    with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list"):
+        SamplingParams(allowed_token_ids=np.array([], dtype=np.int64))
