@@ -27,10 +27,17 @@ ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralFo
 """config.json's model_type -> its architecture, for configs that name no architectures."""
 
 
-_MAX_POSITION_EMBEDDINGS_DEFAULT = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
-"""transformers' config classes' max_position_embeddings default, by model_type (LlamaConfig: 2048, MistralConfig:
-4096 * 32, Qwen2Config and Qwen3Config: 32768): what a config.json without the key has in transformers, and so in
-vLLM, which reads transformers' config object."""
+_CLASS_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128, "sliding_window": 4096},
+}
+"""transformers' config classes' defaults, by model_type, of the keys read here whose default is a value (LlamaConfig's
+max_position_embeddings 2048, MistralConfig's num_key_value_heads 8 and sliding_window 4096, Qwen3Config's head_dim
+128 ...): what a config.json without the key has in transformers, and so in vLLM, which reads transformers' config
+object. A key not listed defaults to None there (num_key_value_heads: the head count; head_dim: hidden size over
+heads)."""
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
@@ -196,17 +203,24 @@ def _original_context(scaling: dict, cfg: dict, where: str, config_path: Path) -
     return read[-1][0]
 
 
-def transformers_max_position_embeddings(cfg: dict):
-    """config.json's max_position_embeddings as transformers' config object holds it: the file's value where it has
-    the key (even null), else the config class's default (`_MAX_POSITION_EMBEDDINGS_DEFAULT`, by model_type, else by
-    the architecture it names)."""
-    if "max_position_embeddings" in cfg:
-        return cfg["max_position_embeddings"]
+def transformers_value(cfg: dict, key: str):
+    """config.json's `key` as transformers' config object holds it: the file's value where it has the key (even
+    null), else the config class's default (`_CLASS_DEFAULTS`, by model_type, else by the architecture it names;
+    None where the class has none)."""
+    if key in cfg:
+        return cfg[key]
     model_type = cfg.get("model_type")
-    if model_type not in _MAX_POSITION_EMBEDDINGS_DEFAULT:
+    if model_type not in _CLASS_DEFAULTS:
         by_architecture = {arch: kind for kind, arch in ARCHITECTURE_OF_MODEL_TYPE.items()}
         model_type = next((by_architecture[a] for a in named_architectures(cfg) if a in by_architecture), None)
-    return _MAX_POSITION_EMBEDDINGS_DEFAULT.get(model_type, DEFAULT_CONTEXT)
+    return _CLASS_DEFAULTS.get(model_type, {}).get(key)
+
+
+def transformers_max_position_embeddings(cfg: dict):
+    """config.json's max_position_embeddings as transformers holds it (`transformers_value`), DEFAULT_CONTEXT for a
+    model type it has no default for."""
+    value = transformers_value(cfg, "max_position_embeddings")
+    return DEFAULT_CONTEXT if value is None and "max_position_embeddings" not in cfg else value
 
 
 def derive_context(cfg: dict, config_path: Path) -> tuple[int, str]:
@@ -295,10 +309,11 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         rope_scaling = _checked_rope_scaling(cfg, config_path)
-        if cfg.get("head_dim") is None and hidden % num_heads:
+        head_dim = transformers_value(cfg, "head_dim")
+        if head_dim is None and hidden % num_heads:
             raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
                                  f"{num_heads}, and no head_dim is given")
-        sliding = cfg.get("sliding_window")
+        sliding = transformers_value(cfg, "sliding_window")
         if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
             sliding = None
         eos = cfg.get("eos_token_id")
@@ -311,8 +326,8 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             intermediate_size=int(cfg["intermediate_size"]),
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=num_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            num_kv_heads=int(transformers_value(cfg, "num_key_value_heads") or num_heads),
+            head_dim=int(head_dim or hidden // num_heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg, config_path),
             rope_scaling=rope_scaling,

@@ -229,9 +229,35 @@ def test_a_config_without_max_position_embeddings_gets_its_config_class_default(
     from batchllm.inputs import read_model_source
 
     expected = AutoConfig.for_model(model_type).max_position_embeddings
-    source = read_model_source(_config_dir(tmp_path, "m", architectures=[architecture], model_type=model_type,
-                                           max_position_embeddings=None))
+    directory = _config_dir(tmp_path, "m", architectures=[architecture], model_type=model_type,
+                            max_position_embeddings=None)
+    config = json.loads((directory / "config.json").read_text())  # no window (Mistral v0.2's null): the whole context
+    (directory / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    source = read_model_source(directory)
     assert (source.spec.context, source.max_model_len) == ((expected, "max_position_embeddings"), expected)
+
+
+@pytest.mark.parametrize("model_type, architecture", [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+                                                      ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+@pytest.mark.parametrize("key", ["num_key_value_heads", "head_dim", "sliding_window"])
+def test_a_config_without_a_shape_key_gets_its_config_class_default(tmp_path, model_type, architecture, key):
+    """Other keys were read with no class default either: a Mistral config without sliding_window ran with no window
+    (MistralConfig's is 4096: different tokens past it), one without num_key_value_heads with one per head
+    (MistralConfig: 8), a Qwen3 one without head_dim with hidden size over heads (Qwen3Config: 128), refused as its
+    weights' shapes not matching config.json. Each is now what transformers' config object (and so vLLM) holds."""
+    from transformers import AutoConfig
+
+    from batchllm.models.spec import read_model_spec
+
+    shape = {"hidden_size": 512, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+             "sliding_window": 1024, "use_sliding_window": True, "max_window_layers": 0}
+    shape.pop(key)
+    expected = AutoConfig.for_model(model_type, **shape)
+    spec = read_model_spec(_config_dir(tmp_path, "m", architectures=[architecture], model_type=model_type,
+                                       **shape, **{key: None}))  # (None: left out of config.json)
+    expected_head_dim = getattr(expected, "head_dim", None) or 512 // 16
+    assert (spec.num_kv_heads, spec.head_dim) == (expected.num_key_value_heads, expected_head_dim), key
+    assert spec.sliding_window == getattr(expected, "sliding_window", None), key
 
 
 def test_model_max_length_wins_a_null_context_is_vllms_default_and_a_linear_factor_scales_the_smallest(tmp_path):
