@@ -228,3 +228,91 @@ def greedy_agreement(got, want) -> tuple[float, float]:
                 break
             matched += 1
     return identical / len(want), matched / compared
+
+
+_GGUF_LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_gguf(model_dir: Path, path: Path, architecture: str, *, rope_freqs=None, metadata=None,
+               experts: int = 0, tokenizer: bool = True) -> Path:
+    """A tiny Hugging Face model directory written as an F32 GGUF file as llama.cpp writes one: its shape as
+    `<architecture>.*` keys, the embedded default model's tokenizer fields, llama's q/k rows permuted to GGML's rope
+    layout, `rope_freqs` (one divisor per rotary frequency) as a rope_freqs.weight tensor, `metadata` as
+    {key: (value, GGUFValueType)}, and with `experts` > 0 each MLP weight stacked that many times as
+    ffn_*_exps tensors (a mixture-of-experts file); without `tokenizer`, no tokenizer fields (a file only its
+    metadata is read from)."""
+    import json
+
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from safetensors.torch import load_file
+
+    from batchllm.models.default_model import find_gguf
+
+    config = json.loads((model_dir / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    heads, kv_heads, hidden = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(1)
+    for key, (value, kind) in (metadata or {}).items():
+        writer.add_key_value(key, value, kind)
+    for key, field in GGUFReader(str(find_gguf())).fields.items() if tokenizer else ():
+        if key.startswith("tokenizer."):
+            writer.add_key_value(key, field.contents(), field.types[0],
+                                 sub_type=field.types[1] if field.types[0] == GGUFValueType.ARRAY else None)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for layer in range(config["num_hidden_layers"]):
+        names.update({f"model.layers.{layer}.{ours}": f"blk.{layer}.{theirs}"
+                      for ours, theirs in _GGUF_LAYER_TENSORS.items()})
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    for name, tensor in weights.items():
+        array = tensor.float().numpy()
+        if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            rows = heads if name.endswith("q_proj.weight") else kv_heads
+            array = array.reshape(rows, 2, array.shape[0] // rows // 2, -1).swapaxes(1, 2).reshape(array.shape)
+        gguf_name = names[name]
+        if experts and gguf_name.split(".")[-2] in ("ffn_gate", "ffn_up", "ffn_down"):
+            gguf_name = gguf_name.replace(".weight", "_exps.weight")
+            array = np.stack([array] * experts)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama3_rope_divisors(model_dir: Path) -> list[float]:
+    """The per-frequency divisors of the llama3 rope scaling of `model_dir`'s config, as transformers computes its
+    scaled frequencies: theta ** (-2i / head_dim) over transformers' scaled frequency i."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    plain = config.rope_parameters["rope_theta"] ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return (plain / scaled.double()).tolist()

@@ -189,23 +189,116 @@ def files_as_the_umask_says(directory: Path) -> None:
 
 
 def _convert(gguf_path: Path, out_dir: Path, name: str) -> None:
+    """Dequantize `gguf_path` into `out_dir` as a Hugging Face model directory. Refused (ModelLoadError naming the
+    file) where transformers' GGUF reader leaves a weight of its model unread (a mixture-of-experts file: its
+    experts' tensors map to nothing, and the layers would run with random weights); the file's rope scaling, which
+    that reader drops, is written into config.json (`gguf_rope_scaling`)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, file_name = str(gguf_path.parent), gguf_path.name
+    model, loading = AutoModelForCausalLM.from_pretrained(src, gguf_file=file_name, dtype=torch.float32,
+                                                          trust_remote_code=False, output_loading_info=True)
+    tied = bool(model.config.tie_word_embeddings)
+    missing = sorted(k for k in loading.get("missing_keys", ()) if not (tied and k == "lm_head.weight"))
+    if missing:
+        raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r}: {len(missing)} weights of its "
+                             f"{type(model).__name__} are not in the file as transformers reads it ("
+                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); a mixture-of-experts "
+                             "GGUF file is not run")
+    config = model.config.to_dict()
+    scaling = gguf_rope_scaling(gguf_path, config)
+    if scaling is not None:
+        config["rope_parameters"] = {**(config.get("rope_parameters") or {}), **scaling}
+        config.pop("rope_scaling", None)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file_name, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=file_name, dtype=torch.float32,
-                                                 trust_remote_code=False)  # (no code of its directory)
     # transformers will not save_pretrained a GGUF-loaded model; the weights are plain float32 now,
     # so write them directly (one copy of tied embeddings) with a config stripped of the GGUF marker.
-    tied = bool(model.config.tie_word_embeddings)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["_name_or_path"] = name
     config["architectures"] = config.get("architectures") or [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+_GGUF_YARN_KEYS = {"factor": "factor", "original_context_length": "original_max_position_embeddings",
+                   "yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow", "finetuned": None}
+"""A GGUF file's rope.scaling.* keys -> the rope_parameters key each is (None: read by nothing, as in transformers)."""
+
+
+def gguf_rope_scaling(gguf_path: Path, config: dict) -> dict | None:
+    """The rope scaling of a GGUF file as rope_parameters (None: none), which transformers' GGUF reader drops: its
+    `<arch>.rope.scaling.type` linear or yarn with their keys, or a `rope_freqs.weight` tensor (how llama.cpp writes
+    Llama 3.1's llama3 scaling: one divisor per frequency), matched to the llama3 parameters that compute it
+    (`_llama3_parameters_of`). Scaling that cannot be carried over exactly is a ModelLoadError naming the file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    architecture = _gguf_value(reader, "general.architecture")
+    prefix = f"{architecture}.rope.scaling."
+    given = {key[len(prefix):]: _gguf_value(reader, key) for key in reader.fields if key.startswith(prefix)}
+    kind = given.pop("type", "none")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        parameters = _llama3_parameters_of([float(x) for x in freqs.data.reshape(-1)], config)
+        if parameters is None or kind not in ("none", "llama3"):
+            raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r}: its rope_freqs.weight divisors "
+                                 "are not a llama3 rope scaling (give the model's Hugging Face directory instead)")
+        return parameters
+    if kind == "none":
+        return None
+    unknown = sorted(set(given) - (set(_GGUF_YARN_KEYS) if kind == "yarn" else {"factor"}))
+    problem = (f"its rope scaling type {kind!r} is not run here (linear and yarn are, and llama3's rope_freqs.weight)"
+               if kind not in ("linear", "yarn") else
+               f"its {kind} rope scaling's {', '.join(prefix + k for k in unknown)} is not run here" if unknown else
+               f"its {kind} rope scaling has no {prefix}factor" if "factor" not in given else None)
+    if problem:
+        raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r}: {problem}")
+    return {"rope_type": kind, **{_GGUF_YARN_KEYS[k]: float(v) if k != "original_context_length" else int(v)
+                                  for k, v in given.items() if _GGUF_YARN_KEYS.get(k)}}
+
+
+def _gguf_value(reader, key: str):
+    """A GGUF metadata field's value (a number, a string or a bool); None where the file lacks it."""
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+_LLAMA3_ORIGINAL_CONTEXTS = tuple(1 << n for n in range(4, 21))
+_LLAMA3_FREQ_FACTORS = ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0))
+"""(low_freq_factor, high_freq_factor) pairs tried: Llama 3.1 / 3.2 use (1, 4)."""
+
+
+def _llama3_parameters_of(divisors: list[float], config: dict) -> dict | None:
+    """The llama3 rope parameters (factor, low/high_freq_factor, original context) whose per-frequency divisors of
+    the rotary frequencies are `divisors` (within float32's rounding), else None. Divisor i of frequency
+    f_i = theta ** (-2i / head_dim), wavelength w_i = 2 pi / f_i: 1 where w_i < original / high, the factor where
+    w_i > original / low, else 1 / ((1 - s) / factor + s) with s = (original / w_i - low) / (high - low)."""
+    import math
+
+    rope = config.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if len(divisors) != head_dim // 2 or not divisors:
+        return None
+    wavelengths = [2 * math.pi * theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
+    factor = float(f"{max(divisors):.6g}")  # (the file's float32 of it: 8.00000095 for 8)
+    for original in _LLAMA3_ORIGINAL_CONTEXTS:
+        for low, high in _LLAMA3_FREQ_FACTORS:
+            expected = []
+            for w in wavelengths:
+                if w < original / high:
+                    expected.append(1.0)
+                elif w > original / low:
+                    expected.append(factor)
+                else:
+                    smooth = (original / w - low) / (high - low)
+                    expected.append(1 / ((1 - smooth) / factor + smooth))
+            if all(math.isclose(e, d, rel_tol=1e-5) for e, d in zip(expected, divisors)):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                        "original_max_position_embeddings": original}
+    return None

@@ -7,13 +7,14 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from batchllm import LLM, SamplingParams, cli
 from batchllm.models.spec import ModelLoadError
-from tests.helpers import hf_greedy, make_tiny_model, tokenizer_files
+from tests.helpers import hf_greedy, llama3_rope_divisors, make_tiny_model, tokenizer_files, write_gguf
 
 
 def _greedy(model_dir, prompts, max_tokens, **llm_kwargs):
@@ -318,6 +319,77 @@ def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypat
     (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
     assert cli.main(["plan", "--model", str(damaged), str(tmp_path / "in.jsonl")]) == 2
     assert "cannot convert the GGUF model" in capsys.readouterr().err
+
+
+def _gguf_greedy(gguf, prompts, max_tokens=8):
+    llm = LLM(str(gguf), device="cpu", dtype="float32")
+    try:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                             use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+GGUF_PROMPTS = [list(range(5, 25)), [100, 2000, 30000, 45000, 7, 7, 7]]
+
+
+def test_a_gguf_files_rope_scaling_is_kept(tmp_path, monkeypatch, tiny_model_factory):
+    """transformers' GGUF reader drops rope scaling: a Llama 3.1-style file (llama.cpp writes its llama3 scaling as
+    a rope_freqs.weight tensor) or one with yarn keys ran with plain rope, different tokens from its model with no
+    word said. The scaling is now carried into the converted config.json, and both answer as their models do."""
+    from gguf import GGUFValueType
+
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
+    llama = tiny_model_factory("llama")  # (TINY_CONFIGS: llama3 scaling, original context 256)
+    gguf = write_gguf(Path(llama), tmp_path / "llama3.gguf", "llama", rope_freqs=llama3_rope_divisors(Path(llama)))
+    assert _gguf_greedy(gguf, GGUF_PROMPTS) == hf_greedy(llama, GGUF_PROMPTS, 8, stop_at_eos=False)
+    [converted] = (tmp_path / "cache" / "gguf").iterdir()
+    rope = json.loads((converted / "config.json").read_text())["rope_parameters"]
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("llama3", 8.0, 256)
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0}
+    qwen = make_tiny_model("qwen2", tmp_path / "qwen2-yarn", tokenizer_dir=Path(llama), rope_parameters=yarn)
+    keys = {"qwen2.rope.scaling.type": ("yarn", GGUFValueType.STRING),
+            "qwen2.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32),
+            "qwen2.rope.scaling.original_context_length": (256, GGUFValueType.UINT32)}
+    gguf = write_gguf(qwen, tmp_path / "qwen2-yarn.gguf", "qwen2", metadata=keys)
+    assert _gguf_greedy(gguf, GGUF_PROMPTS) == hf_greedy(qwen, GGUF_PROMPTS, 8, stop_at_eos=False)
+
+
+def test_a_gguf_file_that_does_not_convert_whole_is_refused_by_name(tmp_path, monkeypatch, tiny_model_factory):
+    """A mixture-of-experts GGUF file (ffn_*_exps tensors: how llama.cpp writes Mixtral) passed the header check,
+    and transformers left its MLP weights randomly initialised: it ran, and answered nonsense, from then on out of
+    the cache. Rope divisors that no llama3 scaling computes, and a rope scaling type not run here, were dropped.
+    Each is now refused, naming the file and what it holds, and nothing is cached."""
+    from gguf import GGUFValueType
+
+    from batchllm.models.default_model import gguf_rope_scaling
+
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
+    llama = Path(tiny_model_factory("llama"))
+    gguf = write_gguf(llama, tmp_path / "moe.gguf", "llama", experts=2, rope_freqs=llama3_rope_divisors(llama))
+    with pytest.raises(ModelLoadError, match=r"cannot convert the GGUF model '.*moe.gguf': 6 weights of its "
+                                             r"LlamaForCausalLM are not in the file .*model.layers.0.mlp.down_proj"
+                                             r".*a mixture-of-experts GGUF file is not run"):
+        LLM(str(gguf), device="cpu", dtype="float32")
+    config = json.loads((llama / "config.json").read_text())
+    cases = [(dict(rope_freqs=[1.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0, 5.0]),
+              r"its rope_freqs.weight divisors are not a llama3 rope scaling"),
+             (dict(metadata={"llama.rope.scaling.type": ("longrope", GGUFValueType.STRING),
+                             "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32)}),
+              r"its rope scaling type 'longrope' is not run here \(linear and yarn are"),
+             (dict(metadata={"llama.rope.scaling.type": ("yarn", GGUFValueType.STRING),
+                             "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32),
+                             "llama.rope.scaling.attn_factor": (0.5, GGUFValueType.FLOAT32)}),
+              r"its yarn rope scaling's llama.rope.scaling.attn_factor is not run here"),
+             (dict(metadata={"llama.rope.scaling.type": ("linear", GGUFValueType.STRING)}),
+              r"its linear rope scaling has no llama.rope.scaling.factor")]
+    for index, (how, message) in enumerate(cases):
+        gguf = write_gguf(llama, tmp_path / f"rope{index}.gguf", "llama", tokenizer=False, **how)
+        with pytest.raises(ModelLoadError, match=f"cannot convert the GGUF model '.*rope{index}.gguf': {message}"):
+            gguf_rope_scaling(gguf, config)
+    assert not any((tmp_path / "cache" / "gguf").glob("*/.batchllm-converted"))
 
 
 def test_truncation_keeps_the_bos_and_minus_one_leaves_room_for_max_tokens(tmp_path, tiny_model_factory):
