@@ -86,14 +86,33 @@ def input_problem(path: Path) -> str | None:
     try:
         with path.open("rb") as f:
             head = f.read(1 << 16)
+            for magic, what in _NOT_UTF8_FILES:
+                if head.startswith(magic):
+                    return (f"cannot read input file {str(path)!r}: it is {what}; a JSONL file is UTF-8 text, one "
+                            "JSON per line")
+            f.seek(0)
+            line = _first_line_ending_in_a_lone_carriage_return(f)
     except OSError as e:
         return f"cannot read input file {str(path)!r}: {e.strerror}"
-    for magic, what in _NOT_UTF8_FILES:
-        if head.startswith(magic):
-            return f"cannot read input file {str(path)!r}: it is {what}; a JSONL file is UTF-8 text, one JSON per line"
-    if b"\r{" in head and b"\n" not in head:  # (read as one line, every line but the first would go unanswered)
-        return (f"cannot read input file {str(path)!r}: its lines end in a lone carriage return (\\r, old Mac OS "
-                "line endings); convert them to \\n first (e.g. tr '\\r' '\\n' < in.jsonl > fixed.jsonl)")
+    if line is not None:  # (read as one line, every request after the \r would go unanswered)
+        return (f"cannot read input file {str(path)!r}: line {line} ends in a lone carriage return (\\r, old Mac OS "
+                "line endings) before the next request; convert them to \\n first (e.g. tr '\\r' '\\n' < in.jsonl "
+                "> fixed.jsonl)")
+    return None
+
+
+def _first_line_ending_in_a_lone_carriage_return(f) -> int | None:
+    """The number of the first line (as \\n counts them) holding \\r right before a JSON object ("\\r{"): a lone
+    carriage return as a line ending, since JSON allows no raw \\r inside a string; None where there is none. The
+    whole file is read (in chunks, in C: ~1 s per GB), as a file whose later part alone has such lines (two files
+    joined) would run each such run of requests as one malformed line."""
+    newlines, previous = 0, b""
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        window = previous + chunk
+        if (at := window.find(b"\r{")) >= 0:
+            return newlines + window.count(b"\n", len(previous), max(at, len(previous))) + 1
+        newlines += chunk.count(b"\n")
+        previous = chunk[-1:]
     return None
 
 

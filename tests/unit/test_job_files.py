@@ -297,6 +297,13 @@ def test_urls_and_lone_carriage_returns_are_refused_at_start(tmp_path, capsys, m
     from batchllm.io.ingest import input_problem
 
     assert input_problem(windows) is None
+    # such lines after the first 64 KiB (a long first prompt) or after plain lines (two files joined) were read as
+    # one malformed line, the requests after each \r unanswered and unnamed
+    joined = tmp_path / "joined.jsonl"
+    joined.write_bytes(b'{"id": "a", "prompt": "' + b"x" * 70_000 + b'"}\n{"id": "b", "prompt": "hi"}\n'
+                       b'{"id": "c", "prompt": "hi"}\r{"id": "d", "prompt": "yo"}\r')
+    code, err = run(capsys, joined, "-o", "o.jsonl")
+    assert code == 2 and "joined.jsonl': line 3 ends in a lone carriage return" in err, err
 
 
 def test_an_unexpected_failure_exits_3_with_one_line_and_the_traceback_only_under_debug(tmp_path, capsys, monkeypatch):
