@@ -717,7 +717,9 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
             _write_stats(args, stats, "the results written so far are kept")  # (the status stays the signal's)
             return 128 + e.signum
         except OutputWriteError as e:  # (what was written stays: say how to resume it where that is not plain)
-            return _fail(f"{e}; {job.rerun_hint(True)}" if args.overwrite else str(e))
+            code = _fail(f"{e}; {job.rerun_hint(True)}" if args.overwrite else str(e))
+            _write_stats(args, {"failed": str(e), **job.progress_stats()}, "the results written so far are kept")
+            return code
 
 
 class Interrupted(BaseException):

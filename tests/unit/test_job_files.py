@@ -610,10 +610,14 @@ def test_a_write_failure_during_run_exits_2_with_one_line_and_the_rerun_complete
         written.append(record["id"])
 
     monkeypatch.setattr(job.ResultWriter, "write", write_then_fill_the_disk)
-    code, err = run(capsys, src, "-o", out, "--model", model, "--temperature", "0")
+    stats = tmp_path / "stats.json"
+    code, err = run(capsys, src, "-o", out, "--model", model, "--temperature", "0", "--stats", stats)
     assert code == 2
     assert err.strip().splitlines()[-1] == f"batchllm: error: cannot write results to {out}: No space left on device"
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == written, "nothing written is lost"
+    recorded = json.loads(stats.read_text())  # (it was not written: every other stopped run writes its stats)
+    assert recorded["failed"] == f"cannot write results to {out}: No space left on device"
+    assert (recorded["num_lines_done"], recorded["num_lines_left"]) == (3, 3), recorded
     monkeypatch.setattr(job.ResultWriter, "write", real_write)
     code, err = run(capsys, src, "-o", out, "--model", model, "--temperature", "0")
     assert code == 0, err
