@@ -95,10 +95,11 @@ def default_errors_path(output: Path) -> Path:
     return earlier if recorded == str(earlier.resolve()) else new
 
 
-def _refuse_deleting_anothers_errors(output: Path, errors: Path) -> None:
-    """Raise JobError where starting `output` over would delete `errors` while it holds the failed lines of another
-    output, whose state file names it (an earlier version's shared default, or another job's --errors-file): that
-    job could then never resume. The outputs looked at are those whose default errors file it may be."""
+def _refuse_deleting_anothers_errors(output: Path, errors: Path, what: str) -> None:
+    """Raise JobError where starting `output` over would empty `errors` (`what`: its errors file, or the output
+    itself) while it holds the failed lines of another output, whose state file names it (an earlier version's
+    shared default, or another job's --errors-file): that job could then never resume. The outputs looked at are
+    those whose default errors file it may be."""
     if not (errors.is_file() and errors.stat().st_size > 0):
         return
     name = errors.name
@@ -110,9 +111,9 @@ def _refuse_deleting_anothers_errors(output: Path, errors: Path) -> None:
             continue
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if json.loads(state_path_for(other).read_bytes()).get("errors_file") == str(errors.resolve()):
-                raise JobError(f"refusing to start {str(output)!r} over: its errors file {str(errors)!r} holds the "
+                raise JobError(f"refusing to start {str(output)!r} over: {what} {str(errors)!r} holds the "
                                f"failed lines of {str(other)!r} (its state file names it), which --overwrite would "
-                               "delete; give this job its own --errors-file")
+                               f"delete; {'choose another -o' if errors == output else 'give this job its own --errors-file'}")
 
 
 @dataclass
@@ -360,6 +361,9 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     if errors is not None and any(same_file(errors, p) for p in (input_path, output, state_path)):
         raise JobError(f"the errors file {str(errors)!r} must differ from the input, the output and its state file; "
                        "choose another --errors-file")
+    if errors is not None and errors.exists() and not errors.is_file() and not errors.is_dir():
+        raise JobError(f"cannot write the errors file {str(errors)!r}: it is not a regular file (a device or a pipe), "
+                       "which a job would remove to start it over and cannot resume from; --errors-file names a file")
     fingerprint = _job_fingerprint(input_path, options)
     if errors is not None:
         fingerprint["errors_file"] = str(errors.resolve())
@@ -373,8 +377,9 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
             _record_errors_file(state_path, fingerprint)
         return resume
     _refuse_unwritable_files(write_problem, errors, writes_errors)
+    _refuse_deleting_anothers_errors(output, output, "the output")
     if errors is not None:
-        _refuse_deleting_anothers_errors(output, errors)
+        _refuse_deleting_anothers_errors(output, errors, "its errors file")
     fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint))
     if existing:
         fresh.earlier = lambda: _earlier_records(output, errors, state_path, fingerprint)

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -441,6 +442,30 @@ def test_an_output_begun_under_the_earlier_default_keeps_its_errors_file(tmp_pat
     with pytest.raises(JobError, match="holds the failed lines of .*results"):
         prepare_output(other, src, True, tmp_path / "results.errors.jsonl")
     assert earlier.stat().st_size > 0
+
+
+def test_an_errors_file_that_is_a_device_or_another_jobs_is_not_deleted(tmp_path):
+    """Starting a job over removes its errors file: `--errors-file` naming a device (/dev/null, as root) replaced the
+    node with a regular file; and `-o x.errors.jsonl --overwrite` emptied job x's errors file (its state file names
+    it), which x could then never resume. Both are refused, naming the file, before anything is written."""
+    from batchllm.io.job import default_errors_path
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in (1, 2)))
+    device = tmp_path / "fifo"
+    os.mkfifo(device)
+    with pytest.raises(JobError, match=r"cannot write the errors file '.*fifo': it is not a regular file \(a device "
+                                       r"or a pipe\)"):
+        prepare_output(tmp_path / "out.jsonl", src, True, device)
+    assert stat.S_ISFIFO(os.stat(device).st_mode) and not (tmp_path / "out.jsonl").exists()
+    x = tmp_path / "x.jsonl"
+    prepare_output(x, src, False, default_errors_path(x))
+    failed = json.dumps({"id": "r1", "custom_id": "c1", "response": None, "error": {"code": "bad", "message": "x"}})
+    write_as_the_job(x, default_errors_path(x), failed + "\n")
+    with pytest.raises(JobError, match=r"refusing to start '.*x.errors.jsonl' over: the output '.*x.errors.jsonl' "
+                                       r"holds the failed lines of '.*x.jsonl'.*; choose another -o"):
+        prepare_output(default_errors_path(x), src, True, tmp_path / "y.errors.jsonl")
+    assert default_errors_path(x).read_text() == failed + "\n"
 
 
 def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
