@@ -381,14 +381,14 @@ def add_bench_parser(sub) -> None:
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bar during a configuration's measured run on the CPU (its start line stays; "
                         "on a GPU the measured run shows none, as every GPU number was taken)")
-    r.add_argument("--peak-tflops", type=float, default=None,
+    r.add_argument("--peak-tflops", type=_positive(float), default=None,
                    help="the bf16 matmul peak (TFLOP/s) for MFU, the compute limit and the profile's rates, "
                         "instead of measuring it (an 8192^3 matmul, which varies by a few percent from process to "
                         "process); also on CPU")
     r.add_argument("--profile-out", default=None,
                    help="then profile the workload (last config; --profile-requests: its first N requests) and "
                         "write the GPU time per kernel category here")
-    r.add_argument("--profile-requests", type=int, default=None,
+    r.add_argument("--profile-requests", type=_positive(int), default=None,
                    help="requests of the profiled runs (default: the whole workload)")
     r.add_argument("--cpu-profile-out", default=None,
                    help="then run the first --profile-requests requests (last config) under cProfile and write "
@@ -396,6 +396,17 @@ def add_bench_parser(sub) -> None:
     # workloads are token ids: no tokenizer; every other default is `run`'s (the user gets what is measured)
     add_engine_arguments(b, exclude=["skip_tokenizer_init"])
     add_vllm_arguments(b, run_batch=False)  # run's: --disable-log-stats, -pp 1, --task generate ... (vLLM bench's)
+
+
+def _positive(kind: type):
+    """An argparse type: a number of `kind` above 0 (argparse names the option and the value otherwise)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"  # (argparse's "invalid positive float value: '-5'")
+    return parse
 
 
 _ON, _OFF = dict(prefix_sharing=True), dict(prefix_sharing=False)
@@ -451,9 +462,8 @@ def bench_command(args) -> int:
     from batchllm.options import engine_kwargs_from_args
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"batchllm bench: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    if problem := _configs_problem(names, engine_kwargs_from_args(args)) or _output_paths_problem(args):
+        raise SystemExit(f"batchllm bench: {problem}")
     filled = fill_workload_sizes(args)  # (before the checks: they read the sizes)
     if problem := workload_option_problem(args):
         raise SystemExit(f"batchllm bench: {problem}")
@@ -491,6 +501,32 @@ def bench_command(args) -> int:
             with open(args.json_out, "w") as f:
                 json.dump({**info, "results": results}, f)
     return 0
+
+
+def _configs_problem(names: list[str], engine_kwargs: dict) -> str | None:
+    """What is wrong with --configs (none named, an unknown one, or one that turns prefix sharing back on under
+    --no-prefix-sharing, which it overrode in silence), or None."""
+    if not names:
+        return f"--configs names no configuration; choose from {list(CONFIGS)}"
+    if unknown := [c for c in names if c not in CONFIGS]:
+        return f"unknown config(s) {unknown}; choose from {list(CONFIGS)}"
+    on = [c for c in names if CONFIGS[c][1].get("prefix_sharing")]
+    if engine_kwargs.get("prefix_sharing") is False and on:
+        return (f"--no-prefix-sharing: the configuration(s) {on} turn prefix sharing on, as each configuration sets "
+                "it; measure without it with --configs nosharing")
+    return None
+
+
+def _output_paths_problem(args) -> str | None:
+    """Why --json-out, --profile-out or --cpu-profile-out could not be written, or None: checked before any engine
+    is built (they were written after the measurement, and a bad path failed it as an unexpected error)."""
+    from batchllm.io.job import later_write_problem
+
+    for flag in ("json_out", "profile_out", "cpu_profile_out"):
+        path = getattr(args, flag, None)
+        if path and (problem := later_write_problem(Path(path), "--" + flag.replace("_", "-"))):
+            return problem
+    return None
 
 
 def _size(workload: Workload) -> str:
@@ -538,6 +574,10 @@ def workload_fit_problem(llm, workload: Workload, kind: str) -> str | None:
         if length >= llm.max_model_len:
             return (f"a prompt of {length} tokens ({prompts_by}) leaves no room to generate in the context "
                     f"(max_model_len {llm.max_model_len}); raise --max-model-len or shorten the prompts")
+        if length + max_tokens > llm.max_model_len:  # (it would stop at the context, and be measured as done)
+            return (f"a request of {length} prompt tokens ({prompts_by}) and {max_tokens} output tokens "
+                    f"({outputs_by}) does not fit the context (max_model_len {llm.max_model_len}): bench measures "
+                    "every request to its max_tokens; raise --max-model-len or shorten the requests")
         if llm.kv_cache_problem(length, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)):
             return (f"a request of {length} prompt tokens ({prompts_by}) and {max_tokens} output tokens "
                     f"({outputs_by}) does not fit the KV cache, which holds {llm.kv_cache_tokens} tokens; "

@@ -264,6 +264,30 @@ def test_bench_names_a_bad_workload_option_before_loading_a_model(tiny_model_fac
         main(["bench", "--model", tiny_model_factory("llama"), *options, "--device", "not-a-device"])
 
 
+@pytest.mark.parametrize("options, problem", [
+    (["--configs", ","], r"batchllm bench: --configs names no configuration; choose from \['sharing'"),  # (exit 0)
+    (["--no-prefix-sharing"], r"batchllm bench: --no-prefix-sharing: the configuration\(s\) \['sharing'\] turn "
+                              r"prefix sharing on, as each configuration sets it; measure without it with --configs "
+                              r"nosharing"),  # (ignored: the sharing row shared)
+    (["--json-out", "/proc/nope/x.json"], r"batchllm bench: cannot write --json-out '/proc/nope/x.json'"),
+    (["--cpu-profile-out", "/proc/nope/c.txt"], r"batchllm bench: cannot write --cpu-profile-out"),  # (after measuring)
+])
+def test_bench_refuses_configurations_and_output_paths_before_building_an_engine(tiny_model_factory, options,
+                                                                                  problem):
+    with pytest.raises(SystemExit, match=problem):
+        main(["bench", "--model", tiny_model_factory("llama"), *options, "--device", "not-a-device"])
+
+
+@pytest.mark.parametrize("option, value", [("--peak-tflops", "-5"), ("--peak-tflops", "0"),
+                                           ("--profile-requests", "0"), ("--profile-requests", "-1")])
+def test_bench_takes_only_positive_peaks_and_profile_sizes(capsys, option, value):
+    """--peak-tflops -5 printed a negative MFU and compute limit, 0 meant "not given"; --profile-requests -1
+    profiled all requests but the last (a Python slice), 0 nothing."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", option, value])
+    assert exit_.value.code == 2 and f"argument {option}: invalid positive" in capsys.readouterr().err
+
+
 def test_bench_leaves_options_its_workload_does_not_read_unchecked():
     """--max-output 50 with the shared workload (which reads neither output bound) was refused for the unused
     --min-output 100."""
@@ -347,6 +371,10 @@ def test_a_configuration_that_fails_keeps_those_measured_before_it(tiny_model_fa
     (["--max-model-len", "40"],
      r"configuration 'sharing': the workload does not fit: a prompt of 60 tokens \(--shared \+ --distinct\) leaves "
      r"no room to generate in the context \(max_model_len 40\); raise --max-model-len or shorten the prompts\n"),
+    (["--max-model-len", "64"],  # (it ran, each request cut at the context, and measured as the workload announced)
+     r"configuration 'sharing': the workload does not fit: a request of 60 prompt tokens \(--shared \+ --distinct\) "
+     r"and 6 output tokens \(--output\) does not fit the context \(max_model_len 64\): bench measures every request "
+     r"to its max_tokens; raise --max-model-len or shorten the requests\n"),
 ])
 def test_a_workload_that_does_not_fit_is_a_named_user_error(tiny_model_factory, capsys, options, problem):
     """A workload the engine could not hold (a request past the KV cache or the context) was 'unexpected failure:
