@@ -326,7 +326,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
                                                          "prefill_tokens_computed")}
     # (as LLM's: the saving is against the completions' prompt tokens, the prefill without sharing)
     prompt_tokens, prefill = sums["completion_prompt_tokens"], sums["prefill_tokens_computed"]
-    finish = [r["finish_s"] for r in ranks]
+    finish = [r["finish_s"] for r in ranks if r.get("num_requests")]  # (a rank given nothing balances nothing)
     steps = sum(r["num_steps"] for r in ranks)
     scheduled = sum(r.get("mean_tokens_per_step", 0.0) * r["num_steps"] for r in ranks)  # (a rank's job may be empty)
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
@@ -340,7 +340,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         **dataclasses.asdict(sharing),
         "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_on_each_gpu,
         "num_engines": len(ranks),
-        "kv_cache_dtype": ranks[0].get("kv_cache_dtype") if ranks else None,
+        "kv_cache_dtype": next((r["kv_cache_dtype"] for r in ranks if r.get("kv_cache_dtype")), None),
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
         "duplicated_prefill_tokens": partition.duplicated_prefill_tokens,
         "num_split_groups": partition.num_split_groups,
@@ -561,9 +561,11 @@ def _run_job(llm, job: int, items: list, conn) -> dict:
         return aborted
 
     first = unpack(items) if len(items) else pull()
-    if first is None:
+    if first is None:  # (its engine is built all the same: its cache is reported as a working rank's)
+        from batchllm.llm import kv_pool_stats
+
         return {"num_requests": 0, "prompt_tokens": 0, "prefill_tokens_computed": 0, "output_tokens": 0,
-                "num_steps": 0, "wall_s": 0.0}
+                "num_steps": 0, "wall_s": 0.0, **kv_pool_stats(llm.engine.kv_spec)}
     for local, output in llm.iter_generate(*first, use_tqdm=False, refill=pull, stop_asked=stop_asked):
         output.prompt = output.prompt_token_ids = None  # the parent has them: it puts them back
         conn.send(("result", job, [(index_of[local], output)]))

@@ -83,6 +83,13 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         for r in ranks:
             assert 0 < r["import_s"] + r["build_s"] < r["ready_s"]  # spawning and unpickling come first
             assert r["torch_threads"] == threads
+        # one prompt: a rank gets nothing, and still reports its engine's cache (it reported kv_blocks and
+        # kv_cache_gib null, and the job's kv_cache_dtype null where it was rank 0); the spread is the working ranks'
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts[:1], params, use_tqdm=False)] == expected[:1]
+        stats = llm.last_stats
+        assert sorted(r["num_requests"] for r in stats["ranks"]) == [0, 1] and stats["kv_cache_dtype"] == "float32"
+        assert all(r["kv_blocks"] > 0 and r["kv_cache_gib"] > 0 for r in stats["ranks"]), stats["ranks"]
+        assert stats["finish_time_spread"] == 0.0
     finally:
         llm.shutdown()
 
