@@ -111,9 +111,10 @@ def _refuse_deleting_anothers_errors(output: Path, errors: Path, what: str) -> N
             continue
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if json.loads(state_path_for(other).read_bytes()).get("errors_file") == str(errors.resolve()):
+                instead = "choose another -o" if errors == output else "give this job its own --errors-file"
                 raise JobError(f"refusing to start {str(output)!r} over: {what} {str(errors)!r} holds the "
                                f"failed lines of {str(other)!r} (its state file names it), which --overwrite would "
-                               f"delete; {'choose another -o' if errors == output else 'give this job its own --errors-file'}")
+                               f"delete; {instead}")
 
 
 @dataclass
