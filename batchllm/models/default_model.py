@@ -251,7 +251,7 @@ def gguf_rope_scaling(gguf_path: Path, config: dict) -> dict | None:
         return parameters
     if kind == "none":
         return None
-    unknown = sorted(set(given) - (set(_GGUF_YARN_KEYS) if kind == "yarn" else {"factor"}))
+    unknown = sorted(set(given) - (set(_GGUF_YARN_KEYS) if kind == "yarn" else {"factor", "finetuned"}))
     problem = (f"its rope scaling type {kind!r} is not run here (linear and yarn are, and llama3's rope_freqs.weight)"
                if kind not in ("linear", "yarn") else
                f"its {kind} rope scaling's {', '.join(prefix + k for k in unknown)} is not run here" if unknown else
