@@ -275,30 +275,24 @@ _LLAMA3_FREQ_FACTORS = ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.
 
 def _llama3_parameters_of(divisors: list[float], config: dict) -> dict | None:
     """The llama3 rope parameters (factor, low/high_freq_factor, original context) whose per-frequency divisors of
-    the rotary frequencies are `divisors` (within float32's rounding), else None. Divisor i of frequency
-    f_i = theta ** (-2i / head_dim), wavelength w_i = 2 pi / f_i: 1 where w_i < original / high, the factor where
-    w_i > original / low, else 1 / ((1 - s) / factor + s) with s = (original / w_i - low) / (high - low)."""
+    the rotary frequencies are `divisors` (within float32's rounding), else None: each candidate's frequencies are
+    the rotary embedding's own (`layers.rotary.inverse_frequencies`), so a match runs as the file was made."""
     import math
+
+    from batchllm.layers.rotary import inverse_frequencies
 
     rope = config.get("rope_parameters") or {}
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if len(divisors) != head_dim // 2 or not divisors:
         return None
-    wavelengths = [2 * math.pi * theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
+    plain = inverse_frequencies(head_dim, theta, None)
     factor = float(f"{max(divisors):.6g}")  # (the file's float32 of it: 8.00000095 for 8)
     for original in _LLAMA3_ORIGINAL_CONTEXTS:
         for low, high in _LLAMA3_FREQ_FACTORS:
-            expected = []
-            for w in wavelengths:
-                if w < original / high:
-                    expected.append(1.0)
-                elif w > original / low:
-                    expected.append(factor)
-                else:
-                    smooth = (original / w - low) / (high - low)
-                    expected.append(1 / ((1 - smooth) / factor + smooth))
+            candidate = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                         "original_max_position_embeddings": original}
+            expected = (plain / inverse_frequencies(head_dim, theta, candidate)).tolist()
             if all(math.isclose(e, d, rel_tol=1e-5) for e, d in zip(expected, divisors)):
-                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                        "original_max_position_embeddings": original}
+                return candidate
     return None
