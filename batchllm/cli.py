@@ -718,7 +718,7 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
             return 128 + e.signum
         except OutputWriteError as e:  # (what was written stays: say how to resume it where that is not plain)
             code = _fail(f"{e}; {job.rerun_hint(True)}" if args.overwrite else str(e))
-            _write_stats(args, {"failed": str(e), **job.progress_stats()}, "the results written so far are kept")
+            _write_failed_stats(args, job, e)
             return code
 
 
@@ -943,7 +943,7 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         return _report(args, job, {**llm.last_stats, **phases}, time.perf_counter() - started)
     except WorkerDied as e:  # during the job: what the other workers finished is written, and a rerun resumes
         print(f"batchllm: error: {e} ({job.progress()}; {job.rerun_hint(args.overwrite)})", file=sys.stderr)
-        _write_stats(args, {"failed": str(e), **job.progress_stats()}, "the results written so far are kept")
+        _write_failed_stats(args, job, e)
         return EXIT_CANNOT_START
     finally:
         llm.shutdown()  # data-parallel workers and tensor-parallel followers stop with the job
@@ -1154,6 +1154,11 @@ def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> in
     if job.errors_path.is_file() and job.errors_path.stat().st_size:
         print(f"batchllm: failed OpenAI Batch lines are in {job.errors_path}", file=sys.stderr)
     return _write_stats(args, stats) or (EXIT_LINES_FAILED if num_failed else EXIT_OK)
+
+
+def _write_failed_stats(args: argparse.Namespace, job: _Job, error: Exception) -> None:
+    """--stats of a run that failed part-way (a dead worker, a full disk): the error and the lines done and left."""
+    _write_stats(args, {"failed": str(error), **job.progress_stats()}, "the results written so far are kept")
 
 
 def _write_stats(args: argparse.Namespace, stats: dict, results: str = "the results are complete") -> int | None:

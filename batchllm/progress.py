@@ -57,11 +57,11 @@ class TokenProgress:
         (the first one after the start), or forced, writes one line instead (`line`). Its own bar or lines are
         labelled `desc`, but TOKENS_DESC for vLLM's "Processed prompts" (`VLLM_DESC`): they count tokens."""
         self.enabled = bool(enabled)
-        self.desc = TOKENS_DESC if desc == VLLM_DESC and not callable(enabled) else desc
-        self.bar = None
         self.counts_prompts = callable(enabled)
+        self.desc = TOKENS_DESC if desc == VLLM_DESC and not self.counts_prompts else desc
+        self.bar = None
         self.started = time.perf_counter()
-        if callable(enabled):
+        if self.counts_prompts:
             self.bar = enabled(total=0, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
                                                                               "output: 0.00 toks/s")
         elif self.enabled and not draws_in_place(sys.stderr):

@@ -110,7 +110,7 @@ def _first_line_ending_in_a_lone_carriage_return(f) -> int | None:
     for chunk in iter(lambda: f.read(1 << 20), b""):
         window = previous + chunk
         if (at := window.find(b"\r{")) >= 0:
-            return newlines + window.count(b"\n", len(previous), max(at, len(previous))) + 1
+            return newlines + window.count(b"\n", len(previous), at) + 1  # (none where at < len(previous))
         newlines += chunk.count(b"\n")
         previous = chunk[-1:]
     return None

@@ -95,9 +95,9 @@ def default_errors_path(output: Path) -> Path:
     return earlier if recorded == str(earlier.resolve()) else new
 
 
-def _refuse_deleting_anothers_errors(output: Path, errors: Path, what: str) -> None:
-    """Raise JobError where starting `output` over would empty `errors` (`what`: its errors file, or the output
-    itself) while it holds the failed lines of another output, whose state file names it (an earlier version's
+def _refuse_deleting_anothers_errors(output: Path, errors: Path) -> None:
+    """Raise JobError where starting `output` over would empty `errors` (its errors file, or the output itself)
+    while it holds the failed lines of another output, whose state file names it (an earlier version's
     shared default, or another job's --errors-file): that job could then never resume. The outputs looked at are
     those whose default errors file it may be."""
     if not (errors.is_file() and errors.stat().st_size > 0):
@@ -111,7 +111,8 @@ def _refuse_deleting_anothers_errors(output: Path, errors: Path, what: str) -> N
             continue
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if json.loads(state_path_for(other).read_bytes()).get("errors_file") == str(errors.resolve()):
-                instead = "choose another -o" if errors == output else "give this job its own --errors-file"
+                what, instead = (("the output", "choose another -o") if errors == output else
+                                 ("its errors file", "give this job its own --errors-file"))
                 raise JobError(f"refusing to start {str(output)!r} over: {what} {str(errors)!r} holds the "
                                f"failed lines of {str(other)!r} (its state file names it), which --overwrite would "
                                f"delete; {instead}")
@@ -378,9 +379,9 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
             _record_errors_file(state_path, fingerprint)
         return resume
     _refuse_unwritable_files(write_problem, errors, writes_errors)
-    _refuse_deleting_anothers_errors(output, output, "the output")
+    _refuse_deleting_anothers_errors(output, output)
     if errors is not None:
-        _refuse_deleting_anothers_errors(output, errors, "its errors file")
+        _refuse_deleting_anothers_errors(output, errors)
     fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint))
     if existing:
         fresh.earlier = lambda: _earlier_records(output, errors, state_path, fingerprint)
