@@ -925,6 +925,8 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         job.resume.begin()  # the model loaded: only now is a fresh (or --overwrite) output emptied and tied to the job
         started = time.perf_counter()
         phases = {"engine_build_s": started - reading.started}
+        if llm.engine is not None:  # (several engine processes report theirs per rank)
+            phases["build_phases"] = llm.engine.build_seconds
         claim = functools.partial(claim_errors_file, args.output)  # (locked for the job; a resume checks it)
         with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True, on_open=claim) as errors_out:
             job.writers = (out, errors_out)

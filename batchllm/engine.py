@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +43,25 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class BuildPhases:
+    """Where an engine's build went: seconds per phase, in the order the phases ran (`seconds`). A phase
+    on a CUDA device ends with a synchronize, so that work it queued is counted in it, not in the next."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
 @dataclass(frozen=True)
 class Engine:
     """A built engine. `core` runs steps (add_request / step / finish_requests); the rest is what
@@ -58,6 +80,9 @@ class Engine:
     core: EngineCore
     tp_followers: object | None = None
     """The tensor-parallel follower processes (`parallel/tp_worker.py`), when tensor_parallel_size > 1."""
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds each phase of the build took (`BuildPhases`): model, activation_reserve, kv_cache,
+    kernel_warmup, decode_graphs (those that ran), then scheduler."""
 
     def step_failure(self, error: Exception) -> Exception:
         """What a step's failure means: a tensor-parallel follower that died makes rank 0's collective fail with
@@ -215,39 +240,38 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None,
         from batchllm.parallel.tp_worker import start_followers
 
         tp, followers = start_followers(config, facts)
+    phases = BuildPhases(facts.device)
     try:
-        runner = build_runner(config, facts, tp)
+        runner = build_runner(config, facts, tp, phases)
     except BaseException:
         if followers is not None:
             followers.abandon()  # (the followers, waiting in collectives, would otherwise outlive the failure)
         raise
     sc = facts.scheduler
     kv_spec = runner.kv_spec
-    kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)
-    overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
-    core = EngineCore(Scheduler(sc, kv, facts.max_model_len), runner, async_scheduling=overlap)
+    with phases.phase("scheduler"):
+        kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)
+        overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
+        core = EngineCore(Scheduler(sc, kv, facts.max_model_len), runner, async_scheduling=overlap)
     logger.info("model %s (%s) on %s, %s%s, max_model_len %d, %d KV blocks of %d tokens (%s, %.2f GiB), tensor "
                 "parallel %d", facts.model_dir, facts.spec.architecture, facts.device, facts.dtype,
                 "" if facts.quantization is None else f", {facts.quantization.describe()}", facts.max_model_len,
                 kv_spec.num_blocks, kv_spec.block_size, kv_spec.dtype, kv_spec.num_bytes / 2**30,
                 config.parallel.tensor_parallel_size)
     return Engine(config, facts.model_dir, facts.spec, facts.device, facts.dtype, facts.max_model_len,
-                  runner.model, kv_spec, runner, core, followers)
+                  runner.model, kv_spec, runner, core, followers, phases.seconds)
 
 
-def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunner:
+def build_runner(config: EngineConfig, facts: ModelFacts, tp=None, phases: BuildPhases | None = None) -> ModelRunner:
     """One rank's model (its shard under tensor parallelism), KV cache, attention backend and
     runner; the Triton backend compiles its variants now and, on CUDA unless enforce_eager, decode
     steps get CUDA graphs (captured by all tensor-parallel ranks together: they hold collectives).
-    Every rank builds through here, in the same order of collectives."""
+    Every rank builds through here, in the same order of collectives. `phases` records each part's seconds."""
+    phases = BuildPhases(facts.device) if phases is None else phases
     mc, sc = config.model, facts.scheduler
     device, dtype = facts.device, facts.dtype
-    model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=dtype, device=device,
-                        load_format="dummy" if mc.load_format == "dummy" else "safetensors", seed=mc.seed,
-                        ops=make_ops(mc.kernels, device), tp=tp, quantization=facts.quantization,
-                        fp8_fused_quant=mc.fp8_fused_quant, fp8_deferred_scales=mc.fp8_deferred_scales)
-    if tp is None or tp.rank == 0:
-        warn_unit_kv_scales(model, facts.kv_cache_dtype, facts.quantization)
+    with phases.phase("model"):
+        model = _build_model(config, facts, tp)
     triton_attention = use_triton(mc.attention_backend, device, "attention_backend")
     graphs = triton_attention and device.type == "cuda" and not mc.enforce_eager
     graph_batch = min(mc.max_cudagraph_capture_size or default_graph_batch(facts.spec), sc.max_num_batched_tokens,
@@ -255,12 +279,39 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
     cache = replace(config.cache, kv_cache_dtype=facts.kv_cache_dtype)
     reserve = None
     if triton_attention and device.type == "cuda" and cache.sized_from_memory:
-        reserve = measure_activation_reserve(
-            model, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31,
-            mc.max_logprobs if mc.max_logprobs >= 0 else facts.spec.vocab_size, graph_batch, facts.max_model_len,
-            kv_block_size(model.spec, cache, dtype, device), driver=tp is None or tp.is_driver)
-    kv_spec = plan_kv_cache(model.spec, cache, dtype, device, tp, reserve)
-    spec = model.spec  # the rank's shard: its query and KV heads
+        with phases.phase("activation_reserve"):
+            reserve = measure_activation_reserve(
+                model, sc.max_num_batched_tokens, sc.max_num_seqs or 2**31,
+                mc.max_logprobs if mc.max_logprobs >= 0 else facts.spec.vocab_size, graph_batch, facts.max_model_len,
+                kv_block_size(model.spec, cache, dtype, device), driver=tp is None or tp.is_driver)
+    with phases.phase("kv_cache"):
+        kv_spec = plan_kv_cache(model.spec, cache, dtype, device, tp, reserve)
+    with phases.phase("kernel_warmup"):
+        backend = _attention_backend(mc, triton_attention, model.spec, kv_spec, dtype, device)
+    runner = ModelRunner(model, kv_spec, backend, device=device, seed=mc.seed, tp=tp)
+    if backend.supports_decode_graphs and graphs:
+        with phases.phase("decode_graphs"):
+            runner.setup_decode_graphs(graph_batch, facts.max_model_len)
+    return runner
+
+
+def _build_model(config: EngineConfig, facts: ModelFacts, tp) -> DecoderForCausalLM:
+    """The rank's model with its weights loaded (or dummy weights made), on its device; a checkpoint whose
+    KV scales are all 1 is warned of once (by rank 0)."""
+    mc = config.model
+    model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=facts.dtype,
+                        device=facts.device, load_format="dummy" if mc.load_format == "dummy" else "safetensors",
+                        seed=mc.seed, ops=make_ops(mc.kernels, facts.device), tp=tp, quantization=facts.quantization,
+                        fp8_fused_quant=mc.fp8_fused_quant, fp8_deferred_scales=mc.fp8_deferred_scales)
+    if tp is None or tp.rank == 0:
+        warn_unit_kv_scales(model, facts.kv_cache_dtype, facts.quantization)
+    return model
+
+
+def _attention_backend(mc, triton_attention: bool, spec: ModelSpec, kv_spec: KVCacheSpec, dtype: torch.dtype,
+                       device: torch.device) -> AttentionBackend:
+    """The attention backend for this rank's heads (`spec`: its shard) and KV cache, its kernels warmed up:
+    the Triton one (compiling its variants now) or the torch reference. mc: the config's ModelConfig."""
     backend: AttentionBackend
     if triton_attention:
         from batchllm.attention.triton_backend import TritonBackend, decode_tile_for, tma_by_default
@@ -276,10 +327,7 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None) -> ModelRunne
                              "on a CUDA device with Triton installed)")
         backend = TorchReferenceBackend(fp8_attention=mc.fp8_attention)
     backend.warmup(spec.num_heads, spec.num_kv_heads, spec.head_dim, kv_spec.block_size, dtype, device, kv_spec.dtype)
-    runner = ModelRunner(model, kv_spec, backend, device=device, seed=mc.seed, tp=tp)
-    if backend.supports_decode_graphs and graphs:
-        runner.setup_decode_graphs(graph_batch, facts.max_model_len)
-    return runner
+    return backend
 
 
 def device_total_memory(device: torch.device) -> int:

@@ -41,7 +41,10 @@ def main() -> None:
         if profiler:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(60)
-        workers = llm._data_parallel.start_times if llm._data_parallel is not None else {}
+        if llm.engine is not None:  # (in this process: its build's phases)
+            workers = {0: {"build_s": built, "build_phases": llm.engine.build_seconds}}
+        else:
+            workers = llm._data_parallel.start_times
         parts = "; ".join(f"rank {r}: {describe_start(t)}" for r, t in sorted(workers.items()))
         print(f"{n} engine(s): built in {built:.2f} s" + (f" ({parts})" if parts else ""), flush=True)
         llm.shutdown()

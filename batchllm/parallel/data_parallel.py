@@ -8,7 +8,7 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready", {import_s, build_s, torch_threads, kv_tokens}) | ("pull", job id)
+  rank r -> parent: ("ready", {import_s, build_s, build_phases, torch_threads, kv_tokens}) | ("pull", job id)
                     | ("result", job id, [(index, RequestOutput)]) | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
 result comes back without its prompt and prompt token ids (the parent puts them back). A worker asks
@@ -331,7 +331,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     scheduled = sum(r.get("mean_tokens_per_step", 0.0) * r["num_steps"] for r in ranks)  # (a rank's job may be empty)
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
             "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "activation_reserve_gib", "ready_s",
-            "import_s", "build_s", "torch_threads")
+            "import_s", "build_s", "build_phases", "torch_threads")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
         "num_steps": steps, "mean_tokens_per_step": scheduled / steps if steps else 0.0,
@@ -494,7 +494,8 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", {"import_s": imported - started, "build_s": time.perf_counter() - imported,
-                         "torch_threads": torch.get_num_threads(), "kv_tokens": llm.kv_cache_tokens}))
+                         "build_phases": llm.engine.build_seconds, "torch_threads": torch.get_num_threads(),
+                         "kv_tokens": llm.kv_cache_tokens}))
     serve_jobs(llm, conn)
 
 
@@ -518,10 +519,18 @@ def serve_jobs(llm, conn) -> None:
         llm.shutdown()
 
 
-def describe_start(times: dict[str, float | int]) -> str:
+def describe_start(times: dict[str, Any]) -> str:
     """One worker's `DataParallelEngine.start_times` entry as text, seconds to a tenth (the key names carry
-    the units): "ready_s 4.2, import_s 1.1, build_s 2.9, torch_threads 8"."""
-    return ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
+    the units; the build's phases are seconds): "ready_s 4.2, import_s 1.1, build_s 2.9 (model 0.4, kv_cache
+    0.1, ...), torch_threads 8"."""
+    def value(v) -> str:
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    phases = times.get("build_phases") or {}
+    described = (f"{k} {value(v)}" + (f" ({', '.join(f'{p} {t:.1f}' for p, t in phases.items())})"
+                                      if k == "build_s" and phases else "")
+                 for k, v in times.items() if k != "build_phases")
+    return ", ".join(described)
 
 
 def _run_job(llm, job: int, items: list, conn) -> dict:

@@ -45,6 +45,9 @@ def test_jsonl_round_trip_on_the_default_model(tmp_path, default_model_dir):
     assert sum(r["prompt_tokens"] - r["cached_tokens"] for r in records.values()) == s["prefill_tokens_computed"]
     # the input was read while the engine was built: the run waited for at most what reading took
     assert s["engine_build_s"] > 0 and s["input_read_s"] > 0
+    # where the build went, phase by phase (on CPU: no activation reserve is measured, no graphs captured)
+    assert list(s["build_phases"]) == ["model", "kv_cache", "kernel_warmup", "scheduler"]
+    assert 0 < sum(s["build_phases"].values()) < s["engine_build_s"]
     assert 0 <= s["input_read_wait_s"] <= s["input_read_s"] and s["input_read_wait_s"] <= s["wall_s"]
     assert "4 done, 0 failed" in r.stderr
 

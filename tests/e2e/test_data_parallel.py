@@ -82,6 +82,7 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         threads = engine_threads(2, usable_cores()) or torch.get_num_threads()
         for r in ranks:
             assert 0 < r["import_s"] + r["build_s"] < r["ready_s"]  # spawning and unpickling come first
+            assert set(r["build_phases"]) >= {"model", "kv_cache"} and sum(r["build_phases"].values()) < r["build_s"]
             assert r["torch_threads"] == threads
         # one prompt: a rank gets nothing, and still reports its engine's cache (it reported kv_blocks and
         # kv_cache_gib null, and the job's kv_cache_dtype null where it was rank 0); the spread is the working ranks'
