@@ -5,6 +5,7 @@ the engine and building it (`DataParallelEngine.start_times`).
     PYTHONPATH=. python3 benchmarks/engine_start.py 1 2 3 2 1        # the SmolLM2-135M shape, dummy weights
     PYTHONPATH=. python3 benchmarks/engine_start.py --device cpu 1 2            # here, on CPU
     PYTHONPATH=. python3 benchmarks/engine_start.py --profile 1     # where one in-process build's time goes
+    PYTHONPATH=. python3 benchmarks/engine_start.py --tokenizer DIR 1 2    # with a tokenizer, as `run` builds them
 
 Each count builds one LLM in this process, one after another; the first build on a fresh machine
 pays Triton's cold compiles, and in-process builds after the first reuse loaded kernels, so compare
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("engines", type=int, nargs="+", help="engines per GPU, one build each, in order")
     parser.add_argument("--model", default="benchmarks/configs/smollm2-135m")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokenizer", default=None,
+                        help="load this tokenizer in each engine, as `batchllm run`'s engines do (default: none)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile each one-engine build (in this process) and print its top functions")
     args = parser.parse_args()
@@ -36,7 +39,8 @@ def main() -> None:
         started = time.perf_counter()
         if profiler:
             profiler.enable()
-        llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, device=args.device, engines_per_gpu=n)
+        tokenizer = {"tokenizer": args.tokenizer} if args.tokenizer else {"skip_tokenizer_init": True}
+        llm = LLM(args.model, load_format="dummy", device=args.device, engines_per_gpu=n, **tokenizer)
         built = time.perf_counter() - started
         if profiler:
             profiler.disable()
