@@ -5,8 +5,9 @@ Body fields are mapped onto SamplingParams (penalties, logit_bias and response_f
 OpenAI defines them); a field the engine cannot honour (tools, streaming, ...) makes that line an
 error naming the field, never silently dropped.
 Output line: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}
-with a chat.completion or text_completion body (with usage), or "response": null and
-"error": {"code", "message"} for a line that failed.
+with a chat.completion or text_completion body (with usage); a line that failed gets OpenAI's refusal,
+"response": {"status_code": 400, "request_id", "body": {"error": {"message", "type", "param", "code"}}},
+and "error": {"code", "message"} (`error_record`).
 """
 
 from __future__ import annotations
@@ -655,8 +656,15 @@ def _chat_message(role: str, text: str | None, reasoning_split=None, echoed: tup
 
 
 def error_record(custom_id: str | None, message: str, code: str = "invalid_request") -> dict[str, Any]:
-    line_id, _ = _ids()
-    return {"id": line_id, "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
+    """A failed line's record, in both shapes readers of OpenAI's error files look for: the response OpenAI's Batch
+    API writes for a request it refused (status 400, the error in its body, as `{"error": {"message", "type",
+    "param", "code"}}`) and the top-level `error` of its published schema (`{"code", "message"}`, which OpenAI
+    itself leaves null; a resume reads the line number from its message)."""
+    line_id, request_id = _ids()
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return {"id": line_id, "custom_id": custom_id, "response": {"status_code": 400, "request_id": request_id,
+                                                                "body": body},
+            "error": {"code": code, "message": message}}
 
 
 def _token_bytes(lp) -> bytes:

@@ -219,4 +219,4 @@ def check_echo_and_named_logprobs(records, model_dir, reference):
     assert len(continued["content"]) > len("Hello")
     for name, message in (("echo-ids", "'echo' needs the prompt as text"),
                           ("labels-alone", "'logprob_token_ids' needs logprobs true")):
-        assert records[name]["response"] is None and message in records[name]["error"]["message"], name
+        assert records[name]["response"]["status_code"] == 400 and message in records[name]["error"]["message"], name

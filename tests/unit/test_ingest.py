@@ -674,7 +674,7 @@ def test_a_line_that_breaks_the_parser_keeps_its_id_and_format(monkeypatch):
             "body": {"messages": [{"role": "user", "content": "Hi"}]}}
     error = jsonl.parse_line(json.dumps(line).encode(), 3)
     record = error.record(jsonl.PLAIN)
-    assert record["custom_id"] == "c-1" and record["response"] is None, record
+    assert record["custom_id"] == "c-1" and record["response"]["status_code"] == 400, record
     assert record["error"]["message"] == "line 3: cannot be read (NameError: 'a bug')"
     monkeypatch.setattr(jsonl, "_parse_line", broken)
     assert jsonl.parse_line(b'{"id": 7, "prompt": "Hi"}', 1).record(jsonl.OPENAI) == {
