@@ -118,6 +118,28 @@ def _refuse_deleting_anothers_errors(output: Path, errors: Path) -> None:
                                f"delete; {instead}")
 
 
+def _refuse_deleting_errors_not_its_own(output: Path, errors: Path, state_path: Path) -> None:
+    """Raise JobError where starting `output` over would empty an errors file of the user's choosing (not the
+    output's own default) that holds records its state file does not name as this job's: another job's failed lines
+    (its --errors-file, named anything: no state file can be found from the errors file), which that job could then
+    never resume, or a file put there. The state file names it as this job's when it records this path and, where
+    it recorded one (STATE_VERSION 3 on), the hash of the file's first line."""
+    if same_file(errors, default_errors_path(output)) or not (errors.is_file() and errors.stat().st_size > 0):
+        return
+    try:
+        state = json.loads(state_path.read_bytes())
+    except (OSError, ValueError):
+        state = {}
+    if not isinstance(state, dict):
+        state = {}
+    first = state.get(ERRORS_FIRST_LINE)
+    if state.get("errors_file") == str(errors.resolve()) and (first is None or first == _first_line_hash(errors)):
+        return
+    raise JobError(f"refusing to start {str(output)!r} over: its errors file {str(errors)!r} holds failed lines "
+                   "this job did not write (another job's --errors-file, or a file put there), which --overwrite would "
+                   "delete; move it away or give this job its own --errors-file")
+
+
 @dataclass
 class ResumeState:
     done_ids: set[str | int] = field(default_factory=set)
@@ -382,6 +404,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     _refuse_deleting_anothers_errors(output, output)
     if errors is not None:
         _refuse_deleting_anothers_errors(output, errors)
+        _refuse_deleting_errors_not_its_own(output, errors, state_path)
     fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint))
     if existing:
         fresh.earlier = lambda: _earlier_records(output, errors, state_path, fingerprint)

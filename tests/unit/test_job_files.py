@@ -468,6 +468,29 @@ def test_an_errors_file_that_is_a_device_or_another_jobs_is_not_deleted(tmp_path
     assert default_errors_path(x).read_text() == failed + "\n"
 
 
+def test_overwrite_keeps_a_chosen_errors_file_that_holds_another_jobs_failed_lines(tmp_path):
+    """`-o b.jsonl --errors-file shared.err --overwrite` deleted job a's failed lines in shared.err (its own
+    --errors-file, whose name leads to no state file): a could never resume them. Refused, naming the file, unless
+    the output's state file names the file as its own (then --overwrite starts it over, as before)."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in (1, 2)))
+    a, b, shared = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "shared.err"
+    prepare_output(a, src, False, shared)
+    failed = json.dumps({"id": "r1", "custom_id": "c1", "response": None, "error": {"code": "bad", "message": "x"}})
+    write_as_the_job(a, shared, failed + "\n")
+    with pytest.raises(JobError, match=r"refusing to start '.*b.jsonl' over: its errors file '.*shared.err' holds "
+                                       r"failed lines this job did not write"):
+        prepare_output(b, src, True, shared)
+    assert shared.read_text() == failed + "\n" and not b.exists()
+    prepare_output(a, src, True, shared)  # a's own file: started over
+    assert not shared.exists() or shared.stat().st_size == 0
+    put_there = tmp_path / "put.err"  # no job wrote it
+    put_there.write_text(failed + "\n")
+    with pytest.raises(JobError, match="its errors file '.*put.err' holds failed lines this job did not write"):
+        prepare_output(a, src, True, put_there)
+    assert put_there.read_text() == failed + "\n"
+
+
 def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
     src, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
     src.write_text("".join(json.dumps({"custom_id": f"c{i}", "body": {}}) + "\n" for i in range(4)))
