@@ -1001,19 +1001,28 @@ def note_ignored_fields(ignored: dict[str, int], where: str = "") -> None:
 
 
 def note_models_named_without_model(args: argparse.Namespace, valid: list, model_name: str) -> None:
-    """Say, before generating, that the default model answers lines naming another model when no --model was
-    given: their responses echo the names the lines gave (vLLM refuses such a line; the default runs here)."""
-    if args.model is not None:
+    """Say, before generating, which models the lines name that this run's model answers under their names (vLLM
+    refuses such a line; it runs here): without --model, the default model answers them; with it, their responses
+    echo names of models that did not answer them (--served-model-name, which renames them, says nothing). A line
+    naming the model as --model gives it, or by its directory's name, is its own."""
+    if args.served_model_name and args.model is not None:
         return
+    own = {model_name, *(args.served_model_name or ())} | ({str(args.model)} if args.model is not None else set())
     named: dict[str, int] = {}
     for item in valid:
         model = item.line.model
-        if model is not None and model != model_name and model not in (args.served_model_name or ()):
+        if model is not None and model not in own:
             named[model] = named.get(model, 0) + 1
-    if named:
-        shown = ", ".join(f"{name!r} ({count} line{'s' * (count != 1)})" for name, count in sorted(named.items())[:5])
+    if not named:
+        return
+    shown = ", ".join(f"{name!r} ({count} line{'s' * (count != 1)})" for name, count in sorted(named.items())[:5])
+    shown += " and more" if len(named) > 5 else ""
+    if args.model is None:
         print(f"batchllm: note: no --model given: the default model ({model_name}) answers the lines naming "
-              f"{shown}{' and more' if len(named) > 5 else ''}; give --model to run another", file=sys.stderr)
+              f"{shown}; give --model to run another", file=sys.stderr)
+    else:
+        print(f"batchllm: note: {model_name} answers the lines naming {shown}, and their responses' \"model\" "
+              "echoes those names; --served-model-name NAME puts NAME there instead", file=sys.stderr)
 
 
 def _refuse_what_the_cache_cannot_hold(llm, valid: list, errors: list) -> tuple[list, list]:

@@ -7,6 +7,8 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
 from batchllm import cli
 
 
@@ -540,3 +542,26 @@ def test_a_failed_write_under_overwrite_says_to_resume_without_it(tmp_path, caps
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"batchllm: error: cannot write results to {out}: No space left on device; run the same command without "
         "--overwrite to resume (with --overwrite, the lines written so far would be computed again)"), err
+
+
+@pytest.mark.parametrize("model, served, expected", [
+    (None, None, "no --model given: the default model (SmolLM2) answers the lines naming 'gpt-4o-mini' (2 lines)"),
+    # with --model, a response echoing 'gpt-4o-mini' names a model that did not answer: said too (it was silent)
+    ("/models/SmolLM2", None, "SmolLM2 answers the lines naming 'gpt-4o-mini' (2 lines), and their responses' "
+                              "\"model\" echoes those names; --served-model-name NAME puts NAME there instead"),
+    ("/models/SmolLM2", ["smol"], None),  # renamed: the responses name "smol"
+])
+def test_lines_naming_another_model_are_noted(capsys, model, served, expected):
+    """Lines naming the model by --model as given, its directory's name or a served name are its own; others are
+    noted once, counted, before generating."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(model=model, served_model_name=served)
+    names = ["gpt-4o-mini", "SmolLM2", None, "gpt-4o-mini", model, "smol" if served else None]
+    valid = [SimpleNamespace(line=SimpleNamespace(model=name)) for name in names]
+    cli.note_models_named_without_model(args, valid, "SmolLM2")
+    err = capsys.readouterr().err
+    if expected is None:
+        assert err == ""
+    else:
+        assert expected in err and err.count("note:") == 1, err
