@@ -133,7 +133,7 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     prompt_field = "messages" if chat else "prompt"
     if prompt_field not in body:
         raise BodyError(f"body lacks '{prompt_field}'")
-    body = numbers_from_text(body, chat)
+    body = values_from_text(body, chat)
     _check_fields(body, chat, prompt_field)
     overrides = {_COMMON[k]: body[k] for k in _COMMON if k in body and body[k] is not None}
     if body.get("logit_bias") is not None:
@@ -202,12 +202,23 @@ _FLOAT_BODY_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "pre
 _INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*(\.0*)?")
 
 
-def numbers_from_text(body: dict, chat: bool) -> dict:
-    """`body` with its numeric fields written as text read as numbers ("0.7", "256", " 4 ", "4.0" for an integer), as
-    vLLM's server (pydantic, lax) reads a request; other text is left for the checks to refuse by name. A completions
-    body's `logprobs` is an integer (a chat body's, a flag, is left as given)."""
+_BOOLEAN_BODY_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                        "spaces_between_special_tokens", "stream", "use_beam_search", "include_reasoning",
+                        "parallel_tool_calls", "add_special_tokens")
+"""Boolean fields read through `_FLAG_WORDS` before their checks (`echo`, `return_token_ids`, a chat body's
+`logprobs` and the chat-template flags are read by `_flag` where they are used)."""
+
+
+def values_from_text(body: dict, chat: bool) -> dict:
+    """`body` with its numeric fields written as text read as numbers ("0.7", "256", " 4 ", "4.0" for an integer) and
+    its boolean fields written as text as booleans ("false", "True", "0": `_FLAG_WORDS`), as vLLM's server (pydantic,
+    lax) reads a request; other text is left for the checks to refuse by name. A completions body's `logprobs` is an
+    integer (a chat body's, a flag, is left as given)."""
     integers = _INTEGER_BODY_FIELDS if chat else (*_INTEGER_BODY_FIELDS, "logprobs")
     read = {}
+    for name in _BOOLEAN_BODY_FIELDS:
+        if isinstance(text := body.get(name), str) and text.strip().lower() in _FLAG_WORDS:
+            read[name] = _FLAG_WORDS[text.strip().lower()]
     for name in (*integers, *_FLOAT_BODY_FIELDS):
         if not isinstance(text := body.get(name), str):
             continue

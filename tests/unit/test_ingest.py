@@ -736,6 +736,25 @@ def test_openai_numbers_written_as_text_method_case_and_missing_content_are_read
         "line 3: max_tokens must be a positive integer or None, got '4.5'"]
 
 
+def test_openai_booleans_written_as_text_are_read_for_every_boolean_field():
+    """vLLM's server reads "false" as false for every boolean field; here `logprobs` and `echo` took it while
+    `ignore_eos`, `skip_special_tokens` and `include_stop_str_in_output` failed their lines, `"stream": "false"` was
+    "not supported (only false)" and `"parallel_tool_calls": "false"` "not supported (only true or false)"."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    request = body_to_request("/v1/chat/completions", {**chat, "ignore_eos": "false", "skip_special_tokens": "True",
+                                                       "include_stop_str_in_output": " 0 ", "stream": "false",
+                                                       "parallel_tool_calls": "false", "use_beam_search": "no"})
+    assert request.overrides["ignore_eos"] is False and request.overrides["skip_special_tokens"] is True
+    assert request.overrides["include_stop_str_in_output"] is False
+    assert body_to_request("/v1/completions", {"prompt": "hi", "add_special_tokens": "true"}).prompt == "hi"
+    with pytest.raises(BodyError, match=re.escape("body field 'stream' = true is not supported (only false)")):
+        body_to_request("/v1/chat/completions", {**chat, "stream": "TRUE"})
+    with pytest.raises(BodyError, match="body field 'stream' = \"maybe\" is not supported"):
+        body_to_request("/v1/chat/completions", {**chat, "stream": "maybe"})
+
+
 @pytest.mark.parametrize("prompt, expected", [(["Hello"], "Hello"), ([[5, 6, 7]], [5, 6, 7]), ("Hello", "Hello"),
                                               ([504.0, 35.0], [504, 35]), ([[5.0, 6]], [5, 6])])
 def test_a_completions_list_holding_one_prompt_is_that_prompt(prompt, expected):
