@@ -383,6 +383,9 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     refuse_output_onto_input(output, input_path)
     state_path = state_path_for(output)
     if errors is not None and any(same_file(errors, p) for p in (input_path, output, state_path)):
+        if same_file(errors, default_errors_path(output)):  # (not chosen: -o's name chose it)
+            raise JobError(f"the output's errors file would be {str(errors)!r} (-o's name with .errors), which is "
+                           f"the input; choose another -o, or give --errors-file another path")
         raise JobError(f"the errors file {str(errors)!r} must differ from the input, the output and its state file; "
                        "choose another --errors-file")
     if errors is not None and errors.exists() and not errors.is_file() and not errors.is_dir():

@@ -615,6 +615,20 @@ def test_the_errors_file_may_not_be_the_jobs_state_file(tmp_path):
         prepare_output(out, src, overwrite=False, errors=state_path_for(out))
 
 
+def test_an_input_named_as_the_outputs_default_errors_file_is_refused_in_the_options_words(tmp_path):
+    """`run x.errors.jsonl -o x.jsonl` was told to "choose another --errors-file", which it never gave: -o chose it.
+    Still refused (an --overwrite would delete the input), naming -o."""
+    from batchllm.io.job import default_errors_path
+
+    out = tmp_path / "x.jsonl"
+    src = default_errors_path(out)
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    with pytest.raises(JobError, match=r"the output's errors file would be '.*x.errors.jsonl' \(-o's name with "
+                                       r"\.errors\), which is the input; choose another -o, or give --errors-file"):
+        prepare_output(out, src, overwrite=True, errors=src)
+    assert src.read_text() == '{"id": "a", "prompt": "x"}\n'
+
+
 def test_a_write_failure_names_the_file_and_keeps_what_was_written(tmp_path):
     import errno
 
