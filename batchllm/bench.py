@@ -95,9 +95,9 @@ def prompt_file_workload(path: str, output: int, vocab: int | None = None) -> Wo
     """The requests of a JSONL file of token prompts, one per line: {"prompt_token_ids": [ids], "max_tokens": n}
     (max_tokens optional: `output`; other fields, such as an id or sampling settings, are not read: bench runs
     greedily with ignore_eos). Raises ValueError naming the file, the line and the problem; with `vocab`, also
-    for an id outside [0, vocab)."""
+    for an id outside [0, vocab). A byte-order mark opening the file is not read (as `run` reads its input)."""
     prompts, max_tokens = [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

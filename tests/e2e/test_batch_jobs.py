@@ -36,7 +36,8 @@ def check_openai_record(rec):
     assert isinstance(rec["id"], str) and rec["id"].startswith("batch_req_")
     if rec["error"] is not None:
         assert rec["response"]["status_code"] == 400 and rec["response"]["body"]["error"] == {
-            "message": rec["error"]["message"], "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+            "message": rec["error"]["message"], "type": "invalid_request_error", "param": None,
+            "code": "invalid_request"}
         assert set(rec["error"]) == {"code", "message"}
         assert isinstance(rec["error"]["code"], str) and isinstance(rec["error"]["message"], str)
         return
@@ -395,7 +396,8 @@ def test_openai_errors_go_to_their_own_file_one_record_per_custom_id(tmp_path, t
     results = [json.loads(x) for x in out.read_text().splitlines()]
     failed = [json.loads(x) for x in errors.read_text().splitlines()]
     assert sorted(x["custom_id"] for x in results) == ["a", "c"] and all(x["error"] is None for x in results)
-    assert sorted(x["custom_id"] for x in failed) == ["a", "b"] and all(x["response"]["status_code"] == 400 for x in failed)
+    assert sorted(x["custom_id"] for x in failed) == ["a", "b"]
+    assert all(x["response"]["status_code"] == 400 for x in failed)
     assert "duplicate custom_id 'a'" in failed[0]["error"]["message"]
     before = (out.read_bytes(), errors.read_bytes())
     r = cli("run", src, "-o", out, "--no-progress", "--model", model)

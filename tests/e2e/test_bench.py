@@ -250,6 +250,17 @@ def test_bench_file_workload_names_the_bad_line_before_loading_a_model(tiny_mode
     assert problem in str(failed.value)
 
 
+def test_a_prompts_file_opening_with_a_byte_order_mark_is_read(tmp_path):
+    """bench --prompts-file refused a file an editor saved with a UTF-8 BOM ("line 1: Expecting value"), which
+    `run` reads."""
+    from batchllm.bench import prompt_file_workload
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt_token_ids": [1, 2], "max_tokens": 3}\n{"prompt_token_ids": [4]}\n')
+    workload = prompt_file_workload(str(path), output=5, vocab=10)
+    assert workload.prompts == [[1, 2], [4]] and workload.max_tokens == [3, 5]
+
+
 @pytest.mark.parametrize("options, problem", [
     (["--degree", "0"], "--degree must be at least 1, got 0"),  # (a ZeroDivisionError after the model loaded)
     (["--requests", "0"], "--requests must be at least 1, got 0"),  # (it measured "0.00 req/s")
