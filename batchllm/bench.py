@@ -43,14 +43,15 @@ def shared_prefix_workload(
     shared: int, distinct: int, degree: int, num_requests: int, output: int, vocab: int, seed: int = 0,
     shuffle: bool = True,
 ) -> Workload:
-    """The paper's microbenchmark: groups of `degree` prompts = one shared prefix + a distinct suffix."""
+    """The paper's microbenchmark: groups of `degree` prompts = one shared prefix of `shared` tokens + a distinct
+    suffix of `distinct` (either may be 0, not both: `workload_option_problem`)."""
     rng = random.Random(seed)
     prompts = []
     for i in range(num_requests):
         g, m = divmod(i, degree)
         if m == 0:
-            prefix = [1 + g % 900] + _tokens(rng, shared - 1, vocab)
-        prompts.append(prefix + [100 + m % 900] + _tokens(rng, distinct - 1, vocab))
+            prefix = [1 + g % 900] + _tokens(rng, shared - 1, vocab) if shared else []
+        prompts.append(prefix + ([100 + m % 900] + _tokens(rng, distinct - 1, vocab) if distinct else []))
     if shuffle:
         rng.shuffle(prompts)
     return Workload(f"shared{shared}-distinct{distinct}-degree{degree}-n{num_requests}", prompts,
@@ -551,6 +552,8 @@ def workload_option_problem(args) -> str | None:
     for name, (least, readers) in _WORKLOAD_MINIMA.items():
         if workload in readers and getattr(args, name) < least:
             return f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
+    if workload in ("shared", "decodeheavy") and args.shared + args.distinct < 1:
+        return "--shared + --distinct must be at least 1 (a prompt of no tokens), got 0"
     if workload == "decodeheavy" and args.min_output > args.max_output:
         return f"--min-output ({args.min_output}) must not exceed --max-output ({args.max_output})"
     return None

@@ -261,6 +261,18 @@ def test_a_prompts_file_opening_with_a_byte_order_mark_is_read(tmp_path):
     assert workload.prompts == [[1, 2], [4]] and workload.max_tokens == [3, 5]
 
 
+def test_a_shared_or_distinct_part_of_0_tokens_is_left_out():
+    """--shared 0 (no shared prefix) and --distinct 0 (identical members) still gave each prompt a 1-token part: a
+    --shared 0 run shared one token of every group's prompts. The paper's prompts are unchanged."""
+    from batchllm.bench import shared_prefix_workload
+
+    unshared = shared_prefix_workload(0, 5, 4, 8, 3, 5000).prompts
+    assert [len(p) for p in unshared] == [5] * 8 and len({p[0] for p in unshared}) == 4  # (the members' first tokens)
+    identical = shared_prefix_workload(6, 0, 4, 8, 3, 5000).prompts
+    assert [len(p) for p in identical] == [6] * 8 and len({tuple(p) for p in identical}) == 2
+    assert [len(p) for p in shared_prefix_workload(6, 5, 4, 8, 3, 5000).prompts] == [11] * 8
+
+
 @pytest.mark.parametrize("options, problem", [
     (["--degree", "0"], "--degree must be at least 1, got 0"),  # (a ZeroDivisionError after the model loaded)
     (["--requests", "0"], "--requests must be at least 1, got 0"),  # (it measured "0.00 req/s")
@@ -269,6 +281,7 @@ def test_a_prompts_file_opening_with_a_byte_order_mark_is_read(tmp_path):
     (["--workload", "nosharing", "--prompt-len", "0"], "--prompt-len must be at least 1, got 0"),
     (["--workload", "decodeheavy", "--min-output", "10", "--max-output", "2"],
      "--min-output (10) must not exceed --max-output (2)"),
+    (["--shared", "0", "--distinct", "0"], "--shared + --distinct must be at least 1 (a prompt of no tokens), got 0"),
 ])
 def test_bench_names_a_bad_workload_option_before_loading_a_model(tiny_model_factory, options, problem):
     with pytest.raises(SystemExit, match=re.escape(f"batchllm bench: {problem}")):
