@@ -244,7 +244,7 @@ class PromptProcessor:
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt {index} has {len(ids)} tokens; the context (max_model_len) is {self.max_model_len}, "
                 "which leaves no room to generate"
             )
@@ -314,6 +314,13 @@ def _numpy_integers(ids: Any) -> list[int] | None:
         return None
     array = np.asarray(ids)
     return array.tolist() if array.ndim == 1 and array.dtype.kind in "iu" else None
+
+
+class ContextLengthError(ValueError):
+    """A prompt (or a prompt and its max_tokens) the model's context cannot hold; `code` is OpenAI's name for it, which
+    `batchllm run` gives a failed OpenAI line (`io.jsonl.LineError`)."""
+
+    code = "context_length_exceeded"
 
 
 def _or_error(call, *args) -> TokenizedPrompt | ValueError:

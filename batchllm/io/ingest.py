@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from batchllm.inputs import PromptProcessor, TokenizedPrompt
+from batchllm.inputs import ContextLengthError, PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import ResumeState, as_given_url, is_a_url, is_standard_input
 from batchllm.io.jsonl import (
@@ -267,7 +267,7 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
             out.append(LineError.for_line(line, result))
         elif must_fit_the_context(line) and (
                 problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
-            out.append(LineError.for_line(line, problem))
+            out.append(LineError.for_line(line, problem, ContextLengthError.code))
         elif line.format == OPENAI and (problem := min_tokens_past_the_context(len(result.array), params,
                                                                                prompts.max_model_len)):
             out.append(LineError.for_line(line, problem))
@@ -301,6 +301,13 @@ def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
     return (f"the model's context (max_model_len) is {max_model_len} tokens, but {prompt_tokens + max_tokens} "
             f"were asked for ({prompt_tokens} in the prompt, {max_tokens} for the completion); lower max_tokens "
             "or shorten the prompt")
+
+
+def error_code_of(problem: str) -> str | None:
+    """The OpenAI error code of a line's problem as text (`run --ray` carries a row's problem as text): OpenAI's
+    "context_length_exceeded" for the context's two refusals (`context_overflow`, `inputs.ContextLengthError`),
+    recognised by their wording; else None."""
+    return ContextLengthError.code if "(max_model_len) is" in problem else None
 
 
 def serve_tool_choice(line: BatchLine, auto_tool_parser: str | None) -> None:

@@ -124,13 +124,18 @@ class LineError:
     message: str
     format: str | None = None
     """PLAIN or OPENAI; None when the line was not even JSON (the file's format is used)."""
+    code: str = "invalid_request"
+    """An OpenAI error record's code: OpenAI's "context_length_exceeded" for a line the context cannot hold, else
+    "invalid_request"."""
 
     @classmethod
-    def for_line(cls, line: BatchLine, problem: object) -> LineError:
+    def for_line(cls, line: BatchLine, problem: object, code: str | None = None) -> LineError:
         """An error found after parsing (sampling values, chat template, tokenisation). The prompt side
-        names a conversation or prompt by the index it was given, here the line number: said once."""
+        names a conversation or prompt by the index it was given, here the line number: said once. `code`: the
+        record's (None: the problem's own `code` where it has one, as `inputs.ContextLengthError` does)."""
         text = without_its_index(str(problem), line.line_number)
-        return cls(line.line_number, line.request_id, f"line {line.line_number}: {text}", line.format)
+        code = code or getattr(problem, "code", None) or cls.code
+        return cls(line.line_number, line.request_id, f"line {line.line_number}: {text}", line.format, code)
 
     def is_openai(self, file_format: str = PLAIN) -> bool:
         """Whether its record is an OpenAI Batch error (which goes to the errors file)."""
@@ -138,7 +143,7 @@ class LineError:
 
     def record(self, file_format: str = PLAIN) -> dict[str, Any]:
         if self.is_openai(file_format):
-            return openai_batch.error_record(self.request_id, self.message)
+            return openai_batch.error_record(self.request_id, self.message, self.code)
         return {"id": self.request_id, "error": {"line": self.line_number, "message": self.message}}
 
 

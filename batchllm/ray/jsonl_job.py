@@ -177,7 +177,7 @@ class _CliRecords:
         return _CliRecords(self.names.for_tokenizer(tokenizer), self.file_format, tokenizer)
 
     def __call__(self, row: dict, output, error: str | None) -> dict[str, Any]:
-        from batchllm.io.ingest import in_the_lines_terms, record_for
+        from batchllm.io.ingest import error_code_of, in_the_lines_terms, record_for
         from batchllm.io.job import record_text
         from batchllm.io.openai_batch import with_template_defaults
         from batchllm.io.tool_parsers import ToolParserError
@@ -188,7 +188,8 @@ class _CliRecords:
         elif error is not None:
             # errors found after parsing are worded as the CLI words them: "line N: <problem>"
             problem = error.split(": ", 1)[1] if error.startswith(f"line {row[LINE]}: ") else error
-            record = LineError.for_line(line, in_the_lines_terms(line, problem)).record(self.file_format)
+            record = LineError.for_line(line, in_the_lines_terms(line, problem), error_code_of(problem)
+                                        ).record(self.file_format)
         else:
             if line.is_chat:
                 line.chat_template_kwargs = with_template_defaults(self.names.serving.template_defaults,

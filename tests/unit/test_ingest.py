@@ -544,6 +544,26 @@ def test_a_prompt_error_names_its_line_once():
     assert messages[2].startswith("line 3: the prompt has 9001 tokens; the context (max_model_len) is 8192")
 
 
+def test_a_line_the_context_cannot_hold_gets_openais_code_in_run_and_ray_alike():
+    """Every failed OpenAI line had the code "invalid_request": a prompt (or a prompt and its max_tokens) the context
+    cannot hold now has OpenAI's "context_length_exceeded", in `run`'s records and in `run --ray`'s, whose rows carry
+    the problem as text (`error_code_of`); other problems keep "invalid_request"."""
+    from batchllm.io.ingest import error_code_of
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    lines = [{"custom_id": "big", "url": "/v1/chat/completions", "body": {**chat, "max_tokens": 1_000_000}},
+             {"custom_id": "long", "url": "/v1/completions", "body": {"prompt": "word " * 9000}},
+             {"custom_id": "bad", "url": "/v1/chat/completions", "body": {**chat, "max_tokens": -1}}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    records = {r["custom_id"]: r for r in (error.record(result.file_format) for error in result.errors)}
+    codes = {rid: (r["error"]["code"], r["response"]["body"]["error"]["code"]) for rid, r in records.items()}
+    assert codes == {"big": ("context_length_exceeded",) * 2, "long": ("context_length_exceeded",) * 2,
+                     "bad": ("invalid_request",) * 2}
+    for rid, record in records.items():
+        problem = record["error"]["message"].split(": ", 1)[1]
+        assert (error_code_of(problem) or "invalid_request") == codes[rid][0], rid
+
+
 def test_a_chat_template_option_replaces_the_tokenizers(tmp_path):
     """vLLM's --chat-template (a file or the template itself): for base models without one, or another."""
     from batchllm.inputs import prompt_processor_for, read_chat_template
