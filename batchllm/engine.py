@@ -45,7 +45,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class BuildPhases:
     """Where an engine's build went: seconds per phase, in the order the phases ran (`seconds`). A phase
-    on a CUDA device ends with a synchronize, so that work it queued is counted in it, not in the next."""
+    on a CUDA device ends with a synchronize, so that work it queued is counted in it, not in the next; a phase
+    that raises is not counted (nor synchronized: its error is the build's, unmasked)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -54,12 +55,10 @@ class BuildPhases:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 @dataclass(frozen=True)
