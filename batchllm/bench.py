@@ -491,6 +491,7 @@ def bench_command(args) -> int:
         print(f"batchllm bench: configuration {name!r} ({i + 1} of {len(names)}): {_size(workload)}",
               file=sys.stderr, flush=True)
         if llm.engine is None:  # data parallel: the engines are in the worker processes
+            info = info or _data_parallel_device_info(llm, args.peak_tflops)
             results.append(_bench_data_parallel(llm, name, args, workload))
         else:
             if not info:
@@ -622,6 +623,15 @@ def _device_info(engine, given_peak: float | None = None) -> tuple[float | None,
     name = torch.cuda.get_device_name(engine.device) if cuda else str(engine.device)
     return peak, {"device": name, "dtype": str(engine.dtype), "model": str(engine.model_dir),
                   "kv_blocks": engine.kv_spec.num_blocks, "matmul_peak_tflops": peak}
+
+
+def _data_parallel_device_info(llm, given_peak: float | None) -> dict:
+    """`_device_info`'s facts for the JSON output where the engines are data-parallel workers (as their ranks
+    reported them: `DataParallelEngine.start_times`); the matmul peak only where given (measuring it needs a device
+    in this process)."""
+    first = llm._data_parallel.start_times[0]  # (every rank builds the same engine; each rank's cache is in "ranks")
+    return {"device": first.get("device"), "dtype": first.get("dtype"), "model": str(llm.model_dir),
+            "matmul_peak_tflops": given_peak}
 
 
 def _bench_engine(llm, name: str, workload: Workload, peak: float | None, args, profile: bool) -> dict:

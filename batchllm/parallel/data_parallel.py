@@ -8,7 +8,7 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready", {import_s, build_s, build_phases, torch_threads, kv_tokens}) | ("pull", job id)
+  rank r -> parent: ("ready", {import_s, build_s, build_phases, torch_threads, kv_tokens, device, dtype}) | ("pull", job id)
                     | ("result", job id, [(index, RequestOutput)]) | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
 result comes back without its prompt and prompt token ids (the parent puts them back). A worker asks
@@ -331,7 +331,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     scheduled = sum(r.get("mean_tokens_per_step", 0.0) * r["num_steps"] for r in ranks)  # (a rank's job may be empty)
     keys = ("rank", "num_requests", "prompt_tokens", "prefill_tokens_computed", "output_tokens", "num_steps",
             "wall_s", "finish_s", "kv_blocks", "kv_tokens", "kv_cache_gib", "activation_reserve_gib", "ready_s",
-            "import_s", "build_s", "build_phases", "torch_threads")
+            "import_s", "build_s", "build_phases", "torch_threads", "device")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
         "num_steps": steps, "mean_tokens_per_step": scheduled / steps if steps else 0.0,
@@ -493,9 +493,12 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
+    engine = llm.engine
+    device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else str(engine.device)
     conn.send(("ready", {"import_s": imported - started, "build_s": time.perf_counter() - imported,
-                         "build_phases": llm.engine.build_seconds, "torch_threads": torch.get_num_threads(),
-                         "kv_tokens": llm.kv_cache_tokens}))
+                         "build_phases": engine.build_seconds, "torch_threads": torch.get_num_threads(),
+                         "kv_tokens": llm.kv_cache_tokens, "device": device,
+                         "dtype": str(engine.dtype).removeprefix("torch.")}))
     serve_jobs(llm, conn)
 
 
@@ -529,7 +532,7 @@ def describe_start(times: dict[str, Any]) -> str:
     phases = times.get("build_phases") or {}
     described = (f"{k} {value(v)}" + (f" ({', '.join(f'{p} {t:.1f}' for p, t in phases.items())})"
                                       if k == "build_s" and phases else "")
-                 for k, v in times.items() if k != "build_phases")
+                 for k, v in times.items() if isinstance(v, (int, float)))  # (not the phases, device, dtype)
     return ", ".join(described)
 
 

@@ -261,6 +261,18 @@ def test_a_prompts_file_opening_with_a_byte_order_mark_is_read(tmp_path):
     assert workload.prompts == [[1, 2], [4]] and workload.max_tokens == [3, 5]
 
 
+def test_a_data_parallel_configuration_reports_its_device_in_the_json(tiny_model_factory, tmp_path):
+    """Where every configuration ran in engine processes (pergpu2, dp2), the JSON had no device, dtype or model: they
+    are the ranks' (each names its device in --stats' ranks too)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", tiny_model_factory("llama"), "--workload", "shared", "--shared", "16",
+                 "--distinct", "4", "--degree", "2", "--requests", "4", "--output", "2", "--device", "cpu",
+                 "--configs", "pergpu2", "--warmup-requests", "0", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["device"], report["dtype"]) == ("cpu", "float32") and report["model"]
+    assert [r["device"] for r in report["results"][0]["ranks"]] == ["cpu", "cpu"]
+
+
 def test_a_shared_or_distinct_part_of_0_tokens_is_left_out():
     """--shared 0 (no shared prefix) and --distinct 0 (identical members) still gave each prompt a 1-token part: a
     --shared 0 run shared one token of every group's prompts. The paper's prompts are unchanged."""
