@@ -8,7 +8,8 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready", {import_s, build_s, build_phases, torch_threads, kv_tokens, device, dtype}) | ("pull", job id)
+  rank r -> parent: ("ready", {import_s, build_s, build_phases, torch_threads, kv_tokens, device, dtype})
+                    | ("pull", job id)
                     | ("result", job id, [(index, RequestOutput)]) | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
 result comes back without its prompt and prompt token ids (the parent puts them back). A worker asks
