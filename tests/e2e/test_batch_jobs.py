@@ -37,7 +37,9 @@ def check_openai_record(rec):
     if rec["error"] is not None:
         assert rec["response"]["status_code"] == 400 and rec["response"]["body"]["error"] == {
             "message": rec["error"]["message"], "type": "invalid_request_error", "param": None,
-            "code": "invalid_request"}
+            "code": rec["error"]["code"]}
+        assert rec["error"]["code"] == ("context_length_exceeded" if "(max_model_len) is" in rec["error"]["message"]
+                                        else "invalid_request")
         assert set(rec["error"]) == {"code", "message"}
         assert isinstance(rec["error"]["code"], str) and isinstance(rec["error"]["message"], str)
         return
