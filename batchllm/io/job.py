@@ -25,7 +25,6 @@ Writer of OUTPUT, its errors file and its state file only.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -87,12 +86,18 @@ def default_errors_path(output: Path) -> Path:
     new, earlier = errors_path_for(output), _earlier_errors_path(output)
     if new == earlier:
         return new
-    try:
-        state = json.loads(state_path_for(output).read_bytes())
-    except (OSError, ValueError):
-        return new
-    recorded = state.get("errors_file") if isinstance(state, dict) else None
+    recorded = _state_or_empty(state_path_for(output)).get("errors_file")
     return earlier if recorded == str(earlier.resolve()) else new
+
+
+def _state_or_empty(state_path: Path) -> dict[str, Any]:
+    """A state file's JSON object as far as it can be read, else {} (none there, unreadable, not an object): for
+    checks that only ask what it records, where `_read_state` would refuse the job."""
+    try:
+        state = json.loads(state_path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _refuse_deleting_anothers_errors(output: Path, errors: Path) -> None:
@@ -109,13 +114,12 @@ def _refuse_deleting_anothers_errors(output: Path, errors: Path) -> None:
     for other in {errors.with_name(stem + ".jsonl"), errors.with_name(stem)}:
         if same_file(other, output) or not state_path_for(other).is_file():
             continue
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            if json.loads(state_path_for(other).read_bytes()).get("errors_file") == str(errors.resolve()):
-                what, instead = (("the output", "choose another -o") if errors == output else
-                                 ("its errors file", "give this job its own --errors-file"))
-                raise JobError(f"refusing to start {str(output)!r} over: {what} {str(errors)!r} holds the "
-                               f"failed lines of {str(other)!r} (its state file names it), which --overwrite would "
-                               f"delete; {instead}")
+        if _state_or_empty(state_path_for(other)).get("errors_file") == str(errors.resolve()):
+            what, instead = (("the output", "choose another -o") if errors == output else
+                             ("its errors file", "give this job its own --errors-file"))
+            raise JobError(f"refusing to start {str(output)!r} over: {what} {str(errors)!r} holds the "
+                           f"failed lines of {str(other)!r} (its state file names it), which --overwrite would "
+                           f"delete; {instead}")
 
 
 def _refuse_deleting_errors_not_its_own(output: Path, errors: Path, state_path: Path) -> None:
@@ -123,17 +127,12 @@ def _refuse_deleting_errors_not_its_own(output: Path, errors: Path, state_path: 
     output's own default) that holds records its state file does not name as this job's: another job's failed lines
     (its --errors-file, named anything: no state file can be found from the errors file), which that job could then
     never resume, or a file put there. The state file names it as this job's when it records this path and, where
-    it recorded one (STATE_VERSION 3 on), the hash of the file's first line."""
+    it recorded one (STATE_VERSION 3 on), the hash of the file's first line (`_written_by_another`, as a resume
+    reads it)."""
     if same_file(errors, default_errors_path(output)) or not (errors.is_file() and errors.stat().st_size > 0):
         return
-    try:
-        state = json.loads(state_path.read_bytes())
-    except (OSError, ValueError):
-        state = {}
-    if not isinstance(state, dict):
-        state = {}
-    first = state.get(ERRORS_FIRST_LINE)
-    if state.get("errors_file") == str(errors.resolve()) and (first is None or first == _first_line_hash(errors)):
+    state = _state_or_empty(state_path)
+    if state.get("errors_file") == str(errors.resolve()) and not _written_by_another(state, errors):
         return
     raise JobError(f"refusing to start {str(output)!r} over: its errors file {str(errors)!r} holds failed lines "
                    "this job did not write (another job's --errors-file, or a file put there), which --overwrite would "
@@ -774,11 +773,18 @@ def _refuse_errors_written_by_another(output: Path, state: dict[str, Any], error
     file recorded (none: the job began no errors file). Read as this job's, another job's failed lines would be
     skipped, never answered. State files written before the errors file was recorded (STATE_VERSION < 3) are not
     checked."""
-    if state.get("version", 1) < 3 and ERRORS_FIRST_LINE not in state:
-        return
-    first = _first_line_hash(errors)
-    if first is not None and state.get(ERRORS_FIRST_LINE) != first:
+    if _written_by_another(state, errors):
         raise JobError(_foreign_errors_message(output, errors))
+
+
+def _written_by_another(state: dict[str, Any], errors: Path) -> bool:
+    """Whether `errors` holds records the job of `state` did not write: its first line is not the one the state
+    recorded (none: the job began no errors file). False for a state written before the errors file was recorded
+    (STATE_VERSION < 3, no hash), which cannot tell."""
+    if state.get("version", 1) < 3 and ERRORS_FIRST_LINE not in state:
+        return False
+    first = _first_line_hash(errors)
+    return first is not None and state.get(ERRORS_FIRST_LINE) != first
 
 
 def _read_state(state_path: Path, output: Path) -> dict[str, Any]:

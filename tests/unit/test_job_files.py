@@ -489,6 +489,14 @@ def test_overwrite_keeps_a_chosen_errors_file_that_holds_another_jobs_failed_lin
     with pytest.raises(JobError, match="its errors file '.*put.err' holds failed lines this job did not write"):
         prepare_output(a, src, True, put_there)
     assert put_there.read_text() == failed + "\n"
+    # c recorded the path as its errors file but wrote nothing there (no first line recorded); b's lines then went
+    # into it: not c's, as a resume of c reads it
+    c, later = tmp_path / "c.jsonl", tmp_path / "later.err"
+    prepare_output(c, src, False, later)
+    later.write_text(failed + "\n")
+    with pytest.raises(JobError, match="its errors file '.*later.err' holds failed lines this job did not write"):
+        prepare_output(c, src, True, later)
+    assert later.read_text() == failed + "\n"
 
 
 def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
