@@ -267,7 +267,7 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
             out.append(LineError.for_line(line, result))
         elif must_fit_the_context(line) and (
                 problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
-            out.append(LineError.for_line(line, problem, ContextLengthError.code))
+            out.append(LineError.for_line(line, problem))
         elif line.format == OPENAI and (problem := min_tokens_past_the_context(len(result.array), params,
                                                                                prompts.max_model_len)):
             out.append(LineError.for_line(line, problem))
@@ -294,13 +294,13 @@ def min_tokens_past_the_context(prompt_tokens: int, params: SamplingParams, max_
             f"{prompt_tokens}-token prompt), got {params.min_tokens}")
 
 
-def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:
-    """Why a prompt and its max_tokens do not fit the context, or None."""
+def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) -> ContextLengthError | None:
+    """Why a prompt and its max_tokens do not fit the context (an error carrying OpenAI's code), or None."""
     if prompt_tokens + max_tokens <= max_model_len:
         return None
-    return (f"the model's context (max_model_len) is {max_model_len} tokens, but {prompt_tokens + max_tokens} "
-            f"were asked for ({prompt_tokens} in the prompt, {max_tokens} for the completion); lower max_tokens "
-            "or shorten the prompt")
+    return ContextLengthError(
+        f"the model's context (max_model_len) is {max_model_len} tokens, but {prompt_tokens + max_tokens} were asked "
+        f"for ({prompt_tokens} in the prompt, {max_tokens} for the completion); lower max_tokens or shorten the prompt")
 
 
 def error_code_of(problem: str) -> str | None:

@@ -217,8 +217,8 @@ def values_from_text(body: dict, chat: bool) -> dict:
     integers = _INTEGER_BODY_FIELDS if chat else (*_INTEGER_BODY_FIELDS, "logprobs")
     read = {}
     for name in _BOOLEAN_BODY_FIELDS:
-        if isinstance(text := body.get(name), str) and text.strip().lower() in _FLAG_WORDS:
-            read[name] = _FLAG_WORDS[text.strip().lower()]
+        if isinstance(text := body.get(name), str) and (flag := _flag_of_text(text)) is not None:
+            read[name] = flag
     for name in (*integers, *_FLOAT_BODY_FIELDS):
         if not isinstance(text := body.get(name), str):
             continue
@@ -429,8 +429,15 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
     return {**own, **options} or None
 
 
-_FLAG_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
-"""The strings vLLM's server (pydantic) reads as a boolean, by their lower-case form."""
+_FLAG_WORDS = {"true": True, "false": False, "t": True, "f": False, "yes": True, "no": False, "y": True, "n": False,
+               "on": True, "off": False, "1": True, "0": False}
+"""The strings vLLM's server (pydantic 2, lax) reads as a boolean, by their lower-case form."""
+
+
+def _flag_of_text(text: str) -> bool | None:
+    """The boolean vLLM's server reads from `text` (`_FLAG_WORDS`, any case, no surrounding spaces: pydantic refuses
+    " false"), or None where it reads none."""
+    return _FLAG_WORDS.get(text.lower())
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -440,8 +447,8 @@ def _flag(value: Any, name: str) -> bool:
         return bool(value)
     if type(value) is int and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.lower() in _FLAG_WORDS:
-        return _FLAG_WORDS[value.lower()]
+    if isinstance(value, str) and (flag := _flag_of_text(value)) is not None:
+        return flag
     raise BodyError(f"'{name}' must be true or false, got {json.dumps(value)[:40]}")
 
 

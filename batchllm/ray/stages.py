@@ -215,7 +215,7 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         from batchllm.io.ingest import context_overflow
 
         if problem := context_overflow(len(ids), params.max_tokens, prompts.max_model_len):
-            raise ValueError(problem)
+            raise problem
     explicit = request.get("prefix_key")
     key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))
     return list(ids), fields, key

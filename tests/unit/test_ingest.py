@@ -764,10 +764,16 @@ def test_openai_booleans_written_as_text_are_read_for_every_boolean_field():
 
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     request = body_to_request("/v1/chat/completions", {**chat, "ignore_eos": "false", "skip_special_tokens": "True",
-                                                       "include_stop_str_in_output": " 0 ", "stream": "false",
+                                                       "include_stop_str_in_output": "0", "stream": "f",
                                                        "parallel_tool_calls": "false", "use_beam_search": "no"})
     assert request.overrides["ignore_eos"] is False and request.overrides["skip_special_tokens"] is True
     assert request.overrides["include_stop_str_in_output"] is False
+    # pydantic's words, as vLLM's server reads them: "t"/"y" are true; spaces around a word are refused, by name
+    assert body_to_request("/v1/completions", {"prompt": "hi", "ignore_eos": "y"}).overrides["ignore_eos"] is True
+    assert body_to_request("/v1/completions", {"prompt": "hi", "echo": "T"}).echo is not None
+    spaced = body_to_request("/v1/completions", {"prompt": "hi", "ignore_eos": " false"}).overrides["ignore_eos"]
+    with pytest.raises(ValueError, match="ignore_eos must be true or false, got ' false'"):
+        SamplingParams(ignore_eos=spaced)
     assert body_to_request("/v1/completions", {"prompt": "hi", "add_special_tokens": "true"}).prompt == "hi"
     with pytest.raises(BodyError, match=re.escape("body field 'stream' = true is not supported (only false)")):
         body_to_request("/v1/chat/completions", {**chat, "stream": "TRUE"})
