@@ -150,6 +150,20 @@ def channel_quantized(weight: torch.Tensor, scale: torch.Tensor | None, strategy
     raise ValueError(f"a {strategy} weight scale of shape {tuple(scale.shape)} for a weight of {n} rows")
 
 
+def dequantized(weight: torch.Tensor, scale: torch.Tensor, strategy: str,
+                block: tuple[int, int] | None = None) -> torch.Tensor:
+    """A float8 checkpoint weight [n, k] times its checkpoint scale (per tensor: one value; per channel: n;
+    block-wise: one per `block` tile), in float32: the weight a weight-only (W8A16) layer runs with."""
+    n = weight.shape[0]
+    if strategy == "block":
+        return dequantize_blocks(weight, scale, block)
+    if strategy == "tensor" and scale.numel() == 1:
+        return weight.to(torch.float32) * scale.to(torch.float32).reshape(())
+    if strategy == "channel" and scale.numel() == n:
+        return weight.to(torch.float32) * scale.to(torch.float32).reshape(n, 1)
+    raise ValueError(f"a {strategy} weight scale of shape {tuple(scale.shape)} for a weight of {n} rows")
+
+
 def scaled_mm_supported(device: torch.device) -> bool:
     """FP8 tensor cores reachable through torch._scaled_mm (CUDA, compute capability 8.9 or later)."""
     return (device.type == "cuda" and hasattr(torch, "_scaled_mm")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from batchllm.layers.fp8 import FP8, channel_quantized, prepare_fp8, restore_fp8_dtypes
+from batchllm.layers.fp8 import FP8, channel_quantized, dequantized, prepare_fp8, restore_fp8_dtypes
 from batchllm.layers.rotary import RotaryEmbedding
 from batchllm.models.decoder import DecoderForCausalLM
 from batchllm.models.quant_config import Fp8Scheme
@@ -67,9 +67,10 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
     quantization: the FP8 scheme the decoder's linear layers run with (None: the model dtype);
     fp8_fused_quant: the norms and SiLU hand FP8 layers their input quantized; fp8_deferred_scales:
     decode-sized FP8 matmuls hand their scales to the op after them (both `fp8.prepare_fp8`)."""
+    fp8_layers = quantization is not None and not quantization.weight_only  # (weight-only: dequantized at load)
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec, ops, tp, fp8=quantization is not None)
-        if quantization is not None and (kept := model.keep_in_model_dtype(quantization.quantizes)):
+        model = DecoderForCausalLM(spec, ops, tp, fp8=fp8_layers)
+        if fp8_layers and (kept := model.keep_in_model_dtype(quantization.quantizes)):
             logger.info("%d linear layers stay in %s: the checkpoint's %s leaves them out", kept, dtype,
                         quantization.config_key)
     model = model.to(dtype)  # dtype first: a 70B shard never exists in float32
@@ -219,8 +220,12 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
 
 
 def _scale_names(index: dict, scales: dict, scheme: Fp8Scheme | None, model_dir: Path) -> set[str]:
-    """The checkpoint's scale tensors of FP8 weights (read with their weight, never on their own).
+    """The checkpoint's scale tensors of FP8 weights (read with their weight, never on their own): those of the
+    FP8 layers' weights (`scales`' keys), or under a weight-only scheme every weight's, which it dequantizes.
     A pre-quantized checkpoint with static activation scales must carry every `input_scale`."""
+    if scheme is not None and scheme.weight_only:
+        return {name for name in index if name.endswith(_SCALE_SUFFIXES)
+                and f"{name.rpartition('.')[0]}.weight" in index}
     names = set()
     for weight in scales:
         module = weight[: -len(".weight")]
@@ -236,33 +241,64 @@ def _load_one(name: str, path: Path, f, target, scale_target, index: dict, schem
     """Load checkpoint tensor `name` (from the open file `f`) into `target`, checking its shape
     against config.json. With a `scale_target` the layer is FP8: a 16/32-bit weight is quantized, a
     float8 one comes with its scale (found in `index`, any file) and both are converted to the
-    run-time layout. A float8 weight anywhere else is refused by name."""
+    run-time layout. A weight-only scheme's float8 weights are dequantized with their scales into their
+    16/32-bit layers. A float8 weight anywhere else is refused by name, as is a weight of any other type
+    than a float (float8: e4m3fn only), or a 16/32-bit weight that comes with a scale (its scale would be lost)."""
     tensor = f.get_tensor(name)
     expected = _full_shape(name, target, full_spec)
     if tuple(tensor.shape) != expected:
         raise ModelLoadError(f"{path.name}: weight {name!r} has shape {tuple(tensor.shape)}, "
                              f"config.json implies {expected}")
-    if scale_target is None:
+    _check_weight_dtype(name, tensor, index, path)
+    if tensor.dtype == FP8 and (scheme is None or not scheme.checkpoint_fp8):
+        raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but config.json has no FP8 quantization_config")
+    if scale_target is None and not (tensor.dtype == FP8 and scheme.weight_only):
         if tensor.dtype == FP8:
-            why = "config.json has no FP8 quantization_config" if scheme is None else "this layer is not quantized"
-            raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but {why}")
+            raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but this layer is not quantized")
         target.load(tensor)
         return
-    scale = None
-    if tensor.dtype == FP8:
-        if scheme is None or not scheme.checkpoint_fp8:
-            raise ModelLoadError(f"{path.name}: weight {name!r} is float8 but config.json has no FP8 "
-                                 "quantization_config")
-        module = name[: -len(".weight")]
-        candidates = (f"{module}.{s}" for s in (scheme.scale_suffix, *_WEIGHT_SCALE_SUFFIXES))
-        found = next((c for c in candidates if c in index), None)
-        if found is None:
-            raise ModelLoadError(f"{path.name}: float8 weight {name!r} has no {module}.{scheme.scale_suffix}")
-        scale = index[found][1].get_tensor(found)
+    scale = _weight_scale(name, index, scheme, path) if tensor.dtype == FP8 else None
     try:
-        _load_fp8(target, scale_target, tensor, scale, scheme)
+        if scale_target is None:  # weight-only: the 16/32-bit layer takes the weight its scales give
+            target.load(dequantized(tensor, scale, scheme.weight_strategy, scheme.block_size))
+        else:
+            _load_fp8(target, scale_target, tensor, scale, scheme)
     except ValueError as e:
         raise ModelLoadError(f"{path.name}: weight {name!r}: {e}") from e
+
+
+def _check_weight_dtype(name: str, tensor: torch.Tensor, index: dict, path: Path) -> None:
+    """Refuse (ModelLoadError naming the weight and its type) a weight no layer can take as it is: not a float, a
+    float8 other than e4m3fn (e5m2, the fnuz types), or a 16/32-bit weight stored beside a weight scale, whose
+    values only that scale gives (an FP8 checkpoint's weights must be stored as float8_e4m3fn)."""
+    if tensor.dtype == FP8:
+        return
+    if not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1:
+        raise ModelLoadError(f"{path.name}: weight {name!r} is {str(tensor.dtype).removeprefix('torch.')}; weights "
+                             f"must be 16/32-bit floats, or float8_e4m3fn with their scales in an FP8 checkpoint")
+    module = name.rpartition(".")[0]
+    if name.endswith(".weight") and (scale := next((f"{module}.{s}" for s in _WEIGHT_SCALE_SUFFIXES
+                                                    if f"{module}.{s}" in index), None)):
+        raise ModelLoadError(f"{path.name}: weight {name!r} is {str(tensor.dtype).removeprefix('torch.')} but the "
+                             f"checkpoint holds its scale {scale!r}: an FP8 checkpoint's quantized weights must be "
+                             f"stored as float8_e4m3fn (the scale would be lost)")
+
+
+def _weight_scale(name: str, index: dict, scheme: Fp8Scheme, path: Path) -> torch.Tensor:
+    """The checkpoint scale of float8 weight `name` (the scheme's suffix first; any file of `index`), which must
+    be finite and >= 0 everywhere (ModelLoadError naming it, or naming the scale that is missing)."""
+    module = name[: -len(".weight")]
+    candidates = (f"{module}.{s}" for s in (scheme.scale_suffix, *_WEIGHT_SCALE_SUFFIXES))
+    found = next((c for c in candidates if c in index), None)
+    if found is None:
+        raise ModelLoadError(f"{path.name}: float8 weight {name!r} has no {module}.{scheme.scale_suffix}")
+    scale = index[found][1].get_tensor(found)
+    values = scale.float()
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        bad = values[~torch.isfinite(values) | (values < 0)].flatten()[0].item()
+        raise ModelLoadError(f"{index[found][0].name}: weight scale {found!r} holds {bad:g}; a weight scale must be "
+                             "finite and >= 0")
+    return scale
 
 
 def _read_kv_scale(model: DecoderForCausalLM, match: re.Match, tensor: torch.Tensor,

@@ -45,6 +45,9 @@ class Fp8Scheme:
     kv_cache_dtype "auto" the cache is FP8, its scales the checkpoint's, as vLLM runs such a checkpoint.
     config_key: the config.json key the scheme came from ("quantization_config", or "compression_config" where
     there is none), which errors about it name; not part of the scheme's equality.
+    weight_only: FP8 weights with 16-bit activations (compressed-tensors without `input_activations`, vLLM's
+    W8A16Fp8): the layers run in the model dtype, each weight dequantized at load (the product W8A16 computes,
+    at twice the weights' memory).
     """
 
     checkpoint_fp8: bool
@@ -57,6 +60,7 @@ class Fp8Scheme:
     ignore: tuple[str, ...] = ()
     targets: tuple[str, ...] = ("Linear",)
     config_key: str = field(default="quantization_config", compare=False)
+    weight_only: bool = False
 
     def quantizes(self, module: str, parts: tuple[str, ...] = ()) -> bool:
         """Whether the decoder linear `module` (its checkpoint name, e.g. model.layers.0.mlp.down_proj) runs in
@@ -82,7 +86,8 @@ class Fp8Scheme:
         if not self.checkpoint_fp8:
             return "fp8 (weights quantized per channel at load)"
         block = f" {self.block_size[0]}x{self.block_size[1]}" if self.block_size else ""
-        return f"{self.method} checkpoint, {self.weight_strategy}{block} weight scales"
+        only = ", weight-only (dequantized at load: 16-bit activations and weights)" if self.weight_only else ""
+        return f"{self.method} checkpoint, {self.weight_strategy}{block} weight scales{only}"
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -155,11 +160,14 @@ def _parse_fp8(qc: dict, source: str, key: str) -> Fp8Scheme:
 def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
     """A compressed-tensors quant_method's scheme (`parse_quantization_config`'s `source` and `key`)."""
     groups = qc.get("config_groups") or {}
-    if not isinstance(groups, dict) or len(groups) != 1:
+    if not isinstance(groups, dict):
+        raise ModelLoadError(f"{source}: {key} config_groups must be a JSON object (group name -> group), got "
+                             f"{type(groups).__name__}")
+    if len(groups) != 1:
         raise ModelLoadError(f"{source}: compressed-tensors with {len(groups)} config_groups is not supported "
                              f"(exactly one group of FP8 Linear weights)")
     (name, group), = groups.items()
-    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    weights, acts = _section(group, "weights", source, name), group.get("input_activations")
     if weights.get("type") != "float" or weights.get("num_bits") != 8:
         raise ModelLoadError(f"{source}: compressed-tensors group {name!r} has weights of type "
                              f"{weights.get('type')!r} with {weights.get('num_bits')!r} bits; only 8-bit float (FP8)")
@@ -172,11 +180,14 @@ def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
     block = None
     if strategy == "block":
         block = weights.get("block_structure")
-        if not isinstance(block, list) or len(block) != 2:
-            raise ModelLoadError(f"{source}: compressed-tensors block strategy without a block_structure")
-        block = (int(block[0]), int(block[1]))
+        if not (isinstance(block, list) and len(block) == 2
+                and all(type(b) is int and b > 0 for b in block)):  # (bool is an int: refused)
+            raise ModelLoadError(f"{source}: compressed-tensors block strategy needs a block_structure of two "
+                                 f"positive integers, got {block!r}")
+        block = (block[0], block[1])
     static = False
     if acts is not None:
+        acts = _section(group, "input_activations", source, name)
         if acts.get("type") != "float" or acts.get("num_bits") != 8:
             raise ModelLoadError(f"{source}: compressed-tensors input_activations of type {acts.get('type')!r} "
                                  f"with {acts.get('num_bits')!r} bits are not supported (8-bit float or none)")
@@ -184,7 +195,20 @@ def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
     return Fp8Scheme(True, strategy, block, "weight_scale", static, method="compressed-tensors",
                      kv_cache_fp8=_kv_cache_scheme(qc.get("kv_cache_scheme"), source),
                      ignore=_names(qc, ("ignore",), source, key),
-                     targets=_names(group, ("targets",), source, key) or ("Linear",))
+                     targets=_names(group, ("targets",), source, key) or ("Linear",), weight_only=acts is None)
+
+
+def _section(group: object, name: str, source: str, group_name: str) -> dict:
+    """A compressed-tensors config group's `name` section ({} where absent), which must be a JSON object
+    (ModelLoadError naming the group and section, where a group or section is something else)."""
+    if not isinstance(group, dict):
+        raise ModelLoadError(f"{source}: compressed-tensors config group {group_name!r} must be a JSON object, got "
+                             f"{type(group).__name__}")
+    section = group.get(name) or {}
+    if not isinstance(section, dict):
+        raise ModelLoadError(f"{source}: compressed-tensors group {group_name!r} {name} must be a JSON object, got "
+                             f"{type(section).__name__}")
+    return section
 
 
 def _kv_cache_scheme(scheme: object, source: str) -> bool:

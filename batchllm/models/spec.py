@@ -305,6 +305,10 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     from batchllm.models.quant_config import checkpoint_quantization  # it imports ModelLoadError
 
     quantization = checkpoint_quantization(cfg, str(config_path))
+    if quantization is None and (config_path.parent / "hf_quant_config.json").exists():
+        raise ModelLoadError(f"{config_path.parent / 'hf_quant_config.json'}: an NVIDIA ModelOpt quantization (its "
+                             "hf_quant_config.json) is not supported; FP8 checkpoints load from config.json's "
+                             "quantization_config (quant_method 'fp8' or 'compressed-tensors')")
     try:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])

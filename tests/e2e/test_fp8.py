@@ -251,6 +251,10 @@ def test_float8_weights_without_a_quantization_config_are_refused(tiny_fp32, tmp
     (fp8_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no FP8 quantization_config"):
         _llm(fp8_dir)
+    # NVIDIA ModelOpt's layout (hf_quant_config.json beside a config.json without one) is named as such
+    (fp8_dir / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    with pytest.raises(ValueError, match="hf_quant_config.json: an NVIDIA ModelOpt quantization .* is not supported"):
+        _llm(fp8_dir)
 
 
 FP8_SMOLLM2_MATCHING = 0.8
@@ -418,3 +422,57 @@ def test_compressed_tensors_targets_and_a_fused_layer_split_by_ignore(tiny_fp32,
     assert not named.quantizes("model.layers.0.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"))
     fp8 = parse_quantization_config({**QUANT_CONFIGS["fp8-tensor"], "ignored_layers": ["re:.*down_proj"]}, "c")
     assert fp8.quantizes("model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("fmt, strategy", [("ct-channel", "channel"), ("fp8-tensor", "tensor")])
+def test_a_weight_only_compressed_tensors_checkpoint_runs_its_dequantized_weights(fmt, strategy, tiny_fp32,
+                                                                                tmp_path):
+    """compressed-tensors without input_activations is vLLM's W8A16Fp8: 16-bit activations. Its layers quantized
+    their activations per token to e4m3 (prefill logits 0.06 from the dequantized run's); now they run the
+    dequantized weights in the model dtype, which is the dequantized run itself."""
+    group = QUANT_CONFIGS["ct-channel"]["config_groups"]["group_0"]
+    weights_only = {k: v for k, v in group.items() if k != "input_activations"}
+    config = {**QUANT_CONFIGS["ct-channel"],
+              "config_groups": {"group_0": {**weights_only, "weights": {**group["weights"], "strategy": strategy}}}}
+    fp8_dir, deq_dir = write_checkpoints(tiny_fp32, tmp_path, fmt, config)
+    llm = _llm(fp8_dir)
+    assert llm.engine.model.model.layers[1].self_attn.qkv_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(_prefill_logits(llm), _prefill_logits(_llm(deq_dir)), rtol=1e-5, atol=1e-5)
+
+
+def _rewrite(model_dir, edit) -> None:
+    """The checkpoint's tensors, as `edit(tensors)` (in place) leaves them."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stored, message", [
+    (lambda q, s: (q.float() * 1).to(torch.bfloat16), "is bfloat16 but the checkpoint holds its scale "
+     "'model.layers.0.self_attn.q_proj.weight_scale': an FP8 checkpoint's quantized weights must be stored as "
+     "float8_e4m3fn"),
+    (lambda q, s: q.view(torch.uint8), "is uint8; weights must be 16/32-bit floats"),
+    (lambda q, s: q.float().to(torch.float8_e5m2), "is float8_e5m2; weights must be 16/32-bit floats, or "
+     "float8_e4m3fn"),
+])
+def test_an_fp8_layers_weight_stored_as_another_type_is_refused_by_name(stored, message, tiny_fp32, tmp_path):
+    """A quantized weight stored as bf16 (or uint8 bytes) was quantized again at load and its checkpoint scale
+    dropped: the model ran on wrong weights, silently. An e5m2 weight failed inside torch."""
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "fp8-tensor")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _rewrite(fp8_dir, lambda t: t.update({name: stored(t[name], t[name + "_scale"])}))
+    with pytest.raises(ValueError, match=f"weight '{name}' " + message.replace("(", r"\(").replace(")", r"\)")):
+        _llm(fp8_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.01, float("inf")])
+def test_a_weight_scale_that_is_not_finite_and_non_negative_is_refused(value, tiny_fp32, tmp_path):
+    """A NaN scale ran the model into token 0 forever and a negative one flipped its layer's sign, both silently
+    (the KV-cache scales were checked; the weights' were not)."""
+    fp8_dir, _ = write_checkpoints(tiny_fp32, tmp_path, "fp8-tensor")
+    name = "model.layers.1.mlp.up_proj.weight_scale"
+    _rewrite(fp8_dir, lambda t: t.update({name: torch.tensor(value)}))
+    with pytest.raises(ValueError, match=f"weight scale '{name}' holds {value:g}; a weight scale must be finite"):
+        _llm(fp8_dir)

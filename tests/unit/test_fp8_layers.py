@@ -1,5 +1,6 @@
 """FP8 arithmetic (layers/fp8.py) and the quantization_config parser (models/quant_config.py)."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -136,6 +137,15 @@ def test_quantization_configs_parse_into_schemes():
      "weights of type 'int' with 8 bits"),
     ({**CT_CHANNEL, "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8, "strategy": "group"}}}},
      "strategy 'group' is not supported"),
+    # malformed configs: named, not an AttributeError or a bare int() error (or a division by zero at load)
+    ({**CT_CHANNEL, "config_groups": [1]}, "config_groups must be a JSON object .* got list"),
+    ({**CT_CHANNEL, "config_groups": {"g": "x"}}, "config group 'g' must be a JSON object, got str"),
+    ({**CT_CHANNEL, "config_groups": {"g": {"weights": "fp8"}}}, "group 'g' weights must be a JSON object"),
+    ({**CT_CHANNEL, "config_groups": {"g": {**CT_CHANNEL["config_groups"]["group_0"], "input_activations": "x"}}},
+     "group 'g' input_activations must be a JSON object"),
+    *[({**CT_CHANNEL, "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8, "strategy": "block",
+                                                            "block_structure": block}}}},
+       re.escape(f"block_structure of two positive integers, got {block!r}")) for block in (["a", "b"], [0, 32], None)],
 ])
 def test_configs_we_cannot_honour_are_refused_by_name(qc, message):
     with pytest.raises(ModelLoadError, match=message):
