@@ -36,7 +36,16 @@ class Workload:
 
 
 def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
-    return [rng.randrange(1000, vocab) for _ in range(n)]
+    """n random token ids of a `vocab`-token model, from 1000 up (clear of the special tokens a vocabulary starts
+    with), or from its upper half where the vocabulary has no more than 1000 tokens."""
+    low = 1000 if vocab > 1000 else vocab // 2
+    return [rng.randrange(low, vocab) for _ in range(n)]
+
+
+def _marker(first: int, i: int, vocab: int) -> int:
+    """The token that opens group (or member) i's part: first + i % 900, wrapped into a vocabulary smaller than
+    that (larger ones keep the paper's prompts)."""
+    return (first + i % 900) % vocab
 
 
 def shared_prefix_workload(
@@ -50,8 +59,8 @@ def shared_prefix_workload(
     for i in range(num_requests):
         g, m = divmod(i, degree)
         if m == 0:
-            prefix = [1 + g % 900] + _tokens(rng, shared - 1, vocab) if shared else []
-        prompts.append(prefix + ([100 + m % 900] + _tokens(rng, distinct - 1, vocab) if distinct else []))
+            prefix = [_marker(1, g, vocab)] + _tokens(rng, shared - 1, vocab) if shared else []
+        prompts.append(prefix + ([_marker(100, m, vocab)] + _tokens(rng, distinct - 1, vocab) if distinct else []))
     if shuffle:
         rng.shuffle(prompts)
     return Workload(f"shared{shared}-distinct{distinct}-degree{degree}-n{num_requests}", prompts,
@@ -69,9 +78,9 @@ def snippet_workload(num_requests: int, vocab: int, seed: int = 0, mean_degree: 
         while rng.random() > 1 / mean_degree:
             size += 1
         p_len = max(64, int(rng.gauss(prefix, 300)))
-        head = [1 + g % 900] + _tokens(rng, p_len - 1, vocab)
+        head = [_marker(1, g, vocab)] + _tokens(rng, p_len - 1, vocab)
         for m in range(min(size, num_requests - len(prompts))):
-            prompts.append(head + [100 + m % 900] + _tokens(rng, max(1, int(rng.gauss(distinct, 8))) - 1, vocab))
+            prompts.append(head + [_marker(100, m, vocab)] + _tokens(rng, max(1, int(rng.gauss(distinct, 8))) - 1, vocab))
         g += 1
     rng.shuffle(prompts)
     return Workload(f"snippet-n{num_requests}", prompts, [output] * num_requests)
@@ -80,7 +89,7 @@ def snippet_workload(num_requests: int, vocab: int, seed: int = 0, mean_degree: 
 def no_sharing_workload(num_requests: int, vocab: int, prompt_len: int = 1024, output: int = 128,
                         seed: int = 0) -> Workload:
     rng = random.Random(seed)
-    prompts = [[1 + i % 900] + _tokens(rng, prompt_len - 1, vocab) for i in range(num_requests)]
+    prompts = [[_marker(1, i, vocab)] + _tokens(rng, prompt_len - 1, vocab) for i in range(num_requests)]
     return Workload(f"nosharing-{prompt_len}-{output}-n{num_requests}", prompts, [output] * num_requests)
 
 

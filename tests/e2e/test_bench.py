@@ -285,6 +285,18 @@ def test_a_shared_or_distinct_part_of_0_tokens_is_left_out():
     assert [len(p) for p in shared_prefix_workload(6, 5, 4, 8, 3, 5000).prompts] == [11] * 8
 
 
+def test_a_vocabulary_of_1000_tokens_or_fewer_gets_prompts_from_its_upper_half():
+    """A model of 512 tokens crashed bench (randrange(1000, 512)); larger vocabularies keep their prompts (from 1000
+    up, clear of the special tokens)."""
+    from batchllm.bench import decode_heavy_workload, shared_prefix_workload
+
+    small = shared_prefix_workload(8, 4, 2, 4, 3, 512).prompts
+    assert all(0 <= t < 512 for p in small for t in p) and min(t for p in small for t in p[1:8]) >= 256
+    assert all(0 <= t < 512 for p in shared_prefix_workload(1, 1, 1, 600, 3, 512).prompts for t in p)  # 600 groups
+    assert all(0 <= t < 300 for p in decode_heavy_workload(4, 300).prompts for t in p)
+    assert min(t for p in shared_prefix_workload(8, 4, 2, 4, 3, 1024).prompts for t in p[1:8]) >= 1000
+
+
 @pytest.mark.parametrize("options, problem", [
     (["--degree", "0"], "--degree must be at least 1, got 0"),  # (a ZeroDivisionError after the model loaded)
     (["--requests", "0"], "--requests must be at least 1, got 0"),  # (it measured "0.00 req/s")
