@@ -80,7 +80,8 @@ def snippet_workload(num_requests: int, vocab: int, seed: int = 0, mean_degree: 
         p_len = max(64, int(rng.gauss(prefix, 300)))
         head = [_marker(1, g, vocab)] + _tokens(rng, p_len - 1, vocab)
         for m in range(min(size, num_requests - len(prompts))):
-            prompts.append(head + [_marker(100, m, vocab)] + _tokens(rng, max(1, int(rng.gauss(distinct, 8))) - 1, vocab))
+            suffix = _tokens(rng, max(1, int(rng.gauss(distinct, 8))) - 1, vocab)
+            prompts.append(head + [_marker(100, m, vocab)] + suffix)
         g += 1
     rng.shuffle(prompts)
     return Workload(f"snippet-n{num_requests}", prompts, [output] * num_requests)

@@ -10,6 +10,7 @@ conversion never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -193,6 +194,37 @@ def _convert(gguf_path: Path, out_dir: Path, name: str) -> None:
     file) where transformers' GGUF reader leaves a weight of its model unread (a mixture-of-experts file: its
     experts' tensors map to nothing, and the layers would run with random weights); the file's rope scaling, which
     that reader drops, is written into config.json (`gguf_rope_scaling`)."""
+    with _gguf_read_once():
+        _convert_read_once(gguf_path, out_dir, name)
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """Within it, `gguf.GGUFReader` of one path is one reader. A conversion reads the file's metadata four times
+    (transformers' config, weights and tokenizer loads each construct a reader, as `gguf_rope_scaling` does), and
+    the gguf package parses every field of it in Python each time: 5.8 s per read of SmolLM2's 49K-token
+    vocabulary, of a 29-s conversion. The readers are read-only views of the file (a memory map), so one serves
+    all four. Not thread-safe: the conversion runs in one thread."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def read_once(path, mode: str = "r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = read_once  # (transformers imports it from the package at each call)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
+def _convert_read_once(gguf_path: Path, out_dir: Path, name: str) -> None:
+    """`_convert`'s work, inside `_gguf_read_once`."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer

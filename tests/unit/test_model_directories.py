@@ -373,6 +373,8 @@ def test_a_gguf_file_that_does_not_convert_whole_is_refused_by_name(tmp_path, mo
                                              r"LlamaForCausalLM are not in the file .*model.layers.0.mlp.down_proj"
                                              r".*a mixture-of-experts GGUF file is not run"):
         LLM(str(gguf), device="cpu", dtype="float32")
+    import gguf as gguf_package  # the conversion's one reader per file (`_gguf_read_once`) ends with it, failed too
+    assert gguf_package.GGUFReader is gguf_package.gguf_reader.GGUFReader
     config = json.loads((llama / "config.json").read_text())
     cases = [(dict(rope_freqs=[1.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0, 5.0]),
               r"its rope_freqs.weight divisors are not a llama3 rope scaling"),
@@ -423,3 +425,16 @@ def test_truncation_keeps_the_bos_and_minus_one_leaves_room_for_max_tokens(tmp_p
         assert out.prompt_token_ids[0] == 1
     finally:
         llm.shutdown()
+
+
+def test_a_conversion_parses_each_gguf_file_once(tmp_path):
+    """transformers' config, weights and tokenizer loads and `gguf_rope_scaling` each parsed the whole file's
+    metadata (5.8 s a time for SmolLM2's vocabulary); within `_gguf_read_once` a path is parsed once."""
+    import gguf as gguf_package
+
+    from batchllm.models.default_model import _gguf_read_once, find_gguf
+
+    with _gguf_read_once():
+        first = gguf_package.GGUFReader(find_gguf())
+        assert gguf_package.GGUFReader(str(find_gguf())) is first
+    assert gguf_package.GGUFReader is gguf_package.gguf_reader.GGUFReader
