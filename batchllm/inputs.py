@@ -670,7 +670,8 @@ def read_chat_template(value: str) -> str:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the chat template {value!r}: {e}") from e
-    shown = value if len(value) <= 80 else value[:77] + "..."
+    a_path = is_file or (path is not None and "{" not in value and len(value) <= 1024)  # named whole: its file name
+    shown = value if len(value) <= 80 or a_path else value[:77] + "..."  # ends it; an inline template is cut
     if not ("{{" in text or "{%" in text) or "messages" not in text:
         raise ValueError(f"chat_template {shown!r} is neither a file nor a Jinja template that renders `messages`")
     if problem := _template_syntax_error(text):

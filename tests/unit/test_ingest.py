@@ -573,6 +573,9 @@ def test_a_chat_template_option_replaces_the_tokenizers(tmp_path):
     assert read_chat_template(str(path)) == inline == read_chat_template(inline)
     with pytest.raises(ValueError, match="'nope.jinja' is neither a file nor a Jinja template"):
         read_chat_template("nope.jinja")
+    deep = tmp_path / ("d" * 90) / "nope.jinja"  # a long path was cut at 80 characters, its file name with it
+    with pytest.raises(ValueError, match=f"'{re.escape(str(deep))}' is neither a file"):
+        read_chat_template(str(deep))
     with pytest.raises(ValueError, match="renders `messages`"):
         read_chat_template("templates/{{model}}.jinja")  # a mistyped path is not taken for a template
     # a syntax error failed every line after the model loaded, and the fixed file's rerun was refused as another
