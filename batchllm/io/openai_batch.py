@@ -484,21 +484,47 @@ def _response_format(value: Any) -> dict | None:
 
 
 def text_message(j: int, message: Any) -> Any:
-    """A chat message with its content as one string: a list of text parts is joined with newlines, empty ones
-    left out (as vLLM does for a string-content chat template), null or no parts is empty text; any other part type
-    is refused by name (BodyError, a ValueError). Plain lines and `LLM.chat` go through it too (`PromptProcessor`)."""
+    """A chat message as vLLM gives it to the chat template, with its content as one string: a list of text parts
+    is joined with newlines, empty ones left out (as vLLM does for a string-content chat template), null or no
+    parts is empty text; any other part type is refused by name (BodyError, a ValueError). Only the keys vLLM
+    passes on are kept (`_as_vllm_passes_it`). Plain lines and `LLM.chat` go through it too (`PromptProcessor`)."""
     if not isinstance(message, dict):
         return message  # the chat template check names it
-    if message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list):
-        message = _with_tool_arguments_as_objects(j, message)
     content = message.get("content")
     if isinstance(content, str):
-        return message
-    if content is None or content == []:  # (an assistant turn that only called tools): empty text, as vLLM's
-        return {**message, "content": ""}
-    if not isinstance(content, list):
+        text = content
+    elif content is None or content == []:  # (an assistant turn that only called tools): empty text, as vLLM's
+        text = ""
+    elif not isinstance(content, list):
         raise BodyError(f"messages[{j}].content must be a string, a list of text parts or null")
-    return {**message, "content": "\n".join(text for text in _part_texts(j, content) if text)}  # (vLLM's: "" too)
+    else:
+        text = "\n".join(text for text in _part_texts(j, content) if text)  # (vLLM's: "" too)
+    return _as_vllm_passes_it(j, message, text)
+
+
+def _as_vllm_passes_it(j: int, message: dict, content: Any) -> dict:
+    """`message` as vLLM's `_parse_chat_message_content` hands it to the template, with `content`: its role and
+    content; an assistant's `tool_calls` (their arguments as objects: `_with_tool_arguments_as_objects`) and its
+    `reasoning`, also as `reasoning_content`; a tool message's `tool_call_id`; a developer message's `tools`; and
+    `name` and `task` where they are strings. Any other key (an assistant's `reasoning_content` or `thinking`, a
+    user's `tool_calls`, a key of the caller's own) reached the template, and changed what some templates render."""
+    role = message.get("role")
+    kept: dict[str, Any] = {"role": role, "content": content}
+    if role == "assistant":
+        if message.get("tool_calls") is not None:
+            if not isinstance(message["tool_calls"], list):
+                raise BodyError(f"messages[{j}].tool_calls must be a list of tool calls")
+            kept = _with_tool_arguments_as_objects(j, {**kept, "tool_calls": message["tool_calls"]})
+        if message.get("reasoning") is not None:
+            kept["reasoning"] = kept["reasoning_content"] = message["reasoning"]
+    elif role == "tool" and "tool_call_id" in message:
+        kept["tool_call_id"] = message["tool_call_id"]
+    for key in ("name", "task"):
+        if isinstance(message.get(key), str):
+            kept[key] = message[key]
+    if role == "developer":
+        kept["tools"] = message.get("tools")
+    return kept
 
 
 _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
@@ -516,7 +542,7 @@ def _part_texts(j: int, content: list) -> list[str]:
             texts.append(part)
             continue
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS:
+        if not isinstance(kind, str) or kind not in _TEXT_PARTS:  # (a list or object as the type: unhashable)
             shown = f"type {kind!r}" if isinstance(kind, str) else "no type"
             raise BodyError(f"messages[{j}].content[{k}] has {shown[:60]}; only text parts are supported "
                             f"({', '.join(_TEXT_PARTS)})")
@@ -546,8 +572,9 @@ def text_parts(j: int, message: Any) -> Any:
 
 def _with_tool_arguments_as_objects(j: int, message: dict) -> dict:
     """An assistant message's tool calls as vLLM gives them to the chat template: each function's `arguments`, a
-    JSON string in OpenAI's format, parsed (null or "" as {}), since templates write them with `tojson` (a string
-    would be quoted twice); an empty list of calls dropped. A copy: the caller's message is left as it is."""
+    JSON string in OpenAI's format, parsed, since templates write them with `tojson` (a string would be quoted
+    twice); arguments that are not JSON, null or neither an object nor a list are {} (vLLM's
+    `_postprocess_messages`); an empty list of calls dropped. A copy: the caller's message is left as it is."""
     calls = message["tool_calls"]
     if not calls:
         return {k: v for k, v in message.items() if k != "tool_calls"}
@@ -558,14 +585,13 @@ def _with_tool_arguments_as_objects(j: int, message: dict) -> dict:
         if not isinstance(function, dict) or call.get("type", "function") != "function":
             raise BodyError(f"{where} must be an object of type 'function' with a 'function' object")
         arguments = function.get("arguments")
-        if not arguments:
-            arguments = {}
-        elif isinstance(arguments, str):
+        if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                raise BodyError(f"{where}.function.arguments is not JSON ({e.msg})") from None
-            arguments = {} if arguments is None else arguments
+            except json.JSONDecodeError:  # (vLLM's: a call cut off by max_tokens, replayed in a later turn)
+                arguments = {}
+        if not isinstance(arguments, (dict, list)):  # (null, a number: {} as in vLLM)
+            arguments = {}
         parsed.append({**call, "function": {**function, "arguments": arguments}})
     return {**message, "tool_calls": parsed}
 

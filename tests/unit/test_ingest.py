@@ -823,13 +823,41 @@ def test_tool_call_arguments_reach_the_template_as_objects_as_in_vllm():
     assert prompts.apply_chat_template(empty, chat_template=template) == "assistant:<now {}>;"
     no_calls = [{"role": "assistant", "content": "x", "tool_calls": []}]
     assert prompts.apply_chat_template(no_calls, chat_template="{{ messages[0].tool_calls is defined }}") == "False"
-    for calls, message in (([{**call, "function": {"name": "w", "arguments": "{city"}}], "arguments is not JSON"),
-                           ([{"type": "code", "function": {}}], "must be an object of type 'function'")):
-        with pytest.raises(ValueError, match=rf"conversation 2: messages\[1\]\.tool_calls\[0\].*{message}"):
+    # arguments that are not JSON (a call cut off by max_tokens, replayed) or not an object are {}, as vLLM's
+    # _postprocess_messages makes them (the line failed)
+    for arguments in ("{city", 5, None):
+        cut = [{**history[1], "tool_calls": [{**call, "function": {"name": "w", "arguments": arguments}}]}]
+        assert prompts.apply_chat_template(cut, chat_template=template) == "assistant:<w {}>;"
+    for calls, message in (([{"type": "code", "function": {}}], r"\.tool_calls\[0\] must be an object of type "),
+                           ({"a": call}, r"\.tool_calls must be a list of tool calls")):
+        with pytest.raises(ValueError, match=rf"conversation 2: messages\[1\]{message}"):
             prompts.apply_chat_template([history[0], {**history[1], "tool_calls": calls}], 2, chat_template=template)
     for key in ("chat_template", "tokenize"):
         with pytest.raises(ValueError, match=f"chat_template_kwargs must not hold {key}"):
             prompts.apply_chat_template(history[:1], kwargs={key: "x"})
+
+
+def test_a_message_reaches_the_template_with_the_keys_vllm_passes_on():
+    """Every key of a message reached the chat template: an assistant's reasoning_content (which Qwen3-style templates
+    render as <think>), a user's tool_calls or reasoning, a name that is not a string, keys of the caller's own.
+    vLLM's _parse_chat_message_content keeps role and content; an assistant's tool_calls and reasoning (also as
+    reasoning_content); a tool message's tool_call_id; a developer's tools; name and task where they are strings."""
+    prompts = processor()
+    template = ("{% for m in messages %}{{ m.role }}{{ m | dictsort | map('first') | reject('in', ['role', "
+                "'content']) | join(',') | default('', true) }}{% if m.reasoning_content %}<think>"
+                "{{ m.reasoning_content }}</think>{% endif %}:{{ m.content }};{% endfor %}")
+    conversation = [
+        {"role": "system", "content": "S", "name": 5, "extra": "X"},
+        {"role": "user", "content": "Q", "name": "ann", "reasoning": "R", "tool_calls": [], "tool_call_id": "c0"},
+        {"role": "assistant", "content": "A", "reasoning_content": "old", "thinking": "T"},
+        {"role": "assistant", "content": "B", "reasoning": "why", "task": "t"},
+        {"role": "tool", "content": [{"type": "text", "text": "r"}], "tool_call_id": "c1", "reasoning": "no"},
+        {"role": "developer", "content": "D"}]
+    assert prompts.apply_chat_template(conversation, chat_template=template) == (
+        "system:S;username:Q;assistant:A;assistantreasoning,reasoning_content,task,thinking<think>why</think>:B;"
+        "tooltool_call_id:r;developer:D;")  # (thinking: transformers' copy of reasoning, as vLLM's template gets it)
+    with pytest.raises(ValueError, match=r"conversation 0: messages\[0\]\.content\[0\] has no type; only text"):
+        prompts.apply_chat_template([{"role": "user", "content": [{"type": ["text"], "text": "x"}]}])
 
 
 def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
