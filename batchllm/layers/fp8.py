@@ -153,15 +153,12 @@ def channel_quantized(weight: torch.Tensor, scale: torch.Tensor | None, strategy
 def dequantized(weight: torch.Tensor, scale: torch.Tensor, strategy: str,
                 block: tuple[int, int] | None = None) -> torch.Tensor:
     """A float8 checkpoint weight [n, k] times its checkpoint scale (per tensor: one value; per channel: n;
-    block-wise: one per `block` tile), in float32: the weight a weight-only (W8A16) layer runs with."""
-    n = weight.shape[0]
+    block-wise: one per `block` tile), in float32: the weight a weight-only (W8A16) layer runs with. Exact: the
+    per-tensor and per-channel forms are `channel_quantized`'s layout dequantized, block-wise tiles are dequantized
+    as they are (that layout would round them again)."""
     if strategy == "block":
         return dequantize_blocks(weight, scale, block)
-    if strategy == "tensor" and scale.numel() == 1:
-        return weight.to(torch.float32) * scale.to(torch.float32).reshape(())
-    if strategy == "channel" and scale.numel() == n:
-        return weight.to(torch.float32) * scale.to(torch.float32).reshape(n, 1)
-    raise ValueError(f"a {strategy} weight scale of shape {tuple(scale.shape)} for a weight of {n} rows")
+    return dequantize(*channel_quantized(weight, scale, strategy))
 
 
 def scaled_mm_supported(device: torch.device) -> bool:

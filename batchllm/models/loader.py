@@ -273,31 +273,36 @@ def _check_weight_dtype(name: str, tensor: torch.Tensor, index: dict, path: Path
     values only that scale gives (an FP8 checkpoint's weights must be stored as float8_e4m3fn)."""
     if tensor.dtype == FP8:
         return
+    dtype = str(tensor.dtype).removeprefix("torch.")
     if not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1:
-        raise ModelLoadError(f"{path.name}: weight {name!r} is {str(tensor.dtype).removeprefix('torch.')}; weights "
-                             f"must be 16/32-bit floats, or float8_e4m3fn with their scales in an FP8 checkpoint")
-    module = name.rpartition(".")[0]
-    if name.endswith(".weight") and (scale := next((f"{module}.{s}" for s in _WEIGHT_SCALE_SUFFIXES
-                                                    if f"{module}.{s}" in index), None)):
-        raise ModelLoadError(f"{path.name}: weight {name!r} is {str(tensor.dtype).removeprefix('torch.')} but the "
-                             f"checkpoint holds its scale {scale!r}: an FP8 checkpoint's quantized weights must be "
-                             f"stored as float8_e4m3fn (the scale would be lost)")
+        raise ModelLoadError(f"{path.name}: weight {name!r} is {dtype}; weights must be 16/32-bit floats, or "
+                             "float8_e4m3fn with their scales in an FP8 checkpoint")
+    if name.endswith(".weight") and (scale := _stored_weight_scale(name.rpartition(".")[0], index)):
+        raise ModelLoadError(f"{path.name}: weight {name!r} is {dtype} but the checkpoint holds its scale {scale!r}: "
+                             "an FP8 checkpoint's quantized weights must be stored as float8_e4m3fn (the scale would "
+                             "be lost)")
+
+
+def _stored_weight_scale(module: str, index: dict, first: str | None = None) -> str | None:
+    """The checkpoint name of `module`'s weight scale in `index` (`first`, a scheme's own suffix, then
+    `_WEIGHT_SCALE_SUFFIXES`), or None where it has none."""
+    suffixes = (first, *_WEIGHT_SCALE_SUFFIXES) if first else _WEIGHT_SCALE_SUFFIXES
+    return next((f"{module}.{s}" for s in suffixes if f"{module}.{s}" in index), None)
 
 
 def _weight_scale(name: str, index: dict, scheme: Fp8Scheme, path: Path) -> torch.Tensor:
     """The checkpoint scale of float8 weight `name` (the scheme's suffix first; any file of `index`), which must
     be finite and >= 0 everywhere (ModelLoadError naming it, or naming the scale that is missing)."""
     module = name[: -len(".weight")]
-    candidates = (f"{module}.{s}" for s in (scheme.scale_suffix, *_WEIGHT_SCALE_SUFFIXES))
-    found = next((c for c in candidates if c in index), None)
+    found = _stored_weight_scale(module, index, scheme.scale_suffix)
     if found is None:
         raise ModelLoadError(f"{path.name}: float8 weight {name!r} has no {module}.{scheme.scale_suffix}")
     scale = index[found][1].get_tensor(found)
     values = scale.float()
-    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-        bad = values[~torch.isfinite(values) | (values < 0)].flatten()[0].item()
-        raise ModelLoadError(f"{index[found][0].name}: weight scale {found!r} holds {bad:g}; a weight scale must be "
-                             "finite and >= 0")
+    bad = ~torch.isfinite(values) | (values < 0)
+    if bool(bad.any()):
+        raise ModelLoadError(f"{index[found][0].name}: weight scale {found!r} holds {values[bad][0].item():g}; a "
+                             "weight scale must be finite and >= 0")
     return scale
 
 

@@ -167,6 +167,9 @@ def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
         raise ModelLoadError(f"{source}: compressed-tensors with {len(groups)} config_groups is not supported "
                              f"(exactly one group of FP8 Linear weights)")
     (name, group), = groups.items()
+    if not isinstance(group, dict):
+        raise ModelLoadError(f"{source}: compressed-tensors config group {name!r} must be a JSON object, got "
+                             f"{type(group).__name__}")
     weights, acts = _section(group, "weights", source, name), group.get("input_activations")
     if weights.get("type") != "float" or weights.get("num_bits") != 8:
         raise ModelLoadError(f"{source}: compressed-tensors group {name!r} has weights of type "
@@ -198,12 +201,9 @@ def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
                      targets=_names(group, ("targets",), source, key) or ("Linear",), weight_only=acts is None)
 
 
-def _section(group: object, name: str, source: str, group_name: str) -> dict:
+def _section(group: dict, name: str, source: str, group_name: str) -> dict:
     """A compressed-tensors config group's `name` section ({} where absent), which must be a JSON object
-    (ModelLoadError naming the group and section, where a group or section is something else)."""
-    if not isinstance(group, dict):
-        raise ModelLoadError(f"{source}: compressed-tensors config group {group_name!r} must be a JSON object, got "
-                             f"{type(group).__name__}")
+    (ModelLoadError naming the group and section)."""
     section = group.get(name) or {}
     if not isinstance(section, dict):
         raise ModelLoadError(f"{source}: compressed-tensors group {group_name!r} {name} must be a JSON object, got "
