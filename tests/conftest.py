@@ -48,19 +48,3 @@ def tiny_model_factory(tmp_path_factory, default_model_dir):
 
 __all__ = ["TINY_CONFIGS", "hf_greedy"]
 
-
-LONGEST_FILES = ("e2e/test_ray.py", "e2e/test_batch_jobs.py", "unit/test_triton_interpreted.py",
-                 "unit/test_model_directories.py", "e2e/test_cli.py", "e2e/test_data_parallel.py")
-"""The test files that take longest (1.5-3.5 minutes each on two cores, `--durations`), run first: under
-`scripts/test.sh`'s two processes (xdist, a file whole in one of them, files handed out in this order) a long file
-started last would leave the other process idle at the end."""
-
-
-def pytest_collection_modifyitems(config, items):
-    """The LONGEST_FILES first, in that order; every other file after them, in collection order (a stable sort:
-    a file's tests keep their order)."""
-    def rank(item) -> int:
-        path = str(item.fspath).replace("\\", "/")
-        return next((i for i, name in enumerate(LONGEST_FILES) if path.endswith("tests/" + name)), len(LONGEST_FILES))
-
-    items.sort(key=rank)
