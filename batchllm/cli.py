@@ -33,6 +33,7 @@ from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import DTYPE_ALIASES, default_log_level, log_level_problem
+from batchllm.config_file import ConfigFileError, with_config_file
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, check_model_files, read_chat_template, read_model_source
 from batchllm.io.ingest import (
@@ -364,10 +365,15 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+def _command_actions(parser: argparse.ArgumentParser, words: list[str]) -> dict[str, argparse.Action]:
+    """Each flag of the subcommand `words` name first, to its action (none if they name none)."""
+    command = _subcommands(parser).get(next((w for w in words if not w.startswith("-")), ""))
+    return {} if command is None else {flag: action for action in command._actions for flag in action.option_strings}
+
+
 def _command_flags(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
     """The long flags of the subcommand `words` name first (none if they name none)."""
-    command = _subcommands(parser).get(next((w for w in words if not w.startswith("-")), ""))
-    return [] if command is None else [f for a in command._actions for f in a.option_strings if f.startswith("--")]
+    return [flag for flag in _command_actions(parser, words) if flag.startswith("--")]
 
 
 _RUN_TOOL_FLAG = ("only `run` (run-batch) and `plan` take it: with --enable-auto-tool-choice and --tool-call-parser "
@@ -378,7 +384,6 @@ VLLM_SERVER_FLAGS = {
     "--trust-request-chat-template": "a line's own chat_template is not taken: give --chat-template",
     "--chat-template-content-format": "the content format is detected from the chat template, as vLLM's auto "
                                       "(LLM.chat takes chat_template_content_format)",
-    "--config": "vLLM's YAML file of options is not read here: give the options as flags",
 }
 """vLLM run-batch's frontend flags (not engine options) with no counterpart here, and what to do instead."""
 
@@ -444,8 +449,10 @@ def package_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     words = dashed_flag_names(sys.argv[1:] if argv is None else list(argv))
-    if "--config" in (w.split("=", 1)[0] for w in words[:words.index("--") if "--" in words else None]):
-        parser.error(f"--config: {VLLM_SERVER_FLAGS['--config']}")  # (argparse read it as --config-format's prefix)
+    try:  # (vLLM's --config FILE.yaml; argparse alone would read --config as --config-format's prefix)
+        words = with_config_file(words, lambda rest: _command_actions(parser, rest))
+    except ConfigFileError as error:
+        parser.error(str(error))
     args, unknown = parser.parse_known_args(bare_flags_as_on(words, _command_flags(parser, words)))
     if unknown:  # refused by the subcommand's parser, with its usage and what each unknown flag may have meant
         command = _subcommands(parser)[args.command]

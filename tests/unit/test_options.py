@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
@@ -927,16 +928,79 @@ def test_a_log_level_that_names_no_level_is_refused_before_the_job(tmp_path, cap
     assert default_log_level() == "INFO"
 
 
-@pytest.mark.parametrize("words", [["run", "in.jsonl", "-o", "o.jsonl", "--config", "c.yaml"],
-                                   ["bench", "--config=c.yaml"]])
-def test_vllms_config_file_flag_is_refused_as_itself(words, capsys):
-    """argparse read --config as the beginning of --config-format ("'c.yaml' is not supported: models are Hugging
-    Face directories"), or on bench as ambiguous with --configs."""
+def _parsed_with_config(words, monkeypatch):
+    """What `cli.main(words)` hands the run command (the job itself replaced by catching its arguments)."""
     from batchllm import cli
 
+    caught = []
+    monkeypatch.setattr(cli, "run_command", lambda args: caught.append(args) or 0)
+    assert cli.main(words) == 0
+    return caught[0]
+
+
+def test_vllms_config_file_gives_options_that_the_command_line_overrides(tmp_path, monkeypatch):
+    """vLLM's `--config FILE.yaml` (its FlexibleArgumentParser's) was refused: a vLLM user's run-batch config did
+    not carry over. Its keys are flags (dashes or underscores), put before the command line's, which wins; true is
+    the bare flag, false the `--no-` form, a list the flag repeated where it appends, a mapping its JSON."""
+    config = tmp_path / "run.yaml"
+    config.write_text("max-num-batched-tokens: 4096\nmax_tokens: 5\nasync-scheduling: false\nenforce-eager: true\n"
+                      "stop: [\"END\", \"STOP\"]\nseed: -1\noverwrite: false\n"
+                      "default-chat-template-kwargs: {enable_thinking: false}\n")
+    args = _parsed_with_config(["run-batch", "-i", "in.jsonl", "--config", str(config), "-o", "o.jsonl",
+                                "--max-tokens", "7"], monkeypatch)
+    assert (args.max_num_batched_tokens, args.max_tokens, args.async_scheduling, args.enforce_eager) == (
+        4096, 7, "off", True), "the command line's --max-tokens 7 wins over the file's 5"
+    assert (args.stop, args.seed, args.overwrite) == (["END", "STOP"], -1, False)
+    assert args.default_chat_template_kwargs == {"enable_thinking": False}
+    args = _parsed_with_config([f"--config={config}", "run", "in.jsonl", "-o", "o.jsonl"], monkeypatch)
+    assert (args.input, args.max_tokens) == (Path("in.jsonl"), 5), "--config=FILE before the command is read too"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("- max-tokens\n", "must hold a mapping of option names to values"),
+    ("max-tokens: [1, 2]\n", "max-tokens takes one value, not a list"),
+    ("max-tokens:\n", "max-tokens has no value"),
+    ("config: other.yaml\n", "a config file cannot name another"),
+    ("max-tokens: [1\n", "not valid YAML"),
+    ("max-tokns: 5\n", "--max-tokns: did you mean --max-tokens"),
+])
+def test_a_config_file_that_cannot_be_read_as_options_is_named(text, problem, tmp_path, capsys, monkeypatch):
+    from batchllm import cli
+
+    monkeypatch.setattr(cli, "run_command", lambda args: pytest.fail("the job must not start"))
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
     with pytest.raises(SystemExit) as stopped:
-        cli.main(words)
-    assert stopped.value.code == 2
-    assert "--config: vLLM's YAML file of options is not read here: give the options as flags" in (
-        capsys.readouterr().err)
+        cli.main(["run", "in.jsonl", "-o", "o.jsonl", "--config", str(config)])
+    assert stopped.value.code == 2 and problem in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("words, problem", [
+    (["--config", "{dir}/none.yaml"], "cannot read it: No such file or directory"),
+    (["--config", "{dir}/run.txt"], "a config file is YAML (.yaml or .yml, as vLLM's) or JSON"),
+    (["--config", "{dir}/a.yaml", "--config={dir}/a.yaml"], "--config is given more than once"),
+    (["--config"], "--config needs a file"),
+])
+def test_a_config_flag_without_one_readable_file_is_named(words, problem, tmp_path, capsys):
+    from batchllm import cli
+
+    (tmp_path / "a.yaml").write_text("max-tokens: 5\n")
+    (tmp_path / "run.txt").write_text("max-tokens: 5\n")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", "in.jsonl", "-o", "o.jsonl", *(w.format(dir=tmp_path) for w in words)])
+    assert stopped.value.code == 2 and problem in capsys.readouterr().err
     assert cli.build_parser().parse_args(["bench", "--configs", "sharing"]).configs == "sharing", "bench's own flag"
+
+
+def test_flexible_argument_parser_reads_a_config_file_first(tmp_path):
+    """A ported script's parser (no subcommands) reads `--config` too, its file's options first."""
+    from batchllm import EngineArgs
+    from batchllm.utils.argparse_utils import FlexibleArgumentParser
+
+    config = tmp_path / "engine.yml"
+    config.write_text("max_model_len: 4k\nenforce-eager: true\nasync-scheduling: true\n")
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser(description="a ported example"))
+    parser.add_argument("prompt_file")
+    args = parser.parse_args(["prompts.txt", "--config", str(config), "--max-model-len", "2k"])
+    assert (args.max_model_len, args.enforce_eager, args.async_scheduling, args.prompt_file) == (
+        2000, True, "on", "prompts.txt")
