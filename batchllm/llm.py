@@ -584,7 +584,7 @@ class LLM:
         block_size = self.engine.core.scheduler.kv.block_size
         self._note_block_aligned(len(crowded), len(requests), block_size)
         for request in requests:
-            request.parent = None  # (a request the new plan leaves ungrouped keeps the parent it has)
+            request.parent = None  # (the first plan's links dropped: a request the new plan leaves ungrouped has none)
         return [self._planned(call, requests, share, budgets, id_prefix,
                               plan.with_prefixes_cut_to_blocks(above, block_size))]
 

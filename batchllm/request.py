@@ -1,5 +1,8 @@
-"""Per-request engine state. Written only by the scheduler (`core/scheduler.py`; the prompt-logprob
-fields through the functions of `core/prompt_logprobs.py`, which only the scheduler calls).
+"""Per-request engine state. Written by the scheduler (`core/scheduler.py`; the prompt-logprob fields through
+the functions of `core/prompt_logprobs.py`, which only the scheduler calls), and by two others on fields the
+scheduler only reads: before submission, the plan's work units set `parent` (`core/work_units.py`; `LLM`
+clears it before planning a submission again), and the admission policy sets `projected_blocks`
+(`core/policies.py`).
 
 Invariant: `num_computed_tokens <= num_tokens`; the tokens in `[num_computed_tokens, num_tokens)` are
 the ones whose KV is still missing. A fresh request starts at 0 (prefill), a decoding request is one
@@ -73,7 +76,8 @@ class Request:
     """The runner-side sampling settings, built once the request is past min_tokens."""
     max_output_tokens: int = 0
     """Outputs after which it ends with 'length': max_tokens, or fewer where the context
-    (max_model_len) ends first. Set by the scheduler when the request is added."""
+    (max_model_len) ends first; without max_tokens, where the context or the whole KV cache ends
+    (`Scheduler._max_total_tokens`). Set by the scheduler when the request is added."""
     prompt_logprobs_requested: int = 0
     """Prompt logprobs only (`core/prompt_logprobs.py`): the rows (positions) below this one have
     been asked of the runner. Never lowered, so preemption and prefix release never ask twice."""

@@ -1,7 +1,8 @@
 """The KV cache's element type, and FP8 quantization of what is stored in it.
 
 With `kv_cache_dtype="auto"` the cache holds K/V in the model's dtype and nothing here changes a
-value. With "fp8" (alias "fp8_e4m3") it holds `torch.float8_e4m3fn`: one byte per element, so the
+value (unless the checkpoint declares an FP8 cache: `engine.resolve_model` then resolves "auto" to
+"fp8"). With "fp8" (alias "fp8_e4m3") it holds `torch.float8_e4m3fn`: one byte per element, so the
 same memory holds twice the tokens of a 16-bit cache. Each layer has one float32 scale for K and one
 for V (`kv_scale`, a [2] tensor: k_scale, v_scale), 1.0 unless the checkpoint provides calibrated
 ones (as vLLM does). Invariants:

@@ -75,6 +75,3 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
-    @property
-    def usage(self) -> float:
-        return self.pool.num_used_blocks / self.pool.num_blocks

@@ -19,7 +19,6 @@ class WorkUnit:
     first_arrival: int
     prefill_tokens: int
     """Tokens this unit prefills: each shared segment once plus every member's own tokens."""
-    num_requests: int
     expected_decode_tokens: int
     """Sum over members of the expected output length."""
 
@@ -67,7 +66,8 @@ UNBOUNDED_OUTPUT_ESTIMATE = 512
 
 
 def expected_output_tokens(request: Request, max_model_len: int, cap: int = UNBOUNDED_OUTPUT_ESTIMATE) -> int:
-    """The output length admission plans for: max_tokens, or at most `cap` when unbounded."""
+    """The output tokens admission still plans for: what max_tokens leaves after the outputs so far (or `cap`
+    when unbounded), within the context (`output_budget`)."""
     return output_budget(request.num_tokens, request.sampling_params.max_tokens, request.num_output_tokens,
                          max_model_len, cap)
 

@@ -1,6 +1,7 @@
 """Iteration-level scheduler: which tokens of which requests run in the next forward step.
 
-Writer of all `Request` state and of the `KVCacheManager`. Work arrives as top-level units in plan
+Writer of the `KVCacheManager` and of all `Request` state but `parent` (set before submission) and
+`projected_blocks` (the admission policy's). Work arrives as top-level units in plan
 order (`waiting`): a shared prefix (with its members registered under it) or a plain request. Each
 step fills a token budget in this order:
   1. running work: decode tokens first, then requests' prefill chunks, then prefix chunks;

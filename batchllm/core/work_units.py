@@ -80,4 +80,4 @@ def _summarise(members: list[Request], expected_output: Callable[[Request], int]
     prefill = sum(r.num_prompt_tokens - r.fork_point for r in members)
     real = [r for r in members if not r.is_prefix]
     return WorkUnit(first_arrival=min(r.arrival_index for r in members), prefill_tokens=prefill,
-                    num_requests=len(real), expected_decode_tokens=sum(expected_output(r) for r in real))
+                    expected_decode_tokens=sum(expected_output(r) for r in real))

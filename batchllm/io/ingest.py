@@ -137,7 +137,7 @@ def in_the_lines_terms(line: BatchLine, error: ValueError | str) -> str:
 def count_input_lines(path: Path) -> int:
     """The number of lines that each get one output record: the non-blank lines (no JSON parsing)."""
     with open(path, "rb") as f:
-        return sum(1 for number, raw in enumerate(f, start=1) if without_bom(raw, number).strip())
+        return sum(1 for raw in f if without_bom(raw).strip())
 
 
 def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_seed: int | None,

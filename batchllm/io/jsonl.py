@@ -152,23 +152,22 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
     to the first line that is accepted (`ingest.IdClaims`), which only the caller knows."""
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
-            raw = without_bom(raw, line_number)
+            raw = without_bom(raw)
             if not raw.strip():
                 continue
             yield parse_line(raw, line_number)
 
 
-def without_bom(raw: bytes, line_number: int | None = None) -> bytes:
+def without_bom(raw: bytes) -> bytes:
     """The line without a byte-order mark opening it (`UTF8_BOM`), on any line: the first, or one where a file
-    joined to others began. `line_number` is not read (callers name the line they strip). A BOM anywhere but
-    at a line's start stays, and is the line's JSON error."""
+    joined to others began. A BOM anywhere but at a line's start stays, and is the line's JSON error."""
     return raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
 
 
 def parse_line(raw: bytes, line_number: int) -> BatchLine | LineError:
     """One line's request or its LineError. Never raises: whatever the bytes, the job goes on. Ids are not compared
     across lines here: the first line accepted takes its id (`ingest.IdClaims`), as `run` and `run --ray` read."""
-    raw = without_bom(raw, line_number)
+    raw = without_bom(raw)
     try:
         return _parse_line(raw, line_number)
     except Exception as e:  # a case the checks below missed must still cost only this line

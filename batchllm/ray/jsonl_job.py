@@ -68,7 +68,7 @@ class _JsonlLines(FileBasedDatasource):
         cache: dict = {}  # (`io.ingest.sampling_params_for`'s: equal settings are checked once)
         lines, raws, duplicates = [], [], []
         for number, raw in enumerate(_lines(f), start=1):
-            if not without_bom(raw, number).strip():  # (blank as `count_input_lines` and `run` see it)
+            if not without_bom(raw).strip():  # (blank as `count_input_lines` and `run` see it)
                 continue
             parsed = parse_line(raw, number)
             holder = None
@@ -234,7 +234,7 @@ def sample_file(path: Path, sample: int = SAMPLE_LINES) -> FileSample:
         for number, raw in enumerate(f, start=1):
             if number > sample:
                 break
-            line = parse_line(raw, number) if without_bom(raw, number).strip() else None
+            line = parse_line(raw, number) if without_bom(raw).strip() else None
             if isinstance(line, BatchLine):
                 counts[line.format] += 1
                 for name in line.ignored_fields:
@@ -291,12 +291,6 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
 PENDING_CHECKPOINT = ".pending.parquet"
 """The ending of a checkpoint entry Ray Data has not committed (`ray.data.checkpoint.checkpoint_writer`'s
 PENDING_CHECKPOINT_SUFFIX + ".parquet"; a committed one ends in ".parquet" alone)."""
-
-
-def committed_shards(output_dir: Path) -> list[Path]:
-    """The JSONL shards of `output_dir` that Ray Data's checkpoint committed, as a restart reads them (in the order of
-    their checkpoint entries: `committed_entries`)."""
-    return [shard for _, shards in committed_entries(output_dir) for shard in shards]
 
 
 def committed_entries(output_dir: Path) -> list[tuple[Path, list[Path]]]:

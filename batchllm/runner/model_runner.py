@@ -6,7 +6,7 @@ submitted step's sampled tokens and the decode CUDA graphs' input buffers, and n
 never reads or writes scheduler state (house rule 1). Decode-shaped steps (one query token per
 sequence) replay a CUDA graph where `setup_decode_graphs` made them (`cuda_graphs.py`).
 
-Block tables persist between steps: each request owns a row of `block_table_rows` (a numpy array),
+Block tables persist between steps: each request owns a row of `_BlockTables.rows` (a numpy array),
 written only where the scheduler sends new entries (a whole table after admission or preemption, a
 block every block_size decode steps), so a step gathers its rows instead of rebuilding every
 table. Per-request state is dropped when the scheduler lists the request as finished.

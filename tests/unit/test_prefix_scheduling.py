@@ -212,9 +212,9 @@ def test_memory_admission_keeps_projected_use_within_the_pool():
 
 
 def test_orders_of_work_units():
-    small_decode_heavy = WorkUnit(first_arrival=2, prefill_tokens=100, num_requests=8, expected_decode_tokens=800)
-    big_prefill = WorkUnit(first_arrival=0, prefill_tokens=5000, num_requests=16, expected_decode_tokens=1600)
-    medium = WorkUnit(first_arrival=1, prefill_tokens=1000, num_requests=2, expected_decode_tokens=100)
+    small_decode_heavy = WorkUnit(first_arrival=2, prefill_tokens=100, expected_decode_tokens=800)
+    big_prefill = WorkUnit(first_arrival=0, prefill_tokens=5000, expected_decode_tokens=1600)
+    medium = WorkUnit(first_arrival=1, prefill_tokens=1000, expected_decode_tokens=100)
     units = [big_prefill, medium, small_decode_heavy]
     assert sorted(units, key=ArrivalOrder().sort_key) == [big_prefill, medium, small_decode_heavy]
     assert sorted(units, key=PrefillLengthOrder().sort_key) == [small_decode_heavy, medium, big_prefill]
