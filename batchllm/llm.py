@@ -27,7 +27,7 @@ from batchllm.beam_search import BeamSearchOutput, run_beam_search
 from batchllm.config import EngineConfig, default_log_level
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.policies import GROUP_ORDERS, expected_output_tokens, kv_tokens_written, output_budget
-from batchllm.core.scheduler import SchedulerStats
+from batchllm.core.step_updates import SchedulerStats
 from batchllm.core.work_units import build_submission
 from batchllm.engine import Engine, ModelFacts, build_engine, release_device_memory, resolve_model
 from batchllm.generation_defaults import model_sampling_defaults, request_ending_eos_ids

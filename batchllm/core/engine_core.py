@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from batchllm.core.scheduler import Scheduler, StepUpdates
+from batchllm.core.scheduler import Scheduler
+from batchllm.core.step_updates import StepUpdates
 from batchllm.outputs import RunnerOutput, ScheduledBatch
 from batchllm.request import Request
 

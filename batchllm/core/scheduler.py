@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from itertools import chain
 
 from batchllm.config import SchedulerConfig
 from batchllm.core import prompt_logprobs
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.policies import MemoryAdmission, kv_tokens_written
+from batchllm.core.step_updates import SchedulerStats, StepUpdates
 from batchllm.outputs import (
     PLACEHOLDER_TOKEN_ID,
     DecodeRows,
@@ -45,88 +44,10 @@ from batchllm.outputs import (
     SamplingSpec,
     ScheduledBatch,
     ScheduledRequest,
-    TokenLogprobs,
 )
 from batchllm.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)  # one per sampled token
-class RequestUpdate:
-    """What one step did to one request, for the output side (detokenizing, stop strings)."""
-
-    request_id: str
-    new_token_id: int
-    logprobs: TokenLogprobs | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-    prompt_logprobs: list[TokenLogprobs] | None = None
-    """With the request's first output token, when it asked for prompt logprobs: those of prompt
-    tokens 1 .. P-1, in order (`core/prompt_logprobs.py`); given exactly once."""
-
-
-@dataclass(slots=True, eq=False)  # one per step
-class StepUpdates:
-    """What one step did to its requests, for the output side, as columns in batch order: each token
-    recorded (a request that ended while the step was in flight has none), and, by request id, what
-    few of them carry: how those that ended with it ended, logprobs where asked (the runner's dict, which
-    may name a dropped token's request too), prompt logprobs with a request's first token. Iterating gives
-    one RequestUpdate per token (tests, and callers that want objects); equal to a list of those."""
-
-    request_ids: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    ended: dict[str, tuple[str, int | str | None]] = field(default_factory=dict)
-    """(finish reason, stop reason) of the requests this step's token ended."""
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
-
-    def __iter__(self) -> Iterator[RequestUpdate]:
-        """One RequestUpdate per token, in batch order."""
-        for request_id, token in zip(self.request_ids, self.token_ids):
-            yield self.update(request_id, token)
-
-    def __len__(self) -> int:
-        """Tokens recorded (the output tokens the step added)."""
-        return len(self.token_ids)
-
-    def update(self, request_id: str, token: int) -> RequestUpdate:
-        """The RequestUpdate of one of the step's tokens, `request_id`'s."""
-        finish_reason, stop_reason = self.ended.get(request_id, (None, None))
-        return RequestUpdate(request_id, token, self.logprobs.get(request_id), finish_reason, stop_reason,
-                             self.prompt_logprobs.get(request_id))
-
-    def __eq__(self, other: object) -> bool:
-        """Equal to the list of its RequestUpdates (or to updates holding the same ones)."""
-        return list(self) == list(other) if isinstance(other, StepUpdates | list) else NotImplemented
-
-    def extend(self, later: StepUpdates) -> StepUpdates:
-        """Append a later step's updates (a request has at most one token in flight per step, and
-        none after it ended); returns self."""
-        self.request_ids += later.request_ids
-        self.token_ids += later.token_ids
-        self.ended.update(later.ended)
-        self.logprobs = {**self.logprobs, **later.logprobs} if later.logprobs else self.logprobs
-        self.prompt_logprobs.update(later.prompt_logprobs)
-        return self
-
-
-@dataclass
-class SchedulerStats:
-    num_steps: int = 0
-    prefill_tokens: int = 0
-    """Tokens whose KV was computed from a prompt or prefix (or recomputed after preemption)."""
-    decode_tokens: int = 0
-    attended_keys: int = 0
-    """Over every token computed (prefill and decode), the keys its attention reads: its position + 1
-    (causal; a member's shared prefix counted as its own keys; a sliding window, which reads fewer, is
-    not taken into account). 4 x heads x head dim x layers times this is the run's attention FLOPs
-    (`bench.attention_flops`)."""
-    num_preemptions: int = 0
-    num_prefix_releases: int = 0
-    """Shared prefixes released before their members finished, to unblock the batch."""
-    num_block_copies: int = 0
-    peak_used_blocks: int = 0
 
 
 _MAX_SHARED_SPECS = 4096
@@ -530,47 +451,53 @@ class Scheduler:
         num_decodes = 0 if decodes is None else len(decodes.request_ids)
         attended_keys = 0 if decodes is None else sum(decodes.start_positions)  # (+ 1 per decode, below)
         completed_prefixes = []
-        stats = self.stats
         num_samples = 0
         for request, num_new, num_tokens, decode in chosen:
+            start = request.num_computed_tokens
             if decode:
-                made = self._scheduled_decode(request)
-                scheduled.append(made)
+                scheduled.append(self._scheduled_decode(request))
                 num_decodes += 1
-                attended_keys += made.start_position
+                attended_keys += start
                 continue
-            request_id, start = request.request_id, request.num_computed_tokens
-            sent, new_blocks = request.num_blocks_sent, self._unsent_blocks(request)
-            stats.prefill_tokens += num_new
+            made, samples = self._scheduled_prefill(request, num_new, num_tokens)
+            scheduled.append(made)
+            num_samples += samples
+            self.stats.prefill_tokens += num_new
             attended_keys += num_new * start + num_new * (num_new + 1) // 2  # positions start .. + num_new - 1
-            reaches_end = start + num_new == num_tokens
-            samples = reaches_end and not request.is_prefix
-            if request.is_prefix and reaches_end:
+            if request.is_prefix and start + num_new == num_tokens:
                 completed_prefixes.append(request)
-            spec = None
-            if samples:
-                spec = request.cached_sampling_spec or self._sampling_spec(request)
-            sp = request.sampling_params
-            scheduled.append(ScheduledRequest(
-                request_id, request.token_ids(start, start + num_new), start, new_blocks, sent, spec,
-                request.shared_prefixes,
-                None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, num_new)))
-            request.num_computed_tokens = start + num_new
-            if samples:  # (after its spec: min_tokens counts the pending tokens before this one)
-                num_samples += 1
-                request.num_pending_tokens += 1
         self.num_pending_outputs += num_samples + num_decodes
-        stats.decode_tokens += num_decodes
-        stats.attended_keys += attended_keys + num_decodes
+        self.stats.decode_tokens += num_decodes
+        self.stats.attended_keys += attended_keys + num_decodes
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies,
                                num_sampling_rows=num_samples + num_decodes, decodes=decodes)
         self._finished_since_last_step = []
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device
             self._prefix_ready(prefix)  # (after the batch: a prefix dropped here must reach the runner later)
-        self.stats.num_steps += 1
-        self.stats.num_block_copies += len(copies)
-        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.kv.pool.num_used_blocks)
+        self._record_step(len(copies))
         return batch
+
+    def _record_step(self, num_block_copies: int) -> None:
+        self.stats.num_steps += 1
+        self.stats.num_block_copies += num_block_copies
+        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.kv.pool.num_used_blocks)
+
+    def _scheduled_prefill(self, request: Request, num_new: int, num_tokens: int) -> tuple[ScheduledRequest, bool]:
+        """A prefill chunk of `num_new` tokens of a request (or prefix) of `num_tokens`, as a ScheduledRequest with
+        the table entries the runner lacks, and whether it samples (the chunk reaches the end of a request that
+        is no prefix). Advances the request's counters."""
+        start, sp = request.num_computed_tokens, request.sampling_params
+        sent, new_blocks = request.num_blocks_sent, self._unsent_blocks(request)
+        samples = start + num_new == num_tokens and not request.is_prefix
+        spec = (request.cached_sampling_spec or self._sampling_spec(request)) if samples else None
+        scheduled = ScheduledRequest(
+            request.request_id, request.token_ids(start, start + num_new), start, new_blocks, sent, spec,
+            request.shared_prefixes,
+            None if sp.prompt_logprobs is None else prompt_logprobs.spec_for_chunk(request, start, num_new))
+        request.num_computed_tokens = start + num_new
+        if samples:  # (after its spec: min_tokens counts the pending tokens before this one)
+            request.num_pending_tokens += 1
+        return scheduled, samples
 
     def _scheduled_decode(self, request: Request) -> ScheduledRequest:
         """A decode admitted this step, as a ScheduledRequest (rare: the running decodes are columns,

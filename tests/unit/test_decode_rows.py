@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchllm.core.scheduler import RequestUpdate, StepUpdates
+from batchllm.core.step_updates import RequestUpdate, StepUpdates
 from batchllm.outputs import DecodeRows, RunnerOutput, ScheduledBatch, ScheduledRequest
 from batchllm.request import RequestStatus
 from tests.unit.test_scheduler import make, req
