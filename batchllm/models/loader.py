@@ -32,7 +32,8 @@ from batchllm.models.spec import ModelLoadError, ModelSpec, weight_files
 
 logger = logging.getLogger(__name__)
 
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+"""Rotary tables some trainers store (ColossalAI's cos/sin caches): recomputed here, skipped as vLLM skips them."""
 
 _WEIGHT_SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
 """Names of an FP8 weight's dequantization scale (`<module>.<suffix>`): the scheme's own first, then these."""
@@ -207,6 +208,8 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
             except Exception as e:  # a truncated or corrupt file: name it
                 raise ModelLoadError(f"cannot read weight {name!r} from {path}: {e}") from e
             loaded.add(name)
+        if tied:
+            _note_untied_stored_head(index)
     _set_kv_scales(model, kv_scales, unloaded)
     missing = set(params) - loaded
     if tied:
@@ -217,6 +220,18 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
                 len(kv_scales), len(files),
                 "" if scheme is None else f", {scheme.describe()}")
 
+
+
+def _note_untied_stored_head(index: dict[str, tuple[Path, object]]) -> None:
+    """Warn where a tied model's checkpoint also stores an `lm_head.weight` other than its embedding: the head used
+    is the embedding, as in vLLM, where transformers would use the stored head (and says so)."""
+    if "lm_head.weight" not in index or "model.embed_tokens.weight" not in index:
+        return
+    (head_path, head_file), (_, embedding_file) = index["lm_head.weight"], index["model.embed_tokens.weight"]
+    if not torch.equal(head_file.get_tensor("lm_head.weight"), embedding_file.get_tensor("model.embed_tokens.weight")):
+        logger.warning("%s stores an lm_head.weight that differs from the embedding, but config.json ties them "
+                       "(tie_word_embeddings): the embedding is the head here, as in vLLM; transformers would use "
+                       "the stored head. Set tie_word_embeddings to false to use it.", head_path.name)
 
 
 def _scale_names(index: dict, scales: dict, scheme: Fp8Scheme | None, model_dir: Path) -> set[str]:

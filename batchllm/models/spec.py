@@ -275,6 +275,38 @@ def _checked_rope_scaling(cfg: dict, config_path: Path) -> dict | None:
     return scaling
 
 
+def _check_full_rotary(cfg: dict, config_path: Path) -> None:
+    """The whole head is rotated here: a `partial_rotary_factor` other than 1 (top level, or in the rope dict) is a
+    ModelLoadError. transformers' Llama, Mistral and Qwen models do not run one either (their default rope ignores
+    it, the scaled ones then fail on the shapes), and vLLM rotates part of the head: no answer to match."""
+    where, source = _rope_source(cfg, config_path)
+    for key, value in (("partial_rotary_factor", cfg.get("partial_rotary_factor")),
+                       (f"{where}.partial_rotary_factor", source.get("partial_rotary_factor"))):
+        if value is not None and value != 1:
+            raise ModelLoadError(f"{config_path}: {key} {value!r} is not supported (the whole head is rotated "
+                                 f"here)")
+
+
+def sliding_window_of(arch: str, cfg: dict) -> int | None:
+    """The attention window, where transformers' model of `arch` slides any layer (None where none slides):
+    Mistral and Llama slide every layer where the config gives a window (their models ignore `layer_types`);
+    Qwen2 and Qwen3 only with `use_sliding_window`, the layers its `layer_types` name sliding, or without them
+    from layer `max_window_layers` (default 28) on."""
+    window = transformers_value(cfg, "sliding_window")
+    if not window:
+        return None
+    if not arch.startswith("Qwen"):
+        return int(window)
+    if not cfg.get("use_sliding_window", False):
+        return None
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list):
+        slides = "sliding_attention" in layer_types
+    else:
+        slides = int(cfg.get("max_window_layers", 28)) < int(cfg["num_hidden_layers"])
+    return int(window) if slides else None
+
+
 def named_architectures(cfg: dict) -> list:
     """config.json's architectures as a list: one name given as a string is that name (it was walked letter by
     letter, and refused while named as supported); a config without them (e.g. one saved from a bare LlamaConfig)
@@ -317,9 +349,12 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
         if head_dim is None and hidden % num_heads:
             raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
                                  f"{num_heads}, and no head_dim is given")
-        sliding = transformers_value(cfg, "sliding_window")
-        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
-            sliding = None
+        num_kv_heads = int(transformers_value(cfg, "num_key_value_heads") or num_heads)
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ModelLoadError(f"{config_path}: num_attention_heads {num_heads} is not a multiple of "
+                                 f"num_key_value_heads {num_kv_heads} (each KV head serves a whole group of heads)")
+        _check_full_rotary(cfg, config_path)
+        sliding = sliding_window_of(arch, cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return ModelSpec(
@@ -330,7 +365,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             intermediate_size=int(cfg["intermediate_size"]),
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=num_heads,
-            num_kv_heads=int(transformers_value(cfg, "num_key_value_heads") or num_heads),
+            num_kv_heads=num_kv_heads,
             head_dim=int(head_dim or hidden // num_heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg, config_path),
@@ -338,7 +373,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             context=derive_context(cfg, config_path),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding,
             checkpoint_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             config_eos_token_ids=eos_ids,
             quantization=quantization,

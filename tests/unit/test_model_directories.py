@@ -195,6 +195,43 @@ def test_a_sliding_window_caps_the_context_and_says_why(tmp_path, default_model_
         LLM(str(model), device="cpu", max_model_len=64)
 
 
+def test_a_window_no_layer_uses_does_not_cap_the_context(tmp_path, default_model_dir):
+    """A Qwen2 config with use_sliding_window but max_window_layers at its layer count (transformers: every layer
+    full attention) capped the context at the window and refused a prompt longer than it, which transformers runs.
+    Now it runs, token for token as transformers does past the window."""
+    qwen = make_tiny_model("qwen2", tmp_path / "q", tokenizer_dir=default_model_dir, use_sliding_window=True,
+                           sliding_window=16, max_window_layers=2)
+    prompt = list(range(5, 45))  # (40 tokens: past the window)
+    llm = LLM(str(qwen), device="cpu", max_model_len=128)
+    got = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)
+    assert list(got[0].outputs[0].token_ids) == hf_greedy(qwen, [prompt], 6, stop_at_eos=False)[0]
+    sliding = make_tiny_model("qwen2", tmp_path / "s", tokenizer_dir=default_model_dir, use_sliding_window=True,
+                              sliding_window=16, max_window_layers=1)
+    assert LLM(str(sliding), device="cpu", disable_sliding_window=True).max_model_len == 16, "layer 1 slides"
+
+
+def test_cached_rotary_tables_are_skipped_and_an_untied_stored_head_is_named(tmp_path, default_model_dir, caplog):
+    """A checkpoint with ColossalAI's rotary_emb.cos_cached / sin_cached was refused as "unexpected weight" (vLLM
+    skips them). A tied model whose checkpoint also stores another lm_head.weight runs on the embedding, as in
+    vLLM, and says so (transformers would use the stored head)."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model("qwen2", tmp_path / "m", tokenizer_dir=default_model_dir)
+    weights = load_file(str(model / "model.safetensors"))
+    plain = LLM(str(model), device="cpu").generate({"prompt_token_ids": [5, 6, 7]},
+                                                   SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    extra = {"model.layers.0.self_attn.rotary_emb.cos_cached": torch.ones(8, 4),
+             "model.layers.0.self_attn.rotary_emb.sin_cached": torch.zeros(8, 4),
+             "lm_head.weight": weights["model.embed_tokens.weight"] * 2}
+    save_file({**weights, **extra}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="batchllm.models.loader"):
+        got = LLM(str(model), device="cpu").generate({"prompt_token_ids": [5, 6, 7]},
+                                                     SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert got[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert "stores an lm_head.weight that differs from the embedding" in caplog.text
+
+
 @pytest.mark.parametrize("damage, message", [
     ("no weights", "holds no \\*.safetensors weights"),
     ("bin weights", r"holds PyTorch weights \(pytorch_model.bin\), not \*.safetensors"),

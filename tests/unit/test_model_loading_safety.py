@@ -249,15 +249,16 @@ def test_a_config_without_a_shape_key_gets_its_config_class_default(tmp_path, mo
 
     from batchllm.models.spec import read_model_spec
 
-    shape = {"hidden_size": 512, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+    shape = {"hidden_size": 512, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 64,
              "sliding_window": 1024, "use_sliding_window": True, "max_window_layers": 0}
     shape.pop(key)
     expected = AutoConfig.for_model(model_type, **shape)
     spec = read_model_spec(_config_dir(tmp_path, "m", architectures=[architecture], model_type=model_type,
                                        **shape, **{key: None}))  # (None: left out of config.json)
-    expected_head_dim = getattr(expected, "head_dim", None) or 512 // 16
+    expected_head_dim = getattr(expected, "head_dim", None) or 512 // 32
     assert (spec.num_kv_heads, spec.head_dim) == (expected.num_key_value_heads, expected_head_dim), key
-    assert spec.sliding_window == getattr(expected, "sliding_window", None), key
+    slides = not model_type.startswith("qwen") or "sliding_attention" in (getattr(expected, "layer_types", None) or [])
+    assert spec.sliding_window == (getattr(expected, "sliding_window", None) if slides else None), key  # (a layer's)
 
 
 def test_model_max_length_wins_a_null_context_is_vllms_default_and_a_linear_factor_scales_the_smallest(tmp_path):

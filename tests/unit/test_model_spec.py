@@ -149,3 +149,43 @@ def test_a_rope_transformers_refuses_is_a_config_error_naming_the_key(tmp_path, 
     assert _hf_rotary(tmp_path) is None
     with pytest.raises(ModelLoadError, match=re.escape(message)):
         read_model_spec(tmp_path)
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5 is not supported"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "rope_parameters.partial_rotary_factor 0.5 is not supported"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), "num_attention_heads 4 is not a multiple of "
+                                                          "num_key_value_heads 3"),
+])
+def test_a_rotation_or_head_grouping_not_run_here_is_refused_by_name(tmp_path, over, message):
+    """A partial_rotary_factor was ignored (the whole head rotated, where vLLM rotates part and transformers fails
+    on a scaled rope), and 4 heads over 3 KV heads loaded, then failed inside attention without naming the config
+    (on the GPU each KV head would have served one query head, the fourth never computed)."""
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        read_model_spec(write(tmp_path, **over))
+    assert read_model_spec(write(tmp_path, partial_rotary_factor=1.0)).head_dim == 16
+
+
+@pytest.mark.parametrize("architecture, fields, slides", [
+    ("MistralForCausalLM", dict(sliding_window=32), True),
+    ("MistralForCausalLM", dict(sliding_window=32, layer_types=["full_attention"] * 2), True),
+    ("LlamaForCausalLM", dict(sliding_window=32), True),  # (transformers 5's Llama masks by it)
+    ("Qwen2ForCausalLM", dict(sliding_window=32, use_sliding_window=False, max_window_layers=0), False),
+    ("Qwen2ForCausalLM", dict(sliding_window=32, use_sliding_window=True, max_window_layers=2), False),
+    ("Qwen2ForCausalLM", dict(sliding_window=32, use_sliding_window=True, max_window_layers=1), True),
+    ("Qwen3ForCausalLM", dict(sliding_window=32, use_sliding_window=True, max_window_layers=0,
+                              layer_types=["full_attention"] * 2), False),
+    ("Qwen3ForCausalLM", dict(sliding_window=32, use_sliding_window=True), False),  # (max_window_layers 28)
+])
+def test_the_window_is_kept_where_transformers_slides_a_layer(tmp_path, architecture, fields, slides):
+    """Checked against the attention transformers' own model runs on each layer."""
+    from transformers import AutoConfig
+
+    model_type = architecture.removesuffix("ForCausalLM").lower()
+    config = {**BASE, "architectures": [architecture], "model_type": model_type, "head_dim": 16, **fields}
+    spec = read_model_spec(write(tmp_path, **config))
+    assert spec.sliding_window == (32 if slides else None)
+    hf = AutoConfig.from_pretrained(tmp_path)
+    if architecture.startswith("Qwen"):  # (transformers' Qwen layers each follow layer_types)
+        assert ("sliding_attention" in hf.layer_types and hf.sliding_window is not None) == slides
