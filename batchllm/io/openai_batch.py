@@ -719,7 +719,10 @@ def _token_text(lp) -> str:
     """The token as OpenAI names it: the text of its bytes (a SentencePiece word's leading space included,
     which decoding it alone drops), or for a token that holds part of a character (its bytes are not whole
     UTF-8) "bytes:" and the bytes, those that do not decode escaped: "bytes: \\xf0\\x9f"."""
-    raw = _token_bytes(lp)
+    return _named_bytes(_token_bytes(lp))
+
+
+def _named_bytes(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -773,7 +776,8 @@ def _echoed(c, output, echo: tuple[str, str] | None) -> tuple[str, list[int], li
 def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str, k: int | None,
                          tokenizer=None) -> dict[str, Any] | None:
     """OpenAI's completions logprobs. A position without logprobs (an echoed prompt's first token) has null
-    ones, and the tokenizer's name for its token."""
+    ones, and its token named from its bytes as every other (`_token_text`; decoded alone, part of a character
+    would read U+FFFD and count as a character of its own in the offsets after it)."""
     if logprobs is None:
         return None
     tokens, token_logprobs, top, offsets, pieces, offset = [], [], [], [], [], 0
@@ -781,11 +785,13 @@ def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str,
     for token_id, entry in zip(token_ids, logprobs):
         offsets.append(offset)
         if entry is None:
-            name = tokenizer.decode([token_id]) if tokenizer is not None else ""
-            tokens.append(name)
+            from batchllm.output_processor import token_bytes  # (the output side's; imported where it is needed)
+
+            raw = token_bytes(tokenizer, int(token_id)) if tokenizer is not None else b""  # (a prompt's: numpy)
+            tokens.append(_named_bytes(raw))
             token_logprobs.append(None)
             top.append(None)
-            pieces.append(characters.decode(name.encode()))
+            pieces.append(characters.decode(raw))
             offset += len(pieces[-1])
             continue
         tokens.append(_token_text(entry[token_id]))

@@ -128,3 +128,23 @@ def test_logprob_has_vllms_fields_and_dumps_as_json(tokenizer):
     assert lp.token_bytes == token_bytes(tokenizer, ids[0]) and Logprob(-1.0).token_bytes is None
     assert b"".join(e[t].token_bytes for e, t in zip(entries, ids)) == TEXT.encode(), "the users still read them"
     assert lp == Logprob(-0.1, 1, lp.decoded_token) and "token_bytes" not in repr(lp)
+
+
+def test_an_echoed_prompt_opening_inside_a_character_keeps_true_offsets(tokenizer):
+    """An echoed prompt's first token has no logprobs; it was named by decoding it alone ("\ufffd" for the first
+    bytes of an emoji) and its offset counted from that name's bytes, so every later `text_offset` was one or two
+    characters to the right (the last ones past the text's end). It is now named and counted by its own bytes."""
+    from batchllm.io.openai_batch import _completion_logprobs
+
+    text = "🐱 is a cat"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids[:1]).endswith("\ufffd"), "the first token must hold part of the emoji"
+    entries = [{tid: Logprob(-0.1, 1)} for tid in ids[1:]]
+    _decode_entries(entries, tokenizer)
+    logprobs = _completion_logprobs(ids, [None, *entries], text, 0, tokenizer)
+    assert logprobs["tokens"][0] == "bytes:" + token_bytes(tokenizer, ids[0]).decode("utf-8", "backslashreplace")
+    for token, offset in zip(logprobs["tokens"], logprobs["text_offset"]):
+        assert offset <= len(text)
+        if not token.startswith("bytes:"):
+            assert text[offset:].startswith(token), (token, offset)
+    assert logprobs["text_offset"][logprobs["tokens"].index(" is")] == 1
