@@ -367,14 +367,16 @@ class LLM:
     def _render_chats(self, messages: Any, lora_request, chat_template: str | None, content_format: str,
                       add_generation_prompt: bool, continue_final_message: bool, tools: list[dict] | None,
                       chat_template_kwargs: dict | None, mm_processor_kwargs) -> list[str]:
-        """`chat`'s conversations rendered by the chat template, checked as vLLM checks `chat`'s arguments."""
+        """`chat`'s conversations rendered by the chat template, checked as vLLM checks `chat`'s arguments. The
+        explicit add_generation_prompt, continue_final_message and tools (where not None) win over the same keys
+        of chat_template_kwargs, as vLLM merges them (`merge_kwargs(chat_template_kwargs, explicit)`)."""
         _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs or None,
                             chat_template_content_format=None if content_format in CONTENT_FORMATS
                             else content_format)
-        if tools is not None:
-            chat_template_kwargs = {"tools": tools, **(chat_template_kwargs or {})}
-        if continue_final_message:
-            chat_template_kwargs = {"continue_final_message": True, **(chat_template_kwargs or {})}
+        explicit = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                    "tools": tools}
+        chat_template_kwargs = {**(chat_template_kwargs or {}),
+                                **{key: value for key, value in explicit.items() if value is not None}}
         if isinstance(messages, (str, bytes, dict)):  # (iterated, a text's characters became conversations)
             raise ValueError(f"chat takes a conversation or a list of conversations: {not_a_conversation(messages)}")
         if not isinstance(messages, (list, tuple)):  # a generator: of conversations, or of one's messages

@@ -192,6 +192,25 @@ def test_chat_continues_the_final_message(default_llm):
     assert len(made) == 2 and made[0].outputs[0].text == made[1].outputs[0].text
 
 
+def test_chats_own_arguments_win_over_its_chat_template_kwargs(default_llm):
+    """vLLM's LLM.chat merges its explicit add_generation_prompt, continue_final_message and tools over
+    chat_template_kwargs; here the kwargs won (a kwargs add_generation_prompt false dropped the generation prompt
+    that chat's own default True asks for)."""
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    one = SamplingParams(temperature=0, max_tokens=1)
+
+    def prompt(conversation, **kwargs):
+        return default_llm.chat(conversation, one, use_tqdm=False, **kwargs)[0].prompt_token_ids
+
+    plain = prompt(conv)
+    assert prompt(conv, chat_template_kwargs={"add_generation_prompt": False}) == plain
+    assert prompt(conv, add_generation_prompt=False) != plain
+    answer = [*conv, {"role": "assistant", "content": "The capital of France"}]
+    closed = prompt(answer, add_generation_prompt=False)
+    assert prompt(answer, add_generation_prompt=False, chat_template_kwargs={"continue_final_message": True}) == closed
+    assert prompt(answer, add_generation_prompt=False, continue_final_message=True) != closed
+
+
 def test_an_output_cut_inside_a_character_does_not_end_in_a_replacement_character(default_llm):
     """Byte-level BPE splits an emoji over tokens; an output cut by max_tokens between them ended in U+FFFD,
     where vLLM's detokenizer holds the unfinished character back."""
