@@ -149,9 +149,7 @@ class PromptProcessor:
             if "prompt" not in prompt:
                 raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError(f"prompt {index} is empty")
+        if isinstance(prompt, str):  # ("" too: a tokenizer that adds a BOS makes it [BOS], which vLLM runs)
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index}: text prompts need a tokenizer (skip_tokenizer_init is set)")
             add_special = self._adds_special_tokens(prompt, add_special_tokens)
@@ -228,7 +226,7 @@ class PromptProcessor:
                     "; this is a conversation: LLM.chat takes conversations, generate and beam_search prompts "
                     "(render one with the tokenizer's apply_chat_template)" if chat else ""))
         if not ids:
-            raise ValueError(f"prompt {index} is empty")
+            raise ValueError(f"prompt {index} is empty" + (" (its text has no tokens)" if text == "" else ""))
         if truncate is not None:
             keep = self.truncation_length(truncate, index)
             if keep_bos and len(ids) > keep:  # as the tokenizer truncates: its BOS stays first (keep 1: BOS alone)

@@ -313,8 +313,6 @@ def _plain_request(obj: dict, unknown: list[str]) -> tuple[str, Any, dict | None
     prompt = obj[kind]
     if kind == "prompt" and not isinstance(prompt, str):
         raise ValueError("'prompt' must be a string")
-    if kind == "prompt" and not prompt:
-        raise ValueError("'prompt' is empty")
     if kind == "messages" and (not isinstance(prompt, list) or not prompt):
         from batchllm.inputs import messages_problem  # (LLM.chat's words; inputs is heavy to import)
 

@@ -288,12 +288,9 @@ def _completions_prompt(body: dict, overrides: dict) -> tuple[str | list[int], A
     if isinstance(prompt, list) and any(type(t) is float for t in prompt) and all(
             type(t) is int or (type(t) is float and t.is_integer()) for t in prompt):
         prompt = [int(t) for t in prompt]  # (as vLLM's server reads 504.0: a JSON writer's integer)
-    if isinstance(prompt, str):
-        if not prompt:
-            raise BodyError("'prompt' is empty")
-    elif not (isinstance(prompt, list) and prompt
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
               and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        raise BodyError("'prompt' must be a non-empty string or a list of token ids (one prompt per line: give "
+        raise BodyError("'prompt' must be a string or a non-empty list of token ids (one prompt per line: give "
                         "each prompt of a list its own line)")
     if body.get("logprobs") is not None:
         overrides["logprobs"] = body["logprobs"]

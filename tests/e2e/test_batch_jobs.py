@@ -169,7 +169,7 @@ def test_one_file_with_every_bad_case(tmp_path, default_model_dir):
     errors = {int(rec["error"]["message"].split(":")[0].split()[1]): rec["error"]["message"]
               for rec in records if rec["error"]}
     assert sorted(errors) == list(range(2, 13))
-    expected = {2: "malformed JSON", 3: "custom_id", 4: "duplicate custom_id 'ok-1'", 5: "'prompt' is empty",
+    expected = {2: "malformed JSON", 3: "custom_id", 4: "duplicate custom_id 'ok-1'", 5: "the prompt is empty",
                 6: "'messages': a conversation is a non-empty list of message dicts", 7: "max_model_len",
                 8: "temperature",
                 9: "unsupported url '/v1/embeddings'", 10: "UTF-8", 11: "tools", 12: "frequency_penalty"}

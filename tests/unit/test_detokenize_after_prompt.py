@@ -115,6 +115,26 @@ def test_run_answers_read_as_the_prompt_continues(tokenizer, llama2_style_model,
     assert record["text"] == whole[len(tokenizer.decode(prompt, skip_special_tokens=True)):]
 
 
+def test_an_empty_text_prompt_is_its_bos_where_the_tokenizer_adds_one(tokenizer, llama2_style_model, tmp_path):
+    """"" was refused before it was tokenized ("prompt 0 is empty"); vLLM tokenizes it, and refuses only a prompt
+    of no tokens: with this tokenizer it is [<s>], and runs, in `LLM.generate` and in both line formats."""
+    import json
+
+    from batchllm import LLM, cli
+
+    llm = LLM(str(llama2_style_model), dtype="float32", device="cpu")
+    out = llm.generate("", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert out.prompt_token_ids == [tokenizer.bos_token_id] and len(out.outputs[0].token_ids) == 3
+    src, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "", "max_tokens": 2}) + "\n" + json.dumps(
+        {"custom_id": "b", "url": "/v1/completions", "method": "POST", "body": {"prompt": "", "max_tokens": 2}}) + "\n")
+    assert cli.main(["run", str(src), "-o", str(results), "--model", str(llama2_style_model), "--device", "cpu",
+                     "--no-progress"]) == 0
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r.get("custom_id") or r["id"] for r in records) == ["a", "b"]
+    assert not any(r.get("error") for r in records)
+
+
 def test_llm_answers_read_as_the_prompt_continues(tokenizer, llama2_style_model):
     """Through `LLM.generate` on a model with that tokenizer: the text is what decoding prompt and output
     together adds to the prompt's text, the first space included."""

@@ -794,7 +794,7 @@ def test_a_completions_list_holding_one_prompt_is_that_prompt(prompt, expected):
     assert body_to_request("/v1/completions", {"prompt": prompt})[1] == expected
     with pytest.raises(BodyError, match="give each prompt of a list its own line"):
         body_to_request("/v1/completions", {"prompt": ["Hello", "Bye"]})
-    with pytest.raises(BodyError, match="must be a non-empty string or a list of token ids"):
+    with pytest.raises(BodyError, match="must be a string or a non-empty list of token ids"):
         body_to_request("/v1/completions", {"prompt": [5.5, 6.0]})
 
 
