@@ -157,7 +157,8 @@ class PromptProcessor:
                 ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
             except Exception as e:  # e.g. TypeError on a lone surrogate: this prompt's error, no one else's
                 raise ValueError(f"prompt {index}: the tokenizer refused it ({type(e).__name__}: {e})") from e
-            return self.validate_ids(ids, index, prompt, truncate, self._added_bos(ids, add_special))
+            specials = self._added_specials(prompt, ids, add_special, truncate)
+            return self.validate_ids(ids, index, prompt, truncate, specials)
         if isinstance(prompt, (list, tuple, np.ndarray)):
             return self.validate_ids(prompt if isinstance(prompt, np.ndarray) else list(prompt), index, None, truncate)
         decode = " (decode the bytes to a str first)" if isinstance(prompt, (bytes, bytearray, memoryview)) else ""
@@ -202,19 +203,27 @@ class PromptProcessor:
                                           add_special[pos])
                                 if ids is None else
                                 _or_error(self.validate_ids, ids, indices[pos], prompts[pos], truncate[pos],
-                                          self._added_bos(ids, adds)))
+                                          self._added_specials(prompts[pos], ids, adds, truncate[pos])))
         return results  # type: ignore[return-value]
 
-    def _added_bos(self, ids: list[int], add_special: bool) -> bool:
-        """Whether the tokenizer put its BOS first in `ids` (tokenized with `add_special`)."""
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return add_special and bos is not None and bool(ids) and ids[0] == bos
+    def _added_specials(self, text: str, ids: list[int], add_special: bool, truncate: int | None) -> tuple[int, int]:
+        """(before, after): how many of `ids` (`text` tokenized with `add_special`) are special tokens the tokenizer
+        put before and after the text's own (a BOS; GLM's two; an EOS some add), which a truncation keeps, as the
+        tokenizer's own truncation does. Found, for a prompt that is truncated only, by tokenizing the text again
+        without them; (0, 0) where nothing was added or the text's tokens are not found whole among `ids`."""
+        if not add_special or truncate is None:
+            return 0, 0
+        own = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        added = len(ids) - len(own)
+        before = next((start for start in range(added + 1) if list(ids[start:start + len(own)]) == list(own)), None)
+        return (0, 0) if added <= 0 or before is None else (before, added - before)
 
     def validate_ids(self, ids: Any, index: int, text: str | None, truncate: int | None = None,
-                     keep_bos: bool = False) -> TokenizedPrompt:
-        """The prompt of these ids (its last `truncate` only, where given; `keep_bos`: the tokenizer added a BOS
-        first, which a truncation keeps, as vLLM's tokenizer-side truncation does: HF's left truncation to
-        max_length k gives the BOS and the last k - 1 text tokens, the BOS alone for k = 1), with its array
+                     specials: tuple[int, int] = (0, 0)) -> TokenizedPrompt:
+        """The prompt of these ids (its last `truncate` only, where given; `specials`: how many special tokens the
+        tokenizer added before and after the text's own (`_added_specials`), which a truncation keeps, as vLLM's
+        tokenizer-side truncation does: HF's left truncation to max_length k gives those and the last k - (before
+        + after) text tokens, the BOS alone for k = 1 with a BOS-only tokenizer), with its array
         (`TokenizedPrompt.array`: converted once here, one vectorised range check on it, then kept); raises
         ValueError naming prompt `index` and the problem. `text` stays the prompt as given."""
         # type() not isinstance(): bools are ints to isinstance; map(type) runs at C speed on long prompts
@@ -229,8 +238,11 @@ class PromptProcessor:
             raise ValueError(f"prompt {index} is empty" + (" (its text has no tokens)" if text == "" else ""))
         if truncate is not None:
             keep = self.truncation_length(truncate, index)
-            if keep_bos and len(ids) > keep:  # as the tokenizer truncates: its BOS stays first (keep 1: BOS alone)
-                ids = [ids[0], *ids[len(ids) - keep + 1:]]
+            before, after = specials
+            if (before or after) and len(ids) > keep:  # as the tokenizer truncates: its special tokens stay
+                text_kept = max(keep - before - after, 0)
+                text_tokens = ids[before:len(ids) - after]
+                ids = [*ids[:before], *text_tokens[len(text_tokens) - text_kept:], *ids[len(ids) - after:]]
             else:
                 ids = ids[-keep:]
         try:

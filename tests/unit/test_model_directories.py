@@ -464,6 +464,34 @@ def test_truncation_keeps_the_bos_and_minus_one_leaves_room_for_max_tokens(tmp_p
         llm.shutdown()
 
 
+def test_truncation_keeps_every_special_token_the_tokenizer_adds(tmp_path, tiny_model_factory):
+    """A tokenizer adding two tokens before a text and one after (GLM's [gMASK]<sop>, an appended EOS) lost the
+    second one (only a first token equal to the BOS was kept); vLLM's truncation, in the tokenizer, keeps them all."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    tokenizer_json = json.loads((model / "tokenizer.json").read_text())
+    added = {name: {"id": name, "ids": [i], "tokens": [name]} for i, name in
+             ((0, "<|endoftext|>"), (1, "<|im_start|>"), (2, "<|im_end|>"))}
+    tokenizer_json["post_processor"] = {"type": "TemplateProcessing", "special_tokens": added, "single": [
+        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    text = "one two three four five six seven eight nine ten"
+    hf = AutoTokenizer.from_pretrained(model)
+    hf.truncation_side = "left"
+    llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=64)
+    try:
+        for keep in (4, 6):
+            out = llm.generate(text, SamplingParams(max_tokens=1, truncate_prompt_tokens=keep), use_tqdm=False)[0]
+            expected = hf(text, truncation=True, max_length=keep)["input_ids"]
+            assert out.prompt_token_ids == expected and expected[:2] == [0, 1] and expected[-1] == 2, keep
+    finally:
+        llm.shutdown()
+
+
 def test_a_conversion_parses_each_gguf_file_once(tmp_path):
     """transformers' config, weights and tokenizer loads and `gguf_rope_scaling` each parsed the whole file's
     metadata (5.8 s a time for SmolLM2's vocabulary); within `_gguf_read_once` a path is parsed once."""
