@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     words = dashed_flag_names(sys.argv[1:] if argv is None else list(argv))
     try:  # (vLLM's --config FILE.yaml; argparse alone would read --config as --config-format's prefix)
-        words = with_config_file(words, lambda rest: _command_actions(parser, rest))
+        if not {"-h", "--help", "--version"} & set(words[:words.index("--") if "--" in words else None]):
+            words = with_config_file(words, lambda rest: _command_actions(parser, rest))
     except ConfigFileError as error:
         parser.error(str(error))
     args, unknown = parser.parse_known_args(bare_flags_as_on(words, _command_flags(parser, words)))

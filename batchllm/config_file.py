@@ -3,10 +3,13 @@ reads them (`vllm run-batch --config run.yaml -i in.jsonl -o out.jsonl`).
 
 Each key is an option's long name without its dashes (`max-num-batched-tokens` or `max_num_batched_tokens`) and
 becomes that flag; the flags are put right after the command's name, before the command line's own words, so a
-flag also given on the command line wins (command line > file > defaults), as in vLLM. Values, as vLLM writes
-them: true is the bare flag, false its `--no-` form where the command has one (else nothing: the default), a list
-the flag followed by each item, a mapping its JSON text, anything else its text. Pure functions over words; no
-state. PyYAML is imported only when a file is read (transformers installs it)."""
+flag also given on the command line wins (command line > file > defaults; a repeatable one, `--stop`, adds to the
+file's), as in vLLM. Values, as vLLM writes them: true is the bare flag, false its `--no-` form where the command
+has one (else nothing: the default), a list the flag followed by each item, a mapping its JSON text, null `None`,
+anything else its text (one value written `--flag=value`, so that a value starting with a dash stays a value).
+Two keys are refused: `config` (no file names another) and `overwrite` (every run would start the job over,
+losing its results where the same command should resume it). Pure functions over words; no state. PyYAML is
+imported only when a file is read (transformers installs it)."""
 
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ def with_config_file(words: list[str], flags_of: Callable[[list[str]], Mapping[s
                      has_command: bool = True) -> list[str]:
     """`words` (the command line after the program's name, flag names already dashed) with `--config FILE` (or
     `--config=FILE`) replaced by FILE's options, put right after the first word that is no flag (the command's
-    name; first of all where `has_command` is false: a script's parser without subcommands). Words after `--`
-    are positional and left alone. `words` without `--config` come back as they are.
+    name; where `has_command` is false, a script's parser without subcommands, after the first word where that is
+    no flag, else first of all, as vLLM's `_pull_args_from_config`). Words after `--` are positional and left
+    alone. `words` without `--config` come back as they are.
     `flags_of(words)`: the flags of the command the words name, each to its argparse action (a false value is
     `--no-x` only where the command has that flag; a list is the flag repeated where it appends)."""
     end = words.index("--") if "--" in words else len(words)
@@ -47,7 +51,10 @@ def with_config_file(words: list[str], flags_of: Callable[[list[str]], Mapping[s
     else:
         raise ConfigFileError("--config needs a file: --config FILE.yaml")
     rest = words[:i] + words[i + taken:]
-    command_at = next((k for k, word in enumerate(rest) if not word.startswith("-")), None) if has_command else -1
+    if has_command:
+        command_at = next((k for k, word in enumerate(rest) if not word.startswith("-")), None)
+    else:
+        command_at = 0 if rest and not rest[0].startswith("-") else -1
     if command_at is None:
         raise ConfigFileError("--config needs a command: batchllm run --config FILE.yaml ...")
     flags = config_file_flags(path, flags_of(rest))
@@ -63,33 +70,39 @@ def config_file_flags(path: str, command_flags: Mapping[str, argparse.Action]) -
                                   f"8192, without dashes)")
         if key == "config":
             raise ConfigFileError(f"{path}: a config file cannot name another (config: {value!r})")
+        if key == "overwrite" and value:
+            raise ConfigFileError(f"{path}: overwrite is not taken from a config file: every run with it would start "
+                                  "the job over, where the same command should resume it (give --overwrite once, on "
+                                  "the command line)")
         flag = "--" + key.replace("_", "-")
-        flags += _flag_words(path, flag, value, command_flags)
+        try:
+            flags += _flag_words(path, flag, value, command_flags)
+        except (TypeError, ValueError, RecursionError) as error:  # (json: a circular YAML anchor, ...)
+            raise ConfigFileError(f"{path}: {key} cannot be written as a flag's value: {error}") from None
     return flags
 
 
 def _flag_words(path: str, flag: str, value: Any, command_flags: Mapping[str, argparse.Action]) -> list[str]:
-    if value is None:
-        raise ConfigFileError(f"{path}: {flag[2:]} has no value (leave the key out for the default)")
     if isinstance(value, bool):
         if value:
             return [flag]
         off = "--no-" + flag[2:]
+        if off not in command_flags and flag not in command_flags:  # (true would be refused by name: so is false)
+            raise ConfigFileError(f"{path}: {flag[2:]} is no option of this command (see its --help)")
         return [off] if off in command_flags else []  # (vLLM's: a plain switch off is its default)
     if isinstance(value, list):
         action = command_flags.get(flag)
         if isinstance(action, argparse._AppendAction):  # (--stop a --stop b)
-            return [word for item in value for word in (flag, _text(item))]
+            return [f"{flag}={_text(item)}" for item in value]
         if action is not None and action.nargs not in ("+", "*") and value:
             raise ConfigFileError(f"{path}: {flag[2:]} takes one value, not a list ({value!r})")
         return [flag, *map(_text, value)] if value else []
-    if isinstance(value, dict):
-        return [flag, json.dumps(value)]
-    return [flag, _text(value)]
+    return [f"{flag}={_text(value)}"]
 
 
 def _text(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
+    """A value as vLLM writes it (`str`), a mapping or list as JSON (a date inside one as its ISO text)."""
+    return json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
 
 
 def _read_mapping(path: str) -> dict:

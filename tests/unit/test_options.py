@@ -944,22 +944,30 @@ def test_vllms_config_file_gives_options_that_the_command_line_overrides(tmp_pat
     the bare flag, false the `--no-` form, a list the flag repeated where it appends, a mapping its JSON."""
     config = tmp_path / "run.yaml"
     config.write_text("max-num-batched-tokens: 4096\nmax_tokens: 5\nasync-scheduling: false\nenforce-eager: true\n"
-                      "stop: [\"END\", \"STOP\"]\nseed: -1\noverwrite: false\n"
-                      "default-chat-template-kwargs: {enable_thinking: false}\n")
+                      "stop: [\"END\", \"---\"]\nseed: -1\noverwrite: false\nrevision: null\n"
+                      "default-chat-template-kwargs: {enable_thinking: false, date_string: 2024-07-26}\n")
     args = _parsed_with_config(["run-batch", "-i", "in.jsonl", "--config", str(config), "-o", "o.jsonl",
                                 "--max-tokens", "7"], monkeypatch)
     assert (args.max_num_batched_tokens, args.max_tokens, args.async_scheduling, args.enforce_eager) == (
         4096, 7, "off", True), "the command line's --max-tokens 7 wins over the file's 5"
-    assert (args.stop, args.seed, args.overwrite) == (["END", "STOP"], -1, False)
-    assert args.default_chat_template_kwargs == {"enable_thinking": False}
+    assert (args.stop, args.seed, args.overwrite) == (["END", "---"], -1, False), "a dash-led value stays a value"
+    assert args.default_chat_template_kwargs == {"enable_thinking": False, "date_string": "2024-07-26"}
     args = _parsed_with_config([f"--config={config}", "run", "in.jsonl", "-o", "o.jsonl"], monkeypatch)
     assert (args.input, args.max_tokens) == (Path("in.jsonl"), 5), "--config=FILE before the command is read too"
+    from batchllm import cli
+
+    with pytest.raises(SystemExit) as stopped:  # (--version and --help first, whatever --config names)
+        cli.main(["--version", "--config", str(tmp_path / "none.yaml")])
+    assert stopped.value.code == 0
 
 
 @pytest.mark.parametrize("text, problem", [
     ("- max-tokens\n", "must hold a mapping of option names to values"),
     ("max-tokens: [1, 2]\n", "max-tokens takes one value, not a list"),
-    ("max-tokens:\n", "max-tokens has no value"),
+    ("max-tokens:\n", "argument --max-tokens: invalid int value: 'None'"),  # (null: vLLM's --max-tokens None)
+    ("enable-prefix-cachng: false\n", "enable-prefix-cachng is no option of this command"),
+    ("overwrite: true\n", "overwrite is not taken from a config file"),
+    ("default-chat-template-kwargs: {a: &x [1, *x]}\n", "cannot be written as a flag's value"),
     ("config: other.yaml\n", "a config file cannot name another"),
     ("max-tokens: [1\n", "not valid YAML"),
     ("max-tokns: 5\n", "--max-tokns: did you mean --max-tokens"),
@@ -998,9 +1006,10 @@ def test_flexible_argument_parser_reads_a_config_file_first(tmp_path):
     from batchllm.utils.argparse_utils import FlexibleArgumentParser
 
     config = tmp_path / "engine.yml"
-    config.write_text("max_model_len: 4k\nenforce-eager: true\nasync-scheduling: true\n")
+    config.write_text("max_model_len: 4k\nenforce-eager: true\nasync-scheduling: true\nserved-model-name: [a, b]\n")
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser(description="a ported example"))
     parser.add_argument("prompt_file")
     args = parser.parse_args(["prompts.txt", "--config", str(config), "--max-model-len", "2k"])
     assert (args.max_model_len, args.enforce_eager, args.async_scheduling, args.prompt_file) == (
-        2000, True, "on", "prompts.txt")
+        2000, True, "on", "prompts.txt"), "after the first word, as vLLM's: the list did not swallow it"
+    assert args.served_model_name == ["a", "b"]
