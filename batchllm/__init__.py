@@ -33,6 +33,10 @@ def __getattr__(name: str):
         from batchllm.engine_args import EngineArgs
 
         return EngineArgs
+    if name == "LLMEngine":  # (vLLM's step engine: importable, so that building it says what to use instead)
+        from batchllm.llm_engine import LLMEngine
+
+        return LLMEngine
     if name in ("TextPrompt", "TokensPrompt"):  # (batchllm.inputs imports the tokenizer's side: lazily too)
         from batchllm import inputs
 
@@ -41,7 +45,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "LLM", "EngineArgs", "TextPrompt", "TokensPrompt"})
+    return sorted({*globals(), "LLM", "EngineArgs", "LLMEngine", "TextPrompt", "TokensPrompt"})
 
 
 __all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt",

@@ -67,6 +67,7 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
         self._init_from_config(engine_config(model=model, **kwargs))
+        self._asked_prefix_caching = kwargs.get("enable_prefix_caching") is True
 
     @classmethod
     def from_engine_args(cls, engine_args: Any) -> LLM:
@@ -100,6 +101,10 @@ class LLM:
         self._default_params = SamplingParams(**from_model)
         self._said_block_aligned = False
         """Whether `_note_block_aligned` warned already (once per LLM)."""
+        self._asked_prefix_caching = False
+        """Whether the LLM was built with vLLM's enable_prefix_caching=True (`_note_prefixes_not_kept`)."""
+        self._calls_started = 0
+        """`iter_generate` calls begun (every generate, chat and wait_for_completion is one)."""
         self.engine: Engine | None = None
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
         more than one engine process (data_parallel_size x engines_per_gpu > 1): this process then
@@ -133,6 +138,15 @@ class LLM:
         self._output_counter = itertools.count()
         """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
         self.last_stats: dict[str, Any] = {}
+
+    def _note_prefixes_not_kept(self) -> None:
+        """Count a call; at the second of an LLM built with vLLM's enable_prefix_caching=True, warn (once) that no
+        prefix is kept from one call to the next: vLLM's scripts warm its cache with one call and time the next."""
+        self._calls_started += 1
+        if self._calls_started == 2 and self._asked_prefix_caching:
+            logger.warning("enable_prefix_caching: prompts share their prefixes within one call, but nothing is kept "
+                           "between calls, so this call computes again any prefix an earlier one computed. To share "
+                           "a prefix, give its prompts to one call (or llm.enqueue them, then wait_for_completion)")
 
     def _finalizer_for_processes(self) -> weakref.finalize | None:
         """The engine processes this LLM started (data-parallel workers, tensor-parallel followers) are stopped when
@@ -476,6 +490,7 @@ class LLM:
         that its parent dropped)."""
         if self._shut_down:
             raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
+        self._note_prefixes_not_kept()
         if self._data_parallel is not None:
             yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
             self.last_stats = self._data_parallel.last_stats

@@ -136,6 +136,13 @@ def running_model_config(config: EngineConfig, model_dir: Path, spec: ModelSpec,
         spec=spec)
 
 
+STEP_API_REFUSAL = (
+    "vLLM's LLMEngine (add_request / step) is not offered: BatchLLM plans a batch whole before running it. Build "
+    "LLM.from_engine_args(engine_args) and call generate(prompts, params), or queue the requests with "
+    "llm.enqueue(...) and run them with llm.wait_for_completion()")
+"""What building vLLM's step engine says (`LLMEngine.from_engine_args`)."""
+
+
 class LLMEngine:
     """vLLM's `llm.llm_engine` as scripts read it: the tokenizer, the model config and the count of
     unfinished requests (0 between `generate` calls: each runs its whole batch). vLLM's step API
@@ -165,6 +172,13 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.get_num_unfinished_requests() > 0
+
+    @classmethod
+    def from_engine_args(cls, engine_args: Any, *args: Any, **kwargs: Any) -> LLMEngine:
+        """vLLM's way to build an engine driven request by request: refused by name (`STEP_API_REFUSAL`)."""
+        raise NotImplementedError(STEP_API_REFUSAL)
+
+    from_vllm_config = from_engine_args
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(f"llm.llm_engine.{name} is not offered: BatchLLM's llm_engine gives model_config, "

@@ -356,3 +356,80 @@ def test_engine_args_parser_takes_and_refuses_what_llm_does(capsys):
     assert engine_config(compilation_config={}) == default
     with pytest.raises(TypeError, match="'enable_prefix_caching' and 'prefix_sharing' are the same option"):
         engine_config(enable_prefix_caching=False, prefix_sharing=True)
+
+
+def test_vllms_run_batch_module_runs_an_openai_batch_file(tiny_model_factory, tmp_path, monkeypatch):
+    """vLLM documents `python -m vllm.entrypoints.openai.run_batch -i IN -o OUT --model M`; ported, that module
+    path did not exist here (ModuleNotFoundError). It is `batchllm run-batch` with the same arguments."""
+    from batchllm.entrypoints.openai import run_batch
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": "m", "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}}) + "\n")
+    model = tiny_model_factory("llama")
+    monkeypatch.setattr("sys.argv", ["run_batch.py", "-i", str(src), "-o", str(out), "--model", model,
+                                     "--device", "cpu", "--dtype", "float32", "--no-progress"])
+    assert run_batch.main() == 0
+    record = json.loads(out.read_text())
+    assert record["custom_id"] == "a" and record["error"] is None
+    usage = record["response"]["body"]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (3, 3, 6)
+
+
+def test_vllms_clean_up_and_port_helpers_are_importable_and_do_their_work():
+    """vLLM's examples import `cleanup_dist_env_and_memory` (vllm.distributed, older: .parallel_state) and
+    `get_open_port` (vllm.utils): all were import errors here. The clean-up collects what a dropped LLM left (its
+    finalizers stop its processes); the port is one nothing listens on."""
+    import gc
+    import socket
+    import weakref
+
+    from batchllm.distributed import cleanup_dist_env_and_memory
+    from batchllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    from batchllm.utils import get_open_port
+
+    class Held:
+        pass
+
+    gc.disable()
+    try:
+        for clean_up in (cleanup_dist_env_and_memory, destroy_model_parallel, destroy_distributed_environment):
+            held = Held()
+            held.cycle = held  # (freed only by a collection)
+            dropped = weakref.ref(held)
+            del held
+            assert dropped() is not None
+            clean_up()
+            assert dropped() is None, clean_up.__name__
+    finally:
+        gc.enable()
+    port = get_open_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("", port))  # free: binding it works
+
+
+def test_vllms_step_engine_is_refused_by_name_and_a_second_call_says_no_prefix_is_kept(tiny_model_factory, caplog):
+    """`from vllm import LLMEngine; LLMEngine.from_engine_args(...)` was an ImportError here, then a bare
+    AttributeError: it now says the step API is not offered and what to call. vLLM's prefix-caching examples warm
+    the cache with one call and time the next; here no prefix outlives its call, which a built LLM with
+    enable_prefix_caching=True now says once, at its second call (and an LLM without it does not)."""
+    from batchllm import LLM, EngineArgs, LLMEngine
+
+    with pytest.raises(NotImplementedError, match=r"LLMEngine \(add_request / step\) is not offered.*"
+                                                  r"LLM\.from_engine_args\(engine_args\)"):
+        LLMEngine.from_engine_args(EngineArgs())
+    model = tiny_model_factory("llama")
+    params = SamplingParams(max_tokens=2, temperature=0)
+    for asked, warnings in ((True, 1), (None, 0)):
+        llm = LLM(model, device="cpu", dtype="float32", max_model_len=64, enable_prefix_caching=asked)
+        try:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="batchllm"):
+                first = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
+                assert "nothing is kept between calls" not in caplog.text
+                for _ in range(2):
+                    again = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
+            assert caplog.text.count("nothing is kept between calls") == warnings, asked
+            assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+        finally:
+            llm.shutdown()

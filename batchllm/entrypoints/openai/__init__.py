@@ -1,0 +1,1 @@
+"""vLLM's `vllm.entrypoints.openai`: only its batch runner (`run_batch`); BatchLLM serves no HTTP."""
