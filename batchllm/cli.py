@@ -1161,8 +1161,10 @@ def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> in
     are: the line, --stats and the status cannot tell different stories."""
     progress = job.progress_stats()
     total_done, num_failed, num_done = progress["num_lines_done"], progress["num_lines_failed"], job.num_answered_now
-    stats = {**stats, **progress, "wall_s": wall}  # (every run's line keys: a stopped run's too)
     rate = lambda n: n / wall if wall > 0 else 0.0  # noqa: E731
+    stats = {**stats, **progress, "wall_s": wall}  # (every run's line keys: a stopped run's too)
+    if "output_tokens" in stats:  # (the engine's rate was over its own time, without the input's reading)
+        stats["output_tokens_per_s"] = rate(stats["output_tokens"])
     print(
         f"batchllm: {total_done + num_failed} lines: {total_done} done, {num_failed} failed ({num_done} run now) "
         f"in {wall:.1f} s: {rate(num_done):.2f} req/s, {rate(stats.get('prompt_tokens', 0)):.0f} input tok/s, "
