@@ -40,7 +40,7 @@ from batchllm.io.reasoning import SKIPS_NO_SPECIAL_TOKENS as REASONING_SHOWS_SPE
 from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.io.tool_calls import AutoToolChoice, replaced_constraint, served_tool_choice
 from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS, reader_for
-from batchllm.progress import LOG_INTERVAL_S, draws_in_place
+from batchllm.progress import CountLog, draws_in_place
 from batchllm.sampling_params import SamplingParams, short_repr
 
 __all__ = ["Ingested", "ResponseShape", "LineServing", "ValidLine", "count_input_lines", "prepare_lines",
@@ -168,9 +168,10 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
             (valid if isinstance(result, ValidLine) else errors).append(result)
         pending.clear()
 
-    in_place = draws_in_place(sys.stderr)  # (into a log: a redraw every LOG_INTERVAL_S, not every 0.1 s)
-    bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True,
-               mininterval=0.1 if in_place else LOG_INTERVAL_S)
+    if progress and not draws_in_place(sys.stderr):  # (into a log: plain lines, as the tokens' progress)
+        bar = CountLog("reading", " lines")
+    else:
+        bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True, mininterval=0.1)
     for item in read_batch_lines(path):  # (an id goes to the first line accepted: `claims`)
         bar.update(1)
         if isinstance(item, LineError):

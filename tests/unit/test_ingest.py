@@ -1309,3 +1309,21 @@ def test_the_reading_bar_into_a_log_redraws_every_few_seconds(tmp_path, monkeypa
     assert len(result.valid) == 400
     redraws = log.getvalue().count("reading")
     assert 2 <= redraws <= 2 + 20 / LOG_INTERVAL_S * 2, log.getvalue()
+
+
+def test_reading_into_a_log_writes_whole_lines(tmp_path, capsys, monkeypatch):
+    """Into a file (stderr no terminal) the reading counter was tqdm's: \\r-joined redraws on one growing line, and
+    an interrupt's message glued onto its end. It now writes whole lines, as the tokens' progress does there: one
+    per interval (none for a read shorter than one) and a last with the total."""
+    from batchllm import progress
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{k}", "prompt": "Hi"}) + "\n" for k in range(5)))
+    prepare_lines(path, processor(), {"max_tokens": 4}, None, ResumeState(), progress=True)
+    assert capsys.readouterr().err == "", "a quick read says nothing (old: tqdm's \\r redraws)"
+    monkeypatch.setattr(progress.CountLog.__init__, "__defaults__", (0.0,))  # (a line per update)
+    prepare_lines(path, processor(), {"max_tokens": 4}, None, ResumeState(), progress=True)
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-1] == "" and len(lines) == 5 + 2 and "\r" not in "".join(lines)
+    assert [re.match(r"reading: (\d+) lines \[00:00, \d+ lines/s\]$", line)[1] for line in lines[:-1]] == [
+        "1", "2", "3", "4", "5", "5"]
