@@ -5,7 +5,6 @@ Torch-free. A policy is an object passed in, not an `if` in the scheduler's loop
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -135,16 +134,13 @@ class MemoryAdmission:
             r.projected_blocks = self.projection(r)
             self.projected_blocks += r.projected_blocks
 
-    def group_blocks(self, request: Request, limit: float = math.inf) -> int:
+    def group_blocks(self, request: Request) -> int:
         """The projection of a request and, for a prefix, of its members and nested groups not started
-        yet (`pending_members`): its charge where it has one, else what it would be charged. The walk stops
-        once the total passes `limit`: a value above `limit` says only that it is above."""
+        yet (`pending_members`): its charge where it has one, else what it would be charged."""
         total, stack = 0, [request]
         while stack:
             r = stack.pop()
             total += r.projected_blocks or self.projection(r)
-            if total > limit:
-                return total
             stack.extend(r.pending_members)
         return total
 
@@ -159,26 +155,20 @@ class MemoryAdmission:
         prefixes (`Scheduler.schedule`), after which nothing runs and the prefix starts."""
         if nothing_running or self.projected_blocks <= self.capacity:
             return True
-        room = self.capacity - self.group_blocks(prefix, self.capacity)
-        return room >= 0 and self.open_blocks(open_work, room) <= room
+        return self.open_blocks(open_work) + self.group_blocks(prefix) <= self.capacity
 
-    def open_blocks(self, open_work: Iterable[Request], limit: float = math.inf) -> int:
+    def open_blocks(self, open_work: Iterable[Request]) -> int:
         """The sum of `group_blocks` over `open_work`, walking only the entries with members not started: the
         others (every running member: almost all of the open work) are their own charge (`group_blocks` of an
         entry without pending members, inlined). Called once a step in a group larger than the pool; its
-        `group_blocks` calls, one a running request, were 5% of a 50k-line job's main thread. The walk stops
-        once the sum passes `limit` (as `group_blocks`'s): a READY prefix's members not started are the rest of
-        its group, so walking them all, once per nested group opened, made a 100k-line job's admission
-        quadratic (23 s of a 105-s run at 100k lines, 83 s of 287 s at 300k; 0.6 s at 30k)."""
+        `group_blocks` calls, one a running request, were 5% of a 50k-line job's main thread."""
         total = 0
         group_blocks, projection = self.group_blocks, self.projection
         for r in open_work:
             if r.pending_members:
-                total += group_blocks(r, limit - total)
+                total += group_blocks(r)
             else:
                 total += r.projected_blocks or projection(r)
-            if total > limit:
-                return total
         return total
 
     @staticmethod
