@@ -5,7 +5,7 @@ Torch-free. A policy is an object passed in, not an `if` in the scheduler's loop
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -144,7 +144,7 @@ class MemoryAdmission:
             stack.extend(r.pending_members)
         return total
 
-    def can_open_subgroup(self, prefix: Request, open_work: Iterable[Request], nothing_running: bool) -> bool:
+    def can_open_subgroup(self, prefix: Request, open_blocks: Callable[[], int], nothing_running: bool) -> bool:
         """Whether a nested prefix, charged with the group it belongs to, may start now. While the charged
         total fits, always: a group that fits starts its nested groups as soon as they are ready. Over it (a
         group larger than the pool, admitted because nothing ran), only when nothing runs or its own group
@@ -152,10 +152,11 @@ class MemoryAdmission:
         not started (`group_blocks`). So such a group is worked a few nested groups at a time, at least one
         (siblings started together outgrew the pool, were released and recomputed). It never stalls the
         batch: what runs ends or is preempted, and a step where nothing can run releases the idle READY
-        prefixes (`Scheduler.schedule`), after which nothing runs and the prefix starts."""
+        prefixes (`Scheduler.schedule`), after which nothing runs and the prefix starts. open_blocks: the
+        open work's `open_blocks`, called only over the budget (the caller keeps it across an admission loop)."""
         if nothing_running or self.projected_blocks <= self.capacity:
             return True
-        return self.open_blocks(open_work) + self.group_blocks(prefix) <= self.capacity
+        return open_blocks() + self.group_blocks(prefix) <= self.capacity
 
     def open_blocks(self, open_work: Iterable[Request]) -> int:
         """The sum of `group_blocks` over `open_work`, walking only the entries with members not started: the
