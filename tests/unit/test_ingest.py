@@ -1291,16 +1291,16 @@ def test_an_id_goes_to_the_first_line_that_is_accepted():
 
 def test_the_reading_bar_into_a_log_redraws_every_few_seconds(tmp_path, monkeypatch):
     """Into a stderr that is no terminal (a log file, Slurm's output) the "reading" bar redrew its line every
-    0.1 s, as the token bar did (progress.py): it now redraws every LOG_INTERVAL_S. tqdm's clock is a fake that
-    moves 0.05 s a reading, so 400 lines span 20 s: a handful of lines, not a hundred."""
+    0.1 s, as the token bar did (progress.py): it now writes a line every LOG_INTERVAL_S (`progress.CountLog`). Its
+    clock is a fake that moves 0.05 s a reading, so 400 lines span 20 s: a handful of lines, not a hundred."""
     import io
+    from types import SimpleNamespace
 
-    import tqdm.std
-
+    from batchllm import progress
     from batchllm.progress import LOG_INTERVAL_S
 
     clock = iter(range(10**6))
-    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock) * 0.05)
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: next(clock) * 0.05))
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
     path = tmp_path / "in.jsonl"
