@@ -332,7 +332,7 @@ class Scheduler:
         The open work's blocks (`MemoryAdmission.open_blocks` over the running requests and READY prefixes) are
         summed once, where a nested prefix first asks, and kept as the loop admits: an entry of `queue` is no
         open work until it runs, then adds its `group_blocks`. (Summed per nested prefix, a pass over every
-        running request each, they took 23 s of a 105-s run of 100k lines over a small cache.)"""
+        running request each, they took 20 s of a 98-s run of 100k lines over a 0.5 GiB cache: docs/benchmarks.md.)"""
         cap = self.config.max_num_seqs
         open_sum: list[int] = []  # (empty until summed)
 
