@@ -408,6 +408,21 @@ def test_vllms_clean_up_and_port_helpers_are_importable_and_do_their_work():
         server.bind(("", port))  # free: binding it works
 
 
+def test_vllms_engine_module_paths_give_the_same_classes():
+    """vLLM's examples import `from vllm.engine.arg_utils import EngineArgs` (and `vllm.engine.llm_engine`'s
+    LLMEngine): a ModuleNotFoundError here while `batchllm.engine` was a module. They are now the same classes as
+    `batchllm`'s, and an example's argparse round trip through them works."""
+    import batchllm
+    from batchllm.engine.arg_utils import EngineArgs
+    from batchllm.engine.llm_engine import LLMEngine
+    from batchllm.utils.argparse_utils import FlexibleArgumentParser
+
+    assert EngineArgs is batchllm.EngineArgs and LLMEngine is batchllm.LLMEngine
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = EngineArgs.from_cli_args(parser.parse_args(["--max-model-len", "512", "--no-enable-prefix-caching"]))
+    assert (args.max_model_len, args.enable_prefix_caching) == (512, False)
+
+
 def test_vllms_step_engine_is_refused_by_name_and_a_second_call_says_no_prefix_is_kept(tiny_model_factory, caplog):
     """`from vllm import LLMEngine; LLMEngine.from_engine_args(...)` was an ImportError here, then a bare
     AttributeError: it now says the step API is not offered and what to call. vLLM's prefix-caching examples warm
