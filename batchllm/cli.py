@@ -62,8 +62,10 @@ from batchllm.io.job import (
     prepare_output,
     recorded_option,
     refuse_output_onto_input,
+    refuse_unusable_file_names,
     same_file,
     state_path_for,
+    stream_words,
 )
 from batchllm.io.reasoning import REASONING_PARSERS, check_tokenizer
 from batchllm.io.tool_parsers import TOOL_PARSERS, ToolParserError
@@ -513,6 +515,7 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(problem)  # before the job: a finished job must not end on an unwritable --stats
     try:
         refuse_output_onto_input(args.output, args.input)  # before the lock opens the output (a read-only input)
+        refuse_unusable_file_names(args.output, args.errors_file or default_errors_path(args.output))
         with OutputLock(args.output) as lock:
             return _run_locked(args, lock)
     except JobError as e:
@@ -713,7 +716,8 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
     if resume.num_records:
         print(f"batchllm: resuming {args.output}: {len(resume.done_ids)} lines done, "
               f"{len(resume.done_error_lines)} failed before"
-              + (f"; cut a torn last line ({resume.repaired_bytes} bytes)" if resume.repaired_bytes else ""),
+              + (f"; cut a torn last line of {' and '.join(map(str, resume.repaired_files))} "
+                 f"({resume.repaired_bytes} bytes)" if resume.repaired_bytes else ""),
               file=sys.stderr)
     with _signals_interrupt(functools.partial(job.rerun_hint, args.overwrite)) as results_written:
         try:
@@ -1198,8 +1202,8 @@ def _plan_input_problem(path: Path) -> str | None:
     `input_problem` refuses it) in plan's own words: its reasons are a job's (a fingerprint, a resume), which plan has
     none of; plan reads its lines by path, with `run`'s reader."""
     if is_standard_input(path):
-        return (f"cannot read the input from standard input ({str(path)}): plan reads its input file by path, as run "
-                "does, not a stream; write it to a file first (e.g. cat x.jsonl > in.jsonl) and give that path")
+        return (f"cannot read the input from {stream_words(path)} ({str(path)}): plan reads its input file by path, "
+                "as run does, not a stream; write it to a file first (e.g. cat x.jsonl > in.jsonl) and give that path")
     return input_problem(path)
 
 

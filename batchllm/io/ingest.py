@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 
 from batchllm.inputs import ContextLengthError, PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
-from batchllm.io.job import ResumeState, as_given_url, is_a_url, is_standard_input
+from batchllm.io.job import (
+    ResumeState,
+    as_given_url,
+    file_url_path,
+    is_a_file_url,
+    is_a_url,
+    is_standard_input,
+    stream_words,
+)
 from batchllm.io.jsonl import (
     OPENAI,
     PLAIN,
@@ -71,9 +79,12 @@ def input_problem(path: Path) -> str | None:
     no regular file: a pipe) is refused, naming what to do: a job reads its input more than once (to fingerprint
     it, to count and to run its lines) and again on a resume, which a stream cannot give."""
     if is_standard_input(path):
-        return (f"cannot read the input from standard input ({str(path)}): a job reads its input file more than "
+        return (f"cannot read the input from {stream_words(path)} ({str(path)}): a job reads its input file more than "
                 "once (its fingerprint ties the output to it for a resume, then its lines are run) and a resume "
                 "reads it again; write it to a file first (e.g. cat x.jsonl > in.jsonl) and give that path")
+    if is_a_file_url(path):
+        return (f"cannot read input file {as_given_url(path)!r}: it is a file:// URL; give the file's path "
+                f"({file_url_path(path)})")
     if is_a_url(path):
         return (f"cannot read input file {as_given_url(path)!r}: it is a URL, which is not downloaded "
                 "here (vLLM's run-batch reads one): download it first (e.g. curl -o in.jsonl URL)")
@@ -90,6 +101,8 @@ def input_problem(path: Path) -> str | None:
                 if head.startswith(magic):
                     return (f"cannot read input file {str(path)!r}: it is {what}; a JSONL file is UTF-8 text, one "
                             "JSON per line")
+            if problem := _json_not_jsonl(head):
+                return f"cannot read input file {str(path)!r}: {problem}"
             f.seek(0)
             line = _first_line_ending_in_a_lone_carriage_return(f)
     except OSError as e:
@@ -98,6 +111,21 @@ def input_problem(path: Path) -> str | None:
         return (f"cannot read input file {str(path)!r}: line {line} ends in a lone carriage return (\\r, old Mac OS "
                 "line endings) before the next request; convert them to \\n first (e.g. tr '\\r' '\\n' < in.jsonl "
                 "> fixed.jsonl)")
+    return None
+
+
+def _json_not_jsonl(head: bytes) -> str | None:
+    """Why a file beginning with `head` is a JSON document rather than JSONL (one request object per line), or None:
+    its first non-blank line opens an array (a JSON list of requests: one line, or written across many), or is a
+    lone "{" (one object written across lines). Such a first line is never a request, and the lines after it are
+    no requests either; refused whole, the file is converted in one command and run."""
+    first = next((line.strip() for line in without_bom(head).splitlines() if line.strip()), b"")
+    if first.startswith(b"["):
+        return ("it is a JSON array, not JSONL (one JSON object per line); convert it first (e.g. "
+                "jq -c '.[]' in.json > in.jsonl)")
+    if first == b"{":
+        return ("it is JSON written across lines (its first line is a lone '{'), not JSONL (one JSON object per "
+                "line); convert it first (e.g. jq -c . in.json > in.jsonl)")
     return None
 
 
@@ -119,7 +147,10 @@ def _first_line_ending_in_a_lone_carriage_return(f) -> int | None:
 _NOT_UTF8_FILES = ((b"\x1f\x8b", "gzip-compressed (decompress it first: gunzip -k)"),
                    (b"\xff\xfe", "UTF-16 text (little-endian, as Windows' \"Unicode\"): save it as UTF-8"),
                    (b"\xfe\xff", "UTF-16 text (big-endian): save it as UTF-8"),
-                   (b"PK\x03\x04", "a zip archive (extract it first)"))
+                   (b"PK\x03\x04", "a zip archive (extract it first)"),
+                   (b"BZh", "bzip2-compressed (decompress it first: bunzip2 -k)"),
+                   (b"\xfd7zXZ\x00", "xz-compressed (decompress it first: unxz -k)"),
+                   (b"\x28\xb5\x2f\xfd", "zstd-compressed (decompress it first: unzstd)"))
 """The first bytes of files people hand over as JSONL that are not UTF-8 text (a UTF-8 BOM is read as usual)."""
 
 

@@ -25,12 +25,14 @@ Writer of OUTPUT, its errors file and its state file only.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import threading
 import uuid
 import weakref
@@ -42,6 +44,8 @@ from typing import Any
 from batchllm.config import DTYPE_ALIASES, FP8_KV_CACHE_DTYPES
 
 STATE_SUFFIX = ".batchllm-state"
+STATE_TMP_SUFFIX = ".tmp"
+"""Appended to a state file's name while it is rewritten (`_write_state`)."""
 DIRECTORY_LOCK = ".batchllm-lock"
 """The file inside a `run --ray` output directory that `OutputLock.for_directory` locks while a job runs (removed when
 it ends; one a killed job left is locked again): no result of the job (`job_entries` leaves it out)."""
@@ -150,7 +154,9 @@ class ResumeState:
     """Line numbers of lines that already have an error record."""
     num_records: int = 0
     repaired_bytes: int = 0
-    """Bytes of a torn last line that were cut off."""
+    """Bytes of a torn last line that were cut off (of the output and its errors file together)."""
+    repaired_files: list[Path] = field(default_factory=list)
+    """The files whose torn last line was cut (the output, its errors file)."""
     start_output: Callable[[], None] | None = field(default=None, compare=False, repr=False)
     """Where `prepare_output(defer_start=True)` found a job that starts its output afresh: emptying it (and its errors
     file) and writing the new state file, left for `begin`; until then the job's files are as they were."""
@@ -213,7 +219,8 @@ class OutputLock:
         self.output = output  # what the messages name
         self.path = output if path is None else path  # the file locked
         self._file = None
-        self._created = self._made_directory = False
+        self._created = False
+        self._made_folders: list[Path] = []  # (the folders `_open` made for the lock file, outermost first)
         self.write_problem: str | None = None
 
     @classmethod
@@ -238,9 +245,15 @@ class OutputLock:
             self._file.close()
             raise JobError(f"another batchllm run is writing {str(self.output)!r} (it holds its lock); "
                            "wait for it to finish or choose another -o") from None
-        except OSError:  # a read-only handle some filesystems will not lock (NFS): as if it could not be opened
-            self._file.close()
-            raise JobError(self.write_problem) from None
+        except OSError as e:
+            if self.write_problem is not None:  # a read-only handle some filesystems will not lock (NFS): as if
+                self._file.close()              # it could not be opened
+                raise JobError(self.write_problem) from None
+            if e.errno not in LOCKS_NOT_SUPPORTED:
+                self._file.close()
+                raise JobError(f"cannot lock the output {str(self.output)!r}: {e.strerror or e}") from None
+            _warn_unlocked(self.path, e)  # (Lustre without -o flock, NFS without lockd: run, as vLLM runs, unlocked)
+            return True
         try:
             same = os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
         except FileNotFoundError:
@@ -254,7 +267,8 @@ class OutputLock:
         (`write_problem` says why it could not be written); None for a directory's lock that cannot be made in a
         directory that exists; a JobError where neither is possible."""
         try:
-            self._made_directory = self._made_directory or not self.path.parent.exists()
+            if not self._made_folders:
+                self._made_folders = [p for p in reversed(self.path.parents) if not p.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._created = not self.path.exists()
             return open(self.path, "ab")
@@ -275,14 +289,29 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         if self._file is None:
             return
-        if self.path == self.output:
-            if self._created and not state_path_for(self.output).exists() and self.output.stat().st_size == 0:
-                self.output.unlink()  # a job refused before it began leaves no trace
-        else:  # (safe while held: a job that opened it meanwhile finds it unlinked once it locks it, `_lock`)
-            self.path.unlink(missing_ok=True)
-            if self._made_directory and not any(self.output.iterdir()):
-                self.output.rmdir()  # a job refused before it began leaves no trace
-        self._file.close()  # closing releases the lock
+        try:
+            if self.path == self.output:
+                if self._created and not state_path_for(self.output).exists() and self.output.stat().st_size == 0:
+                    self.output.unlink()  # a job refused before it began leaves no trace
+            else:  # (safe while held: a job that opened it meanwhile finds it unlinked once it locks it, `_lock`)
+                self.path.unlink(missing_ok=True)
+            for folder in reversed(self._made_folders):  # (those a job's files are in stay: rmdir takes only empty)
+                folder.rmdir()
+        except OSError:  # (a folder not empty, a name the filesystem refuses: the job's own error is the one to see)
+            pass
+        finally:
+            self._file.close()  # closing releases the lock
+
+
+LOCKS_NOT_SUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
+"""flock's errors on a filesystem that takes no locks (Lustre mounted without flock, NFS without its lock
+daemon, some FUSE mounts): the job runs without the lock (`_warn_unlocked`)."""
+
+
+def _warn_unlocked(path: Path, error: OSError) -> None:
+    print(f"batchllm: warning: cannot lock {str(path)!r} ({error.strerror or error}: this filesystem takes no file "
+          "locks); running without the lock, so make sure no other batchllm run writes the same files",
+          file=sys.stderr)
 
 
 def _os_problem(path: Path, error: OSError) -> str:
@@ -300,6 +329,31 @@ def _refuse_unlockable_output(output: Path) -> None:
     if output.exists() and not output.is_file():  # /dev/null, a pipe: no resume, no fsync
         raise JobError(f"cannot write the output {str(output)!r}: it is not a regular file (a device or "
                        "a pipe), and a job resumes from its output file; -o names a file")
+
+
+def refuse_unusable_file_names(output: Path, errors: Path) -> None:
+    """Raise JobError where `run`'s output or errors file names a job's state file (`-o out.jsonl.batchllm-state`
+    with --overwrite would destroy another job's, which then cannot resume), or where a name the job writes beside
+    the output (its state file while it is rewritten, the errors file) is longer than the filesystem allows: refused
+    before anything is made, naming the -o to shorten."""
+    for path, flag in ((output, "-o"), (errors, "--errors-file")):
+        if path.name.endswith((STATE_SUFFIX, STATE_SUFFIX + STATE_TMP_SUFFIX)):
+            raise JobError(f"{flag} {str(path)!r} names a job's state file ({STATE_SUFFIX}, which ties an output to "
+                           f"its input for a resume); choose another {flag}")
+    for name, folder, flag in ((state_path_for(output).name + STATE_TMP_SUFFIX, output.parent, "-o"),
+                               (errors.name, errors.parent, "-o or --errors-file")):
+        if (size := len(os.fsencode(name))) > (limit := _name_limit(folder)):
+            raise JobError(f"the output's name {output.name!r} is too long: the job writes {name!r} ({size} bytes) "
+                           f"beside it, and a file name there has at most {limit} bytes; choose a shorter {flag}")
+
+
+def _name_limit(folder: Path) -> int:
+    """The longest file name (in bytes) the filesystem of `folder` (or of its nearest existing parent) takes."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("."))
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -341,8 +395,19 @@ def is_a_url(path: Path) -> bool:
 
 
 def as_given_url(path: Path) -> str:
-    """An `is_a_url` path as the URL it was given as (a Path folds the "//" after the scheme)."""
+    """An `is_a_url` path as the URL it was given as (a Path folds the "//" after the scheme, and file:///'s "///")."""
+    if is_a_file_url(path):
+        return "file://" + file_url_path(path)
     return str(path).replace(":/", "://", 1)
+
+
+def is_a_file_url(path: Path) -> bool:
+    return str(path).lower().startswith("file:/")
+
+
+def file_url_path(path: Path) -> str:
+    """The local path a file:// URL names (file:///tmp/x.jsonl, folded by Path to file:/tmp/x.jsonl: /tmp/x.jsonl)."""
+    return "/" + str(path)[len("file:/"):].lstrip("/")
 
 
 _STANDARD_STREAM = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")
@@ -359,6 +424,18 @@ def is_a_standard_stream(path: Path) -> bool:
     except OSError:
         return False
     return bool(_STANDARD_STREAM.fullmatch(os.path.normpath(os.path.join(os.path.dirname(named), target))))
+
+
+def stream_words(path: Path) -> str:
+    """What an `is_standard_input` path is, in words: "standard input" (`-`, /dev/stdin, descriptor 0), else "a pipe"
+    (another descriptor: `<(cat x.jsonl)` is /dev/fd/63)."""
+    if str(path) == "-" or os.path.abspath(path) == "/dev/stdin":
+        return "standard input"
+    try:
+        target = os.path.realpath(path)
+    except OSError:
+        return "a pipe"
+    return "standard input" if re.fullmatch(r"/proc/[^/]+/fd/0|/dev/fd/0", target) else "a pipe"
 
 
 def is_standard_input(path: Path) -> bool:
@@ -489,9 +566,12 @@ def _start_output(output: Path, errors: Path | None, state_path: Path, fingerpri
             os.fsync(f.fileno())
         if errors is not None:
             errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
-        _write_state(state_path, fingerprint)
     except OSError as e:  # a full disk, a read-only place
         raise JobError(f"cannot write results to {str(output)}: {_os_problem(output, e)}") from e
+    try:
+        _write_state(state_path, fingerprint)
+    except OSError as e:
+        raise JobError(f"cannot write the output's state file {str(state_path)!r}: {_os_problem(state_path, e)}") from e
 
 
 def later_write_problem(path: Path, what: str) -> str | None:
@@ -678,10 +758,34 @@ def _job_fingerprint(input_path: Path, options: dict[str, Any] | None) -> dict[s
 
 
 def _write_state(state_path: Path, fingerprint: dict[str, Any]) -> None:
-    """Write a state file atomically (a temporary file renamed over it)."""
-    tmp = state_path.with_name(state_path.name + ".tmp")
-    tmp.write_text(json.dumps(fingerprint) + "\n")
-    os.replace(tmp, state_path)
+    """Write a state file atomically and durably: a temporary file, synced, renamed over it, then its folder synced
+    (records are synced as they are written; a power loss must not leave them without the state file that a resume
+    needs). An OSError (a full disk) leaves the state file as it was and no temporary file."""
+    tmp = state_path.with_name(state_path.name + STATE_TMP_SUFFIX)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(fingerprint) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(state_path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename or a creation in `folder` durable (fsync of the folder); skipped where the filesystem cannot."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # (some filesystems refuse a folder's fsync: nothing more can be done there)
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _refuse_another_job(output: Path, state: dict[str, Any], fingerprint: dict[str, Any], input_path: Path) -> None:
@@ -744,7 +848,19 @@ def claim_errors_file(output: Path, errors_file, first_record: bytes) -> None:
     except BlockingIOError:
         raise JobError(f"another batchllm run is writing the errors file {str(path)!r}; give each job its own "
                        "--errors-file") from None
+    except OSError as e:
+        if e.errno not in LOCKS_NOT_SUPPORTED:
+            raise OutputWriteError(path, e) from e
+        _warn_unlocked(path, e)
     state_path = state_path_for(output)
+    try:
+        _claim_in_state_file(output, path, state_path, first_record)
+    except OSError as e:  # a full disk while the state file is rewritten: named, and the job resumes from it
+        raise OutputWriteError(state_path, e) from e
+
+
+def _claim_in_state_file(output: Path, path: Path, state_path: Path, first_record: bytes) -> None:
+    """`claim_errors_file`'s record in the state file of the errors file's first line (or its refusal)."""
     state = json.loads(state_path.read_bytes())
     first = _first_line_hash(path)
     if first is None:
@@ -872,6 +988,7 @@ def _scan_and_repair(output: Path, state: ResumeState | None = None) -> ResumeSt
             raise JobError(f"cannot cut the torn last line of {str(output)!r} ({torn} bytes): "
                            f"{e.strerror or e}") from e
         state.repaired_bytes += torn
+        state.repaired_files.append(output)
     return state
 
 

@@ -245,7 +245,7 @@ def _json_object(raw: bytes, line_number: int) -> Any:
     try:
         text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
-        return _unreadable(raw, line_number, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+        return _unreadable(raw, line_number, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line)")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:  # (some messages end in "at": "Invalid control character at")

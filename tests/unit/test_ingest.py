@@ -103,8 +103,11 @@ def test_an_unreadable_line_echoes_the_id_its_bytes_still_show():
     truncated = parse_line(b'{"custom_id": "trunc", "method": "POST", ', 4)
     assert (truncated.request_id, truncated.format) == ("trunc", "openai")
     assert truncated.message == "line 4: malformed JSON: Expecting property name enclosed in double quotes at column 42"
-    latin1 = parse_line(b'{"custom_id": "bad", "body": {"prompt": "caf\xe9"}}', 5)
+    raw = b'{"custom_id": "bad", "body": {"prompt": "caf\xe9"}}'
+    latin1 = parse_line(raw, 5)
     assert latin1.request_id == "bad" and "not valid UTF-8" in latin1.message
+    position = raw.index(bytes([0xE9])) + 1
+    assert f"at byte {position} of the line" in latin1.message, "counted from 1, as JSON's columns"
     plain = parse_line(b'{"id": 17, "prompt": "x" ', 6)
     assert (plain.request_id, plain.format) == (17, None), "a plain line's id; the file's format decides"
     for raw in (b"garbage", b'{"custom_id": "\xe9t\xe9", ', b'{"prompt": "no id" ',

@@ -510,6 +510,7 @@ def test_resume_reads_both_files_and_repairs_a_torn_errors_line(tmp_path):
     state = prepare_output(out, src, overwrite=False, errors=errors)
     assert state.done_ids == {"c0"} and state.done_error_lines == {2} and state.num_records == 2
     assert state.repaired_bytes > 0 and errors.read_text() == complete, "the torn errors line is cut"
+    assert state.repaired_files == [errors], "the resume note names the file cut (it named the output)"
     out.write_text("")  # only the errors file holds records: still a job to resume, not a fresh start
     assert prepare_output(out, src, overwrite=False, errors=errors).done_error_lines == {2}
     assert errors.read_text() == complete
@@ -961,7 +962,8 @@ def test_a_failure_to_start_the_output_names_the_file(tmp_path, monkeypatch):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"id": "a", "prompt": "x"}\n')
     monkeypatch.setattr(job, "_write_state", full)
-    with pytest.raises(JobError, match=r"cannot write results to .*out\.jsonl: No space left on device"):
+    with pytest.raises(JobError, match=r"cannot write the output's state file '.*out\.jsonl\.batchllm-state': "
+                                       r"No space left on device"):  # (the file that failed, not the output)
         prepare_output(out, src, overwrite=False, options={})
 
 
