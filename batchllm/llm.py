@@ -14,6 +14,7 @@ import functools
 import gc
 import itertools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -111,6 +112,11 @@ class LLM:
         plans and collects, the workers run engines)."""
         self._data_parallel = None
         self._shut_down = False
+        self._running_call: _RunningCall | None = None
+        """The call running (`_take_over`), guarded by `_call_lock`."""
+        self._call_lock = threading.Lock()
+        self._last_call_reached_engine = False
+        """Whether the last call's requests reached the engine (`wait_for_completion` keeps its queue if not)."""
         if config.parallel.num_engines > 1:
             from batchllm.parallel.data_parallel import DataParallelEngine
 
@@ -361,9 +367,10 @@ class LLM:
     def wait_for_completion(self, output_type: Any = None, *,
                             use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
         """vLLM 0.26's: run every queued prompt (`enqueue`, `enqueue_chat`) as one batch, its prefixes planned
-        over all of them, and return their RequestOutputs in request-id order. The queue is emptied when the
-        run starts: after a failure, or an interrupt, nothing stays queued. output_type: vLLM's check of the
-        outputs' type (they are RequestOutputs)."""
+        over all of them, and return their RequestOutputs in request-id order. The queue is emptied once its
+        requests reach the engine: after a failure there, or an interrupt, nothing stays queued; one before (a
+        progress bar that cannot be made, an interrupt while they are submitted) leaves them queued. output_type:
+        vLLM's check of the outputs' type (they are RequestOutputs)."""
         if output_type is not None and not issubclass(RequestOutput, output_type):
             raise TypeError(f"the outputs are RequestOutputs, not {output_type!r} (pooling tasks are not supported)")
         if self._shut_down:
@@ -372,10 +379,15 @@ class LLM:
         if not queued:
             return []
         results: list[RequestOutput | None] = [None] * len(queued)
-        for index, output in self.iter_generate([p for _, p, _ in queued], [sp for _, _, sp in queued],
-                                                use_tqdm=use_tqdm):
-            output.request_id = queued[index][0]
-            results[index] = output
+        try:
+            for index, output in self.iter_generate([p for _, p, _ in queued], [sp for _, _, sp in queued],
+                                                    use_tqdm=use_tqdm):
+                output.request_id = queued[index][0]
+                results[index] = output
+        except BaseException:
+            if not self._last_call_reached_engine:
+                self._queued[:0] = queued
+            raise
         return results  # type: ignore[return-value]  (ids were drawn in queue order)
 
     def _render_chats(self, messages: Any, lora_request, chat_template: str | None, content_format: str,
@@ -491,10 +503,45 @@ class LLM:
         if self._shut_down:
             raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
         self._note_prefixes_not_kept()
-        if self._data_parallel is not None:
-            yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
-            self.last_stats = self._data_parallel.last_stats
-            return
+        self._last_call_reached_engine = False
+        running = _RunningCall(threading.get_ident())
+        self._take_over(running)
+        try:
+            if self._data_parallel is not None:
+                self._last_call_reached_engine = True  # (the workers take the prompts as they run)
+                yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm,
+                                                        progress_desc=progress_desc)
+                self.last_stats = self._data_parallel.last_stats
+                return
+            yield from self._run_on_engine(prompts, params, use_tqdm, progress_desc, refill, stop_asked, running)
+        finally:
+            self._release(running)
+
+    def _take_over(self, running: _RunningCall) -> None:
+        """Make `running` the LLM's call: one runs at a time. A call of another thread is refused (an LLM is not
+        thread-safe, as vLLM's is not: each call's steps would take the other's requests); a suspended call of this
+        thread (an `iter_generate` not run to its end) is dropped (`_RunningCall.drop`: its requests aborted, and it
+        says so where resumed), as a data-parallel LLM drops it."""
+        with self._call_lock:
+            current = self._running_call
+            if current is not None and current.thread != running.thread:
+                raise RuntimeError("another generate call is running on this LLM, in another thread: an LLM runs one "
+                                   "call at a time (as vLLM's); give each thread its own LLM, or hold a lock around "
+                                   "the calls")
+            if current is not None and current.drop is not None:
+                current.drop()
+            self._running_call = running
+
+    def _release(self, running: _RunningCall) -> None:
+        with self._call_lock:
+            if self._running_call is running:
+                self._running_call = None
+
+    def _run_on_engine(self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams],
+                       use_tqdm: bool | Callable[..., Any], progress_desc: str, refill, stop_asked,
+                       running: _RunningCall) -> Iterator[tuple[int, RequestOutput]]:
+        """`iter_generate` on this process's engine. The engine's step log is the call's own (cleared at its
+        start: a long-lived LLM keeps no step of earlier calls)."""
         core = self.engine.core
         progress = TokenProgress(progress_desc, use_tqdm)  # (before the requests: a bar that fails leaves none)
         call = _Call(next(self._request_counter))
@@ -505,11 +552,13 @@ class LLM:
             progress.close()
             core.scheduler.abort_requests_of(f"{call.call_id}-")
             raise
-        before, log_start = dataclasses.replace(core.scheduler.stats), len(core.step_log)
-        started = time.perf_counter()
-        with _quiet_gc():
-            try:
-                while True:
+        self._last_call_reached_engine = True
+        running.drop = functools.partial(self._drop, call)
+        core.step_log.clear()
+        before, started = dataclasses.replace(core.scheduler.stats), time.perf_counter()
+        try:
+            with _quiet_gc():
+                while not call.dropped:
                     if refill is not None and not core.scheduler.waiting:
                         more = refill()
                         if more is None:
@@ -522,14 +571,38 @@ class LLM:
                         call.num_prompts_done += 1
                         yield index, output
                     self._show_progress(progress, call, before)
+            if call.dropped:
+                raise RuntimeError(f"this generate call (call {call.call_id}) was dropped when a later one started on "
+                                   "this LLM; the outputs it had finished were given")
+        finally:
+            try:
+                if not call.dropped:  # (a dropped call's requests were aborted; the engine is a later call's now)
+                    self._end_call(call, before, started)
             finally:
-                self._show_progress(progress, call, before, force=True)
-                progress.close()
-                if call.states:  # the caller stopped early or a step failed: leave the engine clean for next time
-                    core.finish_requests(list(call.states), "abort")
-                    _drain_quietly(core)
-                self.engine.drop_followers_out_of_step()
-                self.last_stats = self._statistics(call, before, log_start, time.perf_counter() - started)
+                try:
+                    self._show_progress(progress, call, before, force=True)
+                finally:
+                    progress.close()
+
+    def _end_call(self, call: _Call, before: SchedulerStats, started: float) -> None:
+        """Leave the engine clean for the next call (the caller stopped early or a step failed: what is left of
+        the call aborted) and set `last_stats`."""
+        core = self.engine.core
+        if call.states:
+            core.finish_requests(list(call.states), "abort")
+            _drain_quietly(core)
+        self.engine.drop_followers_out_of_step()
+        self.last_stats = self._statistics(call, before, time.perf_counter() - started)
+
+    def _drop(self, call: _Call) -> None:
+        """Drop a suspended call for a later one (`_take_over`): its requests aborted, its step in flight
+        collected; resumed, it raises."""
+        if call.states:
+            self.engine.core.finish_requests(list(call.states), "abort")
+            _drain_quietly(self.engine.core)
+        self.engine.drop_followers_out_of_step()
+        call.states.clear()
+        call.dropped = True
 
     def _show_progress(self, progress: TokenProgress, call: _Call, before: SchedulerStats, force: bool = False) -> None:
         if progress.enabled:
@@ -737,14 +810,15 @@ class LLM:
             return None
         return prompt_logprobs_output(prompt.token_ids, first.prompt_logprobs, first.tokenizer)  # (None: not decoded)
 
-    def _statistics(self, call: _Call, before: SchedulerStats, log_start: int, wall_s: float) -> dict[str, Any]:
-        """What the call did: the scheduler's counters since `before`, steps since `log_start`, and its plan.
+    def _statistics(self, call: _Call, before: SchedulerStats, wall_s: float) -> dict[str, Any]:
+        """What the call did: the scheduler's counters since `before`, the steps of the step log (the call's own:
+        `_run_on_engine` clears it), and its plan.
         num_requests and prompt_tokens count each prompt once whatever its n, as vLLM's usage does; its n completions
         are n engine requests (`num_completions`), whose prompt tokens (`completion_prompt_tokens`, the prompt n
         times) are the prefill without sharing: saving_ratio = 1 - prefill_tokens_computed / those."""
         s = self.engine.core.scheduler.stats
         steps, prefill = s.num_steps - before.num_steps, s.prefill_tokens - before.prefill_tokens
-        scheduled = sum(r.num_tokens for r in self.engine.core.step_log[log_start:])
+        scheduled = sum(r.num_tokens for r in self.engine.core.step_log)
         prompt_tokens = sum(len(p.token_ids) for p in call.prompts)
         unshared = sum(p["completion_prompt_tokens"] for p in call.plans)
         num_units = sum(p["num_groups"] + p["num_ungrouped"] for p in call.plans)
@@ -828,6 +902,18 @@ class _Call:
     num_cached_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's
     `cached_prompt_tokens`)."""
+    dropped: bool = False
+    """Dropped for a later call while suspended (`LLM._drop`): its requests were aborted."""
+
+
+@dataclass
+class _RunningCall:
+    """The `iter_generate` call an LLM runs (`LLM._take_over`): the thread that began it, and how to drop it where a
+    later call of that thread replaces it while it is suspended (None: nothing to drop here, as before its
+    requests reach the engine, or on a data-parallel LLM, whose workers drop it themselves)."""
+
+    thread: int
+    drop: Callable[[], None] | None = None
 
 
 # ---------------------------------------------------------------------- helpers
@@ -850,16 +936,41 @@ def _quiet_gc(young_threshold: int = 50_000):
     Only the young generations are collected before freezing: a full collection walks the whole
     heap (torch, transformers: 0.2-0.4 s per call, ~1 ms per step of a 300-step call,
     `benchmarks/host_overhead.py`); old cyclic garbage, if any, stays frozen until the call ends
-    and is collected after it."""
-    gc.collect(1)
-    gc.freeze()
-    threshold = gc.get_threshold()
-    gc.set_threshold(max(threshold[0], young_threshold), *threshold[1:])
+    and is collected after it.
+    The settings are the process's: nested or overlapping uses (two LLMs in two threads, a suspended call) change
+    them once, at the first to begin, and restore them once, at the last to end (`_QUIET_GC`). Where the caller
+    froze objects itself (`gc.freeze()`), nothing is frozen here: unfreezing would thaw theirs too."""
+    with _QUIET_GC.lock:
+        if _QUIET_GC.depth == 0:
+            _QUIET_GC.frozen_before = gc.get_freeze_count()
+            if _QUIET_GC.frozen_before == 0:
+                gc.collect(1)
+                gc.freeze()
+            _QUIET_GC.threshold = gc.get_threshold()
+            gc.set_threshold(max(_QUIET_GC.threshold[0], young_threshold), *_QUIET_GC.threshold[1:])
+        _QUIET_GC.depth += 1
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        with _QUIET_GC.lock:
+            _QUIET_GC.depth -= 1
+            if _QUIET_GC.depth == 0:
+                gc.set_threshold(*_QUIET_GC.threshold)
+                if _QUIET_GC.frozen_before == 0:
+                    gc.unfreeze()
+
+
+@dataclass
+class _QuietGC:
+    """`_quiet_gc`'s state across its uses: how many are in force, and the settings to restore."""
+
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    depth: int = 0
+    threshold: tuple[int, ...] = ()
+    frozen_before: int = 0
+
+
+_QUIET_GC = _QuietGC()
 
 
 _METHODS_NOT_OFFERED = {

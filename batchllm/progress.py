@@ -66,8 +66,8 @@ class TokenProgress:
                                                                               "output: 0.00 toks/s")
         elif self.enabled and not draws_in_place(sys.stderr):
             min_interval_s = log_interval_s
-        else:
-            self.bar = tqdm(total=0, desc=self.desc, unit="tok", unit_scale=True, disable=not self.enabled,
+        elif self.enabled:  # (none when disabled: a disabled tqdm still makes its lock, which fixes multiprocessing's
+            self.bar = tqdm(total=0, desc=self.desc, unit="tok", unit_scale=True,  # start method, and a monitor thread)
                             dynamic_ncols=True)
         self.min_interval_s = min_interval_s
         self._last = float("-inf") if self.bar is not None else self.started

@@ -1,0 +1,137 @@
+"""One LLM used by ordinary programs over its life (session 55's probe): overlapping calls (another thread, a
+suspended `iter_generate`), a progress bar that fails, a queue whose bar cannot be made, the step log and the
+process's GC settings over many calls. Each was an internal error, a lost output or state left behind."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import tqdm
+
+from batchllm import LLM, SamplingParams
+from batchllm.llm import _quiet_gc
+from batchllm.progress import TokenProgress
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_factory):
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+    yield llm
+    llm.shutdown()
+
+
+def texts(outputs) -> list[list[int]]:
+    return [output.outputs[0].token_ids for output in outputs]
+
+
+def greedy(max_tokens: int = 6) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def staggered(llm):
+    """A suspended iter_generate whose prompts end at different steps (max_tokens 2, 4, 6, 8)."""
+    return llm.iter_generate(*llm._validate(PROMPTS, [greedy(k) for k in (2, 4, 6, 8)]), use_tqdm=False)
+
+
+def test_a_call_from_another_thread_is_refused_while_one_runs(llm):
+    """Two threads on one LLM: each call's steps took the other's requests ("a placeholder token, but the previous
+    step sampled nothing", "scheduler produced an empty step with work pending"), and both calls failed."""
+    reference = texts(llm.generate(PROMPTS, greedy(8), use_tqdm=False))
+    running = staggered(llm)
+    first = next(running)
+    raised: list[BaseException] = []
+
+    def other_thread():
+        try:
+            llm.generate(PROMPTS, greedy(), use_tqdm=False)
+        except BaseException as e:  # noqa: BLE001 - looked at below
+            raised.append(e)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError), raised
+    assert "another generate call is running on this LLM, in another thread" in str(raised[0])
+    done = dict([first, *running])
+    assert sorted(done) == [0, 1, 2, 3], "the running call is untouched"
+    assert [done[i].outputs[0].token_ids for i in range(4)] == [t[:k] for t, k in zip(reference, (2, 4, 6, 8))]
+    assert texts(llm.generate(PROMPTS, greedy(8), use_tqdm=False)) == reference, "free again once it ended"
+
+
+def test_a_suspended_call_is_dropped_by_a_later_one_and_says_so_when_resumed(llm):
+    """A generate while an iter_generate was suspended raised KeyError, and the resumed iterator silently skipped
+    the prompt whose output the failed call had taken."""
+    reference = texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+    suspended = staggered(llm)
+    assert next(suspended)[0] == 0
+    assert texts(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == reference
+    with pytest.raises(RuntimeError, match="was dropped when a later one started on this LLM"):
+        list(suspended)
+    assert llm.llm_engine.get_num_unfinished_requests() == 0
+    assert texts(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == reference
+
+
+def test_a_progress_bar_that_fails_leaves_the_engine_clean(llm):
+    """The cleanup ran after the bar's last update: one that raised left the call's requests in the engine, and the
+    next generate failed with KeyError."""
+    class FailingBar(tqdm.tqdm):  # (its stream went away)
+        def set_postfix_str(self, *args, **kwargs):
+            raise OSError("stream closed")
+
+    reference = texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+    with pytest.raises(OSError, match="stream closed"):
+        llm.generate(PROMPTS, greedy(), use_tqdm=FailingBar)
+    assert llm.llm_engine.get_num_unfinished_requests() == 0
+    assert texts(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == reference
+
+
+def test_a_queue_whose_bar_cannot_be_made_stays_queued(llm):
+    """wait_for_completion emptied the queue before the bar was made: a bar that failed lost every queued prompt
+    though none had run."""
+    def no_display(**kwargs):
+        raise RuntimeError("no display")
+
+    ids = llm.enqueue(PROMPTS[:2], greedy())
+    with pytest.raises(RuntimeError, match="no display"):
+        llm.wait_for_completion(use_tqdm=no_display)
+    outputs = llm.wait_for_completion(use_tqdm=False)
+    assert [o.request_id for o in outputs] == ids and texts(outputs) == texts(llm.generate(PROMPTS[:2], greedy(),
+                                                                                          use_tqdm=False))
+
+
+def test_the_step_log_holds_the_last_call_only(llm):
+    """The engine's step log grew by every step of every call over an LLM's life (a notebook, a service)."""
+    for _ in range(3):
+        llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert len(llm.engine.core.step_log) == llm.last_stats["num_steps"] > 0
+
+
+def test_overlapping_quiet_gcs_restore_the_process_settings_once():
+    """Two LLMs' calls in two threads overlap: the second saved the first's raised threshold as the one to restore,
+    which then stayed for the rest of the process; a caller's own gc.freeze() was undone."""
+    original = gc.get_threshold()
+    first, second = _quiet_gc(), _quiet_gc()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.get_threshold()[0] >= 50_000, "still in force while the second runs"
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == original
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _quiet_gc():
+            pass
+        assert gc.get_freeze_count() > frozen // 2 > 0, "the caller's frozen objects stay frozen (a few may be freed)"
+    finally:
+        gc.unfreeze()
+
+
+def test_a_disabled_progress_makes_no_bar():
+    """use_tqdm=False made a disabled tqdm, which creates a multiprocessing lock (fixing the start method, so a
+    later set_start_method("spawn") failed) and a monitor thread."""
+    assert TokenProgress("Processed prompts", False).bar is None
