@@ -556,8 +556,8 @@ class LLM:
         running.drop = functools.partial(self._drop, call)
         core.step_log.clear()
         before, started = dataclasses.replace(core.scheduler.stats), time.perf_counter()
-        try:
-            with _quiet_gc():
+        with _quiet_gc():  # (the clean-up too: aborting a large call's requests allocates as much as running them)
+            try:
                 while not call.dropped:
                     if refill is not None and not core.scheduler.waiting:
                         more = refill()
@@ -571,18 +571,18 @@ class LLM:
                         call.num_prompts_done += 1
                         yield index, output
                     self._show_progress(progress, call, before)
-            if call.dropped:
-                raise RuntimeError(f"this generate call (call {call.call_id}) was dropped when a later one started on "
-                                   "this LLM; the outputs it had finished were given")
-        finally:
-            try:
-                if not call.dropped:  # (a dropped call's requests were aborted; the engine is a later call's now)
-                    self._end_call(call, before, started)
+                if call.dropped:
+                    raise RuntimeError(f"this generate call (call {call.call_id}) was dropped when a later one "
+                                       "started on this LLM; the outputs it had finished were given")
             finally:
                 try:
-                    self._show_progress(progress, call, before, force=True)
+                    if not call.dropped:  # (a dropped call's requests were aborted; the engine is a later call's)
+                        self._end_call(call, before, started)
                 finally:
-                    progress.close()
+                    try:
+                        self._show_progress(progress, call, before, force=True)
+                    finally:
+                        progress.close()
 
     def _end_call(self, call: _Call, before: SchedulerStats, started: float) -> None:
         """Leave the engine clean for the next call (the caller stopped early or a step failed: what is left of
