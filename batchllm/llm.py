@@ -8,7 +8,6 @@ which the scheduler writes); the scheduler owns request state.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -113,10 +112,8 @@ class LLM:
         self._data_parallel = None
         self._shut_down = False
         self._running_call: _RunningCall | None = None
-        """The call running (`_take_over`), guarded by `_call_lock`."""
-        self._call_lock = threading.Lock()
-        self._last_call_reached_engine = False
-        """Whether the last call's requests reached the engine (`wait_for_completion` keeps its queue if not)."""
+        """The call running or suspended (`_take_over`), guarded by `_call_lock`."""
+        self._call_lock = threading.RLock()  # (re-entrant: a suspended call the collector ends releases itself)
         if config.parallel.num_engines > 1:
             from batchllm.parallel.data_parallel import DataParallelEngine
 
@@ -379,13 +376,14 @@ class LLM:
         if not queued:
             return []
         results: list[RequestOutput | None] = [None] * len(queued)
+        reached_engine = threading.Event()
         try:
             for index, output in self.iter_generate([p for _, p, _ in queued], [sp for _, _, sp in queued],
-                                                    use_tqdm=use_tqdm):
+                                                    use_tqdm=use_tqdm, on_reaching_engine=reached_engine.set):
                 output.request_id = queued[index][0]
                 results[index] = output
         except BaseException:
-            if not self._last_call_reached_engine:
+            if not reached_engine.is_set():
                 self._queued[:0] = queued
             raise
         return results  # type: ignore[return-value]  (ids were drawn in queue order)
@@ -491,6 +489,7 @@ class LLM:
         progress_desc: str = "Processed prompts",
         refill: Callable[[], tuple[Sequence[TokenizedPrompt], Sequence[SamplingParams]] | None] | None = None,
         stop_asked: Callable[[], bool] | None = None,
+        on_reaching_engine: Callable[[], None] | None = None,
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes.
         Afterwards (also when the caller stops early) `last_stats` holds the call's statistics.
@@ -499,52 +498,78 @@ class LLM:
         more prompts and params, numbered after those before, or None when there are no more (it is
         then not called again). Data-parallel workers pull shared work this way. stop_asked: called
         before every step; True ends the call there, what still runs aborted (a data-parallel worker's job
-        that its parent dropped)."""
+        that its parent dropped). on_reaching_engine: called once the call's requests are in the engine (a failure
+        before left nothing run: `wait_for_completion` then keeps its queue).
+
+        One call runs at a time (`_take_over`): a call while another executes is refused, and one while another is
+        suspended (at a yield: its caller has not asked for its next output) drops that one, which raises where it
+        is resumed after the outputs it had finished."""
         if self._shut_down:
             raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
-        self._note_prefixes_not_kept()
-        self._last_call_reached_engine = False
         running = _RunningCall(threading.get_ident())
         self._take_over(running)
+        outputs = None
         try:
+            self._note_prefixes_not_kept()
             if self._data_parallel is not None:
-                self._last_call_reached_engine = True  # (the workers take the prompts as they run)
-                yield from self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm,
-                                                        progress_desc=progress_desc)
+                if on_reaching_engine is not None:  # (the workers take the prompts as they run)
+                    on_reaching_engine()
+                outputs = self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
+            else:
+                outputs = self._run_on_engine(prompts, params, use_tqdm, progress_desc, refill, stop_asked, running,
+                                              on_reaching_engine)
+            for item in outputs:
+                self._suspend(running)
+                yield item
+                self._resume(running)
+            if self._data_parallel is not None:
                 self.last_stats = self._data_parallel.last_stats
-                return
-            yield from self._run_on_engine(prompts, params, use_tqdm, progress_desc, refill, stop_asked, running)
         finally:
-            self._release(running)
+            try:
+                if outputs is not None:  # (its clean-up, before the LLM is free for another call)
+                    outputs.close()
+            finally:
+                self._release(running)
 
     def _take_over(self, running: _RunningCall) -> None:
-        """Make `running` the LLM's call: one runs at a time. A call of another thread is refused (an LLM is not
-        thread-safe, as vLLM's is not: each call's steps would take the other's requests); a suspended call of this
-        thread (an `iter_generate` not run to its end) is dropped (`_RunningCall.drop`: its requests aborted, and it
-        says so where resumed), as a data-parallel LLM drops it."""
+        """Make `running` the LLM's call: one runs at a time. A call while another executes (in another thread, or
+        from a callback of its own) is refused: an LLM is not thread-safe, as vLLM's is not, and each call's steps
+        would take the other's requests. A suspended call (an `iter_generate` whose caller has not asked for its
+        next output, in any thread: one its thread left behind must not block the LLM) is dropped
+        (`_RunningCall.drop`: its requests aborted, after the lock is let go; resumed, it says so), as a
+        data-parallel LLM drops it."""
         with self._call_lock:
             current = self._running_call
-            if current is not None and current.thread != running.thread:
-                raise RuntimeError("another generate call is running on this LLM, in another thread: an LLM runs one "
-                                   "call at a time (as vLLM's); give each thread its own LLM, or hold a lock around "
-                                   "the calls")
-            if current is not None and current.drop is not None:
-                current.drop()
+            if current is not None and current.executing:
+                where = "in another thread" if current.thread != running.thread else "(called from inside it)"
+                raise RuntimeError(f"another generate call is running on this LLM {where}: an LLM runs one call at a "
+                                   "time (as vLLM's); give each thread its own LLM, or hold a lock around the calls")
             self._running_call = running
+        if current is not None and current.drop is not None:
+            current.drop()
+
+    def _suspend(self, running: _RunningCall) -> None:
+        with self._call_lock:
+            running.executing = False
+
+    def _resume(self, running: _RunningCall) -> None:
+        with self._call_lock:
+            running.executing = True
 
     def _release(self, running: _RunningCall) -> None:
         with self._call_lock:
+            running.executing = False
             if self._running_call is running:
                 self._running_call = None
 
     def _run_on_engine(self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams],
                        use_tqdm: bool | Callable[..., Any], progress_desc: str, refill, stop_asked,
-                       running: _RunningCall) -> Iterator[tuple[int, RequestOutput]]:
+                       running: _RunningCall, on_reaching_engine) -> Iterator[tuple[int, RequestOutput]]:
         """`iter_generate` on this process's engine. The engine's step log is the call's own (cleared at its
         start: a long-lived LLM keeps no step of earlier calls)."""
         core = self.engine.core
         progress = TokenProgress(progress_desc, use_tqdm)  # (before the requests: a bar that fails leaves none)
-        call = _Call(next(self._request_counter))
+        call = _Call(next(self._request_counter), progress=progress)
         try:
             with _quiet_gc():  # (as in `_validate`: the requests of a large batch)
                 self._submit(prompts, params, call=call)
@@ -552,12 +577,13 @@ class LLM:
             progress.close()
             core.scheduler.abort_requests_of(f"{call.call_id}-")
             raise
-        self._last_call_reached_engine = True
+        if on_reaching_engine is not None:
+            on_reaching_engine()
         running.drop = functools.partial(self._drop, call)
         core.step_log.clear()
         before, started = dataclasses.replace(core.scheduler.stats), time.perf_counter()
-        with _quiet_gc():  # (the clean-up too: aborting a large call's requests allocates as much as running them)
-            try:
+        with _quiet_gc() as call.quiet_gc:  # (the clean-up too: aborting a large call's requests allocates as much
+            try:                           # as running them)
                 while not call.dropped:
                     if refill is not None and not core.scheduler.waiting:
                         more = refill()
@@ -587,22 +613,28 @@ class LLM:
     def _end_call(self, call: _Call, before: SchedulerStats, started: float) -> None:
         """Leave the engine clean for the next call (the caller stopped early or a step failed: what is left of
         the call aborted) and set `last_stats`."""
-        core = self.engine.core
-        if call.states:
-            core.finish_requests(list(call.states), "abort")
-            _drain_quietly(core)
-        self.engine.drop_followers_out_of_step()
+        self._abort_rest(list(call.states))
         self.last_stats = self._statistics(call, before, time.perf_counter() - started)
 
-    def _drop(self, call: _Call) -> None:
-        """Drop a suspended call for a later one (`_take_over`): its requests aborted, its step in flight
-        collected; resumed, it raises."""
-        if call.states:
-            self.engine.core.finish_requests(list(call.states), "abort")
+    def _abort_rest(self, request_ids: list[str]) -> None:
+        """Abort a call's unfinished requests and collect its step in flight, so that the engine is clean."""
+        if request_ids:
+            self.engine.core.finish_requests(request_ids, "abort")
             _drain_quietly(self.engine.core)
         self.engine.drop_followers_out_of_step()
+
+    def _drop(self, call: _Call) -> None:
+        """Drop a suspended call for a later one (`_take_over`): marked dropped first (its clean-up, should the
+        collector run it meanwhile, then leaves the engine alone), its requests aborted, its step in flight
+        collected, its quiet collector and its progress bar ended (they would outlast it until it is collected);
+        resumed, it raises."""
+        request_ids = list(call.states)
         call.states.clear()
         call.dropped = True
+        self._abort_rest(request_ids)
+        if call.quiet_gc is not None:
+            call.quiet_gc.release()
+        call.progress.close()
 
     def _show_progress(self, progress: TokenProgress, call: _Call, before: SchedulerStats, force: bool = False) -> None:
         if progress.enabled:
@@ -904,15 +936,20 @@ class _Call:
     `cached_prompt_tokens`)."""
     dropped: bool = False
     """Dropped for a later call while suspended (`LLM._drop`): its requests were aborted."""
+    progress: TokenProgress | None = None
+    quiet_gc: _QuietGC | None = None
+    """The call's hold on the quiet collector while it steps (`LLM._drop` ends both)."""
 
 
 @dataclass
 class _RunningCall:
-    """The `iter_generate` call an LLM runs (`LLM._take_over`): the thread that began it, and how to drop it where a
-    later call of that thread replaces it while it is suspended (None: nothing to drop here, as before its
-    requests reach the engine, or on a data-parallel LLM, whose workers drop it themselves)."""
+    """The `iter_generate` call an LLM runs (`LLM._take_over`): the thread that began it, whether it executes (False
+    while suspended at a yield), and how to drop it where a later call replaces it while it is suspended (None:
+    nothing to drop here, as before its requests reach the engine, or on a data-parallel LLM, whose workers drop it
+    themselves). `executing` is written under the LLM's `_call_lock`."""
 
     thread: int
+    executing: bool = True
     drop: Callable[[], None] | None = None
 
 
@@ -926,8 +963,7 @@ def _drain_quietly(engine: EngineCore) -> None:
         logger.exception("the step in flight failed while the batch was being stopped")
 
 
-@contextlib.contextmanager
-def _quiet_gc(young_threshold: int = 50_000):
+def _quiet_gc(young_threshold: int = 50_000) -> _QuietGC:
     """Python's cyclic GC during the engine loop: each step allocates thousands of short-lived
     objects, which trigger collections that walk the large heap of live requests again and again
     (a third of the CPU time of a 6,400-request batch, `benchmarks/step_overhead.py`). Everything
@@ -938,39 +974,52 @@ def _quiet_gc(young_threshold: int = 50_000):
     `benchmarks/host_overhead.py`); old cyclic garbage, if any, stays frozen until the call ends
     and is collected after it.
     The settings are the process's: nested or overlapping uses (two LLMs in two threads, a suspended call) change
-    them once, at the first to begin, and restore them once, at the last to end (`_QUIET_GC`). Where the caller
+    them once, at the first to begin, and restore them once, at the last to end (`_QuietGC`'s count). Where the caller
     froze objects itself (`gc.freeze()`), nothing is frozen here: unfreezing would thaw theirs too."""
-    with _QUIET_GC.lock:
-        if _QUIET_GC.depth == 0:
-            _QUIET_GC.frozen_before = gc.get_freeze_count()
-            if _QUIET_GC.frozen_before == 0:
-                gc.collect(1)
-                gc.freeze()
-            _QUIET_GC.threshold = gc.get_threshold()
-            gc.set_threshold(max(_QUIET_GC.threshold[0], young_threshold), *_QUIET_GC.threshold[1:])
-        _QUIET_GC.depth += 1
-    try:
-        yield
-    finally:
-        with _QUIET_GC.lock:
-            _QUIET_GC.depth -= 1
-            if _QUIET_GC.depth == 0:
-                gc.set_threshold(*_QUIET_GC.threshold)
-                if _QUIET_GC.frozen_before == 0:
+    return _QuietGC(young_threshold)
+
+
+class _QuietGC:
+    """A hold on `_quiet_gc`'s settings: taken by `with` (it returns the hold), given back by its end or by
+    `release` (once: a dropped call's, `LLM._drop`, is given back before its generator ends)."""
+
+    _lock = threading.RLock()  # (re-entrant: a collection started under it may end a collected call's hold)
+    _depth = 0
+    _threshold: tuple[int, ...] = ()
+    _froze = False
+
+    def __init__(self, young_threshold: int) -> None:
+        self.young_threshold = young_threshold
+        self._held = False
+
+    def __enter__(self) -> _QuietGC:
+        cls = type(self)
+        with cls._lock:
+            if cls._depth == 0:
+                cls._froze = gc.get_freeze_count() == 0
+                if cls._froze:
+                    gc.collect(1)
+                    gc.freeze()
+                cls._threshold = gc.get_threshold()
+                gc.set_threshold(max(cls._threshold[0], self.young_threshold), *cls._threshold[1:])
+            cls._depth += 1
+            self._held = True
+        return self
+
+    def release(self) -> None:
+        cls = type(self)
+        with cls._lock:
+            if not self._held:
+                return
+            self._held = False
+            cls._depth -= 1
+            if cls._depth == 0:
+                gc.set_threshold(*cls._threshold)
+                if cls._froze:
                     gc.unfreeze()
 
-
-@dataclass
-class _QuietGC:
-    """`_quiet_gc`'s state across its uses: how many are in force, and the settings to restore."""
-
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    depth: int = 0
-    threshold: tuple[int, ...] = ()
-    frozen_before: int = 0
-
-
-_QUIET_GC = _QuietGC()
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 _METHODS_NOT_OFFERED = {

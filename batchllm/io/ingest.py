@@ -117,8 +117,10 @@ def input_problem(path: Path) -> str | None:
 def _json_not_jsonl(head: bytes) -> str | None:
     """Why a file beginning with `head` is a JSON document rather than JSONL (one request object per line), or None:
     its first non-blank line opens an array (a JSON list of requests: one line, or written across many), or is a
-    lone "{" (one object written across lines). Such a first line is never a request, and the lines after it are
-    no requests either; refused whole, the file is converted in one command and run."""
+    lone "{" (one object written across lines). Such a first line is never a request. The whole file is refused,
+    though a JSONL file with one stray such first line would have run its other lines: far more often the file
+    is a JSON document, whose lines would each be recorded as failed and the output marked complete, while
+    refused it is converted in one command and run."""
     first = next((line.strip() for line in without_bom(head).splitlines() if line.strip()), b"")
     if first.startswith(b"["):
         return ("it is a JSON array, not JSONL (one JSON object per line); convert it first (e.g. "

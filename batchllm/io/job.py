@@ -60,9 +60,14 @@ class OutputWriteError(JobError):
     """Writing results failed (disk full, I/O error); the message names the file and the cause.
     Records made durable before the failure are kept."""
 
-    def __init__(self, path: Path, error: OSError) -> None:
-        super().__init__(f"cannot write results to {str(path)}: {error.strerror or error}")
+    def __init__(self, path: Path, error: OSError, what: str = "results to") -> None:
+        super().__init__(f"cannot write {what} {str(path)}: {error.strerror or error}")
         self.path, self.error = path, error
+
+    @classmethod
+    def of_state_file(cls, state_path: Path, error: OSError) -> OutputWriteError:
+        """The failure to write the output's state file (`_write_state`), in one wording wherever it happens."""
+        return cls(state_path, error, "the output's state file")
 
 
 def errors_path_for(output: Path) -> Path:
@@ -240,20 +245,16 @@ class OutputLock:
     def _lock(self) -> bool:
         """Take the lock on the open file; False where the path no longer names it (then closed: try again)."""
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusively(self._file, self.path)
         except BlockingIOError:
             self._file.close()
             raise JobError(f"another batchllm run is writing {str(self.output)!r} (it holds its lock); "
                            "wait for it to finish or choose another -o") from None
         except OSError as e:
+            self._file.close()
             if self.write_problem is not None:  # a read-only handle some filesystems will not lock (NFS): as if
-                self._file.close()              # it could not be opened
-                raise JobError(self.write_problem) from None
-            if e.errno not in LOCKS_NOT_SUPPORTED:
-                self._file.close()
-                raise JobError(f"cannot lock the output {str(self.output)!r}: {e.strerror or e}") from None
-            _warn_unlocked(self.path, e)  # (Lustre without -o flock, NFS without lockd: run, as vLLM runs, unlocked)
-            return True
+                raise JobError(self.write_problem) from None  # it could not be opened
+            raise JobError(f"cannot lock the output {str(self.output)!r}: {e.strerror or e}") from None
         try:
             same = os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
         except FileNotFoundError:
@@ -308,6 +309,20 @@ LOCKS_NOT_SUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, e
 daemon, some FUSE mounts): the job runs without the lock (`_warn_unlocked`)."""
 
 
+def _lock_exclusively(file, path: Path) -> None:
+    """flock `file` (open at `path`) exclusively, not waiting: BlockingIOError where another process holds it, another
+    OSError where it cannot be locked; on a filesystem that takes no locks (`LOCKS_NOT_SUPPORTED`), a warning and
+    no lock (Lustre without -o flock, NFS without lockd: the job runs, as vLLM's always does, unlocked)."""
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno not in LOCKS_NOT_SUPPORTED:
+            raise
+        _warn_unlocked(path, e)
+
+
 def _warn_unlocked(path: Path, error: OSError) -> None:
     print(f"batchllm: warning: cannot lock {str(path)!r} ({error.strerror or error}: this filesystem takes no file "
           "locks); running without the lock, so make sure no other batchllm run writes the same files",
@@ -340,11 +355,12 @@ def refuse_unusable_file_names(output: Path, errors: Path) -> None:
         if path.name.endswith((STATE_SUFFIX, STATE_SUFFIX + STATE_TMP_SUFFIX)):
             raise JobError(f"{flag} {str(path)!r} names a job's state file ({STATE_SUFFIX}, which ties an output to "
                            f"its input for a resume); choose another {flag}")
-    for name, folder, flag in ((state_path_for(output).name + STATE_TMP_SUFFIX, output.parent, "-o"),
-                               (errors.name, errors.parent, "-o or --errors-file")):
-        if (size := len(os.fsencode(name))) > (limit := _name_limit(folder)):
-            raise JobError(f"the output's name {output.name!r} is too long: the job writes {name!r} ({size} bytes) "
-                           f"beside it, and a file name there has at most {limit} bytes; choose a shorter {flag}")
+    for given, name, flag in ((output, state_path_for(output).name + STATE_TMP_SUFFIX, "-o"),
+                              (errors, errors.name, "-o (its errors file is named after it) or --errors-file")):
+        if (size := len(os.fsencode(name))) > (limit := _name_limit(given.parent)):
+            what = "the output's" if given is output else "the errors file's"
+            raise JobError(f"{what} name {given.name!r} is too long: the job writes {name!r} ({size} bytes), and a "
+                           f"file name there has at most {limit} bytes; choose a shorter {flag}")
 
 
 def _name_limit(folder: Path) -> int:
@@ -429,7 +445,7 @@ def is_a_standard_stream(path: Path) -> bool:
 def stream_words(path: Path) -> str:
     """What an `is_standard_input` path is, in words: "standard input" (`-`, /dev/stdin, descriptor 0), else "a pipe"
     (another descriptor: `<(cat x.jsonl)` is /dev/fd/63)."""
-    if str(path) == "-" or os.path.abspath(path) == "/dev/stdin":
+    if str(path) == "-" or re.fullmatch(r"/dev/stdin|/dev/fd/0|/proc/[^/]+/fd/0", os.path.abspath(path)):
         return "standard input"
     try:
         target = os.path.realpath(path)
@@ -571,7 +587,7 @@ def _start_output(output: Path, errors: Path | None, state_path: Path, fingerpri
     try:
         _write_state(state_path, fingerprint)
     except OSError as e:
-        raise JobError(f"cannot write the output's state file {str(state_path)!r}: {_os_problem(state_path, e)}") from e
+        raise OutputWriteError.of_state_file(state_path, e) from e
 
 
 def later_write_problem(path: Path, what: str) -> str | None:
@@ -634,7 +650,7 @@ def tie_directory_to_job(directory: Path, input_path: Path, options: dict[str, A
     or an older version, wrote them."""
     state_path = job_state_path(directory)
     fingerprint = _job_fingerprint(input_path, options)
-    ours = {state_path.name, state_path.name + ".tmp"}
+    ours = {state_path.name, state_path.name + STATE_TMP_SUFFIX}
     has_results = directory.is_dir() and any(p.is_file() and p.name not in ours for entry in job_entries(directory)
                                              for p in ([entry] if entry.is_file() else entry.rglob("*")))
     if has_results:
@@ -814,7 +830,7 @@ def _record_errors_file(state_path: Path, fingerprint: dict[str, Any]) -> None:
         try:
             _write_state(state_path, {**state, "errors_file": fingerprint["errors_file"]})
         except OSError as e:
-            raise JobError(f"cannot write the state file {str(state_path)!r}: {e.strerror or e}") from e
+            raise OutputWriteError.of_state_file(state_path, e) from e
 
 
 def _refuse_another_errors_file(output: Path, state: dict[str, Any], errors: Path | None) -> None:
@@ -844,19 +860,17 @@ def claim_errors_file(output: Path, errors_file, first_record: bytes) -> None:
     refused (`OutputWriteError`-free: a JobError), never appended to."""
     path = Path(errors_file.name)
     try:
-        fcntl.flock(errors_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_exclusively(errors_file, path)
     except BlockingIOError:
         raise JobError(f"another batchllm run is writing the errors file {str(path)!r}; give each job its own "
                        "--errors-file") from None
     except OSError as e:
-        if e.errno not in LOCKS_NOT_SUPPORTED:
-            raise OutputWriteError(path, e) from e
-        _warn_unlocked(path, e)
+        raise OutputWriteError(path, e) from e
     state_path = state_path_for(output)
     try:
         _claim_in_state_file(output, path, state_path, first_record)
     except OSError as e:  # a full disk while the state file is rewritten: named, and the job resumes from it
-        raise OutputWriteError(state_path, e) from e
+        raise OutputWriteError.of_state_file(state_path, e) from e
 
 
 def _claim_in_state_file(output: Path, path: Path, state_path: Path, first_record: bytes) -> None:

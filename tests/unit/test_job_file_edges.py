@@ -96,12 +96,13 @@ def test_a_state_file_that_cannot_be_written_is_named_and_leaves_no_temporary_fi
     before = state_path_for(out).read_text()
     fail_syncing_state_files(monkeypatch)
     writer = errors_writer(out, errors)
-    with pytest.raises(OutputWriteError, match=r"cannot write results to .*out\.jsonl\.batchllm-state: No space"):
+    with pytest.raises(OutputWriteError, match=r"cannot write the output's state file .*out\.jsonl\.batchllm-state: "
+                                               r"No space"):
         writer.write(FAILED)
     writer.close()
     assert state_path_for(out).read_text() == before and not list(tmp_path.glob("*.tmp"))
     fresh = tmp_path / "fresh.jsonl"
-    with pytest.raises(JobError, match=r"cannot write the output's state file '.*fresh\.jsonl\.batchllm-state'"):
+    with pytest.raises(JobError, match=r"cannot write the output's state file .*fresh\.jsonl\.batchllm-state: No"):
         prepare_output(fresh, src, False)
     assert not list(tmp_path.glob("*.tmp"))
     monkeypatch.undo()
@@ -127,6 +128,8 @@ def test_names_a_job_cannot_use_are_refused_before_anything_is_made(tmp_path, ca
     code, err = run(capsys, src, "-o", long_name)
     assert code == 2 and "is too long" in err and ".batchllm-state.tmp' (" in err and "choose a shorter -o" in err
     assert err.count("error:") == 1 and not (tmp_path / "new").exists()
+    code, err = run(capsys, src, "-o", tmp_path / "short.jsonl", "--errors-file", tmp_path / ("e" * 260))
+    assert code == 2 and "the errors file's name 'eee" in err and "or --errors-file" in err, err
 
 
 def test_a_refused_job_removes_the_folders_it_made(tmp_path):
@@ -174,6 +177,10 @@ def test_a_pipe_and_a_file_url_are_named_as_what_they_are(tmp_path, capsys):
     finally:
         os.close(read_end)
         os.close(write_end)
+    from batchllm.io.job import stream_words
+
+    assert [stream_words(Path(p)) for p in ("-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0", "/dev/fd/63")] == [
+        "standard input"] * 4 + ["a pipe"]
     src = tmp_path / "in.jsonl"
     code, err = run(capsys, f"file://{src}", "-o", tmp_path / "o.jsonl")
     assert code == 2 and f"'file://{src}': it is a file:// URL; give the file's path ({src})" in err, err

@@ -962,7 +962,7 @@ def test_a_failure_to_start_the_output_names_the_file(tmp_path, monkeypatch):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"id": "a", "prompt": "x"}\n')
     monkeypatch.setattr(job, "_write_state", full)
-    with pytest.raises(JobError, match=r"cannot write the output's state file '.*out\.jsonl\.batchllm-state': "
+    with pytest.raises(JobError, match=r"cannot write the output's state file .*out\.jsonl\.batchllm-state: "
                                        r"No space left on device"):  # (the file that failed, not the output)
         prepare_output(out, src, overwrite=False, options={})
 
