@@ -544,6 +544,8 @@ class LLM:
                 where = "in another thread" if current.thread != running.thread else "(called from inside it)"
                 raise RuntimeError(f"another generate call is running on this LLM {where}: an LLM runs one call at a "
                                    "time (as vLLM's); give each thread its own LLM, or hold a lock around the calls")
+            if current is not None:
+                current.dropped = True  # (under the lock: resumed meanwhile, it stops before touching the engine)
             self._running_call = running
         if current is not None and current.drop is not None:
             current.drop()
@@ -584,7 +586,7 @@ class LLM:
         before, started = dataclasses.replace(core.scheduler.stats), time.perf_counter()
         with _quiet_gc() as call.quiet_gc:  # (the clean-up too: aborting a large call's requests allocates as much
             try:                           # as running them)
-                while not call.dropped:
+                while not running.dropped:
                     if refill is not None and not core.scheduler.waiting:
                         more = refill()
                         if more is None:
@@ -597,12 +599,12 @@ class LLM:
                         call.num_prompts_done += 1
                         yield index, output
                     self._show_progress(progress, call, before)
-                if call.dropped:
+                if running.dropped:
                     raise RuntimeError(f"this generate call (call {call.call_id}) was dropped when a later one "
                                        "started on this LLM; the outputs it had finished were given")
             finally:
                 try:
-                    if not call.dropped:  # (a dropped call's requests were aborted; the engine is a later call's)
+                    if not running.dropped:  # (its requests are aborted by `_drop`; the engine is a later call's)
                         self._end_call(call, before, started)
                 finally:
                     try:
@@ -624,13 +626,12 @@ class LLM:
         self.engine.drop_followers_out_of_step()
 
     def _drop(self, call: _Call) -> None:
-        """Drop a suspended call for a later one (`_take_over`): marked dropped first (its clean-up, should the
-        collector run it meanwhile, then leaves the engine alone), its requests aborted, its step in flight
-        collected, its quiet collector and its progress bar ended (they would outlast it until it is collected);
-        resumed, it raises."""
+        """Drop a suspended call for a later one (`_take_over`, which marked it dropped under the lock first: its
+        clean-up, should it be resumed or collected meanwhile, then leaves the engine alone): its requests aborted,
+        its step in flight collected, its quiet collector and its progress bar ended (they would outlast it until
+        it is collected); resumed, it raises."""
         request_ids = list(call.states)
         call.states.clear()
-        call.dropped = True
         self._abort_rest(request_ids)
         if call.quiet_gc is not None:
             call.quiet_gc.release()
@@ -934,8 +935,6 @@ class _Call:
     num_cached_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's
     `cached_prompt_tokens`)."""
-    dropped: bool = False
-    """Dropped for a later call while suspended (`LLM._drop`): its requests were aborted."""
     progress: TokenProgress | None = None
     quiet_gc: _QuietGC | None = None
     """The call's hold on the quiet collector while it steps (`LLM._drop` ends both)."""
@@ -946,10 +945,12 @@ class _RunningCall:
     """The `iter_generate` call an LLM runs (`LLM._take_over`): the thread that began it, whether it executes (False
     while suspended at a yield), and how to drop it where a later call replaces it while it is suspended (None:
     nothing to drop here, as before its requests reach the engine, or on a data-parallel LLM, whose workers drop it
-    themselves). `executing` is written under the LLM's `_call_lock`."""
+    themselves). `executing` and `dropped` are written under the LLM's `_call_lock`."""
 
     thread: int
     executing: bool = True
+    dropped: bool = False
+    """Dropped for a later call while suspended (`LLM._take_over`): it stops where it is resumed."""
     drop: Callable[[], None] | None = None
 
 
