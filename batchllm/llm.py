@@ -560,7 +560,6 @@ class LLM:
 
     def _release(self, running: _RunningCall) -> None:
         with self._call_lock:
-            running.executing = False
             if self._running_call is running:
                 self._running_call = None
 
