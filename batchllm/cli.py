@@ -161,7 +161,7 @@ def _add_run_parser(sub) -> None:
     s.add_argument("--repetition-penalty", type=float, default=None,
                    help="tokens of the prompt or the output: positive logits divided by it, negative ones multiplied "
                    "(default: the model's generation_config.json if it sets one, else 1.0: off)")
-    s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    s.add_argument("--stop", action="append", type=utf8_text, default=None, help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="generate past EOS up to max tokens")
     s.add_argument("--seed", type=int, default=None,
                    help="seed: lines without their own seed get one derived from this and their id, "
@@ -218,11 +218,11 @@ def _add_output_arguments(o) -> None:
     reasoning."""
     o.add_argument("--stats", type=Path, default=None, help="write run statistics as JSON to this file")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+    o.add_argument("--served-model-name", nargs="+", type=utf8_text, default=None, metavar="NAME",
                    help="the model's names in OpenAI Batch responses (vLLM's option): a line naming one of them "
                    "gets its own name back, any other line the first (default: a line's own model field, else "
                    "--model as given, else the default model's name)")
-    o.add_argument("--response-role", default="assistant",
+    o.add_argument("--response-role", type=utf8_text, default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
     o.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="split a reasoning model's answers to OpenAI chat lines, as vLLM's option: the thinking "
@@ -322,6 +322,16 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave a chat line's tools out of its chat template where its tool_choice is \"none\" "
                    "(vLLM's option; default: the tools reach the template whatever the tool_choice)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+
+
+def utf8_text(text: str) -> str:
+    """A command-line text that reaches the output or is matched against it (a name, a role, a stop string): refused
+    where it is not UTF-8 (Python gives such bytes as lone surrogates, which JSON readers refuse or mangle)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {os.fsencode(text)!r} (the output is UTF-8 JSON)") from None
+    return text
 
 
 def _template_keywords(text: str) -> dict:
@@ -1155,7 +1165,8 @@ def line_serving(args: argparse.Namespace) -> LineServing:
 def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
     """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's), and
     how the job served the lines (`line_serving`: its parsers split the answers)."""
-    return ResponseShape(str(args.model or model_name), tuple(args.served_model_name or ()), args.response_role,
+    given = os.fsencode(str(args.model)).decode("utf-8", "replace") if args.model is not None else None  # (a path)
+    return ResponseShape(given or model_name, tuple(args.served_model_name or ()), args.response_role,
                          line_serving(args))
 
 

@@ -581,3 +581,26 @@ def test_stats_output_rate_is_over_the_runs_own_wall_time(tmp_path, capsys, tiny
     assert stats["output_tokens"] == 12 and stats["wall_s"] > 0
     assert stats["output_tokens_per_s"] == pytest.approx(12 / stats["wall_s"], rel=1e-9)
     assert f"{12 / stats['wall_s']:.0f} output tok/s" in err
+
+
+@pytest.mark.parametrize("option", ["--served-model-name", "--response-role", "--stop"])
+def test_a_text_option_that_is_not_utf8_is_refused_by_name(tmp_path, capsys, option):
+    """A non-UTF-8 argument (Python gives its bytes as lone surrogates) was written into the output as "\\udcff",
+    which strict JSON readers refuse; a stop string of it could never match."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", str(src), "-o", str(tmp_path / "out.jsonl"), option, "\udcffx"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"argument {option}: not UTF-8 text: b'\\xffx'" in err, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_model_path_that_is_not_utf8_is_named_in_utf8():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(model="/models/m\udcff", served_model_name=None, response_role="assistant",
+                           default_chat_template_kwargs=None, exclude_tools_when_tool_choice_none=False,
+                           tool_call_parser=None, enable_auto_tool_choice=False, reasoning_parser=None)
+    shape = cli.response_shape(args, "SmolLM2")
+    assert shape.model == "/models/m\ufffd"
