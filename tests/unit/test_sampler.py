@@ -173,14 +173,67 @@ def test_seeded_noise_is_exponential_and_seeded_sampling_follows_the_distributio
         assert torch.allclose(freq, torch.tensor(PROBS), atol=0.02), freq
 
 
+def tempered(temperature: float) -> torch.Tensor:
+    """PROBS at a temperature, as the test states it: p ** (1 / T), renormalised."""
+    p = torch.tensor(PROBS) ** (1 / temperature)
+    return p / p.sum()
+
+
+def test_temperature_sharpens_and_flattens_the_distribution():
+    for temperature in (0.5, 2.0):
+        p = processed_probs(logits_row()[None, :], [spec(temperature=temperature)])[0]
+        assert torch.allclose(p[:5], tempered(temperature), atol=1e-6), (temperature, p)
+    # the filters see the tempered distribution (vLLM: temperature first, then min_p, top-k and top-p)
+    assert support(top_p=0.6) == {0, 1} and support(top_p=0.6, temperature=2.0) == {0, 1, 2}
+    assert support(min_p=0.6) == {0, 1} and support(min_p=0.6, temperature=2.0) == {0, 1, 2}
+
+
+def test_drawn_tokens_follow_the_tempered_distribution_seeded_or_not():
+    n = 20000
+    logits = logits_row()[None, :].repeat(n, 1)
+    for temperature in (0.5, 2.0):
+        for specs, positions in (([spec(temperature=temperature)] * n, None),
+                                 ([spec(temperature=temperature, seed=s) for s in range(n)], [0] * n)):
+            tokens = torch.tensor(_sample(logits, specs, positions, torch.Generator().manual_seed(3))[0])
+            freq = torch.bincount(tokens, minlength=5)[:5].float() / n
+            assert torch.allclose(freq, tempered(temperature), atol=0.02), (temperature, freq)
+
+
+def raw_logprobs_check(lp, sampled_token: int) -> None:
+    """The row's logprobs are of PROBS, untouched by its temperature, filters, bans and adjustments (vLLM's
+    default, logprobs_mode "raw_logprobs")."""
+    assert lp.top_token_ids == [0, 1]
+    assert math.isclose(lp.top_logprobs[0], math.log(0.4), rel_tol=1e-5)
+    assert math.isclose(lp.top_logprobs[1], math.log(0.3), rel_tol=1e-5)
+    assert math.isclose(lp.sampled_logprob, math.log(PROBS[sampled_token]), rel_tol=1e-5)
+    assert lp.sampled_rank == sampled_token + 1
+
+
 def test_logprobs_are_of_the_raw_distribution_with_rank():
     logits = logits_row()[None, :]
     tokens, lps = _sample(logits, [spec(temperature=0.0, num_logprobs=2)], None, torch.Generator())
-    lp = lps[0]
-    assert tokens == [0] and lp.sampled_rank == 1
-    assert lp.top_token_ids == [0, 1]
-    assert math.isclose(lp.top_logprobs[1], math.log(0.3), rel_tol=1e-5)
-    assert math.isclose(lp.sampled_logprob, math.log(0.4), rel_tol=1e-5)
+    assert tokens == [0]
+    raw_logprobs_check(lps[0], 0)
+
+
+def test_logprobs_stay_raw_under_sampling_settings_bans_and_adjustments():
+    from batchllm.layers.logits_processors import OutputHistory
+    from batchllm.outputs import LogitsAdjust
+
+    rows = [
+        spec(temperature=0.5, top_k=2, num_logprobs=2, seed=1),
+        spec(temperature=2.0, top_p=0.5, min_p=0.2, num_logprobs=2, seed=2),
+        spec(temperature=0.0, num_logprobs=2, banned_token_ids=(0,)),  # min_tokens' ban: the argmax is 1
+        spec(temperature=0.0, num_logprobs=2, num_prompt_tokens=3,  # a bias makes 2 the argmax; the penalty
+             adjust=LogitsAdjust(logit_bias=((2, 5.0),), frequency_penalty=1.0)),  # lowers 1, an earlier output
+    ]
+    history = OutputHistory(3)
+    history.record(0, [4, 4, 4, 1])
+    logits = logits_row()[None, :].repeat(len(rows), 1)
+    tokens, lps = _sample(logits, rows, [5, 5, 5, 5], torch.Generator(), [None, None, None, history])
+    assert tokens[2:] == [1, 2]
+    for token, lp in zip(tokens, lps):
+        raw_logprobs_check(lp, token)
 
 
 def test_a_tied_token_ranks_last_among_its_ties_as_in_vllm():
