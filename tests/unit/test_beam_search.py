@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchllm.beam_search import BeamSearchOutput, beam_score
+from batchllm.beam_search import BeamSearchOutput
 from batchllm.sampling_params import BeamSearchParams
 
 
@@ -13,6 +13,15 @@ def reference_beam_search(model, prompt: list[int], params: BeamSearchParams,
                           eos: int) -> list[tuple[list[int], float]]:
     """vLLM's steps on transformers' next-token logprobs: each live beam grows by its 2 x beam_width most likely
     tokens, EOS completes a beam, each step keeps the beam_width best by score."""
+    def next_logprobs(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
+
+    return reference_on(next_logprobs, prompt, params, eos)
+
+
+def reference_on(next_logprobs, prompt: list[int], params: BeamSearchParams, eos: int) -> list[tuple[list[int], float]]:
+    """vLLM's steps over any next-token logprobs (`next_logprobs(tokens)`: [vocab])."""
     def score(entry):  # vLLM's, written out: the length counts the prompt, an ending EOS does not
         tokens, cum = entry
         return cum / ((len(tokens) - (tokens[-1] == eos)) ** params.length_penalty)
@@ -21,8 +30,7 @@ def reference_beam_search(model, prompt: list[int], params: BeamSearchParams,
     for _ in range(params.max_tokens):
         grown = []
         for tokens, cum in live:
-            with torch.no_grad():
-                logprobs = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
+            logprobs = next_logprobs(tokens)
             top = torch.topk(logprobs, 2 * params.beam_width)
             for token, logprob in zip(top.indices.tolist(), top.values.tolist()):
                 (done if token == eos and not params.ignore_eos else grown).append((tokens + [token], cum + logprob))
@@ -64,7 +72,7 @@ def test_beam_search_on_text_ends_beams_at_eos_and_decodes_the_whole_sequence(de
     assert best.text == default_llm.tokenizer.decode(best.tokens) and best.text.startswith("The capital of France is")
     assert " Paris" in best.text
     eos = default_llm.tokenizer.eos_token_id
-    scores = [beam_score(s, eos, params.length_penalty) for s in output.sequences]
+    scores = [s.cum_logprob / (len(s.tokens) - (s.tokens[-1] == eos)) for s in output.sequences]  # (vLLM's score)
     assert scores == sorted(scores, reverse=True), "best first, by score"
     assert best.tokens[-1] == eos, "the best beam ended at EOS: complete before max_tokens"
     with pytest.raises(ValueError, match="beam_width must be a positive integer"):
@@ -75,3 +83,65 @@ def test_beam_search_on_text_ends_beams_at_eos_and_decodes_the_whole_sequence(de
         BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs={"choice": ["a"]})
     with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
         default_llm.beam_search("Hi", {"beam_width": 2})
+
+
+SCRIPTED_EOS = 0
+SCRIPTED_PROMPT = [2, 6, 7]  # beams complete at EOS after 1, 3 and 4 tokens
+
+
+def scripted_logprobs(tokens: list[int]) -> torch.Tensor:
+    """A fixed distribution over 8 tokens for each sequence (a function of the sequence alone), under which EOS
+    (token 0) is often among a beam's candidates, so beams complete at different lengths."""
+    seed = sum((i + 1) * (t + 1) for i, t in enumerate(tokens)) % (2**31)
+    return torch.log_softmax(2 * torch.randn(8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+class ScriptedLLM:
+    """What `run_beam_search` asks of an LLM: each `generate` call answers a prompt's one step with its 2 x
+    beam_width most likely next tokens under `scripted_logprobs`."""
+
+    max_model_len = 64
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.tokenizer = SimpleNamespace(eos_token_id=SCRIPTED_EOS, decode=lambda ids: " ".join(map(str, ids)))
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        from batchllm.request_output import Logprob
+
+        answers = []
+        for prompt in prompts:
+            top = torch.topk(scripted_logprobs(prompt["prompt_token_ids"]), params.logprobs)
+            entry = {t: Logprob(v, rank + 1) for rank, (t, v) in enumerate(zip(top.indices.tolist(),
+                                                                                top.values.tolist()))}
+            answers.append(SimpleNamespace(outputs=[SimpleNamespace(logprobs=[entry])]))
+        return answers
+
+
+@pytest.mark.parametrize("length_penalty", [0.5, 1.0, 2.0])
+def test_beams_ending_at_eos_at_different_lengths_rank_by_the_length_penalty(length_penalty):
+    """The tiny model never offers EOS, so the test above ranks beams of one length, where length_penalty changes
+    nothing; here beams complete at EOS after 1 to 6 tokens, and the ranking follows vLLM's score (an ending EOS
+    not counted in the length)."""
+    from batchllm.beam_search import run_beam_search
+
+    params = BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=length_penalty)
+    prompt = SCRIPTED_PROMPT
+    outputs = run_beam_search(ScriptedLLM(), [prompt], params)
+    expected = reference_on(scripted_logprobs, prompt, params, SCRIPTED_EOS)
+    assert [s.tokens for s in outputs[0].sequences] == [tokens for tokens, _ in expected]
+    assert [s.cum_logprob for s in outputs[0].sequences] == pytest.approx([cum for _, cum in expected], abs=1e-5)
+
+
+def test_the_scripted_beams_differ_in_length_and_in_order_across_length_penalties():
+    """The scripted distribution does exercise the score: completed beams of several lengths, and another best
+    ranking under length_penalty 2.0 than under 0.5 and 1.0."""
+    best = {lp: reference_on(scripted_logprobs, SCRIPTED_PROMPT, BeamSearchParams(beam_width=3, max_tokens=6,
+                                                                                  length_penalty=lp), SCRIPTED_EOS)
+            for lp in (0.5, 1.0, 2.0)}
+    lengths = {len(tokens) for beams in best.values() for tokens, _ in beams if tokens[-1] == SCRIPTED_EOS}
+    assert len(lengths) >= 2, best
+    assert [t for t, _ in best[0.5]] != [t for t, _ in best[2.0]] != [t for t, _ in best[1.0]], best
