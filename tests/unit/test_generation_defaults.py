@@ -56,6 +56,28 @@ def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory
         llm.shutdown()
 
 
+def test_a_call_without_sampling_params_samples_as_the_files_settings_given_explicitly(tmp_path, tiny_model_factory):
+    """The call without params draws what a call with the file's settings spelled out draws (same engine seed),
+    and not what the bare SamplingParams defaults draw: the defaults reach the sampler, not only the getter."""
+    from batchllm import LLM, SamplingParams
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text(json.dumps({**QWEN3, "max_new_tokens": 6, "eos_token_id": 2}))
+    prompts = ["Hi there", "Once upon a time", "The weather"] * 4
+
+    def drawn(params):
+        llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=128, seed=11)
+        try:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+
+    by_default = drawn(None)
+    assert by_default == drawn(SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=6))
+    assert by_default != drawn(SamplingParams(max_tokens=6))
+
+
 def test_the_generation_config_option_picks_the_file_or_none(tmp_path):
     """vLLM's --generation-config: auto (the model's file), vllm (none), or a folder holding one."""
     model, other = tmp_path / "model", tmp_path / "other"
