@@ -223,7 +223,10 @@ class PromptProcessor:
         opening = OPENING_CHARS_PER_TOKEN * self.max_model_len
         if len(text) <= opening:
             return None
-        count = len(self.tokenizer(text[:opening], add_special_tokens=add_special)["input_ids"])
+        try:
+            count = len(self.tokenizer(text[:opening], add_special_tokens=add_special)["input_ids"])
+        except Exception:  # (a lone surrogate, say): the whole text's tokenization names the problem
+            return None
         if count < OPENING_MARGIN * self.max_model_len:
             return None
         return ContextLengthError(

@@ -93,3 +93,11 @@ def test_a_truncated_text_is_still_tokenized_whole_and_keeps_its_last_tokens():
 
     whole = default_processor().tokenizer(text)["input_ids"]
     assert kept == whole[-10:] and tokenizer.longest == len(text)
+
+
+def test_a_long_text_the_tokenizer_refuses_costs_only_its_own_line():
+    processor, _ = recording_processor()
+
+    results = processor.tokenize_many(["bad \ud800 " + "hello world " * 20_000, "Hi"], [0, 1])
+
+    assert "prompt 0: the tokenizer refused it" in str(results[0]) and len(results[1].token_ids) > 0
