@@ -290,8 +290,9 @@ def _parse_line(raw: bytes, line_number: int) -> BatchLine | LineError:
         overrides, forced = _plain_tool_call(obj, _overrides(obj))
     except ValueError as e:  # (BodyError and ToolChoiceError are ones)
         return error(str(e), rid)
+    ignored = tuple(name for name in unknown if name not in _DECODING_MODES)  # (their values asking for none: taken)
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template,
-                     ignored_fields=tuple(unknown), add_special_tokens=add_special, tool_call=forced,
+                     ignored_fields=ignored, add_special_tokens=add_special, tool_call=forced,
                      tool_choice_none=kind == "messages" and obj.get("tool_choice") == "none")
 
 

@@ -642,7 +642,9 @@ def test_a_plain_line_asking_for_beam_search_or_greedy_by_another_apis_name_fail
     assert '"n"' in result.errors[-1].message
     harmless = (b'{"id": "a", "prompt": "Hi", "use_beam_search": false, "best_of": 1, "length_penalty": 1.0, '
                 b'"num_beams": 1, "do_sample": true, "early_stopping": false, "beam_width": null}\n')
-    assert [v.line.request_id for v in ingest(harmless).valid] == ["a"]  # values that ask for nothing else: kept
+    kept = ingest(harmless).valid
+    assert [v.line.request_id for v in kept] == ["a"]  # values that ask for nothing else: taken,
+    assert kept[0].line.ignored_fields == ()  # not reported as a table's ignored columns
 
 
 def test_a_plain_line_with_token_ids_and_their_text_runs_the_ids_as_generate_does():
