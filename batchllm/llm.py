@@ -787,7 +787,7 @@ class LLM:
         if checker is None and state.params.grammar_key is not None:  # (made at its first token, not at submit)
             checker = call.grammars[update.request_id] = self._grammar_check(state.params.grammar_key)
         if checker is not None and (refusal := checker.refusal(update.new_token_id)) is not None:
-            self._end_with_error(update, state, refusal, index)
+            self._end_with_error(call, update, state, refusal, index)
         elif (matched := state.append(update.new_token_id, update.logprobs,
                                       stop_terminated=update.finish_reason == "stop")) is not None:
             if update.finish_reason is None:
@@ -824,16 +824,20 @@ class LLM:
         the runner has just compiled it (a cache hit), and live matchers never outnumber running requests."""
         return self.prompts.grammars.new_state(grammar_key)
 
-    def _end_with_error(self, update, state: CompletionState, error: str, index: int) -> None:
+    def _end_with_error(self, call: _Call, update, state: CompletionState, error: str, index: int) -> None:
         """End a completion whose grammar refused its token `update` (`GrammarState.refusal`): finish_reason "error"
-        (vLLM's for a request that failed) with `error` on its output, the token left out; said in the log, naming
-        the prompt. The other requests go on."""
+        (vLLM's for a request that failed) with `error` on its output, the token left out. The call's first such
+        failure is said in the log, naming the call's prompt, once (a job of thousands of such lines flooded the log
+        with one warning per completion); each failure is in its own output. The other requests go on."""
         if update.finish_reason is None:
             self.engine.core.finish_requests([update.request_id], "error")
         state.leave_out_last_token()
         state.finish("error", None)
         state.error = error
-        logger.warning("prompt %d: %s", index, error)
+        if not call.completion_failed:
+            call.completion_failed = True
+            logger.warning("prompt %d of this call: %s (this and any later failed completion of the call end with "
+                           'finish_reason "error", the reason in their output)', index, error)
 
     def _prompt_logprobs(self, prompt: TokenizedPrompt, first: CompletionState):
         """vLLM's RequestOutput.prompt_logprobs from the first completion's (only it computes them);
@@ -934,6 +938,8 @@ class _Call:
     num_cached_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
     """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's
     `cached_prompt_tokens`)."""
+    completion_failed: bool = False
+    """A completion of the call has failed (`_end_with_error`): the log said so once."""
     progress: TokenProgress | None = None
     quiet_gc: _QuietGC | None = None
     """The call's hold on the quiet collector while it steps (`LLM._drop` ends both)."""

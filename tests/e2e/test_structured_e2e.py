@@ -274,6 +274,19 @@ DEAD_END = 'root ::= "a" | "b" c\nc ::= c "x"'
 """A grammar no string completes once "b" came (c never ends): xgrammar's mask is then empty."""
 
 
+def test_failed_completions_are_logged_once_per_call(default_llm, caplog):
+    """Each completion that failed was a warning of its own ("prompt 1: ...", n of them for one line of n): a job of
+    such lines flooded the log. The call's first is said once; every one is in its output."""
+    b = default_llm.get_tokenizer().encode("b", add_special_tokens=False)[0]
+    dead = SamplingParams(n=3, temperature=0.5, seed=1, max_tokens=8, logit_bias={b: 30.0},
+                          structured_outputs={"grammar": DEAD_END})
+    with caplog.at_level("WARNING", logger="batchllm.llm"):
+        outs = default_llm.generate(["Hi", "Hello"], dead, use_tqdm=False)
+    assert [c.finish_reason for o in outs for c in o.outputs] == ["error"] * 6
+    warnings = [r.getMessage() for r in caplog.records if "allows no next token" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("prompt 0 of this call: "), warnings
+
+
 def test_a_grammar_that_allows_no_next_token_fails_its_request_and_the_others_go_on(default_llm):
     """Pushed to "b", the grammar allowed no token: the empty mask row sampled token 0, the runner stopped masking
     ('the request goes on unconstrained', naming no request) and the answer ran to max_tokens as a success. It ends
