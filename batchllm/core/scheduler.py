@@ -543,7 +543,7 @@ class Scheduler:
         same settings share one spec object (`_shared_specs`: the runner then tests one spec for a step
         whose rows all hold it, `StepInputs.sample_uniform`), except seeded ones and those with
         adjustments (whose prompt ids would make the key costly), which are each their own. A greedy
-        request's seed is dropped (it draws no noise), so greedy rows share a spec on `batchllm run`, which
+        request's seed is dropped (it draws no noise), so greedy rows share a spec on `batchllm run --seed`, which
         seeds every request."""
         sp = request.sampling_params
         banned: tuple[int, ...] = ()
