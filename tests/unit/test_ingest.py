@@ -463,6 +463,44 @@ def test_openai_lines_are_answered_in_their_own_terms():
     assert messages[3].startswith("line 5: top_logprobs must be a non-negative integer"), messages
 
 
+VLLM_BODY_EXTRAS = {"top_k": 5, "min_p": 0.1, "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [7, 9],
+                    "include_stop_str_in_output": True, "skip_special_tokens": False,
+                    "spaces_between_special_tokens": False, "frequency_penalty": 0.5, "presence_penalty": 0.25,
+                    "repetition_penalty": 1.1, "allowed_token_ids": [1, 2, 3, 40], "truncate_prompt_tokens": 100,
+                    "prompt_logprobs": 2, "stop": ["END"], "seed": 3, "n": 2, "temperature": 0.7, "top_p": 0.9}
+"""vLLM's server's sampling fields of an OpenAI body, each at a value other than its default."""
+
+
+@pytest.mark.parametrize("url, prompt", [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                                         ("/v1/completions", {"prompt": "Hi"})])
+def test_every_vllm_sampling_field_of_an_openai_body_reaches_the_lines_sampling_params(url, prompt):
+    """Each field is taken with its value (one left out of the mapping failed every line carrying it as "not
+    supported", and no test sent it); bad_words go through as words."""
+    body = {**prompt, **VLLM_BODY_EXTRAS, "bad_words": ["xyz"], "max_tokens": 5}
+    result = ingest(json.dumps({"custom_id": "all", "url": url, "body": body}).encode() + b"\n")
+    assert not result.errors, result.errors
+    params = result.valid[0].params
+    for name, value in VLLM_BODY_EXTRAS.items():
+        assert getattr(params, name) == value, (name, getattr(params, name))
+    assert params.bad_words == ["xyz"] and params.max_tokens == 5
+
+
+def test_an_openai_line_that_exactly_fills_the_context_runs():
+    """prompt + max_tokens equal to the context fits (vLLM's server takes it); one more token is
+    context_length_exceeded."""
+    from batchllm.io.ingest import context_overflow
+
+    context = processor().max_model_len
+    body = {"prompt": [5, 6, 7, 8]}
+    lines = [{"custom_id": name, "url": "/v1/completions", "body": {**body, "max_tokens": context - 4 + extra}}
+             for name, extra in (("fits", 0), ("over", 1))]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert [v.line.request_id for v in result.valid] == ["fits"]
+    assert [e.message for e in result.errors] == [
+        f"line 2: {context_overflow(4, context - 3, context)}"], result.errors
+    assert "context_length_exceeded" == result.errors[0].code
+
+
 def test_vllm_server_fields_of_an_openai_body_are_taken():
     """Files exported for OpenAI or vLLM's server carry these; each failed its line ("not supported").
     reasoning_effort goes to the chat template as the keyword of its name (gpt-oss's template reads it)."""
