@@ -201,3 +201,27 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     names = ResponseShape("m", serving=LineServing(reasoning_parser="qwen3"))
     message = record_for(thinking, output, names)["response"]["body"]["choices"][0]["message"]
     assert (message["reasoning"], message["content"]) == ("still", ""), "echo writes text, even none (vLLM's)"
+
+
+def test_an_openai_line_asking_minus_one_logprobs_gets_every_entry():
+    """-1 is vLLM's "the whole vocabulary" (under max_logprobs -1): the record lists every entry of each position,
+    where a cut at -1 would list none but the last."""
+    import json
+
+    from batchllm.io.ingest import ResponseShape, record_for
+    from batchllm.io.jsonl import parse_line
+
+    entries = {t: Logprob(-0.1 * t, rank=t + 1, decoded_token=f"t{t}") for t in range(30)}
+    output = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "t0t0", [0, 0], -0.0, [entries, entries], "length")])
+
+    def record(line: dict) -> dict:
+        parsed = parse_line(json.dumps(line).encode(), 1)
+        parsed.prompt = None
+        return record_for(parsed, output, ResponseShape("m"))["response"]["body"]["choices"][0]["logprobs"]
+
+    chat = record({"custom_id": "c", "method": "POST", "url": CHAT_URL, "body": {
+        "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": -1}})
+    assert [len(position["top_logprobs"]) for position in chat["content"]] == [30, 30]
+    completion = record({"custom_id": "p", "method": "POST", "url": "/v1/completions",
+                         "body": {"prompt": "hi", "logprobs": -1}})
+    assert [len(position) for position in completion["top_logprobs"]] == [30, 30]
