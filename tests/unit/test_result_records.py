@@ -225,3 +225,11 @@ def test_an_openai_line_asking_minus_one_logprobs_gets_every_entry():
     completion = record({"custom_id": "p", "method": "POST", "url": "/v1/completions",
                          "body": {"prompt": "hi", "logprobs": -1}})
     assert [len(position) for position in completion["top_logprobs"]] == [30, 30]
+
+
+def test_openai_usage_counts_every_choice_and_the_cached_prompt_tokens():
+    output = two_samples()
+    output.num_cached_tokens = 1
+    usage = success_record("c", CHAT_URL, "m", output, prompt_tokens=2)["response"]["body"]["usage"]
+    assert usage == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7,
+                     "prompt_tokens_details": {"cached_tokens": 1}}
