@@ -373,3 +373,20 @@ def test_a_request_that_fits_the_kv_cache_exactly_runs_as_in_a_larger_cache(tiny
         finally:
             llm.shutdown()
     assert outputs[4] == outputs[16] and [len(t) for t in outputs[4]] == [35, 35]
+
+
+def test_a_step_that_preempts_admits_no_new_work_beside_its_running_requests():
+    """Admitting right after a preemption would only thrash (the admitted request takes the blocks the preempted
+    one gave back, and is preempted in turn): a step that preempted and still runs something admits nothing."""
+    engine, sched, ex = make(num_blocks=12, block_size=4, budget=16)
+    for i in range(6):
+        engine.add_request(req(f"r{i}", 12 + i % 3, max_tokens=16))
+    checked = 0
+    while engine.has_unfinished():
+        preemptions_before = sched.stats.num_preemptions
+        engine.step()
+        starts = {r.request_id: r.start_position for r in ex.batches[-1].requests}
+        if sched.stats.num_preemptions > preemptions_before and any(starts.values()):
+            checked += 1  # (a request starting at 0 is admitted: a new one, or the preempted one again)
+            assert all(starts.values()), starts
+    assert checked >= 1, "the pool is small enough to preempt beside running work"
