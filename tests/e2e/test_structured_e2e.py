@@ -287,6 +287,15 @@ def test_failed_completions_are_logged_once_per_call(default_llm, caplog):
     assert len(warnings) == 1 and warnings[0].startswith("prompt 0 of this call: "), warnings
 
 
+def test_json_object_answers_are_objects_where_the_model_would_answer_otherwise(default_llm):
+    """Asked for a number, the model answers "2.000000000000002" under a grammar of any JSON value; json_object
+    (OpenAI's response_format) must give an object all the same."""
+    questions = ["What is 2+2? Reply with the number only.", "Say yes or no: is the sky blue?"]
+    sp = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"json_object": True})
+    for output in default_llm.chat([[{"role": "user", "content": q}] for q in questions], sp, use_tqdm=False):
+        assert isinstance(json.loads(output.outputs[0].text), dict), output.outputs[0].text
+
+
 def test_a_grammar_that_allows_no_next_token_fails_its_request_and_the_others_go_on(default_llm):
     """Pushed to "b", the grammar allowed no token: the empty mask row sampled token 0, the runner stopped masking
     ('the request goes on unconstrained', naming no request) and the answer ran to max_tokens as a success. It ends
