@@ -67,6 +67,7 @@ from batchllm.io.job import (
     state_path_for,
     stream_words,
 )
+from batchllm.io.jsonl import encodable_as_utf8
 from batchllm.io.reasoning import REASONING_PARSERS, check_tokenizer
 from batchllm.io.tool_parsers import TOOL_PARSERS, ToolParserError
 from batchllm.io.tool_parsers import check_tokenizer as check_tool_parser_tokenizer
@@ -327,10 +328,8 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
 def utf8_text(text: str) -> str:
     """A command-line text that reaches the output or is matched against it (a name, a role, a stop string): refused
     where it is not UTF-8 (Python gives such bytes as lone surrogates, which JSON readers refuse or mangle)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"not UTF-8 text: {os.fsencode(text)!r} (the output is UTF-8 JSON)") from None
+    if not encodable_as_utf8(text):
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: {os.fsencode(text)!r} (the output is UTF-8 JSON)")
     return text
 
 

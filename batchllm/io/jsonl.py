@@ -532,17 +532,19 @@ def _lone_surrogate(obj: Any) -> str | None:
         path, value = stack.pop()
         if isinstance(value, dict):
             for key, item in value.items():
-                if not _encodable(key):
+                if not encodable_as_utf8(key):
                     return f"a field name in {path or 'the line'}"
                 stack.append((f"{path}[{short_repr(key)}]" if path else short_repr(key), item))
         elif isinstance(value, list):
             stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
-        elif isinstance(value, str) and not _encodable(value):
+        elif isinstance(value, str) and not encodable_as_utf8(value):
             return path
     return None
 
 
-def _encodable(text: str) -> bool:
+def encodable_as_utf8(text: str) -> bool:
+    """Whether `text` is valid Unicode to write as UTF-8 (no lone surrogate: a bad JSON escape, or the bytes of a
+    non-UTF-8 command-line word)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -554,7 +556,7 @@ def _clean_id(rid: Any) -> str | int | None:
     """An id that can be echoed in an error record, or None."""
     if isinstance(rid, int) and not isinstance(rid, bool):
         return rid
-    return rid if isinstance(rid, str) and _encodable(rid) else None
+    return rid if isinstance(rid, str) and encodable_as_utf8(rid) else None
 
 
 ReasoningSplit = Callable[[str], tuple[str | None, str | None]]
