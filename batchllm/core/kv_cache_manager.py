@@ -7,18 +7,26 @@ Sharing: `fork` gives a child the parent's full blocks (one more reference each)
 shared length ends inside a block, a fresh block plus a (src, dst) copy order for that partial
 block (copy-on-write), so the child's own tokens never land in a block others read. Nothing is
 recomputed for a prefix that is not a block multiple.
+
+Kept KV (`keep_finished`): `free` given a finished sequence's tokens records its full blocks in a `PrefixCache`
+before they go back to the pool, and `adopt` starts a table with blocks `match` found there (see
+`core/prefix_cache.py`).
 """
 
 from __future__ import annotations
 
 from batchllm.core.block_pool import BlockPool
+from batchllm.core.prefix_cache import PrefixCache
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, keep_finished: bool = False) -> None:
+        """keep_finished: keep what finished sequences leave findable by their tokens (`cache`); off, `free`
+        records nothing and `match` finds nothing."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self.cache = PrefixCache(block_size, self.pool.generations, num_blocks) if keep_finished else None
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -65,11 +73,44 @@ class KVCacheManager:
         self._tables[child_id] = list(table)
         return True, copy
 
-    def free(self, request_id: str) -> None:
-        """Release every block of the request (no-op if it holds none)."""
+    def free(self, request_id: str, tokens=None, outputs: list[int] = (), num_kept: int = 0) -> None:
+        """Release every block of the request (no-op if it holds none). With `tokens` (its prompt) and the cache
+        on, first record its first `num_kept` tokens of tokens + outputs, whose KV its table holds, for `match`."""
         table = self._tables.pop(request_id, None)
         if table:
+            if tokens is not None and self.cache is not None:
+                self.cache.record(tokens, outputs, num_kept, table)
             self.pool.free(table)
+
+    def match(self, tokens, max_tokens: int) -> tuple[list[int], int]:
+        """(blocks, trie node) of the longest run of `tokens`' full blocks, at most `max_tokens` tokens, whose KV
+        the cache holds (`PrefixCache.match`; nothing when the cache is off)."""
+        if self.cache is None:
+            return [], 0
+        return self.cache.match(tokens, max_tokens // self.block_size)
+
+    def fork_onto_kept(self, child_id: str, parent_id: str, num_tokens: int, kept: list[int]) -> None:
+        """Start the child's table with the parent's full blocks among its first `num_tokens` tokens (one more
+        reference each), then the blocks `match` found for the child's tokens past them (`adopt`): `kept` covers
+        more than `num_tokens` tokens, its block over the parent's partial last block (if any) holding the same
+        tokens, so nothing is copied."""
+        if child_id in self._tables:
+            raise ValueError(f"{child_id!r} already holds blocks")
+        full = num_tokens // self.block_size
+        if len(kept) * self.block_size <= num_tokens:
+            raise ValueError(f"{len(kept)} kept blocks do not reach past the fork point {num_tokens}")
+        table = self._tables[parent_id][:full]
+        self.pool.share(table)
+        self.pool.revive(kept[full:])
+        self._tables[child_id] = table + kept[full:]
+
+    def adopt(self, request_id: str, blocks: list[int]) -> None:
+        """Start a table with blocks `match` found: one more reference each (free ones taken out of the queue
+        with their contents)."""
+        if request_id in self._tables:
+            raise ValueError(f"{request_id!r} already holds blocks")
+        self.pool.revive(blocks)
+        self._tables[request_id] = list(blocks)
 
     @property
     def num_free_blocks(self) -> int:

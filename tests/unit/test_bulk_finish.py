@@ -70,7 +70,7 @@ def state(engine, everything):
     return dict(running=ids(s.running), waiting=ids(s.waiting), ready_members=ids(s.ready_members),
                 ready_prefixes=ids(s.ready_prefixes), requests=list(s.requests),
                 finished=list(s._finished_since_last_step),
-                projected=s.admission.projected_blocks, tables=dict(s.kv._tables), free=list(s.kv.pool._free),
+                projected=s.admission.projected_blocks, tables=dict(s.kv._tables), free=s.kv.pool.free_queue(),
                 refs=list(s.kv.pool._ref_counts), stats=s.stats, pending_outputs=s.num_pending_outputs,
                 per_request=per_request)
 
@@ -226,12 +226,12 @@ def test_requests_ending_in_a_step_leave_the_state_ending_them_one_by_one_leaves
             engine.add_request(r)
         old, old_all = copy.deepcopy((engine, submission))
 
-        def one_by_one(request, reason, stop_reason, gone=None, _scheduler=old.scheduler):
-            return finish(_scheduler, request, reason, stop_reason)  # (its own _unlink, as before)
+        def one_by_one(request, reason, stop_reason, gone=None, keep=False, _scheduler=old.scheduler):
+            return finish(_scheduler, request, reason, stop_reason, None, keep)  # (its own _unlink, as before)
 
-        def noted(request, reason, stop_reason, gone=None, _scheduler=engine.scheduler):
+        def noted(request, reason, stop_reason, gone=None, keep=False, _scheduler=engine.scheduler):
             ended_as.add((request.status, request.is_prefix))
-            return finish(_scheduler, request, reason, stop_reason, gone)
+            return finish(_scheduler, request, reason, stop_reason, gone, keep)
 
         old.scheduler._finish, engine.scheduler._finish = one_by_one, noted
         for _ in range(3000):

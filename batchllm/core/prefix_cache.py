@@ -1,0 +1,135 @@
+"""KV blocks that finished sequences left in the pool, found again by their tokens: what vLLM's automatic prefix
+caching keeps from one `generate` call to the next. Torch-free; owned by `KVCacheManager`.
+
+A sequence that finishes leaves a record (`record`): its tokens, the full blocks of its table and each block's
+generation at that moment (`BlockPool.generations`). Its blocks go back to the free queue as before and keep their
+contents until the pool hands them out again, which counts the generation up: a recorded block is still what it
+was iff its generation is unchanged. So reusing a block costs the cache nothing, and recording one is a few list
+operations (every finished request pays it, whether or not a later call ever asks).
+
+Records become an index lazily, when `match` is asked: a trie of full blocks, each node keyed by its parent node
+and its block's tokens (exact: the tokens are compared, not a hash of them), holding one block that has them.
+`match` walks a prompt's full blocks down it while the node's block is unchanged.
+
+Invariant: a block on a node's path, while its generation is the one recorded, holds the KV of exactly the tokens
+on that path. Full blocks are never written again: a member writes past its fork point and a partial block is
+copied on write (`KVCacheManager.fork`); a finished sequence's KV is recorded only up to tokens whose values are
+known and whose step was scheduled (`KVCacheManager.free`), and steps run on the device in order, so any step that
+reads a found block runs after the one that wrote it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+ROOT = 0
+
+
+@dataclass(frozen=True)
+class _Record:
+    tokens: object  # the sequence's prompt (list or int array), then `outputs`
+    outputs: list[int]
+    num_tokens: int  # tokens of prompt + outputs whose KV the blocks hold (a multiple of the block size)
+    blocks: list[int]
+    generations: list[int]
+
+
+def token_bytes(tokens, num_tokens: int) -> bytes:
+    """The first `num_tokens` token ids as int32 bytes (the index's key material)."""
+    return np.asarray(tokens[:num_tokens], dtype=np.int32).tobytes()
+
+
+class PrefixCache:
+    def __init__(self, block_size: int, generations: list[int], num_blocks: int) -> None:
+        """generations: the pool's `BlockPool.generations` (read, never written here)."""
+        self.block_size = block_size
+        self._generations = generations
+        self._kept_blocks = 2 * num_blocks
+        """Records are dropped oldest first beyond this many recorded blocks: the pool reuses its oldest free
+        blocks first, so old records have lost their blocks."""
+        self._records: deque[_Record] = deque()
+        self._num_recorded = 0
+        self._num_new = 0
+        """The last records not in the index yet (bounded with the records: a call that never matches keeps no
+        more than they do)."""
+        self._children: dict[tuple[int, bytes], int] = {}
+        self._block_of: dict[int, tuple[int, int]] = {}
+        """Node -> (block, its generation when indexed)."""
+        self._node_ids = itertools.count(ROOT + 1)
+
+    def record(self, prompt, outputs: list[int], num_tokens: int, table: list[int]) -> None:
+        """A finished sequence's KV: `num_tokens` tokens of prompt + outputs, held by `table`'s first blocks."""
+        full = num_tokens // self.block_size
+        if full == 0:
+            return
+        blocks = table[:full]
+        generations = self._generations
+        record = _Record(prompt, outputs, full * self.block_size, blocks, [generations[b] for b in blocks])
+        self._records.append(record)
+        self._num_new += 1
+        self._num_recorded += full
+        while self._num_recorded > self._kept_blocks:
+            self._num_recorded -= len(self._records.popleft().blocks)
+        self._num_new = min(self._num_new, len(self._records))
+
+    def match(self, prompt, max_blocks: int) -> tuple[list[int], int]:
+        """The blocks holding the KV of the prompt's first full blocks, as many as are cached in a row and at
+        most `max_blocks`, and the trie node where they end (ROOT: none)."""
+        if max_blocks <= 0 or not (self._records or self._children):
+            return [], ROOT
+        if self._num_new:
+            self._index_new()
+        size = self.block_size
+        node, blocks, generations, children = ROOT, [], self._generations, self._children
+        for i in range(min(max_blocks, len(prompt) // size)):  # (block by block: a miss reads one)
+            child = children.get((node, np.asarray(prompt[i * size:(i + 1) * size], dtype=np.int32).tobytes()))
+            if child is None:
+                break
+            block, generation = self._block_of[child]
+            if generations[block] != generation:
+                break
+            blocks.append(block)
+            node = child
+        return blocks, node
+
+    def clear(self) -> None:
+        """Forget everything (vLLM's `reset_prefix_cache`)."""
+        self._records.clear()
+        self._num_new = 0
+        self._num_recorded = 0
+        self._children.clear()
+        self._block_of.clear()
+
+    def _index_new(self) -> None:
+        """Put the new records in the trie (rebuilt from the kept records when stale nodes have piled up)."""
+        if len(self._block_of) > 2 * self._kept_blocks:
+            self._children.clear()
+            self._block_of.clear()
+            self._num_new = len(self._records)
+        size = self.block_size * 4
+        children, block_of, generations = self._children, self._block_of, self._generations
+        for record in itertools.islice(self._records, len(self._records) - self._num_new, None):
+            data = None
+            node = ROOT
+            for i, (block, generation) in enumerate(zip(record.blocks, record.generations)):
+                if generations[block] != generation:
+                    break
+                if data is None:
+                    prompt_part = token_bytes(record.tokens, record.num_tokens)
+                    missing = record.num_tokens - len(prompt_part) // 4
+                    data = prompt_part + token_bytes(record.outputs, missing) if missing else prompt_part
+                key = (node, data[i * size:(i + 1) * size])
+                child = children.get(key)
+                if child is None:
+                    child = children[key] = next(self._node_ids)
+                    block_of[child] = (block, generation)
+                else:
+                    held, held_generation = block_of[child]
+                    if generations[held] != held_generation:  # the node's block was reused: this one holds it now
+                        block_of[child] = (block, generation)
+                node = child
+        self._num_new = 0
