@@ -64,6 +64,12 @@ class Request:
     parent: Request | None = field(default=None, repr=False)
     """The shared prefix this request forks from (None: computes its prompt from position 0)."""
     is_prefix: bool = False
+    may_reuse_kept_kv: bool = False
+    """When it was added, the KV cache held KV of its first full blocks past its fork point, which it takes when
+    admitted (`Scheduler._take_kept_kv`)."""
+    kept_tokens: int = 0
+    """Of its prompt past its fork point (a prefix's: of the prefix), the tokens whose KV it took from the cache
+    at its last admission instead of computing them."""
     num_live_members: int = 0
     """Prefix only: members not yet finished."""
     pending_members: list[Request] = field(default_factory=list, repr=False)

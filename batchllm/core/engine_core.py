@@ -69,7 +69,20 @@ class EngineCore:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> StepUpdates:
-        """Run one step; returns the updates of the step collected (the one before, when asynchronous)."""
+        """Run one step; returns the updates of the step collected (the one before, when asynchronous). A step
+        that fails (or is interrupted) may have left KV unwritten: the KV cache forgets what finished
+        sequences left (`PrefixCache.clear`) before the error goes on."""
+        try:
+            return self._step()
+        except BaseException:
+            self._forget_kept_kv()
+            raise
+
+    def _forget_kept_kv(self) -> None:
+        if self.scheduler.kv.cache is not None:
+            self.scheduler.kv.cache.clear()
+
+    def _step(self) -> StepUpdates:
         batch = self.scheduler.schedule()
         if not batch.num_seqs:
             if self._in_flight is not None:  # what could run waits on the tokens in flight
@@ -86,8 +99,14 @@ class EngineCore:
         return updates if self.async_scheduling else updates.extend(self._collect())
 
     def drain(self) -> StepUpdates:
-        """Collect the step in flight, if any."""
-        return self._collect() if self._in_flight is not None else StepUpdates()
+        """Collect the step in flight, if any (one that fails clears the KV cache, as in `step`)."""
+        if self._in_flight is None:
+            return StepUpdates()
+        try:
+            return self._collect()
+        except BaseException:
+            self._forget_kept_kv()
+            raise
 
     def _collect(self) -> StepUpdates:
         batch, pending, submitted = self._in_flight

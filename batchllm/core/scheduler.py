@@ -50,6 +50,9 @@ from batchllm.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
+_KEPT_ENDINGS = frozenset({"stop", "length"})
+"""How a request ends for its KV to stay findable by later calls (`Scheduler._finish`)."""
+
 _MAX_SHARED_SPECS = 4096
 """Distinct shared sampling specs kept before the table starts again (a bound, not a limit: a spec made
 after it is shared with those made after it)."""
@@ -127,6 +130,8 @@ class Scheduler:
         self.num_pending_outputs = 0
         """Sampled tokens of scheduled steps whose results have not come back."""
         self._finished_since_last_step: list[str] = []
+        self._wanted_blocks: list[list[int]] = []
+        """Cached blocks requests added since the last step will take (`_note_kept_kv`)."""
         self._shared_specs: dict[SamplingSpec, SamplingSpec] = {}
         """One SamplingSpec per distinct unseeded, unadjusted setting (`_sampling_spec`)."""
 
@@ -163,6 +168,43 @@ class Scheduler:
         else:
             parent.num_live_members += 1
             parent.pending_members.append(request)
+        if self.kv.cache is not None and request.sampling_params.prompt_logprobs is None:
+            self._note_kept_kv(request)
+
+    def _note_kept_kv(self, request: Request) -> None:
+        """Whether the KV cache holds the KV of this request's (or prefix's) first full blocks past its fork point,
+        which it then takes when admitted (`_take_kept_kv`). Found now, those blocks are queued to be handed out
+        last, in the order their requests were added (`_keep_wanted_blocks`, before the next step): under memory
+        pressure the pool reuses the cached blocks no request wants first, and of the wanted ones those wanted
+        last."""
+        blocks, _ = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1)
+        if len(blocks) * self.kv.block_size > request.fork_point:
+            request.may_reuse_kept_kv = True
+            self._wanted_blocks.append(blocks)
+
+    def _keep_wanted_blocks(self) -> None:
+        """Queue the blocks found by `_note_kept_kv` since the last step at the back of the pool's free queue, those
+        of the first request added last (so handed out last)."""
+        for blocks in reversed(self._wanted_blocks):
+            self.kv.pool.move_to_back(blocks)
+        self._wanted_blocks = []
+
+    def _take_kept_kv(self, request: Request) -> int:
+        """At admission, a request (or prefix) `_note_kept_kv` found cached KV for, with nothing computed: where
+        blocks still holding that KV reach past its fork point, it takes them (`KVCacheManager.adopt`; a member
+        the parent's full blocks and the rest, `KVCacheManager.fork_onto_kept`) and starts past them, at least its
+        last token left to compute (the KV of the blocks it takes is exactly its tokens': `core/prefix_cache.py`).
+        Returns the tokens taken past the fork point (0: nothing taken, it forks or starts as planned)."""
+        blocks, _ = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1)
+        start = len(blocks) * self.kv.block_size
+        if start <= request.fork_point:
+            return 0
+        if request.parent is None:
+            self.kv.adopt(request.request_id, blocks)
+        else:
+            self.kv.fork_onto_kept(request.request_id, request.parent.request_id, request.fork_point, blocks)
+        request.num_computed_tokens = start
+        return start - request.fork_point
 
     def kv_blocks_needed(self, request: Request) -> int:
         """KV blocks the pool must hold for a request at once, exactly: its own table, for the tokens it writes
@@ -202,6 +244,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """The next step. Empty while everything that could run waits on pending tokens (the
         caller collects the step in flight and asks again), or when nothing is left."""
+        if self._wanted_blocks:
+            self._keep_wanted_blocks()
         batch = self._schedule_once()
         while (not batch.num_seqs and not self.num_pending_outputs and self.has_unfinished()
                and self._release_idle_prefixes()):
@@ -349,8 +393,10 @@ class Scheduler:
             if request.is_prefix and request.parent is not None and not self.admission.can_open_subgroup(
                     request, open_blocks, nothing_running=not self.running):
                 break  # (its group outgrew the pool: it waits for its siblings to free memory)
-            copy = None
-            if request.parent is not None:
+            copy, kept = None, 0
+            if request.may_reuse_kept_kv and not request.num_computed_tokens:
+                kept = self._take_kept_kv(request)
+            if request.parent is not None and not kept:
                 ok, copy = self.kv.fork(request.request_id, request.parent.request_id, request.fork_point)
                 if not ok:
                     break
@@ -364,6 +410,9 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             queue.popleft()
+            if kept:
+                request.kept_tokens = kept
+                self.stats.kept_prefill_tokens += kept
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self.admission.on_admit(request)
@@ -384,12 +433,19 @@ class Scheduler:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
 
-    def _free_blocks(self, request: Request) -> None:
-        """Free the request's blocks. The rule of sent tables: every block a step allocates or forks
-        for a request is sent to the runner by that step's batch (`_unsent_blocks`), or freed here
-        before any batch; so a running request's `num_blocks_sent` is its table's length between
-        steps, and a decode that allocates nothing sends nothing (`_decode_rows`)."""
-        self.kv.free(request.request_id)
+    def _free_blocks(self, request: Request, keep: bool = False) -> None:
+        """Free the request's blocks; with `keep` (it ended as asked: `_finish`), the KV cache first records the
+        tokens they hold, for a later call to find (`KVCacheManager.free`): those of its prompt and outputs that a
+        step was scheduled for (the last output's only when a step in flight decodes it, on a placeholder: that
+        step writes its KV before any later step reads it, and a failed step clears the cache). The rule of sent
+        tables: every block a step allocates or forks for a request is sent to the runner by that step's batch
+        (`_unsent_blocks`), or freed here before any batch; so a running request's `num_blocks_sent` is its
+        table's length between steps, and a decode that allocates nothing sends nothing (`_decode_rows`)."""
+        if keep:
+            self.kv.free(request.request_id, request.prompt_token_ids, request.output_token_ids,
+                         request.num_computed_tokens)  # (at most its prompt and outputs: one token is pending)
+        else:
+            self.kv.free(request.request_id)
         request.num_blocks_sent = 0  # the next table is sent whole
 
     def _preempt(self, request: Request) -> None:
@@ -671,12 +727,15 @@ class Scheduler:
         self._unlink_all(gone)
 
     def _finish(self, request: Request, reason: str | None, stop_reason: int | str | None,
-                gone: dict[str, tuple[Request, RequestStatus]] | None = None) -> None:
+                gone: dict[str, tuple[Request, RequestStatus]] | None = None, keep: bool = False) -> None:
         """Finish a request, or drop a prefix whose members are all done; frees its blocks and
         tells its parent, which is dropped in turn when this was its last live member. With `gone`
         (a bulk finish), the request (and any parent dropped with it) is recorded there with the
         status it had instead of being taken out of its queue: the caller then calls `_unlink_all`
-        once. Nothing here reads the queues, so deferring that changes no other state."""
+        once. Nothing here reads the queues, so deferring that changes no other state. The KV of a request
+        that ended as asked ("stop", "length"), and of a prefix whose last member did, is kept findable
+        (`_free_blocks`); an aborted one's is not (its last steps may never have run)."""
+        keep = keep if request.is_prefix else reason in _KEPT_ENDINGS
         if gone is None:
             self._unlink(request)
         else:
@@ -684,7 +743,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
-        self._free_blocks(request)
+        self._free_blocks(request, keep)
         self.admission.on_release(request)
         self._finished_since_last_step.append(request.request_id)  # the runner drops its state
         del self.requests[request.request_id]
@@ -692,7 +751,7 @@ class Scheduler:
         if parent is not None:
             parent.num_live_members -= 1
             if parent.num_live_members == 0:
-                self._finish(parent, None, None, gone)
+                self._finish(parent, None, None, gone, keep=keep)
 
     def _unlink_all(self, gone: dict[str, tuple[Request, RequestStatus]]) -> None:
         """Take the finished requests in `gone` (id: (request, its status before it finished)) out of their

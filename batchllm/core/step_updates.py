@@ -74,6 +74,9 @@ class SchedulerStats:
     num_steps: int = 0
     prefill_tokens: int = 0
     """Tokens whose KV was computed from a prompt or prefix (or recomputed after preemption)."""
+    kept_prefill_tokens: int = 0
+    """Prompt tokens whose KV an earlier sequence left (the prefix cache), taken instead of computed: a kept
+    prefix's length for each request or shared prefix attached to it (`Scheduler._kept_prefix_for`)."""
     decode_tokens: int = 0
     attended_keys: int = 0
     """Over every token computed (prefill and decode), the keys its attention reads: its position + 1

@@ -249,7 +249,7 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None,
     sc = facts.scheduler
     kv_spec = runner.kv_spec
     with phases.phase("scheduler"):
-        kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size)
+        kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size, keep_finished=config.sharing.prefix_sharing)
         overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
         core = EngineCore(Scheduler(sc, kv, facts.max_model_len), runner, async_scheduling=overlap)
     logger.info("model %s (%s) on %s, %s%s, max_model_len %d, %d KV blocks of %d tokens (%s, %.2f GiB), tensor "

@@ -1,0 +1,253 @@
+"""KV kept from one call to the next (`core/prefix_cache.py`, `Scheduler._kept_prefix_for`).
+
+The oracle is the fake runner of the scheduling tests: it keeps every KV slot's token across calls, as the device's
+pool does, and samples a function of the whole context it reads through the request's table. So a later call that
+takes a block holding other tokens than its prompt's samples other tokens than a fresh engine given the same
+prompts; a run that takes the right blocks samples exactly the same, with fewer tokens computed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from batchllm.config import SchedulerConfig
+from batchllm.core.block_pool import BlockPool
+from batchllm.core.engine_core import EngineCore
+from batchllm.core.kv_cache_manager import KVCacheManager
+from batchllm.core.policies import ArrivalOrder
+from batchllm.core.prefix_cache import PrefixCache
+from batchllm.core.scheduler import Scheduler
+from batchllm.core.work_units import build_submission
+from batchllm.prefix import plan_prefix_sharing
+from batchllm.request import Request
+from batchllm.sampling_params import SamplingParams
+from tests.unit.test_async_scheduling import STOP_IDS, AsyncPagedKVExecutor
+from tests.unit.test_prefix_scheduling import grouped_prompts
+
+# ----------------------------------------------------------------------------- the pool and the index
+
+
+def test_revive_takes_free_blocks_out_of_the_queue_and_allocation_counts_generations():
+    pool = BlockPool(5)
+    assert pool.allocate(3) == [0, 1, 2] and pool.generations == [1, 1, 1, 0, 0]
+    pool.free([1, 2, 0])
+    assert pool.free_queue() == [3, 4, 1, 2, 0]
+    pool.revive([2, 0])  # free blocks: out of the queue, contents (generations) kept
+    assert pool.free_queue() == [3, 4, 1] and pool.ref_count(2) == 1 and pool.generations[2] == 1
+    pool.revive([2])  # held already: one more reference
+    assert pool.ref_count(2) == 2 and pool.num_free_blocks == 3
+    assert pool.allocate(3) == [3, 4, 1] and pool.generations == [1, 2, 1, 1, 1]
+    pool.free([2, 2, 0])
+    assert pool.free_queue() == [2, 0]
+
+
+def _recorded(block_size=4, num_blocks=16):
+    pool = BlockPool(num_blocks)
+    return pool, PrefixCache(block_size, pool.generations, num_blocks)
+
+
+def test_a_record_is_found_by_its_full_blocks_tokens_and_lost_with_a_reused_block():
+    pool, cache = _recorded(num_blocks=3)
+    blocks = pool.allocate(3)
+    prompt = list(range(10, 20))
+    cache.record(prompt, [7, 8], 11, blocks)  # 11 tokens: two full blocks of 4
+    pool.free(blocks)
+    assert cache.match(prompt + [7, 8, 9], 5)[0] == blocks[:2]
+    assert cache.match(prompt, 1)[0] == blocks[:1]  # at most max_blocks
+    assert cache.match(prompt[:4] + [0] + prompt[5:], 5)[0] == blocks[:1]  # the second block's tokens differ
+    assert cache.match([99] + prompt[1:], 5)[0] == []
+    assert cache.match(prompt[:7], 5)[0] == blocks[:1]  # only full blocks of the prompt asked about
+    pool.allocate(2)  # the queue's front: blocks[0], blocks[1] handed out again
+    assert cache.match(prompt, 5)[0] == []
+
+
+def test_outputs_recorded_are_part_of_the_tokens_and_clear_forgets():
+    pool, cache = _recorded()
+    blocks = pool.allocate(3)
+    cache.record([1, 2, 3], [4, 5, 6, 7, 8, 9], 9, blocks)  # prompt 3 + 6 outputs: two full blocks
+    assert cache.match([1, 2, 3, 4, 5, 6, 7, 8, 0], 9)[0] == blocks[:2]
+    assert cache.match([1, 2, 3, 4, 5, 6, 7, 0], 9)[0] == blocks[:1]
+    cache.clear()
+    assert cache.match([1, 2, 3, 4, 5, 6, 7, 8, 0], 9)[0] == []
+
+
+def test_a_node_whose_block_was_reused_takes_a_later_records_block():
+    pool, cache = _recorded(num_blocks=4)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    first = pool.allocate(2)
+    cache.record(prompt, [], 8, first)
+    pool.free(first)
+    assert cache.match(prompt + [0], 3)[0] == first
+    pool.allocate(4)  # every block handed out again
+    again = [2, 3]
+    cache.record(prompt, [], 8, again)  # (blocks 2, 3 now hold the same tokens)
+    assert cache.match(prompt + [0], 3)[0] == again
+
+
+def test_records_are_bounded_by_twice_the_pool_oldest_dropped_first():
+    """A call that never asks (one `run` job) keeps at most twice the pool's blocks of records."""
+    pool, cache = _recorded(num_blocks=4)
+    for i in range(10):
+        cache.record([i] * 4, [], 4, [i % 4])  # (a record of one block each; no block handed out again)
+    assert sum(len(r.blocks) for r in cache._records) == 8
+    assert cache.match([0] * 4 + [1], 1)[0] == [] and cache.match([9] * 4 + [1], 1)[0] == [1]
+
+
+# ----------------------------------------------------------------------------- the scheduler over calls
+
+
+def _engine(num_blocks, block_size, budget, threshold, overlap):
+    kv = KVCacheManager(num_blocks, block_size, keep_finished=True)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, kv_admission_threshold=threshold), kv, 512)
+    return EngineCore(scheduler, AsyncPagedKVExecutor(block_size), async_scheduling=overlap)
+
+
+def _call(engine, prompts, params, tag, abort_after=None):
+    """Plan and run one call's prompts to the end; its outputs by prompt index (aborting the requests in
+    `abort_after` after that many steps: they are left out)."""
+    requests = [Request(f"{tag}-{i}", list(p), sp, arrival_index=i) for i, (p, sp) in enumerate(zip(prompts, params))]
+    for r in build_submission(plan_prefix_sharing(prompts, mode="multi"), requests, ArrivalOrder(),
+                              lambda r: r.sampling_params.max_tokens, f"{tag}-p-"):
+        engine.add_request(r)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        assert steps < 5000, "no progress"
+        if abort_after is not None and steps == abort_after[0]:
+            engine.finish_requests([f"{tag}-{i}" for i in abort_after[1]], "abort")
+    engine.drain()
+    return {i: list(r.output_token_ids) for i, r in enumerate(requests)}
+
+
+def _params(rng, n):
+    return [SamplingParams(temperature=0, max_tokens=rng.randrange(1, 9),
+                           stop_token_ids=STOP_IDS if rng.random() < 0.3 else None) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_later_calls_take_the_kv_earlier_calls_left_and_sample_what_a_fresh_engine_samples(seed):
+    """Three calls on one engine: the second continues some of the first's sequences (prompt + outputs + a new
+    turn), repeats some prompts and brings new ones; the third repeats the second's. Each call's tokens are those
+    of a fresh engine given that call alone. Pools from roomy to a few sequences' worth (kept prefixes released
+    and computed again), synchronous and asynchronous steps, stop tokens."""
+    rng = random.Random(seed)
+    block_size = rng.choice([4, 8])
+    num_blocks = rng.choice([15, 18, 40, 400]) * 4 // block_size
+    budget, threshold, overlap = rng.choice([16, 32, 64]), rng.choice([1.0, 4.0]), seed % 2 == 0
+    engine = _engine(num_blocks, block_size, budget, threshold, overlap)
+
+    first = grouped_prompts(rng, groups=3, members=3, prefix_len=rng.choice([6, 13]), suffix_len=(1, 12))
+    first_params = _params(rng, len(first))
+    out1 = _call(engine, first, first_params, "a")
+    second = []
+    for i, prompt in enumerate(first):
+        kind = rng.random()
+        if kind < 0.5:  # the conversation goes on
+            second.append(prompt + out1[i] + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 6))])
+        elif kind < 0.8:
+            second.append(list(prompt))
+        else:
+            second.append([rng.randrange(1, 500) for _ in range(rng.randrange(2, 20))])
+    second_params = _params(rng, len(second))
+    out2 = _call(engine, second, second_params, "b")
+    assert out2 == _call(_engine(num_blocks, block_size, budget, threshold, overlap), second, second_params, "b"), seed
+    out3 = _call(engine, second, second_params, "c")
+    assert out3 == out2, seed
+    assert engine.scheduler.kv.num_free_blocks == num_blocks, "every block returns to the pool"
+    assert not engine.scheduler.requests and not engine.scheduler.ready_prefixes
+
+
+def test_continued_conversations_compute_only_their_new_tokens_past_the_last_full_block():
+    """Roomy pool: the second call's prompts continue the first's sequences; each computes its tokens past the
+    last full block the first left (its last output's KV is never kept: only a step in flight writes it)."""
+    rng = random.Random(5)
+    engine = _engine(400, 4, 64, 1.0, overlap=True)
+    first = [[rng.randrange(1, 500) for _ in range(9 + i)] for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True) for _ in first]
+    out1 = _call(engine, first, params, "a")
+    second = [p + out1[i] + [1, 2, 3] for i, p in enumerate(first)]
+    kept_before, computed_before = engine.scheduler.stats.kept_prefill_tokens, engine.scheduler.stats.prefill_tokens
+    out2 = _call(engine, second, params, "b")
+    kept = engine.scheduler.stats.kept_prefill_tokens - kept_before
+    expected = [((len(p) + 5) // 4) * 4 for p in first]  # prompt + outputs but the last, in full blocks
+    assert kept == sum(expected)
+    assert engine.scheduler.stats.prefill_tokens - computed_before == sum(len(s) for s in second) - sum(expected)
+    assert out2 == _call(_engine(400, 4, 64, 1.0, overlap=True), second, params, "b")
+
+
+def test_members_of_a_shared_prefix_take_their_own_kept_blocks_past_it_without_copies():
+    """Continued sequences grouped under their shared 10-token prefix: the prefix takes its 2 full kept blocks (it
+    computes its last 2 tokens), each member the parent's full blocks and its own kept blocks from the one over the
+    prefix's partial block on: no copy-on-write, and each computes only what follows its kept blocks."""
+    engine = _engine(400, 4, 64, 1.0, overlap=True)
+    prefix = list(range(50, 60))
+    first = [prefix + [100 + i] * (5 + 2 * i) for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True) for _ in first]
+    out1 = _call(engine, first, params, "a")
+    second = [p + out1[i] + [7] for i, p in enumerate(first)]
+    stats = engine.scheduler.stats
+    kept, copies, computed = stats.kept_prefill_tokens, stats.num_block_copies, stats.prefill_tokens
+    out2 = _call(engine, second, params, "b")
+    own = [(len(p) + 3) // 4 * 4 for p in first]  # each first sequence's recorded full blocks
+    assert stats.kept_prefill_tokens - kept == 8 + sum(k - 10 for k in own)
+    assert stats.num_block_copies == copies
+    assert stats.prefill_tokens - computed == 2 + sum(len(p) - k for p, k in zip(second, own))
+    assert out2 == _call(_engine(400, 4, 64, 1.0, overlap=True), second, params, "b")
+
+
+def test_blocks_a_later_call_will_take_are_handed_out_after_the_others():
+    """The pool reuses its oldest free blocks first: B's, freed before A's, would go to the new prompt admitted
+    ahead of B's continuation. Found wanted when the call is added, they are queued last, and A's go instead."""
+    engine = _engine(12, 4, 64, 1.0, overlap=False)
+    b_prompt, a_prompt = list(range(1, 9)), list(range(101, 109))
+    one = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)] * 2
+    out = _call(engine, [b_prompt, a_prompt], one, "a")  # B then A: B's 2 blocks freed first
+    assert engine.scheduler.kv.pool.free_queue()[-4:-2] == engine.scheduler.kv.match(b_prompt + [0], 8)[0]
+    new, continued = list(range(200, 233)), b_prompt + out[0] + [7, 7]  # 33 tokens: 9 blocks; B's: 11
+    kept = engine.scheduler.stats.kept_prefill_tokens
+    _call(engine, [new, continued], one, "b")
+    assert engine.scheduler.stats.kept_prefill_tokens - kept == 8
+
+
+def test_aborted_requests_leave_nothing_and_a_failed_step_forgets_everything():
+    engine = _engine(400, 4, 64, 1.0, overlap=False)
+    prompts = [[10 + i] * 12 for i in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True) for _ in prompts]
+    _call(engine, prompts, params, "a", abort_after=(2, [0, 1]))  # 0 and 1 aborted, 2 and 3 finish
+    kept = engine.scheduler.stats.kept_prefill_tokens
+    _call(engine, prompts, params, "b")
+    assert engine.scheduler.stats.kept_prefill_tokens - kept == 2 * 8  # prompts 2 and 3: 2 of their 3 blocks
+
+    class Failing:
+        def execute(self, batch):
+            raise RuntimeError("device fault")
+
+    engine.executor = Failing()
+    engine.add_request(Request("x", [1] * 9, SamplingParams(max_tokens=2)))
+    with pytest.raises(RuntimeError, match="device fault"):
+        engine.step()
+    assert engine.scheduler.kv.match(prompts[2] + [0], 12) == ([], 0)
+
+
+def test_prompt_logprobs_requests_compute_their_whole_prompt():
+    engine = _engine(400, 4, 64, 1.0, overlap=False)
+    prompt = list(range(1, 14))
+    _call(engine, [prompt], [SamplingParams(temperature=0, max_tokens=3)], "a")
+    kept = engine.scheduler.stats.kept_prefill_tokens
+    asking = Request("b", list(prompt), SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0))
+    engine.add_request(asking)
+    assert not asking.may_reuse_kept_kv and engine.scheduler.stats.kept_prefill_tokens == kept
+    engine.finish_requests(["b"], "abort")
+    _call(engine, [prompt], [SamplingParams(temperature=0, max_tokens=3)], "c")
+    assert engine.scheduler.stats.kept_prefill_tokens == kept + 12
+
+
+def test_without_keep_finished_nothing_is_found():
+    kv = KVCacheManager(64, 4)
+    engine = EngineCore(Scheduler(SchedulerConfig(max_num_batched_tokens=64), kv, 512), AsyncPagedKVExecutor(4))
+    prompt = list(range(1, 14))
+    for tag in "ab":
+        _call(engine, [prompt], [SamplingParams(temperature=0, max_tokens=3)], tag)
+    assert engine.scheduler.stats.kept_prefill_tokens == 0 and kv.cache is None
