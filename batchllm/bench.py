@@ -139,7 +139,8 @@ def _token_prompt(line: Any, output: int, vocab: int | None) -> tuple[list[int],
 
 def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = None,
                  progress: bool = False) -> dict[str, Any]:
-    """Run greedily with ignore_eos (every request makes exactly its max_tokens); return the stats. progress:
+    """Run greedily with ignore_eos (every request makes exactly its max_tokens), from an empty prefix cache
+    (`LLM.reset_prefix_cache`); return the stats. progress:
     `generate`'s token progress bar on stderr (as `run` shows; updated at most every 0.2 s, or where stderr is no
     terminal one plain line every `progress.LOG_INTERVAL_S`).
 
@@ -149,6 +150,7 @@ def run_workload(llm, workload: Workload, matmul_peak_tflops: float | None = Non
     by_length = {m: SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in set(workload.max_tokens)}
     params = [by_length[m] for m in workload.max_tokens]  # (one object per length: `generate` copies each once)
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    llm.reset_prefix_cache()  # (as vLLM's benchmarks: nothing an earlier run, the warm-up's, left is found)
     if llm.engine is None:
         return _run_data_parallel(llm, workload, prompts, params, progress)
     engine = llm.engine

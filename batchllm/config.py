@@ -275,7 +275,8 @@ class SchedulerConfig(_Checked):
 @dataclass(frozen=True)
 class SharingConfig(_Checked):
     prefix_sharing: bool = option(True, "plan prefix sharing over the whole batch and compute each shared "
-                                  "prefix once (vLLM's enable_prefix_caching maps here)")
+                                  "prefix once, and keep finished sequences' KV for later calls to take (vLLM's "
+                                  "enable_prefix_caching maps here)")
     plan_mode: str = option("multi", "multi: nested groups, each shared segment computed once; single: "
                             "BatchLLM's one-level groups", choices=PLAN_MODES)
     group_order: str = option("decode", "order of groups: decode = expected decode work per prefill token; "

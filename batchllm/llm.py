@@ -67,7 +67,6 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
         self._init_from_config(engine_config(model=model, **kwargs))
-        self._asked_prefix_caching = kwargs.get("enable_prefix_caching") is True
 
     @classmethod
     def from_engine_args(cls, engine_args: Any) -> LLM:
@@ -101,10 +100,6 @@ class LLM:
         self._default_params = SamplingParams(**from_model)
         self._said_block_aligned = False
         """Whether `_note_block_aligned` warned already (once per LLM)."""
-        self._asked_prefix_caching = False
-        """Whether the LLM was built with vLLM's enable_prefix_caching=True (`_note_prefixes_not_kept`)."""
-        self._calls_started = 0
-        """`iter_generate` calls begun (every generate, chat and wait_for_completion is one)."""
         self.engine: Engine | None = None
         """The built engine: `engine.core` runs the steps, `engine.runner` the model (None when
         more than one engine process (data_parallel_size x engines_per_gpu > 1): this process then
@@ -142,15 +137,6 @@ class LLM:
         """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
         self.last_stats: dict[str, Any] = {}
 
-    def _note_prefixes_not_kept(self) -> None:
-        """Count a call; at the second of an LLM built with vLLM's enable_prefix_caching=True, warn (once) that no
-        prefix is kept from one call to the next: vLLM's scripts warm its cache with one call and time the next."""
-        self._calls_started += 1
-        if self._calls_started == 2 and self._asked_prefix_caching:
-            logger.warning("enable_prefix_caching: prompts share their prefixes within one call, but nothing is kept "
-                           "between calls, so this call computes again any prefix an earlier one computed. To share "
-                           "a prefix, give its prompts to one call (or llm.enqueue them, then wait_for_completion)")
-
     def _finalizer_for_processes(self) -> weakref.finalize | None:
         """The engine processes this LLM started (data-parallel workers, tensor-parallel followers) are stopped when
         it is collected, as vLLM's are (`del llm; gc.collect()` frees their devices); at the interpreter's exit
@@ -166,8 +152,13 @@ class LLM:
         return finalizer
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
-        """vLLM's, called between timed runs: True. Nothing is cached between calls here: each call plans its own
-        prefixes and frees their blocks as its last member finishes, so every call starts from an empty cache."""
+        """vLLM's, called between timed runs: forget the KV that finished sequences left for later calls to find
+        (`core/prefix_cache.py`; every engine process's); True. Prefixes the running call shares stay until their
+        last member finishes, as the plan has them."""
+        if self._data_parallel is not None:
+            self._data_parallel.reset_prefix_cache()
+        elif self.engine is not None and self.engine.core.scheduler.kv.cache is not None:
+            self.engine.core.scheduler.kv.cache.clear()
         return True
 
     def shutdown(self) -> None:
@@ -510,7 +501,6 @@ class LLM:
         self._take_over(running)
         outputs = None
         try:
-            self._note_prefixes_not_kept()
             if self._data_parallel is not None:
                 if on_reaching_engine is not None:  # (the workers take the prompts as they run)
                     on_reaching_engine()
@@ -638,7 +628,9 @@ class LLM:
 
     def _show_progress(self, progress: TokenProgress, call: _Call, before: SchedulerStats, force: bool = False) -> None:
         if progress.enabled:
-            progress.update(input_tokens=self.engine.core.scheduler.stats.prefill_tokens - before.prefill_tokens,
+            stats = self.engine.core.scheduler.stats  # (prompt tokens done: computed, or taken from the KV cache)
+            progress.update(input_tokens=stats.prefill_tokens - before.prefill_tokens
+                            + stats.kept_prefill_tokens - before.kept_prefill_tokens,
                             output_tokens=call.output_tokens, planned_tokens=call.planned_tokens,
                             requests_done=call.num_prompts_done, requests_total=len(call.prompts), force=force)
 
@@ -673,12 +665,12 @@ class LLM:
         id_prefix = f"{call.call_id}-{len(call.plans)}-"
         parts = self._plans_within_cache(call, requests, sharing.prefix_sharing, budgets, id_prefix)
         call.budgets.update(budgets)
-        for request, cached in zip(requests, cached_prompt_tokens(requests)):  # (prompt by prompt, k = 0 first:
-            call.num_cached_tokens.setdefault(request.arrival_index, cached)  # setdefault keeps the first's)
-        call.planned_tokens += sum(plan.prefill_tokens for plan, _ in parts) + sum(budgets.values())
         call.plan_seconds += time.perf_counter() - plan_started
         call.plans.extend(plan.summary() for plan, _ in parts)
         call.num_completions += len(requests)
+        call.planned_tokens += sum(plan.prefill_tokens for plan, _ in parts) + sum(budgets.values())
+        for request, cached in zip(requests, cached_prompt_tokens(requests)):  # (prompt by prompt, k = 0 first:
+            call.num_cached_tokens.setdefault(request.arrival_index, cached)  # setdefault keeps the first's)
         for _, submission in parts:
             for request in submission:
                 self.engine.core.add_request(request)
@@ -815,7 +807,7 @@ class LLM:
                                               prompt_token_ids=prompt.token_ids,
                                               outputs=[c.to_output() for c in children],
                                               prompt_logprobs=self._prompt_logprobs(prompt, children[0]),
-                                              num_cached_tokens=call.num_cached_tokens.pop(index))))
+                                              num_cached_tokens=cached_tokens_of(call.num_cached_tokens.pop(index)))))
 
     def _grammar_check(self, grammar_key: tuple[str, str]) -> GrammarState:
         """The facade's own matcher of a structured completion's tokens (`GrammarState.refusal`), made at its first
@@ -864,8 +856,8 @@ class LLM:
             "prefill_tokens_computed": prefill,
             "saving_ratio": 1.0 - prefill / unshared if unshared else 0.0,
             **{k: getattr(s, k) - getattr(before, k)
-               for k in ("decode_tokens", "attended_keys", "num_preemptions", "num_block_copies",
-                         "num_prefix_releases")},
+               for k in ("kept_prefill_tokens", "decode_tokens", "attended_keys", "num_preemptions",
+                         "num_block_copies", "num_prefix_releases")},
             "num_steps": steps,
             "mean_tokens_per_step": scheduled / steps if steps else 0.0,
             "wall_s": wall_s,
@@ -891,21 +883,38 @@ def kv_pool_stats(kv_spec) -> dict[str, Any]:
             "activation_reserve_gib": None if reserve is None else reserve.total / 2**30}
 
 
-def cached_prompt_tokens(requests: list[Request]) -> list[int]:
-    """Per request (plans final), the prompt tokens it did not compute: as a prefix cache counts hits, each
-    shared prefix is charged to the first of `requests` that reads it and is cached for the rest. So over
-    requests of one prompt each, sum(prompt tokens - cached) is the prefill the plan computes."""
+def cached_prompt_tokens(requests: list[Request]) -> list[tuple[int, list[Request]]]:
+    """Per request (plans final), the prompt tokens the plan does not compute for it: as a prefix cache counts
+    hits, each shared prefix is charged to the first of `requests` that reads it and is cached for the rest. So over
+    requests of one prompt each, sum(prompt tokens - cached) is the prefill the plan computes. With it, the requests
+    whose KV taken from earlier sequences (`Request.kept_tokens`, set when they are admitted) is cached for this one
+    too: itself and the prefixes charged to it (`cached_tokens_of`)."""
     charged: set[str] = set()
     cached = []
     for request in requests:
         computed, start = request.num_prompt_tokens - request.fork_point, 0
+        mine = [request]
         for prefix_id, end in request.shared_prefixes:  # (outermost first: each adds its tokens past the last)
             if prefix_id not in charged:
                 charged.add(prefix_id)
                 computed += end - start
+                mine.append(prefix_id)
             start = end
-        cached.append(request.num_prompt_tokens - computed)
+        if len(mine) > 1:  # (the prefixes charged to it, by id: found up its chain)
+            ids, prefix = set(mine[1:]), request.parent
+            mine = [request]
+            while prefix is not None:
+                if prefix.request_id in ids:
+                    mine.append(prefix)
+                prefix = prefix.parent
+        cached.append((request.num_prompt_tokens - computed, mine))
     return cached
+
+
+def cached_tokens_of(planned: tuple[int, list[Request]]) -> int:
+    """`RequestOutput.num_cached_tokens` from a `cached_prompt_tokens` entry, once its requests were admitted."""
+    cached, charged = planned
+    return cached + sum(r.kept_tokens for r in charged)
 
 
 @dataclass
@@ -935,9 +944,9 @@ class _Call:
     num_reading_every_token: int = 0
     """Unfinished completions that read each token as it comes (`CompletionState.reads_every_token`): while
     none, a step's tokens need no work here but for the requests they ended (`LLM._step`)."""
-    num_cached_tokens: dict[int, int] = dataclasses.field(default_factory=dict)
-    """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index (their first completion's
-    `cached_prompt_tokens`)."""
+    num_cached_tokens: dict[int, tuple[int, list[Request]]] = dataclasses.field(default_factory=dict)
+    """Unfinished prompts' `RequestOutput.num_cached_tokens`, by prompt index, as their first completion's
+    `cached_prompt_tokens` entry (`cached_tokens_of` reads it when the prompt is done)."""
     completion_failed: bool = False
     """A completion of the call has failed (`_end_with_error`): the log said so once."""
     progress: TokenProgress | None = None

@@ -194,6 +194,13 @@ class DataParallelEngine:
         except (OSError, ValueError):
             return False
 
+    def reset_prefix_cache(self) -> None:
+        """Ask every live worker to forget the KV its finished sequences left (`LLM.reset_prefix_cache`); each
+        does so before the next job, which comes after this message on its pipe."""
+        for rank, process in enumerate(self.processes):
+            if process.is_alive():
+                self._sent(rank, ("reset_prefix_cache",))
+
     def _close(self, why: str) -> None:
         """A worker died: stop the others (the job is dropped); every later call raises WorkerDied with `why`."""
         self.closed = why
@@ -324,7 +331,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
                wall_s: float, plan_seconds: float) -> dict[str, Any]:
     sums = {k: sum(r.get(k, 0) for r in ranks) for k in ("num_requests", "num_completions", "prompt_tokens",
                                                          "completion_prompt_tokens", "output_tokens",
-                                                         "prefill_tokens_computed")}
+                                                         "prefill_tokens_computed", "kept_prefill_tokens")}
     # (as LLM's: the saving is against the completions' prompt tokens, the prefill without sharing)
     prompt_tokens, prefill = sums["completion_prompt_tokens"], sums["prefill_tokens_computed"]
     finish = [r["finish_s"] for r in ranks if r.get("num_requests")]  # (a rank given nothing balances nothing)
@@ -511,6 +518,9 @@ def serve_jobs(llm, conn) -> None:
         while (task := conn.recv()) is not None:
             if task[0] == "abort":
                 continue  # (of a job that had ended here before the parent stopped it)
+            if task[0] == "reset_prefix_cache":
+                llm.reset_prefix_cache()
+                continue
             _, job, items = task
             conn.send(("done", job, _run_job(llm, job, items, conn)))
     except EOFError:

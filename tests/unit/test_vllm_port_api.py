@@ -423,11 +423,11 @@ def test_vllms_engine_module_paths_give_the_same_classes():
     assert (args.max_model_len, args.enable_prefix_caching) == (512, False)
 
 
-def test_vllms_step_engine_is_refused_by_name_and_a_second_call_says_no_prefix_is_kept(tiny_model_factory, caplog):
+def test_vllms_step_engine_is_refused_by_name_and_a_second_call_finds_the_first_ones_kv(tiny_model_factory):
     """`from vllm import LLMEngine; LLMEngine.from_engine_args(...)` was an ImportError here, then a bare
     AttributeError: it now says the step API is not offered and what to call. vLLM's prefix-caching examples warm
-    the cache with one call and time the next; here no prefix outlives its call, which a built LLM with
-    enable_prefix_caching=True now says once, at its second call (and an LLM without it does not)."""
+    the cache with one call and time the next: the next call takes the KV the first left (prefix caching is on by
+    default, as vLLM's), and computes the prompt again with enable_prefix_caching=False."""
     from batchllm import LLM, EngineArgs, LLMEngine
 
     with pytest.raises(NotImplementedError, match=r"LLMEngine \(add_request / step\) is not offered.*"
@@ -435,16 +435,15 @@ def test_vllms_step_engine_is_refused_by_name_and_a_second_call_says_no_prefix_i
         LLMEngine.from_engine_args(EngineArgs())
     model = tiny_model_factory("llama")
     params = SamplingParams(max_tokens=2, temperature=0)
-    for asked, warnings in ((True, 1), (None, 0)):
-        llm = LLM(model, device="cpu", dtype="float32", max_model_len=64, enable_prefix_caching=asked)
+    prompt = [[5 + i % 50 for i in range(40)]]
+    for asked, kept in ((True, 32), (None, 32), (False, 0)):
+        llm = LLM(model, device="cpu", dtype="float32", max_model_len=64, block_size=16, enable_prefix_caching=asked)
         try:
-            caplog.clear()
-            with caplog.at_level(logging.WARNING, logger="batchllm"):
-                first = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
-                assert "nothing is kept between calls" not in caplog.text
-                for _ in range(2):
-                    again = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)
-            assert caplog.text.count("nothing is kept between calls") == warnings, asked
+            first = llm.generate(prompt, params, use_tqdm=False)
+            assert first[0].num_cached_tokens == 0 and llm.last_stats["kept_prefill_tokens"] == 0
+            again = llm.generate(prompt, params, use_tqdm=False)
+            assert (again[0].num_cached_tokens, llm.last_stats["kept_prefill_tokens"]) == (kept, kept), asked
+            assert llm.last_stats["prefill_tokens_computed"] == 40 - kept
             assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
         finally:
             llm.shutdown()

@@ -1,0 +1,88 @@
+"""KV kept from one call to the next on real models (fp32, CPU): a later call takes the blocks an earlier one left,
+computes only the rest, and generates what transformers (and an engine without the cache) generates."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchllm import LLM, SamplingParams
+from batchllm.sampling_params import BeamSearchParams
+from tests.helpers import hf_greedy
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 3
+QUESTIONS = ["What is the capital of France?", "Name a large river.", "What colour is the sky?",
+             "How many legs has a spider?"]
+
+
+def _conversations(llm, first=None):
+    """Round one's chats, or round two's: each of round one's answers, then a follow-up question."""
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+    if first is None:
+        return chats
+    return [chat + [{"role": "assistant", "content": out.outputs[0].text},
+                    {"role": "user", "content": "Why? Say it again in other words."}]
+            for chat, out in zip(chats, first)]
+
+
+def test_a_second_round_of_chats_takes_the_first_rounds_kv_and_answers_as_without_it(default_model_dir):
+    params = SamplingParams(temperature=0, max_tokens=16)
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=512)
+    first = llm.chat(_conversations(llm), params, use_tqdm=False)
+    second = llm.chat(_conversations(llm, first), params, use_tqdm=False)
+    stats = llm.last_stats
+    fresh = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=512)
+    expected = fresh.chat(_conversations(fresh, first), params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in second] == [o.outputs[0].token_ids for o in expected]
+    # each second-round prompt starts with its first-round prompt: at least that prompt's full blocks are cached
+    # (the system prompt's by the plan, the rest kept from the first round)
+    kept = stats["kept_prefill_tokens"]
+    assert stats["prefill_tokens_computed"] == fresh.last_stats["prefill_tokens_computed"] - kept
+    assert all(o.num_cached_tokens >= len(f.prompt_token_ids) // 16 * 16 for o, f in zip(second, first))
+    planned = [o.num_cached_tokens for o in expected]  # (the plan's sharing alone)
+    assert sum(o.num_cached_tokens for o in second) - sum(planned) == kept > 0
+
+
+def test_continuations_match_transformers_greedy(tiny_model_factory):
+    """Token prompts continued with their own outputs and new tokens: the tokens transformers generates for the
+    continued prompts, with and without an earlier call's KV (and an engine of other settings in between)."""
+    model = tiny_model_factory("llama")
+    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
+    base = [[(7 * i + 3 * j) % 300 + 10 for j in range(40 + 9 * i)] for i in range(4)]
+    first = llm.generate([{"prompt_token_ids": p} for p in base], SamplingParams(temperature=0, max_tokens=20,
+                                                                                 ignore_eos=True), use_tqdm=False)
+    continued = [p + list(o.outputs[0].token_ids) + [11, 12, 13] for p, o in zip(base, first)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    second = llm.generate([{"prompt_token_ids": p} for p in continued], params, use_tqdm=False)
+    assert llm.last_stats["kept_prefill_tokens"] == sum((len(p) + 19) // 16 * 16 for p in base)
+    assert [o.num_cached_tokens for o in second] == [(len(p) + 19) // 16 * 16 for p in base]
+    assert [list(o.outputs[0].token_ids) for o in second] == hf_greedy(model, continued, 8, stop_at_eos=False)
+
+
+def test_beam_search_steps_compute_only_the_new_tokens(tiny_model_factory):
+    """Every beam-search step is a call over the live beams: with the KV of the step before kept, the prompt is
+    computed once, not once a step (same beams either way)."""
+    model = tiny_model_factory("llama")
+    prompts = [{"prompt_token_ids": [(5 * j + i) % 200 + 3 for j in range(70)]} for i in range(2)]
+    params = BeamSearchParams(beam_width=2, max_tokens=6)
+    results = {}
+    for caching in (True, False):
+        llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16,
+                  enable_prefix_caching=caching)
+        outputs = llm.beam_search(prompts, params)
+        results[caching] = ([[s.tokens for s in o.sequences] for o in outputs],
+                            llm.engine.core.scheduler.stats.prefill_tokens)
+    assert results[True][0] == results[False][0]
+    assert results[True][1] < results[False][1] / 3, results
+
+
+def test_seeded_samples_of_a_repeated_call_are_the_same(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
+    prompts = [{"prompt_token_ids": [(3 * j + i) % 200 + 3 for j in range(50)]} for i in range(3)]
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, n=3, seed=7)
+    first = llm.generate(prompts, params, use_tqdm=False)
+    again = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.last_stats["kept_prefill_tokens"] > 0
+    assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in first]
