@@ -9,6 +9,8 @@
 #   PART=structured TOKENIZER=dir bash scripts/gpu_issues.sh   structured-output cost (needs xgrammar) (~2 min)
 #   PART=table0 / PART=table1 bash scripts/gpu_issues.sh   issue 14's table with default settings, in two halves
 #       for two GPUs: degree 16 (sharing, no sharing), degree 4, 16K, decode-heavy / 6,400 shuffled, snippet (~5 min)
+#   PART=multiturn [REQUESTS=n] bash scripts/gpu_issues.sh   a second turn of 512 conversations with the KV the first
+#       left, and recomputed (benchmarks/multi_turn.py) (~2 min)
 #   PART=userpath [TOKENIZER=dir] bash scripts/gpu_issues.sh   `batchllm run` on a JSONL file against `bench` on the
 #       same prompts, default settings, paper workload (with TOKENIZER: detokenized as for a real model) (~3 min)
 #   PART=fp8vs bash scripts/gpu_issues.sh      FP8 weights and FP8 KV cache with default settings, paper and
@@ -350,6 +352,13 @@ smolchat)
         output_tokens num_steps
     rm -f "$OUT/chat_out_$steps.jsonl"; pack
   done
+  ;;
+multiturn)
+  # a batch's second turn: round two continues every sequence of round one, with the KV round one left and after
+  # reset_prefix_cache() (benchmarks/multi_turn.py); REQUESTS (default 512) of degree-16 2,000 + 200 prompts
+  python3 benchmarks/multi_turn.py --model benchmarks/configs/llama-3.1-8b --requests "${REQUESTS:-512}" \
+      --json-out "$OUT/multi_turn.json" -- "${M8D[@]:2}" > "$OUT/multi_turn.log" 2>&1
+  grep -vE "^\s*$|Warn" "$OUT/multi_turn.log" | tail -6
   ;;
 userpath)
   python3 benchmarks/user_path.py --model benchmarks/configs/llama-3.1-8b ${TOKENIZER:+--tokenizer "$TOKENIZER"} \

@@ -59,6 +59,39 @@ def assert_agree_up_to_top5(got, ref):
                 break
 
 
+@pytest.mark.parametrize("dtype, block_size, kv_cache_dtype", [("float32", 16, "auto"), ("bfloat16", 64, "auto"),
+                                                              ("bfloat16", 64, "fp8")])
+def test_a_second_call_takes_the_kv_the_first_left(tiny_dir, dtype, block_size, kv_cache_dtype):
+    """On the device (Triton, CUDA graphs, asynchronous steps): a call continuing the sequences of the one before
+    takes their KV, with and without a shared prefix above them, and generates what a fresh engine generates (fp32:
+    the same tokens; bf16 and an fp8 cache: up to the top 5 where they part)."""
+    shared = list(range(10, 310))
+    first_prompts = [shared + [100 + i] * (i + 1) for i in range(6)] + [list(range(3, 95))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=5)
+
+    def engine():
+        return LLM(tiny_dir, device="cuda", dtype=dtype, skip_tokenizer_init=True, max_num_batched_tokens=256,
+                   block_size=block_size, kv_cache_memory_gib=1, kv_cache_dtype=kv_cache_dtype)
+
+    llm = engine()
+    first = llm.generate([{"prompt_token_ids": p} for p in first_prompts], params, use_tqdm=False)
+    second = [{"prompt_token_ids": p + list(o.outputs[0].token_ids) + [7, 8, 9]} for p, o in zip(first_prompts, first)]
+    got = llm.generate(second, params, use_tqdm=False)
+    kept = llm.last_stats["kept_prefill_tokens"]
+    llm.shutdown()
+    fresh = engine()
+    ref = fresh.generate(second, params, use_tqdm=False)
+    fresh.shutdown()
+    # the shared prefix takes its full blocks but the last token's, each member its own past the prefix, the
+    # last prompt its own: the first call's prompt and outputs but the last output (never written)
+    full = [(len(p) + 39) // block_size * block_size for p in first_prompts]
+    assert kept == 299 // block_size * block_size + sum(f - 300 for f in full[:6]) + full[6]
+    if dtype == "float32":
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    else:
+        assert_agree_up_to_top5(got, ref)
+
+
 def test_async_scheduling_gives_the_tokens_of_sync(tiny_dir):
     """fp32, Triton, CUDA: scheduling each step while the one before runs (placeholders filled on the
     device, tokens read back a step late) changes no token, with stops and seeded sampling."""
