@@ -7,6 +7,11 @@ contents until the pool hands them out again, which counts the generation up: a 
 was iff its generation is unchanged. So reusing a block costs the cache nothing, and recording one is a few list
 operations (every finished request pays it, whether or not a later call ever asks).
 
+Each block is owned by the last record that holds it: a record whose every block a later record took over (the same
+block, so the same tokens, or one handed out again since) adds nothing, and is dropped when the records are compacted,
+which keeps them at most twice the pool's blocks in number, whatever the calls (one `run` job of a million lines
+never asks: its records stay bounded).
+
 Records become an index lazily, when `match` is asked: a trie of full blocks, each node keyed by its parent node
 and its block's tokens (exact: the tokens are compared, not a hash of them), holding one block that has them.
 `match` walks a prompt's full blocks down it while the node's block is unchanged.
@@ -29,13 +34,15 @@ import numpy as np
 ROOT = 0
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Record:
     tokens: object  # the sequence's prompt (list or int array), then `outputs`
     outputs: list[int]
     num_tokens: int  # tokens of prompt + outputs whose KV the blocks hold (a multiple of the block size)
     blocks: list[int]
     generations: list[int]
+    owned: int  # of its blocks, those no later record holds
+    new: bool = True  # not in the index yet
 
 
 def token_bytes(tokens, num_tokens: int) -> bytes:
@@ -48,14 +55,12 @@ class PrefixCache:
         """generations: the pool's `BlockPool.generations` (read, never written here)."""
         self.block_size = block_size
         self._generations = generations
-        self._kept_blocks = 2 * num_blocks
-        """Records are dropped oldest first beyond this many recorded blocks: the pool reuses its oldest free
-        blocks first, so old records have lost their blocks."""
+        self._max_records = 2 * num_blocks
+        """Past this many records, those owning no block are dropped (at most `num_blocks` own one)."""
         self._records: deque[_Record] = deque()
-        self._num_recorded = 0
+        self._owner: dict[int, _Record] = {}
         self._num_new = 0
-        """The last records not in the index yet (bounded with the records: a call that never matches keeps no
-        more than they do)."""
+        """Records not in the index yet (the last ones)."""
         self._children: dict[tuple[int, bytes], int] = {}
         self._block_of: dict[int, tuple[int, int]] = {}
         """Node -> (block, its generation when indexed)."""
@@ -67,14 +72,18 @@ class PrefixCache:
         if full == 0:
             return
         blocks = table[:full]
-        generations = self._generations
-        record = _Record(prompt, outputs, full * self.block_size, blocks, [generations[b] for b in blocks])
+        generations, owner = self._generations, self._owner
+        record = _Record(prompt, outputs, full * self.block_size, blocks, [generations[b] for b in blocks], full)
+        for b in blocks:
+            previous = owner.get(b)
+            if previous is not None:
+                previous.owned -= 1
+            owner[b] = record
         self._records.append(record)
         self._num_new += 1
-        self._num_recorded += full
-        while self._num_recorded > self._kept_blocks:
-            self._num_recorded -= len(self._records.popleft().blocks)
-        self._num_new = min(self._num_new, len(self._records))
+        if len(self._records) > self._max_records:
+            self._records = deque(r for r in self._records if r.owned)
+            self._num_new = sum(r.new for r in self._records)
 
     def match(self, prompt, max_blocks: int) -> tuple[list[int], int]:
         """The blocks holding the KV of the prompt's first full blocks, as many as are cached in a row and at
@@ -99,20 +108,21 @@ class PrefixCache:
     def clear(self) -> None:
         """Forget everything (vLLM's `reset_prefix_cache`)."""
         self._records.clear()
+        self._owner.clear()
         self._num_new = 0
-        self._num_recorded = 0
         self._children.clear()
         self._block_of.clear()
 
     def _index_new(self) -> None:
         """Put the new records in the trie (rebuilt from the kept records when stale nodes have piled up)."""
-        if len(self._block_of) > 2 * self._kept_blocks:
+        if len(self._block_of) > 2 * self._max_records:
             self._children.clear()
             self._block_of.clear()
             self._num_new = len(self._records)
         size = self.block_size * 4
         children, block_of, generations = self._children, self._block_of, self._generations
         for record in itertools.islice(self._records, len(self._records) - self._num_new, None):
+            record.new = False
             data = None
             node = ROOT
             for i, (block, generation) in enumerate(zip(record.blocks, record.generations)):

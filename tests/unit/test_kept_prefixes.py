@@ -85,13 +85,22 @@ def test_a_node_whose_block_was_reused_takes_a_later_records_block():
     assert cache.match(prompt + [0], 3)[0] == again
 
 
-def test_records_are_bounded_by_twice_the_pool_oldest_dropped_first():
-    """A call that never asks (one `run` job) keeps at most twice the pool's blocks of records."""
-    pool, cache = _recorded(num_blocks=4)
-    for i in range(10):
-        cache.record([i] * 4, [], 4, [i % 4])  # (a record of one block each; no block handed out again)
-    assert sum(len(r.blocks) for r in cache._records) == 8
-    assert cache.match([0] * 4 + [1], 1)[0] == [] and cache.match([9] * 4 + [1], 1)[0] == [1]
+def test_records_owning_no_block_are_dropped_and_the_rest_stay_findable():
+    """A call that never asks (one `run` job) keeps at most twice the pool's blocks in records: those whose every
+    block a later record holds are dropped. Members of a long shared prefix (9 shared blocks, 1 of their own) stay
+    findable as long as their own block is, however many came after."""
+    pool, cache = _recorded(num_blocks=20)
+    shared_blocks, shared = pool.allocate(9), list(range(36))
+    members = []
+    for i in range(60):
+        [own] = pool.allocate(1)
+        tokens = shared + [1000 + i] * 4
+        cache.record(tokens, [], 40, shared_blocks + [own])
+        pool.free([own])
+        members.append((tokens, own))
+    assert len(cache._records) <= 40
+    found = [cache.match(t + [0], 10)[0] == shared_blocks + [own] for t, own in members]
+    assert found == [False] * 49 + [True] * 11  # the pool's 11 other blocks hold the last 11 members' own KV
 
 
 # ----------------------------------------------------------------------------- the scheduler over calls
