@@ -410,7 +410,7 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             queue.popleft()
-            if kept:
+            if request.may_reuse_kept_kv:  # (this admission's: a preempted request may find fewer blocks again)
                 request.kept_tokens = kept
                 self.stats.kept_prefill_tokens += kept
             request.status = RequestStatus.RUNNING
