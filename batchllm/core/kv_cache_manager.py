@@ -82,12 +82,12 @@ class KVCacheManager:
                 self.cache.record(tokens, outputs, num_kept, table)
             self.pool.free(table)
 
-    def match(self, tokens, max_tokens: int) -> tuple[list[int], int]:
+    def match(self, tokens, max_tokens: int, index_new: bool = True) -> tuple[list[int], int]:
         """(blocks, trie node) of the longest run of `tokens`' full blocks, at most `max_tokens` tokens, whose KV
         the cache holds (`PrefixCache.match`; nothing when the cache is off)."""
         if self.cache is None:
             return [], 0
-        return self.cache.match(tokens, max_tokens // self.block_size)
+        return self.cache.match(tokens, max_tokens // self.block_size, index_new)
 
     def fork_onto_kept(self, child_id: str, parent_id: str, num_tokens: int, kept: list[int]) -> None:
         """Start the child's table with the parent's full blocks among its first `num_tokens` tokens (one more

@@ -85,20 +85,30 @@ class PrefixCache:
             self._records = deque(r for r in self._records if r.owned)
             self._num_new = sum(r.new for r in self._records)
 
-    def match(self, prompt, max_blocks: int) -> tuple[list[int], int]:
+    def match(self, prompt, max_blocks: int, index_new: bool = True) -> tuple[list[int], int]:
         """The blocks holding the KV of the prompt's first full blocks, as many as are cached in a row and at
-        most `max_blocks`, and the trie node where they end (ROOT: none)."""
+        most `max_blocks`, and the trie node where they end (ROOT: none). index_new: first put the records made
+        since the last match in the index (False: look only at what it holds, as a request admitted after its
+        blocks were found when it was added does)."""
         if max_blocks <= 0 or not (self._records or self._children):
             return [], ROOT
-        if self._num_new:
+        if index_new and self._num_new:
             self._index_new()
         size = self.block_size
-        node, blocks, generations, children = ROOT, [], self._generations, self._children
-        for i in range(min(max_blocks, len(prompt) // size)):  # (block by block: a miss reads one)
-            child = children.get((node, np.asarray(prompt[i * size:(i + 1) * size], dtype=np.int32).tobytes()))
+        num_blocks = min(max_blocks, len(prompt) // size)
+        if not num_blocks:
+            return [], ROOT
+        children = self._children
+        first = np.asarray(prompt[:size], dtype=np.int32).tobytes()
+        if (ROOT, first) not in children:  # (most prompts of a call that asks nothing of an earlier one)
+            return [], ROOT
+        data, width = np.asarray(prompt[:num_blocks * size], dtype=np.int32).tobytes(), size * 4
+        node, blocks, generations, block_of = ROOT, [], self._generations, self._block_of
+        for i in range(num_blocks):
+            child = children.get((node, data[i * width:(i + 1) * width]))
             if child is None:
                 break
-            block, generation = self._block_of[child]
+            block, generation = block_of[child]
             if generations[block] != generation:
                 break
             blocks.append(block)
