@@ -36,7 +36,7 @@ ROOT = 0
 
 @dataclass(eq=False)
 class _Record:
-    tokens: object  # the sequence's prompt (list or int array), then `outputs`
+    tokens: object  # a copy of the recorded part of the sequence's prompt (list or int array), then of `outputs`
     outputs: list[int]
     num_tokens: int  # tokens of prompt + outputs whose KV the blocks hold (a multiple of the block size)
     blocks: list[int]
@@ -67,13 +67,19 @@ class PrefixCache:
         self._node_ids = itertools.count(ROOT + 1)
 
     def record(self, prompt, outputs: list[int], num_tokens: int, table: list[int]) -> None:
-        """A finished sequence's KV: `num_tokens` tokens of prompt + outputs, held by `table`'s first blocks."""
+        """A finished sequence's KV: `num_tokens` tokens of prompt + outputs, held by `table`'s first blocks. The
+        tokens are copied (only the recorded part): a caller may change the lists it was given back (a prompt's
+        token list, extended for the next turn) before a later call indexes them, and a view into a larger array
+        (a data-parallel shard's) would keep all of it."""
         full = num_tokens // self.block_size
         if full == 0:
             return
+        recorded = full * self.block_size
         blocks = table[:full]
         generations, owner = self._generations, self._owner
-        record = _Record(prompt, outputs, full * self.block_size, blocks, [generations[b] for b in blocks], full)
+        head = prompt[:recorded]  # (a list slice copies; an array's is a view, copied)
+        record = _Record(head.copy() if isinstance(head, np.ndarray) else head,
+                         outputs[:recorded - len(head)], recorded, blocks, [generations[b] for b in blocks], full)
         for b in blocks:
             previous = owner.get(b)
             if previous is not None:

@@ -60,6 +60,20 @@ def test_continuations_match_transformers_greedy(tiny_model_factory):
     assert [list(o.outputs[0].token_ids) for o in second] == hf_greedy(model, continued, 8, stop_at_eos=False)
 
 
+def test_a_prompt_list_changed_in_place_after_its_call_is_not_mistaken_for_the_kv(tiny_model_factory):
+    """A caller extends the prompt list an output gave back (the next turn) before the next call: the KV kept is
+    found by the tokens it was computed for, not by the list's new contents."""
+    model = tiny_model_factory("llama")
+    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out = llm.generate([[(5 * j) % 97 + 3 for j in range(40)]], params, use_tqdm=False)[0]
+    turn = out.prompt_token_ids
+    turn[20:] = [7] * 30  # (the list the engine computed: its KV is for the old tokens from 20 on)
+    got = llm.generate([{"prompt_token_ids": turn}], params, use_tqdm=False)[0]
+    assert llm.last_stats["kept_prefill_tokens"] == 16  # the first block: its tokens are unchanged
+    assert list(got.outputs[0].token_ids) == hf_greedy(model, [list(turn)], 12, stop_at_eos=False)[0]
+
+
 def test_beam_search_steps_compute_only_the_new_tokens(tiny_model_factory):
     """Every beam-search step is a call over the live beams: with the KV of the step before kept, the prompt is
     computed once, not once a step (same beams either way)."""
