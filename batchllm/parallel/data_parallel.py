@@ -86,6 +86,8 @@ class DataParallelEngine:
         self._job = 0
         self._busy = False
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
+        self._reset_pending = False
+        """`reset_prefix_cache` was asked while a job ran: the workers get it before the next job."""
         self.last_stats: dict[str, Any] = {}
         self.start_times: dict[int, dict[str, float | int]] = {}
         """Per rank, seconds from spawning until this side saw it ready (`ready_s`: `run` looks only
@@ -150,6 +152,9 @@ class DataParallelEngine:
             raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
         if self._busy:  # a call still open (its generator neither finished nor closed): its job is dropped first
             self._abort(self._job)
+        if self._reset_pending:  # (asked while that call ran)
+            self._reset_pending = False
+            self.reset_prefix_cache()
         started = time.perf_counter()
         sharing = self.sharing
         arrays = [p.array for p in prompts]  # made once, by validation: for the plan and the pipes
@@ -196,7 +201,11 @@ class DataParallelEngine:
 
     def reset_prefix_cache(self) -> None:
         """Ask every live worker to forget the KV its finished sequences left (`LLM.reset_prefix_cache`); each
-        does so before the next job, which comes after this message on its pipe."""
+        does so before the next job, which comes after this message on its pipe. While a job runs (a suspended
+        call's), the message waits for the next call: a worker in a job reads nothing but its shards and aborts."""
+        if self._busy:
+            self._reset_pending = True
+            return
         for rank, process in enumerate(self.processes):
             if process.is_alive():
                 self._sent(rank, ("reset_prefix_cache",))

@@ -91,6 +91,17 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         assert sorted(r["num_requests"] for r in stats["ranks"]) == [0, 1] and stats["kv_cache_dtype"] == "float32"
         assert all(r["kv_blocks"] > 0 and r["kv_cache_gib"] > 0 for r in stats["ranks"]), stats["ranks"]
         assert stats["finish_time_spread"] == 0.0
+        # each engine keeps its finished sequences' KV for the next call, and forgets it when reset, also when the
+        # reset comes while a call is suspended (a worker in a job took the message for a protocol error and died)
+        llm.generate(prompts, params, use_tqdm=False)
+        assert llm.last_stats["kept_prefill_tokens"] > 0
+        suspended = llm.iter_generate([llm.tokenize_prompt(p) for p in prompts], [params] * len(prompts),
+                                      use_tqdm=False)
+        next(suspended)
+        llm.reset_prefix_cache()
+        assert len(list(suspended)) == len(prompts) - 1
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        assert llm.last_stats["kept_prefill_tokens"] == 0
     finally:
         llm.shutdown()
 
