@@ -4,9 +4,9 @@ beam_width best (cumulative logprob over length ** length_penalty). A beam that 
 max_tokens is reached the live beams are too, and each prompt's beam_width best complete beams are its output.
 
 Every step is one `generate` call over all live beams of all prompts: a prompt's beams share its prompt and most
-of their tokens, which prefix sharing computes once per call. No KV outlives a call, so every step computes the
-prompt again: prefill grows as max_tokens x prompt length (4 prompts of ~870 tokens, beam_width 4, 20 steps:
-~71,000 tokens), where vLLM's prefix cache keeps the prompt's blocks across steps and computes only the new tails.
+of their tokens, which prefix sharing computes once per call, and each step takes the KV the step before left (the
+KV cache, `core/prefix_cache.py`, as vLLM's prefix cache keeps it), so it computes only the beams' new tails past
+their last full blocks.
 Writer: `run_beam_search`, of the beams of its own call only (the outputs it returns are the caller's).
 """
 

@@ -196,7 +196,8 @@ class LLM:
     def apply_model(self, func: Callable[[Any], Any]) -> list[Any]:
         """vLLM's: [func(model)], the engine's torch module (`models.decoder.DecoderForCausalLM`: its own layer
         names, not transformers'). Only where the model lives in this process: not with data or tensor
-        parallelism, whose workers hold it (or shards of it)."""
+        parallelism, whose workers hold it (or shards of it). KV kept from earlier calls stays: after changing the
+        weights, call `reset_prefix_cache()` (as vLLM's weight-update examples do)."""
         if self._shut_down:
             raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to reach its model")
         if self.engine is None or self.config.parallel.tensor_parallel_size > 1:

@@ -9,7 +9,9 @@ step fills a token budget in this order:
      nested prefix of a group larger than the pool waits until its group fits beside the open ones);
   3. new top-level units, while the admission policy's projected KV use fits.
 A prefix that completes becomes READY and releases its members; it is freed exactly when its last
-member finishes. When the KV pool cannot grow running work, the last-scheduled running entry is
+member finishes. A request or prefix whose first full blocks past its fork point hold KV an earlier call left (the
+KV cache, `core/prefix_cache.py`; what requests ending as asked leave) takes them when admitted and computes the
+rest. When the KV pool cannot grow running work, the last-scheduled running entry is
 preempted by recompute (blocks freed, counter back to 0, outputs kept, back to the front of its queue;
 a nested prefix to the back, behind the members of READY prefixes, which can run). When nothing can run at
 all (no step, or a step whose one runnable entry preempted itself), the READY prefixes with no running

@@ -240,6 +240,82 @@ def test_aborted_requests_leave_nothing_and_a_failed_step_forgets_everything():
     assert engine.scheduler.kv.match(prompts[2] + [0], 12) == ([], 0)
 
 
+class _FailingAt(AsyncPagedKVExecutor):
+    """Runs steps as the device would, but the `fail_at`-th submitted step never runs: its result raises."""
+
+    def __init__(self, block_size, fail_at):
+        super().__init__(block_size)
+        self.fail_at, self.submitted = fail_at, 0
+
+    def submit(self, batch):
+        self.submitted += 1
+        if self.submitted != self.fail_at:
+            return super().submit(batch)
+
+        class Failed:
+            def result(self):
+                raise RuntimeError("device fault")
+
+        return Failed()
+
+
+def _async_engine(executor, budget=64):
+    kv = KVCacheManager(64, 4, keep_finished=True)
+    return EngineCore(Scheduler(SchedulerConfig(max_num_batched_tokens=budget), kv, 512), executor,
+                      async_scheduling=True)
+
+
+def test_a_step_in_flight_that_fails_when_drained_forgets_what_its_requests_left():
+    """A request stopped from outside (a stop string) while a step decodes it on a placeholder is recorded with
+    that position; the step then fails when the engine is drained (`LLM._abort_rest`): nothing may be found."""
+    engine = _async_engine(_FailingAt(4, fail_at=5))
+    request = Request("r", list(range(1, 9)), SamplingParams(temperature=0, max_tokens=20))
+    engine.add_request(request)
+    for _ in range(4):  # submits steps 1-4 (collects 1-3); the 5th call submits step 5, which never runs
+        engine.step()
+    engine.step()
+    assert request.num_computed_tokens == 12 and len(request.output_token_ids) == 4
+    engine.finish_requests(["r"], "stop")
+    assert engine.scheduler.kv.match(list(range(1, 9)) + request.output_token_ids + [0], 12)[0]  # (recorded)
+    with pytest.raises(RuntimeError, match="device fault"):
+        engine.drain()
+    assert engine.scheduler.kv.match(list(range(1, 9)) + request.output_token_ids + [0], 12) == ([], 0)
+
+
+def test_a_prefix_whose_last_chunk_failed_is_not_recorded_when_its_members_are_aborted():
+    """The step completing a shared prefix fails; the caller aborts the members, which drops the prefix: its KV
+    (never written) must not be recorded after the failure cleared the cache."""
+    engine = _async_engine(_FailingAt(4, fail_at=3), budget=4)
+    prefix = list(range(1, 13))
+    members = [Request(f"m{i}", prefix + [50 + i], SamplingParams(temperature=0, max_tokens=3), arrival_index=i)
+               for i in range(2)]
+    for r in build_submission(plan_prefix_sharing([m.prompt_token_ids for m in members], mode="multi"), members,
+                              ArrivalOrder(), lambda r: 3, "p-"):
+        engine.add_request(r)
+    with pytest.raises((RuntimeError, KeyError)):  # (the fake runner already fails the step after, reading the
+        for _ in range(6):                         # prefix's unwritten slots: on a device it would read garbage)
+            engine.step()
+    engine.finish_requests(["m0", "m1"], "abort")
+    assert not engine.scheduler.requests
+    assert engine.scheduler.kv.match(prefix + [0], 12) == ([], 0)
+
+
+def test_a_request_admitted_again_counts_only_the_kept_tokens_it_took_this_time():
+    engine = _engine(64, 4, 64, 1.0, overlap=False)
+    prompt = list(range(1, 14))
+    _call(engine, [prompt], [SamplingParams(temperature=0, max_tokens=3)], "a")
+    request = Request("b", prompt + [7], SamplingParams(temperature=0, max_tokens=3))
+    scheduler = engine.scheduler
+    engine.add_request(request)
+    engine.step()
+    assert request.kept_tokens == 12 and scheduler._wanted_blocks == []
+    scheduler._preempt(request)  # (its kept blocks back in the pool, then handed out to another table)
+    scheduler.kv.allocate_slots("other", 4 * scheduler.kv.num_free_blocks)
+    scheduler.kv.free("other")
+    engine.step()
+    assert request.status.value == "running" and request.kept_tokens == 0
+
+
 def test_prompt_logprobs_requests_compute_their_whole_prompt():
     engine = _engine(400, 4, 64, 1.0, overlap=False)
     prompt = list(range(1, 14))
