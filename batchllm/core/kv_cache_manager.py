@@ -82,11 +82,11 @@ class KVCacheManager:
                 self.cache.record(tokens, outputs, num_kept, table)
             self.pool.free(table)
 
-    def match(self, tokens, max_tokens: int, index_new: bool = True) -> tuple[list[int], int]:
-        """(blocks, trie node) of the longest run of `tokens`' full blocks, at most `max_tokens` tokens, whose KV
-        the cache holds (`PrefixCache.match`; nothing when the cache is off)."""
+    def match(self, tokens, max_tokens: int, index_new: bool = True) -> list[int]:
+        """The blocks of the longest run of `tokens`' full blocks, at most `max_tokens` tokens, whose KV the cache
+        holds (`PrefixCache.match`; none when the cache is off)."""
         if self.cache is None:
-            return [], 0
+            return []
         return self.cache.match(tokens, max_tokens // self.block_size, index_new)
 
     def fork_onto_kept(self, child_id: str, parent_id: str, num_tokens: int, kept: list[int]) -> None:

@@ -91,24 +91,21 @@ class PrefixCache:
             self._records = deque(r for r in self._records if r.owned)
             self._num_new = sum(r.new for r in self._records)
 
-    def match(self, prompt, max_blocks: int, index_new: bool = True) -> tuple[list[int], int]:
+    def match(self, prompt, max_blocks: int, index_new: bool = True) -> list[int]:
         """The blocks holding the KV of the prompt's first full blocks, as many as are cached in a row and at
-        most `max_blocks`, and the trie node where they end (ROOT: none). index_new: first put the records made
-        since the last match in the index (False: look only at what it holds, as a request admitted after its
-        blocks were found when it was added does)."""
+        most `max_blocks`. index_new: first put the records made since the last match in the index (False: look
+        only at what it holds, as a request admitted after its blocks were found when it was added does)."""
         if max_blocks <= 0 or not (self._records or self._children):
-            return [], ROOT
+            return []
         if index_new and self._num_new:
             self._index_new()
         size = self.block_size
         num_blocks = min(max_blocks, len(prompt) // size)
-        if not num_blocks:
-            return [], ROOT
         children = self._children
-        first = np.asarray(prompt[:size], dtype=np.int32).tobytes()
-        if (ROOT, first) not in children:  # (most prompts of a call that asks nothing of an earlier one)
-            return [], ROOT
-        data, width = np.asarray(prompt[:num_blocks * size], dtype=np.int32).tobytes(), size * 4
+        # (a miss reads one block: most prompts of a call that asks nothing of an earlier one)
+        if not num_blocks or (ROOT, token_bytes(prompt, size)) not in children:
+            return []
+        data, width = token_bytes(prompt, num_blocks * size), size * 4
         node, blocks, generations, block_of = ROOT, [], self._generations, self._block_of
         for i in range(num_blocks):
             child = children.get((node, data[i * width:(i + 1) * width]))
@@ -119,7 +116,7 @@ class PrefixCache:
                 break
             blocks.append(block)
             node = child
-        return blocks, node
+        return blocks
 
     def clear(self) -> None:
         """Forget everything (vLLM's `reset_prefix_cache`)."""

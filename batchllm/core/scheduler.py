@@ -179,7 +179,7 @@ class Scheduler:
         last, in the order their requests were added (`_keep_wanted_blocks`, before the next step): under memory
         pressure the pool reuses the cached blocks no request wants first, and of the wanted ones those wanted
         last."""
-        blocks, _ = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1)
+        blocks = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1)
         if len(blocks) * self.kv.block_size > request.fork_point:
             request.may_reuse_kept_kv = True
             self._wanted_blocks.append(blocks)
@@ -197,7 +197,7 @@ class Scheduler:
         the parent's full blocks and the rest, `KVCacheManager.fork_onto_kept`) and starts past them, at least its
         last token left to compute (the KV of the blocks it takes is exactly its tokens': `core/prefix_cache.py`).
         Returns the tokens taken past the fork point (0: nothing taken, it forks or starts as planned)."""
-        blocks, _ = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1, index_new=False)
+        blocks = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1, index_new=False)
         start = len(blocks) * self.kv.block_size
         if start <= request.fork_point:
             return 0

@@ -53,23 +53,23 @@ def test_a_record_is_found_by_its_full_blocks_tokens_and_lost_with_a_reused_bloc
     prompt = list(range(10, 20))
     cache.record(prompt, [7, 8], 11, blocks)  # 11 tokens: two full blocks of 4
     pool.free(blocks)
-    assert cache.match(prompt + [7, 8, 9], 5)[0] == blocks[:2]
-    assert cache.match(prompt, 1)[0] == blocks[:1]  # at most max_blocks
-    assert cache.match(prompt[:4] + [0] + prompt[5:], 5)[0] == blocks[:1]  # the second block's tokens differ
-    assert cache.match([99] + prompt[1:], 5)[0] == []
-    assert cache.match(prompt[:7], 5)[0] == blocks[:1]  # only full blocks of the prompt asked about
+    assert cache.match(prompt + [7, 8, 9], 5) == blocks[:2]
+    assert cache.match(prompt, 1) == blocks[:1]  # at most max_blocks
+    assert cache.match(prompt[:4] + [0] + prompt[5:], 5) == blocks[:1]  # the second block's tokens differ
+    assert cache.match([99] + prompt[1:], 5) == []
+    assert cache.match(prompt[:7], 5) == blocks[:1]  # only full blocks of the prompt asked about
     pool.allocate(2)  # the queue's front: blocks[0], blocks[1] handed out again
-    assert cache.match(prompt, 5)[0] == []
+    assert cache.match(prompt, 5) == []
 
 
 def test_outputs_recorded_are_part_of_the_tokens_and_clear_forgets():
     pool, cache = _recorded()
     blocks = pool.allocate(3)
     cache.record([1, 2, 3], [4, 5, 6, 7, 8, 9], 9, blocks)  # prompt 3 + 6 outputs: two full blocks
-    assert cache.match([1, 2, 3, 4, 5, 6, 7, 8, 0], 9)[0] == blocks[:2]
-    assert cache.match([1, 2, 3, 4, 5, 6, 7, 0], 9)[0] == blocks[:1]
+    assert cache.match([1, 2, 3, 4, 5, 6, 7, 8, 0], 9) == blocks[:2]
+    assert cache.match([1, 2, 3, 4, 5, 6, 7, 0], 9) == blocks[:1]
     cache.clear()
-    assert cache.match([1, 2, 3, 4, 5, 6, 7, 8, 0], 9)[0] == []
+    assert cache.match([1, 2, 3, 4, 5, 6, 7, 8, 0], 9) == []
 
 
 def test_a_node_whose_block_was_reused_takes_a_later_records_block():
@@ -78,11 +78,11 @@ def test_a_node_whose_block_was_reused_takes_a_later_records_block():
     first = pool.allocate(2)
     cache.record(prompt, [], 8, first)
     pool.free(first)
-    assert cache.match(prompt + [0], 3)[0] == first
+    assert cache.match(prompt + [0], 3) == first
     pool.allocate(4)  # every block handed out again
     again = [2, 3]
     cache.record(prompt, [], 8, again)  # (blocks 2, 3 now hold the same tokens)
-    assert cache.match(prompt + [0], 3)[0] == again
+    assert cache.match(prompt + [0], 3) == again
 
 
 def test_records_owning_no_block_are_dropped_and_the_rest_stay_findable():
@@ -99,7 +99,7 @@ def test_records_owning_no_block_are_dropped_and_the_rest_stay_findable():
         pool.free([own])
         members.append((tokens, own))
     assert len(cache._records) <= 40
-    found = [cache.match(t + [0], 10)[0] == shared_blocks + [own] for t, own in members]
+    found = [cache.match(t + [0], 10) == shared_blocks + [own] for t, own in members]
     assert found == [False] * 49 + [True] * 11  # the pool's 11 other blocks hold the last 11 members' own KV
 
 
@@ -213,7 +213,7 @@ def test_blocks_a_later_call_will_take_are_handed_out_after_the_others():
     b_prompt, a_prompt = list(range(1, 9)), list(range(101, 109))
     one = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)] * 2
     out = _call(engine, [b_prompt, a_prompt], one, "a")  # B then A: B's 2 blocks freed first
-    assert engine.scheduler.kv.pool.free_queue()[-4:-2] == engine.scheduler.kv.match(b_prompt + [0], 8)[0]
+    assert engine.scheduler.kv.pool.free_queue()[-4:-2] == engine.scheduler.kv.match(b_prompt + [0], 8)
     new, continued = list(range(200, 233)), b_prompt + out[0] + [7, 7]  # 33 tokens: 9 blocks; B's: 11
     kept = engine.scheduler.stats.kept_prefill_tokens
     _call(engine, [new, continued], one, "b")
@@ -237,7 +237,7 @@ def test_aborted_requests_leave_nothing_and_a_failed_step_forgets_everything():
     engine.add_request(Request("x", [1] * 9, SamplingParams(max_tokens=2)))
     with pytest.raises(RuntimeError, match="device fault"):
         engine.step()
-    assert engine.scheduler.kv.match(prompts[2] + [0], 12) == ([], 0)
+    assert engine.scheduler.kv.match(prompts[2] + [0], 12) == []
 
 
 class _FailingAt(AsyncPagedKVExecutor):
@@ -276,10 +276,10 @@ def test_a_step_in_flight_that_fails_when_drained_forgets_what_its_requests_left
     engine.step()
     assert request.num_computed_tokens == 12 and len(request.output_token_ids) == 4
     engine.finish_requests(["r"], "stop")
-    assert engine.scheduler.kv.match(list(range(1, 9)) + request.output_token_ids + [0], 12)[0]  # (recorded)
+    assert engine.scheduler.kv.match(list(range(1, 9)) + request.output_token_ids + [0], 12)  # (recorded)
     with pytest.raises(RuntimeError, match="device fault"):
         engine.drain()
-    assert engine.scheduler.kv.match(list(range(1, 9)) + request.output_token_ids + [0], 12) == ([], 0)
+    assert engine.scheduler.kv.match(list(range(1, 9)) + request.output_token_ids + [0], 12) == []
 
 
 def test_a_prefix_whose_last_chunk_failed_is_not_recorded_when_its_members_are_aborted():
@@ -297,7 +297,7 @@ def test_a_prefix_whose_last_chunk_failed_is_not_recorded_when_its_members_are_a
             engine.step()
     engine.finish_requests(["m0", "m1"], "abort")
     assert not engine.scheduler.requests
-    assert engine.scheduler.kv.match(prefix + [0], 12) == ([], 0)
+    assert engine.scheduler.kv.match(prefix + [0], 12) == []
 
 
 def test_a_request_admitted_again_counts_only_the_kept_tokens_it_took_this_time():
