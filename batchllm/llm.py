@@ -894,20 +894,18 @@ def cached_prompt_tokens(requests: list[Request]) -> list[tuple[int, list[Reques
     cached = []
     for request in requests:
         computed, start = request.num_prompt_tokens - request.fork_point, 0
-        mine = [request]
+        charged_here = []
         for prefix_id, end in request.shared_prefixes:  # (outermost first: each adds its tokens past the last)
             if prefix_id not in charged:
                 charged.add(prefix_id)
                 computed += end - start
-                mine.append(prefix_id)
+                charged_here.append(prefix_id)
             start = end
-        if len(mine) > 1:  # (the prefixes charged to it, by id: found up its chain)
-            ids, prefix = set(mine[1:]), request.parent
-            mine = [request]
-            while prefix is not None:
-                if prefix.request_id in ids:
-                    mine.append(prefix)
-                prefix = prefix.parent
+        mine, prefix = [request], request.parent
+        while charged_here and prefix is not None:  # (the prefixes charged to it, found up its chain)
+            if prefix.request_id in charged_here:
+                mine.append(prefix)
+            prefix = prefix.parent
         cached.append((request.num_prompt_tokens - computed, mine))
     return cached
 
