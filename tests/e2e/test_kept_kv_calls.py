@@ -11,6 +11,23 @@ from tests.helpers import hf_greedy
 
 pytestmark = pytest.mark.slow
 
+_BUILT: list = []
+
+
+@pytest.fixture(autouse=True)
+def _shut_down_what_a_test_built():
+    """Every LLM a test builds (`_llm`) is shut down when the test ends, as the suite's other tests do: its KV pool
+    (GiBs reserved on the CPU) goes at once, not when the collector finds the LLM's reference cycle, and a later test
+    in the same worker that forks (Ray's auto-init) is not refused memory."""
+    yield
+    while _BUILT:
+        _BUILT.pop().shutdown()
+
+
+def _llm(*args, **kwargs) -> LLM:
+    _BUILT.append(LLM(*args, **kwargs))
+    return _BUILT[-1]
+
 SYSTEM = "You are a careful assistant who answers in one short sentence. " * 3
 QUESTIONS = ["What is the capital of France?", "Name a large river.", "What colour is the sky?",
              "How many legs has a spider?"]
@@ -28,11 +45,11 @@ def _conversations(llm, first=None):
 
 def test_a_second_round_of_chats_takes_the_first_rounds_kv_and_answers_as_without_it(default_model_dir):
     params = SamplingParams(temperature=0, max_tokens=16)
-    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=512)
+    llm = _llm(str(default_model_dir), dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=512)
     first = llm.chat(_conversations(llm), params, use_tqdm=False)
     second = llm.chat(_conversations(llm, first), params, use_tqdm=False)
     stats = llm.last_stats
-    fresh = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=512)
+    fresh = _llm(str(default_model_dir), dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=512)
     expected = fresh.chat(_conversations(fresh, first), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in second] == [o.outputs[0].token_ids for o in expected]
     # each second-round prompt starts with its first-round prompt: at least that prompt's full blocks are cached
@@ -48,7 +65,7 @@ def test_continuations_match_transformers_greedy(tiny_model_factory):
     """Token prompts continued with their own outputs and new tokens: the tokens transformers generates for the
     continued prompts, with and without an earlier call's KV (and an engine of other settings in between)."""
     model = tiny_model_factory("llama")
-    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
+    llm = _llm(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
     base = [[(7 * i + 3 * j) % 300 + 10 for j in range(40 + 9 * i)] for i in range(4)]
     first = llm.generate([{"prompt_token_ids": p} for p in base], SamplingParams(temperature=0, max_tokens=20,
                                                                                  ignore_eos=True), use_tqdm=False)
@@ -64,7 +81,7 @@ def test_a_prompt_list_changed_in_place_after_its_call_is_not_mistaken_for_the_k
     """A caller extends the prompt list an output gave back (the next turn) before the next call: the KV kept is
     found by the tokens it was computed for, not by the list's new contents."""
     model = tiny_model_factory("llama")
-    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
+    llm = _llm(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     out = llm.generate([[(5 * j) % 97 + 3 for j in range(40)]], params, use_tqdm=False)[0]
     turn = out.prompt_token_ids
@@ -82,7 +99,7 @@ def test_beam_search_steps_compute_only_the_new_tokens(tiny_model_factory):
     params = BeamSearchParams(beam_width=2, max_tokens=6)
     results = {}
     for caching in (True, False):
-        llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16,
+        llm = _llm(model, device="cpu", dtype="float32", max_model_len=256, block_size=16,
                   enable_prefix_caching=caching)
         outputs = llm.beam_search(prompts, params)
         results[caching] = ([[s.tokens for s in o.sequences] for o in outputs],
@@ -93,7 +110,7 @@ def test_beam_search_steps_compute_only_the_new_tokens(tiny_model_factory):
 
 def test_seeded_samples_of_a_repeated_call_are_the_same(tiny_model_factory):
     model = tiny_model_factory("llama")
-    llm = LLM(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
+    llm = _llm(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
     prompts = [{"prompt_token_ids": [(3 * j + i) % 200 + 3 for j in range(50)]} for i in range(3)]
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, n=3, seed=7)
     first = llm.generate(prompts, params, use_tqdm=False)
