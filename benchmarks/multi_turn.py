@@ -7,6 +7,11 @@ runs twice:
   - `kept`: right after round one, taking the KV round one left in the cache (`core/prefix_cache.py`, the default);
   - `recomputed`: after `llm.reset_prefix_cache()`, so that round two computes every prompt again (sharing within
     the call still plans each group's prefix once): what every call did before the cache.
+With several engines (--data-parallel-size, --engines-per-gpu), a third run of round two, after round one again:
+  - `kept, placed blind`: the parent places round two without regard to where round one ran (what it did before
+    `parallel/kept_placement.py`), so a conversation finds its first turn's KV only where it lands on the same rank.
+--order shuffled sends round two in a seeded shuffled order (a user's second turn need not come in the first's
+order; in the same order, equal-cost groups are placed as before even blind).
 Prints one JSON line per run (requests/s, prefill tokens computed, tokens taken from the cache) and their ratio.
 
     python3 benchmarks/multi_turn.py --model benchmarks/configs/llama-3.1-8b --requests 512 \\
@@ -45,6 +50,7 @@ def main() -> int:
     parser.add_argument("--degree", type=int, default=16)
     parser.add_argument("--output", type=int, default=100)
     parser.add_argument("--followup", type=int, default=50)
+    parser.add_argument("--order", choices=("same", "shuffled"), default="same")
     parser.add_argument("--json-out")
     ours, engine_flags = parser.parse_known_args()
     engine_flags = [f for f in engine_flags if f != "--"]
@@ -62,15 +68,28 @@ def main() -> int:
     outputs = llm.generate([{"prompt_token_ids": p} for p in first.prompts], greedy, use_tqdm=False)
     results = [_line("round one", llm.last_stats, time.perf_counter() - started, len(first.prompts))]
     second = round_two(first.prompts, [o.outputs[0].token_ids for o in outputs], ours.followup, vocab)
-    for name in ("kept", "recomputed"):
+    if ours.order == "shuffled":
+        np.random.default_rng(0).shuffle(second)
+    data_parallel = llm._data_parallel
+    for name in ("kept", "kept, placed blind", "recomputed"):
+        if name == "kept, placed blind":
+            if data_parallel is None:
+                continue
+            llm.reset_prefix_cache()
+            data_parallel._kept_placement = lambda: None  # (an instance attribute over the method: no memory)
+            llm.generate([{"prompt_token_ids": p} for p in first.prompts], greedy, use_tqdm=False)
         if name == "recomputed":
             llm.reset_prefix_cache()
         started = time.perf_counter()
         llm.generate([{"prompt_token_ids": p} for p in second], greedy, use_tqdm=False)
         results.append(_line(f"round two, {name}", llm.last_stats, time.perf_counter() - started, len(second)))
-    ratio = results[1]["requests_per_s"] / results[2]["requests_per_s"]
-    summary = {"model": ours.model, "device": str(llm.engine.device), "requests": ours.requests,
+    ratio = results[1]["requests_per_s"] / results[-1]["requests_per_s"]
+    device = str(llm.engine.device) if llm.engine is not None else f"{len(data_parallel.processes)} engines"
+    summary = {"model": ours.model, "device": device, "requests": ours.requests, "order": ours.order,
                "kept_over_recomputed": round(ratio, 3), "runs": results}
+    if data_parallel is not None:
+        summary["kept_over_blind"] = round(results[1]["requests_per_s"] / results[2]["requests_per_s"], 3)
+        print(f"round two, kept / placed blind: {summary['kept_over_blind']:.3f}x", flush=True)
     print(f"round two, kept / recomputed: {ratio:.3f}x", flush=True)
     if ours.json_out:
         with open(ours.json_out, "w") as f:
@@ -83,7 +102,12 @@ def _line(name: str, stats: dict, wall: float, requests: int) -> dict:
     line = {"run": name, "wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 3),
             "prefill_tokens_computed": stats["prefill_tokens_computed"],
             "kept_prefill_tokens": stats["kept_prefill_tokens"], "prompt_tokens": stats["prompt_tokens"],
-            "num_preemptions": stats["num_preemptions"], "kv_blocks": stats["kv_blocks"]}
+            "num_preemptions": stats["num_preemptions"],
+            "kv_blocks": stats.get("kv_blocks", [r.get("kv_blocks") for r in stats.get("ranks", [])]),
+            "placed_on_held_tokens": stats.get("placed_on_held_tokens")}
+    if stats.get("ranks"):  # per engine: requests, prefill computed, seconds to its last result
+        line["ranks"] = [[r["num_requests"], r["prefill_tokens_computed"], round(r["finish_s"], 2)]
+                         for r in stats["ranks"]]
     print(json.dumps(line), flush=True)
     return line
 

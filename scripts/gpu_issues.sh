@@ -11,6 +11,8 @@
 #       for two GPUs: degree 16 (sharing, no sharing), degree 4, 16K, decode-heavy / 6,400 shuffled, snippet (~5 min)
 #   PART=multiturn [REQUESTS=n] bash scripts/gpu_issues.sh   a second turn of 512 conversations with the KV the first
 #       left, and recomputed (benchmarks/multi_turn.py) (~2 min)
+#   PART=multiturndp [REQUESTS=n] [MODEL=config] bash scripts/gpu_issues.sh   the same two rounds over two engines on the
+#       GPU (--engines-per-gpu 2), round two shuffled: placed where round one ran, placed blind, recomputed (~3 min)
 #   PART=userpath [TOKENIZER=dir] bash scripts/gpu_issues.sh   `batchllm run` on a JSONL file against `bench` on the
 #       same prompts, default settings, paper workload (with TOKENIZER: detokenized as for a real model) (~3 min)
 #   PART=fp8vs bash scripts/gpu_issues.sh      FP8 weights and FP8 KV cache with default settings, paper and
@@ -359,6 +361,13 @@ multiturn)
   python3 benchmarks/multi_turn.py --model benchmarks/configs/llama-3.1-8b --requests "${REQUESTS:-512}" \
       --json-out "$OUT/multi_turn.json" -- "${M8D[@]:2}" > "$OUT/multi_turn.log" 2>&1
   grep -vE "^\s*$|Warn" "$OUT/multi_turn.log" | tail -6
+  ;;
+multiturndp)
+  # two engines on the one GPU: the parent places round two (shuffled) where round one ran, or blind (kept_placement.py)
+  python3 benchmarks/multi_turn.py --model "benchmarks/configs/${MODEL:-llama-3.1-8b}" --requests "${REQUESTS:-512}" \
+      --order shuffled --json-out "$OUT/multi_turn_dp_${MODEL:-llama-3.1-8b}.json" -- "${M8D[@]:2}" --engines-per-gpu 2 \
+      > "$OUT/multi_turn_dp_${MODEL:-llama-3.1-8b}.log" 2>&1
+  grep -vE "^\s*$|Warn" "$OUT/multi_turn_dp_${MODEL:-llama-3.1-8b}.log" | tail -8
   ;;
 userpath)
   python3 benchmarks/user_path.py --model benchmarks/configs/llama-3.1-8b ${TOKENIZER:+--tokenizer "$TOKENIZER"} \

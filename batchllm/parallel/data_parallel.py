@@ -8,7 +8,8 @@ caller writes. Workers never talk to each other, so one finishing early cannot h
 
 Process layout and what crosses: one duplex pipe per worker, pickled messages, nothing per step:
   parent -> rank r: ("job", job id, pinned items) | ("shard", job id, items or None) | None (exit)
-  rank r -> parent: ("ready", {import_s, build_s, build_phases, torch_threads, kv_tokens, device, dtype})
+  rank r -> parent: ("ready", {import_s, build_s, build_phases, torch_threads, kv_tokens, kv_block_size, device,
+                               dtype})
                     | ("pull", job id)
                     | ("result", job id, [(index, RequestOutput)]) | ("done", job id, stats) | ("error", message)
 where items are a `shard_wire.PackedItems` (packed from each prompt's `TokenizedPrompt.array`). A
@@ -17,6 +18,9 @@ for a tail shard ("pull") whenever its engine has admitted everything it holds
 (`LLM.iter_generate(refill=...)`); the parent, the tail's only owner, answers with the next shard or
 None. Private pipes mean a worker killed in the middle of a write cannot block the others (a shared
 multiprocessing queue's lock would), and its death closes its pipe, which the parent sees at once.
+
+Each engine keeps the KV its finished sequences leave for later calls; the parent remembers what each rank finished
+(`kept_placement.py`) and places a later call's prompts where their leading tokens are (`partition.py`).
 
 A worker that dies (killed, OOM, CUDA error) ends the job with `WorkerDied` once the other ranks
 have finished their work (their results are yielded first); the engine is then closed.
@@ -34,7 +38,6 @@ import signal
 import sys
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import connection as mp_connection
 from pathlib import Path
@@ -42,7 +45,8 @@ from typing import Any
 
 from batchllm.config import EngineConfig, ParallelConfig, SharingConfig, leaves_activation_reserve
 from batchllm.core.policies import output_budget
-from batchllm.parallel.partition import Partition, Shard, partition_plan
+from batchllm.parallel.kept_placement import KeptPlacement
+from batchllm.parallel.partition import Partition, Shard, TailQueue, partition_plan
 from batchllm.parallel.shard_wire import PackedItems, pack_items
 from batchllm.prefix import plan_prefix_sharing
 from batchllm.progress import TokenProgress
@@ -88,6 +92,8 @@ class DataParallelEngine:
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self._reset_pending = False
         """`reset_prefix_cache` was asked while a job ran: the workers get it before the next job."""
+        self._kept: KeptPlacement | None = None
+        """What each rank finished in earlier calls, once every rank reported its cache (`_kept_placement`)."""
         self.last_stats: dict[str, Any] = {}
         self.start_times: dict[int, dict[str, float | int]] = {}
         """Per rank, seconds from spawning until this side saw it ready (`ready_s`: `run` looks only
@@ -166,7 +172,7 @@ class DataParallelEngine:
             indices = [i for shard in shards for i in shard.prompts]
             return pack_items(indices, [arrays[i] for i in indices], [params[i] for i in indices])
 
-        tail, job = deque(partition.queue), self._job
+        tail, job = TailQueue(partition.queue), self._job
         self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
         for rank in range(self.size):
             if not self._sent(rank, ("job", job, pack(partition.pinned[rank]))):
@@ -206,6 +212,8 @@ class DataParallelEngine:
         if self._busy:
             self._reset_pending = True
             return
+        if self._kept is not None:
+            self._kept.clear()
         for rank, process in enumerate(self.processes):
             if process.is_alive():
                 self._sent(rank, ("reset_prefix_cache",))
@@ -228,7 +236,20 @@ class DataParallelEngine:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
         plan = plan_prefix_sharing(ids, mode=sharing.plan_mode, share=sharing.prefix_sharing)
         expected = [sp.n * output_budget(len(p), sp.max_tokens, 0, self.max_model_len) for p, sp in zip(ids, params)]
-        return partition_plan(plan, expected, self.size), expected
+        kept = self._kept_placement()
+        held = kept.tokens_held(ids) if kept else None
+        return partition_plan(plan, expected, self.size, held=held), expected
+
+    def _kept_placement(self) -> KeptPlacement | None:
+        """The parent's memory of what each rank finished, made once every rank reported its cache's tokens and
+        block size (a stand-in worker reporting neither gets none), where the engines keep KV (with prefix sharing)."""
+        if self._kept is None and self.sharing.prefix_sharing:
+            reported = [self.start_times.get(r, {}) for r in range(self.size)]
+            tokens = [r.get("kv_tokens") for r in reported]
+            block_sizes = {r.get("kv_block_size") for r in reported}
+            if all(isinstance(t, int) for t in tokens) and len(block_sizes) == 1 and isinstance(*block_sizes, int):
+                self._kept = KeptPlacement(tokens, block_sizes.pop())
+        return self._kept
 
     def _refuse_if_dropped(self, job: int) -> None:
         """Raise RuntimeError where a later call started while `job`'s was left open (its job was dropped then,
@@ -236,7 +257,7 @@ class DataParallelEngine:
         if job != self._job:
             raise RuntimeError(f"this generate call (job {job}) was dropped when a later one started")
 
-    def _collect(self, job: int, prompts: Sequence, tail: deque, pack: Callable, progress: _JobProgress,
+    def _collect(self, job: int, prompts: Sequence, tail: TailQueue, pack: Callable, progress: _JobProgress,
                  started: float):
         """Yield results until every rank is done or dead, handing tail shards to ranks that ask;
         returns the ranks' stats."""
@@ -253,11 +274,14 @@ class DataParallelEngine:
                 elif message[1] != job:
                     continue  # from an earlier job the caller stopped reading
                 elif message[0] == "pull":
-                    if not self._sent(rank, ("shard", job, pack([tail.popleft()]) if tail else None)):
+                    shard = tail.pop(rank)
+                    if not self._sent(rank, ("shard", job, pack([shard]) if shard else None)):
                         failed[rank] = _exit_description(self._exit_code(rank))
                 elif message[0] == "result":
                     for index, output in message[2]:
                         output.prompt, output.prompt_token_ids = prompts[index].text, prompts[index].token_ids
+                        if self._kept is not None:
+                            self._kept.record(rank, prompts[index].array, output)
                         progress.finished(index, output)
                         yield index, output
                         self._refuse_if_dropped(job)  # (resumed after a later call started)
@@ -360,6 +384,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         "kv_cache_dtype": next((r["kv_cache_dtype"] for r in ranks if r.get("kv_cache_dtype")), None),
         "finish_time_spread": (max(finish) - min(finish)) / max(finish) if finish and max(finish) > 0 else 0.0,
         "duplicated_prefill_tokens": partition.duplicated_prefill_tokens,
+        "placed_on_held_tokens": partition.placed_on_held_tokens,
         "num_split_groups": partition.num_split_groups,
         "ranks": [{k: r.get(k) for k in keys} for r in ranks],
     }
@@ -514,7 +539,8 @@ def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:
     device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else str(engine.device)
     conn.send(("ready", {"import_s": imported - started, "build_s": time.perf_counter() - imported,
                          "build_phases": engine.build_seconds, "torch_threads": torch.get_num_threads(),
-                         "kv_tokens": llm.kv_cache_tokens, "device": device,
+                         "kv_tokens": llm.kv_cache_tokens, "kv_block_size": llm.engine.core.scheduler.kv.block_size,
+                         "device": device,
                          "dtype": str(engine.dtype).removeprefix("torch.")}))
     serve_jobs(llm, conn)
 

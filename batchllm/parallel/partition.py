@@ -14,6 +14,12 @@ partition counts in `duplicated_prefill_tokens`. The cheapest shards, up to `tai
 total cost, are not pinned: they form a queue that idle ranks pull from, so ranks finish together
 even when real outputs end before max_tokens.
 
+Where the engines kept KV from an earlier call (`held`: `kept_placement.py`'s estimate of the tokens each rank
+holds of each prompt), a shard's cost on a rank is less by the prefill that rank need not compute, and each shard
+goes to the rank where the load after it is least: a second turn goes back to the rank that ran the first unless
+that rank is loaded more than the saving. A rank asking for a tail shard takes the largest whose tokens it holds
+the most of, before the largest left.
+
 Invariants (tested): every prompt is in exactly one shard; shards of one rank never repeat; the
 result depends only on the plan, the expected outputs and the settings (deterministic).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +52,17 @@ class Shard:
     decode_tokens: int
     """Expected output tokens of its prompts."""
     cost: float
+    held: tuple[tuple[int, int], ...] = ()
+    """(rank, tokens of `prefill_tokens` that rank holds from an earlier call), for each rank holding any."""
+
+    def cost_on(self, rank: int, prefill_weight: float) -> float:
+        """The shard's cost on `rank`: less the prefill it holds there."""
+        return self.cost - prefill_weight * dict(self.held).get(rank, 0)
+
+    @property
+    def preferred_rank(self) -> int | None:
+        """The rank holding most of its prefill (the lowest of equals), or None where none holds any."""
+        return min(self.held, key=lambda rt: (-rt[1], rt[0]))[0] if self.held else None
 
 
 @dataclass
@@ -52,20 +70,24 @@ class Partition:
     pinned: list[list[Shard]]
     """Per rank, the shards it runs from the start (largest first)."""
     queue: list[Shard]
-    """Shards any idle rank pulls, largest first."""
+    """Shards any idle rank pulls, largest first (`TailQueue`)."""
     duplicated_prefill_tokens: int = 0
     """Prefill tokens computed more than once in the job because a group was split across shards."""
     num_split_groups: int = 0
     loads: list[float] = field(default_factory=list)
-    """Pinned cost per rank."""
+    """Pinned cost per rank (each shard's `cost_on` it)."""
+    placed_on_held_tokens: int = 0
+    """Of the pinned shards' prefill, the tokens their ranks hold from an earlier call (by the estimate)."""
 
 
 def partition_plan(plan: PrefixPlan, expected_output: Sequence[int], num_ranks: int, *,
                    prefill_weight: float = DEFAULT_PREFILL_WEIGHT, decode_weight: float = DEFAULT_DECODE_WEIGHT,
-                   imbalance: float = 0.10, tail_fraction: float = 0.10) -> Partition:
+                   imbalance: float = 0.10, tail_fraction: float = 0.10,
+                   held: Sequence[dict[int, int]] | None = None) -> Partition:
     """Partition the plan's prompts over `num_ranks` ranks (see the module docstring).
 
-    expected_output[i]: the output length planned for prompt i (max_tokens, or an estimate)."""
+    expected_output[i]: the output length planned for prompt i (max_tokens, or an estimate). held[i]: {rank:
+    leading tokens of prompt i that rank holds from an earlier call} (`KeptPlacement.tokens_held`); None: none."""
     if num_ranks < 1:
         raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
     if len(expected_output) != plan.num_requests:
@@ -75,7 +97,8 @@ def partition_plan(plan: PrefixPlan, expected_output: Sequence[int], num_ranks: 
     def make_shard(prompts: Sequence[int]) -> Shard:
         prefill = segments.prefill_tokens(prompts)
         decode = int(sum(expected_output[p] for p in prompts))
-        return Shard(tuple(prompts), prefill, decode, prefill_weight * prefill + decode_weight * decode)
+        kept = segments.held_tokens(prompts, held) if held is not None else ()
+        return Shard(tuple(prompts), prefill, decode, prefill_weight * prefill + decode_weight * decode, kept)
 
     units = [make_shard(segments.tree_order(g.group_id)) for g in plan.top_level_groups]
     units += [make_shard([p]) for p in plan.ungrouped]
@@ -93,9 +116,10 @@ def partition_plan(plan: PrefixPlan, expected_output: Sequence[int], num_ranks: 
             shards.append(unit)
     shards.sort(key=lambda s: (-s.cost, s.prompts[0]))
     queue = _tail(shards, tail_fraction) if num_ranks > 1 else []
-    pinned, loads = _place_longest_first(shards[: len(shards) - len(queue)], num_ranks)
+    pinned, loads = _place_longest_first(shards[: len(shards) - len(queue)], num_ranks, prefill_weight)
     duplicated = sum(s.prefill_tokens for s in shards) - plan.prefill_tokens
-    return Partition(pinned, queue, duplicated, num_split, loads)
+    on_held = sum(dict(s.held).get(rank, 0) for rank, shards_of in enumerate(pinned) for s in shards_of)
+    return Partition(pinned, queue, duplicated, num_split, loads, on_held)
 
 
 def _split(unit: Shard, num_chunks: int, make_shard, member_cost) -> list[Shard]:
@@ -127,18 +151,51 @@ def _tail(shards: list[Shard], fraction: float) -> list[Shard]:
     return shards[len(shards) - taken:] if taken else []
 
 
-def _place_longest_first(shards: list[Shard], num_ranks: int) -> tuple[list[list[Shard]], list[float]]:
-    """LPT: each shard (already sorted by decreasing cost) to the least loaded rank, ties to the
-    lowest rank."""
+def _place_longest_first(shards: list[Shard], num_ranks: int,
+                         prefill_weight: float) -> tuple[list[list[Shard]], list[float]]:
+    """LPT: each shard (already sorted by decreasing cost) to the rank whose load after it is least (ties to the
+    lowest rank): the least loaded rank, or one holding some of its prefill (`Shard.cost_on`). Without held
+    tokens, plain LPT. The heap may hold stale entries of a rank (its load grew since): skipped when on top."""
     heap = [(0.0, rank) for rank in range(num_ranks)]
     pinned: list[list[Shard]] = [[] for _ in range(num_ranks)]
     loads = [0.0] * num_ranks
     for shard in shards:
-        load, rank = heapq.heappop(heap)
+        while heap[0][0] != loads[heap[0][1]]:
+            heapq.heappop(heap)
+        least = heap[0][1]
+        rank = min([least] + [r for r, _ in shard.held],
+                   key=lambda r: (loads[r] + shard.cost_on(r, prefill_weight), r))
         pinned[rank].append(shard)
-        loads[rank] = load + shard.cost
+        loads[rank] += shard.cost_on(rank, prefill_weight)
         heapq.heappush(heap, (loads[rank], rank))
     return pinned, loads
+
+
+class TailQueue:
+    """The unpinned shards, largest first. A rank asking for one takes the largest left whose prefill it holds the
+    most of (`Shard.preferred_rank`), else the largest left; each is taken once."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self._shards = list(shards)
+        self._order = deque(range(len(self._shards)))
+        self._preferring: dict[int, deque[int]] = {}
+        for i, shard in enumerate(self._shards):
+            if shard.preferred_rank is not None:
+                self._preferring.setdefault(shard.preferred_rank, deque()).append(i)
+        self._taken: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._shards) - len(self._taken)
+
+    def pop(self, rank: int) -> Shard | None:
+        """The next shard for `rank`, or None where none is left."""
+        for queue in (self._preferring.get(rank, ()), self._order):
+            while queue:
+                i = queue.popleft()
+                if i not in self._taken:
+                    self._taken.add(i)
+                    return self._shards[i]
+        return None
 
 
 class _Segments:
@@ -168,6 +225,27 @@ class _Segments:
     def prefill_tokens(self, prompts: Sequence[int]) -> int:
         touched = {g for p in prompts for g in self.chain(p)}
         return sum(self.segment(g) for g in touched) + sum(self.own_tokens(p) for p in prompts)
+
+    def held_tokens(self, prompts: Sequence[int], held: Sequence[dict[int, int]]) -> tuple[tuple[int, int], ...]:
+        """(rank, tokens of `prefill_tokens(prompts)` it holds) per rank holding any: of each shared segment, the
+        longest run into it of any prompt under it, and of each prompt's own tokens, what its run reaches into them
+        (held[p]: {rank: leading tokens of prompt p held there})."""
+        own: dict[int, int] = {}
+        in_segment: dict[tuple[int, int], int] = {}
+        for p in prompts:
+            if not held[p]:
+                continue
+            chain = self.chain(p)
+            start = self.plan.groups[chain[0]].prefix_len if chain else 0
+            for rank, tokens in held[p].items():
+                own[rank] = own.get(rank, 0) + min(max(tokens - start, 0), self.plan.prompt_lengths[p] - start)
+                for g in chain:
+                    base = self.plan.groups[g].prefix_len - self.segment(g)
+                    covered = min(max(tokens - base, 0), self.segment(g))
+                    in_segment[rank, g] = max(in_segment.get((rank, g), 0), covered)
+        for (rank, _), tokens in in_segment.items():
+            own[rank] = own.get(rank, 0) + tokens
+        return tuple(sorted((rank, tokens) for rank, tokens in own.items() if tokens))
 
     def tree_order(self, group_id: int) -> list[int]:
         """The group's prompts, its own first, then each nested group's, depth first."""

@@ -3,6 +3,7 @@ killed worker fails the job by name after the others' results came back; the CLI
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -104,6 +105,40 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         assert llm.last_stats["kept_prefill_tokens"] == 0
     finally:
         llm.shutdown()
+
+
+def test_a_second_turn_goes_back_to_the_rank_that_kept_its_first(tiny_model_factory):
+    """Each engine keeps the KV of the sequences it finished; the parent remembers which rank finished which and
+    places a continued conversation there, so two engines take as many tokens from their caches as one engine
+    does. Round two comes in the reverse order, so placed blind its groups would alternate onto the other rank."""
+    model = tiny_model_factory("llama")
+    rng = random.Random(0)
+    heads = [[rng.randrange(100, 2000) for _ in range(70)] for _ in range(6)]
+    first = [h + [rng.randrange(100, 2000) for _ in range(5)] for h in heads for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def two_rounds(llm):
+        answers = llm.generate([{"prompt_token_ids": p} for p in first], params, use_tqdm=False)
+        second = [p + list(a.outputs[0].token_ids) + [7, 8, 9] for p, a in zip(first, answers)][::-1]
+        outputs = llm.generate([{"prompt_token_ids": p} for p in second], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs], llm.last_stats
+
+    options = dict(device="cpu", dtype="float32", skip_tokenizer_init=True)
+    one = LLM(model, **options)
+    try:
+        expected, one_stats = two_rounds(one)
+    finally:
+        one.shutdown()
+    llm = LLM(model, engines_per_gpu=2, **options)
+    try:
+        got, stats = two_rounds(llm)
+    finally:
+        llm.shutdown()
+    assert got == expected
+    assert all(r["num_requests"] for r in stats["ranks"])  # both ranks worked
+    # every continuation found its first turn's blocks: as many tokens as the one engine took from its cache
+    assert stats["kept_prefill_tokens"] == one_stats["kept_prefill_tokens"] > 500
+    assert stats["placed_on_held_tokens"] >= stats["kept_prefill_tokens"]
 
 
 def test_a_killed_worker_fails_the_job_by_name_after_the_others_finish(default_model_dir):
