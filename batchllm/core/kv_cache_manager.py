@@ -8,9 +8,9 @@ shared length ends inside a block, a fresh block plus a (src, dst) copy order fo
 block (copy-on-write), so the child's own tokens never land in a block others read. Nothing is
 recomputed for a prefix that is not a block multiple.
 
-Kept KV (`keep_finished`): `free` given a finished sequence's tokens records its full blocks in a `PrefixCache`
-before they go back to the pool, and `adopt` starts a table with blocks `match` found there (see
-`core/prefix_cache.py`).
+Kept KV (`keep_finished`): `free` given a finished sequence's tokens records its blocks in a `PrefixCache`
+before they go back to the pool, and `adopt` starts a table with blocks `match_tail` found there (see
+`core/prefix_cache.py`): full blocks shared, never written again; a tail block taken whole, written past its KV.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
-        self.cache = PrefixCache(block_size, self.pool.generations, num_blocks) if keep_finished else None
+        self.cache = (PrefixCache(block_size, self.pool.generations, num_blocks,
+                                  is_free=lambda b: self.pool.ref_count(b) == 0) if keep_finished else None)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -89,11 +90,20 @@ class KVCacheManager:
             return []
         return self.cache.match(tokens, max_tokens // self.block_size, index_new)
 
-    def fork_onto_kept(self, child_id: str, parent_id: str, num_tokens: int, kept: list[int]) -> None:
+    def match_tail(self, tokens, max_tokens: int, index_new: bool = True) -> tuple[list[int], tuple[int, int] | None]:
+        """`match`'s blocks and then a tail block holding the next tokens' KV, (block, tokens) or None
+        (`PrefixCache.match_tail`)."""
+        if self.cache is None:
+            return [], None
+        return self.cache.match_tail(tokens, max_tokens, index_new)
+
+    def fork_onto_kept(self, child_id: str, parent_id: str, num_tokens: int, kept: list[int],
+                       tail: int | None = None) -> None:
         """Start the child's table with the parent's full blocks among its first `num_tokens` tokens (one more
         reference each), then the blocks `match` found for the child's tokens past them (`adopt`): `kept` covers
         more than `num_tokens` tokens, its block over the parent's partial last block (if any) holding the same
-        tokens, so nothing is copied."""
+        tokens, so nothing is copied. tail: a free block `match_tail` found past `kept`, taken whole
+        (`BlockPool.take`)."""
         if child_id in self._tables:
             raise ValueError(f"{child_id!r} already holds blocks")
         full = num_tokens // self.block_size
@@ -102,15 +112,21 @@ class KVCacheManager:
         table = self._tables[parent_id][:full]
         self.pool.share(table)
         self.pool.revive(kept[full:])
-        self._tables[child_id] = table + kept[full:]
+        self._tables[child_id] = table + kept[full:] + self._take_tail(tail)
 
-    def adopt(self, request_id: str, blocks: list[int]) -> None:
+    def adopt(self, request_id: str, blocks: list[int], tail: int | None = None) -> None:
         """Start a table with blocks `match` found: one more reference each (free ones taken out of the queue
-        with their contents)."""
+        with their contents); then the tail block `match_tail` found, if any, taken whole (it writes past its KV)."""
         if request_id in self._tables:
             raise ValueError(f"{request_id!r} already holds blocks")
         self.pool.revive(blocks)
-        self._tables[request_id] = list(blocks)
+        self._tables[request_id] = list(blocks) + self._take_tail(tail)
+
+    def _take_tail(self, tail: int | None) -> list[int]:
+        if tail is None:
+            return []
+        self.pool.take(tail)
+        return [tail]
 
     @property
     def num_free_blocks(self) -> int:

@@ -16,6 +16,12 @@ Records become an index lazily, when `match` is asked: a trie of full blocks, ea
 and its block's tokens (exact: the tokens are compared, not a hash of them), holding one block that has them.
 `match` walks a prompt's full blocks down it while the node's block is unchanged.
 
+A record also holds its partial last block, its tail (the tokens past its last full block), indexed under the
+node of its full blocks (a few per node, the latest). `match_tail` finds, past the full blocks `match` finds, a
+tail whose first tokens are the prompt's next ones: a second turn continues its first turn's sequence, which ended
+inside a block. A tail is taken whole by one request, which writes its own tokens into the rest of it (the pool
+counts its generation up: nothing finds it here again), so only a free block is offered, and nothing is copied.
+
 Invariant: a block on a node's path, while its generation is the one recorded, holds the KV of exactly the tokens
 on that path. Full blocks are never written again: a member writes past its fork point and a partial block is
 copied on write (`KVCacheManager.fork`); a finished sequence's KV is recorded only up to tokens whose values are
@@ -34,12 +40,16 @@ import numpy as np
 ROOT = 0
 
 
+MAX_TAILS_PER_NODE = 4
+"""Tails indexed under one node, the latest kept: a node's tails are compared token by token at each match."""
+
+
 @dataclass(eq=False)
 class _Record:
     tokens: object  # a copy of the recorded part of the sequence's prompt (list or int array), then of `outputs`
     outputs: list[int]
-    num_tokens: int  # tokens of prompt + outputs whose KV the blocks hold (a multiple of the block size)
-    blocks: list[int]
+    num_tokens: int  # tokens of prompt + outputs whose KV the blocks hold (the full blocks' and the tail's)
+    blocks: list[int]  # its full blocks, then its tail block where num_tokens is not a block multiple
     generations: list[int]
     owned: int  # of its blocks, those no later record holds
     new: bool = True  # not in the index yet
@@ -51,10 +61,12 @@ def token_bytes(tokens, num_tokens: int) -> bytes:
 
 
 class PrefixCache:
-    def __init__(self, block_size: int, generations: list[int], num_blocks: int) -> None:
-        """generations: the pool's `BlockPool.generations` (read, never written here)."""
+    def __init__(self, block_size: int, generations: list[int], num_blocks: int, is_free=None) -> None:
+        """generations: the pool's `BlockPool.generations` (read, never written here); is_free(block): whether no
+        request holds the block (a tail is offered only then); None: no tails are offered."""
         self.block_size = block_size
         self._generations = generations
+        self._is_free = is_free
         self._max_records = 2 * num_blocks
         """Past this many records, those owning no block are dropped (at most `num_blocks` own one)."""
         self._records: deque[_Record] = deque()
@@ -64,22 +76,25 @@ class PrefixCache:
         self._children: dict[tuple[int, bytes], int] = {}
         self._block_of: dict[int, tuple[int, int]] = {}
         """Node -> (block, its generation when indexed)."""
+        self._tails: dict[int, list[tuple[np.ndarray, int, int]]] = {}
+        """Node -> (tail tokens, block, its generation when recorded) of records ending past it inside a block."""
         self._node_ids = itertools.count(ROOT + 1)
 
     def record(self, prompt, outputs: list[int], num_tokens: int, table: list[int]) -> None:
-        """A finished sequence's KV: `num_tokens` tokens of prompt + outputs, held by `table`'s first blocks. The
-        tokens are copied (only the recorded part): a caller may change the lists it was given back (a prompt's
-        token list, extended for the next turn) before a later call indexes them, and a view into a larger array
-        (a data-parallel shard's) would keep all of it."""
+        """A finished sequence's KV: `num_tokens` tokens of prompt + outputs, held by `table`'s first blocks (the
+        full ones, and the tail: only past a full block). The tokens are copied (only the recorded part): a caller
+        may change the lists it was given back (a prompt's token list, extended for the next turn) before a later
+        call indexes them, and a view into a larger array (a data-parallel shard's) would keep all of it."""
         full = num_tokens // self.block_size
         if full == 0:
             return
-        recorded = full * self.block_size
-        blocks = table[:full]
+        recorded = num_tokens if self._is_free is not None else full * self.block_size
+        blocks = table[:-(-recorded // self.block_size)]
         generations, owner = self._generations, self._owner
         head = prompt[:recorded]  # (a list slice copies; an array's is a view, copied)
         record = _Record(head.copy() if isinstance(head, np.ndarray) else head,
-                         outputs[:recorded - len(head)], recorded, blocks, [generations[b] for b in blocks], full)
+                         outputs[:recorded - len(head)], recorded, blocks, [generations[b] for b in blocks],
+                         len(blocks))
         for b in blocks:
             previous = owner.get(b)
             if previous is not None:
@@ -95,8 +110,33 @@ class PrefixCache:
         """The blocks holding the KV of the prompt's first full blocks, as many as are cached in a row and at
         most `max_blocks`. index_new: first put the records made since the last match in the index (False: look
         only at what it holds, as a request admitted after its blocks were found when it was added does)."""
+        return self._walk(prompt, max_blocks, index_new)[0]
+
+    def match_tail(self, prompt, max_tokens: int, index_new: bool = True) -> tuple[list[int], tuple[int, int] | None]:
+        """`match`'s blocks within `max_tokens` tokens, then (block, n): a free tail block, unchanged since recorded,
+        under the last of them, whose first n >= 1 tokens are the prompt's next (the most of the node's tails, at
+        most `max_tokens` in all); None where there is none."""
+        blocks, node = self._walk(prompt, max_tokens // self.block_size, index_new)
+        start = len(blocks) * self.block_size
+        room = min(max_tokens - start, self.block_size - 1)
+        if not blocks or room <= 0 or node not in self._tails:
+            return blocks, None
+        wanted = np.asarray(prompt[start:start + room], dtype=np.int32)
+        best = None
+        for tokens, block, generation in self._tails[node]:
+            if self._generations[block] != generation or not self._is_free(block):
+                continue
+            n = min(len(tokens), len(wanted))
+            differ = np.flatnonzero(tokens[:n] != wanted[:n])
+            n = int(differ[0]) if len(differ) else n
+            if n and (best is None or n > best[1]):
+                best = (block, n)
+        return blocks, best
+
+    def _walk(self, prompt, max_blocks: int, index_new: bool) -> tuple[list[int], int]:
+        """`match`'s blocks, and the trie node of the last (ROOT where none)."""
         if max_blocks <= 0 or not (self._records or self._children):
-            return []
+            return [], ROOT
         if index_new and self._num_new:
             self._index_new()
         size = self.block_size
@@ -104,7 +144,7 @@ class PrefixCache:
         children = self._children
         # (a miss reads one block: most prompts of a call that asks nothing of an earlier one)
         if not num_blocks or (ROOT, token_bytes(prompt, size)) not in children:
-            return []
+            return [], ROOT
         data, width = token_bytes(prompt, num_blocks * size), size * 4
         node, blocks, generations, block_of = ROOT, [], self._generations, self._block_of
         for i in range(num_blocks):
@@ -116,7 +156,7 @@ class PrefixCache:
                 break
             blocks.append(block)
             node = child
-        return blocks
+        return blocks, node
 
     def clear(self) -> None:
         """Forget everything (vLLM's `reset_prefix_cache`)."""
@@ -125,34 +165,45 @@ class PrefixCache:
         self._num_new = 0
         self._children.clear()
         self._block_of.clear()
+        self._tails.clear()
 
     def _index_new(self) -> None:
         """Put the new records in the trie (rebuilt from the kept records when stale nodes have piled up)."""
         if len(self._block_of) > 2 * self._max_records:
             self._children.clear()
             self._block_of.clear()
+            self._tails.clear()
             self._num_new = len(self._records)
-        size = self.block_size * 4
-        children, block_of, generations = self._children, self._block_of, self._generations
         for record in itertools.islice(self._records, len(self._records) - self._num_new, None):
             record.new = False
-            data = None
-            node = ROOT
-            for i, (block, generation) in enumerate(zip(record.blocks, record.generations)):
-                if generations[block] != generation:
-                    break
-                if data is None:
-                    prompt_part = token_bytes(record.tokens, record.num_tokens)
-                    missing = record.num_tokens - len(prompt_part) // 4
-                    data = prompt_part + token_bytes(record.outputs, missing) if missing else prompt_part
-                key = (node, data[i * size:(i + 1) * size])
-                child = children.get(key)
-                if child is None:
-                    child = children[key] = next(self._node_ids)
-                    block_of[child] = (block, generation)
-                else:
-                    held, held_generation = block_of[child]
-                    if generations[held] != held_generation:  # the node's block was reused: this one holds it now
-                        block_of[child] = (block, generation)
-                node = child
+            self._index_record(record)
         self._num_new = 0
+
+    def _index_record(self, record: _Record) -> None:
+        """Its full blocks down the trie while unchanged, then its tail (if unchanged) under the last of them."""
+        size, full = self.block_size * 4, record.num_tokens // self.block_size
+        children, block_of, generations = self._children, self._block_of, self._generations
+        data = None
+        node = ROOT
+        for i, (block, generation) in enumerate(zip(record.blocks, record.generations)):
+            if generations[block] != generation:
+                return
+            if data is None:
+                prompt_part = token_bytes(record.tokens, record.num_tokens)
+                missing = record.num_tokens - len(prompt_part) // 4
+                data = prompt_part + token_bytes(record.outputs, missing) if missing else prompt_part
+            if i == full:  # its tail
+                tails = self._tails.setdefault(node, [])
+                tails.append((np.frombuffer(data[i * size:], dtype=np.int32), block, generation))
+                del tails[:-MAX_TAILS_PER_NODE]
+                return
+            key = (node, data[i * size:(i + 1) * size])
+            child = children.get(key)
+            if child is None:
+                child = children[key] = next(self._node_ids)
+                block_of[child] = (block, generation)
+            else:
+                held, held_generation = block_of[child]
+                if generations[held] != held_generation:  # the node's block was reused: this one holds it now
+                    block_of[child] = (block, generation)
+            node = child

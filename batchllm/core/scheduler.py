@@ -179,10 +179,10 @@ class Scheduler:
         last, in the order their requests were added (`_keep_wanted_blocks`, before the next step): under memory
         pressure the pool reuses the cached blocks no request wants first, and of the wanted ones those wanted
         last."""
-        blocks = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1)
+        blocks, tail = self.kv.match_tail(request.prompt_token_ids, request.num_prompt_tokens - 1)
         if len(blocks) * self.kv.block_size > request.fork_point:
             request.may_reuse_kept_kv = True
-            self._wanted_blocks.append(blocks)
+            self._wanted_blocks.append(blocks + [tail[0]] if tail else blocks)
 
     def _keep_wanted_blocks(self) -> None:
         """Queue the blocks found by `_note_kept_kv` since the last step at the back of the pool's free queue, those
@@ -196,15 +196,19 @@ class Scheduler:
         blocks still holding that KV reach past its fork point, it takes them (`KVCacheManager.adopt`; a member
         the parent's full blocks and the rest, `KVCacheManager.fork_onto_kept`) and starts past them, at least its
         last token left to compute (the KV of the blocks it takes is exactly its tokens': `core/prefix_cache.py`).
+        Past those full blocks, a free tail block holding the next tokens' KV is taken too, and written past them.
         Returns the tokens taken past the fork point (0: nothing taken, it forks or starts as planned)."""
-        blocks = self.kv.match(request.prompt_token_ids, request.num_prompt_tokens - 1, index_new=False)
+        blocks, tail = self.kv.match_tail(request.prompt_token_ids, request.num_prompt_tokens - 1, index_new=False)
         start = len(blocks) * self.kv.block_size
         if start <= request.fork_point:
             return 0
+        tail_block, tail_tokens = tail if tail else (None, 0)
         if request.parent is None:
-            self.kv.adopt(request.request_id, blocks)
+            self.kv.adopt(request.request_id, blocks, tail_block)
         else:
-            self.kv.fork_onto_kept(request.request_id, request.parent.request_id, request.fork_point, blocks)
+            self.kv.fork_onto_kept(request.request_id, request.parent.request_id, request.fork_point, blocks,
+                                   tail_block)
+        start += tail_tokens
         request.num_computed_tokens = start
         return start - request.fork_point
 

@@ -72,8 +72,9 @@ def test_continuations_match_transformers_greedy(tiny_model_factory):
     continued = [p + list(o.outputs[0].token_ids) + [11, 12, 13] for p, o in zip(base, first)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     second = llm.generate([{"prompt_token_ids": p} for p in continued], params, use_tqdm=False)
-    assert llm.last_stats["kept_prefill_tokens"] == sum((len(p) + 19) // 16 * 16 for p in base)
-    assert [o.num_cached_tokens for o in second] == [(len(p) + 19) // 16 * 16 for p in base]
+    # each takes all of its first sequence (prompt, outputs but the last): full blocks and the partial last one
+    assert [o.num_cached_tokens for o in second] == [len(p) + 19 for p in base]
+    assert llm.last_stats["kept_prefill_tokens"] == sum(len(p) + 19 for p in base)
     assert [list(o.outputs[0].token_ids) for o in second] == hf_greedy(model, continued, 8, stop_at_eos=False)
 
 

@@ -168,9 +168,10 @@ def test_later_calls_take_the_kv_earlier_calls_left_and_sample_what_a_fresh_engi
     assert not engine.scheduler.requests and not engine.scheduler.ready_prefixes
 
 
-def test_continued_conversations_compute_only_their_new_tokens_past_the_last_full_block():
-    """Roomy pool: the second call's prompts continue the first's sequences; each computes its tokens past the
-    last full block the first left (its last output's KV is never kept: only a step in flight writes it)."""
+def test_continued_conversations_compute_only_their_new_tokens():
+    """Roomy pool: the second call's prompts continue the first's sequences; each takes the full blocks and the
+    partial last block (its tail) the first left, and computes only what follows the first's last output but one
+    (whose KV is never kept: only a step in flight writes it)."""
     rng = random.Random(5)
     engine = _engine(400, 4, 64, 1.0, overlap=True)
     first = [[rng.randrange(1, 500) for _ in range(9 + i)] for i in range(6)]
@@ -180,16 +181,16 @@ def test_continued_conversations_compute_only_their_new_tokens_past_the_last_ful
     kept_before, computed_before = engine.scheduler.stats.kept_prefill_tokens, engine.scheduler.stats.prefill_tokens
     out2 = _call(engine, second, params, "b")
     kept = engine.scheduler.stats.kept_prefill_tokens - kept_before
-    expected = [((len(p) + 5) // 4) * 4 for p in first]  # prompt + outputs but the last, in full blocks
-    assert kept == sum(expected)
+    expected = [len(p) + 5 for p in first]  # prompt + outputs but the last
+    assert kept == sum(expected) and any(k % 4 for k in expected)
     assert engine.scheduler.stats.prefill_tokens - computed_before == sum(len(s) for s in second) - sum(expected)
     assert out2 == _call(_engine(400, 4, 64, 1.0, overlap=True), second, params, "b")
 
 
 def test_members_of_a_shared_prefix_take_their_own_kept_blocks_past_it_without_copies():
-    """Continued sequences grouped under their shared 10-token prefix: the prefix takes its 2 full kept blocks (it
-    computes its last 2 tokens), each member the parent's full blocks and its own kept blocks from the one over the
-    prefix's partial block on: no copy-on-write, and each computes only what follows its kept blocks."""
+    """Continued sequences grouped under their shared 10-token prefix: the prefix takes its 2 full kept blocks and
+    its tail, each member the parent's full blocks and its own kept blocks from the one over the
+    prefix's partial block on, then its tail: no copy-on-write, and each computes only what follows its kept KV."""
     engine = _engine(400, 4, 64, 1.0, overlap=True)
     prefix = list(range(50, 60))
     first = [prefix + [100 + i] * (5 + 2 * i) for i in range(3)]
@@ -199,11 +200,66 @@ def test_members_of_a_shared_prefix_take_their_own_kept_blocks_past_it_without_c
     stats = engine.scheduler.stats
     kept, copies, computed = stats.kept_prefill_tokens, stats.num_block_copies, stats.prefill_tokens
     out2 = _call(engine, second, params, "b")
-    own = [(len(p) + 3) // 4 * 4 for p in first]  # each first sequence's recorded full blocks
-    assert stats.kept_prefill_tokens - kept == 8 + sum(k - 10 for k in own)
+    own = [len(p) + 3 for p in first]  # each first sequence's recorded tokens, its tail's included
+    # the prefix takes its 2 full blocks and 1 token of its own tail (the first call's prefix left it): it
+    # computes only its last token
+    assert stats.kept_prefill_tokens - kept == 9 + sum(k - 10 for k in own) and any(k % 4 for k in own)
     assert stats.num_block_copies == copies
-    assert stats.prefill_tokens - computed == 2 + sum(len(p) - k for p, k in zip(second, own))
+    assert stats.prefill_tokens - computed == 1 + sum(len(p) - k for p, k in zip(second, own))
     assert out2 == _call(_engine(400, 4, 64, 1.0, overlap=True), second, params, "b")
+
+
+def test_a_tail_is_found_as_far_as_the_prompt_agrees_and_only_while_free_and_unchanged():
+    pool = BlockPool(8)
+    cache = PrefixCache(4, pool.generations, 8, is_free=lambda b: pool.ref_count(b) == 0)
+    blocks = pool.allocate(3)
+    prompt = list(range(10, 20))
+    cache.record(prompt, [], 10, blocks)  # two full blocks, a tail of 2 tokens in the third
+    pool.free(blocks)
+    assert cache.match_tail(prompt + [5], 10) == (blocks[:2], (blocks[2], 2))
+    assert cache.match_tail(prompt[:9] + [99, 5], 10) == (blocks[:2], (blocks[2], 1))  # agrees on one token
+    assert cache.match_tail(prompt[:8] + [99, 5], 10) == (blocks[:2], None)
+    assert cache.match_tail(prompt + [5], 9) == (blocks[:2], (blocks[2], 1))  # at most max_tokens in all
+    assert cache.match_tail(prompt + [5], 8) == (blocks[:2], None)
+    assert cache.match(prompt + [5], 3) == blocks[:2]  # (full blocks only)
+    pool.revive([blocks[2]])  # a request holds it: not offered
+    assert cache.match_tail(prompt + [5], 10)[1] is None
+    pool.free([blocks[2]])
+    assert cache.match_tail(prompt + [5], 10)[1] == (blocks[2], 2)
+    pool.take(blocks[2])  # taken to be written past its KV: its generation moves on, never offered again
+    pool.free([blocks[2]])
+    assert cache.match_tail(prompt + [5], 10) == (blocks[:2], None)
+    with pytest.raises(ValueError, match="held"):
+        pool.take(pool.allocate(1)[0])
+
+
+def _run_requests(engine, prompts, tag, max_tokens=3):
+    """Add each prompt as its own request (no plan: all in one step's admission) and run them to the end."""
+    requests = [Request(f"{tag}-{i}", list(p), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                        arrival_index=i) for i, p in enumerate(prompts)]
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        engine.step()
+    engine.drain()
+    return [list(r.output_token_ids) for r in requests], [r.kept_tokens for r in requests]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_tail_is_taken_by_one_request_which_writes_past_it_and_no_other_finds_its_old_tokens(overlap):
+    """`first` leaves a tail of 2 tokens. In one call, `diverging` agrees with its first token only and takes it
+    (writing its own tokens into the rest), `continuing` agrees with both but finds it held; a later call's
+    `continuing` must not find the tokens the tail held before `diverging` wrote into it."""
+    engine = _engine(64, 4, 64, 1.0, overlap=overlap)
+    first = list(range(1, 11))
+    assert _run_requests(engine, [first], "a", max_tokens=1)[1] == [0]  # its 10 tokens kept: 2 full blocks, a tail
+    diverging, continuing = first[:9] + [50, 51, 52, 53], first + [7, 77, 78]  # (the first's outputs: not kept)
+    out, kept = _run_requests(engine, [diverging, continuing], "b")
+    assert kept == [9, 8]
+    assert out == _run_requests(_engine(64, 4, 64, 1.0, overlap), [diverging, continuing], "b")[0]
+    out, kept = _run_requests(engine, [first + [9, 9, 9]], "c")
+    assert out == _run_requests(_engine(64, 4, 64, 1.0, overlap), [first + [9, 9, 9]], "c")[0]
+    assert kept == [8]  # its full blocks; the tail it would want was written past
 
 
 def test_blocks_a_later_call_will_take_are_handed_out_after_the_others():
@@ -308,7 +364,7 @@ def test_a_request_admitted_again_counts_only_the_kept_tokens_it_took_this_time(
     scheduler = engine.scheduler
     engine.add_request(request)
     engine.step()
-    assert request.kept_tokens == 12 and scheduler._wanted_blocks == []
+    assert request.kept_tokens == 13 and scheduler._wanted_blocks == []  # 3 full blocks, 1 token of the tail
     scheduler._preempt(request)  # (its kept blocks back in the pool, then handed out to another table)
     scheduler.kv.allocate_slots("other", 4 * scheduler.kv.num_free_blocks)
     scheduler.kv.free("other")
