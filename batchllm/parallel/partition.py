@@ -15,10 +15,13 @@ total cost, are not pinned: they form a queue that idle ranks pull from, so rank
 even when real outputs end before max_tokens.
 
 Where the engines kept KV from an earlier call (`held`: `kept_placement.py`'s estimate of the tokens each rank
-holds of each prompt), a shard's cost on a rank is less by the prefill that rank need not compute, and each shard
-goes to the rank where the load after it is least: a second turn goes back to the rank that ran the first unless
-that rank is loaded more than the saving. A rank asking for a tail shard takes the largest whose tokens it holds
-the most of, before the largest left.
+holds of each prompt), a shard's cost on a rank is less by the prefill that rank need not compute. Each shard first
+goes to the rank holding most of it (`_place_by_held`); a rank then loaded past an equal share gives up the shards
+whose move loses the least saving per cost moved until it is within it, and those and the shards no rank holds are
+placed as above (LPT), each to the rank where the load after it is least. (Placed one by one, LPT alone sent a
+shard away from its rank whenever the shards before it in cost order happened to hold the same rank, though later
+ones would balance it.) A rank asking for a tail shard takes the largest whose tokens it holds the most of, before
+the largest left.
 
 Invariants (tested): every prompt is in exactly one shard; shards of one rank never repeat; the
 result depends only on the plan, the expected outputs and the settings (deterministic).
@@ -116,7 +119,11 @@ def partition_plan(plan: PrefixPlan, expected_output: Sequence[int], num_ranks: 
             shards.append(unit)
     shards.sort(key=lambda s: (-s.cost, s.prompts[0]))
     queue = _tail(shards, tail_fraction) if num_ranks > 1 else []
-    pinned, loads = _place_longest_first(shards[: len(shards) - len(queue)], num_ranks, prefill_weight)
+    pinned_shards = shards[: len(shards) - len(queue)]
+    if any(s.held for s in pinned_shards):
+        pinned, loads = _place_by_held(pinned_shards, num_ranks, prefill_weight)
+    else:
+        pinned, loads = _place_longest_first(pinned_shards, num_ranks, prefill_weight)
     duplicated = sum(s.prefill_tokens for s in shards) - plan.prefill_tokens
     on_held = sum(dict(s.held).get(rank, 0) for rank, shards_of in enumerate(pinned) for s in shards_of)
     return Partition(pinned, queue, duplicated, num_split, loads, on_held)
@@ -151,14 +158,50 @@ def _tail(shards: list[Shard], fraction: float) -> list[Shard]:
     return shards[len(shards) - taken:] if taken else []
 
 
-def _place_longest_first(shards: list[Shard], num_ranks: int,
-                         prefill_weight: float) -> tuple[list[list[Shard]], list[float]]:
-    """LPT: each shard (already sorted by decreasing cost) to the rank whose load after it is least (ties to the
-    lowest rank): the least loaded rank, or one holding some of its prefill (`Shard.cost_on`). Without held
-    tokens, plain LPT. The heap may hold stale entries of a rank (its load grew since): skipped when on top."""
-    heap = [(0.0, rank) for rank in range(num_ranks)]
+def _place_by_held(shards: list[Shard], num_ranks: int,
+                   prefill_weight: float) -> tuple[list[list[Shard]], list[float]]:
+    """Each shard to the rank holding most of it, those of a rank loaded past an equal share of the total given up
+    (least saving lost per cost moved first) until it is within it, then the given-up and unheld shards by
+    `_place_longest_first` over the loads so far. Each rank's shards largest first."""
     pinned: list[list[Shard]] = [[] for _ in range(num_ranks)]
     loads = [0.0] * num_ranks
+    rest = []
+    for shard in shards:
+        rank = shard.preferred_rank
+        if rank is None:
+            rest.append(shard)
+        else:
+            pinned[rank].append(shard)
+            loads[rank] += shard.cost_on(rank, prefill_weight)
+    share = (sum(loads) + sum(s.cost for s in rest)) / num_ranks
+    for rank, own in enumerate(pinned):
+        if loads[rank] <= share:
+            continue
+        # a move loses the prefill the rank holds; per unit of load it takes off this rank, least first
+        own.sort(key=lambda s: ((s.cost - s.cost_on(rank, prefill_weight)) / max(s.cost_on(rank, prefill_weight),
+                                                                                  1e-9), s.prompts[0]))
+        while loads[rank] > share and len(own) > 1:
+            shard = own.pop(0)
+            loads[rank] -= shard.cost_on(rank, prefill_weight)
+            rest.append(shard)
+    rest.sort(key=lambda s: (-s.cost, s.prompts[0]))
+    _place_longest_first(rest, num_ranks, prefill_weight, pinned, loads)
+    for own in pinned:
+        own.sort(key=lambda s: (-s.cost, s.prompts[0]))
+    return pinned, loads
+
+
+def _place_longest_first(shards: list[Shard], num_ranks: int, prefill_weight: float,
+                         pinned: list[list[Shard]] | None = None,
+                         loads: list[float] | None = None) -> tuple[list[list[Shard]], list[float]]:
+    """LPT: each shard (already sorted by decreasing cost) to the rank whose load after it is least (ties to the
+    lowest rank): the least loaded rank, or one holding some of its prefill (`Shard.cost_on`). Without held
+    tokens, plain LPT. pinned/loads: the ranks' shards and loads so far (updated; None: empty). The heap may hold
+    stale entries of a rank (its load grew since): skipped when on top."""
+    pinned = pinned if pinned is not None else [[] for _ in range(num_ranks)]
+    loads = loads if loads is not None else [0.0] * num_ranks
+    heap = [(load, rank) for rank, load in enumerate(loads)]
+    heapq.heapify(heap)
     for shard in shards:
         while heap[0][0] != loads[heap[0][1]]:
             heapq.heappop(heap)

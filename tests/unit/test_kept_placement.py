@@ -126,6 +126,41 @@ def test_a_later_call_goes_where_its_prefixes_are_held_and_stays_balanced():
     assert 0 < lopsided.placed_on_held_tokens < 8 * 64 and all(lopsided.pinned)
 
 
+def test_shards_stay_on_their_ranks_whatever_their_order_when_that_balances():
+    """The first four groups in cost order are held on rank 0, the last four on rank 1: placed one by one, the
+    third went to rank 1 (rank 0 looked loaded) and computed its prefix again; placed by where they are held, each
+    stays, and the ranks are equally loaded."""
+    prompts = _groups(8, 4, 64, 8)
+    plan = plan_prefix_sharing(prompts)
+    held = [{0 if p // 4 < 4 else 1: 64} for p in range(len(prompts))]
+    part = partition_plan(plan, [16] * len(prompts), 2, tail_fraction=0.0, held=held)
+    rank_of = {p: r for r, shards in enumerate(part.pinned) for s in shards for p in s.prompts}
+    assert all(rank_of[p] == next(iter(held[p])) for p in range(len(prompts)))
+    assert part.placed_on_held_tokens == 8 * 64 and part.loads[0] == part.loads[1]
+    assert all([s.cost for s in shards] == sorted((s.cost for s in shards), reverse=True) for shards in part.pinned)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_placement_by_held_keeps_every_prompt_once_and_stays_within_the_lpt_bound(seed):
+    rng = random.Random(seed)
+    ranks = rng.randrange(2, 6)
+    prompts = _groups(rng.randrange(1, 12), rng.randrange(1, 6), rng.randrange(8, 80), rng.randrange(1, 20), seed)
+    prompts += [[rng.randrange(1000, 30000) for _ in range(rng.randrange(2, 90))] for _ in range(rng.randrange(0, 9))]
+    plan = plan_prefix_sharing(prompts)
+    held = [{r: rng.randrange(0, len(p)) for r in rng.sample(range(ranks), rng.randrange(0, ranks + 1))}
+            for p in prompts]
+    part = partition_plan(plan, [rng.randrange(1, 50) for _ in prompts], ranks, held=held,
+                          tail_fraction=rng.choice([0.0, 0.1]))
+    shards = [s for r in part.pinned for s in r] + part.queue
+    assert sorted(p for s in shards for p in s.prompts) == list(range(len(prompts)))
+    pinned = [s for r in part.pinned for s in r]
+    if pinned:
+        costs = [[s.cost_on(r, 1.0) for s in shards_of] for r, shards_of in enumerate(part.pinned)]
+        assert part.loads == pytest.approx([sum(c) for c in costs])
+        # within the LPT bound of the shards' full costs: an equal share plus the largest
+        assert max(part.loads) <= sum(s.cost for s in pinned) / ranks + max(s.cost for s in pinned) + 1e-6
+
+
 def test_a_tail_shard_goes_first_to_the_rank_holding_most_of_it():
     held = {1: ((1, 5),), 2: ((0, 5),), 3: ((0, 8), (1, 5))}
     tail = TailQueue([Shard((i,), 10, 0, 10.0 - i, held.get(i, ())) for i in range(5)])
