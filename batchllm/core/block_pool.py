@@ -78,6 +78,12 @@ class BlockPool:
         self._ref_counts[block_id] = 1
         self.generations[block_id] += 1
 
+    def untake(self, block_id: int) -> None:
+        """Give back a block `take` handed out that nothing has written, with its generation as before: still what
+        the prefix cache recorded (to the back of the queue)."""
+        self.free([block_id])
+        self.generations[block_id] -= 1
+
     def move_to_back(self, block_ids: list[int]) -> None:
         """Queue the free blocks among these at the back, in this order (handed out after every other)."""
         free = self._free

@@ -26,6 +26,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self._tails_taken: dict[str, int] = {}
+        """Request -> the tail block `adopt`/`fork_onto_kept` took for it, until its admission is done or undone."""
         self.cache = (PrefixCache(block_size, self.pool.generations, num_blocks,
                                   is_free=lambda b: self.pool.ref_count(b) == 0) if keep_finished else None)
 
@@ -78,6 +80,7 @@ class KVCacheManager:
         """Release every block of the request (no-op if it holds none). With `tokens` (its prompt) and the cache
         on, first record its first `num_kept` tokens of tokens + outputs, whose KV its table holds, for `match`."""
         table = self._tables.pop(request_id, None)
+        self._tails_taken.pop(request_id, None)
         if table:
             if tokens is not None and self.cache is not None:
                 self.cache.record(tokens, outputs, num_kept, table)
@@ -112,7 +115,7 @@ class KVCacheManager:
         table = self._tables[parent_id][:full]
         self.pool.share(table)
         self.pool.revive(kept[full:])
-        self._tables[child_id] = table + kept[full:] + self._take_tail(tail)
+        self._tables[child_id] = table + kept[full:] + self._take_tail(child_id, tail)
 
     def adopt(self, request_id: str, blocks: list[int], tail: int | None = None) -> None:
         """Start a table with blocks `match` found: one more reference each (free ones taken out of the queue
@@ -120,13 +123,29 @@ class KVCacheManager:
         if request_id in self._tables:
             raise ValueError(f"{request_id!r} already holds blocks")
         self.pool.revive(blocks)
-        self._tables[request_id] = list(blocks) + self._take_tail(tail)
+        self._tables[request_id] = list(blocks) + self._take_tail(request_id, tail)
 
-    def _take_tail(self, tail: int | None) -> list[int]:
+    def _take_tail(self, request_id: str, tail: int | None) -> list[int]:
         if tail is None:
             return []
         self.pool.take(tail)
+        self._tails_taken[request_id] = tail
         return [tail]
+
+    def admitted(self, request_id: str) -> None:
+        """The request's admission went through: a tail it took is its own (`undo_admission` no longer applies)."""
+        self._tails_taken.pop(request_id, None)
+
+    def undo_admission(self, request_id: str) -> None:
+        """Free the blocks of a request whose admission failed before any step saw them; a tail it took goes back
+        unwritten, still findable (`BlockPool.untake`)."""
+        tail = self._tails_taken.pop(request_id, None)
+        table = self._tables.pop(request_id, None)
+        if table:
+            if tail is not None:
+                table.remove(tail)
+                self.pool.untake(tail)
+            self.pool.free(table)
 
     @property
     def num_free_blocks(self) -> int:

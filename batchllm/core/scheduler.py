@@ -412,9 +412,11 @@ class Scheduler:
             if num_new == 0 or not self.kv.allocate_slots(
                 request.request_id, request.num_computed_tokens + num_new
             ):
-                self._free_blocks(request)
+                self.kv.undo_admission(request.request_id)  # (a kept tail goes back findable: nothing wrote it)
+                request.num_blocks_sent = 0
                 request.num_computed_tokens = 0
                 break
+            self.kv.admitted(request.request_id)
             queue.popleft()
             if request.may_reuse_kept_kv:  # (this admission's: a preempted request may find fewer blocks again)
                 request.kept_tokens = kept

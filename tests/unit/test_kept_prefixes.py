@@ -262,6 +262,61 @@ def test_a_tail_is_taken_by_one_request_which_writes_past_it_and_no_other_finds_
     assert kept == [8]  # its full blocks; the tail it would want was written past
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_tail_taken_by_an_admission_that_fails_goes_back_findable(chunked):
+    """The continuation takes its kept KV, tail included, then cannot start this step (without chunked prefill its
+    rest does not fit what the new prompt ahead left of the budget): the tail goes back as it was, and the next
+    step's admission takes it again (it was lost, its generation moved on, 3 tokens computed again)."""
+    engine = EngineCore(Scheduler(SchedulerConfig(max_num_batched_tokens=16, enable_chunked_prefill=chunked),
+                                  KVCacheManager(64, 4, keep_finished=True), 512), AsyncPagedKVExecutor(4))
+    first, kept = _run_requests(engine, [list(range(1, 10))], "a")  # 11 tokens kept: 2 full blocks, a tail of 3
+    continued = list(range(1, 10)) + first[0] + [7, 7]
+    out, kept = _run_requests(engine, [list(range(100, 114)), continued], "b")
+    assert kept[1] == 11
+    assert out == _run_requests(_engine(64, 4, 16, 1.0, False), [list(range(100, 114)), continued], "b")[0]
+    assert engine.scheduler.kv.num_free_blocks == 64
+
+
+def test_a_wanted_tail_is_handed_out_after_the_others():
+    """As the wanted full blocks below: B's tail, freed before A's blocks, is queued last too."""
+    engine = _engine(12, 4, 64, 1.0, overlap=False)
+    b_prompt, a_prompt = list(range(1, 11)), list(range(101, 109))  # B: 2 full blocks and a tail of 2
+    one = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)] * 2
+    out = _call(engine, [b_prompt, a_prompt], one, "a")
+    new, continued = list(range(200, 233)), b_prompt + out[0] + [7, 7]
+    kept = engine.scheduler.stats.kept_prefill_tokens
+    _call(engine, [new, continued], one, "b")
+    assert engine.scheduler.stats.kept_prefill_tokens - kept == 10
+
+
+def test_the_longest_agreeing_of_a_nodes_latest_tails_is_taken_and_a_record_owning_only_its_tail_is_kept():
+    pool = BlockPool(16)
+    cache = PrefixCache(4, pool.generations, 16, is_free=lambda b: pool.ref_count(b) == 0)
+    head = [1, 2, 3, 4]
+    tails = [[9], [5, 6], [5, 6, 7], [5, 8], [5, 6, 8], [5]]  # six records: the same full block, their own tails
+    blocks = []
+    for t in tails:
+        table = pool.allocate(2)
+        cache.record(head + t, [], 4 + len(t), table)
+        pool.free(table)
+        blocks.append(table[1])
+    cache.match([0], 1)  # (indexes them)
+    # the last MAX_TAILS_PER_NODE = 4 are kept; of those, the one agreeing longest with [5, 6, 8, 0]
+    assert cache.match_tail(head + [5, 6, 8, 0], 7)[1] == (blocks[4], 3)
+    assert cache.match_tail(head + [5, 6, 7, 0], 7)[1] == (blocks[2], 3)
+    assert cache.match_tail(head + [9, 0], 5)[1] is None  # the first record's tail: no longer indexed
+    # compaction keeps a record owning only its tail (its full block taken over by later records)
+    pool2 = BlockPool(2)
+    cache2 = PrefixCache(4, pool2.generations, 2, is_free=lambda b: pool2.ref_count(b) == 0)
+    table = pool2.allocate(2)
+    prompt = list(range(10, 16))
+    cache2.record(prompt, [], 6, table)
+    pool2.free(table)
+    for _ in range(4):
+        cache2.record(prompt[:4], [], 4, table[:1])
+    assert cache2.match_tail(prompt + [0], 6) == ([table[0]], (table[1], 2))
+
+
 def test_blocks_a_later_call_will_take_are_handed_out_after_the_others():
     """The pool reuses its oldest free blocks first: B's, freed before A's, would go to the new prompt admitted
     ahead of B's continuation. Found wanted when the call is added, they are queued last, and A's go instead."""
