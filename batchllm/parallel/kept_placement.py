@@ -3,24 +3,25 @@
 Each engine keeps the KV of the sequences it finished for later calls (`core/prefix_cache.py`), and finds it again
 only for a prompt it runs itself. The parent places prompts (`partition.py`); placed blind, a conversation's second
 turn lands on the rank that ran its first only by chance (one in `num_engines`), and the rest compute their whole
-prompt again. So the parent remembers, per rank, the tokens of each sequence that rank finished: what the rank
+prompt again. So the parent remembers, per rank, the full blocks of each sequence that rank finished: what the rank
 recorded, its prompt and every output but the last (whose KV was never written), for completions that ended by a
 stop or by their length (an engine keeps no other). At the next call `tokens_held` estimates, for each prompt, how
 many of its leading full blocks each rank holds, and the partition places prompts where their tokens are.
 
-An estimate, never a result: a rank matches by exact tokens itself. It can be wrong two ways, both costing only
-speed. A rank may have handed the blocks out again since (its pool reuses the least recently freed first; here a
-rank's records are bounded by the tokens its cache holds, the oldest going first). And blocks are matched by a
-64-bit hash of their tokens and of the blocks before them, where a collision misplaces one prompt.
+Per rank the memory is a set of blocks, each named by a chained hash (its tokens and the blocks before it), least
+recently recorded first out, at most the blocks that rank's cache holds: a block many sequences share (a system
+prompt) is one block, as in the engine. Recording copies a sequence's tokens; they are hashed in batches (when a
+rank's unhashed tokens pass its cache's size, and when a later call asks), so a one-call job pays little.
 
-Cost: recording copies each finished sequence's tokens (bounded, per rank, by its cache's tokens); the hashing is
-paid only when a later call asks, on the records then held and on each prompt's leading blocks until the first that
-no rank holds.
+An estimate, never a result: a rank matches by exact tokens itself. It can be wrong two ways, both costing only
+speed: a rank may have handed the blocks out again since, in another order than this memory's; and a hash collision
+(64 bits) may misplace one prompt. Tails (a sequence's partial last block, which an engine also keeps) are not
+counted: two ranks holding the same full blocks are equal here.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,10 +37,12 @@ class KeptPlacement:
         if block_size < 1 or any(t < 0 for t in kv_tokens):
             raise ValueError(f"block_size {block_size} and cache sizes {list(kv_tokens)} must be positive")
         self.block_size = block_size
-        self.capacity = list(kv_tokens)
-        self._records: list[deque[np.ndarray]] = [deque() for _ in kv_tokens]
-        self._held = [0] * len(kv_tokens)
-        """Per rank, the tokens of its records (each a multiple of the block size)."""
+        self.capacity = [t // block_size for t in kv_tokens]
+        """Per rank, the blocks its cache holds."""
+        self._blocks: list[OrderedDict[int, None]] = [OrderedDict() for _ in kv_tokens]
+        """Per rank, the chain keys of the blocks it holds by this estimate, least recently recorded first."""
+        self._unhashed: list[list[np.ndarray]] = [[] for _ in kv_tokens]
+        self._unhashed_tokens = [0] * len(kv_tokens)
 
     @property
     def num_ranks(self) -> int:
@@ -55,23 +58,33 @@ class KeptPlacement:
             written = np.asarray(completion.token_ids[:-1], dtype=np.int32)
             full = (len(prompt) + len(written)) // self.block_size * self.block_size
             if full:
-                self._add(rank, np.concatenate([prompt, written])[:full])
+                self._unhashed[rank].append(np.concatenate([prompt, written])[:full])
+                self._unhashed_tokens[rank] += full
+                if self._unhashed_tokens[rank] > self.capacity[rank] * self.block_size:
+                    self._hash(rank)
 
-    def _add(self, rank: int, tokens: np.ndarray) -> None:
-        records = self._records[rank]
-        records.append(tokens)
-        self._held[rank] += len(tokens)
-        while self._held[rank] > self.capacity[rank]:
-            self._held[rank] -= len(records.popleft())
+    def _hash(self, rank: int) -> None:
+        """The rank's sequences recorded since, into its blocks (in the order finished), the oldest past its cache's
+        size out."""
+        blocks = self._blocks[rank]
+        for tokens in self._unhashed[rank]:
+            for key in self._chain_keys(tokens, len(tokens) // self.block_size):
+                blocks[key] = None
+                blocks.move_to_end(key)
+        while len(blocks) > self.capacity[rank]:
+            blocks.popitem(last=False)
+        self._unhashed[rank] = []
+        self._unhashed_tokens[rank] = 0
 
     def clear(self) -> None:
         """Forget everything (the engines forgot their KV: `reset_prefix_cache`)."""
-        for records in self._records:
-            records.clear()
-        self._held = [0] * self.num_ranks
+        for rank in range(self.num_ranks):
+            self._blocks[rank].clear()
+            self._unhashed[rank] = []
+            self._unhashed_tokens[rank] = 0
 
     def __bool__(self) -> bool:
-        return any(self._held)
+        return any(self._blocks) or any(self._unhashed_tokens)
 
     def tokens_held(self, prompts: Sequence) -> list[dict[int, int]]:
         """For each prompt (token ids), {rank: tokens} for every rank that holds its first full block: the tokens of
@@ -79,19 +92,10 @@ class KeptPlacement:
         a prompt's last token). Empty dicts where nothing is remembered."""
         if not self:
             return [{} for _ in prompts]
-        index = self._index()
-        return [self._held_by_rank(np.asarray(p, dtype=np.int32), index) for p in prompts]
-
-    def _index(self) -> dict[int, int]:
-        """Chain key of each remembered block -> bitmask of the ranks holding it. A block's key hashes its tokens
-        and its predecessor's key, so equal keys mean equal leading blocks (up to hash collisions)."""
-        index: dict[int, int] = {}
-        for rank, records in enumerate(self._records):
-            bit = 1 << rank
-            for tokens in records:
-                for key in self._chain_keys(tokens, len(tokens) // self.block_size):
-                    index[key] = index.get(key, 0) | bit
-        return index
+        for rank in range(self.num_ranks):
+            if self._unhashed[rank]:
+                self._hash(rank)
+        return [self._held_by_rank(np.asarray(p, dtype=np.int32)) for p in prompts]
 
     def _chain_keys(self, tokens: np.ndarray, num_blocks: int):
         data, width, key = tokens.tobytes(), 4 * self.block_size, 0
@@ -99,22 +103,21 @@ class KeptPlacement:
             key = hash((key, data[b * width:(b + 1) * width]))
             yield key
 
-    def _held_by_rank(self, prompt: np.ndarray, index: dict[int, int]) -> dict[int, int]:
+    def _held_by_rank(self, prompt: np.ndarray) -> dict[int, int]:
         held: dict[int, int] = {}
-        alive = (1 << self.num_ranks) - 1
+        alive = [r for r in range(self.num_ranks) if self._blocks[r]]
         num_blocks = max(0, len(prompt) - 1) // self.block_size
+        done = 0
         for b, key in enumerate(self._chain_keys(prompt, num_blocks)):
-            still = alive & index.get(key, 0)
-            self._note_ended(held, alive & ~still, b)
+            still = [r for r in alive if key in self._blocks[r]]
+            for r in alive:
+                if b and r not in still:
+                    held[r] = b * self.block_size
             alive = still
+            done = b + 1
             if not alive:
                 return held
-        self._note_ended(held, alive, num_blocks)
+        for r in alive:
+            if done:
+                held[r] = done * self.block_size
         return held
-
-    def _note_ended(self, held: dict[int, int], ranks: int, num_blocks: int) -> None:
-        """Ranks (a bitmask) whose run of held blocks ended after `num_blocks` blocks."""
-        while ranks and num_blocks:
-            rank = ranks.bit_length() - 1
-            held[rank] = num_blocks * self.block_size
-            ranks &= ~(1 << rank)

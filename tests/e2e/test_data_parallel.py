@@ -102,7 +102,7 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         llm.reset_prefix_cache()
         assert len(list(suspended)) == len(prompts) - 1
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
-        assert llm.last_stats["kept_prefill_tokens"] == 0
+        assert llm.last_stats["kept_prefill_tokens"] == llm.last_stats["placed_on_held_tokens"] == 0
     finally:
         llm.shutdown()
 
@@ -115,7 +115,7 @@ def test_a_second_turn_goes_back_to_the_rank_that_kept_its_first(tiny_model_fact
     rng = random.Random(0)
     heads = [[rng.randrange(100, 2000) for _ in range(70)] for _ in range(6)]
     first = [h + [rng.randrange(100, 2000) for _ in range(5)] for h in heads for _ in range(3)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)  # (75 + 8 written: a tail of 3 kept)
 
     def two_rounds(llm):
         answers = llm.generate([{"prompt_token_ids": p} for p in first], params, use_tqdm=False)
@@ -138,7 +138,7 @@ def test_a_second_turn_goes_back_to_the_rank_that_kept_its_first(tiny_model_fact
     assert all(r["num_requests"] for r in stats["ranks"])  # both ranks worked
     # every continuation found its first turn's blocks: as many tokens as the one engine took from its cache
     assert stats["kept_prefill_tokens"] == one_stats["kept_prefill_tokens"] > 500
-    assert stats["placed_on_held_tokens"] >= stats["kept_prefill_tokens"]
+    assert stats["placed_on_held_tokens"] > 0
 
 
 def test_a_killed_worker_fails_the_job_by_name_after_the_others_finish(default_model_dir):

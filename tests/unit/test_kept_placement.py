@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from batchllm.parallel.kept_placement import KeptPlacement
-from batchllm.parallel.partition import Shard, TailQueue, _Segments, partition_plan
+from batchllm.parallel.partition import Shard, TailQueue, _place_longest_first, _Segments, partition_plan
 from batchllm.prefix import plan_prefix_sharing
 
 
@@ -49,6 +49,21 @@ def test_records_are_copies_and_bounded_by_each_ranks_cache():
     assert kept.tokens_held([list(range(100, 125))]) == [{1: 24}]
     kept.clear()
     assert not kept and kept.tokens_held([list(range(100, 125))]) == [{}]
+    kept.record(0, list(range(300, 333)), _output(([1], "stop")))  # exactly the 4 blocks rank 0's cache holds
+    assert kept.tokens_held([list(range(300, 334))]) == [{0: 32}]
+
+
+def test_a_prefix_many_sequences_share_counts_once_against_a_ranks_cache():
+    """100 conversations under one 2,000-token system prompt, alternating between two ranks: each rank holds
+    125 + 50 x 4 blocks (5,200 tokens) of its 10,000, so every conversation is remembered (counted per sequence,
+    the 100 x 2,064 tokens overflowed the caches and 8 of 100 were)."""
+    kept = KeptPlacement([10_000, 10_000], block_size=16)
+    system = list(range(1000, 3000))
+    chats = [system + [5000 + i] * 48 for i in range(100)]
+    for i, chat in enumerate(chats):
+        kept.record(i % 2, chat, _output(([1] * 17, "length")))
+    held = kept.tokens_held([chat + [1] * 16 + [9] for chat in chats])
+    assert held == [{i % 2: 2064, 1 - i % 2: 2000} for i in range(100)]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -149,16 +164,28 @@ def test_placement_by_held_keeps_every_prompt_once_and_stays_within_the_lpt_boun
     plan = plan_prefix_sharing(prompts)
     held = [{r: rng.randrange(0, len(p)) for r in rng.sample(range(ranks), rng.randrange(0, ranks + 1))}
             for p in prompts]
+    weight = rng.choice([1.0, 0.5, 2.5])
     part = partition_plan(plan, [rng.randrange(1, 50) for _ in prompts], ranks, held=held,
-                          tail_fraction=rng.choice([0.0, 0.1]))
+                          tail_fraction=rng.choice([0.0, 0.1]), prefill_weight=weight)
     shards = [s for r in part.pinned for s in r] + part.queue
     assert sorted(p for s in shards for p in s.prompts) == list(range(len(prompts)))
     pinned = [s for r in part.pinned for s in r]
     if pinned:
-        costs = [[s.cost_on(r, 1.0) for s in shards_of] for r, shards_of in enumerate(part.pinned)]
+        costs = [[s.cost_on(r, weight) for s in shards_of] for r, shards_of in enumerate(part.pinned)]
+        assert all(s.cost_on(r, weight) == s.cost - weight * dict(s.held).get(r, 0)
+                   for s in pinned for r in range(ranks))
         assert part.loads == pytest.approx([sum(c) for c in costs])
         # within the LPT bound of the shards' full costs: an equal share plus the largest
         assert max(part.loads) <= sum(s.cost for s in pinned) / ranks + max(s.cost for s in pinned) + 1e-6
+
+
+def test_a_shard_placed_on_a_rank_holding_it_leaves_the_least_loaded_rank_next_in_line():
+    """LPT over a heap with stale entries: the first shard goes to rank 1, which holds it (cheaper there), though
+    rank 0 was least loaded; the next ones still go to the least loaded ranks, rank 0 first."""
+    shards = [Shard((0,), 100, 0, 100.0, ((1, 90),))] + [Shard((i,), 50, 0, 50.0) for i in range(1, 5)]
+    pinned, loads = _place_longest_first(shards, 3, 1.0)
+    assert [[s.prompts[0] for s in r] for r in pinned] == [[1, 4], [0, 3], [2]]
+    assert loads == [100.0, 60.0, 50.0]
 
 
 def test_a_tail_shard_goes_first_to_the_rank_holding_most_of_it():
