@@ -141,6 +141,7 @@ def test_profile_splits_kernel_time_between_decode_and_prefill_steps(tiny_dir):
               block_size=16, kv_cache_memory_gib=1)
     prompts = [{"prompt_token_ids": list(range(10, 110)) + [200 + i]} for i in range(8)]
     llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # compiles outside the profile
+    llm.reset_prefix_cache()  # (else the profiled call takes that prompt's KV, its shared prefix all but one token)
     llm.engine.runner.annotate_steps = True
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
