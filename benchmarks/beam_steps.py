@@ -37,7 +37,7 @@ def main() -> int:
     kwargs = engine_kwargs_from_args(build_parser().parse_args(["bench", "--model", ours.model, *engine_flags]))
     results = {}
     for caching in (True, False):
-        llm = LLM(**kwargs)
+        llm = LLM(**{**kwargs, "skip_tokenizer_init": True})  # (token ids only: a config dir holds no tokenizer)
         if not caching:
             llm.engine.core.scheduler.kv.cache = None
         vocab = llm.model_spec.vocab_size
