@@ -104,20 +104,14 @@ class KeptPlacement:
             yield key
 
     def _held_by_rank(self, prompt: np.ndarray) -> dict[int, int]:
+        """{rank: tokens of the prompt's longest run of leading full blocks (its last token left out) the rank
+        holds}, ranks holding none left out."""
         held: dict[int, int] = {}
         alive = [r for r in range(self.num_ranks) if self._blocks[r]]
-        num_blocks = max(0, len(prompt) - 1) // self.block_size
-        done = 0
-        for b, key in enumerate(self._chain_keys(prompt, num_blocks)):
-            still = [r for r in alive if key in self._blocks[r]]
-            for r in alive:
-                if b and r not in still:
-                    held[r] = b * self.block_size
-            alive = still
-            done = b + 1
+        for b, key in enumerate(self._chain_keys(prompt, max(0, len(prompt) - 1) // self.block_size)):
+            alive = [r for r in alive if key in self._blocks[r]]
             if not alive:
-                return held
-        for r in alive:
-            if done:
-                held[r] = done * self.block_size
+                break
+            for r in alive:
+                held[r] = (b + 1) * self.block_size
         return held
