@@ -27,7 +27,8 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
         self._tails_taken: dict[str, int] = {}
-        """Request -> the tail block `adopt`/`fork_onto_kept` took for it, until its admission is done or undone."""
+        """Request -> the tail block `adopt`/`fork_onto_kept` took for it, until its admission went through
+        (`admitted`): freed before then, nothing has written it."""
         self.cache = (PrefixCache(block_size, self.pool.generations, num_blocks,
                                   is_free=lambda b: self.pool.ref_count(b) == 0) if keep_finished else None)
 
@@ -78,9 +79,14 @@ class KVCacheManager:
 
     def free(self, request_id: str, tokens=None, outputs: list[int] = (), num_kept: int = 0) -> None:
         """Release every block of the request (no-op if it holds none). With `tokens` (its prompt) and the cache
-        on, first record its first `num_kept` tokens of tokens + outputs, whose KV its table holds, for `match`."""
+        on, first record its first `num_kept` tokens of tokens + outputs, whose KV its table holds, for `match`. A
+        request whose admission failed (`admitted` not called) gives its tail back unwritten, still findable
+        (`BlockPool.untake`)."""
         table = self._tables.pop(request_id, None)
-        self._tails_taken.pop(request_id, None)
+        tail = self._tails_taken.pop(request_id, None)
+        if tail is not None and table:
+            table.remove(tail)
+            self.pool.untake(tail)
         if table:
             if tokens is not None and self.cache is not None:
                 self.cache.record(tokens, outputs, num_kept, table)
@@ -133,19 +139,8 @@ class KVCacheManager:
         return [tail]
 
     def admitted(self, request_id: str) -> None:
-        """The request's admission went through: a tail it took is its own (`undo_admission` no longer applies)."""
+        """The request's admission went through: a tail it took is its own, written from its next step on."""
         self._tails_taken.pop(request_id, None)
-
-    def undo_admission(self, request_id: str) -> None:
-        """Free the blocks of a request whose admission failed before any step saw them; a tail it took goes back
-        unwritten, still findable (`BlockPool.untake`)."""
-        tail = self._tails_taken.pop(request_id, None)
-        table = self._tables.pop(request_id, None)
-        if table:
-            if tail is not None:
-                table.remove(tail)
-                self.pool.untake(tail)
-            self.pool.free(table)
 
     @property
     def num_free_blocks(self) -> int:

@@ -412,8 +412,7 @@ class Scheduler:
             if num_new == 0 or not self.kv.allocate_slots(
                 request.request_id, request.num_computed_tokens + num_new
             ):
-                self.kv.undo_admission(request.request_id)  # (a kept tail goes back findable: nothing wrote it)
-                request.num_blocks_sent = 0
+                self._free_blocks(request)  # (a kept tail it took goes back findable: nothing wrote it)
                 request.num_computed_tokens = 0
                 break
             self.kv.admitted(request.request_id)
