@@ -69,21 +69,6 @@ class BlockPool:
                 del self._free[b]
             self._ref_counts[b] += 1
 
-    def take(self, block_id: int) -> None:
-        """Hand out this free block (reference count 1, generation one more) from wherever it is in the queue, its
-        contents kept: a request that writes past the KV the block holds (the prefix cache's tail, `adopt`)."""
-        if self._ref_counts[block_id]:
-            raise ValueError(f"block {block_id} is held and cannot be taken")
-        del self._free[block_id]
-        self._ref_counts[block_id] = 1
-        self.generations[block_id] += 1
-
-    def untake(self, block_id: int) -> None:
-        """Give back a block `take` handed out that nothing has written, with its generation as before: still what
-        the prefix cache recorded (to the back of the queue)."""
-        self.free([block_id])
-        self.generations[block_id] -= 1
-
     def move_to_back(self, block_ids: list[int]) -> None:
         """Queue the free blocks among these at the back, in this order (handed out after every other)."""
         free = self._free

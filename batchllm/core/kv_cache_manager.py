@@ -10,7 +10,8 @@ recomputed for a prefix that is not a block multiple.
 
 Kept KV (`keep_finished`): `free` given a finished sequence's tokens records its blocks in a `PrefixCache`
 before they go back to the pool, and `adopt` starts a table with blocks `match_tail` found there (see
-`core/prefix_cache.py`): full blocks shared, never written again; a tail block taken whole, written past its KV.
+`core/prefix_cache.py`): full blocks shared, never written again; a tail block copied on write into a block of the
+request's own (it stays findable for the next request that wants it, as a parent's partial block for its members).
 """
 
 from __future__ import annotations
@@ -26,11 +27,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
-        self._tails_taken: dict[str, int] = {}
-        """Request -> the tail block `adopt`/`fork_onto_kept` took for it, until its admission went through
-        (`admitted`): freed before then, nothing has written it."""
-        self.cache = (PrefixCache(block_size, self.pool.generations, num_blocks,
-                                  is_free=lambda b: self.pool.ref_count(b) == 0) if keep_finished else None)
+        self.cache = (PrefixCache(block_size, self.pool.generations, num_blocks, keep_tails=True) if keep_finished
+                      else None)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -79,14 +77,8 @@ class KVCacheManager:
 
     def free(self, request_id: str, tokens=None, outputs: list[int] = (), num_kept: int = 0) -> None:
         """Release every block of the request (no-op if it holds none). With `tokens` (its prompt) and the cache
-        on, first record its first `num_kept` tokens of tokens + outputs, whose KV its table holds, for `match`. A
-        request whose admission failed (`admitted` not called) gives its tail back unwritten, still findable
-        (`BlockPool.untake`)."""
+        on, first record its first `num_kept` tokens of tokens + outputs, whose KV its table holds, for `match`."""
         table = self._tables.pop(request_id, None)
-        tail = self._tails_taken.pop(request_id, None)
-        if tail is not None and table:
-            table.remove(tail)
-            self.pool.untake(tail)
         if table:
             if tokens is not None and self.cache is not None:
                 self.cache.record(tokens, outputs, num_kept, table)
@@ -107,40 +99,45 @@ class KVCacheManager:
         return self.cache.match_tail(tokens, max_tokens, index_new)
 
     def fork_onto_kept(self, child_id: str, parent_id: str, num_tokens: int, kept: list[int],
-                       tail: int | None = None) -> None:
+                       tail: int | None = None) -> tuple[int, int] | None:
         """Start the child's table with the parent's full blocks among its first `num_tokens` tokens (one more
-        reference each), then the blocks `match` found for the child's tokens past them (`adopt`): `kept` covers
-        more than `num_tokens` tokens, its block over the parent's partial last block (if any) holding the same
-        tokens, so nothing is copied. tail: a free block `match_tail` found past `kept`, taken whole
-        (`BlockPool.take`)."""
+        reference each), then the blocks `match` found for the child's tokens past them (`adopt`), then a copy of
+        `tail` (`adopt`). `kept` holds at least the parent's full blocks' tokens and, with the tail, reaches past
+        `num_tokens`: its block over the parent's partial last block (if any), or the tail's copy, holds the same
+        tokens, so the parent's partial block is not copied. Returns the tail's (source, copy) pair or None."""
         if child_id in self._tables:
             raise ValueError(f"{child_id!r} already holds blocks")
         full = num_tokens // self.block_size
-        if len(kept) * self.block_size <= num_tokens:
-            raise ValueError(f"{len(kept)} kept blocks do not reach past the fork point {num_tokens}")
+        if len(kept) < full or (len(kept) * self.block_size <= num_tokens and tail is None):
+            raise ValueError(f"{len(kept)} kept blocks and no tail do not reach past the fork point {num_tokens}")
         table = self._tables[parent_id][:full]
         self.pool.share(table)
         self.pool.revive(kept[full:])
-        self._tables[child_id] = table + kept[full:] + self._take_tail(child_id, tail)
+        self._tables[child_id] = table + kept[full:]
+        return self._copy_tail(child_id, tail)
 
-    def adopt(self, request_id: str, blocks: list[int], tail: int | None = None) -> None:
+    def adopt(self, request_id: str, blocks: list[int], tail: int | None = None) -> tuple[int, int] | None:
         """Start a table with blocks `match` found: one more reference each (free ones taken out of the queue
-        with their contents); then the tail block `match_tail` found, if any, taken whole (it writes past its KV)."""
+        with their contents); then, for the tail block `match_tail` found (if any), a block of its own that the
+        runner copies the tail into before the request's step writes past its KV (copy-on-write: the tail stays
+        free and findable). Returns the (source, copy) pair, or None (no tail, or the tail handed out as its own
+        copy)."""
         if request_id in self._tables:
             raise ValueError(f"{request_id!r} already holds blocks")
         self.pool.revive(blocks)
-        self._tables[request_id] = list(blocks) + self._take_tail(request_id, tail)
+        self._tables[request_id] = list(blocks)
+        return self._copy_tail(request_id, tail)
 
-    def _take_tail(self, request_id: str, tail: int | None) -> list[int]:
+    def _copy_tail(self, request_id: str, tail: int | None) -> tuple[int, int] | None:
+        """After the table's kept blocks are revived (so the copy is none of them): a fresh block for the tail's
+        copy, appended to the table. One is always free: the tail itself is (a valid tail is no request's,
+        `core/prefix_cache.py`), which the pool may hand out as its own copy (its generation moves on: nothing
+        finds it again; nothing is copied)."""
         if tail is None:
-            return []
-        self.pool.take(tail)
-        self._tails_taken[request_id] = tail
-        return [tail]
-
-    def admitted(self, request_id: str) -> None:
-        """The request's admission went through: a tail it took is its own, written from its next step on."""
-        self._tails_taken.pop(request_id, None)
+            return None
+        [copy] = self.pool.allocate(1)
+        self._tables[request_id].append(copy)
+        return (tail, copy) if copy != tail else None
 
     @property
     def num_free_blocks(self) -> int:

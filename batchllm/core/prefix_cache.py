@@ -19,8 +19,10 @@ and its block's tokens (exact: the tokens are compared, not a hash of them), hol
 A record also holds its partial last block, its tail (the tokens past its last full block), indexed under the
 node of its full blocks (a few per node, the latest). `match_tail` finds, past the full blocks `match` finds, a
 tail whose first tokens are the prompt's next ones: a second turn continues its first turn's sequence, which ended
-inside a block. A tail is taken whole by one request, which writes its own tokens into the rest of it (the pool
-counts its generation up: nothing finds it here again), so only a free block is offered, and nothing is copied.
+inside a block. A tail is never written again: each request that takes it writes into a copy of its own
+(`KVCacheManager.adopt`), so it stays findable by the next (the beams of one parent, conversations branching from
+one turn). A tail is a recorded sequence's own partial block (partial blocks are copied on write, never shared), so
+while its generation is unchanged no request holds it.
 
 Invariant: a block on a node's path, while its generation is the one recorded, holds the KV of exactly the tokens
 on that path. Full blocks are never written again: a member writes past its fork point and a partial block is
@@ -40,8 +42,44 @@ import numpy as np
 ROOT = 0
 
 
-MAX_TAILS_PER_NODE = 4
-"""Tails indexed under one node, the latest kept: a node's tails are compared token by token at each match."""
+MAX_TAILS_PER_NODE = 16
+"""Tails indexed under one node, the latest kept (the beams of a few parents, a group's members and their prefix):
+a node's tails are compared with the prompt at once at each match (`_NodeTails`)."""
+
+
+class _NodeTails:
+    """The latest MAX_TAILS_PER_NODE tails under one node, in a ring: row i of `tokens` holds tail i's tokens, padded
+    with -1 (no token id) to block_size - 1 columns."""
+
+    def __init__(self, block_size: int) -> None:
+        self.tokens = np.full((MAX_TAILS_PER_NODE, block_size - 1), -1, dtype=np.int32)
+        self.blocks: list[int] = []
+        self.generations: list[int] = []
+        self._next = 0  # the ring's oldest row once full
+
+    def add(self, tokens: np.ndarray, block: int, generation: int) -> None:
+        row = self._next
+        self.tokens[row] = -1
+        self.tokens[row, :len(tokens)] = tokens
+        if row == len(self.blocks):
+            self.blocks.append(block)
+            self.generations.append(generation)
+        else:
+            self.blocks[row], self.generations[row] = block, generation
+        self._next = (row + 1) % MAX_TAILS_PER_NODE
+
+    def best(self, wanted: np.ndarray, generations: list[int]) -> tuple[int, int] | None:
+        """(block, n): of the tails whose blocks are unchanged, one whose first n >= 1 tokens are `wanted`'s, n the
+        most; None where none agrees on a first token."""
+        rows = len(self.blocks)
+        agree = self.tokens[:rows, :len(wanted)] == wanted
+        n = np.where(agree.all(1), len(wanted), agree.argmin(1))  # each tail's tokens in a row that agree
+        for row in np.argsort(-n, kind="stable"):
+            if not n[row]:
+                return None
+            if generations[self.blocks[row]] == self.generations[row]:
+                return self.blocks[row], int(n[row])
+        return None
 
 
 @dataclass(eq=False)
@@ -61,12 +99,12 @@ def token_bytes(tokens, num_tokens: int) -> bytes:
 
 
 class PrefixCache:
-    def __init__(self, block_size: int, generations: list[int], num_blocks: int, is_free=None) -> None:
-        """generations: the pool's `BlockPool.generations` (read, never written here); is_free(block): whether no
-        request holds the block (a tail is offered only then); None: no tails are offered."""
+    def __init__(self, block_size: int, generations: list[int], num_blocks: int, keep_tails: bool = False) -> None:
+        """generations: the pool's `BlockPool.generations` (read, never written here); keep_tails: record and
+        offer tails (off: full blocks only)."""
         self.block_size = block_size
         self._generations = generations
-        self._is_free = is_free
+        self._keep_tails = keep_tails
         self._max_records = 2 * num_blocks
         """Past this many records, those owning no block are dropped (at most `num_blocks` own one)."""
         self._records: deque[_Record] = deque()
@@ -76,8 +114,8 @@ class PrefixCache:
         self._children: dict[tuple[int, bytes], int] = {}
         self._block_of: dict[int, tuple[int, int]] = {}
         """Node -> (block, its generation when indexed)."""
-        self._tails: dict[int, list[tuple[np.ndarray, int, int]]] = {}
-        """Node -> (tail tokens, block, its generation when recorded) of records ending past it inside a block."""
+        self._tails: dict[int, _NodeTails] = {}
+        """Node -> the tails (tokens, block, its generation when recorded) of records ending past it inside a block."""
         self._node_ids = itertools.count(ROOT + 1)
 
     def record(self, prompt, outputs: list[int], num_tokens: int, table: list[int]) -> None:
@@ -88,7 +126,7 @@ class PrefixCache:
         full = num_tokens // self.block_size
         if full == 0:
             return
-        recorded = num_tokens if self._is_free is not None else full * self.block_size
+        recorded = num_tokens if self._keep_tails else full * self.block_size
         blocks = table[:-(-recorded // self.block_size)]
         generations, owner = self._generations, self._owner
         head = prompt[:recorded]  # (a list slice copies; an array's is a view, copied)
@@ -113,7 +151,7 @@ class PrefixCache:
         return self._walk(prompt, max_blocks, index_new)[0]
 
     def match_tail(self, prompt, max_tokens: int, index_new: bool = True) -> tuple[list[int], tuple[int, int] | None]:
-        """`match`'s blocks within `max_tokens` tokens, then (block, n): a free tail block, unchanged since recorded,
+        """`match`'s blocks within `max_tokens` tokens, then (block, n): a tail block, unchanged since recorded,
         under the last of them, whose first n >= 1 tokens are the prompt's next (the most of the node's tails, at
         most `max_tokens` in all); None where there is none."""
         blocks, node = self._walk(prompt, max_tokens // self.block_size, index_new)
@@ -122,16 +160,7 @@ class PrefixCache:
         if not blocks or room <= 0 or node not in self._tails:
             return blocks, None
         wanted = np.asarray(prompt[start:start + room], dtype=np.int32)
-        best = None
-        for tokens, block, generation in self._tails[node]:
-            if self._generations[block] != generation or not self._is_free(block):
-                continue
-            n = min(len(tokens), len(wanted))
-            differ = np.flatnonzero(tokens[:n] != wanted[:n])
-            n = int(differ[0]) if len(differ) else n
-            if n and (best is None or n > best[1]):
-                best = (block, n)
-        return blocks, best
+        return blocks, self._tails[node].best(wanted, self._generations)
 
     def _walk(self, prompt, max_blocks: int, index_new: bool) -> tuple[list[int], int]:
         """`match`'s blocks, and the trie node of the last (ROOT where none)."""
@@ -193,9 +222,10 @@ class PrefixCache:
                 missing = record.num_tokens - len(prompt_part) // 4
                 data = prompt_part + token_bytes(record.outputs, missing) if missing else prompt_part
             if i == full:  # its tail
-                tails = self._tails.setdefault(node, [])
-                tails.append((np.frombuffer(data[i * size:], dtype=np.int32), block, generation))
-                del tails[:-MAX_TAILS_PER_NODE]
+                tails = self._tails.get(node)
+                if tails is None:
+                    tails = self._tails[node] = _NodeTails(self.block_size)
+                tails.add(np.frombuffer(data[i * size:], dtype=np.int32), block, generation)
                 return
             key = (node, data[i * size:(i + 1) * size])
             child = children.get(key)

@@ -174,13 +174,13 @@ class Scheduler:
             self._note_kept_kv(request)
 
     def _note_kept_kv(self, request: Request) -> None:
-        """Whether the KV cache holds the KV of this request's (or prefix's) first full blocks past its fork point,
-        which it then takes when admitted (`_take_kept_kv`). Found now, those blocks are queued to be handed out
-        last, in the order their requests were added (`_keep_wanted_blocks`, before the next step): under memory
-        pressure the pool reuses the cached blocks no request wants first, and of the wanted ones those wanted
-        last."""
+        """Whether the KV cache holds the KV of this request's (or prefix's) tokens past its fork point (full blocks,
+        then a tail: `PrefixCache.match_tail`), which it then takes when admitted (`_take_kept_kv`). Found now,
+        those blocks are queued to be handed out last, in the order their requests were added
+        (`_keep_wanted_blocks`, before the next step): under memory pressure the pool reuses the cached blocks no
+        request wants first, and of the wanted ones those wanted last."""
         blocks, tail = self.kv.match_tail(request.prompt_token_ids, request.num_prompt_tokens - 1)
-        if len(blocks) * self.kv.block_size > request.fork_point:
+        if len(blocks) * self.kv.block_size + (tail[1] if tail else 0) > request.fork_point:
             request.may_reuse_kept_kv = True
             self._wanted_blocks.append(blocks + [tail[0]] if tail else blocks)
 
@@ -191,26 +191,26 @@ class Scheduler:
             self.kv.pool.move_to_back(blocks)
         self._wanted_blocks = []
 
-    def _take_kept_kv(self, request: Request) -> int:
+    def _take_kept_kv(self, request: Request) -> tuple[int, tuple[int, int] | None]:
         """At admission, a request (or prefix) `_note_kept_kv` found cached KV for, with nothing computed: where
-        blocks still holding that KV reach past its fork point, it takes them (`KVCacheManager.adopt`; a member
-        the parent's full blocks and the rest, `KVCacheManager.fork_onto_kept`) and starts past them, at least its
-        last token left to compute (the KV of the blocks it takes is exactly its tokens': `core/prefix_cache.py`).
-        Past those full blocks, a free tail block holding the next tokens' KV is taken too, and written past them.
-        Returns the tokens taken past the fork point (0: nothing taken, it forks or starts as planned)."""
+        blocks still holding that KV, full ones and then a tail, reach past its fork point, it takes them
+        (`KVCacheManager.adopt`; a member the parent's full blocks and the rest, `KVCacheManager.fork_onto_kept`)
+        and starts past them, at least its last token left to compute (the KV of the blocks it takes is exactly its
+        tokens': `core/prefix_cache.py`). A tail is copied into a block of its own (`KVCacheManager.adopt`).
+        Returns the tokens taken past the fork point (0: nothing taken, it forks or starts as planned) and the tail's
+        (source, copy) pair for this step's block copies (None: nothing to copy)."""
         blocks, tail = self.kv.match_tail(request.prompt_token_ids, request.num_prompt_tokens - 1, index_new=False)
-        start = len(blocks) * self.kv.block_size
-        if start <= request.fork_point:
-            return 0
         tail_block, tail_tokens = tail if tail else (None, 0)
+        start = len(blocks) * self.kv.block_size + tail_tokens
+        if start <= request.fork_point:
+            return 0, None
         if request.parent is None:
-            self.kv.adopt(request.request_id, blocks, tail_block)
+            copy = self.kv.adopt(request.request_id, blocks, tail_block)
         else:
-            self.kv.fork_onto_kept(request.request_id, request.parent.request_id, request.fork_point, blocks,
-                                   tail_block)
-        start += tail_tokens
+            copy = self.kv.fork_onto_kept(request.request_id, request.parent.request_id, request.fork_point, blocks,
+                                          tail_block)
         request.num_computed_tokens = start
-        return start - request.fork_point
+        return start - request.fork_point, copy
 
     def kv_blocks_needed(self, request: Request) -> int:
         """KV blocks the pool must hold for a request at once, exactly: its own table, for the tokens it writes
@@ -401,7 +401,7 @@ class Scheduler:
                 break  # (its group outgrew the pool: it waits for its siblings to free memory)
             copy, kept = None, 0
             if request.may_reuse_kept_kv and not request.num_computed_tokens:
-                kept = self._take_kept_kv(request)
+                kept, copy = self._take_kept_kv(request)
             if request.parent is not None and not kept:
                 ok, copy = self.kv.fork(request.request_id, request.parent.request_id, request.fork_point)
                 if not ok:
@@ -412,10 +412,9 @@ class Scheduler:
             if num_new == 0 or not self.kv.allocate_slots(
                 request.request_id, request.num_computed_tokens + num_new
             ):
-                self._free_blocks(request)  # (a kept tail it took goes back findable: nothing wrote it)
+                self._free_blocks(request)  # (a kept tail's copy is dropped unmade: the tail stays findable)
                 request.num_computed_tokens = 0
                 break
-            self.kv.admitted(request.request_id)
             queue.popleft()
             if request.may_reuse_kept_kv:  # (this admission's: a preempted request may find fewer blocks again)
                 request.kept_tokens = kept

@@ -16,7 +16,7 @@ from batchllm.core.block_pool import BlockPool
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
 from batchllm.core.policies import ArrivalOrder
-from batchllm.core.prefix_cache import PrefixCache
+from batchllm.core.prefix_cache import MAX_TAILS_PER_NODE, PrefixCache
 from batchllm.core.scheduler import Scheduler
 from batchllm.core.work_units import build_submission
 from batchllm.prefix import plan_prefix_sharing
@@ -187,10 +187,11 @@ def test_continued_conversations_compute_only_their_new_tokens():
     assert out2 == _call(_engine(400, 4, 64, 1.0, overlap=True), second, params, "b")
 
 
-def test_members_of_a_shared_prefix_take_their_own_kept_blocks_past_it_without_copies():
+def test_members_of_a_shared_prefix_take_their_own_kept_blocks_past_it_without_copying_its_partial_block():
     """Continued sequences grouped under their shared 10-token prefix: the prefix takes its 2 full kept blocks and
-    its tail, each member the parent's full blocks and its own kept blocks from the one over the
-    prefix's partial block on, then its tail: no copy-on-write, and each computes only what follows its kept KV."""
+    a copy of its tail, each member the parent's full blocks and its own kept blocks from the one over the
+    prefix's partial block on, then a copy of its tail: the only copies are the tails' (no copy-on-write of the
+    prefix's partial block), and each computes only what follows its kept KV."""
     engine = _engine(400, 4, 64, 1.0, overlap=True)
     prefix = list(range(50, 60))
     first = [prefix + [100 + i] * (5 + 2 * i) for i in range(3)]
@@ -204,33 +205,33 @@ def test_members_of_a_shared_prefix_take_their_own_kept_blocks_past_it_without_c
     # the prefix takes its 2 full blocks and 1 token of its own tail (the first call's prefix left it): it
     # computes only its last token
     assert stats.kept_prefill_tokens - kept == 9 + sum(k - 10 for k in own) and any(k % 4 for k in own)
-    assert stats.num_block_copies == copies
+    assert stats.num_block_copies - copies == 1 + sum(k % 4 != 0 for k in own)  # the prefix's tail, members' tails
     assert stats.prefill_tokens - computed == 1 + sum(len(p) - k for p, k in zip(second, own))
     assert out2 == _call(_engine(400, 4, 64, 1.0, overlap=True), second, params, "b")
 
 
-def test_a_tail_is_found_as_far_as_the_prompt_agrees_and_only_while_free_and_unchanged():
+def test_a_tail_is_found_as_far_as_the_prompt_agrees_and_only_while_unchanged():
     pool = BlockPool(8)
-    cache = PrefixCache(4, pool.generations, 8, is_free=lambda b: pool.ref_count(b) == 0)
+    cache = PrefixCache(4, pool.generations, 8, keep_tails=True)
     blocks = pool.allocate(3)
     prompt = list(range(10, 20))
     cache.record(prompt, [], 10, blocks)  # two full blocks, a tail of 2 tokens in the third
     pool.free(blocks)
     assert cache.match_tail(prompt + [5], 10) == (blocks[:2], (blocks[2], 2))
+    assert cache.match_tail(prompt + [5], 10) == (blocks[:2], (blocks[2], 2))  # (found again: it is copied, not taken)
     assert cache.match_tail(prompt[:9] + [99, 5], 10) == (blocks[:2], (blocks[2], 1))  # agrees on one token
     assert cache.match_tail(prompt[:8] + [99, 5], 10) == (blocks[:2], None)
     assert cache.match_tail(prompt + [5], 9) == (blocks[:2], (blocks[2], 1))  # at most max_tokens in all
     assert cache.match_tail(prompt + [5], 8) == (blocks[:2], None)
     assert cache.match(prompt + [5], 3) == blocks[:2]  # (full blocks only)
-    pool.revive([blocks[2]])  # a request holds it: not offered
+    handed = pool.allocate(8)
+    assert handed[-1] == blocks[2]  # handed out again: its generation moves on, never offered again
+    pool.free(handed)
     assert cache.match_tail(prompt + [5], 10)[1] is None
-    pool.free([blocks[2]])
-    assert cache.match_tail(prompt + [5], 10)[1] == (blocks[2], 2)
-    pool.take(blocks[2])  # taken to be written past its KV: its generation moves on, never offered again
-    pool.free([blocks[2]])
-    assert cache.match_tail(prompt + [5], 10) == (blocks[:2], None)
-    with pytest.raises(ValueError, match="held"):
-        pool.take(pool.allocate(1)[0])
+    full_only = PrefixCache(4, pool.generations, 8)  # (keep_tails off: full blocks only)
+    table = pool.allocate(3)
+    full_only.record(prompt, [], 10, table)
+    assert full_only.match_tail(prompt + [5], 10) == (table[:2], None)
 
 
 def _run_requests(engine, prompts, tag, max_tokens=3):
@@ -246,27 +247,64 @@ def _run_requests(engine, prompts, tag, max_tokens=3):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_tail_is_taken_by_one_request_which_writes_past_it_and_no_other_finds_its_old_tokens(overlap):
-    """`first` leaves a tail of 2 tokens. In one call, `diverging` agrees with its first token only and takes it
-    (writing its own tokens into the rest), `continuing` agrees with both but finds it held; a later call's
-    `continuing` must not find the tokens the tail held before `diverging` wrote into it."""
+def test_a_tail_is_copied_by_each_request_that_takes_it_and_stays_as_it_was(overlap):
+    """`first` leaves a tail of 2 tokens. In one call, `diverging` agrees with its first token only, `continuing`
+    with both: each takes a copy of it and writes its own tokens into the copy, so a later call's `again` still
+    finds the tokens the tail held (a request writing into the tail itself would have changed them)."""
     engine = _engine(64, 4, 64, 1.0, overlap=overlap)
     first = list(range(1, 11))
     assert _run_requests(engine, [first], "a", max_tokens=1)[1] == [0]  # its 10 tokens kept: 2 full blocks, a tail
     diverging, continuing = first[:9] + [50, 51, 52, 53], first + [7, 77, 78]  # (the first's outputs: not kept)
+    copies = engine.scheduler.stats.num_block_copies
     out, kept = _run_requests(engine, [diverging, continuing], "b")
-    assert kept == [9, 8]
+    assert kept == [9, 10] and engine.scheduler.stats.num_block_copies - copies == 2
     assert out == _run_requests(_engine(64, 4, 64, 1.0, overlap), [diverging, continuing], "b")[0]
-    out, kept = _run_requests(engine, [first + [9, 9, 9]], "c")
-    assert out == _run_requests(_engine(64, 4, 64, 1.0, overlap), [first + [9, 9, 9]], "c")[0]
-    assert kept == [8]  # its full blocks; the tail it would want was written past
+    again = first + [9, 9, 9]
+    out, kept = _run_requests(engine, [again], "c")
+    assert out == _run_requests(_engine(64, 4, 64, 1.0, overlap), [again], "c")[0]
+    assert kept == [10]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_member_whose_tail_alone_reaches_past_its_fork_point_takes_it_instead_of_its_parents_partial_block(overlap):
+    """`first` leaves 2 full blocks and a tail of 2 tokens. The next call groups `continuing` (the first 10 tokens and
+    more) and `diverging` under their shared 9 tokens: the prefix takes the 2 full blocks and computes its ninth;
+    `continuing`'s kept full blocks end before its fork point, its tail past it, so it takes the parent's full
+    blocks and a copy of the tail, not a copy of the parent's partial block, and computes from its eleventh token
+    (as the beams of one parent do, each step a call); `diverging` forks as planned."""
+    engine = _engine(64, 4, 64, 1.0, overlap=overlap)
+    first = list(range(1, 11))
+    assert _call(engine, [first], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)], "a")
+    continuing, diverging = first + [7, 77], first[:9] + [50, 51, 52]
+    params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)] * 2
+    stats = engine.scheduler.stats
+    kept, computed, copies = stats.kept_prefill_tokens, stats.prefill_tokens, stats.num_block_copies
+    out = _call(engine, [continuing, diverging], params, "b")
+    assert out == _call(_engine(64, 4, 64, 1.0, overlap), [continuing, diverging], params, "b")
+    assert stats.kept_prefill_tokens - kept == 8 + 1  # the prefix's full blocks, the member's one token past it
+    assert stats.prefill_tokens - computed == 1 + 2 + 3  # the prefix's ninth token, the members' own
+    assert stats.num_block_copies - copies == 2  # the tail's copy, `diverging`'s copy of the partial block
+
+
+def test_in_a_full_pool_the_tail_is_handed_out_as_its_own_copy():
+    """Three blocks, all the first sequence's: its continuation takes the 2 full blocks, and the one free block left
+    for the tail's copy is the tail itself, handed out as it is (nothing copied, nothing computed again)."""
+    engine = _engine(3, 4, 64, 1.0, overlap=False)
+    first = list(range(1, 11))
+    one = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    _call(engine, [first], one, "a")
+    stats = engine.scheduler.stats
+    kept, copies = stats.kept_prefill_tokens, stats.num_block_copies
+    out = _call(engine, [first + [7]], one, "b")
+    assert out == _call(_engine(3, 4, 64, 1.0, False), [first + [7]], one, "b")
+    assert stats.kept_prefill_tokens - kept == 10 and stats.num_block_copies == copies
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_a_tail_taken_by_an_admission_that_fails_goes_back_findable(chunked):
+def test_a_tail_taken_by_an_admission_that_fails_stays_findable(chunked):
     """The continuation takes its kept KV, tail included, then cannot start this step (without chunked prefill its
-    rest does not fit what the new prompt ahead left of the budget): the tail goes back as it was, and the next
-    step's admission takes it again (it was lost, its generation moved on, 3 tokens computed again)."""
+    rest does not fit what the new prompt ahead left of the budget): its blocks are freed, the tail's copy unmade,
+    and the next step's admission takes the tail again."""
     engine = EngineCore(Scheduler(SchedulerConfig(max_num_batched_tokens=16, enable_chunked_prefill=chunked),
                                   KVCacheManager(64, 4, keep_finished=True), 512), AsyncPagedKVExecutor(4))
     first, kept = _run_requests(engine, [list(range(1, 10))], "a")  # 11 tokens kept: 2 full blocks, a tail of 3
@@ -290,10 +328,13 @@ def test_a_wanted_tail_is_handed_out_after_the_others():
 
 
 def test_the_longest_agreeing_of_a_nodes_latest_tails_is_taken_and_a_record_owning_only_its_tail_is_kept():
-    pool = BlockPool(16)
-    cache = PrefixCache(4, pool.generations, 16, is_free=lambda b: pool.ref_count(b) == 0)
+    pool = BlockPool(2 * MAX_TAILS_PER_NODE + 4)
+    cache = PrefixCache(4, pool.generations, pool.num_blocks, keep_tails=True)
     head = [1, 2, 3, 4]
-    tails = [[9], [5, 6], [5, 6, 7], [5, 8], [5, 6, 8], [5]]  # six records: the same full block, their own tails
+    # records with the same full block and their own tails: the first and second are pushed out of the node's
+    # latest MAX_TAILS_PER_NODE by the last two, the first's row of the ring by a shorter tail
+    fillers = [[9, i % 3, 0] for i in range(MAX_TAILS_PER_NODE - 6)]
+    tails = [[5, 6, 7], [7], [5, 6], [5, 6, 7], [5, 8], [5, 6, 8], *fillers, [5], [5, 8, 3]]
     blocks = []
     for t in tails:
         table = pool.allocate(2)
@@ -301,13 +342,18 @@ def test_the_longest_agreeing_of_a_nodes_latest_tails_is_taken_and_a_record_owni
         pool.free(table)
         blocks.append(table[1])
     cache.match([0], 1)  # (indexes them)
-    # the last MAX_TAILS_PER_NODE = 4 are kept; of those, the one agreeing longest with [5, 6, 8, 0]
-    assert cache.match_tail(head + [5, 6, 8, 0], 7)[1] == (blocks[4], 3)
-    assert cache.match_tail(head + [5, 6, 7, 0], 7)[1] == (blocks[2], 3)
-    assert cache.match_tail(head + [9, 0], 5)[1] is None  # the first record's tail: no longer indexed
+    # of the latest, the one agreeing longest
+    assert cache.match_tail(head + [5, 6, 8, 0], 7)[1] == (blocks[5], 3)
+    assert cache.match_tail(head + [5, 6, 7, 0], 7)[1] == (blocks[3], 3)
+    assert cache.match_tail(head + [5, 6, 7, 0], 6)[1][1] == 2  # at most max_tokens
+    assert cache.match_tail(head + [5, 8, 3, 0], 7)[1] == (blocks[-1], 3)
+    assert cache.match_tail(head + [7, 0], 5)[1] is None  # the second record's tail: no longer indexed
+    assert cache.match_tail(head + [6, 0], 5)[1] is None  # none agrees on a first token
+    pool.allocate(len(pool.free_queue()))  # every block handed out again: none offered
+    assert cache.match_tail(head + [5, 6, 8, 0], 7)[1] is None
     # compaction keeps a record owning only its tail (its full block taken over by later records)
     pool2 = BlockPool(2)
-    cache2 = PrefixCache(4, pool2.generations, 2, is_free=lambda b: pool2.ref_count(b) == 0)
+    cache2 = PrefixCache(4, pool2.generations, 2, keep_tails=True)
     table = pool2.allocate(2)
     prompt = list(range(10, 16))
     cache2.record(prompt, [], 6, table)
