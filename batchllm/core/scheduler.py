@@ -9,10 +9,11 @@ step fills a token budget in this order:
      nested prefix of a group larger than the pool waits until its group fits beside the open ones);
   3. new top-level units, while the admission policy's projected KV use fits.
 A prefix that completes becomes READY and releases its members; it is freed exactly when its last
-member finishes. A request or prefix whose first full blocks past its fork point hold KV an earlier call left (the
-KV cache, `core/prefix_cache.py`; what requests ending as asked leave) takes them when admitted and computes the
-rest. When the KV pool cannot grow running work, the last-scheduled running entry is
-preempted by recompute (blocks freed, counter back to 0, outputs kept, back to the front of its queue;
+member finishes. A request or prefix whose tokens past its fork point have KV an earlier call left (the KV cache,
+`core/prefix_cache.py`; what requests ending as asked leave) takes it when admitted and computes the rest; a
+prefix whose whole KV was left is READY when admitted, computing nothing, and its members start in the same step.
+When the KV pool cannot grow running work, the last-scheduled running entry is preempted by recompute (blocks
+freed, counter back to 0, outputs kept, back to the front of its queue;
 a nested prefix to the back, behind the members of READY prefixes, which can run). When nothing can run at
 all (no step, or a step whose one runnable entry preempted itself), the READY prefixes with no running
 member, but for those the first waiting entry forks from, are released and recomputed later.
@@ -105,6 +106,14 @@ def _service_order(running: list[Request]) -> list[tuple[Request, int, bool]]:
     return decodes
 
 
+def _keepable_tokens(request: Request) -> int:
+    """How much of a request's prompt kept KV may cover: all but its last token, whose step samples its first output;
+    all of a shared prefix's (it samples nothing), which is then ready at admission, running no step (`_admit_from`)."""
+    if request.is_prefix:
+        return request.num_prompt_tokens
+    return request.num_prompt_tokens - 1
+
+
 def _is_decode(request: Request, num_new: int, num_tokens: int) -> bool:
     """num_new tokens from num_computed_tokens are one output token: the last of `num_tokens`."""
     return num_new == 1 and request.num_computed_tokens + 1 == num_tokens and bool(
@@ -134,6 +143,11 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self._wanted_blocks: list[list[int]] = []
         """Cached blocks requests added since the last step will take (`_note_kept_kv`)."""
+        self._unsent_copies: list[tuple[int, int]] = []
+        """Block copies of a step that scheduled no tokens (a prefix whose whole KV was kept, readied at admission,
+        whose members could not start): the next batch sent copies them first (`_schedule_once`)."""
+        self._copied_into: dict[int, int] = {}
+        """This batch's copies, destination -> source (`_add_copy`)."""
         self._shared_specs: dict[SamplingSpec, SamplingSpec] = {}
         """One SamplingSpec per distinct unseeded, unadjusted setting (`_sampling_spec`)."""
 
@@ -179,7 +193,7 @@ class Scheduler:
         those blocks are queued to be handed out last, in the order their requests were added
         (`_keep_wanted_blocks`, before the next step): under memory pressure the pool reuses the cached blocks no
         request wants first, and of the wanted ones those wanted last."""
-        blocks, tail = self.kv.match_tail(request.prompt_token_ids, request.num_prompt_tokens - 1)
+        blocks, tail = self.kv.match_tail(request.prompt_token_ids, _keepable_tokens(request))
         if len(blocks) * self.kv.block_size + (tail[1] if tail else 0) > request.fork_point:
             request.may_reuse_kept_kv = True
             self._wanted_blocks.append(blocks + [tail[0]] if tail else blocks)
@@ -195,11 +209,12 @@ class Scheduler:
         """At admission, a request (or prefix) `_note_kept_kv` found cached KV for, with nothing computed: where
         blocks still holding that KV, full ones and then a tail, reach past its fork point, it takes them
         (`KVCacheManager.adopt`; a member the parent's full blocks and the rest, `KVCacheManager.fork_onto_kept`)
-        and starts past them, at least its last token left to compute (the KV of the blocks it takes is exactly its
-        tokens': `core/prefix_cache.py`). A tail is copied into a block of its own (`KVCacheManager.adopt`).
-        Returns the tokens taken past the fork point (0: nothing taken, it forks or starts as planned) and the tail's
-        (source, copy) pair for this step's block copies (None: nothing to copy)."""
-        blocks, tail = self.kv.match_tail(request.prompt_token_ids, request.num_prompt_tokens - 1, index_new=False)
+        and starts past them, a request with at least its last token left to compute, a prefix possibly with none
+        (`_keepable_tokens`; the KV of the blocks it takes is exactly its tokens': `core/prefix_cache.py`). A tail
+        is copied into a block of its own (`KVCacheManager.adopt`). Returns the tokens taken past the fork point (0:
+        nothing taken, it forks or starts as planned) and the tail's (source, copy) pair for this step's block copies
+        (None: nothing to copy)."""
+        blocks, tail = self.kv.match_tail(request.prompt_token_ids, _keepable_tokens(request), index_new=False)
         tail_block, tail_tokens = tail if tail else (None, 0)
         start = len(blocks) * self.kv.block_size + tail_tokens
         if start <= request.fork_point:
@@ -266,7 +281,8 @@ class Scheduler:
         decoding: list[Request] = []  # the running decodes chosen, in order
         grown: list[int] = []  # their indices whose table may have grown (allocated at a block boundary)
         chosen: list[tuple[Request, int, int, bool]] = []  # the rest: (request, new tokens, its token count, decode)
-        copies: list[tuple[int, int]] = []
+        copies, self._unsent_copies = self._unsent_copies, []
+        self._copied_into = {dst: src for src, dst in copies}
         budget, rest = self._choose_decodes(budget, decoding, grown)
         budget, preempted = self._choose_in_order(rest, budget, decoding, grown, chosen)
         decodes = self._decode_rows(decoding, grown) if decoding else None
@@ -279,8 +295,11 @@ class Scheduler:
         if not preempted or not (decoding or chosen):
             if preempted:
                 self._release_idle_prefixes()
-            for queue in (self.ready_members, self.waiting):
-                budget = self._admit_from(queue, budget, chosen, copies)
+            readied = -1
+            while readied != self.stats.num_prefixes_kept_whole:  # (a prefix readied at admission: its members next)
+                readied = self.stats.num_prefixes_kept_whole
+                for queue in (self.ready_members, self.waiting):
+                    budget = self._admit_from(queue, budget, chosen, copies)
         return self._make_batch(decodes, chosen, copies)
 
     def _choose_decodes(self, budget: int, decoding: list[Request], grown: list[int]) -> tuple[int, list]:
@@ -408,6 +427,11 @@ class Scheduler:
                     break
                 request.num_computed_tokens = request.fork_point
             num_tokens = request.num_tokens
+            if request.num_computed_tokens == num_tokens:  # a prefix whose whole KV was kept: ready now
+                self._start_running(queue, request, kept, copy, copies)
+                self.stats.num_prefixes_kept_whole += 1
+                self._prefix_ready(request)
+                continue
             num_new = self._num_new_tokens(request, budget, num_tokens)
             if num_new == 0 or not self.kv.allocate_slots(
                 request.request_id, request.num_computed_tokens + num_new
@@ -415,20 +439,35 @@ class Scheduler:
                 self._free_blocks(request)  # (a kept tail's copy is dropped unmade: the tail stays findable)
                 request.num_computed_tokens = 0
                 break
-            queue.popleft()
-            if request.may_reuse_kept_kv:  # (this admission's: a preempted request may find fewer blocks again)
-                request.kept_tokens = kept
-                self.stats.kept_prefill_tokens += kept
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            self.admission.on_admit(request)
+            self._start_running(queue, request, kept, copy, copies)
             if open_sum is not None:
                 open_sum += self.admission.group_blocks(request)
             chosen.append((request, num_new, num_tokens, _is_decode(request, num_new, num_tokens)))
-            if copy is not None:
-                copies.append(copy)
             budget -= num_new
         return budget
+
+    def _start_running(self, queue: deque[Request], request: Request, kept: int, copy: tuple[int, int] | None,
+                       copies: list[tuple[int, int]]) -> None:
+        """`_admit_from`'s admission of the head of `queue`, its blocks held: it runs, with the block copy its start
+        needs (`_add_copy`)."""
+        queue.popleft()
+        if request.may_reuse_kept_kv:  # (this admission's: a preempted request may find fewer blocks again)
+            request.kept_tokens = kept
+            self.stats.kept_prefill_tokens += kept
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.admission.on_admit(request)
+        if copy is not None:
+            self._add_copy(copies, copy)
+
+    def _add_copy(self, copies: list[tuple[int, int]], copy: tuple[int, int]) -> None:
+        """Add a block copy to this batch's. One whose source is an earlier copy's destination (a member forking
+        from a prefix whose partial block is the copy of a kept tail made in this batch: both copies run before the
+        step, gathered at once) copies that copy's source instead, which holds the same tokens there."""
+        source, destination = copy
+        source = self._copied_into.get(source, source)
+        self._copied_into[destination] = source
+        copies.append((source, destination))
 
     def _num_new_tokens(self, request: Request, budget: int, num_tokens: int) -> int:
         """Tokens of the request this step can compute within `budget`; num_tokens: its `num_tokens`."""
@@ -523,6 +562,7 @@ class Scheduler:
         An empty step keeps the finished ids for the next one. chosen: (request, new tokens, its
         token count, whether those are a decode: only an admitted request's can be)."""
         if decodes is None and not chosen:
+            self._unsent_copies = copies  # (a kept prefix's tail copy: before any step reads it)
             return ScheduledBatch([])
         scheduled: list[ScheduledRequest] = []
         num_decodes = 0 if decodes is None else len(decodes.request_ids)

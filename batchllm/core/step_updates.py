@@ -87,4 +87,6 @@ class SchedulerStats:
     num_prefix_releases: int = 0
     """Shared prefixes released before their members finished, to unblock the batch."""
     num_block_copies: int = 0
+    num_prefixes_kept_whole: int = 0
+    """Shared prefixes whose whole KV an earlier sequence left: ready at admission, computing nothing."""
     peak_used_blocks: int = 0

@@ -82,11 +82,11 @@ def test_a_second_call_takes_the_kv_the_first_left(tiny_dir, dtype, block_size, 
     fresh = engine()
     ref = fresh.generate(second, params, use_tqdm=False)
     fresh.shutdown()
-    # the shared prefix takes all its KV but its last token's (its full blocks, then its partial last block, the
-    # first call's prefix's tail), each member its own past the prefix, the last prompt its own: the first call's
-    # prompt and outputs but the last output (never written), in full blocks and the partial last one
+    # the shared prefix takes all its KV (its full blocks, then a copy of the first call's prefix's partial last
+    # block), each member its own past the prefix, the last prompt its own: the first call's prompt and outputs but
+    # the last output (never written), in full blocks and a copy of the partial last one
     written = [len(p) + 39 for p in first_prompts]
-    assert kept == 299 + sum(w - 300 for w in written[:6]) + written[6]
+    assert kept == 300 + sum(w - 300 for w in written[:6]) + written[6]
     if dtype == "float32":
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
     else:

@@ -202,11 +202,12 @@ def test_members_of_a_shared_prefix_take_their_own_kept_blocks_past_it_without_c
     kept, copies, computed = stats.kept_prefill_tokens, stats.num_block_copies, stats.prefill_tokens
     out2 = _call(engine, second, params, "b")
     own = [len(p) + 3 for p in first]  # each first sequence's recorded tokens, its tail's included
-    # the prefix takes its 2 full blocks and 1 token of its own tail (the first call's prefix left it): it
-    # computes only its last token
-    assert stats.kept_prefill_tokens - kept == 9 + sum(k - 10 for k in own) and any(k % 4 for k in own)
+    # the prefix takes its 2 full blocks and its own tail (the first call's prefix left it): it computes nothing,
+    # ready at admission, and its members start in the same step
+    assert stats.kept_prefill_tokens - kept == 10 + sum(k - 10 for k in own) and any(k % 4 for k in own)
+    assert stats.num_prefixes_kept_whole == 1
     assert stats.num_block_copies - copies == 1 + sum(k % 4 != 0 for k in own)  # the prefix's tail, members' tails
-    assert stats.prefill_tokens - computed == 1 + sum(len(p) - k for p, k in zip(second, own))
+    assert stats.prefill_tokens - computed == sum(len(p) - k for p, k in zip(second, own))
     assert out2 == _call(_engine(400, 4, 64, 1.0, overlap=True), second, params, "b")
 
 
@@ -268,10 +269,10 @@ def test_a_tail_is_copied_by_each_request_that_takes_it_and_stays_as_it_was(over
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_member_whose_tail_alone_reaches_past_its_fork_point_takes_it_instead_of_its_parents_partial_block(overlap):
     """`first` leaves 2 full blocks and a tail of 2 tokens. The next call groups `continuing` (the first 10 tokens and
-    more) and `diverging` under their shared 9 tokens: the prefix takes the 2 full blocks and computes its ninth;
-    `continuing`'s kept full blocks end before its fork point, its tail past it, so it takes the parent's full
-    blocks and a copy of the tail, not a copy of the parent's partial block, and computes from its eleventh token
-    (as the beams of one parent do, each step a call); `diverging` forks as planned."""
+    more) and `diverging` under their shared 9 tokens: the prefix takes the 2 full blocks and its ninth token's KV
+    from the tail; `continuing`'s kept full blocks end before its fork point, its tail past it, so it takes the
+    parent's full blocks and a copy of the tail, not a copy of the parent's partial block, and computes from its
+    eleventh token; `diverging` forks as planned."""
     engine = _engine(64, 4, 64, 1.0, overlap=overlap)
     first = list(range(1, 11))
     assert _call(engine, [first], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)], "a")
@@ -281,9 +282,12 @@ def test_a_member_whose_tail_alone_reaches_past_its_fork_point_takes_it_instead_
     kept, computed, copies = stats.kept_prefill_tokens, stats.prefill_tokens, stats.num_block_copies
     out = _call(engine, [continuing, diverging], params, "b")
     assert out == _call(_engine(64, 4, 64, 1.0, overlap), [continuing, diverging], params, "b")
-    assert stats.kept_prefill_tokens - kept == 8 + 1  # the prefix's full blocks, the member's one token past it
-    assert stats.prefill_tokens - computed == 1 + 2 + 3  # the prefix's ninth token, the members' own
-    assert stats.num_block_copies - copies == 2  # the tail's copy, `diverging`'s copy of the partial block
+    # the prefix takes its 2 full blocks and a copy of the tail's first token: all of it, ready at admission
+    assert stats.kept_prefill_tokens - kept == 9 + 1  # the prefix's 9 tokens, the member's one past them
+    assert stats.prefill_tokens - computed == 2 + 3  # the members' own
+    # the prefix's and `continuing`'s copies of the tail; `diverging`'s of the prefix's partial block, made in the
+    # same step from the tail (the runner gathers a step's sources at once: the prefix's copy is not made yet)
+    assert stats.num_block_copies - copies == 3 and stats.num_prefixes_kept_whole == 1
 
 
 def test_in_a_full_pool_the_tail_is_handed_out_as_its_own_copy():
@@ -298,6 +302,21 @@ def test_in_a_full_pool_the_tail_is_handed_out_as_its_own_copy():
     out = _call(engine, [first + [7]], one, "b")
     assert out == _call(_engine(3, 4, 64, 1.0, False), [first + [7]], one, "b")
     assert stats.kept_prefill_tokens - kept == 10 and stats.num_block_copies == copies
+
+
+def test_copies_of_a_step_that_schedules_no_token_go_with_the_next_batch_first():
+    """A prefix ready at admission whose members could not start leaves a step of no tokens: its tail's copy is not
+    lost with the empty batch but made before the next step (and a later member's copy from the prefix's block is
+    made from the tail, as if in one batch)."""
+    engine = _engine(16, 4, 64, 1.0, overlap=False)
+    scheduler = engine.scheduler
+    assert scheduler._make_batch(None, [], [(3, 5)]).num_seqs == 0
+    engine.add_request(Request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1), arrival_index=0))
+    batch = scheduler.schedule()
+    assert batch.num_seqs == 1 and batch.block_copies == [(3, 5)]
+    assert scheduler._unsent_copies == [] and scheduler._copied_into == {5: 3}
+    scheduler._add_copy(batch.block_copies, (5, 9))
+    assert batch.block_copies == [(3, 5), (3, 9)]
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -35,10 +35,15 @@ class PagedKVExecutor:
         self.batches.append(batch)
         for rid in batch.finished_request_ids:
             self.tables.pop(rid, None)
-        for src, dst in batch.block_copies:
-            for off in range(self.bs):
-                if (src, off) in self.slots:
-                    self.slots[(dst, off)] = self.slots[(src, off)]
+        # as the runner copies (`ModelRunner._copy_blocks`): every source gathered, then every destination written
+        # whole (a slot the source never held is unwritten in the copy too)
+        gathered = [(dst, [self.slots.get((src, off)) for off in range(self.bs)]) for src, dst in batch.block_copies]
+        for dst, values in gathered:
+            for off, value in enumerate(values):
+                if value is None:
+                    self.slots.pop((dst, off), None)
+                else:
+                    self.slots[(dst, off)] = value
         out = {}
         group_kv = {}
         for r in batch.requests:
