@@ -1,8 +1,8 @@
 """Beam search with the KV of each step kept for the next (the default) against recomputed (the engine's KV cache
 switched off, `kv.cache = None`: what every call did before, each step still sharing its beams' prefixes within
 itself): every step is one call over the live beams (`beam_search.py`), so without kept KV each step computes every
-prompt again. One engine per setting, in this process, one after the other; prints wall time and prefill tokens
-computed of each, and their ratio.
+prompt again. One engine per setting, in this process, one after the other; prints wall time, prefill tokens computed
+and engine steps of each, and their ratio. PYTHONPATH=<another tree> runs this script on that tree's engine.
 
     python3 benchmarks/beam_steps.py --model benchmarks/configs/llama-3.1-8b --prompts 16 --prompt-len 1000 \\
         --beam-width 4 --max-tokens 32 -- --load-format dummy --dtype bfloat16                  # GPU
@@ -46,12 +46,13 @@ def main() -> int:
         params = BeamSearchParams(beam_width=ours.beam_width, max_tokens=ours.max_tokens, ignore_eos=True)
         llm.beam_search(prompts[:1], BeamSearchParams(beam_width=2, max_tokens=2))  # (warm-up: compiles, graphs)
         llm.reset_prefix_cache()
-        computed = llm.engine.core.scheduler.stats.prefill_tokens
+        stats = llm.engine.core.scheduler.stats
+        computed, steps = stats.prefill_tokens, stats.num_steps
         started = time.perf_counter()
         llm.beam_search(prompts, params)
         results["kept" if caching else "recomputed"] = {
             "wall_s": round(time.perf_counter() - started, 3),
-            "prefill_tokens_computed": llm.engine.core.scheduler.stats.prefill_tokens - computed}
+            "prefill_tokens_computed": stats.prefill_tokens - computed, "engine_steps": stats.num_steps - steps}
         llm.shutdown()
     ratio = results["recomputed"]["wall_s"] / results["kept"]["wall_s"]
     print(json.dumps({**results, "speedup": round(ratio, 3)}), flush=True)
