@@ -99,45 +99,39 @@ class KVCacheManager:
         return self.cache.match_tail(tokens, max_tokens, index_new)
 
     def fork_onto_kept(self, child_id: str, parent_id: str, num_tokens: int, kept: list[int],
-                       tail: int | None = None) -> tuple[int, int] | None:
+                       tail: bool = False) -> None:
         """Start the child's table with the parent's full blocks among its first `num_tokens` tokens (one more
-        reference each), then the blocks `match` found for the child's tokens past them (`adopt`), then a copy of
-        `tail` (`adopt`). `kept` holds at least the parent's full blocks' tokens and, with the tail, reaches past
+        reference each), then the blocks `match` found for the child's tokens past them (`adopt`). `kept` holds at
+        least the parent's full blocks' tokens and, with a kept tail after it (`tail_copy`), reaches past
         `num_tokens`: its block over the parent's partial last block (if any), or the tail's copy, holds the same
-        tokens, so the parent's partial block is not copied. Returns the tail's (source, copy) pair or None."""
+        tokens, so the parent's partial block is not copied."""
         if child_id in self._tables:
             raise ValueError(f"{child_id!r} already holds blocks")
         full = num_tokens // self.block_size
-        if len(kept) < full or (len(kept) * self.block_size <= num_tokens and tail is None):
+        if len(kept) < full or (len(kept) * self.block_size <= num_tokens and not tail):
             raise ValueError(f"{len(kept)} kept blocks and no tail do not reach past the fork point {num_tokens}")
         table = self._tables[parent_id][:full]
         self.pool.share(table)
         self.pool.revive(kept[full:])
         self._tables[child_id] = table + kept[full:]
-        return self._copy_tail(child_id, tail)
 
-    def adopt(self, request_id: str, blocks: list[int], tail: int | None = None) -> tuple[int, int] | None:
+    def adopt(self, request_id: str, blocks: list[int]) -> None:
         """Start a table with blocks `match` found: one more reference each (free ones taken out of the queue
-        with their contents); then, for the tail block `match_tail` found (if any), a block of its own that the
-        runner copies the tail into before the request's step writes past its KV (copy-on-write: the tail stays
-        free and findable). Returns the (source, copy) pair, or None (no tail, or the tail handed out as its own
-        copy)."""
+        with their contents). A tail `match_tail` found past them is copied into the table's next block
+        (`tail_copy`)."""
         if request_id in self._tables:
             raise ValueError(f"{request_id!r} already holds blocks")
         self.pool.revive(blocks)
         self._tables[request_id] = list(blocks)
-        return self._copy_tail(request_id, tail)
 
-    def _copy_tail(self, request_id: str, tail: int | None) -> tuple[int, int] | None:
-        """After the table's kept blocks are revived (so the copy is none of them): a fresh block for the tail's
-        copy, appended to the table. One is always free: the tail itself is (a valid tail is no request's,
-        `core/prefix_cache.py`), which the pool may hand out as its own copy (its generation moves on: nothing
-        finds it again; nothing is copied)."""
-        if tail is None:
-            return None
-        [copy] = self.pool.allocate(1)
-        self._tables[request_id].append(copy)
-        return (tail, copy) if copy != tail else None
+    def tail_copy(self, request_id: str, tail: int, index: int) -> tuple[int, int] | None:
+        """The (tail, destination) block copy that gives the request the kept tail's KV at table `index` (the block
+        after its kept full blocks, allocated by `allocate_slots`), made before its step writes past it; the tail
+        stays findable (copy-on-write). None where the pool handed the request the tail itself there (the last
+        free block): it holds the KV already, and its generation moved on (nothing finds it again). A tail handed
+        to the request further on is still copied first: copies run before the step."""
+        destination = self._tables[request_id][index]
+        return None if destination == tail else (tail, destination)
 
     @property
     def num_free_blocks(self) -> int:

@@ -19,10 +19,11 @@ and its block's tokens (exact: the tokens are compared, not a hash of them), hol
 A record also holds its partial last block, its tail (the tokens past its last full block), indexed under the
 node of its full blocks (a few per node, the latest). `match_tail` finds, past the full blocks `match` finds, a
 tail whose first tokens are the prompt's next ones: a second turn continues its first turn's sequence, which ended
-inside a block. A tail is never written again: each request that takes it writes into a copy of its own
-(`KVCacheManager.adopt`), so it stays findable by the next (the beams of one parent, conversations branching from
-one turn). A tail is a recorded sequence's own partial block (partial blocks are copied on write, never shared), so
-while its generation is unchanged no request holds it.
+inside a block. A tail is not written while it can be found: each request that takes it writes into a copy of its
+own (`KVCacheManager.tail_copy`), so it stays findable by the next (the beams of one parent, conversations branching
+from one turn), unless the pool hands that request the tail block itself, which moves its generation on. A tail is a
+recorded sequence's own partial block (partial blocks are copied on write, never shared), so while its generation
+is unchanged no request holds it.
 
 Invariant: a block on a node's path, while its generation is the one recorded, holds the KV of exactly the tokens
 on that path. Full blocks are never written again: a member writes past its fork point and a partial block is
@@ -49,16 +50,20 @@ a node's tails are compared with the prompt at once at each match (`_NodeTails`)
 
 class _NodeTails:
     """The latest MAX_TAILS_PER_NODE tails under one node, in a ring: row i of `tokens` holds tail i's tokens, padded
-    with -1 (no token id) to block_size - 1 columns."""
+    with -1 (no token id) to block_size - 1 columns. Rows grow as tails come (most nodes hold one)."""
 
     def __init__(self, block_size: int) -> None:
-        self.tokens = np.full((MAX_TAILS_PER_NODE, block_size - 1), -1, dtype=np.int32)
+        self.tokens = np.full((1, block_size - 1), -1, dtype=np.int32)
         self.blocks: list[int] = []
         self.generations: list[int] = []
         self._next = 0  # the ring's oldest row once full
 
     def add(self, tokens: np.ndarray, block: int, generation: int) -> None:
         row = self._next
+        if row == len(self.tokens):  # (full below MAX_TAILS_PER_NODE rows: twice the rows)
+            grown = np.full((min(2 * row, MAX_TAILS_PER_NODE), self.tokens.shape[1]), -1, dtype=np.int32)
+            grown[:row] = self.tokens
+            self.tokens = grown
         self.tokens[row] = -1
         self.tokens[row, :len(tokens)] = tokens
         if row == len(self.blocks):

@@ -211,21 +211,21 @@ class Scheduler:
         (`KVCacheManager.adopt`; a member the parent's full blocks and the rest, `KVCacheManager.fork_onto_kept`)
         and starts past them, a request with at least its last token left to compute, a prefix possibly with none
         (`_keepable_tokens`; the KV of the blocks it takes is exactly its tokens': `core/prefix_cache.py`). A tail
-        is copied into a block of its own (`KVCacheManager.adopt`). Returns the tokens taken past the fork point (0:
-        nothing taken, it forks or starts as planned) and the tail's (source, copy) pair for this step's block copies
-        (None: nothing to copy)."""
+        is copied into the block its table holds next, allocated with the rest of its blocks once the admission
+        goes through (`KVCacheManager.tail_copy`). Returns the tokens taken past the fork point (0: nothing taken, it
+        forks or starts as planned) and the tail as (its block, the table index its copy goes to), or None."""
         blocks, tail = self.kv.match_tail(request.prompt_token_ids, _keepable_tokens(request), index_new=False)
         tail_block, tail_tokens = tail if tail else (None, 0)
         start = len(blocks) * self.kv.block_size + tail_tokens
         if start <= request.fork_point:
             return 0, None
         if request.parent is None:
-            copy = self.kv.adopt(request.request_id, blocks, tail_block)
+            self.kv.adopt(request.request_id, blocks)
         else:
-            copy = self.kv.fork_onto_kept(request.request_id, request.parent.request_id, request.fork_point, blocks,
-                                          tail_block)
+            self.kv.fork_onto_kept(request.request_id, request.parent.request_id, request.fork_point, blocks,
+                                   tail_block is not None)
         request.num_computed_tokens = start
-        return start - request.fork_point, copy
+        return start - request.fork_point, None if tail_block is None else (tail_block, len(blocks))
 
     def kv_blocks_needed(self, request: Request) -> int:
         """KV blocks the pool must hold for a request at once, exactly: its own table, for the tokens it writes
@@ -418,28 +418,30 @@ class Scheduler:
             if request.is_prefix and request.parent is not None and not self.admission.can_open_subgroup(
                     request, open_blocks, nothing_running=not self.running):
                 break  # (its group outgrew the pool: it waits for its siblings to free memory)
-            copy, kept = None, 0
+            copy, kept, tail = None, 0, None
             if request.may_reuse_kept_kv and not request.num_computed_tokens:
-                kept, copy = self._take_kept_kv(request)
+                kept, tail = self._take_kept_kv(request)
             if request.parent is not None and not kept:
                 ok, copy = self.kv.fork(request.request_id, request.parent.request_id, request.fork_point)
                 if not ok:
                     break
                 request.num_computed_tokens = request.fork_point
             num_tokens = request.num_tokens
-            if request.num_computed_tokens == num_tokens:  # a prefix whose whole KV was kept: ready now
-                self._start_running(queue, request, kept, copy, copies)
+            whole = request.num_computed_tokens == num_tokens  # a prefix whose whole KV was kept: ready now
+            num_new = 0 if whole else self._num_new_tokens(request, budget, num_tokens)
+            if not (whole or num_new) or not self.kv.allocate_slots(
+                request.request_id, request.num_computed_tokens + num_new
+            ):
+                self._free_blocks(request)  # (a kept tail is untouched: its copy's block was not allocated)
+                request.num_computed_tokens = 0
+                break
+            if tail is not None:
+                copy = self.kv.tail_copy(request.request_id, *tail)
+            self._start_running(queue, request, kept, copy, copies)
+            if whole:
                 self.stats.num_prefixes_kept_whole += 1
                 self._prefix_ready(request)
                 continue
-            num_new = self._num_new_tokens(request, budget, num_tokens)
-            if num_new == 0 or not self.kv.allocate_slots(
-                request.request_id, request.num_computed_tokens + num_new
-            ):
-                self._free_blocks(request)  # (a kept tail's copy is dropped unmade: the tail stays findable)
-                request.num_computed_tokens = 0
-                break
-            self._start_running(queue, request, kept, copy, copies)
             if open_sum is not None:
                 open_sum += self.admission.group_blocks(request)
             chosen.append((request, num_new, num_tokens, _is_decode(request, num_new, num_tokens)))

@@ -279,9 +279,11 @@ class ModelRunner:
                                    None if prompt is None else prompt.to_host())
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write of partial prefix blocks: each (source, destination) block's bytes, every layer's K and V,
-        in list order, at most BLOCK_COPY_BYTES at a time (each copy gathers its sources into a temporary first:
-        one gather of 514 pairs took 4 GiB on the 8B shape)."""
+        """Copy-on-write of partial prefix blocks and kept tails: each (source, destination) block's bytes, every
+        layer's K and V, at most BLOCK_COPY_BYTES at a time, those chunks in list order; within a chunk every source
+        is gathered into a temporary before any destination is written (one gather of 514 pairs took 4 GiB on the 8B
+        shape), so a source that is an earlier pair's destination would be read unwritten: the scheduler names the
+        first source instead (`Scheduler._add_copy`)."""
         on_device = to_device(pairs, self.device, torch.int64)
         per_copy = max(1, BLOCK_COPY_BYTES // self.kv_spec.bytes_per_block)
         for begin in range(0, len(pairs), per_copy):

@@ -224,6 +224,7 @@ def test_a_tail_is_found_as_far_as_the_prompt_agrees_and_only_while_unchanged():
     assert cache.match_tail(prompt[:8] + [99, 5], 10) == (blocks[:2], None)
     assert cache.match_tail(prompt + [5], 9) == (blocks[:2], (blocks[2], 1))  # at most max_tokens in all
     assert cache.match_tail(prompt + [5], 8) == (blocks[:2], None)
+    assert cache.match_tail(prompt[:8] + [99, 19, 5], 10) == (blocks[:2], None)  # only a later token agrees: no run
     assert cache.match(prompt + [5], 3) == blocks[:2]  # (full blocks only)
     handed = pool.allocate(8)
     assert handed[-1] == blocks[2]  # handed out again: its generation moves on, never offered again
@@ -304,6 +305,23 @@ def test_in_a_full_pool_the_tail_is_handed_out_as_its_own_copy():
     assert stats.kept_prefill_tokens - kept == 10 and stats.num_block_copies == copies
 
 
+def test_a_tail_stays_findable_when_the_admission_taking_it_fails():
+    """Five blocks, the first sequence's 3 kept, a tail of 2 tokens in the third. The next call's new prompt takes 2
+    blocks; its continuation then finds the 2 full blocks and the tail, but the one block left for the rest (the tail
+    itself) is admitted only when the new prompt ends: that failed admission allocated nothing, so the tail is still
+    there, whole, for the admission that goes through."""
+    engine = _engine(5, 4, 64, 4.0, overlap=False)
+    first = list(range(1, 11))
+    one = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    _call(engine, [first], one, "a")
+    stats = engine.scheduler.stats
+    kept = stats.kept_prefill_tokens
+    prompts = [list(range(100, 108)), first + [7, 7, 7]]
+    out = _call(engine, prompts, one * 2, "b")
+    assert out == _call(_engine(5, 4, 64, 4.0, False), prompts, one * 2, "b")
+    assert stats.kept_prefill_tokens - kept == 10
+
+
 def test_copies_of_a_step_that_schedules_no_token_go_with_the_next_batch_first():
     """A prefix ready at admission whose members could not start leaves a step of no tokens: its tail's copy is not
     lost with the empty batch but made before the next step (and a later member's copy from the prefix's block is
@@ -368,6 +386,7 @@ def test_the_longest_agreeing_of_a_nodes_latest_tails_is_taken_and_a_record_owni
     assert cache.match_tail(head + [5, 8, 3, 0], 7)[1] == (blocks[-1], 3)
     assert cache.match_tail(head + [7, 0], 5)[1] is None  # the second record's tail: no longer indexed
     assert cache.match_tail(head + [6, 0], 5)[1] is None  # none agrees on a first token
+    assert cache.match_tail(head + [5, 99, 7, 0], 7)[1][1] == 1  # agreement is a leading run: [5, 6, 7] gives 1
     pool.allocate(len(pool.free_queue()))  # every block handed out again: none offered
     assert cache.match_tail(head + [5, 6, 8, 0], 7)[1] is None
     # compaction keeps a record owning only its tail (its full block taken over by later records)
