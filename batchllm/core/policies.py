@@ -104,10 +104,22 @@ class MemoryAdmission:
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int, threshold: float = 1.0,
                  unbounded_output_estimate: int = UNBOUNDED_OUTPUT_ESTIMATE) -> None:
         self.capacity = threshold * num_blocks
+        self._loose_capacity, self._num_blocks = self.capacity, num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.unbounded_output_estimate = unbounded_output_estimate
         self.projected_blocks = 0
+
+    def tighten(self) -> None:
+        """Admit into the pool itself (threshold 1) until `relax`: the scheduler's release of idle prefixes, a
+        step where nothing could run, found the pool over-committed (above a threshold over 1, nested groups
+        opened together can fill it with READY prefixes whose members cannot start, released and reopened the
+        same way forever)."""
+        self.capacity = min(self._loose_capacity, self._num_blocks)
+
+    def relax(self) -> None:
+        """Back to the threshold's capacity: a request finished, the batch moves."""
+        self.capacity = self._loose_capacity
 
     def projection(self, request: Request) -> int:
         """Blocks the request holds at most beside its prefixes: its table for the tokens it writes (a prefix: its

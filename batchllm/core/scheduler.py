@@ -16,7 +16,8 @@ When the KV pool cannot grow running work, the last-scheduled running entry is p
 freed, counter back to 0, outputs kept, back to the front of its queue;
 a nested prefix to the back, behind the members of READY prefixes, which can run). When nothing can run at
 all (no step, or a step whose one runnable entry preempted itself), the READY prefixes with no running
-member, but for those the first waiting entry forks from, are released and recomputed later.
+member, but for those the first waiting entry forks from, are released and recomputed later, and admission
+charges the pool itself, whatever its threshold, until a request finishes (`MemoryAdmission.tighten`).
 No request is dropped and no token is ever wrong.
 
 Scheduling a step advances the counters of its requests (and makes a prefix READY once its last
@@ -555,6 +556,8 @@ class Scheduler:
             self._requeue(prefix, front=False)
             self.stats.num_prefix_releases += 1
             logger.debug("released idle prefix %s to unblock the batch", prefix.request_id)
+        if released:
+            self.admission.tighten()
         return bool(released)
 
     def _make_batch(self, decodes: DecodeRows | None, chosen: list[tuple[Request, int, int, bool]],
@@ -793,6 +796,8 @@ class Scheduler:
         request.stop_reason = stop_reason
         self._free_blocks(request, keep)
         self.admission.on_release(request)
+        if not request.is_prefix:
+            self.admission.relax()
         self._finished_since_last_step.append(request.request_id)  # the runner drops its state
         del self.requests[request.request_id]
         parent = request.parent

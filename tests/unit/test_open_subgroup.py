@@ -106,3 +106,17 @@ def test_open_work_is_summed_once_per_admission_loop(monkeypatch):
     assert len(summed_in) == len(set(summed_in)), "one sum per admission loop"
     assert len(asks) > len(sums), "some loop asked twice and summed once"
     assert all(walked <= with_pending for _, walked, with_pending in sums), sums
+
+
+def test_an_overcommitted_pool_full_of_ready_prefixes_still_finishes():
+    """Above a threshold of 1, nested groups opened together filled a small pool with READY prefixes whose members
+    could not start; they were released and reopened the same way forever (a livelock the review fuzzer found).
+    After a release, admission charges the pool itself until a request finishes: the batch ends, with the tokens of
+    a threshold of 1."""
+    rng = random.Random(16)
+    prompts = [[rng.choice([1, 2]) for _ in range(rng.randrange(2, 22))] for _ in range(rng.randrange(20, 60))]
+    max_tokens = [rng.randrange(1, 10) for _ in prompts]
+    loose, sched, _, _ = run(prompts, sharing=True, num_blocks=8, block_size=10, budget=256, max_tokens=max_tokens,
+                             threshold=4.0)
+    assert sched.stats.num_prefix_releases > 0
+    assert loose == run(prompts, sharing=True, num_blocks=8, block_size=10, budget=256, max_tokens=max_tokens)[0]
