@@ -466,11 +466,13 @@ class Scheduler:
     def _add_copy(self, copies: list[tuple[int, int]], copy: tuple[int, int]) -> None:
         """Add a block copy to this batch's. One whose source is an earlier copy's destination (a member forking
         from a prefix whose partial block is the copy of a kept tail made in this batch: both copies run before the
-        step, gathered at once) copies that copy's source instead, which holds the same tokens there."""
+        step, gathered at once) copies that copy's source instead, which holds the same tokens there (and is dropped
+        where that source is its destination: the kept tail handed out as the member's copy block)."""
         source, destination = copy
         source = self._copied_into.get(source, source)
-        self._copied_into[destination] = source
-        copies.append((source, destination))
+        if source != destination:
+            self._copied_into[destination] = source
+            copies.append((source, destination))
 
     def _num_new_tokens(self, request: Request, budget: int, num_tokens: int) -> int:
         """Tokens of the request this step can compute within `budget`; num_tokens: its `num_tokens`."""
