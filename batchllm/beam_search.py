@@ -5,8 +5,9 @@ max_tokens is reached the live beams are too, and each prompt's beam_width best 
 
 Every step is one `generate` call over all live beams of all prompts: a prompt's beams share its prompt and most
 of their tokens, which prefix sharing computes once per call, and each step takes the KV the step before left (the
-KV cache, `core/prefix_cache.py`, as vLLM's prefix cache keeps it), so it computes only the beams' new tokens (and
-each shared prefix's last token): every beam of a parent takes a copy of the parent's partial last block.
+KV cache, `core/prefix_cache.py`, as vLLM's prefix cache keeps it), so it computes only the beams' new tokens, in one
+engine step: every beam of a parent takes a copy of the parent's partial last block, and a planned prefix found
+whole computes nothing (`core/scheduler.py`).
 Writer: `run_beam_search`, of the beams of its own call only (the outputs it returns are the caller's).
 """
 

@@ -467,9 +467,14 @@ class Scheduler:
         """Add a block copy to this batch's. One whose source is an earlier copy's destination (a member forking
         from a prefix whose partial block is the copy of a kept tail made in this batch: both copies run before the
         step, gathered at once) copies that copy's source instead, which holds the same tokens there (and is dropped
-        where that source is its destination: the kept tail handed out as the member's copy block)."""
+        where that source is its destination: the kept tail handed out as the member's copy block). A copy carried
+        from an empty step into a block freed since (its prefix released) and handed out here again is dropped: two
+        copies into one block in one gather would leave either."""
         source, destination = copy
         source = self._copied_into.get(source, source)
+        if destination in self._copied_into:
+            copies[:] = [c for c in copies if c[1] != destination]
+            del self._copied_into[destination]
         if source != destination:
             self._copied_into[destination] = source
             copies.append((source, destination))

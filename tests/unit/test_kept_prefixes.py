@@ -337,6 +337,8 @@ def test_copies_of_a_step_that_schedules_no_token_go_with_the_next_batch_first()
     assert batch.block_copies == [(3, 5), (3, 9)]
     scheduler._add_copy(batch.block_copies, (5, 3))  # (block 3 already holds what 5 will: nothing to copy)
     assert batch.block_copies == [(3, 5), (3, 9)]
+    scheduler._add_copy(batch.block_copies, (7, 5))  # (block 5 handed out again since: the new copy alone)
+    assert batch.block_copies == [(3, 9), (7, 5)]
 
 
 @pytest.mark.parametrize("chunked", [False, True])
