@@ -144,11 +144,10 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self._wanted_blocks: list[list[int]] = []
         """Cached blocks requests added since the last step will take (`_note_kept_kv`)."""
-        self._unsent_copies: list[tuple[int, int]] = []
-        """Block copies of a step that scheduled no tokens (a prefix whose whole KV was kept, readied at admission,
-        whose members could not start): the next batch sent copies them first (`_schedule_once`)."""
-        self._copied_into: dict[int, int] = {}
-        """This batch's copies, destination -> source (`_add_copy`)."""
+        self._unsent_copies: dict[int, int] = {}
+        """Block copies (destination -> source) of a step that scheduled no tokens (a prefix whose whole KV was kept,
+        readied at admission, whose members could not start): the next batch sent copies them first
+        (`_schedule_once`)."""
         self._shared_specs: dict[SamplingSpec, SamplingSpec] = {}
         """One SamplingSpec per distinct unseeded, unadjusted setting (`_sampling_spec`)."""
 
@@ -282,8 +281,7 @@ class Scheduler:
         decoding: list[Request] = []  # the running decodes chosen, in order
         grown: list[int] = []  # their indices whose table may have grown (allocated at a block boundary)
         chosen: list[tuple[Request, int, int, bool]] = []  # the rest: (request, new tokens, its token count, decode)
-        copies, self._unsent_copies = self._unsent_copies, []
-        self._copied_into = {dst: src for src, dst in copies}
+        copies, self._unsent_copies = self._unsent_copies, {}  # (destination -> source, in the order added)
         budget, rest = self._choose_decodes(budget, decoding, grown)
         budget, preempted = self._choose_in_order(rest, budget, decoding, grown, chosen)
         decodes = self._decode_rows(decoding, grown) if decoding else None
@@ -395,7 +393,7 @@ class Scheduler:
             request.num_pending_tokens += 1
         return rows
 
-    def _admit_from(self, queue: deque[Request], budget: int, chosen: list, copies: list) -> int:
+    def _admit_from(self, queue: deque[Request], budget: int, chosen: list, copies: dict[int, int]) -> int:
         """Admit from the head of `queue` while budget, seats and memory last; the queue's order is kept
         (the first entry that cannot start stops it). Returns the budget left.
 
@@ -450,7 +448,7 @@ class Scheduler:
         return budget
 
     def _start_running(self, queue: deque[Request], request: Request, kept: int, copy: tuple[int, int] | None,
-                       copies: list[tuple[int, int]]) -> None:
+                       copies: dict[int, int]) -> None:
         """`_admit_from`'s admission of the head of `queue`, its blocks held: it runs, with the block copy its start
         needs (`_add_copy`)."""
         queue.popleft()
@@ -463,21 +461,19 @@ class Scheduler:
         if copy is not None:
             self._add_copy(copies, copy)
 
-    def _add_copy(self, copies: list[tuple[int, int]], copy: tuple[int, int]) -> None:
-        """Add a block copy to this batch's. One whose source is an earlier copy's destination (a member forking
-        from a prefix whose partial block is the copy of a kept tail made in this batch: both copies run before the
-        step, gathered at once) copies that copy's source instead, which holds the same tokens there (and is dropped
-        where that source is its destination: the kept tail handed out as the member's copy block). A copy carried
-        from an empty step into a block freed since (its prefix released) and handed out here again is dropped: two
-        copies into one block in one gather would leave either."""
+    def _add_copy(self, copies: dict[int, int], copy: tuple[int, int]) -> None:
+        """Add a block copy to this batch's (destination -> source, in the order added). One whose source is an
+        earlier copy's destination (a member forking from a prefix whose partial block is the copy of a kept tail
+        made in this batch: both copies run before the step, gathered at once) copies that copy's source instead,
+        which holds the same tokens there (and is dropped where that source is its destination: the kept tail handed
+        out as the member's copy block). A copy carried from an empty step into a block freed since (its prefix
+        released) and handed out here again is replaced: two copies into one block in one gather would leave
+        either."""
         source, destination = copy
-        source = self._copied_into.get(source, source)
-        if destination in self._copied_into:
-            copies[:] = [c for c in copies if c[1] != destination]
-            del self._copied_into[destination]
+        source = copies.get(source, source)
+        copies.pop(destination, None)
         if source != destination:
-            self._copied_into[destination] = source
-            copies.append((source, destination))
+            copies[destination] = source
 
     def _num_new_tokens(self, request: Request, budget: int, num_tokens: int) -> int:
         """Tokens of the request this step can compute within `budget`; num_tokens: its `num_tokens`."""
@@ -568,7 +564,7 @@ class Scheduler:
         return bool(released)
 
     def _make_batch(self, decodes: DecodeRows | None, chosen: list[tuple[Request, int, int, bool]],
-                    copies: list[tuple[int, int]]) -> ScheduledBatch:
+                    copies: dict[int, int]) -> ScheduledBatch:
         """The step's batch: the running decodes, already made (`_decode_rows`), then the other
         chosen entries, made here; advances the counters of its requests (see the module docstring).
         An empty step keeps the finished ids for the next one. chosen: (request, new tokens, its
@@ -598,7 +594,8 @@ class Scheduler:
         self.num_pending_outputs += num_samples + num_decodes
         self.stats.decode_tokens += num_decodes
         self.stats.attended_keys += attended_keys + num_decodes
-        batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step, block_copies=copies,
+        batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step,
+                               block_copies=[(source, destination) for destination, source in copies.items()],
                                num_sampling_rows=num_samples + num_decodes, decodes=decodes)
         self._finished_since_last_step = []
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device

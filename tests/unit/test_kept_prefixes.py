@@ -328,17 +328,22 @@ def test_copies_of_a_step_that_schedules_no_token_go_with_the_next_batch_first()
     made from the tail, as if in one batch)."""
     engine = _engine(16, 4, 64, 1.0, overlap=False)
     scheduler = engine.scheduler
-    assert scheduler._make_batch(None, [], [(3, 5)]).num_seqs == 0
+    assert scheduler._make_batch(None, [], {5: 3}).num_seqs == 0
     engine.add_request(Request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1), arrival_index=0))
     batch = scheduler.schedule()
     assert batch.num_seqs == 1 and batch.block_copies == [(3, 5)]
-    assert scheduler._unsent_copies == [] and scheduler._copied_into == {5: 3}
-    scheduler._add_copy(batch.block_copies, (5, 9))
-    assert batch.block_copies == [(3, 5), (3, 9)]
-    scheduler._add_copy(batch.block_copies, (5, 3))  # (block 3 already holds what 5 will: nothing to copy)
-    assert batch.block_copies == [(3, 5), (3, 9)]
-    scheduler._add_copy(batch.block_copies, (7, 5))  # (block 5 handed out again since: the new copy alone)
-    assert batch.block_copies == [(3, 9), (7, 5)]
+    assert scheduler._unsent_copies == {}
+    copies = {5: 3}  # (that batch's copies, destination -> source)
+
+    def pairs():
+        return [(source, destination) for destination, source in copies.items()]
+
+    scheduler._add_copy(copies, (5, 9))
+    assert pairs() == [(3, 5), (3, 9)]
+    scheduler._add_copy(copies, (5, 3))  # (block 3 already holds what 5 will: nothing to copy)
+    assert pairs() == [(3, 5), (3, 9)]
+    scheduler._add_copy(copies, (7, 5))  # (block 5 handed out again since: the new copy alone)
+    assert pairs() == [(3, 9), (7, 5)]
 
 
 @pytest.mark.parametrize("chunked", [False, True])
