@@ -58,6 +58,10 @@ class Shard:
     held: tuple[tuple[int, int], ...] = ()
     """(rank, tokens of `prefill_tokens` that rank holds from an earlier call), for each rank holding any."""
 
+    def largest_first(self) -> tuple[float, int]:
+        """Sort key: costliest first, ties by first prompt (deterministic)."""
+        return -self.cost, self.prompts[0]
+
     def cost_on(self, rank: int, prefill_weight: float) -> float:
         """The shard's cost on `rank`: less the prefill it holds there."""
         return self.cost - prefill_weight * dict(self.held).get(rank, 0)
@@ -117,7 +121,7 @@ def partition_plan(plan: PrefixPlan, expected_output: Sequence[int], num_ranks: 
             shards.extend(chunks)
         else:
             shards.append(unit)
-    shards.sort(key=lambda s: (-s.cost, s.prompts[0]))
+    shards.sort(key=Shard.largest_first)
     queue = _tail(shards, tail_fraction) if num_ranks > 1 else []
     pinned_shards = shards[: len(shards) - len(queue)]
     if any(s.held for s in pinned_shards):
@@ -184,10 +188,10 @@ def _place_by_held(shards: list[Shard], num_ranks: int,
             shard = own.pop(0)
             loads[rank] -= shard.cost_on(rank, prefill_weight)
             rest.append(shard)
-    rest.sort(key=lambda s: (-s.cost, s.prompts[0]))
+    rest.sort(key=Shard.largest_first)
     _place_longest_first(rest, num_ranks, prefill_weight, pinned, loads)
     for own in pinned:
-        own.sort(key=lambda s: (-s.cost, s.prompts[0]))
+        own.sort(key=Shard.largest_first)
     return pinned, loads
 
 
