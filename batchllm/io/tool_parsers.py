@@ -74,9 +74,11 @@ _JSON = json.JSONDecoder()
 
 def llama3_json(text: str) -> ParsedAnswer:
     """Llama 3.1-3.3 and 4 JSON calls (vLLM's `llama3_json`, `llama4_json`): every JSON object in the text, from
-    each `{` not inside an object read before (so `<|python_tag|>` and `;` between objects are skipped, as is any
-    other text), is a call {"name": ..., "arguments" (else "parameters"): ...}; the content is None where a call was
-    read. A `{` that starts no JSON object, or an object without those keys, makes the whole answer content."""
+    each `{` past the end of the object read before (so `<|python_tag|>` and `;` between objects are skipped, as is
+    any other text), is a call {"name": ..., "arguments" (else "parameters"): ...}; the content is None where a call
+    was read. A `{` that starts no JSON object, or an object without those keys, makes the whole answer content. As
+    in vLLM 0.26, a `{` right at that end is skipped too, so `{..}{..}` is read from the second object's first inner
+    `{` on: content, unless that inner object is itself a call."""
     if "<|python_tag|>" not in text and "{" not in text:
         return ParsedAnswer([], text)
     calls, end = [], -1
