@@ -93,8 +93,16 @@ class EngineCore:
                 f"{self.scheduler.kv.num_free_blocks} free KV blocks"
             )
         submitted = time.perf_counter()
-        pending = self.executor.submit(batch) if self.async_scheduling else _Done(self.executor.execute(batch))
-        updates = self.drain()  # the step before (asynchronous: it ran while this one was prepared)
+        try:
+            pending = self.executor.submit(batch) if self.async_scheduling else _Done(self.executor.execute(batch))
+        except BaseException:  # (a synchronous step interrupted on the CPU, a device error)
+            self.scheduler.forget_outputs(batch)
+            raise
+        try:
+            updates = self.drain()  # the step before (asynchronous: it ran while this one was prepared)
+        except BaseException:  # this step's tokens would follow the lost ones: it is dropped too
+            self.scheduler.forget_outputs(batch)
+            raise
         self._in_flight = (batch, pending, submitted)
         return updates if self.async_scheduling else updates.extend(self._collect())
 
@@ -109,9 +117,16 @@ class EngineCore:
             raise
 
     def _collect(self) -> StepUpdates:
+        """The step in flight's updates. Where its tokens do not come (the wait fails or is interrupted), the step is
+        no longer in flight and the scheduler forgets its outputs (`Scheduler.forget_outputs`): the caller ends its
+        requests (`finish_requests`), and the engine then runs later requests as a fresh one would."""
         batch, pending, submitted = self._in_flight
         self._in_flight = None
-        output = pending.result()
+        try:
+            output = pending.result()
+        except BaseException:
+            self.scheduler.forget_outputs(batch)
+            raise
         now = time.perf_counter()
         self.step_log.append(StepRecord(batch.num_tokens, batch.num_seqs,
                                         now - max(submitted, self._last_collected)))

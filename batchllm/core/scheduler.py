@@ -675,6 +675,12 @@ class Scheduler:
         return spec
 
     # ------------------------------------------------------------------ results
+    def forget_outputs(self, batch: ScheduledBatch) -> None:
+        """A scheduled step whose tokens will never be recorded (its collection failed, or it was submitted after
+        one that did): they stop counting as pending, so that later steps schedule as if it had not run. Its
+        requests cannot go on (their pending tokens never come): the caller ends them."""
+        self.num_pending_outputs -= batch.num_sampling_rows or 0
+
     def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> StepUpdates:
         """Record the tokens a step sampled, in batch order (`output.sampled_token_ids` holds one per
         sampling row, in that order: the runner's, and any executor's, contract). A request that ended

@@ -219,3 +219,75 @@ def test_admission_charges_the_tokens_a_request_writes():
     _, _, executor = run([list(range(1, 11)), list(range(21, 31))], overlap=False, sharing=False, num_blocks=10,
                          max_tokens=11)
     assert [r.request_id for r in executor.batches[0].requests] == ["r0", "r1"]
+
+
+
+class _InterruptedOnce(AsyncPagedKVExecutor):
+    """Raises KeyboardInterrupt (Ctrl-C while the host waits on the device, or runs a step on the CPU) from the
+    `at`-th step's collection (asynchronous) or execution (synchronous)."""
+
+    def __init__(self, block_size, at):
+        super().__init__(block_size)
+        self.at, self.calls = at, 0
+
+    def _count(self):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+
+    def execute(self, batch):
+        if not getattr(self, "_submitting", False):
+            self._count()
+        return super().execute(batch)
+
+    def submit(self, batch):
+        self._submitting = True
+        try:
+            pending = super().submit(batch)
+        finally:
+            self._submitting = False
+        executor = self
+
+        class _Result:
+            def result(self):
+                executor._count()
+                return pending.result()
+        return _Result()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("at", [1, 2, 3])
+def test_a_failed_step_leaves_the_engine_clean_for_the_next_batch(at, overlap):
+    """A step that fails (here an interrupt), asynchronous while the next step is already submitted: the caller ends
+    its requests; the failed step and the one submitted after it are dropped, so no token stays counted as pending,
+    and a later batch runs on the same engine to the tokens a fresh engine gives it."""
+    def requests(tag):
+        return [Request(f"{tag}{i}", list(range(1 + i, 9 + i)), SamplingParams(temperature=0, max_tokens=5))
+                for i in range(3)]
+
+    def finish(engine):
+        tokens = {}
+        while engine.has_unfinished():
+            for update in engine.step():
+                tokens.setdefault(update.request_id, []).append(update.new_token_id)
+        return tokens
+
+    kv = KVCacheManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), kv, 512)
+    engine = EngineCore(sched, _InterruptedOnce(4, at), async_scheduling=overlap)
+    for r in requests("a"):
+        engine.add_request(r)
+    with pytest.raises(KeyboardInterrupt):
+        finish(engine)
+    engine.finish_requests([f"a{i}" for i in range(3)], "abort")
+    engine.drain()
+    assert sched.num_pending_outputs == 0
+    assert kv.num_free_blocks == 64
+    for r in requests("b"):
+        engine.add_request(r)
+    fresh = EngineCore(Scheduler(SchedulerConfig(max_num_batched_tokens=32), KVCacheManager(64, 4), 512),
+                       AsyncPagedKVExecutor(4), async_scheduling=overlap)
+    for r in requests("b"):
+        fresh.add_request(r)
+    assert finish(engine) == finish(fresh)
+    assert sched.num_pending_outputs == 0 and kv.num_free_blocks == 64
