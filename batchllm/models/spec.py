@@ -317,11 +317,9 @@ def named_architectures(cfg: dict) -> list:
     return architectures or [ARCHITECTURE_OF_MODEL_TYPE.get(cfg.get("model_type"))]
 
 
-def read_model_spec(model_dir: Path) -> ModelSpec:
-    """The ModelSpec of a Hugging Face model directory from its config.json alone (no weights read);
-    an unsupported architecture, activation or quantization_config, or a missing or malformed
-    field, is a ModelLoadError naming it."""
-    config_path, cfg = _read_config(model_dir)
+def _supported_architecture(cfg: dict, config_path: Path) -> str:
+    """The first architecture config.json names (or its model_type implies) that is supported; else a ModelLoadError
+    listing the supported ones (and saying that a directory's own modeling code is not run, where auto_map names it)."""
     arch = next((a for a in named_architectures(cfg) if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         auto_map = cfg.get("auto_map")
@@ -331,6 +329,31 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             f"unsupported architecture {cfg.get('architectures') or cfg.get('model_type')!r} in {config_path}; "
             f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}{code}"
         )
+    return arch
+
+
+def _attention_heads(cfg: dict, config_path: Path, hidden: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) as transformers reads them: the head dim hidden_size / heads where none is
+    given (a ModelLoadError where that does not divide), KV heads the query heads where none are given, and each KV
+    head serving a whole group of query heads (else a ModelLoadError naming both counts)."""
+    num_heads = int(cfg["num_attention_heads"])
+    head_dim = transformers_value(cfg, "head_dim")
+    if head_dim is None and hidden % num_heads:
+        raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                             f"{num_heads}, and no head_dim is given")
+    num_kv_heads = int(transformers_value(cfg, "num_key_value_heads") or num_heads)
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ModelLoadError(f"{config_path}: num_attention_heads {num_heads} is not a multiple of "
+                             f"num_key_value_heads {num_kv_heads} (each KV head serves a whole group of heads)")
+    return num_heads, num_kv_heads, int(head_dim or hidden // num_heads)
+
+
+def read_model_spec(model_dir: Path) -> ModelSpec:
+    """The ModelSpec of a Hugging Face model directory from its config.json alone (no weights read);
+    an unsupported architecture, activation or quantization_config, or a missing or malformed
+    field, is a ModelLoadError naming it."""
+    config_path, cfg = _read_config(model_dir)
+    arch = _supported_architecture(cfg, config_path)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ModelLoadError(f"{config_path}: hidden_act {act!r} is not supported (only silu)")
@@ -342,17 +365,9 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
                              "hf_quant_config.json) is not supported; FP8 checkpoints load from config.json's "
                              "quantization_config (quant_method 'fp8' or 'compressed-tensors')")
     try:
-        num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        num_heads, num_kv_heads, head_dim = _attention_heads(cfg, config_path, hidden)
         rope_scaling = _checked_rope_scaling(cfg, config_path)
-        head_dim = transformers_value(cfg, "head_dim")
-        if head_dim is None and hidden % num_heads:
-            raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
-                                 f"{num_heads}, and no head_dim is given")
-        num_kv_heads = int(transformers_value(cfg, "num_key_value_heads") or num_heads)
-        if num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ModelLoadError(f"{config_path}: num_attention_heads {num_heads} is not a multiple of "
-                                 f"num_key_value_heads {num_kv_heads} (each KV head serves a whole group of heads)")
         _check_full_rotary(cfg, config_path)
         sliding = sliding_window_of(arch, cfg)
         eos = cfg.get("eos_token_id")
@@ -366,7 +381,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
-            head_dim=int(head_dim or hidden // num_heads),
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(cfg, config_path),
             rope_scaling=rope_scaling,
