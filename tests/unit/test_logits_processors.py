@@ -198,6 +198,8 @@ def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_t
             ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "'not' (in properties.a)"),
             ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "'if'"),
             ({"type": "object", "dependentRequired": {"a": ["b"]}}, "'dependentRequired'"),
+            ({"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}, "'dependentSchemas'"),
+            ({"type": "object", "dependencies": {"a": ["b"]}}, "'dependencies'"),  # (draft 7's spelling of both)
             ({"type": "object", "properties": {"code": {"pattern": "^[A-Z]+$"}}}, "'pattern' without a \"type\""),
             ({"type": "array", "items": {"minimum": 3}}, "'minimum' without a \"type\" (xgrammar then lets any")):
         assert found in unenforced_schema_feature(schema), schema
