@@ -24,6 +24,8 @@ in plan order and longest key range first (the default).
 With --tma: the prefill cases, a mixed step and the decode-heavy steps on 16-token blocks, 64-token blocks,
 and 64-token blocks whose tiles load K and V by TMA (`TritonBackend(tma=)`); the fresh chunk also at GQA 8
 and head dim 64, beside torch SDPA.
+With --tma-launches: the prefill cases and a mixed step under several prefill launches whose tiles load by TMA
+(rows, keys per tile, warps, stages; 128-key tiles over 128-token blocks), against the default.
 """
 
 from __future__ import annotations
@@ -372,6 +374,45 @@ def tma_rows():
             "tma_vs_bs64": round(sums["bs64"] / sums["bs64_tma"], 3)})
 
 
+TMA_LAUNCHES = (  # (cache block size, prefill launch: rows, keys per tile, warps, stages)
+    (64, (128, 64, 4, 3)),  # the engine's default on Hopper (TMA_PREFILL_LAUNCH): first, each block size's reference
+    (64, (128, 64, 4, 2)), (64, (128, 64, 4, 4)), (64, (128, 64, 8, 3)), (64, (64, 64, 4, 3)),
+    (128, (128, 128, 8, 3)), (128, (128, 64, 4, 3)),
+)
+
+
+def tma_launch_rows():
+    """Prefill launches whose tiles load by TMA, against the default (TMA_PREFILL_LAUNCH over 64-token blocks): the
+    prefill cases and a mixed step (Llama-3.1-8B's attention), each launch's time and its largest difference from the
+    output of the first launch over the same block size (a case's random values depend on its block size); 128-key
+    tiles over 128-token blocks. A launch that fails to compile is reported as such."""
+    for specs, label in LAUNCH_ORDER_CASES:
+        flops = causal_flops(specs)
+        row, times, references = {"case": label}, {}, {}
+        for block_size, launch in TMA_LAUNCHES:
+            name = f"bs{block_size}_{'x'.join(map(str, launch))}"
+            case = random_case(specs, 32, 8, 128, block_size, torch.bfloat16, seed=0)
+            backend = TritonBackend(prefill_launch=launch)
+            try:
+                q, k, v, cache, md = case
+                md.backend_cache.clear()
+                out = backend.forward(q, k, v, cache, md, 128 ** -0.5).float()
+                times[name] = time_ms(backend, case, reps=100)
+            except Exception as e:  # noqa: BLE001 - a launch that does not compile is a result too
+                row[name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+                continue
+            finally:
+                torch.cuda.synchronize()
+            diff = (out - references.setdefault(block_size, out)).abs().max().item()
+            row[name] = f"{times[name]:.4f} ms {flops / times[name] / 1e9:.0f} TFLOP/s, max diff {diff:.2e}"
+            del case
+        default = times.get("bs64_128x64x4x3")
+        if default:
+            row["best"] = min(times, key=times.get)
+            row["best_vs_default"] = round(default / times[row["best"]], 3)
+        report(row)
+
+
 TMA_FP8_WAYS = (  # (name, cache, TritonBackend options): the bf16 default, then the fp8 cache itself without and with
     # TMA (not through the staged copy, which `prefill_cache_ways` times)
     ("bf16_tma", "bf16", dict(tma=None)), ("fp8", "fp8", dict(tma=False, stage_fp8_prefill=False)),
@@ -480,6 +521,8 @@ ONLY_RUNS = {  # flag: (what it runs instead of the default rows, its help)
                        "plan order and longest first"),
     "--tma": (tma_rows, "only the prefill cases, a mixed step and the decode-heavy steps on 16-token blocks, 64-token "
               "blocks, and 64-token blocks whose tiles load by TMA"),
+    "--tma-launches": (tma_launch_rows, "only the prefill cases and a mixed step under prefill launches whose tiles "
+                       "load by TMA (rows, keys, warps, stages; 128-key tiles over 128-token blocks)"),
     "--tma-fp8": (tma_fp8_rows, "only the prefill cases, a mixed step and the decode-heavy steps over an fp8 cache of "
                   "64-token blocks with and without TMA (and FP8 attention), against the bf16 default"),
 }
