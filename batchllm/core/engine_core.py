@@ -70,17 +70,23 @@ class EngineCore:
 
     def step(self) -> StepUpdates:
         """Run one step; returns the updates of the step collected (the one before, when asynchronous). A step
-        that fails (or is interrupted) may have left KV unwritten: the KV cache forgets what finished
-        sequences left (`PrefixCache.clear`) before the error goes on."""
+        that fails (or is interrupted) anywhere is handled by `_after_failure` before the error goes on."""
         try:
             return self._step()
         except BaseException:
-            self._forget_kept_kv()
+            self._after_failure()
             raise
 
-    def _forget_kept_kv(self) -> None:
+    def _after_failure(self) -> None:
+        """A step failed (an error, or an interrupt anywhere from scheduling to recording its tokens): it may have
+        left KV unwritten, so the KV cache forgets what finished sequences left (`PrefixCache.clear`); and only the
+        step still in flight, if any, will record tokens, so the scheduler counts only its outputs as pending
+        (`Scheduler.forget_pending_outputs`: derived here, not tracked per failure point). The caller ends the
+        requests (`finish_requests`, as `LLM` aborts its call's); the engine then runs later requests as a fresh one
+        would."""
         if self.scheduler.kv.cache is not None:
             self.scheduler.kv.cache.clear()
+        self.scheduler.forget_pending_outputs(None if self._in_flight is None else self._in_flight[0])
 
     def _step(self) -> StepUpdates:
         batch = self.scheduler.schedule()
@@ -93,40 +99,28 @@ class EngineCore:
                 f"{self.scheduler.kv.num_free_blocks} free KV blocks"
             )
         submitted = time.perf_counter()
-        try:
-            pending = self.executor.submit(batch) if self.async_scheduling else _Done(self.executor.execute(batch))
-        except BaseException:  # (a synchronous step interrupted on the CPU, a device error)
-            self.scheduler.forget_outputs(batch)
-            raise
-        try:
-            updates = self.drain()  # the step before (asynchronous: it ran while this one was prepared)
-        except BaseException:  # this step's tokens would follow the lost ones: it is dropped too
-            self.scheduler.forget_outputs(batch)
-            raise
+        pending = self.executor.submit(batch) if self.async_scheduling else _Done(self.executor.execute(batch))
+        # the step before (asynchronous: it ran while this one was prepared); where its collection fails, this
+        # step is never in flight: dropped with it (`_after_failure`)
+        updates = self.drain()
         self._in_flight = (batch, pending, submitted)
         return updates if self.async_scheduling else updates.extend(self._collect())
 
     def drain(self) -> StepUpdates:
-        """Collect the step in flight, if any (one that fails clears the KV cache, as in `step`)."""
+        """Collect the step in flight, if any (a failure is handled as in `step`)."""
         if self._in_flight is None:
             return StepUpdates()
         try:
             return self._collect()
         except BaseException:
-            self._forget_kept_kv()
+            self._after_failure()
             raise
 
     def _collect(self) -> StepUpdates:
-        """The step in flight's updates. Where its tokens do not come (the wait fails or is interrupted), the step is
-        no longer in flight and the scheduler forgets its outputs (`Scheduler.forget_outputs`): the caller ends its
-        requests (`finish_requests`), and the engine then runs later requests as a fresh one would."""
+        """The step in flight's updates; it is no longer in flight from the start, whether its tokens come or not."""
         batch, pending, submitted = self._in_flight
         self._in_flight = None
-        try:
-            output = pending.result()
-        except BaseException:
-            self.scheduler.forget_outputs(batch)
-            raise
+        output = pending.result()
         now = time.perf_counter()
         self.step_log.append(StepRecord(batch.num_tokens, batch.num_seqs,
                                         now - max(submitted, self._last_collected)))

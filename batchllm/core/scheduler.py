@@ -675,11 +675,13 @@ class Scheduler:
         return spec
 
     # ------------------------------------------------------------------ results
-    def forget_outputs(self, batch: ScheduledBatch) -> None:
-        """A scheduled step whose tokens will never be recorded (its collection failed, or it was submitted after
-        one that did): they stop counting as pending, so that later steps schedule as if it had not run. Its
-        requests cannot go on (their pending tokens never come): the caller ends them."""
-        self.num_pending_outputs -= batch.num_sampling_rows or 0
+    def forget_pending_outputs(self, in_flight: ScheduledBatch | None) -> None:
+        """After a failed step (`EngineCore._after_failure`): only `in_flight` (None: no step) will record its tokens,
+        so only its sampling rows count as pending. Every other step's tokens never come (one whose execution,
+        collection or recording failed, one submitted after it, one scheduled as the failure came), so later steps
+        schedule as if those had not run. Their requests cannot go on (their pending tokens never come): the caller
+        ends them."""
+        self.num_pending_outputs = 0 if in_flight is None else in_flight.num_sampling_rows or 0
 
     def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> StepUpdates:
         """Record the tokens a step sampled, in batch order (`output.sampled_token_ids` holds one per

@@ -332,11 +332,12 @@ def _supported_architecture(cfg: dict, config_path: Path) -> str:
     return arch
 
 
-def _attention_heads(cfg: dict, config_path: Path, hidden: int) -> tuple[int, int, int]:
-    """(query heads, KV heads, head dim) as transformers reads them: the head dim hidden_size / heads where none is
-    given (a ModelLoadError where that does not divide), KV heads the query heads where none are given, and each KV
-    head serving a whole group of query heads (else a ModelLoadError naming both counts)."""
-    num_heads = int(cfg["num_attention_heads"])
+def _attention_heads(cfg: dict, config_path: Path, num_heads: int, hidden: int) -> tuple[int, int]:
+    """(KV heads, head dim) of `num_heads` query heads as transformers reads them: the head dim hidden_size / heads
+    where none is given (a ModelLoadError where that does not divide), KV heads the query heads where none are given,
+    and each KV head serving a whole group of query heads (else a ModelLoadError naming both counts)."""
+    if num_heads <= 0:
+        raise ModelLoadError(f"{config_path}: num_attention_heads {num_heads} must be positive")
     head_dim = transformers_value(cfg, "head_dim")
     if head_dim is None and hidden % num_heads:
         raise ModelLoadError(f"{config_path}: hidden_size {hidden} is not a multiple of num_attention_heads "
@@ -345,7 +346,7 @@ def _attention_heads(cfg: dict, config_path: Path, hidden: int) -> tuple[int, in
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ModelLoadError(f"{config_path}: num_attention_heads {num_heads} is not a multiple of "
                              f"num_key_value_heads {num_kv_heads} (each KV head serves a whole group of heads)")
-    return num_heads, num_kv_heads, int(head_dim or hidden // num_heads)
+    return num_kv_heads, int(head_dim or hidden // num_heads)
 
 
 def read_model_spec(model_dir: Path) -> ModelSpec:
@@ -365,9 +366,10 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
                              "hf_quant_config.json) is not supported; FP8 checkpoints load from config.json's "
                              "quantization_config (quant_method 'fp8' or 'compressed-tensors')")
     try:
+        num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        num_heads, num_kv_heads, head_dim = _attention_heads(cfg, config_path, hidden)
         rope_scaling = _checked_rope_scaling(cfg, config_path)
+        num_kv_heads, head_dim = _attention_heads(cfg, config_path, num_heads, hidden)
         _check_full_rotary(cfg, config_path)
         sliding = sliding_window_of(arch, cfg)
         eos = cfg.get("eos_token_id")

@@ -14,7 +14,7 @@ import pytest
 from batchllm.config import SchedulerConfig
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
-from batchllm.core.policies import ArrivalOrder
+from batchllm.core.policies import ArrivalOrder, expected_output_tokens
 from batchllm.core.scheduler import Scheduler
 from batchllm.core.work_units import build_submission
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID
@@ -222,72 +222,89 @@ def test_admission_charges_the_tokens_a_request_writes():
 
 
 
-class _InterruptedOnce(AsyncPagedKVExecutor):
-    """Raises KeyboardInterrupt (Ctrl-C while the host waits on the device, or runs a step on the CPU) from the
-    `at`-th step's collection (asynchronous) or execution (synchronous)."""
 
-    def __init__(self, block_size, at):
-        super().__init__(block_size)
-        self.at, self.calls = at, 0
-
-    def _count(self):
-        self.calls += 1
-        if self.calls == self.at:
-            raise KeyboardInterrupt
-
-    def execute(self, batch):
-        if not getattr(self, "_submitting", False):
-            self._count()
-        return super().execute(batch)
-
-    def submit(self, batch):
-        self._submitting = True
-        try:
-            pending = super().submit(batch)
-        finally:
-            self._submitting = False
-        executor = self
-
-        class _Result:
-            def result(self):
-                executor._count()
-                return pending.result()
-        return _Result()
+class _Interrupt(KeyboardInterrupt):
+    """Ctrl-C, raised by `_interrupt_at`."""
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
-@pytest.mark.parametrize("at", [1, 2, 3])
-def test_a_failed_step_leaves_the_engine_clean_for_the_next_batch(at, overlap):
-    """A step that fails (here an interrupt), asynchronous while the next step is already submitted: the caller ends
-    its requests; the failed step and the one submitted after it are dropped, so no token stays counted as pending,
-    and a later batch runs on the same engine to the tokens a fresh engine gives it."""
-    def requests(tag):
-        return [Request(f"{tag}{i}", list(range(1 + i, 9 + i)), SamplingParams(temperature=0, max_tokens=5))
-                for i in range(3)]
+def _interrupt_at(engine, where, at):
+    """Make the `at`-th call at `where` raise `_Interrupt`: "execute" (a step run on the CPU, or submitted), "result"
+    (the host waiting for a submitted step's tokens: asynchronous engines only), "update" (recording a step's
+    tokens) or "schedule" (the end of scheduling a step, after its outputs count as pending)."""
+    calls = [0]
 
-    def finish(engine):
-        tokens = {}
-        while engine.has_unfinished():
-            for update in engine.step():
-                tokens.setdefault(update.request_id, []).append(update.new_token_id)
-        return tokens
+    def tick():
+        calls[0] += 1
+        if calls[0] == at:
+            raise _Interrupt
 
-    kv = KVCacheManager(64, 4)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32), kv, 512)
-    engine = EngineCore(sched, _InterruptedOnce(4, at), async_scheduling=overlap)
-    for r in requests("a"):
+    executor, scheduler = engine.executor, engine.scheduler
+    if where == "execute":
+        name = "submit" if engine.async_scheduling else "execute"
+        run = getattr(executor, name)
+        setattr(executor, name, lambda batch: (tick(), run(batch))[1])
+    elif where == "result":
+        submit = executor.submit
+
+        def submitted(batch):
+            pending = submit(batch)
+
+            class Waited:
+                def result(self):
+                    tick()
+                    return pending.result()
+            return Waited()
+        executor.submit = submitted
+    elif where == "update":
+        update = scheduler.update_from_output
+        scheduler.update_from_output = lambda batch, output: (tick(), update(batch, output))[1]
+    else:
+        record = scheduler._record_step
+        scheduler._record_step = lambda copies: (record(copies), tick())[0]
+
+
+@pytest.mark.parametrize("where", ["execute", "result", "update", "schedule"])
+def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(where):
+    """An interrupt (or an error) at any point of a step, asynchronous while the next step may already be submitted:
+    the caller aborts the requests and drains (as `LLM._abort_rest` does); no token may stay counted as pending,
+    or a later batch on a tiny pool, which needs idle prefixes released, stops with "empty step with work pending".
+    The same batch then runs on the interrupted engine to the tokens it gets on a fresh one. (While the pending count
+    was left as it was, seed 4's next batch stopped so after an interrupt at any of the four points.)"""
+    from tests.unit.test_bulk_finish import outputs  # (both import this module)
+    from tests.unit.test_tiny_pool_progress import case_engine, nested_case, run_case
+
+    for seed in range(8):
+        case, tiny = nested_case(seed)
+        if where == "result" and not case["async_scheduling"]:
+            continue
+        expected, _, finished = run_case(case, tiny)
+        assert finished
+        for at in (2, 4, 7):
+            engine, requests = case_engine(case, tiny, sharing=True)
+            _interrupt_at(engine, where, at)
+            with pytest.raises(_Interrupt):
+                while engine.has_unfinished():
+                    engine.step()
+            engine.finish_requests([r.request_id for r in requests if r.finish_reason is None], "abort")
+            engine.drain()
+            assert engine.scheduler.num_pending_outputs == 0, (seed, at)
+            assert engine.scheduler.kv.num_free_blocks == tiny, (seed, at)
+            again = _add_case(engine, case, "again")
+            for _ in range(5000):  # (a bound: the batch must finish, not stall)
+                if not engine.has_unfinished():
+                    break
+                engine.step()
+            assert not engine.has_unfinished(), (seed, at)
+            assert {rid.removeprefix("again-"): out for rid, out in outputs(again).items()} == expected, (seed, at)
+
+
+def _add_case(engine, case, tag):
+    """`case`'s requests (as `test_tiny_pool_progress.case_engine` makes them, ids prefixed by `tag`) added to
+    `engine` with their prefix plan; the requests."""
+    requests = [Request(f"{tag}-c-{i}", list(p), params, arrival_index=i)
+                for i, (p, params) in enumerate(zip(case["prompts"], case["params"]))]
+    plan = plan_prefix_sharing(case["prompts"], mode=case["mode"], share=True)
+    for r in build_submission(plan, requests, case["order"],
+                              lambda r: expected_output_tokens(r, case["max_model_len"]), f"{tag}-c-p-"):
         engine.add_request(r)
-    with pytest.raises(KeyboardInterrupt):
-        finish(engine)
-    engine.finish_requests([f"a{i}" for i in range(3)], "abort")
-    engine.drain()
-    assert sched.num_pending_outputs == 0
-    assert kv.num_free_blocks == 64
-    for r in requests("b"):
-        engine.add_request(r)
-    fresh = EngineCore(Scheduler(SchedulerConfig(max_num_batched_tokens=32), KVCacheManager(64, 4), 512),
-                       AsyncPagedKVExecutor(4), async_scheduling=overlap)
-    for r in requests("b"):
-        fresh.add_request(r)
-    assert finish(engine) == finish(fresh)
-    assert sched.num_pending_outputs == 0 and kv.num_free_blocks == 64
+    return requests

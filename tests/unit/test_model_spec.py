@@ -157,6 +157,7 @@ def test_a_rope_transformers_refuses_is_a_config_error_naming_the_key(tmp_path, 
      "rope_parameters.partial_rotary_factor 0.5 is not supported"),
     (dict(num_attention_heads=4, num_key_value_heads=3), "num_attention_heads 4 is not a multiple of "
                                                           "num_key_value_heads 3"),
+    (dict(num_attention_heads=0), "num_attention_heads 0 must be positive"),  # (was a bare ZeroDivisionError)
 ])
 def test_a_rotation_or_head_grouping_not_run_here_is_refused_by_name(tmp_path, over, message):
     """A partial_rotary_factor was ignored (the whole head rotated, where vLLM rotates part and transformers fails
