@@ -81,12 +81,12 @@ class EngineCore:
         """A step failed (an error, or an interrupt anywhere from scheduling to recording its tokens): it may have
         left KV unwritten, so the KV cache forgets what finished sequences left (`PrefixCache.clear`); and only the
         step still in flight, if any, will record tokens, so the scheduler counts only its outputs as pending
-        (`Scheduler.forget_pending_outputs`: derived here, not tracked per failure point). The caller ends the
+        (`Scheduler.recover_from_failed_step`: derived here, not tracked per failure point). The caller ends the
         requests (`finish_requests`, as `LLM` aborts its call's); the engine then runs later requests as a fresh one
         would."""
         if self.scheduler.kv.cache is not None:
             self.scheduler.kv.cache.clear()
-        self.scheduler.forget_pending_outputs(None if self._in_flight is None else self._in_flight[0])
+        self.scheduler.recover_from_failed_step(None if self._in_flight is None else self._in_flight[0])
 
     def _step(self) -> StepUpdates:
         batch = self.scheduler.schedule()

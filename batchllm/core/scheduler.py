@@ -142,6 +142,8 @@ class Scheduler:
         self.num_pending_outputs = 0
         """Sampled tokens of scheduled steps whose results have not come back."""
         self._finished_since_last_step: list[str] = []
+        self._finished_last_sent: list[str] = []
+        """The finished requests the last batch made told the runner of (sent again after a failed step)."""
         self._wanted_blocks: list[list[int]] = []
         """Cached blocks requests added since the last step will take (`_note_kept_kv`)."""
         self._unsent_copies: dict[int, int] = {}
@@ -597,7 +599,7 @@ class Scheduler:
         batch = ScheduledBatch(scheduled, finished_request_ids=self._finished_since_last_step,
                                block_copies=[(source, destination) for destination, source in copies.items()],
                                num_sampling_rows=num_samples + num_decodes, decodes=decodes)
-        self._finished_since_last_step = []
+        self._finished_last_sent, self._finished_since_last_step = self._finished_since_last_step, []
         for prefix in completed_prefixes:  # its members run in later steps, after its KV on the device
             self._prefix_ready(prefix)  # (after the batch: a prefix dropped here must reach the runner later)
         self._record_step(len(copies))
@@ -675,13 +677,16 @@ class Scheduler:
         return spec
 
     # ------------------------------------------------------------------ results
-    def forget_pending_outputs(self, in_flight: ScheduledBatch | None) -> None:
+    def recover_from_failed_step(self, in_flight: ScheduledBatch | None) -> None:
         """After a failed step (`EngineCore._after_failure`): only `in_flight` (None: no step) will record its tokens,
         so only its sampling rows count as pending. Every other step's tokens never come (one whose execution,
         collection or recording failed, one submitted after it, one scheduled as the failure came), so later steps
         schedule as if those had not run. Their requests cannot go on (their pending tokens never come): the caller
-        ends them."""
+        ends them. The finished requests the last batch told the runner of go with the next batch again: that batch
+        may never have reached the runner (it drops a request's state idempotently)."""
         self.num_pending_outputs = 0 if in_flight is None else in_flight.num_sampling_rows or 0
+        self._finished_since_last_step = self._finished_last_sent + self._finished_since_last_step
+        self._finished_last_sent = []
 
     def update_from_output(self, batch: ScheduledBatch, output: RunnerOutput) -> StepUpdates:
         """Record the tokens a step sampled, in batch order (`output.sampled_token_ids` holds one per

@@ -230,8 +230,9 @@ class _Interrupt(KeyboardInterrupt):
 def _interrupt_at(engine, where, at):
     """Make the `at`-th call at `where` raise `_Interrupt`: "execute" (a step run on the CPU, or submitted), "result"
     (the host waiting for a submitted step's tokens: asynchronous engines only), "update" (recording a step's
-    tokens) or "schedule" (the end of scheduling a step, after its outputs count as pending)."""
-    calls = [0]
+    tokens) or "schedule" (the end of scheduling a step, after its outputs count as pending). Returns the set of
+    finished requests the batches the executor got named (filled as steps run)."""
+    calls, told = [0], set()
 
     def tick():
         calls[0] += 1
@@ -239,11 +240,16 @@ def _interrupt_at(engine, where, at):
             raise _Interrupt
 
     executor, scheduler = engine.executor, engine.scheduler
-    if where == "execute":
-        name = "submit" if engine.async_scheduling else "execute"
-        run = getattr(executor, name)
-        setattr(executor, name, lambda batch: (tick(), run(batch))[1])
-    elif where == "result":
+    name = "submit" if engine.async_scheduling else "execute"
+    run = getattr(executor, name)
+
+    def runs(batch):
+        if where == "execute":
+            tick()  # (the runner never gets this batch)
+        told.update(batch.finished_request_ids)
+        return run(batch)
+    setattr(executor, name, runs)
+    if where == "result":
         submit = executor.submit
 
         def submitted(batch):
@@ -258,9 +264,10 @@ def _interrupt_at(engine, where, at):
     elif where == "update":
         update = scheduler.update_from_output
         scheduler.update_from_output = lambda batch, output: (tick(), update(batch, output))[1]
-    else:
+    elif where == "schedule":
         record = scheduler._record_step
         scheduler._record_step = lambda copies: (record(copies), tick())[0]
+    return told
 
 
 @pytest.mark.parametrize("where", ["execute", "result", "update", "schedule"])
@@ -268,8 +275,9 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
     """An interrupt (or an error) at any point of a step, asynchronous while the next step may already be submitted:
     the caller aborts the requests and drains (as `LLM._abort_rest` does); no token may stay counted as pending,
     or a later batch on a tiny pool, which needs idle prefixes released, stops with "empty step with work pending".
-    The same batch then runs on the interrupted engine to the tokens it gets on a fresh one. (While the pending count
-    was left as it was, seed 4's next batch stopped so after an interrupt at any of the four points.)"""
+    The same batch then runs on the interrupted engine to the tokens it gets on a fresh one, and by then the runner
+    has heard of every request of the first batch, though the batch naming some never reached it. (While the pending
+    count was left as it was, seed 4's next batch stopped so after an interrupt at any of the four points.)"""
     from tests.unit.test_bulk_finish import outputs  # (both import this module)
     from tests.unit.test_tiny_pool_progress import case_engine, nested_case, run_case
 
@@ -281,7 +289,8 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
         assert finished
         for at in (2, 4, 7):
             engine, requests = case_engine(case, tiny, sharing=True)
-            _interrupt_at(engine, where, at)
+            first = set(engine.scheduler.requests)  # (members and prefixes)
+            told = _interrupt_at(engine, where, at)
             with pytest.raises(_Interrupt):
                 while engine.has_unfinished():
                     engine.step()
@@ -295,6 +304,7 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
                     break
                 engine.step()
             assert not engine.has_unfinished(), (seed, at)
+            assert first <= told, "the runner hears of every request that ended (and drops its state)"
             assert {rid.removeprefix("again-"): out for rid, out in outputs(again).items()} == expected, (seed, at)
 
 
