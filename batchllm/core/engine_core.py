@@ -84,9 +84,9 @@ class EngineCore:
         (`Scheduler.recover_from_failed_step`: derived here, not tracked per failure point). The caller ends the
         requests (`finish_requests`, as `LLM` aborts its call's); the engine then runs later requests as a fresh one
         would."""
+        self.scheduler.recover_from_failed_step(None if self._in_flight is None else self._in_flight[0])
         if self.scheduler.kv.cache is not None:
             self.scheduler.kv.cache.clear()
-        self.scheduler.recover_from_failed_step(None if self._in_flight is None else self._in_flight[0])
 
     def _step(self) -> StepUpdates:
         batch = self.scheduler.schedule()

@@ -702,22 +702,24 @@ class Scheduler:
         updates = StepUpdates(logprobs=output.logprobs)
         ended, requests, dropped = updates.ended, self.requests, set()
         gone: dict[str, tuple[Request, RequestStatus]] = {}  # (finished in bulk: `running` filtered once)
-        for request_id, token in sampled.items():  # (every running request, every step: locals, no property reads)
-            request = requests.get(request_id)
-            if request is None:
-                dropped.add(request_id)
-                continue
-            request.num_pending_tokens -= 1
-            outputs = request.output_token_ids
-            outputs.append(token)
-            if token in request.stop_token_set or len(outputs) >= request.max_output_tokens:
-                finish_reason, stop_reason = self._check_finished(request, token)
-                if finish_reason is not None:
-                    self._finish(request, finish_reason, stop_reason, gone)
-                    ended[request_id] = (finish_reason, stop_reason)
-            if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None:
-                updates.prompt_logprobs[request_id] = prompt_logprobs.assemble(request)
-        self._unlink_all(gone)
+        try:
+            for request_id, token in sampled.items():  # (every running request, every step: locals, no property reads)
+                request = requests.get(request_id)
+                if request is None:
+                    dropped.add(request_id)
+                    continue
+                request.num_pending_tokens -= 1
+                outputs = request.output_token_ids
+                outputs.append(token)
+                if token in request.stop_token_set or len(outputs) >= request.max_output_tokens:
+                    finish_reason, stop_reason = self._check_finished(request, token)
+                    if finish_reason is not None:
+                        self._finish(request, finish_reason, stop_reason, gone)
+                        ended[request_id] = (finish_reason, stop_reason)
+                if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None:
+                    updates.prompt_logprobs[request_id] = prompt_logprobs.assemble(request)
+        finally:  # (interrupted part-way, the requests already ended still leave their queues)
+            self._unlink_all(gone)
         if dropped:
             kept = [(rid, token) for rid, token in sampled.items() if rid not in dropped]
             updates.request_ids, updates.token_ids = [rid for rid, _ in kept], [token for _, token in kept]
@@ -774,11 +776,13 @@ class Scheduler:
         queues they were in) (`_unlink_all`), so stopping a job with 100k lines left takes no longer than
         its lines (one `_unlink` each scanned the queues: quadratic)."""
         gone: dict[str, tuple[Request, RequestStatus]] = {}
-        for request_id in request_ids:
-            request = self.requests.get(request_id)
-            if request is not None and not request.is_prefix:
-                self._finish(request, reason, stop_reason, gone)
-        self._unlink_all(gone)
+        try:
+            for request_id in request_ids:
+                request = self.requests.get(request_id)
+                if request is not None and not request.is_prefix:
+                    self._finish(request, reason, stop_reason, gone)
+        finally:  # (as in `update_from_output`)
+            self._unlink_all(gone)
 
     def abort_requests_of(self, id_prefix: str) -> None:
         """End every request whose id starts with `id_prefix` (one call's, submitted part-way when an interrupt
@@ -789,10 +793,12 @@ class Scheduler:
         ours = [r for rid, r in self.requests.items() if rid.startswith(id_prefix)]
         prefixes = [r for r in reversed(ours) if r.is_prefix]
         gone: dict[str, tuple[Request, RequestStatus]] = {}
-        for request in [r for r in ours if not r.is_prefix] + prefixes:
-            if request.request_id in self.requests:  # (a prefix goes with its last member)
-                self._finish(request, "abort", None, gone)
-        self._unlink_all(gone)
+        try:
+            for request in [r for r in ours if not r.is_prefix] + prefixes:
+                if request.request_id in self.requests:  # (a prefix goes with its last member)
+                    self._finish(request, "abort", None, gone)
+        finally:  # (as in `update_from_output`)
+            self._unlink_all(gone)
 
     def _finish(self, request: Request, reason: str | None, stop_reason: int | str | None,
                 gone: dict[str, tuple[Request, RequestStatus]] | None = None, keep: bool = False) -> None:

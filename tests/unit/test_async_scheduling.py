@@ -230,8 +230,9 @@ class _Interrupt(KeyboardInterrupt):
 def _interrupt_at(engine, where, at):
     """Make the `at`-th call at `where` raise `_Interrupt`: "execute" (a step run on the CPU, or submitted), "result"
     (the host waiting for a submitted step's tokens: asynchronous engines only), "update" (recording a step's
-    tokens) or "schedule" (the end of scheduling a step, after its outputs count as pending). Returns the set of
-    finished requests the batches the executor got named (filled as steps run)."""
+    tokens), "ending" (recording a step's tokens, right after one of them ended its request) or "schedule" (the end
+    of scheduling a step, after its outputs count as pending). Returns the set of finished requests the batches the
+    executor got named (filled as steps run)."""
     calls, told = [0], set()
 
     def tick():
@@ -264,20 +265,36 @@ def _interrupt_at(engine, where, at):
     elif where == "update":
         update = scheduler.update_from_output
         scheduler.update_from_output = lambda batch, output: (tick(), update(batch, output))[1]
+    elif where == "ending":
+        update, finish, recording = scheduler.update_from_output, scheduler._finish, [False]
+
+        def recorded(batch, output):
+            recording[0] = True
+            try:
+                return update(batch, output)
+            finally:
+                recording[0] = False
+
+        def finished(request, *args, **kwargs):
+            finish(request, *args, **kwargs)
+            if recording[0]:
+                tick()
+        scheduler.update_from_output, scheduler._finish = recorded, finished
     elif where == "schedule":
         record = scheduler._record_step
         scheduler._record_step = lambda copies: (record(copies), tick())[0]
     return told
 
 
-@pytest.mark.parametrize("where", ["execute", "result", "update", "schedule"])
+@pytest.mark.parametrize("where", ["execute", "result", "update", "ending", "schedule"])
 def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(where):
     """An interrupt (or an error) at any point of a step, asynchronous while the next step may already be submitted:
     the caller aborts the requests and drains (as `LLM._abort_rest` does); no token may stay counted as pending,
     or a later batch on a tiny pool, which needs idle prefixes released, stops with "empty step with work pending".
     The same batch then runs on the interrupted engine to the tokens it gets on a fresh one, and by then the runner
     has heard of every request of the first batch, though the batch naming some never reached it. (While the pending
-    count was left as it was, seed 4's next batch stopped so after an interrupt at any of the four points.)"""
+    count was left as it was, seed 4's next batch stopped so after an interrupt at any of the four points; an
+    interrupt right after a request ended in recording left it in the running queue, freed, for the next batch.)"""
     from tests.unit.test_bulk_finish import outputs  # (both import this module)
     from tests.unit.test_tiny_pool_progress import case_engine, nested_case, run_case
 
@@ -298,6 +315,7 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
             engine.drain()
             assert engine.scheduler.num_pending_outputs == 0, (seed, at)
             assert engine.scheduler.kv.num_free_blocks == tiny, (seed, at)
+            assert not engine.scheduler.running and not engine.scheduler.waiting, (seed, at)
             again = _add_case(engine, case, "again")
             for _ in range(5000):  # (a bound: the batch must finish, not stall)
                 if not engine.has_unfinished():
