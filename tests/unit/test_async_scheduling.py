@@ -294,23 +294,28 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
     The same batch then runs on the interrupted engine to the tokens it gets on a fresh one, and by then the runner
     has heard of every request of the first batch, though the batch naming some never reached it. (While the pending
     count was left as it was, seed 4's next batch stopped so after an interrupt at any of the four points; an
-    interrupt right after a request ended in recording left it in the running queue, freed, for the next batch.)"""
+    interrupt right after a request ended in recording left it in the running queue, freed, for the next batch.)
+    Waits are also interrupted where a step that scheduled nothing collects the step in flight (`EngineCore._step`).
+    """
     from tests.unit.test_bulk_finish import outputs  # (both import this module)
     from tests.unit.test_tiny_pool_progress import case_engine, nested_case, run_case
 
+    waits_of_empty_steps = 0
     for seed in range(8):
         case, tiny = nested_case(seed)
         if where == "result" and not case["async_scheduling"]:
             continue
         expected, _, finished = run_case(case, tiny)
         assert finished
-        for at in (2, 4, 7):
+        for at in (2, 4, 7, 8, 11, 14) if where == "result" else (2, 4, 7):
             engine, requests = case_engine(case, tiny, sharing=True)
             first = set(engine.scheduler.requests)  # (members and prefixes)
             told = _interrupt_at(engine, where, at)
             with pytest.raises(_Interrupt):
                 while engine.has_unfinished():
+                    scheduled = engine.scheduler.stats.num_steps
                     engine.step()
+            waits_of_empty_steps += engine.scheduler.stats.num_steps == scheduled  # (no batch made: `_record_step`)
             engine.finish_requests([r.request_id for r in requests if r.finish_reason is None], "abort")
             engine.drain()
             assert engine.scheduler.num_pending_outputs == 0, (seed, at)
@@ -324,6 +329,7 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
             assert not engine.has_unfinished(), (seed, at)
             assert first <= told, "the runner hears of every request that ended (and drops its state)"
             assert {rid.removeprefix("again-"): out for rid, out in outputs(again).items()} == expected, (seed, at)
+    assert where != "result" or waits_of_empty_steps, "some interrupted wait is an empty step's collection"
 
 
 def _add_case(engine, case, tag):
