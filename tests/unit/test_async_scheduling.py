@@ -14,7 +14,7 @@ import pytest
 from batchllm.config import SchedulerConfig
 from batchllm.core.engine_core import EngineCore
 from batchllm.core.kv_cache_manager import KVCacheManager
-from batchllm.core.policies import ArrivalOrder, expected_output_tokens
+from batchllm.core.policies import ArrivalOrder
 from batchllm.core.scheduler import Scheduler
 from batchllm.core.work_units import build_submission
 from batchllm.outputs import PLACEHOLDER_TOKEN_ID
@@ -221,8 +221,6 @@ def test_admission_charges_the_tokens_a_request_writes():
     assert [r.request_id for r in executor.batches[0].requests] == ["r0", "r1"]
 
 
-
-
 class _Interrupt(KeyboardInterrupt):
     """Ctrl-C, raised by `_interrupt_at`."""
 
@@ -298,7 +296,7 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
     Waits are also interrupted where a step that scheduled nothing collects the step in flight (`EngineCore._step`).
     """
     from tests.unit.test_bulk_finish import outputs  # (both import this module)
-    from tests.unit.test_tiny_pool_progress import case_engine, nested_case, run_case
+    from tests.unit.test_tiny_pool_progress import add_case, case_engine, nested_case, run_case
 
     waits_of_empty_steps = 0
     for seed in range(8):
@@ -321,7 +319,7 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
             assert engine.scheduler.num_pending_outputs == 0, (seed, at)
             assert engine.scheduler.kv.num_free_blocks == tiny, (seed, at)
             assert not engine.scheduler.running and not engine.scheduler.waiting, (seed, at)
-            again = _add_case(engine, case, "again")
+            again = add_case(engine, case, sharing=True, tag="again-")
             for _ in range(5000):  # (a bound: the batch must finish, not stall)
                 if not engine.has_unfinished():
                     break
@@ -330,15 +328,3 @@ def test_a_step_interrupted_anywhere_leaves_the_engine_clean_for_the_next_batch(
             assert first <= told, "the runner hears of every request that ended (and drops its state)"
             assert {rid.removeprefix("again-"): out for rid, out in outputs(again).items()} == expected, (seed, at)
     assert where != "result" or waits_of_empty_steps, "some interrupted wait is an empty step's collection"
-
-
-def _add_case(engine, case, tag):
-    """`case`'s requests (as `test_tiny_pool_progress.case_engine` makes them, ids prefixed by `tag`) added to
-    `engine` with their prefix plan; the requests."""
-    requests = [Request(f"{tag}-c-{i}", list(p), params, arrival_index=i)
-                for i, (p, params) in enumerate(zip(case["prompts"], case["params"]))]
-    plan = plan_prefix_sharing(case["prompts"], mode=case["mode"], share=True)
-    for r in build_submission(plan, requests, case["order"],
-                              lambda r: expected_output_tokens(r, case["max_model_len"]), f"{tag}-c-p-"):
-        engine.add_request(r)
-    return requests

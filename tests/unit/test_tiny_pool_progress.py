@@ -34,13 +34,19 @@ def case_engine(case, num_blocks, sharing):
     executor = AsyncPagedKVExecutor(size) if case["async_scheduling"] else PagedKVExecutor(size)
     scheduler = Scheduler(case["config"], KVCacheManager(num_blocks, size), max_model_len=case["max_model_len"])
     engine = EngineCore(scheduler, executor, async_scheduling=case["async_scheduling"])
-    requests = [Request(f"c-{i}", list(p), params, arrival_index=i)
+    return engine, add_case(engine, case, sharing)
+
+
+def add_case(engine, case, sharing, tag=""):
+    """`case`'s requests (ids `{tag}c-0`, ...) added to `engine` with their prefix plan (`sharing` off: none);
+    the requests."""
+    requests = [Request(f"{tag}c-{i}", list(p), params, arrival_index=i)
                 for i, (p, params) in enumerate(zip(case["prompts"], case["params"]))]
     plan = plan_prefix_sharing(case["prompts"], mode=case["mode"], share=sharing)
     for r in build_submission(plan, requests, case["order"], lambda r: expected_output_tokens(r, case["max_model_len"]),
-                              "c-p-"):
+                              f"{tag}c-p-"):
         engine.add_request(r)
-    return engine, requests
+    return requests
 
 
 def run_case(case, num_blocks, sharing=True):
