@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 
 from batchllm.config import SchedulerConfig
@@ -701,8 +703,7 @@ class Scheduler:
             raise RuntimeError(f"the step sampled {len(sampled)} tokens for {batch.num_sampling_rows} sampling rows")
         updates = StepUpdates(logprobs=output.logprobs)
         ended, requests, dropped = updates.ended, self.requests, set()
-        gone: dict[str, tuple[Request, RequestStatus]] = {}  # (finished in bulk: `running` filtered once)
-        try:
+        with self._finishing_in_bulk() as gone:  # (`running` filtered once)
             for request_id, token in sampled.items():  # (every running request, every step: locals, no property reads)
                 request = requests.get(request_id)
                 if request is None:
@@ -718,8 +719,6 @@ class Scheduler:
                         ended[request_id] = (finish_reason, stop_reason)
                 if len(outputs) == 1 and request.sampling_params.prompt_logprobs is not None:
                     updates.prompt_logprobs[request_id] = prompt_logprobs.assemble(request)
-        finally:  # (interrupted part-way, the requests already ended still leave their queues)
-            self._unlink_all(gone)
         if dropped:
             kept = [(rid, token) for rid, token in sampled.items() if rid not in dropped]
             updates.request_ids, updates.token_ids = [rid for rid, _ in kept], [token for _, token in kept]
@@ -775,14 +774,11 @@ class Scheduler:
         afterwards is exactly that of `_finish` on each in turn, in O(len(request_ids) + the lengths of the
         queues they were in) (`_unlink_all`), so stopping a job with 100k lines left takes no longer than
         its lines (one `_unlink` each scanned the queues: quadratic)."""
-        gone: dict[str, tuple[Request, RequestStatus]] = {}
-        try:
+        with self._finishing_in_bulk() as gone:
             for request_id in request_ids:
                 request = self.requests.get(request_id)
                 if request is not None and not request.is_prefix:
                     self._finish(request, reason, stop_reason, gone)
-        finally:  # (as in `update_from_output`)
-            self._unlink_all(gone)
 
     def abort_requests_of(self, id_prefix: str) -> None:
         """End every request whose id starts with `id_prefix` (one call's, submitted part-way when an interrupt
@@ -792,13 +788,10 @@ class Scheduler:
         as `finish_requests`."""
         ours = [r for rid, r in self.requests.items() if rid.startswith(id_prefix)]
         prefixes = [r for r in reversed(ours) if r.is_prefix]
-        gone: dict[str, tuple[Request, RequestStatus]] = {}
-        try:
+        with self._finishing_in_bulk() as gone:
             for request in [r for r in ours if not r.is_prefix] + prefixes:
                 if request.request_id in self.requests:  # (a prefix goes with its last member)
                     self._finish(request, "abort", None, gone)
-        finally:  # (as in `update_from_output`)
-            self._unlink_all(gone)
 
     def _finish(self, request: Request, reason: str | None, stop_reason: int | str | None,
                 gone: dict[str, tuple[Request, RequestStatus]] | None = None, keep: bool = False) -> None:
@@ -828,6 +821,17 @@ class Scheduler:
             parent.num_live_members -= 1
             if parent.num_live_members == 0:
                 self._finish(parent, None, None, gone, keep=keep)
+
+    @contextmanager
+    def _finishing_in_bulk(self) -> Iterator[dict[str, tuple[Request, RequestStatus]]]:
+        """The `gone` of a bulk finish (`_finish(..., gone)` for each request ended inside the block), whose requests
+        leave their queues once, at its end (`_unlink_all`), however it ends: interrupted part-way, those already
+        ended would otherwise stay queued, finished and freed, for the next step to run."""
+        gone: dict[str, tuple[Request, RequestStatus]] = {}
+        try:
+            yield gone
+        finally:
+            self._unlink_all(gone)
 
     def _unlink_all(self, gone: dict[str, tuple[Request, RequestStatus]]) -> None:
         """Take the finished requests in `gone` (id: (request, its status before it finished)) out of their
