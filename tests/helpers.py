@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 VOCAB = 49152  # SmolLM2's tokenizer, so that tiny models take text prompts too
@@ -316,3 +317,49 @@ def llama3_rope_divisors(model_dir: Path) -> list[float]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     plain = config.rope_parameters["rope_theta"] ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     return (plain / scaled.double()).tolist()
+
+
+def interrupted_call_case(model_dir, device: str, where: str, at: int, monkeypatch) -> None:
+    """Ctrl-C in the `at`-th call of the runner's `where`: "wait", the host waiting on a step's tokens with the next
+    step already queued behind it, or "submit", the host queueing a step; asynchronous steps, a pool too small for
+    the whole batch. The next call on the same `LLM` generates what a fresh engine generates (fp32: the same
+    tokens), and the interrupted one leaves nothing pending or queued. (Before session 60, the interrupted step's
+    tokens stayed counted as pending, and a later call on a small pool could stop with "scheduler produced an empty
+    step with work pending".)"""
+    from batchllm import LLM, SamplingParams
+    from batchllm.runner.model_runner import ModelRunner, PendingRunnerOutput
+
+    shared = list(range(10, 310))
+    prompts = [{"prompt_token_ids": shared + [100 + i] * (i + 1)} for i in range(6)]
+    prompts += [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 90)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    def engine():  # 40 blocks of 16: the 6 sharing members and the rest cannot all run at once
+        return LLM(model_dir, device=device, dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=64,
+                   block_size=16, num_kv_blocks=40, async_scheduling=True)
+
+    fresh = engine()
+    expected = [o.outputs[0].token_ids for o in fresh.generate(prompts, params, use_tqdm=False)]
+    fresh.shutdown()
+    llm = engine()
+    calls = [0]
+    owner, name = (PendingRunnerOutput, "result") if where == "wait" else (ModelRunner, "submit")
+    original = getattr(owner, name)
+
+    def interrupted(self, *args):
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    try:
+        monkeypatch.setattr(owner, name, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, params, use_tqdm=False)
+        monkeypatch.setattr(owner, name, original)
+        scheduler = llm.engine.core.scheduler
+        assert scheduler.num_pending_outputs == 0 and not scheduler.running and not scheduler.waiting
+        again = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == expected
+    finally:
+        llm.shutdown()

@@ -73,3 +73,13 @@ def test_stopping_early_leaves_the_engine_clean(async_llm):
     assert kv.num_free_blocks == kv.pool.num_blocks
     again = async_llm.generate(RAW_PROMPTS[0], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert len(again[0].outputs[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("where, at", [("wait", 3), ("wait", 9), ("submit", 5)])
+def test_a_call_interrupted_mid_step_leaves_the_engine_as_a_fresh_one(tmp_path_factory, monkeypatch, where, at):
+    """Through `LLM` and the real runner on the CPU (the engine-core test interrupts a fake executor): see
+    `tests.helpers.interrupted_call_case`. On session 60's start, each case left tokens counted as pending."""
+    from tests.helpers import interrupted_call_case, make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path_factory.mktemp("interrupted"))
+    interrupted_call_case(str(model), "cpu", where, at, monkeypatch)

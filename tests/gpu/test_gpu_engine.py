@@ -3,7 +3,7 @@
 import pytest
 
 from batchllm import LLM, SamplingParams
-from tests.helpers import VOCAB, make_tiny_model
+from tests.helpers import VOCAB, interrupted_call_case, make_tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -170,3 +170,11 @@ def test_named_token_logprobs_are_those_of_the_whole_vocabulary(tiny_dir):
         assert set(entry) == {token, *named}
         for t in entry:
             assert entry[t].logprob == pytest.approx(full[t].logprob, abs=1e-4)
+
+
+
+@pytest.mark.parametrize("where, at", [("wait", 3), ("wait", 9), ("submit", 5)])
+def test_a_call_interrupted_mid_step_leaves_the_engine_as_a_fresh_one(tiny_dir, monkeypatch, where, at):
+    """On the device (asynchronous steps, CUDA graphs, a pool too small for the whole batch): see
+    `tests.helpers.interrupted_call_case`."""
+    interrupted_call_case(tiny_dir, "cuda", where, at, monkeypatch)
