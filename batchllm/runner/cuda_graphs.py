@@ -22,6 +22,7 @@ the Triton interpreter.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import time
 
@@ -134,11 +135,31 @@ class DecodeGraphs:
     def _capture(self) -> None:
         """Capture every size, largest first, into one memory pool (graphs run one at a time, so
         they share their intermediate buffers). Before each capture the forward runs once for real
-        over empty plans (nothing attended, K/V to the pad slot): kernels compile outside capture."""
+        over empty plans (nothing attended, K/V to the pad slot): kernels compile outside capture.
+        Python's collector is run first and held off until the last capture ends: an engine dropped without
+        `shutdown` waits in reference cycles, and a collection inside a capture that freed its CUDA objects there
+        invalidated the capture (torch's `cuda.graph` no longer collects before capturing)."""
         started = time.perf_counter()
         device = self.ints.device
+        gc.collect()
         torch.cuda.empty_cache()  # as torch.cuda.graph does: what stays reserved after is the graphs' pool
         memory_before = torch.cuda.memory_reserved(device)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_sizes(device)
+        finally:
+            if collecting:
+                gc.enable()
+        torch.cuda.synchronize(device)
+        self.capture_seconds = time.perf_counter() - started
+        torch.cuda.empty_cache()  # the warm-up runs' blocks (outside the graphs' pool)
+        self.capture_memory_bytes = torch.cuda.memory_reserved(device) - memory_before
+        logger.info("captured %d decode CUDA graphs (batch sizes 1 to %d) in %.1f s, %.2f GiB",
+                    len(self.sizes), self.max_batch, self.capture_seconds, self.capture_memory_bytes / 2**30)
+
+    def _capture_sizes(self, device: torch.device) -> None:
+        """`_capture`'s captures, largest size first, into one pool."""
         copy_into(self.ints[2 * self.max_batch:3 * self.max_batch], np.full(self.max_batch, self.pad_slot))
         self.plan.buffer.zero_()  # every launch count 0
         pool = None
@@ -151,9 +172,3 @@ class DecodeGraphs:
                 out = self._forward(size)
             pool = graph.pool()
             self._graphs[size] = (graph, out)
-        torch.cuda.synchronize(device)
-        self.capture_seconds = time.perf_counter() - started
-        torch.cuda.empty_cache()  # the warm-up runs' blocks (outside the graphs' pool)
-        self.capture_memory_bytes = torch.cuda.memory_reserved(device) - memory_before
-        logger.info("captured %d decode CUDA graphs (batch sizes 1 to %d) in %.1f s, %.2f GiB",
-                    len(self.sizes), self.max_batch, self.capture_seconds, self.capture_memory_bytes / 2**30)

@@ -138,3 +138,42 @@ def test_replayed_attention_equals_eager_attention(dtype, block_size):
         torch.cuda.synchronize()
         assert torch.equal(out[:n], want), f"{n} sequences"
         assert not out[n:].any()
+
+
+def test_graphs_capture_while_dropped_engines_wait_for_the_collector(tiny_dir, monkeypatch):
+    """An engine dropped without `shutdown` sits in reference cycles until Python's collector runs, and torch's
+    `cuda.graph` no longer collects before a capture: a collection inside a capture freed the dropped engine's CUDA
+    objects there, and the capture failed ("operation failed due to a previous error during capture", a GPU test run
+    of session 61). Here a collection runs inside the first capture while two dropped engines wait: the new engine
+    still builds and generates, and the dropped ones are freed."""
+    import gc
+    import weakref
+
+    from batchllm.runner.cuda_graphs import DecodeGraphs
+
+    def engine(**kwargs):
+        return LLM(tiny_dir, device="cuda", dtype="bfloat16", skip_tokenizer_init=True, kv_cache_memory_gib=1,
+                   max_cudagraph_capture_size=8, **kwargs)
+
+    prompt = [{"prompt_token_ids": list(range(3, 40))}]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = engine().generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    engines = [engine() for _ in range(2)]  # (built before any is dropped: a build collects what was dropped)
+    for llm in engines:
+        llm.generate(prompt, params, use_tqdm=False)
+    dropped = [weakref.ref(llm.engine.runner.decode_graphs) for llm in engines]
+    del engines, llm
+    assert all(ref() is not None for ref in dropped), "the dropped engines wait in cycles for the collector"
+    forward, collected = DecodeGraphs._forward, []
+
+    def collecting(self, size):
+        if torch.cuda.is_current_stream_capturing() and not collected:
+            collected.append(gc.collect())
+        return forward(self, size)
+
+    monkeypatch.setattr(DecodeGraphs, "_forward", collecting)
+    llm = engine()
+    assert collected, "a collection ran inside a capture"
+    assert all(ref() is None for ref in dropped)
+    assert llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == expected
+    llm.shutdown()

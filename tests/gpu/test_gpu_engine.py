@@ -118,8 +118,11 @@ def test_async_scheduling_gives_the_tokens_of_sync(tiny_dir):
 def test_shutdown_gives_the_device_memory_back(tiny_dir):
     """Another LLM can be built in the same process after shutdown: the weights, KV cache and
     graphs of the first are freed (benchmarks/tp_agreement.py builds TP=1 then TP=2 this way)."""
+    import gc
+
     import torch
 
+    gc.collect()  # (engines earlier tests dropped: else the build's collection frees them and hides its own memory)
     before = torch.cuda.memory_allocated()
     llm = LLM(tiny_dir, device="cuda", dtype="bfloat16", skip_tokenizer_init=True, kv_cache_memory_gib=2)
     llm.generate([{"prompt_token_ids": list(range(3, 40))}], SamplingParams(max_tokens=4), use_tqdm=False)
