@@ -501,7 +501,8 @@ def _parse_openai_line(obj: dict, line_number: int) -> BatchLine | LineError:
     if not isinstance(rid, str) or not rid:
         return error("'custom_id' must be a non-empty string", _clean_id(rid))  # echoed where it can be
     unknown = tuple(sorted(set(obj) - {"custom_id", "method", "url", "body"}))  # ignored and named, as in vLLM
-    if str(obj.get("method", "POST")).upper() != "POST":  # (vLLM does not read it: "post" is taken)
+    # (vLLM does not read it: "post" is taken; a missing method, which vLLM and OpenAI refuse, is a POST here)
+    if str(obj.get("method", "POST")).upper() != "POST":
         return error(f"unsupported method {short_repr(obj.get('method'))} (only POST)", rid)
     try:
         asked = openai_batch.body_to_request(obj.get("url"), obj.get("body"))
