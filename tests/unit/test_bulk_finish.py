@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import random
+from contextlib import nullcontext
 
 import pytest
 
@@ -245,3 +246,62 @@ def test_requests_ending_in_a_step_leave_the_state_ending_them_one_by_one_leaves
         assert state(engine, submission) == state(old, old_all), seed
         assert not engine.has_unfinished(), seed  # (seed 10 looped forever before: test_tiny_pool_progress.py)
     assert {(RequestStatus.RUNNING, False), (RequestStatus.PREEMPTED, False), (RequestStatus.READY, True)} <= ended_as
+
+
+class _Interrupt(KeyboardInterrupt):
+    """Ctrl-C inside a bulk finish."""
+
+
+def interrupt_after_finishing(sched, count):
+    """Make the bulk finishes of `sched` raise `_Interrupt` once `count` requests were ended by their loop (each
+    `_finish` whole: with the parents it drops)."""
+    finish, depth, ended = sched._finish, [0], [0]
+
+    def finishing(*args, **kwargs):
+        depth[0] += 1
+        try:
+            finish(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+        if depth[0] == 0:
+            ended[0] += 1
+            if ended[0] == count:
+                raise _Interrupt
+    sched._finish = finishing
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_a_bulk_finish_interrupted_part_way_leaves_the_state_of_the_requests_it_ended(seed):
+    """Ctrl-C inside `finish_requests` or `abort_requests_of` (a second interrupt while `LLM` aborts a call): the
+    requests already ended leave their queues all the same (`Scheduler._finishing_in_bulk`), so the state is that of
+    ending just those one by one; ending the rest afterwards runs both engines to the same outputs."""
+    rng = random.Random(300 + seed)
+    prompts = nested_prompts(rng)
+    aborting = seed % 2 == 1
+    engine, everything = engine_with(prompts, rng, num_blocks=rng.choice([24, 40, 200]),
+                                     async_scheduling=rng.random() < 0.5, calls=("d", "c"))
+    for _ in range(rng.randrange(0, 25)):
+        if engine.has_unfinished():
+            engine.step()
+    chosen = [r.request_id for r in everything if r.request_id.startswith("c-")]
+    rng.shuffle(chosen)
+    bulk, bulk_all = copy.deepcopy((engine, everything))
+    ours = [r for r in everything if r.request_id.startswith("c-") and r.request_id in engine.scheduler.requests]
+    members = [r.request_id for r in ours if not r.is_prefix]
+    count = rng.randrange(1, len(members) + 1) if members else 1
+    interrupt_after_finishing(bulk.scheduler, count)
+    with pytest.raises(_Interrupt) if members else nullcontext():
+        if aborting:
+            bulk.scheduler.abort_requests_of("c-")
+        else:
+            bulk.scheduler.finish_requests(chosen, "abort")
+    del bulk.scheduler._finish
+    order = members if aborting else [i for i in chosen if i in set(members)]
+    one_by_one(engine.scheduler, order[:count], "abort")
+    assert state(bulk, bulk_all) == state(engine, everything)
+    for e in (bulk, engine):
+        e.scheduler.abort_requests_of("c-")
+    assert state(bulk, bulk_all) == state(engine, everything)
+    run_out(bulk)
+    run_out(engine)
+    assert outputs(bulk_all) == outputs(everything)
