@@ -560,6 +560,7 @@ class LLM:
         """`iter_generate` on this process's engine. The engine's step log is the call's own (cleared at its
         start: a long-lived LLM keeps no step of earlier calls)."""
         core = self.engine.core
+        self._abort_leftovers()
         progress = TokenProgress(progress_desc, use_tqdm)  # (before the requests: a bar that fails leaves none)
         call = _Call(next(self._request_counter), progress=progress)
         try:
@@ -607,6 +608,20 @@ class LLM:
         the call aborted) and set `last_stats`."""
         self._abort_rest(list(call.states))
         self.last_stats = self._statistics(call, before, time.perf_counter() - started)
+
+    def _abort_leftovers(self) -> None:
+        """Abort whatever is in the engine as a call starts (after `_take_over`, which dropped any suspended call):
+        only an earlier call's clean-up cut short leaves anything, a second Ctrl-C inside its `_abort_rest`. The
+        requests it left would otherwise run in this call's steps, which have no state for them (every later call
+        failed with a KeyError)."""
+        core = self.engine.core
+        if not core.has_unfinished():
+            return
+        logger.warning("aborting %d requests an interrupted call left in the engine",
+                       core.scheduler.num_unfinished_requests())
+        core.scheduler.abort_requests_of("")  # (every request: prefixes after their members)
+        _drain_quietly(core)
+        self.engine.drop_followers_out_of_step()
 
     def _abort_rest(self, request_ids: list[str]) -> None:
         """Abort a call's unfinished requests and collect its step in flight, so that the engine is clean."""

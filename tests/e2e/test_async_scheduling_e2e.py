@@ -83,3 +83,49 @@ def test_a_call_interrupted_mid_step_leaves_the_engine_as_a_fresh_one(tmp_path_f
 
     model = make_tiny_model("llama", tmp_path_factory.mktemp("interrupted"))
     interrupted_call_case(str(model), "cpu", where, at, monkeypatch)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_second_interrupt_inside_a_calls_clean_up_leaves_the_next_call_whole(tmp_path_factory, async_scheduling):
+    """Ctrl-C twice: the first at a step, the second while `LLM` aborts the call's requests. The clean-up stops
+    part-way, leaving requests in the engine; the next call aborts them before it starts (`LLM._abort_leftovers`)
+    and generates what it generates on a clean engine. (Before, every later call on that LLM failed with a
+    KeyError: its steps ran the leftovers, which it has no state for.)"""
+    from batchllm import LLM
+    from tests.helpers import make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path_factory.mktemp("twice"))
+    llm = LLM(str(model), device="cpu", dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=64,
+              block_size=16, async_scheduling=async_scheduling)
+    try:
+        prompts = [{"prompt_token_ids": list(range(10, 60)) + [100 + i] * (i + 1)} for i in range(6)]
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        core = llm.engine.core
+        step, scheduler = core.step, core.scheduler
+        finish, steps, finishes = scheduler._finish, [0], [0]
+
+        def finishing(*args, **kwargs):  # the clean-up's: the second Ctrl-C after its second request
+            finish(*args, **kwargs)
+            finishes[0] += 1
+            if finishes[0] == 2:
+                raise KeyboardInterrupt("second")
+
+        def stepping():
+            steps[0] += 1
+            if steps[0] == 4:
+                scheduler._finish = finishing
+                raise KeyboardInterrupt("first")
+            return step()
+
+        core.step = stepping
+        with pytest.raises(KeyboardInterrupt, match="second"):
+            llm.generate(prompts, params, use_tqdm=False)
+        core.step = step
+        del scheduler._finish
+        assert core.has_unfinished()  # (what the clean-up left)
+        again = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == expected
+        assert not core.has_unfinished() and scheduler.num_pending_outputs == 0
+    finally:
+        llm.shutdown()
