@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -270,12 +271,14 @@ r"""The character class xgrammar 0.2.9 writes for one character of a string with
 string classes differ ([^\0-\x1f\"\\\r\n] is an unbounded string's)."""
 _EBNF_ATOM = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
 """A quoted literal or a character class of xgrammar's EBNF (a literal may hold brackets, a class quotes)."""
-_STRING_CHARACTER = r'(([^\0-\x1f\"\\]) | ("\\" {escape}))'
+_STRING_CHARACTER = r'(([^\0-\x1f\"\\\uD800-\uDFFF]) | ("\\" {escape}))'
 _STRING_ESCAPE = (r'{escape} ::= (([\"\\/bfnrt]) | ("u" (([0-9a-cA-Ce-fE-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F]) '
                   r'| ([dD] [0-7] [0-9a-fA-F] [0-9a-fA-F]))))')
 r"""One character of a JSON string (RFC 8259): unescaped (no control character, quote or backslash) or escaped.
 A \u escape of a UTF-16 surrogate is left out: a pair decodes to one character, which the grammar would count as two
-(a character past the BMP is written raw, one character to both)."""
+(a character past the BMP is written raw, one character to both). So is a raw surrogate, which xgrammar's class took as
+the three bytes UTF-8 would give it: not UTF-8, they decoded to three replacement characters (maxLength 2 let six
+through)."""
 
 
 def escaped_bounded_strings(ebnf: str) -> str:
@@ -316,6 +319,14 @@ _TYPED_KEYWORDS = ("pattern", "format", "minLength", "maxLength", "minimum", "ma
                    "exclusiveMaximum")
 """String and number keywords, which xgrammar enforces only in a schema that gives its "type"."""
 _TYPE_GIVERS = ("type", "enum", "const", "$ref", "anyOf", "oneOf", "allOf")
+_INFERRED_TYPES = (({"object"}, ("properties", "additionalProperties", "unevaluatedProperties")),
+                   ({"array"}, ("items", "prefixItems", "unevaluatedItems")))
+"""The keywords from which xgrammar gives a schema without a "type" its type (measured, xgrammar 0.2.9: {"items": {}}
+takes only arrays; {"minItems": 2}, {"required": [...]}, {"patternProperties": ...}, {"propertyNames": ...} alone take
+any JSON value)."""
+_COUNTED_KEYWORDS = ("minItems", "maxItems", "minProperties", "maxProperties", "patternProperties", "propertyNames")
+"""Array and object keywords xgrammar enforces only in a schema whose type it knows (given, or `_INFERRED_TYPES`:
+{"minItems": 2} took [1], {"maxProperties": 1} took {"a": 1, "b": 2})."""
 _COMBINATORS = ("$ref", "anyOf", "oneOf", "allOf")
 """Keywords whose schemas replace their node's own: xgrammar drops typed keywords beside them."""
 
@@ -386,16 +397,24 @@ def _raw_pattern(node: dict, types: set[str]) -> str | None:
     return None
 
 
+def _inferred_types(node: dict) -> set[str]:
+    """The types xgrammar gives a schema without a "type" (`_INFERRED_TYPES`); empty where it gives none."""
+    return set().union(*(kinds for kinds, keywords in _INFERRED_TYPES if any(k in node for k in keywords)))
+
+
 def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | None:
     """The keyword combinations xgrammar compiles but does not enforce: those vLLM's current check finds (vLLM
-    0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string or number bounds without a type."""
+    0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string, number, array or object bounds without a type.
+    types: the node's "type"; the object and array checks read the types xgrammar infers where none is given."""
     if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
         return repr(found)
     if node.get("type") == []:  # (no value has no type; xgrammar reads it as no type given)
         return "'type' [] (an empty list of types: xgrammar then lets any JSON value through)"
-    if found := _unenforced_literal(node) or _unenforced_required(node, types) or _overlapping_one_of(node):
+    known = types or _inferred_types(node)
+    if found := _unenforced_literal(node) or _unenforced_required(node, known) or _overlapping_one_of(node):
         return found
-    typed = next((k for k in _TYPED_KEYWORDS if k in node), None)
+    typed = next((k for k in _TYPED_KEYWORDS if k in node), None) or (
+        None if known else next((k for k in _COUNTED_KEYWORDS if k in node), None))
     if typed and not any(k in node for k in _TYPE_GIVERS):
         return f'{typed!r} without a "type" (xgrammar then lets any JSON value through: give the type)'
     if typed and (combinator := next((k for k in _COMBINATORS if k in node), None)):
@@ -408,9 +427,9 @@ def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | Non
                     "then enforces neither: repeat the properties in each branch)")
     if "string" in types and (found := _length_bound_with_pattern(node)):
         return found
-    if found := _raw_pattern(node, types):
+    if found := _raw_pattern(node, types) or _number_range_xgrammar_cannot_write(node, types):
         return found
-    if "object" in types and "propertyNames" in node:
+    if "object" in known and "propertyNames" in node:
         names = node["propertyNames"]
         if isinstance(names, dict) and (found := _length_bound_with_pattern(names)):
             return f"{found} in 'propertyNames'"
@@ -418,7 +437,7 @@ def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | Non
             return f"'propertyNames' with {other!r}"
         if node.get("unevaluatedProperties", True) is not True:
             return "'propertyNames' with 'unevaluatedProperties'"
-    if "object" in types and isinstance(node.get("patternProperties"), dict):
+    if "object" in known and isinstance(node.get("patternProperties"), dict):
         if "properties" in node:
             return "'patternProperties' with 'properties'"
         if len(node["patternProperties"]) > 1:
@@ -426,6 +445,39 @@ def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | Non
     if isinstance(node.get("allOf"), list) and len(node["allOf"]) >= 2:
         return "'allOf' of several schemas (xgrammar lets anything through)"
     return _dropped_beside_combinator(node, types, root)
+
+
+_WRITTEN_DECIMALS = 6
+"""The most decimal places xgrammar writes in a number between two bounds (measured, xgrammar 0.2.9: a range holding
+no such number compiled to an empty value, and {"p": } came out, ended as a "stop")."""
+
+
+def _decimal(value: Any) -> Fraction | None:
+    """A JSON number's exact decimal value (a float as its shortest repr: 1e-07 is 1/10^7); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return Fraction(value) if isinstance(value, int) else Fraction(repr(value)) if math.isfinite(value) else None
+
+
+def _number_range_xgrammar_cannot_write(node: dict, types: set[str]) -> str | None:
+    """A number's bounds (one lower, one upper) between which lies no number of `_WRITTEN_DECIMALS` decimal places,
+    though the range is not empty (an empty one xgrammar refuses itself): its grammar would take an empty value."""
+    lows = [(k, _decimal(node[k])) for k in ("minimum", "exclusiveMinimum") if k in node]
+    highs = [(k, _decimal(node[k])) for k in ("maximum", "exclusiveMaximum") if k in node]
+    if "number" not in types or len(lows) != 1 or len(highs) != 1 or lows[0][1] is None or highs[0][1] is None:
+        return None
+    (low_key, low), (high_key, high) = lows[0], highs[0]
+    if low > high or (low == high and (low_key, high_key) != ("minimum", "maximum")):
+        return None
+    step = Fraction(1, 10 ** _WRITTEN_DECIMALS)
+    first = math.ceil(low / step) * step
+    if first == low and low_key == "exclusiveMinimum":
+        first += step
+    if first < high or (first == high and high_key == "maximum"):
+        return None
+    return (f"{low_key!r} {node[low_key]} with {high_key!r} {node[high_key]}, a range holding no number of at most "
+            f"{_WRITTEN_DECIMALS} decimal places (all xgrammar writes between two bounds: its grammar would take an "
+            "empty value; widen the range, or scale the quantity)")
 
 
 _LITERALS = ("const", "enum")
@@ -660,8 +712,10 @@ def unenforced_schema_feature(schema: Any) -> str | None:
         if not isinstance(node, dict):
             continue
         where, types = f" (in {path})" if path else "", _types(node)
+        known = types or _inferred_types(node)  # (no type known at all: any value, so those keywords go unenforced)
+        untyped = not known and not any(k in node for k in _TYPE_GIVERS)
         for kinds, keywords in _UNENFORCED:
-            if types & kinds and (found := next((k for k in keywords if k in node), None)):
+            if (untyped or known & kinds) and (found := next((k for k in keywords if k in node), None)):
                 return f"{found!r}{where}"
         if found := _unenforced_combination(node, types, schema):
             return f"{found}{where}"

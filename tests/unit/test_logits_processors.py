@@ -4,6 +4,7 @@ exact expected values; repetition_penalty against HF's RepetitionPenaltyLogitsPr
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -262,6 +263,13 @@ DROPPED = [
                                                            "'anyOf' gives: put it in each branch)"),
     ({"type": "array", "items": {"type": "integer"}, "anyOf": [{"type": "array"}]}, ["a"],
      "'items' beside 'anyOf'"),
+    ({"minItems": 2}, [1], "'minItems' without a \"type\" (xgrammar then lets any JSON value through"),
+    ({"maxProperties": 1}, {"a": 1, "b": 2}, "'maxProperties' without a \"type\""),
+    ({"patternProperties": {"^a": {"type": "integer"}}}, {"a": "x"}, "'patternProperties' without a \"type\""),
+    ({"propertyNames": {"pattern": "^a"}}, {"b": 1}, "'propertyNames' without a \"type\""),
+    ({"multipleOf": 5}, 101, "'multipleOf'"),
+    ({"contains": {"type": "integer"}}, ["x"], "'contains'"),
+    ({"items": {"type": "integer"}, "uniqueItems": True}, [1, 1], "'uniqueItems'"),
 ]
 
 
@@ -296,6 +304,74 @@ def test_required_names_without_properties_and_keywords_beside_enum_or_const_are
                  {"type": "object", "additionalProperties": False, "anyOf": [NAMED]},
                  {"type": "object", "$defs": {"n": NAMED}, "$ref": "#/$defs/n"}):
         assert unenforced_schema_feature(fine) is None, fine
+
+
+def test_array_and_object_keywords_without_a_type_xgrammar_knows_are_refused():
+    """A review's probe: minItems, maxProperties, patternProperties, propertyNames, multipleOf, uniqueItems or contains
+    in a schema without a "type" compiled to any JSON value ({"n": 101} passed a typeless multipleOf 5), while the
+    README says a bound without a type fails its line. xgrammar infers a type from some keywords (items, properties,
+    additionalProperties): there it enforces the counts, and those schemas are taken (the answers breaking them are
+    refused by their grammars, as measured here)."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from batchllm.structured import unenforced_schema_feature
+
+    typeless = {"type": "object", "properties": {"n": {"multipleOf": 5}}}
+    assert unenforced_schema_feature(typeless) == "'multipleOf' (in properties.n)"
+    for fine, breaking in (({"items": {"type": "integer"}, "minItems": 2}, [1]),
+                           ({"items": {"type": "integer"}, "maxItems": 1}, [1, 2]),
+                           ({"properties": {"a": {"type": "integer"}}, "minProperties": 1}, {}),
+                           ({"additionalProperties": {"type": "integer"}, "maxProperties": 1}, {"a": 1, "b": 2}),
+                           ({"type": "object", "patternProperties": {"^a": {"type": "integer"}}}, {"a": "x"})):
+        assert unenforced_schema_feature(fine) is None, fine
+        grammar = xgr.Grammar.from_json_schema(json.dumps(fine), any_whitespace=False)
+        assert not _is_grammar_accept_string(grammar, json.dumps(breaking)), fine
+
+
+NARROW_RANGES = [  # (schema of a number, refused): a review's four, which gave {"p": } as a "stop", and neighbours
+    ({"type": "number", "exclusiveMinimum": 0, "maximum": 1e-7}, True),
+    ({"type": "number", "minimum": 1e-7, "maximum": 5e-7}, True),
+    ({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1.000001}, True),
+    ({"type": ["number", "null"], "exclusiveMinimum": 0.1, "maximum": 0.1000001}, True),
+    ({"type": "number", "minimum": 1e-7, "maximum": 1e-7}, True),
+    ({"type": "number", "exclusiveMinimum": 1, "maximum": 1.000001}, False),
+    ({"type": "number", "minimum": 0, "maximum": 1e-6}, False),
+    ({"type": "number", "minimum": 0.5, "maximum": 0.5}, False),
+    ({"type": "number", "minimum": -3, "exclusiveMaximum": 2.5}, False),
+    ({"type": "integer", "minimum": 1, "maximum": 1}, False),
+]
+
+
+def test_a_number_range_holding_no_number_xgrammar_writes_is_refused():
+    """xgrammar writes a number between two bounds with at most 6 decimal places; a range holding none compiled to
+    a grammar whose value is empty, and '{"p": }' came out as a "stop". Such a range is refused by name; the others
+    are taken. Measured on the installed xgrammar: the refused ones' grammars take the empty value, the taken ones'
+    do not, and on 300 random ranges the refusal agrees with it."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from batchllm.structured import unenforced_schema_feature
+
+    for schema, refused in NARROW_RANGES:
+        found = unenforced_schema_feature({"type": "object", "properties": {"p": schema}})
+        assert (found is not None) == refused, schema
+        assert not refused or "a range holding no number of at most 6 decimal places" in found
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        assert _is_grammar_accept_string(grammar, "") == refused, schema
+    rng, compiled = random.Random(0), 0
+    for _ in range(300):
+        low = round(rng.uniform(-1, 1) * 10 ** rng.randint(-9, 3), rng.randint(0, 12))
+        high = round(low + abs(rng.gauss(0, 1)) * 10 ** rng.randint(-9, 0), rng.randint(0, 12))
+        schema = {"type": "number", rng.choice(["minimum", "exclusiveMinimum"]): low,
+                  rng.choice(["maximum", "exclusiveMaximum"]): high}
+        try:
+            grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        except RuntimeError:  # (an empty range: xgrammar refuses it itself, by name)
+            continue
+        compiled += 1
+        assert _is_grammar_accept_string(grammar, "") == (unenforced_schema_feature(schema) is not None), schema
+    assert compiled > 150
 
 
 def test_xgrammar_lets_through_the_answers_that_break_the_refused_schemas():
@@ -360,6 +436,14 @@ def test_length_bounded_strings_take_escapes_and_no_control_characters(default_m
     fixed = escaped_bounded_strings(f'root ::= (("{bounded}" {bounded}))\n')
     assert fixed.startswith(f'root ::= (("{bounded}" (([^\\0-\\x1f') and fixed.count(bounded) == 1, fixed
     assert xgr.Grammar.from_ebnf(fixed) is not None
+    from xgrammar.testing import _is_grammar_accept_string
+
+    two = xgr.Grammar.from_ebnf(escaped_bounded_strings(str(xgr.Grammar.from_json_schema(
+        json.dumps({"type": "string", "maxLength": 2}), any_whitespace=False))))
+    # a surrogate written raw (ED A0 80: not UTF-8, three replacement characters once decoded) is no character;
+    # its neighbours U+D7FF and U+E000 are
+    for raw, taken in ((b'"\xed\xa0\x80"', False), (b'"\xed\x9f\xbf"', True), (b'"\xee\x80\x80"', True)):
+        assert _is_grammar_accept_string(two, raw) == taken, raw
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
     backend = GrammarBackend(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
     for schema, answers in BOUNDED_STRINGS:
