@@ -195,6 +195,8 @@ def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_t
             ({"type": "object", "propertyNames": {"pattern": "^a"}, "properties": {}}, "'propertyNames' with 'prop"),
             ({"type": "object", "patternProperties": {"^a": {}, "^b": {}}}, "more than one pattern"),
             ({"type": "object", "patternProperties": {"^a": {}}, "properties": {}}, "'patternProperties' with 'p"),
+            ({"patternProperties": {"^a": {}}, "properties": {}}, "'patternProperties' with 'p"),  # (object inferred)
+            ({"additionalProperties": True, "propertyNames": {"pattern": "^a", "maxLength": 3}}, "in 'propertyNames'"),
             ({"allOf": [{"type": "string"}, {"enum": ["yes", "no"]}]}, "'allOf' of several schemas"),
             ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "'not' (in properties.a)"),
             ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "'if'"),
