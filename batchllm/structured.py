@@ -413,10 +413,10 @@ def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | Non
     known = types or _inferred_types(node)
     if found := _unenforced_literal(node) or _unenforced_required(node, known) or _overlapping_one_of(node):
         return found
-    typed = next((k for k in _TYPED_KEYWORDS if k in node), None) or (
-        None if known else next((k for k in _COUNTED_KEYWORDS if k in node), None))
-    if typed and not any(k in node for k in _TYPE_GIVERS):
-        return f'{typed!r} without a "type" (xgrammar then lets any JSON value through: give the type)'
+    typed = next((k for k in _TYPED_KEYWORDS if k in node), None)
+    untyped = typed or (None if known else next((k for k in _COUNTED_KEYWORDS if k in node), None))
+    if untyped and not any(k in node for k in _TYPE_GIVERS):
+        return f'{untyped!r} without a "type" (xgrammar then lets any JSON value through: give the type)'
     if typed and (combinator := next((k for k in _COMBINATORS if k in node), None)):
         return f"{typed!r} beside {combinator!r} (xgrammar enforces it only inside a branch: put it in each)"
     for combinator in ("anyOf", "oneOf"):

@@ -304,7 +304,9 @@ def test_required_names_without_properties_and_keywords_beside_enum_or_const_are
                  {"type": "object", "oneOf": [{"properties": {"b": {"type": "string"}}, "required": ["b"]},
                                               {"properties": {"c": {"type": "string"}}, "required": ["c"]}]},
                  {"type": "object", "additionalProperties": False, "anyOf": [NAMED]},
-                 {"type": "object", "$defs": {"n": NAMED}, "$ref": "#/$defs/n"}):
+                 {"type": "object", "$defs": {"n": NAMED}, "$ref": "#/$defs/n"},
+                 {"minItems": 2, "anyOf": [{"type": "array", "items": {}, "minItems": 2},
+                                           {"items": {}, "minItems": 3}]}):
         assert unenforced_schema_feature(fine) is None, fine
 
 
