@@ -502,10 +502,9 @@ class LLM:
         self._take_over(running)
         outputs = None
         try:
-            if self._data_parallel is not None:
-                if on_reaching_engine is not None:  # (the workers take the prompts as they run)
-                    on_reaching_engine()
-                outputs = self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc)
+            if self._data_parallel is not None:  # (the workers have the prompts once every rank got its job)
+                outputs = self._data_parallel.generate(prompts, params, use_tqdm=use_tqdm, progress_desc=progress_desc,
+                                                       on_dispatched=on_reaching_engine)
             else:
                 outputs = self._run_on_engine(prompts, params, use_tqdm, progress_desc, refill, stop_asked, running,
                                               on_reaching_engine)

@@ -45,6 +45,7 @@ from typing import Any
 
 from batchllm.config import EngineConfig, ParallelConfig, SharingConfig, leaves_activation_reserve
 from batchllm.core.policies import output_budget
+from batchllm.parallel.held_signals import signals_held
 from batchllm.parallel.kept_placement import KeptPlacement
 from batchllm.parallel.partition import Partition, Shard, TailQueue, partition_plan
 from batchllm.parallel.shard_wire import PackedItems, pack_items
@@ -90,6 +91,10 @@ class DataParallelEngine:
         self._job = 0
         self._busy = False
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
+        self._unreported: set[int] = set()
+        """The ranks that have not reported the job handed out last done."""
+        self._aborted: tuple[int, set[int]] | None = None
+        """The job last aborted and the ranks yet to report it done (`_drain_aborted`), or None."""
         self._reset_pending = False
         """`reset_prefix_cache` was asked while a job ran: the workers get it before the next job."""
         self._kept: KeptPlacement | None = None
@@ -108,9 +113,11 @@ class DataParallelEngine:
         messages = []
         for conn in mp_connection.wait(list(by_conn), timeout_s):
             try:
-                messages.append((by_conn[conn], conn.recv()))
+                with signals_held():  # (a message read part-way would leave the rest to be read as the next one)
+                    message = conn.recv()
             except (EOFError, OSError, pickle.UnpicklingError):
-                messages.append((by_conn[conn], None))
+                message = None
+            messages.append((by_conn[conn], message))
         return messages
 
     def wait_ready(self, timeout_s: float = 1800.0) -> None:
@@ -151,13 +158,16 @@ class DataParallelEngine:
         return self.processes[rank].exitcode
 
     def generate(self, prompts: Sequence, params: Sequence, *, use_tqdm: bool | Callable[..., Any] = True,
-                 progress_desc: str = "Processed prompts") -> Iterator[tuple[int, Any]]:
+                 progress_desc: str = "Processed prompts",
+                 on_dispatched: Callable[[], None] | None = None) -> Iterator[tuple[int, Any]]:
         """Plan, partition and run one batch over the workers; yield (prompt index, RequestOutput)
-        as results arrive (any order)."""
+        as results arrive (any order). on_dispatched: called once every rank has its job (a failure before
+        leaves the call's prompts unsent: `LLM.wait_for_completion` keeps them queued)."""
         if self.closed:
             raise WorkerDied(f"the data-parallel engine is closed: {self.closed}")
         if self._busy:  # a call still open (its generator neither finished nor closed): its job is dropped first
             self._abort(self._job)
+        self._drain_aborted()
         if self._reset_pending:  # (asked while that call ran)
             self._reset_pending = False
             self.reset_prefix_cache()
@@ -173,15 +183,24 @@ class DataParallelEngine:
             return pack_items(indices, [arrays[i] for i in indices], [params[i] for i in indices])
 
         tail, job = TailQueue(partition.queue), self._job
-        self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
-        for rank in range(self.size):
-            if not self._sent(rank, ("job", job, pack(partition.pinned[rank]))):
-                self._close(f"data-parallel worker {rank} {_exit_description(self._exit_code(rank))} "
-                            "between jobs")
-                raise WorkerDied(f"{self.closed}; no request of this call ran (build a new LLM, or run the job "
-                                 "again to resume it)")
-        dispatch_seconds = time.perf_counter() - started - plan_seconds
+        # (made before the job goes out: a bar that cannot be made leaves no job running unread)
         progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(a) for a in arrays))
+        self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
+        self._unreported = set()  # (the ranks given it: an interrupt part-way leaves the others out of it)
+        try:
+            for rank in range(self.size):
+                if not self._sent(rank, ("job", job, pack(partition.pinned[rank]))):
+                    self._close(f"data-parallel worker {rank} {_exit_description(self._exit_code(rank))} "
+                                "between jobs")
+                    raise WorkerDied(f"{self.closed}; no request of this call ran (build a new LLM, or run the job "
+                                     "again to resume it)")
+                self._unreported.add(rank)
+        except BaseException:
+            progress.close()
+            raise
+        dispatch_seconds = time.perf_counter() - started - plan_seconds
+        if on_dispatched is not None:
+            on_dispatched()
         finished = False
         try:
             rank_stats = yield from self._collect(job, prompts, tail, pack, progress, started)
@@ -197,10 +216,12 @@ class DataParallelEngine:
                                      plan_seconds)
         self.last_stats["dispatch_seconds"] = dispatch_seconds
 
-    def _sent(self, rank: int, message: tuple) -> bool:
-        """Send `message` to a worker; False where its pipe is broken (the worker died)."""
+    def _sent(self, rank: int, message: tuple | None) -> bool:
+        """Send `message` to a worker, whole (an interrupt waits for its end: a message cut part-way would leave the
+        worker reading the next one as its rest); False where its pipe is broken (the worker died)."""
         try:
-            self.conns[rank].send(message)
+            with signals_held():
+                self.conns[rank].send(message)
             return True
         except (OSError, ValueError):
             return False
@@ -226,11 +247,31 @@ class DataParallelEngine:
     def _abort(self, job: int) -> None:
         """Ask every live worker to drop `job` (it stops before its next step or at its shard request, and
         reports the job done); they went on with the whole abandoned job, and a next call waited for it. The
-        job is no longer this side's to wait for."""
-        self._busy = False
+        job is no longer this side's to wait for once every abort is sent (interrupted part-way, the next call
+        aborts it again: a rank left in it would read the next job as a protocol error); the next call reads what
+        the ranks still send of it first (`_drain_aborted`)."""
         for rank, process in enumerate(self.processes):
             if process.is_alive():
                 self._sent(rank, ("abort", job))
+        self._aborted = (job, set(self._unreported))
+        self._busy = False
+
+    def _drain_aborted(self) -> None:
+        """Read, and drop, what the ranks send of the job last aborted, up to each one's "done": a rank blocked
+        writing its results into a full pipe reads no abort, and the next job, sent before anything was read, left
+        both sides blocked. A rank that fails meanwhile closes the engine, as between jobs."""
+        if self._aborted is None:
+            return
+        job, ranks = self._aborted
+        while ranks:
+            for rank, message in self._messages(set(ranks), 1.0):
+                if message is None or message[0] == "error":
+                    why = message[1] if message else _exit_description(self._exit_code(rank))
+                    self._close(f"data-parallel worker {rank} failed while dropping an earlier call's job: {why}")
+                    raise WorkerDied(f"{self.closed}; no request of this call ran (build a new LLM)")
+                if message[0] == "done" and message[1] == job:
+                    ranks.discard(rank)
+        self._aborted = None
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
@@ -286,6 +327,7 @@ class DataParallelEngine:
                         yield index, output
                         self._refuse_if_dropped(job)  # (resumed after a later call started)
                 elif message[0] == "done":
+                    self._unreported.discard(rank)
                     stats[rank] = {**message[2], **self.start_times.get(rank, {}), "rank": rank,
                                    "finish_s": time.perf_counter() - started}
         if failed:

@@ -230,7 +230,7 @@ class ModelRunner:
         """Set once, by `setup_decode_graphs` while the engine is built; None: every step runs eagerly."""
         self.step_cut_short = False
         """Tensor-parallel rank 0 only: a step it had sent to the followers stopped part-way (an exception on rank
-        0, a second interrupt while one was held: `step_channel.signals_held`), so they may wait in one of its
+        0, a second interrupt while one was held: `held_signals.signals_held`), so they may wait in one of its
         collectives and cannot be told to stop in order: `TensorParallelFollowers.stop` kills them instead, and
         a later `submit` raises CUT_SHORT rather than wait on them. Stays set: nothing puts them back in step."""
         self.num_graph_steps = 0
@@ -249,7 +249,7 @@ class ModelRunner:
             return self._submit(batch)
         if self.step_cut_short:
             raise RuntimeError(CUT_SHORT)
-        from batchllm.parallel.step_channel import signals_held
+        from batchllm.parallel.held_signals import signals_held
 
         with signals_held():  # an interrupt waits for the step's end (`signals_held`): the followers stay in step
             self.step_cut_short = True  # until the step's last collective is issued

@@ -275,3 +275,65 @@ if __name__ == "__main__":
     while running() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not running(), "the orphaned worker kept running"
+
+
+def test_interrupts_and_failures_around_a_calls_job_leave_the_next_call_whole(tiny_model_factory, monkeypatch):
+    """A review's probe of the data-parallel parent, two CPU workers; each time the next call gives the tokens of
+    the first:
+    - a second Ctrl-C while `_abort` tells the ranks to drop an interrupted call's job: a rank left in it read the next
+      job as a protocol error and died, and the engine closed for good;
+    - a progress bar that cannot be made: the enqueued prompts were lost while the workers ran them unread;
+    - a call left suspended while its workers filled their pipes with results: the next call's job, sent before
+      anything was read, left both sides blocked for ever."""
+    from batchllm.parallel import data_parallel
+
+    model = tiny_model_factory("llama")
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(10, 1000) for _ in range(30)]} for _ in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm = LLM(model, data_parallel_size=2, device="cpu", dtype="float32", skip_tokenizer_init=True,
+              max_model_len=256, num_kv_blocks=64)
+    try:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finished, sent = data_parallel._JobProgress.finished, data_parallel.DataParallelEngine._sent
+
+        def first_interrupt(self, index, output):
+            monkeypatch.setattr(data_parallel._JobProgress, "finished", finished)
+            raise KeyboardInterrupt("first")
+
+        def second_interrupt(self, rank, message):
+            if message is not None and message[0] == "abort" and rank == 1:
+                monkeypatch.setattr(data_parallel.DataParallelEngine, "_sent", sent)
+                raise KeyboardInterrupt("second")
+            return sent(self, rank, message)
+
+        monkeypatch.setattr(data_parallel._JobProgress, "finished", first_interrupt)
+        monkeypatch.setattr(data_parallel.DataParallelEngine, "_sent", second_interrupt)
+        with pytest.raises(KeyboardInterrupt, match="second"):
+            llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+
+        def vllms_keywords_refused(total, desc):  # (vLLM calls a bar with dynamic_ncols and postfix too)
+            raise AssertionError("not reached")
+
+        llm.enqueue(prompts, params, use_tqdm=False)
+        with pytest.raises(TypeError):
+            llm.wait_for_completion(use_tqdm=vllms_keywords_refused)
+        assert [o.outputs[0].token_ids for o in llm.wait_for_completion(use_tqdm=False)] == expected
+
+        wordy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=20, prompt_logprobs=20)
+        many = prompts * 10
+        suspended = llm.iter_generate([llm.tokenize_prompt(p) for p in many], [wordy] * len(many), use_tqdm=False)
+        next(suspended)
+        time.sleep(3)  # (the workers run on, their results unread: a pipe holds some 200 KB)
+        long = [{"prompt_token_ids": p["prompt_token_ids"] * 8} for p in prompts] * 3  # (a job over 200 KB)
+        outcome = []
+        call = threading.Thread(target=lambda: outcome.append(llm.generate(long, params, use_tqdm=False)),
+                                daemon=True)
+        call.start()
+        call.join(240)
+        assert not call.is_alive(), "the next call's job and the dropped call's results blocked each other"
+        assert len(outcome[0]) == len(long)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    finally:
+        llm.shutdown()

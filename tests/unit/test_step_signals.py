@@ -1,11 +1,11 @@
-"""`step_channel.signals_held`: a tensor-parallel step on rank 0 is not interrupted between its collectives; the
+"""`held_signals.signals_held`: a tensor-parallel step on rank 0 is not interrupted between its collectives; the
 signals that came during it reach their handlers once it ends (a second one at once)."""
 
 import signal
 
 import pytest
 
-from batchllm.parallel.step_channel import signals_held
+from batchllm.parallel.held_signals import signals_held
 
 
 @pytest.fixture(autouse=True)
@@ -110,3 +110,32 @@ def test_a_signal_held_in_a_step_that_then_fails_still_reaches_its_handler():
         assert seen == [signal.SIGTERM] and isinstance(stopped.value.__context__, RuntimeError)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_data_parallel_message_is_sent_and_read_whole_through_an_interrupt(monkeypatch):
+    """The data-parallel parent's pipe messages: Ctrl-C inside a large job's write left a part of it in the pipe, which
+    the worker then read on with the next call's messages (the next call hung for ever, or the worker died). The
+    interrupt now comes after the message, sent or read whole."""
+    from batchllm.parallel.data_parallel import DataParallelEngine
+
+    done = []
+
+    class Pipe:  # (a worker's end: the write, or the read, is interrupted part-way)
+        def send(self, message):
+            signal.raise_signal(signal.SIGINT)
+            done.append(("sent", message))
+
+        def recv(self):
+            signal.raise_signal(signal.SIGINT)
+            done.append("read")
+            return ("done", 1, {})
+
+    parent = object.__new__(DataParallelEngine)  # (no workers: the pipe alone)
+    parent.conns = [Pipe()]
+    with pytest.raises(KeyboardInterrupt):
+        parent._sent(0, ("job", 1, "items"))
+    assert done == [("sent", ("job", 1, "items"))]
+    monkeypatch.setattr("multiprocessing.connection.wait", lambda conns, timeout: conns)  # (the pipe is ready)
+    with pytest.raises(KeyboardInterrupt):
+        parent._messages({0}, 1.0)
+    assert done[-1] == "read"
