@@ -120,6 +120,7 @@ class PromptProcessor:
                             for j, message in enumerate(conversation)]
         except ValueError as e:
             raise ValueError(f"conversation {index}: {e}") from e
+        conversation = developer_as_system(conversation, template)
         if problem := refused_template_keywords(kwargs):
             raise ValueError(f"conversation {index}: chat_template_kwargs {problem}")
         options = {"add_generation_prompt": add_generation_prompt, **(kwargs or {}), "tokenize": False}
@@ -753,3 +754,29 @@ def prompt_processor_for(model: str | None, tokenizer: str | None = None, max_mo
                                            loaded)
     return PromptProcessor(loaded, source.spec.vocab_size, source.max_model_len, str(source.model_dir),
                            sorted(eos_token_ids), max_logprobs)
+
+
+def developer_as_system(conversation: list[dict], template: str) -> list[dict]:
+    """OpenAI's "developer" messages where the chat template names no such role, as vLLM 0.26 renders them
+    (`renderers/hf.py`): each becomes a "system" message (its tools dropped), and then, where a system message is
+    not alone at the front, every system message's text is merged into one at the front, joined by a blank line
+    (a list of parts joined by newlines; empty ones left out), the other messages in their order. A template that
+    names "developer" (quoted) gets the conversation as it is. SmolLM2's template rendered a "developer" turn,
+    and templates that refuse unknown roles failed the line vLLM serves."""
+    if not any(m.get("role") == "developer" for m in conversation) or any(
+            f"{q}developer{q}" in template for q in "\"'"):
+        return conversation
+    converted = [{k: v for k, v in m.items() if k != "tools"} | {"role": "system"} if m.get("role") == "developer"
+                 else m for m in conversation]
+    systems = [i for i, m in enumerate(converted) if m["role"] == "system"]
+    if systems == [0] or not systems:
+        return converted
+    texts = []
+    for i in systems:
+        content = converted[i].get("content") or ""
+        if isinstance(content, list):
+            content = "\n".join(part["text"] if isinstance(part, dict) else part for part in content
+                                if isinstance(part, str) or (isinstance(part, dict) and "text" in part))
+        if content:
+            texts.append(content)
+    return [{"role": "system", "content": "\n\n".join(texts)}] + [m for m in converted if m["role"] != "system"]

@@ -570,8 +570,9 @@ def text_parts(j: int, message: Any) -> Any:
 def _with_tool_arguments_as_objects(j: int, message: dict) -> dict:
     """An assistant message's tool calls as vLLM gives them to the chat template: each function's `arguments`, a
     JSON string in OpenAI's format, parsed, since templates write them with `tojson` (a string would be quoted
-    twice); arguments that are not JSON, null or neither an object nor a list are {} (vLLM's
-    `_postprocess_messages`); an empty list of calls dropped. A copy: the caller's message is left as it is."""
+    twice); missing, empty or JSON null arguments are {}, any other JSON value is kept as parsed, and arguments
+    that are not JSON fail the line by name, as vLLM 0.26's `_postprocess_messages` makes them (it raises there;
+    they had been {} here); an empty list of calls dropped. A copy: the caller's message is left as it is."""
     calls = message["tool_calls"]
     if not calls:
         return {k: v for k, v in message.items() if k != "tool_calls"}
@@ -582,13 +583,18 @@ def _with_tool_arguments_as_objects(j: int, message: dict) -> dict:
         if not isinstance(function, dict) or call.get("type", "function") != "function":
             raise BodyError(f"{where} must be an object of type 'function' with a 'function' object")
         arguments = function.get("arguments")
-        if isinstance(arguments, str):
+        if not arguments:
+            arguments = {}
+        elif not isinstance(arguments, (dict, list)):
+            if not isinstance(arguments, str):
+                raise BodyError(f"{where}.function.arguments must be a JSON string or an object, got "
+                                f"{type(arguments).__name__}")
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:  # (vLLM's: a call cut off by max_tokens, replayed in a later turn)
-                arguments = {}
-        if not isinstance(arguments, (dict, list)):  # (null, a number: {} as in vLLM)
-            arguments = {}
+            except json.JSONDecodeError as e:  # (a call cut off by max_tokens, replayed in a later turn)
+                raise BodyError(f"{where}.function.arguments is not JSON ({e.msg} at character {e.pos}): give the "
+                                "call's arguments as a JSON object") from e
+            arguments = {} if arguments is None else arguments
         parsed.append({**call, "function": {**function, "arguments": arguments}})
     return {**message, "tool_calls": parsed}
 

@@ -136,3 +136,23 @@ def test_named_templates_are_detected_on_the_one_transformers_renders():
     prompts.tokenizer.chat_template = {"a": "{{ messages }}", "b": "{{ messages }}"}
     with pytest.raises(ValueError, match="conversation 3: This model has multiple chat templates with no default"):
         prompts.apply_chat_template(chat, 3)
+
+
+def test_developer_messages_are_system_ones_where_the_template_names_no_such_role():
+    """vLLM 0.26 (`renderers/hf.py`) turns OpenAI's "developer" messages into "system" ones where the chat template
+    does not name the role, and merges the system messages into one at the front (a blank line between them). The
+    default model's template rendered "<|im_start|>developer" after its own default system prompt."""
+    prompts = prompt_processor_for(None)
+    user = {"role": "user", "content": "Hi"}
+    developer = {"role": "developer", "content": "Answer in French.", "tools": [{"type": "function"}]}
+    assert prompts.apply_chat_template([developer, user]) == prompts.apply_chat_template(
+        [{"role": "system", "content": "Answer in French."}, user])
+    merged = prompts.apply_chat_template([{"role": "system", "content": "Be brief."}, user,
+                                          {"role": "developer", "content": [{"type": "text", "text": "Answer"},
+                                                                            {"type": "text", "text": "in French."}]}])
+    assert merged == prompts.apply_chat_template([{"role": "system", "content": "Be brief.\n\nAnswer\nin French."},
+                                                  user])
+    assert "developer" not in merged
+    named = "{% for m in messages %}{% if m.role == 'developer' %}DEV:{% endif %}{{ m.content }}|{% endfor %}"
+    assert prompts.apply_chat_template([developer, user], chat_template=named, add_generation_prompt=False) == \
+        "DEV:Answer in French.|Hi|"

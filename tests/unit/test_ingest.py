@@ -866,11 +866,17 @@ def test_tool_call_arguments_reach_the_template_as_objects_as_in_vllm():
     assert prompts.apply_chat_template(empty, chat_template=template) == "assistant:<now {}>;"
     no_calls = [{"role": "assistant", "content": "x", "tool_calls": []}]
     assert prompts.apply_chat_template(no_calls, chat_template="{{ messages[0].tool_calls is defined }}") == "False"
-    # arguments that are not JSON (a call cut off by max_tokens, replayed) or not an object are {}, as vLLM's
-    # _postprocess_messages makes them (the line failed)
-    for arguments in ("{city", 5, None):
+    # as vLLM 0.26's _postprocess_messages makes them: missing, empty or null arguments are {}, another JSON value
+    # is kept, and arguments that are not JSON (a call cut off by max_tokens, replayed) fail the line by name
+    for arguments, rendered in ((None, "{}"), ("", "{}"), ("null", "{}"), ("5", "5"), ('"s"', '"s"'),
+                                ([1], "[1]")):
+        given = [{**history[1], "tool_calls": [{**call, "function": {"name": "w", "arguments": arguments}}]}]
+        assert prompts.apply_chat_template(given, chat_template=template) == f"assistant:<w {rendered}>;", arguments
+    for arguments, problem in (("{city", r"arguments is not JSON \(Expecting property name"),
+                               (5, "arguments must be a JSON string or an object, got int")):
         cut = [{**history[1], "tool_calls": [{**call, "function": {"name": "w", "arguments": arguments}}]}]
-        assert prompts.apply_chat_template(cut, chat_template=template) == "assistant:<w {}>;"
+        with pytest.raises(ValueError, match=rf"messages\[0\]\.tool_calls\[0\]\.function\.{problem}"):
+            prompts.apply_chat_template(cut, chat_template=template)
     for calls, message in (([{"type": "code", "function": {}}], r"\.tool_calls\[0\] must be an object of type "),
                            ({"a": call}, r"\.tool_calls must be a list of tool calls")):
         with pytest.raises(ValueError, match=rf"conversation 2: messages\[1\]{message}"):
@@ -888,7 +894,8 @@ def test_a_message_reaches_the_template_with_the_keys_vllm_passes_on():
     prompts = processor()
     template = ("{% for m in messages %}{{ m.role }}{{ m | dictsort | map('first') | reject('in', ['role', "
                 "'content']) | join(',') | default('', true) }}{% if m.reasoning_content %}<think>"
-                "{{ m.reasoning_content }}</think>{% endif %}:{{ m.content }};{% endfor %}")
+                "{{ m.reasoning_content }}</think>{% endif %}:{{ m.content }};{% endfor %}"
+                "{# names 'developer': the role is kept (else a system one, `inputs.developer_as_system`) #}")
     conversation = [
         {"role": "system", "content": "S", "name": 5, "extra": "X"},
         {"role": "user", "content": "Q", "name": "ann", "reasoning": "R", "tool_calls": [], "tool_call_id": "c0"},
