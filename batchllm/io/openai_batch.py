@@ -145,7 +145,7 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
         overrides["structured_outputs"] = structured
     prompt, max_tokens = (_chat_prompt if chat else _completions_prompt)(body, overrides)
     template = _chat_template_options(body) if chat else None
-    forced = _forced_tool_call(body, template, overrides) if chat else None
+    forced = _forced_tool_call(body, _template_documents_and_tools(body).get("tools"), overrides) if chat else None
     _named_logprobs(body, chat, overrides)
     echo = _echo(body, chat, prompt, max_tokens, overrides)
     if echo == ECHO_PROMPT:
@@ -156,16 +156,15 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
                        forced)
 
 
-def _forced_tool_call(body: dict, template: dict | None, overrides: dict
+def _forced_tool_call(body: dict, tools: list | None, overrides: dict
                       ) -> ForcedToolCall | AutoToolChoice | None:
-    """A chat body's forced tool call (`tool_calls.forced_tool_call`; its tools as the template gets them), its
+    """A chat body's forced tool call (`tool_calls.forced_tool_call`; tools: the body's, as a template gets them), its
     constraint put in `overrides` (`tool_calls.tool_constraint`: over a response_format's, as vLLM's server puts
     it; the body's own structured_outputs checked first, as without tools); its "auto" choice (`AutoToolChoice`,
     unconstrained: a body's own structured_outputs or response_format stays, as in vLLM); None where the answer is
     text. An absent tool_choice is "auto" where there are tools and a null one is null (a text answer, unless the
     job serves "auto": `AutoToolChoice.null_choice`), as vLLM's request model defaults only a missing key. A
     tool_choice that cannot be served is a BodyError naming it."""
-    tools = (template or {}).get("tools")
     choice = body["tool_choice"] if "tool_choice" in body else "auto" if tools else None
     try:
         forced = forced_tool_call(tools, choice, body.get("parallel_tool_calls"))
@@ -341,7 +340,7 @@ def _tool_as_vllm_passes_it(k: int, tool: Any) -> dict:
 
 def _template_documents_and_tools(body: dict) -> dict[str, Any]:
     """A chat body's `documents` and `tools`, which vLLM gives to the chat template (whatever the tool_choice:
-    `_forced_tool_call` reads it)."""
+    `_forced_tool_call` reads it) where its chat_template_kwargs give no tools of their own."""
     given = {}
     documents = body.get("documents")
     if documents not in (None, []):
@@ -419,11 +418,12 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
                         f"{json.dumps(options['reasoning_effort'])[:40]}")
     options.update(_template_documents_and_tools(body))
     own = {k: v for k, v in (template_kwargs(body.get("chat_template_kwargs")) or {}).items() if k not in BODY_DECIDES}
-    if "tools" in own:  # (vLLM's server fails such a line: its own tools keyword is given twice)
-        raise BodyError("give the tools as the body's 'tools', not in 'chat_template_kwargs'")
     if options.get("reasoning_effort") is not None and "enable_thinking" not in own:
         options["enable_thinking"] = options["reasoning_effort"] != "none"  # (vLLM's: Qwen3's thinking follows it)
-    return {**own, **options} or None
+    merged = {**own, **options}
+    if own.get("tools") is not None:  # (vLLM's server: the body's tools are defaults under chat_template_kwargs;
+        merged["tools"] = own["tools"]  # the body's still drive the tool-call parser: `_forced_tool_call`)
+    return merged or None
 
 
 _FLAG_WORDS = {"true": True, "false": False, "t": True, "f": False, "yes": True, "no": False, "y": True, "n": False,

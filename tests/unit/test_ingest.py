@@ -1038,9 +1038,8 @@ def test_tools_reach_the_template_as_vllms_server_passes_them_and_plain_lines_ta
 def test_a_plain_lines_tool_choice_and_documents_and_an_openai_bodys_flags_as_vllm_reads_them():
     """A plain line's tool_choice "auto" and its documents were ignored as a table's columns (the answer passed
     as a success, the documents never reached the template); an OpenAI body's add_generation_prompt "false" failed
-    its line (vLLM's server reads it as false); tools in a body's chat_template_kwargs reached the template with no
-    tool_choice (vLLM fails that line)."""
-    from batchllm.io.openai_batch import BodyError, body_to_request
+    its line (vLLM's server reads it as false)."""
+    from batchllm.io.openai_batch import body_to_request
 
     messages = [{"role": "user", "content": "Hi"}]
     tool = {"type": "function", "function": {"name": "weather"}}
@@ -1058,8 +1057,17 @@ def test_a_plain_lines_tool_choice_and_documents_and_an_openai_bodys_flags_as_vl
     openai = ingest((json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
         "messages": messages, "add_generation_prompt": "false"}}) + "\n").encode())
     assert openai.valid[0].line.continued_role == "user"
-    with pytest.raises(BodyError, match="give the tools as the body's 'tools'"):
-        body_to_request("/v1/chat/completions", {"messages": messages, "chat_template_kwargs": {"tools": [tool]}})
+    # tools in chat_template_kwargs reach the template over the body's, as vLLM 0.26's server merges them (the
+    # body's are defaults under the request's keywords; a review ran vLLM's code: the line was refused here); the
+    # body's tools alone drive the tool-call parser
+    other = {"type": "function", "function": {"name": "clock"}}
+    asked = body_to_request("/v1/chat/completions", {"messages": messages, "chat_template_kwargs": {"tools": [tool]}})
+    assert asked.template == {"tools": [tool]} and asked.tool_call is None
+    asked = body_to_request("/v1/chat/completions", {"messages": messages, "tools": [other], "tool_choice": "required",
+                                                     "chat_template_kwargs": {"tools": [tool], "x": 1}})
+    assert asked.template == {"tools": [tool], "x": 1}
+    assert asked.tool_call.name is None and "clock" in json.dumps(asked.overrides["structured_outputs"])
+    assert "weather" not in json.dumps(asked.overrides["structured_outputs"])
 
 
 def test_token_id_lists_written_as_floats_are_read_as_integers_and_an_old_backend_field_says_remove_it():
