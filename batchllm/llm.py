@@ -121,9 +121,9 @@ class LLM:
             workers.wait_ready()
         else:
             self.engine = build_engine(config, facts=facts)
+        self._stop_processes = self._finalizer_for_processes()  # (at once: what fails after it stops them too)
         if self.engine is not None:
             self.engine.runner.structured = self.prompts.grammars
-        self._stop_processes = self._finalizer_for_processes()
         self.model_config = running_model_config(
             config, front.model_dir, front.model_spec, front.max_model_len, facts.dtype,
             None if facts.quantization is None else facts.quantization.method)

@@ -84,27 +84,34 @@ def test_ranks_split_the_leaders_threads_and_give_them_back(tiny_model_factory, 
         torch.set_num_threads(before)
 
 
-def test_a_failed_build_stops_the_followers_and_gives_the_threads_back(tiny_model_factory, monkeypatch):
-    """Rank 0 failing after its followers started (out of memory, a bad checkpoint): the followers are
-    stopped, not left waiting, and rank 0 has its threads again."""
+@pytest.mark.parametrize("where, error", [("build_runner", RuntimeError), ("KVCacheManager", KeyboardInterrupt)])
+def test_a_failed_build_stops_the_followers_and_gives_the_threads_back(tiny_model_factory, monkeypatch, where, error):
+    """Rank 0 failing after its followers started (out of memory, a bad checkpoint; or Ctrl-C once its runner was
+    built, which left the followers and the process group alive with no LLM to shut them down: every later
+    tensor-parallel LLM in the process was refused): the followers are stopped, not left waiting, rank 0 has its
+    threads again, and the next tensor-parallel LLM builds."""
     import torch
 
     from batchllm import engine
 
     def fail(*args, **kwargs):
-        raise RuntimeError("rank 0 could not build")
+        raise error("rank 0 could not build")
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(engine, "build_runner", fail)
+    monkeypatch.setattr(engine, where, fail)
     before = torch.get_num_threads()
     torch.set_num_threads(4)
+    model = tiny_model_factory("llama")
     try:
-        with pytest.raises(RuntimeError, match="rank 0 could not build"):
-            LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+        with pytest.raises(error, match="rank 0 could not build"):
+            LLM(model, dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
         assert torch.get_num_threads() == 4
         import multiprocessing
 
         assert not [p for p in multiprocessing.active_children() if p.name.startswith("batchllm-tp")]
+        monkeypatch.undo()
+        llm = LLM(model, dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+        llm.shutdown()
     finally:
         torch.set_num_threads(before)
 
