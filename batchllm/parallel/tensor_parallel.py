@@ -11,7 +11,9 @@ and intermediate size) plus the `TPGroup`, so the runner, the attention backends
 work unchanged on the local shapes.
 
 Two process groups: `device_group` for tensors on the model's device (NCCL on CUDA, gloo on CPU)
-and `host_group` (gloo) for the step messages rank 0 sends (`step_channel.py`).
+and `host_group` (gloo) for the step messages rank 0 sends (`step_channel.py`). The followers wait for the next
+step in the host group, however long the LLM stays idle: its timeout is `STEP_WAIT_TIMEOUT`, not the device
+group's `collective_timeout_s` (with one group, a follower left 30 minutes without a step timed out and exited).
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ import torch
 import torch.distributed as dist
 
 from batchllm.models.spec import ModelLoadError, ModelSpec
+
+STEP_WAIT_TIMEOUT_S = 7 * 24 * 3600.0
+"""How long a follower waits for rank 0's next step (an idle LLM: a notebook left alone, a suspended call) before it
+gives up: a week, in gloo's milliseconds well inside 32 bits. A dead rank 0 ends the wait at once (its connection
+closes)."""
+
+
+def collective_timeout_s() -> float:
+    """The device group's timeout: a collective of a step that takes longer fails (BATCHLLM_TP_COLLECTIVE_TIMEOUT_S,
+    default 1800 s, as vLLM's and torch's default process groups)."""
+    return float(os.environ.get("BATCHLLM_TP_COLLECTIVE_TIMEOUT_S", 1800))
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 """torch 2.13's name (its all_gather_into_tensor warns that it is deprecated); the older one before."""
@@ -103,9 +116,9 @@ def refuse_existing_group() -> None:
         "torch.distributed.destroy_process_group() before building the LLM, or build it in another process")
 
 
-def init_tp_group(rank: int, size: int, init_method: str, device: torch.device, timeout_s: float = 1800) -> TPGroup:
+def init_tp_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
     """Join the tensor-parallel process group (this process's default group, which must not exist yet:
-    `refuse_existing_group`) as `rank`."""
+    `refuse_existing_group`) as `rank`, with its own gloo group for the step messages (`STEP_WAIT_TIMEOUT_S`)."""
     import datetime
 
     refuse_existing_group()
@@ -113,9 +126,9 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device, 
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=init_method, world_size=size, rank=rank,
-                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                            timeout=datetime.timedelta(seconds=collective_timeout_s()), **kwargs)
     _created[:] = [dist.group.WORLD]
-    host_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    host_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=STEP_WAIT_TIMEOUT_S))
     return TPGroup(rank, size, dist.group.WORLD, host_group)
 
 

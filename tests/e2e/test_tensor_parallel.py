@@ -273,3 +273,22 @@ def test_a_process_group_of_the_callers_is_named_and_kept(tiny_model_factory):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_followers_wait_for_the_next_step_longer_than_a_collective_may_take(tiny_model_factory, monkeypatch):
+    """The followers wait for rank 0's next step in a gloo group of their own (`STEP_WAIT_TIMEOUT_S`, a week): in the
+    one group, an LLM left idle past the collectives' timeout (30 minutes: a notebook left alone) lost its followers
+    ("Timed out waiting ... for recv operation") and its next call failed. Here the collectives' timeout is 8 s and the
+    LLM idles 12 s between two calls."""
+    import time
+
+    monkeypatch.setenv("BATCHLLM_TP_COLLECTIVE_TIMEOUT_S", "8")  # (the followers, spawned, read it too)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8] * 4 + [20 + i]} for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm = LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+    try:
+        first = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        time.sleep(12)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == first
+    finally:
+        llm.shutdown()
