@@ -338,12 +338,13 @@ class DataParallelEngine:
         return [stats[r] for r in range(self.size)]
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
+        busy = self._busy or self._aborted is not None  # (an aborted job's ranks may be blocked writing its results)
         for rank, p in enumerate(self.processes):
-            if p.is_alive() and not self._busy:
+            if p.is_alive() and not busy:
                 self._sent(rank, None)
         for rank, p in enumerate(self.processes):
             # a job abandoned mid-way (interrupt), or a worker still building: it would not read the stop soon
-            if (self._busy or rank not in self.start_times) and p.is_alive():
+            if (busy or rank not in self.start_times) and p.is_alive():
                 p.terminate()
             p.join(timeout_s)
             if p.is_alive():

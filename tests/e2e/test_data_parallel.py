@@ -284,7 +284,7 @@ def test_interrupts_and_failures_around_a_calls_job_leave_the_next_call_whole(ti
       job as a protocol error and died, and the engine closed for good;
     - a progress bar that cannot be made: the enqueued prompts were lost while the workers ran them unread;
     - a call left suspended while its workers filled their pipes with results: the next call's job, sent before
-      anything was read, left both sides blocked for ever."""
+      anything was read, left both sides blocked for ever; `shutdown` after such a call waited 30 s for the ranks."""
     from batchllm.parallel import data_parallel
 
     model = tiny_model_factory("llama")
@@ -335,5 +335,12 @@ def test_interrupts_and_failures_around_a_calls_job_leave_the_next_call_whole(ti
         assert not call.is_alive(), "the next call's job and the dropped call's results blocked each other"
         assert len(outcome[0]) == len(long)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        dropped = llm.iter_generate([llm.tokenize_prompt(p) for p in many], [wordy] * len(many), use_tqdm=False)
+        next(dropped)
+        dropped.close()  # (its job aborted, its ranks blocked writing results: shutdown waited 30 s for each)
+        time.sleep(3)
+        began = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - began < 10
     finally:
         llm.shutdown()
