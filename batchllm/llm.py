@@ -538,7 +538,11 @@ class LLM:
                 current.dropped = True  # (under the lock: resumed meanwhile, it stops before touching the engine)
             self._running_call = running
         if current is not None and current.drop is not None:
-            current.drop()
+            try:
+                current.drop()
+            except BaseException:  # (Ctrl-C in its clean-up: what it left, the next call aborts: `_abort_leftovers`)
+                self._release(running)
+                raise
 
     def _suspend(self, running: _RunningCall) -> None:
         with self._call_lock:

@@ -427,7 +427,7 @@ def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | Non
                     "then enforces neither: repeat the properties in each branch)")
     if "string" in types and (found := _length_bound_with_pattern(node)):
         return found
-    if found := _raw_pattern(node, types) or _number_range_xgrammar_cannot_write(node, types):
+    if found := _raw_pattern(node, known) or _number_range_xgrammar_cannot_write(node, types):
         return found
     if "object" in known and "propertyNames" in node:
         names = node["propertyNames"]

@@ -59,6 +59,11 @@ class WorkerDied(RuntimeError):
     """A data-parallel worker ended before its work was done; the message names it and the cause."""
 
 
+DRAIN_TIMEOUT_S = 600.0
+"""How long the next call waits for the ranks of an aborted job to report it done (each stops at its next step)
+before it closes the engine: a rank that never does is stuck."""
+
+
 class DataParallelEngine:
     """The parent's side: starts and supervises `num_engines` worker processes (data_parallel_size
     GPUs or tensor-parallel groups x engines_per_gpu), each a full engine (`LLM`) on its own
@@ -92,9 +97,10 @@ class DataParallelEngine:
         self._busy = False
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self._unreported: set[int] = set()
-        """The ranks that have not reported the job handed out last done."""
-        self._aborted: tuple[int, set[int]] | None = None
-        """The job last aborted and the ranks yet to report it done (`_drain_aborted`), or None."""
+        """The ranks given the job handed out last that have not reported it done (counted as each "done" is read,
+        in `_messages`: however its reader ends, a report read is never waited for again)."""
+        self._aborted: int | None = None
+        """The job last aborted while `_unreported` ranks still ran it (`_drain_aborted`), or None."""
         self._reset_pending = False
         """`reset_prefix_cache` was asked while a job ran: the workers get it before the next job."""
         self._kept: KeptPlacement | None = None
@@ -108,16 +114,20 @@ class DataParallelEngine:
     def _messages(self, ranks: set[int], timeout_s: float) -> list[tuple[int, tuple | None]]:
         """(rank, message) for each message that arrives within `timeout_s` from these ranks, all read before
         any is handled (a caller that resumes later, after another call read the pipes, waits on no pipe); a
-        rank whose pipe closed (the worker died) gives (rank, None)."""
+        rank whose pipe closed (the worker died) gives (rank, None). A rank's "done" of the job handed out last is
+        counted here, as it is read (`_unreported`)."""
         by_conn = {self.conns[r]: r for r in ranks}
         messages = []
         for conn in mp_connection.wait(list(by_conn), timeout_s):
+            rank = by_conn[conn]
             try:
                 with signals_held():  # (a message read part-way would leave the rest to be read as the next one)
                     message = conn.recv()
+                    if message[0] == "done" and message[1] == self._job:  # (an interrupt comes after this)
+                        self._unreported.discard(rank)
             except (EOFError, OSError, pickle.UnpicklingError):
                 message = None
-            messages.append((by_conn[conn], message))
+            messages.append((rank, message))
         return messages
 
     def wait_ready(self, timeout_s: float = 1800.0) -> None:
@@ -253,7 +263,7 @@ class DataParallelEngine:
         for rank, process in enumerate(self.processes):
             if process.is_alive():
                 self._sent(rank, ("abort", job))
-        self._aborted = (job, set(self._unreported))
+        self._aborted = job if self._unreported else None
         self._busy = False
 
     def _drain_aborted(self) -> None:
@@ -262,15 +272,22 @@ class DataParallelEngine:
         both sides blocked. A rank that fails meanwhile closes the engine, as between jobs."""
         if self._aborted is None:
             return
-        job, ranks = self._aborted
-        while ranks:
-            for rank, message in self._messages(set(ranks), 1.0):
+        began, said = time.monotonic(), False
+        while self._unreported:  # (each "done" read is counted by `_messages`)
+            for rank, message in self._messages(set(self._unreported), 1.0):
                 if message is None or message[0] == "error":
                     why = message[1] if message else _exit_description(self._exit_code(rank))
                     self._close(f"data-parallel worker {rank} failed while dropping an earlier call's job: {why}")
                     raise WorkerDied(f"{self.closed}; no request of this call ran (build a new LLM)")
-                if message[0] == "done" and message[1] == job:
-                    ranks.discard(rank)
+            waited = time.monotonic() - began
+            if waited > 30 and not said:
+                said = True
+                logger.warning("waiting for data-parallel rank(s) %s to drop an earlier call's job",
+                               ", ".join(map(str, sorted(self._unreported))))
+            if waited > DRAIN_TIMEOUT_S:
+                self._close(f"data-parallel rank(s) {', '.join(map(str, sorted(self._unreported)))} did not drop an "
+                            f"earlier call's job within {DRAIN_TIMEOUT_S:.0f} s")
+                raise WorkerDied(f"{self.closed}; no request of this call ran (build a new LLM)")
         self._aborted = None
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
@@ -327,7 +344,6 @@ class DataParallelEngine:
                         yield index, output
                         self._refuse_if_dropped(job)  # (resumed after a later call started)
                 elif message[0] == "done":
-                    self._unreported.discard(rank)
                     stats[rank] = {**message[2], **self.start_times.get(rank, {}), "rank": rank,
                                    "finish_s": time.perf_counter() - started}
         if failed:

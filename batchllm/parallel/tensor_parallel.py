@@ -37,7 +37,15 @@ closes)."""
 def collective_timeout_s() -> float:
     """The device group's timeout: a collective of a step that takes longer fails (BATCHLLM_TP_COLLECTIVE_TIMEOUT_S,
     default 1800 s, as vLLM's and torch's default process groups)."""
-    return float(os.environ.get("BATCHLLM_TP_COLLECTIVE_TIMEOUT_S", 1800))
+    text = os.environ.get("BATCHLLM_TP_COLLECTIVE_TIMEOUT_S", "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < STEP_WAIT_TIMEOUT_S:  # (NaN too)
+        raise ValueError(f"BATCHLLM_TP_COLLECTIVE_TIMEOUT_S must be a number of seconds above 0 and below "
+                         f"{STEP_WAIT_TIMEOUT_S:.0f}, got {text[:40]!r}")
+    return seconds
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 """torch 2.13's name (its all_gather_into_tensor warns that it is deprecated); the older one before."""

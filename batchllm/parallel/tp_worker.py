@@ -111,9 +111,10 @@ def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
     RuntimeError, having started nothing, where this process has a default process group already (another
     engine's or the caller's: `tensor_parallel.refuse_existing_group`)."""
     from batchllm.parallel.data_parallel import engine_threads
-    from batchllm.parallel.tensor_parallel import init_tp_group, refuse_existing_group
+    from batchllm.parallel.tensor_parallel import collective_timeout_s, init_tp_group, refuse_existing_group
 
     refuse_existing_group()  # before anything starts: this process's group is another's (`abandon` leaves it)
+    collective_timeout_s()  # (a bad BATCHLLM_TP_COLLECTIVE_TIMEOUT_S is named here, before any follower starts)
     size = config.parallel.tensor_parallel_size
     leader_threads = torch.get_num_threads()
     threads = engine_threads(size, leader_threads)

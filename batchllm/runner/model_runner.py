@@ -164,8 +164,14 @@ def plan_kv_cache(spec: ModelSpec, cache: CacheConfig, dtype: torch.dtype, devic
     else:
         num_blocks = int(_DEFAULT_CPU_KV_GIB * 2**30) // bytes_per_block
     if tp is not None:
+        import datetime
+
+        from batchllm.parallel.tensor_parallel import collective_timeout_s
+
         agreed = torch.tensor([num_blocks], dtype=torch.int64)
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=tp.host_group)
+        work = torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=tp.host_group,
+                                            async_op=True)  # (the host group waits a week: a build does not)
+        work.wait(timeout=datetime.timedelta(seconds=collective_timeout_s()))
         num_blocks = int(agreed.item())
     if num_blocks < 1:
         steps = "" if reserve is None else (f" beside the steps' activation reserve of {reserve.describe()}, which "

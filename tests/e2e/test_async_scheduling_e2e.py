@@ -129,3 +129,36 @@ def test_a_second_interrupt_inside_a_calls_clean_up_leaves_the_next_call_whole(t
         assert not core.has_unfinished() and scheduler.num_pending_outputs == 0
     finally:
         llm.shutdown()
+
+
+def test_ctrl_c_while_a_call_drops_a_suspended_one_leaves_the_llm_usable(tmp_path_factory):
+    """A call that starts while another is suspended drops it (`LLM._take_over`); Ctrl-C inside that drop left the
+    new call registered as running, and every later call was refused ("another generate call is running on this
+    LLM"). The next call now runs, aborting what the drop left (`_abort_leftovers`), and gives a fresh run's tokens."""
+    from batchllm import LLM
+    from tests.helpers import make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path_factory.mktemp("takeover"))
+    llm = LLM(str(model), device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+              num_kv_blocks=64)
+    try:
+        prompts = [{"prompt_token_ids": [10 + i, 11, 12, 13]} for i in range(8)]
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        first = llm.iter_generate([llm.tokenize_prompt(p) for p in prompts],
+                                  [SamplingParams(temperature=0, max_tokens=2 if i == 0 else 60, ignore_eos=True)
+                                   for i in range(8)], use_tqdm=False)
+        next(first)  # (suspended: its other requests still in the engine)
+        core = llm.engine.core
+        finish = core.finish_requests
+
+        def interrupted(*args, **kwargs):
+            core.finish_requests = finish
+            raise KeyboardInterrupt("while dropping the suspended call")
+
+        core.finish_requests = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    finally:
+        llm.shutdown()

@@ -292,3 +292,19 @@ def test_followers_wait_for_the_next_step_longer_than_a_collective_may_take(tiny
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == first
     finally:
         llm.shutdown()
+
+
+def test_a_bad_collective_timeout_is_named_before_any_follower_starts(tiny_model_factory, monkeypatch):
+    import multiprocessing
+
+    from batchllm.parallel.tensor_parallel import collective_timeout_s
+
+    for bad in ("30m", "nan", "0", "-5", "1e12"):
+        monkeypatch.setenv("BATCHLLM_TP_COLLECTIVE_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match=f"BATCHLLM_TP_COLLECTIVE_TIMEOUT_S must be .* got '{bad}'"):
+            collective_timeout_s()
+    with pytest.raises(ValueError, match="BATCHLLM_TP_COLLECTIVE_TIMEOUT_S"):
+        LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("batchllm-tp")]
+    monkeypatch.setenv("BATCHLLM_TP_COLLECTIVE_TIMEOUT_S", "90.5")
+    assert collective_timeout_s() == 90.5

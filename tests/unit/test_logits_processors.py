@@ -197,6 +197,7 @@ def test_keyword_combinations_xgrammar_drops_are_refused_and_the_ones_it_keeps_t
             ({"type": "object", "patternProperties": {"^a": {}}, "properties": {}}, "'patternProperties' with 'p"),
             ({"patternProperties": {"^a": {}}, "properties": {}}, "'patternProperties' with 'p"),  # (object inferred)
             ({"additionalProperties": True, "propertyNames": {"pattern": "^a", "maxLength": 3}}, "in 'propertyNames'"),
+            ({"additionalProperties": False, "patternProperties": {'^"$': {"type": "integer"}}}, "'\"'"),  # ({""": 1})
             ({"allOf": [{"type": "string"}, {"enum": ["yes", "no"]}]}, "'allOf' of several schemas"),
             ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "'not' (in properties.a)"),
             ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "'if'"),
