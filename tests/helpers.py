@@ -363,3 +363,16 @@ def interrupted_call_case(model_dir, device: str, where: str, at: int, monkeypat
         assert [o.outputs[0].token_ids for o in again] == expected
     finally:
         llm.shutdown()
+
+
+def within(seconds: float, call):
+    """`call()`'s result, run in a daemon thread; an AssertionError where it has not returned within `seconds` (a
+    hang is then the test's failure, not the suite's)."""
+    import threading
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return results[0]

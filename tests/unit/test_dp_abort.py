@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from batchllm.options import engine_config
 from batchllm.parallel.data_parallel import DataParallelEngine
 from batchllm.request_output import CompletionOutput, RequestOutput
 from batchllm.sampling_params import SamplingParams
+from tests.helpers import within
 
 
 def _output() -> RequestOutput:
@@ -64,12 +64,7 @@ def test_a_done_read_with_the_result_the_caller_stopped_at_is_not_waited_for_aga
             else:
                 with pytest.raises(KeyboardInterrupt):
                     call.throw(KeyboardInterrupt)
-            got = []
-            later = threading.Thread(target=lambda: got.extend(engine.generate(prompts, params, use_tqdm=False)),
-                                     daemon=True)
-            later.start()
-            later.join(20)
-            assert not later.is_alive(), "the next call waited for a done already read"
+            got = within(20, lambda: list(engine.generate(prompts, params, use_tqdm=False)))  # (it waited for ever)
             assert sorted(i for i, _ in got) == [0, 1, 2, 3]
         finally:
             engine.shutdown()
