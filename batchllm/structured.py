@@ -402,15 +402,15 @@ def _inferred_types(node: dict) -> set[str]:
     return set().union(*(kinds for kinds, keywords in _INFERRED_TYPES if any(k in node for k in keywords)))
 
 
-def _unenforced_combination(node: dict, types: set[str], root: Any) -> str | None:
+def _unenforced_combination(node: dict, types: set[str], known: set[str], root: Any) -> str | None:
     """The keyword combinations xgrammar compiles but does not enforce: those vLLM's current check finds (vLLM
     0.26 checks fewer), `_UNENFORCED_ANYWHERE`, and string, number, array or object bounds without a type.
-    types: the node's "type"; the object and array checks read the types xgrammar infers where none is given."""
+    types: the node's "type"; known: those or, where none is given, the types xgrammar infers
+    (`_inferred_types`), which the object and array checks read."""
     if found := next((k for k in _UNENFORCED_ANYWHERE if k in node), None):
         return repr(found)
     if node.get("type") == []:  # (no value has no type; xgrammar reads it as no type given)
         return "'type' [] (an empty list of types: xgrammar then lets any JSON value through)"
-    known = types or _inferred_types(node)
     if found := _unenforced_literal(node) or _unenforced_required(node, known) or _overlapping_one_of(node):
         return found
     typed = next((k for k in _TYPED_KEYWORDS if k in node), None)
@@ -717,7 +717,7 @@ def unenforced_schema_feature(schema: Any) -> str | None:
         for kinds, keywords in _UNENFORCED:
             if (untyped or known & kinds) and (found := next((k for k in keywords if k in node), None)):
                 return f"{found!r}{where}"
-        if found := _unenforced_combination(node, types, schema):
+        if found := _unenforced_combination(node, types, known, schema):
             return f"{found}{where}"
         if "string" in types and "format" in node and (not isinstance(node["format"], str)
                                                         or node["format"] not in _XGRAMMAR_FORMATS):

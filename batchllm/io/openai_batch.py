@@ -144,8 +144,8 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
             raise BodyError("give response_format or structured_outputs, not both")
         overrides["structured_outputs"] = structured
     prompt, max_tokens = (_chat_prompt if chat else _completions_prompt)(body, overrides)
-    template = _chat_template_options(body) if chat else None
-    forced = _forced_tool_call(body, _template_documents_and_tools(body).get("tools"), overrides) if chat else None
+    template, tools = _chat_template_options(body) if chat else (None, None)
+    forced = _forced_tool_call(body, tools, overrides) if chat else None
     _named_logprobs(body, chat, overrides)
     echo = _echo(body, chat, prompt, max_tokens, overrides)
     if echo == ECHO_PROMPT:
@@ -398,11 +398,13 @@ BODY_DECIDES = ("add_generation_prompt", "continue_final_message")
 chat_template_kwargs and the job's default ones, as vLLM's server merges them."""
 
 
-def _chat_template_options(body: dict) -> dict[str, Any] | None:
+def _chat_template_options(body: dict) -> tuple[dict[str, Any] | None, list | None]:
     """A chat body's keywords for its chat template, as vLLM's server merges them: the body's fields over its
     `chat_template_kwargs`: vLLM's `add_generation_prompt` and `continue_final_message` (booleans; BODY_DECIDES),
     `reasoning_effort` (a string), `documents` and `tools`; reasoning_effort also sets `enable_thinking` (false for
-    "none") where chat_template_kwargs does not, for templates whose thinking is opt-in or opt-out (Qwen3, Gemma)."""
+    "none") where chat_template_kwargs does not, for templates whose thinking is opt-in or opt-out (Qwen3, Gemma).
+    With the body's own tools (as a template gets them; None: none), which drive the tool-call parser whatever
+    tools the keywords give the template."""
     options = {}
     for name in CHAT_TEMPLATE_FIELDS[1:]:
         if body.get(name) is None:
@@ -416,14 +418,15 @@ def _chat_template_options(body: dict) -> dict[str, Any] | None:
     if options.get("reasoning_effort") not in (None, *REASONING_EFFORTS):
         raise BodyError(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}, got "
                         f"{json.dumps(options['reasoning_effort'])[:40]}")
-    options.update(_template_documents_and_tools(body))
+    given = _template_documents_and_tools(body)
+    options.update(given)
     own = {k: v for k, v in (template_kwargs(body.get("chat_template_kwargs")) or {}).items() if k not in BODY_DECIDES}
     if options.get("reasoning_effort") is not None and "enable_thinking" not in own:
         options["enable_thinking"] = options["reasoning_effort"] != "none"  # (vLLM's: Qwen3's thinking follows it)
     merged = {**own, **options}
     if own.get("tools") is not None:  # (vLLM's server: the body's tools are defaults under chat_template_kwargs;
         merged["tools"] = own["tools"]  # the body's still drive the tool-call parser: `_forced_tool_call`)
-    return merged or None
+    return merged or None, given.get("tools")
 
 
 _FLAG_WORDS = {"true": True, "false": False, "t": True, "f": False, "yes": True, "no": False, "y": True, "n": False,
