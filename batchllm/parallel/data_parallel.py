@@ -98,9 +98,9 @@ class DataParallelEngine:
         """A job was handed out and not every rank has finished it (the caller stopped early)."""
         self._unreported: set[int] = set()
         """The ranks given the job handed out last that have not reported it done (counted as each "done" is read,
-        in `_messages`: however its reader ends, a report read is never waited for again)."""
-        self._aborted: int | None = None
-        """The job last aborted while `_unreported` ranks still ran it (`_drain_aborted`), or None."""
+        in `_messages`: however its reader ends, a report read is never waited for again). Empty once a job ends
+        whole; not `_busy` with some left: the job was aborted, and they may still send its results
+        (`_drain_aborted`)."""
         self._reset_pending = False
         """`reset_prefix_cache` was asked while a job ran: the workers get it before the next job."""
         self._kept: KeptPlacement | None = None
@@ -263,15 +263,13 @@ class DataParallelEngine:
         for rank, process in enumerate(self.processes):
             if process.is_alive():
                 self._sent(rank, ("abort", job))
-        self._aborted = job if self._unreported else None
         self._busy = False
 
     def _drain_aborted(self) -> None:
         """Read, and drop, what the ranks send of the job last aborted, up to each one's "done": a rank blocked
         writing its results into a full pipe reads no abort, and the next job, sent before anything was read, left
-        both sides blocked. A rank that fails meanwhile closes the engine, as between jobs."""
-        if self._aborted is None:
-            return
+        both sides blocked. A rank that fails meanwhile closes the engine, as between jobs. Called with no job
+        running (`generate` aborted any first), so the ranks `_unreported` lists are an aborted job's."""
         began, said = time.monotonic(), False
         while self._unreported:  # (each "done" read is counted by `_messages`)
             for rank, message in self._messages(set(self._unreported), 1.0):
@@ -288,7 +286,6 @@ class DataParallelEngine:
                 self._close(f"data-parallel rank(s) {', '.join(map(str, sorted(self._unreported)))} did not drop an "
                             f"earlier call's job within {DRAIN_TIMEOUT_S:.0f} s")
                 raise WorkerDied(f"{self.closed}; no request of this call ran (build a new LLM)")
-        self._aborted = None
 
     def _partition(self, ids: Sequence, params: Sequence, sharing: SharingConfig) -> tuple[Partition, list[int]]:
         """The partition, and each prompt's decode budget (all its completions' output tokens)."""
@@ -354,7 +351,7 @@ class DataParallelEngine:
         return [stats[r] for r in range(self.size)]
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        busy = self._busy or self._aborted is not None  # (an aborted job's ranks may be blocked writing its results)
+        busy = self._busy or bool(self._unreported)  # (an aborted job's ranks may be blocked writing its results)
         for rank, p in enumerate(self.processes):
             if p.is_alive() and not busy:
                 self._sent(rank, None)

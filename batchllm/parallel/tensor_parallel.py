@@ -12,7 +12,7 @@ work unchanged on the local shapes.
 
 Two process groups: `device_group` for tensors on the model's device (NCCL on CUDA, gloo on CPU)
 and `host_group` (gloo) for the step messages rank 0 sends (`step_channel.py`). The followers wait for the next
-step in the host group, however long the LLM stays idle: its timeout is `STEP_WAIT_TIMEOUT`, not the device
+step in the host group, however long the LLM stays idle: its timeout is `STEP_WAIT_TIMEOUT_S`, not the device
 group's `collective_timeout_s` (with one group, a follower left 30 minutes without a step timed out and exited).
 """
 
