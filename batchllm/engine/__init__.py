@@ -269,6 +269,9 @@ def build_runner(config: EngineConfig, facts: ModelFacts, tp=None, phases: Build
     phases = BuildPhases(facts.device) if phases is None else phases
     mc, sc = config.model, facts.scheduler
     device, dtype = facts.device, facts.dtype
+    if device.type == "cuda":
+        release_device_memory()  # (an LLM dropped without shutdown waits in reference cycles, holding its weights
+        # and cache: collected now, before this rank loads and measures the memory its cache may take, as vLLM does)
     with phases.phase("model"):
         model = _build_model(config, facts, tp)
     triton_attention = use_triton(mc.attention_backend, device, "attention_backend")

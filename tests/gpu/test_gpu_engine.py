@@ -131,6 +131,39 @@ def test_shutdown_gives_the_device_memory_back(tiny_dir):
     assert torch.cuda.memory_allocated() - before < 2**24
 
 
+def test_a_build_sizes_its_cache_without_the_memory_of_an_llm_dropped_before_it(tmp_path):
+    """An LLM dropped without `shutdown` (`del llm`) waits in reference cycles for Python's collector, holding its
+    weights and KV cache. The next build collects it before measuring the memory its cache may take, as vLLM's
+    worker does: it gets the first one's blocks, where it had found the first one's cache still held (too little
+    memory left for a cache)."""
+    import gc
+    import weakref
+
+    model_dir = str(make_tiny_model("llama", tmp_path))
+
+    def engine():
+        return LLM(model_dir, device="cuda", dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True,
+                   gpu_memory_utilization=0.3)
+
+    gc.collect()
+    gc.disable()  # (no automatic collection: only a build's own may free the dropped LLM)
+    try:
+        first = engine()
+        blocks = first.engine.kv_spec.num_blocks
+        dropped = weakref.ref(first.engine.runner)
+        del first
+        assert dropped() is not None, "the dropped LLM waits in cycles for the collector"
+        second = engine()
+        assert second.engine.kv_spec.num_blocks >= 0.98 * blocks, (second.engine.kv_spec.num_blocks, blocks)
+        assert dropped() is None
+        out = second.generate([{"prompt_token_ids": list(range(3, 40))}],
+                              SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+        second.shutdown()
+    finally:
+        gc.enable()
+
+
 def test_profile_splits_kernel_time_between_decode_and_prefill_steps(tiny_dir):
     """The runner's step markers on CUDA: in a profile, each kind of step holds its own attention and
     matmul kernels (Triton's and cuBLAS's, eager and CUDA-graph), and together the steps hold nearly
