@@ -22,8 +22,10 @@ the Triton interpreter.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import logging
+import threading
 import time
 
 import numpy as np
@@ -34,6 +36,30 @@ from batchllm.attention.static_decode_plan import StaticDecodePlan
 from batchllm.layers.transfer import copy_into
 
 logger = logging.getLogger(__name__)
+
+_collector_hold = threading.Lock()
+_collector_holders = 0
+_collector_was_enabled = False
+
+
+@contextlib.contextmanager
+def collector_held():
+    """Python's garbage collector off inside, for every thread, until the last of the threads inside leaves (two
+    engines may capture in two threads at once: the first to finish must not restart it under the other's capture).
+    It is restarted then only if it ran when the first came in: a caller who turned it off keeps it off."""
+    global _collector_holders, _collector_was_enabled
+    with _collector_hold:
+        if _collector_holders == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _collector_holders += 1
+    try:
+        yield
+    finally:
+        with _collector_hold:
+            _collector_holders -= 1
+            if _collector_holders == 0 and _collector_was_enabled:
+                gc.enable()
 
 
 def capture_sizes(max_size: int) -> list[int]:
@@ -144,13 +170,8 @@ class DecodeGraphs:
         gc.collect()
         torch.cuda.empty_cache()  # as torch.cuda.graph does: what stays reserved after is the graphs' pool
         memory_before = torch.cuda.memory_reserved(device)
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_held():
             self._capture_sizes(device)
-        finally:
-            if collecting:
-                gc.enable()
         torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - started
         torch.cuda.empty_cache()  # the warm-up runs' blocks (outside the graphs' pool)

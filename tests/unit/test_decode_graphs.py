@@ -33,6 +33,47 @@ def test_capture_sizes_cover_every_batch_with_little_padding():
     assert capture_sizes(700) == [*sizes, 576, 640, 700]
 
 
+def test_the_collector_stays_off_until_the_last_of_two_overlapping_captures_ends():
+    """Two engines capturing in two threads at once: the first to finish leaves the collector off under the other's
+    capture; the last restores it, and only where it ran before (a caller's own gc.disable() holds)."""
+    import gc
+    import threading
+
+    from batchllm.runner.cuda_graphs import collector_held
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with collector_held():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with collector_held():
+            second_in.set()
+            first_out.wait(10)
+            seen["after the first left"] = gc.isenabled()
+        seen["after both left"] = gc.isenabled()
+
+    assert gc.isenabled()
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"after the first left": False, "after both left": True}
+    gc.disable()
+    try:
+        with collector_held():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_small_models_get_decode_graphs_up_to_8192_sequences_large_ones_up_to_1024():
     """The default of max_cudagraph_capture_size, by the model's hidden size (the shapes of benchmarks/configs)."""
     from pathlib import Path
