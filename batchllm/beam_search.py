@@ -29,6 +29,11 @@ class BeamSearchSequence:
     tokens: list[int]
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cum_logprob: float = 0.0
+    orig_prompt: dict | None = None
+    """vLLM's: the prompt the beam grew from, as {"type": "token", "prompt_token_ids": [...]} (and its "prompt" text
+    where it was given as text)."""
+    lora_request: None = None
+    """vLLM's: no LoRA is served here, so None."""
     text: str | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -41,19 +46,24 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
-def beam_score(beam: BeamSearchSequence, eos_token_id: int | None, length_penalty: float) -> float:
+def beam_score(beam: BeamSearchSequence, eos_ids: frozenset[int], length_penalty: float) -> float:
     """vLLM's (and transformers') score: cumulative logprob over the length (an ending EOS not counted) raised
     to length_penalty; the length counts the prompt, as vLLM's does."""
-    length = len(beam.tokens) - (1 if beam.tokens and beam.tokens[-1] == eos_token_id else 0)
+    length = len(beam.tokens) - (1 if beam.tokens and beam.tokens[-1] in eos_ids else 0)
     return beam.cum_logprob / (max(length, 1) ** length_penalty)
 
 
-def run_beam_search(llm, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """Beam search over token prompts (module docstring). A beam that fills the context is complete."""
-    eos = llm.tokenizer.eos_token_id if llm.tokenizer is not None else None
+def run_beam_search(llm, prompts: list[list[int]], params: BeamSearchParams,
+                    texts: list[str | None] | None = None) -> list[BeamSearchOutput]:
+    """Beam search over token prompts (module docstring; `texts`: the prompts given as text, for `orig_prompt`).
+    A beam that fills the context is complete. A beam completes at the tokenizer's EOS, as vLLM's; without a
+    tokenizer (skip_tokenizer_init, where vLLM refuses beam search) at any id that ends the LLM's requests."""
+    eos = beam_ending_ids(llm)
+    origins = [{"type": "token", "prompt_token_ids": list(p), **({} if text is None else {"prompt": text})}
+               for p, text in zip(prompts, texts or [None] * len(prompts))]
     step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature,
                                  ignore_eos=True)  # (EOS is a candidate like any other: the beam completes)
-    live = [[BeamSearchSequence(list(p))] for p in prompts]
+    live = [[BeamSearchSequence(list(p), orig_prompt=origin)] for p, origin in zip(prompts, origins)]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     for _ in range(params.max_tokens):
         for index, beams in enumerate(live):  # a beam the context cannot extend is complete as it is
@@ -70,15 +80,23 @@ def run_beam_search(llm, prompts: list[list[int]], params: BeamSearchParams) -> 
                 entry = output.outputs[0].logprobs[0]
                 for token_id, logprob in entry.items():
                     grown = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [entry],
-                                               beam.cum_logprob + logprob.logprob)
-                    (completed[index] if token_id == eos and not params.ignore_eos else candidates).append(grown)
+                                               beam.cum_logprob + logprob.logprob, orig_prompt=beam.orig_prompt)
+                    (completed[index] if token_id in eos and not params.ignore_eos else candidates).append(grown)
             position += len(group)
             candidates.sort(key=lambda b: beam_score(b, eos, params.length_penalty), reverse=True)
             live[index] = candidates[:params.beam_width]
     return [_best(completed[index] + live[index], llm.tokenizer, eos, params) for index in range(len(prompts))]
 
 
-def _best(beams: list[BeamSearchSequence], tokenizer: Any, eos: int | None,
+def beam_ending_ids(llm) -> frozenset[int]:
+    """The ids that complete a beam (`run_beam_search`)."""
+    if llm.tokenizer is None:
+        return frozenset(llm.eos_token_ids)
+    eos = getattr(llm.tokenizer, "eos_token_id", None)
+    return frozenset() if eos is None else frozenset({eos})
+
+
+def _best(beams: list[BeamSearchSequence], tokenizer: Any, eos: frozenset[int],
           params: BeamSearchParams) -> BeamSearchOutput:
     best = sorted(beams, key=lambda b: beam_score(b, eos, params.length_penalty), reverse=True)[:params.beam_width]
     for beam in best:

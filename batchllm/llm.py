@@ -265,14 +265,23 @@ class LLM:
                     concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's beam search (`batchllm/beam_search.py`): per prompt, the params.beam_width best sequences,
         best first, each with its tokens (the prompt's included), logprobs, cumulative logprob and text (the
-        whole sequence decoded). prompts: as `generate` takes them. use_tqdm, concurrency_limit: vLLM's; every
-        prompt's beams go into each step's call."""
+        whole sequence decoded). prompts: as `generate` takes them; each is checked before the search starts, a
+        prompt whose max_tokens the KV cache cannot hold refused as `generate` refuses it. use_tqdm,
+        concurrency_limit: vLLM's (a concurrency_limit must be a positive integer); every prompt's beams go into
+        each step's call."""
         _refuse_unsupported(lora_request=lora_request)
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
         items = _as_prompt_list(prompts)
         tokenized = [self.tokenize_prompt(prompt, index) for index, prompt in enumerate(items)]
-        return run_beam_search(self, [[int(t) for t in prompt.token_ids] for prompt in tokenized], params)
+        whole = SamplingParams(max_tokens=params.max_tokens)  # (what the longest beam of a prompt writes)
+        for index, prompt in enumerate(tokenized):
+            if problem := self.kv_cache_problem(len(prompt.token_ids), whole):
+                raise ValueError(f"prompt {index}: {problem}")
+        return run_beam_search(self, [[int(t) for t in prompt.token_ids] for prompt in tokenized], params,
+                               [prompt.text for prompt in tokenized])
 
     def _validate_call(self, prompts: Any, sampling_params, lora_request, priority, tokenization_kwargs,
                        mm_processor_kwargs) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:

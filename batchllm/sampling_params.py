@@ -569,6 +569,11 @@ class BeamSearchParams:
     """vLLM's: beams kept to a grammar. Not supported here: None only."""
 
     def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens", "ignore_eos", "temperature", "length_penalty",
+                     "include_stop_str_in_output"):  # numpy scalars as Python's, as SamplingParams takes them
+            value = getattr(self, name)
+            if type(value) not in _PLAIN_TYPES and hasattr(value, "tolist"):
+                setattr(self, name, value.tolist())
         if self.structured_outputs is not None:
             raise ValueError("BeamSearchParams.structured_outputs is not supported: beams are not constrained "
                              "here (use SamplingParams.structured_outputs with generate)")

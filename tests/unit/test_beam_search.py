@@ -85,6 +85,58 @@ def test_beam_search_on_text_ends_beams_at_eos_and_decodes_the_whole_sequence(de
         default_llm.beam_search("Hi", {"beam_width": 2})
 
 
+def test_beams_without_a_tokenizer_complete_at_the_models_eos_as_with_one(default_llm, default_model_dir):
+    """vLLM refuses beam search under skip_tokenizer_init; here a beam completes at the ids that end the LLM's
+    requests (the model's EOS), so the beams are those of an LLM with its tokenizer, without their text. Each beam
+    names the prompt it grew from (vLLM's orig_prompt)."""
+    from batchllm import LLM
+
+    params = BeamSearchParams(beam_width=2, max_tokens=10)
+    prompt = default_llm.tokenizer.encode("The capital of France is")
+    (expected,) = default_llm.beam_search([{"prompt_token_ids": prompt}], params)
+    assert expected.sequences[0].tokens[-1] == default_llm.tokenizer.eos_token_id, "a beam ended at EOS"
+    llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_model_len=2048, skip_tokenizer_init=True)
+    try:
+        (output,) = llm.beam_search([{"prompt_token_ids": prompt}], params)
+    finally:
+        llm.shutdown()
+    assert [s.tokens for s in output.sequences] == [s.tokens for s in expected.sequences]
+    assert all(s.text is None for s in output.sequences)
+    assert output.sequences[0].orig_prompt == {"type": "token", "prompt_token_ids": prompt}
+    assert output.sequences[0].lora_request is None
+    (worded,) = default_llm.beam_search("Hi", BeamSearchParams(beam_width=2, max_tokens=2))
+    assert worded.sequences[0].orig_prompt["prompt"] == "Hi"
+
+
+def test_a_search_the_kv_cache_cannot_hold_is_refused_before_its_first_step(tiny_model_factory):
+    """A prompt whose max_tokens the cache cannot hold is refused by its own index before any step, as generate
+    refuses it: it had failed part-way, losing the finished steps, naming "prompt 2" of a step's beams."""
+    import numpy as np
+
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", skip_tokenizer_init=True,
+              block_size=16, num_kv_blocks=3)
+    steps = []
+    generate = llm.generate
+    llm.generate = lambda *args, **kwargs: steps.append(1) or generate(*args, **kwargs)
+    try:
+        prompts = [{"prompt_token_ids": list(range(3, 13))}, {"prompt_token_ids": list(range(3, 43))}]
+        with pytest.raises(ValueError, match=r"^prompt 1: the prompt \(40 tokens\).*cache holds 48"):
+            llm.beam_search(prompts, BeamSearchParams(beam_width=2, max_tokens=12))
+        assert not steps
+        for limit in (0, -1, True, 2.0):
+            with pytest.raises(ValueError, match="concurrency_limit must be a positive integer"):
+                llm.beam_search(prompts[:1], BeamSearchParams(beam_width=2, max_tokens=2), concurrency_limit=limit)
+        params = BeamSearchParams(beam_width=np.int64(2), max_tokens=np.int32(3), length_penalty=np.float32(1.0),
+                                  ignore_eos=np.bool_(True))
+        assert (type(params.beam_width), type(params.max_tokens), type(params.ignore_eos)) == (int, int, bool)
+        (output,) = llm.beam_search(prompts[:1], params, concurrency_limit=1)
+        assert [len(s.tokens) for s in output.sequences] == [13, 13]
+    finally:
+        llm.shutdown()
+
+
 SCRIPTED_EOS = 0
 SCRIPTED_PROMPT = [2, 6, 7]  # beams complete at EOS after 1, 3 and 4 tokens
 
