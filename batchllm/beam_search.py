@@ -7,7 +7,8 @@ Every step is one `generate` call over all live beams of all prompts: a prompt's
 of their tokens, which prefix sharing computes once per call, and each step takes the KV the step before left (the
 KV cache, `core/prefix_cache.py`, as vLLM's prefix cache keeps it), so it computes only the beams' new tokens, in one
 engine step: every beam of a parent takes a copy of the parent's partial last block, and a planned prefix found
-whole computes nothing (`core/scheduler.py`).
+whole computes nothing (`core/scheduler.py`). A beam shorter than one block keeps nothing (`core/prefix_cache.py`
+records no tail under the root): its steps compute it again.
 Writer: `run_beam_search`, of the beams of its own call only (the outputs it returns are the caller's).
 """
 

@@ -17,13 +17,14 @@ and its block's tokens (exact: the tokens are compared, not a hash of them), hol
 `match` walks a prompt's full blocks down it while the node's block is unchanged.
 
 A record also holds its partial last block, its tail (the tokens past its last full block), indexed under the
-node of its full blocks (a few per node, the latest). `match_tail` finds, past the full blocks `match` finds, a
-tail whose first tokens are the prompt's next ones: a second turn continues its first turn's sequence, which ended
-inside a block. A tail is not written while it can be found: each request that takes it writes into a copy of its
-own (`KVCacheManager.tail_copy`), so it stays findable by the next (the beams of one parent, conversations branching
-from one turn), unless the pool hands that request the tail block itself, which moves its generation on. A tail is a
-recorded sequence's own partial block (partial blocks are copied on write, never shared), so while its generation
-is unchanged no request holds it.
+node of its full blocks and its first token (a few per node and token, the latest). `match_tail` finds, past the
+full blocks `match` finds, a tail whose first tokens are the prompt's next ones: a second turn continues its first
+turn's sequence, which ended inside a block. A sequence shorter than a block leaves no tail (as vLLM keeps only
+full blocks): every prompt without a full block found would be compared with them. A tail is not written while it
+can be found: each request that takes it writes into a copy of its own (`KVCacheManager.tail_copy`), so it stays
+findable by the next (the beams of one parent, conversations branching from one turn), unless the pool hands that
+request the tail block itself, which moves its generation on. A tail is a recorded sequence's own partial block
+(partial blocks are copied on write, never shared), so while its generation is unchanged no request holds it.
 
 Invariant: a block on a node's path, while its generation is the one recorded, holds the KV of exactly the tokens
 on that path. Full blocks are never written again: a member writes past its fork point and a partial block is
@@ -44,13 +45,17 @@ ROOT = 0
 
 
 MAX_TAILS_PER_NODE = 16
-"""Tails indexed under one node, the latest kept (the beams of a few parents, a group's members and their prefix):
-a node's tails are compared with the prompt at once at each match (`_NodeTails`)."""
+"""Tails indexed under one node with one first token, the latest kept (the beams of a parent, a group's members and
+their prefix: a beam search's step records every beam of a prompt under one): they are compared with the prompt at
+once at each match (`_NodeTails`). Tails with another first token could not be taken (none of their tokens agree),
+so the ring is per first token: the tails of one prompt's beams are not pushed out by those of another prompt
+that shares its full blocks."""
 
 
 class _NodeTails:
-    """The latest MAX_TAILS_PER_NODE tails under one node, in a ring: row i of `tokens` holds tail i's tokens, padded
-    with -1 (no token id) to block_size - 1 columns. Rows grow as tails come (most nodes hold one)."""
+    """The latest MAX_TAILS_PER_NODE tails under one node with one first token, in a ring: row i of `tokens` holds
+    tail i's tokens, padded with -1 (no token id) to block_size - 1 columns. Rows grow as tails come (most rings
+    hold one)."""
 
     def __init__(self, block_size: int) -> None:
         self.tokens = np.full((1, block_size - 1), -1, dtype=np.int32)
@@ -119,8 +124,9 @@ class PrefixCache:
         self._children: dict[tuple[int, bytes], int] = {}
         self._block_of: dict[int, tuple[int, int]] = {}
         """Node -> (block, its generation when indexed)."""
-        self._tails: dict[int, _NodeTails] = {}
-        """Node -> the tails (tokens, block, its generation when recorded) of records ending past it inside a block."""
+        self._tails: dict[tuple[int, int], _NodeTails] = {}
+        """(node, first token) -> the tails (tokens, block, its generation when recorded) of records ending past the
+        node inside a block, with that first token."""
         self._node_ids = itertools.count(ROOT + 1)
 
     def record(self, prompt, outputs: list[int], num_tokens: int, table: list[int]) -> None:
@@ -129,7 +135,7 @@ class PrefixCache:
         may change the lists it was given back (a prompt's token list, extended for the next turn) before a later
         call indexes them, and a view into a larger array (a data-parallel shard's) would keep all of it."""
         full = num_tokens // self.block_size
-        if full == 0:
+        if full == 0:  # (no tail under the root: module docstring)
             return
         recorded = num_tokens if self._keep_tails else full * self.block_size
         blocks = table[:-(-recorded // self.block_size)]
@@ -161,11 +167,11 @@ class PrefixCache:
         most `max_tokens` in all); None where there is none."""
         blocks, node = self._walk(prompt, max_tokens // self.block_size, index_new)
         start = len(blocks) * self.block_size
-        room = min(max_tokens - start, self.block_size - 1)
-        if not blocks or room <= 0 or node not in self._tails:
+        room = min(max_tokens - start, self.block_size - 1, len(prompt) - start)
+        tails = self._tails.get((node, int(prompt[start]))) if blocks and room > 0 else None
+        if tails is None:
             return blocks, None
-        wanted = np.asarray(prompt[start:start + room], dtype=np.int32)
-        return blocks, self._tails[node].best(wanted, self._generations)
+        return blocks, tails.best(np.asarray(prompt[start:start + room], dtype=np.int32), self._generations)
 
     def _walk(self, prompt, max_blocks: int, index_new: bool) -> tuple[list[int], int]:
         """`match`'s blocks, and the trie node of the last (ROOT where none)."""
@@ -203,7 +209,7 @@ class PrefixCache:
 
     def _index_new(self) -> None:
         """Put the new records in the trie (rebuilt from the kept records when stale nodes have piled up)."""
-        if len(self._block_of) > 2 * self._max_records:
+        if len(self._block_of) + len(self._tails) > 2 * self._max_records:
             self._children.clear()
             self._block_of.clear()
             self._tails.clear()
@@ -227,10 +233,11 @@ class PrefixCache:
                 missing = record.num_tokens - len(prompt_part) // 4
                 data = prompt_part + token_bytes(record.outputs, missing) if missing else prompt_part
             if i == full:  # its tail
-                tails = self._tails.get(node)
+                tail = np.frombuffer(data[i * size:], dtype=np.int32)
+                tails = self._tails.get((node, int(tail[0])))
                 if tails is None:
-                    tails = self._tails[node] = _NodeTails(self.block_size)
-                tails.add(np.frombuffer(data[i * size:], dtype=np.int32), block, generation)
+                    tails = self._tails[node, int(tail[0])] = _NodeTails(self.block_size)
+                tails.add(tail, block, generation)
                 return
             key = (node, data[i * size:(i + 1) * size])
             child = children.get(key)

@@ -109,6 +109,40 @@ def test_beam_search_steps_compute_only_the_new_tokens(tiny_model_factory):
     assert results[True][1] < results[False][1] / 3, results
 
 
+def _count_steps_of_each_call(llm) -> list[tuple[int, int, int]]:
+    """From now on, each `llm.generate` call appends (its prompts, its engine steps, its prefill tokens computed)
+    to the list returned."""
+    stats, calls, generate = llm.engine.core.scheduler.stats, [], llm.generate
+
+    def counted(prompts, *args, **kwargs):
+        before = stats.num_steps, stats.prefill_tokens
+        outputs = generate(prompts, *args, **kwargs)
+        calls.append((len(prompts), stats.num_steps - before[0], stats.prefill_tokens - before[1]))
+        return outputs
+
+    llm.generate = counted
+    return calls
+
+
+def test_each_beam_step_after_the_first_is_one_engine_step_of_the_beams_new_tokens(tiny_model_factory):
+    """Prompts sharing their only full block, with wide beams: each step after the first computes one token per
+    live beam, in one engine step. Their tails had pushed each other out of one ring of 16 per node: several engine
+    steps and up to 2x the tokens. The beams are those without the cache."""
+    model = tiny_model_factory("llama")
+    block_size = 16
+    prompts = [{"prompt_token_ids": [7] * 16 + [(3 * j + n) % 200 + 3 for j in range(n - 16)]} for n in (18, 20, 23)]
+    params = BeamSearchParams(beam_width=10, max_tokens=5, ignore_eos=True)
+    results = {}
+    for caching in (True, False):
+        llm = _llm(model, device="cpu", dtype="float32", max_model_len=256, block_size=block_size,
+                   enable_prefix_caching=caching)
+        calls = _count_steps_of_each_call(llm)
+        results[caching] = [[s.tokens for s in o.sequences] for o in llm.beam_search(prompts, params)]
+        if caching:
+            assert all(steps == 1 and computed == beams for beams, steps, computed in calls[1:]), calls
+    assert results[True] == results[False]
+
+
 def test_seeded_samples_of_a_repeated_call_are_the_same(tiny_model_factory):
     model = tiny_model_factory("llama")
     llm = _llm(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)

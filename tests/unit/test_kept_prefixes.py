@@ -374,12 +374,13 @@ def test_a_wanted_tail_is_handed_out_after_the_others():
 
 
 def test_the_longest_agreeing_of_a_nodes_latest_tails_is_taken_and_a_record_owning_only_its_tail_is_kept():
-    pool = BlockPool(2 * MAX_TAILS_PER_NODE + 4)
+    pool = BlockPool(2 * MAX_TAILS_PER_NODE + 8)
     cache = PrefixCache(4, pool.generations, pool.num_blocks, keep_tails=True)
     head = [1, 2, 3, 4]
-    # records with the same full block and their own tails: the first and second are pushed out of the node's
-    # latest MAX_TAILS_PER_NODE by the last two, the first's row of the ring by a shorter tail
-    fillers = [[9, i % 3, 0] for i in range(MAX_TAILS_PER_NODE - 6)]
+    # records with the same full block and their own tails: of those starting with 5, the first and second are
+    # pushed out of the latest MAX_TAILS_PER_NODE by the last two, the first's row of the ring by a shorter tail;
+    # the one starting with 7 stays (tails with another first token are not in the same ring)
+    fillers = [[5, 9, i % 3] for i in range(MAX_TAILS_PER_NODE - 5)]
     tails = [[5, 6, 7], [7], [5, 6], [5, 6, 7], [5, 8], [5, 6, 8], *fillers, [5], [5, 8, 3]]
     blocks = []
     for t in tails:
@@ -393,7 +394,7 @@ def test_the_longest_agreeing_of_a_nodes_latest_tails_is_taken_and_a_record_owni
     assert cache.match_tail(head + [5, 6, 7, 0], 7)[1] == (blocks[3], 3)
     assert cache.match_tail(head + [5, 6, 7, 0], 6)[1][1] == 2  # at most max_tokens
     assert cache.match_tail(head + [5, 8, 3, 0], 7)[1] == (blocks[-1], 3)
-    assert cache.match_tail(head + [7, 0], 5)[1] is None  # the second record's tail: no longer indexed
+    assert cache.match_tail(head + [7, 0], 5)[1] == (blocks[1], 1)  # its own ring: not pushed out
     assert cache.match_tail(head + [6, 0], 5)[1] is None  # none agrees on a first token
     assert cache.match_tail(head + [5, 99, 7, 0], 7)[1][1] == 1  # agreement is a leading run: [5, 6, 7] gives 1
     pool.allocate(len(pool.free_queue()))  # every block handed out again: none offered
