@@ -484,7 +484,7 @@ _LITERALS = ("const", "enum")
 """Keywords listing a schema's values; xgrammar's grammar is then those values alone (const's where both are given)."""
 _LITERAL_KEEPS = {
     "minLength": ("string", lambda v, b: len(v) >= b), "maxLength": ("string", lambda v, b: len(v) <= b),
-    "pattern": ("string", lambda v, b: re.search(b, v, re.ASCII) is not None),
+    "pattern": ("string", lambda v, b: _pattern_keeps(v, b)),
     "minimum": ("number", lambda v, b: v >= b), "maximum": ("number", lambda v, b: v <= b),
     "exclusiveMinimum": ("number", lambda v, b: v > b), "exclusiveMaximum": ("number", lambda v, b: v < b),
     "multipleOf": ("number", lambda v, b: Fraction(str(v)) % Fraction(str(b)) == 0),
@@ -493,8 +493,22 @@ _LITERAL_KEEPS = {
     "required": ("object", lambda v, b: all(name in v for name in b)),
 }
 """Keywords beside enum / const that a listed value is checked against, as JSON Schema reads them: (the type of
-values it constrains, whether value v keeps bound b). A pattern is read by Python's re, its classes ASCII as
-ECMA-262's \\d and \\w are."""
+values it constrains, whether value v keeps bound b). A pattern is read by `regex` (`_pattern_keeps`)."""
+_PATTERN_TIMEOUT_S = 1.0
+"""How long a pattern may take to judge one listed value: a backtracking engine takes exponential time on patterns
+such as ^(a+)+$, and Python's re cannot be stopped (not even by Ctrl-C), so a schema's check hung a whole job."""
+
+
+def _pattern_keeps(value: str, pattern: str) -> bool:
+    """Whether `pattern` finds a match in `value`, its classes ASCII as ECMA-262's \\d and \\w are, read by `regex`
+    (re's syntax) within _PATTERN_TIMEOUT_S; ValueError where it cannot tell (a pattern regex does not read, or one
+    that takes longer)."""
+    import regex
+
+    try:
+        return regex.search(pattern, value, regex.ASCII, timeout=_PATTERN_TIMEOUT_S) is not None
+    except (regex.error, TimeoutError) as e:
+        raise ValueError(f"pattern {pattern[:40]!r}: {e}") from None
 _LITERAL_DROPS = {
     "string": ("format",),
     "array": ("items", "prefixItems", "additionalItems", "contains", "minContains", "maxContains", "uniqueItems",
@@ -573,6 +587,9 @@ def _unenforced_required(node: dict, types: set[str]) -> str | None:
     them beside a $ref, anyOf, oneOf or allOf (whose schemas replace the node's). Not read where the node cannot be
     an object, nor beside enum / const (`_unenforced_literal` reads it there)."""
     required = node.get("required")
+    if isinstance(required, list) and not all(isinstance(name, str) for name in required):
+        return (f"'required' holding {json.dumps(next(n for n in required if not isinstance(n, str)))[:40]} (it "
+                "lists property names: strings)")
     if (not isinstance(required, list) or not required or (types and "object" not in types)
             or any(k in node for k in _LITERALS)):
         return None

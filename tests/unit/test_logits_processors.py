@@ -276,6 +276,27 @@ DROPPED = [
 ]
 
 
+def test_a_pattern_that_backtracks_for_ever_and_required_entries_that_are_not_names_are_refused_by_name():
+    """A review's schemas: a pattern beside enum that Python's re took exponential time to judge (^(a+)+$ on 40 a's
+    and a "!": the job reading the line hung, deaf to Ctrl-C), and `required` holding an object (a TypeError,
+    "unhashable type", not naming the schema). Both now name the keyword; a pattern is judged for at most a second."""
+    from batchllm.structured import unenforced_schema_feature
+    from tests.helpers import within
+
+    backtracking = {"type": "string", "enum": ["a" * 40 + "!", "hello"], "pattern": "^(a+)+$"}
+    refusal = within(10, lambda: unenforced_schema_feature(backtracking))
+    assert "'pattern' beside 'enum', which \"aaaa" in (refusal or "")  # (regex judges this one at once)
+    backtracking["pattern"] = "^(a|aa)+$"  # (and backtracks on this one: cut after a second)
+    refusal = within(10, lambda: unenforced_schema_feature(backtracking))
+    assert "'pattern' beside 'enum' (xgrammar keeps only the listed values and drops it, and this check cannot" in (
+        refusal or "")
+    for entry in ({"a": 1}, ["a"], 3):
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a", entry]}
+        assert f"'required' holding {json.dumps(entry)} (it lists property names: strings)" in (
+            unenforced_schema_feature(schema) or ""), entry
+    assert unenforced_schema_feature({"type": "string", "enum": ["aaa"], "pattern": "^(a+)+$"}) is None
+
+
 def test_required_names_without_properties_and_keywords_beside_enum_or_const_are_refused():
     """A probe's schemas passed the check while xgrammar dropped a keyword: `required` names not in 'properties' ({}
     came out; with additionalProperties allowed too), `required` beside anyOf, a bound, pattern, format or type
