@@ -136,6 +136,9 @@ class LLM:
         self._output_counter = itertools.count()
         """`generate`'s RequestOutput.request_id: "0", "1", ... over the LLM's life, in input order, as vLLM's."""
         self.last_stats: dict[str, Any] = {}
+        self._reset_pending = False
+        """`reset_prefix_cache` was asked while a suspended call's requests were in the engine: the cache is cleared
+        as the next call starts (what they record as they finish was computed before the reset)."""
 
     def _finalizer_for_processes(self) -> weakref.finalize | None:
         """The engine processes this LLM started (data-parallel workers, tensor-parallel followers) are stopped when
@@ -154,11 +157,15 @@ class LLM:
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """vLLM's, called between timed runs: forget the KV that finished sequences left for later calls to find
         (`core/prefix_cache.py`; every engine process's); True. Prefixes the running call shares stay until their
-        last member finishes, as the plan has them."""
+        last member finishes, as the plan has them. Asked while a call is suspended (`iter_generate`), the cache is
+        cleared as the next call starts, so that none of the KV the suspended call's requests record as they finish
+        (computed before the reset, with the weights of then) is found later; as the data-parallel engine does.
+        reset_running_requests: vLLM's (it recomputes the running requests); here they finish on the KV they hold."""
         if self._data_parallel is not None:
             self._data_parallel.reset_prefix_cache()
         elif self.engine is not None and self.engine.core.scheduler.kv.cache is not None:
             self.engine.core.scheduler.kv.cache.clear()
+            self._reset_pending = self.engine.core.has_unfinished()
         return True
 
     def shutdown(self) -> None:
@@ -573,6 +580,9 @@ class LLM:
         start: a long-lived LLM keeps no step of earlier calls)."""
         core = self.engine.core
         self._abort_leftovers()
+        if self._reset_pending:  # (asked while a suspended call's requests were in the engine)
+            self._reset_pending = False
+            core.scheduler.kv.cache.clear()
         progress = TokenProgress(progress_desc, use_tqdm)  # (before the requests: a bar that fails leaves none)
         call = _Call(next(self._request_counter), progress=progress)
         try:

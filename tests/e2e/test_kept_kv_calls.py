@@ -143,6 +143,44 @@ def test_each_beam_step_after_the_first_is_one_engine_step_of_the_beams_new_toke
     assert results[True] == results[False]
 
 
+def test_a_reset_while_a_call_is_suspended_keeps_nothing_that_call_computed(tiny_model_factory):
+    """reset_prefix_cache() while a call is suspended (`iter_generate`), after new weights: what that call's requests
+    recorded as they finished had been found by the next call (79 tokens computed with the old weights, other
+    tokens). The cache is now cleared as the next call starts: it computes everything, as a fresh engine does."""
+    import torch
+
+    def scaled(model):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() == 2:
+                    parameter.mul_(1.5)
+
+    options = dict(skip_tokenizer_init=True, device="cpu", dtype="float32", max_model_len=256, block_size=16,
+                   num_kv_blocks=64)
+    short, long = (SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (1, 30))
+    after = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    model = tiny_model_factory("llama")
+    fresh = _llm(model, **options)
+    fresh.apply_model(scaled)
+    for reset in (False, True):
+        llm = _llm(model, **options)
+        prompts, params = llm._validate([{"prompt_token_ids": list(range(100, 140))},
+                                         {"prompt_token_ids": list(range(300, 350))}], [short, long])
+        call = llm.iter_generate(prompts, params, use_tqdm=False)
+        next(call)  # the short prompt's answer; the long one still runs: the call is suspended
+        if reset:
+            llm.apply_model(scaled)
+            assert llm.reset_prefix_cache() is True
+        (_, output), = list(call)
+        follow = [{"prompt_token_ids": list(range(300, 350)) + list(output.outputs[0].token_ids) + [7, 8, 9]}]
+        got = llm.generate(follow, after, use_tqdm=False)[0].outputs[0].token_ids
+        if not reset:
+            assert llm.last_stats["kept_prefill_tokens"] >= 64, "(the test's case: the long answer's KV is kept)"
+            continue
+        assert llm.last_stats["kept_prefill_tokens"] == 0
+        assert got == fresh.generate(follow, after, use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_seeded_samples_of_a_repeated_call_are_the_same(tiny_model_factory):
     model = tiny_model_factory("llama")
     llm = _llm(model, device="cpu", dtype="float32", max_model_len=256, block_size=16)
