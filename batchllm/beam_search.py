@@ -55,10 +55,33 @@ def beam_score(beam: BeamSearchSequence, eos_ids: frozenset[int], length_penalty
 
 
 def run_beam_search(llm, prompts: list[list[int]], params: BeamSearchParams,
-                    texts: list[str | None] | None = None) -> list[BeamSearchOutput]:
+                    texts: list[str | None] | None = None, use_tqdm: Any = False) -> list[BeamSearchOutput]:
     """Beam search over token prompts (module docstring; `texts`: the prompts given as text, for `orig_prompt`).
     A beam that fills the context is complete. A beam completes at the tokenizer's EOS, as vLLM's; without a
-    tokenizer (skip_tokenizer_init, where vLLM refuses beam search) at any id that ends the LLM's requests."""
+    tokenizer (skip_tokenizer_init, where vLLM refuses beam search) at any id that ends the LLM's requests.
+    use_tqdm: as vLLM's, a bar of the steps (its total max_tokens, the most there may be), or a callable that
+    makes it (called with total, desc and unit)."""
+    bar = _step_bar(use_tqdm, params.max_tokens)
+    try:
+        return _search(llm, prompts, params, texts, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _step_bar(use_tqdm: Any, steps: int):
+    if not use_tqdm:
+        return None
+    if callable(use_tqdm):
+        return use_tqdm(total=steps, desc="Beam search", unit="token")
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="Beam search", unit="token")
+
+
+def _search(llm, prompts: list[list[int]], params: BeamSearchParams, texts: list[str | None] | None,
+            bar) -> list[BeamSearchOutput]:
+    """`run_beam_search`'s steps; `bar` (or None) counts them."""
     eos = beam_ending_ids(llm)
     origins = [{"type": "token", "prompt_token_ids": list(p), **({} if text is None else {"prompt": text})}
                for p, text in zip(prompts, texts or [None] * len(prompts))]
@@ -74,6 +97,8 @@ def run_beam_search(llm, prompts: list[list[int]], params: BeamSearchParams,
         if not beams:
             break
         outputs = llm.generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params, use_tqdm=False)
+        if bar is not None:
+            bar.update(1)
         position = 0
         for index, group in enumerate(live):
             candidates = []

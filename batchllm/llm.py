@@ -273,9 +273,9 @@ class LLM:
         """vLLM's beam search (`batchllm/beam_search.py`): per prompt, the params.beam_width best sequences,
         best first, each with its tokens (the prompt's included), logprobs, cumulative logprob and text (the
         whole sequence decoded). prompts: as `generate` takes them; each is checked before the search starts, a
-        prompt whose max_tokens the KV cache cannot hold refused as `generate` refuses it. use_tqdm,
-        concurrency_limit: vLLM's (a concurrency_limit must be a positive integer); every prompt's beams go into
-        each step's call."""
+        prompt whose max_tokens the KV cache cannot hold refused as `generate` refuses it. use_tqdm: vLLM's, a bar of
+        the steps (`run_beam_search`), none where concurrency_limit is given, as in vLLM. concurrency_limit: vLLM's
+        (a positive integer); every prompt's beams go into each step's call."""
         _refuse_unsupported(lora_request=lora_request)
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
@@ -287,8 +287,11 @@ class LLM:
         for index, prompt in enumerate(tokenized):
             if problem := self.kv_cache_problem(len(prompt.token_ids), whole):
                 raise ValueError(f"prompt {index}: {problem}")
+        if use_tqdm and concurrency_limit is not None:
+            logger.warning("a progress bar is not shown with concurrency_limit (as in vLLM)")
+            use_tqdm = False
         return run_beam_search(self, [[int(t) for t in prompt.token_ids] for prompt in tokenized], params,
-                               [prompt.text for prompt in tokenized])
+                               [prompt.text for prompt in tokenized], use_tqdm)
 
     def _validate_call(self, prompts: Any, sampling_params, lora_request, priority, tokenization_kwargs,
                        mm_processor_kwargs) -> tuple[list[TokenizedPrompt], list[SamplingParams]]:

@@ -137,6 +137,43 @@ def test_a_search_the_kv_cache_cannot_hold_is_refused_before_its_first_step(tiny
         llm.shutdown()
 
 
+def test_beam_search_shows_a_bar_of_its_steps_as_vllm_does(tiny_model_factory, capsys, caplog):
+    """use_tqdm had no effect: as vLLM's, it is a bar of the steps (total max_tokens), none with concurrency_limit
+    (a warning says so); a callable makes the bar."""
+    import logging
+
+    from batchllm import LLM
+
+    made = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.kwargs, self.steps, self.closed = kwargs, 0, False
+            made.append(self)
+
+        def update(self, n):
+            self.steps += n
+
+        def close(self):
+            self.closed = True
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=32)
+    prompt, params = [{"prompt_token_ids": list(range(3, 13))}], BeamSearchParams(beam_width=2, max_tokens=3,
+                                                                                  ignore_eos=True)
+    try:
+        llm.beam_search(prompt, params, use_tqdm=Bar)
+        assert [(b.kwargs, b.steps, b.closed) for b in made] == [
+            ({"total": 3, "desc": "Beam search", "unit": "token"}, 3, True)]
+        capsys.readouterr()
+        llm.beam_search(prompt, params, use_tqdm=True)
+        assert "Beam search" in capsys.readouterr().err
+        with caplog.at_level(logging.WARNING, logger="batchllm"):
+            llm.beam_search(prompt, params, use_tqdm=Bar, concurrency_limit=1)
+        assert len(made) == 1 and "not shown with concurrency_limit" in caplog.text
+    finally:
+        llm.shutdown()
+
+
 SCRIPTED_EOS = 0
 SCRIPTED_PROMPT = [2, 6, 7]  # beams complete at EOS after 1, 3 and 4 tokens
 
