@@ -283,7 +283,7 @@ class LLM:
             raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
         items = _as_prompt_list(prompts)
         tokenized = [self.tokenize_prompt(prompt, index) for index, prompt in enumerate(items)]
-        whole = SamplingParams(max_tokens=params.max_tokens)  # (what the longest beam of a prompt writes)
+        whole = SamplingParams(max_tokens=max(params.max_tokens, 1))  # (what the longest beam of a prompt writes)
         for index, prompt in enumerate(tokenized):
             if problem := self.kv_cache_problem(len(prompt.token_ids), whole):
                 raise ValueError(f"prompt {index}: {problem}")

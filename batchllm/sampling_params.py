@@ -577,10 +577,10 @@ class BeamSearchParams:
         if self.structured_outputs is not None:
             raise ValueError("BeamSearchParams.structured_outputs is not supported: beams are not constrained "
                              "here (use SamplingParams.structured_outputs with generate)")
-        for name in ("beam_width", "max_tokens"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"BeamSearchParams.{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.beam_width) or self.beam_width < 1:
+            raise ValueError(f"BeamSearchParams.beam_width must be a positive integer, got {self.beam_width!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:  # (0: vLLM's search of no step, the prompt back)
+            raise ValueError(f"BeamSearchParams.max_tokens must be a non-negative integer, got {self.max_tokens!r}")
         for name in ("temperature", "length_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not _is_finite(value):

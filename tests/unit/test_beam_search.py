@@ -133,6 +133,10 @@ def test_a_search_the_kv_cache_cannot_hold_is_refused_before_its_first_step(tiny
         assert (type(params.beam_width), type(params.max_tokens), type(params.ignore_eos)) == (int, int, bool)
         (output,) = llm.beam_search(prompts[:1], params, concurrency_limit=1)
         assert [len(s.tokens) for s in output.sequences] == [13, 13]
+        (output,) = llm.beam_search(prompts[:1], BeamSearchParams(beam_width=2, max_tokens=0))  # vLLM: no step
+        assert [(s.tokens, s.cum_logprob) for s in output.sequences] == [(list(range(3, 13)), 0.0)]
+        with pytest.raises(ValueError, match="max_tokens must be a non-negative integer"):
+            BeamSearchParams(beam_width=2, max_tokens=-1)
     finally:
         llm.shutdown()
 
