@@ -281,12 +281,8 @@ class LLM:
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
-        items = _as_prompt_list(prompts)
-        tokenized = [self.tokenize_prompt(prompt, index) for index, prompt in enumerate(items)]
         whole = SamplingParams(max_tokens=max(params.max_tokens, 1))  # (what the longest beam of a prompt writes)
-        for index, prompt in enumerate(tokenized):
-            if problem := self.kv_cache_problem(len(prompt.token_ids), whole):
-                raise ValueError(f"prompt {index}: {problem}")
+        tokenized, _ = self._validate(prompts, whole)
         if use_tqdm and concurrency_limit is not None:
             logger.warning("a progress bar is not shown with concurrency_limit (as in vLLM)")
             use_tqdm = False
@@ -584,8 +580,7 @@ class LLM:
         core = self.engine.core
         self._abort_leftovers()
         if self._reset_pending:  # (asked while a suspended call's requests were in the engine)
-            self._reset_pending = False
-            core.scheduler.kv.cache.clear()
+            self.reset_prefix_cache()
         progress = TokenProgress(progress_desc, use_tqdm)  # (before the requests: a bar that fails leaves none)
         call = _Call(next(self._request_counter), progress=progress)
         try:
