@@ -774,9 +774,8 @@ def developer_as_system(conversation: list[dict], template: str) -> list[dict]:
     texts = []
     for i in systems:
         content = converted[i].get("content") or ""
-        if isinstance(content, list):
-            content = "\n".join(part["text"] if isinstance(part, dict) else part for part in content
-                                if isinstance(part, str) or (isinstance(part, dict) and "text" in part))
+        if isinstance(content, list):  # (`text_parts`' parts: each {"type": "text", "text": ...})
+            content = "\n".join(part["text"] for part in content)
         if content:
             texts.append(content)
     return [{"role": "system", "content": "\n\n".join(texts)}] + [m for m in converted if m["role"] != "system"]
