@@ -2,6 +2,8 @@
 beam with its 2 x beam_width most likely next tokens, extends each beam by each of them, and keeps each prompt's
 beam_width best (cumulative logprob over length ** length_penalty). A beam that draws EOS is complete; when
 max_tokens is reached the live beams are too, and each prompt's beam_width best complete beams are its output.
+With structured_outputs every beam keeps to the grammar: a beam's candidates are those its grammar allows next
+(`BeamGrammar`), and a beam whose grammar has ended is complete.
 
 Every step is one `generate` call over all live beams of all prompts: a prompt's beams share its prompt and most
 of their tokens, which prefix sharing computes once per call, and each step takes the KV the step before left (the
@@ -17,8 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from batchllm.request_output import Logprob
 from batchllm.sampling_params import BeamSearchParams, SamplingParams
+from batchllm.structured import grammar_key
 
 
 @dataclass
@@ -85,26 +90,33 @@ def _search(llm, prompts: list[list[int]], params: BeamSearchParams, texts: list
     eos = beam_ending_ids(llm)
     origins = [{"type": "token", "prompt_token_ids": list(p), **({} if text is None else {"prompt": text})}
                for p, text in zip(prompts, texts or [None] * len(prompts))]
-    step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature,
-                                 ignore_eos=True)  # (EOS is a candidate like any other: the beam completes)
+    step_params = _StepParams(params)
+    grammar = None if params.structured_outputs is None else BeamGrammar(llm, params.structured_outputs)
     live = [[BeamSearchSequence(list(p), orig_prompt=origin)] for p, origin in zip(prompts, origins)]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     for _ in range(params.max_tokens):
-        for index, beams in enumerate(live):  # a beam the context cannot extend is complete as it is
-            completed[index] += [b for b in beams if len(b.tokens) >= llm.max_model_len]
-            live[index] = [b for b in beams if len(b.tokens) < llm.max_model_len]
+        allowed: dict[int, frozenset[int] | None] = {}  # id(beam): the tokens its grammar allows next (None: any)
+        for index, beams in enumerate(live):  # a beam the context or its grammar cannot extend is complete as it is
+            for beam in beams:
+                allowed[id(beam)] = None if grammar is None else grammar.allowed_next(beam)
+            ended = [len(b.tokens) >= llm.max_model_len or allowed[id(b)] == frozenset() for b in beams]
+            completed[index] += [b for b, end in zip(beams, ended) if end]
+            live[index] = [b for b, end in zip(beams, ended) if not end]
         beams = [beam for group in live for beam in group]
         if not beams:
             break
-        outputs = llm.generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params, use_tqdm=False)
+        outputs = llm.generate([{"prompt_token_ids": beam.tokens} for beam in beams],
+                               [step_params.masked_to(allowed[id(beam)]) for beam in beams], use_tqdm=False)
         if bar is not None:
             bar.update(1)
         position = 0
         for index, group in enumerate(live):
             candidates = []
             for beam, output in zip(group, outputs[position:position + len(group)]):
-                entry = output.outputs[0].logprobs[0]
+                entry, kept = output.outputs[0].logprobs[0], allowed[id(beam)]
                 for token_id, logprob in entry.items():
+                    if kept is not None and token_id not in kept:
+                        continue  # (the logprobs are the raw distribution's: its top tokens need not be allowed)
                     grown = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [entry],
                                                beam.cum_logprob + logprob.logprob, orig_prompt=beam.orig_prompt)
                     (completed[index] if token_id in eos and not params.ignore_eos else candidates).append(grown)
@@ -112,6 +124,55 @@ def _search(llm, prompts: list[list[int]], params: BeamSearchParams, texts: list
             candidates.sort(key=lambda b: beam_score(b, eos, params.length_penalty), reverse=True)
             live[index] = candidates[:params.beam_width]
     return [_best(completed[index] + live[index], llm.tokenizer, eos, params) for index in range(len(prompts))]
+
+
+MASKED_AT_MOST = 1024
+"""vLLM's cap on a beam step's allowed_token_ids: a beam whose grammar allows more tokens (inside a free string)
+runs unmasked and keeps only its allowed candidates; one with fewer is masked too, so its sampled token (always among
+its candidates) is allowed and the beam cannot run out of them. Masking every beam would cost a vocabulary-long list
+per beam per step."""
+
+
+class _StepParams:
+    """The SamplingParams of a beam step: 2 x beam_width logprobs of one token, EOS a candidate like any other (the
+    beam completes at it), masked to a grammar's allowed tokens where they are few (one SamplingParams per distinct
+    set within a step, so each is checked once)."""
+
+    def __init__(self, params: BeamSearchParams) -> None:
+        self._fields = dict(logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature,
+                            ignore_eos=True)
+        self._unmasked = SamplingParams(**self._fields)
+        self._masked: dict[frozenset[int], SamplingParams] = {}
+
+    def masked_to(self, allowed: frozenset[int] | None) -> SamplingParams:
+        if allowed is None or len(allowed) > MASKED_AT_MOST:
+            return self._unmasked
+        if allowed not in self._masked:
+            if len(self._masked) > 4 * MASKED_AT_MOST:  # (a step's sets; a long search would keep every one)
+                self._masked.clear()
+            self._masked[allowed] = SamplingParams(**self._fields, allowed_token_ids=sorted(allowed))
+        return self._masked[allowed]
+
+
+class BeamGrammar:
+    """vLLM's structured beam search: each step, each live beam's matcher is made afresh and replayed over its output
+    tokens (a matcher cannot be copied for each child), then says the tokens allowed next."""
+
+    def __init__(self, llm, structured_outputs) -> None:
+        if llm.prompts.grammars is None:
+            raise ValueError("BeamSearchParams.structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
+        self._grammars, self._key = llm.prompts.grammars, grammar_key(structured_outputs)
+        self._bitmask = self._grammars.allocate_bitmask(1)
+
+    def allowed_next(self, beam: BeamSearchSequence) -> frozenset[int]:
+        """The tokens the grammar allows after `beam`'s outputs; none once it has ended (it took its stop token and
+        the beam went on: ignore_eos)."""
+        state = self._grammars.new_state(self._key)
+        state.advance(beam.tokens[len(beam.orig_prompt["prompt_token_ids"]):])
+        if not state.fill(self._bitmask, 0):
+            return frozenset()
+        bits = np.unpackbits(self._bitmask[0].numpy().view(np.uint8), bitorder="little")[:self._grammars.vocab_size]
+        return frozenset(np.flatnonzero(bits).tolist())
 
 
 def beam_ending_ids(llm) -> frozenset[int]:

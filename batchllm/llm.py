@@ -275,13 +275,15 @@ class LLM:
         whole sequence decoded). prompts: as `generate` takes them; each is checked before the search starts, a
         prompt whose max_tokens the KV cache cannot hold refused as `generate` refuses it. use_tqdm: vLLM's, a bar of
         the steps (`run_beam_search`), none where concurrency_limit is given, as in vLLM. concurrency_limit: vLLM's
-        (a positive integer); every prompt's beams go into each step's call."""
+        (a positive integer); every prompt's beams go into each step's call. params.structured_outputs: every beam
+        kept to the grammar, compiled (or refused) before the first step."""
         _refuse_unsupported(lora_request=lora_request)
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
-        whole = SamplingParams(max_tokens=max(params.max_tokens, 1))  # (what the longest beam of a prompt writes)
+        whole = SamplingParams(max_tokens=max(params.max_tokens, 1),  # (what the longest beam of a prompt writes)
+                               structured_outputs=params.structured_outputs)  # (its grammar compiled, or refused)
         tokenized, _ = self._validate(prompts, whole)
         if use_tqdm and concurrency_limit is not None:
             logger.warning("a progress bar is not shown with concurrency_limit (as in vLLM)")

@@ -565,8 +565,8 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
-    structured_outputs: Any = None
-    """vLLM's: beams kept to a grammar. Not supported here: None only."""
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    """vLLM's: every beam kept to a grammar (`batchllm/beam_search.py`, `BeamGrammar`)."""
 
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens", "ignore_eos", "temperature", "length_penalty",
@@ -575,8 +575,7 @@ class BeamSearchParams:
             if type(value) not in _PLAIN_TYPES and hasattr(value, "tolist"):
                 setattr(self, name, value.tolist())
         if self.structured_outputs is not None:
-            raise ValueError("BeamSearchParams.structured_outputs is not supported: beams are not constrained "
-                             "here (use SamplingParams.structured_outputs with generate)")
+            self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         if not _is_int(self.beam_width) or self.beam_width < 1:
             raise ValueError(f"BeamSearchParams.beam_width must be a positive integer, got {self.beam_width!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 0:  # (0: vLLM's search of no step, the prompt back)

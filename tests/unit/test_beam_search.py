@@ -77,12 +77,115 @@ def test_beam_search_on_text_ends_beams_at_eos_and_decodes_the_whole_sequence(de
     assert best.tokens[-1] == eos, "the best beam ended at EOS: complete before max_tokens"
     with pytest.raises(ValueError, match="beam_width must be a positive integer"):
         BeamSearchParams(beam_width=0, max_tokens=4)
-    # vLLM 0.26's field (a TypeError here before): None is taken, a grammar refused by name
     assert BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=None).structured_outputs is None
-    with pytest.raises(ValueError, match="BeamSearchParams.structured_outputs is not supported"):
-        BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs={"choice": ["a"]})
     with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
         default_llm.beam_search("Hi", {"beam_width": 2})
+
+
+def structured_reference(next_logprobs, prompt: list[int], params: BeamSearchParams, eos: int,
+                         allowed_after) -> list[tuple[list[int], float]]:
+    """vLLM 0.26's structured beam search over any next-token logprobs: a beam's candidates are its 2 x beam_width
+    most likely tokens and its sampled one (greedy; masked to the allowed tokens where they are at most 1,024),
+    those the grammar allows kept; a beam the grammar lets go no further (`allowed_after(outputs)` empty) is
+    complete."""
+    def score(entry):
+        tokens, cum = entry
+        return cum / ((len(tokens) - (tokens[-1] == eos)) ** params.length_penalty)
+
+    live, done = [(prompt, 0.0)], []
+    for _ in range(params.max_tokens):
+        grown = []
+        for tokens, cum in live:
+            allowed = allowed_after(tokens[len(prompt):])
+            if not allowed:
+                done.append((tokens, cum))
+                continue
+            logprobs = next_logprobs(tokens)
+            sampled = max(allowed, key=lambda t: logprobs[t]) if len(allowed) <= 1024 else int(logprobs.argmax())
+            top = torch.topk(logprobs, 2 * params.beam_width).indices.tolist()
+            for token in [t for t in dict.fromkeys([sampled, *top]) if t in allowed]:
+                (done if token == eos and not params.ignore_eos else grown).append(
+                    (tokens + [token], cum + float(logprobs[token])))
+        live = sorted(grown, key=score, reverse=True)[:params.beam_width]
+    return sorted(done + live, key=score, reverse=True)[:params.beam_width]
+
+
+@pytest.mark.parametrize(("constraint", "ignore_eos"), [("choice", False), ("choice", True), ("regex", False)])
+def test_structured_beams_are_vllms_kept_to_the_grammar(tiny_model_factory, constraint, ignore_eos):
+    """BeamSearchParams.structured_outputs (vLLM 0.26's): every beam is kept to the grammar, against vLLM's steps
+    on transformers' logprobs with the allowed tokens worked out here from each token's text. The choices allow a
+    few tokens at a time (each beam step masked to them); [a-z]+ allows thousands (unmasked, candidates filtered).
+    Under ignore_eos a beam goes on past EOS, and its grammar, ended there, makes it complete."""
+    from transformers import AutoModelForCausalLM
+
+    from batchllm import LLM
+
+    model_dir = tiny_model_factory("llama")
+    llm = LLM(model_dir, device="cpu", dtype="float32", max_model_len=64)
+    try:
+        tokenizer, stops = llm.tokenizer, set(llm.eos_token_ids)
+        texts = [tokenizer.decode([t]) for t in range(llm.model_spec.vocab_size)]
+        special = set(tokenizer.all_special_ids)
+        if constraint == "choice":
+            choices = ["yes", "no", "not sure", "maybe so"]
+            structured = {"choice": choices}
+
+            def allowed_after(outputs):
+                said = tokenizer.decode(outputs)
+                ids = {t for t, text in enumerate(texts) if text and t not in special
+                       and any(c.startswith(said + text) for c in choices)}
+                return ids | (stops if said in choices else set())
+        else:
+            structured = {"regex": "[a-z]+"}
+            lower = {t for t, text in enumerate(texts) if text and t not in special and text.isascii()
+                     and text.isalpha() and text.islower()}
+            assert len(lower) > 1024, "the unmasked path"
+
+            def allowed_after(outputs):
+                return lower | (stops if outputs else set())
+
+        params = BeamSearchParams(beam_width=3, max_tokens=5, structured_outputs=structured, ignore_eos=ignore_eos)
+        prompts = [[5, 6, 7, 8], [100, 200, 300]]
+        outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+        eos = tokenizer.eos_token_id
+    finally:
+        llm.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def next_logprobs(tokens):
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
+
+    for prompt, output in zip(prompts, outputs):
+        expected = structured_reference(next_logprobs, prompt, params, eos, allowed_after)
+        assert [s.tokens for s in output.sequences] == [tokens for tokens, _ in expected]
+        assert [s.cum_logprob for s in output.sequences] == pytest.approx([cum for _, cum in expected], abs=1e-4)
+        if constraint == "choice":  # (the tiny model's beams do finish some answers)
+            finished = [s for s in output.sequences if s.tokens[-1] == eos]
+            assert finished and all(tokenizer.decode(s.tokens[len(prompt):-1]) in choices for s in finished)
+
+
+def test_structured_beams_need_a_grammar_that_compiles_and_a_tokenizer(default_llm, tiny_model_factory):
+    from batchllm import LLM
+    from batchllm.structured import StructuredOutputError
+
+    coerced = BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs={"choice": ["a"]}).structured_outputs
+    assert coerced.choice == ["a"]
+    with pytest.raises(ValueError, match="exactly one of"):
+        BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs={"choice": ["a"], "regex": "b"})
+    with pytest.raises(StructuredOutputError, match="regex cannot be compiled"):
+        default_llm.beam_search("Hi", BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs={"regex": "("}))
+    (answer,) = default_llm.beam_search("Is Paris in France? Answer yes or no.",
+                                        BeamSearchParams(beam_width=2, max_tokens=4,
+                                                         structured_outputs={"choice": ["yes", "no"]}))
+    assert {default_llm.tokenizer.decode(s.tokens[-2:-1]) for s in answer.sequences} <= {"yes", "no"}
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", skip_tokenizer_init=True)
+    try:
+        with pytest.raises(ValueError, match="structured_outputs needs a tokenizer"):
+            llm.beam_search([{"prompt_token_ids": [5, 6]}],
+                            BeamSearchParams(beam_width=2, max_tokens=2, structured_outputs={"choice": ["a"]}))
+    finally:
+        llm.shutdown()
 
 
 def test_beams_without_a_tokenizer_complete_at_the_models_eos_as_with_one(default_llm, default_model_dir):
