@@ -105,8 +105,9 @@ def _search(llm, prompts: list[list[int]], params: BeamSearchParams, texts: list
         beams = [beam for group in live for beam in group]
         if not beams:
             break
-        outputs = llm.generate([{"prompt_token_ids": beam.tokens} for beam in beams],
-                               [step_params.masked_to(allowed[id(beam)]) for beam in beams], use_tqdm=False)
+        sampling = (step_params.masked_to(None) if grammar is None
+                    else [step_params.masked_to(allowed[id(beam)]) for beam in beams])
+        outputs = llm.generate([{"prompt_token_ids": beam.tokens} for beam in beams], sampling, use_tqdm=False)
         if bar is not None:
             bar.update(1)
         position = 0
