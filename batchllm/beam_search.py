@@ -95,11 +95,11 @@ def _search(llm, prompts: list[list[int]], params: BeamSearchParams, texts: list
     live = [[BeamSearchSequence(list(p), orig_prompt=origin)] for p, origin in zip(prompts, origins)]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     for _ in range(params.max_tokens):
-        allowed: dict[int, frozenset[int] | None] = {}  # id(beam): the tokens its grammar allows next (None: any)
+        allowed: dict[int, AllowedTokens | None] = {}  # id(beam): the tokens its grammar allows next (None: any)
         for index, beams in enumerate(live):  # a beam the context or its grammar cannot extend is complete as it is
             for beam in beams:
                 allowed[id(beam)] = None if grammar is None else grammar.allowed_next(beam)
-            ended = [len(b.tokens) >= llm.max_model_len or allowed[id(b)] == frozenset() for b in beams]
+            ended = [len(b.tokens) >= llm.max_model_len or _grammar_ended(allowed[id(b)]) for b in beams]
             completed[index] += [b for b, end in zip(beams, ended) if end]
             live[index] = [b for b, end in zip(beams, ended) if not end]
         beams = [beam for group in live for beam in group]
@@ -143,16 +143,34 @@ class _StepParams:
         self._fields = dict(logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature,
                             ignore_eos=True)
         self._unmasked = SamplingParams(**self._fields)
-        self._masked: dict[frozenset[int], SamplingParams] = {}
+        self._masked: dict[tuple[int, ...], SamplingParams] = {}
 
-    def masked_to(self, allowed: frozenset[int] | None) -> SamplingParams:
-        if allowed is None or len(allowed) > MASKED_AT_MOST:
+    def masked_to(self, allowed: AllowedTokens | None) -> SamplingParams:
+        if allowed is None or allowed.few is None:
             return self._unmasked
-        if allowed not in self._masked:
+        if allowed.few not in self._masked:
             if len(self._masked) > 4 * MASKED_AT_MOST:  # (a step's sets; a long search would keep every one)
                 self._masked.clear()
-            self._masked[allowed] = SamplingParams(**self._fields, allowed_token_ids=sorted(allowed))
-        return self._masked[allowed]
+            self._masked[allowed.few] = SamplingParams(**self._fields, allowed_token_ids=list(allowed.few))
+        return self._masked[allowed.few]
+
+
+@dataclass(frozen=True)
+class AllowedTokens:
+    """The tokens a beam's grammar allows next: `count` of them, `few` (ascending) where at most MASKED_AT_MOST
+    (else None: thousands of ids would cost more to list than the candidates cost to look up)."""
+
+    count: int
+    few: tuple[int, ...] | None
+    bits: Any
+    """A numpy bool per vocabulary id."""
+
+    def __contains__(self, token: int) -> bool:
+        return 0 <= token < len(self.bits) and bool(self.bits[token])
+
+
+def _grammar_ended(allowed: AllowedTokens | None) -> bool:
+    return allowed is not None and allowed.count == 0
 
 
 class BeamGrammar:
@@ -165,15 +183,17 @@ class BeamGrammar:
         self._grammars, self._key = llm.prompts.grammars, grammar_key(structured_outputs)
         self._bitmask = self._grammars.allocate_bitmask(1)
 
-    def allowed_next(self, beam: BeamSearchSequence) -> frozenset[int]:
+    def allowed_next(self, beam: BeamSearchSequence) -> AllowedTokens:
         """The tokens the grammar allows after `beam`'s outputs; none once it has ended (it took its stop token and
         the beam went on: ignore_eos)."""
         state = self._grammars.new_state(self._key)
         state.advance(beam.tokens[len(beam.orig_prompt["prompt_token_ids"]):])
         if not state.fill(self._bitmask, 0):
-            return frozenset()
+            return AllowedTokens(0, (), None)
         bits = np.unpackbits(self._bitmask[0].numpy().view(np.uint8), bitorder="little")[:self._grammars.vocab_size]
-        return frozenset(np.flatnonzero(bits).tolist())
+        count = int(bits.sum())
+        few = tuple(np.flatnonzero(bits).tolist()) if count <= MASKED_AT_MOST else None
+        return AllowedTokens(count, few, bits.astype(bool))
 
 
 def beam_ending_ids(llm) -> frozenset[int]:
