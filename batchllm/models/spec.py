@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,19 +61,22 @@ class ArchitectureTraits:
     o_bias: bool = False
     qk_norm: bool = False
     """Qwen3: RMSNorm over each head of q and k before rotary."""
+    mlp_bias: bool = False
 
 
-def _llama_traits(cfg: dict, qk_norm: bool = False) -> ArchitectureTraits:
+def _attention_bias(cfg: dict, qk_norm: bool = False) -> ArchitectureTraits:
     bias = bool(cfg.get("attention_bias", False))
     return ArchitectureTraits(qkv_bias=bias, o_bias=bias, qk_norm=qk_norm)
 
 
 SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": _llama_traits,
-    "MistralForCausalLM": _llama_traits,
+    "LlamaForCausalLM": lambda cfg: replace(_attention_bias(cfg), mlp_bias=bool(cfg.get("mlp_bias", False))),
+    "MistralForCausalLM": lambda cfg: ArchitectureTraits(),
     "Qwen2ForCausalLM": lambda cfg: ArchitectureTraits(qkv_bias=True, o_bias=False),
-    "Qwen3ForCausalLM": lambda cfg: _llama_traits(cfg, qk_norm=True),
+    "Qwen3ForCausalLM": lambda cfg: _attention_bias(cfg, qk_norm=True),
 }
+"""Each architecture's biases and norms as transformers' model reads them from config.json: only Llama reads
+mlp_bias, and Mistral neither bias key (a config that sets one loads without those biases, as there)."""
 
 
 @dataclass(frozen=True)
@@ -376,7 +379,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return ModelSpec(
             architecture=arch,
-            traits=SUPPORTED_ARCHITECTURES[arch](cfg),
+            traits=(traits := SUPPORTED_ARCHITECTURES[arch](cfg)),
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
@@ -389,7 +392,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             rope_scaling=rope_scaling,
             context=derive_context(cfg, config_path),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=traits.mlp_bias,
             sliding_window=sliding,
             checkpoint_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             config_eos_token_ids=eos_ids,
