@@ -939,6 +939,51 @@ def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
             body_to_request("/v1/chat/completions", {**chat, **bad})
 
 
+VLLM_CHAT_DEFAULTS = {
+    "model": None, "frequency_penalty": 0.0, "logit_bias": None, "logprobs": False, "top_logprobs": 0,
+    "max_tokens": None, "max_completion_tokens": None, "n": 1, "presence_penalty": 0.0, "response_format": None,
+    "seed": None, "stop": [], "stream": False, "stream_options": None, "temperature": None, "top_p": None,
+    "tools": None, "tool_choice": "none", "reasoning_effort": None, "thinking_token_budget": None,
+    "include_reasoning": True, "parallel_tool_calls": True, "user": None, "use_beam_search": False, "top_k": None,
+    "min_p": None, "repetition_penalty": None, "length_penalty": 1.0, "stop_token_ids": [],
+    "include_stop_str_in_output": False, "ignore_eos": False, "min_tokens": 0, "skip_special_tokens": True,
+    "spaces_between_special_tokens": True, "truncate_prompt_tokens": None, "truncation_side": None,
+    "prompt_logprobs": None, "logprob_token_ids": None, "allowed_token_ids": None, "bad_words": [], "echo": False,
+    "add_generation_prompt": True, "continue_final_message": False, "add_special_tokens": False, "documents": None,
+    "chat_template": None, "chat_template_kwargs": None, "media_io_kwargs": None, "mm_processor_kwargs": None,
+    "structured_outputs": None, "priority": 0, "request_id": "r-1", "return_tokens_as_token_ids": None,
+    "return_token_ids": None, "return_token_offsets": False, "return_prompt_text": None,
+    "return_assistant_tokens_mask": False, "cache_salt": None, "kv_transfer_params": None,
+    "ec_transfer_params": None, "vllm_xargs": None, "repetition_detection": None}
+"""vLLM 0.26's ChatCompletionRequest written whole (`model_dump()`: every field, each at its default), messages
+aside; CompletionRequest's fields are the shared ones below with its own."""
+VLLM_COMPLETIONS_DEFAULTS = {
+    **{k: v for k, v in VLLM_CHAT_DEFAULTS.items() if k not in {
+        "top_logprobs", "max_completion_tokens", "tools", "tool_choice", "reasoning_effort", "include_reasoning",
+        "parallel_tool_calls", "add_generation_prompt", "continue_final_message", "documents", "chat_template",
+        "chat_template_kwargs", "media_io_kwargs", "mm_processor_kwargs", "return_prompt_text",
+        "return_assistant_tokens_mask"}},
+    "logprobs": None, "max_tokens": 16, "suffix": None, "prompt_embeds": None, "add_special_tokens": True}
+
+
+def test_a_body_vllms_request_model_writes_whole_is_taken():
+    """A body dumped from vLLM 0.26's request model carries every field at its default: return_token_offsets and
+    return_assistant_tokens_mask (false) failed every such line as not supported; false for the optional flags
+    return_tokens_as_token_ids and return_prompt_text is their default too. Set, each is refused by name."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    hi = [{"role": "user", "content": "Hi"}]
+    chat = body_to_request("/v1/chat/completions", {**VLLM_CHAT_DEFAULTS, "messages": hi})
+    assert chat.is_chat and SamplingParams(**chat.overrides) == SamplingParams()
+    plain = body_to_request("/v1/completions", {**VLLM_COMPLETIONS_DEFAULTS, "prompt": "Hi"})
+    assert SamplingParams(**plain.overrides) == SamplingParams(max_tokens=16)
+    for name in ("return_tokens_as_token_ids", "return_prompt_text"):
+        body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: False})
+    for name in ("return_token_offsets", "return_tokens_as_token_ids", "return_assistant_tokens_mask"):
+        with pytest.raises(BodyError, match=f"body field '{name}' = true is not supported"):
+            body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: True})
+
+
 def test_vllms_old_guided_fields_fail_their_line_naming_structured_outputs():
     """guided_choice in a plain line was ignored as a table's column: the line ran unconstrained and passed as a
     success; in an OpenAI body it was refused without naming what replaced it."""
