@@ -30,7 +30,9 @@ from batchllm.io.tool_calls import (
 from batchllm.sampling_params import (
     TRUNCATION_SIDE_NOTE,
     TRUNCATION_SIDES,
+    VLLM_ONLY_FIELDS,
     SamplingParams,
+    among,
     integers_from_json,
     short_repr,
 )
@@ -290,7 +292,8 @@ def _parse_line(raw: bytes, line_number: int) -> BatchLine | LineError:
         overrides, forced = _plain_tool_call(obj, _overrides(obj))
     except ValueError as e:  # (BodyError and ToolChoiceError are ones)
         return error(str(e), rid)
-    ignored = tuple(name for name in unknown if name not in _DECODING_MODES)  # (their values asking for none: taken)
+    ignored = tuple(name for name in unknown  # (their values asking for none, or for what runs here: taken)
+                    if name not in _DECODING_MODES and name not in VLLM_ONLY_FIELDS)
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template,
                      ignored_fields=ignored, add_special_tokens=add_special, tool_call=forced,
                      tool_choice_none=kind == "messages" and obj.get("tool_choice") == "none")
@@ -308,7 +311,7 @@ def _plain_request(obj: dict, unknown: list[str]) -> tuple[str, Any, dict | None
                          f"{TRUNCATION_SIDE_NOTE}")
     if mistaken := [f"{name!r} ({hint})" for name in unknown
                     if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name])
-                        or _other_decoding(name, obj[name]))]:
+                        or _other_decoding(name, obj[name]) or _vllm_only(name, obj[name]))]:
         raise ValueError(f"unsupported field(s): {', '.join(mistaken)}")
     add_special = add_special_tokens_of(obj)
     prompt = obj[kind]
@@ -466,6 +469,16 @@ def _other_decoding(name: str, value: Any) -> str | None:
     asks_for_none = any(value is None if d is None else isinstance(value, bool) == isinstance(d, bool) and value == d
                         for d in defaults)  # (true is no 1 here, nor 1 true: JSON tells them apart)
     return None if asks_for_none else hint
+
+
+def _vllm_only(name: str, value: Any) -> str | None:
+    """Why a plain line's field is one of vLLM's SamplingParams fields with no counterpart here (`VLLM_ONLY_FIELDS`)
+    at a value asking for what does not run (thinking_token_budget 64: the line would pass as a success without it,
+    where SamplingParams and an OpenAI body refuse it), or None."""
+    if name not in VLLM_ONLY_FIELDS:
+        return None
+    accepted, instead = VLLM_ONLY_FIELDS[name]
+    return None if among(value, accepted) else f"vLLM's, not supported here ({instead})"
 
 
 @functools.lru_cache(maxsize=1 << 12)

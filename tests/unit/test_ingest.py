@@ -984,6 +984,25 @@ def test_a_body_vllms_request_model_writes_whole_is_taken():
             body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: True})
 
 
+def test_vllms_fields_without_a_counterpart_fail_a_plain_line_as_they_fail_sampling_params():
+    """thinking_token_budget, repetition_detection and flat_logprobs asking for what does not run here were a plain
+    line's ignored columns: the line passed as a success with a note, where SamplingParams and an OpenAI body refuse
+    them by name. At the values that ask for what runs here they are taken, with no note."""
+    result = ingest(b'{"id": "a", "prompt": "Hi", "thinking_token_budget": 10}\n'
+                    b'{"id": "b", "prompt": "Hi", "flat_logprobs": false, "thinking_token_budget": null}\n'
+                    b'{"id": "c", "prompt": "Hi", "flat_logprobs": true}\n'
+                    b'{"id": "d", "prompt": "Hi", "repetition_detection": {"window": 8}}\n')
+    messages = [e.message for e in result.errors]
+    assert messages[0].startswith("line 1: unsupported field(s): 'thinking_token_budget' (vLLM's, not supported "
+                                  "here (no reasoning parser here")
+    assert messages[1].startswith("line 3: unsupported field(s): 'flat_logprobs'")
+    assert messages[2].startswith("line 4: unsupported field(s): 'repetition_detection'")
+    (taken,) = result.valid
+    assert taken.line.request_id == "b" and result.ignored_fields == {}
+    with pytest.raises(ValueError, match="thinking_token_budget"):
+        SamplingParams(thinking_token_budget=10)
+
+
 def test_vllms_old_guided_fields_fail_their_line_naming_structured_outputs():
     """guided_choice in a plain line was ignored as a table's column: the line ran unconstrained and passed as a
     success; in an OpenAI body it was refused without naming what replaced it."""
