@@ -393,8 +393,9 @@ VLLM_SERVER_FLAGS = {
     "--enable-auto-tool-choice": _RUN_TOOL_FLAG, "--tool-call-parser": _RUN_TOOL_FLAG,
     "--tool-parser-plugin": _RUN_TOOL_FLAG,
     "--trust-request-chat-template": "a line's own chat_template is not taken: give --chat-template",
-    "--chat-template-content-format": "the content format is detected from the chat template, as vLLM's auto "
-                                      "(LLM.chat takes chat_template_content_format)",
+    "--return-tokens-as-token-ids": "logprobs name their tokens by text (a body's return_tokens_as_token_ids true "
+                                    "is refused too)",
+    "--tool-server": "no tool server: a tool call is returned in its line's answer, not run",
 }
 """vLLM run-batch's frontend flags (not engine options) with no counterpart here, and what to do instead."""
 

@@ -88,6 +88,17 @@ VLLM_NO_EFFECT = {
     "port": NoEffect("no metrics server is started", value_type=int, run_batch_only=True),
     "enable_prompt_tokens_details": NoEffect("usage always carries prompt_tokens_details", run_batch_only=True),
     "enable_force_include_usage": NoEffect("every response carries its usage", run_batch_only=True),
+    "host": NoEffect("no metrics server is started", value_type=str, run_batch_only=True),
+    "enable_log_outputs": NoEffect("outputs are not logged (they are in the output file)", run_batch_only=True),
+    "enable_log_deltas": NoEffect("outputs are not logged (they are in the output file)", run_batch_only=True),
+    "log_error_stack": NoEffect("a failed line's record carries its error's message; no stack is logged",
+                                run_batch_only=True),
+    "enable_per_request_metrics": NoEffect("no server is started", run_batch_only=True),
+    "enable_server_load_tracking": NoEffect("no server is started", run_batch_only=True),
+    "enable_tokenizer_info_endpoint": NoEffect("no server is started", run_batch_only=True),
+    "chat_template_content_format": NoEffect("the content format is detected from the chat template, as vLLM's "
+                                             "auto (LLM.chat takes chat_template_content_format)",
+                                             values=("auto",), value_type=str, run_batch_only=True),
 }
 """vLLM `LLM` keywords and `run` flags (run-batch's own: flags only) taken and dropped: none changes an answer
 here."""

@@ -434,7 +434,12 @@ def test_vllm_run_batch_spellings_are_taken(capsys):
     args = build_parser().parse_args(["run", "--input-file", "in.jsonl", "--output-file", "o.jsonl", "-tp", "2",
                                       "-dp", "1", "-q", "fp8", "--output-tmp-dir", "/tmp", "--enable-metrics", "--url",
                                       "0.0.0.0", "--port", "8001", "--enable-prompt-tokens-details",
-                                      "--enable-force-include-usage", "--max-log-len", "100", "--enable-log-requests"])
+                                      "--enable-force-include-usage", "--max-log-len", "100", "--enable-log-requests",
+                                      # (vLLM 0.26's frontend flags of run-batch, each an unrecognized argument)
+                                      "--host", "0.0.0.0", "--log-error-stack", "--enable-log-outputs",
+                                      "--enable-log-deltas", "--enable-per-request-metrics",
+                                      "--enable-server-load-tracking", "--enable-tokenizer-info-endpoint",
+                                      "--chat-template-content-format", "auto"])
     assert (str(args.input_option), str(args.output)) == ("in.jsonl", "o.jsonl")
     config = engine_config(**engine_kwargs_from_args(args))
     assert (config.parallel.tensor_parallel_size, config.model.quantization) == (2, "fp8")
@@ -443,6 +448,12 @@ def test_vllm_run_batch_spellings_are_taken(capsys):
     with pytest.raises(SystemExit):
         main(["run", "in.jsonl", "-o", "o.jsonl", "-pp", "2"])
     assert "argument --pipeline-parallel-size/-pp: 2 is not supported: pipeline parallelism" in capsys.readouterr().err
+    for flags, said in ((["--return-tokens-as-token-ids"], "logprobs name their tokens by text"),
+                        (["--tool-server", "localhost:1"], "no tool server"),
+                        (["--chat-template-content-format", "openai"], "invalid choice: 'openai'")):
+        with pytest.raises(SystemExit):
+            main(["run-batch", "-i", "in.jsonl", "-o", "o.jsonl", *flags])
+        assert said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["run", "in.jsonl", "-o", "o.jsonl"], ["bench"]])
