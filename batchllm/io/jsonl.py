@@ -342,8 +342,10 @@ def prompt_kind(obj: dict, given: list[str]) -> str:
             raise ValueError("'prompt' beside 'prompt_token_ids' must be a string (the ids' text)")
         return "prompt_token_ids"
     if len(given) != 1:
+        openai = (" (an OpenAI Batch line names its request by 'custom_id', not 'id')"
+                  if not given and isinstance(obj.get("body"), dict) else "")
         raise ValueError(f"needs exactly one of {', '.join(PROMPT_FIELDS)} (or 'prompt_token_ids' with its 'prompt' "
-                         "text)")
+                         f"text){openai}")
     return given[0]
 
 

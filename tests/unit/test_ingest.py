@@ -984,6 +984,18 @@ def test_a_body_vllms_request_model_writes_whole_is_taken():
             body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: True})
 
 
+def test_an_openai_line_with_id_for_custom_id_is_told_so():
+    """A line shaped as OpenAI's but naming its request by `id` is read as a plain line: its error said only that a
+    prompt field was missing."""
+    result = ingest(b'{"id": "x1", "method": "POST", "url": "/v1/chat/completions", '
+                    b'"body": {"messages": [{"role": "user", "content": "Hi"}]}}\n{"id": "x2"}\n')
+    assert [e.message for e in result.errors] == [
+        "line 1: needs exactly one of prompt, messages, prompt_token_ids (or 'prompt_token_ids' with its 'prompt' "
+        "text) (an OpenAI Batch line names its request by 'custom_id', not 'id')",
+        "line 2: needs exactly one of prompt, messages, prompt_token_ids (or 'prompt_token_ids' with its 'prompt' "
+        "text)"]
+
+
 def test_vllms_fields_without_a_counterpart_fail_a_plain_line_as_they_fail_sampling_params():
     """thinking_token_budget, repetition_detection and flat_logprobs asking for what does not run here were a plain
     line's ignored columns: the line passed as a success with a note, where SamplingParams and an OpenAI body refuse
