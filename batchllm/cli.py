@@ -1184,7 +1184,7 @@ def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> in
         f"batchllm: {total_done + num_failed} lines: {total_done} done, {num_failed} failed ({num_done} run now) "
         f"in {wall:.1f} s: {rate(num_done):.2f} req/s, {rate(stats.get('prompt_tokens', 0)):.0f} input tok/s, "
         f"{rate(stats.get('output_tokens', 0)):.0f} output tok/s, prefix sharing saved "
-        f"{100 * stats.get('saving_ratio', 0.0):.1f}% of prefill -> {args.output}",
+        f"{100 * stats.get('saving_ratio', 0.0):.1f}% of prefill{_recomputed(stats)} -> {args.output}",
         file=sys.stderr,
     )
     if job.errors_path.is_file() and job.errors_path.stat().st_size:
@@ -1195,6 +1195,12 @@ def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> in
 def _write_failed_stats(args: argparse.Namespace, job: _Job, error: Exception) -> None:
     """--stats of a run that failed part-way (a dead worker, a full disk): the error and the lines done and left."""
     _write_stats(args, {"failed": str(error), **job.progress_stats()}, "the results written so far are kept")
+
+
+def _recomputed(stats: dict) -> str:
+    """The report's note of the tokens preemption computed again (none: no note)."""
+    tokens = stats.get("recomputed_tokens", 0)
+    return f" ({tokens} tokens computed again after preemption)" if tokens else ""
 
 
 def _write_stats(args: argparse.Namespace, stats: dict, results: str = "the results are complete") -> int | None:

@@ -881,9 +881,11 @@ class LLM:
         `_run_on_engine` clears it), and its plan.
         num_requests and prompt_tokens count each prompt once whatever its n, as vLLM's usage does; its n completions
         are n engine requests (`num_completions`), whose prompt tokens (`completion_prompt_tokens`, the prompt n
-        times) are the prefill without sharing: saving_ratio = 1 - prefill_tokens_computed / those."""
+        times) are the prefill without sharing: saving_ratio = 1 - (prefill_tokens_computed - recomputed_tokens) / those
+        (what preemption computed again is its own cost, not sharing's: it made the saving negative)."""
         s = self.engine.core.scheduler.stats
         steps, prefill = s.num_steps - before.num_steps, s.prefill_tokens - before.prefill_tokens
+        first_time = prefill - (s.recomputed_tokens - before.recomputed_tokens)
         scheduled = sum(r.num_tokens for r in self.engine.core.step_log)
         prompt_tokens = sum(len(p.token_ids) for p in call.prompts)
         unshared = sum(p["completion_prompt_tokens"] for p in call.plans)
@@ -892,10 +894,10 @@ class LLM:
             "num_requests": len(call.prompts), "num_completions": call.num_completions,
             "prompt_tokens": prompt_tokens, "completion_prompt_tokens": unshared, "output_tokens": call.output_tokens,
             "prefill_tokens_computed": prefill,
-            "saving_ratio": 1.0 - prefill / unshared if unshared else 0.0,
+            "saving_ratio": 1.0 - first_time / unshared if unshared else 0.0,
             **{k: getattr(s, k) - getattr(before, k)
-               for k in ("kept_prefill_tokens", "decode_tokens", "attended_keys", "num_preemptions",
-                         "num_block_copies", "num_prefix_releases")},
+               for k in ("recomputed_tokens", "kept_prefill_tokens", "decode_tokens", "attended_keys",
+                         "num_preemptions", "num_block_copies", "num_prefix_releases")},
             "num_steps": steps,
             "mean_tokens_per_step": scheduled / steps if steps else 0.0,
             "wall_s": wall_s,

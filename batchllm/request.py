@@ -67,6 +67,9 @@ class Request:
     may_reuse_kept_kv: bool = False
     """When it was added, the KV cache held KV of its first full blocks past its fork point, which it takes when
     admitted (`Scheduler._take_kept_kv`)."""
+    num_computed_before_release: int = 0
+    """The most tokens it had computed when preemption (or, a prefix, its release) freed its KV: its prefill below
+    this is computed again (`SchedulerStats.recomputed_tokens`)."""
     kept_tokens: int = 0
     """Of its prompt past its fork point (a prefix's: of the prefix), the tokens whose KV it took from the cache
     at its last admission instead of computing them."""

@@ -507,7 +507,7 @@ class Scheduler:
         self._free_blocks(request)
         self.running.remove(request)
         self.admission.on_release(request)
-        request.num_computed_tokens = 0
+        _forget_computed(request)
         request.status = RequestStatus.PREEMPTED
         self.stats.num_preemptions += 1
         # (a nested prefix waits behind the members of READY prefixes, which can run: ahead of them, it was
@@ -555,7 +555,7 @@ class Scheduler:
             self.ready_prefixes.remove(prefix)
             self._free_blocks(prefix)
             self.admission.on_release(prefix)
-            prefix.num_computed_tokens = 0
+            _forget_computed(prefix)
             prefix.status = RequestStatus.WAITING
             mine = [m for m in self.ready_members if m.parent is prefix]
             self.ready_members = deque(m for m in self.ready_members if m.parent is not prefix)
@@ -592,6 +592,7 @@ class Scheduler:
             scheduled.append(made)
             num_samples += samples
             self.stats.prefill_tokens += num_new
+            self.stats.recomputed_tokens += num_new - _first_prompt_tokens(request, start, num_new)
             attended_keys += num_new * start + num_new * (num_new + 1) // 2  # positions start .. + num_new - 1
             if request.is_prefix and start + num_new == num_tokens:
                 completed_prefixes.append(request)
@@ -871,3 +872,16 @@ class Scheduler:
             self.ready_members.remove(request)
         elif request.parent is not None and request in request.parent.pending_members:
             request.parent.pending_members.remove(request)
+
+
+def _forget_computed(request: Request) -> None:
+    """Its KV freed: it computes from the start again (`Request.num_computed_before_release` keeps how far it got)."""
+    request.num_computed_before_release = max(request.num_computed_before_release, request.num_computed_tokens)
+    request.num_computed_tokens = 0
+
+
+def _first_prompt_tokens(request: Request, start: int, num_new: int) -> int:
+    """Of a prefill of positions start .. start + num_new - 1, the prompt's positions computed for the first time
+    (the others: computed before its KV was freed, or its outputs, which a preempted request computes as prefill)."""
+    first = max(start, request.num_computed_before_release)
+    return max(0, min(start + num_new, request.num_prompt_tokens) - first)

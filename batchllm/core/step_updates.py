@@ -74,6 +74,9 @@ class SchedulerStats:
     num_steps: int = 0
     prefill_tokens: int = 0
     """Tokens whose KV was computed from a prompt or prefix (or recomputed after preemption)."""
+    recomputed_tokens: int = 0
+    """Of prefill_tokens, those computed again after preemption or a prefix's release freed their KV, and the outputs
+    such a request computes as prefill: what sharing's saving leaves out."""
     kept_prefill_tokens: int = 0
     """Prompt tokens whose KV an earlier sequence left (the prefix cache), taken instead of computed: a kept
     prefix's length for each request or shared prefix attached to it (`Scheduler._kept_prefix_for`)."""

@@ -420,9 +420,12 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
                wall_s: float, plan_seconds: float) -> dict[str, Any]:
     sums = {k: sum(r.get(k, 0) for r in ranks) for k in ("num_requests", "num_completions", "prompt_tokens",
                                                          "completion_prompt_tokens", "output_tokens",
-                                                         "prefill_tokens_computed", "kept_prefill_tokens")}
-    # (as LLM's: the saving is against the completions' prompt tokens, the prefill without sharing)
-    prompt_tokens, prefill = sums["completion_prompt_tokens"], sums["prefill_tokens_computed"]
+                                                         "prefill_tokens_computed", "recomputed_tokens",
+                                                         "kept_prefill_tokens")}
+    # (as LLM's: the saving is against the completions' prompt tokens, the prefill without sharing, and leaves out
+    # what preemption computed again)
+    prompt_tokens = sums["completion_prompt_tokens"]
+    prefill = sums["prefill_tokens_computed"] - sums["recomputed_tokens"]
     finish = [r["finish_s"] for r in ranks if r.get("num_requests")]  # (a rank given nothing balances nothing)
     steps = sum(r["num_steps"] for r in ranks)
     scheduled = sum(r.get("mean_tokens_per_step", 0.0) * r["num_steps"] for r in ranks)  # (a rank's job may be empty)

@@ -79,9 +79,16 @@ def test_forced_preemption_with_sharing(default_model_dir, unshared):
     llm = LLM(str(default_model_dir), dtype="float32", device="cpu", block_size=8, num_kv_blocks=36,
               kv_admission_threshold=4.0, max_num_batched_tokens=256)
     out = llm.generate(batch(), GREEDY, use_tqdm=False)
-    assert llm.last_stats["num_preemptions"] > 0
+    s = llm.last_stats
+    assert s["num_preemptions"] > 0
     assert token_ids(out) == unshared
     assert llm.engine.core.scheduler.kv.num_free_blocks == 36
+    # what preemption computed again (prompts and outputs) is counted apart: the rest is the plan's prefill, and
+    # sharing's saving is the plan's (it went negative where preemption recomputed more than sharing saved)
+    assert s["recomputed_tokens"] > 0
+    assert s["prefill_tokens_computed"] - s["recomputed_tokens"] == s["planned_prefill_tokens"]
+    assert s["saving_ratio"] == pytest.approx(1 - s["planned_prefill_tokens"] / s["completion_prompt_tokens"])
+    llm.shutdown()
 
 
 def test_n_completions_share_their_prompt(default_llm):

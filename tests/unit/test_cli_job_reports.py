@@ -583,6 +583,27 @@ def test_stats_output_rate_is_over_the_runs_own_wall_time(tmp_path, capsys, tiny
     assert f"{12 / stats['wall_s']:.0f} output tok/s" in err
 
 
+def test_the_summary_keeps_what_preemption_computed_again_out_of_the_sharing_saving(tmp_path, capsys,
+                                                                                     tiny_model_factory):
+    """4 prompts without a shared prefix over a pool too small for their outputs: preemption computes prompts and
+    outputs again, which the summary counted against sharing ("prefix sharing saved -41.9% of prefill"). The
+    saving is now the plan's (none here) and the summary names the tokens computed again."""
+    model = tiny_model_factory("llama")
+    src, out, stats_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"id": f"q{k}", "prompt_token_ids": [k * 7 % 97 + 3 for k in range(k, k + 20)],
+                                       "max_tokens": 40, "temperature": 0, "ignore_eos": True}) + "\n"
+                           for k in range(4)))
+    code, err = run(capsys, src, "-o", out, "--model", model, "--device", "cpu", "--stats", stats_path,
+                    "--block-size", "8", "--num-kv-blocks", "14", "--kv-admission-threshold", "4.0")
+    assert code == 0, err
+    stats = json.loads(stats_path.read_text())
+    assert stats["num_preemptions"] > 0 and stats["recomputed_tokens"] > 0
+    assert stats["prefill_tokens_computed"] > stats["completion_prompt_tokens"]
+    assert 0 <= stats["saving_ratio"] < 0.1
+    assert f"prefix sharing saved {100 * stats['saving_ratio']:.1f}% of prefill ({stats['recomputed_tokens']} tokens " \
+           "computed again after preemption)" in err
+
+
 @pytest.mark.parametrize("option", ["--served-model-name", "--response-role", "--stop"])
 def test_a_text_option_that_is_not_utf8_is_refused_by_name(tmp_path, capsys, option):
     """A non-UTF-8 argument (Python gives its bytes as lone surrogates) was written into the output as "\\udcff",
