@@ -157,14 +157,13 @@ _NOT_UTF8_FILES = ((b"\x1f\x8b", "gzip-compressed (decompress it first: gunzip -
 
 
 def in_the_lines_terms(line: BatchLine, error: ValueError | str) -> str:
-    """The error as the line's own fields say it: an OpenAI line's body fields are named as such (its
-    `top_logprobs` (chat) or `logprobs` (completions) became SamplingParams.logprobs, its other fields the
-    SamplingParams fields of their names)."""
+    """The error as the line's own fields say it: a plain line's fields are SamplingParams fields of their names,
+    and so are an OpenAI line's body fields, but its `top_logprobs` (chat) or `logprobs` (completions), which became
+    SamplingParams.logprobs."""
     text = str(error)
     if line.format == OPENAI:
         text = re.sub(r"SamplingParams\.logprobs\b", "top_logprobs" if line.is_chat else "logprobs", text)
-        text = text.replace("SamplingParams.", "")
-    return text
+    return text.replace("SamplingParams.", "")
 
 
 def count_input_lines(path: Path) -> int:

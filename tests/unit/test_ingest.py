@@ -233,8 +233,8 @@ def test_logprobs_above_max_logprobs_fail_their_line_as_in_vllm():
     assert [v.line.request_id for v in result.valid] == ["a"]
     assert [e.message for e in result.errors] == [  # (an OpenAI chat line's own field: top_logprobs)
         f"line {n}: {name} = {k} is more than max_logprobs (20); raise it with --max-logprobs / "
-        "LLM(max_logprobs=...) (-1: no cap)" for n, name, k in [(2, "SamplingParams.logprobs", 100000),
-                                                              (3, "SamplingParams.prompt_logprobs", 21),
+        "LLM(max_logprobs=...) (-1: no cap)" for n, name, k in [(2, "logprobs", 100000),
+                                                              (3, "prompt_logprobs", 21),
                                                               (4, "top_logprobs", 21)]]
 
 
@@ -982,6 +982,14 @@ def test_a_body_vllms_request_model_writes_whole_is_taken():
     for name in ("return_token_offsets", "return_tokens_as_token_ids", "return_assistant_tokens_mask"):
         with pytest.raises(BodyError, match=f"body field '{name}' = true is not supported"):
             body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: True})
+
+
+def test_a_plain_lines_errors_name_its_own_fields():
+    """A plain line's errors said "SamplingParams.max_tokens ..." where an OpenAI line's say "max_tokens": the
+    line's field is named as the line gives it."""
+    result = ingest(b'{"id": "a", "prompt": "Hi", "max_tokens": -1}\n{"id": "b", "prompt": "Hi", "n": 0}\n')
+    assert [e.message for e in result.errors] == ["line 1: max_tokens must be a positive integer or None, got -1",
+                                                  "line 2: n must be in [1, 1024], got 0"]
 
 
 def test_an_openai_line_with_id_for_custom_id_is_told_so():

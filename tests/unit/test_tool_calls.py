@@ -134,7 +134,7 @@ INVALID_CONSTRAINTS = [
 def test_a_forced_lines_own_structured_outputs_is_checked_as_without_tools(choice, structured, message):
     """A forced choice replaced the line's own structured_outputs before anything checked it, so invalid ones
     passed silently; now they fail the line with the words a line without tools gets (a plain line's say
-    "SamplingParams.", as there), and a valid one beside "required" is replaced."""
+    its own field's name, as there), and a valid one beside "required" is replaced."""
     with pytest.raises(BodyError) as forced:
         body_to_request(CHAT_URL, {**CHAT, "tool_choice": choice, "structured_outputs": structured})
     with pytest.raises(ValueError) as alone:  # (what checks a line without tools, ingest's sampling_params_for)
@@ -142,7 +142,7 @@ def test_a_forced_lines_own_structured_outputs_is_checked_as_without_tools(choic
     assert message in str(forced.value) and str(forced.value) == str(alone.value).replace("SamplingParams.", "")
     plain = parse_line(json.dumps({"id": 1, **CHAT, "tool_choice": choice, "structured_outputs": structured}).encode(),
                        1)
-    assert plain.message.startswith(f"line 1: SamplingParams.{message}"), plain
+    assert plain.message.startswith(f"line 1: {message}"), plain
     kept = body_to_request(CHAT_URL, {**CHAT, "tool_choice": "required",
                                       "structured_outputs": {"grammar": "root ::= x"}})
     assert kept.overrides["structured_outputs"]["json"]["type"] == "array"
