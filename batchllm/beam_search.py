@@ -175,13 +175,16 @@ def _grammar_ended(allowed: AllowedTokens | None) -> bool:
 
 class BeamGrammar:
     """vLLM's structured beam search: each step, each live beam's matcher is made afresh and replayed over its output
-    tokens (a matcher cannot be copied for each child), then says the tokens allowed next."""
+    tokens (a matcher cannot be copied for each child), then says the tokens allowed next. The grammar's stop tokens
+    are the engine's EOS ids; a beam ends at the tokenizer's alone (`beam_ending_ids`), so the others are never
+    allowed, as vLLM's grammar (its stop token the tokenizer's EOS) never allows them."""
 
     def __init__(self, llm, structured_outputs) -> None:
         if llm.prompts.grammars is None:
             raise ValueError("BeamSearchParams.structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
         self._grammars, self._key = llm.prompts.grammars, grammar_key(structured_outputs)
         self._bitmask = self._grammars.allocate_bitmask(1)
+        self._not_ending = sorted(set(llm.eos_token_ids) - beam_ending_ids(llm))
 
     def allowed_next(self, beam: BeamSearchSequence) -> AllowedTokens:
         """The tokens the grammar allows after `beam`'s outputs; none once it has ended (it took its stop token and
@@ -191,6 +194,7 @@ class BeamGrammar:
         if not state.fill(self._bitmask, 0):
             return AllowedTokens(0, (), None)
         bits = np.unpackbits(self._bitmask[0].numpy().view(np.uint8), bitorder="little")[:self._grammars.vocab_size]
+        bits[self._not_ending] = 0
         count = int(bits.sum())
         few = tuple(np.flatnonzero(bits).tolist()) if count <= MASKED_AT_MOST else None
         return AllowedTokens(count, few, bits.astype(bool))

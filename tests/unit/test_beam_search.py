@@ -165,6 +165,31 @@ def test_structured_beams_are_vllms_kept_to_the_grammar(tiny_model_factory, cons
             assert finished and all(tokenizer.decode(s.tokens[len(prompt):-1]) in choices for s in finished)
 
 
+def test_structured_beams_end_only_at_the_tokenizers_eos(tmp_path, default_model_dir):
+    """A model whose generation_config names a second EOS id (Qwen2.5-Instruct's <|endoftext|>, Llama 3's
+    <|end_of_text|>): the engine's grammar stops at either, but a beam ends at the tokenizer's alone, so a beam that
+    drew the other stayed live and came back with it in its text. vLLM's grammar, whose stop token is the
+    tokenizer's, never allows it."""
+    import json
+
+    from batchllm import LLM
+    from tests.helpers import make_tiny_model
+
+    model_dir = make_tiny_model("llama", tmp_path / "m", tokenizer_dir=default_model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
+    try:
+        assert set(llm.eos_token_ids) == {0, 2} and llm.tokenizer.eos_token_id == 2
+        params = BeamSearchParams(beam_width=4, max_tokens=6, structured_outputs={"choice": ["yes", "no", "maybe"]})
+        outputs = llm.beam_search([{"prompt_token_ids": p} for p in ([5, 6, 7], [9, 10], [300, 301, 302, 303])],
+                                  params)
+    finally:
+        llm.shutdown()
+    beams = [s for o in outputs for s in o.sequences]
+    assert beams and all(0 not in s.tokens for s in beams)
+    assert any(s.tokens[-1] == 2 for s in beams)
+
+
 def test_structured_beams_need_a_grammar_that_compiles_and_a_tokenizer(default_llm, tiny_model_factory):
     from batchllm import LLM
     from batchllm.structured import StructuredOutputError
