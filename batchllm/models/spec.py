@@ -71,12 +71,13 @@ def _attention_bias(cfg: dict, qk_norm: bool = False) -> ArchitectureTraits:
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": lambda cfg: replace(_attention_bias(cfg), mlp_bias=bool(cfg.get("mlp_bias", False))),
-    "MistralForCausalLM": lambda cfg: ArchitectureTraits(),
+    "MistralForCausalLM": lambda cfg: replace(_attention_bias(cfg), mlp_bias=bool(cfg.get("mlp_bias", False))),
     "Qwen2ForCausalLM": lambda cfg: ArchitectureTraits(qkv_bias=True, o_bias=False),
     "Qwen3ForCausalLM": lambda cfg: _attention_bias(cfg, qk_norm=True),
 }
-"""Each architecture's biases and norms as transformers' model reads them from config.json: only Llama reads
-mlp_bias, and Mistral neither bias key (a config that sets one loads without those biases, as there)."""
+"""Each architecture's biases and norms as its model reads them from config.json: Qwen2 and Qwen3 have no MLP bias
+whatever mlp_bias says, as in transformers and vLLM (a config that sets it loads without); Mistral reads both keys
+as Llama does, as vLLM's (transformers' Mistral has no bias at all: a checkpoint with none loads the same)."""
 
 
 @dataclass(frozen=True)

@@ -505,27 +505,27 @@ def test_a_conversion_parses_each_gguf_file_once(tmp_path):
     assert gguf_package.GGUFReader is gguf_package.gguf_reader.GGUFReader
 
 
-@pytest.mark.parametrize("name, keys", [
-    ("llama", dict(attention_bias=True, mlp_bias=True)),
-    ("qwen3", dict(attention_bias=True, mlp_bias=True)),
-    ("qwen2", dict(attention_bias=True, mlp_bias=True)),
-    ("mistral", dict(attention_bias=True, mlp_bias=True)),
-])
-def test_bias_keys_mean_what_transformers_reads_them_as(tmp_path, name, keys):
-    """Llama reads attention_bias and mlp_bias, Qwen3 attention_bias only (o_proj's too), Qwen2 neither (q, k and v
-    always have one) and Mistral neither: a config that sets a key its model ignores loads without those biases, as
-    transformers loads it (such a Qwen or Mistral directory was refused: "lacks weights ... bias"). Checked on the
-    greedy tokens of transformers' model, its biases made nonzero."""
+def _with_nonzero_biases(name: str, directory: Path, keys: dict) -> int:
+    """A tiny `name` model with config `keys`, its biases (those transformers made) nonzero, saved in `directory`;
+    returns how many bias tensors it has."""
     from transformers import AutoModelForCausalLM
 
-    make_tiny_model(name, tmp_path / "made", **keys)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "made", dtype=torch.float32)
+    make_tiny_model(name, directory.with_name(directory.name + "-made"), **keys)
+    model = AutoModelForCausalLM.from_pretrained(directory.with_name(directory.name + "-made"), dtype=torch.float32)
     torch.manual_seed(1)
     with torch.no_grad():
         biases = [p.normal_(0.0, 0.5) for n, p in model.named_parameters() if n.endswith(".bias")]
-    model.save_pretrained(tmp_path / "m")
-    expected_biases = {"llama": 2 * 7, "qwen3": 2 * 4, "qwen2": 2 * 3, "mistral": 0}[name]  # layers x projections
-    assert len(biases) == expected_biases
+    model.save_pretrained(directory)
+    return len(biases)
+
+
+@pytest.mark.parametrize("name, biases", [("llama", 2 * 7), ("qwen3", 2 * 4), ("qwen2", 2 * 3)])
+def test_bias_keys_mean_what_the_architecture_reads_them_as(tmp_path, name, biases):
+    """Llama reads attention_bias and mlp_bias, Qwen3 attention_bias only (o_proj's too), Qwen2 neither (q, k and v
+    always have one), as transformers and vLLM do: a Qwen config that sets mlp_bias loads without those biases (it
+    was refused: "lacks weights ... bias"). Checked on the greedy tokens of transformers' model, its biases made
+    nonzero."""
+    assert _with_nonzero_biases(name, tmp_path / "m", dict(attention_bias=True, mlp_bias=True)) == biases  # (x layers)
     prompts = [[5, 6, 7, 8, 9], [100, 3, 44]]
     llm = LLM(str(tmp_path / "m"), device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=16)
     try:
@@ -534,3 +534,24 @@ def test_bias_keys_mean_what_transformers_reads_them_as(tmp_path, name, keys):
     finally:
         llm.shutdown()
     assert [list(o.outputs[0].token_ids) for o in outputs] == hf_greedy(tmp_path / "m", prompts, 8, stop_at_eos=False)
+
+
+def test_mistral_reads_its_bias_keys_as_vllms_does(tmp_path):
+    """vLLM's Mistral is its Llama: a config asking for biases needs them (transformers' Mistral has none and would
+    ignore the keys), and a checkpoint with them runs them, as a Llama of the same weights does."""
+    _with_nonzero_biases("mistral", tmp_path / "none", dict(attention_bias=True))
+    with pytest.raises(ModelLoadError, match=r"lacks weights: .*self_attn\.\w_proj\.bias"):
+        LLM(str(tmp_path / "none"), device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=16)
+    _with_nonzero_biases("llama", tmp_path / "m", dict(attention_bias=True, mlp_bias=True))
+    prompts = [[5, 6, 7, 8, 9], [100, 3, 44]]
+    expected = hf_greedy(tmp_path / "m", prompts, 8, stop_at_eos=False)  # (transformers' Llama of those weights)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
+                                                            "model_type": "mistral"}))
+    llm = LLM(str(tmp_path / "m"), device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=16)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    finally:
+        llm.shutdown()
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
