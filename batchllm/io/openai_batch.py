@@ -48,10 +48,11 @@ _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,
                  "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"]),
                  # vLLM's own request fields, as its request models write them (model_dump)
                  "use_beam_search": (False, None), "priority": (0, None), "include_reasoning": (True, None),
-                 "truncation_side": (None, "left"), "return_token_offsets": (False, None),
-                 "return_tokens_as_token_ids": (False, None)}
+                 "truncation_side": (None, "left"), "return_tokens_as_token_ids": (False, None),
+                 # (vLLM 0.26's /render endpoints' alone: its generation endpoints ignore them, either value)
+                 "return_token_offsets": (False, True, None)}
 _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs": (None, {}),
-                      "media_io_kwargs": (None, {}), "return_assistant_tokens_mask": (False, None),
+                      "media_io_kwargs": (None, {}), "return_assistant_tokens_mask": (False, True, None),
                       "return_prompt_text": (False, None)}
 _ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None), "tool_choice": (None, "none")}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;

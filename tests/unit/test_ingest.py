@@ -968,8 +968,9 @@ VLLM_COMPLETIONS_DEFAULTS = {
 
 def test_a_body_vllms_request_model_writes_whole_is_taken():
     """A body dumped from vLLM 0.26's request model carries every field at its default: return_token_offsets and
-    return_assistant_tokens_mask (false) failed every such line as not supported; false for the optional flags
-    return_tokens_as_token_ids and return_prompt_text is their default too. Set, each is refused by name."""
+    return_assistant_tokens_mask (false) failed every such line as not supported (vLLM's generation endpoints ignore
+    them, true too); false for the optional flags return_tokens_as_token_ids and return_prompt_text is their default
+    too, and true, which changes vLLM's answer, is refused by name."""
     from batchllm.io.openai_batch import BodyError, body_to_request
 
     hi = [{"role": "user", "content": "Hi"}]
@@ -978,10 +979,11 @@ def test_a_body_vllms_request_model_writes_whole_is_taken():
     plain = body_to_request("/v1/completions", {**VLLM_COMPLETIONS_DEFAULTS, "prompt": "Hi"})
     assert SamplingParams(**plain.overrides) == SamplingParams(max_tokens=16)
     for name in ("return_tokens_as_token_ids", "return_prompt_text"):
-        body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: False})
-    for name in ("return_token_offsets", "return_tokens_as_token_ids", "return_assistant_tokens_mask"):
+        body_to_request("/v1/chat/completions", {"messages": hi, name: False})
         with pytest.raises(BodyError, match=f"body field '{name}' = true is not supported"):
-            body_to_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: True})
+            body_to_request("/v1/chat/completions", {"messages": hi, name: True})
+    for name in ("return_token_offsets", "return_assistant_tokens_mask"):
+        body_to_request("/v1/chat/completions", {"messages": hi, name: True})
 
 
 def test_a_plain_lines_errors_name_its_own_fields():
