@@ -1200,7 +1200,7 @@ def _write_failed_stats(args: argparse.Namespace, job: _Job, error: Exception) -
 def _recomputed(stats: dict) -> str:
     """The report's note of the tokens preemption computed again (none: no note)."""
     tokens = stats.get("recomputed_tokens", 0)
-    return f" ({tokens} tokens computed again after preemption)" if tokens else ""
+    return f" ({tokens} tokens computed again after preemption)" if tokens else ""  # (or a prefix's release)
 
 
 def _write_stats(args: argparse.Namespace, stats: dict, results: str = "the results are complete") -> int | None:

@@ -121,14 +121,27 @@ def add_no_effect_arguments(group, run_batch: bool = True, async_engine: bool = 
             continue
         flags = ["--" + n.replace("_", "-") for n in (name, *option.flag_aliases)]
         help_text = f"accepted for vLLM's command lines; no effect: {option.why}"
-        if option.value_type is None:
-            group.add_argument(*flags, dest=name, action="store_true", help=help_text)
-        elif option.values is not None:
-            group.add_argument(*flags, dest=name, choices=list(option.values), default=option.values[0],
+        if option.value_type is None:  # (--no-X too: vLLM's boolean flags are argparse's BooleanOptionalAction)
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=False,
                                help=help_text)
+        elif option.values is not None:
+            group.add_argument(*flags, dest=name, type=_only_values(option), default=option.values[0],
+                               metavar="{" + ",".join(option.values) + "}", help=help_text)
         else:
             group.add_argument(*flags, dest=name, type=option.value_type, nargs=option.nargs, default=None,
                                metavar=option.metavar, help=help_text)
+
+
+def _only_values(option: NoEffect):
+    """The argparse type of a NoEffect flag that takes only `option.values`: another value is refused saying why
+    (argparse's choices said only "invalid choice")."""
+    def checked(value: str) -> str:
+        if value not in option.values:
+            raise argparse.ArgumentTypeError(f"{value!r} is not supported ({option.why}): only "
+                                             f"{' or '.join(option.values)}")
+        return value
+
+    return checked
 
 
 NO_EFFECT_GROUP = "vLLM options without effect here"
