@@ -22,9 +22,9 @@ __all__ = ["BeamSearchParams", "GuidedDecodingParams", "RequestOutputKind", "Sam
 _GREEDY_EPS = 1e-5
 _MIN_TEMPERATURE = 1e-2
 """vLLM's floor for a temperature above 0 (smaller ones are raised to it, with a warning)."""
-MAX_N = 1024
-"""Most completions per prompt: n is a count of requests the engine holds at once, so a typo such as
-2**70 must be refused by name, not grow memory until the machine gives out."""
+MAX_N = 16384
+"""Most completions per prompt, vLLM 0.26's (VLLM_MAX_N_SEQUENCES' default): n is a count of requests the engine
+holds at once, so a typo such as 2**70 must be refused by name, not grow memory until the machine gives out."""
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The seeds vLLM (a torch.Generator) accepts; here one is taken modulo 2^64 (`layers/seeded_noise.py`).
 Completion k of an n > 1 request uses seed + k."""
@@ -331,9 +331,10 @@ class SamplingParams:
             raise bad("repetition_penalty", "must be > 0")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or not all(
-                _token_key(k) and _is_number(v) and _is_finite(v) for k, v in self.logit_bias.items()
-            ):
-                raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers")
+                _token_key(k) and _is_number(v) and (_is_finite(v) or v == float("-inf"))
+                for k, v in self.logit_bias.items()
+            ):  # (-inf bans the token, as vLLM's processor adds it; +inf and NaN would make every logit NaN)
+                raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers (or -inf, a ban)")
         if self.allowed_token_ids is not None and not (self.allowed_token_ids and _is_id_list(self.allowed_token_ids)):
             raise bad("allowed_token_ids", "must be a non-empty list of non-negative integers")
         if self.bad_words is not None:
@@ -411,10 +412,11 @@ class SamplingParams:
             return
         allowed = set(self.allowed_token_ids)
         banned = {ids[0] for ids in self.bad_words_token_ids if len(ids) == 1}
+        banned |= {int(t) for t, v in (self.logit_bias or {}).items() if v == float("-inf")}
         shown = _short.repr(sorted(allowed))
         if allowed <= banned:
-            raise ValueError(f"SamplingParams.allowed_token_ids {shown} are all banned by bad_words: no allowed token "
-                             "could be sampled; allow another token or drop those bad_words")
+            raise ValueError(f"SamplingParams.allowed_token_ids {shown} are all banned by bad_words or a -inf "
+                             "logit_bias: no allowed token could be sampled; allow another token or lift those bans")
         stops = set(eos_token_ids) | set(self.stop_token_ids or ())
         if self.min_tokens and allowed <= stops | banned:
             words = " or bad_words" if allowed & banned else ""

@@ -39,7 +39,7 @@ LINES = [
     ('{"id": "digits", "prompt": "hi", "max_tokens": %s}' % ("7" * 5000), "malformed JSON: Exceeds the limit"),
     ("[" * DEEP + "]" * DEEP, "nested too deeply"),
     ('{"id": "deep", "prompt": "hi", "stop": %s}' % ("[" * DEEP + "]" * DEEP), "nested too deeply"),
-    (f'{{"id": "n-huge", "prompt": "hi", "n": {2**70}}}', "n must be in [1, 1024]"),
+    (f'{{"id": "n-huge", "prompt": "hi", "n": {2**70}}}', "n must be in [1, 16384]"),
     ('{"id": "nan", "prompt": "hi", "temperature": NaN}', "temperature must be a finite number"),
     (openai("nan-openai", temperature=float("nan")), ": temperature must be a finite number"),  # its body's name
     ('{"id": "inf", "prompt": "hi", "top_p": -Infinity}', "top_p must be a finite number"),

@@ -991,7 +991,7 @@ def test_a_plain_lines_errors_name_its_own_fields():
     line's field is named as the line gives it."""
     result = ingest(b'{"id": "a", "prompt": "Hi", "max_tokens": -1}\n{"id": "b", "prompt": "Hi", "n": 0}\n')
     assert [e.message for e in result.errors] == ["line 1: max_tokens must be a positive integer or None, got -1",
-                                                  "line 2: n must be in [1, 1024], got 0"]
+                                                  "line 2: n must be in [1, 16384], got 0"]
 
 
 def test_an_openai_line_with_id_for_custom_id_is_told_so():

@@ -502,3 +502,29 @@ def test_numpy_scalars_and_arrays_are_taken_as_python_values():
         SamplingParams(max_tokens=np.float64(4.5))
     with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list"):
         SamplingParams(allowed_token_ids=np.array([], dtype=np.int64))
+
+
+def test_a_minus_infinite_logit_bias_bans_its_token_as_in_vllm(tiny_model_factory):
+    """vLLM adds logit_bias to the logits whatever its values: -inf bans a token (a common idiom), refused here as
+    "not finite". +inf and NaN would make every probability NaN: still refused. n goes up to vLLM's 16,384."""
+    from batchllm import LLM
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=16)
+    try:
+        prompt = [{"prompt_token_ids": [5, 6, 7, 8]}]
+        plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+        banned = plain.token_ids[0]
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                  logit_bias={banned: float("-inf")}))[0].outputs[0]
+        assert banned not in out.token_ids and out.token_ids != plain.token_ids
+        with pytest.raises(ValueError, match=rf"allowed_token_ids \[{banned}\] are all banned by bad_words or a -inf"):
+            llm.generate(prompt, SamplingParams(max_tokens=2, allowed_token_ids=[banned],
+                                                logit_bias={banned: float("-inf")}))
+    finally:
+        llm.shutdown()
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"logit_bias must map token ids .* finite numbers \(or -inf, a ban\)"):
+            SamplingParams(logit_bias={5: value})
+    assert SamplingParams(n=16384, temperature=1.0).n == 16384
+    with pytest.raises(ValueError, match=r"n must be in \[1, 16384\]"):
+        SamplingParams(n=16385, temperature=1.0)
