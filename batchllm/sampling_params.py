@@ -80,7 +80,6 @@ VLLM_ONLY_FIELDS: dict[str, tuple[tuple, str]] = {
     "skip_clone": ((False, True), "without effect here"),
     "output_text_buffer_length": ((0,), "vLLM's internal field"),
     "routed_experts_prompt_start": ((0,), "the models here have no experts"),
-    "skip_reading_prefix_cache": ((None, False), "a shared prefix is computed once and read by its members"),
     "thinking_token_budget": ((None,), "no reasoning parser here: end thinking with max_tokens or a stop string"),
     "repetition_detection": ((None,), "use repetition_penalty, or a stop string"),
 }
@@ -161,11 +160,14 @@ class SamplingParams:
     `logprobs` (with the sampled token's, as always; logprobs, if given, must equal their number): scoring labels
     without asking for the whole vocabulary. Each listed token's `rank` is its place in the list (the sampled
     token's too, where it is listed), as in vLLM."""
+    skip_reading_prefix_cache: bool | None = None
+    """vLLM's: true takes none of the KV an earlier call left (the KV cache, `LLM(enable_prefix_caching=...)`); the
+    prompt's shared prefixes within the call are still computed once. vLLM sets it for prompt_logprobs, whose
+    requests never take kept KV here either."""
     flat_logprobs: bool = False
     skip_clone: bool = False
     output_text_buffer_length: int = 0
     routed_experts_prompt_start: int = 0
-    skip_reading_prefix_cache: bool | None = None
     thinking_token_budget: int | None = None
     repetition_detection: Any = None
     """vLLM 0.26's fields with no counterpart here (`VLLM_ONLY_FIELDS`): taken at the values that ask for what runs
@@ -294,6 +296,8 @@ class SamplingParams:
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        if self.skip_reading_prefix_cache is not None and not isinstance(self.skip_reading_prefix_cache, bool):
+            raise bad("skip_reading_prefix_cache", "must be true, false or None")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise bad("extra_args", "must be an object (a dict) or None")
         if not isinstance(self.output_kind, RequestOutputKind):

@@ -188,7 +188,8 @@ class Scheduler:
         else:
             parent.num_live_members += 1
             parent.pending_members.append(request)
-        if self.kv.cache is not None and request.sampling_params.prompt_logprobs is None:
+        sp = request.sampling_params
+        if self.kv.cache is not None and sp.prompt_logprobs is None and not sp.skip_reading_prefix_cache:
             self._note_kept_kv(request)
 
     def _note_kept_kv(self, request: Request) -> None:

@@ -76,6 +76,12 @@ def test_continuations_match_transformers_greedy(tiny_model_factory):
     assert [o.num_cached_tokens for o in second] == [len(p) + 19 for p in base]
     assert llm.last_stats["kept_prefill_tokens"] == sum(len(p) + 19 for p in base)
     assert [list(o.outputs[0].token_ids) for o in second] == hf_greedy(model, continued, 8, stop_at_eos=False)
+    # vLLM's skip_reading_prefix_cache (refused here before): the same continuations take none of the kept KV
+    skipped = llm.generate([{"prompt_token_ids": p} for p in continued],
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, skip_reading_prefix_cache=True),
+                           use_tqdm=False)
+    assert llm.last_stats["kept_prefill_tokens"] == 0 and [o.num_cached_tokens for o in skipped] == [0] * 4
+    assert [o.outputs[0].token_ids for o in skipped] == [o.outputs[0].token_ids for o in second]
 
 
 def test_a_prompt_list_changed_in_place_after_its_call_is_not_mistaken_for_the_kv(tiny_model_factory):

@@ -89,7 +89,7 @@ def test_children_of_a_seeded_request_get_distinct_seeds():
 @pytest.mark.parametrize("fields,name", [
     ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
     ({"temperature": 10**400}, "temperature"), ({"top_p": float("nan")}, "top_p"),
-    ({"min_p": float("-inf")}, "min_p"), ({"n": 2**70}, "n"), ({"n": 1025}, "n"),
+    ({"min_p": float("-inf")}, "min_p"), ({"n": 2**70}, "n"), ({"n": 16385}, "n"),
     ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": 2**64 - 1, "n": 2}, "seed"),
     ({"top_k": 2**70}, "top_k"), ({"stop": [[["x"]] * 3]}, "stop"),
     # vLLM 0.26 refuses these too (they ran: n equal greedy answers; a temperature past OpenAI's range)
@@ -361,9 +361,12 @@ def test_vllm_026s_other_fields_are_taken_at_their_defaults_and_refused_by_name_
                            repetition_detection=None)
     assert taken.clone() == SamplingParams(skip_clone=True)
     for name, value, instead in (("thinking_token_budget", 64, "max_tokens"),
-                                 ("flat_logprobs", True, "list of dicts"), ("skip_reading_prefix_cache", 1, "once")):
+                                 ("flat_logprobs", True, "list of dicts")):
         with pytest.raises(ValueError, match=f"SamplingParams.{name} is not supported .*{instead}"):
             SamplingParams(**{name: value})
+    assert SamplingParams(prompt_logprobs=1, skip_reading_prefix_cache=True).skip_reading_prefix_cache  # (vLLM's own)
+    with pytest.raises(ValueError, match="skip_reading_prefix_cache must be true, false or None"):
+        SamplingParams(skip_reading_prefix_cache=1)
 
 
 def test_logprob_token_ids_are_checked_as_vllm_checks_them():
