@@ -10,7 +10,10 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' >> "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
-# TESTS: pytest arguments (default: the whole GPU suite), e.g. to split it over two GPUs; T: seconds for them
+# TESTS: pytest arguments (default: the whole GPU suite), e.g. to split it over two GPUs; T: seconds for them.
+# tests/gpu/test_structured_gpu.py needs xgrammar and a tokenizer, which the device lacks: carry xgrammar's wheels
+# (.whl, installed into PYTHONPATH first, as the device README says) and the default model's tokenizer files
+# (.tok/smol) with BATCHLLM_TEST_TOKENIZER_DIR=.tok/smol; without them it skips.
 timeout "${T:-3000}" python3 -m pytest -q -p no:cacheprovider --durations=10 ${TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
 pack
 summary=$(tail -1 "$OUT/gpu_tests.log")  # pytest's last line; a timeout leaves none with "passed"
