@@ -219,6 +219,12 @@ def _without_a_cut_character(token_ids: list[int], decode) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _cut_alone(tokenizer, token_id: int, skip_special_tokens: bool) -> bool:
+    """Whether a token's text alone ends in U+FFFD (it may end its prompt inside a character: `_decode_ids`)."""
+    return tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens).endswith("\ufffd")
+
+
 _PRIME_TOKENS = (4, 24)
 """The fewest and most prompt tokens an output's text is decoded after (`_prime`, `CompletionState._decode_ids`),
 as vLLM's detokenizer primes its stream with the prompt's end."""
@@ -465,17 +471,23 @@ class CompletionState:
         return self._stream.text(self.token_ids, count)
 
     def _decode_ids(self, token_ids: list[int]) -> str:
-        """The text of output tokens `token_ids` (the output's first ones), as it reads after the prompt."""
+        """The text of output tokens `token_ids` (the output's first ones), as it reads after the prompt: decoded
+        after the prompt's last tokens where alone a token would lose its leading space, or where the prompt ends
+        inside a character (token ids cut mid-emoji), so that the text starts with the character its first bytes
+        complete (alone, those bytes were U+FFFD: dropped, and the character appeared only with a later token)."""
         skip = self.params.skip_special_tokens
         if self._primer is False:
-            wanted = self._prompt_token_ids is not None and _alone_drops_a_leading_space(self.tokenizer)
-            self._primer = _prime(self._prompt_token_ids, self.tokenizer, skip) if wanted else None
+            prompt = self._prompt_token_ids
+            wanted = prompt is not None and len(prompt) > 0 and (
+                _alone_drops_a_leading_space(self.tokenizer) or _cut_alone(self.tokenizer, int(prompt[-1]), skip))
+            self._primer = _prime(prompt, self.tokenizer, skip) if wanted else None
         if self._primer is None or not token_ids:
             return self._decode_text(list(token_ids))
         primer_ids, primer_text = self._primer
         text = self._decode_text(primer_ids + list(token_ids))
-        if text.startswith(primer_text):
-            return text[len(primer_text):]
+        head = primer_text.rstrip("\ufffd")  # (the prompt's text up to a character it cuts)
+        if text.startswith(head):
+            return text[len(head):]
         return self._decode_text(list(token_ids))  # the prompt's text changed: alone
 
     def leave_out_last_token(self) -> None:

@@ -166,3 +166,24 @@ def test_a_prompt_ending_inside_a_character_stays_out_of_the_text():
     output = [*byte_ids(tokenizer, 0xA9), tokenizer.convert_tokens_to_ids("▁ok")]
     assert vllm_output(tokenizer, prompt, output, SamplingParams())[0] == "The capital isé ok"
     assert batchllm_output(tokenizer, prompt, output, SamplingParams()) == ("é ok", None, 2)
+    # the completing bytes alone are the character: it was dropped (its bytes alone are U+FFFD) until a token
+    # followed, and a stop string holding it matched a token late
+    assert batchllm_output(tokenizer, prompt, output[:1], SamplingParams()) == ("é", None, 1)
+    assert batchllm_output(tokenizer, prompt, output, SamplingParams(stop=["é"])) == ("", "é", 1)
+
+
+def test_a_byte_level_prompt_ending_inside_a_character_stays_out_of_the_text(default_model_dir):
+    """The same with SmolLM2's byte-level BPE, whose token " \\xf0\\x9f" holds a space and half an emoji: the text
+    was "" after the token that completes the emoji, then " 😀 world" (the prompt's space with it), and a stop
+    "😀" matched one token late."""
+    from batchllm.inputs import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_dir)
+    ids = tokenizer.encode("Hello 😀 world", add_special_tokens=False)
+    assert tokenizer.decode(ids[1:2]).endswith("\ufffd"), "the prompt's last token cuts the emoji"
+    prompt, output = ids[:2], ids[2:4]
+    assert batchllm_output(tokenizer, prompt, output[:1], SamplingParams()) == ("😀", None, 1)
+    assert batchllm_output(tokenizer, prompt, output, SamplingParams()) == ("😀 world", None, 2)
+    assert batchllm_output(tokenizer, prompt, output, SamplingParams(stop=["😀"])) == ("", "😀", 1)
+    stop_kept = SamplingParams(stop=["😀"], include_stop_str_in_output=True)
+    assert batchllm_output(tokenizer, prompt, output, stop_kept) == ("😀", "😀", 1)
