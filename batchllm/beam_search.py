@@ -184,7 +184,8 @@ class BeamGrammar:
             raise ValueError("BeamSearchParams.structured_outputs needs a tokenizer (skip_tokenizer_init is set)")
         self._grammars, self._key = llm.prompts.grammars, grammar_key(structured_outputs)
         self._bitmask = self._grammars.allocate_bitmask(1)
-        self._not_ending = sorted(set(llm.eos_token_ids) - beam_ending_ids(llm))
+        self._not_ending = sorted(t for t in set(llm.eos_token_ids) - beam_ending_ids(llm)
+                                  if t < self._grammars.vocab_size)
 
     def allowed_next(self, beam: BeamSearchSequence) -> AllowedTokens:
         """The tokens the grammar allows after `beam`'s outputs; none once it has ended (it took its stop token and
