@@ -485,7 +485,9 @@ class CompletionState:
             return self._decode_text(list(token_ids))
         primer_ids, primer_text = self._primer
         text = self._decode_text(primer_ids + list(token_ids))
-        head = primer_text.rstrip("\ufffd")  # (the prompt's text up to a character it cuts)
+        head = primer_text  # the prompt's text, less the U+FFFD of a character it cuts (which the output completes)
+        while not text.startswith(head) and head.endswith("\ufffd"):
+            head = head[:-1]  # (one at a time: the U+FFFD of stray bytes before the cut stay the prompt's)
         if text.startswith(head):
             return text[len(head):]
         return self._decode_text(list(token_ids))  # the prompt's text changed: alone

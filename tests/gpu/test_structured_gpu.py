@@ -68,6 +68,7 @@ def test_masked_and_structured_rows_give_the_cpus_tokens(model_dir):
     assert choice.text in ("yes", "no", "maybe so") and choice.finish_reason == "stop"
     assert regex.finish_reason == "length" or "@" in regex.text
     if schema.finish_reason == "stop":
+        assert schema.text.startswith("{"), [(o.outputs[0].text, o.outputs[0].token_ids) for o in got]
         answer = json.loads(schema.text)
         assert isinstance(answer["score"], int) and len(answer["answer"]) <= 6
     assert set(allowed.token_ids) <= {100, 200, 300, 400}

@@ -187,3 +187,20 @@ def test_a_byte_level_prompt_ending_inside_a_character_stays_out_of_the_text(def
     assert batchllm_output(tokenizer, prompt, output, SamplingParams(stop=["😀"])) == ("", "😀", 1)
     stop_kept = SamplingParams(stop=["😀"], include_stop_str_in_output=True)
     assert batchllm_output(tokenizer, prompt, output, stop_kept) == ("😀", "😀", 1)
+
+
+def test_a_prompt_of_stray_bytes_stays_out_of_the_text(default_model_dir):
+    """A prompt whose last tokens are bytes no character takes (ids 10-139 of a byte-level vocabulary): each is
+    U+FFFD in the prompt's text and stays so with the output after it, so none is the output's (the output's text
+    had begun with the prompt's 24 last U+FFFD); a stray byte before a cut character stays the prompt's too."""
+    from batchllm.inputs import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_dir)
+    stray = list(range(120, 140))
+    assert tokenizer.decode(stray).count("\ufffd") >= len(stray) // 2, "bytes no character takes"
+    words = tokenizer.encode('{"answer": 1}', add_special_tokens=False)
+    assert batchllm_output(tokenizer, stray, words, SamplingParams()) == ('{"answer": 1}', None, len(words))
+    emoji = tokenizer.encode("Hello 😀 world", add_special_tokens=False)  # " \xf0\x9f" cuts the emoji
+    prompt = emoji[:1] + [stray[-1]] + emoji[1:2]
+    assert tokenizer.decode(prompt) == "Hello\ufffd \ufffd"
+    assert batchllm_output(tokenizer, prompt, emoji[2:4], SamplingParams()) == ("😀 world", None, 2)
