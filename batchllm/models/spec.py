@@ -69,9 +69,14 @@ def _attention_bias(cfg: dict, qk_norm: bool = False) -> ArchitectureTraits:
     return ArchitectureTraits(qkv_bias=bias, o_bias=bias, qk_norm=qk_norm)
 
 
+def _llama_traits(cfg: dict) -> ArchitectureTraits:
+    """Llama's, and Mistral's (vLLM's Mistral is its Llama): both bias keys."""
+    return replace(_attention_bias(cfg), mlp_bias=bool(cfg.get("mlp_bias", False)))
+
+
 SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": lambda cfg: replace(_attention_bias(cfg), mlp_bias=bool(cfg.get("mlp_bias", False))),
-    "MistralForCausalLM": lambda cfg: replace(_attention_bias(cfg), mlp_bias=bool(cfg.get("mlp_bias", False))),
+    "LlamaForCausalLM": _llama_traits,
+    "MistralForCausalLM": _llama_traits,
     "Qwen2ForCausalLM": lambda cfg: ArchitectureTraits(qkv_bias=True, o_bias=False),
     "Qwen3ForCausalLM": lambda cfg: _attention_bias(cfg, qk_norm=True),
 }
