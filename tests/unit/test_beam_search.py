@@ -20,8 +20,12 @@ def reference_beam_search(model, prompt: list[int], params: BeamSearchParams,
     return reference_on(next_logprobs, prompt, params, eos)
 
 
-def reference_on(next_logprobs, prompt: list[int], params: BeamSearchParams, eos: int) -> list[tuple[list[int], float]]:
-    """vLLM's steps over any next-token logprobs (`next_logprobs(tokens)`: [vocab])."""
+def reference_on(next_logprobs, prompt: list[int], params: BeamSearchParams, eos: int,
+                 allowed_after=None) -> list[tuple[list[int], float]]:
+    """vLLM's steps over any next-token logprobs (`next_logprobs(tokens)`: [vocab]). With `allowed_after` (the
+    tokens a grammar allows after a beam's outputs), vLLM 0.26's structured search: a beam's candidates are its
+    2 x beam_width most likely tokens and its sampled one (greedy; masked to the allowed tokens where they are at
+    most 1,024), those the grammar allows kept; a beam the grammar lets go no further is complete."""
     def score(entry):  # vLLM's, written out: the length counts the prompt, an ending EOS does not
         tokens, cum = entry
         return cum / ((len(tokens) - (tokens[-1] == eos)) ** params.length_penalty)
@@ -30,10 +34,18 @@ def reference_on(next_logprobs, prompt: list[int], params: BeamSearchParams, eos
     for _ in range(params.max_tokens):
         grown = []
         for tokens, cum in live:
+            allowed = None if allowed_after is None else allowed_after(tokens[len(prompt):])
+            if allowed is not None and not allowed:
+                done.append((tokens, cum))
+                continue
             logprobs = next_logprobs(tokens)
-            top = torch.topk(logprobs, 2 * params.beam_width)
-            for token, logprob in zip(top.indices.tolist(), top.values.tolist()):
-                (done if token == eos and not params.ignore_eos else grown).append((tokens + [token], cum + logprob))
+            top = torch.topk(logprobs, 2 * params.beam_width).indices.tolist()
+            if allowed is not None:
+                sampled = max(allowed, key=lambda t: logprobs[t]) if len(allowed) <= 1024 else int(logprobs.argmax())
+                top = [t for t in dict.fromkeys([sampled, *top]) if t in allowed]
+            for token in top:
+                (done if token == eos and not params.ignore_eos else grown).append(
+                    (tokens + [token], cum + float(logprobs[token])))
         live = sorted(grown, key=score, reverse=True)[:params.beam_width]
     return sorted(done + live, key=score, reverse=True)[:params.beam_width]
 
@@ -80,34 +92,6 @@ def test_beam_search_on_text_ends_beams_at_eos_and_decodes_the_whole_sequence(de
     assert BeamSearchParams(beam_width=2, max_tokens=4, structured_outputs=None).structured_outputs is None
     with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
         default_llm.beam_search("Hi", {"beam_width": 2})
-
-
-def structured_reference(next_logprobs, prompt: list[int], params: BeamSearchParams, eos: int,
-                         allowed_after) -> list[tuple[list[int], float]]:
-    """vLLM 0.26's structured beam search over any next-token logprobs: a beam's candidates are its 2 x beam_width
-    most likely tokens and its sampled one (greedy; masked to the allowed tokens where they are at most 1,024),
-    those the grammar allows kept; a beam the grammar lets go no further (`allowed_after(outputs)` empty) is
-    complete."""
-    def score(entry):
-        tokens, cum = entry
-        return cum / ((len(tokens) - (tokens[-1] == eos)) ** params.length_penalty)
-
-    live, done = [(prompt, 0.0)], []
-    for _ in range(params.max_tokens):
-        grown = []
-        for tokens, cum in live:
-            allowed = allowed_after(tokens[len(prompt):])
-            if not allowed:
-                done.append((tokens, cum))
-                continue
-            logprobs = next_logprobs(tokens)
-            sampled = max(allowed, key=lambda t: logprobs[t]) if len(allowed) <= 1024 else int(logprobs.argmax())
-            top = torch.topk(logprobs, 2 * params.beam_width).indices.tolist()
-            for token in [t for t in dict.fromkeys([sampled, *top]) if t in allowed]:
-                (done if token == eos and not params.ignore_eos else grown).append(
-                    (tokens + [token], cum + float(logprobs[token])))
-        live = sorted(grown, key=score, reverse=True)[:params.beam_width]
-    return sorted(done + live, key=score, reverse=True)[:params.beam_width]
 
 
 @pytest.mark.parametrize(("constraint", "ignore_eos"), [("choice", False), ("choice", True), ("regex", False)])
@@ -157,7 +141,7 @@ def test_structured_beams_are_vllms_kept_to_the_grammar(tiny_model_factory, cons
             return torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), dim=-1)
 
     for prompt, output in zip(prompts, outputs):
-        expected = structured_reference(next_logprobs, prompt, params, eos, allowed_after)
+        expected = reference_on(next_logprobs, prompt, params, eos, allowed_after)
         assert [s.tokens for s in output.sequences] == [tokens for tokens, _ in expected]
         assert [s.cum_logprob for s in output.sequences] == pytest.approx([cum for _, cum in expected], abs=1e-4)
         if constraint == "choice":  # (the tiny model's beams do finish some answers)
