@@ -20,7 +20,11 @@ from tests.helpers import hf_greedy, llama3_rope_divisors, make_tiny_model, toke
 def _greedy(model_dir, prompts, max_tokens, **llm_kwargs):
     llm = LLM(str(model_dir), device="cpu", dtype="float32", **llm_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    try:
+        return [list(o.outputs[0].token_ids)
+                for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    finally:
+        llm.shutdown()
 
 
 def test_only_the_files_the_index_names_are_loaded(tmp_path, default_model_dir):
@@ -527,13 +531,8 @@ def test_bias_keys_mean_what_the_architecture_reads_them_as(tmp_path, name, bias
     nonzero."""
     assert _with_nonzero_biases(name, tmp_path / "m", dict(attention_bias=True, mlp_bias=True)) == biases  # (x layers)
     prompts = [[5, 6, 7, 8, 9], [100, 3, 44]]
-    llm = LLM(str(tmp_path / "m"), device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=16)
-    try:
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                               SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    finally:
-        llm.shutdown()
-    assert [list(o.outputs[0].token_ids) for o in outputs] == hf_greedy(tmp_path / "m", prompts, 8, stop_at_eos=False)
+    assert _greedy(tmp_path / "m", prompts, 8, skip_tokenizer_init=True, num_kv_blocks=16) == hf_greedy(
+        tmp_path / "m", prompts, 8, stop_at_eos=False)
 
 
 def test_mistral_reads_its_bias_keys_as_vllms_does(tmp_path):
@@ -548,10 +547,4 @@ def test_mistral_reads_its_bias_keys_as_vllms_does(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
                                                             "model_type": "mistral"}))
-    llm = LLM(str(tmp_path / "m"), device="cpu", dtype="float32", skip_tokenizer_init=True, num_kv_blocks=16)
-    try:
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                               SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    finally:
-        llm.shutdown()
-    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+    assert _greedy(tmp_path / "m", prompts, 8, skip_tokenizer_init=True, num_kv_blocks=16) == expected
