@@ -199,9 +199,10 @@ def _byte_level_alphabet(tokenizer) -> dict[str, int] | None:
 
 
 @functools.lru_cache(maxsize=1 << 17)
-def _token_text_len(tokenizer, token_id: int, skip_special_tokens: bool) -> int:
-    """Characters one token decodes to on its own (cached: asked once per token of every output)."""
-    return len(tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens))
+def _token_text(tokenizer, token_id: int, skip_special_tokens: bool) -> str:
+    """One token's text on its own (cached: its length is asked once per token of every output, `_stop_window`;
+    whether it ends in U+FFFD once per prompt, `CompletionState._decode_ids`)."""
+    return tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
 
 
 def _without_a_cut_character(token_ids: list[int], decode) -> str:
@@ -217,12 +218,6 @@ def _without_a_cut_character(token_ids: list[int], decode) -> str:
         kept -= 1
         text = decode(token_ids[:kept])
     return text
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _cut_alone(tokenizer, token_id: int, skip_special_tokens: bool) -> bool:
-    """Whether a token's text alone ends in U+FFFD (it may end its prompt inside a character: `_decode_ids`)."""
-    return tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens).endswith("\ufffd")
 
 
 _PRIME_TOKENS = (4, 24)
@@ -439,7 +434,7 @@ class CompletionState:
         it doubles while its text is shorter (tokens of a few bytes, skipped special tokens). A window text
         holding U+FFFD answers true: vLLM's stream may read those bytes otherwise (`_text`)."""
         tokens = self.token_ids
-        need = (_token_text_len(self.tokenizer, tokens[-1], self.params.skip_special_tokens) + self._max_stop_len
+        need = (len(_token_text(self.tokenizer, tokens[-1], self.params.skip_special_tokens)) + self._max_stop_len
                 + _REDECODE_MARGIN + _WINDOW_SLACK)
         window = need
         while window < len(tokens):
@@ -478,8 +473,9 @@ class CompletionState:
         skip = self.params.skip_special_tokens
         if self._primer is False:
             prompt = self._prompt_token_ids
-            wanted = prompt is not None and len(prompt) > 0 and (
-                _alone_drops_a_leading_space(self.tokenizer) or _cut_alone(self.tokenizer, int(prompt[-1]), skip))
+            wanted = prompt is not None and len(prompt) > 0 and (  # (a last token alone ending in U+FFFD may cut)
+                _alone_drops_a_leading_space(self.tokenizer)
+                or _token_text(self.tokenizer, int(prompt[-1]), skip).endswith("\ufffd"))
             self._primer = _prime(prompt, self.tokenizer, skip) if wanted else None
         if self._primer is None or not token_ids:
             return self._decode_text(list(token_ids))
