@@ -262,11 +262,14 @@ def auto_tool_parser(args: argparse.Namespace) -> str | None:
 
 def _tool_call_options(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """`run`'s vLLM tool-calling flags: --enable-auto-tool-choice without --tool-call-parser, or with a parser not
-    served here, is refused (argparse's error, status 2, before anything is written), as vLLM refuses them; a flag
+    served here, is refused (argparse's error, status 2, before anything is written), as vLLM's server refuses them
+    (its run-batch takes the first and answers every "auto" line as text, with no call read: a job's worth of
+    answers nobody asked for); a flag
     that changes nothing here (--tool-parser-plugin; --tool-call-parser without --enable-auto-tool-choice) is noted
     on stderr, one line."""
     if args.enable_auto_tool_choice and not args.tool_call_parser:
-        command.error("--enable-auto-tool-choice requires --tool-call-parser (as vLLM's)")
+        command.error("--enable-auto-tool-choice requires --tool-call-parser (as vLLM's server; without one, vLLM's "
+                      "run-batch would answer every \"auto\" line as text, reading no tool call)")
     if args.enable_auto_tool_choice and args.tool_call_parser not in TOOL_PARSERS:
         command.error(f"--tool-call-parser {args.tool_call_parser!r} is not served here (served: "
                       f"{', '.join(TOOL_PARSERS)}); vLLM's other parsers are not ported")

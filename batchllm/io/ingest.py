@@ -379,6 +379,12 @@ class LineServing(NamedTuple):
     """--reasoning-parser (`io.reasoning.REASONING_PARSERS`): a chat answer's thinking goes to its message's
     `reasoning`; None: the whole answer is its content."""
 
+    @property
+    def parses(self) -> bool:
+        """Whether answers go through a parser (reasoning, or tool calls of "auto" lines), as vLLM's server makes one
+        for every chat request then."""
+        return self.reasoning_parser is not None or self.auto_tool_parser is not None
+
     def serve(self, line: BatchLine) -> None:
         """Serve the line's tool choice, then what the reasoning parser sets (`serve_tool_choice`: ToolChoiceError
         for an "auto" line the job does not serve; `serve_reasoning_parser`). In place; idempotent."""
@@ -537,6 +543,6 @@ def record_for(line: BatchLine, output, names: ResponseShape, tokenizer=None) ->
                                            len(output.prompt_token_ids), top, role=names.role_of(line),
                                            echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer,
                                            reasoning_split=names.reasoning_split(line), asks=line.response_asks,
-                                           tool_call=names.tool_call_of(line))
+                                           tool_call=names.tool_call_of(line), parsers=names.serving.parses)
     return result_record(line.request_id, output, len(output.prompt_token_ids), names.tool_call_of(line),
                          names.reasoning_split(line))

@@ -47,14 +47,15 @@ _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,
                  "parallel_tool_calls": (None, True, False),
                  "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"]),
                  # vLLM's own request fields, as its request models write them (model_dump)
-                 "use_beam_search": (False, None), "priority": (0, None), "include_reasoning": (True, None),
+                 "use_beam_search": (False, None), "priority": (0, None),
                  "truncation_side": (None, "left"), "return_tokens_as_token_ids": (False, None),
                  # (vLLM 0.26's /render endpoints' alone: its generation endpoints ignore them, either value)
                  "return_token_offsets": (False, True, None)}
 _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs": (None, {}),
                       "media_io_kwargs": (None, {}), "return_assistant_tokens_mask": (False, True, None),
                       "return_prompt_text": (False, None)}
-_ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None), "tool_choice": (None, "none")}
+_ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None), "tool_choice": (None, "none"),
+                             "include_reasoning": (True, None)}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
 # verbosity: a hint to OpenAI's own models; cache_salt: vLLM's, which keeps a prefix cache's entries apart)
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
@@ -194,7 +195,8 @@ def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | No
     if messages is not None and _flag(body.get("echo"), "echo"):
         last = text_message(len(messages) - 1, messages[-1])
         echoed = (last.get("role"), last.get("content") or "")
-    asks = ResponseAsks(request_id, return_ids, echoed)
+    include_reasoning = body.get("include_reasoning") is None or _flag(body["include_reasoning"], "include_reasoning")
+    asks = ResponseAsks(request_id, return_ids, echoed, include_reasoning if messages is not None else True)
     return asks if asks != ResponseAsks() else None
 
 
@@ -241,8 +243,8 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
                                                              "request_id", "return_token_ids"}
     only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
     known |= set(only_default)
-    known |= {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "documents", *CHAT_TEMPLATE_FIELDS
-              } if chat else set()
+    known |= {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "documents", "include_reasoning",
+              *CHAT_TEMPLATE_FIELDS} if chat else set()
     unknown = sorted(name for name in set(body) - known if body[name] is not None)
     if unknown:
         guided = next((name for name in unknown if name.startswith("guided_")), None)
@@ -265,6 +267,7 @@ def _chat_prompt(body: dict, overrides: dict) -> tuple[list, Any]:
         from batchllm.inputs import messages_problem  # (LLM.chat's words; inputs is heavy to import)
 
         raise BodyError(messages_problem(messages))
+    messages = [_reasoning_renamed(message) for message in messages]
     for j, message in enumerate(messages):
         text_message(j, message)
     # max_completion_tokens is OpenAI's newer name; given both (JSON writers emit null for the one not
@@ -280,6 +283,20 @@ def _chat_prompt(body: dict, overrides: dict) -> tuple[list, Any]:
     elif body.get("top_logprobs"):
         raise BodyError("top_logprobs needs logprobs: true")
     return messages, completion if completion is not None else body.get("max_tokens")
+
+
+def _reasoning_renamed(message: Any) -> Any:
+    """A Batch line's message with its `reasoning_content` (the field's older name, in DeepSeek's, Qwen's and older
+    vLLM's histories) as `reasoning`, where it gives no `reasoning` of its own, as vLLM 0.26's chat request model
+    renames it before the template sees it (`_normalize_messages_before`); dropped, a Qwen3 or DeepSeek template
+    rendered the turn without its `<think>` text. `LLM.chat` and plain lines keep vLLM's `LLM.chat`, which reads
+    only `reasoning`."""
+    if not isinstance(message, dict) or "reasoning_content" not in message:
+        return message
+    renamed = {k: v for k, v in message.items() if k != "reasoning_content"}
+    if message["reasoning_content"] is not None and renamed.get("reasoning") is None:
+        renamed["reasoning"] = message["reasoning_content"]
+    return renamed
 
 
 def _completions_prompt(body: dict, overrides: dict) -> tuple[str | list[int], Any]:
@@ -620,6 +637,10 @@ class ResponseAsks(NamedTuple):
     echoed_message: tuple[str, str] | None = None
     """A chat body's `echo`: its last message's (role, text), which starts each answer whose role is that one (the
     answer continues that message: vLLM's echo)."""
+    include_reasoning: bool = True
+    """A chat body's vLLM `include_reasoning`: false, under a job with a reasoning or tool-call parser, writes its
+    answers without their `reasoning`, `logprobs` and `token_ids` (vLLM 0.26's server suppresses all three then;
+    the content stays the parser's); without a parser it changes nothing, as in vLLM."""
 
 
 _VLLM_BODY_NULLS = {"service_tier": None, "system_fingerprint": None}
@@ -630,7 +651,7 @@ _VLLM_BODY_TAIL = {"kv_transfer_params": None, "ec_transfer_params": None, "metr
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
                    top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
                    tokenizer=None, reasoning_split=None, asks: ResponseAsks | None = None,
-                   tool_call: ForcedToolCall | AutoToolChoice | None = None) -> dict[str, Any]:
+                   tool_call: ForcedToolCall | AutoToolChoice | None = None, parsers: bool = False) -> dict[str, Any]:
     """A 200 response line, its body with the keys vLLM's run-batch writes (null where nothing is said).
     `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its entries, in their order:
     the sampled token's, then those logprob_token_ids named); `role` is a chat answer's (vLLM's --response-role);
@@ -638,8 +659,10 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
     logprobs) the tokenizer names; `reasoning_split` (text -> (reasoning, content): vLLM's --reasoning-parser)
     gives a chat message its `reasoning`; `asks`: the body's `request_id`, `return_token_ids` and a chat's `echo`
     (`ResponseAsks`); `tool_call`: a chat line's forced call or served "auto" choice, whose answers are read as the
-    messages' tool calls (`tool_calls.message_calls`; `finish_reason` as vLLM's). Each choice
-    carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
+    messages' tool calls (`tool_calls.message_calls`; `finish_reason` as vLLM's); `parsers`: whether the job runs a
+    reasoning or tool-call parser (under one, a chat body's include_reasoning false drops the reasoning, logprobs
+    and token ids: `ResponseAsks.include_reasoning`). Each choice carries vLLM's `stop_reason` (the stop string or
+    token id that ended it, else null)."""
     asks = asks or ResponseAsks()
     line_id, request_id = _ids()
     completion_tokens = output.num_output_tokens
@@ -651,12 +674,17 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
             "model": model}
     prompt_ids = [int(t) for t in output.prompt_token_ids] if asks.return_token_ids else None  # (numpy in run's)
     if url == CHAT_URL:
+        suppressed = parsers and not asks.include_reasoning
         choices = []
         for c in output.outputs:
             message = _chat_message(role, c.text, reasoning_split, asks.echoed_message, tool_call)
-            choices.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(c, top_logprobs),
+            if suppressed:
+                message["reasoning"] = None
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": None if suppressed else _chat_logprobs(c, top_logprobs),
                             "finish_reason": finish_reason_of(c.finish_reason, tool_call, "tool_calls" in message),
-                            "stop_reason": c.stop_reason, "token_ids": _token_ids(c, asks), "routed_experts": None})
+                            "stop_reason": c.stop_reason, "token_ids": None if suppressed else _token_ids(c, asks),
+                            "routed_experts": None})
         body = {"id": f"chatcmpl-{_or_random(asks.request_id)}", **head, "choices": choices,
                 **_VLLM_BODY_NULLS, "usage": usage, "prompt_logprobs": _prompt_logprobs(output),
                 "prompt_token_ids": prompt_ids, "prompt_text": None, **_VLLM_BODY_TAIL}

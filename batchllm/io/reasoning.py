@@ -50,11 +50,16 @@ engine adapter (ParserEngine.adjust_request), which its server calls on each cha
 parser is set (tool_choice and tools aside); deepseek_r1's adjust_request changes nothing."""
 
 
+NEEDS_THINK_TOKENS = ("deepseek_r1",)
+"""Parsers that refuse a tokenizer without `<think>` and `</think>` tokens, as vLLM 0.26's BaseThinkingReasoningParser
+does (deepseek_r1); its qwen3 (a parser engine) looks the tokens up without requiring them and splits the text, so a
+model that writes `<think>` in several tokens is served."""
+
+
 def check_tokenizer(name: str | None, vocab: dict[str, int]) -> None:
-    """ValueError where parser `name` needs tokens the tokenizer's `vocab` lacks: both parsers their `<think>` and
-    `</think>`, as vLLM's (BaseThinkingReasoningParser) refuse to start without them (every answer would be taken
-    for thinking)."""
-    if name in REASONING_PARSERS and (missing := [t for t in (THINK_START, THINK_END) if t not in vocab]):
+    """ValueError where parser `name` needs tokens the tokenizer's `vocab` lacks (`NEEDS_THINK_TOKENS`): its
+    `<think>` and `</think>`, as vLLM's refuses to start without them (every answer would be taken for thinking)."""
+    if name in NEEDS_THINK_TOKENS and (missing := [t for t in (THINK_START, THINK_END) if t not in vocab]):
         raise ValueError(f"--reasoning-parser {name}: the tokenizer has no {' or '.join(missing)} token (as "
                          "vLLM, the parser needs both); this model does not think in <think> blocks")
 

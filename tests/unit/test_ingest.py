@@ -414,6 +414,32 @@ def test_chat_template_kwargs_reach_the_template_in_both_formats(monkeypatch):
                         "line 6: body field(s) not supported: chat_template_kwargs"], problems
 
 
+def test_a_batch_lines_reasoning_content_reaches_the_template_as_vllms_request_model_renames_it(monkeypatch):
+    """An assistant turn's reasoning_content (DeepSeek's, Qwen's and older vLLM's name) in a Batch line was dropped,
+    so a Qwen3-style template rendered the turn without its <think>; vLLM 0.26's chat request model renames it to
+    reasoning (a reasoning of the message's own wins). A plain line keeps vLLM's LLM.chat: reasoning only."""
+    tokenizer = processor().tokenizer
+    template = ("{% for m in messages %}{% if m.reasoning %}<think>{{ m.reasoning }}|{{ m.reasoning_content }}"
+                "</think>{% endif %}{{ m['content'] }};{% endfor %}")
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+
+    def chat(**assistant):
+        return [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A", **assistant},
+                {"role": "user", "content": "again"}]
+
+    lines = [{"custom_id": "old-name", "url": "/v1/chat/completions",
+              "body": {"messages": chat(reasoning_content="R")}},
+             {"custom_id": "both", "url": "/v1/chat/completions",
+              "body": {"messages": chat(reasoning="own", reasoning_content="R")}},
+             {"custom_id": "null-new", "url": "/v1/chat/completions",
+              "body": {"messages": chat(reasoning=None, reasoning_content="R")}},
+             {"id": "plain", "messages": chat(reasoning_content="R")}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    texts = {v.line.request_id: tokenizer.decode(v.prompt.array.tolist()) for v in result.valid}
+    assert texts == {"old-name": "Hi;<think>R|R</think>A;again;", "both": "Hi;<think>own|own</think>A;again;",
+                     "null-new": "Hi;<think>R|R</think>A;again;", "plain": "Hi;A;again;"}, texts
+
+
 def test_the_generation_prompt_and_the_final_message_are_the_lines_to_choose(monkeypatch):
     """As vLLM: chat_template_kwargs go over add_generation_prompt ({"add_generation_prompt": false} failed
     with "got multiple values for keyword argument"), and an OpenAI chat body may set vLLM's

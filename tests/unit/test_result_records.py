@@ -4,6 +4,8 @@ says what ended it (vLLM's stop_reason)."""
 
 from __future__ import annotations
 
+import pytest
+
 from batchllm.io.ingest import LineServing
 from batchllm.io.jsonl import result_record
 from batchllm.io.openai_batch import CHAT_URL, success_record
@@ -139,6 +141,37 @@ def test_a_chat_answers_reasoning_goes_to_its_message_and_structured_output_stay
     structured = {**chat, "response_format": {"type": "json_object"}}
     assert message(structured)["content"] == "<think>hm</think>Paris"
     assert message({"prompt": "Capital?"}, url="/v1/completions")["text"] == "<think>hm</think>Paris"
+
+
+def test_include_reasoning_false_drops_the_reasoning_and_metadata_under_a_parser_as_vllms_server():
+    """vLLM's include_reasoning false failed its line; vLLM 0.26's server, where a reasoning or tool-call parser
+    runs, answers with the parser's content and no reasoning, logprobs or token ids, and without a parser changes
+    nothing."""
+    import json
+
+    from batchllm.io.ingest import ResponseShape, record_for
+    from batchllm.io.jsonl import parse_line
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    def choice(body: dict, **serving) -> dict:
+        line = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": body}).encode(), 1)
+        logprobs = [{5: Logprob(-0.5, rank=1, decoded_token="x")}]
+        output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>hm</think>Paris", [5], -0.5, logprobs,
+                                                                "stop")])
+        return record_for(line, output, ResponseShape("m", serving=LineServing(**serving)))["response"]["body"][
+            "choices"][0]
+
+    chat = {"messages": [{"role": "user", "content": "Capital?"}], "logprobs": True, "return_token_ids": True}
+    for serving in ({"reasoning_parser": "qwen3"}, {"auto_tool_parser": "hermes"}):
+        shown, hidden = choice(chat, **serving), choice({**chat, "include_reasoning": "false"}, **serving)
+        assert shown["logprobs"] is not None and shown["token_ids"] == [5], serving
+        assert (hidden["message"]["reasoning"], hidden["logprobs"], hidden["token_ids"]) == (None, None, None)
+        assert hidden["message"]["content"] == shown["message"]["content"], serving
+    assert choice(chat, reasoning_parser="qwen3")["message"]["reasoning"] == "hm"
+    unparsed = choice({**chat, "include_reasoning": False})
+    assert unparsed["logprobs"] is not None and unparsed["token_ids"] == [5], "no parser: nothing changes"
+    with pytest.raises(BodyError, match="'include_reasoning' must be true or false"):
+        body_to_request(CHAT_URL, {**chat, "include_reasoning": "maybe"})
 
 
 def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():

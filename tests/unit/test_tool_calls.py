@@ -553,5 +553,7 @@ def test_plan_reads_auto_lines_as_run_serves_them(tmp_path, capsys):
     assert code == 0 and (served["num_requests"], served["num_lines_failed"]) == (2, 0)
     code, _, err = plan("--enable-auto-tool-choice", "--tool-call-parser", "llama3_json")  # (no <|python_tag|>)
     assert code == 2 and "the tokenizer has no <|python_tag|> token" in err
-    code, _, err = plan("--reasoning-parser", "qwen3")  # (nor <think>)
+    code, _, err = plan("--reasoning-parser", "deepseek_r1")  # (nor <think>)
     assert code == 2 and "the tokenizer has no <think> or </think> token" in err
+    code, served, _ = plan("--reasoning-parser", "qwen3")  # (vLLM's qwen3 splits the text: it needs no token)
+    assert code == 1 and (served["num_requests"], served["num_lines_failed"]) == (1, 1)
