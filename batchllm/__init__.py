@@ -37,7 +37,7 @@ def __getattr__(name: str):
         from batchllm.llm_engine import LLMEngine
 
         return LLMEngine
-    if name in ("TextPrompt", "TokensPrompt"):  # (batchllm.inputs imports the tokenizer's side: lazily too)
+    if name in ("TextPrompt", "TokensPrompt", "PromptType"):  # (batchllm.inputs imports the tokenizer: lazily)
         from batchllm import inputs
 
         return getattr(inputs, name)
@@ -45,9 +45,9 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "LLM", "EngineArgs", "LLMEngine", "TextPrompt", "TokensPrompt"})
+    return sorted({*globals(), "LLM", "EngineArgs", "LLMEngine", "TextPrompt", "TokensPrompt", "PromptType"})
 
 
 __all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt",
-           "TokensPrompt"]
+           "TokensPrompt", "PromptType"]
 __version__ = "0.1.0"

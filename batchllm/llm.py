@@ -583,7 +583,8 @@ class LLM:
         self._abort_leftovers()
         if self._reset_pending:  # (asked while a suspended call's requests were in the engine)
             self.reset_prefix_cache()
-        progress = TokenProgress(progress_desc, use_tqdm)  # (before the requests: a bar that fails leaves none)
+        progress = TokenProgress(progress_desc, use_tqdm, prompts=len(prompts))  # (before the requests: a bar that
+        # fails leaves none)
         call = _Call(next(self._request_counter), progress=progress)
         try:
             with _quiet_gc():  # (as in `_validate`: the requests of a large batch)

@@ -48,9 +48,10 @@ def draws_in_place(stream: TextIO) -> bool:
 
 class TokenProgress:
     def __init__(self, desc: str, enabled: bool | Callable[..., Any], min_interval_s: float = 0.2,
-                 log_interval_s: float = LOG_INTERVAL_S) -> None:
+                 log_interval_s: float = LOG_INTERVAL_S, prompts: int = 0) -> None:
         """enabled: vLLM's use_tqdm: a bar or none, or a callable that makes the bar (`functools.partial(tqdm,
-        leave=False)`), called with the keywords vLLM calls it with (total, desc, dynamic_ncols, postfix): one
+        leave=False)`), called with the keywords vLLM calls it with (total: the call's `prompts`, desc,
+        dynamic_ncols, postfix; a factory that reads its total when called got 0): one
         written for vLLM takes no others; as vLLM's, that bar counts prompts (done of submitted) under vLLM's
         postfix of token rates. A bar of its own (enabled True) on a stderr that does not draw in place
         (`draws_in_place`) is no bar: `bar` is None and each update at least `log_interval_s` after the last line
@@ -62,7 +63,7 @@ class TokenProgress:
         self.bar = None
         self.started = time.perf_counter()
         if self.counts_prompts:
-            self.bar = enabled(total=0, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
+            self.bar = enabled(total=prompts, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
                                                                               "output: 0.00 toks/s")
         elif self.enabled and not draws_in_place(sys.stderr):
             min_interval_s = log_interval_s

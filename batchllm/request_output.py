@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 
 @dataclass
@@ -23,13 +23,18 @@ class Logprob:
 
 @dataclass
 class CompletionOutput:
+    """vLLM 0.26's CompletionOutput: its fields, in its order (code that builds outputs positionally, a mock or a
+    cache of results, reads as with vLLM's)."""
+
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None
-    """'stop' or 'length' (or 'abort'; 'error', vLLM's for a request that failed: see `error`)."""
+    routed_experts: None = None
+    """vLLM's field for MoE routing records: always None (not recorded here)."""
+    finish_reason: str | None = None
+    """'stop' or 'length' (or 'abort'; 'error', vLLM's for a request that failed: see `error`); None: unfinished."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended generation; None for EOS or length."""
     lora_request: None = None
@@ -45,27 +50,38 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """vLLM 0.26's RequestOutput: its fields, in its order (request_id, prompt, prompt_token_ids, prompt_logprobs,
+    outputs, finished, metrics, lora_request, encoder_prompt, encoder_prompt_token_ids, num_cached_tokens,
+    num_cache_creation_tokens; then, by keyword only, kv_transfer_params and ec_transfer_params), so code that
+    builds one positionally reads as with vLLM's; `outputs` before `prompt_logprobs` had put a mock's completions
+    in its prompt logprobs."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    finished: bool = True
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     """With SamplingParams.prompt_logprobs = k (vLLM's shape): None for the first prompt token, then
     per prompt token {token_id: Logprob} holding that token (its rank in the distribution) and the
     top k (ranks 1..k); None when not asked for."""
-    num_cached_tokens: int | None = None
-    """Prompt tokens whose KV was read from a shared prefix instead of computed for this request, as vLLM's
-    prefix-cache hits: a shared prefix is charged to the first request of the call that reads it (0 there)
-    and counted here for the others; 0 without sharing. So over a call of n = 1 prompts, the sum of
-    len(prompt_token_ids) - num_cached_tokens is the prefill computed. With n > 1 the first completion's."""
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
     metrics: None = None
     """vLLM's per-request timing (None there too unless stats are logged): None; `LLM.last_stats` has the call's."""
     lora_request: None = None
     encoder_prompt: None = None
     encoder_prompt_token_ids: None = None
+    """vLLM's fields for what is not supported here (LoRA, encoder-decoder models): always None."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV was read from a shared prefix instead of computed for this request, as vLLM's
+    prefix-cache hits: a shared prefix is charged to the first request of the call that reads it (0 there)
+    and counted here for the others; 0 without sharing. So over a call of n = 1 prompts, the sum of
+    len(prompt_token_ids) - num_cached_tokens is the prefill computed. With n > 1 the first completion's."""
+    num_cache_creation_tokens: int | None = None
+    """vLLM's count of prompt tokens written to its prefix cache: None (not counted here)."""
+    _: KW_ONLY
     kv_transfer_params: None = None
-    """vLLM's fields for what is not supported here (LoRA, encoder-decoder models, KV transfer): always None."""
+    ec_transfer_params: None = None
+    """vLLM's fields for KV and encoder-cache transfer (not supported here): always None."""
 
     @property
     def num_output_tokens(self) -> int:

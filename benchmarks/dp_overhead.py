@@ -65,8 +65,8 @@ class _NoModelLLM:
         tail_done = time.perf_counter()
         for local, prompt in enumerate(call.prompts):
             tokens = list(range(1000, 1000 + self.output_tokens))
-            yield local, RequestOutput(f"{call.call_id}-{local}", prompt.text, prompt.token_ids,
-                                       [CompletionOutput(0, "", tokens, None, None, "length")])
+            yield local, RequestOutput(f"{call.call_id}-{local}", prompt.text, prompt.token_ids, None,
+                                       [CompletionOutput(0, "", tokens, None, None, finish_reason="length")])
         sent = time.perf_counter()
         timings = {"held": held, "planned": planned, "tail_done": tail_done, "sent": sent, "first_send": tail_done}
         Path(os.environ[_TIMINGS], f"rank{self.rank}.json").write_text(json.dumps(timings))

@@ -375,7 +375,7 @@ class _JobProgress:
     prompt giving back the budget it did not use."""
 
     def __init__(self, desc: str, enabled: bool | Callable[..., Any], budgets: list[int], prompt_tokens: int) -> None:
-        self.bar = TokenProgress(desc, enabled)
+        self.bar = TokenProgress(desc, enabled, prompts=len(budgets))
         self.budgets = budgets
         self.planned = prompt_tokens + sum(budgets)
         self.input_tokens = self.output_tokens = self.done = 0

@@ -18,7 +18,7 @@ from tests.helpers import within
 
 
 def _output() -> RequestOutput:
-    return RequestOutput("x", None, None, [CompletionOutput(0, "", [1], None, None, "length")])
+    return RequestOutput("x", None, None, None, [CompletionOutput(0, "", [1], None, None, finish_reason="length")])
 
 
 def stand_in_worker(rank, size, config, conn) -> None:

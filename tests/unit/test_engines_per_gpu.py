@@ -282,7 +282,7 @@ class _SlowLLM:
 
         def output(local):
             return local, RequestOutput(f"r{local}", None, prompts[local].token_ids,
-                                        [CompletionOutput(0, "", [1], None, None, "length")])
+                                        outputs=[CompletionOutput(0, "", [1], None, None, finish_reason="length")])
 
         given = 0
         try:

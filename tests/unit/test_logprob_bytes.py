@@ -37,8 +37,8 @@ def record_for(tokenizer, url: str, top: int):
         entry.update({t: Logprob(-1.0 - r, r + 2) for r, t in enumerate(others)})
         entries.append(entry)
     _decode_entries(entries, tokenizer)
-    choice = CompletionOutput(0, tokenizer.decode(ids), ids, -0.1 * len(ids), entries, "length")
-    output = RequestOutput("r", None, [1, 2, 3], [choice])
+    choice = CompletionOutput(0, tokenizer.decode(ids), ids, -0.1 * len(ids), entries, finish_reason="length")
+    output = RequestOutput("r", None, [1, 2, 3], None, [choice])
     record = json.loads(json.dumps(success_record("c", url, "m", output, 3, top)))
     return ids, record["response"]["body"]["choices"][0]["logprobs"]
 
@@ -98,8 +98,8 @@ def test_completion_offsets_follow_the_text_a_decoder_strips():
     tokenizer = SentencePieceLike()
     entries = [{2: Logprob(-0.1, 1)}, {3: Logprob(-0.2, 1)}]
     _decode_entries(entries, tokenizer)
-    choice = CompletionOutput(0, tokenizer.decode([2, 3]), [2, 3], -0.3, entries, "length")
-    output = RequestOutput("r", None, [1, 2, 3], [choice])
+    choice = CompletionOutput(0, tokenizer.decode([2, 3]), [2, 3], -0.3, entries, finish_reason="length")
+    output = RequestOutput("r", None, [1, 2, 3], None, [choice])
     logprobs = success_record("c", "/v1/completions", "m", output, 3, 1)["response"]["body"]["choices"][0]["logprobs"]
     assert choice.text == "the cat" and logprobs["text_offset"] == [0, 3]
     assert logprobs["tokens"] == [" the", " cat"], "a token's name is its bytes' text, as OpenAI's"

@@ -128,14 +128,16 @@ def test_use_tqdm_may_be_the_bar_maker(default_llm):
 
     from batchllm import SamplingParams
 
-    made = []
+    made, totals = [], []
 
     def make_bar(**kwargs):
+        totals.append(kwargs["total"])
         made.append(tqdm(**kwargs, leave=False))
         return made[-1]
 
     outputs = default_llm.generate(["Hi", "Hello"], SamplingParams(temperature=0, max_tokens=2), use_tqdm=make_bar)
     assert len(outputs) == 2 and len(made) == 1
+    assert totals == [2], "made with the call's prompt count as its total, as vLLM makes it (it was 0)"
     assert made[0].n == made[0].total == 2, (
         "the bar the callable made is the one that moved, to its end, counting prompts as vLLM's does (it counted "
         "tokens under vLLM's label 'Processed prompts')")

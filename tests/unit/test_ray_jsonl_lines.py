@@ -75,7 +75,7 @@ def test_a_records_lone_surrogate_is_escaped_under_ray_as_without_it():
     line = {"id": 1, "messages": [{"role": "user", "content": "Hi"}], "tools": tools, "tool_choice": "auto"}
     row = {RAW: json.dumps(line).encode(), LINE: 1, DUPLICATE: None}
     answer = '<tool_call>{"name": "echo", "arguments": {"s": "\\ud800"}}</tool_call>'
-    output = RequestOutput("1", "p", [1, 2], [CompletionOutput(0, answer, [5], -1.0, None, "stop")])
+    output = RequestOutput("1", "p", [1, 2], None, [CompletionOutput(0, answer, [5], -1.0, None, finish_reason="stop")])
     names = ResponseShape("m", serving=LineServing(auto_tool_parser="hermes"))
     text = _CliRecords(names, "plain")(row, output, None)["record"]
     pa.array([text])  # (raised UnicodeEncodeError: "surrogates not allowed")

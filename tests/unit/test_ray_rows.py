@@ -304,7 +304,8 @@ def test_the_cli_records_split_reasoning_under_the_jobs_template_keywords():
     raw = json.dumps({"custom_id": "c", "url": "/v1/chat/completions",
                       "body": {"messages": [{"role": "user", "content": "Hi"}]}}).encode()
     row = {RAW: raw, LINE: 1, DUPLICATE: False}
-    output = RequestOutput("r", "p", [1], [CompletionOutput(0, "a</think>b", [5], -1.0, None, "stop")])
+    output = RequestOutput("r", "p", [1], None,
+                           [CompletionOutput(0, "a</think>b", [5], -1.0, None, finish_reason="stop")])
     for defaults, reasoning, content in ((None, "a", "b"), ({"enable_thinking": False}, None, "a</think>b")):
         names = ResponseShape("m", serving=LineServing(defaults, reasoning_parser="qwen3"))
         records = _CliRecords(names, "openai").with_tokenizer(None)

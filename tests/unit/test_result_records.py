@@ -15,9 +15,10 @@ from batchllm.request_output import CompletionOutput, Logprob, RequestOutput
 def two_samples() -> RequestOutput:
     def completion(index, tokens, stop_reason):
         logprobs = [{t: Logprob(-0.5 - index, rank=1, decoded_token=f"t{t}")} for t in tokens]
-        return CompletionOutput(index, f"text {index}", tokens, -1.0, logprobs, "stop", stop_reason)
+        return CompletionOutput(index, f"text {index}", tokens, -1.0, logprobs, finish_reason="stop",
+                                stop_reason=stop_reason)
 
-    return RequestOutput("r", "p", [1, 2], [completion(0, [5, 6], "."), completion(1, [7, 8, 9], 9)])
+    return RequestOutput("r", "p", [1, 2], None, [completion(0, [5, 6], "."), completion(1, [7, 8, 9], 9)])
 
 
 def test_every_sample_of_a_plain_line_keeps_its_logprobs():
@@ -44,7 +45,8 @@ def test_a_positions_logprobs_start_with_the_chosen_token_as_in_vllm():
 
     below = logprob_entry(502, TokenLogprobs(-4.0, 14, [28, 281], [-0.5, -1.0]))
     assert list(below) == [502, 28, 281] and next(iter(below.values())).rank == 14
-    output = RequestOutput("r", "p", [1], [CompletionOutput(0, "x", [502], -4.0, [below], "length")])
+    output = RequestOutput("r", "p", [1], None,
+                           [CompletionOutput(0, "x", [502], -4.0, [below], finish_reason="length")])
     top = result_record("a", output, prompt_tokens=1)["logprobs"][0]["top"]
     assert [e["rank"] for e in top] == [1, 2, 14], "a plain record's list stays in rank order"
     among = logprob_entry(281, TokenLogprobs(-1.0, 2, [28, 281], [-0.5, -1.0]))
@@ -126,7 +128,8 @@ def test_a_chat_answers_reasoning_goes_to_its_message_and_structured_output_stay
 
     def message(body: dict, parser: str | None = "qwen3", url: str = CHAT_URL) -> dict:
         line = parse_line(json.dumps({"custom_id": "c", "url": url, "body": body}).encode(), 1)
-        output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>hm</think>Paris", [5], -1.0, None, "stop")])
+        output = RequestOutput("r", "p", [1], None, [CompletionOutput(0, "<think>hm</think>Paris", [5], -1.0, None,
+                                                                        finish_reason="stop")])
         names = ResponseShape("m", serving=LineServing(reasoning_parser=parser))
         choice = record_for(line, output, names)["response"]["body"]["choices"][0]
         return choice.get("message", choice)
@@ -156,8 +159,8 @@ def test_include_reasoning_false_drops_the_reasoning_and_metadata_under_a_parser
     def choice(body: dict, **serving) -> dict:
         line = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": body}).encode(), 1)
         logprobs = [{5: Logprob(-0.5, rank=1, decoded_token="x")}]
-        output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>hm</think>Paris", [5], -0.5, logprobs,
-                                                                "stop")])
+        output = RequestOutput("r", "p", [1], None, [CompletionOutput(0, "<think>hm</think>Paris", [5], -0.5, logprobs,
+                                                                      finish_reason="stop")])
         return record_for(line, output, ResponseShape("m", serving=LineServing(**serving)))["response"]["body"][
             "choices"][0]
 
@@ -230,7 +233,8 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     assert body(CHAT_URL, {"messages": hello[:1], "echo": True})["choices"][0]["message"]["content"] == "text 0"
     thinking = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
         "messages": hello[:1], "echo": True}}).encode(), 1)
-    output = RequestOutput("r", "p", [1], [CompletionOutput(0, "<think>still", [5], -1.0, None, "length")])
+    output = RequestOutput("r", "p", [1], None,
+                           [CompletionOutput(0, "<think>still", [5], -1.0, None, finish_reason="length")])
     names = ResponseShape("m", serving=LineServing(reasoning_parser="qwen3"))
     message = record_for(thinking, output, names)["response"]["body"]["choices"][0]["message"]
     assert (message["reasoning"], message["content"]) == ("still", ""), "echo writes text, even none (vLLM's)"
@@ -245,7 +249,8 @@ def test_an_openai_line_asking_minus_one_logprobs_gets_every_entry():
     from batchllm.io.jsonl import parse_line
 
     entries = {t: Logprob(-0.1 * t, rank=t + 1, decoded_token=f"t{t}") for t in range(30)}
-    output = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "t0t0", [0, 0], -0.0, [entries, entries], "length")])
+    output = RequestOutput("r", "p", [1, 2], None, [CompletionOutput(0, "t0t0", [0, 0], -0.0, [entries, entries],
+                                                               finish_reason="length")])
 
     def record(line: dict) -> dict:
         parsed = parse_line(json.dumps(line).encode(), 1)

@@ -193,8 +193,9 @@ def test_a_completions_body_takes_no_forced_tool_choice():
 
 
 def output(*texts_and_reasons) -> RequestOutput:
-    return RequestOutput("r", "p", [1, 2, 3], [CompletionOutput(i, text, [5] * (i + 1), -1.0, None, reason)
-                                               for i, (text, reason) in enumerate(texts_and_reasons)])
+    return RequestOutput("r", "p", [1, 2, 3], None, [
+        CompletionOutput(i, text, [5] * (i + 1), -1.0, None, finish_reason=reason)
+        for i, (text, reason) in enumerate(texts_and_reasons)])
 
 
 def test_a_named_calls_record_is_vllms_message_with_the_generated_arguments():

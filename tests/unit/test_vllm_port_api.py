@@ -423,6 +423,37 @@ def test_vllms_engine_module_paths_give_the_same_classes():
     assert (args.max_model_len, args.enable_prefix_caching) == (512, False)
 
 
+def test_outputs_built_positionally_as_vllms_and_its_logprobs_module_and_prompt_type_port():
+    """Code written for vLLM 0.26 that builds outputs itself (a mock, results rebuilt from a cache) passes
+    RequestOutput's arguments in vLLM's order, prompt_logprobs before outputs: here the completions landed in
+    prompt_logprobs and `outputs` was None. CompletionOutput's finish_reason was required and its routed_experts,
+    RequestOutput's num_cache_creation_tokens and ec_transfer_params unknown; `vllm.logprobs` and
+    `vllm.PromptType` had no counterpart."""
+    import batchllm
+    from batchllm import CompletionOutput, RequestOutput
+    from batchllm.logprobs import Logprob, PromptLogprobs, SampleLogprobs
+
+    completion = CompletionOutput(0, "Paris", [5], -0.25, [{5: Logprob(-0.25, 1, "Paris")}])
+    assert (completion.routed_experts, completion.finish_reason, completion.finished()) == (None, None, False)
+    done = CompletionOutput(0, "Paris", [5], -0.25, None, None, "stop", ".")
+    assert (done.finish_reason, done.stop_reason) == ("stop", ".")
+    prompt_logprobs: PromptLogprobs = [None, {7: Logprob(-1.0, 2, "x")}]
+    output = RequestOutput("0", "p", [6, 7], prompt_logprobs, [completion], False, None, None, None, None, 3, 0,
+                           kv_transfer_params=None, ec_transfer_params=None)
+    assert output.outputs == [completion] and output.prompt_logprobs is prompt_logprobs
+    assert (output.finished, output.num_cached_tokens, output.num_cache_creation_tokens) == (False, 3, 0)
+    with pytest.raises(TypeError):
+        RequestOutput("0", "p", [6, 7], None, [completion], True, None, None, None, None, 3, 0, None)  # (keyword only)
+    sample: SampleLogprobs = completion.logprobs
+    assert Logprob is batchllm.Logprob and sample[0][5].decoded_token == "Paris"
+    assert [f.name for f in dataclasses.fields(CompletionOutput)] == [
+        "index", "text", "token_ids", "cumulative_logprob", "logprobs", "routed_experts", "finish_reason",
+        "stop_reason", "lora_request"]
+    from batchllm.inputs import PromptType
+
+    assert batchllm.PromptType is PromptType and "PromptType" in batchllm.__all__
+
+
 def test_vllms_step_engine_is_refused_by_name_and_a_second_call_finds_the_first_ones_kv(tiny_model_factory):
     """`from vllm import LLMEngine; LLMEngine.from_engine_args(...)` was an ImportError here, then a bare
     AttributeError: it now says the step API is not offered and what to call. vLLM's prefix-caching examples warm
