@@ -402,7 +402,9 @@ class LLM:
                       chat_template_kwargs: dict | None, mm_processor_kwargs) -> list[str]:
         """`chat`'s conversations rendered by the chat template, checked as vLLM checks `chat`'s arguments. The
         explicit add_generation_prompt, continue_final_message and tools (where not None) win over the same keys
-        of chat_template_kwargs, as vLLM merges them (`merge_kwargs(chat_template_kwargs, explicit)`)."""
+        of chat_template_kwargs, as vLLM merges them (`merge_kwargs(chat_template_kwargs, explicit)`); so does
+        chat_template, and without it the kwargs' chat_template is the template (as vLLM's
+        `get_apply_chat_template_kwargs`: it was refused)."""
         _refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs or None,
                             chat_template_content_format=None if content_format in CONTENT_FORMATS
                             else content_format)
@@ -410,12 +412,18 @@ class LLM:
                     "tools": tools}
         chat_template_kwargs = {**(chat_template_kwargs or {}),
                                 **{key: value for key, value in explicit.items() if value is not None}}
+        if (kwargs_template := chat_template_kwargs.pop("chat_template", None)) is not None and chat_template is None:
+            chat_template = kwargs_template
         if isinstance(messages, (str, bytes, dict)):  # (iterated, a text's characters became conversations)
             raise ValueError(f"chat takes a conversation or a list of conversations: {not_a_conversation(messages)}")
         if not isinstance(messages, (list, tuple)):  # a generator: of conversations, or of one's messages
             messages = list(messages)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        template = None if chat_template is None else read_chat_template(chat_template)
+        named = getattr(self.prompts.tokenizer, "chat_template", None)
+        if chat_template is None or (isinstance(named, dict) and chat_template in named):
+            template = chat_template  # (a name of the tokenizer's own templates, "tool_use": as vLLM resolves it)
+        else:
+            template = read_chat_template(chat_template)
         return [self.prompts.apply_chat_template(conv, i, add_generation_prompt, chat_template_kwargs, template,
                                                  content_format)
                 for i, conv in enumerate(conversations)]

@@ -100,16 +100,14 @@ def template_kwargs(value: Any) -> dict[str, Any] | None:
     return value or None
 
 
-NOT_TEMPLATE_KEYWORDS = ("chat_template", "tokenize")
-"""Keys template keywords may not hold, as vLLM refuses them (a template is given with --chat-template or
-chat_template=...; the text is tokenized here)."""
-
-
 def refused_template_keywords(kwargs: dict | None) -> str | None:
-    """Why template keywords (a line's or the job's) are refused, or None (`NOT_TEMPLATE_KEYWORDS`)."""
-    if unexpected := sorted(set(NOT_TEMPLATE_KEYWORDS) & set(kwargs or {})):
-        return (f"must not hold {', '.join(unexpected)} (as vLLM refuses them; a template is given with "
-                "--chat-template / chat_template=...)")
+    """Why template keywords (a line's or the job's) are refused, or None: a `chat_template` of a line's own, as
+    vLLM 0.26's server refuses it without --trust-request-chat-template (not taken here: a file's lines do not
+    bring their own Jinja). `LLM.chat` takes one (`LLM._chat_prompts`), as vLLM's; a `tokenize` key is overridden
+    (the text is tokenized here), as vLLM overrides it."""
+    if (kwargs or {}).get("chat_template") is not None:
+        return ("must not hold chat_template (vLLM's server refuses a request's own template without "
+                "--trust-request-chat-template, not taken here): give the job's with --chat-template")
     return None
 
 
@@ -553,13 +551,26 @@ _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "ref
 refusal and thinking parts) -> the key holding the text."""
 
 
+_KNOWN_PART_KEYS = frozenset({"type", "text", "refusal", "thinking", "closed", "image_url", "input_audio", "file",
+                              "audio_url", "video_url", "image_embeds", "audio_embeds", "image_pil", "uuid", "data",
+                              "name"})
+"""The keys of vLLM 0.26's content part types (`_KNOWN_CONTENT_PART_FIELDS`): any other key of a text part (an
+Anthropic-style `cache_control`) stays on the part it gives an "openai"-format template."""
+
+
 def _part_texts(j: int, content: list) -> list[str]:
-    """The texts of a message's content parts, as vLLM reads them: a bare string is a text, a part without its
-    text (null or missing) is skipped, and any part that is not text (`_TEXT_PARTS`) is refused by name."""
+    """The texts of a message's content parts, as vLLM reads them (`_text_parts_with_extras`)."""
+    return [text for text, _ in _text_parts_with_extras(j, content)]
+
+
+def _text_parts_with_extras(j: int, content: list) -> list[tuple[str, dict]]:
+    """The texts of a message's content parts, each with its keys beside vLLM's (`_KNOWN_PART_KEYS`), as vLLM reads
+    them: a bare string is a text, a part without its text (null or missing) is skipped, and any part that is not
+    text (`_TEXT_PARTS`) is refused by name."""
     texts = []
     for k, part in enumerate(content):
         if isinstance(part, str):
-            texts.append(part)
+            texts.append((part, {}))
             continue
         kind = part.get("type") if isinstance(part, dict) else None
         if not isinstance(kind, str) or kind not in _TEXT_PARTS:  # (a list or object as the type: unhashable)
@@ -571,22 +582,26 @@ def _part_texts(j: int, content: list) -> list[str]:
             continue
         if not isinstance(text, str):
             raise BodyError(f"messages[{j}].content[{k}].{_TEXT_PARTS[kind]} must be a string")
-        texts.append(text)
+        texts.append((text, {key: value for key, value in part.items() if key not in _KNOWN_PART_KEYS}))
     return texts
 
 
 def text_parts(j: int, message: Any) -> Any:
     """A chat message with its content as OpenAI's list of text parts (vLLM's "openai" content format, for a
     template that loops over content): a string is one part, a list its own parts (checked as `text_message`
-    checks them), null none."""
+    checks them; empty ones kept, and each part's keys beside vLLM's, as vLLM keeps them), null none. A tool
+    message's parts are one string, joined with newlines, empty parts too, as vLLM joins them in this format."""
     checked = text_message(j, message)
-    if not isinstance(checked, dict) or checked.get("role") == "tool":
-        return checked  # (vLLM gives a tool result's text parts back as one string, whatever the format)
+    if not isinstance(checked, dict):
+        return checked
     content = message.get("content")
     if isinstance(content, str):
         parts = [{"type": "text", "text": content}]
     else:
-        parts = [{"type": "text", "text": text} for text in _part_texts(j, content or [])]
+        parts = [{"type": "text", "text": text, **extra} for text, extra in _text_parts_with_extras(j, content or [])]
+    if checked.get("role") == "tool":
+        return checked if isinstance(content, str) or not parts else {
+            **checked, "content": "\n".join(part["text"] for part in parts)}
     return {**checked, "content": parts}
 
 

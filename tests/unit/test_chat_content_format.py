@@ -121,6 +121,25 @@ def test_a_chained_alias_template_gets_parts_and_the_format_argument_still_overr
         "[{'type': 'text', 'text': 'What is 2+2?'}]")
 
 
+def test_openai_format_parts_keep_empty_texts_and_their_own_keys_and_a_tool_result_joins_them_all():
+    """In vLLM's "openai" content format a text part keeps its keys beside vLLM's (`cache_control`: they were
+    dropped), and a tool message's parts are joined with newlines, empty ones too (an empty part was left out, one
+    newline short of vLLM's prompt); the "string" format still leaves empty parts out."""
+    prompts = prompt_processor_for(None)
+    template = M + "{{ m.role }}={{ m.content }}|" + END
+    parts_given = [{"type": "text", "text": "a"}, {"type": "text", "text": ""}, {"type": "text", "text": "b"}]
+    chat = [{"role": "user", "content": [{"type": "text", "text": "q", "cache_control": {"type": "ephemeral"},
+                                          "uuid": "u"}]},
+            {"role": "tool", "content": parts_given, "tool_call_id": "t"}]
+    rendered = prompts.apply_chat_template(chat, chat_template=template, content_format="openai",
+                                           add_generation_prompt=False)
+    assert rendered == ("user=[{'type': 'text', 'text': 'q', 'cache_control': {'type': 'ephemeral'}}]|"
+                        "tool=a\n\nb|"), rendered
+    as_strings = prompts.apply_chat_template(chat, chat_template=template, content_format="string",
+                                             add_generation_prompt=False)
+    assert as_strings == "user=q|tool=a\nb|", as_strings
+
+
 def test_named_templates_are_detected_on_the_one_transformers_renders():
     """A tokenizer holding named templates (a "default" and a "tool_use", as transformers loads
     additional_chat_templates/) failed every chat with TypeError (unhashable dict); vLLM detects the format on

@@ -877,8 +877,9 @@ def test_a_line_cut_inside_a_string_is_named_so():
 
 def test_tool_call_arguments_reach_the_template_as_objects_as_in_vllm():
     """OpenAI history holds a tool call's arguments as a JSON string; vLLM parses them before the template, which
-    writes them with tojson (Qwen2.5, Llama 3.1, Hermes): they were quoted twice. chat_template_kwargs holding
-    chat_template or tokenize are refused, as by vLLM (a per-line template overrode --chat-template)."""
+    writes them with tojson (Qwen2.5, Llama 3.1, Hermes): they were quoted twice. A line's chat_template_kwargs
+    holding chat_template are refused, as by vLLM's server (a per-line template overrode --chat-template); tokenize
+    is overridden, as vLLM overrides it."""
     prompts = processor()
     template = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls or [] %}"
                 "<{{ c.function.name }} {{ c.function.arguments | tojson }}>{% endfor %};{% endfor %}")
@@ -907,9 +908,10 @@ def test_tool_call_arguments_reach_the_template_as_objects_as_in_vllm():
                            ({"a": call}, r"\.tool_calls must be a list of tool calls")):
         with pytest.raises(ValueError, match=rf"conversation 2: messages\[1\]{message}"):
             prompts.apply_chat_template([history[0], {**history[1], "tool_calls": calls}], 2, chat_template=template)
-    for key in ("chat_template", "tokenize"):
-        with pytest.raises(ValueError, match=f"chat_template_kwargs must not hold {key}"):
-            prompts.apply_chat_template(history[:1], kwargs={key: "x"})
+    with pytest.raises(ValueError, match="chat_template_kwargs must not hold chat_template .vLLM's server refuses"):
+        prompts.apply_chat_template(history[:1], kwargs={"chat_template": "x"})
+    assert prompts.apply_chat_template(history[:1], kwargs={"tokenize": True}, chat_template=template) == (
+        prompts.apply_chat_template(history[:1], chat_template=template)), "tokenize is overridden, as in vLLM"
 
 
 def test_a_message_reaches_the_template_with_the_keys_vllm_passes_on():

@@ -183,7 +183,8 @@ def test_vllm_command_line_spellings_are_taken():
 
 
 @pytest.mark.parametrize("value, problem", [("enable_thinking", "not JSON"), ("[1]", "not a JSON object"),
-                                            ('{"tokenize": true}', "must not hold tokenize")])
+                                            ('{"chat_template": "{{ messages }}"}',
+                                             "must not hold chat_template")])
 def test_default_chat_template_kwargs_must_be_a_json_object(value, problem, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "i", "-o", "o", "--default-chat-template-kwargs", value])

@@ -173,6 +173,33 @@ def test_chat_given_a_text_or_a_message_names_what_a_conversation_is_and_what_wa
         llm.shutdown()
 
 
+def test_chat_takes_a_name_of_the_tokenizers_templates_and_a_template_in_its_keywords_as_vllms(tiny_model_factory):
+    """llm.chat(conv, chat_template="tool_use") was refused as "neither a file nor a Jinja template" where the
+    tokenizer holds named templates; vLLM's renderer resolves the name (`tokenizer.get_chat_template`). A name the
+    tokenizer lacks is still refused by name, and Jinja text still renders; a template in chat_template_kwargs
+    serves where the argument gives none."""
+    from batchllm import LLM, SamplingParams
+
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=16)
+    try:
+        llm.prompts.tokenizer.chat_template = {
+            "default": "{% for m in messages %}D:{{ m.content }}{% endfor %}",
+            "tool_use": "{% for m in messages %}T:{{ m.content }}{% endfor %}"}
+        chat, one = [{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1)
+        prompts = {name: llm.chat(chat, one, use_tqdm=False, chat_template=name)[0].prompt
+                   for name in (None, "tool_use", "default", "{% for m in messages %}J:{{ m.content }}{% endfor %}")}
+        assert list(prompts.values()) == ["D:hi", "T:hi", "D:hi", "J:hi"], prompts
+        with pytest.raises(ValueError, match="chat_template 'tool_usage' is neither a file nor a Jinja template"):
+            llm.chat(chat, one, use_tqdm=False, chat_template="tool_usage")
+        in_kwargs = {"chat_template": "{% for m in messages %}K:{{ m.content }}{% endfor %}", "tokenize": True}
+        assert llm.chat(chat, one, use_tqdm=False, chat_template_kwargs=in_kwargs)[0].prompt == "K:hi", (
+            "vLLM's LLM.chat takes chat_template_kwargs' template (and overrides tokenize): both were refused")
+        assert llm.chat(chat, one, use_tqdm=False, chat_template="tool_use", chat_template_kwargs=in_kwargs
+                        )[0].prompt == "T:hi", "the argument wins"
+    finally:
+        llm.shutdown()
+
+
 def test_a_priority_list_of_another_length_than_the_prompts_is_refused(tiny_model_factory):
     """generate(["a", "b"], priority=[0]) was taken (the second prompt given no priority); vLLM refuses a per-prompt
     list whose length differs from the prompts', as it refuses such a sampling_params list."""
