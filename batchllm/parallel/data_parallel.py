@@ -449,13 +449,26 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
     }
 
 
+SEED_STRIDE = 0x9E3779B97F4A7C15
+"""The odd 64-bit constant (the golden ratio's) between two engines' seeds (`engine_seed`)."""
+
+
+def engine_seed(seed: int, engine: int) -> int:
+    """Engine `engine`'s seed of the generator its unseeded requests draw from: the job's for engine 0 (one engine
+    samples as it always did), another for each other engine. With the job's seed on every engine, row k of each
+    engine's step drew the same noise, so identical unseeded prompts spread over two engines came back as pairs of
+    identical samples (8 distinct of 16), and `run` starts two engines per GPU on its own for a small model.
+    Seeded requests are untouched: their noise comes from their own seed."""
+    return seed if engine == 0 else (seed + engine * SEED_STRIDE) % (1 << 64)
+
+
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
-    """Rank `rank`'s engine config from the job's: rank r runs on GPU group r // engines_per_gpu
-    (its first GPU: group x tensor_parallel_size GPUs past the configured device). Engines sharing a
-    GPU whose KV size is automatic each get an equal part of gpu_memory_utilization (`engine_share`)
-    and count only their own memory against it (`gpu_memory_accounting="engine"`), so they can size
-    their caches at once; a given KV size is each engine's. Resolves the device, so it runs in the
-    worker (the parent imports no torch)."""
+    """Rank `rank`'s engine config from the job's (its seed: `engine_seed`): rank r runs on GPU group
+    r // engines_per_gpu (its first GPU: group x tensor_parallel_size GPUs past the configured device). Engines
+    sharing a GPU whose KV size is automatic each get an equal part of gpu_memory_utilization (`engine_share`)
+    and count only their own memory against it (`gpu_memory_accounting="engine"`), so they can size their caches at
+    once; a given KV size is each engine's. Resolves the device, so it runs in the worker (the parent imports no
+    torch)."""
     from batchllm.engine import check_gpu_count, resolve_device
     from batchllm.parallel.tp_worker import rank_device
     from batchllm.runner.model_runner import engine_share
@@ -469,7 +482,8 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
                                     gpu_memory_utilization=engine_share(cache.gpu_memory_utilization, engines))
     return dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, device=str(rank_device(device, rank // engines * tp))),
+        model=dataclasses.replace(config.model, device=str(rank_device(device, rank // engines * tp)),
+                                  seed=engine_seed(config.model.seed, rank)),
         cache=cache,
         parallel=dataclasses.replace(par, data_parallel_size=1, engines_per_gpu=1),
     )

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import socket
 import uuid
 from collections.abc import Callable
@@ -287,6 +288,20 @@ def _digest(token_ids: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------- stage 2: the engine replica
+def replica_engine_options(config: ProcessorConfig) -> dict[str, Any]:
+    """One replica's `LLM` keywords: the config's, and where several replicas run, a seed of the replica's own
+    (`data_parallel.engine_seed` of a random engine number) for the rows without a seed: with the config's seed on
+    each, the replicas' step rows drew the same noise and identical unseeded rows came back as copies. Which replica
+    runs a bucket is Ray's choice, so such rows do not repeat between runs of several replicas anyway; seeded rows
+    (a row's own seed, or every line's under `run --ray --seed`) are untouched."""
+    from batchllm.parallel.data_parallel import engine_seed
+
+    options = config.engine_options()
+    if config.num_replicas > 1:
+        options["seed"] = engine_seed(options.get("seed") or 0, 1 + secrets.randbelow(1 << 32))
+    return options
+
+
 class EngineReplica:
     """One engine per actor; each call runs one bucket (whole prefix groups) as one planned batch.
 
@@ -301,7 +316,7 @@ class EngineReplica:
         self.config = config
         self.postprocess = postprocess
         with _engine_start("a replica"):
-            self.llm = LLM(config.model, **config.engine_options())
+            self.llm = LLM(config.model, **replica_engine_options(config))
         if on_loaded is not None:
             on_loaded()
         # a record writer that reads tokens (the CLI's) is handed this engine's tokenizer

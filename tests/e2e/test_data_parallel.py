@@ -103,6 +103,12 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         assert len(list(suspended)) == len(prompts) - 1
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
         assert llm.last_stats["kept_prefill_tokens"] == llm.last_stats["placed_on_held_tokens"] == 0
+        # unseeded samples of one prompt over both engines: each engine draws its own noise (both drew the job
+        # seed's, so the second engine's samples repeated the first's: 8 distinct of 16)
+        same = [{"prompt_token_ids": [5, 6, 7, 8] * 8}] * 16
+        samples = llm.generate(same, SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+        assert sorted(r["num_requests"] for r in llm.last_stats["ranks"]) == [8, 8]
+        assert len({tuple(o.outputs[0].token_ids) for o in samples}) == 16
     finally:
         llm.shutdown()
 

@@ -172,6 +172,17 @@ def test_vllm_ray_engine_kwargs_are_taken_and_a_field_set_twice_is_named():
         ProcessorConfig(max_num_batched_tokens=2048, engine_kwargs={"max_num_batched_tokens": 4096})
 
 
+def test_several_replicas_draw_unseeded_noise_of_their_own_and_one_keeps_the_configs_seed():
+    """Replicas all seeded with the config's seed drew the same noise: identical unseeded rows on two replicas came
+    back as copies (8 distinct of 16). Each of several replicas now has a seed of its own; one replica keeps the
+    config's (its runs repeat, as an LLM's)."""
+    from batchllm.ray.stages import replica_engine_options
+
+    assert replica_engine_options(ProcessorConfig(seed=7))["seed"] == 7
+    seeds = {replica_engine_options(ProcessorConfig(seed=7, num_replicas=2))["seed"] for _ in range(8)}
+    assert len(seeds) == 8 and 7 not in seeds and all(0 <= s < 1 << 64 for s in seeds)
+
+
 def test_numpy_values_and_detokenize_false_in_a_rows_sampling_params_run():
     """A Ray row's columns come as numpy values (np.float32(0.5) was "must be a number"); vLLM's Ray examples set
     detokenize False, and Ray's own stage still fills generated_text (it came back empty)."""
