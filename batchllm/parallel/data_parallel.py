@@ -35,7 +35,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
-import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -570,16 +570,23 @@ def engine_threads(processes: int, available: int, environ=os.environ) -> int | 
 
 # ---------------------------------------------------------------------------------------- worker side
 def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies, so a killed job leaves no rank behind; a parent
-    already gone (killed before this was set: the signal would never come) ends this process at once."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    """This spawned process ends (`os._exit`) when its parent process ends, so a killed job leaves no rank behind: a
+    daemon thread waits on the parent's sentinel, which closes when the parent *process* exits, as vLLM's workers
+    watch a death pipe; a parent already gone ends this process at once. (Linux's PR_SET_PDEATHSIG, used before,
+    fires when the *thread* that started the process ends: an LLM built in a thread that then ended, a thread
+    pool's, lost its workers to SIGKILL.)"""
     parent = mp.parent_process()
-    if parent is not None and not parent.is_alive():
+    if parent is None:
+        return
+    if not parent.is_alive():
         os._exit(1)
+    threading.Thread(target=_exit_when_gone, args=(parent.sentinel,), name="batchllm-parent-watch",
+                     daemon=True).start()
+
+
+def _exit_when_gone(parent_sentinel) -> None:
+    mp_connection.wait([parent_sentinel])  # (readable only once the parent process has exited)
+    os._exit(1)
 
 
 def _worker_main(rank: int, size: int, config: EngineConfig, conn) -> None:

@@ -249,9 +249,29 @@ def test_a_worker_killed_between_calls_is_named_and_a_collected_llm_stops_its_wo
     assert not any(p.is_alive() for p in workers)
 
 
+def test_an_llm_built_in_a_thread_that_ended_keeps_its_workers(tiny_model_factory):
+    """Workers died with the thread that started them (Linux's parent-death signal is the thread's): an LLM built
+    in a thread pool's thread, used after, failed with "worker 0 killed by SIGKILL between jobs". They now end
+    with the parent process only, as vLLM's workers do."""
+    options = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, data_parallel_size=2)
+    built = []
+    thread = threading.Thread(target=lambda: built.append(LLM(tiny_model_factory("llama"), **options)))
+    thread.start()
+    thread.join()
+    llm = built[0]
+    try:
+        time.sleep(0.5)
+        assert all(p.is_alive() for p in llm._data_parallel.processes)
+        outputs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8 + i]} for i in range(4)],
+                               SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [2] * 4
+    finally:
+        llm.shutdown()
+
+
 def test_a_worker_whose_parent_is_already_gone_ends(tmp_path):
-    """die_with_parent's signal is set only once the worker runs: a parent killed before that would never send
-    it, so a worker that finds its parent gone ends at once (it went on to build a whole engine)."""
+    """die_with_parent's watch starts only once the worker runs: a worker that finds its parent already gone
+    ends at once (it went on to build a whole engine)."""
     script = tmp_path / "orphan.py"
     pid_file = tmp_path / "child.pid"
     script.write_text(f"""
