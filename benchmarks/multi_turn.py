@@ -103,7 +103,7 @@ def _line(name: str, stats: dict, wall: float, requests: int) -> dict:
             "prefill_tokens_computed": stats["prefill_tokens_computed"],
             "kept_prefill_tokens": stats["kept_prefill_tokens"], "prompt_tokens": stats["prompt_tokens"],
             "num_preemptions": stats["num_preemptions"],
-            "kv_blocks": stats.get("kv_blocks", [r.get("kv_blocks") for r in stats.get("ranks", [])]),
+            "kv_blocks": [r.get("kv_blocks") for r in stats["ranks"]] if stats.get("ranks") else stats["kv_blocks"],
             "placed_on_held_tokens": stats.get("placed_on_held_tokens")}
     if stats.get("ranks"):  # per engine: requests, prefill computed, seconds to its last result
         line["ranks"] = [[r["num_requests"], r["prefill_tokens_computed"], round(r["finish_s"], 2)]

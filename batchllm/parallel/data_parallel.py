@@ -418,10 +418,16 @@ def _exit_description(code: int | None) -> str:
 
 def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, parallel: ParallelConfig,
                wall_s: float, plan_seconds: float) -> dict[str, Any]:
-    sums = {k: sum(r.get(k, 0) for r in ranks) for k in ("num_requests", "num_completions", "prompt_tokens",
-                                                         "completion_prompt_tokens", "output_tokens",
-                                                         "prefill_tokens_computed", "recomputed_tokens",
-                                                         "kept_prefill_tokens")}
+    """The job's statistics over its engines' (`ranks`), with the keys one engine's have (`LLM._statistics`): counts
+    and the KV pool summed over the engines (the job's pool; a script reading `kv_blocks` got a KeyError only under
+    data parallelism), the largest sharing degree, and each rank's own in `ranks`."""
+    sums = {k: sum(r.get(k) or 0 for r in ranks) for k in (
+        "num_requests", "num_completions", "prompt_tokens", "completion_prompt_tokens", "output_tokens",
+        "prefill_tokens_computed", "recomputed_tokens", "kept_prefill_tokens", "decode_tokens", "attended_keys",
+        "num_block_copies", "num_prefix_releases", "num_groups", "planned_prefill_tokens", "kv_blocks", "kv_tokens",
+        "kv_cache_gib")}
+    reserves = [r["activation_reserve_gib"] for r in ranks if r.get("activation_reserve_gib") is not None]
+    units = sum(r["num_completions"] / r["mean_sharing_degree"] for r in ranks if r.get("mean_sharing_degree"))
     # (as LLM's: the saving is against the completions' prompt tokens, the prefill without sharing, and leaves out
     # what preemption computed again)
     prompt_tokens = sums["completion_prompt_tokens"]
@@ -434,6 +440,9 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
             "import_s", "build_s", "build_phases", "torch_threads", "device")
     return {
         **sums, "saving_ratio": 1.0 - prefill / prompt_tokens if prompt_tokens else 0.0,
+        "mean_sharing_degree": sums["num_completions"] / units if units else 0.0,
+        "max_sharing_degree": max((r.get("max_sharing_degree") or 0 for r in ranks), default=0),
+        "activation_reserve_gib": sum(reserves) if reserves else None,
         "num_steps": steps, "mean_tokens_per_step": scheduled / steps if steps else 0.0,
         "num_preemptions": sum(r.get("num_preemptions", 0) for r in ranks), "wall_s": wall_s,
         "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,

@@ -63,6 +63,7 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
     one = LLM(model, **options)
     try:
         expected = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+        one_engines_keys = set(one.last_stats)
     finally:
         one.shutdown()
     llm = LLM(model, engines_per_gpu=2, **options)
@@ -73,6 +74,10 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         time.sleep(0.5)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
         ranks = llm.last_stats["ranks"]
+        # the job's statistics have every key one engine's have (the pool's were only in `ranks`), summed
+        assert one_engines_keys - set(llm.last_stats) == set()
+        for key in ("kv_blocks", "kv_tokens", "num_requests"):
+            assert llm.last_stats[key] == sum(r[key] for r in ranks) > 0, key
         assert (llm.last_stats["data_parallel_size"], llm.last_stats["engines_per_gpu"]) == (1, 2)
         assert llm.last_stats["num_engines"] == 2 and len(ranks) == 2
         # the job's tokens per step over both ranks' steps (bench's "tok/step" read 0.0 for data-parallel configs):
