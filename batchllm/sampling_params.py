@@ -553,6 +553,12 @@ def among(value: Any, values: tuple) -> bool:
     return any(type(value) is type(v) and value == v for v in values)
 
 
+def in_field_terms(error: BaseException | str) -> str:
+    """A SamplingParams error as a line or body names its fields: "SamplingParams.temperature must be ..." is
+    "temperature must be ..." (the lines that give the field know it by that name)."""
+    return str(error).replace("SamplingParams.", "")
+
+
 def short_repr(value: object) -> str:
     """repr() for error messages: at most ~80 characters and 6 levels, and never raises."""
     try:

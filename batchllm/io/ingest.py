@@ -49,7 +49,7 @@ from batchllm.io.reasoning import reasoning_parser_named
 from batchllm.io.tool_calls import AutoToolChoice, replaced_constraint, served_tool_choice
 from batchllm.io.tool_parsers import SKIPS_NO_SPECIAL_TOKENS, reader_for
 from batchllm.progress import CountLog, draws_in_place
-from batchllm.sampling_params import SamplingParams, short_repr
+from batchllm.sampling_params import SamplingParams, in_field_terms, short_repr
 
 __all__ = ["Ingested", "ResponseShape", "LineServing", "ValidLine", "count_input_lines", "prepare_lines",
            "sampling_params_for", "record_for", "input_problem", "serve_tool_choice", "serve_reasoning_parser", "PLAIN",
@@ -163,7 +163,7 @@ def in_the_lines_terms(line: BatchLine, error: ValueError | str) -> str:
     text = str(error)
     if line.format == OPENAI:
         text = re.sub(r"SamplingParams\.logprobs\b", "top_logprobs" if line.is_chat else "logprobs", text)
-    return text.replace("SamplingParams.", "")
+    return in_field_terms(text)
 
 
 def count_input_lines(path: Path) -> int:

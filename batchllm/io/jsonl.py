@@ -33,6 +33,7 @@ from batchllm.sampling_params import (
     VLLM_ONLY_FIELDS,
     SamplingParams,
     among,
+    in_field_terms,
     integers_from_json,
     short_repr,
 )
@@ -291,7 +292,7 @@ def _parse_line(raw: bytes, line_number: int) -> BatchLine | LineError:
         kind, prompt, template, add_special = _plain_request(obj, unknown)
         overrides, forced = _plain_tool_call(obj, _overrides(obj))
     except ValueError as e:  # (BodyError and ToolChoiceError are ones; the line's fields are named as it gives them)
-        return error(str(e).replace("SamplingParams.", ""), rid)
+        return error(in_field_terms(e), rid)
     ignored = tuple(name for name in unknown  # (their values asking for none, or for what runs here: taken)
                     if name not in _DECODING_MODES and name not in VLLM_ONLY_FIELDS)
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template,

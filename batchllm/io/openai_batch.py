@@ -27,6 +27,7 @@ from batchllm.io.tool_calls import (
     message_calls,
     tool_constraint,
 )
+from batchllm.sampling_params import in_field_terms
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -175,7 +176,7 @@ def _forced_tool_call(body: dict, tools: list | None, overrides: dict
         elif choice is None and tools:  # (a text answer, unless the job serves "auto": vLLM's parser reads it)
             forced = AutoToolChoice(body.get("parallel_tool_calls") is not False, null_choice=True)
     except ValueError as e:  # (a ToolChoiceError, or the body's own structured_outputs: named as the body names it)
-        raise BodyError(str(e).replace("SamplingParams.", "")) from None
+        raise BodyError(in_field_terms(e)) from None
     return forced
 
 
