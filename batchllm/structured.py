@@ -382,15 +382,43 @@ def _raw_pattern_character(pattern: str) -> str | None:
     return None
 
 
+def _has_lookaround(pattern: str) -> bool:
+    """Whether `pattern` (a regex, read by Python's re) holds a lookahead or lookbehind ("(?!0000)", "(?=a)"), which
+    xgrammar 0.2.9 drops from a schema's pattern with only a warning on stderr ("Lookahead assertion is not supported
+    and is ignored"): {"pattern": "^(?!0000)[0-9]{4}$"} answered "0000". (Its regex kind refuses one by name.)"""
+    try:
+        stack = [_re_parser.parse(pattern)]
+    except (re.error, RecursionError, OverflowError):
+        return False  # (xgrammar reports the pattern it cannot read)
+    consts = _re_constants
+    while stack:
+        for op, arg in stack.pop():
+            if op in (consts.ASSERT, consts.ASSERT_NOT):
+                return True
+            if op is consts.SUBPATTERN:
+                stack.append(arg[-1])
+            elif op is consts.BRANCH:
+                stack.extend(arg[1])
+            elif op in (consts.MAX_REPEAT, consts.MIN_REPEAT, getattr(consts, "POSSESSIVE_REPEAT", None)):
+                stack.append(arg[2])
+            elif op is getattr(consts, "ATOMIC_GROUP", None):
+                stack.append(arg)
+    return False
+
+
 def _raw_pattern(node: dict, types: set[str]) -> str | None:
-    """A string pattern, a patternProperties key or a propertyNames pattern with a character xgrammar writes raw
-    into the JSON string (`_raw_pattern_character`), named with it."""
+    """A string pattern, a patternProperties key or a propertyNames pattern that xgrammar would not keep to: one with
+    a lookaround it ignores (`_has_lookaround`), or with a character it writes raw into the JSON string
+    (`_raw_pattern_character`), named with it."""
     patterns = [node["pattern"]] if "string" in types and isinstance(node.get("pattern"), str) else []
     if "object" in types:
         names = node.get("propertyNames")
         patterns += [names["pattern"]] if isinstance(names, dict) and isinstance(names.get("pattern"), str) else []
         patterns += list(node["patternProperties"]) if isinstance(node.get("patternProperties"), dict) else []
     for pattern in patterns:
+        if _has_lookaround(pattern):
+            return (f"the pattern {pattern[:40]!r}, whose lookahead or lookbehind xgrammar ignores (answers could "
+                    "break it)")
         if found := _raw_pattern_character(pattern):
             return (f"the pattern {pattern[:40]!r}, which matches the character {found} (xgrammar writes it into "
                     "the JSON string unescaped, which is then not JSON)")
