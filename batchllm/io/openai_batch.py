@@ -142,10 +142,8 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     if body.get("logit_bias") is not None:
         overrides["logit_bias"] = _logit_bias(body["logit_bias"])
     structured = _response_format(body.get("response_format"))
-    if structured is not None:
-        if "structured_outputs" in overrides:
-            raise BodyError("give response_format or structured_outputs, not both")
-        overrides["structured_outputs"] = structured
+    if structured is not None:  # over the body's structured_outputs, whose other fields stay (vLLM's merge)
+        overrides["structured_outputs"] = _merged_structured_outputs(overrides.get("structured_outputs"), structured)
     prompt, max_tokens = (_chat_prompt if chat else _completions_prompt)(body, overrides)
     template, tools = _chat_template_options(body) if chat else (None, None)
     forced = _forced_tool_call(body, tools, overrides) if chat else None
@@ -157,6 +155,17 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
         overrides["max_tokens"] = max_tokens
     return BodyRequest(url, prompt, chat, overrides, template, echo, response_asks(body, prompt if chat else None),
                        forced)
+
+
+def _merged_structured_outputs(own: Any, from_format: dict) -> dict:
+    """A body's structured_outputs with its response_format's constraint over it, as vLLM 0.26's server merges them
+    (`structured_outputs_from_response_format`: the same kind is replaced, its other fields, disable_any_whitespace
+    say, stay; two kinds fail as one structured_outputs of two kinds fails). Both in one body failed the line."""
+    if own is None:
+        return from_format
+    if not isinstance(own, dict):  # (a StructuredOutputsParams object cannot come from JSON)
+        raise BodyError(f"'structured_outputs' must be an object, got {json.dumps(own)[:40]}")
+    return {**own, **from_format}
 
 
 def _forced_tool_call(body: dict, tools: list | None, overrides: dict

@@ -256,11 +256,17 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
         line("no-schema", response_format={"type": "json_schema", "json_schema": {"name": "x"}}),  # was: any JSON
         json.dumps({"id": "plain", "prompt": "x", "structured_outputs": {"choice": ["a", "b"]}, "bad_words": ["no"]}),
         json.dumps({"id": "plain-bad", "prompt": "x", "structured_outputs": {"regex": "(a"}}),
+        # both: response_format over the body's structured_outputs, as vLLM merges them (it failed the line)
+        line("merged", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+             structured_outputs={"json": {"type": "string"}, "disable_any_whitespace": True}),
+        line("two-kinds", response_format={"type": "json_object"}, structured_outputs={"regex": "a+"}),
     ]).encode() + b"\n"
     got = ingest(data)
     params = {v.line.request_id: v.params for v in got.valid}
-    assert sorted(params) == ["object", "plain", "schema"]
+    assert sorted(params) == ["merged", "object", "plain", "schema"]
     assert params["schema"].structured_outputs.json == schema
+    assert params["merged"].structured_outputs.json == schema
+    assert params["merged"].structured_outputs.disable_any_whitespace is True
     assert params["object"].structured_outputs.json_object is True
     assert (params["object"].presence_penalty, params["object"].frequency_penalty) == (0.5, -0.5)
     assert params["object"].logit_bias == {42: 10.0}
@@ -271,6 +277,8 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     assert "response_format type 'yaml'" in errors["bad-format"]
     assert "response_format.json_schema must be an object with a 'schema' object" in errors["no-schema"]
     assert "regex cannot be compiled" in errors["plain-bad"]
+    assert "structured_outputs needs exactly one of json, regex, choice, grammar, json_object, got regex, " \
+        "json_object" in errors["two-kinds"], errors["two-kinds"]
 
 
 def test_a_forced_tool_call_lines_own_constraint_is_compiled_as_without_tools():
