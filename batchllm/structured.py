@@ -68,16 +68,18 @@ class StructuredOutputsParams:
     disable_fallback: bool = False
     """vLLM's; there is one grammar backend (xgrammar) and no fallback."""
     whitespace_pattern: str | None = None
-    """vLLM's (outlines' and guidance's); None only."""
+    """vLLM's; taken and not used, as vLLM 0.26 takes it (no backend of its reads it): JSON is compact here."""
     structural_tag: str | None = None
     """vLLM's; None only."""
     backend: str | None = None
     """vLLM 0.10's GuidedDecodingParams.backend; None, "auto" or "xgrammar" (the one backend here)."""
 
     def __post_init__(self) -> None:
-        for name in ("whitespace_pattern", "structural_tag"):  # (first: a structural tag alone is no "none")
-            if getattr(self, name) is not None:
-                raise ValueError(f"structured_outputs.{name} is not supported (JSON is compact; no structural tags)")
+        if self.structural_tag is not None:  # (first: a structural tag alone is no "none")
+            raise ValueError("structured_outputs.structural_tag is not supported (no structural tags here)")
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            raise ValueError("structured_outputs.whitespace_pattern must be a string (taken and not used, as in vLLM "
+                             "0.26: JSON is compact here)")
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"structured_outputs needs exactly one of {', '.join(_KINDS)}, got "

@@ -296,8 +296,11 @@ def test_vllm_structured_output_spellings_are_taken():
                                     disable_additional_properties=True)
     assert SamplingParams(structured_outputs=taken)._grammar_key == SamplingParams(
         structured_outputs={"json": {"type": "object"}})._grammar_key, "the same grammar"
+    assert SamplingParams(structured_outputs={"json_object": True, "whitespace_pattern": "[ ]?"})._grammar_key == (
+        SamplingParams(structured_outputs={"json_object": True})._grammar_key), "taken, unused, as vLLM 0.26 takes it"
     for bad, message in ((dict(structured_outputs={"regex": "a"}, guided_decoding={"regex": "b"}), "not both"),
-                         (dict(structured_outputs={"regex": "a", "whitespace_pattern": " "}), "whitespace_pattern"),
+                         (dict(structured_outputs={"regex": "a", "whitespace_pattern": 5}), "whitespace_pattern must"),
+                         (dict(structured_outputs={"regex": "a", "structural_tag": "{}"}), "structural_tag is not"),
                          (dict(structured_outputs={"regex": "a", "backend": "outlines"}), "not available"),
                          (dict(structured_outputs={"regex": "a", "disable_fallback": 1}), "disable_fallback must be")):
         with pytest.raises(ValueError, match=message):
