@@ -366,10 +366,12 @@ said when one is given)."""
 
 _XGRAMMAR_SETTINGS = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": (False, True),
                       "disable_additional_properties": (False, True), "disable_fallback": (False, True),
-                      "reasoning_parser": ("",), "reasoning_parser_plugin": ("",), "enable_in_reasoning": (False,)}
+                      "reasoning_parser": ("",), "reasoning_parser_plugin": ("",),
+                      "enable_in_reasoning": (False, True)}
 """vLLM's StructuredOutputsConfig fields and the values that ask for what runs here (JSON is compact and a schema's
 objects take no unnamed property, unless additionalProperties allows them, whatever the three flags say:
-README, structured output)."""
+README, structured output; a grammar holds from an answer's first token, which is what enable_in_reasoning true
+asks, and what runs under false too: README, --reasoning-parser)."""
 
 
 def _asks_for_xgrammar(config: Any) -> bool:
@@ -387,6 +389,9 @@ def not_taken_accepts(name: str, value: Any) -> bool:
 
 def only_defaults_taken(name: str) -> str:
     """The sentence after a `VLLM_NOT_TAKEN` option's refusal: the values that are taken."""
+    if name == "structured_outputs_config":
+        return ("(Taken: vLLM's default, None, or a config of " + ", ".join(
+            f"{field} {' or '.join(map(repr, values))}" for field, values in _XGRAMMAR_SETTINGS.items()) + ".)")
     return f"(Only vLLM's default, {' or '.join(map(repr, VLLM_NOT_TAKEN[name][0]))}, is taken.)"
 
 

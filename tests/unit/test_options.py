@@ -686,12 +686,14 @@ def test_a_structured_outputs_config_asking_for_xgrammar_is_taken(capsys):
     for config in ({"backend": "xgrammar"}, {"backend": "auto", "disable_any_whitespace": True},
                    SimpleNamespace(backend="xgrammar", disable_additional_properties=False), {},
                    {"backend": "xgrammar", "reasoning_parser": "", "reasoning_parser_plugin": "",
-                    "enable_in_reasoning": False, "disable_fallback": False}):  # (a whole vLLM 0.26 config)
+                    "enable_in_reasoning": False, "disable_fallback": False},  # (a whole vLLM 0.26 config)
+                   {"enable_in_reasoning": True}):  # (the grammar holds from the first token: what true asks)
         assert engine_config(structured_outputs_config=config) == engine_config()
     for config in ({"backend": "guidance"}, {"backend": "xgrammar", "reasoning_parser": "qwen3"}, "xgrammar"):
         with pytest.raises(TypeError, match="structured_outputs_config=.* is not supported: structured output runs "
-                                            "on xgrammar"):
+                                            "on xgrammar") as refused:
             engine_config(structured_outputs_config=config)
+        assert "(Taken: vLLM's default, None, or a config of backend 'auto' or 'xgrammar', " in str(refused.value)
     for command in (["run", "in.jsonl", "-o", "o.jsonl"], ["bench"]):
         for words in (["--structured-outputs-config.backend", "xgrammar"],
                       ["--structured-outputs-config.disable_any_whitespace", "true",
