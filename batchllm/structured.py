@@ -168,18 +168,20 @@ _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 def lark_as_ebnf(grammar: str) -> str:
     """A Lark grammar in xgrammar's EBNF, as vLLM 0.26 converts it: the root is the `start` rule, else the first
     rule; `?name` is `name`; 'single-quoted' literals are double-quoted; a rule's `|` lines are its alternatives;
-    lines that define no rule (%import, %ignore) are dropped. ValueError naming the line or the rule otherwise."""
+    lines that define no rule (%import, %ignore) are dropped. ValueError naming the line or the rule otherwise (a
+    /regex/ terminal: vLLM's conversion fails on it too, and hands the Lark text to its guidance backend, which is
+    not here; it read as "rules used but not defined" naming the regex's letters)."""
     rules: dict[str, list[str]] = {}
     current = None
     for number, line in enumerate(map(_without_comment, grammar.splitlines()), start=1):
         if line.startswith("|"):
             if current is None:
                 raise ValueError(f"line {number}: an alternative '|' before any rule")
-            rules[current].append(_double_quoted(line[1:].strip(), number))
+            rules[current].append(_lark_definition(line[1:], number))
         elif ":" in line:
             name, definition = line.split(":", 1)
             current = name.strip().strip("?")
-            rules[current] = [_double_quoted(definition.strip(), number)]
+            rules[current] = [_lark_definition(definition, number)]
     if not rules:
         raise ValueError("no rule found (a Lark rule is `name: definition`)")
     used = {name for alternatives in rules.values() for text in alternatives
@@ -188,6 +190,16 @@ def lark_as_ebnf(grammar: str) -> str:
         raise ValueError(f"rules used but not defined: {', '.join(undefined)}")
     root = "start" if "start" in rules else next(iter(rules))
     return "\n".join([f"root ::= {root}", *(f"{name} ::= {' | '.join(alts)}" for name, alts in rules.items())])
+
+
+def _lark_definition(text: str, number: int) -> str:
+    """One alternative line of a Lark rule in EBNF (`_double_quoted`); ValueError for a /regex/ terminal."""
+    quoted = _double_quoted(text.strip(), number)
+    if re.search(r"/[^/]+/", _QUOTED.sub(" ", quoted)):
+        raise ValueError(f"line {number}: a Lark regular expression (/.../) is not supported (no grammar backend "
+                         "here reads Lark's regexes): write it with EBNF character classes (root ::= [a-z]+) or "
+                         "give it as structured_outputs.regex")
+    return quoted
 
 
 def _double_quoted(text: str, number: int) -> str:

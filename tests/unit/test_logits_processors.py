@@ -428,9 +428,13 @@ def test_a_lark_grammar_is_converted_as_vllm_converts_it():
     # escapes inside single quotes stay escapes, as vLLM swaps the quotes ('\n' was written as a backslash and n)
     assert lark_as_ebnf("start: 'a' '\\n' 'b'") == 'root ::= start\nstart ::= "a" "\\n" "b"'
     for bad, message in (("a: b c", "rules used but not defined: b, c"), ("| 'x'", "line 1: an alternative"),
-                         ("a: 'x", "line 1: mismatched quotes"), ("%ignore WS", "no rule found")):
+                         ("a: 'x", "line 1: mismatched quotes"), ("%ignore WS", "no rule found"),
+                         # (a regex terminal read as "rules used but not defined: a, z", its letters)
+                         ("start: WORD\nWORD: /[a-z]+/", "line 2: a Lark regular expression"),
+                         ("start: 'x'\n    | /y+/i", "line 2: a Lark regular expression")):
         with pytest.raises(ValueError, match=message):
             lark_as_ebnf(bad)
+    assert lark_as_ebnf("start: 'a/b/' | \"/c/\"") == 'root ::= start\nstart ::= "a/b/" | "/c/"', "quoted: text"
 
 
 BOUNDED_STRINGS = [  # (schema, [(JSON answer, valid)]): the answers are JSON text, escapes as written
