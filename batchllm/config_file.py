@@ -5,8 +5,9 @@ Each key is an option's long name without its dashes (`max-num-batched-tokens` o
 becomes that flag; the flags are put right after the command's name, before the command line's own words, so a
 flag also given on the command line wins (command line > file > defaults; a repeatable one, `--stop`, adds to the
 file's), as in vLLM. Values, as vLLM writes them: true is the bare flag, false its `--no-` form where the command
-has one (else nothing: the default), a list the flag followed by each item, a mapping its JSON text, null `None`,
-anything else its text (one value written `--flag=value`, so that a value starting with a dash stays a value).
+has one (else nothing: the default), a list the flag followed by each item, a mapping its JSON text, null nothing
+(the option's default: vLLM writes `None`, which its optional options read as None, their default; here the text
+"None" was refused as a path, a number or a choice), anything else its text (one value written `--flag=value`, so that a value starting with a dash stays a value).
 Two keys are refused: `config` (no file names another) and `overwrite` (every run would start the job over,
 losing its results where the same command should resume it). Pure functions over words; no state. PyYAML is
 imported only when a file is read (transformers installs it)."""
@@ -83,6 +84,10 @@ def config_file_flags(path: str, command_flags: Mapping[str, argparse.Action]) -
 
 
 def _flag_words(path: str, flag: str, value: Any, command_flags: Mapping[str, argparse.Action]) -> list[str]:
+    if value is None:
+        if flag not in command_flags:
+            raise ConfigFileError(f"{path}: {flag[2:]} is no option of this command (see its --help)")
+        return []
     if isinstance(value, bool):
         if value:
             return [flag]
