@@ -254,6 +254,13 @@ def _sync(llm) -> None:
         torch.cuda.synchronize(llm.engine.device)
 
 
+def bench_refusal(problem: str) -> SystemExit:
+    """`bench`'s refusal of its options or inputs, said on stderr: exit 2 (can't start), as `run`'s and argparse's
+    (a bare `SystemExit(message)` exited 1, which means "some lines failed")."""
+    print(f"batchllm bench: {problem}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def resolve_workload(args) -> str:
     """`args.workload`, set where the command line left it out: file with --prompts-file, else shared.
     Exits where --prompts-file is given to a synthetic workload, or --sorted to another than shared (each was
@@ -261,9 +268,9 @@ def resolve_workload(args) -> str:
     if getattr(args, "workload", None) is None:
         args.workload = "file" if getattr(args, "prompts_file", None) else "shared"
     if getattr(args, "prompts_file", None) and args.workload != "file":
-        raise SystemExit(f"batchllm bench: --prompts-file is read by --workload file, not --workload {args.workload}")
+        raise bench_refusal(f"--prompts-file is read by --workload file, not --workload {args.workload}")
     if getattr(args, "sorted", False) and args.workload != "shared":  # (the others' order is their own)
-        raise SystemExit(f"batchllm bench: --sorted orders --workload shared, not --workload {args.workload}")
+        raise bench_refusal(f"--sorted orders --workload shared, not --workload {args.workload}")
     return args.workload
 
 
@@ -476,10 +483,10 @@ def bench_command(args) -> int:
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     if problem := _configs_problem(names, engine_kwargs_from_args(args)) or _output_paths_problem(args):
-        raise SystemExit(f"batchllm bench: {problem}")
+        raise bench_refusal(problem)
     filled = fill_workload_sizes(args)  # (before the checks: they read the sizes)
     if problem := workload_option_problem(args):
-        raise SystemExit(f"batchllm bench: {problem}")
+        raise bench_refusal(problem)
     if note := cpu_sizes_note(args.workload, filled):
         print(note, file=sys.stderr, flush=True)
     base = {**engine_kwargs_from_args(args), "skip_tokenizer_init": True}
@@ -608,7 +615,7 @@ def _file_workload(args) -> Workload | None:
     if resolve_workload(args) != "file":
         return None
     if not args.prompts_file:
-        raise SystemExit("batchllm bench: --workload file needs --prompts-file PATH")
+        raise bench_refusal("--workload file needs --prompts-file PATH")
     from batchllm.inputs import local_model_dir
     from batchllm.models.spec import read_model_spec
 
@@ -616,7 +623,7 @@ def _file_workload(args) -> Workload | None:
         vocab = read_model_spec(local_model_dir(args.model)).vocab_size
         return prompt_file_workload(args.prompts_file, args.output, vocab)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"batchllm bench: {e}") from None
+        raise bench_refusal(str(e)) from None
 
 
 def _device_info(engine, given_peak: float | None = None) -> tuple[float | None, dict]:

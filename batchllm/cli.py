@@ -491,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a job started (a started job reports its own interruption)
         print("batchllm: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:  # `plan ... | head`: the reader has what it wanted; quiet, as a tool killed by SIGPIPE
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
     except Exception as e:  # a bug or an environment failure: not a failed line, not a bad option
         debug = getattr(args, "debug", False) or logging.getLogger().isEnabledFor(logging.DEBUG)
         if debug:
@@ -512,6 +515,15 @@ def cannot_allocate(error: BaseException) -> bool:
 def _fail(message: str) -> int:
     print(f"batchllm: error: {message}", file=sys.stderr)
     return EXIT_CANNOT_START
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so that the interpreter's flush at exit does not fail again on the closed
+    pipe (Python's advice for a BrokenPipeError)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # (no file descriptor: a replaced sys.stdout)
+        pass
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ flag also given on the command line wins (command line > file > defaults; a repe
 file's), as in vLLM. Values, as vLLM writes them: true is the bare flag, false its `--no-` form where the command
 has one (else nothing: the default), a list the flag followed by each item, a mapping its JSON text, null nothing
 (the option's default: vLLM writes `None`, which its optional options read as None, their default; here the text
-"None" was refused as a path, a number or a choice), anything else its text (one value written `--flag=value`, so that a value starting with a dash stays a value).
+"None" was refused as a path, a number or a choice), anything else its text (one value written `--flag=value`,
+so that a value starting with a dash stays a value).
 Two keys are refused: `config` (no file names another) and `overwrite` (every run would start the job over,
 losing its results where the same command should resume it). Pure functions over words; no state. PyYAML is
 imported only when a file is read (transformers installs it)."""

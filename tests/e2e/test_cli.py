@@ -291,6 +291,24 @@ def test_plan_of_an_input_without_requests_is_empty_as_run_is(tmp_path, default_
     assert r.returncode == 0 and json.loads(r.stdout)["num_lines_failed"] == 0, r.stderr
 
 
+def test_plan_into_a_reader_that_closes_early_ends_quietly_as_a_pipe_tool(tmp_path, default_model_dir):
+    """`batchllm plan big.jsonl | head` ended in "unexpected failure: BrokenPipeError", exit status 3 (a code
+    failure); it now ends as a tool the pipe's SIGPIPE stops: status 141, nothing on stderr."""
+    import os
+
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"id": i, "prompt_token_ids": [1, 2, 3, i % 600 + 5, 7]}) + "\n"
+                           for i in range(1200)))
+    read, write = os.pipe()
+    os.close(read)  # (the reader is gone before the first line: every write fails)
+    try:
+        r = subprocess.run([sys.executable, "-m", "batchllm", "plan", str(big), "--groups", "100000"],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and "unexpected" not in r.stderr and "Error" not in r.stderr, r.stderr
+
+
 def test_plan_reads_lines_with_runs_max_tokens(tmp_path, default_model_dir):
     """plan read every line without max_tokens as SamplingParams' 16, where run gives a plain line 256 and an
     OpenAI chat line the context: it failed lines run answers (min_tokens 20) and counted -1 truncation wrong."""
