@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
-from batchllm.config import DTYPE_ALIASES, default_log_level, log_level_problem
+from batchllm.config import DTYPE_ALIASES, default_log_level, log_level_problem, unread_vllm_variables
 from batchllm.config_file import ConfigFileError, with_config_file
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, check_model_files, read_chat_template, read_model_source
@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem := log_level_problem():
         return _fail(problem)
     logging.basicConfig(level=default_log_level(), format="batchllm %(levelname)s %(name)s: %(message)s")
+    if unread := unread_vllm_variables():
+        print(f"batchllm: note: vLLM's {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read here "
+              "(no effect)", file=sys.stderr)
     try:
         if args.command == "run":
             return run_command(args)

@@ -96,19 +96,37 @@ def default_cache_dir() -> Path:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+LOG_LEVEL_VARIABLES = ("BATCHLLM_LOG_LEVEL", "VLLM_LOGGING_LEVEL")
+"""The environment variables that set the log level, the first set winning: this project's, then vLLM's (a vLLM
+user's VLLM_LOGGING_LEVEL=DEBUG did nothing)."""
+
+
+def _log_level_given() -> tuple[str, str] | None:
+    return next(((name, os.environ[name]) for name in LOG_LEVEL_VARIABLES if name in os.environ), None)
+
+
 def default_log_level() -> str:
-    """Logging level for the `batchllm` loggers: $BATCHLLM_LOG_LEVEL (one of LOG_LEVELS, any case), default
-    WARNING, also where the variable names no level (`log_level_problem` says so: the CLI refuses it)."""
-    level = os.environ.get("BATCHLLM_LOG_LEVEL", "WARNING").upper()
+    """Logging level for the `batchllm` loggers: $BATCHLLM_LOG_LEVEL, else vLLM's $VLLM_LOGGING_LEVEL (one of
+    LOG_LEVELS, any case), default WARNING, also where the variable names no level (`log_level_problem` says so:
+    the CLI refuses it)."""
+    given = _log_level_given()
+    level = given[1].upper() if given else "WARNING"
     return level if level in LOG_LEVELS else "WARNING"
 
 
 def log_level_problem() -> str | None:
-    """Why $BATCHLLM_LOG_LEVEL is refused (it names no level: logging raised a traceback, exit 1), or None."""
-    given = os.environ.get("BATCHLLM_LOG_LEVEL")
-    if given is None or given.upper() in LOG_LEVELS:
+    """Why the log level's variable is refused (it names no level: logging raised a traceback, exit 1), or None."""
+    given = _log_level_given()
+    if given is None or given[1].upper() in LOG_LEVELS:
         return None
-    return f"BATCHLLM_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {given!r}"
+    return f"{given[0]} must be one of {', '.join(LOG_LEVELS)}, got {given[1]!r}"
+
+
+def unread_vllm_variables() -> list[str]:
+    """vLLM's environment variables (VLLM_*) set here that nothing here reads: a job that ran as if they were not
+    set said nothing of them (VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 with a longer --max-model-len was refused without a
+    word on it)."""
+    return sorted(name for name in os.environ if name.startswith("VLLM_") and name not in LOG_LEVEL_VARIABLES)
 
 
 @dataclass(frozen=True)

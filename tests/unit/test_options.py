@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -943,6 +944,33 @@ def test_a_log_level_that_names_no_level_is_refused_before_the_job(tmp_path, cap
     assert default_log_level() == "WARNING", "the library (imported by LLM users) falls back instead"
     monkeypatch.setenv("BATCHLLM_LOG_LEVEL", "info")
     assert default_log_level() == "INFO"
+
+
+def test_vllms_log_level_is_read_and_its_other_variables_are_named_as_unread(tmp_path, capsys, monkeypatch):
+    """vLLM's VLLM_LOGGING_LEVEL did nothing, and every VLLM_* variable was ignored without a word (a job with
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 was refused with no word on it). The first sets the level under
+    BATCHLLM_LOG_LEVEL; the others are named once on stderr."""
+    from batchllm import cli
+    from batchllm.config import default_log_level
+
+    for name in [n for n in os.environ if n.startswith("VLLM_") or n == "BATCHLLM_LOG_LEVEL"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(cli, "run_command", lambda args: 0)
+    run = ["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl")]
+    assert cli.main(run) == 0 and "VLLM" not in capsys.readouterr().err
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")
+    assert default_log_level() == "DEBUG"
+    monkeypatch.setenv("BATCHLLM_LOG_LEVEL", "error")
+    assert default_log_level() == "ERROR", "this project's variable wins"
+    monkeypatch.delenv("BATCHLLM_LOG_LEVEL")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "loud")
+    assert cli.main(run) == 2 and "VLLM_LOGGING_LEVEL must be one of DEBUG" in capsys.readouterr().err
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    monkeypatch.setenv("VLLM_USE_V1", "1")
+    assert cli.main(run) == 0
+    assert ("batchllm: note: vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN, VLLM_USE_V1 are not read here (no effect)"
+            in capsys.readouterr().err)
 
 
 def _parsed_with_config(words, monkeypatch):
