@@ -225,6 +225,12 @@ def _add_output_arguments(o) -> None:
                    "--model as given, else the default model's name)")
     o.add_argument("--response-role", type=utf8_text, default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
+    o.add_argument("--fingerprint-mode", choices=FINGERPRINT_MODES, default="full",
+                   help="the OpenAI responses' system_fingerprint, as vLLM's option: full, batchllm-<version>"
+                   "[-tpN][-dpN]-<hash8 of the model, tokenizer, dtype, quantization, KV dtype and context>; hash, "
+                   "without the parallelism; custom, --fingerprint-value; none, null")
+    o.add_argument("--fingerprint-value", type=utf8_text, default=None,
+                   help="the system_fingerprint under --fingerprint-mode custom (vLLM's option)")
     o.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="split a reasoning model's answers to OpenAI chat lines, as vLLM's option: the thinking "
                    "between <think> and </think> goes to the message's `reasoning`, the rest to its `content` "
@@ -399,6 +405,7 @@ VLLM_SERVER_FLAGS = {
     "--return-tokens-as-token-ids": "logprobs name their tokens by text (a body's return_tokens_as_token_ids true "
                                     "is refused too)",
     "--tool-server": "no tool server: a tool call is returned in its line's answer, not run",
+    "--log-config-file": "logging is set by BATCHLLM_LOG_LEVEL (or vLLM's VLLM_LOGGING_LEVEL)",
 }
 """vLLM run-batch's frontend flags (not engine options) with no counterpart here, and what to do instead."""
 
@@ -1181,11 +1188,36 @@ def line_serving(args: argparse.Namespace) -> LineServing:
 
 
 def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:
-    """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's), and
-    how the job served the lines (`line_serving`: its parsers split the answers)."""
+    """What OpenAI response lines call the model and a chat answer's author (`model_name`: the model's), how the
+    job served the lines (`line_serving`: its parsers split the answers), and their `system_fingerprint`."""
     given = os.fsencode(str(args.model)).decode("utf-8", "replace") if args.model is not None else None  # (a path)
     return ResponseShape(given or model_name, tuple(args.served_model_name or ()), args.response_role,
-                         line_serving(args))
+                         line_serving(args), fingerprint=system_fingerprint(args))
+
+
+FINGERPRINT_MODES = ("full", "hash", "custom", "none")
+FINGERPRINTED_OPTIONS = ("model", "tokenizer", "dtype", "quantization", "kv_cache_dtype", "max_model_len")
+"""The options a `system_fingerprint`'s hash covers: what serves the answers (vLLM hashes its whole config)."""
+
+
+def system_fingerprint(args: argparse.Namespace) -> str | None:
+    """The OpenAI responses' `system_fingerprint` as vLLM 0.26's --fingerprint-mode makes it (default full; they
+    were always null): full, "batchllm-<version>[-tpN][-dpN]-<hash8>", the parallelism where above 1; hash, without
+    it; custom, --fingerprint-value (None without one, as vLLM's); none, None."""
+    from batchllm import __version__
+
+    mode = getattr(args, "fingerprint_mode", "none")
+    if mode in ("none", "custom"):
+        return getattr(args, "fingerprint_value", None) if mode == "custom" else None
+    served = {name: getattr(args, name, None) for name in FINGERPRINTED_OPTIONS}
+    for name in ("model", "tokenizer"):
+        if served[name] is not None and Path(served[name]).exists():
+            served[name] = str(Path(served[name]).resolve())
+    digest = hashlib.sha256(json.dumps(served, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    parallel = "".join(f"-{short}{size}" for short, size in (
+        ("tp", getattr(args, "tensor_parallel_size", 1) or 1), ("dp", getattr(args, "data_parallel_size", 1) or 1))
+        if size > 1) if mode == "full" else ""
+    return f"batchllm-{__version__}{parallel}-{digest}"
 
 
 def _report(args: argparse.Namespace, job: _Job, stats: dict, wall: float) -> int:

@@ -490,6 +490,8 @@ class ResponseShape(NamedTuple):
     tool_reader: str | None = None
     """The record writers' reader of "auto" answers where the engine's tokenizer needs another than the parser's
     own (`for_tokenizer`); None: the parser's."""
+    fingerprint: str | None = None
+    """The responses' `system_fingerprint` (vLLM's --fingerprint-mode: `cli.system_fingerprint`); None: null."""
 
     def for_tokenizer(self, tokenizer) -> ResponseShape:
         """This shape with the reader its tool-call parser reads that tokenizer's answers with, where it is not the
@@ -543,6 +545,7 @@ def record_for(line: BatchLine, output, names: ResponseShape, tokenizer=None) ->
                                            len(output.prompt_token_ids), top, role=names.role_of(line),
                                            echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer,
                                            reasoning_split=names.reasoning_split(line), asks=line.response_asks,
-                                           tool_call=names.tool_call_of(line), parsers=names.serving.parses)
+                                           tool_call=names.tool_call_of(line), parsers=names.serving.parses,
+                                           fingerprint=names.fingerprint)
     return result_record(line.request_id, output, len(output.prompt_token_ids), names.tool_call_of(line),
                          names.reasoning_split(line))

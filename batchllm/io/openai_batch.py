@@ -668,15 +668,16 @@ class ResponseAsks(NamedTuple):
     the content stays the parser's); without a parser it changes nothing, as in vLLM."""
 
 
-_VLLM_BODY_NULLS = {"service_tier": None, "system_fingerprint": None}
 _VLLM_BODY_TAIL = {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
-"""The keys vLLM's response bodies always write (null here: no service tier, fingerprint, KV transfer or timing)."""
+"""The keys vLLM's response bodies always write after their usage (null here: no KV transfer or timing); before
+it, `service_tier` (null: no tiers) and `system_fingerprint`."""
 
 
 def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: int,
                    top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
                    tokenizer=None, reasoning_split=None, asks: ResponseAsks | None = None,
-                   tool_call: ForcedToolCall | AutoToolChoice | None = None, parsers: bool = False) -> dict[str, Any]:
+                   tool_call: ForcedToolCall | AutoToolChoice | None = None, parsers: bool = False,
+                   fingerprint: str | None = None) -> dict[str, Any]:
     """A 200 response line, its body with the keys vLLM's run-batch writes (null where nothing is said).
     `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its entries, in their order:
     the sampled token's, then those logprob_token_ids named); `role` is a chat answer's (vLLM's --response-role);
@@ -686,8 +687,8 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
     (`ResponseAsks`); `tool_call`: a chat line's forced call or served "auto" choice, whose answers are read as the
     messages' tool calls (`tool_calls.message_calls`; `finish_reason` as vLLM's); `parsers`: whether the job runs a
     reasoning or tool-call parser (under one, a chat body's include_reasoning false drops the reasoning, logprobs
-    and token ids: `ResponseAsks.include_reasoning`). Each choice carries vLLM's `stop_reason` (the stop string or
-    token id that ended it, else null)."""
+    and token ids: `ResponseAsks.include_reasoning`); `fingerprint`: the body's `system_fingerprint`. Each choice
+    carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
     asks = asks or ResponseAsks()
     line_id, request_id = _ids()
     completion_tokens = output.num_output_tokens
@@ -711,12 +712,13 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
                             "stop_reason": c.stop_reason, "token_ids": None if suppressed else _token_ids(c, asks),
                             "routed_experts": None})
         body = {"id": f"chatcmpl-{_or_random(asks.request_id)}", **head, "choices": choices,
-                **_VLLM_BODY_NULLS, "usage": usage, "prompt_logprobs": _prompt_logprobs(output),
+                "service_tier": None, "system_fingerprint": fingerprint, "usage": usage,
+                "prompt_logprobs": _prompt_logprobs(output),
                 "prompt_token_ids": prompt_ids, "prompt_text": None, **_VLLM_BODY_TAIL}
     else:
         body = {"id": f"cmpl-{_or_random(asks.request_id)}", **head,
                 "choices": _completion_choices(output, echo, top_logprobs, tokenizer, asks, prompt_ids),
-                **_VLLM_BODY_NULLS, "usage": usage, **_VLLM_BODY_TAIL}
+                "service_tier": None, "system_fingerprint": fingerprint, "usage": usage, **_VLLM_BODY_TAIL}
     return {"id": line_id, "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def check_openai_record(rec):
     body = response["body"]
     assert body["object"] in ("chat.completion", "text_completion")
     assert isinstance(body["id"], str) and isinstance(body["created"], int) and isinstance(body["model"], str)
-    assert body["system_fingerprint"] is None  # (present, as OpenAI's and vLLM's responses hold it)
+    # (present, as OpenAI's and vLLM's responses hold it; vLLM's --fingerprint-mode full by default)
+    assert re.fullmatch(r"batchllm-[0-9.]+(-tp\d+)?(-dp\d+)?-[0-9a-f]{8}", body["system_fingerprint"])
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]  # (OpenAI's field)

@@ -350,10 +350,11 @@ def test_run_takes_vllms_response_naming_options():
 
     args = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--served-model-name", "smol", "smol-2",
                                       "--response-role", "bot", "--model", "/m/SmolLM2"])
-    assert tuple(response_shape(args, "SmolLM2")) == ("/m/SmolLM2", ("smol", "smol-2"), "bot", LineServing(), None)
+    assert tuple(response_shape(args, "SmolLM2"))[:5] == ("/m/SmolLM2", ("smol", "smol-2"), "bot", LineServing(),
+                                                          None)
     plain = build_parser().parse_args(["run", "in.jsonl", "-o", "o"])
-    assert tuple(response_shape(plain, "SmolLM2-135M-Instruct")) == ("SmolLM2-135M-Instruct", (), "assistant",
-                                                                     LineServing(), None)
+    assert tuple(response_shape(plain, "SmolLM2-135M-Instruct"))[:5] == ("SmolLM2-135M-Instruct", (), "assistant",
+                                                                         LineServing(), None)
     qwen3 = build_parser().parse_args(["run", "in.jsonl", "-o", "o", "--reasoning-parser", "qwen3"])
     assert response_shape(qwen3, "m").serving.reasoning_parser == "qwen3"
 

@@ -177,6 +177,34 @@ def test_include_reasoning_false_drops_the_reasoning_and_metadata_under_a_parser
         body_to_request(CHAT_URL, {**chat, "include_reasoning": "maybe"})
 
 
+def test_the_system_fingerprint_follows_vllms_fingerprint_mode(tmp_path):
+    """vLLM's run-batch writes system_fingerprint "vllm-<version>[-<parallelism>]-<hash8>" by default
+    (--fingerprint-mode full); here it was always null and --fingerprint-mode / --fingerprint-value were
+    unrecognized. The hash follows what serves the answers, not the options that do not."""
+    import json
+    import re
+
+    from batchllm.cli import build_parser, response_shape
+    from batchllm.io.ingest import record_for
+    from batchllm.io.jsonl import parse_line
+
+    def fingerprint(*flags) -> str | None:
+        args = build_parser().parse_args(["run", "in.jsonl", "-o", "o.jsonl", *flags])
+        line = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {"messages": [
+            {"role": "user", "content": "Hi"}]}}).encode(), 1)
+        output = RequestOutput("r", "p", [1], None, [CompletionOutput(0, "x", [5], None, None, finish_reason="stop")])
+        return record_for(line, output, response_shape(args, "m"))["response"]["body"]["system_fingerprint"]
+
+    full = fingerprint()
+    assert re.fullmatch(r"batchllm-[0-9.]+-[0-9a-f]{8}", full), full
+    assert fingerprint("--fingerprint-mode", "hash") == full == fingerprint("--max-tokens", "9")
+    assert fingerprint("--dtype", "float32") != full
+    assert fingerprint("-dp", "2").startswith(full.rsplit("-", 1)[0] + "-dp2-")
+    assert fingerprint("-dp", "2", "--fingerprint-mode", "hash") == full
+    assert fingerprint("--fingerprint-mode", "custom", "--fingerprint-value", "mine") == "mine"
+    assert fingerprint("--fingerprint-mode", "none") is None
+
+
 def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     """vLLM's run-batch writes every field of its response models (null where nothing is said): a parser indexing
     `body["service_tier"]` or `choice["token_ids"]` failed on ours. A body's `request_id` names the response
