@@ -58,6 +58,12 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     return _convert_once(find_gguf(), target, DEFAULT_MODEL_NAME, "the default model")
 
 
+CONVERSION_FORMAT = 2
+"""What a GGUF conversion writes, in the cache key of a user's file: raised when that changes, so that a file
+converted before is converted again (2: its end-of-turn tokens among the EOS ids). The default model's directory
+has no key: its GGUF names no token beside its EOS."""
+
+
 def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """The directory a GGUF model file is converted into (on first use; again when the file changes). A file
     transformers cannot read (an architecture it does not convert, a sharded or damaged file) is a ModelLoadError
@@ -65,7 +71,7 @@ def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     resolved = gguf_path.resolve()
     refuse_an_architecture_not_run(gguf_path)  # from the header: before converting (or a stale conversion)
     stat = resolved.stat()
-    key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_FORMAT}".encode()).hexdigest()[:12]
     target = (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{key}"
     if (target / _DONE_MARKER).is_file():
         return target
@@ -253,8 +259,27 @@ def _convert_read_once(gguf_path: Path, out_dir: Path, name: str) -> None:
     config["_name_or_path"] = name
     config["architectures"] = config.get("architectures") or [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    model.generation_config.save_pretrained(out_dir)
+    generation = model.generation_config
+    generation.eos_token_id = _with_gguf_end_tokens(generation.eos_token_id, gguf_path)
+    generation.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+GGUF_END_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+"""A GGUF file's tokens that end generation, as llama.cpp stops at each: its EOS, end of turn and end of message
+(Llama 3.1's GGUF files give <|eot_id|> and <|eom_id|> so, where its Hugging Face generation_config.json lists them)."""
+
+
+def _with_gguf_end_tokens(eos: int | list[int] | None, gguf_path: Path) -> int | list[int] | None:
+    """transformers' EOS of a GGUF model (its eos_token_id alone) with the file's other end tokens
+    (`GGUF_END_TOKEN_KEYS`) after it: without them, generation ran past an end-of-turn token the file names."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    given = [eos] if isinstance(eos, int) else list(eos or [])
+    ends = [int(v) for key in GGUF_END_TOKEN_KEYS if isinstance(v := _gguf_value(reader, key), int)]
+    merged = given + [t for t in dict.fromkeys(ends) if t not in given]
+    return eos if merged == given else merged
 
 
 _GGUF_YARN_KEYS = {"factor": "factor", "original_context_length": "original_max_position_embeddings",

@@ -375,6 +375,34 @@ def _gguf_greedy(gguf, prompts, max_tokens=8):
 GGUF_PROMPTS = [list(range(5, 25)), [100, 2000, 30000, 45000, 7, 7, 7]]
 
 
+def test_a_gguf_files_end_of_turn_token_ends_generation(tmp_path, monkeypatch, tiny_model_factory):
+    """transformers' GGUF reader keeps only tokenizer.ggml.eos_token_id: a file naming an end-of-turn token (Llama
+    3.1's <|eot_id|> and <|eom_id|>, where llama.cpp stops) generated past it. The converted generation_config.json
+    lists it after the EOS, and generation ends on it, as on a secondary EOS (its id the stop_reason)."""
+    from gguf import GGUFValueType
+
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(tmp_path / "cache"))
+    llama = Path(tiny_model_factory("llama"))
+    plain = write_gguf(llama, tmp_path / "plain.gguf", "llama", rope_freqs=llama3_rope_divisors(llama))
+    tokens = _gguf_greedy(plain, GGUF_PROMPTS[:1], 6)[0]
+    end = tokens[3]
+    assert end not in tokens[:3] and end != 2, tokens  # (the tiny model's greedy tokens: a later one is the end)
+    metadata = {"tokenizer.ggml.eot_token_id": (end, GGUFValueType.UINT32),
+                "tokenizer.ggml.eom_token_id": (end, GGUFValueType.UINT32)}
+    gguf = write_gguf(llama, tmp_path / "eot.gguf", "llama", rope_freqs=llama3_rope_divisors(llama),
+                      metadata=metadata)
+    llm = LLM(str(gguf), device="cpu", dtype="float32")
+    try:
+        [output] = llm.generate([{"prompt_token_ids": GGUF_PROMPTS[0]}], SamplingParams(temperature=0, max_tokens=6),
+                                use_tqdm=False)
+        converted = llm.model_dir
+    finally:
+        llm.shutdown()
+    completion = output.outputs[0]
+    assert (completion.token_ids, completion.finish_reason, completion.stop_reason) == (tokens[:4], "stop", end)
+    assert json.loads((converted / "generation_config.json").read_text())["eos_token_id"] == [2, end]
+
+
 def test_a_gguf_files_rope_scaling_is_kept(tmp_path, monkeypatch, tiny_model_factory):
     """transformers' GGUF reader drops rope scaling: a Llama 3.1-style file (llama.cpp writes its llama3 scaling as
     a rope_freqs.weight tensor) or one with yarn keys ran with plain rope, different tokens from its model with no
