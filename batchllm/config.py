@@ -151,7 +151,9 @@ class ModelConfig(_Checked):
     load_format: str = option("auto", "auto/safetensors: read the weights from the model directory; dummy: "
                               "random weights from config.json alone (benchmarking shapes)", choices=_LOAD_FORMATS)
     seed: int | None = option(0, "seed of the engine-wide generator used by requests without a seed of their own "
-                              "(and of dummy weights), so runs repeat; None: 0, with a warning, as vLLM's V1 "
+                              "(each data-parallel engine draws from one of its own), so runs repeat; dummy weights "
+                              "are seeded by their names alone, as vLLM's by one fixed seed; None: 0, with a "
+                              "warning, as vLLM's V1 "
                               "engine read it (vLLM 0.26 refuses None)")
     device: str = option("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     skip_tokenizer_init: bool = option(False, "load no tokenizer: prompts must be token ids and outputs carry "

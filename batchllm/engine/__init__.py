@@ -303,7 +303,7 @@ def _build_model(config: EngineConfig, facts: ModelFacts, tp) -> DecoderForCausa
     mc = config.model
     model = build_model(facts.spec, facts.model_dir, max_positions=facts.max_model_len, dtype=facts.dtype,
                         device=facts.device, load_format="dummy" if mc.load_format == "dummy" else "safetensors",
-                        seed=mc.seed, ops=make_ops(mc.kernels, facts.device), tp=tp, quantization=facts.quantization,
+                        ops=make_ops(mc.kernels, facts.device), tp=tp, quantization=facts.quantization,
                         fp8_fused_quant=mc.fp8_fused_quant, fp8_deferred_scales=mc.fp8_deferred_scales)
     if tp is None or tp.rank == 0:
         warn_unit_kv_scales(model, facts.kv_cache_dtype, facts.quantization)

@@ -61,7 +61,7 @@ def _uninitialized_on(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: torch.dtype, device: torch.device,
-                load_format: str, seed: int, ops=None, tp=None,
+                load_format: str, ops=None, tp=None,
                 quantization: Fp8Scheme | None = None, fp8_fused_quant: bool = False,
                 fp8_deferred_scales: bool = False) -> DecoderForCausalLM:
     """ops: the elementwise-op policy (`layers/ops.py`), default TorchOps; tp: this rank's TPGroup;
@@ -84,7 +84,7 @@ def build_model(spec: ModelSpec, model_dir: Path, *, max_positions: int, dtype: 
     # KV-cache scales: 1.0 (vLLM's default without calibrated scales) unless an FP8 model's checkpoint has them
     model.set_kv_scales(torch.ones(spec.num_layers, 4, dtype=torch.float32, device=device))
     if load_format == "dummy":
-        _fill_random(model, seed)
+        _fill_random(model)
     else:
         _load_safetensors(model, model_dir, quantization)
     prepare_fp8(model, device, model.ops, fp8_fused_quant, fp8_deferred_scales)
@@ -135,9 +135,11 @@ def _load_fp8(target, scale_target, weight: torch.Tensor, scale: torch.Tensor | 
     scale_target.load(s)
 
 
-def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
+def _fill_random(model: DecoderForCausalLM) -> None:
     """Random weights drawn on the weights' own device (an 8B shape fills in seconds on a GPU): each
-    checkpoint tensor whole, from a generator seeded by (seed, its name), then this rank's slice.
+    checkpoint tensor whole, from a generator seeded by its name alone (as vLLM seeds its dummy weights with one fixed
+    seed: every engine and rank of a job gets the same model, whatever seed each samples with), then this rank's
+    slice.
     A float8 weight is drawn in the model dtype (the same draws as unquantized) and quantized, one
     tensor at a time."""
     device = next(model.parameters()).device
@@ -153,7 +155,7 @@ def _fill_random(model: DecoderForCausalLM, seed: int) -> None:
             elif name.endswith(".bias"):
                 target.tensor.zero_()
             else:
-                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
                 if target.size == 1 and name not in scales:  # the whole (contiguous) tensor: the same draws, in place
                     target.tensor.normal_(0.0, 0.02, generator=generator)
                     continue

@@ -118,6 +118,25 @@ def test_two_engines_per_gpu_match_one_engine_and_report_their_start(tiny_model_
         llm.shutdown()
 
 
+def test_engines_with_dummy_weights_hold_one_model_whatever_seed_each_samples_with(tiny_model_factory):
+    """Each engine's own sampling seed (`engine_seed`) also seeded its dummy weights: rank 1's overflowed the
+    weights' generator ("Overflow when unpacking long long": data parallelism with load_format dummy, every
+    benchmark's, could not start), and would have given each rank another model. Dummy weights are seeded by their
+    names alone, as vLLM's by one fixed seed: two engines answer as one."""
+    options = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, load_format="dummy")
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8 + i]} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    model = tiny_model_factory("llama")
+    results = []
+    for more in ({}, {"engines_per_gpu": 2}, {"seed": 5}):
+        llm = LLM(model, **options, **more)
+        try:
+            results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        finally:
+            llm.shutdown()
+    assert results[0] == results[1] == results[2]
+
+
 def test_a_second_turn_goes_back_to_the_rank_that_kept_its_first(tiny_model_factory):
     """Each engine keeps the KV of the sequences it finished; the parent remembers which rank finished which and
     places a continued conversation there, so two engines take as many tokens from their caches as one engine

@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory):
     model_dir = make_tiny_model("llama", tmp_path_factory.mktemp("profile"))
     spec = read_model_spec(model_dir)
     return build_model(spec, model_dir, max_positions=64, dtype=torch.float32, device=torch.device("cpu"),
-                       load_format="dummy", seed=0)
+                       load_format="dummy")
 
 
 def test_probe_forward_runs_every_layer_without_a_cache(tiny_model):
