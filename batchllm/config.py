@@ -93,7 +93,8 @@ def default_cache_dir() -> Path:
     return base / "batchllm"
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "WARN", "FATAL", "NOTSET")
+"""The level names Python's logging takes (WARN, FATAL and NOTSET too: vLLM passes VLLM_LOGGING_LEVEL to it)."""
 
 
 LOG_LEVEL_VARIABLES = ("BATCHLLM_LOG_LEVEL", "VLLM_LOGGING_LEVEL")

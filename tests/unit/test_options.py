@@ -961,6 +961,8 @@ def test_vllms_log_level_is_read_and_its_other_variables_are_named_as_unread(tmp
     assert cli.main(run) == 0 and "VLLM" not in capsys.readouterr().err
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")
     assert default_log_level() == "DEBUG"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "warn")  # (logging's alias, which vLLM takes)
+    assert default_log_level() == "WARN" and cli.main(run) == 0
     monkeypatch.setenv("BATCHLLM_LOG_LEVEL", "error")
     assert default_log_level() == "ERROR", "this project's variable wins"
     monkeypatch.delenv("BATCHLLM_LOG_LEVEL")
