@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     words = dashed_flag_names(sys.argv[1:] if argv is None else list(argv))
     try:  # (vLLM's --config FILE.yaml; argparse alone would read --config as --config-format's prefix)
         if not {"-h", "--help", "--version"} & set(words[:words.index("--") if "--" in words else None]):
-            words = with_config_file(words, lambda rest: _command_actions(parser, rest))
+            words = with_config_file(words, lambda rest: _command_actions(parser, rest),
+                                     vllm_flag=lambda flag: vllm_flag_not_taken(flag) is not None)
     except ConfigFileError as error:
         parser.error(str(error))
     args, unknown = parser.parse_known_args(bare_flags_as_on(words, _command_flags(parser, words)))

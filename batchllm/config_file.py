@@ -30,7 +30,7 @@ class ConfigFileError(ValueError):
 
 
 def with_config_file(words: list[str], flags_of: Callable[[list[str]], Mapping[str, argparse.Action]], *,
-                     has_command: bool = True) -> list[str]:
+                     has_command: bool = True, vllm_flag: Callable[[str], bool] = lambda flag: False) -> list[str]:
     """`words` (the command line after the program's name, flag names already dashed) with `--config FILE` (or
     `--config=FILE`) replaced by FILE's options, put right after the first word that is no flag (the command's
     name; where `has_command` is false, a script's parser without subcommands, after the first word where that is
@@ -59,12 +59,14 @@ def with_config_file(words: list[str], flags_of: Callable[[list[str]], Mapping[s
         command_at = 0 if rest and not rest[0].startswith("-") else -1
     if command_at is None:
         raise ConfigFileError("--config needs a command: batchllm run --config FILE.yaml ...")
-    flags = config_file_flags(path, flags_of(rest))
+    flags = config_file_flags(path, flags_of(rest), vllm_flag)
     return rest[:command_at + 1] + flags + rest[command_at + 1:]
 
 
-def config_file_flags(path: str, command_flags: Mapping[str, argparse.Action]) -> list[str]:
-    """The flags FILE's mapping stands for (see the module's docstring), in the file's order."""
+def config_file_flags(path: str, command_flags: Mapping[str, argparse.Action],
+                      vllm_flag: Callable[[str], bool] = lambda flag: False) -> list[str]:
+    """The flags FILE's mapping stands for (see the module's docstring), in the file's order; `vllm_flag(flag)`: a
+    vLLM flag the command does not have (refused where a value is given), which a null leaves unset, as vLLM does."""
     flags: list[str] = []
     for key, value in _read_mapping(path).items():
         if not isinstance(key, str) or not key or key.startswith("-"):
@@ -78,7 +80,7 @@ def config_file_flags(path: str, command_flags: Mapping[str, argparse.Action]) -
                                   "the command line)")
         flag = "--" + key.replace("_", "-")
         try:
-            flags += _flag_words(path, flag, value, command_flags)
+            flags += [] if value is None and vllm_flag(flag) else _flag_words(path, flag, value, command_flags)
         except (TypeError, ValueError, RecursionError) as error:  # (json: a circular YAML anchor, ...)
             raise ConfigFileError(f"{path}: {key} cannot be written as a flag's value: {error}") from None
     return flags

@@ -996,7 +996,8 @@ def test_vllms_config_file_gives_options_that_the_command_line_overrides(tmp_pat
                       "stop: [\"END\", \"---\"]\nseed: -1\noverwrite: false\nrevision: null\n"
                       "default-chat-template-kwargs: {enable_thinking: false, date_string: 2024-07-26}\n"
                       "chat-template: null\nquantization: null\nmax-log-len: null\nkv-cache-memory-bytes: null\n"
-                      "max-model-len: ~\n")
+                      "max-model-len: ~\ntool-server: null\nlog-config-file: null\n")  # (vLLM flags not taken here:
+    # null, their default, is taken; a value is refused naming what to do instead)
     args = _parsed_with_config(["run-batch", "-i", "in.jsonl", "--config", str(config), "-o", "o.jsonl",
                                 "--max-tokens", "7"], monkeypatch)
     assert (args.max_num_batched_tokens, args.max_tokens, args.async_scheduling, args.enforce_eager) == (
@@ -1018,6 +1019,7 @@ def test_vllms_config_file_gives_options_that_the_command_line_overrides(tmp_pat
     ("- max-tokens\n", "must hold a mapping of option names to values"),
     ("max-tokens: [1, 2]\n", "max-tokens takes one value, not a list"),
     ("max-tokns:\n", "max-tokns is no option of this command"),
+    ("tool-server: localhost:1\n", "no tool server"),
     ("enable-prefix-cachng: false\n", "enable-prefix-cachng is no option of this command"),
     ("overwrite: true\n", "overwrite is not taken from a config file"),
     ("default-chat-template-kwargs: {a: &x [1, *x]}\n", "cannot be written as a flag's value"),
