@@ -56,7 +56,8 @@ _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs"
                       "media_io_kwargs": (None, {}), "return_assistant_tokens_mask": (False, True, None),
                       "return_prompt_text": (False, None)}
 _ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None), "tool_choice": (None, "none"),
-                             "include_reasoning": (True, None)}
+                             "include_reasoning": (True, False, None)}  # (no field of vLLM's completions request:
+# an extra field, which its request model takes and ignores)
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
 # verbosity: a hint to OpenAI's own models; cache_salt: vLLM's, which keeps a prefix cache's entries apart)
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",

@@ -956,6 +956,8 @@ def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
     defaults = {"use_beam_search": False, "priority": 0, "include_reasoning": True}
     assert body_to_request("/v1/chat/completions", {**chat, **defaults, "add_special_tokens": False}).overrides == {}
     assert body_to_request("/v1/completions", {"prompt": "x", **defaults, "add_special_tokens": True}).overrides == {}
+    assert body_to_request("/v1/completions", {"prompt": "x", "include_reasoning": False}).overrides == {}, (
+        "no field of vLLM's completions request: an extra one, ignored there")
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
     asked = body_to_request("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "none",
                                                      "documents": [{"title": "t", "text": "d"}]})
