@@ -319,7 +319,7 @@ def test_every_vllm_026_engine_args_field_is_taken_or_refused_with_a_reason():
         if name not in engine_options():  # (an option's value is its own: gpu_memory_utilization 0.92 is taken)
             assert config == default, f"{name}={value!r}: vLLM's default asks for nothing"
     for name in VLLM_NOT_TAKEN.keys() & VLLM_026_ENGINE_ARGS.keys():
-        with pytest.raises(TypeError, match=rf"^{name}=.* is not supported: .*\(Only vLLM's default, "):
+        with pytest.raises(TypeError, match=rf"^{name}=.* is not supported: .*\((Only|Taken:) vLLM's default, "):
             engine_config(**{name: ("a value", "no vLLM default is")})
     for name, value in (("prefix_caching_hash_algo", "sha256"), ("prefix_caching_hash_algo", "xxhash"),
                         ("disable_cascade_attn", False), ("cuda_graph_sizes", None)):
