@@ -55,9 +55,9 @@ _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,
 _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs": (None, {}),
                       "media_io_kwargs": (None, {}), "return_assistant_tokens_mask": (False, True, None),
                       "return_prompt_text": (False, None)}
+# (include_reasoning is no field of vLLM's completions request: an extra one, which its request model ignores)
 _ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None), "tool_choice": (None, "none"),
-                             "include_reasoning": (True, False, None)}  # (no field of vLLM's completions request:
-# an extra field, which its request model takes and ignores)
+                             "include_reasoning": (True, False, None)}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
 # verbosity: a hint to OpenAI's own models; cache_salt: vLLM's, which keeps a prefix cache's entries apart)
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
