@@ -172,9 +172,16 @@ class LLM:
         """Stop the data-parallel workers and tensor-parallel followers, if any (they are daemons
         that also die with this process), drop the engine and hand its device memory (weights, KV
         cache, CUDA graphs) back, so that another LLM can be built in this process. The LLM cannot
-        generate after this."""
+        generate after this; an `iter_generate` left suspended is dropped first (its requests aborted): resumed, it
+        says the LLM was shut down (it went on over the dropped engine, then failed with an AttributeError)."""
         self._shut_down = True
         self._queued = []
+        with self._call_lock:
+            suspended = self._running_call
+            if suspended is not None and not suspended.executing:
+                suspended.dropped = True
+        if suspended is not None and suspended.dropped and suspended.drop is not None and self.engine is not None:
+            suspended.drop()
         if getattr(self, "_stop_processes", None) is not None:  # (None: an LLM whose building failed)
             self._stop_processes.detach()
         if self._data_parallel is not None:
@@ -262,7 +269,7 @@ class LLM:
         tokenized, params = self._validate_call(prompts, sampling_params, lora_request, priority, tokenization_kwargs,
                                                 mm_processor_kwargs)
         results: list[RequestOutput | None] = [None] * len(tokenized)
-        for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm):
+        for index, output in self.iter_generate(tokenized, params, use_tqdm=use_tqdm, _held=True):
             results[index] = output
         for output in results:  # (numbered once the call ended: a failed call uses no numbers, as none came out)
             output.request_id = str(next(self._output_counter))
@@ -388,7 +395,8 @@ class LLM:
         reached_engine = threading.Event()
         try:
             for index, output in self.iter_generate([p for _, p, _ in queued], [sp for _, _, sp in queued],
-                                                    use_tqdm=use_tqdm, on_reaching_engine=reached_engine.set):
+                                                    use_tqdm=use_tqdm, on_reaching_engine=reached_engine.set,
+                                                    _held=True):
                 output.request_id = queued[index][0]
                 results[index] = output
         except BaseException:
@@ -507,6 +515,7 @@ class LLM:
         refill: Callable[[], tuple[Sequence[TokenizedPrompt], Sequence[SamplingParams]] | None] | None = None,
         stop_asked: Callable[[], bool] | None = None,
         on_reaching_engine: Callable[[], None] | None = None,
+        _held: bool = False,
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Run validated prompts; yield (prompt index, RequestOutput) as each prompt completes.
         Afterwards (also when the caller stops early) `last_stats` holds the call's statistics.
@@ -520,7 +529,10 @@ class LLM:
 
         One call runs at a time (`_take_over`): a call while another executes is refused, and one while another is
         suspended (at a yield: its caller has not asked for its next output) drops that one, which raises where it
-        is resumed after the outputs it had finished."""
+        is resumed after the outputs it had finished. `_held`: the caller is this LLM's own loop (`generate`,
+        `wait_for_completion`), which asks for the next output at once: the call stays executing at its yields, so
+        another thread's call is refused there (it took such a call for a suspended one and dropped it, losing its
+        results)."""
         if self._shut_down:
             raise RuntimeError("this LLM was shut down (LLM.shutdown); build a new one to generate again")
         running = _RunningCall(threading.get_ident())
@@ -534,6 +546,9 @@ class LLM:
                 outputs = self._run_on_engine(prompts, params, use_tqdm, progress_desc, refill, stop_asked, running,
                                               on_reaching_engine)
             for item in outputs:
+                if _held:
+                    yield item
+                    continue
                 self._suspend(running)
                 yield item
                 self._resume(running)
@@ -622,8 +637,9 @@ class LLM:
                         yield index, output
                     self._show_progress(progress, call, before)
                 if running.dropped:
-                    raise RuntimeError(f"this generate call (call {call.call_id}) was dropped when a later one "
-                                       "started on this LLM; the outputs it had finished were given")
+                    why = "the LLM was shut down" if self._shut_down else "a later one started on this LLM"
+                    raise RuntimeError(f"this generate call (call {call.call_id}) was dropped when {why}; the outputs "
+                                       "it had finished were given")
             finally:
                 try:
                     if not running.dropped:  # (its requests are aborted by `_drop`; the engine is a later call's)
@@ -674,7 +690,7 @@ class LLM:
         call.progress.close()
 
     def _show_progress(self, progress: TokenProgress, call: _Call, before: SchedulerStats, force: bool = False) -> None:
-        if progress.enabled:
+        if progress.enabled and self.engine is not None:  # (None: shut down under a suspended call)
             stats = self.engine.core.scheduler.stats  # (prompt tokens done: computed, or taken from the KV cache)
             progress.update(input_tokens=stats.prefill_tokens - before.prefill_tokens
                             + stats.kept_prefill_tokens - before.kept_prefill_tokens,

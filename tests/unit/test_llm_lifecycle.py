@@ -65,6 +65,36 @@ def test_a_call_while_another_executes_is_refused(llm, monkeypatch):
     assert texts(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == reference, "free again once it ended"
 
 
+def test_a_generate_between_two_of_its_outputs_is_not_taken_for_a_suspended_call(llm, monkeypatch):
+    """generate reads its outputs from iter_generate, which marked the call suspended at each of them: another
+    thread's call arriving between two outputs dropped the running generate, which raised "dropped" and gave
+    nothing. It stays executing there, so the newcomer is refused, as the README says."""
+    reference = texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+    between, go = threading.Event(), threading.Event()
+    iter_generate = llm.iter_generate
+
+    def paused_after_the_first_output(*args, **kwargs):
+        outputs = iter_generate(*args, **kwargs)
+        first = next(outputs)
+        between.set()
+        assert go.wait(30)
+        yield first
+        yield from outputs
+
+    monkeypatch.setattr(llm, "iter_generate", paused_after_the_first_output)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))))
+    thread.start()
+    try:
+        assert between.wait(30)
+        with pytest.raises(RuntimeError, match="another generate call is running on this LLM in another thread"):
+            llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)
+    finally:
+        go.set()
+        thread.join()
+    assert results == [reference], "the running generate finished whole"
+
+
 def test_a_call_a_finished_thread_left_suspended_does_not_block_the_llm(llm):
     """A suspended iter_generate kept by a thread that has ended must not refuse every later call: it is dropped."""
     reference = texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))
@@ -80,6 +110,26 @@ def test_a_call_a_finished_thread_left_suspended_does_not_block_the_llm(llm):
     assert texts(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == reference
     with pytest.raises(RuntimeError, match="was dropped when a later one started on this LLM"):
         list(left[0])
+
+
+def test_shutdown_drops_a_suspended_call_which_says_so_when_resumed_or_closes_quietly(tiny_model_factory):
+    """shutdown() under a suspended iter_generate left it running over the dropped engine: resumed, it gave an
+    output and then failed with "'NoneType' object has no attribute 'core'"; closed or collected, with another
+    AttributeError. It is dropped as shutdown begins."""
+    for resumed in (True, False):
+        own = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=64)
+        settings = gc.get_threshold()
+        suspended = staggered(own)
+        assert next(suspended)[0] == 0
+        own.shutdown()
+        assert gc.get_threshold() == settings, "the dropped call's quiet collector ended with the shutdown"
+        if resumed:
+            with pytest.raises(RuntimeError, match=r"was dropped when the LLM was shut down"):
+                next(suspended)
+        else:
+            suspended.close()  # (no AttributeError from its clean-up)
+        with pytest.raises(RuntimeError, match="this LLM was shut down"):
+            own.generate(PROMPTS, greedy(), use_tqdm=False)
 
 
 def test_a_suspended_call_is_dropped_by_a_later_one_and_says_so_when_resumed(llm):
