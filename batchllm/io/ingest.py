@@ -274,6 +274,9 @@ def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_
         params = sampling_params_for(item, defaults, global_seed, params_cache)
         params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                                prompts.eos_token_ids)
+        if item.format == OPENAI and prompts.tokenizer is None and params.logprobs is not None:
+            raise ValueError("logprobs need the tokenizer, which --skip-tokenizer-init leaves out (as vLLM's "
+                             "server: an OpenAI response names each token by its text)")
         if item.is_chat:
             item.chat_template_kwargs = serving.template_kwargs(item)
         prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)

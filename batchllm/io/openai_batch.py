@@ -321,6 +321,9 @@ def _completions_prompt(body: dict, overrides: dict) -> tuple[str | list[int], A
         raise BodyError("'prompt' must be a string or a non-empty list of token ids (one prompt per line: give "
                         "each prompt of a list its own line)")
     if body.get("logprobs") is not None:
+        if isinstance(body["logprobs"], (int, float)) and not isinstance(body["logprobs"], bool) and \
+                body["logprobs"] < 0:  # (vLLM's completions request: -1, the whole vocabulary, is chat's alone)
+            raise BodyError("'logprobs' must be a positive value (or 0), got " + json.dumps(body["logprobs"]))
         overrides["logprobs"] = body["logprobs"]
     return prompt, body.get("max_tokens")
 
@@ -739,7 +742,10 @@ def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsk
     choices = []
     for c in output.outputs:
         text, token_ids, logprobs = _echoed(c, output, echo)
-        choices.append({"index": c.index, "text": text,
+        # (echo with return_token_ids: the prompt's text is left out of the choice's, as vLLM leaves it; its tokens,
+        # logprobs and offsets stay)
+        shown = text[len(echo[1]):] if echo is not None and asks.return_token_ids else text
+        choices.append({"index": c.index, "text": shown,
                         "logprobs": _completion_logprobs(token_ids, logprobs, text, top_logprobs, tokenizer),
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                         "token_ids": _token_ids(c, asks), "prompt_logprobs": prompt_logprobs,

@@ -448,6 +448,27 @@ def test_a_batch_lines_reasoning_content_reaches_the_template_as_vllms_request_m
                      "null-new": "Hi;<think>R|R</think>A;again;", "plain": "Hi;A;again;"}, texts
 
 
+def test_an_openai_line_asking_logprobs_without_a_tokenizer_fails_alone():
+    """Under --skip-tokenizer-init an OpenAI line's logprobs named every token "" (its alternatives merged into one
+    entry), reported as a success; vLLM's server fails such a request ("Unable to get tokenizer"). The line fails
+    naming why; the others run."""
+    import copy
+
+    untokenized = copy.copy(processor())
+    untokenized.tokenizer = None
+    lines = [{"custom_id": "logprobs", "url": "/v1/completions",
+              "body": {"prompt": [1, 504, 3458], "max_tokens": 3, "logprobs": 2}},
+             {"custom_id": "plain", "url": "/v1/completions", "body": {"prompt": [1, 504, 3458], "max_tokens": 3}}]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        result = prepare_lines(path, untokenized, {"max_tokens": 4}, None, ResumeState(), chunk=3)
+    assert [v.line.request_id for v in result.valid] == ["plain"]
+    assert [e.message for e in result.errors] == [
+        "line 1: logprobs need the tokenizer, which --skip-tokenizer-init leaves out (as vLLM's server: an OpenAI "
+        "response names each token by its text)"]
+
+
 def test_the_generation_prompt_and_the_final_message_are_the_lines_to_choose(monkeypatch):
     """As vLLM: chat_template_kwargs go over add_generation_prompt ({"add_generation_prompt": false} failed
     with "got multiple values for keyword argument"), and an OpenAI chat body may set vLLM's

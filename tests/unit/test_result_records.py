@@ -246,6 +246,16 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
     asked = body("/v1/completions", {"prompt": "hi", "request_id": "r", "return_token_ids": "true"})
     assert asked["id"] == "cmpl-r" and asked["choices"][1]["token_ids"] == [7, 8, 9]
     assert asked["choices"][0]["prompt_token_ids"] == [1, 2]
+    # echo: the prompt's text starts each choice's, but not beside return_token_ids, as vLLM writes it (the prompt
+    # is in the ids: its text was there twice over)
+    def echoed(**fields) -> list[str]:
+        line = parse_line(json.dumps({"custom_id": "c", "url": "/v1/completions", "body": {
+            "prompt": "hi", "echo": True, **fields}}).encode(), 1)
+        output = RequestOutput("r", "hi", [1, 2], None, [CompletionOutput(0, " there", [5], None, None,
+                                                                          finish_reason="stop")])
+        return [c["text"] for c in record_for(line, output, ResponseShape("m"))["response"]["body"]["choices"]]
+
+    assert echoed() == ["hi there"] and echoed(return_token_ids=True) == [" there"]
     bad = parse_line(json.dumps({"custom_id": "c", "url": CHAT_URL, "body": {
         "messages": [{"role": "user", "content": "hi"}], "request_id": 7}}).encode(), 1)
     assert "'request_id' must be a string, got 7" in bad.message
@@ -269,8 +279,9 @@ def test_response_bodies_have_vllms_keys_and_answer_its_response_fields():
 
 
 def test_an_openai_line_asking_minus_one_logprobs_gets_every_entry():
-    """-1 is vLLM's "the whole vocabulary" (under max_logprobs -1): the record lists every entry of each position,
-    where a cut at -1 would list none but the last."""
+    """-1 is vLLM's "the whole vocabulary" (under max_logprobs -1) for a chat's top_logprobs: the record lists every
+    entry of each position, where a cut at -1 would list none but the last. A completions body's logprobs -1 fails
+    its line, as vLLM's completions request refuses it ("must be a positive value")."""
     import json
 
     from batchllm.io.ingest import ResponseShape, record_for
@@ -288,9 +299,9 @@ def test_an_openai_line_asking_minus_one_logprobs_gets_every_entry():
     chat = record({"custom_id": "c", "method": "POST", "url": CHAT_URL, "body": {
         "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": -1}})
     assert [len(position["top_logprobs"]) for position in chat["content"]] == [30, 30]
-    completion = record({"custom_id": "p", "method": "POST", "url": "/v1/completions",
-                         "body": {"prompt": "hi", "logprobs": -1}})
-    assert [len(position) for position in completion["top_logprobs"]] == [30, 30]
+    refused = parse_line(json.dumps({"custom_id": "p", "method": "POST", "url": "/v1/completions",
+                                     "body": {"prompt": "hi", "logprobs": -1}}).encode(), 1)
+    assert refused.message == "line 1: 'logprobs' must be a positive value (or 0), got -1"
 
 
 def test_openai_usage_counts_every_choice_and_the_cached_prompt_tokens():
