@@ -23,6 +23,7 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
@@ -373,26 +374,15 @@ def _raw_pattern_character(pattern: str) -> str | None:
     instead; a pattern xgrammar keeps as a JSON-string regex ("^[ -~]{1,80}$") is safe whatever it matches."""
     if _kept_as_json_string(pattern):
         return None
-    try:
-        stack = [_re_parser.parse(pattern)]
-    except (re.error, RecursionError, OverflowError):
-        return None  # (not this check's problem: xgrammar reports the pattern it cannot read)
     consts = _re_constants
-    while stack:
-        for op, arg in stack.pop():
-            if op is consts.LITERAL and arg in _RAW_IN_JSON:
-                return repr(chr(arg))
-            if op is consts.IN and not (arg and arg[0][0] is consts.NEGATE):
-                for item, value in arg:
-                    low, high = (value, value) if item is consts.LITERAL else value if item is consts.RANGE else (1, 0)
-                    if (found := next((c for c in sorted(_RAW_IN_JSON) if low <= c <= high), None)) is not None:
-                        return repr(chr(found))  # (\x00 is 0)
-            elif op is consts.SUBPATTERN:
-                stack.append(arg[-1])
-            elif op is consts.BRANCH:
-                stack.extend(arg[1])
-            elif op in (consts.MAX_REPEAT, consts.MIN_REPEAT, getattr(consts, "POSSESSIVE_REPEAT", None)):
-                stack.append(arg[2])
+    for op, arg in _regex_nodes(pattern):
+        if op is consts.LITERAL and arg in _RAW_IN_JSON:
+            return repr(chr(arg))
+        if op is consts.IN and not (arg and arg[0][0] is consts.NEGATE):
+            for item, value in arg:
+                low, high = (value, value) if item is consts.LITERAL else value if item is consts.RANGE else (1, 0)
+                if (found := next((c for c in sorted(_RAW_IN_JSON) if low <= c <= high), None)) is not None:
+                    return repr(chr(found))  # (\x00 is 0)
     return None
 
 
@@ -400,15 +390,21 @@ def _has_lookaround(pattern: str) -> bool:
     """Whether `pattern` (a regex, read by Python's re) holds a lookahead or lookbehind ("(?!0000)", "(?=a)"), which
     xgrammar 0.2.9 drops from a schema's pattern with only a warning on stderr ("Lookahead assertion is not supported
     and is ignored"): {"pattern": "^(?!0000)[0-9]{4}$"} answered "0000". (Its regex kind refuses one by name.)"""
+    return any(op in (_re_constants.ASSERT, _re_constants.ASSERT_NOT) for op, _ in _regex_nodes(pattern))
+
+
+def _regex_nodes(pattern: str) -> Iterator[tuple[Any, Any]]:
+    """Every (op, argument) node of `pattern` as Python's re parses it, the insides of groups, branches, repeats and
+    atomic groups entered (an assertion's are not: the checks stop at it); none where it does not parse (not these
+    checks' problem: xgrammar reports a pattern it cannot read)."""
     try:
         stack = [_re_parser.parse(pattern)]
     except (re.error, RecursionError, OverflowError):
-        return False  # (xgrammar reports the pattern it cannot read)
+        return
     consts = _re_constants
     while stack:
         for op, arg in stack.pop():
-            if op in (consts.ASSERT, consts.ASSERT_NOT):
-                return True
+            yield op, arg
             if op is consts.SUBPATTERN:
                 stack.append(arg[-1])
             elif op is consts.BRANCH:
@@ -417,7 +413,6 @@ def _has_lookaround(pattern: str) -> bool:
                 stack.append(arg[2])
             elif op is getattr(consts, "ATOMIC_GROUP", None):
                 stack.append(arg)
-    return False
 
 
 def _raw_pattern(node: dict, types: set[str]) -> str | None:
