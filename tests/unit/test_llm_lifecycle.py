@@ -37,6 +37,22 @@ def staggered(llm):
     return llm.iter_generate(*llm._validate(PROMPTS, [greedy(k) for k in (2, 4, 6, 8)]), use_tqdm=False)
 
 
+def newcomer_refused_while_held(llm, held: threading.Event, go: threading.Event, newcomer: list) -> list:
+    """Run a generate of PROMPTS in another thread until it is `held` (by the caller's patch, which waits for `go`),
+    check that a generate of `newcomer` from this thread is refused meanwhile, let it go, and return its outputs."""
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))))
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(RuntimeError, match="another generate call is running on this LLM in another thread"):
+            llm.generate(newcomer, greedy(), use_tqdm=False)
+    finally:
+        go.set()
+        thread.join()
+    return results
+
+
 def test_a_call_while_another_executes_is_refused(llm, monkeypatch):
     """Two threads on one LLM: each call's steps took the other's requests ("a placeholder token, but the previous
     step sampled nothing", "scheduler produced an empty step with work pending"), and both calls failed."""
@@ -51,17 +67,7 @@ def test_a_call_while_another_executes_is_refused(llm, monkeypatch):
         return step(call)
 
     monkeypatch.setattr(llm, "_step", held_step)
-    results: list = []
-    thread = threading.Thread(target=lambda: results.append(texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))))
-    thread.start()
-    try:
-        assert in_step.wait(30)
-        with pytest.raises(RuntimeError, match="another generate call is running on this LLM in another thread"):
-            llm.generate(PROMPTS, greedy(), use_tqdm=False)
-    finally:
-        go.set()
-        thread.join()
-    assert results == [reference], "the executing call is untouched"
+    assert newcomer_refused_while_held(llm, in_step, go, PROMPTS) == [reference], "the executing call is untouched"
     assert texts(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == reference, "free again once it ended"
 
 
@@ -82,17 +88,8 @@ def test_a_generate_between_two_of_its_outputs_is_not_taken_for_a_suspended_call
         yield from outputs
 
     monkeypatch.setattr(llm, "iter_generate", paused_after_the_first_output)
-    results: list = []
-    thread = threading.Thread(target=lambda: results.append(texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))))
-    thread.start()
-    try:
-        assert between.wait(30)
-        with pytest.raises(RuntimeError, match="another generate call is running on this LLM in another thread"):
-            llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)
-    finally:
-        go.set()
-        thread.join()
-    assert results == [reference], "the running generate finished whole"
+    assert newcomer_refused_while_held(llm, between, go, PROMPTS[:1]) == [reference], (
+        "the running generate finished whole")
 
 
 def test_a_call_a_finished_thread_left_suspended_does_not_block_the_llm(llm):
