@@ -695,6 +695,14 @@ def read_chat_template_once(args: argparse.Namespace) -> None:
         args.chat_template = read_chat_template(args.chat_template)
 
 
+def _resolve_directories(options: dict) -> None:
+    """`options`' model and tokenizer, where they name an existing path, as its absolute path (in place), so that
+    another spelling of the same directory is the same option."""
+    for name in ("model", "tokenizer"):
+        if options[name] is not None and Path(options[name]).exists():
+            options[name] = str(Path(options[name]).resolve())
+
+
 def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     """The options recorded beside the output, as JSON values (`defaults`: the run's sampling defaults): a
     model or tokenizer directory by its absolute path, so that another spelling of it resumes; the chat
@@ -708,9 +716,7 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     options["default_chat_template_kwargs"] = options["default_chat_template_kwargs"] or None  # ({}: none, as unset)
     options["exclude_tools_when_tool_choice_none"] = options["exclude_tools_when_tool_choice_none"] or None  # (off:
     # unset, so that outputs recorded before the option existed resume without it)
-    for name in ("model", "tokenizer"):
-        if options[name] is not None and Path(options[name]).exists():
-            options[name] = str(Path(options[name]).resolve())
+    _resolve_directories(options)
     if options["model"] == str(default_model_path().resolve()):
         options["model"] = None  # the default model by its path: the same model as none given
     if options["chat_template"] is not None:
@@ -1211,9 +1217,7 @@ def system_fingerprint(args: argparse.Namespace) -> str | None:
     if mode in ("none", "custom"):
         return getattr(args, "fingerprint_value", None) if mode == "custom" else None
     served = {name: getattr(args, name, None) for name in FINGERPRINTED_OPTIONS}
-    for name in ("model", "tokenizer"):
-        if served[name] is not None and Path(served[name]).exists():
-            served[name] = str(Path(served[name]).resolve())
+    _resolve_directories(served)
     digest = hashlib.sha256(json.dumps(served, sort_keys=True, default=str).encode()).hexdigest()[:8]
     parallel = "".join(f"-{short}{size}" for short, size in (
         ("tp", getattr(args, "tensor_parallel_size", 1) or 1), ("dp", getattr(args, "data_parallel_size", 1) or 1))
