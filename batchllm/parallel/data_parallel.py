@@ -425,7 +425,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         "num_requests", "num_completions", "prompt_tokens", "completion_prompt_tokens", "output_tokens",
         "prefill_tokens_computed", "recomputed_tokens", "kept_prefill_tokens", "decode_tokens", "attended_keys",
         "num_block_copies", "num_prefix_releases", "num_groups", "planned_prefill_tokens", "kv_blocks", "kv_tokens",
-        "kv_cache_gib")}
+        "kv_cache_gib", "num_preemptions")}
     reserves = [r["activation_reserve_gib"] for r in ranks if r.get("activation_reserve_gib") is not None]
     units = sum(r["num_completions"] / r["mean_sharing_degree"] for r in ranks if r.get("mean_sharing_degree"))
     # (as LLM's: the saving is against the completions' prompt tokens, the prefill without sharing, and leaves out
@@ -444,7 +444,7 @@ def _job_stats(ranks: list[dict], partition: Partition, sharing: SharingConfig, 
         "max_sharing_degree": max((r.get("max_sharing_degree") or 0 for r in ranks), default=0),
         "activation_reserve_gib": sum(reserves) if reserves else None,
         "num_steps": steps, "mean_tokens_per_step": scheduled / steps if steps else 0.0,
-        "num_preemptions": sum(r.get("num_preemptions", 0) for r in ranks), "wall_s": wall_s,
+        "wall_s": wall_s,
         "output_tokens_per_s": sums["output_tokens"] / wall_s if wall_s > 0 else 0.0, "plan_seconds": plan_seconds,
         **dataclasses.asdict(sharing),
         "data_parallel_size": parallel.data_parallel_size, "engines_per_gpu": parallel.engines_on_each_gpu,
