@@ -225,6 +225,9 @@ def _add_output_arguments(o) -> None:
                    "--model as given, else the default model's name)")
     o.add_argument("--response-role", type=utf8_text, default="assistant",
                    help="the role of the answer's message in chat completion responses (vLLM's option)")
+    o.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="OpenAI lines' logprobs name each token \"token_id:N\" in place of its text (vLLM's option; "
+                   "a line's own return_tokens_as_token_ids decides for it)")
     o.add_argument("--fingerprint-mode", choices=FINGERPRINT_MODES, default="full",
                    help="the OpenAI responses' system_fingerprint, as vLLM's option: full, batchllm-<version>"
                    "[-tpN][-dpN]-<hash8 of the model, tokenizer, dtype, quantization, KV dtype and context>; hash, "
@@ -315,6 +318,7 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                       help="as run's: under qwen3 every chat line decodes with skip_special_tokens false (the plan "
                       "reads lines as run serves them)")
+    plan.set_defaults(return_tokens_as_token_ids=False)  # (run's: it names tokens in records; plan writes none)
     _add_tool_call_arguments(plan.add_argument_group("tool calls (as run's: \"auto\" lines are planned where run "
                                                      "would serve them, and fail where it would not)"))
 
@@ -402,8 +406,6 @@ VLLM_SERVER_FLAGS = {
     "--enable-auto-tool-choice": _RUN_TOOL_FLAG, "--tool-call-parser": _RUN_TOOL_FLAG,
     "--tool-parser-plugin": _RUN_TOOL_FLAG,
     "--trust-request-chat-template": "a line's own chat_template is not taken: give --chat-template",
-    "--return-tokens-as-token-ids": "logprobs name their tokens by text (a body's return_tokens_as_token_ids true "
-                                    "is refused too)",
     "--tool-server": "no tool server: a tool call is returned in its line's answer, not run",
     "--log-config-file": "logging is set by BATCHLLM_LOG_LEVEL (or vLLM's VLLM_LOGGING_LEVEL)",
 }
@@ -1191,7 +1193,7 @@ def line_serving(args: argparse.Namespace) -> LineServing:
     """How `run`, `run --ray` and `plan` serve each line (`io.ingest.LineServing`): the one place its options are
     read."""
     return LineServing(args.default_chat_template_kwargs, args.exclude_tools_when_tool_choice_none,
-                       auto_tool_parser(args), args.reasoning_parser)
+                       auto_tool_parser(args), args.reasoning_parser, args.return_tokens_as_token_ids)
 
 
 def response_shape(args: argparse.Namespace, model_name: str) -> ResponseShape:

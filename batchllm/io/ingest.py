@@ -274,9 +274,11 @@ def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_
         params = sampling_params_for(item, defaults, global_seed, params_cache)
         params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                                prompts.eos_token_ids)
-        if item.format == OPENAI and prompts.tokenizer is None and params.logprobs is not None:
+        if (item.format == OPENAI and prompts.tokenizer is None and params.logprobs is not None
+                and not serving.names_tokens_by_id(item)):
             raise ValueError("logprobs need the tokenizer, which --skip-tokenizer-init leaves out (as vLLM's "
-                             "server: an OpenAI response names each token by its text)")
+                             "server: an OpenAI response names each token by its text, unless "
+                             "return_tokens_as_token_ids is true)")
         if item.is_chat:
             item.chat_template_kwargs = serving.template_kwargs(item)
         prompt = (prompts.apply_chat_template(item.prompt, item.line_number, kwargs=item.chat_template_kwargs)
@@ -381,6 +383,15 @@ class LineServing(NamedTuple):
     reasoning_parser: str | None = None
     """--reasoning-parser (`io.reasoning.REASONING_PARSERS`): a chat answer's thinking goes to its message's
     `reasoning`; None: the whole answer is its content."""
+    tokens_as_ids: bool = False
+    """--return-tokens-as-token-ids: OpenAI lines' logprobs name each token "token_id:N" unless the line's own
+    return_tokens_as_token_ids says otherwise (`names_tokens_by_id`)."""
+
+    def names_tokens_by_id(self, line: BatchLine) -> bool:
+        """Whether the line's logprobs name their tokens by id: its own return_tokens_as_token_ids, else the job's."""
+        asks = line.response_asks
+        own = asks.tokens_as_ids if asks is not None else None
+        return self.tokens_as_ids if own is None else own
 
     @property
     def parses(self) -> bool:
@@ -549,6 +560,7 @@ def record_for(line: BatchLine, output, names: ResponseShape, tokenizer=None) ->
                                            echo=line.echo and (line.echo, line.prompt), tokenizer=tokenizer,
                                            reasoning_split=names.reasoning_split(line), asks=line.response_asks,
                                            tool_call=names.tool_call_of(line), parsers=names.serving.parses,
-                                           fingerprint=names.fingerprint)
+                                           fingerprint=names.fingerprint,
+                                           tokens_as_ids=names.serving.names_tokens_by_id(line))
     return result_record(line.request_id, output, len(output.prompt_token_ids), names.tool_call_of(line),
                          names.reasoning_split(line))

@@ -49,7 +49,7 @@ _ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,
                  "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"]),
                  # vLLM's own request fields, as its request models write them (model_dump)
                  "use_beam_search": (False, None), "priority": (0, None),
-                 "truncation_side": (None, "left"), "return_tokens_as_token_ids": (False, None),
+                 "truncation_side": (None, "left"),
                  # (vLLM 0.26's /render endpoints' alone: its generation endpoints ignore them, either value)
                  "return_token_offsets": (False, True, None)}
 _ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs": (None, {}),
@@ -191,8 +191,8 @@ def _forced_tool_call(body: dict, tools: list | None, overrides: dict
 
 
 def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | None:
-    """A body's vLLM fields that shape its response: `request_id` (a string), `return_token_ids`, and a chat's
-    `echo` (`messages`: the chat's, checked)."""
+    """A body's vLLM fields that shape its response: `request_id` (a string), `return_token_ids`,
+    `return_tokens_as_token_ids`, and a chat's `echo` (`messages`: the chat's, checked)."""
     request_id = body.get("request_id")
     if request_id is not None and not isinstance(request_id, str):
         raise BodyError(f"'request_id' must be a string, got {json.dumps(request_id)[:40]}")
@@ -205,7 +205,9 @@ def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | No
         last = text_message(len(messages) - 1, messages[-1])
         echoed = (last.get("role"), last.get("content") or "")
     include_reasoning = body.get("include_reasoning") is None or _flag(body["include_reasoning"], "include_reasoning")
-    asks = ResponseAsks(request_id, return_ids, echoed, include_reasoning if messages is not None else True)
+    as_ids = body.get("return_tokens_as_token_ids")
+    as_ids = None if as_ids is None else _flag(as_ids, "return_tokens_as_token_ids")
+    asks = ResponseAsks(request_id, return_ids, echoed, include_reasoning if messages is not None else True, as_ids)
     return asks if asks != ResponseAsks() else None
 
 
@@ -249,7 +251,8 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
     """Every field of the body is one taken here (null: not set, as writers say it), at a value it can honour."""
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
                                                              "response_format", "echo", "logprob_token_ids",
-                                                             "request_id", "return_token_ids"}
+                                                             "request_id", "return_token_ids",
+                                                             "return_tokens_as_token_ids"}
     only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
     known |= set(only_default)
     known |= {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "documents", "include_reasoning",
@@ -670,6 +673,9 @@ class ResponseAsks(NamedTuple):
     """A chat body's vLLM `include_reasoning`: false, under a job with a reasoning or tool-call parser, writes its
     answers without their `reasoning`, `logprobs` and `token_ids` (vLLM 0.26's server suppresses all three then;
     the content stays the parser's); without a parser it changes nothing, as in vLLM."""
+    tokens_as_ids: bool | None = None
+    """vLLM's `return_tokens_as_token_ids`: logprobs name each token "token_id:N" in place of its text; None: as
+    the job's --return-tokens-as-token-ids (`LineServing.tokens_as_ids`)."""
 
 
 _VLLM_BODY_TAIL = {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
@@ -681,7 +687,7 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
                    top_logprobs: int | None = 0, role: str = "assistant", echo: tuple[str, str] | None = None,
                    tokenizer=None, reasoning_split=None, asks: ResponseAsks | None = None,
                    tool_call: ForcedToolCall | AutoToolChoice | None = None, parsers: bool = False,
-                   fingerprint: str | None = None) -> dict[str, Any]:
+                   fingerprint: str | None = None, tokens_as_ids: bool = False) -> dict[str, Any]:
     """A 200 response line, its body with the keys vLLM's run-batch writes (null where nothing is said).
     `top_logprobs` is how many alternatives each logprobs entry lists (None: all of its entries, in their order:
     the sampled token's, then those logprob_token_ids named); `role` is a chat answer's (vLLM's --response-role);
@@ -692,7 +698,8 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
     messages' tool calls (`tool_calls.message_calls`; `finish_reason` as vLLM's); `parsers`: whether the job runs a
     reasoning or tool-call parser (under one, a chat body's include_reasoning false drops the reasoning, logprobs
     and token ids: `ResponseAsks.include_reasoning`); `fingerprint`: the body's `system_fingerprint`. Each choice
-    carries vLLM's `stop_reason` (the stop string or token id that ended it, else null)."""
+    carries vLLM's `stop_reason` (the stop string or token id that ended it, else null). `tokens_as_ids`: the
+    logprobs name their tokens "token_id:N" (vLLM's return_tokens_as_token_ids)."""
     asks = asks or ResponseAsks()
     line_id, request_id = _ids()
     completion_tokens = output.num_output_tokens
@@ -711,7 +718,7 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
             if suppressed:
                 message["reasoning"] = None
             choices.append({"index": c.index, "message": message,
-                            "logprobs": None if suppressed else _chat_logprobs(c, top_logprobs),
+                            "logprobs": None if suppressed else _chat_logprobs(c, top_logprobs, tokens_as_ids),
                             "finish_reason": finish_reason_of(c.finish_reason, tool_call, "tool_calls" in message),
                             "stop_reason": c.stop_reason, "token_ids": None if suppressed else _token_ids(c, asks),
                             "routed_experts": None})
@@ -721,7 +728,7 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
                 "prompt_token_ids": prompt_ids, "prompt_text": None, **_VLLM_BODY_TAIL}
     else:
         body = {"id": f"cmpl-{_or_random(asks.request_id)}", **head,
-                "choices": _completion_choices(output, echo, top_logprobs, tokenizer, asks, prompt_ids),
+                "choices": _completion_choices(output, echo, top_logprobs, tokenizer, asks, prompt_ids, tokens_as_ids),
                 "service_tier": None, "system_fingerprint": fingerprint, "usage": usage, **_VLLM_BODY_TAIL}
     return {"id": line_id, "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
@@ -735,7 +742,8 @@ def _token_ids(completion, asks: ResponseAsks) -> list[int] | None:
     return [int(t) for t in completion.token_ids] if asks.return_token_ids else None
 
 
-def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsks, prompt_ids) -> list[dict]:
+def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsks, prompt_ids,
+                        tokens_as_ids: bool = False) -> list[dict]:
     """A text completion's choices (`success_record`), each with the prompt's logprobs where asked, as vLLM
     writes them in a text completion."""
     prompt_logprobs = _prompt_logprobs(output)
@@ -746,7 +754,8 @@ def _completion_choices(output, echo, top_logprobs, tokenizer, asks: ResponseAsk
         # logprobs and offsets stay)
         shown = text[len(echo[1]):] if echo is not None and asks.return_token_ids else text
         choices.append({"index": c.index, "text": shown,
-                        "logprobs": _completion_logprobs(token_ids, logprobs, text, top_logprobs, tokenizer),
+                        "logprobs": _completion_logprobs(token_ids, logprobs, text, top_logprobs, tokenizer,
+                                                         tokens_as_ids),
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                         "token_ids": _token_ids(c, asks), "prompt_logprobs": prompt_logprobs,
                         "prompt_token_ids": prompt_ids, "routed_experts": None})
@@ -804,19 +813,45 @@ def _token_entry(lp) -> dict[str, Any]:
     return {"token": _token_text(lp), "logprob": lp.logprob, "bytes": list(_token_bytes(lp))}
 
 
+def id_name(token_id: int) -> str:
+    """A token named by its id, as vLLM's return_tokens_as_token_ids names it."""
+    return f"token_id:{int(token_id)}"
+
+
+def _id_entry(token_id: int, lp, sampled: bool) -> dict[str, Any]:
+    """A chat logprobs entry naming its token by id (`id_name`), with vLLM's bytes: the sampled token's own (null
+    where nothing decodes it: --skip-tokenizer-init), an alternative's those of its name."""
+    name = id_name(token_id)
+    if not sampled:
+        return {"token": name, "logprob": lp.logprob, "bytes": list(name.encode())}
+    known = lp.token_bytes is not None or lp.decoded_token is not None
+    return {"token": name, "logprob": lp.logprob, "bytes": list(_token_bytes(lp)) if known else None}
+
+
 def _top(entry: dict, k: int | None) -> list:
     """The k most likely tokens of one position (the sampled token may rank below them); k None: every entry
     in its order (the sampled token's, then the named ones of logprob_token_ids, as vLLM lists them)."""
+    return [lp for _, lp in _top_items(entry, k)]
+
+
+def _top_items(entry: dict, k: int | None) -> list[tuple[int, Any]]:
+    """`_top`'s entries with their token ids."""
     if k is None:
-        return list(entry.values())
-    return sorted(entry.values(), key=lambda lp: lp.rank)[:k]
+        return list(entry.items())
+    return sorted(entry.items(), key=lambda item: item[1].rank)[:k]
 
 
-def _chat_logprobs(c, k: int) -> dict[str, Any] | None:
+def _chat_logprobs(c, k: int, tokens_as_ids: bool = False) -> dict[str, Any] | None:
+    """A chat choice's logprobs, each token named by its text, or by its id where `tokens_as_ids`."""
     if c.logprobs is None:
         return None
-    content = [{**_token_entry(entry[token_id]), "top_logprobs": [_token_entry(lp) for lp in _top(entry, k)]}
-               for token_id, entry in zip(c.token_ids, c.logprobs)]
+    if tokens_as_ids:
+        content = [{**_id_entry(token_id, entry[token_id], True),
+                    "top_logprobs": [_id_entry(t, lp, False) for t, lp in _top_items(entry, k)]}
+                   for token_id, entry in zip(c.token_ids, c.logprobs)]
+    else:
+        content = [{**_token_entry(entry[token_id]), "top_logprobs": [_token_entry(lp) for lp in _top(entry, k)]}
+                   for token_id, entry in zip(c.token_ids, c.logprobs)]
     return {"content": content}
 
 
@@ -845,10 +880,17 @@ def _echoed(c, output, echo: tuple[str, str] | None) -> tuple[str, list[int], li
 
 
 def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str, k: int | None,
-                         tokenizer=None) -> dict[str, Any] | None:
+                         tokenizer=None, tokens_as_ids: bool = False) -> dict[str, Any] | None:
     """OpenAI's completions logprobs. A position without logprobs (an echoed prompt's first token) has null
     ones, and its token named from its bytes as every other (`_token_text`; decoded alone, part of a character
-    would read U+FFFD and count as a character of its own in the offsets after it)."""
+    would read U+FFFD and count as a character of its own in the offsets after it). `tokens_as_ids`: tokens and
+    alternatives named by id (`id_name`); the offsets still count the text's characters (vLLM's count the names')."""
+    if logprobs is not None and tokens_as_ids:
+        named = _completion_logprobs(token_ids, logprobs, text, k, tokenizer)
+        named["tokens"] = [id_name(t) for t in token_ids]
+        named["top_logprobs"] = [None if entry is None else _id_alternatives(token_id, entry, k)
+                                 for token_id, entry in zip(token_ids, logprobs)]
+        return named
     if logprobs is None:
         return None
     tokens, token_logprobs, top, offsets, pieces, offset = [], [], [], [], [], 0
@@ -878,3 +920,10 @@ def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str,
     if text and (dropped := "".join(pieces).find(text)) > 0:
         offsets = [max(0, o - dropped) for o in offsets]
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _id_alternatives(token_id: int, entry: dict, k: int | None) -> dict[str, float]:
+    """A completions position's alternatives named by id, the sampled token's always among them."""
+    alternatives = {id_name(t): lp.logprob for t, lp in _top_items(entry, k)}
+    alternatives.setdefault(id_name(token_id), entry[token_id].logprob)
+    return alternatives

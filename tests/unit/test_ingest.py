@@ -451,22 +451,31 @@ def test_a_batch_lines_reasoning_content_reaches_the_template_as_vllms_request_m
 def test_an_openai_line_asking_logprobs_without_a_tokenizer_fails_alone():
     """Under --skip-tokenizer-init an OpenAI line's logprobs named every token "" (its alternatives merged into one
     entry), reported as a success; vLLM's server fails such a request ("Unable to get tokenizer"). The line fails
-    naming why; the others run."""
+    naming why; the others run. A line naming its tokens by id (its return_tokens_as_token_ids, or the job's
+    --return-tokens-as-token-ids where the line says nothing) needs no tokenizer, as in vLLM, and runs."""
     import copy
 
     untokenized = copy.copy(processor())
     untokenized.tokenizer = None
     lines = [{"custom_id": "logprobs", "url": "/v1/completions",
               "body": {"prompt": [1, 504, 3458], "max_tokens": 3, "logprobs": 2}},
-             {"custom_id": "plain", "url": "/v1/completions", "body": {"prompt": [1, 504, 3458], "max_tokens": 3}}]
+             {"custom_id": "plain", "url": "/v1/completions", "body": {"prompt": [1, 504, 3458], "max_tokens": 3}},
+             {"custom_id": "by-id", "url": "/v1/completions",
+              "body": {"prompt": [1, 504, 3458], "max_tokens": 3, "logprobs": 2, "return_tokens_as_token_ids": True}},
+             {"custom_id": "by-text", "url": "/v1/completions",
+              "body": {"prompt": [1, 504, 3458], "max_tokens": 3, "logprobs": 2, "return_tokens_as_token_ids": False}}]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "in.jsonl"
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         result = prepare_lines(path, untokenized, {"max_tokens": 4}, None, ResumeState(), chunk=3)
-    assert [v.line.request_id for v in result.valid] == ["plain"]
-    assert [e.message for e in result.errors] == [
-        "line 1: logprobs need the tokenizer, which --skip-tokenizer-init leaves out (as vLLM's server: an OpenAI "
-        "response names each token by its text)"]
+        by_job = prepare_lines(path, untokenized, {"max_tokens": 4}, None, ResumeState(), chunk=3,
+                               serving=LineServing(tokens_as_ids=True))
+    assert [v.line.request_id for v in result.valid] == ["plain", "by-id"]
+    needs = ("logprobs need the tokenizer, which --skip-tokenizer-init leaves out (as vLLM's server: an OpenAI "
+             "response names each token by its text, unless return_tokens_as_token_ids is true)")
+    assert [e.message for e in result.errors] == [f"line 1: {needs}", f"line 4: {needs}"]
+    assert [v.line.request_id for v in by_job.valid] == ["logprobs", "plain", "by-id"]
+    assert [e.message for e in by_job.errors] == [f"line 4: {needs}"]
 
 
 def test_the_generation_prompt_and_the_final_message_are_the_lines_to_choose(monkeypatch):
@@ -1028,8 +1037,8 @@ VLLM_COMPLETIONS_DEFAULTS = {
 def test_a_body_vllms_request_model_writes_whole_is_taken():
     """A body dumped from vLLM 0.26's request model carries every field at its default: return_token_offsets and
     return_assistant_tokens_mask (false) failed every such line as not supported (vLLM's generation endpoints ignore
-    them, true too); false for the optional flags return_tokens_as_token_ids and return_prompt_text is their default
-    too, and true, which changes vLLM's answer, is refused by name."""
+    them, true too); false for the optional flag return_prompt_text is its default too, and true, which changes
+    vLLM's answer, is refused by name. return_tokens_as_token_ids is taken either way."""
     from batchllm.io.openai_batch import BodyError, body_to_request
 
     hi = [{"role": "user", "content": "Hi"}]
@@ -1037,10 +1046,12 @@ def test_a_body_vllms_request_model_writes_whole_is_taken():
     assert chat.is_chat and SamplingParams(**chat.overrides) == SamplingParams()
     plain = body_to_request("/v1/completions", {**VLLM_COMPLETIONS_DEFAULTS, "prompt": "Hi"})
     assert SamplingParams(**plain.overrides) == SamplingParams(max_tokens=16)
-    for name in ("return_tokens_as_token_ids", "return_prompt_text"):
-        body_to_request("/v1/chat/completions", {"messages": hi, name: False})
-        with pytest.raises(BodyError, match=f"body field '{name}' = true is not supported"):
-            body_to_request("/v1/chat/completions", {"messages": hi, name: True})
+    body_to_request("/v1/chat/completions", {"messages": hi, "return_prompt_text": False})
+    with pytest.raises(BodyError, match="body field 'return_prompt_text' = true is not supported"):
+        body_to_request("/v1/chat/completions", {"messages": hi, "return_prompt_text": True})
+    for flag in (True, False):
+        asked = body_to_request("/v1/chat/completions", {"messages": hi, "return_tokens_as_token_ids": flag})
+        assert asked.asks.tokens_as_ids is flag
     for name in ("return_token_offsets", "return_assistant_tokens_mask"):
         body_to_request("/v1/chat/completions", {"messages": hi, name: True})
 

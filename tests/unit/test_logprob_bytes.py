@@ -26,9 +26,9 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-def record_for(tokenizer, url: str, top: int):
-    """A finished request whose output is TEXT, each position listing the token (rank 1) and the two
-    tokens before and after it in the output as lower-ranked alternatives."""
+def entries_for(tokenizer, top: int) -> tuple[list[int], list[dict]]:
+    """TEXT's tokens, and at each position the token (rank 1) and the two tokens before and after it in the output
+    as lower-ranked alternatives (at most `top`)."""
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     entries = []
     for i, tid in enumerate(ids):
@@ -37,9 +37,15 @@ def record_for(tokenizer, url: str, top: int):
         entry.update({t: Logprob(-1.0 - r, r + 2) for r, t in enumerate(others)})
         entries.append(entry)
     _decode_entries(entries, tokenizer)
+    return ids, entries
+
+
+def record_for(tokenizer, url: str, top: int, tokens_as_ids: bool = False):
+    """A finished request whose output is TEXT, its logprobs `entries_for`'s."""
+    ids, entries = entries_for(tokenizer, top)
     choice = CompletionOutput(0, tokenizer.decode(ids), ids, -0.1 * len(ids), entries, finish_reason="length")
     output = RequestOutput("r", None, [1, 2, 3], None, [choice])
-    record = json.loads(json.dumps(success_record("c", url, "m", output, 3, top)))
+    record = json.loads(json.dumps(success_record("c", url, "m", output, 3, top, tokens_as_ids=tokens_as_ids)))
     return ids, record["response"]["body"]["choices"][0]["logprobs"]
 
 
@@ -148,3 +154,27 @@ def test_an_echoed_prompt_opening_inside_a_character_keeps_true_offsets(tokenize
         if not token.startswith("bytes:"):
             assert text[offset:].startswith(token), (token, offset)
     assert logprobs["text_offset"][logprobs["tokens"].index(" is")] == 1
+
+
+
+@pytest.mark.parametrize("url", [CHAT_URL, "/v1/completions"])
+def test_tokens_as_ids_name_every_token_by_its_id(tokenizer, url):
+    """vLLM's return_tokens_as_token_ids (a body's, or run-batch's --return-tokens-as-token-ids) was refused. Under
+    it each token and alternative is named "token_id:N", with the logprobs as named by text; a chat's sampled token
+    keeps its own bytes and an alternative has its name's (vLLM's); completions' offsets still count the text's
+    characters."""
+    ids, by_text = record_for(tokenizer, url, 2)
+    _, by_id = record_for(tokenizer, url, 2, tokens_as_ids=True)
+    _, entries = entries_for(tokenizer, 2)
+    if url == CHAT_URL:
+        for c, named, tid, entry in zip(by_id["content"], by_text["content"], ids, entries, strict=True):
+            assert (c["token"], c["logprob"], c["bytes"]) == (f"token_id:{tid}", named["logprob"], named["bytes"])
+            top_two = list(entry.items())[:2]  # (entries are in rank order)
+            assert [t["token"] for t in c["top_logprobs"]] == [f"token_id:{t}" for t, _ in top_two]
+            assert [t["logprob"] for t in c["top_logprobs"]] == [lp.logprob for _, lp in top_two]
+            assert [bytes(t["bytes"]).decode() for t in c["top_logprobs"]] == [t["token"] for t in c["top_logprobs"]]
+    else:
+        assert by_id["tokens"] == [f"token_id:{t}" for t in ids]
+        assert (by_id["token_logprobs"], by_id["text_offset"]) == (by_text["token_logprobs"], by_text["text_offset"])
+        assert by_id["top_logprobs"] == [{f"token_id:{t}": lp.logprob for t, lp in list(entry.items())[:2]}
+                                         for entry in entries]

@@ -326,6 +326,21 @@ def test_skip_tokenizer_init_needs_no_tokenizer_files(tmp_path, capsys):
     assert len(json.loads((tmp_path / "o.jsonl").read_text())["token_ids"]) == 2
 
 
+def test_tokens_named_by_id_need_no_tokenizer(tmp_path, capsys):
+    """run-batch's --return-tokens-as-token-ids was refused; under --skip-tokenizer-init an OpenAI line asking
+    logprobs failed for want of token names. With the flag it runs, every token named "token_id:N", as vLLM's."""
+    model = make_tiny_model("llama", tmp_path / "m")
+    body = {"prompt": [5, 6, 7], "max_tokens": 2, "logprobs": 1}
+    (src := tmp_path / "in.jsonl").write_text(json.dumps({"custom_id": "a", "url": "/v1/completions", "body": body})
+                                              + "\n")
+    code = cli.main(["run", str(src), "-o", str(tmp_path / "o.jsonl"), "--model", str(model), "--no-progress",
+                     "--skip-tokenizer-init", "--return-tokens-as-token-ids"])
+    assert code == 0, capsys.readouterr().err
+    choice = json.loads((tmp_path / "o.jsonl").read_text())["response"]["body"]["choices"][0]
+    assert len(choice["logprobs"]["tokens"]) == 2
+    assert all(re.fullmatch(r"token_id:\d+", t) for t in choice["logprobs"]["tokens"])
+
+
 def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypatch, capsys, default_llm):
     """A GGUF file as the model (BatchLLM's own: vLLM 0.26 has no GGUF loader) was "not a directory". It is
     converted once into the cache, as the embedded default model (itself a GGUF file) is, and answers as that model

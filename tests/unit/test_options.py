@@ -452,8 +452,7 @@ def test_vllm_run_batch_spellings_are_taken(capsys):
     with pytest.raises(SystemExit):
         main(["run", "in.jsonl", "-o", "o.jsonl", "-pp", "2"])
     assert "argument --pipeline-parallel-size/-pp: 2 is not supported: pipeline parallelism" in capsys.readouterr().err
-    for flags, said in ((["--return-tokens-as-token-ids"], "logprobs name their tokens by text"),
-                        (["--tool-server", "localhost:1"], "no tool server"),
+    for flags, said in ((["--tool-server", "localhost:1"], "no tool server"),
                         (["--chat-template-content-format", "openai"],
                          "'openai' is not supported (the content format is detected from the chat template")):
         with pytest.raises(SystemExit):
