@@ -1,5 +1,6 @@
 """Structured output: a request's tokens kept to a JSON schema, any JSON object, a regex, a choice
-among strings or an EBNF grammar, with xgrammar (the grammar library vLLM and SGLang use).
+among strings, an EBNF grammar or a structural tag (free text whose tagged parts keep to their
+schemas), with xgrammar (the grammar library vLLM and SGLang use).
 
 xgrammar is an optional extra (`pip install batchllm[structured]`), imported only when a request
 asks for structured output; without it such a request is refused by name
@@ -37,7 +38,7 @@ except ImportError:  # Python 3.10
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 class StructuredOutputError(ValueError):
@@ -71,13 +72,15 @@ class StructuredOutputsParams:
     whitespace_pattern: str | None = None
     """vLLM's; taken and not used, as vLLM 0.26 takes it (no backend of its reads it): JSON is compact here."""
     structural_tag: str | None = None
-    """vLLM's; None only."""
+    """vLLM's: xgrammar's structural tag as JSON text, either {"type": "structural_tag", "format": {...}} or the
+    older {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (an OpenAI response_format of type
+    "structural_tag" is either, whole)."""
     backend: str | None = None
     """vLLM 0.10's GuidedDecodingParams.backend; None, "auto" or "xgrammar" (the one backend here)."""
 
     def __post_init__(self) -> None:
-        if self.structural_tag is not None:  # (first: a structural tag alone is no "none")
-            raise ValueError("structured_outputs.structural_tag is not supported (no structural tags here)")
+        if self.structural_tag is not None and (not isinstance(self.structural_tag, str) or not self.structural_tag):
+            raise ValueError("structured_outputs.structural_tag must be a structural tag's JSON text")
         if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
             raise ValueError("structured_outputs.whitespace_pattern must be a string (taken and not used, as in vLLM "
                              "0.26: JSON is compact here)")
@@ -134,6 +137,8 @@ def grammar_key(params: StructuredOutputsParams) -> tuple[str, str]:
         return "regex", params.regex
     if params.choice is not None:
         return "grammar", "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
+    if params.structural_tag is not None:
+        return "structural_tag", params.structural_tag
     return "grammar", params.grammar
 
 
@@ -237,29 +242,37 @@ class GrammarBackend:
                                                       stop_token_ids=self._stop or None)
             self._compiler = xgr.GrammarCompiler(info)
         kind, text = key
-        if kind == "json" and (feature := unenforced_schema_feature(json.loads(text))):
-            raise StructuredOutputError(f"structured output: the JSON schema uses {feature}, which xgrammar (the "
-                                        "grammar backend here) does not enforce, so answers could break it: "
-                                        "remove it, or check that rule after")
+        what = _KIND_NAMES[kind]
+        _check_enforced(kind, text)
         try:
             if kind == "json":
                 compiled = self._compile_schema(xgr, text)
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(text)
+            elif kind == "structural_tag":
+                compiled = self._compile_structural_tag(xgr, text)
             elif _is_lark(text):
                 compiled = self._compiler.compile_grammar(lark_as_ebnf(text))
             else:
                 compiled = self._compiler.compile_grammar(text)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own errors
-            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
             raise StructuredOutputError(f"structured output: the {what} cannot be compiled: {_reason(e)}") from e
         if not GrammarState(xgr.GrammarMatcher(compiled), self.vocab_size).allows_a_token():
-            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
             raise StructuredOutputError(f"structured output: the {what} matches no string (it allows no first token)")
         self._cache[key] = compiled
         while len(self._cache) > GRAMMARS_CACHED:
             self._cache.popitem(last=False)  # (a request running it holds its own reference)
         return compiled
+
+    def _compile_structural_tag(self, xgr, text: str):
+        """A structural tag compiled as vLLM's xgrammar backend compiles it: the older form (its "structures" and
+        "triggers") through xgrammar's deprecated call, any other as the JSON text it is."""
+        tag = json.loads(text)
+        if isinstance(tag, dict) and "structures" in tag:
+            items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+                     for s in tag["structures"]]
+            return self._compiler.compile_structural_tag(items, tag["triggers"])
+        return self._compiler.compile_structural_tag(text)
 
     def _compile_schema(self, xgr, text: str):
         """A JSON schema compiled as compact JSON (no free whitespace: a small model may otherwise emit it forever),
@@ -755,6 +768,47 @@ def _types(node: dict) -> set[str]:
     if isinstance(given, str):
         return {given}
     return {t for t in given if isinstance(t, str)} if isinstance(given, list) else set()
+
+
+_KIND_NAMES = {"json": "JSON schema", "regex": "regex", "grammar": "grammar", "structural_tag": "structural tag"}
+"""What an error calls each kind of grammar key."""
+
+
+def _check_enforced(kind: str, text: str) -> None:
+    """StructuredOutputError where a JSON schema of the key (a structural tag's too: `tag_schemas`) uses a keyword
+    xgrammar would ignore (`unenforced_schema_feature`), so that no answer breaks its schema unseen."""
+    if kind == "json":
+        schemas = [json.loads(text)]
+    elif kind == "structural_tag":
+        try:
+            schemas = tag_schemas(json.loads(text))
+        except ValueError:
+            return  # (not JSON: compiling it says so)
+    else:
+        return
+    for schema in schemas:
+        if feature := unenforced_schema_feature(schema):
+            raise StructuredOutputError(f"structured output: the JSON schema uses {feature}, which xgrammar (the "
+                                        "grammar backend here) does not enforce, so answers could break it: "
+                                        "remove it, or check that rule after")
+
+
+def tag_schemas(tag: Any) -> list[Any]:
+    """The JSON schemas a structural tag holds: the older form's structures' "schema"s, and in xgrammar's format
+    every {"type": "json_schema", "json_schema": ...} at any depth."""
+    found, stack = [], [tag]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get("type") == "json_schema" and "json_schema" in node:
+                found.append(node["json_schema"])
+            elif "begin" in node and "end" in node and "schema" in node:  # (an older form's structure)
+                found.append(node["schema"])
+            else:
+                stack.extend(node.values())
+    return found
 
 
 def unenforced_schema_feature(schema: Any) -> str | None:

@@ -499,12 +499,13 @@ def _logit_bias(value: Any) -> dict:
 
 def _response_format(value: Any) -> dict | None:
     """OpenAI's response_format as structured_outputs: text (nothing), json_object (any JSON
-    object) or json_schema ({"json_schema": {"name", "schema", "strict"}})."""
+    object), json_schema ({"json_schema": {"name", "schema", "strict"}}) or vLLM's structural_tag (the whole
+    response_format as the tag's JSON text: {"format": ...}, or the older {"structures", "triggers"})."""
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise BodyError("response_format must be an object with a 'type' (text, json_object, json_schema), got "
-                        f"{json.dumps(value)[:40]}")
+        raise BodyError("response_format must be an object with a 'type' (text, json_object, json_schema, "
+                        f"structural_tag), got {json.dumps(value)[:40]}")
     kind = value.get("type")
     if kind == "text":
         return None
@@ -515,7 +516,30 @@ def _response_format(value: Any) -> dict | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):  # (vLLM refuses one without too)
             raise BodyError("response_format.json_schema must be an object with a 'schema' object")
         return {"json": spec["schema"]}
-    raise BodyError(f"response_format type {str(kind)[:40]!r} is not supported (text, json_object, json_schema)")
+    if kind == "structural_tag":
+        return {"structural_tag": _structural_tag_format(value)}
+    raise BodyError(f"response_format type {str(kind)[:40]!r} is not supported (text, json_object, json_schema, "
+                    "structural_tag)")
+
+
+def _structural_tag_format(value: dict) -> str:
+    """A structural_tag response_format as vLLM's request model takes it: {"type", "format"}, or the older
+    {"type", "structures": [{"begin", "schema", "end"}], "triggers": [strings]}; its JSON text (what vLLM passes
+    on), or a BodyError as vLLM's "Invalid response_format structural_tag specification"."""
+    legacy = ("structures" in value and isinstance(value["structures"], list)
+              and all(isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end"), str)
+                      and isinstance(s.get("schema", {}), (dict, type(None))) for s in value["structures"])
+              and isinstance(value.get("triggers"), list) and all(isinstance(t, str) for t in value["triggers"]))
+    if not legacy and "format" not in value:
+        raise BodyError("invalid response_format structural_tag: give its 'format' (xgrammar's structural tag), or "
+                        "'structures' ([{begin, schema, end}]) and 'triggers' ([strings])")
+    if legacy:  # (as vLLM's model writes it: each structure's schema, null where none)
+        value = {"type": "structural_tag", "triggers": value["triggers"],
+                 "structures": [{"begin": s["begin"], "schema": s.get("schema"), "end": s["end"]}
+                                for s in value["structures"]]}
+    else:
+        value = {"type": "structural_tag", "format": value["format"]}
+    return json.dumps(value)
 
 
 def text_message(j: int, message: Any) -> Any:

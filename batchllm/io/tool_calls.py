@@ -153,10 +153,9 @@ def tool_constraint(forced: ForcedToolCall, tools: list[dict], structured_output
                     ) -> tuple[dict[str, Any], ForcedToolCall]:
     """The line's structured_outputs for its forced call, {"json": `tool_schema`}, and the call with `replaced`
     set. The line's own `structured_outputs` is checked first, as a line's without tools is (`SamplingParams`:
-    a ValueError with its words, "SamplingParams.structured_outputs ..."; a structural_tag is refused there, as
-    everywhere here); a valid one beside a named choice is a ToolChoiceError where it is json, regex or choice, as
-    vLLM's request model refuses it, and otherwise replaced (beside "required" always), as vLLM's tool parser's
-    adjust_request replaces it (a response_format too)."""
+    a ValueError with its words, "SamplingParams.structured_outputs ..."); a valid one beside a named choice is a
+    ToolChoiceError where it is json, regex or choice, as vLLM's request model refuses it, and otherwise replaced
+    (beside "required" always), as vLLM's tool parser's adjust_request replaces it (a response_format too)."""
     replaced = None
     if structured_outputs is not None:
         own = SamplingParams(structured_outputs=structured_outputs).structured_outputs

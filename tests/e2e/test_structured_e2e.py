@@ -347,3 +347,69 @@ def test_an_empty_string_is_a_choice_as_in_vllm(default_llm):
     for bad in ([], ["a", 1]):
         with pytest.raises(ValueError, match="choice must be a non-empty list of strings"):
             StructuredOutputsParams(choice=bad)
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+           "additionalProperties": False}
+TAG = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<function="], "at_least_one": True,
+                                            "tags": [{"begin": "<function=get_weather>", "end": "</function>",
+                                                      "content": {"type": "json_schema", "json_schema": WEATHER}}]}}
+OLDER_TAG = {"type": "structural_tag", "triggers": ["<function="],
+             "structures": [{"begin": "<function=get_weather>", "schema": WEATHER, "end": "</function>"}]}
+WEATHER_CALL = re.compile(r"<function=get_weather>(.*)</function>", re.S)
+
+
+def test_a_structural_tag_keeps_the_tagged_part_to_its_schema(default_llm):
+    """vLLM's structural tags (structured_outputs.structural_tag: xgrammar's, as JSON text) were refused. A tag that
+    must appear (at_least_one) gives a call whose arguments keep to its schema; the older form (structures and
+    triggers) compiles too, as vLLM's backend compiles it, and a tagged part it lets through keeps to the schema."""
+    chat = [{"role": "user", "content": "What is the weather in Paris? Call the tool get_weather."}]
+    [answer] = default_llm.chat(chat, SamplingParams(temperature=0, max_tokens=40, structured_outputs={
+        "structural_tag": json.dumps(TAG)}), use_tqdm=False)
+    call = WEATHER_CALL.fullmatch(answer.outputs[0].text)
+    assert call is not None and answer.outputs[0].finish_reason == "stop", answer.outputs[0].text
+    jsonschema.validate(json.loads(call[1]), WEATHER)
+    grammars = default_llm.prompts.grammars
+    tokenizer = default_llm.get_tokenizer()
+    for text, kept in (('Sure. <function=get_weather>{"city": "Paris"}</function> Done.', True),
+                       ('Sure. <function=get_weather>{"town": "Paris"}</function>', False)):
+        state = grammars.new_state(("structural_tag", json.dumps(OLDER_TAG)))
+        state.advance(tokenizer.encode(text, add_special_tokens=False))
+        assert state.broken is not kept, text
+
+
+def test_a_structural_tags_schemas_are_checked_as_a_schema_is(default_llm):
+    """A keyword xgrammar would ignore fails a structural tag's request as it fails a JSON schema's, in either form;
+    text that is no structural tag fails naming what could not be compiled."""
+    unique = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    newer = {**TAG, "format": {**TAG["format"], "tags": [{**TAG["format"]["tags"][0],
+                                                          "content": {"type": "json_schema", "json_schema": unique}}]}}
+    older = {**OLDER_TAG, "structures": [{**OLDER_TAG["structures"][0], "schema": unique}]}
+    for tag in (newer, older):
+        with pytest.raises(StructuredOutputError, match="the JSON schema uses 'uniqueItems', which xgrammar"):
+            default_llm.generate("x", SamplingParams(structured_outputs={"structural_tag": json.dumps(tag)}),
+                                 use_tqdm=False)
+    with pytest.raises(StructuredOutputError, match="the structural tag cannot be compiled"):
+        default_llm.generate("x", SamplingParams(structured_outputs={"structural_tag": '{"type": "nothing"}'}),
+                             use_tqdm=False)
+
+
+def test_a_structural_tag_response_format_runs_its_line(tmp_path, default_model_dir):
+    """An OpenAI line's response_format of type structural_tag (vLLM's, either form) was refused; it now runs, and
+    one with neither a format nor structures and triggers fails its line alone, by name."""
+    from batchllm.cli import main
+
+    chat = [{"role": "user", "content": "What is the weather in Paris? Call the tool get_weather."}]
+    lines = [{"custom_id": name, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": chat, "max_tokens": 40, "temperature": 0, "response_format": form}}
+             for name, form in (("newer", TAG), ("older", OLDER_TAG), ("bad", {"type": "structural_tag"}))]
+    (src := tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(src), "-o", str(out), "--model", str(default_model_dir), "--no-progress"]) == 1
+    records = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    newer = records["newer"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert WEATHER_CALL.fullmatch(newer), newer
+    assert records["older"]["response"]["status_code"] == 200
+    errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [e["custom_id"] for e in errors] == ["bad"]
+    assert "invalid response_format structural_tag: give its 'format'" in errors[0]["error"]["message"]

@@ -277,8 +277,8 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     assert "response_format type 'yaml'" in errors["bad-format"]
     assert "response_format.json_schema must be an object with a 'schema' object" in errors["no-schema"]
     assert "regex cannot be compiled" in errors["plain-bad"]
-    assert "structured_outputs needs exactly one of json, regex, choice, grammar, json_object, got regex, " \
-        "json_object" in errors["two-kinds"], errors["two-kinds"]
+    assert "structured_outputs needs exactly one of json, regex, choice, grammar, json_object, structural_tag, got " \
+        "regex, json_object" in errors["two-kinds"], errors["two-kinds"]
 
 
 def test_a_forced_tool_call_lines_own_constraint_is_compiled_as_without_tools():
@@ -830,7 +830,7 @@ def test_openai_body_values_of_the_wrong_kind_are_named():
 
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     with pytest.raises(BodyError, match=re.escape("response_format must be an object with a 'type' (text, "
-                                                  "json_object, json_schema), got \"json\"")):
+                                                  "json_object, json_schema, structural_tag), got \"json\"")):
         body_to_request("/v1/chat/completions", {**chat, "response_format": "json"})
     for off in (False, 0, "false", "False", "0", None):  # as vLLM's server (pydantic) reads a boolean
         assert "logprobs" not in body_to_request("/v1/chat/completions", {**chat, "logprobs": off})[3], off

@@ -300,7 +300,7 @@ def test_vllm_structured_output_spellings_are_taken():
         SamplingParams(structured_outputs={"json_object": True})._grammar_key), "taken, unused, as vLLM 0.26 takes it"
     for bad, message in ((dict(structured_outputs={"regex": "a"}, guided_decoding={"regex": "b"}), "not both"),
                          (dict(structured_outputs={"regex": "a", "whitespace_pattern": 5}), "whitespace_pattern must"),
-                         (dict(structured_outputs={"regex": "a", "structural_tag": "{}"}), "structural_tag is not"),
+                         (dict(structured_outputs={"regex": "a", "structural_tag": "{}"}), "got regex, structural_tag"),
                          (dict(structured_outputs={"regex": "a", "backend": "outlines"}), "not available"),
                          (dict(structured_outputs={"regex": "a", "disable_fallback": 1}), "disable_fallback must be")):
         with pytest.raises(ValueError, match=message):
@@ -328,12 +328,15 @@ def test_vllm_forms_of_sampling_fields_are_taken():
     assert "output_kind" not in SamplingParams.field_names()  # (not a field of a JSONL line or a Ray row)
 
 
-def test_a_structural_tag_is_named_as_not_supported():
-    """It was reported as "needs exactly one of json, ...: got none" (the count came first)."""
+def test_a_structural_tag_is_its_own_kind():
+    """It was refused ("not supported"); it is a kind of its own, vLLM's, given as a JSON text."""
     from batchllm.sampling_params import StructuredOutputsParams
 
-    with pytest.raises(ValueError, match="structured_outputs.structural_tag is not supported"):
-        StructuredOutputsParams(structural_tag='{"type": "structural_tag"}')
+    assert SamplingParams(structured_outputs={"structural_tag": '{"format": 1}'}).grammar_key == (
+        "structural_tag", '{"format": 1}')
+    for bad in (5, ""):
+        with pytest.raises(ValueError, match="structured_outputs.structural_tag must be a structural tag's JSON text"):
+            StructuredOutputsParams(structural_tag=bad)
 
 
 def test_what_vllm_scripts_read_of_an_output_and_call_between_runs(tiny_model_factory):

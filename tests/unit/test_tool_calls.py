@@ -121,10 +121,11 @@ def test_empty_tools_fail_their_line_as_vllm_refuses_them(choice):
 
 INVALID_CONSTRAINTS = [
     ({"json": VERDICT, "regex": "a"}, "structured_outputs needs exactly one of json, regex, choice, grammar, "
-                                      "json_object, got json, regex"),
-    ("x", "structured_outputs must be an object with one of json, regex, choice, grammar, json_object"),
+                                      "json_object, structural_tag, got json, regex"),
+    ("x", "structured_outputs must be an object with one of json, regex, choice, grammar, json_object, "
+          "structural_tag"),
     ({"foo": 1}, "structured_outputs: unsupported field(s) foo"),
-    ({"structural_tag": "{}"}, "structured_outputs.structural_tag is not supported"),
+    ({"structural_tag": 5}, "structured_outputs.structural_tag must be a structural tag's JSON text"),
     ({"json": "{bad"}, "structured_outputs.json is not valid JSON"),
 ]
 
