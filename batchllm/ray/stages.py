@@ -248,16 +248,18 @@ def _context_len(prompts, messages: list, template: dict | None, ids, index,
                  add_special: bool | None = None) -> int | None:
     """Tokens of the row's prompt that its conversation before the last message, closed, renders to (a prefix
     key's hint); None where the template cannot render that conversation (one that needs a user message,
-    as Qwen3's do, fails on a system message alone: the row itself renders, and runs)."""
+    as Qwen3's do, fails on a system message alone: the row itself renders, and runs) or it does not fit the
+    context untruncated (the row's own prompt, truncated by its truncate_prompt_tokens, may: it runs)."""
     from batchllm.io.openai_batch import BODY_DECIDES
 
     context_kwargs = {k: v for k, v in (template or {}).items() if k not in BODY_DECIDES}
     try:
         context = prompts.apply_chat_template(messages[:-1], index, add_generation_prompt=False,
                                               kwargs=context_kwargs)
+        context_ids = prompts.tokenize_prompt(context, index, add_special_tokens=add_special).token_ids
     except ValueError:
         return None
-    return _common_prefix_len(ids, prompts.tokenize_prompt(context, index, add_special_tokens=add_special).token_ids)
+    return _common_prefix_len(ids, context_ids)
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -151,13 +151,16 @@ def test_a_rows_truncate_prompt_tokens_keeps_its_last_tokens():
             {"prompt_token_ids": list(range(1, 101)), "sampling_params": {"truncate_prompt_tokens": -1}},
             {"messages": [{"role": "user", "content": "word " * 100}],
              "sampling_params": {"truncate_prompt_tokens": 9}},
+            # (a conversation whose turns before the last outgrow the context: the prefix hint failed the row)
+            {"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"},
+                          {"role": "user", "content": "hi"}], "sampling_params": {"truncate_prompt_tokens": 10}},
             {"prompt": "word " * 100}]
     table = pa.table({"i": list(range(len(rows)))})
     out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64),
                          preprocess=lambda row: rows[row["i"]], num_buckets=1)
     errors, tokens = out.column(ERROR).to_pylist(), out.column(TOKENS).to_pylist()
-    assert errors[:3] == [None] * 3 and "max_model_len" in errors[3]
-    assert [len(t) for t in tokens[:3]] == [20, 63, 9] and tokens[1] == list(range(38, 101))
+    assert errors[:4] == [None] * 4 and "max_model_len" in errors[4]
+    assert [len(t) for t in tokens[:4]] == [20, 63, 9, 10] and tokens[1] == list(range(38, 101))
 
 
 def test_vllm_ray_engine_kwargs_are_taken_and_a_field_set_twice_is_named():
