@@ -149,6 +149,9 @@ class PromptProcessor:
                 return self.validate_ids(prompt["prompt_token_ids"], index, prompt.get("prompt"), truncate)
             if "prompt" not in prompt:
                 raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+            if not isinstance(prompt["prompt"], str):  # (vLLM's "Prompt text should be a string": ids were run)
+                raise ValueError(f"prompt {index}: a dict prompt's 'prompt' must be a string, got "
+                                 f"{type(prompt['prompt']).__name__} (give token ids as 'prompt_token_ids')")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):  # ("" too: a tokenizer that adds a BOS makes it [BOS], which vLLM runs)
             if self.tokenizer is None:

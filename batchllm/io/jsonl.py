@@ -294,7 +294,7 @@ def _parse_line(raw: bytes, line_number: int) -> BatchLine | LineError:
     except ValueError as e:  # (BodyError and ToolChoiceError are ones; the line's fields are named as it gives them)
         return error(in_field_terms(e), rid)
     ignored = tuple(name for name in unknown  # (their values asking for none, or for what runs here: taken)
-                    if name not in _DECODING_MODES and name not in VLLM_ONLY_FIELDS)
+                    if name not in _DECODING_MODES and name not in VLLM_ONLY_FIELDS and name not in _OTHER_INPUTS)
     return BatchLine(line_number, rid, prompt, kind == "messages", overrides, chat_template_kwargs=template,
                      ignored_fields=ignored, add_special_tokens=add_special, tool_call=forced,
                      tool_choice_none=kind == "messages" and obj.get("tool_choice") == "none")
@@ -312,7 +312,8 @@ def _plain_request(obj: dict, unknown: list[str]) -> tuple[str, Any, dict | None
                          f"{TRUNCATION_SIDE_NOTE}")
     if mistaken := [f"{name!r} ({hint})" for name in unknown
                     if (hint := _mistaken_field(name) or _misplaced_constraint(name, obj[name])
-                        or _other_decoding(name, obj[name]) or _vllm_only(name, obj[name]))]:
+                        or _other_decoding(name, obj[name]) or _vllm_only(name, obj[name])
+                        or other_input(name, obj[name]))]:
         raise ValueError(f"unsupported field(s): {', '.join(mistaken)}")
     add_special = add_special_tokens_of(obj)
     prompt = obj[kind]
@@ -417,6 +418,22 @@ _DECODING_MODES = {"use_beam_search": ((False, None), _BEAM_SEARCH), "num_beams"
 """Fields that ask for another way of decoding (beam search, transformers' greedy switch, best_of) with the values
 that ask for none (as an OpenAI body's `_ONLY_DEFAULT`): another value would be ignored and the line sampled
 instead, so it is an error (`_other_decoding`)."""
+
+
+_TEXT_ONLY = "the models here take text and token ids only"
+_OTHER_INPUTS = {"multi_modal_data": _TEXT_ONLY, "mm_processor_kwargs": _TEXT_ONLY, "prompt_embeds": _TEXT_ONLY,
+                 "lora_request": "no LoRA adapters here: merge the adapter into the model's weights"}
+"""vLLM's prompt fields beside the text (TextPrompt / TokensPrompt's, and LLM.generate's lora_request) that ask for
+inputs the engine has not: given (not null, not empty), the line or row would run without them as a success, so it
+is an error (`other_input`), as LLM.generate refuses them."""
+
+
+def other_input(name: str, value: Any) -> str | None:
+    """Why a line's or row's field asks for an input the engine has not (`_OTHER_INPUTS`), or None: not such a
+    field, or null or empty (asking for nothing)."""
+    if name not in _OTHER_INPUTS or value is None or (isinstance(value, (dict, list)) and not value):
+        return None
+    return f"vLLM's, not supported here ({_OTHER_INPUTS[name]})"
 
 
 _CONSTRAINTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from batchllm.io.jsonl import PROMPT_FIELDS, add_special_tokens_of, prompt_kind, without_its_index
+from batchllm.io.jsonl import PROMPT_FIELDS, add_special_tokens_of, other_input, prompt_kind, without_its_index
 from batchllm.ray.config import ProcessorConfig
 from batchllm.request_output import output_error
 from batchllm.sampling_params import SamplingParams, integers_from_json
@@ -198,6 +198,8 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         kind = prompt_kind(request, given)
     except ValueError as e:
         raise ValueError(f"a row: {e}; it gives {', '.join(given) or 'none of them'}") from None
+    if given := [f"{name!r} ({why})" for name, value in request.items() if (why := other_input(name, value))]:
+        raise ValueError(f"a row: unsupported field(s): {', '.join(given)}")
     add_special = add_special_tokens_of({"add_special_tokens": _plain(request.get("add_special_tokens"))})
     overrides = {k: _plain(v) for k, v in (request.get("sampling_params") or {}).items() if v is not None}
     overrides.pop("detokenize", None)  # generated_text is always filled, as Ray's vLLM processor's own stage does

@@ -1095,6 +1095,28 @@ def test_vllms_fields_without_a_counterpart_fail_a_plain_line_as_they_fail_sampl
         SamplingParams(thinking_token_budget=10)
 
 
+def test_inputs_the_engine_has_not_fail_a_plain_line_as_llm_generate_refuses_them():
+    """A line with vLLM's multi_modal_data, mm_processor_kwargs, prompt_embeds or lora_request ran without them and
+    passed as a success, with a note of ignored columns; LLM.generate refuses them. Null or empty, they ask for
+    nothing and are taken, with no note."""
+    result = ingest(b'{"id": "mm", "prompt": "Hi", "multi_modal_data": {"image": "x.png"}}\n'
+                    b'{"id": "lora", "prompt": "Hi", "lora_request": {"lora_name": "a", "lora_int_id": 1}}\n'
+                    b'{"id": "embeds", "prompt": "Hi", "prompt_embeds": [[0.5]]}\n'
+                    b'{"id": "empty", "prompt": "Hi", "multi_modal_data": {}, "mm_processor_kwargs": null, '
+                    b'"lora_request": null}\n')
+    assert [e.message for e in result.errors] == [
+        "line 1: unsupported field(s): 'multi_modal_data' (vLLM's, not supported here (the models here take text "
+        "and token ids only))",
+        "line 2: unsupported field(s): 'lora_request' (vLLM's, not supported here (no LoRA adapters here: merge the "
+        "adapter into the model's weights))",
+        "line 3: unsupported field(s): 'prompt_embeds' (vLLM's, not supported here (the models here take text and "
+        "token ids only))"]
+    (taken,) = result.valid
+    assert taken.line.request_id == "empty" and result.ignored_fields == {}
+    with pytest.raises(ValueError, match="prompt 0: a dict prompt's 'prompt' must be a string, got list"):
+        processor().tokenize_prompt({"prompt": [1, 2, 3]})
+
+
 def test_vllms_old_guided_fields_fail_their_line_naming_structured_outputs():
     """guided_choice in a plain line was ignored as a table's column: the line ran unconstrained and passed as a
     success; in an OpenAI body it was refused without naming what replaced it."""

@@ -327,6 +327,16 @@ def test_the_cli_records_split_reasoning_under_the_jobs_template_keywords():
         assert (message["reasoning"], message["content"]) == (reasoning, content), defaults
 
 
+def test_a_row_asking_for_inputs_the_engine_has_not_fails_alone():
+    """A preprocess giving vLLM's multi_modal_data or lora_request ran the row without them, as a success."""
+    rows = [{"prompt": "Hi", "multi_modal_data": {"image": "x.png"}}, {"prompt": "Hi", "lora_request": None}]
+    table = pa.table({"i": [0, 1]})
+    out = tokenize_batch(table, config=ProcessorConfig(), preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors = out.column(ERROR).to_pylist()
+    assert errors[1] is None
+    assert "a row: unsupported field(s): 'multi_modal_data' (vLLM's, not supported here" in errors[0]
+
+
 def test_a_template_that_needs_a_user_message_runs_a_system_and_user_row():
     """The prefix key's hint renders the row's conversation before its last message; a template that refuses a
     conversation without a user message (Qwen3's do) failed every [system, user] row there, where the
