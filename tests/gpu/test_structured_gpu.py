@@ -1,6 +1,6 @@
 """Structured output, allowed_token_ids, logit_bias and structured beam search on the GPU (CUDA graphs, asynchronous
 steps and the Triton kernels, as a user gets them): the greedy tokens of the same requests on the CPU (float32 both).
-No other GPU test runs a grammar: the runner's masks were checked on the CPU alone.
+A structural tag's too. No other GPU test runs a grammar: the runner's masks were checked on the CPU alone.
 
 Needs a tokenizer: $BATCHLLM_TEST_TOKENIZER_DIR (a directory of tokenizer files, e.g. the default model's, carried to
 the device: scripts/gpu_check.sh says how), else the default model converted from its GGUF (the `gguf` package)."""
@@ -20,6 +20,9 @@ pytestmark = pytest.mark.gpu
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 6},
                                            "score": {"type": "integer"}}, "required": ["answer", "score"]}
+TAG = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f="], "at_least_one": True,
+                                            "tags": [{"begin": "<f=x>", "end": "</f>", "content": {
+                                                "type": "json_schema", "json_schema": SCHEMA}}]}}
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +38,14 @@ def model_dir(tmp_path_factory):
 
 
 def _requests():
-    prompts = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 40, 130, 7, 7, 64)]
+    prompts = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 40, 130, 7, 7, 64, 9)]
     params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs={"choice": ["yes", "no", "maybe so"]}),
               SamplingParams(temperature=0, max_tokens=12, structured_outputs={"regex": "[a-z]{2,8}@[0-9]{3}"}),
               SamplingParams(temperature=0, max_tokens=40, structured_outputs={"json": SCHEMA}),
               SamplingParams(temperature=0, max_tokens=10, allowed_token_ids=[100, 200, 300, 400], ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=10, logit_bias={500: 30.0, 600: 29.0}, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)]
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=40, structured_outputs={"structural_tag": json.dumps(TAG)})]
     return prompts, params
 
 
@@ -64,7 +68,8 @@ def test_masked_and_structured_rows_give_the_cpus_tokens(model_dir):
     assert [list(o.outputs[0].token_ids) for o in got] == [list(o.outputs[0].token_ids) for o in expected]
     assert [[s.tokens for s in b.sequences] for b in got_beams] == [[s.tokens for s in b.sequences]
                                                                     for b in expected_beams]
-    choice, regex, schema, allowed, biased, _ = (o.outputs[0] for o in got)
+    choice, regex, schema, allowed, biased, _, tagged = (o.outputs[0] for o in got)
+    assert tagged.text.startswith("<f=x>"), tagged.text  # (the tag must come: at_least_one)
     assert choice.text in ("yes", "no", "maybe so") and choice.finish_reason == "stop"
     assert regex.finish_reason == "length" or "@" in regex.text
     if schema.finish_reason == "stop":
