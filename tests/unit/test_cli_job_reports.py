@@ -622,6 +622,7 @@ def test_a_model_path_that_is_not_utf8_is_named_in_utf8():
 
     args = SimpleNamespace(model="/models/m\udcff", served_model_name=None, response_role="assistant",
                            default_chat_template_kwargs=None, exclude_tools_when_tool_choice_none=False,
-                           tool_call_parser=None, enable_auto_tool_choice=False, reasoning_parser=None)
+                           tool_call_parser=None, enable_auto_tool_choice=False, reasoning_parser=None,
+                           return_tokens_as_token_ids=False)
     shape = cli.response_shape(args, "SmolLM2")
     assert shape.model == "/models/m\ufffd"
