@@ -184,3 +184,39 @@ def test_a_pipe_and_a_file_url_are_named_as_what_they_are(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     code, err = run(capsys, f"file://{src}", "-o", tmp_path / "o.jsonl")
     assert code == 2 and f"'file://{src}': it is a file:// URL; give the file's path ({src})" in err, err
+
+
+class _FullDisk:
+    """An open file whose flush fails as a full disk's does: what its buffer holds never reaches the file."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_writer_that_failed_counts_what_reached_the_file(tmp_path):
+    """On a full disk --stats reported 17 lines recorded where the file held 9: the writer counted each record as it
+    went into the buffer, and the records still buffered never reached the file. After a failure it counts the whole
+    lines its file holds (those it wrote, after what the file held before), as a resume counts them."""
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "earlier"}\n')
+    writer = ResultWriter(out, sync_every=1000)
+    for i in range(3):
+        writer.write({"id": i, "error": None if i else {"message": "bad"}})
+    writer.sync()
+    for i in range(3, 6):
+        writer.write({"id": i, "error": {"message": "bad"}})
+    assert (writer.num_written, writer.num_errors) == (6, 4)
+    writer._file = _FullDisk(writer._file)
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        writer.sync()
+    assert (writer.num_written, writer.num_errors) == (3, 1)
+    writer._file = writer._file._file
+    writer.close()  # (the disk has room again: closing flushes the rest, counted)
+    assert (writer.num_written, writer.num_errors) == (6, 4)
+    assert len(out.read_bytes().splitlines()) == 7
