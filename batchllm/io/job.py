@@ -800,14 +800,24 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def _change_of(state: dict[str, Any], fingerprint: dict[str, Any]) -> str:
+    """How the input changed: its size, or where the size is the same (lines reordered, a word edited), its
+    content's hash."""
+    then, now = state.get("input_size"), fingerprint["input_size"]
+    if then != now:
+        return f"{then} bytes then, {now} now"
+    return f"the same {now} bytes, other content: SHA-256 {str(state.get('input_sha256'))[:12]}... then, " \
+           f"{fingerprint['input_sha256'][:12]}... now"
+
+
 def _refuse_another_job(output: Path, state: dict[str, Any], fingerprint: dict[str, Any], input_path: Path) -> None:
     """Raise JobError when `state` (of `output`) belongs to another input or was answered under other options."""
     if (state.get("input_size"), state.get("input_sha256")) != (fingerprint["input_size"], fingerprint["input_sha256"]):
         if state.get("input") == fingerprint["input"]:
             raise JobError(
                 f"refusing to resume into {str(output)!r}: its input {str(input_path)!r} has changed since the "
-                f"output was written ({state.get('input_size')} bytes then, {fingerprint['input_size']} now), so "
-                "its results may answer other lines; pass --overwrite to start over, or choose another -o"
+                f"output was written ({_change_of(state, fingerprint)}), so its results may answer other lines; "
+                "pass --overwrite to start over, or choose another -o"
             )
         raise JobError(
             f"refusing to resume into {str(output)!r}: it was written for a different input "

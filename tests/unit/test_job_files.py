@@ -891,6 +891,10 @@ def test_a_ray_output_directory_is_tied_to_its_input_and_options(tmp_path):
     with pytest.raises(JobError, match=r"its input '.*in.jsonl' has changed since the output was written \(28 bytes "
                                        r"then, 31 now\)"):  # (it said "a different input", naming the same file)
         tie_directory_to_job(shards, src, options)
+    src.write_text('{"id": "a", "prompt": "Ho"}\n')  # (the same size: it said "28 bytes then, 28 now")
+    with pytest.raises(JobError, match=r"has changed since the output was written \(the same 28 bytes, other "
+                                       r"content: SHA-256 [0-9a-f]{12}\.\.\. then, [0-9a-f]{12}\.\.\. now\)"):
+        tie_directory_to_job(shards, src, options)
     other = tmp_path / "other.jsonl"
     other.write_text('{"id": "b", "prompt": "Hello"}\n')
     with pytest.raises(JobError, match="written for a different input"):
