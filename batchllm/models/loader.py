@@ -193,6 +193,8 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path, scheme: Fp8Sch
                 if scheme is None:  # vLLM's attention has no KV-cache method to load it into: 1.0
                     unloaded.append(name)
                     continue
+                if scheme.kv_cache_per_head:  # (such a cache runs unquantized: `Fp8Scheme.kv_cache_per_head`)
+                    continue
                 layer, columns, value = _read_kv_scale(model, match, f.get_tensor(name), path.name)
                 kv_scales.setdefault(layer, {}).update(dict.fromkeys(columns, value))
                 continue

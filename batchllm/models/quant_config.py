@@ -48,6 +48,11 @@ class Fp8Scheme:
     weight_only: FP8 weights with 16-bit activations (compressed-tensors without `input_activations`, vLLM's
     W8A16Fp8): the layers run in the model dtype, each weight dequantized at load (the product W8A16 computes,
     at twice the weights' memory).
+    kv_cache_per_head: the declared FP8 cache has a k and v scale per KV head (kv_cache_scheme strategy
+    "attn_head"), which this engine cannot run: such a checkpoint runs with an unquantized cache only
+    (kv_cache_dtype "bfloat16" / "float16"), its KV scales left unread (`resolve_kv_cache_dtype`).
+    A compressed-tensors checkpoint that quantizes no linear layer (its one group targets attention, or none has
+    weights: a KV-cache-only checkpoint) has `targets` () and runs its linears in 16 bits, as in vLLM.
     """
 
     checkpoint_fp8: bool
@@ -61,6 +66,7 @@ class Fp8Scheme:
     targets: tuple[str, ...] = ("Linear",)
     config_key: str = field(default="quantization_config", compare=False)
     weight_only: bool = False
+    kv_cache_per_head: bool = False
 
     def quantizes(self, module: str, parts: tuple[str, ...] = ()) -> bool:
         """Whether the decoder linear `module` (its checkpoint name, e.g. model.layers.0.mlp.down_proj) runs in
@@ -85,6 +91,8 @@ class Fp8Scheme:
     def describe(self) -> str:
         if not self.checkpoint_fp8:
             return "fp8 (weights quantized per channel at load)"
+        if not self.targets:
+            return f"{self.method} checkpoint, no linear layer quantized"
         block = f" {self.block_size[0]}x{self.block_size[1]}" if self.block_size else ""
         only = ", weight-only (dequantized at load: 16-bit activations and weights)" if self.weight_only else ""
         return f"{self.method} checkpoint, {self.weight_strategy}{block} weight scales{only}"
@@ -163,6 +171,11 @@ def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
     if not isinstance(groups, dict):
         raise ModelLoadError(f"{source}: {key} config_groups must be a JSON object (group name -> group), got "
                              f"{type(groups).__name__}")
+    groups = {name: group for name, group in groups.items() if not _quantizes_no_linear(group)}
+    kv_fp8, per_head = _kv_cache_scheme(qc.get("kv_cache_scheme"), source)
+    if not groups:  # (a KV-cache-only checkpoint, or one whose group quantizes attention: its linears in 16 bits)
+        return Fp8Scheme(True, method="compressed-tensors", kv_cache_fp8=kv_fp8, kv_cache_per_head=per_head,
+                         targets=())
     if len(groups) != 1:
         raise ModelLoadError(f"{source}: compressed-tensors with {len(groups)} config_groups is not supported "
                              f"(exactly one group of FP8 Linear weights)")
@@ -196,9 +209,21 @@ def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
                                  f"with {acts.get('num_bits')!r} bits are not supported (8-bit float or none)")
         static = not acts.get("dynamic", False)
     return Fp8Scheme(True, strategy, block, "weight_scale", static, method="compressed-tensors",
-                     kv_cache_fp8=_kv_cache_scheme(qc.get("kv_cache_scheme"), source),
+                     kv_cache_fp8=kv_fp8, kv_cache_per_head=per_head,
                      ignore=_names(qc, ("ignore",), source, key),
                      targets=_names(group, ("targets",), source, key) or ("Linear",), weight_only=acts is None)
+
+
+def _quantizes_no_linear(group: object) -> bool:
+    """Whether a compressed-tensors config group leaves every linear layer as it is: one that targets an attention
+    module alone ("LlamaAttention": attention quantization, which rides on the KV cache's scheme) or has no weights
+    section (vLLM drops the first and runs the second's targets unquantized)."""
+    if not isinstance(group, dict):
+        return False
+    targets = group.get("targets")
+    attention = (isinstance(targets, list) and len(targets) == 1 and isinstance(targets[0], str)
+                 and targets[0].endswith("Attention"))
+    return attention or group.get("weights") is None
 
 
 def _section(group: dict, name: str, source: str, group_name: str) -> dict:
@@ -211,22 +236,23 @@ def _section(group: dict, name: str, source: str, group_name: str) -> dict:
     return section
 
 
-def _kv_cache_scheme(scheme: object, source: str) -> bool:
-    """Whether a compressed-tensors `kv_cache_scheme` declares an FP8 KV cache (None: it declares none); one
-    this engine cannot run raises a ModelLoadError naming it (vLLM's checks, less its per-head scales)."""
+def _kv_cache_scheme(scheme: object, source: str) -> tuple[bool, bool]:
+    """Whether a compressed-tensors `kv_cache_scheme` declares an FP8 KV cache (None: it declares none), and whether
+    its scales are per KV head ("attn_head": runnable only unquantized, `Fp8Scheme.kv_cache_per_head`); one this
+    engine cannot read raises a ModelLoadError naming it (vLLM's checks)."""
     if scheme is None:
-        return False
+        return False, False
     if not isinstance(scheme, dict):
         raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme is not a JSON object")
     if scheme.get("type") != "float" or scheme.get("num_bits") != 8:
         raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme of type {scheme.get('type')!r} with "
                              f"{scheme.get('num_bits')!r} bits is not supported (8-bit float)")
-    if scheme.get("strategy") != "tensor":
+    if scheme.get("strategy") not in ("tensor", "attn_head"):
         raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme strategy {scheme.get('strategy')!r} is "
                              f"not supported (tensor: one k and one v scale per layer)")
     if not scheme.get("symmetric"):
         raise ModelLoadError(f"{source}: compressed-tensors kv_cache_scheme must be symmetric")
-    return True
+    return True, scheme.get("strategy") == "attn_head"
 
 
 def resolve_quantization(option: str | None, checkpoint: Fp8Scheme | None) -> Fp8Scheme | None:
@@ -254,6 +280,10 @@ def resolve_kv_cache_dtype(option: str, checkpoint: Fp8Scheme | None, model_dtyp
             raise ValueError(f"kv_cache_dtype={option!r} keeps the cache in the model's dtype, which is {model_dtype}"
                              f": give dtype={option!r} too (the cache here is the model's dtype or fp8)")
         return "auto"
+    if checkpoint is not None and checkpoint.kv_cache_per_head:  # ("auto", "fp8", "fp8_e4m3")
+        raise ValueError(f"the checkpoint's kv_cache_scheme strategy 'attn_head' (a k and v scale per KV head) is not "
+                         f"supported with kv_cache_dtype={option!r}: give kv_cache_dtype='bfloat16' (or 'float16', "
+                         "with that dtype) to run it with an unquantized cache")
     if option == "auto" and checkpoint is not None and checkpoint.kv_cache_fp8:
         return "fp8"
     return option

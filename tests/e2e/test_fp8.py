@@ -323,8 +323,67 @@ def test_a_checkpoints_kv_cache_scheme_makes_the_cache_fp8_unless_asked_otherwis
     (tmp_path / "heads").mkdir()
     heads_dir, _ = write_checkpoints(tiny_fp32, tmp_path / "heads", "ct-channel", {
         **QUANT_CONFIGS["ct-channel"], "kv_cache_scheme": {**scheme, "strategy": "attn_head"}})
-    with pytest.raises(ValueError, match="kv_cache_scheme strategy 'attn_head' is not supported"):
+    with pytest.raises(ValueError, match="the checkpoint's kv_cache_scheme strategy 'attn_head' .* is not supported "
+                                         "with kv_cache_dtype='auto': give kv_cache_dtype='bfloat16'"):
         _llm(heads_dir)
+
+
+def _kv_only_checkpoint(base, out, groups: dict, strategy: str = "tensor"):
+    """`base`'s float32 weights with a k and v scale per layer (one value, or one per KV head under "attn_head") and
+    a compressed-tensors config whose `groups` quantize no linear layer, declaring an FP8 cache."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(base / "model.safetensors"))
+    config = json.loads((base / "config.json").read_text())
+    heads = config["num_key_value_heads"] if strategy == "attn_head" else 1
+    for layer in range(config["num_hidden_layers"]):
+        for kind, value in (("k", 0.5), ("v", 0.25)):
+            tensors[f"model.layers.{layer}.self_attn.{kind}_scale"] = torch.full((heads,), value + layer)
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    scheme = {"type": "float", "num_bits": 8, "strategy": strategy, "dynamic": False, "symmetric": True}
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": groups,
+        "kv_cache_scheme": scheme}}))
+    return out
+
+
+@pytest.mark.parametrize("groups", [
+    {},  # (a KV-cache-only checkpoint)
+    {"group_0": {"targets": ["Linear"], "weights": None}},
+    {"attention": {"targets": ["LlamaAttention"], "input_activations": {"type": "float", "num_bits": 8,
+                                                                        "strategy": "tensor", "dynamic": False}}},
+], ids=["no-groups", "weightless-group", "attention-group"])
+def test_a_checkpoint_quantizing_only_its_kv_cache_runs_its_linears_unquantized(groups, tiny_fp32, tmp_path):
+    """llm-compressor's KV-cache-only checkpoints (no config group, or one without weights) and its attention
+    quantization (a group targeting LlamaAttention) were refused ("0 config_groups", "weights of type None"); vLLM
+    runs their linear layers unquantized over an FP8 cache with the checkpoint's scales, and so does this engine."""
+    from batchllm.attention.kv_quant import FP8 as KV_FP8
+
+    llm = _llm(_kv_only_checkpoint(tiny_fp32, tmp_path / "kv", groups))
+    assert llm.engine.kv_spec.dtype == KV_FP8
+    assert llm.engine.model.kv_scales[:, :2].tolist() == [[0.5, 0.25], [1.5, 1.25]]
+    assert not any(p.dtype == torch.float8_e4m3fn for p in llm.engine.model.parameters())
+    plain = _llm(tiny_fp32, kv_cache_dtype="fp8")
+    plain.engine.model.kv_scales[:, :2] = llm.engine.model.kv_scales[:, :2]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == [
+        o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+
+
+def test_per_head_kv_scales_run_with_an_unquantized_cache_when_asked(tiny_fp32, tmp_path):
+    """A kv_cache_scheme of strategy "attn_head" was refused whatever kv_cache_dtype said, though an unquantized
+    cache (kv_cache_dtype "bfloat16", vLLM's way to keep one) never reads its scales; it runs so, and an FP8 cache
+    over it is refused by name."""
+    model_dir = _kv_only_checkpoint(tiny_fp32, tmp_path / "kv", {}, strategy="attn_head")
+    llm = LLM(str(model_dir), dtype="bfloat16", device="cpu", skip_tokenizer_init=True, max_model_len=256,
+              kv_cache_dtype="bfloat16")
+    assert llm.engine.kv_spec.dtype == torch.bfloat16
+    [out] = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(temperature=0, max_tokens=3))
+    assert len(out.outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="strategy 'attn_head' .* is not supported with kv_cache_dtype='fp8'"):
+        _llm(model_dir, kv_cache_dtype="fp8")
 
 
 def test_fp8_attention_runs_over_the_fp8_cache_a_checkpoint_declares(tiny_fp32, tmp_path):
