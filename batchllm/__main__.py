@@ -1,7 +1,20 @@
-"""`python -m batchllm ...`: the `batchllm` command."""
+"""`python -m batchllm ...` and the `batchllm` command (`launch`)."""
 
+import signal
 import sys
 
-from batchllm.cli import main
 
-sys.exit(main())
+def launch() -> int:
+    """The `batchllm` command: `cli.main`, and Ctrl-C before it takes over (while Python loads the command, a
+    quarter second, or reads its options) answered as after: one line and status 130, not a traceback."""
+    try:
+        from batchllm.cli import main
+
+        return main()
+    except KeyboardInterrupt:
+        print("batchllm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(launch())

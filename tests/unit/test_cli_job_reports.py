@@ -626,3 +626,19 @@ def test_a_model_path_that_is_not_utf8_is_named_in_utf8():
                            return_tokens_as_token_ids=False)
     shape = cli.response_shape(args, "SmolLM2")
     assert shape.model == "/models/m\ufffd"
+
+
+def test_ctrl_c_before_the_command_takes_over_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in a run's first half second (Python loading the command, or reading its options) printed a
+    KeyboardInterrupt traceback where later it prints one line and exits 130: the `batchllm` command (pyproject's
+    script) and `python -m batchllm` answer it as later."""
+    from batchllm.__main__ import launch
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert launch() == 130
+    assert capsys.readouterr().err == "batchllm: interrupted\n"
+    scripts = (Path(__file__).parents[2] / "pyproject.toml").read_text().partition("[project.scripts]")[2]
+    assert scripts.split("\n")[1] == 'batchllm = "batchllm.__main__:launch"'  # (tomllib: Python 3.11)
