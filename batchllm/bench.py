@@ -363,6 +363,7 @@ def cpu_sizes_note(workload: str, filled: dict[str, int]) -> str | None:
 
 
 def add_bench_parser(sub) -> None:
+    from batchllm.config_file import add_config_file_argument
     from batchllm.options import DefaultsHelpFormatter, add_engine_arguments, add_vllm_arguments
 
     b = sub.add_parser("bench", help="measure throughput on a synthetic workload",
@@ -370,6 +371,7 @@ def add_bench_parser(sub) -> None:
                        description="Run a synthetic workload once per configuration, each on an engine of its "
                        "own, one after another in one process. Engine options set every configuration's "
                        "engine; a configuration changes one of them.")
+    add_config_file_argument(b)
     w = b.add_argument_group("workload")
     w.add_argument("--workload", default=None, choices=["shared", "snippet", "nosharing", "decodeheavy", "file"],
                    help="shared: the paper's groups of --degree prompts sharing a --shared token prefix; snippet: "

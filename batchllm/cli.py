@@ -33,7 +33,7 @@ from pathlib import Path
 
 from batchllm.bench import add_bench_parser, bench_command
 from batchllm.config import DTYPE_ALIASES, default_log_level, log_level_problem, unread_vllm_variables
-from batchllm.config_file import ConfigFileError, with_config_file
+from batchllm.config_file import ConfigFileError, add_config_file_argument, with_config_file
 from batchllm.generation_defaults import generation_eos_token_ids, model_sampling_defaults
 from batchllm.inputs import ModelSource, check_model_files, read_chat_template, read_model_source
 from batchllm.io.ingest import (
@@ -336,6 +336,7 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave a chat line's tools out of its chat template where its tool_choice is \"none\" "
                    "(vLLM's option; default: the tools reach the template whatever the tool_choice)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    add_config_file_argument(p)
 
 
 def utf8_text(text: str) -> str:

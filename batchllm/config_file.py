@@ -29,6 +29,15 @@ class ConfigFileError(ValueError):
     """A `--config` file that cannot be read as options; the message names the file and what is wrong."""
 
 
+def add_config_file_argument(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE.yaml` in a command's --help. `with_config_file` reads it before argparse sees the words (so
+    the parsed value is always None); listed here so that --help names it."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="read options from a YAML file, as vLLM's --config does: each key an option's long name "
+                        "(max-num-batched-tokens: 8192, temperature: 0, stop: [a, b]); the command line's own options "
+                        "win")
+
+
 def with_config_file(words: list[str], flags_of: Callable[[list[str]], Mapping[str, argparse.Action]], *,
                      has_command: bool = True, vllm_flag: Callable[[str], bool] = lambda flag: False) -> list[str]:
     """`words` (the command line after the program's name, flag names already dashed) with `--config FILE` (or

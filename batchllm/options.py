@@ -408,7 +408,7 @@ NOT_TAKEN_GROUP = ("vLLM options not taken here", "vLLM's flags for what has no 
                    "-pp/--pipeline-parallel-size 1, --distributed-executor-backend mp, --task generate, "
                    "--scheduling-policy fcfs, --cpu-offload-gb 0, --compilation-config '{}', --hf-overrides '{}', "
                    "--revision None, --no-enable-lora, -O2 ... (every field of vLLM 0.26's EngineArgs that is no "
-                   "option here: README, vLLM's options)")
+                   "option here: README, \"Python API\")")
 """(title, description) of the --help group of `run`'s and `bench`'s `add_not_taken_arguments` flags, which are
 not listed one by one."""
 
@@ -519,7 +519,10 @@ class _NotTakenSwitch(argparse.BooleanOptionalAction):
 def unknown_option_message(key: str) -> str:
     close = difflib.get_close_matches(key, [*engine_options(), *VLLM_ALIASES], n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    return f"unknown engine option {key!r}{hint} (all options: batchllm run --help)"
+    if key in {alias for option in VLLM_NO_EFFECT.values() for alias in option.flag_aliases}:
+        return (f"unknown engine option {key!r}: a flag of vLLM's commands (batchllm run takes it, without effect), "
+                "no LLM keyword, as in vLLM")
+    return f"unknown engine option {key!r}{hint} (the options: the \"engine options\" groups of batchllm run --help)"
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, names: Iterable[str] | None = None,

@@ -11,9 +11,12 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
-# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu): where pip would otherwise fetch a CUDA build
-.venv/bin/python -c "import torch" 2>/dev/null || \
+# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu): where pip would otherwise fetch a CUDA build.
+# A torch already in .venv is kept, unless TORCH_VERSION names another version.
+have=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
+if [ -z "$have" ] || { [ -n "${TORCH_VERSION:-}" ] && [ "$have" != "$TORCH_VERSION" ]; }; then
     $PIP install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
+fi
 extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev,ray,structured]"
 $PIP install -q -e ".${extra}"

@@ -120,6 +120,9 @@ def test_an_unknown_keyword_is_named_with_the_closest_options():
         LLM(speculative_config={"method": "ngram"})  # refused before anything is loaded
     with pytest.raises(TypeError, match="unknown engine option 'pooling_config'"):
         LLM(pooling_config={})
+    # (it pointed at `run --help`, which lists --disable-log-requests: a flag there, no keyword, as in vLLM)
+    with pytest.raises(TypeError, match="'disable_log_requests': a flag of vLLM's commands .* no LLM keyword"):
+        engine_config(disable_log_requests=True)
 
 
 def test_vllm_keywords_that_change_nothing_here_are_taken():
@@ -1067,3 +1070,13 @@ def test_flexible_argument_parser_reads_a_config_file_first(tmp_path):
     assert (args.max_model_len, args.enforce_eager, args.async_scheduling, args.prompt_file) == (
         2000, True, "on", "prompts.txt"), "after the first word, as vLLM's: the list did not swallow it"
     assert args.served_model_name == ["a", "b"]
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "bench"])
+def test_help_names_the_config_file_option(command, capsys):
+    """The README says `run --help` lists every option; --config FILE.yaml (read before argparse) was in none."""
+    from batchllm.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--config FILE.yaml" in capsys.readouterr().out
