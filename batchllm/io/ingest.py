@@ -303,6 +303,8 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
             line.prompt = None  # the tokens replace the text: never hold both for a whole file
         if isinstance(result, ValueError):
             out.append(LineError.for_line(line, result))
+        elif must_fit_the_context(line) and (problem := truncation_past_the_context(params, prompts.max_model_len)):
+            out.append(LineError.for_line(line, problem))
         elif must_fit_the_context(line) and (
                 problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
             out.append(LineError.for_line(line, problem))
@@ -339,6 +341,17 @@ def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
     return ContextLengthError(
         f"the model's context (max_model_len) is {max_model_len} tokens, but {prompt_tokens + max_tokens} were asked "
         f"for ({prompt_tokens} in the prompt, {max_tokens} for the completion); lower max_tokens or shorten the prompt")
+
+
+def truncation_past_the_context(params: SamplingParams, max_model_len: int) -> ValueError | None:
+    """Why a line that must fit the context asks to keep more prompt tokens than the context leaves beside its
+    max_tokens (vLLM's server refuses it so, whatever the prompt's length: a long prompt was refused as too long,
+    naming its tokens, not the truncation), or None."""
+    keep, max_tokens = params.truncate_prompt_tokens, params.max_tokens
+    if keep is None or keep == -1 or max_tokens is None or keep <= max_model_len - max_tokens:
+        return None
+    return ValueError(f"truncate_prompt_tokens={keep} cannot be greater than max_model_len - max_tokens = "
+                      f"{max_model_len - max_tokens}: ask a smaller truncation size (or -1: what the context leaves)")
 
 
 def error_code_of(problem: str) -> str | None:

@@ -215,9 +215,10 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
     ids, context_len = _row_tokens(request, kind, prompts, truncate, add_special, index)
     if request.get(MUST_FIT) and params.max_tokens is not None:  # None: up to the context, which always fits
-        from batchllm.io.ingest import context_overflow
+        from batchllm.io.ingest import context_overflow, truncation_past_the_context
 
-        if problem := context_overflow(len(ids), params.max_tokens, prompts.max_model_len):
+        if problem := (truncation_past_the_context(params, prompts.max_model_len)
+                       or context_overflow(len(ids), params.max_tokens, prompts.max_model_len)):
             raise problem
     explicit = request.get("prefix_key")
     key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))

@@ -565,6 +565,23 @@ def test_an_openai_line_that_exactly_fills_the_context_runs():
     assert "context_length_exceeded" == result.errors[0].code
 
 
+def test_an_openai_lines_truncation_past_what_the_context_leaves_is_named_as_vllm_names_it():
+    """truncate_prompt_tokens above max_model_len - max_tokens: a long prompt was refused as too long ("66 were
+    asked for (62 in the prompt ..."), naming the prompt the user had truncated, a short one ran; vLLM's server
+    refuses both, naming the truncation. A plain line stops at the context instead, as LLM.generate."""
+    context = processor().max_model_len
+    body = {"prompt": "word " * 300, "truncate_prompt_tokens": context - 2}
+    lines = [{"custom_id": "long", "url": "/v1/completions", "body": {**body, "max_tokens": 4}},
+             {"custom_id": "short", "url": "/v1/completions", "body": {**body, "prompt": "Hi", "max_tokens": 4}},
+             {"custom_id": "fits", "url": "/v1/completions", "body": {**body, "max_tokens": 2}},
+             {"id": "plain", "prompt": "Hi", "truncate_prompt_tokens": context - 2, "max_tokens": 4}]
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert [v.line.request_id for v in result.valid] == ["fits", "plain"]
+    said = (f"truncate_prompt_tokens={context - 2} cannot be greater than max_model_len - max_tokens = {context - 4}: "
+            "ask a smaller truncation size (or -1: what the context leaves)")
+    assert [e.message for e in result.errors] == [f"line 1: {said}", f"line 2: {said}"]
+
+
 def test_vllm_server_fields_of_an_openai_body_are_taken():
     """Files exported for OpenAI or vLLM's server carry these; each failed its line ("not supported").
     reasoning_effort goes to the chat template as the keyword of its name (gpt-oss's template reads it)."""
