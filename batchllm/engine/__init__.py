@@ -248,9 +248,13 @@ def build_engine(config: EngineConfig, device: str | torch.device | None = None,
             kv = KVCacheManager(kv_spec.num_blocks, kv_spec.block_size, keep_finished=config.sharing.prefix_sharing)
             overlap = facts.device.type == "cuda" if sc.async_scheduling is None else sc.async_scheduling
             core = EngineCore(Scheduler(sc, kv, facts.max_model_len), runner, async_scheduling=overlap)
-    except BaseException:  # (an interrupt too, however late: no LLM would hold the followers to shut them down)
-        if followers is not None:
-            followers.abandon()  # (the followers, waiting in collectives, would otherwise outlive the failure)
+    except BaseException as error:  # (an interrupt too, however late: no LLM would hold the followers to stop them)
+        if followers is None:
+            raise
+        failure = followers.build_failure(error)  # (a follower that died, named, before they are all killed)
+        followers.abandon()  # (the followers, waiting in collectives, would otherwise outlive the failure)
+        if failure is not error:
+            raise failure from error
         raise
     logger.info("model %s (%s) on %s, %s%s, max_model_len %d, %d KV blocks of %d tokens (%s, %.2f GiB), tensor "
                 "parallel %d", facts.model_dir, facts.spec.architecture, facts.device, facts.dtype,

@@ -82,6 +82,18 @@ class TensorParallelFollowers:
                 ended.append((p.exitcode is None or p.exitcode >= 0, rank, p.exitcode))
         return "; ".join(f"rank {rank} {_exit_description(code)}" for _, rank, code in sorted(ended)) or None
 
+    def build_failure(self, error: BaseException) -> BaseException:
+        """What a failure while the engine was built means: where rank 0's collective failed because a follower
+        ended (a bare "Connection reset by peer"), a WorkerDied naming that rank and how it ended, as a step's
+        failure names it (`Engine.step_failure`); otherwise the error itself (rank 0's own, which the followers,
+        building the same, may share)."""
+        if not _a_peers_transport_error(error) or (dead := self.first_dead()) is None:
+            return error
+        from batchllm.parallel.data_parallel import WorkerDied
+
+        return WorkerDied(f"tensor-parallel {dead} while the engine was built ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:120] if str(error) else ''})")
+
     def abandon(self) -> None:
         """Rank 0 could not build its engine, or stopped part-way through a step: kill the followers (they
         cannot be told to stop), leave the group (only one `init_tp_group` made: `destroy_tp_group`) and give
@@ -141,11 +153,19 @@ def start_followers(config, facts) -> tuple[object, TensorParallelFollowers]:
     return tp, followers
 
 
+STARTED, READY = "started", "ready"
+"""What a follower reports on its pipe (`_follower_main`): it runs (its first act), then it is about to join the
+group (its engine imported, its device and threads set)."""
+
+
 def wait_until_started(processes: list, started: list, timeout_s: float = 600.0) -> None:
-    """Return once every follower has said it started (`_follower_main`'s first act), so that rank 0 never
-    waits at the group's rendezvous for a rank that is gone; a follower that ends first, as one does when
-    the script's top level creates the LLM again in it, raises RuntimeError naming it."""
+    """Return once every follower has said it is about to join the group (`READY`), so that rank 0 never
+    waits at the group's rendezvous (up to the collective timeout, 30 min) for a rank that is gone; a follower
+    that ends first raises RuntimeError naming it: before it said it runs (`STARTED`), as one does when the
+    script's top level creates the LLM again in it, with the hint about the main guard; after, with its
+    error (a device it could not take, say), which it printed."""
     waiting = {conn: (rank, p) for rank, (p, conn) in enumerate(zip(processes, started), start=1)}
+    said = dict.fromkeys(waiting)
     deadline = time.monotonic() + timeout_s
     while waiting:
         if time.monotonic() > deadline:
@@ -155,17 +175,21 @@ def wait_until_started(processes: list, started: list, timeout_s: float = 600.0)
         for conn, (rank, p) in list(waiting.items()):
             if conn.poll():
                 try:
-                    conn.recv()
-                    conn.close()
-                    del waiting[conn]
+                    said[conn] = conn.recv()
+                    if said[conn] == READY:
+                        conn.close()
+                        del waiting[conn]
                     continue
-                except (EOFError, OSError):  # its end closed unsent: it ended before it started
+                except (EOFError, OSError):  # its end closed unsent: it ended
                     pass
             elif p.sentinel not in ready:
                 continue
             p.join(5)
-            raise RuntimeError(f"tensor-parallel rank {rank} {_exit_description(p.exitcode)} before it "
-                               f"started: {NOT_STARTED_HINT}")
+            if said[conn] is None:
+                raise RuntimeError(f"tensor-parallel rank {rank} {_exit_description(p.exitcode)} before it "
+                                   f"started: {NOT_STARTED_HINT}")
+            raise RuntimeError(f"tensor-parallel rank {rank} {_exit_description(p.exitcode)} before it joined the "
+                               "group (its error is above)")
 
 
 def _follower_main(rank: int, size: int, init_method: str, config, facts, threads: int | None, started) -> None:
@@ -174,8 +198,7 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts, thread
     it reports its start on (`wait_until_started`). Ctrl-C in a terminal reaches every process of the job:
     a follower leaves it to rank 0, which stops or kills it."""
     die_with_parent()
-    started.send(True)
-    started.close()
+    started.send(STARTED)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from batchllm.engine import build_runner
     from batchllm.parallel.tensor_parallel import destroy_tp_group, init_tp_group
@@ -185,6 +208,8 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts, thread
         torch.cuda.set_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
+    started.send(READY)
+    started.close()
     tp = init_tp_group(rank, size, init_method, device)
     code, runner = 1, None
     try:

@@ -116,6 +116,53 @@ def test_a_failed_build_stops_the_followers_and_gives_the_threads_back(tiny_mode
         torch.set_num_threads(before)
 
 
+def _say_started_then_end(conn) -> None:
+    """A follower that reports it runs, then ends before it is ready to join (its device refused, say)."""
+    import os
+
+    conn.send("started")
+    os._exit(3)
+
+
+def test_a_follower_that_ends_before_it_joins_is_named_not_waited_for():
+    """A follower that said it started, then failed before joining the group (importing the engine, taking its
+    device), left rank 0 at the group's rendezvous until the collective timeout (30 min), then "1/2 clients
+    joined". Rank 0 now waits for each follower to be ready to join, and names one that ended first."""
+    import multiprocessing
+
+    from batchllm.parallel.tp_worker import wait_until_started
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_say_started_then_end, args=(theirs,))
+    process.start()
+    theirs.close()
+    with pytest.raises(RuntimeError, match="tensor-parallel rank 1 exited with status 3 before it joined the group"):
+        wait_until_started([process], [ours], timeout_s=120)
+
+
+def test_a_follower_that_dies_while_the_engine_is_built_is_named(tiny_model_factory, monkeypatch):
+    """A follower dying after it joined, while the engine was built, surfaced as rank 0's bare gloo error
+    ("Connection reset by peer ... GLHF"); it is a WorkerDied naming the rank and how it ended, as during a step."""
+    import multiprocessing
+
+    from batchllm import engine
+    from batchllm.parallel.data_parallel import WorkerDied
+
+    def follower_dies(*args, **kwargs):
+        for p in multiprocessing.active_children():
+            if p.name.startswith("batchllm-tp"):
+                p.kill()
+                p.join(10)
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+
+    monkeypatch.setattr(engine, "build_runner", follower_dies)
+    with pytest.raises(WorkerDied, match="tensor-parallel rank 1 killed by SIGKILL while the engine was built "
+                                         r"\(RuntimeError: \[gloo"):
+        LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, max_model_len=256)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("batchllm-tp")]
+
+
 def test_data_parallel_engines_of_two_ranks_each(tiny_model_factory):
     """tensor_parallel_size with data_parallel_size: each data-parallel worker leads its own group (its
     followers are its children, which a daemonic worker could not start); the tokens are one process's."""
