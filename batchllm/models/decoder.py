@@ -236,14 +236,18 @@ class DecoderForCausalLM(nn.Module):
         a parameter, or its rows of a merged one (the owning module's `checkpoint_rows`), and which
         slice of the checkpoint tensor this rank takes (merged rows and the LM head: along dim 0;
         a module's `tp_shard_dims` for the others; replicated otherwise)."""
+        from batchllm.parallel.tensor_parallel import kv_shard
+
         rank, size = (0, 1) if self.tp is None else (self.tp.rank, self.tp.size)
+        kv_block, kv_blocks = kv_shard(self.full_spec.num_kv_heads, rank, size)  # (KV heads may be replicated)
         tensors = {}
         for name, param in self.named_parameters(remove_duplicate=False):
             owner, _, kind = name.rpartition(".")  # e.g. "model.layers.0.self_attn.qkv_proj", "weight"
             prefix, _, attr = owner.rpartition(".")
             parts = getattr(self.get_submodule(prefix), "checkpoint_rows", {}).get(attr, ())
             for part, start, end in parts:
-                tensors[f"{prefix}.{part}.{kind}"] = CheckpointTarget(param.data[start:end], 0, rank, size)
+                block, blocks = (kv_block, kv_blocks) if part in ("k_proj", "v_proj") else (rank, size)
+                tensors[f"{prefix}.{part}.{kind}"] = CheckpointTarget(param.data[start:end], 0, block, blocks)
             if not parts:
                 dim = getattr(self.get_submodule(owner), "tp_shard_dims", {}).get(kind)
                 if name == "lm_head.weight":

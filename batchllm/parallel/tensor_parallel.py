@@ -83,20 +83,32 @@ class TPGroup:
 
 
 def shard_spec(spec: ModelSpec, size: int) -> ModelSpec:
-    """The spec of one rank's shard: local query/KV heads and intermediate size. Raises a
-    ModelLoadError naming the count that does not divide."""
+    """The spec of one rank's shard: local query/KV heads and intermediate size. KV heads fewer than the ranks
+    are replicated, one per rank (`kv_shard`), as vLLM replicates them, where the ranks are a multiple of them.
+    Raises a ModelLoadError naming the count that does not divide."""
     if size == 1:
         return spec
-    for name, value in (("num_attention_heads", spec.num_heads), ("num_key_value_heads", spec.num_kv_heads),
-                        ("intermediate_size", spec.intermediate_size)):
-        if value % size:
+    kv_split = spec.num_kv_heads % size == 0 or size % spec.num_kv_heads == 0
+    for name, value, fits in (("num_attention_heads", spec.num_heads, spec.num_heads % size == 0),
+                              ("num_key_value_heads", spec.num_kv_heads, kv_split),
+                              ("intermediate_size", spec.intermediate_size, spec.intermediate_size % size == 0)):
+        if not fits:
             raise ModelLoadError(
                 f"tensor_parallel_size {size} does not divide the model's {name} ({value}); "
-                f"choose a size that divides {spec.num_heads} query heads, {spec.num_kv_heads} KV heads "
-                f"and intermediate size {spec.intermediate_size}"
+                f"choose a size that divides {spec.num_heads} query heads and intermediate size "
+                f"{spec.intermediate_size}, and divides or is a multiple of its {spec.num_kv_heads} KV heads"
             )
-    return dataclasses.replace(spec, num_heads=spec.num_heads // size, num_kv_heads=spec.num_kv_heads // size,
+    return dataclasses.replace(spec, num_heads=spec.num_heads // size, num_kv_heads=max(1, spec.num_kv_heads // size),
                                intermediate_size=spec.intermediate_size // size)
+
+
+def kv_shard(num_kv_heads: int, rank: int, size: int) -> tuple[int, int]:
+    """(block, blocks): the block of a K or V projection's rows that `rank` of `size` holds, of how many equal
+    blocks: its own of `size` where they divide the KV heads; else the one KV head it serves of `num_kv_heads`, each
+    replicated on size / num_kv_heads consecutive ranks (vLLM's layout)."""
+    if num_kv_heads % size == 0:
+        return rank, size
+    return rank // (size // num_kv_heads), num_kv_heads
 
 
 def local_vocab_size(vocab_size: int, size: int) -> int:

@@ -42,9 +42,29 @@ def test_three_ranks_on_smollm2(default_model_dir):
     _assert_same(_run(str(default_model_dir), 1), _run(str(default_model_dir), 3), 1e-3)
 
 
+def test_kv_heads_fewer_than_the_ranks_are_replicated(tiny_model_factory):
+    """tensor_parallel_size above num_key_value_heads was refused (a 2-KV-head model could not run on 4 GPUs);
+    vLLM replicates the KV heads, each rank holding the one its query heads read, and so does this engine: the
+    tokens and logprobs of one process. 4 ranks over 2 KV heads: each KV head on two ranks."""
+    model_dir = tiny_model_factory("llama")  # (4 query heads, 2 KV heads)
+    _assert_same(_run(model_dir, 1), _run(model_dir, 4), 1e-4)
+
+
 def test_sizes_that_do_not_divide_are_named(tiny_model_factory):
-    with pytest.raises(ModelLoadError, match="num_key_value_heads"):
-        LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=4)
+    import dataclasses
+    from pathlib import Path
+
+    from batchllm.models.spec import read_model_spec
+    from batchllm.parallel.tensor_parallel import shard_spec
+
+    with pytest.raises(ModelLoadError, match="does not divide the model's num_attention_heads"):
+        LLM(tiny_model_factory("llama"), dtype="float32", device="cpu", tensor_parallel_size=3)
+    spec = dataclasses.replace(read_model_spec(Path(tiny_model_factory("llama"))), num_heads=24, num_kv_heads=4)
+    assert (shard_spec(spec, 8).num_heads, shard_spec(spec, 8).num_kv_heads) == (3, 1)  # (each KV head on 2 ranks)
+    with pytest.raises(ModelLoadError, match="does not divide the model's num_key_value_heads \\(4\\); choose a size "
+                                             "that divides 24 query heads and intermediate size 128, and divides or "
+                                             "is a multiple of its 4 KV heads"):
+        shard_spec(spec, 6)
 
 
 def test_fp8_kv_cache_with_checkpoint_scales_over_two_ranks(tiny_model_factory, tmp_path):
