@@ -652,7 +652,8 @@ def note_model_defaults(args: argparse.Namespace, from_model: dict) -> None:
 RESULT_OPTIONS = ("model", "tokenizer", "chat_template", "default_chat_template_kwargs", "dtype", "load_format",
                   "max_model_len", "max_logprobs", "quantization", "kv_cache_dtype", "fp8_attention",
                   "skip_tokenizer_init", "served_model_name", "response_role",
-                  "reasoning_parser", "exclude_tools_when_tool_choice_none", "auto_tool_choice")
+                  "reasoning_parser", "exclude_tools_when_tool_choice_none", "auto_tool_choice",
+                  "return_tokens_as_token_ids")
 """Options that decide what a line's answer is or whether it is accepted (with the sampling defaults and
 --seed), and how OpenAI responses name the model and the answer's role and split its reasoning and tool calls
 (auto_tool_choice: the parser "auto" lines are read by, `auto_tool_parser`; None, as recorded before it existed,
@@ -717,8 +718,8 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     if options["response_role"] == "assistant":  # the default recorded as unset: outputs written before the
         options["response_role"] = None  # option existed (recorded without it) resume under the default
     options["default_chat_template_kwargs"] = options["default_chat_template_kwargs"] or None  # ({}: none, as unset)
-    options["exclude_tools_when_tool_choice_none"] = options["exclude_tools_when_tool_choice_none"] or None  # (off:
-    # unset, so that outputs recorded before the option existed resume without it)
+    for flag in ("exclude_tools_when_tool_choice_none", "return_tokens_as_token_ids"):  # (off: unset, so that outputs
+        options[flag] = options[flag] or None  # recorded before the option existed resume without it)
     _resolve_directories(options)
     if options["model"] == str(default_model_path().resolve()):
         options["model"] = None  # the default model by its path: the same model as none given

@@ -184,6 +184,9 @@ def test_vllm_command_line_spellings_are_taken():
         "the chat lines' template keywords change their prompts: a resume under others would mix two")
     empty = build_parser().parse_args(["run", "i", "-o", "o", "--default-chat-template-kwargs", "{}"])
     assert results_options(empty, {})["default_chat_template_kwargs"] is None
+    by_id = build_parser().parse_args(["run", "i", "-o", "o", "--return-tokens-as-token-ids"])
+    assert (results_options(by_id, {})["return_tokens_as_token_ids"], plain["return_tokens_as_token_ids"]) == (
+        True, None), "logprobs named by id or by text: a resume under the other would mix the two in one output"
 
 
 @pytest.mark.parametrize("value, problem", [("enable_thinking", "not JSON"), ("[1]", "not a JSON object"),
