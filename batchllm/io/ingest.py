@@ -303,7 +303,7 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
             line.prompt = None  # the tokens replace the text: never hold both for a whole file
         if isinstance(result, ValueError):
             out.append(LineError.for_line(line, result))
-        elif must_fit_the_context(line) and (problem := truncation_past_the_context(params, prompts.max_model_len)):
+        elif line.format == OPENAI and (problem := truncation_past_the_context(params, prompts.max_model_len)):
             out.append(LineError.for_line(line, problem))
         elif must_fit_the_context(line) and (
                 problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
@@ -344,11 +344,13 @@ def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
 
 
 def truncation_past_the_context(params: SamplingParams, max_model_len: int) -> ValueError | None:
-    """Why a line that must fit the context asks to keep more prompt tokens than the context leaves beside its
-    max_tokens (vLLM's server refuses it so, whatever the prompt's length: a long prompt was refused as too long,
-    naming its tokens, not the truncation), or None."""
+    """Why an OpenAI line asks to keep more prompt tokens than the context leaves beside its max_tokens (its own, or
+    a completion's default 16; vLLM's server refuses it so, whatever the prompt's length: a long prompt was refused
+    as too long, naming its tokens, not the truncation), or None."""
     keep, max_tokens = params.truncate_prompt_tokens, params.max_tokens
-    if keep is None or keep == -1 or max_tokens is None or keep <= max_model_len - max_tokens:
+    if keep is None or keep == -1 or max_tokens is None or max_tokens >= max_model_len:  # (the last: no prompt
+        return None  # fits beside that max_tokens, whatever its truncation: `context_overflow` says so)
+    if keep <= max_model_len - max_tokens:
         return None
     return ValueError(f"truncate_prompt_tokens={keep} cannot be greater than max_model_len - max_tokens = "
                       f"{max_model_len - max_tokens}: ask a smaller truncation size (or -1: what the context leaves)")

@@ -574,12 +574,17 @@ def test_an_openai_lines_truncation_past_what_the_context_leaves_is_named_as_vll
     lines = [{"custom_id": "long", "url": "/v1/completions", "body": {**body, "max_tokens": 4}},
              {"custom_id": "short", "url": "/v1/completions", "body": {**body, "prompt": "Hi", "max_tokens": 4}},
              {"custom_id": "fits", "url": "/v1/completions", "body": {**body, "max_tokens": 2}},
-             {"id": "plain", "prompt": "Hi", "truncate_prompt_tokens": context - 2, "max_tokens": 4}]
+             {"id": "plain", "prompt": "Hi", "truncate_prompt_tokens": context - 2, "max_tokens": 4},
+             {"custom_id": "default", "url": "/v1/completions", "body": {**body, "prompt": "Hi"}},  # (the run's 4)
+             {"custom_id": "too-many", "url": "/v1/completions", "body": {**body, "max_tokens": context + 1}}]
     result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
     assert [v.line.request_id for v in result.valid] == ["fits", "plain"]
-    said = (f"truncate_prompt_tokens={context - 2} cannot be greater than max_model_len - max_tokens = {context - 4}: "
+    said = (f"truncate_prompt_tokens={context - 2} cannot be greater than max_model_len - max_tokens = {{}}: "
             "ask a smaller truncation size (or -1: what the context leaves)")
-    assert [e.message for e in result.errors] == [f"line 1: {said}", f"line 2: {said}"]
+    messages = [e.message for e in result.errors]
+    assert messages[:3] == [f"line 1: {said.format(context - 4)}", f"line 2: {said.format(context - 4)}",
+                            f"line 5: {said.format(context - 4)}"]
+    assert "were asked for" in messages[3], "(a max_tokens past the context is named, not the truncation)"
 
 
 def test_vllm_server_fields_of_an_openai_body_are_taken():
