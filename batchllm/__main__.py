@@ -4,13 +4,14 @@ import signal
 import sys
 
 
-def launch() -> int:
-    """The `batchllm` command: `cli.main`, and Ctrl-C before it takes over (while Python loads the command, a
-    quarter second, or reads its options) answered as after: one line and status 130, not a traceback."""
+def launch(argv: list[str] | None = None) -> int:
+    """The `batchllm` command over `argv` (default: the process's arguments): `cli.main`, and Ctrl-C before it
+    takes over (while Python loads the command, a quarter second, or reads its options) answered as after: one
+    line and status 130, not a traceback."""
     try:
         from batchllm.cli import main
 
-        return main()
+        return main(argv)
     except KeyboardInterrupt:
         print("batchllm: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

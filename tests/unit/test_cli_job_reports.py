@@ -637,8 +637,12 @@ def test_ctrl_c_before_the_command_takes_over_is_one_line(monkeypatch, capsys):
     def interrupted(argv=None):
         raise KeyboardInterrupt
 
+    from batchllm.entrypoints.openai import run_batch
+
     monkeypatch.setattr(cli, "main", interrupted)
     assert launch() == 130
+    assert capsys.readouterr().err == "batchllm: interrupted\n"
+    assert run_batch.main(["-i", "in.jsonl", "-o", "out.jsonl"]) == 130  # (vLLM's module path: the same)
     assert capsys.readouterr().err == "batchllm: interrupted\n"
     scripts = (Path(__file__).parents[2] / "pyproject.toml").read_text().partition("[project.scripts]")[2]
     assert scripts.split("\n")[1] == 'batchllm = "batchllm.__main__:launch"'  # (tomllib: Python 3.11)
