@@ -220,3 +220,16 @@ def test_a_writer_that_failed_counts_what_reached_the_file(tmp_path):
     writer.close()  # (the disk has room again: closing flushes the rest, counted)
     assert (writer.num_written, writer.num_errors) == (6, 4)
     assert len(out.read_bytes().splitlines()) == 7
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_writer_to_a_device_that_is_full_fails_at_once():
+    """The count of what reached the file read /dev/full back: zeros without end, until memory ran out. A file that
+    is no regular one is not read back (the CLI refuses such outputs first; the writer is a library class too)."""
+    writer = ResultWriter(Path("/dev/full"), sync_every=1000)
+    for i in range(3):
+        writer.write({"id": i, "error": None})
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        writer.sync()
+    assert writer.num_written == 3  # (unknown: as handed over)
+    writer.close()
