@@ -216,8 +216,8 @@ def _parse_compressed_tensors(qc: dict, source: str, key: str) -> Fp8Scheme:
 
 def _quantizes_no_linear(group: object) -> bool:
     """Whether a compressed-tensors config group leaves every linear layer as it is: one that targets an attention
-    module alone ("LlamaAttention": attention quantization, which rides on the KV cache's scheme) or has no weights
-    section (vLLM drops the first and runs the second's targets unquantized)."""
+    module alone ("LlamaAttention": attention quantization, which rides on the KV cache's scheme; vLLM drops it too)
+    or has no weights section (its targets stay unquantized here; vLLM 0.26 fails to validate such a group)."""
     if not isinstance(group, dict):
         return False
     targets = group.get("targets")

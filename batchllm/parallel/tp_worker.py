@@ -169,8 +169,12 @@ def wait_until_started(processes: list, started: list, timeout_s: float = 600.0)
     deadline = time.monotonic() + timeout_s
     while waiting:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"tensor-parallel ranks {sorted(r for r, _ in waiting.values())} did not start "
-                               f"within {timeout_s:.0f} s")
+            late = sorted(rank for conn, (rank, _) in waiting.items() if said[conn] is None)
+            slow = sorted(rank for conn, (rank, _) in waiting.items() if said[conn] is not None)
+            raise RuntimeError(f"tensor-parallel ranks {late + slow} did not "
+                               + ("start" if not slow else "get ready to join the group (importing the engine, "
+                                  "taking their devices)" if not late else "start or get ready to join the group")
+                               + f" within {timeout_s:.0f} s")
         ready = mp_connection.wait([*waiting, *(p.sentinel for _, p in waiting.values())], 1.0)
         for conn, (rank, p) in list(waiting.items()):
             if conn.poll():
