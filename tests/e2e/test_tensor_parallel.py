@@ -161,6 +161,33 @@ def test_a_follower_that_ends_before_it_joins_is_named_not_waited_for():
         wait_until_started([process], [ours], timeout_s=120)
 
 
+def _say_started_then_wait(conn) -> None:
+    import time
+
+    conn.send("started")
+    time.sleep(60)
+
+
+def test_a_follower_slow_to_get_ready_is_named_as_such():
+    """The wait now runs up to the follower's readiness (its engine imported, its device taken): one that started
+    but is not ready in time was said not to have started."""
+    import multiprocessing
+
+    from batchllm.parallel.tp_worker import wait_until_started
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_say_started_then_wait, args=(theirs,))
+    process.start()
+    theirs.close()
+    try:
+        with pytest.raises(RuntimeError, match=r"tensor-parallel ranks \[1\] did not get ready to join the group"):
+            wait_until_started([process], [ours], timeout_s=5)
+    finally:
+        process.kill()
+        process.join(10)
+
+
 def test_a_follower_that_dies_while_the_engine_is_built_is_named(tiny_model_factory, monkeypatch):
     """A follower dying after it joined, while the engine was built, surfaced as rank 0's bare gloo error
     ("Connection reset by peer ... GLHF"); it is a WorkerDied naming the rank and how it ended, as during a step."""
