@@ -182,7 +182,7 @@ def test_a_follower_slow_to_get_ready_is_named_as_such():
     theirs.close()
     try:
         with pytest.raises(RuntimeError, match=r"tensor-parallel ranks \[1\] did not get ready to join the group"):
-            wait_until_started([process], [ours], timeout_s=5)
+            wait_until_started([process], [ours], timeout_s=15)  # (a spawned start takes seconds on a busy box)
     finally:
         process.kill()
         process.join(10)
