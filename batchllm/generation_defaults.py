@@ -6,9 +6,12 @@ transformers version (whose own defaults, and so `GenerationConfig.to_diff_dict`
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
@@ -29,11 +32,21 @@ def generation_config_file(model_dir: Path | None, generation_config: str = "aut
     return path if path is not None and path.is_file() else None
 
 
+class _NotJson(ValueError):
+    """A generation_config.json whose text is not JSON (empty, cut short)."""
+
+
 def _read(path: Path) -> dict[str, Any]:
+    """The file's JSON object; ValueError naming the file where it cannot be read (`_NotJson` where its text is
+    not JSON) or is no JSON object."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        text = path.read_text()
+    except (OSError, ValueError) as e:  # (ValueError: not UTF-8)
         raise ValueError(f"cannot read {str(path)!r}: {e}") from e
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise _NotJson(f"{str(path)!r} is not JSON ({e})") from e
     if not isinstance(config, dict):
         raise ValueError(f"{str(path)!r} is not a JSON object")
     return config
@@ -42,12 +55,18 @@ def _read(path: Path) -> dict[str, Any]:
 def model_sampling_defaults(model_dir: Path | None, generation_config: str = "auto") -> dict[str, Any]:
     """The SamplingParams fields a model's generation_config.json sets (non-null fields of
     GENERATION_CONFIG_FIELDS; Qwen3: temperature 0.6, top_p 0.95, top_k 20), from the file
-    `generation_config_file` picks ("vllm": none). {} without the file or the directory; a missing folder,
-    a file that is not JSON, or a value SamplingParams refuses is a ValueError naming it."""
+    `generation_config_file` picks ("vllm": none). {} without the file or the directory, and, with a warning,
+    where the file is not JSON (vLLM falls back from it to config.json, which sets no sampling defaults: it failed
+    the model here); a missing folder, a file that is not a JSON object, or a value SamplingParams refuses is a
+    ValueError naming it (vLLM fails on those too)."""
     path = generation_config_file(model_dir, generation_config)
     if path is None or generation_config == "vllm":
         return {}
-    config = _read(path)
+    try:
+        config = _read(path)
+    except _NotJson as e:
+        logger.warning("%s: no sampling defaults are taken from it, as vLLM falls back from it", e)
+        return {}
     defaults = {ours: config[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items()
                 if config.get(theirs) is not None}
     from batchllm.sampling_params import SamplingParams

@@ -27,12 +27,24 @@ def test_the_files_sampling_fields_and_nothing_else(tmp_path):
 
 @pytest.mark.parametrize("content, named", [('{"temperature": "0.6"}', "temperature"),
                                             ('{"max_new_tokens": "3"}', "max_tokens"),
-                                            ("[1, 2]", "not a JSON object"), ("{oops", "cannot read")])
+                                            ("[1, 2]", "not a JSON object")])
 def test_a_bad_file_is_named(tmp_path, content, named):
     (tmp_path / "generation_config.json").write_text(content)
     with pytest.raises(ValueError, match="generation_config.json") as info:
         model_sampling_defaults(tmp_path)
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["{oops", ""])
+def test_a_file_that_is_not_json_gives_no_defaults_with_a_warning(tmp_path, content, caplog):
+    """A generation_config.json cut short or empty failed the model (LLM and run alike, even with every sampling
+    option given); vLLM falls back from it to config.json, which sets no sampling defaults, and runs."""
+    import logging
+
+    (tmp_path / "generation_config.json").write_text(content)
+    with caplog.at_level(logging.WARNING, logger="batchllm"):
+        assert model_sampling_defaults(tmp_path) == {}
+    assert "generation_config.json' is not JSON" in caplog.text and "no sampling defaults" in caplog.text
 
 
 def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory):
