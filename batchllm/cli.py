@@ -40,6 +40,7 @@ from batchllm.io.ingest import (
     ENDPOINT_DEFAULTS,
     MODEL_FOR_CHAT,
     OPENAI_MAX_TOKENS,
+    OPENAI_MAX_TOKENS_CAP,
     TO_THE_CONTEXT,
     LineServing,
     ResponseShape,
@@ -597,13 +598,16 @@ SAMPLING_FALLBACKS = {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_
 def sampling_defaults(args: argparse.Namespace, from_model: dict | None = None) -> dict:
     """The run's sampling defaults as SamplingParams fields (a line's own fields override them): the
     command line's, then the model's generation_config.json (`from_model`), then SAMPLING_FALLBACKS; and
-    `io.ingest.OPENAI_MAX_TOKENS` where the command line gives no max_tokens (OpenAI lines' own rule)."""
+    `io.ingest.OPENAI_MAX_TOKENS` where the command line gives no max_tokens (OpenAI lines' own rule), and
+    `io.ingest.OPENAI_MAX_TOKENS_CAP` where --generation-config names a folder whose file sets max_new_tokens."""
     given = {name: getattr(args, name) for name in (*SAMPLING_FALLBACKS, "repetition_penalty")
              if getattr(args, name, None) is not None}  # (repetition_penalty: SamplingParams' 1.0 without one)
     defaults = {**SAMPLING_FALLBACKS, **(from_model or {}), **given, "stop": getattr(args, "stop", None),
                 "ignore_eos": getattr(args, "ignore_eos", False)}  # (plan has --max-tokens alone)
     if "max_tokens" not in given:  # OpenAI lines without max_tokens: as OpenAI's API and vLLM's server
         defaults[OPENAI_MAX_TOKENS] = MODEL_FOR_CHAT if "max_tokens" in (from_model or {}) else ENDPOINT_DEFAULTS
+    if getattr(args, "generation_config", "auto") not in ("auto", "vllm") and "max_tokens" in (from_model or {}):
+        defaults[OPENAI_MAX_TOKENS_CAP] = from_model["max_tokens"]  # (a folder's max_new_tokens: vLLM's limit)
     return defaults
 
 

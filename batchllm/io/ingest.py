@@ -464,22 +464,33 @@ TO_THE_CONTEXT = "to the context"
 """Every OpenAI line up to the context: what outputs begun before ENDPOINT_DEFAULTS recorded, and keep on resume."""
 COMPLETIONS_MAX_TOKENS = 16
 """The max_tokens of a /v1/completions body that gives none: OpenAI's documented default, and vLLM's."""
+OPENAI_MAX_TOKENS_CAP = "openai_max_tokens_cap"
+"""A key of the run's sampling defaults that is not a SamplingParams field: where --generation-config names a
+folder whose file sets max_new_tokens, the most any OpenAI line generates (vLLM's server-wide limit of that case:
+a line's own max_tokens, or its endpoint's default, above it is cut to it)."""
+_NOT_FIELDS = (OPENAI_MAX_TOKENS, OPENAI_MAX_TOKENS_CAP)
 
 
 def sampling_fields_of(defaults: dict) -> dict:
-    """The run's sampling defaults that are SamplingParams fields (OPENAI_MAX_TOKENS left out)."""
-    return {k: v for k, v in defaults.items() if k != OPENAI_MAX_TOKENS}
+    """The run's sampling defaults that are SamplingParams fields (OPENAI_MAX_TOKENS and its cap left out)."""
+    return {k: v for k, v in defaults.items() if k not in _NOT_FIELDS}
 
 
 def _line_fields(line: BatchLine, defaults: dict) -> dict:
-    """The line's own sampling fields over the run's `defaults` (OPENAI_MAX_TOKENS applied)."""
+    """The line's own sampling fields over the run's `defaults` (OPENAI_MAX_TOKENS and OPENAI_MAX_TOKENS_CAP
+    applied)."""
     fields = sampling_fields_of(defaults)
     rule = defaults.get(OPENAI_MAX_TOKENS) if line.format == OPENAI else None
     if rule == TO_THE_CONTEXT or (rule == ENDPOINT_DEFAULTS and line.is_chat):
         fields["max_tokens"] = None
     elif rule in (ENDPOINT_DEFAULTS, MODEL_FOR_CHAT) and not line.is_chat:
         fields["max_tokens"] = COMPLETIONS_MAX_TOKENS  # (MODEL_FOR_CHAT's chat lines: the model's, in `fields`)
-    return {**fields, **line.sampling_overrides}
+    fields = {**fields, **line.sampling_overrides}
+    cap = defaults.get(OPENAI_MAX_TOKENS_CAP) if line.format == OPENAI else None
+    asked = fields.get("max_tokens")
+    if cap is not None and (asked is None or type(asked) is int and asked > cap):  # (another type: refused later)
+        fields["max_tokens"] = cap
+    return fields
 
 
 _SCALARS = (type(None), bool, int, float, str)

@@ -247,6 +247,35 @@ def test_an_openai_line_without_max_tokens_takes_its_endpoints_default(tmp_path,
     assert (usage["o"][1], usage["p"][1]) == (completion_tokens, plain_tokens)
 
 
+def test_a_generation_config_folders_max_new_tokens_caps_every_openai_line(tmp_path, capsys, tiny_model_factory):
+    """vLLM: where --generation-config names a folder whose file sets max_new_tokens, that is a limit on every
+    request of its server (its run-batch too): a line's own max_tokens above it, and a completion's default 16,
+    are cut to it. They ran to their own. A plain line (LLM.generate's rule) keeps its own."""
+    from batchllm import cli
+
+    model, folder = tmp_path / "model", tmp_path / "folder"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5, "eos_token_id": 2}))
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
+    lines = [{"custom_id": "completion-default", "url": "/v1/completions", "body": {"prompt": [5, 6, 7]}},
+             {"custom_id": "completion-30", "url": "/v1/completions", "body": {"prompt": [5, 6], "max_tokens": 30}},
+             {"custom_id": "completion-3", "url": "/v1/completions", "body": {"prompt": [5], "max_tokens": 3}},
+             {"custom_id": "chat-default", "url": "/v1/chat/completions", "body": chat},
+             {"custom_id": "chat-30", "url": "/v1/chat/completions", "body": {**chat, "max_tokens": 30}},
+             {"id": "plain-30", "prompt_token_ids": [5, 6, 7, 8], "max_tokens": 30}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"method": "POST", **line, **({"body": {**line["body"], "ignore_eos": True}}
+                                                                    if "body" in line else {"ignore_eos": True})})
+                           + "\n" for line in lines))
+    code = cli.main(["run", str(src), "-o", str(out), "--model", str(model), "--generation-config", str(folder),
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert {name: tokens for name, (_, tokens) in _usage(out).items()} == {
+        "completion-default": 5, "completion-30": 5, "completion-3": 3, "chat-default": 5, "chat-30": 5,
+        "plain-30": 30}
+
+
 def test_an_output_written_before_the_openai_default_changed_is_not_resumed_as_if_unchanged(tmp_path, capsys,
                                                                                             tiny_model_factory):
     """Its state file lacks the new default, so the resume names it (whatever the file holds: the options are
