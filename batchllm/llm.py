@@ -759,14 +759,16 @@ class LLM:
                 above.add(group)
                 group = plan.groups[group].parent
         block_size = self.engine.core.scheduler.kv.block_size
-        self._note_block_aligned(len(crowded), len(requests), block_size)
+        unbounded = any(r.request_id in crowded and r.sampling_params.max_tokens is None for r in requests)
+        self._note_block_aligned(len(crowded), len(requests), block_size, unbounded)
         for request in requests:
             request.parent = None  # (the first plan's links dropped: a request the new plan leaves ungrouped has none)
         return [self._planned(call, requests, share, budgets, id_prefix,
                               plan.with_prefixes_cut_to_blocks(above, block_size))]
 
-    def _note_block_aligned(self, num_squeezed: int, num_requests: int, block_size: int) -> None:
-        """Warn, once per LLM, that requests share their prefixes only up to block boundaries, and why."""
+    def _note_block_aligned(self, num_squeezed: int, num_requests: int, block_size: int, unbounded: bool) -> None:
+        """Warn, once per LLM, that requests share their prefixes only up to block boundaries, and why (`unbounded`:
+        some of them have no max_tokens, which the advice then names)."""
         if self._said_block_aligned:
             return
         self._said_block_aligned = True
@@ -775,8 +777,9 @@ class LLM:
             "%d of %d requests may fill nearly the whole KV cache (%d blocks of %d tokens) with their prompt and "
             "max_tokens (without max_tokens: up to what the cache holds), leaving no room for copies of their shared "
             "prefixes' partial last blocks: those prefixes are shared only up to their last full block, each member "
-            "computing up to %d tokens of them again. To share whole prefixes, give them a max_tokens or %s",
-            num_squeezed, num_requests, kv.pool.num_blocks, block_size, block_size - 1, self.kv_cache_advice())
+            "computing up to %d tokens of them again. To share whole prefixes, %s%s",
+            num_squeezed, num_requests, kv.pool.num_blocks, block_size, block_size - 1,
+            "give them a max_tokens or " if unbounded else "", self.kv_cache_advice())
 
     def _planned(self, call: _Call, requests: list[Request], share: bool, budgets: dict[str, int],
                  id_prefix: str, plan: PrefixPlan | None = None) -> tuple[PrefixPlan, list[Request]]:

@@ -349,6 +349,18 @@ def test_without_max_tokens_in_a_small_cache_members_still_share_their_prefix_to
     assert stats[True]["num_block_copies"] == 0
     warnings = [r.getMessage() for r in caplog.records if "last full block" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("4 of 4 requests") and "--num-kv-blocks, now 8" in warnings[0]
+    assert "give them a max_tokens or raise num_kv_blocks" in warnings[0]
+    caplog.clear()  # (members with a max_tokens that fills the cache: the advice was to give them one anyway)
+    llm = LLM(tiny_model_factory("llama"), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=8,
+              block_size=16)
+    try:
+        with caplog.at_level("WARNING", logger="batchllm"):
+            llm.generate(prompts, SamplingParams(max_tokens=128 - 43 + 1, temperature=0, ignore_eos=True),
+                         use_tqdm=False)
+    finally:
+        llm.shutdown()
+    [bounded] = [r.getMessage() for r in caplog.records if "last full block" in r.getMessage()]
+    assert "To share whole prefixes, raise num_kv_blocks" in bounded
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
