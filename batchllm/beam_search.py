@@ -30,19 +30,26 @@ from batchllm.structured import grammar_key
 class BeamSearchSequence:
     """One beam: its tokens (the prompt's, then the output's), each output position's logprob dict (the
     candidates it was chosen among) and its cumulative logprob; `text` (the whole sequence decoded, as vLLM's)
-    is set on the finished beams returned."""
+    is set on the finished beams returned. vLLM 0.26's fields, in its order (a sequence built by position, as a
+    vLLM test's mock builds one, means the same)."""
 
-    tokens: list[int]
-    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
-    cum_logprob: float = 0.0
-    orig_prompt: dict | None = None
+    orig_prompt: dict | None
     """vLLM's: the prompt the beam grew from, as {"type": "token", "prompt_token_ids": [...]} (and its "prompt" text
     where it was given as text)."""
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     lora_request: None = None
     """vLLM's: no LoRA is served here, so None."""
+    cum_logprob: float = 0.0
     text: str | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+
+    def get_prompt(self) -> dict:
+        """vLLM's: the beam as a token prompt (its tokens, with the original prompt's text where it had one), to
+        run further."""
+        text = (self.orig_prompt or {}).get("prompt")
+        return {"type": "token", "prompt_token_ids": list(self.tokens), **({} if text is None else {"prompt": text})}
 
 
 @dataclass
@@ -92,7 +99,7 @@ def _search(llm, prompts: list[list[int]], params: BeamSearchParams, texts: list
                for p, text in zip(prompts, texts or [None] * len(prompts))]
     step_params = _StepParams(params)
     grammar = None if params.structured_outputs is None else BeamGrammar(llm, params.structured_outputs)
-    live = [[BeamSearchSequence(list(p), orig_prompt=origin)] for p, origin in zip(prompts, origins)]
+    live = [[BeamSearchSequence(origin, list(p))] for p, origin in zip(prompts, origins)]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     for _ in range(params.max_tokens):
         allowed: dict[int, AllowedTokens | None] = {}  # id(beam): the tokens its grammar allows next (None: any)
@@ -118,8 +125,8 @@ def _search(llm, prompts: list[list[int]], params: BeamSearchParams, texts: list
                 for token_id, logprob in entry.items():
                     if kept is not None and token_id not in kept:
                         continue  # (the logprobs are the raw distribution's: its top tokens need not be allowed)
-                    grown = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [entry],
-                                               beam.cum_logprob + logprob.logprob, orig_prompt=beam.orig_prompt)
+                    grown = BeamSearchSequence(beam.orig_prompt, beam.tokens + [token_id], beam.logprobs + [entry],
+                                               cum_logprob=beam.cum_logprob + logprob.logprob)
                     (completed[index] if token_id in eos and not params.ignore_eos else candidates).append(grown)
             position += len(group)
             candidates.sort(key=lambda b: beam_score(b, eos, params.length_penalty), reverse=True)

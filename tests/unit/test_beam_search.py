@@ -350,3 +350,19 @@ def test_the_scripted_beams_differ_in_length_and_in_order_across_length_penaltie
     lengths = {len(tokens) for beams in best.values() for tokens, _ in beams if tokens[-1] == SCRIPTED_EOS}
     assert len(lengths) >= 2, best
     assert [t for t, _ in best[0.5]] != [t for t, _ in best[2.0]] != [t for t, _ in best[1.0]], best
+
+
+def test_a_beam_sequence_takes_vllms_fields_in_vllms_order():
+    """BeamSearchSequence took (tokens, logprobs, cum_logprob, orig_prompt, ...): one built by position, as vLLM's
+    (orig_prompt, tokens, logprobs, lora_request, cum_logprob, ...), put the prompt dict in its tokens. vLLM's
+    get_prompt() was missing too."""
+    import dataclasses
+
+    from batchllm.beam_search import BeamSearchSequence
+
+    assert [f.name for f in dataclasses.fields(BeamSearchSequence)] == [
+        "orig_prompt", "tokens", "logprobs", "lora_request", "cum_logprob", "text", "finish_reason", "stop_reason"]
+    beam = BeamSearchSequence({"type": "token", "prompt_token_ids": [1, 2], "prompt": "Hi"}, [1, 2, 7], [{}], None,
+                              -0.5)
+    assert (beam.tokens, beam.cum_logprob) == ([1, 2, 7], -0.5)
+    assert beam.get_prompt() == {"type": "token", "prompt_token_ids": [1, 2, 7], "prompt": "Hi"}
