@@ -852,14 +852,10 @@ def _id_entry(token_id: int, lp, sampled: bool) -> dict[str, Any]:
     return {"token": name, "logprob": lp.logprob, "bytes": list(_token_bytes(lp)) if known else None}
 
 
-def _top(entry: dict, k: int | None) -> list:
-    """The k most likely tokens of one position (the sampled token may rank below them); k None: every entry
-    in its order (the sampled token's, then the named ones of logprob_token_ids, as vLLM lists them)."""
-    return [lp for _, lp in _top_items(entry, k)]
-
-
 def _top_items(entry: dict, k: int | None) -> list[tuple[int, Any]]:
-    """`_top`'s entries with their token ids."""
+    """The (token id, Logprob) of the k most likely tokens of one position (the sampled token may rank below them);
+    k None: every entry in its order (the sampled token's, then the named ones of logprob_token_ids, as vLLM lists
+    them)."""
     if k is None:
         return list(entry.items())
     return sorted(entry.items(), key=lambda item: item[1].rank)[:k]
@@ -869,13 +865,10 @@ def _chat_logprobs(c, k: int, tokens_as_ids: bool = False) -> dict[str, Any] | N
     """A chat choice's logprobs, each token named by its text, or by its id where `tokens_as_ids`."""
     if c.logprobs is None:
         return None
-    if tokens_as_ids:
-        content = [{**_id_entry(token_id, entry[token_id], True),
-                    "top_logprobs": [_id_entry(t, lp, False) for t, lp in _top_items(entry, k)]}
-                   for token_id, entry in zip(c.token_ids, c.logprobs)]
-    else:
-        content = [{**_token_entry(entry[token_id]), "top_logprobs": [_token_entry(lp) for lp in _top(entry, k)]}
-                   for token_id, entry in zip(c.token_ids, c.logprobs)]
+    entry_of = _id_entry if tokens_as_ids else lambda _, lp, sampled: _token_entry(lp)
+    content = [{**entry_of(token_id, entry[token_id], True),
+                "top_logprobs": [entry_of(t, lp, False) for t, lp in _top_items(entry, k)]}
+               for token_id, entry in zip(c.token_ids, c.logprobs)]
     return {"content": content}
 
 
@@ -909,14 +902,9 @@ def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str,
     ones, and its token named from its bytes as every other (`_token_text`; decoded alone, part of a character
     would read U+FFFD and count as a character of its own in the offsets after it). `tokens_as_ids`: tokens and
     alternatives named by id (`id_name`); the offsets still count the text's characters (vLLM's count the names')."""
-    if logprobs is not None and tokens_as_ids:
-        named = _completion_logprobs(token_ids, logprobs, text, k, tokenizer)
-        named["tokens"] = [id_name(t) for t in token_ids]
-        named["top_logprobs"] = [None if entry is None else _id_alternatives(token_id, entry, k)
-                                 for token_id, entry in zip(token_ids, logprobs)]
-        return named
     if logprobs is None:
         return None
+    name_of = (lambda token_id, _: id_name(token_id)) if tokens_as_ids else lambda _, lp: _token_text(lp)
     tokens, token_logprobs, top, offsets, pieces, offset = [], [], [], [], [], 0
     characters = codecs.getincrementaldecoder("utf-8")("replace")  # a split character counts once, when whole
     for token_id, entry in zip(token_ids, logprobs):
@@ -925,17 +913,17 @@ def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str,
             from batchllm.output_processor import token_bytes  # (the output side's; imported where it is needed)
 
             raw = token_bytes(tokenizer, int(token_id)) if tokenizer is not None else b""  # (a prompt's: numpy)
-            tokens.append(_named_bytes(raw))
+            tokens.append(id_name(token_id) if tokens_as_ids else _named_bytes(raw))
             token_logprobs.append(None)
             top.append(None)
             pieces.append(characters.decode(raw))
             offset += len(pieces[-1])
             continue
-        tokens.append(_token_text(entry[token_id]))
+        tokens.append(name_of(token_id, entry[token_id]))
         token_logprobs.append(entry[token_id].logprob)
         alternatives: dict[str, float] = {}
-        for lp in _top(entry, k):  # two tokens may share a name: the likelier keeps it
-            alternatives.setdefault(_token_text(lp), lp.logprob)
+        for alternative, lp in _top_items(entry, k):  # two tokens may share a text name: the likelier keeps it
+            alternatives.setdefault(name_of(alternative, lp), lp.logprob)
         alternatives.setdefault(tokens[-1], token_logprobs[-1])  # the sampled token always, as OpenAI and vLLM
         top.append(alternatives)
         pieces.append(characters.decode(_token_bytes(entry[token_id])))
@@ -944,10 +932,3 @@ def _completion_logprobs(token_ids: list[int], logprobs: list | None, text: str,
     if text and (dropped := "".join(pieces).find(text)) > 0:
         offsets = [max(0, o - dropped) for o in offsets]
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def _id_alternatives(token_id: int, entry: dict, k: int | None) -> dict[str, float]:
-    """A completions position's alternatives named by id, the sampled token's always among them."""
-    alternatives = {id_name(t): lp.logprob for t, lp in _top_items(entry, k)}
-    alternatives.setdefault(id_name(token_id), entry[token_id].logprob)
-    return alternatives
