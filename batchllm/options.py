@@ -517,11 +517,11 @@ class _NotTakenSwitch(argparse.BooleanOptionalAction):
 
 
 def unknown_option_message(key: str) -> str:
-    close = difflib.get_close_matches(key, [*engine_options(), *VLLM_ALIASES], n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     if key in {alias for option in VLLM_NO_EFFECT.values() for alias in option.flag_aliases}:
         return (f"unknown engine option {key!r}: a flag of vLLM's commands (batchllm run takes it, without effect), "
                 "no LLM keyword, as in vLLM")
+    close = difflib.get_close_matches(key, [*engine_options(), *VLLM_ALIASES], n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return f"unknown engine option {key!r}{hint} (the options: the \"engine options\" groups of batchllm run --help)"
 
 
