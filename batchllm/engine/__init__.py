@@ -86,13 +86,14 @@ class Engine:
     def step_failure(self, error: Exception) -> Exception:
         """What a step's failure means: a tensor-parallel follower that died makes rank 0's collective fail with
         a bare transport error ("Connection closed by peer"); then a WorkerDied naming the rank and how it ended,
-        as data parallel names a worker. Otherwise the error itself."""
+        as data parallel names a worker (found at a step: the follower may have ended between calls, while this LLM
+        sat idle). Otherwise the error itself."""
         dead = self.tp_followers.first_dead() if self.tp_followers is not None else None
         if dead is None:
             return error
         from batchllm.parallel.data_parallel import WorkerDied
 
-        return WorkerDied(f"tensor-parallel {dead} during a step ({type(error).__name__}: "
+        return WorkerDied(f"tensor-parallel {dead} (found when a step's collective failed: {type(error).__name__}: "
                           f"{str(error).splitlines()[0][:120] if str(error) else ''})")
 
     def drop_followers_out_of_step(self) -> None:

@@ -376,6 +376,7 @@ def test_a_dead_tensor_parallel_rank_is_named_not_its_peers_transport_error():
     transport = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer\nmore")
     failure = engine(process(1), process(-9), process(None)).step_failure(transport)
     assert isinstance(failure, WorkerDied) and str(failure).startswith(
-        "tensor-parallel rank 2 killed by SIGKILL; rank 1 exited with status 1 during a step (RuntimeError: ")
+        "tensor-parallel rank 2 killed by SIGKILL; rank 1 exited with status 1 "
+        "(found when a step's collective failed: RuntimeError: ")
     assert engine(process(None)).step_failure(transport) is transport, "every rank alive: the step's own error"
     assert engine().step_failure(transport) is transport
