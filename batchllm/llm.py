@@ -98,6 +98,8 @@ class LLM:
         # read here, so that a bad generation_config fails the build, not the first call without SamplingParams
         from_model = model_sampling_defaults(front.model_dir, config.model.generation_config)
         self._default_params = SamplingParams(**from_model)
+        self._model_defaults_unsaid = dict(from_model)
+        """The sampling defaults the model's generation_config.json gave, until `_note_model_defaults` said them."""
         self._said_block_aligned = False
         """Whether `_note_block_aligned` warned already (once per LLM)."""
         self.engine: Engine | None = None
@@ -484,13 +486,26 @@ class LLM:
         """What a call without SamplingParams samples with, as in vLLM: the sampling fields the model's
         generation_config.json sets (`generation_defaults`), over SamplingParams()'s defaults. A new
         object each call (as vLLM's), so that a caller may change its fields without changing the LLM's."""
+        self._note_model_defaults()
         return self._default_params.clone()
+
+    def _note_model_defaults(self) -> None:
+        """Warn, the first time the defaults are taken, which of them the model's generation_config.json set (a
+        call without SamplingParams then samples with them, not SamplingParams()'s), as vLLM warns."""
+        if not self._model_defaults_unsaid:
+            return
+        source = self.config.model.generation_config
+        logger.warning("default sampling parameters are taken from %s: %s (generation_config='vllm' takes none)",
+                       "the model's generation_config.json" if source == "auto"
+                       else f"{source}/generation_config.json", self._model_defaults_unsaid)
+        self._model_defaults_unsaid = {}
 
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
         """One SamplingParams per prompt, each a fresh copy of the one given (`SamplingParams.as_given`, made
         once per object): fields set after construction take effect and are checked, as vLLM reads them at
         submission, and the caller's objects are never changed by the engine's checks."""
         if sampling_params is None:
+            self._note_model_defaults()
             return [self._default_params.as_given()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params.as_given()] * n

@@ -47,7 +47,10 @@ def test_a_file_that_is_not_json_gives_no_defaults_with_a_warning(tmp_path, cont
     assert "generation_config.json' is not JSON" in caplog.text and "no sampling defaults" in caplog.text
 
 
-def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory):
+def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory, caplog):
+    """...and say so once, the first time they are taken (vLLM's get_diff_sampling_param warns once)."""
+    import logging
+
     from batchllm import LLM
 
     model = tmp_path / "model"
@@ -55,6 +58,11 @@ def test_llm_calls_without_sampling_params_use_them(tmp_path, tiny_model_factory
     (model / "generation_config.json").write_text(json.dumps({**QWEN3, "max_new_tokens": 3, "eos_token_id": 2}))
     llm = LLM(str(model), device="cpu", dtype="float32", max_model_len=128)
     try:
+        with caplog.at_level(logging.WARNING, logger="batchllm"):
+            llm.generate(["Hi there"], use_tqdm=False)
+            llm.generate(["Hi there"], use_tqdm=False)
+        said = [r.getMessage() for r in caplog.records if "default sampling parameters" in r.getMessage()]
+        assert len(said) == 1 and "the model's generation_config.json" in said[0] and "'temperature': 0.6" in said[0]
         defaults = llm.get_default_sampling_params()
         assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.6, 0.95, 20, 3)
         out = llm.generate(["Hi there"], use_tqdm=False)[0].outputs[0]
