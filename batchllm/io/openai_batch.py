@@ -139,6 +139,7 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
         raise BodyError(f"body lacks '{prompt_field}'")
     body = values_from_text(body, chat)
     _check_fields(body, chat, prompt_field)
+    _check_seed(body.get("seed"))
     overrides = {_COMMON[k]: body[k] for k in _COMMON if k in body and body[k] is not None}
     if body.get("logit_bias") is not None:
         overrides["logit_bias"] = _logit_bias(body["logit_bias"])
@@ -269,6 +270,13 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
         if name in body and body[name] not in allowed:
             taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"
             raise BodyError(f"body field {name!r} = {json.dumps(body[name])[:80]} is not supported (only {taken})")
+
+
+def _check_seed(seed: Any) -> None:
+    """A body's seed lies in a signed 64-bit integer, as vLLM's request models bound it (`Field(ge=-2**63,
+    le=2**63-1)`; SamplingParams itself takes up to 2**64 - n, which LLM calls keep)."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and not -2**63 <= seed < 2**63:
+        raise BodyError(f"'seed' must lie in a signed 64-bit integer [-2**63, 2**63 - 1], got {seed}")
 
 
 def _chat_prompt(body: dict, overrides: dict) -> tuple[list, Any]:

@@ -725,6 +725,20 @@ def test_a_line_with_seed_minus_one_gets_the_runs_seed_as_a_line_without_one():
     assert sampling_params_for(BatchLine(1, "a", "x", False, {"seed": -1}), {}, None, {}).seed is None
 
 
+def test_an_openai_bodys_seed_lies_in_64_signed_bits_as_vllms_server_bounds_it():
+    """vLLM's request models bound seed to [-2**63, 2**63 - 1]; a line above it was answered (SamplingParams, as
+    LLM calls, takes up to 2**64 - n, and still does)."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    body = {"prompt": "x", "max_tokens": 2}
+    for seed in (2**63 - 1, -2**63, "9223372036854775807"):
+        assert body_to_request("/v1/completions", {**body, "seed": seed}).overrides["seed"] == int(seed)
+    for seed in (2**63, -2**63 - 1, "9223372036854775808"):
+        with pytest.raises(BodyError, match="'seed' must lie in a signed 64-bit integer"):
+            body_to_request("/v1/completions", {**body, "seed": seed})
+    assert SamplingParams(seed=2**63).seed == 2**63
+
+
 def test_an_id_written_as_a_whole_float_is_read_as_the_integer_and_a_bad_id_is_shown():
     """pandas writes an integer id column with gaps as floats (1000.0): every such line failed with
     "'id' must be a string or an integer", which did not show the value."""
