@@ -117,6 +117,19 @@ class RunningModelConfig:
             return self.tensor_parallel_size
         return int(getattr(parallel_config, "tensor_parallel_size", 1))
 
+    def try_get_generation_config(self) -> dict[str, Any]:
+        """vLLM's: the non-default fields of the generation config `generation_config` names (the model's for "auto"
+        and "vllm", else that folder's), as transformers' `GenerationConfig.to_diff_dict` gives them; {} where there
+        is none, or where its text is not JSON (the sampling defaults fall back from it too)."""
+        from batchllm.generation_defaults import generation_config_json
+
+        config = generation_config_json(self.model_dir, self.generation_config)
+        if not config:
+            return {}
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_dict(config).to_diff_dict()
+
     def get_diff_sampling_param(self) -> dict[str, Any]:
         """The sampling fields the model's generation_config.json sets (as `LLM.get_default_sampling_params`
         takes them; {} with generation_config "vllm")."""

@@ -52,6 +52,9 @@ def test_resolved_settings_and_sampling_defaults(tmp_path, tiny_model_factory):
         assert mc.quantization == "fp8" and mc.is_quantized and mc.dtype == torch.float32
         assert isinstance(mc.seed, int) and mc.seed == llm.config.model.seed, "the seed drawn for None"
         assert mc.get_diff_sampling_param() == {"temperature": 0.6, "top_k": 20}
+        generation = mc.try_get_generation_config()  # vLLM's: the file's non-default fields, its EOS ids too
+        assert {k: generation[k] for k in ("temperature", "top_k", "eos_token_id")} == {
+            "temperature": 0.6, "top_k": 20, "eos_token_id": 2}
         assert mc.get_head_size() == 32 and mc.model == str(model) and mc.get_sliding_window() is None
     finally:
         llm.shutdown()
