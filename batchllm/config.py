@@ -5,7 +5,8 @@ default, its help text and (where it has them) its choices.
 a new option is one field here. Configs are frozen (house rule 6): values found at run time (the
 number of KV blocks, EOS ids, the model's context length) live in result objects elsewhere
 (`runner.KVCacheSpec`, `models.ModelSpec`, `engine.Engine`), never written back into them. This
-module is the only place that reads environment variables.
+module reads the engine's environment variables; the others read elsewhere (`OMP_NUM_THREADS`,
+`BATCHLLM_TP_COLLECTIVE_TIMEOUT_S`) are listed in docs/architecture.md beside it.
 """
 
 from __future__ import annotations

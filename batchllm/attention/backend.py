@@ -3,7 +3,8 @@
 `AttentionMetadata` is built once per step by the runner and passed down explicitly (no globals).
 Sequences are laid out back to back: sequence i owns query rows
 query_start_loc[i] .. query_start_loc[i+1]-1, which are its *last* (query_len) tokens of seq_lens[i].
-The prefix-group layout (DESIGN.md item 6) rides along as two optional lists: backends that ignore
+The prefix-group layout (DESIGN.md item 6) rides along as one optional list, `share_levels_cpu` (per nesting
+level, which sequences hold the same KV at their first positions): backends that ignore
 it stay correct, since each sequence's block table still covers all of its keys.
 """
 
