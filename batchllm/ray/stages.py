@@ -46,6 +46,10 @@ GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "
 MUST_FIT = "max_tokens_must_fit"
 """A preprocess's optional flag: the row's max_tokens must fit the context after its prompt, else the row
 is an error (as OpenAI's API answers); without it generation stops at the context ("length")."""
+OPENAI_LIMITS = "openai_request_limits"
+"""A preprocess's optional flag: the row is an OpenAI request, which vLLM's server refuses where its
+truncate_prompt_tokens passes what the context leaves after max_tokens (a default max_tokens too) or its min_tokens
+passes what the context leaves after the prompt (`io.ingest`'s checks of OpenAI lines)."""
 NO_MAX_TOKENS = "max_tokens_none"
 """A preprocess's optional flag: the row runs without max_tokens (vLLM's None: to the context, or to what the
 KV cache holds), whatever the config's default. A null max_tokens among its sampling_params cannot say so: there
@@ -214,15 +218,25 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
                            prompts.eos_token_ids)
     truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
     ids, context_len = _row_tokens(request, kind, prompts, truncate, add_special, index)
-    if request.get(MUST_FIT) and params.max_tokens is not None:  # None: up to the context, which always fits
-        from batchllm.io.ingest import context_overflow, truncation_past_the_context
-
-        if problem := (truncation_past_the_context(params, prompts.max_model_len)
-                       or context_overflow(len(ids), params.max_tokens, prompts.max_model_len)):
-            raise problem
+    _check_openai_limits(request, params, len(ids), prompts.max_model_len)
     explicit = request.get("prefix_key")
     key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))
     return list(ids), fields, key
+
+
+def _check_openai_limits(request: dict, params: SamplingParams, prompt_len: int, max_model_len: int) -> None:
+    """Raise ValueError where the row's flags (`OPENAI_LIMITS`, `MUST_FIT`) ask a check its prompt and params fail,
+    in the order `io.ingest` checks an OpenAI line: its truncation, its max_tokens, its min_tokens."""
+    from batchllm.io.ingest import context_overflow, min_tokens_past_the_context, truncation_past_the_context
+
+    openai = request.get(OPENAI_LIMITS)
+    if (openai or request.get(MUST_FIT)) and (problem := truncation_past_the_context(params, max_model_len)):
+        raise problem
+    if request.get(MUST_FIT) and params.max_tokens is not None and (  # None: up to the context, which always fits
+            problem := context_overflow(prompt_len, params.max_tokens, max_model_len)):
+        raise problem
+    if openai and (problem := min_tokens_past_the_context(prompt_len, params, max_model_len)):
+        raise ValueError(problem)
 
 
 def _row_tokens(request: dict, kind: str, prompts, truncate: int | None, add_special: bool | None,

@@ -417,3 +417,24 @@ def test_a_forced_tool_call_rows_own_constraint_that_does_not_compile_fails_the_
     assert error.startswith("structured output: the regex cannot be compiled") and fine is None, (error, fine)
     record = json.loads(_CliRecords(ResponseShape("m"), "jsonl")(out.slice(0, 1).to_pylist()[0], None, error)[RECORD])
     assert record == {"id": "a", "error": {"line": 1, "message": f"line 1: {error}"}}
+
+
+def test_an_openai_rows_truncation_and_min_tokens_are_checked_as_run_checks_its_lines():
+    """`run` refuses an OpenAI line whose truncate_prompt_tokens passes what the context leaves beside a default
+    max_tokens, or whose min_tokens passes what the context leaves without one, as vLLM's server; `run --ray` ran
+    both (its rows checked the truncation only with their own max_tokens). A plain row still runs."""
+    from batchllm.ray.stages import OPENAI_LIMITS
+
+    rows = [{"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 60}, OPENAI_LIMITS: True},
+            {"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 60}},
+            {"prompt": "word " * 40, "sampling_params": {"min_tokens": 30}, OPENAI_LIMITS: True},
+            {"prompt": "word " * 40, "sampling_params": {"min_tokens": 30}},
+            {"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 48}, OPENAI_LIMITS: True}]
+    table = pa.table({"i": list(range(len(rows)))})
+    out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64, max_tokens=None),
+                         preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors = out.column(ERROR).to_pylist()
+    assert errors[0] == ("truncate_prompt_tokens=60 cannot be greater than max_model_len - max_tokens = 48: ask a "
+                         "smaller truncation size (or -1: what the context leaves)")
+    assert errors[2] is not None and errors[2].startswith("min_tokens must be <= max_tokens ("), errors[2]
+    assert errors[1] is None and errors[3] is None and errors[4] is None, errors
