@@ -86,8 +86,9 @@ class BatchLine:
     response_asks: openai_batch.ResponseAsks | None = None
     """OpenAI lines: what the body asks of its response beside the answer (`openai_batch.response_asks`)."""
     add_special_tokens: bool | None = None
-    """Plain lines: whether a text (or rendered chat) is tokenized with the tokenizer's special tokens, as
-    LLM.generate's tokenization_kwargs asks; None where not given (`PromptProcessor._adds_special_tokens`)."""
+    """Whether a text (or rendered chat) is tokenized with the tokenizer's special tokens, as LLM.generate's
+    tokenization_kwargs asks (a plain line's field, an OpenAI body's); None where not given
+    (`PromptProcessor._adds_special_tokens`)."""
     tool_call: ForcedToolCall | AutoToolChoice | None = None
     """Chat lines whose tool_choice forces a call ("required" or a named function, `io.tool_calls`): the answer,
     constrained by its sampling_overrides' structured_outputs, is read back as tool calls in its record. Lines
@@ -546,7 +547,8 @@ def _parse_openai_line(obj: dict, line_number: int) -> BatchLine | LineError:
                      asked.url, model if isinstance(model, str) else None, asked.template, unknown,
                      continued_role=_continued_role(asked.template, asked.prompt), echo=asked.echo,
                      response_asks=asked.asks, tool_call=asked.tool_call,
-                     tool_choice_none=asked.is_chat and obj["body"].get("tool_choice") == "none")
+                     tool_choice_none=asked.is_chat and obj["body"].get("tool_choice") == "none",
+                     add_special_tokens=asked.add_special_tokens)
 
 
 def _continued_role(template: dict | None, messages: Any) -> str | None:

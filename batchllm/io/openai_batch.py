@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 import time
 import uuid
@@ -44,24 +45,29 @@ _COMMON = {"temperature": "temperature", "top_p": "top_p", "n": "n", "stop": "st
            "bad_words": "bad_words", "structured_outputs": "structured_outputs",
            "truncate_prompt_tokens": "truncate_prompt_tokens", "prompt_logprobs": "prompt_logprobs"}
 # Fields accepted when they ask for what the engine does anyway; any other value is an error.
-_ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None,),
+_ONLY_DEFAULT = {"stream": (False, None), "best_of": (1, None), "suffix": (None, ""),
                  "parallel_tool_calls": (None, True, False),
-                 "stream_options": (None,), "length_penalty": (1.0, None), "modalities": (None, ["text"]),
+                 "stream_options": (None, {}), "modalities": (None, ["text"]),  # ({}: vLLM refuses a truthy one)
                  # vLLM's own request fields, as its request models write them (model_dump)
                  "use_beam_search": (False, None), "priority": (0, None),
-                 "truncation_side": (None, "left"),
+                 "truncation_side": (None, "left"),  # ("right" beside no truncate_prompt_tokens: `_check_fields`)
+                 "thinking_token_budget": (None, -1),  # (-1: vLLM's "no budget")
                  # (vLLM 0.26's /render endpoints' alone: its generation endpoints ignore them, either value)
                  "return_token_offsets": (False, True, None)}
-_ONLY_DEFAULT_CHAT = {"add_special_tokens": (False, None), "mm_processor_kwargs": (None, {}),
+_ONLY_DEFAULT_CHAT = {"mm_processor_kwargs": (None, {}),
                       "media_io_kwargs": (None, {}), "return_assistant_tokens_mask": (False, True, None),
                       "return_prompt_text": (False, None)}
 # (include_reasoning is no field of vLLM's completions request: an extra one, which its request model ignores)
-_ONLY_DEFAULT_COMPLETIONS = {"add_special_tokens": (True, None), "tool_choice": (None, "none"),
+_ONLY_DEFAULT_COMPLETIONS = {"tool_choice": (None, "none"),
                              "include_reasoning": (True, False, None)}
 # bookkeeping, echoed or irrelevant offline (prompt_cache_key, safety_identifier: OpenAI's successors of user;
-# verbosity: a hint to OpenAI's own models; cache_salt: vLLM's, which keeps a prefix cache's entries apart)
+# verbosity: a hint to OpenAI's own models; cache_salt: vLLM's, which keeps a prefix cache's entries apart;
+# prediction: OpenAI's predicted output, which changes latency, never the answer; length_penalty: vLLM's, read by
+# beam search alone, which a body cannot ask here; kv_transfer_params, ec_transfer_params, vllm_xargs: vLLM's
+# extra_args for KV connectors and plugins, of which a run without them reads nothing)
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
-            "safety_identifier", "verbosity", "cache_salt"}
+            "safety_identifier", "verbosity", "cache_salt", "prediction", "length_penalty", "kv_transfer_params",
+            "ec_transfer_params", "vllm_xargs"}
 
 
 class BodyError(ValueError):
@@ -92,6 +98,10 @@ class BodyRequest(NamedTuple):
     constrained (`overrides`' structured_outputs) and read back as the message's tool calls; or its "auto" (or null
     beside tools) choice, whose text answer a tool-call parser reads where the job serves it
     (`tool_calls.served_tool_choice`)."""
+    add_special_tokens: bool | None = None
+    """The body's add_special_tokens: whether its text (a completion's prompt, a chat's rendered messages) is
+    tokenized with the tokenizer's special tokens, as vLLM's server takes it; None where not given (the default:
+    a completion's with them, a chat's without, its template writing them)."""
 
 
 def template_kwargs(value: Any) -> dict[str, Any] | None:
@@ -156,7 +166,8 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     return BodyRequest(url, prompt, chat, overrides, template, echo, response_asks(body, prompt if chat else None),
-                       forced)
+                       forced, _flag(body["add_special_tokens"], "add_special_tokens")
+                       if body.get("add_special_tokens") is not None else None)
 
 
 def _merged_structured_outputs(own: Any, from_format: dict) -> dict:
@@ -213,7 +224,8 @@ def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | No
 
 
 _INTEGER_BODY_FIELDS = ("n", "seed", "top_k", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", "max_tokens",
-                        "max_completion_tokens", "top_logprobs")
+                        "max_completion_tokens", "top_logprobs", "priority", "thinking_token_budget")
+_TOKEN_ID_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
 _FLOAT_BODY_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 _INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*(\.0*)?")
 
@@ -235,6 +247,14 @@ def values_from_text(body: dict, chat: bool) -> dict:
     for name in _BOOLEAN_BODY_FIELDS:
         if isinstance(text := body.get(name), str) and (flag := _flag_of_text(text)) is not None:
             read[name] = flag
+        elif type(text) is int and text in (0, 1):  # (pydantic's lax booleans: 1 and 0 too)
+            read[name] = bool(text)
+    for name in _TOKEN_ID_LIST_FIELDS:  # ["2"]: a list of ids written as text, which pydantic reads as integers
+        ids = body.get(name)
+        if isinstance(ids, list) and any(isinstance(t, str) for t in ids) and all(
+                isinstance(t, int) and not isinstance(t, bool) or isinstance(t, str) and _INTEGER_TEXT.fullmatch(
+                    t.strip()) for t in ids):
+            read[name] = [int(t.strip().split(".")[0]) if isinstance(t, str) else t for t in ids]
     for name in (*integers, *_FLOAT_BODY_FIELDS):
         if not isinstance(text := body.get(name), str):
             continue
@@ -253,7 +273,7 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
     known = set(_COMMON) | set(_ONLY_DEFAULT) | _IGNORED | {prompt_field, "max_tokens", "logprobs", "logit_bias",
                                                              "response_format", "echo", "logprob_token_ids",
                                                              "request_id", "return_token_ids",
-                                                             "return_tokens_as_token_ids"}
+                                                             "return_tokens_as_token_ids", "add_special_tokens"}
     only_default = {**_ONLY_DEFAULT, **(_ONLY_DEFAULT_CHAT if chat else _ONLY_DEFAULT_COMPLETIONS)}
     known |= set(only_default)
     known |= {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "documents", "include_reasoning",
@@ -267,6 +287,8 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
             f" ({guided} is vLLM's name before 0.12: give structured_outputs or response_format)")
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}{hint}")
     for name, allowed in only_default.items():
+        if name == "truncation_side" and body.get("truncate_prompt_tokens") is None:
+            continue  # (vLLM reads the side only where it truncates)
         if name in body and body[name] not in allowed:
             taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"
             raise BodyError(f"body field {name!r} = {json.dumps(body[name])[:80]} is not supported (only {taken})")
@@ -298,8 +320,8 @@ def _chat_prompt(body: dict, overrides: dict) -> tuple[list, Any]:
     if completion is not None and (not isinstance(completion, int) or isinstance(completion, bool)
                                    or completion < 1):  # (named as given: later checks say max_tokens)
         raise BodyError(f"'max_completion_tokens' must be a positive integer, got {json.dumps(completion)[:40]}")
-    if _flag(body.get("logprobs"), "logprobs"):
-        overrides["logprobs"] = body.get("top_logprobs") or 0
+    if _flag(body.get("logprobs"), "logprobs"):  # an explicit null top_logprobs asks for none (vLLM's: its None)
+        overrides["logprobs"] = body["top_logprobs"] if "top_logprobs" in body else 0
     elif body.get("top_logprobs"):
         raise BodyError("top_logprobs needs logprobs: true")
     return messages, completion if completion is not None else body.get("max_tokens")
@@ -496,13 +518,21 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _logit_bias(value: Any) -> dict:
-    """OpenAI's logit_bias: token ids (as strings) to biases in [-100, 100]."""
+    """OpenAI's logit_bias: token ids (as strings) to biases, each a number (or a number written as text, which
+    vLLM's server reads) clamped to [-100, 100], as vLLM's server clamps it."""
     if not isinstance(value, dict):
         raise BodyError("'logit_bias' must be an object mapping token ids to biases")
+    clamped = {}
     for token, bias in value.items():
-        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100 <= bias <= 100:
-            raise BodyError(f"logit_bias[{str(token)[:20]!r}] must be a number in [-100, 100]")
-    return value
+        if isinstance(bias, str):
+            try:
+                bias = float(bias)
+            except ValueError:
+                pass
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or math.isnan(bias):
+            raise BodyError(f"logit_bias[{str(token)[:20]!r}] must be a number, got {json.dumps(value[token])[:40]}")
+        clamped[token] = min(100.0, max(-100.0, bias)) if not -100 <= bias <= 100 else bias
+    return clamped
 
 
 def _response_format(value: Any) -> dict | None:

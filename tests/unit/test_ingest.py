@@ -251,7 +251,7 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
         line("object", response_format={"type": "json_object"}, presence_penalty=0.5, frequency_penalty=-0.5,
              logit_bias={"42": 10}),
         line("bad-schema", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}),
-        line("bad-bias", logit_bias={"42": 101}),
+        line("clamped-bias", logit_bias={"42": 101}),  # (clamped to 100, as vLLM's server clamps it)
         line("bad-format", response_format={"type": "yaml"}),
         line("no-schema", response_format={"type": "json_schema", "json_schema": {"name": "x"}}),  # was: any JSON
         json.dumps({"id": "plain", "prompt": "x", "structured_outputs": {"choice": ["a", "b"]}, "bad_words": ["no"]}),
@@ -263,7 +263,8 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     ]).encode() + b"\n"
     got = ingest(data)
     params = {v.line.request_id: v.params for v in got.valid}
-    assert sorted(params) == ["merged", "object", "plain", "schema"]
+    assert sorted(params) == ["clamped-bias", "merged", "object", "plain", "schema"]
+    assert params["clamped-bias"].logit_bias == {42: 100.0}
     assert params["schema"].structured_outputs.json == schema
     assert params["merged"].structured_outputs.json == schema
     assert params["merged"].structured_outputs.disable_any_whitespace is True
@@ -273,7 +274,6 @@ def test_openai_response_format_and_penalties_become_sampling_params_and_a_bad_s
     assert params["plain"].structured_outputs.choice == ["a", "b"] and params["plain"].bad_words_token_ids
     errors = {e.request_id: e.message for e in got.errors}
     assert "JSON schema cannot be compiled: Unsupported type" in errors["bad-schema"]
-    assert "logit_bias" in errors["bad-bias"] and "[-100, 100]" in errors["bad-bias"]
     assert "response_format type 'yaml'" in errors["bad-format"]
     assert "response_format.json_schema must be an object with a 'schema' object" in errors["no-schema"]
     assert "regex cannot be compiled" in errors["plain-bad"]
@@ -608,8 +608,7 @@ def test_vllm_server_fields_of_an_openai_body_are_taken():
                            ).template == {"reasoning_effort": "none", "enable_thinking": True}
     assert body_to_request("/v1/chat/completions", chat).template is None
     for bad, message in (({"reasoning_effort": 3}, "'reasoning_effort' must be a string"),
-                         ({"reasoning_effort": "auto"}, "'reasoning_effort' must be one of none, minimal, low"),
-                         ({"length_penalty": 2.0}, "'length_penalty' = 2.0 is not supported (only 1.0)")):
+                         ({"reasoning_effort": "auto"}, "'reasoning_effort' must be one of none, minimal, low")):
         with pytest.raises(BodyError, match=re.escape(message)):
             body_to_request("/v1/chat/completions", {**chat, **bad})
 
@@ -1038,7 +1037,7 @@ def test_vllm_request_model_defaults_tools_and_documents_in_an_openai_body():
             served_tool_choice(body_to_request("/v1/chat/completions", {**chat, **auto}).tool_call, None)
     for bad, message in (({"tools": "weather", "tool_choice": "none"}, "'tools' must be a list of objects"),
                          ({"use_beam_search": True}, "'use_beam_search' = true is not supported (only false)"),
-                         ({"add_special_tokens": True}, "'add_special_tokens' = true is not supported (only false)")):
+                         ({"add_special_tokens": 7}, "'add_special_tokens' must be true or false, got 7")):
         with pytest.raises(BodyError, match=re.escape(message)):
             body_to_request("/v1/chat/completions", {**chat, **bad})
 
@@ -1310,13 +1309,16 @@ def test_a_one_line_chat_template_longer_than_a_file_name_is_the_template():
 
 def test_truncation_side_left_is_taken_and_right_refused_in_both_formats():
     """A plain line's truncation_side "right" was ignored as a table's column (its prompt cut from the left), and an
-    OpenAI body's, vLLM 0.26's field, failed its line even at "left", the side truncation takes."""
+    OpenAI body's, vLLM 0.26's field, failed its line even at "left", the side truncation takes. An OpenAI body's
+    "right" beside no truncate_prompt_tokens changes nothing in vLLM, and runs."""
     lines = [{"id": "a", "prompt": "x", "truncation_side": "left", "truncate_prompt_tokens": 1},
              {"id": "b", "prompt": "x", "truncation_side": "right"},
              {"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x", "truncation_side": "left"}},
-             {"custom_id": "d", "url": "/v1/completions", "body": {"prompt": "x", "truncation_side": "right"}}]
+             {"custom_id": "d", "url": "/v1/completions", "body": {"prompt": "x", "truncation_side": "right",
+                                                                   "truncate_prompt_tokens": 1}},
+             {"custom_id": "e", "url": "/v1/completions", "body": {"prompt": "x", "truncation_side": "right"}}]
     result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-    assert sorted(v.line.request_id for v in result.valid) == ["a", "c"]
+    assert sorted(v.line.request_id for v in result.valid) == ["a", "c", "e"]
     messages = sorted(e.message for e in result.errors)
     assert messages[0].startswith("line 2: truncation_side 'right' is not supported")
     assert messages[1].startswith("line 4: body field 'truncation_side' = \"right\" is not supported")
@@ -1599,3 +1601,63 @@ def test_reading_into_a_log_writes_whole_lines(tmp_path, capsys, monkeypatch):
     assert lines[-1] == "" and len(lines) == 5 + 2 and "\r" not in "".join(lines)
     assert [re.match(r"reading: (\d+) lines \[00:00, \d+ lines/s\]$", line)[1] for line in lines[:-1]] == [
         "1", "2", "3", "4", "5", "5"]
+
+
+def test_an_openai_bodys_add_special_tokens_is_taken_as_vllms_server_takes_it(tiny_model_factory, tmp_path):
+    """vLLM's server tokenizes a body's text with or without special tokens as its add_special_tokens says; a
+    value other than the endpoint's default failed the line ("not supported"), though plain lines took it."""
+    from batchllm.inputs import prompt_processor_for
+    from tests.unit.test_vllm_port_api import _with_bos
+
+    tokenizer_dir = _with_bos(tiny_model_factory("llama"), tmp_path)
+    prompts = prompt_processor_for(tokenizer_dir)
+    plain = prompts.tokenizer("The sky is", add_special_tokens=False)["input_ids"]
+    lines = [{"custom_id": name, "url": "/v1/completions", "body": {"prompt": "The sky is", **extra}}
+             for name, extra in (("default", {}), ("without", {"add_special_tokens": False}),
+                                 ("as-text", {"add_special_tokens": "false"}), ("with", {"add_special_tokens": 1}))]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = prepare_lines(path, prompts, {"max_tokens": 2}, None, ResumeState())
+    assert not result.errors, result.errors
+    tokens = {v.line.request_id: v.prompt.array.tolist() for v in result.valid}
+    assert tokens == {"default": [1, *plain], "without": plain, "as-text": plain, "with": [1, *plain]}
+
+
+def test_fields_vllm_reads_to_no_effect_are_taken_and_its_lax_values_are_read():
+    """vLLM's server takes these and nothing changes (length_penalty outside beam search, truncation_side beside no
+    truncation, thinking_token_budget -1, empty stream_options or suffix, extra_args for connectors and plugins,
+    OpenAI's prediction); each failed its line. Its lax reading takes 1/0 for booleans, ids and numbers written as
+    text, and clamps a logit_bias to [-100, 100]."""
+    from batchllm.io.openai_batch import BodyError, body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    no_effect = {"length_penalty": 0.5, "truncation_side": "right", "thinking_token_budget": -1, "stream_options": {},
+                 "prediction": {"type": "content", "content": "x"}, "vllm_xargs": {"a": 1},
+                 "kv_transfer_params": {"k": 1}, "ec_transfer_params": {"e": 1}, "priority": "0"}
+    assert body_to_request("/v1/chat/completions", {**chat, **no_effect}).overrides == {}
+    assert body_to_request("/v1/completions", {"prompt": "x", "suffix": ""}).overrides == {}
+    lax = {"ignore_eos": 1, "skip_special_tokens": 0, "stop_token_ids": ["2", 3], "allowed_token_ids": [" 504 "],
+           "logit_bias": {"504": "5", "28": 150, "29": -1e9}}
+    assert body_to_request("/v1/chat/completions", {**chat, **lax}).overrides == {
+        "ignore_eos": True, "skip_special_tokens": False, "stop_token_ids": [2, 3], "allowed_token_ids": [504],
+        "logit_bias": {"504": 5.0, "28": 100.0, "29": -100.0}}
+    for bad, message in (({"truncation_side": "right", "truncate_prompt_tokens": 3}, "'truncation_side' = \"right\""),
+                         ({"stream_options": {"include_usage": True}}, "'stream_options'"),
+                         ({"thinking_token_budget": 5}, "'thinking_token_budget' = 5"),
+                         ({"logit_bias": {"504": "x"}}, "logit_bias['504'] must be a number, got \"x\""),
+                         ({"ignore_eos": 2}, "ignore_eos")):
+        with pytest.raises((BodyError, ValueError), match=re.escape(message)):
+            request = body_to_request("/v1/chat/completions", {**chat, **bad})
+            SamplingParams(**request.overrides)
+
+
+def test_a_chats_explicit_null_top_logprobs_asks_for_no_logprobs_as_in_vllm():
+    """vLLM samples a chat with logprobs=top_logprobs (None for an explicit null) and answers no logprobs; this
+    answered each token's logprob with empty top lists. Unset, top_logprobs is 0 there and here."""
+    from batchllm.io.openai_batch import body_to_request
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True}
+    assert body_to_request("/v1/chat/completions", {**chat, "top_logprobs": None}).overrides["logprobs"] is None
+    assert body_to_request("/v1/chat/completions", chat).overrides["logprobs"] == 0
+    named = body_to_request("/v1/chat/completions", {**chat, "top_logprobs": None, "logprob_token_ids": [28]})
+    assert named.overrides["logprob_token_ids"] == [28] and "logprobs" not in named.overrides
