@@ -194,7 +194,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     claims = IdClaims()
 
     def flush() -> None:
-        for result in _tokenized(prompts, pending):
+        for result in _tokenized(prompts, pending, defaults):
             if isinstance(result, ValidLine) and (duplicate := claims.claim(result.line)) is not None:
                 result = duplicate
             (valid if isinstance(result, ValidLine) else errors).append(result)
@@ -290,10 +290,11 @@ def _prepared(item: BatchLine, prompts: PromptProcessor, defaults: dict, global_
     return params, {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
 
 
-def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, SamplingParams, Any]]
+def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, SamplingParams, Any]], defaults: dict
                ) -> list[ValidLine | LineError]:
     """The pending lines tokenized in one batch: each a ValidLine, or the LineError of a prompt the tokenizer
-    refuses or the model's context cannot take. A line's text is dropped once its tokens are made."""
+    refuses or the model's context cannot take (`defaults`: the run's, for `max_tokens_to_fit`). A line's text is
+    dropped once its tokens are made."""
     results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
                                     [prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
                                      for _, params, _ in pending], [line.add_special_tokens for line, _, _ in pending])
@@ -305,8 +306,8 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
             out.append(LineError.for_line(line, result))
         elif line.format == OPENAI and (problem := truncation_past_the_context(params, prompts.max_model_len)):
             out.append(LineError.for_line(line, problem))
-        elif must_fit_the_context(line) and (
-                problem := context_overflow(len(result.array), params.max_tokens, prompts.max_model_len)):
+        elif (fit := max_tokens_to_fit(line, defaults)) is not None and (
+                problem := context_overflow(len(result.array), fit, prompts.max_model_len)):
             out.append(LineError.for_line(line, problem))
         elif line.format == OPENAI and (problem := min_tokens_past_the_context(len(result.array), params,
                                                                                prompts.max_model_len)):
@@ -316,12 +317,21 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
     return out
 
 
-def must_fit_the_context(line: BatchLine) -> bool:
-    """Whether the line's max_tokens must fit the context after its prompt: an OpenAI line's own max_tokens
-    (or max_completion_tokens). OpenAI's API and vLLM's server (which vLLM's run-batch goes through) refuse
-    a request that does not fit; a plain line, like vLLM's `LLM.generate`, stops at the context instead
-    (finish_reason "length"), and so do lines whose max_tokens is the command line's default."""
-    return line.format == OPENAI and "max_tokens" in line.sampling_overrides
+def max_tokens_to_fit(line: BatchLine, defaults: dict) -> int | None:
+    """The max_tokens that must fit the context after the line's prompt, as vLLM's server checks a request (before
+    a --generation-config cap cuts it): an OpenAI line's own max_tokens (or max_completion_tokens), or a
+    completion's endpoint default (COMPLETIONS_MAX_TOKENS, vLLM's request default, `defaults`' OPENAI_MAX_TOKENS
+    rule). OpenAI's API and vLLM's server (which vLLM's run-batch goes through) refuse a request that does not fit.
+    None where generation stops at the context instead (finish_reason "length"): a plain line, as vLLM's
+    `LLM.generate`, a chat line without max_tokens, and OpenAI lines whose max_tokens is the command line's."""
+    if line.format != OPENAI:
+        return None
+    own = line.sampling_overrides.get("max_tokens")
+    if own is not None:
+        return own if type(own) is int else None  # (another type: refused by SamplingParams)
+    if not line.is_chat and defaults.get(OPENAI_MAX_TOKENS) in (ENDPOINT_DEFAULTS, MODEL_FOR_CHAT):
+        return COMPLETIONS_MAX_TOKENS
+    return None
 
 
 def min_tokens_past_the_context(prompt_tokens: int, params: SamplingParams, max_model_len: int) -> str | None:

@@ -141,7 +141,7 @@ class _CliPreprocess:
         self.cache: dict[str, SamplingParams] = {}
 
     def __call__(self, row: dict) -> dict:
-        from batchllm.io.ingest import in_the_lines_terms, must_fit_the_context, sampling_params_for
+        from batchllm.io.ingest import in_the_lines_terms, max_tokens_to_fit, sampling_params_for
         from batchllm.io.tool_calls import ToolChoiceError, replaced_constraint
         from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS, OPENAI_LIMITS, REPLACED_CONSTRAINT
 
@@ -156,7 +156,7 @@ class _CliPreprocess:
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
         prompt = line.prompt if isinstance(line.prompt, dict) else {kind: line.prompt}  # (a dict: ids and their text)
-        return {**prompt, "sampling_params": fields, MUST_FIT: must_fit_the_context(line),
+        return {**prompt, "sampling_params": fields, MUST_FIT: max_tokens_to_fit(line, self.defaults),
                 OPENAI_LIMITS: line.format == OPENAI,
                 NO_MAX_TOKENS: sp.max_tokens is None, "add_special_tokens": line.add_special_tokens,
                 REPLACED_CONSTRAINT: replaced_constraint(line.tool_call),

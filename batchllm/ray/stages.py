@@ -44,8 +44,10 @@ PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN = ("batchllm_prefill_tokens", "batchll
 GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_input_tokens",
                      "num_generated_tokens")
 MUST_FIT = "max_tokens_must_fit"
-"""A preprocess's optional flag: the row's max_tokens must fit the context after its prompt, else the row
-is an error (as OpenAI's API answers); without it generation stops at the context ("length")."""
+"""A preprocess's optional value: true where the row's max_tokens must fit the context after its prompt, else the
+row is an error (as OpenAI's API answers), or the max_tokens that must (the CLI's OpenAI lines: their own, before a
+cap, or a completion's default: `io.ingest.max_tokens_to_fit`); without it generation stops at the context
+("length")."""
 OPENAI_LIMITS = "openai_request_limits"
 """A preprocess's optional flag: the row is an OpenAI request, which vLLM's server refuses where its
 truncate_prompt_tokens passes what the context leaves after max_tokens (a default max_tokens too) or its min_tokens
@@ -229,12 +231,12 @@ def _check_openai_limits(request: dict, params: SamplingParams, prompt_len: int,
     in the order `io.ingest` checks an OpenAI line: its truncation, its max_tokens, its min_tokens."""
     from batchllm.io.ingest import context_overflow, min_tokens_past_the_context, truncation_past_the_context
 
-    openai = request.get(OPENAI_LIMITS)
-    if (openai or request.get(MUST_FIT)) and (problem := truncation_past_the_context(params, max_model_len)):
+    openai, must = request.get(OPENAI_LIMITS), request.get(MUST_FIT)
+    if (openai or must) and (problem := truncation_past_the_context(params, max_model_len)):
         raise problem
-    if request.get(MUST_FIT) and params.max_tokens is not None and (  # None: up to the context, which always fits
-            problem := context_overflow(prompt_len, params.max_tokens, max_model_len)):
-        raise problem
+    fit = params.max_tokens if must is True else must if type(must) is int else None
+    if fit is not None and (problem := context_overflow(prompt_len, fit, max_model_len)):  # (None: up to the
+        raise problem  # context, which always fits)
     if openai and (problem := min_tokens_past_the_context(prompt_len, params, max_model_len)):
         raise ValueError(problem)
 

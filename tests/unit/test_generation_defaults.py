@@ -258,7 +258,8 @@ def test_an_openai_line_without_max_tokens_takes_its_endpoints_default(tmp_path,
 def test_a_generation_config_folders_max_new_tokens_caps_every_openai_line(tmp_path, capsys, tiny_model_factory):
     """vLLM: where --generation-config names a folder whose file sets max_new_tokens, that is a limit on every
     request of its server (its run-batch too): a line's own max_tokens above it, and a completion's default 16,
-    are cut to it. They ran to their own. A plain line (LLM.generate's rule) keeps its own."""
+    are cut to it. They ran to their own. A plain line (LLM.generate's rule) keeps its own. The context is checked
+    against the line's own max_tokens before the cap, as vLLM's server checks it (it ran, cut to the cap)."""
     from batchllm import cli
 
     model, folder = tmp_path / "model", tmp_path / "folder"
@@ -271,17 +272,21 @@ def test_a_generation_config_folders_max_new_tokens_caps_every_openai_line(tmp_p
              {"custom_id": "completion-3", "url": "/v1/completions", "body": {"prompt": [5], "max_tokens": 3}},
              {"custom_id": "chat-default", "url": "/v1/chat/completions", "body": chat},
              {"custom_id": "chat-30", "url": "/v1/chat/completions", "body": {**chat, "max_tokens": 30}},
-             {"id": "plain-30", "prompt_token_ids": [5, 6, 7, 8], "max_tokens": 30}]
+             {"id": "plain-30", "prompt_token_ids": [5, 6, 7, 8], "max_tokens": 30},
+             {"custom_id": "past-the-context", "url": "/v1/completions", "body": {"prompt": [5] * 10,
+                                                                                 "max_tokens": 1020}}]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"method": "POST", **line, **({"body": {**line["body"], "ignore_eos": True}}
                                                                     if "body" in line else {"ignore_eos": True})})
                            + "\n" for line in lines))
     code = cli.main(["run", str(src), "-o", str(out), "--model", str(model), "--generation-config", str(folder),
                      "--no-progress"])
-    assert code == 0, capsys.readouterr().err
+    assert code == 1, capsys.readouterr().err
     assert {name: tokens for name, (_, tokens) in _usage(out).items()} == {
         "completion-default": 5, "completion-30": 5, "completion-3": 3, "chat-default": 5, "chat-30": 5,
         "plain-30": 30}
+    error = json.loads((tmp_path / "out.errors.jsonl").read_text())
+    assert error["custom_id"] == "past-the-context" and "1020 for the completion" in error["error"]["message"]
 
 
 def test_an_output_written_before_the_openai_default_changed_is_not_resumed_as_if_unchanged(tmp_path, capsys,

@@ -796,27 +796,37 @@ def test_ids_keep_their_json_type_through_the_run_and_its_resume(tmp_path, capsy
 
 def test_an_openai_line_past_the_context_fails_as_openai_answers_it(tmp_path, capsys, tiny_model_factory):
     """A prompt and its own max_tokens past max_model_len were cut at the context with finish_reason
-    "length" and status 200; OpenAI's API (and vLLM's server, which its run-batch uses) refuse them. A
-    line without max_tokens (the command line's default) and a plain line still stop at the context."""
+    "length" and status 200; OpenAI's API (and vLLM's server, which its run-batch uses) refuse them, and a
+    completion's default 16 past it too (it ran to the context). A chat line without max_tokens, and a line taking
+    the command line's --max-tokens, stop at the context."""
     model = tiny_model_factory("llama")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     prompt = "one two three four five six seven eight nine ten " * 5  # (with a completion's default 16: past 64)
     body = {"prompt": prompt, "temperature": 0}
     lines = [{"custom_id": "asks-too-much", "url": "/v1/completions", "body": {**body, "max_tokens": 40}},
              {"custom_id": "fits", "url": "/v1/completions", "body": {**body, "max_tokens": 4}},
-             {"custom_id": "default", "url": "/v1/completions", "body": body}]
+             {"custom_id": "default", "url": "/v1/completions", "body": body},
+             {"custom_id": "chat", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": prompt[:100]}], "temperature": 0}}]
     src.write_text("".join(json.dumps({"method": "POST", **line}) + "\n" for line in lines))
     code, err = run(capsys, src, "-o", out, "--model", model, "--max-model-len", "64", "--ignore-eos")
     assert code == 1, err
     errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
-    assert [e["custom_id"] for e in errors] == ["asks-too-much"]
+    assert [e["custom_id"] for e in errors] == ["asks-too-much", "default"]
     message = errors[0]["error"]["message"]
     assert "max_model_len) is 64 tokens" in message and "40 for the completion" in message, message
+    assert "16 for the completion" in errors[1]["error"]["message"], errors[1]
     done = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
     assert done["fits"]["usage"]["completion_tokens"] == 4
-    usage = done["default"]["usage"]
-    assert usage["prompt_tokens"] + usage["completion_tokens"] == 64, "the default max_tokens stops at the context"
-    assert done["default"]["choices"][0]["finish_reason"] == "length"
+    usage = done["chat"]["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 64, "a chat without max_tokens runs to the context"
+    assert done["chat"]["choices"][0]["finish_reason"] == "length"
+    src.write_text(json.dumps({"method": "POST", **lines[2]}) + "\n")
+    code, err = run(capsys, src, "-o", out, "--model", model, "--max-model-len", "64", "--ignore-eos",
+                    "--max-tokens", "16", "--overwrite")
+    assert code == 0, err
+    body = json.loads(out.read_text())["response"]["body"]
+    assert body["choices"][0]["finish_reason"] == "length", "the command line's --max-tokens stops at the context"
 
 
 def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path, capsys, tiny_model_factory):

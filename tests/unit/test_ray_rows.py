@@ -438,3 +438,17 @@ def test_an_openai_rows_truncation_and_min_tokens_are_checked_as_run_checks_its_
                          "smaller truncation size (or -1: what the context leaves)")
     assert errors[2] is not None and errors[2].startswith("min_tokens must be <= max_tokens ("), errors[2]
     assert errors[1] is None and errors[3] is None and errors[4] is None, errors
+
+
+def test_a_row_names_the_max_tokens_its_prompt_must_fit():
+    """The CLI's OpenAI lines pass the max_tokens vLLM's server checks (their own before a --generation-config cap,
+    or a completion's default 16): a row whose own 30 passes the context fails, though it runs capped at 5."""
+    from batchllm.ray.stages import MUST_FIT
+
+    rows = [{"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, MUST_FIT: 30},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, MUST_FIT: 16}]
+    table = pa.table({"i": list(range(len(rows)))})
+    out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64),
+                         preprocess=lambda row: rows[row["i"]], num_buckets=1)
+    errors = out.column(ERROR).to_pylist()
+    assert errors[0] is not None and "30 for the completion" in errors[0] and errors[1] is None, errors
