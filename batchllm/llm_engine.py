@@ -119,16 +119,22 @@ class RunningModelConfig:
 
     def try_get_generation_config(self) -> dict[str, Any]:
         """vLLM's: the non-default fields of the generation config `generation_config` names (the model's for "auto"
-        and "vllm", else that folder's), as transformers' `GenerationConfig.to_diff_dict` gives them; {} where there
-        is none, or where its text is not JSON (the sampling defaults fall back from it too)."""
+        and "vllm", else that folder's), as transformers' `GenerationConfig.to_diff_dict` gives them. Where the model
+        has none (or its text is not JSON), as vLLM, the one transformers derives from its config.json (its BOS, EOS
+        and pad ids); {} where neither can be read."""
+        from transformers import AutoConfig, GenerationConfig
+
         from batchllm.generation_defaults import generation_config_json
 
         config = generation_config_json(self.model_dir, self.generation_config)
-        if not config:
+        if config:
+            return GenerationConfig.from_dict(config).to_diff_dict()
+        if self.generation_config not in ("auto", "vllm"):
             return {}
-        from transformers import GenerationConfig
-
-        return GenerationConfig.from_dict(config).to_diff_dict()
+        try:
+            return GenerationConfig.from_model_config(AutoConfig.from_pretrained(self.model_dir)).to_diff_dict()
+        except (OSError, ValueError):
+            return {}
 
     def get_diff_sampling_param(self) -> dict[str, Any]:
         """The sampling fields the model's generation_config.json sets (as `LLM.get_default_sampling_params`

@@ -55,6 +55,10 @@ def test_resolved_settings_and_sampling_defaults(tmp_path, tiny_model_factory):
         generation = mc.try_get_generation_config()  # vLLM's: the file's non-default fields, its EOS ids too
         assert {k: generation[k] for k in ("temperature", "top_k", "eos_token_id")} == {
             "temperature": 0.6, "top_k": 20, "eos_token_id": 2}
+        (model / "generation_config.json").unlink()  # none: transformers' from config.json, as vLLM falls back
+        assert "temperature" not in mc.try_get_generation_config()
+        assert mc.try_get_generation_config()["eos_token_id"] == json.loads((model / "config.json").read_text())[
+            "eos_token_id"]
         assert mc.get_head_size() == 32 and mc.model == str(model) and mc.get_sliding_window() is None
     finally:
         llm.shutdown()
