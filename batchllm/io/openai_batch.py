@@ -99,9 +99,10 @@ class BodyRequest(NamedTuple):
     beside tools) choice, whose text answer a tool-call parser reads where the job serves it
     (`tool_calls.served_tool_choice`)."""
     add_special_tokens: bool | None = None
-    """The body's add_special_tokens: whether its text (a completion's prompt, a chat's rendered messages) is
-    tokenized with the tokenizer's special tokens, as vLLM's server takes it; None where not given (the default:
-    a completion's with them, a chat's without, its template writing them)."""
+    """The body's add_special_tokens where it differs from its endpoint's default (a completion's true, a chat's
+    false): whether its text (a completion's prompt, a chat's rendered messages) is tokenized with the tokenizer's
+    special tokens, as vLLM's server takes it; None where not given or at the default, which tokenizes as a line
+    without it (`PromptProcessor._adds_special_tokens`: no second BOS before a text that opens with one)."""
 
 
 def template_kwargs(value: Any) -> dict[str, Any] | None:
@@ -165,9 +166,10 @@ def body_to_request(url: str, body: Any) -> BodyRequest:
         max_tokens = 1  # (vLLM's: one token is generated, and the prompt alone answered)
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
+    special = None if body.get("add_special_tokens") is None else _flag(body["add_special_tokens"],
+                                                                           "add_special_tokens")
     return BodyRequest(url, prompt, chat, overrides, template, echo, response_asks(body, prompt if chat else None),
-                       forced, _flag(body["add_special_tokens"], "add_special_tokens")
-                       if body.get("add_special_tokens") is not None else None)
+                       forced, None if special == (not chat) else special)
 
 
 def _merged_structured_outputs(own: Any, from_format: dict) -> dict:
@@ -224,7 +226,7 @@ def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | No
 
 
 _INTEGER_BODY_FIELDS = ("n", "seed", "top_k", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", "max_tokens",
-                        "max_completion_tokens", "top_logprobs", "priority", "thinking_token_budget")
+                        "max_completion_tokens", "top_logprobs", "priority")
 _TOKEN_ID_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
 _FLOAT_BODY_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 _INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*(\.0*)?")
@@ -247,14 +249,14 @@ def values_from_text(body: dict, chat: bool) -> dict:
     for name in _BOOLEAN_BODY_FIELDS:
         if isinstance(text := body.get(name), str) and (flag := _flag_of_text(text)) is not None:
             read[name] = flag
-        elif type(text) is int and text in (0, 1):  # (pydantic's lax booleans: 1 and 0 too)
+        elif type(text) in (int, float) and text in (0, 1):  # (pydantic's lax booleans: 1 and 0, 1.0 and 0.0 too)
             read[name] = bool(text)
     for name in _TOKEN_ID_LIST_FIELDS:  # ["2"]: a list of ids written as text, which pydantic reads as integers
         ids = body.get(name)
-        if isinstance(ids, list) and any(isinstance(t, str) for t in ids) and all(
-                isinstance(t, int) and not isinstance(t, bool) or isinstance(t, str) and _INTEGER_TEXT.fullmatch(
-                    t.strip()) for t in ids):
-            read[name] = [int(t.strip().split(".")[0]) if isinstance(t, str) else t for t in ids]
+        if isinstance(ids, list) and any(type(t) in (str, float) for t in ids) and all(
+                type(t) is int or type(t) is float and t.is_integer()
+                or type(t) is str and _INTEGER_TEXT.fullmatch(t.strip()) for t in ids):
+            read[name] = [int(t.strip().split(".")[0]) if type(t) is str else int(t) for t in ids]
     for name in (*integers, *_FLOAT_BODY_FIELDS):
         if not isinstance(text := body.get(name), str):
             continue
@@ -286,18 +288,35 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
             if guided == "guided_decoding_backend" else
             f" ({guided} is vLLM's name before 0.12: give structured_outputs or response_format)")
         raise BodyError(f"body field(s) not supported: {', '.join(unknown)}{hint}")
+    _check_unread_types(body)
     for name, allowed in only_default.items():
-        if name == "truncation_side" and body.get("truncate_prompt_tokens") is None:
+        if name == "truncation_side" and body.get("truncate_prompt_tokens") is None and body.get(name) == "right":
             continue  # (vLLM reads the side only where it truncates)
         if name in body and body[name] not in allowed:
             taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"
             raise BodyError(f"body field {name!r} = {json.dumps(body[name])[:80]} is not supported (only {taken})")
 
 
+_UNREAD_TYPES = {"length_penalty": ((int, float), "a number"), "vllm_xargs": (dict, "an object"),
+                 "kv_transfer_params": (dict, "an object"), "ec_transfer_params": (dict, "an object"),
+                 "thinking_token_budget": (int, "an integer")}
+"""Fields a body's answer never reads here (`_IGNORED`, or taken at a value that reads nothing) whose type vLLM's
+request models still check."""
+
+
+def _check_unread_types(body: dict) -> None:
+    """An unread field (`_UNREAD_TYPES`) of another type than vLLM's request models take is refused, as vLLM refuses
+    it: ignoring the value does not make it valid."""
+    for name, (types, what) in _UNREAD_TYPES.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise BodyError(f"'{name}' must be {what}, got {json.dumps(value)[:40]}")
+
+
 def _check_seed(seed: Any) -> None:
     """A body's seed lies in a signed 64-bit integer, as vLLM's request models bound it (`Field(ge=-2**63,
     le=2**63-1)`; SamplingParams itself takes up to 2**64 - n, which LLM calls keep)."""
-    if isinstance(seed, int) and not isinstance(seed, bool) and not -2**63 <= seed < 2**63:
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool) and not -2**63 <= seed < 2**63:
         raise BodyError(f"'seed' must lie in a signed 64-bit integer [-2**63, 2**63 - 1], got {seed}")
 
 
@@ -510,7 +529,7 @@ def _flag(value: Any, name: str) -> bool:
     true for being a non-empty string); None is false; anything else is a BodyError naming the field."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    if type(value) is int and value in (0, 1):
+    if type(value) in (int, float) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and (flag := _flag_of_text(value)) is not None:
         return flag
@@ -519,7 +538,8 @@ def _flag(value: Any, name: str) -> bool:
 
 def _logit_bias(value: Any) -> dict:
     """OpenAI's logit_bias: token ids (as strings) to biases, each a number (or a number written as text, which
-    vLLM's server reads) clamped to [-100, 100], as vLLM's server clamps it."""
+    vLLM's server reads) clamped to [-100, 100], as vLLM's server clamps it (NaN is refused, where vLLM's clamp
+    turns it into -100 unsaid)."""
     if not isinstance(value, dict):
         raise BodyError("'logit_bias' must be an object mapping token ids to biases")
     clamped = {}
