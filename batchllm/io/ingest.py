@@ -304,7 +304,8 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
             line.prompt = None  # the tokens replace the text: never hold both for a whole file
         if isinstance(result, ValueError):
             out.append(LineError.for_line(line, result))
-        elif line.format == OPENAI and (problem := truncation_past_the_context(params, prompts.max_model_len)):
+        elif line.format == OPENAI and (problem := truncation_past_the_context(
+                params.truncate_prompt_tokens, max_tokens_to_fit(line, defaults), prompts.max_model_len)):
             out.append(LineError.for_line(line, problem))
         elif (fit := max_tokens_to_fit(line, defaults)) is not None and (
                 problem := context_overflow(len(result.array), fit, prompts.max_model_len)):
@@ -335,13 +336,17 @@ def max_tokens_to_fit(line: BatchLine, defaults: dict) -> int | None:
 
 
 def min_tokens_past_the_context(prompt_tokens: int, params: SamplingParams, max_model_len: int) -> str | None:
-    """Why an OpenAI line's min_tokens cannot be honoured where it runs to the context (no max_tokens: vLLM's server
-    takes max_tokens as what the context leaves and refuses a larger min_tokens), or None."""
+    """Why an OpenAI line's min_tokens passes the most it may generate, or None: vLLM's server takes as max_tokens
+    what the context leaves after the prompt, or less where the request, the model's generation_config or a cap
+    gives less, and refuses a larger min_tokens (here such a line stopped at the context, its min_tokens not
+    honoured). A line whose own max_tokens passes the context is refused by `context_overflow` first."""
     room = max_model_len - prompt_tokens
-    if params.max_tokens is not None or params.min_tokens <= room:
+    most = room if params.max_tokens is None else min(params.max_tokens, room)
+    if params.min_tokens <= most:
         return None
-    return (f"min_tokens must be <= max_tokens ({room}: what the context of {max_model_len} tokens leaves after the "
-            f"{prompt_tokens}-token prompt), got {params.min_tokens}")
+    told = (f"what the context of {max_model_len} tokens leaves after the {prompt_tokens}-token prompt"
+            if most == room else "its max_tokens")
+    return f"min_tokens must be <= max_tokens ({most}: {told}), got {params.min_tokens}"
 
 
 def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) -> ContextLengthError | None:
@@ -353,13 +358,14 @@ def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
         f"for ({prompt_tokens} in the prompt, {max_tokens} for the completion); lower max_tokens or shorten the prompt")
 
 
-def truncation_past_the_context(params: SamplingParams, max_model_len: int) -> ValueError | None:
-    """Why an OpenAI line asks to keep more prompt tokens than the context leaves beside its max_tokens (its own, or
-    a completion's default 16; vLLM's server refuses it so, whatever the prompt's length: a long prompt was refused
-    as too long, naming its tokens, not the truncation), or None."""
-    keep, max_tokens = params.truncate_prompt_tokens, params.max_tokens
-    if keep is None or keep == -1 or max_tokens is None or max_tokens >= max_model_len:  # (the last: no prompt
-        return None  # fits beside that max_tokens, whatever its truncation: `context_overflow` says so)
+def truncation_past_the_context(keep: int | None, max_tokens: int | None, max_model_len: int) -> ValueError | None:
+    """Why an OpenAI line asks to keep more prompt tokens (`keep`, its truncate_prompt_tokens) than the context leaves
+    beside the max_tokens vLLM's server checks (`max_tokens_to_fit`: its own, or a completion's default 16; None,
+    a chat's without one, as 0), or None. vLLM refuses it so whatever the prompt's length: a long prompt was refused
+    as too long, naming its tokens, not the truncation."""
+    max_tokens = max_tokens or 0
+    if keep is None or keep == -1 or max_tokens >= max_model_len:  # (the last: no prompt fits beside that
+        return None  # max_tokens, whatever its truncation: `context_overflow` says so)
     if keep <= max_model_len - max_tokens:
         return None
     return ValueError(f"truncate_prompt_tokens={keep} cannot be greater than max_model_len - max_tokens = "

@@ -143,7 +143,7 @@ class _CliPreprocess:
     def __call__(self, row: dict) -> dict:
         from batchllm.io.ingest import in_the_lines_terms, max_tokens_to_fit, sampling_params_for
         from batchllm.io.tool_calls import ToolChoiceError, replaced_constraint
-        from batchllm.ray.stages import MUST_FIT, NO_MAX_TOKENS, OPENAI_LIMITS, REPLACED_CONSTRAINT
+        from batchllm.ray.stages import FIT_MAX_TOKENS, NO_MAX_TOKENS, OPENAI_LIMITS, REPLACED_CONSTRAINT
 
         line = _parse(row)
         if isinstance(line, LineError):
@@ -156,7 +156,7 @@ class _CliPreprocess:
         fields = {name: getattr(sp, name) for name in SamplingParams.field_names()}
         kind = "messages" if line.is_chat else "prompt_token_ids" if isinstance(line.prompt, list) else "prompt"
         prompt = line.prompt if isinstance(line.prompt, dict) else {kind: line.prompt}  # (a dict: ids and their text)
-        return {**prompt, "sampling_params": fields, MUST_FIT: max_tokens_to_fit(line, self.defaults),
+        return {**prompt, "sampling_params": fields, FIT_MAX_TOKENS: max_tokens_to_fit(line, self.defaults),
                 OPENAI_LIMITS: line.format == OPENAI,
                 NO_MAX_TOKENS: sp.max_tokens is None, "add_special_tokens": line.add_special_tokens,
                 REPLACED_CONSTRAINT: replaced_constraint(line.tool_call),

@@ -44,10 +44,12 @@ PREFILL, SHARED_PREFIX, SHARED_PREFIX_LEN = ("batchllm_prefill_tokens", "batchll
 GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_input_tokens",
                      "num_generated_tokens")
 MUST_FIT = "max_tokens_must_fit"
-"""A preprocess's optional value: true where the row's max_tokens must fit the context after its prompt, else the
-row is an error (as OpenAI's API answers), or the max_tokens that must (the CLI's OpenAI lines: their own, before a
-cap, or a completion's default: `io.ingest.max_tokens_to_fit`); without it generation stops at the context
-("length")."""
+"""A preprocess's optional flag: the row's max_tokens must fit the context after its prompt, else the row
+is an error (as OpenAI's API answers); without it generation stops at the context ("length")."""
+FIT_MAX_TOKENS = "max_tokens_to_fit"
+"""The CLI's rows (OpenAI lines): the max_tokens that must fit the context after the prompt, as vLLM's server checks
+it (`io.ingest.max_tokens_to_fit`: the line's own before a cap, or a completion's default 16), or None; over
+MUST_FIT, and the max_tokens the truncation is checked beside."""
 OPENAI_LIMITS = "openai_request_limits"
 """A preprocess's optional flag: the row is an OpenAI request, which vLLM's server refuses where its
 truncate_prompt_tokens passes what the context leaves after max_tokens (a default max_tokens too) or its min_tokens
@@ -227,16 +229,18 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
 
 
 def _check_openai_limits(request: dict, params: SamplingParams, prompt_len: int, max_model_len: int) -> None:
-    """Raise ValueError where the row's flags (`OPENAI_LIMITS`, `MUST_FIT`) ask a check its prompt and params fail,
-    in the order `io.ingest` checks an OpenAI line: its truncation, its max_tokens, its min_tokens."""
+    """Raise ValueError where the row's flags (`OPENAI_LIMITS`, `MUST_FIT`, `FIT_MAX_TOKENS`) ask a check its prompt
+    and params fail, in the order `io.ingest` checks an OpenAI line: its truncation, its max_tokens, its min_tokens."""
     from batchllm.io.ingest import context_overflow, min_tokens_past_the_context, truncation_past_the_context
 
-    openai, must = request.get(OPENAI_LIMITS), request.get(MUST_FIT)
-    if (openai or must) and (problem := truncation_past_the_context(params, max_model_len)):
+    openai = request.get(OPENAI_LIMITS)
+    fit = request[FIT_MAX_TOKENS] if FIT_MAX_TOKENS in request else (
+        params.max_tokens if request.get(MUST_FIT) else None)  # (None: up to the context, which always fits)
+    if (openai or request.get(MUST_FIT)) and (problem := truncation_past_the_context(
+            params.truncate_prompt_tokens, fit, max_model_len)):
         raise problem
-    fit = params.max_tokens if must is True else must if type(must) is int else None
-    if fit is not None and (problem := context_overflow(prompt_len, fit, max_model_len)):  # (None: up to the
-        raise problem  # context, which always fits)
+    if fit is not None and (problem := context_overflow(prompt_len, fit, max_model_len)):
+        raise problem
     if openai and (problem := min_tokens_past_the_context(prompt_len, params, max_model_len)):
         raise ValueError(problem)
 

@@ -575,15 +575,20 @@ def test_an_openai_lines_truncation_past_what_the_context_leaves_is_named_as_vll
              {"custom_id": "short", "url": "/v1/completions", "body": {**body, "prompt": "Hi", "max_tokens": 4}},
              {"custom_id": "fits", "url": "/v1/completions", "body": {**body, "max_tokens": 2}},
              {"id": "plain", "prompt": "Hi", "truncate_prompt_tokens": context - 2, "max_tokens": 4},
-             {"custom_id": "default", "url": "/v1/completions", "body": {**body, "prompt": "Hi"}},  # (the run's 4)
-             {"custom_id": "too-many", "url": "/v1/completions", "body": {**body, "max_tokens": context + 1}}]
-    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-    assert [v.line.request_id for v in result.valid] == ["fits", "plain"]
+             {"custom_id": "default", "url": "/v1/completions", "body": {**body, "prompt": "Hi"}},  # (16: vLLM's)
+             {"custom_id": "too-many", "url": "/v1/completions", "body": {**body, "max_tokens": context + 1}},
+             {"custom_id": "chat", "url": "/v1/chat/completions",  # (vLLM checks a chat without max_tokens beside 0)
+              "body": {"messages": [{"role": "user", "content": "Hi"}], "truncate_prompt_tokens": context - 2}}]
+    from batchllm.io.ingest import ENDPOINT_DEFAULTS, OPENAI_MAX_TOKENS
+
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+                    defaults={"max_tokens": 4, OPENAI_MAX_TOKENS: ENDPOINT_DEFAULTS})
+    assert [v.line.request_id for v in result.valid] == ["fits", "plain", "chat"]
     said = (f"truncate_prompt_tokens={context - 2} cannot be greater than max_model_len - max_tokens = {{}}: "
             "ask a smaller truncation size (or -1: what the context leaves)")
     messages = [e.message for e in result.errors]
     assert messages[:3] == [f"line 1: {said.format(context - 4)}", f"line 2: {said.format(context - 4)}",
-                            f"line 5: {said.format(context - 4)}"]
+                            f"line 5: {said.format(context - 16)}"]
     assert "were asked for" in messages[3], "(a max_tokens past the context is named, not the truncation)"
 
 
@@ -1337,6 +1342,15 @@ def test_an_openai_lines_min_tokens_past_what_the_context_leaves_fails_it_as_vll
     assert [v.line.request_id for v in result.valid] == ["b"]
     assert re.fullmatch(r"line 1: min_tokens must be <= max_tokens \(81\d\d: what the context of 8192 tokens leaves "
                         r"after the \d+-token prompt\), got 9000", result.errors[0].message)
+    # a max_tokens of the model's above what the context leaves: vLLM's server takes the smaller, and refuses the
+    # min_tokens past it (it ran, ending at the context with fewer)
+    from batchllm.io.ingest import MODEL_FOR_CHAT
+
+    result = ingest(b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+                    defaults={"max_tokens": 9500, OPENAI_MAX_TOKENS: MODEL_FOR_CHAT})
+    assert [v.line.request_id for v in result.valid] == ["b"]
+    assert re.fullmatch(r"line 1: min_tokens must be <= max_tokens \(81\d\d: what the context of 8192 tokens leaves "
+                        r"after the \d+-token prompt\), got 9000", result.errors[0].message)
 
 
 def test_default_chat_template_kwargs_go_under_each_chat_lines_own(monkeypatch, tmp_path):
@@ -1614,13 +1628,15 @@ def test_an_openai_bodys_add_special_tokens_is_taken_as_vllms_server_takes_it(ti
     plain = prompts.tokenizer("The sky is", add_special_tokens=False)["input_ids"]
     lines = [{"custom_id": name, "url": "/v1/completions", "body": {"prompt": "The sky is", **extra}}
              for name, extra in (("default", {}), ("without", {"add_special_tokens": False}),
-                                 ("as-text", {"add_special_tokens": "false"}), ("with", {"add_special_tokens": 1}))]
+                                 ("as-text", {"add_special_tokens": "false"}), ("with", {"add_special_tokens": 1}),
+                                 ("opens-with-bos", {"prompt": "<|im_start|>The sky is", "add_special_tokens": True}))]
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = prepare_lines(path, prompts, {"max_tokens": 2}, None, ResumeState())
     assert not result.errors, result.errors
     tokens = {v.line.request_id: v.prompt.array.tolist() for v in result.valid}
-    assert tokens == {"default": [1, *plain], "without": plain, "as-text": plain, "with": [1, *plain]}
+    assert tokens == {"default": [1, *plain], "without": plain, "as-text": plain, "with": [1, *plain],
+                      "opens-with-bos": [1, *plain]}, "the endpoint's default, stated, tokenizes as left out"
 
 
 def test_fields_vllm_reads_to_no_effect_are_taken_and_its_lax_values_are_read():
@@ -1636,7 +1652,7 @@ def test_fields_vllm_reads_to_no_effect_are_taken_and_its_lax_values_are_read():
                  "kv_transfer_params": {"k": 1}, "ec_transfer_params": {"e": 1}, "priority": "0"}
     assert body_to_request("/v1/chat/completions", {**chat, **no_effect}).overrides == {}
     assert body_to_request("/v1/completions", {"prompt": "x", "suffix": ""}).overrides == {}
-    lax = {"ignore_eos": 1, "skip_special_tokens": 0, "stop_token_ids": ["2", 3], "allowed_token_ids": [" 504 "],
+    lax = {"ignore_eos": 1.0, "skip_special_tokens": 0, "stop_token_ids": ["2", 3.0], "allowed_token_ids": [" 504 "],
            "logit_bias": {"504": "5", "28": 150, "29": -1e9}}
     assert body_to_request("/v1/chat/completions", {**chat, **lax}).overrides == {
         "ignore_eos": True, "skip_special_tokens": False, "stop_token_ids": [2, 3], "allowed_token_ids": [504],
@@ -1645,7 +1661,12 @@ def test_fields_vllm_reads_to_no_effect_are_taken_and_its_lax_values_are_read():
                          ({"stream_options": {"include_usage": True}}, "'stream_options'"),
                          ({"thinking_token_budget": 5}, "'thinking_token_budget' = 5"),
                          ({"logit_bias": {"504": "x"}}, "logit_bias['504'] must be a number, got \"x\""),
-                         ({"ignore_eos": 2}, "ignore_eos")):
+                         ({"ignore_eos": 2}, "ignore_eos"),
+                         ({"truncation_side": "middle"}, "'truncation_side' = \"middle\""),
+                         ({"length_penalty": "abc"}, "'length_penalty' must be a number"),
+                         ({"thinking_token_budget": "-1"}, "'thinking_token_budget' must be an integer"),
+                         ({"vllm_xargs": "x"}, "'vllm_xargs' must be an object"),
+                         ({"seed": 9.3e18}, "'seed' must lie in a signed 64-bit integer")):
         with pytest.raises((BodyError, ValueError), match=re.escape(message)):
             request = body_to_request("/v1/chat/completions", {**chat, **bad})
             SamplingParams(**request.overrides)

@@ -420,16 +420,23 @@ def test_a_forced_tool_call_rows_own_constraint_that_does_not_compile_fails_the_
 
 
 def test_an_openai_rows_truncation_and_min_tokens_are_checked_as_run_checks_its_lines():
-    """`run` refuses an OpenAI line whose truncate_prompt_tokens passes what the context leaves beside a default
-    max_tokens, or whose min_tokens passes what the context leaves without one, as vLLM's server; `run --ray` ran
-    both (its rows checked the truncation only with their own max_tokens). A plain row still runs."""
-    from batchllm.ray.stages import OPENAI_LIMITS
+    """`run` refuses an OpenAI line whose truncate_prompt_tokens passes what the context leaves beside the max_tokens
+    vLLM's server checks (`max_tokens_to_fit`: a completion's default 16 too), or whose min_tokens passes the most it
+    may generate; `run --ray` ran both (its rows checked the truncation only with their own max_tokens). A plain
+    row still runs, and so does an OpenAI chat row without max_tokens (checked beside 0, as vLLM checks it)."""
+    from batchllm.ray.stages import FIT_MAX_TOKENS, OPENAI_LIMITS
 
-    rows = [{"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 60}, OPENAI_LIMITS: True},
+    openai = {OPENAI_LIMITS: True}
+    rows = [{"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 60}, **openai,
+             FIT_MAX_TOKENS: 16},
             {"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 60}},
-            {"prompt": "word " * 40, "sampling_params": {"min_tokens": 30}, OPENAI_LIMITS: True},
+            {"prompt": "word " * 40, "sampling_params": {"min_tokens": 30}, **openai},
             {"prompt": "word " * 40, "sampling_params": {"min_tokens": 30}},
-            {"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 48}, OPENAI_LIMITS: True}]
+            {"prompt": "Hi", "sampling_params": {"max_tokens": 16, "truncate_prompt_tokens": 48}, **openai,
+             FIT_MAX_TOKENS: 16},
+            {"prompt": "Hi", "sampling_params": {"max_tokens": 20, "truncate_prompt_tokens": 60}, **openai,
+             FIT_MAX_TOKENS: None},
+            {"prompt": "word " * 40, "sampling_params": {"min_tokens": 10, "max_tokens": 8}, **openai}]
     table = pa.table({"i": list(range(len(rows)))})
     out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64, max_tokens=None),
                          preprocess=lambda row: rows[row["i"]], num_buckets=1)
@@ -437,18 +444,25 @@ def test_an_openai_rows_truncation_and_min_tokens_are_checked_as_run_checks_its_
     assert errors[0] == ("truncate_prompt_tokens=60 cannot be greater than max_model_len - max_tokens = 48: ask a "
                          "smaller truncation size (or -1: what the context leaves)")
     assert errors[2] is not None and errors[2].startswith("min_tokens must be <= max_tokens ("), errors[2]
-    assert errors[1] is None and errors[3] is None and errors[4] is None, errors
+    assert errors[1] is None and errors[3] is None and errors[4] is None and errors[5] is None, errors
+    assert errors[6] is not None and "min_tokens" in errors[6], "(SamplingParams' own check: 10 > 8)"
 
 
 def test_a_row_names_the_max_tokens_its_prompt_must_fit():
     """The CLI's OpenAI lines pass the max_tokens vLLM's server checks (their own before a --generation-config cap,
-    or a completion's default 16): a row whose own 30 passes the context fails, though it runs capped at 5."""
-    from batchllm.ray.stages import MUST_FIT
+    or a completion's default 16): a row whose own 30 passes the context fails, though it runs capped at 5. A
+    preprocess's must-fit flag is any true value (1, numpy's True), as before."""
+    import numpy as np
 
-    rows = [{"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, MUST_FIT: 30},
-            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, MUST_FIT: 16}]
+    from batchllm.ray.stages import FIT_MAX_TOKENS, MUST_FIT
+
+    rows = [{"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, FIT_MAX_TOKENS: 30},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, FIT_MAX_TOKENS: 16},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 30}, MUST_FIT: 1},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 30}, MUST_FIT: np.bool_(True)}]
     table = pa.table({"i": list(range(len(rows)))})
     out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64),
                          preprocess=lambda row: rows[row["i"]], num_buckets=1)
     errors = out.column(ERROR).to_pylist()
     assert errors[0] is not None and "30 for the completion" in errors[0] and errors[1] is None, errors
+    assert all(e is not None and "30 for the completion" in e for e in errors[2:]), errors
