@@ -295,9 +295,11 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
     """The pending lines tokenized in one batch: each a ValidLine, or the LineError of a prompt the tokenizer
     refuses or the model's context cannot take (`defaults`: the run's, for `max_tokens_to_fit`). A line's text is
     dropped once its tokens are made."""
+    truncations = [prompts.truncation_for(params.truncate_prompt_tokens, max_tokens_to_fit(line, defaults)
+                                          if line.format == OPENAI else params.max_tokens)  # (vLLM's -1, by format)
+                   for line, params, _ in pending]
     results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
-                                    [prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
-                                     for _, params, _ in pending], [line.add_special_tokens for line, _, _ in pending])
+                                    truncations, [line.add_special_tokens for line, _, _ in pending])
     out: list[ValidLine | LineError] = []
     for (line, params, _), result in zip(pending, results):
         if line.echo is None:  # (an echoing line's answer starts with its text)
@@ -341,12 +343,10 @@ def min_tokens_past_the_context(prompt_tokens: int, params: SamplingParams, max_
     gives less, and refuses a larger min_tokens (here such a line stopped at the context, its min_tokens not
     honoured). A line whose own max_tokens passes the context is refused by `context_overflow` first."""
     room = max_model_len - prompt_tokens
-    most = room if params.max_tokens is None else min(params.max_tokens, room)
-    if params.min_tokens <= most:
-        return None
-    told = (f"what the context of {max_model_len} tokens leaves after the {prompt_tokens}-token prompt"
-            if most == room else "its max_tokens")
-    return f"min_tokens must be <= max_tokens ({most}: {told}), got {params.min_tokens}"
+    if params.min_tokens <= room or (params.max_tokens is not None and params.max_tokens <= room):
+        return None  # (a min_tokens past a max_tokens below the room: SamplingParams refuses it first)
+    return (f"min_tokens must be <= max_tokens ({room}: what the context of {max_model_len} tokens leaves after the "
+            f"{prompt_tokens}-token prompt), got {params.min_tokens}")
 
 
 def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) -> ContextLengthError | None:

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import numbers
 import os
 import secrets
 import socket
@@ -46,14 +47,14 @@ GENERATED_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "
 MUST_FIT = "max_tokens_must_fit"
 """A preprocess's optional flag: the row's max_tokens must fit the context after its prompt, else the row
 is an error (as OpenAI's API answers); without it generation stops at the context ("length")."""
-FIT_MAX_TOKENS = "max_tokens_to_fit"
-"""The CLI's rows (OpenAI lines): the max_tokens that must fit the context after the prompt, as vLLM's server checks
-it (`io.ingest.max_tokens_to_fit`: the line's own before a cap, or a completion's default 16), or None; over
-MUST_FIT, and the max_tokens the truncation is checked beside."""
+FIT_MAX_TOKENS = "batchllm_max_tokens_to_fit"
+"""`run --ray`'s rows (OpenAI lines): the max_tokens that must fit the context after the prompt, as vLLM's server
+checks it (`io.ingest.max_tokens_to_fit`: the line's own before a cap, or a completion's default 16), an integer, or
+None (then MUST_FIT decides); with OPENAI_LIMITS, also the max_tokens truncation is resolved and checked beside."""
 OPENAI_LIMITS = "openai_request_limits"
 """A preprocess's optional flag: the row is an OpenAI request, which vLLM's server refuses where its
-truncate_prompt_tokens passes what the context leaves after max_tokens (a default max_tokens too) or its min_tokens
-passes what the context leaves after the prompt (`io.ingest`'s checks of OpenAI lines)."""
+truncate_prompt_tokens passes what the context leaves beside the max_tokens it checks (FIT_MAX_TOKENS; none given:
+0) or its min_tokens passes the most the row may generate (`io.ingest`'s checks of OpenAI lines)."""
 NO_MAX_TOKENS = "max_tokens_none"
 """A preprocess's optional flag: the row runs without max_tokens (vLLM's None: to the context, or to what the
 KV cache holds), whatever the config's default. A null max_tokens among its sampling_params cannot say so: there
@@ -220,26 +221,36 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
         prompts.grammars.compile(tuple(_plain(replaced)))
     params.check_for_model(prompts.vocab_size, prompts.tokenizer, prompts.grammars, prompts.max_logprobs,
                            prompts.eos_token_ids)
-    truncate = prompts.truncation_for(params.truncate_prompt_tokens, params.max_tokens)
+    fit = _max_tokens_to_fit(request, params)
+    truncate = prompts.truncation_for(params.truncate_prompt_tokens,
+                                      fit if request.get(OPENAI_LIMITS) else params.max_tokens)
     ids, context_len = _row_tokens(request, kind, prompts, truncate, add_special, index)
-    _check_openai_limits(request, params, len(ids), prompts.max_model_len)
+    _check_openai_limits(request, params, fit, len(ids), prompts.max_model_len)
     explicit = request.get("prefix_key")
     key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))
     return list(ids), fields, key
 
 
-def _check_openai_limits(request: dict, params: SamplingParams, prompt_len: int, max_model_len: int) -> None:
+def _max_tokens_to_fit(request: dict, params: SamplingParams) -> int | None:
+    """The max_tokens the row's prompt must fit the context beside: FIT_MAX_TOKENS where it is an integer, else its
+    own max_tokens where MUST_FIT is true, else None (generation stops at the context)."""
+    given = request.get(FIT_MAX_TOKENS)
+    if isinstance(given, numbers.Integral) and not isinstance(given, (bool, np.bool_)):
+        return int(given)
+    return params.max_tokens if request.get(MUST_FIT) else None
+
+
+def _check_openai_limits(request: dict, params: SamplingParams, fit: int | None, prompt_len: int,
+                         max_model_len: int) -> None:
     """Raise ValueError where the row's flags (`OPENAI_LIMITS`, `MUST_FIT`, `FIT_MAX_TOKENS`) ask a check its prompt
     and params fail, in the order `io.ingest` checks an OpenAI line: its truncation, its max_tokens, its min_tokens."""
     from batchllm.io.ingest import context_overflow, min_tokens_past_the_context, truncation_past_the_context
 
     openai = request.get(OPENAI_LIMITS)
-    fit = request[FIT_MAX_TOKENS] if FIT_MAX_TOKENS in request else (
-        params.max_tokens if request.get(MUST_FIT) else None)  # (None: up to the context, which always fits)
     if (openai or request.get(MUST_FIT)) and (problem := truncation_past_the_context(
             params.truncate_prompt_tokens, fit, max_model_len)):
         raise problem
-    if fit is not None and (problem := context_overflow(prompt_len, fit, max_model_len)):
+    if fit is not None and (problem := context_overflow(prompt_len, fit, max_model_len)):  # (None: to the context)
         raise problem
     if openai and (problem := min_tokens_past_the_context(prompt_len, params, max_model_len)):
         raise ValueError(problem)

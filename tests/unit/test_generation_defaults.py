@@ -274,7 +274,11 @@ def test_a_generation_config_folders_max_new_tokens_caps_every_openai_line(tmp_p
              {"custom_id": "chat-30", "url": "/v1/chat/completions", "body": {**chat, "max_tokens": 30}},
              {"id": "plain-30", "prompt_token_ids": [5, 6, 7, 8], "max_tokens": 30},
              {"custom_id": "past-the-context", "url": "/v1/completions", "body": {"prompt": [5] * 10,
-                                                                                 "max_tokens": 1020}}]
+                                                                                 "max_tokens": 1020}},
+             # -1 resolved beside the line's own 40, as vLLM resolves it (beside the cap's 5 it kept 1019 tokens, and
+             # the line was refused as past the context)
+             {"custom_id": "truncated", "url": "/v1/completions", "body": {"prompt": [5] * 1100, "max_tokens": 40,
+                                                                          "truncate_prompt_tokens": -1}}]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"method": "POST", **line, **({"body": {**line["body"], "ignore_eos": True}}
                                                                     if "body" in line else {"ignore_eos": True})})
@@ -284,7 +288,8 @@ def test_a_generation_config_folders_max_new_tokens_caps_every_openai_line(tmp_p
     assert code == 1, capsys.readouterr().err
     assert {name: tokens for name, (_, tokens) in _usage(out).items()} == {
         "completion-default": 5, "completion-30": 5, "completion-3": 3, "chat-default": 5, "chat-30": 5,
-        "plain-30": 30}
+        "plain-30": 30, "truncated": 5}
+    assert _usage(out)["truncated"][0] == 1024 - 40
     error = json.loads((tmp_path / "out.errors.jsonl").read_text())
     assert error["custom_id"] == "past-the-context" and "1020 for the completion" in error["error"]["message"]
 

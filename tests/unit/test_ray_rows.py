@@ -459,10 +459,13 @@ def test_a_row_names_the_max_tokens_its_prompt_must_fit():
     rows = [{"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, FIT_MAX_TOKENS: 30},
             {"prompt": "word " * 40, "sampling_params": {"max_tokens": 5}, FIT_MAX_TOKENS: 16},
             {"prompt": "word " * 40, "sampling_params": {"max_tokens": 30}, MUST_FIT: 1},
-            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 30}, MUST_FIT: np.bool_(True)}]
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 30}, MUST_FIT: np.bool_(True)},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 30}, MUST_FIT: True, FIT_MAX_TOKENS: None},
+            {"prompt": "word " * 40, "sampling_params": {"max_tokens": 30}, FIT_MAX_TOKENS: 30.0}]
     table = pa.table({"i": list(range(len(rows)))})
     out = tokenize_batch(table, config=ProcessorConfig(max_model_len=64),
                          preprocess=lambda row: rows[row["i"]], num_buckets=1)
     errors = out.column(ERROR).to_pylist()
     assert errors[0] is not None and "30 for the completion" in errors[0] and errors[1] is None, errors
-    assert all(e is not None and "30 for the completion" in e for e in errors[2:]), errors
+    assert all(e is not None and "30 for the completion" in e for e in errors[2:5]), errors
+    assert errors[5] is None, "a count that is no integer is not one (a user's column of that name)"
