@@ -52,14 +52,14 @@ def _read(path: Path) -> dict[str, Any]:
     return config
 
 
-def generation_config_json(model_dir: Path | None, generation_config: str = "auto") -> dict[str, Any]:
-    """The JSON object of the file `generation_config_file` picks ("vllm": the model's); {} without one or where its
+def generation_config_json(model_dir: Path | None, generation_config: str = "auto") -> dict[str, Any] | None:
+    """The JSON object of the file `generation_config_file` picks ("vllm": the model's); None without one or where its
     text is not JSON; a file that cannot be read or is no JSON object is a ValueError naming it."""
     path = generation_config_file(model_dir, generation_config)
     try:
-        return {} if path is None else _read(path)
+        return None if path is None else _read(path)
     except _NotJson:
-        return {}
+        return None
 
 
 def model_sampling_defaults(model_dir: Path | None, generation_config: str = "auto") -> dict[str, Any]:

@@ -126,13 +126,13 @@ class RunningModelConfig:
 
         from batchllm.generation_defaults import generation_config_json
 
-        config = generation_config_json(self.model_dir, self.generation_config)
-        if config:
-            return GenerationConfig.from_dict(config).to_diff_dict()
+        if (config := generation_config_json(self.model_dir, self.generation_config)) is not None:
+            return GenerationConfig.from_dict(config).to_diff_dict()  # ({}: transformers' defaults, as vLLM's)
         if self.generation_config not in ("auto", "vllm"):
             return {}
         try:
-            return GenerationConfig.from_model_config(AutoConfig.from_pretrained(self.model_dir)).to_diff_dict()
+            return GenerationConfig.from_model_config(AutoConfig.from_pretrained(
+                self.model_dir, trust_remote_code=False)).to_diff_dict()
         except (OSError, ValueError):
             return {}
 

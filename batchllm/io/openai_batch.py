@@ -228,7 +228,8 @@ def response_asks(body: dict, messages: list | None = None) -> ResponseAsks | No
 _INTEGER_BODY_FIELDS = ("n", "seed", "top_k", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", "max_tokens",
                         "max_completion_tokens", "top_logprobs", "priority")
 _TOKEN_ID_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
-_FLOAT_BODY_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+_FLOAT_BODY_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                      "length_penalty")
 _INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*(\.0*)?")
 
 
@@ -294,10 +295,12 @@ def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
             continue  # (vLLM reads the side only where it truncates)
         if name in body and body[name] not in allowed:
             taken = " or ".join(json.dumps(v) for v in allowed if v is not None) or "null"
+            taken += ', or "right" beside no truncate_prompt_tokens' if name == "truncation_side" else ""
             raise BodyError(f"body field {name!r} = {json.dumps(body[name])[:80]} is not supported (only {taken})")
 
 
-_UNREAD_TYPES = {"length_penalty": ((int, float), "a number"), "vllm_xargs": (dict, "an object"),
+_NUMBER = (int, float)  # (pydantic's lax float: true and false too, as 1.0 and 0.0)
+_UNREAD_TYPES = {"length_penalty": (_NUMBER, "a number"), "vllm_xargs": (dict, "an object"),
                  "kv_transfer_params": (dict, "an object"), "ec_transfer_params": (dict, "an object"),
                  "thinking_token_budget": (int, "an integer")}
 """Fields a body's answer never reads here (`_IGNORED`, or taken at a value that reads nothing) whose type vLLM's
@@ -309,7 +312,7 @@ def _check_unread_types(body: dict) -> None:
     it: ignoring the value does not make it valid."""
     for name, (types, what) in _UNREAD_TYPES.items():
         value = body.get(name)
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) and types is not _NUMBER):
             raise BodyError(f"'{name}' must be {what}, got {json.dumps(value)[:40]}")
 
 

@@ -55,6 +55,8 @@ def test_resolved_settings_and_sampling_defaults(tmp_path, tiny_model_factory):
         generation = mc.try_get_generation_config()  # vLLM's: the file's non-default fields, its EOS ids too
         assert {k: generation[k] for k in ("temperature", "top_k", "eos_token_id")} == {
             "temperature": 0.6, "top_k": 20, "eos_token_id": 2}
+        (model / "generation_config.json").write_text("{}")  # transformers' defaults: none of config.json's ids
+        assert "eos_token_id" not in mc.try_get_generation_config()
         (model / "generation_config.json").unlink()  # none: transformers' from config.json, as vLLM falls back
         assert "temperature" not in mc.try_get_generation_config()
         assert mc.try_get_generation_config()["eos_token_id"] == json.loads((model / "config.json").read_text())[

@@ -1650,6 +1650,8 @@ def test_fields_vllm_reads_to_no_effect_are_taken_and_its_lax_values_are_read():
     no_effect = {"length_penalty": 0.5, "truncation_side": "right", "thinking_token_budget": -1, "stream_options": {},
                  "prediction": {"type": "content", "content": "x"}, "vllm_xargs": {"a": 1},
                  "kv_transfer_params": {"k": 1}, "ec_transfer_params": {"e": 1}, "priority": "0"}
+    for penalty in (True, "1.0"):  # (pydantic's lax float)
+        assert body_to_request("/v1/chat/completions", {**chat, "length_penalty": penalty}).overrides == {}
     assert body_to_request("/v1/chat/completions", {**chat, **no_effect}).overrides == {}
     assert body_to_request("/v1/completions", {"prompt": "x", "suffix": ""}).overrides == {}
     lax = {"ignore_eos": 1.0, "skip_special_tokens": 0, "stop_token_ids": ["2", 3.0], "allowed_token_ids": [" 504 "],
@@ -1662,7 +1664,8 @@ def test_fields_vllm_reads_to_no_effect_are_taken_and_its_lax_values_are_read():
                          ({"thinking_token_budget": 5}, "'thinking_token_budget' = 5"),
                          ({"logit_bias": {"504": "x"}}, "logit_bias['504'] must be a number, got \"x\""),
                          ({"ignore_eos": 2}, "ignore_eos"),
-                         ({"truncation_side": "middle"}, "'truncation_side' = \"middle\""),
+                         ({"truncation_side": "middle"}, "'truncation_side' = \"middle\" is not supported (only "
+                                                         "\"left\", or \"right\" beside no truncate_prompt_tokens)"),
                          ({"length_penalty": "abc"}, "'length_penalty' must be a number"),
                          ({"thinking_token_budget": "-1"}, "'thinking_token_budget' must be an integer"),
                          ({"vllm_xargs": "x"}, "'vllm_xargs' must be an object"),
