@@ -295,25 +295,20 @@ def _tokenized(prompts: PromptProcessor, pending: list[tuple[BatchLine, Sampling
     """The pending lines tokenized in one batch: each a ValidLine, or the LineError of a prompt the tokenizer
     refuses or the model's context cannot take (`defaults`: the run's, for `max_tokens_to_fit`). A line's text is
     dropped once its tokens are made."""
-    truncations = [prompts.truncation_for(params.truncate_prompt_tokens, max_tokens_to_fit(line, defaults)
-                                          if line.format == OPENAI else params.max_tokens)  # (vLLM's -1, by format)
-                   for line, params, _ in pending]
+    fits = [max_tokens_to_fit(line, defaults) for line, _, _ in pending]
+    truncations = [prompts.truncation_for(params.truncate_prompt_tokens, fit if line.format == OPENAI
+                                          else params.max_tokens)  # (vLLM's -1, by format)
+                   for (line, params, _), fit in zip(pending, fits)]
     results = prompts.tokenize_many([p for _, _, p in pending], [line.line_number for line, _, _ in pending],
                                     truncations, [line.add_special_tokens for line, _, _ in pending])
     out: list[ValidLine | LineError] = []
-    for (line, params, _), result in zip(pending, results):
+    for (line, params, _), fit, result in zip(pending, fits, results):
         if line.echo is None:  # (an echoing line's answer starts with its text)
             line.prompt = None  # the tokens replace the text: never hold both for a whole file
         if isinstance(result, ValueError):
             out.append(LineError.for_line(line, result))
-        elif line.format == OPENAI and (problem := truncation_past_the_context(
-                params.truncate_prompt_tokens, max_tokens_to_fit(line, defaults), prompts.max_model_len)):
-            out.append(LineError.for_line(line, problem))
-        elif (fit := max_tokens_to_fit(line, defaults)) is not None and (
-                problem := context_overflow(len(result.array), fit, prompts.max_model_len)):
-            out.append(LineError.for_line(line, problem))
-        elif line.format == OPENAI and (problem := min_tokens_past_the_context(len(result.array), params,
-                                                                               prompts.max_model_len)):
+        elif problem := context_limits_problem(params, fit, len(result.array), prompts.max_model_len,
+                                               line.format == OPENAI, line.format == OPENAI):
             out.append(LineError.for_line(line, problem))
         else:
             out.append(ValidLine(line, TokenizedPrompt(np.asarray(result.array, dtype=np.int32), None), params))
@@ -334,6 +329,22 @@ def max_tokens_to_fit(line: BatchLine, defaults: dict) -> int | None:
         return own if type(own) is int else None  # (another type: refused by SamplingParams)
     if not line.is_chat and defaults.get(OPENAI_MAX_TOKENS) in (ENDPOINT_DEFAULTS, MODEL_FOR_CHAT):
         return COMPLETIONS_MAX_TOKENS
+    return None
+
+
+def context_limits_problem(params: SamplingParams, fit: int | None, prompt_tokens: int, max_model_len: int,
+                           truncation: bool, min_tokens: bool) -> ValueError | None:
+    """The first way a tokenized request fails its context, in the order vLLM's server checks an OpenAI request
+    (`run`'s lines and `run --ray`'s rows alike), or None: where `truncation`, its truncate_prompt_tokens beside `fit`
+    (`truncation_past_the_context`); its max_tokens `fit` (None: none to fit) beside the prompt
+    (`context_overflow`); where `min_tokens`, its min_tokens beside the most it may generate
+    (`min_tokens_past_the_context`)."""
+    if truncation and (problem := truncation_past_the_context(params.truncate_prompt_tokens, fit, max_model_len)):
+        return problem
+    if fit is not None and (problem := context_overflow(prompt_tokens, fit, max_model_len)):
+        return problem
+    if min_tokens and (problem := min_tokens_past_the_context(prompt_tokens, params, max_model_len)):
+        return ValueError(problem)
     return None
 
 

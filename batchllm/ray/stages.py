@@ -225,7 +225,12 @@ def _prepare_row(row: dict, preprocess, prompts, defaults: dict, key_tokens: int
     truncate = prompts.truncation_for(params.truncate_prompt_tokens,
                                       fit if request.get(OPENAI_LIMITS) else params.max_tokens)
     ids, context_len = _row_tokens(request, kind, prompts, truncate, add_special, index)
-    _check_openai_limits(request, params, fit, len(ids), prompts.max_model_len)
+    from batchllm.io.ingest import context_limits_problem
+
+    openai = request.get(OPENAI_LIMITS)
+    if problem := context_limits_problem(params, fit, len(ids), prompts.max_model_len,
+                                         truncation=openai or request.get(MUST_FIT), min_tokens=openai):
+        raise problem
     explicit = request.get("prefix_key")
     key = prefix_key(ids, key_tokens, context_len, None if explicit is None else str(explicit))
     return list(ids), fields, key
@@ -238,22 +243,6 @@ def _max_tokens_to_fit(request: dict, params: SamplingParams) -> int | None:
     if isinstance(given, numbers.Integral) and not isinstance(given, (bool, np.bool_)):
         return int(given)
     return params.max_tokens if request.get(MUST_FIT) else None
-
-
-def _check_openai_limits(request: dict, params: SamplingParams, fit: int | None, prompt_len: int,
-                         max_model_len: int) -> None:
-    """Raise ValueError where the row's flags (`OPENAI_LIMITS`, `MUST_FIT`, `FIT_MAX_TOKENS`) ask a check its prompt
-    and params fail, in the order `io.ingest` checks an OpenAI line: its truncation, its max_tokens, its min_tokens."""
-    from batchllm.io.ingest import context_overflow, min_tokens_past_the_context, truncation_past_the_context
-
-    openai = request.get(OPENAI_LIMITS)
-    if (openai or request.get(MUST_FIT)) and (problem := truncation_past_the_context(
-            params.truncate_prompt_tokens, fit, max_model_len)):
-        raise problem
-    if fit is not None and (problem := context_overflow(prompt_len, fit, max_model_len)):  # (None: to the context)
-        raise problem
-    if openai and (problem := min_tokens_past_the_context(prompt_len, params, max_model_len)):
-        raise ValueError(problem)
 
 
 def _row_tokens(request: dict, kind: str, prompts, truncate: int | None, add_special: bool | None,
