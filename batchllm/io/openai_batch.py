@@ -248,27 +248,30 @@ def values_from_text(body: dict, chat: bool) -> dict:
     integers = _INTEGER_BODY_FIELDS if chat else (*_INTEGER_BODY_FIELDS, "logprobs")
     read = {}
     for name in _BOOLEAN_BODY_FIELDS:
-        if isinstance(text := body.get(name), str) and (flag := _flag_of_text(text)) is not None:
+        if (flag := _lax_flag(body.get(name))) is not None:
             read[name] = flag
-        elif type(text) in (int, float) and text in (0, 1):  # (pydantic's lax booleans: 1 and 0, 1.0 and 0.0 too)
-            read[name] = bool(text)
     for name in _TOKEN_ID_LIST_FIELDS:  # ["2"]: a list of ids written as text, which pydantic reads as integers
         ids = body.get(name)
         if isinstance(ids, list) and any(type(t) in (str, float) for t in ids) and all(
                 type(t) is int or type(t) is float and t.is_integer()
-                or type(t) is str and _INTEGER_TEXT.fullmatch(t.strip()) for t in ids):
-            read[name] = [int(t.strip().split(".")[0]) if type(t) is str else int(t) for t in ids]
+                or type(t) is str and _integer_of_text(t) is not None for t in ids):
+            read[name] = [_integer_of_text(t) if type(t) is str else int(t) for t in ids]
     for name in (*integers, *_FLOAT_BODY_FIELDS):
         if not isinstance(text := body.get(name), str):
             continue
-        if name in integers and _INTEGER_TEXT.fullmatch(text.strip()):
-            read[name] = int(text.strip().split(".")[0])
+        if name in integers and (number := _integer_of_text(text)) is not None:
+            read[name] = number
         elif name in _FLOAT_BODY_FIELDS:
             try:
                 read[name] = float(text)
             except ValueError:
                 pass
     return {**body, **read} if read else body
+
+
+def _integer_of_text(text: str) -> int | None:
+    """The integer vLLM's server reads from text (" 4 ", "4.0", "1_000"), or None where it reads none."""
+    return int(text.strip().split(".")[0]) if _INTEGER_TEXT.fullmatch(text.strip()) else None
 
 
 def _check_fields(body: dict, chat: bool, prompt_field: str) -> None:
@@ -527,14 +530,20 @@ def _flag_of_text(text: str) -> bool | None:
     return _FLAG_WORDS.get(text.lower())
 
 
+def _lax_flag(value: Any) -> bool | None:
+    """The boolean vLLM's server (pydantic, lax) reads from a value that is no boolean: 1 or 0 (1.0 or 0.0 too), or
+    text (`_flag_of_text`); None where it reads none (a boolean itself included)."""
+    if type(value) in (int, float) and value in (0, 1):
+        return bool(value)
+    return _flag_of_text(value) if isinstance(value, str) else None
+
+
 def _flag(value: Any, name: str) -> bool:
     """A body's boolean field as vLLM's server reads it: true/false, 1/0, or such a string ("false" was taken as
     true for being a non-empty string); None is false; anything else is a BodyError naming the field."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    if type(value) in (int, float) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and (flag := _flag_of_text(value)) is not None:
+    if (flag := _lax_flag(value)) is not None:
         return flag
     raise BodyError(f"'{name}' must be true or false, got {json.dumps(value)[:40]}")
 
@@ -554,7 +563,7 @@ def _logit_bias(value: Any) -> dict:
                 pass
         if not isinstance(bias, (int, float)) or isinstance(bias, bool) or math.isnan(bias):
             raise BodyError(f"logit_bias[{str(token)[:20]!r}] must be a number, got {json.dumps(value[token])[:40]}")
-        clamped[token] = min(100.0, max(-100.0, bias)) if not -100 <= bias <= 100 else bias
+        clamped[token] = min(100.0, max(-100.0, bias))
     return clamped
 
 
