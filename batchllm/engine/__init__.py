@@ -91,10 +91,9 @@ class Engine:
         dead = self.tp_followers.first_dead() if self.tp_followers is not None else None
         if dead is None:
             return error
-        from batchllm.parallel.data_parallel import WorkerDied
+        from batchllm.parallel.tp_worker import follower_died
 
-        return WorkerDied(f"tensor-parallel {dead} (found when a step's collective failed: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:120] if str(error) else ''})")
+        return follower_died(dead, "(found when a step's collective failed: ", error)
 
     def drop_followers_out_of_step(self) -> None:
         """Kill the tensor-parallel followers where rank 0 left them part-way through a step

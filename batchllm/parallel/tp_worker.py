@@ -89,10 +89,7 @@ class TensorParallelFollowers:
         building the same, may share)."""
         if not _a_peers_transport_error(error) or (dead := self.first_dead()) is None:
             return error
-        from batchllm.parallel.data_parallel import WorkerDied
-
-        return WorkerDied(f"tensor-parallel {dead} while the engine was built ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:120] if str(error) else ''})")
+        return follower_died(dead, "while the engine was built (", error)
 
     def abandon(self) -> None:
         """Rank 0 could not build its engine, or stopped part-way through a step: kill the followers (they
@@ -229,6 +226,15 @@ def _follower_main(rank: int, size: int, init_method: str, config, facts, thread
             print(f"batchllm: tensor-parallel rank {rank} stopped: {type(e).__name__}: {first}", file=sys.stderr)
     finally:
         os._exit(code)  # no interpreter teardown: a process group left open cannot hang it
+
+
+def follower_died(dead: str, opening: str, error: BaseException):
+    """The WorkerDied naming the followers that ended (`first_dead`) and the error rank 0 met by its type and first
+    line, after `opening`: the words saying when rank 0 found it, through the parenthesis that holds that error."""
+    from batchllm.parallel.data_parallel import WorkerDied
+
+    first = str(error).splitlines()[0][:120] if str(error) else ""
+    return WorkerDied(f"tensor-parallel {dead} {opening}{type(error).__name__}: {first})")
 
 
 def _a_peers_transport_error(error: BaseException) -> bool:
