@@ -621,8 +621,8 @@ class LLM:
         self._abort_leftovers()
         if self._reset_pending:  # (asked while a suspended call's requests were in the engine)
             self.reset_prefix_cache()
-        progress = TokenProgress(progress_desc, use_tqdm, prompts=len(prompts))  # (before the requests: a bar that
-        # fails leaves none)
+        # (made before the requests: a bar that fails leaves none)
+        progress = TokenProgress(progress_desc, use_tqdm, requests=sum(p.n for p in params))
         call = _Call(next(self._request_counter), progress=progress)
         try:
             with _quiet_gc():  # (as in `_validate`: the requests of a large batch)
@@ -649,6 +649,7 @@ class LLM:
                         break
                     for index, output in self._step(call):
                         call.num_prompts_done += 1
+                        call.num_completions_done += len(output.outputs)
                         yield index, output
                     self._show_progress(progress, call, before)
                 if running.dropped:
@@ -707,10 +708,12 @@ class LLM:
     def _show_progress(self, progress: TokenProgress, call: _Call, before: SchedulerStats, force: bool = False) -> None:
         if progress.enabled and self.engine is not None:  # (None: shut down under a suspended call)
             stats = self.engine.core.scheduler.stats  # (prompt tokens done: computed, or taken from the KV cache)
+            done, total = ((call.num_completions_done, call.num_completions) if progress.counts_completions
+                           else (call.num_prompts_done, len(call.prompts)))
             progress.update(input_tokens=stats.prefill_tokens - before.prefill_tokens
                             + stats.kept_prefill_tokens - before.kept_prefill_tokens,
                             output_tokens=call.output_tokens, planned_tokens=call.planned_tokens,
-                            requests_done=call.num_prompts_done, requests_total=len(call.prompts), force=force)
+                            requests_done=done, requests_total=total, force=force)
 
     def _submit(self, prompts: Sequence[TokenizedPrompt], params: Sequence[SamplingParams],
                 call: _Call | None = None) -> _Call:
@@ -1022,6 +1025,8 @@ class _Call:
     planned_tokens: int = 0
     """Prefill tokens after sharing + decode budgets; a completion that stops early gives back what it left."""
     num_prompts_done: int = 0
+    num_completions_done: int = 0
+    """Completions of the prompts done (a vLLM bar counts these: `TokenProgress.counts_completions`)."""
     num_reading_every_token: int = 0
     """Unfinished completions that read each token as it comes (`CompletionState.reads_every_token`): while
     none, a step's tokens need no work here but for the requests they ended (`LLM._step`)."""

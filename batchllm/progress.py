@@ -48,22 +48,23 @@ def draws_in_place(stream: TextIO) -> bool:
 
 class TokenProgress:
     def __init__(self, desc: str, enabled: bool | Callable[..., Any], min_interval_s: float = 0.2,
-                 log_interval_s: float = LOG_INTERVAL_S, prompts: int = 0) -> None:
+                 log_interval_s: float = LOG_INTERVAL_S, requests: int = 0) -> None:
         """enabled: vLLM's use_tqdm: a bar or none, or a callable that makes the bar (`functools.partial(tqdm,
-        leave=False)`), called with the keywords vLLM calls it with (total: the call's `prompts`, desc,
-        dynamic_ncols, postfix; a factory that reads its total when called got 0): one
-        written for vLLM takes no others; as vLLM's, that bar counts prompts (done of submitted) under vLLM's
-        postfix of token rates. A bar of its own (enabled True) on a stderr that does not draw in place
-        (`draws_in_place`) is no bar: `bar` is None and each update at least `log_interval_s` after the last line
-        (the first one after the start), or forced, writes one line instead (`line`). Its own bar or lines are
-        labelled `desc`, but TOKENS_DESC for vLLM's "Processed prompts" (`VLLM_DESC`): they count tokens."""
+        leave=False)`), called with the keywords vLLM calls it with (total: the call's `requests`, desc,
+        dynamic_ncols, postfix; a factory that reads its total when called got 0): one written for vLLM takes no
+        others; as vLLM's, that bar counts completions (done of submitted: n for a prompt of n > 1, as `requests`
+        counts them) under vLLM's postfix of token rates. A bar of its own (enabled True) on a stderr that does
+        not draw in place (`draws_in_place`) is no bar: `bar` is None and each update at least `log_interval_s`
+        after the last line (the first one after the start), or forced, writes one line instead (`line`). Its own
+        bar or lines are labelled `desc`, but TOKENS_DESC for vLLM's "Processed prompts" (`VLLM_DESC`): they count
+        tokens."""
         self.enabled = bool(enabled)
-        self.counts_prompts = callable(enabled)
-        self.desc = TOKENS_DESC if desc == VLLM_DESC and not self.counts_prompts else desc
+        self.counts_completions = callable(enabled)
+        self.desc = TOKENS_DESC if desc == VLLM_DESC and not self.counts_completions else desc
         self.bar = None
         self.started = time.perf_counter()
-        if self.counts_prompts:
-            self.bar = enabled(total=prompts, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
+        if self.counts_completions:
+            self.bar = enabled(total=requests, desc=desc, dynamic_ncols=True, postfix="est. speed input: 0.00 toks/s, "
                                                                               "output: 0.00 toks/s")
         elif self.enabled and not draws_in_place(sys.stderr):
             min_interval_s = log_interval_s
@@ -77,7 +78,8 @@ class TokenProgress:
     def update(self, *, input_tokens: int, output_tokens: int, planned_tokens: int, requests_done: int,
                requests_total: int, force: bool = False) -> None:
         """Show the call's counters so far: tokens done = input_tokens + output_tokens, out of
-        planned_tokens (raised to the tokens done when recomputation after a preemption overruns it)."""
+        planned_tokens (raised to the tokens done when recomputation after a preemption overruns it); requests
+        done of all: prompts, or completions for a vLLM bar (`counts_completions`)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -92,7 +94,7 @@ class TokenProgress:
         if self.bar is None:
             self._write_line(line(self.desc, done, total, counts, elapsed))
             return
-        if self.counts_prompts:
+        if self.counts_completions:
             self.bar.total = requests_total
             self.bar.update(requests_done - self.bar.n)
             self.bar.set_postfix_str(f"est. speed input: {input_tokens / elapsed:.2f} toks/s, "

@@ -800,7 +800,8 @@ def success_record(custom_id: str, url: str, model: str, output, prompt_tokens: 
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if output.num_cached_tokens is not None:  # as OpenAI's usage: prompt tokens read from a cache (a shared prefix)
-        usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens}
+        usage["prompt_tokens_details"] = {"cached_tokens": output.num_cached_tokens, "created_cache_tokens": None,
+                                          "multimodal_tokens": None}  # (vLLM's keys: its serializer writes nulls)
     head = {"object": "chat.completion" if url == CHAT_URL else "text_completion", "created": int(time.time()),
             "model": model}
     prompt_ids = [int(t) for t in output.prompt_token_ids] if asks.return_token_ids else None  # (numpy in run's)

@@ -194,7 +194,8 @@ class DataParallelEngine:
 
         tail, job = TailQueue(partition.queue), self._job
         # (made before the job goes out: a bar that cannot be made leaves no job running unread)
-        progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(a) for a in arrays))
+        progress = _JobProgress(progress_desc, use_tqdm, budgets, sum(len(a) for a in arrays),
+                                sum(p.n for p in params))
         self._busy = True  # until every rank has reported this job: shutdown() then stops them at once
         self._unreported = set()  # (the ranks given it: an interrupt part-way leaves the others out of it)
         try:
@@ -370,22 +371,28 @@ class DataParallelEngine:
 
 
 class _JobProgress:
-    """The token progress of a data-parallel job, from finished prompts only (the parent sees no
-    steps): their prompt and output tokens against prompt tokens + decode budgets, each finished
-    prompt giving back the budget it did not use."""
+    """The token progress of a data-parallel job, from finished prompts only (the parent sees no steps), counted
+    as one engine's bar counts them: prefill computed (a prompt's tokens less those its engine read from the KV
+    cache, `num_cached_tokens`) and output tokens, against prompt tokens + decode budgets, each finished prompt
+    giving back the budget it did not use and the prompt tokens it did not compute. Requests: prompts, or
+    completions for a vLLM bar (`TokenProgress.counts_completions`)."""
 
-    def __init__(self, desc: str, enabled: bool | Callable[..., Any], budgets: list[int], prompt_tokens: int) -> None:
-        self.bar = TokenProgress(desc, enabled, prompts=len(budgets))
+    def __init__(self, desc: str, enabled: bool | Callable[..., Any], budgets: list[int], prompt_tokens: int,
+                 completions: int) -> None:
+        self.bar = TokenProgress(desc, enabled, requests=completions)
         self.budgets = budgets
         self.planned = prompt_tokens + sum(budgets)
-        self.input_tokens = self.output_tokens = self.done = 0
+        self.completions = completions
+        self.input_tokens = self.output_tokens = self.done = self.completions_done = 0
 
     def finished(self, index: int, output) -> None:
         produced = sum(len(o.token_ids) for o in output.outputs)
-        self.input_tokens += len(output.prompt_token_ids)
+        cached = output.num_cached_tokens or 0
+        self.input_tokens += len(output.prompt_token_ids) - cached
         self.output_tokens += produced
-        self.planned -= max(0, self.budgets[index] - produced)
+        self.planned -= max(0, self.budgets[index] - produced) + cached
         self.done += 1
+        self.completions_done += len(output.outputs)
         self._show()
 
     def close(self) -> None:
@@ -393,8 +400,10 @@ class _JobProgress:
         self.bar.close()
 
     def _show(self, force: bool = False) -> None:
+        done, total = ((self.completions_done, self.completions) if self.bar.counts_completions
+                       else (self.done, len(self.budgets)))
         self.bar.update(input_tokens=self.input_tokens, output_tokens=self.output_tokens, planned_tokens=self.planned,
-                        requests_done=self.done, requests_total=len(self.budgets), force=force)
+                        requests_done=done, requests_total=total, force=force)
 
 
 NOT_STARTED_HINT = ("its traceback is above; a script that starts engine processes (tensor_parallel_size or "

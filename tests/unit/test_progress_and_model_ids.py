@@ -18,6 +18,7 @@ class _Recorder:
 
     def __init__(self, desc, enabled, *args, **kwargs):
         self.enabled = True
+        self.counts_completions = False
         self.updates: list[dict] = []
         _Recorder.instances.append(self)
 
@@ -123,7 +124,8 @@ def test_progress_on_a_stderr_that_is_no_terminal_is_a_plain_line_every_few_seco
 
 def test_use_tqdm_may_be_the_bar_maker(default_llm):
     """vLLM's use_tqdm takes a callable that makes the bar (`functools.partial(tqdm, leave=False)`); it was
-    taken as True and the default bar drawn."""
+    taken as True and the default bar drawn. As vLLM's, that bar counts completions: a prompt of n = 3 is three
+    (it counted prompts, ending at 2 of 2 where vLLM's ends at 4 of 4)."""
     from tqdm import tqdm
 
     from batchllm import SamplingParams
@@ -135,13 +137,55 @@ def test_use_tqdm_may_be_the_bar_maker(default_llm):
         made.append(tqdm(**kwargs, leave=False))
         return made[-1]
 
-    outputs = default_llm.generate(["Hi", "Hello"], SamplingParams(temperature=0, max_tokens=2), use_tqdm=make_bar)
-    assert len(outputs) == 2 and len(made) == 1
-    assert totals == [2], "made with the call's prompt count as its total, as vLLM makes it (it was 0)"
-    assert made[0].n == made[0].total == 2, (
-        "the bar the callable made is the one that moved, to its end, counting prompts as vLLM's does (it counted "
-        "tokens under vLLM's label 'Processed prompts')")
+    params = [SamplingParams(temperature=0, max_tokens=2), SamplingParams(n=3, seed=1, max_tokens=2)]
+    outputs = default_llm.generate(["Hi", "Hello"], params, use_tqdm=make_bar)
+    assert [len(o.outputs) for o in outputs] == [1, 3] and len(made) == 1
+    assert totals == [4], "made with the call's completion count as its total, as vLLM makes it (it was 0, then 2)"
+    assert made[0].n == made[0].total == 4, (
+        "the bar the callable made is the one that moved, to its end, counting completions as vLLM's does (it "
+        "counted tokens under vLLM's label 'Processed prompts', then prompts)")
     assert made[0].desc == "Processed prompts" and "est. speed input" in made[0].postfix
+
+
+def test_a_data_parallel_bar_counts_prefill_computed_as_one_engines_does(monkeypatch):
+    """The parent of data-parallel engines sees finished prompts only. Its bar counted each prompt's whole length
+    as input, where one engine's counts the prefill computed (the tokens read from a shared prefix are not):
+    the same job showed 2.23k tokens under -dp 2 and 1.49k on one engine. It now takes a prompt's cached tokens
+    off both the input and the plan; a vLLM bar maker's bar counts completions."""
+    import types
+
+    import batchllm.progress
+    from batchllm.parallel.data_parallel import _JobProgress
+
+    monkeypatch.setattr(batchllm.progress, "draws_in_place", lambda stream: True)
+
+    def output(prompt_len, cached, outputs):
+        return types.SimpleNamespace(prompt_token_ids=list(range(prompt_len)), num_cached_tokens=cached,
+                                     outputs=[types.SimpleNamespace(token_ids=[1] * k) for k in outputs])
+
+    finished = [output(100, 0, [10]), output(100, 90, [20, 20]), output(100, None, [5])]  # (None: not counted)
+    progress = _JobProgress("tokens", True, budgets=[10, 40, 10], prompt_tokens=300, completions=4)
+    for index, out in enumerate(finished):
+        progress.finished(index, out)
+    progress.close()  # (its last update: the others may come closer together than the bar redraws)
+    bar = progress.bar.bar
+    assert (bar.n, bar.total) == ((100 + 10 + 100) + (10 + 40 + 5), 360 - 90 - 5), (
+        "prefill computed + output, of the plan less what was read from the cache and the budget given back (the "
+        "bar showed the prompts' 300 tokens as input)")
+    assert "3/3 req" in bar.postfix
+    made = []
+    progress = _JobProgress("Processed prompts", lambda **kw: made.append(tqdm_bar(**kw)) or made[-1],
+                            budgets=[10, 40, 10], prompt_tokens=300, completions=4)
+    for index, out in enumerate(finished):
+        progress.finished(index, out)
+    progress.close()
+    assert (made[0].n, made[0].total) == (4, 4), "a vLLM bar counts completions"
+
+
+def tqdm_bar(**kwargs):
+    from tqdm import tqdm
+
+    return tqdm(**kwargs, leave=False)
 
 
 def _hf_cache_with(cache, repo_id: str, model_dir) -> str:

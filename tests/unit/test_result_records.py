@@ -309,4 +309,5 @@ def test_openai_usage_counts_every_choice_and_the_cached_prompt_tokens():
     output.num_cached_tokens = 1
     usage = success_record("c", CHAT_URL, "m", output, prompt_tokens=2)["response"]["body"]["usage"]
     assert usage == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7,
-                     "prompt_tokens_details": {"cached_tokens": 1}}
+                     "prompt_tokens_details": {"cached_tokens": 1, "created_cache_tokens": None,
+                                               "multimodal_tokens": None}}, "vLLM's PromptTokenUsageInfo's keys"
