@@ -256,10 +256,7 @@ class OutputLock:
             if self.write_problem is not None:  # a read-only handle some filesystems will not lock (NFS): as if
                 raise JobError(self.write_problem) from None  # it could not be opened
             raise JobError(f"cannot lock the output {str(self.output)!r}: {e.strerror or e}") from None
-        try:
-            same = os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
+        same = _names_the_open_file(self.path, self._file)
         if not same:
             self._file.close()
         return same
@@ -480,6 +477,8 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     if errors is not None and errors.exists() and not errors.is_file() and not errors.is_dir():
         raise JobError(f"cannot write the errors file {str(errors)!r}: it is not a regular file (a device or a pipe), "
                        "which a job would remove to start it over and cannot resume from; --errors-file names a file")
+    if errors is not None:
+        _refuse_errors_file_of_another_output(output, errors)
     fingerprint = _job_fingerprint(input_path, options)
     if errors is not None:
         fingerprint["errors_file"] = str(errors.resolve())
@@ -578,13 +577,43 @@ def _start_output(output: Path, errors: Path | None, state_path: Path, fingerpri
             f.flush()
             os.fsync(f.fileno())
         if errors is not None:
-            errors.unlink(missing_ok=True)  # empty, or --overwrite: it is opened again at the first error
+            _remove_errors_file(output, errors, state_path)  # empty, or --overwrite: opened again at the first error
     except OSError as e:  # a full disk, a read-only place
         raise JobError(f"cannot write results to {str(output)}: {_os_problem(output, e)}") from e
     try:
         _write_state(state_path, fingerprint)
     except OSError as e:
         raise OutputWriteError.of_state_file(state_path, e) from e
+
+
+def _remove_errors_file(output: Path, errors: Path, state_path: Path) -> None:
+    """Remove `output`'s errors file to start the job over, holding its lock meanwhile: a file another job holds (its
+    output, or its errors file since its first failed line) is refused, never removed from under it (that job's
+    records went on into the removed file, lost), and `prepare_output`'s checks of its content are made again,
+    since another job may have written it while this one loaded its model."""
+    try:
+        held = open(errors, "rb")
+    except FileNotFoundError:
+        return
+    with held:
+        try:
+            _lock_exclusively(held, errors)
+        except BlockingIOError:
+            raise JobError(f"refusing to start {str(output)!r} over: another batchllm run is writing its errors file "
+                           f"{str(errors)!r} (it holds its lock); give each job its own --errors-file, or choose "
+                           "another -o") from None
+        _refuse_deleting_anothers_errors(output, errors)
+        _refuse_deleting_errors_not_its_own(output, errors, state_path)
+        errors.unlink(missing_ok=True)
+
+
+def _refuse_errors_file_of_another_output(output: Path, errors: Path) -> None:
+    """Raise JobError where the errors file is another job's output (its state file is there): starting this job
+    would delete that job's results, and its failed lines would be read by that job's resume as its own."""
+    if state_path_for(errors).is_file():
+        raise JobError(f"the errors file of {str(output)!r} would be {str(errors)!r}, the output of another job (its "
+                       f"state file {state_path_for(errors).name} is there); give this job its own --errors-file, "
+                       "or choose another -o")
 
 
 def later_write_problem(path: Path, what: str) -> str | None:
@@ -873,11 +902,22 @@ def claim_errors_file(output: Path, errors_file, first_record: bytes) -> None:
                        "--errors-file") from None
     except OSError as e:
         raise OutputWriteError(path, e) from e
+    if not _names_the_open_file(path, errors_file):  # (another job's start removed it between our open and lock)
+        raise JobError(f"the errors file {str(path)!r} was removed while this job opened it (another batchllm run "
+                       "started over it); give each job its own --errors-file")
     state_path = state_path_for(output)
     try:
         _claim_in_state_file(output, path, state_path, first_record)
     except OSError as e:  # a full disk while the state file is rewritten: named, and the job resumes from it
         raise OutputWriteError.of_state_file(state_path, e) from e
+
+
+def _names_the_open_file(path: Path, file) -> bool:
+    """Whether `path` still names the open `file` (not removed, nor replaced by another file, since it was opened)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _claim_in_state_file(output: Path, path: Path, state_path: Path, first_record: bytes) -> None:

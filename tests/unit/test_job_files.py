@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from batchllm import cli
+from batchllm.io import job
 from batchllm.io.job import (
     JobError,
     ResultWriter,
@@ -614,6 +615,70 @@ def test_two_jobs_never_write_one_errors_file_at_once(tmp_path):
     assert len(errors.read_text().splitlines()) == 1
     with pytest.raises(JobError, match="holds records this job did not write"):
         prepare_output(outs[1], src, overwrite=False, errors=errors)
+
+
+def test_a_job_starting_over_never_removes_an_errors_file_another_job_writes(tmp_path, monkeypatch):
+    """A job starts its output after its model has loaded, and removed its errors file by name then. Where another
+    job had begun writing that file meanwhile (the same --errors-file), the other job's failed lines went on into the
+    removed file, lost, and both jobs reported their counts. The start now takes the file's lock first, and checks
+    its content again; a job that opens the file as another's start removes it is refused too."""
+    src, errors = tmp_path / "in.jsonl", tmp_path / "shared.jsonl"
+    src.write_text(json.dumps({"custom_id": "c0", "body": {}}) + "\n")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    prepare_output(a, src, overwrite=False, errors=errors)
+    b_loading = prepare_output(b, src, overwrite=False, errors=errors, defer_start=True)  # (no errors file yet)
+    record = {"id": "batch_req_1", "custom_id": "c0", "response": None, "error": {"code": "x", "message": "line 1"}}
+    writer = ResultWriter(errors, lazy=True, on_open=functools.partial(claim_errors_file, a))
+    try:
+        writer.write(record)  # a's first failed line: a holds the errors file from now on
+        with pytest.raises(JobError, match="another batchllm run is writing its errors file"):
+            b_loading.begin()
+    finally:
+        writer.close()
+    assert errors.read_text() == encode_record(record).decode(), "a's failed line is still there"
+    with pytest.raises(JobError, match="holds failed lines this job did not write"):
+        prepare_output(b, src, overwrite=True, errors=errors)
+
+    errors.unlink()  # a begun again; b loads its model; a writes its errors file and ends before b starts its output
+    prepare_output(a, src, overwrite=True, errors=errors)
+    b_loading = prepare_output(b, src, overwrite=True, errors=errors, defer_start=True)
+    write_as_the_job(a, errors, json.dumps(record) + "\n")
+    with pytest.raises(JobError, match="holds failed lines this job did not write"):
+        b_loading.begin()  # (not locked any more, but it holds a's record)
+    assert errors.read_text() == encode_record(record).decode()
+
+    errors.unlink()
+    real_lock = job._lock_exclusively
+
+    def removed_before_locked(file, path):  # another job's start removes the file between our open and our lock
+        path.unlink()
+        real_lock(file, path)
+
+    monkeypatch.setattr(job, "_lock_exclusively", removed_before_locked)
+    writer = ResultWriter(errors, lazy=True, on_open=functools.partial(claim_errors_file, a))
+    try:
+        with pytest.raises(JobError, match="was removed while this job opened it"):
+            writer.write(record)
+    finally:
+        writer.close()
+
+
+def test_an_errors_file_that_is_another_jobs_output_is_refused(tmp_path):
+    """`-o zz.jsonl`'s default errors file is zz.errors.jsonl: where another job writes its results there (`-o
+    zz.errors.jsonl`), starting zz.jsonl deleted them (with --overwrite, or while that job ran), and that job's resume
+    read zz.jsonl's failed lines as its own, never running its lines again. Such an errors file is refused."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    other = tmp_path / "zz.errors.jsonl"
+    prepare_output(other, src, overwrite=False)  # the other job, begun (its state file is there)
+    other.write_text('{"id": "a", "text": "its answer"}\n')
+    for overwrite in (False, True):
+        with pytest.raises(JobError, match="the output of another job"):
+            prepare_output(tmp_path / "zz.jsonl", src, overwrite=overwrite, errors=other)
+        with pytest.raises(JobError, match="the output of another job"):
+            prepare_output(tmp_path / "mine.jsonl", src, overwrite=overwrite, errors=other)
+    assert other.read_text() == '{"id": "a", "text": "its answer"}\n'
+    assert not (tmp_path / "zz.jsonl").exists() and not state_path_for(tmp_path / "zz.jsonl").exists()
 
 
 def test_the_errors_file_may_not_be_the_jobs_state_file(tmp_path):
