@@ -12,6 +12,7 @@ Writes nothing; holds no state between calls.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 import zlib
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from batchllm.inputs import ContextLengthError, PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import (
+    InputChanged,
     ResumeState,
     as_given_url,
     file_url_path,
@@ -204,7 +206,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         bar = CountLog("reading", " lines")
     else:
         bar = tqdm(desc="reading", unit=" lines", disable=not progress, dynamic_ncols=True, mininterval=0.1)
-    for item in read_batch_lines(path):  # (an id goes to the first line accepted: `claims`)
+    digest = hashlib.sha256() if resume.input_read is not None else None
+    for item in read_batch_lines(path, digest):  # (an id goes to the first line accepted: `claims`)
         bar.update(1)
         if isinstance(item, LineError):
             errors.append(item)
@@ -226,6 +229,8 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
     if pending:
         flush()
     bar.close()
+    if digest is not None and digest.hexdigest() != resume.input_read[1]:
+        raise InputChanged(path, resume.input_read, path.stat().st_size)
     errors = sorted((e for e in errors if e.line_number not in resume.done_error_lines),  # (those: written before)
                     key=lambda error: error.line_number)
     file_format = max(formats, key=formats.get) if formats else PLAIN

@@ -57,6 +57,16 @@ class JobError(RuntimeError):
     """The job cannot start (the message says why); nothing was written."""
 
 
+class InputChanged(JobError):
+    """The job's input was not the file it was tied to when its lines were read (it changed as the job started)."""
+
+    def __init__(self, path: Path, expected: tuple[int, str], size_now: int) -> None:
+        change = (f"{expected[0]} bytes when it began, {size_now} now" if size_now != expected[0] else
+                  "the same size, other bytes")
+        super().__init__(f"the input {str(path)!r} changed while the job read it ({change}): nothing of it was run; "
+                         "run the same command again once the file is final (with --overwrite where it says so)")
+
+
 class OutputWriteError(JobError):
     """Writing results failed (disk full, I/O error); the message names the file and the cause.
     Records made durable before the failure are kept."""
@@ -169,6 +179,9 @@ class ResumeState:
     earlier: Callable[[], ResumeState | None] | None = field(default=None, compare=False, repr=False)
     """Where --overwrite found earlier records (until `begin` they stay): what they hold, read when asked
     (`_earlier_records`: None where they answer another input, or cannot be read)."""
+    input_read: tuple[int, str] | None = field(default=None, compare=False, repr=False)
+    """The input's size and SHA-256 when `prepare_output` tied the job to it (None: not tied): the job's reading of
+    its lines must read those bytes (`InputChanged`)."""
 
     def begin(self) -> None:
         """Start the output where `prepare_output` left that for later (once; nothing where it did not): `run` calls it
@@ -482,21 +495,23 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     fingerprint = _job_fingerprint(input_path, options)
     if errors is not None:
         fingerprint["errors_file"] = str(errors.resolve())
+    read = (fingerprint["input_size"], fingerprint["input_sha256"])
     existing = [p for p in (output, errors) if p is not None and p.is_file() and p.stat().st_size > 0]
     if not existing and not overwrite and num_lines == 0 and _is_this_jobs_empty_output(output, fingerprint):
-        return ResumeState()  # a finished job of an empty input: nothing to write, so no write access needed
+        return ResumeState(input_read=read)  # a finished job of an empty input: nothing to write, no write access
     if existing and not overwrite:
         resume = _resume(output, errors, state_path, fingerprint, input_path)
         if num_lines is None or resume.num_lines_recorded < num_lines:
             _refuse_unwritable_files(write_problem, errors, writes_errors)
             _record_errors_file(state_path, fingerprint)
+        resume.input_read = read
         return resume
     _refuse_unwritable_files(write_problem, errors, writes_errors)
     _refuse_deleting_anothers_errors(output, output)
     if errors is not None:
         _refuse_deleting_anothers_errors(output, errors)
         _refuse_deleting_errors_not_its_own(output, errors, state_path)
-    fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint))
+    fresh = ResumeState(start_output=lambda: _start_output(output, errors, state_path, fingerprint), input_read=read)
     if existing:
         fresh.earlier = lambda: _earlier_records(output, errors, state_path, fingerprint)
     if not defer_start:

@@ -151,11 +151,14 @@ class LineError:
         return {"id": self.request_id, "error": {"line": self.line_number, "message": self.message}}
 
 
-def read_batch_lines(path: Path) -> Iterator[BatchLine | LineError]:
+def read_batch_lines(path: Path, digest=None) -> Iterator[BatchLine | LineError]:
     """Stream the file, yielding one BatchLine or LineError per non-blank line. Ids are not checked here: an id goes
-    to the first line that is accepted (`ingest.IdClaims`), which only the caller knows."""
+    to the first line that is accepted (`ingest.IdClaims`), which only the caller knows. `digest` (a hashlib object):
+    updated with every byte read, blank lines included."""
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
+            if digest is not None:
+                digest.update(raw)
             raw = without_bom(raw)
             if not raw.strip():
                 continue

@@ -1685,3 +1685,22 @@ def test_a_chats_explicit_null_top_logprobs_asks_for_no_logprobs_as_in_vllm():
     assert body_to_request("/v1/chat/completions", chat).overrides["logprobs"] == 0
     named = body_to_request("/v1/chat/completions", {**chat, "top_logprobs": None, "logprob_token_ids": [28]})
     assert named.overrides["logprob_token_ids"] == [28] and "logprobs" not in named.overrides
+
+
+@pytest.mark.parametrize("change", ["grown", "shrunk", "rewritten"])
+def test_an_input_that_changes_as_the_job_starts_stops_it_before_any_line_runs(tmp_path, change):
+    """The job is tied to its input's bytes (size and SHA-256) when it starts, and its lines were read again by path
+    while the model loaded: a file grown, cut or rewritten in between ran the lines read, the counts disagreed
+    (`num_lines_left` -20 in --stats), and the same command was then refused as another input. The reading now
+    checks it read the bytes the job was tied to."""
+    from batchllm.io.job import InputChanged, prepare_output
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps({"id": f"r{i}", "prompt": "hi"}) + "\n" for i in range(4)]
+    src.write_text("".join(lines))
+    resume = prepare_output(out, src, overwrite=False, defer_start=True)
+    assert prepare_lines(src, processor(), {"max_tokens": 4}, None, resume).valid, "unchanged: read as it was"
+    src.write_text({"grown": "".join(lines + lines[:1]).replace('"r0"', '"r9"', 1), "shrunk": "".join(lines[:2]),
+                    "rewritten": "".join(lines).replace("hi", "ho")}[change])
+    with pytest.raises(InputChanged, match="changed while the job read it"):
+        prepare_lines(src, processor(), {"max_tokens": 4}, None, resume)
