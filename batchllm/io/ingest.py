@@ -103,6 +103,9 @@ def input_problem(path: Path) -> str | None:
                 if head.startswith(magic):
                     return (f"cannot read input file {str(path)!r}: it is {what}; a JSONL file is UTF-8 text, one "
                             "JSON per line")
+            if problem := _binary_problem(head):
+                return (f"cannot read input file {str(path)!r}: it is {problem}; a JSONL file is UTF-8 text, one JSON "
+                        "per line")
             if problem := _json_not_jsonl(head):
                 return f"cannot read input file {str(path)!r}: {problem}"
             f.seek(0)
@@ -154,8 +157,26 @@ _NOT_UTF8_FILES = ((b"\x1f\x8b", "gzip-compressed (decompress it first: gunzip -
                    (b"PK\x03\x04", "a zip archive (extract it first)"),
                    (b"BZh", "bzip2-compressed (decompress it first: bunzip2 -k)"),
                    (b"\xfd7zXZ\x00", "xz-compressed (decompress it first: unxz -k)"),
-                   (b"\x28\xb5\x2f\xfd", "zstd-compressed (decompress it first: unzstd)"))
+                   (b"\x28\xb5\x2f\xfd", "zstd-compressed (decompress it first: unzstd)"),
+                   (b"PAR1", "a Parquet file (write it as JSONL first: pandas' read_parquet(...).to_json(path, "
+                             "orient='records', lines=True))"),
+                   (b"ARROW1", "an Arrow file (write it as JSONL first)"),
+                   (b"\x93NUMPY", "a NumPy array file"),
+                   (b"GGUF", "a GGUF model file (give it as --model)"),
+                   (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
+                   (b"%PDF-", "a PDF document"))
 """The first bytes of files people hand over as JSONL that are not UTF-8 text (a UTF-8 BOM is read as usual)."""
+
+
+def _binary_problem(head: bytes) -> str | None:
+    """What a file beginning with `head` is where it is no text: a safetensors file (its header's length, then its
+    JSON header), or binary data (NUL bytes, which JSON text never holds raw, in more than 1% of the head: a line or
+    two with a stray NUL stay their own lines' errors), else None."""
+    if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < (1 << 32):
+        return "a safetensors file (a model's weights: give its directory as --model)"
+    if head.count(b"\0") * 100 > len(head):
+        return "binary data (NUL bytes), not text"
+    return None
 
 
 def in_the_lines_terms(line: BatchLine, error: ValueError | str) -> str:

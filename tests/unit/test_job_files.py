@@ -275,6 +275,31 @@ def test_a_compressed_or_utf16_input_is_refused_at_start_naming_what_it_is(tmp_p
     assert input_problem(bom) is None, "UTF-8 with a BOM is read"
 
 
+def test_binary_files_are_refused_at_start_naming_what_they_are(tmp_path, capsys, monkeypatch):
+    """A Parquet file ran as 36 lines of "not valid UTF-8" (exit 1, the job then complete), a model's 538 MB
+    safetensors file as 801,097 error records over 92 s, a 1 GB file of NUL bytes as one line held whole (4.1 GB);
+    each is now refused before anything runs. A line or two with a stray NUL byte stay their own lines' errors."""
+    import struct
+
+    line = b'{"id": "a", "prompt": "hi"}\n'
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    monkeypatch.setattr(cli, "_run_locked", lambda *args: pytest.fail("the job must not start"))
+    for name, data, what in (("t.parquet", b"PAR1" + bytes(200) + b"PAR1", "a Parquet file"),
+                             ("model.safetensors", struct.pack("<Q", len(header)) + header + bytes(4),
+                              "a safetensors file"),
+                             ("zeros.jsonl", bytes(1 << 17), "binary data (NUL bytes)"),
+                             ("x.npy", b"\x93NUMPY\x01\x00" + bytes(100), "a NumPy array file")):
+        src = tmp_path / name
+        src.write_bytes(data)
+        code, err = run(capsys, src, "-o", tmp_path / "o.jsonl")
+        assert code == 2 and f"cannot read input file {str(src)!r}: it is {what}" in err, err
+    from batchllm.io.ingest import input_problem
+
+    stray = tmp_path / "stray.jsonl"
+    stray.write_bytes(line * 50 + b'{"id": "b", "prompt": "h\x00i"}\n' + line.replace(b'"a"', b'"c"'))
+    assert input_problem(stray) is None, "a stray NUL byte is its line's own error"
+
+
 def test_urls_and_lone_carriage_returns_are_refused_at_start(tmp_path, capsys, monkeypatch):
     """vLLM's run-batch reads and writes http(s) URLs: `-o https://...` wrote a local folder "https:" and exited
     0 (nothing uploaded), and `-i https://...` said "no such file". A file whose lines end in a lone \r was one
