@@ -711,6 +711,15 @@ def _resolve_directories(options: dict) -> None:
             options[name] = str(Path(options[name]).resolve())
 
 
+def _default_model_path_if_named() -> str | None:
+    """The converted default model's path, None where no cache directory can be named (then no model given is
+    that one, and a job given its own model needs none)."""
+    try:
+        return str(default_model_path().resolve())
+    except ValueError:
+        return None
+
+
 def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     """The options recorded beside the output, as JSON values (`defaults`: the run's sampling defaults): a
     model or tokenizer directory by its absolute path, so that another spelling of it resumes; the chat
@@ -725,7 +734,7 @@ def results_options(args: argparse.Namespace, defaults: dict) -> dict:
     for flag in ("exclude_tools_when_tool_choice_none", "return_tokens_as_token_ids"):  # (off: unset, so that outputs
         options[flag] = options[flag] or None  # recorded before the option existed resume without it)
     _resolve_directories(options)
-    if options["model"] == str(default_model_path().resolve()):
+    if options["model"] is not None and options["model"] == _default_model_path_if_named():
         options["model"] = None  # the default model by its path: the same model as none given
     if options["chat_template"] is not None:
         options["chat_template"] = "sha256:" + hashlib.sha256(options["chat_template"].encode()).hexdigest()[:16]

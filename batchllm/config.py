@@ -85,13 +85,22 @@ class _Checked:
 
 
 def default_cache_dir() -> Path:
-    """Where converted models are kept: $BATCHLLM_CACHE_DIR, else $XDG_CACHE_HOME/batchllm, else ~/.cache."""
+    """Where converted models are kept: $BATCHLLM_CACHE_DIR, else $XDG_CACHE_HOME/batchllm, else ~/.cache/batchllm,
+    a leading ~ of either variable expanded (as vLLM expands VLLM_CACHE_ROOT: a quoted value, a Docker -e, a
+    systemd or .env file leave it to the program). A ValueError where none can be named: no home directory is known
+    (HOME unset and the user in no passwd entry, as in a container under an arbitrary uid)."""
     explicit = os.environ.get("BATCHLLM_CACHE_DIR")
     if explicit:
-        return Path(explicit)
+        return Path(os.path.expanduser(explicit))
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "batchllm"
+    if xdg:
+        return Path(os.path.expanduser(xdg)) / "batchllm"
+    try:
+        return Path.home() / ".cache" / "batchllm"
+    except RuntimeError:  # (Path.home: "Could not determine home directory")
+        raise ValueError("cannot name a cache directory for converted models: no home directory is known (HOME is "
+                         "unset and this user has no passwd entry); set BATCHLLM_CACHE_DIR to a writable "
+                         "directory") from None
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "WARN", "FATAL", "NOTSET")

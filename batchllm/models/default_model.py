@@ -11,6 +11,7 @@ conversion never leaves a half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -70,20 +71,25 @@ def gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     naming it."""
     resolved = gguf_path.resolve()
     refuse_an_architecture_not_run(gguf_path)  # from the header: before converting (or a stale conversion)
-    stat = resolved.stat()
-    key = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_FORMAT}".encode()).hexdigest()[:12]
-    target = (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{key}"
+    target = (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{_conversion_key(resolved)}"
     if (target / _DONE_MARKER).is_file():
         return target
     try:
         converted = _convert_once(resolved, target, resolved.stem, "the GGUF model")
-        _remove_older_conversions(target)
+        if target.name.endswith(_conversion_key(resolved)):  # (the file changed meanwhile: this one is the older)
+            _remove_older_conversions(target)
         return converted
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' reasons are many (architecture, tensor types, format)
         raise ModelLoadError(f"cannot convert the GGUF model {str(gguf_path)!r} (transformers + gguf read it and "
                              f"write a model directory): {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _conversion_key(resolved: Path) -> str:
+    """The key of a GGUF file's conversion: its path, size and modification time, and the conversion's format."""
+    stat = resolved.stat()
+    return hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_FORMAT}".encode()).hexdigest()[:12]
 
 
 GGUF_ARCHITECTURES = tuple(sorted(ARCHITECTURE_OF_MODEL_TYPE))
@@ -150,7 +156,8 @@ def refuse_an_architecture_not_run(gguf_path: Path) -> None:
 
 def _remove_older_conversions(target: Path) -> None:
     """Remove the conversions of the same file (its path, in their markers) from before it changed: a 7B model's
-    float32 copy is 28 GB. A job still running on one keeps reading its open files."""
+    float32 copy is 28 GB. A job still running on one keeps reading its open files. `target` must be the file's
+    conversion as it is now: one that ends after the file changed again would remove the newer one."""
     marker = target / _DONE_MARKER
     source = marker.read_text().strip() if marker.is_file() else None
     stem = target.name.rsplit("-", 1)[0]
@@ -158,16 +165,43 @@ def _remove_older_conversions(target: Path) -> None:
         if sibling != target and sibling.name.rsplit("-", 1)[0] == stem and (sibling / _DONE_MARKER).is_file() and \
                 (sibling / _DONE_MARKER).read_text().strip() == source:
             shutil.rmtree(sibling, ignore_errors=True)
+            _lock_path(sibling).unlink(missing_ok=True)
 
 
 def _convert_once(gguf_path: Path, target: Path, name: str, what: str) -> Path:
-    """Convert `gguf_path` into `target` (atomically: a temporary directory renamed into place)."""
+    """Convert `gguf_path` into `target` (atomically: a temporary directory renamed into place), holding the
+    target's lock (`_conversion_lock`): processes converting one file at once wait for the first, and take its
+    directory, instead of each converting it (a 7B model's float32 copy: 28 GB of memory and disk each). A
+    ModelLoadError names the cache where it cannot be written (no room, no permission)."""
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError(f"{what} {gguf_path.name} is a GGUF file: reading it needs the gguf package "
                              "(pip install gguf)")
-    logger.warning("converting %s %s once into %s", what, gguf_path.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _conversion_lock(target, what):
+            if (target / _DONE_MARKER).is_file():  # another process converted it while this one waited
+                return target
+            _remove_abandoned_conversions(target)
+            logger.warning("converting %s %s once into %s", what, gguf_path.name, target)
+            _convert_into(gguf_path, target, name)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed write may be any library's (safetensors, tokenizers)
+        if not _is_a_write_failure(e):
+            raise
+        reason = str(e)[:200]
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror + (f" ({e.filename})" if e.filename else "")
+        raise ModelLoadError(f"cannot write {what}'s conversion into the cache {str(target.parent)!r}: {reason}; set "
+                             "BATCHLLM_CACHE_DIR to a writable directory with room for the model in float32 (4 bytes "
+                             "per parameter)") from e
+    return target
+
+
+def _convert_into(gguf_path: Path, target: Path, name: str) -> None:
+    """The conversion itself, into a temporary directory beside `target` (`_ABANDONED` names it) renamed into place;
+    the temporary directory is removed whatever happens but a kill (`_remove_abandoned_conversions`)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_ABANDONED}{target.name}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
         _convert(gguf_path, tmp, name)
@@ -181,7 +215,50 @@ def _convert_once(gguf_path: Path, target: Path, name: str, what: str) -> Path:
                 os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+_ABANDONED = ".convert-"
+"""The prefix of a conversion's temporary directory, before the target's name: one left by a converter that was
+killed (SIGKILL, the OOM killer) is found by that name, under the target's lock, and removed."""
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path, what: str):
+    """An exclusive lock (flock) on the target's lock file beside it (`.<name>.lock`, left there: removing a lock
+    file races with its next taker), waited for where another process converts the same file; on a filesystem that
+    takes no locks, none (each process converts, as before)."""
+    from batchllm.io.job import LOCKS_NOT_SUPPORTED
+
+    with open(_lock_path(target), "a") as lock:
+        try:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning("another process is converting %s into %s: waiting for it", what, target)
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in LOCKS_NOT_SUPPORTED:
+                raise
+        yield  # (closing the file releases the lock)
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def _remove_abandoned_conversions(target: Path) -> None:
+    """Remove the temporary directories earlier conversions of `target` left when they were killed (a float32 copy
+    of the model each): called under the target's lock, which every converter of it holds, so none is in use."""
+    prefix = f"{_ABANDONED}{target.name}-"
+    for sibling in target.parent.iterdir():
+        if sibling.name.startswith(prefix) and sibling.name.count("-") == prefix.count("-") and sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _is_a_write_failure(error: BaseException) -> bool:
+    """Whether a conversion failed writing the cache: an OSError (no room, no permission, a file where a folder
+    should be), or a Rust library's (safetensors, tokenizers) error carrying the OS's ("... (os error 28)")."""
+    return isinstance(error, OSError) or "(os error " in str(error)
 
 
 def files_as_the_umask_says(directory: Path) -> None:

@@ -359,13 +359,16 @@ def test_a_gguf_file_is_converted_once_and_runs_as_its_model(tmp_path, monkeypat
             assert llm.model_config.model == str(gguf)
         finally:
             llm.shutdown()
-    [converted] = (tmp_path / "cache" / "gguf").iterdir()
+    def conversions():  # (beside each, its lock file: `.<name>.lock`)
+        return [p for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.startswith(".")]
+
+    [converted] = conversions()
     assert json.loads((converted / "config.json").read_text())["_name_or_path"] == "Mine.Q4_1"
     stat = gguf.stat()
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: converted again, and the
     LLM(str(gguf), device="cpu", dtype="float32", max_model_len=256).shutdown()  # older copy removed
-    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] != [converted.name]
-    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    assert [p.name for p in conversions()] != [converted.name]
+    assert len(conversions()) == 1 and len(list((tmp_path / "cache" / "gguf").iterdir())) == 2, "one lock file left"
     with pytest.raises(ModelLoadError, match="'nope.gguf' names a GGUF file, and there is no such file"):
         LLM("nope.gguf", device="cpu")
     damaged = tmp_path / "damaged.gguf"
@@ -428,7 +431,10 @@ def test_a_gguf_files_rope_scaling_is_kept(tmp_path, monkeypatch, tiny_model_fac
     llama = tiny_model_factory("llama")  # (TINY_CONFIGS: llama3 scaling, original context 256)
     gguf = write_gguf(Path(llama), tmp_path / "llama3.gguf", "llama", rope_freqs=llama3_rope_divisors(Path(llama)))
     assert _gguf_greedy(gguf, GGUF_PROMPTS) == hf_greedy(llama, GGUF_PROMPTS, 8, stop_at_eos=False)
-    [converted] = (tmp_path / "cache" / "gguf").iterdir()
+    def conversions():  # (beside each, its lock file: `.<name>.lock`)
+        return [p for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.startswith(".")]
+
+    [converted] = conversions()
     rope = json.loads((converted / "config.json").read_text())["rope_parameters"]
     assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("llama3", 8.0, 256)
 
