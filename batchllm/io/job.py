@@ -359,13 +359,17 @@ def _refuse_unlockable_output(output: Path) -> None:
 
 def refuse_unusable_file_names(output: Path, errors: Path) -> None:
     """Raise JobError where `run`'s output or errors file names a job's state file (`-o out.jsonl.batchllm-state`
-    with --overwrite would destroy another job's, which then cannot resume), or where a name the job writes beside
+    with --overwrite would destroy another job's, which then cannot resume) or a `run --ray` directory's lock file
+    (`DIRECTORY_LOCK`, which that job removes), or where a name the job writes beside
     the output (its state file while it is rewritten, the errors file) is longer than the filesystem allows: refused
     before anything is made, naming the -o to shorten."""
     for path, flag in ((output, "-o"), (errors, "--errors-file")):
         if path.name.endswith((STATE_SUFFIX, STATE_SUFFIX + STATE_TMP_SUFFIX)):
             raise JobError(f"{flag} {str(path)!r} names a job's state file ({STATE_SUFFIX}, which ties an output to "
                            f"its input for a resume); choose another {flag}")
+        if path.name == DIRECTORY_LOCK:  # (a `run --ray` job on the folder removes its lock file when it ends)
+            raise JobError(f"{flag} {str(path)!r} names the lock file of a `run --ray` output directory; choose "
+                           f"another {flag}")
     for given, name, flag in ((output, state_path_for(output).name + STATE_TMP_SUFFIX, "-o"),
                               (errors, errors.name, "-o (its errors file is named after it) or --errors-file")):
         if (size := len(os.fsencode(name))) > (limit := _name_limit(given.parent)):

@@ -22,7 +22,9 @@ and counted once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import re
 import signal
 import sys
 import time
@@ -57,17 +59,31 @@ class _JsonlLines(FileBasedDatasource):
     taken its id already."""
 
     def __init__(self, paths, rows_per_block: int = 4096, defaults: dict | None = None,
-                 auto_tool_parser: str | None = None, **kwargs) -> None:
+                 auto_tool_parser: str | None = None, input_read: tuple[int, str] | None = None, **kwargs) -> None:
+        """input_read: the input's size and SHA-256 the job is tied to (its state file's), which the read must
+        read: checked over the whole file before its first row, and over what it read after its last
+        (`io.job.InputChanged`: a file changed as the job started ran its new lines under the old fingerprint)."""
         super().__init__(paths, **kwargs)
         self.rows_per_block = rows_per_block
         self.defaults = defaults or {}
         self.auto_tool_parser = auto_tool_parser  # (an "auto" line it does not serve is refused: its id is left)
+        self.input_read = input_read
 
     def _read_stream(self, f, path: str) -> Iterator:
+        from batchllm.io.job import InputChanged, input_fingerprint
+
         holders: dict[str | int, int] = {}  # id -> the line that has it
         cache: dict = {}  # (`io.ingest.sampling_params_for`'s: equal settings are checked once)
         lines, raws, duplicates = [], [], []
+        digest = None
+        if self.input_read is not None:
+            now = input_fingerprint(Path(path))
+            if (now["input_size"], now["input_sha256"]) != self.input_read:
+                raise InputChanged(Path(path), self.input_read, now["input_size"])
+            digest = hashlib.sha256()
         for number, raw in enumerate(_lines(f), start=1):
+            if digest is not None:
+                digest.update(raw)
             if not without_bom(raw).strip():  # (blank as `count_input_lines` and `run` see it)
                 continue
             parsed = parse_line(raw, number)
@@ -80,6 +96,8 @@ class _JsonlLines(FileBasedDatasource):
             if len(lines) >= self.rows_per_block:
                 yield _rows(lines, raws, duplicates)
                 lines, raws, duplicates = [], [], []
+        if digest is not None and digest.hexdigest() != self.input_read[1]:
+            raise InputChanged(Path(path), self.input_read, Path(path).stat().st_size)
         if lines:
             yield _rows(lines, raws, duplicates)
 
@@ -278,7 +296,8 @@ def run_jsonl_on_ray(input_path: Path, output_dir: Path, config: ProcessorConfig
         preprocess = _CliPreprocess(sampling_defaults, global_seed, names.serving)
         processor = Processor(config, preprocess, record_fn=records_fn, index_column=LINE, on_loaded=on_loaded)
         lines = ray.data.read_datasource(_JsonlLines([str(input_path.resolve())], defaults=sampling_defaults,
-                                                     auto_tool_parser=names.serving.auto_tool_parser))
+                                                     auto_tool_parser=names.serving.auto_tool_parser,
+                                                     input_read=_tied_input(output_dir)))
         records = processor(lines, num_rows=count_input_lines(input_path))
         records.write_datasink(_RecordShards(str(output_dir.resolve())))
     finally:
@@ -308,6 +327,17 @@ def committed_entries(output_dir: Path) -> list[tuple[Path, list[Path]]]:
         if base := next((shard.name[:end] for end in range(len(shard.name), 0, -1) if shard.name[:end] in shards), ""):
             shards[base].append(shard)
     return [(entry, shards[base]) for base, entry in entries.items()]
+
+
+def _tied_input(output_dir: Path) -> tuple[int, str] | None:
+    """The input's size and SHA-256 that `output_dir`'s state file ties the job to (None: none there to read)."""
+    from batchllm.io.job import job_state_path
+
+    try:
+        state = json.loads(job_state_path(output_dir).read_bytes())
+        return int(state["input_size"]), str(state["input_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class ShardCount(NamedTuple):
@@ -451,7 +481,7 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         lines_progress_stats,
         response_shape,
     )
-    from batchllm.io.job import discard_overwritten
+    from batchllm.io.job import JobError, discard_overwritten
     from batchllm.models.default_model import DEFAULT_MODEL_NAME
     from batchllm.ray.stages import engine_start_failure
 
@@ -469,16 +499,15 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
         try:
             result = run_jsonl_on_ray(args.input, args.output, config, defaults, args.seed, names, sample.file_format,
                                       on_written=results_written, on_loaded=loaded)
-        except OSError as e:  # (a place that became read-only during the job): the committed shards are kept
-            return _fail(f"cannot write results to {str(args.output)!r}: {e.strerror or e}; the records committed "
-                         f"so far are kept, {_rerun_hint(args)}")
         except Interrupted as e:
             _report_interrupt(args, signal.Signals(e.signum).name)  # (the status stays the signal's, as in run)
             return 128 + e.signum
         except Exception as e:  # a replica (or tokenize task) that could not use the model says why, as `run` does
-            if (problem := engine_start_failure(e)) is None:
-                raise  # a failure of the code: the unexpected-failure path (status 3, --debug)
-            return _fail(problem)
+            if (problem := engine_start_failure(e)) is not None:
+                return _fail(problem)
+            if isinstance(cause := _task_cause(e), (JobError, OSError)):  # a write that failed, the input changed
+                return _failed_job(args, cause)
+            raise  # a failure of the code: the unexpected-failure path (status 3, --debug)
     discard_overwritten(args.output)
     print(f"batchllm: {result['num_records']} records in {args.output} ({result['num_errors']} failed), "
           f"{result['wall_s']:.1f} s", file=sys.stderr)
@@ -490,6 +519,37 @@ def _run_prepared_job(args, config: ProcessorConfig, defaults: dict, sample: Fil
     if result["num_records"] == 0 and num_lines:
         return EXIT_CANNOT_START
     return EXIT_LINES_FAILED if result["num_errors"] else EXIT_OK
+
+
+def _task_cause(error: BaseException) -> BaseException:
+    """The error a Ray task raised, under the wrappers Ray puts around it on the driver (`RayTaskError.cause`, and
+    the chained exceptions of Ray Data's own), else `error` itself."""
+    seen = 0
+    while seen < 10:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException) or inner is error:
+            break
+        error, seen = inner, seen + 1
+    return error
+
+
+def _failed_job(args, cause: BaseException) -> int:
+    """Say why the job stopped, as `run` says it (a write that failed: the file and the OS's reason; the input
+    changed: `io.job.InputChanged`'s words), with the committed shards kept and what to run, and write --stats
+    (`failed`, the lines' counts)."""
+    from batchllm.cli import _fail, _write_stats, lines_progress_stats
+
+    if isinstance(cause, OSError):  # (a place that became read-only or full during the job)
+        where = f" ({cause.filename})" if cause.filename else ""
+        problem = f"cannot write results to {str(args.output)!r}: {cause.strerror or cause}{where}"
+    else:
+        problem = str(cause)
+    message = f"{problem}; the records committed so far are kept, {_rerun_hint(args)}"
+    code = _fail(message)
+    count = count_shard_records(args.output)
+    _write_stats(args, {"failed": message, "num_replicas": args.num_replicas,
+                        **lines_progress_stats(count_input_lines(args.input), count.num_records, count.num_errors)})
+    return code
 
 
 def _unseen_model_problem(args) -> str | None:
@@ -595,6 +655,7 @@ def _prepare_output_directory(args, options: dict) -> str | None:
         JobError,
         job_state_path,
         recover_overwrite,
+        restore_overwritten,
         set_aside_for_overwrite,
         tie_directory_to_job,
         unowned_directory,
@@ -603,15 +664,49 @@ def _prepare_output_directory(args, options: dict) -> str | None:
     try:
         if args.output.is_dir():
             recover_overwrite(args.output)  # (what a killed --overwrite left midway)
+            if not args.overwrite and restore_overwritten(args.output):  # (one killed before any replica loaded)
+                print(f"batchllm: the earlier results an interrupted --overwrite had set aside in {args.output} are "
+                      "back (no replica had loaded the model)", file=sys.stderr)
         if args.overwrite and args.output.is_dir():
             held = [p for p in args.output.iterdir() if p.name != DIRECTORY_LOCK]  # (ours: the job holds it)
             if held and not job_state_path(args.output).is_file():
                 return f"refusing --overwrite of {unowned_directory(args.output)}"
+            if foreign := _not_the_jobs(args.output):
+                return (f"refusing --overwrite of {str(args.output)!r}: it holds {', '.join(map(repr, foreign[:5]))}"
+                        f"{' ...' if len(foreign) > 5 else ''}, which no batchllm --ray job writes and --overwrite "
+                        "would delete (another job's output, an input); move them out, or give another -o")
             set_aside_for_overwrite(args.output)  # start over; deleted once a replica has loaded the model
         tie_directory_to_job(args.output, args.input, options)
-    except (JobError, OSError) as e:
+    except JobError as e:
         return str(e)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"cannot prepare the --ray output directory {str(args.output)!r}: {e.strerror or e}{where}"
     return _write_problem(args.output, args.input)
+
+
+SHARD_NAME = re.compile(r"[0-9A-Za-z]+(_[0-9A-Za-z]+)*_\d{6}\.jsonl")
+"""A shard's name, as Ray Data's default file names make it: `<dataset uuid>_<write uuid>_<task index>.jsonl`
+(`<dataset uuid>_<task index>_<block index>.jsonl` in earlier Ray versions)."""
+
+
+def _not_the_jobs(output_dir: Path) -> list[str]:
+    """The names of `output_dir`'s entries that no `run --ray` job writes (not its state file, checkpoint directory,
+    shards, lock, nor what an --overwrite set aside), sorted. A shard is a JSONL file named as Ray names them
+    (`SHARD_NAME`) or after a checkpoint entry of the directory, committed or pending (`committed_entries`)."""
+    from batchllm.io.job import STATE_TMP_SUFFIX, job_entries, job_state_path
+
+    state = job_state_path(output_dir).name
+    ours = {state, state + STATE_TMP_SUFFIX, CHECKPOINT_DIR}
+    checkpoint = output_dir / CHECKPOINT_DIR
+    bases = [entry.name.removesuffix(PENDING_CHECKPOINT).removesuffix(".parquet")
+             for entry in checkpoint.glob("*.parquet")] if checkpoint.is_dir() else []
+
+    def a_shard(path: Path) -> bool:
+        return path.is_file() and path.suffix == ".jsonl" and (
+            SHARD_NAME.fullmatch(path.name) is not None or any(base and path.name.startswith(base) for base in bases))
+
+    return sorted(p.name for p in job_entries(output_dir) if p.name not in ours and not a_shard(p))
 
 
 def _write_problem(output_dir: Path, input_path: Path) -> str | None:

@@ -258,11 +258,12 @@ def test_a_model_the_replicas_cannot_build_fails_as_run_without_ray_does(ray_ses
     out = tmp_path / "shards"
     assert main(["run", str(src), "-o", str(out), "--ray", *options]) == 2
     assert _error_lines(capsys.readouterr().err) == without_ray
-    (out / "part-0.jsonl").write_text('{"id": "a", "text": "kept"}\n')  # (an earlier job's shard: --overwrite keeps it)
+    shard = out / "0a1b2c3d_000000.jsonl"  # (an earlier job's shard, as Ray names them: --overwrite keeps it)
+    shard.write_text('{"id": "a", "text": "kept"}\n')
     assert main(["run", str(src), "-o", str(out), "--ray", "--overwrite", *options]) == 2
     err = capsys.readouterr().err
     assert _error_lines(err) == without_ray and "the earlier results in" in err
-    assert (out / "part-0.jsonl").read_text() == '{"id": "a", "text": "kept"}\n'
+    assert shard.read_text() == '{"id": "a", "text": "kept"}\n'
 
 
 def test_what_the_driver_can_check_of_the_model_fails_before_ray_starts(tmp_path, tiny_model_factory, monkeypatch,

@@ -191,3 +191,107 @@ def test_a_stopped_ray_overwrite_says_what_to_run_and_what_the_directory_holds(t
     code, err = run(capsys, src, "-o", out, "--ray", "--overwrite", "--max-tokens", "3")  # (another job's options)
     assert code == 130 and "holds its earlier records (of other options or another input)" in err, err
     assert "without --overwrite" not in err
+
+
+def test_overwrite_refuses_a_directory_holding_what_no_ray_job_writes(tmp_path, capsys, monkeypatch):
+    """`run --ray -o OUT --overwrite` set aside, then deleted, every entry of OUT: a plain job's output being written
+    there (its records lost while it reported success), a nested --ray job's directory (its state file gone, so it
+    could never resume), the job's own input. Such a directory is refused, naming what it holds; one holding the
+    job's own entries alone is started over as before."""
+    calls: list = []
+    fake_ray_job(monkeypatch, calls)
+    src, out = tmp_path / "in.jsonl", tmp_path / "shards"
+    src.write_text("".join(json.dumps({"id": f"p{k}", "prompt": "Hi"}) + "\n" for k in range(4)))
+    assert run(capsys, src, "-o", out, "--ray")[0] == 0
+    for name, make in (("plain.jsonl", lambda p: p.write_text('{"id": "a", "text": "its"}\n')),
+                       ("sub", lambda p: (p.mkdir(), (p / "job.batchllm-state").write_text("{}"))),
+                       ("in.jsonl", lambda p: p.write_text(src.read_text()))):
+        make(out / name)
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        code, err = run(capsys, src, "-o", out, "--ray", "--overwrite")
+        assert code == 2 and f"refusing --overwrite of {str(out)!r}: it holds '{name}'" in err, err
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert len(calls) == 1
+        (out / name).unlink() if (out / name).is_file() else __import__("shutil").rmtree(out / name)
+    code, err = run(capsys, src, "-o", out, "--ray", "--overwrite")
+    assert code == 0 and len(calls) == 2, err
+
+
+def test_an_overwrite_killed_before_any_replica_loaded_leaves_the_earlier_results_to_the_next_run(
+        tmp_path, capsys, monkeypatch):
+    """A `--ray --overwrite` killed (SIGKILL, or SIGTERM before Ray's handler) after setting the earlier results aside
+    but before any replica loaded the model left them aside; the same command without --overwrite then ran every
+    line again and deleted them once a replica loaded. They are put back first: the job is found complete."""
+    from batchllm.io.job import OVERWRITTEN, set_aside_for_overwrite, tie_directory_to_job
+
+    calls: list = []
+    fake_ray_job(monkeypatch, calls)
+    src, out = tmp_path / "in.jsonl", tmp_path / "shards"
+    src.write_text("".join(json.dumps({"id": f"p{k}", "prompt": "Hi"}) + "\n" for k in range(4)))
+    assert run(capsys, src, "-o", out, "--ray")[0] == 0
+    options = json.loads((out / "job.batchllm-state").read_text())["options"]
+    set_aside_for_overwrite(out)  # the killed --overwrite: set aside, tied anew, then killed
+    tie_directory_to_job(out, src, options)
+    assert (out / OVERWRITTEN).is_dir()
+    code, err = run(capsys, src, "-o", out, "--ray")
+    assert code == 0 and "are back" in err and "is already complete (4 lines: 4 done, 0 failed)" in err, err
+    assert len(calls) == 1 and not (out / OVERWRITTEN).exists()
+
+
+def test_a_plain_output_may_not_take_the_name_of_a_ray_directory_s_lock(tmp_path, capsys):
+    """`run -o OUT/.batchllm-lock` wrote its results there, and the next `run --ray -o OUT` removed the file with
+    its lock when it ended."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    code, err = run(capsys, src, "-o", tmp_path / "out" / DIRECTORY_LOCK)
+    assert code == 2 and "names the lock file of a `run --ray` output directory" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_ray_read_reads_the_input_the_job_is_tied_to(tmp_path):
+    """The input changed between the job's start (its state file ties it to the file's bytes) and Ray's read ran
+    the new lines: the records answered other requests, and the job was then 'already complete' once the
+    original was back. The read task now checks the file before its first row and what it read after its last."""
+    from batchllm.io.job import InputChanged, input_fingerprint
+    from batchllm.ray.jsonl_job import _JsonlLines
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"p{k}", "prompt": "Hi"}) + "\n" for k in range(5)))
+    tied = input_fingerprint(src)
+    tied = (tied["input_size"], tied["input_sha256"])
+
+    def rows(**kwargs):
+        with open(src, "rb") as f:
+            return [r for t in _JsonlLines([str(src)], rows_per_block=2, **kwargs)._read_stream(f, str(src))
+                    for r in t.to_pylist()]
+
+    assert len(rows(input_read=tied)) == 5
+    src.write_text(src.read_text().replace("Hi", "Ho"))
+    with pytest.raises(InputChanged, match="changed while the job read it"):
+        rows(input_read=tied)
+    assert len(rows()) == 5, "a read not tied to a job (a library's dataset) reads what is there"
+
+
+def test_a_task_s_write_failure_is_one_line_with_stats(tmp_path, capsys, monkeypatch):
+    """A full disk under --ray printed Ray's whole worker traceback (ANSI colours included) after 'cannot write
+    results to ...', and no --stats: the error a task raised is found under Ray's wrappers and said as `run`
+    says it."""
+    from batchllm.ray import jsonl_job
+
+    class RayTaskErrorLike(RuntimeError):  # (Ray's: the task's error as `cause`, its traceback as the text)
+        def __init__(self, cause):
+            super().__init__("\x1b[36mray::Write()\x1b[39m (pid=1)\nTraceback ...\n" * 30)
+            self.cause = cause
+
+    def full(*args, **kwargs):
+        raise RayTaskErrorLike(OSError(28, "No space left on device", str(tmp_path / "out" / "a_000000.jsonl")))
+
+    fake_ray_job(monkeypatch, [])
+    monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", full)
+    src, out, stats = tmp_path / "in.jsonl", tmp_path / "out", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"id": f"p{k}", "prompt": "Hi"}) + "\n" for k in range(3)))
+    code, err = run(capsys, src, "-o", out, "--ray", "--stats", stats)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write results to {str(out)!r}: No space left on device" in err and "Traceback" not in err
+    written = json.loads(stats.read_text())
+    assert "No space left on device" in written["failed"] and written["num_lines_left"] == 3
