@@ -51,6 +51,7 @@ from batchllm.io.ingest import (
     sampling_fields_of,
 )
 from batchllm.io.job import (
+    InputChanged,
     JobError,
     OutputLock,
     OutputWriteError,
@@ -791,6 +792,10 @@ def _run_locked(args: argparse.Namespace, lock: OutputLock) -> int:
             code = _fail(f"{e}; {job.rerun_hint(True)}" if args.overwrite else str(e))
             _write_failed_stats(args, job, e)
             return code
+        except InputChanged as e:  # (found before the output was started: what it held is as it was)
+            code = _fail(str(e))
+            _write_failed_stats(args, job, e)
+            return code
 
 
 class Interrupted(BaseException):
@@ -993,19 +998,19 @@ def _run_job(args: argparse.Namespace, job: _Job, defaults: dict, source: ModelS
         return built
     llm, reading = built
     try:
-        job.resume.begin()  # the model loaded: only now is a fresh (or --overwrite) output emptied and tied to the job
         started = time.perf_counter()
         phases = {"engine_build_s": started - reading.started}
         if llm.engine is not None:  # (several engine processes report theirs per rank)
             phases["build_phases"] = llm.engine.build_seconds
+        waiting = time.perf_counter()
+        valid, errors, file_format, ignored = reading.result()  # (an input changed meanwhile: `InputChanged`, raised
+        phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - waiting)  # before begin)
+        job.resume.begin()  # the model loaded and the lines read: only now is a fresh (or --overwrite) output emptied
         claim = functools.partial(claim_errors_file, args.output)  # (locked for the job; a resume checks it)
         with ResultWriter(args.output) as out, ResultWriter(job.errors_path, lazy=True, on_open=claim) as errors_out:
             job.writers = (out, errors_out)
-            waiting = time.perf_counter()
-            valid, errors, file_format, ignored = reading.result()
             note_ignored_fields(ignored)
             note_models_named_without_model(args, valid, llm.model_dir.name)
-            phases.update(input_read_s=reading.seconds, input_read_wait_s=time.perf_counter() - waiting)
             valid, errors = _refuse_what_the_cache_cannot_hold(llm, valid, errors)
             for error in errors:
                 (errors_out if error.is_openai(file_format) else out).write(error.record(file_format))

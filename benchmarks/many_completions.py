@@ -1,4 +1,4 @@
-"""One prompt of n completions (parallel sampling): the call's wall time and its share outside the engine's steps.
+"""One prompt of n completions (parallel sampling): the call's wall time and its engine steps, per n.
 The facade finishes a prompt when its last completion ends; it checked every completion's state at each end (n^2
 checks per prompt, 28 s of a 67 s call at n = 16,384 on CPU) before it counted them down. PYTHONPATH=<another tree>
 runs this script on that tree's engine.

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from batchllm.inputs import ContextLengthError, PromptProcessor, TokenizedPrompt
 from batchllm.io import openai_batch
 from batchllm.io.job import (
-    InputChanged,
     ResumeState,
     as_given_url,
     file_url_path,
+    input_changed,
     is_a_file_url,
     is_a_url,
     is_standard_input,
@@ -170,13 +170,18 @@ _NOT_UTF8_FILES = ((b"\x1f\x8b", "gzip-compressed (decompress it first: gunzip -
 
 def _binary_problem(head: bytes) -> str | None:
     """What a file beginning with `head` is where it is no text: a safetensors file (its header's length, then its
-    JSON header), or binary data (NUL bytes, which JSON text never holds raw, in more than 1% of the head: a line or
-    two with a stray NUL stay their own lines' errors), else None."""
+    JSON header), UTF-16 text without a byte-order mark (every other byte NUL), or binary data (NUL bytes, which JSON
+    text never holds raw: at least 16, and more than 1% of the head; a line or two with a stray NUL stay their own
+    lines' errors), else None."""
     if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < (1 << 32):
         return "a safetensors file (a model's weights: give its directory as --model)"
-    if head.count(b"\0") * 100 > len(head):
-        return "binary data (NUL bytes), not text"
-    return None
+    nuls = head.count(b"\0")
+    if nuls < 16 or nuls * 100 <= len(head):
+        return None
+    even, odd = (half.count(0) / max(len(half), 1) for half in (head[0::2], head[1::2]))
+    if max(even, odd) >= 0.9 and min(even, odd) <= 0.1:  # (ASCII as UTF-16: one byte of each pair NUL)
+        return "UTF-16 text without a byte-order mark: save it as UTF-8"
+    return "binary data (NUL bytes), not text"
 
 
 def in_the_lines_terms(line: BatchLine, error: ValueError | str) -> str:
@@ -251,7 +256,7 @@ def prepare_lines(path: Path, prompts: PromptProcessor, defaults: dict, global_s
         flush()
     bar.close()
     if digest is not None and digest.hexdigest() != resume.input_read[1]:
-        raise InputChanged(path, resume.input_read, path.stat().st_size)
+        raise input_changed(path, resume.input_read, path.stat().st_size)
     errors = sorted((e for e in errors if e.line_number not in resume.done_error_lines),  # (those: written before)
                     key=lambda error: error.line_number)
     file_format = max(formats, key=formats.get) if formats else PLAIN

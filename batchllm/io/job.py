@@ -58,13 +58,16 @@ class JobError(RuntimeError):
 
 
 class InputChanged(JobError):
-    """The job's input was not the file it was tied to when its lines were read (it changed as the job started)."""
+    """The job's input was not the file it was tied to when its lines were read (it changed as the job started).
+    Made by `input_changed`; its one argument is its message, so that it crosses a pickle (a Ray task's error)."""
 
-    def __init__(self, path: Path, expected: tuple[int, str], size_now: int) -> None:
-        change = (f"{expected[0]} bytes when it began, {size_now} now" if size_now != expected[0] else
-                  "the same size, other bytes")
-        super().__init__(f"the input {str(path)!r} changed while the job read it ({change}): nothing of it was run; "
-                         "run the same command again once the file is final (with --overwrite where it says so)")
+
+def input_changed(path: Path, expected: tuple[int, str], size_now: int) -> InputChanged:
+    """The InputChanged of `path`, tied to `expected` (its size and SHA-256), now `size_now` bytes long."""
+    change = (f"{expected[0]} bytes when the job began, {size_now} now" if size_now != expected[0] else
+              "the same size, other bytes")
+    return InputChanged(f"the input {str(path)!r} changed while the job read it ({change}); run the same command "
+                        "again once the file is final (with --overwrite where it says so)")
 
 
 class OutputWriteError(JobError):
@@ -592,11 +595,16 @@ def _start_output(output: Path, errors: Path | None, state_path: Path, fingerpri
     under the new options (--overwrite would have been undone by a resume). A JobError where it cannot be written."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "wb") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        if errors is not None:
-            _remove_errors_file(output, errors, state_path)  # empty, or --overwrite: opened again at the first error
+        held = _hold_errors_file_to_remove(output, errors, state_path) if errors is not None else None
+        try:  # (the errors file refused, nothing is emptied)
+            with open(output, "wb") as f:
+                f.flush()
+                os.fsync(f.fileno())
+            if held is not None:
+                errors.unlink(missing_ok=True)  # empty, or --overwrite: opened again at the first error
+        finally:
+            if held is not None:
+                held.close()
     except OSError as e:  # a full disk, a read-only place
         raise JobError(f"cannot write results to {str(output)}: {_os_problem(output, e)}") from e
     try:
@@ -605,25 +613,34 @@ def _start_output(output: Path, errors: Path | None, state_path: Path, fingerpri
         raise OutputWriteError.of_state_file(state_path, e) from e
 
 
-def _remove_errors_file(output: Path, errors: Path, state_path: Path) -> None:
-    """Remove `output`'s errors file to start the job over, holding its lock meanwhile: a file another job holds (its
-    output, or its errors file since its first failed line) is refused, never removed from under it (that job's
-    records went on into the removed file, lost), and `prepare_output`'s checks of its content are made again,
-    since another job may have written it while this one loaded its model."""
+def _hold_errors_file_to_remove(output: Path, errors: Path, state_path: Path):
+    """The errors file, open and locked, for `_start_output` to remove once it has emptied the output (None where
+    there is none): a file another job holds (its output, or its errors file since its first failed line) is
+    refused, never removed from under it (that job's records went on into the removed file, lost), and
+    `prepare_output`'s checks of its content are made again, since another job may have written it while this one
+    loaded its model. Opened to write where it may be (an exclusive lock on a read-only handle fails on NFS); a
+    filesystem that will not lock it leaves it unlocked, as before."""
     try:
-        held = open(errors, "rb")
+        held = open(errors, "r+b")
     except FileNotFoundError:
-        return
-    with held:
+        return None
+    except PermissionError:  # (a read-only file in a folder the job may write: removed as before)
+        held = open(errors, "rb")
+    try:
         try:
             _lock_exclusively(held, errors)
         except BlockingIOError:
             raise JobError(f"refusing to start {str(output)!r} over: another batchllm run is writing its errors file "
                            f"{str(errors)!r} (it holds its lock); give each job its own --errors-file, or choose "
                            "another -o") from None
+        except OSError:  # (a lock this filesystem refuses on this handle: unlocked, as before)
+            pass
         _refuse_deleting_anothers_errors(output, errors)
         _refuse_deleting_errors_not_its_own(output, errors, state_path)
-        errors.unlink(missing_ok=True)
+    except BaseException:
+        held.close()
+        raise
+    return held
 
 
 def _refuse_errors_file_of_another_output(output: Path, errors: Path) -> None:

@@ -178,10 +178,11 @@ def _convert_once(gguf_path: Path, target: Path, name: str, what: str) -> Path:
                              "(pip install gguf)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _conversion_lock(target, what):
+        with _conversion_lock(target, what) as locked:
             if (target / _DONE_MARKER).is_file():  # another process converted it while this one waited
                 return target
-            _remove_abandoned_conversions(target)
+            if locked:  # (unlocked, another process's conversion in progress could be among them)
+                _remove_abandoned_conversions(target)
             logger.warning("converting %s %s once into %s", what, gguf_path.name, target)
             _convert_into(gguf_path, target, name)
     except ModelLoadError:
@@ -226,7 +227,7 @@ killed (SIGKILL, the OOM killer) is found by that name, under the target's lock,
 def _conversion_lock(target: Path, what: str):
     """An exclusive lock (flock) on the target's lock file beside it (`.<name>.lock`, left there: removing a lock
     file races with its next taker), waited for where another process converts the same file; on a filesystem that
-    takes no locks, none (each process converts, as before)."""
+    takes no locks, none (each process converts, as before). Yields whether the lock is held."""
     from batchllm.io.job import LOCKS_NOT_SUPPORTED
 
     with open(_lock_path(target), "a") as lock:
@@ -239,7 +240,9 @@ def _conversion_lock(target: Path, what: str):
         except OSError as e:
             if e.errno not in LOCKS_NOT_SUPPORTED:
                 raise
-        yield  # (closing the file releases the lock)
+            yield False
+            return
+        yield True  # (closing the file releases the lock)
 
 
 def _lock_path(target: Path) -> Path:

@@ -371,11 +371,11 @@ class DataParallelEngine:
 
 
 class _JobProgress:
-    """The token progress of a data-parallel job, from finished prompts only (the parent sees no steps), counted
-    as one engine's bar counts them: prefill computed (a prompt's tokens less those its engine read from the KV
-    cache, `num_cached_tokens`) and output tokens, against prompt tokens + decode budgets, each finished prompt
-    giving back the budget it did not use and the prompt tokens it did not compute. Requests: prompts, or
-    completions for a vLLM bar (`TokenProgress.counts_completions`)."""
+    """The token progress of a data-parallel job, from finished prompts only (the parent sees no steps): prefill
+    computed (a prompt's tokens less those its engine read from the KV cache, `num_cached_tokens`: a shared prefix,
+    or KV an earlier call kept, which one engine's bar counts as input done instead) and output tokens, against
+    prompt tokens + decode budgets, each finished prompt giving back the budget it did not use and the prompt tokens
+    it did not compute. Requests: prompts, or completions for a vLLM bar (`TokenProgress.counts_completions`)."""
 
     def __init__(self, desc: str, enabled: bool | Callable[..., Any], budgets: list[int], prompt_tokens: int,
                  completions: int) -> None:

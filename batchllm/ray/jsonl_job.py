@@ -70,7 +70,7 @@ class _JsonlLines(FileBasedDatasource):
         self.input_read = input_read
 
     def _read_stream(self, f, path: str) -> Iterator:
-        from batchllm.io.job import InputChanged, input_fingerprint
+        from batchllm.io.job import input_changed, input_fingerprint
 
         holders: dict[str | int, int] = {}  # id -> the line that has it
         cache: dict = {}  # (`io.ingest.sampling_params_for`'s: equal settings are checked once)
@@ -79,7 +79,7 @@ class _JsonlLines(FileBasedDatasource):
         if self.input_read is not None:
             now = input_fingerprint(Path(path))
             if (now["input_size"], now["input_sha256"]) != self.input_read:
-                raise InputChanged(Path(path), self.input_read, now["input_size"])
+                raise input_changed(Path(path), self.input_read, now["input_size"])
             digest = hashlib.sha256()
         for number, raw in enumerate(_lines(f), start=1):
             if digest is not None:
@@ -97,7 +97,7 @@ class _JsonlLines(FileBasedDatasource):
                 yield _rows(lines, raws, duplicates)
                 lines, raws, duplicates = [], [], []
         if digest is not None and digest.hexdigest() != self.input_read[1]:
-            raise InputChanged(Path(path), self.input_read, Path(path).stat().st_size)
+            raise input_changed(Path(path), self.input_read, Path(path).stat().st_size)
         if lines:
             yield _rows(lines, raws, duplicates)
 
@@ -534,21 +534,28 @@ def _task_cause(error: BaseException) -> BaseException:
 
 
 def _failed_job(args, cause: BaseException) -> int:
-    """Say why the job stopped, as `run` says it (a write that failed: the file and the OS's reason; the input
-    changed: `io.job.InputChanged`'s words), with the committed shards kept and what to run, and write --stats
-    (`failed`, the lines' counts)."""
+    """Say why the job stopped, as `run` says it, and write --stats (`failed`, the lines' counts where the input can
+    still be read): a write into OUT_DIR that failed (the OS's reason, with the committed shards kept and what to
+    run), another OSError of a task (the file it names: an input moved away), or a JobError's own words (the input
+    changed: `io.job.InputChanged`, which says what to run)."""
     from batchllm.cli import _fail, _write_stats, lines_progress_stats
 
-    if isinstance(cause, OSError):  # (a place that became read-only or full during the job)
-        where = f" ({cause.filename})" if cause.filename else ""
-        problem = f"cannot write results to {str(args.output)!r}: {cause.strerror or cause}{where}"
-    else:
-        problem = str(cause)
-    message = f"{problem}; the records committed so far are kept, {_rerun_hint(args)}"
-    code = _fail(message)
-    count = count_shard_records(args.output)
-    _write_stats(args, {"failed": message, "num_replicas": args.num_replicas,
-                        **lines_progress_stats(count_input_lines(args.input), count.num_records, count.num_errors)})
+    problem = str(cause)
+    if isinstance(cause, OSError):
+        where = Path(cause.filename).resolve() if cause.filename else None
+        if where is None or where.is_relative_to(args.output.resolve()):  # (a place that became read-only or full)
+            problem = (f"cannot write results to {str(args.output)!r}: {cause.strerror or cause}; the records "
+                       f"committed so far are kept, {_rerun_hint(args)}")
+        else:
+            problem = f"a task of the job failed on {str(cause.filename)!r}: {cause.strerror or cause}"
+    code = _fail(problem)
+    stats: dict = {"failed": problem, "num_replicas": args.num_replicas}
+    try:
+        count = count_shard_records(args.output)
+        stats.update(lines_progress_stats(count_input_lines(args.input), count.num_records, count.num_errors))
+    except OSError:  # (the input moved away: no line counts)
+        pass
+    _write_stats(args, stats)
     return code
 
 

@@ -65,6 +65,24 @@ def test_a_conversion_killed_midway_leaves_nothing_the_next_one_keeps(tmp_path, 
         p.name for p in others if p.name.startswith(".convert-"))
 
 
+def test_without_file_locks_no_conversion_removes_another_s_temporary_directory(tmp_path, monkeypatch):
+    """On a filesystem that takes no locks (Lustre without flock, NFS without lockd) each process converts, as
+    before; the sweep of abandoned temporary directories, which only the lock makes safe, removed a conversion
+    another process was writing."""
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(default_model, "_convert", fake_conversion([]))
+    cache = tmp_path / "cache"
+    in_progress = cache / ".convert-Model-0th3r1"
+    in_progress.mkdir(parents=True)
+    assert default_model._convert_once(Path("x.gguf"), cache / "Model", "Model", "the default model") == cache / "Model"
+    assert in_progress.is_dir()
+
+
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device", "/c/.convert-M-1/w"),
                                      PermissionError(errno.EACCES, "Permission denied", "/c"),
                                      Exception("Error while serializing: IoError(No space left on device (os error "

@@ -1702,5 +1702,9 @@ def test_an_input_that_changes_as_the_job_starts_stops_it_before_any_line_runs(t
     assert prepare_lines(src, processor(), {"max_tokens": 4}, None, resume).valid, "unchanged: read as it was"
     src.write_text({"grown": "".join(lines + lines[:1]).replace('"r0"', '"r9"', 1), "shrunk": "".join(lines[:2]),
                     "rewritten": "".join(lines).replace("hi", "ho")}[change])
-    with pytest.raises(InputChanged, match="changed while the job read it"):
+    with pytest.raises(InputChanged, match="changed while the job read it") as changed:
         prepare_lines(src, processor(), {"max_tokens": 4}, None, resume)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(changed.value))  # (as a Ray task's error reaches the driver)
+    assert type(again) is InputChanged and str(again) == str(changed.value)

@@ -298,6 +298,11 @@ def test_binary_files_are_refused_at_start_naming_what_they_are(tmp_path, capsys
     stray = tmp_path / "stray.jsonl"
     stray.write_bytes(line * 50 + b'{"id": "b", "prompt": "h\x00i"}\n' + line.replace(b'"a"', b'"c"'))
     assert input_problem(stray) is None, "a stray NUL byte is its line's own error"
+    stray.write_bytes(line + b'{"id": "b", "prompt": "h\x00i"}\n' + line.replace(b'"a"', b'"c"'))
+    assert input_problem(stray) is None, "in a small file too (one NUL in 85 bytes)"
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_bytes((line.decode() * 3).encode("utf-16-le"))  # (no byte-order mark)
+    assert "UTF-16 text without a byte-order mark: save it as UTF-8" in input_problem(utf16)
 
 
 def test_urls_and_lone_carriage_returns_are_refused_at_start(tmp_path, capsys, monkeypatch):
@@ -663,6 +668,18 @@ def test_a_job_starting_over_never_removes_an_errors_file_another_job_writes(tmp
     assert errors.read_text() == encode_record(record).decode(), "a's failed line is still there"
     with pytest.raises(JobError, match="holds failed lines this job did not write"):
         prepare_output(b, src, overwrite=True, errors=errors)
+
+    errors.unlink()  # b, with results, started over (--overwrite) while a writes the errors file: b's results stay
+    b.write_text('{"id": "c0", "text": "b\'s"}\n')
+    b_loading = prepare_output(b, src, overwrite=True, errors=errors, defer_start=True)
+    writer = ResultWriter(errors, lazy=True, on_open=functools.partial(claim_errors_file, a))
+    try:
+        writer.write(record)
+        with pytest.raises(JobError, match="another batchllm run is writing its errors file"):
+            b_loading.begin()
+    finally:
+        writer.close()
+    assert b.read_text() == '{"id": "c0", "text": "b\'s"}\n', "refused before the output is emptied"
 
     errors.unlink()  # a begun again; b loads its model; a writes its errors file and ends before b starts its output
     prepare_output(a, src, overwrite=True, errors=errors)
@@ -1258,3 +1275,28 @@ def test_spellings_of_one_option_value_and_options_that_decide_nothing_resume():
         _refuse_other_options(Path("o.jsonl"), recorded, {**recorded, "load_format": "dummy"})
     with pytest.raises(JobError, match=r"eos_token_ids \[2, 3\] -> \[2\]"):
         _refuse_other_options(Path("o.jsonl"), recorded, {**recorded, "eos_token_ids": [2]})
+
+
+def test_an_input_changed_as_the_job_starts_leaves_an_overwritten_output_as_it_was(tmp_path, capsys, monkeypatch,
+                                                                                    tiny_model_factory):
+    """The job reads its lines while the model loads, and started its output (--overwrite: emptied) before it knew
+    they were the bytes it was tied to: an input changed meanwhile lost the earlier results, and wrote no --stats.
+    The lines are now read before the output is started."""
+    model = tiny_model_factory("llama")
+    src, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "Hi", "max_tokens": 2}) + "\n" for i in range(3)))
+    common = ["--model", model, "--device", "cpu", "--num-kv-blocks", "64"]
+    assert run(capsys, src, "-o", out, *common)[0] == 0
+    before = out.read_bytes()
+    real = cli.prepare_lines
+
+    def changed_while_loading(path, *args, **kwargs):
+        with open(path, "a") as f:
+            f.write(json.dumps({"id": "late", "prompt": "Hi"}) + "\n")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "prepare_lines", changed_while_loading)
+    code, err = run(capsys, src, "-o", out, "--overwrite", "--stats", stats, *common)
+    assert code == 2 and "changed while the job read it" in err, err
+    assert out.read_bytes() == before, "the earlier results are as they were"
+    assert "changed while the job read it" in json.loads(stats.read_text())["failed"]

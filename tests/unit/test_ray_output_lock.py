@@ -295,3 +295,33 @@ def test_a_task_s_write_failure_is_one_line_with_stats(tmp_path, capsys, monkeyp
     assert f"cannot write results to {str(out)!r}: No space left on device" in err and "Traceback" not in err
     written = json.loads(stats.read_text())
     assert "No space left on device" in written["failed"] and written["num_lines_left"] == 3
+
+
+def test_a_task_s_failure_on_another_file_is_named_as_such(tmp_path, capsys, monkeypatch):
+    """Every OSError of a task was 'cannot write results' (an input moved away as well), and the count of the
+    input's lines for --stats then failed with exit 3; a JobError a task raised (the input changed) is said in its
+    own words, without a second instruction."""
+    import pickle
+
+    from batchllm.io.job import input_changed
+    from batchllm.ray import jsonl_job
+
+    class RayTaskErrorLike(RuntimeError):
+        def __init__(self, cause):
+            super().__init__("Traceback ...")
+            self.cause = cause
+
+    src, out, stats = tmp_path / "in.jsonl", tmp_path / "out", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"id": f"p{k}", "prompt": "Hi"}) + "\n" for k in range(3)))
+    fake_ray_job(monkeypatch, [])
+    for cause, said in ((FileNotFoundError(2, "No such file or directory", str(tmp_path / "gone.jsonl")),
+                         f"a task of the job failed on {str(tmp_path / 'gone.jsonl')!r}: No such file or directory"),
+                        (pickle.loads(pickle.dumps(input_changed(src, (1, "x"), 2))), "changed while the job read it")):
+        def failing(*args, cause=cause, **kwargs):
+            raise RayTaskErrorLike(cause)
+
+        monkeypatch.setattr(jsonl_job, "run_jsonl_on_ray", failing)
+        code, err = run(capsys, src, "-o", out, "--ray", "--stats", stats)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+        assert "committed so far" not in err
+        assert json.loads(stats.read_text())["num_lines_left"] == 3
