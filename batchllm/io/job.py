@@ -220,6 +220,13 @@ def input_fingerprint(path: Path) -> dict[str, Any]:
     return {"input_size": size, "input_sha256": digest.hexdigest()}
 
 
+def input_read_of(fingerprint: dict[str, Any]) -> tuple[int, str]:
+    """The input's size and SHA-256 in a fingerprint (`input_fingerprint`'s keys, as a state file records them):
+    what the job's reading of its lines must read (`ResumeState.input_read`). KeyError, TypeError or ValueError
+    where the record lacks them."""
+    return int(fingerprint["input_size"]), str(fingerprint["input_sha256"])
+
+
 _START_OVER = "pass --overwrite to start over (finished lines are then recomputed)"
 
 
@@ -502,7 +509,7 @@ def prepare_output(output: Path, input_path: Path, overwrite: bool, errors: Path
     fingerprint = _job_fingerprint(input_path, options)
     if errors is not None:
         fingerprint["errors_file"] = str(errors.resolve())
-    read = (fingerprint["input_size"], fingerprint["input_sha256"])
+    read = input_read_of(fingerprint)
     existing = [p for p in (output, errors) if p is not None and p.is_file() and p.stat().st_size > 0]
     if not existing and not overwrite and num_lines == 0 and _is_this_jobs_empty_output(output, fingerprint):
         return ResumeState(input_read=read)  # a finished job of an empty input: nothing to write, no write access

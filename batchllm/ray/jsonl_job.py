@@ -70,16 +70,15 @@ class _JsonlLines(FileBasedDatasource):
         self.input_read = input_read
 
     def _read_stream(self, f, path: str) -> Iterator:
-        from batchllm.io.job import input_changed, input_fingerprint
+        from batchllm.io.job import input_changed, input_fingerprint, input_read_of
 
         holders: dict[str | int, int] = {}  # id -> the line that has it
         cache: dict = {}  # (`io.ingest.sampling_params_for`'s: equal settings are checked once)
         lines, raws, duplicates = [], [], []
         digest = None
         if self.input_read is not None:
-            now = input_fingerprint(Path(path))
-            if (now["input_size"], now["input_sha256"]) != self.input_read:
-                raise input_changed(Path(path), self.input_read, now["input_size"])
+            if (now := input_read_of(input_fingerprint(Path(path)))) != self.input_read:
+                raise input_changed(Path(path), self.input_read, now[0])
             digest = hashlib.sha256()
         for number, raw in enumerate(_lines(f), start=1):
             if digest is not None:
@@ -331,11 +330,10 @@ def committed_entries(output_dir: Path) -> list[tuple[Path, list[Path]]]:
 
 def _tied_input(output_dir: Path) -> tuple[int, str] | None:
     """The input's size and SHA-256 that `output_dir`'s state file ties the job to (None: none there to read)."""
-    from batchllm.io.job import job_state_path
+    from batchllm.io.job import input_read_of, job_state_path
 
     try:
-        state = json.loads(job_state_path(output_dir).read_bytes())
-        return int(state["input_size"]), str(state["input_sha256"])
+        return input_read_of(json.loads(job_state_path(output_dir).read_bytes()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
